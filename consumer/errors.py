@@ -1,0 +1,137 @@
+"""The one exception tree. Each class names what happens next, not what went wrong.
+
+    WorkerError
+    ├── ConfigError                  stop start-up; the message says how to fix the setting
+    ├── DeadLetter                   permanent for this one event: dead-letter it, move on
+    │   ├── UndecodableEvent         bytes that are not a Signal event (raw bytes kept)
+    │   ├── InvalidEvent             a canonical JSON event that does not fit the schema
+    │   └── Rejected                 Userpilot refused the payload (400, 413, 422, other 4xx)
+    ├── Retry                        transient: try the same event again after a backoff
+    │   ├── RateLimited              429; carries Retry-After when Userpilot sent one
+    │   ├── ServerError              408, 5xx
+    │   ├── Timeout                  no answer in time
+    │   └── ConnectionFailed         reset, refused, DNS
+    ├── Pause                        the whole integration is broken: stop sending, keep
+    │   └── Misconfigured            offsets, probe with backoff (401, 403, 404)
+    └── Stop                         the worker must stop consuming, loudly
+        └── DlqGuardTripped          too many dead letters: a bad deploy, not bad events
+
+Secrets never enter a message: callers pass statuses and truncated bodies, never headers.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ConnectionFailed",
+    "DeadLetter",
+    "DlqGuardTripped",
+    "InvalidEvent",
+    "Misconfigured",
+    "Pause",
+    "RateLimited",
+    "Rejected",
+    "Retry",
+    "ServerError",
+    "Stop",
+    "Timeout",
+    "UndecodableEvent",
+    "WorkerError",
+]
+
+
+class WorkerError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(WorkerError):
+    """A setting is wrong; start-up stops and the message says what to enter instead."""
+
+
+class DeadLetter(WorkerError):
+    """This event can never succeed as it is; dead-letter it and carry on with the rest."""
+
+    reason = "dead_letter"
+
+    def __init__(self, message: str, *, status: int | None = None, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class UndecodableEvent(DeadLetter):
+    """The Kafka message is not a decodable Signal event (magic byte, schema id, Avro)."""
+
+    reason = "undecodable"
+
+
+class InvalidEvent(DeadLetter):
+    """A canonical JSON event that does not fit the Signal schema (wrong type, unknown key)."""
+
+    reason = "invalid_event"
+
+
+class Rejected(DeadLetter):
+    """Userpilot answered with a 4xx that no retry can fix (the payload itself is wrong)."""
+
+    reason = "bad_request"
+
+
+class Retry(WorkerError):
+    """Transient failure: the same request may succeed later."""
+
+    cause = "retry"
+
+    def __init__(
+        self, message: str, *, status: int | None = None, body: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+        self.retry_after = retry_after
+
+
+class RateLimited(Retry):
+    """429: slow the limiter down and wait at least Retry-After."""
+
+    cause = "rate_limited"
+
+
+class ServerError(Retry):
+    """408 or 5xx: Userpilot or a proxy had a problem."""
+
+    cause = "server_error"
+
+
+class Timeout(Retry):
+    """No complete answer within the request timeout."""
+
+    cause = "timeout"
+
+
+class ConnectionFailed(Retry):
+    """The connection could not be made or was reset."""
+
+    cause = "connection_error"
+
+
+class Pause(WorkerError):
+    """Nothing can be delivered until an operator acts; hold offsets and probe."""
+
+    def __init__(self, message: str, *, status: int | None = None, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class Misconfigured(Pause):
+    """401/403/404: wrong token (often the read token) or wrong analytics endpoint host."""
+
+
+class Stop(WorkerError):
+    """The worker must stop consuming and exit non-zero."""
+
+
+class DlqGuardTripped(Stop):
+    """Dead letters passed the configured ratio or run length."""
