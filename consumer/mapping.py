@@ -1,0 +1,763 @@
+"""Pure mapping from a decoded Signal event to a Userpilot Track payload.
+
+Userpilot's ``metadata`` accepts primitives only (a nested object or an array is a 400), so
+everything here exists to turn free-form Signal properties into a flat, primitive dict:
+
+* :func:`normalize_event_name` lets ``"Feature Used"``, ``"feature_used"``, ``"feature-used"``
+  and ``"featureUsed"`` select the same rule.
+* :class:`EventRule` / :class:`MappingSet` hold the event table; :data:`DEFAULT_PRESET` is
+  the seed integration page's table; :func:`load_mappings` builds one from a mappings file
+  (format in ``docs/mappings.md``) and refuses mistakes with :class:`MappingsError`.
+* :func:`build_track_payload` runs per event, so rule options are pre-computed at load
+  time and the hot path does no regex work and no copies beyond the output dict.
+
+No I/O happens here apart from :func:`load_mappings` reading the file it is given.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "EVENT_ROOT_KEYS",
+    "MAX_DEPTH",
+    "PAGE_SOURCE",
+    "EventRule",
+    "MappingSet",
+    "MappingsError",
+    "Primitive",
+    "PropertySelection",
+    "build_track_payload",
+    "load_mappings",
+    "normalize_event_name",
+]
+
+Primitive: TypeAlias = str | int | float | bool | None
+PropertySelection: TypeAlias = Literal["all", "none"] | tuple[str, ...]
+
+PAGE_SOURCE = "page"
+"""Source name of the page-view rule. It matches events of ``type == "page"`` only."""
+
+MAX_DEPTH = 16
+"""Objects nested deeper than this are left out (keeps flattening bounded and total)."""
+
+EVENT_ROOT_KEYS = (
+    "anonymousId",
+    "context",
+    "event",
+    "groupId",
+    "messageId",
+    "name",
+    "properties",
+    "receivedAt",
+    "sentAt",
+    "timestamp",
+    "traits",
+    "type",
+    "userId",
+)
+"""First segment a ``fields`` path may start with: the canonical envelope keys."""
+
+_PAGE_FIELDS = ("url", "path", "title", "referrer")
+_SUMMARY_ARRAYS = ("products", "items")
+_ID_KEYS = ("product_id", "item_id", "id", "sku")
+_NAME_KEYS = ("name", "item_name", "product_name")
+_MISSING: Any = object()
+
+
+class MappingsError(ValueError):
+    """A mappings file (or dict) is invalid; the message says where and how to fix it.
+
+    ``problems`` lists every mistake found, one line each, so a user fixes them in one go.
+    """
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# ---------------------------------------------------------------------------- names
+
+_CAMEL_1 = re.compile(r"([a-z0-9])([A-Z])")
+_CAMEL_2 = re.compile(r"([A-Z]+)([A-Z][a-z])")
+_SEPARATORS = re.compile(r"[\s_\-]+")
+
+
+@functools.lru_cache(maxsize=4096)
+def normalize_event_name(name: str) -> str:
+    """Return the matching key of an event name: lower snake_case words.
+
+    Title Case (the integration page), snake_case (upstream event specs), kebab-case,
+    upper case, stray spaces and camelCase all meet on one key, e.g. ``feature_used``.
+    Cached because it runs per event and real traffic has few distinct names.
+    """
+    if not isinstance(name, str):
+        return ""
+    split = _CAMEL_2.sub(r"\1 \2", _CAMEL_1.sub(r"\1 \2", name))
+    return _SEPARATORS.sub("_", split).strip("_").lower()
+
+
+# ---------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True, slots=True)
+class EventRule:
+    """How one Signal event becomes one Userpilot event.
+
+    ``properties`` chooses which derived metadata keys are kept ("all", "none" or a list
+    of flattened keys); ``rename`` renames kept keys; ``fields`` adds values picked from
+    anywhere in the event by dotted path; ``static`` adds constants. Later steps win on a
+    key clash: static > fields > renamed keys > other keys.
+    """
+
+    source_name: str
+    event_name: str
+    properties: PropertySelection = "all"
+    rename: tuple[tuple[str, str], ...] = ()
+    fields: tuple[tuple[str, str], ...] = ()
+    static: tuple[tuple[str, Primitive], ...] = ()
+    key: str = field(init=False, compare=False)
+    _keep: frozenset[str] | None = field(init=False, repr=False, compare=False)
+    _rename: dict[str, str] = field(init=False, repr=False, compare=False)
+    _paths: tuple[tuple[str, tuple[str, ...]], ...] = field(
+        init=False, repr=False, compare=False
+    )
+    _plain: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        keep: frozenset[str] | None
+        if self.properties == "all":
+            keep = None
+        elif self.properties == "none":
+            keep = frozenset()
+        else:
+            keep = frozenset(self.properties)
+        setattr_ = object.__setattr__
+        setattr_(self, "key", normalize_event_name(self.source_name))
+        setattr_(self, "_keep", keep)
+        setattr_(self, "_rename", dict(self.rename))
+        setattr_(self, "_paths", tuple((t, tuple(p.split("."))) for t, p in self.fields))
+        setattr_(self, "_plain", keep is None and not (self.rename or self.fields or self.static))
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able view (for ``check-config`` and ``explain``)."""
+        props: Any = self.properties if isinstance(self.properties, str) else list(
+            self.properties
+        )
+        return {
+            "source": self.source_name,
+            "match_key": self.key,
+            "event_name": self.event_name,
+            "properties": props,
+            "rename": dict(self.rename),
+            "fields": dict(self.fields),
+            "static": dict(self.static),
+        }
+
+
+@dataclass(frozen=True)
+class MappingSet:
+    """The event table: which Signal events are delivered, and as what.
+
+    Rules are matched by :func:`normalize_event_name`. The rule whose source is ``page``
+    matches page views (``type == "page"``) and nothing else: a *track* event that happens
+    to be named "page" is unmapped, so it can never pose as a page view.
+    """
+
+    rules: tuple[EventRule, ...]
+    preset: str = "custom"
+    _by_key: dict[str, EventRule] = field(init=False, repr=False, compare=False)
+    _page: EventRule | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_key: dict[str, EventRule] = {}
+        for rule in self.rules:
+            if rule.key in by_key:
+                raise ValueError(
+                    f"event names {by_key[rule.key].source_name!r} and {rule.source_name!r} "
+                    f"both normalise to {rule.key!r}; keep one"
+                )
+            by_key[rule.key] = rule
+        object.__setattr__(self, "_page", by_key.pop(PAGE_SOURCE, None))
+        object.__setattr__(self, "_by_key", by_key)
+
+    def lookup(self, event: Mapping[str, Any]) -> EventRule | None:
+        """The rule for ``event``, or None (identify/group, unknown type, unmapped name)."""
+        kind = event.get("type")
+        if kind == "page":
+            return self._page
+        if kind != "track":
+            return None
+        name = event.get("event")
+        if not isinstance(name, str):
+            return None
+        return self._by_key.get(normalize_event_name(name))
+
+    def names(self) -> tuple[str, ...]:
+        """Source names as written, in table order (``page`` means page views)."""
+        return tuple(rule.source_name for rule in self.rules)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able view of the whole table (for ``check-config``)."""
+        return {"preset": self.preset, "events": [rule.describe() for rule in self.rules]}
+
+
+_DEFAULT_TABLE = (
+    ("page", "page_viewed"),
+    ("Signed Up", "signed_up"),
+    ("Logged In", "logged_in"),
+    ("Feature Used", "feature_used"),
+    ("Products Searched", "searched"),
+    ("Plan Viewed", "plan_viewed"),
+    ("Product Viewed", "product_viewed"),
+    ("Trial Started", "trial_started"),
+    ("Subscription Started", "subscription_started"),
+    ("Subscription Cancelled", "subscription_cancelled"),
+    ("Lead Generated", "lead_generated"),
+)
+
+DEFAULT_PRESET = MappingSet(
+    tuple(EventRule(source, target) for source, target in _DEFAULT_TABLE), preset="default"
+)
+"""The seed integration page's Default preset: page views plus core engagement events."""
+
+PRESETS: dict[str, MappingSet] = {
+    "default": DEFAULT_PRESET,
+    "none": MappingSet((), preset="none"),
+}
+
+
+# ---------------------------------------------------------------------------- payload
+
+
+def _is_primitive(value: Any) -> bool:
+    """True for values Userpilot metadata can carry (finite numbers; JSON has no NaN)."""
+    if value is None or isinstance(value, str | bool | int):
+        return True
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _flatten_into(
+    out: dict[str, Primitive], prefix: str, obj: Mapping[Any, Any], depth: int
+) -> None:
+    """Add ``obj``'s leaves under ``prefix_key`` keys; arrays and odd values are left out.
+
+    A key already in ``out`` is kept (first wins): callers add the winners first.
+    """
+    if depth > MAX_DEPTH:
+        return
+    for raw_key, value in obj.items():
+        key = f"{prefix}_{raw_key}"
+        if isinstance(value, dict):
+            _flatten_into(out, key, value, depth + 1)
+        elif key not in out and _is_primitive(value):
+            out[key] = value
+
+
+def _first_primitive(item: Mapping[Any, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        value = item.get(key)
+        if value is not None and _is_primitive(value):
+            return value
+    return _MISSING
+
+
+def _summary(props: Mapping[Any, Any], array_key: str, items: list[Any]) -> dict[str, Primitive]:
+    """Scalar summary of a products/items array: its first item plus a count."""
+    summary: dict[str, Primitive] = {}
+    first = items[0] if items else None
+    if isinstance(first, dict):
+        pid = _first_primitive(first, _ID_KEYS)
+        if pid is not _MISSING:
+            summary["product_id"] = pid
+        pname = _first_primitive(first, _NAME_KEYS)
+        if pname is not _MISSING:
+            summary["product_name"] = pname
+        for key in ("price", "quantity"):
+            value = first.get(key)
+            if value is not None and _is_primitive(value):
+                summary[key] = value
+        currency = _first_primitive(first, ("currency",))
+        if currency is _MISSING:
+            currency = _first_primitive(props, ("currency",))
+        if currency is not _MISSING:
+            summary["currency"] = currency
+    summary[f"{array_key}_count"] = len(items)
+    return summary
+
+
+def _derived_metadata(event: Mapping[str, Any], is_page: bool) -> dict[str, Primitive]:
+    """All metadata an event yields before rule options: flattened properties etc.
+
+    Precedence on a key clash: a primitive given directly at the top level of
+    ``properties`` wins; then the first derived value in property order.
+    """
+    props = event.get("properties")
+    if not isinstance(props, dict):
+        props = {}
+    out: dict[str, Primitive] = {}
+
+    if is_page:
+        context = event.get("context")
+        page = context.get("page") if isinstance(context, dict) else None
+        if not isinstance(page, dict):
+            page = {}
+        for key in _PAGE_FIELDS:
+            value = props.get(key)
+            if value is None or not _is_primitive(value):
+                value = page.get(key)
+            if value is not None and _is_primitive(value):
+                out[key] = value
+        name = props.get("name")
+        if name is None or not _is_primitive(name):
+            name = event.get("name")
+        if name is not None and _is_primitive(name):
+            out["name"] = name
+    preset_keys = frozenset(out) if is_page else frozenset()
+
+    summary_key: str | None = None
+    for candidate in _SUMMARY_ARRAYS:
+        if isinstance(props.get(candidate), list):
+            summary_key = candidate
+            break
+
+    for raw_key, value in props.items():
+        key = raw_key if isinstance(raw_key, str) else str(raw_key)
+        if isinstance(value, dict):
+            _flatten_nested(out, key, value, props)
+        elif isinstance(value, list):
+            if key == summary_key:
+                for s_key, s_value in _summary(props, key, value).items():
+                    top = props.get(s_key, _MISSING)
+                    if s_key not in out and (top is _MISSING or not _is_primitive(top)):
+                        out[s_key] = s_value
+            elif key in _SUMMARY_ARRAYS:
+                top = props.get(f"{key}_count", _MISSING)
+                if top is _MISSING or not _is_primitive(top):
+                    out.setdefault(f"{key}_count", len(value))
+        elif key not in preset_keys and _is_primitive(value):
+            out[key] = value
+    return out
+
+
+def _flatten_nested(
+    out: dict[str, Primitive], prefix: str, obj: Mapping[Any, Any], props: Mapping[Any, Any]
+) -> None:
+    """Flatten a top-level object, yielding each key that a top-level primitive owns."""
+    flat: dict[str, Primitive] = {}
+    _flatten_into(flat, prefix, obj, 1)
+    for key, value in flat.items():
+        if key in out:
+            continue
+        top = props.get(key, _MISSING)
+        if top is _MISSING or not _is_primitive(top):
+            out[key] = value
+
+
+def _pick(event: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """Walk a dotted path through objects (and list indexes); _MISSING when absent."""
+    node: Any = event
+    for segment in path:
+        if isinstance(node, dict):
+            node = node.get(segment, _MISSING)
+        elif isinstance(node, list) and segment.isascii() and segment.isdigit():
+            index = int(segment)
+            node = node[index] if index < len(node) else _MISSING
+        else:
+            return _MISSING
+        if node is _MISSING:
+            return _MISSING
+    return node
+
+
+def _apply_rule(
+    derived: dict[str, Primitive], event: Mapping[str, Any], rule: EventRule
+) -> dict[str, Primitive]:
+    keep = rule._keep
+    rename = rule._rename
+    out: dict[str, Primitive] = {}
+    for key, value in derived.items():
+        if keep is not None and key not in keep:
+            continue
+        new_key = rename.get(key)
+        if new_key is None:
+            out.setdefault(key, value)
+        else:
+            out[new_key] = value
+    for target, path in rule._paths:
+        picked = _pick(event, path)
+        if isinstance(picked, dict):
+            flat: dict[str, Primitive] = {}
+            _flatten_into(flat, target, picked, 1)
+            out.update(flat)
+        elif picked is not _MISSING and _is_primitive(picked):
+            out[target] = picked
+    for key, static_value in rule.static:
+        out[key] = static_value
+    return out
+
+
+def build_track_payload(event: Mapping[str, Any], rule: EventRule) -> dict[str, Any]:
+    """The Userpilot Track body for ``event`` under ``rule``: user_id, event_name, metadata.
+
+    Callers filter first (see ``consumer.filtering``); an event without a string userId
+    gets ``user_id: ""``, which Userpilot refuses, rather than an exception here.
+    Every metadata value is a primitive: objects are flattened to ``parent_child`` keys,
+    arrays are dropped (except the products/items summary), NaN/infinity are dropped.
+    """
+    user_id = event.get("userId")
+    derived = _derived_metadata(event, event.get("type") == "page")
+    metadata = derived if rule._plain else _apply_rule(derived, event, rule)
+    return {
+        "user_id": user_id if isinstance(user_id, str) else "",
+        "event_name": rule.event_name,
+        "metadata": metadata,
+    }
+
+
+# ---------------------------------------------------------------------------- loading
+
+_EVENT_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-: ]{0,99}")
+_TOP_KEYS = ("description", "events", "preset")
+_EVENT_KEYS = ("event_name", "fields", "properties", "rename", "static")
+_MAX_KEY_LEN = 200
+
+
+def _q(value: Any) -> str:
+    """JSON-quote a value for messages, so users see what to write."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _unknown_key(where: str, key: str, allowed: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {_q(close[0])}?)" if close else ""
+    return f"{where}: unknown key {_q(key)}{hint}; allowed keys: {', '.join(allowed)}"
+
+
+def _suggest_event_name(value: str) -> str:
+    cleaned = re.sub(r"[^a-z0-9_]", "", normalize_event_name(value))
+    cleaned = cleaned.lstrip("0123456789_")
+    return cleaned or "my_event"
+
+
+class _Loader:
+    """Validates one mappings document, collecting every problem before raising."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    def fail(self, where: str, message: str) -> None:
+        self.problems.append(f"{self.source}: {where}: {message}")
+
+    def metadata_key(self, where: str, key: Any) -> bool:
+        if not isinstance(key, str) or not key.strip():
+            self.fail(where, f"a metadata key must be a non-empty string, got {_q(key)}")
+            return False
+        if key != key.strip() or len(key) > _MAX_KEY_LEN:
+            self.fail(
+                where,
+                f"metadata key {_q(key)} must have no leading/trailing spaces and at most "
+                f"{_MAX_KEY_LEN} characters",
+            )
+            return False
+        return True
+
+    def load(self, doc: Any) -> MappingSet:
+        if not isinstance(doc, dict):
+            self.problems.append(
+                f"{self.source}: the mappings must be a JSON object like "
+                f'{{"preset": "default", "events": {{}}}}, got {_kind(doc)}'
+            )
+            raise MappingsError(self.problems)
+        for key in doc:
+            if key not in _TOP_KEYS:
+                self.problems.append(_unknown_key(self.source, str(key), _TOP_KEYS))
+        description = doc.get("description")
+        if description is not None and not isinstance(description, str):
+            self.fail("description", f"must be a string, got {_kind(description)}")
+
+        preset_name = doc.get("preset", "default")
+        preset = PRESETS.get(preset_name) if isinstance(preset_name, str) else None
+        if preset is None:
+            self.fail(
+                "preset",
+                f"must be {' or '.join(_q(p) for p in PRESETS)}, got {_q(preset_name)}",
+            )
+            preset = PRESETS["none"]
+
+        events = doc.get("events", {})
+        if not isinstance(events, dict):
+            self.fail(
+                "events",
+                f'must be an object mapping Signal event names to rules, like '
+                f'{{"Order Completed": {{"event_name": "order_completed"}}}}, '
+                f"got {_kind(events)}",
+            )
+            events = {}
+
+        rules = {rule.key: rule for rule in preset.rules}
+        seen: dict[str, str] = {}
+        for source, entry in events.items():
+            where = f"events.{_q(source)}"
+            if not isinstance(source, str) or not normalize_event_name(source):
+                self.fail("events", f"an event name must be a non-empty string, got {_q(source)}")
+                continue
+            key = normalize_event_name(source)
+            if key in seen:
+                self.fail(
+                    "events",
+                    f"{_q(seen[key])} and {_q(source)} are the same event (both normalise to "
+                    f"{_q(key)}); keep one of them",
+                )
+                continue
+            seen[key] = source
+            base = rules.get(key)
+            if entry is False:
+                if base is None:
+                    known = ", ".join(_q(r.source_name) for r in preset.rules) or "none"
+                    self.fail(
+                        where,
+                        f"false disables a preset event, but {_q(source)} is not in preset "
+                        f"{_q(preset.preset)} (its events: {known}); fix the name or remove "
+                        f"the entry",
+                    )
+                else:
+                    del rules[key]
+                continue
+            rule = self.rule(where, source, entry, base)
+            if rule is not None:
+                rules[key] = rule
+
+        if self.problems:
+            raise MappingsError(self.problems)
+        return MappingSet(tuple(rules.values()), preset=preset.preset)
+
+    def rule(
+        self, where: str, source: str, entry: Any, base: EventRule | None
+    ) -> EventRule | None:
+        if isinstance(entry, str):
+            entry = {"event_name": entry}
+        if not isinstance(entry, dict):
+            self.fail(
+                where,
+                f"must be an object like {{\"event_name\": {_q(_suggest_event_name(source))}}}, "
+                f"a string (the Userpilot event name) or false (to disable a preset event), "
+                f"got {_q(entry) if isinstance(entry, bool) else _kind(entry)}",
+            )
+            return None
+        before = len(self.problems)
+        for key in entry:
+            if key not in _EVENT_KEYS:
+                self.problems.append(_unknown_key(f"{self.source}: {where}", str(key), _EVENT_KEYS))
+
+        event_name = entry.get("event_name", _MISSING)
+        if event_name is _MISSING:
+            if base is None:
+                self.fail(
+                    where,
+                    f'"event_name" is required for an event that is not in the preset; write '
+                    f'e.g. "event_name": {_q(_suggest_event_name(source))}',
+                )
+            else:
+                event_name = base.event_name
+        elif not isinstance(event_name, str) or not _EVENT_NAME_RE.fullmatch(event_name) or (
+            event_name.endswith(" ")
+        ):
+            self.fail(
+                f"{where}.event_name",
+                f"{_q(event_name)} is not a valid Userpilot event name: use 1-100 letters, "
+                f'digits, "_", "-", ".", ":" or spaces, starting with a letter and not ending '
+                f"with a space; e.g. {_q(_suggest_event_name(str(event_name)))}",
+            )
+
+        properties = self.properties(f"{where}.properties", entry.get("properties", "all"))
+        rename = self.rename(f"{where}.rename", entry.get("rename", {}))
+        fields = self.fields(f"{where}.fields", entry.get("fields", {}))
+        static = self.static(f"{where}.static", entry.get("static", {}))
+        for target in sorted({t for t, _ in fields} & {k for k, _ in static}):
+            self.fail(
+                where,
+                f"metadata key {_q(target)} is set by both \"fields\" and \"static\"; keep one",
+            )
+        if len(self.problems) != before or not isinstance(event_name, str):
+            return None
+        return EventRule(source, event_name, properties, rename, fields, static)
+
+    def properties(self, where: str, value: Any) -> PropertySelection:
+        if value in ("all", "none"):
+            return "all" if value == "all" else "none"
+        if isinstance(value, list):
+            keys: list[str] = []
+            for i, item in enumerate(value):
+                if self.metadata_key(f"{where}[{i}]", item) and item not in keys:
+                    keys.append(item)
+            return tuple(keys)
+        self.fail(
+            where,
+            f'must be "all", "none" or a list of flattened metadata keys like '
+            f'["feature", "plan_tier"], got {_q(value)}',
+        )
+        return "all"
+
+    def rename(self, where: str, value: Any) -> tuple[tuple[str, str], ...]:
+        if not isinstance(value, dict):
+            self.fail(
+                where,
+                f'must be an object of old key -> new key, like {{"feature": "feature_key"}}, '
+                f"got {_kind(value)}",
+            )
+            return ()
+        pairs: list[tuple[str, str]] = []
+        targets: dict[str, str] = {}
+        for old, new in value.items():
+            if not self.metadata_key(f"{where}.{_q(old)}", old):
+                continue
+            if not isinstance(new, str):
+                self.fail(
+                    f"{where}.{_q(old)}",
+                    f"the new key must be a string, got {_kind(new)}; write e.g. "
+                    f"{_q(old)}: {_q(old + '_renamed')}",
+                )
+                continue
+            if not self.metadata_key(f"{where}.{_q(old)}", new):
+                continue
+            if new in targets:
+                self.fail(
+                    where,
+                    f"{_q(targets[new])} and {_q(old)} are both renamed to {_q(new)}; "
+                    f"give each a different new key",
+                )
+                continue
+            targets[new] = old
+            pairs.append((old, new))
+        return tuple(pairs)
+
+    def fields(self, where: str, value: Any) -> tuple[tuple[str, str], ...]:
+        if not isinstance(value, dict):
+            self.fail(
+                where,
+                f'must be an object of metadata key -> dotted event path, like '
+                f'{{"utm_source": "context.campaign.source"}}, got {_kind(value)}',
+            )
+            return ()
+        pairs: list[tuple[str, str]] = []
+        for target, path in value.items():
+            at = f"{where}.{_q(target)}"
+            if not self.metadata_key(at, target):
+                continue
+            if not isinstance(path, str) or not path:
+                self.fail(
+                    at,
+                    f'must be a dotted path string like "context.campaign.source", '
+                    f"got {_q(path)}",
+                )
+                continue
+            segments = path.split(".")
+            if any(not s or s != s.strip() for s in segments):
+                self.fail(
+                    at,
+                    f"path {_q(path)} has an empty or space-padded segment; write segments "
+                    f'separated by single dots, like "properties.plan.tier"',
+                )
+                continue
+            if segments[0] not in EVENT_ROOT_KEYS:
+                close = difflib.get_close_matches(segments[0], EVENT_ROOT_KEYS, n=1)
+                hint = f" (did you mean {_q(close[0])}?)" if close else ""
+                self.fail(
+                    at,
+                    f"path {_q(path)} must start with an event key{hint}: "
+                    f"{', '.join(EVENT_ROOT_KEYS)}; e.g. \"properties.{path}\"",
+                )
+                continue
+            pairs.append((target, path))
+        return tuple(pairs)
+
+    def static(self, where: str, value: Any) -> tuple[tuple[str, Primitive], ...]:
+        if not isinstance(value, dict):
+            self.fail(
+                where,
+                f'must be an object of metadata key -> constant, like {{"source": "signal"}}, '
+                f"got {_kind(value)}",
+            )
+            return ()
+        pairs: list[tuple[str, Primitive]] = []
+        for key, constant in value.items():
+            at = f"{where}.{_q(key)}"
+            if not self.metadata_key(at, key):
+                continue
+            if not _is_primitive(constant):
+                self.fail(
+                    at,
+                    f"must be a string, number, boolean or null (Userpilot metadata is flat), "
+                    f"got {_kind(constant)}; write e.g. {_q(key)}: \"value\"",
+                )
+                continue
+            pairs.append((key, constant))
+        return tuple(pairs)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {_q(key)} in one JSON object; keep one")
+        result[key] = value
+    return result
+
+
+def load_mappings(source: str | os.PathLike[str] | Mapping[str, Any]) -> MappingSet:
+    """Build a :class:`MappingSet` from a mappings file path or an already-parsed dict.
+
+    Raises :class:`MappingsError` listing every problem, each naming the file, the event
+    and the field, what is wrong and what to write instead.
+    """
+    if isinstance(source, Mapping):
+        return _Loader("mappings").load(dict(source))
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MappingsError(
+            [f"{path}: cannot read the mappings file ({exc.strerror or exc}); check the path"]
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise MappingsError([f"{path}: the mappings file is not UTF-8 text ({exc})"]) from exc
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as exc:
+        raise MappingsError(
+            [f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"]
+        ) from exc
+    except ValueError as exc:
+        raise MappingsError([f"{path}: {exc}"]) from exc
+    return _Loader(str(path)).load(doc)
