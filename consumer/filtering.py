@@ -1,0 +1,128 @@
+"""Pure decision: is a decoded Signal event delivered to Userpilot, and if not, why.
+
+Userpilot needs a known user, has no server-side consent parameter and only takes the
+mapped events, so the worker drops (and finishes at once) events that are anonymous,
+lack consent, or are not in the mapping. The :class:`Drop` reasons and categories form
+a small fixed set because metrics are labelled by them.
+
+Consent rules (Signal puts consent in ``context.consent`` in two shapes):
+
+* ``{"canonical": {"analytics": true, ...}, "categories": [...]}``: when ``canonical`` is
+  an object it is authoritative and any flat keys beside it are ignored;
+* otherwise flat values ``{"analytics": true, "marketing": false}``.
+
+A category is granted only by ``true`` or one of the strings in :data:`GRANTED_STRINGS`
+(case-insensitive); ``false``, numbers, other strings, null and absence are not granted.
+``essential`` is always granted. An event with no consent data (no context, no consent,
+a consent that is not an object, or one whose values are all null) follows the policy's
+``missing`` setting. With no gating categories configured nothing is dropped for consent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
+
+from consumer.mapping import MappingSet
+
+__all__ = [
+    "ALWAYS_GRANTED",
+    "GRANTED_STRINGS",
+    "ConsentPolicy",
+    "Drop",
+    "DropReason",
+    "drop_reason",
+]
+
+DropReason: TypeAlias = Literal["anonymous", "consent", "unmapped", "unsupported_type"]
+
+ALWAYS_GRANTED = "essential"
+GRANTED_STRINGS = frozenset({"true", "granted", "yes", "allow", "allowed"})
+_DELIVERED_TYPES = ("track", "page")
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """Why an event is not delivered. ``category`` is set for consent drops only.
+
+    ``category`` is always one of the policy's configured categories, so metric labels
+    built from ``(reason, category)`` stay bounded whatever the events contain.
+    """
+
+    reason: DropReason
+    category: str | None = None
+
+
+DROP_ANONYMOUS = Drop("anonymous")
+DROP_UNMAPPED = Drop("unmapped")
+DROP_UNSUPPORTED_TYPE = Drop("unsupported_type")
+
+
+def _granted(value: Any) -> bool:
+    if value is True:
+        return True
+    return isinstance(value, str) and value.strip().lower() in GRANTED_STRINGS
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentPolicy:
+    """Which consent categories gate delivery, and what to do when an event has none.
+
+    Categories are compared lower-cased and stripped; duplicates are removed.
+    """
+
+    categories: tuple[str, ...] = ("analytics",)
+    missing: Literal["deny", "allow"] = "deny"
+    _gating: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.missing not in ("deny", "allow"):
+            raise ValueError(f'missing must be "deny" or "allow", got {self.missing!r}')
+        if isinstance(self.categories, str) or not all(
+            isinstance(c, str) and c.strip() for c in self.categories
+        ):
+            raise ValueError(
+                f"categories must be a tuple of non-empty strings, got {self.categories!r}"
+            )
+        cleaned = tuple(dict.fromkeys(c.strip().lower() for c in self.categories))
+        object.__setattr__(self, "categories", cleaned)
+        object.__setattr__(self, "_gating", tuple(c for c in cleaned if c != ALWAYS_GRANTED))
+
+    def missing_category(self, event: Mapping[str, Any]) -> str | None:
+        """The first configured category ``event`` was not granted, or None if it may go."""
+        gating = self._gating
+        if not gating:
+            return None
+        context = event.get("context")
+        consent = context.get("consent") if isinstance(context, dict) else None
+        if not isinstance(consent, dict) or all(v is None for v in consent.values()):
+            return None if self.missing == "allow" else gating[0]
+        canonical = consent.get("canonical")
+        granted_by = canonical if isinstance(canonical, dict) else consent
+        for category in gating:
+            if not _granted(granted_by.get(category)):
+                return category
+        return None
+
+
+def drop_reason(
+    event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
+) -> Drop | None:
+    """Why ``event`` is not delivered, or None when it should be sent.
+
+    Checked in this order: anonymous (no non-blank string ``userId``), consent, then
+    type and mapping (identify/group and unknown types are ``unsupported_type``; a
+    track/page event without a rule is ``unmapped``).
+    """
+    user_id = event.get("userId")
+    if not isinstance(user_id, str) or not user_id.strip():
+        return DROP_ANONYMOUS
+    category = consent.missing_category(event)
+    if category is not None:
+        return Drop("consent", category)
+    if event.get("type") not in _DELIVERED_TYPES:
+        return DROP_UNSUPPORTED_TYPE
+    if mappings.lookup(event) is None:
+        return DROP_UNMAPPED
+    return None
