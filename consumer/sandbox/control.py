@@ -1,0 +1,164 @@
+"""The ``/_sandbox/`` control API: inspect records, reset state, change faults and tokens.
+
+No auth, same port as the fake Userpilot API, so a test needs one URL. Routes:
+
+    GET    /_sandbox/health              {"status": "ok"}
+    GET    /_sandbox/requests[?path=P]   accepted records, oldest first
+    DELETE /_sandbox/requests            forget records, counters and rate-limit history
+    GET    /_sandbox/stats               {"total", "by_status", "accepted", ...}
+    GET    /_sandbox/faults              current faults + rate-limit settings
+    PUT    /_sandbox/faults              partial update (only the keys given change)
+    DELETE /_sandbox/faults              back to the start-up faults and limits
+    GET    /_sandbox/tokens              fingerprints of the configured tokens
+    PUT    /_sandbox/tokens              {"write_tokens": [...], "read_tokens": [...]}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from consumer.sandbox.auth import TokenSet
+from consumer.sandbox.errors import Problem, json_response
+from consumer.sandbox.faults import FaultError
+from consumer.sandbox.http import Request, Response
+
+if TYPE_CHECKING:
+    from consumer.sandbox.app import SandboxApp
+
+__all__ = ["LIMIT_KEYS", "handle_control"]
+
+LIMIT_KEYS = frozenset({"rate_limit", "rate_window_seconds", "retry_after"})
+
+
+def _bad(message: str) -> Response:
+    return Problem(400, "invalid_control_request", "Bad Request", message).to_response()
+
+
+def _json_object(request: Request) -> dict[str, Any] | Response:
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError as exc:
+        return _bad(f"body is not valid JSON: {exc}")
+    if not isinstance(body, dict):
+        return _bad("body must be a JSON object")
+    return body
+
+
+def _faults_view(app: SandboxApp) -> dict[str, Any]:
+    return {
+        **app.faults.to_json(),
+        "rate_limit": app.limiter.limit,
+        "rate_window_seconds": app.limiter.window,
+        "retry_after": app.retry_after,
+    }
+
+
+def _put_faults(app: SandboxApp, request: Request) -> Response:
+    body = _json_object(request)
+    if isinstance(body, Response):
+        return body
+    limits = {key: body.pop(key) for key in list(body) if key in LIMIT_KEYS}
+    limit = limits.get("rate_limit", app.limiter.limit)
+    window = limits.get("rate_window_seconds", app.limiter.window)
+    retry_after = limits.get("retry_after", app.retry_after)
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        return _bad("rate_limit must be an integer (0 or less lifts the limit)")
+    if isinstance(window, bool) or not isinstance(window, int | float) or window <= 0:
+        return _bad("rate_window_seconds must be a positive number")
+    if not isinstance(retry_after, bool):
+        return _bad("retry_after must be true or false")
+    try:
+        app.faults.config.merged(body)  # validate everything before changing anything
+    except FaultError as exc:
+        return _bad(str(exc))
+    app.faults.update(body)
+    app.limiter.reconfigure(limit, float(window))
+    app.retry_after = retry_after
+    return json_response(200, _faults_view(app))
+
+
+def _clear_faults(app: SandboxApp, request: Request) -> Response:
+    app.faults.load(app.config.faults)
+    app.limiter.reconfigure(app.config.rate_limit, app.config.rate_window_seconds)
+    app.retry_after = app.config.retry_after
+    return json_response(200, _faults_view(app))
+
+
+def _tokens_view(app: SandboxApp) -> dict[str, Any]:
+    return {"write_tokens": app.tokens.write_ids, "read_tokens": app.tokens.read_ids}
+
+
+def _put_tokens(app: SandboxApp, request: Request) -> Response:
+    body = _json_object(request)
+    if isinstance(body, Response):
+        return body
+    unknown = set(body) - {"write_tokens", "read_tokens"}
+    if unknown:
+        return _bad(f"unknown keys: {sorted(unknown)}")
+    write = body.get("write_tokens", None)
+    read = body.get("read_tokens", None)
+    for name, value in (("write_tokens", write), ("read_tokens", read)):
+        if value is not None and (
+            not isinstance(value, list) or not all(isinstance(t, str) and t for t in value)
+        ):
+            return _bad(f"{name} must be a list of non-empty strings")
+    if write is None or read is None:
+        return _bad("give both write_tokens and read_tokens")
+    if not write:
+        return _bad("at least one write token is required")
+    app.tokens = TokenSet(write, read)
+    return json_response(200, _tokens_view(app))
+
+
+def _get_requests(app: SandboxApp, request: Request) -> Response:
+    path = request.query.get("path", [None])[0]
+    return json_response(200, app.recorder.select(path))
+
+
+def _reset(app: SandboxApp, request: Request) -> Response:
+    app.reset_state()
+    return json_response(200, {"status": "reset"})
+
+
+Handler = Callable[["SandboxApp", Request], Response]
+
+
+def _health(app: SandboxApp, request: Request) -> Response:
+    return json_response(200, {"status": "ok"})
+
+
+def _stats(app: SandboxApp, request: Request) -> Response:
+    return json_response(200, app.recorder.stats())
+
+
+def _get_faults(app: SandboxApp, request: Request) -> Response:
+    return json_response(200, _faults_view(app))
+
+
+def _get_tokens(app: SandboxApp, request: Request) -> Response:
+    return json_response(200, _tokens_view(app))
+
+
+_ROUTES: dict[tuple[str, str], Handler] = {
+    ("GET", "/_sandbox/health"): _health,
+    ("GET", "/_sandbox/requests"): _get_requests,
+    ("DELETE", "/_sandbox/requests"): _reset,
+    ("GET", "/_sandbox/stats"): _stats,
+    ("GET", "/_sandbox/faults"): _get_faults,
+    ("PUT", "/_sandbox/faults"): _put_faults,
+    ("DELETE", "/_sandbox/faults"): _clear_faults,
+    ("GET", "/_sandbox/tokens"): _get_tokens,
+    ("PUT", "/_sandbox/tokens"): _put_tokens,
+}
+
+
+def handle_control(app: SandboxApp, request: Request) -> Response:
+    path = request.path.rstrip("/")
+    handler = _ROUTES.get((request.method, path))
+    if handler is not None:
+        return handler(app, request)
+    if any(route_path == path for _, route_path in _ROUTES):
+        return Problem(405, "method_not_allowed", "Method Not Allowed", path).to_response()
+    return Problem(404, "not_found", "Not Found", f"no control route {path}").to_response()

@@ -1,0 +1,56 @@
+"""What the sandbox saw: accepted requests in arrival order, and counts by outcome.
+
+Tests assert on these records instead of on the worker's own logs, so they hold the parsed
+body exactly as received. Authorization values are replaced by the token fingerprint.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Recorder"]
+
+
+@dataclass
+class Recorder:
+    """Accepted records (bounded by ``limit``, oldest dropped) and outcome counters."""
+
+    limit: int = 1_000_000
+    records: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    accepted_total: int = 0
+    dropped: int = 0
+
+    def count(self, outcome: str) -> None:
+        """Count one API request by its outcome: a status code, ``reset`` or ``timeout``."""
+        self.outcomes[outcome] += 1
+
+    def accept(self, record: dict[str, Any]) -> None:
+        self.accepted_total += 1
+        record["seq"] = self.accepted_total
+        self.records.append(record)
+        if len(self.records) > self.limit:
+            overflow = len(self.records) - self.limit
+            del self.records[:overflow]
+            self.dropped += overflow
+
+    def select(self, path: str | None = None) -> list[dict[str, Any]]:
+        if path is None:
+            return list(self.records)
+        return [record for record in self.records if record["path"] == path]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "total": sum(self.outcomes.values()),
+            "by_status": dict(sorted(self.outcomes.items())),
+            "accepted": self.accepted_total,
+            "records_dropped": self.dropped,
+        }
+
+    def reset(self) -> None:
+        self.records.clear()
+        self.outcomes.clear()
+        self.accepted_total = 0
+        self.dropped = 0
