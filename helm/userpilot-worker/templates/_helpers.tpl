@@ -1,0 +1,151 @@
+{{/*
+Chart name, truncated to the 63 characters a DNS label allows.
+*/}}
+{{- define "userpilot-worker.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: release-chart unless the release name already contains the chart
+name, so `helm install userpilot-worker .` does not produce userpilot-worker-userpilot-worker.
+*/}}
+{{- define "userpilot-worker.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version for the helm.sh/chart label.
+*/}}
+{{- define "userpilot-worker.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels on every resource.
+*/}}
+{{- define "userpilot-worker.labels" -}}
+helm.sh/chart: {{ include "userpilot-worker.chart" . }}
+{{ include "userpilot-worker.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: delivery-worker
+{{- end }}
+
+{{/*
+Selector labels: immutable on a Deployment, so they carry no version.
+*/}}
+{{- define "userpilot-worker.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "userpilot-worker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+ServiceAccount name.
+*/}}
+{{- define "userpilot-worker.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "userpilot-worker.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Image reference; a digest pins the image and wins over the tag.
+*/}}
+{{- define "userpilot-worker.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the write token: the user's existingSecret or the chart's own.
+*/}}
+{{- define "userpilot-worker.apiKeySecretName" -}}
+{{- default (include "userpilot-worker.fullname" .) .Values.userpilot.existingSecret }}
+{{- end }}
+
+{{/*
+Whether the chart renders its own Secret (token and/or registry credentials).
+*/}}
+{{- define "userpilot-worker.createSecret" -}}
+{{- if or (not .Values.userpilot.existingSecret) (and .Values.schemaRegistry.basicAuthUserInfo (not .Values.schemaRegistry.existingSecret)) }}true{{- end }}
+{{- end }}
+
+{{/*
+Mappings as JSON text, or "" when none are given (the worker then uses its default preset).
+*/}}
+{{- define "userpilot-worker.mappingsJson" -}}
+{{- $m := .Values.userpilot.mappings }}
+{{- if kindIs "string" $m }}
+{{- $m }}
+{{- else if $m }}
+{{- toPrettyJson $m }}
+{{- end }}
+{{- end }}
+
+{{/*
+Replica bounds that apply to the chosen scaling mode: [min, max].
+*/}}
+{{- define "userpilot-worker.minReplicas" -}}
+{{- if .Values.autoscaling.keda.enabled }}
+{{- .Values.autoscaling.keda.minReplicaCount }}
+{{- else if .Values.autoscaling.hpa.enabled }}
+{{- .Values.autoscaling.hpa.minReplicas }}
+{{- else }}
+{{- .Values.replicaCount }}
+{{- end }}
+{{- end }}
+
+{{/*
+Rendering-time guards for combinations the schema cannot express. Included by the
+Deployment, so every render runs them.
+*/}}
+{{- define "userpilot-worker.validate" -}}
+{{- $v := .Values }}
+{{- if and $v.autoscaling.keda.enabled $v.autoscaling.hpa.enabled }}
+{{- fail "autoscaling.keda.enabled and autoscaling.hpa.enabled are mutually exclusive: both would scale the same Deployment" }}
+{{- end }}
+{{- $partitions := int $v.autoscaling.partitions }}
+{{- if and $v.autoscaling.keda.enabled (gt (int $v.autoscaling.keda.maxReplicaCount) $partitions) }}
+{{- fail (printf "autoscaling.keda.maxReplicaCount (%d) exceeds autoscaling.partitions (%d): consumers beyond the partition count sit idle" (int $v.autoscaling.keda.maxReplicaCount) $partitions) }}
+{{- end }}
+{{- if and $v.autoscaling.keda.enabled (gt (int $v.autoscaling.keda.minReplicaCount) (int $v.autoscaling.keda.maxReplicaCount)) }}
+{{- fail "autoscaling.keda.minReplicaCount must not exceed autoscaling.keda.maxReplicaCount" }}
+{{- end }}
+{{- if and $v.autoscaling.hpa.enabled (gt (int $v.autoscaling.hpa.maxReplicas) $partitions) }}
+{{- fail (printf "autoscaling.hpa.maxReplicas (%d) exceeds autoscaling.partitions (%d): consumers beyond the partition count sit idle" (int $v.autoscaling.hpa.maxReplicas) $partitions) }}
+{{- end }}
+{{- if and $v.autoscaling.hpa.enabled (gt (int $v.autoscaling.hpa.minReplicas) (int $v.autoscaling.hpa.maxReplicas)) }}
+{{- fail "autoscaling.hpa.minReplicas must not exceed autoscaling.hpa.maxReplicas" }}
+{{- end }}
+{{- if and $v.autoscaling.hpa.enabled (not $v.autoscaling.hpa.targetCPUUtilizationPercentage) (not $v.autoscaling.hpa.targetMemoryUtilizationPercentage) }}
+{{- fail "autoscaling.hpa needs targetCPUUtilizationPercentage or targetMemoryUtilizationPercentage" }}
+{{- end }}
+{{- if and (not $v.autoscaling.keda.enabled) (not $v.autoscaling.hpa.enabled) (gt (int $v.replicaCount) $partitions) }}
+{{- fail (printf "replicaCount (%d) exceeds autoscaling.partitions (%d): consumers beyond the partition count sit idle" (int $v.replicaCount) $partitions) }}
+{{- end }}
+{{- if le (int $v.terminationGracePeriodSeconds) (int $v.worker.shutdownGraceSeconds) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than worker.shutdownGraceSeconds (%d), or pods are killed before in-flight events finish and offsets are committed" (int $v.terminationGracePeriodSeconds) (int $v.worker.shutdownGraceSeconds)) }}
+{{- end }}
+{{- range $key, $_ := $v.kafka.config }}
+{{- if has (lower $key) (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret") }}
+{{- fail (printf "kafka.config.%s is a secret: put KAFKA_%s in kafka.existingSecret or kafka.extraEnv instead of a ConfigMap" $key (upper (replace "." "_" $key))) }}
+{{- end }}
+{{- end }}
+{{- if not $v.kafka.topics }}
+{{- fail "kafka.topics must list at least one source topic" }}
+{{- end }}
+{{- end }}
