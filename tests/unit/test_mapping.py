@@ -1,0 +1,728 @@
+"""Unit tests for consumer.mapping: names, flattening, summaries, custom mappings, loading."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumer.mapping import (
+    DEFAULT_PRESET,
+    MAX_DEPTH,
+    EventRule,
+    MappingSet,
+    MappingsError,
+    build_track_payload,
+    load_mappings,
+    normalize_event_name,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "schemas" / "mappings.example.json"
+
+
+def track(name: str, props: Any = None, **extra: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {"type": "track", "event": name, "userId": "user_001"}
+    if props is not None:
+        event["properties"] = props
+    event.update(extra)
+    return event
+
+
+def metadata(props: Any, rule: EventRule | None = None, **extra: Any) -> dict[str, Any]:
+    rule = rule or EventRule("Feature Used", "feature_used")
+    payload = build_track_payload(track("Feature Used", props, **extra), rule)
+    result: dict[str, Any] = payload["metadata"]
+    return result
+
+
+# ------------------------------------------------------------------ seed example
+
+
+def test_seed_example_exact() -> None:
+    event = {
+        "type": "track",
+        "event": "Feature Used",
+        "properties": {
+            "feature": "export_csv",
+            "feature_id": "feat_017",
+            "context": "reports_dashboard",
+        },
+        "userId": "user_001",
+        "anonymousId": "anon_1",
+        "context": {"consent": {"analytics": True}},
+    }
+    rule = DEFAULT_PRESET.lookup(event)
+    assert rule is not None
+    payload = build_track_payload(event, rule)
+    expected = {
+        "user_id": "user_001",
+        "event_name": "feature_used",
+        "metadata": {
+            "feature": "export_csv",
+            "feature_id": "feat_017",
+            "context": "reports_dashboard",
+        },
+    }
+    assert payload == expected
+    assert list(payload) == ["user_id", "event_name", "metadata"]
+    assert list(payload["metadata"]) == ["feature", "feature_id", "context"]
+    assert json.dumps(payload) == json.dumps(expected)
+
+
+# ------------------------------------------------------------------ preset and names
+
+
+SEED_TABLE = [
+    ("page", "page_viewed"),
+    ("Signed Up", "signed_up"),
+    ("Logged In", "logged_in"),
+    ("Feature Used", "feature_used"),
+    ("Products Searched", "searched"),
+    ("Plan Viewed", "plan_viewed"),
+    ("Product Viewed", "product_viewed"),
+    ("Trial Started", "trial_started"),
+    ("Subscription Started", "subscription_started"),
+    ("Subscription Cancelled", "subscription_cancelled"),
+    ("Lead Generated", "lead_generated"),
+]
+
+
+def test_default_preset_is_exactly_the_seed_table() -> None:
+    assert [(r.source_name, r.event_name) for r in DEFAULT_PRESET.rules] == SEED_TABLE
+    assert DEFAULT_PRESET.names() == tuple(s for s, _ in SEED_TABLE)
+    described = json.loads(json.dumps(DEFAULT_PRESET.describe()))
+    assert described["preset"] == "default"
+    assert [(e["source"], e["event_name"]) for e in described["events"]] == SEED_TABLE
+
+
+@pytest.mark.parametrize(("source", "target"), SEED_TABLE[1:])
+def test_every_preset_track_event_maps(source: str, target: str) -> None:
+    rule = DEFAULT_PRESET.lookup(track(source))
+    assert rule is not None
+    assert rule.event_name == target
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Feature Used",
+        "feature_used",
+        "feature-used",
+        "FEATURE USED",
+        " Feature  Used ",
+        "featureUsed",
+        "FeatureUsed",
+        "feature__used",
+        "Feature_Used",
+    ],
+)
+def test_name_variants_match_the_same_rule(name: str) -> None:
+    assert normalize_event_name(name) == "feature_used"
+    rule = DEFAULT_PRESET.lookup(track(name))
+    assert rule is not None and rule.event_name == "feature_used"
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("Order Completed", "order_completed"), ("HTMLExport", "html_export"), ("", ""),
+     ("  ", ""), ("v2Signup", "v2_signup")],
+)
+def test_normalize_event_name(name: str, key: str) -> None:
+    assert normalize_event_name(name) == key
+
+
+def test_normalize_is_total_on_non_strings() -> None:
+    assert normalize_event_name(None) == ""  # type: ignore[arg-type]
+    assert normalize_event_name(42) == ""  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "page", "name": "Pricing"},
+        {"type": "page"},
+        {"type": "page", "event": "Signed Up"},
+    ],
+)
+def test_page_events_use_the_page_rule(event: dict[str, Any]) -> None:
+    rule = DEFAULT_PRESET.lookup(event)
+    assert rule is not None and rule.event_name == "page_viewed"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        track("page"),
+        track("Page"),
+        track("PAGE"),
+        track("Order Completed"),
+        track(None),  # type: ignore[arg-type]
+        track(""),
+        {"type": "track", "event": ["Feature Used"]},
+        {"type": "identify", "event": "Feature Used"},
+        {"type": "group", "event": "Feature Used"},
+        {"type": "screen", "event": "Feature Used"},
+        {"type": None},
+        {},
+    ],
+)
+def test_lookup_misses(event: dict[str, Any]) -> None:
+    assert DEFAULT_PRESET.lookup(event) is None
+
+
+def test_mapping_set_refuses_duplicate_normalised_names() -> None:
+    with pytest.raises(ValueError, match="both normalise to 'feature_used'"):
+        MappingSet((EventRule("Feature Used", "a"), EventRule("feature-used", "b")))
+
+
+# ------------------------------------------------------------------ flattening
+
+
+@pytest.mark.parametrize(
+    ("props", "expected"),
+    [
+        ({"a": 1, "b": "x", "c": True, "d": None, "e": 1.5}, {"a": 1, "b": "x", "c": True,
+                                                           "d": None, "e": 1.5}),
+        ({"big": 2**70, "neg": -(2**65)}, {"big": 2**70, "neg": -(2**65)}),
+        ({"f": 1.0}, {"f": 1.0}),
+        ({"nan": math.nan, "inf": math.inf, "ninf": -math.inf, "ok": 0}, {"ok": 0}),
+        (
+            {"plan": {"tier": "pro", "limits": {"seats": 5}}},
+            {"plan_tier": "pro", "plan_limits_seats": 5},
+        ),
+        ({"plan": {}}, {}),
+        ({"plan": {"tags": ["a"], "x": {"y": [1]}}}, {}),
+        ({"tags": ["a", "b"], "ids": [1], "objs": [{"a": 1}]}, {}),
+        ({"m": {"n": None}}, {"m_n": None}),
+        ({"odd": {1: "one"}}, {"odd_1": "one"}),
+        ({"s": {1, 2}, "t": (1, 2), "b": b"x"}, {}),
+    ],
+)
+def test_flattening(props: dict[str, Any], expected: dict[str, Any]) -> None:
+    result = metadata(props)
+    assert result == expected
+    for key, value in expected.items():
+        assert type(result[key]) is type(value)
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        {"plan_tier": "top", "plan": {"tier": "nested"}},
+        {"plan": {"tier": "nested"}, "plan_tier": "top"},
+    ],
+)
+def test_top_level_key_wins_a_flattening_collision(props: dict[str, Any]) -> None:
+    assert metadata(props) == {"plan_tier": "top"}
+
+
+def test_collision_between_nested_keys_first_wins() -> None:
+    props = {"a": {"b_c": 1}, "a_b": {"c": 2}}
+    assert metadata(props) == {"a_b_c": 1}
+
+
+def test_top_level_non_primitive_does_not_block_nested() -> None:
+    props = {"plan_tier": [1, 2], "plan": {"tier": "pro"}, "x_y": math.nan, "x": {"y": 3}}
+    assert metadata(props) == {"plan_tier": "pro", "x_y": 3}
+
+
+def test_deep_nesting_is_bounded() -> None:
+    deep: dict[str, Any] = {"leaf": 1}
+    for _ in range(MAX_DEPTH + 5):
+        deep = {"k": deep}
+    result = metadata({"root": deep, "shallow": {"k": {"leaf": 2}}})
+    assert result == {"shallow_k_leaf": 2}
+
+
+@pytest.mark.parametrize("props", [None, "text", 5, ["a"], True])
+def test_odd_properties_give_empty_metadata(props: Any) -> None:
+    event = {"type": "track", "event": "Feature Used", "userId": "u", "properties": props}
+    assert build_track_payload(event, EventRule("Feature Used", "feature_used"))["metadata"] == {}
+
+
+def test_missing_user_id_gives_empty_user_id() -> None:
+    payload = build_track_payload({"type": "track"}, EventRule("x", "x"))
+    assert payload == {"user_id": "", "event_name": "x", "metadata": {}}
+
+
+# ------------------------------------------------------------------ product summary
+
+
+@pytest.mark.parametrize("id_key", ["product_id", "item_id", "id", "sku"])
+def test_summary_id_keys(id_key: str) -> None:
+    result = metadata({"products": [{id_key: "P1"}]})
+    assert result == {"product_id": "P1", "products_count": 1}
+
+
+def test_summary_id_key_priority() -> None:
+    item = {"sku": "S", "id": "I", "item_id": "IT", "product_id": "P"}
+    assert metadata({"products": [item]})["product_id"] == "P"
+    del item["product_id"]
+    assert metadata({"products": [item]})["product_id"] == "IT"
+    del item["item_id"]
+    assert metadata({"products": [item]})["product_id"] == "I"
+
+
+@pytest.mark.parametrize("name_key", ["name", "item_name", "product_name"])
+def test_summary_name_keys(name_key: str) -> None:
+    result = metadata({"items": [{name_key: "Headphones"}]})
+    assert result == {"product_name": "Headphones", "items_count": 1}
+
+
+def test_summary_full_example_from_signal_docs() -> None:
+    props = {
+        "order_id": "ORD-1234",
+        "total": 129.99,
+        "currency": "USD",
+        "products": [
+            {"product_id": "SKU-001", "name": "Wireless Headphones", "price": 79.99,
+             "quantity": 1},
+            {"product_id": "SKU-002", "name": "Case", "price": 50.0, "quantity": 1},
+        ],
+    }
+    assert metadata(props) == {
+        "order_id": "ORD-1234",
+        "total": 129.99,
+        "currency": "USD",
+        "product_id": "SKU-001",
+        "product_name": "Wireless Headphones",
+        "price": 79.99,
+        "quantity": 1,
+        "products_count": 2,
+    }
+
+
+@pytest.mark.parametrize(
+    ("props", "currency"),
+    [
+        ({"products": [{"id": "p", "currency": "EUR"}]}, "EUR"),
+        ({"currency": "GBP", "products": [{"id": "p"}]}, "GBP"),
+        ({"products": [{"id": "p"}], "currency": "GBP"}, "GBP"),
+        ({"currency": "GBP", "products": [{"id": "p", "currency": "EUR"}]}, "GBP"),
+    ],
+)
+def test_summary_currency(props: dict[str, Any], currency: str) -> None:
+    assert metadata(props)["currency"] == currency
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        {"price": 10, "products": [{"id": "p", "price": 99}]},
+        {"products": [{"id": "p", "price": 99}], "price": 10},
+    ],
+)
+def test_top_level_beats_summary(props: dict[str, Any]) -> None:
+    result = metadata(props)
+    assert result["price"] == 10
+    assert result["product_id"] == "p"
+
+
+def test_top_level_product_id_and_count_beat_summary() -> None:
+    props = {"product_id": "top", "products_count": 7, "products": [{"id": "p"}, {"id": "q"}]}
+    assert metadata(props) == {"product_id": "top", "products_count": 7}
+
+
+@pytest.mark.parametrize(
+    ("props", "expected"),
+    [
+        (
+            {"items": [{"id": "i"}], "products": [{"id": "p"}]},
+            {"items_count": 1, "product_id": "p", "products_count": 1},
+        ),
+        ({"items": [{"item_id": "i", "price": 2}]}, {"product_id": "i", "price": 2,
+                                                      "items_count": 1}),
+        ({"products": []}, {"products_count": 0}),
+        ({"products": ["a", "b"]}, {"products_count": 2}),
+        ({"products": "not a list"}, {"products": "not a list"}),
+        ({"products": [{"id": {"x": 1}, "sku": "S", "price": math.inf}]},
+         {"product_id": "S", "products_count": 1}),
+        ({"cart": {"products": [{"id": "p"}]}}, {}),
+    ],
+)
+def test_summary_shapes(props: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert metadata(props) == expected
+
+
+# ------------------------------------------------------------------ page events
+
+
+def page(props: Any = None, page_ctx: Any = None, name: Any = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"type": "page", "userId": "u1"}
+    if props is not None:
+        event["properties"] = props
+    if page_ctx is not None:
+        event["context"] = {"page": page_ctx}
+    if name is not None:
+        event["name"] = name
+    return event
+
+
+CTX_PAGE = {"url": "https://a.io/p?x=1", "path": "/p", "title": "P", "referrer": "https://g.co",
+            "search": "?x=1"}
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (
+            page(page_ctx=CTX_PAGE, name="Pricing"),
+            {"url": "https://a.io/p?x=1", "path": "/p", "title": "P",
+             "referrer": "https://g.co", "name": "Pricing"},
+        ),
+        (
+            page(props={"url": "https://b.io/q", "title": "Q", "plan": {"tier": "pro"}},
+                 page_ctx=CTX_PAGE),
+            {"url": "https://b.io/q", "path": "/p", "title": "Q", "referrer": "https://g.co",
+             "plan_tier": "pro"},
+        ),
+        (
+            page(props={"path": None, "name": "Props name"}, page_ctx={"path": "/ctx"},
+                 name="Event name"),
+            {"path": "/ctx", "name": "Props name"},
+        ),
+        (page(), {}),
+        (page(page_ctx="broken", name=""), {"name": ""}),
+        ({"type": "page", "userId": "u", "context": "broken"}, {}),
+        (page(props={"category": "Docs"}, name="Intro"), {"name": "Intro", "category": "Docs"}),
+    ],
+)
+def test_page_metadata(event: dict[str, Any], expected: dict[str, Any]) -> None:
+    rule = DEFAULT_PRESET.lookup(event)
+    assert rule is not None
+    payload = build_track_payload(event, rule)
+    assert payload["event_name"] == "page_viewed"
+    assert payload["metadata"] == expected
+    assert list(payload["metadata"]) == list(expected)
+
+
+# ------------------------------------------------------------------ custom mappings
+
+RICH_EVENT: dict[str, Any] = {
+    "type": "track",
+    "event": "Feature Used",
+    "userId": "user_001",
+    "properties": {
+        "feature": "export_csv",
+        "feature_id": "feat_017",
+        "context": "reports_dashboard",
+        "plan": {"tier": "pro"},
+    },
+    "context": {
+        "campaign": {"source": "google", "medium": "cpc"},
+        "page": {"url": "https://a.io"},
+        "device": {"type": "desktop", "manufacturer": None},
+    },
+    "messageId": "m-1",
+}
+
+
+def load_rule(entry: Any, name: str = "Feature Used", preset: str = "default") -> EventRule:
+    mappings = load_mappings({"preset": preset, "events": {name: entry}})
+    rule = mappings.lookup({"type": "track", "event": name})
+    assert rule is not None
+    return rule
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"properties": ["feature", "feature_id"]}, {"feature": "export_csv",
+                                                     "feature_id": "feat_017"}),
+        ({"properties": ["plan_tier", "absent"]}, {"plan_tier": "pro"}),
+        ({"properties": "none"}, {}),
+        ({"properties": "all", "rename": {"feature": "feature_key"}},
+         {"feature_key": "export_csv", "feature_id": "feat_017", "context": "reports_dashboard",
+          "plan_tier": "pro"}),
+        ({"properties": ["feature"], "rename": {"feature": "feature_id"}},
+         {"feature_id": "export_csv"}),
+        ({"properties": "all", "rename": {"feature": "feature_id"}},
+         {"feature_id": "export_csv", "context": "reports_dashboard", "plan_tier": "pro"}),
+        ({"properties": "none", "fields": {"utm_source": "context.campaign.source",
+                                           "plan": "properties.plan.tier",
+                                           "msg": "messageId", "missing": "context.nope.x",
+                                           "through_str": "properties.feature.x"}},
+         {"utm_source": "google", "plan": "pro", "msg": "m-1"}),
+        ({"properties": "none", "fields": {"campaign": "context.campaign",
+                                           "device": "context.device"}},
+         {"campaign_source": "google", "campaign_medium": "cpc", "device_type": "desktop",
+          "device_manufacturer": None}),
+        ({"properties": "none", "fields": {"p": "properties"}},
+         {"p_feature": "export_csv", "p_feature_id": "feat_017",
+          "p_context": "reports_dashboard", "p_plan_tier": "pro"}),
+        ({"properties": "none", "static": {"source": "signal", "v": 2, "on": True, "n": None}},
+         {"source": "signal", "v": 2, "on": True, "n": None}),
+        ({"properties": ["feature"], "fields": {"feature": "context.campaign.source"},
+          "static": {"plan_tier": "static"}},
+         {"feature": "google", "plan_tier": "static"}),
+        ("feature_touched", {"feature": "export_csv", "feature_id": "feat_017",
+                             "context": "reports_dashboard", "plan_tier": "pro"}),
+    ],
+)
+def test_custom_rule_metadata(entry: Any, expected: dict[str, Any]) -> None:
+    rule = load_rule(entry)
+    assert build_track_payload(RICH_EVENT, rule)["metadata"] == expected
+
+
+def test_custom_rule_keeps_preset_event_name_unless_given() -> None:
+    assert load_rule({"static": {"a": 1}}).event_name == "feature_used"
+    assert load_rule({"event_name": "feature_touched"}).event_name == "feature_touched"
+
+
+def test_fields_pick_list_index_and_drop_arrays() -> None:
+    event = track("Order Completed", {"products": [{"id": "a"}, {"id": "b", "tags": ["x"]}]})
+    rule = load_rule(
+        {"event_name": "order_completed", "properties": "none",
+         "fields": {"second": "properties.products.1.id", "arr": "properties.products",
+                    "tags": "properties.products.1.tags", "oob": "properties.products.9.id",
+                    "neg": "properties.products.-1.id"}},
+        name="Order Completed",
+    )
+    assert build_track_payload(event, rule)["metadata"] == {"second": "b"}
+
+
+def test_custom_file_semantics() -> None:
+    mappings = load_mappings(
+        {
+            "events": {
+                "Order Completed": {"event_name": "order_completed"},
+                "lead-generated": False,
+                "page": {"properties": ["url"], "static": {"kind": "page"}},
+            }
+        }
+    )
+    assert mappings.preset == "default"
+    assert "Lead Generated" not in mappings.names()
+    assert mappings.lookup(track("Lead Generated")) is None
+    rule = mappings.lookup(track("order_completed"))
+    assert rule is not None and rule.event_name == "order_completed"
+    assert mappings.names()[-1] == "Order Completed"
+    page_rule = mappings.lookup(page(page_ctx=CTX_PAGE))
+    assert page_rule is not None
+    assert build_track_payload(page(page_ctx=CTX_PAGE), page_rule)["metadata"] == {
+        "url": "https://a.io/p?x=1", "kind": "page"}
+    assert mappings.lookup(track("page")) is None
+
+
+def test_preset_none_starts_empty() -> None:
+    mappings = load_mappings({"preset": "none", "events": {"Order Completed": "order_done"}})
+    assert mappings.names() == ("Order Completed",)
+    assert mappings.lookup(track("Feature Used")) is None
+    assert mappings.lookup(page()) is None
+    assert load_mappings({"preset": "none"}).names() == ()
+
+
+def test_overriding_a_preset_event_with_another_spelling_keeps_its_place() -> None:
+    mappings = load_mappings({"events": {"feature_used": {"event_name": "feature_touched"}}})
+    assert len(mappings.names()) == len(SEED_TABLE)
+    assert mappings.names()[3] == "feature_used"
+
+
+def test_describe_is_json_and_complete() -> None:
+    mappings = load_mappings(EXAMPLE)
+    described = json.loads(json.dumps(mappings.describe()))
+    by_source = {e["source"]: e for e in described["events"]}
+    assert by_source["Feature Used"]["properties"] == ["feature", "feature_id", "plan_tier"]
+    assert by_source["Feature Used"]["rename"] == {"feature": "feature_key"}
+    assert by_source["Feature Used"]["fields"]["utm_source"] == "context.campaign.source"
+    assert by_source["Feature Used"]["static"] == {"source": "signal"}
+    assert "Lead Generated" not in by_source
+    assert by_source["Order Completed"]["event_name"] == "order_completed"
+
+
+def test_example_file_maps_the_example_event() -> None:
+    mappings = load_mappings(EXAMPLE)
+    event = dict(RICH_EVENT)
+    rule = mappings.lookup(event)
+    assert rule is not None
+    assert build_track_payload(event, rule) == {
+        "user_id": "user_001",
+        "event_name": "feature_used",
+        "metadata": {
+            "feature_key": "export_csv",
+            "feature_id": "feat_017",
+            "plan_tier": "pro",
+            "utm_source": "google",
+            "utm_medium": "cpc",
+            "source": "signal",
+        },
+    }
+
+
+# ------------------------------------------------------------------ validation errors
+
+
+@pytest.mark.parametrize(
+    ("doc", "fragments"),
+    [
+        ([], ["mappings: the mappings must be a JSON object", "got a list"]),
+        ({"preset": "defualt"}, ['mappings: preset: must be "default" or "none", got "defualt"']),
+        ({"evnts": {}}, ['unknown key "evnts" (did you mean "events"?)',
+                         "allowed keys: description, events, preset"]),
+        ({"events": []}, ["mappings: events: must be an object", "got a list"]),
+        ({"events": {"X": {}}}, ['events."X": "event_name" is required for an event that is not '
+                                 'in the preset; write e.g. "event_name": "x"']),
+        ({"events": {"Order Completed": {"event_name": ""}}},
+         ['events."Order Completed".event_name: "" is not a valid Userpilot event name',
+          'e.g. "my_event"']),
+        ({"events": {"Order Completed": {"event_name": "Order Completed!"}}},
+         ['"Order Completed!" is not a valid Userpilot event name', 'e.g. "order_completed"']),
+        ({"events": {"Order Completed": {"event_name": 5}}},
+         ['events."Order Completed".event_name: 5 is not a valid Userpilot event name']),
+        ({"events": {"Order Completed": {"event_name": "x" * 101}}},
+         ["is not a valid Userpilot event name: use 1-100"]),
+        ({"events": {"Feature Used": {"static": {"src": {"a": 1}}}}},
+         ['events."Feature Used".static."src": must be a string, number, boolean or null',
+          "got an object", 'write e.g. "src": "value"']),
+        ({"events": {"Feature Used": {"static": {"src": [1]}}}}, ["got a list"]),
+        ({"events": {"Feature Used": {"static": {"src": math.nan}}}}, ["static.\"src\": must be"]),
+        ({"events": {"Feature Used": {"static": "signal"}}},
+         ['events."Feature Used".static: must be an object of metadata key -> constant']),
+        ({"events": {"Feature Used": {"fileds": {}}}},
+         ['events."Feature Used": unknown key "fileds" (did you mean "fields"?); allowed keys: '
+          "event_name, fields, properties, rename, static"]),
+        ({"events": {"Feature Used": {}, "feature_used": {}}},
+         ['"Feature Used" and "feature_used" are the same event (both normalise to '
+          '"feature_used"); keep one of them']),
+        ({"events": {"Lead Genrated": False}},
+         ['events."Lead Genrated": false disables a preset event, but "Lead Genrated" is not '
+          'in preset "default"']),
+        ({"preset": "none", "events": {"Lead Generated": False}},
+         ['is not in preset "none" (its events: none)']),
+        ({"events": {"Feature Used": True}},
+         ['events."Feature Used": must be an object like {"event_name": "feature_used"}',
+          "got true"]),
+        ({"events": {"Feature Used": 3}}, ["got a number"]),
+        ({"events": {"": {"event_name": "x"}}},
+         ['mappings: events: an event name must be a non-empty string, got ""']),
+        ({"events": {"Feature Used": {"properties": "some"}}},
+         ['events."Feature Used".properties: must be "all", "none" or a list',
+          'got "some"']),
+        ({"events": {"Feature Used": {"properties": ["ok", 3, ""]}}},
+         ['events."Feature Used".properties[1]: a metadata key must be a non-empty string, '
+          "got 3", "properties[2]"]),
+        ({"events": {"Feature Used": {"rename": {"a": 1}}}},
+         ['events."Feature Used".rename."a": the new key must be a string, got a number']),
+        ({"events": {"Feature Used": {"rename": {"a": "x", "b": "x"}}}},
+         ['"a" and "b" are both renamed to "x"']),
+        ({"events": {"Feature Used": {"rename": ["a"]}}}, ["rename: must be an object"]),
+        ({"events": {"Feature Used": {"fields": {"u": "campain.source"}}}},
+         ['events."Feature Used".fields."u": path "campain.source" must start with an event '
+          'key', 'e.g. "properties.campain.source"']),
+        ({"events": {"Feature Used": {"fields": {"u": "contxt.campaign"}}}},
+         ['(did you mean "context"?)']),
+        ({"events": {"Feature Used": {"fields": {"u": "context..source"}}}},
+         ["has an empty or space-padded segment"]),
+        ({"events": {"Feature Used": {"fields": {"u": 3}}}},
+         ['fields."u": must be a dotted path string like "context.campaign.source", got 3']),
+        ({"events": {"Feature Used": {"fields": {" u": "userId"}}}},
+         ["must have no leading/trailing spaces"]),
+        ({"events": {"Feature Used": {"fields": {"s": "userId"}, "static": {"s": 1}}}},
+         ['metadata key "s" is set by both "fields" and "static"; keep one']),
+        ({"description": 5}, ["description: must be a string, got a number"]),
+    ],
+)
+def test_validation_messages(doc: Any, fragments: list[str]) -> None:
+    with pytest.raises(MappingsError) as info:
+        load_mappings(doc) if isinstance(doc, dict) else _load_any(doc)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert isinstance(info.value, ValueError)
+
+
+def _load_any(doc: Any) -> Any:
+    from consumer.mapping import _Loader
+
+    return _Loader("mappings").load(doc)
+
+
+def test_all_problems_are_reported_together() -> None:
+    doc = {"preset": "x", "events": {"A": {"event_name": "!"}, "B": {"static": {"k": []}}}}
+    with pytest.raises(MappingsError) as info:
+        load_mappings(doc)
+    assert len(info.value.problems) == 4  # preset, A.event_name, B.event_name, B.static.k
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    with pytest.raises(MappingsError, match=r"nope\.json: cannot read the mappings file"):
+        load_mappings(missing)
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"events": {\n  "X": {"event_name": "x",}\n}}', encoding="utf-8")
+    with pytest.raises(MappingsError, match=r"bad\.json: not valid JSON at line 2 column"):
+        load_mappings(bad)
+
+    dup = tmp_path / "dup.json"
+    dup.write_text('{"events": {"X": "x", "X": "y"}}', encoding="utf-8")
+    with pytest.raises(MappingsError, match=r'dup\.json: duplicate key "X"'):
+        load_mappings(str(dup))
+
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"events": {"Feature Used": {"static": {"a": {}}}}}', encoding="utf-8")
+    with pytest.raises(MappingsError, match=r'wrong\.json: events\."Feature Used"\.static\."a"'):
+        load_mappings(wrong)
+
+
+def test_example_file_is_valid_json_and_loads() -> None:
+    json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    assert "Order Completed" in load_mappings(EXAMPLE).names()
+
+
+# ------------------------------------------------------------------ property-based-ish
+
+
+def _random_value(rng: random.Random, depth: int) -> Any:
+    roll = rng.random()
+    if depth > 0 and roll < 0.25:
+        return {_random_key(rng): _random_value(rng, depth - 1) for _ in range(rng.randint(0, 4))}
+    if depth > 0 and roll < 0.4:
+        return [_random_value(rng, depth - 1) for _ in range(rng.randint(0, 3))]
+    return rng.choice(
+        [None, True, False, 0, -1, 2**80, 1.5, math.nan, math.inf, -math.inf, "", "x",
+         "ünïcode", (1, 2), {1, 2}, b"bytes", object()]
+    )
+
+
+def _random_key(rng: random.Random) -> Any:
+    return rng.choice(["a", "b", "a_b", "products", "items", "price", "currency", "id", "name",
+                       "url", "title", 1, "product_id", "plan", "plan_tier", "", "items_count"])
+
+
+def _is_wire_primitive(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, str | int | bool)
+
+
+def test_random_inputs_always_give_primitive_metadata() -> None:
+    rng = random.Random(20240925)
+    rules = [
+        EventRule("Feature Used", "feature_used"),
+        load_rule({"properties": ["a", "a_b", "price"], "rename": {"a": "b"},
+                   "fields": {"ctx": "context", "props": "properties", "p": "properties.a"},
+                   "static": {"s": 1}}),
+    ]
+    for _ in range(3000):
+        event: dict[str, Any] = {
+            "type": rng.choice(["track", "page"]),
+            "event": "Feature Used",
+            "name": _random_value(rng, 0),
+            "userId": "u",
+            "properties": _random_value(rng, 5) if rng.random() < 0.9 else "junk",
+            "context": {"page": _random_value(rng, 2), "campaign": _random_value(rng, 2),
+                        "consent": _random_value(rng, 2)},
+        }
+        for rule in rules:
+            payload = build_track_payload(event, rule)
+            assert list(payload) == ["user_id", "event_name", "metadata"]
+            for key, value in payload["metadata"].items():
+                assert isinstance(key, str)
+                assert _is_wire_primitive(value), (key, value)
+            json.dumps(payload, allow_nan=False)
