@@ -1,0 +1,252 @@
+"""Unit tests for consumer.filtering: anonymous, consent and mapping drops."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from consumer.filtering import ConsentPolicy, Drop, drop_reason
+from consumer.mapping import DEFAULT_PRESET, load_mappings
+
+ANALYTICS = ConsentPolicy()
+ALLOW_MISSING = ConsentPolicy(missing="allow")
+TWO = ConsentPolicy(categories=("analytics", "functional"))
+
+
+def event(consent: Any = None, *, no_context: bool = False, **over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "type": "track",
+        "event": "Feature Used",
+        "userId": "user_001",
+        "anonymousId": "anon_1",
+        "properties": {"feature": "export_csv"},
+    }
+    if not no_context:
+        base["context"] = {"consent": consent} if consent is not None else {}
+    base.update(over)
+    return base
+
+
+def drop(e: dict[str, Any], policy: ConsentPolicy = ANALYTICS) -> Drop | None:
+    return drop_reason(e, policy, DEFAULT_PRESET)
+
+
+# ------------------------------------------------------------------ delivered
+
+
+def test_seed_example_is_delivered() -> None:
+    assert drop(event({"analytics": True})) is None
+
+
+# ------------------------------------------------------------------ anonymous
+
+
+@pytest.mark.parametrize("user_id", [None, "", "   ", "\t\n", 42, ["u"], {"id": "u"}, True])
+def test_anonymous(user_id: Any) -> None:
+    assert drop(event({"analytics": True}, userId=user_id)) == Drop("anonymous")
+
+
+def test_absent_user_id_is_anonymous() -> None:
+    e = event({"analytics": True})
+    del e["userId"]
+    assert drop(e) == Drop("anonymous")
+
+
+def test_anonymous_is_checked_before_consent_and_type() -> None:
+    e = event({"analytics": False}, userId=None, type="identify")
+    assert drop(e) == Drop("anonymous")
+
+
+# ------------------------------------------------------------------ consent
+
+
+@pytest.mark.parametrize(
+    ("consent", "policy", "expected"),
+    [
+        # flat shape
+        ({"analytics": True}, ANALYTICS, None),
+        ({"analytics": False}, ANALYTICS, Drop("consent", "analytics")),
+        ({"marketing": True}, ANALYTICS, Drop("consent", "analytics")),
+        ({"analytics": None, "marketing": True}, ANALYTICS, Drop("consent", "analytics")),
+        ({"analytics": True, "functional": True}, TWO, None),
+        ({"analytics": True, "functional": False}, TWO, Drop("consent", "functional")),
+        ({"analytics": False, "functional": False}, TWO, Drop("consent", "analytics")),
+        # canonical shape
+        ({"canonical": {"analytics": True}, "categories": ["C0002"]}, ANALYTICS, None),
+        ({"canonical": {"analytics": False}}, ANALYTICS, Drop("consent", "analytics")),
+        ({"canonical": {}, "categories": ["C0002"]}, ANALYTICS, Drop("consent", "analytics")),
+        ({"canonical": {"analytics": True, "functional": True}}, TWO, None),
+        ({"canonical": {"analytics": True}}, TWO, Drop("consent", "functional")),
+        # canonical is authoritative over flat keys beside it
+        ({"canonical": {"analytics": False}, "analytics": True}, ANALYTICS,
+         Drop("consent", "analytics")),
+        ({"canonical": {"analytics": True}, "analytics": False}, ANALYTICS, None),
+        # a canonical that is not an object is ignored: the flat keys decide
+        ({"canonical": None, "analytics": True}, ANALYTICS, None),
+        ({"canonical": "yes", "analytics": False}, ANALYTICS, Drop("consent", "analytics")),
+        ({"canonical": "yes", "analytics": False}, ALLOW_MISSING,
+         Drop("consent", "analytics")),
+        # raw CMP codes only: consent data is present but grants nothing we know
+        ({"categories": ["C0001", "C0002"]}, ALLOW_MISSING, Drop("consent", "analytics")),
+    ],
+)
+def test_consent_shapes(consent: Any, policy: ConsentPolicy, expected: Drop | None) -> None:
+    assert drop(event(consent), policy) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "granted"),
+    [
+        (True, True),
+        ("granted", True),
+        ("GRANTED", True),
+        (" true ", True),
+        ("yes", True),
+        ("allow", True),
+        ("allowed", True),
+        (False, False),
+        (1, False),
+        (1.0, False),
+        ("false", False),
+        ("denied", False),
+        ("", False),
+        (None, False),
+        ({"granted": True}, False),
+        (["analytics"], False),
+    ],
+)
+def test_granted_values(value: Any, granted: bool) -> None:
+    expected = None if granted else Drop("consent", "analytics")
+    assert drop(event({"analytics": value, "marketing": True})) == expected
+    assert drop(event({"canonical": {"analytics": value, "marketing": True}})) == expected
+
+
+@pytest.mark.parametrize(
+    ("categories", "consent", "expected"),
+    [
+        (("essential",), {"analytics": False}, None),
+        (("essential",), None, None),
+        (("essential", "analytics"), {"analytics": True}, None),
+        (("essential", "analytics"), {"essential": False, "analytics": True}, None),
+        (("essential", "analytics"), {"analytics": False}, Drop("consent", "analytics")),
+        (("Analytics ",), {"analytics": True}, None),
+        ((), {"analytics": False}, None),
+        ((), None, None),
+    ],
+)
+def test_essential_and_category_cleaning(
+    categories: tuple[str, ...], consent: Any, expected: Drop | None
+) -> None:
+    assert drop(event(consent), ConsentPolicy(categories=categories)) == expected
+
+
+NO_CONSENT_DATA = [
+    event(no_context=True),
+    event(),  # context without consent
+    event(context=None),
+    event(context="broken"),
+    event({}),
+    event({"analytics": None}),
+    event({"canonical": None}),
+    event("analytics=true"),
+    event(["analytics"]),
+    event(True),
+]
+
+
+@pytest.mark.parametrize("e", NO_CONSENT_DATA)
+def test_missing_consent_deny(e: dict[str, Any]) -> None:
+    assert drop(e, ANALYTICS) == Drop("consent", "analytics")
+    assert drop(e, TWO) == Drop("consent", "analytics")
+    assert drop(e, ConsentPolicy(categories=("essential", "functional"))) == Drop(
+        "consent", "functional"
+    )
+
+
+@pytest.mark.parametrize("e", NO_CONSENT_DATA)
+def test_missing_consent_allow(e: dict[str, Any]) -> None:
+    assert drop(e, ALLOW_MISSING) is None
+
+
+def test_allow_missing_does_not_override_present_denial() -> None:
+    assert drop(event({"analytics": False}), ALLOW_MISSING) == Drop("consent", "analytics")
+
+
+def test_consent_category_label_is_always_a_configured_one() -> None:
+    weird = event({"canonical": {"zzz": True}, "zzz": True, "analytics": True})
+    result = drop(weird, TWO)
+    assert result is not None and result.category in TWO.categories
+
+
+# ------------------------------------------------------------------ type and mapping
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"type": "identify", "traits": {"plan": "pro"}}, Drop("unsupported_type")),
+        ({"type": "group", "groupId": "g1"}, Drop("unsupported_type")),
+        ({"type": "screen"}, Drop("unsupported_type")),
+        ({"type": None}, Drop("unsupported_type")),
+        ({"type": ["track"]}, Drop("unsupported_type")),
+        ({"event": "Order Completed"}, Drop("unmapped")),
+        ({"event": None}, Drop("unmapped")),
+        ({"event": "page"}, Drop("unmapped")),
+        ({"event": "feature_used"}, None),
+        ({"event": "feature-used"}, None),
+        ({"event": "FEATURE USED"}, None),
+        ({"type": "page", "event": None, "name": "Pricing"}, None),
+        ({"type": "page", "event": "Whatever"}, None),
+    ],
+)
+def test_type_and_mapping(overrides: dict[str, Any], expected: Drop | None) -> None:
+    assert drop(event({"analytics": True}, **overrides)) == expected
+
+
+def test_consent_is_checked_before_mapping() -> None:
+    e = event({"analytics": False}, event="Order Completed")
+    assert drop(e) == Drop("consent", "analytics")
+    e = event({"analytics": False}, type="identify")
+    assert drop(e) == Drop("consent", "analytics")
+
+
+def test_custom_mappings_decide_unmapped() -> None:
+    mappings = load_mappings(
+        {"preset": "none", "events": {"Order Completed": {"event_name": "order_completed"}}}
+    )
+    granted = {"analytics": True}
+    assert drop_reason(event(granted, event="Order Completed"), ANALYTICS, mappings) is None
+    assert drop_reason(event(granted), ANALYTICS, mappings) == Drop("unmapped")
+    assert drop_reason(event(granted, type="page"), ANALYTICS, mappings) == Drop("unmapped")
+
+
+def test_event_that_is_not_a_dict_shape_never_raises() -> None:
+    odd: dict[str, Any] = {"userId": "u", "context": {"consent": {"canonical": []}}}
+    assert drop(odd, ALLOW_MISSING) == Drop("consent", "analytics")
+    assert drop({"userId": "u"}, ALLOW_MISSING) == Drop("unsupported_type")
+
+
+# ------------------------------------------------------------------ policy validation
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"missing": "maybe"},
+        {"categories": "analytics"},
+        {"categories": ("analytics", "")},
+        {"categories": ("analytics", 3)},
+    ],
+)
+def test_policy_validation(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        ConsentPolicy(**kwargs)
+
+
+def test_policy_defaults_and_dedupe() -> None:
+    assert ConsentPolicy() == ConsentPolicy(("analytics",), "deny")
+    assert ConsentPolicy(("Analytics", "analytics", "functional")).categories == (
+        "analytics",
+        "functional",
+    )
