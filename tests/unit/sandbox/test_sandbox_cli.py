@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import pytest
+
+from consumer.sandbox.cli import build_parser, config_from_args, main
+from consumer.sandbox.config import SandboxConfig
+
+
+def test_defaults_match_the_documented_contract() -> None:
+    config = config_from_args(build_parser().parse_args([]))
+    assert config == SandboxConfig()
+    assert (config.host, config.port) == ("127.0.0.1", 8787)
+    assert config.write_tokens == ("sandbox-write-token",)
+    assert config.read_tokens == ("sandbox-read-token",)
+    assert (config.rate_limit, config.rate_window_seconds, config.retry_after) == (600, 60, False)
+
+
+def test_flags_build_the_config() -> None:
+    args = build_parser().parse_args(
+        [
+            "--port=0",
+            "--write-token=a",
+            "--write-token=b",
+            "--read-token=r",
+            "--rate-limit=10",
+            "--rate-window=5",
+            "--retry-after",
+            "--error-rate=0.2",
+            "--error-codes=503",
+            "--latency-ms=5",
+            "--jitter-ms=2",
+            "--reset-rate=0.1",
+            "--script=500",
+            "--script=reset",
+            "--seed=9",
+        ]
+    )
+    config = config_from_args(args)
+    assert config.write_tokens == ("a", "b") and config.read_tokens == ("r",)
+    assert (config.rate_limit, config.rate_window_seconds, config.retry_after) == (10, 5, True)
+    faults = config.faults
+    assert (faults.error_rate, faults.error_codes, faults.reset_rate) == (0.2, (503,), 0.1)
+    assert (faults.latency_ms, faults.jitter_ms) == (5, 2)
+    assert [a.text for a in faults.script] == ["500", "reset"]
+    assert config.seed == 9
+
+
+def test_bad_flags_exit_with_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--error-rate=2"])
+    assert info.value.code == 2
+    assert "error_rate" in capsys.readouterr().err
