@@ -1,0 +1,329 @@
+#!/usr/bin/env bash
+# Offline checks of the userpilot-worker Helm chart, runnable on a fresh machine:
+#   1. installs a pinned helm with `go install` when none is cached (no other downloads);
+#   2. `helm lint --strict` and `helm template` for the default values, ops/helm-values-full.yaml
+#      (every feature on) and a few focused variants;
+#   3. asserts the combinations the chart must refuse do fail, for the stated reason;
+#   4. validates every rendered manifest against the Kubernetes OpenAPI schemas with
+#      kubernetes-validate (CRD kinds are checked structurally instead) and checks the
+#      chart's own promises (security context, probes, env names the worker reads, ...).
+# Exit status is non-zero on any failure. Env: HELM_VERSION, KUBE_VERSION, PYTHON, HELM.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CHART="$ROOT/helm/userpilot-worker"
+FULL_VALUES="$ROOT/ops/helm-values-full.yaml"
+HELM_VERSION="${HELM_VERSION:-v3.19.5}"
+# Version helm renders for (.Capabilities) and the schemas validated against: the chart's
+# minimum and the newest kubernetes-validate knows.
+KUBE_VERSION="${KUBE_VERSION:-1.33.0}"
+SCHEMA_VERSIONS="${SCHEMA_VERSIONS:-1.25.0 latest}"
+CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/userpilot-worker"
+BIN_DIR="$CACHE_DIR/bin"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+
+log() { printf '==> %s\n' "$*"; }
+die() { printf 'check_helm: FAIL: %s\n' "$*" >&2; exit 1; }
+
+ensure_helm() {
+  if [[ -n "${HELM:-}" ]]; then
+    [[ -x "$HELM" ]] || die "HELM=$HELM is not executable"
+    return
+  fi
+  local cached="$BIN_DIR/helm-$HELM_VERSION"
+  if [[ -x "$cached" ]]; then
+    HELM="$cached"
+    return
+  fi
+  command -v go >/dev/null 2>&1 || die "helm $HELM_VERSION is not cached and Go is not installed"
+  log "installing helm $HELM_VERSION with go install (cold: a few minutes)"
+  local start=$SECONDS tmp
+  mkdir -p "$BIN_DIR"
+  tmp="$(mktemp -d "$BIN_DIR/.install.XXXXXX")"
+  # The version ldflag only makes `helm version` honest; the build is otherwise upstream's.
+  GOBIN="$tmp" GOFLAGS=-modcacherw go install \
+    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" || { rm -rf "$tmp"; die "go install of helm failed"; }
+  mv "$tmp/helm" "$cached"
+  rm -rf "$tmp"
+  ln -sf "helm-$HELM_VERSION" "$BIN_DIR/helm"
+  log "helm installed in $((SECONDS - start))s: $cached"
+  HELM="$cached"
+}
+
+[[ -x "$PYTHON" ]] || die "no Python at $PYTHON (create the venv: pip install -e '.[dev]')"
+"$PYTHON" -c 'import kubernetes_validate, yaml' 2>/dev/null \
+  || die "$PYTHON lacks kubernetes-validate/PyYAML (pip install -e '.[dev]')"
+for f in files/dashboard.json files/alerts.yaml; do
+  [[ -f "$CHART/$f" ]] || die "the chart needs $f"
+done
+ensure_helm
+log "$("$HELM" version --short) (kube $KUBE_VERSION)"
+
+OUT="$(mktemp -d)"
+trap 'rm -rf "$OUT"' EXIT
+RELEASE=upw
+
+# Variant values used below, each as a small file so the intent is readable.
+cat >"$OUT/hpa.values.yaml" <<'EOF'
+autoscaling:
+  hpa: {enabled: true, minReplicas: 2, maxReplicas: 6, targetMemoryUtilizationPercentage: 80}
+EOF
+cat >"$OUT/single.values.yaml" <<'EOF'
+replicaCount: 1
+userpilot: {apiKey: "test-write-token", mappings: '{"preset": "none", "events": {"Feature Used": "feature_used"}}'}
+schemaRegistry: {basicAuthUserInfo: "user:secret"}
+kafka: {config: {security.protocol: SASL_SSL, sasl.mechanism: PLAIN}}
+EOF
+cat >"$OUT/both-autoscalers.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true}, hpa: {enabled: true}}
+EOF
+cat >"$OUT/keda-too-many.values.yaml" <<'EOF'
+autoscaling: {partitions: 6, keda: {enabled: true, maxReplicaCount: 7}}
+EOF
+cat >"$OUT/hpa-too-many.values.yaml" <<'EOF'
+autoscaling: {partitions: 4, hpa: {enabled: true, maxReplicas: 5}}
+EOF
+cat >"$OUT/replicas-too-many.values.yaml" <<'EOF'
+replicaCount: 13
+EOF
+cat >"$OUT/grace-equal.values.yaml" <<'EOF'
+terminationGracePeriodSeconds: 25
+EOF
+cat >"$OUT/grace-short.values.yaml" <<'EOF'
+terminationGracePeriodSeconds: 30
+worker: {shutdownGraceSeconds: 40}
+EOF
+cat >"$OUT/secret-in-config.values.yaml" <<'EOF'
+kafka: {config: {sasl.password: hunter2}}
+EOF
+cat >"$OUT/bad-schema.values.yaml" <<'EOF'
+userpilot: {consentMissing: maybe}
+EOF
+cat >"$OUT/unknown-value.values.yaml" <<'EOF'
+replicas: 3
+EOF
+
+render() { # name, extra helm args...
+  local name="$1"; shift
+  "$HELM" template "$RELEASE" "$CHART" --namespace delivery --kube-version "$KUBE_VERSION" "$@" \
+    >"$OUT/$name.yaml" || die "helm template ($name) failed"
+}
+
+log "helm lint --strict (default values, full values)"
+"$HELM" lint --strict "$CHART" >/dev/null || die "helm lint (default values) failed"
+"$HELM" lint --strict "$CHART" -f "$FULL_VALUES" >/dev/null || die "helm lint (full values) failed"
+
+log "helm template"
+render default
+render full -f "$FULL_VALUES"
+render hpa -f "$OUT/hpa.values.yaml"
+render single -f "$OUT/single.values.yaml"
+
+log "invalid combinations must fail"
+expect_fail() { # name, expected message fragment
+  local name="$1" want="$2" err
+  if err="$("$HELM" template "$RELEASE" "$CHART" --kube-version "$KUBE_VERSION" \
+      -f "$OUT/$name.values.yaml" 2>&1 >/dev/null)"; then
+    die "$name: rendering succeeded but must fail"
+  fi
+  grep -qF -- "$want" <<<"$err" || die "$name: failed for another reason: $err"
+  printf '    ok  %-20s %s\n' "$name" "$want"
+}
+expect_fail both-autoscalers "mutually exclusive"
+expect_fail keda-too-many "maxReplicaCount (7) exceeds autoscaling.partitions (6)"
+expect_fail hpa-too-many "maxReplicas (5) exceeds autoscaling.partitions (4)"
+expect_fail replicas-too-many "replicaCount (13) exceeds autoscaling.partitions (12)"
+expect_fail grace-equal "terminationGracePeriodSeconds (25) must be longer than"
+expect_fail grace-short "terminationGracePeriodSeconds (30) must be longer than"
+expect_fail secret-in-config "kafka.config.sasl.password is a secret"
+expect_fail bad-schema "consentMissing"
+expect_fail unknown-value "replicas"
+
+log "validating rendered manifests (kubernetes-validate: $SCHEMA_VERSIONS)"
+# Expected kinds per rendering: a missing or surplus object is as wrong as an invalid one.
+"$PYTHON" - "$ROOT" "$SCHEMA_VERSIONS" \
+  "$OUT/default.yaml=ConfigMap,ConfigMap,Deployment,PodDisruptionBudget,Secret,Service,ServiceAccount" \
+  "$OUT/full.yaml=ConfigMap,ConfigMap,ConfigMap,Deployment,PodDisruptionBudget,PrometheusRule,ScaledObject,Service,ServiceAccount,ServiceMonitor" \
+  "$OUT/hpa.yaml=ConfigMap,ConfigMap,Deployment,HorizontalPodAutoscaler,PodDisruptionBudget,Secret,Service,ServiceAccount" \
+  "$OUT/single.yaml=ConfigMap,ConfigMap,ConfigMap,Deployment,Secret,Service,ServiceAccount" \
+  <<'PY'
+"""Schema + promise checks of rendered manifests; prints one line per file, raises on error."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import yaml
+
+root, versions, *specs = sys.argv[1:]
+sys.path.insert(0, root)
+try:  # the worker's own view of which variables exist and what a mappings file is
+    from consumer.config import is_known_env_var
+    from consumer.mapping import load_mappings
+except ImportError as exc:
+    sys.exit(f"cannot import the worker's config/mapping modules: {exc}")
+
+schema_versions = [
+    kubernetes_validate.latest_version() if v == "latest" else v for v in versions.split()
+]
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
+problems: list[str] = []
+
+
+def check(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        problems.append(f"{where}: {message}")
+
+
+def crd(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str, Any]]]) -> None:
+    """Structural checks for CRDs whose schemas kubernetes-validate does not ship."""
+    kind, spec = doc["kind"], doc.get("spec") or {}
+    meta = doc.get("metadata") or {}
+    check(bool(meta.get("name")) and bool(meta.get("labels")), where, "needs name and labels")
+    if kind == "ServiceMonitor":
+        check(doc["apiVersion"] == "monitoring.coreos.com/v1", where, "apiVersion")
+        eps = spec.get("endpoints") or []
+        check(len(eps) == 1 and eps[0].get("port") == "metrics" and eps[0].get("path") == "/metrics",
+              where, "one endpoint on port 'metrics' path /metrics")
+        svc_labels = [s["metadata"]["labels"] for s in by_kind.get("Service", [])]
+        sel = (spec.get("selector") or {}).get("matchLabels") or {}
+        check(bool(sel) and any(sel.items() <= lab.items() for lab in svc_labels),
+              where, "selector matches no rendered Service")
+    elif kind == "PrometheusRule":
+        check(doc["apiVersion"] == "monitoring.coreos.com/v1", where, "apiVersion")
+        groups = spec.get("groups")
+        check(isinstance(groups, list) and bool(groups), where, "spec.groups must be a list")
+        for g in groups or []:
+            check(isinstance(g.get("name"), str) and isinstance(g.get("rules"), list) and bool(g["rules"]),
+                  where, f"group {g.get('name')!r} needs a name and rules")
+            for r in g.get("rules") or []:
+                check(("alert" in r) != ("record" in r) and isinstance(r.get("expr"), str | int),
+                      where, f"rule {r.get('alert') or r.get('record')!r}: alert xor record, and expr")
+        src = yaml.safe_load((Path(root) / "helm/userpilot-worker/files/alerts.yaml").read_text())
+        check(groups == src.get("groups"), where, "groups differ from files/alerts.yaml")
+    elif kind == "ScaledObject":
+        check(doc["apiVersion"] == "keda.sh/v1alpha1", where, "apiVersion")
+        deployments = [d["metadata"]["name"] for d in by_kind.get("Deployment", [])]
+        check((spec.get("scaleTargetRef") or {}).get("name") in deployments, where,
+              "scaleTargetRef names no rendered Deployment")
+        lo, hi = spec.get("minReplicaCount"), spec.get("maxReplicaCount")
+        check(isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi, where, "replica bounds")
+        triggers = spec.get("triggers") or []
+        check(bool(triggers), where, "no triggers")
+        for t in triggers:
+            md = t.get("metadata") or {}
+            check(t.get("type") == "kafka", where, "trigger type must be kafka")
+            for key in ("bootstrapServers", "consumerGroup", "topic", "lagThreshold"):
+                check(isinstance(md.get(key), str) and bool(md[key]), where, f"metadata.{key}")
+            check(all(isinstance(v, str) for v in md.values()), where, "metadata values must be strings")
+            check(md.get("allowIdleConsumers") == "false", where, "allowIdleConsumers must be 'false'")
+
+
+def deployment(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str, Any]]]) -> None:
+    """The chart's promises about the worker pod."""
+    pod = doc["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    psc, csc = pod.get("securityContext") or {}, c.get("securityContext") or {}
+    check(psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 10001, where, "pod non-root 10001")
+    check(csc.get("readOnlyRootFilesystem") is True, where, "readOnlyRootFilesystem")
+    check(csc.get("allowPrivilegeEscalation") is False, where, "allowPrivilegeEscalation")
+    check((csc.get("capabilities") or {}).get("drop") == ["ALL"], where, "drop ALL capabilities")
+    check((csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
+          where, "seccomp RuntimeDefault")
+    mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
+    vols = {v["name"]: v for v in pod.get("volumes") or []}
+    check("emptyDir" in vols.get(mounts.get("/tmp", ""), {}), where, "writable emptyDir at /tmp")
+    port = {p["name"]: p["containerPort"] for p in c.get("ports") or []}.get("metrics")
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = (c.get(probe) or {}).get("httpGet") or {}
+        check(get.get("path") == path and get.get("port") in ("metrics", port), where, f"{probe} {path}")
+    annotations = doc["spec"]["template"]["metadata"].get("annotations") or {}
+    check({"checksum/config", "checksum/secret"} <= annotations.keys(), where, "checksum annotations")
+
+    maps = {m["metadata"]["name"]: m.get("data") or {} for m in by_kind.get("ConfigMap", [])}
+    settings: dict[str, str] = {}
+    names = [e["name"] for e in c.get("env") or []]
+    for src in c.get("envFrom") or []:
+        if "configMapRef" in src:
+            ref = src["configMapRef"]["name"]
+            check(ref in maps, where, f"envFrom ConfigMap {ref} is not rendered")
+            settings.update(maps.get(ref, {}))
+    names += list(settings)
+    unknown = sorted(n for n in names if not is_known_env_var(n))
+    check(not unknown, where, f"variables the worker does not read: {unknown}")
+    for required in ("USERPILOT_API_KEY", "USERPILOT_ANALYTICS_ENDPOINT", "KAFKA_BOOTSTRAP_SERVERS",
+                     "KAFKA_TOPICS", "SCHEMA_REGISTRY_URL"):
+        check(required in names, where, f"{required} is not set")
+    check(str(port) == settings.get("WORKER_METRICS_PORT"), where, "container port != WORKER_METRICS_PORT")
+    grace = int(settings.get("WORKER_SHUTDOWN_GRACE_SECONDS", "25"))
+    check(pod.get("terminationGracePeriodSeconds", 30) > grace, where,
+          "terminationGracePeriodSeconds must exceed WORKER_SHUTDOWN_GRACE_SECONDS")
+    # Every Secret the pod reads must be rendered here or be the user's existing one.
+    secrets = {s["metadata"]["name"]: s.get("data") or {} for s in by_kind.get("Secret", [])}
+    for e in c.get("env") or []:
+        ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+        if ref and ref["name"] in secrets:
+            check(ref["key"] in secrets[ref["name"]], where, f"{e['name']}: key {ref['key']} not in Secret")
+    mapping_file = settings.get("USERPILOT_MAPPINGS_FILE")
+    if mapping_file:
+        directory, _, filename = mapping_file.rpartition("/")
+        vol = vols.get(mounts.get(directory, ""), {})
+        cm = (vol.get("configMap") or {}).get("name")
+        check(cm in maps and filename in maps.get(cm, {}), where, "mappings file is not mounted")
+        if cm in maps and filename in maps[cm]:
+            try:
+                load_mappings(json.loads(maps[cm][filename]))
+            except Exception as exc:  # MappingsError lists every problem
+                problems.append(f"{where}: mappings rejected by the worker: {exc}")
+    replicas = doc["spec"].get("replicas")
+    pdbs = by_kind.get("PodDisruptionBudget", [])
+    scaled = bool(by_kind.get("ScaledObject") or by_kind.get("HorizontalPodAutoscaler"))
+    check(scaled == (replicas is None), where, "replicas must be omitted exactly when autoscaled")
+    if replicas is not None:
+        check(bool(pdbs) == (replicas > 1), where, f"PDB must exist iff replicas > 1 (got {replicas})")
+    for d in by_kind.get("ConfigMap", []):
+        for key, value in (d.get("data") or {}).items():
+            if key.endswith(".json"):
+                try:
+                    json.loads(value)
+                except ValueError as exc:
+                    problems.append(f"{where}: ConfigMap {d['metadata']['name']} {key}: {exc}")
+
+
+for spec in specs:
+    path, _, kinds = spec.partition("=")
+    name = Path(path).name
+    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d]
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    got = sorted(d["kind"] for d in docs)
+    check(got == sorted(kinds.split(",")), name, f"kinds {got} != expected {sorted(kinds.split(','))}")
+    validated = 0
+    for d in docs:
+        where = f"{name} {d['kind']}/{d['metadata']['name']}"
+        if d["kind"] in CRD_KINDS:
+            crd(d, where, by_kind)
+            continue
+        for version in schema_versions:
+            try:
+                kubernetes_validate.validate(d, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                problems.append(f"{where} (k8s {version}): {exc.message} at {list(exc.path)}")
+            except kubernetes_validate.SchemaNotFoundError:
+                problems.append(f"{where}: no Kubernetes {version} schema for {d['apiVersion']}")
+        validated += 1
+        if d["kind"] == "Deployment":
+            deployment(d, where, by_kind)
+    crds = sum(d["kind"] in CRD_KINDS for d in docs)
+    print(f"    {name}: {validated} validated against {', '.join(schema_versions)}; {crds} CRDs checked structurally")
+
+if problems:
+    print("\n".join(f"    FAIL {p}" for p in problems), file=sys.stderr)
+    sys.exit(1)
+PY
+log "check_helm: all checks passed"
