@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from consumer.errors import ConfigError
 from consumer.filtering import ConsentPolicy
-from consumer.mapping import DEFAULT_PRESET, MappingSet, MappingsError, load_mappings
+from consumer.mapping import DEFAULT_PRESET, MappingsError, MappingSet, load_mappings
 
 __all__ = [
     "ENV_VARS",
@@ -378,8 +378,23 @@ def _topics(reader: _Reader) -> tuple[str, ...]:
     return topics
 
 
-def load_settings(env: Mapping[str, str]) -> Settings:
-    """Build and validate Settings; ConfigError lists every problem found, one per line."""
+_OFFLINE_DEFAULTS = {
+    "USERPILOT_API_KEY": "unused-by-explain",
+    "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.io",
+    "KAFKA_BOOTSTRAP_SERVERS": "unused:9092",
+    "KAFKA_TOPICS": "unused",
+    "SCHEMA_REGISTRY_URL": "http://unused",
+}
+
+
+def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
+    """Build and validate Settings; ConfigError lists every problem found, one per line.
+
+    `offline` (for `explain`) fills connection settings that are not set with
+    placeholders: the event decisions depend only on consent and mappings.
+    """
+    if offline:
+        env = {**_OFFLINE_DEFAULTS, **{k: v for k, v in env.items() if v.strip()}}
     r = _Reader(env)
     api_key = _check_api_key(r)
     endpoint = _check_endpoint(r)

@@ -47,6 +47,10 @@ class Registry:
             self._parsed[schema_id] = SCHEMA
         return schema_id
 
+    def cached(self, schema_id: int) -> Mapping[str, Any] | None:
+        """The parsed writer schema if already fetched: the hot path never blocks on I/O."""
+        return self._parsed.get(schema_id)
+
     def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
         """Parsed writer schema for an id; KeyError when the registry does not know it."""
         cached = self._parsed.get(schema_id)

@@ -1,0 +1,239 @@
+"""The Kafka edge: the consumer, the dead-letter producer, and Kafka errors in our terms.
+
+Every consumer call runs on one dedicated thread (the poll thread), so librdkafka's
+rebalance callbacks, pause/resume and commits never race each other; the asyncio side
+reaches it through `KafkaSource.call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from consumer.errors import ConfigError
+
+__all__ = [
+    "TP",
+    "DeadLetterProducer",
+    "KafkaMessage",
+    "KafkaSource",
+    "make_producer",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TP = tuple[str, int]
+
+
+class KafkaMessage(Protocol):
+    """The parts of confluent_kafka.Message the worker reads (a stub stands in for tests)."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def key(self) -> bytes | None: ...
+    def value(self) -> bytes | None: ...
+    def headers(self) -> list[tuple[str, bytes]] | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
+    def error(self) -> KafkaError | None: ...
+
+
+def _config_error(exc: KafkaException, what: str) -> ConfigError:
+    return ConfigError(f"{what}: librdkafka refused the configuration: {exc.args[0]}")
+
+
+class KafkaSource:
+    """A consumer-group member with manual commits and cooperative-sticky assignment."""
+
+    def __init__(
+        self,
+        conf: dict[str, Any],
+        topics: Sequence[str],
+        *,
+        on_assign: Callable[[list[TP]], None],
+        on_revoke: Callable[[list[TP]], None],
+        on_lost: Callable[[list[TP]], None],
+        on_stats: Callable[[dict[str, Any]], None] | None = None,
+        stats_interval_ms: int = 5000,
+    ) -> None:
+        settings = {
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            "statistics.interval.ms": stats_interval_ms if on_stats else 0,
+            **conf,
+        }
+        if on_stats is not None:
+            settings["stats_cb"] = lambda raw: on_stats(json.loads(raw))
+        settings["error_cb"] = self._on_error
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-poll")
+        self._topics = list(topics)
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        self._on_lost = on_lost
+        self.connected = True
+        self.fatal: KafkaError | None = None
+        try:
+            self._consumer = Consumer(settings)
+        except KafkaException as exc:
+            raise _config_error(exc, "consumer") from None
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.connected = False
+        if err.fatal():
+            self.fatal = err
+        log.warning("kafka: %s", err.str())
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a consumer call on the poll thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- everything below runs on the poll thread -------------------------------------
+    def subscribe(self) -> None:
+        self._consumer.subscribe(
+            self._topics,
+            on_assign=lambda _c, parts: self._on_assign([(p.topic, p.partition) for p in parts]),
+            on_revoke=lambda _c, parts: self._on_revoke([(p.topic, p.partition) for p in parts]),
+            on_lost=lambda _c, parts: self._on_lost([(p.topic, p.partition) for p in parts]),
+        )
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        messages = self._consumer.consume(max_messages, timeout_s)
+        if messages:
+            self.connected = True
+        return messages
+
+    def pause(self, parts: Sequence[TP]) -> None:
+        if parts:
+            self._consumer.pause([TopicPartition(t, p) for t, p in parts])
+
+    def resume(self, parts: Sequence[TP]) -> None:
+        if parts:
+            self._consumer.resume([TopicPartition(t, p) for t, p in parts])
+
+    def commit(self, offsets: dict[TP, int]) -> None:
+        """Synchronous commit of explicit offsets (next offset to read per partition)."""
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                asynchronous=False,
+            )
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
+                return
+            raise
+
+    def committed(self, parts: Sequence[TP], timeout_s: float = 10.0) -> dict[TP, int]:
+        found = self._consumer.committed([TopicPartition(t, p) for t, p in parts], timeout_s)
+        return {(tp.topic, tp.partition): tp.offset for tp in found
+                if tp.offset != OFFSET_INVALID}
+
+    def partition_count(self, timeout_s: float = 10.0) -> int:
+        """Total partitions of the source topics (for this replica's rate share)."""
+        total = 0
+        for topic in self._topics:
+            meta = self._consumer.list_topics(topic, timeout=timeout_s)
+            info = meta.topics.get(topic)
+            if info is not None and info.error is None:
+                total += len(info.partitions)
+        return total
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def make_producer(conf: dict[str, Any], **extra: Any) -> Producer:
+    """A producer with acks=all and idempotence: a DLQ record is durable once acked."""
+    settings = {
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        **{k: v for k, v in conf.items() if not k.startswith("group.")},
+        **extra,
+    }
+    for key in ("enable.auto.commit", "enable.auto.offset.store", "auto.offset.reset",
+                "partition.assignment.strategy", "isolation.level", "session.timeout.ms",
+                "max.poll.interval.ms", "enable.partition.eof", "heartbeat.interval.ms",
+                "fetch.min.bytes", "fetch.max.bytes", "group.instance.id",
+                "statistics.interval.ms"):
+        settings.pop(key, None)
+    try:
+        return Producer(settings)
+    except KafkaException as exc:
+        raise _config_error(exc, "producer") from None
+
+
+class DeadLetterProducer:
+    """Produces DLQ records and resolves an awaitable when the broker acknowledged them."""
+
+    def __init__(self, conf: dict[str, Any]) -> None:
+        self._producer = make_producer(conf)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="dlq-poll", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.1)
+
+    async def send(
+        self, topic: str, *, key: bytes | None, value: bytes | None,
+        headers: list[tuple[str, bytes]], timestamp_ms: int | None,
+    ) -> None:
+        """Produce and wait for the broker's acknowledgement; raises KafkaException on failure."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            def settle() -> None:
+                if done.done():
+                    return
+                if err is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(KafkaException(err))
+            loop.call_soon_threadsafe(settle)
+
+        kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers,
+                                  "on_delivery": delivered}
+        if timestamp_ms:
+            kwargs["timestamp"] = timestamp_ms
+        while True:
+            try:
+                self._producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                await asyncio.sleep(0.05)
+        await done
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        """Flush and stop; returns the number of records still unacknowledged."""
+        self._stop.set()
+        self._thread.join()
+        return int(self._producer.flush(timeout_s))

@@ -1,0 +1,50 @@
+"""Per-partition "finished up to" tracking for at-least-once commits.
+
+Deliveries complete out of order; the committable offset is the lowest offset not yet
+finished (Kafka commits name the next offset to read). A dropped event is finished at
+once, a dead-lettered one when the DLQ produce is acknowledged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+__all__ = ["PartitionOffsets"]
+
+
+class PartitionOffsets:
+    """Offsets taken from one partition, in order, and which of them are finished."""
+
+    __slots__ = ("_done", "_high", "_pending")
+
+    def __init__(self) -> None:
+        self._pending: deque[int] = deque()
+        self._done: set[int] = set()
+        self._high: int | None = None
+
+    def started(self, offset: int) -> None:
+        """Record an offset handed to the pipeline; offsets arrive in increasing order."""
+        if self._high is not None and offset <= self._high:
+            return  # a re-fetch after seek: already tracked
+        self._pending.append(offset)
+        self._high = offset
+
+    def finished(self, offset: int) -> None:
+        """Mark an offset done; unknown offsets are ignored (partition was reassigned)."""
+        if self._pending and self._pending[0] == offset:
+            self._pending.popleft()
+            while self._pending and self._pending[0] in self._done:
+                self._done.discard(self._pending.popleft())
+        elif self._pending and offset > self._pending[0]:
+            self._done.add(offset)
+
+    def committable(self) -> int | None:
+        """The offset to commit (next to read), or None when nothing was taken yet."""
+        if self._pending:
+            return self._pending[0]
+        return None if self._high is None else self._high + 1
+
+    @property
+    def unfinished(self) -> int:
+        """How many taken offsets are not finished yet."""
+        return len(self._pending) - len(self._done)

@@ -1,0 +1,111 @@
+"""Client-side limiter for Userpilot's per-token limit, shared by the whole deployment.
+
+GCRA with a reservation per request: a caller reserves the next emission slot and sleeps
+until it, so waiting never blocks the poll loop (only the delivery task waits) and
+callers are served in arrival order.
+
+Userpilot counts requests in a rolling window per token, so the emission interval is set
+so that no window can exceed the limit even with the burst and with network jitter
+between here and Userpilot:  rate = (limit - burst) × (1 - margin) / period.
+
+Replicas share the token without talking to each other: each takes the share of the
+limit proportional to the partitions it owns (`partition_share`), recomputed on every
+rebalance. On 429 the rate halves (multiplicative decrease) and recovers additively.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+__all__ = ["AdaptiveLimiter", "partition_share", "safe_rate"]
+
+JITTER_MARGIN = 0.005
+
+
+def safe_rate(limit: int, period_s: float, burst: int) -> float:
+    """Requests per second that keep every rolling window of `period_s` within `limit`."""
+    return max(limit - burst, 1) * (1.0 - JITTER_MARGIN) / period_s
+
+
+def partition_share(owned: int, total: int) -> float:
+    """This replica's share of the token's limit: owned partitions ÷ all partitions."""
+    if total <= 0 or owned <= 0:
+        return 0.0
+    return min(1.0, owned / total)
+
+
+class AdaptiveLimiter:
+    """Async GCRA limiter whose rate follows the partition share and 429 feedback."""
+
+    def __init__(
+        self,
+        limit: int,
+        period_s: float,
+        burst: int = 1,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        min_factor: float = 0.05,
+        recover_step: float = 0.05,
+        recover_every_s: float = 10.0,
+    ) -> None:
+        self._full_rate = safe_rate(limit, period_s, burst)
+        self._burst = burst
+        self._clock = clock
+        self._share = 1.0
+        self._factor = 1.0
+        self._min_factor = min_factor
+        self._recover_step = recover_step
+        self._recover_every = recover_every_s
+        self._last_cut = -1e18
+        self._tat = clock()
+
+    @property
+    def rate(self) -> float:
+        """Current requests per second for this replica (0 when it owns nothing)."""
+        return self._full_rate * self._share * self._factor
+
+    def set_share(self, share: float) -> None:
+        """Take a new share of the deployment-wide limit (after a rebalance)."""
+        self._share = max(0.0, min(1.0, share))
+
+    def slow_down(self) -> None:
+        """Userpilot said 429: halve the rate, at most once per recovery period."""
+        now = self._clock()
+        if now - self._last_cut >= 1.0:
+            self._factor = max(self._min_factor, self._factor / 2)
+            self._last_cut = now
+
+    def _recover(self, now: float) -> None:
+        if self._factor < 1.0:
+            steps = int((now - self._last_cut) // self._recover_every)
+            if steps > 0:
+                self._factor = min(1.0, self._factor + steps * self._recover_step)
+                self._last_cut += steps * self._recover_every
+
+    def reserve(self) -> float:
+        """Reserve the next slot; returns how many seconds to wait before sending."""
+        now = self._clock()
+        self._recover(now)
+        rate = self.rate
+        if rate <= 0:
+            return 1.0  # own no partitions: nothing should be sending; re-check shortly
+        interval = 1.0 / rate
+        tolerance = interval * (self._burst - 1)
+        tat = max(self._tat, now)
+        wait = max(0.0, tat - tolerance - now)
+        self._tat = tat + interval
+        return wait
+
+    async def acquire(self) -> float:
+        """Wait for a slot; returns the seconds waited (for the limiter-wait metric)."""
+        waited = 0.0
+        while True:
+            wait = self.reserve()
+            if self.rate > 0:
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                return waited + wait
+            await asyncio.sleep(wait)
+            waited += wait

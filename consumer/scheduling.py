@@ -1,0 +1,144 @@
+"""A bounded window of in-flight events, ordered per user, parallel across users.
+
+Events that share an ordering key (topic, partition, user) run one after another, in
+partition order, so Userpilot (which stamps receipt time) sees each user's events in
+order; different users run concurrently. The window bounds memory and duplicates after
+a crash; when it is full the worker pauses partitions but keeps polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from typing import Generic, Protocol, TypeVar
+
+__all__ = ["Job", "Scheduler"]
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+
+
+class Job(Protocol):
+    """What the scheduler needs to know about a unit of work."""
+
+    topic: str
+    partition: int
+    offset: int
+    ordering_key: Hashable
+
+
+J = TypeVar("J", bound=Job)
+
+class Scheduler(Generic[J]):
+    """Runs jobs with per-key ordering inside a bounded window."""
+
+    def __init__(self, run: Callable[[J], Awaitable[None]], limit: int,
+                 on_crash: Callable[[BaseException], None]) -> None:
+        self._run = run
+        self._limit = limit
+        self._on_crash = on_crash
+        self._queues: dict[tuple[str, int, Hashable], deque[J]] = {}
+        self._tasks: dict[tuple[str, int, Hashable], asyncio.Task[None]] = {}
+        self._per_partition: dict[TopicPartition, int] = {}
+        self._in_flight = 0
+        self._changed = asyncio.Event()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def full(self) -> bool:
+        return self._in_flight >= self._limit
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def submit(self, job: J) -> None:
+        """Queue a job behind earlier jobs of the same key, or start it now."""
+        key = (job.topic, job.partition, job.ordering_key)
+        tp = (job.topic, job.partition)
+        self._in_flight += 1
+        self._per_partition[tp] = self._per_partition.get(tp, 0) + 1
+        queue = self._queues.get(key)
+        if queue is not None:
+            queue.append(job)
+            return
+        self._queues[key] = deque((job,))
+        self._tasks[key] = asyncio.get_running_loop().create_task(self._chain(key))
+
+    async def _chain(self, key: tuple[str, int, Hashable]) -> None:
+        queue = self._queues[key]
+        try:
+            while queue:
+                job = queue[0]
+                try:
+                    await self._run(job)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:  # a bug, not an outcome: stop the worker
+                    log.exception("unexpected error on %s[%d]@%d", job.topic, job.partition,
+                                  job.offset)
+                    self._on_crash(exc)
+                    return
+                queue.popleft()
+                self._done(job.topic, job.partition, 1)
+        finally:
+            leftover = len(queue)
+            if leftover:
+                self._done(key[0], key[1], leftover)
+            self._queues.pop(key, None)
+            self._tasks.pop(key, None)
+
+    def _done(self, topic: str, partition: int, count: int) -> None:
+        self._in_flight -= count
+        tp = (topic, partition)
+        left = self._per_partition.get(tp, 0) - count
+        if left > 0:
+            self._per_partition[tp] = left
+        else:
+            self._per_partition.pop(tp, None)
+        self._changed.set()
+
+    def pending(self, partitions: Iterable[TopicPartition] | None = None) -> int:
+        """Jobs not finished, for some partitions or all."""
+        if partitions is None:
+            return self._in_flight
+        return sum(self._per_partition.get(tp, 0) for tp in partitions)
+
+    async def wait_below(self, count: int) -> None:
+        """Wait until fewer than `count` jobs are in flight."""
+        while self._in_flight >= count:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def drain(self, partitions: Iterable[TopicPartition] | None, timeout: float) -> bool:
+        """Wait (bounded) until the given partitions have nothing in flight."""
+        wanted = None if partitions is None else list(partitions)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.pending(wanted) > 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True
+
+    async def cancel(self, partitions: Iterable[TopicPartition] | None) -> int:
+        """Abandon the jobs of these partitions (or all); returns how many were abandoned."""
+        wanted = None if partitions is None else set(partitions)
+        victims = [task for key, task in self._tasks.items()
+                   if wanted is None or (key[0], key[1]) in wanted]
+        abandoned = self.pending(wanted)
+        for task in victims:
+            task.cancel()
+        if victims:
+            await asyncio.gather(*victims, return_exceptions=True)
+        return abandoned
