@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -331,3 +332,21 @@ def test_runs_as_a_separate_process() -> None:
         assert process.wait(timeout=10) == 0
     assert process.stderr is not None
     assert "proc-token" not in process.stderr.read()
+
+
+def test_thread_start_failure_is_raised_in_the_caller(sandbox: SandboxThread) -> None:
+    with pytest.raises(OSError):
+        SandboxThread(SandboxConfig(port=sandbox.port)).start()
+
+
+def test_thread_stop_closes_hung_connections() -> None:
+    with SandboxThread() as other:
+        SandboxControl(other.url).set_faults(script=["hang"])
+        with httpx.Client(base_url=other.url, timeout=5) as http:
+            started = time.perf_counter()
+            stopper = threading.Timer(0.2, other.stop)
+            stopper.start()
+            with pytest.raises(httpx.TransportError):
+                track(http)
+            stopper.join()
+            assert time.perf_counter() - started < 4
