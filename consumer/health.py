@@ -1,0 +1,167 @@
+"""Liveness/readiness state and the small HTTP server for /metrics, /healthz and /readyz.
+
+The worker has no request path of its own, so Kubernetes learns about it only here:
+liveness says "the poll loop still turns" (a wedged loop stops Kafka heartbeats and holds
+partitions, so a restart is the fix); readiness says "this replica is doing useful work"
+(joined the group, broker reachable, Userpilot accepting the token, not shutting down), so
+rollouts wait for it and the dashboard shows why it isn't. The server is stdlib-only on a
+daemon thread, so a stuck asyncio loop can't also stop the probes from answering honestly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from consumer.metrics import Metrics
+
+__all__ = ["DEFAULT_MAX_SILENCE_S", "Health", "HealthServer", "serve"]
+
+log = logging.getLogger(__name__)
+
+# The poll loop beats at least every poll timeout (~1 s); a minute of silence means stuck.
+DEFAULT_MAX_SILENCE_S = 60.0
+
+
+class Health:
+    """Thread-safe health state written by the worker loop, read by the probe server."""
+
+    def __init__(
+        self,
+        metrics: Metrics | None = None,
+        *,
+        max_silence_s: float = DEFAULT_MAX_SILENCE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._lock = threading.Lock()
+        self._metrics = metrics
+        self._clock = clock
+        self.max_silence_s = max_silence_s
+        self._last_beat = clock()
+        self._assigned = False
+        self._connected = False
+        self._integration_up = True
+        self._stopping = False
+        if metrics is not None:
+            # Evaluated at scrape time, so the gauge equals what /readyz would answer now.
+            metrics.worker_ready.set_function(lambda: 1.0 if self.ready()[0] else 0.0)
+        self._publish()
+
+    def beat(self) -> None:
+        """Record that the poll loop is turning."""
+        with self._lock:
+            self._last_beat = self._clock()
+
+    def alive(self, max_silence_s: float | None = None) -> bool:
+        """True while the last beat is recent enough."""
+        limit = self.max_silence_s if max_silence_s is None else max_silence_s
+        with self._lock:
+            return bool(self._clock() - self._last_beat <= limit)
+
+    def set_assigned(self, assigned: bool) -> None:
+        """Group join done (an assignment arrived, possibly empty) or lost."""
+        with self._lock:
+            self._assigned = assigned
+
+    def set_connected(self, connected: bool) -> None:
+        """Whether the Kafka client currently reaches the brokers."""
+        with self._lock:
+            self._connected = connected
+
+    def set_integration_up(self, up: bool) -> None:
+        """False while Userpilot rejects the token or endpoint (401/403/404)."""
+        with self._lock:
+            self._integration_up = up
+        self._publish()
+
+    def set_stopping(self) -> None:
+        """Shutdown began: stay alive for the drain but stop claiming readiness."""
+        with self._lock:
+            self._stopping = True
+
+    def ready(self) -> tuple[bool, str]:
+        """(ready, reason); the reason names the first unmet condition, "ready" otherwise."""
+        with self._lock:
+            return self._ready_locked()
+
+    def _ready_locked(self) -> tuple[bool, str]:
+        if self._stopping:
+            return False, "stopping"
+        if self._clock() - self._last_beat > self.max_silence_s:
+            return False, f"poll loop silent for more than {self.max_silence_s:g}s"
+        if not self._connected:
+            return False, "not connected to Kafka"
+        if not self._assigned:
+            return False, "no partition assignment yet"
+        if not self._integration_up:
+            return False, "Userpilot rejects the token or endpoint (401/403/404)"
+        return True, "ready"
+
+    def _publish(self) -> None:
+        if self._metrics is None:
+            return
+        with self._lock:
+            up = self._integration_up
+        self._metrics.integration_up.set(1 if up else 0)
+
+
+class HealthServer:
+    """A running probe/metrics server; ``port`` is the bound port (useful with port 0)."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.port: int = int(httpd.server_address[1])
+
+    def close(self) -> None:
+        """Stop serving and release the socket."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve(
+    port: int, registry: CollectorRegistry, health: Health, host: str = "0.0.0.0"
+) -> HealthServer:
+    """Start the /metrics, /healthz and /readyz server on a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                if health.alive():
+                    self._send(200, b"ok\n")
+                else:
+                    self._send(503, b"poll loop stalled\n")
+            elif path == "/readyz":
+                ok, reason = health.ready()
+                self._send(200 if ok else 503, (reason + "\n").encode())
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            # Probes hit this every few seconds; access logs would drown the worker's own.
+            pass
+
+    httpd = ThreadingHTTPServer((host, port), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, name="health-server", daemon=True)
+    thread.start()
+    server = HealthServer(httpd, thread)
+    log.info("serving /metrics, /healthz and /readyz on %s:%d", host, server.port)
+    return server

@@ -1,0 +1,288 @@
+"""Every Prometheus object the worker exports, built on a registry that is passed in.
+
+One place owns the names, labels and buckets so the dashboard, the alert rules and
+``ops/check_metric_names.py`` have a single source of truth, and tests can use a fresh
+``CollectorRegistry`` per case. Label values are always from small closed sets (reasons,
+causes, status codes, topic/partition, mapped event names) — never a user id or free text,
+which would explode series cardinality and leak personal data into monitoring.
+
+Label sets known up front are created at start-up so their series exist at 0: ``rate()``
+and ``increase()`` over a series that appears only on the first failure under-count it, and
+alerts comparing ratios need both sides present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = [
+    "DEAD_LETTER_REASONS",
+    "DROP_REASONS",
+    "KNOWN_STATUSES",
+    "REBALANCE_KINDS",
+    "RETRY_CAUSES",
+    "Metrics",
+]
+
+NAMESPACE = "userpilot"
+
+DROP_REASONS: tuple[str, ...] = ("anonymous", "consent", "unmapped", "unsupported_type")
+RETRY_CAUSES: tuple[str, ...] = (
+    "rate_limited",
+    "server_error",
+    "timeout",
+    "connection_error",
+    "misconfigured",
+)
+DEAD_LETTER_REASONS: tuple[str, ...] = (
+    "bad_request",
+    "undecodable",
+    "retries_exhausted",
+    "mapping_error",
+)
+REBALANCE_KINDS: tuple[str, ...] = ("assign", "revoke", "lost")
+# Statuses the dashboard and alerts look at; any other code still gets its own series.
+KNOWN_STATUSES: tuple[str, ...] = (
+    "202",
+    "400",
+    "401",
+    "403",
+    "404",
+    "429",
+    "500",
+    "502",
+    "503",
+    "504",
+    "timeout",
+    "connection_error",
+)
+
+# One HTTP request: Userpilot usually answers in tens of ms; the request timeout defaults to
+# 10 s and may be raised, so the top buckets reach 30 s.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+)
+# Now minus event time: seconds when caught up, hours to days after an outage or a replay.
+EVENT_AGE_BUCKETS: tuple[float, ...] = (
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    21600.0,
+    43200.0,
+    86400.0,
+    172800.0,
+    604800.0,
+)
+# Waiting for the per-token limiter: ~0 when under the limit, up to a whole period (60 s by
+# default) or more when saturated or after a 429 Retry-After.
+LIMITER_WAIT_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+
+class Metrics:
+    """The worker's metrics; attribute names drop the ``userpilot_`` prefix and unit suffix."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        ns = NAMESPACE
+        reg = registry
+        self.registry = registry
+
+        self.events_consumed = Counter(
+            "events_consumed",
+            "Messages read from Kafka.",
+            ["topic"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.events_dropped = Counter(
+            "events_dropped",
+            "Events filtered out on purpose (category is the consent category for "
+            "reason=consent, empty otherwise).",
+            ["reason", "category"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.delivered = Counter(
+            "events_delivered",
+            "Events accepted by Userpilot (HTTP 202).",
+            ["event_name"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.responses = Counter(
+            "responses",
+            "Userpilot responses by HTTP status, or timeout / connection_error.",
+            ["status"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.retries = Counter(
+            "retries",
+            "Delivery attempts that will be retried, by cause.",
+            ["cause"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.dead_lettered = Counter(
+            "events_dead_lettered",
+            "Events written to the dead-letter topic.",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.delivery_latency = Histogram(
+            "delivery_latency_seconds",
+            "Latency of one HTTP request to Userpilot.",
+            namespace=ns,
+            registry=reg,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.event_age = Histogram(
+            "event_age_seconds",
+            "Now minus the event timestamp, observed at delivery.",
+            namespace=ns,
+            registry=reg,
+            buckets=EVENT_AGE_BUCKETS,
+        )
+        self.in_flight = Gauge(
+            "in_flight_events",
+            "Events taken from Kafka but not finished yet.",
+            namespace=ns,
+            registry=reg,
+        )
+        self.limiter_wait = Histogram(
+            "rate_limiter_wait_seconds",
+            "Time a request waited for the rate limiter.",
+            namespace=ns,
+            registry=reg,
+            buckets=LIMITER_WAIT_BUCKETS,
+        )
+        self.rate_limit_rps = Gauge(
+            "rate_limit_requests_per_second",
+            "This replica's current share of the per-token rate limit.",
+            namespace=ns,
+            registry=reg,
+        )
+        self.paused_partitions = Gauge(
+            "paused_partitions",
+            "Partitions paused for back-pressure.",
+            namespace=ns,
+            registry=reg,
+        )
+        self.consumer_lag = Gauge(
+            "consumer_lag",
+            "High watermark minus position, per assigned partition.",
+            ["topic", "partition"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.committed_offset = Gauge(
+            "committed_offset",
+            "Last committed offset, per assigned partition.",
+            ["topic", "partition"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.rebalances = Counter(
+            "rebalances",
+            "Consumer-group rebalance callbacks, by kind.",
+            ["kind"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.integration_up = Gauge(
+            "integration_up",
+            "1 normally; 0 while Userpilot rejects the token or endpoint (401/403/404).",
+            namespace=ns,
+            registry=reg,
+        )
+        self.dlq_guard_tripped = Gauge(
+            "dlq_guard_tripped",
+            "1 once the DLQ guard stopped the worker.",
+            namespace=ns,
+            registry=reg,
+        )
+        self.worker_ready = Gauge(
+            "worker_ready",
+            "1 when /readyz answers 200.",
+            namespace=ns,
+            registry=reg,
+        )
+
+        for reason in DROP_REASONS:
+            if reason != "consent":
+                self.events_dropped.labels(reason, "")
+        for status in KNOWN_STATUSES:
+            self.responses.labels(status)
+        for cause in RETRY_CAUSES:
+            self.retries.labels(cause)
+        for dl_reason in DEAD_LETTER_REASONS:
+            self.dead_lettered.labels(dl_reason)
+        for kind in REBALANCE_KINDS:
+            self.rebalances.labels(kind)
+        self.integration_up.set(1)
+
+    def declare_topics(self, topics: Iterable[str]) -> None:
+        """Create the consumed series per source topic, so zero traffic shows as 0."""
+        for topic in topics:
+            self.events_consumed.labels(topic)
+
+    def declare_event_names(self, names: Iterable[str]) -> None:
+        """Create the delivered series for every mapped event name."""
+        for name in names:
+            self.delivered.labels(name)
+
+    def declare_consent_categories(self, categories: Iterable[str]) -> None:
+        """Create the consent-drop series for every required consent category."""
+        for category in categories:
+            self.events_dropped.labels("consent", category)
+
+    def forget_partition(self, topic: str, partition: int | str) -> None:
+        """Remove a revoked partition's lag/offset series so stale values don't linger."""
+        labels = (topic, str(partition))
+        for gauge in (self.consumer_lag, self.committed_offset):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
