@@ -15,12 +15,13 @@ __all__ = ["PartitionOffsets"]
 class PartitionOffsets:
     """Offsets taken from one partition, in order, and which of them are finished."""
 
-    __slots__ = ("_done", "_high", "_pending")
+    __slots__ = ("_base", "_done", "_high", "_pending")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()
         self._done: set[int] = set()
         self._high: int | None = None
+        self._base: int | None = None
 
     def started(self, offset: int) -> None:
         """Record an offset handed to the pipeline; offsets arrive in increasing order."""
@@ -28,6 +29,8 @@ class PartitionOffsets:
             return  # a re-fetch after seek: already tracked
         self._pending.append(offset)
         self._high = offset
+        if self._base is None:
+            self._base = offset
 
     def finished(self, offset: int) -> None:
         """Mark an offset done; unknown offsets are ignored (partition was reassigned)."""
@@ -48,3 +51,14 @@ class PartitionOffsets:
     def unfinished(self) -> int:
         """How many taken offsets are not finished yet."""
         return len(self._pending) - len(self._done)
+
+    def committed(self, offset: int) -> None:
+        """Record that `offset` (next to read) is committed."""
+        self._base = offset if self._base is None else max(self._base, offset)
+
+    @property
+    def uncommitted(self) -> int:
+        """Taken offsets not yet committed: what a crash now would deliver again."""
+        if self._high is None or self._base is None:
+            return 0
+        return max(0, self._high + 1 - self._base)

@@ -161,8 +161,7 @@ class Worker:
         last_commit = time.monotonic()
         try:
             while not self._stopping.is_set():
-                await self._backpressure()
-                room = max(1, min(POLL_BATCH, self.scheduler.limit - self.scheduler.in_flight))
+                room = await self._backpressure()
                 messages = await source.call(source.consume, room, POLL_TIMEOUT_S)
                 self.health.beat()
                 self.health.set_connected(source.connected)
@@ -396,19 +395,33 @@ class Worker:
             tracker.finished(work.offset)
 
     # -- back-pressure and commits --------------------------------------------------------
-    async def _backpressure(self) -> None:
+    def _uncommitted(self) -> int:
+        return sum(tracker.uncommitted for tracker in self.offsets.values())
+
+    async def _backpressure(self) -> int:
+        """Pause or resume partitions; returns how many messages may be taken now.
+
+        The window counts events from intake until their offset is committed, so a crash
+        re-delivers at most WORKER_MAX_IN_FLIGHT events per replica.
+        """
         assert self.source is not None and self.scheduler is not None
         source = self.source
-        if self.scheduler.full and len(self.paused) < len(self.assigned):
+        limit = self.s.max_in_flight
+        pending = self._uncommitted()
+        if pending >= limit // 2:
+            await source.call(self._commit_now, None)
+            pending = self._uncommitted()
+        if pending >= limit and len(self.paused) < len(self.assigned):
             parts = sorted(self.assigned - self.paused)
             await source.call(source.pause, parts)
             self.paused.update(parts)
-        elif self.paused and self.scheduler.in_flight <= self.scheduler.limit // 2:
+        elif self.paused and pending <= limit // 2:
             parts = sorted(self.paused & self.assigned)
             await source.call(source.resume, parts)
             self.paused.clear()
         self.m.paused_partitions.set(len(self.paused))
         self.m.in_flight.set(self.scheduler.in_flight)
+        return max(1, min(POLL_BATCH, limit - pending))
 
     def _commit_now(self, parts: Sequence[TP] | None) -> None:
         """Commit finished offsets (runs on the poll thread)."""
@@ -424,6 +437,9 @@ class Worker:
         self.source.commit(todo)
         for tp, offset in todo.items():
             self.committed[tp] = offset
+            tracker = self.offsets.get(tp)
+            if tracker is not None:
+                tracker.committed(offset)
             self.m.committed_offset.labels(tp[0], str(tp[1])).set(offset)
 
     # -- rebalance callbacks (poll thread) ----------------------------------------------
