@@ -17,6 +17,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 # README.md* so the build works whether or not the project has a README yet.
 COPY pyproject.toml README.md* ./
+# schemas/ too: consumer/signal_event.avsc is a symlink into it, followed into the wheel.
+COPY schemas ./schemas
 COPY consumer ./consumer
 RUN pip wheel --no-deps --wheel-dir /dist . \
  && python -m venv /opt/venv \
