@@ -60,6 +60,7 @@ class AdaptiveLimiter:
         self._recover_every = recover_every_s
         self._last_cut = -1e18
         self._tat = clock()
+        self._lock: asyncio.Lock | None = None
 
     @property
     def rate(self) -> float:
@@ -99,13 +100,19 @@ class AdaptiveLimiter:
         return wait
 
     async def acquire(self) -> float:
-        """Wait for a slot; returns the seconds waited (for the limiter-wait metric)."""
-        waited = 0.0
-        while True:
-            wait = self.reserve()
-            if self.rate > 0:
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                return waited + wait
-            await asyncio.sleep(wait)
-            waited += wait
+        """Wait for a slot; returns the seconds waited (for the limiter-wait metric).
+
+        Callers queue on a lock and only the head reserves, so at most one slot is ever
+        booked ahead: a new share or a 429 slow-down applies from the very next request.
+        """
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        start = self._clock()
+        async with self._lock:
+            while True:
+                wait = self.reserve()
+                if self.rate > 0:
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    return self._clock() - start
+                await asyncio.sleep(wait)

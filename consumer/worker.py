@@ -496,7 +496,6 @@ class Worker:
                 log.exception("commit on revoke failed")
         for tp in parts:
             self.offsets.pop(tp, None)
-            self.committed.pop(tp, None)
             self.m.forget_partition(tp[0], tp[1])
         self.assigned.difference_update(parts)
         self.paused.difference_update(parts)
