@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 MAGIC_BYTE = 0
-_HEADER = struct.Struct(">bI")
+_HEADER = struct.Struct(">BI")
 
 SCHEMA_TEXT: str = resources.files("consumer").joinpath("signal_event.avsc").read_text("utf-8")
 SCHEMA: dict[str, Any] = fastavro.parse_schema(json.loads(SCHEMA_TEXT))

@@ -1,0 +1,391 @@
+"""Unit tests for consumer.codec: JSON ↔ Avro record ↔ Confluent wire bytes, no registry."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import fastavro
+import pytest
+
+from consumer import codec
+from consumer.errors import InvalidEvent, UndecodableEvent
+
+
+def own_schema(schema_id: int) -> Mapping[str, Any]:
+    return codec.SCHEMA
+
+
+def roundtrip(event: Mapping[str, Any], lookup: codec.SchemaLookup = own_schema) -> Any:
+    return codec.decode(codec.encode(7, codec.to_record(event)), lookup)
+
+
+# ------------------------------------------------------------------ round trips
+
+ROUND_TRIPS: list[tuple[str, dict[str, Any]]] = [
+    ("minimal", {"type": "track"}),
+    ("seed track", {
+        "type": "track", "event": "Feature Used", "userId": "user_001",
+        "anonymousId": "anon_1", "messageId": "m-1", "timestamp": "2024-05-01T12:00:00.000Z",
+        "receivedAt": "2024-05-01T12:00:01Z", "sentAt": "2024-05-01T12:00:00.5Z",
+        "properties": {"feature": "export_csv"},
+        "context": {"consent": {"analytics": True, "marketing": False}},
+    }),
+    ("nested products with prices", {
+        "type": "track", "event": "Order Completed", "userId": "u",
+        "properties": {
+            "order_id": "o-1", "total": 129.99, "currency": "EUR",
+            "products": [
+                {"product_id": "p1", "price": 19.99, "quantity": 2,
+                 "tags": ["a", "b"], "dims": {"w": 1.5, "h": 0}},
+                {"product_id": "p2", "price": 90.01, "quantity": 1, "discount": None},
+            ],
+        },
+    }),
+    ("unicode", {
+        "type": "page", "name": "Café ☕ 日本語", "userId": "ユーザー",
+        "properties": {"emoji": "🚀", "rtl": "שלום", "nul": "a\u0000b", "quote": "\"\\"},
+        "context": {"page": {"title": "Über uns — 💡", "url": "https://ex.com/ü?q=é"}},
+    }),
+    ("nulls inside properties", {
+        "type": "track", "event": "E", "properties": {"a": None, "b": [None, 1], "c": {"d": None}},
+    }),
+    ("very large integers", {
+        "type": "track", "event": "E",
+        "properties": {"big": 2**64 + 1, "huge": 10**40, "neg": -(2**70), "max64": 2**63 - 1},
+        "traits": {"n": 2**65},
+    }),
+    ("floats", {
+        "type": "track", "event": "E",
+        "properties": {"pi": 3.141592653589793, "tiny": 5e-324, "large": 1.7976931348623157e308,
+                       "neg": -0.5, "one": 1.0, "exp": 1e21},
+    }),
+    ("booleans", {
+        "type": "track", "event": "E", "properties": {"t": True, "f": False, "l": [True]},
+    }),
+    ("empty objects", {
+        "type": "track", "event": "E", "properties": {}, "traits": {},
+        "context": {"page": {}, "device": {}, "campaign": {}, "consent": {}},
+    }),
+    ("empty context", {"type": "identify", "userId": "u", "context": {}}),
+    ("unknown context keys", {
+        "type": "track", "event": "E",
+        "context": {"library": {"name": "datafly.js", "version": "2.1"}, "os": "linux",
+                    "screen": {"width": 1920}, "groups": [1, 2], "extra": "not special",
+                    "nothing": None},
+    }),
+    ("unknown page keys beside known ones", {
+        "type": "page", "name": "Home",
+        "context": {"page": {"url": "https://a.b/", "hash": "#x", "width": 3,
+                             "title": "T", "meta": {"k": "v"}}},
+    }),
+    ("only unknown page keys", {"type": "page", "context": {"page": {"hash": "#top"}}}),
+    ("known page field with a non-string value", {
+        "type": "page", "context": {"page": {"url": 42, "path": "/p"}},
+    }),
+    ("non-string context values", {
+        "type": "track", "event": "E",
+        "context": {"locale": 7, "ip": ["1.2.3.4"], "userAgent": {"ua": "x"}, "timezone": True,
+                    "page": "home", "device": ["phone"], "campaign": 3},
+    }),
+    ("all typed context fields", {
+        "type": "track", "event": "E",
+        "context": {
+            "page": {"url": "u", "path": "p", "referrer": "r", "title": "t", "search": "?s"},
+            "device": {"type": "mobile", "manufacturer": "Apple", "model": "iPhone"},
+            "campaign": {"source": "s", "medium": "m", "name": "n", "term": "t",
+                         "content": "c"},
+            "locale": "en-GB", "ip": "10.0.0.1", "userAgent": "UA", "timezone": "Europe/Paris",
+        },
+    }),
+    ("consent in both shapes", {
+        "type": "track", "event": "E",
+        "context": {"consent": {"canonical": {"analytics": True}, "categories": ["C0001"],
+                                "analytics": "granted"}},
+    }),
+    ("consent that is not an object", {"type": "track", "context": {"consent": "yes"}}),
+    ("group", {"type": "group", "groupId": "g", "traits": {"plan": "pro", "seats": 12}}),
+]
+
+
+@pytest.mark.parametrize("event", [e for _, e in ROUND_TRIPS], ids=[n for n, _ in ROUND_TRIPS])
+def test_round_trip_gives_identical_json(event: dict[str, Any]) -> None:
+    decoded = roundtrip(event)
+    assert decoded == event
+    # Equality of Python objects is not enough for 1 vs 1.0 or True vs 1: compare JSON text.
+    assert json.dumps(decoded, sort_keys=True) == json.dumps(event, sort_keys=True)
+
+
+def test_large_integer_keeps_every_digit_and_int_type() -> None:
+    decoded = roundtrip({"type": "track", "properties": {"big": 2**64 + 1}})
+    assert decoded["properties"]["big"] == 18446744073709551617
+    assert type(decoded["properties"]["big"]) is int
+
+
+def test_float_and_int_types_are_kept() -> None:
+    decoded = roundtrip({"type": "track", "properties": {"f": 1.0, "i": 1, "b": True}})
+    assert [type(decoded["properties"][k]) for k in "fib"] == [float, int, bool]
+
+
+@pytest.mark.parametrize("key", [
+    "event", "name", "userId", "anonymousId", "groupId", "timestamp", "messageId",
+    "receivedAt", "sentAt", "properties", "traits", "context",
+])
+def test_envelope_null_and_absent_are_the_same(key: str) -> None:
+    with_null = {"type": "track", key: None}
+    assert roundtrip(with_null) == {"type": "track"}
+    assert codec.to_record(with_null) == codec.to_record({"type": "track"})
+
+
+@pytest.mark.parametrize("key", ["locale", "ip", "userAgent", "timezone", "consent", "page",
+                                 "device", "campaign"])
+def test_typed_context_null_is_left_out(key: str) -> None:
+    assert roundtrip({"type": "track", "context": {key: None}}) == {
+        "type": "track", "context": {}}
+
+
+def test_unknown_context_keys_travel_in_extra() -> None:
+    record = codec.to_record({
+        "type": "track", "context": {"os": "linux", "page": {"url": "u", "hash": "#x"},
+                                     "locale": 5}})
+    assert json.loads(record["context"]["extra"]) == {
+        "os": "linux", "page": {"hash": "#x"}, "locale": 5}
+    assert record["context"]["page"]["url"] == "u"
+    assert record["context"].get("locale") is None
+
+
+def test_record_without_unknown_context_keys_has_no_extra() -> None:
+    record = codec.to_record({"type": "track", "context": {"locale": "en"}})
+    assert record["context"]["extra"] is None
+
+
+def test_wire_format_header() -> None:
+    data = codec.encode(258, codec.to_record({"type": "track"}))
+    assert data[0] == codec.MAGIC_BYTE == 0
+    assert struct.unpack(">I", data[1:5]) == (258,)
+    schema_id, body = codec.split_wire(data)
+    assert schema_id == 258
+    assert bytes(body) == data[5:]
+
+
+def test_decode_passes_the_schema_id_to_the_lookup() -> None:
+    seen: list[int] = []
+
+    def lookup(schema_id: int) -> Mapping[str, Any]:
+        seen.append(schema_id)
+        return codec.SCHEMA
+
+    codec.decode(codec.encode(123456, codec.to_record({"type": "track"})), lookup)
+    assert seen == [123456]
+
+
+def test_decode_with_an_equal_but_separately_parsed_writer_schema() -> None:
+    """The registry edge parses what the registry returns: not the identical object."""
+    writer = fastavro.parse_schema(json.loads(codec.SCHEMA_TEXT))
+    assert writer is not codec.SCHEMA
+    event = ROUND_TRIPS[1][1]
+    assert roundtrip(event, lambda _id: writer) == event
+
+
+# ------------------------------------------------------------------ to_record errors
+
+@pytest.mark.parametrize(("event", "names"), [
+    ({"type": "track", "evnt": "E"}, ["evnt"]),
+    ({"type": "track", "zzz": 1, "aaa": 2}, ["aaa", "zzz"]),
+    ({"type": "alias"}, ["type", "alias"]),
+    ({}, ["type", "None"]),
+    ({"type": "track", "event": 5}, ["event", "int"]),
+    ({"type": "track", "userId": 42}, ["userId", "int"]),
+    ({"type": "track", "messageId": ["m"]}, ["messageId", "list"]),
+    ({"type": "track", "timestamp": 1714560000}, ["timestamp", "int"]),
+    ({"type": "track", "properties": [1, 2]}, ["properties", "list"]),
+    ({"type": "track", "properties": "x"}, ["properties", "str"]),
+    ({"type": "identify", "traits": 3}, ["traits", "int"]),
+    ({"type": "track", "context": "web"}, ["context", "str"]),
+    ({"type": "track", "properties": {"x": float("nan")}}, ["properties", "NaN"]),
+    ({"type": "track", "properties": {"x": [float("inf")]}}, ["properties", "NaN"]),
+    ({"type": "identify", "traits": {"x": float("-inf")}}, ["traits"]),
+    ({"type": "track", "context": {"consent": {"a": float("nan")}}}, ["context.consent"]),
+    ({"type": "track", "context": {"os": float("nan")}}, ["context"]),
+])
+def test_to_record_errors_name_the_field(event: dict[str, Any], names: list[str]) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        codec.to_record(event)
+    for name in names:
+        assert name in str(info.value)
+    assert info.value.reason == "invalid_event"
+
+
+@pytest.mark.parametrize("event", [[], "track", None, 3])
+def test_to_record_refuses_non_objects(event: Any) -> None:
+    with pytest.raises(InvalidEvent, match="JSON object"):
+        codec.to_record(event)
+
+
+# ------------------------------------------------------------------ decode errors
+
+GOOD = codec.encode(1, codec.to_record(ROUND_TRIPS[1][1]))
+
+
+def missing_schema(schema_id: int) -> Mapping[str, Any]:
+    raise KeyError(schema_id)
+
+
+@pytest.mark.parametrize(("data", "lookup", "fragment"), [
+    (None, own_schema, "tombstone"),
+    (b"", own_schema, "0 bytes"),
+    (b"\x00\x00\x00", own_schema, "3 bytes"),
+    (b"\x00\x00\x00\x00", own_schema, "4 bytes"),
+    (b"\x01" + GOOD[1:], own_schema, "magic byte 1"),
+    (b"\xff" + GOOD[1:], own_schema, "magic byte 255"),
+    (b"{" + GOOD[1:], own_schema, "magic byte 123"),
+    (GOOD, missing_schema, "unknown schema id 1"),
+    (GOOD[:5], own_schema, "Avro"),
+    (GOOD[:-1], own_schema, "Avro"),
+    (GOOD[: len(GOOD) // 2], own_schema, "Avro"),
+    (GOOD + b"\x00", own_schema, "1 trailing bytes"),
+    (GOOD + b"garbage", own_schema, "7 trailing bytes"),
+    (b"\x00\x00\x00\x00\x01" + b"\x02\xff", own_schema, "Avro"),  # invalid UTF-8 in type
+    (b"\x00\x00\x00\x00\x01" + b"\x02t\x09", own_schema, "Avro"),  # union index out of range
+    (json.dumps({"type": "track"}).encode(), own_schema, "magic byte"),
+])
+def test_decode_errors_are_undecodable(
+    data: bytes | None, lookup: codec.SchemaLookup, fragment: str
+) -> None:
+    with pytest.raises(UndecodableEvent) as info:
+        codec.decode(data, lookup)
+    assert fragment in str(info.value)
+    assert info.value.reason == "undecodable"
+
+
+def test_lookup_errors_other_than_key_error_propagate() -> None:
+    """A registry outage is not a bad event: it must not be dead-lettered."""
+    def down(schema_id: int) -> Mapping[str, Any]:
+        raise ConnectionError("registry down")
+
+    with pytest.raises(ConnectionError):
+        codec.decode(GOOD, down)
+
+
+def test_random_bytes_never_escape_as_another_exception() -> None:
+    rng = random.Random(20240501)
+    undecodable = 0
+    for _ in range(2000):
+        body = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 64)))
+        data = b"\x00\x00\x00\x00\x01" + body if rng.random() < 0.8 else body
+        try:
+            event = codec.decode(data, own_schema)
+        except UndecodableEvent:
+            undecodable += 1
+        else:  # a random body that happens to be valid Avro must still be an event shape
+            assert isinstance(event, dict)
+            assert isinstance(event["type"], str)
+    assert undecodable > 1900
+
+
+def test_json_fields_that_are_not_json_text_are_undecodable() -> None:
+    record = codec.to_record({"type": "track"})
+    record["properties"] = "{not json"
+    with pytest.raises(UndecodableEvent, match="properties"):
+        codec.decode(codec.encode(1, record), own_schema)
+
+
+# ------------------------------------------------------------------ schema evolution
+
+def _schema_json() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(codec.SCHEMA_TEXT)
+    return loaded
+
+
+def _older_schema() -> dict[str, Any]:
+    """What a producer registered before sentAt/receivedAt and context.extra existed."""
+    old = _schema_json()
+    old["fields"] = [f for f in old["fields"] if f["name"] not in ("sentAt", "receivedAt")]
+    context = next(f for f in old["fields"] if f["name"] == "context")
+    context["type"][1]["fields"] = [
+        f for f in context["type"][1]["fields"] if f["name"] != "extra"]
+    parsed: dict[str, Any] = fastavro.parse_schema(old)
+    return parsed
+
+
+def _newer_schema() -> dict[str, Any]:
+    """A later producer adds optional fields with defaults (top level and in context)."""
+    new = _schema_json()
+    new["fields"].append({"name": "tenant", "type": ["null", "string"], "default": None})
+    new["fields"].append({"name": "priority", "type": "int", "default": 0})
+    context = next(f for f in new["fields"] if f["name"] == "context")
+    context["type"][1]["fields"].append(
+        {"name": "app", "type": ["null", "string"], "default": None})
+    parsed: dict[str, Any] = fastavro.parse_schema(new)
+    return parsed
+
+
+def test_older_writer_schema_decodes_with_defaults() -> None:
+    writer = _older_schema()
+    record = {
+        "type": "track", "event": "Feature Used", "name": None,
+        "properties": '{"feature":"export_csv","n":18446744073709551617}', "traits": None,
+        "userId": "user_001", "anonymousId": "anon_1", "groupId": None,
+        "context": {"page": {"url": "https://a.b/", "path": None, "referrer": None,
+                             "title": None, "search": None},
+                    "device": None, "campaign": None, "locale": "en", "ip": None,
+                    "userAgent": None, "timezone": None, "consent": '{"analytics":true}'},
+        "timestamp": "2024-05-01T12:00:00Z", "messageId": "m-1",
+    }
+    data = codec.encode(3, record, schema=writer)
+    assert codec.decode(data, lambda _id: writer) == {
+        "type": "track", "event": "Feature Used", "userId": "user_001", "anonymousId": "anon_1",
+        "properties": {"feature": "export_csv", "n": 18446744073709551617},
+        "context": {"page": {"url": "https://a.b/"}, "locale": "en",
+                    "consent": {"analytics": True}},
+        "timestamp": "2024-05-01T12:00:00Z", "messageId": "m-1",
+    }
+
+
+def test_newer_writer_schema_extra_fields_are_ignored() -> None:
+    writer = _newer_schema()
+    event = ROUND_TRIPS[1][1]
+    record = codec.to_record(event)
+    record["tenant"] = "acme"
+    record["priority"] = 5
+    record["context"] = {**record["context"], "app": "web"}
+    data = codec.encode(4, record, schema=writer)
+    assert codec.decode(data, lambda _id: writer) == event
+
+
+def test_writer_schemas_are_not_confused_by_id() -> None:
+    """Several writer versions live side by side; each id resolves with its own schema."""
+    schemas = {1: _older_schema(), 2: codec.SCHEMA, 3: _newer_schema()}
+    event = {"type": "track", "event": "E", "userId": "u"}
+    base = codec.to_record(event)
+    records = {
+        1: {k: v for k, v in base.items() if k not in ("sentAt", "receivedAt")},
+        2: base,
+        3: {**base, "tenant": None, "priority": 1},
+    }
+    for schema_id, record in records.items():
+        data = codec.encode(schema_id, record, schema=schemas[schema_id])
+        assert codec.decode(data, schemas.__getitem__) == event
+
+
+def test_decoding_with_the_wrong_writer_schema_fails_or_differs() -> None:
+    """The body alone does not say which schema wrote it: the id must be honoured."""
+    writer = _newer_schema()
+    record = {**codec.to_record({"type": "track", "event": "E"}), "tenant": "acme",
+              "priority": 9}
+    data = codec.encode(4, record, schema=writer)
+    with pytest.raises(UndecodableEvent):
+        codec.decode(data, own_schema)
+
+
+def test_older_schema_copy_does_not_mutate_ours() -> None:
+    before = copy.deepcopy(json.loads(codec.SCHEMA_TEXT))
+    _older_schema()
+    _newer_schema()
+    assert json.loads(codec.SCHEMA_TEXT) == before
+    event = ROUND_TRIPS[1][1]
+    assert roundtrip(event) == event
