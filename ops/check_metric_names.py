@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Fail when the dashboard or alert rules use a userpilot_* metric the worker doesn't export.
+
+A renamed metric otherwise turns a panel into "No data" and an alert into one that can
+never fire, silently. The exported names come from instantiating ``consumer.metrics.Metrics``
+on a fresh registry, so the code is the source of truth.
+
+Usage: check_metric_names.py [FILE ...]   (default: the chart's dashboard.json and alerts.yaml)
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from consumer.metrics import Metrics  # noqa: E402
+
+DEFAULT_FILES = (
+    ROOT / "helm" / "userpilot-worker" / "files" / "dashboard.json",
+    ROOT / "helm" / "userpilot-worker" / "files" / "alerts.yaml",
+)
+NAME_RE = re.compile(r"\buserpilot_[a-zA-Z0-9_]*[a-zA-Z0-9]")
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def exported_names() -> set[str]:
+    """Names as they appear in a scrape: counters with _total, histograms by base name."""
+    names: set[str] = set()
+    for family in _registry().collect():
+        names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return names
+
+
+def _registry() -> CollectorRegistry:
+    reg = CollectorRegistry()
+    Metrics(reg)
+    return reg
+
+
+def used_names(text: str) -> set[str]:
+    """userpilot_* identifiers in a file, histogram series suffixes stripped."""
+    found: set[str] = set()
+    for name in NAME_RE.findall(text):
+        for suffix in HISTOGRAM_SUFFIXES:
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        found.add(name)
+    return found
+
+
+def check(files: Iterable[Path]) -> dict[Path, set[str]]:
+    """Unknown names per file (only files with any)."""
+    known = exported_names()
+    unknown: dict[Path, set[str]] = {}
+    for path in files:
+        bad = used_names(path.read_text(encoding="utf-8")) - known
+        if bad:
+            unknown[path] = bad
+    return unknown
+
+
+def main(argv: Sequence[str]) -> int:
+    files = [Path(a) for a in argv] or list(DEFAULT_FILES)
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        for p in missing:
+            print(f"missing file: {p}", file=sys.stderr)
+        return 2
+    unknown = check(files)
+    for path, names in unknown.items():
+        for name in sorted(names):
+            print(f"{path}: unknown metric {name}", file=sys.stderr)
+    if unknown:
+        return 1
+    used = set().union(*(used_names(p.read_text(encoding="utf-8")) for p in files))
+    print(f"metric names OK: checked {len(used)} names in {len(files)} files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

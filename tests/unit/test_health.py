@@ -1,0 +1,196 @@
+from __future__ import annotations
+
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from consumer.health import Health, HealthServer, serve
+from consumer.metrics import Metrics
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def get(port: int, path: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read().decode()
+
+
+def make_ready(h: Health) -> None:
+    h.beat()
+    h.set_connected(True)
+    h.set_assigned(True)
+    h.set_integration_up(True)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def reg() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def health(reg: CollectorRegistry, clock: FakeClock) -> Health:
+    return Health(Metrics(reg), max_silence_s=30, clock=clock)
+
+
+@pytest.fixture
+def server(reg: CollectorRegistry, health: Health) -> Iterator[HealthServer]:
+    srv = serve(0, reg, health, host="127.0.0.1")
+    yield srv
+    srv.close()
+
+
+def test_alive_follows_beats(health: Health, clock: FakeClock) -> None:
+    assert health.alive()
+    clock.now += 31
+    assert not health.alive()
+    assert health.alive(max_silence_s=60)
+    health.beat()
+    assert health.alive()
+
+
+def test_not_ready_until_every_piece_is_set(health: Health) -> None:
+    assert health.ready() == (False, "not connected to Kafka")
+    health.set_connected(True)
+    assert health.ready() == (False, "no partition assignment yet")
+    health.set_assigned(True)
+    assert health.ready() == (True, "ready")
+
+
+def test_each_condition_makes_it_unready(health: Health, clock: FakeClock) -> None:
+    make_ready(health)
+    health.set_integration_up(False)
+    ok, reason = health.ready()
+    assert not ok and "401/403/404" in reason
+    health.set_integration_up(True)
+    health.set_connected(False)
+    assert health.ready() == (False, "not connected to Kafka")
+    health.set_connected(True)
+    health.set_assigned(False)
+    assert health.ready() == (False, "no partition assignment yet")
+    health.set_assigned(True)
+    clock.now += 31
+    ok, reason = health.ready()
+    assert not ok and "silent" in reason
+    health.beat()
+    assert health.ready() == (True, "ready")
+    health.set_stopping()
+    assert health.ready() == (False, "stopping")
+    assert health.alive()  # still alive while draining
+
+
+def test_gauges_mirror_state(reg: CollectorRegistry, health: Health, clock: FakeClock) -> None:
+    assert reg.get_sample_value("userpilot_worker_ready") == 0
+    assert reg.get_sample_value("userpilot_integration_up") == 1
+    make_ready(health)
+    assert reg.get_sample_value("userpilot_worker_ready") == 1
+    health.set_integration_up(False)
+    assert reg.get_sample_value("userpilot_integration_up") == 0
+    assert reg.get_sample_value("userpilot_worker_ready") == 0
+    health.set_integration_up(True)
+    assert reg.get_sample_value("userpilot_worker_ready") == 1
+    clock.now += 31  # a stalled loop shows at the next scrape, without any call from it
+    assert reg.get_sample_value("userpilot_worker_ready") == 0
+
+
+def test_works_without_metrics(clock: FakeClock) -> None:
+    h = Health(clock=clock)
+    make_ready(h)
+    assert h.ready() == (True, "ready")
+    h.set_integration_up(False)
+    assert not h.ready()[0]
+
+
+def test_concurrent_updates_are_safe(health: Health) -> None:
+    def flip() -> None:
+        for i in range(2000):
+            health.set_connected(i % 2 == 0)
+            health.beat()
+            health.ready()
+
+    threads = [threading.Thread(target=flip) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    health.set_connected(True)
+    health.set_assigned(True)
+    assert health.ready() == (True, "ready")
+
+
+def test_server_binds_port_zero(server: HealthServer) -> None:
+    assert server.port > 0
+
+
+def test_metrics_endpoint(server: HealthServer, reg: CollectorRegistry) -> None:
+    status, ctype, body = get(server.port, "/metrics")
+    assert status == 200
+    assert ctype.startswith("text/plain")
+    assert "userpilot_events_consumed_total{" not in body  # no topic declared yet
+    assert 'userpilot_retries_total{cause="rate_limited"} 0.0' in body
+    assert "userpilot_worker_ready 0.0" in body
+
+
+def test_healthz(server: HealthServer, health: Health, clock: FakeClock) -> None:
+    assert get(server.port, "/healthz")[0::2] == (200, "ok\n")
+    clock.now += 31
+    status, _, body = get(server.port, "/healthz")
+    assert status == 503 and "stalled" in body
+
+
+def test_readyz(server: HealthServer, health: Health) -> None:
+    status, _, body = get(server.port, "/readyz")
+    assert (status, body) == (503, "not connected to Kafka\n")
+    make_ready(health)
+    assert get(server.port, "/readyz")[0::2] == (200, "ready\n")
+    _, _, metrics_body = get(server.port, "/metrics")
+    assert "userpilot_worker_ready 1.0" in metrics_body
+    health.set_stopping()
+    assert get(server.port, "/readyz")[0::2] == (503, "stopping\n")
+
+
+def test_unknown_path_is_404(server: HealthServer) -> None:
+    assert get(server.port, "/nope")[0] == 404
+
+
+def test_query_string_is_ignored(server: HealthServer) -> None:
+    assert get(server.port, "/healthz?verbose=1")[0] == 200
+
+
+def test_no_access_log(
+    server: HealthServer, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    get(server.port, "/healthz")
+    captured = capsys.readouterr()
+    assert "GET /healthz" not in captured.err + captured.out
+    assert "GET /healthz" not in caplog.text
+
+
+def test_close_releases_port(reg: CollectorRegistry, health: Health) -> None:
+    srv = serve(0, reg, health, host="127.0.0.1")
+    port = srv.port
+    srv.close()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    again = serve(port, reg, health, host="127.0.0.1")  # the port is free to bind again
+    try:
+        assert get(again.port, "/healthz")[0] == 200
+    finally:
+        again.close()

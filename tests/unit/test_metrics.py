@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from consumer.metrics import (
+    DEAD_LETTER_REASONS,
+    EVENT_AGE_BUCKETS,
+    LATENCY_BUCKETS,
+    LIMITER_WAIT_BUCKETS,
+    REBALANCE_KINDS,
+    RETRY_CAUSES,
+    Metrics,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The contract: metric family name -> (type, label names).
+CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "userpilot_events_consumed": ("counter", ("topic",)),
+    "userpilot_events_dropped": ("counter", ("reason", "category")),
+    "userpilot_events_delivered": ("counter", ("event_name",)),
+    "userpilot_responses": ("counter", ("status",)),
+    "userpilot_retries": ("counter", ("cause",)),
+    "userpilot_events_dead_lettered": ("counter", ("reason",)),
+    "userpilot_delivery_latency_seconds": ("histogram", ()),
+    "userpilot_event_age_seconds": ("histogram", ()),
+    "userpilot_in_flight_events": ("gauge", ()),
+    "userpilot_rate_limiter_wait_seconds": ("histogram", ()),
+    "userpilot_rate_limit_requests_per_second": ("gauge", ()),
+    "userpilot_paused_partitions": ("gauge", ()),
+    "userpilot_consumer_lag": ("gauge", ("topic", "partition")),
+    "userpilot_committed_offset": ("gauge", ("topic", "partition")),
+    "userpilot_rebalances": ("counter", ("kind",)),
+    "userpilot_integration_up": ("gauge", ()),
+    "userpilot_dlq_guard_tripped": ("gauge", ()),
+    "userpilot_worker_ready": ("gauge", ()),
+}
+
+ATTRIBUTES = {
+    "events_consumed": "userpilot_events_consumed",
+    "events_dropped": "userpilot_events_dropped",
+    "delivered": "userpilot_events_delivered",
+    "responses": "userpilot_responses",
+    "retries": "userpilot_retries",
+    "dead_lettered": "userpilot_events_dead_lettered",
+    "delivery_latency": "userpilot_delivery_latency_seconds",
+    "event_age": "userpilot_event_age_seconds",
+    "in_flight": "userpilot_in_flight_events",
+    "limiter_wait": "userpilot_rate_limiter_wait_seconds",
+    "rate_limit_rps": "userpilot_rate_limit_requests_per_second",
+    "paused_partitions": "userpilot_paused_partitions",
+    "consumer_lag": "userpilot_consumer_lag",
+    "committed_offset": "userpilot_committed_offset",
+    "rebalances": "userpilot_rebalances",
+    "integration_up": "userpilot_integration_up",
+    "dlq_guard_tripped": "userpilot_dlq_guard_tripped",
+    "worker_ready": "userpilot_worker_ready",
+}
+
+
+@pytest.fixture
+def reg() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def m(reg: CollectorRegistry) -> Metrics:
+    return Metrics(reg)
+
+
+def value(reg: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return reg.get_sample_value(name, labels)
+
+
+def test_registers_exactly_the_contract(reg: CollectorRegistry, m: Metrics) -> None:
+    m.consumer_lag.labels("t", "0").set(1)
+    m.committed_offset.labels("t", "0").set(1)
+    m.events_consumed.labels("t").inc()
+    m.delivered.labels("x").inc()
+    found: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for family in reg.collect():
+        label_names: set[str] = set()
+        for sample in family.samples:
+            label_names |= set(sample.labels) - {"le"}
+        found[family.name] = (family.type, tuple(sorted(label_names)))
+    expected = {k: (t, tuple(sorted(ls))) for k, (t, ls) in CONTRACT.items()}
+    assert found == expected
+
+
+def test_attribute_names_map_to_contract_names(m: Metrics) -> None:
+    for attr, name in ATTRIBUTES.items():
+        metric = getattr(m, attr)
+        # prometheus_client strips `_total` from counter names; the family name is the rest.
+        assert metric._name == name, attr
+
+
+def test_known_label_sets_exist_at_zero(reg: CollectorRegistry, m: Metrics) -> None:
+    for reason in ("anonymous", "unmapped", "unsupported_type"):
+        assert value(reg, "userpilot_events_dropped_total", reason=reason, category="") == 0
+    for cause in RETRY_CAUSES:
+        assert value(reg, "userpilot_retries_total", cause=cause) == 0
+    for dl_reason in DEAD_LETTER_REASONS:
+        assert value(reg, "userpilot_events_dead_lettered_total", reason=dl_reason) == 0
+    for kind in REBALANCE_KINDS:
+        assert value(reg, "userpilot_rebalances_total", kind=kind) == 0
+    for status in ("202", "429", "timeout", "connection_error"):
+        assert value(reg, "userpilot_responses_total", status=status) == 0
+    assert value(reg, "userpilot_integration_up") == 1
+    assert value(reg, "userpilot_dlq_guard_tripped") == 0
+    assert value(reg, "userpilot_worker_ready") == 0
+    # Consent drops without a declared category would be a meaningless series.
+    assert value(reg, "userpilot_events_dropped_total", reason="consent", category="") is None
+
+
+def test_declare_creates_zero_series(reg: CollectorRegistry, m: Metrics) -> None:
+    m.declare_event_names(["Report Viewed", "Signed Up"])
+    m.declare_consent_categories(["analytics", "marketing"])
+    m.declare_topics(["signal.events"])
+    assert value(reg, "userpilot_events_delivered_total", event_name="Report Viewed") == 0
+    assert value(reg, "userpilot_events_delivered_total", event_name="Signed Up") == 0
+    for cat in ("analytics", "marketing"):
+        assert value(reg, "userpilot_events_dropped_total", reason="consent", category=cat) == 0
+    assert value(reg, "userpilot_events_consumed_total", topic="signal.events") == 0
+
+
+def test_declare_does_not_reset_counts(reg: CollectorRegistry, m: Metrics) -> None:
+    m.delivered.labels("Signed Up").inc(3)
+    m.declare_event_names(["Signed Up"])
+    assert value(reg, "userpilot_events_delivered_total", event_name="Signed Up") == 3
+
+
+def test_counters_count(reg: CollectorRegistry, m: Metrics) -> None:
+    m.events_consumed.labels("t").inc()
+    m.events_consumed.labels("t").inc()
+    m.events_dropped.labels("consent", "analytics").inc()
+    m.responses.labels("418").inc()
+    assert value(reg, "userpilot_events_consumed_total", topic="t") == 2
+    assert value(reg, "userpilot_events_dropped_total", reason="consent", category="analytics") == 1
+    assert value(reg, "userpilot_responses_total", status="418") == 1
+
+
+def test_forget_partition_removes_only_that_partition(reg: CollectorRegistry, m: Metrics) -> None:
+    m.consumer_lag.labels("t", "0").set(10)
+    m.consumer_lag.labels("t", "1").set(20)
+    m.committed_offset.labels("t", "0").set(100)
+    m.committed_offset.labels("t", "1").set(200)
+    m.forget_partition("t", 0)
+    assert value(reg, "userpilot_consumer_lag", topic="t", partition="0") is None
+    assert value(reg, "userpilot_committed_offset", topic="t", partition="0") is None
+    assert value(reg, "userpilot_consumer_lag", topic="t", partition="1") == 20
+    assert value(reg, "userpilot_committed_offset", topic="t", partition="1") == 200
+    # Forgetting an unknown or already forgotten partition is harmless.
+    m.forget_partition("t", 0)
+    m.forget_partition("other", "7")
+
+
+def test_histogram_buckets_cover_their_ranges(reg: CollectorRegistry, m: Metrics) -> None:
+    assert LATENCY_BUCKETS[0] <= 0.005 and LATENCY_BUCKETS[-1] >= 30
+    assert EVENT_AGE_BUCKETS[0] <= 1 and EVENT_AGE_BUCKETS[-1] >= 86400
+    assert LIMITER_WAIT_BUCKETS[0] <= 0.001 and LIMITER_WAIT_BUCKETS[-1] >= 60
+    for buckets in (LATENCY_BUCKETS, EVENT_AGE_BUCKETS, LIMITER_WAIT_BUCKETS):
+        assert list(buckets) == sorted(set(buckets))
+    m.delivery_latency.observe(0.04)
+    name = "userpilot_delivery_latency_seconds_bucket"
+    assert value(reg, name, le="0.025") == 0
+    assert value(reg, name, le="0.05") == 1
+    assert value(reg, name, le="+Inf") == 1
+
+
+def test_two_instances_on_separate_registries(reg: CollectorRegistry) -> None:
+    Metrics(reg)
+    other = CollectorRegistry()
+    Metrics(other)
+    with pytest.raises(ValueError):
+        Metrics(reg)  # duplicate names on one registry are a bug, not silently shared
+
+
+def test_dashboard_and_alerts_use_exported_names() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ops" / "check_metric_names.py")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "checked" in proc.stdout
