@@ -149,8 +149,9 @@ def _cached(name: str, stamp: str, fill: Callable[[Path], None]) -> Path:
     with _flock(CACHE_DIR / ".lock"):
         if marker.is_file() and marker.read_text() == stamp:
             return final
+        for stale in CACHE_DIR.glob(f".{name}.partial-*"):  # left by a killed download
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = CACHE_DIR / f".{name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         log(f"downloading {name} into {CACHE_DIR} (once per machine)")
         started = time.monotonic()
