@@ -151,8 +151,10 @@ log "validating rendered manifests (kubernetes-validate: $SCHEMA_VERSIONS)"
 """Schema + promise checks of rendered manifests; prints one line per file, raises on error."""
 from __future__ import annotations
 
+import base64
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -161,9 +163,9 @@ import yaml
 
 root, versions, *specs = sys.argv[1:]
 sys.path.insert(0, root)
-try:  # the worker's own view of which variables exist and what a mappings file is
-    from consumer.config import is_known_env_var
-    from consumer.mapping import load_mappings
+try:  # the worker's own view of which variables exist and which settings are valid
+    from consumer.config import is_known_env_var, load_settings
+    from consumer.errors import ConfigError
 except ImportError as exc:
     sys.exit(f"cannot import the worker's config/mapping modules: {exc}")
 
@@ -268,17 +270,13 @@ def deployment(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str
         ref = (e.get("valueFrom") or {}).get("secretKeyRef")
         if ref and ref["name"] in secrets:
             check(ref["key"] in secrets[ref["name"]], where, f"{e['name']}: key {ref['key']} not in Secret")
+    accepted_by_worker(c, settings, maps, mounts, vols, secrets, where)
     mapping_file = settings.get("USERPILOT_MAPPINGS_FILE")
     if mapping_file:
         directory, _, filename = mapping_file.rpartition("/")
         vol = vols.get(mounts.get(directory, ""), {})
         cm = (vol.get("configMap") or {}).get("name")
         check(cm in maps and filename in maps.get(cm, {}), where, "mappings file is not mounted")
-        if cm in maps and filename in maps[cm]:
-            try:
-                load_mappings(json.loads(maps[cm][filename]))
-            except Exception as exc:  # MappingsError lists every problem
-                problems.append(f"{where}: mappings rejected by the worker: {exc}")
     replicas = doc["spec"].get("replicas")
     pdbs = by_kind.get("PodDisruptionBudget", [])
     scaled = bool(by_kind.get("ScaledObject") or by_kind.get("HorizontalPodAutoscaler"))
@@ -292,6 +290,42 @@ def deployment(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str
                     json.loads(value)
                 except ValueError as exc:
                     problems.append(f"{where}: ConfigMap {d['metadata']['name']} {key}: {exc}")
+
+
+def accepted_by_worker(
+    c: dict[str, Any], settings: dict[str, str], maps: dict[str, dict[str, str]],
+    mounts: dict[str, str], vols: dict[str, Any], secrets: dict[str, dict[str, str]], where: str,
+) -> None:
+    """Run the worker's own settings validation on the environment the pod would get.
+
+    Values from Secrets the chart renders are decoded; values from the user's existing
+    Secrets (and an empty token, which NOTES.txt warns about) get a placeholder.
+    """
+    env = dict(settings)
+    for e in c.get("env") or []:
+        ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+        if "value" in e:
+            env[e["name"]] = str(e["value"])
+        elif ref:
+            raw = secrets.get(ref["name"], {}).get(ref["key"], "")
+            placeholder = "user:password" if "USER_INFO" in e["name"] else "from-secret"
+            env[e["name"]] = base64.b64decode(raw).decode() or placeholder
+    for src in c.get("envFrom") or []:
+        if "secretRef" in src and env.get("KAFKA_SASL_MECHANISM"):
+            env.setdefault("KAFKA_SASL_USERNAME", "placeholder-user")
+            env.setdefault("KAFKA_SASL_PASSWORD", "placeholder-password")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = env.get("USERPILOT_MAPPINGS_FILE")
+        if path:  # the mounted ConfigMap file, written where this process can read it
+            directory, _, filename = path.rpartition("/")
+            cm = (vols.get(mounts.get(directory, ""), {}).get("configMap") or {}).get("name", "")
+            local = Path(tmp) / filename
+            local.write_text(maps.get(cm, {}).get(filename, ""))
+            env["USERPILOT_MAPPINGS_FILE"] = str(local)
+        try:
+            load_settings(env)
+        except ConfigError as exc:
+            problems.append(f"{where}: the worker rejects this configuration: {exc}")
 
 
 for spec in specs:
