@@ -149,6 +149,7 @@ log "validating rendered manifests (kubernetes-validate: $SCHEMA_VERSIONS)"
   "$OUT/single.yaml=ConfigMap,ConfigMap,ConfigMap,Deployment,Secret,Service,ServiceAccount" \
   <<'PY'
 """Schema + promise checks of rendered manifests; prints one line per file, raises on error."""
+
 from __future__ import annotations
 
 import base64
@@ -189,31 +190,50 @@ def crd(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str, Any]]
     if kind == "ServiceMonitor":
         check(doc["apiVersion"] == "monitoring.coreos.com/v1", where, "apiVersion")
         eps = spec.get("endpoints") or []
-        check(len(eps) == 1 and eps[0].get("port") == "metrics" and eps[0].get("path") == "/metrics",
-              where, "one endpoint on port 'metrics' path /metrics")
+        check(
+            len(eps) == 1 and eps[0].get("port") == "metrics" and eps[0].get("path") == "/metrics",
+            where,
+            "one endpoint on port 'metrics' path /metrics",
+        )
         svc_labels = [s["metadata"]["labels"] for s in by_kind.get("Service", [])]
         sel = (spec.get("selector") or {}).get("matchLabels") or {}
-        check(bool(sel) and any(sel.items() <= lab.items() for lab in svc_labels),
-              where, "selector matches no rendered Service")
+        check(
+            bool(sel) and any(sel.items() <= lab.items() for lab in svc_labels),
+            where,
+            "selector matches no rendered Service",
+        )
     elif kind == "PrometheusRule":
         check(doc["apiVersion"] == "monitoring.coreos.com/v1", where, "apiVersion")
         groups = spec.get("groups")
         check(isinstance(groups, list) and bool(groups), where, "spec.groups must be a list")
         for g in groups or []:
-            check(isinstance(g.get("name"), str) and isinstance(g.get("rules"), list) and bool(g["rules"]),
-                  where, f"group {g.get('name')!r} needs a name and rules")
+            check(
+                isinstance(g.get("name"), str)
+                and isinstance(g.get("rules"), list)
+                and bool(g["rules"]),
+                where,
+                f"group {g.get('name')!r} needs a name and rules",
+            )
             for r in g.get("rules") or []:
-                check(("alert" in r) != ("record" in r) and isinstance(r.get("expr"), str | int),
-                      where, f"rule {r.get('alert') or r.get('record')!r}: alert xor record, and expr")
+                check(
+                    ("alert" in r) != ("record" in r) and isinstance(r.get("expr"), str | int),
+                    where,
+                    f"rule {r.get('alert') or r.get('record')!r}: alert xor record, and expr",
+                )
         src = yaml.safe_load((Path(root) / "helm/userpilot-worker/files/alerts.yaml").read_text())
         check(groups == src.get("groups"), where, "groups differ from files/alerts.yaml")
     elif kind == "ScaledObject":
         check(doc["apiVersion"] == "keda.sh/v1alpha1", where, "apiVersion")
         deployments = [d["metadata"]["name"] for d in by_kind.get("Deployment", [])]
-        check((spec.get("scaleTargetRef") or {}).get("name") in deployments, where,
-              "scaleTargetRef names no rendered Deployment")
+        check(
+            (spec.get("scaleTargetRef") or {}).get("name") in deployments,
+            where,
+            "scaleTargetRef names no rendered Deployment",
+        )
         lo, hi = spec.get("minReplicaCount"), spec.get("maxReplicaCount")
-        check(isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi, where, "replica bounds")
+        check(
+            isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi, where, "replica bounds"
+        )
         triggers = spec.get("triggers") or []
         check(bool(triggers), where, "no triggers")
         for t in triggers:
@@ -221,8 +241,14 @@ def crd(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str, Any]]
             check(t.get("type") == "kafka", where, "trigger type must be kafka")
             for key in ("bootstrapServers", "consumerGroup", "topic", "lagThreshold"):
                 check(isinstance(md.get(key), str) and bool(md[key]), where, f"metadata.{key}")
-            check(all(isinstance(v, str) for v in md.values()), where, "metadata values must be strings")
-            check(md.get("allowIdleConsumers") == "false", where, "allowIdleConsumers must be 'false'")
+            check(
+                all(isinstance(v, str) for v in md.values()),
+                where,
+                "metadata values must be strings",
+            )
+            check(
+                md.get("allowIdleConsumers") == "false", where, "allowIdleConsumers must be 'false'"
+            )
 
 
 def deployment(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str, Any]]]) -> None:
@@ -230,21 +256,35 @@ def deployment(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str
     pod = doc["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     psc, csc = pod.get("securityContext") or {}, c.get("securityContext") or {}
-    check(psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 10001, where, "pod non-root 10001")
+    check(
+        psc.get("runAsNonRoot") is True and psc.get("runAsUser") == 10001,
+        where,
+        "pod non-root 10001",
+    )
     check(csc.get("readOnlyRootFilesystem") is True, where, "readOnlyRootFilesystem")
     check(csc.get("allowPrivilegeEscalation") is False, where, "allowPrivilegeEscalation")
     check((csc.get("capabilities") or {}).get("drop") == ["ALL"], where, "drop ALL capabilities")
-    check((csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") == "RuntimeDefault",
-          where, "seccomp RuntimeDefault")
+    check(
+        (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        == "RuntimeDefault",
+        where,
+        "seccomp RuntimeDefault",
+    )
     mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
     vols = {v["name"]: v for v in pod.get("volumes") or []}
     check("emptyDir" in vols.get(mounts.get("/tmp", ""), {}), where, "writable emptyDir at /tmp")
     port = {p["name"]: p["containerPort"] for p in c.get("ports") or []}.get("metrics")
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = (c.get(probe) or {}).get("httpGet") or {}
-        check(get.get("path") == path and get.get("port") in ("metrics", port), where, f"{probe} {path}")
+        check(
+            get.get("path") == path and get.get("port") in ("metrics", port),
+            where,
+            f"{probe} {path}",
+        )
     annotations = doc["spec"]["template"]["metadata"].get("annotations") or {}
-    check({"checksum/config", "checksum/secret"} <= annotations.keys(), where, "checksum annotations")
+    check(
+        {"checksum/config", "checksum/secret"} <= annotations.keys(), where, "checksum annotations"
+    )
 
     maps = {m["metadata"]["name"]: m.get("data") or {} for m in by_kind.get("ConfigMap", [])}
     settings: dict[str, str] = {}
@@ -257,19 +297,35 @@ def deployment(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str
     names += list(settings)
     unknown = sorted(n for n in names if not is_known_env_var(n))
     check(not unknown, where, f"variables the worker does not read: {unknown}")
-    for required in ("USERPILOT_API_KEY", "USERPILOT_ANALYTICS_ENDPOINT", "KAFKA_BOOTSTRAP_SERVERS",
-                     "KAFKA_TOPICS", "SCHEMA_REGISTRY_URL"):
+    for required in (
+        "USERPILOT_API_KEY",
+        "USERPILOT_ANALYTICS_ENDPOINT",
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "KAFKA_TOPICS",
+        "SCHEMA_REGISTRY_URL",
+    ):
         check(required in names, where, f"{required} is not set")
-    check(str(port) == settings.get("WORKER_METRICS_PORT"), where, "container port != WORKER_METRICS_PORT")
+    check(
+        str(port) == settings.get("WORKER_METRICS_PORT"),
+        where,
+        "container port != WORKER_METRICS_PORT",
+    )
     grace = int(settings.get("WORKER_SHUTDOWN_GRACE_SECONDS", "25"))
-    check(pod.get("terminationGracePeriodSeconds", 30) > grace, where,
-          "terminationGracePeriodSeconds must exceed WORKER_SHUTDOWN_GRACE_SECONDS")
+    check(
+        pod.get("terminationGracePeriodSeconds", 30) > grace,
+        where,
+        "terminationGracePeriodSeconds must exceed WORKER_SHUTDOWN_GRACE_SECONDS",
+    )
     # Every Secret the pod reads must be rendered here or be the user's existing one.
     secrets = {s["metadata"]["name"]: s.get("data") or {} for s in by_kind.get("Secret", [])}
     for e in c.get("env") or []:
         ref = (e.get("valueFrom") or {}).get("secretKeyRef")
         if ref and ref["name"] in secrets:
-            check(ref["key"] in secrets[ref["name"]], where, f"{e['name']}: key {ref['key']} not in Secret")
+            check(
+                ref["key"] in secrets[ref["name"]],
+                where,
+                f"{e['name']}: key {ref['key']} not in Secret",
+            )
     accepted_by_worker(c, settings, maps, mounts, vols, secrets, where)
     mapping_file = settings.get("USERPILOT_MAPPINGS_FILE")
     if mapping_file:
@@ -282,7 +338,9 @@ def deployment(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str
     scaled = bool(by_kind.get("ScaledObject") or by_kind.get("HorizontalPodAutoscaler"))
     check(scaled == (replicas is None), where, "replicas must be omitted exactly when autoscaled")
     if replicas is not None:
-        check(bool(pdbs) == (replicas > 1), where, f"PDB must exist iff replicas > 1 (got {replicas})")
+        check(
+            bool(pdbs) == (replicas > 1), where, f"PDB must exist iff replicas > 1 (got {replicas})"
+        )
     for d in by_kind.get("ConfigMap", []):
         for key, value in (d.get("data") or {}).items():
             if key.endswith(".json"):
@@ -293,8 +351,13 @@ def deployment(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str
 
 
 def accepted_by_worker(
-    c: dict[str, Any], settings: dict[str, str], maps: dict[str, dict[str, str]],
-    mounts: dict[str, str], vols: dict[str, Any], secrets: dict[str, dict[str, str]], where: str,
+    c: dict[str, Any],
+    settings: dict[str, str],
+    maps: dict[str, dict[str, str]],
+    mounts: dict[str, str],
+    vols: dict[str, Any],
+    secrets: dict[str, dict[str, str]],
+    where: str,
 ) -> None:
     """Run the worker's own settings validation on the environment the pod would get.
 
@@ -336,7 +399,9 @@ for spec in specs:
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
     got = sorted(d["kind"] for d in docs)
-    check(got == sorted(kinds.split(",")), name, f"kinds {got} != expected {sorted(kinds.split(','))}")
+    check(
+        got == sorted(kinds.split(",")), name, f"kinds {got} != expected {sorted(kinds.split(','))}"
+    )
     validated = 0
     for d in docs:
         where = f"{name} {d['kind']}/{d['metadata']['name']}"
@@ -354,7 +419,10 @@ for spec in specs:
         if d["kind"] == "Deployment":
             deployment(d, where, by_kind)
     crds = sum(d["kind"] in CRD_KINDS for d in docs)
-    print(f"    {name}: {validated} validated against {', '.join(schema_versions)}; {crds} CRDs checked structurally")
+    print(
+        f"    {name}: {validated} validated against {', '.join(schema_versions)}; "
+        f"{crds} CRDs checked structurally"
+    )
 
 if problems:
     print("\n".join(f"    FAIL {p}" for p in problems), file=sys.stderr)
