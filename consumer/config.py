@@ -79,7 +79,7 @@ _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
     r"(?::(\d{1,5}))?$"
 )
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_TOPIC = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$")  # Kafka refuses "." and ".."
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -440,9 +440,16 @@ def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
     topics = _topics(r)
     group_id = r.text("KAFKA_GROUP_ID", "userpilot-delivery") or "userpilot-delivery"
     default_dlq = f"{topics[0]}.userpilot.dlq" if topics else "userpilot.dlq"
-    dlq_topic = r.text("KAFKA_DLQ_TOPIC", default_dlq) or default_dlq
-    if not _TOPIC.match(dlq_topic):
+    dlq_set = r.text("KAFKA_DLQ_TOPIC")
+    dlq_topic = dlq_set or default_dlq
+    if dlq_set is not None and not _TOPIC.match(dlq_topic):
         r.problems.append(f"KAFKA_DLQ_TOPIC={dlq_topic!r} is not a legal topic name")
+    elif dlq_set is None and topics and _TOPIC.match(topics[0]) and not _TOPIC.match(dlq_topic):
+        # Only the derived name is wrong (too long): the source topic was fine.
+        r.problems.append(
+            f"the default dead-letter topic {dlq_topic!r} is longer than 249 characters: "
+            "set KAFKA_DLQ_TOPIC"
+        )
     if dlq_topic in topics:
         r.problems.append(
             f"KAFKA_DLQ_TOPIC={dlq_topic!r} is also a source topic: dead letters would be "

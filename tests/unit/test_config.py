@@ -1,0 +1,601 @@
+"""Unit tests for consumer.config: every variable, defaults, messages, and secret hygiene."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumer.config import (
+    API_VERSION,
+    ENV_VARS,
+    SECRET_KAFKA_KEYS,
+    Secret,
+    Settings,
+    is_known_env_var,
+    load_settings,
+)
+from consumer.errors import ConfigError
+from consumer.filtering import ConsentPolicy
+from consumer.mapping import DEFAULT_PRESET
+
+TOKEN = "wt_9f8e7d6c5b4a3210"
+SASL_PASSWORD = "kafka-s3cret-pw"
+REGISTRY_AUTH = "reg-user:reg-s3cret"
+
+BASE = {
+    "USERPILOT_API_KEY": TOKEN,
+    "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.io",
+    "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092",
+    "KAFKA_TOPICS": "delivery-userpilot",
+    "SCHEMA_REGISTRY_URL": "http://schema-registry:8081",
+}
+
+
+def load(**over: str) -> Settings:
+    return load_settings({**BASE, **over})
+
+
+def problems(env: dict[str, str], *, offline: bool = False) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env, offline=offline)
+    text = str(info.value)
+    assert text.startswith("invalid configuration:\n")
+    return [line.removeprefix("  - ") for line in text.splitlines()[1:]]
+
+
+def problem(**over: str) -> str:
+    found = problems({**BASE, **over})
+    assert len(found) == 1, found
+    return found[0]
+
+
+# ------------------------------------------------------------------ defaults and values
+
+
+def test_defaults() -> None:
+    s = load()
+    assert s.api_key == Secret(TOKEN)
+    assert s.analytics_endpoint == "analytex.userpilot.io"
+    assert s.insecure_http is False
+    assert s.consent == ConsentPolicy(categories=("analytics",), missing="deny")
+    assert s.mappings is DEFAULT_PRESET
+    assert s.mappings_file is None
+    assert (s.rate_limit, s.rate_period_s, s.rate_burst) == (600, 60.0, 1)
+    assert s.request_timeout_s == 10.0
+    assert (s.retry_max_attempts, s.retry_budget_s) == (8, 600.0)
+    assert s.max_connections == 64
+    assert s.bootstrap_servers == "kafka:9092"
+    assert s.topics == ("delivery-userpilot",)
+    assert s.group_id == "userpilot-delivery"
+    assert s.dlq_topic == "delivery-userpilot.userpilot.dlq"
+    assert s.kafka_extra == {}
+    assert s.registry_url == "http://schema-registry:8081"
+    assert s.registry_auth is None
+    assert s.max_in_flight == 200
+    assert s.shutdown_grace_s == 25.0
+    assert s.commit_interval_s == 2.0
+    assert s.metrics_port == 8082
+    assert (s.log_format, s.log_level) == ("text", "INFO")
+    assert (s.dlq_max_ratio, s.dlq_window, s.dlq_max_consecutive) == (0.5, 100, 50)
+    assert s.replay_max == 3
+
+
+SET_ALL = {
+    "USERPILOT_INSECURE_HTTP": "true",
+    "USERPILOT_CONSENT_CATEGORIES": " Analytics, functional ,,",
+    "USERPILOT_CONSENT_MISSING": "ALLOW",
+    "USERPILOT_RATE_LIMIT": "1200",
+    "USERPILOT_RATE_PERIOD_SECONDS": "30.5",
+    "USERPILOT_RATE_BURST": "10",
+    "USERPILOT_REQUEST_TIMEOUT_SECONDS": "2.5",
+    "USERPILOT_RETRY_MAX_ATTEMPTS": "3",
+    "USERPILOT_RETRY_BUDGET_SECONDS": "90",
+    "USERPILOT_MAX_CONNECTIONS": "16",
+    "KAFKA_TOPICS": "a, b.c ,d_e",
+    "KAFKA_GROUP_ID": "my-group",
+    "KAFKA_DLQ_TOPIC": "a-dlq",
+    "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO": REGISTRY_AUTH,
+    "WORKER_MAX_IN_FLIGHT": "500",
+    "WORKER_SHUTDOWN_GRACE_SECONDS": "10",
+    "WORKER_COMMIT_INTERVAL_SECONDS": "0.5",
+    "WORKER_METRICS_PORT": "0",
+    "WORKER_LOG_FORMAT": "JSON",
+    "WORKER_LOG_LEVEL": "debug",
+    "WORKER_DLQ_MAX_RATIO": "1",
+    "WORKER_DLQ_WINDOW": "20",
+    "WORKER_DLQ_MAX_CONSECUTIVE": "7",
+    "WORKER_REPLAY_MAX": "0",
+}
+
+
+def test_every_variable_is_read() -> None:
+    s = load(**SET_ALL)
+    assert s.insecure_http is True
+    assert s.consent == ConsentPolicy(categories=("analytics", "functional"), missing="allow")
+    assert (s.rate_limit, s.rate_period_s, s.rate_burst) == (1200, 30.5, 10)
+    assert s.request_timeout_s == 2.5
+    assert (s.retry_max_attempts, s.retry_budget_s) == (3, 90.0)
+    assert s.max_connections == 16
+    assert s.topics == ("a", "b.c", "d_e")
+    assert s.group_id == "my-group"
+    assert s.dlq_topic == "a-dlq"
+    assert s.registry_auth == Secret(REGISTRY_AUTH)
+    assert s.max_in_flight == 500
+    assert s.shutdown_grace_s == 10.0
+    assert s.commit_interval_s == 0.5
+    assert s.metrics_port == 0
+    assert (s.log_format, s.log_level) == ("json", "DEBUG")
+    assert (s.dlq_max_ratio, s.dlq_window, s.dlq_max_consecutive) == (1.0, 20, 7)
+    assert s.replay_max == 0
+
+
+def test_env_vars_lists_exactly_what_load_settings_reads() -> None:
+    """Every documented variable changes something, and nothing else is read."""
+    read: set[str] = set()
+
+    class Spy(dict[str, str]):
+        def get(self, key: str, default: Any = None) -> Any:
+            read.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key: str) -> str:
+            read.add(key)
+            return super().__getitem__(key)
+
+    load_settings(Spy({**BASE, **SET_ALL}))
+    assert read == ENV_VARS
+    assert set(SET_ALL) | set(BASE) <= ENV_VARS
+
+
+def test_mappings_file_is_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "mappings.json"
+    path.write_text(json.dumps({"preset": "none",
+                                "events": {"Feature Used": {"event_name": "feature_used"}}}))
+    s = load(USERPILOT_MAPPINGS_FILE=str(path))
+    assert s.mappings_file == str(path)
+    assert s.mappings.names() == ("Feature Used",)
+
+
+def test_unreadable_mappings_file_is_reported(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    message = problem(USERPILOT_MAPPINGS_FILE=str(missing))
+    assert message.startswith("USERPILOT_MAPPINGS_FILE")
+    assert "nope.json" in message
+
+
+def test_invalid_mappings_file_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    message = problem(USERPILOT_MAPPINGS_FILE=str(path))
+    assert message.startswith("USERPILOT_MAPPINGS_FILE:")
+    assert "JSON" in message
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("1", True), ("true", True), ("YES", True), ("on", True),
+    ("0", False), ("false", False), ("No", False), ("off", False), ("  ", False),
+])
+def test_booleans(raw: str, expected: bool) -> None:
+    assert load(USERPILOT_INSECURE_HTTP=raw).insecure_http is expected
+
+
+def test_blank_values_count_as_unset() -> None:
+    s = load(KAFKA_GROUP_ID="  ", WORKER_LOG_LEVEL="", USERPILOT_RATE_LIMIT=" ")
+    assert (s.group_id, s.log_level, s.rate_limit) == ("userpilot-delivery", "INFO", 600)
+
+
+def test_values_are_stripped() -> None:
+    s = load(USERPILOT_API_KEY=f"  {TOKEN}\n",
+             USERPILOT_ANALYTICS_ENDPOINT=" analytex.userpilot.io ")
+    assert s.api_key.reveal() == TOKEN
+    assert s.analytics_endpoint == "analytex.userpilot.io"
+
+
+@pytest.mark.parametrize("host", [
+    "analytex.userpilot.io", "analytex-eu.userpilot.io", "localhost", "localhost:8080",
+    "127.0.0.1:65535", "sandbox:1",
+])
+def test_valid_endpoints(host: str) -> None:
+    assert load(USERPILOT_ANALYTICS_ENDPOINT=host).analytics_endpoint == host
+
+
+# ------------------------------------------------------------------ endpoint messages
+
+
+@pytest.mark.parametrize(("raw", "suggestion"), [
+    ("https://analytex.userpilot.io", "'analytex.userpilot.io'"),
+    ("https://analytex.userpilot.io/v1/track", "'analytex.userpilot.io'"),
+    ("http://analytex-eu.userpilot.io/", "'analytex-eu.userpilot.io'"),
+])
+def test_endpoint_with_scheme_suggests_the_host(raw: str, suggestion: str) -> None:
+    message = problem(USERPILOT_ANALYTICS_ENDPOINT=raw)
+    assert "has a scheme" in message
+    assert f"e.g. {suggestion}" in message
+
+
+@pytest.mark.parametrize(("raw", "suggestion"), [
+    ("analytex.userpilot.io/v1/track", "'analytex.userpilot.io'"),
+    ("analytex.userpilot.io/", "'analytex.userpilot.io'"),
+])
+def test_endpoint_with_path_suggests_the_host(raw: str, suggestion: str) -> None:
+    message = problem(USERPILOT_ANALYTICS_ENDPOINT=raw)
+    assert "has a path" in message
+    assert f"e.g. {suggestion}" in message
+    assert "/v1/track itself" in message
+
+
+@pytest.mark.parametrize("raw", [
+    "analytex userpilot io", "analytex_.userpilot.io", "-bad.example", "a..b", "host:",
+    "x" * 300, "héllo.example", "host:port",
+])
+def test_invalid_host(raw: str) -> None:
+    message = problem(USERPILOT_ANALYTICS_ENDPOINT=raw)
+    assert "is not a host name" in message
+    assert "analytex.userpilot.io" in message
+
+
+@pytest.mark.parametrize("raw", ["host:0", "host:65536", "host:99999"])
+def test_invalid_port(raw: str) -> None:
+    assert "invalid port" in problem(USERPILOT_ANALYTICS_ENDPOINT=raw)
+
+
+def test_missing_endpoint_says_where_to_find_it() -> None:
+    env = {k: v for k, v in BASE.items() if k != "USERPILOT_ANALYTICS_ENDPOINT"}
+    (message,) = problems(env)
+    assert message.startswith("USERPILOT_ANALYTICS_ENDPOINT is not set")
+    assert "Environment page" in message
+    assert "analytex-eu.userpilot.io" in message
+
+
+# ------------------------------------------------------------------ API key
+
+
+@pytest.mark.parametrize("raw", ["", "   "])
+def test_api_key_missing(raw: str) -> None:
+    message = problem(USERPILOT_API_KEY=raw)
+    assert "USERPILOT_API_KEY is not set" in message
+    assert "write token" in message
+
+
+def test_api_key_absent() -> None:
+    env = {k: v for k, v in BASE.items() if k != "USERPILOT_API_KEY"}
+    assert problems(env) == [problem(USERPILOT_API_KEY="")]
+
+
+@pytest.mark.parametrize("raw", [f"Token {TOKEN}", f"token {TOKEN}", f"TOKEN  {TOKEN}"])
+def test_api_key_with_token_prefix(raw: str) -> None:
+    message = problem(USERPILOT_API_KEY=raw)
+    assert "starts with 'Token '" in message
+    assert TOKEN not in message
+
+
+@pytest.mark.parametrize("raw", [f"Bearer {TOKEN}", f"{TOKEN[:5]} {TOKEN[5:]}", f"{TOKEN}\x00"])
+def test_api_key_with_spaces_or_control_characters(raw: str) -> None:
+    message = problem(USERPILOT_API_KEY=raw)
+    assert "spaces or control characters" in message
+    assert TOKEN[5:] not in message
+
+
+# ------------------------------------------------------------------ topics
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    ("bad topic", "'bad topic', which is not a legal topic name"),
+    ("ok,bad/slash", "'bad/slash'"),
+    ("x" * 250, "at most 249"),
+    (".", "'.'"),
+    ("..", "'..'"),
+    (" , ,", "lists no topic"),
+    ("a,b,a", "lists a topic twice"),
+])
+def test_topic_names(raw: str, fragment: str) -> None:
+    message = problem(KAFKA_TOPICS=raw)
+    assert message.startswith("KAFKA_TOPICS")
+    assert fragment in message
+
+
+def test_topic_of_249_characters_is_legal() -> None:
+    assert load(KAFKA_TOPICS="t" * 249, KAFKA_DLQ_TOPIC="dlq").topics == ("t" * 249,)
+
+
+def test_missing_topics() -> None:
+    env = {k: v for k, v in BASE.items() if k != "KAFKA_TOPICS"}
+    (message,) = problems(env)
+    assert message.startswith("KAFKA_TOPICS is not set")
+
+
+@pytest.mark.parametrize("dlq", ["delivery-userpilot", "other"])
+def test_dlq_topic_equal_to_a_source_topic(dlq: str) -> None:
+    message = problem(KAFKA_TOPICS="delivery-userpilot,other", KAFKA_DLQ_TOPIC=dlq)
+    assert f"KAFKA_DLQ_TOPIC={dlq!r} is also a source topic" in message
+
+
+@pytest.mark.parametrize("dlq", ["bad dlq", "..", "x" * 250])
+def test_illegal_dlq_topic(dlq: str) -> None:
+    assert "KAFKA_DLQ_TOPIC" in problem(KAFKA_DLQ_TOPIC=dlq)
+    assert "not a legal topic name" in problem(KAFKA_DLQ_TOPIC=dlq)
+
+
+def test_default_dlq_follows_the_first_topic() -> None:
+    assert load(KAFKA_TOPICS="first,second").dlq_topic == "first.userpilot.dlq"
+
+
+# ------------------------------------------------------------------ KAFKA_* pass-through
+
+
+def test_kafka_pass_through_mapping() -> None:
+    s = load(
+        KAFKA_SECURITY_PROTOCOL="SASL_SSL",
+        KAFKA_SASL_MECHANISM="SCRAM-SHA-512",
+        KAFKA_SASL_USERNAME="worker",
+        KAFKA_SASL_PASSWORD=SASL_PASSWORD,
+        KAFKA_SSL_KEY_PASSWORD="keypw",
+        KAFKA_AUTO_OFFSET_RESET="earliest",
+        KAFKA_ISOLATION_LEVEL="read_committed",
+        KAFKA_SESSION_TIMEOUT_MS="45000",
+    )
+    assert s.kafka_extra == {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "worker",
+        "sasl.password": Secret(SASL_PASSWORD),
+        "ssl.key.password": Secret("keypw"),
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "session.timeout.ms": "45000",
+    }
+    assert s.kafka_config() == {
+        "bootstrap.servers": "kafka:9092",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "worker",
+        "sasl.password": SASL_PASSWORD,
+        "ssl.key.password": "keypw",
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "session.timeout.ms": "45000",
+    }
+
+
+@pytest.mark.parametrize("key", sorted(SECRET_KAFKA_KEYS))
+def test_every_secret_kafka_key_is_wrapped(key: str) -> None:
+    name = "KAFKA_" + key.upper().replace(".", "_")
+    s = load(**{name: "hush-123"})
+    assert isinstance(s.kafka_extra[key], Secret)
+    assert s.kafka_config()[key] == "hush-123"
+    assert "hush-123" not in repr(s)
+    assert "hush-123" not in json.dumps(s.describe())
+
+
+def test_reserved_kafka_names_are_not_passed_through() -> None:
+    s = load(KAFKA_GROUP_ID="g", KAFKA_DLQ_TOPIC="d")
+    assert s.kafka_extra == {}
+    assert set(s.kafka_config()) == {"bootstrap.servers"}
+
+
+@pytest.mark.parametrize(("name", "key"), [
+    ("KAFKA_ENABLE_AUTO_COMMIT", "enable.auto.commit"),
+    ("KAFKA_ENABLE_AUTO_OFFSET_STORE", "enable.auto.offset.store"),
+    ("KAFKA_PARTITION_ASSIGNMENT_STRATEGY", "partition.assignment.strategy"),
+])
+def test_owned_kafka_keys_are_refused(name: str, key: str) -> None:
+    message = problem(**{name: "x"})
+    assert message == (
+        f"{name} sets {key}, which the worker manages itself to keep at-least-once "
+        "delivery: remove it"
+    )
+
+
+@pytest.mark.parametrize("name", ["KAFKA_sasl_mechanism", "KAFKA__X", "KAFKA_X_", "KAFKA_A-B"])
+def test_invalid_pass_through_names(name: str) -> None:
+    message = problem(**{name: "x"})
+    assert message.startswith(f"{name} is not a valid pass-through name")
+
+
+# ------------------------------------------------------------------ numbers and choices
+
+
+@pytest.mark.parametrize(("name", "raw", "fragment"), [
+    ("USERPILOT_RATE_LIMIT", "0", "=0 is out of range: use a number at least 1"),
+    ("USERPILOT_RATE_LIMIT", "ten", "='ten' is not a whole number: use e.g. 600"),
+    ("USERPILOT_RATE_LIMIT", "1.5", "is not a whole number"),
+    ("USERPILOT_RATE_PERIOD_SECONDS", "0", "out of range: use a number > 0"),
+    ("USERPILOT_RATE_PERIOD_SECONDS", "-1", "out of range"),
+    ("USERPILOT_RATE_PERIOD_SECONDS", "inf", "out of range"),
+    ("USERPILOT_RATE_PERIOD_SECONDS", "nan", "out of range"),
+    ("USERPILOT_RATE_PERIOD_SECONDS", "a minute", "is not a number: use e.g. 60"),
+    ("USERPILOT_RATE_BURST", "0", "between 1 and 600"),
+    ("USERPILOT_RATE_BURST", "601", "between 1 and 600"),
+    ("USERPILOT_REQUEST_TIMEOUT_SECONDS", "301", "> 0 and <= 300"),
+    ("USERPILOT_REQUEST_TIMEOUT_SECONDS", "0", "> 0 and <= 300"),
+    ("USERPILOT_RETRY_MAX_ATTEMPTS", "0", "between 1 and 1000"),
+    ("USERPILOT_RETRY_MAX_ATTEMPTS", "1001", "between 1 and 1000"),
+    ("USERPILOT_RETRY_BUDGET_SECONDS", "0", "> 0"),
+    ("USERPILOT_MAX_CONNECTIONS", "0", "between 1 and 1000"),
+    ("WORKER_MAX_IN_FLIGHT", "0", "between 1 and 100000"),
+    ("WORKER_MAX_IN_FLIGHT", "100001", "between 1 and 100000"),
+    ("WORKER_SHUTDOWN_GRACE_SECONDS", "3601", "<= 3600"),
+    ("WORKER_COMMIT_INTERVAL_SECONDS", "0", "> 0 and <= 300"),
+    ("WORKER_METRICS_PORT", "65536", "between 0 and 65535"),
+    ("WORKER_METRICS_PORT", "-1", "between 0 and 65535"),
+    ("WORKER_DLQ_MAX_RATIO", "0", "> 0 and <= 1"),
+    ("WORKER_DLQ_MAX_RATIO", "1.01", "> 0 and <= 1"),
+    ("WORKER_DLQ_WINDOW", "0", "between 1 and 1000000"),
+    ("WORKER_DLQ_MAX_CONSECUTIVE", "0", "between 1 and 1000000"),
+    ("WORKER_REPLAY_MAX", "-1", "between 0 and 1000"),
+    ("USERPILOT_INSECURE_HTTP", "maybe", "is not a boolean: use true or false"),
+    ("USERPILOT_CONSENT_MISSING", "ignore", "not allowed: use one of deny, allow"),
+    ("WORKER_LOG_FORMAT", "xml", "use one of text, json"),
+    ("WORKER_LOG_LEVEL", "verbose", "use one of debug, info, warning, error, critical"),
+    ("USERPILOT_CONSENT_CATEGORIES", "analytics,bad category", "'bad category'"),
+    ("SCHEMA_REGISTRY_URL", "schema-registry:8081",
+     "needs a scheme: e.g. http://schema-registry:8081"),
+    ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "useronly", "must be user:password"),
+])
+def test_each_validation_message(name: str, raw: str, fragment: str) -> None:
+    message = problem(**{name: raw})
+    assert message.startswith(name)
+    assert fragment in message
+
+
+def test_rate_burst_bound_follows_the_rate_limit() -> None:
+    assert load(USERPILOT_RATE_LIMIT="50", USERPILOT_RATE_BURST="50").rate_burst == 50
+    assert "between 1 and 50" in problem(USERPILOT_RATE_LIMIT="50", USERPILOT_RATE_BURST="51")
+
+
+def test_several_problems_are_reported_at_once() -> None:
+    env = {
+        "USERPILOT_API_KEY": f"Token {TOKEN}",
+        "USERPILOT_ANALYTICS_ENDPOINT": "https://analytex.userpilot.io/v1/track",
+        "KAFKA_TOPICS": "good,bad topic",
+        "SCHEMA_REGISTRY_URL": "registry:8081",
+        "USERPILOT_RATE_LIMIT": "-5",
+        "KAFKA_ENABLE_AUTO_COMMIT": "true",
+        "WORKER_LOG_FORMAT": "xml",
+    }
+    found = problems(env)
+    starts = [p.split(" ", 1)[0].split("=", 1)[0] for p in found]
+    assert sorted(starts) == sorted([
+        "USERPILOT_API_KEY", "USERPILOT_ANALYTICS_ENDPOINT", "USERPILOT_RATE_LIMIT",
+        "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPICS", "KAFKA_ENABLE_AUTO_COMMIT",
+        "SCHEMA_REGISTRY_URL", "WORKER_LOG_FORMAT",
+    ])
+    assert TOKEN not in "\n".join(found)
+
+
+def test_empty_environment_lists_every_required_variable() -> None:
+    found = problems({})
+    names = {p.split(" ", 1)[0] for p in found}
+    assert names == {"USERPILOT_API_KEY", "USERPILOT_ANALYTICS_ENDPOINT",
+                     "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPICS", "SCHEMA_REGISTRY_URL"}
+
+
+# ------------------------------------------------------------------ secrets
+
+
+def test_secret_never_shows_itself() -> None:
+    secret = Secret(TOKEN)
+    assert TOKEN not in repr(secret)
+    assert TOKEN not in str(secret)
+    assert TOKEN not in f"{secret}"
+    assert TOKEN not in f"{secret!r}"
+    assert TOKEN not in repr([secret, {"k": secret}])
+    assert secret.reveal() == TOKEN
+    assert secret == Secret(TOKEN)
+    assert secret != Secret("other")
+    assert secret != TOKEN
+    assert len({secret, Secret(TOKEN)}) == 1
+
+
+def test_settings_repr_and_describe_never_show_secrets() -> None:
+    s = load(KAFKA_SASL_PASSWORD=SASL_PASSWORD, KAFKA_SASL_USERNAME="worker",
+             SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO=REGISTRY_AUTH)
+    described = json.dumps(s.describe())
+    for text in (repr(s), str(s), described):
+        assert TOKEN not in text
+        assert SASL_PASSWORD not in text
+        assert "reg-s3cret" not in text
+    d = s.describe()
+    assert d["userpilot"]["api_key"] == "***"
+    assert d["kafka"]["extra"] == {"sasl.password": "***", "sasl.username": "worker"}
+    assert d["schema_registry"]["basic_auth"] == "***"
+
+
+def test_describe_shape() -> None:
+    d = load().describe()
+    assert d["userpilot"]["track_url"] == "https://analytex.userpilot.io/v1/track"
+    assert d["userpilot"]["rate_limit"] == "600 per 60 s (burst 1)"
+    assert d["userpilot"]["retry"] == {"max_attempts": 8, "budget_seconds": 600.0}
+    assert d["consent"] == {"categories": ["analytics"], "missing": "deny"}
+    assert d["mappings"]["file"] is None
+    assert d["mappings"]["events"]["preset"] == "default"
+    assert d["kafka"]["topics"] == ["delivery-userpilot"]
+    assert d["schema_registry"] == {"url": "http://schema-registry:8081", "basic_auth": None}
+    assert d["worker"]["dlq_guard"] == {"max_ratio": 0.5, "window": 100, "max_consecutive": 50}
+    json.dumps(d)  # JSON-able for check-config
+
+
+def test_headers() -> None:
+    assert load().headers() == {
+        "Content-Type": "application/json",
+        "Authorization": f"Token {TOKEN}",
+        "X-API-Version": API_VERSION,
+    }
+    assert API_VERSION == "2020-09-22"
+
+
+@pytest.mark.parametrize(("insecure", "url"), [
+    ("false", "https://analytex.userpilot.io/v1/track"),
+    ("true", "http://analytex.userpilot.io/v1/track"),
+])
+def test_track_url(insecure: str, url: str) -> None:
+    assert load(USERPILOT_INSECURE_HTTP=insecure).track_url == url
+
+
+def test_track_url_keeps_the_port() -> None:
+    s = load(USERPILOT_ANALYTICS_ENDPOINT="localhost:8080", USERPILOT_INSECURE_HTTP="1")
+    assert s.track_url == "http://localhost:8080/v1/track"
+
+
+# ------------------------------------------------------------------ offline mode
+
+
+def test_offline_fills_connection_settings() -> None:
+    s = load_settings({"USERPILOT_CONSENT_CATEGORIES": "marketing"}, offline=True)
+    assert s.consent.categories == ("marketing",)
+    assert s.analytics_endpoint == "analytex.userpilot.io"
+    assert s.topics == ("unused",)
+
+
+def test_offline_keeps_what_is_set_and_treats_blank_as_unset() -> None:
+    s = load_settings({"USERPILOT_ANALYTICS_ENDPOINT": "analytex-eu.userpilot.io",
+                       "KAFKA_TOPICS": " "}, offline=True)
+    assert s.track_url == "https://analytex-eu.userpilot.io/v1/track"
+    assert s.topics == ("unused",)
+
+
+def test_offline_still_validates_what_is_set() -> None:
+    found = problems({"USERPILOT_CONSENT_MISSING": "maybe"}, offline=True)
+    assert found == ["USERPILOT_CONSENT_MISSING='maybe' is not allowed: use one of deny, allow"]
+
+
+def test_without_offline_nothing_is_filled() -> None:
+    assert len(problems({"USERPILOT_CONSENT_CATEGORIES": "marketing"})) == 5
+
+
+# ------------------------------------------------------------------ is_known_env_var
+
+
+@pytest.mark.parametrize(("name", "known"), [
+    *[(n, True) for n in sorted(ENV_VARS)],
+    ("KAFKA_SASL_MECHANISM", True),
+    ("KAFKA_SSL_CA_LOCATION", True),
+    ("KAFKA_X1", True),
+    ("KAFKA_", False),
+    ("KAFKA_sasl_mechanism", False),
+    ("KAFKA__X", False),
+    ("USERPILOT_API_TOKEN", False),
+    ("USERPILOT_ENDPOINT", False),
+    ("WORKER_THREADS", False),
+    ("PATH", False),
+    ("userpilot_api_key", False),
+])
+def test_is_known_env_var(name: str, known: bool) -> None:
+    assert is_known_env_var(name) is known
+
+
+def test_an_illegal_source_topic_is_reported_once() -> None:
+    """The derived DLQ name inherits the mistake; it must not be blamed on KAFKA_DLQ_TOPIC."""
+    assert problems({**BASE, "KAFKA_TOPICS": "bad topic"}) == [
+        "KAFKA_TOPICS has 'bad topic', which is not a legal topic name (letters, digits, "
+        "'.', '_', '-', at most 249 characters)"
+    ]
+
+
+def test_a_derived_dlq_name_that_is_too_long_asks_for_kafka_dlq_topic() -> None:
+    message = problem(KAFKA_TOPICS="t" * 240)
+    assert "default dead-letter topic" in message
+    assert "set KAFKA_DLQ_TOPIC" in message
