@@ -15,7 +15,7 @@ import json
 import struct
 from collections.abc import Callable, Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 
@@ -37,7 +37,7 @@ MAGIC_BYTE = 0
 _HEADER = struct.Struct(">BI")
 
 SCHEMA_TEXT: str = resources.files("consumer").joinpath("signal_event.avsc").read_text("utf-8")
-SCHEMA: dict[str, Any] = fastavro.parse_schema(json.loads(SCHEMA_TEXT))
+SCHEMA = cast(dict[str, Any], fastavro.parse_schema(json.loads(SCHEMA_TEXT)))
 
 SchemaLookup = Callable[[int], Mapping[str, Any]]
 """Returns the parsed writer schema registered under an id, or raises KeyError."""
@@ -191,7 +191,7 @@ def encode(schema_id: int, record: Mapping[str, Any], schema: Mapping[str, Any] 
     """Avro record → Confluent wire format bytes (magic byte, schema id, Avro body)."""
     buffer = io.BytesIO()
     buffer.write(_HEADER.pack(MAGIC_BYTE, schema_id))
-    fastavro.schemaless_writer(buffer, schema, dict(record))
+    fastavro.schemaless_writer(buffer, cast(dict[str, Any], schema), dict(record))
     return buffer.getvalue()
 
 
@@ -218,7 +218,7 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> dict[str, Any]:
     try:
         # Resolution costs time per call; skip it when the writer is our own schema.
         reader = None if writer is SCHEMA else SCHEMA
-        record = fastavro.schemaless_reader(stream, writer, reader)
+        record = fastavro.schemaless_reader(stream, cast(dict[str, Any], writer), reader)
     except Exception as exc:  # fastavro raises many types on corrupt input
         raise UndecodableEvent(f"not a Signal event in Avro: {type(exc).__name__}: {exc}") from None
     if stream.tell() != len(body):
