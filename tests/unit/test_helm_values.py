@@ -1,0 +1,224 @@
+"""The Helm chart's values, checked without helm: the schema accepts the shipped values and
+refuses mistakes, every value is documented, the chart can set every worker setting, and its
+defaults are the worker's own. (Rendering is checked by ops/check_helm.sh.)"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from consumer.config import is_known_env_var, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm/userpilot-worker"
+VALUES_TEXT = (CHART / "values.yaml").read_text(encoding="utf-8")
+VALUES: dict[str, Any] = yaml.safe_load(VALUES_TEXT)
+FULL: dict[str, Any] = yaml.safe_load((ROOT / "ops/helm-values-full.yaml").read_text())
+SCHEMA: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
+TEMPLATES = "\n".join(p.read_text() for p in sorted((CHART / "templates").glob("*.yaml")))
+# Every variable of the settings contract.
+CONTRACT = {
+    "USERPILOT_API_KEY", "USERPILOT_ANALYTICS_ENDPOINT", "USERPILOT_INSECURE_HTTP",
+    "USERPILOT_CONSENT_CATEGORIES", "USERPILOT_CONSENT_MISSING", "USERPILOT_MAPPINGS_FILE",
+    "USERPILOT_RATE_LIMIT", "USERPILOT_RATE_PERIOD_SECONDS", "USERPILOT_REQUEST_TIMEOUT_SECONDS",
+    "USERPILOT_RETRY_MAX_ATTEMPTS", "USERPILOT_RETRY_BUDGET_SECONDS", "KAFKA_BOOTSTRAP_SERVERS",
+    "KAFKA_TOPICS", "KAFKA_GROUP_ID", "KAFKA_DLQ_TOPIC", "SCHEMA_REGISTRY_URL",
+    "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "WORKER_MAX_IN_FLIGHT",
+    "WORKER_SHUTDOWN_GRACE_SECONDS", "WORKER_METRICS_PORT", "WORKER_LOG_FORMAT",
+    "WORKER_LOG_LEVEL", "WORKER_DLQ_MAX_RATIO", "WORKER_DLQ_WINDOW",
+    "WORKER_DLQ_MAX_CONSECUTIVE", "WORKER_REPLAY_MAX",
+}  # fmt: skip
+# Groups whose every leaf value must carry its own comment.
+DOCUMENTED_GROUPS = {
+    "image", "serviceAccount", "userpilot", "kafka", "schemaRegistry", "worker", "service",
+    "serviceMonitor", "prometheusRule", "dashboard", "podDisruptionBudget", "autoscaling",
+}  # fmt: skip
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm's coalescing of a values file over the chart defaults (maps merge, rest replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def validate(values: dict[str, Any]) -> None:
+    jsonschema.Draft7Validator(SCHEMA).validate(values)
+
+
+def test_schema_is_a_valid_draft7_schema() -> None:
+    jsonschema.Draft7Validator.check_schema(SCHEMA)
+
+
+@pytest.mark.parametrize("values", [VALUES, merged(VALUES, FULL)], ids=["default", "full"])
+def test_schema_accepts_the_shipped_values(values: dict[str, Any]) -> None:
+    validate(values)
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"userpilot": {"consentMissing": "maybe"}}, "consentMissing"),
+        ({"userpilot": {"analyticsEndpoint": "https://analytex.userpilot.io/v1"}}, "analytics"),
+        ({"replicaCount": "two"}, "replicaCount"),
+        ({"replicas": 2}, "replicas"),
+        ({"kafka": {"topics": []}}, "topics"),
+        ({"worker": {"logFormat": "xml"}}, "logFormat"),
+        ({"worker": {"dlqGuard": {"maxRatio": 1.5}}}, "maxRatio"),
+        ({"autoscaling": {"keda": {"offsetResetPolicy": "none"}}}, "offsetResetPolicy"),
+        ({"kafka": {"extraEnv": [{"name": "SASL_PASSWORD", "value": "x"}]}}, "SASL_PASSWORD"),
+        ({"image": {"digest": "sha256:short"}}, "digest"),
+    ],
+)
+def test_schema_refuses_mistakes(override: dict[str, Any], field: str) -> None:
+    with pytest.raises(jsonschema.ValidationError) as excinfo:
+        validate(merged(VALUES, override))
+    error = excinfo.value
+    assert field in f"{list(error.path)} {error.message}"
+
+
+def _key_lines() -> list[tuple[tuple[str, ...], bool]]:
+    """(path, has a comment directly above) for every mapping key in values.yaml."""
+    out: list[tuple[tuple[str, ...], bool]] = []
+    stack: list[tuple[int, str]] = []
+    previous = ""
+    for line in VALUES_TEXT.splitlines():
+        match = re.match(r"^( *)([A-Za-z][\w.-]*):(?: |$)", line)
+        if match:
+            indent = len(match[1])
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            stack.append((indent, match[2]))
+            out.append((tuple(k for _, k in stack), previous.lstrip().startswith("#")))
+        if line.strip():
+            previous = line
+    return out
+
+
+def test_every_value_is_documented() -> None:
+    """Top-level values and every leaf of a settings group carry a comment, their own or
+    that of an enclosing map below the group (e.g. the example entries of a labels map)."""
+    lines = _key_lines()
+    commented = dict(lines)
+    undocumented = []
+    for path, _ in lines:
+        node: Any = VALUES
+        for key in path:
+            node = node[key]
+        if isinstance(node, dict):
+            continue
+        if len(path) == 1 or path[0] in DOCUMENTED_GROUPS:
+            covers = [path[:i] for i in range(2 if len(path) > 1 else 1, len(path) + 1)]
+            if not any(commented[p] for p in covers):
+                undocumented.append(".".join(path))
+    assert undocumented == []
+
+
+def test_every_schema_property_is_in_values_yaml() -> None:
+    """A value the schema allows but values.yaml omits is a value nobody documented."""
+    missing = []
+
+    def walk(schema: dict[str, Any], values: Any, path: str) -> None:
+        for key, sub in (schema.get("properties") or {}).items():
+            if key == "global":
+                continue
+            if not isinstance(values, dict) or key not in values:
+                missing.append(f"{path}{key}")
+            elif "properties" in sub:
+                walk(sub, values[key], f"{path}{key}.")
+
+    walk(SCHEMA, VALUES, "")
+    # resources' optional extras are Kubernetes fields, documented by Kubernetes.
+    allowed = {"resources.claims", "resources.requests.ephemeral-storage",
+               "resources.limits.ephemeral-storage", "livenessProbe.successThreshold",
+               "readinessProbe.successThreshold"}  # fmt: skip
+    assert sorted(set(missing) - allowed) == []
+
+
+def test_chart_can_set_every_contract_variable() -> None:
+    missing = sorted(name for name in CONTRACT if name not in TEMPLATES)
+    assert missing == []
+
+
+def test_chart_sets_only_variables_the_worker_reads() -> None:
+    names = set(
+        re.findall(r"\b((?:USERPILOT|KAFKA|SCHEMA_REGISTRY|WORKER)_[A-Z0-9_]+)\b", TEMPLATES)
+    )
+    assert names, "expected variable names in the templates"
+    assert sorted(n for n in names if not is_known_env_var(n)) == []
+
+
+def test_contract_defaults() -> None:
+    assert VALUES["replicaCount"] == 2
+    assert VALUES["resources"] == {
+        "requests": {"cpu": "250m", "memory": "256Mi"},
+        "limits": {"cpu": "500m", "memory": "512Mi"},
+    }
+    assert VALUES["worker"]["metricsPort"] == 8082 == VALUES["service"]["port"]
+    assert VALUES["terminationGracePeriodSeconds"] == 45
+    assert VALUES["terminationGracePeriodSeconds"] > VALUES["worker"]["shutdownGraceSeconds"]
+    assert VALUES["dashboard"]["labels"] == {"grafana_dashboard": "1"}
+    assert not (
+        VALUES["autoscaling"]["keda"]["enabled"] and VALUES["autoscaling"]["hpa"]["enabled"]
+    )
+    for auto in (VALUES["autoscaling"]["keda"], FULL["autoscaling"]["keda"]):
+        assert auto["maxReplicaCount"] <= VALUES["autoscaling"]["partitions"]
+    security = VALUES["securityContext"]
+    assert security["runAsNonRoot"] and security["runAsUser"] == 10001
+    assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_defaults_are_the_workers_own() -> None:
+    """The chart's defaults must not silently change the worker's behaviour."""
+    settings = load_settings(
+        {
+            "USERPILOT_API_KEY": "token",
+            "USERPILOT_ANALYTICS_ENDPOINT": VALUES["userpilot"]["analyticsEndpoint"],
+            "KAFKA_BOOTSTRAP_SERVERS": VALUES["kafka"]["bootstrapServers"],
+            "KAFKA_TOPICS": ",".join(VALUES["kafka"]["topics"]),
+            "SCHEMA_REGISTRY_URL": VALUES["schemaRegistry"]["url"],
+        }
+    )
+    up, worker = VALUES["userpilot"], VALUES["worker"]
+    assert settings.insecure_http is up["insecureHttp"]
+    assert list(settings.consent.categories) == up["consentCategories"]
+    assert settings.consent.missing == up["consentMissing"]
+    assert settings.rate_limit == up["rateLimit"]
+    assert settings.rate_period_s == up["ratePeriodSeconds"]
+    assert settings.request_timeout_s == up["requestTimeoutSeconds"]
+    assert settings.retry_max_attempts == up["retry"]["maxAttempts"]
+    assert settings.retry_budget_s == up["retry"]["budgetSeconds"]
+    assert settings.group_id == VALUES["kafka"]["groupId"]
+    assert settings.max_in_flight == worker["maxInFlight"]
+    assert settings.shutdown_grace_s == worker["shutdownGraceSeconds"]
+    assert settings.metrics_port == worker["metricsPort"]
+    assert settings.log_level == worker["logLevel"]
+    assert settings.dlq_max_ratio == worker["dlqGuard"]["maxRatio"]
+    assert settings.dlq_window == worker["dlqGuard"]["window"]
+    assert settings.dlq_max_consecutive == worker["dlqGuard"]["maxConsecutive"]
+    assert settings.replay_max == worker["replayMax"]
+
+
+def test_full_values_switch_every_feature_on() -> None:
+    assert FULL["autoscaling"]["keda"]["enabled"] and not FULL["autoscaling"]["hpa"]["enabled"]
+    for feature in ("serviceMonitor", "prometheusRule", "dashboard", "podDisruptionBudget"):
+        assert FULL[feature]["enabled"], feature
+    assert FULL["userpilot"]["existingSecret"] and not FULL["userpilot"].get("apiKey")
+    assert FULL["userpilot"]["mappings"]
+    assert FULL["kafka"]["existingSecret"] and FULL["kafka"]["extraEnv"]
+    assert FULL["schemaRegistry"]["existingSecret"]
+    for key in ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints"):
+        assert FULL[key], key
