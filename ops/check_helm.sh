@@ -120,6 +120,26 @@ render full -f "$FULL_VALUES"
 render hpa -f "$OUT/hpa.values.yaml"
 render single -f "$OUT/single.values.yaml"
 
+log "NOTES.txt renders (helm template skips it: render it through a copy of the chart)"
+cp -r "$CHART" "$OUT/notes-chart"
+cat >"$OUT/notes-chart/templates/zz-notes.yaml" <<'EOF'
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: notes}
+data:
+  notes: {{ include (print $.Template.BasePath "/NOTES.txt") . | quote }}
+EOF
+notes() { # expected fragment, helm args...
+  local want="$1" text; shift
+  text="$("$HELM" template "$RELEASE" "$OUT/notes-chart" --kube-version "$KUBE_VERSION" \
+    --show-only templates/zz-notes.yaml "$@")" || die "NOTES.txt does not render ($*)"
+  grep -qF -- "$want" <<<"$text" || die "NOTES.txt lacks '$want' ($*)"
+}
+notes "WARNING: no write token"
+notes "Scaling: KEDA on consumer lag (2..12 replicas" -f "$FULL_VALUES"
+notes "INSECURE: plain http" -f "$OUT/single.values.yaml" --set userpilot.insecureHttp=true
+notes "Scaling: HPA (2..6 replicas)" -f "$OUT/hpa.values.yaml"
+
 log "invalid combinations must fail"
 expect_fail() { # name, expected message fragment
   local name="$1" want="$2" err
