@@ -3,6 +3,7 @@ is configured only with variables it reads and with a configuration it accepts."
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -245,3 +246,14 @@ def test_grafana_provisions_the_chart_dashboard(services: dict[str, dict[str, An
     datasources = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())
     (prometheus,) = datasources["datasources"]
     assert prometheus["url"] == "http://prometheus:9090"
+
+
+def test_dashboard_variables_resolve_without_an_import_step() -> None:
+    """File provisioning and the Grafana sidecar do not fill `__inputs`, so every ${VAR} the
+    dashboard uses must be one of its own template variables (or a Grafana built-in)."""
+    dashboard = json.loads((ROOT / "helm/userpilot-worker/files/dashboard.json").read_text())
+    defined = {v["name"] for v in (dashboard.get("templating") or {}).get("list", [])}
+    text = json.dumps(dashboard)
+    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::[a-z]+)?\}", text))
+    builtins = {"__interval", "__rate_interval", "__range", "__dashboard", "__from", "__to"}
+    assert sorted(used - defined - builtins) == []
