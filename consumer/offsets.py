@@ -15,11 +15,11 @@ __all__ = ["PartitionOffsets"]
 class PartitionOffsets:
     """Offsets taken from one partition, in order, and which of them are finished."""
 
-    __slots__ = ("_base", "_done", "_high", "_pending")
+    __slots__ = ("_base", "_high", "_open", "_pending")
 
     def __init__(self) -> None:
-        self._pending: deque[int] = deque()
-        self._done: set[int] = set()
+        self._pending: deque[int] = deque()  # taken, in order, from the first unfinished
+        self._open: set[int] = set()  # taken and not finished
         self._high: int | None = None
         self._base: int | None = None
 
@@ -28,18 +28,18 @@ class PartitionOffsets:
         if self._high is not None and offset <= self._high:
             return  # a re-fetch after seek: already tracked
         self._pending.append(offset)
+        self._open.add(offset)
         self._high = offset
         if self._base is None:
             self._base = offset
 
     def finished(self, offset: int) -> None:
         """Mark an offset done; unknown offsets are ignored (partition was reassigned)."""
-        if self._pending and self._pending[0] == offset:
+        if offset not in self._open:
+            return
+        self._open.discard(offset)
+        while self._pending and self._pending[0] not in self._open:
             self._pending.popleft()
-            while self._pending and self._pending[0] in self._done:
-                self._done.discard(self._pending.popleft())
-        elif self._pending and offset > self._pending[0]:
-            self._done.add(offset)
 
     def committable(self) -> int | None:
         """The offset to commit (next to read), or None when nothing was taken yet."""
@@ -50,7 +50,7 @@ class PartitionOffsets:
     @property
     def unfinished(self) -> int:
         """How many taken offsets are not finished yet."""
-        return len(self._pending) - len(self._done)
+        return len(self._open)
 
     def committed(self, offset: int) -> None:
         """Record that `offset` (next to read) is committed."""
