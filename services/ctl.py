@@ -93,12 +93,12 @@ def start_timeout() -> float:
     return float(_env_int("SERVICES_START_TIMEOUT", 180))
 
 
-def bootstrap_servers() -> str:
-    return f"{HOST}:{kafka_port()}"
+def bootstrap_servers(port: int | None = None) -> str:
+    return f"{HOST}:{port or kafka_port()}"
 
 
-def registry_url() -> str:
-    return f"http://{HOST}:{registry_port()}{CCOMPAT_PATH}"
+def registry_url(port: int | None = None) -> str:
+    return f"http://{HOST}:{port or registry_port()}{CCOMPAT_PATH}"
 
 
 # --------------------------------------------------------------------------- downloads
@@ -239,8 +239,14 @@ class Service:
         """A JVM flag that tells our process apart from a stranger that reused the pid."""
         return f"-Duserpilot.service={self.name}@{RUN_DIR}"
 
+    def wanted_port(self) -> int:
+        return kafka_port() if self.name == "kafka" else registry_port()
+
     def ports(self) -> list[int]:
         return [kafka_port(), controller_port()] if self.name == "kafka" else [registry_port()]
+
+    def address(self, port: int | None = None) -> str:
+        return bootstrap_servers(port) if self.name == "kafka" else registry_url(port)
 
 
 def _alive(pid: int) -> bool:
@@ -260,19 +266,22 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def running_pid(svc: Service) -> int | None:
-    """The pid from the pid file if that process is alive and is really our service."""
+def running(svc: Service) -> tuple[int, int] | None:
+    """``(pid, port)`` from the pid file if that process is alive and really is our service."""
     try:
-        pid = int(svc.pid_file.read_text().strip())
+        fields = [int(field) for field in svc.pid_file.read_text().split()]
     except (OSError, ValueError):
         return None
+    if not fields:
+        return None
+    pid, port = fields[0], fields[1] if len(fields) > 1 else svc.wanted_port()
     if not _alive(pid):
         return None
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    return pid if svc.marker.encode() in cmdline else None
+    return (pid, port) if svc.marker.encode() in cmdline else None
 
 
 def _port_open(port: int) -> bool:
@@ -300,39 +309,41 @@ def _kafka_api_versions(port: int) -> bool:
     return bool(correlation == 4242 and error == 0)
 
 
-def _kafka_metadata() -> bool:
+def _kafka_metadata(port: int) -> bool:
     """With the venv's confluent_kafka available, also ask for cluster metadata."""
     try:
         from confluent_kafka.admin import AdminClient
     except ImportError:
         return True
     try:
-        md = AdminClient({"bootstrap.servers": bootstrap_servers(),
+        md = AdminClient({"bootstrap.servers": bootstrap_servers(port),
                           "log_level": 0}).list_topics(timeout=5)
     except Exception:
         return False
     return bool(md.brokers)
 
 
-def kafka_ready(svc: Service) -> bool:
-    if not _kafka_api_versions(kafka_port()):
+def kafka_ready(svc: Service, port: int) -> bool:
+    if not _kafka_api_versions(port):
         return False
     try:
         started = "Kafka Server started" in svc.log_file.read_text(errors="replace")
     except OSError:
         started = False
-    return started and _kafka_metadata()
+    return started and _kafka_metadata(port)
 
 
-def registry_ready(_svc: Service) -> bool:
+def registry_ready(_svc: Service, port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"{registry_url()}/subjects", timeout=3) as resp:
+        with urllib.request.urlopen(f"{registry_url(port)}/subjects", timeout=3) as resp:
             return bool(resp.status == 200)
     except (urllib.error.URLError, OSError):
         return False
 
 
-READY: dict[str, Callable[[Service], bool]] = {"kafka": kafka_ready, "registry": registry_ready}
+READY: dict[str, Callable[[Service, int], bool]] = {
+    "kafka": kafka_ready, "registry": registry_ready,
+}
 
 
 def _random_cluster_id() -> str:
@@ -420,12 +431,14 @@ COMMANDS: dict[str, Callable[[Service], list[str]]] = {
 }
 
 
-def _wait_ready(svc: Service, pid: int, proc: subprocess.Popen[bytes] | None) -> None:
+def _wait_ready(
+    svc: Service, pid: int, port: int, proc: subprocess.Popen[bytes] | None
+) -> None:
     deadline = time.monotonic() + start_timeout()
     hint = f"{svc.log_file}" if svc.log_file == svc.console_file else (
         f"{svc.log_file} and {svc.console_file}")
     while time.monotonic() < deadline:
-        if READY[svc.name](svc):
+        if READY[svc.name](svc, port):
             return
         exited = proc.poll() is not None if proc is not None else not _alive(pid)
         if exited:
@@ -438,14 +451,18 @@ def _wait_ready(svc: Service, pid: int, proc: subprocess.Popen[bytes] | None) ->
 def up_one(name: str) -> bool:
     """Make ``name`` run and be ready. Returns True if this call started it (False: reused)."""
     svc = Service(name)
-    pid = running_pid(svc)
-    if pid is not None:
-        _wait_ready(svc, pid, None)
-        log(f"{name}: already running (pid {pid}), reusing")
+    var = "KAFKA_PORT" if name == "kafka" else "REGISTRY_PORT"
+    found = running(svc)
+    if found is not None:
+        pid, port = found
+        if port != svc.wanted_port():
+            raise ServiceError(f"{name} already runs from this checkout on port {port} "
+                               f"(pid {pid}); use {var}={port} or run `down {name}` first")
+        _wait_ready(svc, pid, port, None)
+        log(f"{name}: already running (pid {pid}) at {svc.address(port)}, reusing")
         return False
     busy = [p for p in svc.ports() if _port_open(p)]
     if busy:
-        var = "KAFKA_PORT" if name == "kafka" else "REGISTRY_PORT"
         raise ServiceError(f"{name}: port(s) {busy} on {HOST} are taken by another process; "
                            f"stop it or choose another {var}")
     started = time.monotonic()
@@ -455,13 +472,14 @@ def up_one(name: str) -> bool:
     with svc.console_file.open("a") as out:
         proc = subprocess.Popen(cmd, cwd=svc.dir, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    svc.pid_file.write_text(f"{proc.pid}\n")
+    svc.pid_file.write_text(f"{proc.pid} {svc.wanted_port()}\n")
     try:
-        _wait_ready(svc, proc.pid, proc)
+        _wait_ready(svc, proc.pid, svc.wanted_port(), proc)
     except ServiceError:
         _stop(svc, proc.pid)
         raise
-    log(f"{name}: started (pid {proc.pid}) in {time.monotonic() - started:.1f}s")
+    log(f"{name}: started (pid {proc.pid}) at {svc.address()} "
+        f"in {time.monotonic() - started:.1f}s")
     return True
 
 
@@ -482,11 +500,12 @@ def _stop(svc: Service, pid: int, grace: float = 30.0) -> None:
 
 def down_one(name: str) -> None:
     svc = Service(name)
-    pid = running_pid(svc)
-    if pid is None:
+    found = running(svc)
+    if found is None:
         svc.pid_file.unlink(missing_ok=True)
         log(f"{name}: not running")
         return
+    pid = found[0]
     _stop(svc, pid)
     log(f"{name}: stopped (pid {pid})")
 
@@ -525,21 +544,25 @@ def cmd_status(_args: argparse.Namespace) -> int:
     all_up = True
     for name in ALL:
         svc = Service(name)
-        pid = running_pid(svc)
-        where = bootstrap_servers() if name == "kafka" else registry_url()
-        if pid is None:
+        found = running(svc)
+        if found is None:
             all_up = False
-            print(f"{name}: stopped ({where})")
+            print(f"{name}: stopped (would use {svc.address()})")
         else:
-            ready = "ready" if READY[name](svc) else "NOT ready"
-            print(f"{name}: running pid {pid}, {ready} ({where}), log {svc.log_file}")
+            pid, port = found
+            ready = "ready" if READY[name](svc, port) else "NOT ready"
+            print(f"{name}: running pid {pid}, {ready} at {svc.address(port)}, "
+                  f"log {svc.log_file}")
     return 0 if all_up else 3
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    """Addresses of the running services (else of those `up` would start)."""
     prefix = "export " if args.export else ""
-    print(f"{prefix}KAFKA_BOOTSTRAP_SERVERS={bootstrap_servers()}")
-    print(f"{prefix}SCHEMA_REGISTRY_URL={registry_url()}")
+    for name, var in (("kafka", "KAFKA_BOOTSTRAP_SERVERS"), ("registry", "SCHEMA_REGISTRY_URL")):
+        svc = Service(name)
+        found = running(svc)
+        print(f"{prefix}{var}={svc.address(found[1] if found else None)}")
     return 0
 
 
