@@ -93,7 +93,9 @@ class AdaptiveLimiter:
         if rate <= 0:
             return 1.0  # own no partitions: nothing should be sending; re-check shortly
         interval = 1.0 / rate
-        tolerance = interval * (self._burst - 1)
+        # The burst is shared too: replicas' bursts must add up to at most the token's.
+        burst = max(1, int(self._burst * self._share))
+        tolerance = interval * (burst - 1)
         tat = max(self._tat, now)
         wait = max(0.0, tat - tolerance - now)
         self._tat = tat + interval

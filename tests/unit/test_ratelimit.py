@@ -1,0 +1,291 @@
+"""Unit tests for consumer.ratelimit: GCRA reservations against a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import random
+
+import pytest
+
+from consumer.ratelimit import JITTER_MARGIN, AdaptiveLimiter, partition_share, safe_rate
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def max_in_window(times: list[float], period: float) -> int:
+    """Most send times in any closed window [t, t + period] (worst case: both ends count)."""
+    ordered = sorted(times)
+    return max(bisect.bisect_right(ordered, t + period) - i for i, t in enumerate(ordered))
+
+
+def simulate(limiter: AdaptiveLimiter, clock: FakeClock, count: int, *,
+             gaps: random.Random | None = None) -> list[float]:
+    """Callers reserve; each sends at now + wait. Optional random idle gaps between callers."""
+    sends = []
+    for _ in range(count):
+        if gaps is not None and gaps.random() < 0.3:
+            clock.now += gaps.expovariate(1.0) * 5
+        sends.append(clock.now + limiter.reserve())
+    return sends
+
+
+def test_safe_rate() -> None:
+    assert safe_rate(600, 60.0, 1) == pytest.approx(599 * (1 - JITTER_MARGIN) / 60)
+    assert safe_rate(600, 60.0, 600) == pytest.approx(1 * (1 - JITTER_MARGIN) / 60)
+    assert safe_rate(10, 1.0, 20) == pytest.approx(1 - JITTER_MARGIN)
+
+
+@pytest.mark.parametrize(("owned", "total", "share"), [
+    (0, 12, 0.0), (3, 12, 0.25), (12, 12, 1.0), (13, 12, 1.0), (1, 0, 0.0), (-1, 4, 0.0),
+])
+def test_partition_share(owned: int, total: int, share: float) -> None:
+    assert partition_share(owned, total) == share
+
+
+@pytest.mark.parametrize(("limit", "period", "burst"), [
+    (600, 60.0, 1), (600, 60.0, 10), (600, 60.0, 100), (600, 60.0, 600), (5, 1.0, 1),
+    (5, 1.0, 5), (100, 10.0, 3),
+])
+def test_no_rolling_window_exceeds_the_limit(limit: int, period: float, burst: int) -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(limit, period, burst, clock=clock)
+    back_to_back = simulate(limiter, clock, 5000)
+    assert max_in_window(back_to_back, period) <= limit
+    clock2 = FakeClock()
+    limiter2 = AdaptiveLimiter(limit, period, burst, clock=clock2)
+    with_idle = simulate(limiter2, clock2, 5000, gaps=random.Random(limit + burst))
+    assert max_in_window(with_idle, period) <= limit
+
+
+def test_sustained_rate_uses_almost_all_of_the_limit() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, 1, clock=clock)
+    sends = simulate(limiter, clock, 5000)
+    # 5,000 requests at ~596.0/min take ~503 s: not over-throttled.
+    assert sends[-1] - sends[0] == pytest.approx(4999 / safe_rate(600, 60.0, 1))
+    assert max_in_window(sends, 60.0) >= 590
+
+
+def test_sends_are_in_arrival_order() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, 5, clock=clock)
+    sends = simulate(limiter, clock, 200)
+    assert sends == sorted(sends)
+
+
+@pytest.mark.parametrize("burst", [1, 5, 50])
+def test_burst_goes_at_once_then_paces(burst: int) -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, burst, clock=clock)
+    waits = [limiter.reserve() for _ in range(burst + 3)]
+    assert waits[:burst] == [0.0] * burst
+    interval = 1 / safe_rate(600, 60.0, burst)
+    assert waits[burst:] == pytest.approx([interval, 2 * interval, 3 * interval])
+
+
+def test_idle_time_refills_the_burst_but_not_beyond() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, 4, clock=clock)
+    for _ in range(4):
+        limiter.reserve()
+    clock.now += 3600
+    waits = [limiter.reserve() for _ in range(5)]
+    assert waits[:4] == pytest.approx([0.0] * 4, abs=1e-9)
+    assert waits[4] > 0
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.25, 0.1])
+def test_share_scales_the_rate(share: float) -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, 1, clock=clock)
+    limiter.set_share(share)
+    assert limiter.rate == pytest.approx(safe_rate(600, 60.0, 1) * share)
+    sends = simulate(limiter, clock, 1000)
+    assert (sends[-1] - sends[0]) == pytest.approx(999 / limiter.rate)
+    assert max_in_window(sends, 60.0) <= 600 * share + 1
+
+
+@pytest.mark.parametrize(("raw", "effective"), [(-1.0, 0.0), (2.0, 1.0), (0.3, 0.3)])
+def test_share_is_clamped(raw: float, effective: float) -> None:
+    limiter = AdaptiveLimiter(600, 60.0, clock=FakeClock())
+    limiter.set_share(raw)
+    assert limiter.rate == pytest.approx(safe_rate(600, 60.0, 1) * effective)
+
+
+@pytest.mark.parametrize(("shares", "burst"), [
+    ((0.5, 0.5), 1), ((0.25, 0.75), 1), ((0.5, 0.5), 20), ((0.25, 0.25, 0.5), 30),
+    ((0.5, 0.5), 600), ((0.1,) * 10, 100),
+])
+def test_replicas_with_shares_stay_under_the_shared_limit(
+    shares: tuple[float, ...], burst: int
+) -> None:
+    """Replicas never talk; together they must still respect the token's limit."""
+    all_sends: list[float] = []
+    for share in shares:
+        clock = FakeClock()
+        limiter = AdaptiveLimiter(600, 60.0, burst, clock=clock)
+        limiter.set_share(share)
+        all_sends += simulate(limiter, clock, int(3000 * share))
+    assert max_in_window(all_sends, 60.0) <= 600
+
+
+def test_burst_is_scaled_by_the_share() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, 20, clock=clock)
+    limiter.set_share(0.25)
+    waits = [limiter.reserve() for _ in range(6)]
+    assert waits[:5] == [0.0] * 5
+    assert waits[5] > 0
+
+
+def test_share_zero_sends_nothing_and_consumes_nothing() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, 1, clock=clock)
+    limiter.set_share(0.0)
+    assert limiter.rate == 0.0
+    assert [limiter.reserve() for _ in range(3)] == [1.0, 1.0, 1.0]
+    limiter.set_share(1.0)
+    assert limiter.reserve() == 0.0
+
+
+def test_slow_down_halves_once_per_second_down_to_the_floor() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, clock=clock, min_factor=0.1)
+    full = limiter.rate
+    limiter.slow_down()
+    assert limiter.rate == pytest.approx(full / 2)
+    limiter.slow_down()  # same second: the same overload, not a new one
+    assert limiter.rate == pytest.approx(full / 2)
+    clock.now += 1.0
+    limiter.slow_down()
+    assert limiter.rate == pytest.approx(full / 4)
+    for _ in range(10):
+        clock.now += 1.0
+        limiter.slow_down()
+    assert limiter.rate == pytest.approx(full * 0.1)
+
+
+def test_recover_restores_the_rate_over_time() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, clock=clock, recover_step=0.1, recover_every_s=10.0)
+    full = limiter.rate
+    limiter.slow_down()
+    clock.now += 9.9
+    limiter.reserve()
+    assert limiter.rate == pytest.approx(full * 0.5)
+    clock.now += 0.1
+    limiter.reserve()
+    assert limiter.rate == pytest.approx(full * 0.6)
+    clock.now += 25.0
+    limiter.reserve()
+    assert limiter.rate == pytest.approx(full * 0.8)
+    clock.now += 1000.0
+    limiter.reserve()
+    assert limiter.rate == pytest.approx(full)
+
+
+def test_slowed_limiter_paces_at_the_lower_rate() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, clock=clock)
+    limiter.reserve()
+    limiter.slow_down()
+    waits = [limiter.reserve() for _ in range(3)]
+    slow_interval = 1 / (safe_rate(600, 60.0, 1) / 2)
+    assert waits[2] - waits[1] == pytest.approx(slow_interval)
+
+
+class FakeSleep:
+    """asyncio.sleep stand-in that moves the fake clock instead of waiting."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.slept: list[float] = []
+        self.real = asyncio.sleep
+
+    async def __call__(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.clock.now += seconds
+        await self.real(0)
+
+
+def test_acquire_waits_the_reserved_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    sleep = FakeSleep(clock)
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    limiter = AdaptiveLimiter(600, 60.0, 1, clock=clock)
+
+    async def main() -> list[float]:
+        return [await limiter.acquire() for _ in range(3)]
+
+    waited = asyncio.run(main())
+    interval = 1 / safe_rate(600, 60.0, 1)
+    assert waited == pytest.approx([0.0, interval, interval])
+    assert sleep.slept == pytest.approx([interval, interval])
+
+
+def test_concurrent_acquires_are_served_in_order_one_slot_apart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(asyncio, "sleep", FakeSleep(clock))
+    limiter = AdaptiveLimiter(600, 60.0, 1, clock=clock)
+    sent: list[tuple[int, float]] = []
+
+    async def caller(i: int) -> None:
+        await limiter.acquire()
+        sent.append((i, clock.now))
+
+    async def main() -> None:
+        await asyncio.gather(*(caller(i) for i in range(5)))
+
+    asyncio.run(main())
+    interval = 1 / safe_rate(600, 60.0, 1)
+    assert [i for i, _ in sent] == [0, 1, 2, 3, 4]
+    times = [t for _, t in sent]
+    assert [b - a for a, b in itertools.pairwise(times)] == pytest.approx(
+        [interval] * 4)
+
+
+def test_slow_down_applies_to_the_very_next_acquire(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(asyncio, "sleep", FakeSleep(clock))
+    limiter = AdaptiveLimiter(600, 60.0, 1, clock=clock)
+
+    async def main() -> list[float]:
+        first = [await limiter.acquire() for _ in range(2)]
+        limiter.slow_down()
+        return [*first, await limiter.acquire(), await limiter.acquire()]
+
+    waited = asyncio.run(main())
+    interval = 1 / safe_rate(600, 60.0, 1)
+    # The slot booked before the cut still uses the old interval; the next one is doubled.
+    assert waited == pytest.approx([0.0, interval, interval, 2 * interval])
+
+
+def test_acquire_with_share_zero_rechecks_until_a_share_arrives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    sleep = FakeSleep(clock)
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    limiter = AdaptiveLimiter(600, 60.0, clock=clock)
+    limiter.set_share(0.0)
+
+    async def main() -> float:
+        task = asyncio.get_running_loop().create_task(limiter.acquire())
+        while len(sleep.slept) < 3:
+            await sleep.real(0)
+        limiter.set_share(1.0)
+        return await task
+
+    waited = asyncio.run(main())
+    assert sleep.slept[:3] == [1.0, 1.0, 1.0]
+    assert 3.0 <= waited <= 4.0
