@@ -38,8 +38,9 @@ set -a; eval "$$($(CTL) env)"; set +a; \
 $(1)
 endef
 
+# -k: run every check even after one fails, so one CI run reports all problems.
 test: venv
-	@$(call with-services,$(MAKE) --no-print-directory check)
+	@$(call with-services,$(MAKE) --no-print-directory -k check)
 
 # >>> Hook: later checks are added here, as targets listed before `pytest`.
 #     Each must exit non-zero on failure. ops-check (helm, promtool) is the first.
