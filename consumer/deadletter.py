@@ -84,11 +84,15 @@ def dlq_headers(
         ("__connect.errors.partition", str(partition).encode()),
         ("__connect.errors.offset", str(offset).encode()),
         ("__connect.errors.connector.name", CONNECTOR_NAME.encode()),
+        ("__connect.errors.task.id", b"0"),
         ("__connect.errors.stage", b"VALUE_CONVERTER" if failure.reason == "undecodable"
          else b"TASK_PUT"),
         ("__connect.errors.class.name", b"consumer.worker"),
         ("__connect.errors.exception.class.name", failure.exception_class.encode()),
         ("__connect.errors.exception.message", message.encode()),
+        # No Java stack here; Connect's first stacktrace line is "class: message".
+        ("__connect.errors.exception.stacktrace",
+         f"{failure.exception_class}: {message}".encode()),
         ("userpilot.error.reason", failure.reason.encode()),
         ("userpilot.error.status", b"" if failure.status is None
          else str(failure.status).encode()),

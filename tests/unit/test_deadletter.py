@@ -1,0 +1,235 @@
+"""Unit tests for consumer.deadletter: DLQ headers and the guard against a bad deploy."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from consumer.deadletter import (
+    BODY_LIMIT,
+    CONNECTOR_NAME,
+    REPLAY_COUNT,
+    DlqGuard,
+    Failure,
+    Header,
+    dlq_headers,
+    header_value,
+    replay_count,
+)
+
+TOKEN = "wt_9f8e7d6c5b4a3210"
+FIRST = datetime(2024, 5, 1, 12, 0, 0, 123000, tzinfo=UTC).timestamp()
+LAST = datetime(2024, 5, 1, 12, 10, 30, 456000, tzinfo=UTC).timestamp()
+
+REJECTED = Failure(
+    reason="bad_request", exception_class="consumer.errors.Rejected",
+    message="HTTP 400 (x-request-id r-1): payload rejected", status=400,
+    body='{"error":"metadata must be flat"}', attempts=1, first_attempt=FIRST,
+    last_attempt=LAST,
+)
+UNDECODABLE = Failure(
+    reason="undecodable", exception_class="consumer.errors.UndecodableEvent",
+    message="wrong magic byte 1 (expected 0: Confluent wire format)",
+)
+
+
+def headers_of(failure: Failure, original: list[Header] | None = None) -> dict[str, bytes]:
+    out = dlq_headers(original, topic="delivery-userpilot", partition=3, offset=1234,
+                      failure=failure)
+    names = [k for k, _ in out]
+    assert len(names) == len(set(names)), f"duplicate headers: {names}"
+    return dict(out)
+
+
+def test_connect_and_userpilot_headers() -> None:
+    h = headers_of(REJECTED)
+    assert h == {
+        "__connect.errors.topic": b"delivery-userpilot",
+        "__connect.errors.partition": b"3",
+        "__connect.errors.offset": b"1234",
+        "__connect.errors.connector.name": CONNECTOR_NAME.encode(),
+        "__connect.errors.task.id": b"0",
+        "__connect.errors.stage": b"TASK_PUT",
+        "__connect.errors.class.name": b"consumer.worker",
+        "__connect.errors.exception.class.name": b"consumer.errors.Rejected",
+        "__connect.errors.exception.message": b"HTTP 400 (x-request-id r-1): payload rejected",
+        "__connect.errors.exception.stacktrace":
+            b"consumer.errors.Rejected: HTTP 400 (x-request-id r-1): payload rejected",
+        "userpilot.error.reason": b"bad_request",
+        "userpilot.error.status": b"400",
+        "userpilot.error.body": b'{"error":"metadata must be flat"}',
+        "userpilot.error.attempts": b"1",
+        "userpilot.error.first_attempt": b"2024-05-01T12:00:00.123+00:00",
+        "userpilot.error.last_attempt": b"2024-05-01T12:10:30.456+00:00",
+        REPLAY_COUNT: b"0",
+    }
+
+
+def test_every_kafka_connect_context_header_is_present() -> None:
+    """Tools that read Connect DLQs expect the full set (see delivery-semantics.md)."""
+    h = headers_of(UNDECODABLE)
+    for suffix in ("topic", "partition", "offset", "connector.name", "task.id", "stage",
+                   "class.name", "exception.class.name", "exception.message",
+                   "exception.stacktrace"):
+        assert f"__connect.errors.{suffix}" in h
+
+
+def test_undecodable_is_a_converter_failure_without_status_or_times() -> None:
+    h = headers_of(UNDECODABLE)
+    assert h["__connect.errors.stage"] == b"VALUE_CONVERTER"
+    assert h["userpilot.error.reason"] == b"undecodable"
+    assert h["userpilot.error.status"] == b""
+    assert h["userpilot.error.body"] == b""
+    assert h["userpilot.error.attempts"] == b"0"
+    assert h["userpilot.error.first_attempt"] == b""
+    assert h["userpilot.error.last_attempt"] == b""
+
+
+def test_original_headers_are_kept_in_order_and_stale_error_headers_replaced() -> None:
+    original: list[Header] = [
+        ("traceparent", b"00-abc-def-01"),
+        ("__connect.errors.topic", b"old-topic"),
+        ("userpilot.error.reason", b"timeout"),
+        ("userpilot.error.status", b"503"),
+        ("content-type", b"avro"),
+        ("traceparent", b"second"),
+    ]
+    out = dlq_headers(original, topic="t", partition=0, offset=1, failure=REJECTED)
+    assert out[:3] == [("traceparent", b"00-abc-def-01"), ("content-type", b"avro"),
+                       ("traceparent", b"second")]
+    assert header_value(out, "__connect.errors.topic") == b"t"
+    assert [v for k, v in out if k == "userpilot.error.reason"] == [b"bad_request"]
+    assert [v for k, v in out if k == "userpilot.error.status"] == [b"400"]
+    assert ("__connect.errors.topic", b"old-topic") not in out
+
+
+@pytest.mark.parametrize(("original", "count"), [
+    (None, b"0"),
+    ([], b"0"),
+    ([(REPLAY_COUNT, b"2")], b"2"),
+    ([("x", b"y"), (REPLAY_COUNT, b"7")], b"7"),
+])
+def test_replay_count_is_preserved_or_initialised(
+    original: list[Header] | None, count: bytes
+) -> None:
+    out = dlq_headers(original, topic="t", partition=0, offset=1, failure=REJECTED)
+    assert [v for k, v in out if k == REPLAY_COUNT] == [count]
+
+
+@pytest.mark.parametrize(("headers", "count"), [
+    (None, 0), ([], 0), ([(REPLAY_COUNT, b"3")], 3), ([(REPLAY_COUNT, b"")], 0),
+    ([(REPLAY_COUNT, b"x")], 0), ([(REPLAY_COUNT, b"1"), (REPLAY_COUNT, b"4")], 4),
+])
+def test_replay_count(headers: list[Header] | None, count: int) -> None:
+    assert replay_count(headers) == count
+
+
+def test_header_value_returns_the_last_or_none() -> None:
+    headers: list[Header] = [("a", b"1"), ("b", b"2"), ("a", b"3")]
+    assert header_value(headers, "a") == b"3"
+    assert header_value(headers, "b") == b"2"
+    assert header_value(headers, "c") is None
+    assert header_value(None, "a") is None
+
+
+def test_body_and_message_are_truncated() -> None:
+    failure = Failure(reason="bad_request", exception_class="Rejected", message="m" * 5000,
+                      status=413, body="é" * 3000)
+    h = headers_of(failure)
+    assert h["userpilot.error.body"].decode() == "é" * BODY_LIMIT
+    assert h["__connect.errors.exception.message"].decode() == "m" * BODY_LIMIT
+    assert BODY_LIMIT == 1024
+
+
+def test_no_header_contains_the_token() -> None:
+    original: list[Header] = [("traceparent", b"00-abc")]
+    for failure in (REJECTED, UNDECODABLE):
+        out = dlq_headers(original, topic="t", partition=0, offset=1, failure=failure)
+        blob = b"".join(k.encode() + v for k, v in out)
+        assert TOKEN.encode() not in blob
+        assert b"Authorization" not in blob
+        assert b"Token " not in blob
+
+
+# ------------------------------------------------------------------ DlqGuard
+
+
+def test_guard_trips_on_consecutive_limit() -> None:
+    guard = DlqGuard(max_ratio=1.0, window=1000, max_consecutive=3)
+    assert [guard.allow_dead_letter() for _ in range(3)] == [True, True, True]
+    assert guard.tripped_reason is None
+    assert guard.allow_dead_letter() is False
+    assert guard.tripped_reason == "4 consecutive dead letters (limit 3)"
+
+
+def test_success_resets_the_consecutive_count() -> None:
+    guard = DlqGuard(max_ratio=1.0, window=1000, max_consecutive=3)
+    for _ in range(10):
+        assert all(guard.allow_dead_letter() for _ in range(3))
+        guard.record_success()
+    assert guard.tripped_reason is None
+
+
+def test_guard_stays_tripped() -> None:
+    guard = DlqGuard(max_ratio=1.0, window=10, max_consecutive=1)
+    guard.allow_dead_letter()
+    assert guard.allow_dead_letter() is False
+    guard.record_success()
+    assert guard.allow_dead_letter() is False
+    assert guard.tripped_reason == "2 consecutive dead letters (limit 1)"
+
+
+def test_ratio_does_not_trip_before_the_window_is_full() -> None:
+    guard = DlqGuard(max_ratio=0.5, window=10, max_consecutive=100)
+    assert all(guard.allow_dead_letter() for _ in range(9))
+    assert guard.tripped_reason is None
+    assert guard.allow_dead_letter() is False  # the 10th fills the window at ratio 1.0
+    assert guard.tripped_reason == "10 dead letters in the last 10 events, ratio 1.00 > 0.5"
+
+
+def test_ratio_trips_once_the_window_is_full() -> None:
+    guard = DlqGuard(max_ratio=0.5, window=10, max_consecutive=100)
+    for _ in range(5):
+        guard.record_success()
+    assert all(guard.allow_dead_letter() for _ in range(5))  # 5/10 = 0.5: not above
+    assert guard.tripped_reason is None
+    guard.record_success()  # window slides: oldest success out, 5/10 still
+    assert guard.allow_dead_letter() is False  # 6/10
+    assert guard.tripped_reason is not None
+    assert "6 dead letters in the last 10 events" in guard.tripped_reason
+
+
+def test_sliding_window_forgets_old_dead_letters() -> None:
+    guard = DlqGuard(max_ratio=0.3, window=10, max_consecutive=100)
+    for _ in range(3):
+        assert guard.allow_dead_letter()
+    for _ in range(7):
+        guard.record_success()
+    # Each new dead letter pushes an old one out: the window stays at 3/10.
+    assert guard.allow_dead_letter() is True
+    assert guard.allow_dead_letter() is True
+    assert guard.tripped_reason is None
+    guard.record_success()  # pushes out the last old dead letter: 2/10
+    assert guard.allow_dead_letter() is True  # 3/10
+    assert guard.allow_dead_letter() is False  # 4/10
+    assert guard.tripped_reason == "4 dead letters in the last 10 events, ratio 0.40 > 0.3"
+
+
+@pytest.mark.parametrize(("pattern", "trips_at"), [
+    # one dead letter in every two events at ratio 0.5 never trips
+    ("DS" * 100, None),
+    # two dead in three events: ratio 0.67 > 0.5 as soon as the window is full
+    ("DDS" * 100, 9),
+    ("S" * 50 + "D" * 6, 55),
+])
+def test_ratio_table(pattern: str, trips_at: int | None) -> None:
+    guard = DlqGuard(max_ratio=0.5, window=10, max_consecutive=1000)
+    tripped = None
+    for i, kind in enumerate(pattern):
+        if kind == "S":
+            guard.record_success()
+        elif not guard.allow_dead_letter():
+            tripped = i
+            break
+    assert tripped == trips_at
