@@ -274,14 +274,28 @@ def running(svc: Service) -> tuple[int, int] | None:
         return None
     if not fields:
         return None
-    pid, port = fields[0], fields[1] if len(fields) > 1 else svc.wanted_port()
+    pid = fields[0]
     if not _alive(pid):
         return None
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return None
-    return (pid, port) if svc.marker.encode() in cmdline else None
+    if svc.marker.encode() not in cmdline:
+        return None
+    return pid, fields[1] if len(fields) > 1 else _legacy_port(svc, cmdline)
+
+
+def _legacy_port(svc: Service, cmdline: list[bytes]) -> int:
+    """The port of a service started before pid files recorded it (read from its own config)."""
+    if svc.name == "registry":
+        flag = b"-Dquarkus.http.port="
+        return next((int(a[len(flag):]) for a in cmdline if a.startswith(flag)), 0)
+    with contextlib.suppress(OSError, ValueError):
+        for line in (svc.dir / "server.properties").read_text().splitlines():
+            if line.startswith("advertised.listeners="):
+                return int(line.rsplit(":", 1)[1])
+    return 0
 
 
 def _port_open(port: int) -> bool:
