@@ -17,8 +17,9 @@ runtime state (data, pid files, logs) lives in ``<repo>/.run/services/``.
 Environment: KAFKA_PORT (19092; the controller uses KAFKA_PORT+1), REGISTRY_PORT (18081),
 SERVICES_START_TIMEOUT (seconds, 180), KAFKA_JAVA_OPTS / REGISTRY_JAVA_OPTS (extra JVM flags).
 
-Apicurio 3.0.9 rather than 3.3.x: 3.1+ is compiled for Java 21 and only Java 17 is
-installable here (Debian bookworm); 3.0.9 serves the same ``/apis/ccompat/v7`` API.
+Apicurio 3.0.9 rather than 3.3.x (the only other 3.x releases on Maven Central): 3.3.x is
+compiled for Java 21 and only Java 17 is installable here (Debian bookworm); 3.0.9 runs on
+Java 17 and serves the same ``/apis/ccompat/v7`` API.
 """
 
 from __future__ import annotations
