@@ -12,6 +12,7 @@ import email.utils
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC
 
 import httpx
 
@@ -52,6 +53,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:  # HTTP dates are always GMT, whatever the local zone
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
     if seconds != seconds:  # NaN
         return None
@@ -87,7 +90,13 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
         )
     if 400 <= status <= 499:
         return Rejected(f"{where}: payload rejected", status=status, body=snippet)
-    # 1xx/3xx: we never follow redirects (the token must not travel to another host).
+    if 300 <= status <= 399:
+        # Never followed (the token must not travel to another host); no event can succeed.
+        return Misconfigured(
+            f"{where}: redirected to {headers.get('location', '?')[:200]}; check "
+            "USERPILOT_ANALYTICS_ENDPOINT (host only) and USERPILOT_INSECURE_HTTP",
+            status=status, body=snippet,
+        )
     return Rejected(f"{where}: unexpected response", status=status, body=snippet)
 
 

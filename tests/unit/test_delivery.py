@@ -1,0 +1,331 @@
+"""Unit tests for consumer.delivery: status classification and the Track client (MockTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from consumer.delivery import (
+    BODY_LIMIT,
+    MAX_RETRY_AFTER_S,
+    Response,
+    UserpilotClient,
+    classify,
+    parse_retry_after,
+)
+from consumer.errors import (
+    ConnectionFailed,
+    DeadLetter,
+    Misconfigured,
+    Pause,
+    RateLimited,
+    Rejected,
+    Retry,
+    ServerError,
+    Timeout,
+    WorkerError,
+)
+
+TOKEN = "wt_9f8e7d6c5b4a3210"
+URL = "https://analytex.userpilot.io/v1/track"
+HEADERS = {
+    "Content-Type": "application/json",
+    "Authorization": f"Token {TOKEN}",
+    "X-API-Version": "2020-09-22",
+}
+BODY = b'{"user_id":"user_001","event_name":"feature_used","metadata":{"feature":"export_csv"}}'
+NOW = 1_714_560_000.0
+
+
+def h(**values: str) -> httpx.Headers:
+    return httpx.Headers({k.replace("_", "-"): v for k, v in values.items()})
+
+
+# ------------------------------------------------------------------ classify
+
+
+@pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
+def test_2xx_is_delivered(status: int) -> None:
+    assert classify(status, h(), "") is None
+
+
+@pytest.mark.parametrize("status", [400, 409, 413, 415, 422, 451, 499])
+def test_payload_problems_are_rejected(status: int) -> None:
+    exc = classify(status, h(x_request_id="rid-1"), '{"error":"bad"}')
+    assert isinstance(exc, Rejected)
+    assert isinstance(exc, DeadLetter)
+    assert exc.status == status
+    assert exc.body == '{"error":"bad"}'
+    assert str(exc) == f"HTTP {status} (x-request-id rid-1): payload rejected"
+
+
+@pytest.mark.parametrize(("status", "hint"), [
+    (401, "write token"), (403, "write token"), (404, "USERPILOT_ANALYTICS_ENDPOINT"),
+])
+def test_configuration_problems_pause(status: int, hint: str) -> None:
+    exc = classify(status, h(), "nope")
+    assert isinstance(exc, Misconfigured)
+    assert isinstance(exc, Pause)
+    assert exc.status == status
+    assert hint in str(exc)
+    assert TOKEN not in str(exc)
+    assert "x-request-id" not in str(exc)  # only when Userpilot sent one
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_redirects_pause_instead_of_dead_lettering_every_event(status: int) -> None:
+    """A redirect means the endpoint or scheme is wrong: no event can succeed."""
+    exc = classify(status, h(location="https://elsewhere.example/v1/track"), "")
+    assert isinstance(exc, Misconfigured)
+    assert "USERPILOT_ANALYTICS_ENDPOINT" in str(exc)
+
+
+@pytest.mark.parametrize("status", [408, 500, 502, 503, 504, 599])
+def test_server_errors_retry(status: int) -> None:
+    exc = classify(status, h(), "oops")
+    assert isinstance(exc, ServerError)
+    assert isinstance(exc, Retry)
+    assert exc.status == status
+    assert exc.retry_after is None
+
+
+def test_503_with_retry_after() -> None:
+    exc = classify(503, h(retry_after="7"), "")
+    assert isinstance(exc, ServerError)
+    assert exc.retry_after == 7.0
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    (h(), None),
+    (h(retry_after="30"), 30.0),
+    (h(Retry_After="2.5"), 2.5),
+    (h(retry_after="0"), 0.0),
+    (h(retry_after="later"), None),
+])
+def test_429_is_rate_limited(headers: httpx.Headers, expected: float | None) -> None:
+    exc = classify(429, headers, "slow down")
+    assert isinstance(exc, RateLimited)
+    assert exc.status == 429
+    assert exc.retry_after == expected
+    assert exc.cause == "rate_limited"
+
+
+def test_429_with_an_http_date() -> None:
+    when = email.utils.formatdate(time.time() + 120, usegmt=True)
+    exc = classify(429, h(retry_after=when), "")
+    assert isinstance(exc, RateLimited)
+    assert exc.retry_after is not None
+    assert 115 <= exc.retry_after <= 120
+
+
+def test_body_is_truncated() -> None:
+    exc = classify(400, h(), "x" * 5000)
+    assert isinstance(exc, Rejected)
+    assert exc.body == "x" * BODY_LIMIT
+
+
+def test_retry_causes_label_metrics() -> None:
+    causes = {type(classify(s, h(), "")).__name__: getattr(classify(s, h(), ""), "cause", None)
+              for s in (429, 503)}
+    assert causes == {"RateLimited": "rate_limited", "ServerError": "server_error"}
+
+
+# ------------------------------------------------------------------ parse_retry_after
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, None),
+    ("", None),
+    ("   ", None),
+    ("5", 5.0),
+    (" 5 ", 5.0),
+    ("1.5", 1.5),
+    ("-3", 0.0),
+    ("0", 0.0),
+    ("601", MAX_RETRY_AFTER_S),
+    ("1e9", MAX_RETRY_AFTER_S),
+    ("inf", MAX_RETRY_AFTER_S),
+    ("nan", None),
+    ("soon", None),
+    ("5 seconds", None),
+    (email.utils.formatdate(NOW + 120, usegmt=True), 120.0),
+    (email.utils.formatdate(NOW - 120, usegmt=True), 0.0),
+    (email.utils.formatdate(NOW + 86400, usegmt=True), MAX_RETRY_AFTER_S),
+    ("Wed, 01 May 2024 10:42:00 GMT", 120.0),  # NOW is 2024-05-01T10:40:00Z
+    ("Wednesday, 01-May-24 10:42:00 GMT", 120.0),  # obsolete RFC 850 form, still valid
+    ("Wed May  1 10:42:00 2024", 120.0),  # asctime form (no zone: read as UTC)
+])
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    result = parse_retry_after(value, now=NOW)
+    if expected is None:
+        assert result is None
+    else:
+        assert result == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value", ["Wed May  1 10:42:00 2024", "Wed, 01 May 2024 10:42:00 -0000"])
+def test_dates_without_a_zone_are_gmt_whatever_the_local_zone(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        assert parse_retry_after(value, now=NOW) == pytest.approx(120.0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_parse_retry_after_uses_the_wall_clock_by_default() -> None:
+    future = email.utils.formatdate(usegmt=True)  # now, to the second
+    result = parse_retry_after(future)
+    assert result is not None
+    assert 0.0 <= result <= 1.0
+
+
+# ------------------------------------------------------------------ UserpilotClient
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def call(handler: Handler, body: bytes = BODY) -> tuple[Response | None, Exception | None]:
+    async def main() -> tuple[Response | None, Exception | None]:
+        client = UserpilotClient(URL, HEADERS, timeout_s=5.0, max_connections=4,
+                                 transport=httpx.MockTransport(handler))
+        try:
+            return await client.track(body), None
+        except WorkerError as exc:
+            return None, exc
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+def test_sends_exactly_the_headers_and_body() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(202, headers={"x-request-id": "rid-9"})
+
+    response, error = call(handler)
+    assert error is None
+    assert response is not None
+    assert (response.status, response.request_id) == (202, "rid-9")
+    assert response.elapsed_s >= 0
+    (request,) = seen
+    assert request.method == "POST"
+    assert str(request.url) == URL
+    assert request.content == BODY
+    assert json.loads(request.content) == {
+        "user_id": "user_001", "event_name": "feature_used",
+        "metadata": {"feature": "export_csv"}}
+    for name, value in HEADERS.items():
+        assert request.headers.get_list(name) == [value]
+    assert request.headers["content-length"] == str(len(BODY))
+    unexpected = set(request.headers) - {k.lower() for k in HEADERS} - {
+        "host", "accept", "accept-encoding", "connection", "user-agent", "content-length"}
+    assert unexpected == set()
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    (400, Rejected), (413, Rejected), (401, Misconfigured), (404, Misconfigured),
+    (429, RateLimited), (500, ServerError), (503, ServerError), (302, Misconfigured),
+])
+def test_error_statuses_raise_the_classified_exception(
+    status: int, expected: type[Exception]
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, headers={"retry-after": "3", "location": "https://x/"},
+                              text="error body")
+
+    response, error = call(handler)
+    assert response is None
+    assert type(error) is expected
+    assert TOKEN not in str(error)
+    assert TOKEN not in repr(error)
+    if isinstance(error, RateLimited):
+        assert error.retry_after == 3.0
+
+
+def test_redirects_are_not_followed() -> None:
+    hosts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hosts.append(request.url.host)
+        return httpx.Response(307, headers={"location": "https://evil.example/v1/track"})
+
+    _, error = call(handler)
+    assert hosts == ["analytex.userpilot.io"]  # the token never travelled to evil.example
+    assert isinstance(error, Misconfigured)
+
+
+@pytest.mark.parametrize("exc", [
+    httpx.ConnectTimeout("connect timed out"),
+    httpx.ReadTimeout("read timed out"),
+    httpx.WriteTimeout("write timed out"),
+    httpx.PoolTimeout("pool timed out"),
+])
+def test_timeouts(exc: Exception) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    _, error = call(handler)
+    assert isinstance(error, Timeout)
+    assert type(exc).__name__ in str(error)
+
+
+@pytest.mark.parametrize("exc", [
+    httpx.ConnectError("[Errno 111] Connection refused"),
+    httpx.ReadError("connection reset by peer"),
+    httpx.RemoteProtocolError("server disconnected"),
+    OSError("network unreachable"),
+])
+def test_connection_failures(exc: Exception) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    _, error = call(handler)
+    assert isinstance(error, ConnectionFailed)
+    assert error.__cause__ is None  # the httpx exception (and its request) is not chained
+
+
+def test_transport_error_messages_never_include_the_token() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError(f"failed with headers {request.headers}")
+
+    _, error = call(handler)
+    assert isinstance(error, ConnectionFailed)
+    assert TOKEN not in str(error)
+    assert TOKEN not in repr(error)
+    # `from None`: tracebacks and log.exception never print the httpx error's message.
+    assert error.__cause__ is None
+    assert error.__suppress_context__ is True
+
+
+def test_client_reuses_one_pool_for_many_requests() -> None:
+    count = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal count
+        count += 1
+        return httpx.Response(202)
+
+    async def main() -> list[int]:
+        client = UserpilotClient(URL, HEADERS, timeout_s=5.0, max_connections=2,
+                                 transport=httpx.MockTransport(handler))
+        try:
+            results = await asyncio.gather(*(client.track(BODY) for _ in range(20)))
+        finally:
+            await client.aclose()
+        return [r.status for r in results]
+
+    assert asyncio.run(main()) == [202] * 20
+    assert count == 20
