@@ -25,7 +25,7 @@ from typing import Literal
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_random_exponential
 
-from consumer.errors import DeadLetter, Misconfigured, Pause, Retry
+from consumer.errors import DeadLetter, Pause, Retry
 
 __all__ = ["Attempts", "Gate", "RetryPolicy"]
 
@@ -202,7 +202,7 @@ class RetryPolicy:
                 except Retry as exc:
                     self._gate.transient_failure(exc, probe)
                     raise
-                except Misconfigured as exc:
+                except Pause as exc:
                     self._gate.misconfigured(exc, probe)
                     raise
                 except DeadLetter:

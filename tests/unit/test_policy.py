@@ -1,0 +1,378 @@
+"""Unit tests for consumer.policy: the outage gate and the per-event retry policy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+
+import pytest
+
+from consumer.errors import (
+    ConnectionFailed,
+    Misconfigured,
+    Pause,
+    RateLimited,
+    Rejected,
+    Retry,
+    ServerError,
+    Timeout,
+    UndecodableEvent,
+    WorkerError,
+)
+from consumer.policy import Attempts, Gate, RetryPolicy
+
+
+class FakeClock:
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeSleep:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.slept: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.clock.now += seconds
+        await asyncio.sleep(0)
+
+
+class Stopped(Exception):
+    """Ends a test that would otherwise retry forever (not a Retry, so not retried)."""
+
+
+def run(coro: Awaitable[object]) -> object:
+    async def main() -> object:
+        return await asyncio.wait_for(coro, 5.0)
+    return asyncio.run(main())
+
+
+# ------------------------------------------------------------------ Gate
+
+
+def test_gate_closes_after_n_consecutive_transient_failures() -> None:
+    changes: list[tuple[str, str]] = []
+    gate = Gate(outage_after=3, clock=FakeClock(),
+                on_change=lambda state, detail: changes.append((state, detail)))
+    for _ in range(2):
+        gate.transient_failure(ServerError("HTTP 503"))
+    assert gate.state == "up"
+    gate.transient_failure(ServerError("HTTP 503"))
+    assert gate.state == "outage"
+    assert changes == [("outage", "3 failures in a row, last: HTTP 503")]
+    gate.transient_failure(ServerError("HTTP 503"))
+    assert len(changes) == 1  # no repeat notification while already in outage
+
+
+@pytest.mark.parametrize("reset", ["success", "answered"])
+def test_any_answer_resets_the_run_of_failures(reset: str) -> None:
+    gate = Gate(outage_after=3, clock=FakeClock())
+    for _ in range(10):
+        gate.transient_failure(Timeout("t"))
+        gate.transient_failure(Timeout("t"))
+        getattr(gate, reset)()
+    assert gate.state == "up"
+
+
+def test_only_success_moves_last_success() -> None:
+    clock = FakeClock(5.0)
+    gate = Gate(clock=clock)
+    gate.answered()
+    assert gate.last_success < 0
+    gate.success()
+    assert gate.last_success == 5.0
+
+
+def test_admit_is_free_while_up() -> None:
+    gate = Gate(clock=FakeClock())
+    assert run(gate.admit()) is False
+
+
+def test_outage_admits_exactly_one_probe_at_a_time_and_closes_on_success() -> None:
+    clock = FakeClock()
+    gate = Gate(outage_after=1, probe_base_s=10.0, clock=clock)
+    gate.transient_failure(ConnectionFailed("refused"))
+    assert gate.state == "outage"
+
+    async def main() -> list[object]:
+        clock.now += 10.0  # the first probe is due
+        first = asyncio.ensure_future(gate.admit())
+        others = [asyncio.ensure_future(gate.admit()) for _ in range(3)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert first.done() and first.result() is True
+        assert not any(o.done() for o in others)  # everybody else waits for the probe
+        gate.success(probe=True)
+        return list(await asyncio.gather(*others))
+
+    assert run(main()) == [False, False, False]
+    assert gate.state == "up"
+
+
+def test_probe_is_not_admitted_before_it_is_due() -> None:
+    clock = FakeClock()
+    # Waiting is real time (a timeout of the remaining delay), due-ness is the clock's.
+    gate = Gate(outage_after=1, probe_base_s=0.02, clock=clock)
+    gate.transient_failure(ServerError("HTTP 500"))
+
+    async def main() -> bool:
+        task = asyncio.ensure_future(gate.admit())
+        await asyncio.sleep(0.1)
+        assert not task.done()  # several re-checks happened; the fake clock says not yet
+        clock.now += 0.02
+        return await task
+
+    assert run(main()) is True
+
+
+def test_failed_probes_back_off_exponentially_up_to_the_maximum() -> None:
+    clock = FakeClock()
+    gate = Gate(outage_after=1, probe_base_s=1.0, probe_max_s=8.0, clock=clock)
+    gate.transient_failure(ServerError("HTTP 500"))
+    delays = []
+    for _ in range(6):
+        clock.now = gate._next_probe
+        assert run(gate.admit()) is True
+        gate.transient_failure(ServerError("HTTP 500"), probe=True)
+        delays.append(gate._next_probe - clock.now)
+    expected = [1, 2, 4, 8, 8, 8]
+    for got, base in zip(delays, expected, strict=True):
+        assert 0.8 * base <= got <= 1.2 * base
+
+
+def test_a_released_probe_frees_the_slot() -> None:
+    clock = FakeClock()
+    gate = Gate(outage_after=1, probe_base_s=0.0, clock=clock)
+    gate.transient_failure(ServerError("HTTP 500"))
+
+    async def main() -> tuple[bool, bool]:
+        first = await gate.admit()
+        second = asyncio.ensure_future(gate.admit())
+        await asyncio.sleep(0)
+        assert not second.done()
+        gate.release(first)
+        return first, await second
+
+    assert run(main()) == (True, True)
+    assert gate.state == "outage"
+
+
+def test_misconfigured_state_holds_everything_until_an_answer() -> None:
+    changes: list[str] = []
+    clock = FakeClock()
+    gate = Gate(probe_base_s=0.02, clock=clock, on_change=lambda s, d: changes.append(s))
+    gate.misconfigured(Misconfigured("HTTP 401: token refused"))
+    assert (gate.state, gate.detail) == ("misconfigured", "HTTP 401: token refused")
+
+    async def main() -> bool:
+        task = asyncio.ensure_future(gate.admit())
+        await asyncio.sleep(0.1)
+        assert not task.done()
+        clock.now += 0.02
+        probe = await task
+        gate.misconfigured(Misconfigured("HTTP 401: token refused"), probe=probe)
+        assert gate.state == "misconfigured"
+        clock.now += 100.0
+        probe = await gate.admit()
+        gate.answered(probe=probe)  # e.g. a 400: the token works again
+        return probe
+
+    assert run(main()) is True
+    assert gate.state == "up"
+    assert changes == ["misconfigured", "up"]
+
+
+def test_misconfigured_during_an_outage_switches_state() -> None:
+    gate = Gate(outage_after=1, clock=FakeClock())
+    gate.transient_failure(Timeout("t"))
+    gate.misconfigured(Misconfigured("HTTP 404"))
+    assert (gate.state, gate.detail) == ("misconfigured", "HTTP 404")
+
+
+# ------------------------------------------------------------------ RetryPolicy
+
+
+class Script:
+    """A send() that raises the scripted outcomes in turn (None = delivered)."""
+
+    def __init__(self, outcomes: Iterable[BaseException | None],
+                 side: Callable[[int], None] | None = None) -> None:
+        self.outcomes = list(outcomes)
+        self.calls = 0
+        self.side = side
+
+    async def __call__(self) -> None:
+        self.calls += 1
+        if self.side is not None:
+            self.side(self.calls)
+        outcome = self.outcomes[min(self.calls, len(self.outcomes)) - 1]
+        if outcome is not None:
+            raise outcome
+
+
+def policy(gate: Gate, clock: FakeClock, sleep: FakeSleep, *, max_attempts: int = 3,
+           budget_s: float = 1e9, seen: list[Retry | Pause] | None = None) -> RetryPolicy:
+    return RetryPolicy(gate, max_attempts=max_attempts, budget_s=budget_s,
+                       backoff_multiplier_s=1.0, backoff_max_s=60.0,
+                       on_retry=None if seen is None else seen.append,
+                       sleep=sleep, clock=clock)
+
+
+def setup(outage_after: int = 1000) -> tuple[FakeClock, FakeSleep, Gate]:
+    clock = FakeClock()
+    return clock, FakeSleep(clock), Gate(outage_after=outage_after, probe_base_s=0.0,
+                                         clock=clock)
+
+
+def test_retries_transient_errors_with_growing_jittered_backoff() -> None:
+    clock, sleep, gate = setup()
+    errors: list[BaseException | None] = [ServerError("500"), Timeout("t"),
+                                          ConnectionFailed("c"), ServerError("502"), None]
+    send = Script(errors)
+    seen: list[Retry | Pause] = []
+    attempts = Attempts()
+    run(policy(gate, clock, sleep, max_attempts=100, seen=seen).run(send, attempts))
+    assert send.calls == 5
+    assert attempts.count == 5
+    assert attempts.first_wall is not None and attempts.last_wall is not None
+    assert attempts.first_wall <= attempts.last_wall
+    assert seen == errors[:4]
+    assert len(sleep.slept) == 4
+    for n, waited in enumerate(sleep.slept, start=1):
+        assert 0.0 <= waited <= 2.0 ** n  # full jitter over 1, 2, 4, 8 s
+    assert gate.state == "up"
+    assert gate.last_success == clock.now
+
+
+def test_honours_retry_after() -> None:
+    clock, sleep, gate = setup()
+    send = Script([RateLimited("429", retry_after=30.0), ServerError("503", retry_after=2.0),
+                   None])
+    run(policy(gate, clock, sleep, max_attempts=100).run(send, Attempts()))
+    assert len(sleep.slept) == 2
+    assert 30.0 <= sleep.slept[0] <= 30.0 + 3.05
+    assert 2.0 <= sleep.slept[1] <= 2.0 + 0.25
+
+
+def test_never_gives_up_while_nothing_else_succeeds() -> None:
+    """Everything failing is evidence about Userpilot: the event waits, it is not dropped."""
+    clock, sleep, gate = setup()
+    send = Script([ServerError("503")] * 30 + [Stopped()])
+    with pytest.raises(Stopped):
+        run(policy(gate, clock, sleep, max_attempts=3, budget_s=10.0).run(send, Attempts()))
+    assert send.calls == 31
+
+
+def test_gives_up_when_attempts_are_spent_and_another_delivery_succeeded() -> None:
+    clock, sleep, gate = setup()
+    last = ServerError("HTTP 500: third")
+
+    def other_event_succeeds(call: int) -> None:
+        if call == 2:
+            clock.now += 0.001
+            gate.success()
+
+    send = Script([ServerError("first"), ServerError("second"), last, Stopped()],
+                  other_event_succeeds)
+    with pytest.raises(ServerError) as info:
+        run(policy(gate, clock, sleep, max_attempts=3).run(send, Attempts()))
+    assert info.value is last
+    assert send.calls == 3
+
+
+def test_a_success_before_the_first_attempt_does_not_count() -> None:
+    clock, sleep, gate = setup()
+    gate.success()  # long before this event
+    clock.now += 50
+    send = Script([ServerError("503")] * 10 + [Stopped()])
+    with pytest.raises(Stopped):
+        run(policy(gate, clock, sleep, max_attempts=3).run(send, Attempts()))
+    assert send.calls == 11
+
+
+def test_gives_up_when_the_time_budget_is_spent_and_another_delivery_succeeded() -> None:
+    clock, sleep, gate = setup()
+
+    def other_succeeds(call: int) -> None:
+        if call == 1:
+            clock.now += 0.001
+            gate.success()
+
+    send = Script([RateLimited("429", retry_after=4.0)] * 100, other_succeeds)
+    with pytest.raises(RateLimited):
+        run(policy(gate, clock, sleep, max_attempts=1000, budget_s=10.0).run(send, Attempts()))
+    assert send.calls == 4  # ~4.2 s per wait: the 4th failure is past 10 s
+
+
+def test_never_gives_up_on_pause() -> None:
+    clock, sleep, gate = setup()
+    gate.success()
+
+    def later_success(call: int) -> None:
+        clock.now += 100.0  # budget long spent, and other deliveries succeeded
+        gate.last_success = clock.now
+
+    send = Script([Misconfigured("HTTP 401")] * 20 + [None], later_success)
+    run(policy(gate, clock, sleep, max_attempts=1, budget_s=1.0).run(send, Attempts()))
+    assert send.calls == 21
+    assert set(sleep.slept) == {0.0}  # the gate does the waiting, not the backoff
+    assert gate.state == "up"
+
+
+def test_pause_closes_the_gate_until_a_probe_succeeds() -> None:
+    clock, sleep, gate = setup()
+    states: list[str] = []
+    send = Script([Pause("integration broken"), Misconfigured("HTTP 403"), None],
+                  lambda call: states.append(gate.state))
+    run(policy(gate, clock, sleep).run(send, Attempts()))
+    assert states == ["up", "misconfigured", "misconfigured"]
+    assert gate.state == "up"
+
+
+@pytest.mark.parametrize("error", [
+    Rejected("HTTP 400", status=400), UndecodableEvent("bad bytes"),
+])
+def test_dead_letter_is_raised_at_once_without_retry(error: WorkerError) -> None:
+    clock, sleep, gate = setup(outage_after=2)
+    gate.transient_failure(Timeout("t"))
+    send = Script([error, None])
+    with pytest.raises(type(error)):
+        run(policy(gate, clock, sleep).run(send, Attempts()))
+    assert send.calls == 1
+    assert sleep.slept == []
+    gate.transient_failure(Timeout("t"))
+    assert gate.state == "up"  # the 400 was an answer: the failure run was reset
+
+
+def test_transient_failures_open_an_outage_and_a_probe_closes_it() -> None:
+    clock, sleep, gate = setup(outage_after=3)
+    states: list[str] = []
+    send = Script([ServerError("503")] * 5 + [None], lambda call: states.append(gate.state))
+    run(policy(gate, clock, sleep, max_attempts=100).run(send, Attempts()))
+    assert states == ["up", "up", "up", "outage", "outage", "outage"]
+    assert gate.state == "up"
+
+
+def test_before_send_runs_before_every_attempt() -> None:
+    clock, sleep, gate = setup()
+    order: list[str] = []
+
+    async def before() -> None:
+        order.append("before")
+
+    send = Script([Timeout("t"), None], lambda call: order.append("send"))
+    run(policy(gate, clock, sleep).run(send, Attempts(), before_send=before))
+    assert order == ["before", "send", "before", "send"]
+
+
+def test_unexpected_errors_propagate_and_free_the_probe_slot() -> None:
+    clock, sleep, gate = setup(outage_after=1)
+    gate.transient_failure(Timeout("t"))
+    send = Script([RuntimeError("bug")])
+    with pytest.raises(RuntimeError):
+        run(policy(gate, clock, sleep).run(send, Attempts()))
+    assert gate._probing is False
