@@ -41,6 +41,8 @@ ENV_VARS: frozenset[str] = frozenset({
     "USERPILOT_REQUEST_TIMEOUT_SECONDS",
     "USERPILOT_RETRY_MAX_ATTEMPTS",
     "USERPILOT_RETRY_BUDGET_SECONDS",
+    "USERPILOT_RETRY_BACKOFF_SECONDS",
+    "USERPILOT_RETRY_BACKOFF_MAX_SECONDS",
     "USERPILOT_MAX_CONNECTIONS",
     "KAFKA_BOOTSTRAP_SERVERS",
     "KAFKA_TOPICS",
@@ -129,6 +131,8 @@ class Settings:
     request_timeout_s: float
     retry_max_attempts: int
     retry_budget_s: float
+    retry_backoff_s: float
+    retry_backoff_max_s: float
     max_connections: int
     bootstrap_servers: str
     topics: tuple[str, ...]
@@ -180,7 +184,9 @@ class Settings:
                               f"(burst {self.rate_burst})",
                 "request_timeout_seconds": self.request_timeout_s,
                 "retry": {"max_attempts": self.retry_max_attempts,
-                          "budget_seconds": self.retry_budget_s},
+                          "budget_seconds": self.retry_budget_s,
+                          "backoff_seconds": self.retry_backoff_s,
+                          "backoff_max_seconds": self.retry_backoff_max_s},
                 "max_connections": self.max_connections,
             },
             "consent": {"categories": list(self.consent.categories),
@@ -432,6 +438,13 @@ def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
     timeout = r.number("USERPILOT_REQUEST_TIMEOUT_SECONDS", 10.0, 0.0, 300.0)
     attempts = r.integer("USERPILOT_RETRY_MAX_ATTEMPTS", 8, 1, 1000)
     budget = r.number("USERPILOT_RETRY_BUDGET_SECONDS", 600.0, 0.0)
+    backoff = r.number("USERPILOT_RETRY_BACKOFF_SECONDS", 1.0, 0.0, 3600.0)
+    backoff_max = r.number("USERPILOT_RETRY_BACKOFF_MAX_SECONDS", 60.0, 0.0, 3600.0)
+    if backoff_max < backoff:
+        r.problems.append(
+            f"USERPILOT_RETRY_BACKOFF_MAX_SECONDS={backoff_max:g} is below "
+            f"USERPILOT_RETRY_BACKOFF_SECONDS={backoff:g}: the cap must be at least the base"
+        )
     max_connections = r.integer("USERPILOT_MAX_CONNECTIONS", 64, 1, 1000)
 
     bootstrap = r.required(
@@ -491,6 +504,7 @@ def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
         consent=consent, mappings=mappings, mappings_file=mappings_file,
         rate_limit=rate_limit, rate_period_s=rate_period, rate_burst=rate_burst,
         request_timeout_s=timeout, retry_max_attempts=attempts, retry_budget_s=budget,
+        retry_backoff_s=backoff, retry_backoff_max_s=backoff_max,
         max_connections=max_connections,
         bootstrap_servers=bootstrap, topics=topics, group_id=group_id, dlq_topic=dlq_topic,
         kafka_extra=kafka_extra, registry_url=registry_url,

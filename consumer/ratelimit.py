@@ -6,7 +6,7 @@ callers are served in arrival order.
 
 Userpilot counts requests in a rolling window per token, so the emission interval is set
 so that no window can exceed the limit even with the burst and with network jitter
-between here and Userpilot:  rate = (limit - burst) × (1 - margin) / period.
+between here and Userpilot:  rate = (share × limit - burst) × (1 - margin) / period.
 
 Replicas share the token without talking to each other: each takes the share of the
 limit proportional to the partitions it owns (`partition_share`), recomputed on every
@@ -19,14 +19,34 @@ import asyncio
 import time
 from collections.abc import Callable
 
-__all__ = ["AdaptiveLimiter", "partition_share", "safe_rate"]
+__all__ = ["AdaptiveLimiter", "effective_burst", "partition_share", "safe_rate"]
 
 JITTER_MARGIN = 0.005
 
 
-def safe_rate(limit: int, period_s: float, burst: int) -> float:
-    """Requests per second that keep every rolling window of `period_s` within `limit`."""
-    return max(limit - burst, 1) * (1.0 - JITTER_MARGIN) / period_s
+def safe_rate(limit: int, period_s: float, burst: int, share: float = 1.0) -> float:
+    """Requests per second for one replica owning `share` of the limit.
+
+    A GCRA sender puts at most rate × T + burst requests in any window T. Each replica
+    keeps its own burst inside its own share, so N replicas together stay within
+    Σ (share_i × limit − burst) + N × burst = limit in every rolling window.
+    """
+    if share <= 0:
+        return 0.0
+    budget = share * limit
+    usable = budget - effective_burst(limit, burst, share)
+    if usable <= 0:  # a share of under two requests per period: best effort
+        usable = budget * 0.5
+    return usable * (1.0 - JITTER_MARGIN) / period_s
+
+
+def effective_burst(limit: int, burst: int, share: float = 1.0) -> int:
+    """The burst a replica may use: its share of the token's burst, at most half its budget.
+
+    Replicas' bursts then add up to at most the token's, and the rate formula in
+    `safe_rate` subtracts exactly this burst, so every rolling window stays in the limit.
+    """
+    return max(1, min(int(burst * share), int(share * limit // 2)))
 
 
 def partition_share(owned: int, total: int) -> float:
@@ -50,7 +70,8 @@ class AdaptiveLimiter:
         recover_step: float = 0.05,
         recover_every_s: float = 10.0,
     ) -> None:
-        self._full_rate = safe_rate(limit, period_s, burst)
+        self._limit = limit
+        self._period = period_s
         self._burst = burst
         self._clock = clock
         self._share = 1.0
@@ -65,7 +86,7 @@ class AdaptiveLimiter:
     @property
     def rate(self) -> float:
         """Current requests per second for this replica (0 when it owns nothing)."""
-        return self._full_rate * self._share * self._factor
+        return safe_rate(self._limit, self._period, self._burst, self._share) * self._factor
 
     def set_share(self, share: float) -> None:
         """Take a new share of the deployment-wide limit (after a rebalance)."""
@@ -93,8 +114,7 @@ class AdaptiveLimiter:
         if rate <= 0:
             return 1.0  # own no partitions: nothing should be sending; re-check shortly
         interval = 1.0 / rate
-        # The burst is shared too: replicas' bursts must add up to at most the token's.
-        burst = max(1, int(self._burst * self._share))
+        burst = effective_burst(self._limit, self._burst, self._share)
         tolerance = interval * (burst - 1)
         tat = max(self._tat, now)
         wait = max(0.0, tat - tolerance - now)

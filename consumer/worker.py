@@ -14,6 +14,7 @@ polling goes on, so the group never evicts a slow worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -113,10 +114,13 @@ class Worker:
         self.dlq = dlq or DeadLetterProducer(settings.kafka_config())
         self.limiter = AdaptiveLimiter(settings.rate_limit, settings.rate_period_s,
                                        settings.rate_burst)
-        self.gate = Gate(on_change=self._gate_changed)
+        self.gate = Gate(on_change=self._gate_changed, probe_base_s=settings.retry_backoff_s,
+                         probe_max_s=settings.retry_backoff_max_s)
         self.policy = RetryPolicy(
             self.gate, max_attempts=settings.retry_max_attempts,
             budget_s=settings.retry_budget_s, on_retry=self._count_retry,
+            backoff_multiplier_s=settings.retry_backoff_s,
+            backoff_max_s=settings.retry_backoff_max_s,
         )
         self.guard = DlqGuard(settings.dlq_max_ratio, settings.dlq_window,
                               settings.dlq_max_consecutive)
@@ -144,10 +148,9 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            # Outside the main thread (tests) there are no signal handlers: stop() is used.
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self._loop.add_signal_handler(sig, self._stopping.set)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass  # not the main thread (tests): stop() is used instead
         self.scheduler = Scheduler(self._process, self.s.max_in_flight, self._crash)
         conf = {**self.s.kafka_config(), "group.id": self.s.group_id}
         self.source = KafkaSource(

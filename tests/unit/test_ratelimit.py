@@ -39,8 +39,12 @@ def simulate(limiter: AdaptiveLimiter, clock: FakeClock, count: int, *,
 
 def test_safe_rate() -> None:
     assert safe_rate(600, 60.0, 1) == pytest.approx(599 * (1 - JITTER_MARGIN) / 60)
-    assert safe_rate(600, 60.0, 600) == pytest.approx(1 * (1 - JITTER_MARGIN) / 60)
-    assert safe_rate(10, 1.0, 20) == pytest.approx(1 - JITTER_MARGIN)
+    # A burst is capped at half the budget, and the burst is taken out of the rate.
+    assert safe_rate(600, 60.0, 600) == pytest.approx(300 * (1 - JITTER_MARGIN) / 60)
+    assert safe_rate(10, 1.0, 20) == pytest.approx(5 * (1 - JITTER_MARGIN))
+    # A replica's share: its part of the limit minus its own burst.
+    assert safe_rate(600, 60.0, 1, 0.5) == pytest.approx(299 * (1 - JITTER_MARGIN) / 60)
+    assert safe_rate(600, 60.0, 1, 0.0) == 0.0
 
 
 @pytest.mark.parametrize(("owned", "total", "share"), [
@@ -107,7 +111,8 @@ def test_share_scales_the_rate(share: float) -> None:
     clock = FakeClock()
     limiter = AdaptiveLimiter(600, 60.0, 1, clock=clock)
     limiter.set_share(share)
-    assert limiter.rate == pytest.approx(safe_rate(600, 60.0, 1) * share)
+    assert limiter.rate == pytest.approx(safe_rate(600, 60.0, 1, share))
+    assert limiter.rate < safe_rate(600, 60.0, 1) * share
     sends = simulate(limiter, clock, 1000)
     assert (sends[-1] - sends[0]) == pytest.approx(999 / limiter.rate)
     assert max_in_window(sends, 60.0) <= 600 * share + 1
@@ -117,7 +122,7 @@ def test_share_scales_the_rate(share: float) -> None:
 def test_share_is_clamped(raw: float, effective: float) -> None:
     limiter = AdaptiveLimiter(600, 60.0, clock=FakeClock())
     limiter.set_share(raw)
-    assert limiter.rate == pytest.approx(safe_rate(600, 60.0, 1) * effective)
+    assert limiter.rate == pytest.approx(safe_rate(600, 60.0, 1, effective))
 
 
 @pytest.mark.parametrize(("shares", "burst"), [
