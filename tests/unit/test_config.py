@@ -508,7 +508,8 @@ def test_describe_shape() -> None:
     d = load().describe()
     assert d["userpilot"]["track_url"] == "https://analytex.userpilot.io/v1/track"
     assert d["userpilot"]["rate_limit"] == "600 per 60 s (burst 1)"
-    assert d["userpilot"]["retry"] == {"max_attempts": 8, "budget_seconds": 600.0}
+    assert d["userpilot"]["retry"] == {"max_attempts": 8, "budget_seconds": 600.0,
+                                       "backoff_seconds": 1.0, "backoff_max_seconds": 60.0}
     assert d["consent"] == {"categories": ["analytics"], "missing": "deny"}
     assert d["mappings"]["file"] is None
     assert d["mappings"]["events"]["preset"] == "default"
