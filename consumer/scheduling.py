@@ -134,11 +134,18 @@ class Scheduler(Generic[J]):
     async def cancel(self, partitions: Iterable[TopicPartition] | None) -> int:
         """Abandon the jobs of these partitions (or all); returns how many were abandoned."""
         wanted = None if partitions is None else set(partitions)
-        victims = [task for key, task in self._tasks.items()
-                   if wanted is None or (key[0], key[1]) in wanted]
+        victims = {key: task for key, task in self._tasks.items()
+                   if wanted is None or (key[0], key[1]) in wanted}
         abandoned = self.pending(wanted)
-        for task in victims:
+        for task in victims.values():
             task.cancel()
         if victims:
-            await asyncio.gather(*victims, return_exceptions=True)
+            await asyncio.gather(*victims.values(), return_exceptions=True)
+        # A task cancelled before its first step never runs _chain's cleanup: do it here.
+        for key, task in victims.items():
+            if self._tasks.get(key) is task:  # not a chain submitted meanwhile
+                del self._tasks[key]
+                queue = self._queues.pop(key, None)
+                if queue:
+                    self._done(key[0], key[1], len(queue))
         return abandoned
