@@ -38,6 +38,23 @@ class _Redact(logging.Filter):
         return True
 
 
+class _Redacting(logging.Formatter):
+    """Masks secrets in the finished line, so tracebacks and extra fields are covered too."""
+
+    def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
+        super().__init__()
+        self._inner = inner
+        # Also the JSON-escaped spelling, as the JSON format would print it.
+        forms = {f for s in secrets if s for f in (s, json.dumps(s, ensure_ascii=False)[1:-1])}
+        self._forms = sorted(forms, key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self._inner.format(record)
+        for form in self._forms:
+            line = line.replace(form, "***")
+        return line
+
+
 class _Text(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
@@ -67,10 +84,11 @@ def configure_logging(level: str = "INFO", fmt: str = "text",
                       secrets: list[str] | None = None) -> None:
     """Route all logging to stderr, one line per record."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
+    formatter: logging.Formatter = (
         _Json() if fmt == "json"
         else _Text("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    handler.setFormatter(_Redacting(formatter, secrets) if secrets else formatter)
     handler.addFilter(_Redact(secrets or []))
     root = logging.getLogger()
     root.handlers[:] = [handler]

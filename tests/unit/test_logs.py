@@ -1,0 +1,154 @@
+"""Unit tests for consumer.logs: one line per record, coordinates, and redaction."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from consumer.logs import configure_logging, event_fields
+
+TOKEN = "wt_9f8e7d6c5b4a3210"
+log = logging.getLogger("consumer.test_logs")
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    err = capsys.readouterr().err
+    return err.splitlines()
+
+
+def test_event_fields() -> None:
+    assert event_fields("t", 3, 42, "m-1") == {
+        "topic": "t", "partition": 3, "offset": 42, "message_id": "m-1"}
+    assert event_fields("t", 0, 0, None)["message_id"] == ""
+
+
+def test_json_is_one_line_with_coordinates(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO", "json")
+    log.info("delivered\nsecond line %s", "é", extra=event_fields("topic-a", 2, 99, "m-7"))
+    (line,) = lines(capsys)
+    doc = json.loads(line)
+    assert doc["level"] == "info"
+    assert doc["logger"] == "consumer.test_logs"
+    assert doc["message"] == "delivered\nsecond line é"
+    assert (doc["topic"], doc["partition"], doc["offset"], doc["message_id"]) == (
+        "topic-a", 2, 99, "m-7")
+    assert doc["time"].endswith("Z") and "T" in doc["time"]
+
+
+def test_json_without_coordinates_has_no_coordinate_keys(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO", "json")
+    log.warning("started")
+    doc = json.loads(lines(capsys)[0])
+    assert set(doc) == {"time", "level", "logger", "message"}
+
+
+def test_json_exception_stays_on_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO", "json")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed", extra=event_fields("t", 0, 1, None))
+    (line,) = lines(capsys)
+    doc = json.loads(line)
+    assert "ValueError: boom" in doc["exception"]
+    assert doc["offset"] == 1
+
+
+def test_text_is_one_line_with_coordinates(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("DEBUG", "text")
+    log.debug("a\nb", extra=event_fields("t", 1, 5, "m"))
+    try:
+        raise RuntimeError("inner")
+    except RuntimeError:
+        log.error("with trace")
+        log.exception("with trace")
+    out = lines(capsys)
+    assert len(out) == 3
+    assert out[0].endswith("a\\nb topic=t partition=1 offset=5 message_id=m")
+    assert " DEBUG consumer.test_logs: " in out[0]
+    assert "RuntimeError: inner" in out[2]
+
+
+def test_level_filters(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("WARNING", "text")
+    log.info("hidden")
+    log.warning("shown")
+    out = lines(capsys)
+    assert len(out) == 1 and "shown" in out[0]
+
+
+def test_httpx_chatter_is_quiet(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("DEBUG", "text")
+    logging.getLogger("httpx").info("HTTP Request: POST ...")
+    assert lines(capsys) == []
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_secret_is_redacted_from_messages_and_args(
+    fmt: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO", fmt, secrets=[TOKEN, ""])
+    log.info(f"Authorization: Token {TOKEN}")
+    log.info("header %s", f"Token {TOKEN}")
+    out = capsys.readouterr().err
+    assert TOKEN not in out
+    assert out.count("Token ***") == 2
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_secret_is_redacted_from_exceptions_and_fields(
+    fmt: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO", fmt, secrets=[TOKEN])
+    try:
+        raise RuntimeError(f"request failed with headers Authorization: Token {TOKEN}")
+    except RuntimeError:
+        log.exception("delivery crashed", extra=event_fields("t", 0, 1, TOKEN))
+    out = capsys.readouterr().err
+    assert TOKEN not in out
+    assert "***" in out
+    assert "delivery crashed" in out
+
+
+def test_without_secrets_nothing_is_masked(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO", "text")
+    log.info("value %s", "***x")
+    assert "***x" in capsys.readouterr().err
+
+
+def test_configure_replaces_handlers(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO", "text")
+    configure_logging("INFO", "json")
+    log.info("once")
+    out = lines(capsys)
+    assert len(out) == 1
+    json.loads(out[0])
+
+
+def test_secret_needing_json_escapes_is_redacted_in_json(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    odd = 'tok"en\\x'
+    configure_logging("INFO", "json", secrets=[odd])
+    try:
+        raise RuntimeError(odd)
+    except RuntimeError:
+        log.exception("failed")
+    out = capsys.readouterr().err
+    doc = json.loads(out)
+    assert odd not in doc["exception"]
+    assert json.dumps(odd)[1:-1] not in out
