@@ -1,0 +1,62 @@
+"""Unit tests for consumer.produce: all-or-nothing validation of JSON lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from consumer import codec
+from consumer.produce import ProduceError, encode_lines, parse_lines
+
+GOOD = json.dumps({"type": "track", "event": "Feature Used", "userId": "user_001",
+                   "anonymousId": "anon_1", "properties": {"feature": "export_csv"}})
+ANON = json.dumps({"type": "page", "anonymousId": "anon_2"})
+NO_ID = json.dumps({"type": "track", "event": "E"})
+
+
+def test_good_lines_are_parsed_with_their_numbers_and_keys() -> None:
+    parsed = parse_lines([GOOD, "", "  \n", ANON, NO_ID])
+    assert [p.line for p in parsed] == [1, 4, 5]
+    assert [p.key for p in parsed] == [b"user_001", b"anon_2", None]
+    assert parsed[0].event == json.loads(GOOD)
+    assert parsed[0].record == codec.to_record(json.loads(GOOD))
+
+
+def test_bad_lines_are_named_and_nothing_is_accepted() -> None:
+    lines = [GOOD, "{not json", GOOD, json.dumps({"type": "track", "evnt": "x"}),
+             json.dumps({"type": "alias"}), json.dumps([1, 2])]
+    with pytest.raises(ProduceError) as info:
+        parse_lines(lines, source="events.jsonl")
+    text = str(info.value)
+    assert text.startswith("4 invalid line(s); nothing was sent:")
+    assert "events.jsonl:2: not JSON" in text
+    assert "events.jsonl:4: unknown field(s) evnt" in text
+    assert "events.jsonl:5: type must be" in text
+    assert "events.jsonl:6: an event must be a JSON object" in text
+    assert "events.jsonl:1:" not in text
+    assert "events.jsonl:3:" not in text
+
+
+def test_many_bad_lines_are_summarised() -> None:
+    with pytest.raises(ProduceError) as info:
+        parse_lines(["nope"] * 25)
+    text = str(info.value)
+    assert text.startswith("25 invalid line(s)")
+    assert "<stdin>:20: not JSON" in text
+    assert "<stdin>:21:" not in text
+    assert text.endswith("... and 5 more")
+
+
+def test_empty_input_is_no_events() -> None:
+    assert parse_lines([]) == []
+    assert parse_lines(["", "\n"]) == []
+
+
+def test_encode_lines_gives_wire_format_that_decodes_back() -> None:
+    parsed = parse_lines([GOOD, ANON])
+    encoded = list(encode_lines(parsed, schema_id=42))
+    assert [key for key, _ in encoded] == [b"user_001", b"anon_2"]
+    for (_, value), item in zip(encoded, parsed, strict=True):
+        assert codec.split_wire(value)[0] == 42
+        assert codec.decode(value, lambda _id: codec.SCHEMA) == item.event
