@@ -19,7 +19,7 @@ cd "$ROOT"
 CACHE_BIN="${XDG_CACHE_HOME:-$HOME/.cache}/userpilot-worker/bin"
 PROMTOOL_GO_VERSION="v0.316.0" # Prometheus 3.x; Go module versions are v0.<minor>.<patch>
 
-log() { printf '== %s\n' "$*" >&2; }
+log() { printf '== %s\n' "$*"; }
 
 install_promtool_apt() {
     command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || return 1
@@ -41,23 +41,22 @@ install_promtool_go() {
     GOBIN="$CACHE_BIN" go install "github.com/prometheus/prometheus/cmd/promtool@${PROMTOOL_GO_VERSION}"
 }
 
+# Sets PROMTOOL_BIN: $PROMTOOL, the cached binary, one on PATH, or a fresh install.
 find_promtool() {
     if [[ -n "${PROMTOOL:-}" ]]; then
-        printf '%s\n' "$PROMTOOL"
+        PROMTOOL_BIN="$PROMTOOL"
     elif [[ -x "$CACHE_BIN/promtool" ]]; then
-        printf '%s\n' "$CACHE_BIN/promtool"
+        PROMTOOL_BIN="$CACHE_BIN/promtool"
     elif command -v promtool >/dev/null; then
-        command -v promtool
+        PROMTOOL_BIN="$(command -v promtool)"
     else
         mkdir -p "$CACHE_BIN"
         log "installing promtool into $CACHE_BIN"
-        if install_promtool_apt; then
-            :
-        else
+        if ! install_promtool_apt; then
             log "apt route failed; building promtool with go install (slow)"
             install_promtool_go || { log "could not install promtool"; return 1; }
         fi
-        printf '%s\n' "$CACHE_BIN/promtool"
+        PROMTOOL_BIN="$CACHE_BIN/promtool"
     fi
 }
 
@@ -80,15 +79,18 @@ run() {
     fi
 }
 
-PROMTOOL_BIN="$(find_promtool)"
+find_promtool
 PYTHON_BIN="$(find_python)"
 log "promtool: $("$PROMTOOL_BIN" --version 2>&1 | head -n1)"
 
 run "$PROMTOOL_BIN" check rules helm/userpilot-worker/files/alerts.yaml
 run "$PROMTOOL_BIN" test rules ops/alerts_test.yaml
 run "$PYTHON_BIN" ops/check_metric_names.py
-run "$PYTHON_BIN" -c 'import json, sys; json.load(open(sys.argv[1]))' \
-    helm/userpilot-worker/files/dashboard.json
+# The dashboard's structure, then its queries parsed by promtool as recording rules.
+dashboard_rules="$(mktemp --suffix=.yaml)"
+trap 'rm -f "$dashboard_rules"' EXIT
+run "$PYTHON_BIN" ops/check_dashboard.py --emit-rules "$dashboard_rules"
+run "$PROMTOOL_BIN" check rules "$dashboard_rules"
 
 # --- Helm checks (helm lint/template + kubernetes-validate), owned by ops/check_helm.sh ---
 if [[ -f ops/check_helm.sh ]]; then

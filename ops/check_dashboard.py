@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Check the Grafana dashboard's structure and make its PromQL checkable by promtool.
+
+Grafana accepts a broken query silently and shows "No data", so this catches what review
+misses: the import input and fixed uid, the namespace/pod/topic variables, panel types,
+every query's datasource and its namespace/pod (and topic) filters. With ``--emit-rules``
+it writes every query, Grafana variables replaced, as recording rules so that
+``promtool check rules`` parses them.
+
+Usage: check_dashboard.py [--emit-rules OUT.yaml] [DASHBOARD.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "helm" / "userpilot-worker" / "files" / "dashboard.json"
+
+UID = "userpilot-delivery-worker"
+DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+VARIABLES = ("namespace", "pod", "topic")
+PANEL_TYPES = {"row", "timeseries", "stat"}
+# Metrics carrying a topic label; their selectors must honour $topic too.
+TOPIC_METRICS = {
+    "userpilot_events_consumed_total",
+    "userpilot_consumer_lag",
+    "userpilot_committed_offset",
+}
+SELECTOR_RE = re.compile(r"\b(userpilot_[a-zA-Z0-9_]+)(\{[^}]*\})?")
+SUBSTITUTIONS = {
+    "$__rate_interval": "5m",
+    "$__interval": "1m",
+    "$namespace": ".*",
+    "$pod": ".*",
+    "$topic": ".*",
+}
+
+
+def _targets(dash: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    found: list[tuple[str, dict[str, Any]]] = []
+    for panel in dash.get("panels", []):
+        for target in panel.get("targets", []):
+            found.append((str(panel.get("title")), target))
+        for inner in panel.get("panels", []):  # collapsed rows keep their panels inside
+            for target in inner.get("targets", []):
+                found.append((str(inner.get("title")), target))
+    return found
+
+
+def problems(dash: dict[str, Any]) -> list[str]:
+    """Everything wrong with the dashboard, as human-readable lines."""
+    out: list[str] = []
+    inputs = dash.get("__inputs", [])
+    if not any(
+        i.get("name") == "DS_PROMETHEUS" and i.get("pluginId") == "prometheus" for i in inputs
+    ):
+        out.append("__inputs lacks the DS_PROMETHEUS prometheus datasource input")
+    if dash.get("uid") != UID:
+        out.append(f"uid is {dash.get('uid')!r}, expected {UID!r}")
+    variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
+    for name in VARIABLES:
+        var = variables.get(name)
+        if var is None:
+            out.append(f"template variable {name!r} missing")
+            continue
+        query = var.get("definition") or str(var.get("query"))
+        if "label_values(" not in query:
+            out.append(f"template variable {name!r} is not a label_values query")
+        if var.get("datasource") != DATASOURCE:
+            out.append(f"template variable {name!r} does not use ${{DS_PROMETHEUS}}")
+
+    ids: set[int] = set()
+    for panel in dash.get("panels", []):
+        title = panel.get("title")
+        if panel.get("type") not in PANEL_TYPES:
+            out.append(f"panel {title!r}: type {panel.get('type')!r} not in {sorted(PANEL_TYPES)}")
+        pid = panel.get("id")
+        if pid in ids:
+            out.append(f"panel {title!r}: duplicate id {pid}")
+        ids.add(pid)
+        grid = panel.get("gridPos", {})
+        if grid.get("x", 0) + grid.get("w", 0) > 24:
+            out.append(f"panel {title!r}: wider than the 24-column grid")
+        if panel.get("type") != "row" and not panel.get("targets"):
+            out.append(f"panel {title!r}: no queries")
+
+    for title, target in _targets(dash):
+        expr = str(target.get("expr", ""))
+        if target.get("datasource") != DATASOURCE:
+            out.append(f"panel {title!r}: query {target.get('refId')} not on ${{DS_PROMETHEUS}}")
+        selectors = SELECTOR_RE.findall(expr)
+        if not selectors:
+            out.append(f"panel {title!r}: query uses no userpilot_* metric: {expr}")
+        for name, matchers in selectors:
+            needed = ['namespace=~"$namespace"', 'pod=~"$pod"']
+            if name.removesuffix("_bucket") in TOPIC_METRICS:
+                needed.append('topic=~"$topic"')
+            missing = [m for m in needed if m not in matchers]
+            if missing:
+                out.append(f"panel {title!r}: {name} lacks {', '.join(missing)}")
+    return out
+
+
+def as_rules(dash: dict[str, Any]) -> dict[str, Any]:
+    """Every query as a recording rule, Grafana variables replaced, for promtool to parse."""
+    rules = []
+    for i, (_title, target) in enumerate(_targets(dash)):
+        expr = str(target.get("expr", ""))
+        for var, value in SUBSTITUTIONS.items():
+            expr = expr.replace(var, value)
+        rules.append({"record": f"dashboard:query_{i}", "expr": expr})
+    return {"groups": [{"name": "dashboard-queries", "rules": rules}]}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dashboard", nargs="?", type=Path, default=DEFAULT)
+    parser.add_argument("--emit-rules", type=Path, help="write the queries as a rules file")
+    args = parser.parse_args(argv)
+    dash = json.loads(args.dashboard.read_text(encoding="utf-8"))
+    found = problems(dash)
+    for line in found:
+        print(f"{args.dashboard}: {line}", file=sys.stderr)
+    if args.emit_rules:
+        # JSON is valid YAML, so promtool reads this without a YAML library here.
+        args.emit_rules.write_text(json.dumps(as_rules(dash), indent=1), encoding="utf-8")
+    if found:
+        return 1
+    print(f"dashboard OK: {len(_targets(dash))} queries in {len(dash['panels'])} panels")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
