@@ -160,7 +160,10 @@ def serve(
 
     httpd = ThreadingHTTPServer((host, port), Handler)
     httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, name="health-server", daemon=True)
+    # A short poll interval keeps close() (shutdown waits for one poll) quick.
+    thread = threading.Thread(
+        target=httpd.serve_forever, args=(0.1,), name="health-server", daemon=True
+    )
     thread.start()
     server = HealthServer(httpd, thread)
     log.info("serving /metrics, /healthz and /readyz on %s:%d", host, server.port)

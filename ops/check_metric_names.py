@@ -30,12 +30,15 @@ NAME_RE = re.compile(r"\buserpilot_[a-zA-Z0-9_]*[a-zA-Z0-9]")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
-def exported_names() -> set[str]:
-    """Names as they appear in a scrape: counters with _total, histograms by base name."""
+def exported_names() -> tuple[set[str], set[str]]:
+    """(series names as scraped, histogram base names); counters carry _total."""
     names: set[str] = set()
+    histograms: set[str] = set()
     for family in _registry().collect():
         names.add(family.name + "_total" if family.type == "counter" else family.name)
-    return names
+        if family.type == "histogram":
+            histograms.add(family.name)
+    return names, histograms
 
 
 def _registry() -> CollectorRegistry:
@@ -45,23 +48,28 @@ def _registry() -> CollectorRegistry:
 
 
 def used_names(text: str) -> set[str]:
-    """userpilot_* identifiers in a file, histogram series suffixes stripped."""
-    found: set[str] = set()
-    for name in NAME_RE.findall(text):
-        for suffix in HISTOGRAM_SUFFIXES:
-            if name.endswith(suffix):
-                name = name[: -len(suffix)]
-                break
-        found.add(name)
-    return found
+    """userpilot_* identifiers in a file, as written."""
+    return set(NAME_RE.findall(text))
+
+
+def unknown_names(used: Iterable[str]) -> set[str]:
+    """Names that are neither exported nor a histogram's _bucket/_sum/_count series."""
+    known, histograms = exported_names()
+    bad: set[str] = set()
+    for name in used:
+        if name in known:
+            continue
+        base = next((name[: -len(s)] for s in HISTOGRAM_SUFFIXES if name.endswith(s)), None)
+        if base not in histograms:
+            bad.add(name)
+    return bad
 
 
 def check(files: Iterable[Path]) -> dict[Path, set[str]]:
     """Unknown names per file (only files with any)."""
-    known = exported_names()
     unknown: dict[Path, set[str]] = {}
     for path in files:
-        bad = used_names(path.read_text(encoding="utf-8")) - known
+        bad = unknown_names(used_names(path.read_text(encoding="utf-8")))
         if bad:
             unknown[path] = bad
     return unknown

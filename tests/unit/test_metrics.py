@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import copy
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -190,3 +194,63 @@ def test_dashboard_and_alerts_use_exported_names() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "checked" in proc.stdout
+
+
+def test_name_check_lists_unknown_names(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "expr: rate(userpilot_events_delivered_total[5m]) + userpilot_bogus_total\n"
+        "  + histogram_quantile(0.9, rate(userpilot_delivery_latency_seconds_bucket[5m]))\n"
+        "  + userpilot_in_flight_events_count\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "ops" / "check_metric_names.py"), str(rules)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "unknown metric userpilot_bogus_total" in proc.stderr
+    # _count only exists for histograms; in_flight_events is a gauge.
+    assert "unknown metric userpilot_in_flight_events_count" in proc.stderr
+    # Histogram series suffixes are stripped; exported names pass.
+    assert "userpilot_delivery_latency_seconds" not in proc.stderr
+    assert "userpilot_events_delivered_total" not in proc.stderr
+
+
+def _load_ops(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "ops" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dashboard_structure_is_valid() -> None:
+    check = _load_ops("check_dashboard")
+    dash = json.loads((ROOT / "helm/userpilot-worker/files/dashboard.json").read_text())
+    assert check.problems(dash) == []
+    panel_types = {p["type"] for p in dash["panels"]}
+    assert {"timeseries", "stat"} <= panel_types
+    rules = check.as_rules(dash)["groups"][0]["rules"]
+    assert rules and all("$" not in r["expr"] for r in rules)
+
+
+def test_dashboard_check_catches_mistakes() -> None:
+    check = _load_ops("check_dashboard")
+    dash = json.loads((ROOT / "helm/userpilot-worker/files/dashboard.json").read_text())
+    broken = copy.deepcopy(dash)
+    broken["uid"] = "random"
+    broken["templating"]["list"] = [v for v in broken["templating"]["list"] if v["name"] != "topic"]
+    lag = next(p for p in broken["panels"] if p["title"] == "Lag per partition")
+    lag["targets"][0]["expr"] = 'sum(userpilot_consumer_lag{namespace=~"$namespace"})'
+    latency = next(p for p in broken["panels"] if p["title"] == "Delivery latency")
+    latency["targets"][0]["datasource"] = {"type": "prometheus", "uid": "prod-prometheus"}
+    latency["type"] = "graph"
+    found = "\n".join(check.problems(broken))
+    assert "uid is 'random'" in found
+    assert "template variable 'topic' missing" in found
+    lacks = 'userpilot_consumer_lag lacks pod=~"$pod", topic=~"$topic"'
+    assert f"'Lag per partition': {lacks}" in found
+    assert "'Delivery latency': query A not on ${DS_PROMETHEUS}" in found
+    assert "type 'graph'" in found
