@@ -64,6 +64,11 @@ def problems(dash: dict[str, Any]) -> list[str]:
     if dash.get("uid") != UID:
         out.append(f"uid is {dash.get('uid')!r}, expected {UID!r}")
     variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
+    # Provisioning (file provider, Grafana sidecar) ignores __inputs; a datasource variable
+    # of the same name lets ${DS_PROMETHEUS} resolve there as well.
+    ds_var = variables.get("DS_PROMETHEUS", {})
+    if ds_var.get("type") != "datasource" or ds_var.get("query") != "prometheus":
+        out.append("template variable 'DS_PROMETHEUS' (type datasource, prometheus) missing")
     for name in VARIABLES:
         var = variables.get(name)
         if var is None:

@@ -241,7 +241,7 @@ def test_dashboard_check_catches_mistakes() -> None:
     dash = json.loads((ROOT / "helm/userpilot-worker/files/dashboard.json").read_text())
     broken = copy.deepcopy(dash)
     broken["uid"] = "random"
-    broken["templating"]["list"] = [v for v in broken["templating"]["list"] if v["name"] != "topic"]
+    broken["templating"]["list"] = [v for v in broken["templating"]["list"] if v["name"] not in ("topic", "DS_PROMETHEUS")]
     lag = next(p for p in broken["panels"] if p["title"] == "Lag per partition")
     lag["targets"][0]["expr"] = 'sum(userpilot_consumer_lag{namespace=~"$namespace"})'
     latency = next(p for p in broken["panels"] if p["title"] == "Delivery latency")
@@ -250,6 +250,7 @@ def test_dashboard_check_catches_mistakes() -> None:
     found = "\n".join(check.problems(broken))
     assert "uid is 'random'" in found
     assert "template variable 'topic' missing" in found
+    assert "template variable 'DS_PROMETHEUS' (type datasource, prometheus) missing" in found
     lacks = 'userpilot_consumer_lag lacks pod=~"$pod", topic=~"$topic"'
     assert f"'Lag per partition': {lacks}" in found
     assert "'Delivery latency': query A not on ${DS_PROMETHEUS}" in found
