@@ -241,7 +241,9 @@ def test_dashboard_check_catches_mistakes() -> None:
     dash = json.loads((ROOT / "helm/userpilot-worker/files/dashboard.json").read_text())
     broken = copy.deepcopy(dash)
     broken["uid"] = "random"
-    broken["templating"]["list"] = [v for v in broken["templating"]["list"] if v["name"] not in ("topic", "DS_PROMETHEUS")]
+    broken["templating"]["list"] = [
+        v for v in broken["templating"]["list"] if v["name"] not in ("topic", "DS_PROMETHEUS")
+    ]
     lag = next(p for p in broken["panels"] if p["title"] == "Lag per partition")
     lag["targets"][0]["expr"] = 'sum(userpilot_consumer_lag{namespace=~"$namespace"})'
     latency = next(p for p in broken["panels"] if p["title"] == "Delivery latency")
