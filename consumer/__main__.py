@@ -30,7 +30,7 @@ def _settings(offline: bool = False):  # type: ignore[no-untyped-def]
 
 
 def cmd_run(_args: argparse.Namespace) -> int:
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, disable_created_metrics
 
     from consumer.health import Health, serve
     from consumer.logs import configure_logging
@@ -42,6 +42,7 @@ def cmd_run(_args: argparse.Namespace) -> int:
     if settings.registry_auth:
         secrets.append(settings.registry_auth.reveal())
     configure_logging(settings.log_level, settings.log_format, secrets)
+    disable_created_metrics()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     health = Health(metrics)

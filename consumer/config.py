@@ -81,6 +81,7 @@ _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
     r"(?::(\d{1,5}))?$"
 )
+_SERVICE_LINK = re.compile(r"^KAFKA_(PORT|SERVICE_HOST|SERVICE_PORT)(_.*)?$")
 _TOPIC = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$")  # Kafka refuses "." and ".."
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -200,7 +201,7 @@ class Settings:
                 "extra": {k: ("***" if isinstance(v, Secret) else v)
                           for k, v in self.kafka_extra.items()},
             },
-            "schema_registry": {"url": self.registry_url,
+            "schema_registry": {"url": re.sub(r"//[^/@]*@", "//***@", self.registry_url),
                                 "basic_auth": "***" if self.registry_auth else None},
             "worker": {
                 "max_in_flight": self.max_in_flight,
@@ -347,6 +348,8 @@ def _kafka_extra(reader: _Reader) -> dict[str, str | Secret]:
     for name in sorted(reader.env):
         if not name.startswith("KAFKA_") or name in _KAFKA_RESERVED:
             continue
+        if _SERVICE_LINK.match(name):
+            continue  # Kubernetes service links for a Service named "kafka", not settings
         if not _PASSTHROUGH.match(name):
             reader.problems.append(
                 f"{name} is not a valid pass-through name: use KAFKA_ plus the librdkafka "
@@ -436,8 +439,8 @@ def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
     rate_period = r.number("USERPILOT_RATE_PERIOD_SECONDS", 60.0, 0.0)
     rate_burst = r.integer("USERPILOT_RATE_BURST", 1, 1, max(1, rate_limit))
     timeout = r.number("USERPILOT_REQUEST_TIMEOUT_SECONDS", 10.0, 0.0, 300.0)
-    attempts = r.integer("USERPILOT_RETRY_MAX_ATTEMPTS", 8, 1, 1000)
-    budget = r.number("USERPILOT_RETRY_BUDGET_SECONDS", 600.0, 0.0)
+    attempts = r.integer("USERPILOT_RETRY_MAX_ATTEMPTS", 12, 1, 1000)
+    budget = r.number("USERPILOT_RETRY_BUDGET_SECONDS", 900.0, 0.0)
     backoff = r.number("USERPILOT_RETRY_BACKOFF_SECONDS", 1.0, 0.0, 3600.0)
     backoff_max = r.number("USERPILOT_RETRY_BACKOFF_MAX_SECONDS", 60.0, 0.0, 3600.0)
     if backoff_max < backoff:

@@ -179,7 +179,8 @@ class RetryPolicy:
     async def run(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
                   before_send: Callable[[], Awaitable[None]] | None = None) -> None:
         """Call `send` until it returns; re-raises the last error when the event is given up."""
-        attempts.first_mono = self._clock()
+        # The budget starts at the first real attempt, not while the gate held the event.
+        attempts.first_mono = float("inf")
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((Retry, Pause)),
             stop=lambda s: self._stop(s, attempts),
@@ -198,6 +199,7 @@ class RetryPolicy:
                     attempts.last_wall = time.time()
                     if attempts.first_wall is None:
                         attempts.first_wall = attempts.last_wall
+                        attempts.first_mono = self._clock()
                     await send()
                 except Retry as exc:
                     self._gate.transient_failure(exc, probe)

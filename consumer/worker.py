@@ -136,6 +136,7 @@ class Worker:
         self.source: KafkaSource | None = None
         metrics.declare_event_names(sorted({r.event_name for r in settings.mappings.rules}))
         metrics.declare_consent_categories(list(settings.consent.categories))
+        metrics.declare_topics(settings.topics)
 
     # -- lifecycle ----------------------------------------------------------------------
     def stop(self) -> None:
@@ -188,7 +189,9 @@ class Worker:
         source = self.source
         self.health.set_stopping()
         await source.call(source.pause, sorted(self.assigned))
-        drained = await self.scheduler.drain(None, self.s.shutdown_grace_s)
+        # While Userpilot is down or refusing us nothing can finish: don't wait for it.
+        grace = self.s.shutdown_grace_s if self.gate.state == "up" else 0.0
+        drained = await self.scheduler.drain(None, grace)
         if not drained:
             left = await self.scheduler.cancel(None)
             log.warning("shutdown: %d events still in flight after %.0f s; they stay "
@@ -483,7 +486,8 @@ class Worker:
         budget = self.s.shutdown_grace_s
 
         async def drain() -> None:
-            if commit and not await scheduler.drain(parts, budget):
+            wait = budget if self.gate.state == "up" else 0.0
+            if commit and not await scheduler.drain(parts, wait):
                 left = await scheduler.cancel(parts)
                 log.warning("revoke: %d events of %s abandoned after %.0f s; the next owner "
                             "delivers them again", left, _fmt(parts), budget)

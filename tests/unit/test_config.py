@@ -65,7 +65,7 @@ def test_defaults() -> None:
     assert s.mappings_file is None
     assert (s.rate_limit, s.rate_period_s, s.rate_burst) == (600, 60.0, 1)
     assert s.request_timeout_s == 10.0
-    assert (s.retry_max_attempts, s.retry_budget_s) == (8, 600.0)
+    assert (s.retry_max_attempts, s.retry_budget_s) == (12, 900.0)
     assert s.max_connections == 64
     assert s.bootstrap_servers == "kafka:9092"
     assert s.topics == ("delivery-userpilot",)
@@ -508,7 +508,7 @@ def test_describe_shape() -> None:
     d = load().describe()
     assert d["userpilot"]["track_url"] == "https://analytex.userpilot.io/v1/track"
     assert d["userpilot"]["rate_limit"] == "600 per 60 s (burst 1)"
-    assert d["userpilot"]["retry"] == {"max_attempts": 8, "budget_seconds": 600.0,
+    assert d["userpilot"]["retry"] == {"max_attempts": 12, "budget_seconds": 900.0,
                                        "backoff_seconds": 1.0, "backoff_max_seconds": 60.0}
     assert d["consent"] == {"categories": ["analytics"], "missing": "deny"}
     assert d["mappings"]["file"] is None

@@ -1,0 +1,299 @@
+"""Failure handling against the real broker, registry and sandbox (issue: failure handling)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from consumer.sandbox import SandboxControl, SandboxThread
+from tests.integration.harness import (
+    READ_TOKEN,
+    REPO,
+    WorkerThread,
+    committed_offsets,
+    end_offsets,
+    produce,
+    produce_raw,
+    read_topic,
+    track_event,
+    wait_until,
+    worker_env,
+)
+
+Sandbox = tuple[SandboxThread, SandboxControl]
+FAST_RETRY = {
+    "USERPILOT_RETRY_BACKOFF_SECONDS": "0.05",
+    "USERPILOT_RETRY_BACKOFF_MAX_SECONDS": "0.5",
+    "USERPILOT_REQUEST_TIMEOUT_SECONDS": "1",
+}
+
+
+def caught_up(bootstrap: str, group: str, topic: str) -> Callable[[], bool]:
+    ends = end_offsets(bootstrap, topic)
+
+    def check() -> bool:
+        committed = committed_offsets(bootstrap, group, topic)
+        return all(end == 0 or committed.get(p, -1) >= end for p, end in ends.items())
+    return check
+
+
+def seen(control: SandboxControl) -> Counter[tuple[str, int]]:
+    return Counter((r["body"]["user_id"], r["body"]["metadata"]["seq"])
+                   for r in control.requests("/v1/track"))
+
+
+def headers_of(message: Any) -> dict[str, bytes]:
+    return dict(message.headers() or [])
+
+
+def test_transient_faults_deliver_everything_and_dead_letter_nothing(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    server, control = sandbox
+    control.set_faults(
+        error_rate=0.3, error_codes=[500, 502, 503, 408], reset_rate=0.05,
+        script=["429"] * 15 + ["timeout:1500", "reset", "503", "timeout:1500"] * 3,
+    )
+    topic = topic_factory(partitions=3)
+    events = [track_event(f"u{i % 20}", i) for i in range(300)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    window = 50
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     WORKER_MAX_IN_FLIGHT=str(window), USERPILOT_RETRY_MAX_ATTEMPTS="15",
+                     USERPILOT_RETRY_BUDGET_SECONDS="60", **FAST_RETRY)
+    with WorkerThread(env) as w:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 120, "offsets at the end")
+        retries = sum(w.metric("userpilot_retries_total", cause=c)
+                      for c in ("rate_limited", "server_error", "timeout", "connection_error"))
+    got = seen(control)
+    missing = [e["messageId"] for e in events if got[(e["userId"], e["properties"]["seq"])] == 0]
+    assert not missing, missing[:10]
+    assert sum(got.values()) - len(events) <= window, "duplicates stay within the window"
+    assert retries > 50, "the faults were really hit"
+    assert w.metric("userpilot_responses_total", status="429") >= 15
+    assert read_topic(kafka_bootstrap, w.settings.dlq_topic) == []
+    assert w.metric("userpilot_events_dead_lettered_total", reason="retries_exhausted") == 0
+
+
+def test_bad_request_and_poison_pill_are_dead_lettered_while_the_rest_flows(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    server, control = sandbox
+    control.set_faults(rules=[{"event_name": "plan_viewed", "action": "400"}])
+    topic = topic_factory(partitions=1)
+    before = [track_event(f"u{i % 5}", i) for i in range(20)]
+    bad = track_event("u-bad", 999, name="Plan Viewed")
+    after = [track_event(f"u{i % 5}", i) for i in range(20, 40)]
+    produce(kafka_bootstrap, schema_registry_url, topic, before)
+    produce_raw(kafka_bootstrap, topic, b"poison-key", b"\x07not avro at all")
+    produce(kafka_bootstrap, schema_registry_url, topic, [bad, *after])
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     **FAST_RETRY)
+    with WorkerThread(env) as w:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
+        dlq = w.settings.dlq_topic
+        assert w.metric("userpilot_events_dead_lettered_total", reason="bad_request") == 1
+        assert w.metric("userpilot_events_dead_lettered_total", reason="undecodable") == 1
+    got = seen(control)
+    assert all(got[(e["userId"], e["properties"]["seq"])] == 1 for e in before + after)
+    records = read_topic(kafka_bootstrap, dlq)
+    assert len(records) == 2
+    by_reason = {headers_of(m)["userpilot.error.reason"].decode(): m for m in records}
+    poison = by_reason["undecodable"]
+    assert poison.key() == b"poison-key" and poison.value() == b"\x07not avro at all"
+    h = headers_of(poison)
+    assert h["__connect.errors.topic"] == topic.encode()
+    assert h["__connect.errors.partition"] == b"0"
+    assert h["__connect.errors.offset"] == b"20"
+    assert h["__connect.errors.exception.class.name"] == b"UndecodableEvent"
+    assert b"magic byte" in h["__connect.errors.exception.message"]
+    assert h["userpilot.replay.count"] == b"0"
+    rejected = headers_of(by_reason["bad_request"])
+    assert rejected["__connect.errors.offset"] == b"21"
+    assert rejected["userpilot.error.status"] == b"400"
+    assert b"errors" in rejected["userpilot.error.body"]
+    assert rejected["userpilot.error.attempts"] == b"1"
+    assert rejected["userpilot.error.first_attempt"] and rejected["userpilot.error.last_attempt"]
+    assert rejected["__connect.errors.exception.class.name"] == b"Rejected"
+    original = by_reason["bad_request"]
+    assert original.key() == b"u-bad"
+    assert original.timestamp()[1] > 0
+
+
+@pytest.fixture
+def not_found_host() -> Iterator[str]:
+    """A host that answers 404 to everything: the 'wrong analytics endpoint' case."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.mark.parametrize("fault", ["read_token", "wrong_host"])
+def test_misconfiguration_pauses_without_dead_letters_and_recovers_after_fix(
+    fault: str, kafka_bootstrap: str, schema_registry_url: str,
+    topic_factory: Callable[..., str], sandbox: Sandbox, not_found_host: str,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=2)
+    events = [track_event(f"u{i % 7}", i) for i in range(60)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    good = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                      **FAST_RETRY)
+    broken = dict(good)
+    if fault == "read_token":
+        broken["USERPILOT_API_KEY"] = READ_TOKEN
+    else:
+        broken["USERPILOT_ANALYTICS_ENDPOINT"] = not_found_host.split("://", 1)[1]
+    with WorkerThread(broken) as w:
+        wait_until(lambda: w.metric("userpilot_retries_total", cause="misconfigured") >= 3,
+                   30, "misconfiguration noticed")
+        time.sleep(2)
+        ready, why = w.health.ready()
+        assert not ready and why
+        assert w.metric("userpilot_integration_up") == 0
+        assert w.metric("userpilot_worker_ready") == 0
+        assert w.alive, "a misconfiguration pauses; it does not crash the worker"
+        dlq = w.settings.dlq_topic
+    assert read_topic(kafka_bootstrap, dlq) == []
+    assert control.requests("/v1/track") == []
+    committed = committed_offsets(kafka_bootstrap, group, topic)
+    assert all(off <= 0 for off in committed.values()), committed
+    with WorkerThread(good) as fixed:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
+        assert fixed.health.ready()[0]
+    got = seen(control)
+    assert all(got[(e["userId"], e["properties"]["seq"])] >= 1 for e in events)
+
+
+def test_outage_longer_than_the_retry_budget_loses_and_dead_letters_nothing(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=2)
+    events = [track_event(f"u{i % 9}", i) for i in range(80)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    control.set_faults(error_rate=1.0, error_codes=[503])
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     USERPILOT_RETRY_MAX_ATTEMPTS="3", USERPILOT_RETRY_BUDGET_SECONDS="1",
+                     **FAST_RETRY)
+    with WorkerThread(env) as w:
+        wait_until(lambda: w.metric("userpilot_retries_total", cause="server_error") >= 10,
+                   30, "the outage to be felt")
+        time.sleep(4)  # well past the 1 s retry budget
+        assert w.metric("userpilot_events_dead_lettered_total", reason="retries_exhausted") == 0
+        control.clear_faults()
+        wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
+        dlq = w.settings.dlq_topic
+    got = seen(control)
+    assert all(got[(e["userId"], e["properties"]["seq"])] >= 1 for e in events)
+    assert read_topic(kafka_bootstrap, dlq) == []
+
+
+def _replay(dlq: str, bootstrap: str, *extra: str) -> tuple[dict[str, Any], list[str]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "consumer", "replay", "--from", dlq, *extra],
+        env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "PATH": "/usr/bin:/bin"}, cwd=REPO,
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    lines = out.stdout.strip().splitlines()
+    return json.loads(lines[-1]), lines[:-1]
+
+
+def test_replay_after_fix_delivers_once_and_respects_the_limit(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    server, control = sandbox
+    control.set_faults(rules=[{"event_name": "plan_viewed", "action": "422"}])
+    topic = topic_factory(partitions=2)
+    bad = [track_event(f"p{i}", i, name="Plan Viewed") for i in range(4)]
+    good = [track_event(f"g{i}", 100 + i) for i in range(10)]
+    produce(kafka_bootstrap, schema_registry_url, topic, bad + good)
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     **FAST_RETRY)
+    with WorkerThread(env) as w:
+        dlq = w.settings.dlq_topic
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "first pass")
+        assert len(read_topic(kafka_bootstrap, dlq)) == 4
+
+        dry, listed = _replay(dlq, kafka_bootstrap, "--dry-run", "--status", "422")
+        assert dry["summary"]["replayed"] == 4 and len(listed) == 4
+        control.clear_faults()
+        assert not [r for r in control.requests("/v1/track")
+                    if r["body"]["event_name"] == "plan_viewed"]
+        first, _ = _replay(dlq, kafka_bootstrap)
+        assert first["summary"] == {"replayed": 4, "skipped_by_filter": 0, "over_limit": 0,
+                                    "no_origin": 0}
+        wait_until(lambda: len([r for r in control.requests("/v1/track")
+                                if r["body"]["event_name"] == "plan_viewed"]) == 4,
+                   60, "replayed events delivered")
+        second, _ = _replay(dlq, kafka_bootstrap)
+        assert second["summary"]["replayed"] == 0, "a second run replays nothing"
+
+        control.set_faults(rules=[{"event_name": "plan_viewed", "action": "422"}])
+        produce(kafka_bootstrap, schema_registry_url, topic,
+                [track_event("late", 7, name="Plan Viewed")])
+        wait_until(lambda: len(read_topic(kafka_bootstrap, dlq)) == 5, 60, "new dead letter")
+        filtered, _ = _replay(dlq, kafka_bootstrap, "--reason", "undecodable")
+        assert filtered["summary"]["skipped_by_filter"] == 1
+        filtered_topic = read_topic(kafka_bootstrap, topic)
+        over, _ = _replay(dlq, kafka_bootstrap, "--max-replays", "0", "--group", "other")
+        assert over["summary"]["over_limit"] == 5 and over["summary"]["replayed"] == 0
+        assert len(read_topic(kafka_bootstrap, topic)) == len(filtered_topic)
+    replayed = [m for m in read_topic(kafka_bootstrap, topic)
+                if headers_of(m).get("userpilot.replay.count") == b"1"]
+    assert len(replayed) == 4
+    assert all("__connect.errors.topic" not in headers_of(m) for m in replayed)
+    got = Counter(r["body"]["user_id"] for r in control.requests("/v1/track")
+                  if r["body"]["event_name"] == "plan_viewed")
+    assert got == Counter({f"p{i}": 1 for i in range(4)})
+
+
+def test_dlq_guard_stops_the_worker_under_total_failure(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    server, control = sandbox
+    control.set_faults(rules=[{"event_name": "feature_used", "action": "400"}])
+    topic = topic_factory(partitions=1)
+    events = [track_event(f"u{i % 3}", i) for i in range(100)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     WORKER_DLQ_MAX_CONSECUTIVE="5", WORKER_MAX_IN_FLIGHT="10", **FAST_RETRY)
+    w = WorkerThread(env)
+    with w:
+        wait_until(lambda: not w.alive, 60, "the guard to stop the worker")
+    assert w.exit_code == 3
+    assert w.metric("userpilot_dlq_guard_tripped") == 1
+    assert len(read_topic(kafka_bootstrap, w.settings.dlq_topic)) == 5
+    committed = committed_offsets(kafka_bootstrap, group, topic)
+    assert committed.get(0, -1) <= 5, "nothing past the dead letters is committed"
