@@ -1,0 +1,524 @@
+"""Operations against a running worker process (issue "Operations"): what Prometheus scrapes,
+what Kubernetes probes see, and what the logs and dead letters never contain.
+
+Each test runs the real `python -m consumer run` against the real broker, registry and
+sandbox, because the point is what an operator observes from outside: a metric that only
+exists in a unit test's registry, or a readiness flip that only a mock sees, pages nobody.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from consumer.config import load_settings
+from consumer.explain import explain_lines
+from consumer.sandbox import SandboxControl, SandboxThread
+from ops.check_metric_names import DEFAULT_FILES, used_names
+from tests.integration.harness import (
+    READ_TOKEN,
+    REPO,
+    WRITE_TOKEN,
+    WorkerProcess,
+    committed_offsets,
+    end_offsets,
+    produce,
+    produce_raw,
+    read_topic,
+    track_event,
+    wait_until,
+    worker_env,
+)
+
+SAMPLES = REPO / "schemas" / "sample-events.jsonl"
+Sandbox = tuple[SandboxThread, SandboxControl]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+NOT_READY_REASON = "Userpilot rejects the token or endpoint (401/403/404)"
+# librdkafka's "no offset committed" sentinel, as returned by Consumer.committed().
+OFFSET_INVALID = -1001
+
+
+# -- helpers ------------------------------------------------------------------------------
+def free_port() -> int:
+    """A port nothing listens on right now (bind to 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of a GET on the worker's probe server; (0, error) when not listening."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def scrape(port: int) -> tuple[str, Samples]:
+    """The /metrics text and its samples keyed by (sample name, labels)."""
+    status, text = get(port, "/metrics")
+    assert status == 200, f"/metrics answered {status}: {text}"
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return text, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def total(samples: Samples, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def exported_names(text: str) -> set[str]:
+    """Every name a query can use against this scrape: sample names as exposed (counters
+    with _total, histogram _bucket/_sum/_count) plus histogram base names."""
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.update(s.name for s in family.samples)
+        if family.type == "histogram":
+            names.add(family.name)
+    return names
+
+
+def _lag_settled(samples: Samples, topic: str, ends: dict[int, int]) -> bool:
+    return all(
+        value(samples, "userpilot_consumer_lag", topic=topic, partition=str(p)) == 0
+        for p, end in ends.items()
+        if end
+    )
+
+
+def caught_up(bootstrap: str, group: str, topic: str) -> Callable[[], bool]:
+    ends = end_offsets(bootstrap, topic)
+
+    def check() -> bool:
+        committed = committed_offsets(bootstrap, group, topic)
+        return all(end == 0 or committed.get(p, -1) >= end for p, end in ends.items())
+
+    return check
+
+
+def start_worker(env: dict[str, str], log: Path) -> tuple[WorkerProcess, int]:
+    """A worker process with its probe server on a port of ours; waits until it listens."""
+    port = free_port()
+    worker = WorkerProcess({**env, "WORKER_METRICS_PORT": str(port)}, log)
+    try:
+        wait_until(
+            lambda: get(port, "/healthz")[0] != 0 or worker.proc.poll() is not None,
+            30,
+            "the probe server to listen",
+        )
+        assert worker.proc.poll() is None, f"worker exited early:\n{worker.output()}"
+    except BaseException:
+        worker.kill()
+        raise
+    return worker, port
+
+
+def stop_worker(worker: WorkerProcess) -> None:
+    """SIGTERM and require a clean exit (drain + final commit), showing the log if not."""
+    code = worker.terminate(45) if worker.proc.poll() is None else worker.wait(1)
+    assert code == 0, f"worker exit code {code}:\n{worker.output()[-4000:]}"
+
+
+@pytest.fixture
+def not_found_server() -> Iterator[str]:
+    """A host:port that answers 404 to every request, like a wrong analytics endpoint."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            body = b'{"error": "not found"}'
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = _reply
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+# -- 1. the scrape has every name the dashboard and alerts use, and counts what happened ----
+def test_scrape_after_demo_set_exports_every_used_name_and_counts_match(
+    kafka_bootstrap: str,
+    schema_registry_url: str,
+    topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=3)
+    dlq = topic_factory(partitions=1, suffix="-dlq")
+    lines = SAMPLES.read_text().splitlines()
+    produce(kafka_bootstrap, schema_registry_url, topic, [json.loads(x) for x in lines])
+    produce_raw(kafka_bootstrap, topic, b"poison", b"plain bytes, not the Confluent wire format")
+    group = f"{topic}-g"
+    env = worker_env(
+        kafka_bootstrap, schema_registry_url, server.url, topic, group, KAFKA_DLQ_TOPIC=dlq
+    )
+    delivered = [
+        d["request"]["body"]["event_name"]
+        for d in explain_lines(lines, load_settings(env))
+        if d["decision"] == "deliver"
+    ]
+    assert len(delivered) == 11 and len(set(delivered)) == 11, "11 preset events, 1 each"
+    ends = end_offsets(kafka_bootstrap, topic)
+    assert sum(ends.values()) == len(lines) + 1
+
+    worker, port = start_worker(env, tmp_path / "worker.log")
+    try:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
+        # Lag comes from librdkafka statistics (every 5 s): give them three intervals to show
+        # up; if they don't, the name check below says which panels and alerts go blank.
+        deadline = time.monotonic() + 15
+        text, samples = scrape(port)
+        while not _lag_settled(samples, topic, ends) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            text, samples = scrape(port)
+    finally:
+        stop_worker(worker)
+
+    # Every userpilot_* name used by a panel or an alert rule is in the live scrape.
+    exported = exported_names(text)
+    for path in DEFAULT_FILES:
+        used = used_names(path.read_text(encoding="utf-8"))
+        assert used, f"{path.name} uses no userpilot_* metric: the extraction broke"
+        missing = used - exported
+        assert not missing, (
+            f"{path.name} uses metrics the running worker doesn't export: {sorted(missing)}"
+        )
+
+    m = samples
+    assert value(m, "userpilot_events_consumed_total", topic=topic) == len(lines) + 1
+    assert total(m, "userpilot_events_consumed_total") == len(lines) + 1
+    for name in delivered:
+        assert value(m, "userpilot_events_delivered_total", event_name=name) == 1, name
+    assert total(m, "userpilot_events_delivered_total") == 11
+    assert value(m, "userpilot_events_dropped_total", reason="anonymous", category="") == 1
+    assert value(m, "userpilot_events_dropped_total", reason="consent", category="analytics") == 2
+    assert value(m, "userpilot_events_dropped_total", reason="unmapped", category="") == 1
+    assert value(m, "userpilot_events_dropped_total", reason="unsupported_type", category="") == 1
+    assert total(m, "userpilot_events_dropped_total") == 5
+    assert value(m, "userpilot_events_dead_lettered_total", reason="undecodable") == 1
+    assert total(m, "userpilot_events_dead_lettered_total") == 1
+    assert value(m, "userpilot_responses_total", status="202") == 11
+    assert total(m, "userpilot_responses_total") == 11, "no other status was ever answered"
+    assert total(m, "userpilot_retries_total") == 0
+    assert value(m, "userpilot_delivery_latency_seconds_count") == 11
+    assert value(m, "userpilot_event_age_seconds_count") == 11
+    assert value(m, "userpilot_rate_limiter_wait_seconds_count") == 11
+    assert value(m, "userpilot_in_flight_events") == 0
+    assert value(m, "userpilot_paused_partitions") == 0
+    assert value(m, "userpilot_integration_up") == 1
+    assert value(m, "userpilot_dlq_guard_tripped") == 0
+    assert value(m, "userpilot_worker_ready") == 1
+    assert (value(m, "userpilot_rebalances_total", kind="assign") or 0) >= 1
+    for partition, end in ends.items():
+        if end:
+            assert (
+                value(m, "userpilot_committed_offset", topic=topic, partition=str(partition)) == end
+            ), f"partition {partition}"
+            assert value(m, "userpilot_consumer_lag", topic=topic, partition=str(partition)) == 0, (
+                f"partition {partition}"
+            )
+    assert len(control.requests("/v1/track")) == 11
+    dead = read_topic(kafka_bootstrap, dlq)
+    assert [(d.key(), d.value()) for d in dead] == [
+        (b"poison", b"plain bytes, not the Confluent wire format")
+    ]
+    assert dict(dead[0].headers())["userpilot.error.reason"] == b"undecodable"
+    assert WRITE_TOKEN not in text
+
+
+# -- 2. probes: live and ready when healthy, not ready while Userpilot refuses ---------------
+def test_healthz_and_readyz_are_200_while_assigned_and_delivering(
+    kafka_bootstrap: str,
+    schema_registry_url: str,
+    topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=2)
+    group = f"{topic}-g"
+    env = worker_env(
+        kafka_bootstrap,
+        schema_registry_url,
+        server.url,
+        topic,
+        group,
+        KAFKA_DLQ_TOPIC=topic_factory(suffix="-dlq"),
+    )
+    worker, port = start_worker(env, tmp_path / "worker.log")
+    try:
+        assert get(port, "/healthz") == (200, "ok\n")
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 30, "/readyz 200 once assigned")
+        assert get(port, "/readyz") == (200, "ready\n")
+        produce(
+            kafka_bootstrap,
+            schema_registry_url,
+            topic,
+            [track_event(f"u{i}", i) for i in range(20)],
+        )
+        wait_until(caught_up(kafka_bootstrap, group, topic), 30, "offsets at the end")
+        assert get(port, "/healthz")[0] == 200
+        assert get(port, "/readyz") == (200, "ready\n")
+        _, samples = scrape(port)
+        assert value(samples, "userpilot_worker_ready") == 1
+        assert value(samples, "userpilot_integration_up") == 1
+        assert len(control.requests("/v1/track")) == 20
+        assert get(port, "/nope")[0] == 404
+    finally:
+        stop_worker(worker)
+
+
+@pytest.mark.parametrize("refusal", ["403", "404"])
+def test_readyz_flips_to_503_while_userpilot_refuses_and_nothing_is_lost(
+    refusal: str,
+    kafka_bootstrap: str,
+    schema_registry_url: str,
+    topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+    not_found_server: str,
+    tmp_path: Path,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    dlq = topic_factory(suffix="-dlq")
+    group = f"{topic}-g"
+    events = [track_event(f"u{i % 3}", i) for i in range(6)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    if refusal == "403":  # the read/export token where the write token belongs
+        env = worker_env(
+            kafka_bootstrap,
+            schema_registry_url,
+            server.url,
+            topic,
+            group,
+            USERPILOT_API_KEY=READ_TOKEN,
+        )
+        token = READ_TOKEN
+    else:  # a host that isn't Userpilot's analytics endpoint
+        env = worker_env(
+            kafka_bootstrap, schema_registry_url, f"http://{not_found_server}", topic, group
+        )
+        token = WRITE_TOKEN
+    env.update(
+        KAFKA_DLQ_TOPIC=dlq,
+        WORKER_SHUTDOWN_GRACE_SECONDS="2",
+        USERPILOT_RETRY_MAX_ATTEMPTS="2",
+        USERPILOT_RETRY_BUDGET_SECONDS="1",
+    )
+
+    worker, port = start_worker(env, tmp_path / "worker.log")
+    try:
+        wait_until(
+            lambda: get(port, "/readyz")[0] == 503 and NOT_READY_REASON in get(port, "/readyz")[1],
+            30,
+            "/readyz 503 naming the refusal",
+        )
+        text, samples = scrape(port)
+        assert value(samples, "userpilot_integration_up") == 0
+        assert value(samples, "userpilot_worker_ready") == 0
+        assert (value(samples, "userpilot_responses_total", status=refusal) or 0) >= 1
+        assert (value(samples, "userpilot_retries_total", cause="misconfigured") or 0) >= 1
+        assert get(port, "/healthz") == (200, "ok\n"), "alive: a restart would not help"
+        # Several commit intervals (0.5 s) and retry budgets (1 s) pass: still nothing
+        # given up, nothing committed past the first event.
+        time.sleep(3)
+        assert get(port, "/readyz") == (503, NOT_READY_REASON + "\n")
+        _, samples = scrape(port)
+        assert value(samples, "userpilot_integration_up") == 0
+        assert total(samples, "userpilot_events_dead_lettered_total") == 0
+        assert total(samples, "userpilot_events_delivered_total") == 0
+        assert value(samples, "userpilot_events_consumed_total", topic=topic) == len(events)
+        assert read_topic(kafka_bootstrap, dlq, timeout=3) == []
+        committed = committed_offsets(kafka_bootstrap, group, topic).get(0, OFFSET_INVALID)
+        assert committed in (OFFSET_INVALID, 0), f"committed past the first event: {committed}"
+        assert token not in text
+    finally:
+        stop_worker(worker)
+    assert token not in worker.output()
+    assert read_topic(kafka_bootstrap, dlq, timeout=3) == [], "shutdown dead-lettered nothing"
+    committed = committed_offsets(kafka_bootstrap, group, topic).get(0, OFFSET_INVALID)
+    assert committed in (OFFSET_INVALID, 0), f"shutdown committed undelivered events: {committed}"
+    assert control.requests("/v1/track") == []
+
+
+def test_readyz_recovers_when_the_token_is_accepted_again(
+    kafka_bootstrap: str,
+    schema_registry_url: str,
+    topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    group = f"{topic}-g"
+    events = [track_event(f"u{i % 3}", i) for i in range(6)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    env = worker_env(
+        kafka_bootstrap,
+        schema_registry_url,
+        server.url,
+        topic,
+        group,
+        USERPILOT_API_KEY=READ_TOKEN,
+        KAFKA_DLQ_TOPIC=topic_factory(suffix="-dlq"),
+    )
+    worker, port = start_worker(env, tmp_path / "worker.log")
+    try:
+        wait_until(
+            lambda: get(port, "/readyz")[0] == 503 and NOT_READY_REASON in get(port, "/readyz")[1],
+            30,
+            "/readyz 503",
+        )
+        control.set_tokens(write_tokens=[READ_TOKEN, WRITE_TOKEN], read_tokens=[])
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 30, "/readyz 200 again")
+        wait_until(caught_up(kafka_bootstrap, group, topic), 30, "offsets at the end")
+        _, samples = scrape(port)
+        assert value(samples, "userpilot_integration_up") == 1
+        assert total(samples, "userpilot_events_delivered_total") == len(events)
+        assert total(samples, "userpilot_events_dead_lettered_total") == 0
+    finally:
+        stop_worker(worker)
+    got = sorted(r["body"]["metadata"]["seq"] for r in control.requests("/v1/track"))
+    assert got == list(range(len(events))), "every held event delivered once after recovery"
+
+
+# -- 3. the token never appears; JSON logs parse and carry event coordinates ---------------
+EVENT_MESSAGES = (
+    "dropped",
+    "dead-lettered",
+    "schema registry unavailable",
+    "dead-letter produce failed",
+    "DLQ guard tripped",
+)
+
+
+def test_token_never_appears_in_logs_metrics_or_dead_letters(
+    kafka_bootstrap: str,
+    schema_registry_url: str,
+    topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=2)
+    dlq = topic_factory(suffix="-dlq")
+    group = f"{topic}-g"
+    env = worker_env(
+        kafka_bootstrap,
+        schema_registry_url,
+        server.url,
+        topic,
+        group,
+        KAFKA_DLQ_TOPIC=dlq,
+        WORKER_LOG_FORMAT="json",
+        WORKER_LOG_LEVEL="debug",
+    )
+    control.set_faults(rules=[{"event_name": "searched", "action": "400"}])
+    lines = SAMPLES.read_text().splitlines()
+    worker, port = start_worker(env, tmp_path / "worker.log")
+    try:
+        # Phase 1: deliveries, drops, and one payload Userpilot rejects with 400.
+        produce(kafka_bootstrap, schema_registry_url, topic, [json.loads(x) for x in lines])
+        produce_raw(kafka_bootstrap, topic, b"poison", b"not wire format")
+        wait_until(caught_up(kafka_bootstrap, group, topic), 45, "phase 1 committed")
+        _, samples = scrape(port)
+        assert value(samples, "userpilot_events_dead_lettered_total", reason="bad_request") == 1
+        assert value(samples, "userpilot_events_dead_lettered_total", reason="undecodable") == 1
+        assert total(samples, "userpilot_events_delivered_total") == 10
+        # Phase 2: Userpilot starts refusing the token (403), then accepts it again.
+        control.set_tokens(write_tokens=["rotated-write-token"], read_tokens=[WRITE_TOKEN])
+        produce(
+            kafka_bootstrap,
+            schema_registry_url,
+            topic,
+            [track_event(f"late{i}", i) for i in range(4)],
+        )
+        wait_until(
+            lambda: value(scrape(port)[1], "userpilot_integration_up") == 0,
+            30,
+            "integration down on 403",
+        )
+        assert get(port, "/readyz")[0] == 503
+        metrics_during_403 = scrape(port)[0]
+        control.set_tokens(write_tokens=[WRITE_TOKEN], read_tokens=[READ_TOKEN])
+        wait_until(caught_up(kafka_bootstrap, group, topic), 45, "phase 2 committed")
+        metrics_text, samples = scrape(port)
+        assert total(samples, "userpilot_events_delivered_total") == 14
+        assert (value(samples, "userpilot_responses_total", status="403") or 0) >= 1
+    finally:
+        stop_worker(worker)
+
+    output = worker.output()
+    assert WRITE_TOKEN not in output
+    assert WRITE_TOKEN not in metrics_during_403 and WRITE_TOKEN not in metrics_text
+    dead = read_topic(kafka_bootstrap, dlq)
+    assert sorted(dict(d.headers())["userpilot.error.reason"] for d in dead) == [
+        b"bad_request",
+        b"undecodable",
+    ]
+    token = WRITE_TOKEN.encode()
+    for record in dead:
+        assert token not in (record.key() or b"")
+        assert token not in (record.value() or b"")
+        for name, raw in record.headers() or []:
+            assert WRITE_TOKEN not in name and token not in (raw or b""), name
+
+    docs = []
+    for n, line in enumerate(output.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            docs.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"log line {n} is not JSON: {line!r}")
+    assert all({"time", "level", "logger", "message"} <= d.keys() for d in docs)
+    event_lines = [d for d in docs if d["message"].startswith(EVENT_MESSAGES)]
+    # 5 drops (debug) and 2 dead letters of the sample set at least.
+    assert sum(d["message"].startswith("dropped") for d in event_lines) == 5
+    assert sum(d["message"].startswith("dead-lettered") for d in event_lines) == 2
+    ends = end_offsets(kafka_bootstrap, topic)
+    for d in event_lines:
+        assert d.get("topic") == topic, d
+        assert d.get("partition") in ends, d
+        assert isinstance(d.get("offset"), int) and 0 <= d["offset"] < ends[d["partition"]], d
+        assert "message_id" in d, d
+    assert any(d["message"].startswith("delivery paused (misconfigured)") for d in docs)
+    assert any(d["message"].startswith("Userpilot answers again") for d in docs)
