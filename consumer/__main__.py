@@ -42,7 +42,7 @@ def cmd_run(_args: argparse.Namespace) -> int:
     if settings.registry_auth:
         secrets.append(settings.registry_auth.reveal())
     configure_logging(settings.log_level, settings.log_format, secrets)
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     health = Health(metrics)
@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_sandbox)
     p = sub.add_parser("demo", help="run the embedded demo end to end")
-    p.add_argument("--events", default=None, help="JSON lines (default: schemas/sample-events.jsonl)")
+    p.add_argument("--events", default=None,
+                   help="JSON lines (default: schemas/sample-events.jsonl)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 __all__ = [
     "BODY_LIMIT",
@@ -20,6 +21,7 @@ __all__ = [
     "Header",
     "dlq_headers",
     "header_value",
+    "normalize_headers",
     "replay_count",
 ]
 
@@ -48,6 +50,17 @@ def _iso(ts: float | None) -> bytes:
     if ts is None:
         return b""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").encode()
+
+
+def normalize_headers(raw: object) -> list[Header]:
+    """Kafka headers (list of pairs, or a dict) as (str, bytes) pairs; str values encoded."""
+    items: Any = raw.items() if isinstance(raw, dict) else (raw or [])
+    out: list[Header] = []
+    for key, value in items:
+        if isinstance(value, str):
+            value = value.encode()
+        out.append((str(key), b"" if value is None else bytes(value)))
+    return out
 
 
 def header_value(headers: Sequence[Header] | None, name: str) -> bytes | None:

@@ -39,7 +39,8 @@ def _services_env() -> dict[str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
 
     from consumer.config import load_settings
     from consumer.health import Health

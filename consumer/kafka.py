@@ -49,7 +49,7 @@ class KafkaMessage(Protocol):
     def offset(self) -> int | None: ...
     def key(self) -> bytes | None: ...
     def value(self) -> bytes | None: ...
-    def headers(self) -> list[tuple[str, bytes]] | None: ...
+    def headers(self) -> Any: ...
     def timestamp(self) -> tuple[int, int]: ...
     def error(self) -> KafkaError | None: ...
 
@@ -244,6 +244,7 @@ def run_replay(
     report: Callable[[dict[str, Any]], None],
 ) -> Any:
     """Read the DLQ up to its end offsets at start; re-publish what `replay.decide` allows."""
+    from consumer.deadletter import header_value, normalize_headers
     from consumer.replay import Summary, decide, replay_headers
 
     consumer = Consumer({
@@ -283,10 +284,10 @@ def run_replay(
                 if msg.error() is not None:
                     continue
                 p, off = msg.partition(), msg.offset()
-                if p not in ends or off >= ends[p]:
+                if p is None or off is None or p not in ends or off >= ends[p]:
                     continue
                 position[p] = off + 1
-                headers = msg.headers()
+                headers = normalize_headers(msg.headers())
                 ts_type, ts = msg.timestamp()
                 verdict = decide(headers, p, off, ts if ts_type else None, filters)
                 where = f"{dlq_topic}[{p}]@{off}"
@@ -300,9 +301,9 @@ def run_replay(
                 if verdict == "no_origin":
                     summary.no_origin += 1
                     continue
-                origin = (dict(headers or ()).get("__connect.errors.topic") or b"").decode()
+                origin = (header_value(headers, "__connect.errors.topic") or b"").decode()
                 report({"dlq": where, "to": origin, "dry_run": dry_run,
-                        "reason": (dict(headers or ()).get("userpilot.error.reason")
+                        "reason": (header_value(headers, "userpilot.error.reason")
                                    or b"").decode()})
                 summary.replayed += 1
                 if producer is not None:

@@ -62,9 +62,10 @@ class Registry:
             if exc.http_status_code == 404:
                 raise KeyError(schema_id) from None
             raise
-        parsed = fastavro.parse_schema(json.loads(schema.schema_str))
-        if fastavro.schema.to_parsing_canonical_form(parsed) == self._ours:
-            parsed = SCHEMA
+        fresh: Any = fastavro.parse_schema(json.loads(schema.schema_str or "null"))
+        parsed: Mapping[str, Any] = (
+            SCHEMA if fastavro.schema.to_parsing_canonical_form(fresh) == self._ours else fresh
+        )
         with self._lock:
             self._parsed[schema_id] = parsed
         return parsed

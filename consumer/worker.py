@@ -25,7 +25,7 @@ from typing import Any
 
 from consumer import codec
 from consumer.config import Settings
-from consumer.deadletter import DlqGuard, Failure, dlq_headers
+from consumer.deadletter import DlqGuard, Failure, dlq_headers, normalize_headers
 from consumer.delivery import UserpilotClient
 from consumer.errors import (
     ConnectionFailed,
@@ -235,7 +235,8 @@ class Worker:
         ts_type, ts = message.timestamp()
         key = message.key()
         work = Work(topic, partition, offset, key if key else (topic, partition, offset), key,
-                    message.value(), message.headers(), ts if ts_type else None)
+                    message.value(), normalize_headers(message.headers()),
+                    ts if ts_type else None)
         if self._decode(work, fetch=False):
             self._dispatch(work)
         else:

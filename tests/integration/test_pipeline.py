@@ -67,7 +67,7 @@ def test_demo_set_arrives_exactly_as_explained(
         assert w.metric("userpilot_responses_total", status="202") == 11
     assert w.exit_code == 0
 
-    got = sorted((json.dumps(r["body"], sort_keys=True) for r in records))
+    got = sorted(json.dumps(r["body"], sort_keys=True) for r in records)
     want = sorted(json.dumps(d["request"]["body"], sort_keys=True) for d in expected)
     assert got == want, "every delivered payload is byte-for-byte what explain promised"
     assert {r["body"]["event_name"] for r in records} == {
