@@ -1,0 +1,11 @@
+"""The benchmark harness: `python -m consumer.bench [--smoke] [--workloads 1,2] [--out F]`.
+
+Runs the workloads of the benchmark issue on the real broker/registry and the sandbox and
+reports each headline figure as a ratio measured in the same run. See tests/bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+from consumer.bench.cli import main
+
+__all__ = ["main"]

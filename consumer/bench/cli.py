@@ -1,0 +1,129 @@
+"""`python -m consumer.bench`: run the workloads, print the table, write the JSON.
+
+Needs a running broker and registry (KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL); the
+sandbox and the workers are started as child processes and stopped again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from consumer.bench.report import machine, render_table, targets
+from consumer.bench.workloads import Bench, Params, ratios
+
+__all__ = ["WORKLOADS", "build_parser", "main"]
+
+log = logging.getLogger(__name__)
+
+# Number → (JSON key, Bench method name), in the issue's order.
+WORKLOADS: dict[int, tuple[str, str]] = {
+    1: ("consume_decode", "consume_decode"),
+    2: ("drop_path", "drop_path"),
+    3: ("delivery_path", "delivery_path"),
+    4: ("http_ceiling", "http_ceiling"),
+    5: ("naive", "naive"),
+    6: ("saturation", "saturation"),
+    7: ("memory", "memory"),
+    8: ("latency", "latency"),
+}
+
+
+def _workload_list(text: str) -> list[int]:
+    try:
+        chosen = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use numbers 1-8, e.g. 1,2,3") from None
+    bad = [n for n in chosen if n not in WORKLOADS]
+    if bad or not chosen:
+        raise argparse.ArgumentTypeError(f"{text!r}: workloads are numbered 1-8")
+    return chosen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m consumer.bench",
+        description="Benchmark the worker against Userpilot's limits and a naive loop, on "
+        "the real broker/registry and the sandbox. Headline figures are ratios measured "
+        "in the same run.",
+    )
+    parser.add_argument("--smoke", action="store_true",
+                        help="small sizes (under a minute): checks the harness, not targets")
+    parser.add_argument("--workloads", type=_workload_list, default=list(WORKLOADS),
+                        help="comma-separated subset of 1-8 (default: all)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    parser.add_argument("--bootstrap-servers", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
+    parser.add_argument("--schema-registry-url", default=os.environ.get("SCHEMA_REGISTRY_URL"))
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="directory for worker logs (default: a temporary directory)")
+    parser.add_argument("--keep-topics", action="store_true",
+                        help="do not delete the benchmark topics afterwards")
+    parser.add_argument("--verbose", "-v", action="store_true")
+    return parser
+
+
+def run(bench: Bench, chosen: Sequence[int],
+        progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Run the chosen workloads in order; the results document (without the table)."""
+    results: dict[str, Any] = {
+        "command": "python -m consumer.bench " + " ".join(sys.argv[1:]),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "params": {**asdict(bench.params), "concurrency": bench.params.concurrency,
+                   "workloads": list(chosen)},
+        "layout": "sandbox and every worker are separate processes (python -m "
+                  "consumer.sandbox / python -m consumer run); workloads 1, 4 and 5 run in "
+                  "the driver process while nothing else is measured",
+        "workloads": {},
+    }
+    begun = time.monotonic()
+    for number in chosen:
+        key, method = WORKLOADS[number]
+        progress(f"workload {number}: {key} ...")
+        started = time.monotonic()
+        figures = getattr(bench, method)()
+        figures["wall_s"] = round(time.monotonic() - started, 2)
+        results["workloads"][key] = figures
+    results["wall_s"] = round(time.monotonic() - begun, 2)
+    results["ratios"] = ratios(results)
+    results["summary"] = bench.summary
+    results["targets"] = [row.to_json() for row in targets(results)]
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not args.bootstrap_servers or not args.schema_registry_url:
+        print("error: set KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL (or pass "
+              "--bootstrap-servers / --schema-registry-url)", file=sys.stderr)
+        return 2
+    params = Params.smoke_run() if args.smoke else Params(smoke=False)
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    bench = Bench(args.bootstrap_servers, args.schema_registry_url, params, logs)
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        results = run(bench, args.workloads, progress)
+    finally:
+        if not args.keep_topics:
+            bench.cleanup()
+    results["logs"] = str(logs)
+    print(render_table(results))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        print(f"results written to {args.out}", file=sys.stderr)
+    return 0

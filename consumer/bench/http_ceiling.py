@@ -1,0 +1,91 @@
+"""Workload 4: the fastest plain asyncio loop POSTing the same payloads at the same concurrency.
+
+No Kafka, no decode, no limiter, no retries: `concurrency` tasks pull bodies from one shared
+iterator and POST them until the time is up. Both httpx (the worker's client API) and
+aiohttp are measured, so the report shows how much of any gap is the HTTP client itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+__all__ = ["HttpResult", "run_aiohttp", "run_httpx"]
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    """Requests answered 202, others, and the wall time of the whole run."""
+
+    accepted: int
+    other: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.seconds if self.seconds > 0 else 0.0
+
+
+def _bodies(payloads: Sequence[bytes], seconds: float) -> Iterator[bytes]:
+    """Payloads in rotation until the deadline (checked per request, by every task)."""
+    deadline = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < deadline:
+        yield payloads[i % len(payloads)]
+        i += 1
+
+
+async def _httpx(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
+                 seconds: float, concurrency: int) -> HttpResult:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    counts = {"accepted": 0, "other": 0}
+    async with httpx.AsyncClient(headers=dict(headers), limits=limits, timeout=30.0) as client:
+        await client.post(url, content=payloads[0])  # connect before the clock starts
+        source = _bodies(payloads, seconds)
+
+        async def run() -> None:
+            for body in source:
+                response = await client.post(url, content=body)
+                counts["accepted" if response.status_code == 202 else "other"] += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(run() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return HttpResult(counts["accepted"], counts["other"], elapsed)
+
+
+async def _aiohttp(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
+                   seconds: float, concurrency: int) -> HttpResult:
+    import aiohttp  # dev extra: only the benchmark needs it
+
+    counts = {"accepted": 0, "other": 0}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(headers=dict(headers), connector=connector) as session:
+        async with session.post(url, data=payloads[0]) as warm:
+            await warm.read()
+        source = _bodies(payloads, seconds)
+
+        async def run() -> None:
+            for body in source:
+                async with session.post(url, data=body) as response:
+                    await response.read()
+                    counts["accepted" if response.status == 202 else "other"] += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(run() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return HttpResult(counts["accepted"], counts["other"], elapsed)
+
+
+def run_httpx(url: str, headers: Mapping[str, str], payloads: Sequence[bytes], seconds: float,
+              concurrency: int) -> HttpResult:
+    return asyncio.run(_httpx(url, headers, payloads, seconds, concurrency))
+
+
+def run_aiohttp(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
+                seconds: float, concurrency: int) -> HttpResult:
+    return asyncio.run(_aiohttp(url, headers, payloads, seconds, concurrency))

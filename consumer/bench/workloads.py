@@ -1,0 +1,487 @@
+"""The eight workloads of the benchmark issue, each returning JSON-able figures.
+
+Layout on a 2-core machine: the sandbox is always its own process and so is every worker
+(`python -m consumer run`), so neither shares a GIL with the other or with this driver.
+The driver only produces backlogs up front, polls committed offsets a few times a second
+and, for the comparison loops (workloads 1, 4, 5), is itself the thing measured while no
+worker runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from consumer import codec
+from consumer.bench import events as ev
+from consumer.bench.http_ceiling import run_aiohttp, run_httpx
+from consumer.bench.kafka_io import (
+    OffsetProbe,
+    Pacer,
+    consume_decode,
+    create_topic,
+    delete_topics,
+    produce_backlog,
+    register_schema,
+)
+from consumer.bench.naive import naive_loop
+from consumer.bench.procs import (
+    BENCH_TOKEN,
+    RssTrace,
+    SandboxProcess,
+    WorkerProcess,
+    read_rss,
+    worker_env,
+)
+from consumer.bench.report import percentile, ratio
+from consumer.filtering import ConsentPolicy
+from consumer.mapping import DEFAULT_PRESET
+from consumer.routing import Send, route
+
+__all__ = ["Bench", "Params"]
+
+log = logging.getLogger(__name__)
+
+API_HEADERS = {"Content-Type": "application/json", "Authorization": f"Token {BENCH_TOKEN}",
+               "X-API-Version": "2020-09-22"}
+UNLIMITED = {"USERPILOT_RATE_LIMIT": "1000000", "USERPILOT_RATE_PERIOD_SECONDS": "1",
+             "USERPILOT_RATE_BURST": "100000"}
+
+
+@dataclass(frozen=True)
+class Params:
+    """Every size and setting of a run; written verbatim into the JSON."""
+
+    smoke: bool
+    partitions: int = 6
+    users: int = 10_000
+    drop_events: int = 300_000
+    delivery_events: int = 60_000
+    latencies_ms: tuple[float, ...] = (0.0, 20.0)
+    max_in_flight: int = 200  # the worker's defaults: what a user deploys
+    max_connections: int = 64
+    commit_interval_s: float = 2.0
+    http_seconds: float = 10.0
+    naive_max_events: int = 5_000
+    naive_seconds: float = 15.0
+    sat_limit: int = 600
+    sat_window_s: float = 60.0
+    sat_duration_s: float = 200.0
+    sat_parallel: bool = False
+    memory_events: int = 1_000_000
+    memory_latency_ms: float = 50.0
+    memory_min_s: float = 60.0
+    memory_max_s: float = 180.0
+    latency_rate: float = 50.0
+    latency_seconds: float = 60.0
+    latency_sandbox_ms: float = 20.0
+    drain_timeout_s: float = 900.0
+
+    @property
+    def concurrency(self) -> int:
+        """Requests the worker can have open at once: its window, capped by its pool."""
+        return min(self.max_in_flight, self.max_connections)
+
+    @classmethod
+    def smoke_run(cls) -> Params:
+        return cls(smoke=True, users=1_000, drop_events=60_000, delivery_events=1_000,
+                   http_seconds=1.0, naive_max_events=200, naive_seconds=1.5, sat_limit=50,
+                   sat_window_s=5.0, sat_duration_s=10.0, sat_parallel=True,
+                   memory_events=20_000, memory_min_s=3.0, memory_max_s=4.0,
+                   latency_seconds=3.0, drain_timeout_s=120.0)
+
+
+@dataclass(frozen=True)
+class Drain:
+    """A worker's progress from its first commit to the end of the backlog."""
+
+    events: int
+    seconds: float
+    first_commit_after_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else math.nan
+
+
+@dataclass
+class Bench:
+    """One benchmark run against one broker and registry; creates (and deletes) its topics."""
+
+    bootstrap: str
+    registry: str
+    params: Params
+    workdir: Path
+    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
+    topics: list[str] = field(default_factory=list)
+    summary: list[tuple[str, str]] = field(default_factory=list)
+    _backlogs: dict[str, str] = field(default_factory=dict)
+
+    # -- plumbing ----------------------------------------------------------------------
+    def topic(self, name: str, partitions: int | None = None) -> str:
+        topic = create_topic(self.bootstrap, f"bench-{name}-{self.run_id}",
+                             partitions or self.params.partitions)
+        self.topics.append(topic)
+        return topic
+
+    def cleanup(self) -> None:
+        delete_topics(self.bootstrap, self.topics)
+
+    def backlog(self, kind: str, count: int) -> str:
+        """A topic holding `count` events of `kind` ("deliver"/"drop"), made once per run."""
+        key = f"{kind}-{count}"
+        if key not in self._backlogs:
+            topic = self.topic(key)
+            schema_id = register_schema(self.registry, topic)
+            tmpls = ev.templates(schema_id, "deliver" if kind == "deliver" else "drop")
+            start = time.perf_counter()
+            produce_backlog(self.bootstrap, topic, ev.messages(tmpls, count, self.params.users))
+            log.info("backlog %s: %d events in %.1f s", topic, count,
+                     time.perf_counter() - start)
+            self._backlogs[key] = topic
+        return self._backlogs[key]
+
+    def worker(self, sandbox: SandboxProcess, topic: str, tag: str, **extra: str,
+               ) -> WorkerProcess:
+        env = worker_env(
+            bootstrap=self.bootstrap, registry=self.registry, sandbox=sandbox.host_port,
+            topic=topic, group=f"bench-{tag}-{self.run_id}",
+            WORKER_MAX_IN_FLIGHT=str(self.params.max_in_flight),
+            USERPILOT_MAX_CONNECTIONS=str(self.params.max_connections),
+            WORKER_COMMIT_INTERVAL_SECONDS=f"{self.params.commit_interval_s:g}",
+            KAFKA_DLQ_TOPIC=f"bench-dlq-{self.run_id}",
+            **extra,
+        )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return WorkerProcess(env, self.workdir / f"worker-{tag}.log")
+
+    def drain(self, worker: WorkerProcess, topic: str, tag: str,
+              first_request: Callable[[], float | None] | None = None) -> Drain:
+        """Wait until the worker's group has committed the whole topic.
+
+        The clock starts at the first request the sandbox received (`first_request`, wall
+        time) or else at the first commit seen, so the group join is not counted; it stops
+        when the last offset is committed.
+        """
+        probe = OffsetProbe(self.bootstrap, f"bench-{tag}-{self.run_id}", topic)
+        try:
+            total = probe.end_total()
+            started = time.time()
+            deadline = time.monotonic() + self.params.drain_timeout_s
+            first: tuple[float, int] | None = None
+            while True:
+                if not worker.alive():
+                    raise RuntimeError(f"worker {tag} exited:\n{worker.tail()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker {tag} did not drain {topic} in time")
+                done = probe.committed_total()
+                now = time.time()
+                if done > 0 and first is None:
+                    first = (now, done)
+                if done >= total:
+                    break
+                time.sleep(0.05)
+        finally:
+            probe.close()
+        assert first is not None
+        if first_request is not None:
+            at = first_request()
+            if at is None:
+                raise RuntimeError(f"{tag}: the sandbox received no request")
+            return Drain(total, now - at, at - started)
+        if first[1] >= total:
+            raise RuntimeError(f"{tag}: the backlog ({total}) was committed before the "
+                               "first observation; make it larger")
+        return Drain(total - first[1], now - first[0], first[0] - started)
+
+    def note(self, name: str, text: str) -> None:
+        self.summary.append((name, text))
+        log.info("%s: %s", name, text)
+
+    @staticmethod
+    def payloads() -> list[bytes]:
+        """The Track bodies the delivery backlog maps to (same events, same users)."""
+        schema_id = 1
+        tmpls = ev.templates(schema_id, "deliver")
+        bodies: list[bytes] = []
+        for _key, value in ev.messages(tmpls, 1000, 1000):
+            decision = route(codec.decode(value, lambda _i: codec.SCHEMA), ConsentPolicy(),
+                             DEFAULT_PRESET)
+            assert isinstance(decision, Send)
+            bodies.append(decision.body)
+        return bodies
+
+    # -- 1 ---------------------------------------------------------------------------
+    def consume_decode(self) -> dict[str, Any]:
+        topic = self.backlog("drop", self.params.drop_events)
+        result = consume_decode(self.bootstrap, self.registry, topic, self.params.drop_events)
+        self.note("1 consume+decode (bare)", f"{result.rate:,.0f} ev/s")
+        return {"events": result.count, "seconds": result.seconds, "rate": result.rate,
+                "topic": topic}
+
+    # -- 2 ---------------------------------------------------------------------------
+    def drop_path(self) -> dict[str, Any]:
+        topic = self.backlog("drop", self.params.drop_events)
+        with SandboxProcess() as sandbox:
+            worker = self.worker(sandbox, topic, "drop", **UNLIMITED)
+            try:
+                drain = self.drain(worker, topic, "drop")
+            finally:
+                worker.stop()
+            stats = sandbox.control.stats()
+        self.note("2 drop path (worker)", f"{drain.rate:,.0f} ev/s committed")
+        return {**asdict(drain), "rate": drain.rate, "topic": topic,
+                "mix": list(ev.DROP_KINDS), "requests_sent": stats["total"]}
+
+    # -- 3 ---------------------------------------------------------------------------
+    def delivery_path(self) -> dict[str, Any]:
+        topic = self.backlog("deliver", self.params.delivery_events)
+        out: dict[str, Any] = {"topic": topic, "events": self.params.delivery_events,
+                               "max_in_flight": self.params.max_in_flight,
+                               "max_connections": self.params.max_connections,
+                               "by_latency": {}}
+        with SandboxProcess() as sandbox:
+            for latency in self.params.latencies_ms:
+                sandbox.control.set_faults(latency_ms=latency)
+                sandbox.control.reset()
+                tag = f"deliver-{latency:g}ms"
+                worker = self.worker(sandbox, topic, tag, **UNLIMITED)
+                try:
+                    drain = self.drain(worker, topic, tag, lambda: _first_received(sandbox))
+                finally:
+                    worker.stop()
+                stats = sandbox.control.stats()
+                key = f"{latency:g}ms"
+                out["by_latency"][key] = {**asdict(drain), "rate": drain.rate,
+                                          "accepted": stats["accepted"],
+                                          "by_status": stats["by_status"]}
+                if stats["accepted"] < self.params.delivery_events:
+                    raise RuntimeError(f"{tag}: sandbox accepted only {stats['accepted']}")
+                self.note(f"3 delivery path @ {key}", f"{drain.rate:,.0f} ev/s delivered "
+                          f"+ committed (in-flight {self.params.max_in_flight}, "
+                          f"connections {self.params.max_connections})")
+        return out
+
+    # -- 4 ---------------------------------------------------------------------------
+    def http_ceiling(self) -> dict[str, Any]:
+        bodies = self.payloads()
+        conc = self.params.concurrency
+        out: dict[str, Any] = {"concurrency": conc, "seconds_each": self.params.http_seconds,
+                               "by_latency": {}}
+        with SandboxProcess() as sandbox:
+            url = sandbox.url + "/v1/track"
+            for latency in self.params.latencies_ms:
+                sandbox.control.set_faults(latency_ms=latency)
+                row: dict[str, Any] = {}
+                for client, run in (("httpx", run_httpx), ("aiohttp", run_aiohttp)):
+                    sandbox.control.reset()
+                    result = run(url, API_HEADERS, bodies, self.params.http_seconds, conc)
+                    if result.accepted == 0 or result.other:
+                        raise RuntimeError(f"HTTP ceiling {client}: {result}")
+                    row[client] = {**asdict(result), "rate": result.rate}
+                row["best"] = max(row["httpx"]["rate"], row["aiohttp"]["rate"])
+                key = f"{latency:g}ms"
+                out["by_latency"][key] = row
+                self.note(f"4 HTTP ceiling @ {key} (c={conc})",
+                          f"httpx {row['httpx']['rate']:,.0f}/s, "
+                          f"aiohttp {row['aiohttp']['rate']:,.0f}/s")
+        return out
+
+    # -- 5 ---------------------------------------------------------------------------
+    def naive(self) -> dict[str, Any]:
+        topic = self.backlog("deliver", self.params.delivery_events)
+        out: dict[str, Any] = {"topic": topic, "by_latency": {}}
+        with SandboxProcess() as sandbox:
+            for latency in self.params.latencies_ms:
+                sandbox.control.set_faults(latency_ms=latency)
+                result = naive_loop(self.bootstrap, self.registry, topic,
+                                    sandbox.url + "/v1/track", API_HEADERS,
+                                    max_events=self.params.naive_max_events,
+                                    max_seconds=self.params.naive_seconds)
+                key = f"{latency:g}ms"
+                out["by_latency"][key] = {**asdict(result), "rate": result.rate}
+                self.note(f"5 naive loop @ {key}", f"{result.rate:,.0f} ev/s")
+        return out
+
+    # -- 6 ---------------------------------------------------------------------------
+    def saturation(self) -> dict[str, Any]:
+        """One sandbox per scenario, so each one's 429 count is its own."""
+        p = self.params
+        windows = math.ceil(p.sat_duration_s / p.sat_window_s) + 1
+        count = p.sat_limit * windows * 2
+        out: dict[str, Any] = {"limit": p.sat_limit, "window_s": p.sat_window_s,
+                               "duration_s": p.sat_duration_s, "parallel": p.sat_parallel,
+                               "partitions": p.partitions, "backlog_events": count}
+        runs = [(f"{n}_worker" + ("s" if n > 1 else ""), n, self.backlog(f"sat{n}", count))
+                for n in (1, 3)]
+        batches = [runs] if p.sat_parallel else [[run] for run in runs]
+        for batch in batches:
+            started = []
+            try:
+                for label, n, topic in batch:
+                    sandbox = SandboxProcess(rate_limit=p.sat_limit,
+                                             rate_window_s=p.sat_window_s)
+                    started.append((label, n, sandbox, self._start_sat(sandbox, topic, n)))
+                time.sleep(p.sat_duration_s)
+                finished = time.time()
+                for label, n, sandbox, workers in started:
+                    for worker in workers:
+                        if not worker.alive():
+                            raise RuntimeError(f"saturation worker exited:\n{worker.tail()}")
+                    out[label] = self._sat_figures(sandbox, n, finished)
+            finally:
+                for _, _, sandbox, workers in started:
+                    for worker in workers:
+                        worker.stop()
+                    sandbox.stop()
+        for label, _, _ in runs:
+            sat = out[label]
+            self.note(f"6 saturation, {label.replace('_', ' ')}",
+                      f"{100 * sat['min_window_share']:.1f}% of limit (worst window), "
+                      f"{sat['responses_429']} × 429")
+        return out
+
+    def _start_sat(self, sandbox: SandboxProcess, topic: str, n: int) -> list[WorkerProcess]:
+        p = self.params
+        return [self.worker(sandbox, topic, f"sat{n}", USERPILOT_RATE_LIMIT=str(p.sat_limit),
+                            USERPILOT_RATE_PERIOD_SECONDS=f"{p.sat_window_s:g}")
+                for _ in range(n)]
+
+    def _sat_figures(self, sandbox: SandboxProcess, workers: int, finished: float,
+                     ) -> dict[str, Any]:
+        """Accepted requests per full window from the first one, and the busiest window."""
+        p = self.params
+        times = sorted(r["received_at"] for r in sandbox.control.requests("/v1/track"))
+        if not times:
+            raise RuntimeError(f"saturation ({workers} workers): nothing delivered")
+        start = times[0]
+        full = int((finished - start) // p.sat_window_s)
+        counts = [0] * full
+        for t in times:
+            k = int((t - start) // p.sat_window_s)
+            if k < full:
+                counts[k] += 1
+        busiest, j = 0, 0  # sliding: more than the limit in any window would be a 429
+        for i, t in enumerate(times):
+            while times[j] <= t - p.sat_window_s:
+                j += 1
+            busiest = max(busiest, i - j + 1)
+        shares = [c / p.sat_limit for c in counts]
+        return {"workers": workers, "delivered": len(times), "full_windows": full,
+                "window_counts": counts, "window_shares": shares,
+                "min_window_share": min(shares) if shares else 0.0,
+                "mean_window_share": sum(shares) / len(shares) if shares else 0.0,
+                "busiest_sliding_window": busiest,
+                "responses_429": int(sandbox.control.stats()["by_status"].get("429", 0))}
+
+    # -- 7 ---------------------------------------------------------------------------
+    def memory(self) -> dict[str, Any]:
+        p = self.params
+        topic = self.backlog("deliver", p.memory_events)
+        trace = RssTrace()
+        with SandboxProcess(latency_ms=p.memory_latency_ms) as sandbox:
+            worker = self.worker(sandbox, topic, "memory", **UNLIMITED)
+            probe = OffsetProbe(self.bootstrap, f"bench-memory-{self.run_id}", topic)
+            try:
+                start = time.monotonic()
+                while True:
+                    elapsed = time.monotonic() - start
+                    sample = read_rss(worker.pid, elapsed)
+                    if sample is None or not worker.alive():
+                        raise RuntimeError(f"memory worker exited:\n{worker.tail()}")
+                    trace.add(sample)
+                    if elapsed >= p.memory_max_s or (
+                            elapsed >= p.memory_min_s and trace.plateaued(0.02)):
+                        break
+                    time.sleep(0.5)
+                committed = probe.committed_total()
+            finally:
+                probe.close()
+                worker.stop()
+            accepted = sandbox.control.stats()["accepted"]
+        peak = trace.peak_hwm / 2**20
+        self.note("7 memory (peak VmHWM)", f"{peak:,.0f} MB; {accepted:,} delivered, "
+                  f"{committed:,} committed of {p.memory_events:,} in {elapsed:.0f} s")
+        return {"backlog_events": p.memory_events, "sandbox_latency_ms": p.memory_latency_ms,
+                "observed_s": elapsed, "plateaued": trace.plateaued(0.02),
+                "peak_rss_mb": peak, "final_rss_mb": trace.samples[-1].rss / 2**20,
+                "delivered": accepted, "committed": committed,
+                "rss_mb_series": [(round(s.at_s, 1), round(s.rss / 2**20, 1))
+                                  for s in trace.samples[:: max(1, len(trace.samples) // 60)]]}
+
+    # -- 8 ---------------------------------------------------------------------------
+    def latency(self) -> dict[str, Any]:
+        p = self.params
+        topic = self.topic("latency")
+        schema_id = register_schema(self.registry, topic)
+        (tmpl,) = ev.templates(schema_id, "deliver")
+        with SandboxProcess(latency_ms=p.latency_sandbox_ms) as sandbox:
+            worker = self.worker(sandbox, topic, "latency", **UNLIMITED)
+            pacer = Pacer(self.bootstrap, topic)
+            try:
+                # Warm-up: the worker has joined, cached the schema and opened a connection.
+                pacer.send(*tmpl.render(ev.now_stamp(0, 0)))
+                _wait(lambda: sandbox.control.stats()["accepted"] >= 1, 60, worker)
+                sandbox.control.reset()
+                total = int(p.latency_rate * p.latency_seconds)
+                pacer.paced(lambda i: tmpl.render(ev.now_stamp(i % p.users, i)), total,
+                            p.latency_rate)
+                _wait(lambda: sandbox.control.stats()["accepted"] >= total, 60, worker)
+                records = sandbox.control.requests("/v1/track")
+            finally:
+                pacer.close()
+                worker.stop()
+        added = []
+        for record in records:
+            sent = ev.sent_ns_of(record["body"].get("metadata", {}))
+            if sent is not None:
+                added.append((record["received_at"] - sent / 1e9) * 1000)
+        figures = {q: percentile(added, float(q[1:])) for q in ("p50", "p90", "p99")}
+        figures["max"] = max(added)
+        self.note("8 added latency (produce→request)",
+                  f"p50 {figures['p50']:.1f} ms, p99 {figures['p99']:.1f} ms "
+                  f"at {p.latency_rate:g}/s")
+        return {"rate_per_s": p.latency_rate, "events": len(added),
+                "sandbox_latency_ms": p.latency_sandbox_ms, "added_ms": figures,
+                "produce_to_202_ms_estimate": {k: v + p.latency_sandbox_ms
+                                               for k, v in figures.items()}}
+
+
+def _first_received(sandbox: SandboxProcess) -> float | None:
+    records = sandbox.control.requests("/v1/track")
+    return min((r["received_at"] for r in records), default=None)
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, worker: WorkerProcess) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if not worker.alive():
+            raise RuntimeError(f"worker exited:\n{worker.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s\n{worker.tail()}")
+        time.sleep(0.1)
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    """Headline ratios from whichever workloads ran (all from the same run)."""
+    w = results["workloads"]
+    out: dict[str, float] = {}
+    if "consume_decode" in w and "drop_path" in w:
+        out["drop_over_consume_decode"] = ratio(w["drop_path"]["rate"],
+                                                w["consume_decode"]["rate"])
+    delivery = w.get("delivery_path", {}).get("by_latency", {})
+    ceiling = w.get("http_ceiling", {}).get("by_latency", {})
+    naive = w.get("naive", {}).get("by_latency", {})
+    for key, row in delivery.items():
+        if key in ceiling:
+            out[f"delivery_over_http_ceiling_{key}"] = ratio(row["rate"], ceiling[key]["best"])
+            out[f"delivery_over_httpx_loop_{key}"] = ratio(row["rate"],
+                                                           ceiling[key]["httpx"]["rate"])
+        if key in naive:
+            out[f"delivery_over_naive_{key}"] = ratio(row["rate"], naive[key]["rate"])
+    return out
