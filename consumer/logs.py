@@ -93,5 +93,5 @@ def configure_logging(level: str = "INFO", fmt: str = "text",
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2"):  # httpx2: the registry client
+        logging.getLogger(noisy).setLevel(logging.WARNING)

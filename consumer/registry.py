@@ -37,6 +37,7 @@ class Registry:
         self._parsed: dict[int, Mapping[str, Any]] = {}
         self._ours = fastavro.schema.to_parsing_canonical_form(SCHEMA)
         self._lock = threading.Lock()
+        self._fetching = threading.Lock()
 
     def register(self, topic: str) -> int:
         """Register the Signal schema under the topic's subject; returns its id."""
@@ -56,6 +57,13 @@ class Registry:
         cached = self._parsed.get(schema_id)
         if cached is not None:
             return cached
+        with self._fetching:  # many events of a new schema arrive at once: fetch it once
+            cached = self._parsed.get(schema_id)
+            if cached is not None:
+                return cached
+            return self._fetch(schema_id)
+
+    def _fetch(self, schema_id: int) -> Mapping[str, Any]:
         try:
             schema = self._client.get_schema(schema_id)
         except SchemaRegistryError as exc:

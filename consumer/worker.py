@@ -515,7 +515,9 @@ class Worker:
                 tp = (topic, int(pid))
                 if tp not in self.assigned:
                     continue
-                lag = pinfo.get("consumer_lag_stored", pinfo.get("consumer_lag", -1))
+                # Offsets are committed explicitly, never stored: consumer_lag_stored is
+                # always -1 here, consumer_lag (high watermark - committed) is the figure.
+                lag = pinfo.get("consumer_lag", -1)
                 if isinstance(lag, int) and lag >= 0:
                     self.m.consumer_lag.labels(topic, pid).set(lag)
 

@@ -1,0 +1,103 @@
+"""`produce` round-trips canonical JSON through Kafka and the registry (issue: foundation)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from consumer import codec
+from consumer.registry import Registry
+from tests.integration.harness import REPO
+
+FIXTURE = [
+    {"type": "track", "event": "Order Completed", "userId": "user_98765",
+     "anonymousId": "anon_a1b2c3d4",
+     "properties": {"order_id": "ORD-1234", "total": 129.99, "currency": "USD",
+                    "products": [{"product_id": "SKU-001", "name": "Wireless Headphones",
+                                  "price": 79.99, "quantity": 1},
+                                 {"product_id": "SKU-002", "name": "Ünïcødé ✓ 東京",
+                                  "price": 0.1, "quantity": 2, "tags": ["a", None, 3]}],
+                    "big": 123456789012345678901234567890, "negative": -(2**70),
+                    "nothing": None, "flag": False, "nested": {"a": {"b": {"c": [1.5, {}]}}}},
+     "context": {"page": {"url": "https://x.test/é", "path": "/checkout", "referrer": "",
+                          "title": "Checkout", "search": ""},
+                 "device": {"type": "desktop"}, "campaign": {"source": "google"},
+                 "locale": "en-US", "ip": "203.0.113.42", "userAgent": "Mozilla/5.0",
+                 "timezone": "Europe/London",
+                 "consent": {"canonical": {"analytics": True}, "categories": ["C0001"]},
+                 "library": {"name": "datafly.js", "version": "2.1.0"}},
+     "timestamp": "2026-02-25T14:30:00.000Z", "messageId": "a1b2c3d4-e5f6",
+     "receivedAt": "2026-02-25T14:30:00.120Z", "sentAt": "2026-02-25T14:29:59.990Z"},
+    {"type": "page", "name": "Pricing", "anonymousId": "anon_only",
+     "properties": {"url": "https://x.test/pricing"}, "messageId": "p-1"},
+    {"type": "identify", "userId": "user_001", "traits": {"name": "Jane Doe", "plan": "pro",
+                                                          "seats": 2**63}},
+    {"type": "group", "userId": "user_001", "groupId": "acme", "traits": {}},
+]
+
+
+def _consume_all(bootstrap: str, topic: str, count: int) -> list[tuple[bytes | None, bytes]]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-reader",
+                         "auto.offset.reset": "earliest"})
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        out: list[tuple[bytes | None, bytes]] = []
+        for _ in range(60):
+            for msg in consumer.consume(100, 0.5):
+                if msg.error() is None:
+                    out.append((msg.key(), msg.value()))
+            if len(out) >= count:
+                break
+        return out
+    finally:
+        consumer.close()
+
+
+def test_produce_round_trips_the_fixture_to_identical_json(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    topic = topic_factory(partitions=1)
+    fixture = tmp_path / "events.jsonl"
+    fixture.write_text("\n".join(json.dumps(e, ensure_ascii=False) for e in FIXTURE) + "\n",
+                       encoding="utf-8")
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+           "SCHEMA_REGISTRY_URL": schema_registry_url}
+    done = subprocess.run([sys.executable, "-m", "consumer", "produce", "--topic", topic,
+                           "--file", str(fixture)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"produced {len(FIXTURE)} events" in done.stderr
+
+    messages = _consume_all(kafka_bootstrap, topic, len(FIXTURE))
+    registry = Registry(schema_registry_url)
+    decoded = [codec.decode(value, registry.writer_schema) for _, value in messages]
+    assert decoded == FIXTURE
+    assert [key for key, _ in messages] == [b"user_98765", b"anon_only", b"user_001",
+                                            b"user_001"]
+    assert all(value[0] == 0 for _, value in messages), "Confluent magic byte"
+
+
+def test_produce_refuses_a_file_with_a_bad_line_and_sends_nothing(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    topic = topic_factory(partitions=1)
+    fixture = tmp_path / "bad.jsonl"
+    fixture.write_text(json.dumps(FIXTURE[0]) + "\n{not json\n"
+                       + json.dumps({"type": "track", "userId": 7}) + "\n", encoding="utf-8")
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+           "SCHEMA_REGISTRY_URL": schema_registry_url}
+    done = subprocess.run([sys.executable, "-m", "consumer", "produce", "--topic", topic,
+                           "--file", str(fixture)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert "bad.jsonl:2" in done.stderr and "bad.jsonl:3" in done.stderr
+    assert "userId" in done.stderr and "nothing was sent" in done.stderr
+    assert _consume_all(kafka_bootstrap, topic, 1) == []
