@@ -113,6 +113,13 @@ class WorkerProcess:
         self._log.close()
         return self.proc.returncode
 
+    def kill(self) -> None:
+        """SIGKILL, for runs whose figures are taken already (no drain, no final commit)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
     def tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from consumer import codec
 from consumer.bench import events as ev
@@ -71,7 +71,7 @@ class Params:
     naive_seconds: float = 15.0
     sat_limit: int = 600
     sat_window_s: float = 60.0
-    sat_duration_s: float = 200.0
+    sat_windows: int = 3
     sat_parallel: bool = False
     memory_events: int = 1_000_000
     memory_latency_ms: float = 50.0
@@ -89,10 +89,10 @@ class Params:
 
     @classmethod
     def smoke_run(cls) -> Params:
-        return cls(smoke=True, users=1_000, drop_events=60_000, delivery_events=1_000,
-                   http_seconds=1.0, naive_max_events=200, naive_seconds=1.5, sat_limit=50,
-                   sat_window_s=5.0, sat_duration_s=10.0, sat_parallel=True,
-                   memory_events=20_000, memory_min_s=3.0, memory_max_s=4.0,
+        return cls(smoke=True, users=1_000, drop_events=60_000, delivery_events=800,
+                   http_seconds=1.0, naive_max_events=200, naive_seconds=1.5, sat_limit=30,
+                   sat_window_s=3.0, sat_windows=2, sat_parallel=True,
+                   memory_events=20_000, memory_min_s=3.0, memory_max_s=3.0,
                    latency_seconds=3.0, drain_timeout_s=120.0)
 
 
@@ -132,13 +132,13 @@ class Bench:
     def cleanup(self) -> None:
         delete_topics(self.bootstrap, self.topics)
 
-    def backlog(self, kind: str, count: int) -> str:
-        """A topic holding `count` events of `kind` ("deliver"/"drop"), made once per run."""
-        key = f"{kind}-{count}"
+    def backlog(self, kind: Literal["deliver", "drop"], count: int, name: str = "") -> str:
+        """A topic holding `count` events of `kind`, made once per run (per `name`)."""
+        key = f"{name or kind}-{count}"
         if key not in self._backlogs:
             topic = self.topic(key)
             schema_id = register_schema(self.registry, topic)
-            tmpls = ev.templates(schema_id, "deliver" if kind == "deliver" else "drop")
+            tmpls = ev.templates(schema_id, kind)
             start = time.perf_counter()
             produce_backlog(self.bootstrap, topic, ev.messages(tmpls, count, self.params.users))
             log.info("backlog %s: %d events in %.1f s", topic, count,
@@ -312,13 +312,12 @@ class Bench:
     def saturation(self) -> dict[str, Any]:
         """One sandbox per scenario, so each one's 429 count is its own."""
         p = self.params
-        windows = math.ceil(p.sat_duration_s / p.sat_window_s) + 1
-        count = p.sat_limit * windows * 2
+        count = p.sat_limit * (p.sat_windows + 1) * 2
         out: dict[str, Any] = {"limit": p.sat_limit, "window_s": p.sat_window_s,
-                               "duration_s": p.sat_duration_s, "parallel": p.sat_parallel,
+                               "windows": p.sat_windows, "parallel": p.sat_parallel,
                                "partitions": p.partitions, "backlog_events": count}
-        runs = [(f"{n}_worker" + ("s" if n > 1 else ""), n, self.backlog(f"sat{n}", count))
-                for n in (1, 3)]
+        runs = [(f"{n}_worker" + ("s" if n > 1 else ""), n,
+                 self.backlog("deliver", count, f"sat{n}")) for n in (1, 3)]
         batches = [runs] if p.sat_parallel else [[run] for run in runs]
         for batch in batches:
             started = []
@@ -327,7 +326,10 @@ class Bench:
                     sandbox = SandboxProcess(rate_limit=p.sat_limit,
                                              rate_window_s=p.sat_window_s)
                     started.append((label, n, sandbox, self._start_sat(sandbox, topic, n)))
-                time.sleep(p.sat_duration_s)
+                # Full windows are counted from each scenario's first accepted request.
+                for _, _, sandbox, workers in started:
+                    _wait(_answered_any(sandbox), 120, *workers)
+                time.sleep(p.sat_windows * p.sat_window_s + 0.5)
                 finished = time.time()
                 for label, n, sandbox, workers in started:
                     for worker in workers:
@@ -337,7 +339,7 @@ class Bench:
             finally:
                 for _, _, sandbox, workers in started:
                     for worker in workers:
-                        worker.stop()
+                        worker.kill()  # measured already; a drain would wait on the limiter
                     sandbox.stop()
         for label, _, _ in runs:
             sat = out[label]
@@ -452,18 +454,23 @@ class Bench:
                                                for k, v in figures.items()}}
 
 
+def _answered_any(sandbox: SandboxProcess) -> Callable[[], bool]:
+    return lambda: bool(sandbox.control.stats()["total"] > 0)
+
+
 def _first_received(sandbox: SandboxProcess) -> float | None:
     records = sandbox.control.requests("/v1/track")
     return min((r["received_at"] for r in records), default=None)
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, worker: WorkerProcess) -> None:
+def _wait(predicate: Callable[[], bool], timeout: float, *workers: WorkerProcess) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        if not worker.alive():
-            raise RuntimeError(f"worker exited:\n{worker.tail()}")
+        for worker in workers:
+            if not worker.alive():
+                raise RuntimeError(f"worker exited:\n{worker.tail()}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s\n{worker.tail()}")
+            raise TimeoutError(f"timed out after {timeout:.0f} s\n{workers[0].tail()}")
         time.sleep(0.1)
 
 
