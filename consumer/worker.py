@@ -129,6 +129,7 @@ class Worker:
         self.assigned: set[TP] = set()
         self.paused: set[TP] = set()
         self.partitions_total = 0
+        self._reshare_due = False
         self.fatal: WorkerError | BaseException | None = None
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -171,6 +172,11 @@ class Worker:
                 self.health.set_connected(source.connected)
                 if source.fatal is not None:
                     raise Stop(f"fatal Kafka error: {source.fatal.str()}")
+                if self._reshare_due:
+                    # Not inside the rebalance callback: a blocking client call nested in a
+                    # callback breaks confluent-kafka's per-thread call state (it aborts).
+                    self._reshare_due = False
+                    await source.call(self._reshare)
                 for message in messages:
                     self._take(message)
                 if time.monotonic() - last_commit >= self.s.commit_interval_s:
@@ -457,7 +463,7 @@ class Worker:
             self.offsets[tp] = PartitionOffsets()
             self.committed.pop(tp, None)
         self.assigned.update(parts)
-        self._reshare()
+        self._reshare_due = True
         self.health.set_assigned(True)
         log.info("assigned %s (now %d partitions)", _fmt(parts), len(self.assigned))
 
@@ -507,7 +513,7 @@ class Worker:
             self.m.forget_partition(tp[0], tp[1])
         self.assigned.difference_update(parts)
         self.paused.difference_update(parts)
-        self._reshare()
+        self._reshare_due = True
 
     def _on_stats(self, stats: dict[str, Any]) -> None:
         for topic, info in stats.get("topics", {}).items():

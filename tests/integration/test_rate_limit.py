@@ -1,0 +1,55 @@
+"""Userpilot's per-token limit, scaled down 6× in time (100 per 10 s = 600 per 60 s's rate):
+one worker and three workers sharing the token reach ≥ 95 % of it with zero 429s."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from consumer.sandbox import SandboxControl, SandboxThread
+from tests.integration.harness import WorkerThread, produce, track_event, wait_until, worker_env
+
+Sandbox = tuple[SandboxThread, SandboxControl]
+LIMIT, PERIOD = 100, 10.0
+WARMUP, MEASURE = 4.0, 20.0
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_workers_sharing_a_token_use_the_limit_without_429(
+    workers: int, kafka_bootstrap: str, schema_registry_url: str,
+    topic_factory: Callable[..., str], sandbox: Sandbox,
+) -> None:
+    server, control = sandbox
+    control.set_faults(rate_limit=LIMIT, rate_window_seconds=PERIOD)
+    topic = topic_factory(partitions=6)
+    backlog = int((WARMUP + MEASURE + 15) * LIMIT / PERIOD * 1.5)
+    produce(kafka_bootstrap, schema_registry_url, topic,
+            [track_event(f"u{i % 60}", i) for i in range(backlog)])
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-g",
+                     USERPILOT_RATE_LIMIT=str(LIMIT), USERPILOT_RATE_PERIOD_SECONDS=str(PERIOD),
+                     USERPILOT_RATE_BURST="1", WORKER_MAX_IN_FLIGHT="50")
+    group = [WorkerThread(env) for _ in range(workers)]
+    try:
+        for w in group:
+            w.__enter__()
+        wait_until(lambda: sum(len(w.worker.assigned) for w in group) == 6
+                   and all(w.worker.assigned for w in group), 60, "every worker assigned")
+        time.sleep(WARMUP)
+        start = time.time()
+        time.sleep(MEASURE)
+        end = time.time()
+    finally:
+        for w in group:
+            w.stop()
+    received = [r["received_at"] for r in control.requests("/v1/track")]
+    stats = control.stats()
+    in_window = sum(1 for t in received if start <= t < end)
+    share = in_window / (LIMIT * MEASURE / PERIOD)
+    assert stats["by_status"].get("429", 0) == 0, stats
+    assert sum(w.metric("userpilot_responses_total", status="429") for w in group) == 0
+    assert share >= 0.95, f"{workers} worker(s) used {share:.1%} of the limit"
+    ordered = sorted(received)
+    worst = max(sum(1 for u in ordered[i:] if u < t + PERIOD) for i, t in enumerate(ordered))
+    assert worst <= LIMIT, f"{worst} requests in one rolling {PERIOD:g} s window"
