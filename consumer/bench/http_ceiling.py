@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import httpx
 
-__all__ = ["HttpResult", "run_aiohttp", "run_httpx"]
+__all__ = ["HttpResult", "run_aiohttp", "run_httpx", "run_httpx_aiohttp_transport"]
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,12 @@ def _bodies(payloads: Sequence[bytes], seconds: float) -> Iterator[bytes]:
 
 
 async def _httpx(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
-                 seconds: float, concurrency: int) -> HttpResult:
+                 seconds: float, concurrency: int,
+                 transport: httpx.AsyncBaseTransport | None = None) -> HttpResult:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     counts = {"accepted": 0, "other": 0}
-    async with httpx.AsyncClient(headers=dict(headers), limits=limits, timeout=30.0) as client:
+    async with httpx.AsyncClient(headers=dict(headers), limits=limits, timeout=30.0,
+                                 transport=transport) as client:
         await client.post(url, content=payloads[0])  # connect before the clock starts
         source = _bodies(payloads, seconds)
 
@@ -89,3 +91,12 @@ def run_httpx(url: str, headers: Mapping[str, str], payloads: Sequence[bytes], s
 def run_aiohttp(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
                 seconds: float, concurrency: int) -> HttpResult:
     return asyncio.run(_aiohttp(url, headers, payloads, seconds, concurrency))
+
+
+def run_httpx_aiohttp_transport(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
+                                seconds: float, concurrency: int) -> HttpResult:
+    """httpx's API over `AiohttpTransport`: the proposal for the worker's client."""
+    from consumer.bench.aiohttp_transport import AiohttpTransport
+
+    transport = AiohttpTransport(max_connections=concurrency)
+    return asyncio.run(_httpx(url, headers, payloads, seconds, concurrency, transport))

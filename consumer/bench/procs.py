@@ -83,14 +83,15 @@ def worker_env(*, bootstrap: str, registry: str, sandbox: str, topic: str, group
 
 
 class WorkerProcess:
-    """`python -m consumer run` with a given environment, output to a log file."""
+    """`python -m consumer run` (or another `module`) with an environment, output to a log."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path,
+                 module: tuple[str, ...] = ("consumer", "run")) -> None:
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(_OUR_PREFIXES)}
         full_env.update(env)
-        self.proc = subprocess.Popen([sys.executable, "-m", "consumer", "run"], env=full_env,
+        self.proc = subprocess.Popen([sys.executable, "-m", *module], env=full_env,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
 

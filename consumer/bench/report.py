@@ -132,9 +132,11 @@ def _fmt(value: float, unit: str = "") -> str:
 
 def render_table(results: Mapping[str, Any]) -> str:
     """Raw figures per workload, then the targets with PASS/MISS."""
-    lines = ["workload                                  figure", "-" * 72]
-    for name, text in results.get("summary", []):
-        lines.append(f"{name:<42}{text}")
+    summary = results.get("summary", [])
+    width = max((len(name) for name, _ in summary), default=20) + 2
+    lines = [f"{'workload':<{width}}figure", "-" * (width + 50)]
+    for name, text in summary:
+        lines.append(f"{name:<{width}}{text}")
     lines += ["", f"{'target':<48}{'value':>12}  {'goal':>10}  result", "-" * 80]
     for row in targets(results):
         goal = f"{row.op} {_fmt(row.bound, row.unit)}"

@@ -12,14 +12,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from consumer import codec
 from consumer.bench import events as ev
-from consumer.bench.http_ceiling import run_aiohttp, run_httpx
+from consumer.bench.http_ceiling import (
+    HttpResult,
+    run_aiohttp,
+    run_httpx,
+    run_httpx_aiohttp_transport,
+)
 from consumer.bench.kafka_io import (
     OffsetProbe,
     Pacer,
@@ -61,7 +66,7 @@ class Params:
     partitions: int = 6
     users: int = 10_000
     drop_events: int = 300_000
-    delivery_events: int = 60_000
+    delivery_events: int = 20_000
     latencies_ms: tuple[float, ...] = (0.0, 20.0)
     max_in_flight: int = 200  # the worker's defaults: what a user deploys
     max_connections: int = 64
@@ -81,6 +86,7 @@ class Params:
     latency_seconds: float = 60.0
     latency_sandbox_ms: float = 20.0
     drain_timeout_s: float = 900.0
+    variant: bool = True  # also measure the aiohttp-transport proposal (workloads 3, 4)
 
     @property
     def concurrency(self) -> int:
@@ -93,7 +99,8 @@ class Params:
                    http_seconds=1.0, naive_max_events=200, naive_seconds=1.5, sat_limit=30,
                    sat_window_s=3.0, sat_windows=2, sat_parallel=True,
                    memory_events=20_000, memory_min_s=3.0, memory_max_s=3.0,
-                   latency_seconds=3.0, drain_timeout_s=120.0)
+                   latency_seconds=3.0, drain_timeout_s=120.0,
+                   variant=False)
 
 
 @dataclass(frozen=True)
@@ -146,19 +153,26 @@ class Bench:
             self._backlogs[key] = topic
         return self._backlogs[key]
 
-    def worker(self, sandbox: SandboxProcess, topic: str, tag: str, **extra: str,
+    def worker(self, sandbox: SandboxProcess, topic: str, tag: str,
+               extra: Mapping[str, str] | None = None, *, variant: bool = False,
                ) -> WorkerProcess:
-        env = worker_env(
-            bootstrap=self.bootstrap, registry=self.registry, sandbox=sandbox.host_port,
-            topic=topic, group=f"bench-{tag}-{self.run_id}",
-            WORKER_MAX_IN_FLIGHT=str(self.params.max_in_flight),
-            USERPILOT_MAX_CONNECTIONS=str(self.params.max_connections),
-            WORKER_COMMIT_INTERVAL_SECONDS=f"{self.params.commit_interval_s:g}",
-            KAFKA_DLQ_TOPIC=f"bench-dlq-{self.run_id}",
-            **extra,
-        )
+        """A worker process on `topic` as group bench-<tag>; `extra` overrides any setting.
+
+        `variant` runs `consumer.bench.variant` (the aiohttp-transport proposal) instead.
+        """
+        settings = {
+            "WORKER_MAX_IN_FLIGHT": str(self.params.max_in_flight),
+            "USERPILOT_MAX_CONNECTIONS": str(self.params.max_connections),
+            "WORKER_COMMIT_INTERVAL_SECONDS": f"{self.params.commit_interval_s:g}",
+            "KAFKA_DLQ_TOPIC": f"bench-dlq-{self.run_id}",
+            **(extra or {}),
+        }
+        env = worker_env(bootstrap=self.bootstrap, registry=self.registry,
+                         sandbox=sandbox.host_port, topic=topic,
+                         group=f"bench-{tag}-{self.run_id}", **settings)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        return WorkerProcess(env, self.workdir / f"worker-{tag}.log")
+        module = ("consumer.bench.variant",) if variant else ("consumer", "run")
+        return WorkerProcess(env, self.workdir / f"worker-{tag}.log", module)
 
     def drain(self, worker: WorkerProcess, topic: str, tag: str,
               first_request: Callable[[], float | None] | None = None) -> Drain:
@@ -228,7 +242,7 @@ class Bench:
     def drop_path(self) -> dict[str, Any]:
         topic = self.backlog("drop", self.params.drop_events)
         with SandboxProcess() as sandbox:
-            worker = self.worker(sandbox, topic, "drop", **UNLIMITED)
+            worker = self.worker(sandbox, topic, "drop", UNLIMITED)
             try:
                 drain = self.drain(worker, topic, "drop")
             finally:
@@ -245,27 +259,35 @@ class Bench:
                                "max_in_flight": self.params.max_in_flight,
                                "max_connections": self.params.max_connections,
                                "by_latency": {}}
+        variants = [(False, "by_latency", "")]
+        if self.params.variant:
+            out["proposal_aiohttp_transport"] = {}
+            variants.append((True, "proposal_aiohttp_transport", " [aiohttp transport]"))
         with SandboxProcess() as sandbox:
-            for latency in self.params.latencies_ms:
-                sandbox.control.set_faults(latency_ms=latency)
-                sandbox.control.reset()
-                tag = f"deliver-{latency:g}ms"
-                worker = self.worker(sandbox, topic, tag, **UNLIMITED)
-                try:
-                    drain = self.drain(worker, topic, tag, lambda: _first_received(sandbox))
-                finally:
-                    worker.stop()
-                stats = sandbox.control.stats()
-                key = f"{latency:g}ms"
-                out["by_latency"][key] = {**asdict(drain), "rate": drain.rate,
-                                          "accepted": stats["accepted"],
-                                          "by_status": stats["by_status"]}
-                if stats["accepted"] < self.params.delivery_events:
-                    raise RuntimeError(f"{tag}: sandbox accepted only {stats['accepted']}")
-                self.note(f"3 delivery path @ {key}", f"{drain.rate:,.0f} ev/s delivered "
-                          f"+ committed (in-flight {self.params.max_in_flight}, "
-                          f"connections {self.params.max_connections})")
+            for variant, slot, label in variants:
+                for latency in self.params.latencies_ms:
+                    key = f"{latency:g}ms"
+                    row = self._deliver(sandbox, topic, latency, variant)
+                    out[slot][key] = row
+                    self.note(f"3 delivery path @ {key}{label}",
+                              f"{row['rate']:,.0f} ev/s delivered + committed")
         return out
+
+    def _deliver(self, sandbox: SandboxProcess, topic: str, latency: float,
+                 variant: bool) -> dict[str, Any]:
+        sandbox.control.set_faults(latency_ms=latency)
+        sandbox.control.reset()
+        tag = f"deliver-{latency:g}ms" + ("-variant" if variant else "")
+        worker = self.worker(sandbox, topic, tag, UNLIMITED, variant=variant)
+        try:
+            drain = self.drain(worker, topic, tag, lambda: _first_received(sandbox))
+        finally:
+            worker.stop()
+        stats = sandbox.control.stats()
+        if stats["accepted"] < self.params.delivery_events:
+            raise RuntimeError(f"{tag}: sandbox accepted only {stats['accepted']}")
+        return {**asdict(drain), "rate": drain.rate, "accepted": stats["accepted"],
+                "by_status": stats["by_status"]}
 
     # -- 4 ---------------------------------------------------------------------------
     def http_ceiling(self) -> dict[str, Any]:
@@ -278,7 +300,11 @@ class Bench:
             for latency in self.params.latencies_ms:
                 sandbox.control.set_faults(latency_ms=latency)
                 row: dict[str, Any] = {}
-                for client, run in (("httpx", run_httpx), ("aiohttp", run_aiohttp)):
+                clients: list[tuple[str, Callable[..., HttpResult]]] = [
+                    ("httpx", run_httpx), ("aiohttp", run_aiohttp)]
+                if self.params.variant:
+                    clients.append(("httpx_aiohttp_transport", run_httpx_aiohttp_transport))
+                for client, run in clients:
                     sandbox.control.reset()
                     result = run(url, API_HEADERS, bodies, self.params.http_seconds, conc)
                     if result.accepted == 0 or result.other:
@@ -287,9 +313,12 @@ class Bench:
                 row["best"] = max(row["httpx"]["rate"], row["aiohttp"]["rate"])
                 key = f"{latency:g}ms"
                 out["by_latency"][key] = row
+                proposal = row.get("httpx_aiohttp_transport")
                 self.note(f"4 HTTP ceiling @ {key} (c={conc})",
                           f"httpx {row['httpx']['rate']:,.0f}/s, "
-                          f"aiohttp {row['aiohttp']['rate']:,.0f}/s")
+                          f"aiohttp {row['aiohttp']['rate']:,.0f}/s"
+                          + (f", httpx+aiohttp transport {proposal['rate']:,.0f}/s"
+                             if proposal else ""))
         return out
 
     # -- 5 ---------------------------------------------------------------------------
@@ -350,9 +379,9 @@ class Bench:
 
     def _start_sat(self, sandbox: SandboxProcess, topic: str, n: int) -> list[WorkerProcess]:
         p = self.params
-        return [self.worker(sandbox, topic, f"sat{n}", USERPILOT_RATE_LIMIT=str(p.sat_limit),
-                            USERPILOT_RATE_PERIOD_SECONDS=f"{p.sat_window_s:g}")
-                for _ in range(n)]
+        limits = {"USERPILOT_RATE_LIMIT": str(p.sat_limit),
+                  "USERPILOT_RATE_PERIOD_SECONDS": f"{p.sat_window_s:g}"}
+        return [self.worker(sandbox, topic, f"sat{n}", limits) for _ in range(n)]
 
     def _sat_figures(self, sandbox: SandboxProcess, workers: int, finished: float,
                      ) -> dict[str, Any]:
@@ -387,7 +416,7 @@ class Bench:
         topic = self.backlog("deliver", p.memory_events)
         trace = RssTrace()
         with SandboxProcess(latency_ms=p.memory_latency_ms) as sandbox:
-            worker = self.worker(sandbox, topic, "memory", **UNLIMITED)
+            worker = self.worker(sandbox, topic, "memory", UNLIMITED)
             probe = OffsetProbe(self.bootstrap, f"bench-memory-{self.run_id}", topic)
             try:
                 start = time.monotonic()
@@ -423,7 +452,7 @@ class Bench:
         schema_id = register_schema(self.registry, topic)
         (tmpl,) = ev.templates(schema_id, "deliver")
         with SandboxProcess(latency_ms=p.latency_sandbox_ms) as sandbox:
-            worker = self.worker(sandbox, topic, "latency", **UNLIMITED)
+            worker = self.worker(sandbox, topic, "latency", UNLIMITED)
             pacer = Pacer(self.bootstrap, topic)
             try:
                 # Warm-up: the worker has joined, cached the schema and opened a connection.
@@ -491,4 +520,11 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
                                                            ceiling[key]["httpx"]["rate"])
         if key in naive:
             out[f"delivery_over_naive_{key}"] = ratio(row["rate"], naive[key]["rate"])
+    proposal = w.get("delivery_path", {}).get("proposal_aiohttp_transport", {})
+    for key, row in proposal.items():
+        if key in ceiling:
+            out[f"proposal_delivery_over_http_ceiling_{key}"] = ratio(row["rate"],
+                                                                      ceiling[key]["best"])
+        if key in naive:
+            out[f"proposal_delivery_over_naive_{key}"] = ratio(row["rate"], naive[key]["rate"])
     return out
