@@ -1,0 +1,132 @@
+"""Pure parts of the benchmark harness: event templates, percentiles, targets, RSS plateau."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+
+from consumer import codec
+from consumer.bench import events as ev
+from consumer.bench.cli import _workload_list, build_parser
+from consumer.bench.procs import RssSample, RssTrace, read_rss
+from consumer.bench.report import Target, percentile, render_table, targets
+from consumer.filtering import ConsentPolicy, Drop
+from consumer.mapping import DEFAULT_PRESET
+from consumer.routing import Send, route
+
+
+def _decode(value: bytes) -> dict[str, object]:
+    return codec.decode(value, lambda _id: codec.SCHEMA)
+
+
+def test_rendered_message_equals_a_fresh_encode_of_the_stamped_event() -> None:
+    (tmpl,) = ev.templates(7, "deliver")
+    key, value = tmpl.render(ev.Stamp(user=42, seq=123_456, sent_ns=1_764_000_000_123_456_789))
+    event = ev.delivered_event()
+    event["userId"] = "u0000042"
+    event["anonymousId"] = "anon-u0000042"
+    event["messageId"] = "m000000000123456"
+    event["properties"]["sent_ns"] = "1764000000123456789"
+    assert value == codec.encode(7, codec.to_record(event))
+    assert key == b"u0000042"
+
+
+def test_delivery_template_is_sent_and_carries_its_produce_time() -> None:
+    (tmpl,) = ev.templates(1, "deliver")
+    _, value = tmpl.render(ev.Stamp(3, 9, sent_ns=1_000_000_000_000_000_123))
+    decision = route(_decode(value), ConsentPolicy(), DEFAULT_PRESET)
+    assert isinstance(decision, Send)
+    assert decision.payload["user_id"] == "u0000003"
+    assert ev.sent_ns_of(decision.payload["metadata"]) == 1_000_000_000_000_000_123
+
+
+def test_drop_backlog_cycles_through_every_drop_reason() -> None:
+    tmpls = ev.templates(1, "drop")
+    reasons = []
+    for key, value in ev.messages(tmpls, 6, users=100):
+        decision = route(_decode(value), ConsentPolicy(), DEFAULT_PRESET)
+        assert isinstance(decision, Drop)
+        reasons.append(decision.reason)
+        assert key  # anonymous events are keyed by their anonymousId
+    assert reasons == ["anonymous", "consent", "unmapped"] * 2
+
+
+def test_messages_rotate_users() -> None:
+    keys = [k for k, _ in ev.messages(ev.templates(1, "deliver"), 5, users=2)]
+    assert keys == [b"u0000000", b"u0000001", b"u0000000", b"u0000001", b"u0000000"]
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([5.0], 99) == 5.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_target_pass_needs_the_bound_and_the_extra_condition() -> None:
+    assert Target("x", 0.6, ">=", 0.6).passed
+    assert not Target("x", 0.59, ">=", 0.6).passed
+    assert Target("x", 50.0, "<=", 50.0).passed
+    assert not Target("x", 99.0, ">=", 98.0, extra_ok=False).passed
+    assert not Target("x", math.nan, "<=", 1.0).passed
+
+
+def test_targets_follow_the_workloads_that_ran() -> None:
+    results = {
+        "ratios": {"drop_over_consume_decode": 0.7, "delivery_over_http_ceiling_0ms": 0.4,
+                   "delivery_over_naive_20ms": 25.0},
+        "workloads": {
+            "saturation": {
+                "1_worker": {"min_window_share": 0.99, "responses_429": 0},
+                "3_workers": {"min_window_share": 0.99, "responses_429": 2},
+            },
+            "memory": {"peak_rss_mb": 120.0, "backlog_events": 1_000_000},
+            "latency": {"added_ms": {"p50": 5.0, "p99": 60.0}},
+        },
+        "summary": [("1 consume+decode (bare)", "1 ev/s")],
+    }
+    rows = {row.name: row.passed for row in targets(results)}
+    assert rows == {
+        "drop path ÷ consume+decode": True,
+        "delivery ÷ HTTP ceiling @ 0ms": False,
+        "delivery ÷ naive @ 20ms": True,
+        "saturation, 1 worker (min window share)": True,
+        "saturation, 3 workers (min window share)": False,  # 429s received
+        "peak RSS, backlog draining": True,
+        "added latency p99": False,
+    }
+    table = render_table(results)
+    assert table.count("PASS") == 4 and table.count("MISS") == 3
+    assert targets({"ratios": {}, "workloads": {}}) == []
+
+
+def test_rss_trace_plateau() -> None:
+    growing = RssTrace()
+    for i in range(12):
+        growing.add(RssSample(i, 0, (50 + 10 * i) * 2**20))
+    assert not growing.plateaued(0.02)
+    flat = RssTrace()
+    for i in range(12):
+        flat.add(RssSample(i, 0, min(50 + 10 * i, 80) * 2**20))
+    assert flat.plateaued(0.02)
+    assert flat.peak_hwm == 80 * 2**20
+    assert not RssTrace().plateaued()
+
+
+def test_read_rss_of_this_process() -> None:
+    import os
+
+    sample = read_rss(os.getpid())
+    assert sample is not None and 0 < sample.rss <= sample.hwm
+
+
+def test_workload_selection() -> None:
+    assert _workload_list("3,1,3") == [1, 3]
+    assert build_parser().parse_args([]).workloads == list(range(1, 9))
+    for bad in ("0", "9", "a", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"workloads|numbers"):
+            _workload_list(bad)
