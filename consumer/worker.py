@@ -130,6 +130,9 @@ class Worker:
         self.paused: set[TP] = set()
         self.partitions_total = 0
         self._reshare_due = False
+        # Label lookups cost more than the increments: cache the children on the hot path.
+        self._consumed: dict[str, Any] = {}
+        self._drops: dict[Drop, Any] = {}
         self.fatal: WorkerError | BaseException | None = None
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -237,7 +240,10 @@ class Worker:
         if tracker is None:  # a message of a partition revoked meanwhile
             return
         tracker.started(offset)
-        self.m.events_consumed.labels(topic).inc()
+        counter = self._consumed.get(topic)
+        if counter is None:
+            counter = self._consumed[topic] = self.m.events_consumed.labels(topic)
+        counter.inc()
         ts_type, ts = message.timestamp()
         key = message.key()
         work = Work(topic, partition, offset, key if key else (topic, partition, offset), key,
@@ -277,7 +283,11 @@ class Worker:
         return cached
 
     def _dropped(self, work: Work, drop: Drop) -> None:
-        self.m.events_dropped.labels(drop.reason, drop.category or "").inc()
+        counter = self._drops.get(drop)
+        if counter is None:
+            counter = self._drops[drop] = self.m.events_dropped.labels(
+                drop.reason, drop.category or "")
+        counter.inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("dropped (%s%s)", drop.reason,
                       f": {drop.category}" if drop.category else "",
