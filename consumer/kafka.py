@@ -79,6 +79,10 @@ class KafkaSource:
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
             "statistics.interval.ms": stats_interval_ms if on_stats else 0,
+            # Prefetch bounds: librdkafka's defaults (64 MiB, 100k messages) dominate the
+            # RSS of a worker draining a large backlog; 16 MiB still keeps the fetcher ahead.
+            "queued.max.messages.kbytes": 16384,
+            "queued.min.messages": 10000,
             **conf,
         }
         if on_stats is not None:
