@@ -80,8 +80,8 @@ class StreamTransport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError("transport is closed")
         timeouts = request.extensions.get("timeout", {})
         async with self._slots:
-            for _ in range(2):
-                conn = await self._checkout(request, timeouts.get("connect"))
+            for attempt in range(2):
+                conn = await self._checkout(request, timeouts.get("connect"), fresh=attempt > 0)
                 try:
                     return await self._exchange(conn, request, timeouts)
                 except _Stale:
@@ -92,11 +92,12 @@ class StreamTransport(httpx.AsyncBaseTransport):
                     raise
         raise httpx.RemoteProtocolError("server closed the connection without a response")
 
-    async def _checkout(self, request: httpx.Request, timeout: float | None) -> _Conn:
+    async def _checkout(self, request: httpx.Request, timeout: float | None,
+                        fresh: bool = False) -> _Conn:
         url = request.url
         origin = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
         now = time.monotonic()
-        while self._idle:
+        while self._idle and not fresh:  # a retry never gets another possibly-stale one
             conn = self._idle.pop()
             if (conn.origin == origin and now - conn.idle_since < self._expiry
                     and not conn.reader.at_eof()):
@@ -132,37 +133,29 @@ class StreamTransport(httpx.AsyncBaseTransport):
                 raise _Stale() from None
             raise httpx.WriteError(f"{type(exc).__name__}: {exc}") from None
         read_timeout = timeouts.get("read")
-        try:
-            raw_head = await _within(conn.reader.readuntil(b"\r\n\r\n"), read_timeout,
-                                     httpx.ReadTimeout, "read")
-        except asyncio.IncompleteReadError as exc:
-            if conn.reused and not exc.partial:
-                raise _Stale() from None
-            raise httpx.RemoteProtocolError("connection closed before the response head") \
-                from None
-        except asyncio.LimitOverrunError:
-            raise httpx.RemoteProtocolError("response head too large") from None
-        except (ConnectionError, OSError) as exc:
-            if conn.reused:
-                raise _Stale() from None
-            raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from None
+        raw_head = await _within(_read_head(conn.reader, conn.reused), read_timeout,
+                                 httpx.ReadTimeout, "read")
         status, headers, keep_alive = _parse_head(raw_head)
         try:
             content = await _within(self._body(conn, request.method, status, headers),
                                     read_timeout, httpx.ReadTimeout, "read")
+        except asyncio.LimitOverrunError:
+            raise httpx.RemoteProtocolError("chunk line too long") from None
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
             raise httpx.ReadError(f"body: {type(exc).__name__}") from None
+        # Built before pooling: a body httpx cannot decode must not close a pooled connection.
+        response = httpx.Response(status, headers=headers, content=content,
+                                  extensions={"http_version": b"HTTP/1.1"})
         if keep_alive and not any(k == b"content-length" or k == b"transfer-encoding"
                                   for k, _ in headers) and _has_body(request.method, status):
             keep_alive = False  # close-delimited body: the connection is used up
-        if keep_alive:
+        if keep_alive and not self._closed:
             conn.idle_since = time.monotonic()
             conn.reused = False
             self._idle.append(conn)
         else:
             conn.close()
-        return httpx.Response(status, headers=headers, content=content,
-                              extensions={"http_version": b"HTTP/1.1"})
+        return response
 
     async def _body(self, conn: _Conn, method: str, status: int,
                     headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -180,12 +173,43 @@ class StreamTransport(httpx.AsyncBaseTransport):
             if size < 0 or size > MAX_BODY_BYTES:
                 raise httpx.RemoteProtocolError("Content-Length out of range")
             return await conn.reader.readexactly(size) if size else b""
-        return await conn.reader.read(MAX_BODY_BYTES)
+        body = bytearray()  # close-delimited: read() returns what has arrived, so loop to EOF
+        while chunk := await conn.reader.read(65536):
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise httpx.RemoteProtocolError("body too large")
+        return bytes(body)
 
     async def aclose(self) -> None:
         self._closed = True
         while self._idle:
             self._idle.pop().close()
+
+
+async def _read_head(reader: asyncio.StreamReader, reused: bool) -> bytes:
+    """The response head; `_Stale` only if a reused connection died before its first byte.
+
+    Why the first byte apart: once any of the response arrived the server acted on the
+    request, so a reset after a partial head must surface, not be silently re-sent.
+    """
+    try:
+        first = await reader.readexactly(1)
+    except asyncio.IncompleteReadError:
+        if reused:
+            raise _Stale() from None
+        raise httpx.RemoteProtocolError("connection closed before the response head") from None
+    except (ConnectionError, OSError) as exc:
+        if reused:
+            raise _Stale() from None
+        raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from None
+    try:
+        return first + await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        raise httpx.RemoteProtocolError("connection closed before the response head") from None
+    except asyncio.LimitOverrunError:
+        raise httpx.RemoteProtocolError("response head too large") from None
+    except (ConnectionError, OSError) as exc:
+        raise httpx.ReadError(f"{type(exc).__name__}: {exc}") from None
 
 
 def _has_body(method: str, status: int) -> bool:
@@ -222,6 +246,8 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
             size = int(line.split(b";", 1)[0].strip(), 16)
         except ValueError:
             raise httpx.RemoteProtocolError("bad chunk size") from None
+        if size < 0:
+            raise httpx.RemoteProtocolError("bad chunk size")
         if size == 0:
             while (await reader.readuntil(b"\r\n")) != b"\r\n":
                 pass  # trailers
@@ -230,4 +256,5 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         if total > MAX_BODY_BYTES:
             raise httpx.RemoteProtocolError("chunked body too large")
         chunks.append(await reader.readexactly(size))
-        await reader.readexactly(2)
+        if await reader.readexactly(2) != b"\r\n":
+            raise httpx.RemoteProtocolError("chunk not followed by CRLF")
