@@ -135,6 +135,9 @@ class UserpilotClient:
             raise ConnectionFailed(
                 f"connection to Userpilot failed ({type(exc).__name__})"
             ) from None
+        except httpx.HTTPError as exc:  # e.g. a body httpx cannot decode: a broken answer
+            raise ServerError(f"unusable answer from Userpilot ({type(exc).__name__})") \
+                from None
         elapsed = time.perf_counter() - start
         problem = classify(response.status_code, response.headers, response.text)
         if problem is not None:
