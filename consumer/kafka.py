@@ -88,6 +88,7 @@ class KafkaSource:
         if on_stats is not None:
             settings["stats_cb"] = lambda raw: on_stats(json.loads(raw))
         settings["error_cb"] = self._on_error
+        settings["on_commit"] = self._on_commit
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-poll")
         self._topics = list(topics)
         self._on_assign = on_assign
@@ -107,6 +108,10 @@ class KafkaSource:
             self.fatal = err
         log.warning("kafka: %s", err.str())
 
+    def _on_commit(self, err: KafkaError | None, _parts: list[TopicPartition]) -> None:
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            log.warning("offset commit failed (%s); the next commit covers it", err.str())
+
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a consumer call on the poll thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -121,7 +126,20 @@ class KafkaSource:
         )
 
     def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
-        messages = self._consumer.consume(max_messages, timeout_s)
+        """Up to `max_messages`, returning as soon as at least one is there.
+
+        `Consumer.consume(n, timeout)` waits for all n or the timeout, which adds up to the
+        whole timeout of latency at low traffic; one blocking `poll` then a non-blocking
+        `consume` gets the first message at once and whatever else is ready.
+        """
+        messages = self._consumer.consume(max_messages, 0)
+        if not messages:
+            first = self._consumer.poll(timeout_s)
+            if first is None:
+                return []
+            messages = [first]
+            if max_messages > 1:
+                messages.extend(self._consumer.consume(max_messages - 1, 0))
         if messages:
             self.connected = True
         return messages
@@ -134,15 +152,20 @@ class KafkaSource:
         if parts:
             self._consumer.resume([TopicPartition(t, p) for t, p in parts])
 
-    def commit(self, offsets: dict[TP, int]) -> None:
-        """Synchronous commit of explicit offsets (next offset to read per partition)."""
+    def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> None:
+        """Commit explicit offsets (next offset to read per partition).
+
+        `wait=False` sends the commit and returns: the poll loop never stalls on the
+        coordinator's round trip; a failed one is logged and the next commit covers it.
+        """
         if not offsets:
             return
         try:
-            self._consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                asynchronous=False,
-            )
+            parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            if wait:
+                self._consumer.commit(offsets=parts, asynchronous=False)
+            else:
+                self._consumer.commit(offsets=parts, asynchronous=True)
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:

@@ -111,6 +111,14 @@ class Scheduler(Generic[J]):
             return self._in_flight
         return sum(self._per_partition.get(tp, 0) for tp in partitions)
 
+    async def wait_change(self, timeout: float) -> None:
+        """Wait until some job finishes, or `timeout` seconds."""
+        if timeout <= 0:
+            return
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
     async def wait_below(self, count: int) -> None:
         """Wait until fewer than `count` jobs are in flight."""
         while self._in_flight >= count:

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 POLL_BATCH = 500
 POLL_TIMEOUT_S = 0.1
+PAUSE_AFTER_S = 1.0
 
 
 @dataclass(slots=True, eq=False)
@@ -183,7 +184,7 @@ class Worker:
                 for message in messages:
                     self._take(message)
                 if time.monotonic() - last_commit >= self.s.commit_interval_s:
-                    await source.call(self._commit_now, None)
+                    await source.call(self._commit_now, None, False)
                     last_commit = time.monotonic()
         except Stop as exc:
             self.fatal = exc
@@ -432,8 +433,17 @@ class Worker:
         limit = self.s.max_in_flight
         pending = self._uncommitted()
         if pending >= limit // 2:
-            await source.call(self._commit_now, None)
+            await source.call(self._commit_now, None, False)
             pending = self._uncommitted()
+        if pending >= limit and not self.paused:
+            # A pause purges librdkafka's prefetched messages and costs a refetch (~300 ms
+            # measured), so first wait a little for deliveries to free the window; pause
+            # only for stalls (outages, slow Userpilot). Heartbeats do not need polling.
+            deadline = time.monotonic() + PAUSE_AFTER_S
+            while pending >= limit and time.monotonic() < deadline:
+                await self.scheduler.wait_change(deadline - time.monotonic())
+                await source.call(self._commit_now, None, False)
+                pending = self._uncommitted()
         if pending >= limit and len(self.paused) < len(self.assigned):
             parts = sorted(self.assigned - self.paused)
             await source.call(source.pause, parts)
@@ -446,8 +456,8 @@ class Worker:
         self.m.in_flight.set(self.scheduler.in_flight)
         return max(1, min(POLL_BATCH, limit - pending))
 
-    def _commit_now(self, parts: Sequence[TP] | None) -> None:
-        """Commit finished offsets (runs on the poll thread)."""
+    def _commit_now(self, parts: Sequence[TP] | None, wait: bool = True) -> None:
+        """Commit finished offsets (runs on the poll thread); waits only on revoke/exit."""
         assert self.source is not None
         todo: dict[TP, int] = {}
         for tp in (parts if parts is not None else list(self.offsets)):
@@ -457,7 +467,7 @@ class Worker:
                 todo[tp] = offset
         if not todo:
             return
-        self.source.commit(todo)
+        self.source.commit(todo, wait=wait)
         for tp, offset in todo.items():
             self.committed[tp] = offset
             tracker = self.offsets.get(tp)
