@@ -183,7 +183,9 @@ class Worker:
                     await source.call(self._reshare)
                 for message in messages:
                     self._take(message)
-                if time.monotonic() - last_commit >= self.s.commit_interval_s:
+                # Periodically, and at once when caught up (an idle poll): a drained backlog
+                # should not wait for the timer to be committed.
+                if not messages or time.monotonic() - last_commit >= self.s.commit_interval_s:
                     await source.call(self._commit_now, None, False)
                     last_commit = time.monotonic()
         except Stop as exc:
