@@ -7,6 +7,7 @@ sandbox and the workers are started as child processes and stopped again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -67,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory for worker logs (default: a temporary directory)")
     parser.add_argument("--keep-topics", action="store_true",
                         help="do not delete the benchmark topics afterwards")
+    parser.add_argument("--max-in-flight", type=int, default=None,
+                        help="WORKER_MAX_IN_FLIGHT for every worker (default: the worker's 200)")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="USERPILOT_MAX_CONNECTIONS and the HTTP ceiling's concurrency "
+                        "(default: the worker's 64)")
+    parser.add_argument("--no-proposal", action="store_true",
+                        help="skip the aiohttp-transport proposal runs in workloads 3 and 4")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser
 
@@ -78,6 +86,7 @@ def run(bench: Bench, chosen: Sequence[int],
         "command": "python -m consumer.bench " + " ".join(sys.argv[1:]),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
+        "worker_revision": _revision(),
         "params": {**asdict(bench.params), "concurrency": bench.params.concurrency,
                    "workloads": list(chosen)},
         "layout": "sandbox and every worker are separate processes (python -m "
@@ -100,6 +109,21 @@ def run(bench: Bench, chosen: Sequence[int],
     return results
 
 
+def _revision() -> dict[str, Any]:
+    """The commit measured, and whether the worker's files differed from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  check=False).stdout.strip()
+        except OSError:
+            return ""
+
+    dirty = git("status", "--porcelain", "--", "consumer", ":!consumer/bench")
+    return {"commit": git("rev-parse", "HEAD"), "consumer_modified": bool(dirty)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -109,6 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               "--bootstrap-servers / --schema-registry-url)", file=sys.stderr)
         return 2
     params = Params.smoke_run() if args.smoke else Params(smoke=False)
+    overrides: dict[str, Any] = {}
+    if args.max_in_flight is not None:
+        overrides["max_in_flight"] = args.max_in_flight
+    if args.max_connections is not None:
+        overrides["max_connections"] = args.max_connections
+    if args.no_proposal:
+        overrides["variant"] = False
+    params = dataclasses.replace(params, **overrides)
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
     bench = Bench(args.bootstrap_servers, args.schema_registry_url, params, logs)
 
