@@ -70,6 +70,7 @@ class KafkaSource:
         on_revoke: Callable[[list[TP]], None],
         on_lost: Callable[[list[TP]], None],
         on_stats: Callable[[dict[str, Any]], None] | None = None,
+        on_committed: Callable[[list[tuple[TP, int]], list[TP]], None] | None = None,
         stats_interval_ms: int = 5000,
     ) -> None:
         settings = {
@@ -94,6 +95,7 @@ class KafkaSource:
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._on_lost = on_lost
+        self._on_committed = on_committed
         self.connected = True
         self.fatal: KafkaError | None = None
         try:
@@ -108,9 +110,18 @@ class KafkaSource:
             self.fatal = err
         log.warning("kafka: %s", err.str())
 
-    def _on_commit(self, err: KafkaError | None, _parts: list[TopicPartition]) -> None:
+    def _on_commit(self, err: KafkaError | None, parts: list[TopicPartition]) -> None:
+        """Commit results, served during consume: acknowledged offsets go to the worker."""
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("offset commit failed (%s); the next commit covers it", err.str())
+        done = [((tp.topic, tp.partition), tp.offset) for tp in parts or []
+                if tp.error is None and tp.offset >= 0]
+        failed = [(tp.topic, tp.partition) for tp in parts or []
+                  if tp.error is not None or (err is not None and tp.offset >= 0)]
+        if err is not None:
+            done = []
+        if self._on_committed is not None:
+            self._on_committed(done, failed)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a consumer call on the poll thread."""

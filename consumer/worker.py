@@ -126,7 +126,8 @@ class Worker:
         self.guard = DlqGuard(settings.dlq_max_ratio, settings.dlq_window,
                               settings.dlq_max_consecutive)
         self.offsets: dict[TP, PartitionOffsets] = {}
-        self.committed: dict[TP, int] = {}
+        self.committed: dict[TP, int] = {}  # acknowledged by the coordinator
+        self._requested: dict[TP, int] = {}  # sent, maybe not acknowledged yet
         self.assigned: set[TP] = set()
         self.paused: set[TP] = set()
         self.partitions_total = 0
@@ -161,7 +162,7 @@ class Worker:
         conf = {**self.s.kafka_config(), "group.id": self.s.group_id}
         self.source = KafkaSource(
             conf, self.s.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-            on_lost=self._on_lost, on_stats=self._on_stats,
+            on_lost=self._on_lost, on_stats=self._on_stats, on_committed=self._on_committed,
         )
         source = self.source
         await source.call(source.subscribe)
@@ -444,7 +445,7 @@ class Worker:
             deadline = time.monotonic() + PAUSE_AFTER_S
             while pending >= limit and time.monotonic() < deadline:
                 await self.scheduler.wait_change(deadline - time.monotonic())
-                await source.call(self._commit_now, None, False)
+                await source.call(self._commit_now, None, True)
                 pending = self._uncommitted()
         if pending >= limit and len(self.paused) < len(self.assigned):
             parts = sorted(self.assigned - self.paused)
@@ -459,23 +460,38 @@ class Worker:
         return max(1, min(POLL_BATCH, limit - pending))
 
     def _commit_now(self, parts: Sequence[TP] | None, wait: bool = True) -> None:
-        """Commit finished offsets (runs on the poll thread); waits only on revoke/exit."""
+        """Commit finished offsets (runs on the poll thread).
+
+        `wait=False` pipelines the commit: the window frees only when the coordinator's
+        acknowledgement is served by a later poll (`_on_committed`), so a crash still
+        re-delivers at most WORKER_MAX_IN_FLIGHT events.
+        """
         assert self.source is not None
         todo: dict[TP, int] = {}
+        known = self.committed if wait else self._requested
         for tp in (parts if parts is not None else list(self.offsets)):
             tracker = self.offsets.get(tp)
             offset = tracker.committable() if tracker else None
-            if offset is not None and self.committed.get(tp) != offset:
+            if offset is not None and known.get(tp) != offset:
                 todo[tp] = offset
         if not todo:
             return
         self.source.commit(todo, wait=wait)
-        for tp, offset in todo.items():
+        self._requested.update(todo)
+        if wait:
+            self._on_committed(list(todo.items()), [])
+
+    def _on_committed(self, done: list[tuple[TP, int]], failed: list[TP]) -> None:
+        for tp in failed:
+            self._requested.pop(tp, None)  # send it again next time
+        for tp, offset in done:
+            if offset <= self.committed.get(tp, -1):
+                continue
             self.committed[tp] = offset
             tracker = self.offsets.get(tp)
             if tracker is not None:
                 tracker.committed(offset)
-            self.m.committed_offset.labels(tp[0], str(tp[1])).set(offset)
+                self.m.committed_offset.labels(tp[0], str(tp[1])).set(offset)
 
     # -- rebalance callbacks (poll thread) ----------------------------------------------
     def _on_assign(self, parts: list[TP]) -> None:
@@ -484,6 +500,7 @@ class Worker:
         for tp in parts:
             self.offsets[tp] = PartitionOffsets()
             self.committed.pop(tp, None)
+            self._requested.pop(tp, None)
         self.assigned.update(parts)
         self._reshare_due = True
         self.health.set_assigned(True)
