@@ -191,9 +191,10 @@ class Bench:
             while True:
                 if not worker.alive():
                     raise RuntimeError(f"worker {tag} exited:\n{worker.tail()}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"worker {tag} did not drain {topic} in time")
                 done = probe.committed_total()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker {tag} committed {done} of {total} offsets of "
+                                       f"{topic} in {self.params.drain_timeout_s:.0f} s")
                 now = time.time()
                 if done > 0 and first is None:
                     first = (now, done)
