@@ -15,13 +15,14 @@ __all__ = ["PartitionOffsets"]
 class PartitionOffsets:
     """Offsets taken from one partition, in order, and which of them are finished."""
 
-    __slots__ = ("_base", "_high", "_open", "_pending")
+    __slots__ = ("_base", "_high", "_open", "_pending", "_sent")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()  # taken, in order, from the first unfinished
         self._open: set[int] = set()  # taken and not finished
         self._high: int | None = None
         self._base: int | None = None
+        self._sent: deque[int] = deque()  # offsets that reach Userpilot or the DLQ
 
     def started(self, offset: int) -> None:
         """Record an offset handed to the pipeline; offsets arrive in increasing order."""
@@ -55,6 +56,22 @@ class PartitionOffsets:
     def committed(self, offset: int) -> None:
         """Record that `offset` (next to read) is committed."""
         self._base = offset if self._base is None else max(self._base, offset)
+        while self._sent and self._sent[0] < self._base:
+            self._sent.popleft()
+
+    def sent(self, offset: int) -> None:
+        """Record a taken offset that will be sent (to Userpilot or the DLQ), not dropped."""
+        if self._base is None or offset >= self._base:
+            self._sent.append(offset)
+
+    @property
+    def at_risk(self) -> int:
+        """Sent or sending events not yet committed: what a crash now would send again.
+
+        Dropped events are not counted: dropped again after a crash, they are no
+        duplicate anywhere.
+        """
+        return len(self._sent)
 
     @property
     def uncommitted(self) -> int:

@@ -256,8 +256,7 @@ class Worker:
         if self._decode(work, fetch=False):
             self._dispatch(work)
         else:
-            assert self.scheduler is not None
-            self.scheduler.submit(work)  # schema not cached yet: fetch it off the poll path
+            self._submit(work)  # schema not cached yet: fetch it off the poll path
 
     def _decode(self, work: Work, *, fetch: bool) -> bool:
         """Decode and route; False when the writer schema must be fetched first."""
@@ -302,6 +301,12 @@ class Worker:
         if work.send is None and work.failure is None:
             self._finish(work)
             return
+        self._submit(work)
+
+    def _submit(self, work: Work) -> None:
+        tracker = self.offsets.get((work.topic, work.partition))
+        if tracker is not None:
+            tracker.sent(work.offset)
         assert self.scheduler is not None
         self.scheduler.submit(work)
 
@@ -423,13 +428,14 @@ class Worker:
 
     # -- back-pressure and commits --------------------------------------------------------
     def _uncommitted(self) -> int:
-        return sum(tracker.uncommitted for tracker in self.offsets.values())
+        return sum(tracker.at_risk for tracker in self.offsets.values())
 
     async def _backpressure(self) -> int:
         """Pause or resume partitions; returns how many messages may be taken now.
 
-        The window counts events from intake until their offset is committed, so a crash
-        re-delivers at most WORKER_MAX_IN_FLIGHT events per replica.
+        The window counts events to be sent, from intake until their offset is committed,
+        so a crash re-sends at most WORKER_MAX_IN_FLIGHT events per replica. Dropped events
+        are not counted: dropped again after a crash, they duplicate nothing.
         """
         assert self.source is not None and self.scheduler is not None
         source = self.source
@@ -443,10 +449,12 @@ class Worker:
             # measured), so first wait a little for deliveries to free the window; pause
             # only for stalls (outages, slow Userpilot). Heartbeats do not need polling.
             deadline = time.monotonic() + PAUSE_AFTER_S
-            while pending >= limit and time.monotonic() < deadline:
-                await self.scheduler.wait_change(deadline - time.monotonic())
+            while True:
                 await source.call(self._commit_now, None, True)
                 pending = self._uncommitted()
+                if pending < limit or time.monotonic() >= deadline:
+                    break
+                await self.scheduler.wait_change(deadline - time.monotonic())
         if pending >= limit and len(self.paused) < len(self.assigned):
             parts = sorted(self.assigned - self.paused)
             await source.call(source.pause, parts)

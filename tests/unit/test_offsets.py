@@ -161,3 +161,21 @@ def test_uncommitted_counts_taken_offsets_past_the_last_commit() -> None:
     assert t.uncommitted == 2
     t.committed(13)
     assert t.uncommitted == 0
+
+
+def test_at_risk_counts_only_sent_offsets_until_committed() -> None:
+    tracker = PartitionOffsets()
+    for offset in range(10):
+        tracker.started(offset)
+    for offset in (2, 5, 7):
+        tracker.sent(offset)
+    for offset in range(10):
+        tracker.finished(offset)
+    assert tracker.at_risk == 3, "dropped offsets are not at risk of duplication"
+    tracker.committed(6)
+    assert tracker.at_risk == 1
+    tracker.committed(10)
+    assert tracker.at_risk == 0
+    tracker.started(10)
+    tracker.sent(10)
+    assert tracker.at_risk == 1
