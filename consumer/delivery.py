@@ -147,7 +147,10 @@ class UserpilotClient:
             raise ServerError(f"unusable answer from Userpilot ({type(exc).__name__})") \
                 from None
         elapsed = time.perf_counter() - start
-        problem = classify(response.status_code, response.headers, response.text)
+        status = response.status_code
+        if 200 <= status < 300:  # the common case: no need to decode the body
+            return Response(status, elapsed, response.headers.get("x-request-id", ""))
+        problem = classify(status, response.headers, response.text)
         if problem is not None:
             raise problem
         return Response(response.status_code, elapsed, response.headers.get("x-request-id", ""))

@@ -178,9 +178,20 @@ class RetryPolicy:
 
     async def run(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
                   before_send: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Call `send` until it returns; re-raises the last error when the event is given up."""
+        """Call `send` until it returns; re-raises the last error when the event is given up.
+
+        The first attempt runs outside tenacity: almost every event succeeds at once, and
+        the retry machinery was a sixth of the worker's CPU per event (profiled). A failed
+        first attempt is handed to tenacity as its attempt 1, so waits and stops are the
+        same as if tenacity had made it.
+        """
         # The budget starts at the first real attempt, not while the gate held the event.
         attempts.first_mono = float("inf")
+        try:
+            await self._once(send, attempts, before_send)
+            return
+        except (Retry, Pause) as exc:
+            first: list[BaseException] = [exc]
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((Retry, Pause)),
             stop=lambda s: self._stop(s, attempts),
@@ -191,26 +202,32 @@ class RetryPolicy:
         )
         async for attempt in retrying:
             with attempt:
-                probe = await self._gate.admit()
-                try:
-                    if before_send is not None:
-                        await before_send()
-                    attempts.count += 1
-                    attempts.last_wall = time.time()
-                    if attempts.first_wall is None:
-                        attempts.first_wall = attempts.last_wall
-                        attempts.first_mono = self._clock()
-                    await send()
-                except Retry as exc:
-                    self._gate.transient_failure(exc, probe)
-                    raise
-                except Pause as exc:
-                    self._gate.misconfigured(exc, probe)
-                    raise
-                except DeadLetter:
-                    self._gate.answered(probe)
-                    raise
-                except BaseException:
-                    self._gate.release(probe)
-                    raise
-                self._gate.success(probe)
+                if first:
+                    raise first.pop()
+                await self._once(send, attempts, before_send)
+
+    async def _once(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
+                    before_send: Callable[[], Awaitable[None]] | None) -> None:
+        probe = await self._gate.admit()
+        try:
+            if before_send is not None:
+                await before_send()
+            attempts.count += 1
+            attempts.last_wall = time.time()
+            if attempts.first_wall is None:
+                attempts.first_wall = attempts.last_wall
+                attempts.first_mono = self._clock()
+            await send()
+        except Retry as exc:
+            self._gate.transient_failure(exc, probe)
+            raise
+        except Pause as exc:
+            self._gate.misconfigured(exc, probe)
+            raise
+        except DeadLetter:
+            self._gate.answered(probe)
+            raise
+        except BaseException:
+            self._gate.release(probe)
+            raise
+        self._gate.success(probe)
