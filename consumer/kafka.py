@@ -163,16 +163,19 @@ class KafkaSource:
         if parts:
             self._consumer.resume([TopicPartition(t, p) for t, p in parts])
 
-    def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> None:
-        """Commit explicit offsets (next offset to read per partition).
+    def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool:
+        """Commit explicit offsets (next offset to read per partition); True when done.
 
         `wait=False` sends the commit and returns: the poll loop never stalls on the
-        coordinator's round trip; a failed one is logged and the next commit covers it.
+        coordinator's round trip; its result arrives through `on_committed`. A commit
+        refused during a rebalance (illegal generation, rebalance in progress, coordinator
+        moving) is not an error of the worker: the offsets stay uncommitted and the next
+        commit, or the revoke, covers them.
         """
         if not offsets:
-            return
+            return True
+        parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
-            parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
             if wait:
                 self._consumer.commit(offsets=parts, asynchronous=False)
             else:
@@ -180,8 +183,13 @@ class KafkaSource:
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
-                return
-            raise
+                return True
+            if isinstance(err, KafkaError) and err.fatal():
+                raise
+            log.warning("offset commit not done (%s); the next commit covers it",
+                        err.str() if isinstance(err, KafkaError) else exc)
+            return False
+        return True
 
     def committed(self, parts: Sequence[TP], timeout_s: float = 10.0) -> dict[TP, int]:
         found = self._consumer.committed([TopicPartition(t, p) for t, p in parts], timeout_s)

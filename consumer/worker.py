@@ -484,7 +484,8 @@ class Worker:
                 todo[tp] = offset
         if not todo:
             return
-        self.source.commit(todo, wait=wait)
+        if not self.source.commit(todo, wait=wait):
+            return
         self._requested.update(todo)
         if wait:
             self._on_committed(list(todo.items()), [])
