@@ -84,6 +84,10 @@ class KafkaSource:
             # RSS of a worker draining a large backlog; 16 MiB still keeps the fetcher ahead.
             "queued.max.messages.kbytes": 16384,
             "queued.min.messages": 10000,
+            # Past those bounds librdkafka waits fetch.queue.backoff.ms (1 s by default)
+            # before fetching again: with bounded queues that starved the worker (13k vs
+            # 45k events/s measured on the drop path). Refill quickly instead.
+            "fetch.queue.backoff.ms": 10,
             **conf,
         }
         if on_stats is not None:
