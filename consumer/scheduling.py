@@ -105,6 +105,12 @@ class Scheduler(Generic[J]):
             self._per_partition.pop(tp, None)
         self._changed.set()
 
+    def current(self, partitions: Iterable[TopicPartition] | None = None) -> list[J]:
+        """The job each ordering chain is working on now, for some partitions or all."""
+        wanted = None if partitions is None else set(partitions)
+        return [queue[0] for key, queue in self._queues.items()
+                if queue and (wanted is None or (key[0], key[1]) in wanted)]
+
     def pending(self, partitions: Iterable[TopicPartition] | None = None) -> int:
         """Jobs not finished, for some partitions or all."""
         if partitions is None:

@@ -77,6 +77,7 @@ class Work:
     failure: DeadLetter | None = None
     event_time: str | None = None
     decoded: bool = False
+    on_wire: bool = False  # an HTTP request or a DLQ produce of it is under way
     attempts: Attempts = field(default_factory=Attempts)
 
 
@@ -204,12 +205,10 @@ class Worker:
         await source.call(source.pause, sorted(self.assigned))
         # While Userpilot is down or refusing us nothing can finish: don't wait for it.
         grace = self.s.shutdown_grace_s if self.gate.state == "up" else 0.0
-        drained = await self.scheduler.drain(None, grace)
-        if not drained:
-            left = await self.scheduler.cancel(None)
-            log.warning("shutdown: %d events still in flight after %.0f s; they stay "
-                        "uncommitted and will be delivered again", left,
-                        self.s.shutdown_grace_s)
+        left = await self._settle(None, grace)
+        if left:
+            log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
+                        "delivered after the restart", left)
         try:
             await source.call(self._commit_now, None)
         except Exception:
@@ -223,6 +222,23 @@ class Worker:
         await self.client.aclose()
         log.info("stopped; committed %s", {f"{t}[{p}]": o for (t, p), o in
                                             sorted(self.committed.items())})
+
+    async def _settle(self, parts: Sequence[TP] | None, grace: float) -> int:
+        """Let requests already on the wire finish (bounded), abandon the rest.
+
+        An event waiting for the limiter, the gate or a retry has not reached Userpilot:
+        abandoning it costs nothing (its offset stays uncommitted and it is consumed again),
+        while waiting for it would hold a rebalance or a shutdown for minutes at 10
+        requests/s. Only an event whose request or DLQ record is under way is waited for,
+        so that it is not sent twice.
+        """
+        assert self.scheduler is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (any(job.on_wire for job in self.scheduler.current(parts))
+               and loop.time() < deadline):
+            await self.scheduler.wait_change(min(0.05, deadline - loop.time()))
+        return await self.scheduler.cancel(parts)
 
     def _crash(self, exc: BaseException) -> None:
         self.fatal = exc
@@ -336,7 +352,7 @@ class Worker:
         if work.send is not None:
             send = work.send
             try:
-                await self.policy.run(lambda: self._attempt(send), work.attempts,
+                await self.policy.run(lambda: self._attempt(work, send), work.attempts,
                                       before_send=self._wait_for_limiter)
             except DeadLetter as exc:
                 failure = exc
@@ -359,8 +375,9 @@ class Worker:
         waited = await self.limiter.acquire()
         self.m.limiter_wait.observe(waited)
 
-    async def _attempt(self, send: Send) -> None:
+    async def _attempt(self, work: Work, send: Send) -> None:
         start = time.perf_counter()
+        work.on_wire = True
         try:
             await self.client.track(send.body)
             self.m.responses.labels("202").inc()
@@ -377,6 +394,7 @@ class Worker:
                 self.m.rate_limit_rps.set(self.limiter.rate)
             raise
         finally:
+            work.on_wire = False
             self.m.delivery_latency.observe(time.perf_counter() - start)
 
     def _count_retry(self, exc: Retry | Pause) -> None:
@@ -407,6 +425,7 @@ class Worker:
         headers = dlq_headers(work.headers, topic=work.topic, partition=work.partition,
                               offset=work.offset, failure=failure)
         delay = 0.5
+        work.on_wire = True  # from here a cancelled job could leave a DLQ record behind
         while True:
             try:
                 await self.dlq.send(self.s.dlq_topic, key=work.key, value=work.value,
@@ -541,13 +560,11 @@ class Worker:
         budget = self.s.shutdown_grace_s
 
         async def drain() -> None:
-            wait = budget if self.gate.state == "up" else 0.0
-            if commit and not await scheduler.drain(parts, wait):
-                left = await scheduler.cancel(parts)
-                log.warning("revoke: %d events of %s abandoned after %.0f s; the next owner "
-                            "delivers them again", left, _fmt(parts), budget)
-            elif not commit:
-                await scheduler.cancel(parts)
+            wait = budget if commit and self.gate.state == "up" else 0.0
+            left = await self._settle(parts, wait)
+            if left:
+                log.info("revoke: %d events of %s not sent yet; the next owner delivers "
+                         "them", left, _fmt(parts))
 
         if scheduler.pending(parts):
             asyncio.run_coroutine_threadsafe(drain(), self._loop).result(budget + 30)

@@ -285,3 +285,23 @@ def test_on_crash_is_called_on_unexpected_exceptions(error: Exception) -> None:
     crashes, ran = run(main)
     assert crashes == [error]
     assert sorted(ran) == [0, 1, 9]  # the chain stops at the crash; other keys run
+
+
+def test_current_lists_the_job_each_chain_is_working_on() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        sched: Scheduler[Work] = Scheduler(rec, 10, lambda exc: None)
+        jobs = [Work("t", 0, 0, "a"), Work("t", 0, 1, "a"), Work("t", 1, 2, "b")]
+        for job in jobs:
+            sched.submit(job)
+        await settle()
+        assert sorted(j.offset for j in sched.current()) == [0, 2]
+        assert [j.offset for j in sched.current([("t", 1)])] == [2]
+        jobs[0].release.set()
+        await settle()
+        assert sorted(j.offset for j in sched.current([("t", 0)])) == [1]
+        for job in jobs:
+            job.release.set()
+        await settle()
+        assert sched.current() == []
+    run(main)
