@@ -82,13 +82,9 @@ class Gate:
         self._changed.set()
 
     def success(self, probe: bool = False) -> None:
+        """Delivered: Userpilot works, and this is evidence for giving up on other events."""
         self.last_success = self._clock()
-        self._consecutive = 0
-        self._probe_delay = self._probe_base
-        if probe:
-            self._probing = False
-        if self.state != "up":
-            self._set("up", "")
+        self.answered(probe)
 
     def answered(self, probe: bool = False) -> None:
         """Userpilot answered (e.g. 400 for one payload): it is reachable and the token works."""

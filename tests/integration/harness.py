@@ -89,6 +89,16 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
+def caught_up(bootstrap: str, group: str, topic: str) -> Callable[[], bool]:
+    """A predicate: the group has committed every partition to its current end."""
+    ends = end_offsets(bootstrap, topic)
+
+    def check() -> bool:
+        committed = committed_offsets(bootstrap, group, topic)
+        return all(end == 0 or committed.get(p, -1) >= end for p, end in ends.items())
+    return check
+
+
 def read_topic(bootstrap: str, topic: str, timeout: float = 10.0) -> list[Any]:
     """Every message currently in a topic (e.g. the DLQ)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"it-read-{time.time()}",

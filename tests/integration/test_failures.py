@@ -19,8 +19,8 @@ from tests.integration.harness import (
     READ_TOKEN,
     REPO,
     WorkerThread,
+    caught_up,
     committed_offsets,
-    end_offsets,
     produce,
     produce_raw,
     read_topic,
@@ -37,13 +37,6 @@ FAST_RETRY = {
 }
 
 
-def caught_up(bootstrap: str, group: str, topic: str) -> Callable[[], bool]:
-    ends = end_offsets(bootstrap, topic)
-
-    def check() -> bool:
-        committed = committed_offsets(bootstrap, group, topic)
-        return all(end == 0 or committed.get(p, -1) >= end for p, end in ends.items())
-    return check
 
 
 def seen(control: SandboxControl) -> Counter[tuple[str, int]]:

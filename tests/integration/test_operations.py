@@ -31,6 +31,7 @@ from tests.integration.harness import (
     REPO,
     WRITE_TOKEN,
     WorkerProcess,
+    caught_up,
     committed_offsets,
     end_offsets,
     produce,
@@ -106,14 +107,6 @@ def _lag_settled(samples: Samples, topic: str, ends: dict[int, int]) -> bool:
     )
 
 
-def caught_up(bootstrap: str, group: str, topic: str) -> Callable[[], bool]:
-    ends = end_offsets(bootstrap, topic)
-
-    def check() -> bool:
-        committed = committed_offsets(bootstrap, group, topic)
-        return all(end == 0 or committed.get(p, -1) >= end for p, end in ends.items())
-
-    return check
 
 
 def start_worker(env: dict[str, str], log: Path) -> tuple[WorkerProcess, int]:

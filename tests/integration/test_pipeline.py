@@ -17,8 +17,7 @@ from tests.integration.harness import (
     WRITE_TOKEN,
     WorkerProcess,
     WorkerThread,
-    committed_offsets,
-    end_offsets,
+    caught_up,
     produce,
     track_event,
     wait_until,
@@ -29,13 +28,6 @@ SAMPLES = REPO / "schemas" / "sample-events.jsonl"
 Sandbox = tuple[SandboxThread, SandboxControl]
 
 
-def _caught_up(bootstrap: str, group: str, topic: str) -> Callable[[], bool]:
-    ends = end_offsets(bootstrap, topic)
-
-    def check() -> bool:
-        committed = committed_offsets(bootstrap, group, topic)
-        return all(end == 0 or committed.get(p, -1) >= end for p, end in ends.items())
-    return check
 
 
 def test_demo_set_arrives_exactly_as_explained(
@@ -52,7 +44,7 @@ def test_demo_set_arrives_exactly_as_explained(
     assert len(expected) == 11, "the sample set covers all 11 preset rows"
 
     with WorkerThread(env) as w:
-        wait_until(_caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
         records = control.requests("/v1/track")
         assert w.metric("userpilot_events_consumed_total", topic=topic) == len(lines)
         assert w.metric("userpilot_events_dropped_total", reason="anonymous", category="") == 1
@@ -109,7 +101,7 @@ def test_sigkill_midstream_redelivers_everything_with_bounded_duplicates(
     assert before < len(events), "killed mid-stream"
     second = WorkerProcess(env, tmp_path / "second.log")
     try:
-        wait_until(_caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
+        wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
     finally:
         assert second.terminate() == 0, second.output()
     seen = _seqs(control)
@@ -138,7 +130,7 @@ def test_sigterm_drains_and_commits_so_restart_sends_no_duplicates(
     assert len(control.requests("/v1/track")) < len(events), "stopped mid-stream"
     second = WorkerProcess(env, tmp_path / "second.log")
     try:
-        wait_until(_caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
+        wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
     finally:
         assert second.terminate() == 0, second.output()
     seen = _seqs(control)
@@ -166,7 +158,7 @@ def test_per_user_order_holds_while_users_interleave(
     env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
                      WORKER_MAX_IN_FLIGHT="200")
     with WorkerThread(env):
-        wait_until(_caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
+        wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
     order: dict[str, list[int]] = defaultdict(list)
     for r in sorted(control.requests("/v1/track"), key=lambda r: r["seq"]):
         order[r["body"]["user_id"]].append(r["body"]["metadata"]["seq"])
