@@ -129,25 +129,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from consumer.config import load_settings
     from consumer.kafka import run_replay
 
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if not bootstrap:
+    if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
         raise ConfigError("replay needs KAFKA_BOOTSTRAP_SERVERS")
-    max_replays = args.max_replays
-    if max_replays is None:
-        max_replays = int(os.environ.get("WORKER_REPLAY_MAX", "3") or 3)
+    # The worker's own settings: same KAFKA_* pass-through (secrets, service links) and
+    # the validated WORKER_REPLAY_MAX; what replay does not use may be left unset.
+    settings = load_settings(os.environ, offline=True)
+    max_replays = settings.replay_max if args.max_replays is None else args.max_replays
     filters = Filters(
         reasons=frozenset(args.reason), statuses=frozenset(args.status), since=args.since,
         until=args.until, from_offset=args.from_offset, to_offset=args.to_offset,
         partitions=frozenset(args.partition), max_replays=max_replays,
     )
-    conf = {"bootstrap.servers": bootstrap}
-    for name, value in os.environ.items():
-        if name.startswith("KAFKA_") and name not in (
-            "KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPICS", "KAFKA_GROUP_ID", "KAFKA_DLQ_TOPIC"
-        ):
-            conf[name[6:].lower().replace("_", ".")] = value
+    conf: dict[str, Any] = settings.kafka_config()
     group = args.group or f"userpilot-replay.{args.dlq_topic}"
 
     def report(line: dict[str, Any]) -> None:

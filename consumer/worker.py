@@ -347,7 +347,6 @@ class Worker:
     async def _process(self, work: Work) -> None:
         if not work.decoded:
             await self._fetch_schema(work)
-        self.m.in_flight.set(self.scheduler.in_flight if self.scheduler else 0)
         failure = work.failure
         if work.send is not None:
             send = work.send

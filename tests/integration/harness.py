@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,12 @@ def caught_up(bootstrap: str, group: str, topic: str) -> Callable[[], bool]:
         committed = committed_offsets(bootstrap, group, topic)
         return all(end == 0 or committed.get(p, -1) >= end for p, end in ends.items())
     return check
+
+
+def delivered_seqs(control: Any) -> Counter[tuple[str, int]]:
+    """(user_id, metadata.seq) of every Track call the sandbox accepted, with counts."""
+    return Counter((r["body"]["user_id"], r["body"]["metadata"]["seq"])
+                   for r in control.requests("/v1/track"))
 
 
 def read_topic(bootstrap: str, topic: str, timeout: float = 10.0) -> list[Any]:

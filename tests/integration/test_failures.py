@@ -21,6 +21,7 @@ from tests.integration.harness import (
     WorkerThread,
     caught_up,
     committed_offsets,
+    delivered_seqs,
     produce,
     produce_raw,
     read_topic,
@@ -38,10 +39,6 @@ FAST_RETRY = {
 
 
 
-
-def seen(control: SandboxControl) -> Counter[tuple[str, int]]:
-    return Counter((r["body"]["user_id"], r["body"]["metadata"]["seq"])
-                   for r in control.requests("/v1/track"))
 
 
 def headers_of(message: Any) -> dict[str, bytes]:
@@ -69,7 +66,7 @@ def test_transient_faults_deliver_everything_and_dead_letter_nothing(
         wait_until(caught_up(kafka_bootstrap, group, topic), 120, "offsets at the end")
         retries = sum(w.metric("userpilot_retries_total", cause=c)
                       for c in ("rate_limited", "server_error", "timeout", "connection_error"))
-    got = seen(control)
+    got = delivered_seqs(control)
     missing = [e["messageId"] for e in events if got[(e["userId"], e["properties"]["seq"])] == 0]
     assert not missing, missing[:10]
     assert sum(got.values()) - len(events) <= window, "duplicates stay within the window"
@@ -100,7 +97,7 @@ def test_bad_request_and_poison_pill_are_dead_lettered_while_the_rest_flows(
         dlq = w.settings.dlq_topic
         assert w.metric("userpilot_events_dead_lettered_total", reason="bad_request") == 1
         assert w.metric("userpilot_events_dead_lettered_total", reason="undecodable") == 1
-    got = seen(control)
+    got = delivered_seqs(control)
     assert all(got[(e["userId"], e["properties"]["seq"])] == 1 for e in before + after)
     records = read_topic(kafka_bootstrap, dlq)
     assert len(records) == 2
@@ -179,7 +176,7 @@ def test_misconfiguration_pauses_without_dead_letters_and_recovers_after_fix(
     with WorkerThread(good) as fixed:
         wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
         assert fixed.health.ready()[0]
-    got = seen(control)
+    got = delivered_seqs(control)
     assert all(got[(e["userId"], e["properties"]["seq"])] >= 1 for e in events)
 
 
@@ -204,7 +201,7 @@ def test_outage_longer_than_the_retry_budget_loses_and_dead_letters_nothing(
         control.clear_faults()
         wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
         dlq = w.settings.dlq_topic
-    got = seen(control)
+    got = delivered_seqs(control)
     assert all(got[(e["userId"], e["properties"]["seq"])] >= 1 for e in events)
     assert read_topic(kafka_bootstrap, dlq) == []
 

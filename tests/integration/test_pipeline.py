@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from tests.integration.harness import (
     WorkerProcess,
     WorkerThread,
     caught_up,
+    delivered_seqs,
     produce,
     track_event,
     wait_until,
@@ -76,10 +77,6 @@ def test_demo_set_arrives_exactly_as_explained(
     assert all(r["body"]["event_name"] != "order_completed" for r in records)
 
 
-def _seqs(control: SandboxControl) -> Counter[tuple[str, int]]:
-    return Counter((r["body"]["user_id"], r["body"]["metadata"]["seq"])
-                   for r in control.requests("/v1/track"))
-
 
 def test_sigkill_midstream_redelivers_everything_with_bounded_duplicates(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
@@ -97,14 +94,14 @@ def test_sigkill_midstream_redelivers_everything_with_bounded_duplicates(
     first = WorkerProcess(env, tmp_path / "first.log")
     wait_until(lambda: len(control.requests("/v1/track")) >= 150, 60, "150 deliveries")
     first.kill()
-    before = sum(_seqs(control).values())
+    before = sum(delivered_seqs(control).values())
     assert before < len(events), "killed mid-stream"
     second = WorkerProcess(env, tmp_path / "second.log")
     try:
         wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
     finally:
         assert second.terminate() == 0, second.output()
-    seen = _seqs(control)
+    seen = delivered_seqs(control)
     missing = [e["messageId"] for e in events
                if seen[(e["userId"], e["properties"]["seq"])] == 0]
     assert not missing, f"lost events: {missing[:10]}"
@@ -133,7 +130,7 @@ def test_sigterm_drains_and_commits_so_restart_sends_no_duplicates(
         wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
     finally:
         assert second.terminate() == 0, second.output()
-    seen = _seqs(control)
+    seen = delivered_seqs(control)
     assert len(seen) == len(events)
     assert max(seen.values()) == 1, "SIGTERM drained in-flight work and committed it"
 
