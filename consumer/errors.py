@@ -5,6 +5,7 @@
     ├── DeadLetter                   permanent for this one event: dead-letter it, move on
     │   ├── UndecodableEvent         bytes that are not a Signal event (raw bytes kept)
     │   ├── InvalidEvent             a canonical JSON event that does not fit the schema
+    │   ├── MappingError             decoding, routing or mapping this one event raised
     │   └── Rejected                 Userpilot refused the payload (400, 413, 422, other 4xx)
     ├── Retry                        transient: try the same event again after a backoff
     │   ├── RateLimited              429; carries Retry-After when Userpilot sent one
@@ -27,6 +28,7 @@ __all__ = [
     "DeadLetter",
     "DlqGuardTripped",
     "InvalidEvent",
+    "MappingError",
     "Misconfigured",
     "Pause",
     "RateLimited",
@@ -69,6 +71,19 @@ class InvalidEvent(DeadLetter):
     """A canonical JSON event that does not fit the Signal schema (wrong type, unknown key)."""
 
     reason = "invalid_event"
+
+
+class MappingError(DeadLetter):
+    """Decoding, routing or mapping this one event raised: the event goes, the worker stays.
+
+    The message names the original exception class; the event's bytes are kept in the DLQ.
+    """
+
+    reason = "mapping_error"
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"{type(exc).__name__}: {str(exc)[:500]}")
+        self.exception_class = type(exc).__name__
 
 
 class Rejected(DeadLetter):
