@@ -4,8 +4,10 @@ The worker has no request path of its own, so Kubernetes learns about it only he
 liveness says "the poll loop still turns" (a wedged loop stops Kafka heartbeats and holds
 partitions, so a restart is the fix); readiness says "this replica is doing useful work"
 (joined the group, broker reachable, Userpilot accepting the token, not shutting down), so
-rollouts wait for it and the dashboard shows why it isn't. The server is stdlib-only on a
-daemon thread, so a stuck asyncio loop can't also stop the probes from answering honestly.
+rollouts wait for it and the dashboard shows why it isn't. The server is a stdlib WSGI
+server on a daemon thread, so a stuck asyncio loop can't also stop the probes from answering
+honestly; /metrics is prometheus_client's own WSGI app, so scrapers get what they negotiate
+(gzip, the OpenMetrics format) exactly as from any other Python exporter.
 """
 
 from __future__ import annotations
@@ -13,15 +15,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from consumer.metrics import Metrics
 
-__all__ = ["DEFAULT_MAX_SILENCE_S", "Health", "HealthServer", "serve"]
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIEnvironment
+    from wsgiref.types import WSGIApplication as WSGIApp
+
+__all__ = ["DEFAULT_MAX_SILENCE_S", "Health", "HealthServer", "make_app", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +122,7 @@ class Health:
 class HealthServer:
     """A running probe/metrics server; ``port`` is the bound port (useful with port 0)."""
 
-    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
         self._httpd = httpd
         self._thread = thread
         self.port: int = int(httpd.server_address[1])
@@ -126,40 +134,55 @@ class HealthServer:
         self._thread.join(timeout=5)
 
 
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """One thread per request, so a slow scrape never delays a probe."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        # Probes hit this every few seconds; access logs would drown the worker's own.
+        pass
+
+
+def make_app(registry: CollectorRegistry, health: Health) -> WSGIApp:
+    """The WSGI app: /metrics is prometheus_client's own (gzip, OpenMetrics negotiation,
+    ``name[]`` filtering), the probes answer from ``health``, anything else is a 404."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return cast("Iterable[bytes]", metrics_app(environ, start_response))
+        if path == "/healthz":
+            status, body = (200, "ok") if health.alive() else (503, "poll loop stalled")
+        elif path == "/readyz":
+            ok, body = health.ready()
+            status = 200 if ok else 503
+        else:
+            status, body = 404, "not found"
+        data = (body + "\n").encode()
+        start_response(
+            f"{status} {HTTPStatus(status).phrase}",
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))],
+        )
+        return [data]
+
+    return app
+
+
 def serve(
     port: int, registry: CollectorRegistry, health: Health, host: str = "0.0.0.0"
 ) -> HealthServer:
     """Start the /metrics, /healthz and /readyz server on a daemon thread."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                if health.alive():
-                    self._send(200, b"ok\n")
-                else:
-                    self._send(503, b"poll loop stalled\n")
-            elif path == "/readyz":
-                ok, reason = health.ready()
-                self._send(200 if ok else 503, (reason + "\n").encode())
-            else:
-                self._send(404, b"not found\n")
-
-        def _send(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # Probes hit this every few seconds; access logs would drown the worker's own.
-            pass
-
-    httpd = ThreadingHTTPServer((host, port), Handler)
-    httpd.daemon_threads = True
+    httpd = make_server(
+        host,
+        port,
+        make_app(registry, health),
+        server_class=_ThreadingWSGIServer,
+        handler_class=_QuietHandler,
+    )
     # A short poll interval keeps close() (shutdown waits for one poll) quick.
     thread = threading.Thread(
         target=httpd.serve_forever, args=(0.1,), name="health-server", daemon=True

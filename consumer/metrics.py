@@ -9,25 +9,53 @@ which would explode series cardinality and leak personal data into monitoring.
 Label sets known up front are created at start-up so their series exist at 0: ``rate()``
 and ``increase()`` over a series that appears only on the first failure under-count it, and
 alerts comparing ratios need both sides present.
+
+Besides its own series the registry carries what every Prometheus-instrumented service is
+expected to expose: ``process_*`` (RSS, CPU, file descriptors), ``python_*`` (GC, interpreter
+info) and ``userpilot_build_info{version,revision}``, the convention dashboards use to tell
+which build each replica runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import os
+import subprocess
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 __all__ = [
     "DEAD_LETTER_REASONS",
+    "DISTRIBUTION",
     "DROP_REASONS",
     "KNOWN_STATUSES",
     "REBALANCE_KINDS",
     "RETRY_CAUSES",
+    "REVISION_ENV",
     "Metrics",
+    "build_revision",
+    "build_version",
+    "register_runtime_collectors",
 ]
 
 NAMESPACE = "userpilot"
+DISTRIBUTION = "userpilot-delivery-worker"
+# Set by the Dockerfile from its REVISION build argument (the git commit the image was built
+# from); a build fact, not a setting, so it is not part of consumer.config.
+REVISION_ENV = "USERPILOT_WORKER_REVISION"
+UNKNOWN = "unknown"
 
 DROP_REASONS: tuple[str, ...] = ("anonymous", "consent", "unmapped", "unsupported_type")
 RETRY_CAUSES: tuple[str, ...] = (
@@ -122,13 +150,71 @@ LIMITER_WAIT_BUCKETS: tuple[float, ...] = (
 )
 
 
+def build_version() -> str:
+    """The installed package's version (from its metadata), "unknown" when not installed."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return UNKNOWN
+
+
+def build_revision(environ: Mapping[str, str] = os.environ) -> str:
+    """The source revision: the image's build argument, else the git checkout this package
+    runs from (a development install), else "unknown"."""
+    revision = environ.get(REVISION_ENV, "").strip()
+    if revision:
+        return revision
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return UNKNOWN
+    return out.stdout.strip() or UNKNOWN
+
+
+def register_runtime_collectors(registry: CollectorRegistry) -> None:
+    """process_* and python_* on this registry, as prometheus_client's default registry has.
+
+    Skipped for the process-wide default registry, which registers them itself."""
+    if registry is REGISTRY:
+        return
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+
+
 class Metrics:
     """The worker's metrics; attribute names drop the ``userpilot_`` prefix and unit suffix."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        version: str | None = None,
+        revision: str | None = None,
+    ) -> None:
         ns = NAMESPACE
         reg = registry
         self.registry = registry
+        register_runtime_collectors(registry)
+
+        self.build_info = Gauge(
+            "build_info",
+            "Always 1; the labels name the running build (package version, git revision).",
+            ["version", "revision"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.build_info.labels(
+            build_version() if version is None else version,
+            build_revision() if revision is None else revision,
+        ).set(1)
 
         self.events_consumed = Counter(
             "events_consumed",

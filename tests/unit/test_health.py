@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import threading
 import urllib.error
 import urllib.request
@@ -7,6 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 
 from consumer.health import Health, HealthServer, serve
 from consumer.metrics import Metrics
@@ -146,6 +150,41 @@ def test_metrics_endpoint(server: HealthServer, reg: CollectorRegistry) -> None:
     assert "userpilot_events_consumed_total{" not in body  # no topic declared yet
     assert 'userpilot_retries_total{cause="rate_limited"} 0.0' in body
     assert "userpilot_worker_ready 0.0" in body
+
+
+def fetch(port: int, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return resp.status, dict(resp.headers.items()), resp.read()
+
+
+def test_metrics_is_gzipped_when_asked(server: HealthServer) -> None:
+    status, headers, raw = fetch(server.port, "/metrics", **{"Accept-Encoding": "gzip"})
+    assert status == 200 and headers.get("Content-Encoding") == "gzip"
+    text = gzip.decompress(raw).decode()
+    assert "userpilot_worker_ready 0.0" in text
+    assert "process_resident_memory_bytes" in text and "python_info{" in text
+    plain = fetch(server.port, "/metrics")
+    assert "Content-Encoding" not in plain[1]
+    assert b"userpilot_worker_ready 0.0" in plain[2]
+
+
+def test_metrics_speaks_openmetrics_when_negotiated(server: HealthServer) -> None:
+    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    status, headers, raw = fetch(server.port, "/metrics", Accept=accept)
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    text = raw.decode()
+    assert text.endswith("# EOF\n")
+    assert "# TYPE userpilot_build_info gauge" in text
+    families = {f.name: f for f in openmetrics_families(text)}
+    assert families["userpilot_retries"].type == "counter"
+
+
+def test_metrics_name_filter(server: HealthServer) -> None:
+    _, _, raw = fetch(server.port, "/metrics?name[]=userpilot_worker_ready")
+    assert raw.decode().strip().splitlines()[-1] == "userpilot_worker_ready 0.0"
+    assert b"userpilot_retries_total" not in raw
 
 
 def test_healthz(server: HealthServer, health: Health, clock: FakeClock) -> None:

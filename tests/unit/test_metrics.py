@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,15 @@ from prometheus_client import CollectorRegistry
 
 from consumer.metrics import (
     DEAD_LETTER_REASONS,
+    DISTRIBUTION,
     EVENT_AGE_BUCKETS,
     LATENCY_BUCKETS,
     LIMITER_WAIT_BUCKETS,
     REBALANCE_KINDS,
     RETRY_CAUSES,
+    REVISION_ENV,
     Metrics,
+    build_revision,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +47,20 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "userpilot_integration_up": ("gauge", ()),
     "userpilot_dlq_guard_tripped": ("gauge", ()),
     "userpilot_worker_ready": ("gauge", ()),
+    "userpilot_build_info": ("gauge", ("revision", "version")),
+}
+# What prometheus_client's default registry exposes; the worker's own registry must too.
+RUNTIME_FAMILIES = {
+    "process_cpu_seconds": "counter",
+    "process_open_fds": "gauge",
+    "process_max_fds": "gauge",
+    "process_resident_memory_bytes": "gauge",
+    "process_virtual_memory_bytes": "gauge",
+    "process_start_time_seconds": "gauge",
+    "python_info": "gauge",
+    "python_gc_objects_collected": "counter",
+    "python_gc_objects_uncollectable": "counter",
+    "python_gc_collections": "counter",
 }
 
 ATTRIBUTES = {
@@ -64,6 +82,7 @@ ATTRIBUTES = {
     "integration_up": "userpilot_integration_up",
     "dlq_guard_tripped": "userpilot_dlq_guard_tripped",
     "worker_ready": "userpilot_worker_ready",
+    "build_info": "userpilot_build_info",
 }
 
 
@@ -88,12 +107,53 @@ def test_registers_exactly_the_contract(reg: CollectorRegistry, m: Metrics) -> N
     m.delivered.labels("x").inc()
     found: dict[str, tuple[str, tuple[str, ...]]] = {}
     for family in reg.collect():
+        if not family.name.startswith("userpilot_"):
+            continue
         label_names: set[str] = set()
         for sample in family.samples:
             label_names |= set(sample.labels) - {"le"}
         found[family.name] = (family.type, tuple(sorted(label_names)))
     expected = {k: (t, tuple(sorted(ls))) for k, (t, ls) in CONTRACT.items()}
     assert found == expected
+
+
+def test_process_and_python_collectors_on_the_workers_registry(reg: CollectorRegistry) -> None:
+    Metrics(reg)
+    found = {f.name: f.type for f in reg.collect() if not f.name.startswith("userpilot_")}
+    assert found == RUNTIME_FAMILIES
+    rss = value(reg, "process_resident_memory_bytes")
+    assert rss is not None and rss > 1_000_000
+    assert value(reg, "process_open_fds") is not None
+    info = [s for f in reg.collect() if f.name == "python_info" for s in f.samples]
+    assert len(info) == 1 and info[0].labels["major"] == str(sys.version_info.major)
+
+
+def test_build_info_names_version_and_revision(reg: CollectorRegistry) -> None:
+    Metrics(reg, version="1.2.3", revision="abc123")
+    assert value(reg, "userpilot_build_info", version="1.2.3", revision="abc123") == 1
+    samples = [s for f in reg.collect() if f.name == "userpilot_build_info" for s in f.samples]
+    assert len(samples) == 1
+
+
+def test_build_info_defaults_to_package_metadata_and_env(
+    reg: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(REVISION_ENV, "0123456789ab")
+    Metrics(reg)
+    assert value(
+        reg, "userpilot_build_info", version=metadata.version(DISTRIBUTION), revision="0123456789ab"
+    ) == 1
+
+
+def test_build_revision_falls_back_to_git_then_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    head = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    expected = head.stdout.strip() if head.returncode == 0 else "unknown"
+    assert build_revision({}) == expected
+    assert build_revision({REVISION_ENV: "  "}) == expected
+    monkeypatch.setenv("PATH", "/nonexistent")  # no git to ask
+    assert build_revision({}) == "unknown"
 
 
 def test_attribute_names_map_to_contract_names(m: Metrics) -> None:
