@@ -3,7 +3,9 @@
 
 Grafana accepts a broken query silently and shows "No data", so this catches what review
 misses: the import input and fixed uid, the namespace/pod/topic variables, panel types,
-every query's datasource and its namespace/pod (and topic) filters. With ``--emit-rules``
+every query's datasource and its namespace/pod (and topic) filters, lag read from the broker
+(kafka_exporter) first with the workers' figure as fallback, process_* series limited to
+worker pods, and runbook links whose anchors exist in README.md. With ``--emit-rules``
 it writes every query, Grafana variables replaced, as recording rules so that
 ``promtool check rules`` parses them.
 
@@ -32,14 +34,40 @@ TOPIC_METRICS = {
     "userpilot_consumer_lag",
     "userpilot_committed_offset",
 }
-SELECTOR_RE = re.compile(r"\b(userpilot_[a-zA-Z0-9_]+)(\{[^}]*\})?")
+SELECTOR_RE = re.compile(r"\b((?:userpilot|process|python)_[a-zA-Z0-9_]+)(\{[^}]*\})?")
+BROKER_LAG_RE = re.compile(r"\bkafka_consumergroup_lag(\{[^}]*\})?")
+# process_*/python_* come from every Python service in a namespace: keep the worker's pods.
+WORKER_ONLY = "and on (namespace, pod, instance) userpilot_worker_ready{"
+README = ROOT / "README.md"
+RUNBOOK_BASE = "https://github.com/signal/userpilot-worker/blob/main/README.md"
 SUBSTITUTIONS = {
     "$__rate_interval": "5m",
     "$__interval": "1m",
     "$namespace": ".*",
     "$pod": ".*",
     "$topic": ".*",
+    "$consumergroup": "userpilot-delivery",
 }
+
+
+def readme_anchors(text: str) -> set[str]:
+    """GitHub's anchors for the Markdown headings of ``text``."""
+    anchors: set[str] = set()
+    for line in text.splitlines():
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug)
+    return anchors
+
+
+def _links(dash: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, url) of the dashboard's own links and every panel's links."""
+    found = [("dashboard", str(link.get("url", ""))) for link in dash.get("links", [])]
+    for panel in dash.get("panels", []):
+        where = f"panel {panel.get('title')!r}"
+        found += [(where, str(x.get("url", ""))) for x in panel.get("links", [])]
+    return found
 
 
 def _targets(dash: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -102,6 +130,14 @@ def problems(dash: dict[str, Any]) -> list[str]:
         selectors = SELECTOR_RE.findall(expr)
         if not selectors:
             out.append(f"panel {title!r}: query uses no userpilot_* metric: {expr}")
+        if re.search(r"\b(process|python)_", expr) and WORKER_ONLY not in expr:
+            out.append(f"panel {title!r}: process_/python_ series not limited by '{WORKER_ONLY}'")
+        if "userpilot_consumer_lag" in expr and " or " not in expr.replace(WORKER_ONLY, ""):
+            out.append(f"panel {title!r}: lag must prefer kafka_consumergroup_lag (... or ...)")
+        for matchers in BROKER_LAG_RE.findall(expr):
+            for m in ('consumergroup=~"$consumergroup"', 'topic=~"$topic"'):
+                if m not in matchers:
+                    out.append(f"panel {title!r}: kafka_consumergroup_lag lacks {m}")
         for name, matchers in selectors:
             needed = ['namespace=~"$namespace"', 'pod=~"$pod"']
             if name.removesuffix("_bucket") in TOPIC_METRICS:
@@ -109,6 +145,19 @@ def problems(dash: dict[str, Any]) -> list[str]:
             missing = [m for m in needed if m not in matchers]
             if missing:
                 out.append(f"panel {title!r}: {name} lacks {', '.join(missing)}")
+    for title, expr in [(t, str(x.get("expr", ""))) for t, x in _targets(dash)]:
+        if "userpilot_consumer_lag" in expr and "kafka_consumergroup_lag" not in expr:
+            out.append(f"panel {title!r}: lag without the broker's kafka_consumergroup_lag")
+
+    anchors = readme_anchors(README.read_text(encoding="utf-8"))
+    links = _links(dash)
+    if not any(url.startswith(RUNBOOK_BASE + "#alert-") for _, url in links):
+        out.append("no panel links a runbook")
+    for where, url in links:
+        if url.startswith(RUNBOOK_BASE):
+            anchor = url.partition("#")[2]
+            if anchor not in anchors:
+                out.append(f"{where}: link {url} has no heading #{anchor} in README.md")
     return out
 
 

@@ -30,6 +30,7 @@ SERVICES = {
     "sandbox",
     "worker",
     "producer",
+    "kafka-exporter",
     "prometheus",
     "grafana",
 }
@@ -231,9 +232,44 @@ def test_prometheus_scrapes_the_workers_and_loads_the_chart_alerts(
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     sd = jobs["userpilot-worker"]["dns_sd_configs"][0]
     assert sd["names"] == ["worker"] and sd["port"] == 8082
+    assert jobs["userpilot-worker"]["job_name"] == "userpilot-worker"  # the alerts' up{job=...}
     rules_target = mounts["./helm/userpilot-worker/files/alerts.yaml"]
     rule_globs = config["rule_files"]
     assert any(Path(rules_target).match(pattern) for pattern in rule_globs)
+
+
+def test_kafka_exporter_reports_the_workers_group_to_prometheus(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """The lag alert reads kafka_consumergroup_lag{consumergroup="<the workers' group>"}: the
+    exporter must reach the broker and Prometheus must scrape it."""
+    exporter = services["kafka-exporter"]
+    assert exporter["image"].startswith("danielqsj/kafka-exporter:")
+    bootstrap = services["worker"]["environment"]["KAFKA_BOOTSTRAP_SERVERS"]
+    assert f"--kafka.server={bootstrap}" in exporter["command"]
+    assert exporter["depends_on"]["kafka"]["condition"] == "service_healthy"
+    config = yaml.safe_load((ROOT / "ops/compose/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = [t for sc in jobs["kafka-exporter"]["static_configs"] for t in sc["targets"]]
+    assert targets == ["kafka-exporter:9308"] and "9308" in exporter["expose"]
+    group = services["worker"]["environment"]["KAFKA_GROUP_ID"]
+    alerts = (ROOT / "helm/userpilot-worker/files/alerts.yaml").read_text()
+    assert f'kafka_consumergroup_lag{{consumergroup="{group}"}}' in alerts
+
+
+def test_image_build_records_the_revision(services: dict[str, dict[str, Any]]) -> None:
+    args = services["worker"]["build"]["args"]
+    assert args["REVISION"] == "${GIT_REVISION:-unknown}"
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"^ARG REVISION=unknown$", dockerfile, re.M)
+    assert "USERPILOT_WORKER_REVISION=${REVISION}" in dockerfile
+
+
+def test_image_installs_from_the_constraints_file() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r"^COPY pyproject.toml constraints.txt ", dockerfile, re.M)
+    assert "pip install --constraint constraints.txt /dist/*.whl" in dockerfile
+    assert "!constraints.txt" in (ROOT / ".dockerignore").read_text().splitlines()
 
 
 def test_grafana_provisions_the_chart_dashboard(services: dict[str, dict[str, Any]]) -> None:

@@ -149,3 +149,25 @@ Deployment, so every render runs them.
 {{- fail "kafka.topics must list at least one source topic" }}
 {{- end }}
 {{- end }}
+
+{{/*
+files/alerts.yaml or files/dashboard.json with this release's values in place of the
+defaults they are written with; docker-compose and promtool load the files as they are.
+Call with (dict "file" "files/alerts.yaml" "ctx" $).
+*/}}
+{{- define "userpilot-worker.monitoringFile" -}}
+{{- $ctx := .ctx -}}
+{{- $text := $ctx.Files.Get .file -}}
+{{- $base := trimSuffix "/" $ctx.Values.runbookBaseUrl -}}
+{{- $group := $ctx.Values.kafka.groupId -}}
+{{- $text = replace "https://github.com/signal/userpilot-worker/blob/main/README.md" $base $text -}}
+{{- if hasSuffix ".json" .file -}}
+{{- $text = replace "\"query\": \"userpilot-delivery\"" (printf "\"query\": %s" (toJson $group)) $text -}}
+{{- $text = replace "\"text\": \"userpilot-delivery\"" (printf "\"text\": %s" (toJson $group)) $text -}}
+{{- $text = replace "\"value\": \"userpilot-delivery\"" (printf "\"value\": %s" (toJson $group)) $text -}}
+{{- else -}}
+{{- $text = replace "consumergroup=\"userpilot-delivery\"" (printf "consumergroup=%s" (toJson $group)) $text -}}
+{{- $text = replace "job=\"userpilot-worker\"" (printf "job=%s" (toJson (include "userpilot-worker.name" $ctx))) $text -}}
+{{- end -}}
+{{- $text -}}
+{{- end }}

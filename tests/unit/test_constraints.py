@@ -1,0 +1,70 @@
+"""Reproducible installs: constraints.txt pins every dependency pyproject.toml names, within
+its ranges, and both the Makefile's venv and the Dockerfile install through it."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[2]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+CONSTRAINTS = (ROOT / "constraints.txt").read_text(encoding="utf-8")
+# Tools whose new releases add checks: unbounded, they could fail `make lint` on a clean clone.
+DEV_TOOLS = {"ruff", "mypy", "pytest", "pytest-timeout", "types-pyyaml"}
+
+
+def pins() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in CONSTRAINTS.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, version = line.partition("==")
+        assert sep and version, f"not an exact pin: {line!r}"
+        out[canonicalize_name(name)] = version
+    return out
+
+
+def requirements() -> list[Requirement]:
+    project = PYPROJECT["project"]
+    raw = list(project["dependencies"]) + list(project["optional-dependencies"]["dev"])
+    return [Requirement(r) for r in raw]
+
+
+def test_every_declared_dependency_is_pinned_within_its_range() -> None:
+    pinned = pins()
+    problems = []
+    for req in requirements():
+        name = canonicalize_name(req.name)
+        if name not in pinned:
+            problems.append(f"{req.name} is not in constraints.txt (run `make constraints`)")
+        elif not req.specifier.contains(pinned[name], prereleases=True):
+            problems.append(f"{req.name}=={pinned[name]} is outside {req.specifier}")
+    assert problems == []
+
+
+def test_the_package_itself_is_not_pinned() -> None:
+    assert "userpilot-delivery-worker" not in pins()
+    assert "-e " not in CONSTRAINTS and "file://" not in CONSTRAINTS
+
+
+def test_dev_tools_have_upper_bounds() -> None:
+    bounded = {
+        canonicalize_name(r.name)
+        for r in requirements()
+        if any(s.operator in {"<", "<=", "==", "~="} for s in r.specifier)
+    }
+    assert bounded >= DEV_TOOLS, sorted(DEV_TOOLS - bounded)
+
+
+def test_make_venv_installs_through_the_constraints() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^\$\(STAMP\): pyproject\.toml constraints\.txt", makefile, re.M)
+    assert "pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'" in makefile
+    # and the documented refresh command exists
+    assert re.search(r"^constraints:$", makefile, re.M)
+    assert "make constraints" in CONSTRAINTS
