@@ -39,6 +39,7 @@ CONTRACT = {
 DOCUMENTED_GROUPS = {
     "image", "serviceAccount", "userpilot", "kafka", "schemaRegistry", "worker", "service",
     "serviceMonitor", "prometheusRule", "dashboard", "podDisruptionBudget", "autoscaling",
+    "kafkaExporter",
 }  # fmt: skip
 
 
@@ -77,6 +78,10 @@ def test_schema_accepts_the_shipped_values(values: dict[str, Any]) -> None:
         ({"worker": {"logFormat": "xml"}}, "logFormat"),
         ({"worker": {"dlqGuard": {"maxRatio": 1.5}}}, "maxRatio"),
         ({"autoscaling": {"keda": {"offsetResetPolicy": "none"}}}, "offsetResetPolicy"),
+        ({"runbookBaseUrl": "README.md"}, "runbookBaseUrl"),
+        ({"runbookBaseUrl": "https://example.com/README.md#alerts"}, "runbookBaseUrl"),
+        ({"kafkaExporter": {"serviceMonitor": {"selector": {"app": 1}}}}, "selector"),
+        ({"kafkaExporter": {"serviceMonitor": {"interval": "often"}}}, "interval"),
         ({"kafka": {"extraEnv": [{"name": "SASL_PASSWORD", "value": "x"}]}}, "SASL_PASSWORD"),
         ({"image": {"digest": "sha256:short"}}, "digest"),
     ],
@@ -216,9 +221,26 @@ def test_full_values_switch_every_feature_on() -> None:
     assert FULL["autoscaling"]["keda"]["enabled"] and not FULL["autoscaling"]["hpa"]["enabled"]
     for feature in ("serviceMonitor", "prometheusRule", "dashboard", "podDisruptionBudget"):
         assert FULL[feature]["enabled"], feature
+    assert FULL["kafkaExporter"]["serviceMonitor"]["enabled"]
+    assert FULL["runbookBaseUrl"] != VALUES["runbookBaseUrl"]  # the substitution is exercised
     assert FULL["userpilot"]["existingSecret"] and not FULL["userpilot"].get("apiKey")
     assert FULL["userpilot"]["mappings"]
     assert FULL["kafka"]["existingSecret"] and FULL["kafka"]["extraEnv"]
     assert FULL["schemaRegistry"]["existingSecret"]
     for key in ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints"):
         assert FULL[key], key
+
+
+def test_full_values_keep_no_relabeling_for_series_never_emitted() -> None:
+    """A metricRelabeling for a name the worker doesn't export is dead configuration."""
+    from prometheus_client import CollectorRegistry
+
+    from consumer.metrics import Metrics
+
+    reg = CollectorRegistry()
+    Metrics(reg)
+    names = {s.name for f in reg.collect() for s in f.samples}
+    for relabel in FULL["serviceMonitor"]["metricRelabelings"]:
+        if relabel.get("sourceLabels") == ["__name__"]:
+            pattern = re.compile(relabel["regex"])
+            assert any(pattern.fullmatch(n) for n in names), relabel["regex"]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from consumer.metrics import (
@@ -317,3 +318,64 @@ def test_dashboard_check_catches_mistakes() -> None:
     assert f"'Lag per partition': {lacks}" in found
     assert "'Delivery latency': query A not on ${DS_PROMETHEUS}" in found
     assert "type 'graph'" in found
+    assert "'Lag per partition': lag must prefer kafka_consumergroup_lag" in found
+    assert "'Lag per partition': lag without the broker's kafka_consumergroup_lag" in found
+
+
+def test_dashboard_check_catches_unlimited_process_series_and_dead_runbook_links() -> None:
+    check = _load_ops("check_dashboard")
+    dash = json.loads((ROOT / "helm/userpilot-worker/files/dashboard.json").read_text())
+    broken = copy.deepcopy(dash)
+    rss = next(p for p in broken["panels"] if p["title"] == "Memory (RSS)")
+    rss["targets"][0]["expr"] = 'process_open_fds{namespace=~"$namespace", pod=~"$pod"}'
+    total = next(p for p in broken["panels"] if p["title"] == "Total lag")
+    total["targets"][0]["expr"] = total["targets"][0]["expr"].replace(
+        'consumergroup=~"$consumergroup", ', ""
+    )
+    total["links"][0]["url"] = check.RUNBOOK_BASE + "#alert-userpilotnosuchalert"
+    found = "\n".join(check.problems(broken))
+    assert "'Memory (RSS)': process_/python_ series not limited" in found
+    assert "'Total lag': kafka_consumergroup_lag lacks consumergroup=~\"$consumergroup\"" in found
+    assert "has no heading #alert-userpilotnosuchalert in README.md" in found
+
+
+ALERTS = yaml.safe_load((ROOT / "helm/userpilot-worker/files/alerts.yaml").read_text())
+RULES = [r for g in ALERTS["groups"] for r in g["rules"] if "alert" in r]
+
+
+def test_every_alert_has_an_absolute_runbook_url_whose_anchor_is_in_the_readme() -> None:
+    check = _load_ops("check_dashboard")
+    anchors = check.readme_anchors((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert "alert-userpilotconsumerlaggrowing" in anchors  # the slug rule matches GitHub's
+    assert len(RULES) >= 9
+    for rule in RULES:
+        notes = rule["annotations"]
+        assert "runbook" not in notes, f"{rule['alert']}: use runbook_url"
+        url = notes.get("runbook_url", "")
+        base, _, anchor = url.partition("#")
+        assert base == check.RUNBOOK_BASE, f"{rule['alert']}: {url}"
+        assert anchor == f"alert-{rule['alert'].lower()}", f"{rule['alert']}: {url}"
+        assert anchor in anchors, f"{rule['alert']}: README.md has no heading #{anchor}"
+
+
+def test_runbook_base_is_the_chart_default_and_every_runbook_is_linked_from_the_dashboard() -> None:
+    check = _load_ops("check_dashboard")
+    values = yaml.safe_load((ROOT / "helm/userpilot-worker/values.yaml").read_text())
+    assert values["runbookBaseUrl"] == check.RUNBOOK_BASE
+    helpers = (ROOT / "helm/userpilot-worker/templates/_helpers.tpl").read_text()
+    assert f'replace "{check.RUNBOOK_BASE}" $base $text' in helpers
+    dash = json.loads((ROOT / "helm/userpilot-worker/files/dashboard.json").read_text())
+    linked = {url for _, url in check._links(dash)}
+    for rule in RULES:
+        assert rule["annotations"]["runbook_url"] in linked, rule["alert"]
+
+
+def test_lag_alert_prefers_the_brokers_figure_and_a_down_alert_exists() -> None:
+    by_name = {r["alert"]: r for r in RULES}
+    lag = by_name["UserpilotConsumerLagGrowing"]["expr"]
+    assert 'kafka_consumergroup_lag{consumergroup="userpilot-delivery"}' in lag
+    assert lag.index("kafka_consumergroup_lag") < lag.index("or on (topic)") < lag.index(
+        "userpilot_consumer_lag"
+    )
+    down = by_name["UserpilotWorkersDown"]["expr"]
+    assert 'absent(up{job="userpilot-worker"})' in down and "== 0" in down
