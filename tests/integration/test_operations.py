@@ -8,6 +8,7 @@ exists in a unit test's registry, or a readiness flip that only a mock sees, pag
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import threading
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +257,70 @@ def test_scrape_after_demo_set_exports_every_used_name_and_counts_match(
     ]
     assert dict(dead[0].headers())["userpilot.error.reason"] == b"undecodable"
     assert WRITE_TOKEN not in text
+
+
+# -- 1b. the ecosystem's standard series: process, Python runtime, build info ---------------
+def test_scrape_has_process_python_and_build_info_series_in_both_formats(
+    kafka_bootstrap: str,
+    schema_registry_url: str,
+    topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    server, _ = sandbox
+    topic = topic_factory(partitions=1)
+    env = worker_env(
+        kafka_bootstrap,
+        schema_registry_url,
+        server.url,
+        topic,
+        f"{topic}-g",
+        KAFKA_DLQ_TOPIC=topic_factory(suffix="-dlq"),
+        USERPILOT_WORKER_REVISION="it-0123456789ab",
+    )
+    started = time.time()
+    worker, port = start_worker(env, tmp_path / "worker.log")
+    try:
+        text, samples = scrape(port)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/metrics",
+            headers={
+                "Accept": "application/openmetrics-text;version=1.0.0",
+                "Accept-Encoding": "gzip",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            om_type, om_encoding = resp.headers["Content-Type"], resp.headers["Content-Encoding"]
+            om_text = gzip.decompress(resp.read()).decode()
+    finally:
+        stop_worker(worker)
+
+    # process_*: the worker process's own RSS, CPU, file descriptors and start time.
+    rss = value(samples, "process_resident_memory_bytes")
+    assert rss is not None and rss > 10_000_000, rss
+    fds = value(samples, "process_open_fds")
+    assert fds is not None and fds >= 3
+    max_fds = value(samples, "process_max_fds")
+    assert max_fds is not None and max_fds >= fds
+    assert (value(samples, "process_cpu_seconds_total") or 0) > 0
+    start = value(samples, "process_start_time_seconds")
+    assert start is not None and started - 5 <= start <= time.time(), (started, start)
+    # python_*: interpreter info and garbage-collector counters.
+    info = [labels for (name, labels), _ in samples.items() if name == "python_info"]
+    assert len(info) == 1 and ("implementation", "CPython") in info[0]
+    assert total(samples, "python_gc_collections_total") > 0
+    # the build this replica runs
+    build = {
+        labels: v for (name, labels), v in samples.items() if name == "userpilot_build_info"
+    }
+    version = metadata.version("userpilot-delivery-worker")
+    assert build == {frozenset({("version", version), ("revision", "it-0123456789ab")}): 1}
+    assert WRITE_TOKEN not in text
+    # The same registry in OpenMetrics, gzipped, as prometheus_client negotiates it.
+    assert om_type.startswith("application/openmetrics-text") and om_encoding == "gzip"
+    assert om_text.endswith("# EOF\n")
+    assert "process_resident_memory_bytes " in om_text
+    assert f'userpilot_build_info{{revision="it-0123456789ab",version="{version}"}} 1.0' in om_text
 
 
 # -- 2. probes: live and ready when healthy, not ready while Userpilot refuses ---------------
