@@ -158,16 +158,23 @@ def build_version() -> str:
         return UNKNOWN
 
 
-def build_revision(environ: Mapping[str, str] = os.environ) -> str:
+# The project checkout when running from source (an editable install), else site-packages.
+_SOURCE = Path(__file__).resolve().parent.parent
+
+
+def build_revision(environ: Mapping[str, str] = os.environ, source: Path = _SOURCE) -> str:
     """The source revision: the image's build argument, else the git checkout this package
     runs from (a development install), else "unknown"."""
     revision = environ.get(REVISION_ENV, "").strip()
     if revision:
         return revision
+    if not (source / "pyproject.toml").is_file():
+        # An installed wheel: a git repository around site-packages is someone else's.
+        return UNKNOWN
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
+            cwd=source,
             capture_output=True,
             text=True,
             timeout=5,

@@ -157,6 +157,20 @@ def test_build_revision_falls_back_to_git_then_unknown(monkeypatch: pytest.Monke
     assert build_revision({}) == "unknown"
 
 
+def test_build_revision_ignores_a_repository_around_an_installed_package(tmp_path: Path) -> None:
+    site = tmp_path / "venv" / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(
+        ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",
+         "commit", "-q", "--allow-empty", "-m", "x"],
+        check=True,
+    )  # fmt: skip
+    assert build_revision({}, source=site) == "unknown"
+    (site / "pyproject.toml").write_text("")  # a checkout of the project: git is asked
+    assert build_revision({}, source=site) not in {"", "unknown"}
+
+
 def test_attribute_names_map_to_contract_names(m: Metrics) -> None:
     for attr, name in ATTRIBUTES.items():
         metric = getattr(m, attr)
