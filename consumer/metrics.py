@@ -19,6 +19,7 @@ which build each replica runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 from collections.abc import Iterable, Mapping
@@ -185,6 +186,12 @@ def build_revision(environ: Mapping[str, str] = os.environ, source: Path = _SOUR
     return out.stdout.strip() or UNKNOWN
 
 
+@functools.cache
+def _this_build() -> tuple[str, str]:
+    """(version, revision) of the running code; asked once per process (git is a subprocess)."""
+    return build_version(), build_revision()
+
+
 def register_runtime_collectors(registry: CollectorRegistry) -> None:
     """process_* and python_* on this registry, as prometheus_client's default registry has.
 
@@ -218,9 +225,10 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
+        this_version, this_revision = _this_build()
         self.build_info.labels(
-            build_version() if version is None else version,
-            build_revision() if revision is None else revision,
+            this_version if version is None else version,
+            this_revision if revision is None else revision,
         ).set(1)
 
         self.events_consumed = Counter(

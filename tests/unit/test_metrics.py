@@ -136,14 +136,14 @@ def test_build_info_names_version_and_revision(reg: CollectorRegistry) -> None:
     assert len(samples) == 1
 
 
-def test_build_info_defaults_to_package_metadata_and_env(
-    reg: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(REVISION_ENV, "0123456789ab")
+def test_build_info_defaults_to_package_metadata_and_revision(reg: CollectorRegistry) -> None:
     Metrics(reg)
-    assert value(
-        reg, "userpilot_build_info", version=metadata.version(DISTRIBUTION), revision="0123456789ab"
-    ) == 1
+    version = metadata.version(DISTRIBUTION)
+    assert value(reg, "userpilot_build_info", version=version, revision=build_revision()) == 1
+
+
+def test_build_revision_prefers_the_image_build_argument() -> None:
+    assert build_revision({REVISION_ENV: " 0123456789ab\n"}) == "0123456789ab"
 
 
 def test_build_revision_falls_back_to_git_then_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
