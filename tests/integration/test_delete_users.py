@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -128,3 +129,36 @@ def test_dry_run_sends_nothing(sandbox: tuple[SandboxThread, SandboxControl]) ->
     assert done.returncode == 0
     assert "(dry run: nothing sent)" in done.stdout
     assert control.stats()["total"] == 0
+
+
+def readme_commands() -> list[str]:
+    """The delete-users command lines of the README's GDPR section, as written."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Deleting users (GDPR)", 1)[1].split("```bash", 1)[1]
+    block = section.split("```", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("python -m consumer")]
+
+
+def test_the_readme_commands_work_as_written(
+    sandbox: tuple[SandboxThread, SandboxControl], tmp_path: Path
+) -> None:
+    server, control = sandbox
+    identify(server.url, ["u1", "u2", "u3"])
+    (tmp_path / "user-ids.txt").write_text("u1\nu2\n", encoding="utf-8")
+    commands = readme_commands()
+    assert len(commands) == 2
+    env = {**os.environ, "USERPILOT_API_KEY": TOKEN, "PYTHONPATH": str(REPO),
+           "USERPILOT_ANALYTICS_ENDPOINT": server.url.removeprefix("http://"),
+           "USERPILOT_INSECURE_HTTP": "true"}
+    outputs = []
+    for command in commands:
+        argv = shlex.split(command, comments=True)
+        assert argv[0] == "python"
+        done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+    assert "(dry run: nothing sent)" in outputs[0]
+    assert outputs[1] == ("delete-users: users requested 2, batches sent 1, deleted 2, "
+                          "failed 0\n")
+    assert list(control.users()) == ["u3"]
