@@ -43,10 +43,12 @@ __all__ = [
     "encode_body",
     "ensure_user",
     "ensure_user_call",
+    "event_calls",
     "flatten_traits",
     "group_calls",
     "identify_calls",
     "identify_payload",
+    "lacks_required_id",
     "track_call",
 ]
 
@@ -263,6 +265,40 @@ def group_calls(event: Mapping[str, Any], shape: TraitsShape | None = None) -> t
         return (first,)
     associate = {"user_id": user_id, "company": {COMPANY_KEY: company["company_id"]}}
     return first, _call("associate_company", IDENTIFY_PATH, associate)
+
+
+def event_calls(
+    event: Mapping[str, Any],
+    track_payload: Mapping[str, Any] | None = None,
+    *,
+    identify_shape: TraitsShape | None = None,
+    group_shape: TraitsShape | None = None,
+) -> tuple[Call, ...]:
+    """Every call an event that passed the filters causes, in order (ensure-user aside).
+
+    ``track_payload`` is the mapped Track body of a ``track``/``page`` event; other types
+    give no calls. Callers add :func:`ensure_user` with their :class:`KnownUsers`.
+    """
+    kind = event.get("type")
+    if kind == "identify":
+        return identify_calls(event, identify_shape)
+    if kind == "group":
+        return group_calls(event, group_shape)
+    if track_payload is not None:
+        return (track_call(track_payload),)
+    return ()
+
+
+def lacks_required_id(event: Mapping[str, Any]) -> bool:
+    """The anonymous rule per type: ``group`` needs a ``groupId``, the others a ``userId``.
+
+    A ``group`` without ``userId`` is still sent (the company alone). Blank strings count
+    as missing; so does a non-string (an integer ``groupId`` is accepted, as an id).
+    """
+    if event.get("type") == "group":
+        return _id(event.get("groupId")) is None
+    user_id = event.get("userId")
+    return not isinstance(user_id, str) or not user_id.strip()
 
 
 def track_call(payload: Mapping[str, Any]) -> Call:

@@ -18,10 +18,12 @@ from consumer.calls import (
     encode_body,
     ensure_user,
     ensure_user_call,
+    event_calls,
     flatten_traits,
     group_calls,
     identify_calls,
     identify_payload,
+    lacks_required_id,
     track_call,
 )
 from consumer.mapping import DEFAULT_PRESET, build_track_payload
@@ -339,3 +341,35 @@ def test_call_is_plain_frozen_data() -> None:
     with pytest.raises(AttributeError):
         call.path = "/v1/identify"  # type: ignore[misc]
     assert isinstance(call, Call)
+
+
+def test_event_calls_dispatches_by_type() -> None:
+    assert [c.purpose for c in event_calls(identify())] == ["identify"]
+    assert [c.purpose for c in event_calls(group())] == ["company_identify", "associate_company"]
+    track_event = {"type": "track", "userId": "user_001", "event": "Feature Used"}
+    assert [c.purpose for c in event_calls(track_event, TRACK)] == ["track"]
+    assert event_calls({"type": "screen", "userId": "u"}) == ()
+
+
+def test_event_calls_passes_each_shape_to_its_type() -> None:
+    def only_plan(event: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+        return {"plan": metadata.get("plan")}
+
+    (call,) = event_calls(identify(), identify_shape=only_plan)
+    assert call.payload["metadata"] == {"plan": "pro"}
+    company, _ = event_calls(group(), group_shape=only_plan)
+    assert company.payload["metadata"] == {"plan": "enterprise"}
+
+
+@pytest.mark.parametrize(("event", "anonymous"), [
+    ({"type": "identify", "userId": "u"}, False),
+    ({"type": "identify", "userId": " "}, True),
+    ({"type": "identify"}, True),
+    ({"type": "track", "userId": None}, True),
+    ({"type": "group", "groupId": "g"}, False),  # the company alone is still sent
+    ({"type": "group", "groupId": 5, "userId": "u"}, False),
+    ({"type": "group", "groupId": "", "userId": "u"}, True),
+    ({"type": "group", "userId": "u"}, True),
+])
+def test_anonymous_rule_per_type(event: dict[str, Any], anonymous: bool) -> None:
+    assert lacks_required_id(event) is anonymous
