@@ -35,6 +35,7 @@ __all__ = [
     "IDENTIFY_PATH",
     "TRACK_PATH",
     "Call",
+    "CallPlan",
     "Family",
     "KnownUsers",
     "Purpose",
@@ -368,12 +369,56 @@ class KnownUsers:
         return len(self._users)
 
 
+class CallPlan:
+    """The calls of one event, sent one after another and resumed after a retry.
+
+    The worker asks :meth:`next_call` before each request and reports each success with
+    :meth:`succeeded`; a failure reports nothing, so a retry of the event resumes at the
+    call that failed (calls already answered are not sent again). Ensure-user is decided
+    here, just before a Track goes, so it reflects every identify that succeeded until
+    then, including an earlier event of the same user. ``known=None`` turns it off.
+    """
+
+    __slots__ = ("_calls", "_index", "_known")
+
+    def __init__(self, calls: Iterable[Call], known: KnownUsers | None) -> None:
+        self._calls = tuple(calls)
+        self._index = 0
+        self._known = known
+
+    @property
+    def calls(self) -> tuple[Call, ...]:
+        return self._calls
+
+    @property
+    def done(self) -> bool:
+        return self._index >= len(self._calls)
+
+    def next_call(self) -> Call | None:
+        """The request to send now, or None when every call of the event succeeded."""
+        if self.done:
+            return None
+        call = self._calls[self._index]
+        user_id = call.track_user_id
+        known = self._known
+        if user_id is not None and known is not None and known.needs_identify(user_id):
+            return ensure_user_call(user_id)
+        return call
+
+    def succeeded(self, call: Call) -> None:
+        """``call`` (as returned by :meth:`next_call`) was answered with a 2xx."""
+        if self._known is not None:
+            self._known.remember_succeeded(call)
+        if call.purpose != "ensure_user":
+            self._index += 1
+
+
 def ensure_user(calls: Iterable[Call], known: KnownUsers | None) -> tuple[Call, ...]:
     """``calls`` with a bare identify before each Track of a user not known yet.
 
-    An identify of the same user earlier in ``calls`` counts as known (it goes first and
-    the Track waits for its answer). ``known`` is only read here; the caller remembers
-    users as their identify calls succeed. ``None`` (ensure-user off) returns ``calls``.
+    The static view of :class:`CallPlan`, for ``explain`` (pass a fresh ``KnownUsers``:
+    what a replica that just started sends). An identify of the same user earlier in
+    ``calls`` counts as known. ``known`` is only read. ``None`` returns ``calls``.
     """
     calls = tuple(calls)
     if known is None:

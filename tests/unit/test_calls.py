@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from consumer.calls import (
     COMPANY_KEY,
     Call,
+    CallPlan,
     KnownUsers,
     company_identify_payload,
     encode_body,
@@ -373,3 +374,60 @@ def test_event_calls_passes_each_shape_to_its_type() -> None:
 ])
 def test_anonymous_rule_per_type(event: dict[str, Any], anonymous: bool) -> None:
     assert lacks_required_id(event) is anonymous
+
+
+# ---------------------------------------------------------------------------- CallPlan
+
+
+def drive(plan: CallPlan, fail_at: set[int] | None = None, limit: int = 20) -> list[str]:
+    """Send until done; the n-th request (0-based) in ``fail_at`` fails once."""
+    sent: list[str] = []
+    fail_at = set(fail_at or ())
+    while (call := plan.next_call()) is not None and len(sent) < limit:
+        sent.append(call.purpose)
+        if len(sent) - 1 in fail_at:
+            continue  # failed: reported nothing, the event is retried
+        plan.succeeded(call)
+    return sent
+
+
+def test_plan_sends_ensure_user_then_track_and_remembers() -> None:
+    known = KnownUsers(10)
+    assert drive(CallPlan([track_call(TRACK)], known)) == ["ensure_user", "track"]
+    assert "user_001" in known
+    assert drive(CallPlan([track_call(TRACK)], known)) == ["track"]
+
+
+def test_plan_retries_resume_at_the_failed_call() -> None:
+    known = KnownUsers(10)
+    # ensure-user fails once, then the Track fails once: 2 + 2 requests, nothing repeated
+    # that had succeeded
+    sent = drive(CallPlan([track_call(TRACK)], known), fail_at={0, 2})
+    assert sent == ["ensure_user", "ensure_user", "track", "track"]
+
+
+def test_plan_group_then_track_needs_no_ensure_user() -> None:
+    known = KnownUsers(10)
+    plan = CallPlan([*group_calls(group()), track_call(TRACK)], known)
+    assert drive(plan, fail_at={1}) == [
+        "company_identify", "associate_company", "associate_company", "track"]
+    assert plan.done and plan.next_call() is None
+
+
+def test_plan_sees_identifies_of_earlier_events() -> None:
+    known = KnownUsers(10)
+    drive(CallPlan(identify_calls(identify()), known))
+    assert drive(CallPlan([track_call(TRACK)], known)) == ["track"]
+
+
+def test_plan_without_known_users_never_adds_calls() -> None:
+    plan = CallPlan([track_call(TRACK)], None)
+    assert drive(plan) == ["track"]
+    assert plan.calls == (track_call(TRACK),)
+
+
+def test_plan_after_eviction_identifies_again() -> None:
+    known = KnownUsers(1)
+    drive(CallPlan([track_call(TRACK)], known))
+    known.remember("someone_else")
+    assert drive(CallPlan([track_call(TRACK)], known)) == ["ensure_user", "track"]
