@@ -7,6 +7,7 @@ produce       canonical JSON event lines → Avro on a topic (fixtures, demo, be
 replay        re-publish dead-lettered events to their original topic
 sandbox       a local stand-in for Userpilot's API
 demo          the embedded demo: local broker, registry, sandbox, sample events, worker
+delete-users  GDPR: delete users in Userpilot (DELETE /v1/users), batched and paced
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+def cmd_delete_users(args: argparse.Namespace) -> int:
+    from consumer.gdpr import main as delete_users_main
+
+    return delete_users_main(args)
+
+
 def _open(path: str | None):  # type: ignore[no-untyped-def]
     if path is None or path == "-":
         return _Stdin()
@@ -149,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", default=None,
                    help="JSON lines (default: schemas/sample-events.jsonl)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("delete-users", help="GDPR: delete users in Userpilot, in paced batches")
+    from consumer.gdpr import add_arguments as add_delete_users_arguments
+    add_delete_users_arguments(p)
+    p.set_defaults(func=cmd_delete_users)
     return parser
 
 

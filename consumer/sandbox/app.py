@@ -2,15 +2,22 @@
 
 Order of checks for ``/v1/*`` (documented because tests depend on it):
 
-1. routing: unknown path → 404, known path with a method other than POST → 405;
+1. routing: unknown path → 404, known path with another method than its own → 405
+   (``DELETE /v1/users``, ``POST`` for the others);
 2. the next scripted action, if any (a 2xx/``pass`` entry falls through to normal handling);
 3. random faults: ``reset_rate``, then ``error_rate`` (these do not use rate-limit budget);
 4. auth: write token passes, read token → 403, anything else → 401;
-5. rate limit per write token, shared by all three endpoints → 429;
+5. rate limit per write token and endpoint family → 429: track and identify (company
+   identify included) each have their own budget, unless ``shared_rate_limit``; delete is
+   one request per ``delete_interval_seconds``;
 6. headers (``X-API-Version``, ``Content-Type``) → 400; then JSON body → 400;
 7. rules matching ``user_id`` / ``event_name`` of the parsed body;
-8. field validation → 400; otherwise record and answer 202.
+8. field validation → 400; otherwise record, update the users and companies it knows,
+   and answer: track 202, identify 202, company identify 200 (Userpilot's help page; its
+   OpenAPI file says 202), delete 202.
 
+A Track for a user the sandbox does not know is still answered 202, as Userpilot does, but
+its record says ``"attributed": false`` and ``/_sandbox/stats`` counts it as unattributed.
 Every API outcome is delayed by ``latency_ms`` plus up to ``jitter_ms``. Requests that
 pass step 5 count against the limit even if later rejected; 429s themselves do not.
 The server executes the outcome; nothing here touches a socket or sleeps.
@@ -28,12 +35,20 @@ from typing import Any, Literal
 
 from consumer.sandbox.auth import AuthResult, TokenSet
 from consumer.sandbox.config import SandboxConfig
-from consumer.sandbox.errors import Problem, problem_for_status
+from consumer.sandbox.directory import Directory
+from consumer.sandbox.errors import Problem, json_response, problem_for_status
 from consumer.sandbox.faults import Action, FaultState
 from consumer.sandbox.http import Request, Response
-from consumer.sandbox.ratelimit import SlidingWindowLimiter
+from consumer.sandbox.ratelimit import Family, FamilyLimiter
 from consumer.sandbox.records import Recorder
-from consumer.sandbox.validation import ENDPOINTS, check_headers, parse_body, validate_body
+from consumer.sandbox.validation import (
+    ENDPOINTS,
+    METHODS,
+    Endpoint,
+    check_headers,
+    parse_body,
+    validate_body,
+)
 
 __all__ = ["CONTROL_PREFIX", "Outcome", "SandboxApp"]
 
@@ -42,6 +57,13 @@ CONTROL_PREFIX = "/_sandbox/"
 OutcomeKind = Literal["respond", "reset", "close", "hang"]
 
 _ACCEPTED = b'{"status":"accepted"}'
+
+_FAMILY: dict[Endpoint, Family] = {
+    "track": "track",
+    "identify": "identify",
+    "companies_identify": "identify",
+    "delete_users": "delete",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +91,12 @@ class SandboxApp:
         self.clock = clock
         self.wall_clock = wall_clock
         self.tokens = TokenSet(config.write_tokens, config.read_tokens)
-        self.limiter = SlidingWindowLimiter(config.rate_limit, config.rate_window_seconds)
+        self.limiter = FamilyLimiter(
+            config.rate_limit, config.rate_window_seconds,
+            identify_limit=config.identify_rate_limit, shared=config.shared_rate_limit,
+            delete_interval=config.delete_interval_seconds,
+        )
+        self.directory = Directory()
         self.retry_after = config.retry_after
         self.faults = FaultState(config.faults, rng or random.Random(config.seed))
         self.recorder = Recorder(limit=config.record_limit)
@@ -97,12 +124,13 @@ class SandboxApp:
         if endpoint is None:
             problem = Problem(404, "not_found", "Not Found", f"no route for {request.path}")
             return _respond(request_id, problem.to_response(), delay)
-        if request.method != "POST":
+        method = METHODS[endpoint]
+        if request.method != method:
             problem = Problem(
-                405, "method_not_allowed", "Method Not Allowed", f"use POST {request.path}"
+                405, "method_not_allowed", "Method Not Allowed", f"use {method} {request.path}"
             )
             response = problem.to_response()
-            response.headers["allow"] = "POST"
+            response.headers["allow"] = method
             return _respond(request_id, response, delay)
 
         scripted = self.faults.next_scripted()
@@ -117,9 +145,11 @@ class SandboxApp:
         auth = self.tokens.check(request.headers.get("authorization"))
         if isinstance(auth, Problem):
             return _respond(request_id, auth.to_response(), delay)
-        decision = self.limiter.acquire(auth.token_id, self.clock())
+        family = _FAMILY[endpoint]
+        decision = self.limiter.acquire(auth.token_id, self.clock(), family)
         if not decision.allowed:
-            return _respond(request_id, self._rate_limited(decision.retry_after_header), delay)
+            limited = self._rate_limited(decision.retry_after_header, family)
+            return _respond(request_id, limited, delay)
 
         header_problem = check_headers(request.headers)
         if header_problem is not None:
@@ -137,16 +167,44 @@ class SandboxApp:
         invalid = validate_body(endpoint, body)
         if invalid is not None:
             return _respond(request_id, invalid.to_response(), delay)
-        self.recorder.accept(self._record(request, request_id, auth, body))
-        return _respond(request_id, Response(202, _ACCEPTED), delay)
+        record = self._record(request, request_id, auth, body)
+        response = self._apply(endpoint, body, record)
+        self.recorder.accept(record)
+        return _respond(request_id, response, delay)
 
-    def _rate_limited(self, retry_after: str) -> Response:
+    def _apply(self, endpoint: Endpoint, body: dict[str, Any], record: dict[str, Any]) -> Response:
+        """Update the users and companies the sandbox knows; the success response."""
+        directory = self.directory
+        if endpoint == "track":
+            record["attributed"] = directory.track(body["user_id"])
+            return Response(202, _ACCEPTED)
+        if endpoint == "identify":
+            directory.identify(body)
+            return Response(202, _ACCEPTED)
+        if endpoint == "companies_identify":
+            directory.identify_company(body)
+            return json_response(200, {"status": "ok"})
+        users: list[str] = body["users"]
+        record["deleted"] = directory.delete_users(users)
+        return json_response(202, {
+            "status": "accepted",
+            "message": f"{len(users)} users scheduled for deletion",
+        })
+
+    def stats(self) -> dict[str, Any]:
+        """Outcome counters plus the users, companies and attribution counts."""
+        return {**self.recorder.stats(), **self.directory.stats()}
+
+    def _rate_limited(self, retry_after: str, family: Family = "track") -> Response:
         headers = {"retry-after": retry_after} if self.retry_after else {}
+        limit, window = self.limiter.limit_of(family)
+        which = "delete" if family == "delete" else (
+            "track and identify" if self.limiter.shared else family)
         return Problem(
             429,
             "rate_limited",
             "Too Many Requests",
-            f"more than {self.limiter.limit} requests per {self.limiter.window:g} s for this token",
+            f"more than {limit} {which} requests per {window:g} s for this token",
             headers=headers,
         ).to_response()
 
@@ -177,9 +235,13 @@ class SandboxApp:
         }
 
     def reset_state(self) -> None:
-        """Forget records, counters and rate-limit history (not faults or tokens)."""
+        """Forget records, counters, users, companies and rate-limit history.
+
+        Faults, limits and tokens stay: a reset gives a test a fresh Userpilot account.
+        """
         self.recorder.reset()
         self.limiter.reset()
+        self.directory.reset()
 
 
 def _respond(request_id: str, response: Response, delay: float) -> Outcome:

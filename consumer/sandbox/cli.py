@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sandbox",
-        description="A local stand-in for Userpilot's HTTP API (track/identify), with a "
+        description="A local stand-in for Userpilot's HTTP API (track, identify, company "
+        "identify, delete users), with a "
         "control API under /_sandbox/ for records and fault injection.",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -43,6 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-limit", type=int, default=600, help="requests per window per token; 0 = off"
     )
     parser.add_argument("--rate-window", type=float, default=60.0, help="window in seconds")
+    parser.add_argument(
+        "--identify-rate-limit", type=int, default=None,
+        help="identify budget per window per token (default: same as --rate-limit)",
+    )
+    parser.add_argument(
+        "--shared-rate-limit", action="store_true",
+        help="track and identify share one budget (default: one each, as Userpilot)",
+    )
+    parser.add_argument(
+        "--delete-interval", type=float, default=2.0,
+        help="seconds between DELETE /v1/users calls per token (Userpilot: 2); 0 = off",
+    )
     parser.add_argument(
         "--retry-after", action="store_true", help="send Retry-After with 429 responses"
     )
@@ -88,6 +101,9 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
         read_tokens=tuple(args.read_tokens or [DEFAULT_READ_TOKEN]),
         rate_limit=args.rate_limit,
         rate_window_seconds=args.rate_window,
+        identify_rate_limit=args.identify_rate_limit,
+        shared_rate_limit=args.shared_rate_limit,
+        delete_interval_seconds=args.delete_interval,
         retry_after=args.retry_after,
         faults=faults,
         seed=args.seed,

@@ -45,12 +45,43 @@ class SandboxControl:
         return [record["body"] for record in self.requests(path)]
 
     def reset(self) -> None:
-        """Forget records, counters and rate-limit history."""
+        """Forget records, counters, users, companies and rate-limit history."""
         self._call("DELETE", "requests")
 
     def stats(self) -> dict[str, Any]:
+        """Counters: by status, accepted, users, companies, attributed, unattributed, ..."""
         stats: dict[str, Any] = self._call("GET", "stats")
         return stats
+
+    def users(self) -> dict[str, Any]:
+        """Users the sandbox knows: ``{user_id: {"metadata": {...}, "company": id|None}}``."""
+        users: dict[str, Any] = self._call("GET", "users")
+        return users
+
+    def companies(self) -> dict[str, Any]:
+        """Companies: ``{company_id: {"metadata": {...}, "users": [user ids]}}``."""
+        companies: dict[str, Any] = self._call("GET", "companies")
+        return companies
+
+    def attribution(self) -> tuple[int, int]:
+        """(attributed, unattributed) Track calls since start or the last reset."""
+        stats = self.stats()
+        return int(stats["attributed"]), int(stats["unattributed"])
+
+    def limits(self) -> dict[str, Any]:
+        limits: dict[str, Any] = self._call("GET", "limits")
+        return limits
+
+    def set_limits(self, **settings: Any) -> dict[str, Any]:
+        """Partial update: ``identify_rate_limit``, ``shared_rate_limit``,
+        ``delete_interval_seconds`` (``rate_limit`` itself is set with ``set_faults``)."""
+        limits: dict[str, Any] = self._call("PUT", "limits", settings)
+        return limits
+
+    def clear_limits(self) -> dict[str, Any]:
+        """Back to the start-up per-family settings."""
+        limits: dict[str, Any] = self._call("DELETE", "limits")
+        return limits
 
     def faults(self) -> dict[str, Any]:
         faults: dict[str, Any] = self._call("GET", "faults")

@@ -16,6 +16,11 @@ DEFAULT_READ_TOKEN = "sandbox-read-token"
 class SandboxConfig:
     """Everything fixed at start; faults, limits and tokens can change later via the API.
 
+    ``rate_limit`` is per token and per endpoint family: track and identify (company identify
+    included) each get their own budget, as Userpilot documents; ``identify_rate_limit``
+    overrides the identify budget (None: same as ``rate_limit``) and ``shared_rate_limit``
+    makes all of them share one. Delete calls are limited to one per
+    ``delete_interval_seconds`` (Userpilot: 2 s; 0 lifts it).
     ``rate_limit <= 0`` lifts the limit (benchmarks). ``retry_after`` is off by default
     because Userpilot documents no ``Retry-After`` header; turn it on to test that path.
     ``seed`` makes random faults reproducible.
@@ -27,6 +32,9 @@ class SandboxConfig:
     read_tokens: tuple[str, ...] = (DEFAULT_READ_TOKEN,)
     rate_limit: int = 600
     rate_window_seconds: float = 60.0
+    identify_rate_limit: int | None = None
+    shared_rate_limit: bool = False
+    delete_interval_seconds: float = 2.0
     retry_after: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
     seed: int | None = None
@@ -36,6 +44,8 @@ class SandboxConfig:
     def __post_init__(self) -> None:
         if self.rate_window_seconds <= 0:
             raise ValueError("rate_window_seconds must be positive")
+        if self.delete_interval_seconds < 0:
+            raise ValueError("delete_interval_seconds must be 0 (no limit) or positive")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
         if not self.write_tokens:

@@ -5,7 +5,14 @@ No auth, same port as the fake Userpilot API, so a test needs one URL. Routes:
     GET    /_sandbox/health              {"status": "ok"}
     GET    /_sandbox/requests[?path=P]   accepted records, oldest first
     DELETE /_sandbox/requests            forget records, counters and rate-limit history
-    GET    /_sandbox/stats               {"total", "by_status", "accepted", ...}
+    GET    /_sandbox/stats               {"total", "by_status", "accepted", "users",
+                                         "companies", "attributed", "unattributed", ...}
+    GET    /_sandbox/users               users the sandbox knows: metadata, company
+    GET    /_sandbox/companies           companies: metadata, member users
+    GET    /_sandbox/limits              per-family rate-limit settings
+    PUT    /_sandbox/limits              partial update: identify_rate_limit,
+                                         shared_rate_limit, delete_interval_seconds
+    DELETE /_sandbox/limits              back to the start-up per-family settings
     GET    /_sandbox/faults              current faults + rate-limit settings
     PUT    /_sandbox/faults              partial update (only the keys given change)
     DELETE /_sandbox/faults              back to the start-up faults and limits
@@ -130,7 +137,63 @@ def _health(app: SandboxApp, request: Request) -> Response:
 
 
 def _stats(app: SandboxApp, request: Request) -> Response:
-    return json_response(200, app.recorder.stats())
+    return json_response(200, app.stats())
+
+
+def _users(app: SandboxApp, request: Request) -> Response:
+    return json_response(200, app.directory.users_view())
+
+
+def _companies(app: SandboxApp, request: Request) -> Response:
+    return json_response(200, app.directory.companies_view())
+
+
+def _limits_view(app: SandboxApp) -> dict[str, Any]:
+    limiter = app.limiter
+    return {
+        "rate_limit": limiter.limit,
+        "rate_window_seconds": limiter.window,
+        "identify_rate_limit": limiter.identify_limit,
+        "shared_rate_limit": limiter.shared,
+        "delete_interval_seconds": limiter.delete_interval,
+    }
+
+
+def _clear_limits(app: SandboxApp, request: Request) -> Response:
+    config = app.config
+    app.limiter.configure_families(
+        identify_limit=config.identify_rate_limit, shared=config.shared_rate_limit,
+        delete_interval=config.delete_interval_seconds,
+    )
+    return json_response(200, _limits_view(app))
+
+
+def _get_limits(app: SandboxApp, request: Request) -> Response:
+    return json_response(200, _limits_view(app))
+
+
+def _put_limits(app: SandboxApp, request: Request) -> Response:
+    """Per-family settings; ``rate_limit``/``rate_window_seconds`` stay under ``faults``."""
+    body = _json_object(request)
+    if isinstance(body, Response):
+        return body
+    allowed = {"identify_rate_limit", "shared_rate_limit", "delete_interval_seconds"}
+    unknown = set(body) - allowed
+    if unknown:
+        return _bad(f"unknown keys: {sorted(unknown)}; use {sorted(allowed)}")
+    limiter = app.limiter
+    identify = body.get("identify_rate_limit", limiter.identify_limit)
+    shared = body.get("shared_rate_limit", limiter.shared)
+    interval = body.get("delete_interval_seconds", limiter.delete_interval)
+    if identify is not None and (isinstance(identify, bool) or not isinstance(identify, int)):
+        return _bad("identify_rate_limit must be an integer or null (same as rate_limit)")
+    if not isinstance(shared, bool):
+        return _bad("shared_rate_limit must be true or false")
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
+        return _bad("delete_interval_seconds must be 0 (no limit) or a positive number")
+    limiter.configure_families(identify_limit=identify, shared=shared,
+                               delete_interval=float(interval))
+    return json_response(200, _limits_view(app))
 
 
 def _get_faults(app: SandboxApp, request: Request) -> Response:
@@ -146,6 +209,11 @@ _ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/_sandbox/requests"): _get_requests,
     ("DELETE", "/_sandbox/requests"): _reset,
     ("GET", "/_sandbox/stats"): _stats,
+    ("GET", "/_sandbox/users"): _users,
+    ("GET", "/_sandbox/companies"): _companies,
+    ("GET", "/_sandbox/limits"): _get_limits,
+    ("PUT", "/_sandbox/limits"): _put_limits,
+    ("DELETE", "/_sandbox/limits"): _clear_limits,
     ("GET", "/_sandbox/faults"): _get_faults,
     ("PUT", "/_sandbox/faults"): _put_faults,
     ("DELETE", "/_sandbox/faults"): _clear_faults,

@@ -40,9 +40,11 @@ def sandbox() -> Iterator[SandboxThread]:
 def control(sandbox: SandboxThread) -> Iterator[SandboxControl]:
     ctl = SandboxControl(sandbox.url)
     ctl.clear_faults()
+    ctl.clear_limits()
     ctl.reset()
     yield ctl
     ctl.clear_faults()
+    ctl.clear_limits()
     ctl.reset()
 
 
@@ -75,7 +77,7 @@ def test_accepts_track_identify_and_company_identify(
     identify = {"user_id": "user_001", "metadata": {"plan": "pro", "seats": 3}}
     assert client.post("/v1/identify", json=identify, headers=HEADERS).status_code == 202
     company = {"company_id": "c1", "metadata": {"name": "Acme"}}
-    assert client.post("/v1/companies/identify", json=company, headers=HEADERS).status_code == 202
+    assert client.post("/v1/companies/identify", json=company, headers=HEADERS).status_code == 200
 
     records = control.requests()
     assert [r["path"] for r in records] == ["/v1/track", "/v1/identify", "/v1/companies/identify"]
@@ -151,17 +153,46 @@ def test_rate_limit_429_per_token_and_retry_after(
     control.set_faults(rate_limit=5, rate_window_seconds=60)
     statuses = [track(client).status_code for _ in range(5)]
     statuses.append(client.post("/v1/identify", json={"user_id": "u"}, headers=HEADERS).status_code)
-    assert statuses == [202] * 5 + [429]
+    assert statuses == [202] * 6  # identify has its own budget
     limited = track(client)
     assert limited.status_code == 429
     assert "retry-after" not in limited.headers
     assert errors_of(limited)[0]["error_code"] == "rate_limited"
-    assert len(control.requests()) == 5
-    assert control.stats()["by_status"] == {"202": 5, "429": 2}
+    assert len(control.requests()) == 6
+    assert control.stats()["by_status"] == {"202": 6, "429": 1}
 
     control.set_faults(retry_after=True)
     retry_after = int(track(client).headers["retry-after"])
     assert 1 <= retry_after <= 60
+
+
+def test_users_companies_attribution_and_delete_over_http(
+    client: httpx.Client, control: SandboxControl
+) -> None:
+    assert track(client).status_code == 202  # unknown user: accepted, not attributed
+    identify = {"user_id": "user_001", "metadata": {"plan": "pro"}, "company": {"id": "acme"}}
+    assert client.post("/v1/identify", json=identify, headers=HEADERS).status_code == 202
+    company = {"company_id": "acme", "metadata": {"name": "Acme"}}
+    assert client.post("/v1/companies/identify", json=company, headers=HEADERS).status_code == 200
+    assert track(client).status_code == 202
+    assert control.attribution() == (1, 1)
+    assert [r["attributed"] for r in control.requests("/v1/track")] == [False, True]
+    assert control.users() == {"user_001": {"metadata": {"plan": "pro"}, "company": "acme"}}
+    assert control.companies() == {"acme": {"metadata": {"name": "Acme"}, "users": ["user_001"]}}
+
+    deleted = client.request("DELETE", "/v1/users", json={"users": ["user_001"]}, headers=HEADERS)
+    assert deleted.status_code == 202
+    assert "1 users scheduled" in deleted.json()["message"]
+    again = client.request("DELETE", "/v1/users", json={"users": ["x"]}, headers=HEADERS)
+    assert again.status_code == 429  # one delete per 2 s
+    assert control.users() == {}
+    stats = control.stats()
+    assert (stats["users"], stats["companies"], stats["deleted_users"]) == (0, 1, 1)
+    assert client.post("/v1/users", json={"users": ["x"]}, headers=HEADERS).status_code == 405
+
+    control.set_limits(delete_interval_seconds=0)
+    assert client.request("DELETE", "/v1/users", json={"users": ["x"]},
+                          headers=HEADERS).status_code == 202
 
 
 def test_rate_window_rolls(client: httpx.Client, control: SandboxControl) -> None:

@@ -1,0 +1,437 @@
+"""The Userpilot requests one Signal event becomes, as plain data. Pure.
+
+Track is one call per event; ``identify`` and ``group`` events are not. This module builds
+the bodies of the other calls and names each request with a :class:`Call`, so the worker
+sends, rate-limits, counts and explains every request the same way:
+
+* ``identify`` → ``POST /v1/identify`` ``{"user_id", "metadata", "company"?}``;
+* ``group`` → ``POST /v1/companies/identify`` ``{"company_id", "metadata"}``, then, when the
+  event has a ``userId``, ``POST /v1/identify`` ``{"user_id", "company"}`` (a company shows
+  in Userpilot only once a user belongs to it, so the company goes first);
+* a Track of a user this replica has not identified yet is preceded by a bare
+  ``POST /v1/identify {"user_id"}`` (:class:`KnownUsers` remembers who was identified):
+  Userpilot accepts a Track for an unknown user with 202 and attributes it to no one.
+
+Metadata follows the Track rules (``consumer.mapping``): primitives only, objects flattened
+to ``parent_child`` keys. Callers filter first (consent, anonymous), as for Track.
+Facts and sources: ``docs/userpilot-calls.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+from consumer.mapping import Primitive
+from consumer.mapping import _derived_metadata as _mapping_derived_metadata
+
+__all__ = [
+    "COMPANY_IDENTIFY_PATH",
+    "COMPANY_KEY",
+    "DEFAULT_KNOWN_USERS",
+    "IDENTIFY_PATH",
+    "TRACK_PATH",
+    "Call",
+    "CallPlan",
+    "Family",
+    "KnownUsers",
+    "Purpose",
+    "TraitsShape",
+    "company_identify_payload",
+    "encode_body",
+    "ensure_user",
+    "ensure_user_call",
+    "event_calls",
+    "flatten_traits",
+    "group_calls",
+    "identify_calls",
+    "identify_payload",
+    "lacks_required_id",
+    "track_call",
+]
+
+COMPANY_KEY = "id"
+"""The key of the company id inside identify's ``company`` object.
+
+Userpilot's docs disagree: the help page ("Identify User": "object with at least an id
+field", example ``{"company": {"id": ...}}``) against the OpenAPI page ("company_id is
+required"). We follow the help page and RudderStack's destination, which sends
+``context.traits.company`` only when ``company.id`` is set. If Userpilot confirms
+``company_id``, this is the one line to change (the sandbox accepts either).
+"""
+
+TRACK_PATH = "/v1/track"
+IDENTIFY_PATH = "/v1/identify"
+COMPANY_IDENTIFY_PATH = "/v1/companies/identify"
+
+DEFAULT_KNOWN_USERS = 100_000
+"""Default capacity of :class:`KnownUsers`: ~100 bytes a user id, so ~10-20 MB at most."""
+
+Family: TypeAlias = Literal["track", "identify"]
+"""Rate-limit family: Userpilot limits track and identify to 600/min/token each.
+
+Company identify is counted as ``identify``: it is an identify call, Userpilot documents
+no separate limit for it, and sharing the stricter budget cannot cause 429s.
+"""
+
+Purpose: TypeAlias = Literal[
+    "track", "identify", "company_identify", "associate_company", "ensure_user"
+]
+"""Why a call is made: ``explain`` prints it, metrics count ensure-user calls by it."""
+
+TraitsShape: TypeAlias = Callable[[Mapping[str, Any], dict[str, Primitive]], dict[str, Primitive]]
+"""``(event, flattened traits) → metadata``: the mappings file's identify/group section.
+
+The default keeps every flattened trait (the Default preset forwards all traits).
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request to Userpilot: where it goes, its JSON body, and how it is counted.
+
+    ``endpoint`` is the metric label (one per path); ``family`` picks the rate limiter;
+    ``payload`` is the body as data (for explain and logs), ``body`` its exact bytes.
+    """
+
+    purpose: Purpose
+    family: Family
+    endpoint: Literal["track", "identify", "company_identify"]
+    method: Literal["POST"]
+    path: str
+    payload: Mapping[str, Any]
+    body: bytes
+
+    @property
+    def user_id(self) -> str | None:
+        """The user this call identifies in Userpilot once it succeeds (identify only)."""
+        if self.path != IDENTIFY_PATH:
+            return None
+        user_id = self.payload.get("user_id")
+        return user_id if isinstance(user_id, str) and user_id else None
+
+    @property
+    def track_user_id(self) -> str | None:
+        """The user a Track call is attributed to (Track only)."""
+        if self.path != TRACK_PATH:
+            return None
+        user_id = self.payload.get("user_id")
+        return user_id if isinstance(user_id, str) and user_id else None
+
+
+def encode_body(payload: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON, as ``routing.encode_payload`` (which may delegate here)."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode("utf-8")
+
+
+def _call(purpose: Purpose, path: str, payload: dict[str, Any]) -> Call:
+    if path == TRACK_PATH:
+        return Call(purpose, "track", "track", "POST", path, payload, encode_body(payload))
+    endpoint: Literal["identify", "company_identify"] = (
+        "identify" if path == IDENTIFY_PATH else "company_identify"
+    )
+    return Call(purpose, "identify", endpoint, "POST", path, payload, encode_body(payload))
+
+
+# ---------------------------------------------------------------------------- metadata
+
+
+def flatten_traits(traits: Mapping[str, Any]) -> dict[str, Primitive]:
+    """Traits → primitive metadata with exactly the rules Track applies to ``properties``.
+
+    A top-level primitive wins over a flattened key of the same name; nested objects
+    become ``parent_child`` keys; arrays are handled as for Track properties.
+    """
+    return _mapping_derived_metadata({"properties": dict(traits)}, False)
+
+
+def _created_at(metadata: dict[str, Primitive]) -> None:
+    """``createdAt`` → ``created_at`` (Userpilot's reserved key), as Segment and RudderStack.
+
+    When both are set, ``createdAt`` wins (Segment's rule: ``createdAt || created_at``).
+    """
+    if "createdAt" not in metadata:
+        return
+    value = metadata.pop("createdAt")
+    if value is not None or "created_at" not in metadata:
+        metadata["created_at"] = value
+
+
+def _traits(event: Mapping[str, Any]) -> dict[str, Any]:
+    traits = event.get("traits")
+    return traits if isinstance(traits, dict) else {}
+
+
+def _id(value: Any) -> str | None:
+    """A usable id: a non-blank string, or an integer (sent as its decimal string)."""
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _metadata(
+    event: Mapping[str, Any], traits: Mapping[str, Any], shape: TraitsShape | None
+) -> dict[str, Primitive]:
+    metadata = flatten_traits(traits)
+    _created_at(metadata)
+    return metadata if shape is None else shape(event, metadata)
+
+
+def _company(event: Mapping[str, Any], traits: Mapping[str, Any]) -> dict[str, Primitive] | None:
+    """identify's ``company`` object, or None when the event names no company.
+
+    The id is ``traits.company.id``, else ``traits.company_id``, else the event's
+    ``groupId``; the other fields of ``traits.company`` (an object) are its properties.
+    """
+    company = traits.get("company")
+    fields = company if isinstance(company, dict) else {}
+    company_id = _id(fields.get("id"))
+    if company_id is None:
+        company_id = _id(traits.get("company_id"))
+    if company_id is None:
+        company_id = _id(event.get("groupId"))
+    if company_id is None:
+        return None
+    rest = {k: v for k, v in fields.items() if k != "id"}
+    properties = flatten_traits(rest)
+    _created_at(properties)
+    properties.pop(COMPANY_KEY, None)
+    return {COMPANY_KEY: company_id, **properties}
+
+
+# ---------------------------------------------------------------------------- payloads
+
+
+def identify_payload(
+    event: Mapping[str, Any], shape: TraitsShape | None = None
+) -> dict[str, Any]:
+    """The ``/v1/identify`` body for an ``identify`` event.
+
+    ``metadata`` comes from ``traits`` (flattened; ``createdAt`` → ``created_at``).
+    ``company`` is attached when the event names one (see :func:`_company`); then
+    ``traits.company`` (an object) and ``traits.company_id`` are not repeated in the
+    user's metadata. No company property can replace the id.
+    An event without a string ``userId`` gets ``user_id: ""`` (callers drop those first).
+    """
+    traits = _traits(event)
+    company = _company(event, traits)
+    if company is not None:  # the company's own keys are not user properties too
+        traits = {k: v for k, v in traits.items()
+                  if not (k == "company_id" or (k == "company" and isinstance(v, dict)))}
+    user_id = event.get("userId")
+    payload: dict[str, Any] = {
+        "user_id": user_id if isinstance(user_id, str) else "",
+        "metadata": _metadata(event, traits, shape),
+    }
+    if company is not None:
+        payload["company"] = company
+    return payload
+
+
+def company_identify_payload(
+    event: Mapping[str, Any], shape: TraitsShape | None = None
+) -> dict[str, Any]:
+    """The ``/v1/companies/identify`` body for a ``group`` event: groupId and its traits."""
+    company_id = _id(event.get("groupId"))
+    return {
+        "company_id": company_id or "",
+        "metadata": _metadata(event, _traits(event), shape),
+    }
+
+
+# ---------------------------------------------------------------------------- calls
+
+
+def identify_calls(event: Mapping[str, Any], shape: TraitsShape | None = None) -> tuple[Call]:
+    """An ``identify`` event → one identify call (it creates the user, no ensure-user)."""
+    return (_call("identify", IDENTIFY_PATH, identify_payload(event, shape)),)
+
+
+def group_calls(event: Mapping[str, Any], shape: TraitsShape | None = None) -> tuple[Call, ...]:
+    """A ``group`` event → company identify, then (with a ``userId``) the association.
+
+    The association is an identify with only ``company``: no ``metadata`` key, so the
+    user's properties are left as they are. Without a ``userId`` only the company goes.
+    """
+    company = company_identify_payload(event, shape)
+    first = _call("company_identify", COMPANY_IDENTIFY_PATH, company)
+    user_id = event.get("userId")
+    if not isinstance(user_id, str) or not user_id.strip():
+        return (first,)
+    associate = {"user_id": user_id, "company": {COMPANY_KEY: company["company_id"]}}
+    return first, _call("associate_company", IDENTIFY_PATH, associate)
+
+
+def event_calls(
+    event: Mapping[str, Any],
+    track_payload: Mapping[str, Any] | None = None,
+    *,
+    identify_shape: TraitsShape | None = None,
+    group_shape: TraitsShape | None = None,
+) -> tuple[Call, ...]:
+    """Every call an event that passed the filters causes, in order (ensure-user aside).
+
+    ``track_payload`` is the mapped Track body of a ``track``/``page`` event; other types
+    give no calls. Callers add :func:`ensure_user` with their :class:`KnownUsers`.
+    """
+    kind = event.get("type")
+    if kind == "identify":
+        return identify_calls(event, identify_shape)
+    if kind == "group":
+        return group_calls(event, group_shape)
+    if track_payload is not None:
+        return (track_call(track_payload),)
+    return ()
+
+
+def lacks_required_id(event: Mapping[str, Any]) -> bool:
+    """The anonymous rule per type: ``group`` needs a ``groupId``, the others a ``userId``.
+
+    A ``group`` without ``userId`` is still sent (the company alone). Blank strings count
+    as missing; so does a non-string (an integer ``groupId`` is accepted, as an id).
+    """
+    if event.get("type") == "group":
+        return _id(event.get("groupId")) is None
+    user_id = event.get("userId")
+    return not isinstance(user_id, str) or not user_id.strip()
+
+
+def track_call(payload: Mapping[str, Any]) -> Call:
+    """A Track payload (``mapping.build_track_payload``) as a call."""
+    return _call("track", TRACK_PATH, dict(payload))
+
+
+def ensure_user_call(user_id: str) -> Call:
+    """The bare ``/v1/identify {"user_id"}`` that makes a user exist before its Track."""
+    return _call("ensure_user", IDENTIFY_PATH, {"user_id": user_id})
+
+
+# ---------------------------------------------------------------------------- ensure-user
+
+
+class KnownUsers:
+    """Users this replica has identified since it started: a bounded LRU of user ids.
+
+    ``needs_identify(u)`` before a Track; ``remember(u)`` only after an identify of ``u``
+    succeeded (any identify: bare, with traits, or a company association). A failed or
+    retried identify leaves ``u`` unknown, so the retry sends it again; an identify that
+    succeeded followed by a failed Track is not repeated. Forgetting (eviction, restart,
+    a rebalance that brings new users) costs one extra identify, never a lost event.
+    Not thread-safe: owned by the worker's event loop.
+    """
+
+    __slots__ = ("_capacity", "_users")
+
+    def __init__(self, capacity: int = DEFAULT_KNOWN_USERS) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        self._capacity = capacity
+        self._users: OrderedDict[str, None] = OrderedDict()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def needs_identify(self, user_id: str) -> bool:
+        """True when ``user_id`` was not identified here (recently enough to be kept)."""
+        if user_id in self._users:
+            self._users.move_to_end(user_id)
+            return False
+        return True
+
+    def remember(self, user_id: str) -> None:
+        """Record a successful identify of ``user_id``; evicts the least recent beyond capacity."""
+        users = self._users
+        if user_id in users:
+            users.move_to_end(user_id)
+            return
+        users[user_id] = None
+        if len(users) > self._capacity:
+            users.popitem(last=False)
+
+    def remember_succeeded(self, call: Call) -> None:
+        """After ``call`` succeeded: remember its user when it was an identify."""
+        user_id = call.user_id
+        if user_id is not None:
+            self.remember(user_id)
+
+    def __contains__(self, user_id: object) -> bool:
+        """Membership without touching recency (for tests and explain)."""
+        return user_id in self._users
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+
+class CallPlan:
+    """The calls of one event, sent one after another and resumed after a retry.
+
+    The worker asks :meth:`next_call` before each request and reports each success with
+    :meth:`succeeded`; a failure reports nothing, so a retry of the event resumes at the
+    call that failed (calls already answered are not sent again). Ensure-user is decided
+    here, just before a Track goes, so it reflects every identify that succeeded until
+    then, including an earlier event of the same user. ``known=None`` turns it off.
+    """
+
+    __slots__ = ("_calls", "_index", "_known")
+
+    def __init__(self, calls: Iterable[Call], known: KnownUsers | None) -> None:
+        self._calls = tuple(calls)
+        self._index = 0
+        self._known = known
+
+    @property
+    def calls(self) -> tuple[Call, ...]:
+        return self._calls
+
+    @property
+    def done(self) -> bool:
+        return self._index >= len(self._calls)
+
+    def next_call(self) -> Call | None:
+        """The request to send now, or None when every call of the event succeeded."""
+        if self.done:
+            return None
+        call = self._calls[self._index]
+        user_id = call.track_user_id
+        known = self._known
+        if user_id is not None and known is not None and known.needs_identify(user_id):
+            return ensure_user_call(user_id)
+        return call
+
+    def succeeded(self, call: Call) -> None:
+        """``call`` (as returned by :meth:`next_call`) was answered with a 2xx."""
+        if self._known is not None:
+            self._known.remember_succeeded(call)
+        if call.purpose != "ensure_user":
+            self._index += 1
+
+
+def ensure_user(calls: Iterable[Call], known: KnownUsers | None) -> tuple[Call, ...]:
+    """``calls`` with a bare identify before each Track of a user not known yet.
+
+    The static view of :class:`CallPlan`, for ``explain`` (pass a fresh ``KnownUsers``:
+    what a replica that just started sends). An identify of the same user earlier in
+    ``calls`` counts as known. ``known`` is only read. ``None`` returns ``calls``.
+    """
+    calls = tuple(calls)
+    if known is None:
+        return calls
+    out: list[Call] = []
+    identified: set[str] = set()
+    for call in calls:
+        track_user = call.track_user_id
+        if (track_user is not None and track_user not in identified
+                and known.needs_identify(track_user)):
+            out.append(ensure_user_call(track_user))
+            identified.add(track_user)
+        if call.user_id is not None:
+            identified.add(call.user_id)
+        out.append(call)
+    return tuple(out)

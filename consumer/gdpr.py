@@ -1,0 +1,354 @@
+"""``python -m consumer delete-users``: the right to be forgotten, in Userpilot.
+
+Reads user ids (one a line, from ``--file`` or stdin) and calls ``DELETE /v1/users``
+``{"users": [...]}`` in batches. Userpilot allows one delete request per 2 s per token and
+schedules the deletions for its daily job; it documents no maximum batch size, so batches
+default to 1,000 ids. Pacing is measured from the previous *answer* to the next request,
+so network jitter can never put two requests closer than the interval at Userpilot's end.
+429, 408, 5xx, timeouts and resets are retried (tenacity, exponential backoff, Retry-After
+honoured); statuses are classified by ``consumer.delivery.classify`` like every other call.
+A 400 fails that batch and the rest go on; 401/403/404 stop the run (no batch can succeed).
+The token is sent, never printed: messages carry statuses, request ids and Userpilot's
+error text only. An adapter (it imports httpx); reading, batching, pacing and the retry loop
+are plain functions tested without a network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO
+
+import httpx
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from consumer.config import Settings, load_settings
+from consumer.delivery import USER_AGENT, classify
+from consumer.errors import (
+    ConfigError,
+    ConnectionFailed,
+    DeadLetter,
+    Pause,
+    Retry,
+    ServerError,
+    Timeout,
+)
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DELETE_INTERVAL_S",
+    "DELETE_PATH",
+    "MAX_BATCH_SIZE",
+    "BatchResult",
+    "DeleteClient",
+    "Pacer",
+    "Summary",
+    "add_arguments",
+    "batches",
+    "delete_body",
+    "delete_users",
+    "main",
+    "read_user_ids",
+]
+
+DELETE_PATH = "/v1/users"
+DELETE_INTERVAL_S = 2.0
+"""Userpilot: "1 request every 2 seconds for delete operations" (faster → 429)."""
+DEFAULT_BATCH_SIZE = 1_000
+MAX_BATCH_SIZE = 10_000
+"""Userpilot documents no maximum; 10,000 is the row limit of its bulk identify endpoint."""
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+
+def read_user_ids(lines: Iterable[str]) -> list[str]:
+    """One id a line: surrounding whitespace and blank lines ignored, duplicates sent once.
+
+    A UTF-8 byte order mark on the first line is ignored (spreadsheet exports add one).
+    """
+    seen: dict[str, None] = {}
+    for number, line in enumerate(lines):
+        text = line.lstrip("\ufeff") if number == 0 else line
+        user_id = text.strip()
+        if user_id:
+            seen.setdefault(user_id, None)
+    return list(seen)
+
+
+def batches(user_ids: Sequence[str], size: int) -> list[list[str]]:
+    """Consecutive batches of at most ``size`` ids, in input order."""
+    if size < 1:
+        raise ValueError("batch size must be at least 1")
+    return [list(user_ids[i:i + size]) for i in range(0, len(user_ids), size)]
+
+
+def delete_body(batch: Sequence[str]) -> bytes:
+    return json.dumps({"users": list(batch)}, ensure_ascii=False,
+                      separators=(",", ":")).encode("utf-8")
+
+
+class Pacer:
+    """At least ``interval`` seconds from one answer to the next request (clock injected)."""
+
+    def __init__(
+        self, interval: float, *, clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.sleep = sleep
+        self._next: float | None = None
+
+    def wait(self) -> None:
+        """Block until the next request may start."""
+        if self._next is None:
+            return
+        delay = self._next - self.clock()
+        if delay > 0:
+            self.sleep(delay)
+
+    def answered(self) -> None:
+        """Call when a request was answered (or failed): the interval starts now."""
+        self._next = self.clock() + self.interval
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    size: int
+    ok: bool
+    attempts: int
+    detail: str
+
+
+@dataclass
+class Summary:
+    """What happened: ``deleted`` counts ids in batches Userpilot accepted (scheduled)."""
+
+    requested: int = 0
+    batches_sent: int = 0
+    deleted: int = 0
+    failed: int = 0
+    dry_run: bool = False
+    aborted: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and not self.aborted
+
+    def line(self) -> str:
+        text = (f"users requested {self.requested}, batches sent {self.batches_sent}, "
+                f"deleted {self.deleted}, failed {self.failed}")
+        if self.dry_run:
+            text += " (dry run: nothing sent)"
+        return text
+
+
+# ---------------------------------------------------------------------------- HTTP edge
+
+
+class DeleteClient:
+    """``DELETE /v1/users`` with the worker's headers; raises the classified exception."""
+
+    def __init__(
+        self, url: str, headers: Mapping[str, str], *, timeout_s: float,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url
+        self._client = httpx.Client(
+            headers={"User-Agent": USER_AGENT, **headers}, timeout=timeout_s,
+            follow_redirects=False, transport=transport,
+        )
+
+    def delete(self, body: bytes) -> str:
+        """Send one batch; returns Userpilot's x-request-id on 2xx."""
+        try:
+            response = self._client.request("DELETE", self.url, content=body)
+        except httpx.TimeoutException as exc:
+            raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") from None
+        except (httpx.TransportError, OSError) as exc:
+            raise ConnectionFailed(
+                f"connection to Userpilot failed ({type(exc).__name__})") from None
+        except httpx.HTTPError as exc:
+            raise ServerError(f"unusable answer from Userpilot ({type(exc).__name__})") \
+                from None
+        problem = classify(response.status_code, response.headers, response.text)
+        if problem is not None:
+            raise problem
+        return str(response.headers.get("x-request-id", ""))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def _wait(backoff_s: float, backoff_max_s: float) -> Callable[[RetryCallState], float]:
+    exponential = wait_exponential(multiplier=backoff_s, max=backoff_max_s)
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        retry_after = exc.retry_after if isinstance(exc, Retry) else None
+        return max(exponential(state), retry_after or 0.0)
+
+    return wait
+
+
+def delete_users(
+    user_ids: Sequence[str],
+    send: Callable[[bytes], str],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    pacer: Pacer,
+    attempts: int = 12,
+    backoff_s: float = 1.0,
+    backoff_max_s: float = 60.0,
+    log: Log = lambda _line: None,
+) -> Summary:
+    """Send every batch through ``send`` (paced, retried); never raises for a batch.
+
+    ``send`` is ``DeleteClient.delete`` (or a fake in tests). Every attempt, retries
+    included, waits for the pacer, so Userpilot never sees two within the interval.
+    """
+    summary = Summary(requested=len(user_ids))
+    groups = batches(user_ids, batch_size)
+    for index, batch in enumerate(groups, 1):
+        if summary.aborted:
+            summary.failed += len(batch)
+            continue
+        body = delete_body(batch)
+        tries = 0
+
+        def attempt(body: bytes = body) -> str:
+            nonlocal tries
+            tries += 1
+            pacer.wait()
+            try:
+                return send(body)
+            finally:
+                pacer.answered()
+
+        retrying = Retrying(
+            stop=stop_after_attempt(attempts),
+            wait=_wait(backoff_s, backoff_max_s),
+            retry=retry_if_exception_type(Retry),
+            sleep=pacer.sleep,
+            reraise=True,
+        )
+        summary.batches_sent += 1
+        where = f"batch {index}/{len(groups)} ({len(batch)} users)"
+        try:
+            request_id = retrying(attempt)
+        except Pause as exc:
+            summary.failed += len(batch)
+            summary.aborted = str(exc)
+            log(f"{where}: {exc}; stopping, no batch can succeed")
+        except (DeadLetter, Retry) as exc:
+            summary.failed += len(batch)
+            log(f"{where}: failed after {tries} attempt(s): {exc}")
+        else:
+            summary.deleted += len(batch)
+            rid = f" (x-request-id {request_id})" if request_id else ""
+            log(f"{where}: scheduled for deletion{rid}")
+    return summary
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--file", help="user ids, one a line (default or '-': stdin)")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+        help=f"ids per request, 1-{MAX_BATCH_SIZE} (default {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--interval", type=float, default=DELETE_INTERVAL_S,
+        help="seconds from one answer to the next request (default 2: Userpilot allows "
+        "one delete request per 2 s; lower only against the sandbox)",
+    )
+    parser.add_argument("--dry-run", action="store_true",
+                        help="read and batch the ids, print the plan, send nothing")
+
+
+def _read(path: str | None, stdin: IO[str]) -> list[str]:
+    if path is None or path == "-":
+        return read_user_ids(stdin)
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return read_user_ids(stream)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read user ids from {path!r}: {exc}") from None
+
+
+_NOT_USED_HERE = {
+    "KAFKA_BOOTSTRAP_SERVERS": "unused-by-delete-users:9092",
+    "KAFKA_TOPICS": "unused-by-delete-users",
+    "SCHEMA_REGISTRY_URL": "http://unused-by-delete-users",
+}
+
+
+def _client_from_env(env: Mapping[str, str]) -> tuple[DeleteClient, Settings]:
+    """The worker's own settings (token, host, timeouts, retries); Kafka ones not needed."""
+    present = {k: v for k, v in env.items() if v.strip()}
+    settings = load_settings({**_NOT_USED_HERE, **present})
+    scheme = "http" if settings.insecure_http else "https"
+    url = f"{scheme}://{settings.analytics_endpoint}{DELETE_PATH}"
+    client = DeleteClient(url, settings.headers(), timeout_s=settings.request_timeout_s)
+    return client, settings
+
+
+def main(
+    args: argparse.Namespace, *, env: Mapping[str, str] | None = None,
+    stdin: IO[str] | None = None, out: IO[str] | None = None, err: IO[str] | None = None,
+) -> int:
+    """0 when every batch was accepted; 1 when any failed; ConfigError (2) on bad input."""
+    env = os.environ if env is None else env
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise ConfigError(f"--batch-size={args.batch_size}: use 1 to {MAX_BATCH_SIZE} "
+                          f"(default {DEFAULT_BATCH_SIZE})")
+    if not args.interval >= 0:
+        raise ConfigError("--interval must be 0 or more seconds (Userpilot: 2)")
+    user_ids = _read(args.file, sys.stdin if stdin is None else stdin)
+
+    def log(line: str) -> None:
+        print(f"delete-users: {line}", file=err, flush=True)
+
+    if not user_ids:
+        log("no user ids given")
+    groups = batches(user_ids, args.batch_size)
+    if args.dry_run:
+        for index, batch in enumerate(groups, 1):
+            log(f"batch {index}/{len(groups)}: would delete {len(batch)} users")
+        summary = Summary(requested=len(user_ids), dry_run=True)
+        print(f"delete-users: {summary.line()}", file=out, flush=True)
+        return 0
+    client, settings = _client_from_env(env)
+    try:
+        log(f"DELETE {client.url}: {len(user_ids)} users in {len(groups)} batches, "
+            f"one request per {args.interval:g} s")
+        summary = delete_users(
+            user_ids, client.delete, batch_size=args.batch_size, pacer=Pacer(args.interval),
+            attempts=settings.retry_max_attempts, backoff_s=settings.retry_backoff_s,
+            backoff_max_s=settings.retry_backoff_max_s, log=log,
+        )
+    finally:
+        client.close()
+    print(f"delete-users: {summary.line()}", file=out, flush=True)
+    return 0 if summary.ok else 1

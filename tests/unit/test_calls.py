@@ -1,0 +1,433 @@
+"""Unit tests for consumer.calls: identify/group bodies, the Call type, ensure-user."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consumer.calls import (
+    COMPANY_KEY,
+    Call,
+    CallPlan,
+    KnownUsers,
+    company_identify_payload,
+    encode_body,
+    ensure_user,
+    ensure_user_call,
+    event_calls,
+    flatten_traits,
+    group_calls,
+    identify_calls,
+    identify_payload,
+    lacks_required_id,
+    track_call,
+)
+from consumer.mapping import DEFAULT_PRESET, build_track_payload
+
+
+def identify(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "type": "identify", "userId": "user_001",
+        "traits": {"name": "Jane Doe", "email": "jane@example.com", "plan": "pro"},
+    }
+    base.update(over)
+    return base
+
+
+def group(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "type": "group", "userId": "user_001", "groupId": "acme",
+        "traits": {"name": "Acme", "plan": "enterprise", "employees": 120},
+    }
+    base.update(over)
+    return base
+
+
+TRACK = {"user_id": "user_001", "event_name": "feature_used", "metadata": {"f": "x"}}
+
+
+# ---------------------------------------------------------------------------- identify
+
+
+def test_identify_sends_traits_as_metadata_with_the_exact_body() -> None:
+    (call,) = identify_calls(identify())
+    assert (call.method, call.path, call.family, call.endpoint, call.purpose) == (
+        "POST", "/v1/identify", "identify", "identify", "identify")
+    assert call.body == (b'{"user_id":"user_001","metadata":{"name":"Jane Doe",'
+                         b'"email":"jane@example.com","plan":"pro"}}')
+    assert json.loads(call.body) == call.payload
+    assert call.user_id == "user_001"
+    assert call.track_user_id is None
+
+
+def test_identify_flattens_like_track_metadata() -> None:
+    traits = {"address": {"city": "Paris", "geo": {"lat": 1.5}}, "tags": ["a", "b"],
+              "address_city": "Lyon", "nan": math.nan, "ok": True, "none": None}
+    payload = identify_payload(identify(traits=traits))
+    track = build_track_payload(
+        {"type": "track", "event": "Feature Used", "userId": "u", "properties": traits},
+        DEFAULT_PRESET.lookup({"type": "track", "event": "Feature Used"}),  # type: ignore[arg-type]
+    )
+    assert payload["metadata"] == track["metadata"]
+    assert payload["metadata"]["address_city"] == "Lyon"  # a top-level primitive wins
+    assert payload["metadata"]["address_geo_lat"] == 1.5
+    assert "nan" not in payload["metadata"]
+
+
+@pytest.mark.parametrize(("traits", "expected"), [
+    ({"createdAt": "2024-01-01T00:00:00Z"}, {"created_at": "2024-01-01T00:00:00Z"}),
+    ({"created_at": "2024-02-02"}, {"created_at": "2024-02-02"}),
+    ({"createdAt": "2024-01-01", "created_at": "2023-12-31"}, {"created_at": "2024-01-01"}),
+    ({"createdAt": None, "created_at": "2023-12-31"}, {"created_at": "2023-12-31"}),
+    ({"createdAt": 1700000000}, {"created_at": 1700000000}),
+])
+def test_created_at_is_renamed_as_both_peers_do(
+    traits: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    assert identify_payload(identify(traits=traits))["metadata"] == expected
+
+
+def test_company_object_with_id_becomes_identify_company() -> None:
+    traits = {"name": "Jane", "company": {"id": "acme", "name": "Acme", "plan": "ent",
+                                         "address": {"city": "Paris"}, "tags": ["x"]}}
+    payload = identify_payload(identify(traits=traits))
+    assert payload["company"] == {COMPANY_KEY: "acme", "name": "Acme", "plan": "ent",
+                                  "address_city": "Paris"}
+    assert payload["metadata"] == {"name": "Jane"}  # the company is not a user trait too
+
+
+def test_company_key_is_id_as_userpilot_help_page_and_rudderstack() -> None:
+    assert COMPANY_KEY == "id"
+
+
+@pytest.mark.parametrize(("traits", "group_id", "expected"), [
+    ({"company_id": "c1"}, None, {COMPANY_KEY: "c1"}),
+    ({"company_id": 42}, None, {COMPANY_KEY: "42"}),
+    ({"company": {"id": "c1"}, "company_id": "c2"}, "g", {COMPANY_KEY: "c1"}),
+    ({"company": {"name": "Acme"}, "company_id": "c2"}, None, {COMPANY_KEY: "c2", "name": "Acme"}),
+    ({}, "g1", {COMPANY_KEY: "g1"}),
+    ({"company": {"name": "Acme"}}, "g1", {COMPANY_KEY: "g1", "name": "Acme"}),
+    ({"company": {"id": ""}, "company_id": "  "}, "g1", {COMPANY_KEY: "g1"}),
+    ({"company": {"id": True}}, None, None),
+    ({"company": "Acme Inc"}, None, None),
+])
+def test_company_id_comes_from_traits_then_group_id(
+    traits: dict[str, Any], group_id: str | None, expected: dict[str, Any] | None
+) -> None:
+    payload = identify_payload(identify(traits=traits, groupId=group_id))
+    assert payload.get("company") == expected
+    assert "company_id" not in payload["metadata"] or expected is None
+
+
+def test_company_string_without_id_stays_a_user_trait() -> None:
+    payload = identify_payload(identify(traits={"company": "Acme Inc"}))
+    assert payload == {"user_id": "user_001", "metadata": {"company": "Acme Inc"}}
+
+
+def test_identify_without_traits_sends_empty_metadata() -> None:
+    assert identify_payload(identify(traits=None)) == {"user_id": "user_001", "metadata": {}}
+
+
+def test_identify_without_user_id_gets_empty_user_id_not_an_exception() -> None:
+    assert identify_payload(identify(userId=None))["user_id"] == ""
+
+
+def test_traits_shape_sees_the_event_and_flattened_metadata() -> None:
+    seen: list[Any] = []
+
+    def shape(event: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+        seen.append((event["type"], dict(metadata)))
+        return {"plan": metadata["plan"], "source": "signal"}
+
+    payload = identify_payload(identify(), shape)
+    assert payload["metadata"] == {"plan": "pro", "source": "signal"}
+    assert seen == [("identify", {"name": "Jane Doe", "email": "jane@example.com",
+                                  "plan": "pro"})]
+
+
+# ---------------------------------------------------------------------------- group
+
+
+def test_group_sends_company_then_associates_the_user_in_that_order() -> None:
+    company, associate = group_calls(group())
+    assert (company.path, company.family, company.endpoint, company.purpose) == (
+        "/v1/companies/identify", "identify", "company_identify", "company_identify")
+    assert company.body == (b'{"company_id":"acme","metadata":{"name":"Acme",'
+                            b'"plan":"enterprise","employees":120}}')
+    assert (associate.path, associate.purpose) == ("/v1/identify", "associate_company")
+    assert associate.payload == {"user_id": "user_001", "company": {COMPANY_KEY: "acme"}}
+    assert "metadata" not in associate.payload  # user properties are left alone
+    assert company.user_id is None and associate.user_id == "user_001"
+
+
+def test_group_without_user_only_identifies_the_company() -> None:
+    (company,) = group_calls(group(userId=None))
+    assert company.payload["company_id"] == "acme"
+
+
+def test_group_traits_are_flattened_and_created_at_renamed() -> None:
+    payload = company_identify_payload(group(traits={"createdAt": "2020-01-01",
+                                                     "address": {"city": "Paris"}}))
+    assert payload == {"company_id": "acme",
+                       "metadata": {"created_at": "2020-01-01", "address_city": "Paris"}}
+
+
+def test_numeric_group_id_is_sent_as_a_string() -> None:
+    assert company_identify_payload(group(groupId=7))["company_id"] == "7"
+
+
+# ---------------------------------------------------------------------------- track, ensure
+
+
+def test_track_call_keeps_the_track_body() -> None:
+    call = track_call(TRACK)
+    assert (call.path, call.family, call.endpoint, call.purpose) == (
+        "/v1/track", "track", "track", "track")
+    assert call.body == encode_body(TRACK)
+    assert call.track_user_id == "user_001" and call.user_id is None
+
+
+def test_ensure_user_call_is_a_bare_identify() -> None:
+    call = ensure_user_call("u9")
+    assert call.body == b'{"user_id":"u9"}'
+    assert (call.path, call.family, call.purpose, call.user_id) == (
+        "/v1/identify", "identify", "ensure_user", "u9")
+
+
+def test_ensure_user_puts_a_bare_identify_before_the_first_track_of_an_unknown_user() -> None:
+    known = KnownUsers(10)
+    calls = ensure_user([track_call(TRACK)], known)
+    assert [c.purpose for c in calls] == ["ensure_user", "track"]
+    known.remember_succeeded(calls[0])
+    assert [c.purpose for c in ensure_user([track_call(TRACK)], known)] == ["track"]
+
+
+def test_ensure_user_is_not_added_when_the_event_identifies_the_user_first() -> None:
+    known = KnownUsers(10)
+    calls = (*identify_calls(identify()), track_call(TRACK))
+    assert [c.purpose for c in ensure_user(calls, known)] == ["identify", "track"]
+
+
+def test_ensure_user_off_returns_the_calls_unchanged() -> None:
+    calls = (track_call(TRACK),)
+    assert ensure_user(calls, None) == calls
+
+
+def test_ensure_user_reads_but_never_remembers() -> None:
+    known = KnownUsers(10)
+    ensure_user([track_call(TRACK)], known)
+    assert "user_001" not in known
+
+
+def test_known_users_retry_semantics() -> None:
+    """A failed identify leaves the user unknown: the retry sends it again."""
+    known = KnownUsers(10)
+    first = ensure_user([track_call(TRACK)], known)
+    # the identify failed (no remember): the retried event plans it again
+    assert ensure_user([track_call(TRACK)], known) == first
+    known.remember_succeeded(first[0])
+    # identify succeeded, Track failed: the retry sends only the Track
+    assert [c.purpose for c in ensure_user([track_call(TRACK)], known)] == ["track"]
+
+
+def test_known_users_evicts_the_least_recently_used() -> None:
+    known = KnownUsers(2)
+    known.remember("a")
+    known.remember("b")
+    assert not known.needs_identify("a")  # touches a: b is now the oldest
+    known.remember("c")
+    assert len(known) == 2
+    assert "b" not in known and "a" in known and "c" in known
+    assert known.needs_identify("b")
+
+
+def test_remember_succeeded_ignores_track_and_company_calls() -> None:
+    known = KnownUsers(5)
+    known.remember_succeeded(track_call(TRACK))
+    known.remember_succeeded(group_calls(group())[0])
+    assert len(known) == 0
+
+
+@pytest.mark.parametrize("capacity", [0, -1, True, 1.5, "10"])
+def test_known_users_refuses_a_bad_capacity(capacity: Any) -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        KnownUsers(capacity)
+
+
+# ---------------------------------------------------------------------------- properties
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+_ids = st.none() | st.text(max_size=5) | st.integers() | st.booleans()
+
+
+def _primitive(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, str | int | bool)
+
+
+@settings(max_examples=300, deadline=None)
+@given(traits=st.dictionaries(st.text(max_size=8), _json, max_size=6) | _json,
+       user_id=_ids, group_id=_ids)
+def test_any_identify_event_gives_a_valid_flat_body(
+    traits: Any, user_id: Any, group_id: Any
+) -> None:
+    event = {"type": "identify", "userId": user_id, "groupId": group_id, "traits": traits}
+    (call,) = identify_calls(event)
+    body = json.loads(call.body)
+    assert isinstance(body["user_id"], str)
+    assert all(_primitive(v) for v in body["metadata"].values())
+    company = body.get("company")
+    if company is not None:
+        assert isinstance(company[COMPANY_KEY], str) and company[COMPANY_KEY].strip()
+        assert all(_primitive(v) for v in company.values())
+    assert "createdAt" not in body["metadata"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(traits=_json, user_id=_ids, group_id=_ids)
+def test_any_group_event_gives_company_first_then_at_most_one_association(
+    traits: Any, user_id: Any, group_id: Any
+) -> None:
+    event = {"type": "group", "userId": user_id, "groupId": group_id, "traits": traits}
+    calls = group_calls(event)
+    assert calls[0].path == "/v1/companies/identify"
+    assert all(_primitive(v) for v in json.loads(calls[0].body)["metadata"].values())
+    assert len(calls) == (2 if isinstance(user_id, str) and user_id.strip() else 1)
+    if len(calls) == 2:
+        assert json.loads(calls[1].body)["company"] == {
+            COMPANY_KEY: calls[0].payload["company_id"]}
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["need", "remember"]),
+                              st.sampled_from("abcdefg")), max_size=60),
+       capacity=st.integers(1, 4))
+def test_known_users_matches_a_reference_lru(ops: list[tuple[str, str]], capacity: int) -> None:
+    known = KnownUsers(capacity)
+    model: list[str] = []  # least recent first
+    for op, user in ops:
+        if op == "need":
+            expected = user not in model
+            assert known.needs_identify(user) is expected
+            if not expected:
+                model.remove(user)
+                model.append(user)
+        else:
+            known.remember(user)
+            if user in model:
+                model.remove(user)
+            model.append(user)
+            del model[:-capacity]
+        assert len(known) == len(model) <= capacity
+        assert all(u in known for u in model)
+
+
+def test_flatten_traits_is_the_track_rule() -> None:
+    assert flatten_traits({"a": {"b": 1}, "c": [1], "d": "x"}) == {"a_b": 1, "d": "x"}
+
+
+def test_call_is_plain_frozen_data() -> None:
+    call = track_call(TRACK)
+    with pytest.raises(AttributeError):
+        call.path = "/v1/identify"  # type: ignore[misc]
+    assert isinstance(call, Call)
+
+
+def test_event_calls_dispatches_by_type() -> None:
+    assert [c.purpose for c in event_calls(identify())] == ["identify"]
+    assert [c.purpose for c in event_calls(group())] == ["company_identify", "associate_company"]
+    track_event = {"type": "track", "userId": "user_001", "event": "Feature Used"}
+    assert [c.purpose for c in event_calls(track_event, TRACK)] == ["track"]
+    assert event_calls({"type": "screen", "userId": "u"}) == ()
+
+
+def test_event_calls_passes_each_shape_to_its_type() -> None:
+    def only_plan(event: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+        return {"plan": metadata.get("plan")}
+
+    (call,) = event_calls(identify(), identify_shape=only_plan)
+    assert call.payload["metadata"] == {"plan": "pro"}
+    company, _ = event_calls(group(), group_shape=only_plan)
+    assert company.payload["metadata"] == {"plan": "enterprise"}
+
+
+@pytest.mark.parametrize(("event", "anonymous"), [
+    ({"type": "identify", "userId": "u"}, False),
+    ({"type": "identify", "userId": " "}, True),
+    ({"type": "identify"}, True),
+    ({"type": "track", "userId": None}, True),
+    ({"type": "group", "groupId": "g"}, False),  # the company alone is still sent
+    ({"type": "group", "groupId": 5, "userId": "u"}, False),
+    ({"type": "group", "groupId": "", "userId": "u"}, True),
+    ({"type": "group", "userId": "u"}, True),
+])
+def test_anonymous_rule_per_type(event: dict[str, Any], anonymous: bool) -> None:
+    assert lacks_required_id(event) is anonymous
+
+
+# ---------------------------------------------------------------------------- CallPlan
+
+
+def drive(plan: CallPlan, fail_at: set[int] | None = None, limit: int = 20) -> list[str]:
+    """Send until done; the n-th request (0-based) in ``fail_at`` fails once."""
+    sent: list[str] = []
+    fail_at = set(fail_at or ())
+    while (call := plan.next_call()) is not None and len(sent) < limit:
+        sent.append(call.purpose)
+        if len(sent) - 1 in fail_at:
+            continue  # failed: reported nothing, the event is retried
+        plan.succeeded(call)
+    return sent
+
+
+def test_plan_sends_ensure_user_then_track_and_remembers() -> None:
+    known = KnownUsers(10)
+    assert drive(CallPlan([track_call(TRACK)], known)) == ["ensure_user", "track"]
+    assert "user_001" in known
+    assert drive(CallPlan([track_call(TRACK)], known)) == ["track"]
+
+
+def test_plan_retries_resume_at_the_failed_call() -> None:
+    known = KnownUsers(10)
+    # ensure-user fails once, then the Track fails once: 2 + 2 requests, nothing repeated
+    # that had succeeded
+    sent = drive(CallPlan([track_call(TRACK)], known), fail_at={0, 2})
+    assert sent == ["ensure_user", "ensure_user", "track", "track"]
+
+
+def test_plan_group_then_track_needs_no_ensure_user() -> None:
+    known = KnownUsers(10)
+    plan = CallPlan([*group_calls(group()), track_call(TRACK)], known)
+    assert drive(plan, fail_at={1}) == [
+        "company_identify", "associate_company", "associate_company", "track"]
+    assert plan.done and plan.next_call() is None
+
+
+def test_plan_sees_identifies_of_earlier_events() -> None:
+    known = KnownUsers(10)
+    drive(CallPlan(identify_calls(identify()), known))
+    assert drive(CallPlan([track_call(TRACK)], known)) == ["track"]
+
+
+def test_plan_without_known_users_never_adds_calls() -> None:
+    plan = CallPlan([track_call(TRACK)], None)
+    assert drive(plan) == ["track"]
+    assert plan.calls == (track_call(TRACK),)
+
+
+def test_plan_after_eviction_identifies_again() -> None:
+    known = KnownUsers(1)
+    drive(CallPlan([track_call(TRACK)], known))
+    known.remember("someone_else")
+    assert drive(CallPlan([track_call(TRACK)], known)) == ["ensure_user", "track"]

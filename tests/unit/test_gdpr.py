@@ -1,0 +1,289 @@
+"""Unit tests for consumer.gdpr: reading ids, batching, pacing, retries, the command line."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from consumer.__main__ import build_parser
+from consumer.errors import ConfigError, Misconfigured, RateLimited, Rejected, ServerError
+from consumer.gdpr import (
+    DEFAULT_BATCH_SIZE,
+    DeleteClient,
+    Pacer,
+    Summary,
+    batches,
+    delete_body,
+    delete_users,
+    main,
+    read_user_ids,
+)
+
+TOKEN = "secret-write-token-123"
+ENV = {"USERPILOT_API_KEY": TOKEN, "USERPILOT_ANALYTICS_ENDPOINT": "sandbox.test",
+       "USERPILOT_RETRY_BACKOFF_SECONDS": "0.5"}
+
+
+class FakeTime:
+    """A clock that only moves when something sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class FakeSend:
+    """Answers from a script: an exception to raise, or a request id to return."""
+
+    def __init__(self, time: FakeTime, script: list[Any], latency: float = 0.1) -> None:
+        self.time = time
+        self.script = list(script)
+        self.latency = latency
+        self.sent: list[tuple[float, list[str]]] = []
+
+    def __call__(self, body: bytes) -> str:
+        self.sent.append((self.time.now, json.loads(body)["users"]))
+        self.time.now += self.latency
+        outcome = self.script.pop(0) if self.script else "rid"
+        if isinstance(outcome, Exception):
+            raise outcome
+        return str(outcome)
+
+
+def run(ids: list[str], script: list[Any], *, size: int = 2, interval: float = 2.0,
+        attempts: int = 5) -> tuple[Summary, FakeSend, FakeTime, list[str]]:
+    time = FakeTime()
+    send = FakeSend(time, script)
+    lines: list[str] = []
+    summary = delete_users(ids, send, batch_size=size,
+                           pacer=Pacer(interval, clock=time.clock, sleep=time.sleep),
+                           attempts=attempts, backoff_s=1.0, backoff_max_s=8.0,
+                           log=lines.append)
+    return summary, send, time, lines
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+
+def test_read_user_ids_strips_skips_blanks_dedupes_and_drops_a_bom() -> None:
+    lines = ["\ufeffu1\n", "  u2  \r\n", "\n", "   \n", "u1\n", "u3"]
+    assert read_user_ids(lines) == ["u1", "u2", "u3"]
+
+
+def test_batches_keep_order_and_size() -> None:
+    assert batches(["a", "b", "c", "d", "e"], 2) == [["a", "b"], ["c", "d"], ["e"]]
+    assert batches([], 3) == []
+    with pytest.raises(ValueError):
+        batches(["a"], 0)
+
+
+@given(st.lists(st.text(min_size=1, max_size=4), max_size=50), st.integers(1, 12))
+def test_batches_partition_the_ids(ids: list[str], size: int) -> None:
+    groups = batches(ids, size)
+    assert [u for g in groups for u in g] == ids
+    assert all(1 <= len(g) <= size for g in groups)
+    assert len(groups) == -(-len(ids) // size)
+
+
+def test_delete_body_is_the_documented_shape() -> None:
+    assert delete_body(["a", "é"]) == '{"users":["a","é"]}'.encode()
+
+
+def test_default_batch_size() -> None:
+    assert DEFAULT_BATCH_SIZE == 1_000
+
+
+def test_pacer_waits_the_interval_from_the_last_answer() -> None:
+    time = FakeTime()
+    pacer = Pacer(2.0, clock=time.clock, sleep=time.sleep)
+    pacer.wait()
+    assert time.sleeps == []  # the first request goes at once
+    time.now = 10.0
+    pacer.answered()
+    time.now = 10.5
+    pacer.wait()
+    assert time.sleeps == [1.5] and time.now == 12.0
+    time.now = 20.0
+    pacer.wait()
+    assert time.sleeps == [1.5]  # already long enough ago
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def test_batches_are_sent_in_order_at_least_the_interval_apart() -> None:
+    summary, send, _, lines = run(["a", "b", "c", "d", "e"], [])
+    assert [users for _, users in send.sent] == [["a", "b"], ["c", "d"], ["e"]]
+    starts = [t for t, _ in send.sent]
+    # each request starts ≥ 2 s after the previous answer (start + 0.1 s latency)
+    assert all(b - a >= 2.0 + 0.1 - 1e-9 for a, b in itertools.pairwise(starts))
+    assert summary == Summary(requested=5, batches_sent=3, deleted=5, failed=0)
+    assert summary.ok
+    assert summary.line() == "users requested 5, batches sent 3, deleted 5, failed 0"
+    assert lines[0] == "batch 1/3 (2 users): scheduled for deletion (x-request-id rid)"
+
+
+def test_429_and_5xx_are_retried_with_backoff_and_still_paced() -> None:
+    script = [RateLimited("HTTP 429", status=429), ServerError("HTTP 503", status=503), "ok"]
+    summary, send, time, _ = run(["a"], script)
+    assert len(send.sent) == 3 and summary.deleted == 1 and summary.ok
+    starts = [t for t, _ in send.sent]
+    assert all(b - a >= 2.1 - 1e-9 for a, b in itertools.pairwise(starts))
+    assert time.sleeps[0] >= 1.0  # backoff slept, then the pacer tops up to the interval
+
+
+def test_retry_after_is_honoured_when_longer_than_backoff() -> None:
+    summary, send, _, _ = run(["a"], [RateLimited("HTTP 429", status=429, retry_after=7.0)])
+    starts = [t for t, _ in send.sent]
+    assert starts[1] - starts[0] >= 7.0 + 0.1 - 1e-9 and summary.ok
+
+
+def test_a_rejected_batch_fails_and_the_rest_go_on() -> None:
+    summary, send, _, lines = run(["a", "b", "c"], [Rejected("HTTP 400: bad", status=400)])
+    assert [users for _, users in send.sent] == [["a", "b"], ["c"]]
+    assert (summary.deleted, summary.failed, summary.batches_sent) == (1, 2, 2)
+    assert not summary.ok
+    assert "failed after 1 attempt(s): HTTP 400: bad" in lines[0]
+
+
+def test_retries_are_bounded() -> None:
+    script = [ServerError("HTTP 500", status=500)] * 10
+    summary, send, _, _ = run(["a"], script, attempts=3)
+    assert len(send.sent) == 3 and summary.failed == 1
+
+
+def test_a_refused_token_stops_the_run() -> None:
+    script = [Misconfigured("HTTP 401: token refused", status=401)]
+    summary, send, _, lines = run(["a", "b", "c", "d", "e"], script)
+    assert len(send.sent) == 1
+    assert (summary.deleted, summary.failed, summary.batches_sent) == (0, 5, 1)
+    assert summary.aborted and not summary.ok
+    assert "stopping" in lines[0]
+
+
+# ---------------------------------------------------------------------------- HTTP edge
+
+
+def test_delete_client_sends_delete_with_headers_and_classifies() -> None:
+    seen: list[httpx.Request] = []
+    answers = iter([httpx.Response(202, headers={"x-request-id": "r1"}),
+                    httpx.Response(429, text='{"errors":[]}'),
+                    httpx.Response(401, text="no")])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return next(answers)
+
+    client = DeleteClient("https://h.test/v1/users",
+                          {"Authorization": f"Token {TOKEN}", "X-API-Version": "2020-09-22",
+                           "Content-Type": "application/json"},
+                          timeout_s=5, transport=httpx.MockTransport(handler))
+    assert client.delete(b'{"users":["a"]}') == "r1"
+    assert seen[0].method == "DELETE" and seen[0].url.path == "/v1/users"
+    assert seen[0].content == b'{"users":["a"]}'
+    assert seen[0].headers["authorization"] == f"Token {TOKEN}"
+    with pytest.raises(RateLimited):
+        client.delete(b'{"users":["a"]}')
+    with pytest.raises(Misconfigured) as refused:
+        client.delete(b'{"users":["a"]}')
+    assert TOKEN not in str(refused.value)
+    client.close()
+
+
+def test_delete_client_maps_transport_failures() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    client = DeleteClient("https://h.test/v1/users", {}, timeout_s=5,
+                          transport=httpx.MockTransport(handler))
+    with pytest.raises(Exception) as failed:
+        client.delete(b"{}")
+    assert type(failed.value).__name__ == "ConnectionFailed"
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["delete-users", *argv])
+
+
+@pytest.fixture
+def streams() -> Iterator[tuple[io.StringIO, io.StringIO]]:
+    yield io.StringIO(), io.StringIO()
+
+
+def test_dry_run_reads_stdin_batches_and_sends_nothing(
+    streams: tuple[io.StringIO, io.StringIO]
+) -> None:
+    out, err = streams
+    code = main(args("--dry-run", "--batch-size", "2"), env={},
+                stdin=io.StringIO("a\nb\nc\n"), out=out, err=err)
+    assert code == 0
+    assert out.getvalue() == ("delete-users: users requested 3, batches sent 0, deleted 0, "
+                              "failed 0 (dry run: nothing sent)\n")
+    assert err.getvalue().count("would delete") == 2
+
+
+def test_file_dash_means_stdin(streams: tuple[io.StringIO, io.StringIO]) -> None:
+    out, err = streams
+    main(args("--file", "-", "--dry-run"), env={}, stdin=io.StringIO("x\n"), out=out, err=err)
+    assert "users requested 1," in out.getvalue()
+
+
+def test_reads_a_file(tmp_path: Any, streams: tuple[io.StringIO, io.StringIO]) -> None:
+    path = tmp_path / "ids.txt"
+    path.write_text("u1\nu2\n", encoding="utf-8")
+    out, err = streams
+    main(args("--file", str(path), "--dry-run"), env={}, out=out, err=err)
+    assert "users requested 2," in out.getvalue()
+
+
+@pytest.mark.parametrize("argv", [("--batch-size", "0"), ("--batch-size", "10001"),
+                                  ("--interval", "-1"), ("--interval", "nan"),
+                                  ("--file", "/nonexistent/ids.txt")])
+def test_bad_input_is_a_config_error(argv: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError):
+        main(args(*argv, "--dry-run"), env={}, stdin=io.StringIO("a\n"),
+             out=io.StringIO(), err=io.StringIO())
+
+
+def test_missing_token_is_refused_before_sending() -> None:
+    with pytest.raises(ConfigError, match="USERPILOT_API_KEY"):
+        main(args(), env={"USERPILOT_ANALYTICS_ENDPOINT": "h.test"},
+             stdin=io.StringIO("a\n"), out=io.StringIO(), err=io.StringIO())
+
+
+def test_subcommand_is_registered_with_its_options() -> None:
+    parsed = args("--file", "ids.txt", "--batch-size", "10", "--interval", "0.5", "--dry-run")
+    assert (parsed.file, parsed.batch_size, parsed.interval, parsed.dry_run) == (
+        "ids.txt", 10, 0.5, True)
+    assert parsed.func.__name__ == "cmd_delete_users"
+
+
+def test_env_settings_are_the_workers() -> None:
+    """Token, host and scheme come from the worker's configuration; Kafka is not needed."""
+    from consumer import gdpr
+
+    client, settings = gdpr._client_from_env({**ENV, "USERPILOT_INSECURE_HTTP": "true"})
+    try:
+        assert client.url == "http://sandbox.test/v1/users"
+        assert settings.retry_backoff_s == 0.5
+    finally:
+        client.close()
