@@ -196,8 +196,10 @@ def test_mapping_set_refuses_duplicate_normalised_names() -> None:
             {"plan_tier": "pro", "plan_limits_seats": 5},
         ),
         ({"plan": {}}, {}),
-        ({"plan": {"tags": ["a"], "x": {"y": [1]}}}, {}),
-        ({"tags": ["a", "b"], "ids": [1], "objs": [{"a": 1}]}, {}),
+        ({"plan": {"tags": ["a"], "x": {"y": [1]}}}, {"plan_tags": "a", "plan_x_y": "1"}),
+        ({"tags": ["a", "b"], "ids": [1], "objs": [{"a": 1}]}, {"tags": "a,b", "ids": "1"}),
+        ({"mixed": ["a", 1, 2.5, True, None], "empty": [], "nested": [[1]]},
+         {"mixed": "a,1,2.5,true", "empty": ""}),
         ({"m": {"n": None}}, {"m_n": None}),
         ({"odd": {1: "one"}}, {"odd_1": "one"}),
         ({"s": {1, 2}, "t": (1, 2), "b": b"x"}, {}),
@@ -226,9 +228,9 @@ def test_collision_between_nested_keys_first_wins() -> None:
     assert metadata(props) == {"a_b_c": 1}
 
 
-def test_top_level_non_primitive_does_not_block_nested() -> None:
+def test_top_level_array_is_joined_and_nan_does_not_block_nested() -> None:
     props = {"plan_tier": [1, 2], "plan": {"tier": "pro"}, "x_y": math.nan, "x": {"y": 3}}
-    assert metadata(props) == {"plan_tier": "pro", "x_y": 3}
+    assert metadata(props) == {"plan_tier": "1,2", "x_y": 3}
 
 
 def test_deep_nesting_is_bounded() -> None:
@@ -483,7 +485,7 @@ def test_fields_pick_list_index_and_drop_arrays() -> None:
                     "neg": "properties.products.-1.id"}},
         name="Order Completed",
     )
-    assert build_track_payload(event, rule)["metadata"] == {"second": "b"}
+    assert build_track_payload(event, rule)["metadata"] == {"second": "b", "tags": "x"}
 
 
 def test_custom_file_semantics() -> None:
