@@ -62,13 +62,26 @@ def cmd_check_config(_args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from consumer.explain import explain_lines
+    """Exit 0 when every line is valid, 1 when any line (or the file) is not."""
+    from consumer.explain import explain_lines, is_valid
 
     settings = _settings(offline=True)
-    with _open(args.file) as stream:
-        for doc in explain_lines(stream, settings):
-            print(json.dumps(doc, ensure_ascii=False))
-    return 0
+    path = args.file
+    try:
+        stream = sys.stdin.buffer if path in (None, "-") else open(path, "rb")  # noqa: SIM115
+    except OSError as exc:
+        print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    valid = True
+    try:
+        with stream:
+            for doc in explain_lines(stream, settings):
+                valid = valid and is_valid(doc)
+                print(json.dumps(doc, ensure_ascii=False), flush=False)
+    except OSError as exc:  # e.g. a directory: open works, read fails
+        print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    return 0 if valid else 1
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
