@@ -260,6 +260,10 @@ class Event(Mapping[str, Any]):
             ) from None
         except ValueError as exc:
             raise UndecodableEvent(f"{field} is not valid JSON text: {exc}") from None
+        if isinstance(value, str):
+            fixed, count = _SURROGATE.subn("\ufffd", value)
+            self.replaced += count
+            return fixed
         if not isinstance(value, dict | list):
             return value
         # Cheap pre-checks: only text that could hold a lone surrogate or deep nesting is
