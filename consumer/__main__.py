@@ -57,15 +57,18 @@ def cmd_run(_args: argparse.Namespace) -> int:
 def cmd_check_config(_args: argparse.Namespace) -> int:
     settings = _settings()
     print(json.dumps(settings.describe(), indent=2, ensure_ascii=False))
+    for note in settings.notes:
+        print(f"note: {note}", file=sys.stderr)
     print("configuration OK", file=sys.stderr)
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Exit 0 when every line is valid, 1 when any line (or the file) is not."""
+    from consumer.config import load_settings
     from consumer.explain import explain_lines, is_valid
 
-    settings = _settings(offline=True)
+    settings = load_settings(os.environ, offline=True, check_clients=False)
     path = args.file
     try:
         stream = sys.stdin.buffer if path in (None, "-") else open(path, "rb")  # noqa: SIM115

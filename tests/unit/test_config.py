@@ -347,7 +347,7 @@ def test_kafka_pass_through_mapping() -> None:
         "isolation.level": "read_committed",
         "session.timeout.ms": "45000",
     }
-    assert s.kafka_config() == {
+    assert s.kafka_config(logger=False) == {
         "bootstrap.servers": "kafka:9092",
         "security.protocol": "SASL_SSL",
         "sasl.mechanism": "SCRAM-SHA-512",
@@ -373,7 +373,7 @@ def test_every_secret_kafka_key_is_wrapped(key: str) -> None:
 def test_reserved_kafka_names_are_not_passed_through() -> None:
     s = load(KAFKA_GROUP_ID="g", KAFKA_DLQ_TOPIC="d")
     assert s.kafka_extra == {}
-    assert set(s.kafka_config()) == {"bootstrap.servers"}
+    assert set(s.kafka_config(logger=False)) == {"bootstrap.servers"}
 
 
 @pytest.mark.parametrize(("name", "key"), [
@@ -510,7 +510,7 @@ def test_describe_shape() -> None:
     assert d["userpilot"]["rate_limit"] == "600 per 60 s (burst 1)"
     assert d["userpilot"]["retry"] == {"max_attempts": 12, "budget_seconds": 900.0,
                                        "backoff_seconds": 1.0, "backoff_max_seconds": 60.0}
-    assert d["consent"] == {"categories": ["analytics"], "missing": "deny"}
+    assert d["consent"] == {"categories": ["analytics"], "missing": "deny", "gating": "on"}
     assert d["mappings"]["file"] is None
     assert d["mappings"]["events"]["preset"] == "default"
     assert d["kafka"]["topics"] == ["delivery-userpilot"]
