@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,54 @@ def test_explain_unreadable_file_is_one_line(path: str) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {path}:")
+
+
+# ------------------------------------------------------------- check-config refuses what run does
+
+RUN_ENV = {"USERPILOT_API_KEY": "wt-secret-123",
+           "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.io",
+           "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "KAFKA_TOPICS": "t",
+           "SCHEMA_REGISTRY_URL": "http://127.0.0.1:1", "WORKER_METRICS_PORT": "0"}
+
+REFUSED = [
+    ({"KAFKA_TOPIC": "t"}, "did you mean KAFKA_TOPICS?"),
+    ({"KAFKA_SESSION_TIMEOUT_MS": "soon"}, "session.timeout.ms"),
+    ({"KAFKA_ACKS": "1"}, "acks"),
+    ({"KAFKA_ENABLE_AUTO_COMMIT": "true"}, "manages itself"),
+    ({"USERPILOT_CONSENT_CATEGORIES": "none,analytics"}, "alone disables"),
+    ({"USERPILOT_CONSENT_CATEGORIES": "analytcs"}, "did you mean analytics?"),
+    ({"USERPILOT_API_TOKEN": "x"}, "did you mean USERPILOT_API_KEY?"),
+    ({"WORKER_MAX_INFLIGHT": "5"}, "did you mean WORKER_MAX_IN_FLIGHT?"),
+    ({"USERPILOT_API_KEY": "wt_é"}, "cannot be sent in an HTTP header"),
+    ({"USERPILOT_API_KEY_FILE": "/nonexistent"}, "keep one"),
+    ({"USERPILOT_MAX_METADATA_BYTES": "10"}, "out of range"),
+    ({"USERPILOT_MAPPINGS_FILE": "/nonexistent.json"}, "USERPILOT_MAPPINGS_FILE"),
+]
+
+
+@pytest.mark.parametrize(("over", "fragment"), REFUSED)
+def test_check_config_refuses_what_run_refuses(over: dict[str, str], fragment: str) -> None:
+    """Each setting that stops `run` at start-up stops `check-config` with the same line."""
+    checked = cli(["check-config"], {**RUN_ENV, **over})
+    ran = cli(["run"], {**RUN_ENV, **over})
+    assert checked.returncode == ran.returncode == 2, (checked.stderr, ran.stderr)
+    assert fragment in checked.stderr
+    assert checked.stderr.strip() == ran.stderr.strip()
+    assert "Traceback" not in checked.stderr + ran.stderr
+    assert "wt-secret-123" not in checked.stderr + ran.stderr
+
+
+def test_check_config_notes_ignored_kafka_tooling_variables() -> None:
+    result = cli(["check-config"], {**RUN_ENV, "KAFKA_OPTS": "-Xmx1g",
+                                    "KAFKA_HEAP_OPTS": "-Xms1g"})
+    assert result.returncode == 0, result.stderr
+    assert "note: KAFKA_OPTS ignored" in result.stderr
+    assert json.loads(result.stdout)["kafka"]["extra"] == {}
+
+
+def test_mappings_preset_is_case_insensitive(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    path.write_text('{"preset": "Default", "events": {"Order Completed": "order_completed"}}')
+    result = cli(["check-config"], {**RUN_ENV, "USERPILOT_MAPPINGS_FILE": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["mappings"]["events"]["preset"] == "default"
