@@ -16,14 +16,18 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from consumer.errors import ConfigError, WorkerError
+
+if TYPE_CHECKING:
+    from consumer.config import Settings
 
 __all__ = ["main"]
 
 
-def _settings(offline: bool = False):  # type: ignore[no-untyped-def]
+def _settings(offline: bool = False) -> Settings:
     from consumer.config import load_settings
 
     return load_settings(os.environ, offline=offline)
@@ -54,13 +58,37 @@ def cmd_run(_args: argparse.Namespace) -> int:
         server.close()
 
 
-def cmd_check_config(_args: argparse.Namespace) -> int:
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """0 when valid (and, with --online, every service answered); 2 on a setting;
+    with --online 8 + 1 (Userpilot) + 2 (Kafka) + 4 (schema registry) for what failed."""
     settings = _settings()
     print(json.dumps(settings.describe(), indent=2, ensure_ascii=False))
     for note in settings.notes:
         print(f"note: {note}", file=sys.stderr)
     print("configuration OK", file=sys.stderr)
-    return 0
+    if not args.online:
+        return 0
+    from consumer import reach
+
+    timeout = args.timeout
+    checks: tuple[tuple[int, str, Callable[[], str | None]], ...] = (
+        (1, "userpilot", lambda: reach.userpilot(settings.track_url, settings.headers(),
+                                                 timeout)),
+        (2, "kafka", lambda: reach.kafka(settings.kafka_config(), timeout,
+                                         (*settings.topics, settings.dlq_topic))),
+        (4, "schema registry", lambda: reach.registry(
+            settings.registry_url,
+            settings.registry_auth.reveal() if settings.registry_auth else None, timeout)),
+    )
+    failed = 0
+    for bit, name, check in checks:
+        problem = check()
+        if problem is None:
+            print(f"online OK: {name}", file=sys.stderr)
+        else:
+            failed |= bit
+            print(f"online FAILED: {name}: {problem}", file=sys.stderr)
+    return 8 + failed if failed else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -140,8 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the worker").set_defaults(func=cmd_run)
-    sub.add_parser("check-config", help="validate and print the configuration").set_defaults(
-        func=cmd_check_config)
+    p = sub.add_parser(
+        "check-config", help="validate and print the configuration",
+        description="Validate the configuration exactly as `run` does at start-up and print "
+        "it, secrets redacted. Exit 0 when valid, 2 when a setting is wrong. With --online, "
+        "also resolve the Userpilot host and prove the token (an empty Track: Userpilot "
+        "answers 400 and records nothing), reach Kafka (topics included) and the schema "
+        "registry, each within --timeout seconds; exit 8 + 1 (Userpilot) + 2 (Kafka) + 4 "
+        "(registry) for the ones that failed, e.g. 10 = Kafka only.")
+    p.add_argument("--online", action="store_true",
+                   help="also check that Userpilot, Kafka and the registry answer")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds per online check (default 10)")
+    p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("explain", help="show what the worker would send for JSON events")
     p.add_argument("--file", help="JSON lines file (default: stdin)")
     p.set_defaults(func=cmd_explain)
