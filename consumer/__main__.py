@@ -116,16 +116,33 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
+    from consumer.config import load_settings
     from consumer.produce import produce_events
 
-    bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    registry = args.schema_registry_url or os.environ.get("SCHEMA_REGISTRY_URL")
+    bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    registry = args.schema_registry_url or os.environ.get("SCHEMA_REGISTRY_URL", "").strip()
     if not bootstrap or not registry:
         raise ConfigError("produce needs KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL "
                           "(or --bootstrap-servers and --schema-registry-url)")
-    with _open(args.file) as stream:
-        produce_events(stream, topic=args.topic, bootstrap=bootstrap, registry_url=registry,
-                       source=args.file or "<stdin>")
+    # The worker's own Kafka and registry settings (KAFKA_* pass-through, secret files,
+    # registry basic auth), validated as `run` validates them.
+    settings = load_settings({**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                              "SCHEMA_REGISTRY_URL": registry}, offline=True)
+    path = args.file
+    try:
+        if path in (None, "-"):
+            lines = sys.stdin.buffer.read().splitlines()
+        else:
+            with open(path, "rb") as stream:
+                lines = stream.read().splitlines()
+    except OSError as exc:
+        print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    conf = settings.kafka_config()
+    produce_events(lines, topic=args.topic, bootstrap=bootstrap, registry_url=registry,
+                   source=path or "<stdin>", extra_conf=conf, timeout=args.timeout,
+                   registry_auth=settings.registry_auth.reveal() if settings.registry_auth
+                   else None)
     return 0
 
 
@@ -184,8 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="show what the worker would send for JSON events")
     p.add_argument("--file", help="JSON lines file (default: stdin)")
     p.set_defaults(func=cmd_explain)
-    p = sub.add_parser("produce", help="produce canonical JSON events as Avro")
+    p = sub.add_parser(
+        "produce", help="produce canonical JSON events as Avro",
+        description="Validate every JSON event line, then produce them as Avro (Confluent "
+        "wire format) and wait for every acknowledgement. Uses the same KAFKA_* and "
+        "SCHEMA_REGISTRY_* settings as `run`. With Kafka or the registry unreachable it "
+        "fails with one line within --timeout seconds (default 10) and sends nothing.")
     p.add_argument("--topic", required=True)
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for Kafka and the registry to answer (default 10)")
     p.add_argument("--file", help="JSON lines file (default: stdin)")
     p.add_argument("--bootstrap-servers", help="default: $KAFKA_BOOTSTRAP_SERVERS")
     p.add_argument("--schema-registry-url", help="default: $SCHEMA_REGISTRY_URL")
