@@ -642,11 +642,15 @@ class _Loader:
             PRESETS.get(preset_name.strip().lower()) if isinstance(preset_name, str) else None
         )
         if preset is None:
+            close = difflib.get_close_matches(str(preset_name).strip().lower(), PRESETS, n=1)
+            hint = f" (did you mean {_q(close[0])}?)" if close else ""
             self.fail(
                 "preset",
-                f"must be {' or '.join(_q(p) for p in PRESETS)}, got {_q(preset_name)}",
+                f"must be {' or '.join(_q(p) for p in PRESETS)}, got {_q(preset_name)}{hint}",
             )
-            preset = PRESETS["none"]
+            # Check the events against the largest table, so an entry that is right for
+            # the intended preset adds no follow-on error (one message, not a cascade).
+            preset = DEFAULT_PRESET
 
         events = doc.get("events", {})
         if not isinstance(events, dict):

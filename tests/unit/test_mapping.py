@@ -728,3 +728,64 @@ def test_random_inputs_always_give_primitive_metadata() -> None:
                 assert isinstance(key, str)
                 assert _is_wire_primitive(value), (key, value)
             json.dumps(payload, allow_nan=False)
+
+
+# ------------------------------------------------------------------ omitted, limits, preset
+
+
+def test_left_out_fields_are_reported() -> None:
+    from consumer.mapping import build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    built = build_payload(track("Feature Used", {
+        "objs": [{"a": 1}], "deep": {"x": [[1]]}, "nan": math.nan, "ok": "yes"}), rule)
+    assert built.body["metadata"] == {"ok": "yes"}
+    assert built.omitted == ("objs", "deep_x", "nan")
+    assert built.truncated == ()
+
+
+def test_metadata_over_the_size_limit_loses_its_largest_fields() -> None:
+    from consumer.mapping import TRUNCATED_KEY, build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    props = {"small": "s", "big": "b" * 3000, "medium": "m" * 600, "n": 5}
+    built = build_payload(track("Feature Used", props), rule, max_bytes=1024, max_keys=100)
+    assert built.body["metadata"] == {"small": "s", "medium": "m" * 600, "n": 5,
+                                      TRUNCATED_KEY: 1}
+    assert built.truncated == ("big",)
+    size = len(json.dumps(built.body["metadata"]).encode())
+    assert size <= 1024
+
+
+def test_metadata_over_the_key_limit_is_cut_to_it() -> None:
+    from consumer.mapping import TRUNCATED_KEY, build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    props = {f"k{i:02d}": "v" * i for i in range(20)}
+    built = build_payload(track("Feature Used", props), rule, max_bytes=65536, max_keys=10)
+    meta = built.body["metadata"]
+    assert len(meta) == 10 and meta[TRUNCATED_KEY] == 11
+    assert set(built.truncated) == {f"k{i:02d}" for i in range(9, 20)}  # the largest went
+
+
+def test_a_payload_within_the_limits_is_untouched() -> None:
+    from consumer.mapping import build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    props = {"a" * 100: "é" * 1000}
+    assert build_payload(track("Feature Used", props), rule).body["metadata"] == props
+
+
+@pytest.mark.parametrize("preset", ["Default", "DEFAULT", " default ", "None"])
+def test_preset_name_is_case_insensitive(preset: str) -> None:
+    assert load_mappings({"preset": preset}).preset == preset.strip().lower()
+
+
+def test_unknown_preset_is_one_message() -> None:
+    with pytest.raises(MappingsError) as info:
+        load_mappings({"preset": "Defualt", "events": {"Lead Generated": False}})
+    assert len(info.value.problems) == 1
