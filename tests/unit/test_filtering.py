@@ -218,16 +218,18 @@ def test_drops_of_decoded_events_parse_no_json_text() -> None:
     properties, traits and consent: it was never parsed."""
     from consumer import codec
 
-    cases = [({"userId": None}, "anonymous"), ({"event": "Nope"}, "unmapped"),
-             ({"type": "identify"}, "unsupported_type")]
-    for over, reason in cases:
-        record = codec.to_record({"type": "track", "event": "Feature Used", "userId": "u",
-                                  "context": {"consent": {}}} | over)
+    cases: list[tuple[dict[str, Any], Drop]] = [
+        ({"userId": None}, Drop("anonymous")), ({"event": "Nope"}, Drop("unmapped")),
+        ({"type": "identify"}, Drop("unsupported_type"))]
+    for over, expected in cases:
+        base: dict[str, Any] = {"type": "track", "event": "Feature Used", "userId": "u",
+                                "context": {"consent": {}}}
+        record = codec.to_record(base | over)
         record["properties"] = record["traits"] = "{broken"
         assert record["context"] is not None
         record["context"]["consent"] = "{broken"
         decoded = codec.decode(codec.encode(1, record), lambda _i: codec.SCHEMA)
-        assert drop(decoded) == Drop(reason)
+        assert drop(decoded) == expected
 
 
 def test_custom_mappings_decide_unmapped() -> None:
