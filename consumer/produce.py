@@ -91,10 +91,9 @@ def produce_events(
 
     parsed = parse_lines(lines, source)
     conf = {**(extra_conf or {}), "bootstrap.servers": bootstrap}
-    for problem in (reach.kafka(conf, timeout), reach.registry(registry_url, registry_auth,
-                                                               timeout)):
-        if problem is not None:
-            raise ProduceError(f"nothing was sent: {problem}")
+    for problem in reach.services(conf, timeout, registry_url=registry_url,
+                                  registry_auth=registry_auth):
+        raise ProduceError(f"nothing was sent: {problem}")
     schema_id = Registry(registry_url, registry_auth).register(topic)
     producer = make_producer(conf)
     failures: list[str] = []

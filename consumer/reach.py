@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 from confluent_kafka import KafkaException, Producer
 
-__all__ = ["kafka", "registry", "resolve", "userpilot"]
+__all__ = ["kafka", "registry", "resolve", "services", "userpilot"]
 
 _SILENT = logging.getLogger("consumer.reach.librdkafka")
 _SILENT.addHandler(logging.NullHandler())
@@ -112,3 +112,17 @@ def registry(url: str, user_info: str | None, timeout: float) -> str | None:
         return (f"schema registry at {shown} answered {response.status_code} to GET "
                 "/subjects: check SCHEMA_REGISTRY_URL (include the API path)")
     return None
+
+
+def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[str] = (),
+             registry_url: str | None = None,
+             registry_auth: str | None = None) -> list[str]:
+    """Start-up check of a command: Kafka (and topics), then the registry if given.
+
+    Empty when everything answered within ``timeout`` seconds each; otherwise one line per
+    unreachable service. ``produce`` uses it; ``replay`` and ``demo`` should too.
+    """
+    problems = [kafka(kafka_conf, timeout, topics)]
+    if registry_url is not None:
+        problems.append(registry(registry_url, registry_auth, timeout))
+    return [p for p in problems if p is not None]
