@@ -104,11 +104,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
         return 1
     valid = True
+    out = sys.stdout.buffer
     try:
         with stream:
             for doc in explain_lines(stream, settings):
                 valid = valid and is_valid(doc)
-                print(json.dumps(doc, ensure_ascii=False), flush=False)
+                text = json.dumps(doc, ensure_ascii=False)
+                try:
+                    line = text.encode("utf-8")
+                except UnicodeEncodeError:  # a lone surrogate in a refused key: escape it
+                    line = json.dumps(doc).encode("ascii")
+                out.write(line + b"\n")
+            out.flush()
+    except BrokenPipeError:  # `explain ... | head`: the reader has seen enough
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0 if valid else 1
     except OSError as exc:  # e.g. a directory: open works, read fails
         print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
         return 1

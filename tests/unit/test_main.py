@@ -117,6 +117,7 @@ def test_explain_the_lone_surrogate_from_the_issue_is_delivered_replaced() -> No
      "nested deeper"),
     (b'{"type":"track","bogus":1}\n', "bogus"),
     (b"\x00\x01\n", "not JSON"),
+    (b'{"type":"track","\\ud800":1}\n', "unknown field"),
 ])
 def test_explain_bad_lines_are_one_line_each_and_later_lines_still_explained(
     data: bytes, fragment: str,
@@ -198,3 +199,21 @@ def test_mappings_preset_is_case_insensitive(tmp_path: Path) -> None:
     result = cli(["check-config"], {**RUN_ENV, "USERPILOT_MAPPINGS_FILE": str(path)})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["mappings"]["events"]["preset"] == "default"
+
+
+def test_explain_never_prints_a_traceback_on_random_input() -> None:
+    import random
+
+    rng = random.Random(10)
+    pieces = [b"{", b"}", b"[", b"]", b'"', b"\\u", b"d800", b":", b",", b"null", b"1e999",
+              b'"type"', b'"track"', b'"userId"', b'"properties"', b"\xff", b"\xef\xbb\xbf",
+              b"NaN", b"-", b"0", b"\t", b"\x00"]
+    lines = [b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 40)))
+             for _ in range(400)]
+    lines += [b'{"type":"track","event":"Feature Used","userId":"u","properties":'
+              + b"".join(rng.choice(pieces) for _ in range(30)) + b"}" for _ in range(100)]
+    result = cli(["explain"], {}, b"\n".join(lines) + b"\n")
+    assert result.returncode in (0, 1)
+    assert result.stderr == ""
+    numbers = [json.loads(x)["line"] for x in result.stdout.splitlines()]
+    assert numbers == sorted(numbers) and len(numbers) > 400
