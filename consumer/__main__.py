@@ -62,7 +62,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """0 when valid (and, with --online, every service answered); 2 on a setting;
     with --online 8 + 1 (Userpilot) + 2 (Kafka) + 4 (schema registry) for what failed."""
     settings = _settings()
-    print(json.dumps(settings.describe(), indent=2, ensure_ascii=False))
+    text = json.dumps(settings.describe(), indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a variable holding bytes that are not UTF-8
+        text = json.dumps(settings.describe(), indent=2)
+    print(text)
     for note in settings.notes:
         print(f"note: {note}", file=sys.stderr)
     print("configuration OK", file=sys.stderr)

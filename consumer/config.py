@@ -441,6 +441,11 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
             )
             continue
         value = reader.env[name]
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            reader.problems.append(f"{name} holds bytes that are not UTF-8 text: re-enter it")
+            continue
         if check_clients:
             from consumer.librdkafka import property_problem
 

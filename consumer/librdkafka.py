@@ -34,8 +34,8 @@ def _consumer(conf: Mapping[str, Any]) -> str | None:
         consumer = Consumer({"group.id": "check-config", **conf, "logger": _SILENT})
     except KafkaException as exc:
         return _reason(exc)
-    except (TypeError, ValueError) as exc:
-        return str(exc)
+    except Exception as exc:  # confluent-kafka raises SystemError/TypeError on odd values
+        return f"{type(exc).__name__}: {exc}"
     consumer.close()
     return None
 
@@ -48,8 +48,8 @@ def _producer(conf: Mapping[str, Any]) -> str | None:
         producer = Producer(settings)
     except KafkaException as exc:
         return _reason(exc)
-    except (TypeError, ValueError) as exc:
-        return str(exc)
+    except Exception as exc:  # confluent-kafka raises SystemError/TypeError on odd values
+        return f"{type(exc).__name__}: {exc}"
     producer.flush(0)
     return None
 
