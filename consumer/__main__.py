@@ -17,14 +17,18 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from consumer.errors import ConfigError, WorkerError
+
+if TYPE_CHECKING:
+    from consumer.config import Settings
 
 __all__ = ["main"]
 
 
-def _settings(offline: bool = False):  # type: ignore[no-untyped-def]
+def _settings(offline: bool = False) -> Settings:
     from consumer.config import load_settings
 
     return load_settings(os.environ, offline=offline)
@@ -55,34 +59,107 @@ def cmd_run(_args: argparse.Namespace) -> int:
         server.close()
 
 
-def cmd_check_config(_args: argparse.Namespace) -> int:
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """0 when valid (and, with --online, every service answered); 2 on a setting;
+    with --online 8 + 1 (Userpilot) + 2 (Kafka) + 4 (schema registry) for what failed."""
     settings = _settings()
-    print(json.dumps(settings.describe(), indent=2, ensure_ascii=False))
+    text = json.dumps(settings.describe(), indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a variable holding bytes that are not UTF-8
+        text = json.dumps(settings.describe(), indent=2)
+    print(text)
+    for note in settings.notes:
+        print(f"note: {note}", file=sys.stderr)
     print("configuration OK", file=sys.stderr)
-    return 0
+    if not args.online:
+        return 0
+    from consumer import reach
+
+    timeout = args.timeout
+    checks: tuple[tuple[int, str, Callable[[], str | None]], ...] = (
+        (1, "userpilot", lambda: reach.userpilot(settings.track_url, settings.headers(),
+                                                 timeout)),
+        (2, "kafka", lambda: reach.kafka(settings.kafka_config(), timeout,
+                                         (*settings.topics, settings.dlq_topic))),
+        (4, "schema registry", lambda: reach.registry(
+            settings.registry_url,
+            settings.registry_auth.reveal() if settings.registry_auth else None, timeout)),
+    )
+    failed = 0
+    for bit, name, check in checks:
+        problem = check()
+        if problem is None:
+            print(f"online OK: {name}", file=sys.stderr)
+        else:
+            failed |= bit
+            print(f"online FAILED: {name}: {problem}", file=sys.stderr)
+    return 8 + failed if failed else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from consumer.explain import explain_lines
+    """Exit 0 when every line is valid, 1 when any line (or the file) is not."""
+    from consumer.config import load_settings
+    from consumer.explain import explain_lines, is_valid
 
-    settings = _settings(offline=True)
-    with _open(args.file) as stream:
-        for doc in explain_lines(stream, settings):
-            print(json.dumps(doc, ensure_ascii=False))
-    return 0
+    settings = load_settings(os.environ, offline=True, check_clients=False)
+    path = args.file
+    try:
+        stream = sys.stdin.buffer if path in (None, "-") else open(path, "rb")  # noqa: SIM115
+    except OSError as exc:
+        print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    valid = True
+    out = sys.stdout.buffer
+    try:
+        with stream:
+            for doc in explain_lines(stream, settings):
+                valid = valid and is_valid(doc)
+                text = json.dumps(doc, ensure_ascii=False)
+                try:
+                    line = text.encode("utf-8")
+                except UnicodeEncodeError:  # a lone surrogate in a refused key: escape it
+                    line = json.dumps(doc).encode("ascii")
+                out.write(line + b"\n")
+            out.flush()
+    except BrokenPipeError:  # `explain ... | head`: the reader has seen enough
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0 if valid else 1
+    except OSError as exc:  # e.g. a directory: open works, read fails
+        print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    return 0 if valid else 1
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
+    from consumer.config import load_settings
     from consumer.produce import produce_events
 
-    bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    registry = args.schema_registry_url or os.environ.get("SCHEMA_REGISTRY_URL")
+    bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    registry = args.schema_registry_url or os.environ.get("SCHEMA_REGISTRY_URL", "").strip()
     if not bootstrap or not registry:
         raise ConfigError("produce needs KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL "
                           "(or --bootstrap-servers and --schema-registry-url)")
-    with _open(args.file) as stream:
-        produce_events(stream, topic=args.topic, bootstrap=bootstrap, registry_url=registry,
-                       source=args.file or "<stdin>")
+    # The worker's own Kafka and registry settings (KAFKA_* pass-through, secret files,
+    # registry basic auth), validated as `run` validates them.
+    settings = load_settings({**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                              "SCHEMA_REGISTRY_URL": registry}, offline=True)
+    path = args.file
+    try:
+        if path in (None, "-"):
+            lines = sys.stdin.buffer.read().splitlines()
+        else:
+            with open(path, "rb") as stream:
+                lines = stream.read().splitlines()
+    except OSError as exc:
+        print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    conf = settings.kafka_config()
+    produce_events(lines, topic=args.topic, bootstrap=bootstrap, registry_url=registry,
+                   source=path or "<stdin>", extra_conf=conf, timeout=args.timeout,
+                   registry_auth=settings.registry_auth.reveal() if settings.registry_auth
+                   else None)
     return 0
 
 
@@ -131,13 +208,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the worker").set_defaults(func=cmd_run)
-    sub.add_parser("check-config", help="validate and print the configuration").set_defaults(
-        func=cmd_check_config)
+    p = sub.add_parser(
+        "check-config", help="validate and print the configuration",
+        description="Validate the configuration exactly as `run` does at start-up and print "
+        "it, secrets redacted. Exit 0 when valid, 2 when a setting is wrong. With --online, "
+        "also resolve the Userpilot host and prove the token (an empty Track: Userpilot "
+        "answers 400 and records nothing), reach Kafka (topics included) and the schema "
+        "registry, each within --timeout seconds; exit 8 + 1 (Userpilot) + 2 (Kafka) + 4 "
+        "(registry) for the ones that failed, e.g. 10 = Kafka only.")
+    p.add_argument("--online", action="store_true",
+                   help="also check that Userpilot, Kafka and the registry answer")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds per online check (default 10)")
+    p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("explain", help="show what the worker would send for JSON events")
     p.add_argument("--file", help="JSON lines file (default: stdin)")
     p.set_defaults(func=cmd_explain)
-    p = sub.add_parser("produce", help="produce canonical JSON events as Avro")
+    p = sub.add_parser(
+        "produce", help="produce canonical JSON events as Avro",
+        description="Validate every JSON event line, then produce them as Avro (Confluent "
+        "wire format) and wait for every acknowledgement. Uses the same KAFKA_* and "
+        "SCHEMA_REGISTRY_* settings as `run`. With Kafka or the registry unreachable it "
+        "fails with one line within --timeout seconds (default 10) and sends nothing.")
     p.add_argument("--topic", required=True)
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for Kafka and the registry to answer (default 10)")
     p.add_argument("--file", help="JSON lines file (default: stdin)")
     p.add_argument("--bootstrap-servers", help="default: $KAFKA_BOOTSTRAP_SERVERS")
     p.add_argument("--schema-registry-url", help="default: $SCHEMA_REGISTRY_URL")

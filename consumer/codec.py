@@ -6,14 +6,26 @@ without a registry and the Kafka edge decides how schemas are fetched and cached
 Free-form objects (properties, traits, consent, unknown context keys) travel as JSON text
 inside the Avro record. A typed recursive union cannot carry integers beyond 64 bits and
 costs more to decode (see README, "Schema"); JSON text round-trips every JSON value exactly.
+
+Decide before you parse: :func:`decode` returns an :class:`Event`, a read-only mapping whose
+JSON text fields are parsed on first access. Most events are dropped on envelope fields
+alone (no userId, unmapped name), so their ``properties``/``traits`` are never parsed, and
+the consent check parses ``context.consent`` only (:attr:`Event.consent`).
+
+Strings are made safe once, where JSON text is parsed: a lone UTF-16 surrogate (valid JSON
+``"\\ud83d"``, emitted when JavaScript cuts a string inside an emoji) becomes U+FFFD and is
+counted in :attr:`Event.replaced`, so no later encoder can fail on it. JSON text nested
+deeper than :data:`MAX_JSON_DEPTH`, or that is not JSON, raises :class:`UndecodableEvent`
+when it is first read (inside ``route``): the event is dead-lettered, never a crash.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
 from typing import Any, cast
 
@@ -23,8 +35,10 @@ from consumer.errors import InvalidEvent, UndecodableEvent
 
 __all__ = [
     "MAGIC_BYTE",
+    "MAX_JSON_DEPTH",
     "SCHEMA",
     "SCHEMA_TEXT",
+    "Event",
     "SchemaLookup",
     "decode",
     "encode",
@@ -56,8 +70,26 @@ _CONTEXT_STRINGS = ("locale", "ip", "userAgent", "timezone")
 _KNOWN_TOP = frozenset(("type", "context", *_ENVELOPE_STRINGS, *_JSON_FIELDS))
 
 
+MAX_JSON_DEPTH = 200
+"""JSON text nested deeper than this is undecodable (dead-lettered): parsing and walking it
+would otherwise exhaust Python's recursion limit and stop the partition. Real events nest a
+handful of levels; the mapping flattens at most ``mapping.MAX_DEPTH`` of them."""
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: keep them as escapes, as browsers send them
+        return json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    return text
+
+
+def _safe_string(text: str) -> str:
+    """Avro strings cannot hold lone surrogates: replace them (produce side)."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def to_record(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,7 +110,7 @@ def to_record(event: Mapping[str, Any]) -> dict[str, Any]:
         value = event.get(key)
         if value is not None and not isinstance(value, str):
             raise InvalidEvent(f"{key} must be a string or null, not {type(value).__name__}")
-        record[key] = value
+        record[key] = value if value is None else _safe_string(value)
     for key in _JSON_FIELDS:
         value = event.get(key)
         if value is not None and not isinstance(value, dict):
@@ -115,7 +147,7 @@ def _context_to_record(context: Any) -> dict[str, Any] | None:
         leftover: dict[str, Any] = {}
         for name, item in value.items():
             if name in fields and (item is None or isinstance(item, str)):
-                sub[name] = item
+                sub[name] = item if item is None else _safe_string(item)
             else:
                 leftover[name] = item
         # An empty object must come back as an empty object, not as null.
@@ -125,7 +157,7 @@ def _context_to_record(context: Any) -> dict[str, Any] | None:
     for key in _CONTEXT_STRINGS:
         value = context.get(key)
         if value is None or isinstance(value, str):
-            record[key] = value
+            record[key] = value if value is None else _safe_string(value)
         else:
             extra[key] = value
     consent = context.get("consent")
@@ -139,52 +171,172 @@ def _context_to_record(context: Any) -> dict[str, Any] | None:
 
 
 def from_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Avro record → canonical JSON event; null envelope fields are left out."""
-    event: dict[str, Any] = {"type": record["type"]}
-    for key in _ENVELOPE_STRINGS:
+    """Avro record → canonical JSON event (every field parsed); null fields are left out."""
+    return dict(Event(record))
+
+
+class Event(Mapping[str, Any]):
+    """A decoded Signal event: a read-only mapping that parses JSON text on first access.
+
+    Envelope strings (``type``, ``userId``, ``event``…) cost nothing to read; ``properties``,
+    ``traits`` and ``context`` are parsed (once) when first read; :attr:`consent` parses
+    ``context.consent`` alone. Parsing may raise :class:`UndecodableEvent`.
+    """
+
+    __slots__ = ("_consent", "_parsed", "_record", "replaced")
+
+    def __init__(self, record: Mapping[str, Any]) -> None:
+        self._record = record
+        self._parsed: dict[str, Any] = {}
+        self._consent: Any = _UNSET
+        self.replaced = 0
+        """Lone surrogates replaced by U+FFFD in the JSON text parsed so far."""
+
+    def _present(self) -> Iterator[str]:
+        record = self._record
+        yield "type"
+        for key in _ENVELOPE_STRINGS:
+            if record.get(key) is not None:
+                yield key
+        for key in _JSON_FIELDS:
+            if record.get(key) is not None:
+                yield key
+        if record.get("context") is not None:
+            yield "context"
+
+    def __iter__(self) -> Iterator[str]:
+        return self._present()
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._present())
+
+    def __contains__(self, key: object) -> bool:
+        if key == "type":
+            return True
+        if isinstance(key, str) and key in _KNOWN_TOP:
+            return self._record.get(key) is not None
+        return False
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Envelope strings straight from the record; JSON fields parsed once."""
+        if key in _ENVELOPE_STRINGS or key == "type":
+            value = self._record.get(key)
+            return default if value is None else value
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __getitem__(self, key: str) -> Any:
+        parsed = self._parsed
+        if key in parsed:
+            return parsed[key]
+        record = self._record
         value = record.get(key)
-        if value is not None:
-            event[key] = value
-    for key in _JSON_FIELDS:
-        text = record.get(key)
-        if text is not None:
-            event[key] = _decode_json(key, text)
-    context = record.get("context")
-    if context is not None:
-        event["context"] = _context_from_record(context)
-    return event
+        if value is None or key not in _KNOWN_TOP:
+            raise KeyError(key)
+        if key in _JSON_FIELDS:
+            value = self._json(key, value)
+        elif key == "context":
+            value = self._context(value)
+        parsed[key] = value
+        return value
+
+    @property
+    def consent(self) -> Any:
+        """``context.consent`` (None when absent), parsing nothing else."""
+        if self._consent is _UNSET:
+            context = self._record.get("context")
+            text = context.get("consent") if context is not None else None
+            self._consent = None if text is None else self._json("context.consent", text)
+        return self._consent
+
+    def _json(self, field: str, text: str) -> Any:
+        try:
+            value = json.loads(text)
+        except RecursionError:
+            raise UndecodableEvent(
+                f"{field} is JSON nested deeper than {MAX_JSON_DEPTH} levels"
+            ) from None
+        except ValueError as exc:
+            raise UndecodableEvent(f"{field} is not valid JSON text: {exc}") from None
+        if isinstance(value, str):
+            fixed, count = _SURROGATE.subn("\ufffd", value)
+            self.replaced += count
+            return fixed
+        if not isinstance(value, dict | list):
+            return value
+        # Cheap pre-checks: only text that could hold a lone surrogate or deep nesting is
+        # walked (the Avro string itself is valid UTF-8, so a surrogate needs an escape).
+        if ("\\ud" in text or "\\uD" in text) or (
+            text.count("[") + text.count("{") > MAX_JSON_DEPTH
+        ):
+            value, replaced = _clean(field, value)
+            self.replaced += replaced
+        return value
+
+    def _context(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        context: dict[str, Any] = {}
+        for key in _SUBRECORDS:
+            sub = record.get(key)
+            if sub is not None:
+                context[key] = {k: v for k, v in sub.items() if v is not None}
+        for key in _CONTEXT_STRINGS:
+            value = record.get(key)
+            if value is not None:
+                context[key] = value
+        consent = self.consent
+        if consent is not None:
+            context["consent"] = consent
+        extra_text = record.get("extra")
+        if extra_text is not None:
+            extra = self._json("context.extra", extra_text)
+            if isinstance(extra, dict):
+                for key, value in extra.items():
+                    if isinstance(value, dict) and isinstance(context.get(key), dict):
+                        context[key].update(value)
+                    else:
+                        context[key] = value
+        return context
 
 
-def _decode_json(field: str, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise UndecodableEvent(f"{field} is not valid JSON text: {exc}") from None
+_UNSET: Any = object()
 
 
-def _context_from_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    context: dict[str, Any] = {}
-    for key in _SUBRECORDS:
-        sub = record.get(key)
-        if sub is not None:
-            context[key] = {k: v for k, v in sub.items() if v is not None}
-    for key in _CONTEXT_STRINGS:
-        value = record.get(key)
-        if value is not None:
-            context[key] = value
-    consent = record.get("consent")
-    if consent is not None:
-        context["consent"] = _decode_json("context.consent", consent)
-    extra_text = record.get("extra")
-    if extra_text is not None:
-        extra = _decode_json("context.extra", extra_text)
-        if isinstance(extra, dict):
-            for key, value in extra.items():
-                if isinstance(value, dict) and isinstance(context.get(key), dict):
-                    context[key].update(value)
-                else:
-                    context[key] = value
-    return context
+def _clean(field: str, root: Any) -> tuple[Any, int]:
+    """Replace lone surrogates in keys and strings (iteratively); refuse deep nesting."""
+    replaced = 0
+
+    def fix(text: str) -> str:
+        nonlocal replaced
+        fixed, count = _SURROGATE.subn("\ufffd", text)
+        replaced += count
+        return fixed
+
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise UndecodableEvent(f"{field} is JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(node, dict):
+            for key in list(node):
+                value = node[key]
+                if isinstance(value, str):
+                    value = node[key] = fix(value)
+                elif isinstance(value, dict | list):
+                    stack.append((value, depth + 1))
+                if _SURROGATE.search(key):
+                    del node[key]
+                    node[fix(key)] = value
+        else:
+            for index, value in enumerate(node):
+                if isinstance(value, str):
+                    node[index] = fix(value)
+                elif isinstance(value, dict | list):
+                    stack.append((value, depth + 1))
+    if isinstance(root, str):
+        root = fix(root)
+    return root, replaced
 
 
 def encode(schema_id: int, record: Mapping[str, Any], schema: Mapping[str, Any] = SCHEMA) -> bytes:
@@ -207,8 +359,8 @@ def split_wire(data: bytes | None) -> tuple[int, memoryview]:
     return schema_id, memoryview(data)[_HEADER.size:]
 
 
-def decode(data: bytes | None, lookup: SchemaLookup) -> dict[str, Any]:
-    """Wire bytes → canonical JSON event, resolving the writer schema to ours."""
+def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
+    """Wire bytes → event (JSON text parsed lazily), resolving the writer schema to ours."""
     schema_id, body = split_wire(data)
     try:
         writer = lookup(schema_id)
@@ -227,4 +379,4 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> dict[str, Any]:
         )
     if not isinstance(record, dict):
         raise UndecodableEvent("Avro body did not decode to a record")
-    return from_record(record)
+    return Event(record)

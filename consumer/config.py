@@ -3,26 +3,46 @@
 Every mistake is collected (not just the first) and reported with what to enter instead,
 so one failed start tells an operator everything to fix. Secrets are held in `Secret`,
 whose repr is redacted, so they cannot leak through logs, exceptions or `check-config`.
+
+`run` and `check-config` share this one validation, so check-config refuses everything run
+refuses at start-up: unknown ``USERPILOT_*``/``WORKER_*``/``SCHEMA_REGISTRY_*`` variables
+(with a did-you-mean), consent categories outside Signal's closed set, tokens that cannot
+be sent in an HTTP header, and KAFKA_* pass-through settings that librdkafka itself refuses
+(checked offline by ``consumer.librdkafka``, which builds the clients without connecting).
+Secrets can come from files (``<NAME>_FILE``), as mounted Kubernetes secrets are.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, cast
 
 from consumer.errors import ConfigError
-from consumer.filtering import ConsentPolicy
-from consumer.mapping import DEFAULT_PRESET, MappingsError, MappingSet, load_mappings
+from consumer.filtering import CATEGORIES, ConsentPolicy
+from consumer.mapping import (
+    DEFAULT_MAX_METADATA_BYTES,
+    DEFAULT_MAX_METADATA_KEYS,
+    DEFAULT_PRESET,
+    MappingsError,
+    MappingSet,
+    load_mappings,
+)
 
 __all__ = [
+    "CONSENT_OFF",
     "ENV_VARS",
+    "FILE_SECRETS",
+    "KAFKA_TOOLING",
     "SECRET_KAFKA_KEYS",
     "Secret",
     "Settings",
     "is_known_env_var",
+    "kafka_key",
     "load_settings",
 ]
 
@@ -44,6 +64,8 @@ ENV_VARS: frozenset[str] = frozenset({
     "USERPILOT_RETRY_BACKOFF_SECONDS",
     "USERPILOT_RETRY_BACKOFF_MAX_SECONDS",
     "USERPILOT_MAX_CONNECTIONS",
+    "USERPILOT_MAX_METADATA_BYTES",
+    "USERPILOT_MAX_METADATA_KEYS",
     "KAFKA_BOOTSTRAP_SERVERS",
     "KAFKA_TOPICS",
     "KAFKA_GROUP_ID",
@@ -63,6 +85,19 @@ ENV_VARS: frozenset[str] = frozenset({
 })
 """Every variable the worker reads, besides the KAFKA_* pass-through to librdkafka."""
 
+FILE_SECRETS = ("USERPILOT_API_KEY", "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
+"""Secrets that may be given as ``<NAME>_FILE`` (a path); so may KAFKA_* secret settings."""
+
+KAFKA_TOOLING = frozenset({
+    "KAFKA_OPTS", "KAFKA_HEAP_OPTS", "KAFKA_JMX_OPTS", "KAFKA_JVM_PERFORMANCE_OPTS",
+    "KAFKA_LOG4J_OPTS", "KAFKA_GC_LOG_OPTS", "KAFKA_DEBUG", "KAFKA_HOME", "KAFKA_VERSION",
+    "KAFKA_JAVA_OPTS", "KAFKA_LOG4J_ROOT_LOGLEVEL", "KAFKA_TOOLS_LOG4J_LOGLEVEL",
+})
+"""Variables of Kafka's JVM tooling images: not client settings; ignored with a note."""
+
+CONSENT_OFF = ("none", "off")
+"""``USERPILOT_CONSENT_CATEGORIES=none`` (or ``off``) disables consent gating."""
+
 _KAFKA_RESERVED = frozenset({"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPICS", "KAFKA_GROUP_ID",
                              "KAFKA_DLQ_TOPIC"})
 _PASSTHROUGH = re.compile(r"^KAFKA_[A-Z0-9]+(?:_[A-Z0-9]+)*$")
@@ -81,7 +116,12 @@ _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
     r"(?::(\d{1,5}))?$"
 )
-_SERVICE_LINK = re.compile(r"^KAFKA_(PORT|SERVICE_HOST|SERVICE_PORT)(_.*)?$")
+_SERVICE_LINK = re.compile(
+    r"^(KAFKA|USERPILOT|WORKER|SCHEMA_REGISTRY)_(PORT|SERVICE_HOST|SERVICE_PORT)(_.*)?$"
+)
+_OWN_PREFIXES = ("USERPILOT_", "WORKER_", "SCHEMA_REGISTRY_")
+# librdkafka names that are not dots-for-underscores (KAFKA_LOG_LEVEL → log_level).
+_KAFKA_UNDERSCORED = {"log.level": "log_level"}
 _TOPIC = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$")  # Kafka refuses "." and ".."
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -89,7 +129,20 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 def is_known_env_var(name: str) -> bool:
     """True for a variable the worker reads, including valid KAFKA_* pass-through names."""
+    if name.endswith("_FILE") and name[:-5] in FILE_SECRETS:
+        return True
     return name in ENV_VARS or bool(_PASSTHROUGH.match(name))
+
+
+def kafka_key(name: str) -> str:
+    """The librdkafka property a KAFKA_* pass-through variable sets."""
+    key = name[len("KAFKA_"):].lower().replace("_", ".")
+    return _KAFKA_UNDERSCORED.get(key, key)
+
+
+def _did_you_mean(name: str, candidates: frozenset[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class Secret:
@@ -152,7 +205,8 @@ class Settings:
     dlq_window: int
     dlq_max_consecutive: int
     replay_max: int
-    extras: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    """Things ignored on purpose (e.g. Kafka tooling variables): print, do not refuse."""
 
     @property
     def track_url(self) -> str:
@@ -167,11 +221,19 @@ class Settings:
             "X-API-Version": API_VERSION,
         }
 
-    def kafka_config(self) -> dict[str, str]:
-        """librdkafka settings with secrets revealed, for the Kafka edge only."""
-        conf = {"bootstrap.servers": self.bootstrap_servers}
+    def kafka_config(self, *, logger: bool = True) -> dict[str, Any]:
+        """librdkafka settings with secrets revealed, for the Kafka edge only.
+
+        ``logger`` routes librdkafka's own log lines through Python logging (the worker's
+        format, repeated connection errors rate-limited: ``consumer.logs``).
+        """
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
         for key, value in self.kafka_extra.items():
             conf[key] = value.reveal() if isinstance(value, Secret) else value
+        if logger:
+            from consumer.logs import librdkafka_logger
+
+            conf["logger"] = librdkafka_logger()
         return conf
 
     def describe(self) -> dict[str, Any]:
@@ -191,8 +253,11 @@ class Settings:
                 "max_connections": self.max_connections,
             },
             "consent": {"categories": list(self.consent.categories),
-                        "missing": self.consent.missing},
-            "mappings": {"file": self.mappings_file, "events": self.mappings.describe()},
+                        "missing": self.consent.missing,
+                        "gating": "on" if self.consent.categories else "off"},
+            "mappings": {"file": self.mappings_file, "events": self.mappings.describe(),
+                         "max_metadata_bytes": self.mappings.max_metadata_bytes,
+                         "max_metadata_keys": self.mappings.max_metadata_keys},
             "kafka": {
                 "bootstrap_servers": self.bootstrap_servers,
                 "topics": list(self.topics),
@@ -223,6 +288,7 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
         self.problems: list[str] = []
+        self.notes: list[str] = []
 
     def text(self, name: str, default: str | None = None) -> str | None:
         raw = self.env.get(name)
@@ -340,23 +406,34 @@ def _check_api_key(reader: _Reader) -> Secret:
         reader.problems.append(
             "USERPILOT_API_KEY contains spaces or control characters: paste the token alone"
         )
+    elif not value.isascii():
+        reader.problems.append(
+            "USERPILOT_API_KEY contains non-ASCII characters, which cannot be sent in an HTTP "
+            "header (often a smart quote or a non-breaking space pasted with it): paste the "
+            "token alone"
+        )
     return Secret(value)
 
 
-def _kafka_extra(reader: _Reader) -> dict[str, str | Secret]:
+def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret]:
     extra: dict[str, str | Secret] = {}
     for name in sorted(reader.env):
         if not name.startswith("KAFKA_") or name in _KAFKA_RESERVED:
             continue
         if _SERVICE_LINK.match(name):
             continue  # Kubernetes service links for a Service named "kafka", not settings
+        if name in KAFKA_TOOLING:
+            reader.notes.append(
+                f"{name} ignored: a variable of Kafka's JVM tools, not a client setting"
+            )
+            continue
         if not _PASSTHROUGH.match(name):
             reader.problems.append(
                 f"{name} is not a valid pass-through name: use KAFKA_ plus the librdkafka "
                 "setting in upper case with dots as underscores, e.g. KAFKA_SASL_MECHANISM"
             )
             continue
-        key = name[len("KAFKA_"):].lower().replace("_", ".")
+        key = kafka_key(name)
         if key in _KAFKA_OWNED and key not in _KAFKA_OVERRIDABLE_OWNED:
             reader.problems.append(
                 f"{name} sets {key}, which the worker manages itself to keep at-least-once "
@@ -364,8 +441,95 @@ def _kafka_extra(reader: _Reader) -> dict[str, str | Secret]:
             )
             continue
         value = reader.env[name]
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            reader.problems.append(f"{name} holds bytes that are not UTF-8 text: re-enter it")
+            continue
+        if check_clients:
+            from consumer.librdkafka import property_problem
+
+            refused = property_problem(key, value)
+            if refused is not None:
+                hint = _did_you_mean(name, ENV_VARS)
+                reader.problems.append(
+                    f"{name} sets librdkafka setting {key!r}, which librdkafka refuses: "
+                    f"{refused}{hint}"
+                )
+                continue
         extra[key] = Secret(value) if key in SECRET_KAFKA_KEYS else value
     return extra
+
+
+def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[str, str]:
+    """Replace each ``<NAME>_FILE`` by ``<NAME>`` with the file's content (one line)."""
+    if not any(name.endswith("_FILE") for name in env):
+        return env
+    resolved = dict(env)
+    for name in sorted(env):
+        if not name.endswith("_FILE") or not env[name].strip():
+            continue
+        base = name[:-5]
+        is_kafka_secret = base.startswith("KAFKA_") and kafka_key(base) in SECRET_KAFKA_KEYS
+        if base not in FILE_SECRETS and not is_kafka_secret:
+            if base.startswith("KAFKA_"):
+                problems.append(
+                    f"{name}: only secrets can be read from a file "
+                    f"({', '.join(sorted(SECRET_KAFKA_KEYS))}); set {base} instead"
+                )
+                del resolved[name]
+            continue
+        del resolved[name]
+        if env.get(base, "").strip():
+            problems.append(f"both {base} and {name} are set: keep one")
+            continue
+        path = env[name].strip()
+        try:
+            content = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            problems.append(f"{name}={path!r} cannot be read ({reason}): check the mounted "
+                            "secret's path and permissions")
+            continue
+        value = content.removesuffix("\n").removesuffix("\r")
+        if not value.strip():
+            problems.append(f"{name}={path!r} is empty: the secret file must hold the value")
+            continue
+        resolved[base] = value
+    return resolved
+
+
+def _unknown_variables(reader: _Reader) -> None:
+    for name in sorted(reader.env):
+        if not name.startswith(_OWN_PREFIXES) or _SERVICE_LINK.match(name):
+            continue
+        if name in ENV_VARS:
+            continue
+        reader.problems.append(
+            f"{name} is not a setting of this worker{_did_you_mean(name, ENV_VARS)}: "
+            "fix the name or remove it (see README, Configuration)"
+        )
+
+
+def _consent_categories(reader: _Reader) -> tuple[str, ...]:
+    raw = reader.text("USERPILOT_CONSENT_CATEGORIES", "analytics") or ""
+    categories = tuple(dict.fromkeys(c.strip().lower() for c in raw.split(",") if c.strip()))
+    if len(categories) == 1 and categories[0] in CONSENT_OFF:
+        return ()
+    for cat in categories:
+        if cat in CONSENT_OFF:
+            reader.problems.append(
+                f"USERPILOT_CONSENT_CATEGORIES={raw!r} mixes {cat!r} with categories: "
+                f"{cat!r} alone disables consent gating"
+            )
+        elif cat not in CATEGORIES:
+            close = difflib.get_close_matches(cat, CATEGORIES, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            reader.problems.append(
+                f"USERPILOT_CONSENT_CATEGORIES has {cat!r}, not a Signal consent category"
+                f"{hint}: use {', '.join(CATEGORIES)}, or 'none' to disable consent gating"
+            )
+    return categories
 
 
 def _topics(reader: _Reader) -> tuple[str, ...]:
@@ -396,31 +560,31 @@ _OFFLINE_DEFAULTS = {
 }
 
 
-def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
+def load_settings(
+    env: Mapping[str, str], *, offline: bool = False, check_clients: bool = True,
+) -> Settings:
     """Build and validate Settings; ConfigError lists every problem found, one per line.
 
     `offline` (for `explain`) fills connection settings that are not set with
     placeholders: the event decisions depend only on consent and mappings.
+    `check_clients` has librdkafka validate the KAFKA_* pass-through (offline, no
+    connection); `explain`, which builds no Kafka client, turns it off.
     """
+    file_problems: list[str] = []
+    env = _read_secret_files(env, file_problems)
     if offline:
         env = {**_OFFLINE_DEFAULTS, **{k: v for k, v in env.items() if v.strip()}}
     r = _Reader(env)
+    r.problems.extend(file_problems)
+    _unknown_variables(r)
     api_key = _check_api_key(r)
     endpoint = _check_endpoint(r)
     insecure = r.boolean("USERPILOT_INSECURE_HTTP", False)
 
-    categories = tuple(
-        c.strip().lower() for c in (r.text("USERPILOT_CONSENT_CATEGORIES", "analytics") or "")
-        .split(",") if c.strip()
-    )
-    for cat in categories:
-        if not re.fullmatch(r"[a-z0-9_.-]{1,64}", cat):
-            r.problems.append(
-                f"USERPILOT_CONSENT_CATEGORIES has {cat!r}: use category names such as "
-                "analytics, functional, marketing, advertising, personalization"
-            )
+    categories = _consent_categories(r)
     missing = r.choice("USERPILOT_CONSENT_MISSING", "deny", ("deny", "allow"))
-    consent = ConsentPolicy(categories=categories, missing=missing)  # type: ignore[arg-type]
+    consent = ConsentPolicy(categories=categories,
+                            missing=cast(Literal["deny", "allow"], missing))
 
     mappings_file = r.text("USERPILOT_MAPPINGS_FILE")
     mappings = DEFAULT_PRESET
@@ -449,6 +613,11 @@ def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
             f"USERPILOT_RETRY_BACKOFF_SECONDS={backoff:g}: the cap must be at least the base"
         )
     max_connections = r.integer("USERPILOT_MAX_CONNECTIONS", 64, 1, 1000)
+    max_bytes = r.integer("USERPILOT_MAX_METADATA_BYTES", DEFAULT_MAX_METADATA_BYTES, 1024,
+                          16 * 1024 * 1024)
+    max_keys = r.integer("USERPILOT_MAX_METADATA_KEYS", DEFAULT_MAX_METADATA_KEYS, 1, 1_000_000)
+    if (max_bytes, max_keys) != (mappings.max_metadata_bytes, mappings.max_metadata_keys):
+        mappings = replace(mappings, max_metadata_bytes=max_bytes, max_metadata_keys=max_keys)
 
     bootstrap = r.required(
         "KAFKA_BOOTSTRAP_SERVERS", "enter host:port[,host:port], e.g. kafka:9092"
@@ -471,7 +640,7 @@ def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
             f"KAFKA_DLQ_TOPIC={dlq_topic!r} is also a source topic: dead letters would be "
             "consumed again; choose another topic"
         )
-    kafka_extra = _kafka_extra(r)
+    kafka_extra = _kafka_extra(r, check_clients)
 
     registry_url = r.required(
         "SCHEMA_REGISTRY_URL", "enter the registry's base URL, e.g. http://schema-registry:8081"
@@ -498,6 +667,14 @@ def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
     dlq_consecutive = r.integer("WORKER_DLQ_MAX_CONSECUTIVE", 50, 1, 1_000_000)
     replay_max = r.integer("WORKER_REPLAY_MAX", 3, 0, 1000)
 
+    if not r.problems and check_clients and kafka_extra:
+        from consumer.librdkafka import client_problem
+
+        conf = {k: v.reveal() if isinstance(v, Secret) else v for k, v in kafka_extra.items()}
+        refused = client_problem({**conf, "group.id": group_id})
+        if refused is not None:
+            r.problems.append(f"the KAFKA_* settings together are refused by librdkafka "
+                              f"({refused})")
     if r.problems:
         raise ConfigError(
             "invalid configuration:\n" + "\n".join(f"  - {p}" for p in r.problems)
@@ -514,7 +691,7 @@ def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
         registry_auth=Secret(auth_raw) if auth_raw else None,
         max_in_flight=max_in_flight, shutdown_grace_s=grace,
         commit_interval_s=commit_interval, metrics_port=metrics_port,
-        log_format=log_format,  # type: ignore[arg-type]
+        log_format=cast(Literal["text", "json"], log_format),
         log_level=log_level, dlq_max_ratio=dlq_ratio, dlq_window=dlq_window,
-        dlq_max_consecutive=dlq_consecutive, replay_max=replay_max,
+        dlq_max_consecutive=dlq_consecutive, replay_max=replay_max, notes=tuple(r.notes),
     )

@@ -1,54 +1,148 @@
 """`explain`: the Event Debugger. What would the worker do with these events?
 
-Each canonical JSON event goes through the same schema round-trip and `route` as in
-`run`, and one JSON line per event says deliver or drop, and shows the exact request
-(token redacted). Nothing is sent.
+Each canonical JSON event line goes through the same path as in `run` — Avro encode, wire
+decode, `route` — and one JSON line per event says what happens: ``decision`` is
+``deliver``, ``drop`` or ``dead_letter``; a delivered event shows the exact request (token
+redacted) and which fields were left out or cut. Nothing is sent.
+
+Built to be scripted: every output line carries the input line number and event name; a
+bad line (invalid UTF-8, a byte order mark, not JSON, not an event) is one ``dead_letter``
+line and the next lines are still explained; no input makes it raise. Envelope fields of
+common event formats that the worker does not use (:data:`IGNORED_ENVELOPE`) are ignored
+and listed, not refused.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from consumer import codec
 from consumer.config import API_VERSION, Settings
-from consumer.errors import InvalidEvent
+from consumer.errors import DeadLetter, InvalidEvent
 from consumer.filtering import Drop
 from consumer.routing import route
 
-__all__ = ["explain_lines"]
+__all__ = ["IGNORED_ENVELOPE", "explain_lines", "is_valid"]
+
+IGNORED_ENVELOPE = frozenset({
+    "integrations", "channel", "originalTimestamp", "version", "projectId", "writeKey",
+    "_metadata", "request_ip", "rudderId", "previousId", "sourceId",
+})
+"""Segment/RudderStack envelope fields the worker does not use: ignored, not refused."""
+
+_BOM = "\ufeff"
 
 
-def explain_lines(lines: Iterable[str], settings: Settings) -> Iterator[dict[str, Any]]:
-    """One decision document per non-empty input line."""
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
+def _name(raw: Any) -> str | None:
+    if not isinstance(raw, Mapping):
+        return None
+    for key in ("event", "name"):
+        value = raw.get(key)
+        if isinstance(value, str):
+            return value
+    kind = raw.get("type")
+    return kind if isinstance(kind, str) else None
+
+
+def is_valid(doc: Mapping[str, Any]) -> bool:
+    """False for a line the worker would dead-letter (or could not read at all)."""
+    return doc.get("decision") != "dead_letter"
+
+
+def _invalid(number: int, reason: str, raw: Any = None) -> dict[str, Any]:
+    message_id = raw.get("messageId") if isinstance(raw, Mapping) else None
+    return {"line": number, "event": _name(raw),
+            "messageId": message_id if isinstance(message_id, str) else None,
+            "decision": "dead_letter", "reason": reason}
+
+
+def _text(raw_line: str | bytes) -> str:
+    if isinstance(raw_line, bytes):
         try:
-            raw = json.loads(text)
-            event = codec.from_record(codec.to_record(raw))
-        except (ValueError, InvalidEvent) as exc:
-            yield {"line": number, "messageId": None, "decision": "dead_letter",
-                   "reason": f"invalid event: {exc}"}
-            continue
+            return raw_line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"not UTF-8 text (byte {exc.start}): save the file as UTF-8") from None
+    return raw_line
+
+
+def explain_lines(lines: Iterable[str | bytes], settings: Settings) -> Iterator[dict[str, Any]]:
+    """One decision document per non-empty input line (text or raw bytes)."""
+    for number, raw_line in enumerate(lines, start=1):
+        try:
+            yield from _explain_one(number, raw_line, settings)
+        except Exception as exc:  # the debugger must survive any input
+            yield _invalid(number, f"mapping_error: {type(exc).__name__}: {exc}"[:500])
+
+
+def _explain_one(
+    number: int, raw_line: str | bytes, settings: Settings
+) -> Iterator[dict[str, Any]]:
+    try:
+        text = _text(raw_line)
+    except ValueError as exc:
+        yield _invalid(number, f"invalid line: {exc}")
+        return
+    if not text.strip():
+        return
+    if text.startswith(_BOM):
+        yield _invalid(number, "invalid line: starts with a byte order mark (BOM): save the "
+                               "file as UTF-8 without BOM")
+        return
+    try:
+        raw = json.loads(text)
+    except RecursionError:
+        yield _invalid(number, f"invalid event: JSON nested deeper than {codec.MAX_JSON_DEPTH} "
+                               "levels")
+        return
+    except ValueError as exc:
+        yield _invalid(number, f"invalid event: not JSON ({exc})")
+        return
+    ignored: list[str] = []
+    if isinstance(raw, dict):
+        ignored = sorted(k for k in raw if k in IGNORED_ENVELOPE)
+        event_in = {k: v for k, v in raw.items() if k not in IGNORED_ENVELOPE}
+    else:
+        event_in = raw
+    try:
+        record = codec.to_record(event_in)
+        event = codec.decode(codec.encode(0, record), lambda _id: codec.SCHEMA)
+    except (InvalidEvent, ValueError, RecursionError) as exc:
+        yield _invalid(number, f"invalid event: {exc}", raw)
+        return
+    doc: dict[str, Any] = {"line": number, "event": _name(event),
+                           "messageId": event.get("messageId")}
+    try:
         decision = route(event, settings.consent, settings.mappings)
-        doc: dict[str, Any] = {"messageId": event.get("messageId")}
-        if isinstance(decision, Drop):
-            doc["decision"] = "drop"
-            doc["reason"] = decision.reason + (f":{decision.category}" if decision.category
-                                               else "")
-        else:
-            doc["decision"] = "deliver"
-            doc["reason"] = None
-            doc["request"] = {
-                "method": "POST",
-                "url": settings.track_url,
-                "headers": {
-                    "Content-Type": "application/json",
-                    "Authorization": "Token ***",
-                    "X-API-Version": API_VERSION,
-                },
-                "body": decision.payload,
-            }
+    except DeadLetter as exc:
+        doc["decision"] = "dead_letter"
+        doc["reason"] = f"{exc.reason}: {exc}"
         yield doc
+        return
+    if isinstance(decision, Drop):
+        doc["decision"] = "drop"
+        doc["reason"] = decision.reason + (f":{decision.category}" if decision.category
+                                           else "")
+    else:
+        doc["decision"] = "deliver"
+        doc["reason"] = None
+        doc["request"] = {
+            "method": "POST",
+            "url": settings.track_url,
+            "headers": {
+                "Content-Type": "application/json",
+                "Authorization": "Token ***",
+                "X-API-Version": API_VERSION,
+            },
+            "body": decision.payload,
+        }
+        if decision.omitted:
+            doc["omitted"] = list(decision.omitted)
+        if decision.truncated:
+            doc["truncated"] = list(decision.truncated)
+        if decision.replaced:
+            doc["replaced_surrogates"] = decision.replaced
+    if ignored:
+        doc["ignored"] = ignored
+    yield doc

@@ -16,6 +16,10 @@ A category is granted only by ``true`` or one of the strings in :data:`GRANTED_S
 ``essential`` is always granted. An event with no consent data (no context, no consent,
 a consent that is not an object, or one whose values are all null) follows the policy's
 ``missing`` setting. With no gating categories configured nothing is dropped for consent.
+
+Decisions are ordered by cost (decide before you parse): anonymous, unsupported type and
+unmapped name need only the envelope strings; consent parses ``context.consent`` alone
+(:attr:`consumer.codec.Event.consent`); nothing here reads ``properties`` or ``traits``.
 """
 
 from __future__ import annotations
@@ -24,20 +28,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
+from consumer.codec import Event
 from consumer.mapping import MappingSet
 
 __all__ = [
     "ALWAYS_GRANTED",
+    "CATEGORIES",
     "GRANTED_STRINGS",
     "ConsentPolicy",
     "Drop",
     "DropReason",
+    "consent_of",
     "drop_reason",
 ]
 
 DropReason: TypeAlias = Literal["anonymous", "consent", "unmapped", "unsupported_type"]
 
 ALWAYS_GRANTED = "essential"
+CATEGORIES = ("analytics", "marketing", "functional", "advertising", "personalization",
+              "essential")
+"""Signal's consent categories: a closed set, so a typo cannot silently drop every event."""
 GRANTED_STRINGS = frozenset({"true", "granted", "yes", "allow", "allowed"})
 _DELIVERED_TYPES = ("track", "page")
 
@@ -94,8 +104,7 @@ class ConsentPolicy:
         gating = self._gating
         if not gating:
             return None
-        context = event.get("context")
-        consent = context.get("consent") if isinstance(context, dict) else None
+        consent = consent_of(event)
         if not isinstance(consent, dict) or all(v is None for v in consent.values()):
             return None if self.missing == "allow" else gating[0]
         canonical = consent.get("canonical")
@@ -106,23 +115,31 @@ class ConsentPolicy:
         return None
 
 
+def consent_of(event: Mapping[str, Any]) -> Any:
+    """``context.consent`` of an event; for a decoded :class:`Event` nothing else is parsed."""
+    if isinstance(event, Event):
+        return event.consent
+    context = event.get("context")
+    return context.get("consent") if isinstance(context, dict) else None
+
+
 def drop_reason(
     event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
 ) -> Drop | None:
     """Why ``event`` is not delivered, or None when it should be sent.
 
-    Checked in this order: anonymous (no non-blank string ``userId``), consent, then
-    type and mapping (identify/group and unknown types are ``unsupported_type``; a
-    track/page event without a rule is ``unmapped``).
+    Checked cheapest first: anonymous (no non-blank string ``userId``), type and mapping
+    (identify/group and unknown types are ``unsupported_type``; a track/page event without
+    a rule is ``unmapped``), all from envelope strings; then consent.
     """
     user_id = event.get("userId")
     if not isinstance(user_id, str) or not user_id.strip():
         return DROP_ANONYMOUS
-    category = consent.missing_category(event)
-    if category is not None:
-        return Drop("consent", category)
     if event.get("type") not in _DELIVERED_TYPES:
         return DROP_UNSUPPORTED_TYPE
     if mappings.lookup(event) is None:
         return DROP_UNMAPPED
+    category = consent.missing_category(event)
+    if category is not None:
+        return Drop("consent", category)
     return None

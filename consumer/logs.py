@@ -2,6 +2,11 @@
 
 Event-related lines pass `extra={"topic", "partition", "offset", "message_id"}`; both
 formats print them. A last-line filter masks the token should anything ever carry it.
+
+librdkafka's own lines come through :func:`librdkafka_logger` (its ``logger`` setting), so
+they share the format (JSON with ``WORKER_LOG_FORMAT=json``), and :class:`RateLimit` keeps
+a broker that is down from writing ~45 lines a second: one line per broker and kind per
+10 s, the next one saying how many were suppressed.
 """
 
 from __future__ import annotations
@@ -9,10 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["configure_logging", "event_fields"]
+__all__ = ["LIBRDKAFKA_LOGGER", "RateLimit", "configure_logging", "event_fields",
+           "librdkafka_logger"]
+
+LIBRDKAFKA_LOGGER = "librdkafka"
 
 _FIELDS = ("topic", "partition", "offset", "message_id")
 
@@ -95,3 +105,61 @@ def configure_logging(level: str = "INFO", fmt: str = "text",
     root.setLevel(level)
     for noisy in ("httpx", "httpcore", "httpx2", "httpcore2"):  # httpx2: the registry client
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RateLimit(logging.Filter):
+    """At most one record per key per ``interval`` seconds; counts what it suppressed.
+
+    The key of a librdkafka record (``logger.log(level, "%s [%s] %s", facility, client,
+    text)``) is its facility and the first word of its text, which names the broker
+    (``kafka:9092/1: Connect to ... failed``); other records are keyed by their template and
+    first argument. Thread-safe: librdkafka logs from whichever thread polls.
+    """
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 1024) -> None:
+        super().__init__()
+        self.interval = interval
+        self._clock = clock
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        self._last: dict[tuple[Any, ...], float] = {}
+        self._suppressed: dict[tuple[Any, ...], int] = {}
+
+    @staticmethod
+    def key(record: logging.LogRecord) -> tuple[Any, ...]:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) == 3 and isinstance(args[2], str):
+            return (record.levelno, args[0], args[2].split(" ", 1)[0])
+        first = args[0] if args else None
+        return (record.levelno, str(record.msg), str(first)[:200])
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = self.key(record)
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return False
+            if len(self._last) >= self._max_keys:  # bounded, whatever the brokers say
+                self._last.clear()
+                self._suppressed.clear()
+            self._last[key] = now
+            suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            record.msg = f"{record.getMessage()} ({suppressed} similar lines suppressed)"
+            record.args = None
+        return True
+
+
+def librdkafka_logger(interval: float = 10.0) -> logging.Logger:
+    """The logger to give librdkafka as its ``logger`` setting (one per process).
+
+    Records propagate to the root handler that :func:`configure_logging` set up, so they
+    take the worker's format; repeated lines are rate-limited per broker.
+    """
+    logger = logging.getLogger(LIBRDKAFKA_LOGGER)
+    if not any(isinstance(f, RateLimit) for f in logger.filters):
+        logger.addFilter(RateLimit(interval))
+    return logger

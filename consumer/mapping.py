@@ -11,6 +11,17 @@ everything here exists to turn free-form Signal properties into a flat, primitiv
 * :func:`build_track_payload` runs per event, so rule options are pre-computed at load
   time and the hot path does no regex work and no copies beyond the output dict.
 
+Arrays: an array of primitives becomes one comma-joined string (``["a", "b"]`` → ``"a,b"``,
+as Userpilot's own examples send multi-valued traits); ``products``/``items`` become a
+scalar summary; any other array holding objects or arrays is left out, and so are objects
+nested deeper than :data:`MAX_DEPTH` and NaN/Infinity. Every left-out field is named in
+:attr:`Payload.omitted` (``explain`` shows it).
+
+Size: metadata larger than :attr:`MappingSet.max_metadata_bytes` (JSON bytes, default
+64 KB) or with more than :attr:`MappingSet.max_metadata_keys` keys is cut: the largest
+fields go first until it fits, and ``_truncated`` says how many went
+(:attr:`Payload.truncated` names them).
+
 No I/O happens here apart from :func:`load_mappings` reading the file it is given.
 """
 
@@ -28,6 +39,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 __all__ = [
+    "DEFAULT_MAX_METADATA_BYTES",
+    "DEFAULT_MAX_METADATA_KEYS",
     "DEFAULT_PRESET",
     "EVENT_ROOT_KEYS",
     "MAX_DEPTH",
@@ -35,8 +48,10 @@ __all__ = [
     "EventRule",
     "MappingSet",
     "MappingsError",
+    "Payload",
     "Primitive",
     "PropertySelection",
+    "build_payload",
     "build_track_payload",
     "load_mappings",
     "normalize_event_name",
@@ -50,6 +65,15 @@ PAGE_SOURCE = "page"
 
 MAX_DEPTH = 16
 """Objects nested deeper than this are left out (keeps flattening bounded and total)."""
+
+DEFAULT_MAX_METADATA_BYTES = 64 * 1024
+"""Userpilot documents no per-event limit, only 512 KB per app in total (README,
+"Payload limits"); 64 KB keeps one event far below that and below common proxy limits."""
+
+DEFAULT_MAX_METADATA_KEYS = 1000
+"""More keys than this in one event's metadata are cut (largest first)."""
+
+TRUNCATED_KEY = "_truncated"
 
 EVENT_ROOT_KEYS = (
     "anonymousId",
@@ -176,6 +200,8 @@ class MappingSet:
 
     rules: tuple[EventRule, ...]
     preset: str = "custom"
+    max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
+    max_metadata_keys: int = DEFAULT_MAX_METADATA_KEYS
     _by_key: dict[str, EventRule] = field(init=False, repr=False, compare=False)
     _page: EventRule | None = field(init=False, repr=False, compare=False)
 
@@ -247,21 +273,56 @@ def _is_primitive(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
+def _joined(items: list[Any]) -> str | None:
+    """An array of primitives as one comma-joined string; None if it holds anything else."""
+    parts: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            parts.append(item)
+        elif isinstance(item, bool):
+            parts.append("true" if item else "false")
+        elif item is None:
+            continue
+        elif isinstance(item, int) or (isinstance(item, float) and math.isfinite(item)):
+            parts.append(json.dumps(item))
+        else:
+            return None
+    return ",".join(parts)
+
+
+def _leaf(out: dict[str, Primitive], omitted: list[str], key: str, value: Any) -> None:
+    """Add one non-object value under ``key`` (first wins), or note it as left out."""
+    if key in out:
+        return
+    if isinstance(value, list):
+        joined = _joined(value)
+        if joined is None:
+            omitted.append(key)
+        else:
+            out[key] = joined
+    elif _is_primitive(value):
+        out[key] = value
+    else:
+        omitted.append(key)
+
+
 def _flatten_into(
-    out: dict[str, Primitive], prefix: str, obj: Mapping[Any, Any], depth: int
+    out: dict[str, Primitive], prefix: str, obj: Mapping[Any, Any], depth: int,
+    omitted: list[str],
 ) -> None:
-    """Add ``obj``'s leaves under ``prefix_key`` keys; arrays and odd values are left out.
+    """Add ``obj``'s leaves under ``prefix_key`` keys; what cannot be flat goes to omitted.
 
     A key already in ``out`` is kept (first wins): callers add the winners first.
     """
     if depth > MAX_DEPTH:
+        omitted.append(prefix)
         return
     for raw_key, value in obj.items():
         key = f"{prefix}_{raw_key}"
         if isinstance(value, dict):
-            _flatten_into(out, key, value, depth + 1)
-        elif key not in out and _is_primitive(value):
-            out[key] = value
+            _flatten_into(out, key, value, depth + 1, omitted)
+        else:
+            _leaf(out, omitted, key, value)
 
 
 def _first_primitive(item: Mapping[Any, Any], keys: tuple[str, ...]) -> Any:
@@ -296,7 +357,9 @@ def _summary(props: Mapping[Any, Any], array_key: str, items: list[Any]) -> dict
     return summary
 
 
-def _derived_metadata(event: Mapping[str, Any], is_page: bool) -> dict[str, Primitive]:
+def _derived_metadata(
+    event: Mapping[str, Any], is_page: bool, omitted: list[str]
+) -> dict[str, Primitive]:
     """All metadata an event yields before rule options: flattened properties etc.
 
     Precedence on a key clash: a primitive given directly at the top level of
@@ -334,7 +397,7 @@ def _derived_metadata(event: Mapping[str, Any], is_page: bool) -> dict[str, Prim
     for raw_key, value in props.items():
         key = raw_key if isinstance(raw_key, str) else str(raw_key)
         if isinstance(value, dict):
-            _flatten_nested(out, key, value, props)
+            _flatten_nested(out, key, value, props, omitted)
         elif isinstance(value, list):
             if key == summary_key:
                 for s_key, s_value in _summary(props, key, value).items():
@@ -345,17 +408,23 @@ def _derived_metadata(event: Mapping[str, Any], is_page: bool) -> dict[str, Prim
                 top = props.get(f"{key}_count", _MISSING)
                 if top is _MISSING or not _is_primitive(top):
                     out.setdefault(f"{key}_count", len(value))
-        elif key not in preset_keys and _is_primitive(value):
-            out[key] = value
+            elif key not in preset_keys:
+                _leaf(out, omitted, key, value)
+        elif key not in preset_keys:
+            if _is_primitive(value):
+                out[key] = value
+            else:
+                omitted.append(key)
     return out
 
 
 def _flatten_nested(
-    out: dict[str, Primitive], prefix: str, obj: Mapping[Any, Any], props: Mapping[Any, Any]
+    out: dict[str, Primitive], prefix: str, obj: Mapping[Any, Any], props: Mapping[Any, Any],
+    omitted: list[str],
 ) -> None:
     """Flatten a top-level object, yielding each key that a top-level primitive owns."""
     flat: dict[str, Primitive] = {}
-    _flatten_into(flat, prefix, obj, 1)
+    _flatten_into(flat, prefix, obj, 1, omitted)
     for key, value in flat.items():
         if key in out:
             continue
@@ -368,7 +437,7 @@ def _pick(event: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     """Walk a dotted path through objects (and list indexes); _MISSING when absent."""
     node: Any = event
     for segment in path:
-        if isinstance(node, dict):
+        if isinstance(node, Mapping):
             node = node.get(segment, _MISSING)
         elif isinstance(node, list) and segment.isascii() and segment.isdigit():
             index = int(segment)
@@ -381,7 +450,8 @@ def _pick(event: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def _apply_rule(
-    derived: dict[str, Primitive], event: Mapping[str, Any], rule: EventRule
+    derived: dict[str, Primitive], event: Mapping[str, Any], rule: EventRule,
+    omitted: list[str],
 ) -> dict[str, Primitive]:
     keep = rule._keep
     rename = rule._rename
@@ -396,33 +466,94 @@ def _apply_rule(
             out[new_key] = value
     for target, path in rule._paths:
         picked = _pick(event, path)
-        if isinstance(picked, dict):
+        if isinstance(picked, Mapping):
             flat: dict[str, Primitive] = {}
-            _flatten_into(flat, target, picked, 1)
+            _flatten_into(flat, target, picked, 1, omitted)
             out.update(flat)
-        elif picked is not _MISSING and _is_primitive(picked):
-            out[target] = picked
+        elif picked is not _MISSING:
+            flat = {}
+            _leaf(flat, omitted, target, picked)
+            out.update(flat)
     for key, static_value in rule.static:
         out[key] = static_value
     return out
 
 
-def build_track_payload(event: Mapping[str, Any], rule: EventRule) -> dict[str, Any]:
-    """The Userpilot Track body for ``event`` under ``rule``: user_id, event_name, metadata.
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A Track body and what had to be left out of it to keep it flat and small.
+
+    ``omitted``: metadata keys left out because they cannot be flat (arrays of objects,
+    objects nested too deep, NaN/Infinity). ``truncated``: keys cut for size or count.
+    """
+
+    body: dict[str, Any]
+    omitted: tuple[str, ...] = ()
+    truncated: tuple[str, ...] = ()
+
+
+def _size(key: str, value: Primitive) -> int:
+    return len(json.dumps({key: value}, ensure_ascii=False).encode("utf-8"))
+
+
+def _size_bound(metadata: Mapping[str, Primitive]) -> int:
+    """An upper bound of the JSON size (6 bytes per character at worst): no JSON needed."""
+    return sum(
+        6 * (len(k) + (len(v) if isinstance(v, str) else len(repr(v)))) + 32
+        for k, v in metadata.items()
+    )
+
+
+def _truncate(
+    metadata: dict[str, Primitive], max_bytes: int, max_keys: int
+) -> tuple[dict[str, Primitive], tuple[str, ...]]:
+    """Drop the largest fields until metadata fits both limits; mark it with _truncated."""
+    sizes = {key: _size(key, value) for key, value in metadata.items()}
+    total = sum(sizes.values())
+    removed: list[str] = []
+    marker = _size(TRUNCATED_KEY, len(metadata))
+    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        if total + marker <= max_bytes and len(metadata) - len(removed) + 1 <= max_keys:
+            break
+        removed.append(key)
+        total -= sizes[key]
+    gone = frozenset(removed)
+    kept: dict[str, Primitive] = {k: v for k, v in metadata.items() if k not in gone}
+    kept[TRUNCATED_KEY] = len(removed)
+    return kept, tuple(removed)
+
+
+def build_payload(
+    event: Mapping[str, Any], rule: EventRule,
+    max_bytes: int = DEFAULT_MAX_METADATA_BYTES, max_keys: int = DEFAULT_MAX_METADATA_KEYS,
+) -> Payload:
+    """The Userpilot Track body for ``event`` under ``rule``, with what was left out.
 
     Callers filter first (see ``consumer.filtering``); an event without a string userId
     gets ``user_id: ""``, which Userpilot refuses, rather than an exception here.
-    Every metadata value is a primitive: objects are flattened to ``parent_child`` keys,
-    arrays are dropped (except the products/items summary), NaN/infinity are dropped.
+    Every metadata value is a primitive (module docstring: flattening, arrays, limits).
     """
+    omitted: list[str] = []
     user_id = event.get("userId")
-    derived = _derived_metadata(event, event.get("type") == "page")
-    metadata = derived if rule._plain else _apply_rule(derived, event, rule)
-    return {
+    derived = _derived_metadata(event, event.get("type") == "page", omitted)
+    metadata = derived if rule._plain else _apply_rule(derived, event, rule, omitted)
+    truncated: tuple[str, ...] = ()
+    if len(metadata) > max_keys or (
+        _size_bound(metadata) > max_bytes
+        and sum(_size(k, v) for k, v in metadata.items()) > max_bytes
+    ):
+        metadata, truncated = _truncate(metadata, max_bytes, max_keys)
+    body = {
         "user_id": user_id if isinstance(user_id, str) else "",
         "event_name": rule.event_name,
         "metadata": metadata,
     }
+    return Payload(body, tuple(omitted), truncated)
+
+
+def build_track_payload(event: Mapping[str, Any], rule: EventRule) -> dict[str, Any]:
+    """The Track body alone (see :func:`build_payload`), with the default limits."""
+    return build_payload(event, rule).body
 
 
 # ---------------------------------------------------------------------------- loading
@@ -507,13 +638,19 @@ class _Loader:
             self.fail("description", f"must be a string, got {_kind(description)}")
 
         preset_name = doc.get("preset", "default")
-        preset = PRESETS.get(preset_name) if isinstance(preset_name, str) else None
+        preset = (
+            PRESETS.get(preset_name.strip().lower()) if isinstance(preset_name, str) else None
+        )
         if preset is None:
+            close = difflib.get_close_matches(str(preset_name).strip().lower(), PRESETS, n=1)
+            hint = f" (did you mean {_q(close[0])}?)" if close else ""
             self.fail(
                 "preset",
-                f"must be {' or '.join(_q(p) for p in PRESETS)}, got {_q(preset_name)}",
+                f"must be {' or '.join(_q(p) for p in PRESETS)}, got {_q(preset_name)}{hint}",
             )
-            preset = PRESETS["none"]
+            # Check the events against the largest table, so an entry that is right for
+            # the intended preset adds no follow-on error (one message, not a cascade).
+            preset = DEFAULT_PRESET
 
         events = doc.get("events", {})
         if not isinstance(events, dict):

@@ -2,6 +2,9 @@
 
 Every line is validated before anything is sent, so a bad file sends nothing rather than
 half of itself; then every record is acknowledged (acks=all) before the command succeeds.
+
+Kafka and the registry are probed first (``consumer.reach``), so with either down the
+command fails with one line within ``timeout`` seconds instead of hanging.
 """
 
 from __future__ import annotations
@@ -34,21 +37,26 @@ class Parsed:
         return ident.encode() if isinstance(ident, str) and ident else None
 
 
-def parse_lines(lines: Iterable[str], source: str = "<stdin>") -> list[Parsed]:
+def parse_lines(lines: Iterable[str | bytes], source: str = "<stdin>") -> list[Parsed]:
     """Parse and validate every line; ProduceError lists each bad line by number."""
     parsed: list[Parsed] = []
     problems: list[str] = []
-    for number, text in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            problems.append(f"{source}:{number}: not UTF-8 text (byte {exc.start})")
+            continue
         if not text.strip():
             continue
         try:
             event = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             problems.append(f"{source}:{number}: not JSON ({exc})")
             continue
         try:
             record = codec.to_record(event)
-        except InvalidEvent as exc:
+        except (InvalidEvent, RecursionError) as exc:
             problems.append(f"{source}:{number}: {exc}")
             continue
         parsed.append(Parsed(number, event, record))
@@ -68,17 +76,26 @@ def encode_lines(parsed: Iterable[Parsed], schema_id: int) -> Iterator[tuple[byt
 
 
 def produce_events(
-    lines: Iterable[str], *, topic: str, bootstrap: str, registry_url: str,
+    lines: Iterable[str | bytes], *, topic: str, bootstrap: str, registry_url: str,
     source: str = "<stdin>", extra_conf: dict[str, Any] | None = None,
-    out: TextIO = sys.stderr,
+    out: TextIO = sys.stderr, registry_auth: str | None = None, timeout: float = 10.0,
 ) -> int:
-    """Validate, register the schema, produce, wait for every ack; returns events sent."""
+    """Validate, probe the services, register the schema, produce, wait for every ack.
+
+    Returns the number of events sent. ProduceError (one line) when a line is invalid or
+    Kafka/the registry does not answer within ``timeout`` seconds.
+    """
+    from consumer import reach
     from consumer.kafka import make_producer
     from consumer.registry import Registry
 
     parsed = parse_lines(lines, source)
-    schema_id = Registry(registry_url).register(topic)
-    producer = make_producer({"bootstrap.servers": bootstrap, **(extra_conf or {})})
+    conf = {**(extra_conf or {}), "bootstrap.servers": bootstrap}
+    for problem in reach.services(conf, timeout, registry_url=registry_url,
+                                  registry_auth=registry_auth):
+        raise ProduceError(f"nothing was sent: {problem}")
+    schema_id = Registry(registry_url, registry_auth).register(topic)
+    producer = make_producer(conf)
     failures: list[str] = []
 
     def on_delivery(err: Any, msg: Any) -> None:

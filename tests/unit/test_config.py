@@ -347,7 +347,7 @@ def test_kafka_pass_through_mapping() -> None:
         "isolation.level": "read_committed",
         "session.timeout.ms": "45000",
     }
-    assert s.kafka_config() == {
+    assert s.kafka_config(logger=False) == {
         "bootstrap.servers": "kafka:9092",
         "security.protocol": "SASL_SSL",
         "sasl.mechanism": "SCRAM-SHA-512",
@@ -373,7 +373,7 @@ def test_every_secret_kafka_key_is_wrapped(key: str) -> None:
 def test_reserved_kafka_names_are_not_passed_through() -> None:
     s = load(KAFKA_GROUP_ID="g", KAFKA_DLQ_TOPIC="d")
     assert s.kafka_extra == {}
-    assert set(s.kafka_config()) == {"bootstrap.servers"}
+    assert set(s.kafka_config(logger=False)) == {"bootstrap.servers"}
 
 
 @pytest.mark.parametrize(("name", "key"), [
@@ -510,7 +510,7 @@ def test_describe_shape() -> None:
     assert d["userpilot"]["rate_limit"] == "600 per 60 s (burst 1)"
     assert d["userpilot"]["retry"] == {"max_attempts": 12, "budget_seconds": 900.0,
                                        "backoff_seconds": 1.0, "backoff_max_seconds": 60.0}
-    assert d["consent"] == {"categories": ["analytics"], "missing": "deny"}
+    assert d["consent"] == {"categories": ["analytics"], "missing": "deny", "gating": "on"}
     assert d["mappings"]["file"] is None
     assert d["mappings"]["events"]["preset"] == "default"
     assert d["kafka"]["topics"] == ["delivery-userpilot"]
@@ -600,3 +600,120 @@ def test_a_derived_dlq_name_that_is_too_long_asks_for_kafka_dlq_topic() -> None:
     message = problem(KAFKA_TOPICS="t" * 240)
     assert "default dead-letter topic" in message
     assert "set KAFKA_DLQ_TOPIC" in message
+
+
+# ------------------------------------------------------------------ issue 10: what run refuses
+
+
+def test_kafka_tooling_variables_are_ignored_with_a_note() -> None:
+    s = load(KAFKA_OPTS="-Xmx1g", KAFKA_HEAP_OPTS="-Xms256m")
+    assert s.kafka_extra == {}
+    assert s.notes == (
+        "KAFKA_HEAP_OPTS ignored: a variable of Kafka's JVM tools, not a client setting",
+        "KAFKA_OPTS ignored: a variable of Kafka's JVM tools, not a client setting",
+    )
+
+
+def test_a_kafka_typo_is_refused_with_did_you_mean() -> None:
+    message = problem(KAFKA_TOPIC="delivery-userpilot")
+    assert message.startswith("KAFKA_TOPIC sets librdkafka setting 'topic', which librdkafka "
+                              'refuses: No such configuration property: "topic"')
+    assert message.endswith("(did you mean KAFKA_TOPICS?)")
+
+
+def test_every_refused_kafka_setting_is_listed() -> None:
+    found = problems({**BASE, "KAFKA_TOPIC": "x", "KAFKA_SESSION_TIMEOUT_MS": "soon"})
+    assert len(found) == 2
+    assert "session.timeout.ms" in found[0] and "topic" in found[1]
+
+
+def test_librdkafka_log_level_is_expressible() -> None:
+    assert load(KAFKA_LOG_LEVEL="3").kafka_extra == {"log_level": "3"}
+
+
+def test_a_combination_librdkafka_refuses_is_refused() -> None:
+    message = problem(KAFKA_ACKS="1")
+    assert "dead-letter producer" in message and "acks" in message
+
+
+@pytest.mark.parametrize(("name", "hint"), [
+    ("USERPILOT_API_TOKEN", " (did you mean USERPILOT_API_KEY?)"),
+    ("USERPILOT_CONSENT_CATEGORY", " (did you mean USERPILOT_CONSENT_CATEGORIES?)"),
+    ("WORKER_MAX_INFLIGHT", " (did you mean WORKER_MAX_IN_FLIGHT?)"),
+    ("SCHEMA_REGISTRY_USER_INFO", " (did you mean SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO?)"),
+    ("WORKER_THREADS", ""),
+])
+def test_unknown_own_variables_are_refused(name: str, hint: str) -> None:
+    assert problem(**{name: "1"}) == (
+        f"{name} is not a setting of this worker{hint}: fix the name or remove it "
+        "(see README, Configuration)"
+    )
+
+
+def test_kubernetes_service_links_are_not_unknown_variables() -> None:
+    s = load(WORKER_PORT="tcp://10.0.0.1:8082", WORKER_SERVICE_HOST="10.0.0.1",
+             WORKER_PORT_8082_TCP_ADDR="10.0.0.1")
+    assert s.notes == ()
+
+
+@pytest.mark.parametrize("raw", ["none", "off", "None"])
+def test_consent_gating_can_be_disabled(raw: str) -> None:
+    s = load(USERPILOT_CONSENT_CATEGORIES=raw)
+    assert s.consent.categories == ()
+    assert s.describe()["consent"]["gating"] == "off"
+
+
+def test_consent_categories_are_a_closed_set() -> None:
+    assert problem(USERPILOT_CONSENT_CATEGORIES="analytics,analytcs") == (
+        "USERPILOT_CONSENT_CATEGORIES has 'analytcs', not a Signal consent category (did you "
+        "mean analytics?): use analytics, marketing, functional, advertising, personalization, "
+        "essential, or 'none' to disable consent gating"
+    )
+    assert "alone disables" in problem(USERPILOT_CONSENT_CATEGORIES="none,analytics")
+    assert load(USERPILOT_CONSENT_CATEGORIES="Marketing, personalization").consent.categories \
+        == ("marketing", "personalization")
+
+
+@pytest.mark.parametrize("token", ["wt_é123", "wt\u00a0123x", "“wt_123”"])
+def test_tokens_that_cannot_be_an_http_header_are_refused(token: str) -> None:
+    message = problem(USERPILOT_API_KEY=token)
+    assert "USERPILOT_API_KEY" in message and token not in message
+
+
+def test_secrets_from_files(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "auth").write_text(REGISTRY_AUTH)
+    (tmp_path / "sasl").write_text(SASL_PASSWORD + "\r\n")
+    env = {k: v for k, v in BASE.items() if k != "USERPILOT_API_KEY"}
+    s = load_settings({**env, "USERPILOT_API_KEY_FILE": str(tmp_path / "token"),
+                       "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE": str(tmp_path / "auth"),
+                       "KAFKA_SASL_PASSWORD_FILE": str(tmp_path / "sasl")})
+    assert s.api_key == Secret(TOKEN)
+    assert s.registry_auth == Secret(REGISTRY_AUTH)
+    assert s.kafka_extra == {"sasl.password": Secret(SASL_PASSWORD)}
+
+
+def test_secret_file_mistakes(tmp_path: Path) -> None:
+    (tmp_path / "empty").write_text("\n")
+    assert problem(USERPILOT_API_KEY_FILE=str(tmp_path / "token")) == (
+        "both USERPILOT_API_KEY and USERPILOT_API_KEY_FILE are set: keep one")
+    env = {k: v for k, v in BASE.items() if k != "USERPILOT_API_KEY"}
+    found = problems({**env, "USERPILOT_API_KEY_FILE": str(tmp_path / "missing")})
+    assert found[0].startswith("USERPILOT_API_KEY_FILE=") and "cannot be read" in found[0]
+    found = problems({**env, "USERPILOT_API_KEY_FILE": str(tmp_path / "empty")})
+    assert found[0].endswith("is empty: the secret file must hold the value")
+    assert "only secrets can be read from a file" in problem(
+        KAFKA_SSL_CA_LOCATION_FILE="/etc/ca.pem")
+
+
+def test_metadata_limits_reach_the_mappings() -> None:
+    s = load(USERPILOT_MAX_METADATA_BYTES="2048", USERPILOT_MAX_METADATA_KEYS="10")
+    assert (s.mappings.max_metadata_bytes, s.mappings.max_metadata_keys) == (2048, 10)
+    assert load().mappings.max_metadata_bytes == 64 * 1024
+
+
+def test_kafka_config_routes_librdkafka_logs_through_python_logging() -> None:
+    import logging
+
+    logger = load().kafka_config()["logger"]
+    assert isinstance(logger, logging.Logger) and logger.name == "librdkafka"

@@ -24,6 +24,8 @@ DELIVERED = line(type="track", event="Feature Used", userId="user_001", messageI
 def test_deliver_shows_the_exact_request_with_the_token_redacted() -> None:
     (doc,) = explain_lines([DELIVERED], SETTINGS)
     assert doc == {
+        "line": 1,
+        "event": "Feature Used",
         "messageId": "m-1",
         "decision": "deliver",
         "reason": None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -28,7 +29,7 @@ def event(consent: Any = None, *, no_context: bool = False, **over: Any) -> dict
     return base
 
 
-def drop(e: dict[str, Any], policy: ConsentPolicy = ANALYTICS) -> Drop | None:
+def drop(e: Mapping[str, Any], policy: ConsentPolicy = ANALYTICS) -> Drop | None:
     return drop_reason(e, policy, DEFAULT_PRESET)
 
 
@@ -204,11 +205,31 @@ def test_type_and_mapping(overrides: dict[str, Any], expected: Drop | None) -> N
     assert drop(event({"analytics": True}, **overrides)) == expected
 
 
-def test_consent_is_checked_before_mapping() -> None:
+def test_envelope_decides_before_consent() -> None:
+    """Decide before you parse: type and mapping need no JSON text, consent does."""
     e = event({"analytics": False}, event="Order Completed")
-    assert drop(e) == Drop("consent", "analytics")
+    assert drop(e) == Drop("unmapped")
     e = event({"analytics": False}, type="identify")
-    assert drop(e) == Drop("consent", "analytics")
+    assert drop(e) == Drop("unsupported_type")
+
+
+def test_drops_of_decoded_events_parse_no_json_text() -> None:
+    """An anonymous, unmapped or unsupported event is dropped with broken JSON text in
+    properties, traits and consent: it was never parsed."""
+    from consumer import codec
+
+    cases: list[tuple[dict[str, Any], Drop]] = [
+        ({"userId": None}, Drop("anonymous")), ({"event": "Nope"}, Drop("unmapped")),
+        ({"type": "identify"}, Drop("unsupported_type"))]
+    for over, expected in cases:
+        base: dict[str, Any] = {"type": "track", "event": "Feature Used", "userId": "u",
+                                "context": {"consent": {}}}
+        record = codec.to_record(base | over)
+        record["properties"] = record["traits"] = "{broken"
+        assert record["context"] is not None
+        record["context"]["consent"] = "{broken"
+        decoded = codec.decode(codec.encode(1, record), lambda _i: codec.SCHEMA)
+        assert drop(decoded) == expected
 
 
 def test_custom_mappings_decide_unmapped() -> None:
@@ -222,7 +243,8 @@ def test_custom_mappings_decide_unmapped() -> None:
 
 
 def test_event_that_is_not_a_dict_shape_never_raises() -> None:
-    odd: dict[str, Any] = {"userId": "u", "context": {"consent": {"canonical": []}}}
+    odd: dict[str, Any] = {"userId": "u", "type": "track", "event": "Feature Used",
+                           "context": {"consent": {"canonical": []}}}
     assert drop(odd, ALLOW_MISSING) == Drop("consent", "analytics")
     assert drop({"userId": "u"}, ALLOW_MISSING) == Drop("unsupported_type")
 

@@ -152,3 +152,55 @@ def test_secret_needing_json_escapes_is_redacted_in_json(
     doc = json.loads(out)
     assert odd not in doc["exception"]
     assert json.dumps(odd)[1:-1] not in out
+
+
+# ------------------------------------------------------------------ librdkafka lines
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _rdkafka(logger: logging.Logger, broker: str) -> None:
+    # How confluent-kafka calls the `logger` setting: log(level, fmt, facility, client, text).
+    logger.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1",
+               f"{broker}/bootstrap: Connect to ipv4#{broker} failed: Connection refused")
+
+
+def test_repeated_broker_errors_are_one_line_per_broker_per_interval(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from consumer.logs import RateLimit
+
+    configure_logging("INFO", "json")
+    clock = Clock()
+    logger = logging.getLogger("librdkafka-test")
+    limit = RateLimit(10.0, clock)
+    logger.addFilter(limit)
+    try:
+        for _ in range(45):  # about one second of a broker that is down
+            _rdkafka(logger, "kafka-0:9092")
+            _rdkafka(logger, "kafka-1:9092")
+            clock.now += 0.02
+        clock.now += 10
+        _rdkafka(logger, "kafka-0:9092")
+    finally:
+        logger.removeFilter(limit)
+    docs = [json.loads(x) for x in lines(capsys)]
+    assert [d["message"].split("/", 1)[0] for d in docs] == [
+        "FAIL [rdkafka#consumer-1] kafka-0:9092", "FAIL [rdkafka#consumer-1] kafka-1:9092",
+        "FAIL [rdkafka#consumer-1] kafka-0:9092"]
+    assert docs[2]["message"].endswith("(44 similar lines suppressed)")
+    assert all(d["level"] == "error" and d["logger"] == "librdkafka-test" for d in docs)
+
+
+def test_librdkafka_logger_is_one_rate_limited_logger() -> None:
+    from consumer.logs import RateLimit, librdkafka_logger
+
+    first, second = librdkafka_logger(), librdkafka_logger()
+    assert first is second and first.name == "librdkafka"
+    assert sum(isinstance(f, RateLimit) for f in first.filters) == 1

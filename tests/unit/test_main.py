@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-import io
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from consumer.__main__ import main
+
+
+def cli(argv: list[str], env: dict[str, str], stdin: bytes = b"",
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `python -m consumer ...` as a subprocess with only ``env`` configured."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_"))}
+    proc = subprocess.run([sys.executable, "-m", "consumer", *argv], input=stdin,
+                          env={**clean, **env}, capture_output=True, timeout=timeout,
+                          check=False)
+    return subprocess.CompletedProcess(proc.args, proc.returncode,
+                                       proc.stdout.decode("utf-8", "replace"),
+                                       proc.stderr.decode("utf-8", "replace"))
 
 GOOD = {
     "USERPILOT_API_KEY": "wt-secret-123",
@@ -56,26 +71,149 @@ def test_check_config_lists_every_problem_and_exits_2(
     assert "wt-secret-123" not in err
 
 
-def test_explain_needs_no_connection_settings_and_redacts_the_token(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:
-    _env(monkeypatch, {"USERPILOT_API_KEY": "wt-secret-123"})
+def test_explain_needs_no_connection_settings_and_redacts_the_token() -> None:
     event = {"type": "track", "event": "Feature Used", "userId": "user_001",
              "properties": {"feature": "export_csv", "feature_id": "feat_017",
                             "context": "reports_dashboard"},
              "context": {"consent": {"analytics": True}}, "messageId": "m-1"}
     anonymous = {**event, "userId": None, "messageId": "m-2"}
-    monkeypatch.setattr(sys, "stdin", io.StringIO(
-        json.dumps(event) + "\n" + json.dumps(anonymous) + "\nnot json\n"))
-    assert main(["explain"]) == 0
-    out = capsys.readouterr().out
-    lines = [json.loads(x) for x in out.splitlines()]
+    result = cli(["explain"], {"USERPILOT_API_KEY": "wt-secret-123"},
+                 (json.dumps(event) + "\n" + json.dumps(anonymous) + "\nnot json\n").encode())
+    assert result.returncode == 1  # one line is not valid
+    lines = [json.loads(x) for x in result.stdout.splitlines()]
     assert lines[0]["decision"] == "deliver"
     assert lines[0]["request"]["headers"]["Authorization"] == "Token ***"
     assert lines[0]["request"]["body"] == {
         "user_id": "user_001", "event_name": "feature_used",
         "metadata": {"feature": "export_csv", "feature_id": "feat_017",
                      "context": "reports_dashboard"}}
-    assert lines[1] == {"messageId": "m-2", "decision": "drop", "reason": "anonymous"}
+    assert lines[1] == {"line": 2, "event": "Feature Used", "messageId": "m-2",
+                        "decision": "drop", "reason": "anonymous"}
     assert lines[2]["decision"] == "dead_letter" and lines[2]["line"] == 3
-    assert "wt-secret-123" not in out
+    assert "wt-secret-123" not in result.stdout + result.stderr
+
+
+ISSUE_EXAMPLE = (
+    b'{"type":"track","event":"Feature Used","userId":"u1","properties":{"n":"\\ud83d"},'
+    b'"context":{"consent":{"analytics":true}}}\n'
+)
+
+
+def test_explain_the_lone_surrogate_from_the_issue_is_delivered_replaced() -> None:
+    result = cli(["explain"], {}, ISSUE_EXAMPLE)
+    assert result.returncode == 0, result.stderr
+    (doc,) = [json.loads(x) for x in result.stdout.splitlines()]
+    assert doc["decision"] == "deliver"
+    assert doc["request"]["body"]["metadata"] == {"n": "\ufffd"}
+    assert doc["replaced_surrogates"] == 1
+
+
+@pytest.mark.parametrize(("data", "fragment"), [
+    (b"\xef\xbb\xbf" + ISSUE_EXAMPLE, "byte order mark"),
+    (b"\xff\xfe{}\n", "not UTF-8"),
+    (b"[" * 5000 + b"]" * 5000 + b"\n", "nested deeper"),
+    (b'{"type":"track","event":"Feature Used","userId":"u","properties":{"a":'
+     + b"[" * 300 + b"]" * 300 + b'},"context":{"consent":{"analytics":true}}}\n',
+     "nested deeper"),
+    (b'{"type":"track","bogus":1}\n', "bogus"),
+    (b"\x00\x01\n", "not JSON"),
+    (b'{"type":"track","\\ud800":1}\n', "unknown field"),
+])
+def test_explain_bad_lines_are_one_line_each_and_later_lines_still_explained(
+    data: bytes, fragment: str,
+) -> None:
+    result = cli(["explain"], {}, data + ISSUE_EXAMPLE)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    first, second = (json.loads(x) for x in result.stdout.splitlines())
+    assert first["line"] == 1 and first["decision"] == "dead_letter"
+    assert fragment in first["reason"]
+    assert second["line"] == 2 and second["decision"] == "deliver"
+
+
+def test_explain_ignores_common_envelope_fields() -> None:
+    event = (b'{"type":"track","event":"Feature Used","userId":"u","channel":"server",'
+             b'"integrations":{"All":true},"originalTimestamp":"2024-01-01T00:00:00Z",'
+             b'"version":2,"context":{"consent":{"analytics":true}}}\n')
+    result = cli(["explain"], {}, event)
+    assert result.returncode == 0, result.stdout
+    (doc,) = [json.loads(x) for x in result.stdout.splitlines()]
+    assert doc["decision"] == "deliver"
+    assert doc["ignored"] == ["channel", "integrations", "originalTimestamp", "version"]
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/events.jsonl", "/"])
+def test_explain_unreadable_file_is_one_line(path: str) -> None:
+    result = cli(["explain", "--file", path], {})
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {path}:")
+
+
+# ------------------------------------------------------------- check-config refuses what run does
+
+RUN_ENV = {"USERPILOT_API_KEY": "wt-secret-123",
+           "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.io",
+           "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "KAFKA_TOPICS": "t",
+           "SCHEMA_REGISTRY_URL": "http://127.0.0.1:1", "WORKER_METRICS_PORT": "0"}
+
+REFUSED = [
+    ({"KAFKA_TOPIC": "t"}, "did you mean KAFKA_TOPICS?"),
+    ({"KAFKA_SESSION_TIMEOUT_MS": "soon"}, "session.timeout.ms"),
+    ({"KAFKA_ACKS": "1"}, "acks"),
+    ({"KAFKA_ENABLE_AUTO_COMMIT": "true"}, "manages itself"),
+    ({"USERPILOT_CONSENT_CATEGORIES": "none,analytics"}, "alone disables"),
+    ({"USERPILOT_CONSENT_CATEGORIES": "analytcs"}, "did you mean analytics?"),
+    ({"USERPILOT_API_TOKEN": "x"}, "did you mean USERPILOT_API_KEY?"),
+    ({"WORKER_MAX_INFLIGHT": "5"}, "did you mean WORKER_MAX_IN_FLIGHT?"),
+    ({"USERPILOT_API_KEY": "wt_é"}, "cannot be sent in an HTTP header"),
+    ({"USERPILOT_API_KEY_FILE": "/nonexistent"}, "keep one"),
+    ({"USERPILOT_MAX_METADATA_BYTES": "10"}, "out of range"),
+    ({"USERPILOT_MAPPINGS_FILE": "/nonexistent.json"}, "USERPILOT_MAPPINGS_FILE"),
+]
+
+
+@pytest.mark.parametrize(("over", "fragment"), REFUSED)
+def test_check_config_refuses_what_run_refuses(over: dict[str, str], fragment: str) -> None:
+    """Each setting that stops `run` at start-up stops `check-config` with the same line."""
+    checked = cli(["check-config"], {**RUN_ENV, **over})
+    ran = cli(["run"], {**RUN_ENV, **over})
+    assert checked.returncode == ran.returncode == 2, (checked.stderr, ran.stderr)
+    assert fragment in checked.stderr
+    assert checked.stderr.strip() == ran.stderr.strip()
+    assert "Traceback" not in checked.stderr + ran.stderr
+    assert "wt-secret-123" not in checked.stderr + ran.stderr
+
+
+def test_check_config_notes_ignored_kafka_tooling_variables() -> None:
+    result = cli(["check-config"], {**RUN_ENV, "KAFKA_OPTS": "-Xmx1g",
+                                    "KAFKA_HEAP_OPTS": "-Xms1g"})
+    assert result.returncode == 0, result.stderr
+    assert "note: KAFKA_OPTS ignored" in result.stderr
+    assert json.loads(result.stdout)["kafka"]["extra"] == {}
+
+
+def test_mappings_preset_is_case_insensitive(tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    path.write_text('{"preset": "Default", "events": {"Order Completed": "order_completed"}}')
+    result = cli(["check-config"], {**RUN_ENV, "USERPILOT_MAPPINGS_FILE": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["mappings"]["events"]["preset"] == "default"
+
+
+def test_explain_never_prints_a_traceback_on_random_input() -> None:
+    import random
+
+    rng = random.Random(10)
+    pieces = [b"{", b"}", b"[", b"]", b'"', b"\\u", b"d800", b":", b",", b"null", b"1e999",
+              b'"type"', b'"track"', b'"userId"', b'"properties"', b"\xff", b"\xef\xbb\xbf",
+              b"NaN", b"-", b"0", b"\t", b"\x00"]
+    lines = [b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 40)))
+             for _ in range(400)]
+    lines += [b'{"type":"track","event":"Feature Used","userId":"u","properties":'
+              + b"".join(rng.choice(pieces) for _ in range(30)) + b"}" for _ in range(100)]
+    result = cli(["explain"], {}, b"\n".join(lines) + b"\n")
+    assert result.returncode in (0, 1)
+    assert result.stderr == ""
+    numbers = [json.loads(x)["line"] for x in result.stdout.splitlines()]
+    assert numbers == sorted(numbers) and len(numbers) > 400

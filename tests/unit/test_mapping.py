@@ -196,8 +196,10 @@ def test_mapping_set_refuses_duplicate_normalised_names() -> None:
             {"plan_tier": "pro", "plan_limits_seats": 5},
         ),
         ({"plan": {}}, {}),
-        ({"plan": {"tags": ["a"], "x": {"y": [1]}}}, {}),
-        ({"tags": ["a", "b"], "ids": [1], "objs": [{"a": 1}]}, {}),
+        ({"plan": {"tags": ["a"], "x": {"y": [1]}}}, {"plan_tags": "a", "plan_x_y": "1"}),
+        ({"tags": ["a", "b"], "ids": [1], "objs": [{"a": 1}]}, {"tags": "a,b", "ids": "1"}),
+        ({"mixed": ["a", 1, 2.5, True, None], "empty": [], "nested": [[1]]},
+         {"mixed": "a,1,2.5,true", "empty": ""}),
         ({"m": {"n": None}}, {"m_n": None}),
         ({"odd": {1: "one"}}, {"odd_1": "one"}),
         ({"s": {1, 2}, "t": (1, 2), "b": b"x"}, {}),
@@ -226,9 +228,9 @@ def test_collision_between_nested_keys_first_wins() -> None:
     assert metadata(props) == {"a_b_c": 1}
 
 
-def test_top_level_non_primitive_does_not_block_nested() -> None:
+def test_top_level_array_is_joined_and_nan_does_not_block_nested() -> None:
     props = {"plan_tier": [1, 2], "plan": {"tier": "pro"}, "x_y": math.nan, "x": {"y": 3}}
-    assert metadata(props) == {"plan_tier": "pro", "x_y": 3}
+    assert metadata(props) == {"plan_tier": "1,2", "x_y": 3}
 
 
 def test_deep_nesting_is_bounded() -> None:
@@ -483,7 +485,7 @@ def test_fields_pick_list_index_and_drop_arrays() -> None:
                     "neg": "properties.products.-1.id"}},
         name="Order Completed",
     )
-    assert build_track_payload(event, rule)["metadata"] == {"second": "b"}
+    assert build_track_payload(event, rule)["metadata"] == {"second": "b", "tags": "x"}
 
 
 def test_custom_file_semantics() -> None:
@@ -726,3 +728,64 @@ def test_random_inputs_always_give_primitive_metadata() -> None:
                 assert isinstance(key, str)
                 assert _is_wire_primitive(value), (key, value)
             json.dumps(payload, allow_nan=False)
+
+
+# ------------------------------------------------------------------ omitted, limits, preset
+
+
+def test_left_out_fields_are_reported() -> None:
+    from consumer.mapping import build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    built = build_payload(track("Feature Used", {
+        "objs": [{"a": 1}], "deep": {"x": [[1]]}, "nan": math.nan, "ok": "yes"}), rule)
+    assert built.body["metadata"] == {"ok": "yes"}
+    assert built.omitted == ("objs", "deep_x", "nan")
+    assert built.truncated == ()
+
+
+def test_metadata_over_the_size_limit_loses_its_largest_fields() -> None:
+    from consumer.mapping import TRUNCATED_KEY, build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    props = {"small": "s", "big": "b" * 3000, "medium": "m" * 600, "n": 5}
+    built = build_payload(track("Feature Used", props), rule, max_bytes=1024, max_keys=100)
+    assert built.body["metadata"] == {"small": "s", "medium": "m" * 600, "n": 5,
+                                      TRUNCATED_KEY: 1}
+    assert built.truncated == ("big",)
+    size = len(json.dumps(built.body["metadata"]).encode())
+    assert size <= 1024
+
+
+def test_metadata_over_the_key_limit_is_cut_to_it() -> None:
+    from consumer.mapping import TRUNCATED_KEY, build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    props = {f"k{i:02d}": "v" * i for i in range(20)}
+    built = build_payload(track("Feature Used", props), rule, max_bytes=65536, max_keys=10)
+    meta = built.body["metadata"]
+    assert len(meta) == 10 and meta[TRUNCATED_KEY] == 11
+    assert set(built.truncated) == {f"k{i:02d}" for i in range(9, 20)}  # the largest went
+
+
+def test_a_payload_within_the_limits_is_untouched() -> None:
+    from consumer.mapping import build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    props = {"a" * 100: "é" * 1000}
+    assert build_payload(track("Feature Used", props), rule).body["metadata"] == props
+
+
+@pytest.mark.parametrize("preset", ["Default", "DEFAULT", " default ", "None"])
+def test_preset_name_is_case_insensitive(preset: str) -> None:
+    assert load_mappings({"preset": preset}).preset == preset.strip().lower()
+
+
+def test_unknown_preset_is_one_message() -> None:
+    with pytest.raises(MappingsError) as info:
+        load_mappings({"preset": "Defualt", "events": {"Lead Generated": False}})
+    assert len(info.value.problems) == 1

@@ -60,3 +60,14 @@ def test_encode_lines_gives_wire_format_that_decodes_back() -> None:
     for (_, value), item in zip(encoded, parsed, strict=True):
         assert codec.split_wire(value)[0] == 42
         assert codec.decode(value, lambda _id: codec.SCHEMA) == item.event
+
+
+def test_parse_lines_reports_bad_bytes_and_deep_nesting_by_line() -> None:
+    from consumer.produce import ProduceError, parse_lines
+
+    good = b'{"type":"track","event":"E","userId":"u"}'
+    with pytest.raises(ProduceError) as info:
+        parse_lines([good, b"\xff\xfe", b"[" * 100000 + b"]" * 100000, good], "f.jsonl")
+    text = str(info.value)
+    assert "2 invalid line(s); nothing was sent" in text
+    assert "f.jsonl:2: not UTF-8 text" in text and "f.jsonl:3: not JSON" in text

@@ -148,6 +148,10 @@ Deployment, so every render runs them.
 {{- if not $v.kafka.topics }}
 {{- fail "kafka.topics must list at least one source topic" }}
 {{- end }}
+{{- /* Last, so the other guards name their own mistake first. */}}
+{{- if and (not $v.userpilot.apiKey) (not $v.userpilot.existingSecret) }}
+{{- fail "userpilot.existingSecret (recommended) or userpilot.apiKey is required: the worker cannot start without the Userpilot write token" }}
+{{- end }}
 {{- end }}
 
 {{/*

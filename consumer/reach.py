@@ -1,0 +1,128 @@
+"""Can the worker reach its services? Bounded-time probes with one-line answers.
+
+An adapter (network I/O). `check-config --online`, `produce`, `replay` and `demo` call these
+before they start, so an unreachable broker, registry or Userpilot host is one clear line
+within ``timeout`` seconds, never a traceback or a hang. Each probe returns ``None`` when
+the service answered as expected, or the problem as one line.
+
+The Userpilot probe proves the token without recording anything: a Track with an empty
+body. Userpilot checks the token before the body, so 400 means the token is good, 401/403
+a wrong token (often the read token), 404 a wrong host or path.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from confluent_kafka import KafkaException, Producer
+
+__all__ = ["kafka", "registry", "resolve", "services", "userpilot"]
+
+_SILENT = logging.getLogger("consumer.reach.librdkafka")
+_SILENT.addHandler(logging.NullHandler())
+_SILENT.propagate = False  # connection errors are summed up in the one line we return
+
+
+def resolve(host_port: str) -> str | None:
+    """None when the host name resolves; otherwise why not."""
+    host = host_port.rsplit(":", 1)[0] if host_port.count(":") == 1 else host_port
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as exc:
+        return f"cannot resolve {host!r}: {exc}"
+    return None
+
+
+def userpilot(track_url: str, headers: Mapping[str, str], timeout: float,
+              verify: Any = True) -> str | None:
+    """Prove host and token with an empty Track (Userpilot answers 400, records nothing)."""
+    host = urlsplit(track_url).netloc
+    unresolved = resolve(host)
+    if unresolved is not None:
+        return f"Userpilot host {unresolved}: check USERPILOT_ANALYTICS_ENDPOINT"
+    try:
+        response = httpx.post(track_url, content=b"{}", headers=dict(headers),
+                              timeout=timeout, verify=verify)
+    except httpx.HTTPError as exc:
+        return f"Userpilot at {host} did not answer within {timeout:g} s ({type(exc).__name__})"
+    status = response.status_code
+    if status == 400:
+        return None
+    if status in (401, 403):
+        return (f"Userpilot at {host} refused the token ({status}): use the application "
+                "write token from the Environment page (not the read/export token)")
+    if status == 404:
+        return (f"Userpilot at {host} has no /v1/track (404): wrong host; check "
+                "USERPILOT_ANALYTICS_ENDPOINT")
+    if 200 <= status < 300:
+        return None  # accepted an empty body: the token works
+    return f"Userpilot at {host} answered {status} to a token check: try again later"
+
+
+def kafka(conf: Mapping[str, Any], timeout: float,
+          topics: Iterable[str] = ()) -> str | None:
+    """Reach the brokers with the worker's own librdkafka settings; check topics exist."""
+    settings = {**conf, "logger": _SILENT}
+    settings.pop("group.id", None)
+    bootstrap = settings.get("bootstrap.servers", "")
+    try:
+        producer = Producer(settings)
+    except KafkaException as exc:
+        return f"Kafka client refused the configuration: {exc.args[0]}"
+    try:
+        metadata = producer.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        text = err.str() if hasattr(err, "str") else str(err)
+        return (f"Kafka at {bootstrap} not reachable within {timeout:g} s ({text}): check "
+                "KAFKA_BOOTSTRAP_SERVERS and the KAFKA_* security settings")
+    finally:
+        producer.flush(0)
+    missing = [t for t in topics if t not in metadata.topics]
+    if missing:
+        return f"Kafka at {bootstrap} has no topic {', '.join(repr(t) for t in missing)}"
+    return None
+
+
+def registry(url: str, user_info: str | None, timeout: float) -> str | None:
+    """Reach the schema registry (``GET /subjects``) with the worker's credentials."""
+    auth = None
+    if user_info:
+        user, _, password = user_info.partition(":")
+        auth = (user, password)
+    parts = urlsplit(url)
+    shown = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()  # no password
+    started = time.monotonic()
+    try:
+        response = httpx.get(url.rstrip("/") + "/subjects", auth=auth, timeout=timeout)
+    except httpx.HTTPError as exc:
+        waited = time.monotonic() - started
+        return (f"schema registry at {shown} not reachable ({type(exc).__name__} after "
+                f"{waited:.1f} s): check SCHEMA_REGISTRY_URL")
+    if response.status_code in (401, 403):
+        return (f"schema registry at {shown} refused the credentials "
+                f"({response.status_code}): check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
+    if response.status_code >= 300:
+        return (f"schema registry at {shown} answered {response.status_code} to GET "
+                "/subjects: check SCHEMA_REGISTRY_URL (include the API path)")
+    return None
+
+
+def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[str] = (),
+             registry_url: str | None = None,
+             registry_auth: str | None = None) -> list[str]:
+    """Start-up check of a command: Kafka (and topics), then the registry if given.
+
+    Empty when everything answered within ``timeout`` seconds each; otherwise one line per
+    unreachable service. ``produce`` uses it; ``replay`` and ``demo`` should too.
+    """
+    problems = [kafka(kafka_conf, timeout, topics)]
+    if registry_url is not None:
+        problems.append(registry(registry_url, registry_auth, timeout))
+    return [p for p in problems if p is not None]

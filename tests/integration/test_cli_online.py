@@ -1,0 +1,156 @@
+"""`check-config --online` and `produce` against real and unreachable services (subprocesses).
+
+The Userpilot side is the sandbox, run in-process (it answers like Userpilot: 401/403 for
+a wrong token, 400 for an empty Track with a good one).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+from consumer.sandbox import SandboxControl, SandboxThread
+from tests.conftest import create_topic
+from tests.integration.harness import READ_TOKEN, REPO, worker_env
+
+Sandbox = tuple[SandboxThread, SandboxControl]
+EVENT = b'{"type":"track","event":"Feature Used","userId":"u"}\n'
+
+
+def cli(argv: list[str], env: dict[str, str], stdin: bytes = b"",
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_"))}
+    proc = subprocess.run([sys.executable, "-m", "consumer", *argv], input=stdin,
+                          env={**clean, **env}, capture_output=True, timeout=timeout,
+                          cwd=REPO, check=False)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(),
+                                       proc.stderr.decode())
+
+
+@pytest.fixture
+def online_env(kafka_bootstrap: str, schema_registry_url: str,
+               topic_factory: Callable[..., str], sandbox: Sandbox) -> dict[str, str]:
+    server, _ = sandbox
+    topic = topic_factory(partitions=1)
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-g")
+    create_topic(kafka_bootstrap, f"{topic}.userpilot.dlq")
+    return env
+
+
+def test_online_all_good(online_env: dict[str, str]) -> None:
+    result = cli(["check-config", "--online", "--timeout", "5"], online_env)
+    assert result.returncode == 0, result.stderr
+    for name in ("userpilot", "kafka", "schema registry"):
+        assert f"online OK: {name}" in result.stderr
+
+
+def test_online_the_token_check_records_nothing(online_env: dict[str, str],
+                                                sandbox: Sandbox) -> None:
+    _, control = sandbox
+    assert cli(["check-config", "--online"], online_env).returncode == 0
+    assert control.requests("/v1/track") == []
+
+
+@pytest.mark.parametrize(("token", "status"), [(READ_TOKEN, "403"), ("wt_wrong", "401")],
+                         ids=["read-token", "unknown-token"])
+def test_online_wrong_token_exits_9(online_env: dict[str, str], token: str,
+                                    status: str) -> None:
+    result = cli(["check-config", "--online"], {**online_env, "USERPILOT_API_KEY": token})
+    assert result.returncode == 9, result.stderr
+    assert f"refused the token ({status})" in result.stderr
+    assert token not in result.stderr + result.stdout
+
+
+def test_online_wrong_host_exits_9(online_env: dict[str, str], schema_registry_url: str) -> None:
+    """A host that is not Userpilot answers 404 on /v1/track (here: the registry's host)."""
+    host = schema_registry_url.split("://", 1)[1].split("/", 1)[0]
+    result = cli(["check-config", "--online"],
+                 {**online_env, "USERPILOT_ANALYTICS_ENDPOINT": host})
+    assert result.returncode == 9, result.stderr
+    assert "wrong host" in result.stderr
+
+
+def test_online_unresolvable_host_exits_9(online_env: dict[str, str]) -> None:
+    result = cli(["check-config", "--online"],
+                 {**online_env, "USERPILOT_ANALYTICS_ENDPOINT": "no-such-host.invalid"})
+    assert result.returncode == 9
+    assert "cannot resolve" in result.stderr
+
+
+def test_online_kafka_down_exits_10_within_the_timeout(online_env: dict[str, str]) -> None:
+    started = time.monotonic()
+    result = cli(["check-config", "--online", "--timeout", "3"],
+                 {**online_env, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
+    assert result.returncode == 10, result.stderr
+    assert time.monotonic() - started < 30
+    assert "online FAILED: kafka: Kafka at 127.0.0.1:1 not reachable within 3 s" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_online_missing_topics_exit_10(online_env: dict[str, str]) -> None:
+    result = cli(["check-config", "--online"], {**online_env, "KAFKA_TOPICS": "no-such-topic-x1"})
+    assert result.returncode == 10
+    assert "has no topic 'no-such-topic-x1'" in result.stderr
+
+
+def test_online_registry_down_exits_12(online_env: dict[str, str]) -> None:
+    result = cli(["check-config", "--online"],
+                 {**online_env, "SCHEMA_REGISTRY_URL": "http://127.0.0.1:1"})
+    assert result.returncode == 12, result.stderr
+    assert "schema registry at http://127.0.0.1:1 not reachable" in result.stderr
+
+
+def test_online_everything_wrong_exits_15(online_env: dict[str, str]) -> None:
+    result = cli(["check-config", "--online", "--timeout", "2"],
+                 {**online_env, "USERPILOT_API_KEY": "wt_wrong",
+                  "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+                  "SCHEMA_REGISTRY_URL": "http://127.0.0.1:1"})
+    assert result.returncode == 15
+
+
+# ------------------------------------------------------------------ produce
+
+
+def test_produce_with_kafka_down_is_one_line_within_the_timeout(
+    schema_registry_url: str,
+) -> None:
+    started = time.monotonic()
+    result = cli(["produce", "--topic", "t", "--timeout", "3"],
+                 {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+                  "SCHEMA_REGISTRY_URL": schema_registry_url}, EVENT)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 30
+    assert result.stderr.startswith("error: nothing was sent: Kafka at 127.0.0.1:1 not "
+                                    "reachable within 3 s")
+    assert result.stderr.count("\n") == 1
+
+
+def test_produce_with_the_registry_down_is_one_line(kafka_bootstrap: str) -> None:
+    result = cli(["produce", "--topic", "t"],
+                 {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+                  "SCHEMA_REGISTRY_URL": "http://127.0.0.1:1"}, EVENT)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: nothing was sent: schema registry at "
+                                    "http://127.0.0.1:1 not reachable")
+    assert result.stderr.count("\n") == 1
+
+
+def test_produce_refuses_kafka_settings_run_refuses(kafka_bootstrap: str,
+                                                    schema_registry_url: str) -> None:
+    result = cli(["produce", "--topic", "t"],
+                 {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+                  "SCHEMA_REGISTRY_URL": schema_registry_url, "KAFKA_TOPIC": "x"}, EVENT)
+    assert result.returncode == 2
+    assert "did you mean KAFKA_TOPICS?" in result.stderr
+
+
+def test_produce_help_states_the_bound() -> None:
+    result = cli(["produce", "--help"], {})
+    assert result.returncode == 0
+    assert "within --timeout seconds" in " ".join(result.stdout.split())
