@@ -25,8 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
-from consumer.mapping import Primitive
-from consumer.mapping import _derived_metadata as _mapping_derived_metadata
+from consumer.mapping import Primitive, flatten_properties
 
 __all__ = [
     "COMPANY_IDENTIFY_PATH",
@@ -146,7 +145,7 @@ def flatten_traits(traits: Mapping[str, Any]) -> dict[str, Primitive]:
     A top-level primitive wins over a flattened key of the same name; nested objects
     become ``parent_child`` keys; arrays are handled as for Track properties.
     """
-    return _mapping_derived_metadata({"properties": dict(traits)}, False)
+    return flatten_properties(traits)
 
 
 def _created_at(metadata: dict[str, Primitive]) -> None:

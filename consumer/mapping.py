@@ -53,6 +53,7 @@ __all__ = [
     "PropertySelection",
     "build_payload",
     "build_track_payload",
+    "flatten_properties",
     "load_mappings",
     "normalize_event_name",
 ]
@@ -355,6 +356,18 @@ def _summary(props: Mapping[Any, Any], array_key: str, items: list[Any]) -> dict
             summary["currency"] = currency
     summary[f"{array_key}_count"] = len(items)
     return summary
+
+
+def flatten_properties(
+    props: Mapping[str, Any], omitted: list[str] | None = None
+) -> dict[str, Primitive]:
+    """Free-form properties or traits → primitive metadata, by Track's flattening rules.
+
+    Public so identify and group traits are flattened exactly like Track properties;
+    `omitted` collects the fields left out (arrays of objects, too deep, NaN).
+    """
+    return _derived_metadata({"properties": dict(props)}, False,
+                             omitted if omitted is not None else [])
 
 
 def _derived_metadata(

@@ -97,7 +97,7 @@ def test_company_object_with_id_becomes_identify_company() -> None:
                                          "address": {"city": "Paris"}, "tags": ["x"]}}
     payload = identify_payload(identify(traits=traits))
     assert payload["company"] == {COMPANY_KEY: "acme", "name": "Acme", "plan": "ent",
-                                  "address_city": "Paris"}
+                                  "address_city": "Paris", "tags": "x"}
     assert payload["metadata"] == {"name": "Jane"}  # the company is not a user trait too
 
 
@@ -334,7 +334,8 @@ def test_known_users_matches_a_reference_lru(ops: list[tuple[str, str]], capacit
 
 
 def test_flatten_traits_is_the_track_rule() -> None:
-    assert flatten_traits({"a": {"b": 1}, "c": [1], "d": "x"}) == {"a_b": 1, "d": "x"}
+    assert flatten_traits({"a": {"b": 1}, "c": [1, 2], "d": "x", "e": [{"f": 1}]}) == {
+        "a_b": 1, "c": "1,2", "d": "x"}
 
 
 def test_call_is_plain_frozen_data() -> None:
