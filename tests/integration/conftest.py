@@ -17,3 +17,12 @@ def sandbox() -> Iterator[tuple[SandboxThread, SandboxControl]]:
                            rate_limit=0)
     with SandboxThread(config) as server:
         yield server, SandboxControl(server.url)
+
+
+from tests.integration.redis_fixtures import (  # noqa: E402  (real Redis fixtures)
+    redis_owned,
+    redis_session,
+    redis_url,
+)
+
+__all__ = ["redis_owned", "redis_session", "redis_url", "sandbox"]
