@@ -26,8 +26,9 @@ retry is accepted too (no idempotency key can tell them apart); (c) a request ou
 claim TTL (claim TTL > request timeout prevents it unless the process stalls); (d) Redis is
 unreachable, lost its data (no persistence) or the record's TTL passed before the re-read.
 
-Memory: a confirmed record is one string key with a TTL, about 100 bytes in Redis 7
-(measured by tests/integration/test_redis_dedup.py; see its docstring).
+Memory: a confirmed record is one string key (62 bytes for a UUID messageId) with a TTL:
+197 bytes per id in Redis 7.0 (INFO used_memory delta over 100 000 ids, measured by
+tests/integration/test_redis_dedup.py); 600/min all day is about 170 MB per family at 24 h.
 """
 
 from __future__ import annotations
@@ -73,11 +74,12 @@ class DedupStore(Protocol):
 
 
 def dedup_key(token_digest: str, endpoint: str, message_id: str) -> str:
-    """The record's key; a long messageId is hashed so every key stays small."""
+    """The record's key: short on purpose (memory per id grows with it); a messageId
+    longer than 64 bytes is hashed."""
     mid = message_id
     if len(mid.encode()) > MAX_RAW_ID:
         mid = "#" + hashlib.sha256(mid.encode()).hexdigest()[:32]
-    return f"userpilot:dd:{endpoint}:{token_digest}:{mid}"
+    return f"ud:{endpoint}:{token_digest[:16]}:{mid}"
 
 
 class Deduplicator:
