@@ -20,9 +20,8 @@ def sandbox() -> Iterator[tuple[SandboxThread, SandboxControl]]:
 
 
 from tests.integration.redis_fixtures import (  # noqa: E402  (real Redis fixtures)
-    redis_owned,
-    redis_session,
     redis_url,
+    stoppable_redis,
 )
 
-__all__ = ["redis_owned", "redis_session", "redis_url", "sandbox"]
+__all__ = ["redis_url", "sandbox", "stoppable_redis"]
