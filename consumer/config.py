@@ -424,11 +424,19 @@ class RedisSettings:
     @property
     def redacted_url(self) -> str:
         """The URL with any user:password replaced, for check-config and logs."""
-        return re.sub(r"//[^/@]*@", "//***@", self.url.reveal(), count=1)
+        return _redact_redis_url(self.url.reveal())
 
     def describe(self) -> dict[str, Any]:
         return {"url": self.redacted_url, "tls": self.tls, "tls_ca_file": self.tls_ca_file,
                 "timeout_seconds": self.timeout_s, "dedup_ttl_seconds": self.dedup_ttl_s}
+
+
+def _redact_redis_url(raw: str) -> str:
+    """Everything before the last '@' but the scheme is credentials, even in a malformed URL."""
+    if "@" not in raw:
+        return raw
+    scheme, sep, _ = raw.partition("://")
+    return f"{scheme}{sep}***@{raw.rsplit('@', 1)[1]}" if sep else f"***@{raw.rsplit('@', 1)[1]}"
 
 
 def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
@@ -445,7 +453,7 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
                                    "REDIS_URL=rediss://host:6380/0 or remove it")
         return None, shared
     match = _REDIS_URL.match(raw)
-    shown = re.sub(r"//[^/@]*@", "//***@", raw, count=1)
+    shown = _redact_redis_url(raw)
     if match is None:
         hint = ("it must start with redis:// or rediss:// (TLS)" if "://" not in raw
                 or not raw.startswith(("redis://", "rediss://"))

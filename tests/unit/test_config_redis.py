@@ -62,9 +62,11 @@ def test_password_never_shown() -> None:
     text = json.dumps(s.describe()) + repr(s) + str(s.redis)
     assert PASSWORD not in text
     assert s.describe()["redis"]["url"] == "redis://***@redis:6379/0"
-    with pytest.raises(ConfigError) as info:
-        load_settings({**BASE, "REDIS_URL": f"redis://:{PASSWORD}@redis:70000/0"})
-    assert PASSWORD not in str(info.value)
+    for broken in (f"redis://:{PASSWORD}@redis:70000/0", f"redis:{PASSWORD}@redis",
+                   f"redis//:{PASSWORD}@redis", f"redis://:{PASSWORD}@/0"):
+        with pytest.raises(ConfigError) as info:
+            load_settings({**BASE, "REDIS_URL": broken})
+        assert PASSWORD not in str(info.value), broken
 
 
 def test_tls_ca_file_needs_rediss_and_a_readable_file(tmp_path: Path) -> None:
