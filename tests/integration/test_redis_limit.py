@@ -13,10 +13,14 @@ import time
 import uuid
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from consumer.config import load_settings
+from consumer.metrics import Metrics
 from consumer.ratelimit import AdaptiveLimiter
 from consumer.redisstore import RedisStore, token_digest
 from consumer.sharedlimit import SharedLimiter, budget_key
+from consumer.sharedstate import build_shared_state
 from tests.integration.redis_fixtures import StoppableRedis
 
 LIMIT = 20
@@ -135,3 +139,38 @@ def test_fallback_when_redis_stops_and_recovery_without_overshoot(
     down_at, up_at = marks
     assert any(down_at + 0.5 < t < up_at for t in sends), "fallback kept sending"
     assert any(t > up_at + 1.0 for t in sends), "shared budget resumed"
+
+
+def test_built_from_settings_metrics_follow_the_fallback(stoppable_redis: StoppableRedis) -> None:
+    """The worker's wiring (`build_shared_state`): gauge, counters and latency on real Redis."""
+    reg = CollectorRegistry()
+    settings = load_settings({
+        "USERPILOT_API_KEY": "wt_metrics", "USERPILOT_ANALYTICS_ENDPOINT": "a.example.com",
+        "KAFKA_BOOTSTRAP_SERVERS": "k:9092", "KAFKA_TOPICS": "t",
+        "SCHEMA_REGISTRY_URL": "http://r", "REDIS_URL": stoppable_redis.url,
+        "USERPILOT_RATE_LIMIT": "6000", "USERPILOT_RATE_PERIOD_SECONDS": "60",
+    })
+    state = build_shared_state(settings, Metrics(reg), ("track",))
+
+    def sample(name: str, **labels: str) -> float:
+        return reg.get_sample_value(name, labels) or 0.0
+
+    async def main() -> list[float]:
+        limiter = state.limiter("track")
+        seen = []
+        await limiter.acquire()
+        seen.append(sample("userpilot_rate_limiter_fallback", endpoint="track"))
+        await asyncio.to_thread(stoppable_redis.stop)
+        await limiter.acquire()
+        seen.append(sample("userpilot_rate_limiter_fallback", endpoint="track"))
+        await asyncio.to_thread(stoppable_redis.start)
+        await asyncio.sleep(1.1)  # one probe interval
+        await limiter.acquire()
+        seen.append(sample("userpilot_rate_limiter_fallback", endpoint="track"))
+        await state.close()
+        return seen
+
+    assert asyncio.run(main()) == [0.0, 1.0, 0.0]
+    assert sample("userpilot_rate_limiter_fallbacks_total", endpoint="track") == 1
+    assert sample("userpilot_redis_errors_total", operation="gcra") >= 1
+    assert sample("userpilot_redis_latency_seconds_count", operation="gcra") >= 3
