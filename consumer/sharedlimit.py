@@ -161,7 +161,9 @@ class SharedLimiter:
     async def _try_shared(self) -> tuple[bool, float] | None:
         """One Redis reservation; None when Redis failed (and we are on the fallback now)."""
         interval = self.interval_s
-        tolerance = interval * (self._burst - 1)
+        # The bucket's capacity is the token's burst at the full rate, whatever this
+        # replica's slow-down: a slowed replica's requests cost more, its burst not more.
+        tolerance = (self._burst - 1) / safe_rate(self._limit, self._period, self._burst)
         returning = self.on_fallback
         debt = self._recent_local_sends() if returning else 0
         try:

@@ -92,3 +92,20 @@ def test_probes_redis_at_most_every_probe_interval_on_the_fallback() -> None:
     # 20 local sends take ~40 ms + the initial hold: a handful of probes, not 20.
     assert 1 <= len(store.calls) <= 6
     assert switches == [True]
+
+
+def test_slow_down_costs_more_budget_per_request_but_not_more_burst() -> None:
+    store = ScriptedStore()
+    local = AdaptiveLimiter(600, 60.0, 10)
+    limiter = SharedLimiter(store, "k", 600, 60.0, 10, fallback=local)
+
+    async def main() -> None:
+        await limiter.acquire()
+        limiter.slow_down()
+        await limiter.acquire()
+
+    asyncio.run(main())
+    full, slowed = store.calls
+    assert slowed["interval_us"] == pytest.approx(2 * full["interval_us"], abs=1)
+    assert slowed["tolerance_us"] == full["tolerance_us"]
+    assert full["tolerance_us"] == pytest.approx(9 * full["interval_us"], abs=10)
