@@ -8,10 +8,15 @@ Per (token, endpoint, messageId) one Redis key moves through
                            └──release (definite failure)──▶ (none)
 
 - ``claim`` → `Outcome.SEND` (deliver), `Outcome.DUPLICATE` (already delivered: finish the
-  event without a request, counted as ``duplicate``) or `Outcome.BUSY` (another replica's
+  event without a request, counted as ``duplicate``) or `Outcome.BUSY` (another owner's
   attempt is under way: try again after ``retry_after_s``, when it is confirmed or its claim
-  has expired). Claiming one's own claim again extends it, so re-claim right before each
-  attempt.
+  has expired; not a failure, no attempt is spent). Claim once before the limiter (a
+  duplicate costs no budget) and again right before each request: re-claiming one's own
+  claim extends it, and an expired claim is simply taken again, so the claim TTL only has
+  to cover one request (default 2 × request timeout + 5 s).
+- ``owner`` must be unique per process and record (e.g. ``<instance>/<topic>/<partition>/
+  <offset>``): after a crash the re-reading replica then waits for the claim TTL instead of
+  racing a zombie's request.
 - ``confirm`` after any 2xx; ``release`` after an answer that proves nothing was accepted
   (4xx, 429, 5xx, a refused connection). After a timeout the claim is kept: the request
   may have been accepted, and the retry is this owner's anyway.

@@ -83,10 +83,10 @@ def build_shared_state(
             store, budget_key(digest, budget), settings.rate_limit, settings.rate_period_s,
             settings.rate_burst, fallback=local(), on_fallback=switched,
         )
-    # A claim must outlive the limiter wait and one request (it is renewed before each
-    # attempt); longer only delays a re-read after a crash.
-    claim = claim_ttl_s if claim_ttl_s is not None else (
-        2 * settings.request_timeout_s + settings.rate_period_s)
+    # A claim is renewed (re-claimed, atomically) right before each request, so it only
+    # has to outlive one request and its confirm; longer only delays, after a crash, the
+    # replica that re-reads the event.
+    claim = claim_ttl_s if claim_ttl_s is not None else 2 * settings.request_timeout_s + 5.0
     dedup = Deduplicator(store, digest, ttl_s=redis.dedup_ttl_s, claim_ttl_s=claim)
     return SharedState(limiters=limiters, dedup=dedup, store=store,
                        shared_budget=settings.rate_limit_shared, families=names)
