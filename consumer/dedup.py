@@ -5,7 +5,7 @@ Userpilot has no idempotency key, so a re-sent event (a crash or rebalance re-re
 Per (token, endpoint, messageId) one Redis key moves through
 
     (none) ──claim──▶ "c:<owner>"  (claim TTL) ──confirm (2xx)──▶ "d"  (REDIS_DEDUP_TTL_SECONDS)
-                           └──release (definite failure)──▶ (none)
+                           └──release (given up undelivered)──▶ (none)
 
 - ``claim`` → `Outcome.SEND` (deliver), `Outcome.DUPLICATE` (already delivered: finish the
   event without a request, counted as ``duplicate``) or `Outcome.BUSY` (another owner's
@@ -17,9 +17,10 @@ Per (token, endpoint, messageId) one Redis key moves through
 - ``owner`` must be unique per process and record (e.g. ``<instance>/<topic>/<partition>/
   <offset>``): after a crash the re-reading replica then waits for the claim TTL instead of
   racing a zombie's request.
-- ``confirm`` after any 2xx; ``release`` after an answer that proves nothing was accepted
-  (4xx, 429, 5xx, a refused connection). After a timeout the claim is kept: the request
-  may have been accepted, and the retry is this owner's anyway.
+- ``confirm`` after any 2xx. Across retries the claim is kept (the retry is this owner's;
+  after a timeout the request may even have been accepted). ``release`` when this owner
+  gives the event up undelivered: dead-lettered, or abandoned on revoke/shutdown before it
+  reached the wire, so the next owner need not wait for the claim TTL.
 - Redis unreachable → `Outcome.SEND` with ``degraded=True`` (delivered as without Redis,
   at least once) and counted by the caller.
 
