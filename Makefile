@@ -1,5 +1,5 @@
 # Entry points for developers and CI. `make test` is the one command CI runs (.ci/run):
-# it sets up everything on a fresh machine, starts Kafka + the schema registry, runs every
+# it sets up everything on a fresh machine, starts Kafka + the schema registry + Redis, runs every
 # check, and stops the services it started, also when a check fails.
 
 SHELL := /bin/bash
@@ -16,7 +16,7 @@ CTL = $(BIN)/python services/ctl.py
 
 .PHONY: sysdeps venv constraints test check lint typecheck ops-check pytest demo services-up services-down
 
-# Java, Maven, python3-venv: installed with apt when missing (CI runs as root).
+# Java, Maven, python3-venv, redis-server: installed with apt when missing (CI runs as root).
 sysdeps:
 	@bash services/sysdeps.sh
 
@@ -45,8 +45,8 @@ constraints:
 	@rm -rf $(LOCK_VENV)
 	@echo "constraints.txt refreshed: review the diff, run make test, commit"
 
-# $(call with-services,COMMAND): start (or reuse) Kafka + registry, run COMMAND with
-# KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL exported, then stop only what this call
+# $(call with-services,COMMAND): start (or reuse) Kafka + registry + Redis, run COMMAND with
+# KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL and REDIS_URL exported, then stop only what this call
 # started -- on success, failure or Ctrl-C alike.
 define with-services
 mkdir -p $(RUN); rec=$(RUN)/make-$@.started; rm -f "$$rec"; \

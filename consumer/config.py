@@ -38,7 +38,9 @@ __all__ = [
     "ENV_VARS",
     "FILE_SECRETS",
     "KAFKA_TOOLING",
+    "REDIS_ENV_VARS",
     "SECRET_KAFKA_KEYS",
+    "RedisSettings",
     "Secret",
     "Settings",
     "is_known_env_var",
@@ -48,7 +50,16 @@ __all__ = [
 
 API_VERSION = "2020-09-22"
 
-ENV_VARS: frozenset[str] = frozenset({
+REDIS_ENV_VARS: frozenset[str] = frozenset({
+    "REDIS_URL",
+    "REDIS_TLS_CA_FILE",
+    "REDIS_TIMEOUT_SECONDS",
+    "REDIS_DEDUP_TTL_SECONDS",
+    "USERPILOT_RATE_LIMIT_SHARED",
+})
+"""Optional shared state (issue 12): without REDIS_URL the worker behaves as before."""
+
+ENV_VARS: frozenset[str] = REDIS_ENV_VARS | frozenset({
     "USERPILOT_API_KEY",
     "USERPILOT_ANALYTICS_ENDPOINT",
     "USERPILOT_INSECURE_HTTP",
@@ -207,6 +218,8 @@ class Settings:
     replay_max: int
     notes: tuple[str, ...] = ()
     """Things ignored on purpose (e.g. Kafka tooling variables): print, do not refuse."""
+    redis: RedisSettings | None = None
+    rate_limit_shared: bool = False
 
     @property
     def track_url(self) -> str:
@@ -279,6 +292,8 @@ class Settings:
                               "max_consecutive": self.dlq_max_consecutive},
                 "replay_max": self.replay_max,
             },
+            "redis": self.redis.describe() if self.redis is not None else None,
+            "rate_limit_shared": self.rate_limit_shared,
         }
 
 
@@ -551,6 +566,88 @@ def _topics(reader: _Reader) -> tuple[str, ...]:
     return topics
 
 
+# --------------------------------------------------------------------- Redis (optional)
+
+_REDIS_URL = re.compile(
+    r"^(?P<scheme>rediss?)://(?:(?P<user>[^:@/]*)(?::(?P<password>[^@/]*))?@)?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/?#@\[\]]+)(?::(?P<port>\d{1,5}))?"
+    r"(?:/(?P<db>\d{0,2}))?(?P<query>\?[^#]*)?$"
+)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Where the replicas share their rate budget and delivered messageIds."""
+
+    url: Secret  # may carry a password: reveal only to the Redis client
+    tls: bool
+    tls_ca_file: str | None
+    timeout_s: float
+    dedup_ttl_s: float
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with any user:password replaced, for check-config and logs."""
+        return _redact_redis_url(self.url.reveal())
+
+    def describe(self) -> dict[str, Any]:
+        return {"url": self.redacted_url, "tls": self.tls, "tls_ca_file": self.tls_ca_file,
+                "timeout_seconds": self.timeout_s, "dedup_ttl_seconds": self.dedup_ttl_s}
+
+
+def _redact_redis_url(raw: str) -> str:
+    """Everything before the last '@' but the scheme is credentials, even in a malformed URL."""
+    if "@" not in raw:
+        return raw
+    scheme, sep, _ = raw.partition("://")
+    return f"{scheme}{sep}***@{raw.rsplit('@', 1)[1]}" if sep else f"***@{raw.rsplit('@', 1)[1]}"
+
+
+def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
+    """REDIS_* settings (None without REDIS_URL) and USERPILOT_RATE_LIMIT_SHARED."""
+    shared = reader.boolean("USERPILOT_RATE_LIMIT_SHARED", False)
+    timeout = reader.number("REDIS_TIMEOUT_SECONDS", 0.25, 0.0, 5.0)
+    ttl = reader.number("REDIS_DEDUP_TTL_SECONDS", 86400.0, 60.0, 30 * 86400.0,
+                        inclusive_low=True)
+    ca_file = reader.text("REDIS_TLS_CA_FILE")
+    raw = reader.text("REDIS_URL")
+    if raw is None:
+        if ca_file is not None:
+            reader.problems.append("REDIS_TLS_CA_FILE is set but REDIS_URL is not: set "
+                                   "REDIS_URL=rediss://host:6380/0 or remove it")
+        return None, shared
+    match = _REDIS_URL.match(raw)
+    shown = _redact_redis_url(raw)
+    if match is None:
+        hint = ("it must start with redis:// or rediss:// (TLS)" if "://" not in raw
+                or not raw.startswith(("redis://", "rediss://"))
+                else "use redis://[:password@]host[:port][/db]")
+        reader.problems.append(f"REDIS_URL={shown!r} is not a Redis URL: {hint}, "
+                               "e.g. redis://redis:6379/0")
+        return None, shared
+    port = match.group("port")
+    if port is not None and not 0 < int(port) < 65536:
+        reader.problems.append(f"REDIS_URL={shown!r} has an invalid port: use 1-65535")
+    db = match.group("db")
+    if db and int(db) > 15:
+        reader.problems.append(f"REDIS_URL={shown!r} selects database {db}: Redis has "
+                               "databases 0-15 by default")
+    tls = match.group("scheme") == "rediss"
+    if ca_file is not None:
+        if not tls:
+            reader.problems.append("REDIS_TLS_CA_FILE is set but REDIS_URL uses redis://: "
+                                   "use rediss:// for TLS, or remove REDIS_TLS_CA_FILE")
+        else:
+            try:
+                with open(ca_file, "rb"):
+                    pass
+            except OSError as exc:
+                reader.problems.append(f"REDIS_TLS_CA_FILE={ca_file!r} cannot be read "
+                                       f"({exc.strerror}): check the path and permissions")
+    return RedisSettings(url=Secret(raw), tls=tls, tls_ca_file=ca_file, timeout_s=timeout,
+                         dedup_ttl_s=ttl), shared
+
+
 _OFFLINE_DEFAULTS = {
     "USERPILOT_API_KEY": "unused-by-explain",
     "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.io",
@@ -666,6 +763,7 @@ def load_settings(
     dlq_window = r.integer("WORKER_DLQ_WINDOW", 100, 1, 1_000_000)
     dlq_consecutive = r.integer("WORKER_DLQ_MAX_CONSECUTIVE", 50, 1, 1_000_000)
     replay_max = r.integer("WORKER_REPLAY_MAX", 3, 0, 1000)
+    redis, rate_limit_shared = _redis(r)
 
     if not r.problems and check_clients and kafka_extra:
         from consumer.librdkafka import client_problem
@@ -694,4 +792,5 @@ def load_settings(
         log_format=cast(Literal["text", "json"], log_format),
         log_level=log_level, dlq_max_ratio=dlq_ratio, dlq_window=dlq_window,
         dlq_max_consecutive=dlq_consecutive, replay_max=replay_max, notes=tuple(r.notes),
+        redis=redis, rate_limit_shared=rate_limit_shared,
     )

@@ -14,8 +14,10 @@
     │   └── ConnectionFailed         reset, refused, DNS
     ├── Pause                        the whole integration is broken: stop sending, keep
     │   └── Misconfigured            offsets, probe with backoff (401, 403, 404)
-    └── Stop                         the worker must stop consuming, loudly
-        └── DlqGuardTripped          too many dead letters: a bad deploy, not bad events
+    ├── Stop                         the worker must stop consuming, loudly
+    │   └── DlqGuardTripped          too many dead letters: a bad deploy, not bad events
+    └── Degrade                      optional shared state is unavailable: carry on alone
+        └── SharedStateUnavailable   Redis unreachable: local limiter share, no dedup
 
 Secrets never enter a message: callers pass statuses and truncated bodies, never headers.
 """
@@ -26,6 +28,7 @@ __all__ = [
     "ConfigError",
     "ConnectionFailed",
     "DeadLetter",
+    "Degrade",
     "DlqGuardTripped",
     "InvalidEvent",
     "MappingError",
@@ -35,6 +38,7 @@ __all__ = [
     "Rejected",
     "Retry",
     "ServerError",
+    "SharedStateUnavailable",
     "Stop",
     "Timeout",
     "UndecodableEvent",
@@ -150,3 +154,14 @@ class Stop(WorkerError):
 
 class DlqGuardTripped(Stop):
     """Dead letters passed the configured ratio or run length."""
+
+
+class Degrade(WorkerError):
+    """Something optional failed; the worker keeps delivering as it would without it."""
+
+
+class SharedStateUnavailable(Degrade):
+    """Redis did not answer in time or refused: use the local limiter share, skip dedup.
+
+    The message names the Redis exception class only, never the URL (it may hold a password).
+    """

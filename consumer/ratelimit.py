@@ -114,6 +114,38 @@ class AdaptiveLimiter:
                 self._factor = min(1.0, self._factor + steps * self._recover_step)
                 self._last_cut += steps * self._recover_every
 
+    @property
+    def factor(self) -> float:
+        """The 429 slow-down factor now (1.0 = full rate), after any recovery due."""
+        self._recover(self._clock())
+        return self._factor
+
+    def peek(self) -> float:
+        """Seconds until the next slot, without reserving it (0 when it is free now)."""
+        now = self._clock()
+        self._recover(now)
+        rate = self.rate
+        if rate <= 0:
+            return 1.0
+        interval = 1.0 / rate
+        tolerance = interval * (effective_burst(self._limit, self._burst, self._share) - 1)
+        return max(0.0, max(self._tat, now) - tolerance - now)
+
+    def hold(self, delay_s: float) -> None:
+        """No slot before ``now + delay_s + one interval``, and no burst on top.
+
+        For taking over from another limiter (the shared budget) whose requests may still
+        fill the current window: starting with a full bucket keeps every window that spans
+        the switch within the limit.
+        """
+        now = self._clock()
+        rate = self.rate
+        if rate <= 0:
+            return
+        interval = 1.0 / rate
+        tolerance = interval * (effective_burst(self._limit, self._burst, self._share) - 1)
+        self._tat = max(self._tat, now + delay_s + interval + tolerance)
+
     def reserve(self) -> float:
         """Reserve the next slot; returns how many seconds to wait before sending."""
         now = self._clock()

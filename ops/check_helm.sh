@@ -446,7 +446,9 @@ def accepted_by_worker(
             env[e["name"]] = str(e["value"])
         elif ref:
             raw = secrets.get(ref["name"], {}).get(ref["key"], "")
-            placeholder = "user:password" if "USER_INFO" in e["name"] else "from-secret"
+            placeholder = ("user:password" if "USER_INFO" in e["name"]
+                           else "rediss://from-secret:6380/0" if e["name"] == "REDIS_URL"
+                           else "from-secret")
             env[e["name"]] = base64.b64decode(raw).decode() or placeholder
     for src in c.get("envFrom") or []:
         if "secretRef" in src and env.get("KAFKA_SASL_MECHANISM"):
@@ -460,6 +462,15 @@ def accepted_by_worker(
             local = Path(tmp) / filename
             local.write_text(maps.get(cm, {}).get(filename, ""))
             env["USERPILOT_MAPPINGS_FILE"] = str(local)
+        ca = env.get("REDIS_TLS_CA_FILE")
+        if ca:  # a file of the mounted CA Secret: the mount must exist, its content can't
+            directory, _, filename = ca.rpartition("/")
+            secret = (vols.get(mounts.get(directory, ""), {}).get("secret") or {})
+            if not secret.get("secretName"):
+                problems.append(f"{where}: REDIS_TLS_CA_FILE={ca} is not on a Secret mount")
+            local = Path(tmp) / f"redis-{filename}"
+            local.write_text("-----BEGIN CERTIFICATE-----\n")
+            env["REDIS_TLS_CA_FILE"] = str(local)
         try:
             load_settings(env)
         except ConfigError as exc:

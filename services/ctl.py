@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Start and stop a real single-node Kafka (KRaft) and Apicurio Registry on 127.0.0.1.
+"""Start and stop a real single-node Kafka (KRaft), Apicurio Registry and Redis on 127.0.0.1.
 
 Why this exists: tests, the demo and CI need the real broker and a Confluent-compatible
 schema registry, but the machine has no Docker and no internet beyond package registries.
@@ -9,12 +9,13 @@ Stdlib only, so it runs before the virtualenv exists. Downloads are cached in
 ``${XDG_CACHE_HOME:-~/.cache}/userpilot-worker/`` (shared by every clone on the machine);
 runtime state (data, pid files, logs) lives in ``<repo>/.run/services/``.
 
-    python3 services/ctl.py up [kafka|registry|all] [--record FILE]
-    python3 services/ctl.py down [kafka|registry|all] [--from FILE]
+    python3 services/ctl.py up [kafka|registry|redis|all] [--record FILE]
+    python3 services/ctl.py down [kafka|registry|redis|all] [--from FILE]
     python3 services/ctl.py status
     python3 services/ctl.py env [--export]
 
 Environment: KAFKA_PORT (19092; the controller uses KAFKA_PORT+1), REGISTRY_PORT (18081),
+REDIS_PORT (16379; Debian's ``redis-server``, which `make sysdeps` installs),
 SERVICES_START_TIMEOUT (seconds, 180), KAFKA_JAVA_OPTS / REGISTRY_JAVA_OPTS (extra JVM flags).
 
 Apicurio 3.0.9 rather than 3.3.x (the only other 3.x releases on Maven Central): 3.3.x is
@@ -57,7 +58,7 @@ REGISTRY_VERSION = "3.0.9"
 REGISTRY_ARTIFACT = f"io.apicurio:apicurio-registry-app:{REGISTRY_VERSION}:tar.gz:all"
 CCOMPAT_PATH = "/apis/ccompat/v7"
 HOST = "127.0.0.1"
-ALL = ("kafka", "registry")
+ALL = ("kafka", "registry", "redis")
 
 
 class ServiceError(RuntimeError):
@@ -88,6 +89,14 @@ def controller_port() -> int:
 
 def registry_port() -> int:
     return _env_int("REGISTRY_PORT", 18081)
+
+
+def redis_port() -> int:
+    return _env_int("REDIS_PORT", 16379)
+
+
+def redis_url(port: int | None = None) -> str:
+    return f"redis://{HOST}:{port or redis_port()}/0"
 
 
 def start_timeout() -> float:
@@ -229,6 +238,8 @@ class Service:
     @property
     def log_file(self) -> Path:
         """Kafka logs through log4j2 to its own file; Quarkus logs to the console file."""
+        if self.name == "redis":
+            return self.dir / "redis.log"
         return self.dir / "kafka.log" if self.name == "kafka" else self.console_file
 
     @property
@@ -238,15 +249,23 @@ class Service:
     @property
     def marker(self) -> str:
         """A JVM flag that tells our process apart from a stranger that reused the pid."""
+        if self.name == "redis":  # redis-server keeps its argv: its config file is the mark
+            return str(self.dir / "redis.conf")
         return f"-Duserpilot.service={self.name}@{RUN_DIR}"
 
     def wanted_port(self) -> int:
+        if self.name == "redis":
+            return redis_port()
         return kafka_port() if self.name == "kafka" else registry_port()
 
     def ports(self) -> list[int]:
+        if self.name == "redis":
+            return [redis_port()]
         return [kafka_port(), controller_port()] if self.name == "kafka" else [registry_port()]
 
     def address(self, port: int | None = None) -> str:
+        if self.name == "redis":
+            return redis_url(port)
         return bootstrap_servers(port) if self.name == "kafka" else registry_url(port)
 
 
@@ -289,6 +308,8 @@ def running(svc: Service) -> tuple[int, int] | None:
 
 def _legacy_port(svc: Service, cmdline: list[bytes]) -> int:
     """The port of a service started before pid files recorded it (read from its own config)."""
+    if svc.name == "redis":
+        return redis_port()
     if svc.name == "registry":
         flag = b"-Dquarkus.http.port="
         return next((int(a[len(flag):]) for a in cmdline if a.startswith(flag)), 0)
@@ -356,8 +377,18 @@ def registry_ready(_svc: Service, port: int) -> bool:
         return False
 
 
+def redis_ready(_svc: Service, port: int) -> bool:
+    """PING over RESP: proves Redis answers, not just that something listens."""
+    try:
+        with socket.create_connection((HOST, port), timeout=2) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 READY: dict[str, Callable[[Service, int], bool]] = {
-    "kafka": kafka_ready, "registry": registry_ready,
+    "kafka": kafka_ready, "registry": registry_ready, "redis": redis_ready,
 }
 
 
@@ -441,8 +472,31 @@ def _registry_command(svc: Service) -> list[str]:
             "-jar", str(jar)]
 
 
+def _redis_command(svc: Service) -> list[str]:
+    """A throw-away Redis: no persistence (tests want a fresh store every start)."""
+    server = shutil.which("redis-server")
+    if not server:
+        raise ServiceError("'redis-server' is not on PATH; install Debian's redis-server "
+                           "(`make sysdeps` does it as root)")
+    conf = Path(svc.marker)
+    conf.write_text("\n".join([
+        f"bind {HOST}",
+        f"port {redis_port()}",
+        "protected-mode yes",
+        "daemonize no",
+        "set-proc-title no",  # keep argv, so `running` recognises the config file
+        f"dir {svc.dir}",
+        f"logfile {svc.log_file}",
+        'save ""',
+        "appendonly no",
+        "maxmemory-policy noeviction",
+        "",
+    ]))
+    return [server, str(conf)]
+
+
 COMMANDS: dict[str, Callable[[Service], list[str]]] = {
-    "kafka": _kafka_command, "registry": _registry_command,
+    "kafka": _kafka_command, "registry": _registry_command, "redis": _redis_command,
 }
 
 
@@ -466,7 +520,7 @@ def _wait_ready(
 def up_one(name: str) -> bool:
     """Make ``name`` run and be ready. Returns True if this call started it (False: reused)."""
     svc = Service(name)
-    var = "KAFKA_PORT" if name == "kafka" else "REGISTRY_PORT"
+    var = {"kafka": "KAFKA_PORT", "redis": "REDIS_PORT"}.get(name, "REGISTRY_PORT")
     found = running(svc)
     if found is not None:
         pid, port = found
@@ -574,7 +628,8 @@ def cmd_status(_args: argparse.Namespace) -> int:
 def cmd_env(args: argparse.Namespace) -> int:
     """Addresses of the running services (else of those `up` would start)."""
     prefix = "export " if args.export else ""
-    for name, var in (("kafka", "KAFKA_BOOTSTRAP_SERVERS"), ("registry", "SCHEMA_REGISTRY_URL")):
+    for name, var in (("kafka", "KAFKA_BOOTSTRAP_SERVERS"), ("registry", "SCHEMA_REGISTRY_URL"),
+                      ("redis", "REDIS_URL")):
         svc = Service(name)
         found = running(svc)
         print(f"{prefix}{var}={svc.address(found[1] if found else None)}")
@@ -592,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--from", dest="from_file", type=Path,
                       help="stop only the services listed in FILE (from `up --record`)")
     sub.add_parser("status", help="show what runs; exit 3 unless everything runs")
-    env = sub.add_parser("env", help="print KAFKA_BOOTSTRAP_SERVERS= and SCHEMA_REGISTRY_URL=")
+    env = sub.add_parser("env", help="print KAFKA_BOOTSTRAP_SERVERS=, SCHEMA_REGISTRY_URL= "
+                                     "and REDIS_URL=")
     env.add_argument("--export", action="store_true", help="prefix lines with 'export '")
     args = parser.parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure the OS has what the project cannot pip-install: Java 17+ (Kafka, Apicurio),
-# Maven (fetches both from Maven Central) and Python 3.11+ with venv. On a fresh CI machine
+# Maven (fetches both from Maven Central), Python 3.11+ with venv and redis-server (the
+# shared rate budget and deduplication tests run against a real Redis). On a fresh CI machine
 # (root, Debian) missing pieces are installed with apt; elsewhere we say what to install.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ if ! command -v java >/dev/null 2>&1 || [ "$(java_major)" -lt 17 ] 2>/dev/null; 
   missing+=(openjdk-17-jre-headless)
 fi
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if ! python3 -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   missing+=(python3 python3-venv)
 fi
@@ -23,6 +25,6 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
-  echo "[sysdeps] please install: ${missing[*]} (Java 17+, Maven, Python 3.11+ with venv)" >&2
+  echo "[sysdeps] please install: ${missing[*]} (Java 17+, Maven, Python 3.11+ with venv, redis-server)" >&2
   exit 1
 fi

@@ -17,3 +17,11 @@ def sandbox() -> Iterator[tuple[SandboxThread, SandboxControl]]:
                            rate_limit=0)
     with SandboxThread(config) as server:
         yield server, SandboxControl(server.url)
+
+
+from tests.integration.redis_fixtures import (  # noqa: E402  (real Redis fixtures)
+    redis_url,
+    stoppable_redis,
+)
+
+__all__ = ["redis_url", "sandbox", "stoppable_redis"]

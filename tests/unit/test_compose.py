@@ -24,6 +24,7 @@ REQUIRED = {
     "SCHEMA_REGISTRY_URL",
 }
 SERVICES = {
+    "redis",
     "kafka",
     "topic-init",
     "schema-registry",
@@ -293,3 +294,12 @@ def test_dashboard_variables_resolve_without_an_import_step() -> None:
     used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::[a-z]+)?\}", text))
     builtins = {"__interval", "__rate_interval", "__range", "__dashboard", "__from", "__to"}
     assert sorted(used - defined - builtins) == []
+
+
+def test_workers_share_redis(services: dict[str, dict[str, Any]]) -> None:
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7.")
+    assert "redis-cli" in redis["healthcheck"]["test"]
+    worker = services["worker"]
+    assert env_of(worker)["REDIS_URL"] == "redis://redis:6379/0"
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"

@@ -9,6 +9,7 @@ from consumer.errors import (
     ConfigError,
     ConnectionFailed,
     DeadLetter,
+    Degrade,
     DlqGuardTripped,
     InvalidEvent,
     Misconfigured,
@@ -17,6 +18,7 @@ from consumer.errors import (
     Rejected,
     Retry,
     ServerError,
+    SharedStateUnavailable,
     Stop,
     Timeout,
     UndecodableEvent,
@@ -30,13 +32,14 @@ from consumer.errors import (
     (UndecodableEvent, DeadLetter), (InvalidEvent, DeadLetter), (Rejected, DeadLetter),
     (RateLimited, Retry), (ServerError, Retry), (Timeout, Retry), (ConnectionFailed, Retry),
     (Misconfigured, Pause), (DlqGuardTripped, Stop),
+    (Degrade, WorkerError), (SharedStateUnavailable, Degrade),
 ])
 def test_tree(cls: type[Exception], parent: type[Exception]) -> None:
     assert cls.__mro__[1] is parent
 
 
 def test_policies_are_disjoint() -> None:
-    policies = (ConfigError, DeadLetter, Retry, Pause, Stop)
+    policies = (ConfigError, DeadLetter, Retry, Pause, Stop, Degrade)
     for cls in (getattr(errors, name) for name in errors.__all__):
         if cls is WorkerError:
             continue

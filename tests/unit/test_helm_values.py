@@ -35,11 +35,14 @@ CONTRACT = {
     "WORKER_LOG_LEVEL", "WORKER_DLQ_MAX_RATIO", "WORKER_DLQ_WINDOW",
     "WORKER_DLQ_MAX_CONSECUTIVE", "WORKER_REPLAY_MAX",
 }  # fmt: skip
+CONTRACT |= {"REDIS_URL", "REDIS_TLS_CA_FILE", "REDIS_TIMEOUT_SECONDS",
+             "REDIS_DEDUP_TTL_SECONDS", "USERPILOT_RATE_LIMIT_SHARED"}  # issue 12
 # Groups whose every leaf value must carry its own comment.
 DOCUMENTED_GROUPS = {
     "image", "serviceAccount", "userpilot", "kafka", "schemaRegistry", "worker", "service",
     "serviceMonitor", "prometheusRule", "dashboard", "podDisruptionBudget", "autoscaling",
     "kafkaExporter",
+    "redis",
 }  # fmt: skip
 
 
@@ -244,3 +247,23 @@ def test_full_values_keep_no_relabeling_for_series_never_emitted() -> None:
         if relabel.get("sourceLabels") == ["__name__"]:
             pattern = re.compile(relabel["regex"])
             assert any(pattern.fullmatch(n) for n in names), relabel["regex"]
+def test_redis_defaults_are_the_workers_own() -> None:
+    """Redis is off by default; its timeouts and TTL match the worker's defaults."""
+    redis = VALUES["redis"]
+    assert redis["url"] == "" and redis["existingSecret"] == ""
+    settings = load_settings({
+        "USERPILOT_API_KEY": "token", "USERPILOT_ANALYTICS_ENDPOINT": "a.example.com",
+        "KAFKA_BOOTSTRAP_SERVERS": "k:9092", "KAFKA_TOPICS": "t",
+        "SCHEMA_REGISTRY_URL": "http://r", "REDIS_URL": "redis://redis:6379/0",
+    })
+    assert settings.redis is not None
+    assert settings.redis.timeout_s == redis["timeoutSeconds"]
+    assert settings.redis.dedup_ttl_s == redis["dedupTtlSeconds"]
+    assert settings.rate_limit_shared is VALUES["userpilot"]["rateLimitShared"]
+    assert FULL["redis"]["existingSecret"] and FULL["redis"]["tlsCaSecret"]
+
+
+@pytest.mark.parametrize("url", ["redis:6379", "http://redis:6379"])
+def test_schema_refuses_a_redis_url_without_its_scheme(url: str) -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        validate(merged(VALUES, {"redis": {"url": url}}))

@@ -86,6 +86,40 @@ ATTRIBUTES = {
     "build_info": "userpilot_build_info",
 }
 
+# Redis (issue 12). Label names show up only once a series exists: the contract test
+# declares none of these, so only redis_errors (pre-declared per operation) has labels.
+CONTRACT.update({
+    "userpilot_redis_latency_seconds": ("histogram", ()),
+    "userpilot_redis_errors": ("counter", ("operation",)),
+    "userpilot_rate_limiter_fallback": ("gauge", ()),
+    "userpilot_rate_limiter_fallbacks": ("counter", ()),
+    "userpilot_duplicates_skipped": ("counter", ()),
+    "userpilot_dedup_unchecked": ("counter", ()),
+})
+ATTRIBUTES.update({
+    "redis_latency": "userpilot_redis_latency_seconds",
+    "redis_errors": "userpilot_redis_errors",
+    "rate_limiter_fallback": "userpilot_rate_limiter_fallback",
+    "rate_limiter_fallbacks": "userpilot_rate_limiter_fallbacks",
+    "duplicates_skipped": "userpilot_duplicates_skipped",
+    "dedup_unchecked": "userpilot_dedup_unchecked",
+})
+
+
+def test_redis_series_exist_at_zero_and_observe_hook(reg: CollectorRegistry, m: Metrics) -> None:
+    m.declare_redis_endpoints(["track", "identify"])
+    for endpoint in ("track", "identify"):
+        assert value(reg, "userpilot_rate_limiter_fallback", endpoint=endpoint) == 0
+        assert value(reg, "userpilot_rate_limiter_fallbacks_total", endpoint=endpoint) == 0
+        assert value(reg, "userpilot_duplicates_skipped_total", endpoint=endpoint) == 0
+        assert value(reg, "userpilot_dedup_unchecked_total", endpoint=endpoint) == 0
+    for operation in ("gcra", "claim", "confirm", "release"):
+        assert value(reg, "userpilot_redis_errors_total", operation=operation) == 0
+    m.observe_redis("gcra", 0.002, None)
+    m.observe_redis("gcra", 0.25, "TimeoutError")
+    assert value(reg, "userpilot_redis_latency_seconds_count", operation="gcra") == 2
+    assert value(reg, "userpilot_redis_errors_total", operation="gcra") == 1
+
 
 @pytest.fixture
 def reg() -> CollectorRegistry:

@@ -328,3 +328,30 @@ def test_family_shares_follow_the_assignment() -> None:
     limiters.set_share(0.5)
     half = safe_rate(600, 60.0, 1, 0.5)
     assert limiters.rates() == {"track": pytest.approx(half), "identify": pytest.approx(half)}
+def test_peek_does_not_reserve() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(60, 60.0, 1, clock=clock)
+    assert limiter.peek() == 0.0
+    assert limiter.peek() == 0.0
+    assert limiter.reserve() == 0.0
+    assert limiter.peek() == pytest.approx(1.0 / limiter.rate)
+
+
+def test_hold_starts_full_after_the_delay_without_burst() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, 10, clock=clock)
+    interval = 1.0 / limiter.rate
+    limiter.hold(2.0)
+    sends = simulate(limiter, clock, 50)
+    assert sends[0] == pytest.approx(clock.now + 2.0 + interval)
+    # No burst on top: every send is one interval after the previous one.
+    assert all(b - a == pytest.approx(interval) for a, b in itertools.pairwise(sends))
+
+
+def test_factor_follows_slow_down_and_recovers() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, 1, clock=clock, recover_every_s=10.0)
+    limiter.slow_down()
+    assert limiter.factor == 0.5
+    clock.now += 20.0
+    assert limiter.factor == pytest.approx(0.6)

@@ -81,7 +81,7 @@ Name of the Secret holding the write token: the user's existingSecret or the cha
 Whether the chart renders its own Secret (token and/or registry credentials).
 */}}
 {{- define "userpilot-worker.createSecret" -}}
-{{- if or (not .Values.userpilot.existingSecret) (and .Values.schemaRegistry.basicAuthUserInfo (not .Values.schemaRegistry.existingSecret)) }}true{{- end }}
+{{- if or (not .Values.userpilot.existingSecret) (and .Values.schemaRegistry.basicAuthUserInfo (not .Values.schemaRegistry.existingSecret)) (and .Values.redis.url (not .Values.redis.existingSecret)) }}true{{- end }}
 {{- end }}
 
 {{/*

@@ -1,0 +1,180 @@
+"""The Redis edge: the only module that imports ``redis``.
+
+Replicas share two things through Redis: the token's rate budget (`consumer.sharedlimit`)
+and the record of delivered ``messageId``s (`consumer.dedup`). Both must never hold a
+delivery up for long, so every call is bounded by one timeout (no client-side retries,
+no reconnect back-off hidden inside redis-py) and every failure becomes
+`SharedStateUnavailable`, on which the callers fall back to what the worker does without
+Redis. Each operation is one atomic Lua script or one command; times come from Redis's
+own clock (``TIME``), so replicas with skewed clocks still agree.
+
+Keys never contain the token: callers pass `token_digest(token)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from consumer.errors import SharedStateUnavailable
+
+__all__ = ["ClaimState", "RedisStore", "token_digest"]
+
+ClaimState = Literal["claimed", "duplicate", "busy"]
+CallObserver = Callable[[str, float, "str | None"], None]
+"""``(operation, seconds, error class name or None)`` after every Redis call."""
+
+KEY_PREFIX = "userpilot:"
+
+# GCRA reservation, all times in microseconds of Redis's clock.
+# ARGV: interval, tolerance, lookahead, debt (requests), holdoff, idle ttl (ms).
+# A missing key means unknown history (first use, expiry or a Redis restart that lost
+# data): the bucket is taken as full, so the next slot is one interval away and no window
+# that began before can exceed the limit. A slot further away than `lookahead` is not
+# reserved (the caller retries later), which bounds how far reservations reach ahead.
+# `debt` adds requests sent without Redis; `holdoff` keeps every replica from drawing for
+# that long (replicas coming back from the fallback account for their local sends first).
+GCRA_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local lookahead = tonumber(ARGV[3])
+local debt = tonumber(ARGV[4])
+local holdoff = tonumber(ARGV[5])
+local ttl = tonumber(ARGV[6])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat then tat = now + tolerance + interval end
+if tat < now then tat = now end
+local changed = false
+if debt > 0 then tat = tat + debt * interval; changed = true end
+if holdoff > 0 and tat < now + holdoff + tolerance then
+  tat = now + holdoff + tolerance; changed = true
+end
+local keep = ttl + math.floor((tat - now) / 1000)
+local wait = tat - tolerance - now
+if wait < 0 then wait = 0 end
+if wait > lookahead then
+  if changed then
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', keep)
+  end
+  return {0, string.format('%.0f', wait - lookahead)}
+end
+tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', keep + math.floor(interval / 1000))
+return {1, string.format('%.0f', wait)}
+"""
+
+# Claim a messageId for one delivery attempt. Values: "d" = delivered (confirmed),
+# "c:<owner>" = an attempt under way. Re-claiming one's own claim extends it.
+CLAIM_LUA = """
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], 'c:' .. ARGV[1], 'PX', ARGV[2])
+  return {'claimed', 0}
+end
+if v == 'd' then return {'duplicate', 0} end
+if v == 'c:' .. ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'claimed', 0}
+end
+return {'busy', redis.call('PTTL', KEYS[1])}
+"""
+
+# Drop a claim only if it is still ours (a confirmed record or another's claim stays).
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == 'c:' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def token_digest(token: str) -> str:
+    """A short, stable stand-in for the token in key names (the token never reaches Redis)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
+class RedisStore:
+    """Bounded, atomic Redis operations for the shared budget and deduplication."""
+
+    def __init__(
+        self, url: str, *, timeout_s: float = 0.25, ca_file: str | None = None,
+        observe: CallObserver | None = None,
+    ) -> None:
+        options: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "retry": RedisRetry(NoBackoff(), 0),
+            "retry_on_timeout": False,
+            "health_check_interval": 0,
+        }
+        if url.startswith("rediss://") and ca_file:
+            options["ssl_ca_certs"] = ca_file
+        self._client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+        self._timeout = timeout_s
+        self._observe = observe
+        self._gcra = self._client.register_script(GCRA_LUA)
+        self._claim = self._client.register_script(CLAIM_LUA)
+        self._release = self._client.register_script(RELEASE_LUA)
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout
+
+    async def _call(self, op: str, make: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        error: str | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await make()
+        except (RedisError, OSError, TimeoutError) as exc:
+            error = type(exc).__name__
+            raise SharedStateUnavailable(f"redis {op} failed: {error}") from None
+        finally:
+            if self._observe is not None:
+                self._observe(op, time.perf_counter() - start, error)
+
+    async def ping(self) -> None:
+        await self._call("ping", self._client.ping)
+
+    async def gcra(
+        self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,
+        debt: int = 0, holdoff_us: int = 0, idle_ttl_ms: int,
+    ) -> tuple[bool, float]:
+        """Reserve the next slot of the budget at ``key``: ``(reserved, seconds)``.
+
+        Reserved: send after ``seconds``. Not reserved: ask again after ``seconds``.
+        """
+        args = [max(1, interval_us), max(0, tolerance_us), max(0, lookahead_us),
+                max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms)]
+        reply = await self._call("gcra", lambda: self._gcra(keys=[key], args=args))
+        return bool(int(reply[0])), int(reply[1]) / 1e6
+
+    async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[ClaimState, float]:
+        """Claim ``key`` for ``owner``: ``(state, seconds until another claim may win)``."""
+        reply = await self._call("claim", lambda: self._claim(keys=[key],
+                                                              args=[owner, max(1, ttl_ms)]))
+        state = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if state not in ("claimed", "duplicate", "busy"):
+            raise SharedStateUnavailable(f"redis claim answered {state!r}")
+        return state, max(0, int(reply[1])) / 1000  # type: ignore[return-value]
+
+    async def confirm(self, key: str, ttl_ms: int) -> None:
+        """Record ``key`` as delivered for ``ttl_ms``, whoever's claim it held."""
+        await self._call("confirm", lambda: self._client.set(key, "d", px=max(1, ttl_ms)))
+
+    async def release(self, key: str, owner: str) -> None:
+        """Drop ``owner``'s claim on ``key`` (no-op if confirmed or claimed by another)."""
+        await self._call("release", lambda: self._release(keys=[key], args=[owner]))
+
+    async def close(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.aclose()

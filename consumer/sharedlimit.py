@@ -1,0 +1,209 @@
+"""One exact budget per token and endpoint family, shared by every replica through Redis.
+
+Why: the partition share (`consumer.ratelimit`) holds a replica with a hot partition to its
+share while the others' shares go unused. Here every replica reserves slots from one GCRA
+kept in Redis (`RedisStore.gcra`, one atomic script on Redis's clock), so N replicas
+together send at most ``rate × T + burst ≤ limit`` requests in any window T of the period,
+whatever the key skew, and any replica may use what the others leave.
+
+Redis unreachable → at once the local limiter at the partition share, and back when Redis
+answers again. Neither switch may exceed the limit:
+
+- Into the fallback (at t0): Redis slots are reserved at most `lookahead` ahead, so every
+  shared-budget send happens before t0 + lookahead. The local limiter starts *full* after
+  that (`AdaptiveLimiter.hold`): in a window spanning the switch the shared part is at most
+  ``r·x + burst`` and the local parts at most ``Σ rᵢ·(P − x) ≤ r·(P − x)``.
+- Back to Redis (at t1): the replica adds its local sends of the last period to the shared
+  budget as debt and holds every replica off for `holdoff` (longer than one probe interval
+  plus the timeout), so the other replicas still on the fallback come back and add theirs
+  before anyone draws again. A Redis that lost its data starts full (see the script).
+
+While on the fallback a replica probes Redis at most every `probe_every_s`, and never
+sleeps for a local slot past a due probe.
+
+Not covered (documented): a network partition in which some replicas reach Redis and
+others do not: those on the fallback add their shares on top; Userpilot's 429 then slows
+them (`slow_down`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from consumer.errors import SharedStateUnavailable
+from consumer.ratelimit import AdaptiveLimiter, effective_burst, safe_rate
+
+__all__ = ["ALL_FAMILIES", "BudgetStore", "SharedLimiter", "budget_key"]
+
+log = logging.getLogger(__name__)
+
+ALL_FAMILIES = "all"
+"""The family name when every endpoint shares one budget (USERPILOT_RATE_LIMIT_SHARED)."""
+LOOKAHEAD_SLOTS = 10
+
+
+class BudgetStore(Protocol):
+    """What the limiter needs from Redis (`consumer.redisstore.RedisStore`)."""
+
+    @property
+    def timeout_s(self) -> float: ...
+
+    async def gcra(
+        self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,
+        debt: int = 0, holdoff_us: int = 0, idle_ttl_ms: int,
+    ) -> tuple[bool, float]: ...
+
+
+def budget_key(token_digest: str, family: str) -> str:
+    """The Redis key of one token's budget for one endpoint family (never the token)."""
+    return f"userpilot:rl:{family}:{token_digest}"
+
+
+class SharedLimiter:
+    """``acquire`` / ``slow_down`` / ``set_share`` / ``rate`` like `AdaptiveLimiter`.
+
+    ``on_fallback(active)`` is called on every switch (for the gauge, counter and log).
+    """
+
+    def __init__(
+        self, store: BudgetStore, key: str, limit: int, period_s: float, burst: int = 1, *,
+        fallback: AdaptiveLimiter | None = None,
+        probe_every_s: float = 1.0,
+        on_fallback: Callable[[bool], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._limit = limit
+        self._period = period_s
+        self._burst = effective_burst(limit, burst, 1.0)
+        self._local = fallback or AdaptiveLimiter(limit, period_s, burst, clock=clock)
+        self._probe_every = probe_every_s
+        self._on_fallback = on_fallback
+        self._clock = clock
+        self._fallback_since: float | None = None
+        self._next_probe = 0.0
+        self._local_sends: deque[float] = deque()
+        self._lock: asyncio.Lock | None = None
+
+    @property
+    def local(self) -> AdaptiveLimiter:
+        """The partition-share limiter used while Redis is unreachable."""
+        return self._local
+
+    @property
+    def on_fallback(self) -> bool:
+        return self._fallback_since is not None
+
+    @property
+    def rate(self) -> float:
+        """Requests per second this replica may use now: the whole token's, or its share."""
+        if self.on_fallback:
+            return self._local.rate
+        return safe_rate(self._limit, self._period, self._burst) * self._local.factor
+
+    @property
+    def interval_s(self) -> float:
+        rate = safe_rate(self._limit, self._period, self._burst) * self._local.factor
+        return 1.0 / rate
+
+    @property
+    def lookahead_s(self) -> float:
+        """How far ahead a Redis slot may be reserved (bounds the switch to the fallback)."""
+        return LOOKAHEAD_SLOTS * safe_rate(self._limit, self._period, self._burst) ** -1
+
+    @property
+    def holdoff_s(self) -> float:
+        """How long a replica coming back holds every replica off the shared budget."""
+        return 2 * self._probe_every + 2 * self._store.timeout_s
+
+    def set_share(self, share: float) -> None:
+        """The partition share, used only on the fallback."""
+        self._local.set_share(share)
+
+    def slow_down(self) -> None:
+        """Userpilot said 429: this replica's requests take twice the budget (AIMD)."""
+        self._local.slow_down()
+
+    async def acquire(self) -> float:
+        """Wait for a slot; returns the seconds waited. One caller at a time reserves."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        start = self._clock()
+        async with self._lock:
+            while True:
+                now = self._clock()
+                if not self.on_fallback or now >= self._next_probe:
+                    delay = await self._try_shared()
+                    if delay is not None:
+                        reserved, seconds = delay
+                        if seconds > 0:
+                            await asyncio.sleep(seconds)
+                        if reserved:
+                            return self._clock() - start
+                        continue
+                wait = self._local.peek()
+                until_probe = max(0.0, self._next_probe - self._clock())
+                if self._local.rate <= 0 or wait > until_probe:
+                    await asyncio.sleep(max(0.001, min(wait, until_probe)))
+                    continue
+                wait = self._local.reserve()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self._local_sends.append(self._clock())
+                return self._clock() - start
+
+    async def _try_shared(self) -> tuple[bool, float] | None:
+        """One Redis reservation; None when Redis failed (and we are on the fallback now)."""
+        interval = self.interval_s
+        # The bucket's capacity is the token's burst at the full rate, whatever this
+        # replica's slow-down: a slowed replica's requests cost more, its burst not more.
+        tolerance = (self._burst - 1) / safe_rate(self._limit, self._period, self._burst)
+        returning = self.on_fallback
+        debt = self._recent_local_sends() if returning else 0
+        try:
+            reserved, seconds = await self._store.gcra(
+                self._key,
+                interval_us=round(interval * 1e6), tolerance_us=round(tolerance * 1e6),
+                lookahead_us=round(self.lookahead_s * 1e6), debt=debt,
+                holdoff_us=round(self.holdoff_s * 1e6) if returning else 0,
+                idle_ttl_ms=round(self._period * 1000) + 1000,
+            )
+        except SharedStateUnavailable as exc:
+            self._enter_fallback(str(exc))
+            return None
+        if returning:
+            self._leave_fallback(debt)
+        return reserved, seconds
+
+    def _recent_local_sends(self) -> int:
+        horizon = self._clock() - self._period - self.lookahead_s
+        while self._local_sends and self._local_sends[0] < horizon:
+            self._local_sends.popleft()
+        return len(self._local_sends)
+
+    def _enter_fallback(self, detail: str) -> None:
+        now = self._clock()
+        self._next_probe = now + self._probe_every
+        if self._fallback_since is not None:
+            return
+        self._fallback_since = now
+        self._local.hold(self.lookahead_s)
+        log.warning("shared rate budget unavailable (%s): using this replica's partition "
+                    "share (%.2f req/s) until Redis answers again", detail, self._local.rate)
+        if self._on_fallback is not None:
+            self._on_fallback(True)
+
+    def _leave_fallback(self, debt: int) -> None:
+        since = self._fallback_since or self._clock()
+        self._fallback_since = None
+        self._local_sends.clear()
+        log.warning("shared rate budget back after %.1fs on the fallback (%d local requests "
+                    "added to it)", self._clock() - since, debt)
+        if self._on_fallback is not None:
+            self._on_fallback(False)

@@ -1,0 +1,92 @@
+"""Builds what replicas share through Redis from the settings, for the worker to call.
+
+One Redis connection pool, one limiter per endpoint family (or one for all with
+USERPILOT_RATE_LIMIT_SHARED) and one deduplicator. Without REDIS_URL: the partition-share
+limiters of today and no deduplicator, so a single replica and the demo need nothing new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from consumer.config import Settings
+from consumer.dedup import Deduplicator
+from consumer.metrics import Metrics
+from consumer.ratelimit import AdaptiveLimiter
+from consumer.redisstore import RedisStore, token_digest
+from consumer.sharedlimit import ALL_FAMILIES, SharedLimiter, budget_key
+
+__all__ = ["Limiter", "SharedState", "build_shared_state"]
+
+
+class Limiter(Protocol):
+    """What the worker calls on a limiter: `AdaptiveLimiter` and `SharedLimiter` both fit."""
+
+    @property
+    def rate(self) -> float: ...
+
+    def set_share(self, share: float) -> None: ...
+
+    def slow_down(self) -> None: ...
+
+    async def acquire(self) -> float: ...
+
+
+@dataclass
+class SharedState:
+    """Limiters by endpoint family, the deduplicator (None without Redis), the store."""
+
+    limiters: dict[str, Limiter]
+    dedup: Deduplicator | None = None
+    store: RedisStore | None = None
+    shared_budget: bool = False
+    families: tuple[str, ...] = field(default=())
+
+    def limiter(self, family: str) -> Limiter:
+        """The limiter for an endpoint family (the single one when all share a budget)."""
+        return self.limiters[ALL_FAMILIES if self.shared_budget else family]
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+
+
+def build_shared_state(
+    settings: Settings, metrics: Metrics, families: Iterable[str] = ("track",), *,
+    claim_ttl_s: float | None = None,
+) -> SharedState:
+    """Limiters and deduplicator as the settings ask; nothing connects until first use."""
+    names = tuple(families)
+    budgets = (ALL_FAMILIES,) if settings.rate_limit_shared else names
+
+    def local() -> AdaptiveLimiter:
+        return AdaptiveLimiter(settings.rate_limit, settings.rate_period_s, settings.rate_burst)
+
+    if settings.redis is None:
+        return SharedState(limiters={b: local() for b in budgets},
+                           shared_budget=settings.rate_limit_shared, families=names)
+    redis = settings.redis
+    store = RedisStore(redis.url.reveal(), timeout_s=redis.timeout_s,
+                       ca_file=redis.tls_ca_file, observe=metrics.observe_redis)
+    digest = token_digest(settings.api_key.reveal())
+    metrics.declare_redis_endpoints(budgets)
+    limiters: dict[str, Limiter] = {}
+    for budget in budgets:
+        def switched(active: bool, budget: str = budget) -> None:
+            metrics.rate_limiter_fallback.labels(budget).set(1 if active else 0)
+            if active:
+                metrics.rate_limiter_fallbacks.labels(budget).inc()
+
+        limiters[budget] = SharedLimiter(
+            store, budget_key(digest, budget), settings.rate_limit, settings.rate_period_s,
+            settings.rate_burst, fallback=local(), on_fallback=switched,
+        )
+    # A claim is renewed (re-claimed, atomically) right before each request, so it only
+    # has to outlive one request and its confirm; longer only delays, after a crash, the
+    # replica that re-reads the event.
+    claim = claim_ttl_s if claim_ttl_s is not None else 2 * settings.request_timeout_s + 5.0
+    dedup = Deduplicator(store, digest, ttl_s=redis.dedup_ttl_s, claim_ttl_s=claim)
+    return SharedState(limiters=limiters, dedup=dedup, store=store,
+                       shared_budget=settings.rate_limit_shared, families=names)

@@ -1,0 +1,87 @@
+"""Unit tests for the optional Redis settings (issue 12): URL checks, TLS, secret hygiene."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from consumer.config import ENV_VARS, REDIS_ENV_VARS, RedisSettings, Secret, load_settings
+from consumer.errors import ConfigError
+from tests.unit.test_config import BASE, load, problem
+
+PASSWORD = "r3dis-s3cret"
+
+
+def test_without_redis_url_nothing_changes() -> None:
+    s = load()
+    assert s.redis is None
+    assert s.rate_limit_shared is False
+    assert s.describe()["redis"] is None
+
+
+def test_every_redis_variable_is_read(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    s = load(REDIS_URL=f"rediss://:{PASSWORD}@redis.internal:6380/2",
+             REDIS_TLS_CA_FILE=str(ca), REDIS_TIMEOUT_SECONDS="0.1",
+             REDIS_DEDUP_TTL_SECONDS="3600", USERPILOT_RATE_LIMIT_SHARED="true")
+    assert s.redis == RedisSettings(url=Secret(f"rediss://:{PASSWORD}@redis.internal:6380/2"),
+                                    tls=True, tls_ca_file=str(ca), timeout_s=0.1,
+                                    dedup_ttl_s=3600.0)
+    assert s.rate_limit_shared is True
+    assert REDIS_ENV_VARS <= ENV_VARS
+
+
+@pytest.mark.parametrize("url", [
+    "redis://localhost", "redis://redis:6379/0", "redis://user:pw@redis:6379/15",
+    "rediss://redis.example.com:6380", "redis://10.0.0.7:6379/", "redis://[::1]:6379/0",
+])
+def test_valid_urls(url: str) -> None:
+    s = load(REDIS_URL=url)
+    assert s.redis is not None
+    assert s.redis.tls is url.startswith("rediss://")
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("redis:6379", "must start with redis:// or rediss://"),
+    ("http://redis:6379", "must start with redis:// or rediss://"),
+    ("redis://", "use redis://[:password@]host[:port][/db]"),
+    ("redis://redis:99999/0", "invalid port"),
+    ("redis://redis:6379/16", "databases 0-15"),
+    ("redis://redis:6379/zero", "use redis://[:password@]host[:port][/db]"),
+])
+def test_invalid_urls_say_what_to_enter(url: str, fragment: str) -> None:
+    assert fragment in problem(REDIS_URL=url)
+
+
+def test_password_never_shown() -> None:
+    s = load(REDIS_URL=f"redis://default:{PASSWORD}@redis:6379/0")
+    assert s.redis is not None
+    text = json.dumps(s.describe()) + repr(s) + str(s.redis)
+    assert PASSWORD not in text
+    assert s.describe()["redis"]["url"] == "redis://***@redis:6379/0"
+    for broken in (f"redis://:{PASSWORD}@redis:70000/0", f"redis:{PASSWORD}@redis",
+                   f"redis//:{PASSWORD}@redis", f"redis://:{PASSWORD}@/0"):
+        with pytest.raises(ConfigError) as info:
+            load_settings({**BASE, "REDIS_URL": broken})
+        assert PASSWORD not in str(info.value), broken
+
+
+def test_tls_ca_file_needs_rediss_and_a_readable_file(tmp_path: Path) -> None:
+    assert "use rediss://" in problem(REDIS_URL="redis://redis:6379",
+                                      REDIS_TLS_CA_FILE=str(tmp_path))
+    assert "cannot be read" in problem(REDIS_URL="rediss://redis:6380",
+                                       REDIS_TLS_CA_FILE=str(tmp_path / "missing.pem"))
+    assert "REDIS_URL is not" in problem(REDIS_TLS_CA_FILE=str(tmp_path / "ca.pem"))
+
+
+@pytest.mark.parametrize(("name", "value", "fragment"), [
+    ("REDIS_TIMEOUT_SECONDS", "0", "out of range"),
+    ("REDIS_TIMEOUT_SECONDS", "9", "out of range"),
+    ("REDIS_DEDUP_TTL_SECONDS", "10", "out of range"),
+    ("USERPILOT_RATE_LIMIT_SHARED", "maybe", "not a boolean"),
+])
+def test_ranges(name: str, value: str, fragment: str) -> None:
+    assert fragment in problem(REDIS_URL="redis://redis", **{name: value})

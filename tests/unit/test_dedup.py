@@ -1,0 +1,88 @@
+"""Unit tests for consumer.dedup: keys and outcomes over an in-memory store."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+from consumer.dedup import Deduplicator, Outcome, dedup_key
+from consumer.errors import SharedStateUnavailable
+from consumer.redisstore import token_digest
+
+State = Literal["claimed", "duplicate", "busy"]
+
+
+class MemoryStore:
+    """The claim/confirm/release contract of RedisStore, without time."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.values: dict[str, str] = {}
+        self.fail = fail
+
+    def _check(self) -> None:
+        if self.fail:
+            raise SharedStateUnavailable("redis claim failed: ConnectionError")
+
+    async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+        self._check()
+        value = self.values.get(key)
+        if value is None or value == f"c:{owner}":
+            self.values[key] = f"c:{owner}"
+            return "claimed", 0.0
+        return ("duplicate", 0.0) if value == "d" else ("busy", 12.5)
+
+    async def confirm(self, key: str, ttl_ms: int) -> None:
+        self._check()
+        self.values[key] = "d"
+
+    async def release(self, key: str, owner: str) -> None:
+        self._check()
+        if self.values.get(key) == f"c:{owner}":
+            del self.values[key]
+
+
+def test_key_never_holds_the_token_and_long_ids_are_hashed() -> None:
+    digest = token_digest("secret-write-token")
+    assert "secret" not in digest and len(digest) == 24
+    key = dedup_key(digest, "track", "m-1")
+    assert key == f"ud:track:{digest[:16]}:m-1"
+    long_key = dedup_key(digest, "track", "x" * 500)
+    assert len(long_key) < 80 and "xxxx" not in long_key
+    assert dedup_key(digest, "track", "x" * 500) == long_key
+    assert dedup_key(digest, "track", "x" * 499) != long_key
+    assert dedup_key(digest, "identify", "m-1") != key
+
+
+def test_outcomes() -> None:
+    async def main() -> None:
+        dd = Deduplicator(MemoryStore(), token_digest("t"))
+        assert (await dd.claim("track", "m", "a")).outcome is Outcome.SEND
+        busy = await dd.claim("track", "m", "b")
+        assert (busy.outcome, busy.retry_after_s) == (Outcome.BUSY, 12.5)
+        assert await dd.confirm("track", "m")
+        assert (await dd.claim("track", "m", "b")).outcome is Outcome.DUPLICATE
+        assert (await dd.claim("track", "n", "a")).outcome is Outcome.SEND
+        assert await dd.release("track", "n", "a")
+        assert (await dd.claim("track", "n", "b")).outcome is Outcome.SEND
+
+    asyncio.run(main())
+
+
+def test_busy_waits_at_least_the_minimum() -> None:
+    class Soon(MemoryStore):
+        async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+            return "busy", 0.0
+
+    result = asyncio.run(Deduplicator(Soon(), "d", busy_retry_min_s=0.5).claim("track", "m", "a"))
+    assert (result.outcome, result.retry_after_s) == (Outcome.BUSY, 0.5)
+
+
+def test_store_down_delivers_degraded() -> None:
+    async def main() -> None:
+        dd = Deduplicator(MemoryStore(fail=True), token_digest("t"))
+        result = await dd.claim("track", "m", "a")
+        assert (result.outcome, result.degraded) == (Outcome.SEND, True)
+        assert not await dd.confirm("track", "m")
+        assert not await dd.release("track", "m", "a")
+
+    asyncio.run(main())

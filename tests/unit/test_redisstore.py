@@ -1,0 +1,65 @@
+"""Unit tests for consumer.redisstore's failure edge: bounded, typed, secret-free.
+
+A local socket that accepts and never answers stands in for a black-holed Redis, and a
+closed port for a stopped one; the real server is exercised in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from consumer.errors import SharedStateUnavailable
+from consumer.redisstore import RedisStore, token_digest
+
+PASSWORD = "hunter2-redis"
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield server.getsockname()[1]
+
+
+def test_token_digest_is_stable_and_hides_the_token() -> None:
+    assert token_digest("abc") == token_digest("abc") != token_digest("abd")
+    assert "abc" not in token_digest("abc")
+
+
+def test_a_silent_redis_fails_within_the_timeout(silent_port: int) -> None:
+    seen: list[tuple[str, float, str | None]] = []
+    store = RedisStore(f"redis://:{PASSWORD}@127.0.0.1:{silent_port}/0", timeout_s=0.2,
+                       observe=lambda op, s, err: seen.append((op, s, err)))
+
+    async def main() -> float:
+        start = time.monotonic()
+        with pytest.raises(SharedStateUnavailable) as info:
+            await store.gcra("k", interval_us=1000, tolerance_us=0, lookahead_us=0,
+                             idle_ttl_ms=1000)
+        assert PASSWORD not in str(info.value)
+        await store.close()
+        return time.monotonic() - start
+
+    elapsed = asyncio.run(main())
+    assert elapsed < 2.0  # bounded by the 0.2 s timeout, not redis-py's retries
+    assert [(op, err is not None) for op, _, err in seen] == [("gcra", True)]
+
+
+def test_a_stopped_redis_fails_at_once_with_our_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{closed}/0", timeout_s=0.2)
+
+    async def main() -> None:
+        with pytest.raises(SharedStateUnavailable, match="redis claim failed"):
+            await store.claim("k", "owner", 1000)
+        await store.close()
+
+    asyncio.run(main())

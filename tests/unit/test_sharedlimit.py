@@ -1,0 +1,111 @@
+"""Unit tests for consumer.sharedlimit: mode switches over a scripted store.
+
+The budget's exactness is tested against a real Redis in
+tests/integration/test_redis_limit.py; here: when it falls back, what it tells Redis on
+the way back (debt, hold-off), and that the local limiter takes over full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from consumer.errors import SharedStateUnavailable
+from consumer.ratelimit import AdaptiveLimiter, safe_rate
+from consumer.sharedlimit import SharedLimiter, budget_key
+
+
+class ScriptedStore:
+    """Grants every slot at once while up; raises while down; records every call."""
+
+    timeout_s = 0.01
+
+    def __init__(self) -> None:
+        self.up = True
+        self.calls: list[dict[str, Any]] = []
+
+    async def gcra(self, key: str, **kwargs: Any) -> tuple[bool, float]:
+        self.calls.append({"key": key, **kwargs})
+        if not self.up:
+            raise SharedStateUnavailable("redis gcra failed: ConnectionError")
+        return True, 0.0
+
+
+def _limiter(store: ScriptedStore, switches: list[bool]) -> SharedLimiter:
+    local = AdaptiveLimiter(600, 1.0, 1)
+    local.set_share(0.5)
+    return SharedLimiter(store, "k", 600, 1.0, 1, fallback=local, probe_every_s=0.05,
+                         on_fallback=switches.append)
+
+
+def test_budget_key_names_family_and_digest_only() -> None:
+    assert budget_key("abc123", "identify") == "userpilot:rl:identify:abc123"
+
+
+def test_shared_rate_is_the_whole_token_and_slow_down_halves_it() -> None:
+    limiter = _limiter(ScriptedStore(), [])
+    assert limiter.rate == pytest.approx(safe_rate(600, 1.0, 1))
+    limiter.slow_down()
+    assert limiter.rate == pytest.approx(safe_rate(600, 1.0, 1) / 2)
+    assert limiter.interval_s == pytest.approx(2 / safe_rate(600, 1.0, 1))
+
+
+def test_falls_back_at_once_holds_then_returns_with_debt_and_holdoff() -> None:
+    store, switches = ScriptedStore(), []
+    limiter = _limiter(store, switches)
+
+    async def main() -> None:
+        await limiter.acquire()
+        assert not limiter.on_fallback
+        store.up = False
+        waited = await limiter.acquire()
+        assert limiter.on_fallback and switches == [True]
+        # The local limiter started full after the lookahead: no instant send.
+        assert waited >= limiter.lookahead_s
+        for _ in range(3):
+            await limiter.acquire()
+        assert limiter.rate == pytest.approx(limiter.local.rate)
+        store.up = True
+        await asyncio.sleep(0.06)
+        await limiter.acquire()
+
+    asyncio.run(main())
+    assert switches == [True, False]
+    back = store.calls[-1]
+    assert back["debt"] >= 4  # every local send of the last period
+    assert back["holdoff_us"] == round(limiter.holdoff_s * 1e6)
+    assert all(c["debt"] == 0 and c["holdoff_us"] == 0 for c in store.calls[:2])
+
+
+def test_probes_redis_at_most_every_probe_interval_on_the_fallback() -> None:
+    store, switches = ScriptedStore(), []
+    limiter = _limiter(store, switches)
+    store.up = False
+
+    async def main() -> None:
+        for _ in range(20):
+            await limiter.acquire()
+
+    asyncio.run(main())
+    # 20 local sends take ~40 ms + the initial hold: a handful of probes, not 20.
+    assert 1 <= len(store.calls) <= 6
+    assert switches == [True]
+
+
+def test_slow_down_costs_more_budget_per_request_but_not_more_burst() -> None:
+    store = ScriptedStore()
+    local = AdaptiveLimiter(600, 60.0, 10)
+    limiter = SharedLimiter(store, "k", 600, 60.0, 10, fallback=local)
+
+    async def main() -> None:
+        await limiter.acquire()
+        limiter.slow_down()
+        await limiter.acquire()
+
+    asyncio.run(main())
+    full, slowed = store.calls
+    assert slowed["interval_us"] == pytest.approx(2 * full["interval_us"], abs=1)
+    assert slowed["tolerance_us"] == full["tolerance_us"]
+    assert full["tolerance_us"] == pytest.approx(9 * full["interval_us"], abs=10)
