@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import re
+import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, cast
 
 from consumer.errors import ConfigError
 from consumer.filtering import ConsentPolicy
@@ -44,6 +45,7 @@ ENV_VARS: frozenset[str] = frozenset({
     "USERPILOT_RETRY_BACKOFF_SECONDS",
     "USERPILOT_RETRY_BACKOFF_MAX_SECONDS",
     "USERPILOT_MAX_CONNECTIONS",
+    "USERPILOT_CA_BUNDLE",
     "KAFKA_BOOTSTRAP_SERVERS",
     "KAFKA_TOPICS",
     "KAFKA_GROUP_ID",
@@ -152,7 +154,7 @@ class Settings:
     dlq_window: int
     dlq_max_consecutive: int
     replay_max: int
-    extras: Mapping[str, Any] = field(default_factory=dict)
+    ca_bundle: str | None = None  # USERPILOT_CA_BUNDLE: PEM file of CAs to trust for HTTPS
 
     @property
     def track_url(self) -> str:
@@ -189,6 +191,7 @@ class Settings:
                           "backoff_seconds": self.retry_backoff_s,
                           "backoff_max_seconds": self.retry_backoff_max_s},
                 "max_connections": self.max_connections,
+                "ca_bundle": self.ca_bundle,
             },
             "consent": {"categories": list(self.consent.categories),
                         "missing": self.consent.missing},
@@ -215,6 +218,22 @@ class Settings:
                 "replay_max": self.replay_max,
             },
         }
+
+
+def _ca_bundle(r: _Reader) -> str | None:
+    """USERPILOT_CA_BUNDLE: a readable PEM file of CA certificates (a corporate CA)."""
+    path = r.text("USERPILOT_CA_BUNDLE")
+    if path is None:
+        return None
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        r.problems.append(
+            f"USERPILOT_CA_BUNDLE={path!r} is not a readable PEM file of CA certificates "
+            f"({type(exc).__name__}): mount the bundle and give its path"
+        )
+        return None
+    return path
 
 
 class _Reader:
@@ -420,7 +439,7 @@ def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
                 "analytics, functional, marketing, advertising, personalization"
             )
     missing = r.choice("USERPILOT_CONSENT_MISSING", "deny", ("deny", "allow"))
-    consent = ConsentPolicy(categories=categories, missing=missing)  # type: ignore[arg-type]
+    consent = ConsentPolicy(categories=categories, missing=cast(Literal["deny", "allow"], missing))
 
     mappings_file = r.text("USERPILOT_MAPPINGS_FILE")
     mappings = DEFAULT_PRESET
@@ -449,6 +468,7 @@ def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
             f"USERPILOT_RETRY_BACKOFF_SECONDS={backoff:g}: the cap must be at least the base"
         )
     max_connections = r.integer("USERPILOT_MAX_CONNECTIONS", 64, 1, 1000)
+    ca_bundle = _ca_bundle(r)
 
     bootstrap = r.required(
         "KAFKA_BOOTSTRAP_SERVERS", "enter host:port[,host:port], e.g. kafka:9092"
@@ -514,7 +534,7 @@ def load_settings(env: Mapping[str, str], *, offline: bool = False) -> Settings:
         registry_auth=Secret(auth_raw) if auth_raw else None,
         max_in_flight=max_in_flight, shutdown_grace_s=grace,
         commit_interval_s=commit_interval, metrics_port=metrics_port,
-        log_format=log_format,  # type: ignore[arg-type]
+        log_format=cast(Literal["text", "json"], log_format),
         log_level=log_level, dlq_max_ratio=dlq_ratio, dlq_window=dlq_window,
-        dlq_max_consecutive=dlq_consecutive, replay_max=replay_max,
+        dlq_max_consecutive=dlq_consecutive, replay_max=replay_max, ca_bundle=ca_bundle,
     )

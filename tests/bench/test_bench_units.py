@@ -7,11 +7,11 @@ import math
 
 import pytest
 
+from bench import events as ev
+from bench.cli import _workload_list, build_parser
+from bench.procs import RssSample, RssTrace, read_rss
+from bench.report import Target, percentile, render_table, targets
 from consumer import codec
-from consumer.bench import events as ev
-from consumer.bench.cli import _workload_list, build_parser
-from consumer.bench.procs import RssSample, RssTrace, read_rss
-from consumer.bench.report import Target, percentile, render_table, targets
 from consumer.filtering import ConsentPolicy, Drop
 from consumer.mapping import DEFAULT_PRESET
 from consumer.routing import Send, route

@@ -1,4 +1,4 @@
-"""The benchmark harness cannot rot: `python -m consumer.bench --smoke` runs every workload.
+"""The benchmark harness cannot rot: `python -m bench --smoke` runs every workload.
 
 Asserts that every workload produced positive figures and every ratio and target row is
 there, not that targets are met: CI machines are shared and noisy, so targets are judged
@@ -26,7 +26,7 @@ def test_smoke_run_reports_every_workload(kafka_bootstrap: str, schema_registry_
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
            "SCHEMA_REGISTRY_URL": schema_registry_url}
     proc = subprocess.run(
-        [sys.executable, "-m", "consumer.bench", "--smoke", "--out", str(out),
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out),
          "--logs", str(tmp_path / "logs")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )

@@ -17,15 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from consumer import codec
-from consumer.bench import events as ev
-from consumer.bench.http_ceiling import (
+from bench import events as ev
+from bench.http_ceiling import (
     HttpResult,
     run_aiohttp,
     run_httpx,
     run_httpx_aiohttp_transport,
 )
-from consumer.bench.kafka_io import (
+from bench.kafka_io import (
     OffsetProbe,
     Pacer,
     consume_decode,
@@ -34,8 +33,8 @@ from consumer.bench.kafka_io import (
     produce_backlog,
     register_schema,
 )
-from consumer.bench.naive import naive_loop
-from consumer.bench.procs import (
+from bench.naive import naive_loop
+from bench.procs import (
     BENCH_TOKEN,
     RssTrace,
     SandboxProcess,
@@ -43,7 +42,8 @@ from consumer.bench.procs import (
     read_rss,
     worker_env,
 )
-from consumer.bench.report import percentile, ratio
+from bench.report import percentile, ratio
+from consumer import codec
 from consumer.filtering import ConsentPolicy
 from consumer.mapping import DEFAULT_PRESET
 from consumer.routing import Send, route
@@ -158,7 +158,7 @@ class Bench:
                ) -> WorkerProcess:
         """A worker process on `topic` as group bench-<tag>; `extra` overrides any setting.
 
-        `variant` runs `consumer.bench.variant` (the aiohttp-transport proposal) instead.
+        `variant` runs `bench.variant` (the aiohttp-transport proposal) instead.
         """
         settings = {
             "WORKER_MAX_IN_FLIGHT": str(self.params.max_in_flight),
@@ -171,7 +171,7 @@ class Bench:
                          sandbox=sandbox.host_port, topic=topic,
                          group=f"bench-{tag}-{self.run_id}", **settings)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        module = ("consumer.bench.variant",) if variant else ("consumer", "run")
+        module = ("bench.variant",) if variant else ("consumer", "run")
         return WorkerProcess(env, self.workdir / f"worker-{tag}.log", module)
 
     def drain(self, worker: WorkerProcess, topic: str, tag: str,

@@ -1,4 +1,4 @@
-"""`python -m consumer.bench.variant`: the worker exactly as `consumer run` starts it, except
+"""`python -m bench.variant`: the worker exactly as `consumer run` starts it, except
 that `UserpilotClient` gets the aiohttp transport. Measures a proposal without editing the
 worker; settings come from the same environment variables.
 """
@@ -10,7 +10,7 @@ import os
 
 from prometheus_client import CollectorRegistry
 
-from consumer.bench.aiohttp_transport import AiohttpTransport
+from bench.aiohttp_transport import AiohttpTransport
 from consumer.config import load_settings
 from consumer.delivery import UserpilotClient
 from consumer.health import Health, serve

@@ -96,7 +96,7 @@ def run_aiohttp(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
 def run_httpx_aiohttp_transport(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
                                 seconds: float, concurrency: int) -> HttpResult:
     """httpx's API over `AiohttpTransport`: the proposal for the worker's client."""
-    from consumer.bench.aiohttp_transport import AiohttpTransport
+    from bench.aiohttp_transport import AiohttpTransport
 
     transport = AiohttpTransport(max_connections=concurrency)
     return asyncio.run(_httpx(url, headers, payloads, seconds, concurrency, transport))
