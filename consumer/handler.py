@@ -27,12 +27,11 @@ import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from consumer import codec
 from consumer.config import Settings
 from consumer.deadletter import DlqGuard, Failure, dlq_headers
-from consumer.delivery import UserpilotClient
 from consumer.errors import (
     ConnectionFailed,
     DeadLetter,
@@ -45,15 +44,14 @@ from consumer.errors import (
     UndecodableEvent,
 )
 from consumer.filtering import Drop
-from consumer.kafka import DeadLetterProducer
 from consumer.logs import event_fields
 from consumer.metrics import Metrics
 from consumer.policy import Attempts, RetryPolicy
 from consumer.ratelimit import AdaptiveLimiter
-from consumer.registry import Registry
 from consumer.routing import Send, route
 
 __all__ = [
+    "DeadLetterSink",
     "DeadLettered",
     "Delivered",
     "Dropped",
@@ -61,9 +59,35 @@ __all__ = [
     "Handler",
     "Outcome",
     "SchemaNotCached",
+    "SchemaSource",
+    "TrackClient",
 ]
 
 log = logging.getLogger(__name__)
+
+
+class TrackClient(Protocol):
+    """Sends one request body; returns on 2xx, raises the classified error otherwise
+    (`delivery.UserpilotClient`)."""
+
+    async def track(self, body: bytes) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+class SchemaSource(Protocol):
+    """Writer schemas by id (`registry.Registry`); `writer_schema` may block on I/O."""
+
+    def cached(self, schema_id: int) -> Mapping[str, Any] | None: ...
+    def writer_schema(self, schema_id: int) -> Mapping[str, Any]: ...
+
+
+class DeadLetterSink(Protocol):
+    """Writes a dead letter and returns once the broker acknowledged it
+    (`kafka.DeadLetterProducer`)."""
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes]], timestamp_ms: int | None) -> None: ...
+    def close(self, timeout_s: float = 10.0) -> int: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -139,8 +163,8 @@ class Handler:
     """Takes events to outcomes; every collaborator is given, none is built here."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, *, client: UserpilotClient,
-        registry: Registry, dlq: DeadLetterProducer, limiter: AdaptiveLimiter,
+        self, settings: Settings, metrics: Metrics, *, client: TrackClient,
+        registry: SchemaSource, dlq: DeadLetterSink, limiter: AdaptiveLimiter,
         policy: RetryPolicy, guard: DlqGuard,
     ) -> None:
         self.s = settings

@@ -40,7 +40,14 @@ from consumer.deadletter import DlqGuard, normalize_headers
 from consumer.delivery import UserpilotClient
 from consumer.errors import DlqGuardTripped, Stop
 from consumer.filtering import Drop
-from consumer.handler import Event, Handler, Outcome
+from consumer.handler import (
+    DeadLetterSink,
+    Event,
+    Handler,
+    Outcome,
+    SchemaSource,
+    TrackClient,
+)
 from consumer.health import Health
 from consumer.kafka import DeadLetterProducer, KafkaMessage, KafkaSource
 from consumer.metrics import Metrics
@@ -107,19 +114,19 @@ class Worker:
 
     def __init__(
         self, settings: Settings, metrics: Metrics, health: Health, *,
-        client: UserpilotClient | None = None,
-        registry: Registry | None = None,
-        dlq: DeadLetterProducer | None = None,
+        client: TrackClient | None = None,
+        registry: SchemaSource | None = None,
+        dlq: DeadLetterSink | None = None,
         source: SourceFactory | None = None,
     ) -> None:
         self.s = settings
         self.m = metrics
         self.health = health
-        self.client = client or UserpilotClient(
+        self.client: TrackClient = client or UserpilotClient(
             settings.track_url, settings.headers(), timeout_s=settings.request_timeout_s,
             max_connections=settings.max_connections, ca_bundle=settings.ca_bundle,
         )
-        self.dlq = dlq or DeadLetterProducer(settings.kafka_config())
+        self.dlq: DeadLetterSink = dlq or DeadLetterProducer(settings.kafka_config())
         self.limiter = AdaptiveLimiter(settings.rate_limit, settings.rate_period_s,
                                        settings.rate_burst)
         self.gate = Gate(on_change=self._gate_changed, probe_base_s=settings.retry_backoff_s,
