@@ -73,8 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connections", type=int, default=None,
                         help="USERPILOT_MAX_CONNECTIONS and the HTTP ceiling's concurrency "
                         "(default: the worker's 64)")
-    parser.add_argument("--no-proposal", action="store_true",
-                        help="skip the aiohttp-transport proposal runs in workloads 3 and 4")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser
 
@@ -138,8 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["max_in_flight"] = args.max_in_flight
     if args.max_connections is not None:
         overrides["max_connections"] = args.max_connections
-    if args.no_proposal:
-        overrides["variant"] = False
     params = dataclasses.replace(params, **overrides)
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
     bench = Bench(args.bootstrap_servers, args.schema_registry_url, params, logs)

@@ -77,8 +77,9 @@ def test_target_pass_needs_the_bound_and_the_extra_condition() -> None:
 
 def test_targets_follow_the_workloads_that_ran() -> None:
     results = {
-        "ratios": {"drop_over_consume_decode": 0.7, "delivery_over_http_ceiling_0ms": 0.4,
-                   "delivery_over_naive_20ms": 25.0},
+        "ratios": {"drop_over_consume_decode": 0.7, "drop_over_consume_avro": 0.5,
+                   "delivery_over_http_ceiling_0ms": 0.4, "delivery_over_client_loop_20ms": 0.95,
+                   "delivery_over_token_limit_0ms": 49.0, "delivery_over_naive_20ms": 25.0},
         "workloads": {
             "saturation": {
                 "1_worker": {"min_window_share": 0.99, "responses_429": 0},
@@ -92,7 +93,9 @@ def test_targets_follow_the_workloads_that_ran() -> None:
     rows = {row.name: row.passed for row in targets(results)}
     assert rows == {
         "drop path ÷ consume+decode": True,
-        "delivery ÷ HTTP ceiling @ 0ms": False,
+        "drop path ÷ consume+Avro (no JSON)": False,
+        "delivery ÷ plain loop, same client @ 20ms": True,
+        "delivery @ 0ms ÷ token limit (10 req/s)": False,
         "delivery ÷ naive @ 20ms": True,
         "saturation, 1 worker (min window share)": True,
         "saturation, 3 workers (min window share)": False,  # 429s received
