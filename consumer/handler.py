@@ -177,6 +177,8 @@ class Handler:
         self.guard = guard
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, Any] = {}
+        self._delivered: dict[str, Any] = {}
+        self._accepted = metrics.responses.labels("202")
 
     # -- decide: pure and total ---------------------------------------------------------
     def decide(self, event: Event) -> bool:
@@ -237,7 +239,11 @@ class Handler:
             await self._deliver(event, decision)
         except (DeadLetter, Retry) as exc:
             return await self._dead_letter(event, exc)
-        self.m.delivered.labels(decision.event_name).inc()
+        counter = self._delivered.get(decision.event_name)
+        if counter is None:
+            counter = self._delivered[decision.event_name] = self.m.delivered.labels(
+                decision.event_name)
+        counter.inc()
         age = _event_age(event.event_time)
         if age is not None:
             self.m.event_age.observe(age)
@@ -274,7 +280,7 @@ class Handler:
         event.on_wire = True
         try:
             await self.client.track(send.body)
-            self.m.responses.labels("202").inc()
+            self._accepted.inc()
         except Timeout:
             self.m.responses.labels("timeout").inc()
             raise
