@@ -17,10 +17,18 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from consumer.errors import ConfigError, WorkerError
+from consumer.replay import add_arguments as add_replay_arguments
+from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
+
+if TYPE_CHECKING:
+    from consumer.config import Settings
 
 if TYPE_CHECKING:
     from consumer.config import Settings
@@ -47,7 +55,8 @@ def cmd_run(_args: argparse.Namespace) -> int:
     if settings.registry_auth:
         secrets.append(settings.registry_auth.reveal())
     configure_logging(settings.log_level, settings.log_format, secrets)
-    disable_created_metrics()  # type: ignore[no-untyped-call]
+    no_created_series: Callable[[], None] = disable_created_metrics  # untyped upstream
+    no_created_series()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     health = Health(metrics)
@@ -170,9 +179,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from consumer.sandbox.cli import main as sandbox_main
+    from consumer.sandbox.cli import run
 
-    return sandbox_main(args.rest)
+    return run(args.parser, args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -187,25 +196,37 @@ def cmd_delete_users(args: argparse.Namespace) -> int:
     return delete_users_main(args)
 
 
-def _open(path: str | None):  # type: ignore[no-untyped-def]
+@contextmanager
+def _open(path: str | None) -> Iterator[TextIO]:
+    """The named file, or stdin for None or "-" (left open: it is not ours)."""
     if path is None or path == "-":
-        return _Stdin()
-    return open(path, encoding="utf-8")
+        yield sys.stdin
+        return
+    with open(path, encoding="utf-8") as stream:
+        yield stream
 
 
-class _Stdin:
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        return sys.stdin
+def _version() -> str:
+    try:
+        return version("userpilot-delivery-worker")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+
+def _prog() -> str:
+    """The name the command was called by: `userpilot-worker`, or `python -m consumer`."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if not name or name == "__main__.py" or name.startswith("-"):
+        return "python -m consumer"
+    return name
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m consumer", description=__doc__,
+        prog=prog or _prog(), description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the worker").set_defaults(func=cmd_run)
     p = sub.add_parser(
@@ -238,15 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema-registry-url", help="default: $SCHEMA_REGISTRY_URL")
     p.set_defaults(func=cmd_produce)
     p = sub.add_parser("replay", help="re-publish dead-lettered events")
-    try:
-        from consumer.replay import add_arguments
-        add_arguments(p)
-    except ImportError:  # pragma: no cover - replay module arrives with its issue
-        pass
+    add_replay_arguments(p)
     p.set_defaults(func=cmd_replay)
-    p = sub.add_parser("sandbox", help="run the local Userpilot stand-in", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_sandbox)
+    p = sub.add_parser("sandbox", help="run the local Userpilot stand-in")
+    add_sandbox_arguments(p)
+    p.set_defaults(func=cmd_sandbox, parser=p)
     p = sub.add_parser("demo", help="run the embedded demo end to end")
     p.add_argument("--events", default=None,
                    help="JSON lines (default: schemas/sample-events.jsonl)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,6 +78,7 @@ ENV_VARS: frozenset[str] = REDIS_ENV_VARS | frozenset({
     "USERPILOT_MAX_CONNECTIONS",
     "USERPILOT_MAX_METADATA_BYTES",
     "USERPILOT_MAX_METADATA_KEYS",
+    "USERPILOT_CA_BUNDLE",
     "KAFKA_BOOTSTRAP_SERVERS",
     "KAFKA_TOPICS",
     "KAFKA_GROUP_ID",
@@ -220,6 +222,7 @@ class Settings:
     """Things ignored on purpose (e.g. Kafka tooling variables): print, do not refuse."""
     redis: RedisSettings | None = None
     rate_limit_shared: bool = False
+    ca_bundle: str | None = None  # USERPILOT_CA_BUNDLE: PEM file of CAs to trust for HTTPS
 
     @property
     def track_url(self) -> str:
@@ -264,6 +267,7 @@ class Settings:
                           "backoff_seconds": self.retry_backoff_s,
                           "backoff_max_seconds": self.retry_backoff_max_s},
                 "max_connections": self.max_connections,
+                "ca_bundle": self.ca_bundle,
             },
             "consent": {"categories": list(self.consent.categories),
                         "missing": self.consent.missing,
@@ -295,6 +299,22 @@ class Settings:
             "redis": self.redis.describe() if self.redis is not None else None,
             "rate_limit_shared": self.rate_limit_shared,
         }
+
+
+def _ca_bundle(r: _Reader) -> str | None:
+    """USERPILOT_CA_BUNDLE: a readable PEM file of CA certificates (a corporate CA)."""
+    path = r.text("USERPILOT_CA_BUNDLE")
+    if path is None:
+        return None
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        r.problems.append(
+            f"USERPILOT_CA_BUNDLE={path!r} is not a readable PEM file of CA certificates "
+            f"({type(exc).__name__}): mount the bundle and give its path"
+        )
+        return None
+    return path
 
 
 class _Reader:
@@ -715,6 +735,7 @@ def load_settings(
     max_keys = r.integer("USERPILOT_MAX_METADATA_KEYS", DEFAULT_MAX_METADATA_KEYS, 1, 1_000_000)
     if (max_bytes, max_keys) != (mappings.max_metadata_bytes, mappings.max_metadata_keys):
         mappings = replace(mappings, max_metadata_bytes=max_bytes, max_metadata_keys=max_keys)
+    ca_bundle = _ca_bundle(r)
 
     bootstrap = r.required(
         "KAFKA_BOOTSTRAP_SERVERS", "enter host:port[,host:port], e.g. kafka:9092"
@@ -792,5 +813,5 @@ def load_settings(
         log_format=cast(Literal["text", "json"], log_format),
         log_level=log_level, dlq_max_ratio=dlq_ratio, dlq_window=dlq_window,
         dlq_max_consecutive=dlq_consecutive, replay_max=replay_max, notes=tuple(r.notes),
-        redis=redis, rate_limit_shared=rate_limit_shared,
+        redis=redis, rate_limit_shared=rate_limit_shared, ca_bundle=ca_bundle,
     )

@@ -9,12 +9,16 @@ header we sent, so the token cannot leak through an exception.
 from __future__ import annotations
 
 import email.utils
+import os
+import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC
 
+import aiohttp
+import certifi
 import httpx
+from httpx_aiohttp import HttpxAiohttpClient
 
 from consumer.errors import (
     ConnectionFailed,
@@ -25,22 +29,12 @@ from consumer.errors import (
     Timeout,
     WorkerError,
 )
-from consumer.transport import StreamTransport
 
-__all__ = ["Response", "UserpilotClient", "classify", "parse_retry_after"]
+__all__ = ["UserpilotClient", "classify", "parse_retry_after", "ssl_context"]
 
 BODY_LIMIT = 1024
 USER_AGENT = "userpilot-delivery-worker"
 MAX_RETRY_AFTER_S = 600.0
-
-
-@dataclass(frozen=True)
-class Response:
-    """What came back, as plain data (for metrics and logs)."""
-
-    status: int
-    elapsed_s: float
-    request_id: str
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -102,58 +96,74 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
     return Rejected(f"{where}: unexpected response", status=status, body=snippet)
 
 
-class UserpilotClient:
-    """Async HTTP client for /v1/track: httpx's API over the lean `StreamTransport`.
+def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """Trusted CAs: USERPILOT_CA_BUNDLE if set, else $SSL_CERT_FILE / $SSL_CERT_DIR, else
+    certifi's bundle (what httpx trusts by default)."""
+    cafile = ca_bundle or os.environ.get("SSL_CERT_FILE") or None
+    capath = None if cafile else os.environ.get("SSL_CERT_DIR") or None
+    if cafile is None and capath is None:
+        cafile = certifi.where()
+    return ssl.create_default_context(cafile=cafile, capath=capath)
 
-    httpx's default pool slows down as it grows (measured here against the sandbox at 64
-    concurrent requests: 165 requests/s with one 64-connection pool, ~1,400/s with 64
-    one-connection clients, ~4,500/s with StreamTransport; encode/httpx#3215).
+
+def _really_timed_out(exc: httpx.TimeoutException) -> bool:
+    """httpx-aiohttp maps every aiohttp connection error (refused, reset) to ConnectTimeout;
+    its cause says whether time actually ran out."""
+    return exc.__cause__ is None or isinstance(exc.__cause__, TimeoutError)
+
+
+class UserpilotClient:
+    """POSTs to Userpilot through httpx, on the aiohttp transport (`httpx-aiohttp`).
+
+    Why that transport: measured at the worker's concurrency (64 connections) against the
+    sandbox, httpx's own pool served far fewer requests per second than the same
+    `AsyncClient` on aiohttp's connector (tests/bench/RESULTS.md, "HTTP transport").
+    Proxies come from the environment (`trust_env`: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY,
+    NO_PROXY), the CA bundle from `ssl_context`, and the pool timeout bounds the wait for
+    a free connection. Redirects are never followed (the token stays on its host).
     """
 
     def __init__(
         self, url: str, headers: Mapping[str, str], *, timeout_s: float,
-        max_connections: int, transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int, ca_bundle: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._url = httpx.URL(url)
-        self._headers = httpx.Headers({"User-Agent": USER_AGENT, **headers})
-        self._timeout = httpx.Timeout(timeout_s).as_dict()
-        self._transport = transport or StreamTransport(max_connections)
+        self._url = url
+        self._client: httpx.AsyncClient = HttpxAiohttpClient(
+            headers={"User-Agent": USER_AGENT, **headers},
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+            verify=ssl_context(ca_bundle), trust_env=True, follow_redirects=False,
+            transport=transport,
+        )
 
-    async def _post(self, body: bytes) -> httpx.Response:
-        # The request is built directly and handed to the transport: AsyncClient's per-call
-        # machinery (cookies, auth flow, redirects, URL merging) is a third of the CPU per
-        # event and does nothing for one fixed POST.
-        request = httpx.Request("POST", self._url, headers=self._headers, content=body,
-                                extensions={"timeout": self._timeout})
-        response = await self._transport.handle_async_request(request)
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
-
-    async def track(self, body: bytes) -> Response:
+    async def track(self, body: bytes) -> None:
         """POST one payload; returns on 2xx, raises the classified exception otherwise."""
-        start = time.perf_counter()
         try:
-            response = await self._post(body)
+            response = await self._client.post(self._url, content=body)
         except httpx.TimeoutException as exc:
-            raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") from None
+            if _really_timed_out(exc):
+                raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") \
+                    from None
+            raise ConnectionFailed(
+                f"connection to Userpilot failed ({type(exc.__cause__).__name__})"
+            ) from None
         except (httpx.TransportError, OSError) as exc:
             raise ConnectionFailed(
                 f"connection to Userpilot failed ({type(exc).__name__})"
             ) from None
-        except httpx.HTTPError as exc:  # e.g. a body httpx cannot decode: a broken answer
+        except (httpx.HTTPError, aiohttp.ClientError) as exc:
+            # A broken answer: a body httpx cannot decode, or a response aiohttp's parser
+            # refused (httpx-aiohttp passes those through unmapped).
             raise ServerError(f"unusable answer from Userpilot ({type(exc).__name__})") \
                 from None
-        elapsed = time.perf_counter() - start
         status = response.status_code
         if 200 <= status < 300:  # the common case: no need to decode the body
-            return Response(status, elapsed, response.headers.get("x-request-id", ""))
+            return
         problem = classify(status, response.headers, response.text)
         if problem is not None:
             raise problem
-        return Response(response.status_code, elapsed, response.headers.get("x-request-id", ""))
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        await self._client.aclose()

@@ -86,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
             while time.monotonic() < deadline and not task.done():
                 await asyncio.sleep(0.5)
                 committed = sum(worker.committed.values())
-                if worker.assigned and committed >= sent and not worker.scheduler.in_flight:  # type: ignore[union-attr]
+                if worker.assigned and committed >= sent and not worker.in_flight:
                     break
             worker.stop()
             return await task

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from confluent_kafka import (
-    OFFSET_INVALID,
     Consumer,
     KafkaError,
     KafkaException,
@@ -107,6 +106,11 @@ class KafkaSource:
         except KafkaException as exc:
             raise _config_error(exc, "consumer") from None
 
+    @property
+    def fatal_error(self) -> str | None:
+        """librdkafka's fatal error, if one happened: the worker must stop."""
+        return self.fatal.str() if self.fatal is not None else None
+
     def _on_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             self.connected = False
@@ -195,11 +199,6 @@ class KafkaSource:
             return False
         return True
 
-    def committed(self, parts: Sequence[TP], timeout_s: float = 10.0) -> dict[TP, int]:
-        found = self._consumer.committed([TopicPartition(t, p) for t, p in parts], timeout_s)
-        return {(tp.topic, tp.partition): tp.offset for tp in found
-                if tp.offset != OFFSET_INVALID}
-
     def partition_count(self, timeout_s: float = 10.0) -> int:
         """Total partitions of the source topics (for this replica's rate share)."""
         total = 0
@@ -287,92 +286,3 @@ class DeadLetterProducer:
         self._stop.set()
         self._thread.join()
         return int(self._producer.flush(timeout_s))
-
-
-def run_replay(
-    conf: dict[str, Any], dlq_topic: str, group: str, filters: Any, *, dry_run: bool,
-    report: Callable[[dict[str, Any]], None],
-) -> Any:
-    """Read the DLQ up to its end offsets at start; re-publish what `replay.decide` allows."""
-    from consumer.deadletter import header_value, normalize_headers
-    from consumer.replay import Summary, decide, replay_headers
-
-    consumer = Consumer({
-        **conf, "group.id": group, "enable.auto.commit": False,
-        "auto.offset.reset": "earliest", "enable.partition.eof": False,
-    })
-    producer = None if dry_run else make_producer(conf)
-    summary = Summary()
-    try:
-        meta = consumer.list_topics(dlq_topic, timeout=10)
-        info = meta.topics.get(dlq_topic)
-        if info is None or info.error is not None:
-            raise ConfigError(f"dead-letter topic {dlq_topic!r} does not exist")
-        parts = [TopicPartition(dlq_topic, p) for p in sorted(info.partitions)]
-        committed = {tp.partition: tp.offset for tp in consumer.committed(parts, 10)}
-        ends: dict[int, int] = {}
-        starts: list[TopicPartition] = []
-        for tp in parts:
-            low, high = consumer.get_watermark_offsets(tp, timeout=10)
-            start = committed.get(tp.partition, OFFSET_INVALID)
-            start = low if start < 0 else max(start, low)
-            if start < high:
-                ends[tp.partition] = high
-                starts.append(TopicPartition(dlq_topic, tp.partition, start))
-        if not starts:
-            return summary
-        consumer.assign(starts)
-        failures: list[str] = []
-
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                failures.append(err.str())
-
-        position = {tp.partition: tp.offset for tp in starts}
-        while any(position[p] < ends[p] for p in ends):
-            for msg in consumer.consume(500, 1.0):
-                if msg.error() is not None:
-                    continue
-                p, off = msg.partition(), msg.offset()
-                if p is None or off is None or p not in ends or off >= ends[p]:
-                    continue
-                position[p] = off + 1
-                headers = normalize_headers(msg.headers())
-                ts_type, ts = msg.timestamp()
-                verdict = decide(headers, p, off, ts if ts_type else None, filters)
-                where = f"{dlq_topic}[{p}]@{off}"
-                if verdict == "filtered":
-                    summary.skipped_by_filter += 1
-                    continue
-                if verdict == "over_limit":
-                    summary.over_limit += 1
-                    summary.over_limit_offsets.append(where)
-                    continue
-                if verdict == "no_origin":
-                    summary.no_origin += 1
-                    continue
-                origin = (header_value(headers, "__connect.errors.topic") or b"").decode()
-                report({"dlq": where, "to": origin, "dry_run": dry_run,
-                        "reason": (header_value(headers, "userpilot.error.reason")
-                                   or b"").decode()})
-                summary.replayed += 1
-                if producer is not None:
-                    kwargs: dict[str, Any] = {"key": msg.key(), "value": msg.value(),
-                                              "headers": replay_headers(headers),
-                                              "on_delivery": delivered}
-                    if ts_type and ts:
-                        kwargs["timestamp"] = ts
-                    producer.produce(origin, **kwargs)
-                    producer.poll(0)
-            if producer is not None:
-                if producer.flush(30) or failures:
-                    raise KafkaException(f"replay produce failed: {failures[:3]}")
-                consumer.commit(
-                    offsets=[TopicPartition(dlq_topic, p, o) for p, o in position.items()],
-                    asynchronous=False,
-                )
-        return summary
-    finally:
-        if producer is not None:
-            producer.flush(30)
-        consumer.close()

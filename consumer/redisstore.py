@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
@@ -165,7 +165,7 @@ class RedisStore:
         state = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if state not in ("claimed", "duplicate", "busy"):
             raise SharedStateUnavailable(f"redis claim answered {state!r}")
-        return state, max(0, int(reply[1])) / 1000  # type: ignore[return-value]
+        return cast(ClaimState, state), max(0, int(reply[1])) / 1000
 
     async def confirm(self, key: str, ttl_ms: int) -> None:
         """Record ``key`` as delivered for ``ttl_ms``, whoever's claim it held."""

@@ -4,6 +4,7 @@ The replayer is a consumer group of its own on the DLQ: it reads up to the end o
 seen at start, re-publishes what passes the filters (acks=all) and commits, so a run can
 be stopped and resumed and a second run replays nothing twice. Each replay increments
 `userpilot.replay.count`; an event at the limit is reported, not replayed again.
+`decide` is pure; `run_replay` is the Kafka loop (its own consumer and producer).
 """
 
 from __future__ import annotations
@@ -12,15 +13,33 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from consumer.deadletter import REPLAY_COUNT, Header, header_value, replay_count
-from consumer.errors import ConfigError
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
-__all__ = ["Filters", "Summary", "add_arguments", "decide", "main", "replay_headers"]
+from consumer.deadletter import (
+    REPLAY_COUNT,
+    Header,
+    header_value,
+    normalize_headers,
+    replay_count,
+)
+from consumer.errors import ConfigError
+from consumer.kafka import make_producer
+
+__all__ = [
+    "Filters", "Summary", "add_arguments", "decide", "main", "replay_headers", "run_replay",
+]
 
 
 @dataclass(frozen=True)
@@ -128,9 +147,94 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="list what would be replayed; send and commit nothing")
 
 
+def run_replay(
+    conf: dict[str, Any], dlq_topic: str, group: str, filters: Filters, *, dry_run: bool,
+    report: Callable[[dict[str, Any]], None],
+) -> Summary:
+    """Read the DLQ up to its end offsets at start; re-publish what `decide` allows."""
+    consumer = Consumer({
+        **conf, "group.id": group, "enable.auto.commit": False,
+        "auto.offset.reset": "earliest", "enable.partition.eof": False,
+    })
+    producer = None if dry_run else make_producer(conf)
+    summary = Summary()
+    try:
+        meta = consumer.list_topics(dlq_topic, timeout=10)
+        info = meta.topics.get(dlq_topic)
+        if info is None or info.error is not None:
+            raise ConfigError(f"dead-letter topic {dlq_topic!r} does not exist")
+        parts = [TopicPartition(dlq_topic, p) for p in sorted(info.partitions)]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(parts, 10)}
+        ends: dict[int, int] = {}
+        starts: list[TopicPartition] = []
+        for tp in parts:
+            low, high = consumer.get_watermark_offsets(tp, timeout=10)
+            start = committed.get(tp.partition, OFFSET_INVALID)
+            start = low if start < 0 else max(start, low)
+            if start < high:
+                ends[tp.partition] = high
+                starts.append(TopicPartition(dlq_topic, tp.partition, start))
+        if not starts:
+            return summary
+        consumer.assign(starts)
+        failures: list[str] = []
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                failures.append(err.str())
+
+        position = {tp.partition: tp.offset for tp in starts}
+        while any(position[p] < ends[p] for p in ends):
+            for msg in consumer.consume(500, 1.0):
+                if msg.error() is not None:
+                    continue
+                p, off = msg.partition(), msg.offset()
+                if p is None or off is None or p not in ends or off >= ends[p]:
+                    continue
+                position[p] = off + 1
+                headers = normalize_headers(msg.headers())
+                ts_type, ts = msg.timestamp()
+                verdict = decide(headers, p, off, ts if ts_type else None, filters)
+                where = f"{dlq_topic}[{p}]@{off}"
+                if verdict == "filtered":
+                    summary.skipped_by_filter += 1
+                    continue
+                if verdict == "over_limit":
+                    summary.over_limit += 1
+                    summary.over_limit_offsets.append(where)
+                    continue
+                if verdict == "no_origin":
+                    summary.no_origin += 1
+                    continue
+                origin = (header_value(headers, "__connect.errors.topic") or b"").decode()
+                report({"dlq": where, "to": origin, "dry_run": dry_run,
+                        "reason": (header_value(headers, "userpilot.error.reason")
+                                   or b"").decode()})
+                summary.replayed += 1
+                if producer is not None:
+                    kwargs: dict[str, Any] = {"key": msg.key(), "value": msg.value(),
+                                              "headers": replay_headers(headers),
+                                              "on_delivery": delivered}
+                    if ts_type and ts:
+                        kwargs["timestamp"] = ts
+                    producer.produce(origin, **kwargs)
+                    producer.poll(0)
+            if producer is not None:
+                if producer.flush(30) or failures:
+                    raise KafkaException(f"replay produce failed: {failures[:3]}")
+                consumer.commit(
+                    offsets=[TopicPartition(dlq_topic, p, o) for p, o in position.items()],
+                    asynchronous=False,
+                )
+        return summary
+    finally:
+        if producer is not None:
+            producer.flush(30)
+        consumer.close()
+
+
 def main(args: argparse.Namespace) -> int:
     from consumer.config import load_settings
-    from consumer.kafka import run_replay
 
     if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
         raise ConfigError("replay needs KAFKA_BOOTSTRAP_SERVERS")

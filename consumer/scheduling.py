@@ -3,7 +3,9 @@
 Events that share an ordering key (topic, partition, user) run one after another, in
 partition order, so Userpilot (which stamps receipt time) sees each user's events in
 order; different users run concurrently. The window bounds memory and duplicates after
-a crash; when it is full the worker pauses partitions but keeps polling.
+a crash; the worker bounds it (`Commits.in_window`) and pauses partitions when it is full.
+
+Thread rule: event loop only.
 """
 
 from __future__ import annotations
@@ -34,12 +36,11 @@ class Job(Protocol):
 J = TypeVar("J", bound=Job)
 
 class Scheduler(Generic[J]):
-    """Runs jobs with per-key ordering inside a bounded window."""
+    """Runs jobs with per-key ordering; the window is bounded by the worker (commits)."""
 
-    def __init__(self, run: Callable[[J], Awaitable[None]], limit: int,
+    def __init__(self, run: Callable[[J], Awaitable[object]],
                  on_crash: Callable[[BaseException], None]) -> None:
         self._run = run
-        self._limit = limit
         self._on_crash = on_crash
         self._queues: dict[tuple[str, int, Hashable], deque[J]] = {}
         self._tasks: dict[tuple[str, int, Hashable], asyncio.Task[None]] = {}
@@ -50,14 +51,6 @@ class Scheduler(Generic[J]):
     @property
     def in_flight(self) -> int:
         return self._in_flight
-
-    @property
-    def full(self) -> bool:
-        return self._in_flight >= self._limit
-
-    @property
-    def limit(self) -> int:
-        return self._limit
 
     def submit(self, job: J) -> None:
         """Queue a job behind earlier jobs of the same key, or start it now."""
@@ -124,26 +117,6 @@ class Scheduler(Generic[J]):
         self._changed.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
-
-    async def wait_below(self, count: int) -> None:
-        """Wait until fewer than `count` jobs are in flight."""
-        while self._in_flight >= count:
-            self._changed.clear()
-            await self._changed.wait()
-
-    async def drain(self, partitions: Iterable[TopicPartition] | None, timeout: float) -> bool:
-        """Wait (bounded) until the given partitions have nothing in flight."""
-        wanted = None if partitions is None else list(partitions)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.pending(wanted) > 0:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
-        return True
 
     async def cancel(self, partitions: Iterable[TopicPartition] | None) -> int:
         """Abandon the jobs of these partitions (or all); returns how many were abandoned."""

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from consumer.sandbox.auth import AuthResult, TokenSet
 from consumer.sandbox.config import SandboxConfig
+from consumer.sandbox.control import handle_control
 from consumer.sandbox.directory import Directory
 from consumer.sandbox.errors import Problem, json_response, problem_for_status
 from consumer.sandbox.faults import Action, FaultState
@@ -108,8 +109,6 @@ class SandboxApp:
 
     def handle(self, request: Request) -> Outcome:
         if request.path.startswith(CONTROL_PREFIX):
-            from consumer.sandbox.control import handle_control
-
             return Outcome("respond", self.next_request_id(), handle_control(self, request))
         request_id = self.next_request_id()
         outcome = self._handle_api(request, request_id)

@@ -12,18 +12,24 @@ from consumer.sandbox.config import DEFAULT_READ_TOKEN, DEFAULT_WRITE_TOKEN, San
 from consumer.sandbox.faults import FaultConfig, FaultError
 from consumer.sandbox.server import serve
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["add_arguments", "build_parser", "config_from_args", "main", "run"]
 
 log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sandbox",
-        description="A local stand-in for Userpilot's HTTP API (track, identify, company "
-        "identify, delete users), with a "
-        "control API under /_sandbox/ for records and fault injection.",
-    )
+DESCRIPTION = ("A local stand-in for Userpilot's HTTP API (track, identify, company "
+               "identify, delete users), with a control API under /_sandbox/ for records "
+               "and fault injection.")
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sandbox's flags, on its own parser or on `python -m consumer sandbox`."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8787, help="0 picks a free port")
     parser.add_argument(
@@ -79,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=None, help="seed for random faults")
     parser.add_argument("--log-level", default="INFO")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> SandboxConfig:
@@ -125,7 +130,11 @@ async def _run(config: SandboxConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return run(parser, parser.parse_args(argv))
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Start the sandbox from parsed flags (`parser` reports flag errors)."""
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

@@ -24,15 +24,37 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from consumer.sandbox.auth import TokenSet
+from consumer.sandbox.config import SandboxConfig
+from consumer.sandbox.directory import Directory
 from consumer.sandbox.errors import Problem, json_response
-from consumer.sandbox.faults import FaultError
+from consumer.sandbox.faults import FaultError, FaultState
 from consumer.sandbox.http import Request, Response
+from consumer.sandbox.ratelimit import FamilyLimiter
+from consumer.sandbox.records import Recorder
 
-if TYPE_CHECKING:
-    from consumer.sandbox.app import SandboxApp
+
+class ControlledApp(Protocol):
+    """What the control API reads and changes on the app (`app.SandboxApp`).
+
+    A protocol, not an import: app.py routes /_sandbox/ here, so importing it back would
+    make a cycle.
+    """
+
+    config: SandboxConfig
+    faults: FaultState
+    limiter: FamilyLimiter
+    recorder: Recorder
+    retry_after: bool
+    tokens: TokenSet
+
+    directory: Directory
+
+    def reset_state(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
 
 __all__ = ["LIMIT_KEYS", "handle_control"]
 
@@ -53,7 +75,7 @@ def _json_object(request: Request) -> dict[str, Any] | Response:
     return body
 
 
-def _faults_view(app: SandboxApp) -> dict[str, Any]:
+def _faults_view(app: ControlledApp) -> dict[str, Any]:
     return {
         **app.faults.to_json(),
         "rate_limit": app.limiter.limit,
@@ -62,7 +84,7 @@ def _faults_view(app: SandboxApp) -> dict[str, Any]:
     }
 
 
-def _put_faults(app: SandboxApp, request: Request) -> Response:
+def _put_faults(app: ControlledApp, request: Request) -> Response:
     body = _json_object(request)
     if isinstance(body, Response):
         return body
@@ -86,18 +108,18 @@ def _put_faults(app: SandboxApp, request: Request) -> Response:
     return json_response(200, _faults_view(app))
 
 
-def _clear_faults(app: SandboxApp, request: Request) -> Response:
+def _clear_faults(app: ControlledApp, request: Request) -> Response:
     app.faults.load(app.config.faults)
     app.limiter.reconfigure(app.config.rate_limit, app.config.rate_window_seconds)
     app.retry_after = app.config.retry_after
     return json_response(200, _faults_view(app))
 
 
-def _tokens_view(app: SandboxApp) -> dict[str, Any]:
+def _tokens_view(app: ControlledApp) -> dict[str, Any]:
     return {"write_tokens": app.tokens.write_ids, "read_tokens": app.tokens.read_ids}
 
 
-def _put_tokens(app: SandboxApp, request: Request) -> Response:
+def _put_tokens(app: ControlledApp, request: Request) -> Response:
     body = _json_object(request)
     if isinstance(body, Response):
         return body
@@ -119,36 +141,36 @@ def _put_tokens(app: SandboxApp, request: Request) -> Response:
     return json_response(200, _tokens_view(app))
 
 
-def _get_requests(app: SandboxApp, request: Request) -> Response:
+def _get_requests(app: ControlledApp, request: Request) -> Response:
     path = request.query.get("path", [None])[0]
     return json_response(200, app.recorder.select(path))
 
 
-def _reset(app: SandboxApp, request: Request) -> Response:
+def _reset(app: ControlledApp, request: Request) -> Response:
     app.reset_state()
     return json_response(200, {"status": "reset"})
 
 
-Handler = Callable[["SandboxApp", Request], Response]
+Handler = Callable[[ControlledApp, Request], Response]
 
 
-def _health(app: SandboxApp, request: Request) -> Response:
+def _health(app: ControlledApp, request: Request) -> Response:
     return json_response(200, {"status": "ok"})
 
 
-def _stats(app: SandboxApp, request: Request) -> Response:
+def _stats(app: ControlledApp, request: Request) -> Response:
     return json_response(200, app.stats())
 
 
-def _users(app: SandboxApp, request: Request) -> Response:
+def _users(app: ControlledApp, request: Request) -> Response:
     return json_response(200, app.directory.users_view())
 
 
-def _companies(app: SandboxApp, request: Request) -> Response:
+def _companies(app: ControlledApp, request: Request) -> Response:
     return json_response(200, app.directory.companies_view())
 
 
-def _limits_view(app: SandboxApp) -> dict[str, Any]:
+def _limits_view(app: ControlledApp) -> dict[str, Any]:
     limiter = app.limiter
     return {
         "rate_limit": limiter.limit,
@@ -159,7 +181,7 @@ def _limits_view(app: SandboxApp) -> dict[str, Any]:
     }
 
 
-def _clear_limits(app: SandboxApp, request: Request) -> Response:
+def _clear_limits(app: ControlledApp, request: Request) -> Response:
     config = app.config
     app.limiter.configure_families(
         identify_limit=config.identify_rate_limit, shared=config.shared_rate_limit,
@@ -168,11 +190,11 @@ def _clear_limits(app: SandboxApp, request: Request) -> Response:
     return json_response(200, _limits_view(app))
 
 
-def _get_limits(app: SandboxApp, request: Request) -> Response:
+def _get_limits(app: ControlledApp, request: Request) -> Response:
     return json_response(200, _limits_view(app))
 
 
-def _put_limits(app: SandboxApp, request: Request) -> Response:
+def _put_limits(app: ControlledApp, request: Request) -> Response:
     """Per-family settings; ``rate_limit``/``rate_window_seconds`` stay under ``faults``."""
     body = _json_object(request)
     if isinstance(body, Response):
@@ -196,11 +218,11 @@ def _put_limits(app: SandboxApp, request: Request) -> Response:
     return json_response(200, _limits_view(app))
 
 
-def _get_faults(app: SandboxApp, request: Request) -> Response:
+def _get_faults(app: ControlledApp, request: Request) -> Response:
     return json_response(200, _faults_view(app))
 
 
-def _get_tokens(app: SandboxApp, request: Request) -> Response:
+def _get_tokens(app: ControlledApp, request: Request) -> Response:
     return json_response(200, _tokens_view(app))
 
 
@@ -222,7 +244,7 @@ _ROUTES: dict[tuple[str, str], Handler] = {
 }
 
 
-def handle_control(app: SandboxApp, request: Request) -> Response:
+def handle_control(app: ControlledApp, request: Request) -> Response:
     path = request.path.rstrip("/")
     handler = _ROUTES.get((request.method, path))
     if handler is not None:

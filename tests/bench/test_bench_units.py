@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Mapping
 
 import pytest
 
+from bench import events as ev
+from bench.cli import _workload_list, build_parser
+from bench.procs import RssSample, RssTrace, read_rss
+from bench.report import Target, percentile, render_table, targets
 from consumer import codec
-from consumer.bench import events as ev
-from consumer.bench.cli import _workload_list, build_parser
-from consumer.bench.procs import RssSample, RssTrace, read_rss
-from consumer.bench.report import Target, percentile, render_table, targets
 from consumer.filtering import ConsentPolicy, Drop
 from consumer.mapping import DEFAULT_PRESET
 from consumer.routing import Send, route
 
 
-def _decode(value: bytes) -> dict[str, object]:
+def _decode(value: bytes) -> Mapping[str, object]:
     return codec.decode(value, lambda _id: codec.SCHEMA)
 
 
@@ -77,8 +78,9 @@ def test_target_pass_needs_the_bound_and_the_extra_condition() -> None:
 
 def test_targets_follow_the_workloads_that_ran() -> None:
     results = {
-        "ratios": {"drop_over_consume_decode": 0.7, "delivery_over_http_ceiling_0ms": 0.4,
-                   "delivery_over_naive_20ms": 25.0},
+        "ratios": {"drop_over_consume_decode": 0.7, "drop_over_consume_avro": 0.5,
+                   "delivery_over_http_ceiling_0ms": 0.4, "delivery_over_client_loop_20ms": 0.95,
+                   "delivery_over_token_limit_0ms": 49.0, "delivery_over_naive_20ms": 25.0},
         "workloads": {
             "saturation": {
                 "1_worker": {"min_window_share": 0.99, "responses_429": 0},
@@ -92,7 +94,9 @@ def test_targets_follow_the_workloads_that_ran() -> None:
     rows = {row.name: row.passed for row in targets(results)}
     assert rows == {
         "drop path ÷ consume+decode": True,
-        "delivery ÷ HTTP ceiling @ 0ms": False,
+        "drop path ÷ consume+Avro (no JSON)": False,
+        "delivery ÷ plain loop, same client @ 20ms": True,
+        "delivery @ 0ms ÷ token limit (10 req/s)": False,
         "delivery ÷ naive @ 20ms": True,
         "saturation, 1 worker (min window share)": True,
         "saturation, 3 workers (min window share)": False,  # 429s received
@@ -100,7 +104,7 @@ def test_targets_follow_the_workloads_that_ran() -> None:
         "added latency p99": False,
     }
     table = render_table(results)
-    assert table.count("PASS") == 4 and table.count("MISS") == 3
+    assert table.count("PASS") == 5 and table.count("MISS") == 4
     assert targets({"ratios": {}, "workloads": {}}) == []
 
 

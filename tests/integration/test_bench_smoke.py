@@ -1,4 +1,4 @@
-"""The benchmark harness cannot rot: `python -m consumer.bench --smoke` runs every workload.
+"""The benchmark harness cannot rot: `python -m bench --smoke` runs every workload.
 
 Asserts that every workload produced positive figures and every ratio and target row is
 there, not that targets are met: CI machines are shared and noisy, so targets are judged
@@ -26,7 +26,7 @@ def test_smoke_run_reports_every_workload(kafka_bootstrap: str, schema_registry_
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
            "SCHEMA_REGISTRY_URL": schema_registry_url}
     proc = subprocess.run(
-        [sys.executable, "-m", "consumer.bench", "--smoke", "--out", str(out),
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out),
          "--logs", str(tmp_path / "logs")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
@@ -44,6 +44,7 @@ def test_smoke_run_reports_every_workload(kafka_bootstrap: str, schema_registry_
         assert delivery["accepted"] >= w["delivery_path"]["events"]
         ceiling = w["http_ceiling"]["by_latency"][latency]
         assert ceiling["httpx"]["rate"] > 0 and ceiling["aiohttp"]["rate"] > 0
+        assert ceiling["worker_client"]["rate"] > 0
         assert w["naive"]["by_latency"][latency]["rate"] > 0
     for label in ("1_worker", "3_workers"):
         sat = w["saturation"][label]
@@ -55,10 +56,12 @@ def test_smoke_run_reports_every_workload(kafka_bootstrap: str, schema_registry_
     assert 0 < lat["p50"] <= lat["p99"]
 
     ratios = results["ratios"]
-    for key in ("drop_over_consume_decode", "delivery_over_http_ceiling_0ms",
-                "delivery_over_http_ceiling_20ms", "delivery_over_naive_20ms"):
+    assert w["consume_decode"]["avro_only"]["rate"] > 0
+    for key in ("drop_over_consume_decode", "drop_over_consume_avro",
+                "delivery_over_client_loop_20ms", "delivery_over_token_limit_0ms",
+                "delivery_over_naive_20ms"):
         assert math.isfinite(ratios[key]) and ratios[key] > 0, key
     names = [row["name"] for row in results["targets"]]
-    assert len(names) == 8, names  # 1 + 2 + 1 + 2 + 1 + 1 target rows
+    assert len(names) == 9, names  # 2 drop + 2 delivery + naive + 2 saturation + RSS + latency
     assert results["machine"]["cpu_count"] and results["params"]["smoke"] is True
     assert "PASS" in proc.stdout or "MISS" in proc.stdout

@@ -50,8 +50,9 @@ def _consume_all(bootstrap: str, topic: str, count: int) -> list[tuple[bytes | N
         out: list[tuple[bytes | None, bytes]] = []
         for _ in range(60):
             for msg in consumer.consume(100, 0.5):
-                if msg.error() is None:
-                    out.append((msg.key(), msg.value()))
+                value = msg.value()
+                if msg.error() is None and value is not None:
+                    out.append((msg.key(), value))
             if len(out) >= count:
                 break
         return out

@@ -112,7 +112,7 @@ def test_memory_per_recorded_id(redis_url: str, capsys: pytest.CaptureFixture[st
     dd = Deduplicator(RedisStore(redis_url), digest)  # only for the key shape
     n = 100_000
     keys = [dd.key("track", str(uuid.uuid4())) for _ in range(n)]
-    client.execute_command("MEMORY", "PURGE")
+    client.execute_command("MEMORY", "PURGE")  # type: ignore[no-untyped-call]
     before = int(client.info("memory")["used_memory"])
     pipe = client.pipeline(transaction=False)
     for i, key in enumerate(keys):
@@ -121,7 +121,7 @@ def test_memory_per_recorded_id(redis_url: str, capsys: pytest.CaptureFixture[st
             pipe.execute()
     pipe.execute()
     after = int(client.info("memory")["used_memory"])
-    sample = int(client.execute_command("MEMORY", "USAGE", keys[0]))
+    sample = int(client.execute_command("MEMORY", "USAGE", keys[0]))  # type: ignore[no-untyped-call]
     per_id = (after - before) / n
     client.delete(*keys)
     client.close()

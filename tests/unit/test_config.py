@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import certifi
 import pytest
 
 from consumer.config import (
@@ -94,6 +95,7 @@ SET_ALL = {
     "USERPILOT_RETRY_MAX_ATTEMPTS": "3",
     "USERPILOT_RETRY_BUDGET_SECONDS": "90",
     "USERPILOT_MAX_CONNECTIONS": "16",
+    "USERPILOT_CA_BUNDLE": certifi.where(),
     "KAFKA_TOPICS": "a, b.c ,d_e",
     "KAFKA_GROUP_ID": "my-group",
     "KAFKA_DLQ_TOPIC": "a-dlq",
@@ -415,6 +417,8 @@ def test_invalid_pass_through_names(name: str) -> None:
     ("USERPILOT_RETRY_MAX_ATTEMPTS", "1001", "between 1 and 1000"),
     ("USERPILOT_RETRY_BUDGET_SECONDS", "0", "> 0"),
     ("USERPILOT_MAX_CONNECTIONS", "0", "between 1 and 1000"),
+    ("USERPILOT_CA_BUNDLE", "/nonexistent/ca.pem", "not a readable PEM file of CA certificates"),
+    ("USERPILOT_CA_BUNDLE", "/etc/hostname", "not a readable PEM file of CA certificates"),
     ("WORKER_MAX_IN_FLIGHT", "0", "between 1 and 100000"),
     ("WORKER_MAX_IN_FLIGHT", "100001", "between 1 and 100000"),
     ("WORKER_SHUTDOWN_GRACE_SECONDS", "3601", "<= 3600"),

@@ -177,7 +177,7 @@ def test_metrics_speaks_openmetrics_when_negotiated(server: HealthServer) -> Non
     text = raw.decode()
     assert text.endswith("# EOF\n")
     assert "# TYPE userpilot_build_info gauge" in text
-    families = {f.name: f for f in openmetrics_families(text)}
+    families = {f.name: f for f in openmetrics_families(text)}  # type: ignore[no-untyped-call]
     assert families["userpilot_retries"].type == "counter"
 
 

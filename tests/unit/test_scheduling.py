@@ -58,11 +58,21 @@ def crash_collector() -> tuple[list[BaseException], Callable[[BaseException], No
     return crashes, crashes.append
 
 
+
+async def drained(sched: Scheduler[Work], timeout: float = 1.0) -> None:
+    """Wait until nothing is pending; fails the test after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while sched.pending():
+        assert loop.time() < deadline, "scheduler did not drain"
+        await sched.wait_change(0.05)
+
+
 def test_same_key_runs_in_partition_order() -> None:
     async def main() -> list[tuple[str, int]]:
         rec = Recorder()
         crashes, on_crash = crash_collector()
-        sched: Scheduler[Work] = Scheduler(rec, 100, on_crash)
+        sched: Scheduler[Work] = Scheduler(rec, on_crash)
         jobs = [Work("t", 0, o, "user-1") for o in range(5)]
         for job in jobs:
             sched.submit(job)
@@ -70,7 +80,7 @@ def test_same_key_runs_in_partition_order() -> None:
         assert rec.events == [("start", 0)]  # later events of the user wait
         for job in reversed(jobs):  # releasing out of order must not reorder
             job.release.set()
-        assert await sched.drain(None, 1.0)
+        await drained(sched)
         assert crashes == []
         return rec.events
 
@@ -81,7 +91,7 @@ def test_same_key_runs_in_partition_order() -> None:
 def test_different_keys_run_concurrently() -> None:
     async def main() -> Recorder:
         rec = Recorder()
-        sched: Scheduler[Work] = Scheduler(rec, 100, crash_collector()[1])
+        sched: Scheduler[Work] = Scheduler(rec, crash_collector()[1])
         jobs = [Work("t", 0, o, f"user-{o}") for o in range(10)]
         for job in jobs:
             sched.submit(job)
@@ -89,7 +99,7 @@ def test_different_keys_run_concurrently() -> None:
         assert rec.max_running == 10
         for job in jobs:
             job.release.set()
-        assert await sched.drain(None, 1.0)
+        await drained(sched)
         return rec
 
     assert run(main).max_running == 10
@@ -98,7 +108,7 @@ def test_different_keys_run_concurrently() -> None:
 def test_same_user_on_different_partitions_is_not_serialised() -> None:
     async def main() -> int:
         rec = Recorder()
-        sched: Scheduler[Work] = Scheduler(rec, 100, crash_collector()[1])
+        sched: Scheduler[Work] = Scheduler(rec, crash_collector()[1])
         jobs = [Work("t", p, p, "user-1") for p in range(3)] + [Work("u", 0, 9, "user-1")]
         for job in jobs:
             sched.submit(job)
@@ -106,22 +116,22 @@ def test_same_user_on_different_partitions_is_not_serialised() -> None:
         running = rec.max_running
         for job in jobs:
             job.release.set()
-        await sched.drain(None, 1.0)
+        await drained(sched)
         return running
 
     assert run(main) == 4
 
 
-def test_in_flight_full_and_pending_accounting() -> None:
+def test_in_flight_and_pending_accounting() -> None:
     async def main() -> None:
         rec = Recorder()
-        sched: Scheduler[Work] = Scheduler(rec, 4, crash_collector()[1])
-        assert (sched.in_flight, sched.full, sched.limit) == (0, False, 4)
+        sched: Scheduler[Work] = Scheduler(rec, crash_collector()[1])
+        assert sched.in_flight == 0
         a = [Work("t", 0, o, "a") for o in range(2)]
         b = [Work("t", 1, o, "b") for o in range(2)]
         for job in a + b:
             sched.submit(job)
-        assert (sched.in_flight, sched.full) == (4, True)
+        assert sched.in_flight == 4
         assert sched.pending([("t", 0)]) == 2
         assert sched.pending([("t", 1)]) == 2
         assert sched.pending([("t", 0), ("t", 1), ("x", 9)]) == 4
@@ -129,67 +139,13 @@ def test_in_flight_full_and_pending_accounting() -> None:
         await settle()
         a[0].release.set()
         await settle()
-        assert (sched.in_flight, sched.full) == (3, False)
+        assert sched.in_flight == 3
         assert sched.pending([("t", 0)]) == 1
         for job in a + b:
             job.release.set()
-        assert await sched.drain(None, 1.0)
+        await drained(sched)
         assert sched.in_flight == 0
         assert sched.pending([("t", 0)]) == 0
-
-    run(main)
-
-
-def test_wait_below_returns_when_room_frees_up() -> None:
-    async def main() -> None:
-        rec = Recorder()
-        sched: Scheduler[Work] = Scheduler(rec, 2, crash_collector()[1])
-        jobs = [Work("t", 0, o, o) for o in range(2)]
-        for job in jobs:
-            sched.submit(job)
-        waiter = asyncio.ensure_future(sched.wait_below(2))
-        await settle()
-        assert not waiter.done()
-        jobs[1].release.set()
-        await asyncio.wait_for(waiter, 1.0)
-        assert sched.in_flight == 1
-        jobs[0].release.set()
-        await sched.drain(None, 1.0)
-
-    run(main)
-
-
-def test_drain_waits_only_for_the_given_partitions() -> None:
-    async def main() -> None:
-        rec = Recorder()
-        sched: Scheduler[Work] = Scheduler(rec, 10, crash_collector()[1])
-        p0, p1 = Work("t", 0, 1, "a"), Work("t", 1, 1, "b")
-        sched.submit(p0)
-        sched.submit(p1)
-        await settle()
-        p0.release.set()
-        assert await sched.drain([("t", 0)], 1.0) is True
-        assert sched.pending([("t", 1)]) == 1
-        p1.release.set()
-        assert await sched.drain(None, 1.0) is True
-
-    run(main)
-
-
-def test_drain_times_out() -> None:
-    async def main() -> None:
-        rec = Recorder()
-        sched: Scheduler[Work] = Scheduler(rec, 10, crash_collector()[1])
-        job = Work("t", 0, 1, "a")
-        sched.submit(job)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        assert await sched.drain(None, 0.05) is False
-        assert loop.time() - start >= 0.05
-        assert sched.in_flight == 1
-        assert await sched.drain([("t", 5)], 0.0) is True  # nothing there
-        job.release.set()
-        assert await sched.drain(None, 1.0) is True
 
     run(main)
 
@@ -198,7 +154,7 @@ def test_cancel_returns_the_abandoned_count_and_frees_the_window() -> None:
     async def main() -> None:
         rec = Recorder()
         crashes, on_crash = crash_collector()
-        sched: Scheduler[Work] = Scheduler(rec, 10, on_crash)
+        sched: Scheduler[Work] = Scheduler(rec, on_crash)
         for o in range(3):
             sched.submit(Work("t", 0, o, "a"))
         sched.submit(Work("t", 0, 3, "b"))
@@ -210,7 +166,7 @@ def test_cancel_returns_the_abandoned_count_and_frees_the_window() -> None:
         assert sched.pending([("t", 0)]) == 0
         assert crashes == []  # cancellation is not a crash
         keep.release.set()
-        assert await sched.drain(None, 1.0)
+        await drained(sched)
         assert ("end", 0) in rec.events  # the kept partition finished normally
 
     run(main)
@@ -218,7 +174,7 @@ def test_cancel_returns_the_abandoned_count_and_frees_the_window() -> None:
 
 def test_cancel_all() -> None:
     async def main() -> None:
-        sched: Scheduler[Work] = Scheduler(Recorder(), 10, crash_collector()[1])
+        sched: Scheduler[Work] = Scheduler(Recorder(), crash_collector()[1])
         for o in range(4):
             sched.submit(Work("t", o % 2, o, o))
         await settle()
@@ -233,7 +189,7 @@ def test_cancel_right_after_submit_before_jobs_started() -> None:
     """A revoke can arrive in the same loop turn as the poll that submitted the jobs."""
     async def main() -> None:
         rec = Recorder()
-        sched: Scheduler[Work] = Scheduler(rec, 10, crash_collector()[1])
+        sched: Scheduler[Work] = Scheduler(rec, crash_collector()[1])
         for o in range(3):
             sched.submit(Work("t", 0, o, o))
         assert await sched.cancel([("t", 0)]) == 3
@@ -243,7 +199,7 @@ def test_cancel_right_after_submit_before_jobs_started() -> None:
         job = Work("t", 0, 0, 0)  # the same key works again afterwards
         sched.submit(job)
         job.release.set()
-        assert await sched.drain(None, 1.0)
+        await drained(sched)
         assert rec.events == [("start", 0), ("end", 0)]
 
     run(main)
@@ -252,12 +208,12 @@ def test_cancel_right_after_submit_before_jobs_started() -> None:
 def test_key_can_be_reused_after_its_chain_ended() -> None:
     async def main() -> list[tuple[str, int]]:
         rec = Recorder()
-        sched: Scheduler[Work] = Scheduler(rec, 10, crash_collector()[1])
+        sched: Scheduler[Work] = Scheduler(rec, crash_collector()[1])
         for o in range(3):
             job = Work("t", 0, o, "a")
             job.release.set()
             sched.submit(job)
-            assert await sched.drain(None, 1.0)
+            await drained(sched)
         return rec.events
 
     assert run(main) == [(kind, o) for o in range(3) for kind in ("start", "end")]
@@ -274,11 +230,11 @@ def test_on_crash_is_called_on_unexpected_exceptions(error: Exception) -> None:
             if job.offset == 1:
                 raise error
 
-        sched: Scheduler[Work] = Scheduler(job_run, 10, on_crash)
+        sched: Scheduler[Work] = Scheduler(job_run, on_crash)
         for o in range(4):
             sched.submit(Work("t", 0, o, "a"))
         sched.submit(Work("t", 0, 9, "other"))
-        assert await sched.drain(None, 1.0)
+        await drained(sched)
         assert sched.in_flight == 0  # the crashed chain's jobs are not left counted
         return crashes, ran
 
@@ -290,7 +246,7 @@ def test_on_crash_is_called_on_unexpected_exceptions(error: Exception) -> None:
 def test_current_lists_the_job_each_chain_is_working_on() -> None:
     async def main() -> None:
         rec = Recorder()
-        sched: Scheduler[Work] = Scheduler(rec, 10, lambda exc: None)
+        sched: Scheduler[Work] = Scheduler(rec, lambda exc: None)
         jobs = [Work("t", 0, 0, "a"), Work("t", 0, 1, "a"), Work("t", 1, 2, "b")]
         for job in jobs:
             sched.submit(job)

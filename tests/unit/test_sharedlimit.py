@@ -53,7 +53,7 @@ def test_shared_rate_is_the_whole_token_and_slow_down_halves_it() -> None:
 
 
 def test_falls_back_at_once_holds_then_returns_with_debt_and_holdoff() -> None:
-    store, switches = ScriptedStore(), []
+    store, switches = ScriptedStore(), list[bool]()
     limiter = _limiter(store, switches)
 
     async def main() -> None:
@@ -80,7 +80,7 @@ def test_falls_back_at_once_holds_then_returns_with_debt_and_holdoff() -> None:
 
 
 def test_probes_redis_at_most_every_probe_interval_on_the_fallback() -> None:
-    store, switches = ScriptedStore(), []
+    store, switches = ScriptedStore(), list[bool]()
     limiter = _limiter(store, switches)
     store.up = False
 

@@ -1,4 +1,4 @@
-"""`python -m consumer.bench`: run the workloads, print the table, write the JSON.
+"""`python -m bench`: run the workloads, print the table, write the JSON.
 
 Needs a running broker and registry (KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL); the
 sandbox and the workers are started as child processes and stopped again.
@@ -19,8 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from consumer.bench.report import machine, render_table, targets
-from consumer.bench.workloads import Bench, Params, ratios
+from bench.report import machine, render_table, targets
+from bench.workloads import Bench, Params, ratios
 
 __all__ = ["WORKLOADS", "build_parser", "main"]
 
@@ -52,7 +52,7 @@ def _workload_list(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m consumer.bench",
+        prog="python -m bench",
         description="Benchmark the worker against Userpilot's limits and a naive loop, on "
         "the real broker/registry and the sandbox. Headline figures are ratios measured "
         "in the same run.",
@@ -73,8 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connections", type=int, default=None,
                         help="USERPILOT_MAX_CONNECTIONS and the HTTP ceiling's concurrency "
                         "(default: the worker's 64)")
-    parser.add_argument("--no-proposal", action="store_true",
-                        help="skip the aiohttp-transport proposal runs in workloads 3 and 4")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser
 
@@ -83,7 +81,7 @@ def run(bench: Bench, chosen: Sequence[int],
         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Run the chosen workloads in order; the results document (without the table)."""
     results: dict[str, Any] = {
-        "command": "python -m consumer.bench " + " ".join(sys.argv[1:]),
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
         "worker_revision": _revision(),
@@ -120,7 +118,7 @@ def _revision() -> dict[str, Any]:
         except OSError:
             return ""
 
-    dirty = git("status", "--porcelain", "--", "consumer", ":!consumer/bench")
+    dirty = git("status", "--porcelain", "--", "consumer")
     return {"commit": git("rev-parse", "HEAD"), "consumer_modified": bool(dirty)}
 
 
@@ -138,8 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["max_in_flight"] = args.max_in_flight
     if args.max_connections is not None:
         overrides["max_connections"] = args.max_connections
-    if args.no_proposal:
-        overrides["variant"] = False
     params = dataclasses.replace(params, **overrides)
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
     bench = Bench(args.bootstrap_servers, args.schema_registry_url, params, logs)

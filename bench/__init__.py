@@ -1,4 +1,4 @@
-"""The benchmark harness: `python -m consumer.bench [--smoke] [--workloads 1,2] [--out F]`.
+"""The benchmark harness: `python -m bench [--smoke] [--workloads 1,2] [--out F]`.
 
 Runs the workloads of the benchmark issue on the real broker/registry and the sandbox and
 reports each headline figure as a ratio measured in the same run. See tests/bench/RESULTS.md.
@@ -6,6 +6,6 @@ reports each headline figure as a ratio measured in the same run. See tests/benc
 
 from __future__ import annotations
 
-from consumer.bench.cli import main
+from bench.cli import main
 
 __all__ = ["main"]

@@ -13,8 +13,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
+from httpx_aiohttp import HttpxAiohttpClient
 
-__all__ = ["HttpResult", "run_aiohttp", "run_httpx", "run_httpx_aiohttp_transport"]
+__all__ = ["HttpResult", "run_aiohttp", "run_httpx", "run_worker_client"]
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,11 @@ def _bodies(payloads: Sequence[bytes], seconds: float) -> Iterator[bytes]:
 
 
 async def _httpx(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
-                 seconds: float, concurrency: int,
-                 transport: httpx.AsyncBaseTransport | None = None) -> HttpResult:
+                 seconds: float, concurrency: int, on_aiohttp: bool = False) -> HttpResult:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     counts = {"accepted": 0, "other": 0}
-    async with httpx.AsyncClient(headers=dict(headers), limits=limits, timeout=30.0,
-                                 transport=transport) as client:
+    kind = HttpxAiohttpClient if on_aiohttp else httpx.AsyncClient
+    async with kind(headers=dict(headers), limits=limits, timeout=30.0) as client:
         await client.post(url, content=payloads[0])  # connect before the clock starts
         source = _bodies(payloads, seconds)
 
@@ -93,10 +93,7 @@ def run_aiohttp(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
     return asyncio.run(_aiohttp(url, headers, payloads, seconds, concurrency))
 
 
-def run_httpx_aiohttp_transport(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
-                                seconds: float, concurrency: int) -> HttpResult:
-    """httpx's API over `AiohttpTransport`: the proposal for the worker's client."""
-    from consumer.bench.aiohttp_transport import AiohttpTransport
-
-    transport = AiohttpTransport(max_connections=concurrency)
-    return asyncio.run(_httpx(url, headers, payloads, seconds, concurrency, transport))
+def run_worker_client(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
+                      seconds: float, concurrency: int) -> HttpResult:
+    """A plain loop on the worker's client: httpx on httpx-aiohttp's transport."""
+    return asyncio.run(_httpx(url, headers, payloads, seconds, concurrency, on_aiohttp=True))

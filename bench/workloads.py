@@ -17,25 +17,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from consumer import codec
-from consumer.bench import events as ev
-from consumer.bench.http_ceiling import (
-    HttpResult,
-    run_aiohttp,
-    run_httpx,
-    run_httpx_aiohttp_transport,
-)
-from consumer.bench.kafka_io import (
+from bench import events as ev
+from bench.http_ceiling import HttpResult, run_aiohttp, run_httpx, run_worker_client
+from bench.kafka_io import (
     OffsetProbe,
     Pacer,
+    consume_avro,
     consume_decode,
     create_topic,
     delete_topics,
     produce_backlog,
     register_schema,
 )
-from consumer.bench.naive import naive_loop
-from consumer.bench.procs import (
+from bench.naive import naive_loop
+from bench.procs import (
     BENCH_TOKEN,
     RssTrace,
     SandboxProcess,
@@ -43,7 +38,8 @@ from consumer.bench.procs import (
     read_rss,
     worker_env,
 )
-from consumer.bench.report import percentile, ratio
+from bench.report import percentile, ratio
+from consumer import codec
 from consumer.filtering import ConsentPolicy
 from consumer.mapping import DEFAULT_PRESET
 from consumer.routing import Send, route
@@ -54,6 +50,7 @@ log = logging.getLogger(__name__)
 
 API_HEADERS = {"Content-Type": "application/json", "Authorization": f"Token {BENCH_TOKEN}",
                "X-API-Version": "2020-09-22"}
+TOKEN_LIMIT_RPS = 10.0  # Userpilot: 600 requests per minute per token
 UNLIMITED = {"USERPILOT_RATE_LIMIT": "1000000", "USERPILOT_RATE_PERIOD_SECONDS": "1",
              "USERPILOT_RATE_BURST": "100000"}
 
@@ -86,7 +83,6 @@ class Params:
     latency_seconds: float = 60.0
     latency_sandbox_ms: float = 20.0
     drain_timeout_s: float = 900.0
-    variant: bool = True  # also measure the aiohttp-transport proposal (workloads 3, 4)
 
     @property
     def concurrency(self) -> int:
@@ -99,8 +95,7 @@ class Params:
                    http_seconds=1.0, naive_max_events=200, naive_seconds=1.5, sat_limit=30,
                    sat_window_s=3.0, sat_windows=2, sat_parallel=True,
                    memory_events=20_000, memory_min_s=3.0, memory_max_s=3.0,
-                   latency_seconds=3.0, drain_timeout_s=120.0,
-                   variant=False)
+                   latency_seconds=3.0, drain_timeout_s=120.0)
 
 
 @dataclass(frozen=True)
@@ -154,12 +149,8 @@ class Bench:
         return self._backlogs[key]
 
     def worker(self, sandbox: SandboxProcess, topic: str, tag: str,
-               extra: Mapping[str, str] | None = None, *, variant: bool = False,
-               ) -> WorkerProcess:
-        """A worker process on `topic` as group bench-<tag>; `extra` overrides any setting.
-
-        `variant` runs `consumer.bench.variant` (the aiohttp-transport proposal) instead.
-        """
+               extra: Mapping[str, str] | None = None) -> WorkerProcess:
+        """A worker process on `topic` as group bench-<tag>; `extra` overrides any setting."""
         settings = {
             "WORKER_MAX_IN_FLIGHT": str(self.params.max_in_flight),
             "USERPILOT_MAX_CONNECTIONS": str(self.params.max_connections),
@@ -171,8 +162,7 @@ class Bench:
                          sandbox=sandbox.host_port, topic=topic,
                          group=f"bench-{tag}-{self.run_id}", **settings)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        module = ("consumer.bench.variant",) if variant else ("consumer", "run")
-        return WorkerProcess(env, self.workdir / f"worker-{tag}.log", module)
+        return WorkerProcess(env, self.workdir / f"worker-{tag}.log", ("consumer", "run"))
 
     def drain(self, worker: WorkerProcess, topic: str, tag: str,
               first_request: Callable[[], float | None] | None = None) -> Drain:
@@ -236,8 +226,12 @@ class Bench:
         topic = self.backlog("drop", self.params.drop_events)
         result = consume_decode(self.bootstrap, self.registry, topic, self.params.drop_events)
         self.note("1 consume+decode (bare)", f"{result.rate:,.0f} ev/s")
+        avro = consume_avro(self.bootstrap, self.registry, topic, self.params.drop_events)
+        self.note("1 consume+Avro, no JSON (bare)", f"{avro.rate:,.0f} ev/s")
         return {"events": result.count, "seconds": result.seconds, "rate": result.rate,
-                "topic": topic}
+                "topic": topic,
+                "avro_only": {"events": avro.count, "seconds": avro.seconds,
+                              "rate": avro.rate}}
 
     # -- 2 ---------------------------------------------------------------------------
     def drop_path(self) -> dict[str, Any]:
@@ -260,26 +254,20 @@ class Bench:
                                "max_in_flight": self.params.max_in_flight,
                                "max_connections": self.params.max_connections,
                                "by_latency": {}}
-        variants = [(False, "by_latency", "")]
-        if self.params.variant:
-            out["proposal_aiohttp_transport"] = {}
-            variants.append((True, "proposal_aiohttp_transport", " [aiohttp transport]"))
         with SandboxProcess() as sandbox:
-            for variant, slot, label in variants:
-                for latency in self.params.latencies_ms:
-                    key = f"{latency:g}ms"
-                    row = self._deliver(sandbox, topic, latency, variant)
-                    out[slot][key] = row
-                    self.note(f"3 delivery path @ {key}{label}",
-                              f"{row['rate']:,.0f} ev/s delivered + committed")
+            for latency in self.params.latencies_ms:
+                key = f"{latency:g}ms"
+                row = self._deliver(sandbox, topic, latency)
+                out["by_latency"][key] = row
+                self.note(f"3 delivery path @ {key}",
+                          f"{row['rate']:,.0f} ev/s delivered + committed")
         return out
 
-    def _deliver(self, sandbox: SandboxProcess, topic: str, latency: float,
-                 variant: bool) -> dict[str, Any]:
+    def _deliver(self, sandbox: SandboxProcess, topic: str, latency: float) -> dict[str, Any]:
         sandbox.control.set_faults(latency_ms=latency)
         sandbox.control.reset()
-        tag = f"deliver-{latency:g}ms" + ("-variant" if variant else "")
-        worker = self.worker(sandbox, topic, tag, UNLIMITED, variant=variant)
+        tag = f"deliver-{latency:g}ms"
+        worker = self.worker(sandbox, topic, tag, UNLIMITED)
         try:
             drain = self.drain(worker, topic, tag, lambda: _first_received(sandbox))
         finally:
@@ -302,9 +290,8 @@ class Bench:
                 sandbox.control.set_faults(latency_ms=latency)
                 row: dict[str, Any] = {}
                 clients: list[tuple[str, Callable[..., HttpResult]]] = [
-                    ("httpx", run_httpx), ("aiohttp", run_aiohttp)]
-                if self.params.variant:
-                    clients.append(("httpx_aiohttp_transport", run_httpx_aiohttp_transport))
+                    ("httpx", run_httpx), ("worker_client", run_worker_client),
+                    ("aiohttp", run_aiohttp)]
                 for client, run in clients:
                     sandbox.control.reset()
                     result = run(url, API_HEADERS, bodies, self.params.http_seconds, conc)
@@ -314,12 +301,10 @@ class Bench:
                 row["best"] = max(row["httpx"]["rate"], row["aiohttp"]["rate"])
                 key = f"{latency:g}ms"
                 out["by_latency"][key] = row
-                proposal = row.get("httpx_aiohttp_transport")
                 self.note(f"4 HTTP ceiling @ {key} (c={conc})",
                           f"httpx {row['httpx']['rate']:,.0f}/s, "
-                          f"aiohttp {row['aiohttp']['rate']:,.0f}/s"
-                          + (f", httpx+aiohttp transport {proposal['rate']:,.0f}/s"
-                             if proposal else ""))
+                          f"worker's client (httpx+aiohttp) {row['worker_client']['rate']:,.0f}/s, "
+                          f"aiohttp {row['aiohttp']['rate']:,.0f}/s")
         return out
 
     # -- 5 ---------------------------------------------------------------------------
@@ -511,6 +496,11 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
     if "consume_decode" in w and "drop_path" in w:
         out["drop_over_consume_decode"] = ratio(w["drop_path"]["rate"],
                                                 w["consume_decode"]["rate"])
+        avro = w["consume_decode"].get("avro_only")
+        if avro:
+            out["drop_over_consume_avro"] = ratio(w["drop_path"]["rate"], avro["rate"])
+    for key, row in w.get("delivery_path", {}).get("by_latency", {}).items():
+        out[f"delivery_over_token_limit_{key}"] = ratio(row["rate"], TOKEN_LIMIT_RPS)
     delivery = w.get("delivery_path", {}).get("by_latency", {})
     ceiling = w.get("http_ceiling", {}).get("by_latency", {})
     naive = w.get("naive", {}).get("by_latency", {})
@@ -519,13 +509,8 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
             out[f"delivery_over_http_ceiling_{key}"] = ratio(row["rate"], ceiling[key]["best"])
             out[f"delivery_over_httpx_loop_{key}"] = ratio(row["rate"],
                                                            ceiling[key]["httpx"]["rate"])
+            out[f"delivery_over_client_loop_{key}"] = ratio(
+                row["rate"], ceiling[key]["worker_client"]["rate"])
         if key in naive:
             out[f"delivery_over_naive_{key}"] = ratio(row["rate"], naive[key]["rate"])
-    proposal = w.get("delivery_path", {}).get("proposal_aiohttp_transport", {})
-    for key, row in proposal.items():
-        if key in ceiling:
-            out[f"proposal_delivery_over_http_ceiling_{key}"] = ratio(row["rate"],
-                                                                      ceiling[key]["best"])
-        if key in naive:
-            out[f"proposal_delivery_over_naive_{key}"] = ratio(row["rate"], naive[key]["rate"])
     return out

@@ -7,11 +7,13 @@ and `codec.decode`: the ceiling any Python worker on this machine can reach.
 from __future__ import annotations
 
 import contextlib
+import io
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import fastavro
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
@@ -24,6 +26,7 @@ __all__ = [
     "OffsetProbe",
     "Pacer",
     "committed_total",
+    "consume_avro",
     "consume_decode",
     "create_topic",
     "delete_topics",
@@ -189,6 +192,43 @@ def consume_decode(bootstrap: str, registry_url: str, topic: str, expected: int,
     if seen < expected:
         raise TimeoutError(f"consume+decode saw {seen} of {expected} messages")
     # The first message starts the clock, so it is not counted in the rate.
+    return DrainResult(seen - 1, last - first)
+
+
+def consume_avro(bootstrap: str, registry_url: str, topic: str, expected: int,
+                 timeout_s: float = 300.0) -> DrainResult:
+    """Workload 1's second ceiling: a bare consumer plus the Avro decode alone.
+
+    The wire header is read and fastavro decodes the record with the writer schema; no
+    JSON text field (context, properties, traits) is parsed. The drop path is measured
+    against this: an event dropped on its envelope needs no more than this.
+    """
+    registry = Registry(registry_url)
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap, "group.id": f"bench-avro-{time.time_ns()}",
+        "enable.auto.commit": False, "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest", "partition.assignment.strategy": "cooperative-sticky",
+    })
+    consumer.subscribe([topic])
+    seen = 0
+    first = 0.0
+    deadline = time.monotonic() + timeout_s
+    try:
+        while seen < expected and time.monotonic() < deadline:
+            for message in consumer.consume(500, 0.1):
+                if message.error() is not None:
+                    continue
+                if seen == 0:
+                    first = time.perf_counter()
+                schema_id, body = codec.split_wire(message.value())
+                writer = cast(dict[str, Any], registry.writer_schema(schema_id))
+                fastavro.schemaless_reader(io.BytesIO(body), writer, None)
+                seen += 1
+        last = time.perf_counter()
+    finally:
+        consumer.close()
+    if seen < expected:
+        raise TimeoutError(f"consume+avro saw {seen} of {expected} messages")
     return DrainResult(seen - 1, last - first)
 
 

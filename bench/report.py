@@ -98,10 +98,15 @@ def targets(results: Mapping[str, Any]) -> list[Target]:
     if "drop_over_consume_decode" in ratios:
         rows.append(Target("drop path ÷ consume+decode", ratios["drop_over_consume_decode"],
                            ">=", 0.6))
-    for key, value in sorted(ratios.items()):
-        if key.startswith("delivery_over_http_ceiling_"):
-            lat = key.rsplit("_", 1)[1]
-            rows.append(Target(f"delivery ÷ HTTP ceiling @ {lat}", value, ">=", 0.5))
+    if "drop_over_consume_avro" in ratios:
+        rows.append(Target("drop path ÷ consume+Avro (no JSON)",
+                           ratios["drop_over_consume_avro"], ">=", 0.8))
+    if "delivery_over_client_loop_20ms" in ratios:
+        rows.append(Target("delivery ÷ plain loop, same client @ 20ms",
+                           ratios["delivery_over_client_loop_20ms"], ">=", 0.9))
+    if "delivery_over_token_limit_0ms" in ratios:
+        rows.append(Target("delivery @ 0ms ÷ token limit (10 req/s)",
+                           ratios["delivery_over_token_limit_0ms"], ">=", 50))
     if "delivery_over_naive_20ms" in ratios:
         rows.append(Target("delivery ÷ naive @ 20ms", ratios["delivery_over_naive_20ms"],
                            ">=", 20))

@@ -1,0 +1,127 @@
+"""The one owner of offsets, the in-flight window and commit requests/acknowledgements.
+
+Per assigned partition it tracks which taken offsets are finished (`PartitionOffsets`),
+which of them count against the window (events that reach Userpilot or the DLQ, from
+intake until committed), which commit was requested and which was acknowledged by the
+group coordinator. It never calls Kafka: the worker asks `due` what to commit, runs the
+commit on the poll thread and reports back with `requested` / `acknowledged`.
+
+Thread rule: two threads touch this state. The event loop takes and finishes offsets;
+the Kafka poll thread assigns and releases partitions (rebalance callbacks), asks what is
+due and records commit results (librdkafka's commit callback). Every public method takes
+`self._lock`, so no caller relies on the GIL; no method blocks or calls out while holding
+it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from consumer.offsets import PartitionOffsets
+
+__all__ = ["TP", "Commits"]
+
+TP = tuple[str, int]
+
+
+class Commits:
+    """Offsets of the assigned partitions and the commit bookkeeping, behind one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._offsets: dict[TP, PartitionOffsets] = {}
+        self._committed: dict[TP, int] = {}  # acknowledged by the coordinator
+        self._requested: dict[TP, int] = {}  # sent to the coordinator, maybe not acked yet
+
+    # -- partitions (poll thread) -------------------------------------------------------
+    def assign(self, parts: Iterable[TP]) -> None:
+        """Start tracking newly assigned partitions from scratch."""
+        with self._lock:
+            for tp in parts:
+                self._offsets[tp] = PartitionOffsets()
+                self._committed.pop(tp, None)
+                self._requested.pop(tp, None)
+
+    def release(self, parts: Iterable[TP]) -> None:
+        """Forget revoked or lost partitions; later finishes of their offsets are ignored."""
+        with self._lock:
+            for tp in parts:
+                self._offsets.pop(tp, None)
+
+    # -- events (event loop) ------------------------------------------------------------
+    def take(self, tp: TP, offset: int) -> bool:
+        """Record an offset handed to the pipeline; False when `tp` is not assigned."""
+        with self._lock:
+            tracker = self._offsets.get(tp)
+            if tracker is None:
+                return False
+            tracker.started(offset)
+            return True
+
+    def sending(self, tp: TP, offset: int) -> None:
+        """The event will reach Userpilot or the DLQ: it counts against the window."""
+        with self._lock:
+            tracker = self._offsets.get(tp)
+            if tracker is not None:
+                tracker.sent(offset)
+
+    def finish(self, tp: TP, offset: int) -> None:
+        """The event has its outcome (delivered, dropped, dead-lettered and acked)."""
+        with self._lock:
+            tracker = self._offsets.get(tp)
+            if tracker is not None:
+                tracker.finished(offset)
+
+    def in_window(self) -> int:
+        """Events sent or sending and not committed: what a crash now would send again."""
+        with self._lock:
+            return sum(tracker.at_risk for tracker in self._offsets.values())
+
+    # -- commits (poll thread) ----------------------------------------------------------
+    def due(self, parts: Iterable[TP] | None = None, *, pipelined: bool = False) -> dict[TP, int]:
+        """Offsets to commit now (next offset to read per partition).
+
+        `pipelined` skips offsets already requested (an asynchronous commit in flight);
+        otherwise only offsets already acknowledged are skipped.
+        """
+        with self._lock:
+            known = self._requested if pipelined else self._committed
+            todo: dict[TP, int] = {}
+            for tp in list(self._offsets) if parts is None else parts:
+                tracker = self._offsets.get(tp)
+                offset = tracker.committable() if tracker is not None else None
+                if offset is not None and known.get(tp) != offset:
+                    todo[tp] = offset
+            return todo
+
+    def requested(self, offsets: dict[TP, int]) -> None:
+        """A commit of these offsets was sent."""
+        with self._lock:
+            self._requested.update(offsets)
+
+    def acknowledged(self, done: Iterable[tuple[TP, int]], failed: Iterable[TP] = ()
+                     ) -> list[tuple[TP, int]]:
+        """Commit results; returns the newly committed (partition, offset) pairs.
+
+        A committed offset frees the window below it; a failed partition is requested
+        again by the next `due`.
+        """
+        fresh: list[tuple[TP, int]] = []
+        with self._lock:
+            for tp in failed:
+                self._requested.pop(tp, None)
+            for tp, offset in done:
+                if offset <= self._committed.get(tp, -1):
+                    continue
+                self._committed[tp] = offset
+                tracker = self._offsets.get(tp)
+                if tracker is not None:
+                    tracker.committed(offset)
+                    fresh.append((tp, offset))
+        return fresh
+
+    def committed(self) -> dict[TP, int]:
+        """A copy of the acknowledged offsets (logs, the demo, tests)."""
+        with self._lock:
+            return dict(self._committed)

@@ -1,0 +1,170 @@
+"""The worker's HTTP edge as users deploy it: behind an egress proxy, with NO_PROXY, and
+over TLS with a private CA, against the real broker, registry and sandbox.
+
+The proxy and the TLS terminator are real processes (`relay.py`) started by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from consumer.sandbox import SandboxControl, SandboxThread
+from tests.integration.harness import (
+    WorkerThread,
+    caught_up,
+    delivered_seqs,
+    produce,
+    track_event,
+    wait_until,
+    worker_env,
+)
+
+RELAY = Path(__file__).with_name("relay.py")
+Sandbox = tuple[SandboxThread, SandboxControl]
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+              "https_proxy", "all_proxy", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+@contextmanager
+def relay(*args: str) -> Iterator[int]:
+    """Start relay.py with `args`; yields its port; stops it afterwards."""
+    proc = subprocess.Popen([sys.executable, str(RELAY), *args], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        yield int(line.split()[-1])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def worker_behind(env: dict[str, str], **proxy_env: str) -> WorkerThread:
+    """A worker built while `proxy_env` is in the environment (its HTTP client reads it
+    then), restored at once: urllib in the test process (the sandbox control client)
+    caches proxies from the environment on first use, for the whole session."""
+    saved = {name: os.environ.get(name) for name in proxy_env}
+    os.environ.update(proxy_env)
+    try:
+        return WorkerThread(env)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _events(topic: str, kafka: str, registry: str, count: int) -> None:
+    produce(kafka, registry, topic, [track_event(f"u{i % 5}", i) for i in range(count)])
+
+
+def test_requests_go_through_the_proxy_from_the_environment(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, tmp_path: Path,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=2)
+    _events(topic, kafka_bootstrap, schema_registry_url, 20)
+    log = tmp_path / "proxy.log"
+    log.touch()
+    with relay("proxy", "--log", str(log)) as port:
+        # The sandbox is addressed as localhost (proxied); the registry stays direct.
+        endpoint = server.url.replace("127.0.0.1", "localhost")
+        env = worker_env(kafka_bootstrap, schema_registry_url, endpoint, topic, f"{topic}-g")
+        with worker_behind(env, HTTP_PROXY=f"http://127.0.0.1:{port}",
+                           NO_PROXY="127.0.0.1") as w:
+            wait_until(caught_up(kafka_bootstrap, f"{topic}-g", topic), 60, "all committed")
+            assert w.metric("userpilot_responses_total", status="202") == 20
+    assert sum(delivered_seqs(control).values()) == 20
+    proxied = [line for line in log.read_text().splitlines() if "/v1/track" in line]
+    assert len(proxied) == 20
+    assert all(line.startswith("POST http://localhost:") for line in proxied)
+
+
+def test_no_proxy_bypasses_the_proxy(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, tmp_path: Path,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    _events(topic, kafka_bootstrap, schema_registry_url, 10)
+    log = tmp_path / "proxy.log"
+    log.touch()
+    with relay("proxy", "--log", str(log)) as port:
+        endpoint = server.url.replace("127.0.0.1", "localhost")
+        env = worker_env(kafka_bootstrap, schema_registry_url, endpoint, topic, f"{topic}-g")
+        with worker_behind(env, HTTP_PROXY=f"http://127.0.0.1:{port}",
+                           NO_PROXY="127.0.0.1,localhost"):
+            wait_until(caught_up(kafka_bootstrap, f"{topic}-g", topic), 60, "all committed")
+    assert sum(delivered_seqs(control).values()) == 10
+    assert log.read_text() == ""
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed CA certificate that is also the server's, for localhost (cert, key)."""
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "ca.pem", where / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, stdin=subprocess.DEVNULL,
+    )
+    return cert, key
+
+
+def test_tls_with_a_private_ca_from_userpilot_ca_bundle(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, certificate: tuple[Path, Path],
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    _events(topic, kafka_bootstrap, schema_registry_url, 10)
+    upstream = server.url.split("://", 1)[1]
+    cert, key = certificate
+    with relay("tls", "--cert", str(cert), "--key", str(key), "--upstream", upstream) as port:
+        env = worker_env(kafka_bootstrap, schema_registry_url, f"https://localhost:{port}",
+                         topic, f"{topic}-g", USERPILOT_INSECURE_HTTP="false",
+                         USERPILOT_CA_BUNDLE=str(cert))
+        with WorkerThread(env) as w:
+            assert w.worker.s.track_url == f"https://localhost:{port}/v1/track"
+            wait_until(caught_up(kafka_bootstrap, f"{topic}-g", topic), 60, "all committed")
+    assert sum(delivered_seqs(control).values()) == 10
+
+
+def test_tls_without_the_ca_delivers_nothing_and_dead_letters_nothing(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, certificate: tuple[Path, Path],
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    _events(topic, kafka_bootstrap, schema_registry_url, 3)
+    cert, key = certificate
+    upstream = server.url.split("://", 1)[1]
+    with relay("tls", "--cert", str(cert), "--key", str(key), "--upstream", upstream) as port:
+        env = worker_env(kafka_bootstrap, schema_registry_url, f"https://localhost:{port}",
+                         topic, f"{topic}-g", USERPILOT_INSECURE_HTTP="false")
+        assert "USERPILOT_CA_BUNDLE" not in env and "SSL_CERT_FILE" not in os.environ
+        with WorkerThread(env) as w:
+            wait_until(lambda: w.metric("userpilot_responses_total",
+                                        status="connection_error") >= 3, 30,
+                       "refused handshakes")
+            assert w.metric("userpilot_events_delivered_total", event_name="feature_used") == 0
+            assert w.metric("userpilot_dead_lettered_total", reason="retries_exhausted") == 0
+    assert sum(delivered_seqs(control).values()) == 0

@@ -1,0 +1,122 @@
+"""Every command line the README and docker-compose.yml show goes through the real parser.
+
+The worker image's entrypoint is `python -m consumer`, so a compose `command` is exactly
+the argument list `consumer.__main__.build_parser` receives.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bench.cli import build_parser as bench_parser
+from consumer.__main__ import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_IMAGE = "userpilot-delivery-worker:local"
+
+
+def _compose_commands() -> list[tuple[str, list[str]]]:
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text("utf-8"))
+    out = []
+    for name, service in doc["services"].items():
+        if service.get("image") == WORKER_IMAGE and "entrypoint" not in service:
+            out.append((name, [str(part) for part in service["command"]]))
+    return out
+
+
+def _readme_lines(prefix: str) -> list[str]:
+    """`prefix ...` command lines of the README, in code blocks or inline code."""
+    text = (ROOT / "README.md").read_text("utf-8")
+    found = []
+    for raw in re.findall(rf"(?m)(?:^|`)({re.escape(prefix)}\b[^`\n]*)", text):
+        line = raw.split("  #", 1)[0].strip()
+        if "<command>" in line:
+            continue  # the generic `python -m consumer <command>` of the Commands section
+        found.append(line)
+    return found
+
+
+def _args(line: str, prefix: str) -> list[str]:
+    # Placeholders such as <dlq> stand for any value.
+    return [re.sub(r"^<[^>]+>$", "x", part) for part in shlex.split(line[len(prefix):])]
+
+
+COMPOSE = _compose_commands()
+README = _readme_lines("python -m consumer")
+README_BENCH = _readme_lines("python -m bench")
+
+
+def test_the_compose_file_and_readme_have_command_lines() -> None:
+    assert {name for name, _ in COMPOSE} >= {"sandbox", "worker", "producer"}
+    assert any(" replay " in line for line in README)
+    assert README_BENCH
+
+
+@pytest.mark.parametrize(("service", "argv"), COMPOSE, ids=[name for name, _ in COMPOSE])
+def test_compose_commands_parse(service: str, argv: list[str]) -> None:
+    args = build_parser("python -m consumer").parse_args(argv)
+    assert args.command == argv[0]
+
+
+def test_the_compose_sandbox_command_sets_host_and_port() -> None:
+    argv = dict(COMPOSE)["sandbox"]
+    args = build_parser("python -m consumer").parse_args(argv)
+    assert (args.host, args.port) == ("0.0.0.0", 8787)
+    assert args.write_tokens == ["sandbox-write-token"]
+
+
+@pytest.mark.parametrize("line", README)
+def test_readme_command_lines_parse(line: str) -> None:
+    args = build_parser("python -m consumer").parse_args(_args(line, "python -m consumer"))
+    assert args.func is not None
+
+
+@pytest.mark.parametrize("line", README_BENCH)
+def test_readme_benchmark_command_lines_parse(line: str) -> None:
+    bench_parser().parse_args(_args(line, "python -m bench"))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["sandbox", "--help"], ["replay", "--help"]])
+def test_help_exits_0_and_shows_the_flags(argv: list[str],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out
+    if argv[0] == "sandbox":
+        assert "--port" in out and "--host" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert re.search(r"\d+\.\d+", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(("argv0", "prog"), [
+    ("/usr/local/bin/userpilot-worker", "userpilot-worker"),
+    ("/app/consumer/__main__.py", "python -m consumer"),
+])
+def test_usage_shows_the_name_it_was_called_by(argv0: str, prog: str,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: {prog} ")
+
+
+def test_sandbox_flag_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["sandbox", "--port", "not-a-port"])
+    assert done.value.code == 2
+    assert "--port" in capsys.readouterr().err

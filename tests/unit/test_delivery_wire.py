@@ -1,0 +1,421 @@
+"""UserpilotClient on the wire: real sockets against hand-written asyncio servers.
+
+Why real sockets: what the worker depends on here is framing on the wire (interim 1xx
+responses, keep-alive, timeouts, TLS trust), which a mock transport cannot show. Each test
+runs a server on 127.0.0.1 port 0 that counts connections and records what arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from consumer.delivery import UserpilotClient, ssl_context
+from consumer.errors import ConnectionFailed, Rejected, ServerError, Timeout, WorkerError
+
+T = TypeVar("T")
+
+TOKEN = "wt_9f8e7d6c5b4a3210"
+BODY = b'{"user_id":"user_001","event_name":"feature_used","metadata":{"k":"\xc3\xa9\r\n"}}'
+
+
+# ------------------------------------------------------------------ the test server
+
+
+@dataclass
+class Req:
+    """One request as the server received it."""
+
+    conn: int  # server-side connection number, from 1
+    index: int  # request number on that connection, from 1
+    line: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: str) -> bytes | None:
+        values = [v for k, v in self.headers if k.lower() == name.lower().encode()]
+        assert len(values) <= 1, f"{name} sent {len(values)} times"
+        return values[0] if values else None
+
+
+@dataclass
+class Send:
+    """Write `data` after `delay` seconds and keep the connection open.
+
+    Every action's `data` may be a list: separate writes, 20 ms apart (separate segments).
+    """
+
+    data: bytes | list[bytes]
+    delay: float = 0.0
+
+
+@dataclass
+class Close:
+    """Write `data` (maybe nothing), then close the connection (FIN)."""
+
+    data: bytes | list[bytes] = b""
+    delay: float = 0.0
+
+
+@dataclass
+class Reset:
+    """Write `data`, let the client read it, then reset the connection (RST)."""
+
+    data: bytes | list[bytes] = b""
+    delay: float = 0.0
+
+
+@dataclass
+class Hang:
+    """Write `data` (maybe nothing), then never answer; wait for the client to hang up."""
+
+    data: bytes | list[bytes] = b""
+    delay: float = 0.0
+
+
+Action = Send | Close | Reset | Hang
+
+
+async def _read_request(reader: asyncio.StreamReader, conn: int, index: int) -> Req | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        return None
+    line, *fields = head[:-4].split(b"\r\n")
+    headers = [(k, v.strip()) for k, _, v in (f.partition(b":") for f in fields)]
+    length = next((int(v) for k, v in headers if k.lower() == b"content-length"), 0)
+    return Req(conn, index, line, headers, await reader.readexactly(length))
+
+
+class Server:
+    """An HTTP/1.x server whose answers come from `respond(request)`.
+
+    Counts connections (total, simultaneously open, peak) and which ones the client closed.
+    """
+
+    def __init__(self, respond: Callable[[Req], Action],
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.respond = respond
+        self.tls = tls
+        self.connections = 0
+        self.open = 0
+        self.peak = 0
+        self.requests: list[Req] = []
+        self.hung_up: set[int] = set()  # connections the client closed
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def __aenter__(self) -> Server:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def url(self, path: str = "/v1/track", scheme: str = "http",
+            host: str = "127.0.0.1") -> str:
+        return f"{scheme}://{host}:{self.port}{path}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        n = self.connections
+        self.open += 1
+        self.peak = max(self.peak, self.open)
+        try:
+            index = 0
+            while True:
+                req = await _read_request(reader, n, index + 1)
+                if req is None:
+                    self.hung_up.add(n)
+                    return
+                index += 1
+                self.requests.append(req)
+                action = self.respond(req)
+                if action.delay:
+                    await asyncio.sleep(action.delay)
+                writes = action.data if isinstance(action.data, list) else [action.data]
+                for i, data in enumerate(writes):
+                    if i:
+                        await asyncio.sleep(0.02)
+                    writer.write(data)
+                    await writer.drain()
+                if isinstance(action, Close):
+                    return
+                if isinstance(action, Reset):
+                    await asyncio.sleep(0.02)  # the client reads the partial data first
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    return
+                if isinstance(action, Hang):
+                    await reader.read()  # until EOF: the client gave up on this connection
+                    self.hung_up.add(n)
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self.hung_up.add(n)
+        except asyncio.CancelledError:
+            pass  # test over; ending normally keeps asyncio's server callback quiet
+        finally:
+            self.open -= 1
+            writer.close()
+            self._tasks.discard(task)
+
+
+def http(status: int = 202, body: bytes = b"", headers: Sequence[str] = (), *,
+         version: str = "HTTP/1.1", reason: str = "OK", length: bool = True) -> bytes:
+    """A response as raw bytes; Content-Length added unless `length` is False."""
+    lines = [f"{version} {status} {reason}", *headers]
+    if length:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+ACCEPTED = http(202, b'{"ok":true}', ["Content-Type: application/json", "X-Request-Id: r1"])
+
+
+def always(action: Action) -> Callable[[Req], Action]:
+    return lambda _req: action
+
+
+async def wait_until(predicate: Callable[[], bool], seconds: float = 1.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+def run(main: Callable[[], Awaitable[T]]) -> T:
+    async def wrapped() -> T:
+        return await main()
+
+    return asyncio.run(wrapped())
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+HEADERS = {"Authorization": f"Token {TOKEN}", "Content-Type": "application/json"}
+
+
+def up(url: str, *, timeout_s: float = 2.0, max_connections: int = 4,
+       ca_bundle: str | None = None) -> UserpilotClient:
+    return UserpilotClient(url, HEADERS, timeout_s=timeout_s, max_connections=max_connections,
+                           ca_bundle=ca_bundle)
+
+
+async def outcome(client: UserpilotClient, body: bytes) -> str:
+    """'ok', or the name of the classified exception."""
+    try:
+        await client.track(body)
+    except WorkerError as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                 "all_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# ------------------------------------------------------------------ requests and keep-alive
+
+
+def test_sequential_requests_reuse_one_connection_and_arrive_exactly() -> None:
+    async def main() -> None:
+        async with Server(always(Send(ACCEPTED))) as srv:
+            client = up(srv.url())
+            assert [await outcome(client, BODY) for _ in range(3)] == ["ok"] * 3
+            await client.aclose()
+        assert srv.connections == 1
+        assert [q.body for q in srv.requests] == [BODY] * 3
+        first = srv.requests[0]
+        assert first.line == b"POST /v1/track HTTP/1.1"
+        assert first.header("Authorization") == f"Token {TOKEN}".encode()
+        assert first.header("Content-Length") == str(len(BODY)).encode()
+
+    run(main)
+
+
+def test_at_most_max_connections_under_fifty_concurrent_requests() -> None:
+    async def main() -> None:
+        async with Server(always(Send(ACCEPTED, delay=0.01))) as srv:
+            client = up(srv.url(), max_connections=4)
+            results = await asyncio.gather(*(outcome(client, BODY) for _ in range(50)))
+            await client.aclose()
+        assert results == ["ok"] * 50
+        assert srv.peak <= 4
+
+    run(main)
+
+
+# ------------------------------------------------------------------ interim 1xx responses
+
+
+@pytest.mark.parametrize("interim", [
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n",
+], ids=["100", "103", "100+102"])
+def test_interim_responses_do_not_shift_later_responses(interim: bytes) -> None:
+    """Each request gets its own final answer, whatever interim answers came before it."""
+    final = {b"good": ACCEPTED, b"bad": http(400, b'{"error":"bad"}', reason="Bad Request"),
+             b"busy": http(503, b"", reason="Unavailable")}
+
+    def respond(req: Req) -> Action:
+        return Send([interim, final[req.body]])  # separate segments, as a proxy would
+
+    async def main() -> list[str]:
+        async with Server(respond) as srv:
+            client = up(srv.url(), max_connections=1)
+            got = [await outcome(client, body)
+                   for body in (b"good", b"bad", b"good", b"busy", b"good", b"good")]
+            await client.aclose()
+            assert srv.connections == 1  # kept alive across the interim answers
+        return got
+
+    assert run(main) == ["ok", type(Rejected("")).__name__, "ok",
+                         type(ServerError("")).__name__, "ok", "ok"]
+
+
+# ------------------------------------------------------------------ timeouts and failures
+
+
+def test_timeouts_and_refusals_are_classified_without_the_token() -> None:
+    async def main() -> None:
+        async with Server(always(Hang())) as srv:
+            slow = up(srv.url(), timeout_s=0.2)
+            with pytest.raises(Timeout) as timed_out:
+                await slow.track(BODY)
+            await slow.aclose()
+        refused = up(f"http://127.0.0.1:{closed_port()}/v1/track", timeout_s=0.2)
+        with pytest.raises(ConnectionFailed) as failed:
+            await refused.track(BODY)
+        await refused.aclose()
+        for exc in (timed_out.value, failed.value):
+            assert TOKEN not in str(exc)
+
+    run(main)
+
+
+def test_the_pool_timeout_bounds_the_wait_for_a_connection() -> None:
+    async def main() -> None:
+        async with Server(always(Hang())) as srv:
+            client = up(srv.url(), timeout_s=0.3, max_connections=1)
+            start = time.monotonic()
+            results = await asyncio.gather(outcome(client, BODY), outcome(client, BODY))
+            elapsed = time.monotonic() - start
+            await client.aclose()
+        assert results == ["Timeout", "Timeout"]
+        assert elapsed < 2.0
+
+    run(main)
+
+
+@pytest.mark.parametrize("response", [
+    b"HTTX/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n",
+    b"<html>hello</html>\r\n\r\n",
+    b"HTTP/1.1 202 Accepted\r\nContent-Length: ten\r\n\r\n0123456789",
+], ids=["protocol", "html", "length"])
+def test_malformed_responses_are_transient_failures(response: bytes) -> None:
+    async def main() -> str:
+        async with Server(always(Close(response))) as srv:
+            client = up(srv.url())
+            got = await outcome(client, BODY)
+            await client.aclose()
+        return got
+
+    assert run(main) in ("ConnectionFailed", "ServerError", "Timeout")
+
+
+# ------------------------------------------------------------------ TLS
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost (cert, key)."""
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True, stdin=subprocess.DEVNULL,
+    )
+    return cert, key
+
+
+def _server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    return context
+
+
+def test_https_trusts_the_configured_ca_bundle(certificate: tuple[Path, Path]) -> None:
+    async def main() -> None:
+        async with Server(always(Send(ACCEPTED)), tls=_server_context(certificate)) as srv:
+            client = up(srv.url(scheme="https", host="localhost"), ca_bundle=str(certificate[0]))
+            assert [await outcome(client, BODY) for _ in range(2)] == ["ok", "ok"]
+            await client.aclose()
+        assert [q.body for q in srv.requests] == [BODY] * 2
+
+    run(main)
+
+
+def test_https_without_the_ca_refuses_the_server(certificate: tuple[Path, Path]) -> None:
+    async def main() -> None:
+        async with Server(always(Send(ACCEPTED)), tls=_server_context(certificate)) as srv:
+            client = up(srv.url(scheme="https"))  # certifi's CAs: self-signed is refused
+            assert await outcome(client, BODY) == "ConnectionFailed"
+            await client.aclose()
+        assert srv.requests == []
+
+    run(main)
+
+
+def test_ssl_cert_file_is_honoured_when_no_bundle_is_configured(
+        certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+
+    async def main() -> str:
+        async with Server(always(Send(ACCEPTED)), tls=_server_context(certificate)) as srv:
+            client = up(srv.url(scheme="https"))
+            got = await outcome(client, BODY)
+            await client.aclose()
+        return got
+
+    assert run(main) == "ok"
+
+
+def test_the_configured_bundle_wins_over_ssl_cert_file(
+        certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    context = ssl_context(str(certificate[0]))
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert len(context.get_ca_certs()) == 1

@@ -1,0 +1,446 @@
+"""The worker loop against an in-memory source, client, registry and DLQ (no services).
+
+The fake source behaves like the Kafka edge where the worker depends on it: its calls run
+on one dedicated thread, rebalance and commit callbacks arrive on that thread during
+`consume`, pause stops a partition's messages, and asynchronous commits are acknowledged
+by a later `consume`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from consumer import codec, handler, routing
+from consumer.commits import TP
+from consumer.config import Settings, load_settings
+from consumer.errors import Rejected, ServerError
+from consumer.health import Health
+from consumer.metrics import Metrics
+from consumer.worker import Callbacks, Worker
+
+T = TypeVar("T")
+
+TOPIC = "signal"
+SCHEMA_ID = 7
+
+
+# ------------------------------------------------------------------ fakes
+
+
+@dataclass
+class Message:
+    """What `consume` returns (the parts of confluent_kafka.Message the worker reads)."""
+
+    _topic: str
+    _partition: int
+    _offset: int
+    _key: bytes | None
+    _value: bytes | None
+
+    def topic(self) -> str | None:
+        return self._topic
+
+    def partition(self) -> int | None:
+        return self._partition
+
+    def offset(self) -> int | None:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def headers(self) -> Any:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_764_000_000_000)
+
+    def error(self) -> None:
+        return None
+
+
+@dataclass
+class FakeSource:
+    """An in-memory consumer-group member owning every partition of `log`."""
+
+    cb: Callbacks
+    log: dict[TP, list[Message]]
+    connected: bool = True
+    fatal: str | None = None
+    position: dict[TP, int] = field(default_factory=dict)
+    paused: set[TP] = field(default_factory=set)
+    commits: list[dict[TP, int]] = field(default_factory=list)
+    pauses: int = 0
+    closed: bool = False
+    revoke_next: list[TP] = field(default_factory=list)
+    _acks: list[dict[TP, int]] = field(default_factory=list)
+    _thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="fake-poll"))
+    poll_thread: set[str] = field(default_factory=set)
+
+    @property
+    def fatal_error(self) -> str | None:
+        return self.fatal
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _on_poll_thread(self) -> None:
+        self.poll_thread.add(threading.current_thread().name)
+
+    def subscribe(self) -> None:
+        self._on_poll_thread()
+        self.position = {tp: 0 for tp in self.log}
+        self.cb.on_assign(sorted(self.log))
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        self._on_poll_thread()
+        while self._acks:  # served during consume, as librdkafka does
+            self.cb.on_committed(list(self._acks.pop(0).items()), [])
+        if self.revoke_next:
+            parts, self.revoke_next = self.revoke_next, []
+            self.cb.on_revoke(parts)
+            for tp in parts:
+                self.log.pop(tp, None)
+                self.position.pop(tp, None)
+        out: list[Message] = []
+        for tp, messages in sorted(self.log.items()):
+            if tp in self.paused:
+                continue
+            while self.position[tp] < len(messages) and len(out) < max_messages:
+                out.append(messages[self.position[tp]])
+                self.position[tp] += 1
+        if not out:
+            time.sleep(min(timeout_s, 0.01))
+        return out
+
+    def pause(self, parts: Sequence[TP]) -> None:
+        self._on_poll_thread()
+        self.pauses += bool(parts)
+        self.paused.update(parts)
+
+    def resume(self, parts: Sequence[TP]) -> None:
+        self._on_poll_thread()
+        self.paused.difference_update(parts)
+
+    def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool:
+        self._on_poll_thread()
+        self.commits.append(dict(offsets))
+        if not wait:
+            self._acks.append(dict(offsets))
+        return True
+
+    def partition_count(self, timeout_s: float = 10.0) -> int:
+        return len(self.log)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def shutdown(self) -> None:
+        self._thread.shutdown(wait=True)
+
+    def committed(self) -> dict[TP, int]:
+        out: dict[TP, int] = {}
+        for batch in self.commits:
+            for tp, offset in batch.items():
+                out[tp] = max(out.get(tp, 0), offset)
+        return out
+
+
+class FakeClient:
+    """Userpilot: records bodies; `answers` scripts errors per body; `gate` holds requests."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.answers: dict[bytes, Exception] = {}
+        self.gate: asyncio.Event | None = None
+        self.closed = False
+
+    async def track(self, body: bytes) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.bodies.append(body)
+        error = self.answers.get(body)
+        if error is not None:
+            raise error
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class FakeRegistry:
+    def __init__(self, fetch_delay: float = 0.0) -> None:
+        self.fetched: list[int] = []
+        self._known: dict[int, Mapping[str, Any]] = {}
+        self.fetch_delay = fetch_delay
+
+    def cached(self, schema_id: int) -> Mapping[str, Any] | None:
+        return self._known.get(schema_id)
+
+    def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
+        time.sleep(self.fetch_delay)
+        self.fetched.append(schema_id)
+        if schema_id != SCHEMA_ID:
+            raise KeyError(schema_id)
+        self._known[schema_id] = codec.SCHEMA
+        return codec.SCHEMA
+
+
+@dataclass
+class DeadLetter:
+    topic: str
+    value: bytes | None
+    headers: dict[str, bytes]
+
+
+class FakeDlq:
+    def __init__(self) -> None:
+        self.records: list[DeadLetter] = []
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes]], timestamp_ms: int | None) -> None:
+        self.records.append(DeadLetter(topic, value, dict(headers)))
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        return 0
+
+    def reasons(self) -> list[str]:
+        return [r.headers["userpilot.error.reason"].decode() for r in self.records]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def settings(**extra: str) -> Settings:
+    env = {
+        "USERPILOT_API_KEY": "wt_0123456789abcdef", "USERPILOT_ANALYTICS_ENDPOINT": "up.test",
+        "KAFKA_BOOTSTRAP_SERVERS": "fake:9092", "KAFKA_TOPICS": TOPIC,
+        "SCHEMA_REGISTRY_URL": "http://registry.test", "WORKER_METRICS_PORT": "0",
+        "WORKER_COMMIT_INTERVAL_SECONDS": "0.05", "USERPILOT_RATE_LIMIT": "1000000",
+        "USERPILOT_RATE_BURST": "100", "USERPILOT_RETRY_MAX_ATTEMPTS": "1",
+        "USERPILOT_RETRY_BACKOFF_SECONDS": "0.01", "USERPILOT_RETRY_BACKOFF_MAX_SECONDS": "0.01",
+        "WORKER_SHUTDOWN_GRACE_SECONDS": "2",
+    }
+    env.update(extra)
+    return load_settings(env)
+
+
+def track(user: str | None, seq: int, **extra: Any) -> bytes:
+    event: dict[str, Any] = {
+        "type": "track", "event": "Feature Used", "userId": user, "anonymousId": "anon-1",
+        "properties": {"seq": seq}, "context": {"consent": {"analytics": True}},
+        "timestamp": "2026-11-26T10:00:00.000Z", "messageId": f"{user}-{seq}", **extra,
+    }
+    return codec.encode(SCHEMA_ID, codec.to_record(event))
+
+
+def log_of(*values: bytes | None, partition: int = 0,
+           key: bytes = b"user") -> dict[TP, list[Message]]:
+    return {(TOPIC, partition): [Message(TOPIC, partition, offset, key, value)
+                                  for offset, value in enumerate(values)]}
+
+
+@dataclass
+class Run:
+    worker: Worker
+    client: FakeClient
+    dlq: FakeDlq
+    registry: FakeRegistry
+    made: list[FakeSource]
+
+    @property
+    def source(self) -> FakeSource:
+        return self.made[0]
+
+
+def make(log: dict[TP, list[Message]], *, registry: FakeRegistry | None = None,
+         **env: str) -> Run:
+    metrics = Metrics(CollectorRegistry())
+    client, dlq = FakeClient(), FakeDlq()
+    registry = registry or FakeRegistry()
+    made: list[FakeSource] = []
+
+    def source(cb: Callbacks) -> FakeSource:
+        made.append(FakeSource(cb, log))
+        return made[-1]
+
+    worker = Worker(settings(**env), metrics, Health(metrics), client=client,
+                    registry=registry, dlq=dlq, source=source)
+    return Run(worker, client, dlq, registry, made)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def drive(run: Run, scenario: Callable[[FakeSource], Awaitable[None]]) -> int:
+    """Run the worker, play `scenario(source)`, stop the worker; returns its exit code."""
+    async def main() -> int:
+        task = asyncio.create_task(run.worker.run())
+        await until(lambda: bool(run.made), "the source")
+        try:
+            await scenario(run.source)
+        finally:
+            run.worker.stop()
+        return await asyncio.wait_for(task, 10)
+
+    return asyncio.run(main())
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_delivers_drops_and_dead_letters_then_commits_to_the_end() -> None:
+    run = make(log_of(track("u1", 1), track(None, 2), b"not avro", track("u1", 3)))
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 4, "commit of offset 4")
+
+    assert drive(run, scenario) == 0
+    assert [codec_seq(b) for b in run.client.bodies] == [1, 3]
+    assert run.dlq.reasons() == ["undecodable"]
+    assert run.dlq.records[0].value == b"not avro"  # the original bytes
+    assert run.worker.committed == {(TOPIC, 0): 4}
+    assert run.source.closed and run.client.closed
+    # Every source call ran on the one poll thread, never on the event loop.
+    assert len(run.source.poll_thread) == 1
+    assert next(iter(run.source.poll_thread)).startswith("fake-poll")
+
+
+def codec_seq(body: bytes) -> int:
+    return int(json.loads(body)["metadata"]["seq"])
+
+
+def test_any_exception_while_mapping_one_event_dead_letters_it_and_the_worker_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_route = routing.route
+
+    def flaky_route(event: Any, *args: Any) -> Any:
+        if event.get("properties", {}).get("seq") == 2:
+            raise ZeroDivisionError("a bug in one mapping")
+        return real_route(event, *args)
+
+    monkeypatch.setattr(handler, "route", flaky_route)
+    run = make(log_of(track("u1", 1), track("u1", 2), track("u1", 3)))
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 3, "commit of offset 3")
+
+    assert drive(run, scenario) == 0
+    assert [codec_seq(b) for b in run.client.bodies] == [1, 3]
+    assert run.dlq.reasons() == ["mapping_error"]
+    message = run.dlq.records[0].headers["__connect.errors.exception.message"].decode()
+    assert "ZeroDivisionError" in message
+
+
+def test_rejected_and_exhausted_events_are_dead_lettered_with_their_reason() -> None:
+    bad, flaky = track("u1", 1), track("u2", 2)
+    run = make({**log_of(bad), **log_of(flaky, partition=1, key=b"u2"),
+                **log_of(track("u3", 3), partition=2, key=b"u3")})
+    run.client.answers[_body_of(bad)] = Rejected("HTTP 400: payload rejected", status=400)
+    run.client.answers[_body_of(flaky)] = ServerError("HTTP 503", status=503)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.client.bodies.count(_body_of(flaky)) >= 2, "a retry")
+        # Given up only once another delivery succeeded after its first attempt.
+        source.log[(TOPIC, 2)].append(Message(TOPIC, 2, 1, b"u3", track("u3", 4)))
+        await until(lambda: len(run.dlq.records) == 2 and sum(source.committed().values()) == 4,
+                    "two dead letters and every offset committed")
+
+    assert drive(run, scenario) == 0
+    assert sorted(run.dlq.reasons()) == ["bad_request", "retries_exhausted"]
+
+
+def _body_of(value: bytes) -> bytes:
+    decision = routing.route(codec.decode(value, lambda _i: codec.SCHEMA),
+                             settings().consent, settings().mappings)
+    assert isinstance(decision, routing.Send)
+    return decision.body
+
+
+def test_unknown_schema_is_fetched_off_the_poll_path_then_delivered() -> None:
+    registry = FakeRegistry(fetch_delay=0.05)
+    run = make(log_of(track("u1", 1), track("u1", 2)), registry=registry)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 2, "commit of offset 2")
+
+    assert drive(run, scenario) == 0
+    assert [codec_seq(b) for b in run.client.bodies] == [1, 2]
+    assert SCHEMA_ID in registry.fetched
+
+
+def test_a_full_window_pauses_partitions_and_resumes_when_deliveries_finish() -> None:
+    values = [track(f"u{i}", i) for i in range(12)]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
+    run = make(log, WORKER_MAX_IN_FLIGHT="4")
+    run.client.gate = asyncio.Event()  # Userpilot holds every request until set
+
+    async def scenario(source: FakeSource) -> None:
+        assert run.client.gate is not None
+        await until(lambda: bool(source.paused), "a pause", timeout=5)
+        assert run.worker.committed.get((TOPIC, 0), 0) == 0
+        assert run.client.bodies == []
+        run.client.gate.set()
+        await until(lambda: source.committed().get((TOPIC, 0)) == 12, "commit of offset 12")
+        await until(lambda: not source.paused, "the resume")
+
+    assert drive(run, scenario) == 0
+    assert sorted(codec_seq(b) for b in run.client.bodies) == list(range(12))
+    assert run.source.pauses >= 1
+
+
+def test_the_dlq_guard_stops_the_worker_with_exit_code_3_and_commits_nothing_past_it() -> None:
+    run = make(log_of(*[b"garbage"] * 10), WORKER_DLQ_MAX_CONSECUTIVE="3",
+               WORKER_DLQ_WINDOW="5", WORKER_DLQ_MAX_RATIO="1")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+
+    assert drive(run, scenario) == 3
+    assert len(run.dlq.records) == 3
+    assert run.source.committed().get((TOPIC, 0), 0) == 3
+
+
+def test_a_fatal_kafka_error_stops_the_worker_with_exit_code_1() -> None:
+    run = make(log_of(track("u1", 1)))
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "the first commit")
+        source.fatal = "fenced"
+        await until(lambda: run.worker.fatal is not None, "the worker to notice")
+
+    assert drive(run, scenario) == 1
+    assert run.source.closed
+
+
+def test_revoke_settles_its_partition_commits_it_and_the_other_partition_goes_on() -> None:
+    run = make({**log_of(track("u1", 1), track("u1", 2)),
+                **log_of(track("u2", 3), partition=1, key=b"u2")})
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: sum(source.committed().values()) == 3, "all committed")
+        source.revoke_next = [(TOPIC, 0)]
+        await until(lambda: (TOPIC, 0) not in run.worker.assigned, "the revoke")
+        source.log[(TOPIC, 1)].append(Message(TOPIC, 1, 1, b"u2", track("u2", 4)))
+        await until(lambda: source.committed().get((TOPIC, 1)) == 2, "partition 1 goes on")
+
+    assert drive(run, scenario) == 0
+    assert run.worker.assigned == {(TOPIC, 1)}
+    assert sorted(codec_seq(b) for b in run.client.bodies) == [1, 2, 3, 4]
