@@ -116,8 +116,7 @@ class Worker:
         self.dlq = dlq or DeadLetterProducer(settings.kafka_config())
         self.limiter = AdaptiveLimiter(settings.rate_limit, settings.rate_period_s,
                                        settings.rate_burst)
-        self.gate = Gate(on_change=self._gate_changed, probe_base_s=settings.retry_backoff_s,
-                         probe_max_s=settings.retry_backoff_max_s)
+        self.gate = Gate(on_change=self._gate_changed)  # probes: 0.5 s doubling to 5 s
         self.policy = RetryPolicy(
             self.gate, max_attempts=settings.retry_max_attempts,
             budget_s=settings.retry_budget_s, on_retry=self._count_retry,
