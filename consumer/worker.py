@@ -421,7 +421,8 @@ class Worker:
             last_attempt=work.attempts.last_wall,
         )
         headers = dlq_headers(work.headers, topic=work.topic, partition=work.partition,
-                              offset=work.offset, failure=failure)
+                              offset=work.offset, failure=failure,
+                              secrets=[self.s.api_key.reveal()])
         delay = 0.5
         work.on_wire = True  # from here a cancelled job could leave a DLQ record behind
         while True:
