@@ -9,10 +9,15 @@ Stdlib only, so it runs before the virtualenv exists. Downloads are cached in
 ``${XDG_CACHE_HOME:-~/.cache}/userpilot-worker/`` (shared by every clone on the machine);
 runtime state (data, pid files, logs) lives in ``<repo>/.run/services/``.
 
-    python3 services/ctl.py up [kafka|registry|all] [--record FILE]
+    python3 services/ctl.py up [kafka|registry|all] [--record FILE] [--keep-data]
     python3 services/ctl.py down [kafka|registry|all] [--from FILE]
+    python3 services/ctl.py kill|freeze|thaw kafka|registry   (fault tests)
     python3 services/ctl.py status
     python3 services/ctl.py env [--export]
+
+`up --keep-data` restarts a stopped (or killed) broker on the data it had, so tests can
+restart Kafka mid-delivery; plain `up` always starts a fresh cluster. `kill` is SIGKILL
+(a crash; the data stays), `freeze`/`thaw` are SIGSTOP/SIGCONT (a hung process).
 
 Environment: KAFKA_PORT (19092; the controller uses KAFKA_PORT+1), REGISTRY_PORT (18081),
 SERVICES_START_TIMEOUT (seconds, 180), KAFKA_JAVA_OPTS / REGISTRY_JAVA_OPTS (extra JVM flags).
@@ -420,6 +425,8 @@ def _kafka_command(svc: Service) -> list[str]:
     java = [*_java("KAFKA_JAVA_OPTS", "512m"),
             f"-Dlog4j2.configurationFile={svc.dir / 'log4j2.properties'}",
             f"-Dkafka.logs.dir={svc.dir}", "-cp", f"{libs}/*"]
+    if (data / "meta.properties").is_file():  # `up --keep-data`: the same cluster again
+        return [*java, svc.marker, "kafka.Kafka", str(props)]
     fmt = [*java, "kafka.tools.StorageTool", "format", "--standalone",
            "-t", _random_cluster_id(), "-c", str(props)]
     with svc.console_file.open("w") as out:
@@ -463,8 +470,12 @@ def _wait_ready(
                        f"see {hint}")
 
 
-def up_one(name: str) -> bool:
-    """Make ``name`` run and be ready. Returns True if this call started it (False: reused)."""
+def up_one(name: str, keep_data: bool = False) -> bool:
+    """Make ``name`` run and be ready. Returns True if this call started it (False: reused).
+
+    ``keep_data`` starts on the state left by the last run (Kafka: same cluster, topics,
+    offsets) instead of a fresh one.
+    """
     svc = Service(name)
     var = "KAFKA_PORT" if name == "kafka" else "REGISTRY_PORT"
     found = running(svc)
@@ -481,8 +492,12 @@ def up_one(name: str) -> bool:
         raise ServiceError(f"{name}: port(s) {busy} on {HOST} are taken by another process; "
                            f"stop it or choose another {var}")
     started = time.monotonic()
-    shutil.rmtree(svc.dir, ignore_errors=True)  # a fresh cluster / registry every start
-    svc.dir.mkdir(parents=True)
+    if keep_data and svc.dir.is_dir():
+        if svc.log_file.is_file():  # readiness reads the log: start it afresh
+            svc.log_file.replace(svc.log_file.with_name(svc.log_file.name + ".1"))
+    else:
+        shutil.rmtree(svc.dir, ignore_errors=True)  # a fresh cluster / registry every start
+        svc.dir.mkdir(parents=True)
     cmd = COMMANDS[name](svc)
     with svc.console_file.open("a") as out:
         proc = subprocess.Popen(cmd, cwd=svc.dir, stdout=out, stderr=subprocess.STDOUT,
@@ -525,6 +540,25 @@ def down_one(name: str) -> None:
     log(f"{name}: stopped (pid {pid})")
 
 
+SIGNALS = {"kill": signal.SIGKILL, "freeze": signal.SIGSTOP, "thaw": signal.SIGCONT}
+
+
+def signal_one(name: str, action: str) -> None:
+    """SIGKILL (a crash), SIGSTOP (hung) or SIGCONT a running service of this checkout."""
+    svc = Service(name)
+    found = running(svc)
+    if found is None:
+        raise ServiceError(f"{name} is not running from this checkout (port "
+                           f"{svc.wanted_port()})")
+    pid = found[0]
+    os.killpg(pid, SIGNALS[action])
+    if action == "kill":
+        while _alive(pid):
+            time.sleep(0.1)
+        svc.pid_file.unlink(missing_ok=True)
+    log(f"{name}: {action} (pid {pid})")
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -536,7 +570,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     record: Path | None = args.record
     with _flock(RUN_DIR / ".lock"):
         for name in _names(args.which):
-            if up_one(name) and record is not None:
+            if up_one(name, keep_data=args.keep_data) and record is not None:
                 with record.open("a") as fh:
                     fh.write(name + "\n")
     return 0
@@ -552,6 +586,12 @@ def cmd_down(args: argparse.Namespace) -> int:
     with _flock(RUN_DIR / ".lock"):
         for name in reversed(names):
             down_one(name)
+    return 0
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    with _flock(RUN_DIR / ".lock"):
+        signal_one(args.which, args.command)
     return 0
 
 
@@ -587,16 +627,24 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start (or reuse) services and wait until ready")
     up.add_argument("which", nargs="?", default="all", choices=[*ALL, "all"])
     up.add_argument("--record", type=Path, help="append the names this call started to FILE")
+    up.add_argument("--keep-data", action="store_true",
+                    help="start on the data of the last run (restart a stopped broker)")
     down = sub.add_parser("down", help="stop services (safe when nothing runs)")
     down.add_argument("which", nargs="?", default="all", choices=[*ALL, "all"])
     down.add_argument("--from", dest="from_file", type=Path,
                       help="stop only the services listed in FILE (from `up --record`)")
+    for action, text in (("kill", "SIGKILL a service (a crash; its data stays)"),
+                         ("freeze", "SIGSTOP a service (it hangs)"),
+                         ("thaw", "SIGCONT a frozen service")):
+        sig = sub.add_parser(action, help=text)
+        sig.add_argument("which", choices=ALL)
     sub.add_parser("status", help="show what runs; exit 3 unless everything runs")
     env = sub.add_parser("env", help="print KAFKA_BOOTSTRAP_SERVERS= and SCHEMA_REGISTRY_URL=")
     env.add_argument("--export", action="store_true", help="prefix lines with 'export '")
     args = parser.parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env,
+        "kill": cmd_signal, "freeze": cmd_signal, "thaw": cmd_signal,
     }
     try:
         return handlers[args.command](args)
