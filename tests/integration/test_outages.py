@@ -193,3 +193,57 @@ def test_a_frozen_registry_is_logged_and_unhealthy_and_delivery_recovers(
         _ctl("thaw", "registry")
     assert noticed_after <= 15.0  # 5 s timeout per call, plus start-up
     assert not _missing(control, events)
+
+
+# ---------------------------------------------------------------- a broker of our own
+
+
+KAFKA_PORT = os.environ.get("OUTAGE_KAFKA_PORT", "29092")
+
+
+def _kafka_ctl(*args: str) -> None:
+    env = {**os.environ, "KAFKA_PORT": KAFKA_PORT}
+    subprocess.run([sys.executable, str(CTL), *args], env=env, check=True, timeout=300,
+                   stdin=subprocess.DEVNULL, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A broker this module may kill and restart: never the shared one."""
+    record: Path = tmp_path_factory.mktemp("own-kafka") / "started"
+    _kafka_ctl("up", "kafka", "--record", str(record))
+    try:
+        yield f"127.0.0.1:{KAFKA_PORT}"
+    finally:
+        _kafka_ctl("up", "kafka", "--keep-data")  # a test may have left it down
+        _kafka_ctl("down", "--from", str(record))
+
+
+def test_a_broker_killed_and_restarted_on_its_data_mid_delivery_loses_nothing(
+    own_kafka: str, schema_registry_url: str, sandbox: Sandbox,
+) -> None:
+    from tests.conftest import create_topic
+
+    server, control = sandbox
+    topic = create_topic(own_kafka, f"it-broker-restart-{int(time.time() * 1000)}", 3)
+    events = [track_event(f"u{i % 20}", i) for i in range(3000)]
+    produce(own_kafka, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    window = 200
+    control.set_faults(latency_ms=40)  # ~500 events/s: the kill lands mid-delivery
+    env = worker_env(own_kafka, schema_registry_url, server.url, topic, group,
+                     WORKER_MAX_IN_FLIGHT=str(window), **FAST_RETRY)
+    with WorkerThread(env) as w:
+        wait_until(lambda: control.stats()["accepted"] >= 800, 60, "delivery under way")
+        _kafka_ctl("kill", "kafka")
+        killed_at = control.stats()["accepted"]
+        time.sleep(3)
+        _kafka_ctl("up", "kafka", "--keep-data")
+        wait_until(caught_up(own_kafka, group, topic), 180, "offsets at the end")
+        assert w.alive, "the worker recovered without a restart"
+        dlq = w.settings.dlq_topic
+    assert killed_at < len(events), "the broker died before everything was delivered"
+    assert not _missing(control, events)
+    got = delivered_seqs(control)
+    assert sum(got.values()) - len(events) <= window
+    assert read_topic(own_kafka, dlq) == []
