@@ -23,6 +23,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from consumer.codec import SCHEMA, SCHEMA_TEXT
+from consumer.redaction import redact
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Registry", "subject_for"]
 
@@ -53,6 +54,9 @@ class Registry:
         self._lock = threading.Lock()
         self._fetching = threading.Lock()
         self._clock = clock
+        # The credentials never reach `last_error` (readiness may show it) or the log line.
+        self._secrets = [basic_auth_user_info, basic_auth_user_info.split(":", 1)[-1]] \
+            if basic_auth_user_info else []
         self.timeout_s = timeout_s
         self.healthy = True
         self.last_error: str | None = None
@@ -75,7 +79,7 @@ class Registry:
         return result
 
     def _failed(self, what: str, exc: BaseException) -> None:
-        detail = f"{type(exc).__name__}: {str(exc)[:200]}"
+        detail = f"{type(exc).__name__}: {redact(str(exc), self._secrets)[:200]}"
         with self._lock:
             first = self.healthy
             self.healthy = False

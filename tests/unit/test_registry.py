@@ -104,3 +104,12 @@ def test_a_cached_schema_needs_no_registry() -> None:
     assert registry.writer_schema(5) == SCHEMA
     assert registry.healthy and client.calls == 1
     assert json.loads(SCHEMA_TEXT)["name"]
+
+
+def test_credentials_never_reach_the_error_state() -> None:
+    client = FakeClient([RuntimeError("401 for user:s3cr3t-pass at http://reg")])
+    registry = Registry("http://unused", "user:s3cr3t-pass", client=client)
+    with pytest.raises(RuntimeError):
+        registry.writer_schema(1)
+    assert registry.last_error is not None
+    assert "s3cr3t" not in registry.last_error and "***" in registry.last_error
