@@ -62,6 +62,12 @@ class Registry:
         self.last_error: str | None = None
         self.failing_since: float | None = None
 
+    def problem(self) -> str | None:
+        """For readiness: None while the registry answers, else what failed (no I/O)."""
+        if self.healthy:
+            return None
+        return f"schema registry does not answer ({self.last_error})"
+
     def _call(self, what: str, call: Callable[[], T]) -> T:
         """Run one registry request, keeping `healthy` and logging the transitions."""
         try:

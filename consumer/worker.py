@@ -113,6 +113,7 @@ class Worker:
             settings.registry_url,
             settings.registry_auth.reveal() if settings.registry_auth else None,
         )
+        health.add_check(self.registry.problem)  # a frozen registry turns readiness off
         self.dlq = dlq or DeadLetterProducer(settings.kafka_config())
         self.limiter = AdaptiveLimiter(settings.rate_limit, settings.rate_period_s,
                                        settings.rate_burst)

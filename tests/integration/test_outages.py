@@ -184,10 +184,13 @@ def test_a_frozen_registry_is_logged_and_unhealthy_and_delivery_recovers(
             noticed_after = time.monotonic() - frozen_at
             assert "does not answer" in caplog.text
             assert w.worker.registry.last_error is not None
+            wait_until(lambda: w.health.ready()[1].startswith("schema registry does not answer"),
+                       10, "readiness to name the registry")
             assert control.stats()["accepted"] == 0
             _ctl("thaw", "registry")
             wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
             assert w.worker.registry.healthy
+            assert w.health.ready() == (True, "ready")
             assert "schema registry answers again" in caplog.text
     finally:
         _ctl("thaw", "registry")

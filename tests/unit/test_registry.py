@@ -66,11 +66,13 @@ def test_a_registry_that_does_not_answer_logs_once_and_turns_unhealthy(
             clock.now += 10
         assert not registry.healthy
         assert registry.last_error == "get schema 1: ReadTimeout: timed out"
+        assert registry.problem() == (
+            "schema registry does not answer (get schema 1: ReadTimeout: timed out)")
         errors = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 1 and "schema registry does not answer" in errors[0].message
         assert registry.writer_schema(1) == SCHEMA  # it answers again
     assert registry.healthy and registry.last_error is None
-    assert registry.failing_since is None
+    assert registry.failing_since is None and registry.problem() is None
     recovered = [r.message for r in caplog.records if r.levelno == logging.WARNING]
     assert recovered == ["schema registry answers again (after 30.0 s)"]
     assert client.calls == 4
