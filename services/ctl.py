@@ -516,6 +516,7 @@ def up_one(name: str, keep_data: bool = False) -> bool:
 def _stop(svc: Service, pid: int, grace: float = 30.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGCONT)  # a frozen service acts on the SIGTERM only when thawed
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.2)
