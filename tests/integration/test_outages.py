@@ -113,11 +113,13 @@ def test_an_echoing_error_body_never_puts_the_token_in_the_dlq(
 ) -> None:
     server, control = sandbox
     topic = topic_factory(partitions=1)
-    good = [track_event(f"u{i % 5}", i) for i in range(60)]
-    bad = [track_event("rejected-user", 1000), track_event("failing-user", 1001)]
+    # Other users' deliveries go on while the failing event retries: that is the evidence
+    # that lets it be given up (alone, every failure is evidence about Userpilot).
+    good = [track_event(f"u{i % 10}", i) for i in range(600)]
+    bad = [track_event("rejected-user", 10000), track_event("failing-user", 10001)]
     produce(kafka_bootstrap, schema_registry_url, topic, [*bad, *good])
     group = f"{topic}-g"
-    control.set_faults(echo_errors=True, rules=[
+    control.set_faults(latency_ms=20, echo_errors=True, rules=[
         {"user_id": "rejected-user", "action": "400"},
         {"user_id": "failing-user", "action": "502"},
     ])
