@@ -544,6 +544,14 @@ def down_one(name: str) -> None:
 SIGNALS = {"kill": signal.SIGKILL, "freeze": signal.SIGSTOP, "thaw": signal.SIGCONT}
 
 
+def _frozen(pid: int) -> bool:
+    """Stopped by SIGSTOP (`freeze`): probing it would only wait for timeouts."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
 def signal_one(name: str, action: str) -> None:
     """SIGKILL (a crash), SIGSTOP (hung) or SIGCONT a running service of this checkout."""
     svc = Service(name)
@@ -606,7 +614,8 @@ def cmd_status(_args: argparse.Namespace) -> int:
             print(f"{name}: stopped (would use {svc.address()})")
         else:
             pid, port = found
-            ready = "ready" if READY[name](svc, port) else "NOT ready"
+            ready = "FROZEN (thaw it)" if _frozen(pid) else (
+                "ready" if READY[name](svc, port) else "NOT ready")
             print(f"{name}: running pid {pid}, {ready} at {svc.address(port)}, "
                   f"log {svc.log_file}")
     return 0 if all_up else 3
