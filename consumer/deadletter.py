@@ -2,32 +2,64 @@
 
 A DLQ record keeps the original key, value, headers and timestamp, and adds the Kafka
 Connect `__connect.errors.*` context headers (so tools that read Connect DLQs work on
-ours) plus this worker's own `userpilot.*` headers. Nothing here ever sees the token:
-callers pass statuses and bodies, and bodies are truncated.
+ours) plus this worker's own `userpilot.*` headers. Response bodies and messages are
+redacted (the token masked, even when a gateway echoes the request) and truncated.
+
+A dead letter too large for the DLQ (its value near the source topic's limit, plus our
+headers, over the producer's `message.max.bytes` or the DLQ topic's limit) is written
+without its value: `userpilot.error.value_omitted=true`, the value's SHA-256 and size,
+and the source coordinates in the Connect headers, so `replay` fetches the original from
+the source topic while it is retained (consumer.dlqfetch). The partition moves on.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from consumer.redaction import redact
+
 __all__ = [
     "BODY_LIMIT",
+    "HEADERS_OMITTED",
+    "KEY_OMITTED",
+    "VALUE_OMITTED",
+    "VALUE_SHA256",
+    "VALUE_SIZE",
     "DlqGuard",
+    "DlqRecord",
     "Failure",
     "Header",
+    "dead_letter_record",
     "dlq_headers",
     "header_value",
     "normalize_headers",
+    "producer_limit",
+    "record_size",
     "replay_count",
+    "source_of",
+    "value_omitted",
+    "without_value",
 ]
 
 BODY_LIMIT = 1024
 CONNECTOR_NAME = "userpilot-delivery-worker"
 REPLAY_COUNT = "userpilot.replay.count"
+VALUE_OMITTED = "userpilot.error.value_omitted"
+VALUE_SHA256 = "userpilot.error.value_sha256"
+VALUE_SIZE = "userpilot.error.value_size"
+KEY_OMITTED = "userpilot.error.key_omitted"
+HEADERS_OMITTED = "userpilot.error.headers_omitted"
+# librdkafka's message.max.bytes default; the broker's default topic limit is 1,048,588.
+PRODUCER_MAX_BYTES = 1_000_000
+# Record framing on top of key, value and headers, over-estimated (librdkafka's v2
+# maximum is well under 100 bytes; a batch adds 61).
+RECORD_OVERHEAD = 256
+HEADER_OVERHEAD = 10
 
 Header = tuple[str, bytes]
 
@@ -83,15 +115,20 @@ def replay_count(headers: Sequence[Header] | None) -> int:
 
 def dlq_headers(
     original: Sequence[Header] | None, *, topic: str, partition: int, offset: int,
-    failure: Failure,
+    failure: Failure, secrets: Iterable[str] = (),
 ) -> list[Header]:
-    """Original headers (minus stale error headers) plus the error context."""
+    """Original headers (minus stale error headers) plus the error context.
+
+    `secrets` (the token) are masked in the body and message before they are truncated;
+    a fragment of one at the end of a body truncated upstream is masked too.
+    """
     kept = [
         (k, v) for k, v in (original or ())
         if not k.startswith("__connect.errors.") and not k.startswith("userpilot.error.")
     ]
-    body = failure.body[:BODY_LIMIT]
-    message = failure.message[:BODY_LIMIT]
+    secrets = list(secrets)
+    body = redact(failure.body, secrets)[:BODY_LIMIT]
+    message = redact(failure.message, secrets)[:BODY_LIMIT]
     added: list[Header] = [
         ("__connect.errors.topic", topic.encode()),
         ("__connect.errors.partition", str(partition).encode()),
@@ -117,6 +154,101 @@ def dlq_headers(
     if header_value(kept, REPLAY_COUNT) is None:
         added.append((REPLAY_COUNT, b"0"))
     return kept + added
+
+
+@dataclass(frozen=True)
+class DlqRecord:
+    """One record to produce to the DLQ, as plain data."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[Header]
+    timestamp_ms: int | None = None
+
+    @property
+    def size(self) -> int:
+        return record_size(self.key, self.value, self.headers)
+
+    @property
+    def value_omitted(self) -> bool:
+        return value_omitted(self.headers)
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Sequence[Header]) -> int:
+    """Bytes a record takes against `message.max.bytes`, over-estimated (framing included)."""
+    return (RECORD_OVERHEAD + len(key or b"") + len(value or b"")
+            + sum(len(k.encode()) + len(v) + HEADER_OVERHEAD for k, v in headers))
+
+
+def producer_limit(conf: Mapping[str, Any], topic_limit: int | None = None) -> int:
+    """The largest record the DLQ accepts: the producer's `message.max.bytes` (librdkafka
+    refuses bigger ones locally) and, when known, the DLQ topic's `max.message.bytes`."""
+    raw = conf.get("message.max.bytes", PRODUCER_MAX_BYTES)
+    try:
+        limit = int(raw)
+    except (TypeError, ValueError):
+        limit = PRODUCER_MAX_BYTES
+    return min(limit, topic_limit) if topic_limit else limit
+
+
+def value_omitted(headers: Sequence[Header] | None) -> bool:
+    """True for a DLQ record written without the event's value (it was too large)."""
+    return header_value(headers, VALUE_OMITTED) == b"true"
+
+
+def source_of(headers: Sequence[Header] | None) -> tuple[str, int, int] | None:
+    """(topic, partition, offset) the dead letter came from, from its Connect headers."""
+    topic = header_value(headers, "__connect.errors.topic")
+    partition = header_value(headers, "__connect.errors.partition")
+    offset = header_value(headers, "__connect.errors.offset")
+    if not topic or partition is None or offset is None:
+        return None
+    try:
+        return topic.decode(), int(partition.decode()), int(offset.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _ours(name: str) -> bool:
+    return name.startswith(("__connect.errors.", "userpilot.error.")) or name == REPLAY_COUNT
+
+
+def without_value(record: DlqRecord, max_bytes: int | None = None) -> DlqRecord:
+    """The record with its value left out (hash, size and a flag in headers instead).
+
+    Also for a record the broker refused as too large (MSG_SIZE_TOO_LARGE) although it
+    looked small enough: the DLQ topic's own limit may be lower than the producer's. If
+    even that is over `max_bytes` (a huge key or original headers), those go too; the
+    original is still fetched whole from the source coordinates.
+    """
+    if record.value_omitted:
+        return record
+    value = record.value or b""
+    headers = [*record.headers,
+               (VALUE_OMITTED, b"true"),
+               (VALUE_SHA256, hashlib.sha256(value).hexdigest().encode()),
+               (VALUE_SIZE, str(len(value)).encode())]
+    slim = replace(record, value=None, headers=headers)
+    if max_bytes is None or slim.size <= max_bytes:
+        return slim
+    headers = [(k, v) for k, v in headers if _ours(k)]
+    headers += [(KEY_OMITTED, b"true"), (HEADERS_OMITTED, b"true")]
+    return replace(slim, key=None, headers=headers)
+
+
+def dead_letter_record(
+    *, key: bytes | None, value: bytes | None, headers: Sequence[Header] | None,
+    timestamp_ms: int | None, topic: str, partition: int, offset: int, failure: Failure,
+    max_bytes: int = PRODUCER_MAX_BYTES, secrets: Iterable[str] = (),
+) -> DlqRecord:
+    """The DLQ record for one event: its bytes plus error headers, or, when that would be
+    over `max_bytes` (see `producer_limit`), the same without its value."""
+    record = DlqRecord(key, value, dlq_headers(headers, topic=topic, partition=partition,
+                                               offset=offset, failure=failure,
+                                               secrets=secrets), timestamp_ms)
+    if record.size <= max_bytes:
+        return record
+    return without_value(record, max_bytes)
 
 
 class DlqGuard:

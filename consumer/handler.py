@@ -313,7 +313,8 @@ class Handler:
             first_attempt=event.attempts.first_wall, last_attempt=event.attempts.last_wall,
         )
         headers = dlq_headers(event.headers, topic=event.topic, partition=event.partition,
-                              offset=event.offset, failure=failure)
+                              offset=event.offset, failure=failure,
+                              secrets=[self.s.api_key.reveal()])
         delay = 0.5
         event.on_wire = True  # from here a cancelled job could leave a DLQ record behind
         while True:

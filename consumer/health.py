@@ -56,6 +56,7 @@ class Health:
         self._connected = False
         self._integration_up = True
         self._stopping = False
+        self._checks: list[Callable[[], str | None]] = []
         if metrics is not None:
             # Evaluated at scrape time, so the gauge equals what /readyz would answer now.
             metrics.worker_ready.set_function(lambda: 1.0 if self.ready()[0] else 0.0)
@@ -88,6 +89,12 @@ class Health:
             self._integration_up = up
         self._publish()
 
+    def add_check(self, check: Callable[[], str | None]) -> None:
+        """A dependency readiness asks on every probe: None when fine, else the reason
+        (e.g. the schema registry not answering). Checks must not block."""
+        with self._lock:
+            self._checks.append(check)
+
     def set_stopping(self) -> None:
         """Shutdown began: stay alive for the drain but stop claiming readiness."""
         with self._lock:
@@ -109,6 +116,10 @@ class Health:
             return False, "no partition assignment yet"
         if not self._integration_up:
             return False, "Userpilot rejects the token or endpoint (401/403/404)"
+        for check in self._checks:
+            problem = check()
+            if problem is not None:
+                return False, problem
         return True, "ready"
 
     def _publish(self) -> None:

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from consumer.redaction import Redactor
+
 __all__ = ["LIBRDKAFKA_LOGGER", "RateLimit", "configure_logging", "event_fields",
            "librdkafka_logger"]
 
@@ -37,14 +39,13 @@ class _Redact(logging.Filter):
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
         self._secrets = [s for s in secrets if s]
+        self._redact = Redactor(self._secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self._secrets:
             text = record.getMessage()
             if any(s in text for s in self._secrets):
-                for secret in self._secrets:
-                    text = text.replace(secret, "***")
-                record.msg, record.args = text, None
+                record.msg, record.args = self._redact(text, edges=False), None
         return True
 
 
@@ -54,15 +55,10 @@ class _Redacting(logging.Formatter):
     def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
         super().__init__()
         self._inner = inner
-        # Also the JSON-escaped spelling, as the JSON format would print it.
-        forms = {f for s in secrets if s for f in (s, json.dumps(s, ensure_ascii=False)[1:-1])}
-        self._forms = sorted(forms, key=len, reverse=True)
+        self._redact = Redactor(secrets)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = self._inner.format(record)
-        for form in self._forms:
-            line = line.replace(form, "***")
-        return line
+        return self._redact(self._inner.format(record), edges=False)
 
 
 class _Text(logging.Formatter):

@@ -2,12 +2,16 @@
 
 Two rules make an outage harmless:
 - the `Gate` holds every delivery while the integration is down (401/403/404, or a run
-  of transient failures with no success), letting one probe through at a time with
-  exponential backoff, so a dead Userpilot is not hammered and partitions back up
-  (and get paused) instead of failing;
-- an event is given up (dead-lettered) only when its retry budget is spent AND some
-  other delivery succeeded after its first attempt: it failing alone is evidence about
-  the event; everything failing is evidence about Userpilot, and the event waits.
+  of transient failures with no success), letting one probe through at a time (every
+  0.5 s doubling to at most 5 s, or later when Retry-After says so: a probe is one
+  request), so a dead Userpilot is not hammered and partitions back up (and get paused)
+  instead of failing;
+- an event is given up (dead-lettered) only after it had its attempts *while Userpilot
+  was answering*: only attempts admitted while the gate was up count, each after the
+  first only if some delivery succeeded since this event's previous attempt, and the
+  time budget runs on the gate's up-clock (time held by the gate is not spent). Failing
+  alone is evidence about the event; everything failing is evidence about Userpilot, and
+  the event waits however long the outage lasts.
 Backoff is exponential with full jitter (tenacity), and honours Retry-After.
 """
 
@@ -27,19 +31,26 @@ from tenacity.wait import wait_random_exponential
 
 from consumer.errors import DeadLetter, Pause, Retry
 
-__all__ = ["Attempts", "Gate", "RetryPolicy"]
+__all__ = ["PROBE_BASE_S", "PROBE_MAX_S", "Attempts", "Gate", "RetryPolicy"]
 
 log = logging.getLogger(__name__)
+
+PROBE_BASE_S = 0.5
+PROBE_MAX_S = 5.0
 
 GateState = Literal["up", "outage", "misconfigured"]
 
 
 class Gate:
-    """Open when Userpilot works; closed (one probe at a time) during outages or misconfig."""
+    """Open when Userpilot works; closed (one probe at a time) during outages or misconfig.
+
+    It also keeps the *up-clock*: seconds spent open. Retry budgets run on it, so time an
+    event spends held by a closed gate is never charged to the event.
+    """
 
     def __init__(
-        self, *, outage_after: int = 10, probe_base_s: float = 1.0, probe_max_s: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
+        self, *, outage_after: int = 10, probe_base_s: float = PROBE_BASE_S,
+        probe_max_s: float = PROBE_MAX_S, clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[GateState, str], None] | None = None,
     ) -> None:
         self._outage_after = outage_after
@@ -55,6 +66,14 @@ class Gate:
         self._next_probe = 0.0
         self._probing = False
         self._changed = asyncio.Event()
+        self._up_total = 0.0
+        self._up_since: float | None = clock()
+
+    def up_time(self) -> float:
+        """Seconds the gate has been open since it was made (the retry budgets' clock)."""
+        if self._up_since is None:
+            return self._up_total
+        return self._up_total + self._clock() - self._up_since
 
     async def admit(self) -> bool:
         """Wait until a request may be sent; True when this caller is the probe."""
@@ -71,6 +90,10 @@ class Gate:
 
     def _set(self, state: GateState, detail: str) -> None:
         if state != self.state:
+            now = self._clock()
+            if self._up_since is not None:
+                self._up_total += now - self._up_since
+            self._up_since = now if state == "up" else None
             self.state = state
             self.detail = detail
             if state == "up":
@@ -95,23 +118,27 @@ class Gate:
         if self.state != "up":
             self._set("up", "")
 
-    def _failed_probe(self, probe: bool) -> None:
+    def _probe_wait(self, retry_after: float | None) -> float:
+        """Jittered probe delay, never shorter than what Retry-After asked for."""
+        return max(self._probe_delay * random.uniform(0.8, 1.2), retry_after or 0.0)
+
+    def _failed_probe(self, probe: bool, retry_after: float | None = None) -> None:
         if probe:
             self._probing = False
-            self._next_probe = self._clock() + self._probe_delay * random.uniform(0.8, 1.2)
+            self._next_probe = self._clock() + self._probe_wait(retry_after)
             self._probe_delay = min(self._probe_max, self._probe_delay * 2)
             self._changed.set()
 
     def transient_failure(self, exc: Retry, probe: bool = False) -> None:
         self._consecutive += 1
         if self.state == "up" and self._consecutive >= self._outage_after:
-            self._next_probe = self._clock() + self._probe_delay
+            self._next_probe = self._clock() + self._probe_wait(exc.retry_after)
             self._set("outage", f"{self._consecutive} failures in a row, last: {exc}")
-        self._failed_probe(probe)
+        self._failed_probe(probe, exc.retry_after)
 
     def misconfigured(self, exc: Pause, probe: bool = False) -> None:
         if self.state != "misconfigured":
-            self._next_probe = self._clock() + self._probe_delay
+            self._next_probe = self._clock() + self._probe_wait(None)
             self._set("misconfigured", str(exc))
         self._failed_probe(probe)
 
@@ -124,12 +151,20 @@ class Gate:
 
 @dataclass
 class Attempts:
-    """Bookkeeping of one event's attempts (for DLQ headers and metrics)."""
+    """Bookkeeping of one event's attempts (for DLQ headers, metrics and giving up).
+
+    `count` is every attempt (the DLQ header); `answered` only those that count against
+    the budget: admitted while the gate was up, not a probe, and (after the first) with
+    a delivery succeeding since this event's previous attempt.
+    """
 
     count: int = 0
+    answered: int = 0
     first_wall: float | None = None
     last_wall: float | None = None
-    first_mono: float = 0.0
+    first_mono: float = 0.0  # monotonic time of the first answered attempt
+    first_up: float = 0.0  # the gate's up-clock at the first answered attempt
+    last_mono: float | None = None  # monotonic time of the previous attempt, any kind
 
 
 class RetryPolicy:
@@ -150,13 +185,24 @@ class RetryPolicy:
         self._sleep = sleep
         self._clock = clock
 
+    def spent(self, attempts: Attempts) -> bool:
+        """True when the event may be given up after a transient failure.
+
+        Its attempts made while Userpilot answered are used up, or the up-clock budget
+        since the first of them is; and a delivery succeeded since then; and the gate is
+        still up (a failure that closed it is evidence about Userpilot, not the event).
+        """
+        if attempts.answered == 0 or self._gate.state != "up":
+            return False
+        used = (attempts.answered >= self._max_attempts
+                or self._gate.up_time() - attempts.first_up >= self._budget)
+        return used and self._gate.last_success > attempts.first_mono
+
     def _stop(self, state: RetryCallState, attempts: Attempts) -> bool:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, Pause):
             return False
-        spent = (attempts.count >= self._max_attempts
-                 or self._clock() - attempts.first_mono >= self._budget)
-        return spent and self._gate.last_success > attempts.first_mono
+        return self.spent(attempts)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -174,20 +220,7 @@ class RetryPolicy:
 
     async def run(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
                   before_send: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Call `send` until it returns; re-raises the last error when the event is given up.
-
-        The first attempt runs outside tenacity: almost every event succeeds at once, and
-        the retry machinery was a sixth of the worker's CPU per event (profiled). A failed
-        first attempt is handed to tenacity as its attempt 1, so waits and stops are the
-        same as if tenacity had made it.
-        """
-        # The budget starts at the first real attempt, not while the gate held the event.
-        attempts.first_mono = float("inf")
-        try:
-            await self._once(send, attempts, before_send)
-            return
-        except (Retry, Pause) as exc:
-            first: list[BaseException] = [exc]
+        """Call `send` until it returns; re-raises the last error when the event is given up."""
         retrying = AsyncRetrying(
             retry=retry_if_exception_type((Retry, Pause)),
             stop=lambda s: self._stop(s, attempts),
@@ -198,8 +231,6 @@ class RetryPolicy:
         )
         async for attempt in retrying:
             with attempt:
-                if first:
-                    raise first.pop()
                 await self._once(send, attempts, before_send)
 
     async def _once(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
@@ -208,11 +239,19 @@ class RetryPolicy:
         try:
             if before_send is not None:
                 await before_send()
+            now = self._clock()
+            if not probe and self._gate.state == "up" and (
+                    attempts.answered == 0 or attempts.last_mono is None
+                    or self._gate.last_success > attempts.last_mono):
+                if attempts.answered == 0:
+                    attempts.first_mono = now
+                    attempts.first_up = self._gate.up_time()
+                attempts.answered += 1
+            attempts.last_mono = now
             attempts.count += 1
             attempts.last_wall = time.time()
             if attempts.first_wall is None:
                 attempts.first_wall = attempts.last_wall
-                attempts.first_mono = self._clock()
             await send()
         except Retry as exc:
             self._gate.transient_failure(exc, probe)

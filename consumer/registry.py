@@ -3,22 +3,35 @@
 Subjects follow the TOPIC name strategy (`<topic>-value`) explicitly: confluent-kafka's own
 serdes default to another strategy in recent versions, and other producers of these topics
 expect the classic one.
+
+Every call is bounded (`timeout_s`, no hidden client retries: the caller retries), so a
+frozen registry cannot stall the worker silently: the first failure logs an error, the
+first answer after it a recovery line, and `healthy` / `last_error` tell readiness.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import fastavro
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from consumer.codec import SCHEMA, SCHEMA_TEXT
+from consumer.redaction import redact
 
-__all__ = ["Registry", "subject_for"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Registry", "subject_for"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 5.0
+
+T = TypeVar("T")
 
 
 def subject_for(topic: str) -> str:
@@ -29,21 +42,76 @@ def subject_for(topic: str) -> str:
 class Registry:
     """A cached view of the registry; `writer_schema` is the codec's SchemaLookup."""
 
-    def __init__(self, url: str, basic_auth_user_info: str | None = None) -> None:
-        conf: dict[str, Any] = {"url": url}
+    def __init__(self, url: str, basic_auth_user_info: str | None = None, *,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, client: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        conf: dict[str, Any] = {"url": url, "timeout": timeout_s, "max.retries": 0}
         if basic_auth_user_info:
             conf["basic.auth.user.info"] = basic_auth_user_info
-        self._client = SchemaRegistryClient(conf)
+        self._client = client if client is not None else SchemaRegistryClient(conf)
         self._parsed: dict[int, Mapping[str, Any]] = {}
         self._ours = fastavro.schema.to_parsing_canonical_form(SCHEMA)
         self._lock = threading.Lock()
         self._fetching = threading.Lock()
+        self._clock = clock
+        # The credentials never reach `last_error` (readiness may show it) or the log line.
+        self._secrets = [basic_auth_user_info, basic_auth_user_info.split(":", 1)[-1]] \
+            if basic_auth_user_info else []
+        self.timeout_s = timeout_s
+        self.healthy = True
+        self.last_error: str | None = None
+        self.failing_since: float | None = None
+
+    def problem(self) -> str | None:
+        """For readiness: None while the registry answers, else what failed (no I/O)."""
+        if self.healthy:
+            return None
+        return f"schema registry does not answer ({self.last_error})"
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        """Run one registry request, keeping `healthy` and logging the transitions."""
+        try:
+            result = call()
+        except SchemaRegistryError as exc:
+            if exc.http_status_code is not None and 0 < exc.http_status_code < 500:
+                self._answered()  # e.g. 404: it answers, the id is unknown
+            else:
+                self._failed(what, exc)
+            raise
+        except Exception as exc:
+            self._failed(what, exc)
+            raise
+        self._answered()
+        return result
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        detail = f"{type(exc).__name__}: {redact(str(exc), self._secrets)[:200]}"
+        with self._lock:
+            first = self.healthy
+            self.healthy = False
+            self.last_error = f"{what}: {detail}"
+            if first:
+                self.failing_since = self._clock()
+        if first:
+            log.error("schema registry does not answer (%s: %s; timeout %.1f s); events of "
+                      "schemas not cached yet wait, readiness is off until it answers",
+                      what, detail, self.timeout_s)
+
+    def _answered(self) -> None:
+        if self.healthy:
+            return
+        with self._lock:
+            since, self.failing_since = self.failing_since, None
+            self.healthy = True
+            self.last_error = None
+        down = self._clock() - since if since is not None else 0.0
+        log.warning("schema registry answers again (after %.1f s)", down)
 
     def register(self, topic: str) -> int:
         """Register the Signal schema under the topic's subject; returns its id."""
-        schema_id: int = self._client.register_schema(
+        schema_id: int = self._call("register", lambda: self._client.register_schema(
             subject_for(topic), Schema(SCHEMA_TEXT, "AVRO")
-        )
+        ))
         with self._lock:
             self._parsed[schema_id] = SCHEMA
         return schema_id
@@ -65,7 +133,8 @@ class Registry:
 
     def _fetch(self, schema_id: int) -> Mapping[str, Any]:
         try:
-            schema = self._client.get_schema(schema_id)
+            schema = self._call(f"get schema {schema_id}",
+                                lambda: self._client.get_schema(schema_id))
         except SchemaRegistryError as exc:
             if exc.http_status_code == 404:
                 raise KeyError(schema_id) from None

@@ -129,19 +129,21 @@ class Worker:
         self.dlq: DeadLetterSink = dlq or DeadLetterProducer(settings.kafka_config())
         self.limiter = AdaptiveLimiter(settings.rate_limit, settings.rate_period_s,
                                        settings.rate_burst)
-        self.gate = Gate(on_change=self._gate_changed, probe_base_s=settings.retry_backoff_s,
-                         probe_max_s=settings.retry_backoff_max_s)
+        self.gate = Gate(on_change=self._gate_changed)  # probes: 0.5 s doubling to 5 s
         policy = RetryPolicy(
             self.gate, max_attempts=settings.retry_max_attempts,
             budget_s=settings.retry_budget_s, on_retry=self._count_retry,
             backoff_multiplier_s=settings.retry_backoff_s,
             backoff_max_s=settings.retry_backoff_max_s,
         )
+        schemas = registry or Registry(
+            settings.registry_url,
+            settings.registry_auth.reveal() if settings.registry_auth else None)
+        self.registry: SchemaSource = schemas
+        if isinstance(schemas, Registry):
+            health.add_check(schemas.problem)  # a frozen registry turns readiness off
         self.handler = Handler(
-            settings, metrics, client=self.client,
-            registry=registry or Registry(
-                settings.registry_url,
-                settings.registry_auth.reveal() if settings.registry_auth else None),
+            settings, metrics, client=self.client, registry=schemas,
             dlq=self.dlq, limiter=self.limiter, policy=policy,
             guard=DlqGuard(settings.dlq_max_ratio, settings.dlq_window,
                            settings.dlq_max_consecutive),

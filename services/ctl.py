@@ -9,10 +9,15 @@ Stdlib only, so it runs before the virtualenv exists. Downloads are cached in
 ``${XDG_CACHE_HOME:-~/.cache}/userpilot-worker/`` (shared by every clone on the machine);
 runtime state (data, pid files, logs) lives in ``<repo>/.run/services/``.
 
-    python3 services/ctl.py up [kafka|registry|redis|all] [--record FILE]
+    python3 services/ctl.py up [kafka|registry|redis|all] [--record FILE] [--keep-data]
     python3 services/ctl.py down [kafka|registry|redis|all] [--from FILE]
+    python3 services/ctl.py kill|freeze|thaw kafka|registry|redis   (fault tests)
     python3 services/ctl.py status
     python3 services/ctl.py env [--export]
+
+`up --keep-data` restarts a stopped (or killed) broker on the data it had, so tests can
+restart Kafka mid-delivery; plain `up` always starts a fresh cluster. `kill` is SIGKILL
+(a crash; the data stays), `freeze`/`thaw` are SIGSTOP/SIGCONT (a hung process).
 
 Environment: KAFKA_PORT (19092; the controller uses KAFKA_PORT+1), REGISTRY_PORT (18081),
 REDIS_PORT (16379; Debian's ``redis-server``, which `make sysdeps` installs),
@@ -451,6 +456,8 @@ def _kafka_command(svc: Service) -> list[str]:
     java = [*_java("KAFKA_JAVA_OPTS", "512m"),
             f"-Dlog4j2.configurationFile={svc.dir / 'log4j2.properties'}",
             f"-Dkafka.logs.dir={svc.dir}", "-cp", f"{libs}/*"]
+    if (data / "meta.properties").is_file():  # `up --keep-data`: the same cluster again
+        return [*java, svc.marker, "kafka.Kafka", str(props)]
     fmt = [*java, "kafka.tools.StorageTool", "format", "--standalone",
            "-t", _random_cluster_id(), "-c", str(props)]
     with svc.console_file.open("w") as out:
@@ -517,8 +524,12 @@ def _wait_ready(
                        f"see {hint}")
 
 
-def up_one(name: str) -> bool:
-    """Make ``name`` run and be ready. Returns True if this call started it (False: reused)."""
+def up_one(name: str, keep_data: bool = False) -> bool:
+    """Make ``name`` run and be ready. Returns True if this call started it (False: reused).
+
+    ``keep_data`` starts on the state left by the last run (Kafka: same cluster, topics,
+    offsets) instead of a fresh one.
+    """
     svc = Service(name)
     var = {"kafka": "KAFKA_PORT", "redis": "REDIS_PORT"}.get(name, "REGISTRY_PORT")
     found = running(svc)
@@ -535,8 +546,12 @@ def up_one(name: str) -> bool:
         raise ServiceError(f"{name}: port(s) {busy} on {HOST} are taken by another process; "
                            f"stop it or choose another {var}")
     started = time.monotonic()
-    shutil.rmtree(svc.dir, ignore_errors=True)  # a fresh cluster / registry every start
-    svc.dir.mkdir(parents=True)
+    if keep_data and svc.dir.is_dir():
+        if svc.log_file.is_file():  # readiness reads the log: start it afresh
+            svc.log_file.replace(svc.log_file.with_name(svc.log_file.name + ".1"))
+    else:
+        shutil.rmtree(svc.dir, ignore_errors=True)  # a fresh cluster / registry every start
+        svc.dir.mkdir(parents=True)
     cmd = COMMANDS[name](svc)
     with svc.console_file.open("a") as out:
         proc = subprocess.Popen(cmd, cwd=svc.dir, stdout=out, stderr=subprocess.STDOUT,
@@ -555,6 +570,7 @@ def up_one(name: str) -> bool:
 def _stop(svc: Service, pid: int, grace: float = 30.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGCONT)  # a frozen service acts on the SIGTERM only when thawed
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.2)
@@ -579,6 +595,33 @@ def down_one(name: str) -> None:
     log(f"{name}: stopped (pid {pid})")
 
 
+SIGNALS = {"kill": signal.SIGKILL, "freeze": signal.SIGSTOP, "thaw": signal.SIGCONT}
+
+
+def _frozen(pid: int) -> bool:
+    """Stopped by SIGSTOP (`freeze`): probing it would only wait for timeouts."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
+def signal_one(name: str, action: str) -> None:
+    """SIGKILL (a crash), SIGSTOP (hung) or SIGCONT a running service of this checkout."""
+    svc = Service(name)
+    found = running(svc)
+    if found is None:
+        raise ServiceError(f"{name} is not running from this checkout (port "
+                           f"{svc.wanted_port()})")
+    pid = found[0]
+    os.killpg(pid, SIGNALS[action])
+    if action == "kill":
+        while _alive(pid):
+            time.sleep(0.1)
+        svc.pid_file.unlink(missing_ok=True)
+    log(f"{name}: {action} (pid {pid})")
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -590,7 +633,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     record: Path | None = args.record
     with _flock(RUN_DIR / ".lock"):
         for name in _names(args.which):
-            if up_one(name) and record is not None:
+            if up_one(name, keep_data=args.keep_data) and record is not None:
                 with record.open("a") as fh:
                     fh.write(name + "\n")
     return 0
@@ -609,6 +652,12 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_signal(args: argparse.Namespace) -> int:
+    with _flock(RUN_DIR / ".lock"):
+        signal_one(args.which, args.command)
+    return 0
+
+
 def cmd_status(_args: argparse.Namespace) -> int:
     all_up = True
     for name in ALL:
@@ -619,7 +668,8 @@ def cmd_status(_args: argparse.Namespace) -> int:
             print(f"{name}: stopped (would use {svc.address()})")
         else:
             pid, port = found
-            ready = "ready" if READY[name](svc, port) else "NOT ready"
+            ready = "FROZEN (thaw it)" if _frozen(pid) else (
+                "ready" if READY[name](svc, port) else "NOT ready")
             print(f"{name}: running pid {pid}, {ready} at {svc.address(port)}, "
                   f"log {svc.log_file}")
     return 0 if all_up else 3
@@ -642,10 +692,17 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start (or reuse) services and wait until ready")
     up.add_argument("which", nargs="?", default="all", choices=[*ALL, "all"])
     up.add_argument("--record", type=Path, help="append the names this call started to FILE")
+    up.add_argument("--keep-data", action="store_true",
+                    help="start on the data of the last run (restart a stopped broker)")
     down = sub.add_parser("down", help="stop services (safe when nothing runs)")
     down.add_argument("which", nargs="?", default="all", choices=[*ALL, "all"])
     down.add_argument("--from", dest="from_file", type=Path,
                       help="stop only the services listed in FILE (from `up --record`)")
+    for action, text in (("kill", "SIGKILL a service (a crash; its data stays)"),
+                         ("freeze", "SIGSTOP a service (it hangs)"),
+                         ("thaw", "SIGCONT a frozen service")):
+        sig = sub.add_parser(action, help=text)
+        sig.add_argument("which", choices=ALL)
     sub.add_parser("status", help="show what runs; exit 3 unless everything runs")
     env = sub.add_parser("env", help="print KAFKA_BOOTSTRAP_SERVERS=, SCHEMA_REGISTRY_URL= "
                                      "and REDIS_URL=")
@@ -653,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "up": cmd_up, "down": cmd_down, "status": cmd_status, "env": cmd_env,
+        "kill": cmd_signal, "freeze": cmd_signal, "thaw": cmd_signal,
     }
     try:
         return handlers[args.command](args)

@@ -30,7 +30,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from consumer.sandbox.auth import AuthResult, TokenSet
@@ -38,7 +38,7 @@ from consumer.sandbox.config import SandboxConfig
 from consumer.sandbox.control import handle_control
 from consumer.sandbox.directory import Directory
 from consumer.sandbox.errors import Problem, json_response, problem_for_status
-from consumer.sandbox.faults import Action, FaultState
+from consumer.sandbox.faults import Action, FaultState, echo_request
 from consumer.sandbox.http import Request, Response
 from consumer.sandbox.ratelimit import Family, FamilyLimiter
 from consumer.sandbox.records import Recorder
@@ -99,7 +99,7 @@ class SandboxApp:
         )
         self.directory = Directory()
         self.retry_after = config.retry_after
-        self.faults = FaultState(config.faults, rng or random.Random(config.seed))
+        self.faults = FaultState(config.faults, rng or random.Random(config.seed), clock=clock)
         self.recorder = Recorder(limit=config.record_limit)
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
@@ -113,6 +113,9 @@ class SandboxApp:
         request_id = self.next_request_id()
         outcome = self._handle_api(request, request_id)
         self.recorder.count(_label(outcome))
+        if outcome.response is not None and outcome.response.status >= 400 \
+                and self.faults.config.echo_errors:
+            outcome = replace(outcome, response=echo_request(outcome.response, request))
         return outcome
 
     # -- the Userpilot API -------------------------------------------------------------

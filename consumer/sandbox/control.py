@@ -14,7 +14,9 @@ No auth, same port as the fake Userpilot API, so a test needs one URL. Routes:
                                          shared_rate_limit, delete_interval_seconds
     DELETE /_sandbox/limits              back to the start-up per-family settings
     GET    /_sandbox/faults              current faults + rate-limit settings
-    PUT    /_sandbox/faults              partial update (only the keys given change)
+    PUT    /_sandbox/faults              partial update (only the keys given change);
+                                         "phases" (timed outages, flaky phases) start
+                                         their timeline now; "echo_errors" echoes requests
     DELETE /_sandbox/faults              back to the start-up faults and limits
     GET    /_sandbox/tokens              fingerprints of the configured tokens
     PUT    /_sandbox/tokens              {"write_tokens": [...], "read_tokens": [...]}

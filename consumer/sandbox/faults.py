@@ -12,22 +12,36 @@ An *action* is one line of a script or rule, written as a short string so tests 
 The script is a FIFO consumed one entry per API request, before anything else. Rules match
 ``user_id`` / ``event_name`` (and optionally ``path``) of a parsed body and fire up to
 ``times`` times (``null`` = forever), so a test can make one event fail permanently.
+
+*Phases* are a timeline that starts when they are set: each lasts ``seconds`` and either
+answers every API request with one ``action`` (a timed outage: ``{"seconds": 60,
+"action": "503"}``), or replaces the random faults with its own ``error_rate`` /
+``error_codes`` / ``reset_rate`` (a flaky phase), or is healthy (neither). After the last
+phase the configured random faults apply again. With ``echo_errors`` every error
+response's body also echoes the request (headers, Authorization included, and body), as
+some gateways do, so a test can check that the token never lands in the DLQ.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
+
+from consumer.sandbox.http import Request, Response
 
 __all__ = [
     "Action",
     "FaultConfig",
     "FaultError",
     "FaultState",
+    "Phase",
     "Rule",
+    "echo_request",
     "parse_action",
 ]
 
@@ -146,6 +160,68 @@ class Rule:
         return self.event_name is None or body.get("event_name") == self.event_name
 
 
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """``seconds`` of one fault regime (see the module docstring)."""
+
+    seconds: float
+    action: Action | None = None
+    error_rate: float = 0.0
+    error_codes: tuple[int, ...] = (500, 502, 503)
+    reset_rate: float = 0.0
+
+    KEYS = frozenset({"seconds", "action", "error_rate", "error_codes", "reset_rate"})
+
+    @classmethod
+    def from_json(cls, raw: object) -> Phase:
+        if not isinstance(raw, dict):
+            raise FaultError("each phase must be an object")
+        unknown = set(raw) - cls.KEYS
+        if unknown:
+            raise FaultError(f"unknown phase keys: {sorted(unknown)}")
+        seconds = raw.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
+            raise FaultError("phase seconds must be a positive number")
+        action = None
+        if raw.get("action") is not None:
+            action = parse_action(raw["action"])
+            if action.kind == "delay":
+                raise FaultError("a phase action must be a fault (status, reset, timeout, "
+                                 "hang) or pass; use latency_ms for delays")
+            if action.handles_normally:
+                action = None  # "pass": a healthy phase
+            if any(key in raw for key in ("error_rate", "error_codes", "reset_rate")):
+                raise FaultError("a phase has an action or error/reset rates, not both")
+        codes: tuple[int, ...] = (500, 502, 503)
+        if "error_codes" in raw:
+            value = raw["error_codes"]
+            if not isinstance(value, list) or not value:
+                raise FaultError("error_codes must be a non-empty list of statuses")
+            codes = tuple(_status(code) for code in value)
+        return cls(float(seconds), action, _rate(raw, "error_rate", 0.0), codes,
+                   _rate(raw, "reset_rate", 0.0))
+
+    def to_json(self) -> dict[str, Any]:
+        if self.action is not None:
+            return {"seconds": self.seconds, "action": self.action.text}
+        return {"seconds": self.seconds, "error_rate": self.error_rate,
+                "error_codes": list(self.error_codes), "reset_rate": self.reset_rate}
+
+
+def echo_request(response: Response, request: Request) -> Response:
+    """The error response with the request echoed first in its body (headers included)."""
+    try:
+        doc: Any = json.loads(response.body or b"{}")
+    except ValueError:
+        doc = {"error": response.body.decode("utf-8", "replace")}
+    if not isinstance(doc, dict):
+        doc = {"error": doc}
+    echo = {"method": request.method, "path": request.path, "headers": dict(request.headers),
+            "body": request.body.decode("utf-8", "replace")[:2000]}
+    body = json.dumps({"echo": echo, **doc}).encode()
+    return replace(response, body=body, headers=dict(response.headers))
+
+
 def _rate(raw: Mapping[str, Any], key: str, default: float) -> float:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
@@ -171,9 +247,12 @@ class FaultConfig:
     reset_rate: float = 0.0
     script: tuple[Action, ...] = ()
     rules: tuple[Rule, ...] = ()
+    phases: tuple[Phase, ...] = ()
+    echo_errors: bool = False
 
     KEYS = frozenset(
-        {"error_rate", "error_codes", "latency_ms", "jitter_ms", "reset_rate", "script", "rules"}
+        {"error_rate", "error_codes", "latency_ms", "jitter_ms", "reset_rate", "script", "rules",
+         "phases", "echo_errors"}
     )
 
     def merged(self, raw: Mapping[str, Any]) -> FaultConfig:
@@ -197,6 +276,14 @@ class FaultConfig:
             if not isinstance(raw["rules"], list):
                 raise FaultError("rules must be a list of objects")
             rules = tuple(Rule.from_json(entry) for entry in raw["rules"])
+        phases = self.phases
+        if "phases" in raw:
+            if not isinstance(raw["phases"], list):
+                raise FaultError("phases must be a list of objects")
+            phases = tuple(Phase.from_json(entry) for entry in raw["phases"])
+        echo = raw.get("echo_errors", self.echo_errors)
+        if not isinstance(echo, bool):
+            raise FaultError("echo_errors must be true or false")
         return replace(
             self,
             error_rate=_rate(raw, "error_rate", self.error_rate),
@@ -206,6 +293,8 @@ class FaultConfig:
             reset_rate=_rate(raw, "reset_rate", self.reset_rate),
             script=script,
             rules=rules,
+            phases=phases,
+            echo_errors=echo,
         )
 
 
@@ -231,6 +320,8 @@ class FaultState:
     rng: random.Random = field(default_factory=random.Random)
     script: deque[Action] = field(default_factory=deque)
     rules: list[_LiveRule] = field(default_factory=list)
+    clock: Callable[[], float] = time.monotonic
+    phases_started: float = 0.0
 
     def __post_init__(self) -> None:
         self.load(self.config)
@@ -239,21 +330,40 @@ class FaultState:
         self.config = config
         self.script = deque(config.script)
         self.rules = [_LiveRule(rule, rule.times) for rule in config.rules]
+        self.phases_started = self.clock()
 
     def update(self, raw: Mapping[str, Any]) -> None:
-        """Apply a partial update; the script and rules restart only if they are given."""
+        """Apply a partial update; the script, rules and phases restart only if given."""
         self.config = self.config.merged(raw)
         if "script" in raw:
             self.script = deque(self.config.script)
         if "rules" in raw:
             self.rules = [_LiveRule(rule, rule.times) for rule in self.config.rules]
+        if "phases" in raw:
+            self.phases_started = self.clock()
+
+    def current_phase(self) -> tuple[int, Phase, float] | None:
+        """(index, phase, seconds left in it) now, or None once the timeline is over."""
+        elapsed = self.clock() - self.phases_started
+        for index, phase in enumerate(self.config.phases):
+            if elapsed < phase.seconds:
+                return index, phase, phase.seconds - elapsed
+            elapsed -= phase.seconds
+        return None
 
     def next_scripted(self) -> Action | None:
         return self.script.popleft() if self.script else None
 
     def random_fault(self) -> Action | None:
-        """A reset or an error status drawn from the configured probabilities."""
-        cfg = self.config
+        """The current phase's fault, else a reset or an error status drawn from the
+        configured probabilities (the phase's own, while one runs)."""
+        cfg: FaultConfig | Phase = self.config
+        if self.config.phases:
+            now = self.current_phase()
+            if now is not None:
+                cfg = now[1]
+                if cfg.action is not None:
+                    return cfg.action
         if cfg.reset_rate and self.rng.random() < cfg.reset_rate:
             return Action("reset", text="reset")
         if cfg.error_rate and self.rng.random() < cfg.error_rate:
@@ -288,4 +398,14 @@ class FaultState:
             "reset_rate": cfg.reset_rate,
             "script": [action.text for action in self.script],
             "rules": [{**live.rule.to_json(), "remaining": live.remaining} for live in self.rules],
+            "phases": [phase.to_json() for phase in cfg.phases],
+            "phase": self._phase_view(),
+            "echo_errors": cfg.echo_errors,
         }
+
+    def _phase_view(self) -> dict[str, Any] | None:
+        now = self.current_phase() if self.config.phases else None
+        if now is None:
+            return None
+        index, _, left = now
+        return {"index": index, "seconds_left": round(left, 3)}

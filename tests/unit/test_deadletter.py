@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -9,13 +11,25 @@ import pytest
 from consumer.deadletter import (
     BODY_LIMIT,
     CONNECTOR_NAME,
+    HEADERS_OMITTED,
+    KEY_OMITTED,
+    RECORD_OVERHEAD,
     REPLAY_COUNT,
+    VALUE_OMITTED,
+    VALUE_SHA256,
+    VALUE_SIZE,
     DlqGuard,
+    DlqRecord,
     Failure,
     Header,
+    dead_letter_record,
     dlq_headers,
     header_value,
+    producer_limit,
+    record_size,
     replay_count,
+    source_of,
+    without_value,
 )
 
 TOKEN = "wt_9f8e7d6c5b4a3210"
@@ -233,3 +247,96 @@ def test_ratio_table(pattern: str, trips_at: int | None) -> None:
             tripped = i
             break
     assert tripped == trips_at
+
+
+# ------------------------------------------------------------------ issue 14
+
+
+ECHO = Failure(
+    reason="retries_exhausted", exception_class="consumer.errors.ServerError",
+    message=f"HTTP 502: gateway said Token {TOKEN}", status=502,
+    body=json.dumps({"error": "bad gateway", "request": {
+        "headers": {"authorization": f"Token {TOKEN}", "x-api-version": "2020-09-22"}}}),
+)
+
+
+def test_the_token_never_reaches_the_error_headers() -> None:
+    out = dlq_headers(None, topic="t", partition=0, offset=1, failure=ECHO, secrets=[TOKEN])
+    assert all(TOKEN.encode() not in v for _, v in out)
+    body = header_value(out, "userpilot.error.body")
+    assert body is not None and b"Token ***" in body and b"bad gateway" in body
+
+
+def test_a_token_cut_by_the_body_limit_is_masked_before_and_after_truncation() -> None:
+    long_body = "x" * (BODY_LIMIT - 12) + f"Token {TOKEN}"  # 6 token chars fit
+    failure = Failure(reason="retries_exhausted", exception_class="E", message="m",
+                      body=long_body[:BODY_LIMIT])  # truncated upstream mid-token
+    out = dict(dlq_headers(None, topic="t", partition=0, offset=1, failure=failure,
+                           secrets=[TOKEN]))
+    assert TOKEN[:4].encode() not in out["userpilot.error.body"]
+    assert out["userpilot.error.body"].endswith(b"***")
+
+
+def _record(value: bytes, key: bytes | None = b"user-1",
+            original: list[Header] | None = None, max_bytes: int = 10_000) -> DlqRecord:
+    return dead_letter_record(key=key, value=value, headers=original, timestamp_ms=1234,
+                              topic="src", partition=2, offset=99, failure=REJECTED,
+                              max_bytes=max_bytes)
+
+
+def test_a_dead_letter_that_fits_keeps_its_value() -> None:
+    record = _record(b"v" * 100)
+    assert record.value == b"v" * 100 and record.key == b"user-1"
+    assert not record.value_omitted
+    assert header_value(record.headers, VALUE_OMITTED) is None
+    assert record.timestamp_ms == 1234
+
+
+def test_a_dead_letter_too_large_is_written_without_its_value() -> None:
+    value = b"v" * 9_900  # fits the source topic, not with our headers added
+    record = _record(value, original=[("trace", b"abc")])
+    assert record.value is None
+    assert record.value_omitted
+    h = dict(record.headers)
+    assert h[VALUE_OMITTED] == b"true"
+    assert h[VALUE_SHA256] == hashlib.sha256(value).hexdigest().encode()
+    assert h[VALUE_SIZE] == b"9900"
+    assert h["trace"] == b"abc" and record.key == b"user-1"
+    assert source_of(record.headers) == ("src", 2, 99)
+    assert record.size <= 10_000
+
+
+def test_the_estimate_counts_key_value_headers_and_framing() -> None:
+    headers: list[Header] = [("a", b"12345")]
+    assert record_size(b"k", b"vv", headers) == RECORD_OVERHEAD + 1 + 2 + 1 + 5 + 10
+    assert record_size(None, None, []) == RECORD_OVERHEAD
+
+
+def test_huge_key_or_headers_go_too_when_the_value_alone_is_not_enough() -> None:
+    record = _record(b"v" * 100, key=b"k" * 6_000, original=[("big", b"h" * 5_000)])
+    assert record.value is None and record.key is None
+    h = dict(record.headers)
+    assert "big" not in h
+    assert h[KEY_OMITTED] == b"true" and h[HEADERS_OMITTED] == b"true"
+    assert source_of(record.headers) == ("src", 2, 99)
+    assert record.size <= 10_000
+
+
+def test_without_value_for_a_record_the_broker_refused() -> None:
+    record = _record(b"v" * 100)
+    slim = without_value(record)
+    assert slim.value is None and slim.value_omitted and slim.key == record.key
+    assert without_value(slim) is slim  # idempotent: no second set of headers
+
+
+def test_producer_limit() -> None:
+    assert producer_limit({}) == 1_000_000
+    assert producer_limit({"message.max.bytes": "2000000"}) == 2_000_000
+    assert producer_limit({"message.max.bytes": 2_000_000}, topic_limit=1_048_588) == 1_048_588
+    assert producer_limit({"message.max.bytes": "junk"}) == 1_000_000
+
+
+def test_source_of_needs_all_three_coordinates() -> None:
+    assert source_of([("__connect.errors.topic", b"t")]) is None
+    assert source_of([("__connect.errors.topic", b"t"), ("__connect.errors.partition", b"x"),
+                      ("__connect.errors.offset", b"1")]) is None

@@ -100,6 +100,17 @@ def test_each_condition_makes_it_unready(health: Health, clock: FakeClock) -> No
     assert health.alive()  # still alive while draining
 
 
+def test_added_checks_make_it_unready_with_their_reason(health: Health) -> None:
+    make_ready(health)
+    problems: list[str | None] = [None]
+    health.add_check(lambda: problems[0])
+    assert health.ready() == (True, "ready")
+    problems[0] = "schema registry does not answer (get schema 3: ReadTimeout)"
+    assert health.ready() == (False, problems[0])
+    problems[0] = None
+    assert health.ready() == (True, "ready")
+
+
 def test_gauges_mirror_state(reg: CollectorRegistry, health: Health, clock: FakeClock) -> None:
     assert reg.get_sample_value("userpilot_worker_ready") == 0
     assert reg.get_sample_value("userpilot_integration_up") == 1

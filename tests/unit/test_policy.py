@@ -19,7 +19,7 @@ from consumer.errors import (
     UndecodableEvent,
     WorkerError,
 )
-from consumer.policy import Attempts, Gate, RetryPolicy
+from consumer.policy import PROBE_BASE_S, PROBE_MAX_S, Attempts, Gate, RetryPolicy
 
 
 class FakeClock:
@@ -99,7 +99,7 @@ def test_outage_admits_exactly_one_probe_at_a_time_and_closes_on_success() -> No
     assert gate.state == "outage"
 
     async def main() -> list[object]:
-        clock.now += 10.0  # the first probe is due
+        clock.now += 12.0  # the first probe is due (10 s, jittered by up to 20 %)
         first = asyncio.ensure_future(gate.admit())
         others = [asyncio.ensure_future(gate.admit()) for _ in range(3)]
         for _ in range(5):
@@ -123,7 +123,7 @@ def test_probe_is_not_admitted_before_it_is_due() -> None:
         task = asyncio.ensure_future(gate.admit())
         await asyncio.sleep(0.1)
         assert not task.done()  # several re-checks happened; the fake clock says not yet
-        clock.now += 0.02
+        clock.now += 0.03  # due: 0.02 s, jittered by up to 20 %
         return await task
 
     assert run(main()) is True
@@ -139,7 +139,7 @@ def test_failed_probes_back_off_exponentially_up_to_the_maximum() -> None:
         assert run(gate.admit()) is True
         gate.transient_failure(ServerError("HTTP 500"), probe=True)
         delays.append(gate._next_probe - clock.now)
-    expected = [1, 2, 4, 8, 8, 8]
+    expected = [1, 1, 2, 4, 8, 8, 8][1:]
     for got, base in zip(delays, expected, strict=True):
         assert 0.8 * base <= got <= 1.2 * base
 
@@ -172,7 +172,7 @@ def test_misconfigured_state_holds_everything_until_an_answer() -> None:
         task = asyncio.ensure_future(gate.admit())
         await asyncio.sleep(0.1)
         assert not task.done()
-        clock.now += 0.02
+        clock.now += 0.03  # due: 0.02 s, jittered by up to 20 %
         probe = await task
         gate.misconfigured(Misconfigured("HTTP 401: token refused"), probe=probe)
         assert gate.state == "misconfigured"
@@ -271,17 +271,32 @@ def test_gives_up_when_attempts_are_spent_and_another_delivery_succeeded() -> No
     clock, sleep, gate = setup()
     last = ServerError("HTTP 500: third")
 
-    def other_event_succeeds(call: int) -> None:
-        if call == 2:
-            clock.now += 0.001
-            gate.success()
+    def others_succeed(call: int) -> None:
+        clock.now += 0.001
+        gate.success()
 
     send = Script([ServerError("first"), ServerError("second"), last, Stopped()],
-                  other_event_succeeds)
+                  others_succeed)
     with pytest.raises(ServerError) as info:
         run(policy(gate, clock, sleep, max_attempts=3).run(send, Attempts()))
     assert info.value is last
     assert send.calls == 3
+
+
+def test_an_attempt_counts_only_when_a_delivery_succeeded_since_the_previous_one() -> None:
+    clock, sleep, gate = setup()
+
+    def success_before_every_other_call(call: int) -> None:
+        if call % 2 == 0:
+            clock.now += 0.001
+            gate.success()
+
+    send = Script([ServerError("503")] * 6 + [Stopped()], success_before_every_other_call)
+    attempts = Attempts()
+    with pytest.raises(ServerError):
+        run(policy(gate, clock, sleep, max_attempts=3).run(send, attempts))
+    # Counted: 1 (first), 3 (success during 2), 5 (success during 4).
+    assert (send.calls, attempts.count, attempts.answered) == (5, 5, 3)
 
 
 def test_a_success_before_the_first_attempt_does_not_count() -> None:
@@ -297,12 +312,7 @@ def test_a_success_before_the_first_attempt_does_not_count() -> None:
 def test_gives_up_when_the_time_budget_is_spent_and_another_delivery_succeeded() -> None:
     clock, sleep, gate = setup()
 
-    def other_succeeds(call: int) -> None:
-        if call == 1:
-            clock.now += 0.001
-            gate.success()
-
-    send = Script([RateLimited("429", retry_after=4.0)] * 100, other_succeeds)
+    send = Script([RateLimited("429", retry_after=4.0)] * 100, lambda call: gate.success())
     with pytest.raises(RateLimited):
         run(policy(gate, clock, sleep, max_attempts=1000, budget_s=10.0).run(send, Attempts()))
     assert send.calls == 4  # ~4.2 s per wait: the 4th failure is past 10 s
@@ -376,3 +386,137 @@ def test_unexpected_errors_propagate_and_free_the_probe_slot() -> None:
     with pytest.raises(RuntimeError):
         run(policy(gate, clock, sleep).run(send, Attempts()))
     assert gate._probing is False
+
+
+# ------------------------------------------------------------------ issue 14: outages
+
+
+def test_probes_default_to_half_a_second_doubling_to_five() -> None:
+    clock = FakeClock()
+    gate = Gate(outage_after=1, clock=clock)
+    gate.transient_failure(ServerError("HTTP 503"))
+    delays = [gate._next_probe - clock.now]
+    for _ in range(6):
+        clock.now = gate._next_probe
+        assert run(gate.admit()) is True
+        gate.transient_failure(ServerError("HTTP 503"), probe=True)
+        delays.append(gate._next_probe - clock.now)
+    expected = [0.5, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert (PROBE_BASE_S, PROBE_MAX_S) == (0.5, 5.0)
+    for got, base in zip(delays, expected, strict=True):
+        assert 0.8 * base <= got <= 1.2 * base
+
+
+def test_a_failed_probe_waits_at_least_retry_after() -> None:
+    clock = FakeClock()
+    gate = Gate(outage_after=1, clock=clock)
+    gate.transient_failure(ServerError("HTTP 503", retry_after=20.0))
+    assert gate._next_probe - clock.now == 20.0  # the outage's first probe, too
+    clock.now = gate._next_probe
+    assert run(gate.admit()) is True
+    gate.transient_failure(RateLimited("HTTP 429", retry_after=7.5), probe=True)
+    assert gate._next_probe - clock.now == 7.5
+    clock.now = gate._next_probe
+    assert run(gate.admit()) is True
+    gate.transient_failure(ServerError("HTTP 503"), probe=True)  # no Retry-After: backoff
+    assert gate._next_probe - clock.now <= 1.2 * 2.0
+
+
+def test_up_time_runs_only_while_the_gate_is_up() -> None:
+    clock = FakeClock(0.0)
+    gate = Gate(outage_after=1, clock=clock)
+    clock.now = 10.0
+    assert gate.up_time() == 10.0
+    gate.transient_failure(ServerError("HTTP 503"))
+    clock.now = 1000.0
+    assert gate.up_time() == 10.0  # held: not counted
+    gate.success()
+    clock.now = 1005.0
+    assert gate.up_time() == 15.0
+    gate.misconfigured(Misconfigured("HTTP 401"))
+    clock.now = 2000.0
+    gate.answered()
+    clock.now = 2001.0
+    assert gate.up_time() == 16.0
+
+
+def test_a_long_outage_then_flaky_answers_does_not_dead_letter_a_healthy_event() -> None:
+    """The issue-14 case: budget 30 s, outage 1,000 s, then a single failure must not end it.
+
+    Before the fix the budget kept running while the gate held the event, so the first
+    failure after the outage (with another delivery succeeding) dead-lettered it.
+    """
+    clock, sleep, gate = setup(outage_after=2)
+
+    def story(call: int) -> None:
+        if call == 3:
+            clock.now += 1000.0  # a long outage: the probe fails and time passes
+        if call >= 4:  # Userpilot answers again: other events are delivered meanwhile
+            clock.now += 0.001
+            gate.success()
+
+    send = Script([ServerError("503")] * 4 + [ServerError("503"), None], story)
+    attempts = Attempts()
+    run(policy(gate, clock, sleep, max_attempts=3, budget_s=30.0).run(send, attempts))
+    assert send.calls == 6
+    assert attempts.count == 6
+    # 1 counted before the outage; 2 (no success since 1) and the probe 3 not counted.
+    assert attempts.answered == 3
+
+
+def test_given_up_after_its_attempts_while_answering_however_long_the_outage() -> None:
+    clock, sleep, gate = setup(outage_after=2)
+    last = ServerError("HTTP 503: last")
+
+    def story(call: int) -> None:
+        if call == 3:
+            clock.now += 1000.0
+        if call >= 4:
+            clock.now += 0.001
+            gate.success()
+
+    send = Script([ServerError("503")] * 7 + [last, Stopped()], story)
+    attempts = Attempts()
+    with pytest.raises(ServerError) as info:
+        run(policy(gate, clock, sleep, max_attempts=5, budget_s=1e6).run(send, attempts))
+    assert info.value is last
+    # call 1 counts; 2 (nothing delivered since) and 3 (probe) do not; 4 is a probe too
+    # (the gate reopened during it), 5..8 count: 5 answered attempts at call 8.
+    assert (send.calls, attempts.answered) == (8, 5)
+
+
+def test_the_time_budget_runs_on_the_up_clock() -> None:
+    clock, sleep, gate = setup(outage_after=1)
+    pol = policy(gate, clock, sleep, max_attempts=100, budget_s=30.0)
+    attempts = Attempts(count=1, answered=1, first_mono=clock.now, first_up=gate.up_time())
+    clock.now += 10.0
+    gate.transient_failure(ServerError("503"))  # outage for 1,000 s
+    clock.now += 1000.0
+    gate.success()
+    assert not pol.spent(attempts)  # 10 s of up-time spent, not 1,010
+    clock.now += 19.0
+    assert not pol.spent(attempts)
+    clock.now += 1.5
+    assert pol.spent(attempts)
+
+
+def test_never_given_up_while_the_gate_is_closed() -> None:
+    clock, sleep, gate = setup(outage_after=1)
+    pol = policy(gate, clock, sleep, max_attempts=1, budget_s=0.0)
+    attempts = Attempts(count=5, answered=5, first_mono=clock.now, first_up=gate.up_time())
+    clock.now += 1.0
+    gate.success()
+    assert pol.spent(attempts)
+    gate.transient_failure(ServerError("503"))
+    assert not pol.spent(attempts)
+
+
+def test_the_first_attempt_goes_through_tenacity_like_the_others() -> None:
+    """A failed first attempt is reported to on_retry and waited for by the same rules."""
+    clock, sleep, gate = setup()
+    seen: list[Retry | Pause] = []
+    first = RateLimited("429", retry_after=3.0)
+    send = Script([first, None])
+    run(policy(gate, clock, sleep, seen=seen).run(send, Attempts()))
+    assert seen == [first]
+    assert len(sleep.slept) == 1 and sleep.slept[0] >= 3.0

@@ -1,0 +1,69 @@
+"""Masking secrets in text we store or log: the one place it is done.
+
+Userpilot's error bodies enter the DLQ and the logs; a gateway that echoes the request
+would echo `Authorization: Token …`. Every stored or logged response text goes through
+`redact`, which masks each secret in the spellings an echo may use (raw, JSON-escaped,
+URL-encoded) and also a secret cut off at either end of the text by a truncation.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Iterable
+
+__all__ = ["MASK", "MIN_PARTIAL", "Redactor", "redact", "secret_forms"]
+
+MASK = "***"
+MIN_PARTIAL = 4  # a shorter fragment at a cut edge is too likely to be ordinary text
+
+
+def secret_forms(secrets: Iterable[str]) -> list[str]:
+    """Every spelling of every non-empty secret, longest first (so none is half-masked)."""
+    forms: set[str] = set()
+    for secret in secrets:
+        if not secret:
+            continue
+        forms.add(secret)
+        forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
+        forms.add(json.dumps(secret)[1:-1])
+        forms.add(urllib.parse.quote(secret, safe=""))
+        forms.add(urllib.parse.quote_plus(secret, safe=""))
+    return sorted(forms, key=len, reverse=True)
+
+
+def _cut_edges(text: str, form: str) -> str:
+    """Mask a piece of `form` left at the end (or start) of text that was truncated."""
+    for size in range(min(len(form) - 1, len(text)), MIN_PARTIAL - 1, -1):
+        if text.endswith(form[:size]):
+            text = text[:-size] + MASK
+            break
+    for size in range(min(len(form) - 1, len(text)), MIN_PARTIAL - 1, -1):
+        if text.startswith(form[-size:]):
+            text = MASK + text[size:]
+            break
+    return text
+
+
+class Redactor:
+    """`redact` with the spellings worked out once (for the logging formatter's hot path)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self.forms = secret_forms(secrets)
+
+    def __call__(self, text: str, *, edges: bool = True) -> str:
+        if not text or not self.forms:
+            return text
+        for form in self.forms:
+            if form in text:
+                text = text.replace(form, MASK)
+        if edges:
+            for form in self.forms:
+                text = _cut_edges(text, form)
+        return text
+
+
+def redact(text: str, secrets: Iterable[str], *, edges: bool = True) -> str:
+    """`text` with every secret replaced by ***; with `edges`, also a fragment of one at
+    either end (for text that was truncated, such as a response body)."""
+    return Redactor(secrets)(text, edges=edges)

@@ -1,0 +1,60 @@
+"""Unit tests for consumer.redaction: the token never survives in stored or logged text."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+
+import pytest
+
+from consumer.redaction import MASK, Redactor, redact, secret_forms
+
+TOKEN = "wt_9f8e7d6c5b4a3210"
+
+
+@pytest.mark.parametrize("spelling", [
+    TOKEN,
+    f"Token {TOKEN}",
+    json.dumps({"headers": {"authorization": f"Token {TOKEN}"}}),
+    urllib.parse.quote(f"Token {TOKEN}+x/y", safe=""),
+])
+def test_every_spelling_of_the_token_is_masked(spelling: str) -> None:
+    out = redact(f"echo: {spelling} end", [TOKEN])
+    assert TOKEN not in out
+    assert MASK in out
+    assert out.startswith("echo: ") and out.endswith(" end")
+
+
+def test_escaped_spellings_of_an_odd_secret() -> None:
+    odd = 'a"b\\c/é+d e'
+    text = json.dumps({"auth": odd}) + " " + urllib.parse.quote_plus(odd, safe="")
+    out = redact(text, [odd])
+    for form in secret_forms([odd]):
+        assert form not in out
+    assert out.count(MASK) == 2
+
+
+def test_a_fragment_cut_off_at_either_end_is_masked() -> None:
+    body = '{"echo":"Authorization: Token ' + TOKEN
+    cut = body[:-7]  # truncated upstream in the middle of the token
+    out = redact(cut, [TOKEN])
+    assert out.endswith(MASK)
+    assert TOKEN[:5] not in out
+    assert redact(TOKEN[6:] + '" rest', [TOKEN]) == MASK + '" rest'
+
+
+def test_short_edge_fragments_and_other_text_are_left_alone() -> None:
+    assert redact("ends with wt_", [TOKEN]) == "ends with wt_"  # 3 chars: ordinary text
+    assert redact("nothing secret here", [TOKEN]) == "nothing secret here"
+    assert redact("anything", []) == "anything"
+    assert redact("anything", [""]) == "anything"
+
+
+def test_logs_mode_does_not_touch_edges() -> None:
+    redactor = Redactor([TOKEN])
+    assert redactor("x " + TOKEN[:8], edges=False) == "x " + TOKEN[:8]
+    assert redactor("x " + TOKEN, edges=False) == "x " + MASK
+
+
+def test_the_longest_spelling_wins() -> None:
+    assert redact("Token abcd1234", ["abcd1234", "Token abcd1234"]) == MASK
