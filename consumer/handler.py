@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -47,8 +47,8 @@ from consumer.filtering import Drop
 from consumer.logs import event_fields
 from consumer.metrics import Metrics
 from consumer.policy import Attempts, RetryPolicy
-from consumer.ratelimit import AdaptiveLimiter
 from consumer.routing import Send, route
+from consumer.sharedstate import Limiter
 
 __all__ = [
     "DeadLetterSink",
@@ -164,7 +164,7 @@ class Handler:
 
     def __init__(
         self, settings: Settings, metrics: Metrics, *, client: TrackClient,
-        registry: SchemaSource, dlq: DeadLetterSink, limiter: AdaptiveLimiter,
+        registry: SchemaSource, dlq: DeadLetterSink, limiters: Callable[[str], Limiter],
         policy: RetryPolicy, guard: DlqGuard,
     ) -> None:
         self.s = settings
@@ -172,7 +172,7 @@ class Handler:
         self.client = client
         self.registry = registry
         self.dlq = dlq
-        self.limiter = limiter
+        self.limiters = limiters
         self.policy = policy
         self.guard = guard
         # Label lookups cost more than the increments: cache the children on the hot path.
@@ -262,9 +262,9 @@ class Handler:
         return Dropped(drop)
 
     # -- deliver ------------------------------------------------------------------------
-    def limiter_for(self, send: Send) -> AdaptiveLimiter:
+    def limiter_for(self, send: Send) -> Limiter:
         """The limiter of the endpoint family `send` goes to (one family today: track)."""
-        return self.limiter
+        return self.limiters("track")
 
     async def _deliver(self, event: Event, send: Send) -> None:
         limiter = self.limiter_for(send)
@@ -275,7 +275,7 @@ class Handler:
         await self.policy.run(lambda: self._attempt(event, send, limiter), event.attempts,
                               before_send=wait_for_limiter)
 
-    async def _attempt(self, event: Event, send: Send, limiter: AdaptiveLimiter) -> None:
+    async def _attempt(self, event: Event, send: Send, limiter: Limiter) -> None:
         start = time.perf_counter()
         event.on_wire = True
         try:

@@ -18,7 +18,11 @@ from consumer.ratelimit import AdaptiveLimiter
 from consumer.redisstore import RedisStore, token_digest
 from consumer.sharedlimit import ALL_FAMILIES, SharedLimiter, budget_key
 
-__all__ = ["Limiter", "SharedState", "build_shared_state"]
+__all__ = ["FAMILIES", "Limiter", "SharedState", "build_shared_state"]
+
+FAMILIES = ("track", "identify")
+"""Userpilot's endpoint families, each limited to 600 requests/minute/token on its own
+(company identify counts as identify)."""
 
 
 class Limiter(Protocol):
@@ -47,6 +51,10 @@ class SharedState:
     def limiter(self, family: str) -> Limiter:
         """The limiter for an endpoint family (the single one when all share a budget)."""
         return self.limiters[ALL_FAMILIES if self.shared_budget else family]
+
+    def distinct(self) -> list[Limiter]:
+        """Each limiter once (one when all families share a budget)."""
+        return list(self.limiters.values())
 
     async def close(self) -> None:
         if self.store is not None:

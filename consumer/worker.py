@@ -52,9 +52,10 @@ from consumer.health import Health
 from consumer.kafka import DeadLetterProducer, KafkaMessage, KafkaSource
 from consumer.metrics import Metrics
 from consumer.policy import Gate, GateState, RetryPolicy
-from consumer.ratelimit import AdaptiveLimiter, partition_share
+from consumer.ratelimit import partition_share
 from consumer.registry import Registry
 from consumer.scheduling import Scheduler
+from consumer.sharedstate import FAMILIES, SharedState, build_shared_state
 
 __all__ = ["Callbacks", "Source", "SourceFactory", "Worker"]
 
@@ -118,6 +119,7 @@ class Worker:
         registry: SchemaSource | None = None,
         dlq: DeadLetterSink | None = None,
         source: SourceFactory | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         self.s = settings
         self.m = metrics
@@ -127,8 +129,9 @@ class Worker:
             max_connections=settings.max_connections, ca_bundle=settings.ca_bundle,
         )
         self.dlq: DeadLetterSink = dlq or DeadLetterProducer(settings.kafka_config())
-        self.limiter = AdaptiveLimiter(settings.rate_limit, settings.rate_period_s,
-                                       settings.rate_burst)
+        # One limiter per endpoint family (Redis-shared with REDIS_URL, else the partition
+        # share), and the messageId deduplicator when Redis is configured.
+        self.shared = shared or build_shared_state(settings, metrics, FAMILIES)
         self.gate = Gate(on_change=self._gate_changed)  # probes: 0.5 s doubling to 5 s
         policy = RetryPolicy(
             self.gate, max_attempts=settings.retry_max_attempts,
@@ -144,7 +147,7 @@ class Worker:
             health.add_check(schemas.problem)  # a frozen registry turns readiness off
         self.handler = Handler(
             settings, metrics, client=self.client, registry=schemas,
-            dlq=self.dlq, limiter=self.limiter, policy=policy,
+            dlq=self.dlq, limiters=self.shared.limiter, policy=policy,
             guard=DlqGuard(settings.dlq_max_ratio, settings.dlq_window,
                            settings.dlq_max_consecutive),
         )
@@ -248,6 +251,7 @@ class Worker:
             log.error("%d dead-letter records unacknowledged at exit (offsets not committed)",
                       unacked)
         await self.client.aclose()
+        await self.shared.close()
         log.info("stopped; committed %s", {f"{t}[{p}]": o for (t, p), o in
                                             sorted(self.committed.items())})
 
@@ -400,8 +404,10 @@ class Worker:
             log.warning("could not read partition count (%s); keeping the previous share", exc)
         with self._parts_lock:
             owned = len(self.assigned)
-        self.limiter.set_share(partition_share(owned, self.partitions_total))
-        self.m.rate_limit_rps.set(self.limiter.rate)
+        share = partition_share(owned, self.partitions_total)
+        for limiter in self.shared.distinct():
+            limiter.set_share(share)
+        self.m.rate_limit_rps.set(self.shared.limiter("track").rate)
 
     def _on_revoke(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("revoke").inc()
