@@ -133,6 +133,8 @@ _SERVICE_LINK = re.compile(
     r"^(KAFKA|USERPILOT|WORKER|SCHEMA_REGISTRY)_(PORT|SERVICE_HOST|SERVICE_PORT)(_.*)?$"
 )
 _OWN_PREFIXES = ("USERPILOT_", "WORKER_", "SCHEMA_REGISTRY_")
+# Our prefix, not settings: the image's build revision (read by metrics.build_info only).
+_BUILD_FACTS = frozenset({"USERPILOT_WORKER_REVISION"})
 # librdkafka names that are not dots-for-underscores (KAFKA_LOG_LEVEL → log_level).
 _KAFKA_UNDERSCORED = {"log.level": "log_level"}
 _TOPIC = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$")  # Kafka refuses "." and ".."
@@ -538,7 +540,7 @@ def _unknown_variables(reader: _Reader) -> None:
     for name in sorted(reader.env):
         if not name.startswith(_OWN_PREFIXES) or _SERVICE_LINK.match(name):
             continue
-        if name in ENV_VARS:
+        if name in ENV_VARS or name in _BUILD_FACTS:
             continue
         reader.problems.append(
             f"{name} is not a setting of this worker{_did_you_mean(name, ENV_VARS)}: "

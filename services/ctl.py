@@ -54,7 +54,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-RUN_DIR = REPO / ".run" / "services"
+# SERVICES_RUN_DIR: a second, separate set of services (fault tests start their own broker
+# or registry to kill or freeze, beside the shared ones of `make test`).
+RUN_DIR = Path(os.environ.get("SERVICES_RUN_DIR") or REPO / ".run" / "services")
 CACHE_DIR = (
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "userpilot-worker"
 )

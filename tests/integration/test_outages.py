@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -147,11 +149,30 @@ def test_an_echoing_error_body_never_puts_the_token_in_the_dlq(
 # ---------------------------------------------------------------- a registry of our own
 
 
-REGISTRY_PORT = os.environ.get("OUTAGE_REGISTRY_PORT", "28081")
+def _free_port_pair() -> str:
+    """A port whose successor is free too (a broker's controller listens on port + 1)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65535:
+            with socket.socket() as s2:
+                try:
+                    s2.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return str(port)
+    raise RuntimeError("no free port pair")
+
+
+# Our own services live in their own run directory, so they never collide with the shared
+# ones `make test` started from this checkout, whatever ports those use.
+OWN_RUN_DIR = tempfile.mkdtemp(prefix="outage-services-")
+REGISTRY_PORT = os.environ.get("OUTAGE_REGISTRY_PORT") or _free_port_pair()
 
 
 def _ctl(*args: str) -> None:
-    env = {**os.environ, "REGISTRY_PORT": REGISTRY_PORT}
+    env = {**os.environ, "REGISTRY_PORT": REGISTRY_PORT, "SERVICES_RUN_DIR": OWN_RUN_DIR}
     subprocess.run([sys.executable, str(CTL), *args], env=env, check=True, timeout=300,
                    stdin=subprocess.DEVNULL, capture_output=True)
 
@@ -204,11 +225,11 @@ def test_a_frozen_registry_is_logged_and_unhealthy_and_delivery_recovers(
 # ---------------------------------------------------------------- a broker of our own
 
 
-KAFKA_PORT = os.environ.get("OUTAGE_KAFKA_PORT", "29092")
+KAFKA_PORT = os.environ.get("OUTAGE_KAFKA_PORT") or _free_port_pair()
 
 
 def _kafka_ctl(*args: str) -> None:
-    env = {**os.environ, "KAFKA_PORT": KAFKA_PORT}
+    env = {**os.environ, "KAFKA_PORT": KAFKA_PORT, "SERVICES_RUN_DIR": OWN_RUN_DIR}
     subprocess.run([sys.executable, str(CTL), *args], env=env, check=True, timeout=300,
                    stdin=subprocess.DEVNULL, capture_output=True)
 

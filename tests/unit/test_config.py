@@ -660,6 +660,11 @@ def test_kubernetes_service_links_are_not_unknown_variables() -> None:
     assert s.notes == ()
 
 
+def test_the_image_build_revision_is_not_an_unknown_variable() -> None:
+    """The Dockerfile sets it for userpilot_build_info; refusing it would stop every pod."""
+    assert load(USERPILOT_WORKER_REVISION="abc123").notes == ()
+
+
 @pytest.mark.parametrize("raw", ["none", "off", "None"])
 def test_consent_gating_can_be_disabled(raw: str) -> None:
     s = load(USERPILOT_CONSENT_CATEGORIES=raw)
