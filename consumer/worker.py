@@ -150,6 +150,7 @@ class Worker:
             dlq=self.dlq, limiters=self.shared.limiter, policy=policy,
             guard=DlqGuard(settings.dlq_max_ratio, settings.dlq_window,
                            settings.dlq_max_consecutive),
+            dedup=self.shared.dedup,
         )
         self._make_source = source or kafka_source(settings)
         self.commits = Commits()
