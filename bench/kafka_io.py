@@ -75,8 +75,9 @@ def register_schema(registry_url: str, topic: str) -> int:
 
 
 def produce_backlog(bootstrap: str, topic: str, messages: Iterable[tuple[bytes, bytes]],
-                    conf: dict[str, Any] | None = None) -> int:
-    """Produce every (key, value) and wait for all acks; returns the count."""
+                    conf: dict[str, Any] | None = None, partition: int | None = None) -> int:
+    """Produce every (key, value) and wait for all acks; returns the count. ``partition``:
+    all to that one partition (a hot key range), else by key."""
     producer = Producer({"bootstrap.servers": bootstrap, **_BULK_PRODUCER, **(conf or {})})
     failures: list[str] = []
 
@@ -88,7 +89,11 @@ def produce_backlog(bootstrap: str, topic: str, messages: Iterable[tuple[bytes, 
     for key, value in messages:
         while True:
             try:
-                producer.produce(topic, value, key, on_delivery=on_delivery)
+                if partition is None:
+                    producer.produce(topic, value, key, on_delivery=on_delivery)
+                else:
+                    producer.produce(topic, value, key, partition=partition,
+                                     on_delivery=on_delivery)
                 break
             except BufferError:
                 producer.poll(0.05)
