@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import fastavro
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupState,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -269,3 +275,16 @@ class Pacer:
 
     def close(self) -> None:
         self._producer.flush(10)
+
+
+def group_stable(bootstrap: str, group: str, members: int) -> bool:
+    """The group has settled: `members` members, each with partitions, no rebalance under way."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        found = admin.describe_consumer_groups([group], request_timeout=5)[group].result(
+            timeout=10)
+    except KafkaException:
+        return False
+    return bool(found.state == ConsumerGroupState.STABLE and len(found.members) == members
+                and all(m.assignment.topic_partitions for m in found.members))
+

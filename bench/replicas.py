@@ -17,12 +17,13 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import redis as sync_redis
 
 from bench import events as ev
-from bench.kafka_io import OffsetProbe, produce_backlog, register_schema
+from bench.kafka_io import OffsetProbe, group_stable, produce_backlog, register_schema
 from bench.procs import SandboxProcess, WorkerProcess, cpu_seconds
 
 if TYPE_CHECKING:
@@ -36,10 +37,10 @@ FAST_GROUP = {"KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS":
 
 
 def _backlog(bench: Bench, name: str, count: int, partitions: int,
-             partition: int | None = None) -> str:
+             partition: int | None = None, topic: str | None = None) -> str:
     """Delivered events whose messageId and sent_ns are unique to this run (sent_ns is the
     event's identity in the sandbox's records)."""
-    topic = bench.topic(name, partitions)
+    topic = topic or bench.topic(name, partitions)
     schema_id = register_schema(bench.registry, topic)
     (tmpl,) = ev.templates(schema_id, "deliver")
     base = time.time_ns() // 1000 % 10**14 * 10
@@ -98,15 +99,21 @@ def skewed_keys(bench: Bench, redis_url: str) -> dict[str, Any]:
                            "partitions": p.partitions, "hot_partition": 0,
                            "measure_s": p.skew_measure_s}
     for mode, extra in (("partition_share", {}), ("redis", {"REDIS_URL": redis_url})):
-        count = int((p.skew_measure_s + 30) * limit / period)
-        topic = _backlog(bench, f"skew-{mode}", count, p.partitions, partition=0)
+        count = int((p.skew_warmup_s + p.skew_measure_s + 30) * limit / period)
+        topic = bench.topic(f"skew-{mode}", p.partitions)
         with SandboxProcess(rate_limit=limit, rate_window_s=period) as sandbox:
             settings = {"USERPILOT_RATE_LIMIT": str(limit),
                         "USERPILOT_RATE_PERIOD_SECONDS": f"{period:g}",
                         "USERPILOT_RATE_BURST": "1", **FAST_GROUP, **extra}
-            workers = [bench.worker(sandbox, topic, f"skew-{mode}", settings)
-                       for _ in range(3)]
+            tag = f"skew-{mode}"
+            workers = [bench.worker(sandbox, topic, tag, settings) for _ in range(3)]
             try:
+                # The backlog arrives once the group has settled, so no join-time rebalance
+                # falls into the measured window.
+                group = f"bench-{tag}-{bench.run_id}"
+                _wait(partial(group_stable, bench.bootstrap, group, 3), 120,
+                      "three members with partitions", workers)
+                _backlog(bench, tag, count, p.partitions, partition=0, topic=topic)
                 _wait(lambda: sandbox.control.stats()["total"] > 0, 120, "a first request",
                       workers)
                 time.sleep(p.skew_warmup_s)

@@ -357,8 +357,16 @@ class Handler:
         return True
 
     async def _dedup_confirm(self, event: Event, endpoint: str) -> None:
-        if self.dedup is not None and event.dedup_owner is not None and event.message_id:
-            await self.dedup.confirm(endpoint, event.message_id)
+        """Record the delivery. Counted as on the wire (a revoke or shutdown waits for it)
+        and shielded from cancellation: a confirm cut short would leave the claim for the
+        next owner to wait out and then send again."""
+        if self.dedup is None or event.dedup_owner is None or not event.message_id:
+            return
+        event.on_wire = True
+        try:
+            await asyncio.shield(self.dedup.confirm(endpoint, event.message_id))
+        finally:
+            event.on_wire = False
             event.dedup_owner = None
 
     async def _dedup_release(self, event: Event, endpoint: str) -> None:

@@ -205,3 +205,28 @@ def track_body(seq: int) -> bytes:
     assert isinstance(decision, Send)
     json.loads(decision.body)
     return decision.body
+
+
+class SlowConfirm(MemoryStore):
+    """The confirm takes a while (a slow Redis round trip); `confirming` is set meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.confirming = False
+
+    async def confirm(self, key: str, ttl_ms: int) -> None:
+        self.confirming = True
+        await asyncio.sleep(0.3)
+        await super().confirm(key, ttl_ms)
+
+
+def test_shutdown_during_the_confirm_waits_for_it_and_finishes_the_event() -> None:
+    store = SlowConfirm()
+    run, _, dedup = make(log_of(track("u1", 1)), store)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: store.confirming, "the confirm under way")
+
+    assert drive(run, scenario) == 0  # stop() arrives while the confirm runs
+    assert store.values[dedup.key("track", "u1-1")] == "d"
+    assert run.worker.committed == {(TOPIC, 0): 1}
