@@ -13,9 +13,11 @@ seconds; messageIds are unique per test (the shared Redis keeps records for 24 h
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -23,8 +25,10 @@ from typing import Any
 
 import redis as sync_redis
 
+from consumer.dedup import Deduplicator, Outcome
 from consumer.kafka import make_producer
 from consumer.produce import encode_lines, parse_lines
+from consumer.redisstore import MAX_CONNECTIONS, RedisStore, token_digest
 from consumer.registry import Registry
 from consumer.sandbox import SandboxControl, SandboxThread
 from tests.integration.harness import (
@@ -267,3 +271,24 @@ def test_redis_stopped_mid_run_falls_back_without_429_or_loss_and_recovers(
     assert unchecked > 0, "events were delivered while Redis was away"
     times = [r["received_at"] for r in control.requests("/v1/track")]
     assert max_in_window(times, FB_PERIOD) <= FB_LIMIT
+
+
+# -- the Redis edge under a full window ---------------------------------------------------
+
+def test_a_full_window_of_concurrent_claims_waits_for_connections_instead_of_failing(
+    redis_url: str,
+) -> None:
+    """WORKER_MAX_IN_FLIGHT (200 by default) events claim at once: more than the client's
+    connection pool. Each call must wait for a connection, not fail (a failure means no
+    dedup and the partition share for that event)."""
+    async def main() -> list[Outcome | bool]:
+        store = RedisStore(redis_url, timeout_s=2.0)
+        dd = Deduplicator(store, token_digest(f"tok-{uuid.uuid4()}"))
+        ids = [str(uuid.uuid4()) for _ in range(5 * MAX_CONNECTIONS)]
+        claims = await asyncio.gather(*(dd.claim("track", m, f"o/{m}") for m in ids))
+        confirms = await asyncio.gather(*(dd.confirm("track", m) for m in ids))
+        await store.close()
+        return [c.outcome for c in claims if c.degraded or c.outcome is not Outcome.SEND] + \
+            [c for c in confirms if c is not True]
+
+    assert asyncio.run(main()) == []
