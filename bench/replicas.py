@@ -71,6 +71,10 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str,
         time.sleep(0.1)
 
 
+def _accepted_at_least(sandbox: SandboxProcess, n: int) -> bool:
+    return bool(sandbox.control.stats()["accepted"] >= n)
+
+
 def _caught_up(bench: Bench, group: str, topic: str) -> Callable[[], bool]:
     probe = OffsetProbe(bench.bootstrap, group, topic)
     total = probe.end_total()
@@ -138,37 +142,43 @@ def skewed_keys(bench: Bench, redis_url: str) -> dict[str, Any]:
 
 # -- 10 ------------------------------------------------------------------------------------
 def sigkill_duplicates(bench: Bench, redis_url: str) -> dict[str, Any]:
+    """Two paces: at the (compressed) rate limit, where commits keep up and few events are
+    delivered-but-uncommitted at the kill, and at full speed (no limit), where a whole
+    window is; each without and with Redis."""
     p = bench.params
-    count = p.kill_events
-    out: dict[str, Any] = {"events": count, "workers": 3, "partitions": 3,
-                           "rate_limit": f"{p.kill_limit} per {p.kill_window_s:g} s",
-                           "killed_after": count // 3,
-                           "max_in_flight": p.max_in_flight,
-                           "commit_interval_s": p.commit_interval_s}
-    for mode, extra in (("without_redis", {}), ("redis", {"REDIS_URL": redis_url})):
-        topic = _backlog(bench, f"kill-{mode}", count, 3)
-        tag = f"kill-{mode}"
-        with SandboxProcess() as sandbox:
-            settings = {"USERPILOT_RATE_LIMIT": str(p.kill_limit),
-                        "USERPILOT_RATE_PERIOD_SECONDS": f"{p.kill_window_s:g}",
-                        "USERPILOT_RATE_BURST": "1", **FAST_GROUP, **extra}
-            workers = [bench.worker(sandbox, topic, tag, settings) for _ in range(3)]
-            try:
-                _wait(lambda: sandbox.control.stats()["accepted"] >= count // 3, 180,
-                      "a third delivered", workers)
-                workers[0].kill()  # SIGKILL at an arbitrary moment mid-stream
-                done = _caught_up(bench, f"bench-{tag}-{bench.run_id}", topic)
-                _wait(done, p.drain_timeout_s, "the end of the backlog", workers[1:])
-                got = _identities(sandbox)
-            finally:
-                for worker in workers[1:]:
-                    worker.stop()
-        duplicates = sum(n - 1 for n in got.values() if n > 1)
-        lost = count - len(got)
-        out[mode] = {"accepted": sum(got.values()), "distinct": len(got),
-                     "duplicates": duplicates, "lost": lost}
-        bench.note(f"10 SIGKILL of 1 of 3 workers, {mode.replace('_', ' ')}",
-                   f"{duplicates} duplicates, {lost} lost of {count:,}")
+    out: dict[str, Any] = {"workers": 3, "partitions": 3, "max_in_flight": p.max_in_flight,
+                           "commit_interval_s": p.commit_interval_s, "sandbox_latency_ms": 0}
+    limited = {"USERPILOT_RATE_LIMIT": str(p.kill_limit),
+               "USERPILOT_RATE_PERIOD_SECONDS": f"{p.kill_window_s:g}",
+               "USERPILOT_RATE_BURST": "1"}
+    paces = (("limited", p.kill_events, limited, f"{p.kill_limit} per {p.kill_window_s:g} s"),
+             ("unlimited", p.kill_events_fast, UNLIMITED, "none"))
+    for pace, count, limits, label in paces:
+        row: dict[str, Any] = {"events": count, "rate_limit": label,
+                               "killed_after": count // 3}
+        for mode, extra in (("without_redis", {}), ("redis", {"REDIS_URL": redis_url})):
+            tag = f"kill-{pace}-{mode}"
+            topic = _backlog(bench, tag, count, 3)
+            with SandboxProcess() as sandbox:
+                settings = {**limits, **FAST_GROUP, **extra}
+                workers = [bench.worker(sandbox, topic, tag, settings) for _ in range(3)]
+                try:
+                    _wait(partial(_accepted_at_least, sandbox, count // 3), 180,
+                          "a third delivered", workers)
+                    workers[0].kill()  # SIGKILL at an arbitrary moment mid-stream
+                    done = _caught_up(bench, f"bench-{tag}-{bench.run_id}", topic)
+                    _wait(done, p.drain_timeout_s, "the end of the backlog", workers[1:])
+                    got = _identities(sandbox)
+                finally:
+                    for worker in workers[1:]:
+                        worker.stop()
+            duplicates = sum(n - 1 for n in got.values() if n > 1)
+            lost = count - len(got)
+            row[mode] = {"accepted": sum(got.values()), "distinct": len(got),
+                         "duplicates": duplicates, "lost": lost}
+            bench.note(f"10 SIGKILL of 1 of 3 workers, {pace}, {mode.replace('_', ' ')}",
+                       f"{duplicates} duplicates, {lost} lost of {count:,}")
+        out[pace] = row
     return out
 
 

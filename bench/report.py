@@ -128,11 +128,12 @@ def targets(results: Mapping[str, Any]) -> list[Target]:
                            100 * skew["share_of_limit"], ">=", 98.0, "%",
                            extra_ok=skew["responses_429"] == 0,
                            note=f"{skew['responses_429']} × 429"))
-    kill = _get(results, "workloads", "sigkill_duplicates", "redis")
-    if kill:
-        rows.append(Target("SIGKILL of 1 of 3 workers, Redis: duplicates",
-                           kill["duplicates"], "<=", 0.0, extra_ok=kill["lost"] == 0,
-                           note=f"{kill['lost']} lost"))
+    for pace in ("limited", "unlimited"):
+        kill = _get(results, "workloads", "sigkill_duplicates", pace, "redis")
+        if kill:
+            rows.append(Target(f"SIGKILL of 1 of 3 workers, {pace}, Redis: duplicates",
+                               kill["duplicates"], "<=", 0.0, extra_ok=kill["lost"] == 0,
+                               note=f"{kill['lost']} lost"))
     lat = _get(results, "workloads", "latency")
     if lat:
         rows.append(Target("added latency p99", lat["added_ms"]["p99"], "<=", 50.0, "ms"))

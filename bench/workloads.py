@@ -93,6 +93,7 @@ class Params:
     kill_events: int = 3_000
     kill_limit: int = 1_000
     kill_window_s: float = 10.0
+    kill_events_fast: int = 20_000
     cpu_events: int = 10_000
 
     @property
@@ -108,7 +109,8 @@ class Params:
                    memory_events=20_000, memory_min_s=3.0, memory_max_s=3.0,
                    latency_seconds=3.0, drain_timeout_s=120.0, skew_limit=60,
                    skew_window_s=3.0, skew_warmup_s=2.0, skew_measure_s=6.0,
-                   kill_events=300, kill_limit=300, cpu_events=1_000)
+                   kill_events=300, kill_limit=300, kill_events_fast=3_000,
+                   cpu_events=1_000)
 
 
 @dataclass(frozen=True)
