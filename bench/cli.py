@@ -36,17 +36,22 @@ WORKLOADS: dict[int, tuple[str, str]] = {
     6: ("saturation", "saturation"),
     7: ("memory", "memory"),
     8: ("latency", "latency"),
+    9: ("skewed_keys", "skewed_keys"),
+    10: ("sigkill_duplicates", "sigkill_duplicates"),
+    11: ("redis_cpu", "redis_cpu"),
 }
+DEFAULT_WORKLOADS = [1, 2, 3, 4, 5, 6, 7, 8]
+"""Without --workloads: 1-8; the Redis workloads 9-11 are asked for explicitly."""
 
 
 def _workload_list(text: str) -> list[int]:
     try:
         chosen = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use numbers 1-8, e.g. 1,2,3") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: use numbers 1-11, e.g. 1,2,3") from None
     bad = [n for n in chosen if n not in WORKLOADS]
     if bad or not chosen:
-        raise argparse.ArgumentTypeError(f"{text!r}: workloads are numbered 1-8")
+        raise argparse.ArgumentTypeError(f"{text!r}: workloads are numbered 1-11")
     return chosen
 
 
@@ -59,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--smoke", action="store_true",
                         help="small sizes (under a minute): checks the harness, not targets")
-    parser.add_argument("--workloads", type=_workload_list, default=list(WORKLOADS),
-                        help="comma-separated subset of 1-8 (default: all)")
+    parser.add_argument("--workloads", type=_workload_list, default=list(DEFAULT_WORKLOADS),
+                        help="comma-separated subset of 1-11 (default: 1-8; 9-11 need Redis)")
     parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     parser.add_argument("--bootstrap-servers", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     parser.add_argument("--schema-registry-url", default=os.environ.get("SCHEMA_REGISTRY_URL"))
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                        help="Redis for workloads 9-11 (default: $REDIS_URL)")
     parser.add_argument("--logs", type=Path, default=None,
                         help="directory for worker logs (default: a temporary directory)")
     parser.add_argument("--keep-topics", action="store_true",
@@ -138,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["max_connections"] = args.max_connections
     params = dataclasses.replace(params, **overrides)
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
-    bench = Bench(args.bootstrap_servers, args.schema_registry_url, params, logs)
+    bench = Bench(args.bootstrap_servers, args.schema_registry_url, params, logs,
+                  redis_url=args.redis_url)
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

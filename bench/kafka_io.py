@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import fastavro
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupState,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -75,8 +81,9 @@ def register_schema(registry_url: str, topic: str) -> int:
 
 
 def produce_backlog(bootstrap: str, topic: str, messages: Iterable[tuple[bytes, bytes]],
-                    conf: dict[str, Any] | None = None) -> int:
-    """Produce every (key, value) and wait for all acks; returns the count."""
+                    conf: dict[str, Any] | None = None, partition: int | None = None) -> int:
+    """Produce every (key, value) and wait for all acks; returns the count. ``partition``:
+    all to that one partition (a hot key range), else by key."""
     producer = Producer({"bootstrap.servers": bootstrap, **_BULK_PRODUCER, **(conf or {})})
     failures: list[str] = []
 
@@ -88,7 +95,11 @@ def produce_backlog(bootstrap: str, topic: str, messages: Iterable[tuple[bytes, 
     for key, value in messages:
         while True:
             try:
-                producer.produce(topic, value, key, on_delivery=on_delivery)
+                if partition is None:
+                    producer.produce(topic, value, key, on_delivery=on_delivery)
+                else:
+                    producer.produce(topic, value, key, partition=partition,
+                                     on_delivery=on_delivery)
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -264,3 +275,16 @@ class Pacer:
 
     def close(self) -> None:
         self._producer.flush(10)
+
+
+def group_stable(bootstrap: str, group: str, members: int) -> bool:
+    """The group has settled: `members` members, each with partitions, no rebalance under way."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        found = admin.describe_consumer_groups([group], request_timeout=5)[group].result(
+            timeout=10)
+    except KafkaException:
+        return False
+    return bool(found.state == ConsumerGroupState.STABLE and len(found.members) == members
+                and all(m.assignment.topic_partitions for m in found.members))
+

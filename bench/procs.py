@@ -17,10 +17,13 @@ from typing import IO
 
 from consumer.sandbox import SandboxControl
 
-__all__ = ["BENCH_TOKEN", "RssSample", "SandboxProcess", "WorkerProcess", "read_rss"]
+__all__ = ["BENCH_TOKEN", "RssSample", "SandboxProcess", "WorkerProcess", "cpu_seconds",
+           "read_rss"]
 
 BENCH_TOKEN = "bench-write-token-4c1d"
-_OUR_PREFIXES = ("KAFKA_", "USERPILOT_", "WORKER_", "SCHEMA_REGISTRY")
+# Not inherited from the driver's environment (REDIS_URL included: only the Redis workloads
+# pass it, so the others measure the worker without Redis whatever the shell exports).
+_OUR_PREFIXES = ("KAFKA_", "USERPILOT_", "WORKER_", "SCHEMA_REGISTRY", "REDIS_")
 
 
 class SandboxProcess:
@@ -124,6 +127,17 @@ class WorkerProcess:
     def tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a process has used so far (from /proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,18 @@ def targets(results: Mapping[str, Any]) -> list[Target]:
     if mem:
         rows.append(Target("peak RSS, backlog draining", mem["peak_rss_mb"], "<=", 200.0, "MB",
                            note=f"backlog {mem['backlog_events']:,}"))
+    skew = _get(results, "workloads", "skewed_keys", "redis")
+    if skew:
+        rows.append(Target("skewed keys, 3 workers, Redis (share of limit)",
+                           100 * skew["share_of_limit"], ">=", 98.0, "%",
+                           extra_ok=skew["responses_429"] == 0,
+                           note=f"{skew['responses_429']} × 429"))
+    for pace in ("limited", "unlimited"):
+        kill = _get(results, "workloads", "sigkill_duplicates", pace, "redis")
+        if kill:
+            rows.append(Target(f"SIGKILL of 1 of 3 workers, {pace}, Redis: duplicates",
+                               kill["duplicates"], "<=", 0.0, extra_ok=kill["lost"] == 0,
+                               note=f"{kill['lost']} lost"))
     lat = _get(results, "workloads", "latency")
     if lat:
         rows.append(Target("added latency p99", lat["added_ms"]["p99"], "<=", 50.0, "ms"))

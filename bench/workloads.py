@@ -1,4 +1,5 @@
-"""The eight workloads of the benchmark issue, each returning JSON-able figures.
+"""The workloads of the benchmark issue (1-8) and of issue 12's Redis (9-11, in
+`bench.replicas`), each returning JSON-able figures.
 
 Layout on a 2-core machine: the sandbox is always its own process and so is every worker
 (`python -m consumer run`), so neither shares a GIL with the other or with this driver.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench import events as ev
+from bench import replicas
 from bench.http_ceiling import HttpResult, run_aiohttp, run_httpx, run_worker_client
 from bench.kafka_io import (
     OffsetProbe,
@@ -83,6 +85,16 @@ class Params:
     latency_seconds: float = 60.0
     latency_sandbox_ms: float = 20.0
     drain_timeout_s: float = 900.0
+    # 9-11 (Redis): limits compressed in time so each run takes seconds, not minutes.
+    skew_limit: int = 600
+    skew_window_s: float = 10.0
+    skew_warmup_s: float = 5.0
+    skew_measure_s: float = 30.0
+    kill_events: int = 3_000
+    kill_limit: int = 1_000
+    kill_window_s: float = 10.0
+    kill_events_fast: int = 20_000
+    cpu_events: int = 10_000
 
     @property
     def concurrency(self) -> int:
@@ -95,7 +107,10 @@ class Params:
                    http_seconds=1.0, naive_max_events=200, naive_seconds=1.5, sat_limit=30,
                    sat_window_s=3.0, sat_windows=2, sat_parallel=True,
                    memory_events=20_000, memory_min_s=3.0, memory_max_s=3.0,
-                   latency_seconds=3.0, drain_timeout_s=120.0)
+                   latency_seconds=3.0, drain_timeout_s=120.0, skew_limit=60,
+                   skew_window_s=3.0, skew_warmup_s=2.0, skew_measure_s=6.0,
+                   kill_events=300, kill_limit=300, kill_events_fast=3_000,
+                   cpu_events=1_000)
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,7 @@ class Bench:
     registry: str
     params: Params
     workdir: Path
+    redis_url: str | None = None
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S"))
     topics: list[str] = field(default_factory=list)
     summary: list[tuple[str, str]] = field(default_factory=list)
@@ -467,6 +483,22 @@ class Bench:
                 "sandbox_latency_ms": p.latency_sandbox_ms, "added_ms": figures,
                 "produce_to_202_ms_estimate": {k: v + p.latency_sandbox_ms
                                                for k, v in figures.items()}}
+
+
+    # -- 9-11 (Redis) ---------------------------------------------------------------------
+    def _redis(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError("workloads 9-11 need Redis: set REDIS_URL or pass --redis-url")
+        return self.redis_url
+
+    def skewed_keys(self) -> dict[str, Any]:
+        return replicas.skewed_keys(self, self._redis())
+
+    def sigkill_duplicates(self) -> dict[str, Any]:
+        return replicas.sigkill_duplicates(self, self._redis())
+
+    def redis_cpu(self) -> dict[str, Any]:
+        return replicas.cpu_cost(self, self._redis())
 
 
 def _answered_any(sandbox: SandboxProcess) -> Callable[[], bool]:

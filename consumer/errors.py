@@ -14,6 +14,8 @@
     │   └── ConnectionFailed         reset, refused, DNS
     ├── Pause                        the whole integration is broken: stop sending, keep
     │   └── Misconfigured            offsets, probe with backoff (401, 403, 404)
+    ├── AlreadyDelivered             another owner delivered this messageId meanwhile:
+    │                                finish the event without a request (duplicate)
     ├── Stop                         the worker must stop consuming, loudly
     │   └── DlqGuardTripped          too many dead letters: a bad deploy, not bad events
     └── Degrade                      optional shared state is unavailable: carry on alone
@@ -25,6 +27,7 @@ Secrets never enter a message: callers pass statuses and truncated bodies, never
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyDelivered",
     "ConfigError",
     "ConnectionFailed",
     "DeadLetter",
@@ -146,6 +149,11 @@ class Pause(WorkerError):
 
 class Misconfigured(Pause):
     """401/403/404: wrong token (often the read token) or wrong analytics endpoint host."""
+
+
+class AlreadyDelivered(WorkerError):
+    """The messageId was confirmed delivered (Redis) while this event waited to be sent:
+    finish it without a request, counted as a duplicate."""
 
 
 class Stop(WorkerError):

@@ -1,19 +1,29 @@
-"""One event, from its Kafka bytes to one outcome: Delivered, Dropped or DeadLettered.
+"""One event, from its Kafka bytes to one outcome: Delivered, Dropped, DeadLettered or
+Duplicate.
 
     decide (decode + route, pure, total) ─┬─ Drop ───────────────────────────▶ Dropped
                                           ├─ DeadLetter ─▶ dead_letter ───────▶ DeadLettered
-                                          └─ Send ─▶ deliver (gate, limiter, retries)
-                                                      ├─ 2xx ──────────────────▶ Delivered
-                                                      └─ permanent / given up ─▶ DeadLettered
+                                          └─ Send ─▶ dedup claim (Redis, messageId)
+                                              ├─ already delivered ────────────▶ Duplicate
+                                              └─ deliver (gate, limiter, re-claim, retries)
+                                                  ├─ 2xx ─▶ dedup confirm ─────▶ Delivered
+                                                  └─ permanent / given up ─▶ release ─▶ DeadLettered
 
 `decide` is total: an exception raised while decoding, routing or mapping one event
 becomes that event's dead letter (`UndecodableEvent`, or `MappingError` for anything
 else), so no event can stop a partition. Only the DLQ guard (`DlqGuardTripped`) escapes
 `handle`: it stops the worker.
 
-Where new steps go: a per-event step before sending (deduplication, an ensure-user
-identify) belongs in `handle` between `decide` and `_deliver`; a limiter per endpoint
-family is chosen in `limiter_for`.
+Where new steps go: a per-event step before sending (an ensure-user identify) belongs in
+`handle` between `decide` and `_deliver`; a limiter per endpoint family is chosen in
+`limiter_for`.
+
+Deduplication (with REDIS_URL, events with a messageId; `consumer.dedup` has the state
+machine): `_dedup_claim` before the limiter (a duplicate costs no budget), `_dedup_reclaim`
+right before each request (renews the claim, notices a delivery by another owner),
+`_dedup_confirm` after the 2xx, `_dedup_release` when the event is dead-lettered or
+abandoned (revoke, shutdown) before any request of it started. The id is recorded under
+the event's primary endpoint (`dedup_endpoint`); the owner is this process + the record.
 
 Thread rule: everything here runs on the event loop. `Event.on_wire` is read by the
 worker (same loop) to decide what a revoke or shutdown must wait for.
@@ -23,6 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +45,10 @@ from typing import Any, Protocol
 from consumer import codec
 from consumer.config import Settings
 from consumer.deadletter import DlqGuard, Failure, dlq_headers
+from consumer.dedup import Deduplicator
+from consumer.dedup import Outcome as Claim
 from consumer.errors import (
+    AlreadyDelivered,
     ConnectionFailed,
     DeadLetter,
     DlqGuardTripped,
@@ -55,6 +71,7 @@ __all__ = [
     "DeadLettered",
     "Delivered",
     "Dropped",
+    "Duplicate",
     "Event",
     "Handler",
     "Outcome",
@@ -106,6 +123,7 @@ class Event:
     message_id: str | None = None
     event_time: str | None = None
     on_wire: bool = False  # an HTTP request or a DLQ produce of it is under way
+    dedup_owner: str | None = None  # set while this event holds its messageId's claim
     attempts: Attempts = field(default_factory=Attempts)
 
     @property
@@ -136,7 +154,18 @@ class DeadLettered:
     error: Exception
 
 
-Outcome = Delivered | Dropped | DeadLettered
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """Not sent: its messageId was already delivered to this endpoint (Redis record)."""
+
+    endpoint: str
+
+
+Outcome = Delivered | Dropped | DeadLettered | Duplicate
+
+RELEASE_TIMEOUT_S = 1.0
+"""Bound on the release of an abandoned event's claim (a revoke or shutdown waits for it);
+past it the claim simply expires after its TTL."""
 
 
 class SchemaNotCached(Exception):
@@ -165,7 +194,7 @@ class Handler:
     def __init__(
         self, settings: Settings, metrics: Metrics, *, client: TrackClient,
         registry: SchemaSource, dlq: DeadLetterSink, limiters: Callable[[str], Limiter],
-        policy: RetryPolicy, guard: DlqGuard,
+        policy: RetryPolicy, guard: DlqGuard, dedup: Deduplicator | None = None,
     ) -> None:
         self.s = settings
         self.m = metrics
@@ -175,6 +204,10 @@ class Handler:
         self.limiters = limiters
         self.policy = policy
         self.guard = guard
+        self.dedup = dedup
+        # Claims are owned per process and record: after a crash the re-reading replica
+        # waits for the claim instead of racing the dead process's request.
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, Any] = {}
         self._delivered: dict[str, Any] = {}
@@ -235,10 +268,23 @@ class Handler:
         if isinstance(decision, DeadLetter):
             return await self._dead_letter(event, decision)
         assert isinstance(decision, Send)
+        endpoint = self.dedup_endpoint(decision)
+        if not await self._dedup_claim(event, endpoint):
+            return self._duplicate(event, endpoint)
         try:
             await self._deliver(event, decision)
+        except AlreadyDelivered:
+            return self._duplicate(event, endpoint)
         except (DeadLetter, Retry) as exc:
+            await self._dedup_release(event, endpoint)
             return await self._dead_letter(event, exc)
+        except asyncio.CancelledError:
+            # Abandoned by a revoke or shutdown: hand the claim on unless a request of it
+            # may have reached Userpilot (then it expires after its TTL: no duplicate).
+            if event.attempts.count == 0:
+                await self._dedup_release(event, endpoint)
+            raise
+        await self._dedup_confirm(event, endpoint)
         counter = self._delivered.get(decision.event_name)
         if counter is None:
             counter = self._delivered[decision.event_name] = self.m.delivered.labels(
@@ -249,6 +295,13 @@ class Handler:
             self.m.event_age.observe(age)
         self.guard.record_success()
         return Delivered(decision.event_name, event.attempts.count)
+
+    def _duplicate(self, event: Event, endpoint: str) -> Duplicate:
+        self.m.duplicates_skipped.labels(endpoint).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("duplicate: messageId already delivered to %s", endpoint,
+                      extra=event.fields)
+        return Duplicate(endpoint)
 
     def dropped(self, event: Event, drop: Drop) -> Dropped:
         counter = self._drops.get(drop)
@@ -261,6 +314,73 @@ class Handler:
                       f": {drop.category}" if drop.category else "", extra=event.fields)
         return Dropped(drop)
 
+    # -- deduplication (Redis) ----------------------------------------------------------
+    def dedup_endpoint(self, send: Send) -> str:
+        """The endpoint an event's messageId is recorded under: its primary call (track for
+        track/page; identify and company_identify once those events are sent)."""
+        return "track"
+
+    async def _dedup_claim(self, event: Event, endpoint: str) -> bool:
+        """Claim the messageId before the limiter; False when it was delivered already.
+
+        Another owner's claim (BUSY) is waited out here, in the event's task: it is
+        confirmed (→ duplicate) or released/expired (→ ours). Redis down: delivered as
+        without Redis, counted as unchecked.
+        """
+        if self.dedup is None or not event.message_id:
+            return True
+        owner = f"{self.instance}/{event.topic}/{event.partition}/{event.offset}"
+        while True:
+            claim = await self.dedup.claim(endpoint, event.message_id, owner)
+            if claim.outcome is Claim.DUPLICATE:
+                return False
+            if claim.outcome is Claim.SEND:
+                if claim.degraded:
+                    self.m.dedup_unchecked.labels(endpoint).inc()
+                else:
+                    event.dedup_owner = owner
+                return True
+            await asyncio.sleep(claim.retry_after_s)
+
+    async def _dedup_reclaim(self, event: Event, endpoint: str) -> bool:
+        """Renew the claim right before a request; True to send now, False when another
+        owner holds it (the caller waits for the limiter again). Raises AlreadyDelivered."""
+        if self.dedup is None or event.dedup_owner is None or not event.message_id:
+            return True
+        claim = await self.dedup.claim(endpoint, event.message_id, event.dedup_owner)
+        if claim.outcome is Claim.DUPLICATE:
+            event.dedup_owner = None
+            raise AlreadyDelivered(endpoint)
+        if claim.outcome is Claim.BUSY:
+            await asyncio.sleep(claim.retry_after_s)
+            return False
+        return True
+
+    async def _dedup_confirm(self, event: Event, endpoint: str) -> None:
+        """Record the delivery. Counted as on the wire (a revoke or shutdown waits for it)
+        and shielded from cancellation: a confirm cut short would leave the claim for the
+        next owner to wait out and then send again."""
+        if self.dedup is None or event.dedup_owner is None or not event.message_id:
+            return
+        event.on_wire = True
+        try:
+            await asyncio.shield(self.dedup.confirm(endpoint, event.message_id))
+        finally:
+            event.on_wire = False
+            event.dedup_owner = None
+
+    async def _dedup_release(self, event: Event, endpoint: str) -> None:
+        """Give the claim up (bounded: a revoke or shutdown may be waiting for this)."""
+        owner, event.dedup_owner = event.dedup_owner, None
+        if self.dedup is None or owner is None or not event.message_id:
+            return
+        try:
+            await asyncio.wait_for(self.dedup.release(endpoint, event.message_id, owner),
+                                   RELEASE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("claim not released in time; it expires after its TTL",
+                        extra=event.fields)
+
     # -- deliver ------------------------------------------------------------------------
     def limiter_for(self, send: Send) -> Limiter:
         """The limiter of the endpoint family `send` goes to (one family today: track)."""
@@ -268,9 +388,12 @@ class Handler:
 
     async def _deliver(self, event: Event, send: Send) -> None:
         limiter = self.limiter_for(send)
+        endpoint = self.dedup_endpoint(send)
 
         async def wait_for_limiter() -> None:
             self.m.limiter_wait.observe(await limiter.acquire())
+            while not await self._dedup_reclaim(event, endpoint):
+                self.m.limiter_wait.observe(await limiter.acquire())
 
         await self.policy.run(lambda: self._attempt(event, send, limiter), event.attempts,
                               before_send=wait_for_limiter)

@@ -34,6 +34,9 @@ CallObserver = Callable[[str, float, "str | None"], None]
 """``(operation, seconds, error class name or None)`` after every Redis call."""
 
 KEY_PREFIX = "userpilot:"
+MAX_CONNECTIONS = 32
+"""Connections per replica; one round trip takes well under a millisecond, so 32 carry
+thousands of calls a second."""
 
 # GCRA reservation, all times in microseconds of Redis's clock.
 # ARGV: interval, tolerance, lookahead, debt (requests), holdoff, idle ttl (ms).
@@ -118,7 +121,13 @@ class RedisStore:
         }
         if url.startswith("rediss://") and ca_file:
             options["ssl_ca_certs"] = ca_file
-        self._client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+        # A blocking pool: a call beyond MAX_CONNECTIONS waits for a free connection (within
+        # the call's timeout) instead of failing at once. The plain pool raises
+        # MaxConnectionsError past 100, which WORKER_MAX_IN_FLIGHT concurrent claims reach:
+        # every event then fell back (no dedup, partition share).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=None, **options)
+        self._client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._timeout = timeout_s
         self._observe = observe
         self._gcra = self._client.register_script(GCRA_LUA)
@@ -177,4 +186,4 @@ class RedisStore:
 
     async def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):
-            await self._client.aclose()
+            await self._client.aclose(close_connection_pool=True)

@@ -13,7 +13,8 @@ Thread rule: this class lives on the event loop. Source calls run on the source'
 thread (`Source.call`, one call at a time). The callbacks the source makes (assign,
 revoke, lost, stats, commit results) run on that poll thread and touch only what is safe
 there: `Commits` (it locks), `Metrics` and `Health` (thread-safe), and `assigned`,
-`paused`, `_reshare_due`, which both threads read and write only under `_parts_lock`.
+`paused`, `_stale_pause`, `_reshare_due`, which both threads read and write only under
+`_parts_lock`.
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
 the `Source.call` that raised the callback); `stop()` uses `call_soon_threadsafe`.
@@ -150,6 +151,7 @@ class Worker:
             dlq=self.dlq, limiters=self.shared.limiter, policy=policy,
             guard=DlqGuard(settings.dlq_max_ratio, settings.dlq_window,
                            settings.dlq_max_consecutive),
+            dedup=self.shared.dedup,
         )
         self._make_source = source or kafka_source(settings)
         self.commits = Commits()
@@ -158,6 +160,9 @@ class Worker:
         self.paused: set[TP] = set()
         self.partitions_total = 0
         self._reshare_due = False
+        # Revoked while paused: librdkafka keeps a partition's pause across a revoke and a
+        # later re-assignment (librdkafka#1849), so it is resumed when it comes back.
+        self._stale_pause: set[TP] = set()
         self._consumed: dict[str, Any] = {}
         self.fatal: BaseException | None = None
         self._stopping: asyncio.Event | None = None
@@ -210,6 +215,10 @@ class Worker:
                     raise Stop(f"fatal Kafka error: {source.fatal_error}")
                 with self._parts_lock:
                     reshare, self._reshare_due = self._reshare_due, False
+                    back = sorted((self._stale_pause & self.assigned) - self.paused)
+                    self._stale_pause.difference_update(back)
+                if back:
+                    await source.call(source.resume, back)
                 if reshare:
                     # Not inside the rebalance callback: a blocking client call nested in a
                     # callback breaks confluent-kafka's per-thread call state (it aborts).
@@ -448,6 +457,7 @@ class Worker:
             self.m.forget_partition(tp[0], tp[1])
         with self._parts_lock:
             self.assigned.difference_update(parts)
+            self._stale_pause.update(self.paused.intersection(parts))
             self.paused.difference_update(parts)
             self._reshare_due = True
 

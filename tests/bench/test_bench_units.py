@@ -131,6 +131,7 @@ def test_read_rss_of_this_process() -> None:
 def test_workload_selection() -> None:
     assert _workload_list("3,1,3") == [1, 3]
     assert build_parser().parse_args([]).workloads == list(range(1, 9))
-    for bad in ("0", "9", "a", ""):
+    assert _workload_list("9,10,11") == [9, 10, 11]
+    for bad in ("0", "12", "a", ""):
         with pytest.raises(argparse.ArgumentTypeError, match=r"workloads|numbers"):
             _workload_list(bad)

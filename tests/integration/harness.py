@@ -193,13 +193,17 @@ class WorkerThread:
 
 
 class WorkerProcess:
-    """`python -m consumer run` as a child process, output captured to a file."""
+    """`python -m consumer run` as a child process, output captured to a file.
+
+    Only ``env`` configures it: REDIS_URL (exported by ``make test``) is not inherited, so a
+    test uses Redis only when it passes it."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115
         full_env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("KAFKA_", "USERPILOT_", "WORKER_", "SCHEMA_REGISTRY"))}
+                    if not k.startswith(("KAFKA_", "USERPILOT_", "WORKER_", "SCHEMA_REGISTRY",
+                                         "REDIS_"))}
         full_env.update(env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "consumer", "run"], env=full_env, cwd=REPO,

@@ -6,6 +6,7 @@ import pytest
 
 from consumer import errors
 from consumer.errors import (
+    AlreadyDelivered,
     ConfigError,
     ConnectionFailed,
     DeadLetter,
@@ -32,14 +33,14 @@ from consumer.errors import (
     (UndecodableEvent, DeadLetter), (InvalidEvent, DeadLetter), (Rejected, DeadLetter),
     (RateLimited, Retry), (ServerError, Retry), (Timeout, Retry), (ConnectionFailed, Retry),
     (Misconfigured, Pause), (DlqGuardTripped, Stop),
-    (Degrade, WorkerError), (SharedStateUnavailable, Degrade),
+    (Degrade, WorkerError), (SharedStateUnavailable, Degrade), (AlreadyDelivered, WorkerError),
 ])
 def test_tree(cls: type[Exception], parent: type[Exception]) -> None:
     assert cls.__mro__[1] is parent
 
 
 def test_policies_are_disjoint() -> None:
-    policies = (ConfigError, DeadLetter, Retry, Pause, Stop, Degrade)
+    policies = (ConfigError, DeadLetter, Retry, Pause, Stop, Degrade, AlreadyDelivered)
     for cls in (getattr(errors, name) for name in errors.__all__):
         if cls is WorkerError:
             continue

@@ -1,0 +1,232 @@
+"""The handler's messageId deduplication, through the worker loop over in-memory fakes:
+claim before the request, confirm after the 2xx, release on dead-letter and abandonment,
+duplicates finished without a request, Redis down delivers unchecked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from prometheus_client import CollectorRegistry
+
+from consumer.dedup import Deduplicator
+from consumer.errors import Rejected
+from consumer.health import Health
+from consumer.metrics import Metrics
+from consumer.ratelimit import AdaptiveLimiter
+from consumer.redisstore import token_digest
+from consumer.sharedstate import SharedState
+from consumer.worker import Callbacks, Worker
+from tests.unit.test_dedup import MemoryStore, State
+from tests.unit.test_worker import (
+    TOPIC,
+    FakeClient,
+    FakeDlq,
+    FakeRegistry,
+    FakeSource,
+    Message,
+    Run,
+    codec_seq,
+    drive,
+    log_of,
+    settings,
+    track,
+    until,
+)
+
+DIGEST = token_digest("wt_0123456789abcdef")
+
+
+def make(log: dict[tuple[str, int], list[Message]], store: MemoryStore,
+         **env: str) -> tuple[Run, Metrics, Deduplicator]:
+    metrics = Metrics(CollectorRegistry())
+    client, dlq, registry = FakeClient(), FakeDlq(), FakeRegistry()
+    made: list[FakeSource] = []
+
+    def source(cb: Callbacks) -> FakeSource:
+        made.append(FakeSource(cb, log))
+        return made[-1]
+
+    s = settings(**env)
+    dedup = Deduplicator(store, DIGEST, busy_retry_min_s=0.01)
+    shared = SharedState(limiters={"track": AdaptiveLimiter(s.rate_limit, s.rate_period_s,
+                                                             s.rate_burst)}, dedup=dedup)
+    worker = Worker(s, metrics, Health(metrics), client=client, registry=registry, dlq=dlq,
+                    source=source, shared=shared)
+    return Run(worker, client, dlq, registry, made), metrics, dedup
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def finished_to(offset: int) -> object:
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == offset, f"commit {offset}")
+    return scenario
+
+
+def test_a_repeated_message_id_is_sent_once_and_counted_as_duplicate() -> None:
+    store = MemoryStore()
+    run, metrics, dedup = make(log_of(track("u1", 1), track("u1", 2), track("u1", 1)), store)
+    assert drive(run, finished_to(3)) == 0  # type: ignore[arg-type]
+    assert [codec_seq(b) for b in run.client.bodies] == [1, 2]
+    assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 1
+    assert store.values[dedup.key("track", "u1-1")] == "d"
+    assert store.values[dedup.key("track", "u1-2")] == "d"
+
+
+def test_an_id_recorded_by_another_replica_costs_no_request() -> None:
+    store = MemoryStore()
+    store.values[dedup_key := Deduplicator(store, DIGEST).key("track", "u1-1")] = "d"
+    run, metrics, _ = make(log_of(track("u1", 1)), store)
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert run.client.bodies == []
+    assert store.values[dedup_key] == "d"
+    assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 1
+
+
+def test_dead_letter_releases_the_claim() -> None:
+    store = MemoryStore()
+    run, _, dedup = make(log_of(track("u1", 1)), store)
+    run.client.answers[track_body(1)] = Rejected("bad", status=400)
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert run.dlq.reasons() == ["bad_request"]
+    assert dedup.key("track", "u1-1") not in store.values
+
+
+def test_events_without_message_id_are_sent_as_before() -> None:
+    store = MemoryStore()
+    run, metrics, _ = make(log_of(track("u1", 1, messageId=None),
+                                  track("u1", 1, messageId=None)), store)
+    assert drive(run, finished_to(2)) == 0  # type: ignore[arg-type]
+    assert len(run.client.bodies) == 2
+    assert store.values == {}
+    assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 0
+
+
+def test_redis_down_delivers_every_event_unchecked() -> None:
+    store = MemoryStore(fail=True)
+    run, metrics, _ = make(log_of(track("u1", 1), track("u1", 1)), store)
+    assert drive(run, finished_to(2)) == 0  # type: ignore[arg-type]
+    assert len(run.client.bodies) == 2
+    assert sample(metrics, "userpilot_dedup_unchecked_total", endpoint="track") == 2
+
+
+class Handover(MemoryStore):
+    """Another owner holds the claim; it confirms (or releases) on the third look."""
+
+    def __init__(self, key: str, then: str | None) -> None:
+        super().__init__()
+        self.values[key] = "c:other"
+        self.key, self.then, self.looks = key, then, 0
+
+    async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+        if key == self.key and self.values.get(key) == "c:other":
+            self.looks += 1
+            if self.looks >= 3:
+                if self.then is None:
+                    del self.values[key]
+                else:
+                    self.values[key] = self.then
+        state, _ = await super().claim(key, owner, ttl_ms)
+        return state, 0.02
+
+
+def test_busy_waits_for_the_other_owner_then_finishes_as_duplicate() -> None:
+    store = Handover(Deduplicator(MemoryStore(), DIGEST).key("track", "u1-1"), "d")
+    run, metrics, _ = make(log_of(track("u1", 1)), store)
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert run.client.bodies == [] and store.looks >= 3
+    assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 1
+
+
+def test_busy_waits_for_the_other_owner_then_sends_when_released() -> None:
+    store = Handover(Deduplicator(MemoryStore(), DIGEST).key("track", "u1-1"), None)
+    run, _, _ = make(log_of(track("u1", 1)), store)
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert [codec_seq(b) for b in run.client.bodies] == [1]
+
+
+def test_owner_is_unique_per_process_and_record() -> None:
+    store = MemoryStore()
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"a", track("a", 1)),
+                        Message(TOPIC, 0, 1, b"b", track("b", 1))]}
+    run, _, dedup = make(log, store)
+    owners: list[str] = []
+    real_claim = store.claim
+
+    async def claim(key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+        owners.append(owner)
+        return await real_claim(key, owner, ttl_ms)
+
+    store.claim = claim  # type: ignore[method-assign]
+    assert drive(run, finished_to(2)) == 0  # type: ignore[arg-type]
+    instance = run.worker.handler.instance
+    assert set(owners) == {f"{instance}/{TOPIC}/0/0", f"{instance}/{TOPIC}/0/1"}
+    # Claimed before the limiter and renewed before the request: two claims per event.
+    assert len(owners) == 4
+    other = Worker(settings(), Metrics(CollectorRegistry()),
+                   Health(Metrics(CollectorRegistry())), client=FakeClient(),
+                   registry=FakeRegistry(), dlq=FakeDlq(), source=lambda cb: FakeSource(cb, {}))
+    assert other.handler.instance != instance
+    assert dedup.key("track", "a-1") in store.values
+
+
+def test_shutdown_releases_claims_of_events_not_sent_yet() -> None:
+    # One request per minute: the first event is sent, the second waits for the limiter
+    # holding its claim; shutdown abandons it and must hand the claim on.
+    store = MemoryStore()
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"a", track("a", 1)),
+                        Message(TOPIC, 0, 1, b"b", track("b", 1))]}
+    run, _, dedup = make(log, store, USERPILOT_RATE_LIMIT="1", USERPILOT_RATE_BURST="1",
+                         USERPILOT_RATE_PERIOD_SECONDS="60")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(run.client.bodies) == 1, "the first request")
+        await until(lambda: store.values.get(dedup.key("track", "b-1"), "").startswith("c:"),
+                    "the second event's claim")
+        await asyncio.sleep(0.05)
+
+    assert drive(run, scenario) == 0
+    assert len(run.client.bodies) == 1
+    assert dedup.key("track", "b-1") not in store.values, "abandoned claim released"
+    assert store.values[dedup.key("track", "a-1")] == "d"
+
+
+def track_body(seq: int) -> bytes:
+    """The body the mapping makes of `track("u1", seq)` (the FakeClient keys answers by it)."""
+    from consumer import codec
+    from consumer.routing import Send, route
+    s = settings()
+    decision = route(codec.decode(track("u1", seq), lambda _: codec.SCHEMA), s.consent,
+                     s.mappings)
+    assert isinstance(decision, Send)
+    json.loads(decision.body)
+    return decision.body
+
+
+class SlowConfirm(MemoryStore):
+    """The confirm takes a while (a slow Redis round trip); `confirming` is set meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.confirming = False
+
+    async def confirm(self, key: str, ttl_ms: int) -> None:
+        self.confirming = True
+        await asyncio.sleep(0.3)
+        await super().confirm(key, ttl_ms)
+
+
+def test_shutdown_during_the_confirm_waits_for_it_and_finishes_the_event() -> None:
+    store = SlowConfirm()
+    run, _, dedup = make(log_of(track("u1", 1)), store)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: store.confirming, "the confirm under way")
+
+    assert drive(run, scenario) == 0  # stop() arrives while the confirm runs
+    assert store.values[dedup.key("track", "u1-1")] == "d"
+    assert run.worker.committed == {(TOPIC, 0): 1}
