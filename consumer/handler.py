@@ -2,8 +2,11 @@
 
     decide (decode + route, pure, total) ─┬─ Drop ───────────────────────────▶ Dropped
                                           ├─ DeadLetter ─▶ dead_letter ───────▶ DeadLettered
-                                          └─ Send ─▶ deliver (gate, limiter, retries)
-                                                      ├─ 2xx ──────────────────▶ Delivered
+                                          └─ Send ─▶ deliver: each call of the event in
+                                                      order (ensure-user identify first when
+                                                      needed), each through the gate, its
+                                                      family's limiter and retries
+                                                      ├─ every call 2xx ───────▶ Delivered
                                                       └─ permanent / given up ─▶ DeadLettered
 
 `decide` is total: an exception raised while decoding, routing or mapping one event
@@ -11,9 +14,10 @@ becomes that event's dead letter (`UndecodableEvent`, or `MappingError` for anyt
 else), so no event can stop a partition. Only the DLQ guard (`DlqGuardTripped`) escapes
 `handle`: it stops the worker.
 
-Where new steps go: a per-event step before sending (deduplication, an ensure-user
-identify) belongs in `handle` between `decide` and `_deliver`; a limiter per endpoint
-family is chosen in `limiter_for`.
+Where new steps go: a per-event step before sending (deduplication) belongs in `handle`
+between `decide` and `_deliver`; one request goes out in `_send_call`, through the
+limiter of its endpoint family (`limiter_for`). An event's `CallPlan` lives on the
+`Event`, so calls already answered are not sent again when the event is handled again.
 
 Thread rule: everything here runs on the event loop. `Event.on_wire` is read by the
 worker (same loop) to decide what a revoke or shutdown must wait for.
@@ -30,6 +34,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from consumer import codec
+from consumer.calls import Call, CallPlan, KnownUsers
 from consumer.config import Settings
 from consumer.deadletter import DlqGuard, Failure, dlq_headers
 from consumer.errors import (
@@ -67,10 +72,10 @@ log = logging.getLogger(__name__)
 
 
 class TrackClient(Protocol):
-    """Sends one request body; returns on 2xx, raises the classified error otherwise
+    """Sends one call; returns on 2xx, raises the classified error otherwise
     (`delivery.UserpilotClient`)."""
 
-    async def track(self, body: bytes) -> None: ...
+    async def send(self, call: Call) -> int: ...
     async def aclose(self) -> None: ...
 
 
@@ -107,6 +112,7 @@ class Event:
     event_time: str | None = None
     on_wire: bool = False  # an HTTP request or a DLQ produce of it is under way
     attempts: Attempts = field(default_factory=Attempts)
+    plan: CallPlan | None = None  # the calls of a Send, resumed where a failure stopped
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -115,7 +121,7 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """Userpilot accepted the call (any 2xx)."""
+    """Userpilot accepted every call of the event (any 2xx)."""
 
     event_name: str
     attempts: int
@@ -178,7 +184,9 @@ class Handler:
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, Any] = {}
         self._delivered: dict[str, Any] = {}
-        self._accepted = metrics.responses.labels("202")
+        self._accepted: dict[tuple[int, str], Any] = {}
+        self.known = KnownUsers(settings.ensure_user_cache) if settings.ensure_user else None
+        """Users this replica identified (ensure-user); None when USERPILOT_ENSURE_USER=false."""
 
     # -- decide: pure and total ---------------------------------------------------------
     def decide(self, event: Event) -> bool:
@@ -262,40 +270,63 @@ class Handler:
         return Dropped(drop)
 
     # -- deliver ------------------------------------------------------------------------
-    def limiter_for(self, send: Send) -> Limiter:
-        """The limiter of the endpoint family `send` goes to (one family today: track)."""
-        return self.limiters("track")
+    def limiter_for(self, call: Call) -> Limiter:
+        """The limiter of the endpoint family `call` goes to (track or identify)."""
+        return self.limiters(call.family)
 
     async def _deliver(self, event: Event, send: Send) -> None:
-        limiter = self.limiter_for(send)
+        """Send the event's calls in order; the first that fails ends the event.
+
+        A DeadLetter (or a Retry given up) of any call dead-letters the whole event, with
+        the event's own bytes and headers, as for a Track.
+        """
+        plan = event.plan
+        if plan is None:
+            plan = event.plan = CallPlan(send.calls, self.known)
+        while (call := plan.next_call()) is not None:
+            await self._send_call(event, call)
+            plan.succeeded(call)
+            event.attempts.answered = 0  # each call has the whole retry budget
+            if call.purpose == "ensure_user":
+                self.m.ensure_user_identify.inc()
+
+    async def _send_call(self, event: Event, call: Call) -> None:
+        """One request: the gate, its family's limiter and the retry policy."""
+        limiter = self.limiter_for(call)
+        wait = self.m.limiter_wait.labels(call.family)
 
         async def wait_for_limiter() -> None:
-            self.m.limiter_wait.observe(await limiter.acquire())
+            wait.observe(await limiter.acquire())
 
-        await self.policy.run(lambda: self._attempt(event, send, limiter), event.attempts,
+        await self.policy.run(lambda: self._attempt(event, call, limiter), event.attempts,
                               before_send=wait_for_limiter)
 
-    async def _attempt(self, event: Event, send: Send, limiter: Limiter) -> None:
+    async def _attempt(self, event: Event, call: Call, limiter: Limiter) -> None:
         start = time.perf_counter()
         event.on_wire = True
+        endpoint = call.endpoint
         try:
-            await self.client.track(send.body)
-            self._accepted.inc()
+            status = await self.client.send(call)
+            accepted = self._accepted.get((status, endpoint))
+            if accepted is None:
+                accepted = self._accepted[(status, endpoint)] = self.m.responses.labels(
+                    str(status), endpoint)
+            accepted.inc()
         except Timeout:
-            self.m.responses.labels("timeout").inc()
+            self.m.responses.labels("timeout", endpoint).inc()
             raise
         except ConnectionFailed:
-            self.m.responses.labels("connection_error").inc()
+            self.m.responses.labels("connection_error", endpoint).inc()
             raise
         except (Retry, Pause, DeadLetter) as exc:
-            self.m.responses.labels(str(exc.status)).inc()
+            self.m.responses.labels(str(exc.status), endpoint).inc()
             if isinstance(exc, RateLimited):
                 limiter.slow_down()
-                self.m.rate_limit_rps.set(limiter.rate)
+                self.m.rate_limit_rps.labels(call.family).set(limiter.rate)
             raise
         finally:
             event.on_wire = False
-            self.m.delivery_latency.observe(time.perf_counter() - start)
+            self.m.delivery_latency.labels(endpoint).observe(time.perf_counter() - start)
 
     # -- dead-letter --------------------------------------------------------------------
     async def _dead_letter(self, event: Event, exc: DeadLetter | Retry) -> DeadLettered:

@@ -18,12 +18,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Literal, TypeAlias
 
 __all__ = [
-    "FAMILIES",
     "AdaptiveLimiter",
-    "FamilyLimiters",
     "effective_burst",
     "partition_share",
     "safe_rate",
@@ -179,43 +176,3 @@ class AdaptiveLimiter:
                     return self._clock() - start
                 await asyncio.sleep(wait)
 
-
-Family: TypeAlias = Literal["track", "identify"]
-FAMILIES: tuple[Family, ...] = ("track", "identify")
-
-
-class FamilyLimiters:
-    """One :class:`AdaptiveLimiter` per endpoint family, or one for all when ``shared``.
-
-    Userpilot limits track and identify to ``limit`` per ``period`` per token *each*, so
-    each family gets the full budget and its own 429 feedback: a 429 on identify slows
-    identify only. ``shared`` (for accounts where one budget turns out to be the rule)
-    makes every family the same limiter. Shares follow the partition assignment as before.
-    """
-
-    def __init__(
-        self, limit: int, period_s: float, burst: int = 1, *, shared: bool = False,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.shared = shared
-        first = AdaptiveLimiter(limit, period_s, burst, clock=clock)
-        self._by_family: dict[Family, AdaptiveLimiter] = {
-            family: first if shared or index == 0
-            else AdaptiveLimiter(limit, period_s, burst, clock=clock)
-            for index, family in enumerate(FAMILIES)
-        }
-
-    def __getitem__(self, family: Family) -> AdaptiveLimiter:
-        return self._by_family[family]
-
-    def set_share(self, share: float) -> None:
-        for limiter in self.distinct():
-            limiter.set_share(share)
-
-    def distinct(self) -> list[AdaptiveLimiter]:
-        """Each limiter once (one when shared)."""
-        return list({id(limiter): limiter for limiter in self._by_family.values()}.values())
-
-    def rates(self) -> dict[Family, float]:
-        """Current requests per second by family (for the rate gauge's ``endpoint`` label)."""
-        return {family: limiter.rate for family, limiter in self._by_family.items()}

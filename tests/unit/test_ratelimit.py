@@ -12,7 +12,6 @@ import pytest
 from consumer.ratelimit import (
     JITTER_MARGIN,
     AdaptiveLimiter,
-    FamilyLimiters,
     partition_share,
     safe_rate,
 )
@@ -302,32 +301,6 @@ def test_acquire_with_share_zero_rechecks_until_a_share_arrives(
     assert 3.0 <= waited <= 4.0
 
 
-# ---------------------------------------------------------------------------- families
-
-
-def test_each_family_has_its_own_full_budget_and_429_feedback() -> None:
-    limiters = FamilyLimiters(600, 60.0, clock=FakeClock())
-    assert limiters["track"] is not limiters["identify"]
-    full = safe_rate(600, 60.0, 1)
-    assert limiters.rates() == {"track": pytest.approx(full), "identify": pytest.approx(full)}
-    limiters["identify"].slow_down()
-    assert limiters["identify"].rate == pytest.approx(full / 2)
-    assert limiters["track"].rate == pytest.approx(full)  # a 429 on identify slows identify
-
-
-def test_shared_families_are_one_limiter() -> None:
-    limiters = FamilyLimiters(600, 60.0, shared=True, clock=FakeClock())
-    assert limiters["track"] is limiters["identify"]
-    assert len(limiters.distinct()) == 1
-    limiters["track"].slow_down()
-    assert limiters["identify"].rate == pytest.approx(safe_rate(600, 60.0, 1) / 2)
-
-
-def test_family_shares_follow_the_assignment() -> None:
-    limiters = FamilyLimiters(600, 60.0, clock=FakeClock())
-    limiters.set_share(0.5)
-    half = safe_rate(600, 60.0, 1, 0.5)
-    assert limiters.rates() == {"track": pytest.approx(half), "identify": pytest.approx(half)}
 def test_peek_does_not_reserve() -> None:
     clock = FakeClock()
     limiter = AdaptiveLimiter(60, 60.0, 1, clock=clock)
