@@ -60,11 +60,15 @@ def test_demo_set_arrives_exactly_as_explained(
         delivered = sum(w.metric("userpilot_events_delivered_total", event_name=d["request"]
                                  ["body"]["event_name"]) for d in tracks)
         assert delivered == 11
-        assert w.metric("userpilot_events_delivered_total", event_name="identify") == 1
+        assert w.metric("userpilot_events_delivered_total", event_name="identify") == 2
+        assert w.metric("userpilot_events_delivered_total", event_name="group") == 2
         assert w.metric("userpilot_responses_total", status="202", endpoint="track") == 11
         identifies = sum(1 for r in requests if r["url"].endswith("/v1/identify"))
         assert w.metric("userpilot_responses_total", status="202",
                         endpoint="identify") == identifies
+        companies = sum(1 for r in requests if r["url"].endswith("/v1/companies/identify"))
+        assert w.metric("userpilot_responses_total", status="200",
+                        endpoint="company_identify") == companies == 2
         assert w.metric("userpilot_ensure_user_identify_total") == sum(
             1 for r in requests if r["purpose"] == "ensure_user")
     assert w.exit_code == 0
