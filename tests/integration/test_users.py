@@ -214,3 +214,37 @@ def test_consent_and_anonymous_rules_hold_for_identify_and_group(
         ("/v1/identify", json.dumps({"user_id": "c", "metadata": {"seq": 4, "plan": "pro"}},
                                     sort_keys=True)),
     ]
+
+
+def test_a_429_on_identify_slows_identify_only(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """Track has no limit here, identify 2 per 2 s: identifies get 429s and wait, Tracks
+    of other users flow meanwhile, and only the identify limiter slows down."""
+    server, control = sandbox
+    control.set_faults(rate_limit=0, rate_window_seconds=2)
+    control.set_limits(identify_rate_limit=2)
+    topic = topic_factory(partitions=3)
+    identifies = [identify_event(f"i{n}", n) for n in range(8)]
+    tracks = [track_event(f"t{n % 30}", n) for n in range(300)]
+    produce(kafka_bootstrap, schema_registry_url, topic, identifies + tracks)
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     USERPILOT_ENSURE_USER="false", USERPILOT_RATE_LIMIT="6000",
+                     USERPILOT_RATE_BURST="50", USERPILOT_RETRY_MAX_ATTEMPTS="100",
+                     **FAST_RETRY)
+    with WorkerThread(env) as w:
+        wait_until(lambda: len(control.requests("/v1/track")) == len(tracks), 60,
+                   "every Track delivered")
+        identified_by_then = len(control.requests("/v1/identify"))
+        track_rate = w.worker.shared.limiter("track").rate
+        identify_rate = w.worker.shared.limiter("identify").rate
+        wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
+        assert w.metric("userpilot_responses_total", status="429", endpoint="identify") >= 1
+        assert w.metric("userpilot_responses_total", status="429", endpoint="track") == 0
+        assert w.metric("userpilot_events_dead_lettered_total", reason="retries_exhausted") == 0
+    assert identified_by_then < len(identifies), "Track did not wait for identify's budget"
+    assert identify_rate < track_rate, "only the family that got 429s slowed down"
+    assert len(control.requests("/v1/identify")) == len(identifies)
+    assert control.stats()["by_status"].get("429", 0) >= 1
