@@ -286,7 +286,11 @@ class Handler:
         while (call := plan.next_call()) is not None:
             await self._send_call(event, call)
             plan.succeeded(call)
-            event.attempts.answered = 0  # each call has the whole retry budget
+            if not plan.done:
+                # Each call has the whole retry budget, and the attempts a DLQ record
+                # reports are those of the call that failed (first_attempt stays the
+                # event's first).
+                event.attempts.answered = event.attempts.count = 0
             if call.purpose == "ensure_user":
                 self.m.ensure_user_identify.inc()
 

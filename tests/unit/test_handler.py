@@ -153,7 +153,7 @@ def test_group_calls_go_in_order_and_count_by_endpoint() -> None:
     handler, client, _, limiters, reg = make()
     (outcome,) = run(handler, event(0, type="group", userId="u1", groupId="acme",
                                     traits={"name": "Acme"}))
-    assert outcome == Delivered("group", 2)
+    assert outcome == Delivered("group", 1)
     assert client.sent == [
         ("/v1/companies/identify", {"company_id": "acme", "metadata": {"name": "Acme"}}),
         ("/v1/identify", {"user_id": "u1", "company": {"id": "acme"}})]
@@ -192,3 +192,4 @@ def test_a_400_on_any_call_dead_letters_the_event_with_its_own_bytes() -> None:
     assert record["headers"]["trace"] == b"1"
     assert record["headers"]["userpilot.error.status"] == b"400"
     assert record["headers"]["__connect.errors.offset"] == b"3"
+    assert record["headers"]["userpilot.error.attempts"] == b"1", "the failed call's attempts"
