@@ -36,6 +36,7 @@ WORKLOADS: dict[int, tuple[str, str]] = {
     6: ("saturation", "saturation"),
     7: ("memory", "memory"),
     8: ("latency", "latency"),
+    9: ("mixed_saturation", "mixed_saturation"),
 }
 
 
@@ -43,10 +44,10 @@ def _workload_list(text: str) -> list[int]:
     try:
         chosen = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use numbers 1-8, e.g. 1,2,3") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: use numbers 1-9, e.g. 1,2,3") from None
     bad = [n for n in chosen if n not in WORKLOADS]
     if bad or not chosen:
-        raise argparse.ArgumentTypeError(f"{text!r}: workloads are numbered 1-8")
+        raise argparse.ArgumentTypeError(f"{text!r}: workloads are numbered 1-9")
     return chosen
 
 
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true",
                         help="small sizes (under a minute): checks the harness, not targets")
     parser.add_argument("--workloads", type=_workload_list, default=list(WORKLOADS),
-                        help="comma-separated subset of 1-8 (default: all)")
+                        help="comma-separated subset of 1-9 (default: all)")
     parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     parser.add_argument("--bootstrap-servers", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     parser.add_argument("--schema-registry-url", default=os.environ.get("SCHEMA_REGISTRY_URL"))
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connections", type=int, default=None,
                         help="USERPILOT_MAX_CONNECTIONS and the HTTP ceiling's concurrency "
                         "(default: the worker's 64)")
+    parser.add_argument("--sat-limit", type=int, default=None,
+                        help="saturation limit per family per window (default 600; 6 and 9)")
+    parser.add_argument("--sat-window", type=float, default=None,
+                        help="saturation window in seconds (default 60)")
+    parser.add_argument("--sat-windows", type=int, default=None,
+                        help="full windows measured per scenario (default 3)")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser
 
@@ -136,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["max_in_flight"] = args.max_in_flight
     if args.max_connections is not None:
         overrides["max_connections"] = args.max_connections
+    for arg, field in (("sat_limit", "sat_limit"), ("sat_window", "sat_window_s"),
+                       ("sat_windows", "sat_windows")):
+        if getattr(args, arg) is not None:
+            overrides[field] = getattr(args, arg)
     params = dataclasses.replace(params, **overrides)
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
     bench = Bench(args.bootstrap_servers, args.schema_registry_url, params, logs)
