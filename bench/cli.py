@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="saturation window in seconds (default 60)")
     parser.add_argument("--sat-windows", type=int, default=None,
                         help="full windows measured per scenario (default 3)")
+    parser.add_argument("--mixed-track-users", type=int, default=None,
+                        help="users the mixed workload's Tracks rotate over (default 60)")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser
 
@@ -144,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_connections is not None:
         overrides["max_connections"] = args.max_connections
     for arg, field in (("sat_limit", "sat_limit"), ("sat_window", "sat_window_s"),
-                       ("sat_windows", "sat_windows")):
+                       ("sat_windows", "sat_windows"),
+                       ("mixed_track_users", "mixed_track_users")):
         if getattr(args, arg) is not None:
             overrides[field] = getattr(args, arg)
     params = dataclasses.replace(params, **overrides)
