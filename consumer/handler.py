@@ -52,6 +52,7 @@ from consumer.filtering import Drop
 from consumer.logs import event_fields
 from consumer.metrics import Metrics
 from consumer.policy import Attempts, RetryPolicy
+from consumer.ratelimit import PriorityLane
 from consumer.routing import Send, route
 from consumer.sharedstate import Limiter
 
@@ -185,6 +186,7 @@ class Handler:
         self._drops: dict[Drop, Any] = {}
         self._delivered: dict[str, Any] = {}
         self._accepted: dict[tuple[int, str], Any] = {}
+        self._lanes: dict[int, PriorityLane] = {}  # by limiter: one when families share
         self.known = KnownUsers(settings.ensure_user_cache) if settings.ensure_user else None
         """Users this replica identified (ensure-user); None when USERPILOT_ENSURE_USER=false."""
 
@@ -294,13 +296,27 @@ class Handler:
             if call.purpose == "ensure_user":
                 self.m.ensure_user_identify.inc()
 
+    def _lane(self, limiter: Limiter) -> PriorityLane:
+        lane = self._lanes.get(id(limiter))
+        if lane is None:
+            lane = self._lanes[id(limiter)] = PriorityLane(limiter)
+        return lane
+
     async def _send_call(self, event: Event, call: Call) -> None:
-        """One request: the gate, its family's limiter and the retry policy."""
+        """One request: the gate, its family's limiter and the retry policy.
+
+        A call that another call of the same user waits for (the ensure-user identify in
+        front of a Track, the company association after a company identify) takes the
+        family's next slot before queued events (`PriorityLane`), so a saturated identify
+        backlog cannot stall that user's Tracks.
+        """
         limiter = self.limiter_for(call)
+        lane = self._lane(limiter)
+        urgent = call.purpose in ("ensure_user", "associate_company")
         wait = self.m.limiter_wait.labels(call.family)
 
         async def wait_for_limiter() -> None:
-            wait.observe(await limiter.acquire())
+            wait.observe(await lane.acquire(urgent))
 
         await self.policy.run(lambda: self._attempt(event, call, limiter), event.attempts,
                               before_send=wait_for_limiter)

@@ -16,11 +16,15 @@ rebalance. On 429 the rate halves (multiplicative decrease) and recovers additiv
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 __all__ = [
     "AdaptiveLimiter",
+    "PriorityLane",
     "effective_burst",
     "partition_share",
     "safe_rate",
@@ -176,3 +180,64 @@ class AdaptiveLimiter:
                     return self._clock() - start
                 await asyncio.sleep(wait)
 
+
+class _Acquires(Protocol):
+    def acquire(self) -> Awaitable[float]: ...
+
+
+class PriorityLane:
+    """Hands one limiter's slots to its waiters, urgent ones first, then in arrival order.
+
+    Why: an identify *event* and the ensure-user identify in front of a user's Track share
+    the identify budget. In plain arrival order, with the identify backlog saturating its
+    limit, the ensure-user waits behind every queued identify event while the user's Tracks
+    (another family, with budget to spare) wait behind it: measured, Track fell to 40-65 %
+    of its limit. Urgent callers take the next slot instead; the budget itself is the
+    limiter's, unchanged (every slot still comes from ``limiter.acquire``).
+
+    One pump task acquires a slot while anyone waits and gives it to the most urgent
+    waiter still waiting; a slot whose waiter left meanwhile is wasted, never exceeded.
+    """
+
+    __slots__ = ("_clock", "_limiter", "_pump", "_seq", "_waiters")
+
+    def __init__(self, limiter: _Acquires, clock: Callable[[], float] = time.monotonic) -> None:
+        self._limiter = limiter
+        self._clock = clock
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._pump: asyncio.Task[None] | None = None
+
+    async def acquire(self, urgent: bool = False) -> float:
+        """Wait for a slot of the limiter; returns the seconds waited."""
+        start = self._clock()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (0 if urgent else 1, next(self._seq), future))
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.create_task(self._run())
+        try:
+            await future
+        finally:
+            if not future.done():
+                future.cancel()  # left the queue: the pump skips it
+        return self._clock() - start
+
+    async def _run(self) -> None:
+        while any(not f.done() for _, _, f in self._waiters):
+            try:
+                await self._limiter.acquire()
+            except Exception as exc:  # hand the failure to one waiter, keep serving others
+                self._grant(exc)
+                continue
+            self._grant(None)
+
+    def _grant(self, error: Exception | None) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+            return
