@@ -244,10 +244,12 @@ def test_scrape_after_demo_set_exports_every_used_name_and_counts_match(
     assert value(m, "userpilot_delivery_latency_seconds_count", endpoint="track") == 11
     assert value(m, "userpilot_delivery_latency_seconds_count",
                  endpoint="identify") == identifies
-    assert value(m, "userpilot_event_age_seconds_count") == 11
+    assert value(m, "userpilot_delivery_latency_seconds_count",
+                 endpoint="company_identify") == companies
+    assert value(m, "userpilot_event_age_seconds_count") == 15  # every delivered event
     assert value(m, "userpilot_rate_limiter_wait_seconds_count", endpoint="track") == 11
     assert value(m, "userpilot_rate_limiter_wait_seconds_count",
-                 endpoint="identify") == identifies
+                 endpoint="identify") == identifies + companies  # the identify family
     assert value(m, "userpilot_in_flight_events") == 0
     assert value(m, "userpilot_paused_partitions") == 0
     assert value(m, "userpilot_integration_up") == 1
