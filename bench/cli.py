@@ -39,8 +39,9 @@ WORKLOADS: dict[int, tuple[str, str]] = {
     9: ("skewed_keys", "skewed_keys"),
     10: ("sigkill_duplicates", "sigkill_duplicates"),
     11: ("redis_cpu", "redis_cpu"),
+    12: ("mixed_saturation", "mixed_saturation"),
 }
-DEFAULT_WORKLOADS = [1, 2, 3, 4, 5, 6, 7, 8]
+DEFAULT_WORKLOADS = [1, 2, 3, 4, 5, 6, 7, 8, 12]
 """Without --workloads: 1-8; the Redis workloads 9-11 are asked for explicitly."""
 
 
@@ -48,10 +49,10 @@ def _workload_list(text: str) -> list[int]:
     try:
         chosen = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: use numbers 1-11, e.g. 1,2,3") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: use numbers 1-12, e.g. 1,2,3") from None
     bad = [n for n in chosen if n not in WORKLOADS]
     if bad or not chosen:
-        raise argparse.ArgumentTypeError(f"{text!r}: workloads are numbered 1-11")
+        raise argparse.ArgumentTypeError(f"{text!r}: workloads are numbered 1-12")
     return chosen
 
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smoke", action="store_true",
                         help="small sizes (under a minute): checks the harness, not targets")
     parser.add_argument("--workloads", type=_workload_list, default=list(DEFAULT_WORKLOADS),
-                        help="comma-separated subset of 1-11 (default: 1-8; 9-11 need Redis)")
+                        help="comma-separated subset of 1-12 (default: 1-8, 12; 9-11 need Redis)")
     parser.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     parser.add_argument("--bootstrap-servers", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     parser.add_argument("--schema-registry-url", default=os.environ.get("SCHEMA_REGISTRY_URL"))
@@ -80,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connections", type=int, default=None,
                         help="USERPILOT_MAX_CONNECTIONS and the HTTP ceiling's concurrency "
                         "(default: the worker's 64)")
+    parser.add_argument("--sat-limit", type=int, default=None,
+                        help="saturation limit per family per window (default 600; 6 and 9)")
+    parser.add_argument("--sat-window", type=float, default=None,
+                        help="saturation window in seconds (default 60)")
+    parser.add_argument("--sat-windows", type=int, default=None,
+                        help="full windows measured per scenario (default 3)")
+    parser.add_argument("--mixed-track-users", type=int, default=None,
+                        help="users the mixed workload's Tracks rotate over (default 60)")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser
 
@@ -143,6 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["max_in_flight"] = args.max_in_flight
     if args.max_connections is not None:
         overrides["max_connections"] = args.max_connections
+    for arg, field in (("sat_limit", "sat_limit"), ("sat_window", "sat_window_s"),
+                       ("sat_windows", "sat_windows"),
+                       ("mixed_track_users", "mixed_track_users")):
+        if getattr(args, arg) is not None:
+            overrides[field] = getattr(args, arg)
     params = dataclasses.replace(params, **overrides)
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
     bench = Bench(args.bootstrap_servers, args.schema_registry_url, params, logs,

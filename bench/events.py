@@ -21,6 +21,8 @@ __all__ = [
     "Template",
     "delivered_event",
     "dropped_events",
+    "identify_event",
+    "mixed_messages",
     "sent_ns_of",
     "templates",
 ]
@@ -66,6 +68,34 @@ def _event(kind: Kind) -> dict[str, Any]:
 def delivered_event() -> dict[str, Any]:
     """The mapped, consented event every delivery workload sends (placeholders unstamped)."""
     return _event("deliver")
+
+
+def identify_event() -> dict[str, Any]:
+    """An identify with realistic traits (placeholders unstamped): one /v1/identify call."""
+    return {
+        "type": "identify",
+        "userId": USER_MARK,
+        "anonymousId": "anon-" + USER_MARK,
+        "traits": {"name": "Jane Doe", "email": "jane@example.com", "plan": "growth",
+                   "createdAt": "2026-01-15T09:00:00.000Z",
+                   "address": {"city": "London", "country": "GB"}},
+        "context": {"consent": {"analytics": True, "marketing": False},
+                    "locale": "en-GB", "timezone": "Europe/London"},
+        "timestamp": "2026-11-26T10:00:00.000Z",
+        "messageId": MSG_MARK,
+    }
+
+
+def mixed_messages(track: Template, identify: Template, count: int, track_users: int,
+                   ) -> Iterator[tuple[bytes, bytes]]:
+    """Alternating Track and identify events: Tracks rotate over `track_users` users (each
+    needs one ensure-user identify, then only Tracks), identifies each go to a new user in
+    a separate range, so no user's Tracks queue behind an identify."""
+    for seq in range(count):
+        if seq % 2 == 0:
+            yield track.render(Stamp((seq // 2) % track_users, seq))
+        else:
+            yield identify.render(Stamp(1_000_000 + seq, seq))
 
 
 def dropped_events() -> list[dict[str, Any]]:

@@ -118,6 +118,15 @@ def targets(results: Mapping[str, Any]) -> list[Target]:
                 100 * sat["min_window_share"], ">=", 98.0, "%",
                 extra_ok=sat["responses_429"] == 0,
                 note=f"{sat['responses_429']} × 429"))
+    for label in ("1_worker", "3_workers"):
+        mixed = _get(results, "workloads", "mixed_saturation", label)
+        if mixed:
+            for family in ("track", "identify"):
+                rows.append(Target(
+                    f"mixed {family}, {label.replace('_', ' ')} (min window share)",
+                    100 * mixed[family]["min_window_share"], ">=", 98.0, "%",
+                    extra_ok=mixed["responses_429"] == 0,
+                    note=f"{mixed['responses_429']} × 429"))
     mem = _get(results, "workloads", "memory")
     if mem:
         rows.append(Target("peak RSS, backlog draining", mem["peak_rss_mb"], "<=", 200.0, "MB",

@@ -77,6 +77,7 @@ class Params:
     sat_window_s: float = 60.0
     sat_windows: int = 3
     sat_parallel: bool = False
+    mixed_track_users: int = 60
     memory_events: int = 1_000_000
     memory_latency_ms: float = 50.0
     memory_min_s: float = 60.0
@@ -411,6 +412,86 @@ class Bench:
                 "mean_window_share": sum(shares) / len(shares) if shares else 0.0,
                 "busiest_sliding_window": busiest,
                 "responses_429": int(sandbox.control.stats()["by_status"].get("429", 0))}
+
+    # -- 9 ---------------------------------------------------------------------------
+    def mixed_saturation(self) -> dict[str, Any]:
+        """Identify + Track backlog: each family saturates its own limit, 0 × 429.
+
+        The sandbox limits track and identify to `sat_limit` per `sat_window_s` each (as
+        Userpilot does); half the backlog is identify events (new users), half Tracks of
+        `mixed_track_users` users (one ensure-user identify each, which counts against
+        the identify budget). One sandbox per scenario, 1 then 3 workers.
+        """
+        p = self.params
+        count = p.sat_limit * (p.sat_windows + 1) * 2 * 2
+        out: dict[str, Any] = {"limit_per_family": p.sat_limit, "window_s": p.sat_window_s,
+                               "windows": p.sat_windows, "partitions": p.partitions,
+                               "backlog_events": count, "track_users": p.mixed_track_users}
+        topic = self._mixed_backlog(count)
+        for n in (1, 3):
+            label = f"{n}_worker" + ("s" if n > 1 else "")
+            sandbox = SandboxProcess(rate_limit=p.sat_limit, rate_window_s=p.sat_window_s)
+            workers: list[WorkerProcess] = []
+            try:
+                workers = [self.worker(sandbox, topic, f"mixed{n}", {
+                    "USERPILOT_RATE_LIMIT": str(p.sat_limit),
+                    "USERPILOT_RATE_PERIOD_SECONDS": f"{p.sat_window_s:g}"}) for _ in range(n)]
+                _wait(_answered_any(sandbox), 120, *workers)
+                time.sleep(p.sat_windows * p.sat_window_s + 0.5)
+                finished = time.time()
+                for worker in workers:
+                    if not worker.alive():
+                        raise RuntimeError(f"mixed worker exited:\n{worker.tail()}")
+                out[label] = self._mixed_figures(sandbox, n, finished)
+            finally:
+                for worker in workers:
+                    worker.kill()
+                sandbox.stop()
+            for family in ("track", "identify"):
+                fam = out[label][family]
+                self.note(f"12 mixed {family}, {label.replace('_', ' ')}",
+                          f"{100 * fam['min_window_share']:.1f}% of its limit (worst window), "
+                          f"{out[label]['responses_429']} × 429")
+        return out
+
+    def _mixed_backlog(self, count: int) -> str:
+        key = f"mixed-{count}"
+        if key not in self._backlogs:
+            topic = self.topic(key)
+            schema_id = register_schema(self.registry, topic)
+            track = ev.Template.of(schema_id, ev.delivered_event())
+            identify = ev.Template.of(schema_id, ev.identify_event())
+            produce_backlog(self.bootstrap, topic, ev.mixed_messages(
+                track, identify, count, self.params.mixed_track_users))
+            self._backlogs[key] = topic
+        return self._backlogs[key]
+
+    def _mixed_figures(self, sandbox: SandboxProcess, workers: int, finished: float,
+                       ) -> dict[str, Any]:
+        """Per family: accepted requests per full window from the first request of any."""
+        p = self.params
+        records = sandbox.control.requests()
+        if not records:
+            raise RuntimeError(f"mixed saturation ({workers} workers): nothing delivered")
+        start = min(r["received_at"] for r in records)
+        full = int((finished - start) // p.sat_window_s)
+        out: dict[str, Any] = {"workers": workers, "full_windows": full}
+        for family, paths in (("track", ("/v1/track",)),
+                              ("identify", ("/v1/identify", "/v1/companies/identify"))):
+            counts = [0] * full
+            for r in records:
+                if r["path"] in paths:
+                    k = int((r["received_at"] - start) // p.sat_window_s)
+                    if k < full:
+                        counts[k] += 1
+            shares = [c / p.sat_limit for c in counts]
+            out[family] = {"window_counts": counts, "window_shares": shares,
+                           "min_window_share": min(shares) if shares else 0.0}
+        ensure = sum(1 for r in records
+                     if r["path"] == "/v1/identify" and set(r["body"]) == {"user_id"})
+        out["ensure_user_identifies"] = ensure
+        out["responses_429"] = int(sandbox.control.stats()["by_status"].get("429", 0))
+        return out
 
     # -- 7 ---------------------------------------------------------------------------
     def memory(self) -> dict[str, Any]:

@@ -79,6 +79,8 @@ ENV_VARS: frozenset[str] = REDIS_ENV_VARS | frozenset({
     "USERPILOT_MAX_METADATA_BYTES",
     "USERPILOT_MAX_METADATA_KEYS",
     "USERPILOT_CA_BUNDLE",
+    "USERPILOT_ENSURE_USER",
+    "USERPILOT_ENSURE_USER_CACHE",
     "KAFKA_BOOTSTRAP_SERVERS",
     "KAFKA_TOPICS",
     "KAFKA_GROUP_ID",
@@ -225,11 +227,18 @@ class Settings:
     redis: RedisSettings | None = None
     rate_limit_shared: bool = False
     ca_bundle: str | None = None  # USERPILOT_CA_BUNDLE: PEM file of CAs to trust for HTTPS
+    ensure_user: bool = True  # USERPILOT_ENSURE_USER: bare identify before a user's 1st Track
+    ensure_user_cache: int = 100_000  # USERPILOT_ENSURE_USER_CACHE: users remembered (LRU)
+
+    @property
+    def base_url(self) -> str:
+        """Scheme and host of Userpilot's API; calls append their path (``/v1/track``)."""
+        scheme = "http" if self.insecure_http else "https"
+        return f"{scheme}://{self.analytics_endpoint}"
 
     @property
     def track_url(self) -> str:
-        scheme = "http" if self.insecure_http else "https"
-        return f"{scheme}://{self.analytics_endpoint}/v1/track"
+        return f"{self.base_url}/v1/track"
 
     def headers(self) -> dict[str, str]:
         """Userpilot's required headers, token included: send them, never log them."""
@@ -270,6 +279,8 @@ class Settings:
                           "backoff_max_seconds": self.retry_backoff_max_s},
                 "max_connections": self.max_connections,
                 "ca_bundle": self.ca_bundle,
+                "ensure_user": self.ensure_user,
+                "ensure_user_cache": self.ensure_user_cache,
             },
             "consent": {"categories": list(self.consent.categories),
                         "missing": self.consent.missing,
@@ -787,6 +798,8 @@ def load_settings(
     dlq_consecutive = r.integer("WORKER_DLQ_MAX_CONSECUTIVE", 50, 1, 1_000_000)
     replay_max = r.integer("WORKER_REPLAY_MAX", 3, 0, 1000)
     redis, rate_limit_shared = _redis(r)
+    ensure_user = r.boolean("USERPILOT_ENSURE_USER", True)
+    ensure_user_cache = r.integer("USERPILOT_ENSURE_USER_CACHE", 100_000, 1, 10_000_000)
 
     if not r.problems and check_clients and kafka_extra:
         from consumer.librdkafka import client_problem
@@ -816,4 +829,5 @@ def load_settings(
         log_level=log_level, dlq_max_ratio=dlq_ratio, dlq_window=dlq_window,
         dlq_max_consecutive=dlq_consecutive, replay_max=replay_max, notes=tuple(r.notes),
         redis=redis, rate_limit_shared=rate_limit_shared, ca_bundle=ca_bundle,
+        ensure_user=ensure_user, ensure_user_cache=ensure_user_cache,
     )

@@ -1,4 +1,5 @@
-"""The Userpilot edge: one Track request, and the one place HTTP outcomes are classified.
+"""The Userpilot edge: one request (Track, identify, company identify), and the one place
+HTTP outcomes are classified.
 
 `classify` turns a status into what happens next (see consumer.errors); `UserpilotClient`
 maps transport failures the same way. Nothing else in the package looks at a status code.
@@ -14,6 +15,8 @@ import ssl
 import time
 from collections.abc import Mapping
 from datetime import UTC
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import aiohttp
 import certifi
@@ -29,6 +32,9 @@ from consumer.errors import (
     Timeout,
     WorkerError,
 )
+
+if TYPE_CHECKING:
+    from consumer.calls import Call
 
 __all__ = ["UserpilotClient", "classify", "parse_retry_after", "ssl_context"]
 
@@ -129,6 +135,8 @@ class UserpilotClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._url = url
+        parts = urlsplit(url)
+        self._base = f"{parts.scheme}://{parts.netloc}"
         self._client: httpx.AsyncClient = HttpxAiohttpClient(
             headers={"User-Agent": USER_AGENT, **headers},
             timeout=httpx.Timeout(timeout_s),
@@ -138,10 +146,21 @@ class UserpilotClient:
             transport=transport,
         )
 
-    async def track(self, body: bytes) -> None:
-        """POST one payload; returns on 2xx, raises the classified exception otherwise."""
+    async def track(self, body: bytes) -> int:
+        """POST one Track body; returns the 2xx status, raises the classified exception."""
+        return await self._post(self._url, body)
+
+    async def send(self, call: Call) -> int:
+        """Send one call (``consumer.calls.Call``) to its path on this client's host.
+
+        Same contract as :meth:`track`: returns the status of a 2xx, raises what
+        `classify` says otherwise.
+        """
+        return await self._post(self._base + call.path, call.body)
+
+    async def _post(self, url: str, body: bytes) -> int:
         try:
-            response = await self._client.post(self._url, content=body)
+            response = await self._client.post(url, content=body)
         except httpx.TimeoutException as exc:
             if _really_timed_out(exc):
                 raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") \
@@ -160,10 +179,11 @@ class UserpilotClient:
                 from None
         status = response.status_code
         if 200 <= status < 300:  # the common case: no need to decode the body
-            return
+            return status
         problem = classify(status, response.headers, response.text)
         if problem is not None:
             raise problem
+        return status
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -1,9 +1,12 @@
 """`demo`: the whole product on one machine, end to end, in under a minute.
 
 Local broker and registry (started by services/ctl.py when not given), the Userpilot
-sandbox, sample events covering every preset row plus anonymous, no-consent, unmapped
-and identify events, the worker delivering them, then a summary of what was delivered,
-dropped (by reason) and committed.
+sandbox, sample events covering every preset row plus anonymous, no-consent, unmapped,
+identify and group events, the worker delivering them, then a summary of what was
+delivered, dropped (by reason) and committed, the users and companies the sandbox now
+knows, and how many Track events it could attribute to a user. The same events are then
+delivered again (own consumer group, fresh sandbox) with ensure-user off, to show the
+unattributed Track events it prevents.
 """
 
 from __future__ import annotations
@@ -16,10 +19,14 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from consumer.worker import Worker
+
+__all__ = ["main", "summary"]
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_TOKEN = "demo-write-token"
@@ -64,55 +71,98 @@ def main(args: argparse.Namespace) -> int:
                               registry_url=services["SCHEMA_REGISTRY_URL"],
                               source=str(events_file))
 
-    with SandboxThread(SandboxConfig(port=0, write_tokens=(DEMO_TOKEN,))) as sandbox:
-        env = {
-            **services,
-            "USERPILOT_API_KEY": DEMO_TOKEN,
-            "USERPILOT_ANALYTICS_ENDPOINT": sandbox.url.split("://", 1)[1],
-            "USERPILOT_INSECURE_HTTP": "true",
-            "KAFKA_TOPICS": topic,
-            "KAFKA_GROUP_ID": f"{topic}-worker",
-            "WORKER_METRICS_PORT": "0",
-            "WORKER_COMMIT_INTERVAL_SECONDS": "0.5",
-        }
-        settings = load_settings(env)
-        registry = CollectorRegistry()
-        metrics = Metrics(registry)
-        worker = Worker(settings, metrics, Health(metrics))
+    def deliver(ensure_user: bool) -> tuple[int, Worker, CollectorRegistry, dict[str, Any]]:
+        """One worker (own consumer group) against a fresh sandbox; what the sandbox saw."""
+        group = f"{topic}-worker" + ("" if ensure_user else "-no-ensure-user")
+        with SandboxThread(SandboxConfig(port=0, write_tokens=(DEMO_TOKEN,))) as sandbox:
+            env = {
+                **services,
+                "USERPILOT_API_KEY": DEMO_TOKEN,
+                "USERPILOT_ANALYTICS_ENDPOINT": sandbox.url.split("://", 1)[1],
+                "USERPILOT_INSECURE_HTTP": "true",
+                "USERPILOT_ENSURE_USER": "true" if ensure_user else "false",
+                "KAFKA_TOPICS": topic,
+                "KAFKA_GROUP_ID": group,
+                "WORKER_METRICS_PORT": "0",
+                "WORKER_COMMIT_INTERVAL_SECONDS": "0.5",
+            }
+            settings = load_settings(env)
+            registry = CollectorRegistry()
+            metrics = Metrics(registry)
+            worker = Worker(settings, metrics, Health(metrics))
 
-        async def run() -> int:
-            task = asyncio.create_task(worker.run())
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not task.done():
-                await asyncio.sleep(0.5)
-                committed = sum(worker.committed.values())
-                if worker.assigned and committed >= sent and not worker.in_flight:
-                    break
-            worker.stop()
-            return await task
+            async def run() -> int:
+                task = asyncio.create_task(worker.run())
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline and not task.done():
+                    await asyncio.sleep(0.5)
+                    committed = sum(worker.committed.values())
+                    if worker.assigned and committed >= sent and not worker.in_flight:
+                        break
+                worker.stop()
+                return await task
 
-        code = asyncio.run(run())
-        records = SandboxControl(sandbox.url).bodies("/v1/track")
+            code = asyncio.run(run())
+            control = SandboxControl(sandbox.url)
+            seen = {"requests": control.requests(), "users": control.users(),
+                    "companies": control.companies(), "attribution": control.attribution()}
+        return code, worker, registry, seen
 
-    delivered = Counter(r["event_name"] for r in records)
-    dropped: Counter[str] = Counter()
-    for metric in registry.collect():
-        if metric.name == "userpilot_events_dropped":
-            for s in metric.samples:
-                if s.name.endswith("_total") and s.value:
-                    label = s.labels["reason"] + (f":{s.labels['category']}"
-                                                  if s.labels.get("category") else "")
-                    dropped[label] += int(s.value)
+    code, worker, registry, seen = deliver(ensure_user=True)
+    off_code, _, _, off = deliver(ensure_user=False)
+    print(summary(topic, sent, worker, registry, seen, off))
     committed_total = sum(worker.committed.values())
-    print(f"\nUserpilot delivery worker demo — topic {topic}, {sent} events produced")
-    print(f"delivered to the sandbox: {sum(delivered.values())}")
-    for name, count in sorted(delivered.items()):
-        print(f"  {name:<24} {count}")
-    print(f"dropped: {sum(dropped.values())}")
-    for reason, count in sorted(dropped.items()):
-        print(f"  {reason:<24} {count}")
-    print(f"committed offsets: {committed_total} of {sent} (all partitions)")
-    ok = code == 0 and committed_total == sent and sum(delivered.values()) + sum(
-        dropped.values()) == sent
+    delivered, dropped = _outcomes(registry)
+    ok = (code == 0 and off_code == 0 and committed_total == sent
+          and sum(delivered.values()) + sum(dropped.values()) == sent
+          and seen["attribution"][1] == 0)
     print("demo OK" if ok else "demo FAILED")
     return 0 if ok else 1
+
+
+def _outcomes(registry: CollectorRegistry) -> tuple[Counter[str], Counter[str]]:
+    """Events delivered (by event name; identify/group by type) and dropped (by reason)."""
+    delivered: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
+    for metric in registry.collect():
+        for s in metric.samples:
+            if not s.name.endswith("_total") or not s.value:
+                continue
+            if metric.name == "userpilot_events_delivered":
+                delivered[s.labels["event_name"]] += int(s.value)
+            elif metric.name == "userpilot_events_dropped":
+                label = s.labels["reason"] + (f":{s.labels['category']}"
+                                              if s.labels.get("category") else "")
+                dropped[label] += int(s.value)
+    return delivered, dropped
+
+
+def summary(topic: str, sent: int, worker: Any, registry: CollectorRegistry,
+            seen: dict[str, Any], off: dict[str, Any]) -> str:
+    """What the demo prints: events, requests, users and companies, attribution."""
+    delivered, dropped = _outcomes(registry)
+    paths = Counter(r["path"] for r in seen["requests"])
+    ensured = sum(1 for r in seen["requests"]
+                  if r["path"] == "/v1/identify" and set(r["body"]) == {"user_id"})
+    attributed, unattributed = seen["attribution"]
+    off_attributed, off_unattributed = off["attribution"]
+    lines = [
+        f"\nUserpilot delivery worker demo — topic {topic}, {sent} events produced",
+        f"delivered: {sum(delivered.values())} events",
+        *(f"  {name:<24} {count}" for name, count in sorted(delivered.items())),
+        f"dropped: {sum(dropped.values())}",
+        *(f"  {reason:<24} {count}" for reason, count in sorted(dropped.items())),
+        f"requests to the sandbox: {sum(paths.values())}",
+        f"  {'track':<24} {paths['/v1/track']}",
+        f"  {'identify':<24} {paths['/v1/identify']} ({ensured} ensure-user)",
+        f"  {'company identify':<24} {paths['/v1/companies/identify']}",
+        f"users created: {len(seen['users'])} ({', '.join(sorted(seen['users']))})",
+        f"companies created: {len(seen['companies'])} ("
+        + ", ".join(f"{c}: {', '.join(sorted(v['users']))}"
+                    for c, v in sorted(seen["companies"].items())) + ")",
+        f"track events attributed: {attributed}, unattributed: {unattributed}",
+        f"  with USERPILOT_ENSURE_USER=false: attributed {off_attributed}, "
+        f"unattributed {off_unattributed}",
+        f"committed offsets: {sum(worker.committed.values())} of {sent} (all partitions)",
+    ]
+    return "\n".join(lines)

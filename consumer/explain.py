@@ -2,8 +2,12 @@
 
 Each canonical JSON event line goes through the same path as in `run` — Avro encode, wire
 decode, `route` — and one JSON line per event says what happens: ``decision`` is
-``deliver``, ``drop`` or ``dead_letter``; a delivered event shows the exact request (token
-redacted) and which fields were left out or cut. Nothing is sent.
+``deliver``, ``drop`` or ``dead_letter``; a delivered event shows every request it causes,
+in order (``requests``: ensure-user identify, company identify, identify, track; token
+redacted), ``request`` is the last of them, and which fields were left out or cut.
+Ensure-user is shown as a freshly started replica would send it: the first Track of each
+user in the input gets a bare identify unless an identify of that user came earlier in
+the input (or ``USERPILOT_ENSURE_USER=false``). Nothing is sent.
 
 Built to be scripted: every output line carries the input line number and event name; a
 bad line (invalid UTF-8, a byte order mark, not JSON, not an event) is one ``dead_letter``
@@ -19,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from consumer import codec
+from consumer.calls import Call, KnownUsers, ensure_user
 from consumer.config import API_VERSION, Settings
 from consumer.errors import DeadLetter, InvalidEvent
 from consumer.filtering import Drop
@@ -69,15 +74,31 @@ def _text(raw_line: str | bytes) -> str:
 
 def explain_lines(lines: Iterable[str | bytes], settings: Settings) -> Iterator[dict[str, Any]]:
     """One decision document per non-empty input line (text or raw bytes)."""
+    known = KnownUsers(settings.ensure_user_cache) if settings.ensure_user else None
     for number, raw_line in enumerate(lines, start=1):
         try:
-            yield from _explain_one(number, raw_line, settings)
+            yield from _explain_one(number, raw_line, settings, known)
         except Exception as exc:  # the debugger must survive any input
             yield _invalid(number, f"mapping_error: {type(exc).__name__}: {exc}"[:500])
 
 
+def _request(settings: Settings, call: Call) -> dict[str, Any]:
+    """One request as the worker sends it, the token redacted."""
+    return {
+        "purpose": call.purpose,
+        "method": call.method,
+        "url": settings.base_url + call.path,
+        "headers": {
+            "Content-Type": "application/json",
+            "Authorization": "Token ***",
+            "X-API-Version": API_VERSION,
+        },
+        "body": call.payload,
+    }
+
+
 def _explain_one(
-    number: int, raw_line: str | bytes, settings: Settings
+    number: int, raw_line: str | bytes, settings: Settings, known: KnownUsers | None = None
 ) -> Iterator[dict[str, Any]]:
     try:
         text = _text(raw_line)
@@ -127,16 +148,13 @@ def _explain_one(
     else:
         doc["decision"] = "deliver"
         doc["reason"] = None
-        doc["request"] = {
-            "method": "POST",
-            "url": settings.track_url,
-            "headers": {
-                "Content-Type": "application/json",
-                "Authorization": "Token ***",
-                "X-API-Version": API_VERSION,
-            },
-            "body": decision.payload,
-        }
+        calls = ensure_user(decision.calls, known)
+        if known is not None:  # as if every call succeeded, as a replica would remember
+            for call in calls:
+                known.remember_succeeded(call)
+        requests = [_request(settings, call) for call in calls]
+        doc["requests"] = requests
+        doc["request"] = {k: v for k, v in requests[-1].items() if k != "purpose"}
         if decision.omitted:
             doc["omitted"] = list(decision.omitted)
         if decision.truncated:

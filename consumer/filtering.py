@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
+from consumer.calls import lacks_required_id
 from consumer.codec import Event
 from consumer.mapping import MappingSet
 
@@ -49,7 +50,8 @@ CATEGORIES = ("analytics", "marketing", "functional", "advertising", "personaliz
               "essential")
 """Signal's consent categories: a closed set, so a typo cannot silently drop every event."""
 GRANTED_STRINGS = frozenset({"true", "granted", "yes", "allow", "allowed"})
-_DELIVERED_TYPES = ("track", "page")
+_DELIVERED_TYPES = ("track", "page", "identify", "group")
+_MAPPED_TYPES = ("track", "page")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,16 +130,19 @@ def drop_reason(
 ) -> Drop | None:
     """Why ``event`` is not delivered, or None when it should be sent.
 
-    Checked cheapest first: anonymous (no non-blank string ``userId``), type and mapping
-    (identify/group and unknown types are ``unsupported_type``; a track/page event without
-    a rule is ``unmapped``), all from envelope strings; then consent.
+    Checked cheapest first: anonymous (:func:`consumer.calls.lacks_required_id`: a
+    ``group`` without ``groupId``, any other type without a non-blank ``userId``), type
+    (only track, page, identify and group are delivered; others are ``unsupported_type``)
+    and mapping (track/page only: one without a rule is ``unmapped``; identify and group
+    always go, shaped by the mappings file's sections), all from envelope strings; then
+    consent, which gates every type alike.
     """
-    user_id = event.get("userId")
-    if not isinstance(user_id, str) or not user_id.strip():
+    kind = event.get("type")
+    if lacks_required_id(event):
         return DROP_ANONYMOUS
-    if event.get("type") not in _DELIVERED_TYPES:
+    if kind not in _DELIVERED_TYPES:
         return DROP_UNSUPPORTED_TYPE
-    if mappings.lookup(event) is None:
+    if kind in _MAPPED_TYPES and mappings.lookup(event) is None:
         return DROP_UNMAPPED
     category = consent.missing_category(event)
     if category is not None:

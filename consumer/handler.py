@@ -5,8 +5,12 @@ Duplicate.
                                           ├─ DeadLetter ─▶ dead_letter ───────▶ DeadLettered
                                           └─ Send ─▶ dedup claim (Redis, messageId)
                                               ├─ already delivered ────────────▶ Duplicate
-                                              └─ deliver (gate, limiter, re-claim, retries)
-                                                  ├─ 2xx ─▶ dedup confirm ─────▶ Delivered
+                                              └─ deliver: each call of the event in order
+                                                  (ensure-user identify first when needed),
+                                                  each through the gate, its family's
+                                                  limiter and retries (re-claim before the
+                                                  primary call)
+                                                  ├─ every call 2xx ─▶ confirm ─▶ Delivered
                                                   └─ permanent / given up ─▶ release ─▶ DeadLettered
 
 `decide` is total: an exception raised while decoding, routing or mapping one event
@@ -14,16 +18,18 @@ becomes that event's dead letter (`UndecodableEvent`, or `MappingError` for anyt
 else), so no event can stop a partition. Only the DLQ guard (`DlqGuardTripped`) escapes
 `handle`: it stops the worker.
 
-Where new steps go: a per-event step before sending (an ensure-user identify) belongs in
-`handle` between `decide` and `_deliver`; a limiter per endpoint family is chosen in
-`limiter_for`.
+Where new steps go: a per-event step before sending (deduplication) belongs in `handle`
+between `decide` and `_deliver`; one request goes out in `_send_call`, through the
+limiter of its endpoint family (`limiter_for`). An event's `CallPlan` lives on the
+`Event`, so calls already answered are not sent again when the event is handled again.
 
 Deduplication (with REDIS_URL, events with a messageId; `consumer.dedup` has the state
 machine): `_dedup_claim` before the limiter (a duplicate costs no budget), `_dedup_reclaim`
-right before each request (renews the claim, notices a delivery by another owner),
-`_dedup_confirm` after the 2xx, `_dedup_release` when the event is dead-lettered or
-abandoned (revoke, shutdown) before any request of it started. The id is recorded under
-the event's primary endpoint (`dedup_endpoint`); the owner is this process + the record.
+right before the primary call's request (renews the claim, notices a delivery by another
+owner), `_dedup_confirm` after every call answered 2xx, `_dedup_release` when the event is
+dead-lettered or abandoned (revoke, shutdown) before any request of it started. The id is
+recorded under the event's primary endpoint (`dedup_endpoint`: its last call); the owner
+is this process + the record.
 
 Thread rule: everything here runs on the event loop. `Event.on_wire` is read by the
 worker (same loop) to decide what a revoke or shutdown must wait for.
@@ -43,6 +49,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from consumer import codec
+from consumer.calls import Call, CallPlan, KnownUsers
 from consumer.config import Settings
 from consumer.deadletter import DlqGuard, Failure, dlq_headers
 from consumer.dedup import Deduplicator
@@ -63,6 +70,7 @@ from consumer.filtering import Drop
 from consumer.logs import event_fields
 from consumer.metrics import Metrics
 from consumer.policy import Attempts, RetryPolicy
+from consumer.ratelimit import PriorityLane
 from consumer.routing import Send, route
 from consumer.sharedstate import Limiter
 
@@ -84,10 +92,10 @@ log = logging.getLogger(__name__)
 
 
 class TrackClient(Protocol):
-    """Sends one request body; returns on 2xx, raises the classified error otherwise
+    """Sends one call; returns on 2xx, raises the classified error otherwise
     (`delivery.UserpilotClient`)."""
 
-    async def track(self, body: bytes) -> None: ...
+    async def send(self, call: Call) -> int: ...
     async def aclose(self) -> None: ...
 
 
@@ -125,6 +133,7 @@ class Event:
     on_wire: bool = False  # an HTTP request or a DLQ produce of it is under way
     dedup_owner: str | None = None  # set while this event holds its messageId's claim
     attempts: Attempts = field(default_factory=Attempts)
+    plan: CallPlan | None = None  # the calls of a Send, resumed where a failure stopped
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -133,7 +142,7 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """Userpilot accepted the call (any 2xx)."""
+    """Userpilot accepted every call of the event (any 2xx)."""
 
     event_name: str
     attempts: int
@@ -211,7 +220,10 @@ class Handler:
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, Any] = {}
         self._delivered: dict[str, Any] = {}
-        self._accepted = metrics.responses.labels("202")
+        self._accepted: dict[tuple[int, str], Any] = {}
+        self._lanes: dict[int, PriorityLane] = {}  # by limiter: one when families share
+        self.known = KnownUsers(settings.ensure_user_cache) if settings.ensure_user else None
+        """Users this replica identified (ensure-user); None when USERPILOT_ENSURE_USER=false."""
 
     # -- decide: pure and total ---------------------------------------------------------
     def decide(self, event: Event) -> bool:
@@ -317,8 +329,8 @@ class Handler:
     # -- deduplication (Redis) ----------------------------------------------------------
     def dedup_endpoint(self, send: Send) -> str:
         """The endpoint an event's messageId is recorded under: its primary call (track for
-        track/page; identify and company_identify once those events are sent)."""
-        return "track"
+        track/page, identify for identify, the company association for group)."""
+        return send.calls[-1].endpoint
 
     async def _dedup_claim(self, event: Event, endpoint: str) -> bool:
         """Claim the messageId before the limiter; False when it was delivered already.
@@ -382,43 +394,86 @@ class Handler:
                         extra=event.fields)
 
     # -- deliver ------------------------------------------------------------------------
-    def limiter_for(self, send: Send) -> Limiter:
-        """The limiter of the endpoint family `send` goes to (one family today: track)."""
-        return self.limiters("track")
+    def limiter_for(self, call: Call) -> Limiter:
+        """The limiter of the endpoint family `call` goes to (track or identify)."""
+        return self.limiters(call.family)
 
     async def _deliver(self, event: Event, send: Send) -> None:
-        limiter = self.limiter_for(send)
-        endpoint = self.dedup_endpoint(send)
+        """Send the event's calls in order; the first that fails ends the event.
+
+        A DeadLetter (or a Retry given up) of any call dead-letters the whole event, with
+        the event's own bytes and headers, as for a Track.
+        """
+        plan = event.plan
+        if plan is None:
+            plan = event.plan = CallPlan(send.calls, self.known)
+        primary = send.calls[-1]
+        while (call := plan.next_call()) is not None:
+            await self._send_call(event, call,
+                                  self.dedup_endpoint(send) if call is primary else None)
+            plan.succeeded(call)
+            if not plan.done:
+                # Each call has the whole retry budget, and the attempts a DLQ record
+                # reports are those of the call that failed (first_attempt stays the
+                # event's first).
+                event.attempts.answered = event.attempts.count = 0
+            if call.purpose == "ensure_user":
+                self.m.ensure_user_identify.inc()
+
+    def _lane(self, limiter: Limiter) -> PriorityLane:
+        lane = self._lanes.get(id(limiter))
+        if lane is None:
+            lane = self._lanes[id(limiter)] = PriorityLane(limiter)
+        return lane
+
+    async def _send_call(self, event: Event, call: Call, dedup: str | None = None) -> None:
+        """One request: the gate, its family's limiter and the retry policy.
+
+        A call that another call of the same user waits for (the ensure-user identify in
+        front of a Track, the company association after a company identify) takes the
+        family's next slot before queued events (`PriorityLane`), so a saturated identify
+        backlog cannot stall that user's Tracks. `dedup`: the endpoint whose messageId claim
+        is renewed right before the request (the event's primary call only).
+        """
+        limiter = self.limiter_for(call)
+        lane = self._lane(limiter)
+        urgent = call.purpose in ("ensure_user", "associate_company")
+        wait = self.m.limiter_wait.labels(call.family)
 
         async def wait_for_limiter() -> None:
-            self.m.limiter_wait.observe(await limiter.acquire())
-            while not await self._dedup_reclaim(event, endpoint):
-                self.m.limiter_wait.observe(await limiter.acquire())
+            wait.observe(await lane.acquire(urgent))
+            while dedup is not None and not await self._dedup_reclaim(event, dedup):
+                wait.observe(await lane.acquire(urgent))
 
-        await self.policy.run(lambda: self._attempt(event, send, limiter), event.attempts,
+        await self.policy.run(lambda: self._attempt(event, call, limiter), event.attempts,
                               before_send=wait_for_limiter)
 
-    async def _attempt(self, event: Event, send: Send, limiter: Limiter) -> None:
+    async def _attempt(self, event: Event, call: Call, limiter: Limiter) -> None:
         start = time.perf_counter()
         event.on_wire = True
+        endpoint = call.endpoint
         try:
-            await self.client.track(send.body)
-            self._accepted.inc()
+            status = await self.client.send(call)
+            accepted = self._accepted.get((status, endpoint))
+            if accepted is None:
+                accepted = self._accepted[(status, endpoint)] = self.m.responses.labels(
+                    str(status), endpoint)
+            accepted.inc()
         except Timeout:
-            self.m.responses.labels("timeout").inc()
+            self.m.responses.labels("timeout", endpoint).inc()
             raise
         except ConnectionFailed:
-            self.m.responses.labels("connection_error").inc()
+            self.m.responses.labels("connection_error", endpoint).inc()
             raise
         except (Retry, Pause, DeadLetter) as exc:
-            self.m.responses.labels(str(exc.status)).inc()
+            self.m.responses.labels(str(exc.status), endpoint).inc()
             if isinstance(exc, RateLimited):
                 limiter.slow_down()
-                self.m.rate_limit_rps.set(limiter.rate)
+                self.m.rate_limit_rps.labels(call.family).set(limiter.rate)
             raise
         finally:
             event.on_wire = False
-            self.m.delivery_latency.observe(time.perf_counter() - start)
+            self.m.delivery_latency.labels(endpoint).observe(time.perf_counter() - start)
 
     # -- dead-letter --------------------------------------------------------------------
     async def _dead_letter(self, event: Event, exc: DeadLetter | Retry) -> DeadLettered:

@@ -51,9 +51,11 @@ __all__ = [
     "Payload",
     "Primitive",
     "PropertySelection",
+    "TraitsRule",
     "build_payload",
     "build_track_payload",
     "flatten_properties",
+    "limit_metadata",
     "load_mappings",
     "normalize_event_name",
 ]
@@ -190,6 +192,53 @@ class EventRule:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class TraitsRule:
+    """How an ``identify`` or ``group`` event's flattened traits become Userpilot metadata.
+
+    ``pick`` keeps "all" (the default: every trait goes), "none" or a list of flattened
+    keys; ``exclude`` removes keys after that; ``rename`` renames kept keys; ``static``
+    adds constants. Later steps win on a key clash: static > renamed keys > other keys.
+    """
+
+    pick: PropertySelection = "all"
+    exclude: tuple[str, ...] = ()
+    rename: tuple[tuple[str, str], ...] = ()
+    static: tuple[tuple[str, Primitive], ...] = ()
+
+    @property
+    def plain(self) -> bool:
+        """True when the rule forwards the traits unchanged."""
+        return self.pick == "all" and not (self.exclude or self.rename or self.static)
+
+    def apply(self, metadata: Mapping[str, Primitive]) -> dict[str, Primitive]:
+        """The metadata this rule keeps from flattened ``metadata`` (a new dict)."""
+        if self.plain:
+            return dict(metadata)
+        keep = None if self.pick == "all" else frozenset(() if self.pick == "none"
+                                                          else self.pick)
+        drop = frozenset(self.exclude)
+        rename = dict(self.rename)
+        out: dict[str, Primitive] = {}
+        for key, value in metadata.items():
+            if (keep is not None and key not in keep) or key in drop:
+                continue
+            new_key = rename.get(key)
+            if new_key is None:
+                out.setdefault(key, value)
+            else:
+                out[new_key] = value
+        for key, constant in self.static:
+            out[key] = constant
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able view (for ``check-config``)."""
+        return {"pick": self.pick if isinstance(self.pick, str) else list(self.pick),
+                "exclude": list(self.exclude), "rename": dict(self.rename),
+                "static": dict(self.static)}
+
+
 @dataclass(frozen=True)
 class MappingSet:
     """The event table: which Signal events are delivered, and as what.
@@ -203,6 +252,8 @@ class MappingSet:
     preset: str = "custom"
     max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES
     max_metadata_keys: int = DEFAULT_MAX_METADATA_KEYS
+    identify: TraitsRule = TraitsRule()
+    group: TraitsRule = TraitsRule()
     _by_key: dict[str, EventRule] = field(init=False, repr=False, compare=False)
     _page: EventRule | None = field(init=False, repr=False, compare=False)
 
@@ -236,7 +287,8 @@ class MappingSet:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able view of the whole table (for ``check-config``)."""
-        return {"preset": self.preset, "events": [rule.describe() for rule in self.rules]}
+        return {"preset": self.preset, "events": [rule.describe() for rule in self.rules],
+                "identify": self.identify.describe(), "group": self.group.describe()}
 
 
 _DEFAULT_TABLE = (
@@ -536,6 +588,21 @@ def _truncate(
     return kept, tuple(removed)
 
 
+def limit_metadata(
+    metadata: dict[str, Primitive], max_bytes: int, max_keys: int
+) -> tuple[dict[str, Primitive], tuple[str, ...]]:
+    """``metadata`` cut to the size/key limits (largest fields first), and the cut keys.
+
+    The one size rule for Track metadata and identify/company traits alike.
+    """
+    if len(metadata) > max_keys or (
+        _size_bound(metadata) > max_bytes
+        and sum(_size(k, v) for k, v in metadata.items()) > max_bytes
+    ):
+        return _truncate(metadata, max_bytes, max_keys)
+    return metadata, ()
+
+
 def build_payload(
     event: Mapping[str, Any], rule: EventRule,
     max_bytes: int = DEFAULT_MAX_METADATA_BYTES, max_keys: int = DEFAULT_MAX_METADATA_KEYS,
@@ -550,12 +617,7 @@ def build_payload(
     user_id = event.get("userId")
     derived = _derived_metadata(event, event.get("type") == "page", omitted)
     metadata = derived if rule._plain else _apply_rule(derived, event, rule, omitted)
-    truncated: tuple[str, ...] = ()
-    if len(metadata) > max_keys or (
-        _size_bound(metadata) > max_bytes
-        and sum(_size(k, v) for k, v in metadata.items()) > max_bytes
-    ):
-        metadata, truncated = _truncate(metadata, max_bytes, max_keys)
+    metadata, truncated = limit_metadata(metadata, max_bytes, max_keys)
     body = {
         "user_id": user_id if isinstance(user_id, str) else "",
         "event_name": rule.event_name,
@@ -572,7 +634,8 @@ def build_track_payload(event: Mapping[str, Any], rule: EventRule) -> dict[str, 
 # ---------------------------------------------------------------------------- loading
 
 _EVENT_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-: ]{0,99}")
-_TOP_KEYS = ("description", "events", "preset")
+_TOP_KEYS = ("description", "events", "group", "identify", "preset")
+_TRAITS_KEYS = ("exclude", "pick", "rename", "static")
 _EVENT_KEYS = ("event_name", "fields", "properties", "rename", "static")
 _MAX_KEY_LEN = 200
 
@@ -708,9 +771,41 @@ class _Loader:
             if rule is not None:
                 rules[key] = rule
 
+        identify = self.traits("identify", doc.get("identify", {}))
+        group = self.traits("group", doc.get("group", {}))
         if self.problems:
             raise MappingsError(self.problems)
-        return MappingSet(tuple(rules.values()), preset=preset.preset)
+        return MappingSet(tuple(rules.values()), preset=preset.preset, identify=identify,
+                          group=group)
+
+    def traits(self, where: str, entry: Any) -> TraitsRule:
+        """The ``identify`` / ``group`` section: how traits become metadata."""
+        if not isinstance(entry, dict):
+            self.fail(
+                where,
+                f'must be an object like {{"pick": "all", "exclude": ["password"], '
+                f'"rename": {{"plan": "plan_tier"}}, "static": {{"source": "signal"}}}}, '
+                f"got {_kind(entry)}",
+            )
+            return TraitsRule()
+        for key in entry:
+            if key not in _TRAITS_KEYS:
+                self.problems.append(
+                    _unknown_key(f"{self.source}: {where}", str(key), _TRAITS_KEYS))
+        pick = self.properties(f"{where}.pick", entry.get("pick", "all"))
+        exclude_value = entry.get("exclude", [])
+        exclude: list[str] = []
+        if isinstance(exclude_value, list):
+            for i, item in enumerate(exclude_value):
+                if self.metadata_key(f"{where}.exclude[{i}]", item) and item not in exclude:
+                    exclude.append(item)
+        else:
+            self.fail(f"{where}.exclude",
+                      f'must be a list of flattened trait keys like ["password", '
+                      f'"address_street"], got {_kind(exclude_value)}')
+        rename = self.rename(f"{where}.rename", entry.get("rename", {}))
+        static = self.static(f"{where}.static", entry.get("static", {}))
+        return TraitsRule(pick, tuple(exclude), rename, static)
 
     def rule(
         self, where: str, source: str, entry: Any, base: EventRule | None

@@ -41,6 +41,8 @@ __all__ = [
     "DEAD_LETTER_REASONS",
     "DISTRIBUTION",
     "DROP_REASONS",
+    "ENDPOINTS",
+    "FAMILIES",
     "KNOWN_STATUSES",
     "REBALANCE_KINDS",
     "RETRY_CAUSES",
@@ -73,6 +75,10 @@ DEAD_LETTER_REASONS: tuple[str, ...] = (
     "mapping_error",
 )
 REBALANCE_KINDS: tuple[str, ...] = ("assign", "revoke", "lost")
+ENDPOINTS: tuple[str, ...] = ("track", "identify", "company_identify")
+"""The ``endpoint`` label of responses and latency: one per Userpilot path (consumer.calls)."""
+FAMILIES: tuple[str, ...] = ("track", "identify")
+"""The ``endpoint`` label of limiter wait and rate: one per rate-limit family."""
 # Statuses the dashboard and alerts look at; any other code still gets its own series.
 KNOWN_STATUSES: tuple[str, ...] = (
     "202",
@@ -273,8 +279,8 @@ class Metrics:
         )
         self.responses = Counter(
             "responses",
-            "Userpilot responses by HTTP status, or timeout / connection_error.",
-            ["status"],
+            "Userpilot responses by HTTP status (or timeout / connection_error) and endpoint.",
+            ["status", "endpoint"],
             namespace=ns,
             registry=reg,
         )
@@ -294,7 +300,8 @@ class Metrics:
         )
         self.delivery_latency = Histogram(
             "delivery_latency_seconds",
-            "Latency of one HTTP request to Userpilot.",
+            "Latency of one HTTP request to Userpilot, by endpoint.",
+            ["endpoint"],
             namespace=ns,
             registry=reg,
             buckets=LATENCY_BUCKETS,
@@ -314,14 +321,23 @@ class Metrics:
         )
         self.limiter_wait = Histogram(
             "rate_limiter_wait_seconds",
-            "Time a request waited for the rate limiter.",
+            "Time a request waited for its endpoint family's rate limiter.",
+            ["endpoint"],
             namespace=ns,
             registry=reg,
             buckets=LIMITER_WAIT_BUCKETS,
         )
         self.rate_limit_rps = Gauge(
             "rate_limit_requests_per_second",
-            "This replica's current share of the per-token rate limit.",
+            "This replica's current share of the per-token rate limit, by endpoint family.",
+            ["endpoint"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.ensure_user_identify = Counter(
+            "ensure_user_identify",
+            "Bare identify calls sent before the first Track of a user this replica had "
+            "not identified (USERPILOT_ENSURE_USER).",
             namespace=ns,
             registry=reg,
         )
@@ -375,7 +391,13 @@ class Metrics:
             if reason != "consent":
                 self.events_dropped.labels(reason, "")
         for status in KNOWN_STATUSES:
-            self.responses.labels(status)
+            for endpoint in ENDPOINTS:
+                self.responses.labels(status, endpoint)
+        for endpoint in ENDPOINTS:
+            self.delivery_latency.labels(endpoint)
+        for family in FAMILIES:
+            self.limiter_wait.labels(family)
+            self.rate_limit_rps.labels(family)  # set by the worker once it owns partitions
         for cause in RETRY_CAUSES:
             self.retries.labels(cause)
         for dl_reason in DEAD_LETTER_REASONS:

@@ -1,52 +1,69 @@
-"""One decision per event: drop it (and why) or send this Track payload. Pure.
+"""One decision per event: drop it (and why) or send these Userpilot calls. Pure.
 
 `run` and `explain` both call `route`, so the Event Debugger shows exactly what the
 worker would do. Decisions are ordered by cost (see ``consumer.filtering``): the envelope
 decides most drops; ``properties``/``traits`` are parsed only for events that are sent.
+Ensure-user identifies are not decided here: they depend on what this replica has
+identified so far (``consumer.calls.CallPlan``, run by the handler).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from consumer.calls import Call, encode_body, event_calls, track_call
 from consumer.errors import DeadLetter, MappingError
 from consumer.filtering import ConsentPolicy, Drop, drop_reason
-from consumer.mapping import MappingSet, build_payload
+from consumer.mapping import MappingSet, Primitive, TraitsRule, build_payload, limit_metadata
 
 __all__ = ["Send", "encode_payload", "route"]
+
+encode_payload = encode_body
+"""The one JSON encoder of request bodies (``consumer.calls.encode_body``)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """A Track call to make: the payload, its JSON body, and what was left out of it.
+    """The calls an event causes, in order, and what was left out of their metadata.
 
-    ``omitted``/``truncated``: metadata keys left out (not flat) or cut (size/count);
-    ``replaced``: lone surrogates replaced while decoding this event's JSON text.
+    ``event_name``: the ``delivered`` metric label (the Track event name; ``identify`` or
+    ``group`` for those types). ``omitted``/``truncated``: metadata keys left out (not
+    flat) or cut (size/count); ``replaced``: lone surrogates replaced while decoding.
     """
 
-    payload: dict[str, Any]
-    body: bytes
+    calls: tuple[Call, ...]
+    event_name: str
     omitted: tuple[str, ...] = ()
     truncated: tuple[str, ...] = ()
     replaced: int = 0
 
     @property
-    def event_name(self) -> str:
-        return str(self.payload["event_name"])
+    def payload(self) -> Mapping[str, Any]:
+        """The body of the event's main (last) call: the Track, or the identify."""
+        return self.calls[-1].payload
+
+    @property
+    def body(self) -> bytes:
+        """The exact bytes of :attr:`payload`."""
+        return self.calls[-1].body
 
 
-def encode_payload(payload: Mapping[str, Any]) -> bytes:
-    """Compact UTF-8 JSON; NaN/Infinity and lone surrogates are impossible (decode and the
-    mapping remove them)."""
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False).encode("utf-8")
+def _shape(
+    rule: TraitsRule, mappings: MappingSet, truncated: list[str]
+) -> Any:
+    """The mappings file's traits section plus the Track size limits, as a TraitsShape."""
+    def shape(_event: Mapping[str, Any], metadata: dict[str, Primitive]) -> dict[str, Primitive]:
+        kept, cut = limit_metadata(rule.apply(metadata), mappings.max_metadata_bytes,
+                                   mappings.max_metadata_keys)
+        truncated.extend(cut)
+        return kept
+    return shape
 
 
 def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet) -> Drop | Send:
-    """Drop with a reason, or the Track payload to send.
+    """Drop with a reason, or the calls to send.
 
     Raises only :class:`DeadLetter`: :class:`UndecodableEvent` for JSON text that turns
     out broken when first parsed, :class:`MappingError` wrapping any other exception, so
@@ -56,15 +73,23 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
         drop = drop_reason(event, consent, mappings)
         if drop is not None:
             return drop
+        kind = event.get("type")
+        if kind in ("identify", "group"):
+            truncated: list[str] = []
+            calls = event_calls(
+                event, identify_shape=_shape(mappings.identify, mappings, truncated),
+                group_shape=_shape(mappings.group, mappings, truncated))
+            return Send(calls, str(kind), (), tuple(truncated),
+                        getattr(event, "replaced", 0))
         rule = mappings.lookup(event)
         if rule is None:  # drop_reason checked it; kept for the type checker
             return Drop("unmapped")
         built = build_payload(event, rule, mappings.max_metadata_bytes,
                               mappings.max_metadata_keys)
-        body = encode_payload(built.body)
+        call = track_call(built.body)
     except DeadLetter:
         raise
     except Exception as exc:  # one event's data must never stop the worker
         raise MappingError(exc) from exc
-    return Send(built.body, body, built.omitted, built.truncated,
+    return Send((call,), rule.event_name, built.omitted, built.truncated,
                 getattr(event, "replaced", 0))

@@ -416,7 +416,8 @@ class Worker:
         share = partition_share(owned, self.partitions_total)
         for limiter in self.shared.distinct():
             limiter.set_share(share)
-        self.m.rate_limit_rps.set(self.shared.limiter("track").rate)
+        for family in FAMILIES:
+            self.m.rate_limit_rps.labels(family).set(self.shared.limiter(family).rate)
 
     def _on_revoke(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("revoke").inc()

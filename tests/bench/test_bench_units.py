@@ -130,8 +130,35 @@ def test_read_rss_of_this_process() -> None:
 
 def test_workload_selection() -> None:
     assert _workload_list("3,1,3") == [1, 3]
-    assert build_parser().parse_args([]).workloads == list(range(1, 9))
-    assert _workload_list("9,10,11") == [9, 10, 11]
-    for bad in ("0", "12", "a", ""):
+    assert build_parser().parse_args([]).workloads == [*range(1, 9), 12]
+    assert _workload_list("9,10,11,12") == [9, 10, 11, 12]
+    for bad in ("0", "13", "a", ""):
         with pytest.raises(argparse.ArgumentTypeError, match=r"workloads|numbers"):
             _workload_list(bad)
+
+
+def test_mixed_targets_are_per_family_and_need_zero_429() -> None:
+    fam = {"min_window_share": 0.985}
+    results = {"ratios": {}, "workloads": {"mixed_saturation": {
+        "1_worker": {"track": fam, "identify": {"min_window_share": 0.9}, "responses_429": 0},
+        "3_workers": {"track": fam, "identify": fam, "responses_429": 1},
+    }}}
+    rows = {row.name: row.passed for row in targets(results)}
+    assert rows == {
+        "mixed track, 1 worker (min window share)": True,
+        "mixed identify, 1 worker (min window share)": False,
+        "mixed track, 3 workers (min window share)": False,  # a 429
+        "mixed identify, 3 workers (min window share)": False,
+    }
+
+
+def test_mixed_messages_alternate_tracks_of_few_users_and_identifies_of_new_ones() -> None:
+    track = ev.Template.of(1, ev.delivered_event())
+    identify = ev.Template.of(1, ev.identify_event())
+    decoded = [(k, codec.decode(v, lambda _i: codec.SCHEMA))
+               for k, v in ev.mixed_messages(track, identify, 8, track_users=2)]
+    assert [d["type"] for _, d in decoded] == ["track", "identify"] * 4
+    assert {d["userId"] for _, d in decoded if d["type"] == "track"} == {"u0000000", "u0000001"}
+    identified = [d["userId"] for _, d in decoded if d["type"] == "identify"]
+    assert len(set(identified)) == 4 and all(u >= "u1000000" for u in identified)
+    assert all(k == d["userId"].encode() for k, d in decoded)

@@ -17,7 +17,7 @@ from pathlib import Path
 from tests.integration.harness import REPO
 
 WORKLOAD_KEYS = ("consume_decode", "drop_path", "delivery_path", "http_ceiling", "naive",
-                 "saturation", "memory", "latency")
+                 "saturation", "memory", "latency", "mixed_saturation")
 
 
 def test_smoke_run_reports_every_workload(kafka_bootstrap: str, schema_registry_url: str,
@@ -50,6 +50,11 @@ def test_smoke_run_reports_every_workload(kafka_bootstrap: str, schema_registry_
         sat = w["saturation"][label]
         assert sat["delivered"] > 0 and sat["full_windows"] >= 1
         assert sat["min_window_share"] > 0
+    for label in ("1_worker", "3_workers"):
+        mixed = w["mixed_saturation"][label]
+        assert mixed["full_windows"] >= 1
+        assert mixed["track"]["min_window_share"] > 0
+        assert mixed["identify"]["min_window_share"] > 0
     assert w["memory"]["peak_rss_mb"] > 0 and w["memory"]["delivered"] > 0
     lat = w["latency"]["added_ms"]
     assert w["latency"]["events"] > 0
@@ -62,6 +67,7 @@ def test_smoke_run_reports_every_workload(kafka_bootstrap: str, schema_registry_
                 "delivery_over_naive_20ms"):
         assert math.isfinite(ratios[key]) and ratios[key] > 0, key
     names = [row["name"] for row in results["targets"]]
-    assert len(names) == 9, names  # 2 drop + 2 delivery + naive + 2 saturation + RSS + latency
+    # 2 drop + 2 delivery + naive + 2 saturation + RSS + latency + 4 mixed (2 families × 2)
+    assert len(names) == 13, names
     assert results["machine"]["cpu_count"] and results["params"]["smoke"] is True
     assert "PASS" in proc.stdout or "MISS" in proc.stdout

@@ -71,7 +71,8 @@ def test_transient_faults_deliver_everything_and_dead_letter_nothing(
     assert not missing, missing[:10]
     assert sum(got.values()) - len(events) <= window, "duplicates stay within the window"
     assert retries > 50, "the faults were really hit"
-    assert w.metric("userpilot_responses_total", status="429") >= 15
+    assert sum(w.metric("userpilot_responses_total", status="429", endpoint=e)
+               for e in ("track", "identify")) >= 15
     assert read_topic(kafka_bootstrap, w.settings.dlq_topic) == []
     assert w.metric("userpilot_events_dead_lettered_total", reason="retries_exhausted") == 0
 

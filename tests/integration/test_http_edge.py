@@ -89,7 +89,7 @@ def test_requests_go_through_the_proxy_from_the_environment(
         with worker_behind(env, HTTP_PROXY=f"http://127.0.0.1:{port}",
                            NO_PROXY="127.0.0.1") as w:
             wait_until(caught_up(kafka_bootstrap, f"{topic}-g", topic), 60, "all committed")
-            assert w.metric("userpilot_responses_total", status="202") == 20
+            assert w.metric("userpilot_responses_total", status="202", endpoint="track") == 20
     assert sum(delivered_seqs(control).values()) == 20
     proxied = [line for line in log.read_text().splitlines() if "/v1/track" in line]
     assert len(proxied) == 20
@@ -162,8 +162,9 @@ def test_tls_without_the_ca_delivers_nothing_and_dead_letters_nothing(
                          topic, f"{topic}-g", USERPILOT_INSECURE_HTTP="false")
         assert "USERPILOT_CA_BUNDLE" not in env and "SSL_CERT_FILE" not in os.environ
         with WorkerThread(env) as w:
-            wait_until(lambda: w.metric("userpilot_responses_total",
-                                        status="connection_error") >= 3, 30,
+            wait_until(lambda: sum(w.metric("userpilot_responses_total",
+                                            status="connection_error", endpoint=e)
+                                   for e in ("track", "identify")) >= 3, 30,
                        "refused handshakes")
             assert w.metric("userpilot_events_delivered_total", event_name="feature_used") == 0
             assert w.metric("userpilot_dead_lettered_total", reason="retries_exhausted") == 0

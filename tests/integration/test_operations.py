@@ -185,12 +185,14 @@ def test_scrape_after_demo_set_exports_every_used_name_and_counts_match(
     env = worker_env(
         kafka_bootstrap, schema_registry_url, server.url, topic, group, KAFKA_DLQ_TOPIC=dlq
     )
-    delivered = [
-        d["request"]["body"]["event_name"]
-        for d in explain_lines(lines, load_settings(env))
-        if d["decision"] == "deliver"
-    ]
+    docs = [d for d in explain_lines(lines, load_settings(env)) if d["decision"] == "deliver"]
+    delivered = [d["request"]["body"]["event_name"] for d in docs
+                 if d["request"]["url"].endswith("/v1/track")]
     assert len(delivered) == 11 and len(set(delivered)) == 11, "11 preset events, 1 each"
+    identifies = sum(1 for d in docs for r in d["requests"] if r["url"].endswith("/v1/identify"))
+    companies = sum(1 for d in docs for r in d["requests"]
+                    if r["url"].endswith("/v1/companies/identify"))
+    ensured = sum(1 for d in docs for r in d["requests"] if r["purpose"] == "ensure_user")
     ends = end_offsets(kafka_bootstrap, topic)
     assert sum(ends.values()) == len(lines) + 1
 
@@ -222,20 +224,32 @@ def test_scrape_after_demo_set_exports_every_used_name_and_counts_match(
     assert total(m, "userpilot_events_consumed_total") == len(lines) + 1
     for name in delivered:
         assert value(m, "userpilot_events_delivered_total", event_name=name) == 1, name
-    assert total(m, "userpilot_events_delivered_total") == 11
+    assert value(m, "userpilot_events_delivered_total", event_name="identify") == 2
+    assert value(m, "userpilot_events_delivered_total", event_name="group") == 2
+    assert total(m, "userpilot_events_delivered_total") == 15
     assert value(m, "userpilot_events_dropped_total", reason="anonymous", category="") == 1
     assert value(m, "userpilot_events_dropped_total", reason="consent", category="analytics") == 2
     assert value(m, "userpilot_events_dropped_total", reason="unmapped", category="") == 1
-    assert value(m, "userpilot_events_dropped_total", reason="unsupported_type", category="") == 1
-    assert total(m, "userpilot_events_dropped_total") == 5
+    assert value(m, "userpilot_events_dropped_total", reason="unsupported_type", category="") == 0
+    assert total(m, "userpilot_events_dropped_total") == 4
     assert value(m, "userpilot_events_dead_lettered_total", reason="undecodable") == 1
     assert total(m, "userpilot_events_dead_lettered_total") == 1
-    assert value(m, "userpilot_responses_total", status="202") == 11
-    assert total(m, "userpilot_responses_total") == 11, "no other status was ever answered"
+    assert value(m, "userpilot_responses_total", status="202", endpoint="track") == 11
+    assert value(m, "userpilot_responses_total", status="202", endpoint="identify") == identifies
+    assert value(m, "userpilot_responses_total", status="200",
+                 endpoint="company_identify") == companies
+    assert total(m, "userpilot_responses_total") == 11 + identifies + companies, "no other"
+    assert value(m, "userpilot_ensure_user_identify_total") == ensured
     assert total(m, "userpilot_retries_total") == 0
-    assert value(m, "userpilot_delivery_latency_seconds_count") == 11
-    assert value(m, "userpilot_event_age_seconds_count") == 11
-    assert value(m, "userpilot_rate_limiter_wait_seconds_count") == 11
+    assert value(m, "userpilot_delivery_latency_seconds_count", endpoint="track") == 11
+    assert value(m, "userpilot_delivery_latency_seconds_count",
+                 endpoint="identify") == identifies
+    assert value(m, "userpilot_delivery_latency_seconds_count",
+                 endpoint="company_identify") == companies
+    assert value(m, "userpilot_event_age_seconds_count") == 15  # every delivered event
+    assert value(m, "userpilot_rate_limiter_wait_seconds_count", endpoint="track") == 11
+    assert value(m, "userpilot_rate_limiter_wait_seconds_count",
+                 endpoint="identify") == identifies + companies  # the identify family
     assert value(m, "userpilot_in_flight_events") == 0
     assert value(m, "userpilot_paused_partitions") == 0
     assert value(m, "userpilot_integration_up") == 1
@@ -413,7 +427,8 @@ def test_readyz_flips_to_503_while_userpilot_refuses_and_nothing_is_lost(
         text, samples = scrape(port)
         assert value(samples, "userpilot_integration_up") == 0
         assert value(samples, "userpilot_worker_ready") == 0
-        assert (value(samples, "userpilot_responses_total", status=refusal) or 0) >= 1
+        assert sum(value(samples, "userpilot_responses_total", status=refusal, endpoint=e)
+                   or 0 for e in ("track", "identify")) >= 1
         assert (value(samples, "userpilot_retries_total", cause="misconfigured") or 0) >= 1
         assert get(port, "/healthz") == (200, "ok\n"), "alive: a restart would not help"
         # Several commit intervals (0.5 s) and retry budgets (1 s) pass: still nothing
@@ -521,7 +536,8 @@ def test_token_never_appears_in_logs_metrics_or_dead_letters(
         _, samples = scrape(port)
         assert value(samples, "userpilot_events_dead_lettered_total", reason="bad_request") == 1
         assert value(samples, "userpilot_events_dead_lettered_total", reason="undecodable") == 1
-        assert total(samples, "userpilot_events_delivered_total") == 10
+        # 10 tracks, 2 identify, 2 group
+        assert total(samples, "userpilot_events_delivered_total") == 14
         # Phase 2: Userpilot starts refusing the token (403), then accepts it again.
         control.set_tokens(write_tokens=["rotated-write-token"], read_tokens=[WRITE_TOKEN])
         produce(
@@ -540,8 +556,9 @@ def test_token_never_appears_in_logs_metrics_or_dead_letters(
         control.set_tokens(write_tokens=[WRITE_TOKEN], read_tokens=[READ_TOKEN])
         wait_until(caught_up(kafka_bootstrap, group, topic), 45, "phase 2 committed")
         metrics_text, samples = scrape(port)
-        assert total(samples, "userpilot_events_delivered_total") == 14
-        assert (value(samples, "userpilot_responses_total", status="403") or 0) >= 1
+        assert total(samples, "userpilot_events_delivered_total") == 18
+        assert sum(value(samples, "userpilot_responses_total", status="403", endpoint=e)
+                   or 0 for e in ("track", "identify")) >= 1
     finally:
         stop_worker(worker)
 
@@ -570,8 +587,8 @@ def test_token_never_appears_in_logs_metrics_or_dead_letters(
             pytest.fail(f"log line {n} is not JSON: {line!r}")
     assert all({"time", "level", "logger", "message"} <= d.keys() for d in docs)
     event_lines = [d for d in docs if d["message"].startswith(EVENT_MESSAGES)]
-    # 5 drops (debug) and 2 dead letters of the sample set at least.
-    assert sum(d["message"].startswith("dropped") for d in event_lines) == 5
+    # 4 drops (debug) and 2 dead letters of the sample set at least (identify is sent).
+    assert sum(d["message"].startswith("dropped") for d in event_lines) == 4
     assert sum(d["message"].startswith("dead-lettered") for d in event_lines) == 2
     ends = end_offsets(kafka_bootstrap, topic)
     for d in event_lines:

@@ -42,27 +42,45 @@ def test_demo_set_arrives_exactly_as_explained(
     group = f"{topic}-g"
     env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group)
     expected = [d for d in explain_lines(lines, load_settings(env)) if d["decision"] == "deliver"]
-    assert len(expected) == 11, "the sample set covers all 11 preset rows"
+    tracks = [d for d in expected if d["request"]["url"].endswith("/v1/track")]
+    assert len(tracks) == 11, "the sample set covers all 11 preset rows"
+    requests = [r for d in expected for r in d["requests"]]
 
     with WorkerThread(env) as w:
         wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
         records = control.requests("/v1/track")
+        every = control.requests()
         assert w.metric("userpilot_events_consumed_total", topic=topic) == len(lines)
         assert w.metric("userpilot_events_dropped_total", reason="anonymous", category="") == 1
         assert w.metric("userpilot_events_dropped_total", reason="consent",
                         category="analytics") == 2
         assert w.metric("userpilot_events_dropped_total", reason="unmapped", category="") == 1
         assert w.metric("userpilot_events_dropped_total", reason="unsupported_type",
-                        category="") == 1
+                        category="") == 0, "identify is delivered now"
         delivered = sum(w.metric("userpilot_events_delivered_total", event_name=d["request"]
-                                 ["body"]["event_name"]) for d in expected)
+                                 ["body"]["event_name"]) for d in tracks)
         assert delivered == 11
-        assert w.metric("userpilot_responses_total", status="202") == 11
+        assert w.metric("userpilot_events_delivered_total", event_name="identify") == 2
+        assert w.metric("userpilot_events_delivered_total", event_name="group") == 2
+        assert w.metric("userpilot_responses_total", status="202", endpoint="track") == 11
+        identifies = sum(1 for r in requests if r["url"].endswith("/v1/identify"))
+        assert w.metric("userpilot_responses_total", status="202",
+                        endpoint="identify") == identifies
+        companies = sum(1 for r in requests if r["url"].endswith("/v1/companies/identify"))
+        assert w.metric("userpilot_responses_total", status="200",
+                        endpoint="company_identify") == companies == 2
+        assert w.metric("userpilot_ensure_user_identify_total") == sum(
+            1 for r in requests if r["purpose"] == "ensure_user")
     assert w.exit_code == 0
 
     got = sorted(json.dumps(r["body"], sort_keys=True) for r in records)
-    want = sorted(json.dumps(d["request"]["body"], sort_keys=True) for d in expected)
+    want = sorted(json.dumps(d["request"]["body"], sort_keys=True) for d in tracks)
     assert got == want, "every delivered payload is byte-for-byte what explain promised"
+    got_all = sorted((r["path"], json.dumps(r["body"], sort_keys=True)) for r in every)
+    want_all = sorted(("/v1/" + r["url"].split("/v1/", 1)[1], json.dumps(r["body"], sort_keys=True))
+                      for r in requests)
+    assert got_all == want_all, "every request (identify, ensure-user, track) as explained"
+    assert control.attribution()[1] == 0, "ensure-user: no Track is unattributed"
     assert {r["body"]["event_name"] for r in records} == {
         "page_viewed", "signed_up", "logged_in", "feature_used", "searched", "plan_viewed",
         "product_viewed", "trial_started", "subscription_started", "subscription_cancelled",

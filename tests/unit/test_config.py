@@ -110,6 +110,8 @@ SET_ALL = {
     "WORKER_DLQ_WINDOW": "20",
     "WORKER_DLQ_MAX_CONSECUTIVE": "7",
     "WORKER_REPLAY_MAX": "0",
+    "USERPILOT_ENSURE_USER": "false",
+    "USERPILOT_ENSURE_USER_CACHE": "5000",
 }
 
 
@@ -132,6 +134,7 @@ def test_every_variable_is_read() -> None:
     assert (s.log_format, s.log_level) == ("json", "DEBUG")
     assert (s.dlq_max_ratio, s.dlq_window, s.dlq_max_consecutive) == (1.0, 20, 7)
     assert s.replay_max == 0
+    assert (s.ensure_user, s.ensure_user_cache) == (False, 5000)
 
 
 def test_env_vars_lists_exactly_what_load_settings_reads() -> None:
@@ -431,6 +434,9 @@ def test_invalid_pass_through_names(name: str) -> None:
     ("WORKER_DLQ_MAX_CONSECUTIVE", "0", "between 1 and 1000000"),
     ("WORKER_REPLAY_MAX", "-1", "between 0 and 1000"),
     ("USERPILOT_INSECURE_HTTP", "maybe", "is not a boolean: use true or false"),
+    ("USERPILOT_ENSURE_USER", "sometimes", "is not a boolean: use true or false"),
+    ("USERPILOT_ENSURE_USER_CACHE", "0", "between 1 and 10000000"),
+    ("USERPILOT_ENSURE_USER_CACHE", "lots", "is not a whole number: use e.g. 100000"),
     ("USERPILOT_CONSENT_MISSING", "ignore", "not allowed: use one of deny, allow"),
     ("WORKER_LOG_FORMAT", "xml", "use one of text, json"),
     ("WORKER_LOG_LEVEL", "verbose", "use one of debug, info, warning, error, critical"),
@@ -538,6 +544,13 @@ def test_headers() -> None:
 ])
 def test_track_url(insecure: str, url: str) -> None:
     assert load(USERPILOT_INSECURE_HTTP=insecure).track_url == url
+
+
+def test_ensure_user_is_on_by_default_with_a_bounded_cache() -> None:
+    s = load()
+    assert (s.ensure_user, s.ensure_user_cache) == (True, 100_000)
+    assert s.describe()["userpilot"]["ensure_user"] is True
+    assert s.base_url == "https://analytex.userpilot.io"
 
 
 def test_track_url_keeps_the_port() -> None:

@@ -29,11 +29,19 @@ def test_deliver_shows_the_exact_request_with_the_token_redacted() -> None:
         "messageId": "m-1",
         "decision": "deliver",
         "reason": None,
+        "requests": [
+            {"purpose": "ensure_user", "method": "POST",
+             "url": "https://analytex.userpilot.io/v1/identify", "headers": HEADERS,
+             "body": {"user_id": "user_001"}},
+            {"purpose": "track", "method": "POST",
+             "url": "https://analytex.userpilot.io/v1/track", "headers": HEADERS,
+             "body": {"user_id": "user_001", "event_name": "feature_used",
+                      "metadata": {"feature": "export_csv"}}},
+        ],
         "request": {
             "method": "POST",
             "url": "https://analytex.userpilot.io/v1/track",
-            "headers": {"Content-Type": "application/json", "Authorization": "Token ***",
-                        "X-API-Version": "2020-09-22"},
+            "headers": HEADERS,
             "body": {"user_id": "user_001", "event_name": "feature_used",
                      "metadata": {"feature": "export_csv"}},
         },
@@ -41,18 +49,59 @@ def test_deliver_shows_the_exact_request_with_the_token_redacted() -> None:
     assert TOKEN not in json.dumps(doc)
 
 
+HEADERS = {"Content-Type": "application/json", "Authorization": "Token ***",
+           "X-API-Version": "2020-09-22"}
+CONSENT = {"consent": {"analytics": True}}
+
+
+def _requests(doc: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    return [(r["purpose"], r["url"].rsplit("/v1/", 1)[1], r["body"]) for r in doc["requests"]]
+
+
+def test_every_request_of_an_event_in_order_and_ensure_user_once_per_user() -> None:
+    docs = list(explain_lines([
+        line(type="group", userId="u1", groupId="acme", traits={"plan": "pro"},
+             context=CONSENT),
+        line(type="track", event="Feature Used", userId="u1", context=CONSENT),
+        line(type="track", event="Feature Used", userId="u2", context=CONSENT),
+        line(type="track", event="Feature Used", userId="u2", context=CONSENT),
+        line(type="identify", userId="u3", traits={"email": "a@b.c"}, context=CONSENT),
+        line(type="track", event="Feature Used", userId="u3", context=CONSENT),
+    ], SETTINGS))
+    track = {"event_name": "feature_used", "metadata": {}}
+    assert [_requests(d) for d in docs] == [
+        [("company_identify", "companies/identify",
+          {"company_id": "acme", "metadata": {"plan": "pro"}}),
+         ("associate_company", "identify", {"user_id": "u1", "company": {"id": "acme"}})],
+        [("track", "track", {"user_id": "u1", **track})],  # u1 was identified just before
+        [("ensure_user", "identify", {"user_id": "u2"}),
+         ("track", "track", {"user_id": "u2", **track})],
+        [("track", "track", {"user_id": "u2", **track})],
+        [("identify", "identify", {"user_id": "u3", "metadata": {"email": "a@b.c"}})],
+        [("track", "track", {"user_id": "u3", **track})],
+    ]
+    assert all(r["headers"] == HEADERS for d in docs for r in d["requests"])
+
+
+def test_no_ensure_user_when_it_is_off() -> None:
+    settings = load_settings({"USERPILOT_API_KEY": TOKEN, "USERPILOT_ENSURE_USER": "false"},
+                             offline=True)
+    (doc,) = explain_lines([DELIVERED], settings)
+    assert [r["purpose"] for r in doc["requests"]] == ["track"]
+
+
 def test_drops_name_the_reason_and_category() -> None:
     docs = list(explain_lines([
         line(type="track", event="Feature Used", messageId="a"),
         line(type="track", event="Feature Used", userId="u", messageId="b",
              context={"consent": {"analytics": False}}),
-        line(type="identify", userId="u", context={"consent": {"analytics": True}}),
+        line(type="group", userId="u", context={"consent": {"analytics": True}}),
         line(type="track", event="Nope", userId="u", context={"consent": {"analytics": True}}),
     ], SETTINGS))
     assert [(d["messageId"], d["decision"], d["reason"]) for d in docs] == [
         ("a", "drop", "anonymous"),
         ("b", "drop", "consent:analytics"),
-        (None, "drop", "unsupported_type"),
+        (None, "drop", "anonymous"),  # a group without groupId
         (None, "drop", "unmapped"),
     ]
     assert all("request" not in d for d in docs)

@@ -186,8 +186,14 @@ def test_consent_category_label_is_always_a_configured_one() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"type": "identify", "traits": {"plan": "pro"}}, Drop("unsupported_type")),
-        ({"type": "group", "groupId": "g1"}, Drop("unsupported_type")),
+        ({"type": "identify", "traits": {"plan": "pro"}}, None),  # no mapping needed
+        ({"type": "identify", "event": "Nope"}, None),
+        ({"type": "group", "groupId": "g1"}, None),
+        ({"type": "group", "groupId": "g1", "userId": None}, None),  # the company alone
+        ({"type": "group", "groupId": 42}, None),
+        ({"type": "group"}, Drop("anonymous")),  # group needs a groupId
+        ({"type": "group", "groupId": "  "}, Drop("anonymous")),
+        ({"type": "identify", "userId": None}, Drop("anonymous")),
         ({"type": "screen"}, Drop("unsupported_type")),
         ({"type": None}, Drop("unsupported_type")),
         ({"type": ["track"]}, Drop("unsupported_type")),
@@ -209,8 +215,15 @@ def test_envelope_decides_before_consent() -> None:
     """Decide before you parse: type and mapping need no JSON text, consent does."""
     e = event({"analytics": False}, event="Order Completed")
     assert drop(e) == Drop("unmapped")
-    e = event({"analytics": False}, type="identify")
+    e = event({"analytics": False}, type="screen")
     assert drop(e) == Drop("unsupported_type")
+
+
+@pytest.mark.parametrize("kind", ["identify", "group", "page", "track"])
+def test_consent_gates_every_type(kind: str) -> None:
+    base: dict[str, Any] = {"type": kind, "groupId": "g1", "event": "Feature Used"}
+    assert drop(event({"analytics": False}, **base)) == Drop("consent", "analytics")
+    assert drop(event({"analytics": True}, **base)) is None
 
 
 def test_drops_of_decoded_events_parse_no_json_text() -> None:
@@ -220,7 +233,8 @@ def test_drops_of_decoded_events_parse_no_json_text() -> None:
 
     cases: list[tuple[dict[str, Any], Drop]] = [
         ({"userId": None}, Drop("anonymous")), ({"event": "Nope"}, Drop("unmapped")),
-        ({"type": "identify"}, Drop("unsupported_type"))]
+        ({"type": "group", "groupId": None}, Drop("anonymous")),
+        ({"type": "identify", "userId": None}, Drop("anonymous"))]
     for over, expected in cases:
         base: dict[str, Any] = {"type": "track", "event": "Feature Used", "userId": "u",
                                 "context": {"consent": {}}}

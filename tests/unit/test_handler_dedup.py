@@ -15,7 +15,7 @@ from consumer.health import Health
 from consumer.metrics import Metrics
 from consumer.ratelimit import AdaptiveLimiter
 from consumer.redisstore import token_digest
-from consumer.sharedstate import SharedState
+from consumer.sharedstate import FAMILIES, SharedState
 from consumer.worker import Callbacks, Worker
 from tests.unit.test_dedup import MemoryStore, State
 from tests.unit.test_worker import (
@@ -47,10 +47,12 @@ def make(log: dict[tuple[str, int], list[Message]], store: MemoryStore,
         made.append(FakeSource(cb, log))
         return made[-1]
 
-    s = settings(**env)
+    # Ensure-user off: these tests count the Track requests of repeated messageIds only.
+    s = settings(**{"USERPILOT_ENSURE_USER": "false", **env})
     dedup = Deduplicator(store, DIGEST, busy_retry_min_s=0.01)
-    shared = SharedState(limiters={"track": AdaptiveLimiter(s.rate_limit, s.rate_period_s,
-                                                             s.rate_burst)}, dedup=dedup)
+    shared = SharedState(limiters={family: AdaptiveLimiter(s.rate_limit, s.rate_period_s,
+                                                           s.rate_burst)
+                                   for family in FAMILIES}, dedup=dedup)
     worker = Worker(s, metrics, Health(metrics), client=client, registry=registry, dlq=dlq,
                     source=source, shared=shared)
     return Run(worker, client, dlq, registry, made), metrics, dedup

@@ -267,3 +267,15 @@ def test_redis_defaults_are_the_workers_own() -> None:
 def test_schema_refuses_a_redis_url_without_its_scheme(url: str) -> None:
     with pytest.raises(jsonschema.ValidationError):
         validate(merged(VALUES, {"redis": {"url": url}}))
+
+
+def test_ensure_user_defaults_are_the_workers_own() -> None:
+    settings = load_settings({
+        "USERPILOT_API_KEY": "token", "USERPILOT_ANALYTICS_ENDPOINT": "a.example.com",
+        "KAFKA_BOOTSTRAP_SERVERS": "k:9092", "KAFKA_TOPICS": "t",
+        "SCHEMA_REGISTRY_URL": "http://r",
+    })
+    assert settings.ensure_user is VALUES["userpilot"]["ensureUser"]
+    assert settings.ensure_user_cache == VALUES["userpilot"]["ensureUserCache"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate(merged(VALUES, {"userpilot": {"ensureUserCache": 0}}))

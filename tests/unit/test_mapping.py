@@ -565,7 +565,7 @@ def test_example_file_maps_the_example_event() -> None:
         ([], ["mappings: the mappings must be a JSON object", "got a list"]),
         ({"preset": "defualt"}, ['mappings: preset: must be "default" or "none", got "defualt"']),
         ({"evnts": {}}, ['unknown key "evnts" (did you mean "events"?)',
-                         "allowed keys: description, events, preset"]),
+                         "allowed keys: description, events, group, identify, preset"]),
         ({"events": []}, ["mappings: events: must be an object", "got a list"]),
         ({"events": {"X": {}}}, ['events."X": "event_name" is required for an event that is not '
                                  'in the preset; write e.g. "event_name": "x"']),
@@ -789,3 +789,21 @@ def test_unknown_preset_is_one_message() -> None:
     with pytest.raises(MappingsError) as info:
         load_mappings({"preset": "Defualt", "events": {"Lead Generated": False}})
     assert len(info.value.problems) == 1
+
+
+def test_traits_sections_are_validated_with_precise_messages() -> None:
+    with pytest.raises(MappingsError) as info:
+        load_mappings({"identify": {"pik": "all", "exclude": "password",
+                                    "static": {"k": []}},
+                       "group": []})
+    text = str(info.value)
+    assert 'identify: unknown key "pik" (did you mean "pick"?)' in text
+    assert "identify.exclude: must be a list of flattened trait keys" in text
+    assert 'identify.static."k": must be a string, number, boolean or null' in text
+    assert "group: must be an object like" in text
+    assert len(info.value.problems) == 4
+
+
+def test_default_preset_forwards_all_traits() -> None:
+    assert DEFAULT_PRESET.identify.plain and DEFAULT_PRESET.group.plain
+    assert DEFAULT_PRESET.identify.apply({"a": 1, "b": "x"}) == {"a": 1, "b": "x"}

@@ -33,14 +33,15 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "userpilot_events_consumed": ("counter", ("topic",)),
     "userpilot_events_dropped": ("counter", ("reason", "category")),
     "userpilot_events_delivered": ("counter", ("event_name",)),
-    "userpilot_responses": ("counter", ("status",)),
+    "userpilot_responses": ("counter", ("endpoint", "status")),
     "userpilot_retries": ("counter", ("cause",)),
     "userpilot_events_dead_lettered": ("counter", ("reason",)),
-    "userpilot_delivery_latency_seconds": ("histogram", ()),
+    "userpilot_delivery_latency_seconds": ("histogram", ("endpoint",)),
     "userpilot_event_age_seconds": ("histogram", ()),
     "userpilot_in_flight_events": ("gauge", ()),
-    "userpilot_rate_limiter_wait_seconds": ("histogram", ()),
-    "userpilot_rate_limit_requests_per_second": ("gauge", ()),
+    "userpilot_rate_limiter_wait_seconds": ("histogram", ("endpoint",)),
+    "userpilot_rate_limit_requests_per_second": ("gauge", ("endpoint",)),
+    "userpilot_ensure_user_identify": ("counter", ()),
     "userpilot_paused_partitions": ("gauge", ()),
     "userpilot_consumer_lag": ("gauge", ("topic", "partition")),
     "userpilot_committed_offset": ("gauge", ("topic", "partition")),
@@ -76,6 +77,7 @@ ATTRIBUTES = {
     "in_flight": "userpilot_in_flight_events",
     "limiter_wait": "userpilot_rate_limiter_wait_seconds",
     "rate_limit_rps": "userpilot_rate_limit_requests_per_second",
+    "ensure_user_identify": "userpilot_ensure_user_identify",
     "paused_partitions": "userpilot_paused_partitions",
     "consumer_lag": "userpilot_consumer_lag",
     "committed_offset": "userpilot_committed_offset",
@@ -222,7 +224,14 @@ def test_known_label_sets_exist_at_zero(reg: CollectorRegistry, m: Metrics) -> N
     for kind in REBALANCE_KINDS:
         assert value(reg, "userpilot_rebalances_total", kind=kind) == 0
     for status in ("202", "429", "timeout", "connection_error"):
-        assert value(reg, "userpilot_responses_total", status=status) == 0
+        for endpoint in ("track", "identify", "company_identify"):
+            assert value(reg, "userpilot_responses_total", status=status,
+                         endpoint=endpoint) == 0
+    for endpoint in ("track", "identify", "company_identify"):
+        assert value(reg, "userpilot_delivery_latency_seconds_count", endpoint=endpoint) == 0
+    for family in ("track", "identify"):
+        assert value(reg, "userpilot_rate_limiter_wait_seconds_count", endpoint=family) == 0
+    assert value(reg, "userpilot_ensure_user_identify_total") == 0
     assert value(reg, "userpilot_integration_up") == 1
     assert value(reg, "userpilot_dlq_guard_tripped") == 0
     assert value(reg, "userpilot_worker_ready") == 0
@@ -251,10 +260,13 @@ def test_counters_count(reg: CollectorRegistry, m: Metrics) -> None:
     m.events_consumed.labels("t").inc()
     m.events_consumed.labels("t").inc()
     m.events_dropped.labels("consent", "analytics").inc()
-    m.responses.labels("418").inc()
+    m.responses.labels("418", "identify").inc()
+    m.ensure_user_identify.inc()
     assert value(reg, "userpilot_events_consumed_total", topic="t") == 2
     assert value(reg, "userpilot_events_dropped_total", reason="consent", category="analytics") == 1
-    assert value(reg, "userpilot_responses_total", status="418") == 1
+    assert value(reg, "userpilot_responses_total", status="418", endpoint="identify") == 1
+    assert value(reg, "userpilot_responses_total", status="418", endpoint="track") is None
+    assert value(reg, "userpilot_ensure_user_identify_total") == 1
 
 
 def test_forget_partition_removes_only_that_partition(reg: CollectorRegistry, m: Metrics) -> None:
@@ -278,11 +290,11 @@ def test_histogram_buckets_cover_their_ranges(reg: CollectorRegistry, m: Metrics
     assert LIMITER_WAIT_BUCKETS[0] <= 0.001 and LIMITER_WAIT_BUCKETS[-1] >= 60
     for buckets in (LATENCY_BUCKETS, EVENT_AGE_BUCKETS, LIMITER_WAIT_BUCKETS):
         assert list(buckets) == sorted(set(buckets))
-    m.delivery_latency.observe(0.04)
+    m.delivery_latency.labels("track").observe(0.04)
     name = "userpilot_delivery_latency_seconds_bucket"
-    assert value(reg, name, le="0.025") == 0
-    assert value(reg, name, le="0.05") == 1
-    assert value(reg, name, le="+Inf") == 1
+    assert value(reg, name, le="0.025", endpoint="track") == 0
+    assert value(reg, name, le="0.05", endpoint="track") == 1
+    assert value(reg, name, le="+Inf", endpoint="track") == 1
 
 
 def test_two_instances_on_separate_registries(reg: CollectorRegistry) -> None:

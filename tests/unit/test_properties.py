@@ -82,11 +82,25 @@ def check_decision(event: Mapping[str, Any], mappings: MappingSet,
     if isinstance(decision, Drop):
         return
     assert isinstance(decision, Send)
-    body = decision.body.decode("utf-8")  # strict: no surrogates survived
-    assert _strict(body) == _strict(json.dumps(decision.payload, allow_nan=False))
+    for call in decision.calls:
+        _check_call(call.body, dict(call.payload), mappings)
+
+
+def _check_call(raw: bytes, data: dict[str, Any], mappings: MappingSet) -> None:
+    body = raw.decode("utf-8")  # strict: no surrogates survived
+    assert _strict(body) == _strict(json.dumps(data, allow_nan=False))
     payload = _strict(body)
-    assert set(payload) == {"user_id", "event_name", "metadata"}
-    assert isinstance(payload["user_id"], str) and payload["user_id"].strip()
+    if "company_id" in payload:  # company identify
+        assert isinstance(payload["company_id"], str) and payload["company_id"].strip()
+        assert set(payload) == {"company_id", "metadata"}
+    elif "event_name" in payload:  # track
+        assert set(payload) == {"user_id", "event_name", "metadata"}
+    else:  # identify: metadata unless it only associates a company
+        assert set(payload) <= {"user_id", "metadata", "company"}
+    if "user_id" in payload:
+        assert isinstance(payload["user_id"], str) and payload["user_id"].strip()
+    if "metadata" not in payload:
+        return
     metadata = payload["metadata"]
     assert isinstance(metadata, dict)
     for key, value in metadata.items():

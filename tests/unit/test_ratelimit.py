@@ -12,7 +12,6 @@ import pytest
 from consumer.ratelimit import (
     JITTER_MARGIN,
     AdaptiveLimiter,
-    FamilyLimiters,
     partition_share,
     safe_rate,
 )
@@ -302,32 +301,6 @@ def test_acquire_with_share_zero_rechecks_until_a_share_arrives(
     assert 3.0 <= waited <= 4.0
 
 
-# ---------------------------------------------------------------------------- families
-
-
-def test_each_family_has_its_own_full_budget_and_429_feedback() -> None:
-    limiters = FamilyLimiters(600, 60.0, clock=FakeClock())
-    assert limiters["track"] is not limiters["identify"]
-    full = safe_rate(600, 60.0, 1)
-    assert limiters.rates() == {"track": pytest.approx(full), "identify": pytest.approx(full)}
-    limiters["identify"].slow_down()
-    assert limiters["identify"].rate == pytest.approx(full / 2)
-    assert limiters["track"].rate == pytest.approx(full)  # a 429 on identify slows identify
-
-
-def test_shared_families_are_one_limiter() -> None:
-    limiters = FamilyLimiters(600, 60.0, shared=True, clock=FakeClock())
-    assert limiters["track"] is limiters["identify"]
-    assert len(limiters.distinct()) == 1
-    limiters["track"].slow_down()
-    assert limiters["identify"].rate == pytest.approx(safe_rate(600, 60.0, 1) / 2)
-
-
-def test_family_shares_follow_the_assignment() -> None:
-    limiters = FamilyLimiters(600, 60.0, clock=FakeClock())
-    limiters.set_share(0.5)
-    half = safe_rate(600, 60.0, 1, 0.5)
-    assert limiters.rates() == {"track": pytest.approx(half), "identify": pytest.approx(half)}
 def test_peek_does_not_reserve() -> None:
     clock = FakeClock()
     limiter = AdaptiveLimiter(60, 60.0, 1, clock=clock)
@@ -355,3 +328,47 @@ def test_factor_follows_slow_down_and_recovers() -> None:
     assert limiter.factor == 0.5
     clock.now += 20.0
     assert limiter.factor == pytest.approx(0.6)
+
+
+# ---------------------------------------------------------------------------- priority lane
+
+
+def test_priority_lane_serves_urgent_callers_first_then_in_arrival_order() -> None:
+    from consumer.ratelimit import PriorityLane
+
+    class Slots:
+        """A limiter that grants one slot each time the test releases one."""
+
+        def __init__(self) -> None:
+            self.free: asyncio.Queue[None] = asyncio.Queue()
+            self.granted = 0
+
+        async def acquire(self) -> float:
+            await self.free.get()
+            self.granted += 1
+            return 0.0
+
+    async def main() -> tuple[list[str], int]:
+        slots = Slots()
+        lane = PriorityLane(slots)
+        order: list[str] = []
+
+        async def caller(name: str, urgent: bool) -> None:
+            await lane.acquire(urgent)
+            order.append(name)
+
+        tasks = [asyncio.create_task(caller(n, n.startswith("U"))) for n in ("a", "b", "U1")]
+        await asyncio.sleep(0)
+        late = asyncio.create_task(caller("U2", True))
+        gone = asyncio.create_task(caller("c", False))
+        await asyncio.sleep(0)
+        gone.cancel()  # a caller that leaves the queue gets no slot
+        for _ in range(4):
+            slots.free.put_nowait(None)
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks, late)
+        return order, slots.granted
+
+    order, granted = asyncio.run(main())
+    assert order == ["U1", "U2", "a", "b"]
+    assert granted == 4, "one limiter slot per caller served: the budget is the limiter's"

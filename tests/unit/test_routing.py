@@ -39,8 +39,10 @@ def test_seed_example_is_sent_with_its_exact_body() -> None:
     ({"userId": "  "}, Drop("anonymous")),
     ({"context": {"consent": {"analytics": False}}}, Drop("consent", "analytics")),
     ({"context": {}}, Drop("consent", "analytics")),
-    ({"type": "identify"}, Drop("unsupported_type")),
-    ({"type": "group"}, Drop("unsupported_type")),
+    ({"type": "screen"}, Drop("unsupported_type")),
+    ({"type": "group"}, Drop("anonymous")),
+    ({"type": "identify", "context": {"consent": {"analytics": False}}},
+     Drop("consent", "analytics")),
     ({"event": "Something Else"}, Drop("unmapped")),
     ({"event": None}, Drop("unmapped")),
 ])
@@ -89,3 +91,57 @@ def test_encode_payload_is_compact_utf8(payload: dict[str, Any], body: bytes) ->
 def test_encode_payload_refuses_nan() -> None:
     with pytest.raises(ValueError):
         encode_payload({"x": float("nan")})
+
+
+def _calls(decision: Drop | Send) -> list[tuple[str, str, Any]]:
+    assert isinstance(decision, Send)
+    return [(c.purpose, c.path, json.loads(c.body)) for c in decision.calls]
+
+
+def test_identify_is_one_identify_call_with_all_traits_by_default() -> None:
+    decision = route({"type": "identify", "userId": "u1", "context": GRANTED,
+                      "traits": {"email": "a@b.c", "plan": {"tier": "pro"},
+                                 "createdAt": "2024-01-01T00:00:00Z"}},
+                     POLICY, DEFAULT_PRESET)
+    assert _calls(decision) == [("identify", "/v1/identify", {
+        "user_id": "u1", "metadata": {"email": "a@b.c", "plan_tier": "pro",
+                                      "created_at": "2024-01-01T00:00:00Z"}})]
+    assert isinstance(decision, Send) and decision.event_name == "identify"
+
+
+def test_group_is_company_identify_then_the_association() -> None:
+    decision = route({"type": "group", "userId": "u1", "groupId": "acme", "context": GRANTED,
+                      "traits": {"name": "Acme"}}, POLICY, DEFAULT_PRESET)
+    assert _calls(decision) == [
+        ("company_identify", "/v1/companies/identify",
+         {"company_id": "acme", "metadata": {"name": "Acme"}}),
+        ("associate_company", "/v1/identify", {"user_id": "u1", "company": {"id": "acme"}}),
+    ]
+
+
+def test_traits_sections_pick_rename_exclude_and_add_static_values() -> None:
+    mappings = load_mappings({
+        "identify": {"exclude": ["password"], "rename": {"plan": "plan_tier"},
+                     "static": {"source": "signal"}},
+        "group": {"pick": ["name"]},
+    })
+    identify = route({"type": "identify", "userId": "u1", "context": GRANTED,
+                      "traits": {"plan": "pro", "password": "x", "email": "e"}},
+                     POLICY, mappings)
+    assert _calls(identify)[0][2]["metadata"] == {"plan_tier": "pro", "email": "e",
+                                                  "source": "signal"}
+    group = route({"type": "group", "groupId": "g", "context": GRANTED,
+                   "traits": {"name": "Acme", "size": 5}}, POLICY, mappings)
+    assert _calls(group) == [("company_identify", "/v1/companies/identify",
+                              {"company_id": "g", "metadata": {"name": "Acme"}})]
+
+
+def test_traits_get_the_track_size_limits() -> None:
+    from dataclasses import replace
+    mappings = replace(DEFAULT_PRESET, max_metadata_keys=3)
+    decision = route({"type": "identify", "userId": "u1", "context": GRANTED,
+                      "traits": {f"k{i}": i for i in range(10)}}, POLICY, mappings)
+    assert isinstance(decision, Send)
+    metadata = decision.calls[0].payload["metadata"]
+    assert len(metadata) == 3 and metadata["_truncated"] == 8
+    assert len(decision.truncated) == 8

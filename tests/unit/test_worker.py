@@ -21,6 +21,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer import codec, handler, routing
+from consumer.calls import Call
 from consumer.commits import TP
 from consumer.config import Settings, load_settings
 from consumer.errors import Rejected, ServerError
@@ -165,17 +166,22 @@ class FakeClient:
 
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
+        self.calls: list[Call] = []
         self.answers: dict[bytes, Exception] = {}
         self.gate: asyncio.Event | None = None
         self.closed = False
 
-    async def track(self, body: bytes) -> None:
+    async def send(self, call: Call) -> int:
         if self.gate is not None:
             await self.gate.wait()
-        self.bodies.append(body)
+        body = call.body
+        self.calls.append(call)
+        if call.endpoint == "track":  # the Track bodies; `calls` has every request
+            self.bodies.append(body)
         error = self.answers.get(body)
         if error is not None:
             raise error
+        return 202
 
     async def aclose(self) -> None:
         self.closed = True

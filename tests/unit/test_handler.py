@@ -1,0 +1,195 @@
+"""Unit tests for consumer.handler: an event's calls in order, ensure-user, limiters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from consumer import codec
+from consumer.calls import Call
+from consumer.config import Settings, load_settings
+from consumer.deadletter import DlqGuard
+from consumer.errors import RateLimited, Rejected, ServerError
+from consumer.handler import DeadLettered, Delivered, Event, Handler
+from consumer.metrics import Metrics
+from consumer.policy import Gate, RetryPolicy
+
+SCHEMA_ID = 7
+CONSENT = {"consent": {"analytics": True}}
+
+
+def settings(**extra: str) -> Settings:
+    env = {"USERPILOT_API_KEY": "wt_0123456789abcdef", "USERPILOT_RETRY_MAX_ATTEMPTS": "3",
+           "USERPILOT_RETRY_BACKOFF_SECONDS": "0.001",
+           "USERPILOT_RETRY_BACKOFF_MAX_SECONDS": "0.001", **extra}
+    return load_settings(env, offline=True)
+
+
+class Client:
+    """Records every call; `fail` scripts exceptions per (path, user) in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.fail: dict[tuple[str, str], list[Exception]] = {}
+
+    async def send(self, call: Call) -> int:
+        body = json.loads(call.body)
+        who = body.get("user_id") or body.get("company_id")
+        errors = self.fail.get((call.path, who), [])
+        if errors:
+            raise errors.pop(0)
+        self.sent.append((call.path, body))
+        return 200 if call.endpoint == "company_identify" else 202
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Registry:
+    def cached(self, schema_id: int) -> Mapping[str, Any] | None:
+        return codec.SCHEMA
+
+    def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
+        return codec.SCHEMA
+
+
+class Dlq:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes]], timestamp_ms: int | None) -> None:
+        self.sent.append({"key": key, "value": value, "headers": dict(headers)})
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        return 0
+
+
+class Limiter:
+    def __init__(self) -> None:
+        self.acquired = 0
+        self.slowed = 0
+
+    @property
+    def rate(self) -> float:
+        return 10.0 / (1 + self.slowed)
+
+    def set_share(self, share: float) -> None:
+        return None
+
+    def slow_down(self) -> None:
+        self.slowed += 1
+
+    async def acquire(self) -> float:
+        self.acquired += 1
+        return 0.0
+
+
+def make(**extra: str) -> tuple[Handler, Client, Dlq, dict[str, Limiter], CollectorRegistry]:
+    s = settings(**extra)
+    reg = CollectorRegistry()
+    client, dlq = Client(), Dlq()
+    limiters = {"track": Limiter(), "identify": Limiter()}
+    policy = RetryPolicy(Gate(), max_attempts=s.retry_max_attempts, budget_s=60,
+                         backoff_multiplier_s=0.001, backoff_max_s=0.001)
+    handler = Handler(s, Metrics(reg), client=client, registry=Registry(), dlq=dlq,
+                      limiters=limiters.__getitem__, policy=policy,
+                      guard=DlqGuard(1.0, 100, 1000))
+    return handler, client, dlq, limiters, reg
+
+
+def event(offset: int, **fields: Any) -> Event:
+    doc = {"context": CONSENT, "messageId": f"m{offset}", **fields}
+    value = codec.encode(SCHEMA_ID, codec.to_record(doc))
+    key = str(fields.get("userId", "")).encode()
+    return Event("t", 0, offset, key, key, value, [("trace", b"1")], 1)
+
+
+def track(offset: int, user: str) -> Event:
+    return event(offset, type="track", event="Feature Used", userId=user,
+                 properties={"seq": offset})
+
+
+def run(handler: Handler, *events: Event) -> list[Any]:
+    async def main() -> list[Any]:
+        return [await handler.handle(e) for e in events]
+    return asyncio.run(main())
+
+
+def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:
+    return reg.get_sample_value(name, labels) or 0.0
+
+
+def test_ensure_user_identifies_once_before_a_users_first_track() -> None:
+    handler, client, _, limiters, reg = make()
+    outcomes = run(handler, track(0, "u1"), track(1, "u1"), track(2, "u2"))
+    assert all(isinstance(o, Delivered) for o in outcomes)
+    assert [(p, b.get("event_name", b)) for p, b in client.sent] == [
+        ("/v1/identify", {"user_id": "u1"}), ("/v1/track", "feature_used"),
+        ("/v1/track", "feature_used"),
+        ("/v1/identify", {"user_id": "u2"}), ("/v1/track", "feature_used")]
+    assert metric(reg, "userpilot_ensure_user_identify_total") == 2
+    assert (limiters["identify"].acquired, limiters["track"].acquired) == (2, 3)
+    assert metric(reg, "userpilot_responses_total", status="202", endpoint="identify") == 2
+    assert metric(reg, "userpilot_responses_total", status="202", endpoint="track") == 3
+
+
+def test_an_identify_event_makes_the_user_known_and_ensure_user_can_be_off() -> None:
+    handler, client, _, _, _ = make()
+    run(handler, event(0, type="identify", userId="u1", traits={"plan": "pro"}),
+        track(1, "u1"))
+    assert [p for p, _ in client.sent] == ["/v1/identify", "/v1/track"]
+    handler, client, _, _, reg = make(USERPILOT_ENSURE_USER="false")
+    run(handler, track(0, "u1"))
+    assert [p for p, _ in client.sent] == ["/v1/track"]
+    assert metric(reg, "userpilot_ensure_user_identify_total") == 0
+
+
+def test_group_calls_go_in_order_and_count_by_endpoint() -> None:
+    handler, client, _, limiters, reg = make()
+    (outcome,) = run(handler, event(0, type="group", userId="u1", groupId="acme",
+                                    traits={"name": "Acme"}))
+    assert outcome == Delivered("group", 1)
+    assert client.sent == [
+        ("/v1/companies/identify", {"company_id": "acme", "metadata": {"name": "Acme"}}),
+        ("/v1/identify", {"user_id": "u1", "company": {"id": "acme"}})]
+    assert limiters["identify"].acquired == 2 and limiters["track"].acquired == 0
+    assert metric(reg, "userpilot_responses_total", status="200",
+                  endpoint="company_identify") == 1
+
+
+def test_a_retry_resumes_at_the_call_that_failed() -> None:
+    handler, client, _, _, _ = make()
+    client.fail[("/v1/track", "u1")] = [ServerError("HTTP 503", status=503)]
+    (outcome,) = run(handler, track(0, "u1"))
+    assert isinstance(outcome, Delivered)
+    assert [p for p, _ in client.sent] == ["/v1/identify", "/v1/track"], "identify sent once"
+
+
+def test_a_429_slows_only_the_family_that_got_it() -> None:
+    handler, client, _, limiters, reg = make()
+    client.fail[("/v1/identify", "u1")] = [RateLimited("HTTP 429", status=429)]
+    (outcome,) = run(handler, track(0, "u1"))
+    assert isinstance(outcome, Delivered)
+    assert (limiters["identify"].slowed, limiters["track"].slowed) == (1, 0)
+    assert metric(reg, "userpilot_responses_total", status="429", endpoint="identify") == 1
+    assert metric(reg, "userpilot_rate_limit_requests_per_second", endpoint="identify") == 5.0
+
+
+def test_a_400_on_any_call_dead_letters_the_event_with_its_own_bytes() -> None:
+    handler, client, dlq, _, _ = make()
+    bad = event(3, type="group", userId="u1", groupId="acme")
+    client.fail[("/v1/identify", "u1")] = [Rejected("HTTP 400", status=400, body="nope")]
+    (outcome,) = run(handler, bad)
+    assert isinstance(outcome, DeadLettered) and outcome.reason == "bad_request"
+    assert [p for p, _ in client.sent] == ["/v1/companies/identify"]
+    (record,) = dlq.sent
+    assert record["key"] == b"u1" and record["value"] == bad.value
+    assert record["headers"]["trace"] == b"1"
+    assert record["headers"]["userpilot.error.status"] == b"400"
+    assert record["headers"]["__connect.errors.offset"] == b"3"
+    assert record["headers"]["userpilot.error.attempts"] == b"1", "the failed call's attempts"
