@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-connections", type=int, default=None,
                         help="USERPILOT_MAX_CONNECTIONS and the HTTP ceiling's concurrency "
                         "(default: the worker's 64)")
+    parser.add_argument("--drop-events", type=int, default=None,
+                        help="size of the drop-path backlog (workloads 1, 2)")
+    parser.add_argument("--delivery-events", type=int, default=None,
+                        help="size of the delivery backlog (workloads 3, 5)")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser
 
@@ -136,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["max_in_flight"] = args.max_in_flight
     if args.max_connections is not None:
         overrides["max_connections"] = args.max_connections
+    if args.drop_events is not None:
+        overrides["drop_events"] = args.drop_events
+    if args.delivery_events is not None:
+        overrides["delivery_events"] = args.delivery_events
     params = dataclasses.replace(params, **overrides)
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
     bench = Bench(args.bootstrap_servers, args.schema_registry_url, params, logs)

@@ -68,6 +68,7 @@ _SUBRECORDS: dict[str, tuple[str, ...]] = {
 }
 _CONTEXT_STRINGS = ("locale", "ip", "userAgent", "timezone")
 _KNOWN_TOP = frozenset(("type", "context", *_ENVELOPE_STRINGS, *_JSON_FIELDS))
+_PLAIN_TOP = frozenset(("type", *_ENVELOPE_STRINGS))  # read straight from the record
 
 
 MAX_JSON_DEPTH = 200
@@ -219,7 +220,7 @@ class Event(Mapping[str, Any]):
 
     def get(self, key: str, default: Any = None) -> Any:
         """Envelope strings straight from the record; JSON fields parsed once."""
-        if key in _ENVELOPE_STRINGS or key == "type":
+        if key in _PLAIN_TOP:
             value = self._record.get(key)
             return default if value is None else value
         try:
@@ -241,6 +242,13 @@ class Event(Mapping[str, Any]):
             value = self._context(value)
         parsed[key] = value
         return value
+
+    @property
+    def consent_text(self) -> str | None:
+        """``context.consent`` as the JSON text it travels as (None when absent); parses
+        nothing, so a decision already taken for the same text can be reused."""
+        context = self._record.get("context")
+        return context.get("consent") if context is not None else None
 
     @property
     def consent(self) -> Any:
