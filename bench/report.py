@@ -107,6 +107,9 @@ def targets(results: Mapping[str, Any]) -> list[Target]:
     if "delivery_over_client_loop_20ms" in ratios:
         rows.append(Target("delivery ÷ plain loop, same client @ 20ms",
                            ratios["delivery_over_client_loop_20ms"], ">=", 0.9))
+    if "delivery_cpu_over_client_loop_cpu_20ms" in ratios:
+        rows.append(Target("delivery, CPU/event: plain loop ÷ worker @ 20ms",
+                           ratios["delivery_cpu_over_client_loop_cpu_20ms"], ">=", 0.9))
     if "delivery_over_token_limit_0ms" in ratios:
         rows.append(Target("delivery @ 0ms ÷ token limit (10 req/s)",
                            ratios["delivery_over_token_limit_0ms"], ">=", 50))

@@ -186,6 +186,7 @@ class Bench:
             deadline = time.monotonic() + self.params.drain_timeout_s
             first: tuple[float, int] | None = None
             cpu_at_first = read_cpu(worker.pid)
+            cpu_samples: list[tuple[float, float]] = []  # (wall time, worker CPU seconds)
             while True:
                 if not worker.alive():
                     raise RuntimeError(f"worker {tag} exited:\n{worker.tail()}")
@@ -194,6 +195,8 @@ class Bench:
                     raise TimeoutError(f"worker {tag} committed {done} of {total} offsets of "
                                        f"{topic} in {self.params.drain_timeout_s:.0f} s")
                 now = time.time()
+                if first_request is not None:
+                    cpu_samples.append((now, read_cpu(worker.pid)))
                 if done > 0 and first is None:
                     first = (now, done)
                     cpu_at_first = read_cpu(worker.pid)
@@ -208,8 +211,10 @@ class Bench:
             at = first_request()
             if at is None:
                 raise RuntimeError(f"{tag}: the sandbox received no request")
-            # The CPU clock cannot start at the first request (known only afterwards).
-            return Drain(total, now - at, at - started)
+            # The CPU clock starts at the last sample taken before the first request.
+            before = [cpu for wall, cpu in cpu_samples if wall <= at]
+            return Drain(total, now - at, at - started,
+                         cpu_at_end - before[-1] if before else math.nan)
         if first[1] >= total:
             raise RuntimeError(f"{tag}: the backlog ({total}) was committed before the "
                                "first observation; make it larger")
@@ -278,7 +283,8 @@ class Bench:
                 row = self._deliver(sandbox, topic, latency)
                 out["by_latency"][key] = row
                 self.note(f"3 delivery path @ {key}",
-                          f"{row['rate']:,.0f} ev/s delivered + committed")
+                          f"{row['rate']:,.0f} ev/s delivered + committed, "
+                          f"{row['cpu_us_per_event']:.0f} µs CPU per event")
         return out
 
     def _deliver(self, sandbox: SandboxProcess, topic: str, latency: float) -> dict[str, Any]:
@@ -293,8 +299,8 @@ class Bench:
         stats = sandbox.control.stats()
         if stats["accepted"] < self.params.delivery_events:
             raise RuntimeError(f"{tag}: sandbox accepted only {stats['accepted']}")
-        return {**asdict(drain), "rate": drain.rate, "accepted": stats["accepted"],
-                "by_status": stats["by_status"]}
+        return {**asdict(drain), "rate": drain.rate, "cpu_us_per_event": drain.cpu_us_per_event,
+                "accepted": stats["accepted"], "by_status": stats["by_status"]}
 
     # -- 4 ---------------------------------------------------------------------------
     def http_ceiling(self) -> dict[str, Any]:
@@ -315,13 +321,15 @@ class Bench:
                     result = run(url, API_HEADERS, bodies, self.params.http_seconds, conc)
                     if result.accepted == 0 or result.other:
                         raise RuntimeError(f"HTTP ceiling {client}: {result}")
-                    row[client] = {**asdict(result), "rate": result.rate}
+                    row[client] = {**asdict(result), "rate": result.rate,
+                                   "cpu_us_per_request": result.cpu_us_per_request}
                 row["best"] = max(row["httpx"]["rate"], row["aiohttp"]["rate"])
                 key = f"{latency:g}ms"
                 out["by_latency"][key] = row
                 self.note(f"4 HTTP ceiling @ {key} (c={conc})",
                           f"httpx {row['httpx']['rate']:,.0f}/s, "
-                          f"worker's client (httpx+aiohttp) {row['worker_client']['rate']:,.0f}/s, "
+                          f"worker's client (httpx+aiohttp) {row['worker_client']['rate']:,.0f}/s "
+                          f"({row['worker_client']['cpu_us_per_request']:.0f} µs CPU each), "
                           f"aiohttp {row['aiohttp']['rate']:,.0f}/s")
         return out
 
@@ -541,6 +549,11 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
                                                            ceiling[key]["httpx"]["rate"])
             out[f"delivery_over_client_loop_{key}"] = ratio(
                 row["rate"], ceiling[key]["worker_client"]["rate"])
+            # CPU per request of the plain loop ÷ the worker's CPU per event: the same
+            # comparison as the rates, steadier while other processes share the cores.
+            out[f"delivery_cpu_over_client_loop_cpu_{key}"] = ratio(
+                ceiling[key]["worker_client"].get("cpu_us_per_request", math.nan),
+                row.get("cpu_us_per_event", math.nan))
         if key in naive:
             out[f"delivery_over_naive_{key}"] = ratio(row["rate"], naive[key]["rate"])
     return out
