@@ -244,6 +244,13 @@ class Event(Mapping[str, Any]):
         return value
 
     @property
+    def envelope(self) -> Mapping[str, Any]:
+        """The decoded Avro record itself: envelope strings (``type``, ``userId``,
+        ``event``…) read at dict speed. Its JSON fields are raw text: read those through
+        the event, never here."""
+        return self._record
+
+    @property
     def consent_text(self) -> str | None:
         """``context.consent`` as the JSON text it travels as (None when absent); parses
         nothing, so a decision already taken for the same text can be reused."""
@@ -369,7 +376,11 @@ def split_wire(data: bytes | None) -> tuple[int, memoryview]:
 
 def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     """Wire bytes → event (JSON text parsed lazily), resolving the writer schema to ours."""
-    schema_id, body = split_wire(data)
+    if data is not None and len(data) >= _HEADER.size and data[0] == MAGIC_BYTE:
+        schema_id = _HEADER.unpack_from(data)[1]  # the common case, without a call
+        body = memoryview(data)[_HEADER.size:]
+    else:
+        schema_id, body = split_wire(data)  # raises the reason
     try:
         writer = lookup(schema_id)
     except KeyError:

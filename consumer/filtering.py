@@ -158,12 +158,14 @@ def drop_reason(
     (identify/group and unknown types are ``unsupported_type``; a track/page event without
     a rule is ``unmapped``), all from envelope strings; then consent.
     """
-    user_id = event.get("userId")
+    # A decoded Event's envelope strings are read from its record directly (no parsing).
+    envelope = event.envelope if isinstance(event, Event) else event
+    user_id = envelope.get("userId")
     if not isinstance(user_id, str) or not user_id.strip():
         return DROP_ANONYMOUS
-    if event.get("type") not in _DELIVERED_TYPES:
+    if envelope.get("type") not in _DELIVERED_TYPES:
         return DROP_UNSUPPORTED_TYPE
-    if mappings.lookup(event) is None:
+    if mappings.lookup(envelope) is None:
         return DROP_UNMAPPED
     category = consent.missing_category(event)
     if category is not None:

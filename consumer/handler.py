@@ -176,7 +176,7 @@ class Handler:
         self.policy = policy
         self.guard = guard
         # Label lookups cost more than the increments: cache the children on the hot path.
-        self._drops: dict[Drop, Any] = {}
+        self._drops: dict[Drop, tuple[Any, Dropped]] = {}
         self._delivered: dict[str, Any] = {}
         self._accepted = metrics.responses.labels("202")
 
@@ -251,15 +251,15 @@ class Handler:
         return Delivered(decision.event_name, event.attempts.count)
 
     def dropped(self, event: Event, drop: Drop) -> Dropped:
-        counter = self._drops.get(drop)
-        if counter is None:
-            counter = self._drops[drop] = self.m.events_dropped.labels(
-                drop.reason, drop.category or "")
-        counter.inc()
+        known = self._drops.get(drop)
+        if known is None:
+            known = self._drops[drop] = (
+                self.m.events_dropped.labels(drop.reason, drop.category or ""), Dropped(drop))
+        known[0].inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("dropped (%s%s)", drop.reason,
                       f": {drop.category}" if drop.category else "", extra=event.fields)
-        return Dropped(drop)
+        return known[1]
 
     # -- deliver ------------------------------------------------------------------------
     def limiter_for(self, send: Send) -> Limiter:
