@@ -19,7 +19,8 @@ a consent that is not an object, or one whose values are all null) follows the p
 
 Decisions are ordered by cost (decide before you parse): anonymous, unsupported type and
 unmapped name need only the envelope strings; consent parses ``context.consent`` alone
-(:attr:`consumer.codec.Event.consent`); nothing here reads ``properties`` or ``traits``.
+(:attr:`consumer.codec.Event.consent`), once per distinct text; nothing here reads
+``properties`` or ``traits``.
 """
 
 from __future__ import annotations
