@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="full windows measured per scenario (default 3)")
     parser.add_argument("--mixed-track-users", type=int, default=None,
                         help="users the mixed workload's Tracks rotate over (default 60)")
+    parser.add_argument("--drop-events", type=int, default=None,
+                        help="size of the drop-path backlog (workloads 1, 2)")
+    parser.add_argument("--delivery-events", type=int, default=None,
+                        help="size of the delivery backlog (workloads 3, 5)")
     parser.add_argument("--verbose", "-v", action="store_true")
     return parser
 
@@ -157,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        ("mixed_track_users", "mixed_track_users")):
         if getattr(args, arg) is not None:
             overrides[field] = getattr(args, arg)
+    if args.drop_events is not None:
+        overrides["drop_events"] = args.drop_events
+    if args.delivery_events is not None:
+        overrides["delivery_events"] = args.delivery_events
     params = dataclasses.replace(params, **overrides)
     logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
     bench = Bench(args.bootstrap_servers, args.schema_registry_url, params, logs,

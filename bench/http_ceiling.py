@@ -25,10 +25,16 @@ class HttpResult:
     accepted: int
     other: int
     seconds: float
+    cpu_s: float = float("nan")  # this process's CPU time (all threads) over `seconds`
 
     @property
     def rate(self) -> float:
         return self.accepted / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        done = self.accepted + self.other
+        return 1e6 * self.cpu_s / done if done else float("nan")
 
 
 def _bodies(payloads: Sequence[bytes], seconds: float) -> Iterator[bytes]:
@@ -54,10 +60,10 @@ async def _httpx(url: str, headers: Mapping[str, str], payloads: Sequence[bytes]
                 response = await client.post(url, content=body)
                 counts["accepted" if response.status_code == 202 else "other"] += 1
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(run() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return HttpResult(counts["accepted"], counts["other"], elapsed)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return HttpResult(counts["accepted"], counts["other"], elapsed, cpu)
 
 
 async def _aiohttp(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
@@ -77,10 +83,10 @@ async def _aiohttp(url: str, headers: Mapping[str, str], payloads: Sequence[byte
                     await response.read()
                     counts["accepted" if response.status == 202 else "other"] += 1
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(run() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return HttpResult(counts["accepted"], counts["other"], elapsed)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return HttpResult(counts["accepted"], counts["other"], elapsed, cpu)
 
 
 def run_httpx(url: str, headers: Mapping[str, str], payloads: Sequence[bytes], seconds: float,

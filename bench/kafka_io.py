@@ -164,10 +164,15 @@ class DrainResult:
 
     count: int
     seconds: float
+    cpu_s: float = float("nan")  # this process's CPU time (all threads) over `seconds`
 
     @property
     def rate(self) -> float:
         return self.count / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_us_per_event(self) -> float:
+        return 1e6 * self.cpu_s / self.count if self.count else float("nan")
 
 
 def consume_decode(bootstrap: str, registry_url: str, topic: str, expected: int,
@@ -185,7 +190,7 @@ def consume_decode(bootstrap: str, registry_url: str, topic: str, expected: int,
     })
     consumer.subscribe([topic])
     seen = 0
-    first = 0.0
+    first = cpu_first = 0.0
     deadline = time.monotonic() + timeout_s
     try:
         while seen < expected and time.monotonic() < deadline:
@@ -195,15 +200,17 @@ def consume_decode(bootstrap: str, registry_url: str, topic: str, expected: int,
                     continue
                 if seen == 0:
                     first = time.perf_counter()
+                    cpu_first = time.process_time()
                 codec.decode(message.value(), registry.writer_schema)
                 seen += 1
         last = time.perf_counter()
+        cpu_last = time.process_time()
     finally:
         consumer.close()
     if seen < expected:
         raise TimeoutError(f"consume+decode saw {seen} of {expected} messages")
     # The first message starts the clock, so it is not counted in the rate.
-    return DrainResult(seen - 1, last - first)
+    return DrainResult(seen - 1, last - first, cpu_last - cpu_first)
 
 
 def consume_avro(bootstrap: str, registry_url: str, topic: str, expected: int,
@@ -222,7 +229,7 @@ def consume_avro(bootstrap: str, registry_url: str, topic: str, expected: int,
     })
     consumer.subscribe([topic])
     seen = 0
-    first = 0.0
+    first = cpu_first = 0.0
     deadline = time.monotonic() + timeout_s
     try:
         while seen < expected and time.monotonic() < deadline:
@@ -231,16 +238,18 @@ def consume_avro(bootstrap: str, registry_url: str, topic: str, expected: int,
                     continue
                 if seen == 0:
                     first = time.perf_counter()
+                    cpu_first = time.process_time()
                 schema_id, body = codec.split_wire(message.value())
                 writer = cast(dict[str, Any], registry.writer_schema(schema_id))
                 fastavro.schemaless_reader(io.BytesIO(body), writer, None)
                 seen += 1
         last = time.perf_counter()
+        cpu_last = time.process_time()
     finally:
         consumer.close()
     if seen < expected:
         raise TimeoutError(f"consume+avro saw {seen} of {expected} messages")
-    return DrainResult(seen - 1, last - first)
+    return DrainResult(seen - 1, last - first, cpu_last - cpu_first)
 
 
 class Pacer:

@@ -18,6 +18,7 @@ from typing import IO
 from consumer.sandbox import SandboxControl
 
 __all__ = ["BENCH_TOKEN", "RssSample", "SandboxProcess", "WorkerProcess", "cpu_seconds",
+           "read_cpu",
            "read_rss"]
 
 BENCH_TOKEN = "bench-write-token-4c1d"
@@ -147,6 +148,20 @@ class RssSample:
     at_s: float
     rss: int
     hwm: int
+
+
+def read_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used so far; NaN once gone.
+
+    On a machine shared with other work, CPU per event is steadier than events per wall
+    second: the benchmark reports both.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def read_rss(pid: int, at_s: float = 0.0) -> RssSample | None:

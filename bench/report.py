@@ -101,9 +101,15 @@ def targets(results: Mapping[str, Any]) -> list[Target]:
     if "drop_over_consume_avro" in ratios:
         rows.append(Target("drop path ÷ consume+Avro (no JSON)",
                            ratios["drop_over_consume_avro"], ">=", 0.8))
+    if "drop_cpu_over_consume_avro_cpu" in ratios:
+        rows.append(Target("drop path, CPU/event: Avro-only ÷ worker",
+                           ratios["drop_cpu_over_consume_avro_cpu"], ">=", 0.8))
     if "delivery_over_client_loop_20ms" in ratios:
         rows.append(Target("delivery ÷ plain loop, same client @ 20ms",
                            ratios["delivery_over_client_loop_20ms"], ">=", 0.9))
+    if "delivery_cpu_over_client_loop_cpu_20ms" in ratios:
+        rows.append(Target("delivery, CPU/event: plain loop ÷ worker @ 20ms",
+                           ratios["delivery_cpu_over_client_loop_cpu_20ms"], ">=", 0.9))
     if "delivery_over_token_limit_0ms" in ratios:
         rows.append(Target("delivery @ 0ms ÷ token limit (10 req/s)",
                            ratios["delivery_over_token_limit_0ms"], ">=", 50))

@@ -22,6 +22,7 @@ from bench import events as ev
 from bench import replicas
 from bench.http_ceiling import HttpResult, run_aiohttp, run_httpx, run_worker_client
 from bench.kafka_io import (
+    DrainResult,
     OffsetProbe,
     Pacer,
     consume_avro,
@@ -37,6 +38,7 @@ from bench.procs import (
     RssTrace,
     SandboxProcess,
     WorkerProcess,
+    read_cpu,
     read_rss,
     worker_env,
 )
@@ -121,10 +123,15 @@ class Drain:
     events: int
     seconds: float
     first_commit_after_s: float
+    cpu_s: float = math.nan  # the worker process's CPU time (all threads) over `seconds`
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def cpu_us_per_event(self) -> float:
+        return 1e6 * self.cpu_s / self.events if self.events else math.nan
 
 
 @dataclass
@@ -195,6 +202,8 @@ class Bench:
             started = time.time()
             deadline = time.monotonic() + self.params.drain_timeout_s
             first: tuple[float, int] | None = None
+            cpu_at_first = read_cpu(worker.pid)
+            cpu_samples: list[tuple[float, float]] = []  # (wall time, worker CPU seconds)
             while True:
                 if not worker.alive():
                     raise RuntimeError(f"worker {tag} exited:\n{worker.tail()}")
@@ -203,9 +212,13 @@ class Bench:
                     raise TimeoutError(f"worker {tag} committed {done} of {total} offsets of "
                                        f"{topic} in {self.params.drain_timeout_s:.0f} s")
                 now = time.time()
+                if first_request is not None:
+                    cpu_samples.append((now, read_cpu(worker.pid)))
                 if done > 0 and first is None:
                     first = (now, done)
+                    cpu_at_first = read_cpu(worker.pid)
                 if done >= total:
+                    cpu_at_end = read_cpu(worker.pid)
                     break
                 time.sleep(0.05)
         finally:
@@ -215,11 +228,15 @@ class Bench:
             at = first_request()
             if at is None:
                 raise RuntimeError(f"{tag}: the sandbox received no request")
-            return Drain(total, now - at, at - started)
+            # The CPU clock starts at the last sample taken before the first request.
+            before = [cpu for wall, cpu in cpu_samples if wall <= at]
+            return Drain(total, now - at, at - started,
+                         cpu_at_end - before[-1] if before else math.nan)
         if first[1] >= total:
             raise RuntimeError(f"{tag}: the backlog ({total}) was committed before the "
                                "first observation; make it larger")
-        return Drain(total - first[1], now - first[0], first[0] - started)
+        return Drain(total - first[1], now - first[0], first[0] - started,
+                     cpu_at_end - cpu_at_first)
 
     def note(self, name: str, text: str) -> None:
         self.summary.append((name, text))
@@ -246,9 +263,8 @@ class Bench:
         avro = consume_avro(self.bootstrap, self.registry, topic, self.params.drop_events)
         self.note("1 consume+Avro, no JSON (bare)", f"{avro.rate:,.0f} ev/s")
         return {"events": result.count, "seconds": result.seconds, "rate": result.rate,
-                "topic": topic,
-                "avro_only": {"events": avro.count, "seconds": avro.seconds,
-                              "rate": avro.rate}}
+                "cpu_us_per_event": result.cpu_us_per_event, "topic": topic,
+                "avro_only": _drained(avro)}
 
     # -- 2 ---------------------------------------------------------------------------
     def drop_path(self) -> dict[str, Any]:
@@ -260,9 +276,16 @@ class Bench:
             finally:
                 worker.stop()
             stats = sandbox.control.stats()
-        self.note("2 drop path (worker)", f"{drain.rate:,.0f} ev/s committed")
-        return {**asdict(drain), "rate": drain.rate, "topic": topic,
-                "mix": list(ev.DROP_KINDS), "requests_sent": stats["total"]}
+        self.note("2 drop path (worker)", f"{drain.rate:,.0f} ev/s committed, "
+                  f"{drain.cpu_us_per_event:.1f} µs CPU per event")
+        # The ceiling again right after the worker: on a shared machine the load drifts, so
+        # the drop path is compared with the mean of the ceiling before and after it.
+        after = consume_avro(self.bootstrap, self.registry, topic, self.params.drop_events)
+        self.note("2 consume+Avro, no JSON, after", f"{after.rate:,.0f} ev/s, "
+                  f"{after.cpu_us_per_event:.1f} µs CPU per event")
+        return {**asdict(drain), "rate": drain.rate, "cpu_us_per_event": drain.cpu_us_per_event,
+                "topic": topic, "mix": list(ev.DROP_KINDS), "requests_sent": stats["total"],
+                "avro_only_after": _drained(after)}
 
     # -- 3 ---------------------------------------------------------------------------
     def delivery_path(self) -> dict[str, Any]:
@@ -277,7 +300,8 @@ class Bench:
                 row = self._deliver(sandbox, topic, latency)
                 out["by_latency"][key] = row
                 self.note(f"3 delivery path @ {key}",
-                          f"{row['rate']:,.0f} ev/s delivered + committed")
+                          f"{row['rate']:,.0f} ev/s delivered + committed, "
+                          f"{row['cpu_us_per_event']:.0f} µs CPU per event")
         return out
 
     def _deliver(self, sandbox: SandboxProcess, topic: str, latency: float) -> dict[str, Any]:
@@ -292,8 +316,8 @@ class Bench:
         stats = sandbox.control.stats()
         if stats["accepted"] < self.params.delivery_events:
             raise RuntimeError(f"{tag}: sandbox accepted only {stats['accepted']}")
-        return {**asdict(drain), "rate": drain.rate, "accepted": stats["accepted"],
-                "by_status": stats["by_status"]}
+        return {**asdict(drain), "rate": drain.rate, "cpu_us_per_event": drain.cpu_us_per_event,
+                "accepted": stats["accepted"], "by_status": stats["by_status"]}
 
     # -- 4 ---------------------------------------------------------------------------
     def http_ceiling(self) -> dict[str, Any]:
@@ -314,13 +338,15 @@ class Bench:
                     result = run(url, API_HEADERS, bodies, self.params.http_seconds, conc)
                     if result.accepted == 0 or result.other:
                         raise RuntimeError(f"HTTP ceiling {client}: {result}")
-                    row[client] = {**asdict(result), "rate": result.rate}
+                    row[client] = {**asdict(result), "rate": result.rate,
+                                   "cpu_us_per_request": result.cpu_us_per_request}
                 row["best"] = max(row["httpx"]["rate"], row["aiohttp"]["rate"])
                 key = f"{latency:g}ms"
                 out["by_latency"][key] = row
                 self.note(f"4 HTTP ceiling @ {key} (c={conc})",
                           f"httpx {row['httpx']['rate']:,.0f}/s, "
-                          f"worker's client (httpx+aiohttp) {row['worker_client']['rate']:,.0f}/s, "
+                          f"worker's client (httpx+aiohttp) {row['worker_client']['rate']:,.0f}/s "
+                          f"({row['worker_client']['cpu_us_per_request']:.0f} µs CPU each), "
                           f"aiohttp {row['aiohttp']['rate']:,.0f}/s")
         return out
 
@@ -582,6 +608,11 @@ class Bench:
         return replicas.cpu_cost(self, self._redis())
 
 
+def _drained(result: DrainResult) -> dict[str, float]:
+    return {"events": result.count, "seconds": result.seconds, "rate": result.rate,
+            "cpu_us_per_event": result.cpu_us_per_event}
+
+
 def _answered_any(sandbox: SandboxProcess) -> Callable[[], bool]:
     return lambda: bool(sandbox.control.stats()["total"] > 0)
 
@@ -611,7 +642,14 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
                                                 w["consume_decode"]["rate"])
         avro = w["consume_decode"].get("avro_only")
         if avro:
-            out["drop_over_consume_avro"] = ratio(w["drop_path"]["rate"], avro["rate"])
+            ceilings = [avro] + ([w["drop_path"]["avro_only_after"]]
+                                 if "avro_only_after" in w["drop_path"] else [])
+            out["drop_over_consume_avro"] = ratio(
+                w["drop_path"]["rate"], sum(c["rate"] for c in ceilings) / len(ceilings))
+            cpu = [c.get("cpu_us_per_event", math.nan) for c in ceilings]
+            # CPU per event, ceiling ÷ worker: the same comparison, steadier under load.
+            out["drop_cpu_over_consume_avro_cpu"] = ratio(
+                sum(cpu) / len(cpu), w["drop_path"].get("cpu_us_per_event", math.nan))
     for key, row in w.get("delivery_path", {}).get("by_latency", {}).items():
         out[f"delivery_over_token_limit_{key}"] = ratio(row["rate"], TOKEN_LIMIT_RPS)
     delivery = w.get("delivery_path", {}).get("by_latency", {})
@@ -624,6 +662,11 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
                                                            ceiling[key]["httpx"]["rate"])
             out[f"delivery_over_client_loop_{key}"] = ratio(
                 row["rate"], ceiling[key]["worker_client"]["rate"])
+            # CPU per request of the plain loop ÷ the worker's CPU per event: the same
+            # comparison as the rates, steadier while other processes share the cores.
+            out[f"delivery_cpu_over_client_loop_cpu_{key}"] = ratio(
+                ceiling[key]["worker_client"].get("cpu_us_per_request", math.nan),
+                row.get("cpu_us_per_event", math.nan))
         if key in naive:
             out[f"delivery_over_naive_{key}"] = ratio(row["rate"], naive[key]["rate"])
     return out

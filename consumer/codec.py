@@ -68,6 +68,7 @@ _SUBRECORDS: dict[str, tuple[str, ...]] = {
 }
 _CONTEXT_STRINGS = ("locale", "ip", "userAgent", "timezone")
 _KNOWN_TOP = frozenset(("type", "context", *_ENVELOPE_STRINGS, *_JSON_FIELDS))
+_PLAIN_TOP = frozenset(("type", *_ENVELOPE_STRINGS))  # read straight from the record
 
 
 MAX_JSON_DEPTH = 200
@@ -219,7 +220,7 @@ class Event(Mapping[str, Any]):
 
     def get(self, key: str, default: Any = None) -> Any:
         """Envelope strings straight from the record; JSON fields parsed once."""
-        if key in _ENVELOPE_STRINGS or key == "type":
+        if key in _PLAIN_TOP:
             value = self._record.get(key)
             return default if value is None else value
         try:
@@ -241,6 +242,20 @@ class Event(Mapping[str, Any]):
             value = self._context(value)
         parsed[key] = value
         return value
+
+    @property
+    def envelope(self) -> Mapping[str, Any]:
+        """The decoded Avro record itself: envelope strings (``type``, ``userId``,
+        ``event``…) read at dict speed. Its JSON fields are raw text: read those through
+        the event, never here."""
+        return self._record
+
+    @property
+    def consent_text(self) -> str | None:
+        """``context.consent`` as the JSON text it travels as (None when absent); parses
+        nothing, so a decision already taken for the same text can be reused."""
+        context = self._record.get("context")
+        return context.get("consent") if context is not None else None
 
     @property
     def consent(self) -> Any:
@@ -361,7 +376,11 @@ def split_wire(data: bytes | None) -> tuple[int, memoryview]:
 
 def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     """Wire bytes → event (JSON text parsed lazily), resolving the writer schema to ours."""
-    schema_id, body = split_wire(data)
+    if data is not None and len(data) >= _HEADER.size and data[0] == MAGIC_BYTE:
+        schema_id = _HEADER.unpack_from(data)[1]  # the common case, without a call
+        body = memoryview(data)[_HEADER.size:]
+    else:
+        schema_id, body = split_wire(data)  # raises the reason
     try:
         writer = lookup(schema_id)
     except KeyError:

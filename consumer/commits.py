@@ -59,6 +59,16 @@ class Commits:
             tracker.started(offset)
             return True
 
+    def dropped(self, tp: TP, offset: int) -> bool:
+        """An offset taken and finished at once (a dropped event): `take` and `finish` in
+        one step. False when `tp` is not assigned."""
+        with self._lock:
+            tracker = self._offsets.get(tp)
+            if tracker is None:
+                return False
+            tracker.skipped(offset)
+            return True
+
     def sending(self, tp: TP, offset: int) -> None:
         """The event will reach Userpilot or the DLQ: it counts against the window."""
         with self._lock:

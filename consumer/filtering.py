@@ -19,7 +19,8 @@ a consent that is not an object, or one whose values are all null) follows the p
 
 Decisions are ordered by cost (decide before you parse): anonymous, unsupported type and
 unmapped name need only the envelope strings; consent parses ``context.consent`` alone
-(:attr:`consumer.codec.Event.consent`); nothing here reads ``properties`` or ``traits``.
+(:attr:`consumer.codec.Event.consent`), once per distinct text; nothing here reads
+``properties`` or ``traits``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from consumer.mapping import MappingSet
 __all__ = [
     "ALWAYS_GRANTED",
     "CATEGORIES",
+    "CONSENT_CACHE_SIZE",
     "GRANTED_STRINGS",
     "ConsentPolicy",
     "Drop",
@@ -66,6 +68,9 @@ class Drop:
     category: str | None = None
 
 
+CONSENT_CACHE_SIZE = 1024
+"""Distinct ``context.consent`` texts whose decision is remembered (cleared when full)."""
+
 DROP_ANONYMOUS = Drop("anonymous")
 DROP_UNMAPPED = Drop("unmapped")
 DROP_UNSUPPORTED_TYPE = Drop("unsupported_type")
@@ -87,6 +92,7 @@ class ConsentPolicy:
     categories: tuple[str, ...] = ("analytics",)
     missing: Literal["deny", "allow"] = "deny"
     _gating: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _by_text: dict[str | None, str | None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.missing not in ("deny", "allow"):
@@ -100,13 +106,34 @@ class ConsentPolicy:
         cleaned = tuple(dict.fromkeys(c.strip().lower() for c in self.categories))
         object.__setattr__(self, "categories", cleaned)
         object.__setattr__(self, "_gating", tuple(c for c in cleaned if c != ALWAYS_GRANTED))
+        object.__setattr__(self, "_by_text", {})
 
     def missing_category(self, event: Mapping[str, Any]) -> str | None:
-        """The first configured category ``event`` was not granted, or None if it may go."""
-        gating = self._gating
-        if not gating:
+        """The first configured category ``event`` was not granted, or None if it may go.
+
+        For a decoded :class:`Event` the answer is a function of the ``context.consent``
+        text alone, and real traffic carries a handful of distinct texts: the decision is
+        remembered per text (at most :data:`CONSENT_CACHE_SIZE` of them), so most events
+        are decided without parsing any JSON. Text holding a ``\\u`` escape is always
+        parsed (a lone surrogate in it is replaced and counted on the event).
+        """
+        if not self._gating:
             return None
-        consent = consent_of(event)
+        if not isinstance(event, Event):
+            return self._decide(consent_of(event))
+        text = event.consent_text
+        known = self._by_text
+        if text in known:
+            return known[text]
+        category = self._decide(event.consent)
+        if text is None or "\\u" not in text:
+            if len(known) >= CONSENT_CACHE_SIZE:
+                known.clear()
+            known[text] = category
+        return category
+
+    def _decide(self, consent: Any) -> str | None:
+        gating = self._gating
         if not isinstance(consent, dict) or all(v is None for v in consent.values()):
             return None if self.missing == "allow" else gating[0]
         canonical = consent.get("canonical")
@@ -137,12 +164,14 @@ def drop_reason(
     always go, shaped by the mappings file's sections), all from envelope strings; then
     consent, which gates every type alike.
     """
-    kind = event.get("type")
-    if lacks_required_id(event):
+    # A decoded Event's envelope strings are read from its record directly (no parsing).
+    envelope = event.envelope if isinstance(event, Event) else event
+    kind = envelope.get("type")
+    if lacks_required_id(envelope):
         return DROP_ANONYMOUS
     if kind not in _DELIVERED_TYPES:
         return DROP_UNSUPPORTED_TYPE
-    if kind in _MAPPED_TYPES and mappings.lookup(event) is None:
+    if kind in _MAPPED_TYPES and mappings.lookup(envelope) is None:
         return DROP_UNMAPPED
     category = consent.missing_category(event)
     if category is not None:

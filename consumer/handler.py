@@ -218,7 +218,7 @@ class Handler:
         # waits for the claim instead of racing the dead process's request.
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         # Label lookups cost more than the increments: cache the children on the hot path.
-        self._drops: dict[Drop, Any] = {}
+        self._drops: dict[Drop, tuple[Any, Dropped]] = {}
         self._delivered: dict[str, Any] = {}
         self._accepted: dict[tuple[int, str], Any] = {}
         self._lanes: dict[int, PriorityLane] = {}  # by limiter: one when families share
@@ -316,15 +316,15 @@ class Handler:
         return Duplicate(endpoint)
 
     def dropped(self, event: Event, drop: Drop) -> Dropped:
-        counter = self._drops.get(drop)
-        if counter is None:
-            counter = self._drops[drop] = self.m.events_dropped.labels(
-                drop.reason, drop.category or "")
-        counter.inc()
+        known = self._drops.get(drop)
+        if known is None:
+            known = self._drops[drop] = (
+                self.m.events_dropped.labels(drop.reason, drop.category or ""), Dropped(drop))
+        known[0].inc()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("dropped (%s%s)", drop.reason,
                       f": {drop.category}" if drop.category else "", extra=event.fields)
-        return Dropped(drop)
+        return known[1]
 
     # -- deduplication (Redis) ----------------------------------------------------------
     def dedup_endpoint(self, send: Send) -> str:

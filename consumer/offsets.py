@@ -34,6 +34,20 @@ class PartitionOffsets:
         if self._base is None:
             self._base = offset
 
+    def skipped(self, offset: int) -> None:
+        """Record an offset taken and finished at once (a dropped event).
+
+        Same result as `started` then `finished`; with nothing unfinished before it (the
+        drop path's usual case) only the high mark moves.
+        """
+        if self._high is not None and offset <= self._high:
+            return
+        self._high = offset
+        if self._base is None:
+            self._base = offset
+        if self._pending:
+            self._pending.append(offset)  # finished: popped once the offsets before it are
+
     def finished(self, offset: int) -> None:
         """Mark an offset done; unknown offsets are ignored (partition was reassigned)."""
         if offset not in self._open:

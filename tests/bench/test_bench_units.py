@@ -121,6 +121,43 @@ def test_rss_trace_plateau() -> None:
     assert not RssTrace().plateaued()
 
 
+def test_cpu_ratios_are_targets_too() -> None:
+    rows = {row.name: row.passed for row in targets({"ratios": {
+        "drop_cpu_over_consume_avro_cpu": 0.81,
+        "delivery_cpu_over_client_loop_cpu_20ms": 0.6}, "workloads": {}})}
+    assert rows == {"drop path, CPU/event: Avro-only ÷ worker": True,
+                    "delivery, CPU/event: plain loop ÷ worker @ 20ms": False}
+
+
+def test_ratios_average_the_ceiling_around_the_drop_path() -> None:
+    from bench.workloads import ratios
+
+    w = {"consume_decode": {"rate": 50.0, "avro_only": {"rate": 100.0, "cpu_us_per_event": 10.0}},
+         "drop_path": {"rate": 80.0, "cpu_us_per_event": 16.0,
+                       "avro_only_after": {"rate": 60.0, "cpu_us_per_event": 14.0}}}
+    out = ratios({"workloads": w})
+    assert out["drop_over_consume_avro"] == pytest.approx(1.0)  # 80 ÷ mean(100, 60)
+    assert out["drop_cpu_over_consume_avro_cpu"] == pytest.approx(0.75)  # 12 ÷ 16
+
+
+def test_read_cpu_of_this_process_grows() -> None:
+    import os
+
+    from bench.procs import read_cpu
+
+    before = read_cpu(os.getpid())
+    sum(i * i for i in range(300_000))
+    assert read_cpu(os.getpid()) >= before > 0
+    assert math.isnan(read_cpu(2**22 + 12345))  # no such process
+
+
+def test_compare_refuses_to_run_without_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import compare
+
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    assert compare.main(["drop"]) == 2
+
+
 def test_read_rss_of_this_process() -> None:
     import os
 

@@ -64,10 +64,13 @@ def test_smoke_run_reports_every_workload(kafka_bootstrap: str, schema_registry_
     assert w["consume_decode"]["avro_only"]["rate"] > 0
     for key in ("drop_over_consume_decode", "drop_over_consume_avro",
                 "delivery_over_client_loop_20ms", "delivery_over_token_limit_0ms",
-                "delivery_over_naive_20ms"):
+                "delivery_over_naive_20ms", "drop_cpu_over_consume_avro_cpu",
+                "delivery_cpu_over_client_loop_cpu_20ms"):
         assert math.isfinite(ratios[key]) and ratios[key] > 0, key
+    assert w["drop_path"]["avro_only_after"]["cpu_us_per_event"] > 0
     names = [row["name"] for row in results["targets"]]
-    # 2 drop + 2 delivery + naive + 2 saturation + RSS + latency + 4 mixed (2 families × 2)
-    assert len(names) == 13, names
+    # 3 drop + 3 delivery (rate and CPU) + naive + 2 saturation + RSS + latency
+    # + 4 mixed (2 families × 2)
+    assert len(names) == 15, names
     assert results["machine"]["cpu_count"] and results["params"]["smoke"] is True
     assert "PASS" in proc.stdout or "MISS" in proc.stdout

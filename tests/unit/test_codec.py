@@ -391,3 +391,17 @@ def test_older_schema_copy_does_not_mutate_ours() -> None:
     assert json.loads(codec.SCHEMA_TEXT) == before
     event = ROUND_TRIPS[1][1]
     assert roundtrip(event) == event
+
+
+def test_envelope_is_the_record_and_decode_refuses_what_split_wire_refuses() -> None:
+    """The inlined wire header of `decode` keeps `split_wire`'s reasons."""
+    record = codec.to_record({"type": "track", "event": "E", "userId": "u",
+                              "properties": {"a": 1}})
+    event = codec.decode(codec.encode(3, record), lambda _i: codec.SCHEMA)
+    assert event.envelope["userId"] == "u"
+    assert event.envelope["properties"] == '{"a":1}'  # raw text there, parsed through get
+    assert event["properties"] == {"a": 1}
+    for data, reason in ((None, "tombstone"), (b"\x00\x01", "shorter"),
+                         (b"\x01\x00\x00\x00\x03rest", "magic")):
+        with pytest.raises(UndecodableEvent, match=reason):
+            codec.decode(data, lambda _i: codec.SCHEMA)

@@ -286,3 +286,56 @@ def test_policy_defaults_and_dedupe() -> None:
         "analytics",
         "functional",
     )
+
+
+# ------------------------------------------------------------------ consent decisions per text
+
+
+def _decoded(consent_text: str | None, user: str = "u") -> Any:
+    from consumer import codec
+
+    record = codec.to_record({"type": "track", "event": "Feature Used", "userId": user,
+                              "context": {"locale": "en"}})
+    record["context"]["consent"] = consent_text
+    return codec.decode(codec.encode(1, record), lambda _i: codec.SCHEMA)
+
+
+def test_consent_decision_is_remembered_per_text_and_parses_nothing_again() -> None:
+    from consumer import codec
+
+    policy = ConsentPolicy()
+    first = _decoded('{"analytics":false}')
+    assert drop(first, policy) == Drop("consent", "analytics")
+    again = _decoded('{"analytics":false}', user="other")
+    assert drop(again, policy) == Drop("consent", "analytics")
+    assert first._consent == {"analytics": False}
+    assert again._consent is codec._UNSET  # the second was decided without parsing
+    assert drop(_decoded('{"analytics":true}'), policy) is None
+    assert drop(_decoded(None), policy) == Drop("consent", "analytics")
+    assert drop(_decoded(None), ConsentPolicy(missing="allow")) is None
+
+
+def test_consent_decisions_are_per_policy_and_bounded() -> None:
+    from consumer.filtering import CONSENT_CACHE_SIZE
+
+    deny, two = ConsentPolicy(), ConsentPolicy(categories=("analytics", "functional"))
+    text = '{"analytics":true}'
+    assert drop(_decoded(text), deny) is None
+    assert drop(_decoded(text), two) == Drop("consent", "functional")
+    for i in range(CONSENT_CACHE_SIZE + 5):
+        assert drop(_decoded(f'{{"analytics":true,"n":{i}}}'), deny) is None
+    assert len(deny._by_text) <= CONSENT_CACHE_SIZE
+
+
+def test_broken_or_escaped_consent_text_is_parsed_every_time() -> None:
+    from consumer.errors import UndecodableEvent
+
+    policy = ConsentPolicy()
+    for _ in range(2):
+        with pytest.raises(UndecodableEvent):
+            drop(_decoded("{broken"), policy)
+    lone = '{"analytics":"\\ud83d"}'  # a lone surrogate: replaced and counted each time
+    for _ in range(2):
+        decoded = _decoded(lone)
+        assert drop(decoded, policy) == Drop("consent", "analytics")
+        assert decoded.replaced == 1

@@ -179,3 +179,39 @@ def test_at_risk_counts_only_sent_offsets_until_committed() -> None:
     tracker.started(10)
     tracker.sent(10)
     assert tracker.at_risk == 1
+
+
+def test_skipped_is_started_then_finished() -> None:
+    """The drop path's one-step record gives the same committable offsets as two steps,
+    whatever the mix of skipped and sent offsets and the order they finish in."""
+    rng = random.Random(7)
+    for _ in range(200):
+        one, two = PartitionOffsets(), PartitionOffsets()
+        open_: list[int] = []
+        for offset in range(rng.randrange(5, 40)):
+            if rng.random() < 0.6:
+                one.skipped(offset)
+                two.started(offset)
+                two.finished(offset)
+            else:
+                one.started(offset)
+                two.started(offset)
+                open_.append(offset)
+            if open_ and rng.random() < 0.3:
+                done = open_.pop(rng.randrange(len(open_)))
+                one.finished(done)
+                two.finished(done)
+            assert one.committable() == two.committable()
+            assert one.unfinished == two.unfinished
+        for done in open_:
+            one.finished(done)
+            two.finished(done)
+            assert one.committable() == two.committable()
+
+
+def test_skipped_ignores_a_refetched_offset() -> None:
+    t = tracker(10, 11)
+    t.skipped(11)
+    assert t.committable() == 10
+    t.finished(10)
+    assert t.committable() == 11  # 11 is still open: the refetch did not finish it

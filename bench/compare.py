@@ -1,0 +1,138 @@
+"""`python -m bench.compare`: the same workload for workers from different source trees.
+
+For before/after figures on a shared machine: the drop path of each tree runs back to back
+on one backlog, between two runs of the bare consume + Avro ceiling, repeated; saturation,
+memory and added latency run per tree with the same parameters. Only the worker process
+comes from the other tree (its `PYTHONPATH`); the driver, the sandbox and the ceilings are
+this tree's. A tree is a checkout, e.g. `git worktree add /tmp/old 5aa140f`; `here` is this
+one. The workers run from a scratch directory, so `python -m consumer` imports the tree
+given, not the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.kafka_io import consume_avro
+from bench.procs import SandboxProcess, WorkerProcess
+from bench.workloads import UNLIMITED, Bench, Params
+
+__all__ = ["main"]
+
+HERE = str(Path(__file__).resolve().parents[1])
+
+
+class TreeBench(Bench):
+    """A Bench whose workers import `consumer` from `tree`."""
+
+    tree: str = HERE
+
+    def worker(self, sandbox: SandboxProcess, topic: str, tag: str,
+               extra: Mapping[str, str] | None = None) -> WorkerProcess:
+        return super().worker(sandbox, topic, tag, {**(extra or {}), "PYTHONPATH": self.tree})
+
+
+def _name(tree: str) -> str:
+    return "here" if tree == HERE else Path(tree).name
+
+
+def drop(bench: TreeBench, trees: Sequence[str], rounds: int) -> list[dict[str, Any]]:
+    """Per round: ceiling, each tree's drop path, ceiling again; rates and CPU per event."""
+    events = bench.params.drop_events
+    topic = bench.backlog("drop", events)
+    rows: list[dict[str, Any]] = []
+    with SandboxProcess() as sandbox:
+        for r in range(rounds):
+            before = consume_avro(bench.bootstrap, bench.registry, topic, events)
+            row: dict[str, Any] = {"round": r}
+            for tree in trees:
+                bench.tree = tree
+                tag = f"drop{r}-{_name(tree)}"
+                worker = bench.worker(sandbox, topic, tag, UNLIMITED)
+                try:
+                    drain = bench.drain(worker, topic, tag)
+                finally:
+                    worker.stop()
+                row[_name(tree)] = {"rate": drain.rate, "cpu_us": drain.cpu_us_per_event}
+            after = consume_avro(bench.bootstrap, bench.registry, topic, events)
+            ceiling = (before.rate + after.rate) / 2
+            ceiling_cpu = (before.cpu_us_per_event + after.cpu_us_per_event) / 2
+            row["avro_only"] = {"rate": ceiling, "cpu_us": ceiling_cpu}
+            for tree in trees:
+                figures = row[_name(tree)]
+                figures["ratio"] = figures["rate"] / ceiling
+                figures["cpu_ratio"] = ceiling_cpu / figures["cpu_us"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def others(bench: TreeBench, trees: Sequence[str], rounds: int) -> list[dict[str, Any]]:
+    """Saturation (both scenarios), peak RSS draining a backlog, added latency, per tree."""
+    rows: list[dict[str, Any]] = []
+    base = bench.run_id
+    for r in range(rounds):
+        for tree in trees:
+            bench.tree = tree
+            bench.run_id = f"{base}-{r}-{_name(tree)}"  # fresh groups and latency topic
+            sat = bench.saturation()
+            mem = bench.memory()
+            lat = bench.latency()
+            row = {
+                "round": r, "tree": _name(tree),
+                "saturation": {k: {f: sat[k][f] for f in ("window_counts",
+                                                          "busiest_sliding_window",
+                                                          "responses_429")}
+                               for k in ("1_worker", "3_workers")},
+                "peak_rss_mb": mem["peak_rss_mb"], "memory_delivered": mem["delivered"],
+                "added_latency_ms": lat["added_ms"],
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
+    parser.add_argument("what", choices=("drop", "others"))
+    parser.add_argument("--trees", default="here",
+                        help="comma-separated checkouts; 'here' is this one")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--drop-events", type=int, default=200_000)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    registry = os.environ.get("SCHEMA_REGISTRY_URL")
+    if not bootstrap or not registry:
+        print("error: set KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL", file=sys.stderr)
+        return 2
+    trees = [HERE if t == "here" else str(Path(t).resolve()) for t in args.trees.split(",")]
+    # Compressed saturation (200 per 10 s, 3 windows), a 200,000-event memory backlog.
+    params = replace(Params.smoke_run(), drop_events=args.drop_events, sat_limit=200,
+                     sat_window_s=10.0, sat_windows=3, sat_parallel=True,
+                     memory_events=200_000, memory_min_s=15.0, memory_max_s=20.0,
+                     latency_seconds=10.0)
+    out = args.out.resolve() if args.out is not None else None
+    scratch = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    os.chdir(scratch)  # `python -m consumer` puts the working directory first on sys.path
+    bench = TreeBench(bootstrap, registry, params, scratch)
+    try:
+        rows = (drop if args.what == "drop" else others)(bench, trees, args.rounds)
+    finally:
+        bench.cleanup()
+    if out is not None:
+        out.write_text(json.dumps({"workload": args.what, "trees": trees, "rows": rows},
+                                  indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
