@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -24,7 +25,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from consumer.errors import ConfigError
+from consumer.errors import ConfigError, DlqRecordTooLarge
+from consumer.logs import RateLimit
 
 __all__ = [
     "TP",
@@ -35,6 +37,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# A down broker makes librdkafka call error_cb several times a second: one line per broker
+# per 10 s is enough to see it (the suppressed count is appended to the next line).
+log.addFilter(RateLimit(10.0))
+
+# librdkafka refuses an oversized record locally and the broker with the same code.
+_TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE,)
 
 T = TypeVar("T")
 TP = tuple[str, int]
@@ -89,8 +97,10 @@ class KafkaSource:
             "fetch.queue.backoff.ms": 10,
             **conf,
         }
-        if on_stats is not None:
-            settings["stats_cb"] = lambda raw: on_stats(json.loads(raw))
+        # Statistics are always on: their broker states clear "not connected" on recovery
+        # even when no message and no commit comes back (an idle topic).
+        settings["statistics.interval.ms"] = stats_interval_ms
+        settings["stats_cb"] = self._on_stats_raw
         settings["error_cb"] = self._on_error
         settings["on_commit"] = self._on_commit
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-poll")
@@ -101,6 +111,7 @@ class KafkaSource:
         self._on_committed = on_committed
         self.connected = True
         self.fatal: KafkaError | None = None
+        self._stats_cb = on_stats
         try:
             self._consumer = Consumer(settings)
         except KafkaException as exc:
@@ -118,10 +129,21 @@ class KafkaSource:
             self.fatal = err
         log.warning("kafka: %s", err.str())
 
+    def _on_stats_raw(self, raw: str) -> None:
+        stats = json.loads(raw)
+        brokers = [b for b in stats.get("brokers", {}).values() if b.get("nodeid", -1) >= 0]
+        if brokers:
+            # librdkafka's own view: a reachable cluster has a broker in state UP.
+            self.connected = any(b.get("state") == "UP" for b in brokers)
+        if self._stats_cb is not None:
+            self._stats_cb(stats)
+
     def _on_commit(self, err: KafkaError | None, parts: list[TopicPartition]) -> None:
         """Commit results, served during consume: acknowledged offsets go to the worker."""
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("offset commit failed (%s); the next commit covers it", err.str())
+        elif err is None:
+            self.connected = True  # the coordinator answered
         done = [((tp.topic, tp.partition), tp.offset) for tp in parts or []
                 if tp.error is None and tp.offset >= 0]
         failed = [(tp.topic, tp.partition) for tp in parts or []
@@ -175,7 +197,9 @@ class KafkaSource:
         """Commit explicit offsets (next offset to read per partition); True when done.
 
         `wait=False` sends the commit and returns: the poll loop never stalls on the
-        coordinator's round trip; its result arrives through `on_committed`. A commit
+        coordinator's round trip; its result arrives through `on_committed`. `wait=True`
+        blocks until the coordinator answers, which is unbounded while Kafka is down: only
+        the rebalance callbacks use it, and only while the source is connected. A commit
         refused during a rebalance (illegal generation, rebalance in progress, coordinator
         moving) is not an error of the worker: the offsets stay uncommitted and the next
         commit, or the revoke, covers them.
@@ -208,6 +232,20 @@ class KafkaSource:
             if info is not None and info.error is None:
                 total += len(info.partitions)
         return total
+
+    def serve(self, timeout_s: float) -> None:
+        """Serve callbacks (commit results, rebalances, errors) for up to `timeout_s`.
+
+        Only while every assigned partition is paused (shutdown): a message returned here
+        is not handed to the worker; its offset was never taken, so it is not committed and
+        the next owner reads it again.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._consumer.poll(min(left, 0.1))
 
     def close(self) -> None:
         self._consumer.close()
@@ -265,6 +303,8 @@ class DeadLetterProducer:
                     return
                 if err is None:
                     done.set_result(None)
+                elif err.code() in _TOO_LARGE:
+                    done.set_exception(DlqRecordTooLarge(f"DLQ refused the record: {err.str()}"))
                 else:
                     done.set_exception(KafkaException(err))
             loop.call_soon_threadsafe(settle)
@@ -279,6 +319,12 @@ class DeadLetterProducer:
                 break
             except BufferError:
                 await asyncio.sleep(0.05)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if isinstance(err, KafkaError) and err.code() in _TOO_LARGE:
+                    raise DlqRecordTooLarge(f"DLQ refused the record locally: {err.str()}"
+                                            ) from None
+                raise
         await done
 
     def close(self, timeout_s: float = 10.0) -> int:

@@ -65,7 +65,7 @@ T = TypeVar("T")
 
 POLL_BATCH = 500
 POLL_TIMEOUT_S = 0.1
-PAUSE_AFTER_S = 1.0
+FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class Source(Protocol):
     def resume(self, parts: Sequence[TP]) -> None: ...
     def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool: ...
     def partition_count(self, timeout_s: float = 10.0) -> int: ...
+    def serve(self, timeout_s: float) -> None: ...
     def close(self) -> None: ...
     def shutdown(self) -> None: ...
 
@@ -151,6 +152,10 @@ class Worker:
             guard=DlqGuard(settings.dlq_max_ratio, settings.dlq_window,
                            settings.dlq_max_consecutive),
         )
+        # A DLQ that stays unwritable stalls a partition: readiness off, gauge for the alert.
+        writable = self.handler.dlq_writable
+        health.add_check(writable.problem)
+        metrics.dlq_unwritable.set_function(lambda: 1.0 if writable.problem() else 0.0)
         self._make_source = source or kafka_source(settings)
         self.commits = Commits()
         self._parts_lock = threading.Lock()
@@ -241,12 +246,13 @@ class Worker:
             log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
                         "delivered after the restart", left)
         try:
-            await source.call(self._commit, source, None, True)
+            await source.call(self._final_commit, source)
         except Exception:
             log.exception("final commit failed; the next owner re-delivers from the last commit")
         await source.call(source.close)
         source.shutdown()
-        unacked = self.dlq.close()
+        # With Kafka down a pending dead letter cannot be acknowledged: don't wait long.
+        unacked = self.dlq.close(10.0 if source.connected else 1.0)
         if unacked:
             log.error("%d dead-letter records unacknowledged at exit (offsets not committed)",
                       unacked)
@@ -337,21 +343,11 @@ class Worker:
         limit = self.s.max_in_flight
         pending = self.commits.in_window()
         if pending >= limit // 2:
+            # Asynchronous: the acknowledgement frees the window when a later poll serves
+            # it. Never a synchronous commit here: with Kafka down it would hold the poll
+            # thread (no SIGTERM, no readiness, max.poll.interval.ms exceeded).
             await source.call(self._commit, source, None, False)
             pending = self.commits.in_window()
-        with self._parts_lock:
-            paused = bool(self.paused)
-        if pending >= limit and not paused:
-            # A pause purges librdkafka's prefetched messages and costs a refetch (~300 ms
-            # measured), so first wait a little for deliveries to free the window; pause
-            # only for stalls (outages, slow Userpilot). Heartbeats do not need polling.
-            deadline = time.monotonic() + PAUSE_AFTER_S
-            while True:
-                await source.call(self._commit, source, None, True)
-                pending = self.commits.in_window()
-                if pending < limit or time.monotonic() >= deadline:
-                    break
-                await scheduler.wait_change(deadline - time.monotonic())
         with self._parts_lock:
             to_pause = sorted(self.assigned - self.paused) if pending >= limit else []
             to_resume = (sorted(self.paused & self.assigned)
@@ -381,6 +377,16 @@ class Worker:
         self.commits.requested(todo)
         if wait:
             self._on_committed(list(todo.items()), [])
+
+    def _final_commit(self, source: Source) -> None:
+        """The shutdown commit, bounded: sent asynchronously, its acknowledgement awaited
+        for at most FINAL_COMMIT_WAIT_S (partitions are paused: polling returns nothing).
+        With Kafka down it is simply not acknowledged; the next owner re-delivers at most
+        the window."""
+        self._commit(source, None, False)
+        deadline = time.monotonic() + FINAL_COMMIT_WAIT_S
+        while self.commits.due(None) and time.monotonic() < deadline:
+            source.serve(0.1)
 
     def _on_committed(self, done: list[tuple[TP, int]], failed: list[TP]) -> None:
         for (topic, partition), offset in self.commits.acknowledged(done, failed):
@@ -417,6 +423,10 @@ class Worker:
     def _on_lost(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("lost").inc()
         self._release(parts, commit=False)
+        with self._parts_lock:
+            left = len(self.assigned)
+        if not left:
+            self.health.set_assigned(False)  # not ready until the group assigns again
         log.warning("lost %s (no commit: another member may own them)", _fmt(parts))
 
     def _release(self, parts: list[TP], *, commit: bool) -> None:
@@ -440,7 +450,9 @@ class Worker:
         asyncio.run_coroutine_threadsafe(drain(), self._loop).result(budget + 30)
         if commit:
             try:
-                self._commit(self._source, parts, True)
+                # Synchronous only while Kafka answers: a revoke during an outage (close()
+                # at shutdown) must not hang on the coordinator.
+                self._commit(self._source, parts, self._source.connected)
             except Exception:
                 log.exception("commit on revoke failed")
         self.commits.release(parts)

@@ -146,6 +146,11 @@ class FakeSource:
     def partition_count(self, timeout_s: float = 10.0) -> int:
         return len(self.log)
 
+    def serve(self, timeout_s: float) -> None:
+        self._on_poll_thread()
+        while self._acks:
+            self.cb.on_committed(list(self._acks.pop(0).items()), [])
+
     def close(self) -> None:
         self.closed = True
 
