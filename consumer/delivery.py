@@ -29,6 +29,7 @@ from consumer.errors import (
     Timeout,
     WorkerError,
 )
+from consumer.redaction import Redactor
 
 __all__ = ["UserpilotClient", "classify", "parse_retry_after", "ssl_context"]
 
@@ -96,6 +97,15 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
     return Rejected(f"{where}: unexpected response", status=status, body=snippet)
 
 
+def _credentials(headers: Mapping[str, str]) -> list[str]:
+    """The secrets in the request headers: the Authorization value and its token."""
+    out: list[str] = []
+    for name, value in headers.items():
+        if name.lower() == "authorization" and value.strip():
+            out += [value.strip(), value.split()[-1]]
+    return out
+
+
 def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
     """Trusted CAs: USERPILOT_CA_BUNDLE if set, else $SSL_CERT_FILE / $SSL_CERT_DIR, else
     certifi's bundle (what httpx trusts by default)."""
@@ -129,6 +139,9 @@ class UserpilotClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._url = url
+        # The token (and the whole credential header) as Userpilot might echo it back: a
+        # gateway that quotes the request must not put it into an exception, log or DLQ.
+        self._redact = Redactor(_credentials(headers))
         self._client: httpx.AsyncClient = HttpxAiohttpClient(
             headers={"User-Agent": USER_AGENT, **headers},
             timeout=httpx.Timeout(timeout_s),
@@ -161,7 +174,7 @@ class UserpilotClient:
         status = response.status_code
         if 200 <= status < 300:  # the common case: no need to decode the body
             return
-        problem = classify(status, response.headers, response.text)
+        problem = classify(status, response.headers, self._redact(response.text))
         if problem is not None:
             raise problem
 
