@@ -150,6 +150,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replay limit per event (default: $WORKER_REPLAY_MAX or 3)")
     p.add_argument("--group", default=None,
                    help="replayer consumer group (default: userpilot-replay.<dlq topic>)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for Kafka to answer before starting (default 10)")
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be replayed; send and commit nothing")
 
@@ -271,6 +273,12 @@ def main(args: argparse.Namespace) -> int:
         partitions=frozenset(args.partition), max_replays=max_replays,
     )
     conf: dict[str, Any] = settings.kafka_config()
+    from consumer import reach
+
+    problem = reach.kafka(conf, args.timeout, [args.dlq_topic])
+    if problem is not None:
+        print(f"error: nothing was replayed: {problem}", file=sys.stderr)
+        return 1
     group = args.group or f"userpilot-replay.{args.dlq_topic}"
 
     def report(line: dict[str, Any]) -> None:
