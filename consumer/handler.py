@@ -342,7 +342,14 @@ class Handler:
                     break
                 except DlqRecordTooLarge as too_large:
                     if record.value_omitted:
-                        raise  # cannot happen: without_value fits any sane limit
+                        # Even the value-less record is refused (a DLQ topic with a tiny
+                        # max.message.bytes): the DLQ is unwritable until it is fixed.
+                        self.dlq_writable.failed(str(too_large))
+                        log.error("dead letter refused even without its value (%s); "
+                                  "retrying in %.1f s", too_large, delay, extra=event.fields)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 30.0)
+                        continue
                     # Retrying the same bytes can never succeed: once more without the
                     # value (replay fetches it from the source topic by its coordinates).
                     log.warning("dead letter too large for the DLQ (%s); writing it without "

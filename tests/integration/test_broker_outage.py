@@ -20,7 +20,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+)
 
 from consumer.sandbox import SandboxControl, SandboxThread
 from tests.integration.harness import (
@@ -195,8 +201,10 @@ def test_a_broker_outage_longer_than_max_poll_interval_never_exceeds_it_from_our
 
 def _topic_config(bootstrap: str, topic: str, **config: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    resource = ConfigResource("topic", topic, set_config=config)
-    for future in admin.alter_configs([resource]).values():
+    entries = [ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+               for k, v in config.items()]
+    resource = ConfigResource("topic", topic, incremental_configs=entries)
+    for future in admin.incremental_alter_configs([resource]).values():
         future.result(30)
 
 
@@ -222,7 +230,7 @@ def test_a_dead_letter_too_large_for_the_dlq_is_written_value_less_and_replay_re
     produce(kafka_bootstrap, schema_registry_url, topic, events)
     group = f"{topic}-g"
     env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
-                     WORKER_DLQ_TOPIC=dlq, **FAST)
+                     KAFKA_DLQ_TOPIC=dlq, **FAST)
     with WorkerThread(env) as w:
         wait_until(caught_up(kafka_bootstrap, group, topic), 60, "the partition moves on")
         dead = w.metric("userpilot_events_dead_lettered_total", reason="undecodable")
@@ -251,24 +259,25 @@ def test_an_unwritable_dlq_turns_readiness_off_and_the_metric_on_then_recovers(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
     sandbox: Sandbox,
 ) -> None:
-    """A DLQ topic that refuses acks=all writes (min.insync.replicas above the replicas):
-    the poison event waits, readiness turns 503 and userpilot_dlq_unwritable 1 after 10 s;
-    once the topic is fixed the record is written and everything recovers."""
+    """A DLQ topic whose max.message.bytes refuses even the value-less record: the poison
+    event waits (never dropped, never a crash), readiness turns 503 and
+    userpilot_dlq_unwritable 1 after 10 s; once the topic is fixed the record is written,
+    the partition moves on and everything recovers without a restart."""
     server, control = sandbox
     topic = topic_factory(partitions=1)
-    dlq = _create_dlq(kafka_bootstrap, f"{topic}.dlq", **{"min.insync.replicas": "2"})
+    dlq = _create_dlq(kafka_bootstrap, f"{topic}.dlq", **{"max.message.bytes": "200"})
     produce_raw(kafka_bootstrap, topic, b"user", b"not avro")
     events = [track_event("u1", i) for i in range(3)]
     produce(kafka_bootstrap, schema_registry_url, topic, events)
     group = f"{topic}-g"
     env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
-                     WORKER_DLQ_TOPIC=dlq, **FAST)
+                     KAFKA_DLQ_TOPIC=dlq, **FAST)
     with WorkerThread(env) as w:
         wait_until(lambda: w.metric("userpilot_dlq_unwritable") == 1, 30, "the DLQ metric")
         ready, reason = w.health.ready()
         assert not ready and "DLQ unwritable" in reason, reason
         assert read_topic(kafka_bootstrap, dlq, timeout=2) == []
-        _topic_config(kafka_bootstrap, dlq, **{"min.insync.replicas": "1"})
+        _topic_config(kafka_bootstrap, dlq, **{"max.message.bytes": "1000000"})
         wait_until(caught_up(kafka_bootstrap, group, topic), 60, "the partition moves on")
         wait_until(lambda: w.health.ready()[0], 15, "ready again")
         assert w.metric("userpilot_dlq_unwritable") == 0
