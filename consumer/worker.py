@@ -13,7 +13,7 @@ Thread rule: this class lives on the event loop. Source calls run on the source'
 thread (`Source.call`, one call at a time). The callbacks the source makes (assign,
 revoke, lost, stats, commit results) run on that poll thread and touch only what is safe
 there: `Commits` (it locks), `Metrics` and `Health` (thread-safe), and `assigned`,
-`paused`, `_reshare_due`, which both threads read and write only under `_parts_lock`.
+`paused`, `_reshare_due`, `_fresh`, which both threads read and write only under `_parts_lock`.
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
 the `Source.call` that raised the callback); `stop()` uses `call_soon_threadsafe`.
@@ -66,6 +66,7 @@ T = TypeVar("T")
 POLL_BATCH = 500
 POLL_TIMEOUT_S = 0.1
 FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
+RESHARE_TIMEOUT_S = 2.0  # a metadata call on the poll thread: well under max.poll.interval
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class Worker:
         self.paused: set[TP] = set()
         self.partitions_total = 0
         self._reshare_due = False
+        self._fresh: list[TP] = []  # newly assigned, to resume on the loop
         self._consumed: dict[str, Any] = {}
         self.fatal: BaseException | None = None
         self._stopping: asyncio.Event | None = None
@@ -214,7 +216,17 @@ class Worker:
                 if source.fatal_error is not None:
                     raise Stop(f"fatal Kafka error: {source.fatal_error}")
                 with self._parts_lock:
-                    reshare, self._reshare_due = self._reshare_due, False
+                    # The partition count needs the broker: not while it is unreachable
+                    # (a metadata wait on the poll thread is what max.poll.interval.ms
+                    # counts); the previous share holds until Kafka answers again.
+                    reshare = self._reshare_due and source.connected
+                    if reshare:
+                        self._reshare_due = False
+                    fresh, self._fresh = self._fresh, []
+                if fresh:
+                    # librdkafka keeps a partition's pause across a loss and reassignment:
+                    # a partition paused for back-pressure would never be fetched again.
+                    await source.call(source.resume, fresh)
                 if reshare:
                     # Not inside the rebalance callback: a blocking client call nested in a
                     # callback breaks confluent-kafka's per-thread call state (it aborts).
@@ -398,6 +410,7 @@ class Worker:
         self.commits.assign(parts)
         with self._parts_lock:
             self.assigned.update(parts)
+            self._fresh.extend(parts)
             self._reshare_due = True
             count = len(self.assigned)
         self.health.set_assigned(True)
@@ -405,7 +418,8 @@ class Worker:
 
     def _reshare(self, source: Source) -> None:
         try:
-            self.partitions_total = source.partition_count() or self.partitions_total
+            self.partitions_total = (source.partition_count(RESHARE_TIMEOUT_S)
+                                     or self.partitions_total)
         except Exception as exc:
             log.warning("could not read partition count (%s); keeping the previous share", exc)
         with self._parts_lock:
