@@ -80,9 +80,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = serve(settings.metrics_port, registry, health)
     try:
         worker = Worker(settings, metrics, health)
-        return asyncio.run(worker.run())
+        code = asyncio.run(worker.run())
     finally:
         server.close()
+    if worker.kafka_abandoned:
+        # The consumer is still inside librdkafka's close (Kafka unreachable): destroying
+        # it at interpreter exit would wait for the broker again. Everything else is done.
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

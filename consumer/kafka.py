@@ -110,6 +110,7 @@ class KafkaSource:
         self._on_lost = on_lost
         self._on_committed = on_committed
         self.connected = True
+        self.abandoned = False  # close() gave up: exit the process without destroying it
         self.fatal: KafkaError | None = None
         self._stats_cb = on_stats
         try:
@@ -247,8 +248,32 @@ class KafkaSource:
                 return
             self._consumer.poll(min(left, 0.1))
 
-    def close(self) -> None:
-        self._consumer.close()
+    def close(self, timeout_s: float) -> bool:
+        """Leave the group (revoke callback, last commit); False if that took too long.
+
+        librdkafka's close waits for the coordinator, unboundedly while Kafka is down
+        (minutes measured). It runs on a daemon thread and is abandoned after `timeout_s`:
+        the group then notices the member's absence after `session.timeout.ms`, and the
+        process must exit without destroying the consumer (see `abandoned`).
+        """
+        done = threading.Event()
+
+        def close() -> None:
+            try:
+                self._consumer.close()
+            except Exception as exc:
+                log.warning("consumer close failed (%s)", exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=close, name="kafka-close", daemon=True).start()
+        if done.wait(timeout_s):
+            return True
+        self.abandoned = True
+        log.warning("leaving the consumer group did not finish within %.0f s (Kafka "
+                    "unreachable); exiting anyway: the group reassigns the partitions after "
+                    "session.timeout.ms", timeout_s)
+        return False
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)

@@ -66,6 +66,8 @@ T = TypeVar("T")
 POLL_BATCH = 500
 POLL_TIMEOUT_S = 0.1
 FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
+CLOSE_TIMEOUT_S = 15.0  # leaving the group while Kafka answers (revoke settles first)
+CLOSE_DOWN_TIMEOUT_S = 2.0  # ... while it does not
 RESHARE_TIMEOUT_S = 2.0  # a metadata call on the poll thread: well under max.poll.interval
 
 
@@ -95,7 +97,7 @@ class Source(Protocol):
     def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool: ...
     def partition_count(self, timeout_s: float = 10.0) -> int: ...
     def serve(self, timeout_s: float) -> None: ...
-    def close(self) -> None: ...
+    def close(self, timeout_s: float) -> bool: ...
     def shutdown(self) -> None: ...
 
 
@@ -167,6 +169,7 @@ class Worker:
         self._fresh: list[TP] = []  # newly assigned, to resume on the loop
         self._consumed: dict[str, Any] = {}
         self.fatal: BaseException | None = None
+        self.kafka_abandoned = False  # the consumer could not leave the group at shutdown
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler: Scheduler[Event] | None = None
@@ -261,7 +264,10 @@ class Worker:
             await source.call(self._final_commit, source)
         except Exception:
             log.exception("final commit failed; the next owner re-delivers from the last commit")
-        await source.call(source.close)
+        # Leaving the group is bounded too: with Kafka down librdkafka would wait minutes.
+        closed = await source.call(source.close,
+                                   CLOSE_TIMEOUT_S if source.connected else CLOSE_DOWN_TIMEOUT_S)
+        self.kafka_abandoned = not closed
         source.shutdown()
         # With Kafka down a pending dead letter cannot be acknowledged: don't wait long.
         unacked = self.dlq.close(10.0 if source.connected else 1.0)
@@ -397,7 +403,7 @@ class Worker:
         the window."""
         self._commit(source, None, False)
         deadline = time.monotonic() + FINAL_COMMIT_WAIT_S
-        while self.commits.due(None) and time.monotonic() < deadline:
+        while self.commits.due(None) and source.connected and time.monotonic() < deadline:
             source.serve(0.1)
 
     def _on_committed(self, done: list[tuple[TP, int]], failed: list[TP]) -> None:

@@ -164,8 +164,9 @@ class FakeSource:
         while self._acks:
             self.cb.on_committed(list(self._acks.pop(0).items()), [])
 
-    def close(self) -> None:
+    def close(self, timeout_s: float) -> bool:
         self.closed = True
+        return not self.down
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True)
