@@ -135,6 +135,7 @@ def test_sigterm_during_a_broker_outage_with_a_full_window_exits_within_the_grac
             worker.kill()
         _kafka_ctl("up", "kafka", "--keep-data")
     output = worker.output()
+    print(f"\n/readyz 503 after {unready_after:.2f} s; exit {exit_after:.2f} s after SIGTERM")
     assert "Traceback" not in output, output[-3000:]
     assert unready_after <= 10.0, unready_after
     assert code == 0, output[-3000:]
@@ -149,6 +150,7 @@ def test_sigterm_during_a_broker_outage_with_a_full_window_exits_within_the_grac
         dlq = w.settings.dlq_topic
     assert not _missing(control, events)
     duplicates = sum(delivered_seqs(control).values()) - len(events)
+    print(f"0 lost of {len(events)}; {duplicates} duplicates (window {window})")
     assert 0 <= duplicates <= window, duplicates
     assert read_topic(own_kafka, dlq) == []
 
@@ -198,6 +200,8 @@ def test_a_broker_outage_longer_than_max_poll_interval_never_exceeds_it_from_our
     assert lost <= 1  # the session timeout's doing, once; never the poll interval
     assert not _missing(control, events)
     duplicates = sum(delivered_seqs(control).values()) - len(events)
+    print(f"\n12 s outage, max.poll 6 s: lost rebalances {lost:.0f}; 0 lost of "
+          f"{len(events)}; {duplicates} duplicates (window {window})")
     assert 0 <= duplicates <= window, duplicates
     assert read_topic(own_kafka, dlq) == []
 
