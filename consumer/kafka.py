@@ -128,7 +128,13 @@ class KafkaSource:
             self.connected = False
         if err.fatal():
             self.fatal = err
-        log.warning("kafka: %s", err.str())
+        # Keyed by the broker the line names ("host:port/id: Connect to ... failed (after
+        # 3ms ...)"), so the rate limit holds however the details vary.
+        text = err.str()
+        where, sep, rest = text.partition(": ")
+        if not sep or "/" not in where:
+            where, rest = err.name(), text
+        log.warning("kafka %s: %s", where, rest)
 
     def _on_stats_raw(self, raw: str) -> None:
         stats = json.loads(raw)
