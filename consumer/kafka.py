@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # per 10 s is enough to see it (the suppressed count is appended to the next line).
 log.addFilter(RateLimit(10.0))
 
+COMMIT_SILENCE_S = 8.0  # an unanswered commit this old means Kafka is not answering
+
 # librdkafka refuses an oversized record locally and the broker with the same code.
 _TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE,)
 
@@ -109,7 +111,8 @@ class KafkaSource:
         self._on_revoke = on_revoke
         self._on_lost = on_lost
         self._on_committed = on_committed
-        self.connected = True
+        self._brokers_up = True
+        self._commit_waiting_since: float | None = None  # oldest unanswered async commit
         self.abandoned = False  # close() gave up: exit the process without destroying it
         self.fatal: KafkaError | None = None
         self._stats_cb = on_stats
@@ -123,9 +126,23 @@ class KafkaSource:
         """librdkafka's fatal error, if one happened: the worker must stop."""
         return self.fatal.str() if self.fatal is not None else None
 
+    @property
+    def connected(self) -> bool:
+        """Kafka reachable, as far as we can tell within seconds.
+
+        Not after librdkafka's "all brokers down" or statistics (every 5 s) without a broker
+        UP, until a fetch, a commit acknowledgement or the statistics show one again; and not
+        while a commit has gone unanswered for COMMIT_SILENCE_S (a hung broker keeps its
+        connections open, so only the missing answer tells).
+        """
+        waiting = self._commit_waiting_since
+        if waiting is not None and time.monotonic() - waiting > COMMIT_SILENCE_S:
+            return False
+        return self._brokers_up
+
     def _on_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            self.connected = False
+            self._brokers_up = False
         if err.fatal():
             self.fatal = err
         # Keyed by the broker the line names ("host:port/id: Connect to ... failed (after
@@ -141,7 +158,7 @@ class KafkaSource:
         brokers = [b for b in stats.get("brokers", {}).values() if b.get("nodeid", -1) >= 0]
         if brokers:
             # librdkafka's own view: a reachable cluster has a broker in state UP.
-            self.connected = any(b.get("state") == "UP" for b in brokers)
+            self._brokers_up = any(b.get("state") == "UP" for b in brokers)
         if self._stats_cb is not None:
             self._stats_cb(stats)
 
@@ -149,8 +166,11 @@ class KafkaSource:
         """Commit results, served during consume: acknowledged offsets go to the worker."""
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("offset commit failed (%s); the next commit covers it", err.str())
-        elif err is None:
-            self.connected = True  # the coordinator answered
+        if err is None or err.code() >= 0 or err.code() == KafkaError._NO_OFFSET:
+            # The coordinator answered (a broker error code is an answer too); local
+            # errors (waiting for the coordinator, transport, timeout) are not.
+            self._brokers_up = True
+            self._commit_waiting_since = None
         done = [((tp.topic, tp.partition), tp.offset) for tp in parts or []
                 if tp.error is None and tp.offset >= 0]
         failed = [(tp.topic, tp.partition) for tp in parts or []
@@ -189,7 +209,7 @@ class KafkaSource:
             if max_messages > 1:
                 messages.extend(self._consumer.consume(max_messages - 1, 0))
         if messages:
-            self.connected = True
+            self._brokers_up = True
         return messages
 
     def pause(self, parts: Sequence[TP]) -> None:
@@ -219,6 +239,8 @@ class KafkaSource:
                 self._consumer.commit(offsets=parts, asynchronous=False)
             else:
                 self._consumer.commit(offsets=parts, asynchronous=True)
+                if self._commit_waiting_since is None:
+                    self._commit_waiting_since = time.monotonic()
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:

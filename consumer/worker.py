@@ -85,8 +85,8 @@ class Callbacks:
 class Source(Protocol):
     """The consumer-group member the worker polls (`kafka.KafkaSource`, or a fake)."""
 
-    connected: bool
-
+    @property
+    def connected(self) -> bool: ...
     @property
     def fatal_error(self) -> str | None: ...
     async def call(self, fn: Callable[..., T], *args: Any) -> T: ...

@@ -45,3 +45,24 @@ def test_connectivity_follows_all_brokers_down_and_the_broker_states_in_stats() 
     down = {"brokers": {"b:9092/1": {"nodeid": 1, "state": "TRY_CONNECT"}}}
     src._on_stats_raw(json.dumps(down))
     assert not src.connected
+
+
+def test_an_unanswered_commit_means_not_connected_until_an_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hung broker (SIGSTOP, a black-holed network) keeps its connections: no error comes,
+    only the commit's answer does not."""
+    from consumer import kafka
+
+    now = [1000.0]
+    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
+    src = source()
+    src._commit_waiting_since = now[0]  # what commit(wait=False) records
+    now[0] += kafka.COMMIT_SILENCE_S - 1
+    assert src.connected
+    now[0] += 2
+    assert not src.connected
+    src._on_commit(KafkaError(KafkaError._WAIT_COORD), [])  # local: still no answer
+    assert not src.connected
+    src._on_commit(KafkaError(KafkaError.REBALANCE_IN_PROGRESS), [])  # an answer
+    assert src.connected
