@@ -88,6 +88,18 @@ def _readyz(port: int) -> int:
         return 0
 
 
+def _settled(bootstrap: str, group: str, topic: str) -> Callable[[], bool]:
+    """`caught_up`, tolerating a broker that is still electing leaders after a restart."""
+    check = caught_up(bootstrap, group, topic)
+
+    def settled() -> bool:
+        try:
+            return check()
+        except Exception:
+            return False
+    return settled
+
+
 def _missing(control: SandboxControl, events: list[dict[str, object]]) -> list[object]:
     got = delivered_seqs(control)
     return [e["messageId"] for e in events
@@ -146,7 +158,7 @@ def test_sigterm_during_a_broker_outage_with_a_full_window_exits_within_the_grac
     control.set_faults(latency_ms=0)
     with WorkerThread(worker_env(own_kafka, schema_registry_url, server.url, topic, group,
                                  WORKER_MAX_IN_FLIGHT=str(window), **FAST)) as w:
-        wait_until(caught_up(own_kafka, group, topic), 120, "offsets at the end")
+        wait_until(_settled(own_kafka, group, topic), 120, "offsets at the end")
         dlq = w.settings.dlq_topic
     assert not _missing(control, events)
     duplicates = sum(delivered_seqs(control).values()) - len(events)
@@ -189,7 +201,7 @@ def test_a_broker_outage_longer_than_max_poll_interval_never_exceeds_it_from_our
             time.sleep(0.5)
         _kafka_ctl("up", "kafka", "--keep-data")
         control.set_faults(latency_ms=0)
-        wait_until(caught_up(own_kafka, group, topic), 120, "offsets at the end")
+        wait_until(_settled(own_kafka, group, topic), 120, "offsets at the end")
         wait_until(lambda: w.health.ready()[0], 30, "ready again")
         assert w.alive
         lost = w.metric("userpilot_rebalances_total", kind="lost")
@@ -202,6 +214,48 @@ def test_a_broker_outage_longer_than_max_poll_interval_never_exceeds_it_from_our
     duplicates = sum(delivered_seqs(control).values()) - len(events)
     print(f"\n12 s outage, max.poll 6 s: lost rebalances {lost:.0f}; 0 lost of "
           f"{len(events)}; {duplicates} duplicates (window {window})")
+    assert 0 <= duplicates <= window, duplicates
+    assert read_topic(own_kafka, dlq) == []
+
+
+def test_a_frozen_broker_turns_readiness_off_and_delivery_recovers_after_the_thaw(
+    own_kafka: str, schema_registry_url: str, sandbox: Sandbox,
+) -> None:
+    """SIGSTOP keeps the broker's connections open: librdkafka reports nothing for a minute.
+    The unanswered commits tell: /readyz 503 within 10 s (8 s silence + the commit cadence);
+    after SIGCONT, ready again, 0 lost, duplicates <= the window."""
+    from tests.conftest import create_topic
+
+    server, control = sandbox
+    topic = create_topic(own_kafka, f"it-frozen-{int(time.time() * 1000)}", 2)
+    events = [track_event(f"u{i % 10}", i) for i in range(600)]
+    produce(own_kafka, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    window = 50
+    control.set_faults(latency_ms=100)
+    env = worker_env(own_kafka, schema_registry_url, server.url, topic, group,
+                     WORKER_MAX_IN_FLIGHT=str(window), KAFKA_SESSION_TIMEOUT_MS="30000",
+                     KAFKA_HEARTBEAT_INTERVAL_MS="3000", **FAST)
+    with WorkerThread(env) as w:
+        wait_until(lambda: control.stats()["accepted"] >= 100, 60, "delivery under way")
+        wait_until(lambda: w.health.ready()[0], 20, "ready")
+        _kafka_ctl("freeze", "kafka")
+        try:
+            frozen = time.monotonic()
+            wait_until(lambda: not w.health.ready()[0], 20, "unready while frozen")
+            unready_after = time.monotonic() - frozen
+            reason = w.health.ready()[1]
+        finally:
+            _kafka_ctl("thaw", "kafka")
+        control.set_faults(latency_ms=0)
+        wait_until(_settled(own_kafka, group, topic), 120, "offsets at the end")
+        wait_until(lambda: w.health.ready()[0], 30, "ready again")
+        dlq = w.settings.dlq_topic
+    print(f"\nfrozen broker: unready after {unready_after:.2f} s ({reason})")
+    assert reason == "not connected to Kafka"
+    assert unready_after <= 10.0, unready_after
+    assert not _missing(control, events)
+    duplicates = sum(delivered_seqs(control).values()) - len(events)
     assert 0 <= duplicates <= window, duplicates
     assert read_topic(own_kafka, dlq) == []
 
