@@ -1,6 +1,6 @@
 """Kafka and DLQ outages on the worker side (issue 14), on real brokers and the sandbox.
 
-The broker tests run against a broker of their own (OUTAGE2_KAFKA_PORT, default 29392) that
+The broker tests run against a broker of their own (free ports, or OUTAGE2_KAFKA_PORT) that
 they kill and restart on its data; the DLQ tests use the shared broker. Timeouts are
 compressed to seconds; each test asserts counts (lost, duplicates, dead letters), not just
 that the worker stays alive.
@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +47,6 @@ from tests.integration.harness import (
 
 Sandbox = tuple[SandboxThread, SandboxControl]
 CTL = REPO / "services" / "ctl.py"
-KAFKA_PORT = os.environ.get("OUTAGE2_KAFKA_PORT", "29392")
 FAST = {
     "USERPILOT_RETRY_BACKOFF_SECONDS": "0.05",
     "USERPILOT_RETRY_BACKOFF_MAX_SECONDS": "0.5",
@@ -54,8 +54,31 @@ FAST = {
 }
 
 
+def _free_port_pair() -> str:
+    """A free port whose successor is free too (the controller listens on port + 1)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port >= 65535:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return str(port)
+    raise RuntimeError("no free port pair")
+
+
+# A broker of this module's own, on free ports and in a run directory of its own
+# (SERVICES_RUN_DIR), so it never collides with the services `make test` runs.
+KAFKA_PORT = os.environ.get("OUTAGE2_KAFKA_PORT") or _free_port_pair()
+OWN_RUN_DIR = tempfile.mkdtemp(prefix="broker-outage-services-")
+
+
 def _kafka_ctl(*args: str) -> None:
-    env = {**os.environ, "KAFKA_PORT": KAFKA_PORT}
+    env = {**os.environ, "KAFKA_PORT": KAFKA_PORT, "SERVICES_RUN_DIR": OWN_RUN_DIR}
     subprocess.run([sys.executable, str(CTL), *args], env=env, check=True, timeout=300,
                    stdin=subprocess.DEVNULL, capture_output=True)
 
