@@ -35,6 +35,16 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
+# `run`, `replay` and `demo` check Kafka and the registry first: an unreachable service is
+# one line within this many seconds each, never a traceback or a silent wait.
+REACH_TIMEOUT_S = 10.0
+
+
+def _unreachable(problems: list[str]) -> int:
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1
+
 
 def _settings(offline: bool = False) -> Settings:
     from consumer.config import load_settings
@@ -42,7 +52,7 @@ def _settings(offline: bool = False) -> Settings:
     return load_settings(os.environ, offline=offline)
 
 
-def cmd_run(_args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry, disable_created_metrics
 
     from consumer.health import Health, serve
@@ -55,6 +65,13 @@ def cmd_run(_args: argparse.Namespace) -> int:
     if settings.registry_auth:
         secrets.append(settings.registry_auth.reveal())
     configure_logging(settings.log_level, settings.log_format, secrets)
+    from consumer import reach
+
+    problems = reach.services(
+        settings.kafka_config(logger=False), args.timeout, registry_url=settings.registry_url,
+        registry_auth=settings.registry_auth.reveal() if settings.registry_auth else None)
+    if problems:
+        return _unreachable(problems)
     no_created_series: Callable[[], None] = disable_created_metrics  # untyped upstream
     no_created_series()
     registry = CollectorRegistry()
@@ -63,9 +80,19 @@ def cmd_run(_args: argparse.Namespace) -> int:
     server = serve(settings.metrics_port, registry, health)
     try:
         worker = Worker(settings, metrics, health)
-        return asyncio.run(worker.run())
+        code = asyncio.run(worker.run())
     finally:
         server.close()
+    if worker.kafka_abandoned:
+        # The consumer is still inside librdkafka's close (Kafka unreachable): destroying
+        # it at interpreter exit would wait for the broker again. Everything else is done.
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -173,9 +200,18 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from confluent_kafka import KafkaException
+
     from consumer.replay import main as replay_main
 
-    return replay_main(args)
+    try:
+        return replay_main(args)
+    except KafkaException as exc:  # the broker went away mid-run: one line, no traceback
+        err = exc.args[0] if exc.args else exc
+        text = err.str() if hasattr(err, "str") else str(err)
+        print(f"error: replay stopped: Kafka failed ({text}); what was committed stays "
+              "replayed, run it again to continue", file=sys.stderr)
+        return 1
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
@@ -228,7 +264,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="run the worker").set_defaults(func=cmd_run)
+    p = sub.add_parser(
+        "run", help="run the worker",
+        description="Run the worker (settings from the environment; see README). It first "
+        "checks that Kafka and the schema registry answer: an unreachable one is reported "
+        "in one line within --timeout seconds each (default 10) and the exit code is 1.")
+    p.add_argument("--timeout", type=float, default=REACH_TIMEOUT_S,
+                   help="seconds to wait for Kafka and the registry at start-up (default 10)")
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser(
         "check-config", help="validate and print the configuration",
         description="Validate the configuration exactly as `run` does at start-up and print "
@@ -258,13 +301,25 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-servers", help="default: $KAFKA_BOOTSTRAP_SERVERS")
     p.add_argument("--schema-registry-url", help="default: $SCHEMA_REGISTRY_URL")
     p.set_defaults(func=cmd_produce)
-    p = sub.add_parser("replay", help="re-publish dead-lettered events")
+    p = sub.add_parser(
+        "replay", help="re-publish dead-lettered events",
+        description="Re-publish dead-lettered events to their original topic (value-less "
+        "dead letters are fetched back from the source topic). Uses the same KAFKA_* "
+        "settings as `run`. With Kafka unreachable it fails with one line within --timeout "
+        "seconds (default 10) and replays nothing.")
     add_replay_arguments(p)
     p.set_defaults(func=cmd_replay)
     p = sub.add_parser("sandbox", help="run the local Userpilot stand-in")
     add_sandbox_arguments(p)
     p.set_defaults(func=cmd_sandbox, parser=p)
-    p = sub.add_parser("demo", help="run the embedded demo end to end")
+    p = sub.add_parser(
+        "demo", help="run the embedded demo end to end",
+        description="Produce sample events, deliver them to an embedded sandbox and report. "
+        "Uses KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL when set (else starts local "
+        "services); an unreachable one is reported in one line within --timeout seconds "
+        "each (default 10).")
+    p.add_argument("--timeout", type=float, default=REACH_TIMEOUT_S,
+                   help="seconds to wait for Kafka and the registry (default 10)")
     p.add_argument("--events", default=None,
                    help="JSON lines (default: schemas/sample-events.jsonl)")
     p.set_defaults(func=cmd_demo)

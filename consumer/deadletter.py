@@ -15,8 +15,10 @@ the source topic while it is retained (consumer.dlqfetch). The partition moves o
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -249,6 +251,54 @@ def dead_letter_record(
     if record.size <= max_bytes:
         return record
     return without_value(record, max_bytes)
+
+
+class DlqWritable:
+    """Whether dead letters get written: a record pending longer than `after_s` (refused,
+    retried, or unacknowledged) means the DLQ is unwritable. Readiness and the
+    `userpilot_dlq_unwritable` gauge read `problem`; the partition of that event is stuck
+    meanwhile, so it must not stay silent. Thread-safe (the gauge is read at scrape time).
+    """
+
+    def __init__(self, after_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.after_s = after_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[int, float] = {}
+        self._next = 0
+        self._last_error = ""
+
+    def started(self) -> int:
+        """A dead letter is about to be produced; returns its token."""
+        with self._lock:
+            self._next += 1
+            self._pending[self._next] = self._clock()
+            return self._next
+
+    def failed(self, error: str) -> None:
+        with self._lock:
+            self._last_error = error[:200]
+
+    def finished(self, token: int) -> None:
+        """The record was acknowledged (or abandoned: a cancelled job)."""
+        with self._lock:
+            self._pending.pop(token, None)
+
+    def stuck_for(self) -> float:
+        """Seconds the oldest pending dead letter has waited (0 when none)."""
+        with self._lock:
+            if not self._pending:
+                return 0.0
+            return self._clock() - min(self._pending.values())
+
+    def problem(self) -> str | None:
+        """A readiness check: None while dead letters get written in time."""
+        waited = self.stuck_for()
+        if waited <= self.after_s:
+            return None
+        with self._lock:
+            error = self._last_error or "no acknowledgement"
+        return f"DLQ unwritable for {waited:.0f} s ({error})"
 
 
 class DlqGuard:

@@ -32,6 +32,7 @@ from consumer.errors import (
     Timeout,
     WorkerError,
 )
+from consumer.redaction import Redactor
 
 if TYPE_CHECKING:
     from consumer.calls import Call
@@ -102,6 +103,13 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
     return Rejected(f"{where}: unexpected response", status=status, body=snippet)
 
 
+def _credentials(headers: Mapping[str, str]) -> list[str]:
+    """The secret in the request headers: the Authorization header's token (its scheme,
+    `Token`, stays readable)."""
+    return [value.split()[-1] for name, value in headers.items()
+            if name.lower() == "authorization" and value.strip()]
+
+
 def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
     """Trusted CAs: USERPILOT_CA_BUNDLE if set, else $SSL_CERT_FILE / $SSL_CERT_DIR, else
     certifi's bundle (what httpx trusts by default)."""
@@ -137,6 +145,9 @@ class UserpilotClient:
         self._url = url
         parts = urlsplit(url)
         self._base = f"{parts.scheme}://{parts.netloc}"
+        # The token (and the whole credential header) as Userpilot might echo it back: a
+        # gateway that quotes the request must not put it into an exception, log or DLQ.
+        self._redact = Redactor(_credentials(headers))
         self._client: httpx.AsyncClient = HttpxAiohttpClient(
             headers={"User-Agent": USER_AGENT, **headers},
             timeout=httpx.Timeout(timeout_s),
@@ -180,7 +191,7 @@ class UserpilotClient:
         status = response.status_code
         if 200 <= status < 300:  # the common case: no need to decode the body
             return status
-        problem = classify(status, response.headers, response.text)
+        problem = classify(status, response.headers, self._redact(response.text))
         if problem is not None:
             raise problem
         return status

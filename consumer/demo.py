@@ -62,6 +62,14 @@ def main(args: argparse.Namespace) -> int:
     configure_logging("WARNING")
     events_file = Path(args.events or ROOT / "schemas" / "sample-events.jsonl")
     services = _services_env()
+    from consumer import reach
+
+    problems = reach.services({"bootstrap.servers": services["KAFKA_BOOTSTRAP_SERVERS"]},
+                              args.timeout, registry_url=services["SCHEMA_REGISTRY_URL"])
+    if problems:
+        for problem in problems:
+            print(f"error: demo not started: {problem}", file=sys.stderr)
+        return 1
     topic = f"signal-demo-{int(time.time())}"
     admin = AdminClient({"bootstrap.servers": services["KAFKA_BOOTSTRAP_SERVERS"]})
     admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result()

@@ -6,7 +6,8 @@
     │   ├── UndecodableEvent         bytes that are not a Signal event (raw bytes kept)
     │   ├── InvalidEvent             a canonical JSON event that does not fit the schema
     │   ├── MappingError             decoding, routing or mapping this one event raised
-    │   └── Rejected                 Userpilot refused the payload (400, 413, 422, other 4xx)
+    │   ├── Rejected                 Userpilot refused the payload (400, 413, 422, other 4xx)
+    │   └── DlqRecordTooLarge        the DLQ refused the record's size: write it value-less
     ├── Retry                        transient: try the same event again after a backoff
     │   ├── RateLimited              429; carries Retry-After when Userpilot sent one
     │   ├── ServerError              408, 5xx
@@ -33,6 +34,7 @@ __all__ = [
     "DeadLetter",
     "Degrade",
     "DlqGuardTripped",
+    "DlqRecordTooLarge",
     "InvalidEvent",
     "MappingError",
     "Misconfigured",
@@ -97,6 +99,16 @@ class Rejected(DeadLetter):
     """Userpilot answered with a 4xx that no retry can fix (the payload itself is wrong)."""
 
     reason = "bad_request"
+
+
+class DlqRecordTooLarge(DeadLetter):
+    """The DLQ refused a dead letter as too large (MSG_SIZE_TOO_LARGE, local or broker).
+
+    Retrying the same record can never succeed: it is written once more without its value
+    (`deadletter.without_value`), which `replay` fetches back from the source topic.
+    """
+
+    reason = "dlq_too_large"
 
 
 class Retry(WorkerError):

@@ -51,7 +51,14 @@ from typing import Any, Protocol
 from consumer import codec
 from consumer.calls import Call, CallPlan, KnownUsers
 from consumer.config import Settings
-from consumer.deadletter import DlqGuard, Failure, dlq_headers
+from consumer.deadletter import (
+    DlqGuard,
+    DlqWritable,
+    Failure,
+    dead_letter_record,
+    producer_limit,
+    without_value,
+)
 from consumer.dedup import Deduplicator
 from consumer.dedup import Outcome as Claim
 from consumer.errors import (
@@ -59,6 +66,7 @@ from consumer.errors import (
     ConnectionFailed,
     DeadLetter,
     DlqGuardTripped,
+    DlqRecordTooLarge,
     MappingError,
     Pause,
     RateLimited,
@@ -197,6 +205,11 @@ def _event_age(timestamp: str | None) -> float | None:
     return max(0.0, time.time() - when.timestamp())
 
 
+# A dead letter not acknowledged for this long makes the worker unready (and alerts): its
+# partition cannot move on meanwhile.
+DLQ_UNWRITABLE_AFTER_S = 10.0
+
+
 class Handler:
     """Takes events to outcomes; every collaborator is given, none is built here."""
 
@@ -217,6 +230,7 @@ class Handler:
         # Claims are owned per process and record: after a crash the re-reading replica
         # waits for the claim instead of racing the dead process's request.
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.dlq_writable = DlqWritable(DLQ_UNWRITABLE_AFTER_S)  # readiness reads it
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, tuple[Any, Dropped]] = {}
         self._delivered: dict[str, Any] = {}
@@ -490,21 +504,43 @@ class Handler:
             status=exc.status, body=exc.body, attempts=event.attempts.count,
             first_attempt=event.attempts.first_wall, last_attempt=event.attempts.last_wall,
         )
-        headers = dlq_headers(event.headers, topic=event.topic, partition=event.partition,
-                              offset=event.offset, failure=failure,
-                              secrets=[self.s.api_key.reveal()])
+        record = dead_letter_record(
+            key=event.key, value=event.value, headers=event.headers,
+            timestamp_ms=event.timestamp_ms, topic=event.topic, partition=event.partition,
+            offset=event.offset, failure=failure,
+            max_bytes=producer_limit(self.s.kafka_config()), secrets=[self.s.api_key.reveal()])
         delay = 0.5
         event.on_wire = True  # from here a cancelled job could leave a DLQ record behind
-        while True:
-            try:
-                await self.dlq.send(self.s.dlq_topic, key=event.key, value=event.value,
-                                    headers=headers, timestamp_ms=event.timestamp_ms)
-                break
-            except Exception as produce_error:
-                log.error("dead-letter produce failed (%s); retrying in %.1f s",
-                          produce_error, delay, extra=event.fields)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        token = self.dlq_writable.started()
+        try:
+            while True:
+                try:
+                    await self.dlq.send(self.s.dlq_topic, key=record.key, value=record.value,
+                                        headers=record.headers, timestamp_ms=record.timestamp_ms)
+                    break
+                except DlqRecordTooLarge as too_large:
+                    if record.value_omitted:
+                        # Even the value-less record is refused (a DLQ topic with a tiny
+                        # max.message.bytes): the DLQ is unwritable until it is fixed.
+                        self.dlq_writable.failed(str(too_large))
+                        log.error("dead letter refused even without its value (%s); "
+                                  "retrying in %.1f s", too_large, delay, extra=event.fields)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 30.0)
+                        continue
+                    # Retrying the same bytes can never succeed: once more without the
+                    # value (replay fetches it from the source topic by its coordinates).
+                    log.warning("dead letter too large for the DLQ (%s); writing it without "
+                                "its value", too_large, extra=event.fields)
+                    record = without_value(record, producer_limit(self.s.kafka_config()))
+                except Exception as produce_error:
+                    self.dlq_writable.failed(str(produce_error))
+                    log.error("dead-letter produce failed (%s); retrying in %.1f s",
+                              produce_error, delay, extra=event.fields)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+        finally:
+            self.dlq_writable.finished(token)
         self.m.dead_lettered.labels(reason).inc()
         log.warning("dead-lettered (%s): %s", reason, exc, extra=event.fields)
         return DeadLettered(reason, exc)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -24,7 +25,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from consumer.errors import ConfigError
+from consumer.errors import ConfigError, DlqRecordTooLarge
+from consumer.logs import RateLimit
 
 __all__ = [
     "TP",
@@ -35,6 +37,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# A down broker makes librdkafka call error_cb several times a second: one line per broker
+# per 10 s is enough to see it (the suppressed count is appended to the next line).
+log.addFilter(RateLimit(10.0))
+
+COMMIT_SILENCE_S = 8.0  # an unanswered commit this old means Kafka is not answering
+
+# librdkafka refuses an oversized record locally and the broker with the same code.
+_TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE,)
 
 T = TypeVar("T")
 TP = tuple[str, int]
@@ -89,8 +99,10 @@ class KafkaSource:
             "fetch.queue.backoff.ms": 10,
             **conf,
         }
-        if on_stats is not None:
-            settings["stats_cb"] = lambda raw: on_stats(json.loads(raw))
+        # Statistics are always on: their broker states clear "not connected" on recovery
+        # even when no message and no commit comes back (an idle topic).
+        settings["statistics.interval.ms"] = stats_interval_ms
+        settings["stats_cb"] = self._on_stats_raw
         settings["error_cb"] = self._on_error
         settings["on_commit"] = self._on_commit
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-poll")
@@ -99,8 +111,11 @@ class KafkaSource:
         self._on_revoke = on_revoke
         self._on_lost = on_lost
         self._on_committed = on_committed
-        self.connected = True
+        self._brokers_up = True
+        self._commit_waiting_since: float | None = None  # oldest unanswered async commit
+        self.abandoned = False  # close() gave up: exit the process without destroying it
         self.fatal: KafkaError | None = None
+        self._stats_cb = on_stats
         try:
             self._consumer = Consumer(settings)
         except KafkaException as exc:
@@ -111,17 +126,51 @@ class KafkaSource:
         """librdkafka's fatal error, if one happened: the worker must stop."""
         return self.fatal.str() if self.fatal is not None else None
 
+    @property
+    def connected(self) -> bool:
+        """Kafka reachable, as far as we can tell within seconds.
+
+        Not after librdkafka's "all brokers down" or statistics (every 5 s) without a broker
+        UP, until a fetch, a commit acknowledgement or the statistics show one again; and not
+        while a commit has gone unanswered for COMMIT_SILENCE_S (a hung broker keeps its
+        connections open, so only the missing answer tells).
+        """
+        waiting = self._commit_waiting_since
+        if waiting is not None and time.monotonic() - waiting > COMMIT_SILENCE_S:
+            return False
+        return self._brokers_up
+
     def _on_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            self.connected = False
+            self._brokers_up = False
         if err.fatal():
             self.fatal = err
-        log.warning("kafka: %s", err.str())
+        # Keyed by the broker the line names ("host:port/id: Connect to ... failed (after
+        # 3ms ...)"), so the rate limit holds however the details vary.
+        text = err.str()
+        where, sep, rest = text.partition(": ")
+        if not sep or "/" not in where:
+            where, rest = err.name(), text
+        log.warning("kafka %s: %s", where, rest)
+
+    def _on_stats_raw(self, raw: str) -> None:
+        stats = json.loads(raw)
+        brokers = [b for b in stats.get("brokers", {}).values() if b.get("nodeid", -1) >= 0]
+        if brokers:
+            # librdkafka's own view: a reachable cluster has a broker in state UP.
+            self._brokers_up = any(b.get("state") == "UP" for b in brokers)
+        if self._stats_cb is not None:
+            self._stats_cb(stats)
 
     def _on_commit(self, err: KafkaError | None, parts: list[TopicPartition]) -> None:
         """Commit results, served during consume: acknowledged offsets go to the worker."""
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("offset commit failed (%s); the next commit covers it", err.str())
+        if err is None or err.code() >= 0 or err.code() == KafkaError._NO_OFFSET:
+            # The coordinator answered (a broker error code is an answer too); local
+            # errors (waiting for the coordinator, transport, timeout) are not.
+            self._brokers_up = True
+            self._commit_waiting_since = None
         done = [((tp.topic, tp.partition), tp.offset) for tp in parts or []
                 if tp.error is None and tp.offset >= 0]
         failed = [(tp.topic, tp.partition) for tp in parts or []
@@ -160,7 +209,7 @@ class KafkaSource:
             if max_messages > 1:
                 messages.extend(self._consumer.consume(max_messages - 1, 0))
         if messages:
-            self.connected = True
+            self._brokers_up = True
         return messages
 
     def pause(self, parts: Sequence[TP]) -> None:
@@ -175,7 +224,9 @@ class KafkaSource:
         """Commit explicit offsets (next offset to read per partition); True when done.
 
         `wait=False` sends the commit and returns: the poll loop never stalls on the
-        coordinator's round trip; its result arrives through `on_committed`. A commit
+        coordinator's round trip; its result arrives through `on_committed`. `wait=True`
+        blocks until the coordinator answers, which is unbounded while Kafka is down: only
+        the rebalance callbacks use it, and only while the source is connected. A commit
         refused during a rebalance (illegal generation, rebalance in progress, coordinator
         moving) is not an error of the worker: the offsets stay uncommitted and the next
         commit, or the revoke, covers them.
@@ -188,6 +239,8 @@ class KafkaSource:
                 self._consumer.commit(offsets=parts, asynchronous=False)
             else:
                 self._consumer.commit(offsets=parts, asynchronous=True)
+                if self._commit_waiting_since is None:
+                    self._commit_waiting_since = time.monotonic()
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
@@ -209,8 +262,46 @@ class KafkaSource:
                 total += len(info.partitions)
         return total
 
-    def close(self) -> None:
-        self._consumer.close()
+    def serve(self, timeout_s: float) -> None:
+        """Serve callbacks (commit results, rebalances, errors) for up to `timeout_s`.
+
+        Only while every assigned partition is paused (shutdown): a message returned here
+        is not handed to the worker; its offset was never taken, so it is not committed and
+        the next owner reads it again.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._consumer.poll(min(left, 0.1))
+
+    def close(self, timeout_s: float) -> bool:
+        """Leave the group (revoke callback, last commit); False if that took too long.
+
+        librdkafka's close waits for the coordinator, unboundedly while Kafka is down
+        (minutes measured). It runs on a daemon thread and is abandoned after `timeout_s`:
+        the group then notices the member's absence after `session.timeout.ms`, and the
+        process must exit without destroying the consumer (see `abandoned`).
+        """
+        done = threading.Event()
+
+        def close() -> None:
+            try:
+                self._consumer.close()
+            except Exception as exc:
+                log.warning("consumer close failed (%s)", exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=close, name="kafka-close", daemon=True).start()
+        if done.wait(timeout_s):
+            return True
+        self.abandoned = True
+        log.warning("leaving the consumer group did not finish within %.0f s (Kafka "
+                    "unreachable); exiting anyway: the group reassigns the partitions after "
+                    "session.timeout.ms", timeout_s)
+        return False
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
@@ -265,6 +356,8 @@ class DeadLetterProducer:
                     return
                 if err is None:
                     done.set_result(None)
+                elif err.code() in _TOO_LARGE:
+                    done.set_exception(DlqRecordTooLarge(f"DLQ refused the record: {err.str()}"))
                 else:
                     done.set_exception(KafkaException(err))
             loop.call_soon_threadsafe(settle)
@@ -279,6 +372,12 @@ class DeadLetterProducer:
                 break
             except BufferError:
                 await asyncio.sleep(0.05)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if isinstance(err, KafkaError) and err.code() in _TOO_LARGE:
+                    raise DlqRecordTooLarge(f"DLQ refused the record locally: {err.str()}"
+                                            ) from None
+                raise
         await done
 
     def close(self, timeout_s: float = 10.0) -> int:

@@ -374,6 +374,13 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
+        self.dlq_unwritable = Gauge(
+            "dlq_unwritable",
+            "1 while a dead letter has waited longer than 10 s for the DLQ to take it "
+            "(its partition is stuck; readiness is off).",
+            namespace=ns,
+            registry=reg,
+        )
         self.dlq_guard_tripped = Gauge(
             "dlq_guard_tripped",
             "1 once the DLQ guard stopped the worker.",

@@ -27,12 +27,14 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from consumer import dlqfetch
 from consumer.deadletter import (
     REPLAY_COUNT,
     Header,
     header_value,
     normalize_headers,
     replay_count,
+    value_omitted,
 )
 from consumer.errors import ConfigError
 from consumer.kafka import make_producer
@@ -62,11 +64,16 @@ class Summary:
     skipped_by_filter: int = 0
     over_limit: int = 0
     no_origin: int = 0
+    restored: int = 0  # value-less dead letters whose original was fetched back
+    gone: int = 0  # ... whose original the source topic no longer holds
+    mismatch: int = 0  # ... whose original's hash differs (not replayed)
     over_limit_offsets: list[str] = field(default_factory=list)
+    unrestored_offsets: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"replayed": self.replayed, "skipped_by_filter": self.skipped_by_filter,
-                "over_limit": self.over_limit, "no_origin": self.no_origin}
+                "over_limit": self.over_limit, "no_origin": self.no_origin,
+                "restored": self.restored, "gone": self.gone, "mismatch": self.mismatch}
 
 
 def _when(headers: Sequence[Header] | None, timestamp_ms: int | None) -> datetime | None:
@@ -143,6 +150,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replay limit per event (default: $WORKER_REPLAY_MAX or 3)")
     p.add_argument("--group", default=None,
                    help="replayer consumer group (default: userpilot-replay.<dlq topic>)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for Kafka to answer before starting (default 10)")
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be replayed; send and commit nothing")
 
@@ -207,12 +216,28 @@ def run_replay(
                     summary.no_origin += 1
                     continue
                 origin = (header_value(headers, "__connect.errors.topic") or b"").decode()
+                key, value = msg.key(), msg.value()
+                if value_omitted(headers):
+                    # Written without its value (too large for the DLQ): the original comes
+                    # from the source topic by its coordinates, checked against the hash.
+                    found = dlqfetch.restore(conf, key, value, headers)
+                    if isinstance(found, str):
+                        if found == "no_origin":
+                            summary.no_origin += 1
+                        elif found == "gone":
+                            summary.gone += 1
+                        else:
+                            summary.mismatch += 1
+                        summary.unrestored_offsets.append(f"{where} ({found})")
+                        continue
+                    key, value, headers = found.key, found.value, found.headers
+                    summary.restored += 1
                 report({"dlq": where, "to": origin, "dry_run": dry_run,
                         "reason": (header_value(headers, "userpilot.error.reason")
                                    or b"").decode()})
                 summary.replayed += 1
                 if producer is not None:
-                    kwargs: dict[str, Any] = {"key": msg.key(), "value": msg.value(),
+                    kwargs: dict[str, Any] = {"key": key, "value": value,
                                               "headers": replay_headers(headers),
                                               "on_delivery": delivered}
                     if ts_type and ts:
@@ -248,6 +273,12 @@ def main(args: argparse.Namespace) -> int:
         partitions=frozenset(args.partition), max_replays=max_replays,
     )
     conf: dict[str, Any] = settings.kafka_config()
+    from consumer import reach
+
+    problem = reach.kafka(conf, args.timeout, [args.dlq_topic])
+    if problem is not None:
+        print(f"error: nothing was replayed: {problem}", file=sys.stderr)
+        return 1
     group = args.group or f"userpilot-replay.{args.dlq_topic}"
 
     def report(line: dict[str, Any]) -> None:
@@ -258,4 +289,6 @@ def main(args: argparse.Namespace) -> int:
     print(json.dumps({"summary": summary.as_dict(), "dry_run": args.dry_run}), file=sys.stdout)
     for item in summary.over_limit_offsets[:50]:
         print(f"over replay limit (not replayed): {item}", file=sys.stderr)
+    for item in summary.unrestored_offsets[:50]:
+        print(f"value-less dead letter not restorable (not replayed): {item}", file=sys.stderr)
     return 0

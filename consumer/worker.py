@@ -13,7 +13,7 @@ Thread rule: this class lives on the event loop. Source calls run on the source'
 thread (`Source.call`, one call at a time). The callbacks the source makes (assign,
 revoke, lost, stats, commit results) run on that poll thread and touch only what is safe
 there: `Commits` (it locks), `Metrics` and `Health` (thread-safe), and `assigned`,
-`paused`, `_stale_pause`, `_reshare_due`, which both threads read and write only under
+`paused`, `_reshare_due`, `_fresh`, which both threads read and write only under
 `_parts_lock`.
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
@@ -66,7 +66,10 @@ T = TypeVar("T")
 
 POLL_BATCH = 500
 POLL_TIMEOUT_S = 0.1
-PAUSE_AFTER_S = 1.0
+FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
+CLOSE_TIMEOUT_S = 15.0  # leaving the group while Kafka answers (revoke settles first)
+CLOSE_DOWN_TIMEOUT_S = 2.0  # ... while it does not
+RESHARE_TIMEOUT_S = 2.0  # a metadata call on the poll thread: well under max.poll.interval
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,8 @@ class Callbacks:
 class Source(Protocol):
     """The consumer-group member the worker polls (`kafka.KafkaSource`, or a fake)."""
 
-    connected: bool
-
+    @property
+    def connected(self) -> bool: ...
     @property
     def fatal_error(self) -> str | None: ...
     async def call(self, fn: Callable[..., T], *args: Any) -> T: ...
@@ -94,7 +97,8 @@ class Source(Protocol):
     def resume(self, parts: Sequence[TP]) -> None: ...
     def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool: ...
     def partition_count(self, timeout_s: float = 10.0) -> int: ...
-    def close(self) -> None: ...
+    def serve(self, timeout_s: float) -> None: ...
+    def close(self, timeout_s: float) -> bool: ...
     def shutdown(self) -> None: ...
 
 
@@ -153,6 +157,10 @@ class Worker:
                            settings.dlq_max_consecutive),
             dedup=self.shared.dedup,
         )
+        # A DLQ that stays unwritable stalls a partition: readiness off, gauge for the alert.
+        writable = self.handler.dlq_writable
+        health.add_check(writable.problem)
+        metrics.dlq_unwritable.set_function(lambda: 1.0 if writable.problem() else 0.0)
         self._make_source = source or kafka_source(settings)
         self.commits = Commits()
         self._parts_lock = threading.Lock()
@@ -160,11 +168,12 @@ class Worker:
         self.paused: set[TP] = set()
         self.partitions_total = 0
         self._reshare_due = False
-        # Revoked while paused: librdkafka keeps a partition's pause across a revoke and a
-        # later re-assignment (librdkafka#1849), so it is resumed when it comes back.
-        self._stale_pause: set[TP] = set()
+        # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
+        # a revoke or loss and a later re-assignment (librdkafka#1849).
+        self._fresh: list[TP] = []
         self._consumed: dict[str, Any] = {}
         self.fatal: BaseException | None = None
+        self.kafka_abandoned = False  # the consumer could not leave the group at shutdown
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduler: Scheduler[Event] | None = None
@@ -214,11 +223,18 @@ class Worker:
                 if source.fatal_error is not None:
                     raise Stop(f"fatal Kafka error: {source.fatal_error}")
                 with self._parts_lock:
-                    reshare, self._reshare_due = self._reshare_due, False
-                    back = sorted((self._stale_pause & self.assigned) - self.paused)
-                    self._stale_pause.difference_update(back)
-                if back:
-                    await source.call(source.resume, back)
+                    # The partition count needs the broker: not while it is unreachable
+                    # (a metadata wait on the poll thread is what max.poll.interval.ms
+                    # counts); the previous share holds until Kafka answers again.
+                    reshare = self._reshare_due and source.connected
+                    if reshare:
+                        self._reshare_due = False
+                    fresh = sorted(set(self._fresh) & self.assigned - self.paused)
+                    self._fresh.clear()
+                if fresh:
+                    # A partition paused for back-pressure when it was taken away would
+                    # otherwise never be fetched again.
+                    await source.call(source.resume, fresh)
                 if reshare:
                     # Not inside the rebalance callback: a blocking client call nested in a
                     # callback breaks confluent-kafka's per-thread call state (it aborts).
@@ -249,12 +265,16 @@ class Worker:
             log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
                         "delivered after the restart", left)
         try:
-            await source.call(self._commit, source, None, True)
+            await source.call(self._final_commit, source)
         except Exception:
             log.exception("final commit failed; the next owner re-delivers from the last commit")
-        await source.call(source.close)
+        # Leaving the group is bounded too: with Kafka down librdkafka would wait minutes.
+        closed = await source.call(source.close,
+                                   CLOSE_TIMEOUT_S if source.connected else CLOSE_DOWN_TIMEOUT_S)
+        self.kafka_abandoned = not closed
         source.shutdown()
-        unacked = self.dlq.close()
+        # With Kafka down a pending dead letter cannot be acknowledged: don't wait long.
+        unacked = self.dlq.close(10.0 if source.connected else 1.0)
         if unacked:
             log.error("%d dead-letter records unacknowledged at exit (offsets not committed)",
                       unacked)
@@ -364,21 +384,11 @@ class Worker:
         limit = self.s.max_in_flight
         pending = self.commits.in_window()
         if pending >= limit // 2:
+            # Asynchronous: the acknowledgement frees the window when a later poll serves
+            # it. Never a synchronous commit here: with Kafka down it would hold the poll
+            # thread (no SIGTERM, no readiness, max.poll.interval.ms exceeded).
             await source.call(self._commit, source, None, False)
             pending = self.commits.in_window()
-        with self._parts_lock:
-            paused = bool(self.paused)
-        if pending >= limit and not paused:
-            # A pause purges librdkafka's prefetched messages and costs a refetch (~300 ms
-            # measured), so first wait a little for deliveries to free the window; pause
-            # only for stalls (outages, slow Userpilot). Heartbeats do not need polling.
-            deadline = time.monotonic() + PAUSE_AFTER_S
-            while True:
-                await source.call(self._commit, source, None, True)
-                pending = self.commits.in_window()
-                if pending < limit or time.monotonic() >= deadline:
-                    break
-                await scheduler.wait_change(deadline - time.monotonic())
         with self._parts_lock:
             to_pause = sorted(self.assigned - self.paused) if pending >= limit else []
             to_resume = (sorted(self.paused & self.assigned)
@@ -409,6 +419,16 @@ class Worker:
         if wait:
             self._on_committed(list(todo.items()), [])
 
+    def _final_commit(self, source: Source) -> None:
+        """The shutdown commit, bounded: sent asynchronously, its acknowledgement awaited
+        for at most FINAL_COMMIT_WAIT_S (partitions are paused: polling returns nothing).
+        With Kafka down it is simply not acknowledged; the next owner re-delivers at most
+        the window."""
+        self._commit(source, None, False)
+        deadline = time.monotonic() + FINAL_COMMIT_WAIT_S
+        while self.commits.due(None) and source.connected and time.monotonic() < deadline:
+            source.serve(0.1)
+
     def _on_committed(self, done: list[tuple[TP, int]], failed: list[TP]) -> None:
         for (topic, partition), offset in self.commits.acknowledged(done, failed):
             self.m.committed_offset.labels(topic, str(partition)).set(offset)
@@ -419,6 +439,7 @@ class Worker:
         self.commits.assign(parts)
         with self._parts_lock:
             self.assigned.update(parts)
+            self._fresh.extend(parts)
             self._reshare_due = True
             count = len(self.assigned)
         self.health.set_assigned(True)
@@ -426,7 +447,8 @@ class Worker:
 
     def _reshare(self, source: Source) -> None:
         try:
-            self.partitions_total = source.partition_count() or self.partitions_total
+            self.partitions_total = (source.partition_count(RESHARE_TIMEOUT_S)
+                                     or self.partitions_total)
         except Exception as exc:
             log.warning("could not read partition count (%s); keeping the previous share", exc)
         with self._parts_lock:
@@ -445,6 +467,10 @@ class Worker:
     def _on_lost(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("lost").inc()
         self._release(parts, commit=False)
+        with self._parts_lock:
+            left = len(self.assigned)
+        if not left:
+            self.health.set_assigned(False)  # not ready until the group assigns again
         log.warning("lost %s (no commit: another member may own them)", _fmt(parts))
 
     def _release(self, parts: list[TP], *, commit: bool) -> None:
@@ -468,7 +494,9 @@ class Worker:
         asyncio.run_coroutine_threadsafe(drain(), self._loop).result(budget + 30)
         if commit:
             try:
-                self._commit(self._source, parts, True)
+                # Synchronous only while Kafka answers: a revoke during an outage (close()
+                # at shutdown) must not hang on the coordinator.
+                self._commit(self._source, parts, self._source.connected)
             except Exception:
                 log.exception("commit on revoke failed")
         self.commits.release(parts)
@@ -476,7 +504,6 @@ class Worker:
             self.m.forget_partition(tp[0], tp[1])
         with self._parts_lock:
             self.assigned.difference_update(parts)
-            self._stale_pause.update(self.paused.intersection(parts))
             self.paused.difference_update(parts)
             self._reshare_due = True
 

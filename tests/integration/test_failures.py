@@ -242,7 +242,7 @@ def test_replay_after_fix_delivers_once_and_respects_the_limit(
                     if r["body"]["event_name"] == "plan_viewed"]
         first, _ = _replay(dlq, kafka_bootstrap)
         assert first["summary"] == {"replayed": 4, "skipped_by_filter": 0, "over_limit": 0,
-                                    "no_origin": 0}
+                                    "no_origin": 0, "restored": 0, "gone": 0, "mismatch": 0}
         wait_until(lambda: len([r for r in control.requests("/v1/track")
                                 if r["body"]["event_name"] == "plan_viewed"]) == 4,
                    60, "replayed events delivered")

@@ -340,3 +340,25 @@ def test_source_of_needs_all_three_coordinates() -> None:
     assert source_of([("__connect.errors.topic", b"t")]) is None
     assert source_of([("__connect.errors.topic", b"t"), ("__connect.errors.partition", b"x"),
                       ("__connect.errors.offset", b"1")]) is None
+
+
+def test_dlq_writable_flags_a_dead_letter_pending_too_long_and_clears_on_ack() -> None:
+    from consumer.deadletter import DlqWritable
+
+    now = [100.0]
+    writable = DlqWritable(10.0, clock=lambda: now[0])
+    assert writable.problem() is None
+    first = writable.started()
+    now[0] += 9
+    writable.failed("Broker: Unknown topic or partition")
+    assert writable.problem() is None  # not yet: a slow ack is not an outage
+    now[0] += 2
+    second = writable.started()
+    problem = writable.problem()
+    assert problem is not None and "11 s" in problem and "Unknown topic" in problem
+    writable.finished(first)
+    assert writable.problem() is None  # the other one is recent
+    now[0] += 11
+    assert writable.problem() is not None
+    writable.finished(second)
+    assert writable.problem() is None and writable.stuck_for() == 0.0

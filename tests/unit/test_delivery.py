@@ -327,3 +327,21 @@ def test_client_reuses_one_pool_for_many_requests() -> None:
 
     asyncio.run(main())
     assert count == 20
+
+
+@pytest.mark.parametrize("status", [400, 401, 500])
+def test_an_echoed_token_never_reaches_the_exception(status: int) -> None:
+    """A gateway quoting the request back (raw or JSON-escaped) in its error body."""
+    token = HEADERS["Authorization"].split()[-1]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent = request.headers["authorization"]
+        echo = f'{{"error":"bad","request":{{"authorization":"{sent}"}}}}'
+        return httpx.Response(status, text=echo + " token=" + token)
+
+    delivered, exc = call(handler)
+    assert not delivered and exc is not None
+    body = getattr(exc, "body", "")
+    assert "***" in body
+    assert token not in body and token not in str(exc)
+    assert token[:12] not in body

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,32 @@ def test_explain_never_prints_a_traceback_on_random_input() -> None:
     assert result.stderr == ""
     numbers = [json.loads(x)["line"] for x in result.stdout.splitlines()]
     assert numbers == sorted(numbers) and len(numbers) > 400
+
+
+# ---------------------------------------------- commands against unreachable services
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--timeout", "1"],
+    ["replay", "--from", "dlq", "--timeout", "1"],
+    ["demo", "--timeout", "1"],
+])
+def test_unreachable_services_are_one_line_within_the_timeout(argv: list[str]) -> None:
+    """Kafka (and the registry) refuse connections: a line per service, exit 1, in bounded
+    time (`--timeout` per service, plus start-up), never a traceback or the token."""
+    started = time.monotonic()
+    result = cli(argv, RUN_ENV, timeout=30)
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith("error: ") for line in lines), result.stderr
+    assert any("Kafka at 127.0.0.1:1 not reachable" in line for line in lines)
+    assert "wt-secret-123" not in result.stderr + result.stdout
+    assert took < 15
+
+
+def test_help_of_run_replay_and_demo_states_the_bound() -> None:
+    for command in ("run", "replay", "demo"):
+        result = cli([command, "--help"], {})
+        assert result.returncode == 0
+        assert "one line within --timeout" in " ".join(result.stdout.split()), command

@@ -48,6 +48,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "userpilot_rebalances": ("counter", ("kind",)),
     "userpilot_integration_up": ("gauge", ()),
     "userpilot_dlq_guard_tripped": ("gauge", ()),
+    "userpilot_dlq_unwritable": ("gauge", ()),
     "userpilot_worker_ready": ("gauge", ()),
     "userpilot_build_info": ("gauge", ("revision", "version")),
 }
@@ -84,6 +85,7 @@ ATTRIBUTES = {
     "rebalances": "userpilot_rebalances",
     "integration_up": "userpilot_integration_up",
     "dlq_guard_tripped": "userpilot_dlq_guard_tripped",
+    "dlq_unwritable": "userpilot_dlq_unwritable",
     "worker_ready": "userpilot_worker_ready",
     "build_info": "userpilot_build_info",
 }

@@ -24,7 +24,7 @@ from consumer import codec, handler, routing
 from consumer.calls import Call
 from consumer.commits import TP
 from consumer.config import Settings, load_settings
-from consumer.errors import Rejected, ServerError
+from consumer.errors import DlqRecordTooLarge, Rejected, ServerError
 from consumer.health import Health
 from consumer.metrics import Metrics
 from consumer.worker import Callbacks, Worker
@@ -87,6 +87,9 @@ class FakeSource:
     pauses: int = 0
     closed: bool = False
     revoke_next: list[TP] = field(default_factory=list)
+    lose_next: list[TP] = field(default_factory=list)
+    down: bool = False  # Kafka unreachable: no acknowledgement; a synchronous commit hangs
+    sync_commits: int = 0
     _acks: list[dict[TP, int]] = field(default_factory=list)
     _thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="fake-poll"))
@@ -111,6 +114,9 @@ class FakeSource:
         self._on_poll_thread()
         while self._acks:  # served during consume, as librdkafka does
             self.cb.on_committed(list(self._acks.pop(0).items()), [])
+        if self.lose_next:
+            parts, self.lose_next = self.lose_next, []
+            self.cb.on_lost(parts)
         if self.revoke_next:
             parts, self.revoke_next = self.revoke_next, []
             self.cb.on_revoke(parts)
@@ -139,6 +145,13 @@ class FakeSource:
 
     def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool:
         self._on_poll_thread()
+        if wait:
+            self.sync_commits += 1
+            if self.down:
+                time.sleep(12)  # librdkafka waits for a coordinator that is not there
+                return False
+        if self.down:
+            return True  # sent; never acknowledged
         self.commits.append(dict(offsets))
         if not wait:
             self._acks.append(dict(offsets))
@@ -147,8 +160,14 @@ class FakeSource:
     def partition_count(self, timeout_s: float = 10.0) -> int:
         return len(self.log)
 
-    def close(self) -> None:
+    def serve(self, timeout_s: float) -> None:
+        self._on_poll_thread()
+        while self._acks:
+            self.cb.on_committed(list(self._acks.pop(0).items()), [])
+
+    def close(self, timeout_s: float) -> bool:
         self.closed = True
+        return not self.down
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True)
@@ -215,9 +234,14 @@ class DeadLetter:
 class FakeDlq:
     def __init__(self) -> None:
         self.records: list[DeadLetter] = []
+        self.max_bytes: int | None = None  # refuse a larger value as the broker would
+        self.refused = 0
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
                    headers: list[tuple[str, bytes]], timestamp_ms: int | None) -> None:
+        if self.max_bytes is not None and len(value or b"") > self.max_bytes:
+            self.refused += 1
+            raise DlqRecordTooLarge("Broker: Message size too large")
         self.records.append(DeadLetter(topic, value, dict(headers)))
 
     def close(self, timeout_s: float = 10.0) -> int:
@@ -450,3 +474,65 @@ def test_revoke_settles_its_partition_commits_it_and_the_other_partition_goes_on
     assert drive(run, scenario) == 0
     assert run.worker.assigned == {(TOPIC, 1)}
     assert sorted(codec_seq(b) for b in run.client.bodies) == [1, 2, 3, 4]
+
+
+def test_with_kafka_down_a_full_window_never_waits_for_the_coordinator() -> None:
+    """Issue 14: no synchronous commit while Kafka is unreachable (back-pressure, revoke,
+    shutdown); readiness says so; stopping takes seconds, and nothing unacked is counted
+    as committed."""
+    values = [track(f"u{i}", i) for i in range(12)]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
+    run = make(log, WORKER_MAX_IN_FLIGHT="4")
+    run.client.gate = asyncio.Event()
+    stopped_after: list[float] = []
+
+    async def scenario(source: FakeSource) -> None:
+        assert run.client.gate is not None
+        await until(lambda: bool(source.paused), "a pause")
+        source.down, source.connected = True, False
+        await until(lambda: run.worker.health.ready() == (False, "not connected to Kafka"),
+                    "readiness off")
+        run.client.gate.set()  # deliveries finish; their commits are never acknowledged
+        await until(lambda: len(run.client.bodies) == 4, "the window delivered")
+        await asyncio.sleep(0.3)
+        assert source.sync_commits == 0
+        stopped_after.append(time.monotonic())
+
+    assert drive(run, scenario) == 0
+    assert time.monotonic() - stopped_after[0] < 8  # FINAL_COMMIT_WAIT_S, no hang
+    assert run.source.sync_commits == 0
+    assert run.worker.committed.get((TOPIC, 0), 0) == 0  # unacked: the next owner re-sends
+
+
+def test_losing_every_partition_makes_the_worker_unready_until_reassigned() -> None:
+    run = make(log_of(track("u1", 1)))
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "the first commit")
+        await until(lambda: run.worker.health.ready()[0], "ready")
+        source.lose_next = [(TOPIC, 0)]
+        await until(lambda: not run.worker.assigned, "the loss")
+        assert run.worker.health.ready() == (False, "no partition assignment yet")
+        await source.call(source.cb.on_assign, [(TOPIC, 0)])
+        await until(lambda: run.worker.health.ready()[0], "ready again")
+
+    assert drive(run, scenario) == 0
+    assert run.source.sync_commits == 0  # a loss commits nothing
+
+
+def test_a_dead_letter_too_large_for_the_dlq_is_written_without_its_value_once() -> None:
+    big = b"\x00not avro" + b"x" * 5000
+    run = make(log_of(big, track("u1", 2)))
+    run.dlq.max_bytes = 1000
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 2, "the partition moves on")
+
+    assert drive(run, scenario) == 0
+    assert run.dlq.refused == 1  # 5 kB is under producer_limit: the broker refused it once
+    [record] = run.dlq.records
+    assert record.value is None
+    assert record.headers["userpilot.error.value_omitted"] == b"true"
+    assert record.headers["userpilot.error.value_size"] == str(len(big)).encode()
+    assert record.headers["__connect.errors.offset"] == b"0"
+    assert [codec_seq(b) for b in run.client.bodies] == [2]

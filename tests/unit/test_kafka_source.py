@@ -1,0 +1,68 @@
+"""consumer.kafka.KafkaSource without a broker: its error callback and connectivity."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from confluent_kafka import KafkaError
+
+from consumer.kafka import KafkaSource
+
+
+def source() -> KafkaSource:
+    # Nothing listens on port 1; nothing here polls, so no connection is attempted.
+    return KafkaSource({"bootstrap.servers": "127.0.0.1:1", "group.id": "unit"}, ["t"],
+                       on_assign=lambda _p: None, on_revoke=lambda _p: None,
+                       on_lost=lambda _p: None)
+
+
+def test_a_down_broker_logs_one_line_per_broker_per_ten_seconds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    src = source()
+    caplog.set_level(logging.WARNING, logger="consumer.kafka")
+    for ms in range(45):  # ~45 a second from librdkafka with a broker down
+        for broker in ("kafka-0:9092/0", "kafka-1:9092/1"):
+            src._on_error(KafkaError(KafkaError._TRANSPORT, f"{broker}: Connect to ipv4#"
+                                     f"10.0.0.1:9092 failed: Connection refused (after {ms}ms "
+                                     "in state CONNECT)"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "consumer.kafka"]
+    assert len(lines) == 2, lines
+    assert {line.split(":", 1)[0] for line in lines} == {"kafka kafka-0", "kafka kafka-1"}
+
+
+def test_connectivity_follows_all_brokers_down_and_the_broker_states_in_stats() -> None:
+    src = source()
+    assert src.connected
+    src._on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+    assert not src.connected
+    up = {"brokers": {"b/bootstrap": {"nodeid": -1, "state": "INIT"},
+                      "b:9092/1": {"nodeid": 1, "state": "UP"}}}
+    src._on_stats_raw(json.dumps(up))
+    assert src.connected
+    down = {"brokers": {"b:9092/1": {"nodeid": 1, "state": "TRY_CONNECT"}}}
+    src._on_stats_raw(json.dumps(down))
+    assert not src.connected
+
+
+def test_an_unanswered_commit_means_not_connected_until_an_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hung broker (SIGSTOP, a black-holed network) keeps its connections: no error comes,
+    only the commit's answer does not."""
+    from consumer import kafka
+
+    now = [1000.0]
+    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
+    src = source()
+    src._commit_waiting_since = now[0]  # what commit(wait=False) records
+    now[0] += kafka.COMMIT_SILENCE_S - 1
+    assert src.connected
+    now[0] += 2
+    assert not src.connected
+    src._on_commit(KafkaError(KafkaError._WAIT_COORD), [])  # local: still no answer
+    assert not src.connected
+    src._on_commit(KafkaError(KafkaError.REBALANCE_IN_PROGRESS), [])  # an answer
+    assert src.connected
