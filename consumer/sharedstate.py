@@ -75,6 +75,9 @@ def build_shared_state(
         return AdaptiveLimiter(settings.rate_limit, settings.rate_period_s, settings.rate_burst)
 
     if settings.redis is None:
+        # The series exist (at 0: never on a fallback, nothing skipped) so the dashboard
+        # and alerts read the same names with or without Redis.
+        metrics.declare_redis_endpoints(budgets)
         return SharedState(limiters={b: local() for b in budgets},
                            shared_budget=settings.rate_limit_shared, families=names)
     # Imported here: the Redis client costs ~6 MB of RSS that a worker without REDIS_URL
