@@ -450,14 +450,22 @@ class Handler:
         is renewed right before the request (the event's primary call only).
         """
         limiter = self.limiter_for(call)
-        lane = self._lane(limiter)
-        urgent = call.purpose in ("ensure_user", "associate_company")
         wait = self.m.limiter_wait.labels(call.family)
+        if call.family == "identify":
+            # Only identify calls compete with urgent ones (ensure-user, company association);
+            # Track calls take the limiter directly, without the lane's pump in between.
+            lane = self._lane(limiter)
+            urgent = call.purpose in ("ensure_user", "associate_company")
+
+            async def acquire() -> float:
+                return await lane.acquire(urgent)
+        else:
+            acquire = limiter.acquire
 
         async def wait_for_limiter() -> None:
-            wait.observe(await lane.acquire(urgent))
+            wait.observe(await acquire())
             while dedup is not None and not await self._dedup_reclaim(event, dedup):
-                wait.observe(await lane.acquire(urgent))
+                wait.observe(await acquire())
 
         await self.policy.run(lambda: self._attempt(event, call, limiter), event.attempts,
                               before_send=wait_for_limiter)
