@@ -74,7 +74,7 @@ from consumer.errors import (
     Timeout,
     UndecodableEvent,
 )
-from consumer.filtering import Drop
+from consumer.filtering import Drop, drop_reason
 from consumer.logs import event_fields
 from consumer.metrics import Metrics
 from consumer.policy import Attempts, RetryPolicy
@@ -240,14 +240,32 @@ class Handler:
         """Users this replica identified (ensure-user); None when USERPILOT_ENSURE_USER=false."""
 
     # -- decide: pure and total ---------------------------------------------------------
-    def decide(self, event: Event) -> bool:
+    def screen(self, value: bytes | None) -> Drop | codec.Event | None:
+        """The intake's first look at an event's bytes: its Drop when it is dropped (most
+        events on a Signal topic), else the decoded event to pass to `decide`.
+
+        None when only `decide` can tell (schema not cached, undecodable bytes, JSON text
+        that fails when read): it repeats the work and records the outcome. Why a separate
+        step: a dropped event then needs no `Event`, no task and no per-event bookkeeping;
+        the worker finishes its offset and counts it once per polled batch
+        (`count_drops`). The decision is `route`'s own first step, so it cannot differ.
+        """
+        try:
+            decoded = codec.decode(value, self._cached_schema)
+            return drop_reason(decoded, self.s.consent, self.s.mappings) or decoded
+        except Exception:
+            return None
+
+    def decide(self, event: Event, decoded: codec.Event | None = None) -> bool:
         """Decode and route from cached schemas; False when the schema must be fetched.
 
-        Sets `event.decision`. Any exception of decode, route or mapping dead-letters the
+        Sets `event.decision`; `decoded` is `screen`'s result for `event.value`, so it is
+        not decoded twice. Any exception of decode, route or mapping dead-letters the
         event (UndecodableEvent as it is, anything else as MappingError).
         """
         try:
-            decoded = codec.decode(event.value, self._cached_schema)
+            if decoded is None:
+                decoded = codec.decode(event.value, self._cached_schema)
             event.message_id = decoded.get("messageId")
             event.event_time = decoded.get("timestamp")
             event.decision = route(decoded, self.s.consent, self.s.mappings)
@@ -329,16 +347,38 @@ class Handler:
                       extra=event.fields)
         return Duplicate(endpoint)
 
-    def dropped(self, event: Event, drop: Drop) -> Dropped:
+    def _drop_outcome(self, drop: Drop) -> tuple[Any, Dropped]:
+        """The drop's counter child and its outcome, made once per drop reason."""
         known = self._drops.get(drop)
         if known is None:
             known = self._drops[drop] = (
                 self.m.events_dropped.labels(drop.reason, drop.category or ""), Dropped(drop))
-        known[0].inc()
+        return known
+
+    def dropped(self, event: Event, drop: Drop) -> Dropped:
+        """Count one dropped event (an event decided after its schema was fetched)."""
+        counter, outcome = self._drop_outcome(drop)
+        counter.inc()
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("dropped (%s%s)", drop.reason,
-                      f": {drop.category}" if drop.category else "", extra=event.fields)
-        return known[1]
+            self.log_dropped(drop, event.fields)
+        return outcome
+
+    def count_drops(self, counts: Mapping[Drop, int]) -> None:
+        """Count a polled batch's dropped events: one increment per drop reason, not one
+        per event (each increment takes the metric's lock)."""
+        for drop, count in counts.items():
+            self._drop_outcome(drop)[0].inc(count)
+
+    @staticmethod
+    def log_dropped(drop: Drop, fields: dict[str, Any]) -> None:
+        """The debug line of one dropped event (callers check `debug` first)."""
+        log.debug("dropped (%s%s)", drop.reason,
+                  f": {drop.category}" if drop.category else "", extra=fields)
+
+    @property
+    def debug(self) -> bool:
+        """Per-event debug lines are wanted (then the worker takes drops one by one)."""
+        return log.isEnabledFor(logging.DEBUG)
 
     # -- deduplication (Redis) ----------------------------------------------------------
     def dedup_endpoint(self, send: Send) -> str:
