@@ -43,7 +43,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -363,10 +363,11 @@ class Handler:
             self.log_dropped(drop, event.fields)
         return outcome
 
-    def count_drops(self, counts: Mapping[Drop, int]) -> None:
+    def count_drops(self, counts: Iterable[tuple[Drop, int]]) -> None:
         """Count a polled batch's dropped events: one increment per drop reason, not one
-        per event (each increment takes the metric's lock)."""
-        for drop, count in counts.items():
+        per event (each increment takes the metric's lock). Equal drops may come in
+        several pairs; their counts add up."""
+        for drop, count in counts:
             self._drop_outcome(drop)[0].inc(count)
 
     @staticmethod

@@ -208,9 +208,14 @@ class Worker:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self._loop.add_signal_handler(sig, self._stopping.set)
         scheduler = self._scheduler = Scheduler(self._run_event, self._crash)
+        prefetch: asyncio.Future[None] | None = None
         source = self._source = self._make_source(Callbacks(
             on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
             on_stats=self._on_stats, on_committed=self._on_committed))
+        if isinstance(self.registry, Registry):
+            # While the group forms, so the first batch is decided at once (see prefetch).
+            prefetch = asyncio.ensure_future(
+                asyncio.to_thread(self.registry.prefetch, self.s.topics))
         await source.call(source.subscribe)
         log.info("consuming %s as group %s, delivering to %s", ",".join(self.s.topics),
                  self.s.group_id, self.s.track_url)
@@ -250,6 +255,8 @@ class Worker:
             self.fatal = exc
         finally:
             await self._shutdown(source, scheduler)
+            if prefetch is not None:
+                await prefetch  # bounded by the registry's timeout; it raises nothing
         if isinstance(self.fatal, DlqGuardTripped):
             return 3
         return 1 if self.fatal is not None else 0
@@ -328,7 +335,10 @@ class Worker:
         screen = None if handler.debug else handler.screen
         owned: dict[TP, bool] = {}
         marks: dict[TP, int] = {}  # per partition, the last dropped offset not recorded yet
-        drops: dict[Drop, int] = {}
+        # Drops counted by identity: each reason is one shared object (`filtering`), and an
+        # int key spares hashing a dataclass per event; `kinds` maps the ids back.
+        drops: dict[int, int] = {}
+        kinds: dict[int, Drop] = {}
         taken: dict[str, int] = {}
         try:
             for message in messages:
@@ -351,13 +361,18 @@ class Worker:
                         else self._take(message, tp, offset, first, marks, scheduler))
                 if drop is not None:
                     marks[tp] = offset
-                    drops[drop] = drops.get(drop, 0) + 1
+                    key = id(drop)
+                    count = drops.get(key)
+                    if count is None:
+                        kinds[key] = drop
+                        count = 0
+                    drops[key] = count + 1
                 taken[topic] = taken.get(topic, 0) + 1
         finally:
             if marks:
                 self.commits.dropped(marks)
             if drops:
-                handler.count_drops(drops)
+                handler.count_drops((kinds[key], count) for key, count in drops.items())
             for topic, count in taken.items():
                 counter = self._consumed.get(topic)
                 if counter is None:
