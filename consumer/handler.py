@@ -233,6 +233,7 @@ class Handler:
         self.dlq_writable = DlqWritable(DLQ_UNWRITABLE_AFTER_S)  # readiness reads it
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, tuple[Any, Dropped]] = {}
+        self._schemas: dict[int, Mapping[str, Any]] = {}  # writer schemas seen cached
         self._delivered: dict[str, Any] = {}
         self._accepted: dict[tuple[int, str], Any] = {}
         self._lanes: dict[int, PriorityLane] = {}  # by limiter: one when families share
@@ -280,9 +281,13 @@ class Handler:
     def _cached_schema(self, schema_id: int) -> Mapping[str, Any]:
         # Raised through codec.decode untouched (it maps only KeyError): the wire header is
         # parsed once per decode, and the fetch happens in `handle`, off the poll path.
-        cached = self.registry.cached(schema_id)
+        # Kept here too (the registry never forgets a schema): one call less per event.
+        cached = self._schemas.get(schema_id)
         if cached is None:
-            raise SchemaNotCached(schema_id)
+            cached = self.registry.cached(schema_id)
+            if cached is None:
+                raise SchemaNotCached(schema_id)
+            self._schemas[schema_id] = cached
         return cached
 
     async def _fetch_schema(self, event: Event) -> None:
