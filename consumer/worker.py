@@ -1,7 +1,9 @@
-"""The worker loop: poll, back-pressure, rebalance and shutdown. Nothing per event.
+"""The worker loop: poll, intake, back-pressure, rebalance and shutdown. The decisions per
+event are the handler's; the intake only routes them and keeps the batch's bookkeeping.
 
-    poll ─▶ Handler.decide ─┬─ Dropped: finished at once
-                            └─ Scheduler (per-user order) ─▶ Handler.handle ─▶ outcome
+    poll ─▶ Handler.screen ─┬─ Dropped: finished and counted at once (per polled batch)
+                            └─ Handler.decide ─▶ Scheduler (per-user order)
+                                 ─▶ Handler.handle ─▶ outcome
     outcome ─▶ Commits.finish ─▶ commit (periodic, when idle, on revoke, on shutdown)
 
 What each collaborator owns: `handler.Handler` takes one event to its outcome;
