@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
+from confluent_kafka.schema_registry import RegisteredSchema, Schema
 from prometheus_client import CollectorRegistry
 
 from consumer import codec, handler, routing
@@ -30,6 +31,7 @@ from consumer.config import Settings, load_settings
 from consumer.errors import DlqRecordTooLarge, Rejected, ServerError
 from consumer.health import Health
 from consumer.metrics import Metrics
+from consumer.registry import Registry
 from consumer.worker import Callbacks, Worker
 
 T = TypeVar("T")
@@ -609,3 +611,43 @@ def test_drops_are_counted_and_committed_per_batch_exactly_as_decided_one_by_one
         assert all(getattr(r, "message_id", None) for r in lines)
     else:
         assert lines == []
+
+
+class LatestSchemaClient:
+    """A schema registry client that knows the Signal schema as each subject's latest."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def get_latest_version(self, subject: str) -> RegisteredSchema:
+        self.asked.append(subject)
+        return RegisteredSchema(subject=subject, version=1, schema_id=SCHEMA_ID, guid=None,
+                                schema=Schema(codec.SCHEMA_TEXT, "AVRO"))
+
+    def get_schema(self, schema_id: int) -> Schema:
+        return Schema(codec.SCHEMA_TEXT, "AVRO")
+
+
+def test_the_worker_prefetches_each_topics_schema_while_the_group_forms() -> None:
+    client = LatestSchemaClient()
+    registry = Registry("http://registry.test", client=client)
+    metrics = Metrics(CollectorRegistry())
+    made: list[FakeSource] = []
+
+    def source(cb: Callbacks) -> FakeSource:
+        made.append(FakeSource(cb, log_of(track(None, 1), track("u1", 2))))
+        return made[-1]
+
+    worker = Worker(settings(), metrics, Health(metrics), client=FakeClient(),
+                    registry=registry, dlq=FakeDlq(), source=source)
+
+    async def main() -> None:
+        task = asyncio.create_task(worker.run())
+        await until(lambda: bool(made) and made[0].committed().get((TOPIC, 0)) == 2,
+                    "both offsets committed")
+        worker.stop()
+        assert await asyncio.wait_for(task, 10) == 0
+
+    asyncio.run(main())
+    assert client.asked == [f"{TOPIC}-value"]
+    assert registry.cached(SCHEMA_ID) is codec.SCHEMA
