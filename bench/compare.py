@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.kafka_io import consume_avro
 from bench.procs import SandboxProcess, WorkerProcess
-from bench.workloads import UNLIMITED, Bench, Params
+from bench.workloads import DROP_PROGRESS, UNLIMITED, Bench, Params
 
 __all__ = ["main"]
 
@@ -56,7 +56,7 @@ def drop(bench: TreeBench, trees: Sequence[str], rounds: int) -> list[dict[str, 
             for tree in trees:
                 bench.tree = tree
                 tag = f"drop{r}-{_name(tree)}"
-                worker = bench.worker(sandbox, topic, tag, UNLIMITED)
+                worker = bench.worker(sandbox, topic, tag, {**UNLIMITED, **DROP_PROGRESS})
                 try:
                     drain = bench.drain(worker, topic, tag)
                 finally:

@@ -57,6 +57,12 @@ API_HEADERS = {"Content-Type": "application/json", "Authorization": f"Token {BEN
 TOKEN_LIMIT_RPS = 10.0  # Userpilot: 600 requests per minute per token
 UNLIMITED = {"USERPILOT_RATE_LIMIT": "1000000", "USERPILOT_RATE_PERIOD_SECONDS": "1",
              "USERPILOT_RATE_BURST": "100000"}
+DROP_PROGRESS = {"WORKER_COMMIT_INTERVAL_SECONDS": "0.2"}
+"""The drop-path worker commits every 0.2 s (the default is 2 s). The driver sees a drain only
+through committed offsets and starts its clock at the first commit: at 2 s a 150,000-event
+backlog drained at 55k events/s shows its first commit with 80 % of it done, leaving half a
+second to measure, a quarter of it the final commit's latency. Five commits a second cost the
+worker nothing measurable."""
 
 
 @dataclass(frozen=True)
@@ -270,7 +276,7 @@ class Bench:
     def drop_path(self) -> dict[str, Any]:
         topic = self.backlog("drop", self.params.drop_events)
         with SandboxProcess() as sandbox:
-            worker = self.worker(sandbox, topic, "drop", UNLIMITED)
+            worker = self.worker(sandbox, topic, "drop", {**UNLIMITED, **DROP_PROGRESS})
             try:
                 drain = self.drain(worker, topic, "drop")
             finally:

@@ -53,6 +53,9 @@ _HEADER = struct.Struct(">BI")
 SCHEMA_TEXT: str = resources.files("consumer").joinpath("signal_event.avsc").read_text("utf-8")
 SCHEMA = cast(dict[str, Any], fastavro.parse_schema(json.loads(SCHEMA_TEXT)))
 
+_read_record: Callable[[io.BytesIO, Any, Any], Any] = fastavro.schemaless_reader
+"""fastavro's reader, typed once here rather than cast on every decode (the hot path)."""
+
 SchemaLookup = Callable[[int], Mapping[str, Any]]
 """Returns the parsed writer schema registered under an id, or raises KeyError."""
 
@@ -389,7 +392,7 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     try:
         # Resolution costs time per call; skip it when the writer is our own schema.
         reader = None if writer is SCHEMA else SCHEMA
-        record = fastavro.schemaless_reader(stream, cast(dict[str, Any], writer), reader)
+        record = _read_record(stream, writer, reader)
     except Exception as exc:  # fastavro raises many types on corrupt input
         raise UndecodableEvent(f"not a Signal event in Avro: {type(exc).__name__}: {exc}") from None
     if stream.tell() != len(body):

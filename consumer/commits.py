@@ -16,7 +16,7 @@ it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from consumer.offsets import PartitionOffsets
 
@@ -59,15 +59,25 @@ class Commits:
             tracker.started(offset)
             return True
 
-    def dropped(self, tp: TP, offset: int) -> bool:
-        """An offset taken and finished at once (a dropped event): `take` and `finish` in
-        one step. False when `tp` is not assigned."""
+    def owns(self, tp: TP) -> bool:
+        """`tp` is assigned: its messages may be taken (asked once per polled batch)."""
         with self._lock:
-            tracker = self._offsets.get(tp)
-            if tracker is None:
-                return False
-            tracker.skipped(offset)
-            return True
+            return tp in self._offsets
+
+    def dropped(self, marks: Mapping[TP, int]) -> None:
+        """Dropped events, taken and finished at once: per partition the highest offset of
+        a run of drops, in offset order with that partition's `take`s.
+
+        One call per polled batch (and before a partition's next `take`), not one lock per
+        event: a dropped offset is never open, so recording a run's last offset gives the
+        same committable offsets as `take` and `finish` of each of them
+        (`PartitionOffsets.skipped`). Partitions no longer assigned are ignored.
+        """
+        with self._lock:
+            for tp, offset in marks.items():
+                tracker = self._offsets.get(tp)
+                if tracker is not None:
+                    tracker.skipped(offset)
 
     def sending(self, tp: TP, offset: int) -> None:
         """The event will reach Userpilot or the DLQ: it counts against the window."""

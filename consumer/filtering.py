@@ -74,6 +74,16 @@ CONSENT_CACHE_SIZE = 1024
 DROP_ANONYMOUS = Drop("anonymous")
 DROP_UNMAPPED = Drop("unmapped")
 DROP_UNSUPPORTED_TYPE = Drop("unsupported_type")
+_CONSENT_DROPS: dict[str, Drop] = {}  # one per configured category: a bounded set
+
+
+def _consent_drop(category: str) -> Drop:
+    """The consent Drop of `category`, made once: building a frozen dataclass per dropped
+    event costs more than the rest of the consent decision."""
+    drop = _CONSENT_DROPS.get(category)
+    if drop is None:
+        drop = _CONSENT_DROPS[category] = Drop("consent", category)
+    return drop
 
 
 def _granted(value: Any) -> bool:
@@ -175,5 +185,5 @@ def drop_reason(
         return DROP_UNMAPPED
     category = consent.missing_category(event)
     if category is not None:
-        return Drop("consent", category)
+        return _consent_drop(category)
     return None

@@ -43,7 +43,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -74,7 +74,7 @@ from consumer.errors import (
     Timeout,
     UndecodableEvent,
 )
-from consumer.filtering import Drop
+from consumer.filtering import Drop, drop_reason
 from consumer.logs import event_fields
 from consumer.metrics import Metrics
 from consumer.policy import Attempts, RetryPolicy
@@ -233,6 +233,7 @@ class Handler:
         self.dlq_writable = DlqWritable(DLQ_UNWRITABLE_AFTER_S)  # readiness reads it
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, tuple[Any, Dropped]] = {}
+        self._schemas: dict[int, Mapping[str, Any]] = {}  # writer schemas seen cached
         self._delivered: dict[str, Any] = {}
         self._accepted: dict[tuple[int, str], Any] = {}
         self._lanes: dict[int, PriorityLane] = {}  # by limiter: one when families share
@@ -240,14 +241,32 @@ class Handler:
         """Users this replica identified (ensure-user); None when USERPILOT_ENSURE_USER=false."""
 
     # -- decide: pure and total ---------------------------------------------------------
-    def decide(self, event: Event) -> bool:
+    def screen(self, value: bytes | None) -> Drop | codec.Event | None:
+        """The intake's first look at an event's bytes: its Drop when it is dropped (most
+        events on a Signal topic), else the decoded event to pass to `decide`.
+
+        None when only `decide` can tell (schema not cached, undecodable bytes, JSON text
+        that fails when read): it repeats the work and records the outcome. Why a separate
+        step: a dropped event then needs no `Event`, no task and no per-event bookkeeping;
+        the worker finishes its offset and counts it once per polled batch
+        (`count_drops`). The decision is `route`'s own first step, so it cannot differ.
+        """
+        try:
+            decoded = codec.decode(value, self._cached_schema)
+            return drop_reason(decoded, self.s.consent, self.s.mappings) or decoded
+        except Exception:
+            return None
+
+    def decide(self, event: Event, decoded: codec.Event | None = None) -> bool:
         """Decode and route from cached schemas; False when the schema must be fetched.
 
-        Sets `event.decision`. Any exception of decode, route or mapping dead-letters the
+        Sets `event.decision`; `decoded` is `screen`'s result for `event.value`, so it is
+        not decoded twice. Any exception of decode, route or mapping dead-letters the
         event (UndecodableEvent as it is, anything else as MappingError).
         """
         try:
-            decoded = codec.decode(event.value, self._cached_schema)
+            if decoded is None:
+                decoded = codec.decode(event.value, self._cached_schema)
             event.message_id = decoded.get("messageId")
             event.event_time = decoded.get("timestamp")
             event.decision = route(decoded, self.s.consent, self.s.mappings)
@@ -262,9 +281,13 @@ class Handler:
     def _cached_schema(self, schema_id: int) -> Mapping[str, Any]:
         # Raised through codec.decode untouched (it maps only KeyError): the wire header is
         # parsed once per decode, and the fetch happens in `handle`, off the poll path.
-        cached = self.registry.cached(schema_id)
+        # Kept here too (the registry never forgets a schema): one call less per event.
+        cached = self._schemas.get(schema_id)
         if cached is None:
-            raise SchemaNotCached(schema_id)
+            cached = self.registry.cached(schema_id)
+            if cached is None:
+                raise SchemaNotCached(schema_id)
+            self._schemas[schema_id] = cached
         return cached
 
     async def _fetch_schema(self, event: Event) -> None:
@@ -329,16 +352,39 @@ class Handler:
                       extra=event.fields)
         return Duplicate(endpoint)
 
-    def dropped(self, event: Event, drop: Drop) -> Dropped:
+    def _drop_outcome(self, drop: Drop) -> tuple[Any, Dropped]:
+        """The drop's counter child and its outcome, made once per drop reason."""
         known = self._drops.get(drop)
         if known is None:
             known = self._drops[drop] = (
                 self.m.events_dropped.labels(drop.reason, drop.category or ""), Dropped(drop))
-        known[0].inc()
+        return known
+
+    def dropped(self, event: Event, drop: Drop) -> Dropped:
+        """Count one dropped event (an event decided after its schema was fetched)."""
+        counter, outcome = self._drop_outcome(drop)
+        counter.inc()
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("dropped (%s%s)", drop.reason,
-                      f": {drop.category}" if drop.category else "", extra=event.fields)
-        return known[1]
+            self.log_dropped(drop, event.fields)
+        return outcome
+
+    def count_drops(self, counts: Iterable[tuple[Drop, int]]) -> None:
+        """Count a polled batch's dropped events: one increment per drop reason, not one
+        per event (each increment takes the metric's lock). Equal drops may come in
+        several pairs; their counts add up."""
+        for drop, count in counts:
+            self._drop_outcome(drop)[0].inc(count)
+
+    @staticmethod
+    def log_dropped(drop: Drop, fields: dict[str, Any]) -> None:
+        """The debug line of one dropped event (callers check `debug` first)."""
+        log.debug("dropped (%s%s)", drop.reason,
+                  f": {drop.category}" if drop.category else "", extra=fields)
+
+    @property
+    def debug(self) -> bool:
+        """Per-event debug lines are wanted (then the worker takes drops one by one)."""
+        return log.isEnabledFor(logging.DEBUG)
 
     # -- deduplication (Redis) ----------------------------------------------------------
     def dedup_endpoint(self, send: Send) -> str:

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import fastavro
@@ -131,6 +131,23 @@ class Registry:
                 return cached
             return self._fetch(schema_id)
 
+    def prefetch(self, topics: Iterable[str]) -> None:
+        """Cache the latest schema of each topic's subject, best effort (worker start-up).
+
+        Why: without it the first polled batch cannot be decided; its events wait for the
+        schema in tasks that count against the in-flight window, a full window pauses
+        every partition, and librdkafka takes up to a second to fetch again after the
+        resume. Nothing here changes readiness or logs above debug: an id not cached is
+        fetched on demand (`writer_schema`) as before, with its errors reported there.
+        """
+        for topic in topics:
+            try:
+                latest = self._client.get_latest_version(subject_for(topic))
+                if latest.schema_id is not None:
+                    self._parse(latest.schema_id, latest.schema.schema_str)
+            except Exception as exc:
+                log.debug("no schema prefetched for %s (%s)", topic, type(exc).__name__)
+
     def _fetch(self, schema_id: int) -> Mapping[str, Any]:
         try:
             schema = self._call(f"get schema {schema_id}",
@@ -139,7 +156,12 @@ class Registry:
             if exc.http_status_code == 404:
                 raise KeyError(schema_id) from None
             raise
-        fresh: Any = fastavro.parse_schema(json.loads(schema.schema_str or "null"))
+        return self._parse(schema_id, schema.schema_str)
+
+    def _parse(self, schema_id: int, text: str | None) -> Mapping[str, Any]:
+        """Parse and cache a writer schema; our own schema is cached as `SCHEMA` itself (the
+        codec then skips schema resolution)."""
+        fresh: Any = fastavro.parse_schema(json.loads(text or "null"))
         parsed: Mapping[str, Any] = (
             SCHEMA if fastavro.schema.to_parsing_canonical_form(fresh) == self._ours else fresh
         )

@@ -1,7 +1,9 @@
-"""The worker loop: poll, back-pressure, rebalance and shutdown. Nothing per event.
+"""The worker loop: poll, intake, back-pressure, rebalance and shutdown. The decisions per
+event are the handler's; the intake only routes them and keeps the batch's bookkeeping.
 
-    poll ─▶ Handler.decide ─┬─ Dropped: finished at once
-                            └─ Scheduler (per-user order) ─▶ Handler.handle ─▶ outcome
+    poll ─▶ Handler.screen ─┬─ Dropped: finished and counted at once (per polled batch)
+                            └─ Handler.decide ─▶ Scheduler (per-user order)
+                                 ─▶ Handler.handle ─▶ outcome
     outcome ─▶ Commits.finish ─▶ commit (periodic, when idle, on revoke, on shutdown)
 
 What each collaborator owns: `handler.Handler` takes one event to its outcome;
@@ -35,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from consumer import codec
 from consumer.commits import TP, Commits
 from consumer.config import Settings
 from consumer.deadletter import DlqGuard, normalize_headers
@@ -207,9 +210,14 @@ class Worker:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self._loop.add_signal_handler(sig, self._stopping.set)
         scheduler = self._scheduler = Scheduler(self._run_event, self._crash)
+        prefetch: asyncio.Future[None] | None = None
         source = self._source = self._make_source(Callbacks(
             on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
             on_stats=self._on_stats, on_committed=self._on_committed))
+        if isinstance(self.registry, Registry):
+            # While the group forms, so the first batch is decided at once (see prefetch).
+            prefetch = asyncio.ensure_future(
+                asyncio.to_thread(self.registry.prefetch, self.s.topics))
         await source.call(source.subscribe)
         log.info("consuming %s as group %s, delivering to %s", ",".join(self.s.topics),
                  self.s.group_id, self.s.track_url)
@@ -249,6 +257,8 @@ class Worker:
             self.fatal = exc
         finally:
             await self._shutdown(source, scheduler)
+            if prefetch is not None:
+                await prefetch  # bounded by the registry's timeout; it raises nothing
         if isinstance(self.fatal, DlqGuardTripped):
             return 3
         return 1 if self.fatal is not None else 0
@@ -309,53 +319,93 @@ class Worker:
 
     # -- intake (event loop) ------------------------------------------------------------
     def _intake(self, messages: Sequence[KafkaMessage], scheduler: Scheduler[Event]) -> None:
-        """Take one polled batch; the consumed counters move once per batch, not per event."""
+        """Take one polled batch: finish the drops at once, schedule the rest.
+
+        Most events on a Signal topic are dropped, so a drop costs no `Event`, no task and
+        no lock of its own: `Handler.screen` decides it from the decoded envelope (and
+        consent), and the batch's drops are finished (`Commits.dropped`: the highest
+        offset of each partition's run of drops) and counted (per drop reason, consumed
+        per topic) once, at the end of the batch or before that partition's next `take`,
+        so `Commits` sees each partition's offsets in order. With debug logging on, every
+        event takes the full path, for one line per drop.
+
+        Partition ownership is asked once per partition per batch: it cannot change
+        meanwhile (rebalance callbacks run on the poll thread inside a `Source.call`,
+        and none is in progress while this synchronous method runs).
+        """
+        handler = self.handler
+        screen = None if handler.debug else handler.screen
+        owned: dict[TP, bool] = {}
+        marks: dict[TP, int] = {}  # per partition, the last dropped offset not recorded yet
+        # Drops counted by identity: each reason is one shared object (`filtering`), and an
+        # int key spares hashing a dataclass per event; `kinds` maps the ids back.
+        drops: dict[int, int] = {}
+        kinds: dict[int, Drop] = {}
         taken: dict[str, int] = {}
         try:
             for message in messages:
-                topic = self._take(message, scheduler)
-                if topic is not None:
-                    taken[topic] = taken.get(topic, 0) + 1
+                err = message.error()
+                if err is not None:
+                    log.warning("kafka: %s", err.str())
+                    if err.fatal():
+                        raise Stop(f"fatal Kafka error: {err.str()}")
+                    continue
+                topic, partition, offset = message.topic(), message.partition(), message.offset()
+                assert topic is not None and partition is not None and offset is not None
+                tp = (topic, partition)
+                mine = owned.get(tp)
+                if mine is None:
+                    mine = owned[tp] = self.commits.owns(tp)
+                if not mine:
+                    continue  # a message of a partition revoked meanwhile
+                first = screen(message.value()) if screen is not None else None
+                drop = (first if isinstance(first, Drop)
+                        else self._take(message, tp, offset, first, marks, scheduler))
+                if drop is not None:
+                    marks[tp] = offset
+                    key = id(drop)
+                    count = drops.get(key)
+                    if count is None:
+                        kinds[key] = drop
+                        count = 0
+                    drops[key] = count + 1
+                taken[topic] = taken.get(topic, 0) + 1
         finally:
+            if marks:
+                self.commits.dropped(marks)
+            if drops:
+                handler.count_drops((kinds[key], count) for key, count in drops.items())
             for topic, count in taken.items():
                 counter = self._consumed.get(topic)
                 if counter is None:
                     counter = self._consumed[topic] = self.m.events_consumed.labels(topic)
                 counter.inc(count)
 
-    def _take(self, message: KafkaMessage, scheduler: Scheduler[Event]) -> str | None:
-        """Decide one message: finish a drop at once, schedule the rest; returns its topic,
-        or None when it was not taken (an error, or a partition revoked meanwhile).
+    def _take(self, message: KafkaMessage, tp: TP, offset: int, decoded: codec.Event | None,
+              marks: dict[TP, int], scheduler: Scheduler[Event]) -> Drop | None:
+        """The full path of one event that `screen` did not drop: an `Event`, decided
+        (`decoded` is `screen`'s result, None when it could not tell), then scheduled.
 
-        The decision comes first (it is pure): a dropped event is taken and finished in
-        one step, so the drop path costs one lock per event.
+        Returns the Drop instead when the event is dropped after all (debug logging on);
+        the batch records it with the others. Events whose schema must be fetched first
+        are scheduled too: the fetch happens in their task, off the poll path.
         """
-        err = message.error()
-        if err is not None:
-            log.warning("kafka: %s", err.str())
-            if err.fatal():
-                raise Stop(f"fatal Kafka error: {err.str()}")
-            return None
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        assert topic is not None and partition is not None and offset is not None
-        tp = (topic, partition)
         ts_type, ts = message.timestamp()
         key = message.key()
-        event = Event(topic, partition, offset, key if key else (topic, partition, offset),
-                      key, message.value(), normalize_headers(message.headers()),
+        event = Event(tp[0], tp[1], offset, key if key else (tp[0], tp[1], offset), key,
+                      message.value(), normalize_headers(message.headers()),
                       ts if ts_type else None)
-        # Drops (most events) are decided here, without a task; the rest are scheduled,
-        # including events whose schema must be fetched first (off the poll path).
-        if self.handler.decide(event) and isinstance(event.decision, Drop):
-            if not self.commits.dropped(tp, offset):
-                return None  # a message of a partition revoked meanwhile
-            self.handler.dropped(event, event.decision)
-            return topic
-        if not self.commits.take(tp, offset):
-            return None
+        if self.handler.decide(event, decoded) and isinstance(event.decision, Drop):
+            if self.handler.debug:
+                self.handler.log_dropped(event.decision, event.fields)
+            return event.decision
+        mark = marks.pop(tp, None)
+        if mark is not None:
+            self.commits.dropped({tp: mark})
+        self.commits.take(tp, offset)  # owned: checked for this batch by the caller
         self.commits.sending(tp, offset)
         scheduler.submit(event)
-        return topic
+        return None
 
     async def _run_event(self, event: Event) -> Outcome | None:
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,10 +15,12 @@ from consumer import codec
 from consumer.calls import Call
 from consumer.config import Settings, load_settings
 from consumer.deadletter import DlqGuard
-from consumer.errors import RateLimited, Rejected, ServerError
+from consumer.errors import DeadLetter, RateLimited, Rejected, ServerError
+from consumer.filtering import Drop
 from consumer.handler import DeadLettered, Delivered, Event, Handler
 from consumer.metrics import Metrics
 from consumer.policy import Gate, RetryPolicy
+from consumer.routing import Send
 
 SCHEMA_ID = 7
 CONSENT = {"consent": {"analytics": True}}
@@ -193,3 +197,64 @@ def test_a_400_on_any_call_dead_letters_the_event_with_its_own_bytes() -> None:
     assert record["headers"]["userpilot.error.status"] == b"400"
     assert record["headers"]["__connect.errors.offset"] == b"3"
     assert record["headers"]["userpilot.error.attempts"] == b"1", "the failed call's attempts"
+
+
+def _drop_counts(reg: CollectorRegistry) -> dict[tuple[str, str], float]:
+    return {(s.labels["reason"], s.labels["category"]): s.value
+            for metric in reg.collect() if metric.name.endswith("events_dropped")
+            for s in metric.samples if s.name.endswith("_total") and s.value}
+
+
+def test_screen_drops_exactly_what_route_drops_and_hands_the_rest_to_decide() -> None:
+    """`screen` (the intake's fast path) and `decide` (the full path) agree on every event:
+    a Drop is route's Drop; a decoded event decides as decoding the bytes again would; an
+    event screen cannot tell (undecodable, broken JSON text) is left to decide."""
+    rng = random.Random(2)
+    handler, *_ = make()
+    consents: list[Any] = [None, {}, {"analytics": True}, {"analytics": False},
+                           {"canonical": {"analytics": "granted"}}, "not an object"]
+    for offset in range(400):
+        doc: dict[str, Any] = {
+            "type": rng.choice(["track", "page", "identify", "group"]),
+            "event": rng.choice(["Feature Used", "Nobody Maps This", None]),
+            "userId": rng.choice(["u1", None, " "]), "groupId": rng.choice(["c1", None]),
+            "messageId": f"m{offset}", "properties": {"n": offset}, "traits": {"plan": "x"},
+            "context": {"consent": rng.choice(consents)}}
+        value = codec.encode(SCHEMA_ID, codec.to_record(doc))
+        if rng.random() < 0.05:
+            value = value[:-3]  # truncated: undecodable
+        first = handler.screen(value)
+        full = Event("t", 0, offset, None, None, value, None, None)
+        assert handler.decide(full)
+        if isinstance(first, Drop):
+            assert full.decision == first
+            continue
+        assert not isinstance(full.decision, Drop)
+        if first is None:
+            assert isinstance(full.decision, DeadLetter)
+            continue
+        again = Event("t", 0, offset, None, None, value, None, None)
+        assert handler.decide(again, first)
+        assert type(again.decision) is type(full.decision)
+        if isinstance(full.decision, Send):
+            assert isinstance(again.decision, Send)
+            assert again.decision.calls == full.decision.calls
+        assert (again.message_id, again.event_time) == (full.message_id, full.event_time)
+
+
+def test_counting_drops_per_batch_equals_counting_each_drop() -> None:
+    rng = random.Random(4)
+    reasons = [Drop("anonymous"), Drop("unmapped"), Drop("unsupported_type"),
+               Drop("consent", "analytics"), Drop("consent", "marketing")]
+    one_by_one, *_, reg_one = make()
+    batched, *_, reg_batched = make()
+    for _batch in range(50):
+        drops = [rng.choice(reasons) for _ in range(rng.randrange(0, 40))]
+        for drop in drops:
+            one_by_one.dropped(track(0, "u"), drop)
+        # Equal drops may arrive as separate pairs (distinct objects): they add up.
+        pairs = [(Drop(d.reason, d.category), 1) for d in drops[: len(drops) // 2]]
+        pairs += list(Counter(drops[len(drops) // 2:]).items())
+        batched.count_drops(pairs)
+        assert _drop_counts(reg_batched) == _drop_counts(reg_one)
+    assert len(_drop_counts(reg_one)) == len(reasons)

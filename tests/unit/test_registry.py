@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka.schema_registry import Schema
+from confluent_kafka.schema_registry import RegisteredSchema, Schema
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from consumer.codec import SCHEMA, SCHEMA_TEXT
@@ -115,3 +115,40 @@ def test_credentials_never_reach_the_error_state() -> None:
         registry.writer_schema(1)
     assert registry.last_error is not None
     assert "s3cr3t" not in registry.last_error and "***" in registry.last_error
+
+
+class LatestClient:
+    """Knows the latest schema of some subjects; fails for the others like a registry."""
+
+    def __init__(self, latest: dict[str, tuple[int, str]]) -> None:
+        self.latest = latest
+        self.asked: list[str] = []
+
+    def get_latest_version(self, subject: str) -> RegisteredSchema:
+        self.asked.append(subject)
+        if subject == "down-value":
+            raise httpx.ConnectError("connection refused")
+        if subject not in self.latest:
+            raise SchemaRegistryError(404, 40401, "Subject not found")
+        schema_id, text = self.latest[subject]
+        return RegisteredSchema(subject=subject, version=1, schema_id=schema_id, guid=None,
+                                schema=Schema(text, "AVRO"))
+
+    def get_schema(self, schema_id: int) -> Schema:
+        raise AssertionError("prefetched: no fetch by id")
+
+
+def test_prefetch_caches_each_topics_latest_schema_and_ignores_failures() -> None:
+    other = json.dumps({"type": "record", "name": "Other", "fields": [
+        {"name": "type", "type": "string"}]})
+    client = LatestClient({"signal-value": (7, SCHEMA_TEXT), "other-value": (9, other)})
+    registry = Registry("http://unused", client=client)
+    registry.prefetch(["signal", "down", "missing", "other"])
+    assert client.asked == ["signal-value", "down-value", "missing-value", "other-value"]
+    assert registry.cached(7) is SCHEMA  # our own schema: the codec skips resolution
+    assert registry.writer_schema(7) is SCHEMA
+    other_parsed = registry.cached(9)
+    assert other_parsed is not None and other_parsed["name"] == "Other"
+    assert registry.cached(8) is None
+    # A best-effort start-up step: an unreachable registry changes no readiness here.
+    assert registry.healthy and registry.problem() is None

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
+from confluent_kafka.schema_registry import RegisteredSchema, Schema
 from prometheus_client import CollectorRegistry
 
 from consumer import codec, handler, routing
@@ -27,6 +31,7 @@ from consumer.config import Settings, load_settings
 from consumer.errors import DlqRecordTooLarge, Rejected, ServerError
 from consumer.health import Health
 from consumer.metrics import Metrics
+from consumer.registry import Registry
 from consumer.worker import Callbacks, Worker
 
 T = TypeVar("T")
@@ -536,3 +541,113 @@ def test_a_dead_letter_too_large_for_the_dlq_is_written_without_its_value_once()
     assert record.headers["userpilot.error.value_size"] == str(len(big)).encode()
     assert record.headers["__connect.errors.offset"] == b"0"
     assert [codec_seq(b) for b in run.client.bodies] == [2]
+
+
+def _unsupported(seq: int) -> bytes:
+    """An event of a type Signal may add later: `to_record` refuses it, Avro carries it."""
+    record = codec.to_record({"type": "track", "userId": "u", "messageId": f"a{seq}"})
+    return codec.encode(SCHEMA_ID, {**record, "type": "alias"})
+
+
+def _samples(metric: Any) -> dict[tuple[str, ...], float]:
+    return {tuple(s.labels.values()): s.value for s in metric.collect()[0].samples
+            if s.name.endswith("_total") and s.value}
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_drops_are_counted_and_committed_per_batch_exactly_as_decided_one_by_one(
+        debug: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """The intake screens drops and records them per polled batch (with debug logging on,
+    one by one, each with its line): whatever the mix, every drop reason and consent
+    category is counted exactly as `route` decides each event, every message is counted
+    as consumed once, only the events to send are sent, and every offset is committed."""
+    rng = random.Random(5 if debug else 3)
+    kinds: list[Callable[[int], bytes]] = [
+        lambda i: track(f"u{i % 7}", i),  # sent
+        lambda i: track(None, i),  # anonymous
+        lambda i: track(f"u{i % 7}", i, event="Nobody Maps This"),
+        lambda i: track(f"u{i % 7}", i, context={}),  # no consent data
+        lambda i: track(f"u{i % 7}", i, context={"consent": {"analytics": False}}),
+        _unsupported,
+        lambda i: b"garbage",  # dead-lettered
+    ]
+    weights = [3, 30, 20, 20, 20, 3, 1]
+    log: dict[TP, list[Message]] = {}
+    for partition in range(3):
+        values = [rng.choices(kinds, weights)[0](i) for i in range(rng.randrange(300, 700))]
+        log.update(log_of(*values, partition=partition, key=f"k{partition}".encode()))
+    s = settings()
+    expected: Counter[tuple[str, str]] = Counter()
+    sends = 0
+    for messages in log.values():
+        for m in messages:
+            try:
+                decision = routing.route(codec.decode(m.value(), lambda _i: codec.SCHEMA),
+                                         s.consent, s.mappings)
+            except Exception:
+                continue
+            if isinstance(decision, routing.Send):
+                sends += 1
+            else:
+                expected[(decision.reason, decision.category or "")] += 1
+    assert len(expected) >= 4, "the mix covers several drop reasons"
+    total = sum(len(messages) for messages in log.values())
+    run = make(log, WORKER_DLQ_MAX_RATIO="1", WORKER_DLQ_MAX_CONSECUTIVE="1000")
+    run.registry._known[SCHEMA_ID] = codec.SCHEMA  # cached: every batch takes the fast path
+    if debug:
+        caplog.set_level(logging.DEBUG, logger="consumer.handler")
+
+    async def scenario(source: FakeSource) -> None:
+        ends = {tp: len(messages) for tp, messages in log.items()}
+        await until(lambda: source.committed() == ends, "every offset committed")
+
+    assert drive(run, scenario) == 0
+    assert _samples(run.worker.m.events_dropped) == {k: float(v) for k, v in expected.items()}
+    assert _samples(run.worker.m.events_consumed) == {(TOPIC,): float(total)}
+    assert len(run.client.bodies) == sends
+    lines = [r for r in caplog.records if r.getMessage().startswith("dropped (")]
+    if debug:
+        assert len(lines) == sum(expected.values())
+        assert all(getattr(r, "message_id", None) for r in lines)
+    else:
+        assert lines == []
+
+
+class LatestSchemaClient:
+    """A schema registry client that knows the Signal schema as each subject's latest."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def get_latest_version(self, subject: str) -> RegisteredSchema:
+        self.asked.append(subject)
+        return RegisteredSchema(subject=subject, version=1, schema_id=SCHEMA_ID, guid=None,
+                                schema=Schema(codec.SCHEMA_TEXT, "AVRO"))
+
+    def get_schema(self, schema_id: int) -> Schema:
+        return Schema(codec.SCHEMA_TEXT, "AVRO")
+
+
+def test_the_worker_prefetches_each_topics_schema_while_the_group_forms() -> None:
+    client = LatestSchemaClient()
+    registry = Registry("http://registry.test", client=client)
+    metrics = Metrics(CollectorRegistry())
+    made: list[FakeSource] = []
+
+    def source(cb: Callbacks) -> FakeSource:
+        made.append(FakeSource(cb, log_of(track(None, 1), track("u1", 2))))
+        return made[-1]
+
+    worker = Worker(settings(), metrics, Health(metrics), client=FakeClient(),
+                    registry=registry, dlq=FakeDlq(), source=source)
+
+    async def main() -> None:
+        task = asyncio.create_task(worker.run())
+        await until(lambda: bool(made) and made[0].committed().get((TOPIC, 0)) == 2,
+                    "both offsets committed")
+        worker.stop()
+        assert await asyncio.wait_for(task, 10) == 0
+
+    asyncio.run(main())
+    assert client.asked == [f"{TOPIC}-value"]
+    assert registry.cached(SCHEMA_ID) is codec.SCHEMA

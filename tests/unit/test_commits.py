@@ -1,0 +1,80 @@
+"""Unit tests for consumer.commits: the drop path's per-batch record equals per-event records."""
+
+from __future__ import annotations
+
+import random
+
+from consumer.commits import TP, Commits
+
+PARTS: list[TP] = [("t", 0), ("t", 1), ("u", 0)]
+
+
+def test_recording_drops_per_batch_gives_the_offsets_of_recording_each_one() -> None:
+    """The worker's intake records a batch's drops as one mark per partition run
+    (`Commits.dropped`, flushed before that partition's next `take` and at the end of the
+    batch); the reference takes and finishes every dropped offset. Whatever the mix of
+    drops and sends, the batch sizes and the order sends finish in, both give the same
+    offsets to commit, the same window and the same acknowledgements."""
+    rng = random.Random(11)
+    for _ in range(300):
+        batched, each = Commits(), Commits()
+        batched.assign(PARTS)
+        each.assign(PARTS)
+        first = dict.fromkeys(PARTS, rng.choice([0, 5, 1000]))
+        next_offset = dict(first)
+        open_: list[tuple[TP, int]] = []
+        drop_share = rng.random()
+        for _batch in range(rng.randrange(1, 12)):
+            marks: dict[TP, int] = {}
+            for _message in range(rng.randrange(0, 30)):
+                tp = rng.choice(PARTS)
+                offset = next_offset[tp]
+                next_offset[tp] += 1
+                if rng.random() < drop_share:
+                    marks[tp] = offset
+                    assert each.take(tp, offset)
+                    each.finish(tp, offset)
+                    continue
+                mark = marks.pop(tp, None)
+                if mark is not None:
+                    batched.dropped({tp: mark})
+                for commits in (batched, each):
+                    assert commits.take(tp, offset)
+                    commits.sending(tp, offset)
+                open_.append((tp, offset))
+                if open_ and rng.random() < 0.3:  # a delivery finishes meanwhile
+                    done = open_.pop(rng.randrange(len(open_)))
+                    batched.finish(*done)
+                    each.finish(*done)
+            batched.dropped(marks)
+            # Between batches the poll thread commits what is due; sometimes it is acked.
+            assert batched.due() == each.due()
+            assert batched.due(pipelined=True) == each.due(pipelined=True)
+            assert batched.in_window() == each.in_window()
+            due = each.due()
+            batched.requested(due)
+            each.requested(due)
+            if rng.random() < 0.5:
+                acked = sorted(due.items())
+                assert batched.acknowledged(acked) == each.acknowledged(acked)
+                assert batched.in_window() == each.in_window()
+        rng.shuffle(open_)
+        for done in open_:
+            batched.finish(*done)
+            each.finish(*done)
+            assert batched.due() == each.due()
+        # Everything finished: each partition that was read is due up to its end.
+        assert batched.due() == {tp: offset for tp, offset in next_offset.items()
+                                 if offset > first[tp] and offset != each.committed().get(tp)}
+
+
+def test_drops_of_a_partition_no_longer_assigned_are_ignored() -> None:
+    commits = Commits()
+    commits.assign([("t", 0)])
+    assert commits.owns(("t", 0)) and not commits.owns(("t", 1))
+    commits.dropped({("t", 0): 4, ("t", 1): 9})
+    assert commits.due() == {("t", 0): 5}
+    commits.release([("t", 0)])
+    assert not commits.owns(("t", 0))
+    commits.dropped({("t", 0): 7})
+    assert commits.due() == {}
