@@ -27,7 +27,7 @@ from consumer.config import Settings, load_settings
 from consumer.errors import DlqRecordTooLarge, Rejected, ServerError
 from consumer.health import Health
 from consumer.metrics import Metrics
-from consumer.worker import Callbacks, Worker
+from consumer.worker import Callbacks, Worker, resume_level
 
 T = TypeVar("T")
 
@@ -434,6 +434,51 @@ def test_a_full_window_pauses_partitions_and_resumes_when_deliveries_finish() ->
     assert drive(run, scenario) == 0
     assert sorted(codec_seq(b) for b in run.client.bodies) == list(range(12))
     assert run.source.pauses >= 1
+
+
+def test_paused_partitions_resume_a_tenth_below_the_window_not_at_half() -> None:
+    # Half the window was the old level: a family with budget to spare idled while the
+    # saturated one freed it (the mixed identify + Track saturation).
+    assert [resume_level(n) for n in (1, 2, 10, 200, 1000)] == [0, 1, 9, 180, 900]
+
+
+class SteppedClient(FakeClient):
+    """Userpilot answering one request each time the test releases one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = asyncio.Semaphore(0)
+        self.waiting = 0
+
+    async def send(self, call: Call) -> int:
+        self.waiting += 1
+        await self.steps.acquire()
+        self.waiting -= 1
+        return await super().send(call)
+
+
+def test_a_full_window_resumes_as_soon_as_a_tenth_of_it_is_committed() -> None:
+    values = [track(f"u{i}", i) for i in range(30)]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
+    registry = FakeRegistry()
+    registry.writer_schema(SCHEMA_ID)  # known: every event reaches the limiter in order
+    run = make(log, registry=registry, WORKER_MAX_IN_FLIGHT="10", USERPILOT_ENSURE_USER="false")
+    stepped = SteppedClient()
+    run.worker.handler.client = stepped
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: bool(source.paused) and stepped.waiting == 10, "a full window")
+        stepped.steps.release()  # one event (the lowest offset: intake order) finishes
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "commit of offset 1")
+        # Resumed at 9 of 10 (not at 5) and paused again at once: one more event taken.
+        await until(lambda: source.position[(TOPIC, 0)] == 11, "the freed place taken again")
+        await until(lambda: stepped.waiting == 10, "its request")
+        for _ in range(30):
+            stepped.steps.release()
+        await until(lambda: source.committed().get((TOPIC, 0)) == 30, "commit of offset 30")
+
+    assert drive(run, scenario) == 0
+    assert [codec_seq(b) for b in stepped.bodies][:1] == [0]
 
 
 def test_the_dlq_guard_stops_the_worker_with_exit_code_3_and_commits_nothing_past_it() -> None:
