@@ -72,6 +72,8 @@ FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
 CLOSE_TIMEOUT_S = 15.0  # leaving the group while Kafka answers (revoke settles first)
 CLOSE_DOWN_TIMEOUT_S = 2.0  # ... while it does not
 RESHARE_TIMEOUT_S = 2.0  # a metadata call on the poll thread: well under max.poll.interval
+DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
+DRY_FOR_S = 30.0  # ... until a message of theirs arrives, or this long (then probed again)
 
 
 def fair_holds(paused: set[TP], wet: set[TP], limit: int, window: dict[TP, int]) -> set[TP]:
@@ -207,7 +209,8 @@ class Worker:
         # `assigned`): partitions kept paused because they hold their share of the window,
         # and partitions seen with nothing to read.
         self._held: set[TP] = set()
-        self._dry: set[TP] = set()
+        self._quiet_since = 0.0  # since when polls brought nothing while partitions were held
+        self._dry: dict[TP, float] = {}  # until when
         self._consumed: dict[str, Any] = {}
         self._intake_seq = itertools.count()  # Event.intake: limiter queues serve in this order
         self.fatal: BaseException | None = None
@@ -379,7 +382,7 @@ class Worker:
         assert topic is not None and partition is not None and offset is not None
         tp = (topic, partition)
         if self._dry:
-            self._dry.discard(tp)  # it has something to read after all
+            self._dry.pop(tp, None)  # it has something to read after all
         ts_type, ts = message.timestamp()
         key = message.key()
         event = Event(topic, partition, offset, key if key else (topic, partition, offset),
@@ -430,8 +433,9 @@ class Worker:
         starve one family (measured: a partition with 7 of 60 Track users held Track at
         66 % while identify saturated). On resume a partition holding its share of the
         window (`fair_share`) or more stays paused while the others are let in; when
-        they bring nothing (`idle`: the last poll was empty) they count as dry and the
-        held partitions resume. A partition is dry until a message of it arrives.
+        they bring nothing for DRY_AFTER_S (`idle`: the last poll was empty) they count as
+        dry and the held partitions resume. A partition is dry until a message of it
+        arrives or for DRY_FOR_S.
         """
         limit = self.s.max_in_flight
         pending = self.commits.in_window()
@@ -445,12 +449,20 @@ class Worker:
             to_pause = sorted(self.assigned - self.paused) if pending >= limit else []
             to_resume: list[TP] = []
             if self.paused and pending <= resume_level(limit):
-                if idle and self._held:  # those let in had nothing to read
-                    self._dry |= self.assigned - self.paused
-                wet = self.assigned - self._dry
+                now = time.monotonic()
+                if not idle or not self._held:
+                    self._quiet_since = now
+                elif now - self._quiet_since >= DRY_AFTER_S:
+                    # Those let in past the held partitions brought nothing for a while (a
+                    # resumed partition's first fetch can take a few polls): dry.
+                    for tp in self.assigned - self.paused:
+                        self._dry[tp] = now + DRY_FOR_S
+                wet = {tp for tp in self.assigned if self._dry.get(tp, 0.0) <= now}
                 self._held = fair_holds(self.paused & self.assigned, wet, limit,
                                         self.commits.in_window_by_partition())
                 to_resume = sorted((self.paused & self.assigned) - self._held)
+                if to_resume:
+                    self._quiet_since = now
                 self.paused = set(self._held)
             self.paused.update(to_pause)
             paused_count = len(self.paused)
