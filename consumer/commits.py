@@ -98,6 +98,11 @@ class Commits:
         with self._lock:
             return sum(tracker.at_risk for tracker in self._offsets.values())
 
+    def in_window_by_partition(self) -> dict[TP, int]:
+        """`in_window` per assigned partition (fair intake across partitions)."""
+        with self._lock:
+            return {tp: tracker.at_risk for tp, tracker in self._offsets.items()}
+
     # -- commits (poll thread) ----------------------------------------------------------
     def due(self, parts: Iterable[TP] | None = None, *, pipelined: bool = False) -> dict[TP, int]:
         """Offsets to commit now (next offset to read per partition).

@@ -142,6 +142,7 @@ class Event:
     dedup_owner: str | None = None  # set while this event holds its messageId's claim
     attempts: Attempts = field(default_factory=Attempts)
     plan: CallPlan | None = None  # the calls of a Send, resumed where a failure stopped
+    intake: int = 0  # the worker's intake sequence: lower goes first in a limiter's queue
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -492,8 +493,10 @@ class Handler:
         A call that another call of the same user waits for (the ensure-user identify in
         front of a Track, the company association after a company identify) takes the
         family's next slot before queued events (`PriorityLane`), so a saturated identify
-        backlog cannot stall that user's Tracks. `dedup`: the endpoint whose messageId claim
-        is renewed right before the request (the event's primary call only).
+        backlog cannot stall that user's Tracks. Other calls are served in the worker's
+        intake order (`Event.intake`), lowest offset first, so the committable offset
+        moves. `dedup`: the endpoint whose messageId claim is renewed right before the
+        request (the event's primary call only).
         """
         limiter = self.limiter_for(call)
         wait = self.m.limiter_wait.labels(call.family)
@@ -504,7 +507,9 @@ class Handler:
             urgent = call.purpose in ("ensure_user", "associate_company")
 
             async def acquire() -> float:
-                return await lane.acquire(urgent)
+                # Same urgency: the event taken first is served first, so the committable
+                # offset advances instead of waiting behind later events.
+                return await lane.acquire(urgent, event.intake)
         else:
             acquire = limiter.acquire
 

@@ -186,7 +186,7 @@ class _Acquires(Protocol):
 
 
 class PriorityLane:
-    """Hands one limiter's slots to its waiters, urgent ones first, then in arrival order.
+    """Hands one limiter's slots to its waiters, urgent ones first, then in intake order.
 
     Why: an identify *event* and the ensure-user identify in front of a user's Track share
     the identify budget. In plain arrival order, with the identify backlog saturating its
@@ -194,6 +194,12 @@ class PriorityLane:
     (another family, with budget to spare) wait behind it: measured, Track fell to 40-65 %
     of its limit. Urgent callers take the next slot instead; the budget itself is the
     limiter's, unchanged (every slot still comes from ``limiter.acquire``).
+
+    Among waiters of the same urgency the lowest `order` goes first (the worker passes
+    its intake sequence, so per partition the lowest offset): the committable offset is
+    the lowest unfinished one, and an event served out of intake order (one that reached
+    the lane late, after a schema fetch or a retry) holds the whole in-flight window
+    while every later event finishes. Equal orders are served in arrival order.
 
     One pump task acquires a slot while anyone waits and gives it to the most urgent
     waiter still waiting; a slot whose waiter left meanwhile is wasted, never exceeded.
@@ -204,15 +210,16 @@ class PriorityLane:
     def __init__(self, limiter: _Acquires, clock: Callable[[], float] = time.monotonic) -> None:
         self._limiter = limiter
         self._clock = clock
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[int, int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self._pump: asyncio.Task[None] | None = None
 
-    async def acquire(self, urgent: bool = False) -> float:
-        """Wait for a slot of the limiter; returns the seconds waited."""
+    async def acquire(self, urgent: bool = False, order: int = 0) -> float:
+        """Wait for a slot of the limiter (urgent first, then lowest `order`); returns the
+        seconds waited."""
         start = self._clock()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (0 if urgent else 1, next(self._seq), future))
+        heapq.heappush(self._waiters, (0 if urgent else 1, order, next(self._seq), future))
         if self._pump is None or self._pump.done():
             self._pump = asyncio.create_task(self._run())
         try:
@@ -223,7 +230,7 @@ class PriorityLane:
         return self._clock() - start
 
     async def _run(self) -> None:
-        while any(not f.done() for _, _, f in self._waiters):
+        while any(not f.done() for *_, f in self._waiters):
             try:
                 await self._limiter.acquire()
             except Exception as exc:  # hand the failure to one waiter, keep serving others
@@ -233,7 +240,7 @@ class PriorityLane:
 
     def _grant(self, error: Exception | None) -> None:
         while self._waiters:
-            _, _, future = heapq.heappop(self._waiters)
+            *_, future = heapq.heappop(self._waiters)
             if future.done():
                 continue
             if error is None:

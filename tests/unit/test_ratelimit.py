@@ -372,3 +372,39 @@ def test_priority_lane_serves_urgent_callers_first_then_in_arrival_order() -> No
     order, granted = asyncio.run(main())
     assert order == ["U1", "U2", "a", "b"]
     assert granted == 4, "one limiter slot per caller served: the budget is the limiter's"
+
+
+def test_priority_lane_serves_same_urgency_waiters_lowest_order_first() -> None:
+    # The committable offset is the lowest unfinished one: an event that reached the lane
+    # late (a schema fetch, a retry) but was taken first is served first.
+    from consumer.ratelimit import PriorityLane
+
+    class Slots:
+        def __init__(self) -> None:
+            self.free: asyncio.Queue[None] = asyncio.Queue()
+
+        async def acquire(self) -> float:
+            await self.free.get()
+            return 0.0
+
+    async def main() -> list[str]:
+        slots = Slots()
+        lane = PriorityLane(slots)
+        served: list[str] = []
+
+        async def caller(name: str, order: int, urgent: bool = False) -> None:
+            await lane.acquire(urgent, order)
+            served.append(name)
+
+        arrivals = [("late-5", 5), ("late-7", 7), ("first-1", 1), ("same-5", 5)]
+        tasks = [asyncio.create_task(caller(n, o)) for n, o in arrivals]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(caller("urgent-9", 9, urgent=True)))
+        await asyncio.sleep(0)
+        for _ in range(5):
+            slots.free.put_nowait(None)
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        return served
+
+    assert asyncio.run(main()) == ["urgent-9", "first-1", "late-5", "same-5", "late-7"]

@@ -32,7 +32,7 @@ from consumer.errors import DlqRecordTooLarge, Rejected, ServerError
 from consumer.health import Health
 from consumer.metrics import Metrics
 from consumer.registry import Registry
-from consumer.worker import Callbacks, Worker
+from consumer.worker import Callbacks, Worker, fair_holds, fair_share, resume_level
 
 T = TypeVar("T")
 
@@ -439,6 +439,106 @@ def test_a_full_window_pauses_partitions_and_resumes_when_deliveries_finish() ->
     assert drive(run, scenario) == 0
     assert sorted(codec_seq(b) for b in run.client.bodies) == list(range(12))
     assert run.source.pauses >= 1
+
+
+def test_paused_partitions_resume_a_tenth_below_the_window_not_at_half() -> None:
+    # Half the window was the old level: a family with budget to spare idled while the
+    # saturated one freed it (the mixed identify + Track saturation).
+    assert [resume_level(n) for n in (1, 2, 10, 200, 1000)] == [0, 1, 9, 180, 900]
+
+
+class SteppedClient(FakeClient):
+    """Userpilot answering one request each time the test releases one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = asyncio.Semaphore(0)
+        self.waiting = 0
+
+    async def send(self, call: Call) -> int:
+        self.waiting += 1
+        await self.steps.acquire()
+        self.waiting -= 1
+        return await super().send(call)
+
+
+def test_a_full_window_resumes_as_soon_as_a_tenth_of_it_is_committed() -> None:
+    values = [track(f"u{i}", i) for i in range(30)]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
+    run, stepped = stepped_run(log, WORKER_MAX_IN_FLIGHT="10")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: bool(source.paused) and stepped.waiting == 10, "a full window")
+        stepped.steps.release()  # one event (the lowest offset: intake order) finishes
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "commit of offset 1")
+        # Resumed at 9 of 10 (not at 5) and paused again at once: one more event taken.
+        await until(lambda: source.position[(TOPIC, 0)] == 11, "the freed place taken again")
+        await until(lambda: stepped.waiting == 10, "its request")
+        for _ in range(30):
+            stepped.steps.release()
+        await until(lambda: source.committed().get((TOPIC, 0)) == 30, "commit of offset 30")
+
+    assert drive(run, scenario) == 0
+    assert [codec_seq(b) for b in stepped.bodies][:1] == [0]
+
+
+def test_fair_holds_keeps_paused_only_partitions_at_their_share_while_another_is_below() -> None:
+    a, b, c = (TOPIC, 0), (TOPIC, 1), (TOPIC, 2)
+    assert fair_share(200, 6) == 33 and fair_share(10, 20) == 1
+    assert fair_holds({a, b, c}, {a, b, c}, 200, {a: 150, b: 10}) == {a}
+    assert fair_holds({a, b}, {a, b, c}, 200, {a: 67, b: 67, c: 66}) == set(), "all at share"
+    assert fair_holds({a, b}, {a}, 200, {a: 150}) == set(), "nobody else to read"
+    assert fair_holds({a}, {a, b}, 200, {a: 150, b: 0}) == {a}
+
+
+def stepped_run(log: dict[TP, list[Message]], **env: str) -> tuple[Run, SteppedClient]:
+    registry = FakeRegistry()
+    registry.writer_schema(SCHEMA_ID)  # known: every event reaches the limiter in order
+    run = make(log, registry=registry, USERPILOT_ENSURE_USER="false", **env)
+    stepped = SteppedClient()
+    run.worker.handler.client = stepped
+    return run, stepped
+
+
+def users_log(partition: int, count: int) -> list[Message]:
+    return [Message(TOPIC, partition, i, f"u{partition}-{i}".encode(),
+                    track(f"u{partition}-{i}", i)) for i in range(count)]
+
+
+def test_a_partition_holding_the_window_stays_paused_while_another_partition_is_let_in() -> None:
+    # librdkafka hands over one partition's backlog at a time: without fair resumes the
+    # window holds partition 0 only, whatever partition 1 (another family mix) has.
+    a, b = (TOPIC, 0), (TOPIC, 1)
+    run, stepped = stepped_run({a: users_log(0, 20), b: users_log(1, 20)},
+                               WORKER_MAX_IN_FLIGHT="10")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: bool(source.paused) and stepped.waiting == 10, "a full window")
+        assert source.position[a] == 10 and source.position.get(b, 0) == 0
+        stepped.steps.release()
+        await until(lambda: source.position.get(b, 0) >= 1, "partition 1 let in")
+        assert source.position[a] == 10, "partition 0 (9 of 10 in the window) held"
+        for _ in range(40):
+            stepped.steps.release()
+        await until(lambda: source.committed().get(a) == 20 and source.committed().get(b) == 20,
+                    "both partitions committed")
+
+    assert drive(run, scenario) == 0
+
+
+def test_a_held_partition_resumes_when_the_others_have_nothing_to_read() -> None:
+    a, b = (TOPIC, 0), (TOPIC, 1)
+    run, stepped = stepped_run({a: users_log(0, 30), b: []}, WORKER_MAX_IN_FLIGHT="10")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: bool(source.paused) and stepped.waiting == 10, "a full window")
+        stepped.steps.release()
+        await until(lambda: source.position[a] == 11, "partition 0 resumed (1 is dry)")
+        for _ in range(30):
+            stepped.steps.release()
+        await until(lambda: source.committed().get(a) == 30, "commit of offset 30")
+
+    assert drive(run, scenario) == 0
 
 
 def test_the_dlq_guard_stops_the_worker_with_exit_code_3_and_commits_nothing_past_it() -> None:
