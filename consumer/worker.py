@@ -263,10 +263,10 @@ class Worker:
         log.info("consuming %s as group %s, delivering to %s", ",".join(self.s.topics),
                  self.s.group_id, self.s.track_url)
         last_commit = time.monotonic()
-        messages: Sequence[KafkaMessage] = ()
+        scheduled = 0
         try:
             while not self._stopping.is_set():
-                room = await self._backpressure(source, scheduler, idle=not messages)
+                room = await self._backpressure(source, scheduler, idle=not scheduled)
                 messages = await source.call(source.consume, room, POLL_TIMEOUT_S)
                 self.health.beat()
                 self.health.set_connected(source.connected)
@@ -289,7 +289,7 @@ class Worker:
                     # Not inside the rebalance callback: a blocking client call nested in a
                     # callback breaks confluent-kafka's per-thread call state (it aborts).
                     await source.call(self._reshare, source)
-                self._intake(messages, scheduler)
+                scheduled = self._intake(messages, scheduler)
                 # Periodically, and at once when caught up (an idle poll): a drained backlog
                 # should not wait for the timer to be committed.
                 if not messages or time.monotonic() - last_commit >= self.s.commit_interval_s:
@@ -360,8 +360,9 @@ class Worker:
             self._stopping.set()
 
     # -- intake (event loop) ------------------------------------------------------------
-    def _intake(self, messages: Sequence[KafkaMessage], scheduler: Scheduler[Event]) -> None:
-        """Take one polled batch: finish the drops at once, schedule the rest.
+    def _intake(self, messages: Sequence[KafkaMessage], scheduler: Scheduler[Event]) -> int:
+        """Take one polled batch: finish the drops at once, schedule the rest; returns how
+        many were scheduled (a batch of drops only brings nothing to the window).
 
         Most events on a Signal topic are dropped, so a drop costs no `Event`, no task and
         no lock of its own: `Handler.screen` decides it from the decoded envelope (and
@@ -384,6 +385,7 @@ class Worker:
         drops: dict[int, int] = {}
         kinds: dict[int, Drop] = {}
         taken: dict[str, int] = {}
+        scheduled = 0
         try:
             for message in messages:
                 err = message.error()
@@ -395,8 +397,6 @@ class Worker:
                 topic, partition, offset = message.topic(), message.partition(), message.offset()
                 assert topic is not None and partition is not None and offset is not None
                 tp = (topic, partition)
-                if self._dry:
-                    self._dry.pop(tp, None)  # it has something to read after all
                 mine = owned.get(tp)
                 if mine is None:
                     mine = owned[tp] = self.commits.owns(tp)
@@ -413,6 +413,8 @@ class Worker:
                         kinds[key] = drop
                         count = 0
                     drops[key] = count + 1
+                else:
+                    scheduled += 1
                 taken[topic] = taken.get(topic, 0) + 1
         finally:
             if marks:
@@ -424,6 +426,7 @@ class Worker:
                 if counter is None:
                     counter = self._consumed[topic] = self.m.events_consumed.labels(topic)
                 counter.inc(count)
+        return scheduled
 
     def _take(self, message: KafkaMessage, tp: TP, offset: int, decoded: codec.Event | None,
               marks: dict[TP, int], scheduler: Scheduler[Event]) -> Drop | None:
@@ -447,6 +450,8 @@ class Worker:
         if mark is not None:
             self.commits.dropped({tp: mark})
         self.commits.take(tp, offset)  # owned: checked for this batch by the caller
+        if self._dry:
+            self._dry.pop(tp, None)  # it brings events to send after all
         event.intake = next(self._intake_seq)
         self.commits.sending(tp, offset)
         scheduler.submit(event)
@@ -457,6 +462,9 @@ class Worker:
             outcome: Outcome | None = await self.handler.handle(event)
         except DlqGuardTripped as exc:
             self._crash(exc)  # not finished: its offset stays uncommitted
+            # Hold this user's chain until shutdown cancels it: the user's later events must
+            # not be sent before this one, which is consumed again after the restart.
+            await asyncio.get_running_loop().create_future()
             return None
         self.commits.finish((event.topic, event.partition), event.offset)
         return outcome

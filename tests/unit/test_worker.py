@@ -553,6 +553,21 @@ def test_the_dlq_guard_stops_the_worker_with_exit_code_3_and_commits_nothing_pas
     assert run.source.committed().get((TOPIC, 0), 0) == 3
 
 
+def test_after_the_dlq_guard_trips_the_same_users_later_events_are_not_sent() -> None:
+    """Per-user order: the event that tripped the guard is consumed again after the
+    restart, so none of that user's later events may go before it."""
+    run = make(log_of(b"garbage", b"garbage", b"garbage", track("user", 4), track("user", 5)),
+               WORKER_DLQ_MAX_CONSECUTIVE="2", WORKER_DLQ_WINDOW="5", WORKER_DLQ_MAX_RATIO="1")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+        await asyncio.sleep(0.2)  # time for a wrongly released chain to send the next event
+
+    assert drive(run, scenario) == 3
+    assert run.client.bodies == []
+    assert run.source.committed().get((TOPIC, 0), 0) == 2
+
+
 def test_a_fatal_kafka_error_stops_the_worker_with_exit_code_1() -> None:
     run = make(log_of(track("u1", 1)))
 
