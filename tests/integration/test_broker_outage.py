@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -44,9 +43,9 @@ from tests.integration.harness import (
     wait_until,
     worker_env,
 )
+from tests.integration.own_services import OwnServices
 
 Sandbox = tuple[SandboxThread, SandboxControl]
-CTL = REPO / "services" / "ctl.py"
 FAST = {
     "USERPILOT_RETRY_BACKOFF_SECONDS": "0.05",
     "USERPILOT_RETRY_BACKOFF_MAX_SECONDS": "0.5",
@@ -54,45 +53,14 @@ FAST = {
 }
 
 
-def _free_port_pair() -> str:
-    """A free port whose successor is free too (the controller listens on port + 1)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port >= 65535:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return str(port)
-    raise RuntimeError("no free port pair")
-
-
-# A broker of this module's own, on free ports and in a run directory of its own
-# (SERVICES_RUN_DIR), so it never collides with the services `make test` runs.
-KAFKA_PORT = os.environ.get("OUTAGE2_KAFKA_PORT") or _free_port_pair()
-OWN_RUN_DIR = tempfile.mkdtemp(prefix="broker-outage-services-")
-
-
-def _kafka_ctl(*args: str) -> None:
-    env = {**os.environ, "KAFKA_PORT": KAFKA_PORT, "SERVICES_RUN_DIR": OWN_RUN_DIR}
-    subprocess.run([sys.executable, str(CTL), *args], env=env, check=True, timeout=300,
-                   stdin=subprocess.DEVNULL, capture_output=True)
+# A broker of this module's own, on free ports and in a run directory of its own.
+OWN = OwnServices("broker-outage-services-", kafka_port=os.environ.get("OUTAGE2_KAFKA_PORT"))
 
 
 @pytest.fixture(scope="module")
 def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A broker this module may kill and restart: never the shared one."""
-    record: Path = tmp_path_factory.mktemp("own-kafka") / "started"
-    _kafka_ctl("up", "kafka", "--record", str(record))
-    try:
-        yield f"127.0.0.1:{KAFKA_PORT}"
-    finally:
-        _kafka_ctl("up", "kafka", "--keep-data")  # a test may have left it down
-        _kafka_ctl("down", "--from", str(record))
+    yield from OWN.kafka(tmp_path_factory.mktemp("own-kafka") / "started")
 
 
 def _free_port() -> int:
@@ -152,7 +120,7 @@ def test_sigterm_during_a_broker_outage_with_a_full_window_exits_within_the_grac
     try:
         wait_until(lambda: control.stats()["accepted"] >= 200, 60, "delivery under way")
         wait_until(lambda: _readyz(port) == 200, 20, "ready")
-        _kafka_ctl("kill", "kafka")
+        OWN.ctl("kill", "kafka")
         killed = time.monotonic()
         wait_until(lambda: _readyz(port) == 503, 15, "/readyz 503 after the broker died")
         unready_after = time.monotonic() - killed
@@ -168,7 +136,7 @@ def test_sigterm_during_a_broker_outage_with_a_full_window_exits_within_the_grac
     finally:
         if worker.proc.poll() is None:
             worker.kill()
-        _kafka_ctl("up", "kafka", "--keep-data")
+        OWN.ctl("up", "kafka", "--keep-data")
     output = worker.output()
     print(f"\n/readyz 503 after {unready_after:.2f} s; exit {exit_after:.2f} s after SIGTERM")
     assert "Traceback" not in output, output[-3000:]
@@ -215,14 +183,14 @@ def test_a_broker_outage_longer_than_max_poll_interval_never_exceeds_it_from_our
     with WorkerThread(env) as w:
         wait_until(lambda: control.stats()["accepted"] >= 100, 60, "delivery under way")
         wait_until(lambda: w.health.ready()[0], 20, "ready")
-        _kafka_ctl("kill", "kafka")
+        OWN.ctl("kill", "kafka")
         killed = time.monotonic()
         wait_until(lambda: not w.health.ready()[0], 10, "unready")
         beats = []
         while time.monotonic() - killed < 12:
             beats.append(w.health.alive(2.0))  # the loop polled within the last 2 s
             time.sleep(0.5)
-        _kafka_ctl("up", "kafka", "--keep-data")
+        OWN.ctl("up", "kafka", "--keep-data")
         control.set_faults(latency_ms=0)
         wait_until(_settled(own_kafka, group, topic), 120, "offsets at the end")
         wait_until(lambda: w.health.ready()[0], 30, "ready again")
@@ -262,14 +230,14 @@ def test_a_frozen_broker_turns_readiness_off_and_delivery_recovers_after_the_tha
     with WorkerThread(env) as w:
         wait_until(lambda: control.stats()["accepted"] >= 100, 60, "delivery under way")
         wait_until(lambda: w.health.ready()[0], 20, "ready")
-        _kafka_ctl("freeze", "kafka")
+        OWN.ctl("freeze", "kafka")
         try:
             frozen = time.monotonic()
             wait_until(lambda: not w.health.ready()[0], 20, "unready while frozen")
             unready_after = time.monotonic() - frozen
             reason = w.health.ready()[1]
         finally:
-            _kafka_ctl("thaw", "kafka")
+            OWN.ctl("thaw", "kafka")
         control.set_faults(latency_ms=0)
         wait_until(_settled(own_kafka, group, topic), 120, "offsets at the end")
         wait_until(lambda: w.health.ready()[0], 30, "ready again")

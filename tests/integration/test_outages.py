@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from consumer.registry import Registry
 from consumer.sandbox import SandboxControl, SandboxThread
 from tests.integration.harness import (
-    REPO,
     WRITE_TOKEN,
     WorkerThread,
     caught_up,
@@ -32,6 +26,7 @@ from tests.integration.harness import (
     wait_until,
     worker_env,
 )
+from tests.integration.own_services import OwnServices
 
 Sandbox = tuple[SandboxThread, SandboxControl]
 FAST_RETRY = {
@@ -39,7 +34,6 @@ FAST_RETRY = {
     "USERPILOT_RETRY_BACKOFF_MAX_SECONDS": "0.5",
     "USERPILOT_REQUEST_TIMEOUT_SECONDS": "2",
 }
-CTL = REPO / "services" / "ctl.py"
 
 
 def _missing(control: SandboxControl, events: list[dict[str, object]]) -> list[object]:
@@ -149,44 +143,15 @@ def test_an_echoing_error_body_never_puts_the_token_in_the_dlq(
 # ---------------------------------------------------------------- a registry of our own
 
 
-def _free_port_pair() -> str:
-    """A port whose successor is free too (a broker's controller listens on port + 1)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65535:
-            with socket.socket() as s2:
-                try:
-                    s2.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return str(port)
-    raise RuntimeError("no free port pair")
-
-
-# Our own services live in their own run directory, so they never collide with the shared
-# ones `make test` started from this checkout, whatever ports those use.
-OWN_RUN_DIR = tempfile.mkdtemp(prefix="outage-services-")
-REGISTRY_PORT = os.environ.get("OUTAGE_REGISTRY_PORT") or _free_port_pair()
-
-
-def _ctl(*args: str) -> None:
-    env = {**os.environ, "REGISTRY_PORT": REGISTRY_PORT, "SERVICES_RUN_DIR": OWN_RUN_DIR}
-    subprocess.run([sys.executable, str(CTL), *args], env=env, check=True, timeout=300,
-                   stdin=subprocess.DEVNULL, capture_output=True)
+# Our own services, in a run directory of their own on free ports.
+OWN = OwnServices("outage-services-", kafka_port=os.environ.get("OUTAGE_KAFKA_PORT"),
+                  registry_port=os.environ.get("OUTAGE_REGISTRY_PORT"))
 
 
 @pytest.fixture(scope="module")
 def own_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A registry this module may freeze: never the shared one."""
-    record: Path = tmp_path_factory.mktemp("own-registry") / "started"
-    _ctl("up", "registry", "--record", str(record))
-    try:
-        yield f"http://127.0.0.1:{REGISTRY_PORT}/apis/ccompat/v7"
-    finally:
-        _ctl("thaw", "registry")
-        _ctl("down", "--from", str(record))
+    yield from OWN.registry(tmp_path_factory.mktemp("own-registry") / "started")
 
 
 def test_a_frozen_registry_is_logged_and_unhealthy_and_delivery_recovers(
@@ -199,7 +164,7 @@ def test_a_frozen_registry_is_logged_and_unhealthy_and_delivery_recovers(
     produce(kafka_bootstrap, own_registry, topic, events)  # schema known to ours only
     group = f"{topic}-g"
     env = worker_env(kafka_bootstrap, own_registry, server.url, topic, group, **FAST_RETRY)
-    _ctl("freeze", "registry")
+    OWN.ctl("freeze", "registry")
     try:
         with caplog.at_level(logging.WARNING, logger="consumer.registry"), \
                 WorkerThread(env) as w:
@@ -211,13 +176,13 @@ def test_a_frozen_registry_is_logged_and_unhealthy_and_delivery_recovers(
             wait_until(lambda: w.health.ready()[1].startswith("schema registry does not answer"),
                        10, "readiness to name the registry")
             assert control.stats()["accepted"] == 0
-            _ctl("thaw", "registry")
+            OWN.ctl("thaw", "registry")
             wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
             assert _registry(w).healthy
             assert w.health.ready() == (True, "ready")
             assert "schema registry answers again" in caplog.text
     finally:
-        _ctl("thaw", "registry")
+        OWN.ctl("thaw", "registry")
     assert noticed_after <= 15.0  # 5 s timeout per call, plus start-up
     assert not _missing(control, events)
 
@@ -225,25 +190,10 @@ def test_a_frozen_registry_is_logged_and_unhealthy_and_delivery_recovers(
 # ---------------------------------------------------------------- a broker of our own
 
 
-KAFKA_PORT = os.environ.get("OUTAGE_KAFKA_PORT") or _free_port_pair()
-
-
-def _kafka_ctl(*args: str) -> None:
-    env = {**os.environ, "KAFKA_PORT": KAFKA_PORT, "SERVICES_RUN_DIR": OWN_RUN_DIR}
-    subprocess.run([sys.executable, str(CTL), *args], env=env, check=True, timeout=300,
-                   stdin=subprocess.DEVNULL, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A broker this module may kill and restart: never the shared one."""
-    record: Path = tmp_path_factory.mktemp("own-kafka") / "started"
-    _kafka_ctl("up", "kafka", "--record", str(record))
-    try:
-        yield f"127.0.0.1:{KAFKA_PORT}"
-    finally:
-        _kafka_ctl("up", "kafka", "--keep-data")  # a test may have left it down
-        _kafka_ctl("down", "--from", str(record))
+    yield from OWN.kafka(tmp_path_factory.mktemp("own-kafka") / "started")
 
 
 def test_a_broker_killed_and_restarted_on_its_data_mid_delivery_loses_nothing(
@@ -262,10 +212,10 @@ def test_a_broker_killed_and_restarted_on_its_data_mid_delivery_loses_nothing(
                      WORKER_MAX_IN_FLIGHT=str(window), **FAST_RETRY)
     with WorkerThread(env) as w:
         wait_until(lambda: control.stats()["accepted"] >= 800, 60, "delivery under way")
-        _kafka_ctl("kill", "kafka")
+        OWN.ctl("kill", "kafka")
         killed_at = control.stats()["accepted"]
         time.sleep(3)
-        _kafka_ctl("up", "kafka", "--keep-data")
+        OWN.ctl("up", "kafka", "--keep-data")
         wait_until(caught_up(own_kafka, group, topic), 180, "offsets at the end")
         assert w.alive, "the worker recovered without a restart"
         dlq = w.settings.dlq_topic
