@@ -5,8 +5,15 @@ until it, so waiting never blocks the poll loop (only the delivery task waits) a
 callers are served in arrival order.
 
 Userpilot counts requests in a rolling window per token, so the emission interval is set
-so that no window can exceed the limit even with the burst and with network jitter
-between here and Userpilot:  rate = (share × limit - burst) × (1 - margin) / period.
+so that no window can exceed the limit even with the burst and with jitter between the
+moment a slot is due and the moment Userpilot counts the request (network latency that
+varies, an event loop or a GC pause that releases due slots together):
+
+    rate = (share × limit - burst) / (period + slack),  slack = max(0.5 % of period, 0.3 s)
+
+Requests sent by the schedule over ``period + slack`` may then arrive within one ``period``
+and still fit. A percentage alone left a compressed window (5 s in the tests) with half a
+request of slack: 25 ms of jitter, which a loaded CI machine exceeded (429s seen).
 
 Replicas share the token without talking to each other: each takes the share of the
 limit proportional to the partitions it owns (`partition_share`), recomputed on every
@@ -26,11 +33,24 @@ __all__ = [
     "AdaptiveLimiter",
     "PriorityLane",
     "effective_burst",
+    "jitter_slack",
     "partition_share",
     "safe_rate",
 ]
 
 JITTER_MARGIN = 0.005
+"""Slack for arrival jitter, as a fraction of the period (0.3 s of a 60 s period)..."""
+MIN_JITTER_S = 0.3
+"""...and at least this much, whatever the period (what compressed test windows need)."""
+
+
+EPSILON_S = 1e-9
+"""Waits shorter than this are float rounding, not a slot in the future."""
+
+
+def jitter_slack(period_s: float) -> float:
+    """Seconds added to the period when pacing: bunched-up arrivals still fit the window."""
+    return max(JITTER_MARGIN * period_s, MIN_JITTER_S)
 
 
 def safe_rate(limit: int, period_s: float, burst: int, share: float = 1.0) -> float:
@@ -46,7 +66,7 @@ def safe_rate(limit: int, period_s: float, burst: int, share: float = 1.0) -> fl
     usable = budget - effective_burst(limit, burst, share)
     if usable <= 0:  # a share of under two requests per period: best effort
         usable = budget * 0.5
-    return usable * (1.0 - JITTER_MARGIN) / period_s
+    return usable / (period_s + jitter_slack(period_s))
 
 
 def effective_burst(limit: int, burst: int, share: float = 1.0) -> int:
@@ -158,9 +178,9 @@ class AdaptiveLimiter:
         burst = effective_burst(self._limit, self._burst, self._share)
         tolerance = interval * (burst - 1)
         tat = max(self._tat, now)
-        wait = max(0.0, tat - tolerance - now)
+        wait = tat - tolerance - now
         self._tat = tat + interval
-        return wait
+        return wait if wait > EPSILON_S else 0.0  # n × interval vs interval summed n times
 
     async def acquire(self) -> float:
         """Wait for a slot; returns the seconds waited (for the limiter-wait metric).

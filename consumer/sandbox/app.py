@@ -150,6 +150,7 @@ class SandboxApp:
         family = _FAMILY[endpoint]
         decision = self.limiter.acquire(auth.token_id, self.clock(), family)
         if not decision.allowed:
+            self.recorder.refuse(family, self.wall_clock())
             limited = self._rate_limited(decision.retry_after_header, family)
             return _respond(request_id, limited, delay)
 

@@ -10,7 +10,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Recorder"]
+__all__ = ["REFUSALS_KEPT", "Recorder"]
+
+REFUSALS_KEPT = 100
 
 
 @dataclass
@@ -22,6 +24,8 @@ class Recorder:
     outcomes: Counter[str] = field(default_factory=Counter)
     accepted_total: int = 0
     dropped: int = 0
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    """The first ``REFUSALS_KEPT`` 429s (family and wall-clock time), for test diagnostics."""
 
     def count(self, outcome: str) -> None:
         """Count one API request by its outcome: a status code, ``reset`` or ``timeout``."""
@@ -36,6 +40,11 @@ class Recorder:
             del self.records[:overflow]
             self.dropped += overflow
 
+    def refuse(self, family: str, at: float) -> None:
+        """Remember one rate-limit refusal (the first few only: enough to see when)."""
+        if len(self.refused) < REFUSALS_KEPT:
+            self.refused.append({"family": family, "at": at})
+
     def select(self, path: str | None = None) -> list[dict[str, Any]]:
         if path is None:
             return list(self.records)
@@ -47,6 +56,7 @@ class Recorder:
             "by_status": dict(sorted(self.outcomes.items())),
             "accepted": self.accepted_total,
             "records_dropped": self.dropped,
+            "rate_limited": list(self.refused),
         }
 
     def reset(self) -> None:
@@ -54,3 +64,4 @@ class Recorder:
         self.outcomes.clear()
         self.accepted_total = 0
         self.dropped = 0
+        self.refused.clear()

@@ -28,6 +28,7 @@ import redis as sync_redis
 from consumer.dedup import Deduplicator, Outcome
 from consumer.kafka import make_producer
 from consumer.produce import encode_lines, parse_lines
+from consumer.ratelimit import safe_rate
 from consumer.redisstore import MAX_CONNECTIONS, RedisStore, token_digest
 from consumer.registry import Registry
 from consumer.sandbox import SandboxControl, SandboxThread
@@ -144,7 +145,11 @@ def test_three_workers_on_one_hot_partition_use_the_whole_shared_budget(
     assert stats["by_status"].get("429", 0) == 0, stats
     for w in local + shared:
         assert w.metric("userpilot_responses_total", status="429") == 0
-    assert shared_share >= 0.98, f"shared budget used {shared_share:.1%} of the limit"
+    # The whole shared pace (the token's limit minus its burst over the period plus the
+    # jitter slack, `safe_rate`), whatever the key skew.
+    designed = safe_rate(HOT_LIMIT, HOT_PERIOD, 1) * HOT_PERIOD / HOT_LIMIT
+    assert shared_share >= 0.98 * designed, \
+        f"shared budget used {shared_share:.1%} of the limit ({designed:.1%} designed)"
     # Today's partition share: the hot partition's owner holds 2 of 6 partitions.
     assert local_share <= 0.40, f"partition share used {local_share:.1%}"
     assert all(w.metric("userpilot_rate_limiter_fallback", endpoint="track") == 0

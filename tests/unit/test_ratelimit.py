@@ -10,8 +10,8 @@ import random
 import pytest
 
 from consumer.ratelimit import (
-    JITTER_MARGIN,
     AdaptiveLimiter,
+    jitter_slack,
     partition_share,
     safe_rate,
 )
@@ -43,13 +43,37 @@ def simulate(limiter: AdaptiveLimiter, clock: FakeClock, count: int, *,
 
 
 def test_safe_rate() -> None:
-    assert safe_rate(600, 60.0, 1) == pytest.approx(599 * (1 - JITTER_MARGIN) / 60)
+    # Paced over the period plus the jitter slack: 0.3 s of a minute.
+    assert safe_rate(600, 60.0, 1) == pytest.approx(599 / 60.3)
     # A burst is capped at half the budget, and the burst is taken out of the rate.
-    assert safe_rate(600, 60.0, 600) == pytest.approx(300 * (1 - JITTER_MARGIN) / 60)
-    assert safe_rate(10, 1.0, 20) == pytest.approx(5 * (1 - JITTER_MARGIN))
+    assert safe_rate(600, 60.0, 600) == pytest.approx(300 / 60.3)
+    assert safe_rate(10, 1.0, 20) == pytest.approx(5 / 1.3)
     # A replica's share: its part of the limit minus its own burst.
-    assert safe_rate(600, 60.0, 1, 0.5) == pytest.approx(299 * (1 - JITTER_MARGIN) / 60)
+    assert safe_rate(600, 60.0, 1, 0.5) == pytest.approx(299 / 60.3)
     assert safe_rate(600, 60.0, 1, 0.0) == 0.0
+
+
+@pytest.mark.parametrize(("period", "slack"), [(60.0, 0.3), (600.0, 3.0), (5.0, 0.3),
+                                               (1.0, 0.3)])
+def test_jitter_slack_is_a_share_of_the_period_but_never_under_a_floor(
+        period: float, slack: float) -> None:
+    assert jitter_slack(period) == pytest.approx(slack)
+
+
+def test_requests_delayed_by_up_to_the_slack_still_fit_every_window() -> None:
+    """The reason for the slack: slots due on schedule but delivered late by a varying
+    delay (network, a paused event loop) bunch up at the server, and must still fit."""
+    limit, period = 100, 5.0
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(limit, period, 1, clock=clock)
+    rng = random.Random(7)
+    due = []
+    for _ in range(1000):
+        due.append(clock.now + limiter.reserve())
+        clock.now = max(clock.now, due[-1])
+    slack = jitter_slack(period)
+    arrivals = [t + rng.choice((0.0, slack)) for t in due]  # worst case: on time or late
+    assert max_in_window(arrivals, period) <= limit
 
 
 @pytest.mark.parametrize(("owned", "total", "share"), [

@@ -9,6 +9,7 @@ from consumer.sandbox.auth import fingerprint
 from consumer.sandbox.config import SandboxConfig
 from consumer.sandbox.faults import FaultConfig
 from consumer.sandbox.http import Request
+from consumer.sandbox.records import REFUSALS_KEPT
 
 WRITE = "Token sandbox-write-token"
 HEADERS = {
@@ -135,6 +136,20 @@ def test_shared_rate_limit_is_per_token_across_endpoints_and_rolls() -> None:
     assert status(post(app, headers=a)) == 202
     assert len(app.recorder.select()) == 5
     assert app.recorder.stats()["by_status"] == {"200": 1, "202": 4, "429": 1}
+
+
+def test_refusals_are_listed_with_family_and_time_and_bounded() -> None:
+    app, _ = make_app(rate_limit=1, rate_window_seconds=30)
+    post(app)
+    post(app, "/v1/identify", {"user_id": "u"})
+    for _ in range(REFUSALS_KEPT + 5):
+        post(app)
+    refused = app.stats()["rate_limited"]
+    assert refused[0] == {"family": "track", "at": 42.0}
+    assert len(refused) == REFUSALS_KEPT
+    assert app.stats()["by_status"]["429"] == REFUSALS_KEPT + 5
+    app.recorder.reset()
+    assert app.stats()["rate_limited"] == []
 
 
 def test_retry_after_header_when_enabled() -> None:
