@@ -237,17 +237,17 @@ class Metrics:
         version: str | None = None,
         revision: str | None = None,
     ) -> None:
-        ns = NAMESPACE
-        reg = registry
         self.registry = registry
+        # Every series in the worker's namespace, on the worker's registry.
+        counter = functools.partial(Counter, namespace=NAMESPACE, registry=registry)
+        gauge = functools.partial(Gauge, namespace=NAMESPACE, registry=registry)
+        histogram = functools.partial(Histogram, namespace=NAMESPACE, registry=registry)
         register_runtime_collectors(registry)
 
-        self.build_info = Gauge(
+        self.build_info = gauge(
             "build_info",
             "Always 1; the labels name the running build (package version, git revision).",
             ["version", "revision"],
-            namespace=ns,
-            registry=reg,
         )
         this_version, this_revision = _this_build()
         self.build_info.labels(
@@ -255,143 +255,103 @@ class Metrics:
             this_revision if revision is None else revision,
         ).set(1)
 
-        self.events_consumed = Counter(
+        self.events_consumed = counter(
             "events_consumed",
             "Messages read from Kafka.",
             ["topic"],
-            namespace=ns,
-            registry=reg,
         )
-        self.events_dropped = Counter(
+        self.events_dropped = counter(
             "events_dropped",
             "Events filtered out on purpose (category is the consent category for "
             "reason=consent, empty otherwise).",
             ["reason", "category"],
-            namespace=ns,
-            registry=reg,
         )
-        self.delivered = Counter(
+        self.delivered = counter(
             "events_delivered",
             "Events accepted by Userpilot (HTTP 202).",
             ["event_name"],
-            namespace=ns,
-            registry=reg,
         )
-        self.responses = Counter(
+        self.responses = counter(
             "responses",
             "Userpilot responses by HTTP status (or timeout / connection_error) and endpoint.",
             ["status", "endpoint"],
-            namespace=ns,
-            registry=reg,
         )
-        self.retries = Counter(
+        self.retries = counter(
             "retries",
             "Delivery attempts that will be retried, by cause.",
             ["cause"],
-            namespace=ns,
-            registry=reg,
         )
-        self.dead_lettered = Counter(
+        self.dead_lettered = counter(
             "events_dead_lettered",
             "Events written to the dead-letter topic.",
             ["reason"],
-            namespace=ns,
-            registry=reg,
         )
-        self.delivery_latency = Histogram(
+        self.delivery_latency = histogram(
             "delivery_latency_seconds",
             "Latency of one HTTP request to Userpilot, by endpoint.",
             ["endpoint"],
-            namespace=ns,
-            registry=reg,
             buckets=LATENCY_BUCKETS,
         )
-        self.event_age = Histogram(
+        self.event_age = histogram(
             "event_age_seconds",
             "Now minus the event timestamp, observed at delivery.",
-            namespace=ns,
-            registry=reg,
             buckets=EVENT_AGE_BUCKETS,
         )
-        self.in_flight = Gauge(
+        self.in_flight = gauge(
             "in_flight_events",
             "Events taken from Kafka but not finished yet.",
-            namespace=ns,
-            registry=reg,
         )
-        self.limiter_wait = Histogram(
+        self.limiter_wait = histogram(
             "rate_limiter_wait_seconds",
             "Time a request waited for its endpoint family's rate limiter.",
             ["endpoint"],
-            namespace=ns,
-            registry=reg,
             buckets=LIMITER_WAIT_BUCKETS,
         )
-        self.rate_limit_rps = Gauge(
+        self.rate_limit_rps = gauge(
             "rate_limit_requests_per_second",
             "This replica's current share of the per-token rate limit, by endpoint family.",
             ["endpoint"],
-            namespace=ns,
-            registry=reg,
         )
-        self.ensure_user_identify = Counter(
+        self.ensure_user_identify = counter(
             "ensure_user_identify",
             "Bare identify calls sent before the first Track of a user this replica had "
             "not identified (USERPILOT_ENSURE_USER).",
-            namespace=ns,
-            registry=reg,
         )
-        self.paused_partitions = Gauge(
+        self.paused_partitions = gauge(
             "paused_partitions",
             "Partitions paused for back-pressure.",
-            namespace=ns,
-            registry=reg,
         )
-        self.consumer_lag = Gauge(
+        self.consumer_lag = gauge(
             "consumer_lag",
             "High watermark minus position, per assigned partition.",
             ["topic", "partition"],
-            namespace=ns,
-            registry=reg,
         )
-        self.committed_offset = Gauge(
+        self.committed_offset = gauge(
             "committed_offset",
             "Last committed offset, per assigned partition.",
             ["topic", "partition"],
-            namespace=ns,
-            registry=reg,
         )
-        self.rebalances = Counter(
+        self.rebalances = counter(
             "rebalances",
             "Consumer-group rebalance callbacks, by kind.",
             ["kind"],
-            namespace=ns,
-            registry=reg,
         )
-        self.integration_up = Gauge(
+        self.integration_up = gauge(
             "integration_up",
             "1 normally; 0 while Userpilot rejects the token or endpoint (401/403/404).",
-            namespace=ns,
-            registry=reg,
         )
-        self.dlq_unwritable = Gauge(
+        self.dlq_unwritable = gauge(
             "dlq_unwritable",
             "1 while a dead letter has waited longer than 10 s for the DLQ to take it "
             "(its partition is stuck; readiness is off).",
-            namespace=ns,
-            registry=reg,
         )
-        self.dlq_guard_tripped = Gauge(
+        self.dlq_guard_tripped = gauge(
             "dlq_guard_tripped",
             "1 once the DLQ guard stopped the worker.",
-            namespace=ns,
-            registry=reg,
         )
-        self.worker_ready = Gauge(
+        self.worker_ready = gauge(
             "worker_ready",
             "1 when /readyz answers 200.",
-            namespace=ns,
-            registry=reg,
         )
 
         for reason in DROP_REASONS:
@@ -414,49 +374,37 @@ class Metrics:
         self.integration_up.set(1)
 
         # -- Redis: shared rate budget and messageId dedup (issue 12) ------------------
-        self.redis_latency = Histogram(
+        self.redis_latency = histogram(
             "redis_latency_seconds",
             "Latency of one Redis call (shared rate budget, dedup), errors included.",
             ["operation"],
-            namespace=ns,
-            registry=reg,
             buckets=REDIS_LATENCY_BUCKETS,
         )
-        self.redis_errors = Counter(
+        self.redis_errors = counter(
             "redis_errors",
             "Redis calls that failed or timed out (the worker fell back), by operation.",
             ["operation"],
-            namespace=ns,
-            registry=reg,
         )
-        self.rate_limiter_fallback = Gauge(
+        self.rate_limiter_fallback = gauge(
             "rate_limiter_fallback",
             "1 while this replica's limiter uses its partition share because Redis is "
             "unreachable, 0 on the shared budget.",
             ["endpoint"],
-            namespace=ns,
-            registry=reg,
         )
-        self.rate_limiter_fallbacks = Counter(
+        self.rate_limiter_fallbacks = counter(
             "rate_limiter_fallbacks",
             "Switches from the shared budget in Redis to the partition share.",
             ["endpoint"],
-            namespace=ns,
-            registry=reg,
         )
-        self.duplicates_skipped = Counter(
+        self.duplicates_skipped = counter(
             "duplicates_skipped",
             "Events finished without a request: their messageId was already delivered.",
             ["endpoint"],
-            namespace=ns,
-            registry=reg,
         )
-        self.dedup_unchecked = Counter(
+        self.dedup_unchecked = counter(
             "dedup_unchecked",
             "Events delivered without the duplicate check because Redis was unreachable.",
             ["endpoint"],
-            namespace=ns,
-            registry=reg,
         )
         for operation in REDIS_OPERATIONS:
             self.redis_errors.labels(operation)

@@ -86,10 +86,3 @@ class PartitionOffsets:
         duplicate anywhere.
         """
         return len(self._sent)
-
-    @property
-    def uncommitted(self) -> int:
-        """Taken offsets not yet committed: what a crash now would deliver again."""
-        if self._high is None or self._base is None:
-            return 0
-        return max(0, self._high + 1 - self._base)

@@ -8,7 +8,7 @@ limiters of today and no deduplicator, so a single replica and the demo need not
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from consumer.config import Settings
@@ -48,7 +48,6 @@ class SharedState:
     dedup: Deduplicator | None = None
     store: RedisStore | None = None
     shared_budget: bool = False
-    families: tuple[str, ...] = field(default=())
 
     def limiter(self, family: str) -> Limiter:
         """The limiter for an endpoint family (the single one when all share a budget)."""
@@ -79,7 +78,7 @@ def build_shared_state(
         # and alerts read the same names with or without Redis.
         metrics.declare_redis_endpoints(budgets)
         return SharedState(limiters={b: local() for b in budgets},
-                           shared_budget=settings.rate_limit_shared, families=names)
+                           shared_budget=settings.rate_limit_shared)
     # Imported here: the Redis client costs ~6 MB of RSS that a worker without REDIS_URL
     # (one replica, the demo) has no use for.
     from consumer.redisstore import RedisStore, token_digest
@@ -106,4 +105,4 @@ def build_shared_state(
     claim = claim_ttl_s if claim_ttl_s is not None else 2 * settings.request_timeout_s + 5.0
     dedup = Deduplicator(store, digest, ttl_s=redis.dedup_ttl_s, claim_ttl_s=claim)
     return SharedState(limiters=limiters, dedup=dedup, store=store,
-                       shared_budget=settings.rate_limit_shared, families=names)
+                       shared_budget=settings.rate_limit_shared)

@@ -146,23 +146,6 @@ def test_random_orders_match_a_simple_model() -> None:
             assert t.unfinished == len(offsets) - len(done)
 
 
-def test_uncommitted_counts_taken_offsets_past_the_last_commit() -> None:
-    t = PartitionOffsets()
-    assert t.uncommitted == 0
-    t.started(10)
-    t.started(11)
-    t.started(12)
-    assert t.uncommitted == 3
-    t.finished(10)
-    assert t.uncommitted == 3  # finished is not committed: a crash would redeliver it
-    t.committed(11)
-    assert t.uncommitted == 2
-    t.committed(5)  # an older commit acknowledged late never moves the base back
-    assert t.uncommitted == 2
-    t.committed(13)
-    assert t.uncommitted == 0
-
-
 def test_at_risk_counts_only_sent_offsets_until_committed() -> None:
     tracker = PartitionOffsets()
     for offset in range(10):
