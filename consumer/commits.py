@@ -79,12 +79,13 @@ class Commits:
                 if tracker is not None:
                     tracker.skipped(offset)
 
-    def sending(self, tp: TP, offset: int) -> None:
-        """The event will reach Userpilot or the DLQ: it counts against the window."""
+    def sending(self, tp: TP, offset: int, family: str = "track") -> None:
+        """The event will reach Userpilot or the DLQ: it counts against its family's window
+        (`family`: the rate budget its main request draws from)."""
         with self._lock:
             tracker = self._offsets.get(tp)
             if tracker is not None:
-                tracker.sent(offset)
+                tracker.sent(offset, family)
 
     def finish(self, tp: TP, offset: int) -> None:
         """The event has its outcome (delivered, dropped, dead-lettered and acked)."""
@@ -97,6 +98,15 @@ class Commits:
         """Events sent or sending and not committed: what a crash now would send again."""
         with self._lock:
             return sum(tracker.at_risk for tracker in self._offsets.values())
+
+    def in_window_by_family(self) -> dict[str, int]:
+        """`in_window` per window family (each is bounded by WORKER_MAX_IN_FLIGHT)."""
+        with self._lock:
+            total: dict[str, int] = {}
+            for tracker in self._offsets.values():
+                for family, n in tracker.at_risk_by_family.items():
+                    total[family] = total.get(family, 0) + n
+            return total
 
     def in_window_by_partition(self) -> dict[TP, int]:
         """`in_window` per assigned partition (fair intake across partitions)."""

@@ -15,7 +15,7 @@ __all__ = ["PartitionOffsets"]
 class PartitionOffsets:
     """Offsets taken from one partition, in order, and which of them are finished."""
 
-    __slots__ = ("_base", "_high", "_open", "_pending", "_sent")
+    __slots__ = ("_base", "_families", "_high", "_open", "_pending", "_risk", "_sent")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()  # taken, in order, from the first unfinished
@@ -23,6 +23,8 @@ class PartitionOffsets:
         self._high: int | None = None
         self._base: int | None = None
         self._sent: deque[int] = deque()  # offsets that reach Userpilot or the DLQ
+        self._families: deque[str] = deque()  # ... and the window family of each
+        self._risk: dict[str, int] = {}  # at-risk count per window family
 
     def started(self, offset: int) -> None:
         """Record an offset handed to the pipeline; offsets arrive in increasing order."""
@@ -72,11 +74,16 @@ class PartitionOffsets:
         self._base = offset if self._base is None else max(self._base, offset)
         while self._sent and self._sent[0] < self._base:
             self._sent.popleft()
+            family = self._families.popleft()
+            self._risk[family] -= 1
 
-    def sent(self, offset: int) -> None:
-        """Record a taken offset that will be sent (to Userpilot or the DLQ), not dropped."""
+    def sent(self, offset: int, family: str = "track") -> None:
+        """Record a taken offset that will be sent (to Userpilot or the DLQ), not dropped,
+        under its window `family` (the rate budget its main request draws from)."""
         if self._base is None or offset >= self._base:
             self._sent.append(offset)
+            self._families.append(family)
+            self._risk[family] = self._risk.get(family, 0) + 1
 
     @property
     def at_risk(self) -> int:
@@ -86,3 +93,8 @@ class PartitionOffsets:
         duplicate anywhere.
         """
         return len(self._sent)
+
+    @property
+    def at_risk_by_family(self) -> dict[str, int]:
+        """`at_risk` per window family (families with none are left out)."""
+        return {family: n for family, n in self._risk.items() if n}

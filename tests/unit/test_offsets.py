@@ -198,3 +198,15 @@ def test_skipped_ignores_a_refetched_offset() -> None:
     assert t.committable() == 10
     t.finished(10)
     assert t.committable() == 11  # 11 is still open: the refetch did not finish it
+
+
+def test_at_risk_is_counted_per_window_family_until_committed() -> None:
+    tracker = PartitionOffsets()
+    for offset, family in enumerate(["identify", "track", "identify", "track", "track"]):
+        tracker.started(offset)
+        tracker.sent(offset, family)
+    assert tracker.at_risk_by_family == {"identify": 2, "track": 3}
+    tracker.committed(3)
+    assert tracker.at_risk_by_family == {"track": 2}
+    tracker.committed(5)
+    assert tracker.at_risk_by_family == {} and tracker.at_risk == 0

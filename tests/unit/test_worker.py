@@ -766,3 +766,90 @@ def test_the_worker_prefetches_each_topics_schema_while_the_group_forms() -> Non
     asyncio.run(main())
     assert client.asked == [f"{TOPIC}-value"]
     assert registry.cached(SCHEMA_ID) is codec.SCHEMA
+
+
+def _identify(user: str, seq: int) -> bytes:
+    event: dict[str, Any] = {
+        "type": "identify", "userId": user, "anonymousId": "anon-1",
+        "traits": {"plan": "pro"}, "context": {"consent": {"analytics": True}},
+        "timestamp": "2026-11-26T10:00:00.000Z", "messageId": f"{user}-{seq}",
+    }
+    return codec.encode(SCHEMA_ID, codec.to_record(event))
+
+
+class IdentifyHeldClient(FakeClient):
+    """Userpilot answering Track at once and holding every identify until `release`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def send(self, call: Call) -> int:
+        if call.family == "identify":
+            await self.release.wait()
+        return await super().send(call)
+
+
+def test_each_endpoint_family_has_its_own_window_so_a_held_family_cannot_starve_the_other(
+) -> None:
+    """Identify held (saturated): its events fill their window, and Track still takes its
+    own. One shared window stops at 2 Tracks here (as with USERPILOT_RATE_LIMIT_SHARED,
+    below): the committable offset waits for the identify events between them. Each
+    family is still bounded by the window."""
+    values = [_identify(f"i{k}", k) if k % 2 == 0 else track(f"t{k}", k) for k in range(20)]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, k, f"u{k}".encode(), v)
+                        for k, v in enumerate(values)]}
+    metrics = Metrics(CollectorRegistry())
+    client, made = IdentifyHeldClient(), []
+
+    def source(cb: Callbacks) -> FakeSource:
+        made.append(FakeSource(cb, log))
+        return made[-1]
+
+    registry = FakeRegistry()
+    registry.writer_schema(SCHEMA_ID)  # known: every event is decided at intake
+    worker = Worker(settings(WORKER_MAX_IN_FLIGHT="4", USERPILOT_ENSURE_USER="false"), metrics,
+                    Health(metrics), client=client, registry=registry, dlq=FakeDlq(),
+                    source=source)
+    run = Run(worker, client, FakeDlq(), FakeRegistry(), made)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: bool(source.paused) and len(client.bodies) == 3, "3 Tracks sent")
+        await asyncio.sleep(0.2)  # paused: the identify window is full, nothing committed
+        assert len(client.bodies) == 3
+        assert run.worker.committed.get((TOPIC, 0), 0) == 0
+        assert source.position[(TOPIC, 0)] == 7  # I0 T1 I2 T3 I4 T5 I6: 4 identify
+        assert run.worker.commits.in_window_by_family() == {"identify": 4, "track": 3}
+        client.release.set()
+        await until(lambda: source.committed().get((TOPIC, 0)) == 20, "commit of offset 20")
+
+    assert drive(run, scenario) == 0
+    assert sorted(codec_seq(b) for b in client.bodies) == list(range(1, 20, 2))
+
+
+def test_with_one_shared_budget_there_is_one_window() -> None:
+    values = [_identify(f"i{k}", k) if k % 2 == 0 else track(f"t{k}", k) for k in range(20)]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, k, f"u{k}".encode(), v)
+                        for k, v in enumerate(values)]}
+    metrics = Metrics(CollectorRegistry())
+    client, made = IdentifyHeldClient(), []
+    registry = FakeRegistry()
+    registry.writer_schema(SCHEMA_ID)
+
+    def source(cb: Callbacks) -> FakeSource:
+        made.append(FakeSource(cb, log))
+        return made[-1]
+
+    worker = Worker(settings(WORKER_MAX_IN_FLIGHT="4", USERPILOT_ENSURE_USER="false",
+                             USERPILOT_RATE_LIMIT_SHARED="true"), metrics, Health(metrics),
+                    client=client, registry=registry, dlq=FakeDlq(), source=source)
+    run = Run(worker, client, FakeDlq(), FakeRegistry(), made)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: bool(source.paused) and len(client.bodies) == 2, "2 Tracks sent")
+        await asyncio.sleep(0.2)
+        assert len(client.bodies) == 2 and source.position[(TOPIC, 0)] == 4
+        client.release.set()
+        await until(lambda: source.committed().get((TOPIC, 0)) == 20, "commit of offset 20")
+
+    assert drive(run, scenario) == 0
