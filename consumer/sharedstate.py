@@ -49,9 +49,13 @@ class SharedState:
     store: RedisStore | None = None
     shared_budget: bool = False
 
+    def budget(self, family: str) -> str:
+        """The rate budget an endpoint family draws from (one when all share a budget)."""
+        return ALL_FAMILIES if self.shared_budget else family
+
     def limiter(self, family: str) -> Limiter:
         """The limiter for an endpoint family (the single one when all share a budget)."""
-        return self.limiters[ALL_FAMILIES if self.shared_budget else family]
+        return self.limiters[self.budget(family)]
 
     def distinct(self) -> list[Limiter]:
         """Each limiter once (one when all families share a budget)."""

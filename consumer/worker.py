@@ -61,7 +61,6 @@ from consumer.ratelimit import partition_share
 from consumer.registry import Registry
 from consumer.routing import Send
 from consumer.scheduling import Scheduler
-from consumer.sharedlimit import ALL_FAMILIES
 from consumer.sharedstate import FAMILIES, SharedState, build_shared_state
 
 __all__ = ["Callbacks", "Source", "SourceFactory", "Worker", "fair_holds", "fair_share",
@@ -463,10 +462,9 @@ class Worker:
         """The window an event to send counts against: the rate budget of its main request
         (track or identify; one when USERPILOT_RATE_LIMIT_SHARED). Dead letters and events
         still waiting for their schema count as track."""
-        if self.s.rate_limit_shared:
-            return ALL_FAMILIES
         decision = event.decision
-        return decision.calls[-1].family if isinstance(decision, Send) else "track"
+        return self.shared.budget(
+            decision.calls[-1].family if isinstance(decision, Send) else "track")
 
     async def _run_event(self, event: Event) -> Outcome | None:
         try:
