@@ -94,13 +94,9 @@ class Commits:
             if tracker is not None:
                 tracker.finished(offset)
 
-    def in_window(self) -> int:
-        """Events sent or sending and not committed: what a crash now would send again."""
-        with self._lock:
-            return sum(tracker.at_risk for tracker in self._offsets.values())
-
     def in_window_by_family(self) -> dict[str, int]:
-        """`in_window` per window family (each is bounded by WORKER_MAX_IN_FLIGHT)."""
+        """Events sent or sending and not committed, per window family: what a crash now
+        would send again (each family is bounded by WORKER_MAX_IN_FLIGHT)."""
         with self._lock:
             total: dict[str, int] = {}
             for tracker in self._offsets.values():
@@ -109,7 +105,7 @@ class Commits:
             return total
 
     def in_window_by_partition(self) -> dict[TP, int]:
-        """`in_window` per assigned partition (fair intake across partitions)."""
+        """Events in the window per assigned partition, all families (fair intake)."""
         with self._lock:
             return {tp: tracker.at_risk for tp, tracker in self._offsets.items()}
 

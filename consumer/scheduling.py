@@ -3,7 +3,7 @@
 Events that share an ordering key (topic, partition, user) run one after another, in
 partition order, so Userpilot (which stamps receipt time) sees each user's events in
 order; different users run concurrently. The window bounds memory and duplicates after
-a crash; the worker bounds it (`Commits.in_window`) and pauses partitions when it is full.
+a crash; the worker bounds it (`Commits.in_window_by_family`) and pauses partitions when it is full.
 
 Thread rule: event loop only.
 """

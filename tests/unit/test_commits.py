@@ -50,14 +50,14 @@ def test_recording_drops_per_batch_gives_the_offsets_of_recording_each_one() -> 
             # Between batches the poll thread commits what is due; sometimes it is acked.
             assert batched.due() == each.due()
             assert batched.due(pipelined=True) == each.due(pipelined=True)
-            assert batched.in_window() == each.in_window()
+            assert batched.in_window_by_family() == each.in_window_by_family()
             due = each.due()
             batched.requested(due)
             each.requested(due)
             if rng.random() < 0.5:
                 acked = sorted(due.items())
                 assert batched.acknowledged(acked) == each.acknowledged(acked)
-                assert batched.in_window() == each.in_window()
+                assert batched.in_window_by_family() == each.in_window_by_family()
         rng.shuffle(open_)
         for done in open_:
             batched.finish(*done)
