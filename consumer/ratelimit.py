@@ -43,7 +43,6 @@ JITTER_MARGIN = 0.005
 MIN_JITTER_S = 0.3
 """...and at least this much, whatever the period (what compressed test windows need)."""
 
-
 EPSILON_S = 1e-9
 """Waits shorter than this are float rounding, not a slot in the future."""
 
@@ -51,6 +50,14 @@ EPSILON_S = 1e-9
 def jitter_slack(period_s: float) -> float:
     """Seconds added to the period when pacing: bunched-up arrivals still fit the window."""
     return max(JITTER_MARGIN * period_s, MIN_JITTER_S)
+
+
+def _due_in(tat: float, tolerance: float, now: float) -> float:
+    """Seconds until the slot at `tat` (with the burst `tolerance`) may be used; 0 when it
+    may be now, including waits that are only float rounding (n × interval against
+    interval summed n times)."""
+    wait = tat - tolerance - now
+    return wait if wait > EPSILON_S else 0.0
 
 
 def safe_rate(limit: int, period_s: float, burst: int, share: float = 1.0) -> float:
@@ -145,12 +152,10 @@ class AdaptiveLimiter:
         """Seconds until the next slot, without reserving it (0 when it is free now)."""
         now = self._clock()
         self._recover(now)
-        rate = self.rate
-        if rate <= 0:
+        spacing = self._spacing()
+        if spacing is None:
             return 1.0
-        interval = 1.0 / rate
-        tolerance = interval * (effective_burst(self._limit, self._burst, self._share) - 1)
-        return max(0.0, max(self._tat, now) - tolerance - now)
+        return _due_in(max(self._tat, now), spacing[1], now)
 
     def hold(self, delay_s: float) -> None:
         """No slot before ``now + delay_s + one interval``, and no burst on top.
@@ -160,27 +165,31 @@ class AdaptiveLimiter:
         the switch within the limit.
         """
         now = self._clock()
-        rate = self.rate
-        if rate <= 0:
+        spacing = self._spacing()
+        if spacing is None:
             return
-        interval = 1.0 / rate
-        tolerance = interval * (effective_burst(self._limit, self._burst, self._share) - 1)
+        interval, tolerance = spacing
         self._tat = max(self._tat, now + delay_s + interval + tolerance)
 
     def reserve(self) -> float:
         """Reserve the next slot; returns how many seconds to wait before sending."""
         now = self._clock()
         self._recover(now)
+        spacing = self._spacing()
+        if spacing is None:
+            return 1.0  # own no partitions: nothing should be sending; re-check shortly
+        interval, tolerance = spacing
+        tat = max(self._tat, now)
+        self._tat = tat + interval
+        return _due_in(tat, tolerance, now)
+
+    def _spacing(self) -> tuple[float, float] | None:
+        """(interval, burst tolerance) in seconds at the current rate; None at rate 0."""
         rate = self.rate
         if rate <= 0:
-            return 1.0  # own no partitions: nothing should be sending; re-check shortly
+            return None
         interval = 1.0 / rate
-        burst = effective_burst(self._limit, self._burst, self._share)
-        tolerance = interval * (burst - 1)
-        tat = max(self._tat, now)
-        wait = tat - tolerance - now
-        self._tat = tat + interval
-        return wait if wait > EPSILON_S else 0.0  # n × interval vs interval summed n times
+        return interval, interval * (effective_burst(self._limit, self._burst, self._share) - 1)
 
     async def acquire(self) -> float:
         """Wait for a slot; returns the seconds waited (for the limiter-wait metric).
