@@ -302,9 +302,9 @@ class Run:
 
 
 def make(log: dict[TP, list[Message]], *, registry: FakeRegistry | None = None,
-         **env: str) -> Run:
+         client: FakeClient | None = None, **env: str) -> Run:
     metrics = Metrics(CollectorRegistry())
-    client, dlq = FakeClient(), FakeDlq()
+    client, dlq = client or FakeClient(), FakeDlq()
     registry = registry or FakeRegistry()
     made: list[FakeSource] = []
 
@@ -315,6 +315,13 @@ def make(log: dict[TP, list[Message]], *, registry: FakeRegistry | None = None,
     worker = Worker(settings(**env), metrics, Health(metrics), client=client,
                     registry=registry, dlq=dlq, source=source)
     return Run(worker, client, dlq, registry, made)
+
+
+def known_schema() -> FakeRegistry:
+    """A registry that already knows the schema: every event is decided at intake."""
+    registry = FakeRegistry()
+    registry.writer_schema(SCHEMA_ID)
+    return registry
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -492,11 +499,10 @@ def test_fair_holds_keeps_paused_only_partitions_at_their_share_while_another_is
 
 
 def stepped_run(log: dict[TP, list[Message]], **env: str) -> tuple[Run, SteppedClient]:
-    registry = FakeRegistry()
-    registry.writer_schema(SCHEMA_ID)  # known: every event reaches the limiter in order
-    run = make(log, registry=registry, USERPILOT_ENSURE_USER="false", **env)
     stepped = SteppedClient()
-    run.worker.handler.client = stepped
+    # A known schema: every event reaches the limiter in order.
+    run = make(log, registry=known_schema(), client=stepped, USERPILOT_ENSURE_USER="false",
+               **env)
     return run, stepped
 
 
@@ -777,6 +783,13 @@ def _identify(user: str, seq: int) -> bytes:
     return codec.encode(SCHEMA_ID, codec.to_record(event))
 
 
+def _mixed_log() -> dict[TP, list[Message]]:
+    """Identify and Track events alternating on one partition, one user each."""
+    values = [_identify(f"i{k}", k) if k % 2 == 0 else track(f"t{k}", k) for k in range(20)]
+    return {(TOPIC, 0): [Message(TOPIC, 0, k, f"u{k}".encode(), v)
+                         for k, v in enumerate(values)]}
+
+
 class IdentifyHeldClient(FakeClient):
     """Userpilot answering Track at once and holding every identify until `release`."""
 
@@ -796,22 +809,9 @@ def test_each_endpoint_family_has_its_own_window_so_a_held_family_cannot_starve_
     own. One shared window stops at 2 Tracks here (as with USERPILOT_RATE_LIMIT_SHARED,
     below): the committable offset waits for the identify events between them. Each
     family is still bounded by the window."""
-    values = [_identify(f"i{k}", k) if k % 2 == 0 else track(f"t{k}", k) for k in range(20)]
-    log = {(TOPIC, 0): [Message(TOPIC, 0, k, f"u{k}".encode(), v)
-                        for k, v in enumerate(values)]}
-    metrics = Metrics(CollectorRegistry())
-    client, made = IdentifyHeldClient(), []
-
-    def source(cb: Callbacks) -> FakeSource:
-        made.append(FakeSource(cb, log))
-        return made[-1]
-
-    registry = FakeRegistry()
-    registry.writer_schema(SCHEMA_ID)  # known: every event is decided at intake
-    worker = Worker(settings(WORKER_MAX_IN_FLIGHT="4", USERPILOT_ENSURE_USER="false"), metrics,
-                    Health(metrics), client=client, registry=registry, dlq=FakeDlq(),
-                    source=source)
-    run = Run(worker, client, FakeDlq(), FakeRegistry(), made)
+    client = IdentifyHeldClient()
+    run = make(_mixed_log(), registry=known_schema(), client=client,
+               WORKER_MAX_IN_FLIGHT="4", USERPILOT_ENSURE_USER="false")
 
     async def scenario(source: FakeSource) -> None:
         await until(lambda: bool(source.paused) and len(client.bodies) == 3, "3 Tracks sent")
@@ -828,22 +828,10 @@ def test_each_endpoint_family_has_its_own_window_so_a_held_family_cannot_starve_
 
 
 def test_with_one_shared_budget_there_is_one_window() -> None:
-    values = [_identify(f"i{k}", k) if k % 2 == 0 else track(f"t{k}", k) for k in range(20)]
-    log = {(TOPIC, 0): [Message(TOPIC, 0, k, f"u{k}".encode(), v)
-                        for k, v in enumerate(values)]}
-    metrics = Metrics(CollectorRegistry())
-    client, made = IdentifyHeldClient(), []
-    registry = FakeRegistry()
-    registry.writer_schema(SCHEMA_ID)
-
-    def source(cb: Callbacks) -> FakeSource:
-        made.append(FakeSource(cb, log))
-        return made[-1]
-
-    worker = Worker(settings(WORKER_MAX_IN_FLIGHT="4", USERPILOT_ENSURE_USER="false",
-                             USERPILOT_RATE_LIMIT_SHARED="true"), metrics, Health(metrics),
-                    client=client, registry=registry, dlq=FakeDlq(), source=source)
-    run = Run(worker, client, FakeDlq(), FakeRegistry(), made)
+    client = IdentifyHeldClient()
+    run = make(_mixed_log(), registry=known_schema(), client=client,
+               WORKER_MAX_IN_FLIGHT="4", USERPILOT_ENSURE_USER="false",
+               USERPILOT_RATE_LIMIT_SHARED="true")
 
     async def scenario(source: FakeSource) -> None:
         await until(lambda: bool(source.paused) and len(client.bodies) == 2, "2 Tracks sent")
