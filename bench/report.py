@@ -91,31 +91,26 @@ def _get(results: Mapping[str, Any], *path: str) -> Any:
     return node
 
 
+RATIO_TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("drop_over_consume_decode", "drop path ÷ consume+decode", 0.6),
+    ("drop_over_consume_avro", "drop path ÷ consume+Avro (no JSON)", 0.8),
+    ("drop_cpu_over_consume_avro_cpu", "drop path, CPU/event: Avro-only ÷ worker", 0.8),
+    ("delivery_over_client_loop_20ms", "delivery ÷ plain loop, same client @ 20ms", 0.9),
+    ("delivery_cpu_over_client_loop_cpu_20ms",
+     "delivery, CPU/event: plain loop ÷ worker @ 20ms", 0.9),
+    ("delivery_over_token_limit_0ms", "delivery @ 0ms ÷ token limit (10 req/s)", 50),
+    ("delivery_over_naive_20ms", "delivery ÷ naive @ 20ms", 20),
+)
+"""The same-run ratio targets (key in the results' ``ratios``, row label, at least)."""
+
+
 def targets(results: Mapping[str, Any]) -> list[Target]:
     """The issue's targets for whichever workloads ran."""
     rows: list[Target] = []
     ratios = results.get("ratios", {})
-    if "drop_over_consume_decode" in ratios:
-        rows.append(Target("drop path ÷ consume+decode", ratios["drop_over_consume_decode"],
-                           ">=", 0.6))
-    if "drop_over_consume_avro" in ratios:
-        rows.append(Target("drop path ÷ consume+Avro (no JSON)",
-                           ratios["drop_over_consume_avro"], ">=", 0.8))
-    if "drop_cpu_over_consume_avro_cpu" in ratios:
-        rows.append(Target("drop path, CPU/event: Avro-only ÷ worker",
-                           ratios["drop_cpu_over_consume_avro_cpu"], ">=", 0.8))
-    if "delivery_over_client_loop_20ms" in ratios:
-        rows.append(Target("delivery ÷ plain loop, same client @ 20ms",
-                           ratios["delivery_over_client_loop_20ms"], ">=", 0.9))
-    if "delivery_cpu_over_client_loop_cpu_20ms" in ratios:
-        rows.append(Target("delivery, CPU/event: plain loop ÷ worker @ 20ms",
-                           ratios["delivery_cpu_over_client_loop_cpu_20ms"], ">=", 0.9))
-    if "delivery_over_token_limit_0ms" in ratios:
-        rows.append(Target("delivery @ 0ms ÷ token limit (10 req/s)",
-                           ratios["delivery_over_token_limit_0ms"], ">=", 50))
-    if "delivery_over_naive_20ms" in ratios:
-        rows.append(Target("delivery ÷ naive @ 20ms", ratios["delivery_over_naive_20ms"],
-                           ">=", 20))
+    for key, label, goal in RATIO_TARGETS:
+        if key in ratios:
+            rows.append(Target(label, ratios[key], ">=", goal))
     for label in ("1_worker", "3_workers"):
         sat = _get(results, "workloads", "saturation", label)
         if sat:
