@@ -73,25 +73,35 @@ def _events(topic: str, kafka: str, registry: str, count: int) -> None:
     produce(kafka, registry, topic, [track_event(f"u{i % 5}", i) for i in range(count)])
 
 
+def _deliver_behind_proxy(kafka: str, registry: str, topic: str, sandbox: Sandbox,
+                         tmp_path: Path, count: int, no_proxy: str) -> tuple[float, str]:
+    """Deliver `count` events with a real forward proxy in HTTP_PROXY and `no_proxy` in
+    NO_PROXY; returns the worker's 202 count and what the proxy logged."""
+    server, control = sandbox
+    _events(topic, kafka, registry, count)
+    log = tmp_path / "proxy.log"
+    log.touch()
+    with relay("proxy", "--log", str(log)) as port:
+        # The sandbox is addressed as localhost; the registry (127.0.0.1) stays direct.
+        endpoint = server.url.replace("127.0.0.1", "localhost")
+        env = worker_env(kafka, registry, endpoint, topic, f"{topic}-g")
+        with worker_behind(env, HTTP_PROXY=f"http://127.0.0.1:{port}",
+                           NO_PROXY=no_proxy) as w:
+            wait_until(caught_up(kafka, f"{topic}-g", topic), 60, "all committed")
+            accepted = w.metric("userpilot_responses_total", status="202", endpoint="track")
+    assert sum(delivered_seqs(control).values()) == count
+    return accepted, log.read_text()
+
+
 def test_requests_go_through_the_proxy_from_the_environment(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
     sandbox: Sandbox, tmp_path: Path,
 ) -> None:
-    server, control = sandbox
-    topic = topic_factory(partitions=2)
-    _events(topic, kafka_bootstrap, schema_registry_url, 20)
-    log = tmp_path / "proxy.log"
-    log.touch()
-    with relay("proxy", "--log", str(log)) as port:
-        # The sandbox is addressed as localhost (proxied); the registry stays direct.
-        endpoint = server.url.replace("127.0.0.1", "localhost")
-        env = worker_env(kafka_bootstrap, schema_registry_url, endpoint, topic, f"{topic}-g")
-        with worker_behind(env, HTTP_PROXY=f"http://127.0.0.1:{port}",
-                           NO_PROXY="127.0.0.1") as w:
-            wait_until(caught_up(kafka_bootstrap, f"{topic}-g", topic), 60, "all committed")
-            assert w.metric("userpilot_responses_total", status="202", endpoint="track") == 20
-    assert sum(delivered_seqs(control).values()) == 20
-    proxied = [line for line in log.read_text().splitlines() if "/v1/track" in line]
+    accepted, log = _deliver_behind_proxy(
+        kafka_bootstrap, schema_registry_url, topic_factory(partitions=2), sandbox, tmp_path,
+        20, no_proxy="127.0.0.1")
+    assert accepted == 20
+    proxied = [line for line in log.splitlines() if "/v1/track" in line]
     assert len(proxied) == 20
     assert all(line.startswith("POST http://localhost:") for line in proxied)
 
@@ -100,19 +110,11 @@ def test_no_proxy_bypasses_the_proxy(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
     sandbox: Sandbox, tmp_path: Path,
 ) -> None:
-    server, control = sandbox
-    topic = topic_factory(partitions=1)
-    _events(topic, kafka_bootstrap, schema_registry_url, 10)
-    log = tmp_path / "proxy.log"
-    log.touch()
-    with relay("proxy", "--log", str(log)) as port:
-        endpoint = server.url.replace("127.0.0.1", "localhost")
-        env = worker_env(kafka_bootstrap, schema_registry_url, endpoint, topic, f"{topic}-g")
-        with worker_behind(env, HTTP_PROXY=f"http://127.0.0.1:{port}",
-                           NO_PROXY="127.0.0.1,localhost"):
-            wait_until(caught_up(kafka_bootstrap, f"{topic}-g", topic), 60, "all committed")
-    assert sum(delivered_seqs(control).values()) == 10
-    assert log.read_text() == ""
+    accepted, log = _deliver_behind_proxy(
+        kafka_bootstrap, schema_registry_url, topic_factory(partitions=1), sandbox, tmp_path,
+        10, no_proxy="127.0.0.1,localhost")
+    assert accepted == 10
+    assert log == ""
 
 
 @pytest.fixture(scope="module")
