@@ -106,6 +106,13 @@ def delivered_seqs(control: Any) -> Counter[tuple[str, int]]:
                    for r in control.requests("/v1/track"))
 
 
+def undelivered(control: Any, events: Iterable[Mapping[str, Any]]) -> list[Any]:
+    """The messageIds of `events` (made by `track_event`) the sandbox never accepted."""
+    got = delivered_seqs(control)
+    return [e["messageId"] for e in events
+            if got[(e["userId"], e["properties"]["seq"])] == 0]
+
+
 def read_topic(bootstrap: str, topic: str, timeout: float = 10.0) -> list[Any]:
     """Every message currently in a topic (e.g. the DLQ)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"it-read-{time.time()}",

@@ -40,6 +40,7 @@ from tests.integration.harness import (
     produce_raw,
     read_topic,
     track_event,
+    undelivered,
     wait_until,
     worker_env,
 )
@@ -90,11 +91,6 @@ def _settled(bootstrap: str, group: str, topic: str) -> Callable[[], bool]:
             return False
     return settled
 
-
-def _missing(control: SandboxControl, events: list[dict[str, object]]) -> list[object]:
-    got = delivered_seqs(control)
-    return [e["messageId"] for e in events
-            if got[(e["userId"], e["properties"]["seq"])] == 0]  # type: ignore[index]
 
 
 def test_sigterm_during_a_broker_outage_with_a_full_window_exits_within_the_grace(
@@ -151,7 +147,7 @@ def test_sigterm_during_a_broker_outage_with_a_full_window_exits_within_the_grac
                                  WORKER_MAX_IN_FLIGHT=str(window), **FAST)) as w:
         wait_until(_settled(own_kafka, group, topic), 120, "offsets at the end")
         dlq = w.settings.dlq_topic
-    assert not _missing(control, events)
+    assert not undelivered(control, events)
     duplicates = sum(delivered_seqs(control).values()) - len(events)
     print(f"0 lost of {len(events)}; {duplicates} duplicates (window {window})")
     assert 0 <= duplicates <= window, duplicates
@@ -201,7 +197,7 @@ def test_a_broker_outage_longer_than_max_poll_interval_never_exceeds_it_from_our
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "maximum poll interval" not in text.lower(), text[-2000:]
     assert lost <= 1  # the session timeout's doing, once; never the poll interval
-    assert not _missing(control, events)
+    assert not undelivered(control, events)
     duplicates = sum(delivered_seqs(control).values()) - len(events)
     print(f"\n12 s outage, max.poll 6 s: lost rebalances {lost:.0f}; 0 lost of "
           f"{len(events)}; {duplicates} duplicates (window {window})")
@@ -245,7 +241,7 @@ def test_a_frozen_broker_turns_readiness_off_and_delivery_recovers_after_the_tha
     print(f"\nfrozen broker: unready after {unready_after:.2f} s ({reason})")
     assert reason == "not connected to Kafka"
     assert unready_after <= 10.0, unready_after
-    assert not _missing(control, events)
+    assert not undelivered(control, events)
     duplicates = sum(delivered_seqs(control).values()) - len(events)
     assert 0 <= duplicates <= window, duplicates
     assert read_topic(own_kafka, dlq) == []

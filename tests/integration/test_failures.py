@@ -26,6 +26,7 @@ from tests.integration.harness import (
     produce_raw,
     read_topic,
     track_event,
+    undelivered,
     wait_until,
     worker_env,
 )
@@ -67,7 +68,7 @@ def test_transient_faults_deliver_everything_and_dead_letter_nothing(
         retries = sum(w.metric("userpilot_retries_total", cause=c)
                       for c in ("rate_limited", "server_error", "timeout", "connection_error"))
     got = delivered_seqs(control)
-    missing = [e["messageId"] for e in events if got[(e["userId"], e["properties"]["seq"])] == 0]
+    missing = undelivered(control, events)
     assert not missing, missing[:10]
     assert sum(got.values()) - len(events) <= window, "duplicates stay within the window"
     assert retries > 50, "the faults were really hit"

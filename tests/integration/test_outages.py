@@ -23,6 +23,7 @@ from tests.integration.harness import (
     produce,
     read_topic,
     track_event,
+    undelivered,
     wait_until,
     worker_env,
 )
@@ -35,11 +36,6 @@ FAST_RETRY = {
     "USERPILOT_REQUEST_TIMEOUT_SECONDS": "2",
 }
 
-
-def _missing(control: SandboxControl, events: list[dict[str, object]]) -> list[object]:
-    got = delivered_seqs(control)
-    return [e["messageId"] for e in events
-            if got[(e["userId"], e["properties"]["seq"])] == 0]  # type: ignore[index]
 
 
 def test_an_outage_longer_than_the_budget_then_flaky_answers_dead_letters_nothing(
@@ -69,7 +65,7 @@ def test_an_outage_longer_than_the_budget_then_flaky_answers_dead_letters_nothin
     stats = control.stats()
     assert stats["by_status"].get("503", 0) >= 10, stats  # the outage was felt
     assert phase is None or phase["index"] >= 1, "delivery finished inside the outage"
-    assert not _missing(control, events)
+    assert not undelivered(control, events)
     got = delivered_seqs(control)
     assert sum(got.values()) - len(events) <= window
     assert dead == 0
@@ -101,7 +97,7 @@ def test_delivery_resumes_within_ten_seconds_of_userpilot_recovering(
     print(f"\ntime from Userpilot's recovery to the first 202: {resumed_after:.2f} s")
     assert first_202 >= started + outage_s - 0.5, "a 202 during the outage?"
     assert resumed_after <= 10.0
-    assert not _missing(control, events)
+    assert not undelivered(control, events)
 
 
 def test_an_echoing_error_body_never_puts_the_token_in_the_dlq(
@@ -137,7 +133,7 @@ def test_an_echoing_error_body_never_puts_the_token_in_the_dlq(
         assert not any(WRITE_TOKEN.encode() in blob for blob in blobs)
         assert not any(WRITE_TOKEN[:8].encode() in blob for blob in blobs)
     assert reasons == {b"bad_request", b"retries_exhausted"}
-    assert not _missing(control, good)
+    assert not undelivered(control, good)
 
 
 # ---------------------------------------------------------------- a registry of our own
@@ -184,7 +180,7 @@ def test_a_frozen_registry_is_logged_and_unhealthy_and_delivery_recovers(
     finally:
         OWN.ctl("thaw", "registry")
     assert noticed_after <= 15.0  # 5 s timeout per call, plus start-up
-    assert not _missing(control, events)
+    assert not undelivered(control, events)
 
 
 # ---------------------------------------------------------------- a broker of our own
@@ -220,7 +216,7 @@ def test_a_broker_killed_and_restarted_on_its_data_mid_delivery_loses_nothing(
         assert w.alive, "the worker recovered without a restart"
         dlq = w.settings.dlq_topic
     assert killed_at < len(events), "the broker died before everything was delivered"
-    assert not _missing(control, events)
+    assert not undelivered(control, events)
     got = delivered_seqs(control)
     assert sum(got.values()) - len(events) <= window
     assert read_topic(own_kafka, dlq) == []

@@ -21,6 +21,7 @@ from tests.integration.harness import (
     delivered_seqs,
     produce,
     track_event,
+    undelivered,
     wait_until,
     worker_env,
 )
@@ -120,8 +121,7 @@ def test_sigkill_midstream_redelivers_everything_with_bounded_duplicates(
     finally:
         assert second.terminate() == 0, second.output()
     seen = delivered_seqs(control)
-    missing = [e["messageId"] for e in events
-               if seen[(e["userId"], e["properties"]["seq"])] == 0]
+    missing = undelivered(control, events)
     assert not missing, f"lost events: {missing[:10]}"
     duplicates = sum(seen.values()) - len(events)
     assert 0 <= duplicates <= window, f"{duplicates} duplicates > window {window}"
