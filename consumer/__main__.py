@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -77,9 +78,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     health = Health(metrics)
+    worker = Worker(settings, metrics, health)
+    # Before the probes answer: a SIGTERM from then on (Kubernetes stopping a pod that has
+    # just started) is a clean stop, not death by the default signal action (exit -15).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _sig, _frame: worker.stop())
     server = serve(settings.metrics_port, registry, health)
     try:
-        worker = Worker(settings, metrics, health)
         code = asyncio.run(worker.run())
     finally:
         server.close()

@@ -221,6 +221,7 @@ class Worker:
         self.kafka_abandoned = False  # the consumer could not leave the group at shutdown
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_before_run = False  # stop() came before run() had its event loop
         self._scheduler: Scheduler[Event] | None = None
         self._source: Source | None = None
         metrics.declare_event_names(sorted({r.event_name for r in settings.mappings.rules}))
@@ -239,14 +240,19 @@ class Worker:
 
     # -- lifecycle ----------------------------------------------------------------------
     def stop(self) -> None:
-        """Ask the worker to drain and exit (SIGTERM, tests); callable from any thread."""
+        """Ask the worker to drain and exit (SIGTERM, tests); callable from any thread, and
+        before `run` (a SIGTERM while the worker starts): then `run` exits at once."""
         if self._loop is not None and self._stopping is not None:
             self._loop.call_soon_threadsafe(self._stopping.set)
+        else:
+            self._stop_before_run = True
 
     async def run(self) -> int:
         """Consume until stopped; returns the process exit code."""
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        if self._stop_before_run:
+            self._stopping.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Outside the main thread (tests) there are no signal handlers: stop() is used.
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

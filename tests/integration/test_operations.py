@@ -338,6 +338,20 @@ def test_scrape_has_process_python_and_build_info_series_in_both_formats(
 
 
 # -- 2. probes: live and ready when healthy, not ready while Userpilot refuses ---------------
+def test_sigterm_as_soon_as_the_probes_answer_is_a_clean_exit(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, tmp_path: Path,
+) -> None:
+    """Kubernetes may stop a pod the moment it starts: the handler is in place before the
+    probes answer (it was installed only once the event loop ran: exit -15, 10 of 10 here)."""
+    server, _ = sandbox
+    topic = topic_factory(partitions=1)
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-g")
+    for attempt in range(3):
+        worker, _ = start_worker(env, tmp_path / f"worker{attempt}.log")
+        stop_worker(worker)  # SIGTERM at once; exit code 0 required
+
+
 def test_healthz_and_readyz_are_200_while_assigned_and_delivering(
     kafka_bootstrap: str,
     schema_registry_url: str,

@@ -841,3 +841,13 @@ def test_with_one_shared_budget_there_is_one_window() -> None:
         await until(lambda: source.committed().get((TOPIC, 0)) == 20, "commit of offset 20")
 
     assert drive(run, scenario) == 0
+
+
+def test_a_stop_before_run_has_its_loop_exits_cleanly_without_sending() -> None:
+    """A SIGTERM while the worker starts (`cmd_run` routes it to `stop` before the probes
+    answer) is a clean stop, not a stop that is lost because no event loop ran yet."""
+    run = make(log_of(track("u1", 1), track("u1", 2)))
+    run.worker.stop()
+    assert asyncio.run(asyncio.wait_for(run.worker.run(), 10)) == 0
+    assert run.client.bodies == []
+    assert run.source.committed() == {}
