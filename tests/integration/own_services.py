@@ -7,6 +7,7 @@ collide with the services `make test` started from this checkout, whatever ports
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -22,20 +23,33 @@ CTL = REPO / "services" / "ctl.py"
 
 
 def free_port_pair() -> str:
-    """A port whose successor is free too (a broker's controller listens on port + 1)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port >= 65535:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return str(port)
-    raise RuntimeError("no free port pair")
+    """A free port whose successor is free too (a broker's controller listens on port + 1),
+    below the kernel's ephemeral range. A port from that range (a bind to port 0) is also
+    what the kernel hands out as the source port of outgoing connections, and the tests
+    open thousands: one took a broker's port before it started (CI, ctl `up` failed)."""
+    top = min(_ephemeral_low(), 65535) - 1
+    pick = random.Random()
+    for _ in range(200):
+        port = pick.randrange(20000, top)
+        if _free(port) and _free(port + 1):
+            return str(port)
+    raise RuntimeError("no free port pair below the ephemeral range")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class OwnServices:
@@ -44,8 +58,22 @@ class OwnServices:
     def __init__(self, prefix: str, *, kafka_port: str | None = None,
                  registry_port: str | None = None) -> None:
         self.run_dir = tempfile.mkdtemp(prefix=prefix)
-        self.kafka_port = kafka_port or free_port_pair()
-        self.registry_port = registry_port or free_port_pair()
+        # Picked on first use, not at import: modules are imported at collection, minutes
+        # before their services start.
+        self._kafka_port = kafka_port
+        self._registry_port = registry_port
+
+    @property
+    def kafka_port(self) -> str:
+        if self._kafka_port is None:
+            self._kafka_port = free_port_pair()
+        return self._kafka_port
+
+    @property
+    def registry_port(self) -> str:
+        if self._registry_port is None:
+            self._registry_port = free_port_pair()
+        return self._registry_port
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -58,8 +86,12 @@ class OwnServices:
     def ctl(self, *args: str) -> None:
         env = {**os.environ, "KAFKA_PORT": self.kafka_port,
                "REGISTRY_PORT": self.registry_port, "SERVICES_RUN_DIR": self.run_dir}
-        subprocess.run([sys.executable, str(CTL), *args], env=env, check=True, timeout=300,
-                       stdin=subprocess.DEVNULL, capture_output=True)
+        done = subprocess.run([sys.executable, str(CTL), *args], env=env, timeout=300,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if done.returncode != 0:  # say why: the exit status alone hid it
+            raise RuntimeError(f"ctl {' '.join(args)} (kafka port {self.kafka_port}, registry "
+                               f"port {self.registry_port}) exited {done.returncode}:\n"
+                               f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
     def kafka(self, record: Path) -> Iterator[str]:
         """Fixture body: the broker up for the module, stopped after (even if left down)."""
