@@ -63,8 +63,8 @@ from consumer.routing import Send
 from consumer.scheduling import Scheduler
 from consumer.sharedstate import FAMILIES, SharedState, build_shared_state
 
-__all__ = ["Callbacks", "Source", "SourceFactory", "Worker", "fair_holds", "fair_share",
-           "resume_level"]
+__all__ = ["Callbacks", "Source", "SourceFactory", "Worker", "fair_holds", "fair_margin",
+           "fair_share", "resume_level"]
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +81,27 @@ DRY_FOR_S = 30.0  # ... until a message of theirs arrives, or this long (then pr
 
 
 def fair_holds(paused: set[TP], wet: set[TP], limit: int, window: dict[TP, int]) -> set[TP]:
-    """The paused partitions to keep paused on resume: those holding their fair share of
-    the window or more, while another partition with something to read (`wet`) is below it.
+    """The paused partitions to keep paused on resume: all but those whose window is within
+    `fair_margin` of the emptiest partition with something to read (`wet`): water-filling.
+
+    Why not "every partition below its fair share": a resume frees only a tenth of the
+    window, librdkafka serves the resumed partitions' fetches in partition order, and the
+    pause that follows discards the fetched messages of the others, so the lowest-numbered
+    resumed partition took every freed slot while a higher one waited for minutes. With
+    only the emptiest let in, the freed slots rotate over the partitions.
     """
     if len(wet) < 2:
         return set()
-    share = fair_share(limit, len(wet))
-    held = {tp for tp in paused if window.get(tp, 0) >= share}
-    below = any(window.get(tp, 0) < share for tp in wet - held)
-    return held if below else set()
+    lowest = min(window.get(tp, 0) for tp in wet)
+    margin = fair_margin(limit, len(wet))
+    return {tp for tp in paused if window.get(tp, 0) >= lowest + margin}
+
+
+def fair_margin(limit: int, partitions: int) -> int:
+    """How far above the emptiest partition's window a partition still counts as empty: an
+    eighth of a fair share, so partitions about as empty resume together (few resumes)
+    while one with a share's worth waits."""
+    return max(1, fair_share(limit, partitions) // 8)
 
 
 def fair_share(limit: int, partitions: int) -> int:
@@ -510,11 +522,11 @@ class Worker:
         Fair across partitions: librdkafka hands over one partition's backlog at a time, so
         without this the window holds one partition, whose mix of endpoint families can
         starve one family (measured: a partition with 7 of 60 Track users held Track at
-        66 % while identify saturated). On resume a partition holding its share of the
-        window (`fair_share`) or more stays paused while the others are let in; when
-        they bring nothing for DRY_AFTER_S (`idle`: the last poll was empty) they count as
-        dry and the held partitions resume. A partition is dry until a message of it
-        arrives or for DRY_FOR_S.
+        66 % while identify saturated). On resume only the emptiest partitions are let in
+        (`fair_holds`: water-filling), the others stay paused; when those let in bring
+        nothing for DRY_AFTER_S (`idle`: the last poll was empty) they count as dry and
+        the held partitions resume. A partition is dry until a message of it arrives or
+        for DRY_FOR_S.
         """
         limit = self.s.max_in_flight
         fullest, families = self._window_load()

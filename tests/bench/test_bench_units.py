@@ -178,15 +178,17 @@ def test_mixed_targets_are_per_family_and_need_zero_429() -> None:
     fam = {"min_window_share": 0.985}
     results = {"ratios": {}, "workloads": {"mixed_saturation": {
         "1_worker": {"track": fam, "identify": {"min_window_share": 0.9}, "responses_429": 0},
-        "3_workers": {"track": fam, "identify": fam, "responses_429": 1},
+        "3_workers": {"track": {"min_window_share": 0.5}, "identify": fam,
+                      "responses_429": 0},
+        "3_workers_redis": {"track": fam, "identify": fam, "responses_429": 1},
     }}}
     rows = {row.name: row.passed for row in targets(results)}
     assert rows == {
         "mixed track, 1 worker (min window share)": True,
         "mixed identify, 1 worker (min window share)": False,
-        "mixed track, 3 workers (min window share)": False,  # a 429
-        "mixed identify, 3 workers (min window share)": False,
-    }
+        "mixed track, 3 workers redis (min window share)": False,  # a 429
+        "mixed identify, 3 workers redis (min window share)": False,
+    }, "3 workers on partition shares are reported, not judged"
 
 
 def test_mixed_messages_alternate_tracks_of_few_users_and_identifies_of_new_ones() -> None:
