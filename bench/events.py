@@ -87,15 +87,19 @@ def identify_event() -> dict[str, Any]:
 
 
 def mixed_messages(track: Template, identify: Template, count: int, track_users: int,
-                   ) -> Iterator[tuple[bytes, bytes]]:
+                   id_base: int = 0) -> Iterator[tuple[bytes, bytes]]:
     """Alternating Track and identify events: Tracks rotate over `track_users` users (each
     needs one ensure-user identify, then only Tracks), identifies each go to a new user in
-    a separate range, so no user's Tracks queue behind an identify."""
+    a separate range, so no user's Tracks queue behind an identify.
+
+    messageIds start at `id_base`: a run on Redis must not find the ids of an earlier run
+    recorded as delivered (they would be skipped without a request). The users, hence the
+    partitions, are the same in every run."""
     for seq in range(count):
         if seq % 2 == 0:
-            yield track.render(Stamp((seq // 2) % track_users, seq))
+            yield track.render(Stamp((seq // 2) % track_users, id_base + seq))
         else:
-            yield identify.render(Stamp(1_000_000 + seq, seq))
+            yield identify.render(Stamp(1_000_000 + seq, id_base + seq))
 
 
 def dropped_events() -> list[dict[str, Any]]:

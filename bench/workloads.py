@@ -508,7 +508,8 @@ class Bench:
             track = ev.Template.of(schema_id, ev.delivered_event())
             identify = ev.Template.of(schema_id, ev.identify_event())
             produce_backlog(self.bootstrap, topic, ev.mixed_messages(
-                track, identify, count, self.params.mixed_track_users))
+                track, identify, count, self.params.mixed_track_users,
+                id_base=time.time_ns() // 1000 % 10**14 * 10))
             self._backlogs[key] = topic
         return self._backlogs[key]
 

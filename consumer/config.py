@@ -776,7 +776,12 @@ def load_settings(
     registry_url = r.required(
         "SCHEMA_REGISTRY_URL", "enter the registry's base URL, e.g. http://schema-registry:8081"
     )
-    if registry_url and not re.match(r"^(https?|mock)://", registry_url):
+    if registry_url and "," in registry_url:
+        r.problems.append(
+            f"SCHEMA_REGISTRY_URL={registry_url!r} holds several URLs: give one (for several "
+            "registry instances, the URL of the load balancer or Service in front of them)"
+        )
+    elif registry_url and not re.match(r"^https?://", registry_url):
         r.problems.append(
             f"SCHEMA_REGISTRY_URL={registry_url!r} needs a scheme: e.g. "
             f"http://{registry_url}"

@@ -201,3 +201,7 @@ def test_mixed_messages_alternate_tracks_of_few_users_and_identifies_of_new_ones
     identified = [d["userId"] for _, d in decoded if d["type"] == "identify"]
     assert len(set(identified)) == 4 and all(u >= "u1000000" for u in identified)
     assert all(k == d["userId"].encode() for k, d in decoded)
+    again = [(k, codec.decode(v, lambda _i: codec.SCHEMA)) for k, v in ev.mixed_messages(
+        track, identify, 8, track_users=2, id_base=5_000)]
+    assert [k for k, _ in again] == [k for k, _ in decoded], "same users, same partitions"
+    assert {d["messageId"] for _, d in again}.isdisjoint({d["messageId"] for _, d in decoded})

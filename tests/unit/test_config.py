@@ -443,6 +443,9 @@ def test_invalid_pass_through_names(name: str) -> None:
     ("USERPILOT_CONSENT_CATEGORIES", "analytics,bad category", "'bad category'"),
     ("SCHEMA_REGISTRY_URL", "schema-registry:8081",
      "needs a scheme: e.g. http://schema-registry:8081"),
+    ("SCHEMA_REGISTRY_URL", "mock://registry", "needs a scheme"),
+    ("SCHEMA_REGISTRY_URL", "http://reg-a:8081,http://reg-b:8081",
+     "holds several URLs: give one"),
     ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "useronly", "must be user:password"),
 ])
 def test_each_validation_message(name: str, raw: str, fragment: str) -> None:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka.schema_registry import RegisteredSchema, Schema
-from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from consumer.codec import SCHEMA, SCHEMA_TEXT
-from consumer.registry import DEFAULT_TIMEOUT_S, Registry
+from consumer.registry import DEFAULT_TIMEOUT_S, Registry, RegistryError, RestClient
 
 
 class FakeClient:
@@ -22,13 +21,13 @@ class FakeClient:
         self.errors = errors
         self.calls = 0
 
-    def get_schema(self, schema_id: int) -> Schema:
+    def get_schema(self, schema_id: int) -> str:
         self.calls += 1
         if self.errors:
             raise self.errors.pop(0)
-        return Schema(SCHEMA_TEXT, "AVRO")
+        return SCHEMA_TEXT
 
-    def register_schema(self, subject: str, schema: Schema) -> int:
+    def register_schema(self, subject: str, schema_text: str) -> int:
         self.calls += 1
         if self.errors:
             raise self.errors.pop(0)
@@ -49,9 +48,70 @@ def make(errors: list[BaseException]) -> tuple[Registry, FakeClient, Clock]:
 
 def test_the_client_is_built_with_a_timeout_and_no_hidden_retries() -> None:
     registry = Registry("http://127.0.0.1:1/apis/ccompat/v7", timeout_s=1.5)
-    rest: Any = registry._client._rest_client
-    assert (rest.timeout, rest.max_retries) == (1.5, 0)
+    rest: Any = registry._client
+    assert isinstance(rest, RestClient) and rest.timeout_s == 1.5
+    assert rest._http.timeout == httpx.Timeout(1.5)
+    assert rest._http._trust_env, "proxies and SSL_CERT_FILE from the environment"
     assert Registry("http://127.0.0.1:1").timeout_s == DEFAULT_TIMEOUT_S == 5.0
+
+
+def serve(handler: Callable[[httpx.Request], httpx.Response]) -> tuple[RestClient, list[Any]]:
+    """A RestClient whose requests go to `handler` (httpx's mock transport), and them."""
+    seen: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return handler(request)
+
+    client = RestClient("http://reg.test/apis/ccompat/v7/", "user:pa:ss")
+    client._http = httpx.Client(base_url=client._http.base_url, auth=client._http.auth,
+                                headers=client._http.headers,
+                                transport=httpx.MockTransport(record))
+    return client, seen
+
+
+def test_the_rest_client_speaks_the_registry_api_under_the_urls_path() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, json={"id": 12})
+        if request.url.path.endswith("/versions/latest"):
+            return httpx.Response(200, json={"id": 12, "version": 3, "schema": SCHEMA_TEXT,
+                                             "subject": "signal.events-value"})
+        return httpx.Response(200, json={"schema": SCHEMA_TEXT})
+
+    client, seen = serve(answer)
+    assert client.register_schema("signal.events-value", SCHEMA_TEXT) == 12
+    assert client.get_latest_version("signal.events-value") == (12, SCHEMA_TEXT)
+    assert client.get_schema(12) == SCHEMA_TEXT
+    assert [(r.method, r.url.path) for r in seen] == [
+        ("POST", "/apis/ccompat/v7/subjects/signal.events-value/versions"),
+        ("GET", "/apis/ccompat/v7/subjects/signal.events-value/versions/latest"),
+        ("GET", "/apis/ccompat/v7/schemas/ids/12")]
+    assert json.loads(seen[0].content) == {"schema": SCHEMA_TEXT, "schemaType": "AVRO"}
+    assert seen[0].headers["content-type"] == "application/vnd.schemaregistry.v1+json"
+    assert all(r.headers["authorization"] == httpx.BasicAuth("user", "pa:ss")._auth_header
+               for r in seen), "basic auth; the password may hold a colon"
+
+
+def test_the_rest_client_raises_the_registrys_status_and_error_code() -> None:
+    client, _ = serve(lambda r: httpx.Response(
+        404, json={"error_code": 40403, "message": "Schema not found"}))
+    with pytest.raises(RegistryError) as err:
+        client.get_schema(99)
+    assert (err.value.http_status_code, err.value.error_code) == (404, 40403)
+    assert "Schema not found" in str(err.value)
+    client, _ = serve(lambda r: httpx.Response(502, text="<html>bad gateway</html>"))
+    with pytest.raises(RegistryError) as err:
+        client.get_schema(1)
+    assert (err.value.http_status_code, err.value.error_code) == (502, None)
+    client, _ = serve(lambda r: httpx.Response(200, text="[]"))
+    with pytest.raises(RegistryError, match="not a JSON object"):
+        client.get_schema(1)
+    registry = Registry("http://unused", client=serve(lambda r: httpx.Response(
+        404, json={"error_code": 40403, "message": "Schema not found"}))[0])
+    with pytest.raises(KeyError):
+        registry.writer_schema(99)
+    assert registry.healthy, "a 404 is an answer"
 
 
 def test_a_registry_that_does_not_answer_logs_once_and_turns_unhealthy(
@@ -79,9 +139,9 @@ def test_a_registry_that_does_not_answer_logs_once_and_turns_unhealthy(
 
 
 def test_a_server_error_is_unhealthy_and_a_not_found_is_an_answer() -> None:
-    registry, _, _ = make([SchemaRegistryError(503, 50301, "unavailable"),
-                           SchemaRegistryError(404, 40403, "not found")])
-    with pytest.raises(SchemaRegistryError):
+    registry, _, _ = make([RegistryError(503, 50301, "unavailable"),
+                           RegistryError(404, 40403, "not found")])
+    with pytest.raises(RegistryError):
         registry.writer_schema(3)
     assert not registry.healthy
     with pytest.raises(KeyError):
@@ -124,17 +184,15 @@ class LatestClient:
         self.latest = latest
         self.asked: list[str] = []
 
-    def get_latest_version(self, subject: str) -> RegisteredSchema:
+    def get_latest_version(self, subject: str) -> tuple[int, str]:
         self.asked.append(subject)
         if subject == "down-value":
             raise httpx.ConnectError("connection refused")
         if subject not in self.latest:
-            raise SchemaRegistryError(404, 40401, "Subject not found")
-        schema_id, text = self.latest[subject]
-        return RegisteredSchema(subject=subject, version=1, schema_id=schema_id, guid=None,
-                                schema=Schema(text, "AVRO"))
+            raise RegistryError(404, 40401, "Subject not found")
+        return self.latest[subject]
 
-    def get_schema(self, schema_id: int) -> Schema:
+    def get_schema(self, schema_id: int) -> str:
         raise AssertionError("prefetched: no fetch by id")
 
 

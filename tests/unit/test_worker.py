@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
-from confluent_kafka.schema_registry import RegisteredSchema, Schema
 from prometheus_client import CollectorRegistry
 
 from consumer import codec, handler, routing
@@ -780,13 +779,12 @@ class LatestSchemaClient:
     def __init__(self) -> None:
         self.asked: list[str] = []
 
-    def get_latest_version(self, subject: str) -> RegisteredSchema:
+    def get_latest_version(self, subject: str) -> tuple[int, str]:
         self.asked.append(subject)
-        return RegisteredSchema(subject=subject, version=1, schema_id=SCHEMA_ID, guid=None,
-                                schema=Schema(codec.SCHEMA_TEXT, "AVRO"))
+        return SCHEMA_ID, codec.SCHEMA_TEXT
 
-    def get_schema(self, schema_id: int) -> Schema:
-        return Schema(codec.SCHEMA_TEXT, "AVRO")
+    def get_schema(self, schema_id: int) -> str:
+        return codec.SCHEMA_TEXT
 
 
 def test_the_worker_prefetches_each_topics_schema_while_the_group_forms() -> None:
