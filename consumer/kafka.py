@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 log.addFilter(RateLimit(10.0))
 
 COMMIT_SILENCE_S = 8.0  # an unanswered commit this old means Kafka is not answering
+ANSWER_SLICE_S = 0.005  # poll slices while a commit awaits its answer (see _poll_first)
 
 # librdkafka refuses an oversized record locally and the broker with the same code.
 _TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE,)
@@ -202,7 +203,7 @@ class KafkaSource:
         """
         messages = self._consumer.consume(max_messages, 0)
         if not messages:
-            first = self._consumer.poll(timeout_s)
+            first = self._poll_first(timeout_s)
             if first is None:
                 return []
             messages = [first]
@@ -211,6 +212,26 @@ class KafkaSource:
         if messages:
             self._brokers_up = True
         return messages
+
+    def _poll_first(self, timeout_s: float) -> Message | None:
+        """One blocking poll; while a commit awaits its answer, in short slices that end
+        once the answer is served.
+
+        Why: librdkafka serves the commit callback inside `poll` but keeps waiting for a
+        message until the timeout. With the window full every partition is paused, so no
+        message comes, and the acknowledgement that frees the window waited out the whole
+        poll timeout: one 0.1 s stall per pause/resume cycle held delivery at 20 ms latency
+        to ~410 events/s (2,500 at `5aa140f`, which committed synchronously).
+        """
+        if self._commit_waiting_since is None:
+            return self._consumer.poll(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            message = self._consumer.poll(max(0.0, min(left, ANSWER_SLICE_S)))
+            if message is not None or self._commit_waiting_since is None \
+                    or left <= ANSWER_SLICE_S:
+                return message
 
     def pause(self, parts: Sequence[TP]) -> None:
         if parts:
