@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.kafka_io import consume_avro
 from bench.procs import SandboxProcess, WorkerProcess
-from bench.workloads import DROP_PROGRESS, UNLIMITED, Bench, Params
+from bench.workloads import DROP_PROGRESS, KNOWN_USERS, UNLIMITED, Bench, Params
 
 __all__ = ["main"]
 
@@ -37,7 +37,14 @@ class TreeBench(Bench):
 
     def worker(self, sandbox: SandboxProcess, topic: str, tag: str,
                extra: Mapping[str, str] | None = None) -> WorkerProcess:
-        return super().worker(sandbox, topic, tag, {**(extra or {}), "PYTHONPATH": self.tree})
+        settings = {**(extra or {}), "PYTHONPATH": self.tree}
+        config = Path(self.tree, "consumer", "config.py").read_text(encoding="utf-8")
+        for name in KNOWN_USERS:
+            if name not in config:
+                # An older tree without ensure-user refuses the setting (and has the
+                # behaviour it selects).
+                settings.pop(name, None)
+        return super().worker(sandbox, topic, tag, settings)
 
 
 def _name(tree: str) -> str:
