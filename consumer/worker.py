@@ -72,10 +72,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_BATCH = 500
-OVERFLOW_SECONDS = 1.5  # polled messages kept beyond a full window: this long of intake
+OVERFLOW_SECONDS = 0.75  # polled messages kept beyond a full window: this long of intake
 OVERFLOW_MAX = 4 * POLL_BATCH  # ... and never more
 RATE_SPAN_S = 2.0  # intake rate measured over this span
 FULL_POLL_PAUSE_S = 0.002  # between polls while window and overflow are both full
+RESUME_WAIT_S = 1.0  # a resumed partition's first fetch (librdkafka's broker thread)
 POLL_TIMEOUT_S = 0.1
 FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
 CLOSE_TIMEOUT_S = 15.0  # leaving the group while Kafka answers (revoke settles first)
@@ -593,22 +594,24 @@ class Worker:
 
         Why: a resumed partition's first fetch waits for librdkafka's broker thread, up to
         a second (measured: 950 ms from resume to the first message, whatever the fetch
-        settings), and a pause discards what was fetched. When the window turns over more
-        than once a second (deliveries faster than WORKER_MAX_IN_FLIGHT per second), that
-        wait empties it: pausing at every full window held delivery at 20 ms latency to
-        ~410 events/s (2,500 at `5aa140f`, whose synchronous commits freed the window before
-        it filled). Then about OVERFLOW_SECONDS of messages at the current pace wait
-        outside the window instead. Slower (Userpilot's 10 requests/s against a window of
-        200) the window itself outlasts the wait: no overflow, and pausing, with its fair
-        rotation over partitions, works as before. Waiting messages are not taken: not in
-        the window, not committed, read again after a crash or by the next owner.
+        settings), and a pause discards what was fetched. When the window holds less than
+        two such waits of work (deliveries faster than half of WORKER_MAX_IN_FLIGHT per
+        second), that wait empties it: pausing at every full window held delivery at 20 ms
+        latency to ~410 events/s (2,500 at `5aa140f`, whose synchronous commits freed the
+        window before it filled), and at 50 ms to one window per resume, 200 events/s (a
+        pace that, measured against "faster than one window a second", kept itself below
+        it). Then about OVERFLOW_SECONDS of messages at the current pace wait outside the
+        window instead. Slower (Userpilot's 10 requests/s against a window of 200) the
+        window itself outlasts the wait: no overflow, and pausing, with its fair rotation
+        over partitions, works as before. Waiting messages are not taken: not in the
+        window, not committed, read again after a crash or by the next owner.
         """
         now = time.monotonic()
         log = self._pace_log
         while log and now - log[0][0] > RATE_SPAN_S:
             log.popleft()
         pace = sum(n for _, n in log) / RATE_SPAN_S  # events finished per second
-        if pace <= self.s.max_in_flight:
+        if pace * 2 * RESUME_WAIT_S <= self.s.max_in_flight:
             return 0
         return min(OVERFLOW_MAX, int(pace * OVERFLOW_SECONDS))
 
@@ -627,8 +630,18 @@ class Worker:
         (per partition, offset order); the rest waits in the overflow."""
         if not self._overflow and len(messages) <= room:
             return messages  # the common case: nothing waiting, no copy
-        self._overflow.extend(messages)
         overflow = self._overflow
+        owned: dict[TP, bool] = {}
+        for message in messages:
+            topic, partition = message.topic(), message.partition()
+            if message.error() is None and topic is not None and partition is not None:
+                tp = (topic, partition)
+                mine = owned.get(tp)
+                if mine is None:
+                    mine = owned[tp] = self.commits.owns(tp)
+                if not mine:
+                    continue  # revoked meanwhile: it must not wait for a re-assignment
+            overflow.append(message)
         return [overflow.popleft() for _ in range(min(room, len(overflow)))]
 
     def _forget_overflow(self, parts: Sequence[TP]) -> None:

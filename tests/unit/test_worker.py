@@ -498,20 +498,21 @@ def test_a_full_window_resumes_as_soon_as_a_tenth_of_it_is_committed() -> None:
     assert [codec_seq(b) for b in stepped.bodies][:1] == [0]
 
 
-def test_an_overflow_only_when_the_window_turns_over_faster_than_once_a_second() -> None:
+def test_an_overflow_only_when_the_window_holds_under_two_seconds_of_work() -> None:
     worker = make({}, WORKER_MAX_IN_FLIGHT="200").worker
     assert worker._overflow_cap() == 0, "nothing finished yet: a full window pauses at once"
     now = time.monotonic()
-    worker._pace_log.extend([(now - 5.0, 10_000), (now - 0.5, 300), (now, 100)])
-    assert worker._overflow_cap() == 0, "200 per second (the last RATE_SPAN_S): no overflow"
-    worker._pace_log.append((now, 400))
-    assert worker._overflow_cap() == int(800 / RATE_SPAN_S * OVERFLOW_SECONDS)
+    worker._pace_log.extend([(now - 5.0, 10_000), (now - 0.5, 150), (now, 50)])
+    assert worker._overflow_cap() == 0, "100 per second (the last RATE_SPAN_S): no overflow"
+    worker._pace_log.append((now, 200))
+    assert worker._overflow_cap() == int(400 / RATE_SPAN_S * OVERFLOW_SECONDS)
     worker._pace_log.append((now, 100_000))
     assert worker._overflow_cap() == OVERFLOW_MAX
 
 
 def test_messages_polled_past_a_full_window_are_taken_first_in_poll_order() -> None:
     worker = make({}).worker
+    worker.commits.assign([(TOPIC, 0), (TOPIC, 1)])
     a = [Message(TOPIC, 0, i, b"k", b"v") for i in range(6)]
     assert worker._next_batch(a[:2], room=5) == a[:2], "room for all: no copy, no overflow"
     assert worker._next_batch(a[2:5], room=1) == [a[2]]
@@ -522,6 +523,9 @@ def test_messages_polled_past_a_full_window_are_taken_first_in_poll_order() -> N
     worker._overflow.append(other)
     worker._forget_overflow([(TOPIC, 0)])
     assert list(worker._overflow) == [other], "a revoked partition's waiting messages go"
+    stray = Message(TOPIC, 2, 0, b"k", b"v")  # a partition not (or no longer) assigned
+    assert worker._next_batch([stray, a[0]], room=0) == []
+    assert list(worker._overflow) == [other, a[0]], "nothing of it waits"
 
 
 def test_with_fast_deliveries_a_small_window_delivers_every_event_once_in_order() -> None:
