@@ -19,10 +19,13 @@ there: `Commits` (it locks), `Metrics` and `Health` (thread-safe), and `assigned
 `_parts_lock`.
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
-the `Source.call` that raised the callback); `stop()` uses `call_soon_threadsafe`.
+the `Source.call` that raised the callback), and that coroutine also forgets the
+partitions' messages waiting in the overflow (loop-only state); `stop()` uses
+`call_soon_threadsafe`.
 
-The poll loop never sleeps on behalf of a delivery: a full window pauses partitions and
-polling goes on, so the group never evicts a slow worker.
+The poll loop never sleeps on behalf of a delivery: a full window pauses partitions (or,
+when deliveries are fast, lets polled messages wait in the overflow: `_overflow_cap`)
+and polling goes on, so the group never evicts a slow worker.
 """
 
 from __future__ import annotations
