@@ -776,15 +776,15 @@ def load_settings(
     registry_url = r.required(
         "SCHEMA_REGISTRY_URL", "enter the registry's base URL, e.g. http://schema-registry:8081"
     )
+    shown = re.sub(r"//[^/@]*@", "//***@", registry_url or "")  # credentials in the URL
     if registry_url and "," in registry_url:
         r.problems.append(
-            f"SCHEMA_REGISTRY_URL={registry_url!r} holds several URLs: give one (for several "
+            f"SCHEMA_REGISTRY_URL={shown!r} holds several URLs: give one (for several "
             "registry instances, the URL of the load balancer or Service in front of them)"
         )
     elif registry_url and not re.match(r"^https?://", registry_url):
         r.problems.append(
-            f"SCHEMA_REGISTRY_URL={registry_url!r} needs a scheme: e.g. "
-            f"http://{registry_url}"
+            f"SCHEMA_REGISTRY_URL={shown!r} needs a scheme: e.g. http://{shown}"
         )
     auth_raw = r.text("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
     if auth_raw is not None and ":" not in auth_raw:

@@ -19,6 +19,7 @@ as the Userpilot client; confluent-kafka's serializers still read what this regi
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -33,7 +34,8 @@ import httpx
 from consumer.codec import SCHEMA, SCHEMA_TEXT
 from consumer.redaction import redact
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Registry", "RegistryError", "RestClient", "subject_for"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Registry", "RegistryError", "RegistryUnusable", "RestClient",
+           "subject_for"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,10 @@ T = TypeVar("T")
 def subject_for(topic: str) -> str:
     """TopicNameStrategy subject for a topic's values."""
     return f"{topic}-value"
+
+
+class RegistryUnusable(Exception):
+    """A reply that is no registry's: a redirect, or a 2xx that is not a JSON object."""
 
 
 class RegistryError(Exception):
@@ -109,8 +115,12 @@ class RestClient:
             message = data.get("message") if isinstance(data, dict) else response.text[:200]
             raise RegistryError(response.status_code, code if isinstance(code, int) else None,
                                 str(message))
-        if not isinstance(data, dict):
-            raise RegistryError(response.status_code, None, "the answer is not a JSON object")
+        if response.status_code >= 300 or not isinstance(data, dict):
+            # Not a registry answering (a URL without Apicurio's /apis/ccompat/v7, a UI, a
+            # gateway's redirect): a failure for readiness, not an answer.
+            raise RegistryUnusable(
+                f"HTTP {response.status_code} from {response.url.path!s}: not a Schema "
+                "Registry JSON answer; check SCHEMA_REGISTRY_URL (its API base path)")
         return data
 
 
@@ -133,7 +143,8 @@ class Registry:
         self._fetching = threading.Lock()
         self._clock = clock
         # The credentials never reach `last_error` (readiness may show it) or the log line.
-        self._secrets = [basic_auth_user_info, basic_auth_user_info.split(":", 1)[-1]] \
+        self._secrets = [basic_auth_user_info, basic_auth_user_info.split(":", 1)[-1],
+                         base64.b64encode(basic_auth_user_info.encode()).decode()] \
             if basic_auth_user_info else []
         self.timeout_s = timeout_s
         self.healthy = True

@@ -301,8 +301,9 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 room = await self._backpressure(source, scheduler, idle=not scheduled)
-                wanted = room + self._overflow_room()
-                if not wanted:
+                # Fewer new messages while more than the overflow's size waits: it drains.
+                wanted = room + self._overflow_cap() - len(self._overflow)
+                if wanted <= 0:
                     # Window full, overflow at its size: each poll still takes a message
                     # (to serve acknowledgements); pace it instead of spinning.
                     await asyncio.sleep(FULL_POLL_PAUSE_S)
@@ -617,9 +618,6 @@ class Worker:
         if pace * 2 * RESUME_WAIT_S <= self.s.max_in_flight:
             return 0
         return min(OVERFLOW_MAX, int(pace * OVERFLOW_SECONDS))
-
-    def _overflow_room(self) -> int:
-        return max(0, self._overflow_cap() - len(self._overflow))
 
     def _note_pace(self) -> None:
         done = self._finished - self._finished_seen

@@ -446,6 +446,8 @@ def test_invalid_pass_through_names(name: str) -> None:
     ("SCHEMA_REGISTRY_URL", "mock://registry", "needs a scheme"),
     ("SCHEMA_REGISTRY_URL", "http://reg-a:8081,http://reg-b:8081",
      "holds several URLs: give one"),
+    ("SCHEMA_REGISTRY_URL", "http://u:pw@reg-a:8081,http://reg-b:8081",
+     "'http://***@reg-a:8081,http://reg-b:8081' holds several URLs"),
     ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "useronly", "must be user:password"),
 ])
 def test_each_validation_message(name: str, raw: str, fragment: str) -> None:

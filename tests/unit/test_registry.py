@@ -11,7 +11,13 @@ import httpx
 import pytest
 
 from consumer.codec import SCHEMA, SCHEMA_TEXT
-from consumer.registry import DEFAULT_TIMEOUT_S, Registry, RegistryError, RestClient
+from consumer.registry import (
+    DEFAULT_TIMEOUT_S,
+    Registry,
+    RegistryError,
+    RegistryUnusable,
+    RestClient,
+)
 
 
 class FakeClient:
@@ -70,6 +76,10 @@ def serve(handler: Callable[[httpx.Request], httpx.Response]) -> tuple[RestClien
     return client, seen
 
 
+def always(response: httpx.Response) -> Callable[[httpx.Request], httpx.Response]:
+    return lambda _request: response
+
+
 def test_the_rest_client_speaks_the_registry_api_under_the_urls_path() -> None:
     def answer(request: httpx.Request) -> httpx.Response:
         if request.method == "POST":
@@ -104,9 +114,15 @@ def test_the_rest_client_raises_the_registrys_status_and_error_code() -> None:
     with pytest.raises(RegistryError) as err:
         client.get_schema(1)
     assert (err.value.http_status_code, err.value.error_code) == (502, None)
-    client, _ = serve(lambda r: httpx.Response(200, text="[]"))
-    with pytest.raises(RegistryError, match="not a JSON object"):
-        client.get_schema(1)
+    for odd in (httpx.Response(200, text="[]"), httpx.Response(200, text="<html>UI</html>"),
+                httpx.Response(302, headers={"location": "/login"})):
+        client, _ = serve(always(odd))
+        with pytest.raises(RegistryUnusable, match="check SCHEMA_REGISTRY_URL"):
+            client.get_schema(1)
+        registry = Registry("http://unused", client=client)
+        with pytest.raises(RegistryUnusable):
+            registry.writer_schema(1)
+        assert not registry.healthy, "a reply that is no registry's is a failure"
     registry = Registry("http://unused", client=serve(lambda r: httpx.Response(
         404, json={"error_code": 40403, "message": "Schema not found"}))[0])
     with pytest.raises(KeyError):
@@ -169,12 +185,15 @@ def test_a_cached_schema_needs_no_registry() -> None:
 
 
 def test_credentials_never_reach_the_error_state() -> None:
-    client = FakeClient([RuntimeError("401 for user:s3cr3t-pass at http://reg")])
-    registry = Registry("http://unused", "user:s3cr3t-pass", client=client)
-    with pytest.raises(RuntimeError):
-        registry.writer_schema(1)
-    assert registry.last_error is not None
-    assert "s3cr3t" not in registry.last_error and "***" in registry.last_error
+    echoed = httpx.BasicAuth("user", "s3cr3t-pass")._auth_header.split()[-1]
+    for text in ("401 for user:s3cr3t-pass at http://reg", f"502: echoed Basic {echoed}"):
+        client = FakeClient([RuntimeError(text)])
+        registry = Registry("http://unused", "user:s3cr3t-pass", client=client)
+        with pytest.raises(RuntimeError):
+            registry.writer_schema(1)
+        assert registry.last_error is not None
+        assert "s3cr3t" not in registry.last_error and echoed not in registry.last_error
+        assert "***" in registry.last_error
 
 
 class LatestClient:
