@@ -81,12 +81,16 @@ def _readyz(port: int) -> int:
 
 
 def _settled(bootstrap: str, group: str, topic: str) -> Callable[[], bool]:
-    """`caught_up`, tolerating a broker that is still electing leaders after a restart."""
-    check = caught_up(bootstrap, group, topic)
+    """`caught_up`, tolerating a broker that is still electing leaders after a restart or a
+    thaw: reading the end offsets is retried too (CI once saw NOT_LEADER_FOR_PARTITION from
+    them right after SIGCONT, before any check ran)."""
+    checks: list[Callable[[], bool]] = []
 
     def settled() -> bool:
         try:
-            return check()
+            if not checks:
+                checks.append(caught_up(bootstrap, group, topic))
+            return checks[0]()
         except Exception:
             return False
     return settled
