@@ -219,9 +219,10 @@ class KafkaSource:
 
         Why: librdkafka serves the commit callback inside `poll` but keeps waiting for a
         message until the timeout. With the window full every partition is paused, so no
-        message comes, and the acknowledgement that frees the window waited out the whole
-        poll timeout: one 0.1 s stall per pause/resume cycle held delivery at 20 ms latency
-        to ~410 events/s (2,500 at `5aa140f`, which committed synchronously).
+        message comes, and the acknowledgement that frees the window would wait out the
+        whole poll timeout (0.1 s). Measured alone this changed no throughput figure: the
+        window-bound delivery regression was the resume wait (`Worker._overflow_cap`); it
+        only shortens how long a freed window waits to be seen.
         """
         if self._commit_waiting_since is None:
             return self._consumer.poll(timeout_s)

@@ -77,7 +77,7 @@ T = TypeVar("T")
 POLL_BATCH = 500
 OVERFLOW_SECONDS = 0.75  # polled messages kept beyond a full window: this long of intake
 OVERFLOW_MAX = 4 * POLL_BATCH  # ... and never more
-RATE_SPAN_S = 2.0  # intake rate measured over this span
+RATE_SPAN_S = 2.0  # the pace of finished events is measured over this span
 FULL_POLL_PAUSE_S = 0.002  # between polls while window and overflow are both full
 RESUME_WAIT_S = 1.0  # a resumed partition's first fetch (librdkafka's broker thread)
 POLL_TIMEOUT_S = 0.1
@@ -240,6 +240,7 @@ class Worker:
         # only): see `_overflow_cap`. `_pace_log`: (time, events finished) per poll.
         self._overflow: deque[KafkaMessage] = deque()
         self._pace_log: deque[tuple[float, int]] = deque()
+        self._pace_total = 0  # sum of `_pace_log`'s counts, kept as entries come and go
         self._finished = 0  # events to send that reached their outcome (event loop)
         self._finished_seen = 0
         self._consumed: dict[str, Any] = {}
@@ -613,8 +614,8 @@ class Worker:
         now = time.monotonic()
         log = self._pace_log
         while log and now - log[0][0] > RATE_SPAN_S:
-            log.popleft()
-        pace = sum(n for _, n in log) / RATE_SPAN_S  # events finished per second
+            self._pace_total -= log.popleft()[1]
+        pace = self._pace_total / RATE_SPAN_S  # events finished per second
         if pace * 2 * RESUME_WAIT_S <= self.s.max_in_flight:
             return 0
         return min(OVERFLOW_MAX, int(pace * OVERFLOW_SECONDS))
@@ -624,6 +625,7 @@ class Worker:
         if done:
             self._finished_seen = self._finished
             self._pace_log.append((time.monotonic(), done))
+            self._pace_total += done
 
     def _next_batch(self, messages: Sequence[KafkaMessage], room: int
                     ) -> Sequence[KafkaMessage]:

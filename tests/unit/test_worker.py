@@ -502,11 +502,16 @@ def test_an_overflow_only_when_the_window_holds_under_two_seconds_of_work() -> N
     worker = make({}, WORKER_MAX_IN_FLIGHT="200").worker
     assert worker._overflow_cap() == 0, "nothing finished yet: a full window pauses at once"
     now = time.monotonic()
-    worker._pace_log.extend([(now - 5.0, 10_000), (now - 0.5, 150), (now, 50)])
+    def finished(at: float, count: int) -> None:
+        worker._pace_log.append((at, count))
+        worker._pace_total += count
+
+    for at, count in ((now - 5.0, 10_000), (now - 0.5, 150), (now, 50)):
+        finished(at, count)
     assert worker._overflow_cap() == 0, "100 per second (the last RATE_SPAN_S): no overflow"
-    worker._pace_log.append((now, 200))
+    finished(now, 200)
     assert worker._overflow_cap() == int(400 / RATE_SPAN_S * OVERFLOW_SECONDS)
-    worker._pace_log.append((now, 100_000))
+    finished(now, 100_000)
     assert worker._overflow_cap() == OVERFLOW_MAX
 
 
