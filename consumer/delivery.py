@@ -142,9 +142,12 @@ class UserpilotClient:
         max_connections: int, ca_bundle: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._url = url
+        # Parsed once: httpx parses a str URL on every request (~6 % of the worker's CPU
+        # per delivered event at 20 ms, measured with py-spy).
+        self._url = httpx.URL(url)
         parts = urlsplit(url)
         self._base = f"{parts.scheme}://{parts.netloc}"
+        self._paths: dict[str, httpx.URL] = {}
         # The token (and the whole credential header) as Userpilot might echo it back: a
         # gateway that quotes the request must not put it into an exception, log or DLQ.
         self._redact = Redactor(_credentials(headers))
@@ -167,9 +170,12 @@ class UserpilotClient:
         Same contract as :meth:`track`: returns the status of a 2xx, raises what
         `classify` says otherwise.
         """
-        return await self._post(self._base + call.path, call.body)
+        url = self._paths.get(call.path)
+        if url is None:
+            url = self._paths[call.path] = httpx.URL(self._base + call.path)
+        return await self._post(url, call.body)
 
-    async def _post(self, url: str, body: bytes) -> int:
+    async def _post(self, url: httpx.URL, body: bytes) -> int:
         try:
             response = await self._client.post(url, content=body)
         except httpx.TimeoutException as exc:

@@ -76,7 +76,7 @@ from consumer.errors import (
 )
 from consumer.filtering import Drop, drop_reason
 from consumer.logs import event_fields
-from consumer.metrics import Metrics
+from consumer.metrics import Children, Metrics
 from consumer.policy import Attempts, RetryPolicy
 from consumer.ratelimit import PriorityLane
 from consumer.routing import Send, route
@@ -235,8 +235,10 @@ class Handler:
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, tuple[Any, Dropped]] = {}
         self._schemas: dict[int, Mapping[str, Any]] = {}  # writer schemas seen cached
-        self._delivered: dict[str, Any] = {}
-        self._accepted: dict[tuple[int, str], Any] = {}
+        self._delivered = Children(self.m.delivered)
+        self._responses = Children(self.m.responses)
+        self._limiter_wait = Children(self.m.limiter_wait)
+        self._latency = Children(self.m.delivery_latency)
         self._lanes: dict[int, PriorityLane] = {}  # by limiter: one when families share
         self.known = KnownUsers(settings.ensure_user_cache) if settings.ensure_user else None
         """Users this replica identified (ensure-user); None when USERPILOT_ENSURE_USER=false."""
@@ -335,11 +337,7 @@ class Handler:
                 await self._dedup_release(event, endpoint)
             raise
         await self._dedup_confirm(event, endpoint)
-        counter = self._delivered.get(decision.event_name)
-        if counter is None:
-            counter = self._delivered[decision.event_name] = self.m.delivered.labels(
-                decision.event_name)
-        counter.inc()
+        self._delivered(decision.event_name).inc()
         age = _event_age(event.event_time)
         if age is not None:
             self.m.event_age.observe(age)
@@ -502,7 +500,7 @@ class Handler:
         (the event's primary call only).
         """
         limiter = self.limiter_for(call)
-        wait = self.m.limiter_wait.labels(call.family)
+        wait = self._limiter_wait(call.family)
         if call.family == "identify":
             # Only identify calls compete with urgent ones (ensure-user, company association);
             # Track calls take the limiter directly, without the lane's pump in between.
@@ -530,26 +528,22 @@ class Handler:
         endpoint = call.endpoint
         try:
             status = await self.client.send(call)
-            accepted = self._accepted.get((status, endpoint))
-            if accepted is None:
-                accepted = self._accepted[(status, endpoint)] = self.m.responses.labels(
-                    str(status), endpoint)
-            accepted.inc()
+            self._responses(str(status), endpoint).inc()
         except Timeout:
-            self.m.responses.labels("timeout", endpoint).inc()
+            self._responses("timeout", endpoint).inc()
             raise
         except ConnectionFailed:
-            self.m.responses.labels("connection_error", endpoint).inc()
+            self._responses("connection_error", endpoint).inc()
             raise
         except (Retry, Pause, DeadLetter) as exc:
-            self.m.responses.labels(str(exc.status), endpoint).inc()
+            self._responses(str(exc.status), endpoint).inc()
             if isinstance(exc, RateLimited):
                 limiter.slow_down()
                 self.m.rate_limit_rps.labels(call.family).set(limiter.rate)
             raise
         finally:
             event.on_wire = False
-            self.m.delivery_latency.labels(endpoint).observe(time.perf_counter() - start)
+            self._latency(endpoint).observe(time.perf_counter() - start)
 
     # -- dead-letter --------------------------------------------------------------------
     async def _dead_letter(self, event: Event, exc: DeadLetter | Retry) -> DeadLettered:

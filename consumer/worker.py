@@ -59,7 +59,7 @@ from consumer.handler import (
 )
 from consumer.health import Health
 from consumer.kafka import DeadLetterProducer, KafkaMessage, KafkaSource
-from consumer.metrics import Metrics
+from consumer.metrics import Children, Metrics
 from consumer.policy import Gate, GateState, RetryPolicy
 from consumer.ratelimit import partition_share
 from consumer.registry import Registry
@@ -243,7 +243,7 @@ class Worker:
         self._pace_total = 0  # sum of `_pace_log`'s counts, kept as entries come and go
         self._finished = 0  # events to send that reached their outcome (event loop)
         self._finished_seen = 0
-        self._consumed: dict[str, Any] = {}
+        self._consumed = Children(self.m.events_consumed)
         self._intake_seq = itertools.count()  # Event.intake: limiter queues serve in this order
         self.fatal: BaseException | None = None
         self.kafka_abandoned = False  # the consumer could not leave the group at shutdown
@@ -464,10 +464,7 @@ class Worker:
             if drops:
                 handler.count_drops((kinds[key], count) for key, count in drops.items())
             for topic, count in taken.items():
-                counter = self._consumed.get(topic)
-                if counter is None:
-                    counter = self._consumed[topic] = self.m.events_consumed.labels(topic)
-                counter.inc(count)
+                self._consumed(topic).inc(count)
         return scheduled
 
     def _take(self, message: KafkaMessage, tp: TP, offset: int, decoded: codec.Event | None,

@@ -22,6 +22,7 @@ from consumer.metrics import (
     REBALANCE_KINDS,
     RETRY_CAUSES,
     REVISION_ENV,
+    Children,
     Metrics,
     build_revision,
 )
@@ -441,3 +442,17 @@ def test_lag_alert_prefers_the_brokers_figure_and_a_down_alert_exists() -> None:
     )
     down = by_name["UserpilotWorkersDown"]["expr"]
     assert 'absent(up{job="userpilot-worker"})' in down and "== 0" in down
+
+
+def test_children_resolve_each_label_set_once_and_count_into_the_metric(
+        reg: CollectorRegistry, m: Metrics) -> None:
+    responses = Children(m.responses)
+    first = responses("202", "track")
+    assert responses("202", "track") is first  # looked up once, then reused
+    first.inc()
+    responses("202", "track").inc()
+    responses("503", "track").inc()
+    assert reg.get_sample_value("userpilot_responses_total",
+                                {"status": "202", "endpoint": "track"}) == 2
+    assert reg.get_sample_value("userpilot_responses_total",
+                                {"status": "503", "endpoint": "track"}) == 1
