@@ -8,6 +8,7 @@ aiohttp are measured, so the report shows how much of any gap is the HTTP client
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import httpx
 from httpx_aiohttp import HttpxAiohttpClient
 
-__all__ = ["HttpResult", "run_aiohttp", "run_httpx", "run_worker_client"]
+__all__ = ["HttpResult", "run_aiohttp", "run_httpx", "run_worker_client", "send_latency"]
 
 
 @dataclass(frozen=True)
@@ -104,3 +105,48 @@ def run_worker_client(url: str, headers: Mapping[str, str], payloads: Sequence[b
                       seconds: float, concurrency: int) -> HttpResult:
     """A plain loop on the worker's client: httpx on httpx-aiohttp's transport."""
     return asyncio.run(_httpx(url, headers, payloads, seconds, concurrency, on_aiohttp=True))
+
+
+def _stamped(i: int) -> bytes:
+    """A Track body carrying the moment the client was asked to send it."""
+    return json.dumps({"user_id": f"u{i}", "event_name": "latency_probe",
+                       "metadata": {"sent_ns": str(time.time_ns())}}).encode()
+
+
+async def _paced_sends(url: str, headers: Mapping[str, str], count: int, rate: float,
+                       raw: bool) -> None:
+    target = httpx.URL(url)
+    if raw:
+        # The floor: the same request written straight to a socket (what a hand-written
+        # client costs); measurement only, never a delivery path.
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        try:
+            for i in range(count):
+                await asyncio.sleep(1 / rate)
+                body = _stamped(i)
+                writer.write(f"POST {target.raw_path.decode()} HTTP/1.1\r\nhost: {target.host}\r\n"
+                             f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+                response = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in response.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+        finally:
+            writer.close()
+        return
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with HttpxAiohttpClient(headers=dict(headers), limits=limits, timeout=30.0) as client:
+        for i in range(count):
+            await asyncio.sleep(1 / rate)
+            await client.post(target, content=_stamped(i))
+
+
+def send_latency(url: str, headers: Mapping[str, str], count: int, rate: float,
+                 raw: bool = False) -> None:
+    """Paced single requests, each stamped with the time it was handed to the client.
+
+    The sandbox's receipt time minus that stamp is what the client itself adds to a
+    delivery's latency (the bench reads it from the sandbox's records): the worker's
+    client, or (`raw`) a request written straight to a socket.
+    """
+    asyncio.run(_paced_sends(url, headers, count, rate, raw))

@@ -59,6 +59,9 @@ def test_smoke_run_reports_every_workload(kafka_bootstrap: str, schema_registry_
     lat = w["latency"]["added_ms"]
     assert w["latency"]["events"] > 0
     assert 0 < lat["p50"] <= lat["p99"]
+    for client in ("worker_client", "raw_socket"):  # the client's own share, same sandbox
+        send = w["latency"]["client_send_ms"][client]
+        assert 0 < send["p50"] <= send["p99"], client
 
     ratios = results["ratios"]
     assert w["consume_decode"]["avro_only"]["rate"] > 0
