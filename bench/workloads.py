@@ -617,14 +617,15 @@ class Bench:
             for name, raw in (("worker_client", False), ("raw_socket", True)):
                 sandbox.control.reset()
                 send_latency(sandbox.url + "/v1/track", API_HEADERS, probes, p.latency_rate, raw)
-                client[name] = _added_ms(sandbox.control.requests("/v1/track"))
-        figures = _added_ms(records)
+                client[name] = _summary(_added_ms(sandbox.control.requests("/v1/track")))
+        added = _added_ms(records)
+        figures = _summary(added)
         self.note("8 added latency (produce→request)",
                   f"p50 {figures['p50']:.1f} ms, p99 {figures['p99']:.1f} ms "
                   f"at {p.latency_rate:g}/s; of which the HTTP client's send alone p50 "
                   f"{client['worker_client']['p50']:.2f} ms "
                   f"(a raw socket write: {client['raw_socket']['p50']:.2f} ms)")
-        return {"rate_per_s": p.latency_rate, "events": len(records),
+        return {"rate_per_s": p.latency_rate, "events": len(added),
                 "sandbox_latency_ms": p.latency_sandbox_ms, "added_ms": figures,
                 "client_send_ms": client,
                 "produce_to_202_ms_estimate": {k: v + p.latency_sandbox_ms
@@ -647,8 +648,8 @@ class Bench:
         return replicas.cpu_cost(self, self._redis())
 
 
-def _added_ms(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Percentiles of sandbox receipt minus the stamp each delivered body carries, in ms."""
+def _added_ms(records: list[dict[str, Any]]) -> list[float]:
+    """Sandbox receipt minus the stamp each delivered body carries, in ms."""
     added = []
     for record in records:
         sent = ev.sent_ns_of(record["body"].get("metadata", {}))
@@ -656,6 +657,11 @@ def _added_ms(records: list[dict[str, Any]]) -> dict[str, float]:
             added.append((record["received_at"] - sent / 1e9) * 1000)
     if not added:
         raise RuntimeError("no stamped request reached the sandbox")
+    return added
+
+
+def _summary(added: list[float]) -> dict[str, float]:
+    """p50, p90, p99 and max of added latencies (ms)."""
     figures = {q: percentile(added, float(q[1:])) for q in ("p50", "p90", "p99")}
     figures["max"] = max(added)
     return figures

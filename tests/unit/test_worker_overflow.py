@@ -135,9 +135,9 @@ def test_overflow_keeps_order_ownership_and_commits_through_rebalances(
     real_take, real_next = worker._take, worker._next_batch
 
     def source() -> Rebalancing:
-        member = run.made[0]
-        assert isinstance(member, Rebalancing)
-        return member
+        first = run.made[0]
+        assert isinstance(first, Rebalancing)
+        return first
 
     def take(message: Any, tp: TP, offset: int, *rest: Any) -> Any:
         taken.append((tp, offset, source().epochs[tp], tp in source().owned))
