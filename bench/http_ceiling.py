@@ -1,8 +1,10 @@
 """Workload 4: the fastest plain asyncio loop POSTing the same payloads at the same concurrency.
 
 No Kafka, no decode, no limiter, no retries: `concurrency` tasks pull bodies from one shared
-iterator and POST them until the time is up. Both httpx (the worker's client API) and
-aiohttp are measured, so the report shows how much of any gap is the HTTP client itself.
+iterator and POST them until the time is up. Four clients: the worker's own
+(`UserpilotClient`, the like-for-like ceiling of the delivery path), `httpx.AsyncClient` on
+the same aiohttp transport (how most code would use it), httpx's own pool, and bare aiohttp,
+so the report shows how much of any gap is the HTTP client itself.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from dataclasses import dataclass
 import httpx
 from httpx_aiohttp import HttpxAiohttpClient
 
-__all__ = ["HttpResult", "run_aiohttp", "run_httpx", "run_worker_client", "send_latency"]
+from consumer.delivery import UserpilotClient
+
+__all__ = ["HttpResult", "run_aiohttp", "run_httpx", "run_httpx_aiohttp", "run_worker_client",
+           "send_latency"]
 
 
 @dataclass(frozen=True)
@@ -101,10 +106,38 @@ def run_aiohttp(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
     return asyncio.run(_aiohttp(url, headers, payloads, seconds, concurrency))
 
 
+def run_httpx_aiohttp(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
+                      seconds: float, concurrency: int) -> HttpResult:
+    """`httpx.AsyncClient.post` on httpx-aiohttp's transport (the client's full layer)."""
+    return asyncio.run(_httpx(url, headers, payloads, seconds, concurrency, on_aiohttp=True))
+
+
+async def _worker_client(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
+                         seconds: float, concurrency: int) -> HttpResult:
+    counts = {"accepted": 0, "other": 0}
+    client = UserpilotClient(url, headers, timeout_s=30.0, max_connections=concurrency)
+    try:
+        await client.track(payloads[0])  # connect before the clock starts
+        source = _bodies(payloads, seconds)
+
+        async def run() -> None:
+            for body in source:
+                status = await client.track(body)  # raises on anything but a 2xx
+                counts["accepted" if status == 202 else "other"] += 1
+
+        start, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(run() for _ in range(concurrency)))
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        await client.aclose()
+    return HttpResult(counts["accepted"], counts["other"], elapsed, cpu)
+
+
 def run_worker_client(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
                       seconds: float, concurrency: int) -> HttpResult:
-    """A plain loop on the worker's client: httpx on httpx-aiohttp's transport."""
-    return asyncio.run(_httpx(url, headers, payloads, seconds, concurrency, on_aiohttp=True))
+    """A plain loop on the worker's own client (`UserpilotClient.track`): the same client,
+    transport and request path the delivery workload uses, and nothing else."""
+    return asyncio.run(_worker_client(url, headers, payloads, seconds, concurrency))
 
 
 def _stamped(i: int) -> bytes:
@@ -134,11 +167,13 @@ async def _paced_sends(url: str, headers: Mapping[str, str], count: int, rate: f
         finally:
             writer.close()
         return
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    async with HttpxAiohttpClient(headers=dict(headers), limits=limits, timeout=30.0) as client:
+    client = UserpilotClient(url, headers, timeout_s=30.0, max_connections=1)
+    try:
         for i in range(count):
             await asyncio.sleep(1 / rate)
-            await client.post(target, content=_stamped(i))
+            await client.track(_stamped(i))
+    finally:
+        await client.aclose()
 
 
 def send_latency(url: str, headers: Mapping[str, str], count: int, rate: float,

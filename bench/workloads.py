@@ -24,6 +24,7 @@ from bench.http_ceiling import (
     HttpResult,
     run_aiohttp,
     run_httpx,
+    run_httpx_aiohttp,
     run_worker_client,
     send_latency,
 )
@@ -350,7 +351,7 @@ class Bench:
                 row: dict[str, Any] = {}
                 clients: list[tuple[str, Callable[..., HttpResult]]] = [
                     ("httpx", run_httpx), ("worker_client", run_worker_client),
-                    ("aiohttp", run_aiohttp)]
+                    ("httpx_aiohttp", run_httpx_aiohttp), ("aiohttp", run_aiohttp)]
                 for client, run in clients:
                     sandbox.control.reset()
                     result = run(url, API_HEADERS, bodies, self.params.http_seconds, conc)
@@ -363,8 +364,10 @@ class Bench:
                 out["by_latency"][key] = row
                 self.note(f"4 HTTP ceiling @ {key} (c={conc})",
                           f"httpx {row['httpx']['rate']:,.0f}/s, "
-                          f"worker's client (httpx+aiohttp) {row['worker_client']['rate']:,.0f}/s "
+                          f"worker's client {row['worker_client']['rate']:,.0f}/s "
                           f"({row['worker_client']['cpu_us_per_request']:.0f} µs CPU each), "
+                          f"AsyncClient on aiohttp {row['httpx_aiohttp']['rate']:,.0f}/s "
+                          f"({row['httpx_aiohttp']['cpu_us_per_request']:.0f} µs), "
                           f"aiohttp {row['aiohttp']['rate']:,.0f}/s")
         return out
 
@@ -721,6 +724,9 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
                                                            ceiling[key]["httpx"]["rate"])
             out[f"delivery_over_client_loop_{key}"] = ratio(
                 row["rate"], ceiling[key]["worker_client"]["rate"])
+            if "httpx_aiohttp" in ceiling[key]:  # results from round 6 on
+                out[f"delivery_over_asyncclient_loop_{key}"] = ratio(
+                    row["rate"], ceiling[key]["httpx_aiohttp"]["rate"])
             # CPU per request of the plain loop ÷ the worker's CPU per event: the same
             # comparison as the rates, steadier while other processes share the cores.
             out[f"delivery_cpu_over_client_loop_cpu_{key}"] = ratio(

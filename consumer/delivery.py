@@ -13,6 +13,7 @@ import email.utils
 import os
 import ssl
 import time
+import urllib.request
 from collections.abc import Mapping
 from datetime import UTC
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import certifi
 import httpx
-from httpx_aiohttp import HttpxAiohttpClient
+from httpx_aiohttp.transport import AiohttpTransport
 
 from consumer.errors import (
     ConnectionFailed,
@@ -37,7 +38,8 @@ from consumer.redaction import Redactor
 if TYPE_CHECKING:
     from consumer.calls import Call
 
-__all__ = ["UserpilotClient", "classify", "parse_retry_after", "ssl_context"]
+__all__ = ["UserpilotClient", "classify", "environment_proxy", "parse_retry_after",
+           "ssl_context"]
 
 BODY_LIMIT = 1024
 USER_AGENT = "userpilot-delivery-worker"
@@ -126,15 +128,39 @@ def _really_timed_out(exc: httpx.TimeoutException) -> bool:
     return exc.__cause__ is None or isinstance(exc.__cause__, TimeoutError)
 
 
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url`, or None (no proxy, or NO_PROXY matches).
+
+    Python's own rules (`urllib.request`): HTTPS_PROXY for https, HTTP_PROXY for http,
+    ALL_PROXY for either, lower case winning over upper case; NO_PROXY lists hosts and
+    domain suffixes (`example.com` also covers `api.example.com`), `*` bypasses all. A
+    proxy given without a scheme is an HTTP proxy, as httpx and curl read it.
+    """
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    chosen = proxies.get(parts.scheme) or proxies.get("all")
+    if not chosen or urllib.request.proxy_bypass(parts.netloc):
+        return None
+    return chosen if "://" in chosen else f"http://{chosen}"
+
+
 class UserpilotClient:
-    """POSTs to Userpilot through httpx, on the aiohttp transport (`httpx-aiohttp`).
+    """POSTs to Userpilot through httpx's transport API, on aiohttp (`httpx-aiohttp`).
 
     Why that transport: measured at the worker's concurrency (64 connections) against the
-    sandbox, httpx's own pool served far fewer requests per second than the same
-    `AsyncClient` on aiohttp's connector (tests/bench/RESULTS.md, "HTTP transport").
-    Proxies come from the environment (`trust_env`: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY,
-    NO_PROXY), the CA bundle from `ssl_context`, and the pool timeout bounds the wait for
-    a free connection. Redirects are never followed (the token stays on its host).
+    sandbox, httpx's own pool served far fewer requests per second than aiohttp's
+    connector (tests/bench/RESULTS.md, "HTTP transport").
+
+    Why the transport and not `httpx.AsyncClient`: the client's layer (request merging,
+    auth and redirect flows, event hooks, a cookie jar fed by every response) cost ~100 µs
+    of CPU per request, a third of the whole request, for features a fixed-host API client
+    must not use (RESULTS.md, "Round 6"). What it gave that we need is kept here, once:
+    - proxies from the environment (`environment_proxy`, resolved at start-up for the one
+      Userpilot host; the proxy's credentials travel as Proxy-Authorization);
+    - the CA bundle (`ssl_context`) and the pool timeout (the request's `timeout`
+      extension, which the transport applies to the wait for a connection);
+    - no redirects (the transport never follows one: the token stays on its host);
+    - no cookies stored or sent back (aiohttp's `DummyCookieJar`).
     """
 
     def __init__(
@@ -148,17 +174,28 @@ class UserpilotClient:
         parts = urlsplit(url)
         self._base = f"{parts.scheme}://{parts.netloc}"
         self._paths: dict[str, httpx.URL] = {}
+        self._headers = httpx.Headers({"User-Agent": USER_AGENT, **headers})
+        self._extensions = {"timeout": httpx.Timeout(timeout_s).as_dict()}
         # The token (and the whole credential header) as Userpilot might echo it back: a
         # gateway that quotes the request must not put it into an exception, log or DLQ.
         self._redact = Redactor(_credentials(headers))
-        self._client: httpx.AsyncClient = HttpxAiohttpClient(
-            headers={"User-Agent": USER_AGENT, **headers},
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
-            verify=ssl_context(ca_bundle), trust_env=True, follow_redirects=False,
-            transport=transport,
-        )
+        proxy = environment_proxy(url)
+        self.proxy = httpx.Proxy(proxy) if proxy else None
+        """The proxy in use (its URL without credentials: `proxy.url`), or None."""
+        if transport is None:
+            context = ssl_context(ca_bundle)
+            limits = httpx.Limits(max_connections=max_connections,
+                                  max_keepalive_connections=max_connections)
+
+            def session() -> aiohttp.ClientSession:  # made on first use, inside the loop
+                connector = aiohttp.TCPConnector(limit=max_connections, ssl=context,
+                                                 keepalive_timeout=limits.keepalive_expiry)
+                return aiohttp.ClientSession(connector=connector,
+                                             cookie_jar=aiohttp.DummyCookieJar())
+
+            transport = AiohttpTransport(verify=context, limits=limits, proxy=self.proxy,
+                                         client=session)
+        self._transport = transport
 
     async def track(self, body: bytes) -> int:
         """POST one Track body; returns the 2xx status, raises the classified exception."""
@@ -176,8 +213,16 @@ class UserpilotClient:
         return await self._post(url, call.body)
 
     async def _post(self, url: httpx.URL, body: bytes) -> int:
+        request = httpx.Request("POST", url, headers=self._headers, content=body,
+                                extensions=self._extensions)
         try:
-            response = await self._client.post(url, content=body)
+            response = await self._transport.handle_async_request(request)
+            try:
+                # Read whole, so the connection goes back to the pool (an unread body
+                # closes it); a 2xx body is a few bytes.
+                await response.aread()
+            finally:
+                await response.aclose()
         except httpx.TimeoutException as exc:
             if _really_timed_out(exc):
                 raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") \
@@ -203,4 +248,4 @@ class UserpilotClient:
         return status
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()
