@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
+from urllib.parse import urlsplit
 
 from consumer.errors import ConfigError
 from consumer.filtering import CATEGORIES, ConsentPolicy
@@ -44,9 +45,11 @@ __all__ = [
     "RedisSettings",
     "Secret",
     "Settings",
+    "environment_proxy",
     "is_known_env_var",
     "kafka_key",
     "load_settings",
+    "redact_userinfo",
 ]
 
 API_VERSION = "2020-09-22"
@@ -229,6 +232,9 @@ class Settings:
     ca_bundle: str | None = None  # USERPILOT_CA_BUNDLE: PEM file of CAs to trust for HTTPS
     ensure_user: bool = True  # USERPILOT_ENSURE_USER: bare identify before a user's 1st Track
     ensure_user_cache: int = 100_000  # USERPILOT_ENSURE_USER_CACHE: users remembered (LRU)
+    proxy: Secret | None = None
+    """The forward proxy the environment names for Userpilot (`environment_proxy`); its
+    URL may carry credentials, hence a Secret."""
 
     @property
     def base_url(self) -> str:
@@ -279,6 +285,7 @@ class Settings:
                           "backoff_max_seconds": self.retry_backoff_max_s},
                 "max_connections": self.max_connections,
                 "ca_bundle": self.ca_bundle,
+                "proxy": redact_userinfo(self.proxy.reveal()) if self.proxy else None,
                 "ensure_user": self.ensure_user,
                 "ensure_user_cache": self.ensure_user_cache,
             },
@@ -296,7 +303,7 @@ class Settings:
                 "extra": {k: ("***" if isinstance(v, Secret) else v)
                           for k, v in self.kafka_extra.items()},
             },
-            "schema_registry": {"url": re.sub(r"//[^/@]*@", "//***@", self.registry_url),
+            "schema_registry": {"url": redact_userinfo(self.registry_url),
                                 "basic_auth": "***" if self.registry_auth else None},
             "worker": {
                 "max_in_flight": self.max_in_flight,
@@ -547,6 +554,77 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[s
     return resolved
 
 
+def redact_userinfo(url: str) -> str:
+    """`url` with any `user:password@` replaced by `***@` (for logs and check-config)."""
+    return re.sub(r"//[^/@]*@", "//***@", url)
+
+
+def _proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    """(the variable's name as set, its value); the lower-case spelling wins, as in curl
+    and Python's urllib."""
+    for spelled in (name.lower(), name.upper()):
+        if spelled in env:
+            return spelled, env[spelled].strip()
+    return None
+
+
+def _bypassed(netloc: str, no_proxy: str) -> bool:
+    """NO_PROXY as curl and urllib read it: `*`, or a host or domain (a leading dot
+    optional) that is the URL's host or a domain above it, with or without its port."""
+    host = netloc.rsplit("@", 1)[-1].lower()
+    bare = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    for entry in (e.strip().lower().lstrip(".") for e in no_proxy.split(",")):
+        if entry == "*":
+            return True
+        if entry and any(h == entry or h.endswith("." + entry) for h in (host, bare)):
+            return True
+    return False
+
+
+def environment_proxy(url: str, env: Mapping[str, str]) -> tuple[str, str] | None:
+    """(variable, proxy URL) the environment names for `url`, or None.
+
+    HTTPS_PROXY for https, HTTP_PROXY for http, else ALL_PROXY; none when NO_PROXY
+    covers the host (`_bypassed`). A proxy given without a scheme is an HTTP proxy, as
+    httpx and curl read it.
+    """
+    parts = urlsplit(url)
+    for name in (f"{parts.scheme}_proxy", "all_proxy"):
+        found = _proxy_variable(env, name)
+        if found is not None and found[1]:
+            break
+    else:
+        return None
+    no_proxy = _proxy_variable(env, "no_proxy")
+    if no_proxy is not None and _bypassed(parts.netloc, no_proxy[1]):
+        return None
+    spelled, value = found
+    return spelled, value if "://" in value else f"http://{value}"
+
+
+def _proxy(reader: _Reader, url: str) -> Secret | None:
+    """The proxy for Userpilot, refused at start-up when the HTTP client cannot use it
+    (it would fail every request, each dead-lettered or retried forever)."""
+    found = environment_proxy(url, reader.env)
+    if found is None:
+        return None
+    name, value = found
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        reader.problems.append(
+            f"{name}={redact_userinfo(value)} is not a proxy the worker can use for "
+            f"{url}: give an HTTP proxy as http://host:port (https:// for TLS to the proxy; "
+            "SOCKS is not supported), or add the Userpilot host to NO_PROXY")
+        return None
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number or out of range
+    except ValueError:
+        reader.problems.append(
+            f"{name}={redact_userinfo(value)}: the port is not a number from 1 to 65535")
+        return None
+    return Secret(value)
+
+
 def _unknown_variables(reader: _Reader) -> None:
     for name in sorted(reader.env):
         if not name.startswith(_OWN_PREFIXES) or _SERVICE_LINK.match(name):
@@ -749,6 +827,8 @@ def load_settings(
     if (max_bytes, max_keys) != (mappings.max_metadata_bytes, mappings.max_metadata_keys):
         mappings = replace(mappings, max_metadata_bytes=max_bytes, max_metadata_keys=max_keys)
     ca_bundle = _ca_bundle(r)
+    scheme = "http" if insecure else "https"
+    proxy = _proxy(r, f"{scheme}://{endpoint}/v1/track") if endpoint else None
 
     bootstrap = r.required(
         "KAFKA_BOOTSTRAP_SERVERS", "enter host:port[,host:port], e.g. kafka:9092"
@@ -834,5 +914,5 @@ def load_settings(
         log_level=log_level, dlq_max_ratio=dlq_ratio, dlq_window=dlq_window,
         dlq_max_consecutive=dlq_consecutive, replay_max=replay_max, notes=tuple(r.notes),
         redis=redis, rate_limit_shared=rate_limit_shared, ca_bundle=ca_bundle,
-        ensure_user=ensure_user, ensure_user_cache=ensure_user_cache,
+        ensure_user=ensure_user, ensure_user_cache=ensure_user_cache, proxy=proxy,
     )

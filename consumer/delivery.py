@@ -13,7 +13,6 @@ import email.utils
 import os
 import ssl
 import time
-import urllib.request
 from collections.abc import Mapping
 from datetime import UTC
 from typing import TYPE_CHECKING
@@ -38,8 +37,7 @@ from consumer.redaction import Redactor
 if TYPE_CHECKING:
     from consumer.calls import Call
 
-__all__ = ["UserpilotClient", "classify", "environment_proxy", "parse_retry_after",
-           "ssl_context"]
+__all__ = ["UserpilotClient", "classify", "parse_retry_after", "ssl_context"]
 
 BODY_LIMIT = 1024
 USER_AGENT = "userpilot-delivery-worker"
@@ -128,22 +126,6 @@ def _really_timed_out(exc: httpx.TimeoutException) -> bool:
     return exc.__cause__ is None or isinstance(exc.__cause__, TimeoutError)
 
 
-def environment_proxy(url: str) -> str | None:
-    """The proxy the environment names for `url`, or None (no proxy, or NO_PROXY matches).
-
-    Python's own rules (`urllib.request`): HTTPS_PROXY for https, HTTP_PROXY for http,
-    ALL_PROXY for either, lower case winning over upper case; NO_PROXY lists hosts and
-    domain suffixes (`example.com` also covers `api.example.com`), `*` bypasses all. A
-    proxy given without a scheme is an HTTP proxy, as httpx and curl read it.
-    """
-    parts = urlsplit(url)
-    proxies = urllib.request.getproxies()
-    chosen = proxies.get(parts.scheme) or proxies.get("all")
-    if not chosen or urllib.request.proxy_bypass(parts.netloc):
-        return None
-    return chosen if "://" in chosen else f"http://{chosen}"
-
-
 class UserpilotClient:
     """POSTs to Userpilot through httpx's transport API, on aiohttp (`httpx-aiohttp`).
 
@@ -155,8 +137,9 @@ class UserpilotClient:
     auth and redirect flows, event hooks, a cookie jar fed by every response) cost ~100 µs
     of CPU per request, a third of the whole request, for features a fixed-host API client
     must not use (RESULTS.md, "Round 6"). What it gave that we need is kept here, once:
-    - proxies from the environment (`environment_proxy`, resolved at start-up for the one
-      Userpilot host; the proxy's credentials travel as Proxy-Authorization);
+    - the proxy the environment names for Userpilot (`config.environment_proxy`, resolved
+      and checked at start-up for the one Userpilot host; its credentials travel as
+      Proxy-Authorization);
     - the CA bundle (`ssl_context`) and the pool timeout (the request's `timeout`
       extension, which the transport applies to the wait for a connection);
     - no redirects (the transport never follows one: the token stays on its host);
@@ -165,7 +148,7 @@ class UserpilotClient:
 
     def __init__(
         self, url: str, headers: Mapping[str, str], *, timeout_s: float,
-        max_connections: int, ca_bundle: str | None = None,
+        max_connections: int, ca_bundle: str | None = None, proxy: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         # Parsed once: httpx parses a str URL on every request (~6 % of the worker's CPU
@@ -179,7 +162,6 @@ class UserpilotClient:
         # The token (and the whole credential header) as Userpilot might echo it back: a
         # gateway that quotes the request must not put it into an exception, log or DLQ.
         self._redact = Redactor(_credentials(headers))
-        proxy = environment_proxy(url)
         self.proxy = httpx.Proxy(proxy) if proxy else None
         """The proxy in use (its URL without credentials: `proxy.url`), or None."""
         if transport is None:

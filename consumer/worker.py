@@ -44,7 +44,7 @@ from typing import Any, Protocol, TypeVar
 
 from consumer import codec
 from consumer.commits import TP, Commits
-from consumer.config import Settings
+from consumer.config import Settings, redact_userinfo
 from consumer.deadletter import DlqGuard, normalize_headers
 from consumer.delivery import UserpilotClient
 from consumer.errors import DlqGuardTripped, Stop
@@ -191,6 +191,7 @@ class Worker:
         self.client: TrackClient = client or UserpilotClient(
             settings.track_url, settings.headers(), timeout_s=settings.request_timeout_s,
             max_connections=settings.max_connections, ca_bundle=settings.ca_bundle,
+            proxy=settings.proxy.reveal() if settings.proxy else None,
         )
         self.dlq: DeadLetterSink = dlq or DeadLetterProducer(settings.kafka_config())
         # One limiter per endpoint family (Redis-shared with REDIS_URL, else the partition
@@ -295,8 +296,9 @@ class Worker:
             prefetch = asyncio.ensure_future(
                 asyncio.to_thread(self.registry.prefetch, self.s.topics))
         await source.call(source.subscribe)
-        log.info("consuming %s as group %s, delivering to %s", ",".join(self.s.topics),
-                 self.s.group_id, self.s.track_url)
+        log.info("consuming %s as group %s, delivering to %s%s", ",".join(self.s.topics),
+                 self.s.group_id, self.s.track_url,
+                 f" through {redact_userinfo(self.s.proxy.reveal())}" if self.s.proxy else "")
         last_commit = time.monotonic()
         scheduled = 0
         try:

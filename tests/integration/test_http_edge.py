@@ -54,19 +54,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def worker_behind(env: dict[str, str], **proxy_env: str) -> WorkerThread:
-    """A worker built while `proxy_env` is in the environment (its HTTP client reads it
-    then), restored at once: urllib in the test process (the sandbox control client)
-    caches proxies from the environment on first use, for the whole session."""
-    saved = {name: os.environ.get(name) for name in proxy_env}
-    os.environ.update(proxy_env)
-    try:
-        return WorkerThread(env)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    """A worker whose environment also holds `proxy_env` (settings read the proxy
+    variables from the environment they are given, as `run` reads the process's)."""
+    return WorkerThread({**env, **proxy_env})
 
 
 def _events(topic: str, kafka: str, registry: str, count: int) -> None:

@@ -21,7 +21,13 @@ from typing import TypeVar
 import pytest
 
 from consumer.delivery import UserpilotClient, ssl_context
-from consumer.errors import ConnectionFailed, Rejected, ServerError, Timeout, WorkerError
+from consumer.errors import (
+    ConnectionFailed,
+    Rejected,
+    ServerError,
+    Timeout,
+    WorkerError,
+)
 
 T = TypeVar("T")
 
@@ -272,6 +278,36 @@ def test_at_most_max_connections_under_fifty_concurrent_requests() -> None:
         assert srv.peak <= 4
 
     run(main)
+
+
+def test_cookies_are_neither_kept_nor_sent_back() -> None:
+    """An API client for one fixed host: a Set-Cookie (a gateway's session, an affinity
+    cookie) must not make later requests differ from the first."""
+    cookie = http(202, b"", ["Set-Cookie: session=abc; Path=/", "Set-Cookie: lb=node-2"])
+
+    async def main() -> None:
+        async with Server(always(Send(cookie))) as srv:
+            client = up(srv.url())
+            assert [await outcome(client, BODY) for _ in range(3)] == ["ok"] * 3
+            await client.aclose()
+        assert [q.header("Cookie") for q in srv.requests] == [None] * 3
+
+    run(main)
+
+
+def test_redirects_are_not_followed_on_the_wire() -> None:
+    """A 3xx is classified (Misconfigured), never followed: the token stays on its host."""
+    moved = http(307, b"", ["Location: http://127.0.0.1:9/v1/track"], reason="Moved")
+
+    async def main() -> str:
+        async with Server(always(Send(moved))) as srv:
+            client = up(srv.url())
+            got = await outcome(client, BODY)
+            await client.aclose()
+        assert len(srv.requests) == 1
+        return got
+
+    assert run(main) == "Misconfigured"
 
 
 # ------------------------------------------------------------------ interim 1xx responses

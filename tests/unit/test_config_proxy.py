@@ -1,0 +1,94 @@
+"""Which proxy the environment names for Userpilot (`environment_proxy`), and the proxies
+start-up refuses (`load_settings`: check-config refuses them first)."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumer.config import environment_proxy, load_settings
+from consumer.delivery import UserpilotClient
+from consumer.errors import ConfigError
+
+TRACK = "https://analytex.userpilot.io/v1/track"
+BASE = {"USERPILOT_API_KEY": "wt_1234567890", "USERPILOT_ANALYTICS_ENDPOINT":
+        "analytex.userpilot.io", "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092",
+        "KAFKA_TOPICS": "events", "SCHEMA_REGISTRY_URL": "http://registry:8081"}
+
+
+def test_no_variables_no_proxy() -> None:
+    assert environment_proxy(TRACK, {}) is None
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    (TRACK, ("HTTPS_PROXY", "http://secure:3128")),
+    ("http://sandbox:8080/v1/track", ("HTTP_PROXY", "http://plain:3128")),
+])
+def test_the_proxy_follows_the_scheme(url: str, expected: tuple[str, str]) -> None:
+    env = {"HTTPS_PROXY": "http://secure:3128", "HTTP_PROXY": "http://plain:3128"}
+    assert environment_proxy(url, env) == expected
+
+
+def test_all_proxy_serves_either_scheme_and_yields_to_the_scheme_s_own() -> None:
+    assert environment_proxy(TRACK, {"ALL_PROXY": "http://every:3128"}) == (
+        "ALL_PROXY", "http://every:3128")
+    both = {"ALL_PROXY": "http://every:3128", "HTTPS_PROXY": "http://secure:3128"}
+    assert environment_proxy(TRACK, both) == ("HTTPS_PROXY", "http://secure:3128")
+    # an empty HTTPS_PROXY names no proxy: ALL_PROXY applies
+    assert environment_proxy(TRACK, {**both, "HTTPS_PROXY": " "}) == (
+        "ALL_PROXY", "http://every:3128")
+
+
+def test_lower_case_wins_and_a_bare_host_is_an_http_proxy() -> None:
+    env = {"HTTPS_PROXY": "http://upper:3128", "https_proxy": "lower:3128"}
+    assert environment_proxy(TRACK, env) == ("https_proxy", "http://lower:3128")
+
+
+@pytest.mark.parametrize(("no_proxy", "bypassed"), [
+    ("analytex.userpilot.io", True),
+    ("userpilot.io", True),  # a domain covers its subdomains
+    (".userpilot.io", True),
+    ("other.com, userpilot.io", True),
+    ("*", True),
+    ("analytex.userpilot.io:443", True),
+    ("ANALYTEX.userpilot.io", True),
+    ("pilot.io", False),  # a suffix of the name, not a domain above it
+    ("other.com", False),
+    ("analytex.userpilot.io:8443", False),
+    ("", False),
+])
+def test_no_proxy(no_proxy: str, bypassed: bool) -> None:
+    env = {"HTTPS_PROXY": "http://secure:3128", "NO_PROXY": no_proxy}
+    got = environment_proxy("https://analytex.userpilot.io:443/v1/track", env)
+    assert got == (None if bypassed else ("HTTPS_PROXY", "http://secure:3128"))
+
+
+def test_settings_carry_the_proxy_as_a_secret_and_describe_it_redacted() -> None:
+    settings = load_settings({**BASE, "HTTPS_PROXY": "http://alice:s3cret@proxy.corp:3128"},
+                             check_clients=False)
+    assert settings.proxy is not None
+    assert settings.proxy.reveal() == "http://alice:s3cret@proxy.corp:3128"
+    assert "s3cret" not in repr(settings)
+    assert settings.describe()["userpilot"]["proxy"] == "http://***@proxy.corp:3128"
+
+
+@pytest.mark.parametrize("proxy", ["socks5://proxy.corp:1080", "http://proxy.corp:99999",
+                                   "http://:3128", "ftp://proxy.corp"])
+def test_a_proxy_the_client_cannot_use_stops_start_up(proxy: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "HTTPS_PROXY": proxy}, check_clients=False)
+    assert "HTTPS_PROXY=" in str(caught.value)
+
+
+def test_a_bypassed_proxy_is_not_checked() -> None:
+    """A SOCKS proxy set for other tools in the pod is fine when NO_PROXY covers Userpilot."""
+    settings = load_settings({**BASE, "HTTPS_PROXY": "socks5://proxy.corp:1080",
+                              "NO_PROXY": "userpilot.io"}, check_clients=False)
+    assert settings.proxy is None
+
+
+def test_the_client_reports_its_proxy_without_credentials() -> None:
+    client = UserpilotClient(TRACK, {"Authorization": "Token t"}, timeout_s=5,
+                             max_connections=2, proxy="http://alice:s3cret@proxy.corp:3128")
+    assert client.proxy is not None
+    assert str(client.proxy.url) == "http://proxy.corp:3128"
+    assert client.proxy.auth == ("alice", "s3cret")
