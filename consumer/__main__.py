@@ -119,8 +119,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     timeout = args.timeout
     checks: tuple[tuple[int, str, Callable[[], str | None]], ...] = (
-        (1, "userpilot", lambda: reach.userpilot(settings.track_url, settings.headers(),
-                                                 timeout)),
+        (1, "userpilot", lambda: reach.userpilot(settings, timeout)),
         (2, "kafka", lambda: reach.kafka(settings.kafka_config(), timeout,
                                          (*settings.topics, settings.dlq_topic))),
         (4, "schema registry", lambda: reach.registry(

@@ -12,6 +12,7 @@ a wrong token (often the read token), 404 a wrong host or path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -21,6 +22,10 @@ from urllib.parse import urlsplit
 
 import httpx
 from confluent_kafka import KafkaException, Producer
+
+from consumer.config import Settings, redact_userinfo
+from consumer.delivery import UserpilotClient
+from consumer.errors import ConnectionFailed, Misconfigured, Rejected, Retry, Timeout
 
 __all__ = ["kafka", "registry", "resolve", "services", "userpilot"]
 
@@ -39,30 +44,53 @@ def resolve(host_port: str) -> str | None:
     return None
 
 
-def userpilot(track_url: str, headers: Mapping[str, str], timeout: float,
-              verify: Any = True) -> str | None:
-    """Prove host and token with an empty Track (Userpilot answers 400, records nothing)."""
-    host = urlsplit(track_url).netloc
-    unresolved = resolve(host)
-    if unresolved is not None:
-        return f"Userpilot host {unresolved}: check USERPILOT_ANALYTICS_ENDPOINT"
+def userpilot(settings: Settings, timeout: float) -> str | None:
+    """Prove host and token with an empty Track (Userpilot answers 400, records nothing).
+
+    Sent by the worker's own client (`delivery.UserpilotClient`: its proxy, CA bundle,
+    timeouts and status classification), so what passes here is what `run` reaches. The
+    host is resolved first only without a proxy: behind one, the proxy resolves it.
+    """
+    host = settings.analytics_endpoint
+    proxy = settings.proxy.reveal() if settings.proxy is not None else None
+    via = f" through the proxy {redact_userinfo(proxy)}" if proxy else ""
+    if proxy is None:
+        unresolved = resolve(host)
+        if unresolved is not None:
+            return f"Userpilot host {unresolved}: check USERPILOT_ANALYTICS_ENDPOINT"
+
+    async def probe() -> None:
+        client = UserpilotClient(settings.track_url, settings.headers(), timeout_s=timeout,
+                                 max_connections=1, ca_bundle=settings.ca_bundle, proxy=proxy)
+        try:
+            await asyncio.wait_for(client.track(b"{}"), timeout)
+        finally:
+            await client.aclose()
+
     try:
-        response = httpx.post(track_url, content=b"{}", headers=dict(headers),
-                              timeout=timeout, verify=verify)
-    except httpx.HTTPError as exc:
-        return f"Userpilot at {host} did not answer within {timeout:g} s ({type(exc).__name__})"
-    status = response.status_code
-    if status == 400:
-        return None
-    if status in (401, 403):
-        return (f"Userpilot at {host} refused the token ({status}): use the application "
-                "write token from the Environment page (not the read/export token)")
-    if status == 404:
-        return (f"Userpilot at {host} has no /v1/track (404): wrong host; check "
-                "USERPILOT_ANALYTICS_ENDPOINT")
-    if 200 <= status < 300:
-        return None  # accepted an empty body: the token works
-    return f"Userpilot at {host} answered {status} to a token check: try again later"
+        asyncio.run(probe())
+    except Rejected as exc:
+        if exc.status == 400:
+            return None  # the token passed; the empty body was refused, as intended
+        return f"Userpilot at {host} answered {exc.status} to a token check: try again later"
+    except Misconfigured as exc:
+        if exc.status in (401, 403):
+            return (f"Userpilot at {host} refused the token ({exc.status}): use the "
+                    "application write token from the Environment page (not the "
+                    "read/export token)")
+        if exc.status == 404:
+            return (f"Userpilot at {host} has no /v1/track (404): wrong host; check "
+                    "USERPILOT_ANALYTICS_ENDPOINT")
+        return f"Userpilot at {host}{via}: {exc}"
+    except (Timeout, TimeoutError):
+        return f"Userpilot at {host}{via} did not answer within {timeout:g} s"
+    except ConnectionFailed as exc:
+        tls = "" if settings.insecure_http else (
+            "; for TLS, check USERPILOT_CA_BUNDLE (a corporate or inspecting proxy's CA)")
+        return f"Userpilot at {host}{via}: {exc}{tls}"
+    except Retry as exc:  # 408, 429, 5xx: Userpilot is there, but busy or failing
+        return f"Userpilot at {host} answered {exc.status} to a token check: try again later"
+    return None  # accepted an empty body: the token works
 
 
 def kafka(conf: Mapping[str, Any], timeout: float,

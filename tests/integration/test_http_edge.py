@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from consumer.sandbox import SandboxControl, SandboxThread
+from tests.conftest import create_topic
 from tests.integration.harness import (
     WorkerThread,
     caught_up,
@@ -25,6 +26,7 @@ from tests.integration.harness import (
     wait_until,
     worker_env,
 )
+from tests.integration.test_cli_online import cli
 
 RELAY = Path(__file__).with_name("relay.py")
 Sandbox = tuple[SandboxThread, SandboxControl]
@@ -161,3 +163,68 @@ def test_tls_without_the_ca_delivers_nothing_and_dead_letters_nothing(
             assert w.metric("userpilot_events_delivered_total", event_name="feature_used") == 0
             assert w.metric("userpilot_dead_lettered_total", reason="retries_exhausted") == 0
     assert sum(delivered_seqs(control).values()) == 0
+
+
+# ------------------------------------------------------------------ check-config --online
+# The token check goes through the worker's own client: what passes here is what `run`
+# reaches (the same proxy, CA bundle and classification).
+
+
+def _online(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return cli(["check-config", "--online", "--timeout", "5"], env)
+
+
+def test_check_config_online_goes_through_the_proxy(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, tmp_path: Path,
+) -> None:
+    server, _ = sandbox
+    topic = topic_factory(partitions=1)
+    create_topic(kafka_bootstrap, f"{topic}.userpilot.dlq")
+    log = tmp_path / "proxy.log"
+    log.touch()
+    with relay("proxy", "--log", str(log)) as port:
+        endpoint = server.url.replace("127.0.0.1", "localhost")
+        env = worker_env(kafka_bootstrap, schema_registry_url, endpoint, topic, f"{topic}-g",
+                         HTTP_PROXY=f"http://someone:pw@127.0.0.1:{port}",
+                         NO_PROXY="127.0.0.1")
+        result = _online(env)
+    assert result.returncode == 0, result.stderr
+    assert "online OK: userpilot" in result.stderr
+    assert f'"proxy": "http://***@127.0.0.1:{port}"' in result.stdout
+    assert "pw" not in result.stdout + result.stderr
+    assert [line.split()[:2] for line in log.read_text().splitlines()] == [
+        ["POST", f"{endpoint}/v1/track"]]
+
+
+def test_check_config_online_trusts_the_ca_bundle_and_says_so_without_it(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, certificate: tuple[Path, Path],
+) -> None:
+    server, _ = sandbox
+    topic = topic_factory(partitions=1)
+    create_topic(kafka_bootstrap, f"{topic}.userpilot.dlq")
+    cert, key = certificate
+    upstream = server.url.split("://", 1)[1]
+    with relay("tls", "--cert", str(cert), "--key", str(key), "--upstream", upstream) as port:
+        env = worker_env(kafka_bootstrap, schema_registry_url, f"https://localhost:{port}",
+                         topic, f"{topic}-g", USERPILOT_INSECURE_HTTP="false")
+        trusted = _online({**env, "USERPILOT_CA_BUNDLE": str(cert)})
+        untrusted = _online(env)
+    assert trusted.returncode == 0, trusted.stderr
+    assert "online OK: userpilot" in trusted.stderr
+    assert untrusted.returncode == 9, untrusted.stderr
+    assert "online FAILED: userpilot" in untrusted.stderr
+    assert "USERPILOT_CA_BUNDLE" in untrusted.stderr
+
+
+def test_check_config_refuses_a_proxy_the_worker_cannot_use(
+    kafka_bootstrap: str, schema_registry_url: str, sandbox: Sandbox,
+) -> None:
+    server, _ = sandbox
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, "t", "g",
+                     HTTP_PROXY="socks5://user:pw@proxy.corp:1080")
+    result = cli(["check-config"], env)
+    assert result.returncode == 2
+    assert "HTTP_PROXY=socks5://***@proxy.corp:1080" in result.stderr
+    assert "SOCKS is not supported" in result.stderr
