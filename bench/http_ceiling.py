@@ -19,6 +19,7 @@ import httpx
 from httpx_aiohttp import HttpxAiohttpClient
 
 from consumer.delivery import UserpilotClient
+from consumer.errors import WorkerError
 
 __all__ = ["HttpResult", "run_aiohttp", "run_httpx", "run_httpx_aiohttp", "run_worker_client",
            "send_latency"]
@@ -122,7 +123,10 @@ async def _worker_client(url: str, headers: Mapping[str, str], payloads: Sequenc
 
         async def run() -> None:
             for body in source:
-                status = await client.track(body)  # raises on anything but a 2xx
+                try:
+                    status = await client.track(body)  # raises on anything but a 2xx
+                except WorkerError:
+                    status = 0
                 counts["accepted" if status == 202 else "other"] += 1
 
         start, cpu = time.perf_counter(), time.process_time()

@@ -555,8 +555,12 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[s
 
 
 def redact_userinfo(url: str) -> str:
-    """`url` with any `user:password@` replaced by `***@` (for logs and check-config)."""
-    return re.sub(r"//[^/@]*@", "//***@", url)
+    """`url` with everything between `://` and the last `@` replaced by `***` (for logs and
+    check-config): a password may hold `@` or `/` itself."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 def _proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
@@ -570,7 +574,8 @@ def _proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str] | None
 
 def _bypassed(netloc: str, no_proxy: str) -> bool:
     """NO_PROXY as curl and urllib read it: `*`, or a host or domain (a leading dot
-    optional) that is the URL's host or a domain above it, with or without its port."""
+    optional) that is the URL's host or a domain above it. An entry with a port matches
+    only a URL that names that port (Userpilot's URL names none)."""
     host = netloc.rsplit("@", 1)[-1].lower()
     bare = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     for entry in (e.strip().lower().lstrip(".") for e in no_proxy.split(",")):
@@ -610,6 +615,11 @@ def _proxy(reader: _Reader, url: str) -> Secret | None:
         return None
     name, value = found
     parts = urlsplit(value)
+    if "@" in parts.path:
+        reader.problems.append(
+            f"{name}={redact_userinfo(value)}: the proxy's user or password holds a character "
+            "that ends the address; percent-encode it (/ as %2F, @ as %40, : as %3A)")
+        return None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         reader.problems.append(
             f"{name}={redact_userinfo(value)} is not a proxy the worker can use for "

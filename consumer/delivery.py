@@ -81,6 +81,13 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
             f"{where}: Userpilot error, will retry", status=status, body=snippet,
             retry_after=parse_retry_after(headers.get("retry-after")),
         )
+    if status == 407:
+        # From the egress proxy, not Userpilot: no event can pass until its credentials
+        # are fixed, so pause like a refused token instead of dead-lettering every event.
+        return Misconfigured(
+            f"{where}: the proxy refused its credentials; check the user and password in "
+            "HTTPS_PROXY / HTTP_PROXY (percent-encoded)", status=status, body=snippet,
+        )
     if status in (401, 403):
         return Misconfigured(
             f"{where}: token refused; use the application write token, not the read/export "
@@ -157,7 +164,11 @@ class UserpilotClient:
         parts = urlsplit(url)
         self._base = f"{parts.scheme}://{parts.netloc}"
         self._paths: dict[str, httpx.URL] = {}
-        self._headers = httpx.Headers({"User-Agent": USER_AGENT, **headers})
+        # The encodings httpx decodes itself: aiohttp would otherwise advertise br and zstd
+        # whenever it finds a decoder, and an error body httpx cannot decode would reach
+        # exceptions and the DLQ still compressed.
+        self._headers = httpx.Headers({"User-Agent": USER_AGENT,
+                                       "Accept-Encoding": "gzip, deflate", **headers})
         self._extensions = {"timeout": httpx.Timeout(timeout_s).as_dict()}
         # The token (and the whole credential header) as Userpilot might echo it back: a
         # gateway that quotes the request must not put it into an exception, log or DLQ.

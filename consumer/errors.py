@@ -14,7 +14,7 @@
     │   ├── Timeout                  no answer in time
     │   └── ConnectionFailed         reset, refused, DNS
     ├── Pause                        the whole integration is broken: stop sending, keep
-    │   └── Misconfigured            offsets, probe with backoff (401, 403, 404)
+    │   └── Misconfigured            offsets, probe with backoff (401, 403, 404, 407)
     ├── AlreadyDelivered             another owner delivered this messageId meanwhile:
     │                                finish the event without a request (duplicate)
     ├── Stop                         the worker must stop consuming, loudly

@@ -89,6 +89,8 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
             "; for TLS, check USERPILOT_CA_BUNDLE (a corporate or inspecting proxy's CA)")
         return f"Userpilot at {host}{via}: {exc}{tls}"
     except Retry as exc:  # 408, 429, 5xx: Userpilot is there, but busy or failing
+        if exc.status is None:  # an answer that is not HTTP (a proxy or port mix-up?)
+            return f"Userpilot at {host}{via}: {exc}"
         return f"Userpilot at {host} answered {exc.status} to a token check: try again later"
     return None  # accepted an empty body: the token works
 

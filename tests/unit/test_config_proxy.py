@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.config import environment_proxy, load_settings
+from consumer.config import environment_proxy, load_settings, redact_userinfo
 from consumer.delivery import UserpilotClient
 from consumer.errors import ConfigError
 
@@ -48,18 +48,58 @@ def test_lower_case_wins_and_a_bare_host_is_an_http_proxy() -> None:
     ("userpilot.io", True),  # a domain covers its subdomains
     (".userpilot.io", True),
     ("other.com, userpilot.io", True),
+    (" , userpilot.io ,", True),
     ("*", True),
-    ("analytex.userpilot.io:443", True),
     ("ANALYTEX.userpilot.io", True),
     ("pilot.io", False),  # a suffix of the name, not a domain above it
     ("other.com", False),
-    ("analytex.userpilot.io:8443", False),
+    ("analytex.userpilot.io:443", False),  # a port matches only a URL naming it
     ("", False),
 ])
 def test_no_proxy(no_proxy: str, bypassed: bool) -> None:
+    """Against the URL the worker builds (`Settings.track_url`: no port)."""
+    settings = load_settings({**BASE, "NO_PROXY": no_proxy}, check_clients=False)
     env = {"HTTPS_PROXY": "http://secure:3128", "NO_PROXY": no_proxy}
-    got = environment_proxy("https://analytex.userpilot.io:443/v1/track", env)
+    got = environment_proxy(settings.track_url, env)
     assert got == (None if bypassed else ("HTTPS_PROXY", "http://secure:3128"))
+
+
+def test_no_proxy_with_a_port_matches_a_url_naming_it() -> None:
+    env = {"HTTP_PROXY": "http://plain:3128", "NO_PROXY": "sandbox:8080"}
+    assert environment_proxy("http://sandbox:8080/v1/track", env) is None
+    assert environment_proxy("http://sandbox:9090/v1/track", env) == (
+        "HTTP_PROXY", "http://plain:3128")
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("http://alice:s3cret@proxy.corp:3128", "http://***@proxy.corp:3128"),
+    ("http://alice:p@ss@proxy.corp:3128", "http://***@proxy.corp:3128"),
+    ("http://proxy.corp:3128", "http://proxy.corp:3128"),
+    ("proxy.corp:3128", "proxy.corp:3128"),
+])
+def test_redact_userinfo_hides_everything_up_to_the_last_at(url: str, shown: str) -> None:
+    assert redact_userinfo(url) == shown
+
+
+def test_an_unencoded_slash_in_the_password_is_refused_without_showing_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "HTTPS_PROXY": "http://alice:pa/ss@proxy.corp:3128"},
+                      check_clients=False)
+    message = str(caught.value)
+    assert "percent-encode" in message
+    assert "pa/ss" not in message and "alice" not in message
+
+
+def test_a_password_with_an_at_sign_is_used_and_never_shown() -> None:
+    settings = load_settings({**BASE, "HTTPS_PROXY": "http://alice:p@ss@proxy.corp:3128"},
+                             check_clients=False)
+    assert settings.proxy is not None
+    shown = settings.describe()["userpilot"]["proxy"]
+    assert shown == "http://***@proxy.corp:3128"
+    client = UserpilotClient(TRACK, {"Authorization": "Token t"}, timeout_s=5,
+                             max_connections=2, proxy=settings.proxy.reveal())
+    assert client.proxy is not None
+    assert client.proxy.auth == ("alice", "p@ss")
 
 
 def test_settings_carry_the_proxy_as_a_secret_and_describe_it_redacted() -> None:

@@ -237,6 +237,7 @@ def test_sends_exactly_the_headers_and_body() -> None:
 @pytest.mark.parametrize(("status", "expected"), [
     (400, Rejected), (413, Rejected), (401, Misconfigured), (404, Misconfigured),
     (429, RateLimited), (500, ServerError), (503, ServerError), (302, Misconfigured),
+    (407, Misconfigured),
 ])
 def test_error_statuses_raise_the_classified_exception(
     status: int, expected: type[Exception]
