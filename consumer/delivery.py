@@ -9,6 +9,7 @@ header we sent, so the token cannot leak through an exception.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import os
 import ssl
@@ -170,6 +171,11 @@ class UserpilotClient:
         self._headers = httpx.Headers({"User-Agent": USER_AGENT,
                                        "Accept-Encoding": "gzip, deflate", **headers})
         self._extensions = {"timeout": httpx.Timeout(timeout_s).as_dict()}
+        # The transport bounds each step (the wait for a connection, connecting, each read)
+        # by `timeout_s`, not the whole: an answer trickled byte by byte would hold its
+        # event, and with it the partition's commits, for ever. The whole attempt gets the
+        # wait for a connection plus one request time.
+        self._deadline_s = 2 * timeout_s
         # The token (and the whole credential header) as Userpilot might echo it back: a
         # gateway that quotes the request must not put it into an exception, log or DLQ.
         self._redact = Redactor(_credentials(headers))
@@ -209,13 +215,17 @@ class UserpilotClient:
         request = httpx.Request("POST", url, headers=self._headers, content=body,
                                 extensions=self._extensions)
         try:
-            response = await self._transport.handle_async_request(request)
-            try:
-                # Read whole, so the connection goes back to the pool (an unread body
-                # closes it); a 2xx body is a few bytes.
-                await response.aread()
-            finally:
-                await response.aclose()
+            async with asyncio.timeout(self._deadline_s):
+                response = await self._transport.handle_async_request(request)
+                try:
+                    # Read whole, so the connection goes back to the pool (an unread body
+                    # closes it); a 2xx body is a few bytes.
+                    await response.aread()
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            raise Timeout(f"no whole answer from Userpilot within {self._deadline_s:g} s") \
+                from None
         except httpx.TimeoutException as exc:
             if _really_timed_out(exc):
                 raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") \

@@ -375,6 +375,26 @@ def test_the_pool_timeout_bounds_the_wait_for_a_connection() -> None:
     run(main)
 
 
+def test_a_trickled_answer_times_out_as_a_whole() -> None:
+    """Each byte arrives well within the read timeout, the whole answer does not: the
+    attempt ends at twice the request timeout instead of holding its event."""
+    trickle = [bytes([b]) for b in ACCEPTED]  # one byte every 20 ms: ~1.4 s in all
+
+    async def main() -> tuple[str, float, int]:
+        async with Server(always(Send(trickle))) as srv:
+            client = up(srv.url(), timeout_s=0.2)
+            start = time.monotonic()
+            got = await outcome(client, BODY)
+            elapsed = time.monotonic() - start
+            await client.aclose()
+        return got, elapsed, len(trickle)
+
+    got, elapsed, segments = run(main)
+    assert segments * 0.02 > 1.0  # the whole answer would take longer than the deadline
+    assert got == "Timeout"
+    assert elapsed < 0.9
+
+
 @pytest.mark.parametrize("response", [
     b"HTTX/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n",
     b"<html>hello</html>\r\n\r\n",
