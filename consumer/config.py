@@ -555,12 +555,13 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[s
 
 
 def redact_userinfo(url: str) -> str:
-    """`url` with everything between `://` and the last `@` replaced by `***` (for logs and
-    check-config): a password may hold `@` or `/` itself."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    """`url` with everything between the scheme and the last `@` replaced by `***` (for
+    logs and check-config): a password may hold `@` or `/` itself, and a malformed URL
+    without a scheme is redacted too."""
+    if "@" not in url:
         return url
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    scheme, sep, _ = url.partition("://")
+    return f"{scheme}{sep}***@{url.rsplit('@', 1)[1]}" if sep else f"***@{url.rsplit('@', 1)[1]}"
 
 
 def _proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
@@ -709,19 +710,11 @@ class RedisSettings:
     @property
     def redacted_url(self) -> str:
         """The URL with any user:password replaced, for check-config and logs."""
-        return _redact_redis_url(self.url.reveal())
+        return redact_userinfo(self.url.reveal())
 
     def describe(self) -> dict[str, Any]:
         return {"url": self.redacted_url, "tls": self.tls, "tls_ca_file": self.tls_ca_file,
                 "timeout_seconds": self.timeout_s, "dedup_ttl_seconds": self.dedup_ttl_s}
-
-
-def _redact_redis_url(raw: str) -> str:
-    """Everything before the last '@' but the scheme is credentials, even in a malformed URL."""
-    if "@" not in raw:
-        return raw
-    scheme, sep, _ = raw.partition("://")
-    return f"{scheme}{sep}***@{raw.rsplit('@', 1)[1]}" if sep else f"***@{raw.rsplit('@', 1)[1]}"
 
 
 def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
@@ -738,7 +731,7 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
                                    "REDIS_URL=rediss://host:6380/0 or remove it")
         return None, shared
     match = _REDIS_URL.match(raw)
-    shown = _redact_redis_url(raw)
+    shown = redact_userinfo(raw)
     if match is None:
         hint = ("it must start with redis:// or rediss:// (TLS)" if "://" not in raw
                 or not raw.startswith(("redis://", "rediss://"))
@@ -866,7 +859,7 @@ def load_settings(
     registry_url = r.required(
         "SCHEMA_REGISTRY_URL", "enter the registry's base URL, e.g. http://schema-registry:8081"
     )
-    shown = re.sub(r"//[^/@]*@", "//***@", registry_url or "")  # credentials in the URL
+    shown = redact_userinfo(registry_url or "")  # credentials in the URL
     if registry_url and "," in registry_url:
         r.problems.append(
             f"SCHEMA_REGISTRY_URL={shown!r} holds several URLs: give one (for several "

@@ -76,6 +76,7 @@ def test_no_proxy_with_a_port_matches_a_url_naming_it() -> None:
     ("http://alice:p@ss@proxy.corp:3128", "http://***@proxy.corp:3128"),
     ("http://proxy.corp:3128", "http://proxy.corp:3128"),
     ("proxy.corp:3128", "proxy.corp:3128"),
+    ("alice:pw@proxy.corp:3128", "***@proxy.corp:3128"),  # no scheme: still redacted
 ])
 def test_redact_userinfo_hides_everything_up_to_the_last_at(url: str, shown: str) -> None:
     assert redact_userinfo(url) == shown
