@@ -239,8 +239,7 @@ class Settings:
     @property
     def base_url(self) -> str:
         """Scheme and host of Userpilot's API; calls append their path (``/v1/track``)."""
-        scheme = "http" if self.insecure_http else "https"
-        return f"{scheme}://{self.analytics_endpoint}"
+        return userpilot_base_url(self.analytics_endpoint, self.insecure_http)
 
     @property
     def track_url(self) -> str:
@@ -554,6 +553,11 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[s
     return resolved
 
 
+def userpilot_base_url(endpoint: str, insecure_http: bool) -> str:
+    """``scheme://host[:port]`` of Userpilot's API (`Settings.base_url`)."""
+    return f"{'http' if insecure_http else 'https'}://{endpoint}"
+
+
 def redact_userinfo(url: str) -> str:
     """`url` with everything between the scheme and the last `@` replaced by `***` (for
     logs and check-config): a password may hold `@` or `/` itself, and a malformed URL
@@ -830,8 +834,7 @@ def load_settings(
     if (max_bytes, max_keys) != (mappings.max_metadata_bytes, mappings.max_metadata_keys):
         mappings = replace(mappings, max_metadata_bytes=max_bytes, max_metadata_keys=max_keys)
     ca_bundle = _ca_bundle(r)
-    scheme = "http" if insecure else "https"
-    proxy = _proxy(r, f"{scheme}://{endpoint}/v1/track") if endpoint else None
+    proxy = _proxy(r, userpilot_base_url(endpoint, insecure)) if endpoint else None
 
     bootstrap = r.required(
         "KAFKA_BOOTSTRAP_SERVERS", "enter host:port[,host:port], e.g. kafka:9092"

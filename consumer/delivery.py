@@ -37,6 +37,7 @@ from consumer.redaction import Redactor
 
 if TYPE_CHECKING:
     from consumer.calls import Call
+    from consumer.config import Settings
 
 __all__ = ["UserpilotClient", "classify", "parse_retry_after", "ssl_context"]
 
@@ -195,6 +196,20 @@ class UserpilotClient:
             transport = AiohttpTransport(verify=context, limits=limits, proxy=self.proxy,
                                          client=session)
         self._transport = transport
+
+    @classmethod
+    def for_settings(cls, settings: Settings, *, timeout_s: float | None = None,
+                     max_connections: int | None = None) -> UserpilotClient:
+        """The client `run` uses: the settings' endpoint, token, CA bundle and proxy
+        (`check-config --online` narrows the timeout and the pool)."""
+        return cls(
+            settings.track_url, settings.headers(),
+            timeout_s=settings.request_timeout_s if timeout_s is None else timeout_s,
+            max_connections=(settings.max_connections if max_connections is None
+                             else max_connections),
+            ca_bundle=settings.ca_bundle,
+            proxy=settings.proxy.reveal() if settings.proxy is not None else None,
+        )
 
     async def track(self, body: bytes) -> int:
         """POST one Track body; returns the 2xx status, raises the classified exception."""

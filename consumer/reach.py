@@ -60,8 +60,7 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
             return f"Userpilot host {unresolved}: check USERPILOT_ANALYTICS_ENDPOINT"
 
     async def probe() -> None:
-        client = UserpilotClient(settings.track_url, settings.headers(), timeout_s=timeout,
-                                 max_connections=1, ca_bundle=settings.ca_bundle, proxy=proxy)
+        client = UserpilotClient.for_settings(settings, timeout_s=timeout, max_connections=1)
         try:
             await asyncio.wait_for(client.track(b"{}"), timeout)
         finally:

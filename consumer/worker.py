@@ -188,11 +188,7 @@ class Worker:
         self.s = settings
         self.m = metrics
         self.health = health
-        self.client: TrackClient = client or UserpilotClient(
-            settings.track_url, settings.headers(), timeout_s=settings.request_timeout_s,
-            max_connections=settings.max_connections, ca_bundle=settings.ca_bundle,
-            proxy=settings.proxy.reveal() if settings.proxy else None,
-        )
+        self.client: TrackClient = client or UserpilotClient.for_settings(settings)
         self.dlq: DeadLetterSink = dlq or DeadLetterProducer(settings.kafka_config())
         # One limiter per endpoint family (Redis-shared with REDIS_URL, else the partition
         # share), and the messageId deduplicator when Redis is configured.
