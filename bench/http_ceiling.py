@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -53,48 +53,50 @@ def _bodies(payloads: Sequence[bytes], seconds: float) -> Iterator[bytes]:
         i += 1
 
 
+async def _timed(send: Callable[[bytes], Awaitable[bool]], payloads: Sequence[bytes],
+                 seconds: float, concurrency: int) -> HttpResult:
+    """`concurrency` tasks calling `send` (True: accepted) until the time is up, after one
+    warm-up call that connects before the clock starts."""
+    counts = {"accepted": 0, "other": 0}
+    await send(payloads[0])
+    source = _bodies(payloads, seconds)
+
+    async def run() -> None:
+        for body in source:
+            counts["accepted" if await send(body) else "other"] += 1
+
+    start, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(run() for _ in range(concurrency)))
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return HttpResult(counts["accepted"], counts["other"], elapsed, cpu)
+
+
 async def _httpx(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
                  seconds: float, concurrency: int, on_aiohttp: bool = False) -> HttpResult:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    counts = {"accepted": 0, "other": 0}
     kind = HttpxAiohttpClient if on_aiohttp else httpx.AsyncClient
     target = httpx.URL(url)  # parsed once, as the worker does (`UserpilotClient`)
     async with kind(headers=dict(headers), limits=limits, timeout=30.0) as client:
-        await client.post(target, content=payloads[0])  # connect before the clock starts
-        source = _bodies(payloads, seconds)
 
-        async def run() -> None:
-            for body in source:
-                response = await client.post(target, content=body)
-                counts["accepted" if response.status_code == 202 else "other"] += 1
+        async def send(body: bytes) -> bool:
+            return (await client.post(target, content=body)).status_code == 202
 
-        start, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(run() for _ in range(concurrency)))
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return HttpResult(counts["accepted"], counts["other"], elapsed, cpu)
+        return await _timed(send, payloads, seconds, concurrency)
 
 
 async def _aiohttp(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
                    seconds: float, concurrency: int) -> HttpResult:
     import aiohttp  # dev extra: only the benchmark needs it
 
-    counts = {"accepted": 0, "other": 0}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(headers=dict(headers), connector=connector) as session:
-        async with session.post(url, data=payloads[0]) as warm:
-            await warm.read()
-        source = _bodies(payloads, seconds)
 
-        async def run() -> None:
-            for body in source:
-                async with session.post(url, data=body) as response:
-                    await response.read()
-                    counts["accepted" if response.status == 202 else "other"] += 1
+        async def send(body: bytes) -> bool:
+            async with session.post(url, data=body) as response:
+                await response.read()
+                return response.status == 202
 
-        start, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(run() for _ in range(concurrency)))
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return HttpResult(counts["accepted"], counts["other"], elapsed, cpu)
+        return await _timed(send, payloads, seconds, concurrency)
 
 
 def run_httpx(url: str, headers: Mapping[str, str], payloads: Sequence[bytes], seconds: float,
@@ -115,26 +117,18 @@ def run_httpx_aiohttp(url: str, headers: Mapping[str, str], payloads: Sequence[b
 
 async def _worker_client(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
                          seconds: float, concurrency: int) -> HttpResult:
-    counts = {"accepted": 0, "other": 0}
     client = UserpilotClient(url, headers, timeout_s=30.0, max_connections=concurrency)
+
+    async def send(body: bytes) -> bool:
+        try:
+            return await client.track(body) == 202  # raises on anything but a 2xx
+        except WorkerError:
+            return False
+
     try:
-        await client.track(payloads[0])  # connect before the clock starts
-        source = _bodies(payloads, seconds)
-
-        async def run() -> None:
-            for body in source:
-                try:
-                    status = await client.track(body)  # raises on anything but a 2xx
-                except WorkerError:
-                    status = 0
-                counts["accepted" if status == 202 else "other"] += 1
-
-        start, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(run() for _ in range(concurrency)))
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return await _timed(send, payloads, seconds, concurrency)
     finally:
         await client.aclose()
-    return HttpResult(counts["accepted"], counts["other"], elapsed, cpu)
 
 
 def run_worker_client(url: str, headers: Mapping[str, str], payloads: Sequence[bytes],
