@@ -123,6 +123,16 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
+@contextmanager
+def tls_front(server: SandboxThread, certificate: tuple[Path, Path]) -> Iterator[int]:
+    """A TLS terminator (relay.py) with `certificate` in front of the sandbox; yields its
+    port, served as https://localhost:<port>."""
+    cert, key = certificate
+    upstream = server.url.split("://", 1)[1]
+    with relay("tls", "--cert", str(cert), "--key", str(key), "--upstream", upstream) as port:
+        yield port
+
+
 def test_tls_with_a_private_ca_from_userpilot_ca_bundle(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
     sandbox: Sandbox, certificate: tuple[Path, Path],
@@ -130,9 +140,8 @@ def test_tls_with_a_private_ca_from_userpilot_ca_bundle(
     server, control = sandbox
     topic = topic_factory(partitions=1)
     _events(topic, kafka_bootstrap, schema_registry_url, 10)
-    upstream = server.url.split("://", 1)[1]
-    cert, key = certificate
-    with relay("tls", "--cert", str(cert), "--key", str(key), "--upstream", upstream) as port:
+    cert, _ = certificate
+    with tls_front(server, certificate) as port:
         env = worker_env(kafka_bootstrap, schema_registry_url, f"https://localhost:{port}",
                          topic, f"{topic}-g", USERPILOT_INSECURE_HTTP="false",
                          USERPILOT_CA_BUNDLE=str(cert))
@@ -149,9 +158,7 @@ def test_tls_without_the_ca_delivers_nothing_and_dead_letters_nothing(
     server, control = sandbox
     topic = topic_factory(partitions=1)
     _events(topic, kafka_bootstrap, schema_registry_url, 3)
-    cert, key = certificate
-    upstream = server.url.split("://", 1)[1]
-    with relay("tls", "--cert", str(cert), "--key", str(key), "--upstream", upstream) as port:
+    with tls_front(server, certificate) as port:
         env = worker_env(kafka_bootstrap, schema_registry_url, f"https://localhost:{port}",
                          topic, f"{topic}-g", USERPILOT_INSECURE_HTTP="false")
         assert "USERPILOT_CA_BUNDLE" not in env and "SSL_CERT_FILE" not in os.environ
@@ -204,9 +211,8 @@ def test_check_config_online_trusts_the_ca_bundle_and_says_so_without_it(
     server, _ = sandbox
     topic = topic_factory(partitions=1)
     create_topic(kafka_bootstrap, f"{topic}.userpilot.dlq")
-    cert, key = certificate
-    upstream = server.url.split("://", 1)[1]
-    with relay("tls", "--cert", str(cert), "--key", str(key), "--upstream", upstream) as port:
+    cert, _ = certificate
+    with tls_front(server, certificate) as port:
         env = worker_env(kafka_bootstrap, schema_registry_url, f"https://localhost:{port}",
                          topic, f"{topic}-g", USERPILOT_INSECURE_HTTP="false")
         trusted = _online({**env, "USERPILOT_CA_BUNDLE": str(cert)})
