@@ -32,6 +32,8 @@ from consumer.health import Health
 from consumer.metrics import Metrics
 from consumer.registry import Registry
 from consumer.worker import (
+    INTAKE_TURN_MESSAGES,
+    INTAKE_TURN_SENDS,
     OVERFLOW_MAX,
     OVERFLOW_SECONDS,
     RATE_SPAN_S,
@@ -559,6 +561,83 @@ def test_with_fast_deliveries_a_small_window_delivers_every_event_once_in_order(
     for p in range(3):
         seqs = [seq for user, seq in seen if user == f"u{p}"]
         assert seqs == sorted(seqs) == list(range(400)), f"partition {p} in offset order"
+
+
+class TurnClient(FakeClient):
+    """Records the event loop's turn (counted by `count_turns`) at which each send starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.turn = 0
+        self.started_at: list[int] = []
+
+    async def count_turns(self) -> None:
+        while True:
+            self.turn += 1
+            await asyncio.sleep(0)
+
+    async def send(self, call: Call) -> int:
+        self.started_at.append(self.turn)
+        return await super().send(call)
+
+
+def test_a_polled_batch_starts_at_most_intake_turn_sends_events_per_turn_of_the_loop() -> None:
+    # Starting a whole window in one turn held every answer in flight behind it (turns of
+    # 10-50 ms): the intake hands the loop back after INTAKE_TURN_SENDS events to send.
+    client = TurnClient()
+    count = 5 * INTAKE_TURN_SENDS + 3
+    log = log_of(*(track(f"u{i}", i) for i in range(count)))
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
+
+    async def main() -> int:
+        counter = asyncio.create_task(client.count_turns())
+        task = asyncio.create_task(run.worker.run())
+        await until(lambda: bool(run.made) and run.source.committed().get((TOPIC, 0)) == count,
+                    "all committed")
+        run.worker.stop()
+        code = await asyncio.wait_for(task, 10)
+        counter.cancel()
+        return code
+
+    assert asyncio.run(main()) == 0
+    assert sorted(codec_seq(b) for b in client.bodies) == list(range(count))
+    per_turn = Counter(client.started_at)
+    assert max(per_turn.values()) <= INTAKE_TURN_SENDS, per_turn
+    assert len(per_turn) >= count // INTAKE_TURN_SENDS
+
+
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_drops_are_taken_in_one_slice_unless_events_are_in_flight(in_flight: bool) -> None:
+    # A backlog of drops costs no turn of the loop; beside a send in flight it is sliced,
+    # so answers are read between slices.
+    values = ([track("u1", 0)] if in_flight else []) + [
+        track(None, i) for i in range(3 * INTAKE_TURN_MESSAGES)]
+    client = FakeClient()
+    client.gate = asyncio.Event() if in_flight else None
+    run = make(log_of(*values), registry=known_schema(), client=client,
+               USERPILOT_ENSURE_USER="false")
+    slices: list[tuple[int, int, int]] = []  # start, end, batch size
+    intake = run.worker._intake
+
+    def recording(messages: Any, start: int, scheduler: Any) -> tuple[int, int]:
+        result = intake(messages, start, scheduler)
+        slices.append((start, result[1], len(messages)))
+        return result
+
+    run.worker._intake = recording  # type: ignore[method-assign]
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: sum(b - a for a, b, _ in slices) == len(values), "all taken")
+        if client.gate is not None:
+            client.gate.set()
+        await until(lambda: source.committed().get((TOPIC, 0)) == len(values),
+                    "all committed")
+
+    assert drive(run, scenario) == 0
+    if in_flight:
+        assert max(b - a for a, b, _ in slices) <= INTAKE_TURN_MESSAGES, slices
+    else:
+        assert all(a == 0 and b == n for a, b, n in slices), slices
 
 
 def test_fair_holds_lets_in_only_the_emptiest_partitions_with_something_to_read() -> None:
