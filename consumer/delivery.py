@@ -183,7 +183,12 @@ class UserpilotClient:
         self.proxy = httpx.Proxy(proxy) if proxy else None
         """The proxy in use (its URL without credentials: `proxy.url`), or None."""
         if transport is None:
-            context = ssl_context(ca_bundle)
+            # The CA store (certifi's: ~2.5 MB of RSS) is loaded only when a connection
+            # can use TLS. For plain HTTP (the sandbox, a local relay) the context trusts
+            # no CA at all: a TLS handshake could only fail, never trust by accident.
+            tls = "https" in (parts.scheme, self.proxy.url.scheme if self.proxy else "")
+            context = (ssl_context(ca_bundle) if tls
+                       else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
             limits = httpx.Limits(max_connections=max_connections,
                                   max_keepalive_connections=max_connections)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import ssl
 import time
 from collections.abc import Callable
 
 import httpx
 import pytest
+from httpx_aiohttp import AiohttpTransport
 
 from consumer.delivery import (
     BODY_LIMIT,
@@ -346,3 +348,20 @@ def test_an_echoed_token_never_reaches_the_exception(status: int) -> None:
     assert "***" in body
     assert token not in body and token not in str(exc)
     assert token[:12] not in body
+
+
+@pytest.mark.parametrize(("url", "proxy", "loaded"), [
+    ("https://analytex.userpilot.io/v1/track", None, True),
+    ("http://127.0.0.1:8090/v1/track", None, False),
+    ("http://127.0.0.1:8090/v1/track", "https://proxy.corp:3128", True),
+    ("http://127.0.0.1:8090/v1/track", "http://proxy.corp:3128", False),
+])
+def test_the_ca_store_is_loaded_only_when_a_connection_can_use_tls(
+        url: str, proxy: str | None, loaded: bool) -> None:
+    # certifi's store costs ~2.5 MB of RSS; for plain HTTP the context trusts nothing.
+    client = UserpilotClient(url, {}, timeout_s=1.0, max_connections=1, proxy=proxy)
+    transport = client._transport
+    assert isinstance(transport, AiohttpTransport)
+    context = transport.ssl_context
+    assert (context.cert_store_stats()["x509_ca"] > 0) is loaded
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
