@@ -451,11 +451,13 @@ class Worker:
         taken: dict[str, int] = {}
         scheduled = 0
         position = start
+        # Where this slice ends; sliced by messages only once something is in flight, so a
+        # backlog of drops pays no check per message.
         end = len(messages)
-        busy = scheduler.in_flight > 0
+        if scheduler.in_flight:
+            end = min(end, start + INTAKE_TURN_MESSAGES)
         try:
-            while position < end and scheduled < INTAKE_TURN_SENDS and (
-                    position - start < INTAKE_TURN_MESSAGES or not (busy or scheduled)):
+            while position < end:
                 message = messages[position]
                 position += 1
                 err = message.error()
@@ -485,6 +487,10 @@ class Worker:
                     drops[key] = count + 1
                 else:
                     scheduled += 1
+                    if scheduled >= INTAKE_TURN_SENDS:
+                        end = position
+                    elif scheduled == 1:
+                        end = min(end, start + INTAKE_TURN_MESSAGES)
                 taken[topic] = taken.get(topic, 0) + 1
         finally:
             if marks:
