@@ -85,8 +85,8 @@ INTAKE_TURN_SENDS = 8
 """Events to send taken per turn of the event loop. Each starts a task whose first step
 (building and writing its request, ~0.2 ms) runs in the next turn; taking a whole window at
 once (200 when acknowledged commits free it) made turns of 10-50 ms, during which no answer
-of the 64 requests in flight was read: connections were held 34 ms for Userpilot's 20 and
-delivery at 20 ms ran at 1,400 events/s. With 8 per turn, turns over 5 ms fell from 56 %
+of the 64 requests in flight was read: connections were held 34 ms for the sandbox's 20 and
+delivery at 20 ms ran at 1,330-1,620 events/s. With 8 per turn, turns over 5 ms fell from 56 %
 to 6 % of the loop's time and the same backlog went at 1,700-1,800 events/s (README,
 "Performance")."""
 INTAKE_TURN_MESSAGES = 128  # ... and messages (drops: ~20 µs each) while any is in flight
