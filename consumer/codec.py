@@ -381,23 +381,25 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     """Wire bytes → event (JSON text parsed lazily), resolving the writer schema to ours."""
     if data is not None and len(data) >= _HEADER.size and data[0] == MAGIC_BYTE:
         schema_id = _HEADER.unpack_from(data)[1]  # the common case, without a call
-        body = memoryview(data)[_HEADER.size:]
     else:
-        schema_id, body = split_wire(data)  # raises the reason
+        schema_id, _ = split_wire(data)  # raises the reason
+    assert data is not None  # split_wire raised otherwise
     try:
         writer = lookup(schema_id)
     except KeyError:
         raise UndecodableEvent(f"unknown schema id {schema_id}") from None
-    stream = io.BytesIO(body)
+    # Read in place past the header: a BytesIO over bytes shares them (no copy of the body).
+    stream = io.BytesIO(data)
+    stream.seek(_HEADER.size)
     try:
         # Resolution costs time per call; skip it when the writer is our own schema.
         reader = None if writer is SCHEMA else SCHEMA
         record = _read_record(stream, writer, reader)
     except Exception as exc:  # fastavro raises many types on corrupt input
         raise UndecodableEvent(f"not a Signal event in Avro: {type(exc).__name__}: {exc}") from None
-    if stream.tell() != len(body):
+    if stream.tell() != len(data):
         raise UndecodableEvent(
-            f"{len(body) - stream.tell()} trailing bytes after the Avro record (corrupt message)"
+            f"{len(data) - stream.tell()} trailing bytes after the Avro record (corrupt message)"
         )
     if not isinstance(record, dict):
         raise UndecodableEvent("Avro body did not decode to a record")
