@@ -60,7 +60,8 @@ class Commits:
             return True
 
     def owns(self, tp: TP) -> bool:
-        """`tp` is assigned: its messages may be taken (asked once per polled batch)."""
+        """`tp` is assigned: its messages may be taken (asked once per slice of a polled
+        batch)."""
         with self._lock:
             return tp in self._offsets
 
@@ -68,9 +69,9 @@ class Commits:
         """Dropped events, taken and finished at once: per partition the highest offset of
         a run of drops, in offset order with that partition's `take`s.
 
-        One call per polled batch (and before a partition's next `take`), not one lock per
-        event: a dropped offset is never open, so recording a run's last offset gives the
-        same committable offsets as `take` and `finish` of each of them
+        One call per slice of a polled batch (and before a partition's next `take`), not
+        one lock per event: a dropped offset is never open, so recording a run's last
+        offset gives the same committable offsets as `take` and `finish` of each of them
         (`PartitionOffsets.skipped`). Partitions no longer assigned are ignored.
         """
         with self._lock:

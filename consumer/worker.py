@@ -342,6 +342,10 @@ class Worker:
                 while taken < len(batch):
                     # A turn of the event loop between slices: see INTAKE_TURN_SENDS.
                     await asyncio.sleep(0)
+                    if self._stopping.is_set():
+                        # The rest is not taken: it follows every taken offset of its
+                        # partition, so it is read again (by the next owner).
+                        break
                     more, taken = self._intake(batch, taken, scheduler)
                     scheduled += more
                 self._note_pace()

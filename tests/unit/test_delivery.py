@@ -357,8 +357,11 @@ def test_an_echoed_token_never_reaches_the_exception(status: int) -> None:
     ("http://127.0.0.1:8090/v1/track", "http://proxy.corp:3128", False),
 ])
 def test_the_ca_store_is_loaded_only_when_a_connection_can_use_tls(
-        url: str, proxy: str | None, loaded: bool) -> None:
+        url: str, proxy: str | None, loaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # certifi's store costs ~2.5 MB of RSS; for plain HTTP the context trusts nothing.
+    # (A CA directory, SSL_CERT_DIR, is read lazily: counted CAs would say nothing.)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     client = UserpilotClient(url, {}, timeout_s=1.0, max_connections=1, proxy=proxy)
     transport = client._transport
     assert isinstance(transport, AiohttpTransport)

@@ -606,6 +606,35 @@ def test_a_polled_batch_starts_at_most_intake_turn_sends_events_per_turn_of_the_
     assert len(per_turn) >= count // INTAKE_TURN_SENDS
 
 
+class StoppingClient(FakeClient):
+    """Asks the worker to stop at its first request (as SIGTERM would)."""
+
+    worker: Worker | None = None
+
+    async def send(self, call: Call) -> int:
+        if self.worker is not None:
+            self.worker.stop()
+        return await super().send(call)
+
+
+def test_a_stop_between_slices_leaves_the_rest_of_the_batch_untaken_and_uncommitted() -> None:
+    client = StoppingClient()
+    count = 5 * INTAKE_TURN_SENDS + 3
+    run = make(log_of(*(track(f"u{i}", i) for i in range(count))), registry=known_schema(),
+               client=client, USERPILOT_ENSURE_USER="false")
+    client.worker = run.worker
+
+    async def main() -> int:
+        return await asyncio.wait_for(run.worker.run(), 10)
+
+    assert asyncio.run(main()) == 0
+    delivered = [codec_seq(b) for b in client.bodies]
+    assert 0 < len(delivered) < count, "the batch stopped being taken"
+    # What was taken was delivered and committed; the rest is read again from there.
+    assert sorted(delivered) == list(range(len(delivered)))
+    assert run.source.committed() == {(TOPIC, 0): len(delivered)}
+
+
 @pytest.mark.parametrize("in_flight", [False, True])
 def test_drops_are_taken_in_one_slice_unless_events_are_in_flight(in_flight: bool) -> None:
     # A backlog of drops costs no turn of the loop; beside a send in flight it is sliced,
