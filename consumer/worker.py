@@ -338,16 +338,18 @@ class Worker:
                     # callback breaks confluent-kafka's per-thread call state (it aborts).
                     await source.call(self._reshare, source)
                 batch = self._next_batch(messages, room)
-                scheduled, taken = self._intake(batch, 0, scheduler)
-                while taken < len(batch):
+                scheduled = position = 0
+                while True:
+                    more, position = self._intake(batch, position, scheduler)
+                    scheduled += more
+                    if position >= len(batch):
+                        break
                     # A turn of the event loop between slices: see INTAKE_TURN_SENDS.
                     await asyncio.sleep(0)
                     if self._stopping.is_set():
                         # The rest is not taken: it follows every taken offset of its
                         # partition, so it is read again (by the next owner).
                         break
-                    more, taken = self._intake(batch, taken, scheduler)
-                    scheduled += more
                 self._note_pace()
                 # Periodically, and at once when caught up (an idle poll): a drained backlog
                 # should not wait for the timer to be committed.
