@@ -247,3 +247,44 @@ def test_help_of_run_replay_and_demo_states_the_bound() -> None:
         result = cli([command, "--help"], {})
         assert result.returncode == 0
         assert "one line within --timeout" in " ".join(result.stdout.split()), command
+
+
+# ---------------------------------------------- the garbage collector of `run`
+
+_RUN_WITH_A_FAKE_WORKER = """
+import gc
+import consumer.health, consumer.reach, consumer.worker
+seen = {}
+class Worker:
+    kafka_abandoned = False
+    def __init__(self, *args, **kwargs): pass
+    def stop(self): pass
+    async def run(self):
+        seen["frozen"], seen["young"] = gc.get_freeze_count(), gc.get_threshold()[0]
+        return 0
+class Server:
+    def close(self): pass
+consumer.reach.services = lambda *args, **kwargs: []
+consumer.health.serve = lambda *args, **kwargs: Server()
+consumer.worker.Worker = Worker
+from consumer.__main__ import main
+code = main(["run"])
+print(code, seen["frozen"], seen["young"])
+"""
+
+
+def test_run_freezes_start_up_objects_and_collects_the_young_generation_less_often() -> None:
+    """`run` hands the event loop a collector set for a worker (`tune_collector`): what
+    start-up made is frozen, and the youngest generation waits for GC_YOUNG_THRESHOLD."""
+    from consumer.__main__ import GC_YOUNG_THRESHOLD
+
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_"))}
+    proc = subprocess.run([sys.executable, "-c", _RUN_WITH_A_FAKE_WORKER],
+                          env={**clean, **RUN_ENV}, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    code, frozen, young = map(int, proc.stdout.split())
+    assert code == 0
+    assert frozen > 10_000  # the modules and settings of start-up
+    assert young == GC_YOUNG_THRESHOLD > 700
