@@ -1,8 +1,10 @@
 """`python -m bench.compare`: the same workload for workers from different source trees.
 
 For before/after figures on a shared machine: the drop path of each tree runs back to back
-on one backlog, between two runs of the bare consume + Avro ceiling, repeated; saturation,
-memory and added latency run per tree with the same parameters. Only the worker process
+on one backlog, between two runs of the bare consume + Avro ceiling, repeated; delivery at
+a sandbox latency runs each tree back to back after the plain loop on the worker's client,
+the trees' order alternating; saturation, memory and added latency run per tree with the
+same parameters. Only the worker process
 comes from the other tree (its `PYTHONPATH`); the driver, the sandbox and the ceilings are
 this tree's. A tree is a checkout, e.g. `git worktree add /tmp/old 5aa140f`; `here` is this
 one. The workers run from a scratch directory, so `python -m consumer` imports the tree
@@ -21,9 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench.http_ceiling import run_worker_client
 from bench.kafka_io import consume_avro
 from bench.procs import SandboxProcess, WorkerProcess
-from bench.workloads import DROP_PROGRESS, KNOWN_USERS, UNLIMITED, Bench, Params
+from bench.workloads import API_HEADERS, DROP_PROGRESS, KNOWN_USERS, UNLIMITED, Bench, Params
 
 __all__ = ["main"]
 
@@ -82,6 +85,39 @@ def drop(bench: TreeBench, trees: Sequence[str], rounds: int) -> list[dict[str, 
     return rows
 
 
+def delivery(bench: TreeBench, trees: Sequence[str], rounds: int) -> list[dict[str, Any]]:
+    """Per round: the plain loop on the worker's client (`run_worker_client`, workload 4),
+    then each tree's delivery workload (3) on one backlog, at the params' last latency;
+    rates, CPU per event and the ratios the issue sets against the plain loop."""
+    p = bench.params
+    latency = p.latencies_ms[-1]
+    topic = bench.backlog("deliver", p.delivery_events)
+    bodies = bench.payloads()
+    base = bench.run_id
+    rows: list[dict[str, Any]] = []
+    with SandboxProcess() as sandbox:
+        for r in range(rounds):
+            sandbox.control.set_faults(latency_ms=latency)
+            sandbox.control.reset()
+            plain = run_worker_client(sandbox.url + "/v1/track", API_HEADERS, bodies,
+                                      p.http_seconds, p.concurrency)
+            row: dict[str, Any] = {"round": r, "latency_ms": latency,
+                                   "plain_loop": {"rate": plain.rate,
+                                                  "cpu_us": plain.cpu_us_per_request}}
+            for tree in (trees if r % 2 == 0 else trees[::-1]):
+                bench.tree = tree
+                bench.run_id = f"{base}-{r}-{_name(tree)}"  # a fresh consumer group
+                result = bench._deliver(sandbox, topic, latency)
+                row[_name(tree)] = {
+                    "rate": result["rate"], "cpu_us": result["cpu_us_per_event"],
+                    "ratio": result["rate"] / plain.rate,
+                    "cpu_ratio": plain.cpu_us_per_request / result["cpu_us_per_event"]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    bench.run_id = base
+    return rows
+
+
 def others(bench: TreeBench, trees: Sequence[str], rounds: int) -> list[dict[str, Any]]:
     """Saturation (both scenarios), peak RSS draining a backlog, added latency, per tree."""
     rows: list[dict[str, Any]] = []
@@ -109,11 +145,14 @@ def others(bench: TreeBench, trees: Sequence[str], rounds: int) -> list[dict[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
-    parser.add_argument("what", choices=("drop", "others"))
+    parser.add_argument("what", choices=("drop", "delivery", "others"))
     parser.add_argument("--trees", default="here",
                         help="comma-separated checkouts; 'here' is this one")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--drop-events", type=int, default=200_000)
+    parser.add_argument("--delivery-events", type=int, default=10_000)
+    parser.add_argument("--latency-ms", type=float, default=20.0,
+                        help="the sandbox's latency for `delivery`")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -127,12 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                      sat_window_s=10.0, sat_windows=3, sat_parallel=True,
                      memory_events=200_000, memory_min_s=15.0, memory_max_s=20.0,
                      latency_seconds=10.0)
+    if args.what == "delivery":
+        # As the full run's workloads 3 and 4: its users, a 10 s plain loop.
+        params = replace(params, users=Params.users, delivery_events=args.delivery_events,
+                         http_seconds=Params.http_seconds, latencies_ms=(args.latency_ms,))
     out = args.out.resolve() if args.out is not None else None
     scratch = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     os.chdir(scratch)  # `python -m consumer` puts the working directory first on sys.path
     bench = TreeBench(bootstrap, registry, params, scratch)
     try:
-        rows = (drop if args.what == "drop" else others)(bench, trees, args.rounds)
+        run = {"drop": drop, "delivery": delivery, "others": others}[args.what]
+        rows = run(bench, trees, args.rounds)
     finally:
         bench.cleanup()
     if out is not None:
