@@ -95,26 +95,30 @@ def delivery(bench: TreeBench, trees: Sequence[str], rounds: int) -> list[dict[s
     bodies = bench.payloads()
     base = bench.run_id
     rows: list[dict[str, Any]] = []
-    with SandboxProcess() as sandbox:
-        for r in range(rounds):
-            sandbox.control.set_faults(latency_ms=latency)
-            sandbox.control.reset()
-            plain = run_worker_client(sandbox.url + "/v1/track", API_HEADERS, bodies,
-                                      p.http_seconds, p.concurrency)
-            row: dict[str, Any] = {"round": r, "latency_ms": latency,
-                                   "plain_loop": {"rate": plain.rate,
-                                                  "cpu_us": plain.cpu_us_per_request}}
-            for tree in (trees if r % 2 == 0 else trees[::-1]):
-                bench.tree = tree
-                bench.run_id = f"{base}-{r}-{_name(tree)}"  # a fresh consumer group
-                result = bench._deliver(sandbox, topic, latency)
-                row[_name(tree)] = {
-                    "rate": result["rate"], "cpu_us": result["cpu_us_per_event"],
-                    "ratio": result["rate"] / plain.rate,
-                    "cpu_ratio": plain.cpu_us_per_request / result["cpu_us_per_event"]}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    bench.run_id = base
+    try:
+        with SandboxProcess() as sandbox:
+            for r in range(rounds):
+                sandbox.control.set_faults(latency_ms=latency)
+                sandbox.control.reset()
+                plain = run_worker_client(sandbox.url + "/v1/track", API_HEADERS, bodies,
+                                          p.http_seconds, p.concurrency)
+                if plain.accepted == 0 or plain.other:
+                    raise RuntimeError(f"plain loop on the worker's client: {plain}")
+                row: dict[str, Any] = {"round": r, "latency_ms": latency,
+                                       "plain_loop": {"rate": plain.rate,
+                                                      "cpu_us": plain.cpu_us_per_request}}
+                for tree in (trees if r % 2 == 0 else trees[::-1]):
+                    bench.tree = tree
+                    bench.run_id = f"{base}-{r}-{_name(tree)}"  # a fresh consumer group
+                    result = bench._deliver(sandbox, topic, latency)
+                    row[_name(tree)] = {
+                        "rate": result["rate"], "cpu_us": result["cpu_us_per_event"],
+                        "ratio": result["rate"] / plain.rate,
+                        "cpu_ratio": plain.cpu_us_per_request / result["cpu_us_per_event"]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    finally:
+        bench.run_id = base
     return rows
 
 

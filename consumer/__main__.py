@@ -47,16 +47,17 @@ def tune_collector() -> None:
     """Set the cyclic garbage collector for a long-running worker; called once start-up is
     done.
 
-    - What start-up made (modules, settings, schemas, metrics: ~48,000 objects) lives as long
-      as the process: frozen, full collections no longer walk it. Their pauses fell from
-      ~20 ms to ~4 ms at 2,000 events/s, turns of the event loop in which no answer is read.
-    - An event's objects are freed by reference counting when it ends: the event path
-      makes no reference cycle (tests/unit/test_handler.py). So the collector finds nothing,
-      and at Python's default threshold it ran ~270 times a second only because ~200
-      events are alive in flight at any moment (their objects promoted, then full
-      collections for them): 10 % of the event loop's time. At GC_YOUNG_THRESHOLD it runs
-      about twice a second (RESULTS.md, "Round 8"). Cycles made elsewhere (an exception's
-      traceback) are still collected, a little later.
+    - What start-up made (modules, settings, mappings, metrics, the worker's collaborators:
+      ~48,000 objects) lives as long as the process: frozen, full collections no longer
+      walk it. Their pauses fell from ~20 ms to ~4 ms at 2,000 events/s: turns of the event
+      loop in which no answer is read.
+    - An event's objects are freed by reference counting when it ends: the event path makes
+      no reference cycle, delivered, retried or dead-lettered (tests/unit/test_handler.py).
+      So the collector finds nothing, and at Python's default threshold it ran ~270 times a
+      second only because ~200 events are alive in flight at any moment (their objects
+      promoted, then walked again by full collections): 10 % of the event loop's time. At
+      GC_YOUNG_THRESHOLD it runs about twice a second (RESULTS.md, "Round 8"). Cycles made
+      elsewhere (a closed connection's transport) are still collected, a little later.
     """
     gc.collect()
     gc.freeze()
@@ -105,8 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # just started) is a clean stop, not death by the default signal action (exit -15).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _sig, _frame: worker.stop())
+    tune_collector()  # before the health server's thread makes objects of its own
     server = serve(settings.metrics_port, registry, health)
-    tune_collector()
     try:
         code = asyncio.run(worker.run())
     finally:

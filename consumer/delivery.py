@@ -266,9 +266,14 @@ class UserpilotClient:
         if 200 <= status < 300:  # the common case: no need to decode the body
             return status
         problem = classify(status, response.headers, self._redact(response.text))
-        if problem is not None:
+        if problem is None:
+            return status
+        try:
             raise problem
-        return status
+        finally:
+            # The traceback holds this frame: without this the exception and the frame
+            # (with the response and its connection's buffers) would form a cycle.
+            del problem
 
     async def aclose(self) -> None:
         await self._transport.aclose()

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import random
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -229,7 +230,13 @@ class RetryPolicy:
         reference cycles, ~40 objects per event left to the garbage collector: at 2,000
         events/s two full collections a second, and the memory of every event finished
         since the last one (RESULTS.md, "Round 8"). Without them the event's retry state is
-        freed the moment it ends.
+        freed the moment it ends. An event that ends in an exception (dead-lettered, given
+        up, cancelled) would keep one more: the exception's traceback holds tenacity's frame,
+        whose call state holds the exception. The finished frames' locals are cleared (the
+        traceback's lines stay).
+
+        One `AsyncRetrying` per call, never shared: tenacity keeps a call's state per
+        thread, not per task, so concurrent events would overwrite each other's.
         """
         retrying = AsyncRetrying(
             retry=self._retry_on,
@@ -241,6 +248,10 @@ class RetryPolicy:
         )
         try:
             await retrying(self._once, send, attempts, before_send)
+        except BaseException as exc:
+            if exc.__traceback__ is not None:  # this frame runs on: from the next one
+                traceback.clear_frames(exc.__traceback__.tb_next)
+            raise
         finally:
             retrying.iter_state.reset()
 

@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import random
 import types
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+import httpx
 from prometheus_client import CollectorRegistry
 
 from consumer import codec
 from consumer.calls import Call
 from consumer.config import Settings, load_settings
 from consumer.deadletter import DlqGuard
+from consumer.delivery import UserpilotClient
 from consumer.errors import DeadLetter, RateLimited, Rejected, ServerError
 from consumer.filtering import Drop
 from consumer.handler import DeadLettered, Delivered, Event, Handler
@@ -165,6 +168,10 @@ def cyclic_garbage(handler: Handler, *events: Event) -> list[str]:
     async def main() -> list[str]:
         await handler.handle(track(10_000, "warm"))
         gc.collect()
+        enabled, debug, logging_off = gc.isenabled(), gc.get_debug(), logging.root.manager.disable
+        # Off while measuring: pytest's log capture keeps records whose arguments hold
+        # exceptions, which would keep a cycle alive and hide it.
+        logging.disable(logging.CRITICAL)
         gc.disable()
         gc.set_debug(gc.DEBUG_SAVEALL)
         try:
@@ -174,9 +181,11 @@ def cyclic_garbage(handler: Handler, *events: Event) -> list[str]:
             return sorted({f"{_module_of(o)}.{type(o).__qualname__}" for o in gc.garbage
                            if _module_of(o).split(".")[0] in EVENT_PATH_MODULES})
         finally:
-            gc.set_debug(0)
+            gc.set_debug(debug)
             gc.garbage.clear()
-            gc.enable()
+            if enabled:
+                gc.enable()
+            logging.disable(logging_off)
     return asyncio.run(main())
 
 
@@ -185,13 +194,43 @@ def test_a_delivered_event_leaves_no_reference_cycle_behind() -> None:
     iterator form kept ~40 objects per event in one) wait for the collector: at 2,000
     events/s that was two full collections a second and the memory of every event
     finished meanwhile (RESULTS.md, "Round 8")."""
-    handler, client, _, _, _ = make()
+    handler, client, dlq, _, _ = make()
     client.fail[("/v1/track", "u2")] = [ServerError("HTTP 503", status=503)]  # one retry
+    client.fail[("/v1/track", "u7")] = [Rejected("HTTP 400", status=400)]  # dead-lettered
     events = [track(n, f"u{n % 3}") for n in range(30)]
     events += [event(100, type="identify", userId="u9", traits={"plan": "pro"}),
-               event(101, type="group", userId="u9", groupId="acme", traits={"n": 1})]
+               event(101, type="group", userId="u9", groupId="acme", traits={"n": 1}),
+               track(102, "u7")]
     assert cyclic_garbage(handler, *events) == []
     assert len([p for p, _ in client.sent if p == "/v1/track"]) == 31
+    assert len(dlq.sent) == 1
+
+
+def test_the_http_client_leaves_no_reference_cycle_on_answers_other_than_2xx() -> None:
+    """The same through the real client (`UserpilotClient` on httpx's MockTransport): a 503
+    then 202, a 429 then 202, a 400 (dead-lettered). A classified answer raised from the
+    frame that holds it would keep the response and its buffers in a cycle per attempt."""
+    answers = {"u1": [503], "u2": [429], "u3": [400]}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        who = json.loads(request.content).get("user_id", "")
+        statuses = answers.get(who)
+        return httpx.Response(statuses.pop(0) if statuses else 202, text="{}")
+
+    s = settings(USERPILOT_ENSURE_USER="false")
+    client = UserpilotClient("http://userpilot.test/v1/track", s.headers(), timeout_s=5.0,
+                             max_connections=4, transport=httpx.MockTransport(answer))
+    dlq = Dlq()
+    policy = RetryPolicy(Gate(), max_attempts=s.retry_max_attempts, budget_s=60,
+                         backoff_multiplier_s=0.001, backoff_max_s=0.001)
+    limiters = {"track": Limiter(), "identify": Limiter()}
+    handler = Handler(s, Metrics(CollectorRegistry()), client=client, registry=Registry(),
+                      dlq=dlq, limiters=limiters.__getitem__, policy=policy,
+                      guard=DlqGuard(1.0, 100, 1000))
+    events = [track(n, f"u{n}") for n in range(1, 6)]
+    assert cyclic_garbage(handler, *events) == []
+    assert not any(answers.values())
+    assert len(dlq.sent) == 1
 
 
 def test_an_identify_event_makes_the_user_known_and_ensure_user_can_be_off() -> None:
