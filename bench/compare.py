@@ -4,11 +4,10 @@ For before/after figures on a shared machine: the drop path of each tree runs ba
 on one backlog, between two runs of the bare consume + Avro ceiling, repeated; delivery at
 a sandbox latency runs each tree back to back after the plain loop on the worker's client,
 the trees' order alternating; saturation, memory and added latency run per tree with the
-same parameters. Only the worker process
-comes from the other tree (its `PYTHONPATH`); the driver, the sandbox and the ceilings are
-this tree's. A tree is a checkout, e.g. `git worktree add /tmp/old 5aa140f`; `here` is this
-one. The workers run from a scratch directory, so `python -m consumer` imports the tree
-given, not the current directory.
+same parameters. Only the worker process comes from the other tree (its `PYTHONPATH`); the
+driver, the sandbox and the ceilings are this tree's. A tree is a checkout, e.g.
+`git worktree add /tmp/old 5aa140f`; `here` is this one. The workers run from a scratch
+directory, so `python -m consumer` imports the tree given, not the current directory.
 """
 
 from __future__ import annotations

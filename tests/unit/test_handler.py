@@ -22,7 +22,7 @@ from consumer.deadletter import DlqGuard
 from consumer.delivery import UserpilotClient
 from consumer.errors import DeadLetter, RateLimited, Rejected, ServerError
 from consumer.filtering import Drop
-from consumer.handler import DeadLettered, Delivered, Event, Handler
+from consumer.handler import DeadLettered, Delivered, Event, Handler, TrackClient
 from consumer.metrics import Metrics
 from consumer.policy import Gate, RetryPolicy
 from consumer.routing import Send
@@ -98,16 +98,23 @@ class Limiter:
         return 0.0
 
 
-def make(**extra: str) -> tuple[Handler, Client, Dlq, dict[str, Limiter], CollectorRegistry]:
-    s = settings(**extra)
+def handler_for(s: Settings, client: TrackClient
+                ) -> tuple[Handler, Dlq, dict[str, Limiter], CollectorRegistry]:
+    """A Handler on `client`, with fake DLQ, limiters and registry, and fast retries."""
     reg = CollectorRegistry()
-    client, dlq = Client(), Dlq()
+    dlq = Dlq()
     limiters = {"track": Limiter(), "identify": Limiter()}
     policy = RetryPolicy(Gate(), max_attempts=s.retry_max_attempts, budget_s=60,
                          backoff_multiplier_s=0.001, backoff_max_s=0.001)
     handler = Handler(s, Metrics(reg), client=client, registry=Registry(), dlq=dlq,
                       limiters=limiters.__getitem__, policy=policy,
                       guard=DlqGuard(1.0, 100, 1000))
+    return handler, dlq, limiters, reg
+
+
+def make(**extra: str) -> tuple[Handler, Client, Dlq, dict[str, Limiter], CollectorRegistry]:
+    client = Client()
+    handler, dlq, limiters, reg = handler_for(settings(**extra), client)
     return handler, client, dlq, limiters, reg
 
 
@@ -220,13 +227,7 @@ def test_the_http_client_leaves_no_reference_cycle_on_answers_other_than_2xx() -
     s = settings(USERPILOT_ENSURE_USER="false")
     client = UserpilotClient("http://userpilot.test/v1/track", s.headers(), timeout_s=5.0,
                              max_connections=4, transport=httpx.MockTransport(answer))
-    dlq = Dlq()
-    policy = RetryPolicy(Gate(), max_attempts=s.retry_max_attempts, budget_s=60,
-                         backoff_multiplier_s=0.001, backoff_max_s=0.001)
-    limiters = {"track": Limiter(), "identify": Limiter()}
-    handler = Handler(s, Metrics(CollectorRegistry()), client=client, registry=Registry(),
-                      dlq=dlq, limiters=limiters.__getitem__, policy=policy,
-                      guard=DlqGuard(1.0, 100, 1000))
+    handler, dlq, _, _ = handler_for(s, client)
     events = [track(n, f"u{n}") for n in range(1, 6)]
     assert cyclic_garbage(handler, *events) == []
     assert not any(answers.values())

@@ -14,13 +14,18 @@ import pytest
 from consumer.__main__ import main
 
 
+def only(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment without the worker's settings, plus ``env``."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_"))}
+    return {**clean, **env}
+
+
 def cli(argv: list[str], env: dict[str, str], stdin: bytes = b"",
         timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `python -m consumer ...` as a subprocess with only ``env`` configured."""
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_"))}
     proc = subprocess.run([sys.executable, "-m", "consumer", *argv], input=stdin,
-                          env={**clean, **env}, capture_output=True, timeout=timeout,
+                          env=only(env), capture_output=True, timeout=timeout,
                           check=False)
     return subprocess.CompletedProcess(proc.args, proc.returncode,
                                        proc.stdout.decode("utf-8", "replace"),
@@ -278,10 +283,8 @@ def test_run_freezes_start_up_objects_and_collects_the_young_generation_less_oft
     start-up made is frozen, and the youngest generation waits for GC_YOUNG_THRESHOLD."""
     from consumer.__main__ import GC_YOUNG_THRESHOLD
 
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_"))}
     proc = subprocess.run([sys.executable, "-c", _RUN_WITH_A_FAKE_WORKER],
-                          env={**clean, **RUN_ENV}, capture_output=True, text=True,
+                          env=only(RUN_ENV), capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     code, frozen, young = map(int, proc.stdout.split())
