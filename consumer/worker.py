@@ -78,6 +78,8 @@ POLL_BATCH = 500
 OVERFLOW_SECONDS = 0.75  # polled messages kept beyond a full window: this long of intake
 OVERFLOW_MAX = 4 * POLL_BATCH  # ... and never more
 RATE_SPAN_S = 2.0  # the pace of finished events is measured over this span
+MIN_PACE_SPAN_S = 0.1  # ... or since the first intake, when shorter, but not under this
+MIN_PACE_EVENTS = 50  # ... and only once this many (and half a window) finished: not noise
 FULL_POLL_PAUSE_S = 0.002  # between polls while window and overflow are both full
 RESUME_WAIT_S = 1.0  # a resumed partition's first fetch (librdkafka's broker thread)
 POLL_TIMEOUT_S = 0.1
@@ -247,6 +249,7 @@ class Worker:
         self._overflow: deque[KafkaMessage] = deque()
         self._pace_log: deque[tuple[float, int]] = deque()
         self._pace_total = 0  # sum of `_pace_log`'s counts, kept as entries come and go
+        self._pace_since: float | None = None  # the first intake of an event to send
         self._finished = 0  # events to send that reached their outcome (event loop)
         self._finished_seen = 0
         self._consumed = Children(self.m.events_consumed)
@@ -315,7 +318,8 @@ class Worker:
                     # Window full, overflow at its size: each poll still takes a message
                     # (to serve acknowledgements); pace it instead of spinning.
                     await asyncio.sleep(FULL_POLL_PAUSE_S)
-                messages = await source.call(source.consume, max(1, wanted), POLL_TIMEOUT_S)
+                timeout = await self._poll_wait(source, scheduler, room)
+                messages = await source.call(source.consume, max(1, wanted), timeout)
                 self.health.beat()
                 self.health.set_connected(source.connected)
                 if source.fatal_error is not None:
@@ -350,7 +354,7 @@ class Worker:
                         # The rest is not taken: it follows every taken offset of its
                         # partition, so it is read again (by the next owner).
                         break
-                self._note_pace()
+                self._note_pace(scheduled)
                 # Periodically, and at once when caught up (an idle poll): a drained backlog
                 # should not wait for the timer to be committed.
                 if not messages or time.monotonic() - last_commit >= self.s.commit_interval_s:
@@ -630,6 +634,24 @@ class Worker:
         self.m.in_flight.set(scheduler.in_flight)
         return max(0, min(POLL_BATCH, limit - pending))
 
+    async def _poll_wait(self, source: Source, scheduler: Scheduler[Event], room: int
+                         ) -> float:
+        """How long the next poll may wait for a message.
+
+        Not at all when messages wait in the overflow and the window has room for them:
+        they are taken now (a drained topic's overflow was taken one window per poll
+        timeout, its last 15 % at half speed). A full window frees as its events finish
+        and their offsets are committed, not as messages arrive: with events in flight,
+        wait (here, on the event loop) for some to finish and commit them, then poll
+        without waiting; with none in flight the poll waits, and `KafkaSource` ends it
+        when the pending commit's acknowledgement is served.
+        """
+        if not room and scheduler.in_flight:
+            await scheduler.wait_change(POLL_TIMEOUT_S)
+            await source.call(self._commit, source, None, False)
+            return 0.0
+        return 0.0 if room and self._overflow else POLL_TIMEOUT_S
+
     # -- overflow: messages polled past a full window -------------------------------------
     def _overflow_cap(self) -> int:
         """How many polled messages may wait outside a full window before partitions pause.
@@ -652,12 +674,22 @@ class Worker:
         log = self._pace_log
         while log and now - log[0][0] > RATE_SPAN_S:
             self._pace_total -= log.popleft()[1]
-        pace = self._pace_total / RATE_SPAN_S  # events finished per second
+        # Events finished per second, over RATE_SPAN_S; at start, over the time since the
+        # first intake once half a window (and MIN_PACE_EVENTS) finished: the first full
+        # window came 0.1 s after the first message, when a 2 s span read 2,000 events/s
+        # as 50 and paused every partition (their refetch: 0.3 s without a message).
+        span, since = RATE_SPAN_S, self._pace_since
+        if since is not None and self._pace_total >= max(MIN_PACE_EVENTS,
+                                                         self.s.max_in_flight // 2):
+            span = min(span, max(MIN_PACE_SPAN_S, now - since))
+        pace = self._pace_total / span
         if pace * 2 * RESUME_WAIT_S <= self.s.max_in_flight:
             return 0
         return min(OVERFLOW_MAX, int(pace * OVERFLOW_SECONDS))
 
-    def _note_pace(self) -> None:
+    def _note_pace(self, scheduled: int) -> None:
+        if scheduled and self._pace_since is None:
+            self._pace_since = time.monotonic()
         done = self._finished - self._finished_seen
         if done:
             self._finished_seen = self._finished

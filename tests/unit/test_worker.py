@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -36,6 +36,7 @@ from consumer.worker import (
     INTAKE_TURN_SENDS,
     OVERFLOW_MAX,
     OVERFLOW_SECONDS,
+    POLL_TIMEOUT_S,
     RATE_SPAN_S,
     Callbacks,
     Worker,
@@ -515,6 +516,30 @@ def test_an_overflow_only_when_the_window_holds_under_two_seconds_of_work() -> N
     assert worker._overflow_cap() == int(400 / RATE_SPAN_S * OVERFLOW_SECONDS)
     finished(now, 100_000)
     assert worker._overflow_cap() == OVERFLOW_MAX
+
+
+def test_at_start_the_pace_is_measured_since_the_first_intake() -> None:
+    worker = make({}, WORKER_MAX_IN_FLIGHT="200").worker
+    now = time.monotonic()
+    worker._pace_log.append((now, 150))
+    worker._pace_total = 150
+    assert worker._overflow_cap() == 0, "no intake recorded: over RATE_SPAN_S, 75 a second"
+    at_1500 = int(1500 * OVERFLOW_SECONDS)
+    worker._pace_since = now - 0.1
+    assert at_1500 - 10 <= worker._overflow_cap() <= at_1500, \
+        "150 finished 0.1 s after the first intake: 1,500 a second, not 75"
+    worker._pace_since = now - 0.01
+    assert worker._overflow_cap() == at_1500, "never over less than MIN_PACE_SPAN_S"
+    worker._pace_since = now - 30.0
+    assert worker._overflow_cap() == 0, "long after the start: RATE_SPAN_S again"
+    worker._pace_since = now - 0.1
+    worker._pace_total = 99
+    assert worker._overflow_cap() == 0, "under half a window finished: too few to trust"
+    fresh = make({}, WORKER_MAX_IN_FLIGHT="200").worker
+    fresh._note_pace(0)
+    assert fresh._pace_since is None, "an idle poll (nothing taken) starts no span"
+    fresh._note_pace(3)
+    assert fresh._pace_since is not None
 
 
 def test_messages_polled_past_a_full_window_are_taken_first_in_poll_order() -> None:
@@ -1063,3 +1088,42 @@ def test_a_stop_before_run_has_its_loop_exits_cleanly_without_sending() -> None:
     assert asyncio.run(asyncio.wait_for(run.worker.run(), 10)) == 0
     assert run.client.bodies == []
     assert run.source.committed() == {}
+
+
+class _Window:
+    """The scheduler as `_poll_wait` sees it: events in flight, and a finish to wait for."""
+
+    def __init__(self, in_flight: int) -> None:
+        self.in_flight = in_flight
+        self.waited: list[float] = []
+
+    async def wait_change(self, timeout: float) -> None:
+        self.waited.append(timeout)
+
+
+class _CallRecorder:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        self.calls.append(getattr(fn, "__name__", repr(fn)))
+        return cast(T, None)
+
+
+def test_the_poll_waits_only_when_nothing_polled_or_finishing_can_be_taken() -> None:
+    worker = make({}).worker
+
+    def wait(room: int, in_flight: int) -> tuple[float, list[float], list[str]]:
+        window, source = _Window(in_flight), _CallRecorder()
+        timeout = asyncio.run(worker._poll_wait(cast(Any, source), cast(Any, window), room))
+        return timeout, window.waited, source.calls
+
+    assert wait(room=5, in_flight=3) == (POLL_TIMEOUT_S, [], []), "nothing waiting: poll waits"
+    worker._overflow.append(Message(TOPIC, 0, 0, b"k", b"v"))
+    assert wait(room=5, in_flight=3) == (0.0, [], []), \
+        "messages in the overflow and room for them: taken now, no wait for more"
+    assert wait(room=0, in_flight=3) == (0.0, [POLL_TIMEOUT_S], ["_commit"]), \
+        "a full window frees as events finish: wait for one, commit, poll without waiting"
+    worker._overflow.clear()
+    assert wait(room=0, in_flight=0) == (POLL_TIMEOUT_S, [], []), \
+        "nothing in flight: the poll waits (and ends at the commit's acknowledgement)"
