@@ -153,6 +153,12 @@ class Commits:
                     fresh.append((tp, offset))
         return fresh
 
+    def outstanding(self) -> bool:
+        """A commit of an assigned partition was sent and is not acknowledged yet."""
+        with self._lock:
+            return any(offset > self._committed.get(tp, -1)
+                       for tp, offset in self._requested.items() if tp in self._offsets)
+
     def committed(self) -> dict[TP, int]:
         """A copy of the acknowledged offsets (logs, the demo, tests)."""
         with self._lock:

@@ -249,7 +249,7 @@ class Worker:
         self._overflow: deque[KafkaMessage] = deque()
         self._pace_log: deque[tuple[float, int]] = deque()
         self._pace_total = 0  # sum of `_pace_log`'s counts, kept as entries come and go
-        self._pace_since: float | None = None  # the first intake of an event to send
+        self._pace_since: float | None = None  # first intake since the pace log was empty
         self._finished = 0  # events to send that reached their outcome (event loop)
         self._finished_seen = 0
         self._consumed = Children(self.m.events_consumed)
@@ -641,15 +641,16 @@ class Worker:
         Not at all when messages wait in the overflow and the window has room for them:
         they are taken now (a drained topic's overflow was taken one window per poll
         timeout, its last 15 % at half speed). A full window frees as its events finish
-        and their offsets are committed, not as messages arrive: with events in flight,
-        wait (here, on the event loop) for some to finish and commit them, then poll
-        without waiting; with none in flight the poll waits, and `KafkaSource` ends it
-        when the pending commit's acknowledgement is served.
+        and their offsets are committed, not as messages arrive. While a commit awaits its
+        acknowledgement the poll waits, and `KafkaSource` ends that wait when the
+        acknowledgement is served (within milliseconds); otherwise, with events in
+        flight, the loop waits here for some to finish, commits them and lets the poll
+        wait for that acknowledgement, or not at all when nothing was due.
         """
-        if not room and scheduler.in_flight:
+        if not room and scheduler.in_flight and not self.commits.outstanding():
             await scheduler.wait_change(POLL_TIMEOUT_S)
             await source.call(self._commit, source, None, False)
-            return 0.0
+            return POLL_TIMEOUT_S if self.commits.outstanding() else 0.0
         return 0.0 if room and self._overflow else POLL_TIMEOUT_S
 
     # -- overflow: messages polled past a full window -------------------------------------
@@ -674,6 +675,8 @@ class Worker:
         log = self._pace_log
         while log and now - log[0][0] > RATE_SPAN_S:
             self._pace_total -= log.popleft()[1]
+            if not log:
+                self._pace_since = None  # idle for RATE_SPAN_S: the next intake starts anew
         # Events finished per second, over RATE_SPAN_S; at start, over the time since the
         # first intake once half a window (and MIN_PACE_EVENTS) finished: the first full
         # window came 0.1 s after the first message, when a 2 s span read 2,000 events/s

@@ -1,4 +1,4 @@
-"""Unit tests for consumer.commits: the drop path's per-batch record equals per-event records."""
+"""Unit tests for consumer.commits: per-batch drop records, commit bookkeeping."""
 
 from __future__ import annotations
 
@@ -78,3 +78,24 @@ def test_drops_of_a_partition_no_longer_assigned_are_ignored() -> None:
     assert not commits.owns(("t", 0))
     commits.dropped({("t", 0): 7})
     assert commits.due() == {}
+
+
+def test_a_commit_is_outstanding_from_its_request_to_its_acknowledgement() -> None:
+    commits = Commits()
+    a, b = ("t", 0), ("t", 1)
+    commits.assign([a, b])
+    assert not commits.outstanding()
+    commits.requested({a: 3, b: 7})
+    commits.acknowledged([(a, 3)])
+    assert commits.outstanding(), "b's commit not answered yet"
+    commits.requested({a: 5})
+    commits.acknowledged([(b, 7)])
+    assert commits.outstanding(), "a's second commit not answered yet"
+    commits.acknowledged([(a, 5)])
+    assert not commits.outstanding()
+    commits.requested({b: 9})
+    commits.release([b])
+    assert not commits.outstanding(), "a partition no longer ours awaits nothing"
+    commits.requested({a: 8})
+    commits.acknowledged([], failed=[a])
+    assert not commits.outstanding(), "a failed commit is requested again by the next due"

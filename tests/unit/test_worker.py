@@ -129,6 +129,7 @@ class FakeSource:
 
     def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
         self._on_poll_thread()
+        served = bool(self._acks)
         while self._acks:  # served during consume, as librdkafka does
             self.cb.on_committed(list(self._acks.pop(0).items()), [])
         if self.lose_next:
@@ -148,8 +149,12 @@ class FakeSource:
                 out.append(messages[self.position[tp]])
                 self.position[tp] += 1
         if not out:
-            time.sleep(min(timeout_s, 0.01))
+            self.wait_empty(timeout_s, served)
         return out
+
+    def wait_empty(self, timeout_s: float, served_ack: bool) -> None:
+        """Nothing to return: librdkafka would wait for a message (shortened here)."""
+        time.sleep(min(timeout_s, 0.01))
 
     def pause(self, parts: Sequence[TP]) -> None:
         self._on_poll_thread()
@@ -314,14 +319,15 @@ class Run:
 
 
 def make(log: dict[TP, list[Message]], *, registry: FakeRegistry | None = None,
-         client: FakeClient | None = None, **env: str) -> Run:
+         client: FakeClient | None = None, source_type: type[FakeSource] = FakeSource,
+         **env: str) -> Run:
     metrics = Metrics(CollectorRegistry())
     client, dlq = client or FakeClient(), FakeDlq()
     registry = registry or FakeRegistry()
     made: list[FakeSource] = []
 
     def source(cb: Callbacks) -> FakeSource:
-        made.append(FakeSource(cb, log))
+        made.append(source_type(cb, log))
         return made[-1]
 
     worker = Worker(settings(**env), metrics, Health(metrics), client=client,
@@ -535,6 +541,10 @@ def test_at_start_the_pace_is_measured_since_the_first_intake() -> None:
     worker._pace_since = now - 0.1
     worker._pace_total = 99
     assert worker._overflow_cap() == 0, "under half a window finished: too few to trust"
+    worker._pace_log.clear()
+    worker._pace_log.append((now - RATE_SPAN_S - 1, 99))
+    worker._overflow_cap()
+    assert worker._pace_since is None, "idle for RATE_SPAN_S: the next intake starts anew"
     fresh = make({}, WORKER_MAX_IN_FLIGHT="200").worker
     fresh._note_pace(0)
     assert fresh._pace_since is None, "an idle poll (nothing taken) starts no span"
@@ -709,8 +719,8 @@ def test_fair_holds_lets_in_only_the_emptiest_partitions_with_something_to_read(
 def stepped_run(log: dict[TP, list[Message]], **env: str) -> tuple[Run, SteppedClient]:
     stepped = SteppedClient()
     # A known schema: every event reaches the limiter in order.
-    run = make(log, registry=known_schema(), client=stepped, USERPILOT_ENSURE_USER="false",
-               **env)
+    run = make(log, registry=known_schema(), client=stepped, source_type=FakeSource,
+               USERPILOT_ENSURE_USER="false", **env)
     return run, stepped
 
 
@@ -1124,6 +1134,46 @@ def test_the_poll_waits_only_when_nothing_polled_or_finishing_can_be_taken() -> 
         "messages in the overflow and room for them: taken now, no wait for more"
     assert wait(room=0, in_flight=3) == (0.0, [POLL_TIMEOUT_S], ["_commit"]), \
         "a full window frees as events finish: wait for one, commit, poll without waiting"
+    tp = (TOPIC, 0)
+    worker.commits.assign([tp])
+    worker.commits.requested({tp: 5})
+    assert wait(room=0, in_flight=3) == (POLL_TIMEOUT_S, [], []), \
+        "a commit awaits its acknowledgement: the poll waits, and ends when it is served"
+    worker.commits.acknowledged([(tp, 5)])
     worker._overflow.clear()
     assert wait(room=0, in_flight=0) == (POLL_TIMEOUT_S, [], []), \
         "nothing in flight: the poll waits (and ends at the commit's acknowledgement)"
+
+
+@dataclass
+class PatientSource(FakeSource):
+    """Waits out the whole poll timeout when it has nothing, as librdkafka does, unless a
+    commit's acknowledgement was served (as `KafkaSource._poll_first` ends the wait); counts
+    the waits that happened while messages were waiting in the worker's overflow."""
+
+    overflow: Callable[[], int] = lambda: 0
+    idle_with_overflow: int = 0
+    idle: int = 0
+
+    def wait_empty(self, timeout_s: float, served_ack: bool) -> None:
+        if timeout_s > 0 and not served_ack:
+            self.idle += 1
+            self.idle_with_overflow += self.overflow() > 0
+            time.sleep(min(timeout_s, 0.1))
+
+
+def test_a_drained_topics_overflow_is_taken_without_waiting_for_messages() -> None:
+    log = {(TOPIC, 0): users_log(0, 600)}
+    run = make(log, registry=known_schema(), source_type=PatientSource,
+               WORKER_MAX_IN_FLIGHT="20", USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        assert isinstance(source, PatientSource)
+        source.overflow = lambda: len(run.worker._overflow)
+        await until(lambda: source.committed().get((TOPIC, 0)) == 600, "all committed",
+                    timeout=30)
+        assert source.idle_with_overflow == 0, \
+            f"{source.idle_with_overflow} polls waited for messages with the overflow full"
+
+    assert drive(run, scenario) == 0
+    assert run.worker._pace_since is not None, "the first intake started the pace's span"
