@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, TopicPartition
 
 from consumer.kafka import KafkaSource
 
@@ -66,3 +66,34 @@ def test_an_unanswered_commit_means_not_connected_until_an_answer(
     assert not src.connected
     src._on_commit(KafkaError(KafkaError.REBALANCE_IN_PROGRESS), [])  # an answer
     assert src.connected
+
+
+class _Consumer:
+    """librdkafka's consumer as `consume` uses it: the non-blocking pass may serve a commit
+    answer (`answer`), and `poll` records that the source went on to wait for a message."""
+
+    def __init__(self, src: KafkaSource, answer: bool) -> None:
+        self.src, self.answer = src, answer
+        self.polls: list[float] = []
+
+    def consume(self, num_messages: int, timeout: float) -> list[object]:
+        if self.answer:
+            self.answer = False
+            self.src._on_commit(None, [TopicPartition("t", 0, 5)])
+        return []
+
+    def poll(self, timeout: float) -> None:
+        self.polls.append(timeout)
+
+
+def test_a_served_commit_answer_ends_the_poll_at_once() -> None:
+    """It may have freed the worker's window: waiting on for a message held a full window's
+    acknowledgement back a whole poll timeout."""
+    src = source()
+    src._commit_waiting_since = 1.0
+    fake = _Consumer(src, answer=True)
+    src._consumer = fake  # type: ignore[assignment]
+    assert src.consume(10, 0.1) == []
+    assert fake.polls == [], "returned without waiting for a message"
+    assert src.consume(10, 0.1) == []
+    assert fake.polls == [0.1], "no answer this time: the poll waits as before"
