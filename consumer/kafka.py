@@ -114,7 +114,7 @@ class KafkaSource:
         self._on_committed = on_committed
         self._brokers_up = True
         self._commit_waiting_since: float | None = None  # oldest unanswered async commit
-        self._answered = False  # a commit's answer was served during this consume
+        self._answered = False  # a commit acknowledged offsets during this consume
         self.abandoned = False  # close() gave up: exit the process without destroying it
         self.fatal: KafkaError | None = None
         self._stats_cb = on_stats
@@ -173,13 +173,17 @@ class KafkaSource:
             # errors (waiting for the coordinator, transport, timeout) are not.
             self._brokers_up = True
             self._commit_waiting_since = None
-            self._answered = True
         done = [((tp.topic, tp.partition), tp.offset) for tp in parts or []
                 if tp.error is None and tp.offset >= 0]
         failed = [(tp.topic, tp.partition) for tp in parts or []
                   if tp.error is not None or (err is not None and tp.offset >= 0)]
         if err is not None:
             done = []
+        if done:
+            # Offsets acknowledged: the window may have freed (see `consume`). Not for an
+            # error answer: the offsets are requested again, and returning at once would
+            # repeat the commit at the coordinator's round trip (a rebalance in progress).
+            self._answered = True
         if self._on_committed is not None:
             self._on_committed(done, failed)
 
@@ -202,8 +206,8 @@ class KafkaSource:
         `Consumer.consume(n, timeout)` waits for all n or the timeout, which adds up to the
         whole timeout of latency at low traffic; one blocking `poll` then a non-blocking
         `consume` gets the first message at once and whatever else is ready. Also at once,
-        with no message, when a commit's answer was served: it may have freed the window
-        (waiting on for a message held a full window's acknowledgement back 0.1 s).
+        with no message, when a commit's acknowledgement was served: it may have freed the
+        window (waiting on for a message held a full window's acknowledgement back 0.1 s).
         """
         self._answered = False
         messages = self._consumer.consume(max_messages, 0)

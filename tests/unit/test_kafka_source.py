@@ -97,3 +97,20 @@ def test_a_served_commit_answer_ends_the_poll_at_once() -> None:
     assert fake.polls == [], "returned without waiting for a message"
     assert src.consume(10, 0.1) == []
     assert fake.polls == [0.1], "no answer this time: the poll waits as before"
+
+
+def test_a_refused_commit_does_not_end_the_poll() -> None:
+    """The offsets are requested again: returning at once would repeat the commit at the
+    coordinator's round trip for as long as it refuses (a rebalance in progress)."""
+    src = source()
+    fake = _Consumer(src, answer=False)
+    src._consumer = fake  # type: ignore[assignment]
+    refused = TopicPartition("t", 0, 5)
+
+    def refusing(num_messages: int, timeout: float) -> list[object]:
+        src._on_commit(KafkaError(KafkaError.REBALANCE_IN_PROGRESS), [refused])
+        return []
+
+    fake.consume = refusing  # type: ignore[method-assign]
+    assert src.consume(10, 0.1) == []
+    assert fake.polls == [0.1], "the poll waits as before"
