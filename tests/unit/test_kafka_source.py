@@ -90,13 +90,13 @@ def test_a_served_commit_answer_ends_the_poll_at_once() -> None:
     """It may have freed the worker's window: waiting on for a message held a full window's
     acknowledgement back a whole poll timeout."""
     src = source()
-    src._commit_waiting_since = 1.0
+    src._unanswered = 1  # what commit(wait=False) counts
     fake = _Consumer(src, answer=True)
     src._consumer = fake  # type: ignore[assignment]
     assert src.consume(10, 0.1) == []
     assert fake.polls == [], "returned without waiting for a message"
     assert src.consume(10, 0.1) == []
-    assert fake.polls == [0.1], "no answer this time: the poll waits as before"
+    assert fake.polls == [pytest.approx(0.1, abs=0.005)], "no answer: the poll waits as before"
 
 
 def test_a_refused_commit_does_not_end_the_poll() -> None:
@@ -113,4 +113,47 @@ def test_a_refused_commit_does_not_end_the_poll() -> None:
 
     fake.consume = refusing  # type: ignore[method-assign]
     assert src.consume(10, 0.1) == []
-    assert fake.polls == [0.1], "the poll waits as before"
+    assert fake.polls == [pytest.approx(0.1, abs=0.005)], "the poll waits as before"
+
+
+class _Slices(_Consumer):
+    """Answers served inside `poll`, one scripted result per call (None: nothing yet)."""
+
+    def __init__(self, src: KafkaSource, results: list[KafkaError | bool | None]) -> None:
+        super().__init__(src, answer=False)
+        self.results = results
+
+    def poll(self, timeout: float) -> None:
+        self.polls.append(timeout)
+        result = self.results.pop(0) if self.results else None
+        if result is True:
+            self.src._on_commit(None, [TopicPartition("t", 0, 9)])
+        elif isinstance(result, KafkaError):
+            self.src._on_commit(result, [TopicPartition("t", 0, 9)])
+
+
+def test_with_commits_overlapping_the_poll_ends_when_the_second_is_acknowledged() -> None:
+    from consumer.kafka import ANSWER_SLICE_S
+
+    src = source()
+    src._unanswered = 2  # the first answered during the previous consume: one still out
+    src._on_commit(None, [TopicPartition("t", 0, 5)])
+    fake = _Slices(src, [None, True, None])
+    src._consumer = fake  # type: ignore[assignment]
+    assert src.consume(10, 0.1) == []
+    assert fake.polls == [ANSWER_SLICE_S, ANSWER_SLICE_S], "sliced, ended at the answer"
+
+
+def test_an_error_answer_keeps_the_poll_waiting_for_a_message() -> None:
+    """The refused offsets are requested again by the next commit: ending at each refusal
+    repeated the commit at the coordinator's round trip."""
+    from consumer.kafka import ANSWER_SLICE_S
+
+    src = source()
+    src._unanswered = 1
+    fake = _Slices(src, [None, KafkaError(KafkaError.REBALANCE_IN_PROGRESS), None])
+    src._consumer = fake  # type: ignore[assignment]
+    assert src.consume(10, 0.1) == []
+    assert fake.polls[:2] == [ANSWER_SLICE_S, ANSWER_SLICE_S]
+    assert len(fake.polls) == 3 and fake.polls[2] > 0.08, \
+        "after the refusal, nothing out: one poll for the rest of the timeout"
