@@ -8,7 +8,7 @@ import logging
 import pytest
 from confluent_kafka import KafkaError, TopicPartition
 
-from consumer.kafka import KafkaSource
+from consumer.kafka import ANSWER_SLICE_S, KafkaSource
 
 
 def source() -> KafkaSource:
@@ -68,22 +68,34 @@ def test_an_unanswered_commit_means_not_connected_until_an_answer(
     assert src.connected
 
 
-class _Consumer:
-    """librdkafka's consumer as `consume` uses it: the non-blocking pass may serve a commit
-    answer (`answer`), and `poll` records that the source went on to wait for a message."""
+Answer = KafkaError | bool | None
+"""A commit's answer as a fake serves it: True acknowledges offsets, an error refuses them,
+None is no answer yet."""
 
-    def __init__(self, src: KafkaSource, answer: bool) -> None:
-        self.src, self.answer = src, answer
+
+class _Consumer:
+    """librdkafka's consumer as `consume` uses it: the non-blocking pass serves `first`, each
+    blocking `poll` serves the next of `per_poll` and records its timeout in `polls`."""
+
+    def __init__(self, src: KafkaSource, first: Answer = None,
+                 per_poll: list[Answer] | None = None) -> None:
+        self.src, self.first, self.per_poll = src, first, per_poll or []
         self.polls: list[float] = []
 
+    def _serve(self, answer: Answer) -> None:
+        if answer is True:
+            self.src._on_commit(None, [TopicPartition("t", 0, 9)])
+        elif isinstance(answer, KafkaError):
+            self.src._on_commit(answer, [TopicPartition("t", 0, 9)])
+
     def consume(self, num_messages: int, timeout: float) -> list[object]:
-        if self.answer:
-            self.answer = False
-            self.src._on_commit(None, [TopicPartition("t", 0, 5)])
+        answer, self.first = self.first, None
+        self._serve(answer)
         return []
 
     def poll(self, timeout: float) -> None:
         self.polls.append(timeout)
+        self._serve(self.per_poll.pop(0) if self.per_poll else None)
 
 
 def test_a_served_commit_answer_ends_the_poll_at_once() -> None:
@@ -91,7 +103,7 @@ def test_a_served_commit_answer_ends_the_poll_at_once() -> None:
     acknowledgement back a whole poll timeout."""
     src = source()
     src._unanswered = 1  # what commit(wait=False) counts
-    fake = _Consumer(src, answer=True)
+    fake = _Consumer(src, first=True)
     src._consumer = fake  # type: ignore[assignment]
     assert src.consume(10, 0.1) == []
     assert fake.polls == [], "returned without waiting for a message"
@@ -103,42 +115,17 @@ def test_a_refused_commit_does_not_end_the_poll() -> None:
     """The offsets are requested again: returning at once would repeat the commit at the
     coordinator's round trip for as long as it refuses (a rebalance in progress)."""
     src = source()
-    fake = _Consumer(src, answer=False)
+    fake = _Consumer(src, first=KafkaError(KafkaError.REBALANCE_IN_PROGRESS))
     src._consumer = fake  # type: ignore[assignment]
-    refused = TopicPartition("t", 0, 5)
-
-    def refusing(num_messages: int, timeout: float) -> list[object]:
-        src._on_commit(KafkaError(KafkaError.REBALANCE_IN_PROGRESS), [refused])
-        return []
-
-    fake.consume = refusing  # type: ignore[method-assign]
     assert src.consume(10, 0.1) == []
     assert fake.polls == [pytest.approx(0.1, abs=0.005)], "the poll waits as before"
 
 
-class _Slices(_Consumer):
-    """Answers served inside `poll`, one scripted result per call (None: nothing yet)."""
-
-    def __init__(self, src: KafkaSource, results: list[KafkaError | bool | None]) -> None:
-        super().__init__(src, answer=False)
-        self.results = results
-
-    def poll(self, timeout: float) -> None:
-        self.polls.append(timeout)
-        result = self.results.pop(0) if self.results else None
-        if result is True:
-            self.src._on_commit(None, [TopicPartition("t", 0, 9)])
-        elif isinstance(result, KafkaError):
-            self.src._on_commit(result, [TopicPartition("t", 0, 9)])
-
-
 def test_with_commits_overlapping_the_poll_ends_when_the_second_is_acknowledged() -> None:
-    from consumer.kafka import ANSWER_SLICE_S
-
     src = source()
     src._unanswered = 2  # the first answered during the previous consume: one still out
     src._on_commit(None, [TopicPartition("t", 0, 5)])
-    fake = _Slices(src, [None, True, None])
+    fake = _Consumer(src, per_poll=[None, True, None])
     src._consumer = fake  # type: ignore[assignment]
     assert src.consume(10, 0.1) == []
     assert fake.polls == [ANSWER_SLICE_S, ANSWER_SLICE_S], "sliced, ended at the answer"
@@ -147,11 +134,9 @@ def test_with_commits_overlapping_the_poll_ends_when_the_second_is_acknowledged(
 def test_an_error_answer_keeps_the_poll_waiting_for_a_message() -> None:
     """The refused offsets are requested again by the next commit: ending at each refusal
     repeated the commit at the coordinator's round trip."""
-    from consumer.kafka import ANSWER_SLICE_S
-
     src = source()
     src._unanswered = 1
-    fake = _Slices(src, [None, KafkaError(KafkaError.REBALANCE_IN_PROGRESS), None])
+    fake = _Consumer(src, per_poll=[None, KafkaError(KafkaError.REBALANCE_IN_PROGRESS), None])
     src._consumer = fake  # type: ignore[assignment]
     assert src.consume(10, 0.1) == []
     assert fake.polls[:2] == [ANSWER_SLICE_S, ANSWER_SLICE_S]

@@ -1153,11 +1153,9 @@ class PatientSource(FakeSource):
 
     overflow: Callable[[], int] = lambda: 0
     idle_with_overflow: int = 0
-    idle: int = 0
 
     def wait_empty(self, timeout_s: float, served_ack: bool) -> None:
         if timeout_s > 0 and not served_ack:
-            self.idle += 1
             self.idle_with_overflow += self.overflow() > 0
             time.sleep(min(timeout_s, 0.1))
 
