@@ -109,7 +109,11 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
             "USERPILOT_ANALYTICS_ENDPOINT (host only) and USERPILOT_INSECURE_HTTP",
             status=status, body=snippet,
         )
-    return Rejected(f"{where}: unexpected response", status=status, body=snippet)
+    # A final 1xx, or a status outside HTTP's classes: it says nothing about the payload
+    # (a broken gateway or proxy answering every request so), so it is retried like a 5xx
+    # (the gate holds everything after ten in a row) and never dead-letters the event.
+    return ServerError(f"{where}: unexpected status from Userpilot or a proxy, will retry",
+                       status=status, body=snippet)
 
 
 def _credentials(headers: Mapping[str, str]) -> list[str]:

@@ -30,7 +30,7 @@ from typing import Literal
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_random_exponential
 
-from consumer.errors import DeadLetter, Pause, Retry
+from consumer.errors import DeadLetter, Pause, RateLimited, Retry
 
 __all__ = ["PROBE_BASE_S", "PROBE_MAX_S", "Attempts", "Gate", "RetryPolicy"]
 
@@ -202,7 +202,9 @@ class RetryPolicy:
 
     def _stop(self, state: RetryCallState, attempts: Attempts) -> bool:
         exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, Pause):
+        if isinstance(exc, (Pause, RateLimited)):
+            # A 429 says the token's budget is spent (maybe by another client sharing it),
+            # never that the event is bad: retried, slower, however long it lasts.
             return False
         return self.spent(attempts)
 
@@ -258,6 +260,7 @@ class RetryPolicy:
     async def _once(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
                     before_send: Callable[[], Awaitable[None]] | None) -> None:
         probe = await self._gate.admit()
+        counted = False
         try:
             if before_send is not None:
                 await before_send()
@@ -269,6 +272,7 @@ class RetryPolicy:
                     attempts.first_mono = now
                     attempts.first_up = self._gate.up_time()
                 attempts.answered += 1
+                counted = True
             attempts.last_mono = now
             attempts.count += 1
             attempts.last_wall = time.time()
@@ -276,6 +280,8 @@ class RetryPolicy:
                 attempts.first_wall = attempts.last_wall
             await send()
         except Retry as exc:
+            if counted and isinstance(exc, RateLimited):
+                attempts.answered -= 1  # not evidence about the event: not in its budget
             self._gate.transient_failure(exc, probe)
             raise
         except Pause as exc:

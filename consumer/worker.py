@@ -15,8 +15,8 @@ Thread rule: this class lives on the event loop. Source calls run on the source'
 thread (`Source.call`, one call at a time). The callbacks the source makes (assign,
 revoke, lost, stats, commit results) run on that poll thread and touch only what is safe
 there: `Commits` (it locks), `Metrics` and `Health` (thread-safe), and `assigned`,
-`paused`, `_reshare_due`, `_fresh`, which both threads read and write only under
-`_parts_lock`.
+`paused`, `_reshare_due`, `_reshare_at`, `_fresh`, which both threads read and write only
+under `_parts_lock`.
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
 the `Source.call` that raised the callback), and that coroutine also forgets the
@@ -96,6 +96,7 @@ FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
 CLOSE_TIMEOUT_S = 15.0  # leaving the group while Kafka answers (revoke settles first)
 CLOSE_DOWN_TIMEOUT_S = 2.0  # ... while it does not
 RESHARE_TIMEOUT_S = 2.0  # a metadata call on the poll thread: well under max.poll.interval
+RESHARE_RETRY_S = 1.0  # after a failed partition count, asked again this much later
 DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
 DRY_FOR_S = 30.0  # ... until a message of theirs arrives, or this long (then probed again)
 
@@ -235,6 +236,7 @@ class Worker:
         self.paused: set[TP] = set()
         self.partitions_total = 0
         self._reshare_due = False
+        self._reshare_at = 0.0  # monotonic: not before (a failed count is retried later)
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
@@ -328,7 +330,8 @@ class Worker:
                     # The partition count needs the broker: not while it is unreachable
                     # (a metadata wait on the poll thread is what max.poll.interval.ms
                     # counts); the previous share holds until Kafka answers again.
-                    reshare = self._reshare_due and source.connected
+                    reshare = (self._reshare_due and source.connected
+                               and time.monotonic() >= self._reshare_at)
                     if reshare:
                         self._reshare_due = False
                     fresh = sorted(set(self._fresh) & self.assigned - self.paused)
@@ -772,11 +775,27 @@ class Worker:
         log.info("assigned %s (now %d partitions)", _fmt(parts), count)
 
     def _reshare(self, source: Source) -> None:
+        """This replica's share of the token's limit: owned ÷ all partitions.
+
+        A count that fails (or reads 0) is asked again `RESHARE_RETRY_S` later; until one
+        succeeds the previous share holds. Before the first success there is no total:
+        the share is left as it is, never set from a total of 0 (that is a share of 0,
+        and no delivery would start).
+        """
+        total = 0
         try:
-            self.partitions_total = (source.partition_count(RESHARE_TIMEOUT_S)
-                                     or self.partitions_total)
+            total = source.partition_count(RESHARE_TIMEOUT_S)
         except Exception as exc:
-            log.warning("could not read partition count (%s); keeping the previous share", exc)
+            log.warning("could not read partition count (%s); keeping the previous share, "
+                        "asking again in %g s", exc, RESHARE_RETRY_S)
+        if total > 0:
+            self.partitions_total = total
+        else:
+            with self._parts_lock:
+                self._reshare_due = True
+                self._reshare_at = time.monotonic() + RESHARE_RETRY_S
+            if self.partitions_total <= 0:
+                return
         with self._parts_lock:
             owned = len(self.assigned)
         share = partition_share(owned, self.partitions_total)

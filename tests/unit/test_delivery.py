@@ -96,6 +96,15 @@ def test_server_errors_retry(status: int) -> None:
     assert exc.retry_after is None
 
 
+@pytest.mark.parametrize("status", [0, 99, 100, 101, 199, 600, 999])
+def test_statuses_outside_http_classes_retry_and_never_dead_letter(status: int) -> None:
+    """A final 1xx or a non-HTTP status says nothing about the payload: a broken proxy or
+    gateway answering every request so must not send every event to the DLQ."""
+    exc = classify(status, h(), "?")
+    assert isinstance(exc, ServerError)
+    assert not isinstance(exc, DeadLetter)
+
+
 def test_503_with_retry_after() -> None:
     exc = classify(503, h(retry_after="7"), "")
     assert isinstance(exc, ServerError)

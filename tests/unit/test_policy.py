@@ -312,10 +312,30 @@ def test_a_success_before_the_first_attempt_does_not_count() -> None:
 def test_gives_up_when_the_time_budget_is_spent_and_another_delivery_succeeded() -> None:
     clock, sleep, gate = setup()
 
-    send = Script([RateLimited("429", retry_after=4.0)] * 100, lambda call: gate.success())
-    with pytest.raises(RateLimited):
+    send = Script([ServerError("503", retry_after=4.0)] * 100, lambda call: gate.success())
+    with pytest.raises(ServerError):
         run(policy(gate, clock, sleep, max_attempts=1000, budget_s=10.0).run(send, Attempts()))
     assert send.calls == 4  # ~4.2 s per wait: the 4th failure is past 10 s
+
+
+def test_never_gives_up_on_429_however_long_while_other_deliveries_succeed() -> None:
+    """A 429 says the token's budget is spent (another client may share it), not that the
+    event is bad: it neither ends the event nor uses up its attempts or time budget."""
+    clock, sleep, gate = setup()
+    send = Script([RateLimited("429", retry_after=4.0)] * 50 + [None],
+                  lambda call: gate.success())
+    attempts = Attempts()
+    run(policy(gate, clock, sleep, max_attempts=2, budget_s=10.0).run(send, attempts))
+    assert send.calls == 51
+    assert attempts.count == 51 and attempts.answered == 1  # only the delivering attempt
+
+
+def test_429s_leave_the_attempts_budget_to_the_failures_that_are_evidence() -> None:
+    clock, sleep, gate = setup()
+    send = Script([RateLimited("429", retry_after=1.0)] * 5 + [ServerError("503"), None],
+                  lambda call: gate.success())
+    run(policy(gate, clock, sleep, max_attempts=2).run(send, Attempts()))
+    assert send.calls == 7  # the 503 was the first counted attempt; the 2nd delivered
 
 
 def test_never_gives_up_on_pause() -> None:

@@ -24,6 +24,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer import codec, handler, routing
+from consumer import worker as worker_module
 from consumer.calls import Call
 from consumer.commits import TP
 from consumer.config import Settings, load_settings
@@ -1175,3 +1176,34 @@ def test_a_drained_topics_overflow_is_taken_without_waiting_for_messages() -> No
 
     assert drive(run, scenario) == 0
     assert run.worker._pace_since is not None, "the first intake started the pace's span"
+
+
+class CountlessSource(FakeSource):
+    """The partition count fails (metadata timeout) the first two times it is asked."""
+
+    counts_asked = 0
+
+    def partition_count(self, timeout_s: float = 10.0) -> int:
+        type(self).counts_asked += 1
+        if type(self).counts_asked <= 2:
+            raise RuntimeError("metadata request timed out")
+        return super().partition_count(timeout_s)
+
+
+def test_a_failed_partition_count_keeps_the_share_and_is_asked_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the fix a first count that failed set the share from a total of 0: a rate of
+    0, no delivery until the next rebalance, and no second attempt."""
+    monkeypatch.setattr(worker_module, "RESHARE_RETRY_S", 0.05)
+    CountlessSource.counts_asked = 0
+    run = make(log_of(track("u1", 1), track("u2", 2)), registry=known_schema(),
+               source_type=CountlessSource)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 2, "both delivered")
+        await until(lambda: run.worker.partitions_total == 1, "the count asked again")
+
+    assert drive(run, scenario) == 0
+    assert [codec_seq(b) for b in run.client.bodies] == [1, 2]
+    assert CountlessSource.counts_asked == 3
+    assert run.worker.shared.limiter("track").rate > 0
