@@ -78,6 +78,7 @@ class Failure:
     attempts: int = 0
     first_attempt: float | None = None
     last_attempt: float | None = None
+    at: float | None = None  # wall time it was dead-lettered (`replay --since/--until`)
 
 
 def _iso(ts: float | None) -> bytes:
@@ -152,6 +153,7 @@ def dlq_headers(
         ("userpilot.error.attempts", str(failure.attempts).encode()),
         ("userpilot.error.first_attempt", _iso(failure.first_attempt)),
         ("userpilot.error.last_attempt", _iso(failure.last_attempt)),
+        ("userpilot.error.dead_lettered_at", _iso(failure.at)),
     ]
     if header_value(kept, REPLAY_COUNT) is None:
         added.append((REPLAY_COUNT, b"0"))

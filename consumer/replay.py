@@ -1,8 +1,10 @@
 """`replay`: dead-lettered events back onto their original topic, filtered and counted.
 
-The replayer is a consumer group of its own on the DLQ: it reads up to the end offsets
-seen at start, re-publishes what passes the filters (acks=all) and commits, so a run can
-be stopped and resumed and a second run replays nothing twice. Each replay increments
+The replayer is a consumer group of its own on the DLQ, one per selection of filters
+(`default_group`): it reads up to the end offsets seen at start, re-publishes what passes
+the filters (acks=all) and commits, so a run can be stopped and resumed and a second run
+of the same selection replays nothing twice, while another selection still sees every
+record. Each replay increments
 `userpilot.replay.count`; an event at the limit is reported, not replayed again.
 `decide` is pure; `run_replay` is the Kafka loop (its own consumer and producer).
 """
@@ -10,11 +12,12 @@ be stopped and resumed and a second run replays nothing twice. Each replay incre
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,7 +43,8 @@ from consumer.errors import ConfigError
 from consumer.kafka import make_producer
 
 __all__ = [
-    "Filters", "Summary", "add_arguments", "decide", "main", "replay_headers", "run_replay",
+    "Filters", "Summary", "add_arguments", "decide", "default_group", "main", "replay_headers",
+    "run_replay",
 ]
 
 
@@ -77,12 +81,16 @@ class Summary:
 
 
 def _when(headers: Sequence[Header] | None, timestamp_ms: int | None) -> datetime | None:
-    raw = header_value(headers, "userpilot.error.last_attempt")
-    if raw:
-        try:
-            return datetime.fromisoformat(raw.decode())
-        except ValueError:
-            pass
+    """When the record was dead-lettered: its own header; for records written before that
+    header existed, the last attempt, else the record's timestamp (the source event's)."""
+    for name in ("userpilot.error.dead_lettered_at", "userpilot.error.last_attempt"):
+        raw = header_value(headers, name)
+        if raw:
+            try:
+                when = datetime.fromisoformat(raw.decode())
+            except ValueError:
+                continue
+            return when if when.tzinfo else when.replace(tzinfo=UTC)
     if timestamp_ms:
         return datetime.fromtimestamp(timestamp_ms / 1000, UTC)
     return None
@@ -120,6 +128,28 @@ def decide(headers: Sequence[Header] | None, partition: int, offset: int,
     return "replay"
 
 
+def default_group(dlq_topic: str, filters: Filters) -> str:
+    """The replayer's consumer group when `--group` is not given: one per selection.
+
+    A run commits every record it read, including those its filters skipped; with one group
+    for every selection, `--reason a` would commit past the `b` records and a later
+    `--reason b` would never see them. So each selection (the filters, not the replay
+    limit) keeps its own progress: the same selection resumed or run twice replays nothing
+    twice, and another selection still sees every record. Unfiltered: `userpilot-replay.<dlq>`.
+    """
+    base = f"userpilot-replay.{dlq_topic}"
+    selection = replace(filters, max_replays=0)
+    if selection == Filters(max_replays=0):
+        return base
+    text = json.dumps({
+        "reasons": sorted(selection.reasons), "statuses": sorted(selection.statuses),
+        "since": selection.since.isoformat() if selection.since else None,
+        "until": selection.until.isoformat() if selection.until else None,
+        "from_offset": selection.from_offset, "to_offset": selection.to_offset,
+        "partitions": sorted(selection.partitions)}, sort_keys=True)
+    return f"{base}.{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
 def replay_headers(headers: Sequence[Header] | None) -> list[Header]:
     """Original headers without the error context, replay count incremented."""
     count = replay_count(headers)
@@ -149,7 +179,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-replays", type=int, default=None,
                    help="replay limit per event (default: $WORKER_REPLAY_MAX or 3)")
     p.add_argument("--group", default=None,
-                   help="replayer consumer group (default: userpilot-replay.<dlq topic>)")
+                   help="replayer consumer group (default: userpilot-replay.<dlq topic>, "
+                        "plus a digest of the filters when any is given)")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds to wait for Kafka to answer before starting (default 10)")
     p.add_argument("--dry-run", action="store_true",
@@ -279,7 +310,7 @@ def main(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"error: nothing was replayed: {problem}", file=sys.stderr)
         return 1
-    group = args.group or f"userpilot-replay.{args.dlq_topic}"
+    group = args.group or default_group(args.dlq_topic, filters)
 
     def report(line: dict[str, Any]) -> None:
         print(json.dumps(line, ensure_ascii=False))

@@ -40,7 +40,7 @@ REJECTED = Failure(
     reason="bad_request", exception_class="consumer.errors.Rejected",
     message="HTTP 400 (x-request-id r-1): payload rejected", status=400,
     body='{"error":"metadata must be flat"}', attempts=1, first_attempt=FIRST,
-    last_attempt=LAST,
+    last_attempt=LAST, at=LAST + 0.5,
 )
 UNDECODABLE = Failure(
     reason="undecodable", exception_class="consumer.errors.UndecodableEvent",
@@ -76,6 +76,7 @@ def test_connect_and_userpilot_headers() -> None:
         "userpilot.error.attempts": b"1",
         "userpilot.error.first_attempt": b"2024-05-01T12:00:00.123+00:00",
         "userpilot.error.last_attempt": b"2024-05-01T12:10:30.456+00:00",
+        "userpilot.error.dead_lettered_at": b"2024-05-01T12:10:30.956+00:00",
         REPLAY_COUNT: b"0",
     }
 

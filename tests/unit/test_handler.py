@@ -7,9 +7,11 @@ import gc
 import json
 import logging
 import random
+import time
 import types
 from collections import Counter
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -289,6 +291,8 @@ def test_a_400_on_any_call_dead_letters_the_event_with_its_own_bytes() -> None:
     assert record["headers"]["userpilot.error.status"] == b"400"
     assert record["headers"]["__connect.errors.offset"] == b"3"
     assert record["headers"]["userpilot.error.attempts"] == b"1", "the failed call's attempts"
+    written = datetime.fromisoformat(record["headers"]["userpilot.error.dead_lettered_at"].decode())
+    assert abs(written.timestamp() - time.time()) < 60, "when it was dead-lettered (replay)"
 
 
 def _drop_counts(reg: CollectorRegistry) -> dict[tuple[str, str], float]:

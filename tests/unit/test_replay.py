@@ -1,0 +1,55 @@
+"""Replay's pure parts: which dead letters a selection replays, and its consumer group."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from consumer.deadletter import Failure, dlq_headers
+from consumer.replay import Filters, decide, default_group
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+OLD_EVENT_MS = int(datetime(2020, 1, 1, tzinfo=UTC).timestamp() * 1000)
+
+
+def _undecodable(at: datetime | None) -> list[tuple[str, bytes]]:
+    """A dead letter without attempts (undecodable), as the handler writes it."""
+    failure = Failure(reason="undecodable", exception_class="UndecodableEvent", message="bad",
+                      at=at.timestamp() if at else None)
+    return dlq_headers([], topic="t", partition=0, offset=7, failure=failure)
+
+
+def test_since_and_until_read_the_time_of_dead_lettering_not_the_events_time() -> None:
+    """An event from 2020 dead-lettered a minute ago is inside `--since 10 minutes ago`
+    (its record's timestamp is the source event's; it has no attempts to date it by)."""
+    headers = _undecodable(NOW - timedelta(minutes=1))
+    recent = Filters(since=NOW - timedelta(minutes=10))
+    assert decide(headers, 0, 7, OLD_EVENT_MS, recent) == "replay"
+    assert decide(headers, 0, 7, OLD_EVENT_MS, Filters(until=NOW - timedelta(minutes=5))) \
+        == "filtered"
+
+
+def test_records_without_the_header_are_dated_by_their_last_attempt_then_timestamp() -> None:
+    headers = [h for h in _undecodable(None) if h[0] != "userpilot.error.dead_lettered_at"]
+    headers.append(("__connect.errors.topic", b"t"))
+    since = Filters(since=datetime(2019, 1, 1, tzinfo=UTC))
+    assert decide(headers, 0, 7, OLD_EVENT_MS, since) == "replay"
+    assert decide(headers, 0, 7, OLD_EVENT_MS, Filters(since=NOW)) == "filtered"
+    dated = [*headers, ("userpilot.error.last_attempt", NOW.isoformat().encode())]
+    assert decide(dated, 0, 7, OLD_EVENT_MS, Filters(since=NOW)) == "replay"
+
+
+def test_each_selection_keeps_its_own_progress_and_the_unfiltered_run_the_plain_group() -> None:
+    """A run commits past what its filters skipped: one group for every selection would
+    hide the other reasons' records from a later run."""
+    plain = default_group("dlq", Filters())
+    assert plain == "userpilot-replay.dlq"
+    assert default_group("dlq", Filters(max_replays=9)) == plain  # a limit selects nothing
+    a = default_group("dlq", Filters(reasons=frozenset({"bad_request"})))
+    b = default_group("dlq", Filters(reasons=frozenset({"retries_exhausted"})))
+    assert len({plain, a, b}) == 3
+    assert a.startswith("userpilot-replay.dlq.")
+    # The same selection, however spelled, resumes the same group.
+    assert default_group("dlq", Filters(reasons=frozenset({"bad_request"}))) == a
+    both = default_group("dlq", Filters(statuses=frozenset({"400", "422"})))
+    assert default_group("dlq", Filters(statuses=frozenset({"422", "400"}))) == both
+    assert default_group("dlq", Filters(since=NOW)) != default_group("dlq", Filters(until=NOW))
