@@ -69,6 +69,9 @@ class Drop:
 
 
 CONSENT_CACHE_SIZE = 1024
+CONSENT_CACHE_TEXT_MAX = 1024
+"""Longer consent texts are decided each time, never kept: 1,024 texts of ~1 MB each (a
+consent object padded up to Kafka's message size) would hold a gigabyte."""
 """Distinct ``context.consent`` texts whose decision is remembered (cleared when full)."""
 
 DROP_ANONYMOUS = Drop("anonymous")
@@ -136,7 +139,7 @@ class ConsentPolicy:
         if text in known:
             return known[text]
         category = self._decide(event.consent)
-        if text is None or "\\u" not in text:
+        if text is None or (len(text) <= CONSENT_CACHE_TEXT_MAX and "\\u" not in text):
             if len(known) >= CONSENT_CACHE_SIZE:
                 known.clear()
             known[text] = category

@@ -116,22 +116,37 @@ class MappingsError(ValueError):
 # ---------------------------------------------------------------------------- names
 
 _CAMEL_1 = re.compile(r"([a-z0-9])([A-Z])")
-_CAMEL_2 = re.compile(r"([A-Z]+)([A-Z][a-z])")
+# An upper-case letter that starts a capitalised word after an acronym ("HTTPServer"): a
+# lookahead, linear in the name; `([A-Z]+)([A-Z][a-z])` backtracked quadratically (a 20,000
+# letter all-caps name held the event loop 4 s, a 1 MB one for hours).
+_CAMEL_2 = re.compile(r"([A-Z])(?=[A-Z][a-z])")
 _SEPARATORS = re.compile(r"[\s_\-]+")
 
 
-@functools.lru_cache(maxsize=4096)
+NAME_CACHE_MAX = 256  # longer names are normalised each time, never kept in the cache
+
+
 def normalize_event_name(name: str) -> str:
     """Return the matching key of an event name: lower snake_case words.
 
     Title Case (the integration page), snake_case (upstream event specs), kebab-case,
     upper case, stray spaces and camelCase all meet on one key, e.g. ``feature_used``.
-    Cached because it runs per event and real traffic has few distinct names.
+    Cached because it runs per event and real traffic has few distinct names; only names
+    up to `NAME_CACHE_MAX` characters (4,096 names of 1 MB would hold 4 GB).
     """
     if not isinstance(name, str):
         return ""
-    split = _CAMEL_2.sub(r"\1 \2", _CAMEL_1.sub(r"\1 \2", name))
+    if len(name) > NAME_CACHE_MAX:
+        return _normalize(name)
+    return _normalize_cached(name)
+
+
+def _normalize(name: str) -> str:
+    split = _CAMEL_2.sub(r"\1 ", _CAMEL_1.sub(r"\1 \2", name))
     return _SEPARATORS.sub("_", split).strip("_").lower()
+
+
+_normalize_cached = functools.lru_cache(maxsize=4096)(_normalize)
 
 
 # ---------------------------------------------------------------------------- rules

@@ -327,6 +327,21 @@ def test_consent_decisions_are_per_policy_and_bounded() -> None:
     assert len(deny._by_text) <= CONSENT_CACHE_SIZE
 
 
+def test_long_consent_texts_are_decided_but_never_kept() -> None:
+    """Only short texts are remembered: 1,024 consent objects padded to ~1 MB each would
+    otherwise hold a gigabyte (the pod's limit is 512 MiB)."""
+    from consumer.filtering import CONSENT_CACHE_TEXT_MAX
+
+    policy = ConsentPolicy()
+    padding = "x" * CONSENT_CACHE_TEXT_MAX
+    for i in range(3):
+        long = f'{{"analytics":false,"pad":"{padding}{i}"}}'
+        assert drop(_decoded(long), policy) == Drop("consent", "analytics")
+    assert policy._by_text == {}
+    assert drop(_decoded('{"analytics":false}'), policy) == Drop("consent", "analytics")
+    assert list(policy._by_text) == ['{"analytics":false}']
+
+
 def test_broken_or_escaped_consent_text_is_parsed_every_time() -> None:
     from consumer.errors import UndecodableEvent
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from consumer.mapping import (
     DEFAULT_PRESET,
@@ -134,6 +138,34 @@ def test_name_variants_match_the_same_rule(name: str) -> None:
 )
 def test_normalize_event_name(name: str, key: str) -> None:
     assert normalize_event_name(name) == key
+
+
+@given(st.text(alphabet="aAbB1 _-é", max_size=24))
+def test_normalize_splits_acronyms_exactly_as_the_backtracking_pattern_did(name: str) -> None:
+    """The lookahead form is the old `([A-Z]+)([A-Z][a-z])` → `\\1 \\2`, without its
+    quadratic backtracking."""
+    old = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name))
+    expected = re.sub(r"[\s_\-]+", "_", old).strip("_").lower()
+    assert normalize_event_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["A" * 100_000, "Ab" + "A" * 100_000 + "b", "AB" * 50_000])
+def test_a_huge_all_caps_name_is_normalised_in_linear_time_and_not_cached(name: str) -> None:
+    """The backtracking pattern took ~100 s on 100,000 capitals (quadratic): the event loop
+    held, and the group evicted the worker. The bound here is generous on purpose."""
+    done: list[str] = []
+    thread = threading.Thread(target=lambda: done.append(normalize_event_name(name)),
+                              daemon=True)
+    thread.start()
+    thread.join(20.0)
+    assert done, "normalising a 100,000-character name took over 20 s"
+    assert len(done[0]) >= len(name)
+    from consumer import mapping
+
+    assert mapping._normalize_cached.cache_info().currsize <= 4096
+    before = mapping._normalize_cached.cache_info().misses  # long names never enter it
+    normalize_event_name(name)
+    assert mapping._normalize_cached.cache_info().misses == before
 
 
 def test_normalize_is_total_on_non_strings() -> None:
