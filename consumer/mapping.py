@@ -126,7 +126,7 @@ _SEPARATORS = re.compile(r"[\s_\-]+")
 NAME_CACHE_MAX = 256  # longer names are normalised each time, never kept in the cache
 
 
-def normalize_event_name(name: str) -> str:
+def normalize_event_name(name: object) -> str:
     """Return the matching key of an event name: lower snake_case words.
 
     Title Case (the integration page), snake_case (upstream event specs), kebab-case,
