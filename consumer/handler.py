@@ -300,8 +300,11 @@ class Handler:
             try:
                 schema_id, _ = codec.split_wire(event.value)
                 await asyncio.to_thread(self.registry.writer_schema, schema_id)
-            except (KeyError, UndecodableEvent) as exc:
+            except KeyError as exc:
                 event.decision = UndecodableEvent(f"unknown schema id ({exc})")
+                return
+            except UndecodableEvent as exc:  # not a Confluent frame, or not an Avro schema
+                event.decision = exc
                 return
             except Exception as exc:
                 log.warning("schema registry unavailable (%s); retrying in %.1f s",

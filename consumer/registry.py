@@ -32,6 +32,7 @@ import fastavro
 import httpx
 
 from consumer.codec import SCHEMA, SCHEMA_TEXT
+from consumer.errors import UndecodableEvent
 from consumer.redaction import redact
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Registry", "RegistryError", "RegistryUnusable", "RestClient",
@@ -138,6 +139,7 @@ class Registry:
         self._client = client if client is not None else RestClient(
             url, basic_auth_user_info, timeout_s=timeout_s)
         self._parsed: dict[int, Mapping[str, Any]] = {}
+        self._unusable: dict[int, str] = {}  # ids whose schema is not Avro (ids never change)
         self._ours = fastavro.schema.to_parsing_canonical_form(SCHEMA)
         self._lock = threading.Lock()
         self._fetching = threading.Lock()
@@ -209,7 +211,9 @@ class Registry:
         return self._parsed.get(schema_id)
 
     def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
-        """Parsed writer schema for an id; KeyError when the registry does not know it."""
+        """Parsed writer schema for an id; KeyError when the registry does not know it,
+        UndecodableEvent when its schema is not an Avro schema (JSON Schema, Protobuf, or
+        broken text): the registry answered, so waiting would stall the partition for ever."""
         cached = self._parsed.get(schema_id)
         if cached is not None:
             return cached
@@ -217,6 +221,9 @@ class Registry:
             cached = self._parsed.get(schema_id)
             if cached is not None:
                 return cached
+            problem = self._unusable.get(schema_id)
+            if problem is not None:
+                raise UndecodableEvent(problem)
             return self._fetch(schema_id)
 
     def prefetch(self, topics: Iterable[str]) -> None:
@@ -248,7 +255,14 @@ class Registry:
     def _parse(self, schema_id: int, text: str | None) -> Mapping[str, Any]:
         """Parse and cache a writer schema; our own schema is cached as `SCHEMA` itself (the
         codec then skips schema resolution)."""
-        fresh: Any = fastavro.parse_schema(json.loads(text or "null"))
+        try:
+            fresh: Any = fastavro.parse_schema(json.loads(text or "null"))
+        except Exception as exc:
+            problem = (f"schema id {schema_id} is not an Avro schema "
+                       f"({type(exc).__name__}: {str(exc)[:200]})")
+            with self._lock:
+                self._unusable[schema_id] = problem
+            raise UndecodableEvent(problem) from None
         parsed: Mapping[str, Any] = (
             SCHEMA if fastavro.schema.to_parsing_canonical_form(fresh) == self._ours else fresh
         )

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer import codec
@@ -354,3 +355,37 @@ def test_counting_drops_per_batch_equals_counting_each_drop() -> None:
         batched.count_drops(pairs)
         assert _drop_counts(reg_batched) == _drop_counts(reg_one)
     assert len(_drop_counts(reg_one)) == len(reasons)
+
+
+class _NotAvroClient:
+    """A registry client whose schema for every id is `text` (not an Avro schema)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.calls = 0
+
+    def get_schema(self, schema_id: int) -> str:
+        self.calls += 1
+        return self.text
+
+
+@pytest.mark.parametrize("text", ['{"type": "object"}', 'syntax = "proto3";', "null"])
+def test_an_event_whose_schema_is_not_avro_is_dead_lettered_not_waited_for(text: str) -> None:
+    """The registry answered: retrying as if it were down stalled the partition for ever."""
+    from consumer.registry import Registry as RealRegistry
+
+    client = _NotAvroClient(text)
+    handler, _, dlq, _, _ = make()
+    handler.registry = RealRegistry("http://unused", client=client)
+    first = event(1, type="track", event="Feature Used", userId="u1")
+    second = event(2, type="track", event="Feature Used", userId="u2")
+
+    async def both() -> list[Any]:
+        return list(await asyncio.wait_for(
+            asyncio.gather(handler.handle(first), handler.handle(second)), 5))
+
+    outcomes = asyncio.run(both())
+    assert all(isinstance(o, DeadLettered) and o.reason == "undecodable" for o in outcomes)
+    assert "not an Avro schema" in str(outcomes[0].error)
+    assert client.calls == 1, "an id's unusable schema is remembered, not fetched per event"
+    assert [r["value"] for r in dlq.sent] == [first.value, second.value]
