@@ -107,7 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _sig, _frame: worker.stop())
     tune_collector()  # before the health server's thread makes objects of its own
-    server = serve(settings.metrics_port, registry, health)
+    try:
+        server = serve(settings.metrics_port, registry, health)
+    except OSError as exc:
+        raise ConfigError(f"WORKER_METRICS_PORT={settings.metrics_port}: cannot listen "
+                          f"({exc.strerror}); choose a free port") from None
     try:
         code = asyncio.run(worker.run())
     finally:
@@ -355,6 +359,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     from consumer.gdpr import add_arguments as add_delete_users_arguments
     add_delete_users_arguments(p)
     p.set_defaults(func=cmd_delete_users)
+    for command in sub.choices.values():  # `run --version` too, not only the main command
+        command.add_argument("--version", action="version",
+                             version=f"{parser.prog} {_version()}")
     return parser
 
 

@@ -128,6 +128,9 @@ _KAFKA_OVERRIDABLE_OWNED = frozenset({"auto.offset.reset", "isolation.level"})
 SECRET_KAFKA_KEYS = frozenset({
     "sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret",
     "ssl.keystore.password", "ssl.key.pem", "sasl.oauthbearer.config",
+    "sasl.oauthbearer.client.credentials.client.secret",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem",
 })
 _HOST = re.compile(
     r"^(?=.{1,253}(?::\d{1,5})?$)"
@@ -655,6 +658,12 @@ def _unknown_variables(reader: _Reader) -> None:
 def _consent_categories(reader: _Reader) -> tuple[str, ...]:
     raw = reader.text("USERPILOT_CONSENT_CATEGORIES", "analytics") or ""
     categories = tuple(dict.fromkeys(c.strip().lower() for c in raw.split(",") if c.strip()))
+    if not categories and raw.strip():
+        # "," is not "none": a value that lists nothing must not turn gating off.
+        reader.problems.append(
+            f"USERPILOT_CONSENT_CATEGORIES={raw!r} lists no category: use "
+            f"{', '.join(CATEGORIES)}, or 'none' to disable consent gating")
+        return ("analytics",)
     if len(categories) == 1 and categories[0] in CONSENT_OFF:
         return ()
     for cat in categories:
@@ -746,6 +755,15 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
     port = match.group("port")
     if port is not None and not 0 < int(port) < 65536:
         reader.problems.append(f"REDIS_URL={shown!r} has an invalid port: use 1-65535")
+    if any(c in (match.group("password") or "") + (match.group("user") or "") for c in "#?"):
+        # The Redis client would read the rest as a fragment or query: a crash at start-up
+        # whose message shows part of the password.
+        reader.problems.append(f"REDIS_URL={shown!r}: percent-encode '#' as %23 and '?' as "
+                               "%3F in the user name and password")
+    elif match.group("query"):
+        reader.problems.append(
+            f"REDIS_URL={shown!r} has a query string: remove it (the timeout is "
+            "REDIS_TIMEOUT_SECONDS, the database the /db path, TLS the rediss:// scheme)")
     db = match.group("db")
     if db and int(db) > 15:
         reader.problems.append(f"REDIS_URL={shown!r} selects database {db}: Redis has "
@@ -814,8 +832,10 @@ def load_settings(
                 f"({exc.strerror}): check the path and permissions"
             )
 
-    rate_limit = r.integer("USERPILOT_RATE_LIMIT", 600, 1)
-    rate_period = r.number("USERPILOT_RATE_PERIOD_SECONDS", 60.0, 0.0)
+    # Bounded: a period of 1e308 s overflowed the shared limiter's arithmetic, and a limit
+    # of 1e9 stalled it; Userpilot's is 600 per 60 s.
+    rate_limit = r.integer("USERPILOT_RATE_LIMIT", 600, 1, 10_000_000)
+    rate_period = r.number("USERPILOT_RATE_PERIOD_SECONDS", 60.0, 0.0, 86_400.0)
     rate_burst = r.integer("USERPILOT_RATE_BURST", 1, 1, max(1, rate_limit))
     timeout = r.number("USERPILOT_REQUEST_TIMEOUT_SECONDS", 10.0, 0.0, 300.0)
     attempts = r.integer("USERPILOT_RETRY_MAX_ATTEMPTS", 12, 1, 1000)

@@ -102,6 +102,15 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert re.search(r"\d+\.\d+", capsys.readouterr().out)
 
 
+@pytest.mark.parametrize("command", ["run", "check-config", "explain", "produce", "replay",
+                                     "sandbox", "demo", "delete-users"])
+def test_version_on_every_subcommand(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--version"])
+    assert done.value.code == 0
+    assert re.search(r"\d+\.\d+", capsys.readouterr().out)
+
+
 @pytest.mark.parametrize(("argv0", "prog"), [
     ("/usr/local/bin/userpilot-worker", "userpilot-worker"),
     ("/app/consumer/__main__.py", "python -m consumer"),

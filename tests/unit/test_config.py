@@ -404,7 +404,7 @@ def test_invalid_pass_through_names(name: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "raw", "fragment"), [
-    ("USERPILOT_RATE_LIMIT", "0", "=0 is out of range: use a number at least 1"),
+    ("USERPILOT_RATE_LIMIT", "0", "=0 is out of range: use a number between 1 and 10000000"),
     ("USERPILOT_RATE_LIMIT", "ten", "='ten' is not a whole number: use e.g. 600"),
     ("USERPILOT_RATE_LIMIT", "1.5", "is not a whole number"),
     ("USERPILOT_RATE_PERIOD_SECONDS", "0", "out of range: use a number > 0"),
@@ -744,3 +744,28 @@ def test_kafka_config_routes_librdkafka_logs_through_python_logging() -> None:
 
     logger = load().kafka_config()["logger"]
     assert isinstance(logger, logging.Logger) and logger.name == "librdkafka"
+
+
+@pytest.mark.parametrize("raw", [",", " , ,", ", ,"])
+def test_consent_categories_that_list_nothing_are_refused_not_read_as_none(raw: str) -> None:
+    """`,` used to turn consent gating off, as `none` does: a privacy hazard."""
+    assert "lists no category" in problem(USERPILOT_CONSENT_CATEGORIES=raw)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("USERPILOT_RATE_LIMIT", "1000000000"), ("USERPILOT_RATE_PERIOD_SECONDS", "1e308"),
+    ("USERPILOT_RATE_PERIOD_SECONDS", "inf")])
+def test_rate_settings_are_bounded(name: str, value: str) -> None:
+    """1e308 s overflowed the shared limiter and 1e9 stalled it, both after check-config."""
+    assert name in problem(**{name: value})
+
+
+@pytest.mark.parametrize("key", [
+    "sasl.oauthbearer.client.credentials.client.secret",
+    "sasl.oauthbearer.assertion.private.key.passphrase",
+    "sasl.oauthbearer.assertion.private.key.pem"])
+def test_oauthbearer_secrets_are_held_as_secrets_and_never_described(key: str) -> None:
+    env_name = "KAFKA_" + key.upper().replace(".", "_")
+    s = load(**{env_name: "oauth-s3cret-value"})
+    assert "oauth-s3cret-value" not in json.dumps(s.describe()) + repr(s)
+    assert s.kafka_config(logger=False)[key] == "oauth-s3cret-value"

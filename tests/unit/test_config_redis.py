@@ -56,6 +56,23 @@ def test_invalid_urls_say_what_to_enter(url: str, fragment: str) -> None:
     assert fragment in problem(REDIS_URL=url)
 
 
+@pytest.mark.parametrize("url", ["redis://:s3cr#et@redis:6379/0", "redis://:s3cr?et@redis/0",
+                                 "redis://us#er:pw@redis/0"])
+def test_a_hash_or_question_mark_in_the_credentials_must_be_percent_encoded(url: str) -> None:
+    """The Redis client reads the rest as a fragment or query: `run` crashed on it with
+    part of the password in the traceback, after check-config had passed it."""
+    found = problem(REDIS_URL=url)
+    assert "percent-encode" in found
+    assert "et@" not in found and "s3cr" not in found and "us#er" not in found
+
+
+@pytest.mark.parametrize("query", ["?socket_timeout=abc", "?foo=bar", "?db=99"])
+def test_a_query_string_is_refused_with_where_its_settings_go(query: str) -> None:
+    """Never checked before: a bad value crashed `run`, an unknown one failed every event,
+    `?db=99` slipped past the database check."""
+    assert "has a query string" in problem(REDIS_URL=f"redis://redis:6379/0{query}")
+
+
 def test_password_never_shown() -> None:
     s = load(REDIS_URL=f"redis://default:{PASSWORD}@redis:6379/0")
     assert s.redis is not None

@@ -291,3 +291,28 @@ def test_run_freezes_start_up_objects_and_collects_the_young_generation_less_oft
     assert code == 0
     assert frozen > 10_000  # the modules and settings of start-up
     assert young == GC_YOUNG_THRESHOLD > 700
+
+
+def test_run_with_its_metrics_port_taken_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It ended in an OSError traceback; Kafka and the registry answered (stubbed here)."""
+    import signal
+    import socket
+
+    from consumer import reach
+
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    monkeypatch.setattr(reach, "services", lambda *a, **k: [])
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own handlers
+    _env(monkeypatch, {**GOOD, "WORKER_METRICS_PORT": str(port)})
+    try:
+        assert main(["run"]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert f"WORKER_METRICS_PORT={port}: cannot listen" in err and "choose a free port" in err
+    assert "Traceback" not in err
