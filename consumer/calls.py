@@ -25,7 +25,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
-from consumer.mapping import Primitive, flatten_properties
+from consumer.mapping import (
+    DEFAULT_MAX_METADATA_BYTES,
+    DEFAULT_MAX_METADATA_KEYS,
+    Primitive,
+    flatten_properties,
+    limit_metadata,
+)
 
 __all__ = [
     "COMPANY_IDENTIFY_PATH",
@@ -201,6 +207,10 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any]) -> dict[str, P
     properties = flatten_traits(rest)
     _created_at(properties)
     properties.pop(COMPANY_KEY, None)
+    # The same size rule as all metadata (a `company` of 3,000 long keys made a 332 KB
+    # identify body); Userpilot allows 512 KB of properties per app.
+    properties, _cut = limit_metadata(properties, DEFAULT_MAX_METADATA_BYTES,
+                                      DEFAULT_MAX_METADATA_KEYS)
     return {COMPANY_KEY: company_id, **properties}
 
 

@@ -147,7 +147,11 @@ class ConsentPolicy:
 
     def _decide(self, consent: Any) -> str | None:
         gating = self._gating
-        if not isinstance(consent, dict) or all(v is None for v in consent.values()):
+        if not isinstance(consent, dict):
+            # Only absent consent is "no consent data" (USERPILOT_CONSENT_MISSING); an
+            # explicit `false`, "denied", [] or 1 grants nothing.
+            return None if consent is None and self.missing == "allow" else gating[0]
+        if all(v is None for v in consent.values()):
             return None if self.missing == "allow" else gating[0]
         canonical = consent.get("canonical")
         granted_by = canonical if isinstance(canonical, dict) else consent

@@ -101,6 +101,19 @@ def test_company_object_with_id_becomes_identify_company() -> None:
     assert payload["metadata"] == {"name": "Jane"}  # the company is not a user trait too
 
 
+def test_identify_company_properties_have_the_metadata_size_limits() -> None:
+    """A `company` of 3,000 long keys went out whole (a 332 KB identify body)."""
+    from consumer.mapping import DEFAULT_MAX_METADATA_BYTES, DEFAULT_MAX_METADATA_KEYS
+
+    fields = {f"{'k' * 100}{i}": i for i in range(3000)}
+    payload = identify_payload(identify(traits={"company": {"id": "acme", **fields}}))
+    company = payload["company"]
+    assert company[COMPANY_KEY] == "acme"
+    assert len(company) <= DEFAULT_MAX_METADATA_KEYS + 2  # + the id and the cut marker
+    assert len(json.dumps(company)) <= DEFAULT_MAX_METADATA_BYTES + 200
+    assert company["_truncated"] > 0
+
+
 def test_company_key_is_id_as_userpilot_help_page_and_rudderstack() -> None:
     assert COMPANY_KEY == "id"
 

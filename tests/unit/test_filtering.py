@@ -150,10 +150,9 @@ NO_CONSENT_DATA = [
     event({}),
     event({"analytics": None}),
     event({"canonical": None}),
-    event("analytics=true"),
-    event(["analytics"]),
-    event(True),
 ]
+"""Consent that is not an object (`"analytics=true"`, `["analytics"]`, `true`) is not "no
+data": it grants nothing under either policy (test_explicit_consent_that_is_not_...)."""
 
 
 @pytest.mark.parametrize("e", NO_CONSENT_DATA)
@@ -354,3 +353,14 @@ def test_broken_or_escaped_consent_text_is_parsed_every_time() -> None:
         decoded = _decoded(lone)
         assert drop(decoded, policy) == Drop("consent", "analytics")
         assert decoded.replaced == 1
+
+
+@pytest.mark.parametrize("consent", [False, "denied", [], 1, 0.0, True, "analytics=true",
+                                     ["analytics"]])
+def test_explicit_consent_that_is_not_an_object_grants_nothing(consent: Any) -> None:
+    """Only absent consent follows USERPILOT_CONSENT_MISSING=allow: `false` or "denied"
+    were delivered as if the event carried no consent data."""
+    assert drop(event(consent), ALLOW_MISSING) == Drop("consent", "analytics")
+    assert drop(event(consent)) == Drop("consent", "analytics")
+    assert drop(event(None), ALLOW_MISSING) is None
+    assert drop(event(None, no_context=True), ALLOW_MISSING) is None
