@@ -180,6 +180,26 @@ has full '"url": "https://wiki.example.com/runbooks/userpilot-worker#alert-userp
 lacks full "https://github.com/signal/userpilot-worker" "every runbook link follows runbookBaseUrl"
 has full "name: upw-userpilot-worker-kafka-exporter" "kafkaExporter.serviceMonitor renders"
 render renamed -f "$FULL_VALUES" --set kafka.groupId=orders-to-userpilot --set nameOverride=upw-worker
+# Numbers as the worker reads them: Helm holds every YAML number as a float, and `int64`
+# truncated 0.5 s to "0" while `toString` wrote 52428800 as "5.24288e+07".
+cat >"$OUT/numbers.values.yaml" <<'EOF2'
+userpilot: {ratePeriodSeconds: 0.5, retry: {budgetSeconds: 1.5}}
+kafka: {config: {fetch.max.bytes: 52428800, queued.max.messages.kbytes: 1048576, enable.idempotence: true}}
+EOF2
+render numbers -f "$OUT/numbers.values.yaml"
+has numbers 'USERPILOT_RATE_PERIOD_SECONDS: "0.5"' "a fractional period is not truncated"
+has numbers 'USERPILOT_RETRY_BUDGET_SECONDS: "1.5"' "a fractional budget is not truncated"
+has numbers 'KAFKA_FETCH_MAX_BYTES: "52428800"' "large whole numbers have no exponent"
+has numbers 'KAFKA_QUEUED_MAX_MESSAGES_KBYTES: "1048576"' "large whole numbers have no exponent"
+has numbers 'KAFKA_ENABLE_IDEMPOTENCE: "true"' "booleans stay booleans"
+has default 'USERPILOT_RATE_PERIOD_SECONDS: "60"' "whole numbers have no fraction"
+for key in ssl.keystore.password ssl.key.pem sasl.oauthbearer.config \
+    sasl.oauthbearer.client.credentials.client.secret \
+    sasl.oauthbearer.assertion.private.key.passphrase sasl.oauthbearer.assertion.private.key.pem; do
+  err="$("$HELM" template "$RELEASE" "$CHART" --kube-version "$KUBE_VERSION" "${TOKEN[@]}" \
+    --set "kafka.config.${key//./\\.}=x" 2>&1 >/dev/null)" && die "kafka.config.$key: rendered into the ConfigMap"
+  grep -qF -- "kafka.config.$key is a secret" <<<"$err" || die "kafka.config.$key: failed for another reason: $err"
+done
 has renamed 'kafka_consumergroup_lag{consumergroup="orders-to-userpilot"}' "the lag alert follows kafka.groupId"
 has renamed 'up{job="upw-worker"}' "the workers-down alert follows the chart name (the ServiceMonitor's jobLabel)"
 has renamed '"query": "orders-to-userpilot"' "the dashboard's consumergroup variable follows kafka.groupId"

@@ -279,3 +279,42 @@ def test_ensure_user_defaults_are_the_workers_own() -> None:
     assert settings.ensure_user_cache == VALUES["userpilot"]["ensureUserCache"]
     with pytest.raises(jsonschema.ValidationError):
         validate(merged(VALUES, {"userpilot": {"ensureUserCache": 0}}))
+
+
+BOUNDED = [  # values path, the worker's variable, its largest accepted value
+    ("userpilot.rateLimit", "USERPILOT_RATE_LIMIT", 10_000_000),
+    ("userpilot.ratePeriodSeconds", "USERPILOT_RATE_PERIOD_SECONDS", 86_400),
+    ("userpilot.requestTimeoutSeconds", "USERPILOT_REQUEST_TIMEOUT_SECONDS", 300),
+    ("userpilot.retry.maxAttempts", "USERPILOT_RETRY_MAX_ATTEMPTS", 1000),
+    ("userpilot.ensureUserCache", "USERPILOT_ENSURE_USER_CACHE", 10_000_000),
+    ("worker.maxInFlight", "WORKER_MAX_IN_FLIGHT", 100_000),
+    ("worker.shutdownGraceSeconds", "WORKER_SHUTDOWN_GRACE_SECONDS", 3600),
+    ("worker.replayMax", "WORKER_REPLAY_MAX", 1000),
+    ("worker.dlqGuard.window", "WORKER_DLQ_WINDOW", 1_000_000),
+    ("worker.dlqGuard.maxConsecutive", "WORKER_DLQ_MAX_CONSECUTIVE", 1_000_000),
+]
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    override: dict[str, Any] = {}
+    node = override
+    *parents, leaf = path.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+    return merged(VALUES, override)
+
+
+@pytest.mark.parametrize(("path", "env", "largest"), BOUNDED)
+def test_the_schema_refuses_what_the_worker_refuses(path: str, env: str, largest: int) -> None:
+    """A values file that lints clean must not crash-loop the pod: the schema's maxima are
+    the worker's own (they were missing)."""
+    validate(_with(path, largest))
+    with pytest.raises(jsonschema.ValidationError):
+        validate(_with(path, largest + 1))
+    base = {"USERPILOT_API_KEY": "t", "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.io",
+            "KAFKA_BOOTSTRAP_SERVERS": "k:9092", "KAFKA_TOPICS": "t",
+            "SCHEMA_REGISTRY_URL": "http://r:8081"}
+    load_settings({**base, env: str(largest)})
+    with pytest.raises(Exception, match=env):
+        load_settings({**base, env: str(largest + 1)})

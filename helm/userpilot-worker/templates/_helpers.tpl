@@ -141,7 +141,7 @@ Deployment, so every render runs them.
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than worker.shutdownGraceSeconds (%d), or pods are killed before in-flight events finish and offsets are committed" (int $v.terminationGracePeriodSeconds) (int $v.worker.shutdownGraceSeconds)) }}
 {{- end }}
 {{- range $key, $_ := $v.kafka.config }}
-{{- if has (lower $key) (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret") }}
+{{- if has (lower $key) (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret" "ssl.keystore.password" "ssl.key.pem" "sasl.oauthbearer.config" "sasl.oauthbearer.client.credentials.client.secret" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem") }}
 {{- fail (printf "kafka.config.%s is a secret: put KAFKA_%s in kafka.existingSecret or kafka.extraEnv instead of a ConfigMap" $key (upper (replace "." "_" $key))) }}
 {{- end }}
 {{- end }}
@@ -174,4 +174,17 @@ Call with (dict "file" "files/alerts.yaml" "ctx" $).
 {{- $text = replace "job=\"userpilot-worker\"" (printf "job=%s" (toJson (include "userpilot-worker.name" $ctx))) $text -}}
 {{- end -}}
 {{- $text -}}
+{{- end }}
+
+{{/*
+A value as the worker reads it: whole numbers without an exponent or a fraction
+(52428800, not 5.24288e+07; Helm reads every YAML number as a float), other numbers as
+written (0.5 stays 0.5, never truncated), anything else as its string.
+*/}}
+{{- define "userpilot-worker.plain" -}}
+{{- if and (kindIs "float64" .) (eq (float64 (int64 .)) .) -}}
+{{- int64 . | toString -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
 {{- end }}
