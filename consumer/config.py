@@ -138,9 +138,9 @@ _HOST = re.compile(
     r"(?::(\d{1,5}))?$"
 )
 _SERVICE_LINK = re.compile(
-    r"^(KAFKA|USERPILOT|WORKER|SCHEMA_REGISTRY)_(PORT|SERVICE_HOST|SERVICE_PORT)(_.*)?$"
+    r"^(KAFKA|USERPILOT|WORKER|SCHEMA_REGISTRY|REDIS)_(PORT|SERVICE_HOST|SERVICE_PORT)(_.*)?$"
 )
-_OWN_PREFIXES = ("USERPILOT_", "WORKER_", "SCHEMA_REGISTRY_")
+_OWN_PREFIXES = ("USERPILOT_", "WORKER_", "SCHEMA_REGISTRY_", "REDIS_")
 # Our prefix, not settings: the image's build revision (read by metrics.build_info only).
 _BUILD_FACTS = frozenset({"USERPILOT_WORKER_REVISION"})
 # librdkafka names that are not dots-for-underscores (KAFKA_LOG_LEVEL → log_level).
@@ -421,6 +421,11 @@ def _check_endpoint(reader: _Reader) -> str:
     )
     if not raw:
         return ""
+    if "@" in raw:  # credentials have no place here, and must not be echoed back
+        reader.problems.append(
+            f"USERPILOT_ANALYTICS_ENDPOINT={redact_userinfo(raw)!r} holds credentials: enter "
+            "the host only, e.g. analytex.userpilot.io (the token is USERPILOT_API_KEY)")
+        return raw.rsplit("@", 1)[1].split("/", 1)[0]
     host = raw
     if "://" in host:
         host = host.split("://", 1)[1]
@@ -559,6 +564,65 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[s
 def userpilot_base_url(endpoint: str, insecure_http: bool) -> str:
     """``scheme://host[:port]`` of Userpilot's API (`Settings.base_url`)."""
     return f"{'http' if insecure_http else 'https'}://{endpoint}"
+
+
+_BOOTSTRAP_PROTOCOLS = ("plaintext", "ssl", "sasl_plaintext", "sasl_ssl")
+
+
+def _bootstrap_problems(raw: str) -> list[str]:
+    """KAFKA_BOOTSTRAP_SERVERS as librdkafka reads it: host[:port] entries, each perhaps
+    with a security-protocol prefix (`SASL_SSL://host:9093`). Checked here because a
+    mistake otherwise shows only as "Kafka not reachable" after the reach timeout."""
+    entries = [e.strip() for e in raw.split(",")]
+    if not any(entries):
+        return [f"KAFKA_BOOTSTRAP_SERVERS={raw!r} lists no broker: enter host:port, e.g. "
+                "kafka:9092"]
+    problems: list[str] = []
+    for entry in entries:
+        if not entry:  # a stray comma: librdkafka skips it too
+            continue
+        protocol, sep, address = entry.rpartition("://")
+        if sep and protocol.lower() not in _BOOTSTRAP_PROTOCOLS:
+            problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {entry!r}: a broker is host:port, "
+                            f"not a URL ({protocol}:// is not a Kafka security protocol)")
+            continue
+        host, port = address, ""
+        if address.startswith("["):  # [IPv6]:port
+            host, closed, tail = address.partition("]")
+            host = host + "]" if closed else ""
+            if tail:
+                if not tail.startswith(":"):
+                    host = ""
+                port = tail[1:]
+        elif ":" in address:
+            host, _, port = address.rpartition(":")
+        if not host or host == "[]" or "/" in address or "@" in address:
+            problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {entry!r}, not host:port "
+                            "(e.g. kafka:9092)")
+        elif port and not (port.isdigit() and 0 < int(port) < 65536):
+            problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {entry!r}: the port must be "
+                            "1-65535")
+    return problems
+
+
+def _url_problem(url: str) -> str | None:
+    """What makes `url` unusable as an HTTP URL (the reason, after the redacted URL), or
+    None. The HTTP client would fail only at start-up, with part of a password in its
+    message when a `/`, `?` or `#` in it ended the host early."""
+    rest = url.split("://", 1)[-1]
+    if "@" in rest and any(c in rest.rsplit("@", 1)[0] for c in "/?#"):
+        return ("has '/', '?' or '#' in its user name or password: percent-encode them "
+                "(%2F, %3F, %23), or use SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "is not a valid URL (check the host and the port): e.g. http://registry:8081"
+    if not parts.hostname:
+        return "has no host: e.g. http://schema-registry:8081"
+    if port == 0:
+        return "has port 0: use 1-65535"
+    return None
 
 
 def redact_userinfo(url: str) -> str:
@@ -859,6 +923,8 @@ def load_settings(
     bootstrap = r.required(
         "KAFKA_BOOTSTRAP_SERVERS", "enter host:port[,host:port], e.g. kafka:9092"
     )
+    if bootstrap:
+        r.problems.extend(_bootstrap_problems(bootstrap))
     topics = _topics(r)
     group_id = r.text("KAFKA_GROUP_ID", "userpilot-delivery") or "userpilot-delivery"
     default_dlq = f"{topics[0]}.userpilot.dlq" if topics else "userpilot.dlq"
@@ -892,6 +958,10 @@ def load_settings(
         r.problems.append(
             f"SCHEMA_REGISTRY_URL={shown!r} needs a scheme: e.g. http://{shown}"
         )
+    elif registry_url:
+        problem = _url_problem(registry_url)
+        if problem:
+            r.problems.append(f"SCHEMA_REGISTRY_URL={shown!r} {problem}")
     auth_raw = r.text("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
     if auth_raw is not None and ":" not in auth_raw:
         r.problems.append("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO must be user:password")

@@ -769,3 +769,54 @@ def test_oauthbearer_secrets_are_held_as_secrets_and_never_described(key: str) -
     s = load(**{env_name: "oauth-s3cret-value"})
     assert "oauth-s3cret-value" not in json.dumps(s.describe()) + repr(s)
     assert s.kafka_config(logger=False)[key] == "oauth-s3cret-value"
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    (" , ", "lists no broker"),
+    ("http://127.0.0.1:19092", "not a URL"),
+    ("127.0.0.1:99999", "the port must be 1-65535"),
+    ("kafka:0", "the port must be 1-65535"),
+    ("[::1", "not host:port"),
+    ("user@kafka:9092", "not host:port"),
+])
+def test_bootstrap_servers_are_checked_offline(raw: str, fragment: str) -> None:
+    """They passed check-config; `run` then waited out its reach timeout and said only
+    that Kafka was not reachable."""
+    assert fragment in problem(KAFKA_BOOTSTRAP_SERVERS=raw)
+
+
+@pytest.mark.parametrize("raw", ["kafka:9092", "a:1, b:2,", "[::1]:9092", "SASL_SSL://k:9093",
+                                 "kafka"])
+def test_bootstrap_servers_as_librdkafka_reads_them_pass(raw: str) -> None:
+    assert load(KAFKA_BOOTSTRAP_SERVERS=raw).bootstrap_servers == raw
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("http://u:pa/ss@127.0.0.1:1/apis", "percent-encode"),
+    ("http://u:p#ss@registry:8081", "percent-encode"),
+    ("http://[::1", "not a valid URL"),
+    ("http://registry:99999", "not a valid URL"),
+    ("http://:8081", "has no host"),
+])
+def test_a_registry_url_the_client_cannot_use_is_refused_without_its_password(
+        url: str, fragment: str) -> None:
+    """`run` crashed on these with httpx.InvalidURL, showing part of the password."""
+    found = problem(SCHEMA_REGISTRY_URL=url)
+    assert fragment in found
+    assert "pa/ss" not in found and "p#ss" not in found
+
+
+def test_an_endpoint_with_credentials_is_refused_without_echoing_them() -> None:
+    found = problem(USERPILOT_ANALYTICS_ENDPOINT="https://user:pw-s3cret@analytex.userpilot.io/x")
+    assert "holds credentials" in found and "pw-s3cret" not in found
+
+
+@pytest.mark.parametrize("name", ["REDIS_TIMEOUT_SECOND", "REDIS_URL_FILE", "REDIS_PASSWORD"])
+def test_a_redis_variable_the_worker_does_not_read_is_refused(name: str) -> None:
+    """They were ignored without a word (a typo of REDIS_TIMEOUT_SECONDS took no effect)."""
+    assert name in problem(**{name: "1"})
+
+
+def test_kubernetes_service_links_of_a_redis_service_are_not_settings() -> None:
+    load(REDIS_PORT="tcp://10.0.0.7:6379", REDIS_SERVICE_HOST="10.0.0.7",
+         REDIS_PORT_6379_TCP_ADDR="10.0.0.7")
