@@ -64,6 +64,7 @@ _ENVELOPE_STRINGS = (
     "timestamp", "messageId", "receivedAt", "sentAt",
 )
 _JSON_FIELDS = ("properties", "traits")
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 _SUBRECORDS: dict[str, tuple[str, ...]] = {
     "page": ("url", "path", "referrer", "title", "search"),
     "device": ("type", "manufacturer", "model"),
@@ -241,6 +242,11 @@ class Event(Mapping[str, Any]):
             raise KeyError(key)
         if key in _JSON_FIELDS:
             value = self._json(key, value)
+            if value is not None and not isinstance(value, dict):
+                # The schema's "JSON object text": an array or a string here is a malformed
+                # event, dead-lettered whole rather than sent with its data left out.
+                raise InvalidEvent(f"{key} must be JSON object text, not a JSON "
+                                   f"{_JSON_KINDS.get(type(value), type(value).__name__)}")
         elif key == "context":
             value = self._context(value)
         parsed[key] = value

@@ -75,6 +75,7 @@ DEAD_LETTER_REASONS: tuple[str, ...] = (
     "undecodable",
     "retries_exhausted",
     "mapping_error",
+    "invalid_event",
 )
 REBALANCE_KINDS: tuple[str, ...] = ("assign", "revoke", "lost")
 ENDPOINTS: tuple[str, ...] = ("track", "identify", "company_identify")

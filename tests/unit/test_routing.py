@@ -145,3 +145,26 @@ def test_traits_get_the_track_size_limits() -> None:
     metadata = decision.calls[0].payload["metadata"]
     assert len(metadata) == 3 and metadata["_truncated"] == 8
     assert len(decision.truncated) == 8
+
+
+@pytest.mark.parametrize("text", ['[{"feature": "export_csv"}]', '"x"', "42", "true"])
+@pytest.mark.parametrize(("kind", "field"), [("track", "properties"),
+                                             ("identify", "traits"), ("group", "traits")])
+def test_properties_or_traits_that_are_not_an_object_dead_letter_the_event(
+        text: str, kind: str, field: str) -> None:
+    """They were sent with empty metadata: the event's data lost without a trace."""
+    from consumer import codec
+    from consumer.errors import DeadLetter, InvalidEvent
+    from consumer.filtering import ConsentPolicy
+    from consumer.mapping import DEFAULT_PRESET
+
+    record = codec.to_record({"type": kind, "event": "Feature Used", "userId": "u1",
+                              "groupId": "acme", "context": {"consent": {"analytics": True}}})
+    record[field] = text
+    decoded = codec.decode(codec.encode(1, record), lambda _i: codec.SCHEMA)
+    with pytest.raises(InvalidEvent, match=f"{field} must be JSON object text") as info:
+        route(decoded, ConsentPolicy(), DEFAULT_PRESET)
+    assert isinstance(info.value, DeadLetter) and info.value.reason == "invalid_event"
+    record[field] = "null"  # JSON null: absent, as before
+    decoded = codec.decode(codec.encode(1, record), lambda _i: codec.SCHEMA)
+    assert not isinstance(route(decoded, ConsentPolicy(), DEFAULT_PRESET), Drop)
