@@ -270,7 +270,11 @@ class Handler:
         try:
             if decoded is None:
                 decoded = codec.decode(event.value, self._cached_schema)
-            event.message_id = decoded.get("messageId")
+            message_id = decoded.get("messageId")
+            # A blank id identifies nothing: as a dedup key every blank-id event after the
+            # first would be skipped as its duplicate.
+            event.message_id = (message_id if isinstance(message_id, str)
+                                and message_id.strip() else None)
             event.event_time = decoded.get("timestamp")
             event.decision = route(decoded, self.s.consent, self.s.mappings)
         except SchemaNotCached:

@@ -108,6 +108,18 @@ def test_events_without_message_id_are_sent_as_before() -> None:
     assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 0
 
 
+def test_blank_message_ids_are_no_ids_not_one_shared_id() -> None:
+    """" " was a dedup key like any other: every blank-id event after the first was
+    skipped as its duplicate."""
+    store = MemoryStore()
+    run, metrics, _ = make(log_of(track("u1", 1, messageId=" "), track("u1", 2, messageId=""),
+                                  track("u1", 3, messageId=" ")), store)
+    assert drive(run, finished_to(3)) == 0  # type: ignore[arg-type]
+    assert [codec_seq(b) for b in run.client.bodies] == [1, 2, 3]
+    assert store.values == {}
+    assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 0
+
+
 def test_redis_down_delivers_every_event_unchecked() -> None:
     store = MemoryStore(fail=True)
     run, metrics, _ = make(log_of(track("u1", 1), track("u1", 1)), store)
