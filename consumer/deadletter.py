@@ -63,7 +63,8 @@ PRODUCER_MAX_BYTES = 1_000_000
 RECORD_OVERHEAD = 256
 HEADER_OVERHEAD = 10
 
-Header = tuple[str, bytes]
+Header = tuple[str, bytes | None]
+"""A Kafka header; a null value stays None (Kafka tells a null header value from an empty one)."""
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,14 @@ def _iso(ts: float | None) -> bytes:
 
 
 def normalize_headers(raw: object) -> list[Header]:
-    """Kafka headers (list of pairs, or a dict) as (str, bytes) pairs; str values encoded."""
+    """Kafka headers (list of pairs, or a dict) as (str, bytes | None) pairs; str values
+    encoded, a null value kept None."""
     items: Any = raw.items() if isinstance(raw, dict) else (raw or [])
     out: list[Header] = []
     for key, value in items:
         if isinstance(value, str):
             value = value.encode()
-        out.append((str(key), b"" if value is None else bytes(value)))
+        out.append((str(key), None if value is None else bytes(value)))
     return out
 
 
@@ -181,7 +183,7 @@ class DlqRecord:
 def record_size(key: bytes | None, value: bytes | None, headers: Sequence[Header]) -> int:
     """Bytes a record takes against `message.max.bytes`, over-estimated (framing included)."""
     return (RECORD_OVERHEAD + len(key or b"") + len(value or b"")
-            + sum(len(k.encode()) + len(v) + HEADER_OVERHEAD for k, v in headers))
+            + sum(len(k.encode()) + len(v or b"") + HEADER_OVERHEAD for k, v in headers))
 
 
 def producer_limit(conf: Mapping[str, Any], topic_limit: int | None = None) -> int:

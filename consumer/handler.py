@@ -119,7 +119,7 @@ class DeadLetterSink(Protocol):
     (`kafka.DeadLetterProducer`)."""
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes]], timestamp_ms: int | None) -> None: ...
+                   headers: list[tuple[str, bytes | None]], timestamp_ms: int | None) -> None: ...
     def close(self, timeout_s: float = 10.0) -> int: ...
 
 
@@ -133,7 +133,7 @@ class Event:
     ordering_key: Hashable
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]] | None
+    headers: list[tuple[str, bytes | None]] | None
     timestamp_ms: int | None
     decision: Send | Drop | DeadLetter | None = None  # None: schema not fetched yet
     message_id: str | None = None

@@ -380,7 +380,7 @@ class DeadLetterProducer:
 
     async def send(
         self, topic: str, *, key: bytes | None, value: bytes | None,
-        headers: list[tuple[str, bytes]], timestamp_ms: int | None,
+        headers: list[tuple[str, bytes | None]], timestamp_ms: int | None,
     ) -> None:
         """Produce and wait for the broker's acknowledgement; raises KafkaException on failure."""
         loop = asyncio.get_running_loop()

@@ -25,6 +25,7 @@ from consumer.deadletter import (
     dead_letter_record,
     dlq_headers,
     header_value,
+    normalize_headers,
     producer_limit,
     record_size,
     replay_count,
@@ -53,7 +54,7 @@ def headers_of(failure: Failure, original: list[Header] | None = None) -> dict[s
                       failure=failure)
     names = [k for k, _ in out]
     assert len(names) == len(set(names)), f"duplicate headers: {names}"
-    return dict(out)
+    return {k: v or b"" for k, v in out}
 
 
 def test_connect_and_userpilot_headers() -> None:
@@ -161,7 +162,7 @@ def test_no_header_contains_the_token() -> None:
     original: list[Header] = [("traceparent", b"00-abc")]
     for failure in (REJECTED, UNDECODABLE):
         out = dlq_headers(original, topic="t", partition=0, offset=1, failure=failure)
-        blob = b"".join(k.encode() + v for k, v in out)
+        blob = b"".join(k.encode() + (v or b"") for k, v in out)
         assert TOKEN.encode() not in blob
         assert b"Authorization" not in blob
         assert b"Token " not in blob
@@ -263,7 +264,7 @@ ECHO = Failure(
 
 def test_the_token_never_reaches_the_error_headers() -> None:
     out = dlq_headers(None, topic="t", partition=0, offset=1, failure=ECHO, secrets=[TOKEN])
-    assert all(TOKEN.encode() not in v for _, v in out)
+    assert all(TOKEN.encode() not in (v or b"") for _, v in out)
     body = header_value(out, "userpilot.error.body")
     assert body is not None and b"Token ***" in body and b"bad gateway" in body
 
@@ -272,8 +273,8 @@ def test_a_token_cut_by_the_body_limit_is_masked_before_and_after_truncation() -
     long_body = "x" * (BODY_LIMIT - 12) + f"Token {TOKEN}"  # 6 token chars fit
     failure = Failure(reason="retries_exhausted", exception_class="E", message="m",
                       body=long_body[:BODY_LIMIT])  # truncated upstream mid-token
-    out = dict(dlq_headers(None, topic="t", partition=0, offset=1, failure=failure,
-                           secrets=[TOKEN]))
+    out = {k: v or b"" for k, v in dlq_headers(None, topic="t", partition=0, offset=1,
+                                               failure=failure, secrets=[TOKEN])}
     assert TOKEN[:4].encode() not in out["userpilot.error.body"]
     assert out["userpilot.error.body"].endswith(b"***")
 
@@ -363,3 +364,15 @@ def test_dlq_writable_flags_a_dead_letter_pending_too_long_and_clears_on_ack() -
     assert writable.problem() is not None
     writable.finished(second)
     assert writable.problem() is None and writable.stuck_for() == 0.0
+
+
+def test_a_null_header_value_stays_null_through_the_dlq_and_replay() -> None:
+    """Kafka tells a null header value from an empty one; it became b"" in the DLQ and in
+    the replayed event."""
+    from consumer.replay import replay_headers
+
+    original = normalize_headers([("flag", None), ("empty", b""), ("s", "x")])
+    assert original == [("flag", None), ("empty", b""), ("s", b"x")]
+    out = dlq_headers(original, topic="t", partition=0, offset=1, failure=UNDECODABLE)
+    assert out[:3] == original
+    assert replay_headers(out)[:3] == original

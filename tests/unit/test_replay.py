@@ -11,7 +11,7 @@ NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 OLD_EVENT_MS = int(datetime(2020, 1, 1, tzinfo=UTC).timestamp() * 1000)
 
 
-def _undecodable(at: datetime | None) -> list[tuple[str, bytes]]:
+def _undecodable(at: datetime | None) -> list[tuple[str, bytes | None]]:
     """A dead letter without attempts (undecodable), as the handler writes it."""
     failure = Failure(reason="undecodable", exception_class="UndecodableEvent", message="bad",
                       at=at.timestamp() if at else None)

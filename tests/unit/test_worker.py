@@ -261,11 +261,11 @@ class FakeDlq:
         self.refused = 0
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes]], timestamp_ms: int | None) -> None:
+                   headers: list[tuple[str, bytes | None]], timestamp_ms: int | None) -> None:
         if self.max_bytes is not None and len(value or b"") > self.max_bytes:
             self.refused += 1
             raise DlqRecordTooLarge("Broker: Message size too large")
-        self.records.append(DeadLetter(topic, value, dict(headers)))
+        self.records.append(DeadLetter(topic, value, {k: v or b"" for k, v in headers}))
 
     def close(self, timeout_s: float = 10.0) -> int:
         return 0
