@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from consumer.errors import ConfigError
 from consumer.filtering import CATEGORIES, ConsentPolicy
@@ -140,7 +140,10 @@ _HOST = re.compile(
 _SERVICE_LINK = re.compile(
     r"^(KAFKA|USERPILOT|WORKER|SCHEMA_REGISTRY|REDIS)_(PORT|SERVICE_HOST|SERVICE_PORT)(_.*)?$"
 )
-_OWN_PREFIXES = ("USERPILOT_", "WORKER_", "SCHEMA_REGISTRY_", "REDIS_")
+_OWN_PREFIXES = ("USERPILOT_", "WORKER_", "SCHEMA_REGISTRY_")
+# REDIS_* is shared with other software (REDIS_PASSWORD fed into REDIS_URL, service links of
+# a redis-master Service): only a near miss of one of ours is a typo.
+_SHARED_PREFIXES = ("REDIS_",)
 # Our prefix, not settings: the image's build revision (read by metrics.build_info only).
 _BUILD_FACTS = frozenset({"USERPILOT_WORKER_REVISION"})
 # librdkafka names that are not dots-for-underscores (KAFKA_LOG_LEVEL → log_level).
@@ -609,14 +612,14 @@ def _url_problem(url: str) -> str | None:
     """What makes `url` unusable as an HTTP URL (the reason, after the redacted URL), or
     None. The HTTP client would fail only at start-up, with part of a password in its
     message when a `/`, `?` or `#` in it ended the host early."""
-    rest = url.split("://", 1)[-1]
-    if "@" in rest and any(c in rest.rsplit("@", 1)[0] for c in "/?#"):
-        return ("has '/', '?' or '#' in its user name or password: percent-encode them "
-                "(%2F, %3F, %23), or use SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
+        if "@" in url:  # a '/', '?' or '#' in the password ended the host early
+            return ("is not a valid URL: percent-encode '/', '?', '#' and '@' in the user "
+                    "name and password (%2F, %3F, %23, %40), or use "
+                    "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
         return "is not a valid URL (check the host and the port): e.g. http://registry:8081"
     if not parts.hostname:
         return "has no host: e.g. http://schema-registry:8081"
@@ -709,9 +712,15 @@ def _proxy(reader: _Reader, url: str) -> Secret | None:
 
 def _unknown_variables(reader: _Reader) -> None:
     for name in sorted(reader.env):
-        if not name.startswith(_OWN_PREFIXES) or _SERVICE_LINK.match(name):
+        if name in ENV_VARS or name in _BUILD_FACTS or _SERVICE_LINK.match(name):
             continue
-        if name in ENV_VARS or name in _BUILD_FACTS:
+        if name.startswith(_SHARED_PREFIXES):
+            hint = _did_you_mean(name, REDIS_ENV_VARS)
+            if hint:
+                reader.problems.append(f"{name} is not a setting of this worker{hint}: fix "
+                                       "the name or remove it (see README, Configuration)")
+            continue
+        if not name.startswith(_OWN_PREFIXES):
             continue
         reader.problems.append(
             f"{name} is not a setting of this worker{_did_you_mean(name, ENV_VARS)}: "
@@ -774,6 +783,12 @@ _REDIS_URL = re.compile(
 )
 
 
+_REDIS_QUERY_KEYS = frozenset({"ssl_cert_reqs", "ssl_check_hostname", "client_name"})
+"""Query parameters redis-py applies that override no worker setting (a self-signed TLS
+certificate on a managed Redis needs ssl_cert_reqs=none). Not `protocol`: RESP3 changes how
+the worker's Lua scripts' answers are read."""
+
+
 @dataclass(frozen=True)
 class RedisSettings:
     """Where the replicas share their rate budget and delivered messageIds."""
@@ -825,9 +840,15 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
         reader.problems.append(f"REDIS_URL={shown!r}: percent-encode '#' as %23 and '?' as "
                                "%3F in the user name and password")
     elif match.group("query"):
-        reader.problems.append(
-            f"REDIS_URL={shown!r} has a query string: remove it (the timeout is "
-            "REDIS_TIMEOUT_SECONDS, the database the /db path, TLS the rediss:// scheme)")
+        refused = sorted({k for k, _ in parse_qsl(match.group("query")[1:],
+                                                  keep_blank_values=True)}
+                         - _REDIS_QUERY_KEYS)
+        if refused or not parse_qsl(match.group("query")[1:], keep_blank_values=True):
+            reader.problems.append(
+                f"REDIS_URL={shown!r} has query parameters the worker does not take "
+                f"({', '.join(refused) or 'none readable'}): the timeout is "
+                "REDIS_TIMEOUT_SECONDS, the database the /db path, TLS the rediss:// scheme; "
+                f"allowed: {', '.join(sorted(_REDIS_QUERY_KEYS))}")
     db = match.group("db")
     if db and int(db) > 15:
         reader.problems.append(f"REDIS_URL={shown!r} selects database {db}: Redis has "

@@ -166,6 +166,8 @@ class Attempts:
     first_mono: float = 0.0  # monotonic time of the first answered attempt
     first_up: float = 0.0  # the gate's up-clock at the first answered attempt
     last_mono: float | None = None  # monotonic time of the previous attempt, any kind
+    limited_up: float = 0.0  # up-clock seconds from each 429 to the next attempt: not spent
+    limited_since: float | None = None  # the up-clock at the last 429, until the next attempt
 
 
 class RetryPolicy:
@@ -196,8 +198,8 @@ class RetryPolicy:
         """
         if attempts.answered == 0 or self._gate.state != "up":
             return False
-        used = (attempts.answered >= self._max_attempts
-                or self._gate.up_time() - attempts.first_up >= self._budget)
+        spent_up = self._gate.up_time() - attempts.first_up - attempts.limited_up
+        used = attempts.answered >= self._max_attempts or spent_up >= self._budget
         return used and self._gate.last_success > attempts.first_mono
 
     def _stop(self, state: RetryCallState, attempts: Attempts) -> bool:
@@ -265,6 +267,9 @@ class RetryPolicy:
             if before_send is not None:
                 await before_send()
             now = self._clock()
+            if attempts.limited_since is not None:  # waiting out a 429 spends no budget
+                attempts.limited_up += max(0.0, self._gate.up_time() - attempts.limited_since)
+                attempts.limited_since = None
             if not probe and self._gate.state == "up" and (
                     attempts.answered == 0 or attempts.last_mono is None
                     or self._gate.last_success > attempts.last_mono):
@@ -280,8 +285,10 @@ class RetryPolicy:
                 attempts.first_wall = attempts.last_wall
             await send()
         except Retry as exc:
-            if counted and isinstance(exc, RateLimited):
-                attempts.answered -= 1  # not evidence about the event: not in its budget
+            if isinstance(exc, RateLimited):  # not evidence about the event: no budget
+                if counted:
+                    attempts.answered -= 1
+                attempts.limited_since = self._gate.up_time()
             self._gate.transient_failure(exc, probe)
             raise
         except Pause as exc:

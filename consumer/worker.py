@@ -96,7 +96,8 @@ FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
 CLOSE_TIMEOUT_S = 15.0  # leaving the group while Kafka answers (revoke settles first)
 CLOSE_DOWN_TIMEOUT_S = 2.0  # ... while it does not
 RESHARE_TIMEOUT_S = 2.0  # a metadata call on the poll thread: well under max.poll.interval
-RESHARE_RETRY_S = 1.0  # after a failed partition count, asked again this much later
+RESHARE_RETRY_S = 1.0  # after a failed partition count, asked again this much later ...
+RESHARE_RETRY_MAX_S = 60.0  # ... doubling to this (each try may hold the poll thread 2 s)
 DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
 DRY_FOR_S = 30.0  # ... until a message of theirs arrives, or this long (then probed again)
 
@@ -237,6 +238,7 @@ class Worker:
         self.partitions_total = 0
         self._reshare_due = False
         self._reshare_at = 0.0  # monotonic: not before (a failed count is retried later)
+        self._reshare_delay = RESHARE_RETRY_S  # poll thread only
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
@@ -770,6 +772,7 @@ class Worker:
             self.assigned.update(parts)
             self._fresh.extend(parts)
             self._reshare_due = True
+            self._reshare_at = 0.0  # a new assignment is counted at once, not after a backoff
             count = len(self.assigned)
         self.health.set_assigned(True)
         log.info("assigned %s (now %d partitions)", _fmt(parts), count)
@@ -777,8 +780,9 @@ class Worker:
     def _reshare(self, source: Source) -> None:
         """This replica's share of the token's limit: owned ÷ all partitions.
 
-        A count that fails (or reads 0) is asked again `RESHARE_RETRY_S` later; until one
-        succeeds the previous share holds. Before the first success there is no total:
+        A count that fails (or reads 0) is asked again `RESHARE_RETRY_S` later, doubling up
+        to `RESHARE_RETRY_MAX_S` (each try may hold the poll thread `RESHARE_TIMEOUT_S`);
+        until one succeeds the previous share holds. Before the first success there is no total:
         the share is left as it is, never set from a total of 0 (that is a share of 0,
         and no delivery would start).
         """
@@ -790,10 +794,12 @@ class Worker:
                         "asking again in %g s", exc, RESHARE_RETRY_S)
         if total > 0:
             self.partitions_total = total
+            self._reshare_delay = RESHARE_RETRY_S
         else:
             with self._parts_lock:
                 self._reshare_due = True
-                self._reshare_at = time.monotonic() + RESHARE_RETRY_S
+                self._reshare_at = time.monotonic() + self._reshare_delay
+            self._reshare_delay = min(RESHARE_RETRY_MAX_S, 2 * self._reshare_delay)
             if self.partitions_total <= 0:
                 return
         with self._parts_lock:

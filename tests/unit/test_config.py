@@ -793,6 +793,7 @@ def test_bootstrap_servers_as_librdkafka_reads_them_pass(raw: str) -> None:
 
 @pytest.mark.parametrize(("url", "fragment"), [
     ("http://u:pa/ss@127.0.0.1:1/apis", "percent-encode"),
+    ("http://u:p?ss@registry:8081", "percent-encode"),
     ("http://u:p#ss@registry:8081", "percent-encode"),
     ("http://[::1", "not a valid URL"),
     ("http://registry:99999", "not a valid URL"),
@@ -811,12 +812,20 @@ def test_an_endpoint_with_credentials_is_refused_without_echoing_them() -> None:
     assert "holds credentials" in found and "pw-s3cret" not in found
 
 
-@pytest.mark.parametrize("name", ["REDIS_TIMEOUT_SECOND", "REDIS_URL_FILE", "REDIS_PASSWORD"])
-def test_a_redis_variable_the_worker_does_not_read_is_refused(name: str) -> None:
+@pytest.mark.parametrize("name", ["REDIS_TIMEOUT_SECOND", "REDIS_URL_FILE", "REDIS_TLS_CA"])
+def test_a_near_miss_of_a_redis_setting_is_refused(name: str) -> None:
     """They were ignored without a word (a typo of REDIS_TIMEOUT_SECONDS took no effect)."""
     assert name in problem(**{name: "1"})
 
 
-def test_kubernetes_service_links_of_a_redis_service_are_not_settings() -> None:
-    load(REDIS_PORT="tcp://10.0.0.7:6379", REDIS_SERVICE_HOST="10.0.0.7",
-         REDIS_PORT_6379_TCP_ADDR="10.0.0.7")
+def test_redis_variables_of_other_software_are_left_alone() -> None:
+    """REDIS_* is shared: a password fed into REDIS_URL, the service links of a redis or
+    redis-master Service (Bitnami's chart) in a pod with service links on."""
+    load(REDIS_PASSWORD="x", REDIS_PORT="tcp://10.0.0.7:6379", REDIS_SERVICE_HOST="10.0.0.7",
+         REDIS_PORT_6379_TCP_ADDR="10.0.0.7", REDIS_MASTER_SERVICE_HOST="10.0.0.8",
+         REDIS_MASTER_PORT_6379_TCP_PROTO="tcp", REDIS_MASTER_SERVICE_PORT_TCP_REDIS="6379",
+         REDIS_REPLICAS_SERVICE_HOST="10.0.0.9")
+
+
+def test_an_at_sign_in_the_registry_urls_path_is_not_a_credential() -> None:
+    assert load(SCHEMA_REGISTRY_URL="http://registry:8081/a@b").registry_url.endswith("/a@b")

@@ -330,6 +330,16 @@ def test_never_gives_up_on_429_however_long_while_other_deliveries_succeed() -> 
     assert attempts.count == 51 and attempts.answered == 1  # only the delivering attempt
 
 
+def test_429s_after_a_counted_failure_do_not_use_up_its_time_budget() -> None:
+    """The time spent waiting out 429s is not spent from the budget either, whatever came
+    first (the first fix undid only the attempt count)."""
+    clock, sleep, gate = setup()
+    send = Script([ServerError("503")] + [RateLimited("429", retry_after=4.0)] * 100
+                  + [ServerError("503"), None], lambda call: gate.success())
+    run(policy(gate, clock, sleep, max_attempts=1000, budget_s=60.0).run(send, Attempts()))
+    assert send.calls == 103  # ~400 s of 429s, then a 503 inside the 60 s budget, then 2xx
+
+
 def test_429s_leave_the_attempts_budget_to_the_failures_that_are_evidence() -> None:
     clock, sleep, gate = setup()
     send = Script([RateLimited("429", retry_after=1.0)] * 5 + [ServerError("503"), None],

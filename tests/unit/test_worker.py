@@ -1207,3 +1207,20 @@ def test_a_failed_partition_count_keeps_the_share_and_is_asked_again(
     assert [codec_seq(b) for b in run.client.bodies] == [1, 2]
     assert CountlessSource.counts_asked == 3
     assert run.worker.shared.limiter("track").rate > 0
+
+
+def test_a_partition_count_that_keeps_failing_is_asked_less_and_less_often() -> None:
+    """Each try may hold the poll thread RESHARE_TIMEOUT_S: a fixed 1 s retry would spend
+    most of it in metadata calls while they time out."""
+    class Failing:
+        def partition_count(self, timeout_s: float = 10.0) -> int:
+            raise RuntimeError("metadata request timed out")
+
+    run = make(log_of(track("u1", 1)))
+    waits = []
+    for _ in range(9):
+        before = time.monotonic()
+        run.worker._reshare(cast(Any, Failing()))
+        waits.append(round(run.worker._reshare_at - before))
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert run.worker._reshare_due
