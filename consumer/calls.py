@@ -41,6 +41,7 @@ __all__ = [
     "TRACK_PATH",
     "Call",
     "CallPlan",
+    "CompanyLimit",
     "Family",
     "KnownUsers",
     "Purpose",
@@ -188,7 +189,17 @@ def _metadata(
     return metadata if shape is None else shape(event, metadata)
 
 
-def _company(event: Mapping[str, Any], traits: Mapping[str, Any]) -> dict[str, Primitive] | None:
+CompanyLimit: TypeAlias = Callable[[dict[str, Primitive]], dict[str, Primitive]]
+"""Cuts identify's company properties to the metadata size limits (`routing` passes the
+configured ones and records what was cut)."""
+
+
+def _default_company_limit(properties: dict[str, Primitive]) -> dict[str, Primitive]:
+    return limit_metadata(properties, DEFAULT_MAX_METADATA_BYTES, DEFAULT_MAX_METADATA_KEYS)[0]
+
+
+def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
+             limit: CompanyLimit | None = None) -> dict[str, Primitive] | None:
     """identify's ``company`` object, or None when the event names no company.
 
     The id is ``traits.company.id``, else ``traits.company_id``, else the event's
@@ -209,8 +220,7 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any]) -> dict[str, P
     properties.pop(COMPANY_KEY, None)
     # The same size rule as all metadata (a `company` of 3,000 long keys made a 332 KB
     # identify body); Userpilot allows 512 KB of properties per app.
-    properties, _cut = limit_metadata(properties, DEFAULT_MAX_METADATA_BYTES,
-                                      DEFAULT_MAX_METADATA_KEYS)
+    properties = (limit or _default_company_limit)(properties)
     return {COMPANY_KEY: company_id, **properties}
 
 
@@ -218,7 +228,8 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any]) -> dict[str, P
 
 
 def identify_payload(
-    event: Mapping[str, Any], shape: TraitsShape | None = None
+    event: Mapping[str, Any], shape: TraitsShape | None = None,
+    company_limit: CompanyLimit | None = None,
 ) -> dict[str, Any]:
     """The ``/v1/identify`` body for an ``identify`` event.
 
@@ -229,7 +240,7 @@ def identify_payload(
     An event without a string ``userId`` gets ``user_id: ""`` (callers drop those first).
     """
     traits = _traits(event)
-    company = _company(event, traits)
+    company = _company(event, traits, company_limit)
     if company is not None:  # the company's own keys are not user properties too
         traits = {k: v for k, v in traits.items()
                   if not (k == "company_id" or (k == "company" and isinstance(v, dict)))}
@@ -257,9 +268,10 @@ def company_identify_payload(
 # ---------------------------------------------------------------------------- calls
 
 
-def identify_calls(event: Mapping[str, Any], shape: TraitsShape | None = None) -> tuple[Call]:
+def identify_calls(event: Mapping[str, Any], shape: TraitsShape | None = None,
+                   company_limit: CompanyLimit | None = None) -> tuple[Call]:
     """An ``identify`` event → one identify call (it creates the user, no ensure-user)."""
-    return (_call("identify", IDENTIFY_PATH, identify_payload(event, shape)),)
+    return (_call("identify", IDENTIFY_PATH, identify_payload(event, shape, company_limit)),)
 
 
 def group_calls(event: Mapping[str, Any], shape: TraitsShape | None = None) -> tuple[Call, ...]:
@@ -283,6 +295,7 @@ def event_calls(
     *,
     identify_shape: TraitsShape | None = None,
     group_shape: TraitsShape | None = None,
+    company_limit: CompanyLimit | None = None,
 ) -> tuple[Call, ...]:
     """Every call an event that passed the filters causes, in order (ensure-user aside).
 
@@ -291,7 +304,7 @@ def event_calls(
     """
     kind = event.get("type")
     if kind == "identify":
-        return identify_calls(event, identify_shape)
+        return identify_calls(event, identify_shape, company_limit)
     if kind == "group":
         return group_calls(event, group_shape)
     if track_payload is not None:

@@ -69,10 +69,10 @@ class Drop:
 
 
 CONSENT_CACHE_SIZE = 1024
+"""Distinct ``context.consent`` texts whose decision is remembered (cleared when full)."""
 CONSENT_CACHE_TEXT_MAX = 1024
 """Longer consent texts are decided each time, never kept: 1,024 texts of ~1 MB each (a
 consent object padded up to Kafka's message size) would hold a gigabyte."""
-"""Distinct ``context.consent`` texts whose decision is remembered (cleared when full)."""
 
 DROP_ANONYMOUS = Drop("anonymous")
 DROP_UNMAPPED = Drop("unmapped")

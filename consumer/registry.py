@@ -255,10 +255,14 @@ class Registry:
     def _parse(self, schema_id: int, text: str | None) -> Mapping[str, Any]:
         """Parse and cache a writer schema; our own schema is cached as `SCHEMA` itself (the
         codec then skips schema resolution)."""
+        if not text:
+            # An answer without the schema: the registry misbehaved this once; not
+            # remembered (retried like an outage), unlike a schema that cannot be parsed.
+            raise ValueError(f"the registry's answer for schema id {schema_id} holds no schema")
         try:
-            fresh: Any = fastavro.parse_schema(json.loads(text or "null"))
+            fresh: Any = fastavro.parse_schema(json.loads(text))
         except Exception as exc:
-            problem = (f"schema id {schema_id} is not an Avro schema "
+            problem = (f"schema id {schema_id} is not an Avro schema this worker can parse "
                        f"({type(exc).__name__}: {str(exc)[:200]})")
             with self._lock:
                 self._unusable[schema_id] = problem

@@ -143,8 +143,9 @@ def default_group(dlq_topic: str, filters: Filters) -> str:
         return base
     text = json.dumps({
         "reasons": sorted(selection.reasons), "statuses": sorted(selection.statuses),
-        "since": selection.since.isoformat() if selection.since else None,
-        "until": selection.until.isoformat() if selection.until else None,
+        # The same instant however its zone was written: one group.
+        "since": selection.since.astimezone(UTC).isoformat() if selection.since else None,
+        "until": selection.until.astimezone(UTC).isoformat() if selection.until else None,
         "from_offset": selection.from_offset, "to_offset": selection.to_offset,
         "partitions": sorted(selection.partitions)}, sort_keys=True)
     return f"{base}.{hashlib.sha256(text.encode()).hexdigest()[:12]}"
@@ -299,7 +300,10 @@ def main(args: argparse.Namespace) -> int:
     settings = load_settings(os.environ, offline=True)
     max_replays = settings.replay_max if args.max_replays is None else args.max_replays
     filters = Filters(
-        reasons=frozenset(args.reason), statuses=frozenset(args.status), since=args.since,
+        # As the headers spell them (snake_case reasons, bare status codes): `Bad_Request`
+        # or " 429" would otherwise match nothing, and name a group of their own.
+        reasons=frozenset(r.strip().lower() for r in args.reason),
+        statuses=frozenset(s.strip() for s in args.status), since=args.since,
         until=args.until, from_offset=args.from_offset, to_offset=args.to_offset,
         partitions=frozenset(args.partition), max_replays=max_replays,
     )

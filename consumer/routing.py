@@ -76,9 +76,16 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
         kind = event.get("type")
         if kind in ("identify", "group"):
             truncated: list[str] = []
+            def company_limit(properties: dict[str, Primitive]) -> dict[str, Primitive]:
+                kept, cut = limit_metadata(properties, mappings.max_metadata_bytes,
+                                           mappings.max_metadata_keys)
+                truncated.extend(f"company.{key}" for key in cut)
+                return kept
+
             calls = event_calls(
                 event, identify_shape=_shape(mappings.identify, mappings, truncated),
-                group_shape=_shape(mappings.group, mappings, truncated))
+                group_shape=_shape(mappings.group, mappings, truncated),
+                company_limit=company_limit)
             return Send(calls, str(kind), (), tuple(truncated),
                         getattr(event, "replaced", 0))
         rule = mappings.lookup(event)

@@ -369,7 +369,7 @@ class _NotAvroClient:
         return self.text
 
 
-@pytest.mark.parametrize("text", ['{"type": "object"}', 'syntax = "proto3";', "null"])
+@pytest.mark.parametrize("text", ['{"type": "object"}', 'syntax = "proto3";', "null", "{}"])
 def test_an_event_whose_schema_is_not_avro_is_dead_lettered_not_waited_for(text: str) -> None:
     """The registry answered: retrying as if it were down stalled the partition for ever."""
     from consumer.registry import Registry as RealRegistry
@@ -389,3 +389,17 @@ def test_an_event_whose_schema_is_not_avro_is_dead_lettered_not_waited_for(text:
     assert "not an Avro schema" in str(outcomes[0].error)
     assert client.calls == 1, "an id's unusable schema is remembered, not fetched per event"
     assert [r["value"] for r in dlq.sent] == [first.value, second.value]
+
+
+def test_an_answer_without_a_schema_is_retried_not_remembered() -> None:
+    """One bad answer of the registry must not dead-letter that id's events until restart."""
+    from consumer.registry import Registry as RealRegistry
+
+    client = _NotAvroClient("")
+    registry = RealRegistry("http://unused", client=client)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="holds no schema"):
+            registry.writer_schema(5)
+    assert client.calls == 2
+    client.text = codec.SCHEMA_TEXT
+    assert registry.writer_schema(5) == codec.SCHEMA

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import argparse
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
 
 from consumer.deadletter import Failure, dlq_headers
 from consumer.replay import Filters, decide, default_group
@@ -48,8 +52,32 @@ def test_each_selection_keeps_its_own_progress_and_the_unfiltered_run_the_plain_
     b = default_group("dlq", Filters(reasons=frozenset({"retries_exhausted"})))
     assert len({plain, a, b}) == 3
     assert a.startswith("userpilot-replay.dlq.")
-    # The same selection, however spelled, resumes the same group.
+    # The same selection resumes the same group: the same instant in another zone too.
     assert default_group("dlq", Filters(reasons=frozenset({"bad_request"}))) == a
+    plus_one = timezone(timedelta(hours=1))
+    assert default_group("dlq", Filters(since=NOW)) == default_group(
+        "dlq", Filters(since=NOW.astimezone(plus_one)))
     both = default_group("dlq", Filters(statuses=frozenset({"400", "422"})))
     assert default_group("dlq", Filters(statuses=frozenset({"422", "400"}))) == both
     assert default_group("dlq", Filters(since=NOW)) != default_group("dlq", Filters(until=NOW))
+
+
+def test_reasons_and_statuses_are_read_as_the_headers_spell_them() -> None:
+    """`Bad_Request` or " 422" matched no record (and named a group of their own)."""
+    from consumer import replay
+
+    parser = argparse.ArgumentParser()
+    replay.add_arguments(parser)
+    args = parser.parse_args(["--from", "dlq", "--reason", " Bad_Request", "--status", " 422"])
+    seen: list[Filters] = []
+
+    def fake_run(conf: Any, dlq: str, group: str, filters: Filters, **_: Any) -> Any:
+        seen.append(filters)
+        return replay.Summary()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KAFKA_BOOTSTRAP_SERVERS", "k:9092")
+        mp.setattr(replay, "run_replay", fake_run)
+        mp.setattr("consumer.reach.kafka", lambda *a, **k: None)
+        assert replay.main(args) == 0
+    assert seen[0].reasons == {"bad_request"} and seen[0].statuses == {"422"}

@@ -168,3 +168,24 @@ def test_properties_or_traits_that_are_not_an_object_dead_letter_the_event(
     record[field] = "null"  # JSON null: absent, as before
     decoded = codec.decode(codec.encode(1, record), lambda _i: codec.SCHEMA)
     assert not isinstance(route(decoded, ConsentPolicy(), DEFAULT_PRESET), Drop)
+
+
+def test_identify_company_properties_take_the_configured_limits_and_report_the_cut() -> None:
+    """They were cut to the defaults whatever USERPILOT_MAX_METADATA_KEYS said, and what was
+    cut was not reported."""
+    from dataclasses import replace
+
+    from consumer.filtering import ConsentPolicy
+
+    fields = {f"k{i}": i for i in range(1500)}
+    event = {"type": "identify", "userId": "u1", "traits": {"company": {"id": "acme", **fields}},
+             "context": {"consent": {"analytics": True}}}
+    roomy = replace(DEFAULT_PRESET, max_metadata_keys=5000)
+    sent = route(event, ConsentPolicy(), roomy)
+    assert isinstance(sent, Send)
+    assert len(sent.payload["company"]) == 1501 and sent.truncated == ()
+    tight = replace(DEFAULT_PRESET, max_metadata_keys=10)
+    sent = route(event, ConsentPolicy(), tight)
+    assert isinstance(sent, Send)
+    assert len(sent.payload["company"]) <= 12  # the id, ten fields and the cut marker
+    assert len(sent.truncated) == 1500 - 9 and sent.truncated[0].startswith("company.")
