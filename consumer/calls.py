@@ -316,12 +316,18 @@ def lacks_required_id(event: Mapping[str, Any]) -> bool:
     """The anonymous rule per type: ``group`` needs a ``groupId``, the others a ``userId``.
 
     A ``group`` without ``userId`` is still sent (the company alone). Blank strings count
-    as missing; so does a non-string (an integer ``groupId`` is accepted, as an id).
+    as missing, and so do ids of invisible characters only (``"\u200b"``, ``"\x00"``); so
+    does a non-string (an integer ``groupId`` is accepted, as an id).
     """
     if event.get("type") == "group":
         return _id(event.get("groupId")) is None
     user_id = event.get("userId")
-    return not isinstance(user_id, str) or not user_id.strip()
+    if not isinstance(user_id, str) or not user_id.strip():
+        return True
+    # Invisible characters only (a zero-width space, NUL): no stable identity either.
+    # `isprintable` is one C call, so the common id costs nothing more.
+    return not user_id.isprintable() and not any(
+        c.isprintable() and not c.isspace() for c in user_id)
 
 
 def track_call(payload: Mapping[str, Any]) -> Call:

@@ -445,3 +445,11 @@ def test_plan_after_eviction_identifies_again() -> None:
     drive(CallPlan([track_call(TRACK)], known))
     known.remember("someone_else")
     assert drive(CallPlan([track_call(TRACK)], known)) == ["ensure_user", "track"]
+
+
+@pytest.mark.parametrize(("user_id", "anonymous"), [
+    ("u1", False), ("  ", True), ("\u200b", True), ("\x00", True), ("\u200b \x00\ufeff", True),
+    ("user\x00", False), ("ü", False), ("u\u200b", False)])
+def test_an_id_of_invisible_characters_only_is_anonymous(user_id: str, anonymous: bool) -> None:
+    """A zero-width space or a NUL was sent as a user id: no stable identity."""
+    assert lacks_required_id({"type": "track", "userId": user_id}) is anonymous
