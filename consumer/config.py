@@ -714,16 +714,14 @@ def _unknown_variables(reader: _Reader) -> None:
     for name in sorted(reader.env):
         if name in ENV_VARS or name in _BUILD_FACTS or _SERVICE_LINK.match(name):
             continue
-        if name.startswith(_SHARED_PREFIXES):
-            hint = _did_you_mean(name, REDIS_ENV_VARS)
-            if hint:
-                reader.problems.append(f"{name} is not a setting of this worker{hint}: fix "
-                                       "the name or remove it (see README, Configuration)")
+        shared = name.startswith(_SHARED_PREFIXES)
+        if not shared and not name.startswith(_OWN_PREFIXES):
             continue
-        if not name.startswith(_OWN_PREFIXES):
+        hint = _did_you_mean(name, REDIS_ENV_VARS if shared else ENV_VARS)
+        if shared and not hint:  # another program's variable, not a typo of ours
             continue
         reader.problems.append(
-            f"{name} is not a setting of this worker{_did_you_mean(name, ENV_VARS)}: "
+            f"{name} is not a setting of this worker{hint}: "
             "fix the name or remove it (see README, Configuration)"
         )
 
@@ -840,10 +838,9 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
         reader.problems.append(f"REDIS_URL={shown!r}: percent-encode '#' as %23 and '?' as "
                                "%3F in the user name and password")
     elif match.group("query"):
-        refused = sorted({k for k, _ in parse_qsl(match.group("query")[1:],
-                                                  keep_blank_values=True)}
-                         - _REDIS_QUERY_KEYS)
-        if refused or not parse_qsl(match.group("query")[1:], keep_blank_values=True):
+        params = parse_qsl(match.group("query")[1:], keep_blank_values=True)
+        refused = sorted({k for k, _ in params} - _REDIS_QUERY_KEYS)
+        if refused or not params:
             reader.problems.append(
                 f"REDIS_URL={shown!r} has query parameters the worker does not take "
                 f"({', '.join(refused) or 'none readable'}): the timeout is "

@@ -9,7 +9,7 @@ identified so far (``consumer.calls.CallPlan``, run by the handler).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,15 +50,26 @@ class Send:
         return self.calls[-1].body
 
 
+def _limit(
+    mappings: MappingSet, truncated: list[str], prefix: str = ""
+) -> Callable[[dict[str, Primitive]], dict[str, Primitive]]:
+    """The configured metadata size limits, recording each cut key (with `prefix`)."""
+    def limit(metadata: dict[str, Primitive]) -> dict[str, Primitive]:
+        kept, cut = limit_metadata(metadata, mappings.max_metadata_bytes,
+                                   mappings.max_metadata_keys)
+        truncated.extend(f"{prefix}{key}" for key in cut)
+        return kept
+    return limit
+
+
 def _shape(
     rule: TraitsRule, mappings: MappingSet, truncated: list[str]
 ) -> Any:
     """The mappings file's traits section plus the Track size limits, as a TraitsShape."""
+    limit = _limit(mappings, truncated)
+
     def shape(_event: Mapping[str, Any], metadata: dict[str, Primitive]) -> dict[str, Primitive]:
-        kept, cut = limit_metadata(rule.apply(metadata), mappings.max_metadata_bytes,
-                                   mappings.max_metadata_keys)
-        truncated.extend(cut)
-        return kept
+        return limit(rule.apply(metadata))
     return shape
 
 
@@ -76,16 +87,10 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
         kind = event.get("type")
         if kind in ("identify", "group"):
             truncated: list[str] = []
-            def company_limit(properties: dict[str, Primitive]) -> dict[str, Primitive]:
-                kept, cut = limit_metadata(properties, mappings.max_metadata_bytes,
-                                           mappings.max_metadata_keys)
-                truncated.extend(f"company.{key}" for key in cut)
-                return kept
-
             calls = event_calls(
                 event, identify_shape=_shape(mappings.identify, mappings, truncated),
                 group_shape=_shape(mappings.group, mappings, truncated),
-                company_limit=company_limit)
+                company_limit=_limit(mappings, truncated, "company."))
             return Send(calls, str(kind), (), tuple(truncated),
                         getattr(event, "replaced", 0))
         rule = mappings.lookup(event)
