@@ -57,6 +57,7 @@ __all__ = [
     "identify_payload",
     "lacks_required_id",
     "track_call",
+    "visible",
 ]
 
 COMPANY_KEY = "id"
@@ -146,13 +147,15 @@ def _call(purpose: Purpose, path: str, payload: dict[str, Any]) -> Call:
 # ---------------------------------------------------------------------------- metadata
 
 
-def flatten_traits(traits: Mapping[str, Any]) -> dict[str, Primitive]:
+def flatten_traits(traits: Mapping[str, Any],
+                   omitted: list[str] | None = None) -> dict[str, Primitive]:
     """Traits → primitive metadata with exactly the rules Track applies to ``properties``.
 
     A top-level primitive wins over a flattened key of the same name; nested objects
-    become ``parent_child`` keys; arrays are handled as for Track properties.
+    become ``parent_child`` keys; arrays are handled as for Track properties. ``omitted``
+    collects the fields left out, as for Track (``explain`` shows them).
     """
-    return flatten_properties(traits)
+    return flatten_properties(traits, omitted)
 
 
 def _created_at(metadata: dict[str, Primitive]) -> None:
@@ -172,19 +175,30 @@ def _traits(event: Mapping[str, Any]) -> dict[str, Any]:
     return traits if isinstance(traits, dict) else {}
 
 
+def visible(text: str) -> bool:
+    """Whether a string can identify anything: it holds a character that is neither blank
+    nor invisible. ``""``, ``"  "``, ``"\u200b"`` and ``"\x00"`` cannot; as ids they
+    would merge unrelated users, companies or messages into one.
+    """
+    if text.isprintable():  # the common id: one C call
+        return not text.isspace() and text != ""
+    return any(c.isprintable() and not c.isspace() for c in text)
+
+
 def _id(value: Any) -> str | None:
-    """A usable id: a non-blank string, or an integer (sent as its decimal string)."""
+    """A usable id: a :func:`visible` string, or an integer (sent as its decimal string)."""
     if isinstance(value, str):
-        return value if value.strip() else None
+        return value if visible(value) else None
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
 
 
 def _metadata(
-    event: Mapping[str, Any], traits: Mapping[str, Any], shape: TraitsShape | None
+    event: Mapping[str, Any], traits: Mapping[str, Any], shape: TraitsShape | None,
+    omitted: list[str] | None,
 ) -> dict[str, Primitive]:
-    metadata = flatten_traits(traits)
+    metadata = flatten_traits(traits, omitted)
     _created_at(metadata)
     return metadata if shape is None else shape(event, metadata)
 
@@ -199,7 +213,8 @@ def _default_company_limit(properties: dict[str, Primitive]) -> dict[str, Primit
 
 
 def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
-             limit: CompanyLimit | None = None) -> dict[str, Primitive] | None:
+             limit: CompanyLimit | None = None,
+             omitted: list[str] | None = None) -> dict[str, Primitive] | None:
     """identify's ``company`` object, or None when the event names no company.
 
     The id is ``traits.company.id``, else ``traits.company_id``, else the event's
@@ -215,7 +230,10 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
     if company_id is None:
         return None
     rest = {k: v for k, v in fields.items() if k != "id"}
-    properties = flatten_traits(rest)
+    left_out: list[str] = []
+    properties = flatten_traits(rest, left_out)
+    if omitted is not None:
+        omitted.extend(f"company.{key}" for key in left_out)
     _created_at(properties)
     properties.pop(COMPANY_KEY, None)
     # The same size rule as all metadata (a `company` of 3,000 long keys made a 332 KB
@@ -229,7 +247,7 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
 
 def identify_payload(
     event: Mapping[str, Any], shape: TraitsShape | None = None,
-    company_limit: CompanyLimit | None = None,
+    company_limit: CompanyLimit | None = None, omitted: list[str] | None = None,
 ) -> dict[str, Any]:
     """The ``/v1/identify`` body for an ``identify`` event.
 
@@ -238,16 +256,17 @@ def identify_payload(
     ``traits.company`` (an object) and ``traits.company_id`` are not repeated in the
     user's metadata. No company property can replace the id.
     An event without a string ``userId`` gets ``user_id: ""`` (callers drop those first).
+    ``omitted`` collects the trait fields left out (company ones as ``company.<key>``).
     """
     traits = _traits(event)
-    company = _company(event, traits, company_limit)
+    company = _company(event, traits, company_limit, omitted)
     if company is not None:  # the company's own keys are not user properties too
         traits = {k: v for k, v in traits.items()
                   if not (k == "company_id" or (k == "company" and isinstance(v, dict)))}
     user_id = event.get("userId")
     payload: dict[str, Any] = {
         "user_id": user_id if isinstance(user_id, str) else "",
-        "metadata": _metadata(event, traits, shape),
+        "metadata": _metadata(event, traits, shape, omitted),
     }
     if company is not None:
         payload["company"] = company
@@ -255,13 +274,14 @@ def identify_payload(
 
 
 def company_identify_payload(
-    event: Mapping[str, Any], shape: TraitsShape | None = None
+    event: Mapping[str, Any], shape: TraitsShape | None = None,
+    omitted: list[str] | None = None,
 ) -> dict[str, Any]:
     """The ``/v1/companies/identify`` body for a ``group`` event: groupId and its traits."""
     company_id = _id(event.get("groupId"))
     return {
         "company_id": company_id or "",
-        "metadata": _metadata(event, _traits(event), shape),
+        "metadata": _metadata(event, _traits(event), shape, omitted),
     }
 
 
@@ -269,21 +289,24 @@ def company_identify_payload(
 
 
 def identify_calls(event: Mapping[str, Any], shape: TraitsShape | None = None,
-                   company_limit: CompanyLimit | None = None) -> tuple[Call]:
+                   company_limit: CompanyLimit | None = None,
+                   omitted: list[str] | None = None) -> tuple[Call]:
     """An ``identify`` event → one identify call (it creates the user, no ensure-user)."""
-    return (_call("identify", IDENTIFY_PATH, identify_payload(event, shape, company_limit)),)
+    payload = identify_payload(event, shape, company_limit, omitted)
+    return (_call("identify", IDENTIFY_PATH, payload),)
 
 
-def group_calls(event: Mapping[str, Any], shape: TraitsShape | None = None) -> tuple[Call, ...]:
+def group_calls(event: Mapping[str, Any], shape: TraitsShape | None = None,
+                omitted: list[str] | None = None) -> tuple[Call, ...]:
     """A ``group`` event → company identify, then (with a ``userId``) the association.
 
     The association is an identify with only ``company``: no ``metadata`` key, so the
     user's properties are left as they are. Without a ``userId`` only the company goes.
     """
-    company = company_identify_payload(event, shape)
+    company = company_identify_payload(event, shape, omitted)
     first = _call("company_identify", COMPANY_IDENTIFY_PATH, company)
     user_id = event.get("userId")
-    if not isinstance(user_id, str) or not user_id.strip():
+    if not isinstance(user_id, str) or not visible(user_id):
         return (first,)
     associate = {"user_id": user_id, "company": {COMPANY_KEY: company["company_id"]}}
     return first, _call("associate_company", IDENTIFY_PATH, associate)
@@ -296,17 +319,19 @@ def event_calls(
     identify_shape: TraitsShape | None = None,
     group_shape: TraitsShape | None = None,
     company_limit: CompanyLimit | None = None,
+    omitted: list[str] | None = None,
 ) -> tuple[Call, ...]:
     """Every call an event that passed the filters causes, in order (ensure-user aside).
 
     ``track_payload`` is the mapped Track body of a ``track``/``page`` event; other types
     give no calls. Callers add :func:`ensure_user` with their :class:`KnownUsers`.
+    ``omitted`` collects the trait fields identify and group leave out.
     """
     kind = event.get("type")
     if kind == "identify":
-        return identify_calls(event, identify_shape, company_limit)
+        return identify_calls(event, identify_shape, company_limit, omitted)
     if kind == "group":
-        return group_calls(event, group_shape)
+        return group_calls(event, group_shape, omitted)
     if track_payload is not None:
         return (track_call(track_payload),)
     return ()
@@ -315,19 +340,14 @@ def event_calls(
 def lacks_required_id(event: Mapping[str, Any]) -> bool:
     """The anonymous rule per type: ``group`` needs a ``groupId``, the others a ``userId``.
 
-    A ``group`` without ``userId`` is still sent (the company alone). Blank strings count
-    as missing, and so do ids of invisible characters only (``"\u200b"``, ``"\x00"``); so
-    does a non-string (an integer ``groupId`` is accepted, as an id).
+    A ``group`` without ``userId`` is still sent (the company alone). An id that is not
+    :func:`visible` counts as missing, and so does a non-string (an integer ``groupId`` is
+    accepted, as an id).
     """
     if event.get("type") == "group":
         return _id(event.get("groupId")) is None
     user_id = event.get("userId")
-    if not isinstance(user_id, str) or not user_id.strip():
-        return True
-    # Invisible characters only (a zero-width space, NUL): no stable identity either.
-    # `isprintable` is one C call, so the common id costs nothing more.
-    return not user_id.isprintable() and not any(
-        c.isprintable() and not c.isspace() for c in user_id)
+    return not isinstance(user_id, str) or not visible(user_id)
 
 
 def track_call(payload: Mapping[str, Any]) -> Call:

@@ -14,8 +14,9 @@ Consent rules (Signal puts consent in ``context.consent`` in two shapes):
 A category is granted only by ``true`` or one of the strings in :data:`GRANTED_STRINGS`
 (case-insensitive); ``false``, numbers, other strings, null and absence are not granted.
 ``essential`` is always granted. An event with no consent data (no context, no consent,
-a consent that is not an object, or one whose values are all null) follows the policy's
-``missing`` setting. With no gating categories configured nothing is dropped for consent.
+``{}``, or one whose values are all null) follows the policy's ``missing`` setting; a
+consent that is present but not an object grants nothing. With no gating categories
+configured nothing is dropped for consent.
 
 Decisions are ordered by cost (decide before you parse): anonymous, unsupported type and
 unmapped name need only the envelope strings; consent parses ``context.consent`` alone

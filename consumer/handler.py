@@ -49,7 +49,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from consumer import codec
-from consumer.calls import Call, CallPlan, KnownUsers
+from consumer.calls import Call, CallPlan, KnownUsers, visible
 from consumer.config import Settings
 from consumer.deadletter import (
     DlqGuard,
@@ -271,10 +271,10 @@ class Handler:
             if decoded is None:
                 decoded = codec.decode(event.value, self._cached_schema)
             message_id = decoded.get("messageId")
-            # A blank id identifies nothing: as a dedup key every blank-id event after the
-            # first would be skipped as its duplicate.
+            # A blank or invisible id identifies nothing: as a dedup key every such event
+            # after the first would be skipped as its duplicate.
             event.message_id = (message_id if isinstance(message_id, str)
-                                and message_id.strip() else None)
+                                and visible(message_id) else None)
             event.event_time = decoded.get("timestamp")
             event.decision = route(decoded, self.s.consent, self.s.mappings)
         except SchemaNotCached:

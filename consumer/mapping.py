@@ -823,6 +823,13 @@ class _Loader:
                       f'"address_street"], got {_kind(exclude_value)}')
         rename = self.rename(f"{where}.rename", entry.get("rename", {}))
         static = self.static(f"{where}.static", entry.get("static", {}))
+        # The section applies after createdAt became created_at: a rule naming createdAt
+        # would load and do nothing (an exclude meant for privacy would send it anyway).
+        named = [*(pick if isinstance(pick, tuple) else ()), *exclude, *(k for k, _ in rename)]
+        if "createdAt" in named:
+            self.fail(where, '"createdAt" is sent as "created_at" (Userpilot\'s reserved key) '
+                             'before this section applies, so a pick, exclude or rename of '
+                             '"createdAt" would do nothing; write "created_at"')
         return TraitsRule(pick, tuple(exclude), rename, static)
 
     def rule(

@@ -87,11 +87,12 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
         kind = event.get("type")
         if kind in ("identify", "group"):
             truncated: list[str] = []
+            omitted: list[str] = []
             calls = event_calls(
                 event, identify_shape=_shape(mappings.identify, mappings, truncated),
                 group_shape=_shape(mappings.group, mappings, truncated),
-                company_limit=_limit(mappings, truncated, "company."))
-            return Send(calls, str(kind), (), tuple(truncated),
+                company_limit=_limit(mappings, truncated, "company."), omitted=omitted)
+            return Send(calls, str(kind), tuple(omitted), tuple(truncated),
                         getattr(event, "replaced", 0))
         rule = mappings.lookup(event)
         if rule is None:  # drop_reason checked it; kept for the type checker

@@ -26,6 +26,7 @@ from consumer.calls import (
     identify_payload,
     lacks_required_id,
     track_call,
+    visible,
 )
 from consumer.mapping import DEFAULT_PRESET, build_track_payload
 
@@ -316,7 +317,7 @@ def test_any_group_event_gives_company_first_then_at_most_one_association(
     calls = group_calls(event)
     assert calls[0].path == "/v1/companies/identify"
     assert all(_primitive(v) for v in json.loads(calls[0].body)["metadata"].values())
-    assert len(calls) == (2 if isinstance(user_id, str) and user_id.strip() else 1)
+    assert len(calls) == (2 if isinstance(user_id, str) and visible(user_id) else 1)
     if len(calls) == 2:
         assert json.loads(calls[1].body)["company"] == {
             COMPANY_KEY: calls[0].payload["company_id"]}
@@ -453,3 +454,18 @@ def test_plan_after_eviction_identifies_again() -> None:
 def test_an_id_of_invisible_characters_only_is_anonymous(user_id: str, anonymous: bool) -> None:
     """A zero-width space or a NUL was sent as a user id: no stable identity."""
     assert lacks_required_id({"type": "track", "userId": user_id}) is anonymous
+    assert visible(user_id) is not anonymous
+
+
+@pytest.mark.parametrize("invisible", ["\u200b", "\x00", " \ufeff "])
+def test_group_ids_of_invisible_characters_only_identify_nothing(invisible: str) -> None:
+    """The group path kept the blank-only test: a "\u200b" userId became a user
+    associated with every company, a "\u200b" groupId a company the user moved to."""
+    assert lacks_required_id({"type": "group", "groupId": invisible})
+    no_user = group_calls({"type": "group", "groupId": "acme", "userId": invisible})
+    assert [c.purpose for c in no_user] == ["company_identify"]
+    falls_back = identify_calls({"type": "identify", "userId": "u1", "groupId": "acme",
+                                 "traits": {"company": {"id": invisible}}})
+    assert falls_back[0].payload["company"] == {"id": "acme"}
+    no_company = identify_calls({"type": "identify", "userId": "u1", "groupId": invisible})
+    assert "company" not in no_company[0].payload

@@ -110,12 +110,14 @@ def test_events_without_message_id_are_sent_as_before() -> None:
 
 def test_blank_message_ids_are_no_ids_not_one_shared_id() -> None:
     """" " was a dedup key like any other: every blank-id event after the first was
-    skipped as its duplicate."""
+    skipped as its duplicate. So was an id of invisible characters only."""
     store = MemoryStore()
     run, metrics, _ = make(log_of(track("u1", 1, messageId=" "), track("u1", 2, messageId=""),
-                                  track("u1", 3, messageId=" ")), store)
-    assert drive(run, finished_to(3)) == 0  # type: ignore[arg-type]
-    assert [codec_seq(b) for b in run.client.bodies] == [1, 2, 3]
+                                  track("u1", 3, messageId=" "),
+                                  track("u1", 4, messageId="\u200b"),
+                                  track("u1", 5, messageId="\u200b")), store)
+    assert drive(run, finished_to(5)) == 0  # type: ignore[arg-type]
+    assert [codec_seq(b) for b in run.client.bodies] == [1, 2, 3, 4, 5]
     assert store.values == {}
     assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 0
 

@@ -836,6 +836,32 @@ def test_traits_sections_are_validated_with_precise_messages() -> None:
     assert len(info.value.problems) == 4
 
 
+@pytest.mark.parametrize("section", [
+    {"exclude": ["createdAt"]}, {"pick": ["email", "createdAt"]},
+    {"rename": {"createdAt": "signed_up"}}])
+@pytest.mark.parametrize("where", ["identify", "group"])
+def test_traits_rules_naming_created_at_are_refused(where: str, section: dict[str, Any]) -> None:
+    """createdAt is created_at before the section applies: an exclude of it loaded clean
+    and the value was sent anyway."""
+    with pytest.raises(MappingsError) as info:
+        load_mappings({where: section})
+    assert info.value.problems == (
+        f'mappings: {where}: "createdAt" is sent as "created_at" (Userpilot\'s reserved key) '
+        f'before this section applies, so a pick, exclude or rename of "createdAt" would do '
+        f'nothing; write "created_at"',)
+    fixed = {k: (["created_at" if x == "createdAt" else x for x in v] if isinstance(v, list)
+                 else {"created_at": "signed_up"}) for k, v in section.items()}
+    load_mappings({where: fixed})
+
+
 def test_default_preset_forwards_all_traits() -> None:
     assert DEFAULT_PRESET.identify.plain and DEFAULT_PRESET.group.plain
     assert DEFAULT_PRESET.identify.apply({"a": 1, "b": "x"}) == {"a": 1, "b": "x"}
+
+
+def test_fields_picked_list_of_primitives_is_joined_as_in_metadata() -> None:
+    """docs/mappings.md said a picked list gives nothing; it is joined like metadata."""
+    event = track("Order Completed", {"tags": ["x", None, "y", 2, True]})
+    rule = load_rule({"event_name": "o", "properties": "none", "fields": {"t": "properties.tags"}},
+                     name="Order Completed")
+    assert build_track_payload(event, rule)["metadata"] == {"t": "x,y,2,true"}

@@ -109,6 +109,19 @@ def test_identify_is_one_identify_call_with_all_traits_by_default() -> None:
     assert isinstance(decision, Send) and decision.event_name == "identify"
 
 
+def test_identify_and_group_report_the_trait_fields_they_leave_out() -> None:
+    """explain lists what metadata leaves out; identify and group reported nothing."""
+    decision = route({"type": "identify", "userId": "u1", "context": GRANTED,
+                      "traits": {"email": "a@b", "roles": [{"a": 1}],
+                                 "company": {"id": "c", "owners": [{"x": 1}]}}},
+                     POLICY, DEFAULT_PRESET)
+    assert isinstance(decision, Send)
+    assert sorted(decision.omitted) == ["company.owners", "roles"]
+    decision = route({"type": "group", "groupId": "g", "context": GRANTED,
+                      "traits": {"name": "A", "owners": [{"x": 1}]}}, POLICY, DEFAULT_PRESET)
+    assert isinstance(decision, Send) and decision.omitted == ("owners",)
+
+
 def test_group_is_company_identify_then_the_association() -> None:
     decision = route({"type": "group", "userId": "u1", "groupId": "acme", "context": GRANTED,
                       "traits": {"name": "Acme"}}, POLICY, DEFAULT_PRESET)
