@@ -16,9 +16,12 @@ import argparse
 import asyncio
 import gc
 import json
+import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -31,8 +34,11 @@ from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
 
 if TYPE_CHECKING:
     from consumer.config import Settings
+    from consumer.health import Health
 
-__all__ = ["main"]
+__all__ = ["hold_after_guard", "main"]
+
+log = logging.getLogger("consumer")
 
 # `run`, `replay` and `demo` check Kafka and the registry first: an unreachable service is
 # one line within this many seconds each, never a traceback or a silent wait.
@@ -62,6 +68,35 @@ def tune_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+GUARD_EXIT_CODE = 3
+
+
+def hold_after_guard(health: Health, seconds: float, beat_s: float = 1.0) -> bool:
+    """Stay up after the DLQ guard stopped the worker, so a scrape sees it (True if held
+    to the end, False when a SIGTERM/SIGINT ended it).
+
+    The guard's gauge lives in this process: exiting at once left it at 1 for ~0.2 s, so a
+    30 s scrape interval almost never saw the trip, its alert never fired and the pod only
+    crash-looped. Meanwhile the consumer is closed (its partitions go to other members),
+    /readyz says why and liveness keeps beating; a signal ends the hold at once.
+    """
+    if seconds <= 0:
+        return True
+    health.set_stopping("stopped by the DLQ guard (too many dead letters); see the logs")
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _sig, _frame: done.set())
+    log.critical("DLQ guard tripped: holding %gs before exit code %d so monitoring sees it "
+                 "(userpilot_dlq_guard_tripped=1, /readyz unready); SIGTERM ends it now",
+                 seconds, GUARD_EXIT_CODE)
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        health.beat()
+        if done.wait(min(beat_s, left)):
+            return False
+    return True
 
 
 def _unreachable(problems: list[str]) -> int:
@@ -114,13 +149,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                           f"({exc.strerror}); choose a free port") from None
     try:
         code = asyncio.run(worker.run())
+        if code == GUARD_EXIT_CODE:
+            hold_after_guard(health, settings.dlq_guard_hold_s)
     finally:
         server.close()
     if worker.kafka_abandoned:
         # The consumer is still inside librdkafka's close (Kafka unreachable): destroying
         # it at interpreter exit would wait for the broker again. Everything else is done.
-        import logging
-
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

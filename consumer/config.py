@@ -99,6 +99,7 @@ ENV_VARS: frozenset[str] = REDIS_ENV_VARS | frozenset({
     "WORKER_DLQ_MAX_RATIO",
     "WORKER_DLQ_WINDOW",
     "WORKER_DLQ_MAX_CONSECUTIVE",
+    "WORKER_DLQ_GUARD_HOLD_SECONDS",
     "WORKER_REPLAY_MAX",
 })
 """Every variable the worker reads, besides the KAFKA_* pass-through to librdkafka."""
@@ -231,6 +232,9 @@ class Settings:
     dlq_window: int
     dlq_max_consecutive: int
     replay_max: int
+    dlq_guard_hold_s: float = 120.0
+    """After the DLQ guard stopped the worker: how long the process stays up (metrics and
+    probes served, unready) before exit code 3, so a scrape sees the trip."""
     notes: tuple[str, ...] = ()
     """Things ignored on purpose (e.g. Kafka tooling variables): print, do not refuse."""
     redis: RedisSettings | None = None
@@ -318,7 +322,8 @@ class Settings:
                 "log_format": self.log_format,
                 "log_level": self.log_level,
                 "dlq_guard": {"max_ratio": self.dlq_max_ratio, "window": self.dlq_window,
-                              "max_consecutive": self.dlq_max_consecutive},
+                              "max_consecutive": self.dlq_max_consecutive,
+                              "hold_seconds": self.dlq_guard_hold_s},
                 "replay_max": self.replay_max,
             },
             "redis": self.redis.describe() if self.redis is not None else None,
@@ -995,6 +1000,8 @@ def load_settings(
     dlq_ratio = r.number("WORKER_DLQ_MAX_RATIO", 0.5, 0.0, 1.0)
     dlq_window = r.integer("WORKER_DLQ_WINDOW", 100, 1, 1_000_000)
     dlq_consecutive = r.integer("WORKER_DLQ_MAX_CONSECUTIVE", 50, 1, 1_000_000)
+    dlq_hold = r.number("WORKER_DLQ_GUARD_HOLD_SECONDS", 120.0, 0.0, 3600.0,
+                        inclusive_low=True)
     replay_max = r.integer("WORKER_REPLAY_MAX", 3, 0, 1000)
     redis, rate_limit_shared = _redis(r)
     ensure_user = r.boolean("USERPILOT_ENSURE_USER", True)
@@ -1026,7 +1033,8 @@ def load_settings(
         commit_interval_s=commit_interval, metrics_port=metrics_port,
         log_format=cast(Literal["text", "json"], log_format),
         log_level=log_level, dlq_max_ratio=dlq_ratio, dlq_window=dlq_window,
-        dlq_max_consecutive=dlq_consecutive, replay_max=replay_max, notes=tuple(r.notes),
+        dlq_max_consecutive=dlq_consecutive, replay_max=replay_max, dlq_guard_hold_s=dlq_hold,
+        notes=tuple(r.notes),
         redis=redis, rate_limit_shared=rate_limit_shared, ca_bundle=ca_bundle,
         ensure_user=ensure_user, ensure_user_cache=ensure_user_cache, proxy=proxy,
     )

@@ -56,6 +56,7 @@ class Health:
         self._connected = False
         self._integration_up = True
         self._stopping = False
+        self._stopping_reason = "stopping"
         self._checks: list[Callable[[], str | None]] = []
         if metrics is not None:
             # Evaluated at scrape time, so the gauge equals what /readyz would answer now.
@@ -95,10 +96,11 @@ class Health:
         with self._lock:
             self._checks.append(check)
 
-    def set_stopping(self) -> None:
+    def set_stopping(self, reason: str = "stopping") -> None:
         """Shutdown began: stay alive for the drain but stop claiming readiness."""
         with self._lock:
             self._stopping = True
+            self._stopping_reason = reason
 
     def ready(self) -> tuple[bool, str]:
         """(ready, reason); the reason names the first unmet condition, "ready" otherwise."""
@@ -107,7 +109,7 @@ class Health:
 
     def _ready_locked(self) -> tuple[bool, str]:
         if self._stopping:
-            return False, "stopping"
+            return False, self._stopping_reason
         if self._clock() - self._last_beat > self.max_silence_s:
             return False, f"poll loop silent for more than {self.max_silence_s:g}s"
         if not self._connected:

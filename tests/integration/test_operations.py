@@ -612,3 +612,44 @@ def test_token_never_appears_in_logs_metrics_or_dead_letters(
         assert "message_id" in d, d
     assert any(d["message"].startswith("delivery paused (misconfigured)") for d in docs)
     assert any(d["message"].startswith("Userpilot answers again") for d in docs)
+
+
+def test_a_tripped_dlq_guard_stays_visible_to_scrapes_before_exit_code_3(
+    kafka_bootstrap: str,
+    schema_registry_url: str,
+    topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    """The gauge lived ~0.2 s (the process exited at once): a 30 s scrape never saw it, so
+    UserpilotDlqGuardTripped never fired. Now the process holds, unready, then exits 3."""
+    server, control = sandbox
+    control.set_faults(rules=[{"event_name": "feature_used", "action": "400"}])
+    topic = topic_factory(partitions=1)
+    produce(kafka_bootstrap, schema_registry_url, topic,
+            [track_event(f"u{i}", i) for i in range(20)])
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-g",
+                     WORKER_DLQ_MAX_CONSECUTIVE="3", WORKER_DLQ_GUARD_HOLD_SECONDS="4",
+                     USERPILOT_RETRY_BACKOFF_SECONDS="0.05")
+    worker, port = start_worker(env, tmp_path / "worker.log")
+    try:
+        def tripped() -> bool:
+            status, text = get(port, "/metrics")
+            return status == 200 and "\nuserpilot_dlq_guard_tripped 1.0" in text
+        wait_until(tripped, 60, "the guard's gauge at 1 on a scrape")
+        seen = time.monotonic()
+        time.sleep(1.0)  # a later scrape still sees it: the process is held, not gone
+        assert worker.proc.poll() is None, worker.output()[-3000:]
+        _, samples = scrape(port)
+        assert value(samples, "userpilot_dlq_guard_tripped") == 1
+        assert value(samples, "userpilot_worker_ready") == 0
+        status, body = get(port, "/readyz")
+        assert status == 503 and "DLQ guard" in body
+        assert get(port, "/healthz")[0] == 200
+        code = worker.wait(30)
+    except BaseException:
+        worker.kill()
+        raise
+    assert code == 3, worker.output()[-3000:]
+    assert time.monotonic() - seen >= 2.5  # held ~4 s from the trip
+    assert "holding 4s before exit code 3" in worker.output()

@@ -432,6 +432,8 @@ def test_invalid_pass_through_names(name: str) -> None:
     ("WORKER_DLQ_MAX_RATIO", "1.01", "> 0 and <= 1"),
     ("WORKER_DLQ_WINDOW", "0", "between 1 and 1000000"),
     ("WORKER_DLQ_MAX_CONSECUTIVE", "0", "between 1 and 1000000"),
+    ("WORKER_DLQ_GUARD_HOLD_SECONDS", "-1", ">= 0 and <= 3600"),
+    ("WORKER_DLQ_GUARD_HOLD_SECONDS", "3601", ">= 0 and <= 3600"),
     ("WORKER_REPLAY_MAX", "-1", "between 0 and 1000"),
     ("USERPILOT_INSECURE_HTTP", "maybe", "is not a boolean: use true or false"),
     ("USERPILOT_ENSURE_USER", "sometimes", "is not a boolean: use true or false"),
@@ -530,7 +532,8 @@ def test_describe_shape() -> None:
     assert d["mappings"]["events"]["preset"] == "default"
     assert d["kafka"]["topics"] == ["delivery-userpilot"]
     assert d["schema_registry"] == {"url": "http://schema-registry:8081", "basic_auth": None}
-    assert d["worker"]["dlq_guard"] == {"max_ratio": 0.5, "window": 100, "max_consecutive": 50}
+    assert d["worker"]["dlq_guard"] == {"max_ratio": 0.5, "window": 100, "max_consecutive": 50,
+                                        "hold_seconds": 120.0}
     json.dumps(d)  # JSON-able for check-config
 
 

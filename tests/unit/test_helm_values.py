@@ -33,7 +33,7 @@ CONTRACT = {
     "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "WORKER_MAX_IN_FLIGHT",
     "WORKER_SHUTDOWN_GRACE_SECONDS", "WORKER_METRICS_PORT", "WORKER_LOG_FORMAT",
     "WORKER_LOG_LEVEL", "WORKER_DLQ_MAX_RATIO", "WORKER_DLQ_WINDOW",
-    "WORKER_DLQ_MAX_CONSECUTIVE", "WORKER_REPLAY_MAX",
+    "WORKER_DLQ_MAX_CONSECUTIVE", "WORKER_DLQ_GUARD_HOLD_SECONDS", "WORKER_REPLAY_MAX",
 }  # fmt: skip
 CONTRACT |= {"REDIS_URL", "REDIS_TLS_CA_FILE", "REDIS_TIMEOUT_SECONDS",
              "REDIS_DEDUP_TTL_SECONDS", "USERPILOT_RATE_LIMIT_SHARED"}  # issue 12
@@ -217,6 +217,7 @@ def test_defaults_are_the_workers_own() -> None:
     assert settings.dlq_max_ratio == worker["dlqGuard"]["maxRatio"]
     assert settings.dlq_window == worker["dlqGuard"]["window"]
     assert settings.dlq_max_consecutive == worker["dlqGuard"]["maxConsecutive"]
+    assert settings.dlq_guard_hold_s == worker["dlqGuard"]["holdSeconds"]
     assert settings.replay_max == worker["replayMax"]
 
 
@@ -292,6 +293,7 @@ BOUNDED = [  # values path, the worker's variable, its largest accepted value
     ("worker.replayMax", "WORKER_REPLAY_MAX", 1000),
     ("worker.dlqGuard.window", "WORKER_DLQ_WINDOW", 1_000_000),
     ("worker.dlqGuard.maxConsecutive", "WORKER_DLQ_MAX_CONSECUTIVE", 1_000_000),
+    ("worker.dlqGuard.holdSeconds", "WORKER_DLQ_GUARD_HOLD_SECONDS", 3600),
 ]
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -316,3 +318,40 @@ def test_run_with_its_metrics_port_taken_says_so_in_one_line(
     err = capsys.readouterr().err
     assert f"WORKER_METRICS_PORT={port}: cannot listen" in err and "choose a free port" in err
     assert "Traceback" not in err
+
+
+def test_the_guard_hold_keeps_the_process_alive_unready_then_ends() -> None:
+    """Exiting at once left the guard's gauge at 1 for ~0.2 s: no scrape saw it."""
+    from consumer.__main__ import hold_after_guard
+    from consumer.health import Health
+
+    health = Health(max_silence_s=0.2)
+    started = time.monotonic()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert hold_after_guard(health, 0.6, beat_s=0.05)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert time.monotonic() - started >= 0.6
+    assert health.alive()  # it kept beating: liveness does not restart it mid-hold
+    assert health.ready() == (False, "stopped by the DLQ guard (too many dead letters); "
+                                     "see the logs")
+    assert hold_after_guard(health, 0)
+
+
+def test_a_sigterm_ends_the_guard_hold_at_once() -> None:
+    from consumer.__main__ import hold_after_guard
+    from consumer.health import Health
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+    started = time.monotonic()
+    try:
+        timer.start()
+        assert not hold_after_guard(Health(), 30.0)
+    finally:
+        timer.cancel()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert time.monotonic() - started < 5.0
