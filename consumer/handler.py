@@ -42,6 +42,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -232,6 +233,8 @@ class Handler:
         # waits for the claim instead of racing the dead process's request.
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.dlq_writable = DlqWritable(DLQ_UNWRITABLE_AFTER_S)  # readiness reads it
+        self._schema_lock = threading.Lock()  # the probe thread reads the count
+        self._schema_waits = 0
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, tuple[Any, Dropped]] = {}
         self._schemas: dict[int, Mapping[str, Any]] = {}  # writer schemas seen cached
@@ -297,8 +300,27 @@ class Handler:
             self._schemas[schema_id] = cached
         return cached
 
+    def waiting_for_schemas(self) -> int:
+        """Events waiting for the registry now (readiness reads it, from the probe thread)."""
+        with self._schema_lock:
+            return self._schema_waits
+
     async def _fetch_schema(self, event: Event) -> None:
-        """Wait until the registry answers for this event's schema id, then decide."""
+        """Wait until the registry answers for this event's schema id, then decide.
+
+        Counted while it waits: the registry's fault matters to readiness only while some
+        event waits for it (a waiting event taken away by a revoke must not leave the
+        replica unready for ever; nothing else would ask the registry again).
+        """
+        with self._schema_lock:
+            self._schema_waits += 1
+        try:
+            await self._wait_for_schema(event)
+        finally:
+            with self._schema_lock:
+                self._schema_waits -= 1
+
+    async def _wait_for_schema(self, event: Event) -> None:
         delay = 0.5
         while not self.decide(event):
             try:

@@ -217,8 +217,6 @@ class Worker:
             settings.registry_url,
             settings.registry_auth.reveal() if settings.registry_auth else None)
         self.registry: SchemaSource = schemas
-        if isinstance(schemas, Registry):
-            health.add_check(schemas.problem)  # a frozen registry turns readiness off
         self.handler = Handler(
             settings, metrics, client=self.client, registry=schemas,
             dlq=self.dlq, limiters=self.shared.limiter, policy=policy,
@@ -226,6 +224,10 @@ class Worker:
                            settings.dlq_max_consecutive),
             dedup=self.shared.dedup,
         )
+        if isinstance(schemas, Registry):
+            # A frozen registry turns readiness off while events wait for it.
+            waiting = self.handler.waiting_for_schemas
+            health.add_check(lambda: schemas.problem() if waiting() else None)
         # A DLQ that stays unwritable stalls a partition: readiness off, gauge for the alert.
         writable = self.handler.dlq_writable
         health.add_check(writable.problem)

@@ -1224,3 +1224,47 @@ def test_a_partition_count_that_keeps_failing_is_asked_less_and_less_often() -> 
         waits.append(round(run.worker._reshare_at - before))
     assert waits == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     assert run.worker._reshare_due
+
+
+class _RefusingRegistryClient:
+    """A registry that does not answer (connection refused) until `answers` is set."""
+
+    def __init__(self) -> None:
+        self.answers = False
+
+    def get_schema(self, schema_id: int) -> str:
+        if not self.answers:
+            raise ConnectionError("connection refused")
+        return codec.SCHEMA_TEXT
+
+
+def test_a_registry_fault_holds_readiness_only_while_an_event_waits_for_it() -> None:
+    """An event waiting for the registry was taken away by a revoke; nothing asked the
+    registry again, so the replica stayed unready for ever although it delivered."""
+    metrics = Metrics(CollectorRegistry())
+    health = Health(metrics)
+    made: list[FakeSource] = []
+    log = log_of(track("u1", 1))
+
+    def source(cb: Callbacks) -> FakeSource:
+        made.append(FakeSource(cb, log))
+        return made[-1]
+
+    registry = Registry("http://unused", client=_RefusingRegistryClient())
+    worker = Worker(settings(), metrics, health, client=FakeClient(), registry=registry,
+                    dlq=FakeDlq(), source=source)
+
+    async def main() -> None:
+        task = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: health.ready()[1].startswith("schema registry does not answer"),
+                        "readiness to name the registry")
+            made[0].revoke_next = [(TOPIC, 0)]
+            await until(lambda: not health.ready()[1].startswith("schema registry"),
+                        "readiness to forget the registry once nothing waits for it")
+            assert not registry.healthy  # nothing asked it again: it is not why
+        finally:
+            worker.stop()
+        assert await asyncio.wait_for(task, 10) == 0
+
+    asyncio.run(main())
