@@ -298,6 +298,25 @@ class KafkaSource:
                 total += len(info.partitions)
         return total
 
+    def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
+        """The broker's high watermark (next offset) of each partition, asked now (not
+        librdkafka's cached figure); those that did not answer within `timeout_s` in all
+        are left out."""
+        out: dict[TP, int] = {}
+        deadline = time.monotonic() + timeout_s
+        for topic, partition in parts:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                marks = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=left, cached=False)
+            except KafkaException:
+                continue
+            if marks is not None and marks[1] >= 0:
+                out[(topic, partition)] = int(marks[1])
+        return out
+
     def serve(self, timeout_s: float) -> None:
         """Serve callbacks (commit results, rebalances, errors) for up to `timeout_s`.
 

@@ -15,8 +15,8 @@ Thread rule: this class lives on the event loop. Source calls run on the source'
 thread (`Source.call`, one call at a time). The callbacks the source makes (assign,
 revoke, lost, stats, commit results) run on that poll thread and touch only what is safe
 there: `Commits` (it locks), `Metrics` and `Health` (thread-safe), and `assigned`,
-`paused`, `_reshare_due`, `_reshare_at`, `_fresh`, which both threads read and write only
-under `_parts_lock`.
+`paused`, `_reshare_due`, `_reshare_at`, `_fresh`, `_stats_committed`, which both threads
+read and write only under `_parts_lock`.
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
 the `Source.call` that raised the callback), and that coroutine also forgets the
@@ -93,6 +93,9 @@ to 6 % of the loop's time and the same backlog went at 1,700-1,800 events/s (REA
 "Performance")."""
 INTAKE_TURN_MESSAGES = 128  # ... and messages (drops: ~20 µs each) while any is in flight
 FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
+PAUSED_LAG_EVERY_S = 5.0  # a paused partition's lag, from the broker (librdkafka's stats
+# interval): its high watermark comes only with fetches, which a paused partition has none of
+PAUSED_LAG_TIMEOUT_S = 1.0  # ... all of them within this
 CLOSE_TIMEOUT_S = 15.0  # leaving the group while Kafka answers (revoke settles first)
 CLOSE_DOWN_TIMEOUT_S = 2.0  # ... while it does not
 RESHARE_TIMEOUT_S = 2.0  # a metadata call on the poll thread: well under max.poll.interval
@@ -169,6 +172,7 @@ class Source(Protocol):
     def resume(self, parts: Sequence[TP]) -> None: ...
     def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool: ...
     def partition_count(self, timeout_s: float = 10.0) -> int: ...
+    def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]: ...
     def serve(self, timeout_s: float) -> None: ...
     def close(self, timeout_s: float) -> bool: ...
     def shutdown(self) -> None: ...
@@ -244,6 +248,9 @@ class Worker:
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
+        # The group's committed offsets from librdkafka's statistics (for a paused
+        # partition's lag before this worker committed any).
+        self._stats_committed: dict[TP, int] = {}
         # Fair intake (event loop only; may name revoked partitions, always intersected with
         # `assigned`): partitions kept paused because they hold their share of the window,
         # and partitions seen with nothing to read.
@@ -313,7 +320,7 @@ class Worker:
         log.info("consuming %s as group %s, delivering to %s%s", ",".join(self.s.topics),
                  self.s.group_id, self.s.track_url,
                  f" through {redact_userinfo(self.s.proxy.reveal())}" if self.s.proxy else "")
-        last_commit = time.monotonic()
+        last_commit = paused_lag_at = time.monotonic()
         scheduled = 0
         try:
             while not self._stopping.is_set():
@@ -348,6 +355,10 @@ class Worker:
                     # Not inside the rebalance callback: a blocking client call nested in a
                     # callback breaks confluent-kafka's per-thread call state (it aborts).
                     await source.call(self._reshare, source)
+                if self.paused and source.connected and (
+                        time.monotonic() - paused_lag_at >= PAUSED_LAG_EVERY_S):
+                    paused_lag_at = time.monotonic()
+                    await source.call(self._paused_lag, source)
                 batch = self._next_batch(messages, room)
                 scheduled = position = 0
                 while True:
@@ -858,16 +869,51 @@ class Worker:
             self.m.forget_partition(tp[0], tp[1])
         with self._parts_lock:
             self.assigned.difference_update(parts)
+            for tp in parts:
+                self._stats_committed.pop(tp, None)
             self.paused.difference_update(parts)
             self._reshare_due = True
+
+    def _paused_lag(self, source: Source) -> None:
+        """Poll thread: the lag of paused partitions, from the broker's high watermark.
+
+        librdkafka's statistics learn the high watermark from fetch responses; a paused
+        partition is not fetched, so its `consumer_lag` froze at the pause while the
+        backlog grew (an outage, exactly when lag matters: the lag alert never fired
+        without kafka_exporter). One ListOffsets per paused partition, every few seconds.
+        """
+        with self._parts_lock:
+            parts = sorted(self.paused & self.assigned)
+            # Nothing committed by this worker yet: the group's offset as librdkafka knows it.
+            committed = {**self._stats_committed, **self.commits.committed()}
+        try:
+            highs = source.high_watermarks(
+                [tp for tp in parts if tp in committed], PAUSED_LAG_TIMEOUT_S)
+        except Exception:
+            log.debug("paused partitions' high watermarks unavailable", exc_info=True)
+            return
+        with self._parts_lock:
+            still = self.paused & self.assigned
+        for (topic, partition), high in highs.items():
+            if (topic, partition) in still:
+                self.m.consumer_lag.labels(topic, str(partition)).set(
+                    max(0, high - committed[(topic, partition)]))
 
     def _on_stats(self, stats: dict[str, Any]) -> None:
         with self._parts_lock:
             assigned = set(self.assigned)
+            paused = set(self.paused)
         for topic, info in stats.get("topics", {}).items():
             for pid, pinfo in info.get("partitions", {}).items():
-                if (topic, int(pid)) not in assigned:
+                tp = (topic, int(pid))
+                if tp not in assigned:
                     continue
+                offset = pinfo.get("committed_offset", -1)
+                if isinstance(offset, int) and offset >= 0:
+                    with self._parts_lock:
+                        self._stats_committed[tp] = offset
+                if tp in paused:
+                    continue  # stale without fetches: `_paused_lag` sets it
                 # Offsets are committed explicitly, never stored: consumer_lag_stored is
                 # always -1 here, consumer_lag (high watermark - committed) is the figure.
                 lag = pinfo.get("consumer_lag", -1)

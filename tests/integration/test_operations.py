@@ -33,6 +33,7 @@ from tests.integration.harness import (
     REPO,
     WRITE_TOKEN,
     WorkerProcess,
+    WorkerThread,
     caught_up,
     committed_offsets,
     end_offsets,
@@ -653,3 +654,28 @@ def test_a_tripped_dlq_guard_stays_visible_to_scrapes_before_exit_code_3(
     assert code == 3, worker.output()[-3000:]
     assert time.monotonic() - seen >= 2.5  # held ~4 s from the trip
     assert "holding 4s before exit code 3" in worker.output()
+
+
+def test_the_lag_of_a_paused_partition_follows_the_growing_backlog(
+    kafka_bootstrap: str,
+    schema_registry_url: str,
+    topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """librdkafka learns the high watermark from fetches; a paused partition has none, so
+    userpilot_consumer_lag froze at the pause while an outage's backlog grew."""
+    server, control = sandbox
+    control.set_faults(error_rate=1.0, error_codes=[503])
+    topic = topic_factory(partitions=1)
+    produce(kafka_bootstrap, schema_registry_url, topic,
+            [track_event(f"u{i}", i) for i in range(30)])
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-g",
+                     WORKER_MAX_IN_FLIGHT="5")
+    with WorkerThread(env) as w:
+        wait_until(lambda: w.metric("userpilot_paused_partitions") == 1, 30, "a pause")
+        produce(kafka_bootstrap, schema_registry_url, topic,
+                [track_event(f"v{i}", i) for i in range(200)])
+        wait_until(lambda: w.metric("userpilot_consumer_lag", topic=topic, partition="0") == 230,
+                   30, "the lag to count the new backlog")
+        control.set_faults(error_rate=0.0)
+        wait_until(caught_up(kafka_bootstrap, f"{topic}-g", topic), 60, "offsets at the end")

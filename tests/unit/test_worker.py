@@ -183,6 +183,10 @@ class FakeSource:
     def partition_count(self, timeout_s: float = 10.0) -> int:
         return len(self.log)
 
+    def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
+        self._on_poll_thread()
+        return {tp: len(self.log[tp]) for tp in parts if tp in self.log}
+
     def serve(self, timeout_s: float) -> None:
         self._on_poll_thread()
         while self._acks:
@@ -1268,3 +1272,36 @@ def test_a_registry_fault_holds_readiness_only_while_an_event_waits_for_it() -> 
         assert await asyncio.wait_for(task, 10) == 0
 
     asyncio.run(main())
+
+
+def test_a_paused_partitions_lag_follows_the_broker_not_the_frozen_statistics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """librdkafka's statistics learn the high watermark from fetches; a paused partition
+    has none, so userpilot_consumer_lag froze at the pause while the backlog grew."""
+    monkeypatch.setattr(worker_module, "PAUSED_LAG_EVERY_S", 0.05)
+    values = [track(f"u{i}", i) for i in range(30)]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
+    run, stepped = stepped_run(log, WORKER_MAX_IN_FLIGHT="10")
+    lag = run.worker.m.consumer_lag.labels(TOPIC, "0")
+
+    def exported() -> float | None:
+        return run.worker.m.registry.get_sample_value(
+            "userpilot_consumer_lag", {"topic": TOPIC, "partition": "0"})
+
+    async def scenario(source: FakeSource) -> None:
+        stepped.steps.release()
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "commit of offset 1")
+        await until(lambda: bool(source.paused) and stepped.waiting == 10, "a full window")
+        source.log[(TOPIC, 0)].extend(
+            Message(TOPIC, 0, i, b"k", track("u", i)) for i in range(30, 130))
+        await until(lambda: exported() == 129, "the lag of the grown backlog")
+        # librdkafka's statistics still carry the figure of the last fetch: not taken.
+        run.worker._on_stats({"topics": {TOPIC: {"partitions": {"0": {"consumer_lag": 29}}}}})
+        assert exported() == 129
+        lag.set(0)
+        await until(lambda: exported() == 129, "the lag refreshed again")
+        for _ in range(40):
+            stepped.steps.release()
+
+    assert drive(run, scenario) == 0
