@@ -568,7 +568,7 @@ class Handler:
             self._responses(str(exc.status), endpoint).inc()
             if isinstance(exc, RateLimited):
                 limiter.slow_down()
-                self.m.rate_limit_rps.labels(call.family).set(limiter.rate)
+                self.m.rate_limit_rps.labels(call.family).set(limiter.share_rate)
             raise
         finally:
             event.on_wire = False

@@ -142,6 +142,25 @@ class AdaptiveLimiter:
                 self._factor = min(1.0, self._factor + steps * self._recover_step)
                 self._last_cut += steps * self._recover_every
 
+    def factor_at(self, now: float) -> float:
+        """The slow-down factor `now`, recovery included, without changing any state."""
+        if self._factor >= 1.0:
+            return self._factor
+        steps = max(0, int((now - self._last_cut) // self._recover_every))
+        return min(1.0, self._factor + steps * self._recover_step)
+
+    @property
+    def share(self) -> float:
+        """This replica's share of the deployment-wide limit (its partitions' share)."""
+        return self._share
+
+    @property
+    def share_rate(self) -> float:
+        """Requests per second of this replica's share now, 429 recovery included (the
+        gauge); reads only, so a stale slow-down never shows after it recovered."""
+        return safe_rate(self._limit, self._period, self._burst, self._share) * self.factor_at(
+            self._clock())
+
     @property
     def factor(self) -> float:
         """The 429 slow-down factor now (1.0 = full rate), after any recovery due."""

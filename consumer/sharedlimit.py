@@ -108,6 +108,17 @@ class SharedLimiter:
         return safe_rate(self._limit, self._period, self._burst) * self._local.factor
 
     @property
+    def share_rate(self) -> float:
+        """This replica's share of the token's rate (the gauge): on the fallback the
+        partition share it uses; on the shared budget, where any replica may take up to
+        all of it, the same partition share of the token's rate, so the replicas' figures
+        add up to the token's limit instead of N times it. 429 recovery included."""
+        if self.on_fallback:
+            return self._local.share_rate
+        return (safe_rate(self._limit, self._period, self._burst) * self._local.share
+                * self._local.factor_at(self._clock()))
+
+    @property
     def interval_s(self) -> float:
         rate = safe_rate(self._limit, self._period, self._burst) * self._local.factor
         return 1.0 / rate

@@ -93,6 +93,7 @@ to 6 % of the loop's time and the same backlog went at 1,700-1,800 events/s (REA
 "Performance")."""
 INTAKE_TURN_MESSAGES = 128  # ... and messages (drops: ~20 µs each) while any is in flight
 FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
+RATES_EVERY_S = 1.0  # the rate-share gauge follows 429 recovery and the Redis fallback
 PAUSED_LAG_EVERY_S = 5.0  # a paused partition's lag, from the broker (librdkafka's stats
 # interval): its high watermark comes only with fetches, which a paused partition has none of
 PAUSED_LAG_TIMEOUT_S = 1.0  # ... all of them within this
@@ -320,7 +321,7 @@ class Worker:
         log.info("consuming %s as group %s, delivering to %s%s", ",".join(self.s.topics),
                  self.s.group_id, self.s.track_url,
                  f" through {redact_userinfo(self.s.proxy.reveal())}" if self.s.proxy else "")
-        last_commit = paused_lag_at = time.monotonic()
+        last_commit = paused_lag_at = rates_at = time.monotonic()
         scheduled = 0
         try:
             while not self._stopping.is_set():
@@ -355,6 +356,9 @@ class Worker:
                     # Not inside the rebalance callback: a blocking client call nested in a
                     # callback breaks confluent-kafka's per-thread call state (it aborts).
                     await source.call(self._reshare, source)
+                if reshare or time.monotonic() - rates_at >= RATES_EVERY_S:
+                    rates_at = time.monotonic()
+                    self._publish_rates()
                 if self.paused and source.connected and (
                         time.monotonic() - paused_lag_at >= PAUSED_LAG_EVERY_S):
                     paused_lag_at = time.monotonic()
@@ -820,8 +824,6 @@ class Worker:
         share = partition_share(owned, self.partitions_total)
         for limiter in self.shared.distinct():
             limiter.set_share(share)
-        for family in FAMILIES:
-            self.m.rate_limit_rps.labels(family).set(self.shared.limiter(family).rate)
 
     def _on_revoke(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("revoke").inc()
@@ -873,6 +875,11 @@ class Worker:
                 self._stats_committed.pop(tp, None)
             self.paused.difference_update(parts)
             self._reshare_due = True
+
+    def _publish_rates(self) -> None:
+        """Event loop (the limiters' owner): each family's rate share, for the gauge."""
+        for family in FAMILIES:
+            self.m.rate_limit_rps.labels(family).set(self.shared.limiter(family).share_rate)
 
     def _paused_lag(self, source: Source) -> None:
         """Poll thread: the lag of paused partitions, from the broker's high watermark.

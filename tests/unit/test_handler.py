@@ -90,6 +90,10 @@ class Limiter:
     def rate(self) -> float:
         return 10.0 / (1 + self.slowed)
 
+    @property
+    def share_rate(self) -> float:
+        return self.rate
+
     def set_share(self, share: float) -> None:
         return None
 

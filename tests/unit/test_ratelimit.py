@@ -207,6 +207,25 @@ def test_slow_down_halves_once_per_second_down_to_the_floor() -> None:
     assert limiter.rate == pytest.approx(full * 0.1)
 
 
+def test_share_rate_shows_the_recovery_without_waiting_for_a_request() -> None:
+    """The gauge kept the halved rate after a 429 until the next 429 or rebalance,
+    although the limiter had recovered."""
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, clock=clock, recover_step=0.1, recover_every_s=10.0)
+    limiter.set_share(0.5)
+    full = safe_rate(600, 60.0, 1, 0.5)
+    assert limiter.share_rate == pytest.approx(full)
+    limiter.slow_down()
+    assert limiter.share_rate == pytest.approx(full * 0.5)
+    clock.now += 30.0  # no request meanwhile
+    assert limiter.share_rate == pytest.approx(full * 0.8)
+    assert limiter.share_rate == pytest.approx(full * 0.8)  # a read changes nothing
+    clock.now += 1000.0
+    assert limiter.share_rate == pytest.approx(full)
+    limiter.reserve()
+    assert limiter.rate == pytest.approx(full)
+
+
 def test_recover_restores_the_rate_over_time() -> None:
     clock = FakeClock()
     limiter = AdaptiveLimiter(600, 60.0, clock=clock, recover_step=0.1, recover_every_s=10.0)

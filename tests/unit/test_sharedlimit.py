@@ -52,6 +52,27 @@ def test_shared_rate_is_the_whole_token_and_slow_down_halves_it() -> None:
     assert limiter.interval_s == pytest.approx(2 / safe_rate(600, 1.0, 1))
 
 
+def test_share_rate_adds_up_to_the_token_across_replicas_on_the_shared_budget() -> None:
+    """Each replica reported the whole token's rate: the dashboard's sum showed N times
+    the limit. On the shared budget the gauge is the partition share of the token's rate;
+    on the fallback it is what the replica uses."""
+    store = ScriptedStore()
+    replicas = [_limiter(store, []) for _ in range(2)]  # each owns half the partitions
+    token = safe_rate(600, 1.0, 1)
+    assert sum(r.share_rate for r in replicas) == pytest.approx(token)
+    replicas[0].slow_down()
+    assert replicas[0].share_rate == pytest.approx(token / 4)
+    fallen = _limiter(store, [])
+    store.up = False
+
+    async def main() -> None:
+        await fallen.acquire()
+
+    asyncio.run(main())
+    assert fallen.on_fallback
+    assert fallen.share_rate == pytest.approx(fallen.local.rate)
+
+
 def test_falls_back_at_once_holds_then_returns_with_debt_and_holdoff() -> None:
     store, switches = ScriptedStore(), list[bool]()
     limiter = _limiter(store, switches)

@@ -1305,3 +1305,23 @@ def test_a_paused_partitions_lag_follows_the_broker_not_the_frozen_statistics(
             stepped.steps.release()
 
     assert drive(run, scenario) == 0
+
+
+def test_the_rate_share_gauge_follows_the_limiter_not_only_rebalances_and_429s() -> None:
+    """Set only on a rebalance or a 429, the gauge kept a halved rate long after the
+    limiter recovered, and never showed a switch to the Redis fallback."""
+    run = make(log_of(track("u1", 1)))
+    limiter = run.worker.shared.limiter("track")
+
+    def exported() -> float | None:
+        return run.worker.m.registry.get_sample_value(
+            "userpilot_rate_limit_requests_per_second", {"endpoint": "track"})
+
+    async def scenario(source: FakeSource) -> None:
+        full = limiter.share_rate
+        await until(lambda: full > 0 and exported() == pytest.approx(full), "the share")
+        limiter.slow_down()  # a 429 elsewhere, or anything the limiter decides on its own
+        await until(lambda: exported() == pytest.approx(full / 2), "the gauge to follow",
+                    timeout=5)
+
+    assert drive(run, scenario) == 0
