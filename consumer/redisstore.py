@@ -2,8 +2,9 @@
 
 Replicas share two things through Redis: the token's rate budget (`consumer.sharedlimit`)
 and the record of delivered ``messageId``s (`consumer.dedup`). Both must never hold a
-delivery up for long, so every call is bounded by one timeout (no client-side retries,
-no reconnect back-off hidden inside redis-py) and every failure becomes
+delivery up for long, so every call is bounded by one timeout (no reconnect back-off
+hidden inside redis-py; one immediate retry on a fresh connection when a pooled one turns
+out closed, within the same timeout) and every failure becomes
 `SharedStateUnavailable`, on which the callers fall back to what the worker does without
 Redis. Each operation is one atomic Lua script or one command; times come from Redis's
 own clock (``TIME``), so replicas with skewed clocks still agree.
@@ -23,6 +24,7 @@ from typing import Any, Literal, cast
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from consumer.errors import SharedStateUnavailable
@@ -40,9 +42,11 @@ thousands of calls a second."""
 
 # GCRA reservation, all times in microseconds of Redis's clock.
 # ARGV: interval, tolerance, lookahead, debt (requests), holdoff, idle ttl (ms).
-# A missing key means unknown history (first use, expiry or a Redis restart that lost
-# data): the bucket is taken as full, so the next slot is one interval away and no window
-# that began before can exceed the limit. A slot further away than `lookahead` is not
+# A missing key means unknown history (first use, expiry, a flush, an eviction or a Redis
+# restart that lost data): the bucket is taken as full and every slot replicas may already
+# hold reserved (up to `lookahead` ahead) as spent, so the next slot is one interval past
+# them and no window that began before can exceed the limit. That state is written at once
+# (without it every replica would keep seeing a missing key). A slot further away than `lookahead` is not
 # reserved (the caller retries later), which bounds how far reservations reach ahead.
 # `debt` adds requests sent without Redis; `holdoff` keeps every replica from drawing for
 # that long (replicas coming back from the fallback account for their local sends first).
@@ -56,9 +60,9 @@ local debt = tonumber(ARGV[4])
 local holdoff = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 local tat = tonumber(redis.call('GET', KEYS[1]))
-if not tat then tat = now + tolerance + interval end
-if tat < now then tat = now end
 local changed = false
+if not tat then tat = now + tolerance + lookahead + interval; changed = true end
+if tat < now then tat = now end
 if debt > 0 then tat = tat + debt * interval; changed = true end
 if holdoff > 0 and tat < now + holdoff + tolerance then
   tat = now + holdoff + tolerance; changed = true
@@ -115,7 +119,13 @@ class RedisStore:
         options: dict[str, Any] = {
             "socket_timeout": timeout_s,
             "socket_connect_timeout": timeout_s,
-            "retry": RedisRetry(NoBackoff(), 0),
+            # A pooled connection the server (its `timeout`, a managed Redis's idle limit)
+            # or a load balancer closed fails on its next use: once, at once, on a fresh
+            # connection. Without this, that one failure made a claim "unchecked": after an
+            # idle spell, a rebalance's re-read re-sent events already delivered. Every
+            # operation may run twice: claims are re-entrant for their owner, confirm and
+            # release idempotent, and a second budget slot is only a slot unused.
+            "retry": RedisRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             "retry_on_timeout": False,
             "health_check_interval": 0,
         }

@@ -16,7 +16,8 @@ answers again. Neither switch may exceed the limit:
 - Back to Redis (at t1): the replica adds its local sends of the last period to the shared
   budget as debt and holds every replica off for `holdoff` (longer than one probe interval
   plus the timeout), so the other replicas still on the fallback come back and add theirs
-  before anyone draws again. A Redis that lost its data starts full (see the script).
+  before anyone draws again. A Redis that lost its data (or a flushed or evicted key)
+  starts full with every slot that may be reserved ahead counted as spent (see the script).
 
 While on the fallback a replica probes Redis at most every `probe_every_s`, and never
 sleeps for a local slot past a due probe.
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 ALL_FAMILIES = "all"
 """The family name when every endpoint shares one budget (USERPILOT_RATE_LIMIT_SHARED)."""
 LOOKAHEAD_SLOTS = 10
+BUDGET_IDLE_TTL_S = 3600.0
+"""How long an idle budget key is kept. A missing key costs the first request up to
+`lookahead` + one interval (its history is unknown, see `redisstore.GCRA_LUA`), so the key
+outlives a quiet hour rather than expiring one period after the last request."""
 
 
 class BudgetStore(Protocol):
@@ -183,7 +188,7 @@ class SharedLimiter:
                 interval_us=round(interval * 1e6), tolerance_us=round(tolerance * 1e6),
                 lookahead_us=round(self.lookahead_s * 1e6), debt=debt,
                 holdoff_us=round(self.holdoff_s * 1e6) if returning else 0,
-                idle_ttl_ms=round(self._period * 1000) + 1000,
+                idle_ttl_ms=round(max(self._period + 1.0, BUDGET_IDLE_TTL_S) * 1000),
             )
         except SharedStateUnavailable as exc:
             self._enter_fallback(str(exc))

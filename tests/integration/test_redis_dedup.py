@@ -18,6 +18,7 @@ import redis as sync_redis
 
 from consumer.dedup import Deduplicator, Outcome
 from consumer.redisstore import RedisStore, token_digest
+from tests.integration.redis_fixtures import StoppableRedis
 
 MAX_BYTES_PER_ID = 240
 
@@ -130,3 +131,32 @@ def test_memory_per_recorded_id(redis_url: str, capsys: pytest.CaptureFixture[st
               f"over {n}); MEMORY USAGE of one key: {sample} bytes; key length "
               f"{len(keys[0])} bytes")
     assert 0 < per_id <= MAX_BYTES_PER_ID
+
+
+def test_a_pooled_connection_the_server_closed_is_not_redis_down(
+    stoppable_redis: StoppableRedis,
+) -> None:
+    """Redis closes idle connections (its `timeout`, a managed Redis's idle limit, a load
+    balancer): the next call on one failed once, the claim was taken as unchecked and an
+    event already delivered was sent again."""
+    sync_redis.Redis.from_url(stoppable_redis.url).config_set("timeout", 1)
+
+    async def main() -> list[tuple[Outcome, bool]]:
+        digest = token_digest(f"tok-{uuid.uuid4()}")  # one token, two replicas
+        first_store = RedisStore(stoppable_redis.url, timeout_s=0.2)
+        store = RedisStore(stoppable_redis.url, timeout_s=0.2)
+        first, replica = Deduplicator(first_store, digest), Deduplicator(store, digest)
+        ids = [str(uuid.uuid4()) for _ in range(8)]
+        # The replica's pool holds 8 connections from earlier work, then it idles.
+        await asyncio.gather(*(replica.claim("track", f"warm-{i}", "b/warm") for i in range(8)))
+        for mid in ids:
+            assert (await first.claim("track", mid, "a/t/0/1")).outcome is Outcome.SEND
+            assert await first.confirm("track", mid)
+        await asyncio.sleep(2.5)  # past the server's idle timeout: it closed them
+        claims = await asyncio.gather(*(replica.claim("track", mid, f"b/t/0/{i}")
+                                        for i, mid in enumerate(ids)))
+        await store.close()
+        await first_store.close()
+        return [(c.outcome, c.degraded) for c in claims]
+
+    assert asyncio.run(main()) == [(Outcome.DUPLICATE, False)] * 8
