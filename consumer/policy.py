@@ -85,8 +85,11 @@ class Gate:
                 return True
             self._changed.clear()
             timeout = max(0.01, self._next_probe - now) if not self._probing else None
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that arrives as the wait ends (the task would then send).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
         return False
 
     def _set(self, state: GateState, detail: str) -> None:

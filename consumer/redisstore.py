@@ -46,8 +46,9 @@ thousands of calls a second."""
 # restart that lost data): the bucket is taken as full and every slot replicas may already
 # hold reserved (up to `lookahead` ahead) as spent, so the next slot is one interval past
 # them and no window that began before can exceed the limit. That state is written at once
-# (without it every replica would keep seeing a missing key). A slot further away than `lookahead` is not
-# reserved (the caller retries later), which bounds how far reservations reach ahead.
+# (without it every replica would keep seeing a missing key). A slot further away than
+# `lookahead` is not reserved (the caller retries later), which bounds how far reservations
+# reach ahead.
 # `debt` adds requests sent without Redis; `holdoff` keeps every replica from drawing for
 # that long (replicas coming back from the fallback account for their local sends first).
 GCRA_LUA = """
@@ -116,8 +117,13 @@ class RedisStore:
         self, url: str, *, timeout_s: float = 0.25, ca_file: str | None = None,
         observe: CallObserver | None = None,
     ) -> None:
+        # No socket timeout (redis-py's default is 5 s): with one, redis-py writes each
+        # command through `asyncio.wait_for`, which on Python 3.11 drops a cancellation that
+        # arrives as the write completes (the call returns, the task runs on): a revoke or
+        # shutdown then waited for deliveries it had cancelled. `_call`'s `asyncio.timeout`
+        # bounds every call instead (redis-py drops a connection whose call was cut short).
         options: dict[str, Any] = {
-            "socket_timeout": timeout_s,
+            "socket_timeout": None,
             "socket_connect_timeout": timeout_s,
             # A pooled connection the server (its `timeout`, a managed Redis's idle limit)
             # or a load balancer closed fails on its next use: once, at once, on a fresh

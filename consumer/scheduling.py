@@ -22,6 +22,7 @@ __all__ = ["Job", "Scheduler"]
 log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
+CANCEL_WAIT_S = 5.0  # for cancelled jobs to end (see `Scheduler.cancel`)
 
 
 class Job(Protocol):
@@ -67,8 +68,13 @@ class Scheduler(Generic[J]):
 
     async def _chain(self, key: tuple[str, int, Hashable]) -> None:
         queue = self._queues[key]
+        task = asyncio.current_task()
         try:
             while queue:
+                if task is not None and task.cancelling():
+                    # A cancellation some awaited call swallowed (Python 3.11's wait_for
+                    # does, in libraries too): the next job must not start.
+                    raise asyncio.CancelledError
                 job = queue[0]
                 try:
                     await self._run(job)
@@ -79,14 +85,18 @@ class Scheduler(Generic[J]):
                                   job.offset)
                     self._on_crash(exc)
                     return
+                if not queue or queue[0] is not job:
+                    return  # abandoned meanwhile: `cancel` counted it already
                 queue.popleft()
                 self._done(job.topic, job.partition, 1)
         finally:
             leftover = len(queue)
             if leftover:
                 self._done(key[0], key[1], leftover)
-            self._queues.pop(key, None)
-            self._tasks.pop(key, None)
+                queue.clear()
+            if self._tasks.get(key) is task:  # not a chain submitted since for this key
+                self._queues.pop(key, None)
+                self._tasks.pop(key, None)
 
     def _done(self, topic: str, partition: int, count: int) -> None:
         self._in_flight -= count
@@ -116,7 +126,8 @@ class Scheduler(Generic[J]):
             return
         self._changed.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see `Gate.admit`
+                await self._changed.wait()
 
     async def cancel(self, partitions: Iterable[TopicPartition] | None) -> int:
         """Abandon the jobs of these partitions (or all); returns how many were abandoned."""
@@ -127,12 +138,20 @@ class Scheduler(Generic[J]):
         for task in victims.values():
             task.cancel()
         if victims:
-            await asyncio.gather(*victims.values(), return_exceptions=True)
-        # A task cancelled before its first step never runs _chain's cleanup: do it here.
+            # Bounded: a task that swallowed its cancellation ends after its current job
+            # (`_chain`), but that job may still wait for Userpilot; a revoke or shutdown
+            # must not wait for it (its offset is not committed either way).
+            _, stuck = await asyncio.wait(victims.values(), timeout=CANCEL_WAIT_S)
+            if stuck:
+                log.error("%d cancelled deliveries still running after %.0f s; their events "
+                          "stay uncommitted", len(stuck), CANCEL_WAIT_S)
+        # A task cancelled before its first step never runs _chain's cleanup, and a stuck
+        # one has not yet: do it here (the stuck one then finds its queue empty).
         for key, task in victims.items():
             if self._tasks.get(key) is task:  # not a chain submitted meanwhile
                 del self._tasks[key]
                 queue = self._queues.pop(key, None)
                 if queue:
                     self._done(key[0], key[1], len(queue))
+                    queue.clear()
         return abandoned

@@ -31,6 +31,7 @@ and polling goes on, so the group never evicts a slow worker.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -422,8 +423,7 @@ class Worker:
         log.info("stopped; committed %s", {f"{t}[{p}]": o for (t, p), o in
                                             sorted(self.committed.items())})
 
-    @staticmethod
-    async def _settle(scheduler: Scheduler[Event], parts: Sequence[TP] | None,
+    async def _settle(self, scheduler: Scheduler[Event], parts: Sequence[TP] | None,
                       grace: float) -> int:
         """Let requests already on the wire finish (bounded), abandon the rest.
 
@@ -431,14 +431,21 @@ class Worker:
         abandoning it costs nothing (its offset stays uncommitted and it is consumed again),
         while waiting for it would hold a rebalance or a shutdown for minutes at 10
         requests/s. Only an event whose request or DLQ record is under way is waited for,
-        so that it is not sent twice.
+        so that it is not sent twice. No request of these partitions starts meanwhile
+        (`Handler.halt`): with steady traffic and a slow Userpilot the next event of each
+        user went out as the last finished, so the drain always ran to its deadline and
+        then cut requests Userpilot had taken, sent again by the next owner.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while (any(event.on_wire for event in scheduler.current(parts))
-               and loop.time() < deadline):
-            await scheduler.wait_change(min(0.05, deadline - loop.time()))
-        return await scheduler.cancel(parts)
+        self.handler.halt(parts)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            while (any(event.on_wire for event in scheduler.current(parts))
+                   and loop.time() < deadline):
+                await scheduler.wait_change(min(0.05, deadline - loop.time()))
+            return await scheduler.cancel(parts)
+        finally:
+            self.handler.unhalt(parts)
 
     def _crash(self, exc: BaseException) -> None:
         if not isinstance(self.fatal, DlqGuardTripped):
@@ -858,7 +865,15 @@ class Worker:
                 log.info("revoke: %d events of %s not sent yet; the next owner delivers "
                          "them", left, _fmt(parts))
 
-        asyncio.run_coroutine_threadsafe(drain(), self._loop).result(budget + 30)
+        settling = asyncio.run_coroutine_threadsafe(drain(), self._loop)
+        try:
+            settling.result(budget + 30)
+        except concurrent.futures.TimeoutError:
+            # Never out of a rebalance callback (it would end the worker): what is unsettled
+            # stays uncommitted; the next owner delivers it.
+            settling.cancel()
+            log.error("revoke: %s not settled in %.0f s; committing what finished",
+                      _fmt(parts), budget + 30)
         if commit:
             try:
                 # Synchronous only while Kafka answers: a revoke during an outage (close()

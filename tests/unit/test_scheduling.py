@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -260,4 +261,43 @@ def test_current_lists_the_job_each_chain_is_working_on() -> None:
             job.release.set()
         await settle()
         assert sched.current() == []
+    run(main)
+
+
+def test_a_job_that_swallows_its_cancel_ends_its_chain_and_cancel_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python 3.11's wait_for (inside libraries too) can swallow a cancellation: the
+    chain then ran its user's next events and `cancel` waited for all of them."""
+    from consumer import scheduling
+
+    monkeypatch.setattr(scheduling, "CANCEL_WAIT_S", 0.2)
+    started: list[int] = []
+
+    async def stubborn(job: Work) -> None:
+        started.append(job.offset)
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed, as the library did
+            await asyncio.sleep(10)
+        await asyncio.sleep(0.5)  # ... and the job goes on a while
+
+    async def main() -> None:
+        crashes, on_crash = crash_collector()
+        sched: Scheduler[Work] = Scheduler(stubborn, on_crash)
+        for offset in range(3):
+            sched.submit(Work("t", 0, offset, "user"))
+        await settle()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await sched.cancel([("t", 0)]) == 3
+        assert loop.time() - start < 0.4, "bounded by CANCEL_WAIT_S, not the job"
+        assert sched.in_flight == 0
+        await asyncio.sleep(0.6)  # the stubborn job ends: nothing counted twice
+        assert sched.in_flight == 0 and sched.pending([("t", 0)]) == 0
+        assert started == [0], "the chain's next jobs never started"
+        assert not crashes
+        sched.submit(Work("t", 0, 3, "user"))  # the key is usable again
+        await settle()
+        assert started == [0, 3]
+        await sched.cancel(None)
+
     run(main)
