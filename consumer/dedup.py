@@ -46,10 +46,14 @@ from enum import Enum
 from typing import Literal, Protocol
 
 from consumer.errors import SharedStateUnavailable
+from consumer.logs import RateLimit
 
 __all__ = ["ClaimResult", "DedupStore", "Deduplicator", "Outcome", "dedup_key"]
 
 log = logging.getLogger(__name__)
+# Redis down means every event's claim fails: one line per 10 s (with the count of the
+# lines it stands for), not one per event; the counters and the fallback gauge tell the rest.
+log.addFilter(RateLimit(10.0))
 
 MAX_RAW_ID = 64
 

@@ -28,8 +28,8 @@ machine): `_dedup_claim` before the limiter (a duplicate costs no budget), `_ded
 right before the primary call's request (renews the claim, notices a delivery by another
 owner), `_dedup_confirm` after every call answered 2xx, `_dedup_release` when the event is
 dead-lettered or abandoned (revoke, shutdown) before any request of it started. The id is
-recorded under the event's primary endpoint (`dedup_endpoint`: its last call); the owner
-is this process + the record.
+recorded under its event type's endpoint (`dedup_endpoint`) and re-claimed before its last
+call; the owner is this process + the record.
 
 Thread rule: everything here runs on the event loop. `Event.on_wire` is read by the
 worker (same loop) to decide what a revoke or shutdown must wait for.
@@ -439,9 +439,11 @@ class Handler:
 
     # -- deduplication (Redis) ----------------------------------------------------------
     def dedup_endpoint(self, send: Send) -> str:
-        """The endpoint an event's messageId is recorded under: its primary call (track for
-        track/page, identify for identify, the company association for group)."""
-        return send.calls[-1].endpoint
+        """The endpoint an event's messageId is recorded under, one per event type: track
+        for track/page, identify for identify, company_identify for group (its first call).
+        Not the last call: a group's association is an identify, so a group and an
+        identify event with one messageId shared a key and the group was skipped."""
+        return send.calls[0].endpoint
 
     async def _dedup_claim(self, event: Event, endpoint: str) -> bool:
         """Claim the messageId before the limiter; False when it was delivered already.

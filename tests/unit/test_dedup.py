@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Literal
+
+import pytest
 
 from consumer.dedup import Deduplicator, Outcome, dedup_key
 from consumer.errors import SharedStateUnavailable
@@ -86,3 +89,26 @@ def test_store_down_delivers_degraded() -> None:
         assert not await dd.release("track", "m", "a")
 
     asyncio.run(main())
+
+
+def test_redis_down_is_one_warning_per_interval_not_one_per_event(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every claim fails while Redis is down: 300 events logged 300 warnings."""
+    from consumer import dedup
+    from consumer.logs import RateLimit
+
+    # The module's own limiter, with its memory of earlier tests' lines wiped.
+    limits = [f for f in dedup.log.filters if isinstance(f, RateLimit)]
+    monkeypatch.setattr(dedup.log, "filters",
+                        [RateLimit(f.interval) if f in limits else f for f in dedup.log.filters])
+    async def main() -> None:
+        dd = Deduplicator(MemoryStore(fail=True), token_digest("t"))
+        for i in range(300):
+            assert (await dd.claim("track", f"m{i}", "a")).degraded
+            assert not await dd.confirm("track", f"m{i}")
+
+    with caplog.at_level(logging.WARNING, logger="consumer.dedup"):
+        asyncio.run(main())
+    lines = [r for r in caplog.records if r.name == "consumer.dedup"]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]

@@ -253,3 +253,24 @@ def test_shutdown_during_the_confirm_waits_for_it_and_finishes_the_event() -> No
     assert drive(run, scenario) == 0  # stop() arrives while the confirm runs
     assert store.values[dedup.key("track", "u1-1")] == "d"
     assert run.worker.committed == {(TOPIC, 0): 1}
+
+
+def test_a_group_is_recorded_under_company_identify_not_its_associations_identify() -> None:
+    """A group with a userId was recorded under "identify" (its last call): an identify
+    event with the same messageId made the group a duplicate, skipped unsent."""
+    from consumer import codec
+    from tests.unit.test_worker import SCHEMA_ID
+
+    def encoded(**event: object) -> bytes:
+        base = {"context": {"consent": {"analytics": True}}, "messageId": "m-1",
+                "timestamp": "2026-11-26T10:00:00.000Z", **event}
+        return codec.encode(SCHEMA_ID, codec.to_record(base))
+
+    store = MemoryStore()
+    run, _, _ = make(log_of(
+        encoded(type="identify", userId="u1", traits={"email": "a@b.c"}),
+        encoded(type="group", userId="u1", groupId="acme", traits={"name": "Acme"})), store)
+    assert drive(run, finished_to(2)) == 0  # type: ignore[arg-type]
+    assert [c.path for c in run.client.calls] == [
+        "/v1/identify", "/v1/companies/identify", "/v1/identify"]
+    assert sorted(k.split(":")[1] for k in store.values) == ["company_identify", "identify"]
