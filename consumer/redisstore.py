@@ -42,13 +42,17 @@ thousands of calls a second."""
 
 # GCRA reservation, all times in microseconds of Redis's clock.
 # ARGV: interval, tolerance, lookahead, debt (requests), holdoff, idle ttl (ms).
-# A missing key means unknown history (first use, expiry, a flush, an eviction or a Redis
-# restart that lost data): the bucket is taken as full and every slot replicas may already
-# hold reserved (up to `lookahead` ahead) as spent, so the next slot is one interval past
-# them and no window that began before can exceed the limit. That state is written at once
-# (without it every replica would keep seeing a missing key). A slot further away than
-# `lookahead` is not reserved (the caller retries later), which bounds how far reservations
-# reach ahead.
+# KEYS: the budget, and its "seen" marker (kept a week, renewed with every write).
+# A missing budget key means unknown history: the bucket is taken as full, so the next slot
+# is one interval away and no window that began before can exceed the limit. If the marker
+# is there, the key was in use and is gone (evicted, or expired after an idle hour):
+# replicas may hold slots of it reserved (up to `lookahead` ahead), counted as spent too,
+# so the next slot is past them (without this a lost key handed them out again: 25 sends
+# in a window of 20). That state is written at once. Without the marker it is a first use
+# (or a flush, or a restart that lost everything: the lookahead's reservations are the
+# residual overshoot, see README) and the first request is not held back. A slot further
+# away than `lookahead` is not reserved (the caller retries later), which bounds how far
+# reservations reach ahead.
 # `debt` adds requests sent without Redis; `holdoff` keeps every replica from drawing for
 # that long (replicas coming back from the fallback account for their local sends first).
 GCRA_LUA = """
@@ -62,7 +66,10 @@ local holdoff = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 local changed = false
-if not tat then tat = now + tolerance + lookahead + interval; changed = true end
+if not tat then
+  tat = now + tolerance + interval
+  if redis.call('EXISTS', KEYS[2]) == 1 then tat = tat + lookahead; changed = true end
+end
 if tat < now then tat = now end
 if debt > 0 then tat = tat + debt * interval; changed = true end
 if holdoff > 0 and tat < now + holdoff + tolerance then
@@ -79,6 +86,7 @@ if wait > lookahead then
 end
 tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', keep + math.floor(interval / 1000))
+redis.call('SET', KEYS[2], '1', 'PX', 604800000)
 return {1, string.format('%.0f', wait)}
 """
 
@@ -180,7 +188,8 @@ class RedisStore:
         """
         args = [max(1, interval_us), max(0, tolerance_us), max(0, lookahead_us),
                 max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms)]
-        reply = await self._call("gcra", lambda: self._gcra(keys=[key], args=args))
+        reply = await self._call("gcra", lambda: self._gcra(keys=[key, f"{key}:seen"],
+                                                            args=args))
         return bool(int(reply[0])), int(reply[1]) / 1e6
 
     async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[ClaimState, float]:
