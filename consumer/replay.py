@@ -12,10 +12,13 @@ record. Each replay increments
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -27,6 +30,7 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
+    Producer,
     TopicPartition,
 )
 
@@ -191,14 +195,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_replay(
     conf: dict[str, Any], dlq_topic: str, group: str, filters: Filters, *, dry_run: bool,
     report: Callable[[dict[str, Any]], None],
+    stopping: Callable[[], bool] = lambda: False,
 ) -> Summary:
-    """Read the DLQ up to its end offsets at start; re-publish what `decide` allows."""
+    """Read the DLQ up to its end offsets at start; re-publish what `decide` allows.
+
+    Checkpointed per polled batch: what was produced is flushed (acknowledged by the
+    broker), then the DLQ position past it is committed, so a run stopped at any point
+    (`stopping`, SIGINT/SIGTERM in the CLI, or an error) resumes where it stopped and
+    replays nothing twice. It used to commit once at the end: an interrupted run had
+    published records the next run published again.
+    """
     consumer = Consumer({
         **conf, "group.id": group, "enable.auto.commit": False,
         "auto.offset.reset": "earliest", "enable.partition.eof": False,
     })
     producer = None if dry_run else make_producer(conf)
     summary = Summary()
+    checkpoint: Callable[[], None] | None = None  # once there is a position to commit
     try:
         meta = consumer.list_topics(dlq_topic, timeout=10)
         info = meta.topics.get(dlq_topic)
@@ -224,70 +237,97 @@ def run_replay(
             if err is not None:
                 failures.append(err.str())
 
-        position = {tp.partition: tp.offset for tp in starts}
-        while any(position[p] < ends[p] for p in ends):
+        position = {tp.partition: tp.offset for tp in starts}  # past what was handled
+        committed_at = dict(position)
+
+        def commit_handled() -> None:
+            """Flush what was produced, then commit the position past it."""
+            if producer is None or position == committed_at:
+                return
+            if producer.flush(30) or failures:
+                raise KafkaException(f"replay produce failed: {failures[:3]}")
+            consumer.commit(
+                offsets=[TopicPartition(dlq_topic, p, o) for p, o in position.items()],
+                asynchronous=False,
+            )
+            committed_at.update(position)
+
+        checkpoint = commit_handled
+
+        while any(position[p] < ends[p] for p in ends) and not stopping():
             for msg in consumer.consume(500, 1.0):
+                if stopping():
+                    break
                 if msg.error() is not None:
                     continue
                 p, off = msg.partition(), msg.offset()
                 if p is None or off is None or p not in ends or off >= ends[p]:
                     continue
-                position[p] = off + 1
-                headers = normalize_headers(msg.headers())
-                ts_type, ts = msg.timestamp()
-                verdict = decide(headers, p, off, ts if ts_type else None, filters)
-                where = f"{dlq_topic}[{p}]@{off}"
-                if verdict == "filtered":
-                    summary.skipped_by_filter += 1
-                    continue
-                if verdict == "over_limit":
-                    summary.over_limit += 1
-                    summary.over_limit_offsets.append(where)
-                    continue
-                if verdict == "no_origin":
-                    summary.no_origin += 1
-                    continue
-                origin = (header_value(headers, "__connect.errors.topic") or b"").decode()
-                key, value = msg.key(), msg.value()
-                if value_omitted(headers):
-                    # Written without its value (too large for the DLQ): the original comes
-                    # from the source topic by its coordinates, checked against the hash.
-                    found = dlqfetch.restore(conf, key, value, headers)
-                    if isinstance(found, str):
-                        if found == "no_origin":
-                            summary.no_origin += 1
-                        elif found == "gone":
-                            summary.gone += 1
-                        else:
-                            summary.mismatch += 1
-                        summary.unrestored_offsets.append(f"{where} ({found})")
-                        continue
-                    key, value, headers = found.key, found.value, found.headers
-                    summary.restored += 1
-                report({"dlq": where, "to": origin, "dry_run": dry_run,
-                        "reason": (header_value(headers, "userpilot.error.reason")
-                                   or b"").decode()})
-                summary.replayed += 1
-                if producer is not None:
-                    kwargs: dict[str, Any] = {"key": key, "value": value,
-                                              "headers": replay_headers(headers),
-                                              "on_delivery": delivered}
-                    if ts_type and ts:
-                        kwargs["timestamp"] = ts
-                    producer.produce(origin, **kwargs)
-                    producer.poll(0)
-            if producer is not None:
-                if producer.flush(30) or failures:
-                    raise KafkaException(f"replay produce failed: {failures[:3]}")
-                consumer.commit(
-                    offsets=[TopicPartition(dlq_topic, p, o) for p, o in position.items()],
-                    asynchronous=False,
-                )
+                _replay_one(msg, p, off, dlq_topic, filters, conf, summary, report,
+                            producer, dry_run, delivered)
+                position[p] = off + 1  # only once handled: an error leaves it to be read again
+            commit_handled()
         return summary
+    except BaseException:
+        # What was handled before the error is published: keep it from being replayed
+        # again (a failed flush raises and commits nothing: those are read again).
+        if checkpoint is not None:
+            with contextlib.suppress(Exception):
+                checkpoint()
+        raise
     finally:
-        if producer is not None:
-            producer.flush(30)
         consumer.close()
+
+
+def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters,
+                conf: dict[str, Any], summary: Summary,
+                report: Callable[[dict[str, Any]], None], producer: Producer | None,
+                dry_run: bool, delivered: Callable[[KafkaError | None, Message], None],
+                ) -> None:
+    """One DLQ record: counted as filtered, over the limit, unrestorable, or re-published."""
+    headers = normalize_headers(msg.headers())
+    ts_type, ts = msg.timestamp()
+    verdict = decide(headers, p, off, ts if ts_type else None, filters)
+    where = f"{dlq_topic}[{p}]@{off}"
+    if verdict == "filtered":
+        summary.skipped_by_filter += 1
+        return
+    if verdict == "over_limit":
+        summary.over_limit += 1
+        summary.over_limit_offsets.append(where)
+        return
+    if verdict == "no_origin":
+        summary.no_origin += 1
+        return
+    origin = (header_value(headers, "__connect.errors.topic") or b"").decode()
+    key, value = msg.key(), msg.value()
+    if value_omitted(headers):
+        # Written without its value (too large for the DLQ): the original comes
+        # from the source topic by its coordinates, checked against the hash.
+        found = dlqfetch.restore(conf, key, value, headers)
+        if isinstance(found, str):
+            if found == "no_origin":
+                summary.no_origin += 1
+            elif found == "gone":
+                summary.gone += 1
+            else:
+                summary.mismatch += 1
+            summary.unrestored_offsets.append(f"{where} ({found})")
+            return
+        key, value, headers = found.key, found.value, found.headers
+        summary.restored += 1
+    report({"dlq": where, "to": origin, "dry_run": dry_run,
+            "reason": (header_value(headers, "userpilot.error.reason")
+                       or b"").decode()})
+    summary.replayed += 1
+    if producer is not None:
+        kwargs: dict[str, Any] = {"key": key, "value": value,
+                                  "headers": replay_headers(headers),
+                                  "on_delivery": delivered}
+        if ts_type and ts:
+            kwargs["timestamp"] = ts
+        producer.produce(origin, **kwargs)
+        producer.poll(0)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -319,11 +359,21 @@ def main(args: argparse.Namespace) -> int:
     def report(line: dict[str, Any]) -> None:
         print(json.dumps(line, ensure_ascii=False))
 
+    # Ctrl-C or SIGTERM: stop after the record at hand, publish and commit what was handled
+    # (a traceback and records the next run would replay again, before).
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _sig, _frame: stop.set())
     summary = run_replay(conf, args.dlq_topic, group, filters, dry_run=args.dry_run,
-                         report=report)
-    print(json.dumps({"summary": summary.as_dict(), "dry_run": args.dry_run}), file=sys.stdout)
+                         report=report, stopping=stop.is_set)
+    print(json.dumps({"summary": summary.as_dict(), "dry_run": args.dry_run,
+                      "interrupted": stop.is_set()}), file=sys.stdout)
     for item in summary.over_limit_offsets[:50]:
         print(f"over replay limit (not replayed): {item}", file=sys.stderr)
     for item in summary.unrestored_offsets[:50]:
         print(f"value-less dead letter not restorable (not replayed): {item}", file=sys.stderr)
+    if stop.is_set():
+        print("interrupted: what was replayed is committed; run again to go on",
+              file=sys.stderr)
+        return 130
     return 0

@@ -295,3 +295,46 @@ def test_dlq_guard_stops_the_worker_under_total_failure(
     assert len(read_topic(kafka_bootstrap, w.settings.dlq_topic)) == 5
     committed = committed_offsets(kafka_bootstrap, group, topic)
     assert committed.get(0, -1) <= 5, "nothing past the dead letters is committed"
+
+
+@pytest.mark.parametrize("how", ["stopped", "error"])
+def test_a_replay_cut_short_resumes_where_it_stopped_and_replays_nothing_twice(
+    how: str, kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """The replay committed once, at the end: Ctrl-C (or an error) after some records had
+    been published left them to be published again by the next run."""
+    from confluent_kafka import Producer
+
+    from consumer.replay import Filters, run_replay
+
+    origin = topic_factory(partitions=1)
+    dlq = topic_factory(suffix="-dlq")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(30):
+        producer.produce(dlq, key=f"k{i}".encode(), value=f"v{i}".encode(),
+                         headers=[("__connect.errors.topic", origin.encode()),
+                                  ("userpilot.error.reason", b"bad_request")])
+    assert producer.flush(30) == 0
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    filters = Filters()
+    seen: list[str] = []
+
+    def report(line: dict[str, Any]) -> None:
+        seen.append(line["dlq"])
+        if how == "error" and len(seen) == 8:
+            raise RuntimeError("cut short")
+
+    group = f"{dlq}-replayer"
+    if how == "stopped":
+        first = run_replay(conf, dlq, group, filters, dry_run=False, report=report,
+                           stopping=lambda: len(seen) >= 7)
+        assert first.replayed == 7
+    else:
+        with pytest.raises(RuntimeError):
+            run_replay(conf, dlq, group, filters, dry_run=False, report=report)
+    before = len(seen)
+    second = run_replay(conf, dlq, group, filters, dry_run=False, report=lambda _: None)
+    assert before + second.replayed in (30, 31)  # the record that raised is read again
+    wait_until(lambda: len(read_topic(kafka_bootstrap, origin)) >= 30, 30, "replayed")
+    values = sorted(m.value() for m in read_topic(kafka_bootstrap, origin))
+    assert values == sorted(f"v{i}".encode() for i in range(30)), "each record once"
