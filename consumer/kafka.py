@@ -388,7 +388,10 @@ class DeadLetterProducer:
     """Produces DLQ records and resolves an awaitable when the broker acknowledged them."""
 
     def __init__(self, conf: dict[str, Any]) -> None:
-        self._producer = make_producer(conf)
+        # One record per batch: the broker checks a topic's max.message.bytes per batch, so
+        # dead letters that each fit a DLQ topic with a lower limit were refused together
+        # and all written without their value. Dead letters are few: batching buys nothing.
+        self._producer = make_producer(conf, **{"batch.num.messages": 1})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="dlq-poll", daemon=True)
         self._thread.start()

@@ -104,3 +104,33 @@ def test_small_dead_letters_keep_everything(
     record = _record(b"v" * size, dlq, max_bytes=producer_limit(conf))
     assert record.value == b"v" * size and record.key == b"user-42"
     assert _send(conf, dlq, record) is None
+
+
+def test_dead_letters_that_each_fit_the_dlq_topic_are_not_refused_for_sharing_a_batch(
+    kafka_bootstrap: str,
+) -> None:
+    """The broker checks a topic's max.message.bytes per batch: six 200 KB dead letters
+    written together were refused as one batch and all rewritten without their value,
+    though each fits alone. The DLQ producer now puts one record in a batch."""
+    import asyncio
+    import os
+
+    from consumer.kafka import DeadLetterProducer
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    dlq = f"it-dlq-batch-{int(time.time() * 1000)}"
+    admin.create_topics([NewTopic(dlq, 1, 1, config={"max.message.bytes": "300000"})])[
+        dlq].result(30)
+    producer = DeadLetterProducer({"bootstrap.servers": kafka_bootstrap})
+
+    async def main() -> list[BaseException | None]:
+        results = await asyncio.gather(*(
+            producer.send(dlq, key=b"k", value=os.urandom(200_000), headers=[],
+                          timestamp_ms=None) for _ in range(6)), return_exceptions=True)
+        return list(results)
+
+    try:
+        assert asyncio.run(main()) == [None] * 6
+    finally:
+        producer.close(10)
+        admin.delete_topics([dlq])[dlq].result(30)
