@@ -165,7 +165,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """0 when valid (and, with --online, every service answered); 2 on a setting;
-    with --online 8 + 1 (Userpilot) + 2 (Kafka) + 4 (schema registry) for what failed."""
+    with --online 8 + 1 (Userpilot) + 2 (Kafka) + 4 (schema registry) + 16 (Redis, when
+    REDIS_URL is set) for what failed."""
     settings = _settings()
     text = json.dumps(settings.describe(), indent=2, ensure_ascii=False)
     try:
@@ -188,6 +189,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         (4, "schema registry", lambda: reach.registry(
             settings.registry_url,
             settings.registry_auth.reveal() if settings.registry_auth else None, timeout)),
+        *(((16, "redis", lambda: reach.redis(settings, timeout)),)
+          if settings.redis is not None else ()),
     )
     failed = 0
     for bit, name, check in checks:
@@ -344,11 +347,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Validate the configuration exactly as `run` does at start-up and print "
         "it, secrets redacted. Exit 0 when valid, 2 when a setting is wrong. With --online, "
         "also resolve the Userpilot host and prove the token (an empty Track: Userpilot "
-        "answers 400 and records nothing), reach Kafka (topics included) and the schema "
-        "registry, each within --timeout seconds; exit 8 + 1 (Userpilot) + 2 (Kafka) + 4 "
-        "(registry) for the ones that failed, e.g. 10 = Kafka only.")
+        "answers 400 and records nothing), reach Kafka (topics included), the schema "
+        "registry and Redis (when REDIS_URL is set), each within --timeout seconds; exit "
+        "8 + 1 (Userpilot) + 2 (Kafka) + 4 (registry) + 16 (Redis) for the ones that "
+        "failed, e.g. 10 = Kafka only.")
     p.add_argument("--online", action="store_true",
-                   help="also check that Userpilot, Kafka and the registry answer")
+                   help="also check that Userpilot, Kafka, the registry and Redis answer")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds per online check (default 10)")
     p.set_defaults(func=cmd_check_config)

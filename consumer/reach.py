@@ -27,7 +27,7 @@ from consumer.config import Settings, redact_userinfo
 from consumer.delivery import UserpilotClient
 from consumer.errors import ConnectionFailed, Misconfigured, Rejected, Retry, Timeout
 
-__all__ = ["kafka", "registry", "resolve", "services", "userpilot"]
+__all__ = ["kafka", "redis", "registry", "resolve", "services", "userpilot"]
 
 _SILENT = logging.getLogger("consumer.reach.librdkafka")
 _SILENT.addHandler(logging.NullHandler())
@@ -155,3 +155,28 @@ def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[
     if registry_url is not None:
         problems.append(registry(registry_url, registry_auth, timeout))
     return [p for p in problems if p is not None]
+
+
+def redis(settings: Settings, timeout: float) -> str | None:
+    """A PING through the worker's own Redis client (URL, password, TLS and CA as the
+    worker uses them): a wrong password, host or CA is otherwise noticed only once replicas
+    run without the shared budget and deduplication (a warning and a 10-minute alert)."""
+    conf = settings.redis
+    if conf is None:
+        return None
+    from consumer.errors import SharedStateUnavailable
+    from consumer.redisstore import RedisStore
+
+    async def ping() -> None:
+        store = RedisStore(conf.url.reveal(), timeout_s=timeout, ca_file=conf.tls_ca_file)
+        try:
+            await store.ping()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(ping())
+    except SharedStateUnavailable as exc:
+        return (f"Redis at {conf.redacted_url}: {exc}; check REDIS_URL (host, password, db) "
+                f"and REDIS_TLS_CA_FILE")
+    return None

@@ -17,6 +17,7 @@ import pytest
 from consumer.sandbox import SandboxControl, SandboxThread
 from tests.conftest import create_topic
 from tests.integration.harness import READ_TOKEN, REPO, worker_env
+from tests.integration.redis_fixtures import StoppableRedis
 
 Sandbox = tuple[SandboxThread, SandboxControl]
 EVENT = b'{"type":"track","event":"Feature Used","userId":"u"}\n'
@@ -154,3 +155,29 @@ def test_produce_help_states_the_bound() -> None:
     result = cli(["produce", "--help"], {})
     assert result.returncode == 0
     assert "within --timeout seconds" in " ".join(result.stdout.split())
+
+
+def test_online_checks_redis_when_configured(online_env: dict[str, str], redis_url: str,
+                                            stoppable_redis: StoppableRedis) -> None:
+    """A wrong Redis password or host was noticed only once the worker ran without the
+    shared budget and deduplication."""
+    good = cli(["check-config", "--online", "--timeout", "5"],
+               {**online_env, "REDIS_URL": redis_url})
+    assert good.returncode == 0, good.stderr
+    assert "online OK: redis" in good.stderr
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    import redis as sync_redis
+
+    sync_redis.Redis.from_url(stoppable_redis.url).config_set("requirepass", "the-right-one")
+    for url in (f"redis://:s3cret-pw@127.0.0.1:{closed}/0",  # nobody listens
+                stoppable_redis.url.replace("redis://", "redis://:s3cret-pw@", 1)):  # refused
+        bad = cli(["check-config", "--online", "--timeout", "2"], {**online_env, "REDIS_URL": url})
+        assert bad.returncode == 8 + 16, bad.stderr
+        assert "online FAILED: redis: Redis at redis://***@127.0.0.1" in bad.stderr
+        assert "s3cret-pw" not in bad.stdout + bad.stderr
+    assert "online OK: redis" not in cli(["check-config", "--online", "--timeout", "5"],
+                                         online_env).stderr  # not configured: not checked
