@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Before the probes answer: a SIGTERM from then on (Kubernetes stopping a pod that has
     # just started) is a clean stop, not death by the default signal action (exit -15).
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda _sig, _frame: worker.stop())
+        signal.signal(sig, lambda _sig, _frame: worker.stop(signalled=True))
     tune_collector()  # before the health server's thread makes objects of its own
     try:
         server = serve(settings.metrics_port, registry, health)
@@ -149,7 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           f"({exc.strerror}); choose a free port") from None
     try:
         code = asyncio.run(worker.run())
-        if code == GUARD_EXIT_CODE:
+        if code == GUARD_EXIT_CODE and not worker.signalled:
+            # Not after a SIGTERM (Kubernetes sends one): the pod is going away anyway.
             hold_after_guard(health, settings.dlq_guard_hold_s)
     finally:
         server.close()

@@ -209,7 +209,10 @@ def run_replay(
         **conf, "group.id": group, "enable.auto.commit": False,
         "auto.offset.reset": "earliest", "enable.partition.eof": False,
     })
-    producer = None if dry_run else make_producer(conf)
+    # One record per batch, as the DLQ producer: the origin topic's max.message.bytes is
+    # checked per batch, and large originals fetched back for value-less dead letters would
+    # be refused together, every run again.
+    producer = None if dry_run else make_producer(conf, **{"batch.num.messages": 1})
     summary = Summary()
     checkpoint: Callable[[], None] | None = None  # once there is a position to commit
     try:

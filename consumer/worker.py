@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import signal
@@ -274,6 +275,9 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_before_run = False  # stop() came before run() had its event loop
+        # A SIGTERM/SIGINT arrived (any time, the shutdown included): the process must end
+        # as soon as it has drained, so no DLQ-guard hold follows (Kubernetes signals once).
+        self.signalled = False
         self._scheduler: Scheduler[Event] | None = None
         self._source: Source | None = None
         metrics.declare_event_names(sorted({r.event_name for r in settings.mappings.rules}))
@@ -291,9 +295,12 @@ class Worker:
         return self._scheduler.in_flight if self._scheduler is not None else 0
 
     # -- lifecycle ----------------------------------------------------------------------
-    def stop(self) -> None:
+    def stop(self, *, signalled: bool = False) -> None:
         """Ask the worker to drain and exit (SIGTERM, tests); callable from any thread, and
-        before `run` (a SIGTERM while the worker starts): then `run` exits at once."""
+        before `run` (a SIGTERM while the worker starts): then `run` exits at once.
+        `signalled`: a SIGTERM/SIGINT asked (recorded in `signalled`: no hold after it)."""
+        if signalled:
+            self.signalled = True
         if self._loop is not None and self._stopping is not None:
             self._loop.call_soon_threadsafe(self._stopping.set)
         else:
@@ -308,7 +315,7 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             # Outside the main thread (tests) there are no signal handlers: stop() is used.
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                self._loop.add_signal_handler(sig, self._stopping.set)
+                self._loop.add_signal_handler(sig, functools.partial(self.stop, signalled=True))
         scheduler = self._scheduler = Scheduler(self._run_event, self._crash)
         prefetch: asyncio.Future[None] | None = None
         source = self._source = self._make_source(Callbacks(

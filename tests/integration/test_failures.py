@@ -338,3 +338,35 @@ def test_a_replay_cut_short_resumes_where_it_stopped_and_replays_nothing_twice(
     wait_until(lambda: len(read_topic(kafka_bootstrap, origin)) >= 30, 30, "replayed")
     values = sorted(m.value() for m in read_topic(kafka_bootstrap, origin))
     assert values == sorted(f"v{i}".encode() for i in range(30)), "each record once"
+
+
+def test_replay_republishes_large_records_that_each_fit_the_origin_topic(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """The broker checks max.message.bytes per batch: large records re-published together
+    were refused together, and every run failed on the same ones."""
+    import os
+
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from consumer.replay import Filters, run_replay
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    origin = f"it-replay-big-{int(time.time() * 1000)}"
+    admin.create_topics([NewTopic(origin, 1, 1, config={"max.message.bytes": "300000"})])[
+        origin].result(30)
+    dlq = topic_factory(suffix="-dlq")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "batch.num.messages": 1})
+    values = [os.urandom(200_000) for _ in range(6)]
+    for value in values:
+        producer.produce(dlq, value=value, headers=[("__connect.errors.topic", origin.encode())])
+    assert producer.flush(30) == 0
+    try:
+        summary = run_replay({"bootstrap.servers": kafka_bootstrap}, dlq, f"{dlq}-r", Filters(),
+                             dry_run=False, report=lambda _: None)
+        assert summary.replayed == 6
+        wait_until(lambda: len(read_topic(kafka_bootstrap, origin)) == 6, 30, "replayed")
+        assert sorted(m.value() for m in read_topic(kafka_bootstrap, origin)) == sorted(values)
+    finally:
+        admin.delete_topics([origin])[origin].result(30)

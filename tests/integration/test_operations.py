@@ -679,3 +679,38 @@ def test_the_lag_of_a_paused_partition_follows_the_growing_backlog(
                    30, "the lag to count the new backlog")
         control.set_faults(error_rate=0.0)
         wait_until(caught_up(kafka_bootstrap, f"{topic}-g", topic), 60, "offsets at the end")
+
+
+def test_a_sigterm_during_the_guards_own_shutdown_skips_the_hold(
+    kafka_bootstrap: str,
+    schema_registry_url: str,
+    topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+    tmp_path: Path,
+) -> None:
+    """A SIGTERM while the tripped worker drained was taken by the worker's handler; the
+    hold then ran its whole length (Kubernetes signals once, then SIGKILLs)."""
+    import signal
+
+    server, control = sandbox
+    control.set_faults(rules=[{"event_name": "feature_used", "action": "400"},
+                              {"event_name": "logged_in", "action": "delay:6000"}])
+    topic = topic_factory(partitions=1)
+    events = [track_event(f"slow{i}", i, name="Logged In") for i in range(3)]
+    events += [track_event(f"u{i}", i) for i in range(10)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-g",
+                     WORKER_DLQ_MAX_CONSECUTIVE="3", WORKER_DLQ_GUARD_HOLD_SECONDS="40",
+                     USERPILOT_ENSURE_USER="false", USERPILOT_RETRY_BACKOFF_SECONDS="0.05")
+    worker, _ = start_worker(env, tmp_path / "worker.log")
+    try:
+        wait_until(lambda: "Not dead-lettering and stopping" in worker.output(), 60, "the trip")
+        signalled = time.monotonic()
+        worker.proc.send_signal(signal.SIGTERM)  # e.g. a rollout while it drains
+        code = worker.wait(60)
+    except BaseException:
+        worker.kill()
+        raise
+    assert code == 3, worker.output()[-3000:]
+    assert time.monotonic() - signalled < 20, "the hold ignored the SIGTERM"
+    assert "holding" not in worker.output()

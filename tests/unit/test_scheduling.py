@@ -301,3 +301,32 @@ def test_a_job_that_swallows_its_cancel_ends_its_chain_and_cancel_is_bounded(
         await sched.cancel(None)
 
     run(main)
+
+
+def test_a_job_that_swallows_its_cancel_and_ends_soon_does_not_start_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chain itself must stop (`task.cancelling()`): here the job ends within
+    CANCEL_WAIT_S, so `cancel` has not emptied the queue yet when the chain goes on."""
+    from consumer import scheduling
+
+    monkeypatch.setattr(scheduling, "CANCEL_WAIT_S", 0.3)
+    started: list[int] = []
+
+    async def stubborn(job: Work) -> None:
+        started.append(job.offset)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+        await asyncio.sleep(0.05)
+
+    async def main() -> None:
+        _, on_crash = crash_collector()
+        sched: Scheduler[Work] = Scheduler(stubborn, on_crash)
+        for offset in range(3):
+            sched.submit(Work("t", 0, offset, "user"))
+        await settle()
+        assert await sched.cancel([("t", 0)]) == 3
+        assert started == [0], "the user's next event started after its cancel"
+        assert sched.in_flight == 0
+
+    run(main)
