@@ -32,7 +32,9 @@ recorded under its event type's endpoint (`dedup_endpoint`) and re-claimed befor
 call; the owner is this process + the record.
 
 Thread rule: everything here runs on the event loop. `Event.on_wire` is read by the
-worker (same loop) to decide what a revoke or shutdown must wait for.
+worker (same loop) to decide what a revoke or shutdown must wait for, and `halt` is called
+by it (same loop). The one exception, `waiting_for_schemas`, is read by the probe server's
+thread, under its own lock.
 """
 
 from __future__ import annotations
