@@ -48,6 +48,8 @@ class Scheduler(Generic[J]):
         self._per_partition: dict[TopicPartition, int] = {}
         self._in_flight = 0
         self._changed = asyncio.Event()
+        self.abandoned = 0
+        """Jobs that left without finishing (cancelled, halted, or behind a crash), ever."""
 
     @property
     def in_flight(self) -> int:
@@ -93,6 +95,7 @@ class Scheduler(Generic[J]):
             leftover = len(queue)
             if leftover:
                 self._done(key[0], key[1], leftover)
+                self.abandoned += leftover
                 queue.clear()
             if self._tasks.get(key) is task:  # not a chain submitted since for this key
                 self._queues.pop(key, None)
@@ -153,5 +156,6 @@ class Scheduler(Generic[J]):
                 queue = self._queues.pop(key, None)
                 if queue:
                     self._done(key[0], key[1], len(queue))
+                    self.abandoned += len(queue)
                     queue.clear()
         return abandoned

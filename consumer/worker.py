@@ -444,13 +444,17 @@ class Worker:
         then cut requests Userpilot had taken, sent again by the next owner.
         """
         self.handler.halt(parts)
+        abandoned = scheduler.abandoned
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace
             while (any(event.on_wire for event in scheduler.current(parts))
                    and loop.time() < deadline):
                 await scheduler.wait_change(min(0.05, deadline - loop.time()))
-            return await scheduler.cancel(parts)
+            await scheduler.cancel(parts)
+            # Counted as they left: those a halt stopped (with their users' later events)
+            # left before the cancel.
+            return scheduler.abandoned - abandoned
         finally:
             self.handler.unhalt(parts)
 

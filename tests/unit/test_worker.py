@@ -1342,7 +1342,9 @@ class SlowClient(FakeClient):
 
 
 @pytest.mark.parametrize("how", ["shutdown", "revoke"])
-def test_a_drain_starts_no_new_request_and_waits_only_for_those_on_the_wire(how: str) -> None:
+def test_a_drain_starts_no_new_request_and_waits_only_for_those_on_the_wire(
+    how: str, caplog: pytest.LogCaptureFixture,
+) -> None:
     """With a slow Userpilot each user's next event went out as the last one finished, so
     a drain ran to its deadline and cut requests Userpilot had taken: sent again by the
     next owner, Redis or not."""
@@ -1359,7 +1361,10 @@ def test_a_drain_starts_no_new_request_and_waits_only_for_those_on_the_wire(how:
             await asyncio.sleep(0.5)  # the user's later events would have gone out by now
 
     started = time.monotonic()
-    assert drive(run, scenario) == 0
+    with caplog.at_level(logging.INFO, logger="consumer.worker"):
+        assert drive(run, scenario) == 0
     assert client.started == 1, "no request after the drain began"
+    # The 5 the drain stopped are reported as not sent (they left as the halt stopped them).
+    assert "5 events" in caplog.text and "not sent yet" in caplog.text
     assert run.source.committed().get((TOPIC, 0)) == 1  # the one on the wire finished
     assert time.monotonic() - started < 10, "the drain did not run to its deadline"
