@@ -19,6 +19,7 @@ Facts and sources: ``docs/userpilot-calls.md``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -363,6 +364,13 @@ def ensure_user_call(user_id: str) -> Call:
 # ---------------------------------------------------------------------------- ensure-user
 
 
+LONG_ID = 64
+
+
+def _digest(user_id: str) -> str:
+    return "#" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 class KnownUsers:
     """Users this replica has identified since it started: a bounded LRU of user ids.
 
@@ -371,7 +379,9 @@ class KnownUsers:
     retried identify leaves ``u`` unknown, so the retry sends it again; an identify that
     succeeded followed by a failed Track is not repeated. Forgetting (eviction, restart,
     a rebalance that brings new users) costs one extra identify, never a lost event.
-    Not thread-safe: owned by the worker's event loop.
+    Ids over `LONG_ID` characters are kept as a digest (65 characters, so never equal to a
+    kept id): the cache's memory is bounded by its capacity, whatever the ids' length
+    (~150 bytes an entry plus the id). Not thread-safe: owned by the worker's event loop.
     """
 
     __slots__ = ("_capacity", "_users")
@@ -388,6 +398,8 @@ class KnownUsers:
 
     def needs_identify(self, user_id: str) -> bool:
         """True when ``user_id`` was not identified here (recently enough to be kept)."""
+        if len(user_id) > LONG_ID:
+            user_id = _digest(user_id)
         if user_id in self._users:
             self._users.move_to_end(user_id)
             return False
@@ -395,6 +407,8 @@ class KnownUsers:
 
     def remember(self, user_id: str) -> None:
         """Record a successful identify of ``user_id``; evicts the least recent beyond capacity."""
+        if len(user_id) > LONG_ID:
+            user_id = _digest(user_id)
         users = self._users
         if user_id in users:
             users.move_to_end(user_id)

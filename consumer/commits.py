@@ -127,6 +127,18 @@ class Commits:
                     todo[tp] = offset
             return todo
 
+    def committable(self, parts: Iterable[TP]) -> dict[TP, int]:
+        """What would be committed now (the first unfinished offset, or past the last),
+        for the partitions that took anything."""
+        with self._lock:
+            out: dict[TP, int] = {}
+            for tp in parts:
+                tracker = self._offsets.get(tp)
+                offset = tracker.committable() if tracker is not None else None
+                if offset is not None:
+                    out[tp] = offset
+            return out
+
     def requested(self, offsets: dict[TP, int]) -> None:
         """A commit of these offsets was sent."""
         with self._lock:

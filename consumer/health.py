@@ -154,6 +154,10 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # A connection that sends nothing (or half a request) held a thread and a descriptor
+    # for as long as its peer kept it open; now for at most this many seconds.
+    timeout = 10
+
     def log_message(self, format: str, *args: Any) -> None:
         # Probes hit this every few seconds; access logs would drown the worker's own.
         pass

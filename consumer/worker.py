@@ -917,8 +917,11 @@ class Worker:
         """
         with self._parts_lock:
             parts = sorted(self.paused & self.assigned)
-            # Nothing committed by this worker yet: the group's offset as librdkafka knows it.
-            committed = {**self._stats_committed, **self.commits.committed()}
+            # Nothing committed by this worker yet: the group's offset as librdkafka knows
+            # it; none in the group either (a new group or partition): what this worker
+            # would commit, so such a partition has a lag too.
+            committed = {**self.commits.committable(parts), **self._stats_committed,
+                         **self.commits.committed()}
         try:
             highs = source.high_watermarks(
                 [tp for tp in parts if tp in committed], PAUSED_LAG_TIMEOUT_S)

@@ -469,3 +469,15 @@ def test_group_ids_of_invisible_characters_only_identify_nothing(invisible: str)
     assert falls_back[0].payload["company"] == {"id": "acme"}
     no_company = identify_calls({"type": "identify", "userId": "u1", "groupId": invisible})
     assert "company" not in no_company[0].payload
+
+
+def test_known_users_keep_long_ids_as_a_digest() -> None:
+    """The cache was capped by count only: 100,000 ids of 10,000 characters held ~1 GB."""
+    known = KnownUsers(10)
+    long_a, long_b = "a" * 10_000, "a" * 9_999 + "b"
+    known.remember(long_a)
+    assert not known.needs_identify(long_a)
+    assert known.needs_identify(long_b)
+    assert all(len(key) <= 65 for key in known._users)
+    short = "#" + "0" * 64  # 65 characters: as long as a digest, still not one
+    assert known.needs_identify(short)

@@ -244,3 +244,31 @@ def test_close_releases_port(reg: CollectorRegistry, health: Health) -> None:
         assert get(again.port, "/healthz")[0] == 200
     finally:
         again.close()
+
+
+def test_an_idle_connection_is_closed_after_the_handler_timeout(
+    reg: CollectorRegistry, health: Health, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer that connected and sent nothing held a thread and a descriptor for ever."""
+    import socket
+    import time
+
+    from consumer import health as health_module
+
+    assert health_module._QuietHandler.timeout == 10
+    monkeypatch.setattr(health_module._QuietHandler, "timeout", 0.3)
+    srv = serve(0, reg, health, host="127.0.0.1")
+    try:
+        before = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(20)]
+        for conn in idle:
+            conn.settimeout(5)
+            assert conn.recv(1) == b"", "the server closes it"
+            conn.close()
+        deadline = time.monotonic() + 5
+        while threading.active_count() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() <= before
+        assert get(srv.port, "/healthz")[0] == 200  # and it still answers
+    finally:
+        srv.close()

@@ -1368,3 +1368,36 @@ def test_a_drain_starts_no_new_request_and_waits_only_for_those_on_the_wire(
     assert "5 events" in caplog.text and "not sent yet" in caplog.text
     assert run.source.committed().get((TOPIC, 0)) == 1  # the one on the wire finished
     assert time.monotonic() - started < 10, "the drain did not run to its deadline"
+
+
+def test_a_paused_partition_with_nothing_committed_anywhere_has_a_lag_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new group (or partition) paused before its first commit had no lag series at all:
+    neither this worker nor the group had a committed offset to count from."""
+    class Unacknowledged(FakeSource):
+        """A coordinator that never answers a commit: nothing is known committed."""
+
+        def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool:
+            self._on_poll_thread()
+            return True
+
+    monkeypatch.setattr(worker_module, "PAUSED_LAG_EVERY_S", 0.05)
+    values = [track(f"u{i}", i) for i in range(30)]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
+    stepped = SteppedClient()
+    run = make(log, registry=known_schema(), client=stepped, source_type=Unacknowledged,
+               USERPILOT_ENSURE_USER="false", WORKER_MAX_IN_FLIGHT="10")
+
+    def exported() -> float | None:
+        return run.worker.m.registry.get_sample_value(
+            "userpilot_consumer_lag", {"topic": TOPIC, "partition": "0"})
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: bool(source.paused) and stepped.waiting == 10, "a full window")
+        assert not run.worker.commits.committed()
+        await until(lambda: exported() == 30, "the lag from the first unfinished offset")
+        for _ in range(40):
+            stepped.steps.release()
+
+    assert drive(run, scenario) == 0
