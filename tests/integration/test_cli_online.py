@@ -25,8 +25,10 @@ EVENT = b'{"type":"track","event":"Feature Used","userId":"u"}\n'
 
 def cli(argv: list[str], env: dict[str, str], stdin: bytes = b"",
         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    # REDIS_URL too: `make test` exports it, and only a test that passes it uses Redis.
     clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_"))}
+             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_",
+                                  "REDIS_"))}
     proc = subprocess.run([sys.executable, "-m", "consumer", *argv], input=stdin,
                           env={**clean, **env}, capture_output=True, timeout=timeout,
                           cwd=REPO, check=False)
