@@ -127,19 +127,6 @@ class Commits:
                     todo[tp] = offset
             return todo
 
-    def drain_marks(self, parts: Iterable[TP] | None) -> dict[TP, int]:
-        """Per partition, the highest offset sent and finished but not committed: a drain
-        lets the events below it finish, so the commit covers it (-1: none)."""
-        with self._lock:
-            return {tp: tracker.highest_sent_finished() for tp, tracker in self._offsets.items()
-                    if parts is None or tp in parts}
-
-    def unfinished_below(self, marks: Mapping[TP, int]) -> bool:
-        """Whether some partition has an unfinished offset below its mark."""
-        with self._lock:
-            return any(tracker.unfinished_below(marks[tp])
-                       for tp, tracker in self._offsets.items() if tp in marks)
-
     def committable(self, parts: Iterable[TP]) -> dict[TP, int]:
         """What would be committed now (the first unfinished offset, or past the last),
         for the partitions that took anything."""

@@ -238,7 +238,6 @@ class Handler:
         self._schema_lock = threading.Lock()  # the probe thread reads the count
         self._halted: set[tuple[str, int]] = set()  # draining partitions (see `halt`)
         self._halt_all = False
-        self._halt_marks: dict[tuple[str, int], int] = {}
         self._schema_waits = 0
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, tuple[Any, Dropped]] = {}
@@ -305,13 +304,9 @@ class Handler:
             self._schemas[schema_id] = cached
         return cached
 
-    def halt(self, parts: Iterable[tuple[str, int]] | None,
-             marks: Mapping[tuple[str, int], int] | None = None) -> None:
+    def halt(self, parts: Iterable[tuple[str, int]] | None) -> None:
         """No new request for events of these partitions (None: all) until `unhalt`: a
-        revoke or shutdown is draining them. Events below a partition's mark still go:
-        the commit can then cover what was delivered above them (else the next owner
-        sends that again). Event loop only."""
-        self._halt_marks.update(marks or {})
+        revoke or shutdown is draining them. Event loop only."""
         if parts is None:
             self._halt_all = True
         else:
@@ -320,18 +315,14 @@ class Handler:
     def unhalt(self, parts: Iterable[tuple[str, int]] | None) -> None:
         if parts is None:
             self._halt_all = False
-            self._halt_marks.clear()
         else:
             self._halted.difference_update(parts)
-            for tp in parts:
-                self._halt_marks.pop(tp, None)
 
     def _check_halted(self, event: Event) -> None:
         """Right before a request: an event of a draining partition stops here, unsent, as
         if cancelled (its offset stays uncommitted; the claim of an event never sent is
         released)."""
-        tp = (event.topic, event.partition)
-        if (self._halt_all or tp in self._halted) and event.offset > self._halt_marks.get(tp, -1):
+        if self._halt_all or (event.topic, event.partition) in self._halted:
             raise asyncio.CancelledError
 
     def waiting_for_schemas(self) -> int:

@@ -85,15 +85,6 @@ class PartitionOffsets:
             self._families.append(family)
             self._risk[family] = self._risk.get(family, 0) + 1
 
-    def highest_sent_finished(self) -> int:
-        """The highest offset sent (to Userpilot or the DLQ) and finished, not committed
-        yet; -1 when none."""
-        return max((o for o in self._sent if o not in self._open), default=-1)
-
-    def unfinished_below(self, offset: int) -> bool:
-        """Whether an offset below `offset` is taken and not finished."""
-        return any(o < offset for o in self._open)
-
     @property
     def at_risk(self) -> int:
         """Sent or sending events not yet committed: what a crash now would send again.

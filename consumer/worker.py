@@ -438,28 +438,17 @@ class Worker:
         abandoning it costs nothing (its offset stays uncommitted and it is consumed again),
         while waiting for it would hold a rebalance or a shutdown for minutes at 10
         requests/s. Only an event whose request or DLQ record is under way is waited for,
-        so that it is not sent twice. No request above what was already delivered (or is on
-        the wire) in its partition starts meanwhile (`Handler.halt`): with steady traffic
-        and a slow Userpilot the next event of each user went out as the last finished, so
-        the drain always ran to its deadline and then cut requests Userpilot had taken,
-        sent again by the next owner. Events below it do go, and are waited for: left
-        unfinished, they would hold the commit below events already delivered, which the
-        next owner would then send again.
+        so that it is not sent twice. No request of these partitions starts meanwhile
+        (`Handler.halt`): with steady traffic and a slow Userpilot the next event of each
+        user went out as the last finished, so the drain always ran to its deadline and
+        then cut requests Userpilot had taken, sent again by the next owner.
         """
-        # Events below what was delivered (or is on the wire) in their partition still go,
-        # so the commit covers it; only events above it stop.
-        marks = self.commits.drain_marks(parts)
-        for event in scheduler.current(parts):
-            if event.on_wire:
-                tp = (event.topic, event.partition)
-                marks[tp] = max(marks.get(tp, -1), event.offset)
-        self.handler.halt(parts, marks)
+        self.handler.halt(parts)
         abandoned = scheduler.abandoned
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace
-            while ((any(event.on_wire for event in scheduler.current(parts))
-                    or self.commits.unfinished_below(marks))
+            while (any(event.on_wire for event in scheduler.current(parts))
                    and loop.time() < deadline):
                 await scheduler.wait_change(min(0.05, deadline - loop.time()))
             await scheduler.cancel(parts)

@@ -1401,27 +1401,3 @@ def test_a_paused_partition_with_nothing_committed_anywhere_has_a_lag_too(
             stepped.steps.release()
 
     assert drive(run, scenario) == 0
-
-
-def test_a_drain_lets_the_events_below_a_delivered_one_finish(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Users' events finish out of offset order: a drain that stopped every event not on
-    the wire left offset 1 unfinished below the delivered offset 2, so the commit stopped
-    at 1 and the next owner sent offset 2 again."""
-    client = SlowClient(0.3)
-    users = ["u1", "u1", "u2", "u2"]
-    log = {(TOPIC, 0): [Message(TOPIC, 0, i, user.encode(), track(user, i))
-                        for i, user in enumerate(users)]}
-    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
-               WORKER_SHUTDOWN_GRACE_SECONDS="20")
-
-    async def scenario(source: FakeSource) -> None:
-        # u1's offset 0 and u2's offset 2 are on the wire; 1 and 3 wait behind them.
-        await until(lambda: client.started == 2, "two requests on the wire")
-
-    with caplog.at_level(logging.INFO, logger="consumer.worker"):
-        assert drive(run, scenario) == 0
-    assert sorted(codec_seq(b) for b in run.client.bodies) == [0, 1, 2], "3 is above: stopped"
-    assert run.source.committed().get((TOPIC, 0)) == 3  # covers the delivered offset 2
-    assert "1 events not sent yet" in caplog.text
