@@ -438,25 +438,16 @@ class Worker:
         abandoning it costs nothing (its offset stays uncommitted and it is consumed again),
         while waiting for it would hold a rebalance or a shutdown for minutes at 10
         requests/s. Only an event whose request or DLQ record is under way is waited for,
-        so that it is not sent twice. No request of these partitions starts meanwhile
-        (`Handler.halt`): with steady traffic and a slow Userpilot the next event of each
-        user went out as the last finished, so the drain always ran to its deadline and
-        then cut requests Userpilot had taken, sent again by the next owner.
+        so that it is not sent twice. Returns how many were abandoned.
         """
-        self.handler.halt(parts)
         abandoned = scheduler.abandoned
-        try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + grace
-            while (any(event.on_wire for event in scheduler.current(parts))
-                   and loop.time() < deadline):
-                await scheduler.wait_change(min(0.05, deadline - loop.time()))
-            await scheduler.cancel(parts)
-            # Counted as they left: those a halt stopped (with their users' later events)
-            # left before the cancel.
-            return scheduler.abandoned - abandoned
-        finally:
-            self.handler.unhalt(parts)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (any(event.on_wire for event in scheduler.current(parts))
+               and loop.time() < deadline):
+            await scheduler.wait_change(min(0.05, deadline - loop.time()))
+        await scheduler.cancel(parts)
+        return scheduler.abandoned - abandoned
 
     def _crash(self, exc: BaseException) -> None:
         if not isinstance(self.fatal, DlqGuardTripped):

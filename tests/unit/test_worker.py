@@ -1327,48 +1327,6 @@ def test_the_rate_share_gauge_follows_the_limiter_not_only_rebalances_and_429s()
     assert drive(run, scenario) == 0
 
 
-class SlowClient(FakeClient):
-    """Userpilot answering after `delay` seconds; `started` counts requests sent."""
-
-    def __init__(self, delay: float) -> None:
-        super().__init__()
-        self.delay = delay
-        self.started = 0
-
-    async def send(self, call: Call) -> int:
-        self.started += 1
-        await asyncio.sleep(self.delay)
-        return await super().send(call)
-
-
-@pytest.mark.parametrize("how", ["shutdown", "revoke"])
-def test_a_drain_starts_no_new_request_and_waits_only_for_those_on_the_wire(
-    how: str, caplog: pytest.LogCaptureFixture,
-) -> None:
-    """With a slow Userpilot each user's next event went out as the last one finished, so
-    a drain ran to its deadline and cut requests Userpilot had taken: sent again by the
-    next owner, Redis or not."""
-    client = SlowClient(0.3)
-    run = make(log_of(*[track("u1", i) for i in range(6)]), registry=known_schema(),
-               client=client, USERPILOT_ENSURE_USER="false",
-               WORKER_SHUTDOWN_GRACE_SECONDS="20")
-
-    async def scenario(source: FakeSource) -> None:
-        await until(lambda: client.started == 1, "the first request on the wire")
-        if how == "revoke":
-            source.revoke_next = [(TOPIC, 0)]
-            await until(lambda: source.committed().get((TOPIC, 0)) == 1, "the revoke's commit")
-            await asyncio.sleep(0.5)  # the user's later events would have gone out by now
-
-    started = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="consumer.worker"):
-        assert drive(run, scenario) == 0
-    assert client.started == 1, "no request after the drain began"
-    # The 5 the drain stopped are reported as not sent (they left as the halt stopped them).
-    assert "5 events" in caplog.text and "not sent yet" in caplog.text
-    assert run.source.committed().get((TOPIC, 0)) == 1  # the one on the wire finished
-    assert time.monotonic() - started < 10, "the drain did not run to its deadline"
-
 
 def test_a_paused_partition_with_nothing_committed_anywhere_has_a_lag_too(
     monkeypatch: pytest.MonkeyPatch,
