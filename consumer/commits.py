@@ -119,25 +119,24 @@ class Commits:
         """
         with self._lock:
             known = self._requested if pipelined else self._committed
-            todo: dict[TP, int] = {}
-            for tp in list(self._offsets) if parts is None else parts:
-                tracker = self._offsets.get(tp)
-                offset = tracker.committable() if tracker is not None else None
-                if offset is not None and known.get(tp) != offset:
-                    todo[tp] = offset
-            return todo
+            return {tp: offset for tp, offset in self._committable(parts).items()
+                    if known.get(tp) != offset}
 
     def committable(self, parts: Iterable[TP]) -> dict[TP, int]:
         """What would be committed now (the first unfinished offset, or past the last),
         for the partitions that took anything."""
         with self._lock:
-            out: dict[TP, int] = {}
-            for tp in parts:
-                tracker = self._offsets.get(tp)
-                offset = tracker.committable() if tracker is not None else None
-                if offset is not None:
-                    out[tp] = offset
-            return out
+            return self._committable(parts)
+
+    def _committable(self, parts: Iterable[TP] | None) -> dict[TP, int]:
+        """`committable` with the lock held (None: every tracked partition)."""
+        out: dict[TP, int] = {}
+        for tp in list(self._offsets) if parts is None else parts:
+            tracker = self._offsets.get(tp)
+            offset = tracker.committable() if tracker is not None else None
+            if offset is not None:
+                out[tp] = offset
+        return out
 
     def requested(self, offsets: dict[TP, int]) -> None:
         """A commit of these offsets was sent."""

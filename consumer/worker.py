@@ -430,7 +430,8 @@ class Worker:
         log.info("stopped; committed %s", {f"{t}[{p}]": o for (t, p), o in
                                             sorted(self.committed.items())})
 
-    async def _settle(self, scheduler: Scheduler[Event], parts: Sequence[TP] | None,
+    @staticmethod
+    async def _settle(scheduler: Scheduler[Event], parts: Sequence[TP] | None,
                       grace: float) -> int:
         """Let requests already on the wire finish (bounded), abandon the rest.
 

@@ -264,6 +264,17 @@ def test_current_lists_the_job_each_chain_is_working_on() -> None:
     run(main)
 
 
+def swallowing_job(started: list[int], goes_on_s: float) -> Callable[[Work], Awaitable[None]]:
+    """A job that records its start, swallows its cancellation (as Python 3.11's wait_for
+    can, in libraries too) and goes on `goes_on_s` seconds more."""
+    async def job(item: Work) -> None:
+        started.append(item.offset)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(10)
+        await asyncio.sleep(goes_on_s)
+    return job
+
+
 def test_a_job_that_swallows_its_cancel_ends_its_chain_and_cancel_is_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -273,12 +284,7 @@ def test_a_job_that_swallows_its_cancel_ends_its_chain_and_cancel_is_bounded(
 
     monkeypatch.setattr(scheduling, "CANCEL_WAIT_S", 0.2)
     started: list[int] = []
-
-    async def stubborn(job: Work) -> None:
-        started.append(job.offset)
-        with contextlib.suppress(asyncio.CancelledError):  # swallowed, as the library did
-            await asyncio.sleep(10)
-        await asyncio.sleep(0.5)  # ... and the job goes on a while
+    stubborn = swallowing_job(started, goes_on_s=0.5)
 
     async def main() -> None:
         crashes, on_crash = crash_collector()
@@ -312,12 +318,7 @@ def test_a_job_that_swallows_its_cancel_and_ends_soon_does_not_start_the_next(
 
     monkeypatch.setattr(scheduling, "CANCEL_WAIT_S", 0.3)
     started: list[int] = []
-
-    async def stubborn(job: Work) -> None:
-        started.append(job.offset)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.sleep(10)
-        await asyncio.sleep(0.05)
+    stubborn = swallowing_job(started, goes_on_s=0.05)
 
     async def main() -> None:
         _, on_crash = crash_collector()
