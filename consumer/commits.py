@@ -3,8 +3,10 @@
 Per assigned partition it tracks which taken offsets are finished (`PartitionOffsets`),
 which of them count against the window (events that reach Userpilot or the DLQ, from
 intake until committed), which commit was requested and which was acknowledged by the
-group coordinator. It never calls Kafka: the worker asks `due` what to commit, runs the
-commit on the poll thread and reports back with `requested` / `acknowledged`.
+group coordinator, and the note each commit carries of what is finished above it (and
+what the previous owner's note named, skipped at intake). It never calls Kafka: the worker
+asks `due` what to commit, runs the commit on the poll thread and reports back with
+`requested` / `acknowledged`.
 
 Thread rule: two threads touch this state. The event loop takes and finishes offsets;
 the Kafka poll thread assigns and releases partitions (rebalance callbacks), asks what is
@@ -18,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 
-from consumer.offsets import PartitionOffsets
+from consumer.offsets import Finished, PartitionOffsets, encode_note
 
 __all__ = ["TP", "Commits"]
 
@@ -33,6 +35,8 @@ class Commits:
         self._offsets: dict[TP, PartitionOffsets] = {}
         self._committed: dict[TP, int] = {}  # acknowledged by the coordinator
         self._requested: dict[TP, int] = {}  # sent to the coordinator, maybe not acked yet
+        self._notes: dict[TP, str] = {}  # the note sent with each requested offset
+        self._committed_notes: dict[TP, str] = {}  # ... and with each acknowledged one
 
     # -- partitions (poll thread) -------------------------------------------------------
     def assign(self, parts: Iterable[TP]) -> None:
@@ -40,8 +44,29 @@ class Commits:
         with self._lock:
             for tp in parts:
                 self._offsets[tp] = PartitionOffsets()
-                self._committed.pop(tp, None)
-                self._requested.pop(tp, None)
+                for known in (self._committed, self._requested, self._notes,
+                              self._committed_notes):
+                    known.pop(tp, None)
+
+    def inherit(self, finished: Mapping[TP, Finished]) -> None:
+        """What the previous owners' commits named finished (`decode_note`), per partition;
+        read before any of the partition's messages is taken. Unassigned ones are ignored."""
+        with self._lock:
+            for tp, ranges in finished.items():
+                tracker = self._offsets.get(tp)
+                if tracker is not None and ranges:
+                    tracker.inherit(ranges)
+
+    def inherited(self) -> dict[TP, Finished]:
+        """Per partition, the previous owner's finished ranges not yet passed: the intake
+        skips those offsets (asked once per slice of a polled batch; usually empty)."""
+        with self._lock:
+            out: dict[TP, Finished] = {}
+            for tp, tracker in self._offsets.items():
+                ranges = tracker.inherited
+                if ranges is not None:
+                    out[tp] = ranges
+            return out
 
     def release(self, parts: Iterable[TP]) -> None:
         """Forget revoked or lost partitions; later finishes of their offsets are ignored."""
@@ -117,10 +142,24 @@ class Commits:
         `pipelined` skips offsets already requested (an asynchronous commit in flight);
         otherwise only offsets already acknowledged are skipped.
         """
+        return {tp: offset for tp, (offset, _) in
+                self.due_noted(parts, pipelined=pipelined).items()}
+
+    def due_noted(self, parts: Iterable[TP] | None = None, *, pipelined: bool = False
+                  ) -> dict[TP, tuple[int, str]]:
+        """`due`, each offset with its note (`encode_note`: what is finished above it); also
+        due when only the note changed (the offset held by an unfinished event while
+        others after it finish: a crash or a drain then re-sends only the unfinished).
+        Commits are made per interval and when idle, so this adds none per event."""
         with self._lock:
             known = self._requested if pipelined else self._committed
-            return {tp: offset for tp, offset in self._committable(parts).items()
-                    if known.get(tp) != offset}
+            known_notes = self._notes if pipelined else self._committed_notes
+            out: dict[TP, tuple[int, str]] = {}
+            for tp, offset in self._committable(parts).items():
+                note = encode_note(offset, self._offsets[tp].finished_ranges(offset))
+                if known.get(tp) != offset or known_notes.get(tp, "") != note:
+                    out[tp] = (offset, note)
+            return out
 
     def committable(self, parts: Iterable[TP]) -> dict[TP, int]:
         """What would be committed now (the first unfinished offset, or past the last),
@@ -138,10 +177,13 @@ class Commits:
                 out[tp] = offset
         return out
 
-    def requested(self, offsets: dict[TP, int]) -> None:
-        """A commit of these offsets was sent."""
+    def requested(self, offsets: Mapping[TP, int], notes: Mapping[TP, str] | None = None
+                  ) -> None:
+        """A commit of these offsets (with these notes) was sent."""
         with self._lock:
             self._requested.update(offsets)
+            for tp in offsets:
+                self._notes[tp] = (notes or {}).get(tp, "")
 
     def acknowledged(self, done: Iterable[tuple[TP, int]], failed: Iterable[TP] = ()
                      ) -> list[tuple[TP, int]]:
@@ -155,6 +197,8 @@ class Commits:
             for tp in failed:
                 self._requested.pop(tp, None)
             for tp, offset in done:
+                if self._requested.get(tp) == offset:
+                    self._committed_notes[tp] = self._notes.get(tp, "")
                 if offset <= self._committed.get(tp, -1):
                     continue
                 self._committed[tp] = offset

@@ -32,8 +32,9 @@ recorded under its event type's endpoint (`dedup_endpoint`) and re-claimed befor
 call; the owner is this process + the record.
 
 Thread rule: everything here runs on the event loop. `Event.on_wire` is read by the
-worker (same loop) to decide what a revoke or shutdown must wait for. The one exception,
-`waiting_for_schemas`, is read by the probe server's thread, under its own lock.
+worker (same loop) to decide what a revoke or shutdown must wait for, and `halt` is called
+by it (same loop). The one exception, `waiting_for_schemas`, is read by the probe server's
+thread, under its own lock.
 """
 
 from __future__ import annotations
@@ -235,6 +236,8 @@ class Handler:
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.dlq_writable = DlqWritable(DLQ_UNWRITABLE_AFTER_S)  # readiness reads it
         self._schema_lock = threading.Lock()  # the probe thread reads the count
+        self._halted: set[tuple[str, int]] = set()  # draining partitions (see `halt`)
+        self._halt_all = False
         self._schema_waits = 0
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, tuple[Any, Dropped]] = {}
@@ -300,6 +303,27 @@ class Handler:
                 raise SchemaNotCached(schema_id)
             self._schemas[schema_id] = cached
         return cached
+
+    def halt(self, parts: Iterable[tuple[str, int]] | None) -> None:
+        """No new request for events of these partitions (None: all) until `unhalt`: a
+        revoke or shutdown is draining them. Event loop only."""
+        if parts is None:
+            self._halt_all = True
+        else:
+            self._halted.update(parts)
+
+    def unhalt(self, parts: Iterable[tuple[str, int]] | None) -> None:
+        if parts is None:
+            self._halt_all = False
+        else:
+            self._halted.difference_update(parts)
+
+    def _check_halted(self, event: Event) -> None:
+        """Right before a request: an event of a draining partition stops here, unsent, as
+        if cancelled (its offset stays uncommitted; the claim of an event never sent is
+        released)."""
+        if self._halt_all or (event.topic, event.partition) in self._halted:
+            raise asyncio.CancelledError
 
     def waiting_for_schemas(self) -> int:
         """Events waiting for the registry now (readiness reads it, from the probe thread)."""
@@ -548,8 +572,10 @@ class Handler:
 
         async def wait_for_limiter() -> None:
             wait.observe(await acquire())
+            self._check_halted(event)
             while dedup is not None and not await self._dedup_reclaim(event, dedup):
                 wait.observe(await acquire())
+                self._check_halted(event)
 
         await self.policy.run(lambda: self._attempt(event, call, limiter), event.attempts,
                               before_send=wait_for_limiter)

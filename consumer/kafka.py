@@ -27,6 +27,7 @@ from confluent_kafka import (
 
 from consumer.errors import ConfigError, DlqRecordTooLarge
 from consumer.logs import RateLimit
+from consumer.offsets import Finished, decode_note
 
 __all__ = [
     "TP",
@@ -117,6 +118,7 @@ class KafkaSource:
         self._answered = False  # a commit acknowledged offsets during this consume
         self._unanswered = 0  # asynchronous commits sent and not answered yet (poll thread)
         self.abandoned = False  # close() gave up: exit the process without destroying it
+        self.notes_refused = False  # the broker refused a commit's note: commit without
         self.fatal: KafkaError | None = None
         self._stats_cb = on_stats
         try:
@@ -175,6 +177,7 @@ class KafkaSource:
             # errors (waiting for the coordinator, transport, timeout) are not.
             self._brokers_up = True
             self._commit_waiting_since = None
+        self._notes_now_refused(parts or [])
         done = [((tp.topic, tp.partition), tp.offset) for tp in parts or []
                 if tp.error is None and tp.offset >= 0]
         failed = [(tp.topic, tp.partition) for tp in parts or []
@@ -255,8 +258,49 @@ class KafkaSource:
         if parts:
             self._consumer.resume([TopicPartition(t, p) for t, p in parts])
 
-    def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool:
-        """Commit explicit offsets (next offset to read per partition); True when done.
+    def _notes_now_refused(self, parts: Sequence[TopicPartition],
+                           notes: dict[TP, str] | None = None) -> bool:
+        """A broker whose `offset.metadata.max.bytes` is below a note refuses the commit:
+        from then on commits go without notes (the refused ones are requested again).
+        True when this answer is the first such refusal of a commit that carried notes."""
+        if self.notes_refused or not any(
+                tp.error is not None and tp.error.code() == KafkaError.OFFSET_METADATA_TOO_LARGE
+                for tp in parts):
+            return False
+        self._refuse_notes()
+        return notes is None or bool(notes)
+
+    def _refuse_notes(self) -> None:
+        self.notes_refused = True
+        log.warning("the broker refused commit metadata as too large "
+                        "(offset.metadata.max.bytes); committing without notes of finished "
+                        "offsets: a new owner of a partition may send events again")
+
+    def finished_ahead(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, Finished]:
+        """What the group's last commits named finished above their offsets (their notes),
+        per partition; nothing for partitions without a note, or if the coordinator did not
+        answer within `timeout_s` (their events above the commit are then sent again)."""
+        if not parts:
+            return {}
+        try:
+            answer = self._consumer.committed([TopicPartition(t, p) for t, p in parts],
+                                              timeout=timeout_s)
+        except KafkaException as exc:
+            log.warning("could not read the committed offsets' notes (%s); events the previous "
+                        "owner finished above its commit may be sent again", exc)
+            return {}
+        out: dict[TP, Finished] = {}
+        for tp in answer:
+            if tp.error is None and tp.offset >= 0 and tp.metadata:
+                finished = decode_note(tp.metadata, tp.offset)
+                if finished:
+                    out[(tp.topic, tp.partition)] = finished
+        return out
+
+    def commit(self, offsets: dict[TP, int], *, wait: bool = True,
+               notes: dict[TP, str] | None = None) -> bool:
+        """Commit explicit offsets (next offset to read per partition), each with its note
+        (`offsets.encode_note`) as the commit's metadata; True when done.
 
         `wait=False` sends the commit and returns: the poll loop never stalls on the
         coordinator's round trip; its result arrives through `on_committed`. `wait=True`
@@ -268,10 +312,20 @@ class KafkaSource:
         """
         if not offsets:
             return True
-        parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        notes = {} if notes is None or self.notes_refused else notes
+        parts = [TopicPartition(t, p, o, metadata=notes[(t, p)]) if notes.get((t, p))
+                 else TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
             if wait:
-                self._consumer.commit(offsets=parts, asynchronous=False)
+                answer = self._consumer.commit(offsets=parts, asynchronous=False)
+                failed = [tp for tp in answer or [] if tp.error is not None]
+                if failed:
+                    if self._notes_now_refused(failed, notes):
+                        return self.commit(offsets, wait=True)
+                    log.warning("offset commit refused for %s; the next commit covers it",
+                                ", ".join(f"{tp.topic}[{tp.partition}]: {tp.error.str()}"
+                                          for tp in failed if tp.error is not None))
+                    return False
             else:
                 self._consumer.commit(offsets=parts, asynchronous=True)
                 self._unanswered += 1
@@ -283,6 +337,11 @@ class KafkaSource:
                 return True
             if isinstance(err, KafkaError) and err.fatal():
                 raise
+            if (wait and isinstance(err, KafkaError)
+                    and err.code() == KafkaError.OFFSET_METADATA_TOO_LARGE
+                    and not self.notes_refused and notes):
+                self._refuse_notes()
+                return self.commit(offsets, wait=True)
             log.warning("offset commit not done (%s); the next commit covers it",
                         err.str() if isinstance(err, KafkaError) else exc)
             return False

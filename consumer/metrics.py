@@ -293,6 +293,12 @@ class Metrics:
             "reason=consent, empty otherwise).",
             ["reason", "category"],
         )
+        self.already_finished = counter(
+            "events_already_finished",
+            "Events skipped because the previous owner of their partition had finished "
+            "them (delivered, dead-lettered or dropped) above its last commit, which named "
+            "them in its metadata: not sent again after a rebalance, a restart or a crash.",
+        )
         self.delivered = counter(
             "events_delivered",
             "Events accepted by Userpilot (HTTP 202).",

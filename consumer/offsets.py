@@ -1,21 +1,147 @@
-"""Per-partition "finished up to" tracking for at-least-once commits.
+"""Per-partition "finished up to" tracking for at-least-once commits, and the note a commit
+carries of what is finished above it.
 
 Deliveries complete out of order; the committable offset is the lowest offset not yet
 finished (Kafka commits name the next offset to read). A dropped event is finished at
 once, a dead-lettered one when the DLQ produce is acknowledged.
+
+Above the committable offset, events of other users are often finished already. A commit
+names them in its metadata (the *note*: `encode_note`), as Confluent's Parallel Consumer
+does, so the partition's next owner skips them (`decode_note`) instead of sending them
+again: a drain then only has to let the requests on the wire finish, and a crash re-sends
+only what was unfinished at the last commit.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import bisect
 from collections import deque
+from collections.abc import Iterable, Sequence
 
-__all__ = ["PartitionOffsets"]
+__all__ = ["NOTE_MAX_CHARS", "NOTE_PREFIX", "Finished", "PartitionOffsets", "decode_note",
+           "encode_note"]
+
+NOTE_PREFIX = "upf1:"
+"""Marks a note this worker wrote (other metadata in the group's commits is ignored)."""
+NOTE_MAX_CHARS = 1000
+"""A note's length bound: brokers refuse commit metadata over `offset.metadata.max.bytes`
+(4,096 by default). Finished ranges past the bound are left out: sent again, as before."""
+NOTE_MAX_RANGES = 4096
+"""A decoded note's bound (a note is ~2 bytes a range, so a well-formed one has fewer)."""
+
+
+def _varint(value: int, out: bytearray) -> None:
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def encode_note(base: int, ranges: Iterable[tuple[int, int]],
+                max_chars: int = NOTE_MAX_CHARS) -> str:
+    """The note of a commit at `base`: finished offset ranges above it (inclusive, sorted,
+    disjoint, each above `base`), as `upf1:<base>:<base64 of varint (gap, length - 1)
+    pairs>`; "" when there are none. Ranges that would pass `max_chars` are left out."""
+    head = f"{NOTE_PREFIX}{base}:"
+    budget = (max_chars - len(head)) // 4 * 3  # bytes whose base64 fits
+    out = bytearray()
+    cursor = base + 1
+    for start, end in ranges:
+        if start < cursor or end < start:
+            raise ValueError(f"ranges must be sorted, disjoint and above {base}")
+        pair = bytearray()
+        _varint(start - cursor, pair)
+        _varint(end - start, pair)
+        if len(out) + len(pair) > budget:
+            break
+        out += pair
+        cursor = end + 1
+    return head + base64.b64encode(bytes(out)).decode("ascii") if out else ""
+
+
+def decode_note(note: str | None, base: int) -> Finished:
+    """The finished ranges a note names, if it is ours and was written with the commit at
+    `base` (the offset committed with it); nothing for anything else (no note, another
+    application's metadata, an older commit's note, a malformed one)."""
+    empty = Finished(())
+    if not note or not note.startswith(NOTE_PREFIX):
+        return empty
+    written, sep, body = note[len(NOTE_PREFIX):].partition(":")
+    if not sep or not written.isdigit() or int(written) != base:
+        return empty
+    try:
+        data = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        return empty
+    ranges: list[tuple[int, int]] = []
+    values: list[int] = []
+    value = shift = 0
+    for byte in data:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte & 0x80:
+            if shift > 63:
+                return empty
+            continue
+        values.append(value)
+        value = shift = 0
+    if shift or len(values) % 2 or len(values) > 2 * NOTE_MAX_RANGES:
+        return empty
+    cursor = base + 1
+    for i in range(0, len(values), 2):
+        start = cursor + values[i]
+        end = start + values[i + 1]
+        ranges.append((start, end))
+        cursor = end + 1
+    return Finished(ranges)
+
+
+class Finished:
+    """Offset ranges known finished (inclusive), sorted and disjoint: what a note names."""
+
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self, ranges: Iterable[tuple[int, int]]) -> None:
+        pairs = list(ranges)
+        self._starts = [start for start, _ in pairs]
+        self._ends = [end for _, end in pairs]
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Finished) and self.ranges == other.ranges
+
+    def __repr__(self) -> str:
+        return f"Finished({self.ranges!r})"
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self._starts, self._ends, strict=True))
+
+    @property
+    def last(self) -> int:
+        """The highest offset named (-1 when none)."""
+        return self._ends[-1] if self._ends else -1
+
+    def covers(self, offset: int) -> bool:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        return i >= 0 and offset <= self._ends[i]
+
+    def above(self, offset: int) -> list[tuple[int, int]]:
+        """The ranges clipped to offsets above `offset`."""
+        i = bisect.bisect_right(self._ends, offset)
+        return [(max(start, offset + 1), end)
+                for start, end in zip(self._starts[i:], self._ends[i:], strict=True)]
 
 
 class PartitionOffsets:
     """Offsets taken from one partition, in order, and which of them are finished."""
 
-    __slots__ = ("_base", "_families", "_high", "_open", "_pending", "_risk", "_sent")
+    __slots__ = ("_base", "_families", "_high", "_inherited", "_open", "_pending", "_risk",
+                 "_sent")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()  # taken, in order, from the first unfinished
@@ -25,6 +151,7 @@ class PartitionOffsets:
         self._sent: deque[int] = deque()  # offsets that reach Userpilot or the DLQ
         self._families: deque[str] = deque()  # ... and the window family of each
         self._risk: dict[str, int] = {}  # at-risk count per window family
+        self._inherited = Finished(())  # finished by the previous owner (its commit's note)
 
     def started(self, offset: int) -> None:
         """Record an offset handed to the pipeline; offsets arrive in increasing order."""
@@ -98,3 +225,56 @@ class PartitionOffsets:
     def at_risk_by_family(self) -> dict[str, int]:
         """`at_risk` per window family (families with none are left out)."""
         return {family: n for family, n in self._risk.items() if n}
+
+    # -- the note -----------------------------------------------------------------------
+    def inherit(self, finished: Finished) -> None:
+        """What the previous owner's last commit named finished above it: skipped when
+        read (`inherited`), and named again by this owner's notes until passed."""
+        self._inherited = finished
+
+    @property
+    def inherited(self) -> Finished | None:
+        """The previous owner's finished ranges still ahead of the committable offset."""
+        if not self._inherited:
+            return None
+        committable = self.committable()
+        if committable is not None and committable > self._inherited.last:
+            self._inherited = Finished(())  # passed: nothing of it is read again
+            return None
+        return self._inherited
+
+    def finished_ranges(self, base: int) -> list[tuple[int, int]]:
+        """Finished offsets above `base` (the committable offset), as inclusive ranges.
+
+        Every offset between two taken ones was dropped (finished at once), so the
+        finished offsets up to the high mark are the gaps between unfinished ones; above
+        the high mark, what the previous owner's note named.
+        """
+        out: list[tuple[int, int]] = []
+        high = self._high
+        if high is not None and high > base:
+            start = base + 1
+            for offset in self._pending:
+                if offset <= base or offset not in self._open:
+                    continue
+                if offset > start:
+                    out.append((start, offset - 1))
+                start = offset + 1
+            if start <= high:
+                out.append((start, high))
+        inherited = self.inherited
+        if inherited is not None:
+            floor = base if high is None else max(base, high)
+            out.extend(inherited.above(floor))
+        return _merged(out)
+
+
+def _merged(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ranges with touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if out and start <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out

@@ -49,7 +49,7 @@ class Scheduler(Generic[J]):
         self._in_flight = 0
         self._changed = asyncio.Event()
         self.abandoned = 0
-        """Jobs that left without finishing (cancelled, or behind a crash), ever."""
+        """Jobs that left without finishing (cancelled, halted, or behind a crash), ever."""
 
     @property
     def in_flight(self) -> int:

@@ -62,6 +62,7 @@ from consumer.handler import (
 from consumer.health import Health
 from consumer.kafka import DeadLetterProducer, KafkaMessage, KafkaSource
 from consumer.metrics import Children, Metrics
+from consumer.offsets import Finished
 from consumer.policy import Gate, GateState, RetryPolicy
 from consumer.ratelimit import partition_share
 from consumer.registry import Registry
@@ -102,6 +103,7 @@ PAUSED_LAG_TIMEOUT_S = 1.0  # ... all of them within this
 CLOSE_TIMEOUT_S = 15.0  # leaving the group while Kafka answers (revoke settles first)
 CLOSE_DOWN_TIMEOUT_S = 2.0  # ... while it does not
 RESHARE_TIMEOUT_S = 2.0  # a metadata call on the poll thread: well under max.poll.interval
+NOTES_TIMEOUT_S = 2.0  # reading a new partition's commit note, on the poll thread
 RESHARE_RETRY_S = 1.0  # after a failed partition count, asked again this much later ...
 RESHARE_RETRY_MAX_S = 60.0  # ... doubling to this (each try may hold the poll thread 2 s)
 DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
@@ -173,7 +175,9 @@ class Source(Protocol):
     def consume(self, max_messages: int, timeout_s: float) -> Sequence[KafkaMessage]: ...
     def pause(self, parts: Sequence[TP]) -> None: ...
     def resume(self, parts: Sequence[TP]) -> None: ...
-    def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool: ...
+    def commit(self, offsets: dict[TP, int], *, wait: bool = True,
+               notes: dict[TP, str] | None = None) -> bool: ...
+    def finished_ahead(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, Finished]: ...
     def partition_count(self, timeout_s: float = 10.0) -> int: ...
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]: ...
     def serve(self, timeout_s: float) -> None: ...
@@ -354,8 +358,12 @@ class Worker:
                                and time.monotonic() >= self._reshare_at)
                     if reshare:
                         self._reshare_due = False
-                    fresh = sorted(set(self._fresh) & self.assigned - self.paused)
+                    assigned_now = set(self._fresh) & self.assigned
+                    fresh = sorted(assigned_now - self.paused)
                     self._fresh.clear()
+                if assigned_now and source.connected:
+                    # Before any of their messages is taken (this batch's included).
+                    await source.call(self._inherit, source, sorted(assigned_now))
                 if fresh:
                     # A partition paused for back-pressure when it was taken away would
                     # otherwise never be fetched again.
@@ -430,8 +438,7 @@ class Worker:
         log.info("stopped; committed %s", {f"{t}[{p}]": o for (t, p), o in
                                             sorted(self.committed.items())})
 
-    @staticmethod
-    async def _settle(scheduler: Scheduler[Event], parts: Sequence[TP] | None,
+    async def _settle(self, scheduler: Scheduler[Event], parts: Sequence[TP] | None,
                       grace: float) -> int:
         """Let requests already on the wire finish (bounded), abandon the rest.
 
@@ -439,16 +446,29 @@ class Worker:
         abandoning it costs nothing (its offset stays uncommitted and it is consumed again),
         while waiting for it would hold a rebalance or a shutdown for minutes at 10
         requests/s. Only an event whose request or DLQ record is under way is waited for,
-        so that it is not sent twice. Returns how many were abandoned.
+        so that it is not sent twice. No request of these partitions starts meanwhile
+        (`Handler.halt`): with steady traffic and a slow Userpilot the next event of each
+        user went out as the last finished, so the drain always ran to its deadline and
+        then cut requests Userpilot had taken, sent again by the next owner.
+
+        Abandoned events below finished ones hold the committed offset back; the commit's
+        note names the finished ones above it, so the next owner sends only the abandoned
+        (`offsets.encode_note`).
         """
+        self.handler.halt(parts)
         abandoned = scheduler.abandoned
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while (any(event.on_wire for event in scheduler.current(parts))
-               and loop.time() < deadline):
-            await scheduler.wait_change(min(0.05, deadline - loop.time()))
-        await scheduler.cancel(parts)
-        return scheduler.abandoned - abandoned
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace
+            while (any(event.on_wire for event in scheduler.current(parts))
+                   and loop.time() < deadline):
+                await scheduler.wait_change(min(0.05, deadline - loop.time()))
+            await scheduler.cancel(parts)
+            # Counted as they left: those a halt stopped (with their users' later events)
+            # left before the cancel.
+            return scheduler.abandoned - abandoned
+        finally:
+            self.handler.unhalt(parts)
 
     def _crash(self, exc: BaseException) -> None:
         if not isinstance(self.fatal, DlqGuardTripped):
@@ -491,6 +511,10 @@ class Worker:
         drops: dict[int, int] = {}
         kinds: dict[int, Drop] = {}
         taken: dict[str, int] = {}
+        # Offsets the previous owner of a partition finished above its commit (its note):
+        # finished here at once, like drops. Empty but after a rebalance.
+        inherited = self.commits.inherited()
+        already = 0
         scheduled = 0
         position = start
         # Where this slice ends; sliced by messages only once something is in flight, so a
@@ -516,6 +540,13 @@ class Worker:
                     mine = owned[tp] = self.commits.owns(tp)
                 if not mine:
                     continue  # a message of a partition revoked meanwhile
+                if inherited:
+                    done = inherited.get(tp)
+                    if done is not None and done.covers(offset):
+                        marks[tp] = offset
+                        already += 1
+                        taken[topic] = taken.get(topic, 0) + 1
+                        continue
                 first = screen(message.value()) if screen is not None else None
                 drop = (first if isinstance(first, Drop)
                         else self._take(message, tp, offset, first, marks, scheduler))
@@ -539,6 +570,8 @@ class Worker:
                 self.commits.dropped(marks)
             if drops:
                 handler.count_drops((kinds[key], count) for key, count in drops.items())
+            if already:
+                self.m.already_finished.inc(already)
             for topic, count in taken.items():
                 self._consumed(topic).inc(count)
         return scheduled, position
@@ -764,18 +797,32 @@ class Worker:
         return max(by_family.values(), default=0), max(1, len(by_family))
 
     def _commit(self, source: Source, parts: Sequence[TP] | None, wait: bool) -> None:
-        """Commit finished offsets (poll thread).
+        """Commit finished offsets (poll thread), each with its note of the offsets finished
+        above it (`offsets.encode_note`: the next owner skips them).
 
         `wait=False` pipelines the commit: the window frees only when the coordinator's
         acknowledgement is served by a later poll (`_on_committed`), so a crash still
         re-delivers at most WORKER_MAX_IN_FLIGHT events.
         """
-        todo = self.commits.due(parts, pipelined=not wait)
-        if not todo or not source.commit(todo, wait=wait):
+        noted = self.commits.due_noted(parts, pipelined=not wait)
+        todo = {tp: offset for tp, (offset, _) in noted.items()}
+        notes = {tp: note for tp, (_, note) in noted.items() if note}
+        if not todo or not source.commit(todo, wait=wait, notes=notes):
             return
-        self.commits.requested(todo)
+        self.commits.requested(todo, notes)
         if wait:
             self._on_committed(list(todo.items()), [])
+
+    def _inherit(self, source: Source, parts: list[TP]) -> None:
+        """Poll thread: what the previous owners' last commits named finished above their
+        offsets; the intake skips those offsets (`_intake`). Not inside the assign callback:
+        a blocking client call nested in a callback breaks confluent-kafka's call state."""
+        finished = source.finished_ahead(parts, NOTES_TIMEOUT_S)
+        if finished:
+            self.commits.inherit(finished)
+            log.info("previous owners finished %d events above their commits on %s; they "
+                     "are skipped", sum(end - start + 1 for ranges in finished.values()
+                                        for start, end in ranges.ranges), _fmt(sorted(finished)))
 
     def _final_commit(self, source: Source) -> None:
         """The shutdown commit, bounded: sent asynchronously, its acknowledgement awaited

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 from consumer.commits import TP, Commits
+from consumer.offsets import Finished, decode_note
 
 PARTS: list[TP] = [("t", 0), ("t", 1), ("u", 0)]
 
@@ -99,3 +100,36 @@ def test_a_commit_is_outstanding_from_its_request_to_its_acknowledgement() -> No
     commits.requested({a: 8})
     commits.acknowledged([], failed=[a])
     assert not commits.outstanding(), "a failed commit is requested again by the next due"
+
+
+def test_a_commit_is_due_again_when_only_its_note_changed() -> None:
+    tp = ("t", 0)
+    commits = Commits()
+    commits.assign([tp])
+    for offset in range(4):
+        commits.take(tp, offset)
+    commits.finish(tp, 1)
+    due = commits.due_noted()
+    assert list(due) == [tp] and due[tp][0] == 0
+    assert decode_note(due[tp][1], 0).ranges == [(1, 1)]
+    commits.requested({tp: 0}, {tp: due[tp][1]})
+    assert commits.due_noted(pipelined=True) == {}  # nothing new since
+    commits.finish(tp, 3)  # the offset is still held by 0
+    again = commits.due_noted(pipelined=True)
+    assert decode_note(again[tp][1], 0).ranges == [(1, 1), (3, 3)]
+    # Acknowledged: its note is what the coordinator holds; a sync commit needs no repeat.
+    commits.requested({tp: 0}, {tp: again[tp][1]})
+    commits.acknowledged([(tp, 0)])
+    assert commits.due_noted() == {}
+
+
+def test_inherited_ranges_are_offered_to_the_intake_until_passed() -> None:
+    tp, other = ("t", 0), ("t", 1)
+    commits = Commits()
+    commits.assign([tp, other])
+    commits.inherit({tp: Finished([(5, 6)]), ("t", 9): Finished([(1, 1)])})  # 9: not ours
+    assert commits.inherited() == {tp: Finished([(5, 6)])}
+    commits.take(tp, 4)
+    commits.dropped({tp: 6})  # 5 and 6 skipped at intake
+    commits.finish(tp, 4)
+    assert commits.inherited() == {}

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "userpilot_events_consumed": ("counter", ("topic",)),
     "userpilot_events_dropped": ("counter", ("reason", "category")),
+    "userpilot_events_already_finished": ("counter", ()),
     "userpilot_events_delivered": ("counter", ("event_name",)),
     "userpilot_responses": ("counter", ("endpoint", "status")),
     "userpilot_retries": ("counter", ("cause",)),
@@ -107,6 +108,7 @@ ATTRIBUTES.update({
     "rate_limiter_fallback": "userpilot_rate_limiter_fallback",
     "rate_limiter_fallbacks": "userpilot_rate_limiter_fallbacks",
     "duplicates_skipped": "userpilot_duplicates_skipped",
+    "already_finished": "userpilot_events_already_finished",
     "dedup_unchecked": "userpilot_dedup_unchecked",
 })
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from consumer.offsets import PartitionOffsets
+from consumer.offsets import (
+    NOTE_MAX_CHARS,
+    NOTE_MAX_RANGES,
+    Finished,
+    PartitionOffsets,
+    decode_note,
+    encode_note,
+)
 
 
 def tracker(*offsets: int) -> PartitionOffsets:
@@ -222,3 +232,91 @@ def test_drops_behind_an_unfinished_event_keep_no_state() -> None:
     assert t.committable() == 0
     t.finished(0)
     assert t.committable() == 200_001
+
+
+# -- the note: what a commit names finished above it ---------------------------------------
+
+ranges_strategy = st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 5000)), max_size=600)
+
+
+def _disjoint(base: int, raw: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Turn (gap, length) pairs into sorted disjoint ranges above `base`."""
+    out, cursor = [], base + 1
+    for gap, length in raw:
+        start = cursor + gap
+        out.append((start, start + length))
+        cursor = start + length + 2  # at least one offset between ranges
+    return out
+
+
+@given(base=st.integers(0, 2**62), raw=ranges_strategy,
+       max_chars=st.integers(20, NOTE_MAX_CHARS))
+def test_a_note_decodes_to_a_prefix_of_its_ranges_within_its_bound(
+        base: int, raw: list[tuple[int, int]], max_chars: int) -> None:
+    ranges = _disjoint(base, raw)
+    note = encode_note(base, ranges, max_chars)
+    assert len(note) <= max_chars
+    decoded = decode_note(note, base).ranges
+    assert decoded == ranges[:len(decoded)]
+    if ranges and len(ranges) <= 20 and base < 2**40 and max_chars >= 200:
+        assert decoded == ranges  # a small set fits whole
+
+
+def test_no_ranges_no_note() -> None:
+    assert encode_note(7, []) == ""
+    assert not decode_note("", 7)
+    assert not decode_note(None, 7)
+
+
+@pytest.mark.parametrize("note", [
+    "some other application's metadata",
+    "upf1:8:AAA=",        # written with another commit (offset 8, not 7)
+    "upf1:7:%%%",         # not base64
+    "upf1:7:gA==",        # a varint cut short
+    "upf1:7:AA==",        # an odd count of numbers
+    "upf1::AAA=",
+    "upf1:-1:AAA=",
+    "upf1:7:" + base64.b64encode(b"\xff" * 10 + b"\x01" + b"\x00").decode(),  # > 63 bits
+])
+def test_a_note_not_ours_or_not_this_commits_names_nothing(note: str) -> None:
+    assert decode_note(note, 7) == Finished(())
+
+
+def test_a_decoded_note_is_bounded_whatever_it_claims() -> None:
+    huge = bytearray()
+    for _ in range(NOTE_MAX_RANGES + 1):
+        huge += b"\x00\x00"
+    assert not decode_note("upf1:0:" + base64.b64encode(bytes(huge)).decode(), 0)
+    wide = encode_note(0, [(1, 2**60)])  # one range, however wide, is two numbers
+    assert decode_note(wide, 0).covers(2**59)
+
+
+def test_finished_ranges_are_the_gaps_between_unfinished_offsets() -> None:
+    t = tracker(10, 13, 14, 20, 22)
+    t.skipped(25)  # drops after the last taken offset
+    for offset in (13, 20):
+        t.finished(offset)
+    # Open: 10, 14, 22. Finished: 11-12 (drops), 13, 15-19 (drops), 20, 21, 23-25.
+    assert t.committable() == 10
+    assert t.finished_ranges(10) == [(11, 13), (15, 21), (23, 25)]
+    t.finished(10)
+    assert t.finished_ranges(t.committable()) == [(15, 21), (23, 25)]
+
+
+def test_an_inherited_note_is_skipped_named_again_until_passed() -> None:
+    t = PartitionOffsets()
+    t.inherit(Finished([(3, 4), (8, 9)]))
+    assert t.inherited == Finished([(3, 4), (8, 9)])
+    t.started(2)  # the previous owner's held offset, taken again
+    assert t.finished_ranges(2) == [(3, 4), (8, 9)]
+    t.skipped(4)  # 3 and 4 skipped as already finished
+    assert t.finished_ranges(2) == [(3, 4), (8, 9)]
+    t.finished(2)
+    t.started(5)
+    assert t.committable() == 5
+    assert t.finished_ranges(5) == [(8, 9)]
+    t.finished(5)
+    t.skipped(9)
+    assert t.committable() == 10
+    assert t.inherited is None  # passed: nothing of it is read again
+    assert t.finished_ranges(10) == []

@@ -31,6 +31,7 @@ from consumer.config import Settings, load_settings
 from consumer.errors import DlqRecordTooLarge, Rejected, ServerError
 from consumer.health import Health
 from consumer.metrics import Metrics
+from consumer.offsets import Finished, decode_note
 from consumer.registry import Registry
 from consumer.worker import (
     INTAKE_TURN_MESSAGES,
@@ -112,6 +113,9 @@ class FakeSource:
     _thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="fake-poll"))
     poll_thread: set[str] = field(default_factory=set)
+    notes: list[dict[TP, str]] = field(default_factory=list)  # each commit's notes
+    ahead: dict[TP, Finished] = field(default_factory=dict)  # the previous owner's notes
+    ahead_asked: list[list[TP]] = field(default_factory=list)
 
     @property
     def fatal_error(self) -> str | None:
@@ -166,7 +170,8 @@ class FakeSource:
         self._on_poll_thread()
         self.paused.difference_update(parts)
 
-    def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool:
+    def commit(self, offsets: dict[TP, int], *, wait: bool = True,
+               notes: dict[TP, str] | None = None) -> bool:
         self._on_poll_thread()
         if wait:
             self.sync_commits += 1
@@ -176,12 +181,18 @@ class FakeSource:
         if self.down:
             return True  # sent; never acknowledged
         self.commits.append(dict(offsets))
+        self.notes.append(dict(notes or {}))
         if not wait:
             self._acks.append(dict(offsets))
         return True
 
     def partition_count(self, timeout_s: float = 10.0) -> int:
         return len(self.log)
+
+    def finished_ahead(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, Finished]:
+        self._on_poll_thread()
+        self.ahead_asked.append(list(parts))
+        return {tp: self.ahead[tp] for tp in parts if tp in self.ahead}
 
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         self._on_poll_thread()
@@ -1327,6 +1338,48 @@ def test_the_rate_share_gauge_follows_the_limiter_not_only_rebalances_and_429s()
     assert drive(run, scenario) == 0
 
 
+class SlowClient(FakeClient):
+    """Userpilot answering after `delay` seconds; `started` counts requests sent."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.started = 0
+
+    async def send(self, call: Call) -> int:
+        self.started += 1
+        await asyncio.sleep(self.delay)
+        return await super().send(call)
+
+
+@pytest.mark.parametrize("how", ["shutdown", "revoke"])
+def test_a_drain_starts_no_new_request_and_waits_only_for_those_on_the_wire(
+    how: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With a slow Userpilot each user's next event went out as the last one finished, so
+    a drain ran to its deadline and cut requests Userpilot had taken: sent again by the
+    next owner, Redis or not."""
+    client = SlowClient(0.3)
+    run = make(log_of(*[track("u1", i) for i in range(6)]), registry=known_schema(),
+               client=client, USERPILOT_ENSURE_USER="false",
+               WORKER_SHUTDOWN_GRACE_SECONDS="20")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: client.started == 1, "the first request on the wire")
+        if how == "revoke":
+            source.revoke_next = [(TOPIC, 0)]
+            await until(lambda: source.committed().get((TOPIC, 0)) == 1, "the revoke's commit")
+            await asyncio.sleep(0.5)  # the user's later events would have gone out by now
+
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="consumer.worker"):
+        assert drive(run, scenario) == 0
+    assert client.started == 1, "no request after the drain began"
+    # The 5 the drain stopped are reported as not sent (they left as the halt stopped them).
+    assert "5 events" in caplog.text and "not sent yet" in caplog.text
+    assert run.source.committed().get((TOPIC, 0)) == 1  # the one on the wire finished
+    assert time.monotonic() - started < 10, "the drain did not run to its deadline"
+
 
 def test_a_paused_partition_with_nothing_committed_anywhere_has_a_lag_too(
     monkeypatch: pytest.MonkeyPatch,
@@ -1336,7 +1389,8 @@ def test_a_paused_partition_with_nothing_committed_anywhere_has_a_lag_too(
     class Unacknowledged(FakeSource):
         """A coordinator that never answers a commit: nothing is known committed."""
 
-        def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool:
+        def commit(self, offsets: dict[TP, int], *, wait: bool = True,
+                   notes: dict[TP, str] | None = None) -> bool:
             self._on_poll_thread()
             return True
 
@@ -1357,5 +1411,80 @@ def test_a_paused_partition_with_nothing_committed_anywhere_has_a_lag_too(
         await until(lambda: exported() == 30, "the lag from the first unfinished offset")
         for _ in range(40):
             stepped.steps.release()
+
+    assert drive(run, scenario) == 0
+
+
+def test_a_drain_commits_a_note_of_what_finished_above_its_offset_and_the_next_owner_skips_it(
+) -> None:
+    """A user's event waiting out retries holds the partition's offset while other users'
+    events after it are delivered. A drain abandons it (it has not reached Userpilot), and
+    its commit names the delivered ones above it: the next owner sends only the abandoned
+    one. Without the note the next owner sent all nine again."""
+    tp = (TOPIC, 0)
+    users = ["stuck"] + [f"u{i}" for i in range(1, 10)]
+    values = [track(user, i) for i, user in enumerate(users)]
+    log = {tp: [Message(TOPIC, 0, i, user.encode(), value)
+                for i, (user, value) in enumerate(zip(users, values, strict=True))]}
+    first = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false",
+                 USERPILOT_RETRY_MAX_ATTEMPTS="1000", USERPILOT_RETRY_BACKOFF_SECONDS="0.2",
+                 USERPILOT_RETRY_BACKOFF_MAX_SECONDS="0.2")
+    first.client.answers[_body_of(values[0])] = ServerError("HTTP 503", status=503)
+
+    async def delivered_after_the_stuck_one(source: FakeSource) -> None:
+        await until(lambda: len(set(first.client.bodies) - {_body_of(values[0])}) == 9,
+                    "the nine events after the stuck one")
+
+    assert drive(first, delivered_after_the_stuck_one) == 0
+    assert first.source.committed().get(tp, 0) == 0  # held by the abandoned event
+    note = first.source.notes[-1][tp]
+    finished = decode_note(note, 0)
+    assert finished.ranges == [(1, 9)]
+
+    class NextOwner(FakeSource):
+        def finished_ahead(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, Finished]:
+            self.ahead = {tp: finished}
+            return super().finished_ahead(parts, timeout_s)
+
+    second = make(log, registry=known_schema(), source_type=NextOwner,
+                  USERPILOT_ENSURE_USER="false")
+
+    async def caught_up(source: FakeSource) -> None:
+        await until(lambda: source.committed().get(tp) == 10, "the commit past the end")
+
+    assert drive(second, caught_up) == 0
+    assert second.client.bodies == [_body_of(values[0])], "only the abandoned event is sent"
+    assert second.source.ahead_asked == [[tp]]
+    assert second.worker.m.registry.get_sample_value(
+        "userpilot_events_already_finished_total") == 9
+
+
+def test_the_periodic_commits_name_what_finished_above_a_held_offset() -> None:
+    """Not only a drain's commit: a crash (no drain) re-sends only what was unfinished at
+    the last commit, which names the events finished above the held offset."""
+    tp = (TOPIC, 0)
+    users = ["slow", "u1", "u2"]
+    values = [track(user, i) for i, user in enumerate(users)]
+    log = {tp: [Message(TOPIC, 0, 0, b"slow", values[0])]}
+    run = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               USERPILOT_RETRY_MAX_ATTEMPTS="1000", USERPILOT_RETRY_BACKOFF_SECONDS="0.2",
+               USERPILOT_RETRY_BACKOFF_MAX_SECONDS="0.2")
+    run.client.answers[_body_of(values[0])] = ServerError("HTTP 503", status=503)
+
+    def last_note() -> str:
+        noted = [notes[tp] for notes, commit in zip(run.source.notes, run.source.commits,
+                                                    strict=True) if tp in notes]
+        return noted[-1] if noted else ""
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get(tp) == 0, "the held offset committed")
+        # The others arrive after that commit: only a note-only change can name them.
+        source.log[tp].extend(Message(TOPIC, 0, i, user.encode(), values[i])
+                              for i, user in enumerate(users) if i)
+        await until(lambda: len(run.client.bodies) >= 3, "the two others delivered")
+        await until(lambda: decode_note(last_note(), 0).ranges == [(1, 2)],
+                    "a periodic commit naming them")
+        run.client.answers.clear()
+        await until(lambda: source.committed().get(tp) == 3, "the commit past the end")
 
     assert drive(run, scenario) == 0

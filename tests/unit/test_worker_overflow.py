@@ -54,14 +54,15 @@ class Rebalancing(FakeSource):
     accepted: Callable[[], set[tuple[str, int]]] | None = None
     bad_commits: list[tuple[TP, int, list[int]]] = field(default_factory=list)
 
-    def commit(self, offsets: dict[TP, int], *, wait: bool = True) -> bool:
+    def commit(self, offsets: dict[TP, int], *, wait: bool = True,
+               notes: dict[TP, str] | None = None) -> bool:
         if self.accepted is not None:
             seen = self.accepted()
             for tp, offset in offsets.items():
                 lost = [i for i in range(offset) if (user(tp[1], i), i) not in seen]
                 if lost:
                     self.bad_commits.append((tp, offset, lost[:5]))
-        return super().commit(offsets, wait=wait)
+        return super().commit(offsets, wait=wait, notes=notes)
 
     def subscribe(self) -> None:
         self._on_poll_thread()
