@@ -37,6 +37,7 @@ class Commits:
         self._requested: dict[TP, int] = {}  # sent to the coordinator, maybe not acked yet
         self._notes: dict[TP, str] = {}  # the note sent with each requested offset
         self._committed_notes: dict[TP, str] = {}  # ... and with each acknowledged one
+        self._inheriting: set[TP] = set()  # partitions with a previous owner's note ahead
 
     # -- partitions (poll thread) -------------------------------------------------------
     def assign(self, parts: Iterable[TP]) -> None:
@@ -56,15 +57,21 @@ class Commits:
                 tracker = self._offsets.get(tp)
                 if tracker is not None and ranges:
                     tracker.inherit(ranges)
+                    self._inheriting.add(tp)
 
     def inherited(self) -> dict[TP, Finished]:
         """Per partition, the previous owner's finished ranges not yet passed: the intake
         skips those offsets (asked once per slice of a polled batch; usually empty)."""
         with self._lock:
             out: dict[TP, Finished] = {}
-            for tp, tracker in self._offsets.items():
-                ranges = tracker.inherited
-                if ranges is not None:
+            if not self._inheriting:
+                return out
+            for tp in list(self._inheriting):
+                tracker = self._offsets.get(tp)
+                ranges = tracker.inherited if tracker is not None else None
+                if ranges is None:
+                    self._inheriting.discard(tp)
+                else:
                     out[tp] = ranges
             return out
 

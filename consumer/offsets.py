@@ -39,11 +39,13 @@ def _varint(value: int, out: bytearray) -> None:
     out.append(value)
 
 
-def encode_note(base: int, ranges: Iterable[tuple[int, int]],
+def encode_note(base: int, ranges: Sequence[tuple[int, int]],
                 max_chars: int = NOTE_MAX_CHARS) -> str:
     """The note of a commit at `base`: finished offset ranges above it (inclusive, sorted,
     disjoint, each above `base`), as `upf1:<base>:<base64 of varint (gap, length - 1)
     pairs>`; "" when there are none. Ranges that would pass `max_chars` are left out."""
+    if not ranges:
+        return ""
     head = f"{NOTE_PREFIX}{base}:"
     budget = (max_chars - len(head)) // 4 * 3  # bytes whose base64 fits
     out = bytearray()

@@ -255,6 +255,7 @@ class Worker:
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
+        self._inherit_due: set[TP] = set()  # new partitions whose notes are not read yet (loop)
         # The group's committed offsets from librdkafka's statistics (for a paused
         # partition's lag before this worker committed any).
         self._stats_committed: dict[TP, int] = {}
@@ -361,9 +362,14 @@ class Worker:
                     assigned_now = set(self._fresh) & self.assigned
                     fresh = sorted(assigned_now - self.paused)
                     self._fresh.clear()
-                if assigned_now and source.connected:
-                    # Before any of their messages is taken (this batch's included).
-                    await source.call(self._inherit, source, sorted(assigned_now))
+                if assigned_now or self._inherit_due:
+                    # Before any of their messages is taken (this batch's included); while
+                    # Kafka is unreachable, once it answers again.
+                    with self._parts_lock:
+                        self._inherit_due = (self._inherit_due | assigned_now) & self.assigned
+                    if self._inherit_due and source.connected:
+                        due, self._inherit_due = sorted(self._inherit_due), set()
+                        await source.call(self._inherit, source, due)
                 if fresh:
                     # A partition paused for back-pressure when it was taken away would
                     # otherwise never be fetched again.
