@@ -18,6 +18,7 @@ it.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterable, Mapping
 
 from consumer.offsets import Finished, PartitionOffsets, encode_note
@@ -25,6 +26,7 @@ from consumer.offsets import Finished, PartitionOffsets, encode_note
 __all__ = ["TP", "Commits"]
 
 TP = tuple[str, int]
+UNANSWERED_MAX = 64  # commits remembered per partition while the coordinator does not answer
 
 
 class Commits:
@@ -36,6 +38,9 @@ class Commits:
         self._committed: dict[TP, int] = {}  # acknowledged by the coordinator
         self._requested: dict[TP, int] = {}  # sent to the coordinator, maybe not acked yet
         self._notes: dict[TP, str] = {}  # the note sent with each requested offset
+        # Commits sent and not answered, oldest first, with their notes: each answer is
+        # credited with the note its own commit carried (answers come in order).
+        self._unanswered: dict[TP, deque[tuple[int, str]]] = {}
         self._committed_notes: dict[TP, str] = {}  # ... and with each acknowledged one
         self._inheriting: set[TP] = set()  # partitions with a previous owner's note ahead
 
@@ -46,7 +51,7 @@ class Commits:
             for tp in parts:
                 self._offsets[tp] = PartitionOffsets()
                 for known in (self._committed, self._requested, self._notes,
-                              self._committed_notes):
+                              self._committed_notes, self._unanswered):
                     known.pop(tp, None)
 
     def inherit(self, finished: Mapping[TP, Finished]) -> None:
@@ -189,8 +194,10 @@ class Commits:
         """A commit of these offsets (with these notes) was sent."""
         with self._lock:
             self._requested.update(offsets)
-            for tp in offsets:
-                self._notes[tp] = (notes or {}).get(tp, "")
+            for tp, offset in offsets.items():
+                note = self._notes[tp] = (notes or {}).get(tp, "")
+                self._unanswered.setdefault(tp, deque(maxlen=UNANSWERED_MAX)).append(
+                    (offset, note))
 
     def acknowledged(self, done: Iterable[tuple[TP, int]], failed: Iterable[TP] = ()
                      ) -> list[tuple[TP, int]]:
@@ -203,9 +210,11 @@ class Commits:
         with self._lock:
             for tp in failed:
                 self._requested.pop(tp, None)
+                unanswered = self._unanswered.get(tp)
+                if unanswered:
+                    unanswered.popleft()
             for tp, offset in done:
-                if self._requested.get(tp) == offset:
-                    self._committed_notes[tp] = self._notes.get(tp, "")
+                self._credit(tp, offset)
                 if offset <= self._committed.get(tp, -1):
                     continue
                 self._committed[tp] = offset
@@ -214,6 +223,17 @@ class Commits:
                     tracker.committed(offset)
                     fresh.append((tp, offset))
         return fresh
+
+    def _credit(self, tp: TP, offset: int) -> None:
+        """An answer committing `offset`: the coordinator now holds the note that commit
+        carried, not the newest one requested (a later commit of the same offset with a
+        longer note may still fail). Lock held."""
+        unanswered = self._unanswered.get(tp)
+        while unanswered:
+            sent, note = unanswered.popleft()
+            if sent == offset:
+                self._committed_notes[tp] = note
+                return
 
     def outstanding(self) -> bool:
         """A commit of an assigned partition was sent and is not acknowledged yet."""

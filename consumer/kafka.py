@@ -292,7 +292,12 @@ class KafkaSource:
         out: dict[TP, Finished] = {}
         for tp in answer:
             if tp.error is None and tp.offset >= 0 and tp.metadata:
-                finished = decode_note(tp.metadata, tp.offset)
+                try:
+                    finished = decode_note(tp.metadata, tp.offset)
+                except Exception as exc:  # one partition's note never stops the others
+                    log.warning("ignoring the commit note of %s[%d] (%s)", tp.topic,
+                                tp.partition, exc)
+                    continue
                 if finished:
                     out[(tp.topic, tp.partition)] = finished
         return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -28,6 +29,7 @@ NOTE_PREFIX = "upf1:"
 NOTE_MAX_CHARS = 1000
 """A note's length bound: brokers refuse commit metadata over `offset.metadata.max.bytes`
 (4,096 by default). Finished ranges past the bound are left out: sent again, as before."""
+_OFFSET = re.compile(r"[0-9]{1,19}")
 NOTE_MAX_RANGES = 4096
 """A decoded note's bound (a note is ~2 bytes a range, so a well-formed one has fewer)."""
 
@@ -71,7 +73,9 @@ def decode_note(note: str | None, base: int) -> Finished:
     if not note or not note.startswith(NOTE_PREFIX):
         return empty
     written, sep, body = note[len(NOTE_PREFIX):].partition(":")
-    if not sep or not written.isdigit() or int(written) != base:
+    # ASCII digits only (str.isdigit takes "²", which int() refuses), and no more than an
+    # offset has (int() refuses over 4,300 digits).
+    if not sep or not _OFFSET.fullmatch(written) or int(written) != base:
         return empty
     try:
         data = base64.b64decode(body, validate=True)

@@ -119,7 +119,9 @@ def test_a_commit_is_due_again_when_only_its_note_changed() -> None:
     assert decode_note(again[tp][1], 0).ranges == [(1, 1), (3, 3)]
     # Acknowledged: its note is what the coordinator holds; a sync commit needs no repeat.
     commits.requested({tp: 0}, {tp: again[tp][1]})
-    commits.acknowledged([(tp, 0)])
+    commits.acknowledged([(tp, 0)])  # the first commit's answer
+    assert commits.due_noted() == {tp: again[tp]}
+    commits.acknowledged([(tp, 0)])  # the second's
     assert commits.due_noted() == {}
 
 
@@ -133,3 +135,27 @@ def test_inherited_ranges_are_offered_to_the_intake_until_passed() -> None:
     commits.dropped({tp: 6})  # 5 and 6 skipped at intake
     commits.finish(tp, 4)
     assert commits.inherited() == {}
+
+
+def test_an_answer_is_credited_with_the_note_its_own_commit_carried() -> None:
+    """Two commits of one held offset, the second with a longer note: the first's answer
+    must not mark the longer note stored. If the second then fails, the revoke's
+    synchronous commit must send it (found by a review: the next owner re-sent 2-3)."""
+    tp = ("t", 0)
+    c = Commits()
+    c.assign([tp])
+    for offset in range(10):
+        c.take(tp, offset)
+    c.finish(tp, 1)
+    ((_, first),) = c.due_noted(pipelined=True).values()
+    c.requested({tp: 0}, {tp: first})
+    c.finish(tp, 2)
+    c.finish(tp, 3)
+    ((_, second),) = c.due_noted(pipelined=True).values()
+    c.requested({tp: 0}, {tp: second})
+    c.acknowledged([(tp, 0)])  # the answer to the first
+    c.acknowledged([], failed=[tp])  # the second refused (a rebalance)
+    assert c.due_noted([tp]) == {tp: (0, second)}
+    c.requested({tp: 0}, {tp: second})
+    c.acknowledged([(tp, 0)])
+    assert c.due_noted([tp]) == {}

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from consumer.offsets import (
     NOTE_MAX_CHARS,
     NOTE_MAX_RANGES,
+    NOTE_PREFIX,
     Finished,
     PartitionOffsets,
     decode_note,
@@ -321,3 +322,16 @@ def test_an_inherited_note_is_skipped_named_again_until_passed() -> None:
     assert t.committable() == 10
     assert t.inherited is None  # passed: nothing of it is read again
     assert t.finished_ranges(10) == []
+
+
+@pytest.mark.parametrize("written", ["²", "①", "٣", "1" * 4301, "1" * 20])
+def test_a_note_with_a_foreign_or_endless_offset_names_nothing(written: str) -> None:
+    """str.isdigit() takes these and int() refuses them: a note like that crashed every
+    replica that was assigned its partition (found by a review)."""
+    assert not decode_note(f"upf1:{written}:AA==", 2)
+
+
+@given(st.text(max_size=200))
+def test_no_note_crashes_the_decoder(text: str) -> None:
+    for note in (text, NOTE_PREFIX + text, f"{NOTE_PREFIX}7:{text}"):
+        decode_note(note, 7)
