@@ -21,7 +21,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
 
-from consumer.offsets import Finished, PartitionOffsets, encode_note
+from consumer.offsets import Finished, PartitionOffsets
 
 __all__ = ["TP", "Commits"]
 
@@ -168,7 +168,7 @@ class Commits:
             known_notes = self._notes if pipelined else self._committed_notes
             out: dict[TP, tuple[int, str]] = {}
             for tp, offset in self._committable(parts).items():
-                note = encode_note(offset, self._offsets[tp].finished_ranges(offset))
+                note = self._offsets[tp].note(offset)
                 if known.get(tp) != offset or known_notes.get(tp, "") != note:
                     out[tp] = (offset, note)
             return out

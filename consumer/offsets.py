@@ -146,8 +146,8 @@ class Finished:
 class PartitionOffsets:
     """Offsets taken from one partition, in order, and which of them are finished."""
 
-    __slots__ = ("_base", "_families", "_high", "_inherited", "_open", "_pending", "_risk",
-                 "_sent")
+    __slots__ = ("_base", "_changes", "_families", "_high", "_inherited", "_note", "_open",
+                 "_pending", "_risk", "_sent")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()  # taken, in order, from the first unfinished
@@ -158,6 +158,8 @@ class PartitionOffsets:
         self._families: deque[str] = deque()  # ... and the window family of each
         self._risk: dict[str, int] = {}  # at-risk count per window family
         self._inherited = Finished(())  # finished by the previous owner (its commit's note)
+        self._changes = 0  # bumped by whatever changes the note (see `note`)
+        self._note: tuple[int, int, str] | None = None  # (changes, base, note) last encoded
 
     def started(self, offset: int) -> None:
         """Record an offset handed to the pipeline; offsets arrive in increasing order."""
@@ -166,6 +168,7 @@ class PartitionOffsets:
         self._pending.append(offset)
         self._open.add(offset)
         self._high = offset
+        self._changes += 1
         if self._base is None:
             self._base = offset
 
@@ -180,6 +183,7 @@ class PartitionOffsets:
         if self._high is not None and offset <= self._high:
             return
         self._high = offset
+        self._changes += 1
         if self._base is None:
             self._base = offset
 
@@ -188,6 +192,7 @@ class PartitionOffsets:
         if offset not in self._open:
             return
         self._open.discard(offset)
+        self._changes += 1
         while self._pending and self._pending[0] not in self._open:
             self._pending.popleft()
 
@@ -237,6 +242,7 @@ class PartitionOffsets:
         """What the previous owner's last commit named finished above it: skipped when
         read (`inherited`), and named again by this owner's notes until passed."""
         self._inherited = finished
+        self._changes += 1
 
     @property
     def inherited(self) -> Finished | None:
@@ -246,8 +252,19 @@ class PartitionOffsets:
         committable = self.committable()
         if committable is not None and committable > self._inherited.last:
             self._inherited = Finished(())  # passed: nothing of it is read again
+            self._changes += 1
             return None
         return self._inherited
+
+    def note(self, base: int) -> str:
+        """`encode_note(base, finished_ranges(base))`, encoded again only after a change
+        (it is asked at every commit check, for every partition)."""
+        cached = self._note
+        if cached is not None and cached[0] == self._changes and cached[1] == base:
+            return cached[2]
+        note = encode_note(base, self.finished_ranges(base))
+        self._note = (self._changes, base, note)
+        return note
 
     def finished_ranges(self, base: int) -> list[tuple[int, int]]:
         """Finished offsets above `base` (the committable offset), as inclusive ranges.
@@ -260,8 +277,8 @@ class PartitionOffsets:
         high = self._high
         if high is not None and high > base:
             start = base + 1
-            for offset in self._pending:
-                if offset <= base or offset not in self._open:
+            for offset in sorted(self._open):  # the in-flight few, not every pending offset
+                if offset <= base:
                     continue
                 if offset > start:
                     out.append((start, offset - 1))

@@ -335,3 +335,28 @@ def test_a_note_with_a_foreign_or_endless_offset_names_nothing(written: str) -> 
 def test_no_note_crashes_the_decoder(text: str) -> None:
     for note in (text, NOTE_PREFIX + text, f"{NOTE_PREFIX}7:{text}"):
         decode_note(note, 7)
+
+
+def test_the_cached_note_is_always_the_note_of_the_current_state() -> None:
+    """`note` re-encodes only after a change: whatever the mix of takes, drops, finishes
+    and inheritance, it equals encoding the finished ranges afresh."""
+    rng = random.Random(5)
+    for _ in range(200):
+        t = PartitionOffsets()
+        offset = rng.randrange(100)
+        if rng.random() < 0.3:
+            t.inherit(Finished([(offset + 5, offset + 9), (offset + 30, offset + 31)]))
+        taken: list[int] = []
+        for _ in range(rng.randrange(1, 60)):
+            offset += rng.randrange(1, 4)
+            roll = rng.random()
+            if roll < 0.4:
+                t.started(offset)
+                taken.append(offset)
+            elif roll < 0.6:
+                t.skipped(offset)
+            elif taken:
+                t.finished(taken.pop(rng.randrange(len(taken))))
+            base = t.committable()
+            if base is not None:
+                assert t.note(base) == encode_note(base, t.finished_ranges(base))
