@@ -157,19 +157,23 @@ class Commits:
         return {tp: offset for tp, (offset, _) in
                 self.due_noted(parts, pipelined=pipelined).items()}
 
-    def due_noted(self, parts: Iterable[TP] | None = None, *, pipelined: bool = False
-                  ) -> dict[TP, tuple[int, str]]:
-        """`due`, each offset with its note (`encode_note`: what is finished above it); also
-        due when only the note changed (the offset held by an unfinished event while
-        others after it finish: a crash or a drain then re-sends only the unfinished).
-        Commits are made per interval and when idle, so this adds none per event."""
+    def due_noted(self, parts: Iterable[TP] | None = None, *, pipelined: bool = False,
+                  notes: bool = True) -> dict[TP, tuple[int, str]]:
+        """`due`, each offset with its note (`PartitionOffsets.note`: what is finished above
+        it). With `notes`, also due when only the note changed: the offset held by an
+        unfinished event while others after it finish (a crash or a drain then re-sends
+        only the unfinished). Without, only a moved offset is due (and carries its note):
+        the worker asks that way between its commit intervals."""
         with self._lock:
             known = self._requested if pipelined else self._committed
             known_notes = self._notes if pipelined else self._committed_notes
             out: dict[TP, tuple[int, str]] = {}
             for tp, offset in self._committable(parts).items():
+                moved = known.get(tp) != offset
+                if not moved and not notes:
+                    continue
                 note = self._offsets[tp].note(offset)
-                if known.get(tp) != offset or known_notes.get(tp, "") != note:
+                if moved or known_notes.get(tp, "") != note:
                     out[tp] = (offset, note)
             return out
 

@@ -9,6 +9,7 @@ by a later `consume`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -1488,3 +1489,34 @@ def test_the_periodic_commits_name_what_finished_above_a_held_offset() -> None:
         await until(lambda: source.committed().get(tp) == 3, "the commit past the end")
 
     assert drive(run, scenario) == 0
+
+
+def test_between_commit_intervals_a_held_offset_is_not_recommitted_for_each_finish() -> None:
+    """A note-only change is committed on the interval: with the offset held by one event
+    and the others finishing one by one, committing every change made a commit per idle
+    poll (~2 % of delivery's CPU at 2,000 events/s)."""
+    tp = (TOPIC, 0)
+    slow = track("slow", 0)
+    run = make({tp: [Message(TOPIC, 0, 0, b"slow", slow)]}, registry=known_schema(),
+               USERPILOT_ENSURE_USER="false", USERPILOT_RETRY_MAX_ATTEMPTS="1000",
+               USERPILOT_RETRY_BACKOFF_SECONDS="0.2", USERPILOT_RETRY_BACKOFF_MAX_SECONDS="0.2",
+               WORKER_COMMIT_INTERVAL_SECONDS="30")
+    run.client.answers[_body_of(slow)] = ServerError("HTTP 503", status=503)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get(tp) == 0, "the held offset committed")
+        for i in range(1, 21):
+            source.log[tp].append(Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)))
+            await until(functools.partial(delivered_at_least, run.client, i + 1),
+                        f"event {i} delivered")
+            await asyncio.sleep(0.02)
+
+    assert drive(run, scenario) == 0
+    held = [c for c in run.source.commits if c.get(tp) == 0]
+    # The first commit of offset 0, and the shutdown's with the whole note.
+    assert len(held) <= 3, f"offset 0 committed {len(held)} times for 20 finishes"
+    assert decode_note(run.source.notes[-1][tp], 0).ranges == [(1, 20)]
+
+
+def delivered_at_least(client: FakeClient, count: int) -> bool:
+    return len(client.bodies) >= count
