@@ -276,22 +276,27 @@ class KafkaSource:
                         "(offset.metadata.max.bytes); committing without notes of finished "
                         "offsets: a new owner of a partition may send events again")
 
-    def finished_ahead(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, Finished]:
+    def finished_ahead(self, parts: Sequence[TP], timeout_s: float
+                       ) -> tuple[dict[TP, Finished], list[TP]]:
         """What the group's last commits named finished above their offsets (their notes),
-        per partition; nothing for partitions without a note, or if the coordinator did not
-        answer within `timeout_s` (their events above the commit are then sent again)."""
+        per partition, and the partitions the coordinator did not answer for within
+        `timeout_s` (the caller may ask again; until then their events above the commit
+        would be sent again). Partitions without a note are in neither."""
         if not parts:
-            return {}
+            return {}, []
         try:
             answer = self._consumer.committed([TopicPartition(t, p) for t, p in parts],
                                               timeout=timeout_s)
         except KafkaException as exc:
-            log.warning("could not read the committed offsets' notes (%s); events the previous "
-                        "owner finished above its commit may be sent again", exc)
-            return {}
+            log.warning("could not read the committed offsets' notes (%s); asking again",
+                        exc)
+            return {}, list(parts)
         out: dict[TP, Finished] = {}
+        unanswered: list[TP] = []
         for tp in answer:
-            if tp.error is None and tp.offset >= 0 and tp.metadata:
+            if tp.error is not None:
+                unanswered.append((tp.topic, tp.partition))
+            elif tp.offset >= 0 and tp.metadata:
                 try:
                     finished = decode_note(tp.metadata, tp.offset)
                 except Exception as exc:  # one partition's note never stops the others
@@ -300,7 +305,7 @@ class KafkaSource:
                     continue
                 if finished:
                     out[(tp.topic, tp.partition)] = finished
-        return out
+        return out, unanswered
 
     def commit(self, offsets: dict[TP, int], *, wait: bool = True,
                notes: dict[TP, str] | None = None) -> bool:

@@ -104,6 +104,8 @@ CLOSE_TIMEOUT_S = 15.0  # leaving the group while Kafka answers (revoke settles 
 CLOSE_DOWN_TIMEOUT_S = 2.0  # ... while it does not
 RESHARE_TIMEOUT_S = 2.0  # a metadata call on the poll thread: well under max.poll.interval
 NOTES_TIMEOUT_S = 2.0  # reading a new partition's commit note, on the poll thread
+NOTES_RETRY_S = 1.0  # ... tried again this much later when the coordinator did not answer
+NOTES_TRIES = 5  # ... this many times in all
 RESHARE_RETRY_S = 1.0  # after a failed partition count, asked again this much later ...
 RESHARE_RETRY_MAX_S = 60.0  # ... doubling to this (each try may hold the poll thread 2 s)
 DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
@@ -177,7 +179,8 @@ class Source(Protocol):
     def resume(self, parts: Sequence[TP]) -> None: ...
     def commit(self, offsets: dict[TP, int], *, wait: bool = True,
                notes: dict[TP, str] | None = None) -> bool: ...
-    def finished_ahead(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, Finished]: ...
+    def finished_ahead(self, parts: Sequence[TP], timeout_s: float
+                       ) -> tuple[dict[TP, Finished], list[TP]]: ...
     def partition_count(self, timeout_s: float = 10.0) -> int: ...
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]: ...
     def serve(self, timeout_s: float) -> None: ...
@@ -255,7 +258,10 @@ class Worker:
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
-        self._inherit_due: set[TP] = set()  # new partitions whose notes are not read yet (loop)
+        # New partitions whose commit notes are not read yet, the reads each has failed and
+        # when to try again (event loop only; see `_read_notes`).
+        self._inherit_due: dict[TP, int] = {}
+        self._inherit_at = 0.0
         # The group's committed offsets from librdkafka's statistics (for a paused
         # partition's lag before this worker committed any).
         self._stats_committed: dict[TP, int] = {}
@@ -363,13 +369,7 @@ class Worker:
                     fresh = sorted(assigned_now - self.paused)
                     self._fresh.clear()
                 if assigned_now or self._inherit_due:
-                    # Before any of their messages is taken (this batch's included); while
-                    # Kafka is unreachable, once it answers again.
-                    with self._parts_lock:
-                        self._inherit_due = (self._inherit_due | assigned_now) & self.assigned
-                    if self._inherit_due and source.connected:
-                        due, self._inherit_due = sorted(self._inherit_due), set()
-                        await source.call(self._inherit, source, due)
+                    await self._read_notes(source, assigned_now)
                 if fresh:
                     # A partition paused for back-pressure when it was taken away would
                     # otherwise never be fetched again.
@@ -828,16 +828,38 @@ class Worker:
         if wait:
             self._on_committed(list(todo.items()), [])
 
-    def _inherit(self, source: Source, parts: list[TP]) -> None:
+    async def _read_notes(self, source: Source, assigned: set[TP]) -> None:
+        """Read new partitions' commit notes before any of their messages is taken (this
+        batch's included). While Kafka is unreachable, once it answers again; a read the
+        coordinator did not answer is tried again a second later, NOTES_TRIES times (the
+        fetcher needs the same coordinator to start, so their messages rarely come first).
+        """
+        with self._parts_lock:
+            for tp in assigned:
+                self._inherit_due.setdefault(tp, 0)
+            for tp in [tp for tp in self._inherit_due if tp not in self.assigned]:
+                del self._inherit_due[tp]
+        if not self._inherit_due or not source.connected or time.monotonic() < self._inherit_at:
+            return
+        due = sorted(self._inherit_due)
+        unanswered = await source.call(self._inherit, source, due)
+        tries = self._inherit_due
+        self._inherit_due = {tp: tries[tp] + 1 for tp in unanswered
+                             if tp in tries and tries[tp] + 1 < NOTES_TRIES}
+        self._inherit_at = time.monotonic() + NOTES_RETRY_S
+
+    def _inherit(self, source: Source, parts: list[TP]) -> list[TP]:
         """Poll thread: what the previous owners' last commits named finished above their
-        offsets; the intake skips those offsets (`_intake`). Not inside the assign callback:
-        a blocking client call nested in a callback breaks confluent-kafka's call state."""
-        finished = source.finished_ahead(parts, NOTES_TIMEOUT_S)
+        offsets; the intake skips those offsets (`_intake`). Returns the partitions whose
+        notes the coordinator did not give. Not inside the assign callback: a blocking client
+        call nested in a callback breaks confluent-kafka's call state."""
+        finished, unanswered = source.finished_ahead(parts, NOTES_TIMEOUT_S)
         if finished:
             self.commits.inherit(finished)
             log.info("previous owners finished %d events above their commits on %s; they "
                      "are skipped", sum(end - start + 1 for ranges in finished.values()
                                         for start, end in ranges.ranges), _fmt(sorted(finished)))
+        return unanswered
 
     def _final_commit(self, source: Source) -> None:
         """The shutdown commit, bounded: sent asynchronously, its acknowledgement awaited

@@ -51,10 +51,11 @@ def test_a_commits_note_is_read_back_by_the_next_owner(
         first.close(10)
     second = source(kafka_bootstrap, group, topic)
     try:
-        ahead = second.finished_ahead([(topic, 0), (topic, 1)], 10)
+        ahead, unanswered = second.finished_ahead([(topic, 0), (topic, 1)], 10)
     finally:
         second.close(10)
     assert ahead == {(topic, 0): Finished([(6, 9), (12, 12)])}  # partition 1: no note
+    assert unanswered == []
     assert committed_offsets(kafka_bootstrap, group, topic) == {0: 5, 1: 3}
 
 

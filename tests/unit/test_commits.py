@@ -102,13 +102,20 @@ def test_a_commit_is_outstanding_from_its_request_to_its_acknowledgement() -> No
     assert not commits.outstanding(), "a failed commit is requested again by the next due"
 
 
-def test_a_commit_is_due_again_when_only_its_note_changed() -> None:
-    tp = ("t", 0)
+def taken(tp: TP, count: int, *finished: int) -> Commits:
+    """Commits of one partition with offsets 0..count-1 taken and `finished` finished."""
     commits = Commits()
     commits.assign([tp])
-    for offset in range(4):
+    for offset in range(count):
         commits.take(tp, offset)
-    commits.finish(tp, 1)
+    for offset in finished:
+        commits.finish(tp, offset)
+    return commits
+
+
+def test_a_commit_is_due_again_when_only_its_note_changed() -> None:
+    tp = ("t", 0)
+    commits = taken(tp, 4, 1)
     due = commits.due_noted()
     assert list(due) == [tp] and due[tp][0] == 0
     assert decode_note(due[tp][1], 0).ranges == [(1, 1)]
@@ -142,11 +149,7 @@ def test_an_answer_is_credited_with_the_note_its_own_commit_carried() -> None:
     must not mark the longer note stored. If the second then fails, the revoke's
     synchronous commit must send it (found by a review: the next owner re-sent 2-3)."""
     tp = ("t", 0)
-    c = Commits()
-    c.assign([tp])
-    for offset in range(10):
-        c.take(tp, offset)
-    c.finish(tp, 1)
+    c = taken(tp, 10, 1)
     ((_, first),) = c.due_noted(pipelined=True).values()
     c.requested({tp: 0}, {tp: first})
     c.finish(tp, 2)

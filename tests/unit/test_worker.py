@@ -117,6 +117,7 @@ class FakeSource:
     notes: list[dict[TP, str]] = field(default_factory=list)  # each commit's notes
     ahead: dict[TP, Finished] = field(default_factory=dict)  # the previous owner's notes
     ahead_asked: list[list[TP]] = field(default_factory=list)
+    notes_unanswered: int = 0  # reads of the notes the coordinator does not answer
 
     @property
     def fatal_error(self) -> str | None:
@@ -190,10 +191,14 @@ class FakeSource:
     def partition_count(self, timeout_s: float = 10.0) -> int:
         return len(self.log)
 
-    def finished_ahead(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, Finished]:
+    def finished_ahead(self, parts: Sequence[TP], timeout_s: float
+                       ) -> tuple[dict[TP, Finished], list[TP]]:
         self._on_poll_thread()
         self.ahead_asked.append(list(parts))
-        return {tp: self.ahead[tp] for tp in parts if tp in self.ahead}
+        if self.notes_unanswered > 0:
+            self.notes_unanswered -= 1
+            return {}, list(parts)
+        return {tp: self.ahead[tp] for tp in parts if tp in self.ahead}, []
 
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         self._on_poll_thread()
@@ -1443,7 +1448,8 @@ def test_a_drain_commits_a_note_of_what_finished_above_its_offset_and_the_next_o
     assert finished.ranges == [(1, 9)]
 
     class NextOwner(FakeSource):
-        def finished_ahead(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, Finished]:
+        def finished_ahead(self, parts: Sequence[TP], timeout_s: float
+                           ) -> tuple[dict[TP, Finished], list[TP]]:
             self.ahead = {tp: finished}
             return super().finished_ahead(parts, timeout_s)
 
@@ -1520,3 +1526,34 @@ def test_between_commit_intervals_a_held_offset_is_not_recommitted_for_each_fini
 
 def delivered_at_least(client: FakeClient, count: int) -> bool:
     return len(client.bodies) >= count
+
+
+def test_notes_the_coordinator_did_not_give_are_asked_for_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read of the notes that timed out (a coordinator loading its offsets) is tried again
+    a moment later; it was lost for the whole assignment, and every event the previous
+    owner had finished above its commit sent again."""
+    monkeypatch.setattr(worker_module, "NOTES_RETRY_S", 0.05)
+    tp = (TOPIC, 0)
+    values = [track(f"u{i}", i) for i in range(10)]
+    messages = [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]
+
+    class SlowCoordinator(FakeSource):
+        def finished_ahead(self, parts: Sequence[TP], timeout_s: float
+                           ) -> tuple[dict[TP, Finished], list[TP]]:
+            self.ahead = {tp: Finished([(1, 9)])}
+            if not self.ahead_asked:
+                self.notes_unanswered = 1
+            return super().finished_ahead(parts, timeout_s)
+
+    run = make({tp: messages[:1]}, registry=known_schema(), source_type=SlowCoordinator,
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(source.ahead_asked) == 2, "the notes asked for again")
+        source.log[tp].extend(messages[1:])
+        await until(lambda: source.committed().get(tp) == 10, "the commit past the end")
+
+    assert drive(run, scenario) == 0
+    assert run.client.bodies == [_body_of(values[0])]
