@@ -374,6 +374,8 @@ class Handler:
         if isinstance(decision, DeadLetter):
             return await self._dead_letter(event, decision)
         assert isinstance(decision, Send)
+        self._check_halted(event)  # before the claim: a draining partition's events cost
+        # no Redis call, and its users' queues empty at once
         endpoint = self.dedup_endpoint(decision)
         if not await self._dedup_claim(event, endpoint):
             return self._duplicate(event, endpoint)
@@ -458,7 +460,14 @@ class Handler:
             return True
         owner = f"{self.instance}/{event.topic}/{event.partition}/{event.offset}"
         while True:
-            claim = await self.dedup.claim(endpoint, event.message_id, owner)
+            try:
+                claim = await self.dedup.claim(endpoint, event.message_id, owner)
+            except asyncio.CancelledError:
+                # Cut by a drain while the answer was in transit: the claim may have landed.
+                # Released (only if it is ours), or the next owner waits out its TTL.
+                event.dedup_owner = owner
+                await self._dedup_release(event, endpoint)
+                raise
             if claim.outcome is Claim.DUPLICATE:
                 return False
             if claim.outcome is Claim.SEND:
@@ -571,6 +580,7 @@ class Handler:
             acquire = limiter.acquire
 
         async def wait_for_limiter() -> None:
+            self._check_halted(event)  # no slot of the budget for an event that will stop
             wait.observe(await acquire())
             self._check_halted(event)
             while dedup is not None and not await self._dedup_reclaim(event, dedup):

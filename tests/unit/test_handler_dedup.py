@@ -274,3 +274,32 @@ def test_a_group_is_recorded_under_company_identify_not_its_associations_identif
     assert [c.path for c in run.client.calls] == [
         "/v1/identify", "/v1/companies/identify", "/v1/identify"]
     assert sorted(k.split(":")[1] for k in store.values) == ["company_identify", "identify"]
+
+
+class SlowClaim(MemoryStore):
+    """The claim lands in Redis, and its answer takes a while (a slow round trip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claiming = False
+
+    async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+        answer = await super().claim(key, owner, ttl_ms)
+        self.claiming = True
+        await asyncio.sleep(0.3)
+        return answer
+
+
+def test_a_drain_that_cuts_a_claim_short_releases_it() -> None:
+    """A drain cancelled the event while its claim's answer was in transit: the claim had
+    landed, the event did not know it held it, and the next owner waited the claim's TTL
+    (25 s by default) for that messageId, its partition's offset held meanwhile."""
+    store = SlowClaim()
+    run, _, dedup = make(log_of(track("u1", 1)), store)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: store.claiming, "the claim under way")
+
+    assert drive(run, scenario) == 0  # stop() arrives while the claim's answer is awaited
+    assert run.client.bodies == []
+    assert dedup.key("track", "u1-1") not in store.values, "the cut claim was released"
