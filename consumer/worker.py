@@ -258,10 +258,9 @@ class Worker:
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
-        # New partitions whose commit notes are not read yet, the reads each has failed and
+        # New partitions whose commit notes are not read yet: the reads each has failed and
         # when to try again (event loop only; see `_read_notes`).
-        self._inherit_due: dict[TP, int] = {}
-        self._inherit_at = 0.0
+        self._inherit_due: dict[TP, tuple[int, float]] = {}
         # The group's committed offsets from librdkafka's statistics (for a paused
         # partition's lag before this worker committed any).
         self._stats_committed: dict[TP, int] = {}
@@ -834,19 +833,24 @@ class Worker:
         coordinator did not answer is tried again a second later, NOTES_TRIES times (the
         fetcher needs the same coordinator to start, so their messages rarely come first).
         """
+        pending = self._inherit_due
         with self._parts_lock:
             for tp in assigned:
-                self._inherit_due.setdefault(tp, 0)
-            for tp in [tp for tp in self._inherit_due if tp not in self.assigned]:
-                del self._inherit_due[tp]
-        if not self._inherit_due or not source.connected or time.monotonic() < self._inherit_at:
+                pending[tp] = (0, 0.0)  # a new assignment is read at once
+            for tp in [tp for tp in pending if tp not in self.assigned]:
+                del pending[tp]
+        now = time.monotonic()
+        due = sorted(tp for tp, (_, at) in pending.items() if at <= now)
+        if not due or not source.connected:
             return
-        due = sorted(self._inherit_due)
-        unanswered = await source.call(self._inherit, source, due)
-        tries = self._inherit_due
-        self._inherit_due = {tp: tries[tp] + 1 for tp in unanswered
-                             if tp in tries and tries[tp] + 1 < NOTES_TRIES}
-        self._inherit_at = time.monotonic() + NOTES_RETRY_S
+        unanswered = set(await source.call(self._inherit, source, due))
+        retry_at = time.monotonic() + NOTES_RETRY_S
+        for tp in due:
+            tries = pending[tp][0] + 1
+            if tp in unanswered and tries < NOTES_TRIES:
+                pending[tp] = (tries, retry_at)
+            else:
+                del pending[tp]
 
     def _inherit(self, source: Source, parts: list[TP]) -> list[TP]:
         """Poll thread: what the previous owners' last commits named finished above their

@@ -1,4 +1,5 @@
-"""A partition revoked while paused and assigned again is consumed again.
+"""Partitions assigned during the run: one revoked while paused and assigned again is
+consumed again; one assigned later has its commit notes read before its messages.
 
 librdkafka keeps a partition's pause flag across a revoke and a later re-assignment
 (librdkafka#1849); the fake source does the same, so without the worker resuming it the
@@ -8,6 +9,7 @@ partition would stay silent forever (seen after a SIGKILL rebalance in the bench
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -15,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from consumer.commits import TP
 from consumer.health import Health
 from consumer.metrics import Metrics
+from consumer.offsets import Finished
 from consumer.worker import Callbacks, Worker
 from tests.unit.test_worker import (
     TOPIC,
@@ -77,3 +80,33 @@ def test_a_partition_revoked_while_paused_is_resumed_when_assigned_again() -> No
                     timeout=10)
 
     assert drive(run, scenario) == 0
+
+
+def test_a_partition_assigned_soon_after_another_has_its_notes_read_at_once() -> None:
+    """Notes are read per partition when it is assigned. A first version waited a second
+    after any read before the next: a partition assigned meanwhile had its messages taken
+    first, and the events its previous owner had finished were sent again."""
+    first, second = (TOPIC, 0), (TOPIC, 1)
+    later = [Message(TOPIC, 1, i, f"v{i}".encode(), track(f"v{i}", i)) for i in range(10)]
+    metrics = Metrics(CollectorRegistry())
+    client, dlq, registry = FakeClient(), FakeDlq(), FakeRegistry()
+    made: list[Reassigning] = []
+
+    def source(cb: Callbacks) -> Reassigning:
+        made.append(Reassigning(cb, {first: [Message(TOPIC, 0, 0, b"u", track("u", 0))]}))
+        made[-1].ahead = {second: Finished([(1, 9)])}
+        return made[-1]
+
+    worker = Worker(settings(), metrics, Health(metrics), client=client, registry=registry,
+                    dlq=dlq, source=source)
+    run = Run(worker, client, dlq, registry, made)  # type: ignore[arg-type]
+
+    async def scenario(fake: FakeSource) -> None:
+        src = made[0]
+        await until(lambda: src.committed().get(first) == 1, "the first partition done")
+        src.assign_next = {second: list(later)}
+        await until(lambda: src.committed().get(second) == 10, "the second partition done")
+
+    assert drive(run, scenario) == 0
+    users = sorted(json.loads(body)["user_id"] for body in client.bodies)
+    assert users == ["u", "v0"]
