@@ -456,6 +456,12 @@ class CallPlan:
     def done(self) -> bool:
         return self._index >= len(self._calls)
 
+    @property
+    def started(self) -> bool:
+        """A call of the event itself (not an ensure-user identify) succeeded: the event is
+        half-way (a group between its company identify and its association)."""
+        return self._index > 0
+
     def next_call(self) -> Call | None:
         """The request to send now, or None when every call of the event succeeded."""
         if self.done:

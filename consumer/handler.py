@@ -142,6 +142,7 @@ class Event:
     message_id: str | None = None
     event_time: str | None = None
     on_wire: bool = False  # an HTTP request or a DLQ produce of it is under way
+    requesting: bool = False  # ... an HTTP request (Userpilot down: not waited for)
     dedup_owner: str | None = None  # set while this event holds its messageId's claim
     attempts: Attempts = field(default_factory=Attempts)
     plan: CallPlan | None = None  # the calls of a Send, resumed where a failure stopped
@@ -150,6 +151,14 @@ class Event:
     @property
     def fields(self) -> dict[str, Any]:
         return event_fields(self.topic, self.partition, self.offset, self.message_id)
+
+    @property
+    def under_way(self) -> bool:
+        """Something of it may have reached Userpilot or the DLQ and the rest should follow:
+        a request, DLQ record or confirm on the wire, or a call of a half-sent event (a
+        group whose company identify was accepted). A drain waits for these."""
+        plan = self.plan
+        return self.on_wire or (plan is not None and plan.started and not plan.done)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,10 +328,12 @@ class Handler:
             self._halted.difference_update(parts)
 
     def _check_halted(self, event: Event) -> None:
-        """Right before a request: an event of a draining partition stops here, unsent, as
-        if cancelled (its offset stays uncommitted; the claim of an event never sent is
-        released)."""
-        if self._halt_all or (event.topic, event.partition) in self._halted:
+        """Before the claim and before each request: an event of a draining partition stops
+        here, unsent, as if cancelled (its offset stays uncommitted; the claim of an event
+        never sent is released). Not a half-sent event (`Event.under_way`): its next call
+        goes, and the drain waits for it."""
+        if ((self._halt_all or (event.topic, event.partition) in self._halted)
+                and not (event.plan is not None and event.plan.started)):
             raise asyncio.CancelledError
 
     def waiting_for_schemas(self) -> int:
@@ -510,12 +521,18 @@ class Handler:
         owner, event.dedup_owner = event.dedup_owner, None
         if self.dedup is None or owner is None or not event.message_id:
             return
+        # Counted as on the wire (a drain waits for it) and shielded (a cancel arriving
+        # anyway ends only this wait): a release cut short leaves the claim for the next
+        # owner to wait out, its partition's offset held meanwhile.
+        event.on_wire = True
         try:
             async with asyncio.timeout(RELEASE_TIMEOUT_S):  # not wait_for: see `Gate.admit`
-                await self.dedup.release(endpoint, event.message_id, owner)
+                await asyncio.shield(self.dedup.release(endpoint, event.message_id, owner))
         except TimeoutError:
             log.warning("claim not released in time; it expires after its TTL",
                         extra=event.fields)
+        finally:
+            event.on_wire = False
 
     # -- deliver ------------------------------------------------------------------------
     def limiter_for(self, call: Call) -> Limiter:
@@ -592,7 +609,7 @@ class Handler:
 
     async def _attempt(self, event: Event, call: Call, limiter: Limiter) -> None:
         start = time.perf_counter()
-        event.on_wire = True
+        event.on_wire = event.requesting = True
         endpoint = call.endpoint
         try:
             status = await self.client.send(call)
@@ -610,7 +627,7 @@ class Handler:
                 self.m.rate_limit_rps.labels(call.family).set(limiter.share_rate)
             raise
         finally:
-            event.on_wire = False
+            event.on_wire = event.requesting = False
             self._latency(endpoint).observe(time.perf_counter() - start)
 
     # -- dead-letter --------------------------------------------------------------------

@@ -132,12 +132,16 @@ class Scheduler(Generic[J]):
             async with asyncio.timeout(timeout):  # not wait_for: see `Gate.admit`
                 await self._changed.wait()
 
-    async def cancel(self, partitions: Iterable[TopicPartition] | None) -> int:
-        """Abandon the jobs of these partitions (or all); returns how many were abandoned."""
+    async def cancel(self, partitions: Iterable[TopicPartition] | None,
+                     keep: Callable[[J], bool] | None = None) -> int:
+        """Abandon the jobs of these partitions (or all); returns how many were abandoned.
+        `keep`: spare the chains whose current job it accepts (with the jobs behind it)."""
         wanted = None if partitions is None else set(partitions)
         victims = {key: task for key, task in self._tasks.items()
-                   if wanted is None or (key[0], key[1]) in wanted}
-        abandoned = self.pending(wanted)
+                   if (wanted is None or (key[0], key[1]) in wanted)
+                   and not (keep is not None and self._queues.get(key)
+                            and keep(self._queues[key][0]))}
+        abandoned = sum(len(self._queues.get(key, ())) for key in victims)
         for task in victims.values():
             task.cancel()
         if victims:

@@ -425,9 +425,7 @@ class Worker:
         with self._parts_lock:
             assigned = sorted(self.assigned)
         await source.call(source.pause, assigned)
-        # While Userpilot is down or refusing us nothing can finish: don't wait for it.
-        grace = self.s.shutdown_grace_s if self.gate.state == "up" else 0.0
-        left = await self._settle(scheduler, None, grace)
+        left = await self._settle(scheduler, None, self.s.shutdown_grace_s)
         if left:
             log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
                         "delivered after the restart", left)
@@ -467,12 +465,22 @@ class Worker:
         note names the finished ones above it, so the next owner sends only the abandoned
         (`offsets.encode_note`).
         """
+        # While Userpilot is down or refusing us its requests cannot finish: not waited for
+        # (DLQ records and Redis confirms still are).
+        userpilot_up = self.gate.state == "up"
+
+        def waited(event: Event) -> bool:
+            return event.under_way if userpilot_up else event.on_wire and not event.requesting
+
         self.handler.halt(parts)
         abandoned = scheduler.abandoned
         try:
+            # What is not under way goes at once: events waiting for the limiter would each
+            # take a slot of the budget (the shared one too) before stopping at the halt.
+            await scheduler.cancel(parts, keep=waited)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace
-            while (any(event.on_wire for event in scheduler.current(parts))
+            while (any(waited(event) for event in scheduler.current(parts))
                    and loop.time() < deadline):
                 await scheduler.wait_change(min(0.05, deadline - loop.time()))
             await scheduler.cancel(parts)
@@ -950,7 +958,7 @@ class Worker:
 
         async def drain() -> None:
             self._forget_overflow(parts)
-            wait = budget if commit and self.gate.state == "up" else 0.0
+            wait = budget if commit else 0.0
             left = await self._settle(scheduler, parts, wait)
             if left:
                 log.info("revoke: %d events of %s not sent yet; the next owner delivers "

@@ -1,0 +1,237 @@
+"""The drain (SIGTERM, revoke) over in-memory fakes: it starts no new request, waits only
+for what is under way, takes no slot of the budget for events it stops, and leaves no
+messageId claim behind (found by a review of the halt; each test fails without its fix)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+
+from prometheus_client import CollectorRegistry
+
+from consumer import codec
+from consumer.calls import Call
+from consumer.commits import TP as TP_
+from consumer.errors import Misconfigured
+from consumer.health import Health
+from consumer.metrics import Metrics
+from consumer.offsets import Finished, decode_note
+from consumer.ratelimit import AdaptiveLimiter
+from consumer.sharedstate import FAMILIES, SharedState
+from consumer.worker import Callbacks, Worker
+from tests.unit.test_dedup import MemoryStore
+from tests.unit.test_handler_dedup import make as make_deduplicated
+from tests.unit.test_worker import (
+    SCHEMA_ID,
+    TOPIC,
+    FakeClient,
+    FakeDlq,
+    FakeSource,
+    Message,
+    Run,
+    SlowClient,
+    codec_seq,
+    drive,
+    known_schema,
+    log_of,
+    make,
+    settings,
+    track,
+    until,
+)
+
+TP = (TOPIC, 0)
+
+
+class SlowCompany(FakeClient):
+    """The company identify takes 0.3 s; `company_on_wire` is set meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.company_on_wire = False
+
+    async def send(self, call: Call) -> int:
+        if call.endpoint == "company_identify":
+            self.company_on_wire = True
+            await asyncio.sleep(0.3)
+        return await super().send(call)
+
+
+def group_event() -> bytes:
+    event = {"type": "group", "userId": "u1", "groupId": "acme", "traits": {"name": "Acme"},
+             "context": {"consent": {"analytics": True}}, "messageId": "m-1",
+             "timestamp": "2026-11-26T10:00:00.000Z"}
+    return codec.encode(SCHEMA_ID, codec.to_record(event))
+
+
+def test_a_group_half_sent_when_the_drain_starts_is_finished_not_cut() -> None:
+    """A SIGTERM while a group's company identify was on the wire stopped its association
+    at the halt: the next owner sent the company identify again with the same messageId."""
+    store = MemoryStore()
+    log = log_of(group_event())
+    paths: list[str] = []
+    for restart in (False, True):
+        client = SlowCompany()
+        run, _, _ = make_deduplicated(log, store, WORKER_SHUTDOWN_GRACE_SECONDS="20")
+        run.worker.client = run.worker.handler.client = client
+
+        async def scenario(source: FakeSource, restart: bool = restart,
+                           client: SlowCompany = client) -> None:
+            if restart:
+                await until(lambda: source.committed().get(TP) == 1, "the commit")
+            else:
+                await until(lambda: client.company_on_wire, "the company identify on the wire")
+
+        assert drive(run, scenario) == 0
+        paths += [call.path for call in client.calls]
+    assert paths == ["/v1/companies/identify", "/v1/identify"]
+
+
+class CountingLimiter(AdaptiveLimiter):
+    """Counts the slots handed out after `halted_at` is set."""
+
+    halted_at: float | None = None
+    after_halt = 0
+
+    async def acquire(self) -> float:
+        waited = await super().acquire()
+        if CountingLimiter.halted_at is not None:
+            CountingLimiter.after_halt += 1
+        return waited
+
+
+def test_events_waiting_for_the_limiter_take_no_slot_once_the_drain_starts() -> None:
+    """Events queued on the limiter when a drain began each took their slot (a Redis
+    GCRA slot when shared) and only then stopped at the halt, while the drain waited for
+    the requests on the wire: budget spent on nothing."""
+    log = {TP: [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(40)]}
+    client = SlowClient(1.0)
+    s = settings(USERPILOT_ENSURE_USER="false", USERPILOT_RATE_LIMIT="5",
+                 USERPILOT_RATE_PERIOD_SECONDS="1", USERPILOT_RATE_BURST="1",
+                 WORKER_SHUTDOWN_GRACE_SECONDS="20")
+    CountingLimiter.halted_at, CountingLimiter.after_halt = None, 0
+    shared = SharedState(limiters={family: CountingLimiter(s.rate_limit, s.rate_period_s,
+                                                           s.rate_burst)
+                                   for family in FAMILIES})
+    metrics = Metrics(CollectorRegistry())
+    made: list[FakeSource] = []
+
+    def source(cb: Callbacks) -> FakeSource:
+        made.append(FakeSource(cb, log))
+        return made[-1]
+
+    worker = Worker(s, metrics, Health(metrics), client=client, registry=known_schema(),
+                    dlq=FakeDlq(), source=source, shared=shared)
+    run = Run(worker, client, FakeDlq(), known_schema(), made)
+
+    async def scenario(src: FakeSource) -> None:
+        await until(lambda: client.started >= 2, "two requests on the wire")
+        CountingLimiter.halted_at = time.monotonic()
+
+    started = time.monotonic()
+    assert drive(run, scenario) == 0
+    assert CountingLimiter.after_halt == 0, f"{CountingLimiter.after_halt} slots for nothing"
+    assert time.monotonic() - started < 5
+
+
+class SlowAckDlq(FakeDlq):
+    """The record is handed over at once; the broker's acknowledgement takes a second."""
+
+    def __init__(self, shared_records: list[object]) -> None:
+        super().__init__()
+        self.handed: list[object] = shared_records
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes | None]], timestamp_ms: int | None) -> None:
+        self.handed.append(value)
+        await asyncio.sleep(1.0)
+        await super().send(topic, key=key, value=value, headers=headers,
+                           timestamp_ms=timestamp_ms)
+
+
+class RefusedToken(FakeClient):
+    async def send(self, call: Call) -> int:
+        raise Misconfigured("HTTP 401: token refused", status=401)
+
+
+def test_with_userpilot_refusing_the_drain_still_waits_for_a_dlq_record_under_way() -> None:
+    """With the gate closed a drain waited for nothing: a DLQ record awaiting its broker
+    acknowledgement was cut, so its offset was neither committed nor named in the commit's
+    note, and the restarted worker dead-lettered the event again (two records for one
+    poison message). The track event before it waits out the refused token: the next
+    owner reads the note and sends only that one."""
+    log: Mapping[tuple[str, int], list[Message]] = {TP: [
+        Message(TOPIC, 0, 0, b"u1", track("u1", 1)),
+        Message(TOPIC, 0, 1, b"u2", b"not avro")]}
+    handed: list[object] = []
+    first = make(dict(log), registry=known_schema(), USERPILOT_ENSURE_USER="false",
+                 WORKER_SHUTDOWN_GRACE_SECONDS="20")
+    dlq = SlowAckDlq(handed)
+    first.worker.dlq = first.worker.handler.dlq = dlq
+    first.worker.client = first.worker.handler.client = RefusedToken()
+
+    async def refused(source: FakeSource) -> None:
+        await until(lambda: first.worker.gate.state != "up" and len(handed) == 1,
+                    "the gate closed and the record handed over")
+
+    assert drive(first, refused) == 0
+    assert first.source.committed().get(TP) == 0  # held by the refused event
+    finished = decode_note(first.source.notes[-1].get(TP, ""), 0)
+
+    class NextOwner(FakeSource):
+        def finished_ahead(self, parts: Sequence[TP_], timeout_s: float
+                           ) -> tuple[dict[TP_, Finished], list[TP_]]:
+            self.ahead = {TP: finished}
+            return super().finished_ahead(parts, timeout_s)
+
+    second = make(dict(log), registry=known_schema(), source_type=NextOwner,
+                  USERPILOT_ENSURE_USER="false")
+    second.worker.dlq = second.worker.handler.dlq = SlowAckDlq(handed)
+
+    async def caught_up(source: FakeSource) -> None:
+        await until(lambda: source.committed().get(TP) == 2, "the commit past the end")
+
+    assert drive(second, caught_up) == 0
+    assert handed == [b"not avro"], f"{len(handed)} DLQ records for one poison message"
+    assert [codec_seq(body) for body in second.client.bodies] == [1]
+
+
+class SlowRelease(MemoryStore):
+    """A release takes 0.5 s to reach Redis (waiting for a pooled connection)."""
+
+    async def release(self, key: str, owner: str) -> None:
+        await asyncio.sleep(0.5)
+        await super().release(key, owner)
+
+
+class SlowUser(FakeClient):
+    """User a's request takes 0.6 s."""
+
+    async def send(self, call: Call) -> int:
+        if json.loads(call.body).get("user_id") == "a":
+            await asyncio.sleep(0.6)
+        return await super().send(call)
+
+
+def test_a_drain_does_not_cut_a_claims_release_short() -> None:
+    """A halted event releasing its claim was cancelled mid-release when the last request
+    on the wire ended: the claim stayed for the next owner to wait out."""
+    store = SlowRelease()
+    log = {TP: [Message(TOPIC, 0, 0, b"a", track("a", 1)),
+                Message(TOPIC, 0, 1, b"b", track("b", 1))]}
+    run, _, dedup = make_deduplicated(log, store, USERPILOT_RATE_LIMIT="10",
+                                      USERPILOT_RATE_BURST="1",
+                                      USERPILOT_RATE_PERIOD_SECONDS="1",
+                                      WORKER_SHUTDOWN_GRACE_SECONDS="20")
+    client = SlowUser()
+    run.worker.client = run.worker.handler.client = client
+    key = dedup.key("track", "b-1")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: str(store.values.get(key, "")).startswith("c:"), "b's claim")
+        await asyncio.sleep(0.1)
+
+    assert drive(run, scenario) == 0
+    assert key not in store.values, "b's claim left behind"
