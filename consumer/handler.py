@@ -153,12 +153,18 @@ class Event:
         return event_fields(self.topic, self.partition, self.offset, self.message_id)
 
     @property
+    def half_sent(self) -> bool:
+        """A call of the event was accepted and another is to follow (a group whose company
+        identify was accepted): a drain neither halts nor abandons it."""
+        plan = self.plan
+        return plan is not None and plan.started and not plan.done
+
+    @property
     def under_way(self) -> bool:
         """Something of it may have reached Userpilot or the DLQ and the rest should follow:
-        a request, DLQ record or confirm on the wire, or a call of a half-sent event (a
-        group whose company identify was accepted). A drain waits for these."""
-        plan = self.plan
-        return self.on_wire or (plan is not None and plan.started and not plan.done)
+        a request, DLQ record or confirm on the wire, or a half-sent event. A drain waits
+        for these."""
+        return self.on_wire or self.half_sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,10 +336,10 @@ class Handler:
     def _check_halted(self, event: Event) -> None:
         """Before the claim and before each request: an event of a draining partition stops
         here, unsent, as if cancelled (its offset stays uncommitted; the claim of an event
-        never sent is released). Not a half-sent event (`Event.under_way`): its next call
-        goes, and the drain waits for it."""
+        never sent is released). Not a half-sent event: its next call goes, and the drain
+        waits for it."""
         if ((self._halt_all or (event.topic, event.partition) in self._halted)
-                and not (event.plan is not None and event.plan.started)):
+                and not event.half_sent):
             raise asyncio.CancelledError
 
     def waiting_for_schemas(self) -> int:

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -177,7 +177,7 @@ class KafkaSource:
             # errors (waiting for the coordinator, transport, timeout) are not.
             self._brokers_up = True
             self._commit_waiting_since = None
-        self._notes_now_refused(parts or [])
+        self._notes_now_refused(tp.error.code() for tp in parts or [] if tp.error is not None)
         done = [((tp.topic, tp.partition), tp.offset) for tp in parts or []
                 if tp.error is None and tp.offset >= 0]
         failed = [(tp.topic, tp.partition) for tp in parts or []
@@ -258,23 +258,19 @@ class KafkaSource:
         if parts:
             self._consumer.resume([TopicPartition(t, p) for t, p in parts])
 
-    def _notes_now_refused(self, parts: Sequence[TopicPartition],
-                           notes: dict[TP, str] | None = None) -> bool:
+    def _notes_now_refused(self, codes: Iterable[int], notes: dict[TP, str] | None = None
+                           ) -> bool:
         """A broker whose `offset.metadata.max.bytes` is below a note refuses the commit:
         from then on commits go without notes (the refused ones are requested again).
-        True when this answer is the first such refusal of a commit that carried notes."""
-        if self.notes_refused or not any(
-                tp.error is not None and tp.error.code() == KafkaError.OFFSET_METADATA_TOO_LARGE
-                for tp in parts):
+        `codes`: the commit's error codes. True when this is the first such refusal and the
+        commit carried notes (the caller commits again, without)."""
+        if self.notes_refused or KafkaError.OFFSET_METADATA_TOO_LARGE not in set(codes):
             return False
-        self._refuse_notes()
-        return notes is None or bool(notes)
-
-    def _refuse_notes(self) -> None:
         self.notes_refused = True
         log.warning("the broker refused commit metadata as too large "
-                        "(offset.metadata.max.bytes); committing without notes of finished "
-                        "offsets: a new owner of a partition may send events again")
+                    "(offset.metadata.max.bytes); committing without notes of finished "
+                    "offsets: a new owner of a partition may send events again")
+        return bool(notes)
 
     def finished_ahead(self, parts: Sequence[TP], timeout_s: float
                        ) -> tuple[dict[TP, Finished], list[TP]]:
@@ -330,7 +326,8 @@ class KafkaSource:
                 answer = self._consumer.commit(offsets=parts, asynchronous=False)
                 failed = [tp for tp in answer or [] if tp.error is not None]
                 if failed:
-                    if self._notes_now_refused(failed, notes):
+                    if self._notes_now_refused(
+                            (tp.error.code() for tp in failed if tp.error is not None), notes):
                         return self.commit(offsets, wait=True)
                     log.warning("offset commit refused for %s; the next commit covers it",
                                 ", ".join(f"{tp.topic}[{tp.partition}]: {tp.error.str()}"
@@ -348,9 +345,7 @@ class KafkaSource:
             if isinstance(err, KafkaError) and err.fatal():
                 raise
             if (wait and isinstance(err, KafkaError)
-                    and err.code() == KafkaError.OFFSET_METADATA_TOO_LARGE
-                    and not self.notes_refused and notes):
-                self._refuse_notes()
+                    and self._notes_now_refused([err.code()], notes)):
                 return self.commit(offsets, wait=True)
             log.warning("offset commit not done (%s); the next commit covers it",
                         err.str() if isinstance(err, KafkaError) else exc)
