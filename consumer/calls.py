@@ -302,7 +302,8 @@ def group_calls(event: Mapping[str, Any], shape: TraitsShape | None = None,
     """A ``group`` event → company identify, then (with a ``userId``) the association.
 
     The association is an identify with only ``company``: no ``metadata`` key, so the
-    user's properties are left as they are. Without a ``userId`` only the company goes.
+    user's properties are left as they are. The filters drop a ``group`` without a
+    ``userId``; called with one anyway (a library caller), only the company goes.
     """
     company = company_identify_payload(event, shape, omitted)
     first = _call("company_identify", COMPANY_IDENTIFY_PATH, company)
@@ -339,14 +340,15 @@ def event_calls(
 
 
 def lacks_required_id(event: Mapping[str, Any]) -> bool:
-    """The anonymous rule per type: ``group`` needs a ``groupId``, the others a ``userId``.
+    """The anonymous rule: every type needs a ``userId``; ``group`` a ``groupId`` as well.
 
-    A ``group`` without ``userId`` is still sent (the company alone). An id that is not
-    :func:`visible` counts as missing, and so does a non-string (an integer ``groupId`` is
-    accepted, as an id).
+    A ``group`` from an anonymous visitor is not sent either: the integration page delivers
+    no anonymous (pre-login) event, and Userpilot attributes everything to a user. An id
+    that is not :func:`visible` counts as missing, and so does a non-string (an integer
+    ``groupId`` is accepted, as an id).
     """
-    if event.get("type") == "group":
-        return _id(event.get("groupId")) is None
+    if event.get("type") == "group" and _id(event.get("groupId")) is None:
+        return True
     user_id = event.get("userId")
     return not isinstance(user_id, str) or not visible(user_id)
 

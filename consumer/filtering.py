@@ -176,7 +176,7 @@ def drop_reason(
     """Why ``event`` is not delivered, or None when it should be sent.
 
     Checked cheapest first: anonymous (:func:`consumer.calls.lacks_required_id`: a
-    ``group`` without ``groupId``, any other type without a non-blank ``userId``), type
+    ``group`` without ``groupId``, any type without a non-blank ``userId``), type
     (only track, page, identify and group are delivered; others are ``unsupported_type``)
     and mapping (track/page only: one without a rule is ``unmapped``; identify and group
     always go, shaped by the mappings file's sections), all from envelope strings; then

@@ -382,7 +382,8 @@ def test_event_calls_passes_each_shape_to_its_type() -> None:
     ({"type": "identify", "userId": " "}, True),
     ({"type": "identify"}, True),
     ({"type": "track", "userId": None}, True),
-    ({"type": "group", "groupId": "g"}, False),  # the company alone is still sent
+    ({"type": "group", "groupId": "g"}, True),  # an anonymous visitor's group: not sent
+    ({"type": "group", "groupId": "g", "userId": "\u200b"}, True),
     ({"type": "group", "groupId": 5, "userId": "u"}, False),
     ({"type": "group", "groupId": "", "userId": "u"}, True),
     ({"type": "group", "userId": "u"}, True),

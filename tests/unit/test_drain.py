@@ -199,39 +199,49 @@ def test_with_userpilot_refusing_the_drain_still_waits_for_a_dlq_record_under_wa
 
 
 class SlowRelease(MemoryStore):
-    """A release takes 0.5 s to reach Redis (waiting for a pooled connection)."""
+    """A release takes 1 s to reach Redis (waiting for a pooled connection)."""
 
     async def release(self, key: str, owner: str) -> None:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         await super().release(key, owner)
 
 
-class SlowUser(FakeClient):
-    """User a's request takes 0.6 s."""
+class SlowFirst(FakeClient):
+    """The first request sent takes 0.6 s; which user it is for is up to the scheduler."""
+
+    first: str | None = None
 
     async def send(self, call: Call) -> int:
-        if json.loads(call.body).get("user_id") == "a":
+        if self.first is None:
+            self.first = json.loads(call.body)["user_id"]
             await asyncio.sleep(0.6)
         return await super().send(call)
 
 
 def test_a_drain_does_not_cut_a_claims_release_short() -> None:
     """A halted event releasing its claim was cancelled mid-release when the last request
-    on the wire ended: the claim stayed for the next owner to wait out."""
+    on the wire ended: the claim stayed for the next owner to wait out.
+
+    One user's request is on the wire for 0.6 s; the other waits a second for the limiter,
+    is halted there, and its release takes 1 s, so it outlasts the request on the wire."""
     store = SlowRelease()
     log = {TP: [Message(TOPIC, 0, 0, b"a", track("a", 1)),
                 Message(TOPIC, 0, 1, b"b", track("b", 1))]}
-    run, _, dedup = make_deduplicated(log, store, USERPILOT_RATE_LIMIT="10",
+    run, _, dedup = make_deduplicated(log, store, USERPILOT_RATE_LIMIT="1",
                                       USERPILOT_RATE_BURST="1",
                                       USERPILOT_RATE_PERIOD_SECONDS="1",
                                       WORKER_SHUTDOWN_GRACE_SECONDS="20")
-    client = SlowUser()
+    client = SlowFirst()
     run.worker.client = run.worker.handler.client = client
-    key = dedup.key("track", "b-1")
+    waiting: list[str] = []
 
     async def scenario(source: FakeSource) -> None:
-        await until(lambda: str(store.values.get(key, "")).startswith("c:"), "b's claim")
+        await until(lambda: client.first is not None, "the first request")
+        other = "b" if client.first == "a" else "a"
+        waiting.append(dedup.key("track", f"{other}-1"))
+        await until(lambda: str(store.values.get(waiting[0], "")).startswith("c:"),
+                    f"{other}'s claim")
         await asyncio.sleep(0.1)
 
     assert drive(run, scenario) == 0
-    assert key not in store.values, "b's claim left behind"
+    assert waiting and waiting[0] not in store.values, "the halted event's claim left behind"

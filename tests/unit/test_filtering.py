@@ -188,7 +188,8 @@ def test_consent_category_label_is_always_a_configured_one() -> None:
         ({"type": "identify", "traits": {"plan": "pro"}}, None),  # no mapping needed
         ({"type": "identify", "event": "Nope"}, None),
         ({"type": "group", "groupId": "g1"}, None),
-        ({"type": "group", "groupId": "g1", "userId": None}, None),  # the company alone
+        ({"type": "group", "groupId": "g1", "userId": None}, Drop("anonymous")),
+        ({"type": "group", "groupId": "g1", "userId": " "}, Drop("anonymous")),
         ({"type": "group", "groupId": 42}, None),
         ({"type": "group"}, Drop("anonymous")),  # group needs a groupId
         ({"type": "group", "groupId": "  "}, Drop("anonymous")),

@@ -117,7 +117,7 @@ def test_identify_and_group_report_the_trait_fields_they_leave_out() -> None:
                      POLICY, DEFAULT_PRESET)
     assert isinstance(decision, Send)
     assert sorted(decision.omitted) == ["company.owners", "roles"]
-    decision = route({"type": "group", "groupId": "g", "context": GRANTED,
+    decision = route({"type": "group", "groupId": "g", "userId": "u1", "context": GRANTED,
                       "traits": {"name": "A", "owners": [{"x": 1}]}}, POLICY, DEFAULT_PRESET)
     assert isinstance(decision, Send) and decision.omitted == ("owners",)
 
@@ -143,10 +143,12 @@ def test_traits_sections_pick_rename_exclude_and_add_static_values() -> None:
                      POLICY, mappings)
     assert _calls(identify)[0][2]["metadata"] == {"plan_tier": "pro", "email": "e",
                                                   "source": "signal"}
-    group = route({"type": "group", "groupId": "g", "context": GRANTED,
+    group = route({"type": "group", "groupId": "g", "userId": "u1", "context": GRANTED,
                    "traits": {"name": "Acme", "size": 5}}, POLICY, mappings)
     assert _calls(group) == [("company_identify", "/v1/companies/identify",
-                              {"company_id": "g", "metadata": {"name": "Acme"}})]
+                              {"company_id": "g", "metadata": {"name": "Acme"}}),
+                             ("associate_company", "/v1/identify",
+                              {"user_id": "u1", "company": {"id": "g"}})]
 
 
 def test_traits_get_the_track_size_limits() -> None:
