@@ -14,7 +14,8 @@ the consent check parses ``context.consent`` only (:attr:`Event.consent`).
 
 Strings are made safe once, where JSON text is parsed: a lone UTF-16 surrogate (valid JSON
 ``"\\ud83d"``, emitted when JavaScript cuts a string inside an emoji) becomes U+FFFD and is
-counted in :attr:`Event.replaced`, so no later encoder can fail on it. JSON text nested
+counted in :attr:`Event.replaced`, so no later encoder can fail on it. Invalid UTF-8 in an
+Avro string (cut inside a multi-byte character) becomes U+FFFD as well. JSON text nested
 deeper than :data:`MAX_JSON_DEPTH`, or that is not JSON, raises :class:`UndecodableEvent`
 when it is first read (inside ``route``): the event is dead-lettered, never a crash.
 """
@@ -401,6 +402,12 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
         # Resolution costs time per call; skip it when the writer is our own schema.
         reader = None if writer is SCHEMA else SCHEMA
         record = _read_record(stream, writer, reader)
+    except UnicodeDecodeError:
+        # A string cut inside a multi-byte character (a producer limiting bytes): U+FFFD,
+        # as Java's Avro decodes it, not the whole event dead-lettered (replay could never
+        # succeed). Read again only then: the hot path keeps fastavro's default.
+        stream.seek(_HEADER.size)
+        record = _read_replacing(stream, writer, reader)
     except Exception as exc:  # fastavro raises many types on corrupt input
         raise UndecodableEvent(f"not a Signal event in Avro: {type(exc).__name__}: {exc}") from None
     if stream.tell() != len(data):
@@ -410,3 +417,13 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     if not isinstance(record, dict):
         raise UndecodableEvent("Avro body did not decode to a record")
     return Event(record)
+
+
+def _read_replacing(stream: io.BytesIO, writer: Any, reader: Any) -> Any:
+    """`_read_record` with invalid UTF-8 in strings replaced by U+FFFD."""
+    try:
+        return fastavro.schemaless_reader(stream, writer, reader,
+                                          handle_unicode_errors="replace")
+    except Exception as exc:
+        raise UndecodableEvent(
+            f"not a Signal event in Avro: {type(exc).__name__}: {exc}") from None

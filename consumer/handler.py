@@ -212,6 +212,13 @@ class SchemaNotCached(Exception):
         self.schema_id = schema_id
 
 
+def _registry_failure(exc: BaseException) -> str:
+    """A registry failure for the log: its type, and the HTTP status when it answered one
+    (a 401/403 after a credential rotation must be told from an outage)."""
+    status = getattr(exc, "http_status_code", None)
+    return f"{type(exc).__name__}, HTTP {status}" if status else type(exc).__name__
+
+
 def _event_age(timestamp: str | None) -> float | None:
     if not timestamp:
         return None
@@ -376,7 +383,7 @@ class Handler:
                 return
             except Exception as exc:
                 log.warning("schema registry unavailable (%s); retrying in %.1f s",
-                            type(exc).__name__, delay, extra=event.fields)
+                            _registry_failure(exc), delay, extra=event.fields)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 

@@ -54,6 +54,9 @@ class RegistryUnusable(Exception):
     """A reply that is no registry's: a redirect, or a 2xx that is not a JSON object."""
 
 
+UNKNOWN_SCHEMA_CODE = 40403  # Confluent, Apicurio, Karapace and Redpanda: no schema with that id
+
+
 class RegistryError(Exception):
     """The registry answered with an error status (`http_status_code`, its `error_code`)."""
 
@@ -61,6 +64,23 @@ class RegistryError(Exception):
         super().__init__(f"{http_status_code} (error {error_code}): {message}")
         self.http_status_code = http_status_code
         self.error_code = error_code
+
+    @property
+    def answered(self) -> bool:
+        """The registry's own answer about what was asked (an unknown id, subject or version;
+        a schema it refuses to register), not a failure to reach it.
+
+        Only with the registry's JSON `error_code`: a gateway's or ingress's `404 page not
+        found` in front of a registry that is down is an outage (dead-lettering good events
+        as "unknown schema id" lost them), and 401/403/429 are failures whatever the body
+        (a rotated credential must turn readiness off, not wait silently).
+        """
+        return self.error_code is not None and self.http_status_code in (404, 409, 422)
+
+    @property
+    def unknown_schema(self) -> bool:
+        """The registry says no schema has the id asked for (permanent: ids never change)."""
+        return self.http_status_code == 404 and self.error_code == UNKNOWN_SCHEMA_CODE
 
 
 _ACCEPT = "application/vnd.schemaregistry.v1+json, application/vnd.schemaregistry+json, " \
@@ -159,13 +179,15 @@ class Registry:
             return None
         return f"schema registry does not answer ({self.last_error})"
 
-    def _call(self, what: str, call: Callable[[], T]) -> T:
-        """Run one registry request, keeping `healthy` and logging the transitions."""
+    def _call(self, what: str, call: Callable[[], T],
+              answer: Callable[[RegistryError], bool] = lambda exc: exc.answered) -> T:
+        """Run one registry request, keeping `healthy` and logging the transitions; `answer`
+        tells which error statuses are the registry answering (not a failure)."""
         try:
             result = call()
         except RegistryError as exc:
-            if 0 < exc.http_status_code < 500:
-                self._answered()  # e.g. 404: it answers, the id is unknown
+            if answer(exc):
+                self._answered()  # e.g. 40403: it answers, the id is unknown
             else:
                 self._failed(what, exc)
             raise
@@ -245,9 +267,10 @@ class Registry:
     def _fetch(self, schema_id: int) -> Mapping[str, Any]:
         try:
             text = self._call(f"get schema {schema_id}",
-                              lambda: self._client.get_schema(schema_id))
+                              lambda: self._client.get_schema(schema_id),
+                              lambda exc: exc.unknown_schema)
         except RegistryError as exc:
-            if exc.http_status_code == 404:
+            if exc.unknown_schema:
                 raise KeyError(schema_id) from None
             raise
         return self._parse(schema_id, text)

@@ -262,6 +262,18 @@ def test_decode_errors_are_undecodable(
     assert info.value.reason == "undecodable"
 
 
+def test_invalid_utf8_in_a_string_becomes_a_replacement_character() -> None:
+    """A producer that cut a string inside a multi-byte character: the event is decoded
+    with U+FFFD there (as Java's Avro does), not dead-lettered for ever."""
+    record = codec.to_record({**ROUND_TRIPS[1][1], "userId": "user-\u00e9-1"})
+    data = codec.encode(1, record)
+    cut = data.replace("user-\u00e9-1".encode(), b"user-\xc3--1")
+    assert cut != data and len(cut) == len(data)
+    event = codec.decode(cut, own_schema)
+    assert event["userId"] == "user-\ufffd--1"
+    assert codec.decode(data, own_schema)["userId"] == "user-\u00e9-1"
+
+
 def test_lookup_errors_other_than_key_error_propagate() -> None:
     """A registry outage is not a bad event: it must not be dead-lettered."""
     def down(schema_id: int) -> Mapping[str, Any]:

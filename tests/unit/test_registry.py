@@ -165,6 +165,35 @@ def test_a_server_error_is_unhealthy_and_a_not_found_is_an_answer() -> None:
     assert registry.healthy
 
 
+@pytest.mark.parametrize("error", [
+    RegistryError(404, None, "404 page not found"),  # a gateway's page: the registry is down
+    RegistryError(404, 40401, "Subject not found"),  # not an answer about this id
+    RegistryError(401, 40101, "Unauthorized"),  # a rotated credential
+    RegistryError(403, None, "Forbidden"),
+    RegistryError(429, None, "Too Many Requests"),
+    RegistryError(400, None, "Bad Request"),
+])
+def test_only_the_registrys_unknown_id_answer_is_permanent(
+        error: RegistryError, caplog: pytest.LogCaptureFixture) -> None:
+    """Anything but the registry's JSON 40403 is an outage: the event waits (readiness off,
+    one ERROR line naming the status) instead of being dead-lettered as an unknown id."""
+    registry, _, _ = make([error])
+    with caplog.at_level(logging.ERROR, logger="consumer.registry"), \
+            pytest.raises(RegistryError):
+        registry.writer_schema(3)
+    assert not registry.healthy
+    problem = registry.problem()
+    assert problem is not None and str(error.http_status_code) in problem
+    assert [r.levelno for r in caplog.records] == [logging.ERROR]
+    assert registry.writer_schema(3) == SCHEMA and registry.healthy  # and it recovers
+
+
+@pytest.mark.parametrize(("status", "code"), [(404, 40401), (409, 409), (422, 42201)])
+def test_the_registrys_own_refusals_are_answers(status: int, code: int) -> None:
+    assert RegistryError(status, code, "x").answered
+    assert not RegistryError(status, None, "x").answered
+
+
 def test_register_goes_through_the_same_bookkeeping() -> None:
     registry, _, _ = make([ConnectionRefusedError("refused")])
     with pytest.raises(ConnectionRefusedError):
