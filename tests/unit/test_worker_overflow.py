@@ -74,13 +74,16 @@ class Rebalancing(FakeSource):
         self._on_poll_thread()
         while self._acks:
             self.cb.on_committed(list(self._acks.pop(0).items()), [])
+        # A request is cleared only once handled: the scenario reads `owned` when both are
+        # empty (cleared before the revoke callback returned, it missed a partition).
         if self.revoke_next:
-            parts, self.revoke_next = [tp for tp in self.revoke_next if tp in self.owned], []
+            parts = [tp for tp in self.revoke_next if tp in self.owned]
             if parts:
                 self.cb.on_revoke(parts)
                 self.owned.difference_update(parts)
+            self.revoke_next = []
         if self.assign_next:
-            parts, self.assign_next = [tp for tp in self.assign_next if tp not in self.owned], []
+            parts = [tp for tp in self.assign_next if tp not in self.owned]
             if parts:
                 done = self.committed()
                 for tp in parts:  # fetched again from the committed offset
@@ -88,6 +91,7 @@ class Rebalancing(FakeSource):
                     self.epochs[tp] += 1
                 self.owned.update(parts)
                 self.cb.on_assign(sorted(parts))
+            self.assign_next = []
         out: list[Message] = []
         for tp, messages in sorted(self.log.items()):
             if tp in self.paused or tp not in self.owned:
