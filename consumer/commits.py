@@ -21,7 +21,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
 
-from consumer.offsets import Finished, PartitionOffsets
+from consumer.offsets import Finished, PartitionOffsets, decode_note
 
 __all__ = ["TP", "Commits"]
 
@@ -207,8 +207,8 @@ class Commits:
                      ) -> list[tuple[TP, int]]:
         """Commit results; returns the newly committed (partition, offset) pairs.
 
-        A committed offset frees the window below it; a failed partition is requested
-        again by the next `due`.
+        A committed offset frees the window below it, and its note the offsets it names
+        above it; a failed partition is requested again by the next `due`.
         """
         fresh: list[tuple[TP, int]] = []
         with self._lock:
@@ -218,26 +218,33 @@ class Commits:
                 if unanswered:
                     unanswered.popleft()
             for tp, offset in done:
-                self._credit(tp, offset)
+                named = self._credit(tp, offset)
+                tracker = self._offsets.get(tp)
                 if offset <= self._committed.get(tp, -1):
+                    if named and tracker is not None and offset == self._committed[tp]:
+                        tracker.committed(offset, named)  # the same offset, a newer note
                     continue
                 self._committed[tp] = offset
-                tracker = self._offsets.get(tp)
                 if tracker is not None:
-                    tracker.committed(offset)
+                    tracker.committed(offset, named)
                     fresh.append((tp, offset))
         return fresh
 
-    def _credit(self, tp: TP, offset: int) -> None:
+    def _credit(self, tp: TP, offset: int) -> Finished | None:
         """An answer committing `offset`: the coordinator now holds the note that commit
         carried, not the newest one requested (a later commit of the same offset with a
-        longer note may still fail). Lock held."""
+        longer note may still fail). Returns what that note names when it is new. Lock
+        held."""
         unanswered = self._unanswered.get(tp)
         while unanswered:
             sent, note = unanswered.popleft()
             if sent == offset:
+                if note and note != self._committed_notes.get(tp):
+                    self._committed_notes[tp] = note
+                    return decode_note(note, offset)
                 self._committed_notes[tp] = note
-                return
+                return None
+        return None
 
     def outstanding(self) -> bool:
         """A commit of an assigned partition was sent and is not acknowledged yet."""

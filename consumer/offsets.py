@@ -31,6 +31,7 @@ NOTE_MAX_CHARS = 1000
 (4,096 by default). Finished ranges past the bound are left out: sent again, as before."""
 _OFFSET = re.compile(r"[0-9]{1,19}")
 NOTE_MAX_RANGES = 4096
+PENDING_SLACK = 256  # finished offsets kept behind an unfinished one before compacting
 """A decoded note's bound (a note is ~2 bytes a range, so a well-formed one has fewer)."""
 
 
@@ -136,6 +137,11 @@ class Finished:
         i = bisect.bisect_right(self._starts, offset) - 1
         return i >= 0 and offset <= self._ends[i]
 
+    def covers_any(self, low: int, high: int) -> bool:
+        """Some range meets [low, high]."""
+        i = bisect.bisect_left(self._ends, low)
+        return i < len(self._ends) and self._starts[i] <= high
+
     def above(self, offset: int) -> list[tuple[int, int]]:
         """The ranges clipped to offsets above `offset`."""
         i = bisect.bisect_right(self._ends, offset)
@@ -193,8 +199,14 @@ class PartitionOffsets:
             return
         self._open.discard(offset)
         self._changes += 1
-        while self._pending and self._pending[0] not in self._open:
-            self._pending.popleft()
+        pending = self._pending
+        while pending and pending[0] not in self._open:
+            pending.popleft()
+        if len(pending) > 2 * len(self._open) + PENDING_SLACK:
+            # Behind one event stuck for hours (a retry, a schema the registry withholds)
+            # the finished ones after it are named by the commits' notes and leave the
+            # window, so intake goes on: keep only the unfinished (amortised O(1)).
+            self._pending = deque(o for o in pending if o in self._open)
 
     def committable(self) -> int | None:
         """The offset to commit (next to read), or None when nothing was taken yet."""
@@ -207,13 +219,25 @@ class PartitionOffsets:
         """How many taken offsets are not finished yet."""
         return len(self._open)
 
-    def committed(self, offset: int) -> None:
-        """Record that `offset` (next to read) is committed."""
+    def committed(self, offset: int, named: Finished | None = None) -> None:
+        """Record that `offset` (next to read) is committed, with a note naming `named`
+        finished above it (the coordinator holds that note: a crash or a drain does not
+        send those again, so they leave the window too)."""
         self._base = offset if self._base is None else max(self._base, offset)
         while self._sent and self._sent[0] < self._base:
             self._sent.popleft()
             family = self._families.popleft()
             self._risk[family] -= 1
+        if named and self._sent and named.covers_any(self._sent[0], self._sent[-1]):
+            sent: deque[int] = deque()
+            families: deque[str] = deque()
+            for kept, family in zip(self._sent, self._families, strict=True):
+                if named.covers(kept):
+                    self._risk[family] -= 1
+                else:
+                    sent.append(kept)
+                    families.append(family)
+            self._sent, self._families = sent, families
 
     def sent(self, offset: int, family: str = "track") -> None:
         """Record a taken offset that will be sent (to Userpilot or the DLQ), not dropped,
@@ -225,7 +249,8 @@ class PartitionOffsets:
 
     @property
     def at_risk(self) -> int:
-        """Sent or sending events not yet committed: what a crash now would send again.
+        """Sent or sending events not yet committed, nor named finished by a committed
+        note: what a crash now would send again.
 
         Dropped events are not counted: dropped again after a crash, they are no
         duplicate anywhere.

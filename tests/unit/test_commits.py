@@ -162,3 +162,29 @@ def test_an_answer_is_credited_with_the_note_its_own_commit_carried() -> None:
     c.requested({tp: 0}, {tp: second})
     c.acknowledged([(tp, 0)])
     assert c.due_noted([tp]) == {}
+
+
+def test_an_acknowledged_note_frees_the_window_of_what_it_names() -> None:
+    """Events finished above a held offset leave the window once a commit naming them is
+    acknowledged, not when it is only requested; a commit sent without a note (the
+    broker refuses metadata) frees nothing above its offset."""
+    tp = ("t", 0)
+    c = Commits()
+    c.assign([tp])
+    for offset in range(6):
+        c.take(tp, offset)
+        c.sending(tp, offset)
+    for offset in (1, 2, 4):
+        c.finish(tp, offset)
+    ((offset, note),) = c.due_noted(pipelined=True).values()
+    assert offset == 0 and decode_note(note, 0) == Finished([(1, 2), (4, 4)])
+    c.requested({tp: 0}, {})  # sent without its note
+    c.acknowledged([(tp, 0)])
+    assert c.in_window_by_partition() == {tp: 6}
+    c.requested({tp: 0}, {tp: note})
+    assert c.in_window_by_partition() == {tp: 6}  # requested, not yet held
+    c.acknowledged([(tp, 0)])
+    assert c.in_window_by_partition() == {tp: 3}  # 0, 3, 5
+    c.requested({tp: 0}, {tp: note})
+    c.acknowledged([(tp, 0)])  # the same note again changes nothing
+    assert c.in_window_by_partition() == {tp: 3}

@@ -360,3 +360,64 @@ def test_the_cached_note_is_always_the_note_of_the_current_state() -> None:
             base = t.committable()
             if base is not None:
                 assert t.note(base) == encode_note(base, t.finished_ranges(base))
+
+
+def test_a_committed_note_takes_what_it_names_out_of_the_window() -> None:
+    """A crash or a drain does not send again what the coordinator's note names: those
+    leave the window (one stuck event no longer pauses every partition), the rest stay."""
+    t = PartitionOffsets()
+    for offset in range(10):
+        t.started(offset)
+        t.sent(offset, "identify" if offset % 2 else "track")
+    for offset in (1, 2, 3, 6, 7, 8):
+        t.finished(offset)
+    assert t.at_risk == 10
+    t.committed(0, decode_note(encode_note(0, t.finished_ranges(0)), 0))
+    assert t.at_risk == 4  # 0, 4, 5, 9: unfinished
+    assert t.at_risk_by_family == {"track": 2, "identify": 2}
+    t.committed(0, Finished([(1, 3)]))  # an older note names less: nothing comes back
+    assert t.at_risk == 4
+    for offset in (0, 4, 5, 9):
+        t.finished(offset)
+    t.committed(10)
+    assert t.at_risk == 0 and t.at_risk_by_family == {}
+
+
+@given(st.lists(st.integers(0, 399), unique=True, max_size=400), st.integers(0, 2**31))
+def test_at_risk_is_every_sent_offset_not_committed_nor_named(
+        finish: list[int], seed: int) -> None:
+    rng = random.Random(seed)
+    t = PartitionOffsets()
+    sent = set()
+    for offset in range(400):
+        t.started(offset)
+        if rng.random() < 0.7:
+            t.sent(offset)
+            sent.add(offset)
+    named: set[int] = set()
+    base = 0
+    for i, offset in enumerate(finish):
+        t.finished(offset)
+        if i % 37 == 0:
+            base = t.committable() or 0
+            ranges = t.finished_ranges(base)
+            note = encode_note(base, ranges)
+            t.committed(base, decode_note(note, base))
+            # Cumulative: a later note cut at NOTE_MAX_CHARS may name less, and what an
+            # earlier one named stays out of the window (the coordinator held it).
+            named |= {o for o in range(base, 400) if decode_note(note, base).covers(o)}
+        assert t.at_risk == len({o for o in sent if o >= base} - named)
+
+
+def test_finished_offsets_behind_a_stuck_one_are_not_kept() -> None:
+    """Behind one event stuck for hours, what finished after it is named by the notes and
+    leaves the window, so intake goes on: the tracker keeps only the unfinished."""
+    t = PartitionOffsets()
+    t.started(0)
+    for offset in range(1, 100_000):
+        t.started(offset)
+        t.finished(offset)
+    assert t.committable() == 0 and t.unfinished == 1
+    assert len(t._pending) <= 2 + 256
+    t.finished(0)
+    assert t.committable() == 100_000

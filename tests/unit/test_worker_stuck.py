@@ -1,0 +1,96 @@
+"""One event stuck for long (a retry, a schema the registry withholds) must not stop the
+others: the events finished above it are named by the commits' notes and leave the window,
+so neither its partition nor the others are paused for it, while the window still bounds
+what a crash would send again."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from consumer.calls import Call
+from tests.unit.test_worker import (
+    TOPIC,
+    FakeClient,
+    FakeSource,
+    Message,
+    codec_seq,
+    drive,
+    known_schema,
+    make,
+    track,
+    until,
+)
+
+WINDOW = 10
+
+
+class HeldUser(FakeClient):
+    """Userpilot holding user "stuck"'s request until `release`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def send(self, call: Call) -> int:
+        if b'"user_id":"stuck"' in call.body:
+            await self.release.wait()
+        return await super().send(call)
+
+
+def test_one_stuck_event_stops_neither_its_partition_nor_the_others() -> None:
+    log = {
+        (TOPIC, 0): [Message(TOPIC, 0, 0, b"stuck", track("stuck", 0))]
+        + [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(1, 121)],
+        (TOPIC, 1): [Message(TOPIC, 1, i, f"v{i}".encode(), track(f"v{i}", 1000 + i))
+                     for i in range(60)],
+    }
+    client = HeldUser()
+    run = make(log, registry=known_schema(), client=client,
+               WORKER_MAX_IN_FLIGHT=str(WINDOW), USERPILOT_ENSURE_USER="false")
+    peak = [0]
+
+    async def scenario(source: FakeSource) -> None:
+        def delivered() -> int:
+            peak[0] = max(peak[0], *run.worker.commits.in_window_by_partition().values(), 0)
+            return len(client.bodies)
+
+        # 12 times the window, every event but the stuck one, while it is held.
+        await until(lambda: delivered() == 120 + 60, "every other event delivered", 30)
+        await until(lambda: source.committed().get((TOPIC, 1)) == 60, "partition 1's end")
+        assert source.committed().get((TOPIC, 0), 0) == 0  # held by the stuck event
+        client.release.set()
+        await until(lambda: source.committed().get((TOPIC, 0)) == 121, "the stuck one", 10)
+
+    assert drive(run, scenario) == 0
+    assert sorted(codec_seq(b) for b in client.bodies) == (
+        list(range(121)) + list(range(1000, 1060)))
+    assert peak[0] <= WINDOW, "what a crash would send again stays within the window"
+
+
+@dataclass
+class RefusingNotes(FakeSource):
+    """A broker whose offset.metadata.max.bytes refuses every note."""
+
+    notes_refused: bool = True
+
+
+def test_without_notes_the_window_still_bounds_what_follows_a_stuck_event() -> None:
+    """Commits the broker stores without their note name nothing: what finished after the
+    stuck event stays in the window, and intake stops at the window (as before notes)."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"stuck", track("stuck", 0))]
+           + [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(1, 60)]}
+    client = HeldUser()
+    run = make(log, registry=known_schema(), client=client, source_type=RefusingNotes,
+               WORKER_MAX_IN_FLIGHT=str(WINDOW), USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: bool(source.paused) and len(client.bodies) == WINDOW - 1,
+                    "the window full")
+        await asyncio.sleep(0.3)  # commit intervals pass: nothing is freed
+        assert len(client.bodies) == WINDOW - 1
+        assert all(not notes for notes in source.notes)
+        client.release.set()
+        await until(lambda: source.committed().get((TOPIC, 0)) == 60, "everything", 10)
+
+    assert drive(run, scenario) == 0
