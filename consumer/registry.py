@@ -20,12 +20,14 @@ as the Userpilot client; confluent-kafka's serializers still read what this regi
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
 
 import fastavro
@@ -52,6 +54,51 @@ def subject_for(topic: str) -> str:
 
 class RegistryUnusable(Exception):
     """A reply that is no registry's: a redirect, or a 2xx that is not a JSON object."""
+
+
+MAX_REFERENCES = 64  # schemas one writer schema may reference, transitively
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A named type the schema takes from another subject's version (Schema Registry
+    references: a producer that keeps, say, the Context record in a subject of its own)."""
+
+    name: str
+    subject: str
+    version: int
+
+
+@dataclass(frozen=True)
+class SchemaDoc:
+    """A schema's text and the references it needs to be parsed."""
+
+    text: str
+    references: tuple[Reference, ...] = ()
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> SchemaDoc:
+        refs = body.get("references")
+        return cls(str(body.get("schema", "")), tuple(
+            Reference(str(ref.get("name", "")), str(ref.get("subject", "")),
+                      _version(ref.get("version")))
+            for ref in refs if isinstance(ref, dict)) if isinstance(refs, list) else ())
+
+
+def _version(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1  # "latest" to the registry; a reference names a fixed version
+
+
+def _doc(answer: SchemaDoc | str) -> SchemaDoc:
+    """A client's answer as a SchemaDoc (a bare text: a schema without references)."""
+    return answer if isinstance(answer, SchemaDoc) else SchemaDoc(str(answer))
+
+
+class _BadSchema(Exception):
+    """A referenced schema the registry gave that cannot be parsed (permanent)."""
 
 
 UNKNOWN_SCHEMA_CODE = 40403  # Confluent, Apicurio, Karapace and Redpanda: no schema with that id
@@ -105,9 +152,13 @@ class RestClient:
                                   timeout=timeout_s, trust_env=True,
                                   headers={"Accept": _ACCEPT})
 
-    def get_schema(self, schema_id: int) -> str:
-        """The schema text of an id (`GET /schemas/ids/{id}`)."""
-        return str(self._json("GET", f"schemas/ids/{int(schema_id)}").get("schema", ""))
+    def get_schema(self, schema_id: int) -> SchemaDoc:
+        """The schema of an id (`GET /schemas/ids/{id}`), with its references."""
+        return SchemaDoc.of(self._json("GET", f"schemas/ids/{int(schema_id)}"))
+
+    def get_version(self, subject: str, version: int) -> SchemaDoc:
+        """One version of a subject (`GET /subjects/{subject}/versions/{version}`)."""
+        return SchemaDoc.of(self._json("GET", f"subjects/{_path(subject)}/versions/{version}"))
 
     def register_schema(self, subject: str, schema_text: str) -> int:
         """Register an Avro schema under `subject`; its id (the same one if known)."""
@@ -115,10 +166,10 @@ class RestClient:
                           {"schema": schema_text, "schemaType": "AVRO"})
         return int(body["id"])
 
-    def get_latest_version(self, subject: str) -> tuple[int, str]:
-        """(id, schema text) of the subject's latest version."""
+    def get_latest_version(self, subject: str) -> tuple[int, SchemaDoc]:
+        """(id, schema) of the subject's latest version."""
         body = self._json("GET", f"subjects/{_path(subject)}/versions/latest")
-        return int(body["id"]), str(body.get("schema", ""))
+        return int(body["id"]), SchemaDoc.of(body)
 
     def close(self) -> None:
         self._http.close()
@@ -248,6 +299,34 @@ class Registry:
                 raise UndecodableEvent(problem)
             return self._fetch(schema_id)
 
+    def _unusable_schema(self, schema_id: int, problem: str) -> NoReturn:
+        """Remember an id whose schema cannot be used (ids never change) and refuse it."""
+        with self._lock:
+            self._unusable[schema_id] = problem
+        raise UndecodableEvent(problem) from None
+
+    def _resolve(self, refs: Iterable[Reference], named: dict[str, Any],
+                 seen: set[tuple[str, int]]) -> None:
+        """Parse referenced schemas into `named`, each one's own references first (depth
+        first, each subject version once, at most MAX_REFERENCES in all)."""
+        for ref in refs:
+            key = (ref.subject, ref.version)
+            if key in seen:
+                continue
+            if len(seen) >= MAX_REFERENCES:
+                raise _BadSchema(f"more than {MAX_REFERENCES} schemas")
+            seen.add(key)
+            doc = _doc(self._call(f"get schema {ref.subject} version {ref.version}",
+                                  functools.partial(self._client.get_version, ref.subject,
+                                                    ref.version)))
+            self._resolve(doc.references, named, seen)
+            try:
+                fastavro.parse_schema(json.loads(doc.text), named_schemas=named)
+            except Exception as exc:
+                raise _BadSchema(f"{ref.name!r} ({ref.subject} version {ref.version}), which "
+                                 f"does not parse: {type(exc).__name__}: {str(exc)[:200]}"
+                                 ) from None
+
     def prefetch(self, topics: Iterable[str]) -> None:
         """Cache the latest schema of each topic's subject, best effort (worker start-up).
 
@@ -259,37 +338,45 @@ class Registry:
         """
         for topic in topics:
             try:
-                schema_id, text = self._client.get_latest_version(subject_for(topic))
-                self._parse(schema_id, text)
+                schema_id, doc = self._client.get_latest_version(subject_for(topic))
+                self._parse(schema_id, _doc(doc))
             except Exception as exc:
                 log.debug("no schema prefetched for %s (%s)", topic, type(exc).__name__)
 
     def _fetch(self, schema_id: int) -> Mapping[str, Any]:
         try:
-            text = self._call(f"get schema {schema_id}",
-                              lambda: self._client.get_schema(schema_id),
-                              lambda exc: exc.unknown_schema)
+            doc = self._call(f"get schema {schema_id}",
+                             lambda: self._client.get_schema(schema_id),
+                             lambda exc: exc.unknown_schema)
         except RegistryError as exc:
             if exc.unknown_schema:
                 raise KeyError(schema_id) from None
             raise
-        return self._parse(schema_id, text)
+        return self._parse(schema_id, _doc(doc))
 
-    def _parse(self, schema_id: int, text: str | None) -> Mapping[str, Any]:
-        """Parse and cache a writer schema; our own schema is cached as `SCHEMA` itself (the
-        codec then skips schema resolution)."""
-        if not text:
+    def _parse(self, schema_id: int, doc: SchemaDoc) -> Mapping[str, Any]:
+        """Parse and cache a writer schema, its references first; our own schema is cached
+        as `SCHEMA` itself (the codec then skips schema resolution)."""
+        if not doc.text:
             # An answer without the schema: the registry misbehaved this once; not
             # remembered (retried like an outage), unlike a schema that cannot be parsed.
             raise ValueError(f"the registry's answer for schema id {schema_id} holds no schema")
+        named: dict[str, Any] = {}
         try:
-            fresh: Any = fastavro.parse_schema(json.loads(text))
+            self._resolve(doc.references, named, set())
+        except RegistryError as exc:
+            if not exc.answered:
+                raise  # an outage: the events wait, as for the schema itself
+            self._unusable_schema(schema_id, f"schema id {schema_id} references a schema the "
+                                  f"registry does not have ({exc})")
+        except _BadSchema as exc:
+            self._unusable_schema(schema_id, f"schema id {schema_id} references {exc}")
+        try:
+            fresh: Any = fastavro.parse_schema(json.loads(doc.text), named_schemas=named)
         except Exception as exc:
-            problem = (f"schema id {schema_id} is not an Avro schema this worker can parse "
-                       f"({type(exc).__name__}: {str(exc)[:200]})")
-            with self._lock:
-                self._unusable[schema_id] = problem
-            raise UndecodableEvent(problem) from None
+            self._unusable_schema(
+                schema_id, f"schema id {schema_id} is not an Avro schema this worker can "
+                f"parse ({type(exc).__name__}: {str(exc)[:200]})")
         parsed: Mapping[str, Any] = (
             SCHEMA if fastavro.schema.to_parsing_canonical_form(fresh) == self._ours else fresh
         )

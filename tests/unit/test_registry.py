@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
+import fastavro
 import httpx
 import pytest
 
 from consumer.codec import SCHEMA, SCHEMA_TEXT
+from consumer.errors import UndecodableEvent
 from consumer.registry import (
     DEFAULT_TIMEOUT_S,
     Registry,
     RegistryError,
     RegistryUnusable,
     RestClient,
+    SchemaDoc,
 )
 
 
@@ -91,12 +95,15 @@ def test_the_rest_client_speaks_the_registry_api_under_the_urls_path() -> None:
 
     client, seen = serve(answer)
     assert client.register_schema("signal.events-value", SCHEMA_TEXT) == 12
-    assert client.get_latest_version("signal.events-value") == (12, SCHEMA_TEXT)
-    assert client.get_schema(12) == SCHEMA_TEXT
+    assert client.get_latest_version("signal.events-value") == (12, SchemaDoc(SCHEMA_TEXT))
+    assert client.get_schema(12) == SchemaDoc(SCHEMA_TEXT)
+    assert client.get_version("ctx/v", 2) == SchemaDoc(SCHEMA_TEXT)
     assert [(r.method, r.url.path) for r in seen] == [
         ("POST", "/apis/ccompat/v7/subjects/signal.events-value/versions"),
         ("GET", "/apis/ccompat/v7/subjects/signal.events-value/versions/latest"),
-        ("GET", "/apis/ccompat/v7/schemas/ids/12")]
+        ("GET", "/apis/ccompat/v7/schemas/ids/12"),
+        ("GET", "/apis/ccompat/v7/subjects/ctx/v/versions/2")]
+    assert seen[3].url.raw_path == b"/apis/ccompat/v7/subjects/ctx%2Fv/versions/2"
     assert json.loads(seen[0].content) == {"schema": SCHEMA_TEXT, "schemaType": "AVRO"}
     assert seen[0].headers["content-type"] == "application/vnd.schemaregistry.v1+json"
     assert all(r.headers["authorization"] == httpx.BasicAuth("user", "pa:ss")._auth_header
@@ -258,3 +265,85 @@ def test_prefetch_caches_each_topics_latest_schema_and_ignores_failures() -> Non
     assert registry.cached(8) is None
     # A best-effort start-up step: an unreachable registry changes no readiness here.
     assert registry.healthy and registry.problem() is None
+
+
+CONTEXT = {"type": "record", "name": "Ctx", "namespace": "io.test",
+           "fields": [{"name": "ip", "type": "string"}]}
+GEO = {"type": "record", "name": "Geo", "namespace": "io.test",
+       "fields": [{"name": "city", "type": "string"}]}
+CONTEXT_WITH_GEO = {**CONTEXT, "fields": [*CONTEXT["fields"],
+                                          {"name": "geo", "type": "io.test.Geo"}]}
+MAIN = {"type": "record", "name": "Ev", "namespace": "io.test",
+        "fields": [{"name": "type", "type": "string"}, {"name": "ctx", "type": "io.test.Ctx"}]}
+
+
+class ReferencingClient:
+    """A registry whose schema 5 takes Ctx (and Ctx takes Geo) from other subjects."""
+
+    def __init__(self, versions: dict[tuple[str, int], SchemaDoc | BaseException]) -> None:
+        self.versions = versions
+        self.asked: list[tuple[str, int]] = []
+
+    def get_schema(self, schema_id: int) -> SchemaDoc:
+        from consumer.registry import Reference
+        return SchemaDoc(json.dumps(MAIN), (Reference("io.test.Ctx", "ctx-value", 1),))
+
+    def get_version(self, subject: str, version: int) -> SchemaDoc:
+        self.asked.append((subject, version))
+        answer = self.versions[(subject, version)]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+def test_a_writer_schema_with_references_is_parsed_with_them() -> None:
+    """A producer keeping a record in a subject of its own (Schema Registry references):
+    its events were dead-lettered as "not an Avro schema" (UnknownType), never decodable."""
+    from consumer.registry import Reference
+    client = ReferencingClient({
+        ("ctx-value", 1): SchemaDoc(json.dumps(CONTEXT_WITH_GEO),
+                                    (Reference("io.test.Geo", "geo-value", 3),)),
+        ("geo-value", 3): SchemaDoc(json.dumps(GEO))})
+    registry = Registry("http://unused", client=client)
+    parsed = registry.writer_schema(5)
+    assert client.asked == [("ctx-value", 1), ("geo-value", 3)]
+    full = {**MAIN, "fields": [MAIN["fields"][0], {"name": "ctx", "type": {
+        **CONTEXT, "fields": [*CONTEXT["fields"], {"name": "geo", "type": GEO}]}}]}
+    record = {"type": "track", "ctx": {"ip": "1.2.3.4", "geo": {"city": "Oslo"}}}
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema(full), record)
+    assert fastavro.schemaless_reader(io.BytesIO(out.getvalue()), dict(parsed), None) == record
+    assert registry.writer_schema(5) is parsed and len(client.asked) == 2  # cached
+
+
+def test_a_reference_the_registry_does_not_have_is_permanent_and_named() -> None:
+    client = ReferencingClient({("ctx-value", 1): RegistryError(404, 40402, "Version not found")})
+    registry = Registry("http://unused", client=client)
+    for _ in range(2):
+        with pytest.raises(UndecodableEvent, match=r"references a schema the registry does "
+                                                   r"not have .*40402"):
+            registry.writer_schema(5)
+    assert client.asked == [("ctx-value", 1)]  # remembered: ids never change
+    assert registry.healthy
+
+
+def test_a_reference_the_registry_cannot_serve_now_is_an_outage() -> None:
+    client = ReferencingClient({("ctx-value", 1): httpx.ConnectError("refused")})
+    registry = Registry("http://unused", client=client)
+    with pytest.raises(httpx.ConnectError):
+        registry.writer_schema(5)
+    assert not registry.healthy  # the events wait, readiness off
+    client.versions[("ctx-value", 1)] = SchemaDoc(json.dumps(CONTEXT))
+    assert registry.writer_schema(5)["name"] == "io.test.Ev"
+    assert registry.healthy
+
+
+def test_references_that_loop_or_do_not_parse_are_undecodable() -> None:
+    from consumer.registry import Reference
+    loop = ReferencingClient({("ctx-value", 1): SchemaDoc(
+        json.dumps(CONTEXT), (Reference("io.test.Ctx", "ctx-value", 1),))})
+    assert Registry("http://unused", client=loop).writer_schema(5)  # each version once
+    broken = ReferencingClient({("ctx-value", 1): SchemaDoc("{not json")})
+    with pytest.raises(UndecodableEvent, match=r"'io.test.Ctx' .ctx-value version 1., which "
+                                               r"does not parse"):
+        Registry("http://unused", client=broken).writer_schema(5)

@@ -1,0 +1,70 @@
+"""A producer whose writer schema takes a record from another subject (Schema Registry
+references, e.g. the Context record registered once and shared by several topics): the
+worker fetches the referenced versions and decodes its events; before, every one of them
+was dead-lettered as "not an Avro schema" and no replay could succeed."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from consumer import codec
+from consumer.sandbox import SandboxControl, SandboxThread
+from tests.integration.harness import (
+    WorkerThread,
+    caught_up,
+    delivered_seqs,
+    produce_raw,
+    read_topic,
+    track_event,
+    wait_until,
+    worker_env,
+)
+
+Sandbox = tuple[SandboxThread, SandboxControl]
+HEADERS = {"Content-Type": "application/vnd.schemaregistry.v1+json"}
+
+
+def _register(url: str, subject: str, schema: dict[str, Any],
+              references: list[dict[str, Any]] | None = None) -> int:
+    body: dict[str, Any] = {"schema": json.dumps(schema), "schemaType": "AVRO"}
+    if references:
+        body["references"] = references
+    answer = httpx.post(f"{url}/subjects/{subject}/versions", json=body, headers=HEADERS)
+    assert answer.status_code == 200, answer.text
+    return int(answer.json()["id"])
+
+
+def test_events_of_a_schema_with_references_are_decoded_and_delivered(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    full = json.loads(codec.SCHEMA_TEXT)
+    (index,) = [i for i, f in enumerate(full["fields"]) if f["name"] == "context"]
+    context = copy.deepcopy(full["fields"][index]["type"][1])
+    context["namespace"] = full["namespace"]
+    name = f"{full['namespace']}.{context['name']}"
+    shared = f"{topic}-shared-context"
+    _register(schema_registry_url, shared, context)
+    referencing = copy.deepcopy(full)
+    referencing["fields"][index] = {**full["fields"][index], "type": ["null", name]}
+    schema_id = _register(schema_registry_url, f"{topic}-value", referencing,
+                          [{"name": name, "subject": shared, "version": 1}])
+    events = [track_event(f"u{i}", i) for i in range(5)]
+    for event in events:  # the bytes the expanded schema writes, under the referencing id
+        produce_raw(kafka_bootstrap, topic, event["userId"].encode(),
+                    codec.encode(schema_id, codec.to_record(event)))
+    group = f"{topic}-g"
+    with WorkerThread(worker_env(kafka_bootstrap, schema_registry_url, server.url, topic,
+                                 group)) as w:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
+        dlq = read_topic(kafka_bootstrap, w.settings.dlq_topic)
+    assert dlq == []
+    got = delivered_seqs(control)
+    assert all(got[(e["userId"], e["properties"]["seq"])] == 1 for e in events)
