@@ -116,6 +116,41 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
                        status=status, body=snippet)
 
 
+def _transport_failure(exc: BaseException, deadline_s: float) -> WorkerError:
+    """What a request that got no usable answer raises (the one place for transport
+    outcomes; `classify` is the one for HTTP statuses)."""
+    if isinstance(exc, TimeoutError):
+        return Timeout(f"no whole answer from Userpilot within {deadline_s:g} s")
+    if isinstance(exc, httpx.TimeoutException):
+        if _really_timed_out(exc):
+            return Timeout(f"no answer from Userpilot in time ({type(exc).__name__})")
+        return ConnectionFailed(f"connection to Userpilot failed ({type(exc.__cause__).__name__})")
+    if isinstance(exc, httpx.ProxyError) and _proxy_status(exc) is not None:
+        # An HTTPS proxy refusing the tunnel (CONNECT) answers before Userpilot is reached:
+        # a 407 there is the proxy's credentials, as it is for plain-HTTP proxying.
+        problem = classify(_proxy_status(exc) or 0, {}, "")
+        if problem is not None:
+            return problem
+    if isinstance(exc, (httpx.TransportError, OSError)):
+        return ConnectionFailed(f"connection to Userpilot failed ({type(exc).__name__})")
+    # A broken answer: a body httpx cannot decode, or a response aiohttp's parser refused
+    # (httpx-aiohttp passes those through unmapped).
+    return ServerError(f"unusable answer from Userpilot ({type(exc).__name__})")
+
+
+def _proxy_status(exc: BaseException) -> int | None:
+    """The status a proxy refused a CONNECT with (aiohttp's ClientHttpProxyError, wrapped
+    by httpx-aiohttp in httpx.ProxyError), if that is what happened."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, aiohttp.ClientHttpProxyError):
+            return seen.status
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _credentials(headers: Mapping[str, str]) -> list[str]:
     """The secret in the request headers: the Authorization header's token (its scheme,
     `Token`, stays readable)."""
@@ -154,7 +189,9 @@ class UserpilotClient:
       and checked at start-up for the one Userpilot host; its credentials travel as
       Proxy-Authorization);
     - the CA bundle (`ssl_context`) and the pool timeout (the request's `timeout`
-      extension, which the transport applies to the wait for a connection);
+      extension, which the transport applies to the wait for a connection; a request
+      takes one of `max_connections` permits before, so it only bounds a connection that
+      was never given back, and waiting behind slow answers is not a failed attempt);
     - no redirects (the transport never follows one: the token stays on its host);
     - no cookies stored or sent back (aiohttp's `DummyCookieJar`).
     """
@@ -205,6 +242,11 @@ class UserpilotClient:
             transport = AiohttpTransport(verify=context, limits=limits, proxy=self.proxy,
                                          client=session)
         self._transport = transport
+        # One permit per pooled connection, taken before the request's clock starts: a
+        # request waiting for a connection held by a slow Userpilot (answering within its
+        # timeout) timed out in the pool as a "ConnectTimeout", used one of its event's
+        # attempts, fed the outage gate, and dead-lettered events that never left.
+        self._slots = asyncio.Semaphore(max_connections)
 
     @classmethod
     def for_settings(cls, settings: Settings, *, timeout_s: float | None = None,
@@ -238,36 +280,30 @@ class UserpilotClient:
     async def _post(self, url: httpx.URL, body: bytes) -> int:
         request = httpx.Request("POST", url, headers=self._headers, content=body,
                                 extensions=self._extensions)
+        async with self._slots:
+            return await self._exchange(request)
+
+    async def _exchange(self, request: httpx.Request) -> int:
+        accepted = False
         try:
             async with asyncio.timeout(self._deadline_s):
                 response = await self._transport.handle_async_request(request)
+                accepted = 200 <= response.status_code < 300
                 try:
                     # Read whole, so the connection goes back to the pool (an unread body
                     # closes it); a 2xx body is a few bytes.
                     await response.aread()
                 finally:
                     await response.aclose()
-        except TimeoutError:
-            raise Timeout(f"no whole answer from Userpilot within {self._deadline_s:g} s") \
-                from None
-        except httpx.TimeoutException as exc:
-            if _really_timed_out(exc):
-                raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") \
-                    from None
-            raise ConnectionFailed(
-                f"connection to Userpilot failed ({type(exc.__cause__).__name__})"
-            ) from None
-        except (httpx.TransportError, OSError) as exc:
-            raise ConnectionFailed(
-                f"connection to Userpilot failed ({type(exc).__name__})"
-            ) from None
-        except (httpx.HTTPError, aiohttp.ClientError) as exc:
-            # A broken answer: a body httpx cannot decode, or a response aiohttp's parser
-            # refused (httpx-aiohttp passes those through unmapped).
-            raise ServerError(f"unusable answer from Userpilot ({type(exc).__name__})") \
-                from None
+        except (TimeoutError, httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
+            if accepted:
+                # Userpilot said 2xx: the event is delivered, whatever became of the body
+                # (cut, trickled past the deadline, not the gzip it claimed). Re-sending
+                # it on a body error sent it twice.
+                return response.status_code
+            raise _transport_failure(exc, self._deadline_s) from None
         status = response.status_code
-        if 200 <= status < 300:  # the common case: no need to decode the body
+        if accepted:  # the common case: no need to decode the body
             return status
         problem = classify(status, response.headers, self._redact(response.text))
         if problem is None:

@@ -634,7 +634,10 @@ class Handler:
             self._responses("connection_error", endpoint).inc()
             raise
         except (Retry, Pause, DeadLetter) as exc:
-            self._responses(str(exc.status), endpoint).inc()
+            # No status: an answer that was not HTTP (a malformed status line, a body
+            # that does not decode).
+            self._responses("invalid_response" if exc.status is None else str(exc.status),
+                            endpoint).inc()
             if isinstance(exc, RateLimited):
                 limiter.slow_down()
                 self.m.rate_limit_rps.labels(call.family).set(limiter.share_rate)

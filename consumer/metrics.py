@@ -96,6 +96,7 @@ KNOWN_STATUSES: tuple[str, ...] = (
     "504",
     "timeout",
     "connection_error",
+    "invalid_response",
 )
 
 # One HTTP request: Userpilot usually answers in tens of ms; the request timeout defaults to
@@ -306,7 +307,8 @@ class Metrics:
         )
         self.responses = counter(
             "responses",
-            "Userpilot responses by HTTP status (or timeout / connection_error) and endpoint.",
+            "Userpilot responses by HTTP status (or timeout / connection_error / invalid_response) "
+            "and endpoint.",
             ["status", "endpoint"],
         )
         self.retries = counter(

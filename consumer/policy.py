@@ -217,10 +217,16 @@ class RetryPolicy:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, Pause):
             return 0.0  # the gate does the waiting
-        jitter = float(self._jitter(state))
+        backoff = float(self._jitter(state))
         if isinstance(exc, Retry) and exc.retry_after is not None:
-            return exc.retry_after + random.uniform(0, 0.1 * exc.retry_after + 0.05)
-        return jitter
+            asked = exc.retry_after + random.uniform(0, 0.1 * exc.retry_after + 0.05)
+            if isinstance(exc, RateLimited) and exc.retry_after > 0:
+                return asked  # the token's budget: Userpilot's word on when it refills
+            # Otherwise a floor (RFC 9110: the minimum to wait), never a shortcut: a
+            # brown-out answering 503 with "Retry-After: 0" (or a date already past, with
+            # clock skew) used up an event's attempts in 10 s and dead-lettered it.
+            return max(asked, backoff)
+        return backoff
 
     def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

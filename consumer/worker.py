@@ -49,7 +49,7 @@ from consumer.commits import TP, Commits
 from consumer.config import Settings, redact_userinfo
 from consumer.deadletter import DlqGuard, normalize_headers
 from consumer.delivery import UserpilotClient
-from consumer.errors import DlqGuardTripped, Stop
+from consumer.errors import DlqGuardTripped, Retry, Stop
 from consumer.filtering import Drop
 from consumer.handler import (
     DeadLetterSink,
@@ -106,6 +106,7 @@ RESHARE_TIMEOUT_S = 2.0  # a metadata call on the poll thread: well under max.po
 NOTES_TIMEOUT_S = 2.0  # reading a new partition's commit note, on the poll thread
 NOTES_RETRY_S = 1.0  # ... tried again this much later when the coordinator did not answer
 NOTES_TRIES = 5  # ... this many times in all
+RETRY_LOG_EVERY_S = 30.0  # one log line per retry cause at most this often
 RESHARE_RETRY_S = 1.0  # after a failed partition count, asked again this much later ...
 RESHARE_RETRY_MAX_S = 60.0  # ... doubling to this (each try may hold the poll thread 2 s)
 DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
@@ -263,6 +264,9 @@ class Worker:
         # New partitions whose commit notes are not read yet: the reads each has failed and
         # when to try again (event loop only; see `_read_notes`).
         self._inherit_due: dict[TP, tuple[int, float]] = {}
+        # Per retry cause: when its last line was logged and how many went unlogged since
+        # (event loop only; see `_count_retry`).
+        self._retry_log: dict[str, tuple[float, int]] = {}
         # The group's committed offsets from librdkafka's statistics (for a paused
         # partition's lag before this worker committed any).
         self._stats_committed: dict[TP, int] = {}
@@ -649,8 +653,21 @@ class Worker:
         return outcome
 
     def _count_retry(self, exc: Exception) -> None:
+        """Count a retry, and log it: at most one line per cause every RETRY_LOG_EVERY_S,
+        with its status and x-request-id (Userpilot's support asks for it), and how many
+        were not logged since. A Pause is logged by the gate instead."""
         cause = getattr(exc, "cause", "misconfigured")
         self.m.retries.labels(cause).inc()
+        if not isinstance(exc, Retry):
+            return
+        now = time.monotonic()
+        last, quiet = self._retry_log.get(cause, (-RETRY_LOG_EVERY_S, 0))
+        if now - last < RETRY_LOG_EVERY_S:
+            self._retry_log[cause] = (last, quiet + 1)
+            return
+        self._retry_log[cause] = (now, 0)
+        log.warning("retrying: %s%s", exc,
+                    f" ({quiet} more {cause} retries since the last such line)" if quiet else "")
 
     def _gate_changed(self, state: GateState, detail: str) -> None:
         self.health.set_integration_up(state != "misconfigured")

@@ -375,6 +375,59 @@ def test_the_pool_timeout_bounds_the_wait_for_a_connection() -> None:
     run(main)
 
 
+def test_waiting_for_a_connection_is_not_part_of_an_attempt() -> None:
+    """Userpilot slow but within the timeout, more requests than connections: those queued
+    for a connection timed out in the pool ("ConnectTimeout"), each using an attempt of
+    an event that never left, feeding the outage gate, and dead-lettering events."""
+    async def main() -> list[str]:
+        async with Server(always(Send(ACCEPTED, delay=0.4))) as srv:
+            client = up(srv.url(), timeout_s=0.5, max_connections=2)
+            results = await asyncio.gather(*(outcome(client, BODY) for _ in range(8)))
+            await client.aclose()
+            assert len(srv.requests) == 8 and srv.peak <= 2
+        return results
+
+    assert run(main) == ["ok"] * 8
+
+
+@pytest.mark.parametrize("answer", [
+    Close(b"HTTP/1.1 202 Accepted\r\nContent-Length: 100\r\n\r\n{\"ok\""),
+    Send([http(202, b"", length=False)[:-2] + b"Content-Length: 40\r\n\r\n"]
+         + [b"x"] * 40),  # the body trickles past the deadline
+    Send(http(202, b"not gzip at all", ["Content-Encoding: gzip"])),
+], ids=["cut", "trickled", "bad-gzip"])
+def test_a_2xx_whose_body_then_fails_is_delivered_not_sent_again(answer: Action) -> None:
+    """Userpilot said 2xx: the event is delivered, whatever became of the body. A body
+    error after a 202 was retried, and Userpilot got the event twice."""
+    async def main() -> tuple[str, int]:
+        async with Server(always(answer)) as srv:
+            client = up(srv.url(), timeout_s=0.2)
+            got = await outcome(client, BODY)
+            await client.aclose()
+            return got, len(srv.requests)
+
+    assert run(main) == ("ok", 1)
+
+
+def test_an_https_proxy_refusing_its_credentials_is_a_misconfiguration() -> None:
+    """A 407 to the CONNECT of an HTTPS request comes from the egress proxy: pause like a
+    refused token (readiness off, the alert), not an endless run of connection errors."""
+    async def main() -> tuple[str, bytes]:
+        refuse = Close(http(407, b"", ["Proxy-Authenticate: Basic realm=\"egress\""],
+                            reason="Proxy Authentication Required"))
+        async with Server(always(refuse)) as proxy:
+            client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
+                                     max_connections=2,
+                                     proxy=f"http://user:wrong@127.0.0.1:{proxy.port}")
+            got = await outcome(client, BODY)
+            await client.aclose()
+            return got, proxy.requests[0].line
+
+    got, line = run(main)
+    assert line.startswith(b"CONNECT up.test:443")
+    assert got == "Misconfigured"
+
+
 def test_a_trickled_answer_times_out_as_a_whole() -> None:
     """Each byte arrives well within the read timeout, the whole answer does not: the
     attempt ends at twice the request timeout instead of holding its event."""

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 
 import pytest
+from tenacity.wait import wait_random_exponential
 
 from consumer.errors import (
     ConnectionFailed,
@@ -255,7 +256,21 @@ def test_honours_retry_after() -> None:
     run(policy(gate, clock, sleep, max_attempts=100).run(send, Attempts()))
     assert len(sleep.slept) == 2
     assert 30.0 <= sleep.slept[0] <= 30.0 + 3.05
-    assert 2.0 <= sleep.slept[1] <= 2.0 + 0.25
+    assert 2.0 <= sleep.slept[1] <= 4.0  # a 5xx's Retry-After is a floor under the backoff
+
+
+def test_a_retry_after_of_zero_or_past_does_not_replace_the_backoff() -> None:
+    """A brown-out answering 503 with "Retry-After: 0" (or a date already past) had each
+    retry sent at once: an event used its 12 attempts in 10 s and was dead-lettered."""
+    clock, sleep, gate = setup()
+    send = Script([ServerError("503", retry_after=0.0)] * 3
+                  + [RateLimited("429", retry_after=0.0), RateLimited("429", retry_after=1.0),
+                     None])
+    retrying = policy(gate, clock, sleep, max_attempts=100)
+    retrying._jitter = wait_random_exponential(multiplier=5.0, min=5.0, max=5.0)
+    run(retrying.run(send, Attempts()))
+    assert sleep.slept[:4] == [5.0] * 4
+    assert 1.0 <= sleep.slept[4] <= 1.15  # a 429's own Retry-After: Userpilot's word
 
 
 def test_never_gives_up_while_nothing_else_succeeds() -> None:

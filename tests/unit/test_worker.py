@@ -1566,3 +1566,41 @@ def test_notes_the_coordinator_did_not_give_are_asked_for_again(
 
     assert drive(run, scenario) == 0
     assert run.client.bodies == [_body_of(values[0])]
+
+
+class FailsOnce(FakeClient):
+    """Each scripted answer is given once; the request after it is accepted."""
+
+    async def send(self, call: Call) -> int:
+        error = self.answers.pop(call.body, None)
+        if error is not None:
+            self.calls.append(call)
+            raise error
+        return await super().send(call)
+
+
+def test_retries_are_logged_once_per_cause_and_interval_and_an_unusable_answer_is_labelled(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A retried 5xx, 429 or timeout wrote no line at any level (its x-request-id was only
+    seen if the event ended in the DLQ), and an answer without a status was counted as
+    status "None"."""
+    values = [track(f"u{i}", i) for i in range(4)]
+    client = FailsOnce()
+    for value in values:
+        client.answers[_body_of(value)] = ServerError(
+            "unusable answer from Userpilot (RemoteProtocolError)")
+    client.answers[_body_of(values[0])] = ServerError(
+        "HTTP 503 (x-request-id req-7): Userpilot error, will retry", status=503)
+    run = make(log_of(*values), client=client, USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 4, "every event")
+
+    with caplog.at_level(logging.WARNING, logger="consumer.worker"):
+        assert drive(run, scenario) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrying")]
+    assert lines == ["retrying: HTTP 503 (x-request-id req-7): Userpilot error, will retry"]
+    assert run.worker.m.registry.get_sample_value(
+        "userpilot_responses_total", {"status": "invalid_response", "endpoint": "track"}) == 3
+    assert run.worker.m.registry.get_sample_value(
+        "userpilot_retries_total", {"cause": "server_error"}) == 4
