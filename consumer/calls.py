@@ -224,6 +224,8 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
     company = traits.get("company")
     fields = company if isinstance(company, dict) else {}
     company_id = _id(fields.get("id"))
+    if company_id is None:  # the OpenAPI page's spelling
+        company_id = _id(fields.get("company_id"))
     if company_id is None:
         company_id = _id(traits.get("company_id"))
     if company_id is None:
@@ -236,7 +238,12 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
     if omitted is not None:
         omitted.extend(f"company.{key}" for key in left_out)
     _created_at(properties)
+    # Neither spelling of the id may travel beside the chosen one: Userpilot's documents
+    # disagree on which key names the company (`id`, `company_id`), so a second one could
+    # attach the user to another company.
     properties.pop(COMPANY_KEY, None)
+    properties.pop("id", None)
+    properties.pop("company_id", None)
     # The same size rule as all metadata (a `company` of 3,000 long keys made a 332 KB
     # identify body); Userpilot allows 512 KB of properties per app.
     properties = (limit or _default_company_limit)(properties)

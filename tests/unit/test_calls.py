@@ -102,6 +102,19 @@ def test_company_object_with_id_becomes_identify_company() -> None:
     assert payload["metadata"] == {"name": "Jane"}  # the company is not a user trait too
 
 
+def test_no_second_company_id_travels_beside_the_chosen_one() -> None:
+    """Userpilot's documents disagree on the key (`id`, `company_id`): a `company_id` among
+    the company's properties could attach the user to another company."""
+    (call,) = identify_calls({"type": "identify", "userId": "u1", "traits": {
+        "company": {"id": "acme", "company_id": "globex", "name": "Acme"}}})
+    assert call.payload["company"] == {"id": "acme", "name": "Acme"}
+    # Without `id`, the company's `company_id` (the OpenAPI page's spelling) is the id.
+    (call,) = identify_calls({"type": "identify", "userId": "u1", "groupId": "acme",
+                              "traits": {"company": {"company_id": "globex", "plan": "pro"}}})
+    assert call.payload["company"] == {"id": "globex", "plan": "pro"}
+    assert call.payload["metadata"] == {}
+
+
 def test_identify_company_properties_have_the_metadata_size_limits() -> None:
     """A `company` of 3,000 long keys went out whole (a 332 KB identify body)."""
     from consumer.mapping import DEFAULT_MAX_METADATA_BYTES, DEFAULT_MAX_METADATA_KEYS
