@@ -21,7 +21,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
 
-from consumer.offsets import Finished, PartitionOffsets, decode_note
+from consumer.offsets import NOTE_MAX_CHARS, Finished, PartitionOffsets, decode_note
 
 __all__ = ["TP", "Commits"]
 
@@ -158,7 +158,8 @@ class Commits:
                 self.due_noted(parts, pipelined=pipelined).items()}
 
     def due_noted(self, parts: Iterable[TP] | None = None, *, pipelined: bool = False,
-                  notes: bool = True) -> dict[TP, tuple[int, str]]:
+                  notes: bool = True, max_chars: int = NOTE_MAX_CHARS
+                  ) -> dict[TP, tuple[int, str]]:
         """`due`, each offset with its note (`PartitionOffsets.note`: what is finished above
         it). With `notes`, also due when only the note changed: the offset held by an
         unfinished event while others after it finish (a crash or a drain then re-sends
@@ -172,7 +173,7 @@ class Commits:
                 moved = known.get(tp) != offset
                 if not moved and not notes:
                     continue
-                note = self._offsets[tp].note(offset)
+                note = self._offsets[tp].note(offset, max_chars)
                 if moved or known_notes.get(tp, "") != note:
                     out[tp] = (offset, note)
             return out
@@ -218,32 +219,43 @@ class Commits:
                 if unanswered:
                     unanswered.popleft()
             for tp, offset in done:
-                named = self._credit(tp, offset)
+                committed = self._committed.get(tp, -1)
+                if offset < committed:
+                    self._forget(tp, offset)  # an older commit's late answer: no news
+                    continue
+                before = self._committed_notes.get(tp) if offset == committed else None
+                note = self._credit(tp, offset)
                 tracker = self._offsets.get(tp)
-                if offset <= self._committed.get(tp, -1):
-                    if named and tracker is not None and offset == self._committed[tp]:
-                        tracker.committed(offset, named)  # the same offset, a newer note
+                if offset == committed:
+                    if tracker is not None and note is not None and note != before:
+                        # The same offset with another note: what it names now (more, or
+                        # less: a longer note the broker refused was committed without).
+                        tracker.committed(offset, decode_note(note, offset))
                     continue
                 self._committed[tp] = offset
                 if tracker is not None:
-                    tracker.committed(offset, named)
+                    tracker.committed(offset, decode_note(note or "", offset))
                     fresh.append((tp, offset))
         return fresh
 
-    def _credit(self, tp: TP, offset: int) -> Finished | None:
+    def _forget(self, tp: TP, offset: int) -> None:
+        """Drop the record of a commit whose answer no longer matters. Lock held."""
+        unanswered = self._unanswered.get(tp)
+        if unanswered and any(sent == offset for sent, _ in unanswered):
+            while unanswered and unanswered.popleft()[0] != offset:
+                pass
+
+    def _credit(self, tp: TP, offset: int) -> str | None:
         """An answer committing `offset`: the coordinator now holds the note that commit
         carried, not the newest one requested (a later commit of the same offset with a
-        longer note may still fail). Returns what that note names when it is new. Lock
-        held."""
+        longer note may still fail). Returns that note (None: no such commit is known).
+        Lock held."""
         unanswered = self._unanswered.get(tp)
         while unanswered:
             sent, note = unanswered.popleft()
             if sent == offset:
-                if note and note != self._committed_notes.get(tp):
-                    self._committed_notes[tp] = note
-                    return decode_note(note, offset)
                 self._committed_notes[tp] = note
-                return None
+                return note
         return None
 
     def outstanding(self) -> bool:

@@ -27,7 +27,7 @@ from confluent_kafka import (
 
 from consumer.errors import ConfigError, DlqRecordTooLarge
 from consumer.logs import RateLimit
-from consumer.offsets import Finished, decode_note
+from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
 
 __all__ = [
     "TP",
@@ -118,7 +118,9 @@ class KafkaSource:
         self._answered = False  # a commit acknowledged offsets during this consume
         self._unanswered = 0  # asynchronous commits sent and not answered yet (poll thread)
         self.abandoned = False  # close() gave up: exit the process without destroying it
-        self.notes_refused = False  # the broker refused a commit's note: commit without
+        # The longest note commits carry: lowered (halved) each time the broker refuses
+        # one as too large (offset.metadata.max.bytes), 0 once notes are off altogether.
+        self.note_limit = NOTE_MAX_CHARS
         self.fatal: KafkaError | None = None
         self._stats_cb = on_stats
         try:
@@ -177,7 +179,8 @@ class KafkaSource:
             # errors (waiting for the coordinator, transport, timeout) are not.
             self._brokers_up = True
             self._commit_waiting_since = None
-        self._notes_now_refused(tp.error.code() for tp in parts or [] if tp.error is not None)
+        self._notes_now_refused((tp.error.code() for tp in parts or [] if tp.error is not None),
+                                (len(tp.metadata or "") for tp in parts or []))
         done = [((tp.topic, tp.partition), tp.offset) for tp in parts or []
                 if tp.error is None and tp.offset >= 0]
         failed = [(tp.topic, tp.partition) for tp in parts or []
@@ -258,19 +261,32 @@ class KafkaSource:
         if parts:
             self._consumer.resume([TopicPartition(t, p) for t, p in parts])
 
-    def _notes_now_refused(self, codes: Iterable[int], notes: dict[TP, str] | None = None
-                           ) -> bool:
+    @property
+    def notes_refused(self) -> bool:
+        """The broker refuses every note: commits go without."""
+        return self.note_limit == 0
+
+    def _notes_now_refused(self, codes: Iterable[int], lengths: Iterable[int] = ()) -> bool:
         """A broker whose `offset.metadata.max.bytes` is below a note refuses the commit:
-        from then on commits go without notes (the refused ones are requested again).
-        `codes`: the commit's error codes. True when this is the first such refusal and the
-        commit carried notes (the caller commits again, without)."""
-        if self.notes_refused or KafkaError.OFFSET_METADATA_TOO_LARGE not in set(codes):
+        notes are cut to half the refused one's length from then on, and left out below
+        NOTE_MIN_CHARS (cut, a note still names the ranges nearest the committed offset,
+        where the finished events behind a stuck one lie). `codes`: the commit's error
+        codes; `lengths`: its notes' lengths. True when notes were refused (the caller may
+        commit again, with the shorter notes)."""
+        if self.note_limit == 0 or KafkaError.OFFSET_METADATA_TOO_LARGE not in set(codes):
             return False
-        self.notes_refused = True
-        log.warning("the broker refused commit metadata as too large "
-                    "(offset.metadata.max.bytes); committing without notes of finished "
-                    "offsets: a new owner of a partition may send events again")
-        return bool(notes)
+        longest = max((n for n in lengths if n), default=self.note_limit)
+        limit = min(self.note_limit, longest) // 2
+        self.note_limit = limit if limit >= NOTE_MIN_CHARS else 0
+        if self.note_limit:
+            log.warning("the broker refused commit metadata of %d characters as too large "
+                        "(offset.metadata.max.bytes); notes of finished offsets are cut to "
+                        "%d characters", longest, self.note_limit)
+        else:
+            log.warning("the broker refused commit metadata as too large "
+                        "(offset.metadata.max.bytes); committing without notes of finished "
+                        "offsets: a new owner of a partition may send events again")
+        return True
 
     def finished_ahead(self, parts: Sequence[TP], timeout_s: float
                        ) -> tuple[dict[TP, Finished], list[TP]]:
@@ -318,7 +334,10 @@ class KafkaSource:
         """
         if not offsets:
             return True
-        notes = {} if notes is None or self.notes_refused else notes
+        # Notes over the limit are left out (the worker encodes within it; a note encoded
+        # before the limit fell goes without, and the worker records the same rule).
+        notes = {tp: note for tp, note in (notes or {}).items()
+                 if note and len(note) <= self.note_limit}
         parts = [TopicPartition(t, p, o, metadata=notes[(t, p)]) if notes.get((t, p))
                  else TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
@@ -326,9 +345,10 @@ class KafkaSource:
                 answer = self._consumer.commit(offsets=parts, asynchronous=False)
                 failed = [tp for tp in answer or [] if tp.error is not None]
                 if failed:
-                    if self._notes_now_refused(
-                            (tp.error.code() for tp in failed if tp.error is not None), notes):
-                        return self.commit(offsets, wait=True)
+                    if notes and self._notes_now_refused(
+                            (tp.error.code() for tp in failed if tp.error is not None),
+                            (len(note) for note in notes.values())):
+                        return self.commit(offsets, wait=True, notes=notes)
                     log.warning("offset commit refused for %s; the next commit covers it",
                                 ", ".join(f"{tp.topic}[{tp.partition}]: {tp.error.str()}"
                                           for tp in failed if tp.error is not None))
@@ -344,9 +364,10 @@ class KafkaSource:
                 return True
             if isinstance(err, KafkaError) and err.fatal():
                 raise
-            if (wait and isinstance(err, KafkaError)
-                    and self._notes_now_refused([err.code()], notes)):
-                return self.commit(offsets, wait=True)
+            if (wait and notes and isinstance(err, KafkaError)
+                    and self._notes_now_refused([err.code()],
+                                                (len(note) for note in notes.values()))):
+                return self.commit(offsets, wait=True, notes=notes)
             log.warning("offset commit not done (%s); the next commit covers it",
                         err.str() if isinstance(err, KafkaError) else exc)
             return False

@@ -18,6 +18,7 @@ import base64
 import binascii
 import bisect
 import re
+from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -30,9 +31,10 @@ NOTE_MAX_CHARS = 1000
 """A note's length bound: brokers refuse commit metadata over `offset.metadata.max.bytes`
 (4,096 by default). Finished ranges past the bound are left out: sent again, as before."""
 _OFFSET = re.compile(r"[0-9]{1,19}")
+NOTE_MIN_CHARS = 32  # a broker refusing notes shorter than this gets none
 NOTE_MAX_RANGES = 4096
-PENDING_SLACK = 256  # finished offsets kept behind an unfinished one before compacting
 """A decoded note's bound (a note is ~2 bytes a range, so a well-formed one has fewer)."""
+PENDING_SLACK = 256  # finished offsets kept behind an unfinished one before compacting
 
 
 def _varint(value: int, out: bytearray) -> None:
@@ -137,10 +139,6 @@ class Finished:
         i = bisect.bisect_right(self._starts, offset) - 1
         return i >= 0 and offset <= self._ends[i]
 
-    def covers_any(self, low: int, high: int) -> bool:
-        """Some range meets [low, high]."""
-        i = bisect.bisect_left(self._ends, low)
-        return i < len(self._ends) and self._starts[i] <= high
 
     def above(self, offset: int) -> list[tuple[int, int]]:
         """The ranges clipped to offsets above `offset`."""
@@ -149,23 +147,55 @@ class Finished:
                 for start, end in zip(self._starts[i:], self._ends[i:], strict=True)]
 
 
+NAMED_MAX = 1_000_000  # sent events per family a held note may take out of the window
+
+
+class _SentLog:
+    """One family's sent offsets from the committed one, ascending (8 bytes each: behind
+    an event stuck for a day the named ones may number a million)."""
+
+    __slots__ = ("head", "offsets")
+
+    def __init__(self) -> None:
+        self.offsets = array("q")
+        self.head = 0  # offsets before it are below the base
+
+    def drop_below(self, base: int) -> None:
+        offsets = self.offsets
+        if self.head < len(offsets) and offsets[self.head] < base:
+            self.head = bisect.bisect_left(offsets, base, self.head)
+            if self.head > 1024 and 2 * self.head > len(offsets):
+                del offsets[:self.head]
+                self.head = 0
+
+    def count(self) -> int:
+        return len(self.offsets) - self.head
+
+    def count_in(self, start: int, end: int) -> int:
+        """How many offsets lie in [start, end]."""
+        low = bisect.bisect_left(self.offsets, start, self.head)
+        return bisect.bisect_right(self.offsets, end, low) - low
+
+
 class PartitionOffsets:
     """Offsets taken from one partition, in order, and which of them are finished."""
 
-    __slots__ = ("_base", "_changes", "_families", "_high", "_inherited", "_note", "_open",
-                 "_pending", "_risk", "_sent")
+    __slots__ = ("_base", "_changes", "_freed", "_high", "_inherited", "_named", "_note",
+                 "_open", "_pending", "_sent")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()  # taken, in order, from the first unfinished
         self._open: set[int] = set()  # taken and not finished
         self._high: int | None = None
         self._base: int | None = None
-        self._sent: deque[int] = deque()  # offsets that reach Userpilot or the DLQ
-        self._families: deque[str] = deque()  # ... and the window family of each
-        self._risk: dict[str, int] = {}  # at-risk count per window family
+        # Per window family, the offsets that reach Userpilot or the DLQ, from the base.
+        self._sent: dict[str, _SentLog] = {}
+        self._named = Finished(())  # what the note held with the base names finished
+        self._freed: dict[str, int] = {}  # ... and how many sent offsets of each family
         self._inherited = Finished(())  # finished by the previous owner (its commit's note)
         self._changes = 0  # bumped by whatever changes the note (see `note`)
-        self._note: tuple[int, int, str] | None = None  # (changes, base, note) last encoded
+        # (changes, base, max_chars, note) last encoded
+        self._note: tuple[int, int, int, str] | None = None
 
     def started(self, offset: int) -> None:
         """Record an offset handed to the pipeline; offsets arrive in increasing order."""
@@ -220,47 +250,56 @@ class PartitionOffsets:
         return len(self._open)
 
     def committed(self, offset: int, named: Finished | None = None) -> None:
-        """Record that `offset` (next to read) is committed, with a note naming `named`
-        finished above it (the coordinator holds that note: a crash or a drain does not
-        send those again, so they leave the window too)."""
+        """Record that `offset` (next to read) is committed; `named`: what the note the
+        coordinator now holds with it names finished above it (None: the note it held
+        before still stands). A crash or a drain sends none of those again, so they leave
+        the window, and come back into it if a later note names less (one cut at its
+        length, or a broker that began refusing notes)."""
         self._base = offset if self._base is None else max(self._base, offset)
-        while self._sent and self._sent[0] < self._base:
-            self._sent.popleft()
-            family = self._families.popleft()
-            self._risk[family] -= 1
-        if named and self._sent and named.covers_any(self._sent[0], self._sent[-1]):
-            sent: deque[int] = deque()
-            families: deque[str] = deque()
-            for kept, family in zip(self._sent, self._families, strict=True):
-                if named.covers(kept):
-                    self._risk[family] -= 1
-                else:
-                    sent.append(kept)
-                    families.append(family)
-            self._sent, self._families = sent, families
+        for log in self._sent.values():
+            log.drop_below(self._base)
+        if named is not None:
+            self._named = named
+        self._count_named()
+
+    def _count_named(self) -> None:
+        """How many sent offsets of each family the held note names (at most NAMED_MAX)."""
+        named = self._named
+        base = -1 if self._base is None else self._base
+        above = named.above(base) if named else []
+        self._freed = {family: min(NAMED_MAX, sum(log.count_in(start, end)
+                                                  for start, end in above))
+                       for family, log in self._sent.items()} if above else {}
 
     def sent(self, offset: int, family: str = "track") -> None:
         """Record a taken offset that will be sent (to Userpilot or the DLQ), not dropped,
         under its window `family` (the rate budget its main request draws from)."""
         if self._base is None or offset >= self._base:
-            self._sent.append(offset)
-            self._families.append(family)
-            self._risk[family] = self._risk.get(family, 0) + 1
+            log = self._sent.get(family)
+            if log is None:
+                log = self._sent[family] = _SentLog()
+            log.offsets.append(offset)
 
     @property
     def at_risk(self) -> int:
-        """Sent or sending events not yet committed, nor named finished by a committed
-        note: what a crash now would send again.
+        """Sent or sending events not yet committed, nor named finished by the note held
+        with the commit: what a crash now would send again.
 
         Dropped events are not counted: dropped again after a crash, they are no
         duplicate anywhere.
         """
-        return len(self._sent)
+        return sum(self.at_risk_by_family.values())
 
     @property
     def at_risk_by_family(self) -> dict[str, int]:
         """`at_risk` per window family (families with none are left out)."""
-        return {family: n for family, n in self._risk.items() if n}
+        freed = self._freed
+        out: dict[str, int] = {}
+        for family, log in self._sent.items():
+            n = log.count() - freed.get(family, 0)
+            if n:
+                out[family] = n
+        return out
 
     # -- the note -----------------------------------------------------------------------
     def inherit(self, finished: Finished) -> None:
@@ -281,14 +320,15 @@ class PartitionOffsets:
             return None
         return self._inherited
 
-    def note(self, base: int) -> str:
-        """`encode_note(base, finished_ranges(base))`, encoded again only after a change
-        (it is asked at every commit check, for every partition)."""
+    def note(self, base: int, max_chars: int = NOTE_MAX_CHARS) -> str:
+        """`encode_note(base, finished_ranges(base), max_chars)`, encoded again only after
+        a change (it is asked at every commit check, for every partition)."""
         cached = self._note
-        if cached is not None and cached[0] == self._changes and cached[1] == base:
-            return cached[2]
-        note = encode_note(base, self.finished_ranges(base))
-        self._note = (self._changes, base, note)
+        if (cached is not None and cached[0] == self._changes and cached[1] == base
+                and cached[2] == max_chars):
+            return cached[3]
+        note = encode_note(base, self.finished_ranges(base), max_chars) if max_chars else ""
+        self._note = (self._changes, base, max_chars, note)
         return note
 
     def finished_ranges(self, base: int) -> list[tuple[int, int]]:

@@ -174,7 +174,7 @@ class Source(Protocol):
     @property
     def fatal_error(self) -> str | None: ...
     @property
-    def notes_refused(self) -> bool: ...
+    def note_limit(self) -> int: ...
     async def call(self, fn: Callable[..., T], *args: Any) -> T: ...
     def subscribe(self) -> None: ...
     def consume(self, max_messages: int, timeout_s: float) -> Sequence[KafkaMessage]: ...
@@ -845,14 +845,17 @@ class Worker:
         re-delivers at most WORKER_MAX_IN_FLIGHT events. `note_changes`: also partitions whose
         offset did not move but whose note changed (`Commits.due_noted`).
         """
-        noted = self.commits.due_noted(parts, pipelined=not wait, notes=note_changes)
+        noted = self.commits.due_noted(parts, pipelined=not wait, notes=note_changes,
+                                       max_chars=source.note_limit)
         todo = {tp: offset for tp, (offset, _) in noted.items()}
         notes = {tp: note for tp, (_, note) in noted.items() if note}
         if not todo or not source.commit(todo, wait=wait, notes=notes):
             return
-        if source.notes_refused:
-            notes = {}  # sent without: they name nothing the coordinator holds
-        self.commits.requested(todo, notes)
+        # What was sent: a note over the source's limit goes without (the limit may have
+        # fallen during a synchronous commit the broker refused), as the source does.
+        limit = source.note_limit
+        self.commits.requested(todo, {tp: note for tp, note in notes.items()
+                                      if len(note) <= limit})
         if wait:
             self._on_committed(list(todo.items()), [])
 

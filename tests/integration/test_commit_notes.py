@@ -69,13 +69,18 @@ def test_a_broker_refusing_the_note_gets_the_commit_without_it(
     first = source(kafka_bootstrap, group, topic)
     try:
         too_long = "upf1:7:" + "A" * 8000  # over any default limit
+        first.note_limit = 9000  # as if our notes could be that long: the broker refuses it
         assert first.commit({(topic, 0): 7}, notes={(topic, 0): too_long})
-        assert first.notes_refused
+        assert first.note_limit == len(too_long) // 2  # cut from now on, not turned off
         assert first.commit({(topic, 0): 8}, notes={(topic, 0): too_long})  # none sent now
         answer = first._consumer.committed([TopicPartition(topic, 0)], timeout=10)
+        short = encode_note(9, [(11, 20)])
+        assert first.commit({(topic, 0): 9}, notes={(topic, 0): short})
+        later = first._consumer.committed([TopicPartition(topic, 0)], timeout=10)
     finally:
         first.close(10)
     assert answer[0].offset == 8 and not answer[0].metadata
+    assert later[0].offset == 9 and later[0].metadata == short
     assert "offset.metadata.max.bytes" in caplog.text
     assert KafkaError.OFFSET_METADATA_TOO_LARGE  # the code this is about
 

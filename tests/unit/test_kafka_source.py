@@ -9,6 +9,7 @@ import pytest
 from confluent_kafka import KafkaError, TopicPartition
 
 from consumer.kafka import ANSWER_SLICE_S, KafkaSource
+from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS
 
 
 def source() -> KafkaSource:
@@ -142,3 +143,24 @@ def test_an_error_answer_keeps_the_poll_waiting_for_a_message() -> None:
     assert fake.polls[:2] == [ANSWER_SLICE_S, ANSWER_SLICE_S]
     assert len(fake.polls) == 3 and fake.polls[2] > 0.08, \
         "after the refusal, nothing out: one poll for the rest of the timeout"
+
+
+def test_a_refused_note_halves_the_notes_until_they_are_off() -> None:
+    """A broker's offset.metadata.max.bytes below a note: notes are cut to half the refused
+    length (they still name the runs nearest the committed offset), and left out only
+    below NOTE_MIN_CHARS; turning them off at the first refusal let a crash re-send every
+    event earlier notes had named."""
+    s = source()
+    try:
+        too_large = KafkaError.OFFSET_METADATA_TOO_LARGE
+        assert not s._notes_now_refused([KafkaError._MSG_TIMED_OUT], [900])
+        assert s.note_limit == NOTE_MAX_CHARS
+        assert s._notes_now_refused([too_large], [800])
+        assert s.note_limit == 400 and not s.notes_refused
+        assert s._notes_now_refused([too_large], [])  # lengths unknown: half the limit
+        assert s.note_limit == 200
+        assert s._notes_now_refused([too_large], [NOTE_MIN_CHARS * 2 - 1])
+        assert s.note_limit == 0 and s.notes_refused
+        assert not s._notes_now_refused([too_large], [10])  # already off
+    finally:
+        s.close(0.1)

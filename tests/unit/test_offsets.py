@@ -375,7 +375,13 @@ def test_a_committed_note_takes_what_it_names_out_of_the_window() -> None:
     t.committed(0, decode_note(encode_note(0, t.finished_ranges(0)), 0))
     assert t.at_risk == 4  # 0, 4, 5, 9: unfinished
     assert t.at_risk_by_family == {"track": 2, "identify": 2}
-    t.committed(0, Finished([(1, 3)]))  # an older note names less: nothing comes back
+    t.committed(0, Finished([(1, 3)]))  # a later note names less (cut at its length)
+    assert t.at_risk == 7, "what no held note names is at risk again"
+    t.committed(0, Finished(()))  # committed again without a note (the broker refused it)
+    assert t.at_risk == 10
+    t.committed(0)  # an answer that brings no note news keeps the held one
+    assert t.at_risk == 10
+    t.committed(0, decode_note(encode_note(0, t.finished_ranges(0)), 0))
     assert t.at_risk == 4
     for offset in (0, 4, 5, 9):
         t.finished(offset)
@@ -403,9 +409,9 @@ def test_at_risk_is_every_sent_offset_not_committed_nor_named(
             ranges = t.finished_ranges(base)
             note = encode_note(base, ranges)
             t.committed(base, decode_note(note, base))
-            # Cumulative: a later note cut at NOTE_MAX_CHARS may name less, and what an
-            # earlier one named stays out of the window (the coordinator held it).
-            named |= {o for o in range(base, 400) if decode_note(note, base).covers(o)}
+            # Exactly what the held note names: one cut at NOTE_MAX_CHARS may name less
+            # than the previous one, and what it no longer names is at risk again.
+            named = {o for o in range(base, 400) if decode_note(note, base).covers(o)}
         assert t.at_risk == len({o for o in sent if o >= base} - named)
 
 

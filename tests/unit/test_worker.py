@@ -32,7 +32,7 @@ from consumer.config import Settings, load_settings
 from consumer.errors import DlqRecordTooLarge, Rejected, ServerError
 from consumer.health import Health
 from consumer.metrics import Metrics
-from consumer.offsets import Finished, decode_note
+from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
 from consumer.registry import Registry
 from consumer.worker import (
     INTAKE_TURN_MESSAGES,
@@ -118,7 +118,12 @@ class FakeSource:
     ahead: dict[TP, Finished] = field(default_factory=dict)  # the previous owner's notes
     ahead_asked: list[list[TP]] = field(default_factory=list)
     notes_unanswered: int = 0  # reads of the notes the coordinator does not answer
-    notes_refused: bool = False  # the broker refuses commit metadata: commits go without
+    # The longest note the broker takes (its offset.metadata.max.bytes): a longer one is
+    # refused as KafkaSource's broker does, lowering `note_limit` (see `commit`).
+    broker_note_max: int = 4096
+    note_limit: int = NOTE_MAX_CHARS
+    stored: dict[TP, tuple[int, str]] = field(default_factory=dict)  # the coordinator's
+    _refused: list[list[TP]] = field(default_factory=list)
 
     @property
     def fatal_error(self) -> str | None:
@@ -140,6 +145,8 @@ class FakeSource:
         served = bool(self._acks)
         while self._acks:  # served during consume, as librdkafka does
             self.cb.on_committed(list(self._acks.pop(0).items()), [])
+        while self._refused:
+            self.cb.on_committed([], self._refused.pop(0))
         if self.lose_next:
             parts, self.lose_next = self.lose_next, []
             self.cb.on_lost(parts)
@@ -183,8 +190,21 @@ class FakeSource:
                 return False
         if self.down:
             return True  # sent; never acknowledged
+        notes = {tp: n for tp, n in (notes or {}).items() if n and len(n) <= self.note_limit}
+        if any(len(n) > self.broker_note_max for n in notes.values()):
+            # OFFSET_METADATA_TOO_LARGE, as KafkaSource handles it: the limit halves (0
+            # below NOTE_MIN_CHARS); a synchronous commit is sent again, an asynchronous
+            # one is answered as failed.
+            limit = min(self.note_limit, max(len(n) for n in notes.values())) // 2
+            self.note_limit = limit if limit >= NOTE_MIN_CHARS else 0
+            if wait:
+                return self.commit(offsets, wait=True, notes=notes)
+            self._refused.append(list(offsets))
+            return True
         self.commits.append(dict(offsets))
-        self.notes.append({} if self.notes_refused else dict(notes or {}))
+        self.notes.append(notes)
+        for tp, offset in offsets.items():
+            self.stored[tp] = (offset, notes.get(tp, ""))
         if not wait:
             self._acks.append(dict(offsets))
         return True
@@ -209,6 +229,8 @@ class FakeSource:
         self._on_poll_thread()
         while self._acks:
             self.cb.on_committed(list(self._acks.pop(0).items()), [])
+        while self._refused:
+            self.cb.on_committed([], self._refused.pop(0))
 
     def close(self, timeout_s: float) -> bool:
         self.closed = True

@@ -9,6 +9,7 @@ import asyncio
 from dataclasses import dataclass
 
 from consumer.calls import Call
+from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
 from tests.unit.test_worker import (
     TOPIC,
     FakeClient,
@@ -26,14 +27,16 @@ WINDOW = 10
 
 
 class HeldUser(FakeClient):
-    """Userpilot holding user "stuck"'s request until `release`."""
+    """Userpilot holding the requests of users named "stuck…" until `release`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.release = asyncio.Event()
+        self.held: set[int] = set()  # the seq of each request being held
 
     async def send(self, call: Call) -> int:
-        if b'"user_id":"stuck"' in call.body:
+        if b'"user_id":"stuck' in call.body:
+            self.held.add(codec_seq(call.body))
             await self.release.wait()
         return await super().send(call)
 
@@ -72,7 +75,7 @@ def test_one_stuck_event_stops_neither_its_partition_nor_the_others() -> None:
 class RefusingNotes(FakeSource):
     """A broker whose offset.metadata.max.bytes refuses every note."""
 
-    notes_refused: bool = True
+    note_limit: int = 0
 
 
 def test_without_notes_the_window_still_bounds_what_follows_a_stuck_event() -> None:
@@ -94,3 +97,46 @@ def test_without_notes_the_window_still_bounds_what_follows_a_stuck_event() -> N
         await until(lambda: source.committed().get((TOPIC, 0)) == 60, "everything", 10)
 
     assert drive(run, scenario) == 0
+
+
+def test_a_broker_refusing_longer_notes_later_gets_shorter_ones_that_still_name_the_run(
+) -> None:
+    """Short notes accepted, then a longer one refused (offset.metadata.max.bytes): the
+    notes were turned off, the coordinator kept the commit without one, and the 300 events
+    the short notes had taken out of the window were named nowhere, so a crash re-sent them
+    all. Now notes are cut to half the refused length, still naming the run nearest the
+    committed offset, and what no held note names is counted in the window again."""
+    tp, window = (TOPIC, 0), 40  # room for islands enough to make a note of 70 characters
+    messages = [Message(TOPIC, 0, 0, b"stuck", track("stuck", 0))]
+    messages += [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i))
+                 for i in range(1, 301)]
+    for i in range(301, 421):  # islands: held users between delivered ones
+        user = f"stuck{i}" if i % 2 else f"u{i}"
+        messages.append(Message(TOPIC, 0, i, user.encode(), track(user, i)))
+    client = HeldUser()
+    run = make({tp: messages}, registry=known_schema(), client=client,
+               WORKER_MAX_IN_FLIGHT=str(window), USERPILOT_ENSURE_USER="false")
+    seen: dict[str, object] = {}
+
+    async def scenario(source: FakeSource) -> None:
+        source.broker_note_max = 70
+        await until(lambda: len(client.bodies) >= 300, "the 300 after the stuck one", 30)
+        await until(lambda: 0 < source.note_limit < NOTE_MAX_CHARS, "a longer note refused", 30)
+        await until(lambda: bool(source.paused), "the window full again", 30)
+        await asyncio.sleep(0.3)
+        offset, note = source.stored[tp]
+        named = decode_note(note, offset)
+        sent = {codec_seq(b) for b in client.bodies}
+        held = set(client.held)  # on the wire: a crash now sends them again too
+        resend = [o for o in sorted(sent | held) if o >= offset and not named.covers(o)]
+        window = sum(run.worker.commits.in_window_by_family().values())
+        seen.update(resend=len(resend), window=window, named=named, limit=source.note_limit)
+        client.release.set()
+        await until(lambda: source.committed().get(tp) == 421, "everything", 20)
+
+    assert drive(run, scenario) == 0
+    named = seen["named"]
+    assert isinstance(named, Finished) and named.covers(1) and named.covers(300)
+    assert isinstance(seen["limit"], int) and NOTE_MIN_CHARS <= seen["limit"] <= 35
+    assert seen["resend"] == seen["window"], "the window is what a crash would send again"
+    assert isinstance(seen["resend"], int) and seen["resend"] <= window + 1
