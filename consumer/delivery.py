@@ -125,10 +125,12 @@ def _transport_failure(exc: BaseException, deadline_s: float) -> WorkerError:
         if _really_timed_out(exc):
             return Timeout(f"no answer from Userpilot in time ({type(exc).__name__})")
         return ConnectionFailed(f"connection to Userpilot failed ({type(exc.__cause__).__name__})")
-    if isinstance(exc, httpx.ProxyError) and _proxy_status(exc) is not None:
+    if isinstance(exc, httpx.ProxyError) and _proxy_status(exc) == 407:
         # An HTTPS proxy refusing the tunnel (CONNECT) answers before Userpilot is reached:
-        # a 407 there is the proxy's credentials, as it is for plain-HTTP proxying.
-        problem = classify(_proxy_status(exc) or 0, {}, "")
+        # a 407 there is the proxy's credentials, as it is for plain-HTTP proxying. Any
+        # other refusal of the tunnel says nothing about the event (never a dead letter):
+        # a connection failure, below.
+        problem = classify(407, {}, "")
         if problem is not None:
             return problem
     if isinstance(exc, (httpx.TransportError, OSError)):

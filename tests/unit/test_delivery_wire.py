@@ -428,6 +428,23 @@ def test_an_https_proxy_refusing_its_credentials_is_a_misconfiguration() -> None
     assert got == "Misconfigured"
 
 
+@pytest.mark.parametrize("status", [400, 403, 405, 502])
+def test_an_https_proxy_refusing_the_tunnel_otherwise_is_a_connection_failure(
+        status: int) -> None:
+    """Only the proxy's 407 means something to the worker: a proxy that cannot tunnel
+    (400, 405) or forbids the host says nothing about the event, which must wait, never
+    be dead-lettered as a payload Userpilot rejected (it never left the proxy)."""
+    async def main() -> str:
+        async with Server(always(Close(http(status, b"", reason="No")))) as proxy:
+            client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
+                                     max_connections=2, proxy=f"http://127.0.0.1:{proxy.port}")
+            got = await outcome(client, BODY)
+            await client.aclose()
+            return got
+
+    assert run(main) == "ConnectionFailed"
+
+
 def test_a_trickled_answer_times_out_as_a_whole() -> None:
     """Each byte arrives well within the read timeout, the whole answer does not: the
     attempt ends at twice the request timeout instead of holding its event."""
