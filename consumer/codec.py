@@ -22,6 +22,7 @@ when it is first read (inside ``route``): the event is dead-lettered, never a cr
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -56,6 +57,9 @@ SCHEMA = cast(dict[str, Any], fastavro.parse_schema(json.loads(SCHEMA_TEXT)))
 
 _read_record: Callable[[io.BytesIO, Any, Any], Any] = fastavro.schemaless_reader
 """fastavro's reader, typed once here rather than cast on every decode (the hot path)."""
+_read_replacing: Callable[[io.BytesIO, Any, Any], Any] = functools.partial(
+    fastavro.schemaless_reader, handle_unicode_errors="replace")
+"""... and the same reader turning invalid UTF-8 into U+FFFD (read again only then)."""
 
 SchemaLookup = Callable[[int], Mapping[str, Any]]
 """Returns the parsed writer schema registered under an id, or raises KeyError."""
@@ -398,16 +402,17 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     # Read in place past the header: a BytesIO over bytes shares them (no copy of the body).
     stream = io.BytesIO(data)
     stream.seek(_HEADER.size)
+    # Resolution costs time per call; skip it when the writer is our own schema.
+    reader = None if writer is SCHEMA else SCHEMA
     try:
-        # Resolution costs time per call; skip it when the writer is our own schema.
-        reader = None if writer is SCHEMA else SCHEMA
-        record = _read_record(stream, writer, reader)
-    except UnicodeDecodeError:
-        # A string cut inside a multi-byte character (a producer limiting bytes): U+FFFD,
-        # as Java's Avro decodes it, not the whole event dead-lettered (replay could never
-        # succeed). Read again only then: the hot path keeps fastavro's default.
-        stream.seek(_HEADER.size)
-        record = _read_replacing(stream, writer, reader)
+        try:
+            record = _read_record(stream, writer, reader)
+        except UnicodeDecodeError:
+            # A string cut inside a multi-byte character (a producer limiting bytes):
+            # U+FFFD, as Java's Avro decodes it, not the whole event dead-lettered (replay
+            # could never succeed). Read again only then: the hot path keeps the default.
+            stream.seek(_HEADER.size)
+            record = _read_replacing(stream, writer, reader)
     except Exception as exc:  # fastavro raises many types on corrupt input
         raise UndecodableEvent(f"not a Signal event in Avro: {type(exc).__name__}: {exc}") from None
     if stream.tell() != len(data):
@@ -417,13 +422,3 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     if not isinstance(record, dict):
         raise UndecodableEvent("Avro body did not decode to a record")
     return Event(record)
-
-
-def _read_replacing(stream: io.BytesIO, writer: Any, reader: Any) -> Any:
-    """`_read_record` with invalid UTF-8 in strings replaced by U+FFFD."""
-    try:
-        return fastavro.schemaless_reader(stream, writer, reader,
-                                          handle_unicode_errors="replace")
-    except Exception as exc:
-        raise UndecodableEvent(
-            f"not a Signal event in Avro: {type(exc).__name__}: {exc}") from None

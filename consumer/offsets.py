@@ -139,7 +139,6 @@ class Finished:
         i = bisect.bisect_right(self._starts, offset) - 1
         return i >= 0 and offset <= self._ends[i]
 
-
     def above(self, offset: int) -> list[tuple[int, int]]:
         """The ranges clipped to offsets above `offset`."""
         i = bisect.bisect_right(self._ends, offset)
