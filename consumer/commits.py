@@ -242,19 +242,25 @@ class Commits:
         """Drop the record of a commit whose answer no longer matters. Lock held."""
         unanswered = self._unanswered.get(tp)
         if unanswered and any(sent == offset for sent, _ in unanswered):
-            while unanswered and unanswered.popleft()[0] != offset:
-                pass
+            self._answer(tp, offset)
 
     def _credit(self, tp: TP, offset: int) -> str | None:
         """An answer committing `offset`: the coordinator now holds the note that commit
         carried, not the newest one requested (a later commit of the same offset with a
         longer note may still fail). Returns that note (None: no such commit is known).
         Lock held."""
+        note = self._answer(tp, offset)
+        if note is not None:
+            self._committed_notes[tp] = note
+        return note
+
+    def _answer(self, tp: TP, offset: int) -> str | None:
+        """The commits sent up to the one of `offset` are answered: forget them; the note
+        that one carried (None: no such commit is known). Lock held."""
         unanswered = self._unanswered.get(tp)
         while unanswered:
             sent, note = unanswered.popleft()
             if sent == offset:
-                self._committed_notes[tp] = note
                 return note
         return None
 
