@@ -32,6 +32,7 @@ from importlib import resources
 from typing import Any, cast
 
 import fastavro
+import fastavro._read_py as fastavro_py
 
 from consumer.errors import InvalidEvent, UndecodableEvent
 
@@ -40,11 +41,14 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "SCHEMA",
     "SCHEMA_TEXT",
+    "DeepSchema",
     "Event",
     "SchemaLookup",
     "decode",
     "encode",
     "from_record",
+    "plain_types",
+    "self_referencing",
     "split_wire",
     "to_record",
 ]
@@ -60,6 +64,76 @@ _read_record: Callable[[io.BytesIO, Any, Any], Any] = fastavro.schemaless_reader
 _read_replacing: Callable[[io.BytesIO, Any, Any], Any] = functools.partial(
     fastavro.schemaless_reader, handle_unicode_errors="replace")
 """... and the same reader turning invalid UTF-8 into U+FFFD (read again only then)."""
+_read_deep: Callable[..., Any] = fastavro_py.schemaless_reader
+"""fastavro's pure-Python reader, for writer schemas whose types refer to themselves
+(:class:`DeepSchema`): its recursion ends in RecursionError, not a crash of the process."""
+
+
+class DeepSchema(dict[str, Any]):
+    """A parsed writer schema with a type that refers to itself (a linked list, a tree).
+
+    Why: fastavro's compiled reader follows such a type by recursion in C, so one message
+    nesting it ~20,000 levels deep (20 KB) kills the process with SIGSEGV: nothing is
+    dead-lettered or committed, and every restart, on every replica, dies on the same
+    offset. Events of these schemas are read by the pure-Python reader instead, whose
+    recursion stops at Python's limit: that one event is dead-lettered as undecodable.
+    """
+
+
+def plain_types(node: Any) -> Any:
+    """A writer schema's JSON without its ``logicalType`` annotations.
+
+    Why: fastavro converts by the writer's logical types, so a producer declaring
+    ``userId`` as ``{"type": "string", "logicalType": "uuid"}`` (an annotation only, Avro
+    compatible) would hand over ``uuid.UUID`` objects where this reader's schema, which
+    decides the types, has plain strings: every such event was dropped as anonymous and
+    its messageId lost. Java's Avro with our reader schema yields the plain values too.
+    """
+    if isinstance(node, dict):
+        return {key: plain_types(value) for key, value in node.items() if key != "logicalType"}
+    if isinstance(node, list):
+        return [plain_types(item) for item in node]
+    return node
+
+
+_NAMED_CONTAINERS = ("record", "error")
+
+
+def self_referencing(named: Mapping[str, Any]) -> bool:
+    """Whether any of these parsed named types (fastavro's ``named_schemas``: full name →
+    definition) can contain itself, directly or through others: see :class:`DeepSchema`."""
+    done: set[str] = set()
+    open_: set[str] = set()
+
+    def walk(node: Any) -> bool:
+        if isinstance(node, str):
+            if node in open_:
+                return True
+            return node not in done and node in named and walk(named[node])
+        if isinstance(node, list):
+            return any(walk(branch) for branch in node)
+        if not isinstance(node, dict):
+            return False
+        kind = node.get("type")
+        if kind in _NAMED_CONTAINERS:
+            name = str(node.get("name"))
+            if name in open_:
+                return True
+            if name in done:
+                return False
+            open_.add(name)
+            if any(walk(f.get("type")) for f in node.get("fields", ()) if isinstance(f, dict)):
+                return True
+            open_.discard(name)
+            done.add(name)
+            return False
+        if kind == "array":
+            return walk(node.get("items"))
+        if kind == "map":
+            return walk(node.get("values"))
+        return isinstance(kind, (dict, list, str)) and walk(kind)
+
+    return any(walk(definition) for definition in list(named.values()))
 
 SchemaLookup = Callable[[int], Mapping[str, Any]]
 """Returns the parsed writer schema registered under an id, or raises KeyError."""
@@ -406,7 +480,10 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     reader = None if writer is SCHEMA else SCHEMA
     try:
         try:
-            record = _read_record(stream, writer, reader)
+            if writer.__class__ is DeepSchema:
+                record = _read_deep(stream, writer, reader, handle_unicode_errors="replace")
+            else:
+                record = _read_record(stream, writer, reader)
         except UnicodeDecodeError:
             # A string cut inside a multi-byte character (a producer limiting bytes):
             # U+FFFD, as Java's Avro decodes it, not the whole event dead-lettered (replay

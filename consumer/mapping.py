@@ -14,7 +14,8 @@ everything here exists to turn free-form Signal properties into a flat, primitiv
 Arrays: an array of primitives becomes one comma-joined string (``["a", "b"]`` → ``"a,b"``,
 as Userpilot's own examples send multi-valued traits); ``products``/``items`` become a
 scalar summary; any other array holding objects or arrays is left out, and so are objects
-nested deeper than :data:`MAX_DEPTH` and NaN/Infinity. Every left-out field is named in
+nested deeper than :data:`MAX_DEPTH`, nested keys longer than :data:`MAX_KEY_CHARS` and
+NaN/Infinity. Every left-out field is named in
 :attr:`Payload.omitted` (``explain`` shows it).
 
 Size: metadata larger than :attr:`MappingSet.max_metadata_bytes` (JSON bytes, default
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_PRESET",
     "EVENT_ROOT_KEYS",
     "MAX_DEPTH",
+    "MAX_KEY_CHARS",
     "PAGE_SOURCE",
     "EventRule",
     "MappingSet",
@@ -68,6 +70,14 @@ PAGE_SOURCE = "page"
 
 MAX_DEPTH = 16
 """Objects nested deeper than this are left out (keeps flattening bounded and total)."""
+
+MAX_KEY_CHARS = 256
+"""A flattened key (``parent_child``) longer than this is left out, with what is under it.
+
+Why: every leaf's key repeats its parents' keys, so a 179 KB event with 8,000 leaves under
+one 100 KB key built 800 MB of keys before the size limit cut them all (a replica under
+the chart's 512 MiB limit was OOM-killed, again on each restart). Bounded here, a leaf
+costs at most this many characters whatever its parents."""
 
 DEFAULT_MAX_METADATA_BYTES = 64 * 1024
 """Userpilot documents no per-event limit, only 512 KB per app in total (README,
@@ -377,6 +387,11 @@ def _leaf(out: dict[str, Primitive], omitted: list[str], key: str, value: Any) -
         omitted.append(key)
 
 
+def _shown(key: str) -> str:
+    """A left-out key as ``omitted`` lists it: a long one cut, with its length."""
+    return key if len(key) <= 80 else f"{key[:64]}…({len(key)} characters)"
+
+
 def _flatten_into(
     out: dict[str, Primitive], prefix: str, obj: Mapping[Any, Any], depth: int,
     omitted: list[str],
@@ -385,11 +400,16 @@ def _flatten_into(
 
     A key already in ``out`` is kept (first wins): callers add the winners first.
     """
-    if depth > MAX_DEPTH:
-        omitted.append(prefix)
+    if depth > MAX_DEPTH or len(prefix) > MAX_KEY_CHARS:
+        omitted.append(_shown(prefix))
         return
+    room = MAX_KEY_CHARS - len(prefix) - 1
     for raw_key, value in obj.items():
-        key = f"{prefix}_{raw_key}"
+        key = raw_key if isinstance(raw_key, str) else str(raw_key)
+        if len(key) > room:
+            omitted.append(_shown(f"{prefix}_{key}"))
+            continue
+        key = f"{prefix}_{key}"
         if isinstance(value, dict):
             _flatten_into(out, key, value, depth + 1, omitted)
         else:
@@ -487,10 +507,14 @@ def _derived_metadata(
                     top = props.get(s_key, _MISSING)
                     if s_key not in out and (top is _MISSING or not _is_primitive(top)):
                         out[s_key] = s_value
+                if value and not isinstance(value[0], dict):
+                    omitted.append(key)  # not line items: only their count is sent
             elif key in _SUMMARY_ARRAYS:
                 top = props.get(f"{key}_count", _MISSING)
                 if top is _MISSING or not _is_primitive(top):
                     out.setdefault(f"{key}_count", len(value))
+                if value:
+                    omitted.append(key)  # the other list is summarised: only its count
             elif key not in preset_keys:
                 _leaf(out, omitted, key, value)
         elif key not in preset_keys:

@@ -33,7 +33,7 @@ from urllib.parse import quote
 import fastavro
 import httpx
 
-from consumer.codec import SCHEMA, SCHEMA_TEXT
+from consumer.codec import SCHEMA, SCHEMA_TEXT, DeepSchema, plain_types, self_referencing
 from consumer.errors import UndecodableEvent
 from consumer.redaction import redact
 
@@ -321,7 +321,7 @@ class Registry:
                                                     ref.version)))
             self._resolve(doc.references, named, seen)
             try:
-                fastavro.parse_schema(json.loads(doc.text), named_schemas=named)
+                fastavro.parse_schema(plain_types(json.loads(doc.text)), named_schemas=named)
             except Exception as exc:
                 raise _BadSchema(f"{ref.name!r} ({ref.subject} version {ref.version}), which "
                                  f"does not parse: {type(exc).__name__}: {str(exc)[:200]}"
@@ -372,14 +372,19 @@ class Registry:
         except _BadSchema as exc:
             self._unusable_schema(schema_id, f"schema id {schema_id} references {exc}")
         try:
-            fresh: Any = fastavro.parse_schema(json.loads(doc.text), named_schemas=named)
+            fresh: Any = fastavro.parse_schema(plain_types(json.loads(doc.text)),
+                                               named_schemas=named)
         except Exception as exc:
             self._unusable_schema(
                 schema_id, f"schema id {schema_id} is not an Avro schema this worker can "
                 f"parse ({type(exc).__name__}: {str(exc)[:200]})")
-        parsed: Mapping[str, Any] = (
-            SCHEMA if fastavro.schema.to_parsing_canonical_form(fresh) == self._ours else fresh
-        )
+        parsed: Mapping[str, Any]
+        if fastavro.schema.to_parsing_canonical_form(fresh) == self._ours:
+            parsed = SCHEMA
+        elif self_referencing(named):
+            parsed = DeepSchema(fresh)  # read without recursion in C (see DeepSchema)
+        else:
+            parsed = fresh
         with self._lock:
             self._parsed[schema_id] = parsed
         return parsed

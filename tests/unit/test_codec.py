@@ -417,3 +417,45 @@ def test_envelope_is_the_record_and_decode_refuses_what_split_wire_refuses() -> 
                          (b"\x01\x00\x00\x00\x03rest", "magic")):
         with pytest.raises(UndecodableEvent, match=reason):
             codec.decode(data, lambda _i: codec.SCHEMA)
+
+
+# ------------------------------------------------------------------ writer schema shapes
+
+_NODE = {"type": "record", "name": "Node", "namespace": "t",
+         "fields": [{"name": "next", "type": ["null", "Node"], "default": None}]}
+
+
+def _named(schema: dict[str, Any]) -> dict[str, Any]:
+    named: dict[str, Any] = {}
+    fastavro.parse_schema(copy.deepcopy(schema), named_schemas=named)
+    return named
+
+
+def test_self_referencing_finds_a_type_that_can_contain_itself() -> None:
+    direct = {"type": "record", "name": "E", "namespace": "t",
+              "fields": [{"name": "trail", "type": ["null", _NODE], "default": None}]}
+    assert codec.self_referencing(_named(direct))
+    # Through another type, and through an array or a map.
+    a = {"type": "record", "name": "A", "namespace": "t", "fields": [
+        {"name": "b", "type": {"type": "record", "name": "B", "fields": [
+            {"name": "as", "type": {"type": "map", "values": {
+                "type": "array", "items": "A"}}}]}}]}
+    assert codec.self_referencing(_named(a))
+    # A named type used twice side by side is no recursion.
+    point = {"type": "record", "name": "P", "fields": [{"name": "x", "type": "int"}]}
+    twice = {"type": "record", "name": "T", "namespace": "t", "fields": [
+        {"name": "from_", "type": point}, {"name": "to", "type": "t.P"},
+        {"name": "kind", "type": {"type": "enum", "name": "K", "symbols": ["A"]}}]}
+    assert not codec.self_referencing(_named(twice))
+    assert not codec.self_referencing(_named(json.loads(codec.SCHEMA_TEXT)))
+
+
+def test_plain_types_drops_logical_types_only() -> None:
+    schema = {"type": "record", "name": "R", "fields": [
+        {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+        {"name": "at", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}]},
+        {"name": "n", "type": "int", "doc": "logicalType"}]}
+    assert codec.plain_types(schema) == {"type": "record", "name": "R", "fields": [
+        {"name": "id", "type": {"type": "string"}},
+        {"name": "at", "type": ["null", {"type": "long"}]},
+        {"name": "n", "type": "int", "doc": "logicalType"}]}

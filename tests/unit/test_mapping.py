@@ -777,6 +777,61 @@ def test_left_out_fields_are_reported() -> None:
     assert built.truncated == ()
 
 
+def test_a_nested_key_over_the_length_bound_is_left_out_with_what_is_under_it() -> None:
+    from consumer.mapping import MAX_KEY_CHARS, build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    room = "r" * (MAX_KEY_CHARS - len("plan_"))
+    built = build_payload(track("Feature Used", {
+        "plan": {room: 1, room + "x": {"a": 1, "b": 2}, "tier": "pro"},
+        "k" * (MAX_KEY_CHARS + 1): {"a": 1}}), rule)
+    assert built.body["metadata"] == {f"plan_{room}": 1, "plan_tier": "pro"}
+    long_key = f"plan_{room}x"
+    assert built.omitted == (f"{long_key[:64]}…({len(long_key)} characters)",
+                             f"{'k' * 64}…({MAX_KEY_CHARS + 1} characters)")
+
+
+def test_flattening_costs_a_bounded_key_per_leaf_whatever_its_parents() -> None:
+    """A 180 KB event: 8,000 leaves under one 100 KB key built 800 MB of keys (a replica
+    under the chart's 512 MiB limit was OOM-killed on it, again after every restart)."""
+    import tracemalloc
+
+    from consumer.calls import flatten_traits
+    from consumer.mapping import build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    blob = {"A" * 100_000: {f"k{i}": 0 for i in range(8000)}}
+    tracemalloc.start()
+    try:
+        built = build_payload(track("Feature Used", {"blob": blob, "seq": 1}), rule)
+        traits = flatten_traits({"blob": blob})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert built.body["metadata"] == {"seq": 1}
+    assert traits == {}
+    assert peak < 20_000_000, f"flattening took {peak / 1e6:.0f} MB"
+
+
+def test_line_item_lists_reduced_to_a_count_are_listed_as_omitted() -> None:
+    from consumer.mapping import build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    skus = build_payload(track("Feature Used", {"items": ["SKU-1", "SKU-2"]}), rule)
+    assert skus.body["metadata"] == {"items_count": 2}
+    assert skus.omitted == ("items",)
+    both = build_payload(track("Feature Used", {
+        "products": [{"id": "P1"}], "items": [{"id": "I1"}]}), rule)
+    assert both.body["metadata"] == {"product_id": "P1", "products_count": 1,
+                                     "items_count": 1}
+    assert both.omitted == ("items",)
+    empty = build_payload(track("Feature Used", {"products": [], "items": []}), rule)
+    assert empty.omitted == ()
+
+
 def test_metadata_over_the_size_limit_loses_its_largest_fields() -> None:
     from consumer.mapping import TRUNCATED_KEY, build_payload
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -347,3 +348,96 @@ def test_references_that_loop_or_do_not_parse_are_undecodable() -> None:
     with pytest.raises(UndecodableEvent, match=r"'io.test.Ctx' .ctx-value version 1., which "
                                                r"does not parse"):
         Registry("http://unused", client=broken).writer_schema(5)
+
+
+class OneSchema:
+    """A registry holding one writer schema (under any id)."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        self.text = json.dumps(schema)
+
+    def get_schema(self, schema_id: int) -> SchemaDoc:
+        return SchemaDoc(self.text)
+
+
+def _evolved(*fields: dict[str, Any], **types: Any) -> dict[str, Any]:
+    """The Signal schema with fields added and some fields' types replaced."""
+    schema: dict[str, Any] = json.loads(SCHEMA_TEXT)
+    schema["fields"] = [{**f, "type": types.get(f["name"], f["type"])}
+                        for f in schema["fields"]] + list(fields)
+    return schema
+
+
+def _wire(schema: dict[str, Any], record: dict[str, Any], schema_id: int = 9) -> bytes:
+    out = io.BytesIO()
+    out.write(b"\0" + schema_id.to_bytes(4, "big"))
+    fastavro.schemaless_writer(out, fastavro.parse_schema(copy.deepcopy(schema)), record)
+    return out.getvalue()
+
+
+def _record(schema: dict[str, Any], **values: Any) -> dict[str, Any]:
+    return {f["name"]: values.get(f["name"], f.get("default")) for f in schema["fields"]}
+
+
+def test_a_writer_annotating_ids_as_uuid_yields_strings() -> None:
+    """A producer's `"logicalType": "uuid"` on userId/messageId, plus any other change: the
+    ids came out as uuid.UUID, and every event was dropped as anonymous, its dedup lost."""
+    from consumer.codec import decode
+
+    uuid_string = ["null", {"type": "string", "logicalType": "uuid"}]
+    writer = _evolved({"name": "producerVersion", "type": ["null", "string"], "default": None},
+                      userId=uuid_string, messageId=uuid_string)
+    registry = Registry("http://unused", client=OneSchema(writer))
+    user, message = "6f1c2a9e-4b1d-4c3e-9a7b-2d5e8f0a1b2c", "0b9e1f6a-2c3d-4e5f-8a9b-1c2d3e4f5a6b"
+    event = decode(_wire(writer, _record(writer, type="track", event="Feature Used",
+                                         userId=user, messageId=message)),
+                   registry.writer_schema)
+    assert (event["userId"], event["messageId"]) == (user, message)
+    assert type(event["userId"]) is str and type(event["messageId"]) is str
+
+
+_DEEP_SCRIPT = r"""
+import io, json, sys
+import fastavro
+from consumer.codec import SCHEMA_TEXT, decode
+from consumer.errors import UndecodableEvent
+from consumer.registry import Registry, SchemaDoc
+schema = json.loads(SCHEMA_TEXT)
+node = {"type": "record", "name": "Node",
+        "fields": [{"name": "next", "type": ["null", "Node"], "default": None}]}
+schema["fields"].append({"name": "trail", "type": ["null", node], "default": None})
+class One:
+    def get_schema(self, schema_id):
+        return SchemaDoc(json.dumps(schema))
+registry = Registry("http://unused", client=One())
+record = {f["name"]: f.get("default") for f in schema["fields"]}
+record.update(type="track", event="x", userId="u")
+out = io.BytesIO()
+out.write(b"\0" + (9).to_bytes(4, "big"))
+fastavro.schemaless_writer(out, fastavro.parse_schema(schema), record)
+# The last field is the trail: "not null" 100,000 times, then null (1 byte per level).
+data = out.getvalue()[:-1] + b"\x02" * 100_000 + b"\x00"
+short = out.getvalue()[:-1] + b"\x02" * 20 + b"\x00"
+print(type(registry.writer_schema(9)).__name__, decode(short, registry.writer_schema)["userId"])
+try:
+    decode(data, registry.writer_schema)
+except UndecodableEvent as exc:
+    print("undecodable:", exc)
+"""
+
+
+def test_a_self_referencing_writer_schema_cannot_crash_the_process() -> None:
+    """One 100 KB message nesting a recursive type 100,000 levels deep: fastavro's compiled
+    reader recursed in C and the process died (SIGSEGV), on every restart. In a child
+    process, so a crash fails this test instead of ending the test run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _DEEP_SCRIPT], cwd=root, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    lines = done.stdout.splitlines()
+    assert lines[0] == "DeepSchema u"  # a shallow chain decodes
+    assert lines[1].startswith("undecodable: not a Signal event in Avro: RecursionError")

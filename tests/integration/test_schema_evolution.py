@@ -1,0 +1,68 @@
+"""A producer's own evolution of the Signal schema, compatible with it, through the real
+registry: ids annotated as `uuid`, and a field of a type that contains itself. Before, the
+first had every event dropped as anonymous (fastavro handed over uuid.UUID objects), and
+one deep event of the second killed the worker with SIGSEGV, on every restart."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import fastavro
+
+from consumer import codec
+from consumer.sandbox import SandboxControl, SandboxThread
+from tests.integration.harness import (
+    WorkerThread,
+    caught_up,
+    delivered_seqs,
+    produce_raw,
+    read_topic,
+    track_event,
+    wait_until,
+    worker_env,
+)
+from tests.integration.test_schema_references import _register
+
+Sandbox = tuple[SandboxThread, SandboxControl]
+
+
+def test_an_evolved_writer_schema_delivers_and_a_deep_event_is_dead_lettered(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    writer: dict[str, Any] = json.loads(codec.SCHEMA_TEXT)
+    uuid_string = ["null", {"type": "string", "logicalType": "uuid"}]
+    for field in writer["fields"]:
+        if field["name"] in ("userId", "messageId"):
+            field["type"] = uuid_string
+    node = {"type": "record", "name": "Node",
+            "fields": [{"name": "next", "type": ["null", "Node"], "default": None}]}
+    writer["fields"].append({"name": "trail", "type": ["null", node], "default": None})
+    schema_id = _register(schema_registry_url, f"{topic}-value", writer)
+    parsed = fastavro.parse_schema(json.loads(json.dumps(writer)))
+    users = ["6f1c2a9e-4b1d-4c3e-9a7b-2d5e8f0a1b2c", "0b9e1f6a-2c3d-4e5f-8a9b-1c2d3e4f5a6b",
+             "9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a"]
+    events = [track_event(user, i) for i, user in enumerate(users)]
+    wires = [codec.encode(schema_id, {**codec.to_record(e), "trail": None}, parsed)
+             for e in events]
+    # The middle one nests the trail 100,000 levels deep (one byte per level, the trail
+    # being the last field): a 100 KB message.
+    wires[1] = wires[1][:-1] + b"\x02" * 100_000 + b"\x00"
+    for user, wire in zip(users, wires, strict=True):
+        produce_raw(kafka_bootstrap, topic, user.encode(), wire)
+    group = f"{topic}-g"
+    with WorkerThread(worker_env(kafka_bootstrap, schema_registry_url, server.url, topic,
+                                 group)) as w:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
+        dlq = read_topic(kafka_bootstrap, w.settings.dlq_topic)
+    got = delivered_seqs(control)
+    assert got == {(users[0], 0): 1, (users[2], 2): 1}
+    assert len(dlq) == 1
+    assert dlq[0].value() == wires[1]
+    headers = dict(dlq[0].headers() or [])
+    assert headers["userpilot.error.reason"] == b"undecodable"
+    assert b"RecursionError" in headers["__connect.errors.exception.message"]
