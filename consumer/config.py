@@ -42,6 +42,7 @@ __all__ = [
     "KAFKA_TOOLING",
     "REDIS_ENV_VARS",
     "SECRET_KAFKA_KEYS",
+    "STANDARD_ENV_VARS",
     "RedisSettings",
     "Secret",
     "Settings",
@@ -141,6 +142,8 @@ _HOST = re.compile(
 _SERVICE_LINK = re.compile(
     r"^(KAFKA|USERPILOT|WORKER|SCHEMA_REGISTRY|REDIS)_(PORT|SERVICE_HOST|SERVICE_PORT)(_.*)?$"
 )
+STANDARD_ENV_VARS: frozenset[str] = frozenset({"SSL_CERT_FILE"})
+"""Variables of the HTTP clients (not settings of this worker) that start-up checks."""
 _OWN_PREFIXES = ("USERPILOT_", "WORKER_", "SCHEMA_REGISTRY_")
 # REDIS_* is shared with other software (REDIS_PASSWORD fed into REDIS_URL, service links of
 # a redis-master Service): only a near miss of one of ours is a typo.
@@ -332,7 +335,21 @@ class Settings:
 
 
 def _ca_bundle(r: _Reader) -> str | None:
-    """USERPILOT_CA_BUNDLE: a readable PEM file of CA certificates (a corporate CA)."""
+    """USERPILOT_CA_BUNDLE: a readable PEM file of CA certificates (a corporate CA).
+
+    Also SSL_CERT_FILE, which httpx reads for every client it builds (the registry's, and
+    Userpilot's without USERPILOT_CA_BUNDLE), http:// endpoints included: a wrong one was
+    a traceback at start-up after check-config said OK.
+    """
+    cert_file = r.env.get("SSL_CERT_FILE")
+    if cert_file:  # as httpx reads it: set and not empty
+        try:
+            ssl.create_default_context(cafile=cert_file)
+        except (OSError, ssl.SSLError) as exc:
+            r.problems.append(
+                f"SSL_CERT_FILE={cert_file!r} is not a readable PEM file of CA certificates "
+                f"({type(exc).__name__}): the worker's HTTP clients load it; fix the path "
+                "or unset it")
     path = r.text("USERPILOT_CA_BUNDLE")
     if path is None:
         return None
@@ -687,30 +704,35 @@ def environment_proxy(url: str, env: Mapping[str, str]) -> tuple[str, str] | Non
     return spelled, value if "://" in value else f"http://{value}"
 
 
-def _proxy(reader: _Reader, url: str) -> Secret | None:
-    """The proxy for Userpilot, refused at start-up when the HTTP client cannot use it
-    (it would fail every request, each dead-lettered or retried forever)."""
+def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
+           skip: tuple[str, str] | None = None) -> Secret | None:
+    """The proxy for `service` at `url`, refused at start-up when the HTTP client cannot
+    use it (it would fail every request, each dead-lettered or retried forever; for the
+    registry, a crash at start-up that printed the proxy's password). `skip`: a
+    (variable, proxy) already checked for another service."""
     found = environment_proxy(url, reader.env)
-    if found is None:
+    if found is None or found == skip:
         return None
     name, value = found
     parts = urlsplit(value)
     if "@" in parts.path:
         reader.problems.append(
-            f"{name}={redact_userinfo(value)}: the proxy's user or password holds a character "
-            "that ends the address; percent-encode it (/ as %2F, @ as %40, : as %3A)")
+            f"{name}={redact_userinfo(value)}: the user or password of the proxy for "
+            f"{service} holds a character that ends the address; percent-encode it (/ as "
+            "%2F, @ as %40, : as %3A)")
         return None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         reader.problems.append(
             f"{name}={redact_userinfo(value)} is not a proxy the worker can use for "
-            f"{url}: give an HTTP proxy as http://host:port (https:// for TLS to the proxy; "
-            "SOCKS is not supported), or add the Userpilot host to NO_PROXY")
+            f"{service}: give an HTTP proxy as http://host:port (https:// for TLS to the "
+            f"proxy; SOCKS is not supported), or add the {service} host to NO_PROXY")
         return None
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number or out of range
     except ValueError:
         reader.problems.append(
-            f"{name}={redact_userinfo(value)}: the port is not a number from 1 to 65535")
+            f"{name}={redact_userinfo(value)}: the port is not a number from 1 to 65535 "
+            f"(the proxy for {service})")
         return None
     return Secret(value)
 
@@ -812,6 +834,51 @@ class RedisSettings:
                 "timeout_seconds": self.timeout_s, "dedup_ttl_seconds": self.dedup_ttl_s}
 
 
+def _redis_shown(match: re.Match[str]) -> str:
+    """REDIS_URL as messages show it: no user, password or query value (any may be the
+    password: `?password=` is a common mistake)."""
+    host, port, db = match.group("host"), match.group("port"), match.group("db")
+    userinfo = "***@" if match.group("user") is not None else ""
+    query = match.group("query")
+    if query:
+        keys = [key for key, _ in parse_qsl(query[1:], keep_blank_values=True)]
+        query = "?" + "&".join(f"{key}=***" for key in keys) if keys else "?***"
+    return (f"{match.group('scheme')}://{userinfo}{host}{':' + port if port else ''}"
+            f"{'/' + db if db is not None else ''}{query or ''}")
+
+
+_REDIS_CERT_REQS = ("none", "optional", "required")
+_REDIS_NAME = re.compile(r"^[!-~]+$")  # CLIENT SETNAME: printable, no spaces
+_REDIS_BOOLEANS = ("true", "false", "yes", "no", "1", "0")  # read alike by redis-py
+
+
+def _redis_query_problems(query: str, shown: str, tls: bool) -> list[str]:
+    """REDIS_URL's query parameters, checked as redis-py would use them at the first
+    connection: there a wrong one was a TypeError in every call (`ssl_*` on redis://),
+    a crash loop that check-config passed, or a replica in fallback for good."""
+    params = parse_qsl(query, keep_blank_values=True)
+    refused = sorted({k for k, _ in params} - _REDIS_QUERY_KEYS)
+    if refused or not params:
+        return [f"REDIS_URL={shown!r} has query parameters the worker does not take "
+                f"({', '.join(refused) or 'none readable'}): the timeout is "
+                "REDIS_TIMEOUT_SECONDS, the database the /db path, TLS the rediss:// scheme; "
+                f"allowed: {', '.join(sorted(_REDIS_QUERY_KEYS))}"]
+    problems: list[str] = []
+    for key, value in params:
+        if key.startswith("ssl_") and not tls:
+            problems.append(f"REDIS_URL={shown!r}: {key} applies to TLS only; use "
+                            "rediss:// for TLS, or remove it")
+        elif key == "ssl_cert_reqs" and value.lower() not in _REDIS_CERT_REQS:
+            problems.append(f"REDIS_URL={shown!r}: ssl_cert_reqs must be one of "
+                            f"{', '.join(_REDIS_CERT_REQS)}")
+        elif key == "ssl_check_hostname" and value.lower() not in _REDIS_BOOLEANS:
+            problems.append(f"REDIS_URL={shown!r}: ssl_check_hostname must be true or false")
+        elif key == "client_name" and not _REDIS_NAME.match(value):
+            problems.append(f"REDIS_URL={shown!r}: client_name must be printable characters "
+                            "without spaces (Redis refuses others)")
+    return problems
+
+
 def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
     """REDIS_* settings (None without REDIS_URL) and USERPILOT_RATE_LIMIT_SHARED."""
     shared = reader.boolean("USERPILOT_RATE_LIMIT_SHARED", False)
@@ -826,14 +893,15 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
                                    "REDIS_URL=rediss://host:6380/0 or remove it")
         return None, shared
     match = _REDIS_URL.match(raw)
-    shown = redact_userinfo(raw)
     if match is None:
+        # Not shown: a secret (a bare password from a Secret's wrong key, say).
         hint = ("it must start with redis:// or rediss:// (TLS)" if "://" not in raw
                 or not raw.startswith(("redis://", "rediss://"))
                 else "use redis://[:password@]host[:port][/db]")
-        reader.problems.append(f"REDIS_URL={shown!r} is not a Redis URL: {hint}, "
-                               "e.g. redis://redis:6379/0")
+        reader.problems.append(f"REDIS_URL (not shown: it is a secret) is not a Redis URL: "
+                               f"{hint}, e.g. redis://redis:6379/0")
         return None, shared
+    shown = _redis_shown(match)
     port = match.group("port")
     if port is not None and not 0 < int(port) < 65536:
         reader.problems.append(f"REDIS_URL={shown!r} has an invalid port: use 1-65535")
@@ -842,31 +910,25 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
         # whose message shows part of the password.
         reader.problems.append(f"REDIS_URL={shown!r}: percent-encode '#' as %23 and '?' as "
                                "%3F in the user name and password")
-    elif match.group("query"):
-        params = parse_qsl(match.group("query")[1:], keep_blank_values=True)
-        refused = sorted({k for k, _ in params} - _REDIS_QUERY_KEYS)
-        if refused or not params:
-            reader.problems.append(
-                f"REDIS_URL={shown!r} has query parameters the worker does not take "
-                f"({', '.join(refused) or 'none readable'}): the timeout is "
-                "REDIS_TIMEOUT_SECONDS, the database the /db path, TLS the rediss:// scheme; "
-                f"allowed: {', '.join(sorted(_REDIS_QUERY_KEYS))}")
+    tls = match.group("scheme") == "rediss"
+    if match.group("query") and not any(
+            c in (match.group("password") or "") + (match.group("user") or "") for c in "#?"):
+        reader.problems.extend(_redis_query_problems(match.group("query")[1:], shown, tls))
     db = match.group("db")
     if db and int(db) > 15:
         reader.problems.append(f"REDIS_URL={shown!r} selects database {db}: Redis has "
                                "databases 0-15 by default")
-    tls = match.group("scheme") == "rediss"
     if ca_file is not None:
         if not tls:
             reader.problems.append("REDIS_TLS_CA_FILE is set but REDIS_URL uses redis://: "
                                    "use rediss:// for TLS, or remove REDIS_TLS_CA_FILE")
         else:
             try:
-                with open(ca_file, "rb"):
-                    pass
-            except OSError as exc:
-                reader.problems.append(f"REDIS_TLS_CA_FILE={ca_file!r} cannot be read "
-                                       f"({exc.strerror}): check the path and permissions")
+                ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                reader.problems.append(
+                    f"REDIS_TLS_CA_FILE={ca_file!r} is not a readable PEM file of CA "
+                    f"certificates ({type(exc).__name__}): mount the CA and give its path")
     return RedisSettings(url=Secret(raw), tls=tls, tls_ca_file=ca_file, timeout_s=timeout,
                          dedup_ttl_s=ttl), shared
 
@@ -972,6 +1034,7 @@ def load_settings(
         "SCHEMA_REGISTRY_URL", "enter the registry's base URL, e.g. http://schema-registry:8081"
     )
     shown = redact_userinfo(registry_url or "")  # credentials in the URL
+    registry_ok = False
     if registry_url and "," in registry_url:
         r.problems.append(
             f"SCHEMA_REGISTRY_URL={shown!r} holds several URLs: give one (for several "
@@ -985,6 +1048,12 @@ def load_settings(
         problem = _url_problem(registry_url)
         if problem:
             r.problems.append(f"SCHEMA_REGISTRY_URL={shown!r} {problem}")
+        else:
+            registry_ok = True
+    if registry_ok:
+        userpilot_url = userpilot_base_url(endpoint, insecure) if endpoint else None
+        _proxy(r, registry_url, "the schema registry",
+               skip=environment_proxy(userpilot_url, r.env) if userpilot_url else None)
     auth_raw = r.text("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
     if auth_raw is not None and ":" not in auth_raw:
         r.problems.append("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO must be user:password")

@@ -34,7 +34,7 @@ from tenacity import (
 )
 
 from consumer.config import Settings, load_settings
-from consumer.delivery import USER_AGENT, classify
+from consumer.delivery import USER_AGENT, classify, ssl_context
 from consumer.errors import (
     ConfigError,
     ConnectionFailed,
@@ -165,12 +165,17 @@ class DeleteClient:
 
     def __init__(
         self, url: str, headers: Mapping[str, str], *, timeout_s: float,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | None = None, ca_bundle: str | None = None,
+        proxy: str | None = None,
     ) -> None:
+        """`ca_bundle` and `proxy` as the worker's client takes them (USERPILOT_CA_BUNDLE,
+        the proxy `config.environment_proxy` names): deletions go where deliveries go."""
         self.url = url
         self._client = httpx.Client(
             headers={"User-Agent": USER_AGENT, **headers}, timeout=timeout_s,
             follow_redirects=False, transport=transport,
+            verify=ssl_context(ca_bundle) if url.startswith("https:") else True,
+            proxy=proxy if transport is None else None, trust_env=False,
         )
 
     def delete(self, body: bytes) -> str:
@@ -180,8 +185,10 @@ class DeleteClient:
         except httpx.TimeoutException as exc:
             raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") from None
         except (httpx.TransportError, OSError) as exc:
+            tls = ("; for TLS, check USERPILOT_CA_BUNDLE (a corporate or inspecting proxy's "
+                   "CA)" if self.url.startswith("https:") else "")
             raise ConnectionFailed(
-                f"connection to Userpilot failed ({type(exc).__name__})") from None
+                f"connection to Userpilot failed ({type(exc).__name__}){tls}") from None
         except httpx.HTTPError as exc:
             raise ServerError(f"unusable answer from Userpilot ({type(exc).__name__})") \
                 from None
@@ -308,7 +315,9 @@ def _client_from_env(env: Mapping[str, str]) -> tuple[DeleteClient, Settings]:
     settings = load_settings({**_NOT_USED_HERE, **present})
     scheme = "http" if settings.insecure_http else "https"
     url = f"{scheme}://{settings.analytics_endpoint}{DELETE_PATH}"
-    client = DeleteClient(url, settings.headers(), timeout_s=settings.request_timeout_s)
+    client = DeleteClient(url, settings.headers(), timeout_s=settings.request_timeout_s,
+                          ca_bundle=settings.ca_bundle,
+                          proxy=settings.proxy.reveal() if settings.proxy else None)
     return client, settings
 
 

@@ -168,7 +168,10 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._timeout):
                 return await make()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, OSError, TimeoutError, TypeError, ValueError) as exc:
+            # TypeError/ValueError: redis-py refusing the URL's options at connect time,
+            # which check-config checks; were one to slip through, the replica falls
+            # back instead of crash-looping. Only the type: the text may quote the URL.
             error = type(exc).__name__
             raise SharedStateUnavailable(f"redis {op} failed: {error}") from None
         finally:

@@ -18,6 +18,7 @@ import pytest
 from consumer.sandbox import SandboxControl, SandboxThread
 from tests.conftest import create_topic
 from tests.integration.harness import (
+    WRITE_TOKEN,
     WorkerThread,
     caught_up,
     delivered_seqs,
@@ -234,3 +235,31 @@ def test_check_config_refuses_a_proxy_the_worker_cannot_use(
     assert result.returncode == 2
     assert "HTTP_PROXY=socks5://***@proxy.corp:1080" in result.stderr
     assert "SOCKS is not supported" in result.stderr
+
+
+def test_delete_users_trusts_the_ca_bundle_as_the_worker_does(
+    sandbox: Sandbox, certificate: tuple[Path, Path],
+) -> None:
+    """`delete-users` runs "with the worker's own USERPILOT_* settings", but built its
+    client without USERPILOT_CA_BUNDLE: behind a private CA every batch failed (six
+    minutes of retries each) where the worker delivered."""
+    server, control = sandbox
+    cert, _ = certificate
+    with tls_front(server, certificate) as port:
+        env = {**os.environ, "USERPILOT_API_KEY": WRITE_TOKEN,
+               "USERPILOT_ANALYTICS_ENDPOINT": f"localhost:{port}",
+               "USERPILOT_RETRY_MAX_ATTEMPTS": "1"}
+
+        def delete(**extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "consumer", "delete-users", "--interval", "0"],
+                input="u1\nu2\n", capture_output=True, text=True, env={**env, **extra},
+                cwd=Path(__file__).resolve().parents[2], timeout=120, check=False)
+
+        trusted = delete(USERPILOT_CA_BUNDLE=str(cert))
+        untrusted = delete()
+    assert trusted.returncode == 0, trusted.stderr
+    assert trusted.stdout.endswith("deleted 2, failed 0\n")
+    assert [r["body"] for r in control.requests("/v1/users")] == [{"users": ["u1", "u2"]}]
+    assert untrusted.returncode == 1
+    assert "USERPILOT_CA_BUNDLE" in untrusted.stderr + untrusted.stdout

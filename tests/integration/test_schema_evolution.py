@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 
@@ -43,7 +43,7 @@ def test_an_evolved_writer_schema_delivers_and_a_deep_event_is_dead_lettered(
             "fields": [{"name": "next", "type": ["null", "Node"], "default": None}]}
     writer["fields"].append({"name": "trail", "type": ["null", node], "default": None})
     schema_id = _register(schema_registry_url, f"{topic}-value", writer)
-    parsed = fastavro.parse_schema(json.loads(json.dumps(writer)))
+    parsed = cast(dict[str, Any], fastavro.parse_schema(json.loads(json.dumps(writer))))
     users = ["6f1c2a9e-4b1d-4c3e-9a7b-2d5e8f0a1b2c", "0b9e1f6a-2c3d-4e5f-8a9b-1c2d3e4f5a6b",
              "9d8c7b6a-5f4e-4d3c-8b2a-1f0e9d8c7b6a"]
     events = [track_event(user, i) for i, user in enumerate(users)]

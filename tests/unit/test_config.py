@@ -13,6 +13,7 @@ from consumer.config import (
     API_VERSION,
     ENV_VARS,
     SECRET_KAFKA_KEYS,
+    STANDARD_ENV_VARS,
     Secret,
     Settings,
     is_known_env_var,
@@ -151,7 +152,7 @@ def test_env_vars_lists_exactly_what_load_settings_reads() -> None:
             return super().__getitem__(key)
 
     load_settings(Spy({**BASE, **SET_ALL}))
-    assert read == ENV_VARS
+    assert read == ENV_VARS | STANDARD_ENV_VARS
     assert set(SET_ALL) | set(BASE) <= ENV_VARS
 
 
@@ -422,6 +423,10 @@ def test_invalid_pass_through_names(name: str) -> None:
     ("USERPILOT_MAX_CONNECTIONS", "0", "between 1 and 1000"),
     ("USERPILOT_CA_BUNDLE", "/nonexistent/ca.pem", "not a readable PEM file of CA certificates"),
     ("USERPILOT_CA_BUNDLE", "/etc/hostname", "not a readable PEM file of CA certificates"),
+    # httpx loads it for every client it builds: a traceback at start-up after "OK".
+    ("SSL_CERT_FILE", "/nonexistent/ca.pem", "SSL_CERT_FILE='/nonexistent/ca.pem' is not a "
+     "readable PEM file of CA certificates"),
+    ("SSL_CERT_FILE", "/etc/hostname", "the worker's HTTP clients load it"),
     ("WORKER_MAX_IN_FLIGHT", "0", "between 1 and 100000"),
     ("WORKER_MAX_IN_FLIGHT", "100001", "between 1 and 100000"),
     ("WORKER_SHUTDOWN_GRACE_SECONDS", "3601", "<= 3600"),

@@ -120,6 +120,27 @@ def test_a_proxy_the_client_cannot_use_stops_start_up(proxy: str) -> None:
     assert "HTTPS_PROXY=" in str(caught.value)
 
 
+@pytest.mark.parametrize("proxy", ["socks5://proxy.corp:1080", "http://proxy.corp:31x8",
+                                   "http://puser:PROXYPASS77/x@proxy.corp:3128"])
+def test_the_schema_registry_s_proxy_is_checked_too(proxy: str) -> None:
+    """Userpilot over https, the registry over http: HTTP_PROXY served the registry's
+    client only and was never checked; `run` crashed with a traceback at start-up, one
+    of them quoting the proxy's password."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "HTTP_PROXY": proxy}, check_clients=False)
+    text = str(caught.value)
+    assert "HTTP_PROXY=" in text and "the schema registry" in text
+    assert "PROXYPASS77" not in text
+
+
+def test_a_proxy_both_use_is_reported_once() -> None:
+    env = {**BASE, "SCHEMA_REGISTRY_URL": "https://registry:8081",
+           "HTTPS_PROXY": "socks5://proxy.corp:1080"}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env, check_clients=False)
+    assert str(caught.value).count("HTTPS_PROXY=") == 1
+
+
 def test_a_bypassed_proxy_is_not_checked() -> None:
     """A SOCKS proxy set for other tools in the pod is fine when NO_PROXY covers Userpilot."""
     settings = load_settings({**BASE, "HTTPS_PROXY": "socks5://proxy.corp:1080",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import certifi
 import pytest
 
 from consumer.config import ENV_VARS, REDIS_ENV_VARS, RedisSettings, Secret, load_settings
@@ -23,7 +24,7 @@ def test_without_redis_url_nothing_changes() -> None:
 
 def test_every_redis_variable_is_read(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    ca.write_bytes(Path(certifi.where()).read_bytes())
     s = load(REDIS_URL=f"rediss://:{PASSWORD}@redis.internal:6380/2",
              REDIS_TLS_CA_FILE=str(ca), REDIS_TIMEOUT_SECONDS="0.1",
              REDIS_DEDUP_TTL_SECONDS="3600", USERPILOT_RATE_LIMIT_SHARED="true")
@@ -82,6 +83,33 @@ def test_query_parameters_that_override_no_setting_pass(query: str) -> None:
     assert load(REDIS_URL=f"rediss://redis:6380/0{query}").redis is not None
 
 
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("redis://redis:6379/0?ssl_cert_reqs=none", "ssl_cert_reqs applies to TLS only"),
+    ("redis://redis:6379/0?ssl_check_hostname=false", "applies to TLS only"),
+    ("rediss://redis:6380/0?ssl_cert_reqs=bogus", "ssl_cert_reqs must be one of"),
+    ("rediss://redis:6380/0?ssl_check_hostname=off", "ssl_check_hostname must be true"),
+    ("redis://redis:6379/0?client_name=my%20worker", "client_name must be printable"),
+])
+def test_query_parameters_are_checked_as_the_redis_client_uses_them(url: str,
+                                                                    fragment: str) -> None:
+    """`ssl_cert_reqs` on redis:// passed check-config, then every Redis call raised a
+    TypeError (not a Redis error): the replica crash-looped with nothing delivered. A bad
+    value or client name left it in fallback for good."""
+    assert fragment in problem(REDIS_URL=url)
+
+
+def test_a_refused_redis_url_never_shows_a_secret() -> None:
+    """REDIS_URL is a secret: refused, it was echoed whole (a bare password from a
+    Secret's wrong key; a `?password=` query)."""
+    bare = problem(REDIS_URL=PASSWORD)
+    assert PASSWORD not in bare and "not shown: it is a secret" in bare
+    query = problem(REDIS_URL=f"redis://redis:6379/0?password={PASSWORD}")
+    assert PASSWORD not in query
+    assert "redis://redis:6379/0?password=***" in query
+    port = problem(REDIS_URL=f"redis://u:{PASSWORD}@redis:70000/0?client_name=x")
+    assert PASSWORD not in port and "redis://***@redis:70000/0?client_name=***" in port
+
+
 def test_password_never_shown() -> None:
     s = load(REDIS_URL=f"redis://default:{PASSWORD}@redis:6379/0")
     assert s.redis is not None
@@ -98,8 +126,12 @@ def test_password_never_shown() -> None:
 def test_tls_ca_file_needs_rediss_and_a_readable_file(tmp_path: Path) -> None:
     assert "use rediss://" in problem(REDIS_URL="redis://redis:6379",
                                       REDIS_TLS_CA_FILE=str(tmp_path))
-    assert "cannot be read" in problem(REDIS_URL="rediss://redis:6380",
-                                       REDIS_TLS_CA_FILE=str(tmp_path / "missing.pem"))
+    not_pem = "not a readable PEM file of CA certificates"
+    assert not_pem in problem(REDIS_URL="rediss://redis:6380",
+                              REDIS_TLS_CA_FILE=str(tmp_path / "missing.pem"))
+    (tmp_path / "half.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    assert not_pem in problem(REDIS_URL="rediss://redis:6380",
+                              REDIS_TLS_CA_FILE=str(tmp_path / "half.pem"))
     assert "REDIS_URL is not" in problem(REDIS_TLS_CA_FILE=str(tmp_path / "ca.pem"))
 
 

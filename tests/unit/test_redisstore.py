@@ -63,3 +63,19 @@ def test_a_stopped_redis_fails_at_once_with_our_error() -> None:
         await store.close()
 
     asyncio.run(main())
+
+
+def test_options_redis_refuses_at_connect_time_are_our_error(silent_port: int) -> None:
+    """redis-py raises TypeError at the first connection for `ssl_cert_reqs` on redis://
+    (config refuses it first): it escaped as an unexpected error and the worker exited,
+    on every restart."""
+    store = RedisStore(f"redis://:{PASSWORD}@127.0.0.1:{silent_port}/0?ssl_cert_reqs=none",
+                       timeout_s=0.2)
+
+    async def main() -> None:
+        with pytest.raises(SharedStateUnavailable, match="redis ping failed: TypeError") as info:
+            await store.ping()
+        assert PASSWORD not in str(info.value)
+        await store.close()
+
+    asyncio.run(main())
