@@ -28,6 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from consumer.config import timeout_seconds
 from consumer.errors import ConfigError, WorkerError
 from consumer.replay import add_arguments as add_replay_arguments
 from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
@@ -124,6 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings.registry_auth:
         secrets.append(settings.registry_auth.reveal())
     configure_logging(settings.log_level, settings.log_format, secrets)
+    for note in settings.notes:  # what check-config prints as notes: variables ignored
+        log.warning("%s", note)
     from consumer import reach
 
     problems = reach.services(
@@ -340,7 +343,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Run the worker (settings from the environment; see README). It first "
         "checks that Kafka and the schema registry answer: an unreachable one is reported "
         "in one line within --timeout seconds each (default 10) and the exit code is 1.")
-    p.add_argument("--timeout", type=float, default=REACH_TIMEOUT_S,
+    p.add_argument("--timeout", type=timeout_seconds, default=REACH_TIMEOUT_S,
                    help="seconds to wait for Kafka and the registry at start-up (default 10)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser(
@@ -354,7 +357,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "failed, e.g. 10 = Kafka only.")
     p.add_argument("--online", action="store_true",
                    help="also check that Userpilot, Kafka, the registry and Redis answer")
-    p.add_argument("--timeout", type=float, default=10.0,
+    p.add_argument("--timeout", type=timeout_seconds, default=10.0,
                    help="seconds per online check (default 10)")
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("explain", help="show what the worker would send for JSON events")
@@ -367,7 +370,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "SCHEMA_REGISTRY_* settings as `run`. With Kafka or the registry unreachable it "
         "fails with one line within --timeout seconds (default 10) and sends nothing.")
     p.add_argument("--topic", required=True)
-    p.add_argument("--timeout", type=float, default=10.0,
+    p.add_argument("--timeout", type=timeout_seconds, default=10.0,
                    help="seconds to wait for Kafka and the registry to answer (default 10)")
     p.add_argument("--file", help="JSON lines file (default: stdin)")
     p.add_argument("--bootstrap-servers", help="default: $KAFKA_BOOTSTRAP_SERVERS")
@@ -390,7 +393,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "Uses KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL when set (else starts local "
         "services); an unreachable one is reported in one line within --timeout seconds "
         "each (default 10).")
-    p.add_argument("--timeout", type=float, default=REACH_TIMEOUT_S,
+    p.add_argument("--timeout", type=timeout_seconds, default=REACH_TIMEOUT_S,
                    help="seconds to wait for Kafka and the registry (default 10)")
     p.add_argument("--events", default=None,
                    help="JSON lines (default: schemas/sample-events.jsonl)")

@@ -14,7 +14,9 @@ Secrets can come from files (``<NAME>_FILE``), as mounted Kubernetes secrets are
 
 from __future__ import annotations
 
+import argparse
 import difflib
+import ipaddress
 import math
 import re
 import ssl
@@ -51,6 +53,7 @@ __all__ = [
     "kafka_key",
     "load_settings",
     "redact_userinfo",
+    "timeout_seconds",
 ]
 
 API_VERSION = "2020-09-22"
@@ -140,8 +143,33 @@ _HOST = re.compile(
     r"(?::(\d{1,5}))?$"
 )
 _SERVICE_LINK = re.compile(
-    r"^(KAFKA|USERPILOT|WORKER|SCHEMA_REGISTRY|REDIS)_(PORT|SERVICE_HOST|SERVICE_PORT)(_.*)?$"
+    r"^(?:KAFKA|USERPILOT|WORKER|SCHEMA_REGISTRY|REDIS)(?:_[A-Z0-9_]+?)?_(?:"
+    r"(?P<host>SERVICE_HOST)|SERVICE_PORT(?:_[A-Z0-9_]+)?|(?P<url>PORT)"
+    r"|PORT_\d+_(?:TCP|UDP|SCTP)(?:_(?:(?P<proto>PROTO)|PORT|(?P<addr>ADDR)))?)$"
 )
+_LINK_URL = re.compile(r"^(?:tcp|udp|sctp)://\S+:\d+$")
+
+
+def _service_link(name: str, value: str) -> bool:
+    """A Kubernetes service link (`<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT`, …) of a
+    Service whose name starts like ours (`kafka`, `kafka-ui`, `userpilot-worker`): not
+    settings, and refusing them stopped every pod of a namespace holding such a Service.
+    Told apart from a mistyped setting by the value Kubernetes gives each."""
+    match = _SERVICE_LINK.match(name)
+    if match is None:
+        return False
+    value = value.strip()
+    if match.group("host") or match.group("addr"):
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return False
+        return True
+    if match.group("url") or name.endswith(("_TCP", "_UDP", "_SCTP")):
+        return bool(_LINK_URL.match(value))
+    if match.group("proto"):
+        return value in ("tcp", "udp", "sctp")
+    return value.isdigit()
 STANDARD_ENV_VARS: frozenset[str] = frozenset({"SSL_CERT_FILE"})
 """Variables of the HTTP clients (not settings of this worker) that start-up checks."""
 _OWN_PREFIXES = ("USERPILOT_", "WORKER_", "SCHEMA_REGISTRY_")
@@ -502,16 +530,32 @@ def _check_api_key(reader: _Reader) -> Secret:
     return Secret(value)
 
 
+_DEBUG_CONTEXTS = frozenset({
+    "generic", "broker", "topic", "metadata", "feature", "queue", "msg", "protocol", "cgrp",
+    "security", "fetch", "interceptor", "plugin", "consumer", "admin", "eos", "mock",
+    "assignor", "conf", "telemetry", "all"})
+
+
+def _debug_contexts(value: str) -> bool:
+    """KAFKA_DEBUG names librdkafka's `debug` contexts (`consumer,cgrp`), not the JVM
+    tools' switch of the same name (`y`): then it is passed through like any setting."""
+    items = [item.strip().lower() for item in value.split(",")]
+    return bool(value.strip()) and all(item in _DEBUG_CONTEXTS for item in items)
+
+
 def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret]:
     extra: dict[str, str | Secret] = {}
     for name in sorted(reader.env):
         if not name.startswith("KAFKA_") or name in _KAFKA_RESERVED:
             continue
-        if _SERVICE_LINK.match(name):
-            continue  # Kubernetes service links for a Service named "kafka", not settings
-        if name in KAFKA_TOOLING:
+        if _service_link(name, reader.env[name]):
+            continue  # Kubernetes service links for a Service named "kafka…", not settings
+        if name in KAFKA_TOOLING and not (name == "KAFKA_DEBUG"
+                                          and _debug_contexts(reader.env[name])):
             reader.notes.append(
                 f"{name} ignored: a variable of Kafka's JVM tools, not a client setting"
+                + (" (librdkafka's debug takes contexts, e.g. KAFKA_DEBUG=consumer,cgrp)"
+                   if name == "KAFKA_DEBUG" else "")
             )
             continue
         if not _PASSTHROUGH.match(name):
@@ -650,6 +694,19 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
+def timeout_seconds(text: str) -> float:
+    """A command line's --timeout: a number of seconds above 0. Why: -1 is librdkafka's
+    "wait forever" (a silent hang with Kafka down) and 0 reported a running registry as
+    unreachable."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (0 < value <= 3600):
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds above 0 and at most 3600")
+    return value
+
+
 def redact_userinfo(url: str) -> str:
     """`url` with everything between the scheme and the last `@` replaced by `***` (for
     logs and check-config): a password may hold `@` or `/` itself, and a malformed URL
@@ -739,7 +796,7 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
 
 def _unknown_variables(reader: _Reader) -> None:
     for name in sorted(reader.env):
-        if name in ENV_VARS or name in _BUILD_FACTS or _SERVICE_LINK.match(name):
+        if name in ENV_VARS or name in _BUILD_FACTS or _service_link(name, reader.env[name]):
             continue
         shared = name.startswith(_SHARED_PREFIXES)
         if not shared and not name.startswith(_OWN_PREFIXES):

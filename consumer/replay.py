@@ -35,6 +35,7 @@ from confluent_kafka import (
 )
 
 from consumer import dlqfetch
+from consumer.config import timeout_seconds
 from consumer.deadletter import (
     REPLAY_COUNT,
     Header,
@@ -186,7 +187,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", default=None,
                    help="replayer consumer group (default: userpilot-replay.<dlq topic>, "
                         "plus a digest of the filters when any is given)")
-    p.add_argument("--timeout", type=float, default=10.0,
+    p.add_argument("--timeout", type=timeout_seconds, default=10.0,
                    help="seconds to wait for Kafka to answer before starting (default 10)")
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be replayed; send and commit nothing")

@@ -644,6 +644,18 @@ def test_kafka_tooling_variables_are_ignored_with_a_note() -> None:
     )
 
 
+def test_kafka_debug_with_librdkafka_contexts_is_librdkafka_s_debug() -> None:
+    """It sat in the JVM tools' list only: librdkafka's debug could not be turned on."""
+    s = load(KAFKA_DEBUG="consumer,cgrp")
+    assert s.kafka_extra == {"debug": "consumer,cgrp"}
+    assert s.notes == ()
+    jvm = load(KAFKA_DEBUG="y")
+    assert jvm.kafka_extra == {}
+    assert jvm.notes == ("KAFKA_DEBUG ignored: a variable of Kafka's JVM tools, not a client "
+                         "setting (librdkafka's debug takes contexts, e.g. "
+                         "KAFKA_DEBUG=consumer,cgrp)",)
+
+
 def test_a_kafka_typo_is_refused_with_did_you_mean() -> None:
     message = problem(KAFKA_TOPIC="delivery-userpilot")
     assert message.startswith("KAFKA_TOPIC sets librdkafka setting 'topic', which librdkafka "
@@ -684,6 +696,27 @@ def test_kubernetes_service_links_are_not_unknown_variables() -> None:
     s = load(WORKER_PORT="tcp://10.0.0.1:8082", WORKER_SERVICE_HOST="10.0.0.1",
              WORKER_PORT_8082_TCP_ADDR="10.0.0.1")
     assert s.notes == ()
+
+
+def test_service_links_of_services_named_like_ours_are_left_alone() -> None:
+    """A `kafka-ui` or `userpilot-worker` Service in the namespace: its links were refused
+    and every pod of the worker stopped (plain manifests keep service links on)."""
+    s = load(KAFKA_UI_PORT="tcp://10.0.0.5:8080", KAFKA_UI_SERVICE_HOST="10.0.0.5",
+             KAFKA_UI_SERVICE_PORT="8080", KAFKA_UI_SERVICE_PORT_HTTP="8080",
+             KAFKA_UI_PORT_8080_TCP="tcp://10.0.0.5:8080", KAFKA_UI_PORT_8080_TCP_PROTO="tcp",
+             KAFKA_UI_PORT_8080_TCP_PORT="8080", KAFKA_UI_PORT_8080_TCP_ADDR="10.0.0.5",
+             USERPILOT_WORKER_SERVICE_HOST="fd00::5", USERPILOT_WORKER_PORT="tcp://[fd00::5]:8082")
+    assert s.kafka_extra == {} and s.notes == ()
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("USERPILOT_METRICS_PORT", "8082"),  # WORKER_METRICS_PORT, mistyped
+    ("WORKER_SERVICE_HOST", "worker.local"),
+    ("USERPILOT_PORT", "443"),
+])
+def test_a_mistyped_setting_shaped_like_a_service_link_is_still_refused(
+        name: str, value: str) -> None:
+    assert f"{name} is not a setting of this worker" in problem(**{name: value})
 
 
 def test_the_image_build_revision_is_not_an_unknown_variable() -> None:

@@ -201,6 +201,12 @@ def test_check_config_notes_ignored_kafka_tooling_variables() -> None:
     assert json.loads(result.stdout)["kafka"]["extra"] == {}
 
 
+def test_run_logs_the_notes_check_config_prints() -> None:
+    """`run` dropped ignored variables without a line: the operator never learned why."""
+    result = cli(["run", "--timeout", "0.5"], {**RUN_ENV, "KAFKA_OPTS": "-Xmx1g"})
+    assert "KAFKA_OPTS ignored: a variable of Kafka's JVM tools" in result.stderr
+
+
 def test_mappings_preset_is_case_insensitive(tmp_path: Path) -> None:
     path = tmp_path / "m.json"
     path.write_text('{"preset": "Default", "events": {"Order Completed": "order_completed"}}')
@@ -355,3 +361,19 @@ def test_a_sigterm_ends_the_guard_hold_at_once() -> None:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize("command", [["run"], ["check-config", "--online"], ["replay"],
+                                     ["produce", "--file", "-"], ["demo"]])
+@pytest.mark.parametrize(("value", "fragment"), [("-1", "above 0"), ("0", "above 0"),
+                                                 ("soon", "not a number of seconds")])
+def test_a_timeout_must_be_seconds_above_zero(command: list[str], value: str, fragment: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --timeout -1` with Kafka down hung silently (librdkafka's -1 is "forever");
+    `--timeout 0` reported a running registry as unreachable."""
+    from consumer.__main__ import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser("python -m consumer").parse_args([*command, "--timeout", value])
+    assert exited.value.code == 2
+    assert fragment in capsys.readouterr().err
