@@ -225,6 +225,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import certifi
 import kubernetes_validate
 import yaml
 
@@ -368,6 +369,8 @@ def deployment(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str
     mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
     vols = {v["name"]: v for v in pod.get("volumes") or []}
     check("emptyDir" in vols.get(mounts.get("/tmp", ""), {}), where, "writable emptyDir at /tmp")
+    unmounted = sorted(name for name in mounts.values() if name not in vols)
+    check(not unmounted, where, f"mounts of volumes the pod does not declare: {unmounted}")
     port = {p["name"]: p["containerPort"] for p in c.get("ports") or []}.get("metrics")
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = (c.get(probe) or {}).get("httpGet") or {}
@@ -482,15 +485,19 @@ def accepted_by_worker(
             local = Path(tmp) / filename
             local.write_text(maps.get(cm, {}).get(filename, ""))
             env["USERPILOT_MAPPINGS_FILE"] = str(local)
-        ca = env.get("REDIS_TLS_CA_FILE")
-        if ca:  # a file of the mounted CA Secret: the mount must exist, its content can't
+        for name in ("REDIS_TLS_CA_FILE", "USERPILOT_CA_BUNDLE"):
+            ca = env.get(name)
+            if not ca:
+                continue
+            # A file of a mounted CA Secret: the mount must exist, its content can't (a
+            # real PEM bundle stands in for it: the worker checks the file is one).
             directory, _, filename = ca.rpartition("/")
             secret = (vols.get(mounts.get(directory, ""), {}).get("secret") or {})
             if not secret.get("secretName"):
-                problems.append(f"{where}: REDIS_TLS_CA_FILE={ca} is not on a Secret mount")
-            local = Path(tmp) / f"redis-{filename}"
-            local.write_text("-----BEGIN CERTIFICATE-----\n")
-            env["REDIS_TLS_CA_FILE"] = str(local)
+                problems.append(f"{where}: {name}={ca} is not on a Secret mount")
+            local = Path(tmp) / f"{name}-{filename}"
+            local.write_bytes(Path(certifi.where()).read_bytes())
+            env[name] = str(local)
         try:
             load_settings(env)
         except ConfigError as exc:

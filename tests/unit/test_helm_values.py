@@ -231,7 +231,8 @@ def test_full_values_switch_every_feature_on() -> None:
     assert FULL["userpilot"]["mappings"]
     assert FULL["kafka"]["existingSecret"] and FULL["kafka"]["extraEnv"]
     assert FULL["schemaRegistry"]["existingSecret"]
-    for key in ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints"):
+    for key in ("nodeSelector", "tolerations", "affinity", "topologySpreadConstraints",
+                "extraVolumes", "extraVolumeMounts"):
         assert FULL[key], key
 
 
