@@ -548,6 +548,8 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
     for name in sorted(reader.env):
         if not name.startswith("KAFKA_") or name in _KAFKA_RESERVED:
             continue
+        if not reader.env[name].strip():
+            continue  # empty: unset, as every other setting (librdkafka read it as null)
         if _service_link(name, reader.env[name]):
             continue  # Kubernetes service links for a Service named "kafka…", not settings
         if name in KAFKA_TOOLING and not (name == "KAFKA_DEBUG"
@@ -598,10 +600,14 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[s
         return env
     resolved = dict(env)
     for name in sorted(env):
-        if not name.endswith("_FILE") or not env[name].strip():
+        if not name.endswith("_FILE"):
             continue
         base = name[:-5]
         is_kafka_secret = base.startswith("KAFKA_") and kafka_key(base) in SECRET_KAFKA_KEYS
+        if not env[name].strip():
+            if base in FILE_SECRETS or is_kafka_secret:
+                del resolved[name]  # empty: unset, as every other setting
+            continue
         if base not in FILE_SECRETS and not is_kafka_secret:
             if base.startswith("KAFKA_"):
                 problems.append(
@@ -1019,6 +1025,11 @@ def load_settings(
     api_key = _check_api_key(r)
     endpoint = _check_endpoint(r)
     insecure = r.boolean("USERPILOT_INSECURE_HTTP", False)
+    host = endpoint.rsplit(":", 1)[0].lower().rstrip(".") if endpoint else ""
+    if insecure and (host == "userpilot.io" or host.endswith(".userpilot.io")):
+        r.notes.append(
+            f"USERPILOT_INSECURE_HTTP=true sends the write token to {endpoint} in clear text: "
+            "Userpilot's API is HTTPS; the setting is for the local sandbox, unset it")
 
     categories = _consent_categories(r)
     missing = r.choice("USERPILOT_CONSENT_MISSING", "deny", ("deny", "allow"))

@@ -656,6 +656,28 @@ def test_kafka_debug_with_librdkafka_contexts_is_librdkafka_s_debug() -> None:
                          "KAFKA_DEBUG=consumer,cgrp)",)
 
 
+def test_an_empty_secret_file_variable_or_kafka_setting_is_unset() -> None:
+    """`USERPILOT_API_KEY_FILE=` was "not a setting of this worker", an empty
+    `KAFKA_SASL_PASSWORD_FILE=` the librdkafka setting 'sasl.password.file', and an empty
+    `KAFKA_SASL_MECHANISM=` a null value librdkafka refused: every other empty variable
+    counts as unset."""
+    s = load(USERPILOT_API_KEY_FILE="", KAFKA_SASL_PASSWORD_FILE=" ", KAFKA_SASL_MECHANISM="",
+             SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE="")
+    assert s.kafka_extra == {}
+    assert s.api_key.reveal() == BASE["USERPILOT_API_KEY"]
+
+
+def test_clear_text_to_userpilot_itself_is_noted() -> None:
+    """Only the Helm NOTES warned: check-config and run said nothing while the write token
+    travelled in clear text."""
+    s = load(USERPILOT_INSECURE_HTTP="true", USERPILOT_ANALYTICS_ENDPOINT="analytex.userpilot.io")
+    assert s.notes == ("USERPILOT_INSECURE_HTTP=true sends the write token to "
+                       "analytex.userpilot.io in clear text: Userpilot's API is HTTPS; the "
+                       "setting is for the local sandbox, unset it",)
+    assert load(USERPILOT_INSECURE_HTTP="true",
+                USERPILOT_ANALYTICS_ENDPOINT="sandbox:8080").notes == ()
+
+
 def test_a_kafka_typo_is_refused_with_did_you_mean() -> None:
     message = problem(KAFKA_TOPIC="delivery-userpilot")
     assert message.startswith("KAFKA_TOPIC sets librdkafka setting 'topic', which librdkafka "
