@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from consumer.worker import Worker
 
     settings = _settings()
-    secrets = [settings.api_key.reveal()]
+    secrets = settings.http_secrets()
     if settings.registry_auth:
         secrets.append(settings.registry_auth.reveal())
     configure_logging(settings.log_level, settings.log_format, secrets)

@@ -36,6 +36,7 @@ from consumer.mapping import (
     MappingSet,
     load_mappings,
 )
+from consumer.redaction import url_credentials
 
 __all__ = [
     "CONSENT_OFF",
@@ -293,6 +294,12 @@ class Settings:
             "Authorization": f"Token {self.api_key.reveal()}",
             "X-API-Version": API_VERSION,
         }
+
+    def http_secrets(self) -> list[str]:
+        """What must never be stored or logged of Userpilot's requests: the token and the
+        proxy's credentials (an echoing proxy quotes `Proxy-Authorization: Basic …`)."""
+        return [self.api_key.reveal(),
+                *url_credentials(self.proxy.reveal() if self.proxy else None)]
 
     def kafka_config(self, *, logger: bool = True) -> dict[str, Any]:
         """librdkafka settings with secrets revealed, for the Kafka edge only.

@@ -1,9 +1,14 @@
 """Dead-letter records and the guard that stops a bad deploy from emptying the topic.
 
-A DLQ record keeps the original key, value, headers and timestamp, and adds the Kafka
-Connect `__connect.errors.*` context headers (so tools that read Connect DLQs work on
-ours) plus this worker's own `userpilot.*` headers. Response bodies and messages are
-redacted (the token masked, even when a gateway echoes the request) and truncated.
+A DLQ record keeps the original key, value and headers, and adds the Kafka Connect
+`__connect.errors.*` context headers (so tools that read Connect DLQs work on ours) plus
+this worker's own `userpilot.*` headers. Its timestamp is the time it was written, as
+Connect's DLQ reporter does, and the original record's is kept in
+`userpilot.original.timestamp`: with the original's, Kafka's time retention deleted the
+dead letter of an event older than the DLQ's retention minutes after the source offset
+was committed (a backlog after a long stop), and the event existed nowhere. Response
+bodies and messages are redacted (the token and a proxy's credentials masked, even when a
+gateway echoes the request) and truncated.
 
 A dead letter too large for the DLQ (its value near the source topic's limit, plus our
 headers, over the producer's `message.max.bytes` or the DLQ topic's limit) is written
@@ -29,6 +34,7 @@ __all__ = [
     "BODY_LIMIT",
     "HEADERS_OMITTED",
     "KEY_OMITTED",
+    "ORIGINAL_TIMESTAMP",
     "VALUE_OMITTED",
     "VALUE_SHA256",
     "VALUE_SIZE",
@@ -51,6 +57,7 @@ __all__ = [
 BODY_LIMIT = 1024
 CONNECTOR_NAME = "userpilot-delivery-worker"
 REPLAY_COUNT = "userpilot.replay.count"
+ORIGINAL_TIMESTAMP = "userpilot.original.timestamp"  # ms since the epoch, as Kafka's
 VALUE_OMITTED = "userpilot.error.value_omitted"
 VALUE_SHA256 = "userpilot.error.value_sha256"
 VALUE_SIZE = "userpilot.error.value_size"
@@ -120,9 +127,10 @@ def replay_count(headers: Sequence[Header] | None) -> int:
 
 def dlq_headers(
     original: Sequence[Header] | None, *, topic: str, partition: int, offset: int,
-    failure: Failure, secrets: Iterable[str] = (),
+    failure: Failure, secrets: Iterable[str] = (), timestamp_ms: int | None = None,
 ) -> list[Header]:
-    """Original headers (minus stale error headers) plus the error context.
+    """Original headers (minus stale error headers) plus the error context, and the
+    original record's `timestamp_ms` (`ORIGINAL_TIMESTAMP`).
 
     `secrets` (the token) are masked in the body and message before they are truncated;
     a fragment of one at the end of a body truncated upstream is masked too.
@@ -159,6 +167,9 @@ def dlq_headers(
     ]
     if header_value(kept, REPLAY_COUNT) is None:
         added.append((REPLAY_COUNT, b"0"))
+    if timestamp_ms and header_value(kept, ORIGINAL_TIMESTAMP) is None:
+        # A replayed record carries its first original's time already: kept, not replaced.
+        added.append((ORIGINAL_TIMESTAMP, str(timestamp_ms).encode()))
     return kept + added
 
 
@@ -169,7 +180,6 @@ class DlqRecord:
     key: bytes | None
     value: bytes | None
     headers: list[Header]
-    timestamp_ms: int | None = None
 
     @property
     def size(self) -> int:
@@ -251,7 +261,7 @@ def dead_letter_record(
     over `max_bytes` (see `producer_limit`), the same without its value."""
     record = DlqRecord(key, value, dlq_headers(headers, topic=topic, partition=partition,
                                                offset=offset, failure=failure,
-                                               secrets=secrets), timestamp_ms)
+                                               secrets=secrets, timestamp_ms=timestamp_ms))
     if record.size <= max_bytes:
         return record
     return without_value(record, max_bytes)

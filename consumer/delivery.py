@@ -33,7 +33,7 @@ from consumer.errors import (
     Timeout,
     WorkerError,
 )
-from consumer.redaction import Redactor
+from consumer.redaction import Redactor, url_credentials
 
 if TYPE_CHECKING:
     from consumer.calls import Call
@@ -222,7 +222,7 @@ class UserpilotClient:
         self._deadline_s = 2 * timeout_s
         # The token (and the whole credential header) as Userpilot might echo it back: a
         # gateway that quotes the request must not put it into an exception, log or DLQ.
-        self._redact = Redactor(_credentials(headers))
+        self._redact = Redactor([*_credentials(headers), *url_credentials(proxy)])
         self.proxy = httpx.Proxy(proxy) if proxy else None
         """The proxy in use (its URL without credentials: `proxy.url`), or None."""
         if transport is None:

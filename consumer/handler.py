@@ -122,7 +122,7 @@ class DeadLetterSink(Protocol):
     (`kafka.DeadLetterProducer`)."""
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]], timestamp_ms: int | None) -> None: ...
+                   headers: list[tuple[str, bytes | None]]) -> None: ...
     def close(self, timeout_s: float = 10.0) -> int: ...
 
 
@@ -666,7 +666,7 @@ class Handler:
             key=event.key, value=event.value, headers=event.headers,
             timestamp_ms=event.timestamp_ms, topic=event.topic, partition=event.partition,
             offset=event.offset, failure=failure,
-            max_bytes=producer_limit(self.s.kafka_config()), secrets=[self.s.api_key.reveal()])
+            max_bytes=producer_limit(self.s.kafka_config()), secrets=self.s.http_secrets())
         delay = 0.5
         event.on_wire = True  # from here a cancelled job could leave a DLQ record behind
         token = self.dlq_writable.started()
@@ -674,7 +674,7 @@ class Handler:
             while True:
                 try:
                     await self.dlq.send(self.s.dlq_topic, key=record.key, value=record.value,
-                                        headers=record.headers, timestamp_ms=record.timestamp_ms)
+                                        headers=record.headers)
                     break
                 except DlqRecordTooLarge as too_large:
                     if record.value_omitted:

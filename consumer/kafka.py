@@ -487,7 +487,7 @@ class DeadLetterProducer:
 
     async def send(
         self, topic: str, *, key: bytes | None, value: bytes | None,
-        headers: list[tuple[str, bytes | None]], timestamp_ms: int | None,
+        headers: list[tuple[str, bytes | None]],
     ) -> None:
         """Produce and wait for the broker's acknowledgement; raises KafkaException on failure."""
         loop = asyncio.get_running_loop()
@@ -505,10 +505,9 @@ class DeadLetterProducer:
                     done.set_exception(KafkaException(err))
             loop.call_soon_threadsafe(settle)
 
+        # No timestamp: the broker's time of writing (see consumer.deadletter).
         kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers,
                                   "on_delivery": delivered}
-        if timestamp_ms:
-            kwargs["timestamp"] = timestamp_ms
         while True:
             try:
                 self._producer.produce(topic, **kwargs)

@@ -8,11 +8,12 @@ URL-encoded) and also a secret cut off at either end of the text by a truncation
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.parse
 from collections.abc import Iterable
 
-__all__ = ["MASK", "MIN_PARTIAL", "Redactor", "redact", "secret_forms"]
+__all__ = ["MASK", "MIN_PARTIAL", "Redactor", "redact", "secret_forms", "url_credentials"]
 
 MASK = "***"
 MIN_PARTIAL = 4  # a shorter fragment at a cut edge is too likely to be ordinary text
@@ -30,6 +31,21 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
         forms.add(urllib.parse.quote(secret, safe=""))
         forms.add(urllib.parse.quote_plus(secret, safe=""))
     return sorted(forms, key=len, reverse=True)
+
+
+def url_credentials(url: str | None) -> list[str]:
+    """The secrets of a URL's user info (a proxy's): the password, `user:password` and
+    its Basic form, as a proxy echoing the request (`Proxy-Authorization: Basic …`)
+    would show them."""
+    if not url:
+        return []
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parts.password is None:
+        return []
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password)
+    pair = f"{user}:{password}"
+    return [password, pair, base64.b64encode(pair.encode()).decode()]
 
 
 def _cut_edges(text: str, form: str) -> str:

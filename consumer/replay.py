@@ -37,6 +37,7 @@ from confluent_kafka import (
 from consumer import dlqfetch
 from consumer.config import timeout_seconds
 from consumer.deadletter import (
+    ORIGINAL_TIMESTAMP,
     REPLAY_COUNT,
     Header,
     header_value,
@@ -76,13 +77,21 @@ class Summary:
     restored: int = 0  # value-less dead letters whose original was fetched back
     gone: int = 0  # ... whose original the source topic no longer holds
     mismatch: int = 0  # ... whose original's hash differs (not replayed)
+    unpublishable: int = 0  # the origin topic refuses the record itself (too large)
     over_limit_offsets: list[str] = field(default_factory=list)
     unrestored_offsets: list[str] = field(default_factory=list)
+    unpublishable_offsets: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"replayed": self.replayed, "skipped_by_filter": self.skipped_by_filter,
                 "over_limit": self.over_limit, "no_origin": self.no_origin,
-                "restored": self.restored, "gone": self.gone, "mismatch": self.mismatch}
+                "restored": self.restored, "gone": self.gone, "mismatch": self.mismatch,
+                "unpublishable": self.unpublishable}
+
+
+class ReplayStuck(KafkaException):
+    """Records the origin topic did not take for a reason that may pass (the broker down,
+    a timeout): the run stops there, named, so the next run starts at them."""
 
 
 def _when(headers: Sequence[Header] | None, timestamp_ms: int | None) -> datetime | None:
@@ -212,8 +221,11 @@ def run_replay(
     })
     # One record per batch, as the DLQ producer: the origin topic's max.message.bytes is
     # checked per batch, and large originals fetched back for value-less dead letters would
-    # be refused together, every run again.
-    producer = None if dry_run else make_producer(conf, **{"batch.num.messages": 1})
+    # be refused together, every run again. The local limit is the broker's to enforce:
+    # librdkafka's 1,000,000 refused a source record the topic holds (up to 1,048,588).
+    producer = None if dry_run else make_producer(conf, **{
+        "batch.num.messages": 1,
+        "message.max.bytes": max(int(conf.get("message.max.bytes", 0)), REPLAY_MAX_BYTES)})
     summary = Summary()
     checkpoint: Callable[[], None] | None = None  # once there is a position to commit
     try:
@@ -235,31 +247,66 @@ def run_replay(
         if not starts:
             return summary
         consumer.assign(starts)
-        failures: list[str] = []
-
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                failures.append(err.str())
+        sent: dict[tuple[int, int], dict[str, Any]] = {}  # produced, awaiting the answer
+        answers: dict[tuple[int, int], KafkaError | None] = {}
 
         position = {tp.partition: tp.offset for tp in starts}  # past what was handled
         committed_at = dict(position)
 
         def commit_handled() -> None:
-            """Flush what was produced, then commit the position past it."""
-            if producer is None or position == committed_at:
-                return
-            if producer.flush(30) or failures:
-                raise KafkaException(f"replay produce failed: {failures[:3]}")
-            consumer.commit(
-                offsets=[TopicPartition(dlq_topic, p, o) for p, o in position.items()],
-                asynchronous=False,
-            )
-            committed_at.update(position)
+            """Wait for the origin topic's answers, then commit each partition past what
+            was published (or refused for good: counted, named), up to a record refused
+            for a reason that may pass, which the next run starts at (ReplayStuck)."""
+            if producer is not None and sent:
+                producer.flush(30)
+            stuck: dict[int, tuple[int, str]] = {}
+            for p, off in sorted(sent):
+                # Taken out one by one: a report that raises leaves the rest to the
+                # checkpoint after it, none reported twice.
+                line = sent.pop((p, off))
+                err = answers.pop((p, off), _UNANSWERED)
+                where = f"{dlq_topic}[{p}]@{off}"
+                if p in stuck:
+                    continue  # after a stuck record: read again by the next run
+                if err is None:
+                    summary.replayed += 1
+                    report(line)
+                elif err is not _UNANSWERED and err.code() in _REFUSED_FOR_GOOD:
+                    summary.unpublishable += 1
+                    summary.unpublishable_offsets.append(f"{where} ({err.str()})")
+                else:
+                    reason = "no answer" if err is _UNANSWERED else err.str()
+                    stuck[p] = (off, f"{where}: {reason}")
+            for p, (off, _) in stuck.items():
+                position[p] = min(position[p], off)
+            if position != committed_at:
+                consumer.commit(
+                    offsets=[TopicPartition(dlq_topic, p, o) for p, o in position.items()],
+                    asynchronous=False)
+                committed_at.update(position)
+            if stuck:
+                raise ReplayStuck(
+                    "the origin topic did not take " + "; ".join(
+                        text for _, text in sorted(stuck.values())))
 
         checkpoint = commit_handled
 
+        def expired() -> None:
+            """Retention may delete what was there at the start: the consumer resets past
+            the end offsets read then, nothing more comes, and the loop never finished.
+            Asked of the broker only when a poll brought nothing."""
+            for p, end in ends.items():
+                if position[p] < end:
+                    low, _ = consumer.get_watermark_offsets(TopicPartition(dlq_topic, p),
+                                                            timeout=10)
+                    if low >= end:
+                        position[p] = end
+
         while any(position[p] < ends[p] for p in ends) and not stopping():
-            for msg in consumer.consume(500, 1.0):
+            messages = consumer.consume(500, 1.0)
+            if not messages:
+                expired()
+            for msg in messages:
                 if stopping():
                     break
                 if msg.error() is not None:
@@ -267,14 +314,20 @@ def run_replay(
                 p, off = msg.partition(), msg.offset()
                 if p is None or off is None or p not in ends or off >= ends[p]:
                     continue
-                _replay_one(msg, p, off, dlq_topic, filters, conf, summary, report,
-                            producer, dry_run, delivered)
+                line = _replay_one(msg, p, off, dlq_topic, filters, conf, summary, dry_run)
+                if line is not None:
+                    if producer is None:  # a dry run: what would be published
+                        line.pop("_record")
+                        summary.replayed += 1
+                        report(line)
+                    else:
+                        _publish(producer, line, msg, (p, off), sent, answers)
                 position[p] = off + 1  # only once handled: an error leaves it to be read again
             commit_handled()
         return summary
     except BaseException:
         # What was handled before the error is published: keep it from being replayed
-        # again (a failed flush raises and commits nothing: those are read again).
+        # again (what the origin did not take is read again).
         if checkpoint is not None:
             with contextlib.suppress(Exception):
                 checkpoint()
@@ -283,26 +336,64 @@ def run_replay(
         consumer.close()
 
 
+REPLAY_MAX_BYTES = 64 * 1024 * 1024
+"""The replay producer's local record limit: the origin topic's own limit decides."""
+_REFUSED_FOR_GOOD = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
+                               KafkaError.RECORD_LIST_TOO_LARGE})
+_UNANSWERED: Any = object()
+
+
+def _publish(producer: Producer, line: dict[str, Any], msg: Message, at: tuple[int, int],
+             sent: dict[tuple[int, int], dict[str, Any]],
+             answers: dict[tuple[int, int], KafkaError | None]) -> None:
+    """Produce one record to its origin; its answer lands in `answers` under `at` (the
+    DLQ coordinates). Written now: with the original's timestamp, a record older than the
+    origin topic's retention would be deleted again at once (the original's time travels
+    in ORIGINAL_TIMESTAMP)."""
+    key, value, headers = line.pop("_record")
+    ts_type, ts = msg.timestamp()
+    out = replay_headers(headers)
+    if ts_type and ts and header_value(out, ORIGINAL_TIMESTAMP) is None:
+        out.append((ORIGINAL_TIMESTAMP, str(ts).encode()))  # written before the header
+
+    def delivered(err: KafkaError | None, _msg: Message) -> None:
+        answers[at] = err
+
+    sent[at] = line
+    record: dict[str, Any] = {"key": key, "value": value, "headers": out,
+                              "on_delivery": delivered}
+    try:
+        try:
+            producer.produce(line["to"], **record)
+        except BufferError:
+            producer.flush(30)
+            producer.produce(line["to"], **record)
+    except KafkaException as exc:  # refused before sending (too large for the producer)
+        err = exc.args[0] if exc.args else None
+        answers[at] = err if isinstance(err, KafkaError) else KafkaError(
+            KafkaError._FAIL, str(exc))
+    producer.poll(0)
+
+
 def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters,
-                conf: dict[str, Any], summary: Summary,
-                report: Callable[[dict[str, Any]], None], producer: Producer | None,
-                dry_run: bool, delivered: Callable[[KafkaError | None, Message], None],
-                ) -> None:
-    """One DLQ record: counted as filtered, over the limit, unrestorable, or re-published."""
+                conf: dict[str, Any], summary: Summary, dry_run: bool,
+                ) -> dict[str, Any] | None:
+    """One DLQ record: counted as filtered, over the limit or unrestorable (None), or the
+    report line of its replay, with the record to publish under `_record`."""
     headers = normalize_headers(msg.headers())
     ts_type, ts = msg.timestamp()
     verdict = decide(headers, p, off, ts if ts_type else None, filters)
     where = f"{dlq_topic}[{p}]@{off}"
     if verdict == "filtered":
         summary.skipped_by_filter += 1
-        return
+        return None
     if verdict == "over_limit":
         summary.over_limit += 1
         summary.over_limit_offsets.append(where)
-        return
+        return None
     if verdict == "no_origin":
         summary.no_origin += 1
-        return
+        return None
     origin = (header_value(headers, "__connect.errors.topic") or b"").decode()
     key, value = msg.key(), msg.value()
     if value_omitted(headers):
@@ -317,21 +408,17 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
             else:
                 summary.mismatch += 1
             summary.unrestored_offsets.append(f"{where} ({found})")
-            return
-        key, value, headers = found.key, found.value, found.headers
+            return None
+        first = header_value(headers, ORIGINAL_TIMESTAMP)
+        key, value, headers = found.key, found.value, list(found.headers or ())
+        if first is not None and header_value(headers, ORIGINAL_TIMESTAMP) is None:
+            headers.append((ORIGINAL_TIMESTAMP, first))
         summary.restored += 1
-    report({"dlq": where, "to": origin, "dry_run": dry_run,
-            "reason": (header_value(headers, "userpilot.error.reason")
-                       or b"").decode()})
-    summary.replayed += 1
-    if producer is not None:
-        kwargs: dict[str, Any] = {"key": key, "value": value,
-                                  "headers": replay_headers(headers),
-                                  "on_delivery": delivered}
-        if ts_type and ts:
-            kwargs["timestamp"] = ts
-        producer.produce(origin, **kwargs)
-        producer.poll(0)
+    line: dict[str, Any] = {"dlq": where, "to": origin, "dry_run": dry_run,
+                            "reason": (header_value(headers, "userpilot.error.reason")
+                                       or b"").decode()}
+    line["_record"] = (key, value, headers)
+    return line
 
 
 def main(args: argparse.Namespace) -> int:
@@ -376,8 +463,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"over replay limit (not replayed): {item}", file=sys.stderr)
     for item in summary.unrestored_offsets[:50]:
         print(f"value-less dead letter not restorable (not replayed): {item}", file=sys.stderr)
+    for item in summary.unpublishable_offsets[:50]:
+        print(f"refused by its origin topic (not replayed): {item}", file=sys.stderr)
     if stop.is_set():
         print("interrupted: what was replayed is committed; run again to go on",
               file=sys.stderr)
         return 130
+    if summary.unpublishable:
+        print("some records are too large for their origin topic: they stay in the DLQ; "
+              "raise the topic's max.message.bytes, then replay them by --partition and "
+              "--from-offset/--to-offset", file=sys.stderr)
+        return 1
     return 0

@@ -125,8 +125,8 @@ def test_dead_letters_that_each_fit_the_dlq_topic_are_not_refused_for_sharing_a_
 
     async def main() -> list[BaseException | None]:
         results = await asyncio.gather(*(
-            producer.send(dlq, key=b"k", value=os.urandom(200_000), headers=[],
-                          timestamp_ms=None) for _ in range(6)), return_exceptions=True)
+            producer.send(dlq, key=b"k", value=os.urandom(200_000), headers=[])
+            for _ in range(6)), return_exceptions=True)
         return list(results)
 
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import itertools
 import json
 import subprocess
 import sys
@@ -243,7 +244,8 @@ def test_replay_after_fix_delivers_once_and_respects_the_limit(
                     if r["body"]["event_name"] == "plan_viewed"]
         first, _ = _replay(dlq, kafka_bootstrap)
         assert first["summary"] == {"replayed": 4, "skipped_by_filter": 0, "over_limit": 0,
-                                    "no_origin": 0, "restored": 0, "gone": 0, "mismatch": 0}
+                                    "no_origin": 0, "restored": 0, "gone": 0, "mismatch": 0,
+                                    "unpublishable": 0}
         wait_until(lambda: len([r for r in control.requests("/v1/track")
                                 if r["body"]["event_name"] == "plan_viewed"]) == 4,
                    60, "replayed events delivered")
@@ -326,8 +328,9 @@ def test_a_replay_cut_short_resumes_where_it_stopped_and_replays_nothing_twice(
 
     group = f"{dlq}-replayer"
     if how == "stopped":
+        asked = itertools.count()  # once per loop turn, then before each record
         first = run_replay(conf, dlq, group, filters, dry_run=False, report=report,
-                           stopping=lambda: len(seen) >= 7)
+                           stopping=lambda: next(asked) >= 8)
         assert first.replayed == 7
     else:
         with pytest.raises(RuntimeError):
@@ -370,3 +373,126 @@ def test_replay_republishes_large_records_that_each_fit_the_origin_topic(
         assert sorted(m.value() for m in read_topic(kafka_bootstrap, origin)) == sorted(values)
     finally:
         admin.delete_topics([origin])[origin].result(30)
+
+
+def test_a_dead_letter_is_written_now_and_a_replay_too_with_the_original_time_kept(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """Written with the original's time, the dead letter of an event older than the DLQ's
+    retention was deleted minutes after its source offset was committed (a backlog after
+    a long stop): the event existed nowhere."""
+    from confluent_kafka import Producer
+
+    from consumer import codec
+    from consumer.registry import Registry
+
+    server, control = sandbox
+    control.set_faults(rules=[{"event_name": "plan_viewed", "action": "400"}])
+    topic = topic_factory(partitions=1)
+    schema_id = Registry(schema_registry_url).register(topic)
+    old_ms = int((time.time() - 8 * 86400) * 1000)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer.produce(topic, key=b"p0", timestamp=old_ms, value=codec.encode(
+        schema_id, codec.to_record(track_event("p0", 0, name="Plan Viewed"))))
+    assert producer.flush(30) == 0
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     **FAST_RETRY)
+    with WorkerThread(env) as w:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "dead-lettered")
+        dlq = w.settings.dlq_topic
+    (record,) = read_topic(kafka_bootstrap, dlq)
+    written_ms = record.timestamp()[1]
+    assert abs(written_ms - time.time() * 1000) < 300_000, "written now"
+    assert dict(record.headers())["userpilot.original.timestamp"] == str(old_ms).encode()
+    control.set_faults(rules=[])
+    summary, _ = _replay(dlq, kafka_bootstrap, "--reason", "bad_request")
+    assert summary["summary"]["replayed"] == 1
+    replayed = [m for m in read_topic(kafka_bootstrap, topic) if m.offset() == 1]
+    assert len(replayed) == 1
+    assert abs(replayed[0].timestamp()[1] - time.time() * 1000) < 300_000
+    assert dict(replayed[0].headers())["userpilot.original.timestamp"] == str(old_ms).encode()
+
+
+def test_replay_counts_a_record_its_origin_refuses_and_commits_the_rest_once(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """One record the origin topic refused made the whole polled batch uncommitted: every
+    rerun published the others again, and the refused offset was never named. And a
+    source record over librdkafka's default 1,000,000 bytes (the topic holds 1,048,588)
+    could never be replayed: every later record of its partition waited behind it."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from consumer.replay import Filters, run_replay
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    small = f"it-replay-small-{int(time.time() * 1000)}"
+    admin.create_topics([NewTopic(small, 1, 1, config={"max.message.bytes": "2000"})])[
+        small].result(30)
+    large = topic_factory(partitions=1)  # the broker's default limit, 1,048,588
+    dlq = topic_factory(suffix="-dlq")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "batch.num.messages": 1,
+                         "message.max.bytes": 2_000_000})
+    import os
+
+    # Random: the broker checks the limit after compression.
+    values = [b"a" * 100, os.urandom(5000), b"c" * 100, os.urandom(1_030_000), b"e" * 100]
+    origins = [small, small, small, large, small]
+    for value, origin in zip(values, origins, strict=True):
+        producer.produce(dlq, value=value, headers=[("__connect.errors.topic", origin.encode())])
+    assert producer.flush(30) == 0
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    try:
+        first = run_replay(conf, dlq, f"{dlq}-r", Filters(), dry_run=False,
+                           report=lambda _: None)
+        assert (first.replayed, first.unpublishable) == (4, 1)
+        assert first.unpublishable_offsets[0].startswith(f"{dlq}[0]@1 (")
+        again = run_replay(conf, dlq, f"{dlq}-r", Filters(), dry_run=False,
+                           report=lambda _: None)
+        assert (again.replayed, again.unpublishable) == (0, 0)
+        wait_until(lambda: len(read_topic(kafka_bootstrap, small)) >= 3, 30, "replayed")
+        assert sorted(m.value() for m in read_topic(kafka_bootstrap, small)) == [
+            values[0], values[2], values[4]], "each once"
+        assert [m.value() for m in read_topic(kafka_bootstrap, large)] == [values[3]]
+    finally:
+        admin.delete_topics([small])[small].result(30)
+
+
+def test_replay_finishes_when_retention_deleted_what_it_was_to_read(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Records deleted between reading the end offsets and fetching them: the position
+    reset past those ends and the run never finished."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    from consumer import replay
+
+    origin = topic_factory(partitions=1)
+    dlq = topic_factory(partitions=1, suffix="-dlq")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(10):
+        producer.produce(dlq, value=f"v{i}".encode(),
+                         headers=[("__connect.errors.topic", origin.encode())])
+    assert producer.flush(30) == 0
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+
+    class Expiring(Consumer):
+        """Retention strikes once the end offsets are read, before any fetch."""
+
+        def assign(self, partitions: list[TopicPartition]) -> None:
+            for future in admin.delete_records([TopicPartition(dlq, 0, 10)]).values():
+                future.result(30)
+            super().assign(partitions)
+
+    monkeypatch.setattr(replay, "Consumer", Expiring)
+    result: list[Any] = []
+    runner = threading.Thread(target=lambda: result.append(replay.run_replay(
+        {"bootstrap.servers": kafka_bootstrap}, dlq, f"{dlq}-r", replay.Filters(),
+        dry_run=False, report=lambda _: None)), daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "the replay never finished"
+    assert result[0].replayed == 0

@@ -291,7 +291,20 @@ def test_a_dead_letter_that_fits_keeps_its_value() -> None:
     assert record.value == b"v" * 100 and record.key == b"user-1"
     assert not record.value_omitted
     assert header_value(record.headers, VALUE_OMITTED) is None
-    assert record.timestamp_ms == 1234
+
+
+def test_a_dead_letter_is_written_now_and_keeps_the_original_time_in_a_header() -> None:
+    """With the original's timestamp, time retention deleted the dead letter of an event
+    older than the DLQ's retention minutes after the source offset was committed."""
+    from consumer.deadletter import ORIGINAL_TIMESTAMP
+
+    record = _record(b"v")
+    assert not hasattr(record, "timestamp_ms")  # none given: the broker's time of writing
+    assert header_value(record.headers, ORIGINAL_TIMESTAMP) == b"1234"
+    # Dead-lettered again after a replay: the first original's time stays.
+    again = _record(b"v", original=[(ORIGINAL_TIMESTAMP, b"99"), ("userpilot.replay.count",
+                                                                  b"1")])
+    assert [v for k, v in again.headers if k == ORIGINAL_TIMESTAMP] == [b"99"]
 
 
 def test_a_dead_letter_too_large_is_written_without_its_value() -> None:

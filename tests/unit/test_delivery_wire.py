@@ -428,6 +428,40 @@ def test_an_https_proxy_refusing_its_credentials_is_a_misconfiguration() -> None
     assert got == "Misconfigured"
 
 
+def test_a_proxy_echoing_the_request_leaves_no_proxy_credential_in_the_error() -> None:
+    """A plain-HTTP proxy answering 400 with the request quoted: the token was masked in
+    the body the DLQ stores, `Proxy-Authorization: Basic …` was not."""
+    import base64
+
+    from consumer.errors import Rejected
+
+    secret = "Pr0xy-Secret"
+    basic = base64.b64encode(f"puser:{secret}".encode())
+
+    def echo(req: Req) -> Action:
+        quoted = b" | ".join(k + b": " + v for k, v in req.headers)
+        return Send(http(400, b'{"error":"bad"} ' + quoted))
+
+    async def main() -> tuple[bytes | None, str]:
+        async with Server(echo) as proxy:
+            client = UserpilotClient("http://up.test/v1/track", HEADERS, timeout_s=2.0,
+                                     max_connections=2,
+                                     proxy=f"http://puser:{secret}@127.0.0.1:{proxy.port}")
+            try:
+                await client.track(BODY)
+            except Rejected as exc:
+                body = exc.body or ""
+            else:
+                raise AssertionError("a 400 is Rejected")
+            await client.aclose()
+            return proxy.requests[0].header("Proxy-Authorization"), body
+
+    sent, body = run(main)
+    assert sent == b"Basic " + basic  # the proxy did get the credentials
+    assert "Proxy-Authorization: Basic ***" in body
+    assert basic.decode() not in body and secret not in body and TOKEN not in body
+
+
 @pytest.mark.parametrize("status", [400, 403, 405, 502])
 def test_an_https_proxy_refusing_the_tunnel_otherwise_is_a_connection_failure(
         status: int) -> None:

@@ -144,11 +144,10 @@ class SlowAckDlq(FakeDlq):
         self.handed: list[object] = shared_records
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]], timestamp_ms: int | None) -> None:
+                   headers: list[tuple[str, bytes | None]]) -> None:
         self.handed.append(value)
         await asyncio.sleep(1.0)
-        await super().send(topic, key=key, value=value, headers=headers,
-                           timestamp_ms=timestamp_ms)
+        await super().send(topic, key=key, value=value, headers=headers)
 
 
 class RefusedToken(FakeClient):

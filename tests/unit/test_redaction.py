@@ -58,3 +58,12 @@ def test_logs_mode_does_not_touch_edges() -> None:
 
 def test_the_longest_spelling_wins() -> None:
     assert redact("Token abcd1234", ["abcd1234", "Token abcd1234"]) == MASK
+
+
+def test_url_credentials_are_the_password_the_pair_and_its_basic_form() -> None:
+    from consumer.redaction import url_credentials
+
+    assert url_credentials("http://al%40ice:p%2Fw@proxy:3128") == [
+        "p/w", "al@ice:p/w", "YWxAaWNlOnAvdw=="]
+    assert url_credentials("http://proxy:3128") == []
+    assert url_credentials(None) == []

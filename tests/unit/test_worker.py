@@ -305,7 +305,7 @@ class FakeDlq:
         self.refused = 0
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]], timestamp_ms: int | None) -> None:
+                   headers: list[tuple[str, bytes | None]]) -> None:
         if self.max_bytes is not None and len(value or b"") > self.max_bytes:
             self.refused += 1
             raise DlqRecordTooLarge("Broker: Message size too large")
