@@ -46,6 +46,7 @@ __all__ = [
     "SchemaLookup",
     "decode",
     "encode",
+    "free_items",
     "from_record",
     "plain_types",
     "self_referencing",
@@ -97,6 +98,79 @@ def plain_types(node: Any) -> Any:
 
 
 _NAMED_CONTAINERS = ("record", "error")
+
+
+def free_items(named: Mapping[str, Any], root: Any) -> str | None:
+    """The first array (or map of such arrays) in a writer schema whose items can take no
+    bytes at all (`null`, `fixed` of size 0, a record of only such fields), as a path; None
+    when there is none.
+
+    Why: an array's count costs a few bytes whatever it says, so a 164-byte event could
+    declare 2^62 null items; fastavro skipping them spun in C with the GIL held for ever
+    (no health answers, no SIGTERM), on every replica that took the partition. Java's Avro
+    guards this with a limit on collection items; here such a schema is refused.
+    """
+    free: dict[str, bool] = {}
+
+    def takes_nothing(node: Any, open_: frozenset[str]) -> bool:
+        if isinstance(node, str):
+            if node == "null":
+                return True
+            if node not in named or node in open_:
+                return False
+            if node not in free:
+                free[node] = takes_nothing(named[node], open_ | {node})
+            return free[node]
+        if not isinstance(node, dict):
+            return False  # a union (its branch index is a byte) or a primitive
+        kind = node.get("type")
+        if kind in _NAMED_CONTAINERS:
+            return all(takes_nothing(f.get("type"), open_) for f in node.get("fields", ())
+                       if isinstance(f, dict))
+        if kind == "fixed":
+            return node.get("size") == 0
+        if kind == "null":
+            return True
+        if isinstance(kind, (dict, list)) or (isinstance(kind, str) and kind in named):
+            return takes_nothing(kind, open_)
+        return False
+
+    seen: set[int] = set()
+
+    def walk(node: Any, path: str) -> str | None:
+        if isinstance(node, list):
+            for branch in node:
+                found = walk(branch, path)
+                if found:
+                    return found
+            return None
+        if not isinstance(node, dict) or id(node) in seen:
+            return None
+        seen.add(id(node))
+        kind = node.get("type")
+        if kind == "array":
+            if takes_nothing(node.get("items"), frozenset()):
+                return path
+            return walk(node.get("items"), f"{path}[]")
+        if kind == "map":
+            return walk(node.get("values"), f"{path}{{}}")
+        if kind in _NAMED_CONTAINERS:
+            for field in node.get("fields", ()):
+                if isinstance(field, dict):
+                    found = walk(field.get("type"), f"{path}.{field.get('name')}")
+                    if found:
+                        return found
+            return None
+        if isinstance(kind, (dict, list)):
+            return walk(kind, path)
+        return None
+
+    top = str(root.get("name", "")) if isinstance(root, dict) else ""
+    for name, definition in [(top, root), *named.items()]:
+        found = walk(definition, name)
+        if found:
+            return found
+    return None
 
 
 def self_referencing(named: Mapping[str, Any]) -> bool:

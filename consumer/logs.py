@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -29,10 +30,23 @@ LIBRDKAFKA_LOGGER = "librdkafka"
 _FIELDS = ("topic", "partition", "offset", "message_id")
 
 
+MESSAGE_ID_CHARS = 128
+"""A messageId longer than this is cut in log lines (a 100,000-character one made a line
+that container runtimes split at 16 KB)."""
+_CONTROL = re.compile("[\x00-\x1f\x7f\u2028\u2029]")
+
+
 def event_fields(topic: str, partition: int, offset: int, message_id: str | None) -> dict[str, Any]:
     """The `extra` for a log line about one event."""
-    return {"topic": topic, "partition": partition, "offset": offset,
-            "message_id": message_id or ""}
+    shown = message_id or ""
+    if len(shown) > MESSAGE_ID_CHARS:
+        shown = f"{shown[:MESSAGE_ID_CHARS]}…"
+    return {"topic": topic, "partition": partition, "offset": offset, "message_id": shown}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return "\\n" if code == 10 else f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
 
 
 class _Redact(logging.Filter):
@@ -66,7 +80,9 @@ class _Text(logging.Formatter):
         base = super().format(record)
         coords = [f"{k}={getattr(record, k)}" for k in _FIELDS if hasattr(record, k)]
         line = base + (" " + " ".join(coords) if coords else "")
-        return line.replace("\n", "\\n")
+        # One event, one line: a carriage return or a Unicode line break in an event's
+        # messageId or a log message forged a line of its own in viewers that break there.
+        return _CONTROL.sub(_escaped, line)
 
 
 class _Json(logging.Formatter):

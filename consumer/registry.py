@@ -33,7 +33,14 @@ from urllib.parse import quote
 import fastavro
 import httpx
 
-from consumer.codec import SCHEMA, SCHEMA_TEXT, DeepSchema, plain_types, self_referencing
+from consumer.codec import (
+    SCHEMA,
+    SCHEMA_TEXT,
+    DeepSchema,
+    free_items,
+    plain_types,
+    self_referencing,
+)
 from consumer.errors import UndecodableEvent
 from consumer.redaction import redact
 
@@ -381,6 +388,10 @@ class Registry:
         parsed: Mapping[str, Any]
         if fastavro.schema.to_parsing_canonical_form(fresh) == self._ours:
             parsed = SCHEMA
+        elif (free := free_items(named, fresh)) is not None:
+            self._unusable_schema(
+                schema_id, f"schema id {schema_id} has an array whose items take no bytes "
+                f"({free}): a count alone could make the reader loop for ever; refused")
         elif self_referencing(named):
             parsed = DeepSchema(fresh)  # read without recursion in C (see DeepSchema)
         else:

@@ -9,7 +9,7 @@ identified so far (``consumer.calls.CallPlan``, run by the handler).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +18,23 @@ from consumer.errors import DeadLetter, MappingError
 from consumer.filtering import ConsentPolicy, Drop, drop_reason
 from consumer.mapping import MappingSet, Primitive, TraitsRule, build_payload, limit_metadata
 
-__all__ = ["Send", "encode_payload", "route"]
+__all__ = ["MAX_LISTED", "Send", "encode_payload", "listed", "route"]
 
 encode_payload = encode_body
 """The one JSON encoder of request bodies (``consumer.calls.encode_body``)."""
+
+
+MAX_LISTED = 20
+"""Names of left-out or cut keys a Send keeps; more are counted in one last entry."""
+
+
+def listed(names: Sequence[str]) -> tuple[str, ...]:
+    """At most MAX_LISTED names, then "… N more". Why: a Send waits in the window, and a
+    61 KB event whose 7,300 flattened keys were cut kept all their names, 2 MiB per event
+    (200 such events waiting for the rate limiter: an OOM kill under the chart's limit)."""
+    if len(names) <= MAX_LISTED:
+        return tuple(names)
+    return (*names[:MAX_LISTED], f"… {len(names) - MAX_LISTED} more")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +105,7 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
                 event, identify_shape=_shape(mappings.identify, mappings, truncated),
                 group_shape=_shape(mappings.group, mappings, truncated),
                 company_limit=_limit(mappings, truncated, "company."), omitted=omitted)
-            return Send(calls, str(kind), tuple(omitted), tuple(truncated),
+            return Send(calls, str(kind), listed(omitted), listed(truncated),
                         getattr(event, "replaced", 0))
         rule = mappings.lookup(event)
         if rule is None:  # drop_reason checked it; kept for the type checker
@@ -104,5 +117,5 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
         raise
     except Exception as exc:  # one event's data must never stop the worker
         raise MappingError(exc) from exc
-    return Send((call,), rule.event_name, built.omitted, built.truncated,
+    return Send((call,), rule.event_name, listed(built.omitted), listed(built.truncated),
                 getattr(event, "replaced", 0))

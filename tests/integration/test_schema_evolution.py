@@ -66,3 +66,47 @@ def test_an_evolved_writer_schema_delivers_and_a_deep_event_is_dead_lettered(
     headers = dict(dlq[0].headers() or [])
     assert headers["userpilot.error.reason"] == b"undecodable"
     assert b"RecursionError" in headers["__connect.errors.exception.message"]
+
+
+def _varint(n: int) -> bytes:
+    zigzag, out = (n << 1) ^ (n >> 63), bytearray()
+    while zigzag > 0x7F:
+        out.append((zigzag & 0x7F) | 0x80)
+        zigzag >>= 7
+    out.append(zigzag)
+    return bytes(out)
+
+
+def test_an_array_of_items_that_take_no_bytes_cannot_hang_the_worker(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """A compatible writer adding `array<null>`, and one 164-byte event counting 2^62
+    items: fastavro skipped them in C, GIL held, for ever (no /healthz, no SIGTERM), on
+    every replica that took the partition. Such a schema is refused: its events are
+    dead-lettered, the others delivered."""
+    from consumer.registry import Registry
+
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    ours = Registry(schema_registry_url).register(topic)
+    writer: dict[str, Any] = json.loads(codec.SCHEMA_TEXT)
+    writer["fields"].append({"name": "x", "type": {"type": "array", "items": "null"},
+                             "default": []})
+    theirs = _register(schema_registry_url, f"{topic}-value", writer)
+    parsed = cast(dict[str, Any], fastavro.parse_schema(json.loads(json.dumps(writer))))
+    first, last = track_event("u1", 0), track_event("u1", 2)
+    poison = codec.encode(theirs, {**codec.to_record(track_event("u1", 1)), "x": []}, parsed)
+    poison = poison[:-1] + _varint(2**62) + b"\x00"  # the array, last: 2^62 nulls, then end
+    for wire in (codec.encode(ours, codec.to_record(first)), poison,
+                 codec.encode(ours, codec.to_record(last))):
+        produce_raw(kafka_bootstrap, topic, b"u1", wire)
+    group = f"{topic}-g"
+    with WorkerThread(worker_env(kafka_bootstrap, schema_registry_url, server.url, topic,
+                                 group)) as w:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
+        dlq = read_topic(kafka_bootstrap, w.settings.dlq_topic)
+    assert delivered_seqs(control) == {("u1", 0): 1, ("u1", 2): 1}
+    assert [m.value() for m in dlq] == [poison]
+    assert b"items take no bytes" in dict(dlq[0].headers() or [])[
+        "__connect.errors.exception.message"]

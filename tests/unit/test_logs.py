@@ -204,3 +204,22 @@ def test_librdkafka_logger_is_one_rate_limited_logger() -> None:
     first, second = librdkafka_logger(), librdkafka_logger()
     assert first is second and first.name == "librdkafka"
     assert sum(isinstance(f, RateLimit) for f in first.filters) == 1
+
+
+def test_an_event_s_message_id_cannot_make_a_huge_or_forged_line() -> None:
+    """A 100,000-character messageId made a 100 KB line (split by container runtimes at
+    16 KB); a carriage return in one forged a CRITICAL line in viewers breaking on it."""
+    import logging
+
+    from consumer import logs
+
+    formatter = logs._Text("%(levelname)s %(name)s: %(message)s")
+    forged = "m1 offset=1\r2026-12-01 18:00:00,000 CRITICAL consumer.worker: DLQ guard tripped"
+    for message_id in ("x" * 100_000, forged, "a\u2028b"):
+        record = logging.LogRecord("consumer.worker", logging.WARNING, __file__, 1,
+                                   "dead-lettered", None, None)
+        record.__dict__.update(logs.event_fields("t", 0, 5, message_id))
+        line = formatter.format(record)
+        assert len(line) < 300
+        assert "\r" not in line and "\u2028" not in line and "\n" not in line
+    assert line.endswith("message_id=a\\u2028b")

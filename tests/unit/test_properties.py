@@ -153,7 +153,9 @@ def test_ten_thousand_keys_are_cut_to_the_limits() -> None:
     event = wire_event(json.dumps(props), None, '{"analytics":true}', None)
     decision = route(event, ConsentPolicy(), DEFAULT_PRESET)
     assert isinstance(decision, Send)
-    assert decision.payload["metadata"][TRUNCATED_KEY] == len(decision.truncated)
+    *named, more = decision.truncated  # 20 names, then "… N more"
+    assert len(named) == 20 and more.startswith("… ")
+    assert decision.payload["metadata"][TRUNCATED_KEY] == 20 + int(more.split()[1])
     assert len(decision.payload["metadata"]) <= DEFAULT_PRESET.max_metadata_keys
     check_decision(event, DEFAULT_PRESET, ConsentPolicy())
 

@@ -203,4 +203,23 @@ def test_identify_company_properties_take_the_configured_limits_and_report_the_c
     sent = route(event, ConsentPolicy(), tight)
     assert isinstance(sent, Send)
     assert len(sent.payload["company"]) <= 12  # the id, ten fields and the cut marker
-    assert len(sent.truncated) == 1500 - 9 and sent.truncated[0].startswith("company.")
+    assert sent.truncated[0].startswith("company.")
+    assert sent.truncated[-1] == f"… {1500 - 9 - 20} more"  # all counted, 20 named
+
+
+def test_a_send_keeps_a_bounded_list_of_what_was_left_out() -> None:
+    """A Send waits in the window: 7,300 names of cut keys (a 61 KB event) were 2 MiB per
+    event, and 200 such events waiting for the limiter got the worker OOM-killed."""
+    import sys
+
+    from consumer.routing import MAX_LISTED, Send
+
+    parent = "p" * 240
+    props = {parent: {f"k{i}": i for i in range(7600)}}
+    for shaped in (event(properties=props),
+                   event(type="identify", event=None, properties=None, traits=props)):
+        sent = route(shaped, POLICY, DEFAULT_PRESET)
+        assert isinstance(sent, Send)
+        assert len(sent.truncated) == MAX_LISTED + 1
+        assert sent.truncated[-1].startswith("… ") and sent.truncated[-1].endswith(" more")
+        assert sum(sys.getsizeof(name) for name in sent.truncated) < 20_000

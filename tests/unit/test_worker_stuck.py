@@ -137,6 +137,9 @@ def test_a_broker_refusing_longer_notes_later_gets_shorter_ones_that_still_name_
     assert drive(run, scenario) == 0
     named = seen["named"]
     assert isinstance(named, Finished) and named.covers(1) and named.covers(300)
-    assert isinstance(seen["limit"], int) and NOTE_MIN_CHARS <= seen["limit"] <= 35
+    # Half of a refused length: a note over the broker's 70 characters, so 36-70 when one
+    # refusal took it under (35 or less after two; how long the first refused note was
+    # depends on how far delivery got before it, which varies with the machine's load).
+    assert isinstance(seen["limit"], int) and NOTE_MIN_CHARS <= seen["limit"] <= 70
     assert seen["resend"] == seen["window"], "the window is what a crash would send again"
     assert isinstance(seen["resend"], int) and seen["resend"] <= window + 1
