@@ -17,6 +17,7 @@ __all__ = ["MASK", "MIN_PARTIAL", "Redactor", "redact", "secret_forms", "url_cre
 
 MASK = "***"
 MIN_PARTIAL = 4  # a shorter fragment at a cut edge is too likely to be ordinary text
+MIN_ALONE = 6  # a proxy password shorter than this is masked only as part of its pair
 
 
 def secret_forms(secrets: Iterable[str]) -> list[str]:
@@ -45,7 +46,10 @@ def url_credentials(url: str | None) -> list[str]:
     user = urllib.parse.unquote(parts.username or "")
     password = urllib.parse.unquote(parts.password)
     pair = f"{user}:{password}"
-    return [password, pair, base64.b64encode(pair.encode()).decode()]
+    forms = [pair, base64.b64encode(pair.encode()).decode()]
+    # The password alone only when it cannot be ordinary text: masking a 3-letter one in
+    # every log line would garble them (an echo shows the pair or its Basic form anyway).
+    return [password, *forms] if len(password) >= MIN_ALONE else forms
 
 
 def _cut_edges(text: str, form: str) -> str:

@@ -63,7 +63,9 @@ def test_the_longest_spelling_wins() -> None:
 def test_url_credentials_are_the_password_the_pair_and_its_basic_form() -> None:
     from consumer.redaction import url_credentials
 
-    assert url_credentials("http://al%40ice:p%2Fw@proxy:3128") == [
-        "p/w", "al@ice:p/w", "YWxAaWNlOnAvdw=="]
+    assert url_credentials("http://al%40ice:p%2Fw0rd@proxy:3128") == [
+        "p/w0rd", "al@ice:p/w0rd", "YWxAaWNlOnAvdzByZA=="]
+    # Too short to mask alone (it would garble ordinary text): the pair and its Basic form.
+    assert url_credentials("http://u:pw@proxy:3128") == ["u:pw", "dTpwdw=="]
     assert url_credentials("http://proxy:3128") == []
     assert url_credentials(None) == []
