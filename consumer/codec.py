@@ -44,6 +44,7 @@ __all__ = [
     "DeepSchema",
     "Event",
     "SchemaLookup",
+    "bytes_as_strings",
     "decode",
     "encode",
     "free_items",
@@ -58,6 +59,7 @@ MAGIC_BYTE = 0
 _HEADER = struct.Struct(">BI")
 
 SCHEMA_TEXT: str = resources.files("consumer").joinpath("signal_event.avsc").read_text("utf-8")
+SCHEMA_JSON: dict[str, Any] = json.loads(SCHEMA_TEXT)
 SCHEMA = cast(dict[str, Any], fastavro.parse_schema(json.loads(SCHEMA_TEXT)))
 
 _read_record: Callable[[io.BytesIO, Any, Any], Any] = fastavro.schemaless_reader
@@ -95,6 +97,53 @@ def plain_types(node: Any) -> Any:
     if isinstance(node, list):
         return [plain_types(item) for item in node]
     return node
+
+
+def _branches(kind: Any) -> list[Any]:
+    return kind if isinstance(kind, list) else [kind]
+
+
+def _takes_string(kind: Any) -> bool:
+    return any(b == "string" or (isinstance(b, dict) and b.get("type") == "string")
+               for b in _branches(kind))
+
+
+def _record_of(kind: Any) -> dict[str, Any] | None:
+    return next((b for b in _branches(kind)
+                 if isinstance(b, dict) and b.get("type") in _NAMED_CONTAINERS), None)
+
+
+def bytes_as_strings(writer: Any, reader: Any = None) -> Any:
+    """A writer schema's JSON with `bytes` read as `string` wherever our reader has a
+    string (the two encode alike), so invalid UTF-8 in them becomes U+FFFD.
+
+    Why: Avro promotes bytes to string, but fastavro's promotion decodes strictly whatever
+    `handle_unicode_errors` says: a producer declaring `userId` as bytes had each event with
+    a cut multi-byte character dead-lettered, and no replay could succeed.
+    """
+    reader = SCHEMA_JSON if reader is None else reader
+    if not (isinstance(writer, dict) and writer.get("type") in _NAMED_CONTAINERS
+            and isinstance(reader, dict)):
+        return writer
+    ours = {f.get("name"): f.get("type") for f in reader.get("fields", ())
+            if isinstance(f, dict)}
+    fields = []
+    for field in writer.get("fields", ()):
+        if not isinstance(field, dict) or field.get("name") not in ours:
+            fields.append(field)
+            continue
+        want, kind = ours[field["name"]], field.get("type")
+        if _takes_string(want) and not _takes_string(kind):
+            kind = [("string" if b == "bytes" else
+                     {**b, "type": "string"} if isinstance(b, dict) and b.get("type") == "bytes"
+                     else b) for b in _branches(kind)]
+            kind = kind if isinstance(field.get("type"), list) else kind[0]
+        elif (inner := _record_of(kind)) is not None and _record_of(want) is not None:
+            fixed = bytes_as_strings(inner, _record_of(want))
+            kind = ([fixed if b is inner else b for b in kind] if isinstance(kind, list)
+                    else fixed)
+        fields.append({**field, "type": kind})
+    return {**writer, "fields": fields}
 
 
 _NAMED_CONTAINERS = ("record", "error")

@@ -37,6 +37,7 @@ from consumer.codec import (
     SCHEMA,
     SCHEMA_TEXT,
     DeepSchema,
+    bytes_as_strings,
     free_items,
     plain_types,
     self_referencing,
@@ -379,8 +380,8 @@ class Registry:
         except _BadSchema as exc:
             self._unusable_schema(schema_id, f"schema id {schema_id} references {exc}")
         try:
-            fresh: Any = fastavro.parse_schema(plain_types(json.loads(doc.text)),
-                                               named_schemas=named)
+            fresh: Any = fastavro.parse_schema(
+                bytes_as_strings(plain_types(json.loads(doc.text))), named_schemas=named)
         except Exception as exc:
             self._unusable_schema(
                 schema_id, f"schema id {schema_id} is not an Avro schema this worker can "

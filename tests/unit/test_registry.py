@@ -441,3 +441,28 @@ def test_a_self_referencing_writer_schema_cannot_crash_the_process() -> None:
     lines = done.stdout.splitlines()
     assert lines[0] == "DeepSchema u"  # a shallow chain decodes
     assert lines[1].startswith("undecodable: not a Signal event in Avro: RecursionError")
+
+
+def test_bytes_where_our_schema_has_strings_replace_invalid_utf8() -> None:
+    """Avro promotes bytes to string, but fastavro's promotion decodes strictly: a producer
+    declaring userId as bytes had each event with a cut multi-byte character dead-lettered
+    (no replay could succeed), where a string field gets U+FFFD."""
+    from consumer.codec import decode
+
+    writer = _evolved({"name": "producerVersion", "type": ["null", "string"], "default": None},
+                      userId=["null", "bytes"])
+    for field in writer["fields"]:
+        if field["name"] == "context":  # and one nested: context.page.url
+            page = next(f for f in field["type"][1]["fields"] if f["name"] == "page")
+            url = next(f for f in page["type"][1]["fields"] if f["name"] == "url")
+            url["type"] = ["null", "bytes"]
+    registry = Registry("http://unused", client=OneSchema(writer))
+    record = _record(writer, type="track", event="Feature Used", userId=b"u-\xe9t\xe9",
+                     context={**_record(next(f["type"][1] for f in writer["fields"]
+                                             if f["name"] == "context")),
+                              "page": {**_record(page["type"][1]), "url": b"https://x/\xe2\x82"}})
+    event = decode(_wire(writer, record), registry.writer_schema)
+    assert event["userId"] == "u-\ufffdt\ufffd"
+    assert event["context"]["page"]["url"] == "https://x/\ufffd"
+    fine = decode(_wire(writer, {**record, "userId": "u-été".encode()}), registry.writer_schema)
+    assert fine["userId"] == "u-été"
