@@ -620,6 +620,12 @@ class Worker:
             if self.handler.debug:
                 self.handler.log_dropped(event.decision, event.fields)
             return event.decision
+        if not key and decoded is not None:
+            # A producer that sent no key: the user's events still go one after another
+            # (a retried event reached Userpilot after the same user's later ones).
+            user = decoded.get("userId")
+            if isinstance(user, str) and user:
+                event.ordering_key = ("userId", user)
         mark = marks.pop(tp, None)
         if mark is not None:
             self.commits.dropped({tp: mark})

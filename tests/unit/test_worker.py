@@ -1626,3 +1626,33 @@ def test_retries_are_logged_once_per_cause_and_interval_and_an_unusable_answer_i
         "userpilot_responses_total", {"status": "invalid_response", "endpoint": "track"}) == 3
     assert run.worker.m.registry.get_sample_value(
         "userpilot_retries_total", {"cause": "server_error"}) == 4
+
+
+class FailsFirstOnce(FakeClient):
+    """Answers the first request with a 503, every later one with 202."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted: list[bytes] = []
+
+    async def send(self, call: Call) -> int:
+        status = await super().send(call)
+        if len(self.bodies) == 1:
+            raise ServerError("503 once", status=503)
+        self.accepted.append(call.body)
+        return status
+
+
+def test_a_user_s_events_without_a_kafka_key_stay_in_order() -> None:
+    """A producer that sends no key: each message was its own ordering key, so a retried
+    event reached Userpilot after the same user's later ones."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, None, track("u1", i)) for i in range(5)]}
+    client = FailsFirstOnce()
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
+               USERPILOT_RETRY_BACKOFF_SECONDS="0.05", USERPILOT_RETRY_BACKOFF_MAX_SECONDS="0.05")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 5, "all committed", 20)
+
+    assert drive(run, scenario) == 0
+    assert [codec_seq(b) for b in client.accepted] == [0, 1, 2, 3, 4]
