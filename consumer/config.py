@@ -143,34 +143,45 @@ _HOST = re.compile(
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
     r"(?::(\d{1,5}))?$"
 )
-_SERVICE_LINK = re.compile(
-    r"^(?:KAFKA|USERPILOT|WORKER|SCHEMA_REGISTRY|REDIS)(?:_[A-Z0-9_]+?)?_(?:"
-    r"(?P<host>SERVICE_HOST)|SERVICE_PORT(?:_[A-Z0-9_]+)?|(?P<url>PORT)"
-    r"|PORT_\d+_(?:TCP|UDP|SCTP)(?:_(?:(?P<proto>PROTO)|PORT|(?P<addr>ADDR)))?)$"
-)
+_LINK_SERVICE = r"^(?:KAFKA|USERPILOT|WORKER|SCHEMA_REGISTRY|REDIS)(?:_[A-Z0-9_]+)?"
+_LINK_IP = "ip"
 _LINK_URL = re.compile(r"^(?:tcp|udp|sctp)://\S+:\d+$")
+_SERVICE_LINKS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(_LINK_SERVICE + suffix), value) for suffix, value in (
+        (r"_SERVICE_HOST$", _LINK_IP),
+        (r"_SERVICE_PORT(?:_[A-Z0-9_]+)?$", "digits"),
+        (r"_PORT$", "url"),
+        (r"_PORT_\d+_(?:TCP|UDP|SCTP)$", "url"),
+        (r"_PORT_\d+_(?:TCP|UDP|SCTP)_PROTO$", "proto"),
+        (r"_PORT_\d+_(?:TCP|UDP|SCTP)_PORT$", "digits"),
+        (r"_PORT_\d+_(?:TCP|UDP|SCTP)_ADDR$", _LINK_IP),
+    ))
+
+
+def _link_value(kind: str, value: str) -> bool:
+    if kind == _LINK_IP:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return False
+        return True
+    if kind == "url":
+        return bool(_LINK_URL.match(value))
+    if kind == "proto":
+        return value in ("tcp", "udp", "sctp")
+    return value.isdigit()
 
 
 def _service_link(name: str, value: str) -> bool:
     """A Kubernetes service link (`<SERVICE>_SERVICE_HOST`, `<SERVICE>_PORT`, …) of a
     Service whose name starts like ours (`kafka`, `kafka-ui`, `userpilot-worker`): not
     settings, and refusing them stopped every pod of a namespace holding such a Service.
-    Told apart from a mistyped setting by the value Kubernetes gives each."""
-    match = _SERVICE_LINK.match(name)
-    if match is None:
-        return False
+    Told apart from a mistyped setting by the value Kubernetes gives each kind."""
     value = value.strip()
-    if match.group("host") or match.group("addr"):
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            return False
-        return True
-    if match.group("url") or name.endswith(("_TCP", "_UDP", "_SCTP")):
-        return bool(_LINK_URL.match(value))
-    if match.group("proto"):
-        return value in ("tcp", "udp", "sctp")
-    return value.isdigit()
+    return any(pattern.match(name) and _link_value(kind, value)
+               for pattern, kind in _SERVICE_LINKS)
+
+
 STANDARD_ENV_VARS: frozenset[str] = frozenset({"SSL_CERT_FILE"})
 """Variables of the HTTP clients (not settings of this worker) that start-up checks."""
 _OWN_PREFIXES = ("USERPILOT_", "WORKER_", "SCHEMA_REGISTRY_")
@@ -795,7 +806,7 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
         reader.problems.append(
             f"{name}={redact_userinfo(value)} is not a proxy the worker can use for "
             f"{service}: give an HTTP proxy as http://host:port (https:// for TLS to the "
-            f"proxy; SOCKS is not supported), or add the {service} host to NO_PROXY")
+            f"proxy; SOCKS is not supported), or add the host of {service} to NO_PROXY")
         return None
     try:
         parts.port  # noqa: B018 - raises on a port that is not a number or out of range
@@ -919,7 +930,8 @@ def _redis_shown(match: re.Match[str]) -> str:
 
 _REDIS_CERT_REQS = ("none", "optional", "required")
 _REDIS_NAME = re.compile(r"^[!-~]+$")  # CLIENT SETNAME: printable, no spaces
-_REDIS_BOOLEANS = ("true", "false", "yes", "no", "1", "0")  # read alike by redis-py
+# What redis-py's to_bool reads as meant (empty: its default); "off" would read as true.
+_REDIS_BOOLEANS = ("", "0", "F", "FALSE", "N", "NO", "1", "T", "TRUE", "Y", "YES")
 
 
 def _redis_query_problems(query: str, shown: str, tls: bool) -> list[str]:
@@ -938,10 +950,10 @@ def _redis_query_problems(query: str, shown: str, tls: bool) -> list[str]:
         if key.startswith("ssl_") and not tls:
             problems.append(f"REDIS_URL={shown!r}: {key} applies to TLS only; use "
                             "rediss:// for TLS, or remove it")
-        elif key == "ssl_cert_reqs" and value.lower() not in _REDIS_CERT_REQS:
+        elif key == "ssl_cert_reqs" and value not in _REDIS_CERT_REQS:  # case matters
             problems.append(f"REDIS_URL={shown!r}: ssl_cert_reqs must be one of "
                             f"{', '.join(_REDIS_CERT_REQS)}")
-        elif key == "ssl_check_hostname" and value.lower() not in _REDIS_BOOLEANS:
+        elif key == "ssl_check_hostname" and value.upper() not in _REDIS_BOOLEANS:
             problems.append(f"REDIS_URL={shown!r}: ssl_check_hostname must be true or false")
         elif key == "client_name" and not _REDIS_NAME.match(value):
             problems.append(f"REDIS_URL={shown!r}: client_name must be printable characters "
@@ -1014,6 +1026,7 @@ _OFFLINE_DEFAULTS = {
 
 def load_settings(
     env: Mapping[str, str], *, offline: bool = False, check_clients: bool = True,
+    uses_registry: bool = True,
 ) -> Settings:
     """Build and validate Settings; ConfigError lists every problem found, one per line.
 
@@ -1125,7 +1138,7 @@ def load_settings(
             r.problems.append(f"SCHEMA_REGISTRY_URL={shown!r} {problem}")
         else:
             registry_ok = True
-    if registry_ok:
+    if registry_ok and uses_registry:
         userpilot_url = userpilot_base_url(endpoint, insecure) if endpoint else None
         _proxy(r, registry_url, "the schema registry",
                skip=environment_proxy(userpilot_url, r.env) if userpilot_url else None)

@@ -312,7 +312,7 @@ _NOT_USED_HERE = {
 def _client_from_env(env: Mapping[str, str]) -> tuple[DeleteClient, Settings]:
     """The worker's own settings (token, host, timeouts, retries); Kafka ones not needed."""
     present = {k: v for k, v in env.items() if v.strip()}
-    settings = load_settings({**_NOT_USED_HERE, **present})
+    settings = load_settings({**_NOT_USED_HERE, **present}, uses_registry=False)
     scheme = "http" if settings.insecure_http else "https"
     url = f"{scheme}://{settings.analytics_endpoint}{DELETE_PATH}"
     client = DeleteClient(url, settings.headers(), timeout_s=settings.request_timeout_s,

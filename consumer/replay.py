@@ -91,7 +91,12 @@ class Summary:
 
 class ReplayStuck(KafkaException):
     """Records the origin topic did not take for a reason that may pass (the broker down,
-    a timeout): the run stops there, named, so the next run starts at them."""
+    a timeout): the run stops there, named, so the next run starts at them. Carries the
+    run's `summary` (what was replayed, and refused for good, before it)."""
+
+    def __init__(self, message: str, summary: Summary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 def _when(headers: Sequence[Header] | None, timestamp_ms: int | None) -> datetime | None:
@@ -257,7 +262,9 @@ def run_replay(
             """Wait for the origin topic's answers, then commit each partition past what
             was published (or refused for good: counted, named), up to a record refused
             for a reason that may pass, which the next run starts at (ReplayStuck)."""
-            if producer is not None and sent:
+            if producer is None:
+                return  # a dry run commits nothing: the run after it must see every record
+            if sent:
                 producer.flush(30)
             stuck: dict[int, tuple[int, str]] = {}
             for p, off in sorted(sent):
@@ -287,7 +294,7 @@ def run_replay(
             if stuck:
                 raise ReplayStuck(
                     "the origin topic did not take " + "; ".join(
-                        text for _, text in sorted(stuck.values())))
+                        text for _, text in sorted(stuck.values())), summary)
 
         checkpoint = commit_handled
 
@@ -338,8 +345,10 @@ def run_replay(
 
 REPLAY_MAX_BYTES = 64 * 1024 * 1024
 """The replay producer's local record limit: the origin topic's own limit decides."""
-_REFUSED_FOR_GOOD = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
-                               KafkaError.RECORD_LIST_TOO_LARGE})
+_REFUSED_FOR_GOOD = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaError.RECORD_LIST_TOO_LARGE,
+    # The origin topic is gone or its name invalid: no rerun changes that.
+    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError.TOPIC_EXCEPTION})
 _UNANSWERED: Any = object()
 
 
@@ -421,6 +430,21 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     return line
 
 
+def _print_summary(summary: Summary, dry_run: bool, interrupted: bool) -> None:
+    print(json.dumps({"summary": summary.as_dict(), "dry_run": dry_run,
+                      "interrupted": interrupted}), file=sys.stdout)
+    for item in summary.over_limit_offsets[:50]:
+        print(f"over replay limit (not replayed): {item}", file=sys.stderr)
+    for item in summary.unrestored_offsets[:50]:
+        print(f"value-less dead letter not restorable (not replayed): {item}", file=sys.stderr)
+    for item in summary.unpublishable_offsets[:50]:
+        print(f"refused by its origin topic (not replayed): {item}", file=sys.stderr)
+    if summary.unpublishable:
+        print("some records were refused by their origin topic for good (too large, the "
+              "topic gone): they stay in the DLQ; fix the topic, then replay them by "
+              "--partition and --from-offset/--to-offset", file=sys.stderr)
+
+
 def main(args: argparse.Namespace) -> int:
     from consumer.config import load_settings
 
@@ -455,23 +479,17 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda _sig, _frame: stop.set())
-    summary = run_replay(conf, args.dlq_topic, group, filters, dry_run=args.dry_run,
-                         report=report, stopping=stop.is_set)
-    print(json.dumps({"summary": summary.as_dict(), "dry_run": args.dry_run,
-                      "interrupted": stop.is_set()}), file=sys.stdout)
-    for item in summary.over_limit_offsets[:50]:
-        print(f"over replay limit (not replayed): {item}", file=sys.stderr)
-    for item in summary.unrestored_offsets[:50]:
-        print(f"value-less dead letter not restorable (not replayed): {item}", file=sys.stderr)
-    for item in summary.unpublishable_offsets[:50]:
-        print(f"refused by its origin topic (not replayed): {item}", file=sys.stderr)
+    try:
+        summary = run_replay(conf, args.dlq_topic, group, filters, dry_run=args.dry_run,
+                             report=report, stopping=stop.is_set)
+    except ReplayStuck as stuck:
+        _print_summary(stuck.summary, args.dry_run, stop.is_set())
+        print(f"error: replay stopped: {stuck.args[0]}; the records before it are replayed "
+              "and committed, a rerun starts at it", file=sys.stderr)
+        return 1
+    _print_summary(summary, args.dry_run, stop.is_set())
     if stop.is_set():
         print("interrupted: what was replayed is committed; run again to go on",
               file=sys.stderr)
         return 130
-    if summary.unpublishable:
-        print("some records are too large for their origin topic: they stay in the DLQ; "
-              "raise the topic's max.message.bytes, then replay them by --partition and "
-              "--from-offset/--to-offset", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if summary.unpublishable else 0

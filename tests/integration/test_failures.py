@@ -496,3 +496,48 @@ def test_replay_finishes_when_retention_deleted_what_it_was_to_read(
     runner.join(60)
     assert not runner.is_alive(), "the replay never finished"
     assert result[0].replayed == 0
+
+
+def test_a_dry_run_commits_nothing_and_records_refused_for_good_are_named(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """`--dry-run` then the same selection for real: the dry run had committed what it
+    read, so the real run replayed nothing. And a record its origin refuses for good (too
+    large, or a topic that cannot exist) was committed past without being named."""
+    import os
+
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    small = f"it-replay-dry-{int(time.time() * 1000)}"
+    admin.create_topics([NewTopic(small, 1, 1, config={"max.message.bytes": "2000"})])[
+        small].result(30)
+    dlq = topic_factory(suffix="-dlq")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "batch.num.messages": 1})
+    records = [(small, os.urandom(5000)), (small, b"fits"), ("not a topic!", b"nowhere")]
+    for origin, value in records:
+        producer.produce(dlq, value=value, headers=[("__connect.errors.topic", origin.encode()),
+                                                    ("userpilot.error.reason", b"bad_request")])
+    assert producer.flush(30) == 0
+
+    def replay(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "consumer", "replay", "--from", dlq, *extra],
+            env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
+            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+
+    try:
+        dry = replay("--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert json.loads(dry.stdout.splitlines()[-1])["summary"]["replayed"] == 3
+        real = replay()
+        assert real.returncode == 1, real.stderr
+        summary = json.loads(real.stdout.splitlines()[-1])["summary"]
+        assert (summary["replayed"], summary["unpublishable"]) == (1, 2)
+        assert f"{dlq}[0]@0 (" in real.stderr and f"{dlq}[0]@2 (" in real.stderr
+        assert [m.value() for m in read_topic(kafka_bootstrap, small)] == [b"fits"]
+        again = replay()
+        assert json.loads(again.stdout.splitlines()[-1])["summary"]["replayed"] == 0
+    finally:
+        admin.delete_topics([small])[small].result(30)

@@ -729,12 +729,22 @@ def test_service_links_of_services_named_like_ours_are_left_alone() -> None:
              KAFKA_UI_PORT_8080_TCP_PORT="8080", KAFKA_UI_PORT_8080_TCP_ADDR="10.0.0.5",
              USERPILOT_WORKER_SERVICE_HOST="fd00::5", USERPILOT_WORKER_PORT="tcp://[fd00::5]:8082")
     assert s.kafka_extra == {} and s.notes == ()
+    # ... and of Services named exactly like ours (a Bitnami `kafka` release): the first
+    # version of this check read KAFKA_SERVICE_PORT as a `*_PORT` URL link and refused it.
+    exact = load(KAFKA_SERVICE_HOST="10.96.0.10", KAFKA_SERVICE_PORT="9092",
+                 KAFKA_SERVICE_PORT_TCP_CLIENT="9092", KAFKA_PORT="tcp://10.96.0.10:9092",
+                 KAFKA_PORT_9092_TCP="tcp://10.96.0.10:9092", KAFKA_PORT_9092_TCP_PORT="9092",
+                 KAFKA_PORT_9092_TCP_PROTO="tcp", KAFKA_PORT_9092_TCP_ADDR="10.96.0.10",
+                 SCHEMA_REGISTRY_SERVICE_PORT="8081", USERPILOT_SERVICE_PORT="80",
+                 WORKER_SERVICE_HOST="10.96.0.11", WORKER_PORT="tcp://10.96.0.11:8082")
+    assert exact.kafka_extra == {} and exact.notes == ()
 
 
 @pytest.mark.parametrize(("name", "value"), [
     ("USERPILOT_METRICS_PORT", "8082"),  # WORKER_METRICS_PORT, mistyped
     ("WORKER_SERVICE_HOST", "worker.local"),
     ("USERPILOT_PORT", "443"),
+    ("WORKER_SERVICE_PORT", "http"),
 ])
 def test_a_mistyped_setting_shaped_like_a_service_link_is_still_refused(
         name: str, value: str) -> None:

@@ -77,7 +77,8 @@ def test_query_parameters_that_override_settings_are_refused(query: str) -> None
 
 
 @pytest.mark.parametrize("query", ["?ssl_cert_reqs=none",
-                                   "?ssl_check_hostname=false&client_name=w"])
+                                   "?ssl_check_hostname=false&client_name=w",
+                                   "?ssl_check_hostname=F", "?ssl_check_hostname="])
 def test_query_parameters_that_override_no_setting_pass(query: str) -> None:
     """A managed Redis with a self-signed certificate needs ssl_cert_reqs=none."""
     assert load(REDIS_URL=f"rediss://redis:6380/0{query}").redis is not None
@@ -88,6 +89,8 @@ def test_query_parameters_that_override_no_setting_pass(query: str) -> None:
     ("redis://redis:6379/0?ssl_check_hostname=false", "applies to TLS only"),
     ("rediss://redis:6380/0?ssl_cert_reqs=bogus", "ssl_cert_reqs must be one of"),
     ("rediss://redis:6380/0?ssl_check_hostname=off", "ssl_check_hostname must be true"),
+    # redis-py compares the flag exactly: "Required" failed every call, after an OK.
+    ("rediss://redis:6380/0?ssl_cert_reqs=Required", "ssl_cert_reqs must be one of"),
     ("redis://redis:6379/0?client_name=my%20worker", "client_name must be printable"),
 ])
 def test_query_parameters_are_checked_as_the_redis_client_uses_them(url: str,

@@ -287,3 +287,16 @@ def test_env_settings_are_the_workers() -> None:
         assert settings.retry_backoff_s == 0.5
     finally:
         client.close()
+
+
+def test_a_proxy_only_the_registry_would_use_does_not_stop_delete_users() -> None:
+    """delete-users talks to Userpilot only: a SOCKS ALL_PROXY (for the registry's plain
+    http, in the worker) stopped it after the registry's proxy became checked."""
+    from consumer import gdpr
+
+    client, settings = gdpr._client_from_env({**ENV, "HTTPS_PROXY": "http://corp:3128",
+                                              "ALL_PROXY": "socks5://127.0.0.1:1080"})
+    try:
+        assert settings.proxy is not None and settings.proxy.reveal() == "http://corp:3128"
+    finally:
+        client.close()
