@@ -411,8 +411,10 @@ class Handler:
             await self._dedup_release(event, endpoint)
             return await self._dead_letter(event, exc)
         except asyncio.CancelledError:
-            # Abandoned by a revoke or shutdown: hand the claim on unless a request of it
-            # may have reached Userpilot (then it expires after its TTL: no duplicate).
+            # Abandoned by a revoke, loss or shutdown: hand the claim on unless a request of
+            # it may have reached Userpilot. Then it is kept until its TTL, which another
+            # replica waits out; this replica re-reading the same offset re-enters its own
+            # claim, so a request cut at a drain's deadline may be sent twice (README).
             if event.attempts.count == 0:
                 await self._dedup_release(event, endpoint)
             raise

@@ -69,6 +69,9 @@ def _config_error(exc: KafkaException, what: str) -> ConfigError:
     return ConfigError(f"{what}: librdkafka refused the configuration: {exc.args[0]}")
 
 
+METADATA_REFRESH_MS = 30_000  # how soon partitions added to a source topic are read
+
+
 class KafkaSource:
     """A consumer-group member with manual commits and cooperative-sticky assignment."""
 
@@ -99,6 +102,10 @@ class KafkaSource:
             # before fetching again: with bounded queues that starved the worker (13k vs
             # 45k events/s measured on the drop path). Refill quickly instead.
             "fetch.queue.backoff.ms": 10,
+            # Partitions added to a source topic (the way to scale out past the replica
+            # count) were first read 288 s later with librdkafka's 300 s: two thirds of the
+            # keys undelivered meanwhile, with no lag series and readiness green.
+            "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
             **conf,
         }
         # Statistics are always on: their broker states clear "not connected" on recovery

@@ -988,8 +988,11 @@ class Worker:
 
         async def drain() -> None:
             self._forget_overflow(parts)
-            wait = budget if commit else 0.0
-            left = await self._settle(scheduler, parts, wait)
+            # Lost too (nothing is committed then): requests already on the wire need no
+            # Kafka. Cancelled, Userpilot had them all the same, and with Redis their
+            # claims stayed unconfirmed, so this replica, given the partitions back, sent
+            # them again at once (the claim's owner is the same).
+            left = await self._settle(scheduler, parts, budget)
             if left:
                 log.info("revoke: %d events of %s not sent yet; the next owner delivers "
                          "them", left, _fmt(parts))

@@ -714,3 +714,34 @@ def test_a_sigterm_during_the_guards_own_shutdown_skips_the_hold(
     assert code == 3, worker.output()[-3000:]
     assert time.monotonic() - signalled < 20, "the hold ignored the SIGTERM"
     assert "holding" not in worker.output()
+
+
+def test_partitions_added_to_the_source_topic_are_read_within_the_metadata_refresh(
+    kafka_bootstrap: str,
+    schema_registry_url: str,
+    topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """Adding partitions is how operators scale out past the replica count; with
+    librdkafka's 300 s metadata refresh the new ones were first read 288 s later, two
+    thirds of the keys undelivered meanwhile and readiness green."""
+    from confluent_kafka.admin import AdminClient, NewPartitions
+
+    from consumer.kafka import METADATA_REFRESH_MS
+
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-g")
+    with WorkerThread(env):
+        produce(kafka_bootstrap, schema_registry_url, topic, [track_event("u0", 0)])
+        wait_until(lambda: len(control.requests("/v1/track")) == 1, 30, "the first event")
+        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+        for future in admin.create_partitions([NewPartitions(topic, 3)]).values():
+            future.result(30)
+        added = time.monotonic()
+        produce(kafka_bootstrap, schema_registry_url, topic,
+                [track_event(f"u{i}", i) for i in range(1, 40)])
+        assert set(end_offsets(kafka_bootstrap, topic)) == {0, 1, 2}
+        wait_until(lambda: len(control.requests("/v1/track")) == 40,
+                   METADATA_REFRESH_MS / 1000 + 30, "the events of the new partitions")
+        assert time.monotonic() - added < METADATA_REFRESH_MS / 1000 + 30

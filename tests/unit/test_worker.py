@@ -939,6 +939,28 @@ def test_losing_every_partition_makes_the_worker_unready_until_reassigned() -> N
     assert run.source.sync_commits == 0  # a loss commits nothing
 
 
+def test_a_loss_lets_requests_already_on_the_wire_finish() -> None:
+    """Lost (a broker outage past the session timeout): requests on the wire were cancelled
+    although Userpilot had them; with Redis their claims stayed unconfirmed and this replica,
+    given the partitions back, sent them again (15 of 15 in a reviewer's run)."""
+    run = make(log_of(track("u1", 1)), registry=known_schema(), USERPILOT_ENSURE_USER="false")
+    run.client.gate = asyncio.Event()
+
+    async def scenario(source: FakeSource) -> None:
+        assert run.client.gate is not None
+        await until(lambda: len(run.client.calls) == 0 and run.worker.in_flight == 1,
+                    "the request on its way")
+        await asyncio.sleep(0.1)
+        gate = run.client.gate
+        asyncio.get_running_loop().call_later(0.3, gate.set)
+        source.lose_next = [(TOPIC, 0)]
+        await until(lambda: not run.worker.assigned, "the loss", timeout=10)
+
+    assert drive(run, scenario) == 0
+    assert [codec_seq(b) for b in run.client.bodies] == [1]  # answered, not cancelled
+    assert run.source.sync_commits == 0  # a loss commits nothing
+
+
 def test_a_dead_letter_too_large_for_the_dlq_is_written_without_its_value_once() -> None:
     big = b"\x00not avro" + b"x" * 5000
     run = make(log_of(big, track("u1", 2)))
