@@ -126,6 +126,21 @@ render full -f "$FULL_VALUES"
 render hpa -f "$OUT/hpa.values.yaml"
 render single -f "$OUT/single.values.yaml"
 
+log "the README's helm install line, exactly as written (as helm template)"
+readme_args="$("$PYTHON" - "$ROOT/README.md" <<'PY'
+import re, shlex, sys
+text = open(sys.argv[1], encoding="utf-8").read()
+found = re.search(r"```bash\n(helm install .*?)```", text, re.S)
+assert found, "no helm install block in the README"
+argv = shlex.split(found.group(1).replace("\\\n", " "))
+assert argv[:2] == ["helm", "install"], argv
+print("\n".join(argv[2:]))
+PY
+)" || die "the README's helm install line was not found"
+mapfile -t README_ARGS <<<"$readme_args"
+(cd "$ROOT" && "$HELM" template "${README_ARGS[@]}" --kube-version "$KUBE_VERSION") \
+  >"$OUT/readme.yaml" || die "the README's helm install line does not render"
+
 log "NOTES.txt renders (helm template skips it: render it through a copy of the chart)"
 cp -r "$CHART" "$OUT/notes-chart"
 cat >"$OUT/notes-chart/templates/zz-notes.yaml" <<'EOF'
@@ -212,6 +227,7 @@ log "validating rendered manifests (kubernetes-validate: $SCHEMA_VERSIONS)"
   "$OUT/full.yaml=ConfigMap,ConfigMap,ConfigMap,Deployment,PodDisruptionBudget,PrometheusRule,ScaledObject,Service,ServiceAccount,ServiceMonitor,ServiceMonitor" \
   "$OUT/hpa.yaml=ConfigMap,ConfigMap,Deployment,HorizontalPodAutoscaler,PodDisruptionBudget,Secret,Service,ServiceAccount" \
   "$OUT/single.yaml=ConfigMap,ConfigMap,ConfigMap,Deployment,Secret,Service,ServiceAccount" \
+  "$OUT/readme.yaml=ConfigMap,ConfigMap,Deployment,PodDisruptionBudget,Service,ServiceAccount" \
   <<'PY'
 """Schema + promise checks of rendered manifests; prints one line per file, raises on error."""
 

@@ -1,5 +1,11 @@
 """Every command line the README and docker-compose.yml show goes through the real parser.
 
+Parsing is the floor; the lines are also run as written: the replay and explain lines in
+tests/integration/test_readme_commands.py, the GDPR ones in test_delete_users, `make demo`'s
+demo in test_demo, `make test` by .ci/run, the Helm install line by ops/check_helm.sh (as
+`helm template`). The benchmark lines run for minutes: the harness itself runs as a smoke
+test (test_bench_smoke).
+
 The worker image's entrypoint is `python -m consumer`, so a compose `command` is exactly
 the argument list `consumer.__main__.build_parser` receives.
 """

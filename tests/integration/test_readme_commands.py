@@ -1,0 +1,71 @@
+"""The README's replay and explain command lines, run exactly as written (the GDPR ones
+are run in test_delete_users, the demo in test_demo, Helm's install line by
+ops/check_helm.sh as `helm template`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+from tests.conftest import create_topic, delete_topic
+from tests.integration.harness import REPO, read_topic
+
+
+def _readme_lines(pattern: str) -> list[str]:
+    text = (REPO / "README.md").read_text("utf-8")
+    return [line.split("  #", 1)[0].strip()
+            for line in re.findall(rf"(?m)(?:^|`)(python -m consumer {pattern}\b[^`\n]*)", text)
+            if "<" not in line]
+
+
+def _run(line: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    argv = shlex.split(line, comments=True)
+    assert argv[:3] == ["python", "-m", "consumer"]
+    return subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(REPO)}, cwd=cwd, timeout=120,
+                          check=False)
+
+
+def test_the_readme_replay_commands_work_as_written(kafka_bootstrap: str,
+                                                    tmp_path: Path) -> None:
+    lines = _readme_lines("replay --from delivery-userpilot")
+    assert [line.split()[-1] for line in lines] == ["--dry-run", "bad_request"]
+    origin, dlq = "delivery-userpilot", "delivery-userpilot.userpilot.dlq"
+    for topic in (origin, dlq):
+        create_topic(kafka_bootstrap, topic, 1)
+    try:
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        for reason in (b"bad_request", b"retries_exhausted"):
+            producer.produce(dlq, key=b"user_001", value=b"event bytes " + reason, headers=[
+                ("__connect.errors.topic", origin.encode()),
+                ("userpilot.error.reason", reason), ("userpilot.replay.count", b"0")])
+        assert producer.flush(30) == 0
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+        listed, sent = (_run(line, env, tmp_path) for line in lines)
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout.splitlines()[-1])["summary"]["replayed"] == 2
+        assert sent.returncode == 0, sent.stderr
+        summary = json.loads(sent.stdout.splitlines()[-1])["summary"]
+        assert (summary["replayed"], summary["skipped_by_filter"]) == (1, 1)
+        assert [m.value() for m in read_topic(kafka_bootstrap, origin)] == [
+            b"event bytes bad_request"]
+    finally:
+        for topic in (origin, dlq):
+            delete_topic(kafka_bootstrap, topic)
+
+
+def test_the_readme_explain_command_works_as_written(tmp_path: Path) -> None:
+    (line,) = set(_readme_lines("explain"))
+    shutil.copy(REPO / "schemas" / "sample-events.jsonl", tmp_path / "events.jsonl")
+    done = _run(line, dict(os.environ), tmp_path)
+    assert done.returncode == 0, done.stderr
+    events = (tmp_path / "events.jsonl").read_text("utf-8").splitlines()
+    assert len(done.stdout.splitlines()) == len([e for e in events if e.strip()])
