@@ -99,6 +99,19 @@ def plain_types(node: Any) -> Any:
     return node
 
 
+def _records(node: Any, out: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every record of a schema's JSON by its short name."""
+    if isinstance(node, dict):
+        if node.get("type") in ("record", "error"):
+            out.setdefault(str(node.get("name", "")).rsplit(".", 1)[-1], node)
+        for value in node.values():
+            _records(value, out)
+    elif isinstance(node, list):
+        for item in node:
+            _records(item, out)
+    return out
+
+
 def _branches(kind: Any) -> list[Any]:
     return kind if isinstance(kind, list) else [kind]
 
@@ -121,7 +134,11 @@ def bytes_as_strings(writer: Any, reader: Any = None) -> Any:
     `handle_unicode_errors` says: a producer declaring `userId` as bytes had each event with
     a cut multi-byte character dead-lettered, and no replay could succeed.
     """
-    reader = SCHEMA_JSON if reader is None else reader
+    if reader is None:
+        # Our root, or, for a record kept in a subject of its own (a Schema Registry
+        # reference), our record of the same name.
+        name = str(writer.get("name", "")).rsplit(".", 1)[-1] if isinstance(writer, dict) else ""
+        reader = _READER_RECORDS.get(name, SCHEMA_JSON)
     if not (isinstance(writer, dict) and writer.get("type") in _NAMED_CONTAINERS
             and isinstance(reader, dict)):
         return writer
@@ -147,6 +164,7 @@ def bytes_as_strings(writer: Any, reader: Any = None) -> Any:
 
 
 _NAMED_CONTAINERS = ("record", "error")
+_READER_RECORDS = _records(SCHEMA_JSON, {})
 
 
 def free_items(named: Mapping[str, Any], root: Any) -> str | None:

@@ -329,7 +329,8 @@ class Registry:
                                                     ref.version)))
             self._resolve(doc.references, named, seen)
             try:
-                fastavro.parse_schema(plain_types(json.loads(doc.text)), named_schemas=named)
+                fastavro.parse_schema(bytes_as_strings(plain_types(json.loads(doc.text))),
+                                      named_schemas=named)
             except Exception as exc:
                 raise _BadSchema(f"{ref.name!r} ({ref.subject} version {ref.version}), which "
                                  f"does not parse: {type(exc).__name__}: {str(exc)[:200]}"

@@ -68,6 +68,10 @@ class Scheduler(Generic[J]):
         self._queues[key] = deque((job,))
         self._tasks[key] = asyncio.get_running_loop().create_task(self._chain(key))
 
+    def chained(self, topic: str, partition: int, key: Hashable) -> bool:
+        """Jobs of this key are queued or running (its chain is not done)."""
+        return (topic, partition, key) in self._queues
+
     async def _chain(self, key: tuple[str, int, Hashable]) -> None:
         queue = self._queues[key]
         task = asyncio.current_task()

@@ -40,7 +40,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -140,6 +140,39 @@ def fair_margin(limit: int, partitions: int) -> int:
 def fair_share(limit: int, partitions: int) -> int:
     """One partition's fair share of the window among `partitions` with a backlog."""
     return max(1, limit // max(1, partitions))
+
+
+KEYLESS = ("keyless",)
+"""The ordering key of a keyless message whose user is not known at intake (its schema is
+being fetched, or it is to be dead-lettered): one chain per partition."""
+
+
+def _keyless_order(event: Event, decoded: codec.Event | None,
+                   scheduler: Scheduler[Event]) -> Hashable:
+    """The ordering key of a message its producer sent without a key: its userId, encoded
+    as `produce` keys (so keyed and keyless events of one user share a chain).
+
+    Why: each keyless message was its own key, so a retried event reached Userpilot after
+    the same user's later ones. An event whose user is not known yet (schema not cached:
+    no `decoded`, no decision) goes to the partition's KEYLESS chain, and so does every
+    keyless event of the partition while that chain runs: a later event of the same user
+    cannot overtake it.
+    """
+    user = decoded.get("userId") if decoded is not None else _decided_user(event.decision)
+    if (isinstance(user, str) and user
+            and not scheduler.chained(event.topic, event.partition, KEYLESS)):
+        return user.encode()
+    return KEYLESS
+
+
+def _decided_user(decision: object) -> str | None:
+    """The user of an event decided to be sent (debug logging decides without `screen`)."""
+    if isinstance(decision, Send):
+        for call in decision.calls:
+            user = call.payload.get("user_id")
+            if isinstance(user, str) and user:
+                return user
+    return None
 
 
 def resume_level(limit: int) -> int:
@@ -472,11 +505,17 @@ class Worker:
         (`offsets.encode_note`).
         """
         # While Userpilot is down or refusing us its requests cannot finish: not waited for
-        # (DLQ records and Redis confirms still are).
+        # (DLQ records and Redis confirms still are). Nor DLQ records while Kafka is
+        # unreachable (a loss comes from an outage): the drain held the poll thread for
+        # the whole grace, and then cut them anyway.
         userpilot_up = self.gate.state == "up"
+        kafka_up = self._source is None or self._source.connected
 
         def waited(event: Event) -> bool:
-            return event.under_way if userpilot_up else event.on_wire and not event.requesting
+            dead_letter = event.on_wire and not event.requesting
+            if dead_letter and not kafka_up:
+                return False
+            return event.under_way if userpilot_up else dead_letter
 
         self.handler.halt(parts)
         abandoned = scheduler.abandoned
@@ -620,12 +659,8 @@ class Worker:
             if self.handler.debug:
                 self.handler.log_dropped(event.decision, event.fields)
             return event.decision
-        if not key and decoded is not None:
-            # A producer that sent no key: the user's events still go one after another
-            # (a retried event reached Userpilot after the same user's later ones).
-            user = decoded.get("userId")
-            if isinstance(user, str) and user:
-                event.ordering_key = ("userId", user)
+        if not key:
+            event.ordering_key = _keyless_order(event, decoded, scheduler)
         mark = marks.pop(tp, None)
         if mark is not None:
             self.commits.dropped({tp: mark})

@@ -466,3 +466,38 @@ def test_bytes_where_our_schema_has_strings_replace_invalid_utf8() -> None:
     assert event["context"]["page"]["url"] == "https://x/\ufffd"
     fine = decode(_wire(writer, {**record, "userId": "u-été".encode()}), registry.writer_schema)
     assert fine["userId"] == "u-été"
+
+
+def test_bytes_in_a_record_kept_in_a_subject_of_its_own_replace_invalid_utf8() -> None:
+    """The rewrite covered only the writer's own document: a Context kept in its own
+    subject (a Schema Registry reference) with `locale` as bytes was still read strictly."""
+    import copy
+
+    from consumer.codec import decode
+    from consumer.registry import Reference
+
+    full = json.loads(SCHEMA_TEXT)
+    (index,) = [i for i, f in enumerate(full["fields"]) if f["name"] == "context"]
+    context = copy.deepcopy(full["fields"][index]["type"][1])
+    context["namespace"] = full["namespace"]
+    for field in context["fields"]:
+        if field["name"] == "locale":
+            field["type"] = ["null", "bytes"]
+    name = f"{full['namespace']}.Context"
+    main = copy.deepcopy(full)
+    main["fields"][index] = {**full["fields"][index], "type": ["null", name]}
+
+    class Referencing:
+        def get_schema(self, schema_id: int) -> SchemaDoc:
+            return SchemaDoc(json.dumps(main), (Reference(name, "ctx-value", 1),))
+
+        def get_version(self, subject: str, version: int) -> SchemaDoc:
+            return SchemaDoc(json.dumps(context))
+
+    registry = Registry("http://unused", client=Referencing())
+    expanded = copy.deepcopy(full)
+    expanded["fields"][index] = {**full["fields"][index], "type": ["null", context]}
+    record = _record(expanded, type="track", event="Feature Used", userId="u1",
+                     context={**_record(context), "locale": b"fr-\xe9"})
+    event = decode(_wire(expanded, record), registry.writer_schema)
+    assert event["context"]["locale"] == "fr-\ufffd"

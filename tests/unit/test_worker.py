@@ -961,6 +961,40 @@ def test_a_loss_lets_requests_already_on_the_wire_finish() -> None:
     assert run.source.sync_commits == 0  # a loss commits nothing
 
 
+class HangingDlq(FakeDlq):
+    """Kafka is down: a produce is never acknowledged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = 0
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes | None]]) -> None:
+        self.started += 1
+        await asyncio.Event().wait()
+
+
+def test_a_loss_with_kafka_down_does_not_wait_for_a_dead_letter_on_the_wire() -> None:
+    """A loss comes from a Kafka outage, when a DLQ record cannot be acknowledged: waiting
+    for it held the poll thread for the whole shutdown grace, then cut it anyway."""
+    run = make(log_of(b"\x00not avro", track("u1", 1)), registry=known_schema(),
+               USERPILOT_ENSURE_USER="false", WORKER_SHUTDOWN_GRACE_SECONDS="5")
+    dlq = HangingDlq()
+    run.worker.handler.dlq = dlq
+    took: list[float] = []
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: dlq.started == 1, "the dead letter on the wire")
+        source.down, source.connected = True, False
+        started = time.monotonic()
+        source.lose_next = [(TOPIC, 0)]
+        await until(lambda: not run.worker.assigned, "the loss", timeout=10)
+        took.append(time.monotonic() - started)
+
+    assert drive(run, scenario) == 0
+    assert took[0] < 2.0, f"the loss waited {took[0]:.1f} s for a record Kafka cannot take"
+
+
 def test_a_dead_letter_too_large_for_the_dlq_is_written_without_its_value_once() -> None:
     big = b"\x00not avro" + b"x" * 5000
     run = make(log_of(big, track("u1", 2)))
@@ -1665,16 +1699,34 @@ class FailsFirstOnce(FakeClient):
         return status
 
 
-def test_a_user_s_events_without_a_kafka_key_stay_in_order() -> None:
+@pytest.mark.parametrize(("keys", "cached", "debug"), [
+    ((None,) * 5, True, False),
+    ((None,) * 5, False, False),  # schema fetched in the events' tasks (a new version)
+    ((None,) * 5, True, True),  # debug logging decides without `screen`
+    ((b"u1", None, b"u1", None, b"u1"), True, False),  # keyed as `produce` keys, and not
+])
+def test_a_user_s_events_without_a_kafka_key_stay_in_order(
+        keys: tuple[bytes | None, ...], cached: bool, debug: bool) -> None:
     """A producer that sends no key: each message was its own ordering key, so a retried
-    event reached Userpilot after the same user's later ones."""
-    log = {(TOPIC, 0): [Message(TOPIC, 0, i, None, track("u1", i)) for i in range(5)]}
+    event reached Userpilot after the same user's later ones. The first fix covered only
+    events decoded by `screen`: not with debug logging on, nor while the schema was being
+    fetched, nor keyless events beside keyed ones of the same user."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, keys[i], track("u1", i)) for i in range(5)]}
     client = FailsFirstOnce()
-    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
-               USERPILOT_RETRY_BACKOFF_SECONDS="0.05", USERPILOT_RETRY_BACKOFF_MAX_SECONDS="0.05")
+    handler_log = logging.getLogger("consumer.handler")
+    level = handler_log.level
 
     async def scenario(source: FakeSource) -> None:
         await until(lambda: source.committed().get((TOPIC, 0)) == 5, "all committed", 20)
 
-    assert drive(run, scenario) == 0
+    if debug:
+        handler_log.setLevel(logging.DEBUG)
+    try:
+        run = make(log, registry=known_schema() if cached else FakeRegistry(), client=client,
+                   USERPILOT_ENSURE_USER="false", USERPILOT_RETRY_BACKOFF_SECONDS="0.05",
+                   USERPILOT_RETRY_BACKOFF_MAX_SECONDS="0.05")
+        assert run.worker.handler.debug is debug
+        assert drive(run, scenario) == 0
+    finally:
+        handler_log.setLevel(level)
     assert [codec_seq(b) for b in client.accepted] == [0, 1, 2, 3, 4]
