@@ -53,6 +53,7 @@ __all__ = [
     "self_referencing",
     "split_wire",
     "to_record",
+    "writer_json",
 ]
 
 MAGIC_BYTE = 0
@@ -81,6 +82,12 @@ class DeepSchema(dict[str, Any]):
     offset. Events of these schemas are read by the pure-Python reader instead, whose
     recursion stops at Python's limit: that one event is dead-lettered as undecodable.
     """
+
+
+def writer_json(text: str) -> Any:
+    """A writer schema's text as this reader parses it: without logical types
+    (`plain_types`), bytes read as strings where ours has strings (`bytes_as_strings`)."""
+    return bytes_as_strings(plain_types(json.loads(text)))
 
 
 def plain_types(node: Any) -> Any:

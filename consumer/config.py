@@ -389,25 +389,25 @@ def _ca_bundle(r: _Reader) -> str | None:
     """
     cert_file = r.env.get("SSL_CERT_FILE")
     if cert_file:  # as httpx reads it: set and not empty
-        try:
-            ssl.create_default_context(cafile=cert_file)
-        except (OSError, ssl.SSLError) as exc:
-            r.problems.append(
-                f"SSL_CERT_FILE={cert_file!r} is not a readable PEM file of CA certificates "
-                f"({type(exc).__name__}): the worker's HTTP clients load it; fix the path "
-                "or unset it")
+        _check_pem(r, "SSL_CERT_FILE", cert_file,
+                   "the worker's HTTP clients load it; fix the path or unset it")
     path = r.text("USERPILOT_CA_BUNDLE")
     if path is None:
         return None
+    return path if _check_pem(r, "USERPILOT_CA_BUNDLE", path,
+                              "mount the bundle and give its path") else None
+
+
+def _check_pem(r: _Reader, name: str, path: str, fix: str) -> bool:
+    """Whether `path` is a readable PEM file of CA certificates, as the TLS clients load
+    it; a problem naming `name` and how to `fix` it otherwise."""
     try:
         ssl.create_default_context(cafile=path)
     except (OSError, ssl.SSLError) as exc:
-        r.problems.append(
-            f"USERPILOT_CA_BUNDLE={path!r} is not a readable PEM file of CA certificates "
-            f"({type(exc).__name__}): mount the bundle and give its path"
-        )
-        return None
-    return path
+        r.problems.append(f"{name}={path!r} is not a readable PEM file of CA certificates "
+                          f"({type(exc).__name__}): {fix}")
+        return False
+    return True
 
 
 class _Reader:
@@ -1005,12 +1005,7 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
             reader.problems.append("REDIS_TLS_CA_FILE is set but REDIS_URL uses redis://: "
                                    "use rediss:// for TLS, or remove REDIS_TLS_CA_FILE")
         else:
-            try:
-                ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                reader.problems.append(
-                    f"REDIS_TLS_CA_FILE={ca_file!r} is not a readable PEM file of CA "
-                    f"certificates ({type(exc).__name__}): mount the CA and give its path")
+            _check_pem(reader, "REDIS_TLS_CA_FILE", ca_file, "mount the CA and give its path")
     return RedisSettings(url=Secret(raw), tls=tls, tls_ca_file=ca_file, timeout_s=timeout,
                          dedup_ttl_s=ttl), shared
 

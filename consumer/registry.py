@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import logging
 import threading
 import time
@@ -37,10 +36,9 @@ from consumer.codec import (
     SCHEMA,
     SCHEMA_TEXT,
     DeepSchema,
-    bytes_as_strings,
     free_items,
-    plain_types,
     self_referencing,
+    writer_json,
 )
 from consumer.errors import UndecodableEvent
 from consumer.redaction import redact
@@ -329,8 +327,7 @@ class Registry:
                                                     ref.version)))
             self._resolve(doc.references, named, seen)
             try:
-                fastavro.parse_schema(bytes_as_strings(plain_types(json.loads(doc.text))),
-                                      named_schemas=named)
+                fastavro.parse_schema(writer_json(doc.text), named_schemas=named)
             except Exception as exc:
                 raise _BadSchema(f"{ref.name!r} ({ref.subject} version {ref.version}), which "
                                  f"does not parse: {type(exc).__name__}: {str(exc)[:200]}"
@@ -381,8 +378,7 @@ class Registry:
         except _BadSchema as exc:
             self._unusable_schema(schema_id, f"schema id {schema_id} references {exc}")
         try:
-            fresh: Any = fastavro.parse_schema(
-                bytes_as_strings(plain_types(json.loads(doc.text))), named_schemas=named)
+            fresh: Any = fastavro.parse_schema(writer_json(doc.text), named_schemas=named)
         except Exception as exc:
             self._unusable_schema(
                 schema_id, f"schema id {schema_id} is not an Avro schema this worker can "
