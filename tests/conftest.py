@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -70,11 +70,13 @@ def schema_registry_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     yield from _service("registry", "SCHEMA_REGISTRY_URL", tmp_path_factory)
 
 
-def create_topic(bootstrap: str, name: str, partitions: int = 1, timeout: float = 30.0) -> str:
-    """Create ``name`` and wait until every partition has a leader, so producers never race it."""
+def create_topic(bootstrap: str, name: str, partitions: int = 1, timeout: float = 30.0,
+                 config: Mapping[str, str] | None = None) -> str:
+    """Create ``name`` (with topic ``config``) and wait until every partition has a leader,
+    so producers never race it."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     futures = admin.create_topics([NewTopic(name, num_partitions=partitions,
-                                            replication_factor=1)])
+                                            replication_factor=1, config=dict(config or {}))])
     futures[name].result(timeout=timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,11 +102,14 @@ def _topic_name(request: pytest.FixtureRequest, suffix: str = "") -> str:
 def topic_factory(
     kafka_bootstrap: str, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., str]]:
-    """``make(partitions=1, suffix="")`` creates a fresh topic; all are deleted after the test."""
+    """``make(partitions=1, suffix="", config=None)`` creates a fresh topic; all are deleted
+    after the test."""
     created: list[str] = []
 
-    def make(partitions: int = 1, suffix: str = "") -> str:
-        name = create_topic(kafka_bootstrap, _topic_name(request, suffix), partitions)
+    def make(partitions: int = 1, suffix: str = "",
+             config: Mapping[str, str] | None = None) -> str:
+        name = create_topic(kafka_bootstrap, _topic_name(request, suffix), partitions,
+                            config=config)
         created.append(name)
         return name
 

@@ -351,28 +351,21 @@ def test_replay_republishes_large_records_that_each_fit_the_origin_topic(
     import os
 
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
 
     from consumer.replay import Filters, run_replay
 
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    origin = f"it-replay-big-{int(time.time() * 1000)}"
-    admin.create_topics([NewTopic(origin, 1, 1, config={"max.message.bytes": "300000"})])[
-        origin].result(30)
+    origin = topic_factory(config={"max.message.bytes": "300000"})
     dlq = topic_factory(suffix="-dlq")
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "batch.num.messages": 1})
     values = [os.urandom(200_000) for _ in range(6)]
     for value in values:
         producer.produce(dlq, value=value, headers=[("__connect.errors.topic", origin.encode())])
     assert producer.flush(30) == 0
-    try:
-        summary = run_replay({"bootstrap.servers": kafka_bootstrap}, dlq, f"{dlq}-r", Filters(),
-                             dry_run=False, report=lambda _: None)
-        assert summary.replayed == 6
-        wait_until(lambda: len(read_topic(kafka_bootstrap, origin)) == 6, 30, "replayed")
-        assert sorted(m.value() for m in read_topic(kafka_bootstrap, origin)) == sorted(values)
-    finally:
-        admin.delete_topics([origin])[origin].result(30)
+    summary = run_replay({"bootstrap.servers": kafka_bootstrap}, dlq, f"{dlq}-r", Filters(),
+                         dry_run=False, report=lambda _: None)
+    assert summary.replayed == 6
+    wait_until(lambda: len(read_topic(kafka_bootstrap, origin)) == 6, 30, "replayed")
+    assert sorted(m.value() for m in read_topic(kafka_bootstrap, origin)) == sorted(values)
 
 
 def test_a_dead_letter_is_written_now_and_a_replay_too_with_the_original_time_kept(
@@ -422,21 +415,17 @@ def test_replay_counts_a_record_its_origin_refuses_and_commits_the_rest_once(
     rerun published the others again, and the refused offset was never named. And a
     source record over librdkafka's default 1,000,000 bytes (the topic holds 1,048,588)
     could never be replayed: every later record of its partition waited behind it."""
+    import os
+
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
 
     from consumer.replay import Filters, run_replay
 
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    small = f"it-replay-small-{int(time.time() * 1000)}"
-    admin.create_topics([NewTopic(small, 1, 1, config={"max.message.bytes": "2000"})])[
-        small].result(30)
+    small = topic_factory(config={"max.message.bytes": "2000"})
     large = topic_factory(partitions=1)  # the broker's default limit, 1,048,588
     dlq = topic_factory(suffix="-dlq")
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "batch.num.messages": 1,
                          "message.max.bytes": 2_000_000})
-    import os
-
     # Random: the broker checks the limit after compression.
     values = [b"a" * 100, os.urandom(5000), b"c" * 100, os.urandom(1_030_000), b"e" * 100]
     origins = [small, small, small, large, small]
@@ -444,20 +433,15 @@ def test_replay_counts_a_record_its_origin_refuses_and_commits_the_rest_once(
         producer.produce(dlq, value=value, headers=[("__connect.errors.topic", origin.encode())])
     assert producer.flush(30) == 0
     conf = {"bootstrap.servers": kafka_bootstrap}
-    try:
-        first = run_replay(conf, dlq, f"{dlq}-r", Filters(), dry_run=False,
-                           report=lambda _: None)
-        assert (first.replayed, first.unpublishable) == (4, 1)
-        assert first.unpublishable_offsets[0].startswith(f"{dlq}[0]@1 (")
-        again = run_replay(conf, dlq, f"{dlq}-r", Filters(), dry_run=False,
-                           report=lambda _: None)
-        assert (again.replayed, again.unpublishable) == (0, 0)
-        wait_until(lambda: len(read_topic(kafka_bootstrap, small)) >= 3, 30, "replayed")
-        assert sorted(m.value() for m in read_topic(kafka_bootstrap, small)) == [
-            values[0], values[2], values[4]], "each once"
-        assert [m.value() for m in read_topic(kafka_bootstrap, large)] == [values[3]]
-    finally:
-        admin.delete_topics([small])[small].result(30)
+    first = run_replay(conf, dlq, f"{dlq}-r", Filters(), dry_run=False, report=lambda _: None)
+    assert (first.replayed, first.unpublishable) == (4, 1)
+    assert first.unpublishable_offsets[0].startswith(f"{dlq}[0]@1 (")
+    again = run_replay(conf, dlq, f"{dlq}-r", Filters(), dry_run=False, report=lambda _: None)
+    assert (again.replayed, again.unpublishable) == (0, 0)
+    wait_until(lambda: len(read_topic(kafka_bootstrap, small)) >= 3, 30, "replayed")
+    assert sorted(m.value() for m in read_topic(kafka_bootstrap, small)) == [
+        values[0], values[2], values[4]], "each once"
+    assert [m.value() for m in read_topic(kafka_bootstrap, large)] == [values[3]]
 
 
 def test_replay_finishes_when_retention_deleted_what_it_was_to_read(
@@ -507,12 +491,8 @@ def test_a_dry_run_commits_nothing_and_records_refused_for_good_are_named(
     import os
 
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
-    small = f"it-replay-dry-{int(time.time() * 1000)}"
-    admin.create_topics([NewTopic(small, 1, 1, config={"max.message.bytes": "2000"})])[
-        small].result(30)
+    small = topic_factory(config={"max.message.bytes": "2000"})
     dlq = topic_factory(suffix="-dlq")
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "batch.num.messages": 1})
     records = [(small, os.urandom(5000)), (small, b"fits"), ("not a topic!", b"nowhere")]
@@ -527,17 +507,14 @@ def test_a_dry_run_commits_nothing_and_records_refused_for_good_are_named(
             env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
             cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
 
-    try:
-        dry = replay("--dry-run")
-        assert dry.returncode == 0, dry.stderr
-        assert json.loads(dry.stdout.splitlines()[-1])["summary"]["replayed"] == 3
-        real = replay()
-        assert real.returncode == 1, real.stderr
-        summary = json.loads(real.stdout.splitlines()[-1])["summary"]
-        assert (summary["replayed"], summary["unpublishable"]) == (1, 2)
-        assert f"{dlq}[0]@0 (" in real.stderr and f"{dlq}[0]@2 (" in real.stderr
-        assert [m.value() for m in read_topic(kafka_bootstrap, small)] == [b"fits"]
-        again = replay()
-        assert json.loads(again.stdout.splitlines()[-1])["summary"]["replayed"] == 0
-    finally:
-        admin.delete_topics([small])[small].result(30)
+    dry = replay("--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout.splitlines()[-1])["summary"]["replayed"] == 3
+    real = replay()
+    assert real.returncode == 1, real.stderr
+    summary = json.loads(real.stdout.splitlines()[-1])["summary"]
+    assert (summary["replayed"], summary["unpublishable"]) == (1, 2)
+    assert f"{dlq}[0]@0 (" in real.stderr and f"{dlq}[0]@2 (" in real.stderr
+    assert [m.value() for m in read_topic(kafka_bootstrap, small)] == [b"fits"]
+    again = replay()
+    assert json.loads(again.stdout.splitlines()[-1])["summary"]["replayed"] == 0
