@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from consumer.answers import BODY_LIMIT
 from consumer.redaction import redact
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "without_value",
 ]
 
-BODY_LIMIT = 1024
 CONNECTOR_NAME = "userpilot-delivery-worker"
 REPLAY_COUNT = "userpilot.replay.count"
 ORIGINAL_TIMESTAMP = "userpilot.original.timestamp"  # ms since the epoch, as Kafka's

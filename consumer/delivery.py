@@ -24,6 +24,7 @@ import certifi
 import httpx
 from httpx_aiohttp.transport import AiohttpTransport
 
+from consumer.answers import BODY_LIMIT, MAX_BODY_BYTES, body_text, charset_of
 from consumer.errors import (
     ConnectionFailed,
     Misconfigured,
@@ -39,9 +40,8 @@ if TYPE_CHECKING:
     from consumer.calls import Call
     from consumer.config import Settings
 
-__all__ = ["UserpilotClient", "classify", "parse_retry_after", "ssl_context"]
+__all__ = ["BODY_LIMIT", "UserpilotClient", "classify", "parse_retry_after", "ssl_context"]
 
-BODY_LIMIT = 1024
 USER_AGENT = "userpilot-delivery-worker"
 MAX_RETRY_AFTER_S = 600.0
 
@@ -56,11 +56,13 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+            if when.tzinfo is None:  # HTTP dates are always GMT, whatever the local zone
+                when = when.replace(tzinfo=UTC)
+            seconds = when.timestamp() - (time.time() if now is None else now)
+        except (TypeError, ValueError, OverflowError, IndexError):
+            # A date with a year, hour or zone too large for datetime raises OverflowError:
+            # it crashed the worker on a 429 (no WorkerError), on every restart.
             return None
-        if when.tzinfo is None:  # HTTP dates are always GMT, whatever the local zone
-            when = when.replace(tzinfo=UTC)
-        seconds = when.timestamp() - (time.time() if now is None else now)
     if seconds != seconds:  # NaN
         return None
     return max(0.0, min(seconds, MAX_RETRY_AFTER_S))
@@ -153,6 +155,21 @@ def _proxy_status(exc: BaseException) -> int | None:
     return None
 
 
+async def _read_capped(response: httpx.Response) -> bytes:
+    """The body as sent (not decoded), cut at MAX_BODY_BYTES: what lies beyond is never
+    read, so the connection is closed rather than pooled."""
+    if response.is_stream_consumed:  # a transport that read it already (httpx's mock one)
+        return response.content[:MAX_BODY_BYTES]
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= MAX_BODY_BYTES:
+            break
+    return b"".join(chunks)[:MAX_BODY_BYTES]
+
+
 def _credentials(headers: Mapping[str, str]) -> list[str]:
     """The secret in the request headers: the Authorization header's token (its scheme,
     `Token`, stays readable)."""
@@ -209,11 +226,12 @@ class UserpilotClient:
         parts = urlsplit(url)
         self._base = f"{parts.scheme}://{parts.netloc}"
         self._paths: dict[str, httpx.URL] = {}
-        # The encodings httpx decodes itself: aiohttp would otherwise advertise br and zstd
-        # whenever it finds a decoder, and an error body httpx cannot decode would reach
-        # exceptions and the DLQ still compressed.
+        # No compressed answers: Userpilot's are a few bytes, and a compressed one is a
+        # bomb we would have to inflate (1 MB of gzip, 1 GB of text). aiohttp would
+        # otherwise advertise gzip, br and zstd. A server that compresses anyway gets its
+        # first few KB inflated (`answers.body_text`).
         self._headers = httpx.Headers({"User-Agent": USER_AGENT,
-                                       "Accept-Encoding": "gzip, deflate", **headers})
+                                       "Accept-Encoding": "identity", **headers})
         self._extensions = {"timeout": httpx.Timeout(timeout_s).as_dict()}
         # The transport bounds each step (the wait for a connection, connecting, each read)
         # by `timeout_s`, not the whole: an answer trickled byte by byte would hold its
@@ -292,9 +310,10 @@ class UserpilotClient:
                 response = await self._transport.handle_async_request(request)
                 accepted = 200 <= response.status_code < 300
                 try:
-                    # Read whole, so the connection goes back to the pool (an unread body
-                    # closes it); a 2xx body is a few bytes.
-                    await response.aread()
+                    # Read, so the connection goes back to the pool (an unread body closes
+                    # it); but never more than MAX_BODY_BYTES: an answer of hundreds of MB
+                    # was held whole (an OOM kill under the chart's limit).
+                    body = await _read_capped(response)
                 finally:
                     await response.aclose()
         except (TimeoutError, httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
@@ -307,7 +326,7 @@ class UserpilotClient:
         status = response.status_code
         if accepted:  # the common case: no need to decode the body
             return status
-        problem = classify(status, response.headers, self._redact(response.text))
+        problem = self._problem(status, response.headers, body)
         if problem is None:
             return status
         try:
@@ -316,6 +335,22 @@ class UserpilotClient:
             # The traceback holds this frame: without this the exception and the frame
             # (with the response and its connection's buffers) would form a cycle.
             del problem
+
+    def _problem(self, status: int, headers: httpx.Headers, body: bytes) -> WorkerError | None:
+        """`classify` of an answer, with what it quotes (body, x-request-id, Location)
+        redacted. An answer that cannot even be read is a server error (retried, never
+        a dead letter), not an exception that stops the worker."""
+        try:
+            quoted = {name: self._redact(headers[name][:200])
+                      for name in ("x-request-id", "location") if name in headers}
+            if "retry-after" in headers:
+                quoted["retry-after"] = headers["retry-after"]
+            text = body_text(body, charset=charset_of(headers),
+                             encoding=headers.get("content-encoding"))
+            return classify(status, quoted, self._redact(text))
+        except Exception as exc:  # see above
+            return ServerError(f"HTTP {status}: unusable answer from Userpilot or a proxy "
+                               f"({type(exc).__name__}), will retry", status=status)
 
     async def aclose(self) -> None:
         await self._transport.aclose()

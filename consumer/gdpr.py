@@ -33,6 +33,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from consumer.answers import body_text, charset_of
 from consumer.config import Settings, load_settings
 from consumer.delivery import USER_AGENT, classify, ssl_context
 from consumer.errors import (
@@ -192,7 +193,8 @@ class DeleteClient:
         except httpx.HTTPError as exc:
             raise ServerError(f"unusable answer from Userpilot ({type(exc).__name__})") \
                 from None
-        problem = classify(response.status_code, response.headers, response.text)
+        problem = classify(response.status_code, response.headers,
+                           body_text(response.content, charset=charset_of(response.headers)))
         if problem is not None:
             raise problem
         return str(response.headers.get("x-request-id", ""))

@@ -55,6 +55,7 @@ class Health:
         self._assigned = False
         self._connected = False
         self._integration_up = True
+        self._integration_detail = ""
         self._stopping = False
         self._stopping_reason = "stopping"
         self._checks: list[Callable[[], str | None]] = []
@@ -84,10 +85,13 @@ class Health:
         with self._lock:
             self._connected = connected
 
-    def set_integration_up(self, up: bool) -> None:
-        """False while Userpilot rejects the token or endpoint (401/403/404)."""
+    def set_integration_up(self, up: bool, detail: str = "") -> None:
+        """False while Userpilot refuses delivery outright (401/403/404, a redirect, the
+        proxy's 407); `detail` says which, for /readyz (it named the token for all of them,
+        sending an operator to rotate a token when a proxy or the endpoint was wrong)."""
         with self._lock:
             self._integration_up = up
+            self._integration_detail = detail[:300]
         self._publish()
 
     def add_check(self, check: Callable[[], str | None]) -> None:
@@ -117,7 +121,8 @@ class Health:
         if not self._assigned:
             return False, "no partition assignment yet"
         if not self._integration_up:
-            return False, "Userpilot rejects the token or endpoint (401/403/404)"
+            return False, "Userpilot refuses delivery: " + (
+                self._integration_detail or "the token or endpoint (401/403/404)")
         for check in self._checks:
             problem = check()
             if problem is not None:

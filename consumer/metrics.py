@@ -373,7 +373,8 @@ class Metrics:
         )
         self.integration_up = gauge(
             "integration_up",
-            "1 normally; 0 while Userpilot rejects the token or endpoint (401/403/404).",
+            "1 normally; 0 while Userpilot refuses delivery (401/403/404, a redirect, "
+            "a proxy's 407).",
         )
         self.dlq_unwritable = gauge(
             "dlq_unwritable",

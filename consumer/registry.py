@@ -32,6 +32,7 @@ from urllib.parse import quote
 import fastavro
 import httpx
 
+from consumer.answers import body_text, charset_of
 from consumer.codec import (
     SCHEMA,
     SCHEMA_TEXT,
@@ -190,7 +191,8 @@ class RestClient:
             data = None
         if response.status_code >= 400:
             code = data.get("error_code") if isinstance(data, dict) else None
-            message = data.get("message") if isinstance(data, dict) else response.text[:200]
+            message = (data.get("message") if isinstance(data, dict)
+                       else body_text(response.content, charset=charset_of(response.headers))[:200])
             raise RegistryError(response.status_code, code if isinstance(code, int) else None,
                                 str(message))
         if response.status_code >= 300 or not isinstance(data, dict):

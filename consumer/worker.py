@@ -711,7 +711,7 @@ class Worker:
                     f" ({quiet} more {cause} retries since the last such line)" if quiet else "")
 
     def _gate_changed(self, state: GateState, detail: str) -> None:
-        self.health.set_integration_up(state != "misconfigured")
+        self.health.set_integration_up(state != "misconfigured", detail)
 
     # -- back-pressure and commits ------------------------------------------------------
     async def _backpressure(self, source: Source, scheduler: Scheduler[Event], *,

@@ -8,11 +8,13 @@ runs a server on 127.0.0.1 port 0 that counts connections and records what arriv
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 import ssl
 import struct
 import subprocess
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +22,11 @@ from typing import TypeVar
 
 import pytest
 
+from consumer.answers import BODY_LIMIT
 from consumer.delivery import UserpilotClient, ssl_context
 from consumer.errors import (
     ConnectionFailed,
+    RateLimited,
     Rejected,
     ServerError,
     Timeout,
@@ -581,3 +585,103 @@ def test_the_configured_bundle_wins_over_ssl_cert_file(
     context = ssl_context(str(certificate[0]))
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert len(context.get_ca_certs()) == 1
+
+
+# ------------------------------------------------------------------ answers nobody expects
+
+
+async def error_of(client: UserpilotClient, body: bytes) -> WorkerError:
+    try:
+        await client.track(body)
+    except WorkerError as exc:
+        return exc
+    raise AssertionError("delivered")
+
+
+@pytest.mark.parametrize(("answer", "kind"), [
+    (http(503, b"abcd", ["Content-Type: text/plain; charset=utf-16"]), ServerError),
+    (http(503, b"abcd", ["Content-Type: text/plain; charset=idna"]), ServerError),
+    (http(503, b"abcd", ["Content-Type: text/plain; charset=hex"]), ServerError),
+    (http(400, b"\xff\xfe\x00bad", ["Content-Type: text/plain; charset=nope"]), Rejected),
+    (http(429, b"", ["Retry-After: Mon, 01 Jan 2026 00:00:00 +99999999999999999999"]),
+     RateLimited),
+    (http(503, b"", ["Retry-After: Mon, 01 Jan 99999999999 00:00:00 GMT"]), ServerError),
+    (http(503, b"\x1f\x8b not gzip", ["Content-Encoding: gzip"]), ServerError),
+    (http(503, b"zzz", ["Content-Encoding: br"]), ServerError),
+], ids=["utf-16", "idna", "hex", "unknown-charset", "zone-overflow", "year-overflow",
+        "bad-gzip", "br"])
+def test_an_odd_error_answer_is_classified_never_raised_raw(
+        answer: bytes, kind: type[WorkerError]) -> None:
+    """A charset Python cannot apply, a Retry-After date too large for datetime, a body in
+    an encoding we did not ask for: each raised something other than a WorkerError, which
+    stopped the worker (exit 1) on every restart while the gateway answered so."""
+    async def main() -> WorkerError:
+        async with Server(always(Send(answer))) as srv:
+            client = up(srv.url())
+            got = await error_of(client, BODY)
+            await client.aclose()
+        return got
+
+    error = run(main)
+    assert type(error) is kind
+    assert getattr(error, "retry_after", None) in (None, 0.0) or kind is ServerError
+
+
+def test_answers_are_read_only_so_far() -> None:
+    """A 2xx or an error answer of 200 MB (or a gzip body inflating to 64 MB and more)
+    was read and decoded whole: an OOM kill under the chart's 512 MiB limit. At most
+    MAX_BODY_BYTES are read; such a connection is closed (not pooled) and the next
+    request still works."""
+    bomb = gzip.compress(b"A" * (64 * 1024 * 1024), compresslevel=9)
+    big = b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n"
+    chunk = 8 * 1024 * 1024
+    answers = iter([
+        Send([big % (202, 200 * chunk), b"x" * chunk]),
+        Send([big % (503, 200 * chunk), b"y" * chunk]),
+        Send(http(503, bomb, ["Content-Encoding: gzip"])),
+        Send(ACCEPTED),
+    ])
+
+    async def main() -> tuple[list[str], list[str], int]:
+        results: list[str] = []
+        texts: list[str] = []
+        async with Server(lambda _req: next(answers)) as srv:
+            client = up(srv.url(), timeout_s=5.0, max_connections=1)
+            for _ in range(4):
+                try:
+                    await client.track(BODY)
+                    results.append("ok")
+                except WorkerError as exc:
+                    results.append(type(exc).__name__)
+                    texts.append(getattr(exc, "body", ""))
+            await client.aclose()
+            return results, texts, srv.connections
+
+    tracemalloc.start()
+    try:
+        results, texts, connections = run(main)
+        peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    assert results == ["ok", "ServerError", "ServerError", "ok"]
+    assert texts == ["y" * BODY_LIMIT, "A" * BODY_LIMIT]
+    assert connections >= 3  # the answers left unread were not pooled
+    # The server's own 8 MB writes (in this process) are most of what is left.
+    assert peak_mb < 40, f"peak traced memory {peak_mb:.0f} MB"
+
+
+def test_a_redirect_quotes_its_location_without_the_token() -> None:
+    """The Location of a redirect is quoted in the error (and /readyz); a gateway that
+    echoes the token into it must not put it there."""
+    moved = http(302, b"", [f"Location: https://elsewhere.test/?auth={TOKEN}",
+                            f"X-Request-Id: r-{TOKEN}"], reason="Found")
+
+    async def main() -> WorkerError:
+        async with Server(always(Send(moved))) as srv:
+            client = up(srv.url())
+            got = await error_of(client, BODY)
+            await client.aclose()
+        return got
+
+    error = run(main)
+    assert "elsewhere.test" in str(error) and TOKEN not in str(error)

@@ -83,6 +83,12 @@ def test_each_condition_makes_it_unready(health: Health, clock: FakeClock) -> No
     health.set_integration_up(False)
     ok, reason = health.ready()
     assert not ok and "401/403/404" in reason
+    # The gate's detail names the refusal: a redirect or a proxy's 407 is not the token.
+    health.set_integration_up(False, "HTTP 301: redirected to https://x.example/; check "
+                                     "USERPILOT_ANALYTICS_ENDPOINT")
+    ok, reason = health.ready()
+    assert not ok and reason.startswith("Userpilot refuses delivery: HTTP 301: redirected")
+    assert "token" not in reason
     health.set_integration_up(True)
     health.set_connected(False)
     assert health.ready() == (False, "not connected to Kafka")

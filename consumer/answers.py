@@ -1,0 +1,80 @@
+"""The text of an HTTP answer's body for messages, logs and the DLQ: bounded, never raising.
+
+Only the first `BODY_LIMIT` characters of an error body are ever kept, so only that much is
+decoded. Whatever the answer claims is untrusted: a charset Python cannot or will not decode
+text with (`utf-16` without a BOM, `idna`, `hex`), a `Content-Encoding` the server applied
+although we asked for `identity`, a gzip body that inflates to gigabytes. Each becomes
+readable text or a short note, never an exception: one odd answer from a gateway must not
+stop a replica (it did: the 503 that carried it crashed the worker on every restart).
+"""
+
+from __future__ import annotations
+
+import codecs
+import zlib
+from collections.abc import Mapping
+
+__all__ = ["BODY_LIMIT", "MAX_BODY_BYTES", "body_text", "charset_of"]
+
+BODY_LIMIT = 1024
+"""Characters of an error body kept in exceptions, logs and dead letters."""
+
+MAX_BODY_BYTES = 64 * 1024
+"""Bytes of any answer read from the wire; the rest is left unread (the connection is closed
+instead of pooled). Userpilot's answers are a few bytes."""
+
+_DECODED_BYTES = 4 * BODY_LIMIT  # enough for BODY_LIMIT characters in any UTF-8
+
+
+def body_text(raw: bytes, *, charset: str | None = None, encoding: str | None = None) -> str:
+    """At most `BODY_LIMIT` characters of `raw` (a body as it came off the wire):
+    `encoding` is its Content-Encoding, `charset` the Content-Type's."""
+    coding = (encoding or "").strip().lower()
+    if coding in ("gzip", "x-gzip", "deflate"):
+        inflated = _inflate(raw, coding)
+        if inflated is None:
+            return f"(a body of {len(raw)} bytes that is not the {coding} it claims)"
+        raw = inflated
+    elif coding not in ("", "identity"):
+        return f"(a {coding[:40]!r}-encoded body of {len(raw)} bytes, not decoded)"
+    return _decode(raw[:_DECODED_BYTES], charset)[:BODY_LIMIT]
+
+
+def charset_of(headers: Mapping[str, str]) -> str | None:
+    """The charset parameter of an answer's Content-Type, if any."""
+    for param in headers.get("content-type", "").split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            return value.strip().strip('"') or None
+    return None
+
+
+def _inflate(raw: bytes, coding: str) -> bytes | None:
+    """The first `_DECODED_BYTES` of the inflated body; the rest is never inflated (a 1 MB
+    gzip body can hold 1 GB). Deflate as zlib data, else raw deflate (servers send both)."""
+    tries = ((16 + zlib.MAX_WBITS,) if coding != "deflate"
+             else (zlib.MAX_WBITS, -zlib.MAX_WBITS))
+    for wbits in tries:
+        try:
+            return zlib.decompressobj(wbits).decompress(raw, _DECODED_BYTES)
+        except zlib.error:
+            continue
+    return None
+
+
+def _decode(raw: bytes, charset: str | None) -> str:
+    """Text in the answer's charset when that is a text encoding Python can apply, else
+    UTF-8; undecodable bytes become U+FFFD."""
+    name = "utf-8"
+    if charset:
+        try:
+            info = codecs.lookup(charset.strip())
+        except (LookupError, ValueError):
+            info = None
+        # Binary transforms (hex, base64, zlib) are codecs too; they are not charsets.
+        if info is not None and getattr(info, "_is_text_encoding", True):
+            name = info.name
+    try:
+        return raw.decode(name, "replace")
+    except Exception:  # e.g. idna raises despite "replace"
+        return raw.decode("utf-8", "replace")
