@@ -316,7 +316,11 @@ class UserpilotClient:
                     body = await _read_capped(response)
                 finally:
                     await response.aclose()
-        except (TimeoutError, httpx.HTTPError, aiohttp.ClientError, OSError) as exc:
+        except Exception as exc:
+            # Any exception: what httpx and aiohttp may raise for an answer is wider than
+            # their documented errors (a ValueError or UnicodeError from a parser), and one
+            # outside WorkerError stopped the worker, on every restart while the answers
+            # came so. `_transport_failure` names what it does not know a server error.
             if accepted:
                 # Userpilot said 2xx: the event is delivered, whatever became of the body
                 # (cut, trickled past the deadline, not the gzip it claimed). Re-sending

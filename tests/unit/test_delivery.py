@@ -377,3 +377,20 @@ def test_the_ca_store_is_loaded_only_when_a_connection_can_use_tls(
     context = transport.ssl_context
     assert (context.cert_store_stats()["x509_ca"] > 0) is loaded
     assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+@pytest.mark.parametrize("raised", [
+    UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+    ValueError("Invalid header value"),
+    AssertionError("parser state"),
+    LookupError("unknown encoding"),
+], ids=["unicode", "value", "assertion", "lookup"])
+def test_whatever_the_transport_raises_is_a_server_error(raised: Exception) -> None:
+    """The libraries raise more than their documented errors for an odd answer; one that
+    was not a WorkerError stopped the worker (exit 1), again after every restart."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise raised
+
+    delivered, exc = call(handler)
+    assert not delivered and isinstance(exc, ServerError)
+    assert type(raised).__name__ in str(exc)
