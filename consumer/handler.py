@@ -8,8 +8,8 @@ Duplicate.
                                               └─ deliver: each call of the event in order
                                                   (ensure-user identify first when needed),
                                                   each through the gate, its family's
-                                                  limiter and retries (re-claim before the
-                                                  primary call)
+                                                  limiter and retries (re-claim before
+                                                  each request)
                                                   ├─ every call 2xx ─▶ confirm ─▶ Delivered
                                                   └─ permanent / given up ─▶ release ─▶ DeadLettered
 
@@ -25,11 +25,11 @@ limiter of its endpoint family (`limiter_for`). An event's `CallPlan` lives on t
 
 Deduplication (with REDIS_URL, events with a messageId; `consumer.dedup` has the state
 machine): `_dedup_claim` before the limiter (a duplicate costs no budget), `_dedup_reclaim`
-right before the primary call's request (renews the claim, notices a delivery by another
+right before each request of the event (renews the claim, notices a delivery by another
 owner), `_dedup_confirm` after every call answered 2xx, `_dedup_release` when the event is
 dead-lettered or abandoned (revoke, shutdown) before any request of it started. The id is
-recorded under its event type's endpoint (`dedup_endpoint`) and re-claimed before its last
-call; the owner is this process + the record.
+recorded under its event type's endpoint (`dedup_endpoint`) and re-claimed before each of
+its calls; the owner is this process + the record.
 
 Thread rule: everything here runs on the event loop. `Event.on_wire` is read by the
 worker (same loop) to decide what a revoke or shutdown must wait for, and `halt` is called
@@ -563,10 +563,13 @@ class Handler:
         plan = event.plan
         if plan is None:
             plan = event.plan = CallPlan(send.calls, self.known)
-        primary = send.calls[-1]
+        # The claim is renewed before every request of the event, not only its last: a
+        # group's company identify (the endpoint the id is recorded under) went out
+        # unchecked after a wait for its slot longer than the claim's TTL, while another
+        # owner of the same messageId, holding the lapsed claim, sent it too.
+        endpoint = self.dedup_endpoint(send)
         while (call := plan.next_call()) is not None:
-            await self._send_call(event, call,
-                                  self.dedup_endpoint(send) if call is primary else None)
+            await self._send_call(event, call, endpoint)
             plan.succeeded(call)
             if not plan.done:
                 # Each call has the whole retry budget, and the attempts a DLQ record
@@ -593,8 +596,7 @@ class Handler:
         offset moves. Track calls take their limiter directly, in arrival order: the lane's
         pump in front of the Redis-shared budget cost it ~8 points of the limit (measured
         on the hot-partition test), and Track has no urgent calls to let ahead.
-        `dedup`: the endpoint whose messageId claim is renewed right before the request
-        (the event's primary call only).
+        `dedup`: the endpoint whose messageId claim is renewed right before the request.
         """
         limiter = self.limiter_for(call)
         wait = self._limiter_wait(call.family)

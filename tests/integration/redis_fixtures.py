@@ -10,11 +10,14 @@ again (Redis going away mid-run). Private, so stopping it never disturbs the sha
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -103,3 +106,53 @@ def stoppable_redis(tmp_path: Path) -> Iterator[StoppableRedis]:
         yield server
     finally:
         server.stop()
+
+
+class SlowLink:
+    """A TCP relay to a Redis that delays every reply by `delay_s` (a Redis that far away):
+    its own event loop on a thread, so a subprocess (check-config) can use it too."""
+
+    def __init__(self, upstream_port: int, delay_s: float) -> None:
+        self.upstream_port, self.delay_s = upstream_port, delay_s
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def __enter__(self) -> SlowLink:
+        self._thread.start()
+        assert self._ready.wait(5), "relay did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       delay: float) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(Exception):
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, 0.0),
+                             pipe(up_reader, writer, self.delay_s))

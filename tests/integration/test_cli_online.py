@@ -17,7 +17,7 @@ import pytest
 from consumer.sandbox import SandboxControl, SandboxThread
 from tests.conftest import create_topic
 from tests.integration.harness import READ_TOKEN, REPO, worker_env
-from tests.integration.redis_fixtures import StoppableRedis
+from tests.integration.redis_fixtures import SlowLink, StoppableRedis
 
 Sandbox = tuple[SandboxThread, SandboxControl]
 EVENT = b'{"type":"track","event":"Feature Used","userId":"u"}\n'
@@ -183,3 +183,19 @@ def test_online_checks_redis_when_configured(online_env: dict[str, str], redis_u
         assert "s3cret-pw" not in bad.stdout + bad.stderr
     assert "online OK: redis" not in cli(["check-config", "--online", "--timeout", "5"],
                                          online_env).stderr  # not configured: not checked
+
+
+def test_online_refuses_a_redis_too_slow_for_redis_timeout_seconds(
+        online_env: dict[str, str], stoppable_redis: StoppableRedis) -> None:
+    """A Redis that answers, but not within REDIS_TIMEOUT_SECONDS on a new connection, was
+    "online OK" while every replica gave every call up and ran without it."""
+    with SlowLink(stoppable_redis.port, 0.4) as far:
+        slow = cli(["check-config", "--online", "--timeout", "5"],
+                   {**online_env, "REDIS_URL": far.url()})
+        assert slow.returncode == 8 + 16, slow.stderr
+        assert "over REDIS_TIMEOUT_SECONDS (0.25 s)" in slow.stderr
+        assert "raise REDIS_TIMEOUT_SECONDS" in slow.stderr
+        raised = cli(["check-config", "--online", "--timeout", "5"],
+                     {**online_env, "REDIS_URL": far.url(), "REDIS_TIMEOUT_SECONDS": "2"})
+        assert raised.returncode == 0, raised.stderr
+        assert "online OK: redis" in raised.stderr

@@ -9,6 +9,8 @@ import json
 
 from prometheus_client import CollectorRegistry
 
+from consumer import codec
+from consumer.calls import Call
 from consumer.dedup import Deduplicator
 from consumer.errors import Rejected
 from consumer.health import Health
@@ -19,6 +21,7 @@ from consumer.sharedstate import FAMILIES, SharedState
 from consumer.worker import Callbacks, Worker
 from tests.unit.test_dedup import MemoryStore, State
 from tests.unit.test_worker import (
+    SCHEMA_ID,
     TOPIC,
     FakeClient,
     FakeDlq,
@@ -303,3 +306,34 @@ def test_a_drain_that_cuts_a_claim_short_releases_it() -> None:
     assert drive(run, scenario) == 0  # stop() arrives while the claim's answer is awaited
     assert run.client.bodies == []
     assert dedup.key("track", "u1-1") not in store.values, "the cut claim was released"
+
+
+def test_every_request_of_an_event_renews_its_claim_first() -> None:
+    """A group event sends the company identify (the endpoint its id is recorded under)
+    and then the association. Only the last call renewed the claim: after a wait for its
+    slot longer than the claim's TTL, the company identify went out while another owner
+    of the same messageId, holding the lapsed claim, sent it too."""
+    event = {
+        "type": "group", "userId": "u1", "groupId": "acme", "anonymousId": "anon-1",
+        "traits": {"name": "Acme"}, "context": {"consent": {"analytics": True}},
+        "timestamp": "2026-11-26T10:00:00.000Z", "messageId": "g-1",
+    }
+    store = MemoryStore()
+    run, _, dedup = make(log_of(codec.encode(SCHEMA_ID, codec.to_record(event))), store)
+    steps: list[str] = []
+    real_claim, real_send = store.claim, run.client.send
+
+    async def claim(key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+        steps.append("claim")
+        return await real_claim(key, owner, ttl_ms)
+
+    async def send(call: Call) -> int:
+        steps.append(call.endpoint)
+        return await real_send(call)
+
+    store.claim = claim  # type: ignore[method-assign]
+    run.client.send = send  # type: ignore[method-assign]
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    # Claimed before the limiter, then renewed before each of the two requests.
+    assert steps == ["claim", "claim", "company_identify", "claim", "identify"]
+    assert store.values[dedup.key("company_identify", "g-1")] == "d"
