@@ -55,6 +55,10 @@ thousands of calls a second."""
 # reservations reach ahead.
 # `debt` adds requests sent without Redis; `holdoff` keeps every replica from drawing for
 # that long (replicas coming back from the fallback account for their local sends first).
+# KEYS[3], when given, records the debt one fallback episode has added so far: a call
+# carries all of it, and only what exceeds the record is added. Calls that timed out while
+# Redis was frozen still run when it thaws: without the record each added the debt again
+# (129 requests counted for 96 sent, the deployment idle for seconds).
 GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -71,7 +75,14 @@ if not tat then
   if redis.call('EXISTS', KEYS[2]) == 1 then tat = tat + lookahead; changed = true end
 end
 if tat < now then tat = now end
-if debt > 0 then tat = tat + debt * interval; changed = true end
+if debt > 0 then
+  local applied = 0
+  if KEYS[3] then applied = tonumber(redis.call('GET', KEYS[3])) or 0 end
+  if debt > applied then
+    tat = tat + (debt - applied) * interval; changed = true
+    if KEYS[3] then redis.call('SET', KEYS[3], debt, 'PX', ttl) end
+  end
+end
 if holdoff > 0 and tat < now + holdoff + tolerance then
   tat = now + holdoff + tolerance; changed = true
 end
@@ -190,16 +201,17 @@ class RedisStore:
 
     async def gcra(
         self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,
-        debt: int = 0, holdoff_us: int = 0, idle_ttl_ms: int,
+        debt: int = 0, debt_key: str | None = None, holdoff_us: int = 0, idle_ttl_ms: int,
     ) -> tuple[bool, float]:
         """Reserve the next slot of the budget at ``key``: ``(reserved, seconds)``.
 
         Reserved: send after ``seconds``. Not reserved: ask again after ``seconds``.
+        ``debt_key``: the record of what this ``debt`` (a running total) already added.
         """
         args = [max(1, interval_us), max(0, tolerance_us), max(0, lookahead_us),
                 max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms)]
-        reply = await self._call("gcra", lambda: self._gcra(keys=[key, f"{key}:seen"],
-                                                            args=args))
+        keys = [key, f"{key}:seen", *([debt_key] if debt_key else [])]
+        reply = await self._call("gcra", lambda: self._gcra(keys=keys, args=args))
         return bool(int(reply[0])), int(reply[1]) / 1e6
 
     async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[ClaimState, float]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -60,7 +61,7 @@ class BudgetStore(Protocol):
 
     async def gcra(
         self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,
-        debt: int = 0, holdoff_us: int = 0, idle_ttl_ms: int,
+        debt: int = 0, debt_key: str | None = None, holdoff_us: int = 0, idle_ttl_ms: int,
     ) -> tuple[bool, float]: ...
 
 
@@ -92,6 +93,7 @@ class SharedLimiter:
         self._on_fallback = on_fallback
         self._clock = clock
         self._fallback_since: float | None = None
+        self._debt_key = ""
         self._next_probe = 0.0
         self._local_sends: deque[float] = deque()
         self._lock: asyncio.Lock | None = None
@@ -187,6 +189,7 @@ class SharedLimiter:
                 self._key,
                 interval_us=round(interval * 1e6), tolerance_us=round(tolerance * 1e6),
                 lookahead_us=round(self.lookahead_s * 1e6), debt=debt,
+                debt_key=self._debt_key if returning else None,
                 holdoff_us=round(self.holdoff_s * 1e6) if returning else 0,
                 idle_ttl_ms=round(max(self._period + 1.0, BUDGET_IDLE_TTL_S) * 1000),
             )
@@ -209,6 +212,8 @@ class SharedLimiter:
         if self._fallback_since is not None:
             return
         self._fallback_since = now
+        # One record per episode of this replica: its probes carry the running total.
+        self._debt_key = f"{self._key}:debt:{uuid.uuid4().hex[:16]}"
         self._local.hold(self.lookahead_s)
         log.warning("shared rate budget unavailable (%s): using this replica's partition "
                     "share (%.2f req/s) until Redis answers again", detail, self._local.rate)

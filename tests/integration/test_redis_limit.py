@@ -9,6 +9,7 @@ a request would be sent).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 
@@ -215,3 +216,35 @@ def test_a_first_use_is_not_held_back(redis_url: str, key: str) -> None:
         return time.monotonic() - start
 
     assert asyncio.run(main()) < 2.5 / safe_rate(LIMIT, PERIOD, 1)
+
+
+def test_a_fallback_episodes_debt_is_added_once_however_often_it_is_carried(
+        redis_url: str, key: str) -> None:
+    """A replica's probes carry its running debt (requests sent without Redis). Probes
+    that timed out while Redis was frozen still run when it thaws: each added the debt
+    again (129 requests counted for 96 sent), leaving the deployment idle for seconds."""
+    import redis as sync_redis
+
+    direct = sync_redis.Redis.from_url(redis_url)
+    interval = 1_000_000  # 1 s: the reservations stay far ahead of Redis's clock
+
+    async def main() -> list[int]:
+        store = RedisStore(redis_url, timeout_s=1.0)
+        marks: list[int] = []
+        record = f"{key}:debt:episode-1"
+        for debt in (5, 5, 8, 3):
+            reserved, _ = await store.gcra(key, interval_us=interval, tolerance_us=0,
+                                           lookahead_us=3600 * interval, debt=debt,
+                                           debt_key=record, idle_ttl_ms=60_000)
+            assert reserved
+            mark = direct.get(key)
+            assert isinstance(mark, bytes)
+            marks.append(int(mark))
+        await store.close()
+        return marks
+
+    marks = asyncio.run(main())
+    # Each call reserves one slot (one interval) and adds what the record had not seen.
+    steps = [(b - a) // interval for a, b in itertools.pairwise(marks)]
+    assert steps == [1, 1 + 3, 1]
+    assert 0 < direct.pttl(f"{key}:debt:episode-1") <= 60_000

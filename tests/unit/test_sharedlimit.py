@@ -98,6 +98,28 @@ def test_falls_back_at_once_holds_then_returns_with_debt_and_holdoff() -> None:
     assert back["debt"] >= 4  # every local send of the last period
     assert back["holdoff_us"] == round(limiter.holdoff_s * 1e6)
     assert all(c["debt"] == 0 and c["holdoff_us"] == 0 for c in store.calls[:2])
+    # Every probe of the episode names one debt record, which Redis applies once.
+    episode = {c["debt_key"] for c in store.calls[2:]}
+    assert len(episode) == 1 and episode.pop().startswith("k:debt:")
+    assert all(c["debt_key"] is None for c in store.calls[:2])
+
+
+def test_each_fallback_episode_has_its_own_debt_record() -> None:
+    store, switches = ScriptedStore(), list[bool]()
+    limiter = _limiter(store, switches)
+
+    async def main() -> None:
+        for _ in range(2):
+            store.up = False
+            await limiter.acquire()
+            store.up = True
+            await asyncio.sleep(0.06)
+            await limiter.acquire()
+
+    asyncio.run(main())
+    assert switches == [True, False, True, False]
+    records = [c["debt_key"] for c in store.calls if c["debt_key"] is not None]
+    assert len(set(records)) == 2
 
 
 def test_probes_redis_at_most_every_probe_interval_on_the_fallback() -> None:
