@@ -2,8 +2,11 @@
 
 Events that share an ordering key (topic, partition, user) run one after another, in
 partition order, so Userpilot (which stamps receipt time) sees each user's events in
-order; different users run concurrently. The window bounds memory and duplicates after
-a crash; the worker bounds it (`Commits.in_window_by_family`) and pauses partitions when it is full.
+order; different users run concurrently. A job may also wait for other chains of its
+partition (`submit(after=...)`): for the jobs queued there when it was submitted, never
+later ones, so waits follow submission order and cannot form a cycle. The window bounds
+memory and duplicates after a crash; the worker bounds it (`Commits.in_window_by_family`)
+and pauses partitions when it is full.
 
 Thread rule: event loop only.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
@@ -22,6 +26,8 @@ __all__ = ["Job", "Scheduler"]
 log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
+ChainKey = tuple[str, int, Hashable]
+Barrier = tuple[ChainKey, int, int]  # a chain, which run of it, how many of its jobs
 CANCEL_WAIT_S = 5.0  # for cancelled jobs to end (see `Scheduler.cancel`)
 
 
@@ -43,8 +49,15 @@ class Scheduler(Generic[J]):
                  on_crash: Callable[[BaseException], None]) -> None:
         self._run = run
         self._on_crash = on_crash
-        self._queues: dict[tuple[str, int, Hashable], deque[J]] = {}
-        self._tasks: dict[tuple[str, int, Hashable], asyncio.Task[None]] = {}
+        self._queues: dict[ChainKey, deque[J]] = {}
+        self._tasks: dict[ChainKey, asyncio.Task[None]] = {}
+        # Per running chain: its run's id, jobs submitted and finished, and the jobs of
+        # other chains waiting for a number of them (`after`).
+        self._runs: dict[ChainKey, int] = {}
+        self._counts: dict[ChainKey, list[int]] = {}
+        self._waiters: dict[ChainKey, list[tuple[int, asyncio.Future[None]]]] = {}
+        self._barriers: dict[int, list[Barrier]] = {}  # by id(job), until it starts
+        self._run_ids = itertools.count()
         self._per_partition: dict[TopicPartition, int] = {}
         self._in_flight = 0
         self._changed = asyncio.Event()
@@ -55,18 +68,63 @@ class Scheduler(Generic[J]):
     def in_flight(self) -> int:
         return self._in_flight
 
-    def submit(self, job: J) -> None:
-        """Queue a job behind earlier jobs of the same key, or start it now."""
+    def submit(self, job: J, after: Iterable[Hashable] = ()) -> None:
+        """Queue a job behind earlier jobs of the same key, or start it now. `after`: other
+        ordering keys of its partition whose jobs queued now must finish before it starts
+        (the same user's events in another chain)."""
         key = (job.topic, job.partition, job.ordering_key)
         tp = (job.topic, job.partition)
+        barriers = [(other, self._runs[other], self._counts[other][0])
+                    for other in ((job.topic, job.partition, k) for k in after)
+                    if other != key and other in self._runs]
+        if barriers:
+            self._barriers[id(job)] = barriers
         self._in_flight += 1
         self._per_partition[tp] = self._per_partition.get(tp, 0) + 1
         queue = self._queues.get(key)
         if queue is not None:
             queue.append(job)
+            self._counts[key][0] += 1
             return
         self._queues[key] = deque((job,))
+        self._runs[key] = next(self._run_ids)
+        self._counts[key] = [1, 0]
         self._tasks[key] = asyncio.get_running_loop().create_task(self._chain(key))
+
+    def keys(self, topic: str, partition: int) -> list[Hashable]:
+        """The ordering keys of a partition with jobs queued or running."""
+        return [key[2] for key in self._queues if key[0] == topic and key[1] == partition]
+
+    async def _after(self, barriers: list[Barrier]) -> None:
+        """Wait until each barrier's chain finished its jobs, or that run of it ended."""
+        for chain, run, count in barriers:
+            while self._runs.get(chain) == run and self._counts[chain][1] < count:
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.setdefault(chain, []).append((count, waiter))
+                await waiter
+
+    def _advance(self, key: ChainKey) -> None:
+        """One job of the chain finished: wake who waited for that many."""
+        counts = self._counts.get(key)
+        if counts is None:
+            return
+        counts[1] += 1
+        waiters = self._waiters.get(key)
+        if waiters:
+            for count, waiter in waiters:
+                if count <= counts[1] and not waiter.done():
+                    waiter.set_result(None)
+            self._waiters[key] = [w for w in waiters if not w[1].done()]
+
+    def _end(self, key: ChainKey, leftover: Iterable[J]) -> None:
+        """The chain's run is over (done, abandoned or crashed): its waiters go on."""
+        self._runs.pop(key, None)
+        self._counts.pop(key, None)
+        for _, waiter in self._waiters.pop(key, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+        for job in leftover:
+            self._barriers.pop(id(job), None)
 
     def chained(self, topic: str, partition: int, key: Hashable) -> bool:
         """Jobs of this key are queued or running (its chain is not done)."""
@@ -83,6 +141,9 @@ class Scheduler(Generic[J]):
                     raise asyncio.CancelledError
                 job = queue[0]
                 try:
+                    barriers = self._barriers.pop(id(job), None)
+                    if barriers:
+                        await self._after(barriers)
                     await self._run(job)
                 except asyncio.CancelledError:
                     raise
@@ -95,8 +156,11 @@ class Scheduler(Generic[J]):
                     return  # abandoned meanwhile: `cancel` counted it already
                 queue.popleft()
                 self._done(job.topic, job.partition, 1)
+                self._advance(key)
         finally:
             leftover = len(queue)
+            for job in queue:
+                self._barriers.pop(id(job), None)
             if leftover:
                 self._done(key[0], key[1], leftover)
                 self.abandoned += leftover
@@ -104,6 +168,7 @@ class Scheduler(Generic[J]):
             if self._tasks.get(key) is task:  # not a chain submitted since for this key
                 self._queues.pop(key, None)
                 self._tasks.pop(key, None)
+                self._end(key, ())
 
     def _done(self, topic: str, partition: int, count: int) -> None:
         self._in_flight -= count
@@ -162,6 +227,7 @@ class Scheduler(Generic[J]):
             if self._tasks.get(key) is task:  # not a chain submitted meanwhile
                 del self._tasks[key]
                 queue = self._queues.pop(key, None)
+                self._end(key, queue or ())
                 if queue:
                     self._done(key[0], key[1], len(queue))
                     self.abandoned += len(queue)

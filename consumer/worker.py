@@ -147,22 +147,28 @@ KEYLESS = ("keyless",)
 being fetched, or it is to be dead-lettered): one chain per partition."""
 
 
-def _keyless_order(event: Event, decoded: codec.Event | None,
-                   scheduler: Scheduler[Event]) -> Hashable:
-    """The ordering key of a message its producer sent without a key: its userId, encoded
-    as `produce` keys (so keyed and keyless events of one user share a chain).
+def _keyless_order(event: Event, decoded: codec.Event | None, scheduler: Scheduler[Event]
+                   ) -> tuple[Hashable, tuple[Hashable, ...]]:
+    """The ordering key of a message its producer sent without a key, and the chains it
+    must wait for: its userId, encoded as `produce` keys (so keyed and keyless events of
+    one user share a chain).
 
     Why: each keyless message was its own key, so a retried event reached Userpilot after
     the same user's later ones. An event whose user is not known yet (schema not cached:
-    no `decoded`, no decision) goes to the partition's KEYLESS chain, and so does every
-    keyless event of the partition while that chain runs: a later event of the same user
-    cannot overtake it.
+    no `decoded`, no decision) goes to the partition's KEYLESS chain, after every chain of
+    the partition (it may be any user's next event), and so does every keyless event of
+    the partition while that chain runs, after its own user's chain: a later event of the
+    same user can overtake neither (one did: a review, with a schema version rolling out).
     """
     user = decoded.get("userId") if decoded is not None else _decided_user(event.decision)
-    if (isinstance(user, str) and user
-            and not scheduler.chained(event.topic, event.partition, KEYLESS)):
-        return user.encode()
-    return KEYLESS
+    if isinstance(user, str) and user:
+        own = user.encode()
+        if not scheduler.chained(event.topic, event.partition, KEYLESS):
+            return own, ()
+        return KEYLESS, (own,)
+    if event.decision is None:
+        return KEYLESS, tuple(scheduler.keys(event.topic, event.partition))
+    return KEYLESS, ()  # a dead letter: nothing reaches Userpilot
 
 
 def _decided_user(decision: object) -> str | None:
@@ -663,8 +669,13 @@ class Worker:
             if self.handler.debug:
                 self.handler.log_dropped(event.decision, event.fields)
             return event.decision
+        after: tuple[Hashable, ...] = ()
         if not key:
-            event.ordering_key = _keyless_order(event, decoded, scheduler)
+            event.ordering_key, after = _keyless_order(event, decoded, scheduler)
+        elif scheduler.chained(tp[0], tp[1], KEYLESS):
+            # The keyless chain may hold this key's user's earlier event (its user not
+            # known at intake): a keyed event overtook it.
+            after = (KEYLESS,)
         mark = marks.pop(tp, None)
         if mark is not None:
             self.commits.dropped({tp: mark})
@@ -673,7 +684,7 @@ class Worker:
             self._dry.pop(tp, None)  # it brings events to send after all
         event.intake = next(self._intake_seq)
         self.commits.sending(tp, offset, self._window_family(event))
-        scheduler.submit(event)
+        scheduler.submit(event, after)
         return None
 
     def _window_family(self, event: Event) -> str:

@@ -331,3 +331,53 @@ def test_a_job_that_swallows_its_cancel_and_ends_soon_does_not_start_the_next(
         assert sched.in_flight == 0
 
     run(main)
+
+
+def test_a_job_after_another_chain_waits_only_for_what_was_queued_there() -> None:
+    """`after`: the jobs of another chain queued when this one was submitted, not later
+    ones (waits follow submission order, so they cannot form a cycle)."""
+    async def main() -> list[tuple[str, int]]:
+        rec = Recorder()
+        crashes, on_crash = crash_collector()
+        sched: Scheduler[Work] = Scheduler(rec, on_crash)
+        first, waiting = Work("t", 0, 0, "a"), Work("t", 0, 1, "b")
+        later = Work("t", 0, 2, "a")
+        sched.submit(first)
+        sched.submit(waiting, after=["a", "absent", "b"])  # absent and itself: nothing
+        sched.submit(later)
+        sched.submit(Work("t", 1, 3, "a"), after=["b"])  # another partition's "b": none
+        await settle()
+        assert ("start", 1) not in rec.events and ("start", 3) in rec.events
+        first.release.set()
+        await settle()
+        assert ("start", 1) in rec.events and ("start", 2) in rec.events
+        for job in (waiting, later):
+            job.release.set()
+        await settle()
+        assert crashes == [] and sched.pending() == 1
+        return rec.events
+
+    events = run(main)
+    assert events.index(("end", 0)) < events.index(("start", 1))
+
+
+def test_a_cancelled_chain_lets_the_jobs_waiting_for_it_go_on() -> None:
+    async def main() -> list[tuple[str, int]]:
+        rec = Recorder()
+        crashes, on_crash = crash_collector()
+        sched: Scheduler[Work] = Scheduler(rec, on_crash)
+        sched.submit(Work("t", 0, 0, "a"))
+        waiting = Work("t", 1, 1, "b")
+        sched.submit(Work("t", 1, 5, "c"))
+        sched.submit(waiting, after=["c"])
+        await settle()
+        assert ("start", 1) not in rec.events
+        await sched.cancel([("t", 1)], keep=lambda job: job.ordering_key == "b")
+        await settle()
+        assert ("start", 1) in rec.events
+        waiting.release.set()
+        await settle()
+        assert crashes == []
+        return rec.events
+
+    run(main)

@@ -29,7 +29,7 @@ from consumer import worker as worker_module
 from consumer.calls import Call
 from consumer.commits import TP
 from consumer.config import Settings, load_settings
-from consumer.errors import DlqRecordTooLarge, Rejected, ServerError
+from consumer.errors import DlqRecordTooLarge, RateLimited, Rejected, ServerError
 from consumer.health import Health
 from consumer.metrics import Metrics
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
@@ -1808,3 +1808,69 @@ def test_a_partition_nothing_was_committed_for_has_a_lag_from_the_low_watermark(
         assert exported("0") == 3
 
     assert drive(run, scenario) == 0
+
+
+NEW_SCHEMA_ID = 8
+
+
+class TwoVersions(FakeRegistry):
+    """Knows SCHEMA_ID already; NEW_SCHEMA_ID (a compatible new version) is fetched."""
+
+    def __init__(self) -> None:
+        super().__init__(fetch_delay=0.05)
+        self._known[SCHEMA_ID] = codec.SCHEMA
+
+    def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
+        time.sleep(self.fetch_delay)
+        self.fetched.append(schema_id)
+        self._known[schema_id] = codec.SCHEMA
+        return codec.SCHEMA
+
+
+def new_version(user: str, seq: int) -> bytes:
+    """`track` written with the schema version not cached yet (same payload)."""
+    return b"\x00" + NEW_SCHEMA_ID.to_bytes(4, "big") + track(user, seq)[5:]
+
+
+class SlowRetry(FakeClient):
+    """Answers the first request of seq 0 with a 429 (retry after 0.3 s), every later one
+    with 202."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted: list[tuple[str, int]] = []
+        self.failed = False
+
+    async def send(self, call: Call) -> int:
+        status = await super().send(call)
+        seq = codec_seq(call.body)
+        if seq == 0 and not self.failed:
+            self.failed = True
+            raise RateLimited("429 once", status=429, retry_after=0.3)
+        self.accepted.append((json.loads(call.body)["user_id"], seq))
+        return status
+
+
+@pytest.mark.parametrize("case", ["keyless-behind-unknown", "keyed-behind-unknown"])
+def test_a_users_later_event_never_overtakes_one_in_another_chain(case: str) -> None:
+    """Keyless: X's first event retries in X's chain; an event whose schema version is
+    being fetched (user unknown) opens the keyless chain; X's next keyless event joined
+    that chain and was delivered before X's first. Keyed: X's first event, keyless and
+    of a new schema version, waits in the keyless chain; X's next event, keyed by its
+    userId, went at once in its own chain."""
+    values: list[tuple[bytes | None, bytes]]
+    if case == "keyless-behind-unknown":
+        values = [(None, track("X", 0)), (None, new_version("Y", 1)), (None, track("X", 2))]
+    else:
+        values = [(None, new_version("X", 0)), (b"X", track("X", 1))]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, key, value)
+                        for i, (key, value) in enumerate(values)]}
+    client = SlowRetry()
+    run = make(log, registry=TwoVersions(), client=client, USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == len(values), "all", 20)
+
+    assert drive(run, scenario) == 0
+    of_x = [seq for user, seq in client.accepted if user == "X"]
+    assert of_x == sorted(of_x) and len(of_x) == len(values) - (case == "keyless-behind-unknown")
