@@ -147,6 +147,7 @@ class Event:
     attempts: Attempts = field(default_factory=Attempts)
     plan: CallPlan | None = None  # the calls of a Send, resumed where a failure stopped
     intake: int = 0  # the worker's intake sequence: lower goes first in a limiter's queue
+    waits: object = None  # the worker's ordering waits (`worker.UserWaits`), from intake
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -388,6 +389,11 @@ class Handler:
                 delay = min(delay * 2, 30.0)
 
     # -- handle ---------------------------------------------------------------------------
+    async def decided(self, event: Event) -> None:
+        """Fetch the event's schema if it was not cached at intake, and decide."""
+        if event.decision is None:
+            await self._fetch_schema(event)
+
     async def handle(self, event: Event) -> Outcome:
         """The event's outcome; raises DlqGuardTripped when it must not be dead-lettered."""
         if event.decision is None:

@@ -2,11 +2,11 @@
 
 Events that share an ordering key (topic, partition, user) run one after another, in
 partition order, so Userpilot (which stamps receipt time) sees each user's events in
-order; different users run concurrently. A job may also wait for other chains of its
-partition (`submit(after=...)`): for the jobs queued there when it was submitted, never
-later ones, so waits follow submission order and cannot form a cycle. The window bounds
-memory and duplicates after a crash; the worker bounds it (`Commits.in_window_by_family`)
-and pauses partitions when it is full.
+order; different users run concurrently. A job may also wait for another chain of its
+partition (`barriers` taken before it was submitted, `reached`): for the jobs queued there
+then, never later ones, so waits follow submission order and cannot form a cycle. The
+window bounds memory and duplicates after a crash; the worker bounds it
+(`Commits.in_window_by_family`) and pauses partitions when it is full.
 
 Thread rule: event loop only.
 """
@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["Job", "Scheduler"]
+__all__ = ["Barrier", "Job", "Scheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,10 @@ class Scheduler(Generic[J]):
         self._queues: dict[ChainKey, deque[J]] = {}
         self._tasks: dict[ChainKey, asyncio.Task[None]] = {}
         # Per running chain: its run's id, jobs submitted and finished, and the jobs of
-        # other chains waiting for a number of them (`after`).
+        # other chains waiting for a number of them (`reached`).
         self._runs: dict[ChainKey, int] = {}
         self._counts: dict[ChainKey, list[int]] = {}
         self._waiters: dict[ChainKey, list[tuple[int, asyncio.Future[None]]]] = {}
-        self._barriers: dict[int, list[Barrier]] = {}  # by id(job), until it starts
         self._run_ids = itertools.count()
         self._per_partition: dict[TopicPartition, int] = {}
         self._in_flight = 0
@@ -68,17 +67,10 @@ class Scheduler(Generic[J]):
     def in_flight(self) -> int:
         return self._in_flight
 
-    def submit(self, job: J, after: Iterable[Hashable] = ()) -> None:
-        """Queue a job behind earlier jobs of the same key, or start it now. `after`: other
-        ordering keys of its partition whose jobs queued now must finish before it starts
-        (the same user's events in another chain)."""
+    def submit(self, job: J) -> None:
+        """Queue a job behind earlier jobs of the same key, or start it now."""
         key = (job.topic, job.partition, job.ordering_key)
         tp = (job.topic, job.partition)
-        barriers = [(other, self._runs[other], self._counts[other][0])
-                    for other in ((job.topic, job.partition, k) for k in after)
-                    if other != key and other in self._runs]
-        if barriers:
-            self._barriers[id(job)] = barriers
         self._in_flight += 1
         self._per_partition[tp] = self._per_partition.get(tp, 0) + 1
         queue = self._queues.get(key)
@@ -91,17 +83,21 @@ class Scheduler(Generic[J]):
         self._counts[key] = [1, 0]
         self._tasks[key] = asyncio.get_running_loop().create_task(self._chain(key))
 
-    def keys(self, topic: str, partition: int) -> list[Hashable]:
-        """The ordering keys of a partition with jobs queued or running."""
-        return [key[2] for key in self._queues if key[0] == topic and key[1] == partition]
+    def barriers(self, topic: str, partition: int) -> dict[Hashable, Barrier]:
+        """Per ordering key of the partition with jobs queued or running: the point its
+        chain has reached in submissions now (`reached` waits until those jobs finished)."""
+        return {key[2]: (key, self._runs[key], counts[0])
+                for key, counts in self._counts.items()
+                if key[0] == topic and key[1] == partition}
 
-    async def _after(self, barriers: list[Barrier]) -> None:
-        """Wait until each barrier's chain finished its jobs, or that run of it ended."""
-        for chain, run, count in barriers:
-            while self._runs.get(chain) == run and self._counts[chain][1] < count:
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiters.setdefault(chain, []).append((count, waiter))
-                await waiter
+    async def reached(self, barrier: Barrier) -> None:
+        """Wait until the chain finished the jobs the barrier counts, or that run of it
+        ended (done, abandoned or crashed)."""
+        chain, run, count = barrier
+        while self._runs.get(chain) == run and self._counts[chain][1] < count:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(chain, []).append((count, waiter))
+            await waiter
 
     def _advance(self, key: ChainKey) -> None:
         """One job of the chain finished: wake who waited for that many."""
@@ -116,19 +112,13 @@ class Scheduler(Generic[J]):
                     waiter.set_result(None)
             self._waiters[key] = [w for w in waiters if not w[1].done()]
 
-    def _end(self, key: ChainKey, leftover: Iterable[J]) -> None:
+    def _end(self, key: ChainKey) -> None:
         """The chain's run is over (done, abandoned or crashed): its waiters go on."""
         self._runs.pop(key, None)
         self._counts.pop(key, None)
         for _, waiter in self._waiters.pop(key, ()):
             if not waiter.done():
                 waiter.set_result(None)
-        for job in leftover:
-            self._barriers.pop(id(job), None)
-
-    def chained(self, topic: str, partition: int, key: Hashable) -> bool:
-        """Jobs of this key are queued or running (its chain is not done)."""
-        return (topic, partition, key) in self._queues
 
     async def _chain(self, key: tuple[str, int, Hashable]) -> None:
         queue = self._queues[key]
@@ -141,9 +131,6 @@ class Scheduler(Generic[J]):
                     raise asyncio.CancelledError
                 job = queue[0]
                 try:
-                    barriers = self._barriers.pop(id(job), None)
-                    if barriers:
-                        await self._after(barriers)
                     await self._run(job)
                 except asyncio.CancelledError:
                     raise
@@ -159,8 +146,6 @@ class Scheduler(Generic[J]):
                 self._advance(key)
         finally:
             leftover = len(queue)
-            for job in queue:
-                self._barriers.pop(id(job), None)
             if leftover:
                 self._done(key[0], key[1], leftover)
                 self.abandoned += leftover
@@ -168,7 +153,7 @@ class Scheduler(Generic[J]):
             if self._tasks.get(key) is task:  # not a chain submitted since for this key
                 self._queues.pop(key, None)
                 self._tasks.pop(key, None)
-                self._end(key, ())
+                self._end(key)
 
     def _done(self, topic: str, partition: int, count: int) -> None:
         self._in_flight -= count
@@ -227,7 +212,7 @@ class Scheduler(Generic[J]):
             if self._tasks.get(key) is task:  # not a chain submitted meanwhile
                 del self._tasks[key]
                 queue = self._queues.pop(key, None)
-                self._end(key, queue or ())
+                self._end(key)
                 if queue:
                     self._done(key[0], key[1], len(queue))
                     self.abandoned += len(queue)

@@ -67,7 +67,7 @@ from consumer.policy import Gate, GateState, RetryPolicy
 from consumer.ratelimit import partition_share
 from consumer.registry import Registry
 from consumer.routing import Send
-from consumer.scheduling import Scheduler
+from consumer.scheduling import Barrier, Scheduler
 from consumer.sharedstate import FAMILIES, SharedState, build_shared_state
 
 __all__ = ["Callbacks", "Source", "SourceFactory", "Worker", "fair_holds", "fair_margin",
@@ -142,33 +142,29 @@ def fair_share(limit: int, partitions: int) -> int:
     return max(1, limit // max(1, partitions))
 
 
-KEYLESS = ("keyless",)
-"""The ordering key of a keyless message whose user is not known at intake (its schema is
-being fetched, or it is to be dead-lettered): one chain per partition."""
+@dataclass
+class Unresolved:
+    """A keyless event whose user is not known at intake (its schema version is being
+    fetched): any later event of its partition may be the same user's."""
+
+    user: asyncio.Future[str | None]  # its userId once decided (None: none)
+    done: asyncio.Future[None]  # its job ended
 
 
-def _keyless_order(event: Event, decoded: codec.Event | None, scheduler: Scheduler[Event]
-                   ) -> tuple[Hashable, tuple[Hashable, ...]]:
-    """The ordering key of a message its producer sent without a key, and the chains it
-    must wait for: its userId, encoded as `produce` keys (so keyed and keyless events of
-    one user share a chain).
+@dataclass
+class UserWaits:
+    """What an event waits for before it is sent, so that no event of a user overtakes an
+    earlier one of the same user in another chain of the partition.
 
-    Why: each keyless message was its own key, so a retried event reached Userpilot after
-    the same user's later ones. An event whose user is not known yet (schema not cached:
-    no `decoded`, no decision) goes to the partition's KEYLESS chain, after every chain of
-    the partition (it may be any user's next event), and so does every keyless event of
-    the partition while that chain runs, after its own user's chain: a later event of the
-    same user can overtake neither (one did: a review, with a schema version rolling out).
+    `unresolved`: the partition's keyless events taken before it whose user was not known
+    (each is waited for if it turns out to be this event's user). `chains` and `own`: when
+    this event's own user is not known at intake, where each chain of the partition stood
+    (its user's chain is waited for up to there), and what its followers wait on.
     """
-    user = decoded.get("userId") if decoded is not None else _decided_user(event.decision)
-    if isinstance(user, str) and user:
-        own = user.encode()
-        if not scheduler.chained(event.topic, event.partition, KEYLESS):
-            return own, ()
-        return KEYLESS, (own,)
-    if event.decision is None:
-        return KEYLESS, tuple(scheduler.keys(event.topic, event.partition))
-    return KEYLESS, ()  # a dead letter: nothing reaches Userpilot
+
+    unresolved: list[Unresolved]
+    chains: dict[Hashable, Barrier] | None = None
+    own: Unresolved | None = None
 
 
 def _decided_user(decision: object) -> str | None:
@@ -310,6 +306,8 @@ class Worker:
         # partition's lag before this worker committed any).
         self._stats_committed: dict[TP, int] = {}
         self._stats_low: dict[TP, int] = {}  # low watermarks, from the statistics
+        # Keyless events whose user is not known yet, per partition (event loop only).
+        self._unresolved: dict[TP, list[Unresolved]] = {}
         # Where a partition without a committed offset starts (auto.offset.reset).
         self._from_earliest = str(settings.kafka_extra.get(
             "auto.offset.reset", "earliest")) in ("earliest", "smallest", "beginning")
@@ -669,13 +667,24 @@ class Worker:
             if self.handler.debug:
                 self.handler.log_dropped(event.decision, event.fields)
             return event.decision
-        after: tuple[Hashable, ...] = ()
+        unresolved = self._unresolved.get(tp)
         if not key:
-            event.ordering_key, after = _keyless_order(event, decoded, scheduler)
-        elif scheduler.chained(tp[0], tp[1], KEYLESS):
-            # The keyless chain may hold this key's user's earlier event (its user not
-            # known at intake): a keyed event overtook it.
-            after = (KEYLESS,)
+            # Ordered by its userId, encoded as `produce` keys, so keyed and keyless events
+            # of one user share a chain (each keyless message was its own key: a retried
+            # event reached Userpilot after the same user's later ones).
+            user = (decoded.get("userId") if decoded is not None
+                    else _decided_user(event.decision))
+            if isinstance(user, str) and user:
+                event.ordering_key = user.encode()
+            elif event.decision is None:  # its user is known once its schema is
+                loop = asyncio.get_running_loop()
+                own = Unresolved(loop.create_future(), loop.create_future())
+                event.waits = UserWaits(list(unresolved or ()),
+                                        scheduler.barriers(tp[0], tp[1]), own)
+                self._unresolved.setdefault(tp, []).append(own)
+                unresolved = None
+        if unresolved:
+            event.waits = UserWaits(list(unresolved))
         mark = marks.pop(tp, None)
         if mark is not None:
             self.commits.dropped({tp: mark})
@@ -684,7 +693,7 @@ class Worker:
             self._dry.pop(tp, None)  # it brings events to send after all
         event.intake = next(self._intake_seq)
         self.commits.sending(tp, offset, self._window_family(event))
-        scheduler.submit(event, after)
+        scheduler.submit(event)
         return None
 
     def _window_family(self, event: Event) -> str:
@@ -696,7 +705,10 @@ class Worker:
             decision.calls[-1].family if isinstance(decision, Send) else "track")
 
     async def _run_event(self, event: Event) -> Outcome | None:
+        waits = event.waits
         try:
+            if isinstance(waits, UserWaits):
+                await self._wait_for_user(event, waits)
             outcome: Outcome | None = await self.handler.handle(event)
         except DlqGuardTripped as exc:
             self._crash(exc)  # not finished: its offset stays uncommitted
@@ -704,9 +716,42 @@ class Worker:
             # not be sent before this one, which is consumed again after the restart.
             await asyncio.get_running_loop().create_future()
             return None
+        finally:
+            if isinstance(waits, UserWaits) and waits.own is not None:
+                self._resolved((event.topic, event.partition), waits.own)
         self.commits.finish((event.topic, event.partition), event.offset)
         self._finished += 1
         return outcome
+
+    async def _wait_for_user(self, event: Event, waits: UserWaits) -> None:
+        """Before the event is sent: its user's earlier events in other chains of the
+        partition have ended (`UserWaits`). Its own user is known first (its schema)."""
+        await self.handler.decided(event)
+        user = _decided_user(event.decision)
+        own = waits.own
+        if own is not None and not own.user.done():
+            own.user.set_result(user)  # its followers learn whether they wait for it
+        if user is None:
+            return  # nothing of it reaches Userpilot
+        for other in waits.unresolved:
+            # Shielded: a cancelled wait must not cancel what the others wait on.
+            if await asyncio.shield(other.user) == user:
+                await asyncio.shield(other.done)
+        if waits.chains and self._scheduler is not None:
+            barrier = waits.chains.get(user.encode())
+            if barrier is not None:
+                await self._scheduler.reached(barrier)
+
+    def _resolved(self, tp: TP, own: Unresolved) -> None:
+        """An unresolved event's job ended (or its partition went): who waits goes on."""
+        for future in (own.user, own.done):
+            if not future.done():
+                future.set_result(None)
+        waiting = self._unresolved.get(tp)
+        if waiting is not None and own in waiting:
+            waiting.remove(own)
+            if not waiting:
+                del self._unresolved[tp]
 
     def _count_retry(self, exc: Exception) -> None:
         """Count a retry, and log it: at most one line per cause every RETRY_LOG_EVERY_S,
@@ -1046,14 +1091,19 @@ class Worker:
 
         async def drain() -> None:
             self._forget_overflow(parts)
-            # Lost too (nothing is committed then): requests already on the wire need no
-            # Kafka. Cancelled, Userpilot had them all the same, and with Redis their
-            # claims stayed unconfirmed, so this replica, given the partitions back, sent
-            # them again at once (the claim's owner is the same).
-            left = await self._settle(scheduler, parts, budget)
-            if left:
-                log.info("revoke: %d events of %s not sent yet; the next owner delivers "
-                         "them", left, _fmt(parts))
+            try:
+                # Lost too (nothing is committed then): requests already on the wire need
+                # no Kafka. Cancelled, Userpilot had them all the same, and with Redis their
+                # claims stayed unconfirmed, so this replica, given the partitions back,
+                # sent them again at once (the claim's owner is the same).
+                left = await self._settle(scheduler, parts, budget)
+                if left:
+                    log.info("revoke: %d events of %s not sent yet; the next owner "
+                             "delivers them", left, _fmt(parts))
+            finally:
+                for tp in parts:  # unresolved events abandoned before they ran
+                    for own in list(self._unresolved.get(tp, ())):
+                        self._resolved(tp, own)
 
         settling = asyncio.run_coroutine_threadsafe(drain(), self._loop)
         try:

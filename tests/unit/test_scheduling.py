@@ -333,51 +333,50 @@ def test_a_job_that_swallows_its_cancel_and_ends_soon_does_not_start_the_next(
     run(main)
 
 
-def test_a_job_after_another_chain_waits_only_for_what_was_queued_there() -> None:
-    """`after`: the jobs of another chain queued when this one was submitted, not later
-    ones (waits follow submission order, so they cannot form a cycle)."""
-    async def main() -> list[tuple[str, int]]:
+def test_a_barrier_counts_the_jobs_queued_when_it_was_taken_not_later_ones() -> None:
+    """`reached`: waits for the jobs of a chain queued when the barrier was taken, not for
+    later ones (waits follow submission order, so they cannot form a cycle)."""
+    async def main() -> None:
         rec = Recorder()
         crashes, on_crash = crash_collector()
         sched: Scheduler[Work] = Scheduler(rec, on_crash)
-        first, waiting = Work("t", 0, 0, "a"), Work("t", 0, 1, "b")
-        later = Work("t", 0, 2, "a")
+        first = Work("t", 0, 0, "a")
         sched.submit(first)
-        sched.submit(waiting, after=["a", "absent", "b"])  # absent and itself: nothing
+        barriers = sched.barriers("t", 0)
+        assert set(barriers) == {"a"} and sched.barriers("t", 1) == {}
+        later = Work("t", 0, 1, "a")
         sched.submit(later)
-        sched.submit(Work("t", 1, 3, "a"), after=["b"])  # another partition's "b": none
+        waited = asyncio.create_task(sched.reached(barriers["a"]))
         await settle()
-        assert ("start", 1) not in rec.events and ("start", 3) in rec.events
+        assert not waited.done()
         first.release.set()
         await settle()
-        assert ("start", 1) in rec.events and ("start", 2) in rec.events
-        for job in (waiting, later):
-            job.release.set()
+        assert waited.done() and ("start", 1) in rec.events  # `later` still runs
+        again = asyncio.create_task(sched.reached(barriers["a"]))
         await settle()
-        assert crashes == [] and sched.pending() == 1
-        return rec.events
+        assert again.done()  # already reached
+        later.release.set()
+        await drained(sched)
+        assert crashes == []
 
-    events = run(main)
-    assert events.index(("end", 0)) < events.index(("start", 1))
+    run(main)
 
 
-def test_a_cancelled_chain_lets_the_jobs_waiting_for_it_go_on() -> None:
-    async def main() -> list[tuple[str, int]]:
+def test_a_cancelled_chain_lets_who_waits_for_it_go_on() -> None:
+    async def main() -> None:
         rec = Recorder()
         crashes, on_crash = crash_collector()
         sched: Scheduler[Work] = Scheduler(rec, on_crash)
-        sched.submit(Work("t", 0, 0, "a"))
-        waiting = Work("t", 1, 1, "b")
         sched.submit(Work("t", 1, 5, "c"))
-        sched.submit(waiting, after=["c"])
+        barrier = sched.barriers("t", 1)["c"]
+        waited = asyncio.create_task(sched.reached(barrier))
         await settle()
-        assert ("start", 1) not in rec.events
-        await sched.cancel([("t", 1)], keep=lambda job: job.ordering_key == "b")
+        assert not waited.done()
+        await sched.cancel([("t", 1)])
         await settle()
-        assert ("start", 1) in rec.events
-        waiting.release.set()
-        await settle()
-        assert crashes == []
-        return rec.events
+        assert waited.done() and crashes == []
+        # A new run of the same key is another chain: the old barrier does not wait for it.
+        sched.submit(Work("t", 1, 6, "c"))
+        await asyncio.wait_for(sched.reached(barrier), 1)
 
     run(main)

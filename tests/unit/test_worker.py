@@ -1851,7 +1851,8 @@ class SlowRetry(FakeClient):
         return status
 
 
-@pytest.mark.parametrize("case", ["keyless-behind-unknown", "keyed-behind-unknown"])
+@pytest.mark.parametrize("case", ["keyless-behind-unknown", "keyed-behind-unknown",
+                                  "unknown-behind-keyed"])
 def test_a_users_later_event_never_overtakes_one_in_another_chain(case: str) -> None:
     """Keyless: X's first event retries in X's chain; an event whose schema version is
     being fetched (user unknown) opens the keyless chain; X's next keyless event joined
@@ -1861,8 +1862,10 @@ def test_a_users_later_event_never_overtakes_one_in_another_chain(case: str) -> 
     values: list[tuple[bytes | None, bytes]]
     if case == "keyless-behind-unknown":
         values = [(None, track("X", 0)), (None, new_version("Y", 1)), (None, track("X", 2))]
-    else:
+    elif case == "keyed-behind-unknown":
         values = [(None, new_version("X", 0)), (b"X", track("X", 1))]
+    else:  # its user known only once its schema is: it waits for X's chain as it stood
+        values = [(b"X", track("X", 0)), (b"Q", track("Q", 1)), (None, new_version("X", 2))]
     log = {(TOPIC, 0): [Message(TOPIC, 0, i, key, value)
                         for i, (key, value) in enumerate(values)]}
     client = SlowRetry()
@@ -1873,4 +1876,30 @@ def test_a_users_later_event_never_overtakes_one_in_another_chain(case: str) -> 
 
     assert drive(run, scenario) == 0
     of_x = [seq for user, seq in client.accepted if user == "X"]
-    assert of_x == sorted(of_x) and len(of_x) == len(values) - (case == "keyless-behind-unknown")
+    assert of_x == sorted(of_x) and len(of_x) == len(values) - (case != "keyed-behind-unknown")
+
+
+@pytest.mark.parametrize("first", ["unresolved", "undecodable"])
+def test_other_users_do_not_wait_for_a_users_retrying_event(first: str) -> None:
+    """What keeps a user's events in order must not hold the other users of the partition:
+    a first fix made every keyed event wait for the whole keyless chain, and that chain
+    for its users' own chains, so one user's retries (up to 900 s) held everyone."""
+    head = new_version("Y", 0) if first == "unresolved" else b"not avro"
+    values: list[tuple[bytes | None, bytes]] = [
+        (b"Y", track("Y", 0)), (None, head), (None, track("Y", 2)), (b"Z", track("Z", 3)),
+        (None, track("W", 4))]
+    if first == "unresolved":
+        values[0] = (b"Q", track("Q", 5))  # seq 0 is the unresolved Y: it is retried
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, key, value)
+                        for i, (key, value) in enumerate(values)]}
+    client = SlowRetry()
+    run = make(log, registry=TwoVersions(), client=client, USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == len(values), "all", 20)
+
+    assert drive(run, scenario) == 0
+    order = [f"{user}{seq}" for user, seq in client.accepted]
+    # Y's 429 (retried after 0.3 s) holds Y's next event, and nobody else.
+    assert order.index("Y0") < order.index("Y2")
+    assert order.index("Z3") < order.index("Y0") and order.index("W4") < order.index("Y0")
