@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import urllib.parse
 from collections.abc import Iterable
 
@@ -18,6 +19,7 @@ __all__ = ["MASK", "MIN_PARTIAL", "Redactor", "redact", "secret_forms", "url_cre
 MASK = "***"
 MIN_PARTIAL = 4  # a shorter fragment at a cut edge is too likely to be ordinary text
 MIN_ALONE = 6  # a proxy password shorter than this is masked only as part of its pair
+_PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 
 def secret_forms(secrets: Iterable[str]) -> list[str]:
@@ -29,8 +31,12 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
         forms.add(secret)
         forms.add(json.dumps(secret, ensure_ascii=False)[1:-1])
         forms.add(json.dumps(secret)[1:-1])
-        forms.add(urllib.parse.quote(secret, safe=""))
-        forms.add(urllib.parse.quote_plus(secret, safe=""))
+        for quoted in (urllib.parse.quote(secret, safe=""),
+                       urllib.parse.quote_plus(secret, safe="")):
+            forms.add(quoted)
+            # Lowercase escapes are as valid (%2b): a gateway echoing the token into a
+            # redirect's Location that way put it into /readyz and the logs.
+            forms.add(_PERCENT.sub(lambda m: m.group(0).lower(), quoted))
     return sorted(forms, key=len, reverse=True)
 
 

@@ -69,3 +69,13 @@ def test_url_credentials_are_the_password_the_pair_and_its_basic_form() -> None:
     assert url_credentials("http://u:pw@proxy:3128") == ["u:pw", "dTpwdw=="]
     assert url_credentials("http://proxy:3128") == []
     assert url_credentials(None) == []
+
+
+def test_lowercase_percent_escapes_are_masked_too() -> None:
+    """A gateway echoing the token into a redirect's Location with lowercase escapes
+    (`%2b`, valid URL encoding) put it into /readyz and the logs."""
+    secret = "k3Y+pQ/9zA=="
+    for quoted in (urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret, safe="")):
+        lower = quoted.replace("%2B", "%2b").replace("%2F", "%2f").replace("%3D", "%3d")
+        out = redact(f"Location: https://sso.example/?auth={lower}&x=1", [secret])
+        assert lower not in out and "auth=***&x=1" in out
