@@ -86,6 +86,10 @@ MIN_PACE_EVENTS = 50  # ... and only once this many (and half a window) finished
 FULL_POLL_PAUSE_S = 0.002  # between polls while window and overflow are both full
 RESUME_WAIT_S = 1.0  # a resumed partition's first fetch (librdkafka's broker thread)
 POLL_TIMEOUT_S = 0.1
+UNRESOLVED_WAIT_S = 5.0
+"""How long a partition's later events wait to learn the user of a keyless event whose
+schema is being fetched (the registry's own bound on a call): past it they go, and that
+one user's order is not guaranteed while the registry does not answer."""
 INTAKE_TURN_SENDS = 8
 """Events to send taken per turn of the event loop. Each starts a task whose first step
 (building and writing its request, ~0.2 ms) runs in the next turn; taking a whole window at
@@ -149,6 +153,8 @@ class Unresolved:
 
     user: asyncio.Future[str | None]  # its userId once decided (None: none)
     done: asyncio.Future[None]  # its job ended
+    known_by: float  # monotonic time after which others no longer wait to learn its user
+    warned: bool = False
 
 
 @dataclass
@@ -678,7 +684,8 @@ class Worker:
                 event.ordering_key = user.encode()
             elif event.decision is None:  # its user is known once its schema is
                 loop = asyncio.get_running_loop()
-                own = Unresolved(loop.create_future(), loop.create_future())
+                own = Unresolved(loop.create_future(), loop.create_future(),
+                                 time.monotonic() + UNRESOLVED_WAIT_S)
                 event.waits = UserWaits(list(unresolved or ()),
                                         scheduler.barriers(tp[0], tp[1]), own)
                 self._unresolved.setdefault(tp, []).append(own)
@@ -735,7 +742,22 @@ class Worker:
             return  # nothing of it reaches Userpilot
         for other in waits.unresolved:
             # Shielded: a cancelled wait must not cancel what the others wait on.
-            if await asyncio.shield(other.user) == user:
+            if not other.user.done():
+                # Bounded: with the registry down its user stays unknown, and every later
+                # event of the partition waited, filled the window and paused the replica.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, other.known_by - time.monotonic())):
+                        await asyncio.shield(other.user)
+                if not other.user.done():
+                    if not other.warned:
+                        other.warned = True
+                        log.warning("the user of an earlier keyless event of %s[%d] is not "
+                                    "known after %.0f s (its schema is not fetched yet); "
+                                    "later events go on: that user's order is not "
+                                    "guaranteed", event.topic, event.partition,
+                                    UNRESOLVED_WAIT_S)
+                    continue  # its user is not known in time: not waited for
+            if other.user.result() == user:
                 await asyncio.shield(other.done)
         if waits.chains and self._scheduler is not None:
             barrier = waits.chains.get(user.encode())

@@ -1903,3 +1903,45 @@ def test_other_users_do_not_wait_for_a_users_retrying_event(first: str) -> None:
     # Y's 429 (retried after 0.3 s) holds Y's next event, and nobody else.
     assert order.index("Y0") < order.index("Y2")
     assert order.index("Z3") < order.index("Y0") and order.index("W4") < order.index("Y0")
+
+
+class RegistryDownFor(TwoVersions):
+    """The new version's fetch fails (registry unreachable) for `down_s` seconds."""
+
+    def __init__(self, down_s: float) -> None:
+        super().__init__()
+        self.fetch_delay = 0.0
+        self.until = time.monotonic() + down_s
+
+    def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
+        if schema_id != SCHEMA_ID and time.monotonic() < self.until:
+            raise ConnectionError("registry unreachable")
+        return super().writer_schema(schema_id)
+
+
+def test_a_registry_outage_holds_other_users_only_briefly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Learning an unresolved keyless event's user is bounded: with the registry down it
+    stayed unknown, every later event of the partition waited for it, the window filled
+    and the replica stopped delivering until the registry came back."""
+    monkeypatch.setattr(worker_module, "UNRESOLVED_WAIT_S", 0.3)
+    values: list[tuple[bytes | None, bytes]] = [
+        (None, new_version("X", 0)), (b"Z", track("Z", 1)), (None, track("W", 2))]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, key, value)
+                        for i, (key, value) in enumerate(values)]}
+    client = SlowRetry()
+    client.failed = True  # no 429 here
+    run = make(log, registry=RegistryDownFor(3.0), client=client,
+               USERPILOT_ENSURE_USER="false")
+    seen: dict[str, float] = {}
+
+    async def scenario(source: FakeSource) -> None:
+        start = time.monotonic()
+        await until(lambda: len(client.accepted) >= 2, "the other users", 10)
+        seen["others"] = time.monotonic() - start
+        await until(lambda: source.committed().get((TOPIC, 0)) == 3, "all", 20)
+
+    assert drive(run, scenario) == 0
+    assert seen["others"] < 2.0  # not the 3 s outage (and the fetch's backoff after it)
+    assert {user for user, _ in client.accepted[:2]} == {"Z", "W"}
+    assert client.accepted[-1] == ("X", 0)
