@@ -1851,6 +1851,22 @@ class SlowRetry(FakeClient):
         return status
 
 
+def drain_mixed(values: list[tuple[bytes | None, bytes]],
+                registry: FakeRegistry | None = None) -> SlowRetry:
+    """Deliver partition 0 of (key, value) pairs to the end; the client says what went."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, key, value)
+                        for i, (key, value) in enumerate(values)]}
+    client = SlowRetry()
+    run = make(log, registry=registry or TwoVersions(), client=client,
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == len(values), "all", 20)
+
+    assert drive(run, scenario) == 0
+    return client
+
+
 @pytest.mark.parametrize("case", ["keyless-behind-unknown", "keyed-behind-unknown",
                                   "unknown-behind-keyed"])
 def test_a_users_later_event_never_overtakes_one_in_another_chain(case: str) -> None:
@@ -1866,15 +1882,7 @@ def test_a_users_later_event_never_overtakes_one_in_another_chain(case: str) -> 
         values = [(None, new_version("X", 0)), (b"X", track("X", 1))]
     else:  # its user known only once its schema is: it waits for X's chain as it stood
         values = [(b"X", track("X", 0)), (b"Q", track("Q", 1)), (None, new_version("X", 2))]
-    log = {(TOPIC, 0): [Message(TOPIC, 0, i, key, value)
-                        for i, (key, value) in enumerate(values)]}
-    client = SlowRetry()
-    run = make(log, registry=TwoVersions(), client=client, USERPILOT_ENSURE_USER="false")
-
-    async def scenario(source: FakeSource) -> None:
-        await until(lambda: source.committed().get((TOPIC, 0)) == len(values), "all", 20)
-
-    assert drive(run, scenario) == 0
+    client = drain_mixed(values)
     of_x = [seq for user, seq in client.accepted if user == "X"]
     assert of_x == sorted(of_x) and len(of_x) == len(values) - (case != "keyed-behind-unknown")
 
@@ -1890,15 +1898,7 @@ def test_other_users_do_not_wait_for_a_users_retrying_event(first: str) -> None:
         (None, track("W", 4))]
     if first == "unresolved":
         values[0] = (b"Q", track("Q", 5))  # seq 0 is the unresolved Y: it is retried
-    log = {(TOPIC, 0): [Message(TOPIC, 0, i, key, value)
-                        for i, (key, value) in enumerate(values)]}
-    client = SlowRetry()
-    run = make(log, registry=TwoVersions(), client=client, USERPILOT_ENSURE_USER="false")
-
-    async def scenario(source: FakeSource) -> None:
-        await until(lambda: source.committed().get((TOPIC, 0)) == len(values), "all", 20)
-
-    assert drive(run, scenario) == 0
+    client = drain_mixed(values)
     order = [f"{user}{seq}" for user, seq in client.accepted]
     # Y's 429 (retried after 0.3 s) holds Y's next event, and nobody else.
     assert order.index("Y0") < order.index("Y2")
