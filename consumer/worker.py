@@ -1169,12 +1169,7 @@ class Worker:
         """
         with self._parts_lock:
             parts = sorted(self.paused & self.assigned)
-            # Nothing committed by this worker yet: the group's offset as librdkafka knows
-            # it; none in the group either (a new group or partition): what this worker
-            # would commit, so such a partition has a lag too.
-            committed = {**(self._stats_low if self._from_earliest else {}),
-                         **self.commits.committable(parts), **self._stats_committed,
-                         **self.commits.committed()}
+            committed = self._lag_bases_locked(parts)
         try:
             highs = source.high_watermarks(
                 [tp for tp in parts if tp in committed], PAUSED_LAG_TIMEOUT_S)
@@ -1219,15 +1214,24 @@ class Worker:
                     self.m.consumer_lag.labels(topic, pid).set(lag)
 
     def _uncommitted_lag(self, tp: TP, high: object) -> int | None:
-        """The lag of a partition with no committed offset: from what this worker would
-        commit, else (reading from the earliest, the default) from the low watermark."""
+        """The lag of a partition librdkafka has none for (nothing committed in the group)."""
         if not isinstance(high, int) or high < 0:
             return None
-        base = self.commits.committable([tp]).get(tp)
-        if base is None and self._from_earliest:
-            with self._parts_lock:
-                base = self._stats_low.get(tp)
+        with self._parts_lock:
+            base = self._lag_bases_locked([tp]).get(tp)
         return None if base is None else max(0, high - base)
+
+    def _lag_bases_locked(self, parts: Sequence[TP]) -> dict[TP, int]:
+        """Where each partition's lag counts from: the offset this worker had acknowledged,
+        else the group's as librdkafka knows it, else (a new group or partition) what this
+        worker would commit, else, reading from the earliest (the default), the low
+        watermark; so every partition has a lag. `_parts_lock` held."""
+        low = ({tp: self._stats_low[tp] for tp in parts if tp in self._stats_low}
+               if self._from_earliest else {})
+        group = {tp: self._stats_committed[tp] for tp in parts if tp in self._stats_committed}
+        mine = self.commits.committed()
+        return {**low, **self.commits.committable(parts), **group,
+                **{tp: mine[tp] for tp in parts if tp in mine}}
 
 
 def _fmt(parts: Sequence[TP]) -> str:
