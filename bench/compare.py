@@ -121,26 +121,35 @@ def delivery(bench: TreeBench, trees: Sequence[str], rounds: int) -> list[dict[s
     return rows
 
 
-def others(bench: TreeBench, trees: Sequence[str], rounds: int) -> list[dict[str, Any]]:
-    """Saturation (both scenarios), peak RSS draining a backlog, added latency, per tree."""
+OTHERS = ("saturation", "memory", "latency")
+
+
+def others(bench: TreeBench, trees: Sequence[str], rounds: int,
+           parts: Sequence[str] = OTHERS) -> list[dict[str, Any]]:
+    """Saturation (both scenarios), peak RSS draining a backlog, added latency, per tree.
+
+    The trees' order alternates by round, so a drift in the machine's load over the run
+    falls on each tree alike.
+    """
     rows: list[dict[str, Any]] = []
     base = bench.run_id
     for r in range(rounds):
-        for tree in trees:
+        for tree in (trees if r % 2 == 0 else trees[::-1]):
             bench.tree = tree
             bench.run_id = f"{base}-{r}-{_name(tree)}"  # fresh groups and latency topic
-            sat = bench.saturation()
-            mem = bench.memory()
-            lat = bench.latency()
-            row = {
-                "round": r, "tree": _name(tree),
-                "saturation": {k: {f: sat[k][f] for f in ("window_counts",
-                                                          "busiest_sliding_window",
-                                                          "responses_429")}
-                               for k in ("1_worker", "3_workers")},
-                "peak_rss_mb": mem["peak_rss_mb"], "memory_delivered": mem["delivered"],
-                "added_latency_ms": lat["added_ms"],
-            }
+            row: dict[str, Any] = {"round": r, "tree": _name(tree)}
+            if "saturation" in parts:
+                sat = bench.saturation()
+                row["saturation"] = {k: {f: sat[k][f] for f in ("window_counts",
+                                                                "busiest_sliding_window",
+                                                                "responses_429")}
+                                     for k in ("1_worker", "3_workers")}
+            if "memory" in parts:
+                mem = bench.memory()
+                row["peak_rss_mb"] = mem["peak_rss_mb"]
+                row["memory_delivered"] = mem["delivered"]
+            if "latency" in parts:
+                row["added_latency_ms"] = bench.latency()["added_ms"]
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -156,17 +165,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--delivery-events", type=int, default=10_000)
     parser.add_argument("--latency-ms", type=float, default=20.0,
                         help="the sandbox's latency for `delivery`")
+    parser.add_argument("--parts", default=",".join(OTHERS),
+                        help="what `others` measures, comma-separated: " + ", ".join(OTHERS))
+    parser.add_argument("--sat-limit", type=int, default=200,
+                        help="saturation's limit per window (Userpilot's: 600)")
+    parser.add_argument("--sat-window", type=float, default=10.0,
+                        help="saturation's window in seconds (Userpilot's: 60)")
+    parser.add_argument("--sat-windows", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    parts = [part for part in args.parts.split(",") if part]
+    unknown = sorted(set(parts) - set(OTHERS))
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(OTHERS)}")
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     registry = os.environ.get("SCHEMA_REGISTRY_URL")
     if not bootstrap or not registry:
         print("error: set KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL", file=sys.stderr)
         return 2
     trees = [HERE if t == "here" else str(Path(t).resolve()) for t in args.trees.split(",")]
-    # Compressed saturation (200 per 10 s, 3 windows), a 200,000-event memory backlog.
-    params = replace(Params.smoke_run(), drop_events=args.drop_events, sat_limit=200,
-                     sat_window_s=10.0, sat_windows=3, sat_parallel=True,
+    # Saturation compressed by default (200 per 10 s, 3 windows), a 200,000-event memory
+    # backlog.
+    params = replace(Params.smoke_run(), drop_events=args.drop_events,
+                     sat_limit=args.sat_limit, sat_window_s=args.sat_window,
+                     sat_windows=args.sat_windows, sat_parallel=True,
                      memory_events=200_000, memory_min_s=15.0, memory_max_s=20.0,
                      latency_seconds=10.0)
     if args.what == "delivery":
@@ -178,8 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.chdir(scratch)  # `python -m consumer` puts the working directory first on sys.path
     bench = TreeBench(bootstrap, registry, params, scratch)
     try:
-        run = {"drop": drop, "delivery": delivery, "others": others}[args.what]
-        rows = run(bench, trees, args.rounds)
+        if args.what == "others":
+            rows = others(bench, trees, args.rounds, parts)
+        else:
+            rows = {"drop": drop, "delivery": delivery}[args.what](bench, trees, args.rounds)
     finally:
         bench.cleanup()
     if out is not None:

@@ -158,6 +158,15 @@ def test_compare_refuses_to_run_without_services(monkeypatch: pytest.MonkeyPatch
     assert compare.main(["drop"]) == 2
 
 
+def test_compare_refuses_an_unknown_part(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import compare
+
+    with pytest.raises(SystemExit) as stop:
+        compare.main(["others", "--parts", "saturation,speed"])
+    assert stop.value.code == 2
+    assert "--parts: unknown speed" in capsys.readouterr().err
+
+
 def test_read_rss_of_this_process() -> None:
     import os
 
