@@ -597,6 +597,14 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
         except UnicodeEncodeError:
             reader.problems.append(f"{name} holds bytes that are not UTF-8 text: re-enter it")
             continue
+        if key == "isolation.level" and value.strip() != "read_committed":
+            # read_uncommitted hands over the records of aborted transactions: events their
+            # producer rolled back would reach Userpilot.
+            reader.problems.append(
+                f"{name}={value!r} would send Userpilot the events of aborted transactions; "
+                "the worker reads committed records only: remove it (or set read_committed)"
+            )
+            continue
         if check_clients:
             from consumer.librdkafka import property_problem
 

@@ -366,6 +366,15 @@ def test_kafka_pass_through_mapping() -> None:
     }
 
 
+@pytest.mark.parametrize("value", ["read_uncommitted", "READ_COMMITTED"])
+def test_only_read_committed_isolation_is_accepted(value: str) -> None:
+    # Uncommitted reads would hand over the events of aborted transactions (review
+    # "offsets16": 500 rolled-back events reached Userpilot).
+    text = problem(KAFKA_ISOLATION_LEVEL=value)
+    assert f"KAFKA_ISOLATION_LEVEL={value!r}" in text
+    assert "aborted transactions" in text and "read_committed" in text
+
+
 @pytest.mark.parametrize("key", sorted(SECRET_KAFKA_KEYS))
 def test_every_secret_kafka_key_is_wrapped(key: str) -> None:
     name = "KAFKA_" + key.upper().replace(".", "_")
