@@ -8,6 +8,11 @@ what the previous owner's note named, skipped at intake). It never calls Kafka: 
 asks `due` what to commit, runs the commit on the poll thread and reports back with
 `requested` / `acknowledged`.
 
+A partition's log can go back under a running worker (its topic deleted and created
+again, a log truncated by an unclean leader election): the worker then `restart`s the
+partition, and the old log's events finish under their `generation` without touching the
+new log's offsets.
+
 Thread rule: two threads touch this state. The event loop takes and finishes offsets;
 the Kafka poll thread assigns and releases partitions (rebalance callbacks), asks what is
 due and records commit results (librdkafka's commit callback). Every public method takes
@@ -17,6 +22,7 @@ it.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -43,16 +49,44 @@ class Commits:
         self._unanswered: dict[TP, deque[tuple[int, str]]] = {}
         self._committed_notes: dict[TP, str] = {}  # ... and with each acknowledged one
         self._inheriting: set[TP] = set()  # partitions with a previous owner's note ahead
+        # Per partition, the generation of its tracker: a new one per assignment and per
+        # `restart`; an event finishes under the generation it was taken in.
+        self._generations: dict[TP, int] = {}
+        self._next_generation = itertools.count(1)
 
     # -- partitions (poll thread) -------------------------------------------------------
     def assign(self, parts: Iterable[TP]) -> None:
         """Start tracking newly assigned partitions from scratch."""
         with self._lock:
             for tp in parts:
-                self._offsets[tp] = PartitionOffsets()
-                for known in (self._committed, self._requested, self._notes,
-                              self._committed_notes, self._unanswered):
-                    known.pop(tp, None)
+                self._track_anew(tp)
+
+    def _track_anew(self, tp: TP) -> None:
+        """A fresh tracker and commit record for `tp`, under a new generation. Lock held."""
+        self._offsets[tp] = PartitionOffsets()
+        self._generations[tp] = next(self._next_generation)
+        for known in (self._committed, self._requested, self._notes,
+                      self._committed_notes, self._unanswered):
+            known.pop(tp, None)
+        self._inheriting.discard(tp)
+
+    def restart(self, tp: TP) -> bool:
+        """`tp`'s log went back (an offset at or below one already taken): track it anew,
+        as if just assigned. The old log's events still in flight finish under their old
+        generation and are ignored; answers to commits of the old log that exceed what the
+        new log has taken are ignored (`acknowledged`). False when `tp` is not assigned."""
+        with self._lock:
+            if tp not in self._offsets:
+                return False
+            self._track_anew(tp)
+            return True
+
+    def high(self, tp: TP) -> int | None:
+        """The highest offset taken or skipped on `tp` (-1: none yet; None: `tp` is not
+        assigned). Asked once per partition per slice of a polled batch."""
+        with self._lock:
+            tracker = self._offsets.get(tp)
+            return None if tracker is None else tracker.high
 
     def inherit(self, finished: Mapping[TP, Finished]) -> None:
         """What the previous owners' commits named finished (`decode_note`), per partition;
@@ -85,16 +119,18 @@ class Commits:
         with self._lock:
             for tp in parts:
                 self._offsets.pop(tp, None)
+                self._generations.pop(tp, None)
 
     # -- events (event loop) ------------------------------------------------------------
-    def take(self, tp: TP, offset: int) -> bool:
-        """Record an offset handed to the pipeline; False when `tp` is not assigned."""
+    def take(self, tp: TP, offset: int) -> int:
+        """Record an offset handed to the pipeline; returns the generation to `finish` it
+        under (0, falsy, when `tp` is not assigned)."""
         with self._lock:
             tracker = self._offsets.get(tp)
             if tracker is None:
-                return False
+                return 0
             tracker.started(offset)
-            return True
+            return self._generations[tp]
 
     def owns(self, tp: TP) -> bool:
         """`tp` is assigned: its messages may be taken (asked once per slice of a polled
@@ -125,12 +161,41 @@ class Commits:
             if tracker is not None:
                 tracker.sent(offset, family)
 
-    def finish(self, tp: TP, offset: int) -> None:
-        """The event has its outcome (delivered, dropped, dead-lettered and acked)."""
+    def finish(self, tp: TP, offset: int, generation: int | None = None) -> None:
+        """The event has its outcome (delivered, dropped, dead-lettered and acked);
+        `generation`: what `take` returned (None: the current one). An event of a log the
+        partition no longer reads (`restart`) or of an earlier assignment is ignored."""
         with self._lock:
             tracker = self._offsets.get(tp)
-            if tracker is not None:
+            if tracker is not None and (generation is None
+                                        or generation == self._generations.get(tp)):
                 tracker.finished(offset)
+
+    def settled(self) -> list[TP]:
+        """Assigned partitions with every taken offset finished: where the consumer's
+        position may be ahead of the last offset taken (`passed`)."""
+        with self._lock:
+            return [tp for tp, tracker in self._offsets.items() if not tracker.unfinished]
+
+    def passed(self, positions: Mapping[TP, int]) -> list[TP]:
+        """The consumer's positions of partitions all of whose handed-over messages were
+        taken: the offsets below a position that were never handed over (transaction
+        markers, aborted transactions' records) are finished like drops, so the commit
+        reaches the log's end. Without it, a transactional topic's committed offset
+        stopped at each partition's last commit marker: a lag of 1 for ever, of the whole
+        batch after an aborted one (review "offsets16"). Returns the partitions moved.
+
+        The caller guarantees that every message handed over was taken: a position also
+        counts a message handed over and not taken yet, which this would skip."""
+        moved: list[TP] = []
+        with self._lock:
+            for tp, position in positions.items():
+                tracker = self._offsets.get(tp)
+                if (tracker is not None and not tracker.unfinished
+                        and position > tracker.high + 1):
+                    tracker.skipped(position - 1)
+                    moved.append(tp)
+        return moved
 
     def in_window_by_family(self) -> dict[str, int]:
         """Events sent or sending and not committed, per window family: what a crash now
@@ -219,13 +284,15 @@ class Commits:
                 if unanswered:
                     unanswered.popleft()
             for tp, offset in done:
+                tracker = self._offsets.get(tp)
+                if tracker is not None and not tracker.could_commit(offset):
+                    continue  # a commit of the log before a `restart`: not this log's
                 committed = self._committed.get(tp, -1)
                 if offset < committed:
                     self._forget(tp, offset)  # an older commit's late answer: no news
                     continue
                 before = self._committed_notes.get(tp) if offset == committed else None
                 note = self._credit(tp, offset)
-                tracker = self._offsets.get(tp)
                 if offset == committed:
                     if tracker is not None and note is not None and note != before:
                         # The same offset with another note: what it names now (more, or

@@ -147,6 +147,7 @@ class Event:
     attempts: Attempts = field(default_factory=Attempts)
     plan: CallPlan | None = None  # the calls of a Send, resumed where a failure stopped
     intake: int = 0  # the worker's intake sequence: lower goes first in a limiter's queue
+    generation: int = 0  # its partition's tracker when taken (`Commits.take`)
     waits: object = None  # the worker's ordering waits (`worker.UserWaits`), from intake
 
     @property

@@ -390,6 +390,17 @@ class KafkaSource:
                 total += len(info.partitions)
         return total
 
+    def positions(self, parts: Sequence[TP]) -> dict[TP, int]:
+        """The consumer's position (the next offset to hand over) of each partition that has
+        one. librdkafka moves it past what it never hands over: transaction markers and the
+        records of aborted transactions. Local: no broker call."""
+        try:
+            answer = self._consumer.position([TopicPartition(t, p) for t, p in parts])
+        except KafkaException:
+            return {}
+        return {(tp.topic, tp.partition): tp.offset for tp in answer or []
+                if tp.error is None and tp.offset >= 0}
+
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         """The broker's high watermark (next offset) of each partition, asked now (not
         librdkafka's cached figure); those that did not answer within `timeout_s` in all

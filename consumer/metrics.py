@@ -371,6 +371,12 @@ class Metrics:
             "Consumer-group rebalance callbacks, by kind.",
             ["kind"],
         )
+        self.log_resets = counter(
+            "log_resets",
+            "A partition's offsets went back under the worker (its topic deleted and created "
+            "again, or its log truncated): tracked anew from the lower offset, by topic.",
+            ["topic"],
+        )
         self.integration_up = gauge(
             "integration_up",
             "1 normally; 0 while Userpilot refuses delivery (401/403/404, a redirect, "
@@ -460,9 +466,10 @@ class Metrics:
             self.redis_errors.labels(operation).inc()
 
     def declare_topics(self, topics: Iterable[str]) -> None:
-        """Create the consumed series per source topic, so zero traffic shows as 0."""
+        """Create the consumed and log-reset series per source topic, so they read 0."""
         for topic in topics:
             self.events_consumed.labels(topic)
+            self.log_resets.labels(topic)
 
     def declare_event_names(self, names: Iterable[str]) -> None:
         """Create the delivered series for every mapped event name."""

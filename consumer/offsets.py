@@ -199,7 +199,7 @@ class PartitionOffsets:
     def started(self, offset: int) -> None:
         """Record an offset handed to the pipeline; offsets arrive in increasing order."""
         if self._high is not None and offset <= self._high:
-            return  # a re-fetch after seek: already tracked
+            return  # never handed over twice (the worker restarts a log that went back)
         self._pending.append(offset)
         self._open.add(offset)
         self._high = offset
@@ -236,6 +236,17 @@ class PartitionOffsets:
             # the finished ones after it are named by the commits' notes and leave the
             # window, so intake goes on: keep only the unfinished (amortised O(1)).
             self._pending = deque(o for o in pending if o in self._open)
+
+    @property
+    def high(self) -> int:
+        """The highest offset taken or skipped (-1: none yet)."""
+        return -1 if self._high is None else self._high
+
+    def could_commit(self, offset: int) -> bool:
+        """`offset` is one this tracker could have had committed: at most one past what it
+        took. Anything else answers a commit of another log (the partition's log was
+        replaced while that commit was on its way)."""
+        return self._high is not None and offset <= self._high + 1
 
     def committable(self) -> int | None:
         """The offset to commit (next to read), or None when nothing was taken yet."""

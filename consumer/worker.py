@@ -86,6 +86,7 @@ MIN_PACE_EVENTS = 50  # ... and only once this many (and half a window) finished
 FULL_POLL_PAUSE_S = 0.002  # between polls while window and overflow are both full
 RESUME_WAIT_S = 1.0  # a resumed partition's first fetch (librdkafka's broker thread)
 POLL_TIMEOUT_S = 0.1
+_UNASKED = -2  # `_intake`: a partition's last offset not asked for yet in this slice
 UNRESOLVED_WAIT_S = 5.0
 """How long a partition's later events wait to learn the user of a keyless event whose
 schema is being fetched (the registry's own bound on a call): past it they go, and that
@@ -227,6 +228,7 @@ class Source(Protocol):
                        ) -> tuple[dict[TP, Finished], list[TP]]: ...
     def partition_count(self, timeout_s: float = 10.0) -> int: ...
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]: ...
+    def positions(self, parts: Sequence[TP]) -> dict[TP, int]: ...
     def serve(self, timeout_s: float) -> None: ...
     def close(self, timeout_s: float) -> bool: ...
     def shutdown(self) -> None: ...
@@ -450,6 +452,9 @@ class Worker:
                         # The rest is not taken: it follows every taken offset of its
                         # partition, so it is read again (by the next owner).
                         break
+                # Every message handed over is taken: the consumer's positions may commit
+                # what it never hands over (`Commits.passed`).
+                whole = position >= len(batch) and not self._overflow
                 self._note_pace(scheduled)
                 # Periodically, and at once when caught up (an idle poll): a drained backlog
                 # should not wait for the timer to be committed.
@@ -459,7 +464,7 @@ class Worker:
                 now = time.monotonic()
                 if not messages or now - last_commit >= self.s.commit_interval_s:
                     noted = now - last_noted >= self.s.commit_interval_s
-                    await source.call(self._commit, source, None, False, noted)
+                    await source.call(self._commit, source, None, False, noted, whole)
                     last_commit = time.monotonic()
                     if noted:
                         last_noted = last_commit
@@ -580,10 +585,14 @@ class Worker:
         Partition ownership is asked once per partition per slice: it cannot change
         meanwhile (rebalance callbacks run on the poll thread inside a `Source.call`,
         and none is in progress while this synchronous method runs).
+
+        librdkafka hands each offset over once and the worker never seeks, so an offset at
+        or below one already taken means the partition's log went back (`_went_back`).
         """
         handler = self.handler
         screen = None if handler.debug else handler.screen
-        owned: dict[TP, bool] = {}
+        # Per partition, the last offset taken (-1: none yet; None: not assigned).
+        owned: dict[TP, int | None] = {}
         marks: dict[TP, int] = {}  # per partition, the last dropped offset not recorded yet
         # Drops counted by identity: each reason is one shared object (`filtering`), and an
         # int key spares hashing a dataclass per event; `kinds` maps the ids back.
@@ -614,11 +623,15 @@ class Worker:
                 topic, partition, offset = message.topic(), message.partition(), message.offset()
                 assert topic is not None and partition is not None and offset is not None
                 tp = (topic, partition)
-                mine = owned.get(tp)
-                if mine is None:
-                    mine = owned[tp] = self.commits.owns(tp)
-                if not mine:
+                last = owned.get(tp, _UNASKED)
+                if last == _UNASKED:
+                    last = self.commits.high(tp)
+                if last is None:
+                    owned[tp] = None
                     continue  # a message of a partition revoked meanwhile
+                if offset <= last:
+                    self._went_back(tp, last, offset, marks)
+                owned[tp] = offset
                 if inherited:
                     done = inherited.get(tp)
                     if done is not None and done.covers(offset):
@@ -654,6 +667,27 @@ class Worker:
             for topic, count in taken.items():
                 self._consumed(topic).inc(count)
         return scheduled, position
+
+    def _went_back(self, tp: TP, last: int, offset: int, marks: dict[TP, int]) -> None:
+        """`tp` handed over `offset` after `last`: its log was replaced (the topic deleted and
+        created again) or truncated (an unclean leader election), and librdkafka reset its
+        position. Track the partition anew from `offset`, as a fresh assignment: the old
+        log's events still in flight finish without a say in its commits (their offsets
+        name other events now), and the window and the commits count the new log's own.
+        Left as it was, the old tracker ignored every offset up to `last`: the worker
+        committed past an unfinished event of the new log and its window stopped counting
+        (review "offsets16")."""
+        mark = marks.pop(tp, None)
+        if mark is not None:
+            self.commits.dropped({tp: mark})
+        self.commits.restart(tp)
+        self.m.log_resets.labels(tp[0]).inc()
+        log.error("%s went back from offset %d to %d: its log was replaced (topic deleted "
+                  "and created again) or truncated. Tracking it anew from %d; events of the "
+                  "old log still in flight are delivered but no longer hold its commits. "
+                  "Stop the workers before recreating a source topic: when the new log is "
+                  "already longer, Kafka's client goes on from offset %d and skips the "
+                  "records before it unseen", _fmt([tp]), last, offset, offset, last + 1)
 
     def _take(self, message: KafkaMessage, tp: TP, offset: int, decoded: codec.Event | None,
               marks: dict[TP, int], scheduler: Scheduler[Event]) -> Drop | None:
@@ -695,7 +729,7 @@ class Worker:
         mark = marks.pop(tp, None)
         if mark is not None:
             self.commits.dropped({tp: mark})
-        self.commits.take(tp, offset)  # owned: checked for this batch by the caller
+        event.generation = self.commits.take(tp, offset)  # owned: the caller checked
         if self._dry:
             self._dry.pop(tp, None)  # it brings events to send after all
         event.intake = next(self._intake_seq)
@@ -726,7 +760,7 @@ class Worker:
         finally:
             if isinstance(waits, UserWaits) and waits.own is not None:
                 self._resolved((event.topic, event.partition), waits.own)
-        self.commits.finish((event.topic, event.partition), event.offset)
+        self.commits.finish((event.topic, event.partition), event.offset, event.generation)
         self._finished += 1
         return outcome
 
@@ -959,15 +993,21 @@ class Worker:
         return max(by_family.values(), default=0), max(1, len(by_family))
 
     def _commit(self, source: Source, parts: Sequence[TP] | None, wait: bool,
-                note_changes: bool = True) -> None:
+                note_changes: bool = True, positions: bool = False) -> None:
         """Commit finished offsets (poll thread), each with its note of the offsets finished
         above it (`offsets.encode_note`: the next owner skips them).
 
         `wait=False` pipelines the commit: the window frees only when the coordinator's
         acknowledgement is served by a later poll (`_on_committed`), so a crash still
         re-delivers at most WORKER_MAX_IN_FLIGHT events. `note_changes`: also partitions whose
-        offset did not move but whose note changed (`Commits.due_noted`).
+        offset did not move but whose note changed (`Commits.due_noted`). `positions`: every
+        message handed over was taken, so settled partitions commit up to the consumer's
+        position (past transaction markers and aborted records; only the main loop knows).
         """
+        if positions:
+            settled = self.commits.settled()
+            if settled:
+                self.commits.passed(source.positions(settled))
         if not wait and self.commits.outstanding():
             # One asynchronous commit at a time; its answer lets the next carry everything
             # finished meanwhile. Catching up, the offset moved on every loop pass: ~170

@@ -85,6 +85,7 @@ def test_a_commit_is_outstanding_from_its_request_to_its_acknowledgement() -> No
     commits = Commits()
     a, b = ("t", 0), ("t", 1)
     commits.assign([a, b])
+    commits.dropped({a: 9, b: 9})  # a commit is only ever of offsets taken
     assert not commits.outstanding()
     commits.requested({a: 3, b: 7})
     commits.acknowledged([(a, 3)])
@@ -188,3 +189,28 @@ def test_an_acknowledged_note_frees_the_window_of_what_it_names() -> None:
     c.requested({tp: 0}, {tp: note})
     c.acknowledged([(tp, 0)])  # the same note again changes nothing
     assert c.in_window_by_partition() == {tp: 3}
+
+
+def test_a_restarted_partition_ignores_the_old_logs_finishes_and_commit_answers() -> None:
+    tp = ("t", 0)
+    commits = Commits()
+    commits.assign([tp])
+    old = [commits.take(tp, offset) for offset in range(30)]
+    for offset in range(30):
+        if offset != 2:
+            commits.finish(tp, offset, old[offset])
+    commits.requested({tp: 2})
+    assert commits.restart(tp)
+    assert commits.high(tp) == -1 and commits.committable([tp]) == {}
+    new = commits.take(tp, 0), commits.take(tp, 1), commits.take(tp, 2)
+    assert new[0] != old[0], "a new generation"
+    commits.finish(tp, 2, old[2])  # the old log's event at offset 2 ends: not the new one's
+    commits.finish(tp, 0, new[0])
+    assert commits.committable([tp]) == {tp: 1}
+    # The old log's commit answered late, and one of offset 30: neither is this log's.
+    assert commits.acknowledged([(tp, 30)]) == []
+    assert commits.committed() == {}
+    commits.finish(tp, 1, new[1])
+    commits.requested({tp: 2})
+    assert commits.acknowledged([(tp, 2)]) == [(tp, 2)]
+    assert not commits.restart(("t", 9)), "not assigned"

@@ -48,6 +48,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "userpilot_consumer_lag": ("gauge", ("topic", "partition")),
     "userpilot_committed_offset": ("gauge", ("topic", "partition")),
     "userpilot_rebalances": ("counter", ("kind",)),
+    "userpilot_log_resets": ("counter", ()),
     "userpilot_integration_up": ("gauge", ()),
     "userpilot_dlq_guard_tripped": ("gauge", ()),
     "userpilot_dlq_unwritable": ("gauge", ()),
@@ -85,6 +86,7 @@ ATTRIBUTES = {
     "consumer_lag": "userpilot_consumer_lag",
     "committed_offset": "userpilot_committed_offset",
     "rebalances": "userpilot_rebalances",
+    "log_resets": "userpilot_log_resets",
     "integration_up": "userpilot_integration_up",
     "dlq_guard_tripped": "userpilot_dlq_guard_tripped",
     "dlq_unwritable": "userpilot_dlq_unwritable",
@@ -253,6 +255,7 @@ def test_declare_creates_zero_series(reg: CollectorRegistry, m: Metrics) -> None
     for cat in ("analytics", "marketing"):
         assert value(reg, "userpilot_events_dropped_total", reason="consent", category=cat) == 0
     assert value(reg, "userpilot_events_consumed_total", topic="signal.events") == 0
+    assert value(reg, "userpilot_log_resets_total", topic="signal.events") == 0
 
 
 def test_declare_does_not_reset_counts(reg: CollectorRegistry, m: Metrics) -> None:

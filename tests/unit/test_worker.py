@@ -124,6 +124,8 @@ class FakeSource:
     note_limit: int = NOTE_MAX_CHARS
     stored: dict[TP, tuple[int, str]] = field(default_factory=dict)  # the coordinator's
     _refused: list[list[TP]] = field(default_factory=list)
+    # Per partition, the offset past its log's end when markers follow the last message.
+    ends: dict[TP, int] = field(default_factory=dict)
 
     @property
     def fatal_error(self) -> str | None:
@@ -223,7 +225,20 @@ class FakeSource:
 
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         self._on_poll_thread()
-        return {tp: len(self.log[tp]) for tp in parts if tp in self.log}
+        return {tp: self.ends.get(tp, len(self.log[tp])) for tp in parts if tp in self.log}
+
+    def positions(self, parts: Sequence[TP]) -> dict[TP, int]:
+        """Past the last message handed over; past `ends` once the log is read to its end
+        (librdkafka moves past transaction markers it never hands over)."""
+        self._on_poll_thread()
+        out: dict[TP, int] = {}
+        for tp in parts:
+            messages, at = self.log.get(tp), self.position.get(tp, 0)
+            if messages and at:
+                last = messages[-1].offset() if at >= len(messages) else None
+                out[tp] = (self.ends.get(tp, last + 1) if last is not None
+                           else (messages[at - 1].offset() or 0) + 1)
+        return out
 
     def serve(self, timeout_s: float) -> None:
         self._on_poll_thread()

@@ -1,0 +1,108 @@
+"""A partition's log that goes back under the worker: its topic deleted and created again
+(faster than librdkafka's metadata refresh notices) or its log truncated, and librdkafka's
+position reset to the new log's start. The worker tracks the partition anew: its commits
+follow the new log's unfinished events, and its window counts them (review "offsets16":
+the old tracker ignored every offset up to the old log's end, so the worker committed past
+an event of the new log still retrying, and its window stopped counting)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from consumer.commits import TP
+from tests.unit.test_worker import (
+    TOPIC,
+    FakeSource,
+    Message,
+    codec_seq,
+    drive,
+    known_schema,
+    make,
+    track,
+    until,
+)
+from tests.unit.test_worker_stuck import HeldUser
+
+WINDOW = 10
+OLD, NEW = 30, 40
+STUCK = 2  # the new log's offset whose user Userpilot holds
+
+
+@dataclass
+class Replacing(FakeSource):
+    """Replaces a partition's log (`replace_next`) during a consume and reads the new one
+    from offset 0, as librdkafka does once its old position is out of range."""
+
+    replace_next: dict[TP, list[Message]] = field(default_factory=dict)
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        if self.replace_next:
+            parts, self.replace_next = self.replace_next, {}
+            for tp, messages in parts.items():
+                self.log[tp] = messages
+                self.position[tp] = 0
+        return super().consume(max_messages, timeout_s)
+
+    def last_commit(self, tp: TP) -> int | None:
+        """The partition's latest commit (a new log's is below the old log's)."""
+        return next((batch[tp] for batch in reversed(self.commits) if tp in batch), None)
+
+
+def test_a_log_that_went_back_is_tracked_anew() -> None:
+    tp = (TOPIC, 0)
+    old = [Message(TOPIC, 0, i, f"o{i}".encode(), track(f"o{i}", i)) for i in range(OLD)]
+    new = [Message(TOPIC, 0, i, f"n{i}".encode(),
+                   track("stuck" if i == STUCK else f"n{i}", 100 + i)) for i in range(NEW)]
+    client = HeldUser()
+    run = make({tp: old}, registry=known_schema(), client=client, source_type=Replacing,
+               WORKER_MAX_IN_FLIGHT=str(WINDOW), USERPILOT_ENSURE_USER="false")
+    peak = [0]
+
+    async def scenario(source: FakeSource) -> None:
+        assert isinstance(source, Replacing)
+        await until(lambda: source.last_commit(tp) == OLD, "the old log committed")
+        source.replace_next = {tp: list(new)}
+
+        def delivered() -> int:
+            peak[0] = max(peak[0], run.worker.commits.in_window_by_partition().get(tp, 0))
+            return len(client.bodies)
+
+        await until(lambda: delivered() == OLD + NEW - 1, "the new log but its stuck event",
+                    timeout=15)
+        await until(lambda: source.last_commit(tp) == STUCK, "the commit held at the stuck "
+                    f"event (last: {source.last_commit(tp)})")
+        client.release.set()
+        await until(lambda: source.last_commit(tp) == NEW, "the new log committed", 10)
+
+    assert drive(run, scenario) == 0
+    assert sorted(codec_seq(b) for b in client.bodies) == (
+        list(range(OLD)) + list(range(100, 100 + NEW)))
+    assert peak[0] <= WINDOW, "the window counts the new log's events"
+    resets = run.worker.m.log_resets.labels(TOPIC)._value.get()
+    assert resets == 1
+
+
+def test_the_commit_reaches_past_markers_the_consumer_never_hands_over() -> None:
+    """A transactional topic: each transaction ends in a commit marker, an aborted one's
+    records are never handed over. The commit goes to the consumer's position, past them,
+    so the lag reaches 0 (it stopped at the last marker: a lag of 1 for ever, of the whole
+    batch behind an aborted transaction at the end)."""
+    tp, other = (TOPIC, 0), (TOPIC, 1)
+    offsets = [0, 1, 2, 3, 9, 10, 11]  # 4: a marker, 5-7 aborted, 8 its marker
+    log = {tp: [Message(TOPIC, 0, o, f"u{o}".encode(), track(f"u{o}", o)) for o in offsets],
+           other: [Message(TOPIC, 1, 0, b"stuck", track("stuck", 50))]}
+    client = HeldUser()
+    run = make(log, registry=known_schema(), client=client, source_type=Replacing,
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        assert isinstance(source, Replacing)
+        source.ends = {tp: 520, other: 7}  # an aborted batch after the last message
+        await until(lambda: source.last_commit(tp) == 520, "the commit at the log's end "
+                    f"(last: {source.last_commit(tp)})")
+        assert source.last_commit(other) in (None, 0), "held by its unfinished event"
+        client.release.set()
+        await until(lambda: source.last_commit(other) == 7, "the other partition's end")
+
+    assert drive(run, scenario) == 0
+    assert sorted(codec_seq(b) for b in client.bodies) == [*offsets, 50]
