@@ -1,0 +1,80 @@
+"""A source topic written by transactional producers (review "offsets16").
+
+Each transaction ends in a commit or abort marker the consumer never hands over, and the
+records of an aborted transaction are skipped (read_committed). The worker delivers the
+committed events only, and commits each partition to its end, past the markers and an
+aborted batch at the tail: before, the committed offset stopped at the last marker, a lag
+of 1 for ever on every transactional partition, of the whole batch behind an aborted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import Producer
+
+from consumer import codec
+from consumer.registry import Registry
+from consumer.sandbox import SandboxControl, SandboxThread
+from tests.integration.harness import (
+    WorkerThread,
+    caught_up,
+    committed_offsets,
+    delivered_seqs,
+    end_offsets,
+    track_event,
+    wait_until,
+    worker_env,
+)
+
+Sandbox = tuple[SandboxThread, SandboxControl]
+
+
+def test_aborted_events_are_never_sent_and_commits_reach_past_the_markers(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    server, control = sandbox
+    topic = topic_factory(partitions=2)
+    schema_id = Registry(schema_registry_url).register(topic)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap,
+                         "transactional.id": f"{topic}-tx"})
+    producer.init_transactions(30)
+
+    def transaction(events: list[dict[str, Any]], commit: bool) -> None:
+        producer.begin_transaction()
+        for event in events:
+            producer.produce(topic, key=event["userId"].encode(),
+                             value=codec.encode(schema_id, codec.to_record(event)))
+        producer.flush(30)  # written, so an abort leaves them in the log, skipped
+        if commit:
+            producer.commit_transaction(30)
+        else:
+            producer.abort_transaction(30)
+
+    kept = [track_event(f"c{i}", i) for i in range(10)]
+    kept2 = [track_event(f"d{i}", 200 + i) for i in range(10)]
+    transaction(kept, True)
+    transaction([track_event(f"a{i}", 100 + i) for i in range(5)], False)
+    transaction(kept2, True)
+    transaction([track_event(f"z{i}", 300 + i) for i in range(40)], False)
+    ends = end_offsets(kafka_bootstrap, topic)
+    assert sum(ends.values()) > len(kept) + len(kept2) + 45, "markers take offsets"
+    group = f"{topic}-g"
+    with WorkerThread(worker_env(kafka_bootstrap, schema_registry_url, server.url, topic,
+                                 group)) as w:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60,
+                   f"commits at the log's end, {ends}")
+        assert committed_offsets(kafka_bootstrap, group, topic) == ends
+
+        def lags() -> list[float | None]:
+            return [w.registry.get_sample_value(
+                "userpilot_consumer_lag", {"topic": topic, "partition": str(p)}) for p in ends]
+
+        wait_until(lambda: lags() == [0] * len(ends), 30,
+                   "userpilot_consumer_lag 0 on every partition (a series for each)")
+        assert w.error is None and w.exit_code is None
+    got = delivered_seqs(control)
+    assert sorted(got) == sorted((e["userId"], e["properties"]["seq"]) for e in kept + kept2)
+    assert set(got.values()) == {1}
