@@ -86,8 +86,30 @@ class DeepSchema(dict[str, Any]):
 
 def writer_json(text: str) -> Any:
     """A writer schema's text as this reader parses it: without logical types
-    (`plain_types`), bytes read as strings where ours has strings (`bytes_as_strings`)."""
-    return bytes_as_strings(plain_types(json.loads(text)))
+    (`plain_types`) nor field defaults (`without_defaults`), bytes read as strings where
+    ours has strings (`bytes_as_strings`)."""
+    return bytes_as_strings(without_defaults(plain_types(json.loads(text))))
+
+
+def without_defaults(node: Any) -> Any:
+    """A writer schema's JSON without its fields' ``default`` values.
+
+    Why: a writer's defaults play no part in reading (schema resolution fills missing
+    fields from the reader's), but fastavro checks them when it parses, and Confluent's
+    registry accepts a schema whose default does not match its type (an array field with
+    ``"default": null``) unless told to validate them: every event of such a version was
+    dead-lettered as "not an Avro schema" (review "schema16"). Java's and Confluent's
+    deserialisers read them.
+    """
+    if isinstance(node, dict):
+        out = {key: without_defaults(value) for key, value in node.items()}
+        if out.get("type") in ("record", "error") and isinstance(out.get("fields"), list):
+            out["fields"] = [{k: v for k, v in field.items() if k != "default"}
+                             if isinstance(field, dict) else field for field in out["fields"]]
+        return out
+    if isinstance(node, list):
+        return [without_defaults(item) for item in node]
+    return node
 
 
 def plain_types(node: Any) -> Any:

@@ -83,6 +83,7 @@ from consumer.metrics import Children, Metrics
 from consumer.policy import Attempts, RetryPolicy
 from consumer.ratelimit import PriorityLane
 from consumer.routing import Send, route
+from consumer.schemafetch import SharedFetches
 from consumer.sharedstate import Limiter
 
 __all__ = [
@@ -263,6 +264,7 @@ class Handler:
         self._halted: set[tuple[str, int]] = set()  # draining partitions (see `halt`)
         self._halt_all = False
         self._schema_waits = 0
+        self._fetches = SharedFetches(lambda schema_id: self.registry.writer_schema(schema_id))
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, tuple[Any, Dropped]] = {}
         self._schemas: dict[int, Mapping[str, Any]] = {}  # writer schemas seen cached
@@ -273,6 +275,10 @@ class Handler:
         self._lanes: dict[int, PriorityLane] = {}  # by limiter: one when families share
         self.known = KnownUsers(settings.ensure_user_cache) if settings.ensure_user else None
         """Users this replica identified (ensure-user); None when USERPILOT_ENSURE_USER=false."""
+
+    def close(self) -> None:
+        """At shutdown, after the events settled: no schema lookup starts any more."""
+        self._fetches.close()
 
     # -- decide: pure and total ---------------------------------------------------------
     def screen(self, value: bytes | None) -> Drop | codec.Event | None:
@@ -376,7 +382,7 @@ class Handler:
         while not self.decide(event):
             try:
                 schema_id, _ = codec.split_wire(event.value)
-                await asyncio.to_thread(self.registry.writer_schema, schema_id)
+                await self._fetches.writer_schema(schema_id)
             except KeyError as exc:
                 event.decision = UndecodableEvent(f"unknown schema id ({exc})")
                 return

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import logging
 import threading
 import time
@@ -42,10 +43,10 @@ from consumer.codec import (
     writer_json,
 )
 from consumer.errors import UndecodableEvent
-from consumer.redaction import redact
+from consumer.redaction import redact, url_credentials
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Registry", "RegistryError", "RegistryUnusable", "RestClient",
-           "subject_for"]
+           "registry_secrets", "subject_for"]
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,19 @@ class SchemaDoc:
 
     text: str
     references: tuple[Reference, ...] = ()
+    kind: str = "AVRO"  # the registry's schemaType (absent: AVRO)
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> SchemaDoc:
         refs = body.get("references")
-        return cls(str(body.get("schema", "")), tuple(
+        text = body.get("schema")
+        kind = body.get("schemaType")
+        # Not text (`{"schema": null}`): an answer without the schema, retried (`_parse`).
+        return cls(text if isinstance(text, str) else "", tuple(
             Reference(str(ref.get("name", "")), str(ref.get("subject", "")),
                       _version(ref.get("version")))
-            for ref in refs if isinstance(ref, dict)) if isinstance(refs, list) else ())
+            for ref in refs if isinstance(ref, dict)) if isinstance(refs, list) else (),
+            kind.upper() if isinstance(kind, str) and kind else "AVRO")
 
 
 def _version(value: Any) -> int:
@@ -182,17 +188,29 @@ class RestClient:
         self._http.close()
 
     def _json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        response = self._http.request(
-            method, path, json=body,
-            headers={"Content-Type": "application/vnd.schemaregistry.v1+json"} if body else None)
+        # httpx's timeout bounds each step (connect, each read), not the call: an answer
+        # trickled a byte at a time never timed out, held the schema fetch for a minute with
+        # readiness on and kept the process from exiting (review "schema16"). The whole
+        # answer must come within `timeout_s` (checked between reads, each bounded too).
+        deadline = time.monotonic() + self.timeout_s
+        with self._http.stream(
+                method, path, json=body,
+                headers={"Content-Type": "application/vnd.schemaregistry.v1+json"}
+                if body else None) as response:
+            chunks: list[bytes] = []
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the registry's answer took over {self.timeout_s:g} s")
+        content = b"".join(chunks)
         try:
-            data = response.json()
+            data = json.loads(content)
         except ValueError:
             data = None
         if response.status_code >= 400:
             code = data.get("error_code") if isinstance(data, dict) else None
             message = (data.get("message") if isinstance(data, dict)
-                       else body_text(response.content, charset=charset_of(response.headers))[:200])
+                       else body_text(content, charset=charset_of(response.headers))[:200])
             raise RegistryError(response.status_code, code if isinstance(code, int) else None,
                                 str(message))
         if response.status_code >= 300 or not isinstance(data, dict):
@@ -202,6 +220,16 @@ class RestClient:
                 f"HTTP {response.status_code} from {response.url.path!s}: not a Schema "
                 "Registry JSON answer; check SCHEMA_REGISTRY_URL (its API base path)")
         return data
+
+
+def registry_secrets(url: str | None, user_info: str | None) -> list[str]:
+    """The registry's credentials in every form a log line or an echoed request could show
+    them: SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO's and the user info of SCHEMA_REGISTRY_URL."""
+    forms = url_credentials(url)
+    if user_info:
+        forms += [user_info, user_info.split(":", 1)[-1],
+                  base64.b64encode(user_info.encode()).decode()]
+    return forms
 
 
 def _path(segment: str) -> str:
@@ -223,10 +251,10 @@ class Registry:
         self._lock = threading.Lock()
         self._fetching = threading.Lock()
         self._clock = clock
-        # The credentials never reach `last_error` (readiness may show it) or the log line.
-        self._secrets = [basic_auth_user_info, basic_auth_user_info.split(":", 1)[-1],
-                         base64.b64encode(basic_auth_user_info.encode()).decode()] \
-            if basic_auth_user_info else []
+        # The credentials never reach `last_error` (readiness may show it) or the log line:
+        # the setting's and those written into the URL (a gateway's 5xx page may echo the
+        # request's `Authorization: Basic …`).
+        self._secrets = registry_secrets(url, basic_auth_user_info)
         self.timeout_s = timeout_s
         self.healthy = True
         self.last_error: str | None = None
@@ -369,6 +397,10 @@ class Registry:
             # An answer without the schema: the registry misbehaved this once; not
             # remembered (retried like an outage), unlike a schema that cannot be parsed.
             raise ValueError(f"the registry's answer for schema id {schema_id} holds no schema")
+        if doc.kind != "AVRO":
+            self._unusable_schema(schema_id, f"schema id {schema_id} is a {doc.kind} schema "
+                                  "(the registry's schemaType), not Avro: this worker reads "
+                                  "Avro only")
         named: dict[str, Any] = {}
         try:
             self._resolve(doc.references, named, set())

@@ -502,6 +502,7 @@ class Worker:
             log.error("%d dead-letter records unacknowledged at exit (offsets not committed)",
                       unacked)
         await self.client.aclose()
+        self.handler.close()
         await self.shared.close()
         log.info("stopped; committed %s", {f"{t}[{p}]": o for (t, p), o in
                                             sorted(self.committed.items())})

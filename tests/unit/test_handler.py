@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import random
+import threading
 import time
 import types
 from collections import Counter
@@ -407,3 +408,45 @@ def test_an_answer_without_a_schema_is_retried_not_remembered() -> None:
     assert client.calls == 2
     client.text = codec.SCHEMA_TEXT
     assert registry.writer_schema(5) == codec.SCHEMA
+
+
+class _HungRegistry:
+    """A registry that hangs on a new schema id until `release` (then knows it)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def cached(self, schema_id: int) -> Mapping[str, Any] | None:
+        return codec.SCHEMA if self.release.is_set() else None
+
+    def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
+        self.calls += 1
+        self.release.wait(10)
+        return codec.SCHEMA
+
+
+def test_events_waiting_for_a_hung_registry_leave_asyncios_default_pool_free() -> None:
+    """aiohttp resolves Userpilot's host name on asyncio's default pool. Each event waiting
+    for a new schema took a thread of it (`to_thread`) while the registry hung: with the
+    pool full, new connections to Userpilot timed out and delivery stopped for schemas
+    already cached (review "schema16"). One lookup per id, on a thread of its own."""
+    handler, _, _, _, _ = make()
+    hung = _HungRegistry()
+    handler.registry = hung
+    events = [track(i, f"u{i}") for i in range(40)]
+
+    async def main() -> list[Any]:
+        tasks = [asyncio.create_task(handler.handle(e)) for e in events]
+        await asyncio.sleep(0.3)
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 7), 2) == 7
+        assert hung.calls == 1, "one lookup shared by the events waiting for that id"
+        tasks[0].cancel()  # one waiter taken away (a revoke) leaves the others' lookup
+        await asyncio.sleep(0.05)
+        hung.release.set()
+        return list(await asyncio.wait_for(
+            asyncio.gather(*tasks[1:]), 10))
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, Delivered) for o in outcomes)
+    handler.close()

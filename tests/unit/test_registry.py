@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import io
 import json
@@ -501,3 +502,113 @@ def test_bytes_in_a_record_kept_in_a_subject_of_its_own_replace_invalid_utf8() -
                      context={**_record(context), "locale": b"fr-\xe9"})
     event = decode(_wire(expanded, record), registry.writer_schema)
     assert event["context"]["locale"] == "fr-\ufffd"
+
+
+class _DocClient:
+    """Answers each get_schema with the next registry body (`SchemaDoc.of`)."""
+
+    def __init__(self, *bodies: dict[str, Any]) -> None:
+        self.bodies = list(bodies)
+
+    def get_schema(self, schema_id: int) -> SchemaDoc:
+        return SchemaDoc.of(self.bodies.pop(0))
+
+
+def test_a_schema_answer_of_null_is_retried_not_remembered() -> None:
+    """`{"schema": null}` read as the text "None", which does not parse: the id was refused
+    for the life of the process (review "schema16")."""
+    registry = Registry("http://unused", client=_DocClient({"schema": None},
+                                                           {"schema": SCHEMA_TEXT}))
+    with pytest.raises(ValueError, match="holds no schema"):
+        registry.writer_schema(5)
+    assert registry.writer_schema(5) == SCHEMA
+
+
+@pytest.mark.parametrize("kind", ["PROTOBUF", "JSON", "protobuf"])
+def test_a_schema_of_another_type_is_refused_by_its_name(kind: str) -> None:
+    registry = Registry("http://unused", client=_DocClient(
+        {"schema": 'syntax = "proto3"; message M {}', "schemaType": kind}))
+    with pytest.raises(UndecodableEvent, match=f"schema id 41 is a {kind.upper()} schema"):
+        registry.writer_schema(41)
+
+
+def test_a_writer_schema_with_defaults_not_matching_their_types_is_read() -> None:
+    """Confluent's registry accepts them (default validation off); a writer's defaults play
+    no part in reading, yet fastavro refused the schema and every event of that version was
+    dead-lettered (review "schema16")."""
+    schema = json.loads(SCHEMA_TEXT)
+    schema["fields"].append({"name": "tags", "type": {"type": "array", "items": "string"},
+                             "default": None})
+    schema["fields"].append({"name": "n", "type": "int", "default": "0"})
+    with pytest.raises(Exception, match="Default value"):
+        fastavro.parse_schema(copy.deepcopy(schema))
+    registry = Registry("http://unused", client=_DocClient({"schema": json.dumps(schema)}))
+    writer: Any = registry.writer_schema(8)
+    record = {"type": "track", "userId": "u1", "tags": ["a"], "n": 3}
+    full = {f["name"]: record.get(f["name"]) for f in schema["fields"]}
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, writer, full)
+    buf.seek(0)
+    decoded: Any = fastavro.schemaless_reader(buf, writer, SCHEMA)
+    assert decoded["userId"] == "u1"
+
+
+def test_credentials_in_the_registry_url_never_reach_its_errors() -> None:
+    """A gateway's 5xx page echoing the request showed `Authorization: Basic …` of the
+    URL's user info in the ERROR line and /readyz (review "schema16")."""
+    password = "UrlS3cretPw"
+    basic = base64.b64encode(f"reguser:{password}".encode()).decode()
+
+    class Echo:
+        def get_schema(self, schema_id: int) -> str:
+            raise RegistryError(502, None, f"Authorization: Basic {basic} ({password})")
+
+    registry = Registry(f"http://reguser:{password}@registry.test", client=Echo())
+    with pytest.raises(RegistryError):
+        registry.writer_schema(3)
+    problem = registry.problem()
+    assert problem is not None and "Authorization: Basic" in problem
+    assert basic not in problem and password not in problem
+
+
+def test_a_trickled_answer_is_cut_at_the_timeout() -> None:
+    """httpx's timeout bounds each read: an answer sent a byte every 0.1 s never timed out
+    (a minute with readiness on; the process could not exit)."""
+    import socket
+    import threading
+    import time
+
+    body = json.dumps({"schema": SCHEMA_TEXT}).encode()
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(head)
+            for byte in body:
+                if stop.is_set():
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = RestClient(f"http://127.0.0.1:{server.getsockname()[1]}", timeout_s=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match=r"took over 0\.5 s"):
+            client.get_schema(1)
+        assert time.monotonic() - started < 1.5
+    finally:
+        stop.set()
+        client.close()
+        server.close()
