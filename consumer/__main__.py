@@ -121,10 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from consumer.worker import Worker
 
     settings = _settings()
-    secrets = settings.http_secrets()
-    if settings.registry_auth:
-        secrets.append(settings.registry_auth.reveal())
-    configure_logging(settings.log_level, settings.log_format, secrets)
+    configure_logging(settings.log_level, settings.log_format, settings.log_secrets())
     for note in settings.notes:  # what check-config prints as notes: variables ignored
         log.warning("%s", note)
     from consumer import reach

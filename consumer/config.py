@@ -312,6 +312,15 @@ class Settings:
         return [self.api_key.reveal(),
                 *url_credentials(self.proxy.reveal() if self.proxy else None)]
 
+    def log_secrets(self) -> list[str]:
+        """Everything no log line may show: `http_secrets` and the registry's credentials
+        (SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO's and those written into
+        SCHEMA_REGISTRY_URL, in the forms an echoed request shows them)."""
+        from consumer.redaction import basic_auth_forms, url_credentials
+
+        return [*self.http_secrets(), *url_credentials(self.registry_url),
+                *basic_auth_forms(self.registry_auth.reveal() if self.registry_auth else None)]
+
     def kafka_config(self, *, logger: bool = True) -> dict[str, Any]:
         """librdkafka settings with secrets revealed, for the Kafka edge only.
 

@@ -40,6 +40,16 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
+def basic_auth_forms(user_info: str | None) -> list[str]:
+    """`user:password` as a log line or an echoed request could show it: the pair, the
+    password, its Basic form."""
+    if not user_info:
+        return []
+    password = user_info.split(":", 1)[-1]
+    forms = [user_info, base64.b64encode(user_info.encode()).decode()]
+    return [password, *forms] if len(password) >= MIN_ALONE else forms  # see url_credentials
+
+
 def url_credentials(url: str | None) -> list[str]:
     """The secrets of a URL's user info (a proxy's): the password, `user:password` and
     its Basic form, as a proxy echoing the request (`Proxy-Authorization: Basic …`)

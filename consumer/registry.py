@@ -19,7 +19,6 @@ as the Userpilot client; confluent-kafka's serializers still read what this regi
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import logging
@@ -43,7 +42,7 @@ from consumer.codec import (
     writer_json,
 )
 from consumer.errors import UndecodableEvent
-from consumer.redaction import redact, url_credentials
+from consumer.redaction import basic_auth_forms, redact, url_credentials
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Registry", "RegistryError", "RegistryUnusable", "RestClient",
            "registry_secrets", "subject_for"]
@@ -225,11 +224,7 @@ class RestClient:
 def registry_secrets(url: str | None, user_info: str | None) -> list[str]:
     """The registry's credentials in every form a log line or an echoed request could show
     them: SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO's and the user info of SCHEMA_REGISTRY_URL."""
-    forms = url_credentials(url)
-    if user_info:
-        forms += [user_info, user_info.split(":", 1)[-1],
-                  base64.b64encode(user_info.encode()).decode()]
-    return forms
+    return [*url_credentials(url), *basic_auth_forms(user_info)]
 
 
 def _path(segment: str) -> str:

@@ -911,3 +911,18 @@ def test_redis_variables_of_other_software_are_left_alone() -> None:
 
 def test_an_at_sign_in_the_registry_urls_path_is_not_a_credential() -> None:
     assert load(SCHEMA_REGISTRY_URL="http://registry:8081/a@b").registry_url.endswith("/a@b")
+
+
+def test_log_secrets_hold_the_registry_credentials_of_the_url_and_of_the_setting() -> None:
+    """Credentials written into SCHEMA_REGISTRY_URL were masked by check-config only: a
+    gateway's page echoing `Authorization: Basic …` showed them in `run`'s log (review
+    "schema16")."""
+    import base64
+
+    s = load(SCHEMA_REGISTRY_URL="https://reg:UrlS3cretPw@registry.example",
+             SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO="other:SettingS3cret")
+    secrets = s.log_secrets()
+    for pair in ("reg:UrlS3cretPw", "other:SettingS3cret"):
+        assert pair in secrets
+        assert base64.b64encode(pair.encode()).decode() in secrets
+    assert {"UrlS3cretPw", "SettingS3cret", s.api_key.reveal()} <= set(secrets)
