@@ -19,9 +19,11 @@ as the Userpilot client; confluent-kafka's serializers still read what this regi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -160,9 +162,12 @@ class RestClient:
             user, _, password = user_info.partition(":")
             auth = httpx.BasicAuth(user, password)
         self.timeout_s = timeout_s
+        # A connection per call (the worker makes a few: at start-up and per new schema
+        # id), so each call's socket is its own to cut at the deadline (`_json`).
         self._http = httpx.Client(base_url=url.rstrip("/") + "/", auth=auth,
                                   timeout=timeout_s, trust_env=True,
-                                  headers={"Accept": _ACCEPT})
+                                  headers={"Accept": _ACCEPT},
+                                  limits=httpx.Limits(max_keepalive_connections=0))
 
     def get_schema(self, schema_id: int) -> SchemaDoc:
         """The schema of an id (`GET /schemas/ids/{id}`), with its references."""
@@ -188,20 +193,26 @@ class RestClient:
 
     def _json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         # httpx's timeout bounds each step (connect, each read), not the call: an answer
-        # trickled a byte at a time never timed out, held the schema fetch for a minute with
-        # readiness on and kept the process from exiting (review "schema16"). The whole
-        # answer must come within `timeout_s` (checked between reads, each bounded too).
-        deadline = time.monotonic() + self.timeout_s
-        with self._http.stream(
-                method, path, json=body,
-                headers={"Content-Type": "application/vnd.schemaregistry.v1+json"}
-                if body else None) as response:
-            chunks: list[bytes] = []
-            for chunk in response.iter_bytes():
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the registry's answer took over {self.timeout_s:g} s")
-        content = b"".join(chunks)
+        # trickled a byte at a time, its headers or its body, never timed out, held the
+        # schema lookup with readiness on and kept the process from exiting (reviews
+        # "schema16", "diff16"). At `timeout_s` the call's socket is shut down, which ends
+        # a read blocked in any step.
+        cut = _Cut(self.timeout_s)
+        try:
+            with self._http.stream(
+                    method, path, json=body,
+                    headers={"Content-Type": "application/vnd.schemaregistry.v1+json"}
+                    if body else None, extensions={"trace": cut.trace}) as response:
+                content = b"".join(response.iter_bytes())
+        except httpx.TransportError:
+            if cut.fired:
+                raise TimeoutError(
+                    f"the registry's answer took over {self.timeout_s:g} s") from None
+            raise
+        finally:
+            cut.cancel()
+        if cut.fired:
+            raise TimeoutError(f"the registry's answer took over {self.timeout_s:g} s")
         try:
             data = json.loads(content)
         except ValueError:
@@ -219,6 +230,46 @@ class RestClient:
                 f"HTTP {response.status_code} from {response.url.path!s}: not a Schema "
                 "Registry JSON answer; check SCHEMA_REGISTRY_URL (its API base path)")
         return data
+
+
+class _Cut:
+    """Shuts a call's sockets down at its deadline (a timer thread): the one bound on a
+    whole answer that holds in every step of a synchronous httpx call."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.fired = False
+        self._timer = threading.Timer(timeout_s, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def trace(self, name: str, info: Mapping[str, Any]) -> None:
+        """httpcore's trace hook: the socket of each connection the call opens."""
+        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                with self._lock:
+                    self._sockets.append(sock)
+                    fired = self.fired
+                if fired:
+                    _shut(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def registry_secrets(url: str | None, user_info: str | None) -> list[str]:

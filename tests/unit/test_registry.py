@@ -571,9 +571,10 @@ def test_credentials_in_the_registry_url_never_reach_its_errors() -> None:
     assert basic not in problem and password not in problem
 
 
-def test_a_trickled_answer_is_cut_at_the_timeout() -> None:
-    """httpx's timeout bounds each read: an answer sent a byte every 0.1 s never timed out
-    (a minute with readiness on; the process could not exit)."""
+@pytest.mark.parametrize("slow", ["headers", "body"])
+def test_a_trickled_answer_is_cut_at_the_timeout(slow: str) -> None:
+    """httpx's timeout bounds each read: an answer sent a byte every 0.1 s, its headers or
+    its body, never timed out (a minute with readiness on; the process could not exit)."""
     import socket
     import threading
     import time
@@ -581,6 +582,7 @@ def test_a_trickled_answer_is_cut_at_the_timeout() -> None:
     body = json.dumps({"schema": SCHEMA_TEXT}).encode()
     head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body))
+    fast, trickled = (body, head) if slow == "headers" else (head, body)
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -590,15 +592,17 @@ def test_a_trickled_answer_is_cut_at_the_timeout() -> None:
         conn, _ = server.accept()
         with conn:
             conn.recv(65536)
-            conn.sendall(head)
-            for byte in body:
-                if stop.is_set():
-                    return
-                try:
+            try:
+                if slow == "body":
+                    conn.sendall(fast)
+                for byte in trickled:
+                    if stop.is_set():
+                        return
                     conn.sendall(bytes([byte]))
-                except OSError:
-                    return
-                time.sleep(0.1)
+                    time.sleep(0.1)
+                conn.sendall(fast if slow == "headers" else b"")
+            except OSError:
+                return
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
