@@ -32,6 +32,7 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential,
 )
+from tenacity.stop import stop_base
 
 from consumer.answers import body_text, charset_of
 from consumer.config import Settings, load_settings
@@ -60,6 +61,7 @@ __all__ = [
     "delete_body",
     "delete_users",
     "main",
+    "padded",
     "read_user_ids",
 ]
 
@@ -77,17 +79,26 @@ Log = Callable[[str], None]
 
 
 def read_user_ids(lines: Iterable[str]) -> list[str]:
-    """One id a line: surrounding whitespace and blank lines ignored, duplicates sent once.
+    """One id a line, exactly as written but for the line ending: blank lines ignored,
+    duplicates sent once.
 
-    A UTF-8 byte order mark on the first line is ignored (spreadsheet exports add one).
+    Not stripped: the worker sends a `userId` as the event carries it, so `"carol\u00a0"`
+    is another user than `carol` (stripping deleted the wrong one, or none, and reported
+    it deleted). A UTF-8 byte order mark on the first line is ignored (spreadsheet exports
+    add one).
     """
     seen: dict[str, None] = {}
     for number, line in enumerate(lines):
         text = line.lstrip("\ufeff") if number == 0 else line
-        user_id = text.strip()
-        if user_id:
+        user_id = text.removesuffix("\n").removesuffix("\r")
+        if user_id.strip():
             seen.setdefault(user_id, None)
     return list(seen)
+
+
+def padded(user_ids: Iterable[str]) -> int:
+    """How many ids begin or end with whitespace (kept as is; worth a warning)."""
+    return sum(1 for user_id in user_ids if user_id != user_id.strip())
 
 
 def batches(user_ids: Sequence[str], size: int) -> list[list[str]]:
@@ -226,14 +237,21 @@ def delete_users(
     attempts: int = 12,
     backoff_s: float = 1.0,
     backoff_max_s: float = 60.0,
+    budget_s: float | None = None,
     log: Log = lambda _line: None,
+    summary: Summary | None = None,
 ) -> Summary:
     """Send every batch through ``send`` (paced, retried); never raises for a batch.
 
     ``send`` is ``DeleteClient.delete`` (or a fake in tests). Every attempt, retries
-    included, waits for the pacer, so Userpilot never sees two within the interval.
+    included, waits for the pacer, so Userpilot never sees two within the interval. A batch
+    is retried at most ``attempts`` times and, with ``budget_s``
+    (USERPILOT_RETRY_BUDGET_SECONDS), never starts an attempt past that long after its
+    first; each wait is logged. ``summary``: filled as batches end (the caller prints it
+    if the run is interrupted).
     """
-    summary = Summary(requested=len(user_ids))
+    summary = summary if summary is not None else Summary()
+    summary.requested = len(user_ids)
     groups = batches(user_ids, batch_size)
     for index, batch in enumerate(groups, 1):
         if summary.aborted:
@@ -251,29 +269,64 @@ def delete_users(
             finally:
                 pacer.answered()
 
+        where = f"batch {index}/{len(groups)} ({len(batch)} users)"
+
+        def waiting(state: RetryCallState, where: str = where) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            pause = state.next_action.sleep if state.next_action is not None else 0.0
+            log(f"{where}: attempt {state.attempt_number}/{attempts}: {_said(exc)}; "
+                f"next in {pause:.0f} s")
+
+        stop: stop_base = stop_after_attempt(attempts)
+        if budget_s is not None:
+            stop = stop | _Within(budget_s, pacer.clock)
         retrying = Retrying(
-            stop=stop_after_attempt(attempts),
+            stop=stop,
             wait=_wait(backoff_s, backoff_max_s),
             retry=retry_if_exception_type(Retry),
             sleep=pacer.sleep,
+            before_sleep=waiting,
             reraise=True,
         )
         summary.batches_sent += 1
-        where = f"batch {index}/{len(groups)} ({len(batch)} users)"
         try:
             request_id = retrying(attempt)
         except Pause as exc:
             summary.failed += len(batch)
             summary.aborted = str(exc)
-            log(f"{where}: {exc}; stopping, no batch can succeed")
+            log(f"{where}: {_said(exc)}; stopping, no batch can succeed")
         except (DeadLetter, Retry) as exc:
             summary.failed += len(batch)
-            log(f"{where}: failed after {tries} attempt(s): {exc}")
+            log(f"{where}: gave up after {tries} attempt(s): {_said(exc)}")
         else:
             summary.deleted += len(batch)
             rid = f" (x-request-id {request_id})" if request_id else ""
             log(f"{where}: scheduled for deletion{rid}")
     return summary
+
+
+class _Within(stop_base):
+    """Stop before an attempt would start more than `budget_s` after the first (tenacity's
+    `stop_before_delay` on the pacer's clock, which tests control)."""
+
+    def __init__(self, budget_s: float, clock: Callable[[], float]) -> None:
+        self.budget_s = budget_s
+        self.clock = clock
+        self.started = clock()
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.clock() - self.started + retry_state.upcoming_sleep > self.budget_s
+
+
+def _said(exc: BaseException | None) -> str:
+    """An error as the operator reads it: the classified message and, when Userpilot
+    explained itself, its answer (truncated; the token never reaches a body Userpilot
+    writes). A 400's body is the only way to learn which id of a batch was refused."""
+    if exc is None:
+        return "no answer"
+    body = getattr(exc, "body", None)
+    said = f"; Userpilot said: {body[:300]!r}" if isinstance(body, str) and body.strip() else ""
+    return f"{exc}{said}"
 
 
 # ---------------------------------------------------------------------------- command line
@@ -296,7 +349,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _read(path: str | None, stdin: IO[str]) -> list[str]:
     if path is None or path == "-":
-        return read_user_ids(stdin)
+        # Strict UTF-8 as for --file, every id checked before anything is sent: the text
+        # stream's decoding let a bad byte through to a traceback after some batches went.
+        raw = getattr(stdin, "buffer", None)
+        if raw is None:
+            return read_user_ids(stdin)
+        try:
+            text = raw.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"cannot read user ids from stdin: {exc}") from None
+        return read_user_ids(text.splitlines(keepends=True))
     try:
         with open(path, encoding="utf-8") as stream:
             return read_user_ids(stream)
@@ -343,6 +405,9 @@ def main(
 
     if not user_ids:
         log("no user ids given")
+    if padded(user_ids):
+        log(f"{padded(user_ids)} ids begin or end with whitespace; sent exactly as written "
+            "(the worker sends userId as the event carries it)")
     groups = batches(user_ids, args.batch_size)
     if args.dry_run:
         for index, batch in enumerate(groups, 1):
@@ -351,14 +416,23 @@ def main(
         print(f"delete-users: {summary.line()}", file=out, flush=True)
         return 0
     client, settings = _client_from_env(env)
+    summary = Summary()
     try:
         log(f"DELETE {client.url}: {len(user_ids)} users in {len(groups)} batches, "
             f"one request per {args.interval:g} s")
-        summary = delete_users(
+        delete_users(
             user_ids, client.delete, batch_size=args.batch_size, pacer=Pacer(args.interval),
             attempts=settings.retry_max_attempts, backoff_s=settings.retry_backoff_s,
-            backoff_max_s=settings.retry_backoff_max_s, log=log,
+            backoff_max_s=settings.retry_backoff_max_s, budget_s=settings.retry_budget_s,
+            log=log, summary=summary,
         )
+    except KeyboardInterrupt:
+        # What was done so far, not a traceback: the batches after it were not sent.
+        summary.aborted = "interrupted"
+        log(f"interrupted after {summary.batches_sent} of {len(groups)} batches; the "
+            "batch under way may or may not have been scheduled")
+        print(f"delete-users: {summary.line()}", file=out, flush=True)
+        return 130
     finally:
         client.close()
     print(f"delete-users: {summary.line()}", file=out, flush=True)

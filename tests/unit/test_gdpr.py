@@ -25,6 +25,7 @@ from consumer.gdpr import (
     delete_body,
     delete_users,
     main,
+    padded,
     read_user_ids,
 )
 
@@ -81,9 +82,13 @@ def run(ids: list[str], script: list[Any], *, size: int = 2, interval: float = 2
 # ---------------------------------------------------------------------------- pure parts
 
 
-def test_read_user_ids_strips_skips_blanks_dedupes_and_drops_a_bom() -> None:
-    lines = ["\ufeffu1\n", "  u2  \r\n", "\n", "   \n", "u1\n", "u3"]
-    assert read_user_ids(lines) == ["u1", "u2", "u3"]
+def test_read_user_ids_keeps_ids_as_written_skips_blanks_dedupes_and_drops_a_bom() -> None:
+    """Not stripped: the worker sends userId exactly as the event carries it, so
+    "carol\u00a0" is not carol (stripping deleted another user, or none, and reported
+    it deleted; review "gdpr16")."""
+    lines = ["\ufeffu1\n", "  u2  \r\n", "\n", "   \n", "u1\n", "carol\u00a0\n", "u3"]
+    assert read_user_ids(lines) == ["u1", "  u2  ", "carol\u00a0", "u3"]
+    assert padded(read_user_ids(lines)) == 2
 
 
 def test_batches_keep_order_and_size() -> None:
@@ -155,11 +160,34 @@ def test_retry_after_is_honoured_when_longer_than_backoff() -> None:
 
 
 def test_a_rejected_batch_fails_and_the_rest_go_on() -> None:
-    summary, send, _, lines = run(["a", "b", "c"], [Rejected("HTTP 400: bad", status=400)])
+    why = '{"errors":[{"message":"Invalid user id in users[1]"}]}'
+    summary, send, _, lines = run(["a", "b", "c"],
+                                  [Rejected("HTTP 400: bad", status=400, body=why)])
     assert [users for _, users in send.sent] == [["a", "b"], ["c"]]
     assert (summary.deleted, summary.failed, summary.batches_sent) == (1, 2, 2)
     assert not summary.ok
-    assert "failed after 1 attempt(s): HTTP 400: bad" in lines[0]
+    assert "gave up after 1 attempt(s): HTTP 400: bad" in lines[0]
+    assert "Invalid user id in users[1]" in lines[0], "Userpilot's reason is shown"
+
+
+def test_retries_keep_to_the_budget_and_each_wait_is_logged() -> None:
+    """USERPILOT_RETRY_BUDGET_SECONDS was ignored: with Retry-After honoured, one batch
+    could wait for hours without a line (review "gdpr16")."""
+    busy = [ServerError("HTTP 503", status=503, retry_after=5.0)] * 20
+    time = FakeTime()
+    send = FakeSend(time, busy)
+    lines: list[str] = []
+    summary = delete_users(["a"], send, batch_size=1,
+                           pacer=Pacer(2.0, clock=time.clock, sleep=time.sleep),
+                           attempts=12, backoff_s=1.0, backoff_max_s=8.0, budget_s=12.0,
+                           log=lines.append)
+    assert summary.failed == 1
+    assert 1 < len(send.sent) < 12
+    assert send.sent[-1][0] <= 12.0, "no attempt starts past the budget"
+    waits = [line for line in lines if "next in 5 s" in line]
+    assert len(waits) == len(send.sent) - 1
+    assert "attempt 1/12: HTTP 503" in waits[0]
+    assert "gave up after" in lines[-1]
 
 
 def test_retries_are_bounded() -> None:
@@ -300,3 +328,34 @@ def test_a_proxy_only_the_registry_would_use_does_not_stop_delete_users() -> Non
         assert settings.proxy is not None and settings.proxy.reveal() == "http://corp:3128"
     finally:
         client.close()
+
+
+def test_stdin_is_read_as_strict_utf8_before_anything_is_sent(
+        streams: tuple[io.StringIO, io.StringIO]) -> None:
+    """A bad byte on stdin went through the text stream's decoding to a traceback after
+    the first batches were sent (review "gdpr16")."""
+    out, err = streams
+    stdin = io.TextIOWrapper(io.BytesIO(b"sa\nsb\n\xffsc\n"), encoding="utf-8",
+                             errors="surrogateescape")
+    with pytest.raises(ConfigError, match="cannot read user ids from stdin"):
+        main(args("--batch-size", "1"), env=ENV, stdin=stdin, out=out, err=err)
+    assert out.getvalue() == ""
+
+
+def test_an_interrupted_run_prints_what_it_did(
+        monkeypatch: pytest.MonkeyPatch, streams: tuple[io.StringIO, io.StringIO]) -> None:
+    import consumer.gdpr as gdpr
+
+    def interrupted(user_ids: Any, send: Any, **kw: Any) -> Summary:
+        summary: Summary = kw["summary"]
+        summary.requested, summary.batches_sent, summary.deleted = len(user_ids), 1, 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gdpr, "delete_users", interrupted)
+    out, err = streams
+    code = main(args("--batch-size", "1"), env=ENV, stdin=io.StringIO("a\nb\n"), out=out,
+                err=err)
+    assert code == 130
+    assert "interrupted after 1 of 2 batches" in err.getvalue()
+    assert out.getvalue() == ("delete-users: users requested 2, batches sent 1, deleted 1, "
+                              "failed 0\n")
