@@ -366,6 +366,8 @@ def _read(path: str | None, stdin: IO[str]) -> list[str]:
         raise ConfigError(f"cannot read user ids from {path!r}: {exc}") from None
 
 
+_UNUSED_PREFIXES = ("KAFKA_", "SCHEMA_REGISTRY_", "REDIS_")
+_UNUSED_NAMES = frozenset({"USERPILOT_MAPPINGS_FILE"})
 _NOT_USED_HERE = {
     "KAFKA_BOOTSTRAP_SERVERS": "unused-by-delete-users:9092",
     "KAFKA_TOPICS": "unused-by-delete-users",
@@ -375,8 +377,11 @@ _NOT_USED_HERE = {
 
 def _client_from_env(env: Mapping[str, str]) -> tuple[DeleteClient, Settings]:
     """The worker's own settings (token, host, timeouts, retries); Kafka ones not needed."""
-    present = {k: v for k, v in env.items() if v.strip()}
-    settings = load_settings({**_NOT_USED_HERE, **present}, uses_registry=False)
+    # Only what a DELETE uses is read: in a pod with the worker's environment but not its
+    # mounted files, a Kafka CA or a mappings file it cannot read stopped the deletion.
+    present = {k: v for k, v in env.items() if v.strip() and not k.startswith(_UNUSED_PREFIXES)
+               and k not in _UNUSED_NAMES}
+    settings = load_settings({**present, **_NOT_USED_HERE}, uses_registry=False)
     scheme = "http" if settings.insecure_http else "https"
     url = f"{scheme}://{settings.analytics_endpoint}{DELETE_PATH}"
     client = DeleteClient(url, settings.headers(), timeout_s=settings.request_timeout_s,

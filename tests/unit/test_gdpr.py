@@ -21,6 +21,7 @@ from consumer.gdpr import (
     DeleteClient,
     Pacer,
     Summary,
+    _client_from_env,
     batches,
     delete_body,
     delete_users,
@@ -359,3 +360,17 @@ def test_an_interrupted_run_prints_what_it_did(
     assert "interrupted after 1 of 2 batches" in err.getvalue()
     assert out.getvalue() == ("delete-users: users requested 2, batches sent 1, deleted 1, "
                               "failed 0\n")
+
+
+def test_settings_the_deletion_does_not_use_are_not_read() -> None:
+    """The worker's environment without its mounted files: a Kafka CA or a mappings file
+    it cannot read stopped the deletion (review "gdpr16")."""
+    env = {**ENV, "USERPILOT_MAPPINGS_FILE": "/nonexistent/mappings.json",
+           "KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CA_LOCATION": "/nonexistent/ca.pem",
+           "SCHEMA_REGISTRY_URL": "not a url", "REDIS_URL": "nonsense://"}
+    client, settings = _client_from_env(env)
+    try:
+        assert client.url == "https://sandbox.test/v1/users"
+        assert settings.api_key.reveal() == TOKEN
+    finally:
+        client.close()
