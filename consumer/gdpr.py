@@ -36,6 +36,7 @@ from tenacity.stop import stop_base
 
 from consumer.answers import body_text, charset_of
 from consumer.config import Settings, load_settings
+from consumer.cutoff import Cutoff
 from consumer.delivery import USER_AGENT, classify, ssl_context
 from consumer.errors import (
     ConfigError,
@@ -183,20 +184,28 @@ class DeleteClient:
         """`ca_bundle` and `proxy` as the worker's client takes them (USERPILOT_CA_BUNDLE,
         the proxy `config.environment_proxy` names): deletions go where deliveries go."""
         self.url = url
+        # As the worker's client: a whole attempt within twice the timeout, a trickled
+        # answer included (`Cutoff`; a connection per request, one request per 2 s).
+        self.deadline_s = 2 * timeout_s
         self._client = httpx.Client(
             headers={"User-Agent": USER_AGENT, **headers}, timeout=timeout_s,
             follow_redirects=False, transport=transport,
             verify=ssl_context(ca_bundle) if url.startswith("https:") else True,
             proxy=proxy if transport is None else None, trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
         )
 
     def delete(self, body: bytes) -> str:
         """Send one batch; returns Userpilot's x-request-id on 2xx."""
+        cut = Cutoff(self.deadline_s)
         try:
-            response = self._client.request("DELETE", self.url, content=body)
+            response = self._client.request("DELETE", self.url, content=body,
+                                            extensions={"trace": cut.trace})
         except httpx.TimeoutException as exc:
             raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") from None
         except (httpx.TransportError, OSError) as exc:
+            if cut.fired:
+                raise Timeout(f"Userpilot's answer took over {self.deadline_s:g} s") from None
             tls = ("; for TLS, check USERPILOT_CA_BUNDLE (a corporate or inspecting proxy's "
                    "CA)" if self.url.startswith("https:") else "")
             raise ConnectionFailed(
@@ -204,6 +213,8 @@ class DeleteClient:
         except httpx.HTTPError as exc:
             raise ServerError(f"unusable answer from Userpilot ({type(exc).__name__})") \
                 from None
+        finally:
+            cut.cancel()
         problem = classify(response.status_code, response.headers,
                            body_text(response.content, charset=charset_of(response.headers)))
         if problem is not None:

@@ -19,11 +19,9 @@ as the Userpilot client; confluent-kafka's serializers still read what this regi
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +41,7 @@ from consumer.codec import (
     self_referencing,
     writer_json,
 )
+from consumer.cutoff import Cutoff
 from consumer.errors import UndecodableEvent
 from consumer.redaction import basic_auth_forms, redact, url_credentials
 
@@ -197,7 +196,7 @@ class RestClient:
         # schema lookup with readiness on and kept the process from exiting (reviews
         # "schema16", "diff16"). At `timeout_s` the call's socket is shut down, which ends
         # a read blocked in any step.
-        cut = _Cut(self.timeout_s)
+        cut = Cutoff(self.timeout_s)
         try:
             with self._http.stream(
                     method, path, json=body,
@@ -230,46 +229,6 @@ class RestClient:
                 f"HTTP {response.status_code} from {response.url.path!s}: not a Schema "
                 "Registry JSON answer; check SCHEMA_REGISTRY_URL (its API base path)")
         return data
-
-
-class _Cut:
-    """Shuts a call's sockets down at its deadline (a timer thread): the one bound on a
-    whole answer that holds in every step of a synchronous httpx call."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self.fired = False
-        self._timer = threading.Timer(timeout_s, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def trace(self, name: str, info: Mapping[str, Any]) -> None:
-        """httpcore's trace hook: the socket of each connection the call opens."""
-        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
-            stream = info.get("return_value")
-            sock = stream.get_extra_info("socket") if stream is not None else None
-            if isinstance(sock, socket.socket):
-                with self._lock:
-                    self._sockets.append(sock)
-                    fired = self.fired
-                if fired:
-                    _shut(sock)
-
-    def _fire(self) -> None:
-        with self._lock:
-            self.fired = True
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shut(sock)
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
 
 
 def registry_secrets(url: str | None, user_info: str | None) -> list[str]:
