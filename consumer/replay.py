@@ -423,9 +423,12 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         if first is not None and header_value(headers, ORIGINAL_TIMESTAMP) is None:
             headers.append((ORIGINAL_TIMESTAMP, first))
         summary.restored += 1
+    # The key names the event's user when its producer keyed by userId (`produce` does):
+    # how an operator finds a deleted user's dead letters to leave them out (README, GDPR).
     line: dict[str, Any] = {"dlq": where, "to": origin, "dry_run": dry_run,
                             "reason": (header_value(headers, "userpilot.error.reason")
-                                       or b"").decode()}
+                                       or b"").decode(),
+                            "key": key.decode("utf-8", "replace") if key else None}
     line["_record"] = (key, value, headers)
     return line
 

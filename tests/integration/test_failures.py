@@ -320,9 +320,11 @@ def test_a_replay_cut_short_resumes_where_it_stopped_and_replays_nothing_twice(
     conf = {"bootstrap.servers": kafka_bootstrap}
     filters = Filters()
     seen: list[str] = []
+    keys: list[str] = []
 
     def report(line: dict[str, Any]) -> None:
         seen.append(line["dlq"])
+        keys.append(line["key"])  # how an operator finds a user's dead letters
         if how == "error" and len(seen) == 8:
             raise RuntimeError("cut short")
 
@@ -335,6 +337,7 @@ def test_a_replay_cut_short_resumes_where_it_stopped_and_replays_nothing_twice(
     else:
         with pytest.raises(RuntimeError):
             run_replay(conf, dlq, group, filters, dry_run=False, report=report)
+    assert keys[:3] == ["k0", "k1", "k2"]
     before = len(seen)
     second = run_replay(conf, dlq, group, filters, dry_run=False, report=lambda _: None)
     assert before + second.replayed in (30, 31)  # the record that raised is read again
