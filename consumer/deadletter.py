@@ -19,10 +19,11 @@ the source topic while it is retained (consumer.dlqfetch). The partition moves o
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -320,46 +321,72 @@ class DlqGuard:
 
     Only outcomes of events that reached delivery or decoding count; filtered drops
     are neither successes nor failures of the integration.
+
+    Both limits read the outcomes in stream order (`seq`: the worker's intake order), not
+    in the order they finish. One user's events run one after another while the others'
+    run side by side, so at the end of any backlog the last outcomes to finish were that
+    user's: one user Userpilot rejects, 5 % of a backlog, made half of the last 100
+    finished and stopped healthy replicas as "a broken deploy" (review "kill16"). Around
+    an event in the stream, its neighbours are other users' events, as they were produced.
+    Without `seq`, outcomes are numbered as they come.
     """
 
     def __init__(self, max_ratio: float, window: int, max_consecutive: int) -> None:
         self._max_ratio = max_ratio
+        self._window = window
         self._max_consecutive = max_consecutive
-        self._recent: deque[bool] = deque(maxlen=window)
-        self._dead = 0
-        self._consecutive = 0
+        # Known outcomes by stream position, ascending: positions, and dead or not.
+        self._seqs: list[int] = []
+        self._dead: list[bool] = []
+        self._keep = 2 * max(window, max_consecutive) + 1024
+        self._numbered = itertools.count(1)
         self.tripped_reason: str | None = None
 
-    def record_success(self) -> None:
-        self._push(False)
-        self._consecutive = 0
+    def record_success(self, seq: int | None = None) -> None:
+        self._insert(self._seq(seq), False)
 
-    def allow_dead_letter(self) -> bool:
+    def allow_dead_letter(self, seq: int | None = None) -> bool:
         """Count one more dead letter; False (and trip) if that would pass a limit."""
         if self.tripped_reason is not None:
             return False
-        if self._consecutive + 1 > self._max_consecutive:
+        at = self._seq(seq)
+        seqs, dead = self._seqs, self._dead
+        index = bisect.bisect_left(seqs, at)
+        # The run of dead letters through this one: before it, and after it in the stream
+        # (finished first).
+        before = index
+        while before > 0 and dead[before - 1]:
+            before -= 1
+        after = index
+        while after < len(dead) and dead[after]:
+            after += 1
+        run = (index - before) + 1 + (after - index)
+        if run > self._max_consecutive:
             self.tripped_reason = (
-                f"{self._consecutive + 1} consecutive dead letters (limit "
-                f"{self._max_consecutive})"
-            )
+                f"{run} consecutive dead letters (limit {self._max_consecutive})")
             return False
-        full = len(self._recent) == self._recent.maxlen
-        dead_after = self._dead + 1 - (1 if full and self._recent[0] else 0)
-        size_after = len(self._recent) + (0 if full else 1)
-        if size_after == self._recent.maxlen and dead_after / size_after > self._max_ratio:
-            self.tripped_reason = (
-                f"{dead_after} dead letters in the last {size_after} events, ratio "
-                f"{dead_after / size_after:.2f} > {self._max_ratio:g}"
-            )
-            return False
-        self._push(True)
-        self._consecutive += 1
+        # The window of known outcomes ending at this one.
+        start = max(0, index - (self._window - 1))
+        size = index - start + 1
+        if size == self._window:
+            count = sum(dead[start:index]) + 1
+            if count / size > self._max_ratio:
+                self.tripped_reason = (
+                    f"{count} dead letters in the last {size} events, ratio "
+                    f"{count / size:.2f} > {self._max_ratio:g}"
+                )
+                return False
+        self._insert(at, True)
         return True
 
-    def _push(self, dead: bool) -> None:
-        if len(self._recent) == self._recent.maxlen and self._recent[0]:
-            self._dead -= 1
-        self._recent.append(dead)
-        if dead:
-            self._dead += 1
+    def _seq(self, seq: int | None) -> int:
+        return next(self._numbered) if seq is None else seq
+
+    def _insert(self, seq: int, dead: bool) -> None:
+        index = bisect.bisect_right(self._seqs, seq)
+        self._seqs.insert(index, seq)
+        self._dead.insert(index, dead)
+        if len(self._seqs) > 2 * self._keep:  # amortised: the oldest positions go
+            del self._seqs[:-self._keep]
+            del self._dead[:-self._keep]
+

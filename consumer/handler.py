@@ -147,7 +147,8 @@ class Event:
     dedup_owner: str | None = None  # set while this event holds its messageId's claim
     attempts: Attempts = field(default_factory=Attempts)
     plan: CallPlan | None = None  # the calls of a Send, resumed where a failure stopped
-    intake: int = 0  # the worker's intake sequence: lower goes first in a limiter's queue
+    intake: int = 0  # the worker's intake sequence (from 1): lower goes first in a limiter's
+    # queue, and the DLQ guard reads outcomes in this order
     generation: int = 0  # its partition's tracker when taken (`Commits.take`)
     waits: object = None  # the worker's ordering waits (`worker.UserWaits`), from intake
 
@@ -436,7 +437,7 @@ class Handler:
         age = _event_age(event.event_time)
         if age is not None:
             self.m.event_age.observe(age)
-        self.guard.record_success()
+        self.guard.record_success(event.intake or None)
         return Delivered(decision.event_name, event.attempts.count)
 
     def _duplicate(self, event: Event, endpoint: str) -> Duplicate:
@@ -666,7 +667,7 @@ class Handler:
     # -- dead-letter --------------------------------------------------------------------
     async def _dead_letter(self, event: Event, exc: DeadLetter | Retry) -> DeadLettered:
         reason = "retries_exhausted" if isinstance(exc, Retry) else exc.reason
-        if not self.guard.allow_dead_letter():
+        if not self.guard.allow_dead_letter(event.intake or None):
             self.m.dlq_guard_tripped.set(1)
             log.critical("DLQ guard tripped: %s. Not dead-lettering and stopping: this looks "
                          "like a broken deploy or configuration, not bad events. Offsets from "

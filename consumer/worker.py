@@ -334,7 +334,8 @@ class Worker:
         self._finished = 0  # events to send that reached their outcome (event loop)
         self._finished_seen = 0
         self._consumed = Children(self.m.events_consumed)
-        self._intake_seq = itertools.count()  # Event.intake: limiter queues serve in this order
+        # Event.intake: limiter queues serve in this order, the DLQ guard reads outcomes in it
+        self._intake_seq = itertools.count(1)
         self.fatal: BaseException | None = None
         self.kafka_abandoned = False  # the consumer could not leave the group at shutdown
         self._stopping: asyncio.Event | None = None

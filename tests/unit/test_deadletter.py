@@ -389,3 +389,44 @@ def test_a_null_header_value_stays_null_through_the_dlq_and_replay() -> None:
     out = dlq_headers(original, topic="t", partition=0, offset=1, failure=UNDECODABLE)
     assert out[:3] == original
     assert replay_headers(out)[:3] == original
+
+
+def _finish_out_of_order(guard: DlqGuard, bad: set[int], order: list[int],
+                         numbered: bool) -> str | None:
+    for seq in order:
+        position = seq if numbered else None
+        if seq in bad:
+            if not guard.allow_dead_letter(position):
+                return guard.tripped_reason
+        else:
+            guard.record_success(position)
+    return None
+
+
+def test_one_rejected_user_lagging_at_a_backlogs_end_does_not_trip_the_guard() -> None:
+    """One user's events run one after another, the others' side by side: at the end of a
+    backlog the last outcomes to finish are that user's. One user Userpilot rejects, 5 %
+    of the stream, made half of the last 100 finished and tripped healthy replicas (review
+    "kill16"). Read in stream order, its neighbours are other users' events."""
+    stream = list(range(1, 2001))
+    bad = {seq for seq in stream if seq % 20 == 0}  # 5 %, spread as produced
+    order = [seq for seq in stream if seq not in bad] + sorted(bad)  # the user lags
+    assert _finish_out_of_order(DlqGuard(0.5, 100, 50), bad, order, numbered=True) is None
+    # As finished (the old rule): the tail is that user's alone.
+    tripped = _finish_out_of_order(DlqGuard(0.5, 100, 50), bad, order, numbered=False)
+    assert tripped is not None
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_broken_deploy_trips_the_guard_whatever_the_finishing_order(seed: int) -> None:
+    import random
+
+    stream = list(range(1, 2001))
+    bad = {seq for seq in stream if seq > 500}  # from a deploy on, every event fails
+    order = list(stream)
+    rng = random.Random(seed)
+    for i in range(len(order) - 1):  # finished out of order, within a window of 200
+        j = min(len(order) - 1, i + rng.randrange(200))
+        order[i], order[j] = order[j], order[i]
+    tripped = _finish_out_of_order(DlqGuard(0.5, 100, 50), bad, order, numbered=True)
+    assert tripped is not None
