@@ -177,25 +177,22 @@ class Commits:
         with self._lock:
             return [tp for tp, tracker in self._offsets.items() if not tracker.unfinished]
 
-    def passed(self, positions: Mapping[TP, int]) -> list[TP]:
+    def passed(self, positions: Mapping[TP, int]) -> None:
         """The consumer's positions of partitions all of whose handed-over messages were
         taken: the offsets below a position that were never handed over (transaction
         markers, aborted transactions' records) are finished like drops, so the commit
         reaches the log's end. Without it, a transactional topic's committed offset
         stopped at each partition's last commit marker: a lag of 1 for ever, of the whole
-        batch after an aborted one (review "offsets16"). Returns the partitions moved.
+        batch after an aborted one (review "offsets16").
 
         The caller guarantees that every message handed over was taken: a position also
         counts a message handed over and not taken yet, which this would skip."""
-        moved: list[TP] = []
         with self._lock:
             for tp, position in positions.items():
                 tracker = self._offsets.get(tp)
                 if (tracker is not None and not tracker.unfinished
                         and position > tracker.high + 1):
                     tracker.skipped(position - 1)
-                    moved.append(tp)
-        return moved
 
     def in_window_by_family(self) -> dict[str, int]:
         """Events sent or sending and not committed, per window family: what a crash now

@@ -316,10 +316,10 @@ class Settings:
         """Everything no log line may show: `http_secrets` and the registry's credentials
         (SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO's and those written into
         SCHEMA_REGISTRY_URL, in the forms an echoed request shows them)."""
-        from consumer.redaction import basic_auth_forms, url_credentials
+        from consumer.redaction import registry_secrets
 
-        return [*self.http_secrets(), *url_credentials(self.registry_url),
-                *basic_auth_forms(self.registry_auth.reveal() if self.registry_auth else None)]
+        return [*self.http_secrets(), *registry_secrets(
+            self.registry_url, self.registry_auth.reveal() if self.registry_auth else None)]
 
     def kafka_config(self, *, logger: bool = True) -> dict[str, Any]:
         """librdkafka settings with secrets revealed, for the Kafka edge only.

@@ -421,8 +421,9 @@ def main(
 
     if not user_ids:
         log("no user ids given")
-    if padded(user_ids):
-        log(f"{padded(user_ids)} ids begin or end with whitespace; sent exactly as written "
+    spaced = padded(user_ids)
+    if spaced:
+        log(f"{spaced} ids begin or end with whitespace; sent exactly as written "
             "(the worker sends userId as the event carries it)")
     groups = batches(user_ids, args.batch_size)
     if args.dry_run:
@@ -442,14 +443,14 @@ def main(
             backoff_max_s=settings.retry_backoff_max_s, budget_s=settings.retry_budget_s,
             log=log, summary=summary,
         )
+        code = 0 if summary.ok else 1
     except KeyboardInterrupt:
         # What was done so far, not a traceback: the batches after it were not sent.
         summary.aborted = "interrupted"
         log(f"interrupted after {summary.batches_sent} of {len(groups)} batches; the "
             "batch under way may or may not have been scheduled")
-        print(f"delete-users: {summary.line()}", file=out, flush=True)
-        return 130
+        code = 130
     finally:
         client.close()
     print(f"delete-users: {summary.line()}", file=out, flush=True)
-    return 0 if summary.ok else 1
+    return code

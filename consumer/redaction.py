@@ -14,7 +14,8 @@ import re
 import urllib.parse
 from collections.abc import Iterable
 
-__all__ = ["MASK", "MIN_PARTIAL", "Redactor", "redact", "secret_forms", "url_credentials"]
+__all__ = ["MASK", "MIN_PARTIAL", "Redactor", "redact", "registry_secrets", "secret_forms",
+           "url_credentials"]
 
 MASK = "***"
 MIN_PARTIAL = 4  # a shorter fragment at a cut edge is too likely to be ordinary text
@@ -40,14 +41,18 @@ def secret_forms(secrets: Iterable[str]) -> list[str]:
     return sorted(forms, key=len, reverse=True)
 
 
-def basic_auth_forms(user_info: str | None) -> list[str]:
-    """`user:password` as a log line or an echoed request could show it: the pair, the
-    password, its Basic form."""
-    if not user_info:
-        return []
-    password = user_info.split(":", 1)[-1]
-    forms = [user_info, base64.b64encode(user_info.encode()).decode()]
-    return [password, *forms] if len(password) >= MIN_ALONE else forms  # see url_credentials
+def registry_secrets(url: str | None, user_info: str | None) -> list[str]:
+    """The schema registry's credentials in every form a log line or an echoed request
+    could show them: those of SCHEMA_REGISTRY_URL's user info (`url_credentials`) and of
+    SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO (`user:password`: the pair, its Basic form, and
+    the password alone when long enough, as for a URL's)."""
+    forms = url_credentials(url)
+    if user_info:
+        password = user_info.split(":", 1)[-1]
+        if len(password) >= MIN_ALONE:
+            forms.append(password)
+        forms += [user_info, base64.b64encode(user_info.encode()).decode()]
+    return forms
 
 
 def url_credentials(url: str | None) -> list[str]:

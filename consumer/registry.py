@@ -43,10 +43,10 @@ from consumer.codec import (
 )
 from consumer.cutoff import Cutoff
 from consumer.errors import UndecodableEvent
-from consumer.redaction import basic_auth_forms, redact, url_credentials
+from consumer.redaction import redact, registry_secrets
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Registry", "RegistryError", "RegistryUnusable", "RestClient",
-           "registry_secrets", "subject_for"]
+           "subject_for"]
 
 log = logging.getLogger(__name__)
 
@@ -204,13 +204,11 @@ class RestClient:
                     if body else None, extensions={"trace": cut.trace}) as response:
                 content = b"".join(response.iter_bytes())
         except httpx.TransportError:
-            if cut.fired:
-                raise TimeoutError(
-                    f"the registry's answer took over {self.timeout_s:g} s") from None
-            raise
+            if not cut.fired:
+                raise
         finally:
             cut.cancel()
-        if cut.fired:
+        if cut.fired:  # the read it broke, or one that ended just as it fired
             raise TimeoutError(f"the registry's answer took over {self.timeout_s:g} s")
         try:
             data = json.loads(content)
@@ -229,12 +227,6 @@ class RestClient:
                 f"HTTP {response.status_code} from {response.url.path!s}: not a Schema "
                 "Registry JSON answer; check SCHEMA_REGISTRY_URL (its API base path)")
         return data
-
-
-def registry_secrets(url: str | None, user_info: str | None) -> list[str]:
-    """The registry's credentials in every form a log line or an echoed request could show
-    them: SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO's and the user info of SCHEMA_REGISTRY_URL."""
-    return [*url_credentials(url), *basic_auth_forms(user_info)]
 
 
 def _path(segment: str) -> str:

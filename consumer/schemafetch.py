@@ -44,11 +44,6 @@ class SharedFetches:
         if not fetch.cancelled():
             fetch.exception()  # retrieved: its waiters may all be gone
 
-    @property
-    def running(self) -> int:
-        """Lookups under way (tests)."""
-        return len(self._running)
-
     def close(self) -> None:
         """Lookups not started are dropped; one under way ends within the registry's
         timeout (`RestClient`), as the process's exit waits for its thread."""

@@ -379,40 +379,17 @@ def test_settings_the_deletion_does_not_use_are_not_read() -> None:
 def test_a_trickled_answer_ends_the_attempt_at_twice_the_timeout() -> None:
     """httpx's timeout bounds each read: a 202 whose body came a byte a second held the
     run until something killed it (review "gdpr16")."""
-    import socket
-    import threading
     import time
 
     from consumer.errors import Timeout
+    from tests.unit.test_cutoff import trickling
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            try:
-                conn.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 40\r\n\r\n")
-                for _ in range(40):
-                    if stop.is_set():
-                        return
-                    conn.sendall(b"x")
-                    time.sleep(0.1)
-            except OSError:
-                return
-
-    threading.Thread(target=serve, daemon=True).start()
-    client = DeleteClient(f"http://127.0.0.1:{server.getsockname()[1]}/v1/users", {},
-                          timeout_s=0.3)
-    started = time.monotonic()
-    try:
-        with pytest.raises(Timeout, match=r"took over 0\.6 s"):
-            client.delete(b'{"users":["a"]}')
-        assert time.monotonic() - started < 1.5
-    finally:
-        stop.set()
-        client.close()
-        server.close()
+    with trickling(b"HTTP/1.1 202 Accepted\r\nContent-Length: 40\r\n\r\n", b"x" * 40) as url:
+        client = DeleteClient(f"{url}/v1/users", {}, timeout_s=0.3)
+        started = time.monotonic()
+        try:
+            with pytest.raises(Timeout, match=r"took over 0\.6 s"):
+                client.delete(b'{"users":["a"]}')
+            assert time.monotonic() - started < 1.5
+        finally:
+            client.close()

@@ -575,44 +575,20 @@ def test_credentials_in_the_registry_url_never_reach_its_errors() -> None:
 def test_a_trickled_answer_is_cut_at_the_timeout(slow: str) -> None:
     """httpx's timeout bounds each read: an answer sent a byte every 0.1 s, its headers or
     its body, never timed out (a minute with readiness on; the process could not exit)."""
-    import socket
-    import threading
     import time
+
+    from tests.unit.test_cutoff import trickling
 
     body = json.dumps({"schema": SCHEMA_TEXT}).encode()
     head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body))
-    fast, trickled = (body, head) if slow == "headers" else (head, body)
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    stop = threading.Event()
-
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            try:
-                if slow == "body":
-                    conn.sendall(fast)
-                for byte in trickled:
-                    if stop.is_set():
-                        return
-                    conn.sendall(bytes([byte]))
-                    time.sleep(0.1)
-                conn.sendall(fast if slow == "headers" else b"")
-            except OSError:
-                return
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    client = RestClient(f"http://127.0.0.1:{server.getsockname()[1]}", timeout_s=0.5)
-    started = time.monotonic()
-    try:
-        with pytest.raises(TimeoutError, match=r"took over 0\.5 s"):
-            client.get_schema(1)
-        assert time.monotonic() - started < 1.5
-    finally:
-        stop.set()
-        client.close()
-        server.close()
+    parts = (b"", head, body) if slow == "headers" else (head, body, b"")
+    with trickling(*parts) as url:
+        client = RestClient(url, timeout_s=0.5)
+        started = time.monotonic()
+        try:
+            with pytest.raises(TimeoutError, match=r"took over 0\.5 s"):
+                client.get_schema(1)
+            assert time.monotonic() - started < 1.5
+        finally:
+            client.close()
