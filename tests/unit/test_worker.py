@@ -1960,3 +1960,53 @@ def test_a_registry_outage_holds_other_users_only_briefly(
     assert seen["others"] < 2.0  # not the 3 s outage (and the fetch's backoff after it)
     assert {user for user, _ in client.accepted[:2]} == {"Z", "W"}
     assert client.accepted[-1] == ("X", 0)
+
+
+class SequencedSource(FakeSource):
+    """Records, on the event loop, each call handed to the poll thread (in `sequence`), and
+    "got" when a consume brought messages."""
+
+    sequence: list[str]
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        name = getattr(fn, "__name__", "?")
+        self.sequence.append(name)
+        out = await super().call(fn, *args)
+        if name == "consume" and out:
+            self.sequence.append("got")
+        return out
+
+
+class SequencedClient(FakeClient):
+    def __init__(self, sequence: list[str]) -> None:
+        super().__init__()
+        self.sequence = sequence
+
+    async def send(self, call: Call) -> int:
+        self.sequence.append("send")
+        return await super().send(call)
+
+
+def test_a_batchs_requests_start_before_the_main_loop_goes_on() -> None:
+    """A delivery's latency at low traffic: the new events' requests are under way before
+    the main loop's bookkeeping and next poll (`FIRST_STEP_TURNS`), not after them."""
+    sequence: list[str] = []
+
+    class Source(SequencedSource):
+        pass
+
+    Source.sequence = sequence
+
+    run = make(log_of(track("u1", 1)), registry=known_schema(),
+               client=SequencedClient(sequence), source_type=Source)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: "send" in sequence, "the request")
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "commit of offset 1")
+
+    assert drive(run, scenario) == 0
+    # Between the poll that brought the event and its request, only what the assignment
+    # needs before the intake: no commit, no next poll.
+    got = sequence.index("got")
+    between = sequence[got + 1:sequence.index("send")]
+    assert set(between) <= {"_inherit", "resume", "_reshare"}, sequence
