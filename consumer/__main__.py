@@ -128,7 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     problems = reach.services(
         settings.kafka_config(logger=False), args.timeout, registry_url=settings.registry_url,
-        registry_auth=settings.registry_auth.reveal() if settings.registry_auth else None)
+        registry_auth=settings.registry_auth.reveal() if settings.registry_auth else None,
+        registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None)
     if problems:
         return _unreachable(problems)
     no_created_series: Callable[[], None] = disable_created_metrics  # untyped upstream
@@ -189,7 +190,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                                          (*settings.topics, settings.dlq_topic))),
         (4, "schema registry", lambda: reach.registry(
             settings.registry_url,
-            settings.registry_auth.reveal() if settings.registry_auth else None, timeout)),
+            settings.registry_auth.reveal() if settings.registry_auth else None, timeout,
+            settings.registry_proxy.reveal() if settings.registry_proxy else None)),
         *(((16, "redis", lambda: reach.redis(settings, timeout)),)
           if settings.redis is not None else ()),
     )
@@ -266,6 +268,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     produce_events(lines, topic=args.topic, bootstrap=bootstrap, registry_url=registry,
                    source=path or "<stdin>", extra_conf=conf, timeout=args.timeout,
                    registry_auth=settings.registry_auth.reveal() if settings.registry_auth
+                   else None,
+                   registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy
                    else None)
     return 0
 

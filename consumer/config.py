@@ -139,13 +139,13 @@ SECRET_KAFKA_KEYS = frozenset({
     "sasl.oauthbearer.assertion.private.key.pem",
 })
 _HOST = re.compile(
-    r"^(?=.{1,253}(?::\d{1,5})?$)"
+    r"^(?=.{1,253}(?::[0-9]{1,5})?$)"
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-    r"(?::(\d{1,5}))?$"
+    r"(?::([0-9]{1,5}))?$"
 )
 _LINK_SERVICE = r"^(?:KAFKA|USERPILOT|WORKER|SCHEMA_REGISTRY|REDIS)(?:_[A-Z0-9_]+)?"
 _LINK_IP = "ip"
-_LINK_URL = re.compile(r"^(?:tcp|udp|sctp)://\S+:\d+$")
+_LINK_URL = re.compile(r"^(?:tcp|udp|sctp)://\S+:[0-9]+$")
 _SERVICE_LINKS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(_LINK_SERVICE + suffix), value) for suffix, value in (
         (r"_SERVICE_HOST$", _LINK_IP),
@@ -169,7 +169,7 @@ def _link_value(kind: str, value: str) -> bool:
         return bool(_LINK_URL.match(value))
     if kind == "proto":
         return value in ("tcp", "udp", "sctp")
-    return value.isdigit()
+    return value.isascii() and value.isdigit()
 
 
 def _service_link(name: str, value: str) -> bool:
@@ -288,6 +288,11 @@ class Settings:
     proxy: Secret | None = None
     """The forward proxy the environment names for Userpilot (`environment_proxy`); its
     URL may carry credentials, hence a Secret."""
+    registry_proxy: Secret | None = None
+    """The proxy the environment names for the schema registry (HTTPS_PROXY / HTTP_PROXY /
+    ALL_PROXY, less NO_PROXY, as for Userpilot), given to its client explicitly: httpx's
+    own reading of the environment (`trust_env`) parsed every proxy and NO_PROXY entry,
+    used or not, and crashed `run` on one it could not parse (review "cmds17")."""
 
     @property
     def base_url(self) -> str:
@@ -528,7 +533,20 @@ def _check_endpoint(reader: _Reader) -> str:
         )
     elif match.group(1) is not None and not 0 < int(match.group(1)) < 65536:
         reader.problems.append(f"USERPILOT_ANALYTICS_ENDPOINT={raw!r} has an invalid port")
+    else:
+        refused = _http_url_problem(f"https://{host}")
+        if refused is not None:  # e.g. 10.0.0.256: digits and dots, yet no address
+            reader.problems.append(
+                f"USERPILOT_ANALYTICS_ENDPOINT={raw!r} is not a host the HTTP client can "
+                f"use ({refused}): enter e.g. analytex.userpilot.io")
     return host
+
+
+def _http_url_problem(url: str) -> str | None:
+    """The HTTP client's own verdict on `url` (`consumer.httpurl`)."""
+    from consumer.httpurl import url_problem
+
+    return url_problem(url)
 
 
 def _check_api_key(reader: _Reader) -> Secret:
@@ -570,6 +588,36 @@ def _debug_contexts(value: str) -> bool:
     return bool(value.strip()) and all(item in _DEBUG_CONTEXTS for item in items)
 
 
+def _kafka_value_problem(key: str, value: str) -> str | None:
+    """What is wrong with a pass-through value the worker's guarantees rule out (None: fine).
+
+    librdkafka takes these values, and the worker then breaks a promise: each is refused
+    with the setting to use instead (review "cmds17")."""
+    lowered = value.lower()
+    if key == "isolation.level" and value != "read_committed":
+        # read_uncommitted hands over the records of aborted transactions: events their
+        # producer rolled back would reach Userpilot.
+        return ("would send Userpilot the events of aborted transactions; the worker reads "
+                "committed records only: remove it (or set read_committed)")
+    if key == "transactional.id":
+        # A transactional producer refuses every produce outside a transaction: each dead
+        # letter failed for ever and held its partition.
+        return ("makes the dead-letter producer transactional, and it writes outside "
+                "transactions (each dead letter would fail for ever): remove it")
+    if key in ("acks", "request.required.acks") and lowered not in ("all", "-1"):
+        return ("would count a dead letter written before every in-sync replica has it: "
+                "the worker commits its offset on the acknowledgement (acks=all): remove it")
+    if key == "enable.idempotence" and lowered not in ("true", "1"):
+        return ("would let a retried dead letter be written twice or out of order; the "
+                "dead-letter producer is idempotent: remove it")
+    if key == "group.protocol" and lowered != "classic":
+        # KIP-848's protocol assigns on the broker and refuses the worker's assignor.
+        return ("selects the broker-side consumer-group protocol (KIP-848); the worker "
+                "runs the classic protocol with cooperative-sticky assignment, whose "
+                "rebalance callbacks it is tested with: remove it (or set classic)")
+    return None
+
+
 def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret]:
     extra: dict[str, str | Secret] = {}
     for name in sorted(reader.env):
@@ -606,13 +654,9 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
         except UnicodeEncodeError:
             reader.problems.append(f"{name} holds bytes that are not UTF-8 text: re-enter it")
             continue
-        if key == "isolation.level" and value.strip() != "read_committed":
-            # read_uncommitted hands over the records of aborted transactions: events their
-            # producer rolled back would reach Userpilot.
-            reader.problems.append(
-                f"{name}={value!r} would send Userpilot the events of aborted transactions; "
-                "the worker reads committed records only: remove it (or set read_committed)"
-            )
+        refusal = _kafka_value_problem(key, value.strip())
+        if refusal is not None:
+            reader.problems.append(f"{name}={value!r} {refusal}")
             continue
         if check_clients:
             from consumer.librdkafka import property_problem
@@ -692,8 +736,9 @@ def _bootstrap_problems(raw: str) -> list[str]:
         if not entry:  # a stray comma: librdkafka skips it too
             continue
         protocol, sep, address = entry.rpartition("://")
+        shown = redact_userinfo(entry)  # credentials written into it are never echoed
         if sep and protocol.lower() not in _BOOTSTRAP_PROTOCOLS:
-            problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {entry!r}: a broker is host:port, "
+            problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: a broker is host:port, "
                             f"not a URL ({protocol}:// is not a Kafka security protocol)")
             continue
         host, port = address, ""
@@ -707,10 +752,12 @@ def _bootstrap_problems(raw: str) -> list[str]:
         elif ":" in address:
             host, _, port = address.rpartition(":")
         if not host or host == "[]" or "/" in address or "@" in address:
-            problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {entry!r}, not host:port "
-                            "(e.g. kafka:9092)")
-        elif port and not (port.isdigit() and 0 < int(port) < 65536):
-            problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {entry!r}: the port must be "
+            problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}, not host:port "
+                            "(e.g. kafka:9092)" + (": credentials go in KAFKA_SASL_USERNAME "
+                                                   "and KAFKA_SASL_PASSWORD"
+                                                   if "@" in address else ""))
+        elif port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: the port must be "
                             "1-65535")
     return problems
 
@@ -732,6 +779,9 @@ def _url_problem(url: str) -> str | None:
         return "has no host: e.g. http://schema-registry:8081"
     if port == 0:
         return "has port 0: use 1-65535"
+    refused = _http_url_problem(url)
+    if refused is not None:
+        return f"is not a URL the HTTP client can use ({refused}): check the host and the port"
     return None
 
 
@@ -788,7 +838,10 @@ def environment_proxy(url: str, env: Mapping[str, str]) -> tuple[str, str] | Non
     covers the host (`_bypassed`). A proxy given without a scheme is an HTTP proxy, as
     httpx and curl read it.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL (refused where it is read): no proxy to name
+        return None
     for name in (f"{parts.scheme}_proxy", "all_proxy"):
         found = _proxy_variable(env, name)
         if found is not None and found[1]:
@@ -812,7 +865,13 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
     if found is None or found == skip:
         return None
     name, value = found
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an unclosed [ of an IPv6 address
+        reader.problems.append(
+            f"{name}={redact_userinfo(value)} is not a valid URL (the proxy for {service}): "
+            "give an HTTP proxy as http://host:port ([address]:port for IPv6)")
+        return None
     if "@" in parts.path:
         reader.problems.append(
             f"{name}={redact_userinfo(value)}: the user or password of the proxy for "
@@ -826,11 +885,19 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
             f"proxy; SOCKS is not supported), or add the host of {service} to NO_PROXY")
         return None
     try:
-        parts.port  # noqa: B018 - raises on a port that is not a number or out of range
-    except ValueError:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    if port in (-1, 0):
         reader.problems.append(
             f"{name}={redact_userinfo(value)}: the port is not a number from 1 to 65535 "
             f"(the proxy for {service})")
+        return None
+    refused = _http_url_problem(value)
+    if refused is not None:
+        reader.problems.append(
+            f"{name}={redact_userinfo(value)} is not a proxy URL the HTTP client can use "
+            f"({refused}; the proxy for {service}): check its host and port")
         return None
     return Secret(value)
 
@@ -901,8 +968,8 @@ def _topics(reader: _Reader) -> tuple[str, ...]:
 
 _REDIS_URL = re.compile(
     r"^(?P<scheme>rediss?)://(?:(?P<user>[^:@/]*)(?::(?P<password>[^@/]*))?@)?"
-    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/?#@\[\]]+)(?::(?P<port>\d{1,5}))?"
-    r"(?:/(?P<db>\d{0,2}))?(?P<query>\?[^#]*)?$"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:/?#@\[\]]+)(?::(?P<port>[0-9]{1,5}))?"
+    r"(?:/(?P<db>[0-9]{0,2}))?(?P<query>\?[^#]*)?$"
 )
 
 
@@ -1150,10 +1217,15 @@ def load_settings(
             r.problems.append(f"SCHEMA_REGISTRY_URL={shown!r} {problem}")
         else:
             registry_ok = True
+    registry_proxy: Secret | None = None
     if registry_ok and uses_registry:
         userpilot_url = userpilot_base_url(endpoint, insecure) if endpoint else None
+        before = len(r.problems)
         _proxy(r, registry_url, "the schema registry",
                skip=environment_proxy(userpilot_url, r.env) if userpilot_url else None)
+        found = environment_proxy(registry_url, r.env)
+        if found is not None and len(r.problems) == before:
+            registry_proxy = Secret(found[1])
     auth_raw = r.text("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
     if auth_raw is not None and ":" not in auth_raw:
         r.problems.append("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO must be user:password")
@@ -1206,4 +1278,5 @@ def load_settings(
         notes=tuple(r.notes),
         redis=redis, rate_limit_shared=rate_limit_shared, ca_bundle=ca_bundle,
         ensure_user=ensure_user, ensure_user_cache=ensure_user_cache, proxy=proxy,
+        registry_proxy=registry_proxy,
     )

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import os
-import ssl
 import time
 from collections.abc import Mapping
 from datetime import UTC
@@ -20,7 +18,6 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import aiohttp
-import certifi
 import httpx
 from httpx_aiohttp.transport import AiohttpTransport
 
@@ -35,6 +32,7 @@ from consumer.errors import (
     WorkerError,
 )
 from consumer.redaction import Redactor, url_credentials
+from consumer.tls import ssl_context, verification
 
 if TYPE_CHECKING:
     from consumer.calls import Call
@@ -177,16 +175,6 @@ def _credentials(headers: Mapping[str, str]) -> list[str]:
             if name.lower() == "authorization" and value.strip()]
 
 
-def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
-    """Trusted CAs: USERPILOT_CA_BUNDLE if set, else $SSL_CERT_FILE / $SSL_CERT_DIR, else
-    certifi's bundle (what httpx trusts by default)."""
-    cafile = ca_bundle or os.environ.get("SSL_CERT_FILE") or None
-    capath = None if cafile else os.environ.get("SSL_CERT_DIR") or None
-    if cafile is None and capath is None:
-        cafile = certifi.where()
-    return ssl.create_default_context(cafile=cafile, capath=capath)
-
-
 def _really_timed_out(exc: httpx.TimeoutException) -> bool:
     """httpx-aiohttp maps every aiohttp connection error (refused, reset) to ConnectTimeout;
     its cause says whether time actually ran out."""
@@ -244,12 +232,8 @@ class UserpilotClient:
         self.proxy = httpx.Proxy(proxy) if proxy else None
         """The proxy in use (its URL without credentials: `proxy.url`), or None."""
         if transport is None:
-            # The CA store (certifi's: ~2.5 MB of RSS) is loaded only when a connection
-            # can use TLS. For plain HTTP (the sandbox, a local relay) the context trusts
-            # no CA at all: a TLS handshake could only fail, never trust by accident.
-            tls = "https" in (parts.scheme, self.proxy.url.scheme if self.proxy else "")
-            context = (ssl_context(ca_bundle) if tls
-                       else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+            context = verification(url, str(self.proxy.url) if self.proxy else None,
+                                   ca_bundle=ca_bundle)
             limits = httpx.Limits(max_connections=max_connections,
                                   max_keepalive_connections=max_connections)
 

@@ -26,10 +26,17 @@ from confluent_kafka import (
 )
 
 from consumer.errors import ConfigError, DlqRecordTooLarge
+from consumer.librdkafka import (
+    DLQ_PRODUCER,
+    METADATA_REFRESH_MS,
+    consumer_settings,
+    producer_settings,
+)
 from consumer.logs import RateLimit
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
 
 __all__ = [
+    "METADATA_REFRESH_MS",
     "TP",
     "DeadLetterProducer",
     "KafkaMessage",
@@ -69,7 +76,6 @@ def _config_error(exc: KafkaException, what: str) -> ConfigError:
     return ConfigError(f"{what}: librdkafka refused the configuration: {exc.args[0]}")
 
 
-METADATA_REFRESH_MS = 30_000  # how soon partitions added to a source topic are read
 
 
 class KafkaSource:
@@ -87,27 +93,7 @@ class KafkaSource:
         on_committed: Callable[[list[tuple[TP, int]], list[TP]], None] | None = None,
         stats_interval_ms: int = 5000,
     ) -> None:
-        settings = {
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "partition.assignment.strategy": "cooperative-sticky",
-            "auto.offset.reset": "earliest",
-            "enable.partition.eof": False,
-            "statistics.interval.ms": stats_interval_ms if on_stats else 0,
-            # Prefetch bounds: librdkafka's defaults (64 MiB, 100k messages) dominate the
-            # RSS of a worker draining a large backlog; 16 MiB still keeps the fetcher ahead.
-            "queued.max.messages.kbytes": 16384,
-            "queued.min.messages": 10000,
-            # Past those bounds librdkafka waits fetch.queue.backoff.ms (1 s by default)
-            # before fetching again: with bounded queues that starved the worker (13k vs
-            # 45k events/s measured on the drop path). Refill quickly instead.
-            "fetch.queue.backoff.ms": 10,
-            # Partitions added to a source topic (the way to scale out past the replica
-            # count) were first read 288 s later with librdkafka's 300 s: two thirds of the
-            # keys undelivered meanwhile, with no lag series and readiness green.
-            "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
-            **conf,
-        }
+        settings: dict[str, Any] = consumer_settings(conf)
         # Statistics are always on: their broker states clear "not connected" on recovery
         # even when no message and no commit comes back (an idle topic).
         settings["statistics.interval.ms"] = stats_interval_ms
@@ -467,20 +453,7 @@ class KafkaSource:
 
 def make_producer(conf: dict[str, Any], **extra: Any) -> Producer:
     """A producer with acks=all and idempotence: a DLQ record is durable once acked."""
-    settings = {
-        "acks": "all",
-        "enable.idempotence": True,
-        "linger.ms": 5,
-        "compression.type": "lz4",
-        **{k: v for k, v in conf.items() if not k.startswith("group.")},
-        **extra,
-    }
-    for key in ("enable.auto.commit", "enable.auto.offset.store", "auto.offset.reset",
-                "partition.assignment.strategy", "isolation.level", "session.timeout.ms",
-                "max.poll.interval.ms", "enable.partition.eof", "heartbeat.interval.ms",
-                "fetch.min.bytes", "fetch.max.bytes", "group.instance.id",
-                "statistics.interval.ms"):
-        settings.pop(key, None)
+    settings = producer_settings(conf, **extra)
     try:
         return Producer(settings)
     except KafkaException as exc:
@@ -491,10 +464,7 @@ class DeadLetterProducer:
     """Produces DLQ records and resolves an awaitable when the broker acknowledged them."""
 
     def __init__(self, conf: dict[str, Any]) -> None:
-        # One record per batch: the broker checks a topic's max.message.bytes per batch, so
-        # dead letters that each fit a DLQ topic with a lower limit were refused together
-        # and all written without their value. Dead letters are few: batching buys nothing.
-        self._producer = make_producer(conf, **{"batch.num.messages": 1})
+        self._producer = make_producer(conf, **DLQ_PRODUCER)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="dlq-poll", daemon=True)
         self._thread.start()

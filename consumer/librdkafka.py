@@ -1,11 +1,14 @@
-"""librdkafka's own verdict on the KAFKA_* pass-through, obtained offline.
+"""The librdkafka settings the worker's clients are built with, and librdkafka's own
+verdict on them, obtained offline.
 
 An adapter (it imports confluent_kafka). A client built without ``bootstrap.servers``
 validates every property exactly as `run` will, yet connects nowhere; so `check-config`
 refuses at once what `run` would refuse at start-up. Each property is first tried alone,
 so every mistake is reported (librdkafka stops at the first), then the consumer and the
-dead-letter producer are built whole, as the worker builds them, which catches
-combinations (e.g. ``acks`` other than ``all`` with idempotence on).
+dead-letter producer are built whole, from the same settings `run` builds them with
+(`consumer_settings`, `producer_settings`: the worker's own added to the user's), which
+catches combinations: ``acks`` other than ``all`` with idempotence on, or
+``group.protocol=consumer`` with the worker's assignor (review "cmds17").
 """
 
 from __future__ import annotations
@@ -16,7 +19,59 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
 
-__all__ = ["client_problem", "property_problem"]
+__all__ = ["DLQ_PRODUCER", "METADATA_REFRESH_MS", "client_problem", "consumer_settings",
+           "producer_settings", "property_problem"]
+
+METADATA_REFRESH_MS = 30_000  # how soon partitions added to a source topic are read
+DLQ_PRODUCER = {"batch.num.messages": 1}
+"""The dead-letter producer's own: one record per batch, since the broker checks a topic's
+max.message.bytes per batch, so dead letters that each fit a DLQ topic with a lower limit
+were refused together and all written without their value. Dead letters are few."""
+_CONSUMER_ONLY = (
+    "enable.auto.commit", "enable.auto.offset.store", "auto.offset.reset",
+    "partition.assignment.strategy", "isolation.level", "session.timeout.ms",
+    "max.poll.interval.ms", "enable.partition.eof", "heartbeat.interval.ms",
+    "fetch.min.bytes", "fetch.max.bytes", "group.instance.id", "statistics.interval.ms")
+
+
+def consumer_settings(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """The source consumer's settings: the worker's own, then the user's (`conf`)."""
+    return {
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "partition.assignment.strategy": "cooperative-sticky",
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": False,
+        # Prefetch bounds: librdkafka's defaults (64 MiB, 100k messages) dominate the
+        # RSS of a worker draining a large backlog; 16 MiB still keeps the fetcher ahead.
+        "queued.max.messages.kbytes": 16384,
+        "queued.min.messages": 10000,
+        # Past those bounds librdkafka waits fetch.queue.backoff.ms (1 s by default)
+        # before fetching again: with bounded queues that starved the worker (13k vs
+        # 45k events/s measured on the drop path). Refill quickly instead.
+        "fetch.queue.backoff.ms": 10,
+        # Partitions added to a source topic (the way to scale out past the replica
+        # count) were first read 288 s later with librdkafka's 300 s: two thirds of the
+        # keys undelivered meanwhile, with no lag series and readiness green.
+        "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
+        **conf,
+    }
+
+
+def producer_settings(conf: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """A producer's settings from the consumer's (`conf`): acks=all and idempotence, so a
+    DLQ record is durable once acknowledged; the consumer's own settings left out."""
+    settings = {
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        **{k: v for k, v in conf.items() if not k.startswith("group.")},
+        **extra,
+    }
+    for key in _CONSUMER_ONLY:
+        settings.pop(key, None)
+    return settings
 
 _SILENT = logging.getLogger("consumer.librdkafka.check")
 _SILENT.addHandler(logging.NullHandler())
@@ -41,9 +96,7 @@ def _consumer(conf: Mapping[str, Any]) -> str | None:
 
 
 def _producer(conf: Mapping[str, Any]) -> str | None:
-    settings = {"acks": "all", "enable.idempotence": True,
-                **{k: v for k, v in conf.items() if not k.startswith("group.")},
-                "logger": _SILENT}
+    settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _SILENT}
     try:
         producer = Producer(settings)
     except KafkaException as exc:
@@ -70,7 +123,7 @@ def client_problem(conf: Mapping[str, Any]) -> str | None:
     ``bootstrap.servers`` is left out so nothing connects.
     """
     offline = {k: v for k, v in conf.items() if k != "bootstrap.servers"}
-    consumer = _consumer(offline)
+    consumer = _consumer(consumer_settings(offline))
     if consumer is not None:
         return f"consumer: {consumer}"
     producer = _producer(offline)

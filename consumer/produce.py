@@ -79,6 +79,7 @@ def produce_events(
     lines: Iterable[str | bytes], *, topic: str, bootstrap: str, registry_url: str,
     source: str = "<stdin>", extra_conf: dict[str, Any] | None = None,
     out: TextIO = sys.stderr, registry_auth: str | None = None, timeout: float = 10.0,
+    registry_proxy: str | None = None,
 ) -> int:
     """Validate, probe the services, register the schema, produce, wait for every ack.
 
@@ -92,9 +93,9 @@ def produce_events(
     parsed = parse_lines(lines, source)
     conf = {**(extra_conf or {}), "bootstrap.servers": bootstrap}
     for problem in reach.services(conf, timeout, registry_url=registry_url,
-                                  registry_auth=registry_auth):
+                                  registry_auth=registry_auth, registry_proxy=registry_proxy):
         raise ProduceError(f"nothing was sent: {problem}")
-    schema_id = Registry(registry_url, registry_auth).register(topic)
+    schema_id = Registry(registry_url, registry_auth, proxy=registry_proxy).register(topic)
     producer = make_producer(conf)
     failures: list[str] = []
 

@@ -26,6 +26,7 @@ from confluent_kafka import KafkaException, Producer
 from consumer.config import Settings, redact_userinfo
 from consumer.delivery import UserpilotClient
 from consumer.errors import ConnectionFailed, Misconfigured, Rejected, Retry, Timeout
+from consumer.tls import verification
 
 __all__ = ["kafka", "redis", "registry", "resolve", "services", "userpilot"]
 
@@ -119,8 +120,10 @@ def kafka(conf: Mapping[str, Any], timeout: float,
     return None
 
 
-def registry(url: str, user_info: str | None, timeout: float) -> str | None:
-    """Reach the schema registry (``GET /subjects``) with the worker's credentials."""
+def registry(url: str, user_info: str | None, timeout: float,
+             proxy: str | None = None) -> str | None:
+    """Reach the schema registry (``GET /subjects``) with the worker's credentials, through
+    its proxy (`Settings.registry_proxy`) and CA store, as `run`'s client does."""
     auth = None
     if user_info:
         user, _, password = user_info.partition(":")
@@ -129,7 +132,8 @@ def registry(url: str, user_info: str | None, timeout: float) -> str | None:
     shown = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()  # no password
     started = time.monotonic()
     try:
-        response = httpx.get(url.rstrip("/") + "/subjects", auth=auth, timeout=timeout)
+        response = httpx.get(url.rstrip("/") + "/subjects", auth=auth, timeout=timeout,
+                             trust_env=False, proxy=proxy, verify=verification(url, proxy))
     except httpx.HTTPError as exc:
         waited = time.monotonic() - started
         return (f"schema registry at {shown} not reachable ({type(exc).__name__} after "
@@ -144,8 +148,8 @@ def registry(url: str, user_info: str | None, timeout: float) -> str | None:
 
 
 def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[str] = (),
-             registry_url: str | None = None,
-             registry_auth: str | None = None) -> list[str]:
+             registry_url: str | None = None, registry_auth: str | None = None,
+             registry_proxy: str | None = None) -> list[str]:
     """Start-up check of a command: Kafka (and topics), then the registry if given.
 
     Empty when everything answered within ``timeout`` seconds each; otherwise one line per
@@ -153,7 +157,7 @@ def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[
     """
     problems = [kafka(kafka_conf, timeout, topics)]
     if registry_url is not None:
-        problems.append(registry(registry_url, registry_auth, timeout))
+        problems.append(registry(registry_url, registry_auth, timeout, registry_proxy))
     return [p for p in problems if p is not None]
 
 

@@ -12,8 +12,9 @@ The three REST calls go through httpx (`RestClient`), not confluent-kafka's
 `SchemaRegistryClient`: importing that client loads authlib, cryptography, joserfc and a
 second HTTP stack for OAuth the worker never uses, 22 MB of RSS in every replica
 (measured: 22 → 44 MB for the import alone), more than the rest of the worker's imports.
-httpx brings the same proxies (`trust_env`), CA bundle (`SSL_CERT_FILE`) and TLS handling
-as the Userpilot client; confluent-kafka's serializers still read what this registers
+httpx brings the same proxy (the one the environment names for the registry's URL, given
+explicitly: `Settings.registry_proxy`), CA bundle (`SSL_CERT_FILE`, `ssl_context`) and TLS
+handling as the Userpilot client; confluent-kafka's serializers still read what this registers
 (integration test).
 """
 
@@ -44,6 +45,7 @@ from consumer.codec import (
 from consumer.cutoff import Cutoff
 from consumer.errors import UndecodableEvent
 from consumer.redaction import redact, registry_secrets
+from consumer.tls import verification
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Registry", "RegistryError", "RegistryUnusable", "RestClient",
            "subject_for"]
@@ -155,7 +157,7 @@ class RestClient:
     """
 
     def __init__(self, url: str, user_info: str | None = None, *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, proxy: str | None = None) -> None:
         auth = None
         if user_info:
             user, _, password = user_info.partition(":")
@@ -163,8 +165,11 @@ class RestClient:
         self.timeout_s = timeout_s
         # A connection per call (the worker makes a few: at start-up and per new schema
         # id), so each call's socket is its own to cut at the deadline (`_json`).
+        # The proxy is the one given (not httpx's reading of the environment, which parsed
+        # every proxy variable, used or not, and crashed on one it could not parse).
         self._http = httpx.Client(base_url=url.rstrip("/") + "/", auth=auth,
-                                  timeout=timeout_s, trust_env=True,
+                                  timeout=timeout_s, trust_env=False, proxy=proxy,
+                                  verify=verification(url, proxy),
                                   headers={"Accept": _ACCEPT},
                                   limits=httpx.Limits(max_keepalive_connections=0))
 
@@ -239,9 +244,10 @@ class Registry:
 
     def __init__(self, url: str, basic_auth_user_info: str | None = None, *,
                  timeout_s: float = DEFAULT_TIMEOUT_S, client: Any = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 proxy: str | None = None) -> None:
         self._client = client if client is not None else RestClient(
-            url, basic_auth_user_info, timeout_s=timeout_s)
+            url, basic_auth_user_info, timeout_s=timeout_s, proxy=proxy)
         self._parsed: dict[int, Mapping[str, Any]] = {}
         self._unusable: dict[int, str] = {}  # ids whose schema is not Avro (ids never change)
         self._ours = fastavro.schema.to_parsing_canonical_form(SCHEMA)

@@ -283,7 +283,8 @@ class Worker:
         )
         schemas = registry or Registry(
             settings.registry_url,
-            settings.registry_auth.reveal() if settings.registry_auth else None)
+            settings.registry_auth.reveal() if settings.registry_auth else None,
+            proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None)
         self.registry: SchemaSource = schemas
         self.handler = Handler(
             settings, metrics, client=self.client, registry=schemas,

@@ -154,3 +154,41 @@ def test_the_client_reports_its_proxy_without_credentials() -> None:
     assert client.proxy is not None
     assert str(client.proxy.url) == "http://proxy.corp:3128"
     assert client.proxy.auth == ("alice", "s3cret")
+
+
+@pytest.mark.parametrize("extra", [
+    {"HTTPS_PROXY": "socks5://proxy.corp:1080", "NO_PROXY": "userpilot.io"},
+    {"NO_PROXY": "localhost,127.0.0.1,[::1],.svc"},
+    {"NO_PROXY": "localhost,intranet.bücher.de"},
+])
+def test_the_registry_client_reads_only_the_proxy_named_for_it(
+        extra: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx's own reading of the environment (`trust_env`) parsed every proxy variable and
+    NO_PROXY entry, used or not: each of these passed check-config, and `run` crashed
+    building the registry's client (review "cmds17"). It is given its proxy instead."""
+    from consumer.registry import Registry
+
+    settings = load_settings({**BASE, **extra}, check_clients=False)
+    assert settings.registry_proxy is None
+    for name, value in extra.items():
+        monkeypatch.setenv(name, value)
+    Registry(settings.registry_url, proxy=None)  # raised ImportError / InvalidURL
+
+
+def test_the_registry_gets_the_proxy_the_environment_names_for_it() -> None:
+    settings = load_settings({**BASE, "HTTP_PROXY": "http://bob:pw@proxy.corp:3128"},
+                             check_clients=False)
+    assert settings.registry_proxy is not None
+    assert settings.registry_proxy.reveal() == "http://bob:pw@proxy.corp:3128"
+    assert "pw@" not in repr(settings)
+    bypassed = load_settings({**BASE, "HTTP_PROXY": "http://proxy.corp:3128",
+                              "NO_PROXY": "registry"}, check_clients=False)
+    assert bypassed.registry_proxy is None
+
+
+@pytest.mark.parametrize("proxy", ["http://u:pw@10.0.0.256:3128", "http://u:pw@[2001:db8::1:3128"])
+def test_a_proxy_only_the_http_client_would_refuse_is_refused(proxy: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "HTTPS_PROXY": proxy}, check_clients=False)
+    text = str(caught.value)
+    assert "HTTPS_PROXY=" in text and "pw" not in text

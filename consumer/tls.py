@@ -1,0 +1,39 @@
+"""Which certificate authorities the worker's HTTPS clients trust.
+
+One rule for every client (Userpilot's, the registry's, `delete-users`'): a configured
+bundle, else what the environment names (`SSL_CERT_FILE` / `SSL_CERT_DIR`, as httpx reads
+them), else certifi's. The clients are built with `trust_env=False` (their proxy is given
+explicitly), so the environment's CA variables are read here.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from urllib.parse import urlsplit
+
+import certifi
+
+__all__ = ["ssl_context", "verification"]
+
+
+def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """Trusted CAs: `ca_bundle` (USERPILOT_CA_BUNDLE) if set, else $SSL_CERT_FILE /
+    $SSL_CERT_DIR, else certifi's bundle (what httpx trusts by default)."""
+    cafile = ca_bundle or os.environ.get("SSL_CERT_FILE") or None
+    capath = None if cafile else os.environ.get("SSL_CERT_DIR") or None
+    if cafile is None and capath is None:
+        cafile = certifi.where()
+    return ssl.create_default_context(cafile=cafile, capath=capath)
+
+
+def verification(*urls: str | None, ca_bundle: str | None = None) -> ssl.SSLContext:
+    """The context for a client whose requests go to `urls` (its server, its proxy).
+
+    The CA store (certifi's: ~2.5 MB of RSS) is loaded only when one of them uses TLS; for
+    plain HTTP the context trusts no CA at all: a TLS handshake could only fail, never
+    trust by accident.
+    """
+    if any(url and urlsplit(url).scheme == "https" for url in urls):
+        return ssl_context(ca_bundle)
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
