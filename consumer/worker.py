@@ -107,7 +107,11 @@ lane), the lane's hand-off of a slot, the step to the HTTP client, and the clien
 (aiohttp writes in a task of its own). The next poll, started earlier, woke the poll thread
 whose Python code then shared the GIL with these steps. At 50 events/s, alternating per
 batch in one run, intake to write p50 0.99 ms with none, 0.88-0.89 with 2, 3 or 4 (RESULTS.md,
-"Round 17"). Four turns per batch of up to INTAKE_TURN_SENDS cost a backlog nothing measured."""
+"Round 17")."""
+FIRST_STEP_MAX_IN_FLIGHT = INTAKE_TURN_SENDS
+"""... only while at most this many events are in flight: a delivery's latency counts at low
+traffic. Draining a backlog (the window full, each poll bringing the few messages its
+acknowledgements freed) the turns cost 10-15 % of delivery's rate at 20 ms."""
 FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
 RATES_EVERY_S = 1.0  # the rate-share gauge follows 429 recovery and the Redis fallback
 PAUSED_LAG_EVERY_S = 5.0  # a paused partition's lag, from the broker (librdkafka's stats
@@ -462,7 +466,7 @@ class Worker:
                         # The rest is not taken: it follows every taken offset of its
                         # partition, so it is read again (by the next owner).
                         break
-                if scheduled:
+                if scheduled and scheduler.in_flight <= FIRST_STEP_MAX_IN_FLIGHT:
                     await self._first_steps()
                 # Every message handed over is taken: the consumer's positions may commit
                 # what it never hands over (`Commits.passed`).
