@@ -47,6 +47,13 @@ class Gate:
 
     It also keeps the *up-clock*: seconds spent open. Retry budgets run on it, so time an
     event spends held by a closed gate is never charged to the event.
+
+    A closed gate is probed by the requests of the events that wait at it; it counts the
+    events in their attempts (`enter`, `leave`), and when the last leaves while it is
+    closed (their partitions were taken away), nothing would ever probe it again: it
+    reopens, and the next event's request tells. Left closed, a replica reported "token
+    refused" (unready, `userpilot_integration_up` 0) for ever after the token worked again,
+    while another replica delivered the same events (review "ops17").
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class Gate:
         self._changed = asyncio.Event()
         self._up_total = 0.0
         self._up_since: float | None = clock()
+        self._running = 0  # events in their attempts (`enter` .. `leave`)
 
     def up_time(self) -> float:
         """Seconds the gate has been open since it was made (the retry budgets' clock)."""
@@ -92,15 +100,32 @@ class Gate:
                     await self._changed.wait()
         return False
 
-    def _set(self, state: GateState, detail: str) -> None:
+    def enter(self) -> None:
+        """An event starts its attempts."""
+        self._running += 1
+
+    def leave(self) -> None:
+        """An event's attempts ended: delivered, given up, or taken away (cancelled)."""
+        self._running -= 1
+        if self._running == 0 and self.state != "up":
+            self._consecutive = 0
+            self._probe_delay = self._probe_base
+            self._probing = False
+            self._set("up", "", reopened=True)
+
+    def _set(self, state: GateState, detail: str, *, reopened: bool = False) -> None:
         if state != self.state:
             now = self._clock()
             if self._up_since is not None:
                 self._up_total += now - self._up_since
             self._up_since = now if state == "up" else None
+            was = self.state
             self.state = state
             self.detail = detail
-            if state == "up":
+            if reopened:
+                log.warning("no event waits for Userpilot any more (%s before): the next "
+                            "request tells whether it works", was)
+            elif state == "up":
                 log.warning("Userpilot answers again; delivery resumes")
             else:
                 log.error("delivery paused (%s): %s", state, detail)
@@ -259,6 +284,7 @@ class RetryPolicy:
             before_sleep=self._before_sleep,
             reraise=True,
         )
+        self._gate.enter()
         try:
             await retrying(self._once, send, attempts, before_send)
         except BaseException as exc:
@@ -267,6 +293,7 @@ class RetryPolicy:
             raise
         finally:
             retrying.iter_state.reset()
+            self._gate.leave()
 
     async def _once(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
                     before_send: Callable[[], Awaitable[None]] | None) -> None:

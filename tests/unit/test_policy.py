@@ -565,3 +565,44 @@ def test_the_first_attempt_goes_through_tenacity_like_the_others() -> None:
     run(policy(gate, clock, sleep, seen=seen).run(send, Attempts()))
     assert seen == [first]
     assert len(sleep.slept) == 1 and sleep.slept[0] >= 3.0
+
+
+def test_a_closed_gate_nobody_waits_at_any_more_reopens() -> None:
+    """The events waiting out a 401 were taken away (a revoke): nothing would probe the
+    gate again, and the replica said "token refused" for ever (review "ops17")."""
+    changes: list[str] = []
+    clock = FakeClock()
+    gate = Gate(probe_base_s=0.02, clock=clock, on_change=lambda s, d: changes.append(s))
+    gate.enter()
+    gate.enter()
+    gate.misconfigured(Misconfigured("HTTP 401: token refused"))
+    gate.leave()
+    assert gate.state == "misconfigured"  # one event still waits: its probe tells
+    gate.leave()
+    assert gate.state == "up" and changes == ["misconfigured", "up"]
+
+
+def test_an_event_cancelled_while_it_waits_at_a_closed_gate_reopens_it() -> None:
+    clock, sleep, gate = setup()
+    send = Script([Misconfigured("HTTP 401")] * 1000)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(policy(gate, clock, sleep).run(send, Attempts()))
+        while gate.state == "up":
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)  # waiting at the gate for its next probe
+        assert gate.state == "misconfigured"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+    assert gate.state == "up"
+
+
+def test_a_closed_gate_stays_closed_while_an_event_waits_at_it() -> None:
+    clock, sleep, gate = setup(outage_after=1)
+    states: list[str] = []
+    send = Script([ServerError("503")] * 3 + [None], lambda call: states.append(gate.state))
+    run(policy(gate, clock, sleep, max_attempts=100).run(send, Attempts()))
+    assert states == ["up", "outage", "outage", "outage"]
