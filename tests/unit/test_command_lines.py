@@ -41,8 +41,14 @@ def _readme_lines(prefix: str) -> list[str]:
     """`prefix ...` command lines of the README, in code blocks or inline code."""
     text = (ROOT / "README.md").read_text("utf-8")
     found = []
-    for raw in re.findall(rf"(?m)(?:^|`)({re.escape(prefix)}\b[^`\n]*)", text):
-        line = raw.split("  #", 1)[0].strip()
+    start = re.escape(prefix) + r"\b"
+    # A code block's line (a trailing backslash continues it), or inline code, which may
+    # wrap across lines of the paragraph: both whole (review "cmds17": a wrapped one was
+    # parsed up to the line break).
+    block = re.findall(rf"(?m)^({start}(?:[^\n]*\\\n)*[^\n]*)", text)
+    inline = re.findall(rf"`({start}[^`]*)`", text)
+    for raw in [*block, *inline]:
+        line = re.sub(r"\\?\n\s*", " ", raw).split("  #", 1)[0].strip()
         if "<command>" in line:
             continue  # the generic `python -m consumer <command>` of the Commands section
         found.append(line)

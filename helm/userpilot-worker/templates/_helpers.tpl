@@ -171,6 +171,8 @@ Call with (dict "file" "files/alerts.yaml" "ctx" $).
 {{- $text = replace "\"value\": \"userpilot-delivery\"" (printf "\"value\": %s" (toJson $group)) $text -}}
 {{- else -}}
 {{- $text = replace "consumergroup=\"userpilot-delivery\"" (printf "consumergroup=%s" (toJson $group)) $text -}}
+{{- /* absent() sees one namespace without targets only when it names that namespace */ -}}
+{{- $text = replace "absent(up{job=\"userpilot-worker\"})" (printf "absent(up{job=\"userpilot-worker\",namespace=%s})" (toJson $ctx.Release.Namespace)) $text -}}
 {{- $text = replace "job=\"userpilot-worker\"" (printf "job=%s" (toJson (include "userpilot-worker.name" $ctx))) $text -}}
 {{- end -}}
 {{- $text -}}
