@@ -88,6 +88,7 @@ class Failure:
     first_attempt: float | None = None
     last_attempt: float | None = None
     at: float | None = None  # wall time it was dead-lettered (`replay --since/--until`)
+    call: str = ""  # the request that failed (`ensure_user POST /v1/identify`); "" if none
 
 
 def _iso(ts: float | None) -> bytes:
@@ -142,7 +143,8 @@ def dlq_headers(
     ]
     secrets = list(secrets)
     body = redact(failure.body, secrets)[:BODY_LIMIT]
-    message = redact(failure.message, secrets)[:BODY_LIMIT]
+    said = f"{failure.call}: {failure.message}" if failure.call else failure.message
+    message = redact(said, secrets)[:BODY_LIMIT]
     added: list[Header] = [
         ("__connect.errors.topic", topic.encode()),
         ("__connect.errors.partition", str(partition).encode()),
@@ -160,6 +162,7 @@ def dlq_headers(
         ("userpilot.error.reason", failure.reason.encode()),
         ("userpilot.error.status", b"" if failure.status is None
          else str(failure.status).encode()),
+        ("userpilot.error.call", failure.call.encode()),
         ("userpilot.error.body", body.encode()),
         ("userpilot.error.attempts", str(failure.attempts).encode()),
         ("userpilot.error.first_attempt", _iso(failure.first_attempt)),

@@ -54,6 +54,11 @@ __all__ = [
 class WorkerError(Exception):
     """Root of every error this package raises on purpose."""
 
+    call = ""
+    """Which of the event's requests failed (`ensure_user POST /v1/identify`), set as the
+    error leaves it: a Track dead-lettered for its ensure-user identify's 400 named no
+    request, and the runbook sent operators to a Track mapping that was fine."""
+
 
 class ConfigError(WorkerError):
     """A setting is wrong; start-up stops and the message says what to enter instead."""

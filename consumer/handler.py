@@ -583,7 +583,11 @@ class Handler:
         # owner of the same messageId, holding the lapsed claim, sent it too.
         endpoint = self.dedup_endpoint(send)
         while (call := plan.next_call()) is not None:
-            await self._send_call(event, call, endpoint)
+            try:
+                await self._send_call(event, call, endpoint)
+            except (DeadLetter, Retry) as exc:
+                exc.call = f"{call.purpose} {call.method} {call.path}"
+                raise
             plan.succeeded(call)
             if not plan.done:
                 # Each call has the whole retry budget, and the attempts a DLQ record
@@ -678,7 +682,7 @@ class Handler:
             reason=reason, exception_class=type(exc).__name__, message=str(exc),
             status=exc.status, body=exc.body, attempts=event.attempts.count,
             first_attempt=event.attempts.first_wall, last_attempt=event.attempts.last_wall,
-            at=time.time(),
+            at=time.time(), call=exc.call,
         )
         record = dead_letter_record(
             key=event.key, value=event.value, headers=event.headers,
@@ -718,5 +722,6 @@ class Handler:
         finally:
             self.dlq_writable.finished(token)
         self.m.dead_lettered.labels(reason).inc()
-        log.warning("dead-lettered (%s): %s", reason, exc, extra=event.fields)
+        log.warning("dead-lettered (%s): %s%s", reason, f"{exc.call}: " if exc.call else "",
+                    exc, extra=event.fields)
         return DeadLettered(reason, exc)

@@ -41,7 +41,7 @@ REJECTED = Failure(
     reason="bad_request", exception_class="consumer.errors.Rejected",
     message="HTTP 400 (x-request-id r-1): payload rejected", status=400,
     body='{"error":"metadata must be flat"}', attempts=1, first_attempt=FIRST,
-    last_attempt=LAST, at=LAST + 0.5,
+    last_attempt=LAST, at=LAST + 0.5, call="ensure_user POST /v1/identify",
 )
 UNDECODABLE = Failure(
     reason="undecodable", exception_class="consumer.errors.UndecodableEvent",
@@ -68,11 +68,16 @@ def test_connect_and_userpilot_headers() -> None:
         "__connect.errors.stage": b"TASK_PUT",
         "__connect.errors.class.name": b"consumer.worker",
         "__connect.errors.exception.class.name": b"consumer.errors.Rejected",
-        "__connect.errors.exception.message": b"HTTP 400 (x-request-id r-1): payload rejected",
+        "__connect.errors.exception.message":
+            b"ensure_user POST /v1/identify: HTTP 400 (x-request-id r-1): payload rejected",
         "__connect.errors.exception.stacktrace":
-            b"consumer.errors.Rejected: HTTP 400 (x-request-id r-1): payload rejected",
+            b"consumer.errors.Rejected: ensure_user POST /v1/identify: HTTP 400 "
+            b"(x-request-id r-1): payload rejected",
         "userpilot.error.reason": b"bad_request",
         "userpilot.error.status": b"400",
+        # Which request was refused: a Track whose user's ensure-user identify got the 400
+        # (review "seed17"); empty for an event that failed before any request.
+        "userpilot.error.call": b"ensure_user POST /v1/identify",
         "userpilot.error.body": b'{"error":"metadata must be flat"}',
         "userpilot.error.attempts": b"1",
         "userpilot.error.first_attempt": b"2024-05-01T12:00:00.123+00:00",

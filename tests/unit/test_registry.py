@@ -8,6 +8,7 @@ import io
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import fastavro
@@ -63,8 +64,30 @@ def test_the_client_is_built_with_a_timeout_and_no_hidden_retries() -> None:
     rest: Any = registry._client
     assert isinstance(rest, RestClient) and rest.timeout_s == 1.5
     assert rest._http.timeout == httpx.Timeout(1.5)
-    assert rest._http._trust_env, "proxies and SSL_CERT_FILE from the environment"
+    # Its proxy and CA store are given (Settings.registry_proxy, tls.verification), not
+    # read by httpx from the environment: that parsed every proxy variable and NO_PROXY
+    # entry, used or not, and crashed on one it could not parse (review "cmds17").
+    assert not rest._http._trust_env
     assert Registry("http://127.0.0.1:1").timeout_s == DEFAULT_TIMEOUT_S == 5.0
+
+
+def test_an_https_registry_trusts_ssl_cert_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What httpx's trust_env gave: the CA bundle the environment names."""
+    import certifi
+
+    from consumer.tls import verification
+
+    bundle = Path(certifi.where()).read_text()
+    one = bundle[:bundle.index("-----END CERTIFICATE-----") + 26]
+    path = tmp_path / "ca.pem"
+    path.write_text(one[one.index("-----BEGIN CERTIFICATE-----"):])
+    monkeypatch.setenv("SSL_CERT_FILE", str(path))
+    assert len(verification("https://registry:8081").get_ca_certs()) == 1
+    assert len(verification("http://registry:8081", "https://proxy:3128")
+               .get_ca_certs()) == 1
+    assert verification("http://registry:8081").get_ca_certs() == []  # no TLS: none
+    Registry("https://registry:8081")  # built with it
 
 
 def serve(handler: Callable[[httpx.Request], httpx.Response]) -> tuple[RestClient, list[Any]]:

@@ -2010,3 +2010,28 @@ def test_a_batchs_requests_start_before_the_main_loop_goes_on() -> None:
     got = sequence.index("got")
     between = sequence[got + 1:sequence.index("send")]
     assert set(between) <= {"_inherit", "resume", "_reshare"}, sequence
+
+
+class RefusesEnsureUser(FakeClient):
+    async def send(self, call: Call) -> int:
+        self.calls.append(call)
+        if call.purpose == "ensure_user":
+            raise Rejected("HTTP 400 (x-request-id r-1): payload rejected", status=400)
+        return await super().send(call)
+
+
+def test_a_dead_letter_names_the_request_that_was_refused() -> None:
+    """A Track dead-lettered for its ensure-user identify's 400 said only "payload
+    rejected", and the runbook sent operators to a Track that was fine (review "seed17")."""
+    run = make(log_of(track("u1", 1)), registry=known_schema(), client=RefusesEnsureUser(),
+               USERPILOT_ENSURE_USER="true")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "commit of offset 1")
+
+    assert drive(run, scenario) == 0
+    assert run.client.bodies == []  # the Track itself never went
+    (record,) = run.dlq.records
+    assert record.headers["userpilot.error.call"] == b"ensure_user POST /v1/identify"
+    assert record.headers["__connect.errors.exception.message"].startswith(
+        b"ensure_user POST /v1/identify: HTTP 400")
