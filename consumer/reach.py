@@ -60,19 +60,23 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
         if unresolved is not None:
             return f"Userpilot host {unresolved}: check USERPILOT_ANALYTICS_ENDPOINT"
 
-    async def probe() -> None:
+    async def probe() -> int:
         client = UserpilotClient.for_settings(settings, timeout_s=timeout, max_connections=1)
         try:
-            await asyncio.wait_for(client.track(b"{}"), timeout)
+            return await asyncio.wait_for(client.track(b"{}"), timeout)
         finally:
             await client.aclose()
 
     try:
-        asyncio.run(probe())
+        status = asyncio.run(probe())
     except Rejected as exc:
         if exc.status == 400:
             return None  # the token passed; the empty body was refused, as intended
-        return f"Userpilot at {host} answered {exc.status} to a token check: try again later"
+        # 405, 410, 422...: an answer no retry changes, from a host that does not serve
+        # Userpilot's Track (a static site, a CDN, another API); "try again later" misled.
+        return (f"Userpilot at {host} answered {exc.status} to a token check, which "
+                "Userpilot answers with 400: this host does not serve Userpilot's API; "
+                "check USERPILOT_ANALYTICS_ENDPOINT")
     except Misconfigured as exc:
         if exc.status in (401, 403):
             return (f"Userpilot at {host} refused the token ({exc.status}): use the "
@@ -92,7 +96,11 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
         if exc.status is None:  # an answer that is not HTTP (a proxy or port mix-up?)
             return f"Userpilot at {host}{via}: {exc}"
         return f"Userpilot at {host} answered {exc.status} to a token check: try again later"
-    return None  # accepted an empty body: the token works
+    # A 2xx to an empty Track: Userpilot refuses it with 400, so this host takes anything
+    # (a catch-all proxy or mock), and `run` would count every event delivered to it.
+    return (f"Userpilot at {host} accepted an empty Track ({status}), which Userpilot "
+            "refuses with 400: this host is not Userpilot's analytics API; check "
+            "USERPILOT_ANALYTICS_ENDPOINT")
 
 
 def kafka(conf: Mapping[str, Any], timeout: float,

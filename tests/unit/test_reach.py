@@ -57,7 +57,14 @@ def test_400_to_an_empty_track_means_the_token_is_good() -> None:
 @pytest.mark.parametrize(("raw", "expected"), [
     (response(401, "Unauthorized"), "refused the token (401)"),
     (response(404, "Not Found"), "wrong host"),
-    (response(503, "Unavailable"), "answered 503 to a token check"),
+    (response(503, "Unavailable"), "answered 503 to a token check: try again later"),
+    # Permanent answers of a host that is not Userpilot's API, and one that takes
+    # anything: "try again later" and "online OK" misled (review "seed17").
+    (response(405, "Method Not Allowed"), "answered 405 to a token check, which Userpilot "
+     "answers with 400: this host does not serve Userpilot's API"),
+    (response(410, "Gone"), "check USERPILOT_ANALYTICS_ENDPOINT"),
+    (response(200, "OK"), "accepted an empty Track (200)"),
+    (response(202, "Accepted"), "is not Userpilot's analytics API"),
     (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "unusable answer from Userpilot"),
 ])
 def test_problems_are_one_line_that_names_them(raw: bytes, expected: str) -> None:
