@@ -87,6 +87,11 @@ DEFAULT_MAX_METADATA_KEYS = 1000
 """More keys than this in one event's metadata are cut (largest first)."""
 
 TRUNCATED_KEY = "_truncated"
+"""The worker's marker on metadata it cut: how many fields it left out."""
+OWN_TRUNCATED_KEY = "_truncated_"
+"""Where an event's own field named `_truncated` goes: Userpilot showed `_truncated: 3` on
+an event nothing was cut from, and a cut counted that field as one of its own (review
+"seed17")."""
 
 EVENT_ROOT_KEYS = (
     "anonymousId",
@@ -630,6 +635,18 @@ def _truncate(
     return kept, tuple(removed)
 
 
+def _marker_freed(metadata: dict[str, Primitive]) -> dict[str, Primitive]:
+    """`metadata` with its own `_truncated` field under OWN_TRUNCATED_KEY (an own field of
+    that name, if any, wins), so TRUNCATED_KEY only ever means the worker's marker."""
+    out: dict[str, Primitive] = {}
+    for key, value in metadata.items():
+        if key == TRUNCATED_KEY:
+            out.setdefault(OWN_TRUNCATED_KEY, value)
+        else:
+            out[key] = value
+    return out
+
+
 def limit_metadata(
     metadata: dict[str, Primitive], max_bytes: int, max_keys: int
 ) -> tuple[dict[str, Primitive], tuple[str, ...]]:
@@ -637,6 +654,8 @@ def limit_metadata(
 
     The one size rule for Track metadata and identify/company traits alike.
     """
+    if TRUNCATED_KEY in metadata:
+        metadata = _marker_freed(metadata)
     if len(metadata) > max_keys or (
         _size_bound(metadata) > max_bytes
         and sum(_size(k, v) for k, v in metadata.items()) > max_bytes

@@ -223,3 +223,23 @@ def test_a_send_keeps_a_bounded_list_of_what_was_left_out() -> None:
         assert len(sent.truncated) == MAX_LISTED + 1
         assert sent.truncated[-1].startswith("… ") and sent.truncated[-1].endswith(" more")
         assert sum(sys.getsizeof(name) for name in sent.truncated) < 20_000
+
+
+def test_an_events_own_truncated_field_never_reads_as_the_workers_marker() -> None:
+    """Userpilot showed `_truncated: 3` on an event nothing was cut from, and a cut
+    counted the event's own `_truncated` as one of its fields (review "seed17")."""
+    from dataclasses import replace
+
+    def track(properties: dict[str, object], keys: int = 1000) -> dict[str, object]:
+        decision = route({"type": "track", "event": "Feature Used", "userId": "u1",
+                          "context": GRANTED, "properties": properties}, POLICY,
+                         replace(DEFAULT_PRESET, max_metadata_keys=keys))
+        assert isinstance(decision, Send)
+        return dict(decision.calls[0].payload["metadata"])
+
+    assert track({"feature": "export", "_truncated": 3}) == {
+        "feature": "export", "_truncated_": 3}
+    cut = track({"a": "x", "b": "yy", "c": "zzz", "_truncated": 1}, keys=3)
+    assert cut["_truncated"] == 2 and "_truncated_" not in cut  # two fields went, of four
+    # An own `_truncated_` wins over the renamed one.
+    assert track({"_truncated_": "mine", "_truncated": 9}) == {"_truncated_": "mine"}
