@@ -144,6 +144,8 @@ class Event:
     event_time: str | None = None
     on_wire: bool = False  # an HTTP request or a DLQ produce of it is under way
     requesting: bool = False  # ... an HTTP request (Userpilot down: not waited for)
+    requested: bool = False  # a request of its current call had a connection: it may have
+    # reached Userpilot (its messageId claim is then kept when it is abandoned)
     dedup_owner: str | None = None  # set while this event holds its messageId's claim
     attempts: Attempts = field(default_factory=Attempts)
     plan: CallPlan | None = None  # the calls of a Send, resumed where a failure stopped
@@ -257,6 +259,12 @@ class Handler:
         self.policy = policy
         self.guard = guard
         self.dedup = dedup
+        # A request is under way once it holds one of the pool's connections, not while it
+        # waits for one: with more events in flight than connections, a drain waited for
+        # the queued ones, which then went out after the halt and were cut at its deadline,
+        # once Userpilot had them: sent again by the next owner, with Redis too (review
+        # "scale17"). The client's own permits are the same number: never waited on here.
+        self._connections = asyncio.Semaphore(settings.max_connections)
         # Claims are owned per process and record: after a crash the re-reading replica
         # waits for the claim instead of racing the dead process's request.
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -429,7 +437,7 @@ class Handler:
             # it may have reached Userpilot. Then it is kept until its TTL, which another
             # replica waits out; this replica re-reading the same offset re-enters its own
             # claim, so a request cut at a drain's deadline may be sent twice (README).
-            if event.attempts.count == 0:
+            if not event.requested:
                 await self._dedup_release(event, endpoint)
             raise
         await self._dedup_confirm(event, endpoint)
@@ -594,6 +602,7 @@ class Handler:
                 # reports are those of the call that failed (first_attempt stays the
                 # event's first).
                 event.attempts.answered = event.attempts.count = 0
+                event.requested = False
             if call.purpose == "ensure_user":
                 self.m.ensure_user_identify.inc()
 
@@ -644,10 +653,13 @@ class Handler:
 
     async def _attempt(self, event: Event, call: Call, limiter: Limiter) -> None:
         start = time.perf_counter()
-        event.on_wire = event.requesting = True
         endpoint = call.endpoint
         try:
-            status = await self.client.send(call)
+            async with self._connections:
+                # A partition halted while this waited for a connection: unsent, it stops.
+                self._check_halted(event)
+                event.on_wire = event.requesting = event.requested = True
+                status = await self.client.send(call)
             self._responses(str(status), endpoint).inc()
         except Timeout:
             self._responses("timeout", endpoint).inc()

@@ -244,3 +244,43 @@ def test_a_drain_does_not_cut_a_claims_release_short() -> None:
 
     assert drive(run, scenario) == 0
     assert waiting and waiting[0] not in store.values, "the halted event's claim left behind"
+
+
+class Pool(FakeClient):
+    """Userpilot answering after `delay` s through `size` connections, as the real client
+    (`UserpilotClient`: a request waits for a free one); counts the requests that went."""
+
+    def __init__(self, delay: float, size: int) -> None:
+        super().__init__()
+        self.delay = delay
+        self.started = 0
+        self.connections = asyncio.Semaphore(size)
+
+    async def send(self, call: Call) -> int:
+        async with self.connections:
+            self.started += 1
+            await asyncio.sleep(self.delay)
+            return await super().send(call)
+
+
+def test_a_request_waiting_for_a_connection_is_not_under_way() -> None:
+    """With more events in flight than connections, a drain waited for the ones queued for
+    a connection as if on the wire: they went out after the halt, were cut at the drain's
+    deadline once Userpilot had them, kept their claims, and the next owner sent them
+    again (review "scale17"). Now they stop unsent and hand their claims on."""
+    store = MemoryStore()
+    log = {TP: [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(6)]}
+    run, _, _ = make_deduplicated(log, store, USERPILOT_MAX_CONNECTIONS="2",
+                                  WORKER_SHUTDOWN_GRACE_SECONDS="0.5")
+    client = Pool(0.3, 2)
+    run.worker.client = run.worker.handler.client = client
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: client.started == 2, "two requests on the wire")
+        await asyncio.sleep(0.05)  # the other four queue for a connection
+
+    assert drive(run, scenario) == 0
+    assert client.started == 2, "no request started after the halt"
+    assert len(client.bodies) == 2 and run.source.committed().get(TP) == 2
+    # The four never sent hand their messageIds on: only the two delivered are recorded.
+    assert sorted(store.values.values()) == ["d", "d"]
