@@ -354,6 +354,7 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_before_run = False  # stop() came before run() had its event loop
+        self._stop_asked: float | None = None  # monotonic time of the first stop()
         # A SIGTERM/SIGINT arrived (any time, the shutdown included): the process must end
         # as soon as it has drained, so no DLQ-guard hold follows (Kubernetes signals once).
         self.signalled = False
@@ -380,6 +381,8 @@ class Worker:
         `signalled`: a SIGTERM/SIGINT asked (recorded in `signalled`: no hold after it)."""
         if signalled:
             self.signalled = True
+        if self._stop_asked is None:
+            self._stop_asked = time.monotonic()
         if self._loop is not None and self._stopping is not None:
             self._loop.call_soon_threadsafe(self._stopping.set)
         else:
@@ -499,7 +502,12 @@ class Worker:
         with self._parts_lock:
             assigned = sorted(self.assigned)
         await source.call(source.pause, assigned)
-        left = await self._settle(scheduler, None, self.s.shutdown_grace_s)
+        # The grace counts from the stop: a SIGTERM during a revoke's drain got a second
+        # whole grace after it, 1.5-2x in all, past the pod's termination grace with a
+        # slow Userpilot (review "scale17").
+        asked = self._stop_asked if self._stop_asked is not None else time.monotonic()
+        grace = max(0.0, self.s.shutdown_grace_s - (time.monotonic() - asked))
+        left = await self._settle(scheduler, None, grace)
         if left:
             log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
                         "delivered after the restart", left)

@@ -284,3 +284,25 @@ def test_a_request_waiting_for_a_connection_is_not_under_way() -> None:
     assert len(client.bodies) == 2 and run.source.committed().get(TP) == 2
     # The four never sent hand their messageIds on: only the two delivered are recorded.
     assert sorted(store.values.values()) == ["d", "d"]
+
+
+def test_a_stop_during_a_revokes_drain_gets_what_is_left_of_one_grace() -> None:
+    """A SIGTERM while a revoke's drain ran got a whole grace more after it: 1.5-2x the
+    configured grace in all, past the pod's termination grace with a slow Userpilot
+    (review "scale17"). The shutdown's grace counts from the stop."""
+    log = {(TOPIC, p): [Message(TOPIC, p, 0, f"u{p}".encode(), track(f"u{p}", p))]
+           for p in (0, 1)}
+    client = SlowClient(30.0)  # a request Userpilot never answers in time
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
+               WORKER_SHUTDOWN_GRACE_SECONDS="3")
+    stopped: list[float] = []
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: client.started == 2, "both requests on the wire")
+        source.revoke_next = [(TOPIC, 0)]
+        await asyncio.sleep(0.5)  # the revoke's drain waits for partition 0's request
+        stopped.append(time.monotonic())
+
+    assert drive(run, scenario) == 0
+    took = time.monotonic() - stopped[0]
+    assert took < 3 + 1.0, f"exit {took:.1f} s after the stop, grace 3 s"
