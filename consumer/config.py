@@ -607,9 +607,6 @@ def _kafka_value_problem(key: str, value: str) -> str | None:
     if key in ("acks", "request.required.acks") and lowered not in ("all", "-1"):
         return ("would count a dead letter written before every in-sync replica has it: "
                 "the worker commits its offset on the acknowledgement (acks=all): remove it")
-    if key == "enable.idempotence" and lowered not in ("true", "1"):
-        return ("would let a retried dead letter be written twice or out of order; the "
-                "dead-letter producer is idempotent: remove it")
     if key == "group.protocol" and lowered != "classic":
         # KIP-848's protocol assigns on the broker and refuses the worker's assignor.
         return ("selects the broker-side consumer-group protocol (KIP-848); the worker "
@@ -658,6 +655,14 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
         if refusal is not None:
             reader.problems.append(f"{name}={value!r} {refusal}")
             continue
+        if key == "enable.idempotence" and value.strip().lower() not in ("true", "1"):
+            # Taken (brokers without the IdempotentWrite permission, Azure Event Hubs):
+            # acks=all still makes a dead letter durable; a retry may write it twice.
+            reader.notes.append(
+                f"{name}={value!r}: the dead-letter producer is not idempotent, so a retried "
+                "dead letter may be written twice (replay sends it once more; with Redis "
+                "the second is recognised). Keep it only where the brokers refuse "
+                "idempotent producers")
         if check_clients:
             from consumer.librdkafka import property_problem
 

@@ -714,7 +714,6 @@ def test_a_combination_librdkafka_refuses_is_refused() -> None:
 @pytest.mark.parametrize(("name", "value", "says"), [
     ("KAFKA_ACKS", "1", "acks=all"),
     ("KAFKA_REQUEST_REQUIRED_ACKS", "0", "acks=all"),
-    ("KAFKA_ENABLE_IDEMPOTENCE", "false", "idempotent"),
     ("KAFKA_TRANSACTIONAL_ID", "dlq-tx", "transactional"),
     ("KAFKA_GROUP_PROTOCOL", "consumer", "KIP-848"),
 ])
@@ -983,3 +982,15 @@ def test_log_secrets_hold_the_registry_credentials_of_the_url_and_of_the_setting
         assert pair in secrets
         assert base64.b64encode(pair.encode()).decode() in secrets
     assert {"UrlS3cretPw", "SettingS3cret", s.api_key.reveal()} <= set(secrets)
+
+
+def test_a_producer_without_idempotence_is_taken_with_a_note() -> None:
+    """Brokers that refuse idempotent producers (no IdempotentWrite permission, Azure
+    Event Hubs) need it; the previous release took it, and refusing it crash-looped every
+    new pod of a rolling upgrade (review "compat17"). acks=all keeps dead letters durable."""
+    settings = load(KAFKA_ENABLE_IDEMPOTENCE="false")
+    assert settings.kafka_extra["enable.idempotence"] == "false"
+    assert any("KAFKA_ENABLE_IDEMPOTENCE='false'" in note and "written twice" in note
+               for note in settings.notes)
+    # ... but not with acks below all: an acknowledged dead letter could be lost.
+    assert "acks=all" in problem(KAFKA_ENABLE_IDEMPOTENCE="false", KAFKA_ACKS="1")
