@@ -592,8 +592,10 @@ def _kafka_value_problem(key: str, value: str) -> str | None:
     """What is wrong with a pass-through value the worker's guarantees rule out (None: fine).
 
     librdkafka takes these values, and the worker then breaks a promise: each is refused
-    with the setting to use instead (review "cmds17")."""
+    with the setting to use instead (review "cmds17"). A topic-level spelling
+    (`topic.acks`) is the same setting (review "diff17")."""
     lowered = value.lower()
+    key = key.removeprefix("topic.")
     if key == "isolation.level" and value != "read_committed":
         # read_uncommitted hands over the records of aborted transactions: events their
         # producer rolled back would reach Userpilot.
@@ -828,10 +830,15 @@ def _bypassed(netloc: str, no_proxy: str) -> bool:
     only a URL that names that port (Userpilot's URL names none)."""
     host = netloc.rsplit("@", 1)[-1].lower()
     bare = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    # An IPv6 address is written bracketed in a URL, and either way in NO_PROXY (curl
+    # matches `::1` for http://[::1]:8081): compared without the brackets.
+    unbracketed = bare.rsplit("]", 1)[0].lstrip("[") if bare.startswith("[") else None
     for entry in (e.strip().lower().lstrip(".") for e in no_proxy.split(",")):
         if entry == "*":
             return True
         if entry and any(h == entry or h.endswith("." + entry) for h in (host, bare)):
+            return True
+        if unbracketed is not None and entry.strip("[]") == unbracketed:
             return True
     return False
 

@@ -636,15 +636,13 @@ def _truncate(
 
 
 def _marker_freed(metadata: dict[str, Primitive]) -> dict[str, Primitive]:
-    """`metadata` with its own `_truncated` field under OWN_TRUNCATED_KEY (an own field of
-    that name, if any, wins), so TRUNCATED_KEY only ever means the worker's marker."""
-    out: dict[str, Primitive] = {}
-    for key, value in metadata.items():
-        if key == TRUNCATED_KEY:
-            out.setdefault(OWN_TRUNCATED_KEY, value)
-        else:
-            out[key] = value
-    return out
+    """`metadata` with its own `_truncated` field under OWN_TRUNCATED_KEY (one more `_`
+    while the event has a field of that name too), so TRUNCATED_KEY only ever means the
+    worker's marker and no field of the event is lost."""
+    free = OWN_TRUNCATED_KEY
+    while free in metadata:
+        free += "_"
+    return {free if key == TRUNCATED_KEY else key: value for key, value in metadata.items()}
 
 
 def limit_metadata(

@@ -716,6 +716,9 @@ def test_a_combination_librdkafka_refuses_is_refused() -> None:
     ("KAFKA_REQUEST_REQUIRED_ACKS", "0", "acks=all"),
     ("KAFKA_TRANSACTIONAL_ID", "dlq-tx", "transactional"),
     ("KAFKA_GROUP_PROTOCOL", "consumer", "KIP-848"),
+    # The topic-level spellings are the same setting (review "diff17").
+    ("KAFKA_TOPIC_ACKS", "1", "acks=all"),
+    ("KAFKA_TOPIC_REQUEST_REQUIRED_ACKS", "0", "acks=all"),
 ])
 def test_pass_through_values_that_break_a_guarantee_are_refused(
         name: str, value: str, says: str) -> None:

@@ -192,3 +192,12 @@ def test_a_proxy_only_the_http_client_would_refuse_is_refused(proxy: str) -> Non
         load_settings({**BASE, "HTTPS_PROXY": proxy}, check_clients=False)
     text = str(caught.value)
     assert "HTTPS_PROXY=" in text and "pw" not in text
+
+
+@pytest.mark.parametrize("no_proxy", ["localhost,127.0.0.1,::1", "[::1]", " ::1 "])
+def test_no_proxy_names_an_ipv6_registry_with_or_without_brackets(no_proxy: str) -> None:
+    """curl matches `::1` for http://[::1]:8081; httpx's own reading did too, before the
+    registry's proxy was resolved here (review "diff17")."""
+    env = {"HTTP_PROXY": "http://proxy.corp:3128", "NO_PROXY": no_proxy}
+    assert environment_proxy("http://[::1]:8081/apis", env) is None
+    assert environment_proxy("http://[::2]:8081/apis", env) is not None

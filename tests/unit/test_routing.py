@@ -241,5 +241,6 @@ def test_an_events_own_truncated_field_never_reads_as_the_workers_marker() -> No
         "feature": "export", "_truncated_": 3}
     cut = track({"a": "x", "b": "yy", "c": "zzz", "_truncated": 1}, keys=3)
     assert cut["_truncated"] == 2 and "_truncated_" not in cut  # two fields went, of four
-    # An own `_truncated_` wins over the renamed one.
-    assert track({"_truncated_": "mine", "_truncated": 9}) == {"_truncated_": "mine"}
+    # An own `_truncated_` keeps its name; the renamed field takes the next free one.
+    assert track({"_truncated_": "mine", "_truncated": 9}) == {
+        "_truncated_": "mine", "_truncated__": 9}
