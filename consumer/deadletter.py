@@ -355,24 +355,31 @@ class DlqGuard:
         at = self._seq(seq)
         seqs, dead = self._seqs, self._dead
         index = bisect.bisect_left(seqs, at)
-        # The run of dead letters through this one: before it, and after it in the stream
-        # (finished first).
-        before = index
-        while before > 0 and dead[before - 1]:
+        # The run of dead letters through this one, over adjacent stream positions only:
+        # before it, and after it (finished first). A position whose outcome is not known
+        # yet (a good event still waiting for Userpilot's answer, while dead letters are
+        # decided at intake) ends the run: one bad event in four, with good ones in
+        # flight, read as "51 consecutive dead letters" (review "replay17"). When it ends
+        # dead after all, its own count joins both sides.
+        before, position = index, at
+        while before > 0 and dead[before - 1] and seqs[before - 1] == position - 1:
             before -= 1
-        after = index
-        while after < len(dead) and dead[after]:
+            position = seqs[before]
+        after, position = index, at
+        while after < len(dead) and dead[after] and seqs[after] == position + 1:
+            position = seqs[after]
             after += 1
         run = (index - before) + 1 + (after - index)
         if run > self._max_consecutive:
             self.tripped_reason = (
                 f"{run} consecutive dead letters (limit {self._max_consecutive})")
             return False
-        # The window of known outcomes ending at this one.
-        start = max(0, index - (self._window - 1))
-        size = index - start + 1
-        if size == self._window:
-            count = sum(dead[start:index]) + 1
+        # The window: the `window` stream positions ending at this one, those not known
+        # yet (or never counted: drops, duplicates) as not dead.
+        low = at - self._window + 1
+        if low >= 1:
+            count = sum(dead[bisect.bisect_left(seqs, low):index]) + 1
+            size = self._window
             if count / size > self._max_ratio:
                 self.tripped_reason = (
                     f"{count} dead letters in the last {size} events, ratio "

@@ -60,6 +60,7 @@ from consumer.deadletter import (
     Failure,
     dead_letter_record,
     producer_limit,
+    replay_count,
     without_value,
 )
 from consumer.dedup import Deduplicator
@@ -683,7 +684,11 @@ class Handler:
     # -- dead-letter --------------------------------------------------------------------
     async def _dead_letter(self, event: Event, exc: DeadLetter | Retry) -> DeadLettered:
         reason = "retries_exhausted" if isinstance(exc, Retry) else exc.reason
-        if not self.guard.allow_dead_letter(event.intake or None):
+        # A replayed event that fails again says nothing of a deploy: replayed dead letters
+        # come as one block, and undecodable ones replayed unchanged stopped the worker
+        # every ~50 of them (review "replay17"). WORKER_REPLAY_MAX bounds that loop.
+        replayed = replay_count(event.headers) > 0
+        if not replayed and not self.guard.allow_dead_letter(event.intake or None):
             self.m.dlq_guard_tripped.set(1)
             log.critical("DLQ guard tripped: %s. Not dead-lettering and stopping: this looks "
                          "like a broken deploy or configuration, not bad events. Offsets from "

@@ -435,3 +435,26 @@ def test_a_broken_deploy_trips_the_guard_whatever_the_finishing_order(seed: int)
         order[i], order[j] = order[j], order[i]
     tripped = _finish_out_of_order(DlqGuard(0.5, 100, 50), bad, order, numbered=True)
     assert tripped is not None
+
+
+def test_dead_letters_decided_at_intake_do_not_run_together_across_events_in_flight() -> None:
+    """One undecodable record in every four, the good ones waiting for Userpilot's answer:
+    the dead letters, decided at intake, were known first and read as "51 consecutive"
+    and as a ratio near 1 of the known outcomes (review "replay17"). Positions whose
+    outcome is not known yet end a run and count as not dead in the window."""
+    guard = DlqGuard(0.5, 100, 50)
+    for seq in range(4, 2001, 4):  # only the dead letters are known so far
+        assert guard.allow_dead_letter(seq), guard.tripped_reason
+    for seq in range(1, 2001):  # then the good ones answer
+        if seq % 4:
+            guard.record_success(seq)
+    assert guard.tripped_reason is None
+
+
+def test_a_run_split_by_events_in_flight_joins_once_they_fail_too() -> None:
+    guard = DlqGuard(1.0, 1000, 50)
+    for seq in range(1, 80, 2):  # odd positions fail first: 40, no two adjacent
+        assert guard.allow_dead_letter(seq)
+    tripped = next(seq for seq in range(2, 80, 2) if not guard.allow_dead_letter(seq))
+    assert guard.tripped_reason is not None and "consecutive" in guard.tripped_reason
+    assert tripped <= 52  # 51 adjacent by then

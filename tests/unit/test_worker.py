@@ -2035,3 +2035,27 @@ def test_a_dead_letter_names_the_request_that_was_refused() -> None:
     assert record.headers["userpilot.error.call"] == b"ensure_user POST /v1/identify"
     assert record.headers["__connect.errors.exception.message"].startswith(
         b"ensure_user POST /v1/identify: HTTP 400")
+
+
+@dataclass
+class Replayed(Message):
+    """A record `replay` wrote back: it carries its replay count."""
+
+    def headers(self) -> Any:
+        return [("userpilot.replay.count", b"1")]
+
+
+def test_replayed_events_that_fail_again_do_not_trip_the_guard() -> None:
+    """Replayed dead letters come as one block; undecodable ones replayed unchanged failed
+    again and stopped the worker as a broken deploy every ~50 of them, in a crash loop
+    (review "replay17"). They go back to the DLQ, their replay count bounded."""
+    log = {(TOPIC, 0): [Replayed(TOPIC, 0, i, b"u", b"not avro") for i in range(80)]
+           + [Message(TOPIC, 0, 80, b"u", track("u1", 80))]}
+    run = make(log, registry=known_schema(), WORKER_DLQ_MAX_CONSECUTIVE="50")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 81, "the commit", 10)
+
+    assert drive(run, scenario) == 0
+    assert len(run.dlq.records) == 80
+    assert {r.headers["userpilot.replay.count"] for r in run.dlq.records} == {b"1"}
