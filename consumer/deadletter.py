@@ -53,6 +53,7 @@ __all__ = [
     "replay_count",
     "source_of",
     "value_omitted",
+    "without_originals",
     "without_value",
 ]
 
@@ -251,9 +252,17 @@ def without_value(record: DlqRecord, max_bytes: int | None = None) -> DlqRecord:
     slim = replace(record, value=None, headers=headers)
     if max_bytes is None or slim.size <= max_bytes:
         return slim
-    headers = [(k, v) for k, v in headers if _ours(k)]
+    return without_originals(slim)
+
+
+def without_originals(record: DlqRecord) -> DlqRecord:
+    """A value-less record with the original key and headers left out too (only ours
+    stay); `replay` fetches them back from the source coordinates with the value."""
+    if header_value(record.headers, KEY_OMITTED) == b"true":
+        return record
+    headers = [(k, v) for k, v in record.headers if _ours(k)]
     headers += [(KEY_OMITTED, b"true"), (HEADERS_OMITTED, b"true")]
-    return replace(slim, key=None, headers=headers)
+    return replace(record, key=None, headers=headers)
 
 
 def dead_letter_record(

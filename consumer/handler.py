@@ -61,6 +61,7 @@ from consumer.deadletter import (
     dead_letter_record,
     producer_limit,
     replay_count,
+    without_originals,
     without_value,
 )
 from consumer.dedup import Deduplicator
@@ -716,8 +717,19 @@ class Handler:
                                         headers=record.headers)
                     break
                 except DlqRecordTooLarge as too_large:
+                    bare = without_originals(record) if record.value_omitted else record
+                    if bare is not record:
+                        # Refused without its value: its original key and headers are
+                        # over the DLQ topic's limit (lower than the producer's, which
+                        # the first cut used). Written without them as well; they
+                        # stalled the partition for ever (review "replay17").
+                        log.warning("dead letter too large for the DLQ without its value "
+                                    "(%s); writing it without its key and headers too",
+                                    too_large, extra=event.fields)
+                        record = bare
+                        continue
                     if record.value_omitted:
-                        # Even the value-less record is refused (a DLQ topic with a tiny
+                        # Even the bare record is refused (a DLQ topic with a tiny
                         # max.message.bytes): the DLQ is unwritable until it is fixed.
                         self.dlq_writable.failed(str(too_large))
                         log.error("dead letter refused even without its value (%s); "

@@ -2059,3 +2059,46 @@ def test_replayed_events_that_fail_again_do_not_trip_the_guard() -> None:
     assert drive(run, scenario) == 0
     assert len(run.dlq.records) == 80
     assert {r.headers["userpilot.replay.count"] for r in run.dlq.records} == {b"1"}
+
+
+class SmallTopicDlq(FakeDlq):
+    """A DLQ topic whose max.message.bytes counts the whole record, key and headers too."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes | None]]) -> None:
+        from consumer.deadletter import record_size
+
+        if record_size(key, value, headers) > self.limit:
+            self.refused += 1
+            raise DlqRecordTooLarge("Broker: Message size too large")
+        await super().send(topic, key=key, value=value, headers=headers)
+
+
+@dataclass
+class LargeHeaders(Message):
+    def headers(self) -> Any:
+        return [("trace", b"x" * 30_000)]
+
+
+def test_a_dead_letter_whose_headers_are_over_the_dlq_topics_limit_is_written_bare() -> None:
+    """Refused without its value, it kept its 30 KB of original headers (the first cut
+    used the producer's 1 MB limit, not the topic's) and was retried for ever: the
+    partition stalled, the DLQ reported unwritable (review "replay17")."""
+    log = {(TOPIC, 0): [LargeHeaders(TOPIC, 0, 0, b"k" * 100, b"not avro"),
+                        Message(TOPIC, 0, 1, b"u", track("u1", 1))]}
+    run = make(log, registry=known_schema())
+    run.worker.dlq = run.worker.handler.dlq = dlq = SmallTopicDlq(20_000)
+    run.dlq = dlq
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 2, "the commit")
+
+    assert drive(run, scenario) == 0
+    (record,) = dlq.records
+    assert record.value is None and dlq.refused == 2
+    assert record.headers["userpilot.error.key_omitted"] == b"true"
+    assert "trace" not in record.headers
