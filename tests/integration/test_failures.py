@@ -521,3 +521,31 @@ def test_a_dry_run_commits_nothing_and_records_refused_for_good_are_named(
     assert [m.value() for m in read_topic(kafka_bootstrap, small)] == [b"fits"]
     again = replay()
     assert json.loads(again.stdout.splitlines()[-1])["summary"]["replayed"] == 0
+
+
+def test_a_dead_letter_of_a_topic_deleted_since_is_unpublishable_not_recreated(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """The broker creates topics on first use (Kafka's default): replay published such a
+    dead letter into a new topic, counted it replayed and exited 0, while no worker read
+    that name (review "replay17")."""
+    import uuid
+
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient
+
+    dlq = topic_factory(suffix="-dlq")
+    gone = f"deleted-{uuid.uuid4().hex[:8]}"
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer.produce(dlq, value=b"event", headers=[("__connect.errors.topic", gone.encode()),
+                                                   ("userpilot.error.reason", b"bad_request")])
+    assert producer.flush(30) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer", "replay", "--from", dlq],
+        env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])["summary"]
+    assert (summary["replayed"], summary["unpublishable"]) == (0, 1), (done.stdout, done.stderr)
+    topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=30).topics
+    assert gone not in topics
