@@ -3,7 +3,10 @@
 A dead letter too large for the DLQ keeps only the source coordinates, the value's
 SHA-256 and size (consumer.deadletter.without_value). While the source topic retains it,
 the original is read back by those coordinates and checked against the hash; once it is
-gone (retention, compaction, a deleted topic) replay reports it instead of guessing.
+gone (retention, compaction, a deleted topic) replay reports it instead of guessing. A
+source that does not answer (a timeout, a broker error) is not "gone": replay stops there
+and the next run starts at it (review "replay17": one timeout was reported as retention and
+committed past, though the original was still there).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumer.deadletter import (
     HEADERS_OMITTED,
@@ -29,7 +32,18 @@ from consumer.deadletter import (
 
 __all__ = ["Fetched", "Original", "fetch_original", "restore"]
 
-Problem = Literal["no_origin", "gone", "mismatch"]
+Problem = Literal["no_origin", "gone", "mismatch", "unanswered"]
+"""Why there is no original: `unanswered` may pass (the run stops, the next one retries)."""
+
+_GONE = frozenset({
+    KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION,
+    KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._PARTITION_EOF})
+"""The broker's word that the record is not there (a deleted topic, an offset below the
+log's start or at its end)."""
+
+
+def _problem(error: KafkaError | None) -> Problem:
+    return "gone" if error is not None and error.code() in _GONE else "unanswered"
 
 
 @dataclass(frozen=True)
@@ -62,14 +76,19 @@ def fetch_original(conf: Mapping[str, Any], topic: str, partition: int, offset: 
         tp = TopicPartition(topic, partition)
         try:
             low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s)
-        except KafkaException:
-            return Fetched(problem="gone")
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            return Fetched(problem=_problem(error))
         if low == OFFSET_INVALID or not low <= offset < high:
             return Fetched(problem="gone")
         consumer.assign([TopicPartition(topic, partition, offset)])
         message = consumer.poll(timeout_s)
-        if message is None or message.error() is not None or message.offset() != offset:
-            return Fetched(problem="gone")  # e.g. compacted away: a later offset came back
+        if message is None:
+            return Fetched(problem="unanswered")
+        if message.error() is not None:
+            return Fetched(problem=_problem(message.error()))
+        if message.offset() != offset:
+            return Fetched(problem="gone")  # compacted away: a later offset came back
         return Fetched(message.key(), message.value(),
                        tuple(normalize_headers(message.headers())))
     finally:

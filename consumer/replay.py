@@ -411,11 +411,16 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         summary.no_origin += 1
         return None
     origin = (header_value(headers, "__connect.errors.topic") or b"").decode()
+    # Read from the dead letter itself: a restored original's headers may not carry it.
+    reason = (header_value(headers, "userpilot.error.reason") or b"").decode()
     key, value = msg.key(), msg.value()
     if value_omitted(headers):
         # Written without its value (too large for the DLQ): the original comes
         # from the source topic by its coordinates, checked against the hash.
         found = dlqfetch.restore(conf, key, value, headers)
+        if found == "unanswered":  # may pass: stop here, the next run starts at it
+            raise ReplayStuck(f"{where}: its original could not be read from the source "
+                              "topic (no answer)", summary)
         if isinstance(found, str):
             if found == "no_origin":
                 summary.no_origin += 1
@@ -433,8 +438,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     # The key names the event's user when its producer keyed by userId (`produce` does):
     # how an operator finds a deleted user's dead letters to leave them out (README, GDPR).
     line: dict[str, Any] = {"dlq": where, "to": origin, "dry_run": dry_run,
-                            "reason": (header_value(headers, "userpilot.error.reason")
-                                       or b"").decode(),
+                            "reason": reason,
                             "key": key.decode("utf-8", "replace") if key else None}
     line["_record"] = (key, value, headers)
     return line

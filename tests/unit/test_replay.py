@@ -81,3 +81,33 @@ def test_reasons_and_statuses_are_read_as_the_headers_spell_them() -> None:
         mp.setattr("consumer.reach.kafka", lambda *a, **k: None)
         assert replay.main(args) == 0
     assert seen[0].reasons == {"bad_request"} and seen[0].statuses == {"422"}
+
+
+def test_an_original_the_source_does_not_answer_for_stops_the_run_there(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not counted gone and committed past (review "replay17"): the run stops at it, and
+    the next one starts there."""
+    from consumer import dlqfetch, replay
+    from consumer.deadletter import VALUE_OMITTED
+
+    class Msg:
+        def headers(self) -> list[tuple[str, bytes | None]]:
+            headers = dlq_headers(None, topic="events", partition=0, offset=7, failure=Failure(
+                reason="bad_request", exception_class="Rejected", message="x"))
+            return [*headers, (VALUE_OMITTED, b"true")]
+
+        def timestamp(self) -> tuple[int, int]:
+            return (1, 1_764_000_000_000)
+
+        def key(self) -> bytes:
+            return b"u1"
+
+        def value(self) -> None:
+            return None
+
+    monkeypatch.setattr(dlqfetch, "restore", lambda *a, **k: "unanswered")
+    summary = replay.Summary()
+    with pytest.raises(replay.ReplayStuck) as stuck:
+        replay._replay_one(Msg(), 0, 3, "dlq", Filters(), {}, summary,  # type: ignore[arg-type]
+                           dry_run=False)
+    assert "dlq[0]@3" in str(stuck.value) and summary.gone == 0
