@@ -2102,3 +2102,5 @@ def test_a_dead_letter_whose_headers_are_over_the_dlq_topics_limit_is_written_ba
     assert record.value is None and dlq.refused == 2
     assert record.headers["userpilot.error.key_omitted"] == b"true"
     assert "trace" not in record.headers
+    # The event's own time stays: the source record does not carry it (review "diff17b").
+    assert record.headers["userpilot.original.timestamp"] == b"1764000000000"
