@@ -872,11 +872,13 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
     """The proxy for `service` at `url`, refused at start-up when the HTTP client cannot
     use it (it would fail every request, each dead-lettered or retried forever; for the
     registry, a crash at start-up that printed the proxy's password). `skip`: a
-    (variable, proxy) already checked for another service."""
+    (variable, proxy) already checked for another service: returned unchecked."""
     found = environment_proxy(url, reader.env)
-    if found is None or found == skip:
+    if found is None:
         return None
     name, value = found
+    if found == skip:
+        return Secret(value)
     try:
         parts = urlsplit(value)
     except ValueError:  # an unclosed [ of an IPv6 address
@@ -1182,7 +1184,8 @@ def load_settings(
     if (max_bytes, max_keys) != (mappings.max_metadata_bytes, mappings.max_metadata_keys):
         mappings = replace(mappings, max_metadata_bytes=max_bytes, max_metadata_keys=max_keys)
     ca_bundle = _ca_bundle(r)
-    proxy = _proxy(r, userpilot_base_url(endpoint, insecure)) if endpoint else None
+    userpilot_url = userpilot_base_url(endpoint, insecure) if endpoint else None
+    proxy = _proxy(r, userpilot_url) if userpilot_url else None
 
     bootstrap = r.required(
         "KAFKA_BOOTSTRAP_SERVERS", "enter host:port[,host:port], e.g. kafka:9092"
@@ -1231,13 +1234,9 @@ def load_settings(
             registry_ok = True
     registry_proxy: Secret | None = None
     if registry_ok and uses_registry:
-        userpilot_url = userpilot_base_url(endpoint, insecure) if endpoint else None
-        before = len(r.problems)
-        _proxy(r, registry_url, "the schema registry",
-               skip=environment_proxy(userpilot_url, r.env) if userpilot_url else None)
-        found = environment_proxy(registry_url, r.env)
-        if found is not None and len(r.problems) == before:
-            registry_proxy = Secret(found[1])
+        registry_proxy = _proxy(
+            r, registry_url, "the schema registry",
+            skip=environment_proxy(userpilot_url, r.env) if userpilot_url else None)
     auth_raw = r.text("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
     if auth_raw is not None and ":" not in auth_raw:
         r.problems.append("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO must be user:password")
