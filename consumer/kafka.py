@@ -2,7 +2,10 @@
 
 Every consumer call runs on one dedicated thread (the poll thread), so librdkafka's
 rebalance callbacks, pause/resume and commits never race each other; the asyncio side
-reaches it through `KafkaSource.call`.
+reaches it through `KafkaSource.call`. One exception: `close()` at shutdown runs on its own
+"kafka-close" thread (so that an unreachable coordinator cannot hold the exit), and the
+final revoke and commit callbacks run there, while the poll thread is idle: nothing else
+calls the consumer by then.
 """
 
 from __future__ import annotations
@@ -253,11 +256,6 @@ class KafkaSource:
     def resume(self, parts: Sequence[TP]) -> None:
         if parts:
             self._consumer.resume([TopicPartition(t, p) for t, p in parts])
-
-    @property
-    def notes_refused(self) -> bool:
-        """The broker refuses every note: commits go without."""
-        return self.note_limit == 0
 
     def _notes_now_refused(self, codes: Iterable[int], lengths: Iterable[int] = ()) -> bool:
         """A broker whose `offset.metadata.max.bytes` is below a note refuses the commit:

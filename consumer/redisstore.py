@@ -35,7 +35,6 @@ ClaimState = Literal["claimed", "duplicate", "busy"]
 CallObserver = Callable[[str, float, "str | None"], None]
 """``(operation, seconds, error class name or None)`` after every Redis call."""
 
-KEY_PREFIX = "userpilot:"
 MAX_CONNECTIONS = 32
 """Connections per replica; one round trip takes well under a millisecond, so 32 carry
 thousands of calls a second."""

@@ -448,7 +448,13 @@ class Worker:
                 if reshare:
                     # Not inside the rebalance callback: a blocking client call nested in a
                     # callback breaks confluent-kafka's per-thread call state (it aborts).
-                    await source.call(self._reshare, source)
+                    # Counted on the poll thread, applied here: the limiters belong to
+                    # the event loop (a share set from the poll thread could tear a
+                    # reservation under way, review struct18).
+                    share = await source.call(self._reshare, source)
+                    if share is not None:
+                        for limiter in self.shared.distinct():
+                            limiter.set_share(share)
                 if reshare or time.monotonic() - rates_at >= RATES_EVERY_S:
                     rates_at = time.monotonic()
                     self._publish_rates()
@@ -571,6 +577,10 @@ class Worker:
             deadline = loop.time() + grace
             while (any(waited(event) for event in scheduler.current(parts))
                    and loop.time() < deadline):
+                # The poll loop is held by this drain, not stuck: a grace over the
+                # liveness limit (60 s) failed /healthz and the pod was restarted in the
+                # middle of the rebalance, cutting what the drain waited for (struct18).
+                self.health.beat()
                 await scheduler.wait_change(min(0.05, deadline - loop.time()))
             await scheduler.cancel(parts)
             # Counted as they left: those a halt stopped (with their users' later events)
@@ -1126,8 +1136,9 @@ class Worker:
         self.health.set_assigned(True)
         log.info("assigned %s (now %d partitions)", _fmt(parts), count)
 
-    def _reshare(self, source: Source) -> None:
-        """This replica's share of the token's limit: owned ÷ all partitions.
+    def _reshare(self, source: Source) -> float | None:
+        """Poll thread: this replica's share of the token's limit, owned ÷ all partitions
+        (None: keep the current share). The caller applies it on the event loop.
 
         A count that fails (or reads 0) is asked again `RESHARE_RETRY_S` later, doubling up
         to `RESHARE_RETRY_MAX_S` (each try may hold the poll thread `RESHARE_TIMEOUT_S`);
@@ -1150,12 +1161,10 @@ class Worker:
                 self._reshare_at = time.monotonic() + self._reshare_delay
             self._reshare_delay = min(RESHARE_RETRY_MAX_S, 2 * self._reshare_delay)
             if self.partitions_total <= 0:
-                return
+                return None
         with self._parts_lock:
             owned = len(self.assigned)
-        share = partition_share(owned, self.partitions_total)
-        for limiter in self.shared.distinct():
-            limiter.set_share(share)
+        return partition_share(owned, self.partitions_total)
 
     def _on_revoke(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("revoke").inc()

@@ -2104,3 +2104,55 @@ def test_a_dead_letter_whose_headers_are_over_the_dlq_topics_limit_is_written_ba
     assert "trace" not in record.headers
     # The event's own time stays: the source record does not carry it (review "diff17b").
     assert record.headers["userpilot.original.timestamp"] == b"1764000000000"
+
+
+def test_a_revoke_drain_longer_than_the_liveness_limit_keeps_the_worker_alive() -> None:
+    """Review struct18: the drain holds the poll loop (grace up to an hour is allowed), so
+    only the main loop's beat told health it turned; past the liveness limit /healthz
+    failed and the chart's probe restarted the pod in the middle of the rebalance."""
+    run = make({**log_of(track("u1", 1)), **log_of(track("u2", 2), partition=1, key=b"u2")},
+               registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               WORKER_SHUTDOWN_GRACE_SECONDS="30")
+    run.client.gate = asyncio.Event()
+    health = run.worker.health
+    health.max_silence_s = 0.6
+    during: list[bool] = []
+
+    async def scenario(source: FakeSource) -> None:
+        assert run.client.gate is not None
+        await until(lambda: run.worker.in_flight == 2, "two requests on the wire")
+        source.revoke_next = [(TOPIC, 0)]
+        asyncio.get_running_loop().call_later(2.5, run.client.gate.set)
+        while (TOPIC, 0) in run.worker.assigned:
+            during.append(health.alive())
+            await asyncio.sleep(0.05)
+
+    assert drive(run, scenario) == 0
+    assert len(during) > 30, "the drain did not wait for the request on the wire"
+    assert all(during), f"/healthz failed during the drain: {during.count(False)} samples"
+
+
+def test_a_reshare_sets_the_limiters_share_on_the_event_loop() -> None:
+    """Review struct18: the limiters belong to the event loop; the share was set from the
+    poll thread while reservations were under way (a torn interval and tolerance)."""
+    threads: list[str] = []
+    run = make({**log_of(track("u1", 1)), **log_of(track("u2", 2), partition=1, key=b"u2")},
+               registry=known_schema())
+    for limiter in run.worker.shared.distinct():
+        original = limiter.set_share
+
+        def recording(share: float, original: Callable[[float], None] = original) -> None:
+            threads.append(threading.current_thread().name)
+            original(share)
+
+        setattr(limiter, "set_share", recording)  # noqa: B010 (mypy: method assignment)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: sum(source.committed().values()) == 2, "all committed")
+        before = len(threads)
+        source.revoke_next = [(TOPIC, 0)]
+        await until(lambda: (TOPIC, 0) not in run.worker.assigned, "the revoke")
+        await until(lambda: len(threads) > before, "a reshare after the revoke")
+
+    assert drive(run, scenario) == 0
+    assert threads and set(threads) == {threading.main_thread().name}, threads
