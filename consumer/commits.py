@@ -53,6 +53,10 @@ class Commits:
         # `restart`; an event finishes under the generation it was taken in.
         self._generations: dict[TP, int] = {}
         self._next_generation = itertools.count(1)
+        # Partitions whose log went back (`restart`): librdkafka's position still names
+        # the old log until the new one is read up to it, so `passed` ignores it until
+        # it is no further than the new log's last offset taken + 1.
+        self._old_position: set[TP] = set()
 
     # -- partitions (poll thread) -------------------------------------------------------
     def assign(self, parts: Iterable[TP]) -> None:
@@ -69,6 +73,7 @@ class Commits:
                       self._committed_notes, self._unanswered):
             known.pop(tp, None)
         self._inheriting.discard(tp)
+        self._old_position.discard(tp)
 
     def restart(self, tp: TP) -> bool:
         """`tp`'s log went back (an offset at or below one already taken): track it anew,
@@ -79,6 +84,7 @@ class Commits:
             if tp not in self._offsets:
                 return False
             self._track_anew(tp)
+            self._old_position.add(tp)
             return True
 
     def high(self, tp: TP) -> int | None:
@@ -186,12 +192,23 @@ class Commits:
         batch after an aborted one (review "offsets16").
 
         The caller guarantees that every message handed over was taken: a position also
-        counts a message handed over and not taken yet, which this would skip."""
+        counts a message handed over and not taken yet, which this would skip.
+
+        After `restart` the position is the old log's (librdkafka keeps it until the new
+        log is read up to it): ignored until it is no further than the new log's last
+        offset taken + 1. Trusted, it named the rest of the old log's offsets finished on
+        the new, shorter log: the commit went past the new log's end, and the records
+        later written below it were never delivered (review "kafka18")."""
         with self._lock:
             for tp, position in positions.items():
                 tracker = self._offsets.get(tp)
-                if (tracker is not None and not tracker.unfinished
-                        and position > tracker.high + 1):
+                if tracker is None:
+                    continue
+                if tp in self._old_position:
+                    if position > tracker.high + 1:
+                        continue
+                    self._old_position.discard(tp)
+                if not tracker.unfinished and position > tracker.high + 1:
                     tracker.skipped(position - 1)
 
     def in_window_by_family(self) -> dict[str, int]:

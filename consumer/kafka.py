@@ -377,13 +377,26 @@ class KafkaSource:
     def positions(self, parts: Sequence[TP]) -> dict[TP, int]:
         """The consumer's position (the next offset to hand over) of each partition that has
         one. librdkafka moves it past what it never hands over: transaction markers and the
-        records of aborted transactions. Local: no broker call."""
+        records of aborted transactions. Local: no broker call.
+
+        Never past the log's end as last fetched (librdkafka's cached high watermark): a
+        position is left out while that is unknown, and cut to it otherwise. A topic
+        deleted and created again kept the old log's position (review "kafka18")."""
         try:
             answer = self._consumer.position([TopicPartition(t, p) for t, p in parts])
         except KafkaException:
             return {}
-        return {(tp.topic, tp.partition): tp.offset for tp in answer or []
-                if tp.error is None and tp.offset >= 0}
+        out: dict[TP, int] = {}
+        for tp in answer or []:
+            if tp.error is not None or tp.offset < 0:
+                continue
+            try:
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                continue
+            if high is not None and high >= 0:
+                out[(tp.topic, tp.partition)] = min(tp.offset, high)
+        return out
 
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         """The broker's high watermark (next offset) of each partition, asked now (not

@@ -214,3 +214,33 @@ def test_a_restarted_partition_ignores_the_old_logs_finishes_and_commit_answers(
     commits.requested({tp: 2})
     assert commits.acknowledged([(tp, 2)]) == [(tp, 2)]
     assert not commits.restart(("t", 9)), "not assigned"
+
+
+def test_after_a_restart_the_old_logs_position_finishes_nothing_of_the_new_log() -> None:
+    """Review kafka18: librdkafka keeps the old log's position (here 20) after the topic is
+    created again; trusted, it named offsets 3-19 of the new, shorter log finished, the
+    commit went past its end and what was written there later was never delivered."""
+    tp = ("t", 0)
+    commits = Commits()
+    commits.assign([tp])
+    for offset in range(20):
+        commits.finish(tp, offset, commits.take(tp, offset))
+    assert commits.restart(tp)
+    for offset in range(3):
+        commits.finish(tp, offset, commits.take(tp, offset))
+    commits.passed({tp: 20})
+    assert commits.committable([tp]) == {tp: 3}, "the old position is not this log's"
+    for offset in range(3, 25):
+        commits.finish(tp, offset, commits.take(tp, offset))
+    commits.passed({tp: 25})  # the position has caught up with the new log
+    commits.passed({tp: 27})  # ... and now goes past its transaction markers again
+    assert commits.committable([tp]) == {tp: 27}
+
+
+def test_a_fresh_assignment_trusts_the_position_at_once() -> None:
+    tp = ("t", 0)
+    commits = Commits()
+    commits.assign([tp])
+    commits.finish(tp, 0, commits.take(tp, 0))
+    commits.passed({tp: 3})  # a commit marker at 1, an aborted record at 2
+    assert commits.committable([tp]) == {tp: 3}

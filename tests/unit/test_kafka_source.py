@@ -164,3 +164,27 @@ def test_a_refused_note_halves_the_notes_until_they_are_off() -> None:
         assert not s._notes_now_refused([too_large], [10])  # already off
     finally:
         s.close(0.1)
+
+
+class _Positions:
+    """librdkafka's position and cached high watermark per partition."""
+
+    def __init__(self, positions: dict[int, int], highs: dict[int, int]) -> None:
+        self.positions, self.highs = positions, highs
+
+    def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(p.topic, p.partition, self.positions[p.partition])
+                for p in parts]
+
+    def get_watermark_offsets(self, part: TopicPartition, cached: bool = False
+                              ) -> tuple[int, int]:
+        assert cached, "a broker call on the commit path"
+        return -1001, self.highs[part.partition]
+
+
+def test_a_position_is_never_past_the_log_end_last_fetched() -> None:
+    """Review kafka18: a topic created again kept the old log's position (20 on a log of
+    5); a position with no known end is left out."""
+    src = source()
+    src._consumer = _Positions({0: 20, 1: 7, 2: 4}, {0: 5, 1: 9, 2: -1001})  # type: ignore[assignment]
+    assert src.positions([("t", 0), ("t", 1), ("t", 2)]) == {("t", 0): 5, ("t", 1): 7}
