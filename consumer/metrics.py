@@ -84,6 +84,7 @@ FAMILIES: tuple[str, ...] = ("track", "identify")
 """The ``endpoint`` label of limiter wait and rate: one per rate-limit family."""
 # Statuses the dashboard and alerts look at; any other code still gets its own series.
 KNOWN_STATUSES: tuple[str, ...] = (
+    "200",  # a company identify's answer
     "202",
     "400",
     "401",
@@ -451,11 +452,13 @@ class Metrics:
         for operation in REDIS_OPERATIONS:
             self.redis_errors.labels(operation)
 
-    def declare_redis_endpoints(self, endpoints: Iterable[str]) -> None:
-        """Create the fallback and dedup series per endpoint family, so they read 0."""
-        for endpoint in endpoints:
-            self.rate_limiter_fallback.labels(endpoint).set(0)
-            self.rate_limiter_fallbacks.labels(endpoint)
+    def declare_redis_endpoints(self, budgets: Iterable[str]) -> None:
+        """Create the fallback series per rate budget (a family, or "all" when shared) and
+        the dedup series per endpoint (they count per Userpilot path), so they read 0."""
+        for budget in budgets:
+            self.rate_limiter_fallback.labels(budget).set(0)
+            self.rate_limiter_fallbacks.labels(budget)
+        for endpoint in ENDPOINTS:
             self.duplicates_skipped.labels(endpoint)
             self.dedup_unchecked.labels(endpoint)
 

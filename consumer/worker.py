@@ -360,7 +360,10 @@ class Worker:
         self.signalled = False
         self._scheduler: Scheduler[Event] | None = None
         self._source: Source | None = None
-        metrics.declare_event_names(sorted({r.event_name for r in settings.mappings.rules}))
+        # identify and group events are always sent: their series exist from the start too,
+        # or rate() and increase() missed each one's first delivery after every start.
+        metrics.declare_event_names(
+            sorted({r.event_name for r in settings.mappings.rules} | {"identify", "group"}))
         metrics.declare_consent_categories(list(settings.consent.categories))
         metrics.declare_topics(settings.topics)
 
@@ -1267,6 +1270,7 @@ class Worker:
         with self._parts_lock:
             assigned = set(self.assigned)
             paused = set(self.paused)
+        own = self.commits.committed()
         for topic, info in stats.get("topics", {}).items():
             for pid, pinfo in info.get("partitions", {}).items():
                 tp = (topic, int(pid))
@@ -1276,6 +1280,10 @@ class Worker:
                 if isinstance(offset, int) and offset >= 0:
                     with self._parts_lock:
                         self._stats_committed[tp] = offset
+                    if tp not in own:
+                        # The group's commit, until this worker commits the partition itself:
+                        # taken over finished, the partition had no series at all.
+                        self.m.committed_offset.labels(topic, pid).set(offset)
                 low = pinfo.get("lo_offset", -1)
                 if isinstance(low, int) and low >= 0:
                     with self._parts_lock:

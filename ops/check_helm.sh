@@ -311,6 +311,11 @@ def crd(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str, Any]]
             where,
             "one endpoint on port 'metrics' path /metrics",
         )
+        check(
+            bool(eps) and eps[0].get("honorLabels") is True,
+            where,
+            "honorLabels: true (the worker's `endpoint` label is also the operator's target label)",
+        )
         svc_labels = [s["metadata"]["labels"] for s in by_kind.get("Service", [])]
         sel = (spec.get("selector") or {}).get("matchLabels") or {}
         check(

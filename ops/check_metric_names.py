@@ -28,6 +28,10 @@ DEFAULT_FILES = (
 )
 NAME_RE = re.compile(r"\buserpilot_[a-zA-Z0-9_]*[a-zA-Z0-9]")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# The labels a scraper sets on every target (Prometheus, prometheus-operator). The chart's
+# ServiceMonitor honours the worker's labels (its `endpoint` is one of these names), so an
+# exported label among the others would override where a series came from.
+TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "service", "container"})
 
 
 def exported_names() -> tuple[set[str], set[str]]:
@@ -65,6 +69,15 @@ def unknown_names(used: Iterable[str]) -> set[str]:
     return bad
 
 
+def target_label_clashes() -> set[str]:
+    """Exported label names that would override a target's own (see TARGET_LABELS)."""
+    clashes: set[str] = set()
+    for value in vars(Metrics(CollectorRegistry())).values():
+        names = getattr(value, "_labelnames", ())  # declared, whether any series exists yet
+        clashes.update(set(names) & TARGET_LABELS)
+    return clashes
+
+
 def check(files: Iterable[Path]) -> dict[Path, set[str]]:
     """Unknown names per file (only files with any)."""
     unknown: dict[Path, set[str]] = {}
@@ -82,6 +95,12 @@ def main(argv: Sequence[str]) -> int:
         for p in missing:
             print(f"missing file: {p}", file=sys.stderr)
         return 2
+    clashes = target_label_clashes()
+    for label in sorted(clashes):
+        print(f"consumer/metrics.py: label {label!r} would override the scraper's own "
+              "(the ServiceMonitor sets honorLabels)", file=sys.stderr)
+    if clashes:
+        return 1
     unknown = check(files)
     for path, names in unknown.items():
         for name in sorted(names):

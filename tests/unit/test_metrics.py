@@ -461,3 +461,33 @@ def test_children_resolve_each_label_set_once_and_count_into_the_metric(
                                 {"status": "202", "endpoint": "track"}) == 2
     assert reg.get_sample_value("userpilot_responses_total",
                                 {"status": "503", "endpoint": "track"}) == 1
+
+
+def test_with_a_shared_budget_the_dedup_series_exist_per_endpoint(
+    reg: CollectorRegistry, m: Metrics,
+) -> None:
+    """Review metrics18: they count per Userpilot path, and were created per rate budget:
+    with USERPILOT_RATE_LIMIT_SHARED an "all" series stayed at 0 for ever and the real ones
+    appeared at their first count (rate() missed it)."""
+    m.declare_redis_endpoints(["all"])
+    assert value(reg, "userpilot_rate_limiter_fallback", endpoint="all") == 0
+    for endpoint in ("track", "identify", "company_identify"):
+        assert value(reg, "userpilot_duplicates_skipped_total", endpoint=endpoint) == 0
+        assert value(reg, "userpilot_dedup_unchecked_total", endpoint=endpoint) == 0
+    assert value(reg, "userpilot_duplicates_skipped_total", endpoint="all") is None
+
+
+def test_a_company_identifys_200_has_a_series_from_the_start(reg: CollectorRegistry,
+                                                             m: Metrics) -> None:
+    """Review metrics18: Userpilot answers a company identify 200, not 202."""
+    assert value(reg, "userpilot_responses_total", status="200",
+                 endpoint="company_identify") == 0
+
+
+def test_no_exported_label_overrides_a_scrapers_target_labels() -> None:
+    """The chart's ServiceMonitor sets honorLabels (for the `endpoint` label): a worker
+    label named like a target's own (pod, namespace, job...) would then replace it."""
+    from ops.check_metric_names import TARGET_LABELS, target_label_clashes
+
+    assert "pod" in TARGET_LABELS and "endpoint" not in TARGET_LABELS
+    assert target_label_clashes() == set()

@@ -2156,3 +2156,35 @@ def test_a_reshare_sets_the_limiters_share_on_the_event_loop() -> None:
 
     assert drive(run, scenario) == 0
     assert threads and set(threads) == {threading.main_thread().name}, threads
+
+
+def test_identify_and_group_deliveries_have_series_from_the_start() -> None:
+    """Review metrics18: created at the first delivery, so increase() after a start missed
+    each one's first."""
+    run = make(log_of(track("u1", 1)))
+    for name in ("identify", "group"):
+        assert run.worker.m.registry.get_sample_value(
+            "userpilot_events_delivered_total", {"event_name": name}) == 0
+
+
+def test_the_committed_offset_of_a_partition_taken_over_finished_is_the_groups() -> None:
+    """Review metrics18: the gauge was set only by this worker's own commits, so a partition
+    taken over with nothing left to do had no series (the panel showed it missing)."""
+    log = {**log_of(track("u1", 1)), (TOPIC, 1): []}
+    run = make(log)
+
+    def exported(partition: str) -> float | None:
+        return run.worker.m.registry.get_sample_value(
+            "userpilot_committed_offset", {"topic": TOPIC, "partition": partition})
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "commit of offset 1")
+        run.worker._on_stats({"topics": {TOPIC: {"partitions": {
+            "1": {"consumer_lag": 0, "hi_offset": 150, "lo_offset": 0,
+                  "committed_offset": 150},
+            "0": {"consumer_lag": 0, "hi_offset": 1, "lo_offset": 0,
+                  "committed_offset": 0}}}}})
+        assert exported("1") == 150, "the group's commit"
+        assert exported("0") == 1, "this worker's own acknowledged commit, not the stats'"
+
+    assert drive(run, scenario) == 0
