@@ -23,7 +23,7 @@ from typing import TypeVar
 import pytest
 
 from consumer.answers import BODY_LIMIT
-from consumer.delivery import UserpilotClient, ssl_context
+from consumer.delivery import STALE_RESENDS, UserpilotClient, ssl_context
 from consumer.errors import (
     ConnectionFailed,
     RateLimited,
@@ -268,6 +268,60 @@ def test_sequential_requests_reuse_one_connection_and_arrive_exactly() -> None:
         assert first.line == b"POST /v1/track HTTP/1.1"
         assert first.header("Authorization") == f"Token {TOKEN}".encode()
         assert first.header("Content-Length") == str(len(BODY)).encode()
+
+    run(main)
+
+
+@pytest.mark.parametrize("lost", [Close(), Reset()], ids=["closed", "reset"])
+def test_a_request_a_kept_alive_connection_lost_is_sent_again_at_once(lost: Action) -> None:
+    """Review idle18: the server closed an idle connection as the client reused it (its
+    keep-alive timeout against ours). aiohttp resends only idempotent methods; counted as
+    a failure, the event lost an attempt, a backoff and a rate-limit slot."""
+    async def main() -> None:
+        async with Server(lambda req: lost if req.index == 2 else Send(ACCEPTED)) as srv:
+            client = up(srv.url())
+            assert await outcome(client, BODY) == "ok"
+            assert await outcome(client, BODY) == "ok", "sent again on a new connection"
+            await client.aclose()
+        assert [(q.conn, q.index) for q in srv.requests] == [(1, 1), (1, 2), (2, 1)]
+
+    run(main)
+
+
+def test_a_new_connection_lost_before_the_answer_is_a_failure_not_resent() -> None:
+    """Only a kept-alive connection's loss is the keep-alive race: a server that drops a
+    new connection's request is failing, and its failures go through the retry policy."""
+    async def main() -> None:
+        async with Server(always(Close())) as srv:
+            client = up(srv.url())
+            assert await outcome(client, BODY) == "ConnectionFailed"
+            await client.aclose()
+        assert len(srv.requests) == 1
+
+    run(main)
+
+
+def test_resends_of_lost_kept_alive_requests_are_bounded() -> None:
+    """Every connection is lost on its second request: with eight kept alive, the request
+    and its three resends each take one, and then the failure counts (a server dropping
+    every reused connection is failing, not racing)."""
+    async def main() -> None:
+        async with Server(lambda req: Close() if req.index >= 2 else Send(ACCEPTED)) as srv:
+            client = up(srv.url(), max_connections=8)
+            # Eight kept-alive connections, each with one request behind it.
+            gate = asyncio.Event()
+
+            async def first() -> str:
+                await gate.wait()
+                return await outcome(client, BODY)
+
+            tasks = [asyncio.create_task(first()) for _ in range(8)]
+            gate.set()
+            assert await asyncio.gather(*tasks) == ["ok"] * 8
+            before = len(srv.requests)
+            assert await outcome(client, BODY) == "ConnectionFailed"
+            await client.aclose()
+        assert len(srv.requests) - before == 1 + STALE_RESENDS
 
     run(main)
 
