@@ -129,7 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     problems = reach.services(
         settings.kafka_config(logger=False), args.timeout, registry_url=settings.registry_url,
         registry_auth=settings.registry_auth.reveal() if settings.registry_auth else None,
-        registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None)
+        registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None,
+        dlq_topic=settings.dlq_topic)
     if problems:
         return _unreachable(problems)
     no_created_series: Callable[[], None] = disable_created_metrics  # untyped upstream
@@ -187,7 +188,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     checks: tuple[tuple[int, str, Callable[[], str | None]], ...] = (
         (1, "userpilot", lambda: reach.userpilot(settings, timeout)),
         (2, "kafka", lambda: reach.kafka(settings.kafka_config(), timeout,
-                                         (*settings.topics, settings.dlq_topic))),
+                                         (*settings.topics, settings.dlq_topic),
+                                         settings.dlq_topic)),
         (4, "schema registry", lambda: reach.registry(
             settings.registry_url,
             settings.registry_auth.reveal() if settings.registry_auth else None, timeout,

@@ -500,6 +500,10 @@ class DeadLetterProducer:
                     done.set_result(None)
                 elif err.code() in _TOO_LARGE:
                     done.set_exception(DlqRecordTooLarge(f"DLQ refused the record: {err.str()}"))
+                elif err.code() == KafkaError.INVALID_RECORD:
+                    done.set_exception(KafkaException(KafkaError(
+                        err.code(), f"{err.str()}: is the DLQ topic compacted? A compacted "
+                        "topic refuses a keyless record; set its cleanup.policy=delete")))
                 else:
                     done.set_exception(KafkaException(err))
             loop.call_soon_threadsafe(settle)

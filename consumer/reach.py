@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from consumer.config import Settings, redact_userinfo
 from consumer.delivery import UserpilotClient
@@ -104,8 +105,9 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
 
 
 def kafka(conf: Mapping[str, Any], timeout: float,
-          topics: Iterable[str] = ()) -> str | None:
-    """Reach the brokers with the worker's own librdkafka settings; check topics exist."""
+          topics: Iterable[str] = (), dlq_topic: str | None = None) -> str | None:
+    """Reach the brokers with the worker's own librdkafka settings; check topics exist, and
+    that the DLQ topic (when it exists) is not compacted (`dlq_policy`)."""
     settings = {**conf, "logger": _SILENT}
     settings.pop("group.id", None)
     bootstrap = settings.get("bootstrap.servers", "")
@@ -125,7 +127,32 @@ def kafka(conf: Mapping[str, Any], timeout: float,
     missing = [t for t in topics if t not in metadata.topics]
     if missing:
         return f"Kafka at {bootstrap} has no topic {', '.join(repr(t) for t in missing)}"
+    if dlq_topic is not None and dlq_topic in metadata.topics:
+        return dlq_policy(settings, dlq_topic, timeout)
     return None
+
+
+def dlq_policy(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> str | None:
+    """A compacted DLQ topic loses dead letters: they are keyed by user, so compaction keeps
+    one per user, a dead tombstone's (no value) deletes the user's others, and a keyless
+    one is refused (INVALID_RECORD), retried for ever while its partition stalls (review
+    "kafka18"). None when the policy is fine or cannot be read (no DescribeConfigs ACL)."""
+    try:
+        admin = AdminClient(dict(conf))
+        resource = ConfigResource(ConfigResource.Type.TOPIC, dlq_topic)
+        entries = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
+            timeout)
+        policy = entries.get("cleanup.policy")
+    except Exception:  # not readable: the produce path still reports its refusals
+        return None
+    value = getattr(policy, "value", None) or ""
+    if "compact" not in value.split(","):
+        return None
+    return (f"the DLQ topic {dlq_topic!r} has cleanup.policy={value}: compaction keeps one "
+            "dead letter per user (a dead tombstone deletes the user's others) and refuses "
+            "keyless ones. Make it cleanup.policy=delete, e.g. kafka-configs.sh "
+            f"--bootstrap-server <broker> --alter --entity-type topics --entity-name "
+            f"{dlq_topic} --add-config cleanup.policy=delete")
 
 
 def registry(url: str, user_info: str | None, timeout: float,
@@ -157,13 +184,13 @@ def registry(url: str, user_info: str | None, timeout: float,
 
 def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[str] = (),
              registry_url: str | None = None, registry_auth: str | None = None,
-             registry_proxy: str | None = None) -> list[str]:
+             registry_proxy: str | None = None, dlq_topic: str | None = None) -> list[str]:
     """Start-up check of a command: Kafka (and topics), then the registry if given.
 
     Empty when everything answered within ``timeout`` seconds each; otherwise one line per
     unreachable service. ``produce`` uses it; ``replay`` and ``demo`` should too.
     """
-    problems = [kafka(kafka_conf, timeout, topics)]
+    problems = [kafka(kafka_conf, timeout, topics, dlq_topic)]
     if registry_url is not None:
         problems.append(registry(registry_url, registry_auth, timeout, registry_proxy))
     return [p for p in problems if p is not None]

@@ -199,3 +199,22 @@ def test_online_refuses_a_redis_too_slow_for_redis_timeout_seconds(
                      {**online_env, "REDIS_URL": far.url(), "REDIS_TIMEOUT_SECONDS": "2"})
         assert raised.returncode == 0, raised.stderr
         assert "online OK: redis" in raised.stderr
+
+
+@pytest.mark.parametrize("policy", ["compact", "compact,delete"])
+def test_a_compacted_dlq_is_refused_by_check_config_and_run(
+    online_env: dict[str, str], kafka_bootstrap: str, topic_factory: Callable[..., str],
+    policy: str,
+) -> None:
+    """Review kafka18: dead letters are keyed by user; compaction keeps one per user (a
+    dead tombstone deletes the others) and refuses keyless ones, stalling their partition
+    for ever; check-config said OK."""
+    dlq = topic_factory(partitions=1, suffix="-dlq", config={"cleanup.policy": policy})
+    env = {**online_env, "KAFKA_DLQ_TOPIC": dlq}
+    checked = cli(["check-config", "--online", "--timeout", "5"], env)
+    assert checked.returncode == 10, checked.stderr
+    assert f"has cleanup.policy={policy}" in checked.stderr
+    assert "cleanup.policy=delete" in checked.stderr
+    ran = cli(["run", "--timeout", "5"], env)
+    assert ran.returncode == 1, ran.stderr
+    assert f"has cleanup.policy={policy}" in ran.stderr
