@@ -40,8 +40,9 @@ MAX_CONNECTIONS = 32
 thousands of calls a second."""
 
 # GCRA reservation, all times in microseconds of Redis's clock.
-# ARGV: interval, tolerance, lookahead, debt (requests), holdoff, idle ttl (ms).
-# KEYS: the budget, and its "seen" marker (kept a week, renewed with every write).
+# ARGV: interval, tolerance, lookahead, debt (requests), holdoff, idle ttl (ms), span.
+# KEYS: the budget, its "seen" marker (kept a week, renewed with every write), and its
+# "credit" (see `debt` below).
 # A missing budget key means unknown history: the bucket is taken as full, so the next slot
 # is one interval away and no window that began before can exceed the limit. If the marker
 # is there, the key was in use and is gone (evicted, or expired after an idle hour):
@@ -52,9 +53,15 @@ thousands of calls a second."""
 # residual overshoot, see README) and the first request is not held back. A slot further
 # away than `lookahead` is not reserved (the caller retries later), which bounds how far
 # reservations reach ahead.
-# `debt` adds requests sent without Redis; `holdoff` keeps every replica from drawing for
-# that long (replicas coming back from the fallback account for their local sends first).
-# KEYS[3], when given, records the debt one fallback episode has added so far: a call
+# `debt` adds requests sent without Redis over the last `span`; `holdoff` keeps every
+# replica from drawing for that long (replicas coming back from the fallback account for
+# their local sends first). Those requests were sent in the past: they first fill what the
+# budget left unused of the last `span` (its credit: from the later of its schedule and
+# now - span, up to now), and only the rest is owed ahead. The credit left is kept for the
+# hold-off, for the other replicas coming back. Added ahead of now whole, the partition
+# shares' requests, which together fit the limit, were counted twice: the deployment sent
+# nothing for a whole period after every fallback (review "redis18").
+# KEYS[4], when given, records the debt one fallback episode has added so far: a call
 # carries all of it, and only what exceeds the record is added. Calls that timed out while
 # Redis was frozen still run when it thaws: without the record each added the debt again
 # (129 requests counted for 96 sent, the deployment idle for seconds).
@@ -67,7 +74,9 @@ local lookahead = tonumber(ARGV[3])
 local debt = tonumber(ARGV[4])
 local holdoff = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
+local span = tonumber(ARGV[7])
 local tat = tonumber(redis.call('GET', KEYS[1]))
+local since = tat or (now - span)
 local changed = false
 if not tat then
   tat = now + tolerance + interval
@@ -76,10 +85,20 @@ end
 if tat < now then tat = now end
 if debt > 0 then
   local applied = 0
-  if KEYS[3] then applied = tonumber(redis.call('GET', KEYS[3])) or 0 end
+  if KEYS[4] then applied = tonumber(redis.call('GET', KEYS[4])) or 0 end
   if debt > applied then
-    tat = tat + (debt - applied) * interval; changed = true
-    if KEYS[3] then redis.call('SET', KEYS[3], debt, 'PX', ttl) end
+    local owed = (debt - applied) * interval
+    local credit = tonumber(redis.call('GET', KEYS[3]))
+    if not credit then
+      if since < now - span then since = now - span end
+      credit = now - since
+      if credit < 0 then credit = 0 end
+    end
+    local used = math.min(credit, owed)
+    tat = tat + owed - used; changed = true
+    redis.call('SET', KEYS[3], string.format('%.0f', credit - used),
+               'PX', math.max(1, math.floor((holdoff + tolerance) / 1000)))
+    if KEYS[4] then redis.call('SET', KEYS[4], debt, 'PX', ttl) end
   end
 end
 if holdoff > 0 and tat < now + holdoff + tolerance then
@@ -201,15 +220,17 @@ class RedisStore:
     async def gcra(
         self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,
         debt: int = 0, debt_key: str | None = None, holdoff_us: int = 0, idle_ttl_ms: int,
+        span_us: int = 0,
     ) -> tuple[bool, float]:
         """Reserve the next slot of the budget at ``key``: ``(reserved, seconds)``.
 
         Reserved: send after ``seconds``. Not reserved: ask again after ``seconds``.
-        ``debt_key``: the record of what this ``debt`` (a running total) already added.
+        ``debt``: requests sent without Redis over the last ``span_us``; ``debt_key``: the
+        record of what this ``debt`` (a running total) already added.
         """
         args = [max(1, interval_us), max(0, tolerance_us), max(0, lookahead_us),
-                max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms)]
-        keys = [key, f"{key}:seen", *([debt_key] if debt_key else [])]
+                max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms), max(0, span_us)]
+        keys = [key, f"{key}:seen", f"{key}:credit", *([debt_key] if debt_key else [])]
         reply = await self._call("gcra", lambda: self._gcra(keys=keys, args=args))
         return bool(int(reply[0])), int(reply[1]) / 1e6
 

@@ -191,6 +191,7 @@ class SharedLimiter:
                 lookahead_us=round(self.lookahead_s * 1e6), debt=debt,
                 debt_key=self._debt_key if returning else None,
                 holdoff_us=round(self.holdoff_s * 1e6) if returning else 0,
+                span_us=round((self._period + self.lookahead_s) * 1e6) if returning else 0,
                 idle_ttl_ms=round(max(self._period + 1.0, BUDGET_IDLE_TTL_S) * 1000),
             )
         except SharedStateUnavailable as exc:

@@ -248,3 +248,29 @@ def test_a_fallback_episodes_debt_is_added_once_however_often_it_is_carried(
     steps = [(b - a) // interval for a, b in itertools.pairwise(marks)]
     assert steps == [1, 1 + 3, 1]
     assert 0 < direct.pttl(f"{key}:debt:episode-1") <= 60_000
+
+
+@pytest.mark.parametrize(("debts", "stall"), [((300, 300), (0.0, 2.6)), ((400, 400), (19.5, 23.0))],
+                         ids=["within-the-limit", "over-the-limit"])
+def test_requests_sent_on_the_fallback_fill_the_last_period_before_they_are_owed_ahead(
+        redis_url: str, key: str, debts: tuple[int, int], stall: tuple[float, float]) -> None:
+    """Review redis18: two replicas come back from the fallback with their partition
+    shares' requests of the last period (600 per 60 s between them). Added ahead of now
+    whole, they were counted twice: nobody sent anything for a whole period. They fill what
+    the budget left unused first; only an overshoot is owed ahead (here 200 requests, 20 s)."""
+    interval, span, holdoff = 100_000, 60_000_000, 2_000_000  # 10/s, a minute, 2 s
+
+    async def main() -> float:
+        store = RedisStore(redis_url, timeout_s=1.0)
+        for replica, debt in enumerate(debts):
+            await store.gcra(key, interval_us=interval, tolerance_us=0,
+                             lookahead_us=10 * interval, debt=debt,
+                             debt_key=f"{key}:debt:replica-{replica}", holdoff_us=holdoff,
+                             idle_ttl_ms=3_600_000, span_us=span)
+        reserved, wait = await store.gcra(key, interval_us=interval, tolerance_us=0,
+                                          lookahead_us=10 * interval, idle_ttl_ms=3_600_000)
+        await store.close()
+        return wait + (0.0 if reserved else 10 * interval / 1e6)
+
+    low, high = stall
+    assert low <= asyncio.run(main()) <= high
