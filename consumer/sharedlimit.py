@@ -62,6 +62,7 @@ class BudgetStore(Protocol):
     async def gcra(
         self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,
         debt: int = 0, debt_key: str | None = None, holdoff_us: int = 0, idle_ttl_ms: int,
+        span_us: int = 0,
     ) -> tuple[bool, float]: ...
 
 
