@@ -97,6 +97,9 @@ def test_falls_back_at_once_holds_then_returns_with_debt_and_holdoff() -> None:
     back = store.calls[-1]
     assert back["debt"] >= 4  # every local send of the last period
     assert back["holdoff_us"] == round(limiter.holdoff_s * 1e6)
+    # ... sent over the span the debt counts (the period and the look-ahead): Redis fills
+    # what the budget left unused of it first.
+    assert back["span_us"] > 0
     assert all(c["debt"] == 0 and c["holdoff_us"] == 0 for c in store.calls[:2])
     # Every probe of the episode names one debt record, which Redis applies once.
     episode = {c["debt_key"] for c in store.calls[2:]}
