@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError
 
 from consumer.errors import SharedStateUnavailable
 
@@ -209,6 +209,8 @@ class RedisStore:
             # which check-config checks; were one to slip through, the replica falls
             # back instead of crash-looping. Only the type: the text may quote the URL.
             error = type(exc).__name__
+            if isinstance(exc, ReadOnlyError):
+                await self._reconnect()
             raise SharedStateUnavailable(f"redis {op} failed: {error}") from None
         finally:
             if self._observe is not None:
@@ -216,6 +218,15 @@ class RedisStore:
 
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
+
+    async def _reconnect(self) -> None:
+        """READONLY: the node behind the URL was demoted (a managed Redis's failover moves
+        its name to the new primary). Its connections would answer READONLY for ever: the
+        replica stayed on its fallback until restarted (review "redis18"). They are closed,
+        so the next call resolves the name again."""
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(self._timeout):
+                await self._client.connection_pool.disconnect()
 
     async def gcra(
         self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,

@@ -12,17 +12,19 @@ import asyncio
 import itertools
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer.config import load_settings
+from consumer.errors import SharedStateUnavailable
 from consumer.metrics import Metrics
 from consumer.ratelimit import AdaptiveLimiter, safe_rate
 from consumer.redisstore import RedisStore, token_digest
 from consumer.sharedlimit import SharedLimiter, budget_key
 from consumer.sharedstate import build_shared_state
-from tests.integration.redis_fixtures import StoppableRedis
+from tests.integration.redis_fixtures import SlowLink, StoppableRedis
 
 LIMIT = 20
 PERIOD = 3.0
@@ -274,3 +276,41 @@ def test_requests_sent_on_the_fallback_fill_the_last_period_before_they_are_owed
 
     low, high = stall
     assert low <= asyncio.run(main()) <= high
+
+
+def test_after_a_failover_the_store_reconnects_to_the_new_primary(tmp_path: Path) -> None:
+    """Review redis18: a managed Redis's failover demotes the old primary (its connections
+    answer READONLY) and moves its name to the new one. The pooled connections stayed on
+    the old node: every replica stayed on its fallback until restarted."""
+    import redis as sync_redis
+
+    nodes = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        nodes.append(StoppableRedis(tmp_path / name))
+    old, new = nodes
+    for node in nodes:
+        node.start()
+    try:
+        with SlowLink(old.port, 0.0) as endpoint:
+            async def main() -> None:
+                store = RedisStore(endpoint.url(), timeout_s=1.0)
+
+                async def reserve() -> bool:
+                    reserved, _ = await store.gcra("failover", interval_us=1000,
+                                                   tolerance_us=0, lookahead_us=10_000,
+                                                   idle_ttl_ms=60_000)
+                    return reserved
+
+                assert await reserve()
+                sync_redis.Redis(port=old.port).replicaof("127.0.0.1", new.port)
+                endpoint.upstream_port = new.port  # the name now leads to the new primary
+                with pytest.raises(SharedStateUnavailable, match="ReadOnlyError"):
+                    await reserve()
+                assert await reserve(), "still on the demoted node"
+                await store.close()
+
+            asyncio.run(main())
+    finally:
+        for node in nodes:
+            node.stop()
