@@ -149,6 +149,8 @@ class Event:
     requested: bool = False  # a request of its current call had a connection: it may have
     # reached Userpilot (its messageId claim is then kept when it is abandoned)
     dedup_owner: str | None = None  # set while this event holds its messageId's claim
+    # (or asked for it while Redis was unreachable: asked again before each request)
+    unchecked: bool = False  # a request of it went out without the duplicate check
     attempts: Attempts = field(default_factory=Attempts)
     plan: CallPlan | None = None  # the calls of a Send, resumed where a failure stopped
     intake: int = 0  # the worker's intake sequence (from 1): lower goes first in a limiter's
@@ -521,10 +523,12 @@ class Handler:
             if claim.outcome is Claim.DUPLICATE:
                 return False
             if claim.outcome is Claim.SEND:
-                if claim.degraded:
-                    self.m.dedup_unchecked.labels(endpoint).inc()
-                else:
-                    event.dedup_owner = owner
+                # Degraded too: the claim is asked again before each request, and the
+                # delivery confirmed after it. Without an owner neither happened, so an
+                # event taken in during a short Redis blip went out unchecked seconds later,
+                # with Redis answering and holding its messageId as delivered (review
+                # "redis18"); and was never recorded.
+                event.dedup_owner = owner
                 return True
             await asyncio.sleep(claim.retry_after_s)
 
@@ -540,6 +544,9 @@ class Handler:
         if claim.outcome is Claim.BUSY:
             await asyncio.sleep(claim.retry_after_s)
             return False
+        if claim.degraded and not event.unchecked:
+            event.unchecked = True  # counted once per event, whatever its calls and retries
+            self.m.dedup_unchecked.labels(endpoint).inc()
         return True
 
     async def _dedup_confirm(self, event: Event, endpoint: str) -> None:

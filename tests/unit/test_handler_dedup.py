@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from consumer import codec
 from consumer.calls import Call
 from consumer.dedup import Deduplicator
-from consumer.errors import Rejected
+from consumer.errors import Rejected, SharedStateUnavailable
 from consumer.health import Health
 from consumer.metrics import Metrics
 from consumer.ratelimit import AdaptiveLimiter
@@ -337,3 +337,43 @@ def test_every_request_of_an_event_renews_its_claim_first() -> None:
     # Claimed before the limiter, then renewed before each of the two requests.
     assert steps == ["claim", "claim", "company_identify", "claim", "identify"]
     assert store.values[dedup.key("company_identify", "g-1")] == "d"
+
+
+class Blip(MemoryStore):
+    """Redis unreachable for the first `failures` claims only (a short blip)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+        if self.failures:
+            self.failures -= 1
+            self._check_blip()
+        return await super().claim(key, owner, ttl_ms)
+
+    @staticmethod
+    def _check_blip() -> None:
+        raise SharedStateUnavailable("redis claim failed: TimeoutError")
+
+
+def test_an_intake_claim_cut_by_a_blip_is_asked_again_before_the_request() -> None:
+    """Review redis18: the intake's claim failed in a short blip; without an owner the
+    event skipped the claim before its request and its confirm after, and went out
+    unchecked seconds later, Redis answering and holding its messageId as delivered."""
+    store = Blip(failures=1)
+    store.values[Deduplicator(store, DIGEST).key("track", "u1-1")] = "d"  # delivered before
+    run, metrics, _ = make(log_of(track("u1", 1)), store)
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert run.client.bodies == []
+    assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 1
+    assert sample(metrics, "userpilot_dedup_unchecked_total", endpoint="track") == 0
+
+
+def test_an_event_claimed_after_a_blip_is_recorded_when_delivered() -> None:
+    store = Blip(failures=1)
+    run, metrics, _ = make(log_of(track("u1", 1)), store)
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert len(run.client.bodies) == 1
+    assert store.values == {Deduplicator(store, DIGEST).key("track", "u1-1"): "d"}
+    assert sample(metrics, "userpilot_dedup_unchecked_total", endpoint="track") == 0
