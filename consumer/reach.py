@@ -222,11 +222,34 @@ def redis(settings: Settings, timeout: float) -> str | None:
                 break
         return fastest
 
+    async def probe() -> None:
+        store = RedisStore(conf.url.reveal(), timeout_s=max(timeout, conf.timeout_s),
+                           ca_file=conf.tls_ca_file)
+        try:
+            await store.probe()
+        finally:
+            await store.close()
+
     try:
         took = asyncio.run(ping())
     except SharedStateUnavailable as exc:
         return (f"Redis at {conf.redacted_url}: {exc}; check REDIS_URL (host, password, db) "
                 f"and REDIS_TLS_CA_FILE")
+    try:
+        asyncio.run(probe())
+    except SharedStateUnavailable as exc:
+        # PING passed: the user, the node or a key is what refuses.
+        text = str(exc)
+        if "ReadOnlyError" in text:
+            hint = "it is a read-only replica: point REDIS_URL at the primary"
+        elif "NoPermissionError" in text:
+            hint = ("its user may not run what the worker runs: allow EVALSHA, EVAL, "
+                    "SCRIPT, UNLINK and the keys ud:* and userpilot:*")
+        else:
+            hint = "check its maxmemory, ACLs and role"
+        return (f"Redis at {conf.redacted_url} answers PING but refused the worker's own "
+                f"calls ({text}): {hint}. Replicas would run without the shared budget and "
+                "deduplication")
     if took > conf.timeout_s:
         # It answers, but a replica would give every call up: it would run on the
         # partition share without deduplication, and this check said OK.

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
@@ -218,6 +219,20 @@ class RedisStore:
 
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
+
+    async def probe(self) -> None:
+        """What `run` does, once, on throw-away keys of the same shapes (`ud:`, `userpilot:`):
+        a claim and its release, a reservation. A PING passes where these fail: a user
+        whose ACL allows PING but not the scripts or the keys, a read-only replica."""
+        tag = uuid.uuid4().hex[:16]
+        claim, budget = f"ud:probe:{tag}", f"userpilot:rl:probe:{tag}"
+        await self.claim(claim, "check-config", 1000)
+        await self.release(claim, "check-config")
+        await self.gcra(budget, interval_us=1000, tolerance_us=0, lookahead_us=1000,
+                        idle_ttl_ms=1000)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):  # else gone in a week
+            async with asyncio.timeout(self._timeout):
+                await self._client.unlink(f"{budget}:seen")
 
     async def _reconnect(self) -> None:
         """READONLY: the node behind the URL was demoted (a managed Redis's failover moves

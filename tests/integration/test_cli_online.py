@@ -7,6 +7,7 @@ a wrong token, 400 for an empty Track with a good one).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -218,3 +219,34 @@ def test_a_compacted_dlq_is_refused_by_check_config_and_run(
     ran = cli(["run", "--timeout", "5"], env)
     assert ran.returncode == 1, ran.stderr
     assert f"has cleanup.policy={policy}" in ran.stderr
+
+
+@pytest.mark.parametrize("refusal", ["ping-only user", "read-only replica"])
+def test_online_refuses_a_redis_that_answers_ping_but_not_the_workers_calls(
+        online_env: dict[str, str], stoppable_redis: StoppableRedis, refusal: str) -> None:
+    """Review redis18: a PING passed for a user whose ACL allows nothing else and for a
+    read-only replica; every replica then ran without the shared budget and deduplication."""
+    import redis as sync_redis
+
+    admin = sync_redis.Redis.from_url(stoppable_redis.url)
+    url = stoppable_redis.url
+    if refusal == "ping-only user":
+        admin.acl_setuser("pingonly", enabled=True, passwords=["+pw-1"], keys=["*"],
+                          commands=["+ping"])
+        url = url.replace("redis://", "redis://pingonly:pw-1@", 1)
+        expected = "NoPermissionError"
+    else:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            nowhere = probe.getsockname()[1]
+        admin.replicaof("127.0.0.1", nowhere)
+        expected = "read-only replica"
+    refused = cli(["check-config", "--online", "--timeout", "5"], {**online_env, "REDIS_URL": url})
+    assert refused.returncode == 8 + 16, refused.stderr
+    assert "answers PING but refused the worker's own calls" in refused.stderr
+    assert expected in refused.stderr
+    assert "pw-1" not in refused.stderr
+    if refusal == "read-only replica":
+        admin.replicaof("no", "one")
+        assert cli(["check-config", "--online", "--timeout", "5"],
+                   {**online_env, "REDIS_URL": url}).returncode == 0
