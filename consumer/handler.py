@@ -696,13 +696,18 @@ class Handler:
         # come as one block, and undecodable ones replayed unchanged stopped the worker
         # every ~50 of them (review "replay17"). WORKER_REPLAY_MAX bounds that loop.
         replayed = replay_count(event.headers) > 0
-        if not replayed and not self.guard.allow_dead_letter(event.intake or None):
-            self.m.dlq_guard_tripped.set(1)
-            log.critical("DLQ guard tripped: %s. Not dead-lettering and stopping: this looks "
-                         "like a broken deploy or configuration, not bad events. Offsets from "
-                         "here on stay uncommitted.", self.guard.tripped_reason,
-                         extra=event.fields)
-            raise DlqGuardTripped(self.guard.tripped_reason or "DLQ guard")
+        if not replayed:
+            already = self.guard.tripped_reason is not None
+            if not self.guard.allow_dead_letter(event.intake or None):
+                self.m.dlq_guard_tripped.set(1)
+                # Once: every event in flight meets the tripped guard on its way out (the
+                # same CRITICAL line a hundred times buried the first).
+                log.log(logging.DEBUG if already else logging.CRITICAL,
+                        "DLQ guard tripped: %s. Not dead-lettering and stopping: this looks "
+                        "like a broken deploy or configuration, not bad events. Offsets "
+                        "from here on stay uncommitted.", self.guard.tripped_reason,
+                        extra=event.fields)
+                raise DlqGuardTripped(self.guard.tripped_reason or "DLQ guard")
         failure = Failure(
             reason=reason, exception_class=type(exc).__name__, message=str(exc),
             status=exc.status, body=exc.body, attempts=event.attempts.count,

@@ -867,6 +867,23 @@ def test_the_dlq_guard_stops_the_worker_with_exit_code_3_and_commits_nothing_pas
     assert run.source.committed().get((TOPIC, 0), 0) == 3
 
 
+def test_the_dlq_guard_says_it_tripped_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Review kafka18: every event in flight met the tripped guard and logged the same
+    CRITICAL line (a hundred of them buried the first)."""
+    caplog.set_level(logging.INFO, logger="consumer")
+    garbage = [Message(TOPIC, 0, i, f"u{i}".encode(), b"garbage") for i in range(30)]
+    run = make({(TOPIC, 0): garbage}, WORKER_DLQ_MAX_CONSECUTIVE="3",
+               WORKER_DLQ_WINDOW="5", WORKER_DLQ_MAX_RATIO="1")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+        await asyncio.sleep(0.2)
+
+    assert drive(run, scenario) == 3
+    tripped = [r for r in caplog.records if r.getMessage().startswith("DLQ guard tripped")]
+    assert len(tripped) == 1 and tripped[0].levelno == logging.CRITICAL
+
+
 def test_after_the_dlq_guard_trips_the_same_users_later_events_are_not_sent() -> None:
     """Per-user order: the event that tripped the guard is consumed again after the
     restart, so none of that user's later events may go before it."""
