@@ -317,6 +317,17 @@ class Settings:
         return [self.api_key.reveal(),
                 *url_credentials(self.proxy.reveal() if self.proxy else None)]
 
+    def replay_secret(self) -> bytes | None:
+        """The key of `replay`'s seals (`deadletter.replay_seal`): derived from the write
+        token, which `run` and `replay` share, and never the token itself. None without a
+        token (`replay` may run without one: its records are then not sealed)."""
+        import hashlib
+
+        token = self.api_key.reveal()
+        if token == _OFFLINE_DEFAULTS["USERPILOT_API_KEY"]:
+            return None
+        return hashlib.sha256(b"userpilot-replay-seal\0" + token.encode()).digest()
+
     def log_secrets(self) -> list[str]:
         """Everything no log line may show: `http_secrets` and the registry's credentials
         (SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO's and those written into

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import hmac
 import itertools
 import threading
 import time
@@ -51,6 +52,8 @@ __all__ = [
     "producer_limit",
     "record_size",
     "replay_count",
+    "replay_seal",
+    "sealed_replay_count",
     "source_of",
     "value_omitted",
     "without_originals",
@@ -59,6 +62,7 @@ __all__ = [
 
 CONNECTOR_NAME = "userpilot-delivery-worker"
 REPLAY_COUNT = "userpilot.replay.count"
+REPLAY_SEAL = "userpilot.replay.seal"  # `replay_seal`: the count is replay's own
 ORIGINAL_TIMESTAMP = "userpilot.original.timestamp"  # ms since the epoch, as Kafka's
 VALUE_OMITTED = "userpilot.error.value_omitted"
 VALUE_SHA256 = "userpilot.error.value_sha256"
@@ -126,6 +130,29 @@ def replay_count(headers: Sequence[Header] | None) -> int:
         return int(raw.decode()) if raw else 0
     except ValueError:
         return 0
+
+
+def replay_seal(secret: bytes, topic: str, value: bytes | None, count: int) -> bytes:
+    """What `replay` writes beside the count it publishes: an HMAC (keyed by the write
+    token, `Settings.replay_secret`) of the count, the topic and the value. The DLQ guard
+    leaves replayed events out (they come as a block); on the count alone, any producer or
+    pipeline copying headers turned the guard off (review "kafka18")."""
+    digest = hashlib.sha256(value or b"").digest()
+    message = b"%d\0%s\0%s" % (count, topic.encode(), digest)
+    return hmac.new(secret, message, "sha256").hexdigest()[:32].encode()
+
+
+def sealed_replay_count(headers: Sequence[Header] | None, topic: str, value: bytes | None,
+                        secret: bytes) -> int:
+    """`replay_count` when `replay` wrote it for this topic and value (its seal holds);
+    else 0."""
+    count = replay_count(headers)
+    if count <= 0:
+        return 0
+    seal = header_value(headers, REPLAY_SEAL)
+    if seal is None or not hmac.compare_digest(seal, replay_seal(secret, topic, value, count)):
+        return 0
+    return count
 
 
 def dlq_headers(

@@ -60,7 +60,7 @@ from consumer.deadletter import (
     Failure,
     dead_letter_record,
     producer_limit,
-    replay_count,
+    sealed_replay_count,
     without_originals,
     without_value,
 )
@@ -273,6 +273,7 @@ class Handler:
         # waits for the claim instead of racing the dead process's request.
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.dlq_writable = DlqWritable(DLQ_UNWRITABLE_AFTER_S)  # readiness reads it
+        self._replay_secret = settings.replay_secret() or b""
         self._schema_lock = threading.Lock()  # the probe thread reads the count
         self._halted: set[tuple[str, int]] = set()  # draining partitions (see `halt`)
         self._halt_all = False
@@ -695,7 +696,10 @@ class Handler:
         # A replayed event that fails again says nothing of a deploy: replayed dead letters
         # come as one block, and undecodable ones replayed unchanged stopped the worker
         # every ~50 of them (review "replay17"). WORKER_REPLAY_MAX bounds that loop.
-        replayed = replay_count(event.headers) > 0
+        # Replayed events that fail again come as a block (a replay of one bad deploy's
+        # dead letters): the guard leaves them out, when replay's seal says they are.
+        replayed = sealed_replay_count(event.headers, event.topic, event.value,
+                                       self._replay_secret) > 0
         if not replayed:
             already = self.guard.tripped_reason is not None
             if not self.guard.allow_dead_letter(event.intake or None):

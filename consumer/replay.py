@@ -39,10 +39,12 @@ from consumer.config import timeout_seconds
 from consumer.deadletter import (
     ORIGINAL_TIMESTAMP,
     REPLAY_COUNT,
+    REPLAY_SEAL,
     Header,
     header_value,
     normalize_headers,
     replay_count,
+    replay_seal,
     value_omitted,
 )
 from consumer.errors import ConfigError
@@ -170,13 +172,18 @@ def default_group(dlq_topic: str, filters: Filters) -> str:
     return f"{base}.{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def replay_headers(headers: Sequence[Header] | None) -> list[Header]:
-    """Original headers without the error context, replay count incremented."""
-    count = replay_count(headers)
+def replay_headers(headers: Sequence[Header] | None, *, secret: bytes | None = None,
+                   topic: str = "", value: bytes | None = None) -> list[Header]:
+    """Original headers without the error context, replay count incremented and, with the
+    `secret`, sealed for `topic` and `value` (`deadletter.replay_seal`)."""
+    count = replay_count(headers) + 1
     kept = [(k, v) for k, v in (headers or ())
             if not k.startswith("__connect.errors.") and not k.startswith("userpilot.error.")
-            and k != REPLAY_COUNT]
-    return [*kept, (REPLAY_COUNT, str(count + 1).encode())]
+            and k not in (REPLAY_COUNT, REPLAY_SEAL)]
+    out = [*kept, (REPLAY_COUNT, str(count).encode())]
+    if secret is not None:
+        out.append((REPLAY_SEAL, replay_seal(secret, topic, value, count)))
+    return out
 
 
 def _time(text: str) -> datetime:
@@ -210,7 +217,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_replay(
     conf: dict[str, Any], dlq_topic: str, group: str, filters: Filters, *, dry_run: bool,
     report: Callable[[dict[str, Any]], None],
-    stopping: Callable[[], bool] = lambda: False,
+    stopping: Callable[[], bool] = lambda: False, secret: bytes | None = None,
 ) -> Summary:
     """Read the DLQ up to its end offsets at start; re-publish what `decide` allows.
 
@@ -335,7 +342,7 @@ def run_replay(
                         summary.replayed += 1
                         report(line)
                     else:
-                        _publish(producer, line, msg, (p, off), sent, answers)
+                        _publish(producer, line, msg, (p, off), sent, answers, secret)
                 position[p] = off + 1  # only once handled: an error leaves it to be read again
             commit_handled()
         return summary
@@ -361,14 +368,15 @@ _UNANSWERED: Any = object()
 
 def _publish(producer: Producer, line: dict[str, Any], msg: Message, at: tuple[int, int],
              sent: dict[tuple[int, int], dict[str, Any]],
-             answers: dict[tuple[int, int], KafkaError | None]) -> None:
+             answers: dict[tuple[int, int], KafkaError | None],
+             secret: bytes | None = None) -> None:
     """Produce one record to its origin; its answer lands in `answers` under `at` (the
     DLQ coordinates). Written now: with the original's timestamp, a record older than the
     origin topic's retention would be deleted again at once (the original's time travels
     in ORIGINAL_TIMESTAMP)."""
     key, value, headers = line.pop("_record")
     ts_type, ts = msg.timestamp()
-    out = replay_headers(headers)
+    out = replay_headers(headers, secret=secret, topic=line["to"], value=value)
     if ts_type and ts and header_value(out, ORIGINAL_TIMESTAMP) is None:
         out.append((ORIGINAL_TIMESTAMP, str(ts).encode()))  # written before the header
 
@@ -494,8 +502,13 @@ def main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda _sig, _frame: stop.set())
     try:
+        secret = settings.replay_secret()
+        if secret is None and not args.dry_run:
+            print("warning: USERPILOT_API_KEY is not set: the replayed records are not "
+                  "sealed as replay's, so the DLQ guard counts those that fail again (set "
+                  "it to the workers' token)", file=sys.stderr)
         summary = run_replay(conf, args.dlq_topic, group, filters, dry_run=args.dry_run,
-                             report=report, stopping=stop.is_set)
+                             report=report, stopping=stop.is_set, secret=secret)
     except ReplayStuck as stuck:
         _print_summary(stuck.summary, args.dry_run, stop.is_set())
         print(f"error: replay stopped: {stuck.args[0]}; the records before it are replayed "

@@ -209,14 +209,53 @@ def test_outage_longer_than_the_retry_budget_loses_and_dead_letters_nothing(
     assert read_topic(kafka_bootstrap, dlq) == []
 
 
-def _replay(dlq: str, bootstrap: str, *extra: str) -> tuple[dict[str, Any], list[str]]:
+def _replay(dlq: str, bootstrap: str, *extra: str,
+            token: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "PATH": "/usr/bin:/bin",
+           **({"USERPILOT_API_KEY": token} if token else {})}
     out = subprocess.run(
         [sys.executable, "-m", "consumer", "replay", "--from", dlq, *extra],
-        env={"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "PATH": "/usr/bin:/bin"}, cwd=REPO,
-        capture_output=True, text=True, timeout=120, check=True,
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
     )
     lines = out.stdout.strip().splitlines()
     return json.loads(lines[-1]), lines[:-1]
+
+
+def test_replayed_events_failing_again_pass_the_guard_only_with_replays_seal(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """Replayed dead letters come as one block: failing again, they stopped the worker as a
+    broken deploy (review "replay17"), so the guard leaves them out. Only those replay
+    sealed with the workers' token: a producer setting the replay count itself turned the
+    guard off (review "kafka18")."""
+    server, control = sandbox
+    control.set_faults(rules=[{"event_name": "plan_viewed", "action": "422"}])
+    topic = topic_factory(partitions=1)
+    events = []
+    for i in range(8):  # never two dead letters in a row on the first pass
+        events += [track_event(f"p{i}", i, name="Plan Viewed"), track_event(f"g{i}", 100 + i)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     WORKER_DLQ_MAX_CONSECUTIVE="3", WORKER_DLQ_MAX_RATIO="1", **FAST_RETRY)
+    with WorkerThread(env) as w:
+        dlq = w.settings.dlq_topic
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "first pass")
+        assert len(read_topic(kafka_bootstrap, dlq)) == 8
+        sealed, _ = _replay(dlq, kafka_bootstrap, token=env["USERPILOT_API_KEY"])
+        assert sealed["summary"]["replayed"] == 8
+        wait_until(lambda: len(read_topic(kafka_bootstrap, dlq)) == 16, 60,
+                   "the replayed events dead-lettered again")
+        assert w.alive and w.metric("userpilot_dlq_guard_tripped") == 0
+        # The same records again, replayed without the token: not sealed, counted.
+        unsealed = subprocess.run(
+            [sys.executable, "-m", "consumer", "replay", "--from", dlq, "--group", "again"],
+            env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
+            cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+        assert "USERPILOT_API_KEY is not set" in unsealed.stderr
+        wait_until(lambda: not w.alive, 60, "the guard to stop the worker")
+    assert w.exit_code == 3
 
 
 def test_replay_after_fix_delivers_once_and_respects_the_limit(

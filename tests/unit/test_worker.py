@@ -29,6 +29,7 @@ from consumer import worker as worker_module
 from consumer.calls import Call
 from consumer.commits import TP
 from consumer.config import Settings, load_settings
+from consumer.deadletter import replay_seal
 from consumer.errors import DlqRecordTooLarge, RateLimited, Rejected, ServerError
 from consumer.health import Health
 from consumer.metrics import Metrics
@@ -2056,10 +2057,24 @@ def test_a_dead_letter_names_the_request_that_was_refused() -> None:
 
 @dataclass
 class Replayed(Message):
-    """A record `replay` wrote back: it carries its replay count."""
+    """A record `replay` wrote back: it carries its replay count, sealed as replay's."""
 
     def headers(self) -> Any:
-        return [("userpilot.replay.count", b"1")]
+        secret = settings().replay_secret()
+        assert secret is not None
+        return [("userpilot.replay.count", b"1"),
+                ("userpilot.replay.seal", replay_seal(secret, self.topic() or "", self.value(), 1))]
+
+
+class Spoofed(Message):
+    """A source record whose producer set the replay count itself (or copied the headers
+    of a replayed record onto another)."""
+
+    def headers(self) -> Any:
+        secret = settings().replay_secret()
+        assert secret is not None
+        return [("userpilot.replay.count", b"1"),
+                ("userpilot.replay.seal", replay_seal(secret, self.topic() or "", b"other", 1))]
 
 
 def test_replayed_events_that_fail_again_do_not_trip_the_guard() -> None:
@@ -2076,6 +2091,26 @@ def test_replayed_events_that_fail_again_do_not_trip_the_guard() -> None:
     assert drive(run, scenario) == 0
     assert len(run.dlq.records) == 80
     assert {r.headers["userpilot.replay.count"] for r in run.dlq.records} == {b"1"}
+
+
+@pytest.mark.parametrize("kind", [Message, Spoofed], ids=["count-alone", "copied-seal"])
+def test_a_replay_count_without_replays_seal_does_not_turn_the_guard_off(
+        kind: type[Message]) -> None:
+    """Review kafka18: any producer setting userpilot.replay.count (or a pipeline copying
+    a replayed record's headers onto others) turned the guard off for its records."""
+    class CountAlone(Message):
+        def headers(self) -> Any:
+            return [("userpilot.replay.count", b"1")]
+
+    made = CountAlone if kind is Message else kind
+    log = {(TOPIC, 0): [made(TOPIC, 0, i, f"u{i}".encode(), b"not avro") for i in range(80)]}
+    run = make(log, registry=known_schema(), WORKER_DLQ_MAX_CONSECUTIVE="50")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the guard to trip", 10)
+
+    assert drive(run, scenario) == 3
+    assert len(run.dlq.records) == 50
 
 
 class SmallTopicDlq(FakeDlq):
