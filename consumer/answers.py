@@ -36,7 +36,9 @@ def body_text(raw: bytes, *, charset: str | None = None, encoding: str | None = 
             return f"(a body of {len(raw)} bytes that is not the {coding} it claims)"
         raw = inflated
     elif coding not in ("", "identity"):
-        return f"(a {coding[:40]!r}-encoded body of {len(raw)} bytes, not decoded)"
+        # Not quoted: lower-cased, an echoed token no longer matched its redaction
+        # (review "secrets18"), and the coding's name says nothing an operator needs.
+        return f"(a body of {len(raw)} bytes in a Content-Encoding not decoded here)"
     return _decode(raw[:_DECODED_BYTES], charset)[:BODY_LIMIT]
 
 

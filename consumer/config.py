@@ -329,13 +329,19 @@ class Settings:
         return hashlib.sha256(b"userpilot-replay-seal\0" + token.encode()).digest()
 
     def log_secrets(self) -> list[str]:
-        """Everything no log line may show: `http_secrets` and the registry's credentials
-        (SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO's and those written into
-        SCHEMA_REGISTRY_URL, in the forms an echoed request shows them)."""
-        from consumer.redaction import registry_secrets
+        """Everything no log line, dead letter or probe answer may show: `http_secrets`, the
+        registry's credentials (SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO's, those written into
+        SCHEMA_REGISTRY_URL, its proxy's) and the Kafka secrets (librdkafka's own lines
+        and errors quote an OIDC endpoint's echo, or an unparsed sasl.oauthbearer.config),
+        in the forms an echoed request shows them (review "secrets18")."""
+        from consumer.redaction import kafka_secrets, registry_secrets
 
+        registry_proxy = self.registry_proxy.reveal() if self.registry_proxy else None
         return [*self.http_secrets(), *registry_secrets(
-            self.registry_url, self.registry_auth.reveal() if self.registry_auth else None)]
+            self.registry_url, self.registry_auth.reveal() if self.registry_auth else None),
+            *url_credentials(registry_proxy),
+            *kafka_secrets({k: v.reveal() if isinstance(v, Secret) else v
+                            for k, v in self.kafka_extra.items()}, SECRET_KAFKA_KEYS)]
 
     def kafka_config(self, *, logger: bool = True) -> dict[str, Any]:
         """librdkafka settings with secrets revealed, for the Kafka edge only.
@@ -1096,11 +1102,12 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
     port = match.group("port")
     if port is not None and not 0 < int(port) < 65536:
         reader.problems.append(f"REDIS_URL={shown!r} has an invalid port: use 1-65535")
-    if any(c in (match.group("password") or "") + (match.group("user") or "") for c in "#?"):
-        # The Redis client would read the rest as a fragment or query: a crash at start-up
-        # whose message shows part of the password.
-        reader.problems.append(f"REDIS_URL={shown!r}: percent-encode '#' as %23 and '?' as "
-                               "%3F in the user name and password")
+    if any(c in (match.group("password") or "") + (match.group("user") or "") for c in "#?[]"):
+        # The Redis client would read the rest as a fragment or query, or '[' as the start
+        # of an IPv6 host: a crash at start-up whose message shows part of the password
+        # (review "secrets18" for the brackets).
+        reader.problems.append(f"REDIS_URL={shown!r}: percent-encode '#' as %23, '?' as "
+                               "%3F, '[' as %5B and ']' as %5D in the user name and password")
     tls = match.group("scheme") == "rediss"
     if match.group("query") and not any(
             c in (match.group("password") or "") + (match.group("user") or "") for c in "#?"):

@@ -14,7 +14,7 @@ import contextvars
 import email.utils
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from consumer.calls import Call
     from consumer.config import Settings
 
-__all__ = ["BODY_LIMIT", "UserpilotClient", "classify", "parse_retry_after", "ssl_context"]
+__all__ = ["BODY_LIMIT", "UserpilotClient", "classify", "classify_answer", "parse_retry_after",
+           "request_secrets", "ssl_context"]
 
 USER_AGENT = "userpilot-delivery-worker"
 MAX_RETRY_AFTER_S = 600.0
@@ -197,6 +198,32 @@ def _transport_failure(exc: BaseException, deadline_s: float) -> WorkerError:
     return ServerError(f"unusable answer from Userpilot ({type(exc).__name__})")
 
 
+def classify_answer(status: int, headers: httpx.Headers, body: bytes,
+                    redact: Callable[[str], str]) -> WorkerError | None:
+    """`classify` of an answer as received, with what it quotes (body, x-request-id,
+    Location) redacted: a gateway may echo the request, token and proxy credentials
+    included. For the worker and `delete-users` alike (the latter quoted them raw, review
+    "secrets18"). An answer that cannot even be read is a server error (retried, never a
+    dead letter), not an exception that stops the worker."""
+    try:
+        quoted = {name: redact(headers[name][:200])
+                  for name in ("x-request-id", "location") if name in headers}
+        if "retry-after" in headers:
+            quoted["retry-after"] = headers["retry-after"]
+        text = body_text(body, charset=charset_of(headers),
+                         encoding=headers.get("content-encoding"))
+        return classify(status, quoted, redact(text))
+    except Exception as exc:  # see above
+        return ServerError(f"HTTP {status}: unusable answer from Userpilot or a proxy "
+                           f"({type(exc).__name__}), will retry", status=status)
+
+
+def request_secrets(headers: Mapping[str, str], proxy: str | None) -> list[str]:
+    """What an echo of a Userpilot request could show: the token and the proxy's
+    credentials."""
+    return [*_credentials(headers), *url_credentials(proxy)]
+
+
 def _proxy_status(exc: BaseException) -> int | None:
     """The status a proxy refused a CONNECT with (aiohttp's ClientHttpProxyError, wrapped
     by httpx-aiohttp in httpx.ProxyError), if that is what happened."""
@@ -285,7 +312,7 @@ class UserpilotClient:
         self._deadline_s = 2 * timeout_s
         # The token (and the whole credential header) as Userpilot might echo it back: a
         # gateway that quotes the request must not put it into an exception, log or DLQ.
-        self._redact = Redactor([*_credentials(headers), *url_credentials(proxy)])
+        self._redact = Redactor(request_secrets(headers, proxy))
         self.proxy = httpx.Proxy(proxy) if proxy else None
         """The proxy in use (its URL without credentials: `proxy.url`), or None."""
         if transport is None:
@@ -401,20 +428,7 @@ class UserpilotClient:
                 _ATTEMPT.reset(token)
 
     def _problem(self, status: int, headers: httpx.Headers, body: bytes) -> WorkerError | None:
-        """`classify` of an answer, with what it quotes (body, x-request-id, Location)
-        redacted. An answer that cannot even be read is a server error (retried, never
-        a dead letter), not an exception that stops the worker."""
-        try:
-            quoted = {name: self._redact(headers[name][:200])
-                      for name in ("x-request-id", "location") if name in headers}
-            if "retry-after" in headers:
-                quoted["retry-after"] = headers["retry-after"]
-            text = body_text(body, charset=charset_of(headers),
-                             encoding=headers.get("content-encoding"))
-            return classify(status, quoted, self._redact(text))
-        except Exception as exc:  # see above
-            return ServerError(f"HTTP {status}: unusable answer from Userpilot or a proxy "
-                               f"({type(exc).__name__}), will retry", status=status)
+        return classify_answer(status, headers, body, self._redact)
 
     async def aclose(self) -> None:
         await self._transport.aclose()

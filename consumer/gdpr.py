@@ -34,10 +34,9 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from consumer.answers import body_text, charset_of
 from consumer.config import Settings, load_settings
 from consumer.cutoff import Cutoff
-from consumer.delivery import USER_AGENT, classify, ssl_context
+from consumer.delivery import USER_AGENT, classify_answer, request_secrets, ssl_context
 from consumer.errors import (
     ConfigError,
     ConnectionFailed,
@@ -47,6 +46,7 @@ from consumer.errors import (
     ServerError,
     Timeout,
 )
+from consumer.redaction import Redactor
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -184,6 +184,7 @@ class DeleteClient:
         """`ca_bundle` and `proxy` as the worker's client takes them (USERPILOT_CA_BUNDLE,
         the proxy `config.environment_proxy` names): deletions go where deliveries go."""
         self.url = url
+        self._redact = Redactor(request_secrets(headers, proxy))
         # As the worker's client: a whole attempt within twice the timeout, a trickled
         # answer included (`Cutoff`; a connection per request, one request per 2 s).
         self.deadline_s = 2 * timeout_s
@@ -215,8 +216,8 @@ class DeleteClient:
                 from None
         finally:
             cut.cancel()
-        problem = classify(response.status_code, response.headers,
-                           body_text(response.content, charset=charset_of(response.headers)))
+        problem = classify_answer(response.status_code, response.headers, response.content,
+                                  self._redact)
         if problem is not None:
             raise problem
         return str(response.headers.get("x-request-id", ""))

@@ -274,6 +274,10 @@ class Handler:
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.dlq_writable = DlqWritable(DLQ_UNWRITABLE_AFTER_S)  # readiness reads it
         self._replay_secret = settings.replay_secret() or b""
+        # A dead letter's text may quote the registry (a missing reference's answer, with
+        # the request's Authorization echoed) as well as Userpilot: what no log line shows
+        # (it had Userpilot's secrets only, review "secrets18").
+        self._secrets = settings.log_secrets()
         self._schema_lock = threading.Lock()  # the probe thread reads the count
         self._halted: set[tuple[str, int]] = set()  # draining partitions (see `halt`)
         self._halt_all = False
@@ -722,7 +726,7 @@ class Handler:
             key=event.key, value=event.value, headers=event.headers,
             timestamp_ms=event.timestamp_ms, topic=event.topic, partition=event.partition,
             offset=event.offset, failure=failure,
-            max_bytes=producer_limit(self.s.kafka_config()), secrets=self.s.http_secrets())
+            max_bytes=producer_limit(self.s.kafka_config()), secrets=self._secrets)
         delay = 0.5
         event.on_wire = True  # from here a cancelled job could leave a DLQ record behind
         token = self.dlq_writable.started()

@@ -12,9 +12,10 @@ import base64
 import json
 import re
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
-__all__ = ["MASK", "MIN_PARTIAL", "Redactor", "redact", "registry_secrets", "secret_forms",
+__all__ = ["MASK", "MIN_PARTIAL", "Redactor", "kafka_secrets", "redact", "registry_secrets",
+           "secret_forms",
            "url_credentials"]
 
 MASK = "***"
@@ -53,6 +54,30 @@ def registry_secrets(url: str | None, user_info: str | None) -> list[str]:
             forms.append(password)
         forms += [user_info, base64.b64encode(user_info.encode()).decode()]
     return forms
+
+
+def kafka_secrets(conf: Mapping[str, str], secret_keys: Iterable[str]) -> list[str]:
+    """The librdkafka secrets of `conf` (`secret_keys`) as an echo could show them: each
+    value, the `key=value` parts of sasl.oauthbearer.config, and the Basic forms of
+    `username:password` and `client.id:client.secret` (an OIDC token endpoint quotes
+    `Authorization: Basic …`)."""
+    secrets: list[str] = []
+    for key in secret_keys:
+        value = conf.get(key)
+        if not value:
+            continue
+        secrets.append(value)
+        if key == "sasl.oauthbearer.config":
+            secrets += [part.split("=", 1)[1] for part in value.split()
+                        if "=" in part and len(part.split("=", 1)[1]) >= MIN_ALONE]
+    for user_key, secret_key in (("sasl.username", "sasl.password"),
+                                 ("sasl.oauthbearer.client.id",
+                                  "sasl.oauthbearer.client.secret")):
+        user, secret = conf.get(user_key), conf.get(secret_key)
+        if user and secret:
+            pair = f"{user}:{secret}"
+            secrets += [pair, base64.b64encode(pair.encode()).decode()]
+    return secrets
 
 
 def url_credentials(url: str | None) -> list[str]:

@@ -28,7 +28,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 
-from consumer.errors import SharedStateUnavailable
+from consumer.errors import ConfigError, SharedStateUnavailable
 
 __all__ = ["ClaimState", "RedisStore", "token_digest"]
 
@@ -186,8 +186,14 @@ class RedisStore:
         # the call's timeout) instead of failing at once. The plain pool raises
         # MaxConnectionsError past 100, which WORKER_MAX_IN_FLIGHT concurrent claims reach:
         # every event then fell back (no dedup, partition share).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, timeout=None, **options)
+        try:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=MAX_CONNECTIONS, timeout=None, **options)
+        except (ValueError, TypeError) as exc:
+            # Its message may quote part of the URL, the password included: only the type.
+            raise ConfigError(f"REDIS_URL (not shown: it is a secret) cannot be read by the "
+                              f"Redis client ({type(exc).__name__}): percent-encode any of "
+                              f"#?[]@/: in its user name and password") from None
         self._client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._timeout = timeout_s
         self._observe = observe

@@ -44,7 +44,7 @@ from consumer.codec import (
 )
 from consumer.cutoff import Cutoff
 from consumer.errors import UndecodableEvent
-from consumer.redaction import redact, registry_secrets
+from consumer.redaction import redact, registry_secrets, url_credentials
 from consumer.tls import verification
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Registry", "RegistryError", "RegistryUnusable", "RestClient",
@@ -256,8 +256,9 @@ class Registry:
         self._clock = clock
         # The credentials never reach `last_error` (readiness may show it) or the log line:
         # the setting's and those written into the URL (a gateway's 5xx page may echo the
-        # request's `Authorization: Basic …`).
-        self._secrets = registry_secrets(url, basic_auth_user_info)
+        # request's `Authorization: Basic …`), nor its proxy's (a 407 page quotes
+        # `Proxy-Authorization: Basic …`, review "secrets18").
+        self._secrets = [*registry_secrets(url, basic_auth_user_info), *url_credentials(proxy)]
         self.timeout_s = timeout_s
         self.healthy = True
         self.last_error: str | None = None

@@ -63,3 +63,9 @@ def test_parse_retry_after_never_raises(value: str) -> None:
 ])
 def test_parse_retry_after_overflowing_dates_are_no_hint(value: str) -> None:
     assert parse_retry_after(value, now=0.0) is None
+
+
+def test_an_unknown_content_encoding_is_not_quoted() -> None:
+    """Review secrets18: quoted lower-cased, an echoed token escaped its redaction."""
+    text = body_text(b"x" * 10, encoding="S3CR3T-TOKEN-xyz")
+    assert "s3cr3t" not in text.lower() and "10 bytes" in text

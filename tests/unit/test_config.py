@@ -997,3 +997,27 @@ def test_a_producer_without_idempotence_is_taken_with_a_note() -> None:
                for note in settings.notes)
     # ... but not with acks below all: an acknowledged dead letter could be lost.
     assert "acks=all" in problem(KAFKA_ENABLE_IDEMPOTENCE="false", KAFKA_ACKS="1")
+
+
+def test_log_secrets_hold_the_registry_proxys_and_the_kafka_secrets() -> None:
+    """Review secrets18: neither was masked in log lines, readiness or dead letters
+    (librdkafka's errors quote an OIDC endpoint's echo, or an unparsed oauthbearer config)."""
+    import base64
+
+    settings = load(HTTPS_PROXY="http://up:S3CR3T-UP-proxy@proxy.test:3128",
+                    SCHEMA_REGISTRY_URL="https://registry.test:8081",
+                    NO_PROXY="proxy.test",
+                    KAFKA_SASL_OAUTHBEARER_CLIENT_ID="cid",
+                    KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET="S3CR3T-OIDC-sec",
+                    KAFKA_SASL_OAUTHBEARER_CONFIG="principal=admin secret=S3CR3T-OAUTH-abc")
+    secrets = settings.log_secrets()
+    assert "S3CR3T-OIDC-sec" in secrets
+    assert base64.b64encode(b"cid:S3CR3T-OIDC-sec").decode() in secrets
+    assert "S3CR3T-OAUTH-abc" in secrets
+    assert "S3CR3T-UP-proxy" in secrets  # Userpilot's proxy, as before
+    # An http registry behind HTTP_PROXY, Userpilot (https) without one.
+    proxied = load(HTTP_PROXY="http://rp:S3CR3T-REG-proxy@proxy.test:3128",
+                   SCHEMA_REGISTRY_URL="http://registry.test:8081")
+    assert proxied.registry_proxy is not None and proxied.proxy is None
+    assert "S3CR3T-REG-proxy" not in proxied.http_secrets()
+    assert "S3CR3T-REG-proxy" in proxied.log_secrets()

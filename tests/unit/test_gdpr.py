@@ -235,6 +235,32 @@ def test_delete_client_sends_delete_with_headers_and_classifies() -> None:
     client.close()
 
 
+@pytest.mark.parametrize("status", [401, 302, 407])
+def test_an_answer_echoing_the_request_quotes_no_token_or_proxy_credential(status: int) -> None:
+    """Review secrets18: delete-users printed an echoed request's Authorization, a
+    redirect's Location and a proxy's Proxy-Authorization raw (the worker masked them)."""
+    import base64
+
+    pair = "puser:S3CR3T-PROXY-pw"
+    echo = (f"refused\nAuthorization: Token {TOKEN}\n"
+            f"Proxy-Authorization: Basic {base64.b64encode(pair.encode()).decode()}")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, text=echo, headers={
+            "location": f"https://login.test/?auth=Token%20{TOKEN}",
+            "x-request-id": f"r-{TOKEN}"})
+
+    client = DeleteClient("https://h.test/v1/users", {"Authorization": f"Token {TOKEN}"},
+                          timeout_s=5, transport=httpx.MockTransport(handler),
+                          proxy=f"http://{pair}@proxy.test:3128")
+    with pytest.raises(Exception) as failed:
+        client.delete(b"{}")
+    text = f"{failed.value} {getattr(failed.value, 'body', '')}"
+    assert TOKEN not in text and "S3CR3T-PROXY-pw" not in text
+    assert base64.b64encode(pair.encode()).decode() not in text
+    client.close()
+
+
 def test_delete_client_maps_transport_failures() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused")

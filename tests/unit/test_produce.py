@@ -71,3 +71,27 @@ def test_parse_lines_reports_bad_bytes_and_deep_nesting_by_line() -> None:
     text = str(info.value)
     assert "2 invalid line(s); nothing was sent" in text
     assert "f.jsonl:2: not UTF-8 text" in text and "f.jsonl:3: not JSON" in text
+
+
+def test_a_refused_registration_is_one_redacted_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review secrets18: a registry refusing the registration (401, a 500 echoing the
+    request) was an uncaught traceback quoting its Authorization header."""
+    import base64
+
+    from consumer import reach
+    from consumer.produce import produce_events
+    from consumer.registry import Registry, RegistryError
+
+    basic = base64.b64encode(b"reguser:S3CR3T-REG-pw").decode()
+
+    def refuse(self: Registry, topic: str) -> int:
+        raise RegistryError(401, 40101, f"denied for Authorization: Basic {basic}")
+
+    monkeypatch.setattr(reach, "services", lambda *a, **k: [])
+    monkeypatch.setattr(Registry, "register", refuse)
+    line = json.dumps({"type": "track", "event": "E", "userId": "u"})
+    with pytest.raises(ProduceError) as refused:
+        produce_events([line], topic="t", bootstrap="k:9092",
+                       registry_url="http://reguser:S3CR3T-REG-pw@registry.test/apis")
+    assert "refused to register the schema of 't'" in str(refused.value)
+    assert basic not in str(refused.value) and "S3CR3T-REG-pw" not in str(refused.value)

@@ -79,3 +79,13 @@ def test_options_redis_refuses_at_connect_time_are_our_error(silent_port: int) -
         await store.close()
 
     asyncio.run(main())
+
+
+def test_a_url_the_redis_client_cannot_read_is_a_config_error_without_the_password() -> None:
+    """Review secrets18: redis-py's ValueError quoted part of the password, in a traceback
+    (config refuses such a URL first; this is the net under it)."""
+    from consumer.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        RedisStore("redis://:S3CR3T[passwd]word@127.0.0.1:6379/0")
+    assert "passwd" not in str(refused.value) and "S3CR3T" not in str(refused.value)

@@ -615,3 +615,19 @@ def test_a_trickled_answer_is_cut_at_the_timeout(slow: str) -> None:
             assert time.monotonic() - started < 1.5
         finally:
             client.close()
+
+
+def test_a_proxys_credentials_never_reach_the_problem_readiness_shows() -> None:
+    """Review secrets18: a registry proxy refusing with a 407 page that echoes the request
+    put `Proxy-Authorization: Basic …` into the log and /readyz."""
+    pair = "rpuser:S3CR3T-PROXY-pw"
+    basic = base64.b64encode(pair.encode()).decode()
+    client = FakeClient([RegistryError(407, None, f"proxy refused: Proxy-Authorization: "
+                                                  f"Basic {basic} ({pair})")])
+    registry = Registry("http://unused", client=client, clock=Clock(),
+                        proxy=f"http://{pair}@proxy.test:3128")
+    with pytest.raises(RegistryError):
+        registry.writer_schema(1)
+    shown = registry.problem() or ""
+    assert "schema registry does not answer" in shown
+    assert basic not in shown and "S3CR3T-PROXY-pw" not in shown

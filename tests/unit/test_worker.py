@@ -2240,3 +2240,34 @@ def test_the_committed_offset_of_a_partition_taken_over_finished_is_the_groups()
         assert exported("0") == 1, "this worker's own acknowledged commit, not the stats'"
 
     assert drive(run, scenario) == 0
+
+
+class EchoingRegistry(FakeRegistry):
+    """A registry whose refusal of a schema echoes the request's Authorization header."""
+
+    def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
+        import base64
+
+        from consumer.errors import UndecodableEvent
+
+        basic = base64.b64encode(b"reguser:S3CR3T-REG-pw").decode()
+        raise UndecodableEvent(f"schema id {schema_id} references a schema the registry does "
+                               f"not have (request had Authorization: Basic {basic})")
+
+
+def test_a_dead_letter_quoting_the_registry_masks_its_credentials() -> None:
+    """Review secrets18: dead letters were redacted with Userpilot's secrets only."""
+    import base64
+
+    run = make(log_of(track("u1", 1)), registry=EchoingRegistry(),
+               SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO="reguser:S3CR3T-REG-pw")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "the dead letter")
+
+    assert drive(run, scenario) == 0
+    assert run.dlq.reasons() == ["undecodable"]
+    written = b" ".join(run.dlq.records[0].headers.values())
+    assert b"references a schema" in written
+    assert base64.b64encode(b"reguser:S3CR3T-REG-pw") not in written
+    assert b"S3CR3T-REG-pw" not in written
