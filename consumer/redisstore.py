@@ -42,8 +42,8 @@ thousands of calls a second."""
 
 # GCRA reservation, all times in microseconds of Redis's clock.
 # ARGV: interval, tolerance, lookahead, debt (requests), holdoff, idle ttl (ms), span.
-# KEYS: the budget, its "seen" marker (kept a week, renewed with every write), and its
-# "credit" (see `debt` below).
+# KEYS: the budget, its "seen" marker (Redis's time at the last reservation, kept a week,
+# renewed with every write), and its "credit" (see `debt` below).
 # A missing budget key means unknown history: the bucket is taken as full, so the next slot
 # is one interval away and no window that began before can exceed the limit. If the marker
 # is there, the key was in use and is gone (evicted, or expired after an idle hour):
@@ -77,6 +77,12 @@ local holdoff = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 local span = tonumber(ARGV[7])
 local tat = tonumber(redis.call('GET', KEYS[1]))
+-- The marker holds Redis's time at the last reservation (older versions wrote 1): a clock
+-- that went back since (an NTP step, a restored VM, a failover to a node behind) moves
+-- the schedule back with it. Left on the old clock, every replica waited out the step,
+-- silently: a 60 s step halted delivery for 60 s (review "time18").
+local last = tonumber(redis.call('GET', KEYS[2]))
+if tat and last and last > 1 and now < last then tat = tat - (last - now) end
 local since = tat or (now - span)
 local changed = false
 if not tat then
@@ -116,7 +122,7 @@ if wait > lookahead then
 end
 tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', keep + math.floor(interval / 1000))
-redis.call('SET', KEYS[2], '1', 'PX', 604800000)
+redis.call('SET', KEYS[2], string.format('%.0f', now), 'PX', 604800000)
 return {1, string.format('%.0f', wait)}
 """
 

@@ -314,3 +314,29 @@ def test_after_a_failover_the_store_reconnects_to_the_new_primary(tmp_path: Path
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_a_redis_clock_that_went_back_moves_the_schedule_back(redis_url: str, key: str) -> None:
+    """Review time18: the schedule is on Redis's clock; stepped back 60 s (an NTP step, a
+    restored VM, a failover to a node behind), every replica waited the 60 s out,
+    silently. As if the last reservation were made on a clock 60 s ahead: the budget's
+    next slot and the marker's time 60 s past Redis's present."""
+    import redis as sync_redis
+
+    direct = sync_redis.Redis.from_url(redis_url)
+    seconds, micros = direct.time()
+    now = seconds * 1_000_000 + micros
+    step, interval = 60_000_000, 100_000
+    direct.set(key, str(now + step + interval), px=3_600_000)
+    direct.set(f"{key}:seen", str(now + step), px=3_600_000)
+
+    async def main() -> tuple[bool, float]:
+        store = RedisStore(redis_url, timeout_s=1.0)
+        try:
+            return await store.gcra(key, interval_us=interval, tolerance_us=0,
+                                    lookahead_us=10 * interval, idle_ttl_ms=3_600_000)
+        finally:
+            await store.close()
+
+    reserved, wait = asyncio.run(main())
+    assert reserved and wait <= 0.5, (reserved, wait)
