@@ -24,6 +24,7 @@ import httpx
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
+from aiohttp.http_parser import RawResponseMessage
 from aiohttp.tracing import Trace
 from httpx_aiohttp.transport import AiohttpTransport
 
@@ -51,6 +52,10 @@ USER_AGENT = "userpilot-delivery-worker"
 MAX_RETRY_AFTER_S = 600.0
 STALE_RESENDS = 3
 """Immediate resends of a request that a pooled connection lost before any answer."""
+STALE_WITHIN_S = 0.25
+"""... lost this soon after it went out: the keep-alive race ends within a round trip (the
+server had closed the connection already). Later, the server may have read it and worked
+on it: that failure goes through the retry policy (backoff, an attempt, a limiter slot)."""
 KEEPALIVE_S = 4.0
 """How long an idle pooled connection is kept: under the 5 s after which common servers
 (Node.js, Apache) close theirs, so the client rarely reuses one the server is closing."""
@@ -93,13 +98,15 @@ class _Connector(aiohttp.TCPConnector):
 
 
 def _lost_on_reuse(exc: BaseException) -> bool:
-    """The server closed (or reset) a kept-alive connection as the request went out: the
-    classic keep-alive race. The request never reached it; aiohttp resends such a request
-    only for idempotent methods, never a POST."""
+    """The server closed (or reset) a kept-alive connection as the request went out, before
+    any of an answer came: the classic keep-alive race (aiohttp resends such a request only
+    for idempotent methods, never a POST). A disconnection after part of an answer (its
+    status line: the server had the request) is not."""
     cause = exc.__cause__
-    return isinstance(cause, aiohttp.ServerDisconnectedError) or (
-        isinstance(cause, aiohttp.ClientOSError)
-        and not isinstance(cause, aiohttp.ClientConnectorError))
+    if isinstance(cause, aiohttp.ServerDisconnectedError):
+        return not isinstance(cause.message, RawResponseMessage)
+    return (isinstance(cause, aiohttp.ClientOSError)
+            and not isinstance(cause, aiohttp.ClientConnectorError))
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -410,18 +417,22 @@ class UserpilotClient:
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
         """The transport's answer; a request a pooled connection lost as it went out (the
-        server closed it idle, `_lost_on_reuse`) is sent again at once, up to
-        STALE_RESENDS times. Counted as a failure it cost the event an attempt, a backoff
-        and a slot of the rate limit, and a burst after a quiet spell paused delivery as
-        an outage (review "idle18"; the hand-written transport resent it too)."""
+        server closed it idle, `_lost_on_reuse`, within STALE_WITHIN_S) is sent again at
+        once, up to STALE_RESENDS times. Counted as a failure it cost the event an
+        attempt, a backoff and a slot of the rate limit, and a burst after a quiet spell
+        paused delivery as an outage (review "idle18"; the hand-written transport resent
+        it too). Never once part of an answer came, nor after the server held it longer
+        (review "diff18")."""
         resends = 0
         while True:
             attempt = _Attempt()
             token = _ATTEMPT.set(attempt)
+            sent = time.monotonic()
             try:
                 return await self._transport.handle_async_request(request)
             except httpx.TransportError as exc:
-                if not (attempt.reused and resends < STALE_RESENDS and _lost_on_reuse(exc)):
+                if not (attempt.reused and resends < STALE_RESENDS
+                        and time.monotonic() - sent < STALE_WITHIN_S and _lost_on_reuse(exc)):
                     raise
                 resends += 1
             finally:

@@ -242,9 +242,12 @@ def redis(settings: Settings, timeout: float) -> str | None:
         text = str(exc)
         if "ReadOnlyError" in text:
             hint = "it is a read-only replica: point REDIS_URL at the primary"
-        elif "NoPermissionError" in text:
+        elif "NoPermissionError" in text or "ResponseError" in text:
+            # Redis checks the commands a script calls too (review "diff18").
             hint = ("its user may not run what the worker runs: allow EVALSHA, EVAL, "
-                    "SCRIPT, UNLINK and the keys ud:* and userpilot:*")
+                    "SCRIPT, UNLINK and, called by the scripts, TIME, GET, SET, EXISTS, "
+                    "PEXPIRE, PTTL and DEL (e.g. +@read +@write +@scripting +time), on the "
+                    "keys ud:* and userpilot:*")
         else:
             hint = "check its maxmemory, ACLs and role"
         return (f"Redis at {conf.redacted_url} answers PING but refused the worker's own "

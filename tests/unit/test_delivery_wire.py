@@ -288,6 +288,27 @@ def test_a_request_a_kept_alive_connection_lost_is_sent_again_at_once(lost: Acti
     run(main)
 
 
+PARTIAL_202 = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("lost", [Close(delay=0.5), Reset(delay=0.5), Close(PARTIAL_202)],
+                         ids=["held-then-closed", "held-then-reset", "answer-begun"])
+def test_a_kept_alive_request_the_server_may_have_taken_is_not_sent_again_at_once(
+        lost: Action) -> None:
+    """Review diff18: a request the server held for a while, or began to answer, before
+    the connection dropped may have been processed: it goes through the retry policy
+    (backoff, an attempt, a limiter slot), not an immediate resend."""
+    async def main() -> None:
+        async with Server(lambda req: lost if req.index == 2 else Send(ACCEPTED)) as srv:
+            client = up(srv.url())
+            assert await outcome(client, BODY) == "ok"
+            assert await outcome(client, BODY) == "ConnectionFailed"
+            await client.aclose()
+        assert len(srv.requests) == 2
+
+    run(main)
+
+
 def test_a_new_connection_lost_before_the_answer_is_a_failure_not_resent() -> None:
     """Only a kept-alive connection's loss is the keep-alive race: a server that drops a
     new connection's request is failing, and its failures go through the retry policy."""
