@@ -21,6 +21,7 @@ __all__ = ["MASK", "MIN_PARTIAL", "Redactor", "kafka_secrets", "redact", "regist
 MASK = "***"
 MIN_PARTIAL = 4  # a shorter fragment at a cut edge is too likely to be ordinary text
 MIN_ALONE = 6  # a proxy password shorter than this is masked only as part of its pair
+_SECRET_WORDS = ("secret", "password", "passwd", "token", "key", "credential", "assertion")
 _PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 
@@ -64,12 +65,18 @@ def kafka_secrets(conf: Mapping[str, str], secret_keys: Iterable[str]) -> list[s
     secrets: list[str] = []
     for key in secret_keys:
         value = conf.get(key)
-        if not value:
-            continue
+        if not value or len(value) < MIN_ALONE:
+            continue  # a short one: masked in its pair below (alone it garbles every line)
         secrets.append(value)
         if key == "sasl.oauthbearer.config":
-            secrets += [part.split("=", 1)[1] for part in value.split()
-                        if "=" in part and len(part.split("=", 1)[1]) >= MIN_ALONE]
+            # Its parts are mostly not secret (principal, scope, lifeSeconds, extensions:
+            # masking `scope=openid`'s value masked "openid" everywhere, review "diff18b"):
+            # only those whose name says secret.
+            for part in value.split():
+                name, _, given = part.partition("=")
+                if (given and len(given) >= MIN_ALONE
+                        and any(w in name.lower() for w in _SECRET_WORDS)):
+                    secrets.append(given)
     for user_key, secret_key in (("sasl.username", "sasl.password"),
                                  ("sasl.oauthbearer.client.id",
                                   "sasl.oauthbearer.client.secret")):

@@ -82,7 +82,13 @@ local tat = tonumber(redis.call('GET', KEYS[1]))
 -- the schedule back with it. Left on the old clock, every replica waited out the step,
 -- silently: a 60 s step halted delivery for 60 s (review "time18").
 local last = tonumber(redis.call('GET', KEYS[2]))
-if tat and last and last > 1 and now < last then tat = tat - (last - now) end
+if tat and last and last > 1 and now < last then
+  tat = tat - (last - now)
+  -- At once, not only with a reservation: a call that reserves nothing (a returning
+  -- replica's hold-off and debt) left the marker ahead, and the next call shifted again,
+  -- erasing them (review "diff18b").
+  redis.call('SET', KEYS[2], string.format('%.0f', now), 'PX', 604800000)
+end
 local since = tat or (now - span)
 local changed = false
 if not tat then

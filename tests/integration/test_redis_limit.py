@@ -340,3 +340,35 @@ def test_a_redis_clock_that_went_back_moves_the_schedule_back(redis_url: str, ke
 
     reserved, wait = asyncio.run(main())
     assert reserved and wait <= 0.5, (reserved, wait)
+
+
+def test_a_returning_replicas_hold_off_survives_a_clock_that_went_back(
+        redis_url: str, key: str) -> None:
+    """Review diff18b: the returning call (debt, hold-off) reserves nothing, so the marker
+    stayed ahead and the next call shifted the schedule back again, erasing them: the
+    other replicas drew a full burst at once, on top of the fallback's requests."""
+    import redis as sync_redis
+
+    direct = sync_redis.Redis.from_url(redis_url)
+    seconds, micros = direct.time()
+    now = seconds * 1_000_000 + micros
+    step, interval = 60_000_000, 100_000
+    direct.set(key, str(now + step), px=3_600_000)
+    direct.set(f"{key}:seen", str(now + step), px=3_600_000)
+
+    async def main() -> list[tuple[bool, float]]:
+        store = RedisStore(redis_url, timeout_s=1.0)
+        try:
+            answers = [await store.gcra(key, interval_us=interval, tolerance_us=0,
+                                        lookahead_us=10 * interval, debt=50,
+                                        debt_key=f"{key}:debt:r1", holdoff_us=2_500_000,
+                                        idle_ttl_ms=3_600_000, span_us=60_000_000)]
+            answers += [await store.gcra(key, interval_us=interval, tolerance_us=0,
+                                         lookahead_us=10 * interval, idle_ttl_ms=3_600_000)
+                        for _ in range(3)]
+            return answers
+        finally:
+            await store.close()
+
+    answers = asyncio.run(main())
+    assert not any(reserved for reserved, _ in answers), answers

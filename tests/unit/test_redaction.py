@@ -79,3 +79,18 @@ def test_lowercase_percent_escapes_are_masked_too() -> None:
         lower = quoted.replace("%2B", "%2b").replace("%2F", "%2f").replace("%3D", "%3d")
         out = redact(f"Location: https://sso.example/?auth={lower}&x=1", [secret])
         assert lower not in out and "auth=***&x=1" in out
+
+
+def test_kafka_secrets_mask_secret_parts_not_every_word_of_the_oauthbearer_config() -> None:
+    """Review diff18b: every part of sasl.oauthbearer.config was masked, `scope=openid`'s
+    value included: "openid" (or "consumer") became *** in every log line."""
+    from consumer.redaction import kafka_secrets
+
+    keys = {"sasl.oauthbearer.config", "sasl.password"}
+    plain = kafka_secrets({"sasl.oauthbearer.config": "principal=consumer scope=openid"}, keys)
+    assert plain == ["principal=consumer scope=openid"]
+    secret = kafka_secrets({"sasl.oauthbearer.config":
+                            "principal=admin client_secret=S3CR3T-OAUTH-abc"}, keys)
+    assert "S3CR3T-OAUTH-abc" in secret and "admin" not in secret
+    short = kafka_secrets({"sasl.username": "svc", "sasl.password": "pw1"}, keys)
+    assert "pw1" not in short and "svc:pw1" in short
