@@ -264,15 +264,17 @@ class RedisStore:
     async def gcra(
         self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,
         debt: int = 0, debt_key: str | None = None, holdoff_us: int = 0, idle_ttl_ms: int,
-        span_us: int = 0,
+        span_us: int = 0, reserve: bool = True,
     ) -> tuple[bool, float]:
         """Reserve the next slot of the budget at ``key``: ``(reserved, seconds)``.
 
         Reserved: send after ``seconds``. Not reserved: ask again after ``seconds``.
         ``debt``: requests sent without Redis over the last ``span_us``; ``debt_key``: the
-        record of what this ``debt`` (a running total) already added.
+        record of what this ``debt`` (a running total) already added. ``reserve=False``:
+        apply the debt and hold-off only (a look-ahead below any wait reserves nothing).
         """
-        args = [max(1, interval_us), max(0, tolerance_us), max(0, lookahead_us),
+        args = [max(1, interval_us), max(0, tolerance_us),
+                max(0, lookahead_us) if reserve else -1,
                 max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms), max(0, span_us)]
         keys = [key, f"{key}:seen", f"{key}:credit", *([debt_key] if debt_key else [])]
         reply = await self._call("gcra", lambda: self._gcra(keys=keys, args=args))

@@ -62,7 +62,7 @@ class BudgetStore(Protocol):
     async def gcra(
         self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,
         debt: int = 0, debt_key: str | None = None, holdoff_us: int = 0, idle_ttl_ms: int,
-        span_us: int = 0,
+        span_us: int = 0, reserve: bool = True,
     ) -> tuple[bool, float]: ...
 
 
@@ -177,7 +177,21 @@ class SharedLimiter:
                 self._local_sends.append(self._clock())
                 return self._clock() - start
 
-    async def _try_shared(self) -> tuple[bool, float] | None:
+    async def probe(self) -> None:
+        """On the fallback and due for a probe, with nothing waiting to send: ask Redis
+        whether it answers again, reserving nothing (the way back's debt and hold-off
+        apply as in `acquire`). Leaving the fallback only when a request came left a
+        family without traffic on it for good after Redis was back: its gauge said
+        "unreachable", and the alert fired against a healthy Redis (review "soak18")."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        if not self.on_fallback or self._clock() < self._next_probe or self._lock.locked():
+            return
+        async with self._lock:
+            if self.on_fallback and self._clock() >= self._next_probe:
+                await self._try_shared(reserve=False)
+
+    async def _try_shared(self, reserve: bool = True) -> tuple[bool, float] | None:
         """One Redis reservation; None when Redis failed (and we are on the fallback now)."""
         interval = self.interval_s
         # The bucket's capacity is the token's burst at the full rate, whatever this
@@ -194,6 +208,7 @@ class SharedLimiter:
                 holdoff_us=round(self.holdoff_s * 1e6) if returning else 0,
                 span_us=round((self._period + self.lookahead_s) * 1e6) if returning else 0,
                 idle_ttl_ms=round(max(self._period + 1.0, BUDGET_IDLE_TTL_S) * 1000),
+                reserve=reserve,
             )
         except SharedStateUnavailable as exc:
             self._enter_fallback(str(exc))

@@ -68,6 +68,7 @@ from consumer.ratelimit import partition_share
 from consumer.registry import Registry
 from consumer.routing import Send
 from consumer.scheduling import Barrier, Scheduler
+from consumer.sharedlimit import SharedLimiter
 from consumer.sharedstate import FAMILIES, SharedState, build_shared_state
 
 __all__ = ["Callbacks", "Source", "SourceFactory", "Worker", "fair_holds", "fair_margin",
@@ -360,6 +361,7 @@ class Worker:
         self.signalled = False
         self._scheduler: Scheduler[Event] | None = None
         self._source: Source | None = None
+        self._probes: set[asyncio.Task[None]] = set()  # Redis probes of idle fallbacks
         # identify and group events are always sent: their series exist from the start too,
         # or rate() and increase() missed each one's first delivery after every start.
         metrics.declare_event_names(
@@ -1238,9 +1240,16 @@ class Worker:
             self._reshare_due = True
 
     def _publish_rates(self) -> None:
-        """Event loop (the limiters' owner): each family's rate share, for the gauge."""
+        """Event loop (the limiters' owner): each family's rate share, for the gauge; a
+        family on the Redis fallback with nothing to send asks Redis whether it is back
+        (`SharedLimiter.probe`), so its gauge and alert follow Redis, not its traffic."""
         for family in FAMILIES:
             self.m.rate_limit_rps.labels(family).set(self.shared.limiter(family).share_rate)
+        for limiter in self.shared.distinct():
+            if isinstance(limiter, SharedLimiter) and limiter.on_fallback:
+                probe = asyncio.get_running_loop().create_task(limiter.probe())
+                self._probes.add(probe)
+                probe.add_done_callback(self._probes.discard)
 
     def _paused_lag(self, source: Source) -> None:
         """Poll thread: the lag of paused partitions, from the broker's high watermark.

@@ -155,3 +155,82 @@ def test_slow_down_costs_more_budget_per_request_but_not_more_burst() -> None:
     assert slowed["interval_us"] == pytest.approx(2 * full["interval_us"], abs=1)
     assert slowed["tolerance_us"] == full["tolerance_us"]
     assert full["tolerance_us"] == pytest.approx(9 * full["interval_us"], abs=10)
+
+
+def test_an_idle_family_leaves_the_fallback_once_redis_answers() -> None:
+    """Review soak18: the way back was only inside `acquire`; a family with nothing to
+    send stayed on the fallback (its gauge at 1) with Redis long back, and the "Redis
+    unreachable" alert fired. A probe asks Redis, reserving nothing."""
+    store, switches = ScriptedStore(), list[bool]()
+    limiter = _limiter(store, switches)
+
+    async def main() -> None:
+        store.up = False
+        await limiter.acquire()
+        assert limiter.on_fallback
+        await limiter.probe()  # not due yet: no call
+        calls = len(store.calls)
+        assert calls == 1
+        await asyncio.sleep(0.06)
+        await limiter.probe()  # due, Redis still down: stays
+        assert limiter.on_fallback and len(store.calls) == calls + 1
+        store.up = True
+        await asyncio.sleep(0.06)
+        await limiter.probe()
+        assert not limiter.on_fallback
+
+    asyncio.run(main())
+    assert switches == [True, False]
+    back = store.calls[-1]
+    assert back["reserve"] is False and back["holdoff_us"] > 0 and back["debt"] >= 1
+
+
+def test_the_worker_probes_an_idle_fallback_every_second() -> None:
+    """The worker's once-a-second tick starts the probe: no traffic needed."""
+    from prometheus_client import CollectorRegistry
+
+    from consumer.health import Health
+    from consumer.metrics import Metrics
+    from consumer.sharedstate import FAMILIES, SharedState
+    from consumer.worker import Callbacks, Worker
+    from tests.unit.test_worker import (
+        TOPIC,
+        FakeClient,
+        FakeDlq,
+        FakeRegistry,
+        FakeSource,
+        Run,
+        drive,
+        settings,
+        until,
+    )
+
+    probed: list[bool] = []
+
+    class Fallen(SharedLimiter):
+        async def probe(self) -> None:
+            probed.append(self.on_fallback)
+
+    store = ScriptedStore()
+    store.up = False
+    fallen = Fallen(store, "k", 600, 1.0, 1, fallback=AdaptiveLimiter(600, 1.0, 1),
+                    probe_every_s=0.05)
+    asyncio.run(fallen.acquire())
+    assert fallen.on_fallback
+    metrics = Metrics(CollectorRegistry())
+    made: list[FakeSource] = []
+
+    def source(cb: Callbacks) -> FakeSource:
+        made.append(FakeSource(cb, {(TOPIC, 0): []}))
+        return made[-1]
+
+    client, dlq, registry = FakeClient(), FakeDlq(), FakeRegistry()
+    worker = Worker(settings(), metrics, Health(metrics), client=client, registry=registry,
+                    dlq=dlq, source=source,
+                    shared=SharedState(limiters=dict.fromkeys(FAMILIES, fallen)))
+
+    async def scenario(_source: FakeSource) -> None:
+        await until(lambda: bool(probed), "a probe of the idle fallback", timeout=5)
+
+    assert drive(Run(worker, client, dlq, registry, made), scenario) == 0
+    assert probed[0] is True
