@@ -127,9 +127,13 @@ class Redactor:
     def __call__(self, text: str, *, edges: bool = True) -> str:
         if not text or not self.forms:
             return text
-        for form in self.forms:
-            if form in text:
-                text = text.replace(form, MASK)
+        for _ in range(3):  # a mask may join what precedes it into a secret again
+            before = text
+            for form in self.forms:
+                if form in text and form != MASK:
+                    text = text.replace(form, MASK)
+            if text == before:
+                break
         if edges:
             for form in self.forms:
                 text = _cut_edges(text, form)

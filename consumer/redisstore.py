@@ -41,7 +41,8 @@ MAX_CONNECTIONS = 32
 thousands of calls a second."""
 
 # GCRA reservation, all times in microseconds of Redis's clock.
-# ARGV: interval, tolerance, lookahead, debt (requests), holdoff, idle ttl (ms), span.
+# ARGV: interval, tolerance, lookahead, debt (requests), holdoff, idle ttl (ms), span,
+# reserve (0: apply the debt and hold-off only, reserve nothing).
 # KEYS: the budget, its "seen" marker (Redis's time at the last reservation, kept a week,
 # renewed with every write), and its "credit" (see `debt` below).
 # A missing budget key means unknown history: the bucket is taken as full, so the next slot
@@ -76,6 +77,7 @@ local debt = tonumber(ARGV[4])
 local holdoff = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 local span = tonumber(ARGV[7])
+local reserve = ARGV[8] ~= '0'
 local tat = tonumber(redis.call('GET', KEYS[1]))
 -- The marker holds Redis's time at the last reservation (older versions wrote 1): a clock
 -- that went back since (an NTP step, a restored VM, a failover to a node behind) moves
@@ -120,11 +122,13 @@ end
 local keep = ttl + math.floor((tat - now) / 1000)
 local wait = tat - tolerance - now
 if wait < 0 then wait = 0 end
-if wait > lookahead then
+if not reserve or wait > lookahead then
   if changed then
     redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', keep)
   end
-  return {0, string.format('%.0f', wait - lookahead)}
+  local again = wait - lookahead
+  if again < 0 then again = 0 end
+  return {0, string.format('%.0f', again)}
 end
 tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', keep + math.floor(interval / 1000))
@@ -271,11 +275,13 @@ class RedisStore:
         Reserved: send after ``seconds``. Not reserved: ask again after ``seconds``.
         ``debt``: requests sent without Redis over the last ``span_us``; ``debt_key``: the
         record of what this ``debt`` (a running total) already added. ``reserve=False``:
-        apply the debt and hold-off only (a look-ahead below any wait reserves nothing).
+        apply the debt and hold-off only. Its own argument: passed as a look-ahead of -1,
+        it also cut a lost key's look-ahead (the slots replicas hold), which were handed
+        out again (review "prop18").
         """
-        args = [max(1, interval_us), max(0, tolerance_us),
-                max(0, lookahead_us) if reserve else -1,
-                max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms), max(0, span_us)]
+        args = [max(1, interval_us), max(0, tolerance_us), max(0, lookahead_us),
+                max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms), max(0, span_us),
+                1 if reserve else 0]
         keys = [key, f"{key}:seen", f"{key}:credit", *([debt_key] if debt_key else [])]
         reply = await self._call("gcra", lambda: self._gcra(keys=keys, args=args))
         return bool(int(reply[0])), int(reply[1]) / 1e6

@@ -372,3 +372,32 @@ def test_a_returning_replicas_hold_off_survives_a_clock_that_went_back(
 
     answers = asyncio.run(main())
     assert not any(reserved for reserved, _ in answers), answers
+
+
+def test_a_probe_after_the_key_was_lost_keeps_the_slots_replicas_hold(
+        redis_url: str, key: str) -> None:
+    """Review prop18: a probe (reserving nothing) passed its look-ahead as -1, which also
+    cut the look-ahead a lost key adds for the slots other replicas hold: they were
+    handed out again, over the limit."""
+    import redis as sync_redis
+
+    direct = sync_redis.Redis.from_url(redis_url)
+    interval, lookahead = 20_000, 200_000
+
+    async def main() -> tuple[bool, float]:
+        store = RedisStore(redis_url, timeout_s=1.0)
+        try:
+            assert (await store.gcra(key, interval_us=interval, tolerance_us=0,
+                                     lookahead_us=lookahead, idle_ttl_ms=60_000))[0]
+            direct.delete(key)  # evicted; its marker says it was in use
+            await store.gcra(key, interval_us=interval, tolerance_us=0,
+                             lookahead_us=lookahead, holdoff_us=50_000,
+                             idle_ttl_ms=60_000, reserve=False)
+            return await store.gcra(key, interval_us=interval, tolerance_us=0,
+                                    lookahead_us=lookahead, idle_ttl_ms=60_000)
+        finally:
+            await store.close()
+
+    reserved, wait = asyncio.run(main())
+    # The lost key's next slot is past the look-ahead: nothing reservable at once.
+    assert not reserved, wait

@@ -94,3 +94,10 @@ def test_kafka_secrets_mask_secret_parts_not_every_word_of_the_oauthbearer_confi
     assert "S3CR3T-OAUTH-abc" in secret and "admin" not in secret
     short = kafka_secrets({"sasl.username": "svc", "sasl.password": "pw1"}, keys)
     assert "pw1" not in short and "svc:pw1" in short
+
+
+def test_a_mask_joining_what_precedes_it_into_the_secret_is_masked_again() -> None:
+    """Review prop18: one pass left "hunter2***" of "hunter2hunter2***"."""
+    out = redact("x-hunter2hunter2***", ["hunter2***"])
+    assert "hunter2***" not in out
+    assert redact(out, ["hunter2***"]) == out
