@@ -340,8 +340,7 @@ class Settings:
         return [*self.http_secrets(), *registry_secrets(
             self.registry_url, self.registry_auth.reveal() if self.registry_auth else None),
             *url_credentials(registry_proxy),
-            *kafka_secrets({k: v.reveal() if isinstance(v, Secret) else v
-                            for k, v in self.kafka_extra.items()}, SECRET_KAFKA_KEYS)]
+            *kafka_secrets(self.kafka_config(logger=False), SECRET_KAFKA_KEYS)]
 
     def kafka_config(self, *, logger: bool = True) -> dict[str, Any]:
         """librdkafka settings with secrets revealed, for the Kafka edge only.

@@ -699,9 +699,8 @@ class Handler:
         reason = "retries_exhausted" if isinstance(exc, Retry) else exc.reason
         # A replayed event that fails again says nothing of a deploy: replayed dead letters
         # come as one block, and undecodable ones replayed unchanged stopped the worker
-        # every ~50 of them (review "replay17"). WORKER_REPLAY_MAX bounds that loop.
-        # Replayed events that fail again come as a block (a replay of one bad deploy's
-        # dead letters): the guard leaves them out, when replay's seal says they are.
+        # every ~50 of them (review "replay17"). WORKER_REPLAY_MAX bounds that loop. Only
+        # replay's seal says an event is one (a count alone, any producer could set).
         replayed = sealed_replay_count(event.headers, event.topic, event.value,
                                        self._replay_secret) > 0
         if not replayed:

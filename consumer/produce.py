@@ -95,18 +95,16 @@ def produce_events(
     for problem in reach.services(conf, timeout, registry_url=registry_url,
                                   registry_auth=registry_auth, registry_proxy=registry_proxy):
         raise ProduceError(f"nothing was sent: {problem}")
-    from consumer.redaction import redact, registry_secrets, url_credentials
     from consumer.registry import RegistryError, RegistryUnusable
 
+    registry = Registry(registry_url, registry_auth, proxy=registry_proxy)
     try:
-        schema_id = Registry(registry_url, registry_auth, proxy=registry_proxy).register(topic)
+        schema_id = registry.register(topic)
     except (RegistryError, RegistryUnusable) as exc:
         # One line, redacted: the registry's answer may echo the request's Authorization
         # (it was an uncaught traceback quoting it, review "secrets18").
-        secrets = [*registry_secrets(registry_url, registry_auth),
-                   *url_credentials(registry_proxy)]
         raise ProduceError(f"nothing was sent: the schema registry refused to register the "
-                           f"schema of {topic!r}: {redact(str(exc), secrets)[:300]}") from None
+                           f"schema of {topic!r}: {registry.redact(str(exc))[:300]}") from None
     producer = make_producer(conf)
     failures: list[str] = []
 

@@ -264,6 +264,11 @@ class Registry:
         self.last_error: str | None = None
         self.failing_since: float | None = None
 
+    def redact(self, text: str) -> str:
+        """`text` (an answer of the registry or its proxy, which may echo the request) with
+        the registry's and its proxy's credentials masked."""
+        return redact(text, self._secrets)
+
     def problem(self) -> str | None:
         """For readiness: None while the registry answers, else what failed (no I/O)."""
         if self.healthy:
@@ -289,7 +294,7 @@ class Registry:
         return result
 
     def _failed(self, what: str, exc: BaseException) -> None:
-        detail = f"{type(exc).__name__}: {redact(str(exc), self._secrets)[:200]}"
+        detail = f"{type(exc).__name__}: {self.redact(str(exc))[:200]}"
         with self._lock:
             first = self.healthy
             self.healthy = False

@@ -151,10 +151,8 @@ class SharedLimiter:
 
     async def acquire(self) -> float:
         """Wait for a slot; returns the seconds waited. One caller at a time reserves."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         start = self._clock()
-        async with self._lock:
+        async with self._reserving():
             while True:
                 now = self._clock()
                 if not self.on_fallback or now >= self._next_probe:
@@ -183,13 +181,24 @@ class SharedLimiter:
         apply as in `acquire`). Leaving the fallback only when a request came left a
         family without traffic on it for good after Redis was back: its gauge said
         "unreachable", and the alert fired against a healthy Redis (review "soak18")."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        if not self.on_fallback or self._clock() < self._next_probe or self._lock.locked():
+        lock = self._reserving()
+        if not self.on_fallback or self._clock() < self._next_probe or lock.locked():
             return
-        async with self._lock:
+        async with lock:
             if self.on_fallback and self._clock() >= self._next_probe:
                 await self._try_shared(reserve=False)
+
+    def _reserving(self) -> asyncio.Lock:
+        """One caller at a time reserves (made on first use, inside the event loop)."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    @property
+    def _debt_span_s(self) -> float:
+        """How far back the local requests a replica coming back owes are counted: a
+        period and the look-ahead (what Redis fills with them before owing them ahead)."""
+        return self._period + self.lookahead_s
 
     async def _try_shared(self, reserve: bool = True) -> tuple[bool, float] | None:
         """One Redis reservation; None when Redis failed (and we are on the fallback now)."""
@@ -206,7 +215,7 @@ class SharedLimiter:
                 lookahead_us=round(self.lookahead_s * 1e6), debt=debt,
                 debt_key=self._debt_key if returning else None,
                 holdoff_us=round(self.holdoff_s * 1e6) if returning else 0,
-                span_us=round((self._period + self.lookahead_s) * 1e6) if returning else 0,
+                span_us=round(self._debt_span_s * 1e6) if returning else 0,
                 idle_ttl_ms=round(max(self._period + 1.0, BUDGET_IDLE_TTL_S) * 1000),
                 reserve=reserve,
             )
@@ -218,7 +227,7 @@ class SharedLimiter:
         return reserved, seconds
 
     def _recent_local_sends(self) -> int:
-        horizon = self._clock() - self._period - self.lookahead_s
+        horizon = self._clock() - self._debt_span_s
         while self._local_sends and self._local_sends[0] < horizon:
             self._local_sends.popleft()
         return len(self._local_sends)
