@@ -176,14 +176,20 @@ def _traits(event: Mapping[str, Any]) -> dict[str, Any]:
     return traits if isinstance(traits, dict) else {}
 
 
+_BLANK_PRINTABLE = frozenset("\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
+"""Characters Python counts as printable that render as nothing: the Hangul fillers, the
+Khmer inherent vowels and the blank Braille pattern (favourites for ids that look empty)."""
+
+
 def visible(text: str) -> bool:
     """Whether a string can identify anything: it holds a character that is neither blank
-    nor invisible. ``""``, ``"  "``, ``"\u200b"`` and ``"\x00"`` cannot; as ids they
-    would merge unrelated users, companies or messages into one.
+    nor invisible. ``""``, ``"  "``, ``"\u200b"``, ``"\x00"`` and ``"\u3164"`` cannot;
+    as ids they would merge unrelated users, companies or messages into one.
     """
-    if text.isprintable():  # the common id: one C call
+    if text.isascii() and text.isprintable():  # the common id: two C calls
         return not text.isspace() and text != ""
-    return any(c.isprintable() and not c.isspace() for c in text)
+    return any(c.isprintable() and not c.isspace() and c not in _BLANK_PRINTABLE
+               for c in text)
 
 
 def _id(value: Any) -> str | None:

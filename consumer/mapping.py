@@ -605,7 +605,11 @@ class Payload:
 
 
 def _size(key: str, value: Primitive) -> int:
-    return len(json.dumps({key: value}, ensure_ascii=False).encode("utf-8"))
+    """The bytes one field adds to the compact JSON object as sent (``calls.encode_body``):
+    its key, the colon, its value and one separator (a comma, or the closing brace). The
+    object's size is then 1 (its ``{``) plus its fields' sizes, exactly."""
+    return (len(json.dumps(key, ensure_ascii=False).encode("utf-8"))
+            + len(json.dumps(value, ensure_ascii=False).encode("utf-8")) + 2)
 
 
 def _size_bound(metadata: Mapping[str, Primitive]) -> int:
@@ -621,10 +625,10 @@ def _truncate(
 ) -> tuple[dict[str, Primitive], tuple[str, ...]]:
     """Drop the largest fields until metadata fits both limits; mark it with _truncated."""
     sizes = {key: _size(key, value) for key, value in metadata.items()}
-    total = sum(sizes.values())
+    total = 1 + sum(sizes.values())
     removed: list[str] = []
-    marker = _size(TRUNCATED_KEY, len(metadata))
     for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        marker = _size(TRUNCATED_KEY, len(removed))  # its value: the count cut so far
         if total + marker <= max_bytes and len(metadata) - len(removed) + 1 <= max_keys:
             break
         removed.append(key)
@@ -656,7 +660,7 @@ def limit_metadata(
         metadata = _marker_freed(metadata)
     if len(metadata) > max_keys or (
         _size_bound(metadata) > max_bytes
-        and sum(_size(k, v) for k, v in metadata.items()) > max_bytes
+        and 1 + sum(_size(k, v) for k, v in metadata.items()) > max_bytes
     ):
         return _truncate(metadata, max_bytes, max_keys)
     return metadata, ()
@@ -755,6 +759,17 @@ class _Loader:
                 f"metadata key {_q(key)} must have no leading/trailing spaces and at most "
                 f"{_MAX_KEY_LEN} characters",
             )
+            return False
+        return True
+
+    def target_key(self, where: str, key: Any) -> bool:
+        """A metadata key the mapping writes: also not the worker's cut marker, which a
+        field of that name gives way to (renamed `_truncated_`, unannounced)."""
+        if not self.metadata_key(where, key):
+            return False
+        if key == TRUNCATED_KEY:
+            self.fail(where, f"metadata key {_q(key)} is reserved: the worker marks cut "
+                             f"metadata with it; pick another name, e.g. \"truncated\"")
             return False
         return True
 
@@ -960,7 +975,7 @@ class _Loader:
                     f"{_q(old)}: {_q(old + '_renamed')}",
                 )
                 continue
-            if not self.metadata_key(f"{where}.{_q(old)}", new):
+            if not self.target_key(f"{where}.{_q(old)}", new):
                 continue
             if new in targets:
                 self.fail(
@@ -984,7 +999,7 @@ class _Loader:
         pairs: list[tuple[str, str]] = []
         for target, path in value.items():
             at = f"{where}.{_q(target)}"
-            if not self.metadata_key(at, target):
+            if not self.target_key(at, target):
                 continue
             if not isinstance(path, str) or not path:
                 self.fail(
@@ -1024,7 +1039,7 @@ class _Loader:
         pairs: list[tuple[str, Primitive]] = []
         for key, constant in value.items():
             at = f"{where}.{_q(key)}"
-            if not self.metadata_key(at, key):
+            if not self.target_key(at, key):
                 continue
             if not _is_primitive(constant):
                 self.fail(

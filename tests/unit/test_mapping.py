@@ -858,6 +858,27 @@ def test_metadata_over_the_key_limit_is_cut_to_it() -> None:
     assert set(built.truncated) == {f"k{i:02d}" for i in range(9, 20)}  # the largest went
 
 
+@pytest.mark.parametrize("keys", [1, 2, 500, 1000])
+def test_the_size_limit_is_the_json_as_sent(keys: int) -> None:
+    """The size was summed per field as `{"k": v}` with a space (2-3 bytes too many a
+    field): 1,000 keys at 64,036 bytes as sent lost their largest field under a 65,536
+    limit, and one field of exactly 65,536 bytes was cut (review oracle19)."""
+    from consumer.calls import encode_body
+    from consumer.mapping import TRUNCATED_KEY, limit_metadata
+
+    limit = 65_536
+    meta: dict[str, Any] = {f"k{i:04d}": i for i in range(keys - 1)}
+    meta["big"] = ""
+    meta["big"] = "x" * (limit - len(encode_body(meta)))
+    assert len(encode_body(meta)) == limit
+    kept, cut = limit_metadata(dict(meta), limit, 1001)
+    assert cut == () and kept == meta
+    meta["big"] += "x"  # one byte over: cut, and what is sent fits
+    kept, cut = limit_metadata(dict(meta), limit, 1001)
+    assert cut == ("big",) and kept[TRUNCATED_KEY] == 1
+    assert len(encode_body(kept)) <= limit
+
+
 def test_a_payload_within_the_limits_is_untouched() -> None:
     from consumer.mapping import build_payload
 
@@ -920,3 +941,15 @@ def test_fields_picked_list_of_primitives_is_joined_as_in_metadata() -> None:
     rule = load_rule({"event_name": "o", "properties": "none", "fields": {"t": "properties.tags"}},
                      name="Order Completed")
     assert build_track_payload(event, rule)["metadata"] == {"t": "x,y,2,true"}
+
+
+@pytest.mark.parametrize("doc", [
+    {"events": {"Feature Used": {"static": {"_truncated": 1}}}},
+    {"events": {"Feature Used": {"rename": {"feature": "_truncated"}}}},
+    {"events": {"Feature Used": {"fields": {"_truncated": "properties.feature"}}}},
+    {"identify": {"static": {"_truncated": "x"}}},
+    {"group": {"rename": {"plan": "_truncated"}}}])
+def test_the_cut_marker_is_no_mapping_target(doc: dict[str, Any]) -> None:
+    """A static `_truncated` was sent as `_truncated_`, unannounced (review oracle19)."""
+    with pytest.raises(MappingsError, match='"_truncated" is reserved: the worker marks cut'):
+        load_mappings(doc)
