@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import email.utils
+import re
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from consumer.config import Settings
 
 __all__ = ["BODY_LIMIT", "UserpilotClient", "classify", "classify_answer", "parse_retry_after",
-           "request_secrets", "ssl_context"]
+           "request_secrets", "ssl_context", "transport_failure"]
 
 USER_AGENT = "userpilot-delivery-worker"
 MAX_RETRY_AFTER_S = 600.0
@@ -181,9 +182,9 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
                        status=status, body=snippet)
 
 
-def _transport_failure(exc: BaseException, deadline_s: float) -> WorkerError:
+def transport_failure(exc: BaseException, deadline_s: float) -> WorkerError:
     """What a request that got no usable answer raises (the one place for transport
-    outcomes; `classify` is the one for HTTP statuses)."""
+    outcomes, the worker's and `delete-users`'; `classify` is the one for HTTP statuses)."""
     if isinstance(exc, TimeoutError):
         return Timeout(f"no whole answer from Userpilot within {deadline_s:g} s")
     if isinstance(exc, httpx.TimeoutException):
@@ -231,16 +232,25 @@ def request_secrets(headers: Mapping[str, str], proxy: str | None) -> list[str]:
     return [*_credentials(headers), *url_credentials(proxy)]
 
 
+_PROXY_REFUSAL = re.compile(r"([1-5][0-9][0-9])(?: |$)")
+
+
 def _proxy_status(exc: BaseException) -> int | None:
-    """The status a proxy refused a CONNECT with (aiohttp's ClientHttpProxyError, wrapped
-    by httpx-aiohttp in httpx.ProxyError), if that is what happened."""
+    """The status a proxy refused a CONNECT with, if that is what happened: aiohttp's
+    ClientHttpProxyError (wrapped by httpx-aiohttp in httpx.ProxyError), or httpx's own
+    transport's ProxyError, whose text is the proxy's status line ("407 Proxy
+    Authentication Required"; `delete-users` sends through that transport)."""
     seen: BaseException | None = exc
     for _ in range(5):
         if seen is None:
-            return None
+            break
         if isinstance(seen, aiohttp.ClientHttpProxyError):
             return seen.status
         seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, httpx.ProxyError):
+        status = _PROXY_REFUSAL.match(str(exc))
+        if status is not None:
+            return int(status.group(1))
     return None
 
 
@@ -395,13 +405,13 @@ class UserpilotClient:
             # Any exception: what httpx and aiohttp may raise for an answer is wider than
             # their documented errors (a ValueError or UnicodeError from a parser), and one
             # outside WorkerError stopped the worker, on every restart while the answers
-            # came so. `_transport_failure` names what it does not know a server error.
+            # came so. `transport_failure` names what it does not know a server error.
             if accepted:
                 # Userpilot said 2xx: the event is delivered, whatever became of the body
                 # (cut, trickled past the deadline, not the gzip it claimed). Re-sending
                 # it on a body error sent it twice.
                 return response.status_code
-            raise _transport_failure(exc, self._deadline_s) from None
+            raise transport_failure(exc, self._deadline_s) from None
         status = response.status_code
         if accepted:  # the common case: no need to decode the body
             return status

@@ -36,14 +36,19 @@ from tenacity.stop import stop_base
 
 from consumer.config import Settings, load_settings
 from consumer.cutoff import Cutoff
-from consumer.delivery import USER_AGENT, classify_answer, request_secrets, ssl_context
+from consumer.delivery import (
+    USER_AGENT,
+    classify_answer,
+    request_secrets,
+    ssl_context,
+    transport_failure,
+)
 from consumer.errors import (
     ConfigError,
     ConnectionFailed,
     DeadLetter,
     Pause,
     Retry,
-    ServerError,
     Timeout,
 )
 from consumer.redaction import Redactor
@@ -204,16 +209,16 @@ class DeleteClient:
                                             extensions={"trace": cut.trace})
         except httpx.TimeoutException as exc:
             raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") from None
-        except (httpx.TransportError, OSError) as exc:
+        except (httpx.HTTPError, OSError) as exc:
             if cut.fired:
                 raise Timeout(f"Userpilot's answer took over {self.deadline_s:g} s") from None
-            tls = ("; for TLS, check USERPILOT_CA_BUNDLE (a corporate or inspecting proxy's "
-                   "CA)" if self.url.startswith("https:") else "")
-            raise ConnectionFailed(
-                f"connection to Userpilot failed ({type(exc).__name__}){tls}") from None
-        except httpx.HTTPError as exc:
-            raise ServerError(f"unusable answer from Userpilot ({type(exc).__name__})") \
-                from None
+            # The worker's rule (a proxy's 407 to the tunnel is a misconfiguration that
+            # stops the run: it was retried 12 times a batch, review newcomer19).
+            problem = transport_failure(exc, self.deadline_s)
+            if isinstance(problem, ConnectionFailed) and self.url.startswith("https:"):
+                problem = ConnectionFailed(f"{problem}; for TLS, check USERPILOT_CA_BUNDLE "
+                                           f"(a corporate or inspecting proxy's CA)")
+            raise problem from None
         finally:
             cut.cancel()
         problem = classify_answer(response.status_code, response.headers, response.content,

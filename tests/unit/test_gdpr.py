@@ -6,6 +6,8 @@ import argparse
 import io
 import itertools
 import json
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -270,6 +272,57 @@ def test_delete_client_maps_transport_failures() -> None:
     with pytest.raises(Exception) as failed:
         client.delete(b"{}")
     assert type(failed.value).__name__ == "ConnectionFailed"
+
+
+@pytest.fixture
+def refusing_proxy() -> Iterator[str]:
+    """A proxy that answers every CONNECT with 407 (wrong proxy credentials)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                             b"Proxy-Authenticate: Basic\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://user:wrong@127.0.0.1:{server.getsockname()[1]}"
+    done.set()
+    thread.join()
+    server.close()
+
+
+def test_a_proxy_refusing_the_tunnel_stops_the_run(refusing_proxy: str) -> None:
+    """httpx's own transport says 407 only in its ProxyError's text: delete-users read it
+    as a connection failure, retried every batch 12 times and went on to the next batch,
+    ~6 minutes a batch (review newcomer19). The worker's rule, shared: it stops."""
+    client = DeleteClient("https://analytex.userpilot.io/v1/users", {"Authorization": "Token t"},
+                          timeout_s=5, proxy=refusing_proxy)
+    with pytest.raises(Misconfigured, match="407"):
+        client.delete(b'{"users":["u"]}')
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    lines: list[str] = []
+    summary = delete_users(["u0", "u1", "u2"], client.delete, batch_size=1,
+                           pacer=Pacer(2.0, clock=lambda: now[0], sleep=sleep),
+                           attempts=12, log=lines.append)
+    client.close()
+    assert summary.aborted and summary.batches_sent == 1 and summary.deleted == 0
+    assert now[0] < 60 and "wrong" not in " ".join(lines)
 
 
 # ---------------------------------------------------------------------------- command line
