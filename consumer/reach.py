@@ -27,7 +27,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 from consumer.config import Settings, redact_userinfo
 from consumer.delivery import UserpilotClient
 from consumer.errors import ConnectionFailed, Misconfigured, Rejected, Retry, Timeout
-from consumer.tls import verification
+from consumer.registry import RegistryError, RegistryUnusable, RestClient
 
 __all__ = ["kafka", "redis", "registry", "resolve", "services", "userpilot"]
 
@@ -157,28 +157,30 @@ def dlq_policy(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> str |
 
 def registry(url: str, user_info: str | None, timeout: float,
              proxy: str | None = None) -> str | None:
-    """Reach the schema registry (``GET /subjects``) with the worker's credentials, through
-    its proxy (`Settings.registry_proxy`) and CA store, as `run`'s client does."""
-    auth = None
-    if user_info:
-        user, _, password = user_info.partition(":")
-        auth = (user, password)
+    """Reach the schema registry (``GET /subjects``) through the worker's own client
+    (`registry.RestClient`: its credentials, proxy, CA store, whole-answer deadline and its
+    rule of what a registry's answer is). A probe of its own took any status under 300: a
+    UI's HTML page passed, and then every schema lookup failed (review newcomer19)."""
     parts = urlsplit(url)
     shown = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()  # no password
     started = time.monotonic()
+    client = RestClient(url, user_info, timeout_s=timeout, proxy=proxy)
     try:
-        response = httpx.get(url.rstrip("/") + "/subjects", auth=auth, timeout=timeout,
-                             trust_env=False, proxy=proxy, verify=verification(url, proxy))
-    except httpx.HTTPError as exc:
+        client.subjects()
+    except RegistryError as exc:
+        if exc.http_status_code in (401, 403):
+            return (f"schema registry at {shown} refused the credentials "
+                    f"({exc.http_status_code}): check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
+        return (f"schema registry at {shown} answered {exc.http_status_code} to GET "
+                "/subjects: check SCHEMA_REGISTRY_URL (include the API path)")
+    except RegistryUnusable as exc:
+        return f"schema registry at {shown}: {exc}"
+    except (httpx.HTTPError, OSError) as exc:  # TimeoutError included: the deadline
         waited = time.monotonic() - started
         return (f"schema registry at {shown} not reachable ({type(exc).__name__} after "
                 f"{waited:.1f} s): check SCHEMA_REGISTRY_URL")
-    if response.status_code in (401, 403):
-        return (f"schema registry at {shown} refused the credentials "
-                f"({response.status_code}): check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
-    if response.status_code >= 300:
-        return (f"schema registry at {shown} answered {response.status_code} to GET "
-                "/subjects: check SCHEMA_REGISTRY_URL (include the API path)")
+    finally:
+        client.close()
     return None
 
 

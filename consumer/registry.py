@@ -192,10 +192,17 @@ class RestClient:
         body = self._json("GET", f"subjects/{_path(subject)}/versions/latest")
         return int(body["id"]), SchemaDoc.of(body)
 
+    def subjects(self) -> list[Any]:
+        """The registered subjects (`GET /subjects`): `check-config --online`'s and `run`'s
+        start-up probe, so they accept the answers the worker can use and no other."""
+        subjects = self._json("GET", "subjects", want=list)
+        return subjects
+
     def close(self) -> None:
         self._http.close()
 
-    def _json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    def _json(self, method: str, path: str, body: Any = None, *,
+              want: type[Any] = dict) -> Any:
         # httpx's timeout bounds each step (connect, each read), not the call: an answer
         # trickled a byte at a time, its headers or its body, never timed out, held the
         # schema lookup with readiness on and kept the process from exiting (reviews
@@ -225,7 +232,7 @@ class RestClient:
                        else body_text(content, charset=charset_of(response.headers))[:200])
             raise RegistryError(response.status_code, code if isinstance(code, int) else None,
                                 str(message))
-        if response.status_code >= 300 or not isinstance(data, dict):
+        if response.status_code >= 300 or not isinstance(data, want):
             # Not a registry answering (a URL without Apicurio's /apis/ccompat/v7, a UI, a
             # gateway's redirect): a failure for readiness, not an answer.
             raise RegistryUnusable(

@@ -74,3 +74,53 @@ def test_problems_are_one_line_that_names_them(raw: bytes, expected: str) -> Non
     assert expected in problem
     assert "None" not in problem
     assert "wt_1234567890" not in problem
+
+
+def _answer(status: str, content_type: str, body: bytes) -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize(("raw", "problem"), [
+    # a UI or a URL without Apicurio's /apis/ccompat/v7: passed the probe's own "< 300"
+    # rule, then every schema lookup failed (review newcomer19)
+    (_answer("200 OK", "text/html", b"<html>registry UI</html>"),
+     "not a Schema Registry JSON answer; check SCHEMA_REGISTRY_URL"),
+    (_answer("200 OK", "application/json", b'{"subjects": []}'),
+     "not a Schema Registry JSON answer"),
+    (_answer("401 Unauthorized", "application/json", b'{"error_code": 401, "message": "no"}'),
+     "refused the credentials (401): check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"),
+    (_answer("404 Not Found", "text/plain", b"nope"),
+     "answered 404 to GET /subjects: check SCHEMA_REGISTRY_URL (include the API path)"),
+    (_answer("200 OK", "application/vnd.schemaregistry.v1+json", b'["a-value", "b-value"]'),
+     None),
+])
+def test_the_registry_probe_accepts_what_the_worker_can_use(raw: bytes,
+                                                           problem: str | None) -> None:
+    with answering(raw) as port:
+        said = reach.registry(f"http://u:pw-S3CRET@127.0.0.1:{port}", "u:pw-S3CRET", 5)
+    if problem is None:
+        assert said is None
+    else:
+        assert said is not None and problem in said and "S3CRET" not in said
+
+
+def test_the_registry_probe_has_the_clients_deadline() -> None:
+    """An answer trickled without end is cut at the timeout (the client's `Cutoff`)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        held.append(conn)
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n[")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    said = reach.registry(f"http://127.0.0.1:{port}", None, 0.5)
+    listener.close()
+    for conn in held:
+        conn.close()
+    assert said is not None and "not reachable (TimeoutError" in said
