@@ -214,11 +214,11 @@ class DeleteClient:
                 raise Timeout(f"Userpilot's answer took over {self.deadline_s:g} s") from None
             # The worker's rule (a proxy's 407 to the tunnel is a misconfiguration that
             # stops the run: it was retried 12 times a batch, review newcomer19).
-            problem = transport_failure(exc, self.deadline_s)
-            if isinstance(problem, ConnectionFailed) and self.url.startswith("https:"):
-                problem = ConnectionFailed(f"{problem}; for TLS, check USERPILOT_CA_BUNDLE "
+            failure = transport_failure(exc, self.deadline_s)
+            if isinstance(failure, ConnectionFailed) and self.url.startswith("https:"):
+                failure = ConnectionFailed(f"{failure}; for TLS, check USERPILOT_CA_BUNDLE "
                                            f"(a corporate or inspecting proxy's CA)")
-            raise problem from None
+            raise failure from None
         finally:
             cut.cancel()
         problem = classify_answer(response.status_code, response.headers, response.content,

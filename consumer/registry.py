@@ -195,7 +195,7 @@ class RestClient:
     def subjects(self) -> list[Any]:
         """The registered subjects (`GET /subjects`): `check-config --online`'s and `run`'s
         start-up probe, so they accept the answers the worker can use and no other."""
-        subjects = self._json("GET", "subjects", want=list)
+        subjects: list[Any] = self._json("GET", "subjects", want=list)
         return subjects
 
     def close(self) -> None:
