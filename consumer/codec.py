@@ -48,7 +48,6 @@ __all__ = [
     "decode",
     "encode",
     "free_items",
-    "from_record",
     "plain_types",
     "self_referencing",
     "split_wire",
@@ -422,11 +421,6 @@ def _context_to_record(context: Any) -> dict[str, Any] | None:
             extra[key] = value
     record["extra"] = _encode_json("context", extra) if extra else None
     return record
-
-
-def from_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Avro record → canonical JSON event (every field parsed); null fields are left out."""
-    return dict(Event(record))
 
 
 class Event(Mapping[str, Any]):

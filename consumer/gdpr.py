@@ -58,7 +58,6 @@ __all__ = [
     "DELETE_INTERVAL_S",
     "DELETE_PATH",
     "MAX_BATCH_SIZE",
-    "BatchResult",
     "DeleteClient",
     "Pacer",
     "Summary",
@@ -142,14 +141,6 @@ class Pacer:
     def answered(self) -> None:
         """Call when a request was answered (or failed): the interval starts now."""
         self._next = self.clock() + self.interval
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    size: int
-    ok: bool
-    attempts: int
-    detail: str
 
 
 @dataclass
@@ -399,8 +390,7 @@ def _client_from_env(env: Mapping[str, str]) -> tuple[DeleteClient, Settings]:
     present = {k: v for k, v in env.items() if v.strip() and not k.startswith(_UNUSED_PREFIXES)
                and k not in _UNUSED_NAMES}
     settings = load_settings({**present, **_NOT_USED_HERE}, uses_registry=False)
-    scheme = "http" if settings.insecure_http else "https"
-    url = f"{scheme}://{settings.analytics_endpoint}{DELETE_PATH}"
+    url = f"{settings.base_url}{DELETE_PATH}"
     client = DeleteClient(url, settings.headers(), timeout_s=settings.request_timeout_s,
                           ca_bundle=settings.ca_bundle,
                           proxy=settings.proxy.reveal() if settings.proxy else None)
