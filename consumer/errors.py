@@ -10,11 +10,11 @@
     │   └── DlqRecordTooLarge        the DLQ refused the record's size: write it value-less
     ├── Retry                        transient: try the same event again after a backoff
     │   ├── RateLimited              429; carries Retry-After when Userpilot sent one
-    │   ├── ServerError              408, 5xx
+    │   ├── ServerError              408, 5xx, a final 1xx, an unknown status, no answer
     │   ├── Timeout                  no answer in time
     │   └── ConnectionFailed         reset, refused, DNS
     ├── Pause                        the whole integration is broken: stop sending, keep
-    │   └── Misconfigured            offsets, probe with backoff (401, 403, 404, 407)
+    │   └── Misconfigured            offsets, probe with backoff (401/403/404/407, 3xx)
     ├── AlreadyDelivered             another owner delivered this messageId meanwhile:
     │                                finish the event without a request (duplicate)
     ├── Stop                         the worker must stop consuming, loudly
@@ -138,7 +138,8 @@ class RateLimited(Retry):
 
 
 class ServerError(Retry):
-    """408 or 5xx: Userpilot or a proxy had a problem."""
+    """408 or 5xx: Userpilot or a proxy had a problem; also a final 1xx, an unknown status
+    or an answer that cannot be read (never a dead letter: nothing says the event is bad)."""
 
     cause = "server_error"
 
@@ -165,7 +166,8 @@ class Pause(WorkerError):
 
 
 class Misconfigured(Pause):
-    """401/403/404: wrong token (often the read token) or wrong analytics endpoint host."""
+    """401/403/404/407 or a redirect: wrong token (often the read token), wrong analytics
+    endpoint host, or a proxy refusing its credentials; no event can succeed."""
 
 
 class AlreadyDelivered(WorkerError):

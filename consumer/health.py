@@ -33,7 +33,7 @@ __all__ = ["DEFAULT_MAX_SILENCE_S", "Health", "HealthServer", "make_app", "serve
 
 log = logging.getLogger(__name__)
 
-# The poll loop beats at least every poll timeout (~1 s), and a revoke's drain, which holds
+# The poll loop beats at least every poll timeout (0.1 s), and a revoke's drain, which holds
 # the poll loop, beats while it waits: a minute of silence means stuck.
 DEFAULT_MAX_SILENCE_S = 60.0
 

@@ -314,9 +314,11 @@ class Registry:
                       what, detail, self.timeout_s)
 
     def _answered(self) -> None:
-        if self.healthy:
+        if self.healthy:  # the common case, lock-free: only a failure turns it off
             return
         with self._lock:
+            if self.healthy:  # another thread's answer came first: one line, not two
+                return
             since, self.failing_since = self.failing_since, None
             self.healthy = True
             self.last_error = None

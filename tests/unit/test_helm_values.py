@@ -321,3 +321,15 @@ def test_the_schema_refuses_what_the_worker_refuses(path: str, env: str, largest
     load_settings({**base, env: str(largest)})
     with pytest.raises(Exception, match=env):
         load_settings({**base, env: str(largest + 1)})
+
+
+def test_the_readme_names_every_setting_the_chart_has_no_value_for() -> None:
+    """Seven settings could only be set through `extraEnv` and nothing said which (review
+    newcomer19): README's Helm section names each one."""
+    from consumer.config import ENV_VARS
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Deploy with Helm"):readme.index("### Redis:")]
+    missing = sorted(v for v in ENV_VARS if v not in TEMPLATES)
+    assert missing, "every setting has a chart value: drop the README's list"
+    assert [v for v in missing if f"`{v}`" not in section] == []
