@@ -76,7 +76,8 @@ IDENTIFY_PATH = "/v1/identify"
 COMPANY_IDENTIFY_PATH = "/v1/companies/identify"
 
 DEFAULT_KNOWN_USERS = 100_000
-"""Default capacity of :class:`KnownUsers`: ~150 bytes an entry plus the id (an id over 64 characters kept as a digest), so ~20 MB at most."""
+"""Default capacity of :class:`KnownUsers`: ~150 bytes an entry plus the id (an id over 64
+characters kept as a digest), so ~20 MB at most."""
 
 Family: TypeAlias = Literal["track", "identify"]
 """Rate-limit family: Userpilot limits track and identify to 600/min/token each.
