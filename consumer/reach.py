@@ -127,9 +127,64 @@ def kafka(conf: Mapping[str, Any], timeout: float,
     missing = [t for t in topics if t not in metadata.topics]
     if missing:
         return f"Kafka at {bootstrap} has no topic {', '.join(repr(t) for t in missing)}"
-    if dlq_topic is not None and dlq_topic in metadata.topics:
-        return dlq_policy(settings, dlq_topic, timeout)
-    return None
+    brokers = broker_config(settings, [*metadata.brokers], timeout)
+    if dlq_topic is not None and dlq_topic not in metadata.topics:
+        problem = missing_dlq_problem(bootstrap, dlq_topic, brokers)
+    elif dlq_topic is not None:
+        problem = dlq_policy(settings, dlq_topic, timeout)
+    else:
+        problem = None
+    return problem or session_timeout_problem(conf, brokers)
+
+
+def missing_dlq_problem(bootstrap: str, dlq_topic: str,
+                        brokers: Mapping[str, str]) -> str | None:
+    """A DLQ topic that does not exist is created by the first dead letter, unless the
+    brokers create no topics: then that dead letter is retried for ever, its partition
+    held, while the worker reports ready (review config19)."""
+    if brokers.get("auto.create.topics.enable") != "false":
+        return None
+    return (f"Kafka at {bootstrap} has no DLQ topic {dlq_topic!r} and its brokers create "
+            "no topics (auto.create.topics.enable=false): create it, e.g. kafka-topics.sh "
+            f"--bootstrap-server <broker> --create --topic {dlq_topic}, or fix "
+            "KAFKA_DLQ_TOPIC")
+
+
+def broker_config(conf: Mapping[str, Any], brokers: list[int], timeout: float) -> dict[str, str]:
+    """One broker's settings (`DescribeConfigs`), empty when they cannot be read (no ACL for
+    it, an old broker): the checks that use them then pass."""
+    if not brokers:
+        return {}
+    try:
+        admin = AdminClient(dict(conf))
+        resource = ConfigResource(ConfigResource.Type.BROKER, str(min(brokers)))
+        entries = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
+            timeout)
+    except Exception:
+        return {}
+    return {name: str(entry.value) for name, entry in entries.items()
+            if getattr(entry, "value", None) is not None}
+
+
+LIBRDKAFKA_SESSION_TIMEOUT_MS = 45_000
+
+
+def session_timeout_problem(conf: Mapping[str, Any], brokers: Mapping[str, str]) -> str | None:
+    """A session timeout outside the brokers' group.min/max.session.timeout.ms: every
+    JoinGroup is refused, which librdkafka only logs and retries, so the worker never gets
+    a partition while its process looks alive (review config19)."""
+    try:
+        low = int(brokers["group.min.session.timeout.ms"])
+        high = int(brokers["group.max.session.timeout.ms"])
+        wanted = int(str(conf.get("session.timeout.ms", LIBRDKAFKA_SESSION_TIMEOUT_MS)))
+    except (KeyError, ValueError):
+        return None
+    if low <= wanted <= high:
+        return None
+    return (f"KAFKA_SESSION_TIMEOUT_MS={wanted} is outside what the brokers accept "
+            f"(group.min.session.timeout.ms={low} to group.max.session.timeout.ms={high}): "
+            "every join of the consumer group would be refused; set it within that range "
+            f"or remove it (librdkafka's default {LIBRDKAFKA_SESSION_TIMEOUT_MS})")
 
 
 def dlq_policy(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> str | None:

@@ -221,6 +221,23 @@ def test_a_compacted_dlq_is_refused_by_check_config_and_run(
     assert f"has cleanup.policy={policy}" in ran.stderr
 
 
+@pytest.mark.parametrize("timeout_ms", ["1", "1800001"])
+def test_a_session_timeout_the_brokers_refuse_stops_check_config_and_run(
+    online_env: dict[str, str], timeout_ms: str,
+) -> None:
+    """Review config19: every JoinGroup was refused (librdkafka logs it and retries), the
+    worker never became ready, and check-config --online said OK."""
+    env = {**online_env, "KAFKA_SESSION_TIMEOUT_MS": timeout_ms,
+           "KAFKA_MAX_POLL_INTERVAL_MS": "1800001"}  # librdkafka: at least the session's
+    checked = cli(["check-config", "--online", "--timeout", "5"], env)
+    assert checked.returncode == 10, checked.stderr
+    said = f"KAFKA_SESSION_TIMEOUT_MS={timeout_ms} is outside what the brokers accept"
+    assert said in checked.stderr
+    ran = cli(["run", "--timeout", "5"], env)
+    assert ran.returncode == 1, ran.stderr
+    assert said in ran.stderr
+
+
 @pytest.mark.parametrize("refusal", ["ping-only user", "read-only replica"])
 def test_online_refuses_a_redis_that_answers_ping_but_not_the_workers_calls(
         online_env: dict[str, str], stoppable_redis: StoppableRedis, refusal: str) -> None:

@@ -124,3 +124,32 @@ def test_the_registry_probe_has_the_clients_deadline() -> None:
     for conn in held:
         conn.close()
     assert said is not None and "not reachable (TimeoutError" in said
+
+
+BROKERS = {"group.min.session.timeout.ms": "6000", "group.max.session.timeout.ms": "1800000",
+           "auto.create.topics.enable": "false"}
+
+
+@pytest.mark.parametrize(("conf", "refused"), [
+    ({}, False), ({"session.timeout.ms": "6000"}, False),
+    ({"session.timeout.ms": 1800000}, False), ({"session.timeout.ms": "1"}, True),
+    ({"session.timeout.ms": "3600000"}, True)])
+def test_a_session_timeout_the_brokers_refuse_is_named(conf: dict[str, object],
+                                                       refused: bool) -> None:
+    """Every JoinGroup was refused, which librdkafka only logs: never ready, and
+    check-config --online said OK (review config19)."""
+    problem = reach.session_timeout_problem(conf, BROKERS)
+    assert (problem is not None) is refused
+    if problem is not None:
+        assert problem.startswith(f"KAFKA_SESSION_TIMEOUT_MS={conf['session.timeout.ms']} ")
+        assert "group.min.session.timeout.ms=6000" in problem
+    assert reach.session_timeout_problem({"session.timeout.ms": "1"}, {}) is None  # unread
+
+
+def test_a_missing_dlq_topic_is_refused_only_where_nothing_creates_it() -> None:
+    problem = reach.missing_dlq_problem("k:9092", "t.dlq", BROKERS)
+    assert problem is not None and "auto.create.topics.enable=false" in problem
+    assert "--create --topic t.dlq" in problem
+    assert reach.missing_dlq_problem("k:9092", "t.dlq",
+                                     {"auto.create.topics.enable": "true"}) is None
+    assert reach.missing_dlq_problem("k:9092", "t.dlq", {}) is None  # not readable: pass
