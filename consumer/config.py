@@ -696,6 +696,36 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
     return extra
 
 
+def _kafka_together(reader: _Reader, extra: Mapping[str, str | Secret], group_id: str,
+                    bootstrap: str) -> None:
+    """librdkafka's verdict on the KAFKA_* settings as a whole, each complaint naming the
+    variables it is about; its configuration warnings become notes, except SASL settings
+    without a SASL protocol: the credentials would go unused, the connection unauthenticated
+    (librdkafka only warns, and `run` connected in plaintext; review config19)."""
+    from consumer.librdkafka import client_problem
+
+    conf = {k: v.reveal() if isinstance(v, Secret) else v for k, v in extra.items()}
+    warnings: list[str] = []
+    refused = client_problem({**conf, "group.id": group_id or "check-config"}, warnings)
+
+    def named(text: str) -> str:
+        names = [f"KAFKA_{key.upper().replace('.', '_')}" for key in sorted(conf)
+                 if f"`{key}`" in text or f"{key} " in text or f'"{key}"' in text]
+        return f" (set by {', '.join(names)})" if names else ""
+
+    if refused is not None:
+        reader.problems.append(f"the KAFKA_* settings together are refused by librdkafka "
+                               f"({refused}){named(refused)}: fix or remove them")
+    for warning in warnings:
+        # A broker written `SASL_SSL://host:port` gets that protocol from its prefix.
+        if "is not configured for SASL" in warning and "sasl_" not in bootstrap.lower():
+            reader.problems.append(
+                f"librdkafka would ignore the SASL settings: {warning}{named(warning)}; set "
+                "KAFKA_SECURITY_PROTOCOL=SASL_SSL (or SASL_PLAINTEXT), or remove them")
+        else:
+            reader.notes.append(f"librdkafka: {warning}{named(warning)}")
+
+
 def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[str, str]:
     """Replace each ``<NAME>_FILE`` by ``<NAME>`` with the file's content (one line)."""
     if not any(name.endswith("_FILE") for name in env):
@@ -1276,14 +1306,10 @@ def load_settings(
     ensure_user = r.boolean("USERPILOT_ENSURE_USER", True)
     ensure_user_cache = r.integer("USERPILOT_ENSURE_USER_CACHE", 100_000, 1, 10_000_000)
 
-    if not r.problems and check_clients and kafka_extra:
-        from consumer.librdkafka import client_problem
-
-        conf = {k: v.reveal() if isinstance(v, Secret) else v for k, v in kafka_extra.items()}
-        refused = client_problem({**conf, "group.id": group_id})
-        if refused is not None:
-            r.problems.append(f"the KAFKA_* settings together are refused by librdkafka "
-                              f"({refused})")
+    if check_clients and kafka_extra:
+        # Also beside other problems (the accepted KAFKA_* settings only): a bad CA path
+        # showed only once every other mistake was fixed (review config19).
+        _kafka_together(r, kafka_extra, group_id, bootstrap or "")
     if r.problems:
         raise ConfigError(
             "invalid configuration:\n" + "\n".join(f"  - {p}" for p in r.problems)

@@ -13,8 +13,10 @@ catches combinations: ``acks`` other than ``all`` with idempotence on, or
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
@@ -28,10 +30,17 @@ DLQ_PRODUCER = {"batch.num.messages": 1}
 max.message.bytes per batch, so dead letters that each fit a DLQ topic with a lower limit
 were refused together and all written without their value. Dead letters are few."""
 _CONSUMER_ONLY = (
-    "enable.auto.commit", "enable.auto.offset.store", "auto.offset.reset",
-    "partition.assignment.strategy", "isolation.level", "session.timeout.ms",
-    "max.poll.interval.ms", "enable.partition.eof", "heartbeat.interval.ms",
-    "fetch.min.bytes", "fetch.max.bytes", "group.instance.id", "statistics.interval.ms")
+    # librdkafka's consumer-only properties (CONFIGURATION.md, "C"): a producer given one
+    # logs a CONFWARN on every start (review config19). `group.*` are left out by prefix.
+    "enable.auto.commit", "auto.commit.enable", "auto.commit.interval.ms",
+    "enable.auto.offset.store", "auto.offset.reset", "partition.assignment.strategy",
+    "isolation.level", "session.timeout.ms", "max.poll.interval.ms", "enable.partition.eof",
+    "heartbeat.interval.ms", "coordinator.query.interval.ms", "fetch.min.bytes",
+    "fetch.max.bytes", "fetch.wait.max.ms", "fetch.queue.backoff.ms",
+    "fetch.message.max.bytes", "max.partition.fetch.bytes", "fetch.error.backoff.ms",
+    "queued.min.messages", "queued.max.messages.kbytes", "check.crcs",
+    "offset.store.method", "offset.store.path", "offset.store.sync.interval.ms",
+    "consume.callback.max.messages", "statistics.interval.ms")
 
 
 def consumer_settings(conf: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,9 +82,24 @@ def producer_settings(conf: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
         settings.pop(key, None)
     return settings
 
-_SILENT = logging.getLogger("consumer.librdkafka.check")
-_SILENT.addHandler(logging.NullHandler())
-_SILENT.propagate = False  # "no bootstrap.servers configured" is expected here
+class _Warnings(logging.Handler):
+    """librdkafka's configuration warnings (CONFWARN) while a client is built offline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("CONFWARN") and "bootstrap.servers" not in text:
+            # "No `bootstrap.servers` configured" is this check's own doing.
+            self.lines.append(text.split("]: ", 1)[-1])
+
+
+_CHECK = logging.getLogger("consumer.librdkafka.check")
+_CHECK.propagate = False
+_CHECK.setLevel(logging.DEBUG)
+_LOCK = threading.Lock()  # one check at a time owns the logger's handler
 
 
 def _reason(exc: KafkaException) -> str:
@@ -84,27 +108,44 @@ def _reason(exc: KafkaException) -> str:
     return str(text)
 
 
-def _consumer(conf: Mapping[str, Any]) -> str | None:
-    try:
-        consumer = Consumer({"group.id": "check-config", **conf, "logger": _SILENT})
-    except KafkaException as exc:
-        return _reason(exc)
-    except Exception as exc:  # confluent-kafka raises SystemError/TypeError on odd values
-        return f"{type(exc).__name__}: {exc}"
-    consumer.close()
+def _consumer(conf: Mapping[str, Any], warnings: list[str] | None = None) -> str | None:
+    with _capture(warnings):
+        try:
+            consumer = Consumer({"group.id": "check-config", **conf, "logger": _CHECK})
+        except KafkaException as exc:
+            return _reason(exc)
+        except Exception as exc:  # confluent-kafka raises SystemError/TypeError on odd values
+            return f"{type(exc).__name__}: {exc}"
+        consumer.poll(0)  # serves the log lines queued while it was built
+        consumer.close()
     return None
 
 
-def _producer(conf: Mapping[str, Any]) -> str | None:
-    settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _SILENT}
-    try:
-        producer = Producer(settings)
-    except KafkaException as exc:
-        return _reason(exc)
-    except Exception as exc:  # confluent-kafka raises SystemError/TypeError on odd values
-        return f"{type(exc).__name__}: {exc}"
-    producer.flush(0)
+def _producer(conf: Mapping[str, Any], warnings: list[str] | None = None) -> str | None:
+    settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _CHECK}
+    with _capture(warnings):
+        try:
+            producer = Producer(settings)
+        except KafkaException as exc:
+            return _reason(exc)
+        except Exception as exc:  # confluent-kafka raises SystemError/TypeError on odd values
+            return f"{type(exc).__name__}: {exc}"
+        producer.poll(0)
+        producer.flush(0)
     return None
+
+
+@contextlib.contextmanager
+def _capture(warnings: list[str] | None) -> Iterator[None]:
+    handler = _Warnings()
+    with _LOCK:
+        _CHECK.addHandler(handler)
+        try:
+            yield
+        finally:
+            _CHECK.removeHandler(handler)
+    if warnings is not None:
+        warnings.extend(line for line in handler.lines if line not in warnings)
 
 
 def property_problem(key: str, value: str) -> str | None:
@@ -117,14 +158,15 @@ def property_problem(key: str, value: str) -> str | None:
     return problem if problem is not None and f'"{key}"' in problem else None
 
 
-def client_problem(conf: Mapping[str, Any]) -> str | None:
-    """librdkafka's complaint about the whole consumer or DLQ producer configuration.
+def client_problem(conf: Mapping[str, Any], warnings: list[str] | None = None) -> str | None:
+    """librdkafka's complaint about the whole consumer or DLQ producer configuration; its
+    configuration warnings (CONFWARN: a setting it will ignore) are added to `warnings`.
 
     ``bootstrap.servers`` is left out so nothing connects.
     """
     offline = {k: v for k, v in conf.items() if k != "bootstrap.servers"}
-    consumer = _consumer(consumer_settings(offline))
+    consumer = _consumer(consumer_settings(offline), warnings)
     if consumer is not None:
         return f"consumer: {consumer}"
-    producer = _producer(offline)
+    producer = _producer(offline, warnings)
     return None if producer is None else f"dead-letter producer: {producer}"

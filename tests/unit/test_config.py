@@ -711,6 +711,45 @@ def test_a_combination_librdkafka_refuses_is_refused() -> None:
     assert "dead-letter producer" in message and "linger.ms" in message
 
 
+def test_librdkafka_s_refusal_is_listed_beside_the_other_problems() -> None:
+    """It came only once every other mistake was fixed, naming no variable (config19)."""
+    rate, kafka = problems({**BASE, "USERPILOT_RATE_LIMIT": "abc",
+                            "KAFKA_SECURITY_PROTOCOL": "SSL",
+                            "KAFKA_SSL_CA_LOCATION": "/nonexistent/ca.pem"})
+    assert rate.startswith("USERPILOT_RATE_LIMIT='abc'")
+    assert "ssl.ca.location" in kafka and "(set by KAFKA_SSL_CA_LOCATION)" in kafka
+
+
+def test_sasl_settings_without_a_sasl_protocol_are_refused() -> None:
+    """librdkafka only warned (a CONFWARN the check dropped) and `run` connected in
+    plaintext with the credentials unused (review config19)."""
+    sasl = {"KAFKA_SASL_MECHANISM": "PLAIN", "KAFKA_SASL_USERNAME": "u",
+            "KAFKA_SASL_PASSWORD": "pw-S3CRET"}
+    message = problem(**sasl)
+    assert "librdkafka would ignore the SASL settings" in message
+    assert "set KAFKA_SECURITY_PROTOCOL=SASL_SSL" in message and "S3CRET" not in message
+    assert load(**sasl, KAFKA_SECURITY_PROTOCOL="SASL_SSL").kafka_extra["sasl.mechanism"]
+    # a broker written with its protocol: a note, not a refusal
+    noted = load(**sasl, KAFKA_BOOTSTRAP_SERVERS="SASL_SSL://kafka:9093")
+    assert any("not configured for SASL" in note for note in noted.notes)
+
+
+def test_consumer_only_settings_do_not_reach_the_producer() -> None:
+    """Each start logged librdkafka's "is a consumer property and will be ignored by this
+    producer instance" (review config19): no such warning is left."""
+    settings = load(KAFKA_FETCH_WAIT_MAX_MS="100", KAFKA_FETCH_MESSAGE_MAX_BYTES="2097152",
+                    KAFKA_QUEUED_MIN_MESSAGES="1000", KAFKA_COORDINATOR_QUERY_INTERVAL_MS="600000",
+                    KAFKA_AUTO_COMMIT_INTERVAL_MS="5000", KAFKA_CHECK_CRCS="true")
+    assert [n for n in settings.notes if "librdkafka" in n] == []
+    from consumer.librdkafka import client_problem
+
+    warned: list[str] = []  # what the check would note (before: a producer warned)
+    assert client_problem({"group.id": "g", **settings.kafka_extra}, warned) is None
+    assert warned == []
+    assert client_problem({"group.id": "g", "sasl.mechanism": "PLAIN"}, warned) is None
+    assert len(warned) == 1 and "sasl.mechanism" in warned[0]  # warnings are captured
+
+
 @pytest.mark.parametrize(("name", "value", "says"), [
     ("KAFKA_ACKS", "1", "acks=all"),
     ("KAFKA_REQUEST_REQUIRED_ACKS", "0", "acks=all"),
