@@ -173,12 +173,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings()
     text = json.dumps(settings.describe(), indent=2, ensure_ascii=False)
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a variable holding bytes that are not UTF-8
+        # What stdout can write (a variable holding bytes that are not UTF-8, or an ASCII
+        # stdout with a non-ASCII value: a traceback and exit 1, review config19).
+        text.encode(sys.stdout.encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
         text = json.dumps(settings.describe(), indent=2)
     print(text)
     for note in settings.notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(f"note: {note}".encode(sys.stderr.encoding or "utf-8", "backslashreplace")
+              .decode(sys.stderr.encoding or "utf-8"), file=sys.stderr)
     print("configuration OK", file=sys.stderr)
     if not args.online:
         return 0

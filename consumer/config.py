@@ -21,7 +21,7 @@ import math
 import re
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, urlsplit
@@ -262,8 +262,9 @@ class Settings:
     topics: tuple[str, ...]
     group_id: str
     dlq_topic: str
-    kafka_extra: Mapping[str, str | Secret]
-    registry_url: str
+    # These two may hold credentials (a URL's user info): never in a repr (review config19).
+    kafka_extra: Mapping[str, str | Secret] = field(repr=False)
+    registry_url: str = field(repr=False)
     registry_auth: Secret | None
     max_in_flight: int
     shutdown_grace_s: float
@@ -388,7 +389,8 @@ class Settings:
                 "topics": list(self.topics),
                 "group_id": self.group_id,
                 "dlq_topic": self.dlq_topic,
-                "extra": {k: ("***" if isinstance(v, Secret) else v)
+                "extra": {k: ("***" if isinstance(v, Secret) else redact_userinfo(v)
+                              if "://" in v else v)
                           for k, v in self.kafka_extra.items()},
             },
             "schema_registry": {"url": redact_userinfo(self.registry_url),
@@ -612,7 +614,7 @@ def _kafka_value_problem(key: str, value: str) -> str | None:
     (`topic.acks`) is the same setting (review "diff17")."""
     lowered = value.lower()
     key = key.removeprefix("topic.")
-    if key == "isolation.level" and value != "read_committed":
+    if key == "isolation.level" and lowered != "read_committed":  # librdkafka: any case
         # read_uncommitted hands over the records of aborted transactions: events their
         # producer rolled back would reach Userpilot.
         return ("would send Userpilot the events of aborted transactions; the worker reads "
@@ -663,7 +665,9 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
                 "delivery: remove it"
             )
             continue
-        value = reader.env[name]
+        # A trailing line break, as a Secret made with `kubectl create secret --from-file`
+        # carries: dropped, as from a *_FILE (a password sent with it fails SASL).
+        value = reader.env[name].rstrip("\r\n")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:

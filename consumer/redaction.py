@@ -84,6 +84,11 @@ def kafka_secrets(conf: Mapping[str, str], secret_keys: Iterable[str]) -> list[s
         if user and secret:
             pair = f"{user}:{secret}"
             secrets += [pair, base64.b64encode(pair.encode()).decode()]
+    for value in conf.values():
+        # Credentials written into a URL-valued setting (an OIDC token endpoint's
+        # `https://id:secret@idp/...`, review config19).
+        if isinstance(value, str) and "://" in value:
+            secrets += url_credentials(value)
     return secrets
 
 

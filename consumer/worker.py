@@ -332,7 +332,8 @@ class Worker:
         self._unresolved: dict[TP, list[Unresolved]] = {}
         # Where a partition without a committed offset starts (auto.offset.reset).
         self._from_earliest = str(settings.kafka_extra.get(
-            "auto.offset.reset", "earliest")) in ("earliest", "smallest", "beginning")
+            "auto.offset.reset", "earliest")).strip().lower() in (
+                "earliest", "smallest", "beginning")  # librdkafka reads any case
         # Fair intake (event loop only; may name revoked partitions, always intersected with
         # `assigned`): partitions kept paused because they hold their share of the window,
         # and partitions seen with nothing to read.

@@ -366,13 +366,41 @@ def test_kafka_pass_through_mapping() -> None:
     }
 
 
-@pytest.mark.parametrize("value", ["read_uncommitted", "READ_COMMITTED"])
+@pytest.mark.parametrize("value", ["read_uncommitted", "READ_UNCOMMITTED"])
 def test_only_read_committed_isolation_is_accepted(value: str) -> None:
     # Uncommitted reads would hand over the events of aborted transactions (review
     # "offsets16": 500 rolled-back events reached Userpilot).
     text = problem(KAFKA_ISOLATION_LEVEL=value)
     assert f"KAFKA_ISOLATION_LEVEL={value!r}" in text
     assert "aborted transactions" in text and "read_committed" in text
+
+
+def test_read_committed_in_any_case_is_accepted() -> None:
+    """librdkafka reads the value in any case; it was refused as uncommitted (config19)."""
+    assert load(KAFKA_ISOLATION_LEVEL="READ_COMMITTED").kafka_extra["isolation.level"] == \
+        "READ_COMMITTED"
+
+
+def test_a_trailing_line_break_is_dropped_from_kafka_settings() -> None:
+    """A Secret made with `kubectl create secret --from-file` ends in a newline: it went
+    to librdkafka as part of the SASL password (review config19), unlike a *_FILE's."""
+    settings = load(KAFKA_SECURITY_PROTOCOL="SASL_SSL", KAFKA_SASL_MECHANISM="PLAIN",
+                    KAFKA_SASL_USERNAME="u\n", KAFKA_SASL_PASSWORD="Pw123456\r\n")
+    conf = settings.kafka_config(logger=False)
+    assert conf["sasl.password"] == "Pw123456" and conf["sasl.username"] == "u"
+
+
+def test_credentials_in_a_url_valued_kafka_setting_are_never_shown() -> None:
+    """The OIDC token endpoint with `id:secret@` was printed whole by check-config and
+    left unmasked in librdkafka's log lines (review config19)."""
+    url = "https://cid:TokEpLeak1@idp.example/oauth2/token"
+    settings = load(KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL=url)
+    shown = json.dumps(settings.describe()) + repr(settings)
+    assert "TokEpLeak1" not in shown and "idp.example/oauth2/token" in json.dumps(
+        settings.describe())
+    assert "TokEpLeak1" in settings.log_secrets()
+    registry = load(SCHEMA_REGISTRY_URL="https://u:RegPw12345@registry.example")
+    assert "RegPw12345" not in repr(registry)
 
 
 @pytest.mark.parametrize("key", sorted(SECRET_KAFKA_KEYS))

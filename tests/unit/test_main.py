@@ -377,3 +377,13 @@ def test_a_timeout_must_be_seconds_above_zero(command: list[str], value: str, fr
         build_parser("python -m consumer").parse_args([*command, "--timeout", value])
     assert exited.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_check_config_writes_to_an_ascii_stdout() -> None:
+    """A non-ASCII value on a stdout that cannot encode it: a traceback and exit 1
+    (review config19); `run` started with the same settings."""
+    result = cli(["check-config"], {**GOOD, "KAFKA_CLIENT_ID": "cfg19-ü",
+                                    "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads(result.stdout)["kafka"]["extra"]["client.id"] == "cfg19-ü"
