@@ -1249,7 +1249,8 @@ def load_settings(
     dlq_set = r.text("KAFKA_DLQ_TOPIC")
     dlq_topic = dlq_set or default_dlq
     if dlq_set is not None and not _TOPIC.match(dlq_topic):
-        r.problems.append(f"KAFKA_DLQ_TOPIC={dlq_topic!r} is not a legal topic name")
+        r.problems.append(f"KAFKA_DLQ_TOPIC={dlq_topic!r} is not a legal topic name (letters, "
+                          "digits, '.', '_', '-', at most 249 characters, not '.' or '..')")
     elif dlq_set is None and topics and _TOPIC.match(topics[0]) and not _TOPIC.match(dlq_topic):
         # Only the derived name is wrong (too long): the source topic was fine.
         r.problems.append(

@@ -333,3 +333,25 @@ def test_the_readme_names_every_setting_the_chart_has_no_value_for() -> None:
     missing = sorted(v for v in ENV_VARS if v not in TEMPLATES)
     assert missing, "every setting has a chart value: drop the README's list"
     assert [v for v in missing if f"`{v}`" not in section] == []
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    ("kafka.topics", ["."]), ("kafka.topics", [".."]), ("kafka.topics", ["t" * 250]),
+    ("kafka.dlqTopic", ".."), ("kafka.dlqTopic", "d" * 250),
+    ("userpilot.analyticsEndpoint", "a..b"), ("userpilot.analyticsEndpoint", "host:0"),
+    ("userpilot.analyticsEndpoint", "host:99999"), ("userpilot.analyticsEndpoint", ".host"),
+])
+def test_the_schema_refuses_what_the_worker_refuses(path: str, value: Any) -> None:
+    """`helm lint` passed these and every pod exited 2 (review config19)."""
+    group, key = path.split(".")
+    with pytest.raises(jsonschema.ValidationError):
+        validate(merged(VALUES, {group: {key: value}}))
+
+
+@pytest.mark.parametrize("endpoint", ["analytex.userpilot.io", "sandbox:8080", "localhost",
+                                      "analytex-eu.userpilot.io:65535", "10.0.0.7:443"])
+def test_the_schema_takes_the_hosts_the_worker_takes(endpoint: str) -> None:
+    validate(merged(VALUES, {"userpilot": {"analyticsEndpoint": endpoint}}))
+    assert load_settings({"USERPILOT_API_KEY": "k" * 20, "USERPILOT_ANALYTICS_ENDPOINT": endpoint,
+                          "KAFKA_BOOTSTRAP_SERVERS": "k:9092", "KAFKA_TOPICS": "t",
+                          "SCHEMA_REGISTRY_URL": "http://r"}).analytics_endpoint == endpoint
