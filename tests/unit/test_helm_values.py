@@ -341,7 +341,7 @@ def test_the_readme_names_every_setting_the_chart_has_no_value_for() -> None:
     ("userpilot.analyticsEndpoint", "a..b"), ("userpilot.analyticsEndpoint", "host:0"),
     ("userpilot.analyticsEndpoint", "host:99999"), ("userpilot.analyticsEndpoint", ".host"),
 ])
-def test_the_schema_refuses_what_the_worker_refuses(path: str, value: Any) -> None:
+def test_the_schema_refuses_names_the_worker_refuses(path: str, value: Any) -> None:
     """`helm lint` passed these and every pod exited 2 (review config19)."""
     group, key = path.split(".")
     with pytest.raises(jsonschema.ValidationError):
