@@ -18,11 +18,11 @@ import argparse
 import difflib
 import ipaddress
 import math
+import os
 import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, urlsplit
 
@@ -182,7 +182,7 @@ def _service_link(name: str, value: str) -> bool:
                for pattern, kind in _SERVICE_LINKS)
 
 
-STANDARD_ENV_VARS: frozenset[str] = frozenset({"SSL_CERT_FILE"})
+STANDARD_ENV_VARS: frozenset[str] = frozenset({"SSL_CERT_FILE", "SSL_CERT_DIR"})
 """Variables of the HTTP clients (not settings of this worker) that start-up checks."""
 _OWN_PREFIXES = ("USERPILOT_", "WORKER_", "SCHEMA_REGISTRY_")
 # REDIS_* is shared with other software (REDIS_PASSWORD fed into REDIS_URL, service links of
@@ -423,6 +423,13 @@ def _ca_bundle(r: _Reader) -> str | None:
     if cert_file:  # as httpx reads it: set and not empty
         _check_pem(r, "SSL_CERT_FILE", cert_file,
                    "the worker's HTTP clients load it; fix the path or unset it")
+    cert_dir = r.env.get("SSL_CERT_DIR")
+    if cert_dir and not cert_file and not os.path.isdir(cert_dir):
+        # Read in place of certifi's bundle (`tls.ssl_context`): every HTTPS peer would
+        # then be untrusted (review config19).
+        r.problems.append(f"SSL_CERT_DIR={cert_dir!r} is not a directory: the worker's HTTPS "
+                          "clients load their CA certificates from it; fix the path or "
+                          "unset it")
     path = r.text("USERPILOT_CA_BUNDLE")
     if path is None:
         return None
@@ -758,11 +765,17 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[s
             continue
         path = env[name].strip()
         try:
-            content = Path(path).read_text(encoding="utf-8")
+            with open(path, "rb") as file:  # a bounded read
+                raw = file.read(MAX_SECRET_FILE_BYTES + 1)
+            content = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             problems.append(f"{name}={path!r} cannot be read ({reason}): check the mounted "
                             "secret's path and permissions")
+            continue
+        if len(raw) > MAX_SECRET_FILE_BYTES:
+            problems.append(f"{name}={path!r} holds over {MAX_SECRET_FILE_BYTES // 1024} KB: "
+                            "a secret file holds the value alone; check the path")
             continue
         value = content.removesuffix("\n").removesuffix("\r")
         if not value.strip():
@@ -770,6 +783,10 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[s
             continue
         resolved[base] = value
     return resolved
+
+
+MAX_SECRET_FILE_BYTES = 64 * 1024
+"""A `*_FILE` secret read at most this far (`/dev/zero` or a wrong mount: no endless read)."""
 
 
 def userpilot_base_url(endpoint: str, insecure_http: bool) -> str:
@@ -1121,6 +1138,10 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
         if ca_file is not None:
             reader.problems.append("REDIS_TLS_CA_FILE is set but REDIS_URL is not: set "
                                    "REDIS_URL=rediss://host:6380/0 or remove it")
+        for name in ("REDIS_TIMEOUT_SECONDS", "REDIS_DEDUP_TTL_SECONDS"):
+            if reader.text(name) is not None:
+                reader.notes.append(f"{name} ignored: REDIS_URL is not set (each replica "
+                                    "runs alone: its share of the budget, no deduplication)")
         return None, shared
     match = _REDIS_URL.match(raw)
     if match is None:

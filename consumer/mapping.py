@@ -1061,6 +1061,10 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+MAX_MAPPINGS_FILE_BYTES = 16 * 1024 * 1024
+"""The mappings file is read at most this far (`/dev/zero` or a wrong path: no endless read)."""
+
+
 def load_mappings(source: str | os.PathLike[str] | Mapping[str, Any]) -> MappingSet:
     """Build a :class:`MappingSet` from a mappings file path or an already-parsed dict.
 
@@ -1071,7 +1075,13 @@ def load_mappings(source: str | os.PathLike[str] | Mapping[str, Any]) -> Mapping
         return _Loader("mappings").load(dict(source))
     path = Path(source)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_MAPPINGS_FILE_BYTES + 1)
+        if len(raw) > MAX_MAPPINGS_FILE_BYTES:
+            raise MappingsError([f"{path}: the mappings file holds over "
+                                 f"{MAX_MAPPINGS_FILE_BYTES // (1024 * 1024)} MB; check the "
+                                 "path (a mappings file is a few KB)"])
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise MappingsError(
             [f"{path}: cannot read the mappings file ({exc.strerror or exc}); check the path"]

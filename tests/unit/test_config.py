@@ -1088,3 +1088,29 @@ def test_log_secrets_hold_the_registry_proxys_and_the_kafka_secrets() -> None:
     assert proxied.registry_proxy is not None and proxied.proxy is None
     assert "S3CR3T-REG-proxy" not in proxied.http_secrets()
     assert "S3CR3T-REG-proxy" in proxied.log_secrets()
+
+
+def test_a_cert_dir_that_is_no_directory_is_refused(tmp_path: Any) -> None:
+    """SSL_CERT_DIR replaces certifi's bundle and was never checked (review config19)."""
+    text = problem(SSL_CERT_DIR=str(tmp_path / "nope"))
+    assert text.startswith("SSL_CERT_DIR=") and "not a directory" in text
+    load(SSL_CERT_DIR=str(tmp_path))
+
+
+def test_redis_settings_without_redis_are_noted() -> None:
+    notes = load(REDIS_TIMEOUT_SECONDS="1").notes
+    assert any(n.startswith("REDIS_TIMEOUT_SECONDS ignored: REDIS_URL is not set")
+               for n in notes)
+
+
+def test_a_secret_file_is_read_only_so_far() -> None:
+    """`/dev/zero` as a *_FILE read without end (review config19)."""
+    found = problems({**BASE, "USERPILOT_API_KEY": "", "USERPILOT_API_KEY_FILE": "/dev/zero"})
+    assert found[0].startswith("USERPILOT_API_KEY_FILE='/dev/zero' holds over 64 KB")
+
+
+def test_a_mappings_file_is_read_only_so_far() -> None:
+    from consumer.mapping import MappingsError, load_mappings
+
+    with pytest.raises(MappingsError, match="holds over 16 MB"):
+        load_mappings("/dev/zero")
