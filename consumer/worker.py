@@ -908,10 +908,16 @@ class Worker:
             # Paused only once the overflow holds twice its size: with deliveries fast, a
             # full window frees within a poll or two and the overflow bridges it.
             full = pending >= limit and len(self._overflow) >= 2 * self._overflow_cap()
-            to_pause = sorted(self.assigned - self.paused) if full else []
+            now = time.monotonic()
+            # A dry partition stays unpaused: a pause discards what librdkafka fetched, and
+            # the hot partition's backlog, served first, refilled every freed place, so a
+            # quiet partition's new event waited for its dry mark to run out (up to 30 s,
+            # review fair19). Its rare messages wait in the overflow; the first one ends
+            # its dry mark (`_next_batch`), and the next full window pauses it.
+            dry = {tp for tp, until in self._dry.items() if until > now} if full else set()
+            to_pause = sorted(self.assigned - self.paused - dry) if full else []
             to_resume: list[TP] = []
             if self.paused and pending <= resume_level(limit):
-                now = time.monotonic()
                 if not idle or not self._held:
                     self._quiet_since = now
                 elif now - self._quiet_since >= DRY_AFTER_S:
@@ -1022,6 +1028,8 @@ class Worker:
                 mine = owned.get(tp)
                 if mine is None:
                     mine = owned[tp] = self.commits.owns(tp)
+                    if self._dry:
+                        self._dry.pop(tp, None)  # it has something to read after all
                 if not mine:
                     continue  # revoked meanwhile: it must not wait for a re-assignment
             overflow.append(message)

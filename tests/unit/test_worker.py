@@ -856,6 +856,33 @@ def test_a_held_partition_resumes_when_the_others_have_nothing_to_read() -> None
     assert drive(run, scenario) == 0
 
 
+def test_a_quiet_partition_s_new_event_does_not_wait_for_the_hot_partition_s_backlog() -> None:
+    """Review fair19: a quiet partition found dry was paused with the rest at every full
+    window; each resume, the hot partition (lower-numbered, served first) refilled the
+    window and the pause discarded the quiet one's fetch, so its new event waited for the
+    dry mark to run out: up to 30 s behind a backlog that was not its own."""
+    a, b = (TOPIC, 0), (TOPIC, 1)
+    run, stepped = stepped_run({a: users_log(0, 400), b: []}, WORKER_MAX_IN_FLIGHT="10")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: bool(source.paused) and stepped.waiting == 10, "a full window")
+        stepped.steps.release()
+        # partition 1 is let in, brings nothing for a second (dry), partition 0 resumes
+        await until(lambda: source.position[a] >= 11, "partition 0 resumed (1 is dry)")
+        late = Message(TOPIC, 1, 0, b"late-user", track("late-user", 0))
+        source.log[b].append(late)
+        deadline = time.monotonic() + 5.0
+        while not any(b'"late-user"' in body for body in run.client.bodies):
+            assert time.monotonic() < deadline, "the quiet partition's event waited"
+            stepped.steps.release()  # the hot partition's events finish one by one
+            await asyncio.sleep(0.05)
+        assert source.position[a] < 400, "it went before the hot backlog's end"
+        for _ in range(400):
+            stepped.steps.release()
+
+    assert drive(run, scenario) == 0
+
+
 def test_the_dlq_guard_stops_the_worker_with_exit_code_3_and_commits_nothing_past_it() -> None:
     run = make(log_of(*[b"garbage"] * 10), WORKER_DLQ_MAX_CONSECUTIVE="3",
                WORKER_DLQ_WINDOW="5", WORKER_DLQ_MAX_RATIO="1")
