@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from consumer.config import timeout_seconds
 from consumer.errors import ConfigError, WorkerError
@@ -126,11 +126,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("%s", note)
     from consumer import reach
 
-    problems = reach.services(
+    problems = _interruptible(lambda: reach.services(
         settings.kafka_config(logger=False), args.timeout, registry_url=settings.registry_url,
         registry_auth=settings.registry_auth.reveal() if settings.registry_auth else None,
         registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None,
-        dlq_topic=settings.dlq_topic)
+        dlq_topic=settings.dlq_topic))
     if problems:
         return _unreachable(problems)
     no_created_series: Callable[[], None] = disable_created_metrics  # untyped upstream
@@ -414,9 +414,45 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+T = TypeVar("T")
+
+
+def _interruptible(check: Callable[[], T]) -> T:
+    """`check()` on a thread of its own, awaited in short waits: a signal handler runs
+    between them. Inside librdkafka's or a socket's blocking call (a start-up check of an
+    unreachable Kafka takes up to --timeout) the main thread ran no handler until the call
+    returned."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(check())
+        except BaseException as exc:  # re-raised on the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="start-up-check", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    """SIGTERM before a command installs its own handling: stop now (exit 143). As PID 1 of
+    a container (the image's exec-form ENTRYPOINT, no init) a signal without a handler is
+    ignored: a pod deleted while the worker started ran on, joined the group and delivered
+    until kubelet's SIGKILL (review helm19)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -424,6 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

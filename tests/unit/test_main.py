@@ -387,3 +387,23 @@ def test_check_config_writes_to_an_ascii_stdout() -> None:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert json.loads(result.stdout)["kafka"]["extra"]["client.id"] == "cfg19-ü"
+
+
+def test_a_sigterm_while_run_starts_stops_it() -> None:
+    """As PID 1 of a container a signal without a handler is ignored: a pod deleted while
+    the worker started ran on until SIGKILL (review helm19). The handler is there from the
+    first line of `main` (here: during the start-up reach check of an unreachable Kafka)."""
+    env = only({**GOOD, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "WORKER_METRICS_PORT": "0"})
+    proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--timeout", "20"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(3.0)  # imports done, in the reach check
+        assert proc.poll() is None
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert code == 128 + signal.SIGTERM, code  # not -15: a handler ran
+    assert time.monotonic() - started < 12
