@@ -137,8 +137,19 @@ Deployment, so every render runs them.
 {{- if and (not $v.autoscaling.keda.enabled) (not $v.autoscaling.hpa.enabled) (gt (int $v.replicaCount) $partitions) }}
 {{- fail (printf "replicaCount (%d) exceeds autoscaling.partitions (%d): consumers beyond the partition count sit idle" (int $v.replicaCount) $partitions) }}
 {{- end }}
-{{- if le (int $v.terminationGracePeriodSeconds) (int $v.worker.shutdownGraceSeconds) }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than worker.shutdownGraceSeconds (%d), or pods are killed before in-flight events finish and offsets are committed" (int $v.terminationGracePeriodSeconds) (int $v.worker.shutdownGraceSeconds)) }}
+{{- /* After the drain the worker still commits (up to 3 s) and leaves the group (up to 15 s): 20 s. */}}
+{{- if lt (int $v.terminationGracePeriodSeconds) (add (int $v.worker.shutdownGraceSeconds) 20) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than worker.shutdownGraceSeconds (%d) by at least 20 s (the final commit and leaving the group follow the drain), or pods are killed before their offsets are committed" (int $v.terminationGracePeriodSeconds) (int $v.worker.shutdownGraceSeconds)) }}
+{{- end }}
+{{- /* Names the chart sets from its values: an env entry would win over them unseen (the drain
+   outlasting the grace period, probes on another port than the worker's). */}}
+{{- $owned := list "USERPILOT_API_KEY" "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO" "REDIS_URL" "USERPILOT_ANALYTICS_ENDPOINT" "USERPILOT_INSECURE_HTTP" "USERPILOT_CONSENT_CATEGORIES" "USERPILOT_CONSENT_MISSING" "USERPILOT_MAPPINGS_FILE" "USERPILOT_RATE_LIMIT" "USERPILOT_RATE_PERIOD_SECONDS" "USERPILOT_RATE_LIMIT_SHARED" "USERPILOT_ENSURE_USER" "USERPILOT_ENSURE_USER_CACHE" "USERPILOT_REQUEST_TIMEOUT_SECONDS" "USERPILOT_RETRY_MAX_ATTEMPTS" "USERPILOT_RETRY_BUDGET_SECONDS" "KAFKA_BOOTSTRAP_SERVERS" "KAFKA_TOPICS" "KAFKA_GROUP_ID" "KAFKA_DLQ_TOPIC" "SCHEMA_REGISTRY_URL" "WORKER_MAX_IN_FLIGHT" "WORKER_SHUTDOWN_GRACE_SECONDS" "WORKER_METRICS_PORT" "WORKER_LOG_FORMAT" "WORKER_LOG_LEVEL" "WORKER_DLQ_MAX_RATIO" "WORKER_DLQ_WINDOW" "WORKER_DLQ_MAX_CONSECUTIVE" "WORKER_DLQ_GUARD_HOLD_SECONDS" "WORKER_REPLAY_MAX" "REDIS_TIMEOUT_SECONDS" "REDIS_DEDUP_TTL_SECONDS" "REDIS_TLS_CA_FILE" }}
+{{- range $where, $entries := dict "extraEnv" $v.extraEnv "kafka.extraEnv" $v.kafka.extraEnv }}
+{{- range $entries }}
+{{- if has .name $owned }}
+{{- fail (printf "%s sets %s, which the chart sets from its values: set the chart's value instead (see values.yaml), so the probes, the grace period and the secrets follow it" $where .name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- range $key, $_ := $v.kafka.config }}
 {{- if has (lower $key) (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret" "ssl.keystore.password" "ssl.key.pem" "sasl.oauthbearer.config" "sasl.oauthbearer.client.credentials.client.secret" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem") }}
