@@ -196,10 +196,15 @@ expect_fail owned-kafka-env "kafka.extraEnv sets KAFKA_TOPICS, which the chart s
 expect_fail liveness-success "successThreshold"
 
 log "the PDB lets unready pods be evicted where Kubernetes knows how (1.27+)"
-"$HELM" template "$RELEASE" "$CHART" --kube-version 1.27.0 "${TOKEN[@]}" \
-  | grep -qF "unhealthyPodEvictionPolicy: AlwaysAllow" || die "no unhealthyPodEvictionPolicy at 1.27"
-! "$HELM" template "$RELEASE" "$CHART" --kube-version 1.25.0 "${TOKEN[@]}" \
-  | grep -qF "unhealthyPodEvictionPolicy" || die "unhealthyPodEvictionPolicy rendered for 1.25"
+# Rendered into files first: `helm template | grep -q` lost helm to SIGPIPE (pipefail).
+"$HELM" template "$RELEASE" "$CHART" --kube-version 1.27.0 "${TOKEN[@]}" >"$OUT/pdb-127.yaml" \
+  || die "helm template (1.27) failed"
+"$HELM" template "$RELEASE" "$CHART" --kube-version 1.25.0 "${TOKEN[@]}" >"$OUT/pdb-125.yaml" \
+  || die "helm template (1.25) failed"
+grep -qF "unhealthyPodEvictionPolicy: AlwaysAllow" "$OUT/pdb-127.yaml" \
+  || die "no unhealthyPodEvictionPolicy at 1.27"
+! grep -qF "unhealthyPodEvictionPolicy" "$OUT/pdb-125.yaml" \
+  || die "unhealthyPodEvictionPolicy rendered for 1.25"
 expect_fail secret-in-config "kafka.config.sasl.password is a secret"
 expect_fail bad-schema "consentMissing"
 expect_fail unknown-value "replicas"
