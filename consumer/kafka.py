@@ -44,6 +44,7 @@ __all__ = [
     "DeadLetterProducer",
     "KafkaMessage",
     "KafkaSource",
+    "is_fatal",
     "make_producer",
 ]
 
@@ -54,6 +55,8 @@ log.addFilter(RateLimit(10.0))
 
 COMMIT_SILENCE_S = 8.0  # an unanswered commit this old means Kafka is not answering
 ANSWER_SLICE_S = 0.005  # poll slices while a commit awaits its answer (see _poll_first)
+LEAVE_WAIT_S = 3.0  # at close, the revoke and LeaveGroup after unsubscribe wait at most this
+LEAVE_SEND_S = 0.3  # ... and, once revoked, this long for the LeaveGroup to go out
 
 # librdkafka refuses an oversized record locally and the broker with the same code.
 _TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE,)
@@ -146,7 +149,7 @@ class KafkaSource:
     def _on_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             self._brokers_up = False
-        if err.fatal():
+        if is_fatal(err):
             self.fatal = err
         # Keyed by the broker the line names ("host:port/id: Connect to ... failed (after
         # 3ms ...)"), so the rate limit holds however the details vary.
@@ -353,7 +356,7 @@ class KafkaSource:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:
                 return True
-            if isinstance(err, KafkaError) and err.fatal():
+            if isinstance(err, KafkaError) and is_fatal(err):
                 raise
             if (wait and notes and isinstance(err, KafkaError)
                     and self._notes_now_refused([err.code()],
@@ -440,9 +443,11 @@ class KafkaSource:
         process must exit without destroying the consumer (see `abandoned`).
         """
         done = threading.Event()
+        leave_by = time.monotonic() + min(LEAVE_WAIT_S, timeout_s / 2)
 
         def close() -> None:
             try:
+                self._leave(leave_by)
                 self._consumer.close()
             except Exception as exc:
                 log.warning("consumer close failed (%s)", exc)
@@ -458,8 +463,31 @@ class KafkaSource:
                     "session.timeout.ms", timeout_s)
         return False
 
+    def _leave(self, until: float) -> None:
+        """Unsubscribe and serve the revoke before `close()`: librdkafka's close alone
+        did not always send LeaveGroup (a member stopped during or just after a
+        cooperative rebalance), so the group waited session.timeout.ms for it, every
+        other member's commits were refused meanwhile, and without Redis the next owners
+        re-sent what those members had delivered (review zombie19: 56-128 duplicates in
+        rapid scaling). Messages served here are not taken: the next owner reads them."""
+        self._consumer.unsubscribe()
+        left_at: float | None = None
+        while time.monotonic() < until:
+            self._consumer.poll(0.05)
+            if left_at is None and not self._consumer.assignment():
+                left_at = time.monotonic()  # revoked: a few more polls send the leave
+            if left_at is not None and time.monotonic() - left_at >= LEAVE_SEND_S:
+                return
+
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def is_fatal(err: KafkaError) -> bool:
+    """A fatal consumer error: flagged so, or librdkafka's `_FATAL` code, which a fenced
+    static member's messages and commits carry with `fatal()` False (review zombie19: a
+    replica whose group.instance.id another pod took ran on, unready, never restarted)."""
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL
 
 
 def make_producer(conf: dict[str, Any], **extra: Any) -> Producer:

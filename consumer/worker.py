@@ -60,7 +60,7 @@ from consumer.handler import (
     TrackClient,
 )
 from consumer.health import Health
-from consumer.kafka import DeadLetterProducer, KafkaMessage, KafkaSource
+from consumer.kafka import DeadLetterProducer, KafkaMessage, KafkaSource, is_fatal
 from consumer.metrics import Children, Metrics
 from consumer.offsets import Finished
 from consumer.policy import Gate, GateState, RetryPolicy
@@ -658,7 +658,7 @@ class Worker:
                 err = message.error()
                 if err is not None:
                     log.warning("kafka: %s", err.str())
-                    if err.fatal():
+                    if is_fatal(err):
                         raise Stop(f"fatal Kafka error: {err.str()}")
                     continue
                 topic, partition, offset = message.topic(), message.partition(), message.offset()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -181,3 +182,48 @@ def test_per_user_order_holds_while_users_interleave(
     for user, seqs in order.items():
         assert seqs == sorted(seqs), f"{user} out of order: {seqs}"
     assert len(order) == len(users)
+
+
+ALONE = (1, "ConsumerGroupState.STABLE")
+
+
+def _has_assigned(worker: WorkerProcess) -> Callable[[], bool]:
+    return lambda: "assigned " in worker.output()
+
+
+def _members(bootstrap: str, group: str) -> tuple[int, str]:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    described = admin.describe_consumer_groups([group])[group].result(10)
+    return len(described.members), str(described.state)
+
+
+def test_a_worker_stopped_right_after_joining_leaves_the_group_at_once(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, tmp_path: Path,
+) -> None:
+    """Review zombie19: librdkafka's close() alone sent no LeaveGroup for a member stopped
+    just after a cooperative rebalance, so the group waited session.timeout.ms for it, the
+    other members' commits were refused meanwhile and, without Redis, what they had
+    delivered was sent again by the next owners (56-128 duplicates in rapid scaling).
+    The worker unsubscribes and serves its revoke first: the group is whole at once."""
+    server, _ = sandbox
+    topic = topic_factory(partitions=6)
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     KAFKA_SESSION_TIMEOUT_MS="30000")
+    first = WorkerProcess(env, tmp_path / "first.log")
+    try:
+        wait_until(lambda: "(now 6 partitions)" in first.output(), 60, "the first's partitions")
+        for attempt in range(2):
+            second = WorkerProcess(env, tmp_path / f"second{attempt}.log")
+            wait_until(_has_assigned(second), 60, "the second's first assign")
+            stopped = time.monotonic()
+            assert second.terminate() == 0, second.output()[-3000:]
+            wait_until(lambda: _members(kafka_bootstrap, group) == ALONE, 40,
+                       "the group with the first worker alone")
+            took = time.monotonic() - stopped
+            assert took < 15, f"the group waited {took:.1f} s (session timeout 30 s)"
+    finally:
+        assert first.terminate() == 0, first.output()[-3000:]

@@ -939,6 +939,38 @@ def test_a_fatal_kafka_error_stops_the_worker_with_exit_code_1() -> None:
     assert run.source.closed
 
 
+@dataclass
+class FencedMessage(Message):
+    """A message error as librdkafka hands a fenced static member: code _FATAL, and
+    `fatal()` False."""
+
+    def error(self) -> Any:
+        from confluent_kafka import KafkaError
+
+        return KafkaError(KafkaError._FATAL)
+
+
+def test_a_fenced_member_s_fatal_error_code_stops_the_worker() -> None:
+    """Review zombie19: two pods with one group.instance.id; the fenced one ran on (its
+    error carried `_FATAL` with `fatal()` False), retried commits ten times a second,
+    unready, never restarted."""
+    from confluent_kafka import KafkaError
+
+    from consumer.kafka import is_fatal
+
+    assert is_fatal(KafkaError(KafkaError._FATAL))
+    assert not is_fatal(KafkaError(KafkaError._TRANSPORT))
+    log = log_of(track("u1", 1))
+    log[(TOPIC, 0)].append(FencedMessage(TOPIC, 0, 1, None, None))
+    run = make(log)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the worker to notice")
+
+    assert drive(run, scenario) == 1
+    assert run.source.closed
+
+
 def test_revoke_settles_its_partition_commits_it_and_the_other_partition_goes_on() -> None:
     run = make({**log_of(track("u1", 1), track("u1", 2)),
                 **log_of(track("u2", 3), partition=1, key=b"u2")})
