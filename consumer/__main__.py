@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     no_created_series()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    health = Health(metrics)
+    health = Health(metrics, max_poll_interval_s=settings.max_poll_interval_s)
     worker = Worker(settings, metrics, health)
     # Before the probes answer: a SIGTERM from then on (Kubernetes stopping a pod that has
     # just started) is a clean stop, not death by the default signal action (exit -15).

@@ -296,6 +296,16 @@ class Settings:
     used or not, and crashed `run` on one it could not parse (review "cmds17")."""
 
     @property
+    def max_poll_interval_s(self) -> float:
+        """librdkafka's max.poll.interval.ms (its default 300 s unless KAFKA_* sets it):
+        past it the consumer leaves the group on its own."""
+        raw = self.kafka_extra.get("max.poll.interval.ms", "300000")
+        try:
+            return int(str(raw)) / 1000
+        except ValueError:  # librdkafka refused it at start-up already
+            return 300.0
+
+    @property
     def base_url(self) -> str:
         """Scheme and host of Userpilot's API; calls append their path (``/v1/track``)."""
         return userpilot_base_url(self.analytics_endpoint, self.insecure_http)

@@ -46,12 +46,16 @@ class Health:
         metrics: Metrics | None = None,
         *,
         max_silence_s: float = DEFAULT_MAX_SILENCE_S,
+        max_poll_interval_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._lock = threading.Lock()
         self._metrics = metrics
         self._clock = clock
         self.max_silence_s = max_silence_s
+        # Readiness ends sooner when librdkafka leaves the group sooner (max.poll.interval.ms
+        # below the silence limit): a member it left still said ready (review zombie19).
+        self.ready_silence_s = min(max_silence_s, max_poll_interval_s or max_silence_s)
         self._last_beat = clock()
         self._assigned = False
         self._connected = False
@@ -115,8 +119,8 @@ class Health:
     def _ready_locked(self) -> tuple[bool, str]:
         if self._stopping:
             return False, self._stopping_reason
-        if self._clock() - self._last_beat > self.max_silence_s:
-            return False, f"poll loop silent for more than {self.max_silence_s:g}s"
+        if self._clock() - self._last_beat > self.ready_silence_s:
+            return False, f"poll loop silent for more than {self.ready_silence_s:g}s"
         if not self._connected:
             return False, "not connected to Kafka"
         if not self._assigned:

@@ -278,3 +278,18 @@ def test_an_idle_connection_is_closed_after_the_handler_timeout(
         assert get(srv.port, "/healthz")[0] == 200  # and it still answers
     finally:
         srv.close()
+
+
+def test_readiness_ends_with_librdkafka_s_poll_interval() -> None:
+    """A member librdkafka left (max.poll.interval.ms below the 60 s silence limit) still
+    said ready (review zombie19); liveness keeps the silence limit."""
+    now = [0.0]
+    health = Health(max_poll_interval_s=15.0, clock=lambda: now[0])
+    health.set_connected(True)
+    health.set_assigned(True)
+    health.beat()
+    assert health.ready() == (True, "ready")
+    now[0] = 16.0
+    assert health.ready() == (False, "poll loop silent for more than 15s")
+    assert health.alive()
+    assert Health(max_poll_interval_s=300.0).ready_silence_s == 60.0
