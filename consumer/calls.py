@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -177,9 +178,14 @@ def _traits(event: Mapping[str, Any]) -> dict[str, Any]:
     return traits if isinstance(traits, dict) else {}
 
 
-_BLANK_PRINTABLE = frozenset("\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
-"""Characters Python counts as printable that render as nothing: the Hangul fillers, the
-Khmer inherent vowels and the blank Braille pattern (favourites for ids that look empty)."""
+_RENDERS_AS_NOTHING = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
+"""Unicode's Default_Ignorable_Code_Point set, which Python counts as printable in part (the
+Hangul fillers, variation selectors, the combining grapheme joiner, review diff19), and the
+blank Braille pattern: characters that render as nothing, favourites for ids that look
+empty."""
 
 
 def visible(text: str) -> bool:
@@ -189,8 +195,8 @@ def visible(text: str) -> bool:
     """
     if text.isascii() and text.isprintable():  # the common id: two C calls
         return not text.isspace() and text != ""
-    return any(c.isprintable() and not c.isspace() and c not in _BLANK_PRINTABLE
-               for c in text)
+    return any(c.isprintable() and not c.isspace()
+               for c in _RENDERS_AS_NOTHING.sub("", text))
 
 
 def _id(value: Any) -> str | None:

@@ -717,11 +717,25 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
     return extra
 
 
-def _kafka_together(reader: _Reader, extra: Mapping[str, str | Secret], group_id: str,
-                    bootstrap: str) -> None:
+def _protocol_problems(extra: Mapping[str, str | Secret], bootstrap: str) -> list[str]:
+    """A broker written `SASL_SSL://host:port` whose prefix is not the security protocol:
+    librdkafka drops it ("protocol does not match security.protocol setting"), so `run`
+    could never connect (review diff19)."""
+    protocol = str(extra.get("security.protocol", "plaintext")).strip().lower()
+    for entry in (e.strip() for e in bootstrap.split(",")):
+        prefix, sep, _ = entry.rpartition("://")
+        if sep and prefix.lower() in _BOOTSTRAP_PROTOCOLS and prefix.lower() != protocol:
+            return [f"KAFKA_BOOTSTRAP_SERVERS has {redact_userinfo(entry)!r}, whose protocol is "
+                    f"not KAFKA_SECURITY_PROTOCOL ({protocol}): librdkafka drops such a broker; "
+                    f"set KAFKA_SECURITY_PROTOCOL={prefix.upper()} or write the broker without "
+                    "its prefix"]
+    return []
+
+
+def _kafka_together(reader: _Reader, extra: Mapping[str, str | Secret], group_id: str) -> None:
     """librdkafka's verdict on the KAFKA_* settings as a whole, each complaint naming the
-    variables it is about; its configuration warnings become notes, except SASL settings
-    without a SASL protocol: the credentials would go unused, the connection unauthenticated
+    variables it is about; its configuration warnings become notes, except a SASL mechanism
+    without a SASL protocol: the connection would be unauthenticated, the credentials unused
     (librdkafka only warns, and `run` connected in plaintext; review config19)."""
     from consumer.librdkafka import client_problem
 
@@ -738,8 +752,7 @@ def _kafka_together(reader: _Reader, extra: Mapping[str, str | Secret], group_id
         reader.problems.append(f"the KAFKA_* settings together are refused by librdkafka "
                                f"({refused}){named(refused)}: fix or remove them")
     for warning in warnings:
-        # A broker written `SASL_SSL://host:port` gets that protocol from its prefix.
-        if "is not configured for SASL" in warning and "sasl_" not in bootstrap.lower():
+        if "is not configured for SASL" in warning:
             reader.problems.append(
                 f"librdkafka would ignore the SASL settings: {warning}{named(warning)}; set "
                 "KAFKA_SECURITY_PROTOCOL=SASL_SSL (or SASL_PLAINTEXT), or remove them")
@@ -1342,10 +1355,11 @@ def load_settings(
     ensure_user = r.boolean("USERPILOT_ENSURE_USER", True)
     ensure_user_cache = r.integer("USERPILOT_ENSURE_USER_CACHE", 100_000, 1, 10_000_000)
 
+    r.problems.extend(_protocol_problems(kafka_extra, bootstrap or ""))
     if check_clients and kafka_extra:
         # Also beside other problems (the accepted KAFKA_* settings only): a bad CA path
         # showed only once every other mistake was fixed (review config19).
-        _kafka_together(r, kafka_extra, group_id, bootstrap or "")
+        _kafka_together(r, kafka_extra, group_id)
     if r.problems:
         raise ConfigError(
             "invalid configuration:\n" + "\n".join(f"  - {p}" for p in r.problems)

@@ -440,12 +440,13 @@ def main(
             log=log, summary=summary,
         )
         code = 0 if summary.ok else 1
-    except KeyboardInterrupt:
-        # What was done so far, not a traceback: the batches after it were not sent.
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ctrl-C, or a SIGTERM (`__main__` raises SystemExit(143) for it): what was done so
+        # far, not a traceback; the batches after it were not sent.
         summary.aborted = "interrupted"
         log(f"interrupted after {summary.batches_sent} of {len(groups)} batches; the "
             "batch under way may or may not have been scheduled")
-        code = 130
+        code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
     finally:
         client.close()
     print(f"delete-users: {summary.line()}", file=out, flush=True)

@@ -447,7 +447,11 @@ class KafkaSource:
 
         def close() -> None:
             try:
-                self._leave(leave_by)
+                if self.fatal is None:  # a fenced member cannot unsubscribe; close() still runs
+                    try:
+                        self._leave(leave_by)
+                    except Exception as exc:
+                        log.warning("leaving the group before close failed (%s)", exc)
                 self._consumer.close()
             except Exception as exc:
                 log.warning("consumer close failed (%s)", exc)

@@ -80,6 +80,10 @@ def producer_settings(conf: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
     }
     for key in _CONSUMER_ONLY:
         settings.pop(key, None)
+    # The DLQ topic is the worker's own: `allow.auto.create.topics=false`, set to keep the
+    # consumer from creating source topics, made every dead letter fail for ever where the
+    # brokers create topics and the DLQ topic did not exist yet (review diff19).
+    settings.pop("allow.auto.create.topics", None)
     return settings
 
 class _Warnings(logging.Handler):

@@ -181,7 +181,10 @@ def session_timeout_problem(conf: Mapping[str, Any], brokers: Mapping[str, str])
         return None
     if low <= wanted <= high:
         return None
-    return (f"KAFKA_SESSION_TIMEOUT_MS={wanted} is outside what the brokers accept "
+    setting = (f"KAFKA_SESSION_TIMEOUT_MS={wanted}" if "session.timeout.ms" in conf else
+               f"librdkafka's default session timeout ({wanted} ms; KAFKA_SESSION_TIMEOUT_MS "
+               "unset)")
+    return (f"{setting} is outside what the brokers accept "
             f"(group.min.session.timeout.ms={low} to group.max.session.timeout.ms={high}): "
             "every join of the consumer group would be refused; set it within that range "
             f"or remove it (librdkafka's default {LIBRDKAFKA_SESSION_TIMEOUT_MS})")

@@ -468,7 +468,10 @@ def test_plan_after_eviction_identifies_again() -> None:
     ("user\x00", False), ("ü", False), ("u\u200b", False),
     # printable to Python, blank on screen (review oracle19): Hangul fillers, blank Braille
     ("\u3164", True), ("\u2800", True), ("\u115f\u1160", True), ("\uffa0 \u17b4\u17b5", True),
-    ("\u3164a", False), ("가", False)])
+    ("\u3164a", False), ("가", False),
+    # the rest of Default_Ignorable_Code_Point (review diff19)
+    ("\ufe0f", True), ("\u034f\u180b", True), ("\U000e0100", True), ("\u00ad", True),
+    ("e\u0301", False), ("😀\ufe0f", False)])
 def test_an_id_of_invisible_characters_only_is_anonymous(user_id: str, anonymous: bool) -> None:
     """A zero-width space or a NUL was sent as a user id: no stable identity."""
     assert lacks_required_id({"type": "track", "userId": user_id}) is anonymous

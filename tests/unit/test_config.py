@@ -757,9 +757,12 @@ def test_sasl_settings_without_a_sasl_protocol_are_refused() -> None:
     assert "librdkafka would ignore the SASL settings" in message
     assert "set KAFKA_SECURITY_PROTOCOL=SASL_SSL" in message and "S3CRET" not in message
     assert load(**sasl, KAFKA_SECURITY_PROTOCOL="SASL_SSL").kafka_extra["sasl.mechanism"]
-    # a broker written with its protocol: a note, not a refusal
-    noted = load(**sasl, KAFKA_BOOTSTRAP_SERVERS="SASL_SSL://kafka:9093")
-    assert any("not configured for SASL" in note for note in noted.notes)
+    # a broker written with its protocol does not set it (librdkafka drops the broker)
+    found = problems({**BASE, **sasl, "KAFKA_BOOTSTRAP_SERVERS": "SASL_SSL://kafka:9093"})
+    assert any("librdkafka would ignore the SASL settings" in p for p in found)
+    # a username and password without a mechanism: librdkafka's note says so
+    noted = load(KAFKA_SASL_USERNAME="u", KAFKA_SASL_PASSWORD="pw-S3CRET")
+    assert any("sasl.username" in note and "S3CRET" not in note for note in noted.notes)
 
 
 def test_consumer_only_settings_do_not_reach_the_producer() -> None:
@@ -806,12 +809,12 @@ def test_the_values_the_worker_uses_anyway_are_taken(name: str, value: str) -> N
 
 
 @pytest.mark.parametrize("servers", [
-    "SASL_SSL://alice:S3cretKafkaPw@broker.example:9093",
+    "SSL://alice:S3cretKafkaPw@broker.example:9093",
     "alice:S3cretKafkaPw@broker.example:9093",
     "kafka://alice:S3cretKafkaPw@broker.example:9093",
 ])
 def test_credentials_written_into_the_bootstrap_servers_are_never_echoed(servers: str) -> None:
-    message = problem(KAFKA_BOOTSTRAP_SERVERS=servers)
+    message = problem(KAFKA_BOOTSTRAP_SERVERS=servers, KAFKA_SECURITY_PROTOCOL="SSL")
     assert "S3cretKafkaPw" not in message and "alice" not in message
     assert "broker.example:9093" in message
 
@@ -993,10 +996,19 @@ def test_bootstrap_servers_are_checked_offline(raw: str, fragment: str) -> None:
     assert fragment in problem(KAFKA_BOOTSTRAP_SERVERS=raw)
 
 
-@pytest.mark.parametrize("raw", ["kafka:9092", "a:1, b:2,", "[::1]:9092", "SASL_SSL://k:9093",
+@pytest.mark.parametrize("raw", ["kafka:9092", "a:1, b:2,", "[::1]:9092", "PLAINTEXT://k:9092",
                                  "kafka"])
 def test_bootstrap_servers_as_librdkafka_reads_them_pass(raw: str) -> None:
     assert load(KAFKA_BOOTSTRAP_SERVERS=raw).bootstrap_servers == raw
+
+
+def test_a_broker_s_protocol_prefix_must_be_the_security_protocol() -> None:
+    """librdkafka drops a broker whose prefix is not security.protocol ("protocol SSL does
+    not match security.protocol setting plaintext"): `run` never connected (diff19)."""
+    message = problem(KAFKA_BOOTSTRAP_SERVERS="SSL://k:9093")
+    assert "whose protocol is not KAFKA_SECURITY_PROTOCOL (plaintext)" in message
+    assert "set KAFKA_SECURITY_PROTOCOL=SSL" in message
+    load(KAFKA_BOOTSTRAP_SERVERS="SSL://k:9093", KAFKA_SECURITY_PROTOCOL="ssl")
 
 
 @pytest.mark.parametrize(("url", "fragment"), [

@@ -422,20 +422,26 @@ def test_stdin_is_read_as_strict_utf8_before_anything_is_sent(
     assert out.getvalue() == ""
 
 
+@pytest.mark.parametrize(("stop", "exit_code"), [(KeyboardInterrupt(), 130),
+                                                 (SystemExit(143), 143)],
+                         ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_run_prints_what_it_did(
-        monkeypatch: pytest.MonkeyPatch, streams: tuple[io.StringIO, io.StringIO]) -> None:
+        monkeypatch: pytest.MonkeyPatch, streams: tuple[io.StringIO, io.StringIO],
+        stop: BaseException, exit_code: int) -> None:
+    """A SIGTERM (SystemExit(143) from `__main__`'s handler) prints what was done, as
+    Ctrl-C does; it printed nothing (review diff19)."""
     import consumer.gdpr as gdpr
 
     def interrupted(user_ids: Any, send: Any, **kw: Any) -> Summary:
         summary: Summary = kw["summary"]
         summary.requested, summary.batches_sent, summary.deleted = len(user_ids), 1, 1
-        raise KeyboardInterrupt
+        raise stop
 
     monkeypatch.setattr(gdpr, "delete_users", interrupted)
     out, err = streams
     code = main(args("--batch-size", "1"), env=ENV, stdin=io.StringIO("a\nb\n"), out=out,
                 err=err)
-    assert code == 130
+    assert code == exit_code
     assert "interrupted after 1 of 2 batches" in err.getvalue()
     assert out.getvalue() == ("delete-users: users requested 2, batches sent 1, deleted 1, "
                               "failed 0\n")

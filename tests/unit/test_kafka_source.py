@@ -188,3 +188,13 @@ def test_a_position_is_never_past_the_log_end_last_fetched() -> None:
     src = source()
     src._consumer = _Positions({0: 20, 1: 7, 2: 4}, {0: 5, 1: 9, 2: -1001})  # type: ignore[assignment]
     assert src.positions([("t", 0), ("t", 1), ("t", 2)]) == {("t", 0): 5, ("t", 1): 7}
+
+
+def test_the_dlq_producer_may_create_its_topic() -> None:
+    """KAFKA_ALLOW_AUTO_CREATE_TOPICS=false (set to keep the consumer from creating source
+    topics) reached the DLQ producer: every dead letter failed for ever while the brokers
+    would have created the DLQ topic (review diff19)."""
+    from consumer.librdkafka import producer_settings
+
+    settings = producer_settings({"allow.auto.create.topics": "false", "client.id": "c"})
+    assert "allow.auto.create.topics" not in settings and settings["client.id"] == "c"
