@@ -21,10 +21,16 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
 
-__all__ = ["DLQ_PRODUCER", "METADATA_REFRESH_MS", "client_problem", "consumer_settings",
-           "producer_settings", "property_problem"]
+__all__ = ["DLQ_PRODUCER", "METADATA_REFRESH_MS", "SESSION_TIMEOUT_MS", "client_problem",
+           "consumer_settings", "producer_settings", "property_problem"]
 
 METADATA_REFRESH_MS = 30_000  # how soon partitions added to a source topic are read
+SESSION_TIMEOUT_MS = 10_000
+"""The worker's session timeout (librdkafka's is 45 s): a SIGKILLed or lost replica held the
+whole group ~39 s, no member delivering, and a SIGTERM in that wait could neither commit nor
+leave (review soak19: 43 duplicates without Redis, an 86 s stall). librdkafka heartbeats
+from its own thread, so a busy event loop does not miss them; KAFKA_SESSION_TIMEOUT_MS
+overrides it (45000 where the network to the brokers drops for seconds)."""
 DLQ_PRODUCER = {"batch.num.messages": 1}
 """The dead-letter producer's own: one record per batch, since the broker checks a topic's
 max.message.bytes per batch, so dead letters that each fit a DLQ topic with a lower limit
@@ -63,6 +69,7 @@ def consumer_settings(conf: Mapping[str, Any]) -> dict[str, Any]:
         # count) were first read 288 s later with librdkafka's 300 s: two thirds of the
         # keys undelivered meanwhile, with no lag series and readiness green.
         "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
+        "session.timeout.ms": SESSION_TIMEOUT_MS,
         **conf,
     }
 

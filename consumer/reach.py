@@ -27,6 +27,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 from consumer.config import Settings, redact_userinfo
 from consumer.delivery import UserpilotClient
 from consumer.errors import ConnectionFailed, Misconfigured, Rejected, Retry, Timeout
+from consumer.librdkafka import SESSION_TIMEOUT_MS
 from consumer.registry import RegistryError, RegistryUnusable, RestClient
 
 __all__ = ["kafka", "redis", "registry", "resolve", "services", "userpilot"]
@@ -166,9 +167,6 @@ def broker_config(conf: Mapping[str, Any], brokers: list[int], timeout: float) -
             if getattr(entry, "value", None) is not None}
 
 
-LIBRDKAFKA_SESSION_TIMEOUT_MS = 45_000
-
-
 def session_timeout_problem(conf: Mapping[str, Any], brokers: Mapping[str, str]) -> str | None:
     """A session timeout outside the brokers' group.min/max.session.timeout.ms: every
     JoinGroup is refused, which librdkafka only logs and retries, so the worker never gets
@@ -176,18 +174,18 @@ def session_timeout_problem(conf: Mapping[str, Any], brokers: Mapping[str, str])
     try:
         low = int(brokers["group.min.session.timeout.ms"])
         high = int(brokers["group.max.session.timeout.ms"])
-        wanted = int(str(conf.get("session.timeout.ms", LIBRDKAFKA_SESSION_TIMEOUT_MS)))
+        wanted = int(str(conf.get("session.timeout.ms", SESSION_TIMEOUT_MS)))
     except (KeyError, ValueError):
         return None
     if low <= wanted <= high:
         return None
     setting = (f"KAFKA_SESSION_TIMEOUT_MS={wanted}" if "session.timeout.ms" in conf else
-               f"librdkafka's default session timeout ({wanted} ms; KAFKA_SESSION_TIMEOUT_MS "
+               f"the worker's default session timeout ({wanted} ms; KAFKA_SESSION_TIMEOUT_MS "
                "unset)")
     return (f"{setting} is outside what the brokers accept "
             f"(group.min.session.timeout.ms={low} to group.max.session.timeout.ms={high}): "
             "every join of the consumer group would be refused; set it within that range "
-            f"or remove it (librdkafka's default {LIBRDKAFKA_SESSION_TIMEOUT_MS})")
+            f"or remove it (the worker's default {SESSION_TIMEOUT_MS})")
 
 
 def dlq_policy(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> str | None:

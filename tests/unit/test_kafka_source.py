@@ -198,3 +198,13 @@ def test_the_dlq_producer_may_create_its_topic() -> None:
 
     settings = producer_settings({"allow.auto.create.topics": "false", "client.id": "c"})
     assert "allow.auto.create.topics" not in settings and settings["client.id"] == "c"
+
+
+def test_the_session_timeout_is_the_worker_s_unless_set() -> None:
+    """librdkafka's 45 s held the whole group ~39 s after a SIGKILL, and a SIGTERM in that
+    wait could neither commit nor leave (review soak19)."""
+    from consumer.librdkafka import SESSION_TIMEOUT_MS, consumer_settings
+
+    assert SESSION_TIMEOUT_MS == 10_000
+    assert consumer_settings({})["session.timeout.ms"] == SESSION_TIMEOUT_MS
+    assert consumer_settings({"session.timeout.ms": "45000"})["session.timeout.ms"] == "45000"
