@@ -31,10 +31,13 @@ whole group ~39 s, no member delivering, and a SIGTERM in that wait could neithe
 leave (review soak19: 43 duplicates without Redis, an 86 s stall). librdkafka heartbeats
 from its own thread, so a busy event loop does not miss them; KAFKA_SESSION_TIMEOUT_MS
 overrides it (45000 where the network to the brokers drops for seconds)."""
-DLQ_PRODUCER = {"batch.num.messages": 1}
+DLQ_PRODUCER = {"batch.num.messages": 1, "allow.auto.create.topics": True}
 """The dead-letter producer's own: one record per batch, since the broker checks a topic's
 max.message.bytes per batch, so dead letters that each fit a DLQ topic with a lower limit
-were refused together and all written without their value. Dead letters are few."""
+were refused together and all written without their value. Dead letters are few. And it may
+create the DLQ topic where the brokers do: a user's `allow.auto.create.topics=false`, set to
+keep the consumer from creating source topics, made every dead letter fail for ever while the
+DLQ topic did not exist yet (review diff19)."""
 _CONSUMER_ONLY = (
     # librdkafka's consumer-only properties (CONFIGURATION.md, "C"): a producer given one
     # logs a CONFWARN on every start (review config19). `group.*` are left out by prefix.
@@ -83,15 +86,11 @@ def producer_settings(conf: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
         "linger.ms": 5,
         "compression.type": "lz4",
         **{k: v for k, v in conf.items() if not k.startswith("group.")},
-        **extra,
     }
     for key in _CONSUMER_ONLY:
         settings.pop(key, None)
-    # The DLQ topic is the worker's own: `allow.auto.create.topics=false`, set to keep the
-    # consumer from creating source topics, made every dead letter fail for ever where the
-    # brokers create topics and the DLQ topic did not exist yet (review diff19).
-    settings.pop("allow.auto.create.topics", None)
-    return settings
+    return {**settings, **extra}  # a producer's own (`extra`) win over the user's
+
 
 class _Warnings(logging.Handler):
     """librdkafka's configuration warnings (CONFWARN) while a client is built offline."""

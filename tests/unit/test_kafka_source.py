@@ -194,10 +194,11 @@ def test_the_dlq_producer_may_create_its_topic() -> None:
     """KAFKA_ALLOW_AUTO_CREATE_TOPICS=false (set to keep the consumer from creating source
     topics) reached the DLQ producer: every dead letter failed for ever while the brokers
     would have created the DLQ topic (review diff19)."""
-    from consumer.librdkafka import producer_settings
+    from consumer.librdkafka import DLQ_PRODUCER, producer_settings
 
-    settings = producer_settings({"allow.auto.create.topics": "false", "client.id": "c"})
-    assert "allow.auto.create.topics" not in settings and settings["client.id"] == "c"
+    settings = producer_settings({"allow.auto.create.topics": "false", "client.id": "c"},
+                                 **DLQ_PRODUCER)
+    assert settings["allow.auto.create.topics"] is True and settings["client.id"] == "c"
 
 
 def test_the_session_timeout_is_the_worker_s_unless_set() -> None:
@@ -208,3 +209,13 @@ def test_the_session_timeout_is_the_worker_s_unless_set() -> None:
     assert SESSION_TIMEOUT_MS == 10_000
     assert consumer_settings({})["session.timeout.ms"] == SESSION_TIMEOUT_MS
     assert consumer_settings({"session.timeout.ms": "45000"})["session.timeout.ms"] == "45000"
+
+
+def test_a_producer_that_must_not_create_topics_still_says_so() -> None:
+    """Replay's producer refuses to create a deleted topic (review replay17): the user's
+    setting is left out, its own is kept (the first fix of diff19 dropped both)."""
+    from consumer.librdkafka import producer_settings
+
+    settings = producer_settings({"allow.auto.create.topics": "true"},
+                                 **{"allow.auto.create.topics": False})
+    assert settings["allow.auto.create.topics"] is False
