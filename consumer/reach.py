@@ -128,11 +128,12 @@ def kafka(conf: Mapping[str, Any], timeout: float,
     missing = [t for t in topics if t not in metadata.topics]
     if missing:
         return f"Kafka at {bootstrap} has no topic {', '.join(repr(t) for t in missing)}"
-    brokers = broker_config(settings, [*metadata.brokers], timeout)
+    admin = AdminClient(dict(settings))  # the settings passed: the producer took them
+    brokers = broker_config(admin, [*metadata.brokers], timeout)
     if dlq_topic is not None and dlq_topic not in metadata.topics:
         problem = missing_dlq_problem(bootstrap, dlq_topic, brokers)
     elif dlq_topic is not None:
-        problem = dlq_policy(settings, dlq_topic, timeout)
+        problem = dlq_policy(admin, dlq_topic, timeout)
     else:
         problem = None
     return problem or session_timeout_problem(conf, brokers)
@@ -151,20 +152,24 @@ def missing_dlq_problem(bootstrap: str, dlq_topic: str,
             "KAFKA_DLQ_TOPIC")
 
 
-def broker_config(conf: Mapping[str, Any], brokers: list[int], timeout: float) -> dict[str, str]:
-    """One broker's settings (`DescribeConfigs`), empty when they cannot be read (no ACL for
-    it, an old broker): the checks that use them then pass."""
-    if not brokers:
-        return {}
+def _configs(admin: AdminClient, resource: ConfigResource, timeout: float) -> dict[str, str]:
+    """A broker's or topic's settings (`DescribeConfigs`), empty when they cannot be read
+    (no ACL for it, an old broker): the checks that use them then pass."""
     try:
-        admin = AdminClient(dict(conf))
-        resource = ConfigResource(ConfigResource.Type.BROKER, str(min(brokers)))
         entries = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
             timeout)
     except Exception:
         return {}
     return {name: str(entry.value) for name, entry in entries.items()
             if getattr(entry, "value", None) is not None}
+
+
+def broker_config(admin: AdminClient, brokers: list[int], timeout: float) -> dict[str, str]:
+    """One broker's settings (see `_configs`)."""
+    if not brokers:
+        return {}
+    return _configs(admin, ConfigResource(ConfigResource.Type.BROKER, str(min(brokers))),
+                    timeout)
 
 
 def session_timeout_problem(conf: Mapping[str, Any], brokers: Mapping[str, str]) -> str | None:
@@ -188,20 +193,14 @@ def session_timeout_problem(conf: Mapping[str, Any], brokers: Mapping[str, str])
             f"or remove it (the worker's default {SESSION_TIMEOUT_MS})")
 
 
-def dlq_policy(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> str | None:
+def dlq_policy(admin: AdminClient, dlq_topic: str, timeout: float) -> str | None:
     """A compacted DLQ topic loses dead letters: they are keyed by user, so compaction keeps
     one per user, a dead tombstone's (no value) deletes the user's others, and a keyless
     one is refused (INVALID_RECORD), retried for ever while its partition stalls (review
     "kafka18"). None when the policy is fine or cannot be read (no DescribeConfigs ACL)."""
-    try:
-        admin = AdminClient(dict(conf))
-        resource = ConfigResource(ConfigResource.Type.TOPIC, dlq_topic)
-        entries = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
-            timeout)
-        policy = entries.get("cleanup.policy")
-    except Exception:  # not readable: the produce path still reports its refusals
-        return None
-    value = getattr(policy, "value", None) or ""
+    # Not readable: no verdict (the produce path still reports its refusals).
+    value = _configs(admin, ConfigResource(ConfigResource.Type.TOPIC, dlq_topic),
+                     timeout).get("cleanup.policy", "")
     if "compact" not in value.split(","):
         return None
     return (f"the DLQ topic {dlq_topic!r} has cleanup.policy={value}: compaction keeps one "
