@@ -6,8 +6,6 @@ import argparse
 import io
 import itertools
 import json
-import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +29,7 @@ from consumer.gdpr import (
     padded,
     read_user_ids,
 )
+from tests.unit.test_reach import answering
 
 TOKEN = "secret-write-token-123"
 ENV = {"USERPILOT_API_KEY": TOKEN, "USERPILOT_ANALYTICS_ENDPOINT": "sandbox.test",
@@ -277,30 +276,10 @@ def test_delete_client_maps_transport_failures() -> None:
 @pytest.fixture
 def refusing_proxy() -> Iterator[str]:
     """A proxy that answers every CONNECT with 407 (wrong proxy credentials)."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    server.settimeout(0.2)
-    done = threading.Event()
-
-    def serve() -> None:
-        while not done.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
-                             b"Proxy-Authenticate: Basic\r\nContent-Length: 0\r\n"
-                             b"Connection: close\r\n\r\n")
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"http://user:wrong@127.0.0.1:{server.getsockname()[1]}"
-    done.set()
-    thread.join()
-    server.close()
+    refusal = (b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic\r\n"
+               b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    with answering(refusal) as port:
+        yield f"http://user:wrong@127.0.0.1:{port}"
 
 
 def test_a_proxy_refusing_the_tunnel_stops_the_run(refusing_proxy: str) -> None:
