@@ -51,6 +51,7 @@ from bench.procs import (
 )
 from bench.report import percentile, ratio
 from consumer import codec
+from consumer.config import DEFAULT_MAX_CONNECTIONS
 from consumer.filtering import ConsentPolicy
 from consumer.mapping import DEFAULT_PRESET
 from consumer.routing import Send, route
@@ -89,7 +90,7 @@ class Params:
     delivery_events: int = 20_000
     latencies_ms: tuple[float, ...] = (0.0, 20.0)
     max_in_flight: int = 200  # the worker's defaults: what a user deploys
-    max_connections: int = 64
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # the worker's own default
     commit_interval_s: float = 2.0
     http_seconds: float = 10.0
     naive_max_events: int = 5_000

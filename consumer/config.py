@@ -40,6 +40,7 @@ from consumer.redaction import url_credentials
 
 __all__ = [
     "CONSENT_OFF",
+    "DEFAULT_MAX_CONNECTIONS",
     "ENV_VARS",
     "FILE_SECRETS",
     "KAFKA_TOOLING",
@@ -120,6 +121,15 @@ KAFKA_TOOLING = frozenset({
 """Variables of Kafka's JVM tooling images: not client settings; ignored with a note."""
 
 CONSENT_OFF = ("none", "off")
+
+DEFAULT_MAX_CONNECTIONS = 16
+"""Userpilot takes 10 requests a second per token, shared by every replica (600 a minute).
+By Little's law 16 connections carry that alone up to 1.6 s an answer; the same rate over 64
+(the default until round 20) held 48 idle sockets per replica at Userpilot's load balancer
+and let a degraded Userpilot be asked 4 times as often. Catching up at 16 is not CPU-bound:
+at the sandbox's 20 ms the worker delivers 0.96-0.98 of a plain loop on the same client
+(65 times the token's limit), at 64 it was the event loop that bound (0.64-0.70; RESULTS.md,
+"Round 20")."""
 """``USERPILOT_CONSENT_CATEGORIES=none`` (or ``off``) disables consent gating."""
 
 _KAFKA_RESERVED = frozenset({"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPICS", "KAFKA_GROUP_ID",
@@ -1272,7 +1282,7 @@ def load_settings(
             f"USERPILOT_RETRY_BACKOFF_MAX_SECONDS={backoff_max:g} is below "
             f"USERPILOT_RETRY_BACKOFF_SECONDS={backoff:g}: the cap must be at least the base"
         )
-    max_connections = r.integer("USERPILOT_MAX_CONNECTIONS", 64, 1, 1000)
+    max_connections = r.integer("USERPILOT_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1, 1000)
     max_bytes = r.integer("USERPILOT_MAX_METADATA_BYTES", DEFAULT_MAX_METADATA_BYTES, 1024,
                           16 * 1024 * 1024)
     max_keys = r.integer("USERPILOT_MAX_METADATA_KEYS", DEFAULT_MAX_METADATA_KEYS, 1, 1_000_000)

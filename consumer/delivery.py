@@ -285,9 +285,9 @@ def _really_timed_out(exc: httpx.TimeoutException) -> bool:
 class UserpilotClient:
     """POSTs to Userpilot through httpx's transport API, on aiohttp (`httpx-aiohttp`).
 
-    Why that transport: measured at the worker's concurrency (64 connections) against the
-    sandbox, httpx's own pool served far fewer requests per second than aiohttp's
-    connector (tests/bench/RESULTS.md, "HTTP transport").
+    Why that transport: measured at the worker's concurrency (64 connections, and 16 since
+    round 20) against the sandbox, httpx's own pool served far fewer requests per second
+    than aiohttp's connector (tests/bench/RESULTS.md, "HTTP transport", "Round 20").
 
     Why the transport and not `httpx.AsyncClient`: the client's layer (request merging,
     auth and redirect flows, event hooks, a cookie jar fed by every response) cost ~100 µs

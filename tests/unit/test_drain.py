@@ -270,8 +270,10 @@ def test_a_request_waiting_for_a_connection_is_not_under_way() -> None:
     again (review "scale17"). Now they stop unsent and hand their claims on."""
     store = MemoryStore()
     log = {TP: [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(6)]}
+    # A grace well past the two requests' 0.3 s: under a loaded CI host 0.5 s cut them at
+    # the deadline (delivered, uncommitted) and the commit check below failed.
     run, _, _ = make_deduplicated(log, store, USERPILOT_MAX_CONNECTIONS="2",
-                                  WORKER_SHUTDOWN_GRACE_SECONDS="0.5")
+                                  WORKER_SHUTDOWN_GRACE_SECONDS="3")
     client = Pool(0.3, 2)
     run.worker.client = run.worker.handler.client = client
 

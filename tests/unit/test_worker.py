@@ -779,7 +779,9 @@ def test_fair_holds_lets_in_only_the_emptiest_partitions_with_something_to_read(
 
 def stepped_run(log: dict[TP, list[Message]], **env: str) -> tuple[Run, SteppedClient]:
     stepped = SteppedClient()
-    # A known schema: every event reaches the limiter in order.
+    # A known schema: every event reaches the limiter in order. A pool as large as any
+    # window here: these count the requests the window lets wait at the client.
+    env.setdefault("USERPILOT_MAX_CONNECTIONS", "64")
     run = make(log, registry=known_schema(), client=stepped, source_type=FakeSource,
                USERPILOT_ENSURE_USER="false", **env)
     return run, stepped

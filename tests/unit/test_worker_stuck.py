@@ -114,8 +114,10 @@ def test_a_broker_refusing_longer_notes_later_gets_shorter_ones_that_still_name_
         user = f"stuck{i}" if i % 2 else f"u{i}"
         messages.append(Message(TOPIC, 0, i, user.encode(), track(user, i)))
     client = HeldUser()
+    # A pool past the window: the 60 held users' requests hold their connections.
     run = make({tp: messages}, registry=known_schema(), client=client,
-               WORKER_MAX_IN_FLIGHT=str(window), USERPILOT_ENSURE_USER="false")
+               WORKER_MAX_IN_FLIGHT=str(window), USERPILOT_ENSURE_USER="false",
+               USERPILOT_MAX_CONNECTIONS="64")
     seen: dict[str, object] = {}
 
     async def scenario(source: FakeSource) -> None:
