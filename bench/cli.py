@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="WORKER_MAX_IN_FLIGHT for every worker (default: the worker's 200)")
     parser.add_argument("--max-connections", type=int, default=None,
                         help="USERPILOT_MAX_CONNECTIONS and the HTTP ceiling's concurrency "
-                        "(default: the worker's 16)")
+                        "(default: the worker's 64)")
     parser.add_argument("--sat-limit", type=int, default=None,
                         help="saturation limit per family per window (default 600; 6 and 9)")
     parser.add_argument("--sat-window", type=float, default=None,

@@ -121,16 +121,17 @@ KAFKA_TOOLING = frozenset({
 """Variables of Kafka's JVM tooling images: not client settings; ignored with a note."""
 
 CONSENT_OFF = ("none", "off")
-
-DEFAULT_MAX_CONNECTIONS = 16
-"""Userpilot takes 10 requests a second per token, shared by every replica (600 a minute).
-By Little's law 16 connections carry that alone up to 1.6 s an answer; the same rate over 64
-(the default until round 20) held 48 idle sockets per replica at Userpilot's load balancer
-and let a degraded Userpilot be asked 4 times as often. Catching up at 16 is not CPU-bound:
-at the sandbox's 20 ms the worker delivers 0.96-0.98 of a plain loop on the same client
-(65 times the token's limit), at 64 it was the event loop that bound (0.64-0.70; RESULTS.md,
-"Round 20")."""
 """``USERPILOT_CONSENT_CATEGORIES=none`` (or ``off``) disables consent gating."""
+
+DEFAULT_MAX_CONNECTIONS = 64
+"""A ceiling, not sockets held: at Userpilot's 10 requests a second per family the pool
+opens what rate x latency needs (2 connections at 100 ms answers, review "fairbench20").
+The worker spends two families' budgets (Track; identify and company identify), 20
+requests a second, so 64 carry both from one replica up to 3.2 s an answer. Round 20 tried
+16, where the benchmark's delivery ratio passes (both loops then wait on the sandbox, not on
+the CPU); reviews measured it worse for users: a catch-up with ensure-user at 1.2 s answers
+ran at 5.9 events/s against 10 at 64, and a slow spell past 1.6 s ended in a burst of 429s
+(RESULTS.md, "Round 20")."""
 
 _KAFKA_RESERVED = frozenset({"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPICS", "KAFKA_GROUP_ID",
                              "KAFKA_DLQ_TOPIC"})

@@ -285,7 +285,7 @@ def _really_timed_out(exc: httpx.TimeoutException) -> bool:
 class UserpilotClient:
     """POSTs to Userpilot through httpx's transport API, on aiohttp (`httpx-aiohttp`).
 
-    Why that transport: measured at the worker's concurrency (64 connections, and 16 since
+    Why that transport: measured at the worker's concurrency (64 connections, and at 16 in
     round 20) against the sandbox, httpx's own pool served far fewer requests per second
     than aiohttp's connector (tests/bench/RESULTS.md, "HTTP transport", "Round 20").
 

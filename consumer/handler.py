@@ -668,11 +668,12 @@ class Handler:
     async def _attempt(self, event: Event, call: Call, limiter: Limiter) -> None:
         start = time.perf_counter()
         endpoint = call.endpoint
+        sent = False
         try:
             async with self._connections:
                 # A partition halted while this waited for a connection: unsent, it stops.
                 self._check_halted(event)
-                event.on_wire = event.requesting = event.requested = True
+                event.on_wire = event.requesting = event.requested = sent = True
                 status = await self.client.send(call)
             self._responses(str(status), endpoint).inc()
         except Timeout:
@@ -692,7 +693,11 @@ class Handler:
             raise
         finally:
             event.on_wire = event.requesting = False
-            self._latency(endpoint).observe(time.perf_counter() - start)
+            if sent:
+                # From the wait for a connection (a pool too small shows here), but only for
+                # requests that went out: a drain cancelling the queue at the pool recorded
+                # its waits as requests (90 at one SIGTERM, review "slowup20").
+                self._latency(endpoint).observe(time.perf_counter() - start)
 
     # -- dead-letter --------------------------------------------------------------------
     async def _dead_letter(self, event: Event, exc: DeadLetter | Retry) -> DeadLettered:

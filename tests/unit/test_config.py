@@ -68,7 +68,7 @@ def test_defaults() -> None:
     assert (s.rate_limit, s.rate_period_s, s.rate_burst) == (600, 60.0, 1)
     assert s.request_timeout_s == 10.0
     assert (s.retry_max_attempts, s.retry_budget_s) == (12, 900.0)
-    assert s.max_connections == 16
+    assert s.max_connections == 64
     assert s.bootstrap_servers == "kafka:9092"
     assert s.topics == ("delivery-userpilot",)
     assert s.group_id == "userpilot-delivery"
