@@ -302,6 +302,14 @@ class RetryPolicy:
         try:
             if before_send is not None:
                 await before_send()
+                while not probe and self._gate.state != "up":
+                    # The gate closed while this waited for its rate slot (requests ahead
+                    # of it found the outage): wait at the gate again, then for a new
+                    # slot. Admitted once, a window of events went on to a Userpilot that
+                    # timed out, at the limiter's pace, ~185 requests in 25 s past the
+                    # gate's "one probe at a time" (review "slowup20").
+                    probe = await self._gate.admit()
+                    await before_send()
             now = self._clock()
             if attempts.limited_since is not None:  # waiting out a 429 spends no budget
                 attempts.limited_up += max(0.0, self._gate.up_time() - attempts.limited_since)

@@ -424,6 +424,34 @@ def test_before_send_runs_before_every_attempt() -> None:
     assert order == ["before", "send", "before", "send"]
 
 
+def test_an_event_the_gate_closed_on_while_it_waited_for_its_slot_waits_at_the_gate() -> None:
+    """Admitted while the gate was up, then held at the rate limiter while other requests
+    found an outage: it waits for the gate's probe to succeed, then for a slot again, and
+    is not sent meanwhile (review "slowup20": ~185 requests reached a timing-out Userpilot
+    after the gate closed)."""
+    clock = FakeClock()
+    gate = Gate(outage_after=1, probe_base_s=3600.0, clock=clock)  # no probe of its own
+    order: list[str] = []
+
+    async def before() -> None:
+        order.append("before")
+        if order.count("before") == 1:  # others' requests time out meanwhile
+            gate.transient_failure(Timeout("t"))
+
+    send = Script([None], lambda call: order.append("send"))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(
+            policy(gate, clock, FakeSleep(clock)).run(send, Attempts(), before_send=before))
+        await asyncio.sleep(0.1)
+        assert gate.state == "outage" and order == ["before"], order
+        gate.success()  # another event's probe got through
+        await task
+
+    run(main())
+    assert order == ["before", "before", "send"]
+
+
 def test_unexpected_errors_propagate_and_free_the_probe_slot() -> None:
     clock, sleep, gate = setup(outage_after=1)
     gate.transient_failure(Timeout("t"))
