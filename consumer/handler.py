@@ -290,6 +290,7 @@ class Handler:
         self._responses = Children(self.m.responses)
         self._limiter_wait = Children(self.m.limiter_wait)
         self._latency = Children(self.m.delivery_latency)
+        self._connection_wait = Children(self.m.connection_wait)
         self._lanes: dict[int, PriorityLane] = {}  # by limiter: one when families share
         self.known = KnownUsers(settings.ensure_user_cache) if settings.ensure_user else None
         """Users this replica identified (ensure-user); None when USERPILOT_ENSURE_USER=false."""
@@ -674,6 +675,7 @@ class Handler:
                 # A partition halted while this waited for a connection: unsent, it stops.
                 self._check_halted(event)
                 event.on_wire = event.requesting = event.requested = sent = True
+                self._connection_wait(endpoint).observe(time.perf_counter() - start)
                 status = await self.client.send(call)
             self._responses(str(status), endpoint).inc()
         except Timeout:

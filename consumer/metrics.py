@@ -328,6 +328,13 @@ class Metrics:
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
         )
+        self.connection_wait = histogram(
+            "connection_wait_seconds",
+            "Wait for one of USERPILOT_MAX_CONNECTIONS before a request to Userpilot, by "
+            "endpoint (part of delivery_latency): a pool too small shows here.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+        )
         self.event_age = histogram(
             "event_age_seconds",
             "Now minus the event timestamp, observed at delivery.",
@@ -405,6 +412,7 @@ class Metrics:
                 self.responses.labels(status, endpoint)
         for endpoint in ENDPOINTS:
             self.delivery_latency.labels(endpoint)
+            self.connection_wait.labels(endpoint)
         for family in FAMILIES:
             self.limiter_wait.labels(family)
             self.rate_limit_rps.labels(family)  # set by the worker once it owns partitions

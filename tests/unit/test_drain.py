@@ -289,6 +289,13 @@ def test_a_request_waiting_for_a_connection_is_not_under_way() -> None:
               for sample in family.samples
               if sample.name == "userpilot_delivery_latency_seconds_count"]
     assert sum(counts) == 2, counts
+    # The two sent waited for no connection; the four cut at the pool are not recorded.
+    waits = {sample.name: sample.value for family in run.worker.m.registry.collect()
+             for sample in family.samples
+             if sample.name.startswith("userpilot_connection_wait_seconds_")
+             and sample.labels.get("endpoint") == "track"}
+    assert waits["userpilot_connection_wait_seconds_count"] == 2, waits
+    assert waits["userpilot_connection_wait_seconds_sum"] < 0.2, waits
     # The four never sent hand their messageIds on: only the two delivered are recorded.
     assert sorted(store.values.values()) == ["d", "d"]
 
@@ -313,3 +320,24 @@ def test_a_stop_during_a_revokes_drain_gets_what_is_left_of_one_grace() -> None:
     assert drive(run, scenario) == 0
     took = time.monotonic() - stopped[0]
     assert took < 3 + 1.0, f"exit {took:.1f} s after the stop, grace 3 s"
+
+
+def test_the_wait_for_a_connection_is_measured_apart_from_the_request() -> None:
+    """`userpilot_connection_wait_seconds`: with one connection and 0.3 s answers, the
+    second event waits ~0.3 s for it, which delivery_latency alone cannot tell from a slow
+    Userpilot (review "slowup20")."""
+    log = {TP: [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(2)]}
+    client = Pool(0.3, 1)
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
+               USERPILOT_MAX_CONNECTIONS="1")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get(TP) == 2, "both delivered")
+
+    assert drive(run, scenario) == 0
+    waits = {sample.name: sample.value for family in run.worker.m.registry.collect()
+             for sample in family.samples
+             if sample.name.startswith("userpilot_connection_wait_seconds_")
+             and sample.labels.get("endpoint") == "track"}
+    assert waits["userpilot_connection_wait_seconds_count"] == 2, waits
+    assert 0.2 < waits["userpilot_connection_wait_seconds_sum"] < 2.0, waits
