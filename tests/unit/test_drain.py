@@ -16,12 +16,13 @@ from consumer.calls import Call
 from consumer.commits import TP as TP_
 from consumer.errors import Misconfigured
 from consumer.health import Health
-from consumer.metrics import Metrics
+from consumer.metrics import ENDPOINTS, Metrics
 from consumer.offsets import Finished, decode_note
 from consumer.ratelimit import AdaptiveLimiter
 from consumer.sharedstate import FAMILIES, SharedState
 from consumer.worker import Callbacks, Worker
 from tests.unit.test_dedup import MemoryStore
+from tests.unit.test_handler import metric
 from tests.unit.test_handler_dedup import make as make_deduplicated
 from tests.unit.test_worker import (
     SCHEMA_ID,
@@ -270,9 +271,8 @@ def test_a_request_waiting_for_a_connection_is_not_under_way() -> None:
     again (review "scale17"). Now they stop unsent and hand their claims on."""
     store = MemoryStore()
     log = {TP: [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(6)]}
-    # A grace well past the two requests' 0.3 s, so a loaded host cannot cut them at it.
     run, _, _ = make_deduplicated(log, store, USERPILOT_MAX_CONNECTIONS="2",
-                                  WORKER_SHUTDOWN_GRACE_SECONDS="3")
+                                  WORKER_SHUTDOWN_GRACE_SECONDS="0.5")
     client = Pool(0.3, 2)
     run.worker.client = run.worker.handler.client = client
 
@@ -291,17 +291,13 @@ def test_a_request_waiting_for_a_connection_is_not_under_way() -> None:
     finished = {o for o in range(6) if o < offset or named.covers(o)}
     assert finished == sent, (offset, note, sent)
     # Only the two sent are requests in the latency histogram, not the four cut at the pool.
-    counts = [sample.value for family in run.worker.m.registry.collect()
-              for sample in family.samples
-              if sample.name == "userpilot_delivery_latency_seconds_count"]
+    reg = run.worker.m.registry
+    counts = [metric(reg, "userpilot_delivery_latency_seconds_count", endpoint=endpoint)
+              for endpoint in ENDPOINTS]
     assert sum(counts) == 2, counts
     # The two sent waited for no connection; the four cut at the pool are not recorded.
-    waits = {sample.name: sample.value for family in run.worker.m.registry.collect()
-             for sample in family.samples
-             if sample.name.startswith("userpilot_connection_wait_seconds_")
-             and sample.labels.get("endpoint") == "track"}
-    assert waits["userpilot_connection_wait_seconds_count"] == 2, waits
-    assert waits["userpilot_connection_wait_seconds_sum"] < 0.2, waits
+    assert metric(reg, "userpilot_connection_wait_seconds_count", endpoint="track") == 2
+    assert metric(reg, "userpilot_connection_wait_seconds_sum", endpoint="track") < 0.2
     # The four never sent hand their messageIds on: only the two delivered are recorded.
     assert sorted(store.values.values()) == ["d", "d"]
 
@@ -341,9 +337,6 @@ def test_the_wait_for_a_connection_is_measured_apart_from_the_request() -> None:
         await until(lambda: source.committed().get(TP) == 2, "both delivered")
 
     assert drive(run, scenario) == 0
-    waits = {sample.name: sample.value for family in run.worker.m.registry.collect()
-             for sample in family.samples
-             if sample.name.startswith("userpilot_connection_wait_seconds_")
-             and sample.labels.get("endpoint") == "track"}
-    assert waits["userpilot_connection_wait_seconds_count"] == 2, waits
-    assert 0.2 < waits["userpilot_connection_wait_seconds_sum"] < 2.0, waits
+    reg = run.worker.m.registry
+    assert metric(reg, "userpilot_connection_wait_seconds_count", endpoint="track") == 2
+    assert 0.2 < metric(reg, "userpilot_connection_wait_seconds_sum", endpoint="track") < 2.0
