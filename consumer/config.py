@@ -124,14 +124,13 @@ CONSENT_OFF = ("none", "off")
 """``USERPILOT_CONSENT_CATEGORIES=none`` (or ``off``) disables consent gating."""
 
 DEFAULT_MAX_CONNECTIONS = 64
-"""A ceiling, not sockets held: at Userpilot's 10 requests a second per family the pool
-opens what rate x latency needs (2 connections at 100 ms answers, review "fairbench20").
-The worker spends two families' budgets (Track; identify and company identify), 20
-requests a second, so 64 carry both from one replica up to 3.2 s an answer. Round 20 tried
-16, where the benchmark's delivery ratio passes (both loops then wait on the sandbox, not on
+"""Per endpoint family (Track; identify with company identify), a ceiling, not sockets
+held: at Userpilot's 10 requests a second per family the pool opens what rate x latency
+needs (2 connections at 100 ms answers, review "fairbench20"), and 64 carry a family's 10
+requests a second up to 6.4 s an answer. Round 20 tried 16 (one pool for both families),
+where the benchmark's delivery ratio passes (both loops then wait on the sandbox, not on
 the CPU); reviews measured it worse for users: a catch-up with ensure-user at 1.2 s answers
-ran at 5.9 events/s against 10 at 64, and a slow spell past 1.6 s ended in a burst of 429s
-(RESULTS.md, "Round 20")."""
+ran at 5.9 events/s against 10 at 64 (RESULTS.md, "Round 20")."""
 
 _KAFKA_RESERVED = frozenset({"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPICS", "KAFKA_GROUP_ID",
                              "KAFKA_DLQ_TOPIC"})
@@ -320,6 +319,14 @@ class Settings:
     def base_url(self) -> str:
         """Scheme and host of Userpilot's API; calls append their path (``/v1/track``)."""
         return userpilot_base_url(self.analytics_endpoint, self.insecure_http)
+
+    @property
+    def pool_connections(self) -> int:
+        """The HTTP client's pool: `max_connections` for each of the two endpoint families
+        (Track; identify with company identify), whose permits the handler takes before
+        a rate slot (`consumer.permits`): one family's slow answers never hold the
+        other's connections."""
+        return 2 * self.max_connections
 
     @property
     def track_url(self) -> str:

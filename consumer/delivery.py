@@ -361,7 +361,7 @@ class UserpilotClient:
         return cls(
             settings.track_url, settings.headers(),
             timeout_s=settings.request_timeout_s if timeout_s is None else timeout_s,
-            max_connections=(settings.max_connections if max_connections is None
+            max_connections=(settings.pool_connections if max_connections is None
                              else max_connections),
             ca_bundle=settings.ca_bundle,
             proxy=settings.proxy.reveal() if settings.proxy is not None else None,

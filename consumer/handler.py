@@ -82,11 +82,12 @@ from consumer.errors import (
 from consumer.filtering import Drop, drop_reason
 from consumer.logs import event_fields
 from consumer.metrics import Children, Metrics
+from consumer.permits import Permit, PermitPool
 from consumer.policy import Attempts, RetryPolicy
 from consumer.ratelimit import PriorityLane
 from consumer.routing import Send, route
 from consumer.schemafetch import SharedFetches
-from consumer.sharedstate import Limiter
+from consumer.sharedstate import FAMILIES, Limiter
 
 __all__ = [
     "DeadLetterSink",
@@ -103,6 +104,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+URGENT: frozenset[str] = frozenset({"ensure_user", "associate_company"})
+"""Call purposes another call of the same user waits for: they take their family's next
+connection permit and rate slot before queued events."""
 
 
 class TrackClient(Protocol):
@@ -263,12 +268,14 @@ class Handler:
         self.policy = policy
         self.guard = guard
         self.dedup = dedup
-        # A request is under way once it holds one of the pool's connections, not while it
-        # waits for one: with more events in flight than connections, a drain waited for
-        # the queued ones, which then went out after the halt and were cut at its deadline,
+        # USERPILOT_MAX_CONNECTIONS per endpoint family, taken before the family's rate
+        # slot (`permits` says why). A request is under way once it has both, not while it
+        # waits: with more events in flight than connections, a drain waited for the
+        # queued ones, which then went out after the halt and were cut at its deadline,
         # once Userpilot had them: sent again by the next owner, with Redis too (review
-        # "scale17"). The client's own permits are the same number: never waited on here.
-        self._connections = asyncio.Semaphore(settings.max_connections)
+        # "scale17"). The client's pool is the families' sum: never waited on here.
+        self._connections = {family: PermitPool(settings.max_connections)
+                             for family in FAMILIES}
         # Claims are owned per process and record: after a crash the re-reading replica
         # waits for the claim instead of racing the dead process's request.
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -646,7 +653,7 @@ class Handler:
             # Only identify calls compete with urgent ones (ensure-user, company association);
             # Track calls take the limiter directly, without the lane's pump in between.
             lane = self._lane(limiter)
-            urgent = call.purpose in ("ensure_user", "associate_company")
+            urgent = call.purpose in URGENT
 
             async def acquire() -> float:
                 # Same urgency: the event taken first is served first, so the committable
@@ -663,20 +670,23 @@ class Handler:
                 wait.observe(await acquire())
                 self._check_halted(event)
 
-        await self.policy.run(lambda: self._attempt(event, call, limiter), event.attempts,
-                              before_send=wait_for_limiter)
+        permit = Permit(self._connections[call.family], urgent=call.purpose in URGENT,
+                        order=event.intake)
+        await self.policy.run(lambda: self._attempt(event, call, limiter, permit),
+                              event.attempts, before_send=wait_for_limiter, hold=permit)
 
-    async def _attempt(self, event: Event, call: Call, limiter: Limiter) -> None:
+    async def _attempt(self, event: Event, call: Call, limiter: Limiter,
+                       permit: Permit) -> None:
         start = time.perf_counter()
         endpoint = call.endpoint
         sent = False
         try:
-            async with self._connections:
-                # A partition halted while this waited for a connection: unsent, it stops.
-                self._check_halted(event)
-                event.on_wire = event.requesting = event.requested = sent = True
-                self._connection_wait(endpoint).observe(time.perf_counter() - start)
-                status = await self.client.send(call)
+            # A partition halted while this waited for a connection or its slot: unsent,
+            # it stops.
+            self._check_halted(event)
+            event.on_wire = event.requesting = event.requested = sent = True
+            self._connection_wait(endpoint).observe(permit.waited)
+            status = await self.client.send(call)
             self._responses(str(status), endpoint).inc()
         except Timeout:
             self._responses("timeout", endpoint).inc()
@@ -696,9 +706,8 @@ class Handler:
         finally:
             event.on_wire = event.requesting = False
             if sent:
-                # From the wait for a connection (a pool too small shows here), but only for
-                # requests that went out: a drain cancelling the queue at the pool recorded
-                # its waits as requests (90 at one SIGTERM, review "slowup20").
+                # Only requests that went out: a drain cancelling the queue recorded its
+                # waits as requests (90 at one SIGTERM, review "slowup20").
                 self._latency(endpoint).observe(time.perf_counter() - start)
 
     # -- dead-letter --------------------------------------------------------------------

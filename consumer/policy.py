@@ -25,14 +25,14 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_random_exponential
 
 from consumer.errors import DeadLetter, Pause, RateLimited, Retry
 
-__all__ = ["PROBE_BASE_S", "PROBE_MAX_S", "Attempts", "Gate", "RetryPolicy"]
+__all__ = ["PROBE_BASE_S", "PROBE_MAX_S", "Attempts", "Gate", "Hold", "RetryPolicy"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,16 @@ PROBE_BASE_S = 0.5
 PROBE_MAX_S = 5.0
 
 GateState = Literal["up", "outage", "misconfigured"]
+
+
+class Hold(Protocol):
+    """What an attempt holds from before its rate slot until its answer (the handler's
+    connection permit, `permits.Permit`): a slot is taken only by a request that can then
+    go out at once. Given back while the attempt waits at a closed gate: the probe the
+    gate lets through must be able to take one."""
+
+    async def acquire(self) -> None: ...
+    def release(self) -> None: ...
 
 
 class Gate:
@@ -259,8 +269,12 @@ class RetryPolicy:
             self._on_retry(exc)
 
     async def run(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
-                  before_send: Callable[[], Awaitable[None]] | None = None) -> None:
+                  before_send: Callable[[], Awaitable[None]] | None = None,
+                  hold: Hold | None = None) -> None:
         """Call `send` until it returns; re-raises the last error when the event is given up.
+
+        Each attempt: the gate, then `hold` (taken), then `before_send` (the rate slot),
+        then `send`; `hold` is given back once the attempt ends, however it ends.
 
         Called form, not `async for attempt in retrying`: the iterator keeps its call state
         on the retrying object, which points back at it. And tenacity keeps the actions of
@@ -286,7 +300,7 @@ class RetryPolicy:
         )
         self._gate.enter()
         try:
-            await retrying(self._once, send, attempts, before_send)
+            await retrying(self._once, send, attempts, before_send, hold)
         except BaseException as exc:
             if exc.__traceback__ is not None:  # this frame runs on: from the next one
                 traceback.clear_frames(exc.__traceback__.tb_next)
@@ -296,10 +310,14 @@ class RetryPolicy:
             self._gate.leave()
 
     async def _once(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
-                    before_send: Callable[[], Awaitable[None]] | None) -> None:
+                    before_send: Callable[[], Awaitable[None]] | None,
+                    hold: Hold | None) -> None:
         probe = await self._gate.admit()
-        counted = False
+        counted = held = False
         try:
+            if hold is not None:
+                await hold.acquire()
+                held = True
             if before_send is not None:
                 await before_send()
                 while not probe and self._gate.state != "up":
@@ -307,8 +325,15 @@ class RetryPolicy:
                     # of it found the outage): wait at the gate again, then for a new
                     # slot. Admitted once, a window of events went on to a Userpilot that
                     # timed out, at the limiter's pace, ~185 requests in 25 s past the
-                    # gate's "one probe at a time" (review "slowup20").
+                    # gate's "one probe at a time" (review "slowup20"). Without its hold
+                    # meanwhile: the probe the gate lets through may need it.
+                    if hold is not None and held:
+                        held = False
+                        hold.release()
                     probe = await self._gate.admit()
+                    if hold is not None:
+                        await hold.acquire()
+                        held = True
                     await before_send()
             now = self._clock()
             if attempts.limited_since is not None:  # waiting out a 429 spends no budget
@@ -344,4 +369,8 @@ class RetryPolicy:
         except BaseException:
             self._gate.release(probe)
             raise
-        self._gate.success(probe)
+        else:
+            self._gate.success(probe)
+        finally:
+            if hold is not None and held:
+                hold.release()

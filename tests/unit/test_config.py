@@ -22,6 +22,7 @@ from consumer.config import (
 from consumer.errors import ConfigError
 from consumer.filtering import ConsentPolicy
 from consumer.mapping import DEFAULT_PRESET
+from consumer.sharedstate import FAMILIES
 
 TOKEN = "wt_9f8e7d6c5b4a3210"
 SASL_PASSWORD = "kafka-s3cret-pw"
@@ -69,6 +70,7 @@ def test_defaults() -> None:
     assert s.request_timeout_s == 10.0
     assert (s.retry_max_attempts, s.retry_budget_s) == (12, 900.0)
     assert s.max_connections == 64
+    assert s.pool_connections == len(FAMILIES) * 64  # a family's permits never wait on the pool
     assert s.bootstrap_servers == "kafka:9092"
     assert s.topics == ("delivery-userpilot",)
     assert s.group_id == "userpilot-delivery"

@@ -20,6 +20,7 @@ from consumer.errors import (
     UndecodableEvent,
     WorkerError,
 )
+from consumer.permits import PermitPool
 from consumer.policy import PROBE_BASE_S, PROBE_MAX_S, Attempts, Gate, RetryPolicy
 
 
@@ -450,6 +451,76 @@ def test_an_event_the_gate_closed_on_while_it_waited_for_its_slot_waits_at_the_g
 
     run(main())
     assert order == ["before", "before", "send"]
+
+
+class Recorded:
+    """A hold on a one-permit pool that logs its taking and giving back into `order`."""
+
+    def __init__(self, pool: PermitPool, order: list[str]) -> None:
+        self.pool, self.order = pool, order
+
+    async def acquire(self) -> None:
+        await self.pool.acquire()
+        self.order.append("hold")
+
+    def release(self) -> None:
+        self.pool.release()
+        self.order.append("free")
+
+
+def test_the_hold_comes_before_the_slot_and_is_given_back_at_a_closed_gate() -> None:
+    """The connection permit is taken before the rate slot and kept until the answer; an
+    event the gate closed on while it waited for its slot gives it back while it waits at
+    the gate (the probe the gate lets through may need that very permit)."""
+    clock = FakeClock()
+    gate = Gate(outage_after=1, probe_base_s=3600.0, clock=clock)
+    pool, order = PermitPool(1), list[str]()
+
+    async def before() -> None:
+        order.append("before")
+        if order.count("before") == 1:
+            gate.transient_failure(Timeout("t"))
+
+    send = Script([None], lambda call: order.append("send"))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(policy(gate, clock, FakeSleep(clock)).run(
+            send, Attempts(), before_send=before, hold=Recorded(pool, order)))
+        await asyncio.sleep(0.1)
+        assert gate.state == "outage" and pool.free == 1, (order, pool.free)
+        gate.success()
+        await task
+
+    run(main())
+    assert order == ["hold", "before", "free", "hold", "before", "send", "free"]
+    assert pool.free == 1
+
+
+@pytest.mark.parametrize("where", ["before_send", "send", "retried"])
+def test_the_hold_is_given_back_however_the_attempt_ends(where: str) -> None:
+    clock, sleep, gate = setup()
+    pool, order = PermitPool(1), list[str]()
+
+    async def before() -> None:
+        if where == "before_send":
+            raise RuntimeError("bug")
+
+    scripts: dict[str, list[BaseException | None]] = {
+        "before_send": [None], "send": [RuntimeError("bug")],
+        "retried": [ServerError("HTTP 503"), ServerError("HTTP 503"), None]}
+    send = Script(scripts[where])
+
+    async def main() -> None:
+        await policy(gate, clock, sleep).run(send, Attempts(), before_send=before,
+                                             hold=Recorded(pool, order))
+
+    if where == "retried":
+        run(main())
+        assert order == ["hold", "free"] * 3
+    else:
+        with pytest.raises(RuntimeError):
+            run(main())
+    assert pool.free == 1
 
 
 def test_unexpected_errors_propagate_and_free_the_probe_slot() -> None:
