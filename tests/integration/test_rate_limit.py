@@ -60,3 +60,36 @@ def test_workers_sharing_a_token_use_the_limit_without_429(
     ordered = sorted(received)
     worst = max(sum(1 for u in ordered[i:] if u < t + PERIOD) for i, t in enumerate(ordered))
     assert worst <= LIMIT, f"{worst} requests in one rolling {PERIOD:g} s window"
+
+
+def test_a_slow_spell_past_what_the_pool_carries_ends_without_a_burst_of_429s(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """Answers at 2 s on 4 connections carry 2 requests a second against the limit's 10.
+    Before round 21 events took their rate slots and then queued for a connection; when
+    answers sped up they went out together, over the rolling window: 429s, and the
+    limiter halved. A slot is now taken only by a request holding a connection."""
+    server, control = sandbox
+    control.set_faults(rate_limit=LIMIT, rate_window_seconds=PERIOD)
+    topic = topic_factory(partitions=3)
+    produce(kafka_bootstrap, schema_registry_url, topic,
+            [track_event(f"u{i % 60}", i) for i in range(600)])
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-g",
+                     USERPILOT_RATE_LIMIT=str(LIMIT), USERPILOT_RATE_PERIOD_SECONDS=str(PERIOD),
+                     USERPILOT_RATE_BURST="1", USERPILOT_ENSURE_USER="false",
+                     USERPILOT_MAX_CONNECTIONS="4")
+    with WorkerThread(env) as w:
+        wait_until(lambda: len(w.worker.assigned) == 3, 60, "the partitions assigned")
+        wait_until(lambda: control.stats()["accepted"] >= 5, 30, "delivery under way")
+        control.set_faults(latency_ms=2000)
+        time.sleep(8)
+        control.set_faults(latency_ms=0)
+        time.sleep(PERIOD + 2)
+        limited = sum(w.metric("userpilot_responses_total", status="429", endpoint=e)
+                      for e in ("track", "identify"))
+    received = sorted(r["received_at"] for r in control.requests("/v1/track"))
+    assert control.stats()["by_status"].get("429", 0) == 0, control.stats()
+    assert limited == 0
+    worst = max(sum(1 for u in received[i:] if u < t + PERIOD) for i, t in enumerate(received))
+    assert worst <= LIMIT, f"{worst} requests in one rolling {PERIOD:g} s window"
