@@ -11,6 +11,7 @@ stop a replica (it did: the 503 that carried it crashed the worker on every rest
 from __future__ import annotations
 
 import codecs
+import re
 import zlib
 from collections.abc import Mapping
 
@@ -64,6 +65,9 @@ def _inflate(raw: bytes, coding: str) -> bytes | None:
     return None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _decode(raw: bytes, charset: str | None) -> str:
     """Text in the answer's charset when that is a text encoding Python can apply, else
     UTF-8; undecodable bytes become U+FFFD."""
@@ -77,6 +81,10 @@ def _decode(raw: bytes, charset: str | None) -> str:
         if info is not None and getattr(info, "_is_text_encoding", True):
             name = info.name
     try:
-        return raw.decode(name, "replace")
+        text = raw.decode(name, "replace")
     except Exception:  # e.g. idna raises despite "replace"
         return raw.decode("utf-8", "replace")
+    # Some codecs (utf-7, utf-16 with "replace") still yield lone surrogates, which no
+    # UTF-8 encoding of the text takes: a 400 answered in utf-7 crashed the worker as its
+    # dead letter's headers were written, on every restart (review "poison21").
+    return _SURROGATE.sub("\ufffd", text)

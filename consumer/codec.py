@@ -56,7 +56,12 @@ __all__ = [
 ]
 
 MAGIC_BYTE = 0
-_HEADER = struct.Struct(">BI")
+_HEADER = struct.Struct(">Bi")
+"""Magic byte, then the schema id as a signed 32-bit integer, as Confluent's Java
+deserialiser reads it: a registry's ids are positive, so an id past 2**31 - 1 (garbage after
+a zero byte) reads as negative and is unknown without asking (Confluent's registry answers
+such a path 404 without its "not found" code, which read as an outage: the partition
+retried for ever, review "poison21")."""
 
 SCHEMA_TEXT: str = resources.files("consumer").joinpath("signal_event.avsc").read_text("utf-8")
 SCHEMA_JSON: dict[str, Any] = json.loads(SCHEMA_TEXT)
@@ -70,6 +75,14 @@ _read_replacing: Callable[[io.BytesIO, Any, Any], Any] = functools.partial(
 _read_deep: Callable[..., Any] = fastavro_py.schemaless_reader
 """fastavro's pure-Python reader, for writer schemas whose types refer to themselves
 (:class:`DeepSchema`): its recursion ends in RecursionError, not a crash of the process."""
+
+
+def _bounded_int(digits: str) -> int | float:
+    """A JSON integer as Python reads it, or an infinity past its digit limit."""
+    try:
+        return int(digits)
+    except ValueError:
+        return float("-inf") if digits.startswith("-") else float("inf")
 
 
 class DeepSchema(dict[str, Any]):
@@ -526,7 +539,12 @@ class Event(Mapping[str, Any]):
                 f"{field} is JSON nested deeper than {MAX_JSON_DEPTH} levels"
             ) from None
         except ValueError as exc:
-            raise UndecodableEvent(f"{field} is not valid JSON text: {exc}") from None
+            if "integer string conversion" not in str(exc):
+                raise UndecodableEvent(f"{field} is not valid JSON text: {exc}") from None
+            # Valid JSON with an integer past Python's digit limit (4,300): read again
+            # with such numbers as infinities, which are left out like NaN and Infinity.
+            # Dead-lettered whole, no replay could ever deliver it (review "poison21").
+            value = json.loads(text, parse_int=_bounded_int)
         if isinstance(value, str):
             fixed, count = _SURROGATE.subn("\ufffd", value)
             self.replaced += count

@@ -23,14 +23,16 @@ import bisect
 import hashlib
 import hmac
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from consumer.answers import BODY_LIMIT
+from consumer.logs import RateLimit
 from consumer.redaction import redact
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "dead_letter_record",
     "dlq_headers",
     "header_value",
+    "message_headers",
     "normalize_headers",
     "producer_limit",
     "record_size",
@@ -100,6 +103,36 @@ def _iso(ts: float | None) -> bytes:
     if ts is None:
         return b""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").encode()
+
+
+log = logging.getLogger(__name__)
+log.addFilter(RateLimit(30.0))
+
+
+class _Headed(Protocol):
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def headers(self) -> Any: ...
+
+
+def message_headers(message: _Headed) -> list[Header]:
+    """A Kafka message's headers; none (with a warning, at most one a topic every 30 s)
+    when the client cannot read them.
+
+    Why: confluent-kafka decodes header keys as strict UTF-8, and a key that is not (any
+    byte-level producer may write one) raises SystemError from `headers()`. Uncaught, one
+    such message stopped the worker, on every restart (review "poison21"). The event
+    itself is readable: it goes on without headers (a DLQ record read so has no origin,
+    and replay reports it)."""
+    try:
+        return normalize_headers(message.headers())
+    except Exception as exc:
+        log.warning("%s: headers left out at partition %s offset %s: the Kafka client "
+                    "cannot read them (%s; a header key that is not UTF-8?)",
+                    message.topic(), message.partition(), message.offset(),
+                    type(exc).__name__)
+        return []
 
 
 def normalize_headers(raw: object) -> list[Header]:
@@ -183,15 +216,17 @@ def dlq_headers(
          else b"TASK_PUT"),
         ("__connect.errors.class.name", b"consumer.worker"),
         ("__connect.errors.exception.class.name", failure.exception_class.encode()),
-        ("__connect.errors.exception.message", message.encode()),
-        # No Java stack here; Connect's first stacktrace line is "class: message".
+        ("__connect.errors.exception.message", message.encode("utf-8", "replace")),
+        # No Java stack here; Connect's first stacktrace line is "class: message". Text
+        # quoted from an answer or an event is encoded with "replace": a lone surrogate
+        # in it stopped the worker here (review "poison21").
         ("__connect.errors.exception.stacktrace",
-         f"{failure.exception_class}: {message}".encode()),
+         f"{failure.exception_class}: {message}".encode("utf-8", "replace")),
         ("userpilot.error.reason", failure.reason.encode()),
         ("userpilot.error.status", b"" if failure.status is None
          else str(failure.status).encode()),
-        ("userpilot.error.call", failure.call.encode()),
-        ("userpilot.error.body", body.encode()),
+        ("userpilot.error.call", failure.call.encode("utf-8", "replace")),
+        ("userpilot.error.body", body.encode("utf-8", "replace")),
         ("userpilot.error.attempts", str(failure.attempts).encode()),
         ("userpilot.error.first_attempt", _iso(failure.first_attempt)),
         ("userpilot.error.last_attempt", _iso(failure.last_attempt)),

@@ -25,7 +25,7 @@ from consumer.deadletter import (
     VALUE_SHA256,
     Header,
     header_value,
-    normalize_headers,
+    message_headers,
     source_of,
     value_omitted,
 )
@@ -90,7 +90,7 @@ def fetch_original(conf: Mapping[str, Any], topic: str, partition: int, offset: 
         if message.offset() != offset:
             return Fetched(problem="gone")  # compacted away: a later offset came back
         return Fetched(message.key(), message.value(),
-                       tuple(normalize_headers(message.headers())))
+                       tuple(message_headers(message)))
     finally:
         consumer.close()
 

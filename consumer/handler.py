@@ -105,6 +105,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+LOG_TEXT_LIMIT = 1024
+"""Characters of an error's text in one log line (the DLQ's header keeps as many)."""
+
+
+def _cut(text: str) -> str:
+    if len(text) <= LOG_TEXT_LIMIT:
+        return text
+    return f"{text[:LOG_TEXT_LIMIT]}… ({len(text) - LOG_TEXT_LIMIT} more characters)"
+
+
 URGENT: frozenset[str] = frozenset({"ensure_user", "associate_company"})
 """Call purposes another call of the same user waits for: they take their family's next
 connection permit and rate slot before queued events."""
@@ -786,6 +796,8 @@ class Handler:
         finally:
             self.dlq_writable.finished(token)
         self.m.dead_lettered.labels(reason).inc()
+        # Cut as the DLQ header is: a schema resolution error quotes both schemas (~15 KB a
+        # line, for every event of that schema, review "poison21").
         log.warning("dead-lettered (%s): %s%s", reason, f"{exc.call}: " if exc.call else "",
-                    exc, extra=event.fields)
+                    _cut(str(exc)), extra=event.fields)
         return DeadLettered(reason, exc)

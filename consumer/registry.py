@@ -340,10 +340,13 @@ class Registry:
     def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
         """Parsed writer schema for an id; KeyError when the registry does not know it,
         UndecodableEvent when its schema is not an Avro schema (JSON Schema, Protobuf, or
-        broken text): the registry answered, so waiting would stall the partition for ever."""
+        broken text): the registry answered, so waiting would stall the partition for ever.
+        A negative id (`codec._HEADER`) is no registry's: unknown, without a request."""
         cached = self._parsed.get(schema_id)
         if cached is not None:
             return cached
+        if schema_id < 0:
+            raise KeyError(schema_id)
         with self._fetching:  # many events of a new schema arrive at once: fetch it once
             cached = self._parsed.get(schema_id)
             if cached is not None:

@@ -42,7 +42,7 @@ from consumer.deadletter import (
     REPLAY_SEAL,
     Header,
     header_value,
-    normalize_headers,
+    message_headers,
     replay_count,
     replay_seal,
     value_omitted,
@@ -404,7 +404,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
                 ) -> dict[str, Any] | None:
     """One DLQ record: counted as filtered, over the limit or unrestorable (None), or the
     report line of its replay, with the record to publish under `_record`."""
-    headers = normalize_headers(msg.headers())
+    headers = message_headers(msg)
     ts_type, ts = msg.timestamp()
     verdict = decide(headers, p, off, ts if ts_type else None, filters)
     where = f"{dlq_topic}[{p}]@{off}"

@@ -47,7 +47,7 @@ from typing import Any, Protocol, TypeVar
 from consumer import codec
 from consumer.commits import TP, Commits
 from consumer.config import Settings, redact_userinfo
-from consumer.deadletter import DlqGuard, normalize_headers
+from consumer.deadletter import DlqGuard, message_headers
 from consumer.delivery import UserpilotClient
 from consumer.errors import DlqGuardTripped, Retry, Stop
 from consumer.filtering import Drop
@@ -742,7 +742,7 @@ class Worker:
         ts_type, ts = message.timestamp()
         key = message.key()
         event = Event(tp[0], tp[1], offset, key if key else (tp[0], tp[1], offset), key,
-                      message.value(), normalize_headers(message.headers()),
+                      message.value(), message_headers(message),
                       ts if ts_type else None)
         if self.handler.decide(event, decoded) and isinstance(event.decision, Drop):
             if self.handler.debug:

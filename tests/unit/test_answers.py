@@ -41,11 +41,15 @@ def test_charset_of_reads_the_content_type_parameter() -> None:
     assert charset_of({}) is None
 
 
-@given(st.binary(max_size=4096), st.text(max_size=30) | st.none(),
+@given(st.binary(max_size=4096),
+       st.text(max_size=30) | st.none() | st.sampled_from(
+           ["utf-7", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "punycode", "idna"]),
        st.sampled_from(["", "gzip", "deflate", "br", "identity", "x-gzip", "zstd"]) | st.text())
 def test_body_text_never_raises_and_stays_bounded(raw: bytes, charset: str | None,
                                                   encoding: str) -> None:
-    assert len(body_text(raw, charset=charset, encoding=encoding)) <= BODY_LIMIT + 80
+    text = body_text(raw, charset=charset, encoding=encoding)
+    assert len(text) <= BODY_LIMIT + 80
+    text.encode("utf-8")  # no lone surrogate: the dead letter's headers take it
 
 
 @given(st.text(max_size=80))
@@ -69,3 +73,15 @@ def test_an_unknown_content_encoding_is_not_quoted() -> None:
     """Review secrets18: quoted lower-cased, an echoed token escaped its redaction."""
     text = body_text(b"x" * 10, encoding="S3CR3T-TOKEN-xyz")
     assert "s3cr3t" not in text.lower() and "10 bytes" in text
+
+
+@pytest.mark.parametrize("raw,charset", [(b"+2D0-", "utf-7"), (b"\x3d\xd8", "utf-16-le"),
+                                         (b"\xd8\x3d", "utf-16-be")])
+def test_a_charset_that_yields_lone_surrogates_gives_text_utf8_can_take(
+        raw: bytes, charset: str) -> None:
+    """utf-7 decodes "+2D0-" to a lone surrogate even with "replace": the dead letter's
+    headers could not encode it and the worker stopped, on every restart (review
+    "poison21")."""
+    text = body_text(raw, charset=charset)
+    text.encode("utf-8")  # raises on a surrogate
+    assert "\ufffd" in text

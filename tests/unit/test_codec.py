@@ -308,6 +308,17 @@ def test_json_fields_that_are_not_json_text_are_undecodable() -> None:
         event.get("properties")
 
 
+def test_an_integer_past_pythons_digit_limit_reads_as_an_infinity_not_a_dead_letter() -> None:
+    """Valid JSON, but over int_max_str_digits (4,300): the whole event was dead-lettered as
+    undecodable, for good (review "poison21"). It reads as an infinity, which the mapping
+    leaves out like NaN; the rest of the field is kept."""
+    record = codec.to_record({"type": "track"})
+    huge, low = "9" * 5000, "1" * 4400
+    record["properties"] = f'{{"huge": {huge}, "low": -{low}, "ok": 7}}'
+    event = codec.decode(codec.encode(1, record), own_schema)
+    assert event.get("properties") == {"huge": float("inf"), "low": float("-inf"), "ok": 7}
+
+
 # ------------------------------------------------------------------ schema evolution
 
 def _schema_json() -> dict[str, Any]:

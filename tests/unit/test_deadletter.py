@@ -25,6 +25,7 @@ from consumer.deadletter import (
     dead_letter_record,
     dlq_headers,
     header_value,
+    message_headers,
     normalize_headers,
     producer_limit,
     record_size,
@@ -458,3 +459,36 @@ def test_a_run_split_by_events_in_flight_joins_once_they_fail_too() -> None:
     tripped = next(seq for seq in range(2, 80, 2) if not guard.allow_dead_letter(seq))
     assert guard.tripped_reason is not None and "consecutive" in guard.tripped_reason
     assert tripped <= 52  # 51 adjacent by then
+
+
+def test_text_with_lone_surrogates_is_written_not_raised() -> None:
+    """A message or body quoting a lone surrogate (an answer's odd charset, an event's
+    text) stopped the worker as the record's headers were encoded (review "poison21")."""
+    failure = Failure(reason="bad_request", exception_class="Rejected",
+                      message="HTTP 400: \ud83d", status=400, body="x\udc00y",
+                      call="track POST /v1/track \ud800")
+    h = headers_of(failure)
+    assert h["userpilot.error.body"] == b"x?y"
+    assert h["__connect.errors.exception.message"].endswith(b"?")
+
+
+class UnreadableHeaders:
+    """A message whose header key is not UTF-8: confluent-kafka raises from headers()."""
+
+    def topic(self) -> str:
+        return "signal"
+
+    def partition(self) -> int:
+        return 3
+
+    def offset(self) -> int:
+        return 7
+
+    def headers(self) -> object:
+        raise SystemError("<built-in method headers> returned a result with an exception set")
+
+
+def test_headers_the_client_cannot_read_are_left_out_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    assert message_headers(UnreadableHeaders()) == []
+    assert "headers left out at partition 3 offset 7" in caplog.text

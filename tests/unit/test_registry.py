@@ -15,6 +15,7 @@ import fastavro
 import httpx
 import pytest
 
+from consumer import codec
 from consumer.codec import SCHEMA, SCHEMA_TEXT
 from consumer.errors import UndecodableEvent
 from consumer.registry import (
@@ -631,3 +632,18 @@ def test_a_proxys_credentials_never_reach_the_problem_readiness_shows() -> None:
     shown = registry.problem() or ""
     assert "schema registry does not answer" in shown
     assert basic not in shown and "S3CR3T-PROXY-pw" not in shown
+
+
+def test_an_id_past_the_signed_range_is_unknown_without_a_request() -> None:
+    """Garbage after a zero byte gives an id over 2**31 - 1, which Confluent's registry
+    answers 404 without its "not found" code (an outage to the worker: the partition
+    retried for ever, review "poison21"). Read signed, as Java does, it is negative:
+    unknown at once."""
+    value = b"\x00\x80\x00\x00\x01" + b"garbage"
+    schema_id, _ = codec.split_wire(value)
+    assert schema_id == -(2**31) + 1
+    registry, client, _ = make([])
+    with pytest.raises(KeyError):
+        registry.writer_schema(schema_id)
+    assert client.calls == 0
+    assert registry.healthy

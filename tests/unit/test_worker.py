@@ -2332,3 +2332,47 @@ def test_a_dead_letter_quoting_the_registry_masks_its_credentials() -> None:
     assert b"references a schema" in written
     assert base64.b64encode(b"reguser:S3CR3T-REG-pw") not in written
     assert b"S3CR3T-REG-pw" not in written
+
+
+class UnreadableHeaders(Message):
+    """confluent-kafka raises from headers() when a header key is not UTF-8."""
+
+    def headers(self) -> Any:
+        raise SystemError("<built-in method headers> returned a result with an exception set")
+
+
+def test_a_message_whose_headers_cannot_be_read_is_delivered_without_them() -> None:
+    """One such message stopped the worker (SystemError out of the intake), on every
+    restart, and nothing of its batch was delivered (review "poison21")."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", track("u1", 1)),
+                        UnreadableHeaders(TOPIC, 0, 1, b"u2", track("u2", 2)),
+                        Message(TOPIC, 0, 2, b"u3", track("u3", 3))]}
+    run = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 3, "all three committed")
+
+    assert drive(run, scenario) == 0
+    assert sorted(codec_seq(body) for body in run.client.bodies) == [1, 2, 3]
+
+
+def test_a_dead_letters_log_line_is_cut_like_its_dlq_header(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A schema resolution error quotes both schemas: ~15 KB a log line for every event
+    of that schema (review "poison21")."""
+    body_of = track("u1", 1)
+    run = make(log_of(body_of), registry=known_schema(), USERPILOT_ENSURE_USER="false")
+
+    class Long(FakeClient):
+        async def send(self, call: Call) -> int:
+            raise Rejected("HTTP 400: " + "x" * 20_000, status=400)
+
+    run.worker.client = run.worker.handler.client = Long()
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "dead-lettered")
+
+    with caplog.at_level(logging.WARNING):
+        assert drive(run, scenario) == 0
+    (line,) = [r.getMessage() for r in caplog.records if "dead-lettered (" in r.getMessage()]
+    assert len(line) < 1300 and "more characters" in line
