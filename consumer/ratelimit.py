@@ -17,7 +17,8 @@ request of slack: 25 ms of jitter, which a loaded CI machine exceeded (429s seen
 
 Replicas share the token without talking to each other: each takes the share of the
 limit proportional to the partitions it owns (`partition_share`), recomputed on every
-rebalance. On 429 the rate halves (multiplicative decrease) and recovers additively.
+rebalance. On 429 the rate halves, at most once per recovery period, and grows back by half
+again each period without one.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class AdaptiveLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
         min_factor: float = 0.05,
-        recover_step: float = 0.05,
+        recover_ratio: float = 1.5,
         recover_every_s: float = 10.0,
     ) -> None:
         self._limit = limit
@@ -113,9 +114,10 @@ class AdaptiveLimiter:
         self._share = 1.0
         self._factor = 1.0
         self._min_factor = min_factor
-        self._recover_step = recover_step
+        self._recover_ratio = recover_ratio
         self._recover_every = recover_every_s
-        self._last_cut = -1e18
+        self._cut_at = -1e18  # the last halving: at most one per recovery period
+        self._grown_at = -1e18  # where the recovery's periods are counted from
         self._tat = clock()
         self._lock: asyncio.Lock | None = None
 
@@ -129,25 +131,41 @@ class AdaptiveLimiter:
         self._share = max(0.0, min(1.0, share))
 
     def slow_down(self) -> None:
-        """Userpilot said 429: halve the rate, at most once per recovery period."""
+        """Userpilot said 429: halve the rate, at most once per recovery period
+        (`recover_every_s`); each whole period without a 429 grows it back by
+        `recover_ratio`.
+
+        Why once per period: the 429s of the next seconds answer requests sent before the
+        cut, and Userpilot's window refuses until it refills whatever the rate now. Halved
+        once a second, a 15 s spell of 429s (13 of them) cut the rate to its 5 % floor, and
+        the additive recovery (+5 % every 10 s) took ~200 s back to the limit: half the
+        token's budget unused for three minutes (review "recovery21"). Now that spell
+        halves twice and the rate is back 40 s after it; a client sharing the token still
+        finds its share (a cut every period while the 429s go on, no growth meanwhile)."""
         now = self._clock()
-        if now - self._last_cut >= 1.0:
+        self._recover(now)  # what the periods before this 429 earned
+        self._grown_at = now  # growing needs a whole period without one
+        if now - self._cut_at >= self._recover_every:
             self._factor = max(self._min_factor, self._factor / 2)
-            self._last_cut = now
+            self._cut_at = now
 
     def _recover(self, now: float) -> None:
         if self._factor < 1.0:
-            steps = int((now - self._last_cut) // self._recover_every)
+            steps = int((now - self._grown_at) // self._recover_every)
             if steps > 0:
-                self._factor = min(1.0, self._factor + steps * self._recover_step)
-                self._last_cut += steps * self._recover_every
+                self._factor = self._grown(steps)
+                self._grown_at += steps * self._recover_every
+
+    def _grown(self, steps: int) -> float:
+        if steps > 64:  # far past full; the power would overflow nothing but is pointless
+            return 1.0
+        return min(1.0, self._factor * self._recover_ratio ** steps)
 
     def factor_at(self, now: float) -> float:
         """The slow-down factor `now`, recovery included, without changing any state."""
         if self._factor >= 1.0:
             return self._factor
-        steps = max(0, int((now - self._last_cut) // self._recover_every))
-        return min(1.0, self._factor + steps * self._recover_step)
+        return self._grown(max(0, int((now - self._grown_at) // self._recover_every)))
 
     @property
     def share(self) -> float:

@@ -190,36 +190,66 @@ def test_share_zero_sends_nothing_and_consumes_nothing() -> None:
     assert limiter.reserve() == 0.0
 
 
-def test_slow_down_halves_once_per_second_down_to_the_floor() -> None:
+def test_slow_down_halves_once_per_recovery_period_down_to_the_floor() -> None:
     clock = FakeClock()
-    limiter = AdaptiveLimiter(600, 60.0, clock=clock, min_factor=0.1)
+    limiter = AdaptiveLimiter(600, 60.0, clock=clock, min_factor=0.1, recover_every_s=10.0)
     full = limiter.rate
     limiter.slow_down()
     assert limiter.rate == pytest.approx(full / 2)
-    limiter.slow_down()  # same second: the same overload, not a new one
+    clock.now += 9.9
+    limiter.slow_down()  # the same overload (requests sent before the cut), not a new one
     assert limiter.rate == pytest.approx(full / 2)
-    clock.now += 1.0
+    clock.now += 0.1
     limiter.slow_down()
     assert limiter.rate == pytest.approx(full / 4)
-    for _ in range(10):
-        clock.now += 1.0
+    for _ in range(20):  # 429s every 5 s: a cut every 10 s, no growth between
+        clock.now += 5.0
         limiter.slow_down()
     assert limiter.rate == pytest.approx(full * 0.1)
+
+
+def test_a_short_spell_of_429s_costs_two_halvings_and_forty_seconds_after_it() -> None:
+    """Halved once a second, 15 s of 429s cut the rate to its 5 % floor, and +5 % every
+    10 s took ~200 s back to the limit (review "recovery21")."""
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, clock=clock)
+    full = limiter.rate
+    for _ in range(150):  # a 429 every 0.1 s for 15 s
+        limiter.slow_down()
+        clock.now += 0.1
+    assert limiter.rate == pytest.approx(full / 4)
+    clock.now += 30.0  # three clean periods after the last 429: 0.25 x 1.5^3
+    limiter.reserve()
+    assert limiter.rate == pytest.approx(full * 0.84375)
+    clock.now += 10.0
+    limiter.reserve()
+    assert limiter.rate == pytest.approx(full)
+
+
+def test_a_429_after_the_rate_recovered_halves_it_again() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, clock=clock, recover_every_s=10.0)
+    full = limiter.rate
+    limiter.slow_down()
+    clock.now += 25.0  # grown twice: 0.5 x 1.5 x 1.5, capped at the limit
+    assert limiter.factor_at(clock.now) == 1.0
+    limiter.slow_down()
+    assert limiter.rate == pytest.approx(full / 2)
 
 
 def test_share_rate_shows_the_recovery_without_waiting_for_a_request() -> None:
     """The gauge kept the halved rate after a 429 until the next 429 or rebalance,
     although the limiter had recovered."""
     clock = FakeClock()
-    limiter = AdaptiveLimiter(600, 60.0, clock=clock, recover_step=0.1, recover_every_s=10.0)
+    limiter = AdaptiveLimiter(600, 60.0, clock=clock, recover_ratio=1.5, recover_every_s=10.0)
     limiter.set_share(0.5)
     full = safe_rate(600, 60.0, 1, 0.5)
     assert limiter.share_rate == pytest.approx(full)
     limiter.slow_down()
     assert limiter.share_rate == pytest.approx(full * 0.5)
-    clock.now += 30.0  # no request meanwhile
-    assert limiter.share_rate == pytest.approx(full * 0.8)
-    assert limiter.share_rate == pytest.approx(full * 0.8)  # a read changes nothing
+    clock.now += 10.0  # no request meanwhile
+    assert limiter.share_rate == pytest.approx(full * 0.75)
+    assert limiter.share_rate == pytest.approx(full * 0.75)  # a read changes nothing
     clock.now += 1000.0
     assert limiter.share_rate == pytest.approx(full)
     limiter.reserve()
@@ -228,18 +258,23 @@ def test_share_rate_shows_the_recovery_without_waiting_for_a_request() -> None:
 
 def test_recover_restores_the_rate_over_time() -> None:
     clock = FakeClock()
-    limiter = AdaptiveLimiter(600, 60.0, clock=clock, recover_step=0.1, recover_every_s=10.0)
+    limiter = AdaptiveLimiter(600, 60.0, clock=clock, min_factor=0.1, recover_ratio=1.5,
+                              recover_every_s=10.0)
     full = limiter.rate
-    limiter.slow_down()
+    for _ in range(5):  # 429s 5 s apart: cut at 0, 10 and 20 s
+        limiter.slow_down()
+        clock.now += 5.0
+    clock.now -= 5.0
+    assert limiter.rate == pytest.approx(full * 0.125)
     clock.now += 9.9
     limiter.reserve()
-    assert limiter.rate == pytest.approx(full * 0.5)
+    assert limiter.rate == pytest.approx(full * 0.125)
     clock.now += 0.1
     limiter.reserve()
-    assert limiter.rate == pytest.approx(full * 0.6)
+    assert limiter.rate == pytest.approx(full * 0.1875)
     clock.now += 25.0
     limiter.reserve()
-    assert limiter.rate == pytest.approx(full * 0.8)
+    assert limiter.rate == pytest.approx(full * 0.421875)
     clock.now += 1000.0
     limiter.reserve()
     assert limiter.rate == pytest.approx(full)
@@ -369,8 +404,8 @@ def test_factor_follows_slow_down_and_recovers() -> None:
     limiter = AdaptiveLimiter(600, 60.0, 1, clock=clock, recover_every_s=10.0)
     limiter.slow_down()
     assert limiter.factor == 0.5
-    clock.now += 20.0
-    assert limiter.factor == pytest.approx(0.6)
+    clock.now += 10.0
+    assert limiter.factor == pytest.approx(0.75)
 
 
 # ---------------------------------------------------------------------------- priority lane
