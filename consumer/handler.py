@@ -555,9 +555,12 @@ class Handler:
                 return True
             await asyncio.sleep(claim.retry_after_s)
 
-    async def _dedup_reclaim(self, event: Event, endpoint: str) -> bool:
+    async def _dedup_reclaim(self, event: Event, endpoint: str,
+                             permit: Permit | None = None) -> bool:
         """Renew the claim right before a request; True to send now, False when another
-        owner holds it (the caller waits for the limiter again). Raises AlreadyDelivered."""
+        owner holds it (the caller waits for the limiter again). Raises AlreadyDelivered.
+        Waiting out another owner's claim, it gives its connection `permit` back (the
+        policy's own release is then a no-op if taking it again is cancelled)."""
         if self.dedup is None or event.dedup_owner is None or not event.message_id:
             return True
         claim = await self.dedup.claim(endpoint, event.message_id, event.dedup_owner)
@@ -565,7 +568,11 @@ class Handler:
             event.dedup_owner = None
             raise AlreadyDelivered(endpoint)
         if claim.outcome is Claim.BUSY:
+            if permit is not None:
+                permit.release()
             await asyncio.sleep(claim.retry_after_s)
+            if permit is not None:
+                await permit.acquire()
             return False
         if claim.degraded and not event.unchecked:
             event.unchecked = True  # counted once per event, whatever its calls and retries
@@ -672,16 +679,19 @@ class Handler:
         else:
             acquire = limiter.acquire
 
-        async def wait_for_limiter() -> None:
-            self._check_halted(event)  # no slot of the budget for an event that will stop
-            wait.observe(await acquire())
-            self._check_halted(event)
-            while dedup is not None and not await self._dedup_reclaim(event, dedup):
-                wait.observe(await acquire())
-                self._check_halted(event)
-
         permit = Permit(self._connections[call.family], urgent=call.purpose in URGENT,
                         order=event.intake)
+
+        async def wait_for_limiter() -> None:
+            # The permit's wait behind holders that waited for slots is this limiter's
+            # queue too (`Permit.for_limiter`), so it is counted here.
+            self._check_halted(event)  # no slot of the budget for an event that will stop
+            wait.observe(await acquire() + permit.for_limiter)
+            self._check_halted(event)
+            while dedup is not None and not await self._dedup_reclaim(event, dedup, permit):
+                wait.observe(await acquire() + permit.for_limiter)
+                self._check_halted(event)
+
         await self.policy.run(lambda: self._attempt(event, call, limiter, permit),
                               event.attempts, before_send=wait_for_limiter, hold=permit)
 
@@ -695,8 +705,12 @@ class Handler:
             # it stops.
             self._check_halted(event)
             event.on_wire = event.requesting = event.requested = sent = True
-            self._connection_wait(endpoint).observe(permit.waited)
-            status = await self.client.send(call)
+            self._connection_wait(endpoint).observe(permit.for_pool)
+            permit.sending()
+            try:
+                status = await self.client.send(call)
+            finally:
+                permit.sent()
             self._responses(str(status), endpoint).inc()
         except Timeout:
             self._responses("timeout", endpoint).inc()

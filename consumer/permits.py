@@ -25,6 +25,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 
 __all__ = ["Permit", "PermitPool"]
 
@@ -32,15 +33,41 @@ __all__ = ["Permit", "PermitPool"]
 class PermitPool:
     """`size` permits; waiters served urgent first, then by lowest `order`, then arrival."""
 
-    __slots__ = ("_free", "_seq", "_waiters", "size")
+    __slots__ = ("_free", "_full_since", "_full_total", "_seq", "_waiters",
+                 "_wire", "clock", "size")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, clock: Callable[[], float] = time.perf_counter) -> None:
         if size < 1:
             raise ValueError("a permit pool needs at least one permit")
         self.size = size
         self._free = size
         self._waiters: list[tuple[int, int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        self.clock = clock
+        self._wire = 0  # holders whose request is on the wire
+        self._full_total = 0.0
+        self._full_since: float | None = None
+
+    def full_clock(self) -> float:
+        """Seconds so far during which every permit was held by a request on the wire:
+        the only time a waiter waits for the pool itself. A permit is held from before the
+        rate slot, so the rest of a wait is the rate limiter's queue, not the pool's."""
+        if self._full_since is None:
+            return self._full_total
+        return self._full_total + self.clock() - self._full_since
+
+    def sending(self) -> None:
+        """A holder's request went on the wire."""
+        self._wire += 1
+        if self._wire == self.size:
+            self._full_since = self.clock()
+
+    def sent(self) -> None:
+        """... and came back (answered, failed or cancelled)."""
+        if self._full_since is not None:
+            self._full_total += self.clock() - self._full_since
+            self._full_since = None
+        self._wire -= 1
 
     @property
     def free(self) -> int:
@@ -82,21 +109,39 @@ class PermitPool:
 
 class Permit:
     """One call's claim on its family's pool, across its attempts (the retry policy's
-    `Hold`): taken before each attempt's rate slot, given back after its answer. Records
-    how long the last acquisition waited (`userpilot_connection_wait_seconds`)."""
+    `Hold`): taken before each attempt's rate slot, given back after its answer.
 
-    __slots__ = ("_order", "_pool", "_urgent", "waited")
+    Of its last wait, `for_pool` is the time every permit was on the wire (the pool too
+    small: `userpilot_connection_wait_seconds`) and `for_limiter` the rest (holders
+    waiting for rate slots: the limiter's queue). `release` is safe to repeat: the handler
+    gives the permit back while it sleeps on a busy messageId claim, and the policy's own
+    release after that must not give it back twice."""
+
+    __slots__ = ("_order", "_pool", "_urgent", "for_limiter", "for_pool", "held")
 
     def __init__(self, pool: PermitPool, *, urgent: bool = False, order: int = 0) -> None:
         self._pool = pool
         self._urgent = urgent
         self._order = order
-        self.waited = 0.0
+        self.held = False
+        self.for_pool = self.for_limiter = 0.0
 
     async def acquire(self) -> None:
-        start = time.perf_counter()
-        await self._pool.acquire(self._urgent, self._order)
-        self.waited = time.perf_counter() - start
+        pool = self._pool
+        start, full = pool.clock(), pool.full_clock()
+        await pool.acquire(self._urgent, self._order)
+        self.held = True
+        waited = pool.clock() - start
+        self.for_pool = min(waited, pool.full_clock() - full)
+        self.for_limiter = waited - self.for_pool
 
     def release(self) -> None:
-        self._pool.release()
+        if self.held:
+            self.held = False
+            self._pool.release()
+
+    def sending(self) -> None:
+        self._pool.sending()
+
+    def sent(self) -> None:
+        self._pool.sent()

@@ -315,26 +315,27 @@ class RetryPolicy:
         probe = await self._gate.admit()
         counted = held = False
         try:
-            if hold is not None:
-                await hold.acquire()
-                held = True
-            if before_send is not None:
-                await before_send()
-                while not probe and self._gate.state != "up":
-                    # The gate closed while this waited for its rate slot (requests ahead
-                    # of it found the outage): wait at the gate again, then for a new
-                    # slot. Admitted once, a window of events went on to a Userpilot that
-                    # timed out, at the limiter's pace, ~185 requests in 25 s past the
-                    # gate's "one probe at a time" (review "slowup20"). Without its hold
-                    # meanwhile: the probe the gate lets through may need it.
-                    if hold is not None and held:
-                        held = False
-                        hold.release()
-                    probe = await self._gate.admit()
-                    if hold is not None:
-                        await hold.acquire()
-                        held = True
+            while True:
+                if hold is not None:
+                    await hold.acquire()
+                    held = True
+                if before_send is None:
+                    break
+                if probe or self._gate.state == "up":
                     await before_send()
+                    if probe or self._gate.state == "up":
+                        break
+                # The gate closed while this waited for its connection or its rate slot
+                # (requests ahead of it found the outage): wait at the gate again, then
+                # for both again. Admitted once, a window of events went on to a Userpilot
+                # that timed out, at the limiter's pace, ~185 requests in 25 s past the
+                # gate's "one probe at a time" (review "slowup20"); and each spent a slot
+                # of the budget before it looked (review "permits21"). Without its hold
+                # meanwhile: the probe the gate lets through may need it.
+                if hold is not None and held:
+                    held = False
+                    hold.release()
+                probe = await self._gate.admit()
             now = self._clock()
             if attempts.limited_since is not None:  # waiting out a 429 spends no budget
                 attempts.limited_up += max(0.0, self._gate.up_time() - attempts.limited_since)

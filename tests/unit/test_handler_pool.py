@@ -122,3 +122,23 @@ def test_a_slow_family_does_not_hold_the_other_familys_connections() -> None:
     assert waited < 0.8, f"identify calls waited {waited:.1f} s behind Track's connection"
     reg = run.worker.m.registry
     assert metric(reg, "userpilot_connection_wait_seconds_count", endpoint="identify") == 3
+
+
+def test_a_backlog_at_the_rate_limit_is_limiter_wait_not_connection_wait() -> None:
+    """Permits are held while their requests wait for rate slots: the events behind them
+    waited for the limiter, yet `userpilot_connection_wait_seconds` reported it, telling
+    operators to raise USERPILOT_MAX_CONNECTIONS (review "permits21")."""
+    log = {TP: [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(30)]}
+    run = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               USERPILOT_RATE_LIMIT="40", USERPILOT_RATE_PERIOD_SECONDS="1",
+               USERPILOT_RATE_BURST="1", USERPILOT_MAX_CONNECTIONS="4")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get(TP) == 30, "every event delivered")
+
+    assert drive(run, scenario) == 0
+    reg = run.worker.m.registry
+    connection = metric(reg, "userpilot_connection_wait_seconds_sum", endpoint="track")
+    limiter = metric(reg, "userpilot_rate_limiter_wait_seconds_sum", endpoint="track")
+    assert connection < 0.05, f"{connection:.2f} s of connection wait, answers instant"
+    assert limiter > 5.0, f"{limiter:.2f} s of limiter wait for 30 events at 40 a second"

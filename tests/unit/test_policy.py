@@ -496,6 +496,34 @@ def test_the_hold_comes_before_the_slot_and_is_given_back_at_a_closed_gate() -> 
     assert pool.free == 1
 
 
+def test_an_attempt_the_gate_closed_on_while_it_waited_for_its_hold_takes_no_slot() -> None:
+    """Handed its connection after the gate closed, it took a rate slot (a slot of the
+    shared budget) before it looked at the gate (review "permits21")."""
+    clock = FakeClock()
+    gate = Gate(outage_after=1, probe_base_s=3600.0, clock=clock)
+    pool, order = PermitPool(1), list[str]()
+
+    async def before() -> None:
+        order.append("before")
+
+    send = Script([None], lambda call: order.append("send"))
+
+    async def main() -> None:
+        await pool.acquire()  # another request holds the only connection
+        task = asyncio.ensure_future(policy(gate, clock, FakeSleep(clock)).run(
+            send, Attempts(), before_send=before, hold=Recorded(pool, order)))
+        await asyncio.sleep(0.05)
+        gate.transient_failure(Timeout("t"))  # that request found the outage
+        pool.release()
+        await asyncio.sleep(0.05)
+        assert order == ["hold", "free"] and gate.state == "outage", order
+        gate.success()
+        await task
+
+    run(main())
+    assert order == ["hold", "free", "hold", "before", "send", "free"]
+
+
 @pytest.mark.parametrize("where", ["before_send", "send", "retried"])
 def test_the_hold_is_given_back_however_the_attempt_ends(where: str) -> None:
     clock, sleep, gate = setup()
