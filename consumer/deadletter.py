@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import itertools
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -108,6 +109,15 @@ def _iso(ts: float | None) -> bytes:
 log = logging.getLogger(__name__)
 log.addFilter(RateLimit(30.0))
 
+_headers_of = operator.methodcaller("headers")
+"""`message.headers()` through the checked call path. Written as a method call, CPython
+3.11 specialises the call site once it is warm (PRECALL_NO_KW_METHOD_DESCRIPTOR_NOARGS),
+and that path does not check for a C function returning a result *with* an exception set:
+confluent-kafka's header list with a key that is not UTF-8 then came back half-built, and
+reading it crashed the process (SIGSEGV) in a worker that had read a few messages before
+(review "poison21"'s SystemError showed only in a fresh process). Called once per message:
+confluent-kafka caches that list, and a second call returns it without the error."""
+
 
 class _Headed(Protocol):
     def topic(self) -> str | None: ...
@@ -122,11 +132,12 @@ def message_headers(message: _Headed) -> list[Header]:
 
     Why: confluent-kafka decodes header keys as strict UTF-8, and a key that is not (any
     byte-level producer may write one) raises SystemError from `headers()`. Uncaught, one
-    such message stopped the worker, on every restart (review "poison21"). The event
+    such message stopped the worker, on every restart (review "poison21"), or crashed it
+    (see `_headers_of`). The event
     itself is readable: it goes on without headers (a DLQ record read so has no origin,
     and replay reports it)."""
     try:
-        return normalize_headers(message.headers())
+        return normalize_headers(_headers_of(message))
     except Exception as exc:
         log.warning("%s: headers left out at partition %s offset %s: the Kafka client "
                     "cannot read them (%s; a header key that is not UTF-8?)",
