@@ -48,6 +48,7 @@ __all__ = [
     "decode",
     "encode",
     "free_items",
+    "loads",
     "plain_types",
     "self_referencing",
     "split_wire",
@@ -83,6 +84,19 @@ def _bounded_int(digits: str) -> int | float:
         return int(digits)
     except ValueError:
         return float("-inf") if digits.startswith("-") else float("inf")
+
+
+def loads(text: str) -> Any:
+    """JSON text as `json.loads` reads it, but an integer past Python's digit limit (4,300)
+    is an infinity, which the mapping leaves out like NaN and Infinity (and names).
+    Refused whole, such an event was dead-lettered for good: no replay could deliver it
+    (review "poison21"). Raises what `json.loads` raises for anything else."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        if "integer string conversion" not in str(exc):
+            raise
+    return json.loads(text, parse_int=_bounded_int)
 
 
 class DeepSchema(dict[str, Any]):
@@ -533,18 +547,13 @@ class Event(Mapping[str, Any]):
 
     def _json(self, field: str, text: str) -> Any:
         try:
-            value = json.loads(text)
+            value = loads(text)
         except RecursionError:
             raise UndecodableEvent(
                 f"{field} is JSON nested deeper than {MAX_JSON_DEPTH} levels"
             ) from None
         except ValueError as exc:
-            if "integer string conversion" not in str(exc):
-                raise UndecodableEvent(f"{field} is not valid JSON text: {exc}") from None
-            # Valid JSON with an integer past Python's digit limit (4,300): read again
-            # with such numbers as infinities, which are left out like NaN and Infinity.
-            # Dead-lettered whole, no replay could ever deliver it (review "poison21").
-            value = json.loads(text, parse_int=_bounded_int)
+            raise UndecodableEvent(f"{field} is not valid JSON text: {exc}") from None
         if isinstance(value, str):
             fixed, count = _SURROGATE.subn("\ufffd", value)
             self.replaced += count

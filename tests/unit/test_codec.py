@@ -319,6 +319,21 @@ def test_an_integer_past_pythons_digit_limit_reads_as_an_infinity_not_a_dead_let
     assert event.get("properties") == {"huge": float("inf"), "low": float("-inf"), "ok": 7}
 
 
+def test_a_huge_integer_in_broken_or_too_deep_json_is_still_undecodable() -> None:
+    """The second read (huge integers as infinities) raised JSONDecodeError or
+    RecursionError out of the event: dead-lettered as `mapping_error`, the reason that
+    points operators at their mapping rules (review "diff21")."""
+    huge = "9" * 5000
+    for text, reason in ((f'{{"huge": {huge}, "broken": }}', "not valid JSON"),
+                         (f'{{"huge": {huge}, "deep": {"[" * 5000}{"]" * 5000}}}',
+                          "nested deeper")):
+        record = codec.to_record({"type": "track"})
+        record["properties"] = text
+        event = codec.decode(codec.encode(1, record), own_schema)
+        with pytest.raises(UndecodableEvent, match=reason):
+            event.get("properties")
+
+
 # ------------------------------------------------------------------ schema evolution
 
 def _schema_json() -> dict[str, Any]:

@@ -131,3 +131,15 @@ def test_consent_settings_are_honoured() -> None:
     settings = load_settings({"USERPILOT_CONSENT_MISSING": "allow"}, offline=True)
     (doc,) = explain_lines([line(type="track", event="Feature Used", userId="u")], settings)
     assert doc["decision"] == "deliver"
+
+
+def test_a_huge_integer_is_left_out_and_named_as_the_worker_does() -> None:
+    """explain refused a line with an integer past Python's 4,300 digits as "not JSON",
+    while the worker delivers it with the field left out (review "diff21")."""
+    text = ('{"type": "track", "event": "Feature Used", "userId": "u1", '
+            '"context": {"consent": {"analytics": true}}, '
+            f'"properties": {{"ok": 1, "huge": {"9" * 5000}}}}}')
+    (doc,) = explain_lines([text], SETTINGS)
+    assert doc["decision"] == "deliver", doc
+    assert doc["request"]["body"]["metadata"] == {"ok": 1}
+    assert any("huge" in str(field) for field in doc["omitted"]), doc

@@ -2376,3 +2376,26 @@ def test_a_dead_letters_log_line_is_cut_like_its_dlq_header(
         assert drive(run, scenario) == 0
     (line,) = [r.getMessage() for r in caplog.records if "dead-lettered (" in r.getMessage()]
     assert len(line) < 1300 and "more characters" in line
+
+
+def test_a_secret_across_the_cut_of_a_dead_letters_log_line_is_masked(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Cut first, a token straddling the 1,024th character was logged half: the log filter
+    masks whole secrets only (review "diff21")."""
+    run = make(log_of(track("u1", 1)), registry=known_schema(), USERPILOT_ENSURE_USER="false")
+    token = "wt_0123456789abcdef"  # settings()' write token
+
+    class Echo(FakeClient):
+        async def send(self, call: Call) -> int:
+            said = "HTTP 400: " + "x" * 1005 + token + "y" * 100
+            raise Rejected(said, status=400)
+
+    run.worker.client = run.worker.handler.client = Echo()
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "dead-lettered")
+
+    with caplog.at_level(logging.WARNING):
+        assert drive(run, scenario) == 0
+    (line,) = [r.getMessage() for r in caplog.records if "dead-lettered (" in r.getMessage()]
+    assert "wt_01234" not in line and "***" in line, line[990:1060]
