@@ -111,3 +111,37 @@ def test_an_original_the_source_does_not_answer_for_stops_the_run_there(
         replay._replay_one(Msg(), 0, 3, "dlq", Filters(), {}, summary,  # type: ignore[arg-type]
                            dry_run=False)
     assert "dlq[0]@3" in str(stuck.value) and summary.gone == 0
+
+
+def test_a_dead_letter_whose_headers_cannot_be_read_is_reported_not_a_crash() -> None:
+    """A header key that is not UTF-8 makes confluent-kafka raise from headers() (or,
+    at a warm call site, hand back a list that crashes the process: review "poison21").
+    Replay reads it through `message_headers`: no origin, counted and reported."""
+    from consumer import replay
+
+    class Msg:
+        def topic(self) -> str:
+            return "dlq"
+
+        def partition(self) -> int:
+            return 0
+
+        def offset(self) -> int:
+            return 3
+
+        def headers(self) -> object:
+            raise SystemError("<method 'headers'> returned a result with an exception set")
+
+        def timestamp(self) -> tuple[int, int]:
+            return (1, 1_764_000_000_000)
+
+        def key(self) -> bytes:
+            return b"u1"
+
+        def value(self) -> bytes:
+            return b"v"
+
+    summary = replay.Summary()
+    line = replay._replay_one(Msg(), 0, 3, "dlq", Filters(), {}, summary,  # type: ignore[arg-type]
+                              dry_run=False)
+    assert line is None and summary.no_origin == 1
