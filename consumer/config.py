@@ -649,6 +649,16 @@ def _kafka_value_problem(key: str, value: str) -> str | None:
     (`topic.acks`) is the same setting (review "diff17")."""
     lowered = value.lower()
     key = key.removeprefix("topic.")
+    if key == "auto.offset.reset" and lowered not in ("earliest", "smallest", "beginning"):
+        # latest: a partition added to the topic is read from the end once a worker gets it,
+        # so what was produced to it before is skipped for good (15 of 40 events, review
+        # "kafka21"), and so is a backlog whose committed offset retention removed; error:
+        # such a partition stops for good while the worker reports ready.
+        return ("would skip events (a new partition's first ones, a backlog whose committed "
+                "offset retention removed) or stop a partition; the worker starts where the "
+                "log starts: remove it (to skip a backlog once, reset the group's offsets "
+                "with kafka-consumer-groups.sh --reset-offsets --to-latest before the first "
+                "start)")
     if key == "isolation.level" and lowered != "read_committed":  # librdkafka: any case
         # read_uncommitted hands over the records of aborted transactions: events their
         # producer rolled back would reach Userpilot.

@@ -38,6 +38,7 @@ __all__ = [
     "ALWAYS_GRANTED",
     "CATEGORIES",
     "CONSENT_CACHE_SIZE",
+    "DROP_TOMBSTONE",
     "GRANTED_STRINGS",
     "ConsentPolicy",
     "Drop",
@@ -46,7 +47,8 @@ __all__ = [
     "drop_reason",
 ]
 
-DropReason: TypeAlias = Literal["anonymous", "consent", "unmapped", "unsupported_type"]
+DropReason: TypeAlias = Literal["anonymous", "consent", "unmapped", "unsupported_type",
+                                 "tombstone"]
 
 ALWAYS_GRANTED = "essential"
 CATEGORIES = ("analytics", "marketing", "functional", "advertising", "personalization",
@@ -78,6 +80,10 @@ consent object padded up to Kafka's message size) would hold a gigabyte."""
 DROP_ANONYMOUS = Drop("anonymous")
 DROP_UNMAPPED = Drop("unmapped")
 DROP_UNSUPPORTED_TYPE = Drop("unsupported_type")
+DROP_TOMBSTONE = Drop("tombstone")
+"""A record with no value: a compacted topic's deletion marker (a GDPR erasure by key, say),
+not an event. Dead-lettered, a run of 50 tripped the DLQ guard and the worker stopped on it
+at every restart (review "kafka21")."""
 _CONSENT_DROPS: dict[str, Drop] = {}  # one per configured category: a bounded set
 
 

@@ -79,7 +79,7 @@ from consumer.errors import (
     Timeout,
     UndecodableEvent,
 )
-from consumer.filtering import Drop, drop_reason
+from consumer.filtering import DROP_TOMBSTONE, Drop, drop_reason
 from consumer.logs import event_fields
 from consumer.metrics import Children, Metrics
 from consumer.permits import Permit, PermitPool
@@ -328,6 +328,8 @@ class Handler:
         the worker finishes its offset and counts it once per polled batch
         (`count_drops`). The decision is `route`'s own first step, so it cannot differ.
         """
+        if value is None:
+            return DROP_TOMBSTONE
         try:
             decoded = codec.decode(value, self._cached_schema)
             return drop_reason(decoded, self.s.consent, self.s.mappings) or decoded
@@ -341,6 +343,9 @@ class Handler:
         not decoded twice. Any exception of decode, route or mapping dead-letters the
         event (UndecodableEvent as it is, anything else as MappingError).
         """
+        if event.value is None:
+            event.decision = DROP_TOMBSTONE  # as `screen` decides (debug logging skips it)
+            return True
         try:
             if decoded is None:
                 decoded = codec.decode(event.value, self._cached_schema)

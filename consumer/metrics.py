@@ -62,7 +62,8 @@ DISTRIBUTION = "userpilot-delivery-worker"
 REVISION_ENV = "USERPILOT_WORKER_REVISION"
 UNKNOWN = "unknown"
 
-DROP_REASONS: tuple[str, ...] = ("anonymous", "consent", "unmapped", "unsupported_type")
+DROP_REASONS: tuple[str, ...] = ("anonymous", "consent", "unmapped", "unsupported_type",
+                                  "tombstone")
 RETRY_CAUSES: tuple[str, ...] = (
     "rate_limited",
     "server_error",

@@ -153,6 +153,30 @@ def test_a_header_key_that_is_not_utf8_neither_stops_the_worker_nor_loses_events
     assert got[("u1", 1)] == 2 and got[("u2", 2)] == 1, got  # the copy went too
 
 
+def test_tombstones_are_dropped_and_never_trip_the_dlq_guard(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """A compacted topic's deletion markers (no value) were dead-lettered: 60 of them
+    tripped the DLQ guard (exit 3) and the worker stopped on them at every restart (review
+    "kafka21")."""
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    produce(kafka_bootstrap, schema_registry_url, topic, [track_event("u1", 1)])
+    for i in range(60):
+        produce_raw(kafka_bootstrap, topic, f"gone{i}".encode(), None)
+    produce(kafka_bootstrap, schema_registry_url, topic, [track_event("u2", 2)])
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group)
+    with WorkerThread(env) as w:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
+        assert w.worker.fatal is None
+        assert w.metric("userpilot_events_dropped_total", reason="tombstone", category="") == 60
+        assert read_topic(kafka_bootstrap, w.settings.dlq_topic) == []
+    got = delivered_seqs(control)
+    assert got[("u1", 1)] == 1 and got[("u2", 2)] == 1, got
+
+
 @pytest.fixture
 def not_found_host() -> Iterator[str]:
     """A host that answers 404 to everything: the 'wrong analytics endpoint' case."""

@@ -368,6 +368,22 @@ def test_kafka_pass_through_mapping() -> None:
     }
 
 
+@pytest.mark.parametrize("value", ["latest", "LARGEST", "end", "error"])
+def test_an_offset_reset_that_skips_or_stops_is_refused(value: str) -> None:
+    """`latest` read a partition added to the topic from its end: what was produced to it
+    before a worker got it was skipped for good (15 of 40 delivered); `error` stopped a
+    partition whose committed offset retention removed, while the worker said ready
+    (review "kafka21")."""
+    text = problem(KAFKA_AUTO_OFFSET_RESET=value)
+    assert f"KAFKA_AUTO_OFFSET_RESET={value!r}" in text
+    assert "would skip events" in text and "--reset-offsets --to-latest" in text
+
+
+@pytest.mark.parametrize("value", ["earliest", "smallest", "beginning", "EARLIEST"])
+def test_an_offset_reset_to_the_start_is_accepted(value: str) -> None:
+    assert load(KAFKA_AUTO_OFFSET_RESET=value).kafka_extra["auto.offset.reset"] == value
+
+
 @pytest.mark.parametrize("value", ["read_uncommitted", "READ_UNCOMMITTED"])
 def test_only_read_committed_isolation_is_accepted(value: str) -> None:
     # Uncommitted reads would hand over the events of aborted transactions (review

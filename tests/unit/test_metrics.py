@@ -224,7 +224,7 @@ def test_attribute_names_map_to_contract_names(m: Metrics) -> None:
 
 
 def test_known_label_sets_exist_at_zero(reg: CollectorRegistry, m: Metrics) -> None:
-    for reason in ("anonymous", "unmapped", "unsupported_type"):
+    for reason in ("anonymous", "unmapped", "unsupported_type", "tombstone"):
         assert value(reg, "userpilot_events_dropped_total", reason=reason, category="") == 0
     for cause in RETRY_CAUSES:
         assert value(reg, "userpilot_retries_total", cause=cause) == 0

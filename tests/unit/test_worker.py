@@ -1878,13 +1878,13 @@ def test_one_asynchronous_commit_at_a_time_however_fast_offsets_move() -> None:
     assert len(run.client.bodies) == 600
 
 
-@pytest.mark.parametrize(("reset", "expected"), [("earliest", 400.0), ("latest", None)])
+@pytest.mark.parametrize(("reset", "expected"), [("earliest", 400.0), ("smallest", 400.0)])
 def test_a_partition_nothing_was_committed_for_has_a_lag_from_the_low_watermark(
         reset: str, expected: float | None) -> None:
     """librdkafka's consumer_lag is -1 until the group commits: in a new group the
     partitions furthest behind (not taken from yet) had no series (75,000 behind reported
-    as 42,000). Reading from the earliest offset, the backlog starts at the low watermark;
-    with `latest` it is not known."""
+    as 42,000). Reading from the earliest offset (the only one the worker takes), the
+    backlog starts at the low watermark."""
     log = {**log_of(track("u1", 1)), (TOPIC, 1): []}
     run = make(log, KAFKA_AUTO_OFFSET_RESET=reset)
 
@@ -2399,3 +2399,25 @@ def test_a_secret_across_the_cut_of_a_dead_letters_log_line_is_masked(
         assert drive(run, scenario) == 0
     (line,) = [r.getMessage() for r in caplog.records if "dead-lettered (" in r.getMessage()]
     assert "wt_01234" not in line and "***" in line, line[990:1060]
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_tombstones_are_dropped_not_dead_lettered(debug: bool,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A compacted source topic's deletion markers (no value) were dead-lettered: a run
+    of 50 tripped the DLQ guard, and the worker stopped on them at every restart (review
+    "kafka21"). With debug logging every event takes the full path: the same decision."""
+    values: list[bytes | None] = [track("u1", 1), *[None] * 60, track("u2", 2)]
+    run = make(log_of(*values), registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               WORKER_DLQ_MAX_CONSECUTIVE="3")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 62, "the log's end")
+
+    with caplog.at_level(logging.DEBUG if debug else logging.INFO, logger="consumer"):
+        assert drive(run, scenario) == 0
+    assert run.dlq.records == []
+    assert sorted(codec_seq(body) for body in run.client.bodies) == [1, 2]
+    reg = run.worker.m.registry
+    assert reg.get_sample_value("userpilot_events_dropped_total",
+                                {"reason": "tombstone", "category": ""}) == 60
