@@ -330,10 +330,6 @@ class Worker:
         self._stats_low: dict[TP, int] = {}  # low watermarks, from the statistics
         # Keyless events whose user is not known yet, per partition (event loop only).
         self._unresolved: dict[TP, list[Unresolved]] = {}
-        # Where a partition without a committed offset starts (auto.offset.reset).
-        self._from_earliest = str(settings.kafka_extra.get(
-            "auto.offset.reset", "earliest")).strip().lower() in (
-                "earliest", "smallest", "beginning")  # librdkafka reads any case
         # Fair intake (event loop only; may name revoked partitions, always intersected with
         # `assigned`): partitions kept paused because they hold their share of the window,
         # and partitions seen with nothing to read.
@@ -1330,10 +1326,10 @@ class Worker:
     def _lag_bases_locked(self, parts: Sequence[TP]) -> dict[TP, int]:
         """Where each partition's lag counts from: the offset this worker had acknowledged,
         else the group's as librdkafka knows it, else (a new group or partition) what this
-        worker would commit, else, reading from the earliest (the default), the low
-        watermark; so every partition has a lag. `_parts_lock` held."""
-        low = ({tp: self._stats_low[tp] for tp in parts if tp in self._stats_low}
-               if self._from_earliest else {})
+        worker would commit, else the low watermark (a partition without a committed offset
+        is read from the log's start: `config` refuses any other auto.offset.reset); so every
+        partition has a lag. `_parts_lock` held."""
+        low = {tp: self._stats_low[tp] for tp in parts if tp in self._stats_low}
         group = {tp: self._stats_committed[tp] for tp in parts if tp in self._stats_committed}
         mine = self.commits.committed()
         return {**low, **self.commits.committable(parts), **group,
