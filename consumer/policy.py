@@ -87,6 +87,7 @@ class Gate:
         self._up_total = 0.0
         self._up_since: float | None = clock()
         self._running = 0  # events in their attempts (`enter` .. `leave`)
+        self._watches: dict[asyncio.Task[object], _Watch] = {}  # waits a closing cuts short
 
     def up_time(self) -> float:
         """Seconds the gate has been open since it was made (the retry budgets' clock)."""
@@ -110,6 +111,18 @@ class Gate:
                     await self._changed.wait()
         return False
 
+    def watch(self) -> _Watch:
+        """``async with gate.watch() as w:`` — a wait for a rate slot that the gate closing
+        cuts short (``w.cut`` is then True and the block ends without an error).
+
+        Why: an attempt admitted while the gate was up queues for its rate slot holding a
+        connection permit. When the gate closed meanwhile, each queued attempt still took a
+        slot at the slowed rate before it looked at the gate and gave its permit back, and
+        the probe the gate let through waited behind up to 64 of them: delivery was silent
+        for 15 s after a 15 s spell of 429s (31 s on one shared budget; review "rate21").
+        Cut short, they give their permits back at once and reserve nothing more."""
+        return _Watch(self)
+
     def enter(self) -> None:
         """An event starts its attempts."""
         self._running += 1
@@ -132,6 +145,8 @@ class Gate:
             was = self.state
             self.state = state
             self.detail = detail
+            if was == "up":
+                self._cut_watches()
             if reopened:
                 log.warning("no event waits for Userpilot any more (%s before): the next "
                             "request tells whether it works", was)
@@ -142,6 +157,16 @@ class Gate:
             if self._on_change is not None:
                 self._on_change(state, detail)
         self._changed.set()
+
+    def _cut_watches(self) -> None:
+        current = asyncio.current_task() if self._watches else None
+        for task, watch in list(self._watches.items()):
+            # Never the running task: its cancellation would land at its next await,
+            # wherever that is; it sees the closed gate itself when its wait returns.
+            if task is not current and not watch.cut:
+                watch.cut = True
+                task.cancel("the outage gate closed")
+        self._watches.clear()
 
     def success(self, probe: bool = False) -> None:
         """Delivered: Userpilot works, and this is evidence for giving up on other events."""
@@ -186,6 +211,39 @@ class Gate:
         if probe:
             self._probing = False
             self._changed.set()
+
+
+class _Watch:
+    """One attempt's wait for its rate slot, cut short when the gate closes (`Gate.watch`).
+
+    The cancellation is told apart from any other the way `asyncio.timeout` does: the
+    gate cancels the task once and marks the watch; on the way out the mark and the task's
+    own count of pending cancellations (`uncancel`) say whether that was the only one. A
+    revoke or shutdown arriving too still propagates."""
+
+    __slots__ = ("_gate", "_task", "cut")
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+        self._task: asyncio.Task[object] | None = None
+        self.cut = False
+
+    async def __aenter__(self) -> _Watch:
+        task = asyncio.current_task()
+        if task is not None and self._gate.state == "up":
+            self._task = task
+            self._gate._watches[task] = self
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: object) -> bool:
+        task = self._task
+        if task is None:
+            return False
+        self._gate._watches.pop(task, None)
+        # True (the error is swallowed, the wait ends here) only for the gate's
+        # cancellation alone; `uncancel` balances the gate's `cancel` either way.
+        return self.cut and task.uncancel() == 0 and exc_type is asyncio.CancelledError
 
 
 @dataclass
@@ -321,14 +379,19 @@ class RetryPolicy:
                     held = True
                 if before_send is None:
                     break
-                if probe or self._gate.state == "up":
+                if probe:
                     await before_send()
-                    if probe or self._gate.state == "up":
-                        break
+                    break
+                if self._gate.state == "up":
+                    async with self._gate.watch() as watch:
+                        await before_send()
+                    if not watch.cut and self._gate.state == "up":
+                        break  # (cut short, it has no slot, even if the gate reopened since)
                 # The gate closed while this waited for its connection or its rate slot
-                # (requests ahead of it found the outage): wait at the gate again, then
-                # for both again. Admitted once, a window of events went on to a Userpilot
-                # that timed out, at the limiter's pace, ~185 requests in 25 s past the
+                # (requests ahead of it found the outage; the slot's wait is cut short the
+                # moment it closes, `Gate.watch`): wait at the gate again, then for both
+                # again. Admitted once, a window of events went on to a Userpilot that
+                # timed out, at the limiter's pace, ~185 requests in 25 s past the
                 # gate's "one probe at a time" (review "slowup20"); and each spent a slot
                 # of the budget before it looked (review "permits21"). Without its hold
                 # meanwhile: the probe the gate lets through may need it.

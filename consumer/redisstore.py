@@ -67,9 +67,18 @@ thousands of calls a second."""
 # carries all of it, and only what exceeds the record is added. Calls that timed out while
 # Redis was frozen still run when it thaws: without the record each added the debt again
 # (129 requests counted for 96 sent, the deployment idle for seconds).
+# ARGV[9], when not 0, is the call's deadline on Redis's clock (the caller's timeout): a
+# call that runs after it changes nothing (its caller gave up and is on the fallback). A
+# frozen Redis runs the calls that timed out when it thaws: each moved the schedule to
+# "now", which erased the unused budget the returning replicas' local requests fill first,
+# so they were owed ahead whole: 6-7 requests in the 10 s after the thaw where 70-90 fit
+# (review "rate21"). Every reply ends with Redis's time, from which callers set deadlines.
 GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local clock = string.format('%.0f', now)
+local deadline = tonumber(ARGV[9]) or 0
+if deadline > 0 and now > deadline then return {-1, '0', clock} end
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local lookahead = tonumber(ARGV[3])
@@ -128,12 +137,12 @@ if not reserve or wait > lookahead then
   end
   local again = wait - lookahead
   if again < 0 then again = 0 end
-  return {0, string.format('%.0f', again)}
+  return {0, string.format('%.0f', again), clock}
 end
 tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', keep + math.floor(interval / 1000))
 redis.call('SET', KEYS[2], string.format('%.0f', now), 'PX', 604800000)
-return {1, string.format('%.0f', wait)}
+return {1, string.format('%.0f', wait), clock}
 """
 
 # Claim a messageId for one delivery attempt. Values: "d" = delivered (confirmed),
@@ -213,6 +222,7 @@ class RedisStore:
         self._client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._timeout = timeout_s
         self._observe = observe
+        self._offset_us: float | None = None  # Redis's clock - our monotonic clock (µs)
         self._gcra = self._client.register_script(GCRA_LUA)
         self._claim = self._client.register_script(CLAIM_LUA)
         self._release = self._client.register_script(RELEASE_LUA)
@@ -281,10 +291,36 @@ class RedisStore:
         """
         args = [max(1, interval_us), max(0, tolerance_us), max(0, lookahead_us),
                 max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms), max(0, span_us),
-                1 if reserve else 0]
+                1 if reserve else 0, 0]
         keys = [key, f"{key}:seen", f"{key}:credit", *([debt_key] if debt_key else [])]
-        reply = await self._call("gcra", lambda: self._gcra(keys=keys, args=args))
-        return bool(int(reply[0])), int(reply[1]) / 1e6
+        for _ in range(2):
+            args[-1] = self._deadline_us()
+            reply = await self._call("gcra", lambda: self._gcra(keys=keys, args=args))
+            late = int(reply[0]) < 0
+            self._observe_clock(int(reply[2]), late)
+            if not late:
+                return bool(int(reply[0])), int(reply[1]) / 1e6
+            # Refused as late while this still waited: Redis's clock stepped forward since
+            # the deadline was set. Once more, on the clock it now reports.
+        raise SharedStateUnavailable("redis gcra ran past its deadline twice")
+
+    def _deadline_us(self) -> int:
+        """When a reservation sent now must have run, on Redis's clock (0: not known yet).
+
+        The offset is read from earlier replies, which arrive after Redis read its clock:
+        it errs early by their way back, so a call may be refused while its caller still
+        waits (it is then sent again on the clock the refusal reported), never late."""
+        if self._offset_us is None:
+            return 0
+        return round(time.monotonic() * 1e6 + self._offset_us + self._timeout * 1e6)
+
+    def _observe_clock(self, redis_now_us: int, late: bool) -> None:
+        """Keeps the largest offset seen (the least delayed reply), unless Redis's clock
+        stepped: back (over a second below it) or forward (a call refused as late)."""
+        seen = redis_now_us - time.monotonic() * 1e6
+        known = self._offset_us
+        if known is None or late or seen > known or seen < known - 1e6:
+            self._offset_us = seen
 
     async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[ClaimState, float]:
         """Claim ``key`` for ``owner``: ``(state, seconds until another claim may win)``."""

@@ -13,6 +13,7 @@ import itertools
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -401,3 +402,90 @@ def test_a_probe_after_the_key_was_lost_keeps_the_slots_replicas_hold(
     reserved, wait = asyncio.run(main())
     # The lost key's next slot is past the look-ahead: nothing reservable at once.
     assert not reserved, wait
+
+
+def test_a_reservation_that_timed_out_while_redis_was_frozen_changes_nothing_at_the_thaw(
+        stoppable_redis: StoppableRedis, key: str) -> None:
+    """A frozen Redis runs the calls that timed out once it thaws. A reservation whose
+    caller gave up (and went to the fallback) moved the schedule to "now" at the thaw,
+    erasing the unused budget the fallback's requests fill first (review "rate21"). Past
+    its deadline (the caller's timeout, on Redis's clock) it now changes nothing."""
+    import redis as sync_redis
+
+    direct = sync_redis.Redis.from_url(stoppable_redis.url)
+    args: dict[str, Any] = {"interval_us": 100_000, "tolerance_us": 0,
+                            "lookahead_us": 1_000_000,
+                            "idle_ttl_ms": 60_000}
+
+    async def main() -> None:
+        store = RedisStore(stoppable_redis.url, timeout_s=0.2)
+        assert (await store.gcra(key, **args))[0]  # learns Redis's clock
+        before = direct.get(key)
+        await asyncio.to_thread(stoppable_redis.pause)
+        with pytest.raises(SharedStateUnavailable):
+            await store.gcra(key, **args)
+        await asyncio.sleep(0.6)
+        await asyncio.to_thread(stoppable_redis.resume)
+        await asyncio.sleep(0.3)  # the stale call has run (or been refused) by now
+        assert direct.get(key) == before
+        assert (await store.gcra(key, **args))[0]
+        assert direct.get(key) != before
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_redis_clock_that_stepped_forward_refuses_once_then_reserves(
+        redis_url: str, key: str) -> None:
+    """A deadline set on a clock offset Redis has since left behind (its clock stepped
+    forward) is refused as late while its caller still waits: sent once more on the clock
+    the refusal reported, it reserves."""
+    import redis as sync_redis
+
+    direct = sync_redis.Redis.from_url(redis_url)
+    args: dict[str, Any] = {"interval_us": 100_000, "tolerance_us": 0,
+                            "lookahead_us": 1_000_000,
+                            "idle_ttl_ms": 60_000}
+    calls: list[str | None] = []
+
+    async def main() -> None:
+        store = RedisStore(redis_url, timeout_s=0.5, observe=lambda op, s, e: calls.append(e))
+        await store.gcra(key, **args)
+        before = direct.get(key)
+        assert store._offset_us is not None
+        store._offset_us -= 30e6  # as if Redis's clock jumped 30 s ahead since
+        reserved, _ = await store.gcra(key, **args)
+        assert reserved and direct.get(key) != before
+        await store.close()
+
+    asyncio.run(main())
+    assert calls == [None, None, None]  # the first, the refused one, and the one sent again
+
+
+def test_after_a_frozen_redis_thaws_the_shared_budget_is_used_at_once(
+        stoppable_redis: StoppableRedis, key: str) -> None:
+    """Review "rate21": three replicas on the fallback while Redis was frozen; at the thaw
+    the calls that had timed out ran and erased the budget's unused credit, so the
+    fallback's requests were owed ahead whole and nothing at all was sent in the period
+    after the thaw (measured: 0, against 9 now). Still within the limit in every window."""
+
+    async def main() -> tuple[list[float], float]:
+        limiters = [_limiter(stoppable_redis.url, key, 1 / 3) for _ in range(3)]
+        sends: list[float] = []
+        marks: list[float] = []
+        stop = time.monotonic() + 5 * PERIOD
+
+        async def chaos() -> None:
+            await asyncio.sleep(1.5 * PERIOD)
+            await asyncio.to_thread(stoppable_redis.pause)
+            await asyncio.sleep(1.5 * PERIOD)
+            await asyncio.to_thread(stoppable_redis.resume)
+            marks.append(time.monotonic())
+
+        await asyncio.gather(chaos(), *(_run(lim, stop, sends, tasks=3) for lim in limiters))
+        return sends, marks[0]
+
+    sends, up_at = asyncio.run(main())
+    assert max_in_window(sends, PERIOD) <= LIMIT
+    after = [t for t in sends if up_at <= t < up_at + PERIOD]
+    assert len(after) >= 4, f"{len(after)} sends in the period after the thaw"

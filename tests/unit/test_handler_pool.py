@@ -9,6 +9,7 @@ import time
 
 from consumer import codec
 from consumer.calls import Call
+from consumer.errors import ServerError
 from tests.unit.test_handler import metric
 from tests.unit.test_worker import (
     SCHEMA_ID,
@@ -142,3 +143,42 @@ def test_a_backlog_at_the_rate_limit_is_limiter_wait_not_connection_wait() -> No
     limiter = metric(reg, "userpilot_rate_limiter_wait_seconds_sum", endpoint="track")
     assert connection < 0.05, f"{connection:.2f} s of connection wait, answers instant"
     assert limiter > 5.0, f"{limiter:.2f} s of limiter wait for 30 events at 40 a second"
+
+
+class FailingSpell(FakeClient):
+    """The first `failures` requests answer 503; records when each request went out and
+    what it was answered."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.sent: list[tuple[float, bool]] = []
+
+    async def send(self, call: Call) -> int:
+        ok = len(self.sent) >= self.failures
+        self.sent.append((time.monotonic(), ok))
+        if not ok:
+            raise ServerError("HTTP 503")
+        return await super().send(call)
+
+
+def test_the_outage_probe_does_not_queue_behind_permit_holders_waiting_for_slots() -> None:
+    """Review "rate21": when the gate closed (ten failures in a row), every request already
+    holding a connection permit took a rate slot at the limiter's pace before it looked at
+    the gate; the probe queued behind them (~50 here, ~7 s at 7 a second). Their waits are
+    now cut short the moment the gate closes, and the probe goes out at its due time."""
+    log = {TP: [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(80)]}
+    client = FailingSpell(10)
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
+               USERPILOT_RATE_LIMIT="10", USERPILOT_RATE_PERIOD_SECONDS="1",
+               USERPILOT_RATE_BURST="1", USERPILOT_MAX_CONNECTIONS="64")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: any(ok for _, ok in client.sent), "the probe's success",
+                    timeout=20)
+
+    assert drive(run, scenario) == 0
+    closed = client.sent[9][0]  # the tenth failure closed the gate
+    probe = next(at for at, ok in client.sent if ok)
+    # The probe is due 0.4-0.6 s after the gate closed, then takes one slot (~0.14 s).
+    assert probe - closed < 1.5, f"the probe went out {probe - closed:.1f} s after the outage"

@@ -524,6 +524,95 @@ def test_an_attempt_the_gate_closed_on_while_it_waited_for_its_hold_takes_no_slo
     assert order == ["hold", "free", "hold", "before", "send", "free"]
 
 
+def test_a_wait_for_a_slot_is_cut_short_the_moment_the_gate_closes() -> None:
+    """Review "rate21": attempts queued for their rate slot (holding their connection
+    permits) each took a slot at the slowed rate before they looked at the closed gate,
+    and the gate's probe waited behind up to 64 of them (15 s of silence). The gate closing
+    now ends their wait at once: the permit is given back, no slot is taken, and once the
+    gate is up again the attempt queues for a slot anew."""
+    clock = FakeClock()
+    gate = Gate(outage_after=1, probe_base_s=3600.0, clock=clock)
+    pool, order = PermitPool(1), list[str]()
+    queue_open = asyncio.Event()  # the limiter's queue: nothing comes out while closed
+
+    async def before() -> None:
+        order.append("before")
+        await queue_open.wait()
+        order.append("slot")
+
+    send = Script([None], lambda call: order.append("send"))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(policy(gate, clock, FakeSleep(clock)).run(
+            send, Attempts(), before_send=before, hold=Recorded(pool, order)))
+        await asyncio.sleep(0.05)
+        assert order == ["hold", "before"]
+        gate.transient_failure(Timeout("t"))  # another request found the outage
+        await asyncio.sleep(0.05)
+        assert order == ["hold", "before", "free"] and pool.free == 1, order
+        gate.success()  # another event's probe got through
+        await asyncio.sleep(0.05)
+        assert order == ["hold", "before", "free", "hold", "before"], order
+        queue_open.set()
+        await task
+
+    run(main())
+    assert order == ["hold", "before", "free", "hold", "before", "slot", "send", "free"]
+    assert pool.free == 1 and gate._watches == {}
+
+
+def test_a_wait_cut_short_by_the_gate_is_queued_again_even_if_the_gate_reopened() -> None:
+    """Cut short, the attempt has no slot: a gate that reopened before the attempt ran
+    again must not let it send without one."""
+    clock = FakeClock()
+    gate = Gate(outage_after=1, probe_base_s=3600.0, clock=clock)
+    slots, sent = [0], []
+    queue_open = asyncio.Event()
+
+    async def before() -> None:
+        await queue_open.wait()
+        slots[0] += 1
+
+    async def send() -> None:
+        sent.append(slots[0])
+
+    async def main() -> None:
+        task = asyncio.ensure_future(policy(gate, clock, FakeSleep(clock)).run(
+            send, Attempts(), before_send=before))
+        await asyncio.sleep(0.01)
+        gate.transient_failure(Timeout("t"))
+        gate.success()  # reopened before the cut task runs again
+        await asyncio.sleep(0.01)
+        assert sent == []
+        queue_open.set()
+        await task
+
+    run(main())
+    assert sent == [1]
+
+
+def test_a_revoke_during_a_wait_the_gate_also_cut_still_cancels_the_event() -> None:
+    """The gate's cancellation is told apart from any other: a revoke or shutdown that
+    arrives together with it still ends the event."""
+    clock = FakeClock()
+    gate = Gate(outage_after=1, probe_base_s=3600.0, clock=clock)
+
+    async def before() -> None:
+        await asyncio.Event().wait()
+
+    async def main() -> None:
+        task = asyncio.ensure_future(policy(gate, clock, FakeSleep(clock)).run(
+            Script([None]), Attempts(), before_send=before))
+        await asyncio.sleep(0.01)
+        gate.transient_failure(Timeout("t"))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+    assert gate._watches == {}
+
+
 @pytest.mark.parametrize("where", ["before_send", "send", "retried"])
 def test_the_hold_is_given_back_however_the_attempt_ends(where: str) -> None:
     clock, sleep, gate = setup()
