@@ -11,9 +11,10 @@ stop a replica (it did: the 503 that carried it crashed the worker on every rest
 from __future__ import annotations
 
 import codecs
-import re
 import zlib
 from collections.abc import Mapping
+
+from consumer.codec import replace_surrogates
 
 __all__ = ["BODY_LIMIT", "MAX_BODY_BYTES", "body_text", "charset_of"]
 
@@ -65,9 +66,6 @@ def _inflate(raw: bytes, coding: str) -> bytes | None:
     return None
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _decode(raw: bytes, charset: str | None) -> str:
     """Text in the answer's charset when that is a text encoding Python can apply, else
     UTF-8; undecodable bytes become U+FFFD."""
@@ -87,4 +85,4 @@ def _decode(raw: bytes, charset: str | None) -> str:
     # Some codecs (utf-7, utf-16 with "replace") still yield lone surrogates, which no
     # UTF-8 encoding of the text takes: a 400 answered in utf-7 crashed the worker as its
     # dead letter's headers were written, on every restart (review "poison21").
-    return _SURROGATE.sub("\ufffd", text)
+    return replace_surrogates(text)

@@ -25,7 +25,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 from consumer.mapping import (
     DEFAULT_MAX_METADATA_BYTES,
@@ -39,6 +39,7 @@ __all__ = [
     "COMPANY_IDENTIFY_PATH",
     "COMPANY_KEY",
     "DEFAULT_KNOWN_USERS",
+    "FAMILIES",
     "IDENTIFY_PATH",
     "TRACK_PATH",
     "Call",
@@ -86,6 +87,8 @@ Family: TypeAlias = Literal["track", "identify"]
 Company identify is counted as ``identify``: it is an identify call, Userpilot documents
 no separate limit for it, and sharing the stricter budget cannot cause 429s.
 """
+FAMILIES: tuple[Family, ...] = get_args(Family)
+"""Every family, in order: one limiter, one connection pool, one metric label each."""
 
 Purpose: TypeAlias = Literal[
     "track", "identify", "company_identify", "associate_company", "ensure_user"

@@ -50,6 +50,7 @@ __all__ = [
     "free_items",
     "loads",
     "plain_types",
+    "replace_surrogates",
     "self_referencing",
     "split_wire",
     "to_record",
@@ -367,8 +368,9 @@ def _dumps(value: Any) -> str:
     return text
 
 
-def _safe_string(text: str) -> str:
-    """Avro strings cannot hold lone surrogates: replace them (produce side)."""
+def replace_surrogates(text: str) -> str:
+    """Lone surrogates replaced by U+FFFD: no UTF-8 encoding takes them (Avro strings on
+    the produce side, the text of an answer decoded with utf-7 or utf-16)."""
     return _SURROGATE.sub("\ufffd", text)
 
 
@@ -390,7 +392,7 @@ def to_record(event: Mapping[str, Any]) -> dict[str, Any]:
         value = event.get(key)
         if value is not None and not isinstance(value, str):
             raise InvalidEvent(f"{key} must be a string or null, not {type(value).__name__}")
-        record[key] = value if value is None else _safe_string(value)
+        record[key] = value if value is None else replace_surrogates(value)
     for key in _JSON_FIELDS:
         value = event.get(key)
         if value is not None and not isinstance(value, dict):
@@ -427,7 +429,7 @@ def _context_to_record(context: Any) -> dict[str, Any] | None:
         leftover: dict[str, Any] = {}
         for name, item in value.items():
             if name in fields and (item is None or isinstance(item, str)):
-                sub[name] = item if item is None else _safe_string(item)
+                sub[name] = item if item is None else replace_surrogates(item)
             else:
                 leftover[name] = item
         # An empty object must come back as an empty object, not as null.
@@ -437,7 +439,7 @@ def _context_to_record(context: Any) -> dict[str, Any] | None:
     for key in _CONTEXT_STRINGS:
         value = context.get(key)
         if value is None or isinstance(value, str):
-            record[key] = value if value is None else _safe_string(value)
+            record[key] = value if value is None else replace_surrogates(value)
         else:
             extra[key] = value
     consent = context.get("consent")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, urlsplit
 
+from consumer.calls import FAMILIES
 from consumer.errors import ConfigError
 from consumer.filtering import CATEGORIES, ConsentPolicy
 from consumer.mapping import (
@@ -326,7 +327,7 @@ class Settings:
         (Track; identify with company identify), whose permits the handler takes before
         a rate slot (`consumer.permits`): one family's slow answers never hold the
         other's connections."""
-        return 2 * self.max_connections
+        return len(FAMILIES) * self.max_connections
 
     @property
     def track_url(self) -> str:

@@ -52,7 +52,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from consumer import codec
-from consumer.calls import Call, CallPlan, KnownUsers, visible
+from consumer.calls import FAMILIES, Call, CallPlan, KnownUsers, visible
 from consumer.config import Settings
 from consumer.deadletter import (
     DlqGuard,
@@ -88,7 +88,7 @@ from consumer.ratelimit import PriorityLane
 from consumer.redaction import redact
 from consumer.routing import Send, route
 from consumer.schemafetch import SharedFetches
-from consumer.sharedstate import FAMILIES, Limiter
+from consumer.sharedstate import Limiter
 
 __all__ = [
     "DeadLetterSink",

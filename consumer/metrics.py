@@ -38,6 +38,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from consumer.calls import FAMILIES
+
 __all__ = [
     "DEAD_LETTER_REASONS",
     "DISTRIBUTION",
@@ -81,8 +83,6 @@ DEAD_LETTER_REASONS: tuple[str, ...] = (
 REBALANCE_KINDS: tuple[str, ...] = ("assign", "revoke", "lost")
 ENDPOINTS: tuple[str, ...] = ("track", "identify", "company_identify")
 """The ``endpoint`` label of responses and latency: one per Userpilot path (consumer.calls)."""
-FAMILIES: tuple[str, ...] = ("track", "identify")
-"""The ``endpoint`` label of limiter wait and rate: one per rate-limit family."""
 # Statuses the dashboard and alerts look at; any other code still gets its own series.
 KNOWN_STATUSES: tuple[str, ...] = (
     "200",  # a company identify's answer

@@ -20,11 +20,7 @@ from consumer.sharedlimit import ALL_FAMILIES, SharedLimiter, budget_key
 if TYPE_CHECKING:
     from consumer.redisstore import RedisStore
 
-__all__ = ["FAMILIES", "Limiter", "SharedState", "build_shared_state"]
-
-FAMILIES = ("track", "identify")
-"""Userpilot's endpoint families, each limited to 600 requests/minute/token on its own
-(company identify counts as identify)."""
+__all__ = ["Limiter", "SharedState", "build_shared_state"]
 
 
 class Limiter(Protocol):

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from consumer import codec
+from consumer.calls import FAMILIES
 from consumer.commits import TP, Commits
 from consumer.config import Settings, redact_userinfo
 from consumer.deadletter import DlqGuard, message_headers
@@ -69,7 +70,7 @@ from consumer.registry import Registry
 from consumer.routing import Send
 from consumer.scheduling import Barrier, Scheduler
 from consumer.sharedlimit import SharedLimiter
-from consumer.sharedstate import FAMILIES, SharedState, build_shared_state
+from consumer.sharedstate import SharedState, build_shared_state
 
 __all__ = ["Callbacks", "Source", "SourceFactory", "Worker", "fair_holds", "fair_margin",
            "fair_share", "resume_level"]

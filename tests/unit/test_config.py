@@ -9,6 +9,7 @@ from typing import Any
 import certifi
 import pytest
 
+from consumer.calls import FAMILIES
 from consumer.config import (
     API_VERSION,
     ENV_VARS,
@@ -22,7 +23,6 @@ from consumer.config import (
 from consumer.errors import ConfigError
 from consumer.filtering import ConsentPolicy
 from consumer.mapping import DEFAULT_PRESET
-from consumer.sharedstate import FAMILIES
 
 TOKEN = "wt_9f8e7d6c5b4a3210"
 SASL_PASSWORD = "kafka-s3cret-pw"

@@ -12,14 +12,14 @@ from collections.abc import Mapping, Sequence
 from prometheus_client import CollectorRegistry
 
 from consumer import codec
-from consumer.calls import Call
+from consumer.calls import FAMILIES, Call
 from consumer.commits import TP as TP_
 from consumer.errors import Misconfigured
 from consumer.health import Health
 from consumer.metrics import ENDPOINTS, Metrics
 from consumer.offsets import Finished, decode_note
 from consumer.ratelimit import AdaptiveLimiter
-from consumer.sharedstate import FAMILIES, SharedState
+from consumer.sharedstate import SharedState
 from consumer.worker import Callbacks, Worker
 from tests.unit.test_dedup import MemoryStore
 from tests.unit.test_handler import metric

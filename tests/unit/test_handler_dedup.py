@@ -10,14 +10,14 @@ import json
 from prometheus_client import CollectorRegistry
 
 from consumer import codec
-from consumer.calls import Call
+from consumer.calls import FAMILIES, Call
 from consumer.dedup import Deduplicator
 from consumer.errors import Rejected, SharedStateUnavailable
 from consumer.health import Health
 from consumer.metrics import Metrics
 from consumer.ratelimit import AdaptiveLimiter
 from consumer.redisstore import token_digest
-from consumer.sharedstate import FAMILIES, SharedState
+from consumer.sharedstate import SharedState
 from consumer.worker import Callbacks, Worker
 from tests.unit.test_dedup import MemoryStore, State
 from tests.unit.test_worker import (

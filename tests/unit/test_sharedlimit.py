@@ -189,9 +189,10 @@ def test_the_worker_probes_an_idle_fallback_every_second() -> None:
     """The worker's once-a-second tick starts the probe: no traffic needed."""
     from prometheus_client import CollectorRegistry
 
+    from consumer.calls import FAMILIES
     from consumer.health import Health
     from consumer.metrics import Metrics
-    from consumer.sharedstate import FAMILIES, SharedState
+    from consumer.sharedstate import SharedState
     from consumer.worker import Callbacks, Worker
     from tests.unit.test_worker import (
         TOPIC,
