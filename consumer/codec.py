@@ -37,6 +37,8 @@ import fastavro._read_py as fastavro_py
 from consumer.errors import InvalidEvent, UndecodableEvent
 
 __all__ = [
+    "DELIVERED_TYPES",
+    "IGNORED_ENVELOPE",
     "MAGIC_BYTE",
     "MAX_JSON_DEPTH",
     "SCHEMA",
@@ -349,6 +351,13 @@ _SUBRECORDS: dict[str, tuple[str, ...]] = {
 _CONTEXT_STRINGS = ("locale", "ip", "userAgent", "timezone")
 _KNOWN_TOP = frozenset(("type", "context", *_ENVELOPE_STRINGS, *_JSON_FIELDS))
 _PLAIN_TOP = frozenset(("type", *_ENVELOPE_STRINGS))  # read straight from the record
+IGNORED_ENVELOPE = frozenset({
+    "integrations", "channel", "originalTimestamp", "version", "projectId", "writeKey",
+    "_metadata", "request_ip", "rudderId", "previousId", "sourceId",
+})
+"""Segment/RudderStack envelope fields the worker does not use: left out, not refused (by
+`produce` and `explain` alike: one said "deliver" where the other refused the whole file)."""
+DELIVERED_TYPES = ("track", "page", "identify", "group")
 
 
 MAX_JSON_DEPTH = 200
@@ -378,16 +387,20 @@ def to_record(event: Mapping[str, Any]) -> dict[str, Any]:
     """Canonical JSON event → Avro record; InvalidEvent names the offending field."""
     if not isinstance(event, Mapping):
         raise InvalidEvent("an event must be a JSON object")
-    unknown = sorted(set(event) - _KNOWN_TOP)
+    unknown = sorted(set(event) - _KNOWN_TOP - IGNORED_ENVELOPE)
     if unknown:
         raise InvalidEvent(
             f"unknown field(s) {', '.join(unknown)}; the envelope has only "
             f"{', '.join(sorted(_KNOWN_TOP))} (put free-form data in properties or context)"
         )
     kind = event.get("type")
-    if kind not in ("track", "page", "identify", "group"):
-        raise InvalidEvent(f"type must be track, page, identify or group, not {kind!r}")
-    record: dict[str, Any] = {"type": kind}
+    # Any other type is carried as it is (the schema's `type` is a string) and `run` drops
+    # it as unsupported_type; refused here, `explain` called it a dead letter and `produce`
+    # refused the whole file, while the worker drops it.
+    if not isinstance(kind, str) or not kind.strip():
+        raise InvalidEvent(f"type must be a non-empty string ({', '.join(DELIVERED_TYPES)} "
+                           f"are delivered, others dropped), not {kind!r}")
+    record: dict[str, Any] = {"type": replace_surrogates(kind)}
     for key in _ENVELOPE_STRINGS:
         value = event.get(key)
         if value is not None and not isinstance(value, str):

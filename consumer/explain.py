@@ -33,11 +33,7 @@ from consumer.routing import route
 
 __all__ = ["IGNORED_ENVELOPE", "explain_lines", "is_valid"]
 
-IGNORED_ENVELOPE = frozenset({
-    "integrations", "channel", "originalTimestamp", "version", "projectId", "writeKey",
-    "_metadata", "request_ip", "rudderId", "previousId", "sourceId",
-})
-"""Segment/RudderStack envelope fields the worker does not use: ignored, not refused."""
+IGNORED_ENVELOPE = codec.IGNORED_ENVELOPE
 
 _BOM = "\ufeff"
 

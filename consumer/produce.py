@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from consumer import codec
 from consumer.errors import InvalidEvent, WorkerError
 
-__all__ = ["ProduceError", "encode_lines", "parse_lines", "produce_events"]
+__all__ = ["ProduceError", "encode_lines", "notes", "parse_lines", "produce_events"]
 
 
 class ProduceError(WorkerError):
@@ -69,6 +69,25 @@ def parse_lines(lines: Iterable[str | bytes], source: str = "<stdin>") -> list[P
     return parsed
 
 
+def notes(parsed: Iterable[Parsed]) -> list[str]:
+    """What the worker will not use of the valid lines: envelope fields left out, and
+    types it drops (``unsupported_type``), with the first line of each."""
+    ignored: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+    for item in parsed:
+        for key in item.event:
+            if key in codec.IGNORED_ENVELOPE:
+                ignored.setdefault(key, item.line)
+        kind = item.record["type"]
+        if kind not in codec.DELIVERED_TYPES:
+            dropped.setdefault(kind, item.line)
+    found = [f"field {key!r} (first on line {line}) is not used by the worker: left out"
+             for key, line in sorted(ignored.items())]
+    found += [f"type {kind!r} (first on line {line}) is sent, and the worker drops it as "
+              f"unsupported_type" for kind, line in sorted(dropped.items())]
+    return found
+
+
 def encode_lines(parsed: Iterable[Parsed], schema_id: int) -> Iterator[tuple[bytes | None, bytes]]:
     """(key, wire-format value) per event."""
     for item in parsed:
@@ -91,6 +110,8 @@ def produce_events(
     from consumer.registry import Registry
 
     parsed = parse_lines(lines, source)
+    for note in notes(parsed):
+        print(f"note: {note}", file=out)
     conf = {**(extra_conf or {}), "bootstrap.servers": bootstrap}
     for problem in reach.services(conf, timeout, registry_url=registry_url,
                                   registry_auth=registry_auth, registry_proxy=registry_proxy):

@@ -196,7 +196,8 @@ def test_decode_with_an_equal_but_separately_parsed_writer_schema() -> None:
 @pytest.mark.parametrize(("event", "names"), [
     ({"type": "track", "evnt": "E"}, ["evnt"]),
     ({"type": "track", "zzz": 1, "aaa": 2}, ["aaa", "zzz"]),
-    ({"type": "alias"}, ["type", "alias"]),
+    ({"type": " "}, ["type", "non-empty"]),
+    ({"type": 7}, ["type", "7"]),
     ({}, ["type", "None"]),
     ({"type": "track", "event": 5}, ["event", "int"]),
     ({"type": "track", "userId": 42}, ["userId", "int"]),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from consumer.config import load_settings
 from consumer.explain import explain_lines
 
@@ -108,7 +110,7 @@ def test_drops_name_the_reason_and_category() -> None:
 
 
 def test_invalid_lines_are_dead_letters_with_their_line_number() -> None:
-    docs = list(explain_lines([DELIVERED, "", "{not json", "   ", line(type="alias"),
+    docs = list(explain_lines([DELIVERED, "", "{not json", "   ", line(type=""),
                                json.dumps([1]), line(type="track", bogus=1)], SETTINGS))
     assert docs[0]["decision"] == "deliver"
     bad = docs[1:]
@@ -116,6 +118,15 @@ def test_invalid_lines_are_dead_letters_with_their_line_number() -> None:
     assert all(d["decision"] == "dead_letter" for d in bad)
     assert all(d["reason"].startswith("invalid event: ") for d in bad)
     assert "bogus" in bad[3]["reason"]
+
+
+@pytest.mark.parametrize("kind", ["screen", "alias", "Track"])
+def test_a_type_the_worker_drops_is_explained_as_dropped(kind: str) -> None:
+    """`run` drops a record of any other type as unsupported_type; explain called it a dead
+    letter (review "mapping22")."""
+    (doc,) = explain_lines([line(type=kind, userId="u", name="Home",
+                                 context={"consent": {"analytics": True}})], SETTINGS)
+    assert (doc["decision"], doc["reason"]) == ("drop", "unsupported_type")
 
 
 def test_the_schema_round_trip_is_applied() -> None:

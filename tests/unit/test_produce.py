@@ -7,7 +7,7 @@ import json
 import pytest
 
 from consumer import codec
-from consumer.produce import ProduceError, encode_lines, parse_lines
+from consumer.produce import ProduceError, encode_lines, notes, parse_lines
 
 GOOD = json.dumps({"type": "track", "event": "Feature Used", "userId": "user_001",
                    "anonymousId": "anon_1", "properties": {"feature": "export_csv"}})
@@ -25,7 +25,7 @@ def test_good_lines_are_parsed_with_their_numbers_and_keys() -> None:
 
 def test_bad_lines_are_named_and_nothing_is_accepted() -> None:
     lines = [GOOD, "{not json", GOOD, json.dumps({"type": "track", "evnt": "x"}),
-             json.dumps({"type": "alias"}), json.dumps([1, 2])]
+             json.dumps({"type": ""}), json.dumps([1, 2])]
     with pytest.raises(ProduceError) as info:
         parse_lines(lines, source="events.jsonl")
     text = str(info.value)
@@ -36,6 +36,26 @@ def test_bad_lines_are_named_and_nothing_is_accepted() -> None:
     assert "events.jsonl:6: an event must be a JSON object" in text
     assert "events.jsonl:1:" not in text
     assert "events.jsonl:3:" not in text
+
+
+def test_what_the_worker_drops_or_leaves_out_is_sent_with_a_note_not_refused() -> None:
+    """Review "mapping22": a Segment-style line (integrations, channel, ...) or a screen or
+    alias event refused the whole file, while `explain` said "deliver" for the first and
+    `run` drops the second as unsupported_type. Sent now, with a note each."""
+    segment = json.dumps({**json.loads(GOOD), "integrations": {"All": True}, "channel": "web"})
+    screen = json.dumps({"type": "screen", "name": "Home", "userId": "u1"})
+    parsed = parse_lines([GOOD, segment, screen, screen])
+    assert [p.line for p in parsed] == [1, 2, 3, 4]
+    assert "integrations" not in codec.to_record(parsed[1].event)
+    assert parsed[1].record == codec.to_record(json.loads(GOOD))
+    assert parsed[2].record["type"] == "screen"
+    assert notes(parsed) == [
+        "field 'channel' (first on line 2) is not used by the worker: left out",
+        "field 'integrations' (first on line 2) is not used by the worker: left out",
+        "type 'screen' (first on line 3) is sent, and the worker drops it as "
+        "unsupported_type",
+    ]
+    assert notes(parse_lines([GOOD])) == []
 
 
 def test_many_bad_lines_are_summarised() -> None:
