@@ -158,10 +158,14 @@ class ConsentPolicy:
             # Only absent consent is "no consent data" (USERPILOT_CONSENT_MISSING); an
             # explicit `false`, "denied", [] or 1 grants nothing.
             return None if consent is None and self.missing == "allow" else gating[0]
-        if all(v is None for v in consent.values()):
-            return None if self.missing == "allow" else gating[0]
         canonical = consent.get("canonical")
         granted_by = canonical if isinstance(canonical, dict) else consent
+        # No value in the object that decides (the nested form's `canonical` when it has
+        # one) is no consent data, in either shape: `{"canonical": {"analytics": null}}`
+        # was denied where `{"analytics": null}` took USERPILOT_CONSENT_MISSING (review
+        # "mapping22").
+        if all(v is None for v in granted_by.values()):
+            return None if self.missing == "allow" else gating[0]
         for category in gating:
             if not _granted(granted_by.get(category)):
                 return category

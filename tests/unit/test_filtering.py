@@ -150,6 +150,10 @@ NO_CONSENT_DATA = [
     event({}),
     event({"analytics": None}),
     event({"canonical": None}),
+    # The nested form without a value is no data either, as the flat one (review mapping22).
+    event({"canonical": {}}),
+    event({"canonical": {"analytics": None}}),
+    event({"canonical": {"analytics": None}, "categories": ["C0002"]}),
 ]
 """Consent that is not an object (`"analytics=true"`, `["analytics"]`, `true`) is not "no
 data": it grants nothing under either policy (test_explicit_consent_that_is_not_...)."""
