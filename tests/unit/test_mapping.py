@@ -777,6 +777,26 @@ def test_left_out_fields_are_reported() -> None:
     assert built.truncated == ()
 
 
+@pytest.mark.parametrize(("props", "sent", "left_out"), [
+    ({"a": {"b": 1}, "a_b": [1, 2]}, {"a_b": 1}, ("a_b (name taken)",)),
+    ({"x_y": {"z": 1}, "x": {"y_z": 2}}, {"x_y_z": 1}, ("x_y_z (name taken)",)),
+    ({"plan": {"tier": "pro"}, "plan_tier": "basic"}, {"plan_tier": "basic"},
+     ("plan_tier (name taken)",)),
+    ({"a": {"b_c": 1, "b": {"c": 2}}}, {"a_b_c": 1}, ("a_b_c (name taken)",)),
+])
+def test_a_value_whose_flat_name_another_took_is_listed_as_left_out(
+        props: dict[str, Any], sent: dict[str, Any], left_out: tuple[str, ...]) -> None:
+    """First (or the top-level primitive) wins a flattened name; the loser was lost without
+    a word, so explain showed no loss (review "mapping22")."""
+    from consumer.mapping import build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    built = build_payload(track("Feature Used", props), rule)
+    assert built.body["metadata"] == sent
+    assert built.omitted == left_out
+
+
 def test_a_nested_key_over_the_length_bound_is_left_out_with_what_is_under_it() -> None:
     from consumer.mapping import MAX_KEY_CHARS, build_payload
 
