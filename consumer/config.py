@@ -1181,7 +1181,8 @@ def _redis_query_problems(query: str, shown: str, tls: bool) -> list[str]:
 def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
     """REDIS_* settings (None without REDIS_URL) and USERPILOT_RATE_LIMIT_SHARED."""
     shared = reader.boolean("USERPILOT_RATE_LIMIT_SHARED", False)
-    timeout = reader.number("REDIS_TIMEOUT_SECONDS", 0.25, 0.0, 5.0)
+    # At least 5 ms: no Redis call fits in less (every call would fall back).
+    timeout = reader.number("REDIS_TIMEOUT_SECONDS", 0.25, 0.005, 5.0, inclusive_low=True)
     ttl = reader.number("REDIS_DEDUP_TTL_SECONDS", 86400.0, 60.0, 30 * 86400.0,
                         inclusive_low=True)
     ca_file = reader.text("REDIS_TLS_CA_FILE")
@@ -1291,7 +1292,10 @@ def load_settings(
     rate_limit = r.integer("USERPILOT_RATE_LIMIT", 600, 1, 10_000_000)
     rate_period = r.number("USERPILOT_RATE_PERIOD_SECONDS", 60.0, 0.0, 86_400.0)
     rate_burst = r.integer("USERPILOT_RATE_BURST", 1, 1, max(1, rate_limit))
-    timeout = r.number("USERPILOT_REQUEST_TIMEOUT_SECONDS", 10.0, 0.0, 300.0)
+    # At least 0.1 s: below, no answer ever arrives in time and every request times out
+    # for ever, unflagged (1e-300 was accepted; review "ops22").
+    timeout = r.number("USERPILOT_REQUEST_TIMEOUT_SECONDS", 10.0, 0.1, 300.0,
+                       inclusive_low=True)
     attempts = r.integer("USERPILOT_RETRY_MAX_ATTEMPTS", 12, 1, 1000)
     budget = r.number("USERPILOT_RETRY_BUDGET_SECONDS", 900.0, 0.0)
     backoff = r.number("USERPILOT_RETRY_BACKOFF_SECONDS", 1.0, 0.0, 3600.0)

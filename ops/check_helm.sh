@@ -105,6 +105,25 @@ EOF
 cat >"$OUT/owned-kafka-env.values.yaml" <<'EOF'
 kafka: {extraEnv: [{name: KAFKA_TOPICS, value: "other"}]}
 EOF
+cat >"$OUT/owned-kafka-config.values.yaml" <<'EOF'
+kafka: {config: {group.id: other-group}}
+EOF
+cat >"$OUT/token-file.values.yaml" <<'EOF'
+extraEnv: [{name: USERPILOT_API_KEY_FILE, value: /secrets/token}]
+EOF
+cat >"$OUT/registry-file.values.yaml" <<'EOF'
+schemaRegistry: {existingSecret: registry-auth}
+extraEnv: [{name: SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE, value: /secrets/auth}]
+EOF
+cat >"$OUT/redis-ca-plain.values.yaml" <<'EOF'
+redis: {url: "redis://redis:6379/0", tlsCaSecret: redis-ca}
+EOF
+cat >"$OUT/pdb-zero.values.yaml" <<'EOF'
+podDisruptionBudget: {maxUnavailable: 0}
+EOF
+cat >"$OUT/request-timeout-tiny.values.yaml" <<'EOF'
+userpilot: {requestTimeoutSeconds: 1.0e-300}
+EOF
 cat >"$OUT/liveness-success.values.yaml" <<'EOF'
 livenessProbe: {successThreshold: 2}
 EOF
@@ -194,6 +213,12 @@ expect_fail grace-thin "must be longer than worker.shutdownGraceSeconds (25) by 
 expect_fail owned-env "extraEnv sets WORKER_METRICS_PORT, which the chart sets"
 expect_fail owned-kafka-env "kafka.extraEnv sets KAFKA_TOPICS, which the chart sets"
 expect_fail liveness-success "successThreshold"
+expect_fail owned-kafka-config "kafka.config.group.id becomes KAFKA_GROUP_ID, which the chart sets"
+expect_fail token-file "extraEnv sets USERPILOT_API_KEY_FILE, but the chart sets USERPILOT_API_KEY itself"
+expect_fail registry-file "but the chart sets SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO itself"
+expect_fail redis-ca-plain "redis.tlsCaSecret needs a rediss:// redis.url"
+expect_fail pdb-zero "maxUnavailable"
+expect_fail request-timeout-tiny "requestTimeoutSeconds"
 
 log "the PDB lets unready pods be evicted where Kubernetes knows how (1.27+)"
 # Rendered into files first: `helm template | grep -q` lost helm to SIGPIPE (pipefail).
@@ -249,6 +274,13 @@ has renamed 'up{job="upw-worker"}' "the workers-down alert follows the chart nam
 has renamed 'absent(up{job="upw-worker",namespace="delivery"})' "the workers-down alert sees its own namespace without targets while others have some"
 has renamed '"query": "orders-to-userpilot"' "the dashboard's consumergroup variable follows kafka.groupId"
 lacks renamed 'consumergroup="userpilot-delivery"' "no rule left on the default group"
+
+log "KEDA gets host:port brokers; the PDB follows the most replicas there can be"
+render keda-brokers -f "$FULL_VALUES" --set 'kafka.bootstrapServers=SASL_SSL://b1:9093\, b2'
+has keda-brokers 'bootstrapServers: "b1:9093,b2:9092"' "no protocol prefix, a port on every broker"
+has keda-brokers 'KAFKA_BOOTSTRAP_SERVERS: "SASL_SSL://b1:9093, b2"' "the worker gets them as written"
+render hpa-from-one -f "$OUT/hpa.values.yaml" --set autoscaling.hpa.minReplicas=1
+has hpa-from-one "kind: PodDisruptionBudget" "an autoscaler starting at one pod still has a PDB"
 
 log "validating rendered manifests (kubernetes-validate: $SCHEMA_VERSIONS)"
 # Expected kinds per rendering: a missing or surplus object is as wrong as an invalid one.

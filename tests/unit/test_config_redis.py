@@ -142,6 +142,7 @@ def test_tls_ca_file_needs_rediss_and_a_readable_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("name", "value", "fragment"), [
     ("REDIS_TIMEOUT_SECONDS", "0", "out of range"),
+    ("REDIS_TIMEOUT_SECONDS", "1e-300", ">= 0.005"),
     ("REDIS_TIMEOUT_SECONDS", "9", "out of range"),
     ("REDIS_DEDUP_TTL_SECONDS", "10", "out of range"),
     ("USERPILOT_RATE_LIMIT_SHARED", "maybe", "not a boolean"),

@@ -99,6 +99,35 @@ Mappings as JSON text, or "" when none are given (the worker then uses its defau
 {{/*
 Replica bounds that apply to the chosen scaling mode: [min, max].
 */}}
+{{- define "userpilot-worker.maxReplicas" -}}
+{{- if .Values.autoscaling.keda.enabled }}
+{{- .Values.autoscaling.keda.maxReplicaCount }}
+{{- else if .Values.autoscaling.hpa.enabled }}
+{{- .Values.autoscaling.hpa.maxReplicas }}
+{{- else }}
+{{- .Values.replicaCount }}
+{{- end }}
+{{- end }}
+
+{{/*
+kafka.bootstrapServers as KEDA's Kafka scaler takes it: host:port entries only. The worker
+(librdkafka) also takes a protocol prefix (SASL_SSL://b1:9093) and a host without a port
+(9092); given as they are, KEDA's lag polling failed and autoscaling stopped, silently.
+*/}}
+{{- define "userpilot-worker.kedaBootstrapServers" -}}
+{{- $out := list }}
+{{- range (splitList "," .Values.kafka.bootstrapServers) }}
+{{- $entry := regexReplaceAll "^[A-Za-z_]+://" (trim .) "" }}
+{{- if $entry }}
+{{- if not (regexMatch ":[0-9]+$" $entry) }}
+{{- $entry = printf "%s:9092" $entry }}
+{{- end }}
+{{- $out = append $out $entry }}
+{{- end }}
+{{- end }}
+{{- join "," $out }}
+{{- end }}
+
 {{- define "userpilot-worker.minReplicas" -}}
 {{- if .Values.autoscaling.keda.enabled }}
 {{- .Values.autoscaling.keda.minReplicaCount }}
@@ -144,12 +173,30 @@ Deployment, so every render runs them.
 {{- /* Names the chart sets from its values: an env entry would win over them unseen (the drain
    outlasting the grace period, probes on another port than the worker's). */}}
 {{- $owned := list "USERPILOT_API_KEY" "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO" "REDIS_URL" "USERPILOT_ANALYTICS_ENDPOINT" "USERPILOT_INSECURE_HTTP" "USERPILOT_CONSENT_CATEGORIES" "USERPILOT_CONSENT_MISSING" "USERPILOT_MAPPINGS_FILE" "USERPILOT_RATE_LIMIT" "USERPILOT_RATE_PERIOD_SECONDS" "USERPILOT_RATE_LIMIT_SHARED" "USERPILOT_ENSURE_USER" "USERPILOT_ENSURE_USER_CACHE" "USERPILOT_REQUEST_TIMEOUT_SECONDS" "USERPILOT_RETRY_MAX_ATTEMPTS" "USERPILOT_RETRY_BUDGET_SECONDS" "KAFKA_BOOTSTRAP_SERVERS" "KAFKA_TOPICS" "KAFKA_GROUP_ID" "KAFKA_DLQ_TOPIC" "SCHEMA_REGISTRY_URL" "WORKER_MAX_IN_FLIGHT" "WORKER_SHUTDOWN_GRACE_SECONDS" "WORKER_METRICS_PORT" "WORKER_LOG_FORMAT" "WORKER_LOG_LEVEL" "WORKER_DLQ_MAX_RATIO" "WORKER_DLQ_WINDOW" "WORKER_DLQ_MAX_CONSECUTIVE" "WORKER_DLQ_GUARD_HOLD_SECONDS" "WORKER_REPLAY_MAX" "REDIS_TIMEOUT_SECONDS" "REDIS_DEDUP_TTL_SECONDS" "REDIS_TLS_CA_FILE" }}
+{{- /* A secret's *_FILE beside the variable the chart sets: the worker refuses both (every
+   pod exits 2). */}}
+{{- $fromFile := dict "USERPILOT_API_KEY_FILE" "userpilot.existingSecret (a Secret holding the token)" }}
+{{- if or $v.schemaRegistry.existingSecret $v.schemaRegistry.basicAuthUserInfo }}
+{{- $_ := set $fromFile "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE" "schemaRegistry.existingSecret, without schemaRegistry.basicAuthUserInfo" }}
+{{- end }}
 {{- range $where, $entries := dict "extraEnv" $v.extraEnv "kafka.extraEnv" $v.kafka.extraEnv }}
 {{- range $entries }}
 {{- if has .name $owned }}
 {{- fail (printf "%s sets %s, which the chart sets from its values: set the chart's value instead (see values.yaml), so the probes, the grace period and the secrets follow it" $where .name) }}
 {{- end }}
+{{- if hasKey $fromFile .name }}
+{{- fail (printf "%s sets %s, but the chart sets %s itself and the worker refuses both: give the secret through %s instead" $where .name (trimSuffix "_FILE" .name) (get $fromFile .name)) }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- range $key, $_ := $v.kafka.config }}
+{{- $name := printf "KAFKA_%s" (upper (replace "." "_" $key)) }}
+{{- if has $name $owned }}
+{{- fail (printf "kafka.config.%s becomes %s, which the chart sets from its values (kafka.bootstrapServers, kafka.topics, kafka.groupId, kafka.dlqTopic): set that value instead, so KEDA, the alerts and the dashboard follow it" $key $name) }}
+{{- end }}
+{{- end }}
+{{- if and $v.redis.tlsCaSecret $v.redis.url (not (hasPrefix "rediss://" $v.redis.url)) }}
+{{- fail "redis.tlsCaSecret needs a rediss:// redis.url (TLS): the worker refuses a CA bundle for plain redis://" }}
 {{- end }}
 {{- range $key, $_ := $v.kafka.config }}
 {{- if has (lower $key) (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret" "ssl.keystore.password" "ssl.key.pem" "sasl.oauthbearer.config" "sasl.oauthbearer.client.credentials.client.secret" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem") }}
