@@ -711,6 +711,13 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
                 "delivery: remove it"
             )
             continue
+        if key == "statistics.interval.ms":
+            # The worker sets its own (`kafka.KafkaSource`): check-config showed the user's
+            # value as in effect, and it was not (review "ops22").
+            reader.notes.append(
+                f"{name} ignored: the worker sets statistics.interval.ms itself (5000: its "
+                "broker states and lag figures come from the statistics)")
+            continue
         # A trailing line break, as a Secret made with `kubectl create secret --from-file`
         # carries: dropped, as from a *_FILE (a password sent with it fails SASL).
         value = reader.env[name].rstrip("\r\n")

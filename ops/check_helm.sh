@@ -124,6 +124,12 @@ EOF
 cat >"$OUT/request-timeout-tiny.values.yaml" <<'EOF'
 userpilot: {requestTimeoutSeconds: 1.0e-300}
 EOF
+cat >"$OUT/dlq-is-source.values.yaml" <<'EOF'
+kafka: {topics: [events, more], dlqTopic: more}
+EOF
+cat >"$OUT/consent-typo.values.yaml" <<'EOF'
+userpilot: {consentCategories: [analytic]}
+EOF
 cat >"$OUT/liveness-success.values.yaml" <<'EOF'
 livenessProbe: {successThreshold: 2}
 EOF
@@ -219,6 +225,8 @@ expect_fail registry-file "but the chart sets SCHEMA_REGISTRY_BASIC_AUTH_USER_IN
 expect_fail redis-ca-plain "redis.tlsCaSecret needs a rediss:// redis.url"
 expect_fail pdb-zero "maxUnavailable"
 expect_fail request-timeout-tiny "requestTimeoutSeconds"
+expect_fail dlq-is-source "kafka.dlqTopic (more) is also a source topic"
+expect_fail consent-typo "consentCategories"
 
 log "the PDB lets unready pods be evicted where Kubernetes knows how (1.27+)"
 # Rendered into files first: `helm template | grep -q` lost helm to SIGPIPE (pipefail).

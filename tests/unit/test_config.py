@@ -700,6 +700,16 @@ def test_kafka_tooling_variables_are_ignored_with_a_note() -> None:
     )
 
 
+def test_a_statistics_interval_the_worker_overrides_is_not_shown_as_in_effect() -> None:
+    """check-config printed it among the effective settings; the worker sets its own
+    (review "ops22")."""
+    s = load(KAFKA_STATISTICS_INTERVAL_MS="0")
+    assert "statistics.interval.ms" not in s.kafka_extra
+    assert s.notes == ("KAFKA_STATISTICS_INTERVAL_MS ignored: the worker sets "
+                       "statistics.interval.ms itself (5000: its broker states and lag "
+                       "figures come from the statistics)",)
+
+
 def test_kafka_debug_with_librdkafka_contexts_is_librdkafka_s_debug() -> None:
     """It sat in the JVM tools' list only: librdkafka's debug could not be turned on."""
     s = load(KAFKA_DEBUG="consumer,cgrp")

@@ -206,6 +206,9 @@ Deployment, so every render runs them.
 {{- if not $v.kafka.topics }}
 {{- fail "kafka.topics must list at least one source topic" }}
 {{- end }}
+{{- if and $v.kafka.dlqTopic (has $v.kafka.dlqTopic $v.kafka.topics) }}
+{{- fail (printf "kafka.dlqTopic (%s) is also a source topic: dead letters would be read back and sent again; name another topic" $v.kafka.dlqTopic) }}
+{{- end }}
 {{- /* Last, so the other guards name their own mistake first. */}}
 {{- if and (not $v.userpilot.apiKey) (not $v.userpilot.existingSecret) }}
 {{- fail "userpilot.existingSecret (recommended) or userpilot.apiKey is required: the worker cannot start without the Userpilot write token" }}
