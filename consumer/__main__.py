@@ -17,6 +17,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
-from consumer.config import timeout_seconds
+from consumer.config import timeout_seconds, wait_seconds
 from consumer.errors import ConfigError, WorkerError
 from consumer.replay import add_arguments as add_replay_arguments
 from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
@@ -36,8 +37,9 @@ from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
 if TYPE_CHECKING:
     from consumer.config import Settings
     from consumer.health import Health
+    from consumer.metrics import Metrics
 
-__all__ = ["hold_after_guard", "main"]
+__all__ = ["hold_after_guard", "main", "wait_for_services"]
 
 log = logging.getLogger("consumer")
 
@@ -118,7 +120,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from consumer.health import Health, serve
     from consumer.logs import configure_logging
     from consumer.metrics import Metrics
-    from consumer.worker import Worker
 
     settings = _settings()
     configure_logging(settings.log_level, settings.log_format, settings.log_secrets())
@@ -126,36 +127,77 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("%s", note)
     from consumer import reach
 
-    problems = _interruptible(lambda: reach.services(
-        settings.kafka_config(logger=False), args.timeout, registry_url=settings.registry_url,
-        registry_auth=settings.registry_auth.reveal() if settings.registry_auth else None,
-        registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None,
-        dlq_topic=settings.dlq_topic))
-    if problems:
-        return _unreachable(problems)
     no_created_series: Callable[[], None] = disable_created_metrics  # untyped upstream
     no_created_series()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     health = Health(metrics, max_poll_interval_s=settings.max_poll_interval_s)
-    worker = Worker(settings, metrics, health)
-    # Before the probes answer: a SIGTERM from then on (Kubernetes stopping a pod that has
-    # just started) is a clean stop, not death by the default signal action (exit -15).
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda _sig, _frame: worker.stop(signalled=True))
-    tune_collector()  # before the health server's thread makes objects of its own
     try:
         server = serve(settings.metrics_port, registry, health)
     except OSError as exc:
         raise ConfigError(f"WORKER_METRICS_PORT={settings.metrics_port}: cannot listen "
                           f"({exc.strerror}); choose a free port") from None
     try:
-        code = asyncio.run(worker.run())
-        if code == GUARD_EXIT_CODE and not worker.signalled:
-            # Not after a SIGTERM (Kubernetes sends one): the pod is going away anyway.
-            hold_after_guard(health, settings.dlq_guard_hold_s)
+        problems = wait_for_services(lambda: reach.services(
+            settings.kafka_config(logger=False), args.timeout,
+            registry_url=settings.registry_url,
+            registry_auth=settings.registry_auth.reveal() if settings.registry_auth else None,
+            registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None,
+            dlq_topic=settings.dlq_topic), args.wait, health)
+        if problems:
+            return _unreachable(problems)
+        return _run_worker(settings, metrics, health)
     finally:
         server.close()
+
+
+def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Health,
+                      first_delay_s: float = 1.0, max_delay_s: float = 30.0) -> list[str]:
+    """Run the start-up `check` until it passes; its problems when one is a setting to fix,
+    or when services stayed unreachable for `wait_s` seconds.
+
+    Why wait: a pod started while Kafka or the registry is down (a cluster restart, a
+    broker upgrade) exited 1 and Kubernetes restarted it at growing intervals, up to five
+    minutes apart: delivery resumed minutes after the outage, and the pod crash-looped
+    meanwhile. It now stays up, live and not ready (/readyz names what it waits for), and
+    tries again after `first_delay_s`, doubling to `max_delay_s`."""
+    from consumer import reach
+
+    deadline = time.monotonic() + wait_s
+    delay = first_delay_s
+    while True:
+        problems = _interruptible(check, tick=health.beat)
+        if not problems or any(not isinstance(p, reach.Unreachable) for p in problems):
+            health.set_waiting(None)
+            return problems
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return problems
+        pause = min(delay, left)
+        for problem in problems:
+            log.error("start-up: %s; trying again in %.0f s (run --wait bounds this)",
+                      problem, pause)
+        health.set_waiting("waiting for " + "; ".join(problems))
+        until = time.monotonic() + pause
+        while (rest := until - time.monotonic()) > 0:  # a SIGTERM ends it (`_terminated`)
+            health.beat()
+            time.sleep(min(1.0, rest))
+        delay = min(max_delay_s, delay * 2)
+
+
+def _run_worker(settings: Settings, metrics: Metrics, health: Health) -> int:
+    from consumer.worker import Worker
+
+    worker = Worker(settings, metrics, health)
+    # Before the worker runs: a SIGTERM from then on (Kubernetes stopping a pod that has
+    # just started) is a clean stop, not death by the default signal action (exit -15).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _sig, _frame: worker.stop(signalled=True))
+    tune_collector()
+    code = asyncio.run(worker.run())
+    if code == GUARD_EXIT_CODE and not worker.signalled:
+        # Not after a SIGTERM (Kubernetes sends one): the pod is going away anyway.
+        hold_after_guard(health, settings.dlq_guard_hold_s)
     if worker.kafka_abandoned:
         # The consumer is still inside librdkafka's close (Kafka unreachable): destroying
         # it at interpreter exit would wait for the broker again. Everything else is done.
@@ -347,10 +389,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run", help="run the worker",
         description="Run the worker (settings from the environment; see README). It first "
-        "checks that Kafka and the schema registry answer: an unreachable one is reported "
-        "in one line within --timeout seconds each (default 10) and the exit code is 1.")
+        "checks that Kafka and the schema registry answer: while one is unreachable it logs "
+        "why and tries again (1 s, doubling to 30 s) for up to --wait seconds, then exits "
+        "1; a problem that is a setting (refused credentials, a missing topic) exits 1 at "
+        "once.")
     p.add_argument("--timeout", type=timeout_seconds, default=REACH_TIMEOUT_S,
-                   help="seconds to wait for Kafka and the registry at start-up (default 10)")
+                   help="seconds each start-up check of Kafka and the registry may take "
+                   "(default 10)")
+    p.add_argument("--wait", type=wait_seconds, default=math.inf, metavar="S",
+                   help="how long to keep trying while Kafka or the registry is unreachable "
+                   "at start-up, live and not ready (default: until they answer; 0: exit 1 "
+                   "at once)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser(
         "check-config", help="validate and print the configuration",
@@ -417,7 +466,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 T = TypeVar("T")
 
 
-def _interruptible(check: Callable[[], T]) -> T:
+def _interruptible(check: Callable[[], T], tick: Callable[[], None] | None = None) -> T:
     """`check()` on a thread of its own, awaited in short waits: a signal handler runs
     between them. Inside librdkafka's or a socket's blocking call (a start-up check of an
     unreachable Kafka takes up to --timeout) the main thread ran no handler until the call
@@ -434,6 +483,8 @@ def _interruptible(check: Callable[[], T]) -> T:
     thread = threading.Thread(target=target, name="start-up-check", daemon=True)
     thread.start()
     while thread.is_alive():
+        if tick is not None:
+            tick()
         thread.join(0.1)
     if failure:
         raise failure[0]

@@ -931,6 +931,18 @@ def timeout_seconds(text: str) -> float:
     return value
 
 
+def wait_seconds(text: str) -> float:
+    """`run --wait`: seconds (0 or more, "inf" for ever) to keep trying unreachable
+    services at start-up."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds, 0 or more (inf: for ever)")
+    return value
+
+
 def redact_userinfo(url: str) -> str:
     """`url` with everything between the scheme and the last `@` replaced by `***` (for
     logs and check-config): a password may hold `@` or `/` itself, and a malformed URL

@@ -63,6 +63,7 @@ class Health:
         self._integration_detail = ""
         self._stopping = False
         self._stopping_reason = "stopping"
+        self._waiting: str | None = None
         self._checks: list[Callable[[], str | None]] = []
         if metrics is not None:
             # Evaluated at scrape time, so the gauge equals what /readyz would answer now.
@@ -105,6 +106,11 @@ class Health:
         with self._lock:
             self._checks.append(check)
 
+    def set_waiting(self, reason: str | None) -> None:
+        """Start-up waits for Kafka or the registry (`reason` says which), or no longer."""
+        with self._lock:
+            self._waiting = None if reason is None else reason[:500]
+
     def set_stopping(self, reason: str = "stopping") -> None:
         """Shutdown began: stay alive for the drain but stop claiming readiness."""
         with self._lock:
@@ -119,6 +125,8 @@ class Health:
     def _ready_locked(self) -> tuple[bool, str]:
         if self._stopping:
             return False, self._stopping_reason
+        if self._waiting is not None:
+            return False, self._waiting
         if self._clock() - self._last_beat > self.ready_silence_s:
             return False, f"poll loop silent for more than {self.ready_silence_s:g}s"
         if not self._connected:

@@ -31,7 +31,8 @@ from consumer.errors import ConnectionFailed, Misconfigured, Rejected, Retry, Ti
 from consumer.librdkafka import SESSION_TIMEOUT_MS
 from consumer.registry import RegistryError, RegistryUnusable, RestClient
 
-__all__ = ["kafka", "redis", "registry", "resolve", "services", "userpilot"]
+__all__ = [
+    "Unreachable", "kafka", "redis", "registry", "resolve", "services", "userpilot"]
 
 _SILENT = logging.getLogger("consumer.reach.librdkafka")
 _SILENT.addHandler(logging.NullHandler())
@@ -122,8 +123,9 @@ def kafka(conf: Mapping[str, Any], timeout: float,
     except KafkaException as exc:
         err = exc.args[0] if exc.args else exc
         text = err.str() if hasattr(err, "str") else str(err)
-        return (f"Kafka at {bootstrap} not reachable within {timeout:g} s ({text}): check "
-                "KAFKA_BOOTSTRAP_SERVERS and the KAFKA_* security settings")
+        return Unreachable(
+            f"Kafka at {bootstrap} not reachable within {timeout:g} s ({text}): check "
+            "KAFKA_BOOTSTRAP_SERVERS and the KAFKA_* security settings")
     finally:
         producer.flush(0)
     missing = [t for t in topics if t not in metadata.topics]
@@ -237,6 +239,9 @@ def registry(url: str, user_info: str | None, timeout: float,
         if exc.http_status_code in (401, 403):
             return (f"schema registry at {shown} refused the credentials "
                     f"({exc.http_status_code}): check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
+        if exc.http_status_code >= 500 or exc.http_status_code == 429:
+            return Unreachable(f"schema registry at {shown} answered {exc.http_status_code} "
+                               "to GET /subjects: not serving yet, or overloaded")
         return (f"schema registry at {shown} answered {exc.http_status_code} to GET "
                 "/subjects: check SCHEMA_REGISTRY_URL (include the API path)")
     except RegistryUnusable as exc:
@@ -247,15 +252,23 @@ def registry(url: str, user_info: str | None, timeout: float,
         if via:
             # The proxy may be what failed: "check SCHEMA_REGISTRY_URL" sent users after a
             # right URL behind a cluster-wide HTTP_PROXY (review "ops22").
-            return (f"schema registry at {shown} not reachable through the proxy "
-                    f"{redact_userinfo(via)} ({type(exc).__name__} after {waited:.1f} s): "
-                    "check SCHEMA_REGISTRY_URL and the proxy, or add the registry's host "
-                    "to NO_PROXY if it is reached directly")
-        return (f"schema registry at {shown} not reachable ({type(exc).__name__} after "
-                f"{waited:.1f} s): check SCHEMA_REGISTRY_URL")
+            return Unreachable(
+                f"schema registry at {shown} not reachable through the proxy "
+                f"{redact_userinfo(via)} ({type(exc).__name__} after {waited:.1f} s): "
+                "check SCHEMA_REGISTRY_URL and the proxy, or add the registry's host to "
+                "NO_PROXY if it is reached directly")
+        return Unreachable(f"schema registry at {shown} not reachable ({type(exc).__name__} "
+                           f"after {waited:.1f} s): check SCHEMA_REGISTRY_URL")
     finally:
         client.close()
     return None
+
+
+class Unreachable(str):
+    """A start-up problem that may pass by itself (a service down, or not answering yet):
+    `run` keeps trying; any other problem is a setting or a topic to fix."""
+
+    __slots__ = ()
 
 
 def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[str] = (),

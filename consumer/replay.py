@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -89,6 +90,32 @@ class Summary:
                 "over_limit": self.over_limit, "no_origin": self.no_origin,
                 "restored": self.restored, "gone": self.gone, "mismatch": self.mismatch,
                 "unpublishable": self.unpublishable}
+
+
+_COORDINATOR_NOT_READY = frozenset({
+    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._WAIT_COORD,
+})
+
+
+def _committed(consumer: Consumer, parts: list[TopicPartition],
+               within_s: float = 30.0) -> list[TopicPartition]:
+    """The replay group's committed offsets, asked again while the group's coordinator is
+    not ready (a broker just started or moved the coordinator: NOT_COORDINATOR and kin,
+    which librdkafka does not retry for this call). Stopping on it, a replay right after a
+    broker restart failed with "Kafka failed (Not coordinator)" (seen on CI's first use of
+    a fresh broker)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return list(consumer.committed(parts, 10))
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            waiting = isinstance(err, KafkaError) and (
+                err.code() in _COORDINATOR_NOT_READY or err.retriable())
+            if not waiting or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 class ReplayStuck(KafkaException):
@@ -253,7 +280,7 @@ def run_replay(
         if info is None or info.error is not None:
             raise ConfigError(f"dead-letter topic {dlq_topic!r} does not exist")
         parts = [TopicPartition(dlq_topic, p) for p in sorted(info.partitions)]
-        committed = {tp.partition: tp.offset for tp in consumer.committed(parts, 10)}
+        committed = {tp.partition: tp.offset for tp in _committed(consumer, parts)}
         ends: dict[int, int] = {}
         starts: list[TopicPartition] = []
         for tp in parts:

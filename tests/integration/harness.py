@@ -205,7 +205,8 @@ class WorkerProcess:
     Only ``env`` configures it: REDIS_URL (exported by ``make test``) is not inherited, so a
     test uses Redis only when it passes it."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path,
+                 args: tuple[str, ...] = ()) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115
         full_env = {k: v for k, v in os.environ.items()
@@ -213,7 +214,7 @@ class WorkerProcess:
                                          "REDIS_"))}
         full_env.update(env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run"], env=full_env, cwd=REPO,
+            [sys.executable, "-m", "consumer", "run", *args], env=full_env, cwd=REPO,
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
 

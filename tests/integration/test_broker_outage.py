@@ -340,3 +340,52 @@ def test_an_unwritable_dlq_turns_readiness_off_and_the_metric_on_then_recovers(
     assert dead == 1
     assert len(read_topic(kafka_bootstrap, dlq)) == 1
     assert sum(delivered_seqs(control).values()) == 3
+
+
+def _readyz_text(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return str(r.read().decode())
+    except urllib.error.HTTPError as exc:
+        return str(exc.read().decode())
+    except OSError:
+        return ""
+
+
+def test_a_worker_started_during_a_broker_outage_waits_unready_and_delivers_after_it(
+    own_kafka: str, schema_registry_url: str, sandbox: Sandbox, tmp_path: Path,
+) -> None:
+    """A pod started while Kafka was down exited 1 at once; Kubernetes restarted it minutes
+    apart (delivery resumed minutes after the outage) and a process run by anything else
+    stayed dead. It now stays up, live and unready, says what it waits for, and delivers
+    everything once the broker is back."""
+    from tests.conftest import create_topic
+
+    server, control = sandbox
+    topic = create_topic(own_kafka, f"it-start-outage-{int(time.time() * 1000)}", 2)
+    events = [track_event(f"u{i % 10}", i) for i in range(60)]
+    produce(own_kafka, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    port = _free_port()
+    env = worker_env(own_kafka, schema_registry_url, server.url, topic, group,
+                     WORKER_METRICS_PORT=str(port), **FAST)
+    OWN.ctl("kill", "kafka")
+    worker = WorkerProcess(env, tmp_path / "worker.log", args=("--timeout", "2"))
+    try:
+        wait_until(lambda: "waiting for Kafka at" in _readyz_text(port), 30,
+                   "/readyz naming the wait")
+        assert _readyz(port) == 503
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+            assert r.status == 200
+        time.sleep(4)  # a few tries
+        assert worker.proc.poll() is None, worker.output()[-3000:]
+        OWN.ctl("up", "kafka", "--keep-data")
+        wait_until(lambda: not undelivered(control, events), 120, "every event delivered")
+        wait_until(lambda: _readyz(port) == 200, 30, "ready after the outage")
+    finally:
+        if worker.proc.poll() is None:
+            worker.terminate(timeout=30)
+        OWN.ctl("up", "kafka", "--keep-data")
+    output = worker.output()
+    assert "start-up: Kafka at" in output and "trying again in" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -203,7 +204,7 @@ def test_check_config_notes_ignored_kafka_tooling_variables() -> None:
 
 def test_run_logs_the_notes_check_config_prints() -> None:
     """`run` dropped ignored variables without a line: the operator never learned why."""
-    result = cli(["run", "--timeout", "0.5"], {**RUN_ENV, "KAFKA_OPTS": "-Xmx1g"})
+    result = cli(["run", "--timeout", "0.5", "--wait", "0"], {**RUN_ENV, "KAFKA_OPTS": "-Xmx1g"})
     assert "KAFKA_OPTS ignored: a variable of Kafka's JVM tools" in result.stderr
 
 
@@ -236,7 +237,7 @@ def test_explain_never_prints_a_traceback_on_random_input() -> None:
 # ---------------------------------------------- commands against unreachable services
 
 @pytest.mark.parametrize("argv", [
-    ["run", "--timeout", "1"],
+    ["run", "--timeout", "1", "--wait", "0"],
     ["replay", "--from", "dlq", "--timeout", "1"],
     ["demo", "--timeout", "1"],
 ])
@@ -248,7 +249,9 @@ def test_unreachable_services_are_one_line_within_the_timeout(argv: list[str]) -
     took = time.monotonic() - started
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
+    # `run` serves its probes while it checks (a log line says so), then the errors.
+    lines = [line for line in result.stderr.strip().splitlines()
+             if "consumer.health: serving /metrics" not in line]
     assert lines and all(line.startswith("error: ") for line in lines), result.stderr
     assert any("Kafka at 127.0.0.1:1 not reachable" in line for line in lines)
     assert "wt-secret-123" not in result.stderr + result.stdout
@@ -256,10 +259,13 @@ def test_unreachable_services_are_one_line_within_the_timeout(argv: list[str]) -
 
 
 def test_help_of_run_replay_and_demo_states_the_bound() -> None:
-    for command in ("run", "replay", "demo"):
+    for command in ("replay", "demo"):
         result = cli([command, "--help"], {})
         assert result.returncode == 0
         assert "one line within --timeout" in " ".join(result.stdout.split()), command
+    text = " ".join(cli(["run", "--help"], {}).stdout.split())
+    assert "for up to --wait seconds, then exits 1" in text
+    assert "0: exit 1 at once" in text
 
 
 # ---------------------------------------------- the garbage collector of `run`
@@ -407,3 +413,44 @@ def test_a_sigterm_while_run_starts_stops_it() -> None:
         proc.communicate()
     assert code == 128 + signal.SIGTERM, code  # not -15: a handler ran
     assert time.monotonic() - started < 12
+
+
+def test_start_up_waits_while_services_are_unreachable_and_says_so_unready() -> None:
+    """A pod started during a Kafka or registry outage exited 1 (Kubernetes restarted it
+    minutes apart). Unreachable services are tried again, /readyz naming them; a setting
+    to fix ends the wait at once; `--wait` bounds it."""
+    from consumer.__main__ import wait_for_services
+    from consumer.health import Health
+    from consumer.reach import Unreachable
+
+    health = Health()
+    health.set_connected(True)
+    health.set_assigned(True)
+    said: list[tuple[bool, str]] = []
+    answers: list[list[str]] = [[Unreachable("Kafka at k:9092 not reachable")],
+                                [Unreachable("schema registry at r not reachable")], []]
+
+    def check() -> list[str]:
+        said.append(health.ready())
+        return answers.pop(0)
+
+    assert wait_for_services(check, math.inf, health, first_delay_s=0.01) == []
+    assert [ready for ready, _ in said] == [True, False, False]
+    assert said[1][1] == "waiting for Kafka at k:9092 not reachable"
+    assert health.ready() == (True, "ready")
+
+    setting = ["Kafka at k:9092 has no topic 'x'"]
+    calls: list[int] = []
+
+    def missing_topic() -> list[str]:
+        calls.append(1)
+        return setting
+
+    assert wait_for_services(missing_topic, math.inf, health, first_delay_s=0.01) == setting
+    assert calls == [1]  # not tried again: a topic to create, not an outage
+
+    down: list[str] = [Unreachable("Kafka at k:9092 not reachable")]
+    started = time.monotonic()
+    assert wait_for_services(lambda: down, 0.3, health, first_delay_s=0.05) == down
+    assert 0.25 <= time.monotonic() - started < 2.0
+    assert wait_for_services(lambda: down, 0, health) == down

@@ -145,3 +145,35 @@ def test_a_dead_letter_whose_headers_cannot_be_read_is_reported_not_a_crash() ->
     line = replay._replay_one(Msg(), 0, 3, "dlq", Filters(), {}, summary,  # type: ignore[arg-type]
                               dry_run=False)
     assert line is None and summary.no_origin == 1
+
+
+def test_committed_offsets_are_asked_again_while_the_coordinator_is_not_ready() -> None:
+    """A replay right after a broker (re)start stopped on "Not coordinator" (CI, the first
+    use of a fresh broker); the coordinator answers moments later. Other errors stop it."""
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+    from consumer.replay import _committed
+
+    class Coordinator:
+        def __init__(self, errors: list[int]) -> None:
+            self.errors = errors
+            self.asked = 0
+
+        def committed(self, parts: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+            self.asked += 1
+            if self.errors:
+                raise KafkaException(KafkaError(self.errors.pop(0)))
+            return parts
+
+    parts = [TopicPartition("dlq", 0)]
+    loading = Coordinator([KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS])
+    assert _committed(loading, parts) == parts  # type: ignore[arg-type]
+    assert loading.asked == 3
+    refused = Coordinator([KafkaError.GROUP_AUTHORIZATION_FAILED])
+    with pytest.raises(KafkaException):
+        _committed(refused, parts)  # type: ignore[arg-type]
+    assert refused.asked == 1
+    forever = Coordinator([KafkaError.NOT_COORDINATOR] * 100)
+    with pytest.raises(KafkaException):
+        _committed(forever, parts, within_s=0.6)  # type: ignore[arg-type]
+    assert 2 <= forever.asked <= 3
