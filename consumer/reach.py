@@ -16,7 +16,6 @@ import asyncio
 import logging
 import socket
 import time
-import urllib.request
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -213,16 +212,6 @@ def dlq_policy(admin: AdminClient, dlq_topic: str, timeout: float) -> str | None
             f"{dlq_topic} --add-config cleanup.policy=delete")
 
 
-def _environment_proxy(scheme: str, host: str) -> str | None:
-    """The proxy the environment gives requests to ``host`` (HTTP(S)_PROXY, ALL_PROXY,
-    NO_PROXY), as the registry's client (trust_env) takes it; None when none."""
-    proxies = urllib.request.getproxies_environment()
-    chosen = proxies.get(scheme) or proxies.get("all")
-    if not chosen or urllib.request.proxy_bypass(host):  # NO_PROXY, as the client reads it
-        return None
-    return chosen
-
-
 def registry(url: str, user_info: str | None, timeout: float,
              proxy: str | None = None) -> str | None:
     """Reach the schema registry (``GET /subjects``) through the worker's own client
@@ -248,7 +237,7 @@ def registry(url: str, user_info: str | None, timeout: float,
         return f"schema registry at {shown}: {exc}"
     except (httpx.HTTPError, OSError) as exc:  # TimeoutError included: the deadline
         waited = time.monotonic() - started
-        via = proxy or _environment_proxy(parts.scheme, parts.hostname or "")
+        via = proxy  # the one the client used (Settings resolved the environment's)
         if via:
             # The proxy may be what failed: "check SCHEMA_REGISTRY_URL" sent users after a
             # right URL behind a cluster-wide HTTP_PROXY (review "ops22").

@@ -295,10 +295,10 @@ class RedisStore:
         keys = [key, f"{key}:seen", f"{key}:credit", *([debt_key] if debt_key else [])]
         for _ in range(2):
             args[-1] = self._deadline_us()
+            sent = time.monotonic()
             reply = await self._call("gcra", lambda: self._gcra(keys=keys, args=args))
-            late = int(reply[0]) < 0
-            self._observe_clock(int(reply[2]), late)
-            if not late:
+            self._observe_clock(int(reply[2]), sent)
+            if int(reply[0]) >= 0:
                 return bool(int(reply[0])), int(reply[1]) / 1e6
             # Refused as late while this still waited: Redis's clock stepped forward since
             # the deadline was set. Once more, on the clock it now reports.
@@ -314,13 +314,17 @@ class RedisStore:
             return 0
         return round(time.monotonic() * 1e6 + self._offset_us + self._timeout * 1e6)
 
-    def _observe_clock(self, redis_now_us: int, late: bool) -> None:
-        """Keeps the largest offset seen (the least delayed reply), unless Redis's clock
-        stepped: back (over a second below it) or forward (a call refused as late)."""
-        seen = redis_now_us - time.monotonic() * 1e6
+    def _observe_clock(self, redis_now_us: int, sent: float) -> None:
+        """Narrows the offset with one reply: Redis read its clock after the call was sent
+        and before the reply came, so the offset lies between ``now - received`` and
+        ``now - sent``. The largest lower bound is kept (the least delayed reply), cut to
+        the latest upper bound: a clock that stepped back or runs slower lowers it at once
+        (kept high, deadlines ran late for good and stale calls ran again, review
+        "diff22"); one that stepped forward raises it."""
+        received = time.monotonic() * 1e6
+        low, high = redis_now_us - received, redis_now_us - sent * 1e6
         known = self._offset_us
-        if known is None or late or seen > known or seen < known - 1e6:
-            self._offset_us = seen
+        self._offset_us = min(high, low if known is None else max(known, low))
 
     async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[ClaimState, float]:
         """Claim ``key`` for ``owner``: ``(state, seconds until another claim may win)``."""

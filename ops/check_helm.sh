@@ -130,6 +130,9 @@ EOF
 cat >"$OUT/consent-typo.values.yaml" <<'EOF'
 userpilot: {consentCategories: [analytic]}
 EOF
+cat >"$OUT/consent-mixed.values.yaml" <<'EOF'
+userpilot: {consentCategories: [analytics, none]}
+EOF
 cat >"$OUT/liveness-success.values.yaml" <<'EOF'
 livenessProbe: {successThreshold: 2}
 EOF
@@ -226,7 +229,8 @@ expect_fail redis-ca-plain "redis.tlsCaSecret needs a rediss:// redis.url"
 expect_fail pdb-zero "maxUnavailable"
 expect_fail request-timeout-tiny "requestTimeoutSeconds"
 expect_fail dlq-is-source "kafka.dlqTopic (more) is also a source topic"
-expect_fail consent-typo "consentCategories"
+expect_fail consent-typo "userpilot.consentCategories has \"analytic\", not a Signal consent category"
+expect_fail consent-mixed "userpilot.consentCategories mixes \"none\" with categories"
 
 log "the PDB lets unready pods be evicted where Kubernetes knows how (1.27+)"
 # Rendered into files first: `helm template | grep -q` lost helm to SIGPIPE (pipefail).
@@ -287,6 +291,10 @@ log "KEDA gets host:port brokers; the PDB follows the most replicas there can be
 render keda-brokers -f "$FULL_VALUES" --set 'kafka.bootstrapServers=SASL_SSL://b1:9093\, b2'
 has keda-brokers 'bootstrapServers: "b1:9093,b2:9092"' "no protocol prefix, a port on every broker"
 has keda-brokers 'KAFKA_BOOTSTRAP_SERVERS: "SASL_SSL://b1:9093, b2"' "the worker gets them as written"
+render consent-off --set 'userpilot.consentCategories={None}'
+has consent-off 'USERPILOT_CONSENT_CATEGORIES: "None"' "consent gating can be turned off (any case)"
+render consent-case --set 'userpilot.consentCategories={Analytics, functional}'
+has consent-case 'USERPILOT_CONSENT_CATEGORIES: "Analytics, functional"' "categories in any case"
 render hpa-from-one -f "$OUT/hpa.values.yaml" --set autoscaling.hpa.minReplicas=1
 has hpa-from-one "kind: PodDisruptionBudget" "an autoscaler starting at one pod still has a PDB"
 

@@ -462,6 +462,28 @@ def test_a_redis_clock_that_stepped_forward_refuses_once_then_reserves(
     assert calls == [None, None, None]  # the first, the refused one, and the one sent again
 
 
+def test_a_redis_clock_offset_kept_too_high_is_cut_by_the_next_reply(
+        redis_url: str, key: str) -> None:
+    """Redis's clock stepped back by less than a second (or runs slow): the offset stayed
+    too high for good, deadlines ran late, and a call that timed out in a freeze changed
+    the budget at the thaw again (review "diff22"). Every reply bounds it from above."""
+    args: dict[str, Any] = {"interval_us": 100_000, "tolerance_us": 0,
+                            "lookahead_us": 1_000_000, "idle_ttl_ms": 60_000}
+
+    async def main() -> tuple[float, float]:
+        store = RedisStore(redis_url, timeout_s=0.5)
+        await store.gcra(key, **args)
+        assert store._offset_us is not None
+        learned = store._offset_us
+        store._offset_us += 900_000  # as if Redis's clock went back 0.9 s since
+        await store.gcra(key, **args)
+        await store.close()
+        return learned, store._offset_us
+
+    learned, after = asyncio.run(main())
+    assert abs(after - learned) < 50_000, (learned, after)
+
+
 def test_after_a_frozen_redis_thaws_the_shared_budget_is_used_at_once(
         stoppable_redis: StoppableRedis, key: str) -> None:
     """Review "rate21": three replicas on the fallback while Redis was frozen; at the thaw

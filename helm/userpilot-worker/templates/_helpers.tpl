@@ -206,6 +206,22 @@ Deployment, so every render runs them.
 {{- if not $v.kafka.topics }}
 {{- fail "kafka.topics must list at least one source topic" }}
 {{- end }}
+{{- /* As the worker reads USERPILOT_CONSENT_CATEGORIES (config._consent_categories): any
+   case, "none" or "off" alone turns gating off. A typo otherwise renders pods that exit 2. */}}
+{{- $categories := list "analytics" "marketing" "functional" "advertising" "personalization" "essential" }}
+{{- $consent := list }}
+{{- range $v.userpilot.consentCategories }}
+{{- $consent = append $consent (lower (trim .)) }}
+{{- end }}
+{{- range $consent }}
+{{- if has . (list "none" "off") }}
+{{- if gt (len (uniq $consent)) 1 }}
+{{- fail (printf "userpilot.consentCategories mixes %q with categories: %q alone disables consent gating" . .) }}
+{{- end }}
+{{- else if not (has . $categories) }}
+{{- fail (printf "userpilot.consentCategories has %q, not a Signal consent category: use %s, or none to disable consent gating" . (join ", " $categories)) }}
+{{- end }}
+{{- end }}
 {{- if and $v.kafka.dlqTopic (has $v.kafka.dlqTopic $v.kafka.topics) }}
 {{- fail (printf "kafka.dlqTopic (%s) is also a source topic: dead letters would be read back and sent again; name another topic" $v.kafka.dlqTopic) }}
 {{- end }}
