@@ -52,8 +52,8 @@ from consumer.errors import ConfigError
 from consumer.kafka import make_producer
 
 __all__ = [
-    "Filters", "Summary", "add_arguments", "decide", "default_group", "main", "replay_headers",
-    "run_replay",
+    "CALLS", "Filters", "Summary", "add_arguments", "decide", "default_group", "failed_call",
+    "main", "replay_headers", "run_replay",
 ]
 
 
@@ -69,6 +69,18 @@ class Filters:
     to_offset: int | None = None
     partitions: frozenset[int] = frozenset()
     max_replays: int = 3
+    calls: frozenset[str] = frozenset()  # the failed call's purpose (`CALLS`)
+
+
+CALLS = ("track", "ensure_user", "identify", "company_identify", "associate_company")
+"""What `userpilot.error.call` starts with: the purpose of the request that failed. A Track
+event's are `track` and `ensure_user`; an identify's `identify`; a group's the other two."""
+
+
+def failed_call(headers: Sequence[Header] | None) -> str:
+    """The purpose of the request a dead letter's event failed at ("" when none)."""
+    raw = (header_value(headers, "userpilot.error.call") or b"").decode("utf-8", "replace")
+    return raw.split(" ", 1)[0]
 
 
 @dataclass
@@ -161,6 +173,8 @@ def decide(headers: Sequence[Header] | None, partition: int, offset: int,
         status = (header_value(headers, "userpilot.error.status") or b"").decode()
         if status not in filters.statuses:
             return "filtered"
+    if filters.calls and failed_call(headers) not in filters.calls:
+        return "filtered"
     if filters.since is not None or filters.until is not None:
         when = _when(headers, timestamp_ms)
         if when is None:
@@ -195,7 +209,9 @@ def default_group(dlq_topic: str, filters: Filters) -> str:
         "since": selection.since.astimezone(UTC).isoformat() if selection.since else None,
         "until": selection.until.astimezone(UTC).isoformat() if selection.until else None,
         "from_offset": selection.from_offset, "to_offset": selection.to_offset,
-        "partitions": sorted(selection.partitions)}, sort_keys=True)
+        "partitions": sorted(selection.partitions),
+        # Only when given: the groups of the selections made before --call existed stay.
+        **({"calls": sorted(selection.calls)} if selection.calls else {})}, sort_keys=True)
     return f"{base}.{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -224,6 +240,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only this userpilot.error.reason (repeatable)")
     p.add_argument("--status", action="append", default=[],
                    help="only this HTTP status (repeatable)")
+    p.add_argument("--call", action="append", default=[], choices=CALLS,
+                   help="only events that failed at this call (repeatable): --call track "
+                   "--call ensure_user replays Track events only, leaving out identify and "
+                   "group events whose traits a later identify may have replaced")
     p.add_argument("--since", type=_time, help="dead-lettered at or after (ISO 8601)")
     p.add_argument("--until", type=_time, help="dead-lettered at or before (ISO 8601)")
     p.add_argument("--partition", type=int, action="append", default=[],
@@ -448,6 +468,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     origin = (header_value(headers, "__connect.errors.topic") or b"").decode()
     # Read from the dead letter itself: a restored original's headers may not carry it.
     reason = (header_value(headers, "userpilot.error.reason") or b"").decode()
+    call = failed_call(headers) or None
     key, value = msg.key(), msg.value()
     if value_omitted(headers):
         # Written without its value (too large for the DLQ): the original comes
@@ -473,7 +494,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     # The key names the event's user when its producer keyed by userId (`produce` does):
     # how an operator finds a deleted user's dead letters to leave them out (README, GDPR).
     line: dict[str, Any] = {"dlq": where, "to": origin, "dry_run": dry_run,
-                            "reason": reason,
+                            "reason": reason, "call": call,
                             "key": key.decode("utf-8", "replace") if key else None}
     line["_record"] = (key, value, headers)
     return line
@@ -510,6 +531,7 @@ def main(args: argparse.Namespace) -> int:
         statuses=frozenset(s.strip() for s in args.status), since=args.since,
         until=args.until, from_offset=args.from_offset, to_offset=args.to_offset,
         partitions=frozenset(args.partition), max_replays=max_replays,
+        calls=frozenset(args.call),
     )
     conf: dict[str, Any] = settings.kafka_config()
     from consumer import reach

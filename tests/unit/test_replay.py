@@ -177,3 +177,27 @@ def test_committed_offsets_are_asked_again_while_the_coordinator_is_not_ready() 
     with pytest.raises(KafkaException):
         _committed(forever, parts, within_s=0.6)  # type: ignore[arg-type]
     assert 2 <= forever.asked <= 3
+
+
+def test_call_filter_selects_by_the_request_the_event_failed_at() -> None:
+    """Review users22: a replayed identify or group re-applies its traits after a later
+    identify of the same user that was delivered meanwhile (Userpilot keeps the last
+    write). `--call track --call ensure_user` replays Track events only."""
+    def dead(call: str) -> list[tuple[str, bytes]]:
+        return [("__connect.errors.topic", b"events"),
+                ("userpilot.error.call", f"{call} POST /v1/x".encode())]
+
+    tracks = Filters(calls=frozenset({"track", "ensure_user"}))
+    assert decide(dead("track"), 0, 1, None, tracks) == "replay"
+    assert decide(dead("ensure_user"), 0, 1, None, tracks) == "replay"
+    for state in ("identify", "company_identify", "associate_company"):
+        assert decide(dead(state), 0, 1, None, tracks) == "filtered"
+    assert decide([("__connect.errors.topic", b"events")], 0, 1, None, tracks) == "filtered"
+    assert decide(dead("identify"), 0, 1, None, Filters()) == "replay"
+    assert default_group("dlq", tracks) != default_group("dlq", Filters())
+    # A selection without --call keeps the group it had before the option existed.
+    assert default_group("dlq", Filters(reasons=frozenset({"bad_request"}))) == (
+        "userpilot-replay.dlq." + __import__("hashlib").sha256(
+            b'{"from_offset": null, "partitions": [], "reasons": ["bad_request"], '
+            b'"since": null, "statuses": [], "to_offset": null, "until": null}'
+        ).hexdigest()[:12])
