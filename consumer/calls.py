@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ TRACK_PATH = "/v1/track"
 IDENTIFY_PATH = "/v1/identify"
 COMPANY_IDENTIFY_PATH = "/v1/companies/identify"
 
+DEFAULT_KNOWN_TTL_S = 86_400.0
+"""How long an identify is trusted (USERPILOT_ENSURE_USER_TTL_SECONDS): a day."""
 DEFAULT_KNOWN_USERS = 100_000
 """Default capacity of :class:`KnownUsers`: ~150 bytes an entry plus the id (an id over 64
 characters kept as a digest), so ~20 MB at most."""
@@ -407,15 +410,23 @@ class KnownUsers:
     Ids over `LONG_ID` characters are kept as a digest (65 characters, so never equal to a
     kept id): the cache's memory is bounded by its capacity, whatever the ids' length
     (~150 bytes an entry plus the id). Not thread-safe: owned by the worker's event loop.
+
+    An identify is trusted for `ttl_s` seconds: a user deleted in Userpilot since (by
+    `delete-users`, its UI, another integration) whose id comes back was remembered for
+    good, and its Tracks went out with no identify in front, accepted and attributed to no
+    one (review "users22"). After `ttl_s` the next Track identifies the user again.
     """
 
-    __slots__ = ("_capacity", "_users")
+    __slots__ = ("_capacity", "_clock", "_ttl", "_users")
 
-    def __init__(self, capacity: int = DEFAULT_KNOWN_USERS) -> None:
+    def __init__(self, capacity: int = DEFAULT_KNOWN_USERS, ttl_s: float = DEFAULT_KNOWN_TTL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
         self._capacity = capacity
-        self._users: OrderedDict[str, None] = OrderedDict()
+        self._ttl = ttl_s
+        self._clock = clock
+        self._users: OrderedDict[str, float] = OrderedDict()  # id -> when identified
 
     @property
     def capacity(self) -> int:
@@ -425,10 +436,15 @@ class KnownUsers:
         """True when ``user_id`` was not identified here (recently enough to be kept)."""
         if len(user_id) > LONG_ID:
             user_id = _digest(user_id)
-        if user_id in self._users:
-            self._users.move_to_end(user_id)
-            return False
-        return True
+        users = self._users
+        at = users.get(user_id)
+        if at is None:
+            return True
+        if self._clock() - at > self._ttl:
+            del users[user_id]
+            return True
+        users.move_to_end(user_id)
+        return False
 
     def remember(self, user_id: str) -> None:
         """Record a successful identify of ``user_id``; evicts the least recent beyond capacity."""
@@ -437,8 +453,7 @@ class KnownUsers:
         users = self._users
         if user_id in users:
             users.move_to_end(user_id)
-            return
-        users[user_id] = None
+        users[user_id] = self._clock()
         if len(users) > self._capacity:
             users.popitem(last=False)
 

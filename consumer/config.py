@@ -91,6 +91,7 @@ ENV_VARS: frozenset[str] = REDIS_ENV_VARS | frozenset({
     "USERPILOT_CA_BUNDLE",
     "USERPILOT_ENSURE_USER",
     "USERPILOT_ENSURE_USER_CACHE",
+    "USERPILOT_ENSURE_USER_TTL_SECONDS",
     "KAFKA_BOOTSTRAP_SERVERS",
     "KAFKA_TOPICS",
     "KAFKA_GROUP_ID",
@@ -297,6 +298,7 @@ class Settings:
     ca_bundle: str | None = None  # USERPILOT_CA_BUNDLE: PEM file of CAs to trust for HTTPS
     ensure_user: bool = True  # USERPILOT_ENSURE_USER: bare identify before a user's 1st Track
     ensure_user_cache: int = 100_000  # USERPILOT_ENSURE_USER_CACHE: users remembered (LRU)
+    ensure_user_ttl_s: float = 86_400.0  # USERPILOT_ENSURE_USER_TTL_SECONDS: how long
     proxy: Secret | None = None
     """The forward proxy the environment names for Userpilot (`environment_proxy`); its
     URL may carry credentials, hence a Secret."""
@@ -406,6 +408,7 @@ class Settings:
                 "proxy": redact_userinfo(self.proxy.reveal()) if self.proxy else None,
                 "ensure_user": self.ensure_user,
                 "ensure_user_cache": self.ensure_user_cache,
+                "ensure_user_ttl_seconds": self.ensure_user_ttl_s,
             },
             "consent": {"categories": list(self.consent.categories),
                         "missing": self.consent.missing,
@@ -1406,6 +1409,8 @@ def load_settings(
     redis, rate_limit_shared = _redis(r)
     ensure_user = r.boolean("USERPILOT_ENSURE_USER", True)
     ensure_user_cache = r.integer("USERPILOT_ENSURE_USER_CACHE", 100_000, 1, 10_000_000)
+    ensure_user_ttl = r.number("USERPILOT_ENSURE_USER_TTL_SECONDS", 86_400.0, 1.0,
+                               30 * 86_400.0, inclusive_low=True)
 
     r.problems.extend(_protocol_problems(kafka_extra, bootstrap or ""))
     if check_clients and kafka_extra:
@@ -1433,6 +1438,7 @@ def load_settings(
         dlq_max_consecutive=dlq_consecutive, replay_max=replay_max, dlq_guard_hold_s=dlq_hold,
         notes=tuple(r.notes),
         redis=redis, rate_limit_shared=rate_limit_shared, ca_bundle=ca_bundle,
-        ensure_user=ensure_user, ensure_user_cache=ensure_user_cache, proxy=proxy,
+        ensure_user=ensure_user, ensure_user_cache=ensure_user_cache,
+        ensure_user_ttl_s=ensure_user_ttl, proxy=proxy,
         registry_proxy=registry_proxy,
     )

@@ -72,7 +72,8 @@ def _text(raw_line: str | bytes) -> str:
 
 def explain_lines(lines: Iterable[str | bytes], settings: Settings) -> Iterator[dict[str, Any]]:
     """One decision document per non-empty input line (text or raw bytes)."""
-    known = KnownUsers(settings.ensure_user_cache) if settings.ensure_user else None
+    known = (KnownUsers(settings.ensure_user_cache, settings.ensure_user_ttl_s)
+             if settings.ensure_user else None)
     for number, raw_line in enumerate(lines, start=1):
         try:
             yield from _explain_one(number, raw_line, settings, known)

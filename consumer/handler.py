@@ -310,7 +310,8 @@ class Handler:
         self._latency = Children(self.m.delivery_latency)
         self._connection_wait = Children(self.m.connection_wait)
         self._lanes: dict[int, PriorityLane] = {}  # by limiter: one when families share
-        self.known = KnownUsers(settings.ensure_user_cache) if settings.ensure_user else None
+        self.known = (KnownUsers(settings.ensure_user_cache, settings.ensure_user_ttl_s)
+                      if settings.ensure_user else None)
         """Users this replica identified (ensure-user); None when USERPILOT_ENSURE_USER=false."""
 
     def close(self) -> None:

@@ -358,8 +358,8 @@ class Metrics:
         )
         self.ensure_user_identify = counter(
             "ensure_user_identify",
-            "Bare identify calls sent before the first Track of a user this replica had "
-            "not identified (USERPILOT_ENSURE_USER).",
+            "Bare identify calls Userpilot accepted before the first Track of a user this "
+            "replica had not identified (USERPILOT_ENSURE_USER).",
         )
         self.paused_partitions = gauge(
             "paused_partitions",

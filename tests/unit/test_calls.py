@@ -241,6 +241,25 @@ def test_ensure_user_is_not_added_when_the_event_identifies_the_user_first() -> 
     assert [c.purpose for c in ensure_user(calls, known)] == ["identify", "track"]
 
 
+def test_an_identify_is_trusted_for_the_ttl_then_the_user_is_identified_again() -> None:
+    """Review users22: a user deleted in Userpilot whose id came back was remembered for
+    good, and its Tracks went out with no identify in front (attributed to no one)."""
+    now = [1000.0]
+    known = KnownUsers(10, ttl_s=60.0, clock=lambda: now[0])
+    known.remember("u1")
+    now[0] += 59.0
+    assert not known.needs_identify("u1")  # a lookup does not extend the trust...
+    now[0] += 2.0
+    assert known.needs_identify("u1")  # ...61 s after the identify it has expired
+    assert "u1" not in known
+    known.remember("u1")  # the new identify succeeded: trusted for another 60 s
+    now[0] += 30.0
+    known.remember("u1")  # any later identify renews it
+    now[0] += 45.0
+    assert not known.needs_identify("u1")
+    assert len(known) == 1
+
+
 def test_ensure_user_off_returns_the_calls_unchanged() -> None:
     calls = (track_call(TRACK),)
     assert ensure_user(calls, None) == calls
