@@ -86,6 +86,7 @@ class SchemaDoc:
     text: str
     references: tuple[Reference, ...] = ()
     kind: str = "AVRO"  # the registry's schemaType (absent: AVRO)
+    missing: bool = False  # the answer held no schema text at all (retried, `_parse`)
 
     @classmethod
     def of(cls, body: Mapping[str, Any]) -> SchemaDoc:
@@ -93,11 +94,13 @@ class SchemaDoc:
         text = body.get("schema")
         kind = body.get("schemaType")
         # Not text (`{"schema": null}`): an answer without the schema, retried (`_parse`).
+        # Text, even empty, is the registry's word on the id: an empty one is permanent.
         return cls(text if isinstance(text, str) else "", tuple(
             Reference(str(ref.get("name", "")), str(ref.get("subject", "")),
                       _version(ref.get("version")))
             for ref in refs if isinstance(ref, dict)) if isinstance(refs, list) else (),
-            kind.upper() if isinstance(kind, str) and kind else "AVRO")
+            kind.upper() if isinstance(kind, str) and kind else "AVRO",
+            missing=not isinstance(text, str))
 
 
 def _version(value: Any) -> int:
@@ -110,6 +113,29 @@ def _version(value: Any) -> int:
 def _doc(answer: SchemaDoc | str) -> SchemaDoc:
     """A client's answer as a SchemaDoc (a bare text: a schema without references)."""
     return answer if isinstance(answer, SchemaDoc) else SchemaDoc(str(answer))
+
+
+def _parse_names(schema: Any, named: dict[str, Any]) -> Any:
+    """`fastavro.parse_schema`, resolving short names as Java's Avro does (which parsed the
+    schema when it was registered): in the enclosing namespace, then in none. fastavro
+    tries only the first, so a namespaced record naming a null-namespace type by its short
+    name (`"Context"`, defined in a reference or inline) was "not an Avro schema" and every
+    event dead-lettered (review "schema22"). Each such name is aliased to its
+    null-namespace type in `named`, and the schema parsed again (at most once per name)."""
+    for _ in range(MAX_REFERENCES + 1):
+        attempt = dict(named)
+        try:
+            parsed = fastavro.parse_schema(schema, named_schemas=attempt)
+        except fastavro.schema.UnknownType as exc:
+            full = str(exc.name)
+            short = full.rpartition(".")[2]
+            if short == full or full in named or short not in attempt:
+                raise
+            named[full] = attempt[short]
+            continue
+        named.update(attempt)
+        return parsed
+    raise ValueError(f"more than {MAX_REFERENCES} names resolved in no namespace")
 
 
 class _BadSchema(Exception):
@@ -178,8 +204,13 @@ class RestClient:
         return SchemaDoc.of(self._json("GET", f"schemas/ids/{int(schema_id)}"))
 
     def get_version(self, subject: str, version: int) -> SchemaDoc:
-        """One version of a subject (`GET /subjects/{subject}/versions/{version}`)."""
-        return SchemaDoc.of(self._json("GET", f"subjects/{_path(subject)}/versions/{version}"))
+        """One version of a subject (`GET /subjects/{subject}/versions/{version}`), a
+        soft-deleted one included (`?deleted=true`, as Confluent's clients resolve
+        references): a schema that references a version deleted since is still the
+        writer schema of the events written with it (review "schema22": they were
+        dead-lettered, while Confluent's own deserialiser read them)."""
+        return SchemaDoc.of(self._json(
+            "GET", f"subjects/{_path(subject)}/versions/{version}?deleted=true"))
 
     def register_schema(self, subject: str, schema_text: str) -> int:
         """Register an Avro schema under `subject`; its id (the same one if known)."""
@@ -378,7 +409,7 @@ class Registry:
                                                     ref.version)))
             self._resolve(doc.references, named, seen)
             try:
-                fastavro.parse_schema(writer_json(doc.text), named_schemas=named)
+                _parse_names(writer_json(doc.text), named)
             except Exception as exc:
                 raise _BadSchema(f"{ref.name!r} ({ref.subject} version {ref.version}), which "
                                  f"does not parse: {type(exc).__name__}: {str(exc)[:200]}"
@@ -414,7 +445,7 @@ class Registry:
     def _parse(self, schema_id: int, doc: SchemaDoc) -> Mapping[str, Any]:
         """Parse and cache a writer schema, its references first; our own schema is cached
         as `SCHEMA` itself (the codec then skips schema resolution)."""
-        if not doc.text:
+        if doc.missing:
             # An answer without the schema: the registry misbehaved this once; not
             # remembered (retried like an outage), unlike a schema that cannot be parsed.
             raise ValueError(f"the registry's answer for schema id {schema_id} holds no schema")
@@ -422,6 +453,10 @@ class Registry:
             self._unusable_schema(schema_id, f"schema id {schema_id} is a {doc.kind} schema "
                                   "(the registry's schemaType), not Avro: this worker reads "
                                   "Avro only")
+        if not doc.text.strip():
+            # The registry's word on the id, on every call (Apicurio stores `""` and serves
+            # it): retried, it stopped its partition for good (review "schema22").
+            self._unusable_schema(schema_id, f"schema id {schema_id} is an empty schema")
         named: dict[str, Any] = {}
         try:
             self._resolve(doc.references, named, set())
@@ -433,7 +468,7 @@ class Registry:
         except _BadSchema as exc:
             self._unusable_schema(schema_id, f"schema id {schema_id} references {exc}")
         try:
-            fresh: Any = fastavro.parse_schema(writer_json(doc.text), named_schemas=named)
+            fresh: Any = _parse_names(writer_json(doc.text), named)
         except Exception as exc:
             self._unusable_schema(
                 schema_id, f"schema id {schema_id} is not an Avro schema this worker can "

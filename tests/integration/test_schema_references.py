@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from consumer import codec
 from consumer.sandbox import SandboxControl, SandboxThread
@@ -66,5 +67,59 @@ def test_events_of_a_schema_with_references_are_decoded_and_delivered(
         wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
         dlq = read_topic(kafka_bootstrap, w.settings.dlq_topic)
     assert dlq == []
+    got = delivered_seqs(control)
+    assert all(got[(e["userId"], e["properties"]["seq"])] == 1 for e in events)
+
+
+@pytest.mark.parametrize("case", ["soft-deleted reference", "null-namespace reference"])
+def test_references_resolve_as_confluents_clients_and_java_avro_resolve_them(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, case: str,
+) -> None:
+    """Review "schema22", both dead-lettered every event:
+    - a referenced version soft-deleted once its referencing subject was retired: the
+      schema id is still served and Confluent's clients resolve references with
+      `?deleted=true`; the worker asked without it (404);
+    - a referenced record in no namespace, named by its short name from a namespaced
+      schema: Java's Avro (the registry) looks in the enclosing namespace, then in none;
+      fastavro only in the first ("not an Avro schema")."""
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    full = json.loads(codec.SCHEMA_TEXT)
+    (index,) = [i for i, f in enumerate(full["fields"]) if f["name"] == "context"]
+    context = copy.deepcopy(full["fields"][index]["type"][1])
+    if case == "null-namespace reference":
+        context.pop("namespace", None)
+        name = context["name"]  # short: resolved in no namespace
+    else:
+        context["namespace"] = full["namespace"]
+        name = f"{full['namespace']}.{context['name']}"
+    shared = f"{topic}-shared-context"
+    _register(schema_registry_url, shared, context)
+    referencing = copy.deepcopy(full)
+    referencing["fields"][index] = {**full["fields"][index], "type": ["null", name]}
+    schema_id = _register(schema_registry_url, f"{topic}-value", referencing,
+                          [{"name": name, "subject": shared, "version": 1}])
+    events = [track_event(f"u{i}", i) for i in range(3)]
+    for event in events:
+        produce_raw(kafka_bootstrap, topic, event["userId"].encode(),
+                    codec.encode(schema_id, codec.to_record(event)))
+    if case == "soft-deleted reference":
+        # A later version keeps the subject (Apicurio drops a subject without versions).
+        newer = {**context, "fields": [*context["fields"], {
+            "name": "added", "type": ["null", "string"], "default": None}]}
+        _register(schema_registry_url, shared, newer)
+        for path in (f"subjects/{topic}-value", f"subjects/{shared}/versions/1"):
+            gone = httpx.delete(f"{schema_registry_url}/{path}", headers=HEADERS)
+            assert gone.status_code == 200, (path, gone.text)
+        assert httpx.get(f"{schema_registry_url}/subjects/{shared}/versions/1",
+                         headers=HEADERS).status_code == 404
+    group = f"{topic}-g"
+    with WorkerThread(worker_env(kafka_bootstrap, schema_registry_url, server.url, topic,
+                                 group)) as w:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
+        dlq = read_topic(kafka_bootstrap, w.settings.dlq_topic)
+    assert dlq == [], [dict(m.headers() or []).get("__connect.errors.exception.message")
+                       for m in dlq]
     got = delivered_seqs(control)
     assert all(got[(e["userId"], e["properties"]["seq"])] == 1 for e in events)

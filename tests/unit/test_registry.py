@@ -129,7 +129,7 @@ def test_the_rest_client_speaks_the_registry_api_under_the_urls_path() -> None:
         ("GET", "/apis/ccompat/v7/subjects/signal.events-value/versions/latest"),
         ("GET", "/apis/ccompat/v7/schemas/ids/12"),
         ("GET", "/apis/ccompat/v7/subjects/ctx/v/versions/2")]
-    assert seen[3].url.raw_path == b"/apis/ccompat/v7/subjects/ctx%2Fv/versions/2"
+    assert seen[3].url.raw_path == b"/apis/ccompat/v7/subjects/ctx%2Fv/versions/2?deleted=true"
     assert json.loads(seen[0].content) == {"schema": SCHEMA_TEXT, "schemaType": "AVRO"}
     assert seen[0].headers["content-type"] == "application/vnd.schemaregistry.v1+json"
     assert all(r.headers["authorization"] == httpx.BasicAuth("user", "pa:ss")._auth_header
@@ -546,6 +546,39 @@ def test_a_schema_answer_of_null_is_retried_not_remembered() -> None:
     with pytest.raises(ValueError, match="holds no schema"):
         registry.writer_schema(5)
     assert registry.writer_schema(5) == SCHEMA
+
+
+@pytest.mark.parametrize("body", [{"schema": "", "schemaType": "PROTOBUF"}, {"schema": ""},
+                                  {"schema": "  \n"}])
+def test_an_empty_schema_is_refused_for_good_not_retried(body: dict[str, Any]) -> None:
+    """Apicurio stores `{"schema": ""}` and serves it on every call: read as "holds no
+    schema" and retried, one such event stopped its partition for good (review "schema22").
+    Empty text is the registry's word on the id: the event is dead-lettered."""
+    registry = Registry("http://unused", client=_DocClient(body, {"schema": SCHEMA_TEXT}))
+    with pytest.raises(UndecodableEvent, match="schema id 7 is"):
+        registry.writer_schema(7)
+    with pytest.raises(UndecodableEvent):
+        registry.writer_schema(7)  # remembered: not asked again
+
+
+def test_a_short_name_resolves_in_no_namespace_as_java_avro_does() -> None:
+    """A namespaced record naming a null-namespace type by its short name: Java's Avro (the
+    registry) takes it; fastavro looked only in the enclosing namespace, and every event
+    was dead-lettered as "not an Avro schema" (review "schema22")."""
+    schema = {"type": "record", "name": "A", "namespace": "com.acme", "fields": [
+        {"name": "m", "type": {"type": "record", "name": "Meta", "namespace": "",
+                               "fields": [{"name": "x", "type": "int"}]}},
+        {"name": "n", "type": ["null", "Meta"]}]}
+    registry = Registry("http://unused", client=_DocClient({"schema": json.dumps(schema)}))
+    writer: Any = registry.writer_schema(9)
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, writer, {"m": {"x": 1}, "n": {"x": 2}})
+    buf.seek(0)
+    assert fastavro.schemaless_reader(buf, writer) == {"m": {"x": 1}, "n": {"x": 2}}
+    unknown = {**schema, "fields": [{"name": "n", "type": ["null", "Nowhere"]}]}
+    with pytest.raises(UndecodableEvent, match="UnknownType"):
+        Registry("http://unused", client=_DocClient({"schema": json.dumps(unknown)})
+                 ).writer_schema(10)
 
 
 @pytest.mark.parametrize("kind", ["PROTOBUF", "JSON", "protobuf"])
