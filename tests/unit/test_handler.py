@@ -399,8 +399,16 @@ def test_an_event_whose_schema_is_not_avro_is_dead_lettered_not_waited_for(text:
 def test_an_answer_without_a_schema_is_retried_not_remembered() -> None:
     """One bad answer of the registry must not dead-letter that id's events until restart."""
     from consumer.registry import Registry as RealRegistry
+    from consumer.registry import SchemaDoc
 
-    client = _NotAvroClient("")
+    class NoSchemaClient(_NotAvroClient):
+        """`{"schema": null}` until `text` is set (an empty text is the registry's word)."""
+
+        def get_schema(self, schema_id: int) -> SchemaDoc:  # type: ignore[override]
+            self.calls += 1
+            return SchemaDoc.of({"schema": self.text or None})
+
+    client = NoSchemaClient("")
     registry = RealRegistry("http://unused", client=client)
     for _ in range(2):
         with pytest.raises(ValueError, match="holds no schema"):
