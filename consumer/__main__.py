@@ -137,6 +137,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"WORKER_METRICS_PORT={settings.metrics_port}: cannot listen "
                           f"({exc.strerror}); choose a free port") from None
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C while it waits for Kafka (for ever by default): exit 130, no traceback
+        # (review "diff22b"). `_run_worker` installs the worker's own handling after.
+        signal.signal(signal.SIGINT, _terminated)
     try:
         problems = wait_for_services(lambda: reach.services(
             settings.kafka_config(logger=False), args.timeout,
@@ -391,8 +395,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         description="Run the worker (settings from the environment; see README). It first "
         "checks that Kafka and the schema registry answer: while one is unreachable it logs "
         "why and tries again (1 s, doubling to 30 s) for up to --wait seconds, then exits "
-        "1; a problem that is a setting (refused credentials, a missing topic) exits 1 at "
-        "once.")
+        "1; a problem that is a setting (credentials the brokers or the registry refuse) "
+        "exits 1 at once.")
     p.add_argument("--timeout", type=timeout_seconds, default=REACH_TIMEOUT_S,
                    help="seconds each start-up check of Kafka and the registry may take "
                    "(default 10)")

@@ -141,6 +141,9 @@ _PASSTHROUGH = re.compile(r"^KAFKA_[A-Z0-9]+(?:_[A-Z0-9]+)*$")
 _KAFKA_OWNED = frozenset({
     "enable.auto.commit", "enable.auto.offset.store", "group.id", "bootstrap.servers",
     "partition.assignment.strategy", "auto.offset.reset", "isolation.level",
+    # librdkafka's other name for bootstrap.servers: applied after it, it replaced the
+    # brokers check-config showed, and KEDA and the alerts watched (review "diff22b").
+    "metadata.broker.list",
 })
 _KAFKA_OVERRIDABLE_OWNED = frozenset({"auto.offset.reset", "isolation.level"})
 SECRET_KAFKA_KEYS = frozenset({

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from consumer.config import Settings, redact_userinfo
@@ -113,6 +113,8 @@ def kafka(conf: Mapping[str, Any], timeout: float,
     settings = {**conf, "logger": _SILENT}
     settings.pop("group.id", None)
     bootstrap = settings.get("bootstrap.servers", "")
+    refusals: list[KafkaError] = []
+    settings["error_cb"] = lambda err: refusals.append(err) if _refused(err) else None
     try:
         producer = Producer(settings)
     except KafkaException as exc:
@@ -120,6 +122,12 @@ def kafka(conf: Mapping[str, Any], timeout: float,
     try:
         metadata = producer.list_topics(timeout=timeout)
     except KafkaException as exc:
+        producer.poll(0.5)  # the error callbacks say why: refused, or not there
+        if refusals:
+            # A setting to fix, not an outage: `run` would wait for ever (review diff22b).
+            return (f"Kafka at {bootstrap} refused the connection: {refusals[0].str()}; "
+                    "check the KAFKA_* security settings (KAFKA_SECURITY_PROTOCOL, "
+                    "KAFKA_SASL_*, KAFKA_SSL_*)")
         err = exc.args[0] if exc.args else exc
         text = err.str() if hasattr(err, "str") else str(err)
         return Unreachable(
@@ -251,6 +259,20 @@ def registry(url: str, user_info: str | None, timeout: float,
     finally:
         client.close()
     return None
+
+
+_REFUSED = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
+_REFUSED_TLS = ("certificate verify failed", "PLAINTEXT broker listener")
+
+
+def _refused(err: KafkaError) -> bool:
+    """librdkafka's errors that mean the brokers refuse these settings, which no wait
+    makes pass: SASL credentials or mechanism, a TLS certificate not trusted, TLS spoken
+    to a plaintext listener (librdkafka reports the last two as transport failures)."""
+    if err.code() in _REFUSED:
+        return True
+    text = err.str()
+    return "SSL handshake failed" in text and any(hint in text for hint in _REFUSED_TLS)
 
 
 class Unreachable(str):

@@ -108,6 +108,9 @@ EOF
 cat >"$OUT/owned-kafka-config.values.yaml" <<'EOF'
 kafka: {config: {group.id: other-group}}
 EOF
+cat >"$OUT/broker-list-config.values.yaml" <<'EOF'
+kafka: {config: {metadata.broker.list: "other:9092"}}
+EOF
 cat >"$OUT/token-file.values.yaml" <<'EOF'
 extraEnv: [{name: USERPILOT_API_KEY_FILE, value: /secrets/token}]
 EOF
@@ -223,6 +226,7 @@ expect_fail owned-env "extraEnv sets WORKER_METRICS_PORT, which the chart sets"
 expect_fail owned-kafka-env "kafka.extraEnv sets KAFKA_TOPICS, which the chart sets"
 expect_fail liveness-success "successThreshold"
 expect_fail owned-kafka-config "kafka.config.group.id becomes KAFKA_GROUP_ID, which the chart sets"
+expect_fail broker-list-config "kafka.config.metadata.broker.list becomes KAFKA_METADATA_BROKER_LIST"
 expect_fail token-file "extraEnv sets USERPILOT_API_KEY_FILE, but the chart sets USERPILOT_API_KEY itself"
 expect_fail registry-file "but the chart sets SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO itself"
 expect_fail redis-ca-plain "redis.tlsCaSecret needs a rediss:// redis.url"

@@ -441,6 +441,8 @@ def test_reserved_kafka_names_are_not_passed_through() -> None:
     ("KAFKA_ENABLE_AUTO_COMMIT", "enable.auto.commit"),
     ("KAFKA_ENABLE_AUTO_OFFSET_STORE", "enable.auto.offset.store"),
     ("KAFKA_PARTITION_ASSIGNMENT_STRATEGY", "partition.assignment.strategy"),
+    # librdkafka's other name for bootstrap.servers replaced it unseen (review diff22b)
+    ("KAFKA_METADATA_BROKER_LIST", "metadata.broker.list"),
 ])
 def test_owned_kafka_keys_are_refused(name: str, key: str) -> None:
     message = problem(**{name: "x"})

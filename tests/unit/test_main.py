@@ -395,6 +395,24 @@ def test_check_config_writes_to_an_ascii_stdout() -> None:
     assert json.loads(result.stdout)["kafka"]["extra"]["client.id"] == "cfg19-ü"
 
 
+def test_ctrl_c_while_run_waits_for_kafka_exits_130_without_a_traceback() -> None:
+    """Review diff22b: `run` now waits for an unreachable Kafka (for ever by default), and
+    Ctrl-C there printed a KeyboardInterrupt traceback."""
+    env = only({**GOOD, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "WORKER_METRICS_PORT": "0"})
+    proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--timeout", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(4.0)  # past the first check, in the wait or the next check
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=15)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert code == 128 + signal.SIGINT, (code, err.decode()[-2000:])
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+
+
 def test_a_sigterm_while_run_starts_stops_it() -> None:
     """As PID 1 of a container a signal without a handler is ignored: a pod deleted while
     the worker started ran on until SIGKILL (review helm19). The handler is there from the
