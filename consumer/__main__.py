@@ -36,7 +36,7 @@ from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
 
 if TYPE_CHECKING:
     from consumer.config import Settings
-    from consumer.health import Health
+    from consumer.health import Health, HealthServer
     from consumer.metrics import Metrics
 
 __all__ = ["hold_after_guard", "main", "wait_for_services"]
@@ -132,11 +132,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     health = Health(metrics, max_poll_interval_s=settings.max_poll_interval_s)
-    try:
-        server = serve(settings.metrics_port, registry, health)
-    except OSError as exc:
-        raise ConfigError(f"WORKER_METRICS_PORT={settings.metrics_port}: cannot listen "
-                          f"({exc.strerror}); choose a free port") from None
+    servers: list[HealthServer] = []
+
+    def serve_probes() -> None:
+        """The probes and /metrics, once: before a wait for services (live, not ready),
+        else once the worker's signal handling is in place (a SIGTERM from then on is a
+        clean stop, exit 0)."""
+        if servers:
+            return
+        try:
+            servers.append(serve(settings.metrics_port, registry, health))
+        except OSError as exc:
+            raise ConfigError(f"WORKER_METRICS_PORT={settings.metrics_port}: cannot listen "
+                              f"({exc.strerror}); choose a free port") from None
+
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C while it waits for Kafka (for ever by default): exit 130, no traceback
         # (review "diff22b"). `_run_worker` installs the worker's own handling after.
@@ -147,16 +156,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             registry_url=settings.registry_url,
             registry_auth=settings.registry_auth.reveal() if settings.registry_auth else None,
             registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None,
-            dlq_topic=settings.dlq_topic), args.wait, health)
+            dlq_topic=settings.dlq_topic), args.wait, health, on_wait=serve_probes)
         if problems:
             return _unreachable(problems)
-        return _run_worker(settings, metrics, health)
+        return _run_worker(settings, metrics, health, serve_probes)
     finally:
-        server.close()
+        for server in servers:
+            server.close()
 
 
 def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Health,
-                      first_delay_s: float = 1.0, max_delay_s: float = 30.0) -> list[str]:
+                      first_delay_s: float = 1.0, max_delay_s: float = 30.0,
+                      on_wait: Callable[[], None] | None = None) -> list[str]:
     """Run the start-up `check` until it passes; its problems when one is a setting to fix,
     or when services stayed unreachable for `wait_s` seconds.
 
@@ -164,7 +175,8 @@ def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Hea
     broker upgrade) exited 1 and Kubernetes restarted it at growing intervals, up to five
     minutes apart: delivery resumed minutes after the outage, and the pod crash-looped
     meanwhile. It now stays up, live and not ready (/readyz names what it waits for), and
-    tries again after `first_delay_s`, doubling to `max_delay_s`."""
+    tries again after `first_delay_s`, doubling to `max_delay_s`. `on_wait` runs before the
+    first wait (the probe server starts there)."""
     from consumer import reach
 
     deadline = time.monotonic() + wait_s
@@ -182,6 +194,8 @@ def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Hea
             log.error("start-up: %s; trying again in %.0f s (run --wait bounds this)",
                       problem, pause)
         health.set_waiting("waiting for " + "; ".join(problems))
+        if on_wait is not None:
+            on_wait()
         until = time.monotonic() + pause
         while (rest := until - time.monotonic()) > 0:  # a SIGTERM ends it (`_terminated`)
             health.beat()
@@ -189,7 +203,8 @@ def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Hea
         delay = min(max_delay_s, delay * 2)
 
 
-def _run_worker(settings: Settings, metrics: Metrics, health: Health) -> int:
+def _run_worker(settings: Settings, metrics: Metrics, health: Health,
+                serve_probes: Callable[[], None]) -> int:
     from consumer.worker import Worker
 
     worker = Worker(settings, metrics, health)
@@ -197,7 +212,8 @@ def _run_worker(settings: Settings, metrics: Metrics, health: Health) -> int:
     # just started) is a clean stop, not death by the default signal action (exit -15).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _sig, _frame: worker.stop(signalled=True))
-    tune_collector()
+    tune_collector()  # before the health server's thread makes objects of its own
+    serve_probes()
     code = asyncio.run(worker.run())
     if code == GUARD_EXIT_CODE and not worker.signalled:
         # Not after a SIGTERM (Kubernetes sends one): the pod is going away anyway.
