@@ -191,7 +191,7 @@ def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Hea
             return problems
         pause = min(delay, left)
         for problem in problems:
-            log.error("start-up: %s; trying again in %.0f s (run --wait bounds this)",
+            log.error("start-up: %s; trying again in %.3g s (run --wait bounds this)",
                       problem, pause)
         health.set_waiting("waiting for " + "; ".join(problems))
         if on_wait is not None:
