@@ -113,8 +113,8 @@ def kafka(conf: Mapping[str, Any], timeout: float,
     settings = {**conf, "logger": _SILENT}
     settings.pop("group.id", None)
     bootstrap = settings.get("bootstrap.servers", "")
-    refusals: list[KafkaError] = []
-    settings["error_cb"] = lambda err: refusals.append(err) if _refused(err) else None
+    errors: list[KafkaError] = []  # the brokers' errors, latest last (`_refusal`)
+    settings["error_cb"] = errors.append
     try:
         producer = Producer(settings)
     except KafkaException as exc:
@@ -123,9 +123,10 @@ def kafka(conf: Mapping[str, Any], timeout: float,
         metadata = producer.list_topics(timeout=timeout)
     except KafkaException as exc:
         producer.poll(0.5)  # the error callbacks say why: refused, or not there
-        if refusals:
+        refusal = _refusal(errors)
+        if refusal is not None:
             # A setting to fix, not an outage: `run` would wait for ever (review diff22b).
-            return (f"Kafka at {bootstrap} refused the connection: {refusals[0].str()}; "
+            return (f"Kafka at {bootstrap} refused the connection: {refusal.str()}; "
                     "check the KAFKA_* security settings (KAFKA_SECURITY_PROTOCOL, "
                     "KAFKA_SASL_*, KAFKA_SSL_*)")
         err = exc.args[0] if exc.args else exc
@@ -262,17 +263,25 @@ def registry(url: str, user_info: str | None, timeout: float,
 
 
 _REFUSED = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
-_REFUSED_TLS = ("certificate verify failed", "PLAINTEXT broker listener")
+_REFUSED_TLS = ("SSL handshake failed", "in state SSL_HANDSHAKE")
+"""How librdkafka words a TLS handshake the broker's side ended: an untrusted certificate,
+TLS spoken to a plaintext listener."""
 
 
-def _refused(err: KafkaError) -> bool:
-    """librdkafka's errors that mean the brokers refuse these settings, which no wait
+def _refusal(errors: list[KafkaError]) -> KafkaError | None:
+    """The brokers' latest error when it means they refuse these settings, which no wait
     makes pass: SASL credentials or mechanism, a TLS certificate not trusted, TLS spoken
-    to a plaintext listener (librdkafka reports the last two as transport failures)."""
-    if err.code() in _REFUSED:
-        return True
+    to a plaintext listener (librdkafka reports the last two as transport failures). The
+    latest only: a broker restarting mid-handshake, then refusing connections while down,
+    is an outage."""
+    latest = [err for err in errors if err.code() != KafkaError._ALL_BROKERS_DOWN][-1:]
+    if not latest:
+        return None
+    err = latest[0]
     text = err.str()
-    return "SSL handshake failed" in text and any(hint in text for hint in _REFUSED_TLS)
+    if err.code() in _REFUSED or any(mark in text for mark in _REFUSED_TLS):
+        return err
+    return None
 
 
 class Unreachable(str):

@@ -172,3 +172,25 @@ def test_a_missing_dlq_topic_is_refused_only_where_nothing_creates_it() -> None:
     assert reach.missing_dlq_problem("k:9092", "t.dlq",
                                      {"auto.create.topics.enable": "true"}) is None
     assert reach.missing_dlq_problem("k:9092", "t.dlq", {}) is None  # not readable: pass
+
+
+def test_only_the_brokers_latest_error_says_whether_they_refuse_the_settings() -> None:
+    """A refusal exits `run` at once, an outage is waited for: a TLS broker restarting
+    mid-handshake and then refusing connections while down is an outage; a login or a
+    handshake refused on the latest try is a setting."""
+    from confluent_kafka import KafkaError
+
+    from consumer.reach import _refusal
+
+    handshake = KafkaError(KafkaError._TRANSPORT, "ssl://b:9093/bootstrap: SSL handshake "
+                           "failed: Disconnected (after 1ms in state SSL_HANDSHAKE)")
+    down = KafkaError(KafkaError._TRANSPORT, "ssl://b:9093/bootstrap: Connect to "
+                      "ipv4#10.0.0.1:9093 failed: Connection refused (after 0ms in state "
+                      "CONNECT)")
+    login = KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error")
+    all_down = KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")
+    assert _refusal([handshake, down, all_down]) is None
+    assert _refusal([down, handshake, all_down]) is handshake
+    assert _refusal([login, all_down]) is login
+    assert _refusal([all_down]) is None
+    assert _refusal([]) is None
