@@ -262,24 +262,25 @@ def registry(url: str, user_info: str | None, timeout: float,
     return None
 
 
-_REFUSED = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
-_REFUSED_TLS = ("SSL handshake failed", "in state SSL_HANDSHAKE")
-"""How librdkafka words a TLS handshake the broker's side ended: an untrusted certificate,
-TLS spoken to a plaintext listener."""
+_NOT_A_REFUSAL = ("Broker transport failure", "Timed out", "timed out")
+"""librdkafka reports a SASL handshake cut by the network as an authentication error too."""
 
 
 def _refusal(errors: list[KafkaError]) -> KafkaError | None:
     """The brokers' latest error when it means they refuse these settings, which no wait
-    makes pass: SASL credentials or mechanism, a TLS certificate not trusted, TLS spoken
-    to a plaintext listener (librdkafka reports the last two as transport failures). The
-    latest only: a broker restarting mid-handshake, then refusing connections while down,
-    is an outage."""
+    makes pass: a SASL login or mechanism refused, a broker certificate not trusted. The
+    latest only: a broker restarting, then refusing connections while down, is an outage.
+    A TLS handshake the other side merely ended is not a refusal: librdkafka words every
+    such disconnect "connecting to a PLAINTEXT broker listener?", a TLS load balancer
+    without a backend included (review final22); the hint shows in the wait's log."""
     latest = [err for err in errors if err.code() != KafkaError._ALL_BROKERS_DOWN][-1:]
     if not latest:
         return None
     err = latest[0]
     text = err.str()
-    if err.code() in _REFUSED or any(mark in text for mark in _REFUSED_TLS):
+    if err.code() == KafkaError._AUTHENTICATION:
+        return None if any(mark in text for mark in _NOT_A_REFUSAL) else err
+    if err.code() == KafkaError._SSL or "certificate verify failed" in text:
         return err
     return None
 

@@ -175,22 +175,33 @@ def test_a_missing_dlq_topic_is_refused_only_where_nothing_creates_it() -> None:
 
 
 def test_only_the_brokers_latest_error_says_whether_they_refuse_the_settings() -> None:
-    """A refusal exits `run` at once, an outage is waited for: a TLS broker restarting
-    mid-handshake and then refusing connections while down is an outage; a login or a
-    handshake refused on the latest try is a setting."""
+    """A refusal exits `run` at once, an outage is waited for. A login refused or an
+    untrusted certificate on the latest try is a setting; a broker restarting, a TLS load
+    balancer without a backend (every handshake ended by the other side) or a SASL
+    handshake cut by the network is an outage (review final22)."""
     from confluent_kafka import KafkaError
 
     from consumer.reach import _refusal
 
-    handshake = KafkaError(KafkaError._TRANSPORT, "ssl://b:9093/bootstrap: SSL handshake "
-                           "failed: Disconnected (after 1ms in state SSL_HANDSHAKE)")
-    down = KafkaError(KafkaError._TRANSPORT, "ssl://b:9093/bootstrap: Connect to "
-                      "ipv4#10.0.0.1:9093 failed: Connection refused (after 0ms in state "
-                      "CONNECT)")
-    login = KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error")
-    all_down = KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")
-    assert _refusal([handshake, down, all_down]) is None
-    assert _refusal([down, handshake, all_down]) is handshake
+    def error(code: int, text: str) -> KafkaError:
+        return KafkaError(code, text)
+
+    untrusted = error(KafkaError._TRANSPORT, "ssl://b:9093/bootstrap: SSL handshake failed: "
+                      "error:0A000086:SSL routines::certificate verify failed")
+    ended = error(KafkaError._TRANSPORT, "ssl://b:9093/bootstrap: SSL handshake failed: "
+                  "Disconnected: connection reset by peer: connecting to a PLAINTEXT broker "
+                  "listener? (after 1ms in state SSL_HANDSHAKE)")
+    down = error(KafkaError._TRANSPORT, "ssl://b:9093/bootstrap: Connect to "
+                 "ipv4#10.0.0.1:9093 failed: Connection refused (after 0ms in state CONNECT)")
+    login = error(KafkaError._AUTHENTICATION, "SASL authentication error: Authentication "
+                  "failed: Invalid username or password")
+    cut = error(KafkaError._AUTHENTICATION, "SASL PLAIN mechanism handshake failed: Local: "
+                "Broker transport failure")
+    all_down = error(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down")
     assert _refusal([login, all_down]) is login
+    assert _refusal([down, untrusted, all_down]) is untrusted
+    assert _refusal([untrusted, down, all_down]) is None
+    assert _refusal([ended, ended, all_down]) is None
+    assert _refusal([cut, all_down]) is None
     assert _refusal([all_down]) is None
     assert _refusal([]) is None
