@@ -40,35 +40,55 @@ def _register(url: str, subject: str, schema: dict[str, Any],
     return int(answer.json()["id"])
 
 
+def _produce_referencing(bootstrap: str, registry_url: str, topic: str,
+                         events: list[dict[str, Any]], *, namespaced: bool
+                         ) -> tuple[dict[str, Any], str]:
+    """Register the Context record in a subject of its own and a value schema that names it
+    (in the schema's namespace, or in none by its short name); produce `events` as the
+    expanded schema writes them, under the referencing id. Returns (Context, its subject)."""
+    full = json.loads(codec.SCHEMA_TEXT)
+    (index,) = [i for i, f in enumerate(full["fields"]) if f["name"] == "context"]
+    context = copy.deepcopy(full["fields"][index]["type"][1])
+    if namespaced:
+        context["namespace"] = full["namespace"]
+        name = f"{full['namespace']}.{context['name']}"
+    else:
+        context.pop("namespace", None)
+        name = context["name"]  # short: resolved in no namespace
+    shared = f"{topic}-shared-context"
+    _register(registry_url, shared, context)
+    referencing = copy.deepcopy(full)
+    referencing["fields"][index] = {**full["fields"][index], "type": ["null", name]}
+    schema_id = _register(registry_url, f"{topic}-value", referencing,
+                          [{"name": name, "subject": shared, "version": 1}])
+    for event in events:
+        produce_raw(bootstrap, topic, event["userId"].encode(),
+                    codec.encode(schema_id, codec.to_record(event)))
+    return context, shared
+
+
+def _assert_all_delivered(bootstrap: str, registry_url: str, sandbox: Sandbox, topic: str,
+                          events: list[dict[str, Any]]) -> None:
+    """A worker reads `topic` to its end: nothing dead-lettered, each event sent once."""
+    server, control = sandbox
+    group = f"{topic}-g"
+    with WorkerThread(worker_env(bootstrap, registry_url, server.url, topic, group)) as w:
+        wait_until(caught_up(bootstrap, group, topic), 60, "offsets at the end")
+        dlq = read_topic(bootstrap, w.settings.dlq_topic)
+    assert dlq == [], [dict(m.headers() or []).get("__connect.errors.exception.message")
+                       for m in dlq]
+    got = delivered_seqs(control)
+    assert all(got[(e["userId"], e["properties"]["seq"])] == 1 for e in events)
+
+
 def test_events_of_a_schema_with_references_are_decoded_and_delivered(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
     sandbox: Sandbox,
 ) -> None:
-    server, control = sandbox
     topic = topic_factory(partitions=1)
-    full = json.loads(codec.SCHEMA_TEXT)
-    (index,) = [i for i, f in enumerate(full["fields"]) if f["name"] == "context"]
-    context = copy.deepcopy(full["fields"][index]["type"][1])
-    context["namespace"] = full["namespace"]
-    name = f"{full['namespace']}.{context['name']}"
-    shared = f"{topic}-shared-context"
-    _register(schema_registry_url, shared, context)
-    referencing = copy.deepcopy(full)
-    referencing["fields"][index] = {**full["fields"][index], "type": ["null", name]}
-    schema_id = _register(schema_registry_url, f"{topic}-value", referencing,
-                          [{"name": name, "subject": shared, "version": 1}])
     events = [track_event(f"u{i}", i) for i in range(5)]
-    for event in events:  # the bytes the expanded schema writes, under the referencing id
-        produce_raw(kafka_bootstrap, topic, event["userId"].encode(),
-                    codec.encode(schema_id, codec.to_record(event)))
-    group = f"{topic}-g"
-    with WorkerThread(worker_env(kafka_bootstrap, schema_registry_url, server.url, topic,
-                                 group)) as w:
-        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
-        dlq = read_topic(kafka_bootstrap, w.settings.dlq_topic)
-    assert dlq == []
-    got = delivered_seqs(control)
-    assert all(got[(e["userId"], e["properties"]["seq"])] == 1 for e in events)
+    _produce_referencing(kafka_bootstrap, schema_registry_url, topic, events, namespaced=True)
+    _assert_all_delivered(kafka_bootstrap, schema_registry_url, sandbox, topic, events)
 
 
 @pytest.mark.parametrize("case", ["soft-deleted reference", "null-namespace reference"])
@@ -83,27 +103,11 @@ def test_references_resolve_as_confluents_clients_and_java_avro_resolve_them(
     - a referenced record in no namespace, named by its short name from a namespaced
       schema: Java's Avro (the registry) looks in the enclosing namespace, then in none;
       fastavro only in the first ("not an Avro schema")."""
-    server, control = sandbox
     topic = topic_factory(partitions=1)
-    full = json.loads(codec.SCHEMA_TEXT)
-    (index,) = [i for i, f in enumerate(full["fields"]) if f["name"] == "context"]
-    context = copy.deepcopy(full["fields"][index]["type"][1])
-    if case == "null-namespace reference":
-        context.pop("namespace", None)
-        name = context["name"]  # short: resolved in no namespace
-    else:
-        context["namespace"] = full["namespace"]
-        name = f"{full['namespace']}.{context['name']}"
-    shared = f"{topic}-shared-context"
-    _register(schema_registry_url, shared, context)
-    referencing = copy.deepcopy(full)
-    referencing["fields"][index] = {**full["fields"][index], "type": ["null", name]}
-    schema_id = _register(schema_registry_url, f"{topic}-value", referencing,
-                          [{"name": name, "subject": shared, "version": 1}])
     events = [track_event(f"u{i}", i) for i in range(3)]
-    for event in events:
-        produce_raw(kafka_bootstrap, topic, event["userId"].encode(),
-                    codec.encode(schema_id, codec.to_record(event)))
+    context, shared = _produce_referencing(
+        kafka_bootstrap, schema_registry_url, topic, events,
+        namespaced=case != "null-namespace reference")
     if case == "soft-deleted reference":
         # A later version keeps the subject (Apicurio drops a subject without versions).
         newer = {**context, "fields": [*context["fields"], {
@@ -114,12 +118,4 @@ def test_references_resolve_as_confluents_clients_and_java_avro_resolve_them(
             assert gone.status_code == 200, (path, gone.text)
         assert httpx.get(f"{schema_registry_url}/subjects/{shared}/versions/1",
                          headers=HEADERS).status_code == 404
-    group = f"{topic}-g"
-    with WorkerThread(worker_env(kafka_bootstrap, schema_registry_url, server.url, topic,
-                                 group)) as w:
-        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
-        dlq = read_topic(kafka_bootstrap, w.settings.dlq_topic)
-    assert dlq == [], [dict(m.headers() or []).get("__connect.errors.exception.message")
-                       for m in dlq]
-    got = delivered_seqs(control)
-    assert all(got[(e["userId"], e["properties"]["seq"])] == 1 for e in events)
+    _assert_all_delivered(kafka_bootstrap, schema_registry_url, sandbox, topic, events)

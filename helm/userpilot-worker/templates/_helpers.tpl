@@ -189,19 +189,19 @@ Deployment, so every render runs them.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- /* Each kafka.config key becomes KAFKA_<KEY> in the ConfigMap: never one the chart sets,
+   never a secret. */}}
 {{- range $key, $_ := $v.kafka.config }}
 {{- $name := printf "KAFKA_%s" (upper (replace "." "_" $key)) }}
 {{- if has $name $owned }}
 {{- fail (printf "kafka.config.%s becomes %s, which the chart sets from its values (kafka.bootstrapServers, kafka.topics, kafka.groupId, kafka.dlqTopic): set that value instead, so KEDA, the alerts and the dashboard follow it" $key $name) }}
 {{- end }}
+{{- if has (lower $key) (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret" "ssl.keystore.password" "ssl.key.pem" "sasl.oauthbearer.config" "sasl.oauthbearer.client.credentials.client.secret" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem") }}
+{{- fail (printf "kafka.config.%s is a secret: put %s in kafka.existingSecret or kafka.extraEnv instead of a ConfigMap" $key $name) }}
+{{- end }}
 {{- end }}
 {{- if and $v.redis.tlsCaSecret $v.redis.url (not (hasPrefix "rediss://" $v.redis.url)) }}
 {{- fail "redis.tlsCaSecret needs a rediss:// redis.url (TLS): the worker refuses a CA bundle for plain redis://" }}
-{{- end }}
-{{- range $key, $_ := $v.kafka.config }}
-{{- if has (lower $key) (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret" "ssl.keystore.password" "ssl.key.pem" "sasl.oauthbearer.config" "sasl.oauthbearer.client.credentials.client.secret" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem") }}
-{{- fail (printf "kafka.config.%s is a secret: put KAFKA_%s in kafka.existingSecret or kafka.extraEnv instead of a ConfigMap" $key (upper (replace "." "_" $key))) }}
-{{- end }}
 {{- end }}
 {{- if not $v.kafka.topics }}
 {{- fail "kafka.topics must list at least one source topic" }}
