@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from confluent_kafka import (
     Consumer,
@@ -44,8 +44,10 @@ __all__ = [
     "DeadLetterProducer",
     "KafkaMessage",
     "KafkaSource",
+    "Partitions",
     "is_fatal",
     "make_producer",
+    "topic_not_there",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,19 @@ LEAVE_SEND_S = 0.3  # ... and, once revoked, this long for the LeaveGroup to go 
 
 # librdkafka refuses an oversized record locally and the broker with the same code.
 _TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE,)
+# A source topic the brokers answer with these is not there for this consumer: a typo in
+# KAFKA_TOPICS, a topic not created yet, or an ACL that hides it.
+_NOT_THERE = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_FAILED)
 
 T = TypeVar("T")
 TP = tuple[str, int]
+
+
+class Partitions(NamedTuple):
+    """What the brokers say of the source topics (`KafkaSource.partitions`)."""
+
+    total: int  # partitions of the topics that answered
+    missing: dict[str, str]  # topic: the brokers' reason it is not there
 
 
 class KafkaMessage(Protocol):
@@ -367,15 +379,21 @@ class KafkaSource:
             return False
         return True
 
-    def partition_count(self, timeout_s: float = 10.0) -> int:
-        """Total partitions of the source topics (for this replica's rate share)."""
+    def partitions(self, timeout_s: float = 10.0) -> Partitions:
+        """Total partitions of the source topics (for this replica's rate share), and the
+        topics the brokers say they do not have or will not describe to this consumer."""
         total = 0
+        missing: dict[str, str] = {}
         for topic in self._topics:
             meta = self._consumer.list_topics(topic, timeout=timeout_s)
             info = meta.topics.get(topic)
-            if info is not None and info.error is None:
+            if info is None:
+                continue
+            if info.error is None:
                 total += len(info.partitions)
-        return total
+            elif info.error.code() in _NOT_THERE:
+                missing[topic] = info.error.str()
+        return Partitions(total, missing)
 
     def positions(self, parts: Sequence[TP]) -> dict[TP, int]:
         """The consumer's position (the next offset to hand over) of each partition that has
@@ -492,6 +510,11 @@ def is_fatal(err: KafkaError) -> bool:
     static member's messages and commits carry with `fatal()` False (review zombie19: a
     replica whose group.instance.id another pod took ran on, unready, never restarted)."""
     return bool(err.fatal()) or err.code() == KafkaError._FATAL
+
+
+def topic_not_there(err: KafkaError) -> bool:
+    """A consume error saying a subscribed topic does not exist (or is hidden by an ACL)."""
+    return err.code() in _NOT_THERE
 
 
 def make_producer(conf: dict[str, Any], **extra: Any) -> Producer:

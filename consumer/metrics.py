@@ -404,6 +404,12 @@ class Metrics:
             "worker_ready",
             "1 when /readyz answers 200.",
         )
+        self.source_topic_missing = gauge(
+            "source_topic_missing",
+            "1 while the brokers say a source topic does not exist or hide it from the "
+            "worker (TOPIC_AUTHORIZATION_FAILED): nothing of it is read; by topic.",
+            ["topic"],
+        )
 
         for reason in DROP_REASONS:
             if reason != "consent":
@@ -478,10 +484,12 @@ class Metrics:
             self.redis_errors.labels(operation).inc()
 
     def declare_topics(self, topics: Iterable[str]) -> None:
-        """Create the consumed and log-reset series per source topic, so they read 0."""
+        """Create the consumed, log-reset and missing series per source topic, so they
+        read 0."""
         for topic in topics:
             self.events_consumed.labels(topic)
             self.log_resets.labels(topic)
+            self.source_topic_missing.labels(topic).set(0)
 
     def declare_event_names(self, names: Iterable[str]) -> None:
         """Create the delivered series for every mapped event name."""

@@ -16,7 +16,8 @@ thread (`Source.call`, one call at a time). The callbacks the source makes (assi
 revoke, lost, stats, commit results) run on that poll thread and touch only what is safe
 there: `Commits` (it locks), `Metrics` and `Health` (thread-safe), and `assigned`,
 `paused`, `_reshare_due`, `_reshare_at`, `_fresh`, `_stats_committed`, `_stats_low`,
-which both threads read and write only under `_parts_lock`.
+which both threads read and write only under `_parts_lock`. `_reshare` and what it calls
+(`_reshare_delay`, `_missing`) run only on the poll thread.
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
 the `Source.call` that raised the callback), and that coroutine also forgets the
@@ -61,7 +62,14 @@ from consumer.handler import (
     TrackClient,
 )
 from consumer.health import Health
-from consumer.kafka import DeadLetterProducer, KafkaMessage, KafkaSource, is_fatal
+from consumer.kafka import (
+    DeadLetterProducer,
+    KafkaMessage,
+    KafkaSource,
+    Partitions,
+    is_fatal,
+    topic_not_there,
+)
 from consumer.metrics import Children, Metrics
 from consumer.offsets import Finished
 from consumer.policy import Gate, GateState, RetryPolicy
@@ -128,6 +136,8 @@ NOTES_TRIES = 5  # ... this many times in all
 RETRY_LOG_EVERY_S = 30.0  # one log line per retry cause at most this often
 RESHARE_RETRY_S = 1.0  # after a failed partition count, asked again this much later ...
 RESHARE_RETRY_MAX_S = 60.0  # ... doubling to this (each try may hold the poll thread 2 s)
+MISSING_TOPIC_CHECK_S = 60.0  # while a source topic is missing, looked for again this often
+MISSING_TOPIC_LOG_S = 600.0  # ... and its WARNING repeated this often
 DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
 DRY_FOR_S = 30.0  # ... until a message of theirs arrives, or this long (then probed again)
 
@@ -240,7 +250,7 @@ class Source(Protocol):
                notes: dict[TP, str] | None = None) -> bool: ...
     def finished_ahead(self, parts: Sequence[TP], timeout_s: float
                        ) -> tuple[dict[TP, Finished], list[TP]]: ...
-    def partition_count(self, timeout_s: float = 10.0) -> int: ...
+    def partitions(self, timeout_s: float = 10.0) -> Partitions: ...
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]: ...
     def positions(self, parts: Sequence[TP]) -> dict[TP, int]: ...
     def serve(self, timeout_s: float) -> None: ...
@@ -316,6 +326,9 @@ class Worker:
         self._reshare_due = False
         self._reshare_at = 0.0  # monotonic: not before (a failed count is retried later)
         self._reshare_delay = RESHARE_RETRY_S  # poll thread only
+        # Source topics the brokers do not have (or hide): when each was last logged
+        # (poll thread only; see `_note_missing`).
+        self._missing: dict[str, float] = {}
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
@@ -657,6 +670,7 @@ class Worker:
                     log.warning("kafka: %s", err.str())
                     if is_fatal(err):
                         raise Stop(f"fatal Kafka error: {err.str()}")
+                    self._topic_error(err)
                     continue
                 topic, partition, offset = message.topic(), message.partition(), message.offset()
                 assert topic is not None and partition is not None and offset is not None
@@ -1159,13 +1173,20 @@ class Worker:
         """
         total = 0
         try:
-            total = source.partition_count(RESHARE_TIMEOUT_S)
+            counted = source.partitions(RESHARE_TIMEOUT_S)
         except Exception as exc:
             log.warning("could not read partition count (%s); keeping the previous share, "
                         "asking again in %g s", exc, RESHARE_RETRY_S)
+        else:
+            total = counted.total
+            self._note_missing(counted.missing)
         if total > 0:
             self.partitions_total = total
             self._reshare_delay = RESHARE_RETRY_S
+            if self._missing:
+                with self._parts_lock:  # looked for again: it may be created any time
+                    self._reshare_due = True
+                    self._reshare_at = time.monotonic() + MISSING_TOPIC_CHECK_S
         else:
             with self._parts_lock:
                 self._reshare_due = True
@@ -1176,6 +1197,37 @@ class Worker:
         with self._parts_lock:
             owned = len(self.assigned)
         return partition_share(owned, self.partitions_total)
+
+    def _topic_error(self, err: Any) -> None:
+        """A subscribed topic reported gone: asked about on the next turn (`_note_missing`)."""
+        if topic_not_there(err):
+            with self._parts_lock:
+                self._reshare_due = True
+                self._reshare_at = 0.0
+
+    def _note_missing(self, missing: dict[str, str]) -> None:
+        """Poll thread: gauge and log the source topics the brokers do not have.
+
+        Not a reason to stop: a topic may be created after its consumer (the worker reads
+        it once it exists). But a typo in KAFKA_TOPICS would otherwise leave a ready
+        worker silent for ever, its only trace one librdkafka line at start-up: the
+        WARNING repeats every `MISSING_TOPIC_LOG_S` and the gauge feeds an alert.
+        """
+        now = time.monotonic()
+        for topic in self.s.topics:
+            reason = missing.get(topic)
+            if reason is None:
+                if self._missing.pop(topic, None) is not None:
+                    log.info("source topic %r is there now; reading it", topic)
+                self.m.source_topic_missing.labels(topic).set(0)
+                continue
+            self.m.source_topic_missing.labels(topic).set(1)
+            last = self._missing.get(topic)
+            if last is None or now - last >= MISSING_TOPIC_LOG_S:
+                self._missing[topic] = now
+                log.warning("source topic %r is not there (%s): nothing of it is read until "
+                            "it is created; check KAFKA_TOPICS and the topic's ACLs",
+                            topic, reason)
 
     def _on_revoke(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("revoke").inc()

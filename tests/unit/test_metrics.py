@@ -54,6 +54,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "userpilot_dlq_guard_tripped": ("gauge", ()),
     "userpilot_dlq_unwritable": ("gauge", ()),
     "userpilot_worker_ready": ("gauge", ()),
+    "userpilot_source_topic_missing": ("gauge", ()),
     "userpilot_build_info": ("gauge", ("revision", "version")),
 }
 # What prometheus_client's default registry exposes; the worker's own registry must too.
@@ -93,6 +94,7 @@ ATTRIBUTES = {
     "dlq_guard_tripped": "userpilot_dlq_guard_tripped",
     "dlq_unwritable": "userpilot_dlq_unwritable",
     "worker_ready": "userpilot_worker_ready",
+    "source_topic_missing": "userpilot_source_topic_missing",
     "build_info": "userpilot_build_info",
 }
 
@@ -258,6 +260,7 @@ def test_declare_creates_zero_series(reg: CollectorRegistry, m: Metrics) -> None
         assert value(reg, "userpilot_events_dropped_total", reason="consent", category=cat) == 0
     assert value(reg, "userpilot_events_consumed_total", topic="signal.events") == 0
     assert value(reg, "userpilot_log_resets_total", topic="signal.events") == 0
+    assert value(reg, "userpilot_source_topic_missing", topic="signal.events") == 0
 
 
 def test_declare_does_not_reset_counts(reg: CollectorRegistry, m: Metrics) -> None:

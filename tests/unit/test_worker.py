@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import pytest
+from confluent_kafka import KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumer import codec, handler, routing
@@ -32,6 +33,7 @@ from consumer.config import Settings, load_settings
 from consumer.deadletter import replay_seal
 from consumer.errors import DlqRecordTooLarge, RateLimited, Rejected, ServerError
 from consumer.health import Health
+from consumer.kafka import Partitions
 from consumer.metrics import Metrics
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
 from consumer.registry import Registry
@@ -127,6 +129,8 @@ class FakeSource:
     _refused: list[list[TP]] = field(default_factory=list)
     # Per partition, the offset past its log's end when markers follow the last message.
     ends: dict[TP, int] = field(default_factory=dict)
+    # Source topics the brokers do not have (topic: their reason), for `partitions`.
+    missing: dict[str, str] = field(default_factory=dict)
 
     @property
     def fatal_error(self) -> str | None:
@@ -212,8 +216,8 @@ class FakeSource:
             self._acks.append(dict(offsets))
         return True
 
-    def partition_count(self, timeout_s: float = 10.0) -> int:
-        return len(self.log)
+    def partitions(self, timeout_s: float = 10.0) -> Partitions:
+        return Partitions(len(self.log), dict(self.missing))
 
     def finished_ahead(self, parts: Sequence[TP], timeout_s: float
                        ) -> tuple[dict[TP, Finished], list[TP]]:
@@ -1385,11 +1389,11 @@ class CountlessSource(FakeSource):
 
     counts_asked = 0
 
-    def partition_count(self, timeout_s: float = 10.0) -> int:
+    def partitions(self, timeout_s: float = 10.0) -> Partitions:
         type(self).counts_asked += 1
         if type(self).counts_asked <= 2:
             raise RuntimeError("metadata request timed out")
-        return super().partition_count(timeout_s)
+        return super().partitions(timeout_s)
 
 
 def test_a_failed_partition_count_keeps_the_share_and_is_asked_again(
@@ -1415,7 +1419,7 @@ def test_a_partition_count_that_keeps_failing_is_asked_less_and_less_often() -> 
     """Each try may hold the poll thread RESHARE_TIMEOUT_S: a fixed 1 s retry would spend
     most of it in metadata calls while they time out."""
     class Failing:
-        def partition_count(self, timeout_s: float = 10.0) -> int:
+        def partitions(self, timeout_s: float = 10.0) -> Partitions:
             raise RuntimeError("metadata request timed out")
 
     run = make(log_of(track("u1", 1)))
@@ -1426,6 +1430,65 @@ def test_a_partition_count_that_keeps_failing_is_asked_less_and_less_often() -> 
         waits.append(round(run.worker._reshare_at - before))
     assert waits == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     assert run.worker._reshare_due
+
+
+def _missing_gauge(run: Run, topic: str) -> float | None:
+    return run.worker.m.registry.get_sample_value(
+        "userpilot_source_topic_missing", {"topic": topic})
+
+
+def test_a_missing_source_topic_is_gauged_warned_of_and_looked_for_until_it_is_there(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A typo in KAFKA_TOPICS left a ready worker silent, its only trace one librdkafka line
+    at start-up. The brokers' word on each topic now sets a gauge (the alert's), a WARNING
+    that repeats every MISSING_TOPIC_LOG_S, and a new look every MISSING_TOPIC_CHECK_S
+    while any is missing, even with the other topics' partitions counted."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    run = make(log_of(track("u1", 1)), KAFKA_TOPICS=f"{TOPIC},sigal")
+    assert _missing_gauge(run, "sigal") == 0  # declared at start: the alert sees 0, not none
+    source = FakeSource(cast(Any, None), log_of(track("u1", 1)))
+    source.missing = {"sigal": "Broker: Unknown topic or partition"}
+    caplog.set_level(logging.INFO, logger="consumer.worker")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "'sigal'" in r.getMessage()]
+
+    assert run.worker._reshare(cast(Any, source)) is not None  # the share from 1 partition
+    assert _missing_gauge(run, "sigal") == 1 and _missing_gauge(run, TOPIC) == 0
+    assert len(warnings()) == 1 and "KAFKA_TOPICS" in warnings()[0]
+    assert run.worker._reshare_due
+    assert run.worker._reshare_at == clock[0] + worker_module.MISSING_TOPIC_CHECK_S
+
+    clock[0] += worker_module.MISSING_TOPIC_CHECK_S
+    run.worker._reshare(cast(Any, source))
+    assert len(warnings()) == 1, "not repeated every minute"
+    clock[0] += worker_module.MISSING_TOPIC_LOG_S
+    run.worker._reshare(cast(Any, source))
+    assert len(warnings()) == 2, "repeated every MISSING_TOPIC_LOG_S while missing"
+
+    source.missing = {}
+    run.worker._reshare_due = False
+    run.worker._reshare(cast(Any, source))
+    assert _missing_gauge(run, "sigal") == 0
+    assert not run.worker._reshare_due, "nothing left to look for"
+    assert any("'sigal' is there now" in r.getMessage() for r in caplog.records)
+
+
+def test_a_source_topic_deleted_under_the_worker_is_looked_for_at_once() -> None:
+    """librdkafka reports a subscribed topic that went away as a consume error: the next
+    turn asks the brokers, so the gauge follows without waiting for a rebalance."""
+    run = make(log_of(track("u1", 1)))
+    run.worker._reshare_due = False
+    run.worker._reshare_at = time.monotonic() + 3600
+    run.worker._topic_error(cast(Any, _TopicGone()))
+    assert run.worker._reshare_due and run.worker._reshare_at <= time.monotonic()
+
+
+class _TopicGone:
+    def code(self) -> int:
+        return KafkaError.UNKNOWN_TOPIC_OR_PART
 
 
 class _RefusingRegistryClient:
