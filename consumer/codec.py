@@ -49,6 +49,7 @@ __all__ = [
     "bytes_as_strings",
     "decode",
     "encode",
+    "envelope_surrogates",
     "free_items",
     "loads",
     "plain_types",
@@ -381,6 +382,20 @@ def replace_surrogates(text: str) -> str:
     """Lone surrogates replaced by U+FFFD: no UTF-8 encoding takes them (Avro strings on
     the produce side, the text of an answer decoded with utf-7 or utf-16)."""
     return _SURROGATE.sub("\ufffd", text)
+
+
+def envelope_surrogates(event: Mapping[str, Any]) -> int:
+    """Lone surrogates `to_record` replaces in the envelope's own strings (an id, the
+    event's name), for `explain`'s note: the JSON fields' are counted as they are parsed."""
+    found = [event.get("type"), *(event.get(key) for key in _ENVELOPE_STRINGS)]
+    context = event.get("context")
+    if isinstance(context, Mapping):
+        for key, fields in _SUBRECORDS.items():
+            value = context.get(key)
+            if isinstance(value, Mapping):
+                found += [value.get(name) for name in fields]
+        found += [context.get(key) for key in _CONTEXT_STRINGS]
+    return sum(len(_SURROGATE.findall(text)) for text in found if isinstance(text, str))
 
 
 def to_record(event: Mapping[str, Any]) -> dict[str, Any]:

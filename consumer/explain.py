@@ -18,9 +18,7 @@ and listed, not refused.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -29,6 +27,7 @@ from consumer.calls import Call, KnownUsers, ensure_user
 from consumer.config import API_VERSION, Settings
 from consumer.errors import DeadLetter, InvalidEvent
 from consumer.filtering import Drop
+from consumer.produce import any_integer
 from consumer.routing import route
 
 __all__ = ["IGNORED_ENVELOPE", "explain_lines", "is_valid"]
@@ -111,7 +110,7 @@ def _explain_one(
                                "file as UTF-8 without BOM")
         return
     try:
-        with _any_integer():
+        with any_integer():
             raw = json.loads(text)
     except RecursionError:
         yield _invalid(number, f"invalid event: JSON nested deeper than {codec.MAX_JSON_DEPTH} "
@@ -127,7 +126,7 @@ def _explain_one(
     else:
         event_in = raw
     try:
-        with _any_integer():
+        with any_integer():
             record = codec.to_record(event_in)
         event = codec.decode(codec.encode(0, record), lambda _id: codec.SCHEMA)
     except (InvalidEvent, ValueError, RecursionError) as exc:
@@ -160,23 +159,11 @@ def _explain_one(
             doc["omitted"] = list(decision.omitted)
         if decision.truncated:
             doc["truncated"] = list(decision.truncated)
-        if decision.replaced:
-            doc["replaced_surrogates"] = decision.replaced
+        # The envelope's (an id, the event's name) are replaced in the record, before the
+        # worker sees it; the JSON text's as the worker parses it.
+        replaced = decision.replaced + codec.envelope_surrogates(event_in)
+        if replaced:
+            doc["replaced_surrogates"] = replaced
     if ignored:
         doc["ignored"] = ignored
     yield doc
-
-
-@contextlib.contextmanager
-def _any_integer() -> Iterator[None]:
-    """Integers of any length while a line is read and written as the Avro record's JSON
-    text: a producer may write one past Python's 4,300 digits, which the worker reads as
-    an infinity and leaves out (`codec.loads`); refused here, explain called "not JSON" an
-    event the worker delivers (review "diff21"). The decode that follows runs with the
-    default limit, as the worker's does. A command's own process: the setting is global."""
-    limit = sys.get_int_max_str_digits()
-    sys.set_int_max_str_digits(0)
-    try:
-        yield
-    finally:
-        sys.set_int_max_str_digits(limit)

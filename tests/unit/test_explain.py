@@ -154,3 +154,14 @@ def test_a_huge_integer_is_left_out_and_named_as_the_worker_does() -> None:
     assert doc["decision"] == "deliver", doc
     assert doc["request"]["body"]["metadata"] == {"ok": 1}
     assert any("huge" in str(field) for field in doc["omitted"]), doc
+
+
+def test_a_lone_surrogate_in_an_id_is_noted_as_replaced() -> None:
+    """The envelope's strings are replaced in the record, before the worker parses any
+    JSON text: explain showed the changed user_id with no note (review "seed23")."""
+    text = ('{"type": "track", "event": "Feature Used", "userId": "abc\\ud83d", '
+            '"context": {"consent": {"analytics": true}}, "properties": {"a": "x\\udc00"}}')
+    (doc,) = explain_lines([text], SETTINGS)
+    assert doc["decision"] == "deliver", doc
+    assert doc["request"]["body"]["user_id"] == "abc\ufffd"
+    assert doc["replaced_surrogates"] == 2

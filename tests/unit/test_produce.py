@@ -115,3 +115,28 @@ def test_a_refused_registration_is_one_redacted_line(monkeypatch: pytest.MonkeyP
                        registry_url="http://reguser:S3CR3T-REG-pw@registry.test/apis")
     assert "refused to register the schema of 't'" in str(refused.value)
     assert basic not in str(refused.value) and "S3CR3T-REG-pw" not in str(refused.value)
+
+
+def test_a_lone_surrogate_in_the_user_id_is_keyed_as_the_record_carries_it() -> None:
+    """The key was the input's own userId, encoded only while producing: a lone surrogate
+    (what a browser sends for an emoji cut in half) crashed the command with a traceback
+    after every earlier line was sent (review "seed23"). explain and run deliver it."""
+    line = ('{"type": "track", "event": "Feature Used", "userId": "abc\\ud83d", '
+            '"anonymousId": "a"}')
+    (parsed,) = parse_lines([line])
+    assert parsed.key == "abc\ufffd".encode()
+    ((key, value),) = list(encode_lines([parsed], 7))
+    assert key == parsed.key
+    decoded = codec.decode(value, lambda _id: codec.SCHEMA)
+    assert decoded["userId"] == "abc\ufffd"
+
+
+def test_an_integer_past_4300_digits_is_sent_as_explain_and_run_take_it() -> None:
+    """produce refused it as "not JSON" while explain and run deliver the event with the
+    field left out (review "seed23")."""
+    line = ('{"type": "track", "event": "Feature Used", "userId": "u1", '
+            f'"properties": {{"ok": 1, "huge": {"9" * 5000}}}}}')
+    (parsed,) = parse_lines([line])
+    ((_, value),) = list(encode_lines([parsed], 7))
+    decoded = codec.decode(value, lambda _id: codec.SCHEMA)
+    assert decoded["properties"]["ok"] == 1
