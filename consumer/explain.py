@@ -27,7 +27,6 @@ from consumer.calls import Call, KnownUsers, ensure_user
 from consumer.config import API_VERSION, Settings
 from consumer.errors import DeadLetter, InvalidEvent
 from consumer.filtering import Drop
-from consumer.produce import any_integer
 from consumer.routing import route
 
 __all__ = ["IGNORED_ENVELOPE", "explain_lines", "is_valid"]
@@ -110,7 +109,7 @@ def _explain_one(
                                "file as UTF-8 without BOM")
         return
     try:
-        with any_integer():
+        with codec.any_integer():
             raw = json.loads(text)
     except RecursionError:
         yield _invalid(number, f"invalid event: JSON nested deeper than {codec.MAX_JSON_DEPTH} "
@@ -126,7 +125,7 @@ def _explain_one(
     else:
         event_in = raw
     try:
-        with any_integer():
+        with codec.any_integer():
             record = codec.to_record(event_in)
         event = codec.decode(codec.encode(0, record), lambda _id: codec.SCHEMA)
     except (InvalidEvent, ValueError, RecursionError) as exc:

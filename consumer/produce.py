@@ -9,7 +9,6 @@ command fails with one line within ``timeout`` seconds instead of hanging.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -19,8 +18,7 @@ from typing import Any, TextIO
 from consumer import codec
 from consumer.errors import InvalidEvent, WorkerError
 
-__all__ = ["ProduceError", "any_integer", "encode_lines", "notes", "parse_lines",
-           "produce_events"]
+__all__ = ["ProduceError", "encode_lines", "notes", "parse_lines", "produce_events"]
 
 
 class ProduceError(WorkerError):
@@ -41,22 +39,6 @@ class Parsed:
         return ident.encode() if isinstance(ident, str) and ident else None
 
 
-@contextlib.contextmanager
-def any_integer() -> Iterator[None]:
-    """Integers of any length while a line is read and written as the Avro record's JSON
-    text: a producer may write one past Python's 4,300 digits, which the worker reads as
-    an infinity and leaves out (`codec.loads`). Refused here, `explain` called "not JSON"
-    an event the worker delivers (review "diff21"), and `produce` refused the file
-    (review "seed23"). The worker's own decode runs with the default limit. For a
-    command's own process only: the setting is global."""
-    limit = sys.get_int_max_str_digits()
-    sys.set_int_max_str_digits(0)
-    try:
-        yield
-    finally:
-        sys.set_int_max_str_digits(limit)
-
-
 def parse_lines(lines: Iterable[str | bytes], source: str = "<stdin>") -> list[Parsed]:
     """Parse and validate every line; ProduceError lists each bad line by number."""
     parsed: list[Parsed] = []
@@ -70,13 +52,13 @@ def parse_lines(lines: Iterable[str | bytes], source: str = "<stdin>") -> list[P
         if not text.strip():
             continue
         try:
-            with any_integer():
+            with codec.any_integer():
                 event = json.loads(text)
         except (ValueError, RecursionError) as exc:
             problems.append(f"{source}:{number}: not JSON ({exc})")
             continue
         try:
-            with any_integer():
+            with codec.any_integer():
                 record = codec.to_record(event)
         except (InvalidEvent, ValueError, RecursionError) as exc:
             problems.append(f"{source}:{number}: {exc}")

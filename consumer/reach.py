@@ -24,10 +24,11 @@ import httpx
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from consumer.config import Settings, redact_userinfo
+from consumer.config import SECRET_KAFKA_KEYS, Settings, redact_userinfo
 from consumer.delivery import UserpilotClient
 from consumer.errors import ConnectionFailed, Misconfigured, Rejected, Retry, Timeout
 from consumer.librdkafka import SESSION_TIMEOUT_MS
+from consumer.redaction import Redactor, kafka_secrets
 from consumer.registry import RegistryError, RegistryUnusable, RestClient
 
 __all__ = [
@@ -109,7 +110,21 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
 def kafka(conf: Mapping[str, Any], timeout: float,
           topics: Iterable[str] = (), dlq_topic: str | None = None) -> str | None:
     """Reach the brokers with the worker's own librdkafka settings; check topics exist, and
-    that the DLQ topic (when it exists) is not compacted (`dlq_policy`)."""
+    that the DLQ topic (when it exists) is not compacted (`dlq_policy`).
+
+    The answer is printed by `run`, `check-config --online` and `replay`, not logged, so it
+    is redacted here: an OIDC token endpoint's refusal, which librdkafka quotes, echoes
+    the request's `Authorization: Basic base64(client.id:client.secret)` (review "ops23").
+    """
+    problem = _kafka(conf, timeout, topics, dlq_topic)
+    if problem is None:
+        return None
+    clean = Redactor(kafka_secrets(conf, SECRET_KAFKA_KEYS))(problem)
+    return Unreachable(clean) if isinstance(problem, Unreachable) else clean
+
+
+def _kafka(conf: Mapping[str, Any], timeout: float,
+           topics: Iterable[str], dlq_topic: str | None) -> str | None:
     settings = {**conf, "logger": _SILENT}
     settings.pop("group.id", None)
     bootstrap = settings.get("bootstrap.servers", "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -205,3 +206,39 @@ def test_only_the_brokers_latest_error_says_whether_they_refuse_the_settings() -
     assert _refusal([cut, all_down]) is None
     assert _refusal([all_down]) is None
     assert _refusal([]) is None
+
+
+def test_an_oidc_endpoint_echoing_the_client_secret_is_redacted_in_the_kafka_problem() -> None:
+    """librdkafka quotes the token endpoint's refusal, and one that echoes the request shows
+    `Authorization: Basic base64(client.id:client.secret)`: `run`, `check-config --online`
+    and `replay` printed it (review "ops23"). No broker is needed: the token comes first."""
+    import base64
+    import http.server
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.dumps({"error": "invalid_client", "echo": dict(self.headers)}).encode()
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = "OIDCSECRET_s3cret"
+    conf = {"bootstrap.servers": "127.0.0.1:1", "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "OAUTHBEARER", "sasl.oauthbearer.method": "oidc",
+            "sasl.oauthbearer.client.id": "cid", "sasl.oauthbearer.client.secret": secret,
+            "sasl.oauthbearer.token.endpoint.url":
+                f"http://127.0.0.1:{server.server_port}/token"}
+    try:
+        problem = reach.kafka(conf, 3)
+    finally:
+        server.shutdown()
+    assert problem is not None and "Basic ***" in problem, problem
+    assert base64.b64encode(f"cid:{secret}".encode()).decode() not in problem
+    assert secret not in problem
