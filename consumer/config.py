@@ -126,6 +126,7 @@ CONSENT_OFF = ("none", "off")
 """``USERPILOT_CONSENT_CATEGORIES=none`` (or ``off``) disables consent gating."""
 
 DEFAULT_MAX_CONNECTIONS = 64
+HEARTBEAT_INTERVAL_MS = 3000  # librdkafka's default heartbeat.interval.ms
 """Per endpoint family (Track; identify with company identify), a ceiling, not sockets
 held: at Userpilot's 10 requests a second per family the pool opens what rate x latency
 needs (2 connections at 100 ms answers, review "fairbench20"), and 64 carry a family's 10
@@ -793,6 +794,8 @@ def _kafka_together(reader: _Reader, extra: Mapping[str, str | Secret], group_id
     if refused is not None:
         reader.problems.append(f"the KAFKA_* settings together are refused by librdkafka "
                                f"({refused}){named(refused)}: fix or remove them")
+    if refused is None:
+        _heartbeat_within_session(reader, conf)
     for warning in warnings:
         if "is not configured for SASL" in warning:
             reader.problems.append(
@@ -800,6 +803,33 @@ def _kafka_together(reader: _Reader, extra: Mapping[str, str | Secret], group_id
                 "KAFKA_SECURITY_PROTOCOL=SASL_SSL (or SASL_PLAINTEXT), or remove them")
         else:
             reader.notes.append(f"librdkafka: {warning}{named(warning)}")
+
+
+def _heartbeat_within_session(reader: _Reader, conf: Mapping[str, Any]) -> None:
+    """librdkafka takes a heartbeat interval at or past the session timeout, which the
+    worker lowers to 10 s: a 15 s heartbeat, harmless under librdkafka's 45 s, lost every
+    partition every session (review "ops23"). Kafka's own rule of thumb is a third."""
+    from consumer.librdkafka import SESSION_TIMEOUT_MS
+
+    if str(conf.get("group.protocol", "classic")).strip().lower() == "consumer":
+        return  # KIP-848: the brokers set both
+    try:
+        session = int(conf.get("session.timeout.ms", SESSION_TIMEOUT_MS))
+        heartbeat = int(conf.get("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS))
+    except (TypeError, ValueError):
+        return  # librdkafka's own check names it
+    given = ("KAFKA_SESSION_TIMEOUT_MS" if "session.timeout.ms" in conf
+             else "the worker's default session timeout")
+    if heartbeat >= session:
+        reader.problems.append(
+            f"KAFKA_HEARTBEAT_INTERVAL_MS={heartbeat} is not below the session timeout "
+            f"({session} ms, {given}): the group would drop this replica every session and "
+            f"its partitions with it; set it to at most {session // 3} (a third), or remove it")
+    elif heartbeat * 3 > session:
+        reader.notes.append(
+            f"KAFKA_HEARTBEAT_INTERVAL_MS={heartbeat} is over a third of the session timeout "
+            f"({session} ms, {given}): one lost heartbeat may cost the replica its "
+            f"partitions; {session // 3} or less is safer")
 
 
 def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[str, str]:

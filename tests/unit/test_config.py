@@ -1157,3 +1157,25 @@ def test_a_mappings_file_is_read_only_so_far() -> None:
 
     with pytest.raises(MappingsError, match="holds over 16 MB"):
         load_mappings("/dev/zero")
+
+
+@pytest.mark.parametrize(("over", "limit"), [
+    ({"KAFKA_HEARTBEAT_INTERVAL_MS": "15000"}, "3333"),
+    ({"KAFKA_HEARTBEAT_INTERVAL_MS": "10000"}, "3333"),
+    ({"KAFKA_HEARTBEAT_INTERVAL_MS": "30000", "KAFKA_SESSION_TIMEOUT_MS": "20000"}, "6666"),
+])
+def test_a_heartbeat_at_or_past_the_session_timeout_is_refused(
+        over: dict[str, str], limit: str) -> None:
+    """librdkafka takes it; under the worker's 10 s session a 15 s heartbeat lost every
+    partition every session (review "ops23")."""
+    text = problem(**over)
+    assert text.startswith(f"KAFKA_HEARTBEAT_INTERVAL_MS={over['KAFKA_HEARTBEAT_INTERVAL_MS']}")
+    assert f"at most {limit}" in text
+
+
+def test_a_heartbeat_past_a_third_of_the_session_is_a_note_and_within_it_nothing() -> None:
+    noted = load(KAFKA_HEARTBEAT_INTERVAL_MS="5000")
+    assert any("KAFKA_HEARTBEAT_INTERVAL_MS=5000" in note for note in noted.notes)
+    for fine in ({"KAFKA_HEARTBEAT_INTERVAL_MS": "3000"}, {},
+                 {"KAFKA_HEARTBEAT_INTERVAL_MS": "15000", "KAFKA_SESSION_TIMEOUT_MS": "45000"}):
+        assert not any("HEARTBEAT" in note for note in load(**fine).notes), fine
