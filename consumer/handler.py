@@ -80,7 +80,7 @@ from consumer.errors import (
     UndecodableEvent,
 )
 from consumer.filtering import DROP_TOMBSTONE, Drop, drop_reason
-from consumer.logs import event_fields
+from consumer.logs import RateLimit, event_fields
 from consumer.metrics import Children, Metrics
 from consumer.permits import Permit, PermitPool
 from consumer.policy import Attempts, RetryPolicy
@@ -105,6 +105,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# Every event waiting for the registry retries on its own: one line per cause per 30 s (the
+# count of the rest appended), not one per event per retry (~400 lines every 30 s with
+# full windows, review "faults23"). The registry client logs the outage and its end.
+schema_log = logging.getLogger(f"{__name__}.schema")
+schema_log.addFilter(RateLimit(30.0))
 
 LOG_TEXT_LIMIT = 1024
 """Characters of an error's text in one log line (the DLQ's header keeps as many)."""
@@ -433,8 +438,8 @@ class Handler:
                 event.decision = exc
                 return
             except Exception as exc:
-                log.warning("schema registry unavailable (%s); retrying in %.1f s",
-                            _registry_failure(exc), delay, extra=event.fields)
+                schema_log.warning("schema registry unavailable (%s); retrying in %.1f s",
+                                   _registry_failure(exc), delay, extra=event.fields)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 

@@ -1535,6 +1535,34 @@ def test_a_registry_fault_holds_readiness_only_while_an_event_waits_for_it() -> 
     asyncio.run(main())
 
 
+def test_events_waiting_for_a_down_registry_log_one_line_per_cause_not_one_each(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Each waiting event retried on its own and logged each retry: ~400 lines every 30 s
+    with full windows during a registry outage (review "faults23")."""
+    metrics = Metrics(CollectorRegistry())
+    health = Health(metrics)
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i))
+                        for i in range(30)]}  # 30 users: 30 events wait at once
+    registry = Registry("http://unused", client=_RefusingRegistryClient())
+    worker = Worker(settings(), metrics, health, client=FakeClient(), registry=registry,
+                    dlq=FakeDlq(), source=lambda cb: FakeSource(cb, log))
+    caplog.set_level(logging.WARNING)
+
+    async def main() -> None:
+        task = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: health.ready()[1].startswith("schema registry does not answer"),
+                        "events waiting for the registry")
+            await asyncio.sleep(1.7)  # every event has retried at 0.5 s and 1.5 s
+        finally:
+            worker.stop()
+        assert await asyncio.wait_for(task, 10) == 0
+
+    asyncio.run(main())
+    lines = [r for r in caplog.records if "schema registry unavailable" in r.getMessage()]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
+
+
 def test_a_paused_partitions_lag_follows_the_broker_not_the_frozen_statistics(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
