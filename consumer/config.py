@@ -928,7 +928,25 @@ def _bootstrap_problems(raw: str) -> list[str]:
         elif port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
             problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: the port must be "
                             "1-65535")
+        elif not _address_literal_ok(host):
+            # librdkafka only fails to resolve it: `run` waited for ever, as for an outage.
+            problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: {host} is not an IP "
+                            "address; give the broker's name or its address")
     return problems
+
+
+def _address_literal_ok(host: str) -> bool:
+    """False for what can only be a mistyped address: `[…]` that is no IPv6 address, or
+    dotted digits that are no IPv4 address (`999.1.1.1`)."""
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else None
+    try:
+        if literal is not None:
+            ipaddress.IPv6Address(literal)
+        elif host.replace(".", "").isdigit() and "." in host:
+            ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _url_problem(url: str) -> str | None:
@@ -1242,6 +1260,7 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
                         inclusive_low=True)
     ca_file = reader.text("REDIS_TLS_CA_FILE")
     raw = reader.text("REDIS_URL")
+    raw = None if raw is None else _lower_scheme(raw)
     if raw is None:
         if ca_file is not None:
             reader.problems.append("REDIS_TLS_CA_FILE is set but REDIS_URL is not: set "
@@ -1261,6 +1280,13 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
                                f"{hint}, e.g. redis://redis:6379/0")
         return None, shared
     shown = _redis_shown(match)
+    host = match.group("host")
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            reader.problems.append(f"REDIS_URL={shown!r}: {host} is not an IPv6 address: "
+                                   "give the host's name or its address, e.g. [::1]")
     port = match.group("port")
     if port is not None and not 0 < int(port) < 65536:
         reader.problems.append(f"REDIS_URL={shown!r} has an invalid port: use 1-65535")
@@ -1286,6 +1312,13 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
             _check_pem(reader, "REDIS_TLS_CA_FILE", ca_file, "mount the CA and give its path")
     return RedisSettings(url=Secret(raw), tls=tls, tls_ca_file=ca_file, timeout_s=timeout,
                          dedup_ttl_s=ttl), shared
+
+
+def _lower_scheme(url: str) -> str:
+    """A URL's scheme in lower case: schemes are case-insensitive (RFC 3986), and
+    `HTTP://registry:8081` was refused with "needs a scheme: e.g. http://HTTP://…"."""
+    scheme, sep, rest = url.partition("://")
+    return scheme.lower() + sep + rest if sep and scheme.isalpha() else url
 
 
 _OFFLINE_DEFAULTS = {
@@ -1399,6 +1432,7 @@ def load_settings(
     registry_url = r.required(
         "SCHEMA_REGISTRY_URL", "enter the registry's base URL, e.g. http://schema-registry:8081"
     )
+    registry_url = _lower_scheme(registry_url)
     shown = redact_userinfo(registry_url or "")  # credentials in the URL
     registry_ok = False
     if registry_url and "," in registry_url:

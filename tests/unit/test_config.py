@@ -1179,3 +1179,32 @@ def test_a_heartbeat_past_a_third_of_the_session_is_a_note_and_within_it_nothing
     for fine in ({"KAFKA_HEARTBEAT_INTERVAL_MS": "3000"}, {},
                  {"KAFKA_HEARTBEAT_INTERVAL_MS": "15000", "KAFKA_SESSION_TIMEOUT_MS": "45000"}):
         assert not any("HEARTBEAT" in note for note in load(**fine).notes), fine
+
+
+@pytest.mark.parametrize("servers", ["999.1.1.1:9092", "[1::2::3]:9092",
+                                     "kafka:9092,10.0.0.256:9092"])
+def test_a_broker_address_that_is_no_ip_address_is_refused(servers: str) -> None:
+    """librdkafka only fails to resolve it, and `run` waited for ever as for an outage
+    (review "ops23")."""
+    assert "is not an IP address" in problem(KAFKA_BOOTSTRAP_SERVERS=servers)
+
+
+@pytest.mark.parametrize("servers", ["10.0.0.1:9092", "[::1]:9092", "kafka-0.kafka:9092",
+                                     "b-1.msk.example:9096", "1kafka:9092"])
+def test_broker_names_and_addresses_are_taken(servers: str) -> None:
+    assert load(KAFKA_BOOTSTRAP_SERVERS=servers).bootstrap_servers
+
+
+@pytest.mark.parametrize("url", ["redis://[1::2::3]:6379/0", "redis://[:::::]"])
+def test_a_redis_host_in_brackets_that_is_no_ipv6_address_is_refused(url: str) -> None:
+    """check-config took it, and run refused it with advice about the password."""
+    assert "is not an IPv6 address" in problem(REDIS_URL=url)
+
+
+def test_url_schemes_are_case_insensitive() -> None:
+    """`HTTP://…` was refused with "needs a scheme: e.g. http://HTTP://…" (review "ops23")."""
+    settings = load(SCHEMA_REGISTRY_URL="HTTP://schema-registry:8081",
+                    REDIS_URL="REDISS://redis:6380/0")
+    assert settings.registry_url == "http://schema-registry:8081"
+    assert settings.redis is not None and settings.redis.tls
+    assert settings.redis.url.reveal() == "rediss://redis:6380/0"
