@@ -230,8 +230,25 @@ def replay_headers(headers: Sequence[Header] | None, *, secret: bytes | None = N
 
 
 def _time(text: str) -> datetime:
-    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time: e.g. 2026-12-01T09:30:00Z or 2026-12-01"
+        ) from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _count(text: str) -> int:
+    """A number of at least 0 (an offset, a partition, a replay count): a negative one
+    selected nothing, or named every record over the limit, without a word."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: give 0 or more")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -246,11 +263,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "group events whose traits a later identify may have replaced")
     p.add_argument("--since", type=_time, help="dead-lettered at or after (ISO 8601)")
     p.add_argument("--until", type=_time, help="dead-lettered at or before (ISO 8601)")
-    p.add_argument("--partition", type=int, action="append", default=[],
+    p.add_argument("--partition", type=_count, action="append", default=[],
                    help="only this DLQ partition (repeatable)")
-    p.add_argument("--from-offset", type=int, help="first DLQ offset to consider")
-    p.add_argument("--to-offset", type=int, help="last DLQ offset to consider")
-    p.add_argument("--max-replays", type=int, default=None,
+    p.add_argument("--from-offset", type=_count, help="first DLQ offset to consider")
+    p.add_argument("--to-offset", type=_count, help="last DLQ offset to consider")
+    p.add_argument("--max-replays", type=_count, default=None,
                    help="replay limit per event (default: $WORKER_REPLAY_MAX or 3)")
     p.add_argument("--group", default=None,
                    help="replayer consumer group (default: userpilot-replay.<dlq topic>, "
@@ -520,6 +537,13 @@ def main(args: argparse.Namespace) -> int:
 
     if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
         raise ConfigError("replay needs KAFKA_BOOTSTRAP_SERVERS")
+    if (args.from_offset is not None and args.to_offset is not None
+            and args.from_offset > args.to_offset):
+        raise ConfigError(f"--from-offset {args.from_offset} is past --to-offset "
+                          f"{args.to_offset}: nothing could be selected")
+    if args.since is not None and args.until is not None and args.since > args.until:
+        raise ConfigError(f"--since {args.since.isoformat()} is after --until "
+                          f"{args.until.isoformat()}: nothing could be selected")
     # The worker's own settings: same KAFKA_* pass-through (secrets, service links) and
     # the validated WORKER_REPLAY_MAX; what replay does not use may be left unset.
     settings = load_settings(os.environ, offline=True)

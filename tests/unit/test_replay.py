@@ -201,3 +201,28 @@ def test_call_filter_selects_by_the_request_the_event_failed_at() -> None:
             b'{"from_offset": null, "partitions": [], "reasons": ["bad_request"], '
             b'"since": null, "statuses": [], "to_offset": null, "until": null}'
         ).hexdigest()[:12])
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--max-replays", "-1"], "negative"),
+    (["--partition", "-2"], "negative"),
+    (["--from-offset", "x"], "not a whole number"),
+    (["--since", "garbage"], "not an ISO 8601 time"),
+    (["--from-offset", "5", "--to-offset", "2"], "past --to-offset"),
+    (["--since", "2026-12-02", "--until", "2026-12-01"], "after --until"),
+])
+def test_arguments_that_select_nothing_or_mean_nothing_are_refused(
+        argv: list[str], says: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """They were taken without a word: a negative --max-replays named every record over
+    the limit, a reversed range selected nothing with exit 0, and a bad --since printed
+    argparse's "invalid _time value" (review "ops23")."""
+    from consumer.__main__ import main
+
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    try:
+        code: object = main(["replay", "--from", "dlq", *argv])
+    except SystemExit as exc:  # argparse's own refusal
+        code = exc.code
+    assert code == 2
+    assert says in capsys.readouterr().err
