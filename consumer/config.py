@@ -21,7 +21,7 @@ import math
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, urlsplit
@@ -610,10 +610,12 @@ def _http_url_problem(url: str) -> str | None:
     return url_problem(url)
 
 
-def _check_api_key(reader: _Reader) -> Secret:
+def _check_api_key(reader: _Reader, unread: Collection[str] = ()) -> Secret:
     raw = reader.env.get("USERPILOT_API_KEY", "")
     value = raw.strip()
-    if not value:
+    if not value and "USERPILOT_API_KEY" in unread:
+        pass  # USERPILOT_API_KEY_FILE's own problem says why
+    elif not value:
         reader.problems.append(
             "USERPILOT_API_KEY is not set: copy the application write token (not the "
             "read/export token) from Userpilot's Environment page"
@@ -832,8 +834,11 @@ def _heartbeat_within_session(reader: _Reader, conf: Mapping[str, Any]) -> None:
             f"partitions; {session // 3} or less is safer")
 
 
-def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[str, str]:
-    """Replace each ``<NAME>_FILE`` by ``<NAME>`` with the file's content (one line)."""
+def _read_secret_files(env: Mapping[str, str], problems: list[str],
+                       unread: set[str] | None = None) -> Mapping[str, str]:
+    """Replace each ``<NAME>_FILE`` by ``<NAME>`` with the file's content (one line);
+    `unread` collects the ``<NAME>``s whose file could not give a value (its problem said
+    so: "<NAME> is not set" after it only misled)."""
     if not any(name.endswith("_FILE") for name in env):
         return env
     resolved = dict(env)
@@ -867,14 +872,20 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str]) -> Mapping[s
             reason = getattr(exc, "strerror", None) or str(exc)
             problems.append(f"{name}={path!r} cannot be read ({reason}): check the mounted "
                             "secret's path and permissions")
+            if unread is not None:
+                unread.add(base)
             continue
         if len(raw) > MAX_SECRET_FILE_BYTES:
             problems.append(f"{name}={path!r} holds over {MAX_SECRET_FILE_BYTES // 1024} KB: "
                             "a secret file holds the value alone; check the path")
+            if unread is not None:
+                unread.add(base)
             continue
         value = content.removesuffix("\n").removesuffix("\r")
         if not value.strip():
             problems.append(f"{name}={path!r} is empty: the secret file must hold the value")
+            if unread is not None:
+                unread.add(base)
             continue
         resolved[base] = value
     return resolved
@@ -1342,13 +1353,14 @@ def load_settings(
     connection); `explain`, which builds no Kafka client, turns it off.
     """
     file_problems: list[str] = []
-    env = _read_secret_files(env, file_problems)
+    unread: set[str] = set()
+    env = _read_secret_files(env, file_problems, unread)
     if offline:
         env = {**_OFFLINE_DEFAULTS, **{k: v for k, v in env.items() if v.strip()}}
     r = _Reader(env)
     r.problems.extend(file_problems)
     _unknown_variables(r)
-    api_key = _check_api_key(r)
+    api_key = _check_api_key(r, unread)
     endpoint = _check_endpoint(r)
     insecure = r.boolean("USERPILOT_INSECURE_HTTP", False)
     host = endpoint.rsplit(":", 1)[0].lower().rstrip(".") if endpoint else ""

@@ -1208,3 +1208,16 @@ def test_url_schemes_are_case_insensitive() -> None:
     assert settings.registry_url == "http://schema-registry:8081"
     assert settings.redis is not None and settings.redis.tls
     assert settings.redis.url.reveal() == "rediss://redis:6380/0"
+
+
+@pytest.mark.parametrize("content", [None, b"", b"\n"])
+def test_an_unreadable_api_key_file_is_one_problem_not_two(
+        tmp_path: Path, content: bytes | None) -> None:
+    """A missing or empty USERPILOT_API_KEY_FILE also listed "USERPILOT_API_KEY is not
+    set: copy the … token", which sent the user to Userpilot instead of the mount."""
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_bytes(content)
+    env = {k: v for k, v in BASE.items() if k != "USERPILOT_API_KEY"}
+    found = problems({**env, "USERPILOT_API_KEY_FILE": str(path)})
+    assert len(found) == 1 and found[0].startswith("USERPILOT_API_KEY_FILE="), found
