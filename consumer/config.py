@@ -126,7 +126,6 @@ CONSENT_OFF = ("none", "off")
 """``USERPILOT_CONSENT_CATEGORIES=none`` (or ``off``) disables consent gating."""
 
 DEFAULT_MAX_CONNECTIONS = 64
-HEARTBEAT_INTERVAL_MS = 3000  # librdkafka's default heartbeat.interval.ms
 """Per endpoint family (Track; identify with company identify), a ceiling, not sockets
 held: at Userpilot's 10 requests a second per family the pool opens what rate x latency
 needs (2 connections at 100 ms answers, review "fairbench20"), and 64 carry a family's 10
@@ -134,6 +133,8 @@ requests a second up to 6.4 s an answer. Round 20 tried 16 (one pool for both fa
 where the benchmark's delivery ratio passes (both loops then wait on the sandbox, not on
 the CPU); reviews measured it worse for users: a catch-up with ensure-user at 1.2 s answers
 ran at 5.9 events/s against 10 at 64 (RESULTS.md, "Round 20")."""
+
+HEARTBEAT_INTERVAL_MS = 3000  # librdkafka's default heartbeat.interval.ms
 
 _KAFKA_RESERVED = frozenset({"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPICS", "KAFKA_GROUP_ID",
                              "KAFKA_DLQ_TOPIC"})
@@ -822,16 +823,21 @@ def _heartbeat_within_session(reader: _Reader, conf: Mapping[str, Any]) -> None:
         return  # librdkafka's own check names it
     given = ("KAFKA_SESSION_TIMEOUT_MS" if "session.timeout.ms" in conf
              else "the worker's default session timeout")
+    if "heartbeat.interval.ms" in conf:
+        beat, fix = f"KAFKA_HEARTBEAT_INTERVAL_MS={heartbeat}", "set it to"
+    else:
+        beat = f"librdkafka's default heartbeat ({heartbeat} ms)"
+        fix = "raise KAFKA_SESSION_TIMEOUT_MS or set KAFKA_HEARTBEAT_INTERVAL_MS to"
     if heartbeat >= session:
         reader.problems.append(
-            f"KAFKA_HEARTBEAT_INTERVAL_MS={heartbeat} is not below the session timeout "
-            f"({session} ms, {given}): the group would drop this replica every session and "
-            f"its partitions with it; set it to at most {session // 3} (a third), or remove it")
+            f"{beat} is not below the session timeout ({session} ms, {given}): the group "
+            f"would drop this replica every session and its partitions with it; {fix} at "
+            f"most {session // 3} (a third)")
     elif heartbeat * 3 > session:
         reader.notes.append(
-            f"KAFKA_HEARTBEAT_INTERVAL_MS={heartbeat} is over a third of the session timeout "
-            f"({session} ms, {given}): one lost heartbeat may cost the replica its "
-            f"partitions; {session // 3} or less is safer")
+            f"{beat} is over a third of the session timeout ({session} ms, {given}): one "
+            f"lost heartbeat may cost the replica its partitions; {fix} "
+            f"{session // 3} or less")
 
 
 def _read_secret_files(env: Mapping[str, str], problems: list[str],
@@ -948,16 +954,21 @@ def _bootstrap_problems(raw: str) -> list[str]:
 
 def _address_literal_ok(host: str) -> bool:
     """False for what can only be a mistyped address: `[…]` that is no IPv6 address, or
-    dotted digits that are no IPv4 address (`999.1.1.1`)."""
-    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else None
-    try:
-        if literal is not None:
-            ipaddress.IPv6Address(literal)
-        elif host.replace(".", "").isdigit() and "." in host:
-            ipaddress.IPv4Address(host)
-    except ValueError:
+    dotted digits no resolver reads as IPv4 (`999.1.1.1`, five parts). The shorthand
+    inet_aton takes (`127.1`) stays valid: librdkafka connects to it."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    parts = host.split(".")
+    if len(parts) < 2 or not all(p.isascii() and p.isdigit() for p in parts):
+        return True  # a name
+    if len(parts) > 4:
         return False
-    return True
+    *leading, last = (int(p) for p in parts)
+    return all(p <= 255 for p in leading) and last < 256 ** (5 - len(parts))
 
 
 def _url_problem(url: str) -> str | None:
@@ -1292,12 +1303,9 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
         return None, shared
     shown = _redis_shown(match)
     host = match.group("host")
-    if host.startswith("["):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            reader.problems.append(f"REDIS_URL={shown!r}: {host} is not an IPv6 address: "
-                                   "give the host's name or its address, e.g. [::1]")
+    if not _address_literal_ok(host):
+        reader.problems.append(f"REDIS_URL={shown!r}: {host} is not an IP address: give "
+                               "the host's name or its address, e.g. 10.0.0.5 or [::1]")
     port = match.group("port")
     if port is not None and not 0 < int(port) < 65536:
         reader.problems.append(f"REDIS_URL={shown!r} has an invalid port: use 1-65535")

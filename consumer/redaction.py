@@ -77,10 +77,15 @@ def kafka_secrets(conf: Mapping[str, str], secret_keys: Iterable[str]) -> list[s
                 if (given and len(given) >= MIN_ALONE
                         and any(w in name.lower() for w in _SECRET_WORDS)):
                     secrets.append(given)
-    for user_key, secret_key in (("sasl.username", "sasl.password"),
-                                 ("sasl.oauthbearer.client.id",
-                                  "sasl.oauthbearer.client.secret")):
-        user, secret = conf.get(user_key), conf.get(secret_key)
+    # librdkafka takes the OIDC client under two spellings (the newer
+    # `…client.credentials.client.id/secret`); the Basic form of either pair is masked
+    # (review "diff23": the newer one's was not).
+    oidc = "sasl.oauthbearer.client."
+    newer = "sasl.oauthbearer.client.credentials.client."
+    pairs = ((conf.get("sasl.username"), conf.get("sasl.password")),
+             (conf.get(newer + "id") or conf.get(oidc + "id"),
+              conf.get(newer + "secret") or conf.get(oidc + "secret")))
+    for user, secret in pairs:
         if user and secret:
             pair = f"{user}:{secret}"
             secrets += [pair, base64.b64encode(pair.encode()).decode()]

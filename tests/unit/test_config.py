@@ -1173,6 +1173,16 @@ def test_a_heartbeat_at_or_past_the_session_timeout_is_refused(
     assert f"at most {limit}" in text
 
 
+def test_librdkafkas_default_heartbeat_is_named_as_such_not_as_a_variable_set() -> None:
+    """`KAFKA_SESSION_TIMEOUT_MS=3000` was refused with "KAFKA_HEARTBEAT_INTERVAL_MS=3000
+    … or remove it", a variable the user never set (review "diff23")."""
+    text = problem(KAFKA_SESSION_TIMEOUT_MS="3000")
+    assert text.startswith("librdkafka's default heartbeat (3000 ms)"), text
+    assert "raise KAFKA_SESSION_TIMEOUT_MS" in text
+    noted = load(KAFKA_SESSION_TIMEOUT_MS="6000").notes
+    assert any(n.startswith("librdkafka's default heartbeat") for n in noted), noted
+
+
 def test_a_heartbeat_past_a_third_of_the_session_is_a_note_and_within_it_nothing() -> None:
     noted = load(KAFKA_HEARTBEAT_INTERVAL_MS="5000")
     assert any("KAFKA_HEARTBEAT_INTERVAL_MS=5000" in note for note in noted.notes)
@@ -1182,7 +1192,7 @@ def test_a_heartbeat_past_a_third_of_the_session_is_a_note_and_within_it_nothing
 
 
 @pytest.mark.parametrize("servers", ["999.1.1.1:9092", "[1::2::3]:9092",
-                                     "kafka:9092,10.0.0.256:9092"])
+                                     "kafka:9092,10.0.0.256:9092", "1.2.3.4.5:9092"])
 def test_a_broker_address_that_is_no_ip_address_is_refused(servers: str) -> None:
     """librdkafka only fails to resolve it, and `run` waited for ever as for an outage
     (review "ops23")."""
@@ -1190,15 +1200,17 @@ def test_a_broker_address_that_is_no_ip_address_is_refused(servers: str) -> None
 
 
 @pytest.mark.parametrize("servers", ["10.0.0.1:9092", "[::1]:9092", "kafka-0.kafka:9092",
-                                     "b-1.msk.example:9096", "1kafka:9092"])
+                                     "b-1.msk.example:9096", "1kafka:9092", "127.1:9092",
+                                     "10.65535:9092"])
 def test_broker_names_and_addresses_are_taken(servers: str) -> None:
     assert load(KAFKA_BOOTSTRAP_SERVERS=servers).bootstrap_servers
 
 
-@pytest.mark.parametrize("url", ["redis://[1::2::3]:6379/0", "redis://[:::::]"])
+@pytest.mark.parametrize("url", ["redis://[1::2::3]:6379/0", "redis://[:::::]",
+                                 "redis://999.1.1.1:6379/0"])
 def test_a_redis_host_in_brackets_that_is_no_ipv6_address_is_refused(url: str) -> None:
     """check-config took it, and run refused it with advice about the password."""
-    assert "is not an IPv6 address" in problem(REDIS_URL=url)
+    assert "is not an IP address" in problem(REDIS_URL=url)
 
 
 def test_url_schemes_are_case_insensitive() -> None:

@@ -208,7 +208,10 @@ def test_only_the_brokers_latest_error_says_whether_they_refuse_the_settings() -
     assert _refusal([]) is None
 
 
-def test_an_oidc_endpoint_echoing_the_client_secret_is_redacted_in_the_kafka_problem() -> None:
+@pytest.mark.parametrize("names", ["sasl.oauthbearer.client.",
+                                   "sasl.oauthbearer.client.credentials.client."])
+def test_an_oidc_endpoint_echoing_the_client_secret_is_redacted_in_the_kafka_problem(
+        names: str) -> None:
     """librdkafka quotes the token endpoint's refusal, and one that echoes the request shows
     `Authorization: Basic base64(client.id:client.secret)`: `run`, `check-config --online`
     and `replay` printed it (review "ops23"). No broker is needed: the token comes first."""
@@ -232,7 +235,7 @@ def test_an_oidc_endpoint_echoing_the_client_secret_is_redacted_in_the_kafka_pro
     secret = "OIDCSECRET_s3cret"
     conf = {"bootstrap.servers": "127.0.0.1:1", "security.protocol": "SASL_PLAINTEXT",
             "sasl.mechanism": "OAUTHBEARER", "sasl.oauthbearer.method": "oidc",
-            "sasl.oauthbearer.client.id": "cid", "sasl.oauthbearer.client.secret": secret,
+            names + "id": "cid", names + "secret": secret,
             "sasl.oauthbearer.token.endpoint.url":
                 f"http://127.0.0.1:{server.server_port}/token"}
     try:
