@@ -221,7 +221,9 @@ def test_a_compacted_dlq_is_refused_by_check_config_and_run(
     assert f"has cleanup.policy={policy}" in ran.stderr
 
 
-@pytest.mark.parametrize("timeout_ms", ["1", "1800001"])
+# Below the brokers' group.min.session.timeout.ms (6 s) yet three heartbeats (1 s here)
+# long: a session shorter than the heartbeat is refused offline, before any broker.
+@pytest.mark.parametrize("timeout_ms", ["3000", "1800001"])
 def test_a_session_timeout_the_brokers_refuse_stops_check_config_and_run(
     online_env: dict[str, str], timeout_ms: str,
 ) -> None:

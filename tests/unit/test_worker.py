@@ -34,6 +34,7 @@ from consumer.deadletter import replay_seal
 from consumer.errors import DlqRecordTooLarge, RateLimited, Rejected, ServerError
 from consumer.health import Health
 from consumer.kafka import Partitions
+from consumer.logs import RateLimit
 from consumer.metrics import Metrics
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
 from consumer.registry import Registry
@@ -1536,9 +1537,11 @@ def test_a_registry_fault_holds_readiness_only_while_an_event_waits_for_it() -> 
 
 
 def test_events_waiting_for_a_down_registry_log_one_line_per_cause_not_one_each(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each waiting event retried on its own and logged each retry: ~400 lines every 30 s
     with full windows during a registry outage (review "faults23")."""
+    # A fresh 30 s window: an earlier test's line of the same cause would silence this one.
+    monkeypatch.setattr(handler.schema_log, "filters", [RateLimit(30.0)])
     metrics = Metrics(CollectorRegistry())
     health = Health(metrics)
     log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i))
