@@ -102,15 +102,6 @@ def hold_after_guard(health: Health, seconds: float, beat_s: float = 1.0) -> boo
     return True
 
 
-def _command_logging(settings: Settings) -> None:
-    """A command's own log lines (librdkafka's, through `Settings.kafka_config`): warnings
-    and errors, redacted as `run`'s are. Python's last-resort handler printed them as they
-    came, an OIDC endpoint's echo of the client secret included (review "ops23")."""
-    from consumer.logs import configure_logging
-
-    configure_logging("WARNING", settings.log_format, settings.log_secrets())
-
-
 def _unreachable(problems: list[str]) -> int:
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
@@ -256,8 +247,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print("configuration OK", file=sys.stderr)
     if not args.online:
         return 0
-    _command_logging(settings)
     from consumer import reach
+    from consumer.logs import configure_command_logging
+
+    configure_command_logging(settings.log_format, settings.log_secrets())
 
     timeout = args.timeout
     checks: tuple[tuple[int, str, Callable[[], str | None]], ...] = (
@@ -341,7 +334,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
         return 1
-    _command_logging(settings)
+    from consumer.logs import configure_command_logging
+
+    configure_command_logging(settings.log_format, settings.log_secrets())
     conf = settings.kafka_config()
     produce_events(lines, topic=args.topic, bootstrap=bootstrap, registry_url=registry,
                    source=path or "<stdin>", extra_conf=conf, timeout=args.timeout,

@@ -870,31 +870,32 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str],
             problems.append(f"both {base} and {name} are set: keep one")
             continue
         path = env[name].strip()
-        try:
-            with open(path, "rb") as file:  # a bounded read
-                raw = file.read(MAX_SECRET_FILE_BYTES + 1)
-            content = raw.decode("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            problems.append(f"{name}={path!r} cannot be read ({reason}): check the mounted "
-                            "secret's path and permissions")
-            if unread is not None:
-                unread.add(base)
-            continue
-        if len(raw) > MAX_SECRET_FILE_BYTES:
-            problems.append(f"{name}={path!r} holds over {MAX_SECRET_FILE_BYTES // 1024} KB: "
-                            "a secret file holds the value alone; check the path")
-            if unread is not None:
-                unread.add(base)
-            continue
-        value = content.removesuffix("\n").removesuffix("\r")
-        if not value.strip():
-            problems.append(f"{name}={path!r} is empty: the secret file must hold the value")
+        value, problem = _secret_file(path)
+        if problem is not None:
+            problems.append(f"{name}={path!r} {problem}")
             if unread is not None:
                 unread.add(base)
             continue
         resolved[base] = value
     return resolved
+
+
+def _secret_file(path: str) -> tuple[str, str | None]:
+    """A secret file's value (one line), or what is wrong with the file."""
+    try:
+        with open(path, "rb") as file:  # a bounded read
+            raw = file.read(MAX_SECRET_FILE_BYTES + 1)
+        content = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return "", f"cannot be read ({reason}): check the mounted secret's path and permissions"
+    if len(raw) > MAX_SECRET_FILE_BYTES:
+        return "", (f"holds over {MAX_SECRET_FILE_BYTES // 1024} KB: a secret file holds the "
+                    "value alone; check the path")
+    value = content.removesuffix("\n").removesuffix("\r")
+    if not value.strip():
+        return "", "is empty: the secret file must hold the value"
+    return value, None
 
 
 MAX_SECRET_FILE_BYTES = 64 * 1024

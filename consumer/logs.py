@@ -22,8 +22,8 @@ from typing import Any
 
 from consumer.redaction import Redactor
 
-__all__ = ["LIBRDKAFKA_LOGGER", "RateLimit", "configure_logging", "event_fields",
-           "librdkafka_logger"]
+__all__ = ["LIBRDKAFKA_LOGGER", "RateLimit", "configure_command_logging", "configure_logging",
+           "event_fields", "librdkafka_logger"]
 
 LIBRDKAFKA_LOGGER = "librdkafka"
 
@@ -117,6 +117,14 @@ def configure_logging(level: str = "INFO", fmt: str = "text",
     root.setLevel(level)
     for noisy in ("httpx", "httpcore", "httpx2", "httpcore2"):  # httpx2: the registry client
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def configure_command_logging(fmt: str, secrets: list[str]) -> None:
+    """A command's own log lines (`produce`, `replay`, `check-config --online`: librdkafka's,
+    through `Settings.kafka_config`): warnings and errors, redacted as `run`'s are. Python's
+    last-resort handler printed them as they came, an OIDC endpoint's echo of the client
+    secret included (review "ops23")."""
+    configure_logging("WARNING", fmt, secrets)
 
 
 class RateLimit(logging.Filter):

@@ -547,10 +547,9 @@ def main(args: argparse.Namespace) -> int:
     # The worker's own settings: same KAFKA_* pass-through (secrets, service links) and
     # the validated WORKER_REPLAY_MAX; what replay does not use may be left unset.
     settings = load_settings(os.environ, offline=True)
-    from consumer.logs import configure_logging
+    from consumer.logs import configure_command_logging
 
-    # librdkafka's lines, redacted as `run`'s (an OIDC endpoint's echo, review "ops23").
-    configure_logging("WARNING", settings.log_format, settings.log_secrets())
+    configure_command_logging(settings.log_format, settings.log_secrets())
     max_replays = settings.replay_max if args.max_replays is None else args.max_replays
     filters = Filters(
         # As the headers spell them (snake_case reasons, bare status codes): `Bad_Request`

@@ -1183,14 +1183,10 @@ class Worker:
         if total > 0:
             self.partitions_total = total
             self._reshare_delay = RESHARE_RETRY_S
-            if self._missing:
-                with self._parts_lock:  # looked for again: it may be created any time
-                    self._reshare_due = True
-                    self._reshare_at = time.monotonic() + MISSING_TOPIC_CHECK_S
+            if self._missing:  # looked for again: it may be created any time
+                self._reshare_in(MISSING_TOPIC_CHECK_S)
         else:
-            with self._parts_lock:
-                self._reshare_due = True
-                self._reshare_at = time.monotonic() + self._reshare_delay
+            self._reshare_in(self._reshare_delay)
             self._reshare_delay = min(RESHARE_RETRY_MAX_S, 2 * self._reshare_delay)
             if self.partitions_total <= 0:
                 return None
@@ -1198,12 +1194,16 @@ class Worker:
             owned = len(self.assigned)
         return partition_share(owned, self.partitions_total)
 
+    def _reshare_in(self, seconds: float) -> None:
+        """Either thread: count the partitions again (`_reshare`) `seconds` from now."""
+        with self._parts_lock:
+            self._reshare_due = True
+            self._reshare_at = time.monotonic() + seconds
+
     def _topic_error(self, err: Any) -> None:
         """A subscribed topic reported gone: asked about on the next turn (`_note_missing`)."""
         if topic_not_there(err):
-            with self._parts_lock:
-                self._reshare_due = True
-                self._reshare_at = 0.0
+            self._reshare_in(0.0)
 
     def _note_missing(self, missing: dict[str, str]) -> None:
         """Poll thread: gauge and log the source topics the brokers do not have.
