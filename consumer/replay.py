@@ -5,7 +5,10 @@ The replayer is a consumer group of its own on the DLQ, one per selection of fil
 the filters (acks=all) and commits, so a run can be stopped and resumed and a second run
 of the same selection replays nothing twice, while another selection still sees every
 record. Each replay increments
-`userpilot.replay.count`; an event at the limit is reported, not replayed again.
+`userpilot.replay.count`; an event at the limit is reported, not replayed again. An event
+dead-lettered twice (a crash between the DLQ's acknowledgement and the commit, a partition
+lost while Kafka was unreachable: the next owner re-reads it) has two dead letters with the
+same source coordinates; a run replays the first and counts the second (`SeenSources`).
 `decide` is pure; `run_replay` is the Kafka loop (its own consumer and producer).
 """
 
@@ -20,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -46,14 +50,15 @@ from consumer.deadletter import (
     message_headers,
     replay_count,
     replay_seal,
+    source_of,
     value_omitted,
 )
 from consumer.errors import ConfigError
 from consumer.kafka import make_producer
 
 __all__ = [
-    "CALLS", "Filters", "Summary", "add_arguments", "decide", "default_group", "failed_call",
-    "main", "replay_headers", "run_replay",
+    "CALLS", "Filters", "SeenSources", "Summary", "add_arguments", "decide", "default_group",
+    "failed_call", "main", "replay_headers", "run_replay",
 ]
 
 
@@ -93,15 +98,17 @@ class Summary:
     gone: int = 0  # ... whose original the source topic no longer holds
     mismatch: int = 0  # ... whose original's hash differs (not replayed)
     unpublishable: int = 0  # the origin topic refuses the record itself (too large)
+    doubled: int = 0  # a second dead letter of an event this run replayed (not replayed)
     over_limit_offsets: list[str] = field(default_factory=list)
     unrestored_offsets: list[str] = field(default_factory=list)
     unpublishable_offsets: list[str] = field(default_factory=list)
+    doubled_offsets: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"replayed": self.replayed, "skipped_by_filter": self.skipped_by_filter,
                 "over_limit": self.over_limit, "no_origin": self.no_origin,
                 "restored": self.restored, "gone": self.gone, "mismatch": self.mismatch,
-                "unpublishable": self.unpublishable}
+                "unpublishable": self.unpublishable, "doubled": self.doubled}
 
 
 _COORDINATOR_NOT_READY = frozenset({
@@ -188,6 +195,38 @@ def decide(headers: Sequence[Header] | None, partition: int, offset: int,
     if replay_count(headers) >= filters.max_replays:
         return "over_limit"
     return "replay"
+
+
+class SeenSources:
+    """The source records (topic, partition, offset) this run replayed, the latest
+    `limit` of them: a later dead letter of one of them is a second copy of the same event.
+
+    Bounded (about 300 bytes an entry, 30 MB at the default): the copies of one event are
+    written seconds to minutes apart, by the replica that lost it and the one that re-read
+    it, so a window of the latest records finds them; a copy written more than `limit`
+    replayed records after the first, or in a later run, is replayed again (README).
+    """
+
+    __slots__ = ("_limit", "_seen")
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._limit = limit
+        # source → the DLQ partition and offset of its first dead letter
+        self._seen: OrderedDict[tuple[str, int, int], tuple[int, int]] = OrderedDict()
+
+    def before(self, source: tuple[str, int, int] | None) -> tuple[int, int] | None:
+        """The DLQ partition and offset of the dead letter of `source` this run replayed,
+        or None (always for a dead letter without coordinates)."""
+        return None if source is None else self._seen.get(source)
+
+    def add(self, source: tuple[str, int, int] | None, at: tuple[int, int]) -> None:
+        """`source`'s dead letter at `at` (DLQ partition, offset) is being replayed."""
+        if source is None:
+            return
+        topic, partition, offset = source
+        self._seen[(sys.intern(topic), partition, offset)] = at
+        if len(self._seen) > self._limit:
+            self._seen.popitem(last=False)
 
 
 def default_group(dlq_topic: str, filters: Filters) -> str:
@@ -310,6 +349,7 @@ def run_replay(
         "batch.num.messages": 1,
         "message.max.bytes": max(int(conf.get("message.max.bytes", 0)), REPLAY_MAX_BYTES)})
     summary = Summary()
+    seen = SeenSources()
     checkpoint: Callable[[], None] | None = None  # once there is a position to commit
     try:
         meta = consumer.list_topics(dlq_topic, timeout=10)
@@ -399,7 +439,8 @@ def run_replay(
                 p, off = msg.partition(), msg.offset()
                 if p is None or off is None or p not in ends or off >= ends[p]:
                     continue
-                line = _replay_one(msg, p, off, dlq_topic, filters, conf, summary, dry_run)
+                line = _replay_one(msg, p, off, dlq_topic, filters, conf, summary, dry_run,
+                                   seen)
                 if line is not None:
                     if producer is None:  # a dry run: what would be published
                         line.pop("_record")
@@ -465,7 +506,7 @@ def _publish(producer: Producer, line: dict[str, Any], msg: Message, at: tuple[i
 
 def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters,
                 conf: dict[str, Any], summary: Summary, dry_run: bool,
-                ) -> dict[str, Any] | None:
+                seen: SeenSources | None = None) -> dict[str, Any] | None:
     """One DLQ record: counted as filtered, over the limit or unrestorable (None), or the
     report line of its replay, with the record to publish under `_record`."""
     headers = message_headers(msg)
@@ -481,6 +522,13 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         return None
     if verdict == "no_origin":
         summary.no_origin += 1
+        return None
+    source = source_of(headers)
+    before = None if seen is None else seen.before(source)
+    if before is not None:
+        summary.doubled += 1
+        summary.doubled_offsets.append(
+            f"{where} (the same event as {dlq_topic}[{before[0]}]@{before[1]})")
         return None
     origin = (header_value(headers, "__connect.errors.topic") or b"").decode()
     # Read from the dead letter itself: a restored original's headers may not carry it.
@@ -514,6 +562,8 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
                             "reason": reason, "call": call,
                             "key": key.decode("utf-8", "replace") if key else None}
     line["_record"] = (key, value, headers)
+    if seen is not None:
+        seen.add(source, (p, off))
     return line
 
 
@@ -526,6 +576,9 @@ def _print_summary(summary: Summary, dry_run: bool, interrupted: bool) -> None:
         print(f"value-less dead letter not restorable (not replayed): {item}", file=sys.stderr)
     for item in summary.unpublishable_offsets[:50]:
         print(f"refused by its origin topic (not replayed): {item}", file=sys.stderr)
+    for item in summary.doubled_offsets[:50]:
+        print(f"second dead letter of an event replayed in this run (not replayed): {item}",
+              file=sys.stderr)
     if summary.unpublishable:
         print("some records were refused by their origin topic for good (too large, the "
               "topic gone): they stay in the DLQ; fix the topic, then replay them by "

@@ -335,7 +335,7 @@ def test_replay_after_fix_delivers_once_and_respects_the_limit(
         first, _ = _replay(dlq, kafka_bootstrap)
         assert first["summary"] == {"replayed": 4, "skipped_by_filter": 0, "over_limit": 0,
                                     "no_origin": 0, "restored": 0, "gone": 0, "mismatch": 0,
-                                    "unpublishable": 0}
+                                    "unpublishable": 0, "doubled": 0}
         wait_until(lambda: len([r for r in control.requests("/v1/track")
                                 if r["body"]["event_name"] == "plan_viewed"]) == 4,
                    60, "replayed events delivered")
@@ -365,6 +365,41 @@ def test_replay_after_fix_delivers_once_and_respects_the_limit(
     got = Counter(r["body"]["user_id"] for r in control.requests("/v1/track")
                   if r["body"]["event_name"] == "plan_viewed")
     assert got == Counter({f"p{i}": 1 for i in range(4)})
+
+
+def test_an_event_dead_lettered_twice_is_replayed_once(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """Two owners dead-letter the same record (here two groups; in production a crash
+    between the DLQ's acknowledgement and the commit, or a partition lost while Kafka was
+    unreachable): replay sends the event once and names the second copy."""
+    server, control = sandbox
+    control.set_faults(rules=[{"event_name": "plan_viewed", "action": "422"}])
+    topic = topic_factory(partitions=1)
+    produce(kafka_bootstrap, schema_registry_url, topic,
+            [track_event("p1", 1, name="Plan Viewed"), track_event("g1", 2)])
+    for group in (f"{topic}-a", f"{topic}-b"):
+        env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                         **FAST_RETRY)
+        with WorkerThread(env) as w:
+            dlq = w.settings.dlq_topic
+            wait_until(caught_up(kafka_bootstrap, group, topic), 60, f"{group} caught up")
+    assert len(read_topic(kafka_bootstrap, dlq)) == 2
+    control.clear_faults()
+    out = subprocess.run(
+        [sys.executable, "-m", "consumer", "replay", "--from", dlq],
+        env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    summary = json.loads(out.stdout.strip().splitlines()[-1])["summary"]
+    assert (summary["replayed"], summary["doubled"]) == (1, 1)
+    assert f"{dlq}[0]@1 (the same event as {dlq}[0]@0)" in out.stderr
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-a",
+                     **FAST_RETRY)
+    with WorkerThread(env):
+        wait_until(caught_up(kafka_bootstrap, f"{topic}-a", topic), 60, "replay delivered")
+    assert [r["body"]["user_id"] for r in control.requests("/v1/track")
+            if r["body"]["event_name"] == "plan_viewed"] == ["p1"]
 
 
 def test_dlq_guard_stops_the_worker_under_total_failure(

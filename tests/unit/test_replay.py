@@ -226,3 +226,89 @@ def test_arguments_that_select_nothing_or_mean_nothing_are_refused(
         code = exc.code
     assert code == 2
     assert says in capsys.readouterr().err
+
+
+class _DeadLetter:
+    """A DLQ message as confluent-kafka hands it over, written as the worker writes it."""
+
+    def __init__(self, source_offset: int | None, value: bytes = b"v") -> None:
+        failure = Failure(reason="bad_request", exception_class="Rejected", message="x")
+        self._headers = (dlq_headers(None, topic="events", partition=2, offset=source_offset,
+                                     failure=failure)
+                         if source_offset is not None else
+                         [("__connect.errors.topic", b"events")])
+        self._value = value
+
+    def headers(self) -> list[tuple[str, bytes | None]]:
+        return self._headers
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_764_000_000_000)
+
+    def key(self) -> bytes:
+        return b"u1"
+
+    def value(self) -> bytes:
+        return self._value
+
+
+def test_a_second_dead_letter_of_the_same_source_record_is_counted_not_replayed() -> None:
+    """An event dead-lettered twice (a crash between the DLQ's acknowledgement and the
+    commit, a partition lost while Kafka was down: the next owner re-reads it) has two
+    dead letters with one source record. Replayed both, Userpilot got the event twice
+    (review "faults23": 3 of 120 after a broker kill)."""
+    from consumer import replay
+
+    summary = replay.Summary()
+    seen = replay.SeenSources()
+
+    def one(msg: _DeadLetter, off: int) -> dict[str, Any] | None:
+        return replay._replay_one(msg, 0, off, "dlq", Filters(), {}, summary,  # type: ignore[arg-type]
+                                  dry_run=True, seen=seen)
+
+    assert one(_DeadLetter(7), 10) is not None
+    assert one(_DeadLetter(8), 11) is not None, "another record of the partition"
+    assert one(_DeadLetter(7), 12) is None
+    assert (summary.doubled, summary.doubled_offsets) == (
+        1, ["dlq[0]@12 (the same event as dlq[0]@10)"])
+    # Without source coordinates nothing says two dead letters are one event.
+    assert one(_DeadLetter(None), 13) is not None and one(_DeadLetter(None), 14) is not None
+    assert summary.as_dict()["doubled"] == 1
+
+
+def test_only_a_replayed_dead_letter_makes_a_later_one_a_second_copy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first copy the selection skips, or whose original is gone, was not replayed: the
+    second copy is judged on its own."""
+    from consumer import dlqfetch, replay
+    from consumer.deadletter import VALUE_OMITTED
+
+    summary = replay.Summary()
+    seen = replay.SeenSources()
+    bad_request = Filters(reasons=frozenset({"bad_request"}))
+    other = _DeadLetter(7)
+    other._headers = [(k, b"server_error" if k == "userpilot.error.reason" else v)
+                      for k, v in other._headers]
+    assert replay._replay_one(other, 0, 1, "dlq", bad_request, {}, summary,  # type: ignore[arg-type]
+                              dry_run=True, seen=seen) is None
+    assert summary.skipped_by_filter == 1
+    omitted = _DeadLetter(7)
+    omitted._headers = [*omitted._headers, (VALUE_OMITTED, b"true")]
+    monkeypatch.setattr(dlqfetch, "restore", lambda *a, **k: "gone")
+    assert replay._replay_one(omitted, 0, 2, "dlq", Filters(), {}, summary,  # type: ignore[arg-type]
+                              dry_run=True, seen=seen) is None
+    assert summary.gone == 1
+    assert replay._replay_one(_DeadLetter(7), 0, 3, "dlq", Filters(), {}, summary,  # type: ignore[arg-type]
+                              dry_run=True, seen=seen) is not None
+    assert summary.doubled == 0
+
+
+def test_the_sources_remembered_are_bounded_oldest_first() -> None:
+    from consumer.replay import SeenSources
+
+    seen = SeenSources(limit=3)
+    for offset in range(4):
+        seen.add(("events", 0, offset), (0, 100 + offset))
+    assert seen.before(("events", 0, 0)) is None, "the oldest is forgotten"
+    assert [seen.before(("events", 0, o)) for o in (1, 2, 3)] == [(0, 101), (0, 102), (0, 103)]
+    assert seen.before(None) is None
