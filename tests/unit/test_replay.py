@@ -233,10 +233,10 @@ class _DeadLetter:
 
     def __init__(self, source_offset: int | None, value: bytes = b"v") -> None:
         failure = Failure(reason="bad_request", exception_class="Rejected", message="x")
-        self._headers = (dlq_headers(None, topic="events", partition=2, offset=source_offset,
-                                     failure=failure)
-                         if source_offset is not None else
-                         [("__connect.errors.topic", b"events")])
+        self._headers: list[tuple[str, bytes | None]] = (
+            dlq_headers(None, topic="events", partition=2, offset=source_offset,
+                        failure=failure)
+            if source_offset is not None else [("__connect.errors.topic", b"events")])
         self._value = value
 
     def headers(self) -> list[tuple[str, bytes | None]]:
