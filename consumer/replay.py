@@ -117,13 +117,14 @@ _COORDINATOR_NOT_READY = frozenset({
 })
 
 
-def _committed(consumer: Consumer, parts: list[TopicPartition],
-               within_s: float = 30.0) -> list[TopicPartition]:
+def _committed(consumer: Consumer, parts: list[TopicPartition], within_s: float = 30.0,
+               stopping: Callable[[], bool] = lambda: False) -> list[TopicPartition] | None:
     """The replay group's committed offsets, asked again while the group's coordinator is
     not ready (a broker just started or moved the coordinator: NOT_COORDINATOR and kin,
     which librdkafka does not retry for this call). Stopping on it, a replay right after a
     broker restart failed with "Kafka failed (Not coordinator)" (seen on CI's first use of
-    a fresh broker)."""
+    a fresh broker). None when `stopping` (Ctrl-C) came during the wait: it was ignored
+    for up to 30 s."""
     deadline = time.monotonic() + within_s
     while True:
         try:
@@ -134,7 +135,10 @@ def _committed(consumer: Consumer, parts: list[TopicPartition],
                 err.code() in _COORDINATOR_NOT_READY or err.retriable())
             if not waiting or time.monotonic() >= deadline:
                 raise
-            time.sleep(0.5)
+            for _ in range(5):
+                if stopping():
+                    return None
+                time.sleep(0.1)
 
 
 class ReplayStuck(KafkaException):
@@ -357,7 +361,10 @@ def run_replay(
         if info is None or info.error is not None:
             raise ConfigError(f"dead-letter topic {dlq_topic!r} does not exist")
         parts = [TopicPartition(dlq_topic, p) for p in sorted(info.partitions)]
-        committed = {tp.partition: tp.offset for tp in _committed(consumer, parts)}
+        known = _committed(consumer, parts, stopping=stopping)
+        if known is None:
+            return summary  # interrupted before anything was read
+        committed = {tp.partition: tp.offset for tp in known}
         ends: dict[int, int] = {}
         starts: list[TopicPartition] = []
         for tp in parts:

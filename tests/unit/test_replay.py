@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -177,6 +178,12 @@ def test_committed_offsets_are_asked_again_while_the_coordinator_is_not_ready() 
     with pytest.raises(KafkaException):
         _committed(forever, parts, within_s=0.6)  # type: ignore[arg-type]
     assert 2 <= forever.asked <= 3
+    # Ctrl-C while the coordinator loads: the run ends now, not after 30 s.
+    stopped = Coordinator([KafkaError.NOT_COORDINATOR] * 100)
+    asked = iter([False, False, True])
+    started = time.monotonic()
+    assert _committed(stopped, parts, stopping=lambda: next(asked)) is None  # type: ignore[arg-type]
+    assert time.monotonic() - started < 1.0 and stopped.asked == 1
 
 
 def test_call_filter_selects_by_the_request_the_event_failed_at() -> None:
