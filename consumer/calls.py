@@ -502,6 +502,18 @@ class CallPlan:
         half-way (a group between its company identify and its association)."""
         return self._index > 0
 
+    @property
+    def accepted(self) -> int:
+        """How many calls of the event itself succeeded (ensure-user ones not counted)."""
+        return self._index
+
+    def resume(self, accepted: int) -> tuple[Call, ...]:
+        """Start after the first `accepted` calls (an earlier owner's, noted in Redis); the
+        calls skipped. Never all of them: the last call's success is the confirm's to say."""
+        skip = max(0, min(accepted, len(self._calls) - 1)) if self._index == 0 else 0
+        self._index = skip
+        return self._calls[:skip]
+
     def next_call(self) -> Call | None:
         """The request to send now, or None when every call of the event succeeded."""
         if self.done:

@@ -17,6 +17,11 @@ Per (token, endpoint, messageId) one Redis key moves through
 - ``owner`` must be unique per process and record (e.g. ``<instance>/<topic>/<partition>/
   <offset>``): after a crash the re-reading replica then waits for the claim TTL instead of
   racing a zombie's request.
+- An event of several calls (a ``group``: company identify, then the association) notes
+  after each accepted call but the last how many were accepted (``progress``, kept for
+  the record's TTL beside the claim, cleared by the confirm); an owner that takes the
+  claim over reads it (``calls_done``) and resumes after them, so a replica killed
+  between the two calls does not cost the company identify twice.
 - ``confirm`` after any 2xx. Across retries the claim is kept (the retry is this owner's;
   after a timeout the request may even have been accepted). ``release`` when this owner
   gives the event up undelivered: dead-lettered, or abandoned on revoke/shutdown before it
@@ -80,6 +85,10 @@ class DedupStore(Protocol):
 
     async def confirm(self, key: str, ttl_ms: int) -> None: ...
 
+    async def progress(self, key: str, calls_done: int, ttl_ms: int) -> None: ...
+
+    async def calls_done(self, key: str) -> int: ...
+
     async def release(self, key: str, owner: str) -> None: ...
 
 
@@ -129,6 +138,25 @@ class Deduplicator:
             log.warning("delivered but not recorded (%s): a re-read may send it again", exc)
             return False
         return True
+
+    async def progress(self, endpoint: str, message_id: str, calls_done: int) -> bool:
+        """Note that the event's first ``calls_done`` calls were accepted (kept for the
+        record's TTL, cleared by the confirm); False when Redis failed."""
+        try:
+            await self._store.progress(self.key(endpoint, message_id), calls_done,
+                                       self._ttl_ms)
+        except SharedStateUnavailable as exc:
+            log.warning("progress not recorded (%s): a re-read may send its first call "
+                        "again", exc)
+            return False
+        return True
+
+    async def calls_done(self, endpoint: str, message_id: str) -> int:
+        """The calls of the event an earlier owner got accepted (0: none, or Redis failed)."""
+        try:
+            return await self._store.calls_done(self.key(endpoint, message_id))
+        except SharedStateUnavailable:
+            return 0
 
     async def release(self, endpoint: str, message_id: str, owner: str) -> bool:
         """Drop our claim after a definite failure; False when Redis failed (it expires)."""

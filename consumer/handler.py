@@ -29,7 +29,9 @@ right before each request of the event (renews the claim, notices a delivery by 
 owner), `_dedup_confirm` after every call answered 2xx, `_dedup_release` when the event is
 dead-lettered or abandoned (revoke, shutdown) before any request of it started. The id is
 recorded under its event type's endpoint (`dedup_endpoint`) and re-claimed before each of
-its calls; the owner is this process + the record.
+its calls; the owner is this process + the record. An event of several calls (a group)
+notes each accepted call but its last (`_dedup_progress`), and an owner taking its claim
+over resumes after them (`_dedup_resume`).
 
 Thread rule: everything here runs on the event loop. `Event.on_wire` is read by the
 worker (same loop) to decide what a revoke or shutdown must wait for, and `halt` is called
@@ -465,6 +467,7 @@ class Handler:
         if not await self._dedup_claim(event, endpoint):
             return self._duplicate(event, endpoint)
         try:
+            await self._dedup_resume(event, decision, endpoint)
             await self._deliver(event, decision)
         except AlreadyDelivered:
             return self._duplicate(event, endpoint)
@@ -567,6 +570,33 @@ class Handler:
                 return True
             await asyncio.sleep(claim.retry_after_s)
 
+    async def _dedup_resume(self, event: Event, send: Send, endpoint: str) -> None:
+        """An event of several calls whose claim this owner took: resume after the calls an
+        earlier owner got accepted (a replica killed or partition lost between a group's
+        company identify and its association: the identify was sent twice, review
+        "scale23"). One Redis read, for such events only."""
+        if (self.dedup is None or event.dedup_owner is None or not event.message_id
+                or len(send.calls) < 2 or event.plan is not None):
+            return
+        done = await self.dedup.calls_done(endpoint, event.message_id)
+        plan = event.plan = CallPlan(send.calls, self.known)
+        for call in plan.resume(done):
+            self.m.duplicates_skipped.labels(call.endpoint).inc()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("resumed: %s was accepted before (an earlier owner)", call.endpoint,
+                          extra=event.fields)
+
+    async def _dedup_progress(self, event: Event, endpoint: str, accepted: int) -> None:
+        """Note the calls accepted so far before the next call; counted as on the wire and
+        shielded (a drain waits for it) like the confirm."""
+        if self.dedup is None or event.dedup_owner is None or not event.message_id:
+            return
+        event.on_wire = True
+        try:
+            await asyncio.shield(self.dedup.progress(endpoint, event.message_id, accepted))
+        finally:
+            event.on_wire = False
+
     async def _dedup_reclaim(self, event: Event, endpoint: str,
                              permit: Permit | None = None) -> bool:
         """Renew the claim right before a request; True to send now, False when another
@@ -654,6 +684,8 @@ class Handler:
                 # event's first).
                 event.attempts.answered = event.attempts.count = 0
                 event.requested = False
+                if call.purpose != "ensure_user":
+                    await self._dedup_progress(event, endpoint, plan.accepted)
             if call.purpose == "ensure_user":
                 self.m.ensure_user_identify.inc()
 

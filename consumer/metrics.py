@@ -178,7 +178,8 @@ REDIS_LATENCY_BUCKETS: tuple[float, ...] = (
     1.0,
     5.0,
 )
-REDIS_OPERATIONS: tuple[str, ...] = ("gcra", "claim", "confirm", "release")
+REDIS_OPERATIONS: tuple[str, ...] = ("gcra", "claim", "confirm", "release", "progress",
+                                     "calls_done")
 
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)

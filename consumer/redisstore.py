@@ -161,11 +161,24 @@ end
 return {'busy', redis.call('PTTL', KEYS[1])}
 """
 
+# Delivered: the record, and no progress note left behind (`progress_key`).
+CONFIRM_LUA = """
+redis.call('SET', KEYS[1], 'd', 'PX', ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
 # Drop a claim only if it is still ours (a confirmed record or another's claim stays).
 RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == 'c:' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def progress_key(key: str) -> str:
+    """Where the calls an event of several calls got accepted are noted, beside its claim:
+    kept after the claim expires, so the next owner resumes after them."""
+    return key + "|n"
 
 
 def token_digest(token: str) -> str:
@@ -226,6 +239,7 @@ class RedisStore:
         self._gcra = self._client.register_script(GCRA_LUA)
         self._claim = self._client.register_script(CLAIM_LUA)
         self._release = self._client.register_script(RELEASE_LUA)
+        self._confirm = self._client.register_script(CONFIRM_LUA)
 
     @property
     def timeout_s(self) -> float:
@@ -337,7 +351,21 @@ class RedisStore:
 
     async def confirm(self, key: str, ttl_ms: int) -> None:
         """Record ``key`` as delivered for ``ttl_ms``, whoever's claim it held."""
-        await self._call("confirm", lambda: self._client.set(key, "d", px=max(1, ttl_ms)))
+        await self._call("confirm", lambda: self._confirm(keys=[key, progress_key(key)],
+                                                          args=[max(1, ttl_ms)]))
+
+    async def progress(self, key: str, calls_done: int, ttl_ms: int) -> None:
+        """Note that the first ``calls_done`` calls of ``key``'s event were accepted."""
+        await self._call("progress", lambda: self._client.set(
+            progress_key(key), calls_done, px=max(1, ttl_ms)))
+
+    async def calls_done(self, key: str) -> int:
+        """The calls of ``key``'s event noted as accepted (0 when none)."""
+        raw = await self._call("calls_done", lambda: self._client.get(progress_key(key)))
+        try:
+            return max(0, int(raw)) if raw is not None else 0
+        except (TypeError, ValueError):
+            return 0
 
     async def release(self, key: str, owner: str) -> None:
         """Drop ``owner``'s claim on ``key`` (no-op if confirmed or claimed by another)."""

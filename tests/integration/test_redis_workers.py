@@ -300,3 +300,56 @@ def test_a_full_window_of_concurrent_claims_waits_for_connections_instead_of_fai
             [c for c in confirms if c is not True]
 
     assert asyncio.run(main()) == []
+
+
+def test_a_group_whose_replica_was_killed_between_its_calls_sends_its_company_once(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, redis_url: str, tmp_path: Path,
+) -> None:
+    """Review scale23: a SIGKILL between a group's company identify (accepted) and its
+    association left the next owner to send the company identify again. The accepted
+    call is noted in Redis beside the claim; the next owner resumes after it."""
+    server, control = sandbox
+    tag = f"grp-{time.time_ns()}"
+    user = f"{tag}-u"
+    control.set_faults(rules=[{"user_id": user, "path": "/v1/identify", "action": "hang"}])
+    topic = topic_factory(partitions=1)
+    produce(kafka_bootstrap, schema_registry_url, topic, [{
+        "type": "group", "userId": user, "groupId": f"{tag}-c", "traits": {"name": "Acme"},
+        "context": {"consent": {"analytics": True}}, "messageId": f"{tag}-m",
+        "timestamp": "2026-11-26T10:00:00.000Z"}])
+    group = f"{topic}-g"
+    # Claims last 2 × 1 s + 5 s: the next owner waits that out, then resumes.
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     REDIS_URL=redis_url, USERPILOT_REQUEST_TIMEOUT_SECONDS="1",
+                     USERPILOT_RETRY_MAX_ATTEMPTS="20", USERPILOT_RETRY_BUDGET_SECONDS="120",
+                     KAFKA_SESSION_TIMEOUT_MS="6000")
+    client = sync_redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def companies() -> int:
+        return len([r for r in control.requests("/v1/companies/identify")
+                    if r["body"].get("company_id") == f"{tag}-c"])
+
+    first = WorkerProcess(env, tmp_path / "first.log")
+    try:
+        wait_until(lambda: companies() == 1, 60, "the company identify accepted")
+        wait_until(lambda: any(str(k).endswith("|n") and tag in str(k)
+                               for k in client.scan_iter("ud:company_identify:*")),
+                   30, "the progress noted")
+        time.sleep(0.5)  # the association is under way (hanging)
+        first.kill()
+        control.clear_faults()
+        second = WorkerProcess(env, tmp_path / "second.log")
+        try:
+            wait_until(caught_up(kafka_bootstrap, group, topic), 90, "the group finished")
+        finally:
+            assert second.terminate() == 0
+    finally:
+        if first.proc.poll() is None:
+            first.kill()
+        keys = {str(k): client.get(k) for k in client.scan_iter(f"ud:*{tag}*")}
+        client.close()
+    assert companies() == 1, first.output()[-2000:]
+    assert [r["body"]["user_id"] for r in control.requests("/v1/identify")
+            if r["body"].get("user_id") == user] == [user]
+    assert list(keys.values()) == ["d"], keys

@@ -37,6 +37,15 @@ class MemoryStore:
     async def confirm(self, key: str, ttl_ms: int) -> None:
         self._check()
         self.values[key] = "d"
+        self.values.pop(key + "|n", None)
+
+    async def progress(self, key: str, calls_done: int, ttl_ms: int) -> None:
+        self._check()
+        self.values[key + "|n"] = str(calls_done)
+
+    async def calls_done(self, key: str) -> int:
+        self._check()
+        return int(self.values.get(key + "|n", "0"))
 
     async def release(self, key: str, owner: str) -> None:
         self._check()

@@ -377,3 +377,62 @@ def test_an_event_claimed_after_a_blip_is_recorded_when_delivered() -> None:
     assert len(run.client.bodies) == 1
     assert store.values == {Deduplicator(store, DIGEST).key("track", "u1-1"): "d"}
     assert sample(metrics, "userpilot_dedup_unchecked_total", endpoint="track") == 0
+
+
+def _group(message_id: str) -> bytes:
+    from consumer import codec
+    from tests.unit.test_worker import SCHEMA_ID
+
+    return codec.encode(SCHEMA_ID, codec.to_record({
+        "type": "group", "userId": "u1", "groupId": "acme", "traits": {"name": "Acme"},
+        "context": {"consent": {"analytics": True}}, "messageId": message_id,
+        "timestamp": "2026-11-26T10:00:00.000Z"}))
+
+
+def test_a_group_re_read_after_its_company_identify_sends_only_its_association() -> None:
+    """Review scale23: a replica killed (or a partition lost) between a group's company
+    identify and its association left the next owner to send the company identify again.
+    The accepted calls are noted beside the claim; the next owner resumes after them."""
+    store = MemoryStore()
+    run, metrics, dedup = make(log_of(_group("g-1")), store)
+    key = dedup.key("company_identify", "g-1")
+    # The association fails for good: the event is dead-lettered, its claim released, and
+    # the company identify's acceptance stays noted.
+    original_send = run.client.send
+
+    async def send(call: Call) -> int:
+        if call.path == "/v1/identify":
+            run.client.calls.append(call)
+            raise Rejected("refused", status=400)
+        return await original_send(call)
+
+    run.client.send = send  # type: ignore[method-assign]
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert [c.path for c in run.client.calls] == ["/v1/companies/identify", "/v1/identify"]
+    assert key not in store.values and store.values[key + "|n"] == "1"
+
+    again, metrics, _ = make(log_of(_group("g-1")), store)
+    assert drive(again, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert [c.path for c in again.client.calls] == ["/v1/identify"]
+    assert sample(metrics, "userpilot_duplicates_skipped_total",
+                  endpoint="company_identify") == 1
+    assert store.values[key] == "d" and key + "|n" not in store.values, \
+        "the confirm clears the note"
+
+
+def test_a_group_sent_whole_leaves_no_progress_note_and_single_calls_write_none() -> None:
+    store = MemoryStore()
+    writes: list[tuple[str, int]] = []
+    real = store.progress
+
+    async def progress(key: str, calls_done: int, ttl_ms: int) -> None:
+        writes.append((key.split(":")[1], calls_done))
+        await real(key, calls_done, ttl_ms)
+
+    store.progress = progress  # type: ignore[method-assign]
+    run, _, _ = make(log_of(_group("g-2"), track("u1", 1)), store)
+    assert drive(run, finished_to(2)) == 0  # type: ignore[arg-type]
+    assert [c.path for c in run.client.calls] == [
+        "/v1/companies/identify", "/v1/identify", "/v1/track"]
+    assert writes == [("company_identify", 1)]
+    assert not [k for k in store.values if k.endswith("|n")]
