@@ -268,12 +268,16 @@ class RedisStore:
 
     async def probe(self) -> None:
         """What `run` does, once, on throw-away keys of the same shapes (`ud:`, `userpilot:`):
-        a claim and its release, a reservation. A PING passes where these fail: a user
-        whose ACL allows PING but not the scripts or the keys, a read-only replica."""
+        a claim and its release, a progress note and its read, a confirm (keys living 1 s),
+        a reservation. A PING passes where these fail: a user whose ACL allows PING but not
+        the scripts, the commands or the keys, a read-only replica."""
         tag = uuid.uuid4().hex[:16]
         claim, budget = f"ud:probe:{tag}", f"userpilot:rl:probe:{tag}"
         await self.claim(claim, "check-config", 1000)
         await self.release(claim, "check-config")
+        await self.progress(claim, 1, 1000)
+        await self.calls_done(claim)
+        await self.confirm(claim, 1000)
         await self.gcra(budget, interval_us=1000, tolerance_us=0, lookahead_us=1000,
                         idle_ttl_ms=1000)
         with contextlib.suppress(RedisError, OSError, TimeoutError):  # else gone in a week
