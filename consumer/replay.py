@@ -58,7 +58,7 @@ from consumer.kafka import make_producer
 
 __all__ = [
     "CALLS", "Filters", "SeenSources", "Summary", "add_arguments", "decide", "default_group",
-    "failed_call", "main", "replay_headers", "run_replay",
+    "failed_call", "main", "replay_headers", "run_replay", "shown_key",
 ]
 
 
@@ -566,12 +566,25 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     # The key names the event's user when its producer keyed by userId (`produce` does):
     # how an operator finds a deleted user's dead letters to leave them out (README, GDPR).
     line: dict[str, Any] = {"dlq": where, "to": origin, "dry_run": dry_run,
-                            "reason": reason, "call": call,
-                            "key": key.decode("utf-8", "replace") if key else None}
+                            "reason": reason, "call": call, "key": shown_key(key)}
     line["_record"] = (key, value, headers)
     if seen is not None:
         seen.add(source, (p, off))
     return line
+
+
+KEY_SHOWN = 256
+"""Bytes of a record's key a report line shows: a user id fits; a 1.2 MB key printed whole
+made a 1.2 MB line per record (review "poison24")."""
+
+
+def shown_key(key: bytes | None) -> str | None:
+    """The key as a report line shows it: text, cut past KEY_SHOWN bytes with its size."""
+    if not key:
+        return None
+    if len(key) <= KEY_SHOWN:
+        return key.decode("utf-8", "replace")
+    return f"{key[:KEY_SHOWN].decode('utf-8', 'ignore')}… ({len(key)} bytes)"
 
 
 def _print_summary(summary: Summary, dry_run: bool, interrupted: bool) -> None:

@@ -319,3 +319,16 @@ def test_the_sources_remembered_are_bounded_oldest_first() -> None:
     assert seen.before(("events", 0, 0)) is None, "the oldest is forgotten"
     assert [seen.before(("events", 0, o)) for o in (1, 2, 3)] == [(0, 101), (0, 102), (0, 103)]
     assert seen.before(None) is None
+
+
+def test_a_report_line_shows_a_key_up_to_256_bytes_then_its_size() -> None:
+    """Review poison24: a 1.2 MB key made a 1.2 MB line per record (dry runs too)."""
+    from consumer.replay import shown_key
+
+    assert shown_key(None) is None and shown_key(b"") is None
+    assert shown_key(b"user-1") == "user-1"
+    assert shown_key("é".encode() * 128) == "é" * 128  # 256 bytes: whole
+    long = shown_key(b"u" * 1_200_000)
+    assert long == "u" * 256 + "… (1200000 bytes)"
+    cut = shown_key(b"a" + "é".encode() * 200)  # cut inside a character: no stray byte
+    assert cut is not None and cut.startswith("a" + "é" * 127 + "…") and "\ufffd" not in cut
