@@ -103,6 +103,16 @@ def test_online_missing_topics_exit_10(online_env: dict[str, str]) -> None:
     assert "has no topic 'no-such-topic-x1'" in result.stderr
 
 
+def test_online_takes_a_missing_dlq_topic_the_brokers_will_create(
+        online_env: dict[str, str]) -> None:
+    """Review newcomer24: check-config --online refused a DLQ topic not created yet, which
+    `run` takes (the first dead letter creates it on these brokers)."""
+    dlq = f"not-yet-{time.time_ns()}.dlq"
+    result = cli(["check-config", "--online"], {**online_env, "KAFKA_DLQ_TOPIC": dlq})
+    assert result.returncode == 0, result.stderr
+    assert "online OK: kafka" in result.stderr
+
+
 def test_online_registry_down_exits_12(online_env: dict[str, str]) -> None:
     result = cli(["check-config", "--online"],
                  {**online_env, "SCHEMA_REGISTRY_URL": "http://127.0.0.1:1"})
