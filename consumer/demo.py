@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
 
     from consumer.config import load_settings
     from consumer.health import Health
-    from consumer.logs import configure_logging
+    from consumer.logs import configure_logging, librdkafka_logger
     from consumer.metrics import Metrics
     from consumer.produce import produce_events
     from consumer.sandbox.client import SandboxControl
@@ -71,7 +71,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: demo not started: {problem}", file=sys.stderr)
         return 1
     topic = f"signal-demo-{int(time.time())}"
-    admin = AdminClient({"bootstrap.servers": services["KAFKA_BOOTSTRAP_SERVERS"]})
+    admin_conf: dict[str, Any] = {"bootstrap.servers": services["KAFKA_BOOTSTRAP_SERVERS"],
+                                  "logger": librdkafka_logger()}
+    admin = AdminClient(admin_conf)
     admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result()
     with events_file.open(encoding="utf-8") as stream:
         sent = produce_events(stream, topic=topic,

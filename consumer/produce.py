@@ -117,6 +117,12 @@ def produce_events(
     for note in notes(parsed):
         print(f"note: {note}", file=out)
     conf = {**(extra_conf or {}), "bootstrap.servers": bootstrap}
+    if "logger" not in conf:
+        # librdkafka's lines through the logging setup (the demo printed raw "%4|…|GETPID"
+        # lines on a fresh broker, review newcomer24).
+        from consumer.logs import librdkafka_logger
+
+        conf["logger"] = librdkafka_logger()
     for problem in reach.services(conf, timeout, registry_url=registry_url,
                                   registry_auth=registry_auth, registry_proxy=registry_proxy):
         raise ProduceError(f"nothing was sent: {problem}")

@@ -140,3 +140,28 @@ def test_an_integer_past_4300_digits_is_sent_as_explain_and_run_take_it() -> Non
     ((_, value),) = list(encode_lines([parsed], 7))
     decoded = codec.decode(value, lambda _id: codec.SCHEMA)
     assert decoded["properties"]["ok"] == 1
+
+
+def test_librdkafka_speaks_through_the_logging_setup_unless_the_caller_chose(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review newcomer24: the demo printed librdkafka's raw "%4|…|GETPID" lines (a producer
+    without `logger` writes to stderr itself)."""
+    import logging
+
+    from consumer import reach
+    from consumer.produce import ProduceError, produce_events
+
+    seen: list[dict[str, object]] = []
+
+    def services(conf: dict[str, object], *_a: object, **_k: object) -> list[str]:
+        seen.append(conf)
+        return ["stop here"]
+
+    monkeypatch.setattr(reach, "services", services)
+    mine = logging.getLogger("mine")
+    for extra in (None, {"logger": mine}):
+        with pytest.raises(ProduceError):
+            produce_events([], topic="t", bootstrap="k:9092", registry_url="http://r",
+                           extra_conf=extra)
+    assert isinstance(seen[0]["logger"], logging.Logger) and seen[0]["logger"] is not mine
+    assert seen[1]["logger"] is mine
