@@ -94,7 +94,7 @@ run "$PROMTOOL_BIN" check rules "$dashboard_rules"
 
 # --- Helm checks (helm lint/template + kubernetes-validate), owned by ops/check_helm.sh ---
 if [[ -f ops/check_helm.sh ]]; then
-    run bash ops/check_helm.sh
+    run env PROMTOOL="$PROMTOOL_BIN" bash ops/check_helm.sh
 else
     log "ops/check_helm.sh not present; skipping Helm checks"
 fi

@@ -151,6 +151,18 @@ EOF
 cat >"$OUT/no-token.values.yaml" <<'EOF'
 userpilot: {apiKey: "", existingSecret: ""}
 EOF
+cat >"$OUT/static-member.values.yaml" <<'EOF'
+kafka: {config: {group.instance.id: upw-static}}
+EOF
+cat >"$OUT/static-member-env.values.yaml" <<'EOF'
+kafka: {extraEnv: [{name: KAFKA_GROUP_INSTANCE_ID, value: upw-static}]}
+EOF
+cat >"$OUT/registry-url-creds.values.yaml" <<'EOF'
+schemaRegistry: {url: "https://sruser:srpass@sr.example.com"}
+EOF
+cat >"$OUT/rule-without-monitor.values.yaml" <<'EOF'
+prometheusRule: {enabled: true}
+EOF
 
 render() { # name, extra helm args...
   local name="$1"; shift
@@ -235,6 +247,10 @@ expect_fail request-timeout-tiny "requestTimeoutSeconds"
 expect_fail dlq-is-source "kafka.dlqTopic (more) is also a source topic"
 expect_fail consent-typo "userpilot.consentCategories has \"analytic\", not a Signal consent category"
 expect_fail consent-mixed "userpilot.consentCategories mixes \"none\" with categories"
+expect_fail static-member "kafka.config.group.instance.id gives every pod the same static member id"
+expect_fail static-member-env "kafka.extraEnv sets KAFKA_GROUP_INSTANCE_ID to one value for every pod"
+expect_fail registry-url-creds "schemaRegistry.url holds credentials"
+expect_fail rule-without-monitor "set prometheusRule.job to the job label"
 
 log "the PDB lets unready pods be evicted where Kubernetes knows how (1.27+)"
 # Rendered into files first: `helm template | grep -q` lost helm to SIGPIPE (pipefail).
@@ -286,8 +302,13 @@ for key in ssl.keystore.password ssl.key.pem sasl.oauthbearer.config \
   grep -qF -- "kafka.config.$key is a secret" <<<"$err" || die "kafka.config.$key: failed for another reason: $err"
 done
 has renamed 'kafka_consumergroup_lag{consumergroup="orders-to-userpilot"}' "the lag alert follows kafka.groupId"
-has renamed 'up{job="upw-worker"}' "the workers-down alert follows the chart name (the ServiceMonitor's jobLabel)"
+has renamed 'sum by (namespace) (up{job="upw-worker",namespace="delivery"})' "the workers-down alert follows the chart name (the ServiceMonitor's jobLabel)"
 has renamed 'absent(up{job="upw-worker",namespace="delivery"})' "the workers-down alert sees its own namespace without targets while others have some"
+has renamed 'sum by (namespace, topic) (userpilot_consumer_lag{namespace="delivery"})' "every worker series of the release's namespace only (review helm24)"
+has renamed 'rate(userpilot_events_dropped_total{namespace="delivery",reason="consent"}[30m])' "a namespace beside the selector's own labels"
+lacks renamed 'userpilot_events_delivered_total[' "no worker series left without the namespace"
+render other-job --set prometheusRule.enabled=true --set prometheusRule.job=kubernetes-pods
+has other-job 'absent(up{job="kubernetes-pods",namespace="delivery"})' "prometheusRule.job names the workers' targets"
 has renamed '"query": "orders-to-userpilot"' "the dashboard's consumergroup variable follows kafka.groupId"
 lacks renamed 'consumergroup="userpilot-delivery"' "no rule left on the default group"
 
@@ -350,13 +371,15 @@ def check(ok: bool, where: str, message: str) -> None:
 
 def without_runbook_bases(groups: Any) -> Any:
     """The rule groups with each runbook_url cut to its #anchor (the base is a chart value)
-    and the release's namespace taken out of absent() (the chart adds it)."""
+    and the release's namespace taken out of the selectors (the chart adds it)."""
     out = copy.deepcopy(groups)
     for g in out or []:
         for r in g.get("rules") or []:
             if isinstance(r.get("expr"), str):
-                r["expr"] = re.sub(r'absent\(up\{job="([^"]*)",namespace="[^"]*"\}\)',
-                                   r'absent(up{job="\1"})', r["expr"])
+                expr = re.sub(r'up\{job="([^"]*)",namespace="[^"]*"\}', r'up{job="\1"}',
+                              r["expr"])
+                expr = re.sub(r'(userpilot_[a-z_]+)\{namespace="[^"]*"\}', r"\1", expr)
+                r["expr"] = re.sub(r'(userpilot_[a-z_]+)\{namespace="[^"]*",', r"\1{", expr)
             notes = r.get("annotations") or {}
             if "runbook_url" in notes:
                 url = str(notes["runbook_url"])
@@ -655,4 +678,20 @@ if problems:
     print("\n".join(f"    FAIL {p}" for p in problems), file=sys.stderr)
     sys.exit(1)
 PY
+if [[ -n "${PROMTOOL:-}" ]]; then
+  log "the rendered rules see their own namespace only (promtool: ops/alerts_rendered_test.yaml)"
+  mkdir -p "$OUT/rules"
+  "$HELM" template upw "$CHART" --namespace delivery --kube-version "$KUBE_VERSION" "${TOKEN[@]}" \
+    --set prometheusRule.enabled=true --set serviceMonitor.enabled=true \
+    --set kafka.groupId=group-a --show-only templates/prometheusrule.yaml >"$OUT/rules/rule.yaml" \
+    || die "helm template (rules) failed"
+  "$PYTHON" - "$OUT/rules/rule.yaml" "$OUT/rules/rendered-alerts.yaml" <<'PY' || die "no rules rendered"
+import sys, yaml
+doc = yaml.safe_load(open(sys.argv[1]))
+yaml.safe_dump({"groups": doc["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)
+PY
+  cp "$ROOT/ops/alerts_rendered_test.yaml" "$OUT/rules/"
+  "$PROMTOOL" test rules "$OUT/rules/alerts_rendered_test.yaml" \
+    || die "the rendered rules failed ops/alerts_rendered_test.yaml"
+fi
 log "check_helm: all checks passed"

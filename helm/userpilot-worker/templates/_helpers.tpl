@@ -181,6 +181,9 @@ Deployment, so every render runs them.
 {{- end }}
 {{- range $where, $entries := dict "extraEnv" $v.extraEnv "kafka.extraEnv" $v.kafka.extraEnv }}
 {{- range $entries }}
+{{- if and (eq .name "KAFKA_GROUP_INSTANCE_ID") (hasKey . "value") }}
+{{- fail (printf "%s sets KAFKA_GROUP_INSTANCE_ID to one value for every pod: each new pod fences the others (a crash loop). Take it from the pod: valueFrom: {fieldRef: {fieldPath: metadata.name}}" $where) }}
+{{- end }}
 {{- if has .name $owned }}
 {{- fail (printf "%s sets %s, which the chart sets from its values: set the chart's value instead (see values.yaml), so the probes, the grace period and the secrets follow it" $where .name) }}
 {{- end }}
@@ -196,12 +199,21 @@ Deployment, so every render runs them.
 {{- if has $name $owned }}
 {{- fail (printf "kafka.config.%s becomes %s, which the chart sets from its values (kafka.bootstrapServers, kafka.topics, kafka.groupId, kafka.dlqTopic): set that value instead, so KEDA, the alerts and the dashboard follow it" $key $name) }}
 {{- end }}
+{{- if eq (lower $key) "group.instance.id" }}
+{{- fail "kafka.config.group.instance.id gives every pod the same static member id: each new pod fences the others (\"Static consumer fenced\", exit 1, a crash loop). Give each pod its own through kafka.extraEnv: [{name: KAFKA_GROUP_INSTANCE_ID, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]" }}
+{{- end }}
 {{- if has (lower $key) (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret" "ssl.keystore.password" "ssl.key.pem" "sasl.oauthbearer.config" "sasl.oauthbearer.client.credentials.client.secret" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem") }}
 {{- fail (printf "kafka.config.%s is a secret: put %s in kafka.existingSecret or kafka.extraEnv instead of a ConfigMap" $key $name) }}
 {{- end }}
 {{- end }}
 {{- if and $v.redis.tlsCaSecret $v.redis.url (not (hasPrefix "rediss://" $v.redis.url)) }}
 {{- fail "redis.tlsCaSecret needs a rediss:// redis.url (TLS): the worker refuses a CA bundle for plain redis://" }}
+{{- end }}
+{{- if and $v.prometheusRule.enabled (not $v.serviceMonitor.enabled) (not $v.prometheusRule.job) }}
+{{- fail "prometheusRule.enabled without serviceMonitor.enabled: set prometheusRule.job to the job label your Prometheus gives the workers' targets (without the ServiceMonitor no target has the chart's job, and UserpilotWorkersDown would fire for ever)" }}
+{{- end }}
+{{- if regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@" $v.schemaRegistry.url }}
+{{- fail "schemaRegistry.url holds credentials (user:password@), which would be stored in the ConfigMap: put them in schemaRegistry.existingSecret (recommended) or schemaRegistry.basicAuthUserInfo and give the URL without them" }}
 {{- end }}
 {{- if not $v.kafka.topics }}
 {{- fail "kafka.topics must list at least one source topic" }}
@@ -248,9 +260,15 @@ Call with (dict "file" "files/alerts.yaml" "ctx" $).
 {{- $text = replace "\"value\": \"userpilot-delivery\"" (printf "\"value\": %s" (toJson $group)) $text -}}
 {{- else -}}
 {{- $text = replace "consumergroup=\"userpilot-delivery\"" (printf "consumergroup=%s" (toJson $group)) $text -}}
-{{- /* absent() sees one namespace without targets only when it names that namespace */ -}}
-{{- $text = replace "absent(up{job=\"userpilot-worker\"})" (printf "absent(up{job=\"userpilot-worker\",namespace=%s})" (toJson $ctx.Release.Namespace)) $text -}}
-{{- $text = replace "job=\"userpilot-worker\"" (printf "job=%s" (toJson (include "userpilot-worker.name" $ctx))) $text -}}
+{{- /* Every worker series of this release's namespace only: a central Prometheus loading
+     the rules of releases in several namespaces evaluated each release's rules on all of
+     them (the lag alert's fallback paged twice, review helm24), and absent() sees one
+     namespace without targets only when it names that namespace. */ -}}
+{{- $ns := toJson $ctx.Release.Namespace -}}
+{{- $job := toJson ($ctx.Values.prometheusRule.job | default (include "userpilot-worker.name" $ctx)) -}}
+{{- $text = replace "up{job=\"userpilot-worker\"}" (printf "up{job=%s,namespace=%s}" $job $ns) $text -}}
+{{- $text = regexReplaceAll "(userpilot_[a-z_]+)\\{" $text (printf "${1}{namespace=%s," $ns) -}}
+{{- $text = regexReplaceAll "(userpilot_[a-z_]+)(\\[|\\)| ==)" $text (printf "${1}{namespace=%s}${2}" $ns) -}}
 {{- end -}}
 {{- $text -}}
 {{- end }}
