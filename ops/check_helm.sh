@@ -307,6 +307,20 @@ has renamed 'absent(up{job="upw-worker",namespace="delivery"})' "the workers-dow
 has renamed 'sum by (namespace, topic) (userpilot_consumer_lag{namespace="delivery"})' "every worker series of the release's namespace only (review helm24)"
 has renamed 'rate(userpilot_events_dropped_total{namespace="delivery",reason="consent"}[30m])' "a namespace beside the selector's own labels"
 lacks renamed 'userpilot_events_delivered_total[' "no worker series left without the namespace"
+for r in orders billing; do
+  "$HELM" template "$r" "$CHART" --namespace delivery --kube-version "$KUBE_VERSION" "${TOKEN[@]}" \
+    --set dashboard.namespace=monitoring --show-only templates/dashboard-configmap.yaml \
+    >"$OUT/dash-$r.yaml" || die "helm template (dashboard $r) failed"
+  grep -qF "delivery-$r-userpilot-worker.json: |-" "$OUT/dash-$r.yaml" \
+    || die "dashboard $r: the sidecar's file is not named after the release (two releases overwrite one file)"
+  grep -qF "\"title\": \"Userpilot delivery worker (delivery/$r-userpilot-worker)\"" "$OUT/dash-$r.yaml" \
+    || die "dashboard $r: the title does not name the release"
+done
+uid_of() { grep -oE '"uid": "upw-[0-9a-f]+"' "$1" | head -n1; }
+[[ -n "$(uid_of "$OUT/dash-orders.yaml")" && "$(uid_of "$OUT/dash-orders.yaml")" != "$(uid_of "$OUT/dash-billing.yaml")" ]] \
+  || die "two releases' dashboards share a Grafana uid (review helm24)"
+render dash-uid --set dashboard.uid=my-board
+has dash-uid '"uid": "my-board"' "dashboard.uid sets the Grafana uid"
 render other-job --set prometheusRule.enabled=true --set prometheusRule.job=kubernetes-pods
 has other-job 'absent(up{job="kubernetes-pods",namespace="delivery"})' "prometheusRule.job names the workers' targets"
 has renamed '"query": "orders-to-userpilot"' "the dashboard's consumergroup variable follows kafka.groupId"
