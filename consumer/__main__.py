@@ -135,9 +135,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     servers: list[HealthServer] = []
 
     def serve_probes() -> None:
-        """The probes and /metrics, once: before a wait for services (live, not ready),
-        else once the worker's signal handling is in place (a SIGTERM from then on is a
-        clean stop, exit 0)."""
+        """The probes and /metrics, once, before the first check of the services (live, not
+        ready). Started after it, a Kafka and a registry that accept connections but never
+        answer (2 × --timeout) left /healthz down for ~24 s of a liveness probe's ~30 s
+        (review helm24)."""
         if servers:
             return
         try:
@@ -151,6 +152,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # (review "diff22b"). `_run_worker` installs the worker's own handling after.
         signal.signal(signal.SIGINT, _terminated)
     try:
+        health.set_waiting("checking Kafka and the schema registry")
+        serve_probes()
         problems = wait_for_services(lambda: reach.services(
             settings.kafka_config(logger=False), args.timeout,
             registry_url=settings.registry_url,
@@ -212,7 +215,7 @@ def _run_worker(settings: Settings, metrics: Metrics, health: Health,
     # just started) is a clean stop, not death by the default signal action (exit -15).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _sig, _frame: worker.stop(signalled=True))
-    tune_collector()  # before the health server's thread makes objects of its own
+    tune_collector()  # start-up is done: what it made is frozen (the probe server runs already)
     serve_probes()
     code = asyncio.run(worker.run())
     if code == GUARD_EXIT_CODE and not worker.signalled:

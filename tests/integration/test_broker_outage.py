@@ -389,3 +389,44 @@ def test_a_worker_started_during_a_broker_outage_waits_unready_and_delivers_afte
     output = worker.output()
     assert "start-up: Kafka at" in output and "trying again in" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+
+
+def test_probes_answer_while_the_first_check_waits_for_a_silent_kafka(
+    schema_registry_url: str, sandbox: Sandbox, tmp_path: Path,
+) -> None:
+    """Review helm24: the probe server started after the first check of the services, which
+    waits --timeout for Kafka then for the registry: listeners that take connections and
+    never answer left /healthz down for ~24 s of the chart's ~30 s liveness allowance."""
+    import threading
+
+    server, _ = sandbox
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:  # take connections, answer nothing
+        while True:
+            try:
+                held.append(silent.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = _free_port()
+    env = worker_env(f"127.0.0.1:{silent.getsockname()[1]}", schema_registry_url, server.url,
+                     "it-silent-kafka", "it-silent-kafka-g", WORKER_METRICS_PORT=str(port))
+    started = time.monotonic()
+    worker = WorkerProcess(env, tmp_path / "worker.log", args=("--timeout", "30"))
+    try:
+        wait_until(lambda: "checking Kafka and the schema registry" in _readyz_text(port), 25,
+                   "/readyz while the first check waits")
+        assert time.monotonic() - started < 30, "answered only after the first check"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+            assert r.status == 200
+        assert _readyz(port) == 503
+    finally:
+        worker.terminate(timeout=30)
+        silent.close()
+        for conn in held:
+            conn.close()

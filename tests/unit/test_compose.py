@@ -184,7 +184,9 @@ def test_worker_stop_grace_exceeds_its_drain_budget(services: dict[str, dict[str
     worker = services["worker"]
     drain = int(env_of(worker).get("WORKER_SHUTDOWN_GRACE_SECONDS", "25"))
     grace = re.fullmatch(r"(\d+)s", worker["stop_grace_period"])
-    assert grace and int(grace[1]) > drain
+    # The chart's rule (review helm24: 35 s against a 25 s drain): the final commit and
+    # leaving the group take up to 20 s after the drain.
+    assert grace and int(grace[1]) >= drain + 20
 
 
 def test_worker_is_hardened_like_the_chart(services: dict[str, dict[str, Any]]) -> None:
