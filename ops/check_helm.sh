@@ -163,6 +163,13 @@ EOF
 cat >"$OUT/rule-without-monitor.values.yaml" <<'EOF'
 prometheusRule: {enabled: true}
 EOF
+cat >"$OUT/selector-label.values.yaml" <<'EOF'
+podLabels: {app.kubernetes.io/name: mine}
+EOF
+cat >"$OUT/label-twice.values.yaml" <<'EOF'
+commonLabels: {team: growth}
+podLabels: {team: other}
+EOF
 
 render() { # name, extra helm args...
   local name="$1"; shift
@@ -251,6 +258,8 @@ expect_fail static-member "kafka.config.group.instance.id gives every pod the sa
 expect_fail static-member-env "kafka.extraEnv sets KAFKA_GROUP_INSTANCE_ID to one value for every pod"
 expect_fail registry-url-creds "schemaRegistry.url holds credentials"
 expect_fail rule-without-monitor "set prometheusRule.job to the job label"
+expect_fail selector-label "podLabels sets app.kubernetes.io/name, a label the chart sets itself"
+expect_fail label-twice "podLabels and commonLabels both set team"
 
 log "the PDB lets unready pods be evicted where Kubernetes knows how (1.27+)"
 # Rendered into files first: `helm template | grep -q` lost helm to SIGPIPE (pipefail).
@@ -319,6 +328,10 @@ done
 uid_of() { grep -oE '"uid": "upw-[0-9a-f]+"' "$1" | head -n1; }
 [[ -n "$(uid_of "$OUT/dash-orders.yaml")" && "$(uid_of "$OUT/dash-orders.yaml")" != "$(uid_of "$OUT/dash-billing.yaml")" ]] \
   || die "two releases' dashboards share a Grafana uid (review helm24)"
+render common-labels --set commonLabels.cost-center=c42 -f "$FULL_VALUES"
+[[ "$(grep -c "^    cost-center: c42$" "$OUT/common-labels.yaml")" -ge 8 ]] \
+  || die "commonLabels: not on every resource"
+grep -qE "^        cost-center: c42$" "$OUT/common-labels.yaml" || die "commonLabels: not on the pods"
 render dash-uid --set dashboard.uid=my-board
 has dash-uid '"uid": "my-board"' "dashboard.uid sets the Grafana uid"
 render other-job --set prometheusRule.enabled=true --set prometheusRule.job=kubernetes-pods

@@ -38,6 +38,9 @@ helm.sh/chart: {{ include "userpilot-worker.chart" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/component: delivery-worker
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -214,6 +217,22 @@ Deployment, so every render runs them.
 {{- end }}
 {{- if regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@" $v.schemaRegistry.url }}
 {{- fail "schemaRegistry.url holds credentials (user:password@), which would be stored in the ConfigMap: put them in schemaRegistry.existingSecret (recommended) or schemaRegistry.basicAuthUserInfo and give the URL without them" }}
+{{- end }}
+{{- /* The chart's own labels (the Deployment's selector among them): set again, the pods
+     no longer matched their Deployment's selector, which the API server refuses, or a
+     label was written twice (review helm24). */}}
+{{- $chartLabels := list "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "app.kubernetes.io/component" "helm.sh/chart" }}
+{{- range $where, $labels := dict "commonLabels" $v.commonLabels "podLabels" $v.podLabels }}
+{{- range $key, $_ := $labels }}
+{{- if has $key $chartLabels }}
+{{- fail (printf "%s sets %s, a label the chart sets itself (the Deployment selects its pods by it): choose another key" $where $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $key, $_ := $v.podLabels }}
+{{- if hasKey $v.commonLabels $key }}
+{{- fail (printf "podLabels and commonLabels both set %s: set it in one of them" $key) }}
+{{- end }}
 {{- end }}
 {{- if not $v.kafka.topics }}
 {{- fail "kafka.topics must list at least one source topic" }}
