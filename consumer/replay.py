@@ -45,6 +45,7 @@ from consumer.deadletter import (
     ORIGINAL_TIMESTAMP,
     REPLAY_COUNT,
     REPLAY_SEAL,
+    VALUE_SHA256,
     Header,
     header_value,
     message_headers,
@@ -57,8 +58,9 @@ from consumer.errors import ConfigError
 from consumer.kafka import make_producer
 
 __all__ = [
-    "CALLS", "Filters", "SeenSources", "Summary", "add_arguments", "decide", "default_group",
-    "failed_call", "main", "replay_headers", "run_replay", "shown_key",
+    "CALLS", "Filters", "SeenSources", "Source", "Summary", "add_arguments", "decide",
+    "default_group", "failed_call", "main", "replay_headers", "run_replay", "shown_key",
+    "source_event",
 ]
 
 
@@ -201,11 +203,35 @@ def decide(headers: Sequence[Header] | None, partition: int, offset: int,
     return "replay"
 
 
-class SeenSources:
-    """The source records (topic, partition, offset) this run replayed, the latest
-    `limit` of them: a later dead letter of one of them is a second copy of the same event.
+Source = tuple[str, int, int, bytes]
+"""A dead letter's event: its source topic, partition and offset, and its value's SHA-256."""
 
-    Bounded (about 300 bytes an entry, 30 MB at the default): the copies of one event are
+
+def source_event(headers: Sequence[Header] | None, value: bytes | None) -> Source | None:
+    """What makes two dead letters one event: the same source record (topic, partition,
+    offset) with the same bytes; None without coordinates. The bytes too: a topic deleted
+    and created again numbers its offsets from 0 again, and another event dead-lettered at
+    the same coordinates was skipped as a copy (review "diff24"). A value-less dead letter
+    gives its original's hash."""
+    where = source_of(headers)
+    if where is None:
+        return None
+    if value_omitted(headers):
+        raw = header_value(headers, VALUE_SHA256) or b""
+        try:
+            digest = bytes.fromhex(raw.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            digest = raw  # compared as written
+    else:
+        digest = hashlib.sha256(value or b"").digest()
+    return (sys.intern(where[0]), where[1], where[2], digest)
+
+
+class SeenSources:
+    """The events (`source_event`) this run replayed, the latest `limit` of them: a later
+    dead letter of one of them is a second copy of the same event.
+
+    Bounded (about 350 bytes an entry, 35 MB at the default): the copies of one event are
     written seconds to minutes apart, by the replica that lost it and the one that re-read
     it, so a window of the latest records finds them; a copy written more than `limit`
     replayed records after the first, or in a later run, is replayed again (README).
@@ -215,20 +241,19 @@ class SeenSources:
 
     def __init__(self, limit: int = 100_000) -> None:
         self._limit = limit
-        # source → the DLQ partition and offset of its first dead letter
-        self._seen: OrderedDict[tuple[str, int, int], tuple[int, int]] = OrderedDict()
+        # event → the DLQ partition and offset of its first dead letter
+        self._seen: OrderedDict[Source, tuple[int, int]] = OrderedDict()
 
-    def before(self, source: tuple[str, int, int] | None) -> tuple[int, int] | None:
+    def before(self, source: Source | None) -> tuple[int, int] | None:
         """The DLQ partition and offset of the dead letter of `source` this run replayed,
         or None (always for a dead letter without coordinates)."""
         return None if source is None else self._seen.get(source)
 
-    def add(self, source: tuple[str, int, int] | None, at: tuple[int, int]) -> None:
+    def add(self, source: Source | None, at: tuple[int, int]) -> None:
         """`source`'s dead letter at `at` (DLQ partition, offset) is being replayed."""
         if source is None:
             return
-        topic, partition, offset = source
-        self._seen[(sys.intern(topic), partition, offset)] = at
+        self._seen[source] = at
         if len(self._seen) > self._limit:
             self._seen.popitem(last=False)
 
@@ -530,7 +555,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     if verdict == "no_origin":
         summary.no_origin += 1
         return None
-    source = source_of(headers)
+    source = None if seen is None else source_event(headers, msg.value())
     before = None if seen is None else seen.before(source)
     if before is not None:
         summary.doubled += 1

@@ -315,10 +315,58 @@ def test_the_sources_remembered_are_bounded_oldest_first() -> None:
 
     seen = SeenSources(limit=3)
     for offset in range(4):
-        seen.add(("events", 0, offset), (0, 100 + offset))
-    assert seen.before(("events", 0, 0)) is None, "the oldest is forgotten"
-    assert [seen.before(("events", 0, o)) for o in (1, 2, 3)] == [(0, 101), (0, 102), (0, 103)]
+        seen.add(("events", 0, offset, b"h"), (0, 100 + offset))
+    assert seen.before(("events", 0, 0, b"h")) is None, "the oldest is forgotten"
+    assert [seen.before(("events", 0, o, b"h")) for o in (1, 2, 3)] == [
+        (0, 101), (0, 102), (0, 103)]
     assert seen.before(None) is None
+
+
+def test_another_event_at_the_same_coordinates_is_no_copy() -> None:
+    """Review diff24: a source topic deleted and created again numbers its offsets from 0
+    again; another event dead-lettered at the same coordinates was skipped as a copy, and
+    committed past (never replayed). The event's bytes are part of what makes a copy."""
+    from consumer import replay
+
+    summary = replay.Summary()
+    seen = replay.SeenSources()
+
+    def one(msg: _DeadLetter, off: int) -> dict[str, Any] | None:
+        return replay._replay_one(msg, 0, off, "dlq", Filters(), {}, summary,  # type: ignore[arg-type]
+                                  dry_run=True, seen=seen)
+
+    assert one(_DeadLetter(0, value=b"alice"), 10) is not None
+    assert one(_DeadLetter(0, value=b"bob"), 11) is not None
+    assert one(_DeadLetter(0, value=b"bob"), 12) is None and summary.doubled == 1
+
+
+def test_a_value_less_copy_is_known_by_its_originals_hash(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead letter too large for the DLQ carries its original's SHA-256 instead of its
+    value: two such copies of one event are one event; another event is not."""
+    import hashlib
+
+    from consumer import dlqfetch, replay
+    from consumer.deadletter import VALUE_OMITTED, VALUE_SHA256
+
+    def omitted(original: bytes) -> _DeadLetter:
+        msg = _DeadLetter(7, value=b"")
+        msg._headers = [*msg._headers, (VALUE_OMITTED, b"true"),
+                        (VALUE_SHA256, hashlib.sha256(original).hexdigest().encode())]
+        return msg
+
+    class Found:
+        key, value, headers = b"u1", b"big", None
+
+    monkeypatch.setattr(dlqfetch, "restore", lambda *a, **k: Found())
+    summary = replay.Summary()
+    seen = replay.SeenSources()
+    for off, original in enumerate([b"big", b"big", b"other"]):
+        replay._replay_one(omitted(original), 0, off, "dlq", Filters(), {}, summary,  # type: ignore[arg-type]
+                           dry_run=True, seen=seen)
+    assert (summary.doubled, summary.restored) == (1, 2)
+    assert hashlib.sha256(b"big").digest() == replay.source_event(
+        omitted(b"big").headers(), None)[3]  # type: ignore[index]
 
 
 def test_a_report_line_shows_a_key_up_to_256_bytes_then_its_size() -> None:
