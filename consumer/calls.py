@@ -502,17 +502,27 @@ class CallPlan:
         half-way (a group between its company identify and its association)."""
         return self._index > 0
 
-    @property
-    def accepted(self) -> int:
-        """How many calls of the event itself succeeded (ensure-user ones not counted)."""
-        return self._index
+    def progress_note(self) -> str:
+        """Which calls succeeded so far: their count and a digest of their requests (method,
+        path, body), for `resume` by the next owner of the event."""
+        return f"{self._index}:{_requests_digest(self._calls[:self._index])}"
 
-    def resume(self, accepted: int) -> tuple[Call, ...]:
-        """Start after the first `accepted` calls (an earlier owner's, noted in Redis); the
-        calls skipped. Never all of them: the last call's success is the confirm's to say."""
-        skip = max(0, min(accepted, len(self._calls) - 1)) if self._index == 0 else 0
-        self._index = skip
-        return self._calls[:skip]
+    def resume(self, note: str | None) -> tuple[Call, ...]:
+        """Start after the calls an earlier owner's `progress_note` says succeeded, if this
+        plan's first calls are those same requests; the calls skipped. Not otherwise: the
+        same messageId with other content, or a replay after a mapping change, sends every
+        call (review "diff24"). Never all of them: the last call's success is the
+        confirm's to say."""
+        if note is None or self._index != 0:
+            return ()
+        count, _, digest = note.partition(":")
+        if not count.isdigit() or not 0 < int(count) < len(self._calls):
+            return ()
+        skipped = self._calls[:int(count)]
+        if digest != _requests_digest(skipped):
+            return ()
+        self._index = len(skipped)
+        return skipped
 
     def next_call(self) -> Call | None:
         """The request to send now, or None when every call of the event succeeded."""
@@ -531,6 +541,16 @@ class CallPlan:
             self._known.remember_succeeded(call)
         if call.purpose != "ensure_user":
             self._index += 1
+
+
+def _requests_digest(calls: Iterable[Call]) -> str:
+    """A short digest of requests: what makes two progress notes speak of the same calls."""
+    h = hashlib.sha256()
+    for call in calls:
+        h.update(f"{call.method} {call.path}\n".encode())
+        h.update(call.body)
+        h.update(b"\0")
+    return h.hexdigest()[:32]
 
 
 def ensure_user(calls: Iterable[Call], known: KnownUsers | None) -> tuple[Call, ...]:

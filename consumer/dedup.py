@@ -18,10 +18,13 @@ Per (token, endpoint, messageId) one Redis key moves through
   <offset>``): after a crash the re-reading replica then waits for the claim TTL instead of
   racing a zombie's request.
 - An event of several calls (a ``group``: company identify, then the association) notes
-  after each accepted call but the last how many were accepted (``progress``, kept for
-  the record's TTL beside the claim, cleared by the confirm); an owner that takes the
-  claim over reads it (``calls_done``) and resumes after them, so a replica killed
-  between the two calls does not cost the company identify twice.
+  after each accepted call but the last which calls were accepted (``progress``: their
+  count and a digest of their requests, kept for the record's TTL, cleared by the
+  confirm); an owner that takes the claim over reads it (``progress_of``) and resumes
+  after them when its own first calls are those same requests, so a replica killed
+  between the two calls does not cost the company identify twice, while an event that
+  reuses the messageId with other content, or a replay after a mapping change, sends
+  all its calls.
 - ``confirm`` after any 2xx. Across retries the claim is kept (the retry is this owner's;
   after a timeout the request may even have been accepted). ``release`` when this owner
   gives the event up undelivered: dead-lettered, or abandoned on revoke/shutdown before it
@@ -85,9 +88,9 @@ class DedupStore(Protocol):
 
     async def confirm(self, key: str, ttl_ms: int) -> None: ...
 
-    async def progress(self, key: str, calls_done: int, ttl_ms: int) -> None: ...
+    async def progress(self, key: str, note: str, ttl_ms: int) -> None: ...
 
-    async def calls_done(self, key: str) -> int: ...
+    async def progress_of(self, key: str) -> str | None: ...
 
     async def release(self, key: str, owner: str) -> None: ...
 
@@ -139,24 +142,24 @@ class Deduplicator:
             return False
         return True
 
-    async def progress(self, endpoint: str, message_id: str, calls_done: int) -> bool:
-        """Note that the event's first ``calls_done`` calls were accepted (kept for the
-        record's TTL, cleared by the confirm); False when Redis failed."""
+    async def progress(self, endpoint: str, message_id: str, note: str) -> bool:
+        """Note which of the event's calls were accepted (`calls.CallPlan.progress_note`;
+        kept for the record's TTL, cleared by the confirm); False when Redis failed."""
         try:
-            await self._store.progress(self.key(endpoint, message_id), calls_done,
-                                       self._ttl_ms)
+            await self._store.progress(self.key(endpoint, message_id), note, self._ttl_ms)
         except SharedStateUnavailable as exc:
             log.warning("progress not recorded (%s): a re-read may send its first call "
                         "again", exc)
             return False
         return True
 
-    async def calls_done(self, endpoint: str, message_id: str) -> int:
-        """The calls of the event an earlier owner got accepted (0: none, or Redis failed)."""
+    async def progress_of(self, endpoint: str, message_id: str) -> str | None:
+        """The note of the calls an earlier owner got accepted (None: none, or Redis
+        failed: then every call is sent)."""
         try:
-            return await self._store.calls_done(self.key(endpoint, message_id))
+            return await self._store.progress_of(self.key(endpoint, message_id))
         except SharedStateUnavailable:
-            return 0
+            return None
 
     async def release(self, endpoint: str, message_id: str, owner: str) -> bool:
         """Drop our claim after a definite failure; False when Redis failed (it expires)."""

@@ -578,22 +578,22 @@ class Handler:
         if (self.dedup is None or event.dedup_owner is None or not event.message_id
                 or len(send.calls) < 2 or event.plan is not None):
             return
-        done = await self.dedup.calls_done(endpoint, event.message_id)
+        note = await self.dedup.progress_of(endpoint, event.message_id)
         plan = event.plan = CallPlan(send.calls, self.known)
-        for call in plan.resume(done):
+        for call in plan.resume(note):
             self.m.duplicates_skipped.labels(call.endpoint).inc()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("resumed: %s was accepted before (an earlier owner)", call.endpoint,
                           extra=event.fields)
 
-    async def _dedup_progress(self, event: Event, endpoint: str, accepted: int) -> None:
+    async def _dedup_progress(self, event: Event, endpoint: str, note: str) -> None:
         """Note the calls accepted so far before the next call; counted as on the wire and
         shielded (a drain waits for it) like the confirm."""
         if self.dedup is None or event.dedup_owner is None or not event.message_id:
             return
         event.on_wire = True
         try:
-            await asyncio.shield(self.dedup.progress(endpoint, event.message_id, accepted))
+            await asyncio.shield(self.dedup.progress(endpoint, event.message_id, note))
         finally:
             event.on_wire = False
 
@@ -685,7 +685,7 @@ class Handler:
                 event.attempts.answered = event.attempts.count = 0
                 event.requested = False
                 if call.purpose != "ensure_user":
-                    await self._dedup_progress(event, endpoint, plan.accepted)
+                    await self._dedup_progress(event, endpoint, plan.progress_note())
             if call.purpose == "ensure_user":
                 self.m.ensure_user_identify.inc()
 

@@ -175,10 +175,16 @@ return 0
 """
 
 
+PROGRESS_PREFIX = "ud:n:"
+"""Progress notes have a namespace of their own (`ud:` still, for ACL key patterns): a note
+at ``<claim key>|n`` was the claim key of the messageId ``<id>|n``, which then waited a day
+for a "claim" that was another event's note (review "diff24")."""
+
+
 def progress_key(key: str) -> str:
-    """Where the calls an event of several calls got accepted are noted, beside its claim:
-    kept after the claim expires, so the next owner resumes after them."""
-    return key + "|n"
+    """Where the calls an event of several calls got accepted are noted, for its claim
+    ``key``: kept after the claim expires, so the next owner resumes after them."""
+    return PROGRESS_PREFIX + key.removeprefix("ud:")
 
 
 def token_digest(token: str) -> str:
@@ -275,8 +281,8 @@ class RedisStore:
         claim, budget = f"ud:probe:{tag}", f"userpilot:rl:probe:{tag}"
         await self.claim(claim, "check-config", 1000)
         await self.release(claim, "check-config")
-        await self.progress(claim, 1, 1000)
-        await self.calls_done(claim)
+        await self.progress(claim, "1:probe", 1000)
+        await self.progress_of(claim)
         await self.confirm(claim, 1000)
         await self.gcra(budget, interval_us=1000, tolerance_us=0, lookahead_us=1000,
                         idle_ttl_ms=1000)
@@ -358,18 +364,17 @@ class RedisStore:
         await self._call("confirm", lambda: self._confirm(keys=[key, progress_key(key)],
                                                           args=[max(1, ttl_ms)]))
 
-    async def progress(self, key: str, calls_done: int, ttl_ms: int) -> None:
-        """Note that the first ``calls_done`` calls of ``key``'s event were accepted."""
+    async def progress(self, key: str, note: str, ttl_ms: int) -> None:
+        """Note which calls of ``key``'s event were accepted (`note`, opaque here)."""
         await self._call("progress", lambda: self._client.set(
-            progress_key(key), calls_done, px=max(1, ttl_ms)))
+            progress_key(key), note, px=max(1, ttl_ms)))
 
-    async def calls_done(self, key: str) -> int:
-        """The calls of ``key``'s event noted as accepted (0 when none)."""
-        raw = await self._call("calls_done", lambda: self._client.get(progress_key(key)))
-        try:
-            return max(0, int(raw)) if raw is not None else 0
-        except (TypeError, ValueError):
-            return 0
+    async def progress_of(self, key: str) -> str | None:
+        """The note of ``key``'s event (None when none)."""
+        raw = await self._call("progress_of", lambda: self._client.get(progress_key(key)))
+        if raw is None:
+            return None
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
     async def release(self, key: str, owner: str) -> None:
         """Drop ``owner``'s claim on ``key`` (no-op if confirmed or claimed by another)."""

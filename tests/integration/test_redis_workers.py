@@ -333,8 +333,8 @@ def test_a_group_whose_replica_was_killed_between_its_calls_sends_its_company_on
     first = WorkerProcess(env, tmp_path / "first.log")
     try:
         wait_until(lambda: companies() == 1, 60, "the company identify accepted")
-        wait_until(lambda: any(str(k).endswith("|n") and tag in str(k)
-                               for k in client.scan_iter("ud:company_identify:*")),
+        wait_until(lambda: any(tag in str(k)
+                               for k in client.scan_iter("ud:n:company_identify:*")),
                    30, "the progress noted")
         time.sleep(0.5)  # the association is under way (hanging)
         first.kill()

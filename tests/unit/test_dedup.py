@@ -10,7 +10,7 @@ import pytest
 
 from consumer.dedup import Deduplicator, Outcome, dedup_key
 from consumer.errors import SharedStateUnavailable
-from consumer.redisstore import token_digest
+from consumer.redisstore import progress_key, token_digest
 
 State = Literal["claimed", "duplicate", "busy"]
 
@@ -37,15 +37,15 @@ class MemoryStore:
     async def confirm(self, key: str, ttl_ms: int) -> None:
         self._check()
         self.values[key] = "d"
-        self.values.pop(key + "|n", None)
+        self.values.pop(progress_key(key), None)
 
-    async def progress(self, key: str, calls_done: int, ttl_ms: int) -> None:
+    async def progress(self, key: str, note: str, ttl_ms: int) -> None:
         self._check()
-        self.values[key + "|n"] = str(calls_done)
+        self.values[progress_key(key)] = note
 
-    async def calls_done(self, key: str) -> int:
+    async def progress_of(self, key: str) -> str | None:
         self._check()
-        return int(self.values.get(key + "|n", "0"))
+        return self.values.get(progress_key(key))
 
     async def release(self, key: str, owner: str) -> None:
         self._check()

@@ -379,25 +379,19 @@ def test_an_event_claimed_after_a_blip_is_recorded_when_delivered() -> None:
     assert sample(metrics, "userpilot_dedup_unchecked_total", endpoint="track") == 0
 
 
-def _group(message_id: str) -> bytes:
+def _group(message_id: str, user: str = "u1", company: str = "acme",
+           name: str = "Acme") -> bytes:
     from consumer import codec
     from tests.unit.test_worker import SCHEMA_ID
 
     return codec.encode(SCHEMA_ID, codec.to_record({
-        "type": "group", "userId": "u1", "groupId": "acme", "traits": {"name": "Acme"},
+        "type": "group", "userId": user, "groupId": company, "traits": {"name": name},
         "context": {"consent": {"analytics": True}}, "messageId": message_id,
         "timestamp": "2026-11-26T10:00:00.000Z"}))
 
 
-def test_a_group_re_read_after_its_company_identify_sends_only_its_association() -> None:
-    """Review scale23: a replica killed (or a partition lost) between a group's company
-    identify and its association left the next owner to send the company identify again.
-    The accepted calls are noted beside the claim; the next owner resumes after them."""
-    store = MemoryStore()
-    run, metrics, dedup = make(log_of(_group("g-1")), store)
-    key = dedup.key("company_identify", "g-1")
-    # The association fails for good: the event is dead-lettered, its claim released, and
-    # the company identify's acceptance stays noted.
+def _refusing_associations(run: Run) -> None:
+    """The sandbox refuses every association (an identify) for good: dead-lettered."""
     original_send = run.client.send
 
     async def send(call: Call) -> int:
@@ -407,32 +401,86 @@ def test_a_group_re_read_after_its_company_identify_sends_only_its_association()
         return await original_send(call)
 
     run.client.send = send  # type: ignore[method-assign]
+
+
+def test_a_group_re_read_after_its_company_identify_sends_only_its_association() -> None:
+    """Review scale23: a replica killed (or a partition lost) between a group's company
+    identify and its association left the next owner to send the company identify again.
+    The accepted calls are noted beside the claim; the next owner resumes after them."""
+    from consumer.redisstore import progress_key
+
+    store = MemoryStore()
+    run, metrics, dedup = make(log_of(_group("g-1")), store)
+    key = dedup.key("company_identify", "g-1")
+    # The association fails for good: the event is dead-lettered, its claim released, and
+    # the company identify's acceptance stays noted.
+    _refusing_associations(run)
     assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
     assert [c.path for c in run.client.calls] == ["/v1/companies/identify", "/v1/identify"]
-    assert key not in store.values and store.values[key + "|n"] == "1"
+    assert key not in store.values and store.values[progress_key(key)].startswith("1:")
 
     again, metrics, _ = make(log_of(_group("g-1")), store)
     assert drive(again, finished_to(1)) == 0  # type: ignore[arg-type]
     assert [c.path for c in again.client.calls] == ["/v1/identify"]
     assert sample(metrics, "userpilot_duplicates_skipped_total",
                   endpoint="company_identify") == 1
-    assert store.values[key] == "d" and key + "|n" not in store.values, \
+    assert store.values[key] == "d" and progress_key(key) not in store.values, \
         "the confirm clears the note"
+
+
+def test_the_same_message_id_with_other_content_sends_every_call() -> None:
+    """Review diff24: the note held a count only, so a corrected event reusing the
+    messageId (another user and company), or a replay after the mappings changed what the
+    company identify carries, skipped a company identify never sent with its content."""
+    store = MemoryStore()
+    run, _, _ = make(log_of(_group("g-3", user="bad", company="c1")), store)
+    _refusing_associations(run)
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+
+    for changed in (_group("g-3", user="good", company="c2"),
+                    _group("g-3", user="bad", company="c1", name="Acme Inc")):
+        again, metrics, _ = make(log_of(changed), store)
+        _refusing_associations(again)
+        assert drive(again, finished_to(1)) == 0  # type: ignore[arg-type]
+        assert [c.path for c in again.client.calls] == [
+            "/v1/companies/identify", "/v1/identify"], changed
+        assert sample(metrics, "userpilot_duplicates_skipped_total",
+                      endpoint="company_identify") == 0
+
+
+def test_a_note_is_never_another_message_ids_claim() -> None:
+    """Review diff24: the note of messageId M sat at the claim key of messageId "M|n",
+    whose event then waited a day for a "claim" that was M's note."""
+    from consumer.redisstore import progress_key
+
+    store = MemoryStore()
+    run, _, dedup = make(log_of(_group("M")), store)
+    _refusing_associations(run)
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    note = progress_key(dedup.key("company_identify", "M"))
+    assert note in store.values and note.startswith("ud:n:")
+    for mid in ("M|n", "n:M", note.removeprefix("ud:").split(":", 2)[-1]):
+        assert dedup.key("company_identify", mid) != note
+        assert dedup.key("track", mid) != note and dedup.key("identify", mid) != note
+    other, _, _ = make(log_of(_group("M|n")), store)
+    assert drive(other, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert [c.path for c in other.client.calls] == [
+        "/v1/companies/identify", "/v1/identify"]
 
 
 def test_a_group_sent_whole_leaves_no_progress_note_and_single_calls_write_none() -> None:
     store = MemoryStore()
-    writes: list[tuple[str, int]] = []
+    writes: list[tuple[str, str]] = []
     real = store.progress
 
-    async def progress(key: str, calls_done: int, ttl_ms: int) -> None:
-        writes.append((key.split(":")[1], calls_done))
-        await real(key, calls_done, ttl_ms)
+    async def progress(key: str, note: str, ttl_ms: int) -> None:
+        writes.append((key.split(":")[1], note.partition(":")[0]))
+        await real(key, note, ttl_ms)
 
     store.progress = progress  # type: ignore[method-assign]
     run, _, _ = make(log_of(_group("g-2"), track("u1", 1)), store)
     assert drive(run, finished_to(2)) == 0  # type: ignore[arg-type]
     assert [c.path for c in run.client.calls] == [
         "/v1/companies/identify", "/v1/identify", "/v1/track"]
-    assert writes == [("company_identify", 1)]
-    assert not [k for k in store.values if k.endswith("|n")]
+    assert writes == [("company_identify", "1")]
+    assert not [k for k in store.values if k.startswith("ud:n:")]
