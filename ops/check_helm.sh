@@ -310,7 +310,20 @@ for key in ssl.keystore.password ssl.key.pem sasl.oauthbearer.config \
     --set "kafka.config.${key//./\\.}=x" 2>&1 >/dev/null)" && die "kafka.config.$key: rendered into the ConfigMap"
   grep -qF -- "kafka.config.$key is a secret" <<<"$err" || die "kafka.config.$key: failed for another reason: $err"
 done
-has renamed 'kafka_consumergroup_lag{consumergroup="orders-to-userpilot"}' "the lag alert follows kafka.groupId"
+has renamed 'kafka_consumergroup_lag{consumergroup="orders-to-userpilot",namespace="kafka"}' "the lag alert follows kafka.groupId, on the exporter's namespace (review diff24b)"
+render lag-matchers --set prometheusRule.enabled=true --set serviceMonitor.enabled=true \
+  --set-string 'prometheusRule.kafkaLagMatchers=cluster="eu-1"'
+has lag-matchers 'kafka_consumergroup_lag{consumergroup="userpilot-delivery",cluster="eu-1"}' "prometheusRule.kafkaLagMatchers"
+render shared-dash --set dashboard.namespace=monitoring
+has shared-dash 'name: delivery-upw-userpilot-worker-dashboard' "a shared dashboard namespace: the release's namespace in the ConfigMap's name (review diff24b)"
+"$PYTHON" - "$OUT/shared-dash.yaml" <<'PY' || die "the dashboard does not open on its release's namespace"
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "ConfigMap"
+        and any(k.endswith(".json") for k in (d.get("data") or {}))]
+(board,) = [json.loads(v) for d in docs for v in d["data"].values()]
+(var,) = [v for v in board["templating"]["list"] if v["name"] == "namespace"]
+assert var["current"]["value"] == ["delivery"], var["current"]
+PY
 has renamed 'sum by (namespace) (up{job="upw-worker",namespace="delivery"})' "the workers-down alert follows the chart name (the ServiceMonitor's jobLabel)"
 has renamed 'absent(up{job="upw-worker",namespace="delivery"})' "the workers-down alert sees its own namespace without targets while others have some"
 has renamed 'sum by (namespace, topic) (userpilot_consumer_lag{namespace="delivery"})' "every worker series of the release's namespace only (review helm24)"
@@ -320,7 +333,7 @@ for r in orders billing; do
   "$HELM" template "$r" "$CHART" --namespace delivery --kube-version "$KUBE_VERSION" "${TOKEN[@]}" \
     --set dashboard.namespace=monitoring --show-only templates/dashboard-configmap.yaml \
     >"$OUT/dash-$r.yaml" || die "helm template (dashboard $r) failed"
-  grep -qF "delivery-$r-userpilot-worker.json: |-" "$OUT/dash-$r.yaml" \
+  grep -qF "delivery_$r-userpilot-worker.json: |-" "$OUT/dash-$r.yaml" \
     || die "dashboard $r: the sidecar's file is not named after the release (two releases overwrite one file)"
   grep -qF "\"title\": \"Userpilot delivery worker (delivery/$r-userpilot-worker)\"" "$OUT/dash-$r.yaml" \
     || die "dashboard $r: the title does not name the release"
@@ -398,7 +411,8 @@ def check(ok: bool, where: str, message: str) -> None:
 
 def without_runbook_bases(groups: Any) -> Any:
     """The rule groups with each runbook_url cut to its #anchor (the base is a chart value)
-    and the release's namespace taken out of the selectors (the chart adds it)."""
+    and the release's namespace and the exporter's matchers taken out of the selectors (the
+    chart adds them)."""
     out = copy.deepcopy(groups)
     for g in out or []:
         for r in g.get("rules") or []:
@@ -406,7 +420,9 @@ def without_runbook_bases(groups: Any) -> Any:
                 expr = re.sub(r'up\{job="([^"]*)",namespace="[^"]*"\}', r'up{job="\1"}',
                               r["expr"])
                 expr = re.sub(r'(userpilot_[a-z_]+)\{namespace="[^"]*"\}', r"\1", expr)
-                r["expr"] = re.sub(r'(userpilot_[a-z_]+)\{namespace="[^"]*",', r"\1{", expr)
+                expr = re.sub(r'(userpilot_[a-z_]+)\{namespace="[^"]*",', r"\1{", expr)
+                r["expr"] = re.sub(r'(kafka_consumergroup_lag\{consumergroup="[^"]*"),[^}]*\}',
+                                   r"\1}", expr)
             notes = r.get("annotations") or {}
             if "runbook_url" in notes:
                 url = str(notes["runbook_url"])
@@ -710,7 +726,8 @@ if [[ -n "${PROMTOOL:-}" ]]; then
   mkdir -p "$OUT/rules"
   "$HELM" template upw "$CHART" --namespace delivery --kube-version "$KUBE_VERSION" "${TOKEN[@]}" \
     --set prometheusRule.enabled=true --set serviceMonitor.enabled=true \
-    --set kafka.groupId=group-a --show-only templates/prometheusrule.yaml >"$OUT/rules/rule.yaml" \
+    --set kafka.groupId=group-a --set-string 'prometheusRule.kafkaLagMatchers=cluster="a"' \
+    --show-only templates/prometheusrule.yaml >"$OUT/rules/rule.yaml" \
     || die "helm template (rules) failed"
   "$PYTHON" - "$OUT/rules/rule.yaml" "$OUT/rules/rendered-alerts.yaml" <<'PY' || die "no rules rendered"
 import sys, yaml

@@ -278,7 +278,18 @@ Call with (dict "file" "files/alerts.yaml" "ctx" $).
 {{- $text = replace "\"text\": \"userpilot-delivery\"" (printf "\"text\": %s" (toJson $group)) $text -}}
 {{- $text = replace "\"value\": \"userpilot-delivery\"" (printf "\"value\": %s" (toJson $group)) $text -}}
 {{- else -}}
-{{- $text = replace "consumergroup=\"userpilot-delivery\"" (printf "consumergroup=%s" (toJson $group)) $text -}}
+{{- /* The broker-side lag: the group, and where several clusters' exporters reach one
+     Prometheus, which of them (prometheusRule.kafkaLagMatchers; by default the namespace
+     of the exporter this chart's ServiceMonitor scrapes): a group name shared by releases
+     on different clusters crossed them (review diff24b). */ -}}
+{{- $lag := printf "consumergroup=%s" (toJson $group) -}}
+{{- $exporter := $ctx.Values.kafkaExporter.serviceMonitor -}}
+{{- if $ctx.Values.prometheusRule.kafkaLagMatchers -}}
+{{- $lag = printf "%s,%s" $lag $ctx.Values.prometheusRule.kafkaLagMatchers -}}
+{{- else if $exporter.enabled -}}
+{{- $lag = printf "%s,namespace=%s" $lag (toJson (default $ctx.Release.Namespace $exporter.namespace)) -}}
+{{- end -}}
+{{- $text = replace "consumergroup=\"userpilot-delivery\"" $lag $text -}}
 {{- /* Every worker series of this release's namespace only: a central Prometheus loading
      the rules of releases in several namespaces evaluated each release's rules on all of
      them (the lag alert's fallback paged twice, review helm24), and absent() sees one
