@@ -163,6 +163,13 @@ EOF
 cat >"$OUT/rule-without-monitor.values.yaml" <<'EOF'
 prometheusRule: {enabled: true}
 EOF
+cat >"$OUT/lag-injection.values.yaml" <<'EOF'
+prometheusRule: {kafkaLagMatchers: 'cluster="a\",b="}) or vector(1e9) #"'}
+EOF
+cat >"$OUT/lag-regex.values.yaml" <<'EOF'
+prometheusRule: {enabled: true, kafkaLagMatchers: 'cluster=~"eu-\\d+", env=''prod'''}
+serviceMonitor: {enabled: true}
+EOF
 cat >"$OUT/selector-label.values.yaml" <<'EOF'
 podLabels: {app.kubernetes.io/name: mine}
 EOF
@@ -258,6 +265,7 @@ expect_fail static-member "kafka.config.group.instance.id gives every pod the sa
 expect_fail static-member-env "kafka.extraEnv sets KAFKA_GROUP_INSTANCE_ID to one value for every pod"
 expect_fail registry-url-creds "schemaRegistry.url holds credentials"
 expect_fail rule-without-monitor "set prometheusRule.job to the job label"
+expect_fail lag-injection "kafkaLagMatchers"
 expect_fail selector-label "podLabels sets app.kubernetes.io/name, a label the chart sets itself"
 expect_fail label-twice "podLabels and commonLabels both set team"
 
@@ -314,8 +322,11 @@ has renamed 'kafka_consumergroup_lag{consumergroup="orders-to-userpilot",namespa
 render lag-matchers --set prometheusRule.enabled=true --set serviceMonitor.enabled=true \
   --set-string 'prometheusRule.kafkaLagMatchers=cluster="eu-1"'
 has lag-matchers 'kafka_consumergroup_lag{consumergroup="userpilot-delivery",cluster="eu-1"}' "prometheusRule.kafkaLagMatchers"
+has lag-matchers 'kafka_consumergroup_lag{consumergroup=~\"$consumergroup\",cluster=\"eu-1\"' "the dashboard's lag panels select the same exporter (review diff24c)"
+render lag-regex -f "$OUT/lag-regex.values.yaml"
 render shared-dash --set dashboard.namespace=monitoring
-has shared-dash 'name: delivery-upw-userpilot-worker-dashboard' "a shared dashboard namespace: the release's namespace in the ConfigMap's name (review diff24b)"
+grep -qE '^  name: upw-userpilot-worker-[0-9a-f]{10}-dashboard$' "$OUT/shared-dash.yaml" \
+  || die "shared-dash: the ConfigMap's name does not tell the release's namespace apart (reviews diff24b, diff24c)"
 "$PYTHON" - "$OUT/shared-dash.yaml" <<'PY' || die "the dashboard does not open on its release's namespace"
 import json, sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "ConfigMap"
@@ -735,6 +746,14 @@ doc = yaml.safe_load(open(sys.argv[1]))
 yaml.safe_dump({"groups": doc["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)
 PY
   cp "$ROOT/ops/alerts_rendered_test.yaml" "$OUT/rules/"
+  # A regex matcher with an escape, single quotes and spaces: rules Prometheus parses.
+  "$PYTHON" - "$OUT/lag-regex.yaml" "$OUT/rules/lag-regex-rules.yaml" <<'PY' || die "no rules rendered (lag-regex)"
+import sys, yaml
+(doc,) = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "PrometheusRule"]
+yaml.safe_dump({"groups": doc["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)
+PY
+  "$PROMTOOL" check rules "$OUT/rules/lag-regex-rules.yaml" >/dev/null \
+    || die "prometheusRule.kafkaLagMatchers with a regex: rules Prometheus cannot parse"
   "$PROMTOOL" test rules "$OUT/rules/alerts_rendered_test.yaml" \
     || die "the rendered rules failed ops/alerts_rendered_test.yaml"
 fi

@@ -273,23 +273,26 @@ Call with (dict "file" "files/alerts.yaml" "ctx" $).
 {{- $base := trimSuffix "/" $ctx.Values.runbookBaseUrl -}}
 {{- $group := $ctx.Values.kafka.groupId -}}
 {{- $text = replace "https://github.com/signal/userpilot-worker/blob/main/README.md" $base $text -}}
+{{- /* The broker-side lag: the group, and where several clusters' exporters reach one
+     Prometheus, which of them (prometheusRule.kafkaLagMatchers; by default the namespace
+     of the exporter this chart's ServiceMonitor scrapes): a group name shared by releases
+     on different clusters crossed them (review diff24b). The alert and the dashboard's
+     lag panels alike (review diff24c). */ -}}
+{{- $exporter := $ctx.Values.kafkaExporter.serviceMonitor -}}
+{{- $extra := "" -}}
+{{- if $ctx.Values.prometheusRule.kafkaLagMatchers -}}
+{{- $extra = printf ",%s" (trim $ctx.Values.prometheusRule.kafkaLagMatchers) -}}
+{{- else if $exporter.enabled -}}
+{{- $extra = printf ",namespace=%s" (toJson (default $ctx.Release.Namespace $exporter.namespace)) -}}
+{{- end -}}
 {{- if hasSuffix ".json" .file -}}
 {{- $text = replace "\"query\": \"userpilot-delivery\"" (printf "\"query\": %s" (toJson $group)) $text -}}
 {{- $text = replace "\"text\": \"userpilot-delivery\"" (printf "\"text\": %s" (toJson $group)) $text -}}
 {{- $text = replace "\"value\": \"userpilot-delivery\"" (printf "\"value\": %s" (toJson $group)) $text -}}
+{{- /* Inside a JSON string: the matchers JSON-escaped, without toJson's outer quotes. */ -}}
+{{- $text = replace "kafka_consumergroup_lag{consumergroup=~\\\"$consumergroup\\\"" (printf "kafka_consumergroup_lag{consumergroup=~\\\"$consumergroup\\\"%s" (toJson $extra | trimPrefix "\"" | trimSuffix "\"")) $text -}}
 {{- else -}}
-{{- /* The broker-side lag: the group, and where several clusters' exporters reach one
-     Prometheus, which of them (prometheusRule.kafkaLagMatchers; by default the namespace
-     of the exporter this chart's ServiceMonitor scrapes): a group name shared by releases
-     on different clusters crossed them (review diff24b). */ -}}
-{{- $lag := printf "consumergroup=%s" (toJson $group) -}}
-{{- $exporter := $ctx.Values.kafkaExporter.serviceMonitor -}}
-{{- if $ctx.Values.prometheusRule.kafkaLagMatchers -}}
-{{- $lag = printf "%s,%s" $lag $ctx.Values.prometheusRule.kafkaLagMatchers -}}
-{{- else if $exporter.enabled -}}
-{{- $lag = printf "%s,namespace=%s" $lag (toJson (default $ctx.Release.Namespace $exporter.namespace)) -}}
-{{- end -}}
-{{- $text = replace "consumergroup=\"userpilot-delivery\"" $lag $text -}}
+{{- $text = replace "consumergroup=\"userpilot-delivery\"" (printf "consumergroup=%s%s" (toJson $group) $extra) $text -}}
 {{- /* Every worker series of this release's namespace only: a central Prometheus loading
      the rules of releases in several namespaces evaluated each release's rules on all of
      them (the lag alert's fallback paged twice, review helm24), and absent() sees one
