@@ -151,6 +151,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Ctrl-C while it waits for Kafka (for ever by default): exit 130, no traceback
         # (review "diff22b"). `_run_worker` installs the worker's own handling after.
         signal.signal(signal.SIGINT, _terminated)
+        # SIGTERM once the probes answer (from here on) is a clean stop, exit 0, as it is
+        # once the worker runs: nothing was taken yet. Kubernetes may stop a pod the moment
+        # its probes answer.
+        signal.signal(signal.SIGTERM, _stopped)
     try:
         health.set_waiting("checking Kafka and the schema registry")
         serve_probes()
@@ -200,7 +204,7 @@ def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Hea
         if on_wait is not None:
             on_wait()
         until = time.monotonic() + pause
-        while (rest := until - time.monotonic()) > 0:  # a SIGTERM ends it (`_terminated`)
+        while (rest := until - time.monotonic()) > 0:  # a SIGTERM ends it (`_stopped`)
             health.beat()
             time.sleep(min(1.0, rest))
         delay = min(max_delay_s, delay * 2)
@@ -524,6 +528,13 @@ def _interruptible(check: Callable[[], T], tick: Callable[[], None] | None = Non
     if failure:
         raise failure[0]
     return result[0]
+
+
+def _stopped(_signum: int, _frame: object) -> None:
+    """SIGTERM while `run` starts (checks Kafka and the registry, or waits for them): a
+    clean stop, exit 0; the probes already answer, so this is how Kubernetes stops a pod
+    that has not reached its Kafka yet."""
+    raise SystemExit(0)
 
 
 def _terminated(signum: int, _frame: object) -> None:

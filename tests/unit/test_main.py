@@ -429,7 +429,9 @@ def test_a_sigterm_while_run_starts_stops_it() -> None:
     finally:
         proc.kill()
         proc.communicate()
-    assert code == 128 + signal.SIGTERM, code  # not -15: a handler ran
+    # Not -15: a handler ran. Exit 0: the probes answer from the start, so this is how
+    # Kubernetes stops a pod that has not reached Kafka yet, a clean stop.
+    assert code == 0, code
     assert time.monotonic() - started < 12
 
 
