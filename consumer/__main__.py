@@ -132,21 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     health = Health(metrics, max_poll_interval_s=settings.max_poll_interval_s)
-    servers: list[HealthServer] = []
-
-    def serve_probes() -> None:
-        """The probes and /metrics, once, before the first check of the services (live, not
-        ready). Started after it, a Kafka and a registry that accept connections but never
-        answer (2 × --timeout) left /healthz down for ~24 s of a liveness probe's ~30 s
-        (review helm24)."""
-        if servers:
-            return
-        try:
-            servers.append(serve(settings.metrics_port, registry, health))
-        except OSError as exc:
-            raise ConfigError(f"WORKER_METRICS_PORT={settings.metrics_port}: cannot listen "
-                              f"({exc.strerror}); choose a free port") from None
-
+    server: HealthServer | None = None
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C while it waits for Kafka (for ever by default): exit 130, no traceback
         # (review "diff22b"). `_run_worker` installs the worker's own handling after.
@@ -157,24 +143,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _stopped)
     try:
         health.set_waiting("checking Kafka and the schema registry")
-        serve_probes()
+        # The probes and /metrics before the first check of the services (live, not ready).
+        # Started after it, a Kafka and a registry that accept connections but never answer
+        # (2 × --timeout) left /healthz down for ~24 s of a liveness probe's ~30 s (review
+        # helm24).
+        try:
+            server = serve(settings.metrics_port, registry, health)
+        except OSError as exc:
+            raise ConfigError(f"WORKER_METRICS_PORT={settings.metrics_port}: cannot listen "
+                              f"({exc.strerror}); choose a free port") from None
         problems = wait_for_services(lambda: reach.services(
             settings.kafka_config(logger=False), args.timeout,
             registry_url=settings.registry_url,
             registry_auth=settings.registry_auth.reveal() if settings.registry_auth else None,
             registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None,
-            dlq_topic=settings.dlq_topic), args.wait, health, on_wait=serve_probes)
+            dlq_topic=settings.dlq_topic), args.wait, health)
         if problems:
             return _unreachable(problems)
-        return _run_worker(settings, metrics, health, serve_probes)
+        return _run_worker(settings, metrics, health)
     finally:
-        for server in servers:
+        if server is not None:
             server.close()
 
 
 def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Health,
-                      first_delay_s: float = 1.0, max_delay_s: float = 30.0,
-                      on_wait: Callable[[], None] | None = None) -> list[str]:
+                      first_delay_s: float = 1.0, max_delay_s: float = 30.0) -> list[str]:
     """Run the start-up `check` until it passes; its problems when one is a setting to fix,
     or when services stayed unreachable for `wait_s` seconds.
 
@@ -182,8 +175,7 @@ def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Hea
     broker upgrade) exited 1 and Kubernetes restarted it at growing intervals, up to five
     minutes apart: delivery resumed minutes after the outage, and the pod crash-looped
     meanwhile. It now stays up, live and not ready (/readyz names what it waits for), and
-    tries again after `first_delay_s`, doubling to `max_delay_s`. `on_wait` runs before the
-    first wait (the probe server starts there)."""
+    tries again after `first_delay_s`, doubling to `max_delay_s`."""
     from consumer import reach
 
     deadline = time.monotonic() + wait_s
@@ -201,8 +193,6 @@ def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Hea
             log.error("start-up: %s; trying again in %.3g s (run --wait bounds this)",
                       problem, pause)
         health.set_waiting("waiting for " + "; ".join(problems))
-        if on_wait is not None:
-            on_wait()
         until = time.monotonic() + pause
         while (rest := until - time.monotonic()) > 0:  # a SIGTERM ends it (`_stopped`)
             health.beat()
@@ -210,8 +200,7 @@ def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Hea
         delay = min(max_delay_s, delay * 2)
 
 
-def _run_worker(settings: Settings, metrics: Metrics, health: Health,
-                serve_probes: Callable[[], None]) -> int:
+def _run_worker(settings: Settings, metrics: Metrics, health: Health) -> int:
     from consumer.worker import Worker
 
     worker = Worker(settings, metrics, health)
@@ -220,7 +209,6 @@ def _run_worker(settings: Settings, metrics: Metrics, health: Health,
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _sig, _frame: worker.stop(signalled=True))
     tune_collector()  # start-up is done: what it made is frozen (the probe server runs already)
-    serve_probes()
     code = asyncio.run(worker.run())
     if code == GUARD_EXIT_CODE and not worker.signalled:
         # Not after a SIGTERM (Kubernetes sends one): the pod is going away anyway.

@@ -7,8 +7,8 @@ of the same selection replays nothing twice, while another selection still sees 
 record. Each replay increments
 `userpilot.replay.count`; an event at the limit is reported, not replayed again. An event
 dead-lettered twice (a crash between the DLQ's acknowledgement and the commit, a partition
-lost while Kafka was unreachable: the next owner re-reads it) has two dead letters with the
-same source coordinates; a run replays the first and counts the second (`SeenSources`).
+lost while Kafka was unreachable: the next owner re-reads it) has two dead letters of the
+same source record and bytes; a run replays the first and counts the second (`SeenSources`).
 `decide` is pure; `run_replay` is the Kafka loop (its own consumer and producer).
 """
 

@@ -735,23 +735,22 @@ PY
 if [[ -n "${PROMTOOL:-}" ]]; then
   log "the rendered rules see their own namespace only (promtool: ops/alerts_rendered_test.yaml)"
   mkdir -p "$OUT/rules"
+  rules_of() { # rendered manifests, rules file out: the PrometheusRule's groups, as Prometheus loads them
+    "$PYTHON" - "$1" "$2" <<'PY' || die "no PrometheusRule rendered in $1"
+import sys, yaml
+(doc,) = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "PrometheusRule"]
+yaml.safe_dump({"groups": doc["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)
+PY
+  }
   "$HELM" template upw "$CHART" --namespace delivery --kube-version "$KUBE_VERSION" "${TOKEN[@]}" \
     --set prometheusRule.enabled=true --set serviceMonitor.enabled=true \
     --set kafka.groupId=group-a --set-string 'prometheusRule.kafkaLagMatchers=cluster="a"' \
     --show-only templates/prometheusrule.yaml >"$OUT/rules/rule.yaml" \
     || die "helm template (rules) failed"
-  "$PYTHON" - "$OUT/rules/rule.yaml" "$OUT/rules/rendered-alerts.yaml" <<'PY' || die "no rules rendered"
-import sys, yaml
-doc = yaml.safe_load(open(sys.argv[1]))
-yaml.safe_dump({"groups": doc["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)
-PY
+  rules_of "$OUT/rules/rule.yaml" "$OUT/rules/rendered-alerts.yaml"
   cp "$ROOT/ops/alerts_rendered_test.yaml" "$OUT/rules/"
   # A regex matcher with an escape, single quotes and spaces: rules Prometheus parses.
-  "$PYTHON" - "$OUT/lag-regex.yaml" "$OUT/rules/lag-regex-rules.yaml" <<'PY' || die "no rules rendered (lag-regex)"
-import sys, yaml
-(doc,) = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "PrometheusRule"]
-yaml.safe_dump({"groups": doc["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)
-PY
+  rules_of "$OUT/lag-regex.yaml" "$OUT/rules/lag-regex-rules.yaml"
   "$PROMTOOL" check rules "$OUT/rules/lag-regex-rules.yaml" >/dev/null \
     || die "prometheusRule.kafkaLagMatchers with a regex: rules Prometheus cannot parse"
   "$PROMTOOL" test rules "$OUT/rules/alerts_rendered_test.yaml" \
