@@ -521,3 +521,23 @@ def test_known_users_keep_long_ids_as_a_digest() -> None:
     assert all(len(key) <= 65 for key in known._users)
     short = "#" + "0" * 64  # 65 characters: as long as a digest, still not one
     assert known.needs_identify(short)
+
+
+def test_a_progress_note_that_is_not_ours_resumes_nothing() -> None:
+    """The note comes from Redis: whatever it holds, the plan sends every call rather than
+    raise (an exception there would fail the event)."""
+    from consumer.calls import CallPlan
+
+    calls = (Call("company_identify", "identify", "company_identify", "POST",
+                  "/v1/companies/identify", {"company_id": "c"}, b'{"company_id":"c"}'),
+             Call("associate_company", "identify", "identify", "POST", "/v1/identify",
+                  {"user_id": "u"}, b'{"user_id":"u"}'))
+    good = CallPlan(calls, None)
+    good.succeeded(calls[0])
+    note = good.progress_note()
+    for odd in (None, "", ":", "²:" + note[2:], "x:y", "1", "9:" + note[2:], "0:" + note[2:],
+                "1:" + "0" * 32, "-1:" + note[2:], "1 :" + note[2:]):
+        plan = CallPlan(calls, None)
+        assert plan.resume(odd) == () and plan.next_call() == calls[0], odd
+    plan = CallPlan(calls, None)
+    assert plan.resume(note) == calls[:1] and plan.next_call() == calls[1]
