@@ -14,9 +14,9 @@ so the loop runs against an in-memory source in unit tests.
 Thread rule: this class lives on the event loop. Source calls run on the source's poll
 thread (`Source.call`, one call at a time). The callbacks the source makes (assign,
 revoke, lost, stats, commit results) run on that poll thread and touch only what is safe
-there: `Commits` (it locks), `Metrics` and `Health` (thread-safe), and `assigned`,
-`paused`, `_reshare_due`, `_reshare_at`, `_fresh`, `_stats_committed`, `_stats_low`,
-which both threads read and write only under `_parts_lock`. `_reshare` and what it calls
+there: `Commits` and `Lag` (each locks), `Metrics` and `Health` (thread-safe), and
+`assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh`, which both threads read and
+write only under `_parts_lock`. `_reshare` and what it calls
 (`_reshare_delay`, `_missing`) run only on the poll thread.
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
@@ -25,7 +25,7 @@ partitions' messages waiting in the overflow (loop-only state); `stop()` uses
 `call_soon_threadsafe`.
 
 The poll loop never sleeps on behalf of a delivery: a full window pauses partitions (or,
-when deliveries are fast, lets polled messages wait in the overflow: `_overflow_cap`)
+when deliveries are fast, lets polled messages wait in the overflow: `consumer.overflow`)
 and polling goes on, so the group never evicts a slow worker.
 """
 
@@ -40,7 +40,6 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -70,8 +69,10 @@ from consumer.kafka import (
     is_fatal,
     topic_not_there,
 )
+from consumer.lag import Lag
 from consumer.metrics import Children, Metrics
 from consumer.offsets import Finished
+from consumer.overflow import Overflow
 from consumer.policy import Gate, GateState, RetryPolicy
 from consumer.ratelimit import partition_share
 from consumer.registry import Registry
@@ -88,13 +89,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_BATCH = 500
-OVERFLOW_SECONDS = 0.75  # polled messages kept beyond a full window: this long of intake
-OVERFLOW_MAX = 4 * POLL_BATCH  # ... and never more
-RATE_SPAN_S = 2.0  # the pace of finished events is measured over this span
-MIN_PACE_SPAN_S = 0.1  # ... or since the first intake, when shorter, but not under this
-MIN_PACE_EVENTS = 50  # ... and only once this many (and half a window) finished: not noise
 FULL_POLL_PAUSE_S = 0.002  # between polls while window and overflow are both full
-RESUME_WAIT_S = 1.0  # a resumed partition's first fetch (librdkafka's broker thread)
 POLL_TIMEOUT_S = 0.1
 _UNASKED = -2  # `_intake`: a partition's last offset not asked for yet in this slice
 UNRESOLVED_WAIT_S = 5.0
@@ -319,6 +314,7 @@ class Worker:
         metrics.dlq_unwritable.set_function(lambda: 1.0 if writable.problem() else 0.0)
         self._make_source = source or kafka_source(settings)
         self.commits = Commits()
+        self.lag = Lag(metrics, self.commits)  # the lag gauges (poll thread, own lock)
         self._parts_lock = threading.Lock()
         self.assigned: set[TP] = set()
         self.paused: set[TP] = set()
@@ -338,10 +334,6 @@ class Worker:
         # Per retry cause: when its last line was logged and how many went unlogged since
         # (event loop only; see `_count_retry`).
         self._retry_log: dict[str, tuple[float, int]] = {}
-        # The group's committed offsets from librdkafka's statistics (for a paused
-        # partition's lag before this worker committed any).
-        self._stats_committed: dict[TP, int] = {}
-        self._stats_low: dict[TP, int] = {}  # low watermarks, from the statistics
         # Keyless events whose user is not known yet, per partition (event loop only).
         self._unresolved: dict[TP, list[Unresolved]] = {}
         # Fair intake (event loop only; may name revoked partitions, always intersected with
@@ -350,12 +342,9 @@ class Worker:
         self._held: set[TP] = set()
         self._quiet_since = 0.0  # since when polls brought nothing while partitions were held
         self._dry: dict[TP, float] = {}  # until when
-        # Messages polled while the window was full, taken before newer ones (event loop
-        # only): see `_overflow_cap`. `_pace_log`: (time, events finished) per poll.
-        self._overflow: deque[KafkaMessage] = deque()
-        self._pace_log: deque[tuple[float, int]] = deque()
-        self._pace_total = 0  # sum of `_pace_log`'s counts, kept as entries come and go
-        self._pace_since: float | None = None  # first intake since the pace log was empty
+        # Messages polled while the window was full, taken before newer ones, and the pace
+        # of finished events that sizes them (event loop only): see `consumer.overflow`.
+        self.overflow: Overflow[KafkaMessage] = Overflow(settings.max_in_flight)
         self._finished = 0  # events to send that reached their outcome (event loop)
         self._finished_seen = 0
         self._consumed = Children(self.m.events_consumed)
@@ -433,7 +422,7 @@ class Worker:
             while not self._stopping.is_set():
                 room = await self._backpressure(source, scheduler, idle=not scheduled)
                 # Fewer new messages while more than the overflow's size waits: it drains.
-                wanted = room + self._overflow_cap() - len(self._overflow)
+                wanted = room + self.overflow.cap() - len(self.overflow)
                 if wanted <= 0:
                     # Window full, overflow at its size: each poll still takes a message
                     # (to serve acknowledgements); pace it instead of spinning.
@@ -495,8 +484,9 @@ class Worker:
                     await self._first_steps()
                 # Every message handed over is taken: the consumer's positions may commit
                 # what it never hands over (`Commits.passed`).
-                whole = position >= len(batch) and not self._overflow
-                self._note_pace(scheduled)
+                whole = position >= len(batch) and not self.overflow
+                self.overflow.note_pace(scheduled, self._finished - self._finished_seen)
+                self._finished_seen = self._finished
                 # Periodically, and at once when caught up (an idle poll): a drained backlog
                 # should not wait for the timer to be committed.
                 # A note-only change (the offset held by one event while others finish) is
@@ -918,7 +908,7 @@ class Worker:
         with self._parts_lock:
             # Paused only once the overflow holds twice its size: with deliveries fast, a
             # full window frees within a poll or two and the overflow bridges it.
-            full = pending >= limit and len(self._overflow) >= 2 * self._overflow_cap()
+            full = pending >= limit and len(self.overflow) >= 2 * self.overflow.cap()
             now = time.monotonic()
             # A dry partition stays unpaused: a pause discards what librdkafka fetched, and
             # the hot partition's backlog, served first, refilled every freed place, so a
@@ -970,88 +960,24 @@ class Worker:
             await scheduler.wait_change(POLL_TIMEOUT_S)
             await source.call(self._commit, source, None, False)
             return POLL_TIMEOUT_S if self.commits.outstanding() else 0.0
-        return 0.0 if room and self._overflow else POLL_TIMEOUT_S
+        return 0.0 if room and self.overflow else POLL_TIMEOUT_S
 
-    # -- overflow: messages polled past a full window -------------------------------------
-    def _overflow_cap(self) -> int:
-        """How many polled messages may wait outside a full window before partitions pause.
-
-        Why: a resumed partition's first fetch waits for librdkafka's broker thread, up to
-        a second (measured: 950 ms from resume to the first message, whatever the fetch
-        settings), and a pause discards what was fetched. When the window holds less than
-        two such waits of work (deliveries faster than half of WORKER_MAX_IN_FLIGHT per
-        second), that wait empties it: pausing at every full window held delivery at 20 ms
-        latency to ~410 events/s (2,500 at `5aa140f`, whose synchronous commits freed the
-        window before it filled), and at 50 ms to one window per resume, 200 events/s (a
-        pace that, measured against "faster than one window a second", kept itself below
-        it). Then about OVERFLOW_SECONDS of messages at the current pace wait outside the
-        window instead. Slower (Userpilot's 10 requests/s against a window of 200) the
-        window itself outlasts the wait: no overflow, and pausing, with its fair rotation
-        over partitions, works as before. Waiting messages are not taken: not in the
-        window, not committed, read again after a crash or by the next owner.
-        """
-        now = time.monotonic()
-        log = self._pace_log
-        while log and now - log[0][0] > RATE_SPAN_S:
-            self._pace_total -= log.popleft()[1]
-            if not log:
-                self._pace_since = None  # idle for RATE_SPAN_S: the next intake starts anew
-        # Events finished per second, over RATE_SPAN_S; at start, over the time since the
-        # first intake once half a window (and MIN_PACE_EVENTS) finished: the first full
-        # window came 0.1 s after the first message, when a 2 s span read 2,000 events/s
-        # as 50 and paused every partition (their refetch: 0.3 s without a message).
-        span, since = RATE_SPAN_S, self._pace_since
-        if since is not None and self._pace_total >= max(MIN_PACE_EVENTS,
-                                                         self.s.max_in_flight // 2):
-            span = min(span, max(MIN_PACE_SPAN_S, now - since))
-        pace = self._pace_total / span
-        if pace * 2 * RESUME_WAIT_S <= self.s.max_in_flight:
-            return 0
-        return min(OVERFLOW_MAX, int(pace * OVERFLOW_SECONDS))
-
+    # -- overflow: messages polled past a full window (`consumer.overflow`) ---------------
     @staticmethod
     async def _first_steps() -> None:
         """FIRST_STEP_TURNS turns of the event loop."""
         for _ in range(FIRST_STEP_TURNS):
             await asyncio.sleep(0)
 
-    def _note_pace(self, scheduled: int) -> None:
-        if scheduled and self._pace_since is None:
-            self._pace_since = time.monotonic()
-        done = self._finished - self._finished_seen
-        if done:
-            self._finished_seen = self._finished
-            self._pace_log.append((time.monotonic(), done))
-            self._pace_total += done
-
     def _next_batch(self, messages: Sequence[KafkaMessage], room: int
                     ) -> Sequence[KafkaMessage]:
-        """What to take now: up to `room` messages, the overflow's first, in poll order
-        (per partition, offset order); the rest waits in the overflow."""
-        if not self._overflow and len(messages) <= room:
-            return messages  # the common case: nothing waiting, no copy
-        overflow = self._overflow
-        owned: dict[TP, bool] = {}
-        for message in messages:
-            topic, partition = message.topic(), message.partition()
-            if message.error() is None and topic is not None and partition is not None:
-                tp = (topic, partition)
-                mine = owned.get(tp)
-                if mine is None:
-                    mine = owned[tp] = self.commits.owns(tp)
-                    if self._dry:
-                        self._dry.pop(tp, None)  # it has something to read after all
-                if not mine:
-                    continue  # revoked meanwhile: it must not wait for a re-assignment
-            overflow.append(message)
-        return [overflow.popleft() for _ in range(min(room, len(overflow)))]
+        """What to take now (`Overflow.take`): a partition no longer ours waits for
+        nothing; one that brought a message is not dry any more."""
+        return self.overflow.take(messages, room, self.commits.owns, self._arrived)
 
-    def _forget_overflow(self, parts: Sequence[TP]) -> None:
-        """Drop waiting messages of partitions no longer ours (event loop)."""
-        gone = set(parts)
-        if self._overflow and gone:
-            self._overflow = deque(m for m in self._overflow
-                                   if (m.topic(), m.partition()) not in gone)
+    def _arrived(self, tp: TP) -> None:
+        if self._dry:
+            self._dry.pop(tp, None)  # it has something to read after all
 
     def _window_load(self) -> tuple[int, int]:
         """The fullest family's window and how many families have events in it."""
@@ -1255,7 +1181,7 @@ class Worker:
         budget = self.s.shutdown_grace_s
 
         async def drain() -> None:
-            self._forget_overflow(parts)
+            self.overflow.forget(parts)
             try:
                 # Lost too (nothing is committed then): requests already on the wire need
                 # no Kafka. Cancelled, Userpilot had them all the same, and with Redis their
@@ -1289,11 +1215,9 @@ class Worker:
         self.commits.release(parts)
         for tp in parts:
             self.m.forget_partition(tp[0], tp[1])
+        self.lag.forget(parts)
         with self._parts_lock:
             self.assigned.difference_update(parts)
-            for tp in parts:
-                self._stats_committed.pop(tp, None)
-                self._stats_low.pop(tp, None)
             self.paused.difference_update(parts)
             self._reshare_due = True
 
@@ -1310,84 +1234,23 @@ class Worker:
                 probe.add_done_callback(self._probes.discard)
 
     def _paused_lag(self, source: Source) -> None:
-        """Poll thread: the lag of paused partitions, from the broker's high watermark.
-
-        librdkafka's statistics learn the high watermark from fetch responses; a paused
-        partition is not fetched, so its `consumer_lag` froze at the pause while the
-        backlog grew (an outage, exactly when lag matters: the lag alert never fired
-        without kafka_exporter). One ListOffsets per paused partition, every few seconds.
-        """
+        """Poll thread: the lag of paused partitions, from the broker (`Lag.paused`)."""
         with self._parts_lock:
             parts = sorted(self.paused & self.assigned)
-            committed = self._lag_bases_locked(parts)
-        try:
-            highs = source.high_watermarks(
-                [tp for tp in parts if tp in committed], PAUSED_LAG_TIMEOUT_S)
-        except Exception:
-            log.debug("paused partitions' high watermarks unavailable", exc_info=True)
-            return
-        with self._parts_lock:
-            still = self.paused & self.assigned
-        for (topic, partition), high in highs.items():
-            if (topic, partition) in still:
-                self.m.consumer_lag.labels(topic, str(partition)).set(
-                    max(0, high - committed[(topic, partition)]))
+
+        def still_paused() -> set[TP]:
+            with self._parts_lock:
+                return self.paused & self.assigned
+
+        self.lag.paused(parts, lambda asked: source.high_watermarks(asked, PAUSED_LAG_TIMEOUT_S),
+                        still_paused)
 
     def _on_stats(self, stats: dict[str, Any]) -> None:
+        """Poll thread: librdkafka's statistics, for the owned partitions (`Lag.on_stats`)."""
         with self._parts_lock:
             assigned = set(self.assigned)
             paused = set(self.paused)
-        own = self.commits.committed()
-        for topic, info in stats.get("topics", {}).items():
-            for pid, pinfo in info.get("partitions", {}).items():
-                tp = (topic, int(pid))
-                if tp not in assigned:
-                    continue
-                offset = pinfo.get("committed_offset", -1)
-                if isinstance(offset, int) and offset >= 0:
-                    with self._parts_lock:
-                        self._stats_committed[tp] = offset
-                    if tp not in own:
-                        # The group's commit, until this worker commits the partition itself:
-                        # taken over finished, the partition had no series at all.
-                        self.m.committed_offset.labels(topic, pid).set(offset)
-                low = pinfo.get("lo_offset", -1)
-                if isinstance(low, int) and low >= 0:
-                    with self._parts_lock:
-                        self._stats_low[tp] = low
-                if tp in paused:
-                    continue  # stale without fetches: `_paused_lag` sets it
-                # Offsets are committed explicitly, never stored: consumer_lag_stored is
-                # always -1 here, consumer_lag (high watermark - committed) is the figure.
-                lag = pinfo.get("consumer_lag", -1)
-                if not (isinstance(lag, int) and lag >= 0):
-                    # Nothing committed in the group yet (a new group or partition):
-                    # librdkafka has no lag, and the partitions furthest behind had no
-                    # series (a backlog of 75,000 reported as 42,000).
-                    lag = self._uncommitted_lag(tp, pinfo.get("hi_offset", -1))
-                if lag is not None:
-                    self.m.consumer_lag.labels(topic, pid).set(lag)
-
-    def _uncommitted_lag(self, tp: TP, high: object) -> int | None:
-        """The lag of a partition librdkafka has none for (nothing committed in the group)."""
-        if not isinstance(high, int) or high < 0:
-            return None
-        with self._parts_lock:
-            base = self._lag_bases_locked([tp]).get(tp)
-        return None if base is None else max(0, high - base)
-
-    def _lag_bases_locked(self, parts: Sequence[TP]) -> dict[TP, int]:
-        """Where each partition's lag counts from: the offset this worker had acknowledged,
-        else the group's as librdkafka knows it, else (a new group or partition) what this
-        worker would commit, else the low watermark (a partition without a committed offset
-        is read from the log's start: `config` refuses any other auto.offset.reset); so every
-        partition has a lag. `_parts_lock` held."""
-        low = {tp: self._stats_low[tp] for tp in parts if tp in self._stats_low}
-        group = {tp: self._stats_committed[tp] for tp in parts if tp in self._stats_committed}
-        mine = self.commits.committed()
-        return {**low, **self.commits.committable(parts), **group,
-                **{tp: mine[tp] for tp in parts if tp in mine}}
-
+        self.lag.on_stats(stats, assigned, paused)
 
 def _fmt(parts: Sequence[TP]) -> str:
     return ",".join(f"{t}[{p}]" for t, p in sorted(parts)) or "nothing"

@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "consumer"
 EDGE_LIBRARIES = ("confluent_kafka", "httpx", "httpx_aiohttp", "aiohttp", "redis")
 PURE = ("codec", "filtering", "mapping", "routing", "calls", "explain", "offsets", "commits",
-        "scheduling", "policy", "ratelimit", "errors")
+        "overflow", "scheduling", "policy", "ratelimit", "errors")
 
 
 def _module_name(path: Path) -> str:

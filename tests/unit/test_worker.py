@@ -41,10 +41,7 @@ from consumer.registry import Registry
 from consumer.worker import (
     INTAKE_TURN_MESSAGES,
     INTAKE_TURN_SENDS,
-    OVERFLOW_MAX,
-    OVERFLOW_SECONDS,
     POLL_TIMEOUT_S,
-    RATE_SPAN_S,
     Callbacks,
     Worker,
     fair_holds,
@@ -573,67 +570,22 @@ def test_a_full_window_resumes_as_soon_as_a_tenth_of_it_is_committed() -> None:
     assert [codec_seq(b) for b in stepped.bodies][:1] == [0]
 
 
-def test_an_overflow_only_when_the_window_holds_under_two_seconds_of_work() -> None:
-    worker = make({}, WORKER_MAX_IN_FLIGHT="200").worker
-    assert worker._overflow_cap() == 0, "nothing finished yet: a full window pauses at once"
-    now = time.monotonic()
-    def finished(at: float, count: int) -> None:
-        worker._pace_log.append((at, count))
-        worker._pace_total += count
-
-    for at, count in ((now - 5.0, 10_000), (now - 0.5, 150), (now, 50)):
-        finished(at, count)
-    assert worker._overflow_cap() == 0, "100 per second (the last RATE_SPAN_S): no overflow"
-    finished(now, 200)
-    assert worker._overflow_cap() == int(400 / RATE_SPAN_S * OVERFLOW_SECONDS)
-    finished(now, 100_000)
-    assert worker._overflow_cap() == OVERFLOW_MAX
-
-
-def test_at_start_the_pace_is_measured_since_the_first_intake() -> None:
-    worker = make({}, WORKER_MAX_IN_FLIGHT="200").worker
-    now = time.monotonic()
-    worker._pace_log.append((now, 150))
-    worker._pace_total = 150
-    assert worker._overflow_cap() == 0, "no intake recorded: over RATE_SPAN_S, 75 a second"
-    at_1500 = int(1500 * OVERFLOW_SECONDS)
-    worker._pace_since = now - 0.1
-    assert at_1500 - 10 <= worker._overflow_cap() <= at_1500, \
-        "150 finished 0.1 s after the first intake: 1,500 a second, not 75"
-    worker._pace_since = now - 0.01
-    assert worker._overflow_cap() == at_1500, "never over less than MIN_PACE_SPAN_S"
-    worker._pace_since = now - 30.0
-    assert worker._overflow_cap() == 0, "long after the start: RATE_SPAN_S again"
-    worker._pace_since = now - 0.1
-    worker._pace_total = 99
-    assert worker._overflow_cap() == 0, "under half a window finished: too few to trust"
-    worker._pace_log.clear()
-    worker._pace_log.append((now - RATE_SPAN_S - 1, 99))
-    worker._overflow_cap()
-    assert worker._pace_since is None, "idle for RATE_SPAN_S: the next intake starts anew"
-    fresh = make({}, WORKER_MAX_IN_FLIGHT="200").worker
-    fresh._note_pace(0)
-    assert fresh._pace_since is None, "an idle poll (nothing taken) starts no span"
-    fresh._note_pace(3)
-    assert fresh._pace_since is not None
-
-
 def test_messages_polled_past_a_full_window_are_taken_first_in_poll_order() -> None:
     worker = make({}).worker
     worker.commits.assign([(TOPIC, 0), (TOPIC, 1)])
     a = [Message(TOPIC, 0, i, b"k", b"v") for i in range(6)]
     assert worker._next_batch(a[:2], room=5) == a[:2], "room for all: no copy, no overflow"
     assert worker._next_batch(a[2:5], room=1) == [a[2]]
-    assert list(worker._overflow) == a[3:5]
+    assert list(worker.overflow) == a[3:5]
     assert worker._next_batch([a[5]], room=2) == a[3:5], "the waiting ones first"
-    assert worker._next_batch([], room=0) == [] and list(worker._overflow) == [a[5]]
+    assert worker._next_batch([], room=0) == [] and list(worker.overflow) == [a[5]]
     other = Message(TOPIC, 1, 0, b"k", b"v")
-    worker._overflow.append(other)
-    worker._forget_overflow([(TOPIC, 0)])
-    assert list(worker._overflow) == [other], "a revoked partition's waiting messages go"
+    worker.overflow.waiting.append(other)
+    worker.overflow.forget([(TOPIC, 0)])
+    assert list(worker.overflow) == [other], "a revoked partition's waiting messages go"
     stray = Message(TOPIC, 2, 0, b"k", b"v")  # a partition not (or no longer) assigned
     assert worker._next_batch([stray, a[0]], room=0) == []
-    assert list(worker._overflow) == [other, a[0]], "nothing of it waits"
+    assert list(worker.overflow) == [other, a[0]], "nothing of it waits"
 
 
 def test_with_fast_deliveries_a_small_window_delivers_every_event_once_in_order() -> None:
@@ -646,7 +598,7 @@ def test_with_fast_deliveries_a_small_window_delivers_every_event_once_in_order(
 
     def recording(messages: Any, room: int) -> Any:
         batch = next_batch(messages, room)
-        waited.append(len(run.worker._overflow))
+        waited.append(len(run.worker.overflow))
         return batch
 
     run.worker._next_batch = recording  # type: ignore[method-assign]
@@ -1337,7 +1289,7 @@ def test_the_poll_waits_only_when_nothing_polled_or_finishing_can_be_taken() -> 
         return timeout, window.waited, source.calls
 
     assert wait(room=5, in_flight=3) == (POLL_TIMEOUT_S, [], []), "nothing waiting: poll waits"
-    worker._overflow.append(Message(TOPIC, 0, 0, b"k", b"v"))
+    worker.overflow.waiting.append(Message(TOPIC, 0, 0, b"k", b"v"))
     assert wait(room=5, in_flight=3) == (0.0, [], []), \
         "messages in the overflow and room for them: taken now, no wait for more"
     assert wait(room=0, in_flight=3) == (0.0, [POLL_TIMEOUT_S], ["_commit"]), \
@@ -1348,7 +1300,7 @@ def test_the_poll_waits_only_when_nothing_polled_or_finishing_can_be_taken() -> 
     assert wait(room=0, in_flight=3) == (POLL_TIMEOUT_S, [], []), \
         "a commit awaits its acknowledgement: the poll waits, and ends when it is served"
     worker.commits.acknowledged([(tp, 5)])
-    worker._overflow.clear()
+    worker.overflow.clear()
     assert wait(room=0, in_flight=0) == (POLL_TIMEOUT_S, [], []), \
         "nothing in flight: the poll waits (and ends at the commit's acknowledgement)"
 
@@ -1375,14 +1327,14 @@ def test_a_drained_topics_overflow_is_taken_without_waiting_for_messages() -> No
 
     async def scenario(source: FakeSource) -> None:
         assert isinstance(source, PatientSource)
-        source.overflow = lambda: len(run.worker._overflow)
+        source.overflow = lambda: len(run.worker.overflow)
         await until(lambda: source.committed().get((TOPIC, 0)) == 600, "all committed",
                     timeout=30)
         assert source.idle_with_overflow == 0, \
             f"{source.idle_with_overflow} polls waited for messages with the overflow full"
 
     assert drive(run, scenario) == 0
-    assert run.worker._pace_since is not None, "the first intake started the pace's span"
+    assert run.worker.overflow.pace_since is not None, "the first intake started the pace's span"
 
 
 class CountlessSource(FakeSource):

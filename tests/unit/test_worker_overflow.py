@@ -1,7 +1,7 @@
 """The overflow under random revokes, re-assigns and pauses (fake source, no services).
 
 Deliveries are fast against a window of 10, so messages keep waiting in the overflow
-(`Worker._overflow`) while partitions come and go. The fake follows librdkafka where it
+(`Worker.overflow`) while partitions come and go. The fake follows librdkafka where it
 matters: a re-assigned partition is fetched again from its committed offset, and a resume
 fetches from the offset after the last message `consume` returned. The rules checked are
 the product's: nothing is taken for a partition this worker does not own, each assignment
@@ -150,7 +150,7 @@ def test_overflow_keeps_order_ownership_and_commits_through_rebalances(
 
     def next_batch(messages: Any, room: int) -> Any:
         out = real_next(messages, room)
-        held[0] = max(held[0], len(worker._overflow))
+        held[0] = max(held[0], len(worker.overflow))
         return out
 
     monkeypatch.setattr(worker, "_make_source", member)

@@ -1,0 +1,117 @@
+"""The consumer-lag and committed-offset gauges of the partitions this worker owns.
+
+Two sources: librdkafka's statistics (a fetched partition's `consumer_lag`, the group's
+committed offset, the low watermark) and, for a paused partition, the broker's high
+watermark asked directly (`PausedLag`): statistics learn high watermarks from fetch
+responses, and a paused partition is not fetched, so its lag froze at the pause while the
+backlog grew (an outage, exactly when lag matters: the lag alert never fired without
+kafka_exporter).
+
+Thread rule: called on the Kafka poll thread (the stats callback, the paused partitions'
+watermarks); what the statistics taught is kept under this object's own lock, so the
+worker's release of a partition (any thread) may forget it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+from consumer.commits import TP, Commits
+from consumer.metrics import Metrics
+
+__all__ = ["Lag"]
+
+log = logging.getLogger(__name__)
+
+
+class Lag:
+    """Sets `consumer_lag` and `committed_offset` per owned partition."""
+
+    def __init__(self, metrics: Metrics, commits: Commits) -> None:
+        self.m = metrics
+        self.commits = commits
+        self._lock = threading.Lock()
+        self._group: dict[TP, int] = {}  # the group's committed offsets, from the statistics
+        self._low: dict[TP, int] = {}  # low watermarks, from the statistics
+
+    def forget(self, parts: Collection[TP]) -> None:
+        """A partition left this worker: what the statistics said of it no longer holds."""
+        with self._lock:
+            for tp in parts:
+                self._group.pop(tp, None)
+                self._low.pop(tp, None)
+
+    def on_stats(self, stats: dict[str, Any], assigned: Collection[TP],
+                 paused: Collection[TP]) -> None:
+        """librdkafka's statistics: lag of the fetched partitions, and what later lags of
+        paused or never-committed partitions count from."""
+        own = self.commits.committed()
+        for topic, info in stats.get("topics", {}).items():
+            for pid, pinfo in info.get("partitions", {}).items():
+                tp = (topic, int(pid))
+                if tp not in assigned:
+                    continue
+                offset = pinfo.get("committed_offset", -1)
+                if isinstance(offset, int) and offset >= 0:
+                    with self._lock:
+                        self._group[tp] = offset
+                    if tp not in own:
+                        # The group's commit, until this worker commits the partition itself:
+                        # taken over finished, the partition had no series at all.
+                        self.m.committed_offset.labels(topic, pid).set(offset)
+                low = pinfo.get("lo_offset", -1)
+                if isinstance(low, int) and low >= 0:
+                    with self._lock:
+                        self._low[tp] = low
+                if tp in paused:
+                    continue  # stale without fetches: `paused` sets it
+                # Offsets are committed explicitly, never stored: consumer_lag_stored is
+                # always -1 here, consumer_lag (high watermark - committed) is the figure.
+                lag = pinfo.get("consumer_lag", -1)
+                if not (isinstance(lag, int) and lag >= 0):
+                    # Nothing committed in the group yet (a new group or partition):
+                    # librdkafka has no lag, and the partitions furthest behind had no
+                    # series (a backlog of 75,000 reported as 42,000).
+                    lag = self._uncommitted(tp, pinfo.get("hi_offset", -1))
+                if lag is not None:
+                    self.m.consumer_lag.labels(topic, pid).set(lag)
+
+    def paused(self, parts: Sequence[TP],
+               high_watermarks: Callable[[list[TP]], dict[TP, int]],
+               still_paused: Callable[[], Collection[TP]]) -> None:
+        """The lag of paused partitions from the broker's high watermarks (one ListOffsets
+        each, every few seconds); set only for those still paused once it answered."""
+        committed = self.bases(parts)
+        try:
+            highs = high_watermarks([tp for tp in parts if tp in committed])
+        except Exception:
+            log.debug("paused partitions' high watermarks unavailable", exc_info=True)
+            return
+        still = still_paused()
+        for (topic, partition), high in highs.items():
+            if (topic, partition) in still:
+                self.m.consumer_lag.labels(topic, str(partition)).set(
+                    max(0, high - committed[(topic, partition)]))
+
+    def bases(self, parts: Sequence[TP]) -> dict[TP, int]:
+        """Where each partition's lag counts from: the offset this worker had acknowledged,
+        else the group's as librdkafka knows it, else (a new group or partition) what this
+        worker would commit, else the low watermark (a partition without a committed offset
+        is read from the log's start: `config` refuses any other auto.offset.reset); so every
+        partition has a lag."""
+        with self._lock:
+            low = {tp: self._low[tp] for tp in parts if tp in self._low}
+            group = {tp: self._group[tp] for tp in parts if tp in self._group}
+        mine = self.commits.committed()
+        return {**low, **self.commits.committable(parts), **group,
+                **{tp: mine[tp] for tp in parts if tp in mine}}
+
+    def _uncommitted(self, tp: TP, high: object) -> int | None:
+        """The lag of a partition librdkafka has none for (nothing committed in the group)."""
+        if not isinstance(high, int) or high < 0:
+            return None
+        base = self.bases([tp]).get(tp)
+        return None if base is None else max(0, high - base)

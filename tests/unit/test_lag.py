@@ -1,0 +1,113 @@
+"""`consumer.lag`: the lag gauges from librdkafka's statistics and paused partitions'
+watermarks. The worker's runs (a paused partition's growing backlog) are in
+`test_worker.py`."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from consumer.commits import TP, Commits
+from consumer.lag import Lag
+from consumer.metrics import Metrics
+
+TOPIC = "signal"
+P0, P1, P2 = (TOPIC, 0), (TOPIC, 1), (TOPIC, 2)
+
+
+def gauges() -> tuple[Lag, Metrics, Commits]:
+    metrics, commits = Metrics(CollectorRegistry()), Commits()
+    commits.assign([P0, P1, P2])
+    return Lag(metrics, commits), metrics, commits
+
+
+def lag_of(metrics: Metrics, tp: TP) -> float | None:
+    return metrics.registry.get_sample_value(
+        "userpilot_consumer_lag", {"topic": tp[0], "partition": str(tp[1])})
+
+
+def stats(**parts: dict[str, int]) -> dict[str, object]:
+    return {"topics": {TOPIC: {"partitions": {name[1:]: p for name, p in parts.items()}}}}
+
+
+def test_a_fetched_partitions_lag_is_librdkafkas_and_a_paused_ones_is_left_alone() -> None:
+    lag, metrics, _ = gauges()
+    lag.on_stats(stats(p0={"consumer_lag": 12}, p1={"consumer_lag": 40}),
+                 assigned={P0, P1}, paused={P1})
+    assert lag_of(metrics, P0) == 12
+    assert lag_of(metrics, P1) is None, "a paused partition's figure is stale: not taken"
+
+
+def test_partitions_not_owned_get_no_series() -> None:
+    lag, metrics, _ = gauges()
+    lag.on_stats(stats(p0={"consumer_lag": 12}), assigned=set(), paused=set())
+    assert lag_of(metrics, P0) is None
+
+
+def test_without_a_group_commit_the_lag_counts_from_what_is_known() -> None:
+    lag, metrics, commits = gauges()
+    # Nothing committed anywhere: from the low watermark (the log's start).
+    lag.on_stats(stats(p0={"consumer_lag": -1, "hi_offset": 100, "lo_offset": 30}),
+                 assigned={P0}, paused=set())
+    assert lag_of(metrics, P0) == 70
+    # What this worker would commit beats the low watermark ...
+    commits.take(P0, 30)
+    commits.finish(P0, 30)
+    assert lag.bases([P0]) == {P0: 31}
+    # ... the group's commit (from the statistics) beats that ...
+    lag.on_stats(stats(p0={"committed_offset": 50, "hi_offset": 100}), assigned={P0},
+                 paused=set())
+    assert lag.bases([P0]) == {P0: 50}
+    assert lag_of(metrics, P0) == 50
+    assert metrics.registry.get_sample_value(
+        "userpilot_committed_offset", {"topic": TOPIC, "partition": "0"}) == 50, \
+        "the group's commit until this worker commits the partition itself"
+    # ... and this worker's own acknowledged commit beats everything: it is the newest.
+    commits.requested({P0: 31})
+    commits.acknowledged([(P0, 31)])
+    assert lag.bases([P0]) == {P0: 31}
+
+
+def test_a_paused_partitions_lag_comes_from_the_broker_if_still_paused() -> None:
+    lag, metrics, _ = gauges()
+    lag.on_stats(stats(p0={"committed_offset": 10}, p1={"committed_offset": 20},
+                       p2={"lo_offset": 0}), assigned={P0, P1, P2}, paused={P0, P1, P2})
+    asked: list[list[TP]] = []
+
+    def highs(parts: list[TP]) -> dict[TP, int]:
+        asked.append(parts)
+        return {P0: 110, P1: 220, P2: 5}
+
+    lag.paused([P0, P1, P2], highs, still_paused=lambda: {P0, P2})
+    assert asked == [[P0, P1, P2]]
+    assert lag_of(metrics, P0) == 100
+    assert lag_of(metrics, P1) is None, "resumed meanwhile: the statistics take over"
+    assert lag_of(metrics, P2) == 5
+
+
+def test_an_unanswered_watermark_request_sets_nothing_and_raises_nothing() -> None:
+    lag, metrics, _ = gauges()
+    lag.on_stats(stats(p0={"committed_offset": 10}), assigned={P0}, paused={P0})
+
+    def down(parts: list[TP]) -> dict[TP, int]:
+        raise TimeoutError("broker down")
+
+    lag.paused([P0], down, still_paused=lambda: {P0})
+    assert lag_of(metrics, P0) is None
+
+
+def test_a_released_partition_is_forgotten() -> None:
+    lag, _, commits = gauges()
+    lag.on_stats(stats(p0={"committed_offset": 10, "lo_offset": 3}), assigned={P0},
+                 paused=set())
+    assert lag.bases([P0]) == {P0: 10}
+    lag.forget([P0])
+    commits.release([P0])
+    assert lag.bases([P0]) == {}, "no base left: a later owner starts from its own figures"
+    asked: list[list[TP]] = []
+
+    def highs(parts: list[TP]) -> dict[TP, int]:
+        asked.append(parts)
+        return {}
+
+    lag.paused([P0], highs, still_paused=set)
+    assert asked == [[]], "a partition without a base is not asked for"
