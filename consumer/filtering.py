@@ -96,6 +96,9 @@ def _consent_drop(category: str) -> Drop:
     return drop
 
 
+_ABSENT: Any = object()
+
+
 def _granted(value: Any) -> bool:
     if value is True:
         return True
@@ -106,7 +109,8 @@ def _granted(value: Any) -> bool:
 class ConsentPolicy:
     """Which consent categories gate delivery, and what to do when an event has none.
 
-    Categories are compared lower-cased and stripped; duplicates are removed.
+    Categories are compared lower-cased and stripped, the event's consent keys too (an exact
+    key wins over another spelling of it); duplicates are removed.
     """
 
     categories: tuple[str, ...] = ("analytics",)
@@ -166,8 +170,20 @@ class ConsentPolicy:
         # "mapping22").
         if all(v is None for v in granted_by.values()):
             return None if self.missing == "allow" else gating[0]
+        folded: dict[str, Any] | None = None
         for category in gating:
-            if not _granted(granted_by.get(category)):
+            value = granted_by.get(category, _ABSENT)
+            if value is _ABSENT:
+                # Keys compared as categories are (lower-cased, stripped): a consent
+                # platform's `"Analytics": true` was dropped as no consent (review
+                # "mapping25"). The exact key wins where both spellings occur.
+                if folded is None:
+                    folded = {}
+                    for key, granted in granted_by.items():
+                        if isinstance(key, str):
+                            folded.setdefault(key.strip().lower(), granted)
+                value = folded.get(category)
+            if not _granted(value):
                 return category
         return None
 

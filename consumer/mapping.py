@@ -146,6 +146,9 @@ def normalize_event_name(name: object) -> str:
 
     Title Case (the integration page), snake_case (upstream event specs), kebab-case,
     upper case, stray spaces and camelCase all meet on one key, e.g. ``feature_used``.
+    camelCase is split only in a name without separators: a word's own capitals or
+    digits ("2FA Enabled", "iOS App Opened") must meet its snake_case spelling
+    ("2fa_enabled", "ios_app_opened"), not become "2_fa" or "i_os".
     Cached because it runs per event and real traffic has few distinct names; only names
     up to `NAME_CACHE_MAX` characters (4,096 names of 1 MB would hold 4 GB).
     """
@@ -157,8 +160,9 @@ def normalize_event_name(name: object) -> str:
 
 
 def _normalize(name: str) -> str:
-    split = _CAMEL_2.sub(r"\1 ", _CAMEL_1.sub(r"\1 \2", name))
-    return _SEPARATORS.sub("_", split).strip("_").lower()
+    if _SEPARATORS.search(name) is None:
+        name = _CAMEL_2.sub(r"\1 ", _CAMEL_1.sub(r"\1 \2", name))
+    return _SEPARATORS.sub("_", name).strip("_").lower()
 
 
 _normalize_cached = functools.lru_cache(maxsize=4096)(_normalize)
@@ -503,6 +507,7 @@ def _derived_metadata(
             summary_key = candidate
             break
 
+    shadowed: list[tuple[str, Primitive]] = []  # summary values whose name was taken
     for raw_key, value in props.items():
         key = raw_key if isinstance(raw_key, str) else str(raw_key)
         if isinstance(value, dict):
@@ -513,6 +518,8 @@ def _derived_metadata(
                     top = props.get(s_key, _MISSING)
                     if s_key not in out and (top is _MISSING or not _is_primitive(top)):
                         out[s_key] = s_value
+                    else:
+                        shadowed.append((s_key, s_value))
                 if value and not isinstance(value[0], dict):
                     omitted.append(key)  # not line items: only their count is sent
             elif key in _SUMMARY_ARRAYS:
@@ -523,11 +530,19 @@ def _derived_metadata(
                     omitted.append(key)  # the other list is summarised: only its count
             elif key not in preset_keys:
                 _leaf(out, omitted, key, value)
+            else:
+                omitted.append(_taken(key))  # a page field: `context.page`'s value is sent
         elif key not in preset_keys:
             if _is_primitive(value):
                 out[key] = value
             else:
                 omitted.append(key)
+        elif not _is_primitive(value):
+            omitted.append(_taken(key))  # a page field: `context.page`'s value is sent
+    # A top-level primitive or an earlier flattened key owns a summary value's name: left
+    # out, and said so when what is sent differs (review mapping25).
+    omitted.extend(_taken(key) for key, value in shadowed
+                   if out.get(key, _MISSING) != value)
     return out
 
 

@@ -90,6 +90,18 @@ def test_anonymous_is_checked_before_consent_and_type() -> None:
          Drop("consent", "analytics")),
         # raw CMP codes only: consent data is present but grants nothing we know
         ({"categories": ["C0001", "C0002"]}, ALLOW_MISSING, Drop("consent", "analytics")),
+        # keys compared as categories are: lower-cased and stripped (review mapping25) ...
+        ({"Analytics": True}, ANALYTICS, None),
+        ({"canonical": {"ANALYTICS ": True}}, ANALYTICS, None),
+        ({"Analytics": True, "Functional": "granted"}, TWO, None),
+        ({"Analytics": False}, ANALYTICS, Drop("consent", "analytics")),
+        # ... and the exact key wins over another spelling of it
+        ({"analytics": False, "Analytics": True}, ANALYTICS, Drop("consent", "analytics")),
+        ({"Analytics": False, "analytics": True}, ANALYTICS, None),
+        ({"canonical": {"Analytics": False}, "analytics": True}, ANALYTICS,
+         Drop("consent", "analytics")),
+        ({1: True, "analytics": True}, ANALYTICS, None),
+        ({1: True}, ANALYTICS, Drop("consent", "analytics")),
     ],
 )
 def test_consent_shapes(consent: Any, policy: ConsentPolicy, expected: Drop | None) -> None:

@@ -134,7 +134,12 @@ def test_name_variants_match_the_same_rule(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "key"),
     [("Order Completed", "order_completed"), ("HTMLExport", "html_export"), ("", ""),
-     ("  ", ""), ("v2Signup", "v2_signup")],
+     ("  ", ""), ("v2Signup", "v2_signup"),
+     # A word's own capitals in a name with separators are not camelCase (review mapping25).
+     ("2FA Enabled", "2fa_enabled"), ("iOS App Opened", "ios_app_opened"),
+     ("OAuth Connected", "oauth_connected"), ("SaaS Plan Viewed", "saas_plan_viewed"),
+     ("PDFs Exported", "pdfs_exported"), ("B2B Lead", "b2b_lead"),
+     ("oauth-Connected", "oauth_connected"), ("iOS_app", "ios_app")],
 )
 def test_normalize_event_name(name: str, key: str) -> None:
     assert normalize_event_name(name) == key
@@ -143,10 +148,21 @@ def test_normalize_event_name(name: str, key: str) -> None:
 @given(st.text(alphabet="aAbB1 _-é", max_size=24))
 def test_normalize_splits_acronyms_exactly_as_the_backtracking_pattern_did(name: str) -> None:
     """The lookahead form is the old `([A-Z]+)([A-Z][a-z])` → `\\1 \\2`, without its
-    quadratic backtracking."""
-    old = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name))
+    quadratic backtracking; a name with separators is not split at its capitals."""
+    old = name
+    if re.search(r"[\s_\-]", name) is None:
+        old = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2",
+                     re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name))
     expected = re.sub(r"[\s_\-]+", "_", old).strip("_").lower()
     assert normalize_event_name(name) == expected
+
+
+@given(st.lists(st.text(alphabet="aAbB1é", min_size=1, max_size=6), min_size=2, max_size=4))
+def test_a_title_case_name_meets_its_snake_and_kebab_spellings(words: list[str]) -> None:
+    """What Signal sends as `Title Case` and as `snake_case` names one event."""
+    title = " ".join(words)
+    assert normalize_event_name(title) == normalize_event_name("_".join(w.lower() for w in words))
+    assert normalize_event_name(title) == normalize_event_name("-".join(words))
 
 
 @pytest.mark.parametrize("name", ["A" * 100_000, "Ab" + "A" * 100_000 + "b", "AB" * 50_000])
@@ -783,6 +799,16 @@ def test_left_out_fields_are_reported() -> None:
     ({"plan": {"tier": "pro"}, "plan_tier": "basic"}, {"plan_tier": "basic"},
      ("plan_tier (name taken)",)),
     ({"a": {"b_c": 1, "b": {"c": 2}}}, {"a_b_c": 1}, ("a_b_c (name taken)",)),
+    # The products summary's values, behind a nested key or a top-level one (review
+    # mapping25); a top-level value equal to the summary's loses nothing.
+    ({"product": {"id": "NESTED"}, "products": [{"product_id": "SKU-9"}]},
+     {"product_id": "NESTED", "products_count": 1}, ("product_id (name taken)",)),
+    ({"price": None, "products": [{"product_id": "SKU-9", "price": 3}]},
+     {"price": None, "product_id": "SKU-9", "products_count": 1}, ("price (name taken)",)),
+    ({"products": [{"product_id": "SKU-9", "price": 3}], "price": 4},
+     {"price": 4, "product_id": "SKU-9", "products_count": 1}, ("price (name taken)",)),
+    ({"products_count": 1, "products": [{"product_id": "SKU-9"}]},
+     {"products_count": 1, "product_id": "SKU-9"}, ()),
 ])
 def test_a_value_whose_flat_name_another_took_is_listed_as_left_out(
         props: dict[str, Any], sent: dict[str, Any], left_out: tuple[str, ...]) -> None:
@@ -795,6 +821,21 @@ def test_a_value_whose_flat_name_another_took_is_listed_as_left_out(
     built = build_payload(track("Feature Used", props), rule)
     assert built.body["metadata"] == sent
     assert built.omitted == left_out
+
+
+def test_a_page_property_replaced_by_the_pages_own_value_is_listed_as_left_out() -> None:
+    """`properties.url` that is not a primitive: `context.page.url` is sent, and the list
+    was lost without a word (review mapping25)."""
+    from consumer.mapping import build_payload
+
+    event = {"type": "page", "userId": "u", "name": "Home",
+             "properties": {"url": ["https://a", "https://b"], "title": {"x": 1}},
+             "context": {"page": {"url": "https://ctx"}}}
+    rule = DEFAULT_PRESET.lookup(event)
+    assert rule is not None
+    built = build_payload(event, rule)
+    assert built.body["metadata"] == {"url": "https://ctx", "name": "Home", "title_x": 1}
+    assert built.omitted == ("url (name taken)",)
 
 
 def test_a_nested_key_over_the_length_bound_is_left_out_with_what_is_under_it() -> None:
