@@ -179,7 +179,7 @@ class Event:
     intake: int = 0  # the worker's intake sequence (from 1): lower goes first in a limiter's
     # queue, and the DLQ guard reads outcomes in this order
     generation: int = 0  # its partition's tracker when taken (`Commits.take`)
-    waits: object = None  # the worker's ordering waits (`worker.UserWaits`), from intake
+    waits: object = None  # its ordering waits (`keyless.UserWaits`), from intake
 
     @property
     def fields(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -69,6 +69,7 @@ from consumer.kafka import (
     is_fatal,
     topic_not_there,
 )
+from consumer.keyless import KeylessOrder
 from consumer.lag import Lag
 from consumer.metrics import Children, Metrics
 from consumer.offsets import Finished
@@ -77,7 +78,7 @@ from consumer.policy import Gate, GateState, RetryPolicy
 from consumer.ratelimit import partition_share
 from consumer.registry import Registry
 from consumer.routing import Send
-from consumer.scheduling import Barrier, Scheduler
+from consumer.scheduling import Scheduler
 from consumer.sharedlimit import SharedLimiter
 from consumer.sharedstate import SharedState, build_shared_state
 
@@ -92,10 +93,6 @@ POLL_BATCH = 500
 FULL_POLL_PAUSE_S = 0.002  # between polls while window and overflow are both full
 POLL_TIMEOUT_S = 0.1
 _UNASKED = -2  # `_intake`: a partition's last offset not asked for yet in this slice
-UNRESOLVED_WAIT_S = 5.0
-"""How long a partition's later events wait to learn the user of a keyless event whose
-schema is being fetched (the registry's own bound on a call): past it they go, and that
-one user's order is not guaranteed while the registry does not answer."""
 INTAKE_TURN_SENDS = 8
 """Events to send taken per turn of the event loop. Each starts a task whose first step
 (building and writing its request, ~0.2 ms) runs in the next turn; taking a whole window at
@@ -164,43 +161,6 @@ def fair_margin(limit: int, partitions: int) -> int:
 def fair_share(limit: int, partitions: int) -> int:
     """One partition's fair share of the window among `partitions` with a backlog."""
     return max(1, limit // max(1, partitions))
-
-
-@dataclass
-class Unresolved:
-    """A keyless event whose user is not known at intake (its schema version is being
-    fetched): any later event of its partition may be the same user's."""
-
-    user: asyncio.Future[str | None]  # its userId once decided (None: none)
-    done: asyncio.Future[None]  # its job ended
-    known_by: float  # monotonic time after which others no longer wait to learn its user
-    warned: bool = False
-
-
-@dataclass
-class UserWaits:
-    """What an event waits for before it is sent, so that no event of a user overtakes an
-    earlier one of the same user in another chain of the partition.
-
-    `unresolved`: the partition's keyless events taken before it whose user was not known
-    (each is waited for if it turns out to be this event's user). `chains` and `own`: when
-    this event's own user is not known at intake, where each chain of the partition stood
-    (its user's chain is waited for up to there), and what its followers wait on.
-    """
-
-    unresolved: list[Unresolved]
-    chains: dict[Hashable, Barrier] | None = None
-    own: Unresolved | None = None
-
-
-def _decided_user(decision: object) -> str | None:
-    """The user of an event decided to be sent (debug logging decides without `screen`)."""
-    if isinstance(decision, Send):
-        for call in decision.calls:
-            user = call.payload.get("user_id")
-            if isinstance(user, str) and user:
-                return user
-    return None
 
 
 def resume_level(limit: int) -> int:
@@ -334,8 +294,8 @@ class Worker:
         # Per retry cause: when its last line was logged and how many went unlogged since
         # (event loop only; see `_count_retry`).
         self._retry_log: dict[str, tuple[float, int]] = {}
-        # Keyless events whose user is not known yet, per partition (event loop only).
-        self._unresolved: dict[TP, list[Unresolved]] = {}
+        # Keyless events' order by user (event loop only): see `consumer.keyless`.
+        self.keyless = KeylessOrder()
         # Fair intake (event loop only; may name revoked partitions, always intersected with
         # `assigned`): partitions kept paused because they hold their share of the window,
         # and partitions seen with nothing to read.
@@ -749,25 +709,7 @@ class Worker:
             if self.handler.debug:
                 self.handler.log_dropped(event.decision, event.fields)
             return event.decision
-        unresolved = self._unresolved.get(tp)
-        if not key:
-            # Ordered by its userId, encoded as `produce` keys, so keyed and keyless events
-            # of one user share a chain (each keyless message was its own key: a retried
-            # event reached Userpilot after the same user's later ones).
-            user = (decoded.get("userId") if decoded is not None
-                    else _decided_user(event.decision))
-            if isinstance(user, str) and user:
-                event.ordering_key = user.encode()
-            elif event.decision is None:  # its user is known once its schema is
-                loop = asyncio.get_running_loop()
-                own = Unresolved(loop.create_future(), loop.create_future(),
-                                 time.monotonic() + UNRESOLVED_WAIT_S)
-                event.waits = UserWaits(list(unresolved or ()),
-                                        scheduler.barriers(tp[0], tp[1]), own)
-                self._unresolved.setdefault(tp, []).append(own)
-                unresolved = None
-        if unresolved:
-            event.waits = UserWaits(list(unresolved))
+        self.keyless.place(event, tp, decoded, lambda: scheduler.barriers(tp[0], tp[1]))
         mark = marks.pop(tp, None)
         if mark is not None:
             self.commits.dropped({tp: mark})
@@ -788,10 +730,9 @@ class Worker:
             decision.calls[-1].family if isinstance(decision, Send) else "track")
 
     async def _run_event(self, event: Event) -> Outcome | None:
-        waits = event.waits
         try:
-            if isinstance(waits, UserWaits):
-                await self._wait_for_user(event, waits)
+            if event.waits is not None and self._scheduler is not None:
+                await self.keyless.before(event, self.handler.decided, self._scheduler.reached)
             outcome: Outcome | None = await self.handler.handle(event)
         except DlqGuardTripped as exc:
             self._crash(exc)  # not finished: its offset stays uncommitted
@@ -800,56 +741,10 @@ class Worker:
             await asyncio.get_running_loop().create_future()
             return None
         finally:
-            if isinstance(waits, UserWaits) and waits.own is not None:
-                self._resolved((event.topic, event.partition), waits.own)
+            self.keyless.after(event)
         self.commits.finish((event.topic, event.partition), event.offset, event.generation)
         self._finished += 1
         return outcome
-
-    async def _wait_for_user(self, event: Event, waits: UserWaits) -> None:
-        """Before the event is sent: its user's earlier events in other chains of the
-        partition have ended (`UserWaits`). Its own user is known first (its schema)."""
-        await self.handler.decided(event)
-        user = _decided_user(event.decision)
-        own = waits.own
-        if own is not None and not own.user.done():
-            own.user.set_result(user)  # its followers learn whether they wait for it
-        if user is None:
-            return  # nothing of it reaches Userpilot
-        for other in waits.unresolved:
-            # Shielded: a cancelled wait must not cancel what the others wait on.
-            if not other.user.done():
-                # Bounded: with the registry down its user stays unknown, and every later
-                # event of the partition waited, filled the window and paused the replica.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, other.known_by - time.monotonic())):
-                        await asyncio.shield(other.user)
-                if not other.user.done():
-                    if not other.warned:
-                        other.warned = True
-                        log.warning("the user of an earlier keyless event of %s[%d] is not "
-                                    "known after %.0f s (its schema is not fetched yet); "
-                                    "later events go on: that user's order is not "
-                                    "guaranteed", event.topic, event.partition,
-                                    UNRESOLVED_WAIT_S)
-                    continue  # its user is not known in time: not waited for
-            if other.user.result() == user:
-                await asyncio.shield(other.done)
-        if waits.chains and self._scheduler is not None:
-            barrier = waits.chains.get(user.encode())
-            if barrier is not None:
-                await self._scheduler.reached(barrier)
-
-    def _resolved(self, tp: TP, own: Unresolved) -> None:
-        """An unresolved event's job ended (or its partition went): who waits goes on."""
-        for future in (own.user, own.done):
-            if not future.done():
-                future.set_result(None)
-        waiting = self._unresolved.get(tp)
-        if waiting is not None and own in waiting:
-            waiting.remove(own)
-            if not waiting:
-                del self._unresolved[tp]
 
     def _count_retry(self, exc: Exception) -> None:
         """Count a retry, and log it: at most one line per cause every RETRY_LOG_EVERY_S,
@@ -1192,9 +1087,7 @@ class Worker:
                     log.info("revoke: %d events of %s not sent yet; the next owner "
                              "delivers them", left, _fmt(parts))
             finally:
-                for tp in parts:  # unresolved events abandoned before they ran
-                    for own in list(self._unresolved.get(tp, ())):
-                        self._resolved(tp, own)
+                self.keyless.forget(parts)  # unresolved events abandoned before they ran
 
         settling = asyncio.run_coroutine_threadsafe(drain(), self._loop)
         try:

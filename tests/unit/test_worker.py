@@ -26,6 +26,7 @@ from confluent_kafka import KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumer import codec, handler, routing
+from consumer import keyless as keyless_module
 from consumer import worker as worker_module
 from consumer.calls import Call
 from consumer.commits import TP
@@ -2064,7 +2065,7 @@ def test_a_registry_outage_holds_other_users_only_briefly(
     """Learning an unresolved keyless event's user is bounded: with the registry down it
     stayed unknown, every later event of the partition waited for it, the window filled
     and the replica stopped delivering until the registry came back."""
-    monkeypatch.setattr(worker_module, "UNRESOLVED_WAIT_S", 0.3)
+    monkeypatch.setattr(keyless_module, "UNRESOLVED_WAIT_S", 0.3)
     values: list[tuple[bytes | None, bytes]] = [
         (None, new_version("X", 0)), (b"Z", track("Z", 1)), (None, track("W", 2))]
     log = {(TOPIC, 0): [Message(TOPIC, 0, i, key, value)
