@@ -66,7 +66,7 @@ from consumer.deadletter import (
     without_originals,
     without_value,
 )
-from consumer.dedup import Deduplicator
+from consumer.dedup import BusyWait, Deduplicator
 from consumer.dedup import Outcome as Claim
 from consumer.errors import (
     AlreadyDelivered,
@@ -549,6 +549,7 @@ class Handler:
         if self.dedup is None or not event.message_id:
             return True
         owner = f"{self.instance}/{event.topic}/{event.partition}/{event.offset}"
+        busy = BusyWait()
         while True:
             try:
                 claim = await self.dedup.claim(endpoint, event.message_id, owner)
@@ -568,7 +569,7 @@ class Handler:
                 # "redis18"); and was never recorded.
                 event.dedup_owner = owner
                 return True
-            await asyncio.sleep(claim.retry_after_s)
+            await asyncio.sleep(busy.after(claim))
 
     async def _dedup_resume(self, event: Event, send: Send, endpoint: str) -> None:
         """An event of several calls whose claim this owner took: resume after the calls an
@@ -610,9 +611,17 @@ class Handler:
             event.dedup_owner = None
             raise AlreadyDelivered(endpoint)
         if claim.outcome is Claim.BUSY:
+            # Waited out here, asked at `BusyWait`'s pace; then the caller takes a new slot
+            # (the one taken is past), and the claim is asked once more before the request.
             if permit is not None:
                 permit.release()
-            await asyncio.sleep(claim.retry_after_s)
+            busy = BusyWait()
+            while claim.outcome is Claim.BUSY:
+                await asyncio.sleep(busy.after(claim))
+                claim = await self.dedup.claim(endpoint, event.message_id, event.dedup_owner)
+            if claim.outcome is Claim.DUPLICATE:
+                event.dedup_owner = None
+                raise AlreadyDelivered(endpoint)
             if permit is not None:
                 await permit.acquire()
             return False

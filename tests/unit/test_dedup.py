@@ -89,6 +89,22 @@ def test_busy_waits_at_least_the_minimum() -> None:
     assert (result.outcome, result.retry_after_s) == (Outcome.BUSY, 0.5)
 
 
+def test_another_owners_claim_is_asked_about_at_a_growing_pace_within_its_end() -> None:
+    """Waiting the claim's whole TTL held a copy of a messageId 25 s behind a confirm that
+    came 50 ms later (review "redis25"): asked again soon, then less often."""
+    from consumer.dedup import BUSY_POLL_FIRST_S, BUSY_POLL_MAX_S, BusyWait, ClaimResult
+
+    busy, long_claim = BusyWait(), ClaimResult(Outcome.BUSY, retry_after_s=25.0)
+    waits = [busy.after(long_claim) for _ in range(8)]
+    assert waits[0] == BUSY_POLL_FIRST_S
+    assert waits == sorted(waits) and waits[-1] == BUSY_POLL_MAX_S
+    assert sum(waits) < 25.0 / 2, "a confirm is seen long before the claim's end"
+    ending = BusyWait()
+    ending.after(long_claim)
+    assert ending.after(ClaimResult(Outcome.BUSY, retry_after_s=0.05)) == 0.05, \
+        "never past the claim's own end"
+
+
 def test_store_down_delivers_degraded() -> None:
     async def main() -> None:
         dd = Deduplicator(MemoryStore(fail=True), token_digest("t"))

@@ -168,6 +168,55 @@ def test_busy_waits_for_the_other_owner_then_sends_when_released() -> None:
     assert [codec_seq(b) for b in run.client.bodies] == [1]
 
 
+class HeldThenConfirmed(MemoryStore):
+    """Another owner's claim with a long TTL left (25 s, the default's), confirmed as
+    delivered `after` seconds in; `own_first`: this owner's first claim succeeds and the
+    other takes the key over before the claim renewed right before the request."""
+
+    def __init__(self, key: str, after: float, own_first: bool = False) -> None:
+        super().__init__()
+        self.key, self.after, self.own_first = key, after, own_first
+        self.confirm_at: float | None = None
+        self.looks = 0
+        if not own_first:
+            self.values[key] = "c:other"
+
+    async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+        if key != self.key:
+            return await super().claim(key, owner, ttl_ms)
+        now = asyncio.get_running_loop().time()
+        if self.own_first and self.confirm_at is None:
+            self.confirm_at = now + self.after
+            self.values[key] = "c:other"  # taken over once this first claim is answered
+            return "claimed", 0.0
+        if self.confirm_at is None:
+            self.confirm_at = now + self.after
+        self.looks += 1
+        if now >= self.confirm_at:
+            self.values[key] = "d"
+            return "duplicate", 0.0
+        return "busy", 25.0
+
+
+def test_a_claim_confirmed_soon_is_seen_soon_not_at_its_end() -> None:
+    """Two copies of one messageId in flight at once (e.g. two partitions): the copy that
+    lost the claim slept the claim's whole TTL, 25 s, with its user's later events behind
+    it, although the winner confirmed within milliseconds (review "redis25")."""
+    for own_first in (False, True):  # the claim before the limiter, the one before the send
+        store = HeldThenConfirmed(Deduplicator(MemoryStore(), DIGEST).key("track", "u1-1"),
+                                  0.3, own_first)
+        run, metrics, _ = make(log_of(track("u1", 1), track("u1", 2)), store)
+
+        async def scenario(source: FakeSource) -> None:
+            await until(lambda: source.committed().get((TOPIC, 0)) == 2,
+                        "both events finished well before the claim's end", timeout=6.0)
+
+        assert drive(run, scenario) == 0  # type: ignore[arg-type]
+        assert [codec_seq(b) for b in run.client.bodies] == [2], own_first
+        assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 1
+        assert 2 <= store.looks <= 12, f"asked {store.looks} times in 0.3 s"
+
+
 def test_owner_is_unique_per_process_and_record() -> None:
     store = MemoryStore()
     log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"a", track("a", 1)),
