@@ -211,7 +211,7 @@ def test_a_claim_confirmed_soon_is_seen_soon_not_at_its_end() -> None:
             await until(lambda: source.committed().get((TOPIC, 0)) == 2,
                         "both events finished well before the claim's end", timeout=6.0)
 
-        assert drive(run, scenario) == 0  # type: ignore[arg-type]
+        assert drive(run, scenario) == 0
         assert [codec_seq(b) for b in run.client.bodies] == [2], own_first
         assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 1
         assert 2 <= store.looks <= 12, f"asked {store.looks} times in 0.3 s"
