@@ -353,3 +353,37 @@ def test_a_group_whose_replica_was_killed_between_its_calls_sends_its_company_on
     assert [r["body"]["user_id"] for r in control.requests("/v1/identify")
             if r["body"].get("user_id") == user] == [user]
     assert list(keys.values()) == ["d"], keys
+
+
+def test_a_message_id_in_two_partitions_at_once_waits_for_the_confirm_not_the_claims_end(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, redis_url: str,
+) -> None:
+    """Review redis25: the copy that lost the claim slept the claim's whole TTL (25 s by
+    default) although the winner confirmed within milliseconds; its user's later events
+    waited behind it. It asks again at a growing pace, so they follow within moments."""
+    server, control = sandbox
+    tag = f"two-{time.time_ns()}"
+    topic = topic_factory(partitions=2)
+    for partition, user in enumerate((f"{tag}-a", f"{tag}-b")):
+        batch = [track_event(user, seq) for seq in range(4)]
+        batch[0]["messageId"] = f"{tag}-shared"  # the same id, first in both partitions
+        produce_on_partition(kafka_bootstrap, schema_registry_url, topic, batch, partition)
+    control.set_faults(latency_ms=300)  # both copies are in flight together
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-g",
+                     REDIS_URL=redis_url, USERPILOT_ENSURE_USER="false")
+    try:
+        with WorkerThread(env) as worker:
+            wait_until(lambda: len([r for r in control.requests("/v1/track")
+                                    if tag in r["body"]["user_id"]]) >= 7,
+                       60, "every event but the duplicate accepted")
+            times = sorted(r["received_at"] for r in control.requests("/v1/track")
+                           if tag in r["body"]["user_id"])
+            wait_until(lambda: worker.metric("userpilot_duplicates_skipped_total",
+                                             endpoint="track") == 1, 10, "the copy skipped")
+    finally:
+        control.clear_faults()
+    sent = [r["body"] for r in control.requests("/v1/track") if tag in r["body"]["user_id"]]
+    assert len(sent) == 7, "the shared messageId was delivered once, every other event once"
+    assert times[-1] - times[0] < 10.0, \
+        f"the loser's user waited {times[-1] - times[0]:.1f} s (the claim lasts 25 s)"
