@@ -29,6 +29,7 @@ from consumer.deadletter import (
     source_of,
     value_omitted,
 )
+from consumer.librdkafka import consumer_settings
 
 __all__ = ["Fetched", "Original", "fetch_original", "restore"]
 
@@ -69,9 +70,9 @@ def fetch_original(conf: Mapping[str, Any], topic: str, partition: int, offset: 
                    *, timeout_s: float = 10.0) -> Fetched:
     """Read one record of the source topic by its coordinates (no group, no commit)."""
     settings = {k: v for k, v in conf.items() if k not in ("group.id", "enable.auto.commit")}
-    consumer = Consumer({**settings, "group.id": "userpilot-dlqfetch",
-                         "enable.auto.commit": False, "enable.partition.eof": True,
-                         "auto.offset.reset": "error"})
+    consumer = Consumer(consumer_settings({  # the worker consumer's shape (review config25)
+        **settings, "group.id": "userpilot-dlqfetch", "enable.auto.commit": False,
+        "enable.partition.eof": True, "auto.offset.reset": "error"}))
     try:
         tp = TopicPartition(topic, partition)
         try:

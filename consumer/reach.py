@@ -27,7 +27,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 from consumer.config import SECRET_KAFKA_KEYS, Settings, redact_userinfo
 from consumer.delivery import UserpilotClient
 from consumer.errors import ConnectionFailed, Misconfigured, Rejected, Retry, Timeout
-from consumer.librdkafka import SESSION_TIMEOUT_MS
+from consumer.librdkafka import DLQ_PRODUCER, SESSION_TIMEOUT_MS, producer_settings
 from consumer.redaction import Redactor, kafka_secrets
 from consumer.registry import RegistryError, RegistryUnusable, RestClient
 
@@ -125,8 +125,10 @@ def kafka(conf: Mapping[str, Any], timeout: float,
 
 def _kafka(conf: Mapping[str, Any], timeout: float,
            topics: Iterable[str], dlq_topic: str | None) -> str | None:
-    settings = {**conf, "logger": _SILENT}
-    settings.pop("group.id", None)
+    # The dead-letter producer's own shape (the one `check-config` validates): built from
+    # the raw settings, `enable.gapless.guarantee` without the idempotence the worker adds
+    # was refused here while `run` itself would accept it (review config25).
+    settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _SILENT}
     bootstrap = settings.get("bootstrap.servers", "")
     errors: list[KafkaError] = []  # the brokers' errors, latest last (`_refusal`)
     settings["error_cb"] = errors.append

@@ -56,6 +56,7 @@ from consumer.deadletter import (
 )
 from consumer.errors import ConfigError
 from consumer.kafka import make_producer
+from consumer.librdkafka import consumer_settings
 
 __all__ = [
     "CALLS", "Filters", "SeenSources", "Source", "Summary", "add_arguments", "decide",
@@ -359,10 +360,13 @@ def run_replay(
     replays nothing twice. It used to commit once at the end: an interrupted run had
     published records the next run published again.
     """
-    consumer = Consumer({
+    # The worker consumer's shape (`consumer_settings`, what `check-config` validates):
+    # from the raw settings, a KAFKA_MAX_POLL_INTERVAL_MS under librdkafka's own 45 s
+    # session was refused here while `run` took it (review config25).
+    consumer = Consumer(consumer_settings({
         **conf, "group.id": group, "enable.auto.commit": False,
         "auto.offset.reset": "earliest", "enable.partition.eof": False,
-    })
+    }))
     # One record per batch, as the DLQ producer: the origin topic's max.message.bytes is
     # checked per batch, and large originals fetched back for value-less dead letters would
     # be refused together, every run again. The local limit is the broker's to enforce:

@@ -86,3 +86,38 @@ def test_gone_or_different_originals_are_reported_not_replayed(
                               topic=topic, partition=0, offset=offset, failure=FAILURE)
     got = restore(conf, kept.key, kept.value, kept.headers)
     assert isinstance(got, Original) and got.value == b"small"
+
+
+def test_every_command_builds_its_kafka_clients_in_the_shapes_check_config_validates(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """Review config25: settings `check-config` and `run` accept were refused by the other
+    commands' clients, built from the raw settings (the start-up check's producer without
+    the idempotence `enable.gapless.guarantee` needs; replay's and the original fetch's
+    consumers without the worker's 10 s session under a 30 s max.poll.interval.ms, or its
+    fetch bounds under a 20 MB receive.message.max.bytes)."""
+    from consumer import reach
+    from consumer.config import load_settings
+    from consumer.replay import Filters, run_replay
+
+    extras = {"KAFKA_ENABLE_GAPLESS_GUARANTEE": "true", "KAFKA_MAX_POLL_INTERVAL_MS": "30000",
+              "KAFKA_RECEIVE_MESSAGE_MAX_BYTES": "20000000"}
+    topic = topic_factory(partitions=1)
+    settings = load_settings({"USERPILOT_API_KEY": "wt_0123456789abcdef",
+                              "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.io",
+                              "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+                              "SCHEMA_REGISTRY_URL": "http://127.0.0.1:1",
+                              "KAFKA_TOPICS": topic, **extras})  # check-config's own parse
+    conf = settings.kafka_config(logger=False)
+    assert reach.kafka(conf, 10, [topic], None) is None, "the start-up check's producer"
+    offset = _produce(kafka_bootstrap, topic, b"user-7", b"v" * 100, [])
+    record = dead_letter_record(key=b"user-7", value=b"v" * 100, headers=[],
+                                timestamp_ms=None, topic=topic, partition=0, offset=offset,
+                                failure=FAILURE, max_bytes=50)
+    got = restore(conf, record.key, record.value, record.headers)
+    assert isinstance(got, Original) and got.value == b"v" * 100, "the original's fetch"
+    dlq = topic_factory(partitions=1)
+    _produce(kafka_bootstrap, dlq, b"user-7", b"v" * 100, list(record.headers))
+    summary = run_replay(conf, dlq, f"{dlq}-replay", Filters(), dry_run=True,
+                         report=lambda _: None)
+    assert summary.replayed == 1, "replay's consumer"
