@@ -487,10 +487,14 @@ def _check_pem(r: _Reader, name: str, path: str, fix: str) -> bool:
 
 
 class _Reader:
-    """Reads typed values from the environment, collecting every problem."""
+    """Reads typed values from the environment, collecting every problem.
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    `unread`: variables set but whose value could not be read (a secret file's problem, or
+    bytes that are not UTF-8): their own problem says why, so no "is not set" follows."""
+
+    def __init__(self, env: Mapping[str, str], unread: Collection[str] = ()) -> None:
         self.env = env
+        self.unread = unread
         self.problems: list[str] = []
         self.notes: list[str] = []
 
@@ -503,7 +507,8 @@ class _Reader:
     def required(self, name: str, hint: str) -> str:
         value = self.text(name)
         if value is None:
-            self.problems.append(f"{name} is not set: {hint}")
+            if name not in self.unread:
+                self.problems.append(f"{name} is not set: {hint}")
             return ""
         return value
 
@@ -878,6 +883,39 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str],
             continue
         resolved[base] = value
     return resolved
+
+
+def _drop_undecodable(env: Mapping[str, str], problems: list[str],
+                      unread: set[str]) -> Mapping[str, str]:
+    """Refuse the values of this worker's variables that are not UTF-8 text (the
+    environment's undecodable bytes, which Python keeps as lone surrogates): passed on,
+    librdkafka aborted the process (a group id), crashed it (a broker list) and the
+    redaction of a registry password raised (review config25). Each is then unset, and
+    said once."""
+    bad = [name for name, value in env.items()
+           if _ours(name) and not _utf8(value)]
+    if not bad:
+        return env
+    for name in sorted(bad):
+        problems.append(f"{name} holds bytes that are not UTF-8 text: re-enter it")
+        unread.add(name)
+    return {name: value for name, value in env.items() if name not in bad}
+
+
+def _ours(name: str) -> bool:
+    """A variable this worker reads (or refuses as unknown): its value must be text."""
+    return (name in ENV_VARS or name in STANDARD_ENV_VARS
+            or name.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+            or name.startswith(("KAFKA_", "USERPILOT_", "SCHEMA_REGISTRY_", "REDIS_",
+                                "WORKER_")))
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _secret_file(path: str) -> tuple[str, str | None]:
@@ -1364,9 +1402,10 @@ def load_settings(
     file_problems: list[str] = []
     unread: set[str] = set()
     env = _read_secret_files(env, file_problems, unread)
+    env = _drop_undecodable(env, file_problems, unread)
     if offline:
         env = {**_OFFLINE_DEFAULTS, **{k: v for k, v in env.items() if v.strip()}}
-    r = _Reader(env)
+    r = _Reader(env, unread)
     r.problems.extend(file_problems)
     _unknown_variables(r)
     api_key = _check_api_key(r, unread)

@@ -1233,3 +1233,25 @@ def test_an_unreadable_api_key_file_is_one_problem_not_two(
     env = {k: v for k, v in BASE.items() if k != "USERPILOT_API_KEY"}
     found = problems({**env, "USERPILOT_API_KEY_FILE": str(path)})
     assert len(found) == 1 and found[0].startswith("USERPILOT_API_KEY_FILE="), found
+
+
+@pytest.mark.parametrize("name", ["KAFKA_GROUP_ID", "KAFKA_BOOTSTRAP_SERVERS",
+                                  "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "KAFKA_TOPICS",
+                                  "USERPILOT_API_KEY", "REDIS_URL", "HTTPS_PROXY",
+                                  "WORKER_LOG_LEVEL", "KAFKA_CLIENT_ID"])
+def test_a_value_that_is_not_utf8_text_is_refused_once_by_name(name: str) -> None:
+    """The environment's undecodable bytes (kept by Python as lone surrogates): librdkafka
+    aborted the process on a group id (SIGABRT), crashed on a broker list, and redacting a
+    registry password raised (review config25). Refused like any mistake, said once."""
+    import os
+
+    value = os.fsdecode(b"value-p\xffss")
+    found = problems({**BASE, name: value})
+    assert found == [f"{name} holds bytes that are not UTF-8 text: re-enter it"], found
+    assert all(value not in line for line in found)
+
+
+def test_variables_the_worker_does_not_read_may_hold_any_bytes() -> None:
+    import os
+
+    assert load_settings({**BASE, "LANG_SOMETHING": os.fsdecode(b"\xff")}).topics
