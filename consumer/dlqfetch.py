@@ -113,7 +113,7 @@ def restore(conf: Mapping[str, Any], key: bytes | None, value: bytes | None,
     found = fetch_original(conf, *where, timeout_s=timeout_s)
     if found.problem is not None:
         return found.problem
-    digest = (header_value(headers, VALUE_SHA256) or b"").decode()
+    digest = (header_value(headers, VALUE_SHA256) or b"").decode("utf-8", "replace")
     if hashlib.sha256(found.value or b"").hexdigest() != digest:
         return "mismatch"
     kept = list(headers or ())

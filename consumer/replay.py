@@ -180,11 +180,11 @@ def decide(headers: Sequence[Header] | None, partition: int, offset: int,
     if filters.to_offset is not None and offset > filters.to_offset:
         return "filtered"
     if filters.reasons:
-        reason = (header_value(headers, "userpilot.error.reason") or b"").decode()
+        reason = _text(header_value(headers, "userpilot.error.reason"))
         if reason not in filters.reasons:
             return "filtered"
     if filters.statuses:
-        status = (header_value(headers, "userpilot.error.status") or b"").decode()
+        status = _text(header_value(headers, "userpilot.error.status"))
         if status not in filters.statuses:
             return "filtered"
     if filters.calls and failed_call(headers) not in filters.calls:
@@ -197,11 +197,26 @@ def decide(headers: Sequence[Header] | None, partition: int, offset: int,
             return "filtered"
         if filters.until is not None and when > filters.until:
             return "filtered"
-    if not header_value(headers, "__connect.errors.topic"):
-        return "no_origin"
+    origin = header_value(headers, "__connect.errors.topic")
+    if not origin or not _is_text(origin):
+        return "no_origin"  # none, or not a topic name: bytes that are not UTF-8
     if replay_count(headers) >= filters.max_replays:
         return "over_limit"
     return "replay"
+
+
+def _text(raw: bytes | None) -> str:
+    """A header's text. A foreign record's header need not be UTF-8: a bare decode raised,
+    and every rerun stopped on the same record (review replay25)."""
+    return (raw or b"").decode("utf-8", "replace")
+
+
+def _is_text(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 Source = tuple[str, int, int, bytes]
@@ -460,7 +475,11 @@ def run_replay(
                 if position[p] < end:
                     low, _ = consumer.get_watermark_offsets(TopicPartition(dlq_topic, p),
                                                             timeout=10)
-                    if low >= end:
+                    # Or the consumer is past the end already: the last offsets were a
+                    # transaction's marker (or aborted records), never handed over, and
+                    # the loop waited for them for ever, every run again (review replay25).
+                    at = consumer.position([TopicPartition(dlq_topic, p)])[0].offset
+                    if low >= end or at >= end:
                         position[p] = end
 
         while any(position[p] < ends[p] for p in ends) and not stopping():
@@ -566,9 +585,9 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         summary.doubled_offsets.append(
             f"{where} (the same event as {dlq_topic}[{before[0]}]@{before[1]})")
         return None
-    origin = (header_value(headers, "__connect.errors.topic") or b"").decode()
+    origin = _text(header_value(headers, "__connect.errors.topic"))  # text: `decide`
     # Read from the dead letter itself: a restored original's headers may not carry it.
-    reason = (header_value(headers, "userpilot.error.reason") or b"").decode()
+    reason = _text(header_value(headers, "userpilot.error.reason"))
     call = failed_call(headers) or None
     key, value = msg.key(), msg.value()
     if value_omitted(headers):

@@ -117,7 +117,8 @@ def test_every_command_builds_its_kafka_clients_in_the_shapes_check_config_valid
     got = restore(conf, record.key, record.value, record.headers)
     assert isinstance(got, Original) and got.value == b"v" * 100, "the original's fetch"
     dlq = topic_factory(partitions=1)
-    _produce(kafka_bootstrap, dlq, b"user-7", b"v" * 100, list(record.headers))
+    _produce(kafka_bootstrap, dlq, b"user-7", b"v" * 100,
+             [(k, v) for k, v in record.headers if v is not None])
     summary = run_replay(conf, dlq, f"{dlq}-replay", Filters(), dry_run=True,
                          report=lambda _: None)
     assert summary.replayed == 1, "replay's consumer"

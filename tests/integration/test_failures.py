@@ -610,6 +610,46 @@ def test_replay_finishes_when_retention_deleted_what_it_was_to_read(
     assert result[0].replayed == 0
 
 
+def test_replay_finishes_when_a_dlq_partition_ends_with_a_transaction_marker(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """Review replay25: a transactional writer (MirrorMaker 2, Kafka Streams exactly-once)
+    leaves its commit marker as the partition's last offset. It is never handed over, the
+    loop waited for it for ever, and every later run again."""
+    from confluent_kafka import Producer
+
+    from consumer import replay
+
+    origin = topic_factory(partitions=1)
+    dlq = topic_factory(partitions=1, suffix="-dlq")
+    headers: list[tuple[str, str | bytes | None]] = [("__connect.errors.topic", origin.encode())]
+    plain = Producer({"bootstrap.servers": kafka_bootstrap})
+    plain.produce(dlq, value=b"v0", headers=headers)
+    assert plain.flush(30) == 0
+    txn = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"{dlq}-tx"})
+    txn.init_transactions(30)
+    txn.begin_transaction()
+    txn.produce(dlq, value=b"v1", headers=headers)
+    txn.commit_transaction(30)
+    replayed: list[int] = []
+    for dry_run in (True, False, False):  # the last: nothing left, and it finishes too
+        result: list[Any] = []
+
+        def run(into: list[Any] = result, dry: bool = dry_run) -> None:
+            into.append(replay.run_replay(
+                {"bootstrap.servers": kafka_bootstrap}, dlq, f"{dlq}-r", replay.Filters(),
+                dry_run=dry, report=lambda _: None))
+
+        runner = threading.Thread(target=run, daemon=True)
+        runner.start()
+        runner.join(60)
+        assert not runner.is_alive(), f"the replay never finished (dry run: {dry_run})"
+        replayed.append(result[0].replayed)
+    assert replayed == [2, 2, 0]
+    wait_until(lambda: sorted(m.value() for m in read_topic(kafka_bootstrap, origin))
+               == [b"v0", b"v1"], 30, "both replayed once")
+
+
 def test_a_dry_run_commits_nothing_and_records_refused_for_good_are_named(
     kafka_bootstrap: str, topic_factory: Callable[..., str],
 ) -> None:

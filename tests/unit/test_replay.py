@@ -380,3 +380,44 @@ def test_a_report_line_shows_a_key_up_to_256_bytes_then_its_size() -> None:
     assert long == "u" * 256 + "… (1200000 bytes)"
     cut = shown_key(b"a" + "é".encode() * 200)  # cut inside a character: no stray byte
     assert cut is not None and cut.startswith("a" + "é" * 127 + "…") and "\ufffd" not in cut
+
+
+@pytest.mark.parametrize("name", ["userpilot.error.reason", "userpilot.error.status",
+                                  "userpilot.value.sha256"])
+def test_header_values_that_are_not_utf8_are_read_not_a_crash(name: str) -> None:
+    """A foreign record's header need not be UTF-8: a bare decode raised a traceback, and
+    every rerun stopped at the same record (review replay25)."""
+    from consumer import replay
+
+    headers = [(k, v) for k, v in dlq_headers(None, topic="events", partition=0, offset=7,
+                                              failure=Failure(reason="bad_request",
+                                                              exception_class="Rejected",
+                                                              message="x"))
+               if k != name] + [(name, b"\xff\xfe")]
+
+    class Msg:
+        def headers(self) -> list[tuple[str, bytes | None]]:
+            return headers
+
+        def timestamp(self) -> tuple[int, int]:
+            return (1, 1_764_000_000_000)
+
+        def key(self) -> bytes:
+            return b"u1"
+
+        def value(self) -> bytes:
+            return b"v"
+
+    for filters in (Filters(), Filters(reasons=frozenset({"bad_request"})),
+                    Filters(statuses=frozenset({"400"}))):
+        summary = replay.Summary()
+        replay._replay_one(Msg(), 0, 3, "dlq", filters, {}, summary,  # type: ignore[arg-type]
+                           dry_run=True)
+    assert decide(headers, 0, 3, None, Filters(reasons=frozenset({"bad_request"}))) == (
+        "filtered" if name == "userpilot.error.reason" else "replay")
+
+
+def test_an_origin_that_is_not_a_topic_name_is_no_origin() -> None:
+    headers = [(k, b"\xff\xfe" if k == "__connect.errors.topic" else v)
+               for k, v in _undecodable(NOW)]
+    assert decide(headers, 0, 3, None, Filters()) == "no_origin"
