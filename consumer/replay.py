@@ -423,6 +423,19 @@ def run_replay(
         consumer.assign(starts)
         sent: dict[tuple[int, int], dict[str, Any]] = {}  # produced, awaiting the answer
         answers: dict[tuple[int, int], KafkaError | None] = {}
+        counts: dict[str, int | None] = {}  # origin topic -> its partition count
+
+        def partitions_of(topic: str) -> int | None:
+            """An origin topic's partition count, asked once per run (None: unknown,
+            and the record goes where the partitioner puts it)."""
+            if topic not in counts and producer is not None:
+                try:
+                    meta = producer.list_topics(topic, timeout=10).topics.get(topic)
+                except KafkaException:
+                    meta = None
+                counts[topic] = (len(meta.partitions) if meta is not None
+                                 and meta.error is None and meta.partitions else None)
+            return counts.get(topic)
 
         position = {tp.partition: tp.offset for tp in starts}  # past what was handled
         committed_at = dict(position)
@@ -502,7 +515,8 @@ def run_replay(
                         summary.replayed += 1
                         report(line)
                     else:
-                        _publish(producer, line, msg, (p, off), sent, answers, secret)
+                        _publish(producer, line, msg, (p, off), sent, answers, secret,
+                                 partitions_of)
                 position[p] = off + 1  # only once handled: an error leaves it to be read again
             commit_handled()
         return summary
@@ -529,12 +543,18 @@ _UNANSWERED: Any = object()
 def _publish(producer: Producer, line: dict[str, Any], msg: Message, at: tuple[int, int],
              sent: dict[tuple[int, int], dict[str, Any]],
              answers: dict[tuple[int, int], KafkaError | None],
-             secret: bytes | None = None) -> None:
+             secret: bytes | None = None,
+             partitions: Callable[[str], int | None] = lambda _: None) -> None:
     """Produce one record to its origin; its answer lands in `answers` under `at` (the
     DLQ coordinates). Written now: with the original's timestamp, a record older than the
     origin topic's retention would be deleted again at once (the original's time travels
-    in ORIGINAL_TIMESTAMP)."""
-    key, value, headers = line.pop("_record")
+    in ORIGINAL_TIMESTAMP).
+
+    To the partition it came from while the origin topic still has it (`partitions`: its
+    count, None when unknown): librdkafka's partitioner is not the Java client's, so a
+    keyed event written by a Java producer came back beside another partition's users,
+    out of order with its own user's live events (review replay25)."""
+    key, value, headers, partition = line.pop("_record")
     ts_type, ts = msg.timestamp()
     out = replay_headers(headers, secret=secret, topic=line["to"], value=value)
     if ts_type and ts and header_value(out, ORIGINAL_TIMESTAMP) is None:
@@ -546,6 +566,9 @@ def _publish(producer: Producer, line: dict[str, Any], msg: Message, at: tuple[i
     sent[at] = line
     record: dict[str, Any] = {"key": key, "value": value, "headers": out,
                               "on_delivery": delivered}
+    count = partitions(line["to"]) if partition is not None else None
+    if partition is not None and count is not None and 0 <= partition < count:
+        record["partition"] = partition
     try:
         try:
             producer.produce(line["to"], **record)
@@ -590,6 +613,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     reason = _text(header_value(headers, "userpilot.error.reason"))
     call = failed_call(headers) or None
     key, value = msg.key(), msg.value()
+    came = source_of(headers)  # the dead letter's own: a restored original's may lack them
     if value_omitted(headers):
         # Written without its value (too large for the DLQ): the original comes
         # from the source topic by its coordinates, checked against the hash.
@@ -615,7 +639,8 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     # how an operator finds a deleted user's dead letters to leave them out (README, GDPR).
     line: dict[str, Any] = {"dlq": where, "to": origin, "dry_run": dry_run,
                             "reason": reason, "call": call, "key": shown_key(key)}
-    line["_record"] = (key, value, headers)
+    line["_record"] = (key, value, headers,
+                       came[1] if came is not None and came[0] == origin else None)
     if seen is not None:
         seen.add(source, (p, off))
     return line
@@ -651,6 +676,13 @@ def _print_summary(summary: Summary, dry_run: bool, interrupted: bool) -> None:
         print("some records were refused by their origin topic for good (too large, the "
               "topic gone): they stay in the DLQ; fix the topic, then replay them by "
               "--partition and --from-offset/--to-offset", file=sys.stderr)
+    if summary.over_limit:
+        # This selection's progress is past them: the same selection with a higher limit
+        # reads on from there and replays none of them (review replay25).
+        print("some events reached the replay limit (--max-replays): they stay in the DLQ; "
+              "to replay them anyway, name them by --partition and --from-offset/"
+              "--to-offset with a higher --max-replays (the same selection again starts "
+              "past them)", file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -713,7 +745,9 @@ def main(args: argparse.Namespace) -> int:
         return 1
     _print_summary(summary, args.dry_run, stop.is_set())
     if stop.is_set():
-        print("interrupted: what was replayed is committed; run again to go on",
+        print("interrupted: a dry run commits nothing; run it again to see every record"
+              if args.dry_run else
+              "interrupted: what was replayed is committed; run again to go on",
               file=sys.stderr)
         return 130
     return 1 if summary.unpublishable else 0

@@ -650,6 +650,39 @@ def test_replay_finishes_when_a_dlq_partition_ends_with_a_transaction_marker(
                == [b"v0", b"v1"], 30, "both replayed once")
 
 
+def test_replay_writes_each_event_back_to_the_partition_it_came_from(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """Review replay25: librdkafka's partitioner is not the Java client's, so a keyed event
+    a Java producer wrote came back on another partition, beside other users and out of
+    order with its own user's live events. A partition the topic no longer has: wherever
+    the partitioner puts it."""
+    from confluent_kafka import Producer
+
+    from consumer import replay
+
+    origin = topic_factory(partitions=3)
+    dlq = topic_factory(partitions=1, suffix="-dlq")
+    plain = Producer({"bootstrap.servers": kafka_bootstrap})
+    sent = {f"user-{i}".encode(): i % 3 for i in range(12)}
+    for key, partition in sent.items():
+        plain.produce(dlq, key=key, value=key, headers=[
+            ("__connect.errors.topic", origin.encode()),
+            ("__connect.errors.partition", str(partition).encode()),
+            ("__connect.errors.offset", b"0")])
+    plain.produce(dlq, key=b"gone", value=b"gone", headers=[
+        ("__connect.errors.topic", origin.encode()),
+        ("__connect.errors.partition", b"7"), ("__connect.errors.offset", b"0")])
+    assert plain.flush(30) == 0
+    summary = replay.run_replay({"bootstrap.servers": kafka_bootstrap}, dlq, f"{dlq}-r",
+                                replay.Filters(), dry_run=False, report=lambda _: None)
+    assert summary.replayed == 13
+    wait_until(lambda: len(read_topic(kafka_bootstrap, origin)) == 13, 30, "replayed")
+    landed = {m.key(): m.partition() for m in read_topic(kafka_bootstrap, origin)}
+    assert {k: landed[k] for k in sent} == sent
+    assert landed[b"gone"] in (0, 1, 2)
+
+
 def test_a_dry_run_commits_nothing_and_records_refused_for_good_are_named(
     kafka_bootstrap: str, topic_factory: Callable[..., str],
 ) -> None:

@@ -421,3 +421,18 @@ def test_an_origin_that_is_not_a_topic_name_is_no_origin() -> None:
     headers = [(k, b"\xff\xfe" if k == "__connect.errors.topic" else v)
                for k, v in _undecodable(NOW)]
     assert decide(headers, 0, 3, None, Filters()) == "no_origin"
+
+
+def test_events_over_the_limit_are_named_with_how_to_replay_them(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The same selection with a higher --max-replays replays nothing (its progress is past
+    them), and nothing said so (review replay25)."""
+    from consumer import replay
+
+    summary = replay.Summary(over_limit=1, over_limit_offsets=["dlq[0]@20"])
+    replay._print_summary(summary, dry_run=False, interrupted=False)
+    err = capsys.readouterr().err
+    assert "over replay limit (not replayed): dlq[0]@20" in err
+    assert "--from-offset" in err and "higher --max-replays" in err
+    replay._print_summary(replay.Summary(), dry_run=False, interrupted=False)
+    assert "--max-replays" not in capsys.readouterr().err
