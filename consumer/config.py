@@ -962,6 +962,12 @@ def _bootstrap_problems(raw: str) -> list[str]:
             continue
         protocol, sep, address = entry.rpartition("://")
         shown = redact_userinfo(entry)  # credentials written into it are never echoed
+        if ";" in entry or any(ch.isspace() for ch in entry):
+            # librdkafka takes it as one unresolvable name: `run` waited for ever, as for
+            # an outage (review config25).
+            problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: separate brokers with "
+                            "commas and no spaces, e.g. kafka-0:9092,kafka-1:9092")
+            continue
         if sep and protocol.lower() not in _BOOTSTRAP_PROTOCOLS:
             problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: a broker is host:port, "
                             f"not a URL ({protocol}:// is not a Kafka security protocol)")
@@ -987,8 +993,11 @@ def _bootstrap_problems(raw: str) -> list[str]:
         elif not _address_literal_ok(host):
             # librdkafka only fails to resolve it: `run` waited for ever, as for an outage.
             problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: {host} is not an IP "
-                            "address; give the broker's name or its address")
+                            "address or a host name; give the broker's name or its address")
     return problems
+
+
+_BROKER_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
 
 
 def _address_literal_ok(host: str) -> bool:
@@ -1003,7 +1012,8 @@ def _address_literal_ok(host: str) -> bool:
         return True
     parts = host.split(".")
     if len(parts) < 2 or not all(p.isascii() and p.isdigit() for p in parts):
-        return True  # a name
+        # A name: letters, digits, '-', '_' and dots ("kafka:9092:9092" left a ':').
+        return _BROKER_NAME.fullmatch(host) is not None
     if len(parts) > 4:
         return False
     *leading, last = (int(p) for p in parts)
