@@ -46,6 +46,7 @@ log = logging.getLogger("consumer")
 # `run`, `replay` and `demo` check Kafka and the registry first: an unreachable service is
 # one line within this many seconds each, never a traceback or a silent wait.
 REACH_TIMEOUT_S = 10.0
+REDIS_CHECK_S = 3.0  # `run`: Redis refusing the credentials (an outage is the fallback's)
 
 GC_YOUNG_THRESHOLD = 10_000
 """Net new container objects between two collections of the youngest generation (Python's
@@ -152,12 +153,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"WORKER_METRICS_PORT={settings.metrics_port}: cannot listen "
                               f"({exc.strerror}); choose a free port") from None
-        problems = wait_for_services(lambda: reach.services(
-            settings.kafka_config(logger=False), args.timeout,
-            registry_url=settings.registry_url,
-            registry_auth=settings.registry_auth.reveal() if settings.registry_auth else None,
-            registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None,
-            dlq_topic=settings.dlq_topic), args.wait, health)
+        def check() -> list[str]:
+            problems = reach.services(
+                settings.kafka_config(logger=False), args.timeout,
+                registry_url=settings.registry_url,
+                registry_auth=settings.registry_auth.reveal() if settings.registry_auth
+                else None,
+                registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy
+                else None,
+                dlq_topic=settings.dlq_topic)
+            refused = reach.redis_refusal(settings, min(args.timeout, REDIS_CHECK_S))
+            return problems + ([refused] if refused is not None else [])
+
+        problems = wait_for_services(check, args.wait, health)
         if problems:
             return _unreachable(problems)
         return _run_worker(settings, metrics, health)

@@ -323,6 +323,39 @@ def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[
     return [p for p in problems if p is not None]
 
 
+REDIS_REFUSALS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError",
+                  "NoPermissionError")
+"""What Redis answers to credentials it refuses (WRONGPASS, NOAUTH) or a user its ACL
+denies: a setting to fix, not an outage."""
+
+
+def redis_refusal(settings: Settings, timeout: float) -> str | None:
+    """`run`'s start-up: Redis answered and refused the credentials. Falling back like for
+    an outage, a wrong password ran every replica without deduplication and on its
+    partition share for ever, ready and green (review config25). None when Redis is not
+    configured, accepts, or does not answer (an outage: the worker's fallback covers it)."""
+    conf = settings.redis
+    if conf is None:
+        return None
+    from consumer.errors import SharedStateUnavailable
+    from consumer.redisstore import RedisStore
+
+    async def ping() -> None:
+        store = RedisStore(conf.url.reveal(), timeout_s=timeout, ca_file=conf.tls_ca_file)
+        try:
+            await store.ping()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(ping())
+    except SharedStateUnavailable as exc:
+        if any(name in str(exc) for name in REDIS_REFUSALS):
+            return (f"Redis at {conf.redacted_url} refused the worker ({exc}): check the user "
+                    "name and password in REDIS_URL, and the user's ACL")
+    return None
+
+
 def redis(settings: Settings, timeout: float) -> str | None:
     """A PING through the worker's own Redis client (URL, password, TLS and CA as the
     worker uses them): a wrong password, host or CA is otherwise noticed only once replicas

@@ -196,6 +196,40 @@ def test_online_checks_redis_when_configured(online_env: dict[str, str], redis_u
                                          online_env).stderr  # not configured: not checked
 
 
+def test_run_stops_at_start_up_when_redis_refuses_its_password_not_when_it_is_down(
+        online_env: dict[str, str], stoppable_redis: StoppableRedis) -> None:
+    """Review config25: a wrong Redis password was taken like an outage: every replica ran
+    ready, without deduplication and on its partition share, for ever. It is a setting:
+    one line, exit 1. Redis not answering stays the fallback's (the worker starts)."""
+    import redis as sync_redis
+
+    sync_redis.Redis.from_url(stoppable_redis.url).config_set("requirepass", "the-right-one")
+    wrong = stoppable_redis.url.replace("redis://", "redis://:s3cret-pw@", 1)
+    refused = cli(["run", "--wait", "0", "--timeout", "5"],
+                  {**online_env, "REDIS_URL": wrong, "WORKER_METRICS_PORT": "0"})
+    assert refused.returncode == 1, refused.stderr
+    assert "refused the worker (redis ping failed: AuthenticationError)" in refused.stderr
+    assert "REDIS_URL" in refused.stderr and "s3cret-pw" not in refused.stderr
+    assert "Traceback" not in refused.stderr
+    stoppable_redis.stop()  # an outage: the worker starts on its fallback
+    right = stoppable_redis.url.replace("redis://", "redis://:the-right-one@", 1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "consumer", "run", "--wait", "0", "--timeout", "5"],
+        env={**{k: v for k, v in os.environ.items()
+                if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_",
+                                     "REDIS_"))},
+             **online_env, "REDIS_URL": right, "WORKER_METRICS_PORT": "0"},
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(8)
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"consuming" in err
+
+
 def test_online_refuses_a_redis_too_slow_for_redis_timeout_seconds(
         online_env: dict[str, str], stoppable_redis: StoppableRedis) -> None:
     """A Redis that answers, but not within REDIS_TIMEOUT_SECONDS on a new connection, was
