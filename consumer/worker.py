@@ -91,6 +91,10 @@ T = TypeVar("T")
 
 POLL_BATCH = 500
 FULL_POLL_PAUSE_S = 0.002  # between polls while window and overflow are both full
+SCHEMA_WAIT = "schema"
+"""The window of events taken before their schema was known (`_backpressure`): of their
+own, so that a registry outage while a new schema version arrives holds only the
+partitions carrying it, not the replica."""
 POLL_TIMEOUT_S = 0.1
 _UNASKED = -2  # `_intake`: a partition's last offset not asked for yet in this slice
 INTAKE_TURN_SENDS = 8
@@ -723,9 +727,11 @@ class Worker:
 
     def _window_family(self, event: Event) -> str:
         """The window an event to send counts against: the rate budget of its main request
-        (track or identify; one when USERPILOT_RATE_LIMIT_SHARED). Dead letters and events
-        still waiting for their schema count as track."""
+        (track or identify; one when USERPILOT_RATE_LIMIT_SHARED). Dead letters count as
+        track, events still waiting for their schema in SCHEMA_WAIT."""
         decision = event.decision
+        if decision is None:
+            return SCHEMA_WAIT
         return self.shared.budget(
             decision.calls[-1].family if isinstance(decision, Send) else "track")
 
@@ -790,16 +796,28 @@ class Worker:
         nothing for DRY_AFTER_S (`idle`: the last poll was empty) they count as dry and
         the held partitions resume. A partition is dry until a message of it arrives or
         for DRY_FOR_S.
+
+        Events taken before their schema was known count in a window of their own
+        (SCHEMA_WAIT, the same limit): with the registry down they wait, and counted as
+        Track they filled the window and paused every partition of every topic, the events
+        whose schema was cached included (review "faults25"). At its limit only the
+        partitions holding such events pause, until it is down to `resume_level`; the
+        others go on. Once decided, such an event stays in that window until committed, so
+        a crash then re-sends at most WORKER_MAX_IN_FLIGHT more.
         """
         limit = self.s.max_in_flight
-        fullest, families = self._window_load()
+        fullest, families, waiting = self._window_load()
         if fullest >= limit // 2:
             # Asynchronous: the acknowledgement frees the window when a later poll serves
             # it. Never a synchronous commit here: with Kafka down it would hold the poll
             # thread (no SIGTERM, no readiness, max.poll.interval.ms exceeded).
             await source.call(self._commit, source, None, False)
-            fullest, families = self._window_load()
+            fullest, families, waiting = self._window_load()
         pending = fullest
+        # The partitions holding events that waited for their schema: paused at the limit,
+        # kept paused until it is down to the resume level.
+        holding = self.commits.holding(SCHEMA_WAIT) if waiting else set()
+        keep = holding if waiting > resume_level(limit) else set()
         with self._parts_lock:
             # Paused only once the overflow holds twice its size: with deliveries fast, a
             # full window frees within a poll or two and the overflow bridges it.
@@ -812,6 +830,8 @@ class Worker:
             # its dry mark (`_next_batch`), and the next full window pauses it.
             dry = {tp for tp, until in self._dry.items() if until > now} if full else set()
             to_pause = sorted(self.assigned - self.paused - dry) if full else []
+            if waiting >= limit:
+                to_pause = sorted(set(to_pause) | ((holding & self.assigned) - self.paused))
             to_resume: list[TP] = []
             if self.paused and pending <= resume_level(limit):
                 if not idle or not self._held:
@@ -824,10 +844,11 @@ class Worker:
                 wet = {tp for tp in self.assigned if self._dry.get(tp, 0.0) <= now}
                 self._held = fair_holds(self.paused & self.assigned, wet, limit * families,
                                         self.commits.in_window_by_partition())
-                to_resume = sorted((self.paused & self.assigned) - self._held)
+                kept = self.paused & keep
+                to_resume = sorted((self.paused & self.assigned) - self._held - kept)
                 if to_resume:
                     self._quiet_since = now
-                self.paused = set(self._held)
+                self.paused = set(self._held) | kept
             self.paused.update(to_pause)
             paused_count = len(self.paused)
         if to_pause:
@@ -874,10 +895,12 @@ class Worker:
         if self._dry:
             self._dry.pop(tp, None)  # it has something to read after all
 
-    def _window_load(self) -> tuple[int, int]:
-        """The fullest family's window and how many families have events in it."""
+    def _window_load(self) -> tuple[int, int, int]:
+        """The fullest family's window, how many families have events in it, and the
+        SCHEMA_WAIT window (apart: it pauses only the partitions holding its events)."""
         by_family = self.commits.in_window_by_family()
-        return max(by_family.values(), default=0), max(1, len(by_family))
+        waiting = by_family.pop(SCHEMA_WAIT, 0)
+        return max(by_family.values(), default=0), max(1, len(by_family)), waiting
 
     def _commit(self, source: Source, parts: Sequence[TP] | None, wait: bool,
                 note_changes: bool = True, positions: bool = False) -> None:

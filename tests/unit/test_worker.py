@@ -2088,6 +2088,35 @@ def test_a_registry_outage_holds_other_users_only_briefly(
     assert client.accepted[-1] == ("X", 0)
 
 
+def test_a_registry_outage_on_a_new_schema_holds_only_the_partitions_carrying_it() -> None:
+    """Review faults25: events waiting for a schema the registry could not give counted in
+    the Track window; 200 of them filled it and paused every partition of every topic,
+    the events whose schema was cached included. They have a window of their own: at its
+    limit only the partitions holding them pause, and the others go on."""
+    limit = 10
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, b"v2", new_version("v2", i)) for i in range(40)],
+           (TOPIC, 1): [Message(TOPIC, 1, i, b"v1", track("v1", i)) for i in range(40)]}
+    run = make(log, registry=RegistryDownFor(3.0), WORKER_MAX_IN_FLIGHT=str(limit),
+               USERPILOT_ENSURE_USER="false")
+    seen: dict[str, Any] = {}
+
+    async def scenario(source: FakeSource) -> None:
+        start = time.monotonic()
+        await until(lambda: source.committed().get((TOPIC, 1)) == 40,
+                    "the partition whose schema is cached, during the outage", 2.5)
+        seen["others"] = time.monotonic() - start
+        await until(lambda: (TOPIC, 0) in source.paused, "the partition waiting paused", 2.5)
+        seen["waiting"] = run.worker.commits.in_window_by_family().get("schema", 0)
+        await until(lambda: source.committed().get((TOPIC, 0)) == 40, "all, after it", 20)
+
+    assert drive(run, scenario) == 0
+    assert seen["others"] < 2.5, "not held for the registry's outage"
+    assert limit <= seen["waiting"] <= 4 * limit, "the waiting events are bounded"
+    assert sorted(seq for user, seq in ((json.loads(b)["user_id"], codec_seq(b))
+                                        for b in run.client.bodies) if user == "v2") \
+        == list(range(40))
+
+
 class SequencedSource(FakeSource):
     """Records, on the event loop, each call handed to the poll thread (in `sequence`), and
     "got" when a consume brought messages."""
