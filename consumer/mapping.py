@@ -1126,4 +1126,8 @@ def load_mappings(source: str | os.PathLike[str] | Mapping[str, Any]) -> Mapping
         ) from exc
     except ValueError as exc:
         raise MappingsError([f"{path}: {exc}"]) from exc
+    except RecursionError:
+        # A traceback from check-config, run and explain (review config25).
+        raise MappingsError([f"{path}: nested too deeply to be a mappings file (a rule is "
+                             "a few levels deep); check the file"]) from None
     return _Loader(str(path)).load(doc)

@@ -1014,3 +1014,12 @@ def test_the_cut_marker_is_no_mapping_target(doc: dict[str, Any]) -> None:
     """A static `_truncated` was sent as `_truncated_`, unannounced (review oracle19)."""
     with pytest.raises(MappingsError, match='"_truncated" is reserved: the worker marks cut'):
         load_mappings(doc)
+
+
+def test_a_mappings_file_nested_past_the_parsers_depth_is_refused_with_a_message(
+        tmp_path: Path) -> None:
+    """A RecursionError traceback from check-config, run and explain (review config25)."""
+    path = tmp_path / "deep.json"
+    path.write_text('{"events":' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(MappingsError, match="nested too deeply"):
+        load_mappings(path)
