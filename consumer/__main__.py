@@ -344,7 +344,10 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     configure_command_logging(settings.log_format, settings.log_secrets())
     conf = settings.kafka_config()
-    produce_events(lines, topic=args.topic, bootstrap=bootstrap, registry_url=registry,
+    # The validated values: a flag given with a stray space was checked stripped and used
+    # as given (review config25).
+    produce_events(lines, topic=args.topic, bootstrap=settings.bootstrap_servers,
+                   registry_url=settings.registry_url,
                    source=path or "<stdin>", extra_conf=conf, timeout=args.timeout,
                    registry_auth=settings.registry_auth.reveal() if settings.registry_auth
                    else None,

@@ -583,13 +583,13 @@ def _check_endpoint(reader: _Reader) -> str:
         host = host.split("://", 1)[1]
         reader.problems.append(
             f"USERPILOT_ANALYTICS_ENDPOINT={raw!r} has a scheme: enter the host only, "
-            f"e.g. {host.split('/', 1)[0]!r}"
+            f"e.g. {_example_host(host)}"
         )
         return host.split("/", 1)[0]
     if "/" in host:
         reader.problems.append(
             f"USERPILOT_ANALYTICS_ENDPOINT={raw!r} has a path: enter the host only, "
-            f"e.g. {host.split('/', 1)[0]!r} (the worker adds /v1/track itself)"
+            f"e.g. {_example_host(host)} (the worker adds /v1/track itself)"
         )
         return host.split("/", 1)[0]
     match = _HOST.match(host)
@@ -607,6 +607,13 @@ def _check_endpoint(reader: _Reader) -> str:
                 f"USERPILOT_ANALYTICS_ENDPOINT={raw!r} is not a host the HTTP client can "
                 f"use ({refused}): enter e.g. analytex.userpilot.io")
     return host
+
+
+def _example_host(rest: str) -> str:
+    """The host a mistyped endpoint names (quoted), else Userpilot's: `https://` or
+    `//host` named none, and the advice read "e.g. ''" (review config25)."""
+    host = rest.lstrip("/").split("/", 1)[0]
+    return repr(host) if host else "analytex.userpilot.io"
 
 
 def _http_url_problem(url: str) -> str | None:

@@ -61,6 +61,12 @@ def main(args: argparse.Namespace) -> int:
 
     configure_logging("WARNING")
     events_file = Path(args.events or ROOT / "schemas" / "sample-events.jsonl")
+    try:  # before anything is created: a traceback after a new topic (review config25)
+        events_file.read_bytes()
+    except OSError as exc:
+        print(f"error: {events_file}: cannot read the file ({exc.strerror or exc})",
+              file=sys.stderr)
+        return 1
     services = _services_env()
     from consumer import reach
 

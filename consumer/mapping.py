@@ -746,6 +746,8 @@ def _kind(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a number too large for JSON (such as 1e999)"  # "got a number" contradicted
     if isinstance(value, int | float):
         return "a number"
     if isinstance(value, str):

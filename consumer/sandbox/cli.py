@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="scripted action (e.g. 500, reset, timeout:2000, 202), repeatable, in order",
     )
     parser.add_argument("--seed", type=int, default=None, help="seed for random faults")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
 
 
 def config_from_args(args: argparse.Namespace) -> SandboxConfig:

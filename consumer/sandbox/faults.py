@@ -231,9 +231,13 @@ def _rate(raw: Mapping[str, Any], key: str, default: float) -> float:
 
 def _ms(raw: Mapping[str, Any], key: str, default: float) -> float:
     value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise FaultError(f"{key} must be a non-negative number of milliseconds")
+    if (isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+            or not value <= MAX_DELAY_MS):  # inf and NaN too: every request hung
+        raise FaultError(f"{key} must be a number of milliseconds from 0 to {MAX_DELAY_MS}")
     return float(value)
+
+
+MAX_DELAY_MS = 3_600_000  # an hour: longer is no test of a client
 
 
 @dataclass(frozen=True, slots=True)

@@ -1271,3 +1271,15 @@ def test_variables_the_worker_does_not_read_may_hold_any_bytes() -> None:
     import os
 
     assert load_settings({**BASE, "LANG_SOMETHING": os.fsdecode(b"\xff")}).topics
+
+
+@pytest.mark.parametrize(("endpoint", "example"), [
+    ("https://", "e.g. analytex.userpilot.io"), ("//analytex.userpilot.io",
+                                                   "e.g. 'analytex.userpilot.io'"),
+    ("https://analytex-eu.userpilot.io/v1/track", "e.g. 'analytex-eu.userpilot.io'")])
+def test_an_endpoint_with_a_scheme_or_path_is_answered_with_a_host(endpoint: str,
+                                                                    example: str) -> None:
+    """"e.g. ''" for an endpoint that named no host (review config25)."""
+    found = problems({**BASE, "USERPILOT_ANALYTICS_ENDPOINT": endpoint})
+    assert any(example in line for line in found), found
+    assert not any("e.g. ''" in line for line in found), found

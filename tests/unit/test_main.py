@@ -474,3 +474,34 @@ def test_start_up_waits_while_services_are_unreachable_and_says_so_unready() -> 
     assert wait_for_services(lambda: down, 0.3, health, first_delay_s=0.05) == down
     assert 0.25 <= time.monotonic() - started < 2.0
     assert wait_for_services(lambda: down, 0, health) == down
+
+
+def test_produce_uses_the_flags_it_validated(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    """`--schema-registry-url " http://…"` was checked stripped and used as given: the
+    HTTP client refused it as an unsupported protocol (review config25)."""
+    import consumer.produce
+
+    got: dict[str, object] = {}
+
+    def fake(lines: object, **kwargs: object) -> int:
+        got.update(kwargs)
+        return 0
+
+    monkeypatch.setattr(consumer.produce, "produce_events", fake)
+    for name in [k for k in os.environ if k.startswith(("KAFKA_", "SCHEMA_REGISTRY"))]:
+        monkeypatch.delenv(name)
+    events = tmp_path / "e.jsonl"
+    events.write_text('{"type":"track","event":"Feature Used","userId":"u"}\n')
+    assert main(["produce", "--topic", "t", "--file", str(events),
+                 "--bootstrap-servers", " kafka:9092 ",
+                 "--schema-registry-url", " http://registry:8081 "]) == 0
+    assert (got["bootstrap"], got["registry_url"]) == ("kafka:9092", "http://registry:8081")
+
+
+def test_demo_with_an_events_file_it_cannot_read_says_so_before_creating_anything() -> None:
+    """A traceback after it had created a topic (review config25)."""
+    result = cli(["demo", "--events", "/nonexistent/events.jsonl"], {})
+    assert result.returncode == 1, result.stderr
+    assert "/nonexistent/events.jsonl: cannot read the file" in result.stderr
+    assert "Traceback" not in result.stderr

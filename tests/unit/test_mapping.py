@@ -1023,3 +1023,9 @@ def test_a_mappings_file_nested_past_the_parsers_depth_is_refused_with_a_message
     path.write_text('{"events":' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(MappingsError, match="nested too deeply"):
         load_mappings(path)
+
+
+def test_a_static_value_too_large_for_json_is_named_so() -> None:
+    """"must be a string, number, … got a number" for 1e999 (review config25)."""
+    with pytest.raises(MappingsError, match="too large for JSON"):
+        load_mappings({"events": {"Feature Used": {"static": {"a": float("inf")}}}})

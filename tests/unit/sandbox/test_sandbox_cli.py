@@ -50,3 +50,23 @@ def test_bad_flags_exit_with_usage_error(capsys: pytest.CaptureFixture[str]) -> 
         main(["--error-rate=2"])
     assert info.value.code == 2
     assert "error_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--jitter-ms=1e400"], "jitter_ms must be a number of milliseconds from 0"),
+    (["--latency-ms=nan"], "latency_ms must be a number of milliseconds from 0"),
+    (["--latency-ms=4000000"], "latency_ms must be a number of milliseconds from 0"),
+    (["--log-level=nope"], "invalid choice"),
+])
+def test_flags_that_would_hang_or_crash_it_are_usage_errors(
+        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An infinite jitter hung every request; an unknown log level was a traceback
+    (review config25)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_log_levels_are_taken_in_any_case() -> None:
+    assert build_parser().parse_args(["--log-level=debug"]).log_level == "DEBUG"
