@@ -802,8 +802,9 @@ class Worker:
         Track they filled the window and paused every partition of every topic, the events
         whose schema was cached included (review "faults25"). At its limit only the
         partitions holding such events pause, until it is down to `resume_level`; the
-        others go on. Once decided, such an event stays in that window until committed, so
-        a crash then re-sends at most WORKER_MAX_IN_FLIGHT more.
+        others go on. At twice its limit every partition pauses, as at a full window. Once
+        decided, such an event stays in that window until committed, so a crash then
+        re-sends at most twice WORKER_MAX_IN_FLIGHT more.
         """
         limit = self.s.max_in_flight
         fullest, families, waiting = self._window_load()
@@ -813,7 +814,11 @@ class Worker:
             # thread (no SIGTERM, no readiness, max.poll.interval.ms exceeded).
             await source.call(self._commit, source, None, False)
             fullest, families, waiting = self._window_load()
-        pending = fullest
+        # The SCHEMA_WAIT window past its limit counts as a family's: at twice the limit
+        # everything pauses, as for a full window (partitions not paused yet each brought
+        # their undecided events before their own pause: 8 partitions took 8 × the limit,
+        # review diff25).
+        pending = max(fullest, waiting - limit)
         # The partitions holding events that waited for their schema: paused at the limit,
         # kept paused until it is down to the resume level.
         holding = self.commits.holding(SCHEMA_WAIT) if waiting else set()

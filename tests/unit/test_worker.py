@@ -2117,6 +2117,35 @@ def test_a_registry_outage_on_a_new_schema_holds_only_the_partitions_carrying_it
         == list(range(40))
 
 
+def test_events_waiting_for_their_schema_are_bounded_however_many_partitions_carry_them(
+        ) -> None:
+    """Review diff25: partitions not paused yet each brought their undecided events before
+    their own pause (8 partitions took 8 × the limit). At twice the limit every partition
+    pauses, as at a full window; all is delivered once the registry answers."""
+    limit, parts = 10, 8
+    log = {(TOPIC, p): [Message(TOPIC, p, i, f"u{p}".encode(), new_version(f"u{p}", i))
+                        for i in range(60)] for p in range(parts)}
+    run = make(log, registry=RegistryDownFor(2.0), WORKER_MAX_IN_FLIGHT=str(limit),
+               USERPILOT_ENSURE_USER="false")
+    most = [0]
+    load = run.worker._window_load
+
+    def recording() -> tuple[int, int, int]:
+        out = load()
+        most[0] = max(most[0], out[2])
+        return out
+
+    run.worker._window_load = recording  # type: ignore[method-assign]
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: all(source.committed().get((TOPIC, p)) == 60
+                                for p in range(parts)), "all, after the outage", 30)
+
+    assert drive(run, scenario) == 0
+    assert limit <= most[0] <= 3 * limit, most[0]
+    assert len(run.client.bodies) == 60 * parts
+
+
 class SequencedSource(FakeSource):
     """Records, on the event loop, each call handed to the poll thread (in `sequence`), and
     "got" when a consume brought messages."""
