@@ -979,6 +979,12 @@ def _bootstrap_problems(raw: str) -> list[str]:
             problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: a broker is host:port, "
                             f"not a URL ({protocol}:// is not a Kafka security protocol)")
             continue
+        if address.count(":") > 1 and not address.startswith("["):
+            try:  # an IPv6 address without brackets: librdkafka takes it, on port 9092
+                ipaddress.IPv6Address(address)
+                continue
+            except ValueError:
+                pass
         host, port = address, ""
         if address.startswith("["):  # [IPv6]:port
             host, closed, tail = address.partition("]")

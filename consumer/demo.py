@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     from consumer.health import Health
     from consumer.logs import configure_logging, librdkafka_logger
     from consumer.metrics import Metrics
-    from consumer.produce import produce_events
+    from consumer.produce import ProduceError, parse_lines, produce_events
     from consumer.sandbox.client import SandboxControl
     from consumer.sandbox.config import SandboxConfig
     from consumer.sandbox.server import SandboxThread
@@ -61,11 +61,17 @@ def main(args: argparse.Namespace) -> int:
 
     configure_logging("WARNING")
     events_file = Path(args.events or ROOT / "schemas" / "sample-events.jsonl")
-    try:  # before anything is created: a traceback after a new topic (review config25)
-        events_file.read_bytes()
+    # Read and checked before anything is created: a traceback (or a clean error) came
+    # after a new topic, left behind (reviews config25, diff25).
+    try:
+        lines = events_file.read_bytes().splitlines()
+        parse_lines(lines, str(events_file))
     except OSError as exc:
         print(f"error: {events_file}: cannot read the file ({exc.strerror or exc})",
               file=sys.stderr)
+        return 1
+    except ProduceError as exc:
+        print(f"error: demo not started: {exc}", file=sys.stderr)
         return 1
     services = _services_env()
     from consumer import reach
@@ -81,11 +87,8 @@ def main(args: argparse.Namespace) -> int:
                                   "logger": librdkafka_logger()}
     admin = AdminClient(admin_conf)
     admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result()
-    with events_file.open(encoding="utf-8") as stream:
-        sent = produce_events(stream, topic=topic,
-                              bootstrap=services["KAFKA_BOOTSTRAP_SERVERS"],
-                              registry_url=services["SCHEMA_REGISTRY_URL"],
-                              source=str(events_file))
+    sent = produce_events(lines, topic=topic, bootstrap=services["KAFKA_BOOTSTRAP_SERVERS"],
+                          registry_url=services["SCHEMA_REGISTRY_URL"], source=str(events_file))
 
     def deliver(ensure_user: bool) -> tuple[int, Worker, CollectorRegistry, dict[str, Any]]:
         """One worker (own consumer group) against a fresh sandbox; what the sandbox saw."""

@@ -341,9 +341,12 @@ def redis_refusal(settings: Settings, timeout: float) -> str | None:
     from consumer.redisstore import RedisStore
 
     async def ping() -> None:
+        """A PING, then the worker's own calls on throw-away keys (`RedisStore.probe`): an
+        ACL may allow PING and deny the scripts (review diff25)."""
         store = RedisStore(conf.url.reveal(), timeout_s=timeout, ca_file=conf.tls_ca_file)
         try:
             await store.ping()
+            await store.probe()
         finally:
             await store.close()
 

@@ -71,6 +71,8 @@ def _parse_ms(text: str, raw: str) -> float:
         raise FaultError(f"invalid milliseconds in action {raw!r}") from None
     if ms < 0:
         raise FaultError(f"negative milliseconds in action {raw!r}")
+    if not ms <= MAX_DELAY_MS:  # inf and NaN too: every request hung (review diff25)
+        raise FaultError(f"milliseconds in action {raw!r} must be at most {MAX_DELAY_MS}")
     return ms
 
 

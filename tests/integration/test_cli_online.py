@@ -211,6 +211,17 @@ def test_run_stops_at_start_up_when_redis_refuses_its_password_not_when_it_is_do
     assert "refused the worker (redis ping failed: AuthenticationError)" in refused.stderr
     assert "REDIS_URL" in refused.stderr and "s3cret-pw" not in refused.stderr
     assert "Traceback" not in refused.stderr
+    # A user whose ACL allows PING but not the worker's calls (review diff25).
+    admin = sync_redis.Redis.from_url(
+        stoppable_redis.url.replace("redis://", "redis://:the-right-one@", 1))
+    admin.acl_setuser("pingonly", enabled=True, passwords=["+pw"], keys=["*"],
+                      commands=["+ping"])
+    admin.close()
+    ping_only = stoppable_redis.url.replace("redis://", "redis://pingonly:pw@", 1)
+    denied = cli(["run", "--wait", "0", "--timeout", "5"],
+                 {**online_env, "REDIS_URL": ping_only, "WORKER_METRICS_PORT": "0"})
+    assert denied.returncode == 1, denied.stderr
+    assert "NoPermissionError" in denied.stderr and "the user's ACL" in denied.stderr
     stoppable_redis.stop()  # an outage: the worker starts on its fallback
     right = stoppable_redis.url.replace("redis://", "redis://:the-right-one@", 1)
     proc = subprocess.Popen(

@@ -1215,7 +1215,8 @@ def test_a_broker_list_librdkafka_cannot_read_is_refused(servers: str, says: str
 
 
 @pytest.mark.parametrize("servers", ["10.0.0.1:9092", "[::1]:9092", "kafka-0.kafka:9092",
-                                     "kafka_broker:9092", "kafka.:9092", "k:9092",
+                                     "kafka_broker:9092", "kafka.:9092", "k:9092", "::1",
+                                     "2001:db8::10", "fe80::1,[::1]:9093",
                                      "b-1.msk.example:9096", "1kafka:9092", "127.1:9092",
                                      "10.65535:9092"])
 def test_broker_names_and_addresses_are_taken(servers: str) -> None:

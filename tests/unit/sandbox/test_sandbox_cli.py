@@ -70,3 +70,14 @@ def test_flags_that_would_hang_or_crash_it_are_usage_errors(
 
 def test_log_levels_are_taken_in_any_case() -> None:
     assert build_parser().parse_args(["--log-level=debug"]).log_level == "DEBUG"
+
+
+@pytest.mark.parametrize("action", ["delay:inf", "timeout:nan", "delay:1e12"])
+def test_a_scripted_delay_is_bounded_like_the_flags(action: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`--script delay:inf` hung every request although `--latency-ms inf` was refused
+    (review diff25)."""
+    with pytest.raises(SystemExit) as info:
+        main([f"--script={action}"])
+    assert info.value.code == 2
+    assert "must be at most" in capsys.readouterr().err
