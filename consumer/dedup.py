@@ -35,6 +35,8 @@ Per (token, endpoint, messageId) one Redis key moves through
 - Redis unreachable → `Outcome.SEND` with ``degraded=True`` (delivered as without Redis,
   at least once) and counted by the caller.
 
+Thread rule: event loop only (every call is a coroutine on the handler's loop).
+
 The remaining duplicate window: a ``messageId`` is sent twice only if (a) the process dies
 or loses Redis between Userpilot accepting the request and the confirm reaching Redis (the
 response transit plus one Redis round trip, about a millisecond) and the event is consumed

@@ -408,7 +408,9 @@ class Handler:
             raise asyncio.CancelledError
 
     def waiting_for_schemas(self) -> int:
-        """Events waiting for the registry now (readiness reads it, from the probe thread)."""
+        """Event tasks waiting on the registry now (readiness reads it, from the probe
+        thread): one per user chain, not the events queued behind each; the worker's
+        SCHEMA_WAIT window counts those."""
         with self._schema_lock:
             return self._schema_waits
 

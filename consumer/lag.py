@@ -2,10 +2,10 @@
 
 Two sources: librdkafka's statistics (a fetched partition's `consumer_lag`, the group's
 committed offset, the low watermark) and, for a paused partition, the broker's high
-watermark asked directly (`PausedLag`): statistics learn high watermarks from fetch
+watermark asked directly: statistics learn high watermarks from fetch
 responses, and a paused partition is not fetched, so its lag froze at the pause while the
 backlog grew (an outage, exactly when lag matters: the lag alert never fired without
-kafka_exporter).
+kafka_exporter). `Lag.paused` asks for those.
 
 Thread rule: called on the Kafka poll thread (the stats callback, the paused partitions'
 watermarks); what the statistics taught is kept under this object's own lock, so the
@@ -67,7 +67,7 @@ class Lag:
                     with self._lock:
                         self._low[tp] = low
                 if tp in paused:
-                    continue  # stale without fetches: `paused` sets it
+                    continue  # stale without fetches: `Lag.paused` sets it
                 # Offsets are committed explicitly, never stored: consumer_lag_stored is
                 # always -1 here, consumer_lag (high watermark - committed) is the figure.
                 lag = pinfo.get("consumer_lag", -1)

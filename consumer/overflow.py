@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["MIN_PACE_EVENTS", "MIN_PACE_SPAN_S", "OVERFLOW_MAX", "OVERFLOW_SECONDS",
-           "RATE_SPAN_S", "RESUME_WAIT_S", "Overflow", "Polled"]
+__all__ = ["MIN_PACE_EVENTS", "MIN_PACE_SPAN_S", "OVERFLOW_SECONDS", "RATE_SPAN_S",
+           "RESUME_WAIT_S", "Overflow", "Polled"]
 
 OVERFLOW_SECONDS = 0.75  # polled messages kept beyond a full window: this long of intake
-OVERFLOW_MAX = 2_000  # ... and never more (four of the worker's largest polls)
 RATE_SPAN_S = 2.0  # the pace of finished events is measured over this span
 MIN_PACE_SPAN_S = 0.1  # ... or since the first intake, when shorter, but not under this
 MIN_PACE_EVENTS = 50  # ... and only once this many (and half a window) finished: not noise
@@ -50,8 +49,9 @@ M = TypeVar("M", bound=Polled)
 class Overflow(Generic[M]):
     """The waiting messages (poll order, so per partition offset order) and the pace."""
 
-    def __init__(self, max_in_flight: int) -> None:
+    def __init__(self, max_in_flight: int, max_waiting: int) -> None:
         self.max_in_flight = max_in_flight
+        self.max_waiting = max_waiting  # the cap never exceeds it (a few of the largest polls)
         self.waiting: deque[M] = deque()
         # (time, events finished) per poll, their sum kept as entries come and go, and the
         # first intake since the log was last empty.
@@ -65,13 +65,11 @@ class Overflow(Generic[M]):
     def __bool__(self) -> bool:
         return bool(self.waiting)
 
-    def __iter__(self) -> Iterator[M]:
-        return iter(self.waiting)
-
     def cap(self) -> int:
-        """How many polled messages may wait outside a full window before partitions pause:
-        0 while the window outlasts a resumed partition's first fetch, else about
-        OVERFLOW_SECONDS of intake at the current pace, never over OVERFLOW_MAX."""
+        """The overflow's size: what polls fill it to and it drains back to (partitions
+        pause once it holds twice this with the window full). 0 while the window outlasts
+        a resumed partition's first fetch, else about OVERFLOW_SECONDS of intake at the
+        current pace, never over `max_waiting`."""
         now = time.monotonic()
         log = self.pace_log
         while log and now - log[0][0] > RATE_SPAN_S:
@@ -89,7 +87,7 @@ class Overflow(Generic[M]):
         pace = self.pace_total / span
         if pace * 2 * RESUME_WAIT_S <= self.max_in_flight:
             return 0
-        return min(OVERFLOW_MAX, int(pace * OVERFLOW_SECONDS))
+        return min(self.max_waiting, int(pace * OVERFLOW_SECONDS))
 
     def note_pace(self, scheduled: int, finished: int) -> None:
         """After a poll's intake: `scheduled` events were taken (the first starts the
@@ -128,6 +126,3 @@ class Overflow(Generic[M]):
         if self.waiting and gone:
             self.waiting = deque(m for m in self.waiting
                                  if (m.topic(), m.partition()) not in gone)
-
-    def clear(self) -> None:
-        self.waiting.clear()

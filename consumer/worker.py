@@ -16,8 +16,8 @@ thread (`Source.call`, one call at a time). The callbacks the source makes (assi
 revoke, lost, stats, commit results) run on that poll thread and touch only what is safe
 there: `Commits` and `Lag` (each locks), `Metrics` and `Health` (thread-safe), and
 `assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh`, which both threads read and
-write only under `_parts_lock`. `_reshare` and what it calls
-(`_reshare_delay`, `_missing`) run only on the poll thread.
+write only under `_parts_lock`. `_reshare` and `_note_missing`, and the state only they
+use (`_reshare_delay`, `_missing`), are the poll thread's alone.
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
 the `Source.call` that raised the callback), and that coroutine also forgets the
@@ -90,11 +90,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_BATCH = 500
+OVERFLOW_POLLS = 4  # the overflow holds at most this many of the largest polls
 FULL_POLL_PAUSE_S = 0.002  # between polls while window and overflow are both full
 SCHEMA_WAIT = "schema"
 """The window of events taken before their schema was known (`_backpressure`): of their
 own, so that a registry outage while a new schema version arrives holds only the
 partitions carrying it, not the replica."""
+SCHEMA_PAUSE_ALL = 2  # ... and at this many times the limit, every partition pauses
 POLL_TIMEOUT_S = 0.1
 _UNASKED = -2  # `_intake`: a partition's last offset not asked for yet in this slice
 INTAKE_TURN_SENDS = 8
@@ -308,7 +310,8 @@ class Worker:
         self._dry: dict[TP, float] = {}  # until when
         # Messages polled while the window was full, taken before newer ones, and the pace
         # of finished events that sizes them (event loop only): see `consumer.overflow`.
-        self.overflow: Overflow[KafkaMessage] = Overflow(settings.max_in_flight)
+        self.overflow: Overflow[KafkaMessage] = Overflow(settings.max_in_flight,
+                                                         OVERFLOW_POLLS * POLL_BATCH)
         self._finished = 0  # events to send that reached their outcome (event loop)
         self._finished_seen = 0
         self._consumed = Children(self.m.events_consumed)
@@ -427,7 +430,9 @@ class Worker:
                 if reshare or time.monotonic() - rates_at >= RATES_EVERY_S:
                     rates_at = time.monotonic()
                     self._publish_rates()
-                if self.paused and source.connected and (
+                with self._parts_lock:
+                    any_paused = bool(self.paused)
+                if any_paused and source.connected and (
                         time.monotonic() - paused_lag_at >= PAUSED_LAG_EVERY_S):
                     paused_lag_at = time.monotonic()
                     await source.call(self._paused_lag, source)
@@ -807,22 +812,22 @@ class Worker:
         re-sends at most twice WORKER_MAX_IN_FLIGHT more.
         """
         limit = self.s.max_in_flight
-        fullest, families, waiting = self._window_load()
+        fullest, families, schema_window = self._window_load()
         if fullest >= limit // 2:
             # Asynchronous: the acknowledgement frees the window when a later poll serves
             # it. Never a synchronous commit here: with Kafka down it would hold the poll
             # thread (no SIGTERM, no readiness, max.poll.interval.ms exceeded).
             await source.call(self._commit, source, None, False)
-            fullest, families, waiting = self._window_load()
-        # The SCHEMA_WAIT window past its limit counts as a family's: at twice the limit
-        # everything pauses, as for a full window (partitions not paused yet each brought
-        # their undecided events before their own pause: 8 partitions took 8 × the limit,
-        # review diff25).
-        pending = max(fullest, waiting - limit)
+            fullest, families, schema_window = self._window_load()
+        # The SCHEMA_WAIT window past its limit counts as a family's: at SCHEMA_PAUSE_ALL
+        # times the limit everything pauses, as for a full window (partitions not paused
+        # yet each brought their undecided events before their own pause: 8 partitions
+        # took 8 × the limit, review diff25).
+        pending = max(fullest, schema_window - (SCHEMA_PAUSE_ALL - 1) * limit)
         # The partitions holding events that waited for their schema: paused at the limit,
         # kept paused until it is down to the resume level.
-        holding = self.commits.holding(SCHEMA_WAIT) if waiting else set()
-        keep = holding if waiting > resume_level(limit) else set()
+        holding = self.commits.holding(SCHEMA_WAIT) if schema_window else set()
+        keep = holding if schema_window > resume_level(limit) else set()
         with self._parts_lock:
             # Paused only once the overflow holds twice its size: with deliveries fast, a
             # full window frees within a poll or two and the overflow bridges it.
@@ -835,7 +840,7 @@ class Worker:
             # its dry mark (`_next_batch`), and the next full window pauses it.
             dry = {tp for tp, until in self._dry.items() if until > now} if full else set()
             to_pause = sorted(self.assigned - self.paused - dry) if full else []
-            if waiting >= limit:
+            if schema_window >= limit:
                 to_pause = sorted(set(to_pause) | ((holding & self.assigned) - self.paused))
             to_resume: list[TP] = []
             if self.paused and pending <= resume_level(limit):
@@ -883,12 +888,13 @@ class Worker:
             return POLL_TIMEOUT_S if self.commits.outstanding() else 0.0
         return 0.0 if room and self.overflow else POLL_TIMEOUT_S
 
-    # -- overflow: messages polled past a full window (`consumer.overflow`) ---------------
     @staticmethod
     async def _first_steps() -> None:
         """FIRST_STEP_TURNS turns of the event loop."""
         for _ in range(FIRST_STEP_TURNS):
             await asyncio.sleep(0)
+
+    # -- overflow: messages polled past a full window (`consumer.overflow`) ---------------
 
     def _next_batch(self, messages: Sequence[KafkaMessage], room: int
                     ) -> Sequence[KafkaMessage]:
@@ -904,8 +910,8 @@ class Worker:
         """The fullest family's window, how many families have events in it, and the
         SCHEMA_WAIT window (apart: it pauses only the partitions holding its events)."""
         by_family = self.commits.in_window_by_family()
-        waiting = by_family.pop(SCHEMA_WAIT, 0)
-        return max(by_family.values(), default=0), max(1, len(by_family)), waiting
+        schema_window = by_family.pop(SCHEMA_WAIT, 0)
+        return max(by_family.values(), default=0), max(1, len(by_family)), schema_window
 
     def _commit(self, source: Source, parts: Sequence[TP] | None, wait: bool,
                 note_changes: bool = True, positions: bool = False) -> None:

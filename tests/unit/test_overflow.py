@@ -7,7 +7,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from consumer.overflow import OVERFLOW_MAX, OVERFLOW_SECONDS, RATE_SPAN_S, Overflow
+from consumer.overflow import OVERFLOW_SECONDS, RATE_SPAN_S, Overflow
+
+MAX_WAITING = 2_000
 
 TOPIC = "signal"
 
@@ -34,7 +36,7 @@ def finished(overflow: Overflow[Msg], at: float, count: int) -> None:
 
 
 def test_an_overflow_only_when_the_window_holds_under_two_seconds_of_work() -> None:
-    overflow: Overflow[Msg] = Overflow(200)
+    overflow: Overflow[Msg] = Overflow(200, MAX_WAITING)
     assert overflow.cap() == 0, "nothing finished yet: a full window pauses at once"
     now = time.monotonic()
     for at, count in ((now - 5.0, 10_000), (now - 0.5, 150), (now, 50)):
@@ -44,11 +46,11 @@ def test_an_overflow_only_when_the_window_holds_under_two_seconds_of_work() -> N
     finished(overflow, now, 200)
     assert overflow.cap() == int(400 / RATE_SPAN_S * OVERFLOW_SECONDS)
     finished(overflow, now, 100_000)
-    assert overflow.cap() == OVERFLOW_MAX
+    assert overflow.cap() == MAX_WAITING
 
 
 def test_a_larger_window_outlasts_a_faster_pace() -> None:
-    small, large = Overflow[Msg](100), Overflow[Msg](1_000)
+    small, large = Overflow[Msg](100, MAX_WAITING), Overflow[Msg](1_000, MAX_WAITING)
     now = time.monotonic()
     for overflow in (small, large):
         finished(overflow, now, 400)  # 200 a second
@@ -57,7 +59,7 @@ def test_a_larger_window_outlasts_a_faster_pace() -> None:
 
 
 def test_at_start_the_pace_is_measured_since_the_first_intake() -> None:
-    overflow: Overflow[Msg] = Overflow(200)
+    overflow: Overflow[Msg] = Overflow(200, MAX_WAITING)
     now = time.monotonic()
     finished(overflow, now, 150)
     assert overflow.cap() == 0, "no intake recorded: over RATE_SPAN_S, 75 a second"
@@ -80,7 +82,7 @@ def test_at_start_the_pace_is_measured_since_the_first_intake() -> None:
 
 
 def test_the_pace_counts_what_finished_and_starts_at_the_first_intake() -> None:
-    overflow: Overflow[Msg] = Overflow(200)
+    overflow: Overflow[Msg] = Overflow(200, MAX_WAITING)
     overflow.note_pace(0, 0)
     assert overflow.pace_since is None, "an idle poll (nothing taken) starts no span"
     assert not overflow.pace_log, "nothing finished: nothing logged"
@@ -93,7 +95,7 @@ def test_the_pace_counts_what_finished_and_starts_at_the_first_intake() -> None:
 
 
 def test_waiting_messages_are_taken_first_in_poll_order() -> None:
-    overflow: Overflow[Msg] = Overflow(200)
+    overflow: Overflow[Msg] = Overflow(200, MAX_WAITING)
     mine = {(TOPIC, 0), (TOPIC, 1)}
     arrived: list[tuple[str, int]] = []
     a = [Msg((TOPIC, 0), i) for i in range(6)]
@@ -106,19 +108,19 @@ def test_waiting_messages_are_taken_first_in_poll_order() -> None:
         "room for all and nothing waiting: the batch itself, no copy"
     assert not arrived, "the common case asks nothing per partition"
     assert take(a[2:5], 1) == [a[2]]
-    assert list(overflow) == a[3:5] and len(overflow) == 2 and overflow
+    assert list(overflow.waiting) == a[3:5] and len(overflow) == 2 and overflow
     assert arrived == [(TOPIC, 0)], "once per partition and poll"
     assert take([a[5]], 2) == a[3:5], "the waiting ones first"
-    assert take([], 0) == [] and list(overflow) == [a[5]]
+    assert take([], 0) == [] and list(overflow.waiting) == [a[5]]
     other = Msg((TOPIC, 1), 0)
     overflow.waiting.append(other)
     overflow.forget([(TOPIC, 0)])
-    assert list(overflow) == [other], "a revoked partition's waiting messages go"
+    assert list(overflow.waiting) == [other], "a revoked partition's waiting messages go"
     stray = Msg((TOPIC, 2), 0)  # a partition not (or no longer) assigned
     assert take([stray, a[0]], 0) == []
-    assert list(overflow) == [other, a[0]], "nothing of it waits"
+    assert list(overflow.waiting) == [other, a[0]], "nothing of it waits"
     failed = Msg((TOPIC, 2), -1, failed=True)
-    assert take([failed], 0) == [] and list(overflow)[-1] is failed, \
+    assert take([failed], 0) == [] and list(overflow.waiting)[-1] is failed, \
         "an error message waits in order too: the intake reports it"
-    overflow.clear()
+    overflow.waiting.clear()
     assert not overflow and len(overflow) == 0
