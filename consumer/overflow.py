@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Generic, Protocol, TypeVar
 
 __all__ = ["MIN_PACE_EVENTS", "MIN_PACE_SPAN_S", "OVERFLOW_SECONDS", "RATE_SPAN_S",
@@ -99,11 +99,12 @@ class Overflow(Generic[M]):
             self.pace_total += finished
 
     def take(self, messages: Sequence[M], room: int, owns: Callable[[TP], bool],
-             arrived: Callable[[TP], None]) -> Sequence[M]:
+             arrived: Callable[[TP], None], held: Collection[TP] = ()) -> Sequence[M]:
         """What to take now: up to `room` messages, the waiting ones first, in poll order;
         the rest waits. A message of a partition `owns` denies (revoked meanwhile) does not
-        wait for a re-assignment; `arrived` hears once per partition that brought one."""
-        if not self.waiting and len(messages) <= room:
+        wait for a re-assignment; `arrived` hears once per partition that brought one.
+        Messages of `held` partitions stay, in order, however much room there is."""
+        if not self.waiting and len(messages) <= room and not held:
             return messages  # the common case: nothing waiting, no copy
         waiting = self.waiting
         owned: dict[TP, bool] = {}
@@ -118,7 +119,32 @@ class Overflow(Generic[M]):
                 if not mine:
                     continue
             waiting.append(message)
-        return [waiting.popleft() for _ in range(min(room, len(waiting)))]
+        if not held:
+            return [waiting.popleft() for _ in range(min(room, len(waiting)))]
+        out: list[M] = []
+        kept: deque[M] = deque()
+        while waiting and len(out) < room:
+            message = waiting.popleft()
+            if (message.topic(), message.partition()) in held:
+                kept.append(message)
+            else:
+                out.append(message)
+        kept.extend(waiting)
+        self.waiting = kept
+        return out
+
+    def free(self, held: Collection[TP]) -> int:
+        """Waiting messages that can be taken: not of `held` partitions (those wait for
+        their partition, and must neither fill the overflow nor keep the poll from
+        waiting)."""
+        if not held:
+            return len(self.waiting)
+        return sum(1 for m in self.waiting if (m.topic(), m.partition()) not in held)
+
+    def put_back(self, messages: Sequence[M]) -> None:
+        """Messages handed out but not taken (the intake deferred them), ahead of every
+        waiting one: they came first."""
+        self.waiting.extendleft(reversed(messages))
 
     def forget(self, parts: Sequence[TP]) -> None:
         """Drop waiting messages of partitions no longer ours."""

@@ -96,9 +96,9 @@ SCHEMA_WAIT = "schema"
 """The window of events taken before their schema was known (`_backpressure`): of their
 own, so that a registry outage while a new schema version arrives holds only the
 partitions carrying it, not the replica."""
-SCHEMA_PAUSE_ALL = 2  # ... and at this many times the limit, every partition pauses
 POLL_TIMEOUT_S = 0.1
 _UNASKED = -2  # `_intake`: a partition's last offset not asked for yet in this slice
+_DEFER: Any = object()  # `_take`: not taken, the SCHEMA_WAIT window is full (`_backpressure`)
 INTAKE_TURN_SENDS = 8
 """Events to send taken per turn of the event loop. Each starts a task whose first step
 (building and writing its request, ~0.2 ms) runs in the next turn; taking a whole window at
@@ -312,6 +312,11 @@ class Worker:
         # of finished events that sizes them (event loop only): see `consumer.overflow`.
         self.overflow: Overflow[KafkaMessage] = Overflow(settings.max_in_flight,
                                                          OVERFLOW_POLLS * POLL_BATCH)
+        # The SCHEMA_WAIT window as of the last `_backpressure`, plus what intake took since,
+        # and the partitions whose next message waits (in the overflow, not taken) because
+        # that window was full (event loop only; see `_backpressure`).
+        self._schema_window = 0
+        self._schema_held: set[TP] = set()
         self._finished = 0  # events to send that reached their outcome (event loop)
         self._finished_seen = 0
         self._consumed = Children(self.m.events_consumed)
@@ -389,7 +394,7 @@ class Worker:
             while not self._stopping.is_set():
                 room = await self._backpressure(source, scheduler, idle=not scheduled)
                 # Fewer new messages while more than the overflow's size waits: it drains.
-                wanted = room + self.overflow.cap() - len(self.overflow)
+                wanted = room + self.overflow.cap() - self.overflow.free(self._schema_held)
                 if wanted <= 0:
                     # Window full, overflow at its size: each poll still takes a message
                     # (to serve acknowledgements); pace it instead of spinning.
@@ -601,6 +606,8 @@ class Worker:
         """
         handler = self.handler
         screen = None if handler.debug else handler.screen
+        held = self._schema_held  # empty but while the SCHEMA_WAIT window is full
+        deferred: list[KafkaMessage] = []
         # Per partition, the last offset taken (-1: none yet; None: not assigned).
         owned: dict[TP, int | None] = {}
         marks: dict[TP, int] = {}  # per partition, the last dropped offset not recorded yet
@@ -634,6 +641,9 @@ class Worker:
                 topic, partition, offset = message.topic(), message.partition(), message.offset()
                 assert topic is not None and partition is not None and offset is not None
                 tp = (topic, partition)
+                if held and tp in held:
+                    deferred.append(message)  # after a deferred one: its partition waits
+                    continue
                 last = owned.get(tp, _UNASKED)
                 if last == _UNASKED:
                     last = self.commits.high(tp)
@@ -653,6 +663,10 @@ class Worker:
                 first = screen(message.value()) if screen is not None else None
                 drop = (first if isinstance(first, Drop)
                         else self._take(message, tp, offset, first, marks, scheduler))
+                if drop is _DEFER:
+                    held.add(tp)
+                    deferred.append(message)
+                    continue
                 if drop is not None:
                     marks[tp] = offset
                     key = id(drop)
@@ -669,6 +683,8 @@ class Worker:
                         end = min(end, start + INTAKE_TURN_MESSAGES)
                 taken[topic] = taken.get(topic, 0) + 1
         finally:
+            if deferred:
+                self.overflow.put_back(deferred)
             if marks:
                 self.commits.dropped(marks)
             if drops:
@@ -701,13 +717,15 @@ class Worker:
                   "records before it unseen", _fmt([tp]), last, offset, offset, last + 1)
 
     def _take(self, message: KafkaMessage, tp: TP, offset: int, decoded: codec.Event | None,
-              marks: dict[TP, int], scheduler: Scheduler[Event]) -> Drop | None:
+              marks: dict[TP, int], scheduler: Scheduler[Event]) -> Any:
         """The full path of one event that `screen` did not drop: an `Event`, decided
         (`decoded` is `screen`'s result, None when it could not tell), then scheduled.
 
         Returns the Drop instead when the event is dropped after all (debug logging on);
         the batch records it with the others. Events whose schema must be fetched first
-        are scheduled too: the fetch happens in their task, off the poll path.
+        are scheduled too: the fetch happens in their task, off the poll path; but not
+        while the SCHEMA_WAIT window is full: then `_DEFER`, nothing recorded, and the
+        message waits in the overflow with the rest of its partition (`_backpressure`).
         """
         ts_type, ts = message.timestamp()
         key = message.key()
@@ -718,6 +736,10 @@ class Worker:
             if self.handler.debug:
                 self.handler.log_dropped(event.decision, event.fields)
             return event.decision
+        if event.decision is None:  # its schema is not known yet
+            if self._schema_window >= self.s.max_in_flight:
+                return _DEFER
+            self._schema_window += 1
         self.keyless.place(event, tp, decoded, lambda: scheduler.barriers(tp[0], tp[1]))
         mark = marks.pop(tp, None)
         if mark is not None:
@@ -805,11 +827,14 @@ class Worker:
         Events taken before their schema was known count in a window of their own
         (SCHEMA_WAIT, the same limit): with the registry down they wait, and counted as
         Track they filled the window and paused every partition of every topic, the events
-        whose schema was cached included (review "faults25"). At its limit only the
-        partitions holding such events pause, until it is down to `resume_level`; the
-        others go on. At twice its limit every partition pauses, as at a full window. Once
-        decided, such an event stays in that window until committed, so a crash then
-        re-sends at most twice WORKER_MAX_IN_FLIGHT more.
+        whose schema was cached included (review "faults25"). At its limit the next such
+        event is not taken (`_take`): it waits in the overflow with the rest of its
+        partition, the partition pauses, and the others go on, until the window is down to
+        `resume_level`. Its limit holds exactly: pausing the partitions holding such events
+        let each partition not paused yet bring a poll's worth (8 partitions, 8 × the
+        limit), and pausing everything at twice the limit stopped the cached partitions
+        again (reviews diff25, diff25b). Once decided, such an event stays in that window
+        until committed, so a crash then re-sends at most WORKER_MAX_IN_FLIGHT more.
         """
         limit = self.s.max_in_flight
         fullest, families, schema_window = self._window_load()
@@ -819,19 +844,17 @@ class Worker:
             # thread (no SIGTERM, no readiness, max.poll.interval.ms exceeded).
             await source.call(self._commit, source, None, False)
             fullest, families, schema_window = self._window_load()
-        # The SCHEMA_WAIT window past its limit counts as a family's: at SCHEMA_PAUSE_ALL
-        # times the limit everything pauses, as for a full window (partitions not paused
-        # yet each brought their undecided events before their own pause: 8 partitions
-        # took 8 × the limit, review diff25).
-        pending = max(fullest, schema_window - (SCHEMA_PAUSE_ALL - 1) * limit)
-        # The partitions holding events that waited for their schema: paused at the limit,
-        # kept paused until it is down to the resume level.
-        holding = self.commits.holding(SCHEMA_WAIT) if schema_window else set()
-        keep = holding if schema_window > resume_level(limit) else set()
+        pending = fullest
+        self._schema_window = schema_window
+        if self._schema_held and schema_window <= resume_level(limit):
+            self._schema_held.clear()  # their waiting messages are taken again
+        # Partitions whose message waits for the SCHEMA_WAIT window: paused, and kept so.
+        keep = set(self._schema_held)
         with self._parts_lock:
             # Paused only once the overflow holds twice its size: with deliveries fast, a
             # full window frees within a poll or two and the overflow bridges it.
-            full = pending >= limit and len(self.overflow) >= 2 * self.overflow.cap()
+            full = (pending >= limit and self.overflow.free(self._schema_held)
+                    >= 2 * self.overflow.cap())
             now = time.monotonic()
             # A dry partition stays unpaused: a pause discards what librdkafka fetched, and
             # the hot partition's backlog, served first, refilled every freed place, so a
@@ -840,8 +863,8 @@ class Worker:
             # its dry mark (`_next_batch`), and the next full window pauses it.
             dry = {tp for tp, until in self._dry.items() if until > now} if full else set()
             to_pause = sorted(self.assigned - self.paused - dry) if full else []
-            if schema_window >= limit:
-                to_pause = sorted(set(to_pause) | ((holding & self.assigned) - self.paused))
+            if keep:
+                to_pause = sorted(set(to_pause) | ((keep & self.assigned) - self.paused))
             to_resume: list[TP] = []
             if self.paused and pending <= resume_level(limit):
                 if not idle or not self._held:
@@ -886,7 +909,7 @@ class Worker:
             await scheduler.wait_change(POLL_TIMEOUT_S)
             await source.call(self._commit, source, None, False)
             return POLL_TIMEOUT_S if self.commits.outstanding() else 0.0
-        return 0.0 if room and self.overflow else POLL_TIMEOUT_S
+        return 0.0 if room and self.overflow.free(self._schema_held) else POLL_TIMEOUT_S
 
     @staticmethod
     async def _first_steps() -> None:
@@ -900,7 +923,8 @@ class Worker:
                     ) -> Sequence[KafkaMessage]:
         """What to take now (`Overflow.take`): a partition no longer ours waits for
         nothing; one that brought a message is not dry any more."""
-        return self.overflow.take(messages, room, self.commits.owns, self._arrived)
+        return self.overflow.take(messages, room, self.commits.owns, self._arrived,
+                                  self._schema_held)
 
     def _arrived(self, tp: TP) -> None:
         if self._dry:
@@ -1111,6 +1135,7 @@ class Worker:
 
         async def drain() -> None:
             self.overflow.forget(parts)
+            self._schema_held.difference_update(parts)
             try:
                 # Lost too (nothing is committed then): requests already on the wire need
                 # no Kafka. Cancelled, Userpilot had them all the same, and with Redis their

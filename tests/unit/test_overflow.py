@@ -124,3 +124,23 @@ def test_waiting_messages_are_taken_first_in_poll_order() -> None:
         "an error message waits in order too: the intake reports it"
     overflow.waiting.clear()
     assert not overflow and len(overflow) == 0
+
+
+def test_held_partitions_wait_in_order_and_others_pass_them() -> None:
+    """A partition whose message the intake deferred (the SCHEMA_WAIT window full) waits
+    whole, in order, however much room there is; the others are taken past it."""
+    overflow: Overflow[Msg] = Overflow(200, MAX_WAITING)
+    p0, p1 = (TOPIC, 0), (TOPIC, 1)
+    mine = {p0, p1}
+    a = [Msg(p0, i) for i in range(3)]
+    b = [Msg(p1, i) for i in range(3)]
+    overflow.put_back([a[0], a[1]])  # deferred by the intake: first again
+    got = overflow.take([b[0], a[2], b[1]], 10, mine.__contains__, lambda _: None, {p0})
+    assert list(got) == [b[0], b[1]]
+    assert list(overflow.waiting) == [a[0], a[1], a[2]], "held, in order"
+    assert overflow.free({p0}) == 0 and overflow.free(()) == 3
+    assert list(overflow.take([b[2]], 10, mine.__contains__, lambda _: None, ())) == \
+        [a[0], a[1], a[2], b[2]], "released: taken first, in poll order"
+    overflow.put_back([b[0]])
+    assert list(overflow.take([], 0, mine.__contains__, lambda _: None, {p0})) == []
+    assert list(overflow.waiting) == [b[0]], "no room: nothing taken"
