@@ -980,6 +980,12 @@ def _bootstrap_problems(raw: str) -> list[str]:
                             f"not a URL ({protocol}:// is not a Kafka security protocol)")
             continue
         if address.count(":") > 1 and not address.startswith("["):
+            if _ipv6_with_port(address):
+                # librdkafka reads `::1:9092` as the address `::1:9092` on port 9092 (the
+                # Java client as `::1`, port 9092): `run` waited for ever (review diff25b).
+                problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: write an IPv6 "
+                                "address with a port in brackets, e.g. [::1]:9092")
+                continue
             try:  # an IPv6 address without brackets: librdkafka takes it, on port 9092
                 ipaddress.IPv6Address(address)
                 continue
@@ -1008,6 +1014,19 @@ def _bootstrap_problems(raw: str) -> list[str]:
             problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: {host} is not an IP "
                             "address or a host name; give the broker's name or its address")
     return problems
+
+
+def _ipv6_with_port(address: str) -> bool:
+    """`addr:port` without brackets: the last group is decimal, port-like, and what is
+    before it is an IPv6 address of its own (`::1:9092`, `2001:db8::5:9093`)."""
+    head, _, last = address.rpartition(":")
+    if not (last.isascii() and last.isdigit() and 0 < int(last) < 65536 and len(last) >= 2):
+        return False
+    try:
+        ipaddress.IPv6Address(head)
+    except ValueError:
+        return False
+    return True
 
 
 _BROKER_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")

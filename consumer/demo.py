@@ -65,7 +65,9 @@ def main(args: argparse.Namespace) -> int:
     # after a new topic, left behind (reviews config25, diff25).
     try:
         lines = events_file.read_bytes().splitlines()
-        parse_lines(lines, str(events_file))
+        if not parse_lines(lines, str(events_file)):
+            print(f"error: demo not started: {events_file} holds no events", file=sys.stderr)
+            return 1
     except OSError as exc:
         print(f"error: {events_file}: cannot read the file ({exc.strerror or exc})",
               file=sys.stderr)

@@ -323,6 +323,20 @@ def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[
     return [p for p in problems if p is not None]
 
 
+def probe_keys(settings: Settings) -> tuple[str, str]:
+    """Throw-away keys shaped as the worker's own for this token: a messageId's claim, and
+    a key beside the Track budget's (`<budget>:probe:<tag>`, never the budget itself)."""
+    import uuid
+
+    from consumer.dedup import dedup_key
+    from consumer.redisstore import token_digest
+    from consumer.sharedlimit import budget_key
+
+    digest, tag = token_digest(settings.api_key.reveal()), uuid.uuid4().hex[:16]
+    return (dedup_key(digest, "track", f"probe-{tag}"),
+            f"{budget_key(digest, 'track')}:probe:{tag}")
+
+
 REDIS_REFUSALS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError",
                   "NoPermissionError")
 """What Redis answers to credentials it refuses (WRONGPASS, NOAUTH) or a user its ACL
@@ -346,7 +360,7 @@ def redis_refusal(settings: Settings, timeout: float) -> str | None:
         store = RedisStore(conf.url.reveal(), timeout_s=timeout, ca_file=conf.tls_ca_file)
         try:
             await store.ping()
-            await store.probe()
+            await store.probe(*probe_keys(settings))
         finally:
             await store.close()
 
@@ -389,7 +403,7 @@ def redis(settings: Settings, timeout: float) -> str | None:
         store = RedisStore(conf.url.reveal(), timeout_s=max(timeout, conf.timeout_s),
                            ca_file=conf.tls_ca_file)
         try:
-            await store.probe()
+            await store.probe(*probe_keys(settings))
         finally:
             await store.close()
 

@@ -182,8 +182,10 @@ class Phase:
         if unknown:
             raise FaultError(f"unknown phase keys: {sorted(unknown)}")
         seconds = raw.get("seconds")
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0:
-            raise FaultError("phase seconds must be a positive number")
+        if (isinstance(seconds, bool) or not isinstance(seconds, int | float)
+                or not 0 < seconds <= MAX_DELAY_MS / 1000):  # NaN and inf too (diff25b)
+            raise FaultError(f"phase seconds must be a number over 0, at most "
+                             f"{MAX_DELAY_MS // 1000}")
         action = None
         if raw.get("action") is not None:
             action = parse_action(raw["action"])

@@ -222,6 +222,20 @@ def test_run_stops_at_start_up_when_redis_refuses_its_password_not_when_it_is_do
                  {**online_env, "REDIS_URL": ping_only, "WORKER_METRICS_PORT": "0"})
     assert denied.returncode == 1, denied.stderr
     assert "NoPermissionError" in denied.stderr and "the user's ACL" in denied.stderr
+    # ... but an ACL narrowed to the worker's own key shapes is taken (review diff25b).
+    from consumer import reach
+    from consumer.config import load_settings
+
+    admin = sync_redis.Redis.from_url(
+        stoppable_redis.url.replace("redis://", "redis://:the-right-one@", 1))
+    admin.acl_setuser("narrow", enabled=True, passwords=["+pw"],
+                      keys=["ud:*", "userpilot:rl:track:*", "userpilot:rl:identify:*"],
+                      commands=["+@all"])
+    narrow = stoppable_redis.url.replace("redis://", "redis://narrow:pw@", 1)
+    settings = load_settings({**online_env, "REDIS_URL": narrow})
+    assert reach.redis_refusal(settings, 5) is None
+    assert reach.redis(settings, 5) is None, "check-config --online takes it too"
+    admin.close()
     stoppable_redis.stop()  # an outage: the worker starts on its fallback
     right = stoppable_redis.url.replace("redis://", "redis://:the-right-one@", 1)
     proc = subprocess.Popen(

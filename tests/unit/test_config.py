@@ -1205,6 +1205,9 @@ def test_a_broker_address_that_is_no_ip_address_is_refused(servers: str) -> None
     ("127.0.0.1 :9092", "separate brokers with commas"),
     ("kafka:9092, kafka-1 :9092", "separate brokers with commas"),
     ("localhost:9092:9092", "not an IP address or a host name"),
+    ("::1:9092", "in brackets, e.g. [::1]:9092"),
+    ("2001:db8::5:9093", "in brackets, e.g. [::1]:9092"),
+    ("kafka:9092,fe80::1:9096", "in brackets, e.g. [::1]:9092"),
     ("kafk$a:9092", "not an IP address or a host name"),
     ("kafkä:9092", "not an IP address or a host name"),
 ])

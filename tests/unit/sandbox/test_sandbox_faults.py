@@ -137,3 +137,13 @@ def test_to_json_shows_remaining_script_and_rule_counts() -> None:
     assert view["script"] == ["reset"]
     assert view["rules"][0]["remaining"] == 0
     assert view["rules"][0]["action"] == "500"
+
+
+@pytest.mark.parametrize("seconds", [float("nan"), float("inf"), 0, -1, 1e9])
+def test_a_phase_lasts_a_finite_positive_time(seconds: float) -> None:
+    """NaN skipped the phase and every later one silently; inf never ended (review
+    diff25b)."""
+    from consumer.sandbox.faults import FaultError, Phase
+
+    with pytest.raises(FaultError, match="phase seconds"):
+        Phase.from_json({"seconds": seconds, "action": "503"})
