@@ -221,12 +221,6 @@ class Commits:
                     total[family] = total.get(family, 0) + n
             return total
 
-    def holding(self, family: str) -> set[TP]:
-        """Assigned partitions with events of `family` in the window."""
-        with self._lock:
-            return {tp for tp, tracker in self._offsets.items()
-                    if tracker.at_risk_by_family.get(family, 0) > 0}
-
     def in_window_by_partition(self) -> dict[TP, int]:
         """Events in the window per assigned partition, all families (fair intake)."""
         with self._lock:

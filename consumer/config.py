@@ -623,11 +623,11 @@ def _http_url_problem(url: str) -> str | None:
     return url_problem(url)
 
 
-def _check_api_key(reader: _Reader, unread: Collection[str] = ()) -> Secret:
+def _check_api_key(reader: _Reader) -> Secret:
     raw = reader.env.get("USERPILOT_API_KEY", "")
     value = raw.strip()
-    if not value and "USERPILOT_API_KEY" in unread:
-        pass  # USERPILOT_API_KEY_FILE's own problem says why
+    if not value and "USERPILOT_API_KEY" in reader.unread:
+        pass  # its own problem says why (USERPILOT_API_KEY_FILE's, or not UTF-8)
     elif not value:
         reader.problems.append(
             "USERPILOT_API_KEY is not set: copy the application write token (not the "
@@ -742,12 +742,7 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
             continue
         # A trailing line break, as a Secret made with `kubectl create secret --from-file`
         # carries: dropped, as from a *_FILE (a password sent with it fails SASL).
-        value = reader.env[name].rstrip("\r\n")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            reader.problems.append(f"{name} holds bytes that are not UTF-8 text: re-enter it")
-            continue
+        value = reader.env[name].rstrip("\r\n")  # UTF-8 text: `_drop_undecodable`
         refusal = _kafka_value_problem(key, value.strip())
         if refusal is not None:
             reader.problems.append(f"{name}={value!r} {refusal}")
@@ -1450,7 +1445,7 @@ def load_settings(
     r = _Reader(env, unread)
     r.problems.extend(file_problems)
     _unknown_variables(r)
-    api_key = _check_api_key(r, unread)
+    api_key = _check_api_key(r)
     endpoint = _check_endpoint(r)
     insecure = r.boolean("USERPILOT_INSECURE_HTTP", False)
     host = endpoint.rsplit(":", 1)[0].lower().rstrip(".") if endpoint else ""

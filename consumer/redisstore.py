@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import hashlib
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
@@ -272,16 +271,13 @@ class RedisStore:
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
 
-    async def probe(self, claim: str | None = None, budget: str | None = None) -> None:
+    async def probe(self, claim: str, budget: str) -> None:
         """What `run` does, once, on throw-away keys of the same shapes (`ud:`, `userpilot:`):
         a claim and its release, a progress note and its read, a confirm (keys living 1 s),
         a reservation. A PING passes where these fail: a user whose ACL allows PING but not
         the scripts, the commands or the keys, a read-only replica. `claim` and `budget`:
         keys shaped as the worker's own for its token (`reach.probe_keys`), so an ACL
         narrowed to those shapes passes (review diff25b); never a live budget's key."""
-        tag = uuid.uuid4().hex[:16]
-        claim = claim or f"ud:probe:{tag}"
-        budget = budget or f"userpilot:rl:probe:{tag}"
         await self.claim(claim, "check-config", 1000)
         await self.release(claim, "check-config")
         await self.progress(claim, "1:probe", 1000)

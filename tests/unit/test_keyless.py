@@ -55,6 +55,16 @@ def test_decided_user_reads_the_first_call_with_a_user() -> None:
     assert decided_user(None) is None
 
 
+async def decide_u1(e: Event) -> None:
+    """The handler's decision after the schema: a Track of u1."""
+    e.decision = send("u1")
+
+
+async def reach_at_once(_: Barrier) -> None:
+    """A chain already past its barrier."""
+    return None
+
+
 def run_order(scenario: Any) -> Any:
     async def main() -> Any:
         return await scenario(KeylessOrder())
@@ -112,15 +122,9 @@ def test_learning_an_unknown_user_is_bounded(monkeypatch: pytest.MonkeyPatch,
         order.place(unknown, TP, None, no_barriers)
         order.place(later, TP, None, no_barriers)
 
-        async def decide(e: Event) -> None:
-            e.decision = send("u1")
-
-        async def reach(_: Barrier) -> None:
-            return None
-
         # The unknown event never learns its user (the registry is down): the later one
         # goes after the bound, with a warning.
-        await asyncio.wait_for(order.before(later, decide, reach), 2.0)
+        await asyncio.wait_for(order.before(later, decide_u1, reach_at_once), 2.0)
         assert isinstance(unknown.waits, UserWaits) and unknown.waits.own is not None
         return unknown.waits.own.user.done()
 
@@ -134,13 +138,7 @@ def test_a_partition_that_goes_releases_whoever_waits_on_it() -> None:
         order.place(unknown, TP, None, no_barriers)
         order.place(later, TP, None, no_barriers)
 
-        async def decide(e: Event) -> None:
-            e.decision = send("u1")
-
-        async def reach(_: Barrier) -> None:
-            return None
-
-        waiting = asyncio.ensure_future(order.before(later, decide, reach))
+        waiting = asyncio.ensure_future(order.before(later, decide_u1, reach_at_once))
         await asyncio.sleep(0.01)
         assert not waiting.done()
         order.forget([TP])  # revoked: the unknown event was abandoned before it ran

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -14,6 +15,27 @@ from consumer.replay import Filters, decide, default_group
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 OLD_EVENT_MS = int(datetime(2020, 1, 1, tzinfo=UTC).timestamp() * 1000)
+
+
+@dataclass
+class DlqRecord:
+    """What `_replay_one` reads of a polled dead letter (confluent-kafka's `Message`)."""
+
+    _headers: list[tuple[str, bytes | None]]
+    _value: bytes | None
+    _key: bytes = b"u1"
+
+    def headers(self) -> list[tuple[str, bytes | None]]:
+        return self._headers
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_764_000_000_000)
+
+    def key(self) -> bytes:
+        return self._key
+
+    def value(self) -> bytes | None:
+        return self._value
 
 
 def _undecodable(at: datetime | None) -> list[tuple[str, bytes | None]]:
@@ -91,25 +113,13 @@ def test_an_original_the_source_does_not_answer_for_stops_the_run_there(
     from consumer import dlqfetch, replay
     from consumer.deadletter import VALUE_OMITTED
 
-    class Msg:
-        def headers(self) -> list[tuple[str, bytes | None]]:
-            headers = dlq_headers(None, topic="events", partition=0, offset=7, failure=Failure(
-                reason="bad_request", exception_class="Rejected", message="x"))
-            return [*headers, (VALUE_OMITTED, b"true")]
-
-        def timestamp(self) -> tuple[int, int]:
-            return (1, 1_764_000_000_000)
-
-        def key(self) -> bytes:
-            return b"u1"
-
-        def value(self) -> None:
-            return None
-
+    headers = dlq_headers(None, topic="events", partition=0, offset=7, failure=Failure(
+        reason="bad_request", exception_class="Rejected", message="x"))
+    record = DlqRecord([*headers, (VALUE_OMITTED, b"true")], None)
     monkeypatch.setattr(dlqfetch, "restore", lambda *a, **k: "unanswered")
     summary = replay.Summary()
     with pytest.raises(replay.ReplayStuck) as stuck:
-        replay._replay_one(Msg(), 0, 3, "dlq", Filters(), {}, summary,  # type: ignore[arg-type]
+        replay._replay_one(record, 0, 3, "dlq", Filters(), {}, summary,  # type: ignore[arg-type]
                            dry_run=False)
     assert "dlq[0]@3" in str(stuck.value) and summary.gone == 0
 
@@ -395,24 +405,11 @@ def test_header_values_that_are_not_utf8_are_read_not_a_crash(name: str) -> None
                                                               message="x"))
                if k != name] + [(name, b"\xff\xfe")]
 
-    class Msg:
-        def headers(self) -> list[tuple[str, bytes | None]]:
-            return headers
-
-        def timestamp(self) -> tuple[int, int]:
-            return (1, 1_764_000_000_000)
-
-        def key(self) -> bytes:
-            return b"u1"
-
-        def value(self) -> bytes:
-            return b"v"
-
     for filters in (Filters(), Filters(reasons=frozenset({"bad_request"})),
                     Filters(statuses=frozenset({"400"}))):
         summary = replay.Summary()
-        replay._replay_one(Msg(), 0, 3, "dlq", filters, {}, summary,  # type: ignore[arg-type]
-                           dry_run=True)
+        replay._replay_one(DlqRecord(headers, b"v"), 0, 3, "dlq", filters, {},  # type: ignore[arg-type]
+                           summary, dry_run=True)
     assert decide(headers, 0, 3, None, Filters(reasons=frozenset({"bad_request"}))) == (
         "filtered" if name == "userpilot.error.reason" else "replay")
 
