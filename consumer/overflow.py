@@ -18,6 +18,7 @@ Thread rule: event loop only (the worker's intake); nothing here locks.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
@@ -58,6 +59,8 @@ class Overflow(Generic[M]):
         self.pace_log: deque[tuple[float, int]] = deque()
         self.pace_total = 0
         self.pace_since: float | None = None
+        self._finished_seen = 0  # the worker's count of finished events at the last note
+        self._returned = 0  # messages put back at the front since the last `take`
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -89,11 +92,13 @@ class Overflow(Generic[M]):
             return 0
         return min(self.max_waiting, int(pace * OVERFLOW_SECONDS))
 
-    def note_pace(self, scheduled: int, finished: int) -> None:
+    def note_pace(self, scheduled: int, finished_total: int) -> None:
         """After a poll's intake: `scheduled` events were taken (the first starts the
-        span), `finished` more reached their outcome since the last call."""
+        span); `finished_total`: events finished so far (the pace counts those since the
+        last call)."""
         if scheduled and self.pace_since is None:
             self.pace_since = time.monotonic()
+        finished, self._finished_seen = finished_total - self._finished_seen, finished_total
         if finished:
             self.pace_log.append((time.monotonic(), finished))
             self.pace_total += finished
@@ -104,6 +109,7 @@ class Overflow(Generic[M]):
         the rest waits. A message of a partition `owns` denies (revoked meanwhile) does not
         wait for a re-assignment; `arrived` hears once per partition that brought one.
         Messages of `held` partitions stay, in order, however much room there is."""
+        self._returned = 0
         if not self.waiting and len(messages) <= room and not held:
             return messages  # the common case: nothing waiting, no copy
         waiting = self.waiting
@@ -143,12 +149,19 @@ class Overflow(Generic[M]):
 
     def put_back(self, messages: Sequence[M]) -> None:
         """Messages handed out but not taken (the intake deferred them), ahead of every
-        waiting one: they came first."""
-        self.waiting.extendleft(reversed(messages))
+        waiting one (they came first) and after those put back since the last `take` (the
+        same batch's earlier slices): put first each time, a later slice's went ahead of
+        an earlier one's, and a partition's offsets were taken out of order."""
+        at = self._returned
+        for i, message in enumerate(messages):
+            self.waiting.insert(at + i, message)
+        self._returned = at + len(messages)
 
     def forget(self, parts: Sequence[TP]) -> None:
         """Drop waiting messages of partitions no longer ours."""
         gone = set(parts)
         if self.waiting and gone:
+            front = list(itertools.islice(self.waiting, self._returned))
+            self._returned = sum(1 for m in front if (m.topic(), m.partition()) not in gone)
             self.waiting = deque(m for m in self.waiting
                                  if (m.topic(), m.partition()) not in gone)

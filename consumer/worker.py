@@ -318,7 +318,6 @@ class Worker:
         self._schema_window = 0
         self._schema_held: set[TP] = set()
         self._finished = 0  # events to send that reached their outcome (event loop)
-        self._finished_seen = 0
         self._consumed = Children(self.m.events_consumed)
         # Event.intake: limiter queues serve in this order, the DLQ guard reads outcomes in it
         self._intake_seq = itertools.count(1)
@@ -459,8 +458,7 @@ class Worker:
                 # Every message handed over is taken: the consumer's positions may commit
                 # what it never hands over (`Commits.passed`).
                 whole = position >= len(batch) and not self.overflow
-                self.overflow.note_pace(scheduled, self._finished - self._finished_seen)
-                self._finished_seen = self._finished
+                self.overflow.note_pace(scheduled, self._finished)
                 # Periodically, and at once when caught up (an idle poll): a drained backlog
                 # should not wait for the timer to be committed.
                 # A note-only change (the offset held by one event while others finish) is
@@ -849,7 +847,7 @@ class Worker:
         if self._schema_held and schema_window <= resume_level(limit):
             self._schema_held.clear()  # their waiting messages are taken again
         # Partitions whose message waits for the SCHEMA_WAIT window: paused, and kept so.
-        keep = set(self._schema_held)
+        keep = self._schema_held
         with self._parts_lock:
             # Paused only once the overflow holds twice its size: with deliveries fast, a
             # full window frees within a poll or two and the overflow bridges it.

@@ -92,6 +92,8 @@ def test_the_pace_counts_what_finished_and_starts_at_the_first_intake() -> None:
     overflow.note_pace(5, 7)
     assert overflow.pace_since == started, "the span starts once"
     assert overflow.pace_total == 7 and [n for _, n in overflow.pace_log] == [7]
+    overflow.note_pace(1, 7)
+    assert overflow.pace_total == 7, "a running total: nothing new finished, nothing logged"
 
 
 def test_waiting_messages_are_taken_first_in_poll_order() -> None:
@@ -144,3 +146,25 @@ def test_held_partitions_wait_in_order_and_others_pass_them() -> None:
     overflow.put_back([b[0]])
     assert list(overflow.take([], 0, mine.__contains__, lambda _: None, {p0})) == []
     assert list(overflow.waiting) == [b[0]], "no room: nothing taken"
+
+
+def test_messages_put_back_slice_after_slice_keep_their_order() -> None:
+    """The intake defers a held partition's messages slice by slice: each slice's went
+    first, ahead of the earlier slices', and the partition's offsets came back out of
+    order (its log looked replaced)."""
+    overflow: Overflow[Msg] = Overflow(200, MAX_WAITING)
+    p0, p1 = (TOPIC, 0), (TOPIC, 1)
+    mine = {p0, p1}
+    a = [Msg(p0, i) for i in range(4)]
+    later = Msg(p1, 0)
+    overflow.waiting.append(later)  # polled after the batch being taken
+    overflow.put_back([a[0], a[1]])  # the first slice's
+    overflow.put_back([a[2]])  # the next slice's
+    assert list(overflow.waiting) == [a[0], a[1], a[2], later]
+    overflow.forget([p1])
+    overflow.put_back([a[3]])  # a revoke of another partition between slices
+    assert list(overflow.waiting) == [a[0], a[1], a[2], a[3]]
+    b = Msg(p1, 1)
+    overflow.take([], 0, mine.__contains__, lambda _: None, {p0})
+    overflow.put_back([b])  # a later batch's (a[0..3] were held, never handed out)
+    assert list(overflow.waiting) == [b, a[0], a[1], a[2], a[3]]
