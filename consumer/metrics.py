@@ -366,6 +366,11 @@ class Metrics:
             "paused_partitions",
             "Partitions paused for back-pressure.",
         )
+        self.waiting_schema = gauge(
+            "events_waiting_schema",
+            "Events taken whose writer schema is not known yet (the registry has not given "
+            "it): at WORKER_MAX_IN_FLIGHT the partitions carrying them pause.",
+        )
         self.consumer_lag = gauge(
             "consumer_lag",
             "High watermark minus position, per assigned partition.",

@@ -888,6 +888,7 @@ class Worker:
             await source.call(source.resume, to_resume)
         self.m.paused_partitions.set(paused_count)
         self.m.in_flight.set(scheduler.in_flight)
+        self.m.waiting_schema.set(schema_window)
         return max(0, min(POLL_BATCH, limit - pending))
 
     async def _poll_wait(self, source: Source, scheduler: Scheduler[Event], room: int

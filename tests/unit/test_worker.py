@@ -2108,7 +2108,12 @@ def test_a_registry_outage_on_a_new_schema_holds_only_the_partitions_carrying_it
         seen["others"] = time.monotonic() - start
         await until(lambda: (TOPIC, 0) in source.paused, "the partition waiting paused", 2.5)
         seen["waiting"] = run.worker.commits.in_window_by_family().get("schema", 0)
+        await until(lambda: waiting_gauge() == limit, "the gauge showing them", 2.5)
         await until(lambda: source.committed().get((TOPIC, 0)) == 40, "all, after it", 20)
+        await until(lambda: waiting_gauge() == 0, "the gauge back to 0", 2.5)
+
+    def waiting_gauge() -> float | None:
+        return run.worker.m.registry.get_sample_value("userpilot_events_waiting_schema")
 
     assert drive(run, scenario) == 0
     assert seen["others"] < 2.5, "not held for the registry's outage"
