@@ -304,12 +304,23 @@ def company_identify_payload(
     event: Mapping[str, Any], shape: TraitsShape | None = None,
     omitted: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The ``/v1/companies/identify`` body for a ``group`` event: groupId and its traits."""
+    """The ``/v1/companies/identify`` body for a ``group`` event: groupId and its traits.
+
+    No id travels in the metadata beside ``groupId`` (``id``, ``company_id``, a
+    ``company.id`` flattened): as for identify's ``company``, Userpilot's documents
+    disagree on which key names a company, and a second one could name another (review
+    "poison26"). They are listed as left out."""
     company_id = _id(event.get("groupId"))
-    return {
-        "company_id": company_id or "",
-        "metadata": _metadata(event, _traits(event), shape, omitted),
-    }
+    metadata = _metadata(event, _traits(event), shape, omitted)
+    for key in _COMPANY_ID_KEYS:
+        if key in metadata:
+            del metadata[key]
+            if omitted is not None:
+                omitted.append(f"{key} (the company's id is groupId)")
+    return {"company_id": company_id or "", "metadata": metadata}
+
+
+_COMPANY_ID_KEYS = ("id", "company_id")
 
 
 # ---------------------------------------------------------------------------- calls

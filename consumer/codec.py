@@ -594,6 +594,31 @@ class Event(Mapping[str, Any]):
             self._consent = None if text is None else self._json("context.consent", text)
         return self._consent
 
+    @property
+    def page(self) -> Any:
+        """``context.page`` as ``self["context"]`` gives it (the typed sub-record, then
+        ``context.extra``'s ``page`` over it), parsing ``context.extra`` only when its text
+        can hold a ``page`` key. A page view uses nothing else of the context: another key
+        of ``extra`` broken, BOM-led or nested too deep dead-lettered page views a Track
+        with the same ``extra`` delivered (review "poison26")."""
+        parsed = self._parsed.get("context", _UNSET)
+        if parsed is not _UNSET:
+            return parsed.get("page")
+        record = self._record.get("context")
+        if record is None:
+            return None
+        sub = record.get("page")
+        page: Any = None if sub is None else {k: v for k, v in sub.items() if v is not None}
+        text = record.get("extra")
+        # A key is "page" in JSON text only as written or through escapes.
+        if text is not None and ('"page"' in text or "\\u" in text):
+            extra = self._json("context.extra", text)
+            if isinstance(extra, dict) and "page" in extra:
+                value = extra["page"]
+                page = {**page, **value} if isinstance(value, dict) and isinstance(
+                    page, dict) else value
+        return page
+
     def _json(self, field: str, text: str) -> Any:
         try:
             value = loads(text)

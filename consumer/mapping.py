@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from consumer import codec
+
 __all__ = [
     "DEFAULT_MAX_METADATA_BYTES",
     "DEFAULT_MAX_METADATA_KEYS",
@@ -484,8 +486,11 @@ def _derived_metadata(
     out: dict[str, Primitive] = {}
 
     if is_page:
-        context = event.get("context")
-        page = context.get("page") if isinstance(context, dict) else None
+        if isinstance(event, codec.Event):
+            page = event.page  # parses no other context text
+        else:
+            context = event.get("context")
+            page = context.get("page") if isinstance(context, dict) else None
         if not isinstance(page, dict):
             page = {}
         for key in _PAGE_FIELDS:

@@ -541,3 +541,14 @@ def test_a_progress_note_that_is_not_ours_resumes_nothing() -> None:
         assert plan.resume(odd) == () and plan.next_call() == calls[0], odd
     plan = CallPlan(calls, None)
     assert plan.resume(note) == calls[:1] and plan.next_call() == calls[1]
+
+
+@pytest.mark.parametrize("traits", [{"company": {"id": "globex"}}, {"company_id": "globex"},
+                                    {"id": "globex"}, {"id": "acme", "company_id": "acme"}])
+def test_no_second_company_id_travels_in_a_company_identify(traits: dict[str, Any]) -> None:
+    """Review poison26: `traits.company.id` flattened to `company_id` beside groupId."""
+    omitted: list[str] = []
+    payload = company_identify_payload(group(traits={**traits, "name": "Acme"}),
+                                       omitted=omitted)
+    assert payload == {"company_id": "acme", "metadata": {"name": "Acme"}}
+    assert omitted and all("(the company's id is groupId)" in note for note in omitted)

@@ -513,3 +513,58 @@ def test_free_items_finds_arrays_whose_items_take_no_bytes() -> None:
         assert codec.free_items(_named(schema), schema) is None, costly
     assert codec.free_items(_named(json.loads(codec.SCHEMA_TEXT)),
                             json.loads(codec.SCHEMA_TEXT)) is None
+
+
+# ------------------------------------------------------------------ context.page alone
+
+def decoded_with_extra(page: dict[str, Any] | None, extra: str | None) -> codec.Event:
+    """A decoded page event whose ``context.extra`` travels as the text given."""
+    record = codec.to_record({"type": "page", "userId": "u",
+                              "context": {"page": page} if page is not None else {}})
+    if record["context"] is None:
+        record["context"] = codec.to_record({"type": "page", "context": {"locale": "x"}}
+                                            )["context"]
+    record["context"]["extra"] = extra
+    return codec.decode(codec.encode(7, record), own_schema)
+
+
+@pytest.mark.parametrize("extra", ["{", "\ufeff{}", "[" * 300 + "]" * 300,
+                                   '{"campaign": {"source": ' + "[" * 300 + "]" * 300 + "}}"])
+def test_a_page_reads_its_page_without_the_rest_of_a_broken_extra(extra: str) -> None:
+    """Review poison26: a page view dead-lettered for context text it does not use."""
+    event = decoded_with_extra({"url": "https://a.example/x", "title": "X"}, extra)
+    assert event.page == {"url": "https://a.example/x", "title": "X"}
+    with pytest.raises(UndecodableEvent):
+        assert event["context"] is None  # the whole context still refuses it
+
+
+@pytest.mark.parametrize("extra", ['{"page": {"title": "Y", "name": "n"}, "a": 1}',
+                                   '{"p\\u0061ge": {"title": "Y", "name": "n"}}'])
+def test_extras_page_keys_go_over_the_typed_ones_as_in_the_whole_context(extra: str) -> None:
+    event = decoded_with_extra({"url": "u", "title": "X"}, extra)
+    expected = {"url": "u", "title": "Y", "name": "n"}
+    assert event.page == expected
+    fresh = decoded_with_extra({"url": "u", "title": "X"}, extra)
+    assert fresh["context"]["page"] == expected
+    assert fresh.page == expected  # read from the parsed context once it exists
+
+
+@pytest.mark.parametrize(("page", "extra", "expected"), [
+    (None, None, None),
+    (None, '{"page": {"title": "Y"}}', {"title": "Y"}),
+    ({"url": "u"}, '{"page": "a string"}', "a string"),
+    ({"url": "u"}, '{"other": {"page": 1}}', {"url": "u"}),
+    ({"url": "u"}, '["page"]', {"url": "u"}),
+])
+def test_page_agrees_with_the_whole_context(page: dict[str, Any] | None, extra: str | None,
+                                            expected: Any) -> None:
+    assert decoded_with_extra(page, extra).page == expected
+    whole = decoded_with_extra(page, extra)["context"]
+    assert whole.get("page") == expected
+
+
+def test_an_extra_page_that_is_broken_is_still_undecodable() -> None:
+    """What the page view uses, broken, is a malformed event: dead-lettered."""
+    event = decoded_with_extra({"url": "u"}, '{"page": {"title": ')
+    with pytest.raises(UndecodableEvent):
+        assert event.page is None

@@ -1029,3 +1029,18 @@ def test_a_static_value_too_large_for_json_is_named_so() -> None:
     """"must be a string, number, … got a number" for 1e999 (review config25)."""
     with pytest.raises(MappingsError, match="too large for JSON"):
         load_mappings({"events": {"Feature Used": {"static": {"a": float("inf")}}}})
+
+
+def test_a_decoded_page_view_is_mapped_whatever_else_its_context_extra_holds() -> None:
+    """Review poison26: a page view was dead-lettered for a broken ``context.extra`` a
+    Track with the same text delivered; it reads ``context.page`` alone."""
+    from consumer import codec
+
+    record = codec.to_record({"type": "page", "userId": "u", "name": "Docs",
+                              "context": {"page": {"url": "https://a.io/d", "title": "D"}}})
+    record["context"]["extra"] = "\ufeff{" + "[" * 300
+    event = codec.decode(codec.encode(7, record), lambda _: codec.SCHEMA)
+    rule = DEFAULT_PRESET.lookup(event)
+    assert rule is not None
+    payload = build_track_payload(event, rule)
+    assert payload["metadata"] == {"url": "https://a.io/d", "title": "D", "name": "Docs"}
