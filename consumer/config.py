@@ -1064,6 +1064,11 @@ def _url_problem(url: str) -> str | None:
         return "has no host: e.g. http://schema-registry:8081"
     if port == 0:
         return "has port 0: use 1-65535"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        # The client adds its paths after the URL's: `…/v7?x=1` became `…/v7?x=1/schemas/…`
+        # and every schema fetch failed at `run` (review "ops26").
+        return ("has a query or fragment ('?…', '#…'): give the registry's base URL alone, "
+                "e.g. http://schema-registry:8081 or https://host/apis/ccompat/v7")
     refused = _http_url_problem(url)
     if refused is not None:
         return f"is not a URL the HTTP client can use ({refused}): check the host and the port"

@@ -12,7 +12,9 @@ honestly; /metrics is prometheus_client's own WSGI app, so scrapers get what the
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -207,17 +209,43 @@ def make_app(registry: CollectorRegistry, health: Health) -> WSGIApp:
     return app
 
 
+class _DualStackWSGIServer(_ThreadingWSGIServer):
+    """On "::" with IPV6_V6ONLY off: IPv6 and IPv4 alike. A pod of a single-stack IPv6
+    cluster is probed and scraped at its IPv6 address, which 0.0.0.0 refused: every pod
+    failed its liveness probe (review "ops26")."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _every_address(port: int, app: WSGIApp) -> tuple[WSGIServer, str]:
+    """The server on every address: "::" dual-stack, else 0.0.0.0 where the kernel has no
+    IPv6 (disabled by `ipv6.disable=1`, some hardened nodes)."""
+    if socket.has_ipv6:
+        try:
+            return make_server("::", port, app, server_class=_DualStackWSGIServer,
+                               handler_class=_QuietHandler), "[::]"
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                raise
+    return make_server("0.0.0.0", port, app, server_class=_ThreadingWSGIServer,
+                       handler_class=_QuietHandler), "0.0.0.0"
+
+
 def serve(
-    port: int, registry: CollectorRegistry, health: Health, host: str = "0.0.0.0"
+    port: int, registry: CollectorRegistry, health: Health, host: str | None = None
 ) -> HealthServer:
-    """Start the /metrics, /healthz and /readyz server on a daemon thread."""
-    httpd = make_server(
-        host,
-        port,
-        make_app(registry, health),
-        server_class=_ThreadingWSGIServer,
-        handler_class=_QuietHandler,
-    )
+    """Start the /metrics, /healthz and /readyz server on a daemon thread: on `host`, by
+    default on every IPv6 and IPv4 address."""
+    app = make_app(registry, health)
+    if host is None:
+        httpd, host = _every_address(port, app)
+    else:
+        httpd = make_server(host, port, app, server_class=_ThreadingWSGIServer,
+                            handler_class=_QuietHandler)
     # A short poll interval keeps close() (shutdown waits for one poll) quick.
     thread = threading.Thread(
         target=httpd.serve_forever, args=(0.1,), name="health-server", daemon=True

@@ -209,6 +209,22 @@ PY
 mapfile -t README_ARGS <<<"$readme_args"
 (cd "$ROOT" && "$HELM" template "${README_ARGS[@]}" --kube-version "$KUBE_VERSION") \
   >"$OUT/readme.yaml" || die "the README's helm install line does not render"
+"$PYTHON" - "$ROOT/README.md" "$OUT/readme.yaml" <<'PY' \
+  || die "the README's kubectl create secret line does not name what the chart reads"
+import re, shlex, sys
+text = open(sys.argv[1], encoding="utf-8").read()
+rendered = open(sys.argv[2], encoding="utf-8").read()
+line = re.search(r"`(kubectl create secret generic [^`]*)`", text)
+assert line, "no kubectl create secret line in the README"
+argv = shlex.split(line.group(1))
+name = argv[4]
+keys = [a.split("=", 2)[1] for a in argv[5:] if a.startswith("--from-literal=")]
+ref = re.search(r"name: USERPILOT_API_KEY\n\s+valueFrom:\n\s+secretKeyRef:\n"
+                r"\s+name: (\S+)\n\s+key: (\S+)", rendered)
+assert ref, "the rendered chart reads no USERPILOT_API_KEY secretKeyRef"
+assert (ref.group(1).strip('"'), ref.group(2).strip('"')) in [(name, k) for k in keys], \
+    (ref.groups(), name, keys)
+PY
 
 log "NOTES.txt renders (helm template skips it: render it through a copy of the chart)"
 cp -r "$CHART" "$OUT/notes-chart"

@@ -513,6 +513,9 @@ def test_invalid_pass_through_names(name: str) -> None:
      "holds several URLs: give one"),
     ("SCHEMA_REGISTRY_URL", "http://u:pw@reg-a:8081,http://reg-b:8081",
      "'http://***@reg-a:8081,http://reg-b:8081' holds several URLs"),
+    ("SCHEMA_REGISTRY_URL", "http://reg:8081/apis/ccompat/v7?x=1", "query or fragment"),
+    ("SCHEMA_REGISTRY_URL", "http://reg:8081/#frag", "give the registry's base URL alone"),
+    ("SCHEMA_REGISTRY_URL", "http://reg:8081?", "query or fragment"),
     ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "useronly", "must be user:password"),
 ])
 def test_each_validation_message(name: str, raw: str, fragment: str) -> None:

@@ -293,3 +293,52 @@ def test_readiness_ends_with_librdkafka_s_poll_interval() -> None:
     assert health.ready() == (False, "poll loop silent for more than 15s")
     assert health.alive()
     assert Health(max_poll_interval_s=300.0).ready_silence_s == 60.0
+
+
+def _ipv6_loopback() -> bool:
+    """Whether this kernel can listen on ::1 (IPv6 may be disabled on the machine)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_by_default_the_probes_answer_on_ipv4_and_ipv6(reg: CollectorRegistry,
+                                                      health: Health) -> None:
+    """Review ops26: on 0.0.0.0 a single-stack IPv6 cluster's kubelet was refused, and
+    every pod failed its liveness probe. Where the kernel has no IPv6, IPv4 still."""
+    srv = serve(0, reg, health)
+    try:
+        hosts = ["127.0.0.1", "[::1]"] if _ipv6_loopback() else ["127.0.0.1"]
+        for host in hosts:
+            with urllib.request.urlopen(f"http://{host}:{srv.port}/healthz", timeout=5) as r:
+                assert r.status == 200, host
+    finally:
+        srv.close()
+
+
+def test_without_ipv6_the_server_listens_on_ipv4(reg: CollectorRegistry, health: Health,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import wsgiref.simple_server
+    from typing import Any
+
+    from consumer import health as module
+
+    real = wsgiref.simple_server.make_server
+
+    def no_ipv6(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        if host == "::":
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(module, "make_server", no_ipv6)
+    srv = serve(0, reg, health)
+    try:
+        assert get(srv.port, "/healthz")[0] == 200
+    finally:
+        srv.close()
