@@ -134,6 +134,11 @@ NOTES_TRIES = 5  # ... this many times in all
 RETRY_LOG_EVERY_S = 30.0  # one log line per retry cause at most this often
 RESHARE_RETRY_S = 1.0  # after a failed partition count, asked again this much later ...
 RESHARE_RETRY_MAX_S = 60.0  # ... doubling to this (each try may hold the poll thread 2 s)
+UNKNOWN_SHARE = 0.05
+"""The share of the token's limit taken while the partition count has never been read:
+at 1.0 (the whole limit) each replica whose count failed sent as if alone, and three of
+them drew 42 × 429 (review "redis26"). A twentieth, the floor a 429 storm leaves, keeps
+up to 20 replicas within the limit and still delivers until the count comes."""
 MISSING_TOPIC_CHECK_S = 60.0  # while a source topic is missing, looked for again this often
 MISSING_TOPIC_LOG_S = 600.0  # ... and its WARNING repeated this often
 DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
@@ -375,6 +380,8 @@ class Worker:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self._loop.add_signal_handler(sig, functools.partial(self.stop, signalled=True))
         scheduler = self._scheduler = Scheduler(self._run_event, self._crash)
+        for limiter in self.shared.distinct():
+            limiter.set_share(UNKNOWN_SHARE)  # until the first partition count
         prefetch: asyncio.Future[None] | None = None
         source = self._source = self._make_source(Callbacks(
             on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
@@ -1045,16 +1052,18 @@ class Worker:
 
         A count that fails (or reads 0) is asked again `RESHARE_RETRY_S` later, doubling up
         to `RESHARE_RETRY_MAX_S` (each try may hold the poll thread `RESHARE_TIMEOUT_S`);
-        until one succeeds the previous share holds. Before the first success there is no total:
-        the share is left as it is, never set from a total of 0 (that is a share of 0,
-        and no delivery would start).
+        until one succeeds the previous share holds. Before the first success there is no
+        total: the share stays `UNKNOWN_SHARE` (set when the worker starts), never set from
+        a total of 0 (that is a share of 0, and no delivery would start).
         """
         total = 0
         try:
             counted = source.partitions(RESHARE_TIMEOUT_S)
         except Exception as exc:
-            log.warning("could not read partition count (%s); keeping the previous share, "
-                        "asking again in %g s", exc, RESHARE_RETRY_S)
+            kept = ("keeping the previous share" if self.partitions_total > 0 else
+                    f"delivering at {UNKNOWN_SHARE:.0%} of the token's limit until it is read")
+            log.warning("could not read partition count (%s); %s, asking again in %g s",
+                        exc, kept, self._reshare_delay)
         else:
             total = counted.total
             self._note_missing(counted.missing)

@@ -1370,6 +1370,38 @@ def test_a_failed_partition_count_keeps_the_share_and_is_asked_again(
     assert run.worker.shared.limiter("track").rate > 0
 
 
+class GatedCountSource(FakeSource):
+    """The partition count fails until the test lets it answer."""
+
+    counting = False
+
+    def partitions(self, timeout_s: float = 10.0) -> Partitions:
+        if not type(self).counting:
+            raise RuntimeError("metadata request timed out")
+        return super().partitions(timeout_s)
+
+
+def test_until_the_partition_count_is_read_a_replica_takes_a_twentieth_of_the_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review redis26: the share stayed at its initial 1.0 while the count failed, so each
+    replica of a group sent at the whole token's limit (three drew 42 × 429)."""
+    monkeypatch.setattr(worker_module, "RESHARE_RETRY_S", 0.05)
+    monkeypatch.setattr(worker_module, "RESHARE_RETRY_MAX_S", 0.2)
+    GatedCountSource.counting = False
+    run = make(log_of(track("u1", 1)), registry=known_schema(), source_type=GatedCountSource)
+    limiter = cast(Any, run.worker.shared.limiter("track"))
+    seen: dict[str, float] = {}
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "delivered meanwhile")
+        seen["share"] = limiter.share
+        GatedCountSource.counting = True
+        await until(lambda: limiter.share == 1.0, "the counted share (1 of 1 partition)", 5)
+
+    assert drive(run, scenario) == 0
+    assert seen["share"] == worker_module.UNKNOWN_SHARE
+
+
 def test_a_partition_count_that_keeps_failing_is_asked_less_and_less_often() -> None:
     """Each try may hold the poll thread RESHARE_TIMEOUT_S: a fixed 1 s retry would spend
     most of it in metadata calls while they time out."""
