@@ -34,12 +34,19 @@ Per (token, endpoint, messageId) one Redis key moves through
   reached the wire, so the next owner need not wait for the claim TTL.
 - Redis unreachable → `Outcome.SEND` with ``degraded=True`` (delivered as without Redis,
   at least once) and counted by the caller.
+- Redis hung (a call timed out): not asked again for `SKIP_FIRST_S`, doubling to
+  `SKIP_MAX_S` while the probes time out too; one call at a time probes, the others are
+  answered as if Redis failed. Each event makes up to four calls in turn (claim, re-claim,
+  confirm, release or progress), and at REDIS_TIMEOUT_SECONDS each one user's events ran
+  at ~1 a second while a frozen Redis (a failover, a partition) was waited out on every
+  call (review "faults26"). A refusal (connection refused) costs nothing and skips nothing.
 
 Thread rule: event loop only (every call is a coroutine on the handler's loop).
 
 The remaining duplicate window: a ``messageId`` is sent twice only if (a) the process dies
 or loses Redis between Userpilot accepting the request and the confirm reaching Redis (the
-response transit plus one Redis round trip, about a millisecond) and the event is consumed
+requests it had on the wire that Userpilot had taken: its answer time plus one Redis round
+trip, so about rate × answer time requests per death) and the event is consumed
 again after the claim TTL; (b) a request times out after Userpilot accepted it and the
 retry is accepted too (no idempotency key can tell them apart); (c) a request outlives its
 claim TTL (claim TTL > request timeout prevents it unless the process stalls); (d) Redis is
@@ -54,9 +61,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from consumer.errors import SharedStateUnavailable
 from consumer.logs import RateLimit
@@ -69,6 +78,10 @@ log = logging.getLogger(__name__)
 log.addFilter(RateLimit(10.0))
 
 MAX_RAW_ID = 64
+SKIP_FIRST_S = 1.0
+SKIP_MAX_S = 10.0
+
+T = TypeVar("T")
 
 
 class Outcome(Enum):
@@ -134,20 +147,47 @@ class Deduplicator:
     def __init__(
         self, store: DedupStore, token_digest: str, *, ttl_s: float = 86400.0,
         claim_ttl_s: float = 60.0, busy_retry_min_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._digest = token_digest
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._claim_ms = max(1, round(claim_ttl_s * 1000))
         self._busy_min = busy_retry_min_s
+        self._clock = clock
+        self._skip_for = 0.0  # > 0 after a call timed out: how long the calls are skipped
+        self._skip_until = 0.0
+        self._probing = False  # a call past the skip is asking Redis: the others skip
 
     def key(self, endpoint: str, message_id: str) -> str:
         return dedup_key(self._digest, endpoint, message_id)
 
-    async def claim(self, endpoint: str, message_id: str, owner: str) -> ClaimResult:
+    async def _ask(self, call: Callable[[], Awaitable[T]]) -> T:
+        """One Redis call, unless a call timed out lately (module docstring): then
+        SharedStateUnavailable at once, as a failed call."""
+        if self._probing or self._clock() < self._skip_until:
+            raise SharedStateUnavailable("redis skipped: a call timed out lately")
+        probe = self._skip_for > 0
+        self._probing = probe
         try:
-            state, seconds = await self._store.claim(self.key(endpoint, message_id), owner,
-                                                     self._claim_ms)
+            result = await call()
+        except SharedStateUnavailable as exc:
+            if exc.timed_out:
+                self._skip_for = (min(SKIP_MAX_S, 2 * self._skip_for) if self._skip_for
+                                  else SKIP_FIRST_S)
+                self._skip_until = self._clock() + self._skip_for
+            raise
+        finally:
+            if probe:
+                self._probing = False
+        self._skip_for = 0.0
+        return result
+
+    async def claim(self, endpoint: str, message_id: str, owner: str) -> ClaimResult:
+        key = self.key(endpoint, message_id)
+        try:
+            state, seconds = await self._ask(
+                lambda: self._store.claim(key, owner, self._claim_ms))
         except SharedStateUnavailable as exc:
             log.warning("deduplication skipped (%s): delivering at least once", exc)
             return ClaimResult(Outcome.SEND, degraded=True)
@@ -160,7 +200,8 @@ class Deduplicator:
     async def confirm(self, endpoint: str, message_id: str) -> bool:
         """Record the delivery; False when Redis failed (a later re-read may re-send)."""
         try:
-            await self._store.confirm(self.key(endpoint, message_id), self._ttl_ms)
+            key = self.key(endpoint, message_id)
+            await self._ask(lambda: self._store.confirm(key, self._ttl_ms))
         except SharedStateUnavailable as exc:
             log.warning("delivered but not recorded (%s): a re-read may send it again", exc)
             return False
@@ -170,7 +211,8 @@ class Deduplicator:
         """Note which of the event's calls were accepted (`calls.CallPlan.progress_note`;
         kept for the record's TTL, cleared by the confirm); False when Redis failed."""
         try:
-            await self._store.progress(self.key(endpoint, message_id), note, self._ttl_ms)
+            key = self.key(endpoint, message_id)
+            await self._ask(lambda: self._store.progress(key, note, self._ttl_ms))
         except SharedStateUnavailable as exc:
             log.warning("progress not recorded (%s): a re-read may send its first call "
                         "again", exc)
@@ -181,14 +223,16 @@ class Deduplicator:
         """The note of the calls an earlier owner got accepted (None: none, or Redis
         failed: then every call is sent)."""
         try:
-            return await self._store.progress_of(self.key(endpoint, message_id))
+            key = self.key(endpoint, message_id)
+            return await self._ask(lambda: self._store.progress_of(key))
         except SharedStateUnavailable:
             return None
 
     async def release(self, endpoint: str, message_id: str, owner: str) -> bool:
         """Drop our claim after a definite failure; False when Redis failed (it expires)."""
         try:
-            await self._store.release(self.key(endpoint, message_id), owner)
+            key = self.key(endpoint, message_id)
+            await self._ask(lambda: self._store.release(key, owner))
         except SharedStateUnavailable:
             return False
         return True

@@ -191,4 +191,10 @@ class SharedStateUnavailable(Degrade):
     """Redis did not answer in time or refused: use the local limiter share, skip dedup.
 
     The message names the Redis exception class only, never the URL (it may hold a password).
+    `timed_out`: Redis did not answer within REDIS_TIMEOUT_SECONDS (hung, not refusing),
+    after which deduplication stops asking it for a while (`dedup.Deduplicator`).
     """
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out

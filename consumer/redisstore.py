@@ -26,6 +26,7 @@ from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumer.errors import ConfigError, SharedStateUnavailable
 
@@ -263,7 +264,9 @@ class RedisStore:
             error = type(exc).__name__
             if isinstance(exc, ReadOnlyError):
                 await self._reconnect()
-            raise SharedStateUnavailable(f"redis {op} failed: {error}") from None
+            timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
+            raise SharedStateUnavailable(f"redis {op} failed: {error}",
+                                         timed_out=timed_out) from None
         finally:
             if self._observe is not None:
                 self._observe(op, time.perf_counter() - start, error)

@@ -24,9 +24,11 @@ from tests.integration.redis_fixtures import SlowLink, StoppableRedis
 MAX_BYTES_PER_ID = 240
 
 
-def _dedup(url: str, **kwargs: float) -> tuple[Deduplicator, RedisStore]:
+def _dedup(url: str, ttl_s: float = 86400.0, claim_ttl_s: float = 60.0
+           ) -> tuple[Deduplicator, RedisStore]:
     store = RedisStore(url, timeout_s=0.2)
-    return Deduplicator(store, token_digest(f"tok-{uuid.uuid4()}"), **kwargs), store
+    return Deduplicator(store, token_digest(f"tok-{uuid.uuid4()}"), ttl_s=ttl_s,
+                        claim_ttl_s=claim_ttl_s), store
 
 
 def test_claim_confirm_then_duplicate(redis_url: str) -> None:

@@ -387,3 +387,44 @@ def test_a_message_id_in_two_partitions_at_once_waits_for_the_confirm_not_the_cl
     assert len(sent) == 7, "the shared messageId was delivered once, every other event once"
     assert times[-1] - times[0] < 10.0, \
         f"the loser's user waited {times[-1] - times[0]:.1f} s (the claim lasts 25 s)"
+
+
+# -- a hung Redis: deduplication stops waiting for it ------------------------------------
+
+DEDUP_OPS = ("claim", "confirm", "release", "progress", "progress_of")
+
+
+def test_a_frozen_redis_is_not_waited_for_on_every_call_of_every_event(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, stoppable_redis: StoppableRedis,
+) -> None:
+    """Review faults26: with Redis frozen (a failover, a black-holed network) each of an
+    event's claim, re-claim and confirm waited REDIS_TIMEOUT_SECONDS; one user's events,
+    sent in turn, went out at ~1 a second. After a call times out, Redis is skipped and
+    probed now and then: the calls that waited are a handful, not three per event."""
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    tag = f"hung-{time.time_ns()}"
+    batch = [dict(track_event("hot", i), messageId=f"{tag}-{i}") for i in range(120)]
+    produce(kafka_bootstrap, schema_registry_url, topic, batch[:10])
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-g",
+                     REDIS_URL=stoppable_redis.url, REDIS_TIMEOUT_SECONDS="0.25")
+    with WorkerThread(env) as w:
+        wait_until(lambda: sum(seqs(control).values()) == 10, 60, "10 through Redis")
+        before = sum(w.metric("userpilot_redis_errors_total", operation=op) for op in DEDUP_OPS)
+        stoppable_redis.pause()
+        try:
+            produce(kafka_bootstrap, schema_registry_url, topic, batch[10:])
+            wait_until(lambda: sum(seqs(control).values()) == len(batch), 120,
+                       "the hot user's events with Redis frozen")
+            waited = sum(w.metric("userpilot_redis_errors_total", operation=op)
+                         for op in DEDUP_OPS) - before
+            unchecked = w.metric("userpilot_dedup_unchecked_total", endpoint="track")
+        finally:
+            stoppable_redis.resume()
+    got = seqs(control)
+    assert all(got[i] == 1 for i in range(len(batch))), got
+    assert unchecked >= 100, unchecked
+    # 110 events × 3 calls waited 0.25 s each before; now the first ones in flight and the
+    # probes (1, 2, 4, 8, 10 s apart) do.
+    assert waited <= 20, f"{waited} dedup calls waited for the frozen Redis"

@@ -137,3 +137,100 @@ def test_redis_down_is_one_warning_per_interval_not_one_per_event(
         asyncio.run(main())
     lines = [r for r in caplog.records if r.name == "consumer.dedup"]
     assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]
+
+
+class HungStore(MemoryStore):
+    """Times out (as RedisStore does past REDIS_TIMEOUT_SECONDS) while `hung`, counting the
+    calls that reached it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hung = True
+        self.asked = 0
+
+    def _check(self) -> None:
+        self.asked += 1
+        if self.hung:
+            raise SharedStateUnavailable("redis claim failed: TimeoutError", timed_out=True)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_after_a_call_times_out_redis_is_skipped_then_probed_less_and_less_often() -> None:
+    """Review faults26: a frozen Redis cost REDIS_TIMEOUT_SECONDS on each of an event's
+    calls; one user's events went out at ~1 a second for as long as it was frozen."""
+    async def main() -> None:
+        store, clock = HungStore(), Clock()
+        dd = Deduplicator(store, token_digest("t"), clock=clock)
+        first = await dd.claim("track", "m0", "a")
+        assert (first.outcome, first.degraded) == (Outcome.SEND, True)
+        assert store.asked == 1
+        for i in range(20):  # within the skip: answered as failed, Redis not asked
+            assert (await dd.claim("track", f"m{i}", "a")).degraded
+            assert not await dd.confirm("track", f"m{i}")
+            assert await dd.progress_of("track", f"m{i}") is None
+        assert store.asked == 1
+        probes = []
+        for skip in (1.0, 2.0, 4.0, 8.0, 10.0, 10.0):
+            clock.now += skip - 0.01
+            await dd.claim("track", "x", "a")
+            before = store.asked
+            clock.now += 0.01
+            await dd.claim("track", "x", "a")  # the probe, timing out again
+            probes.append(store.asked - before)
+        assert probes == [1] * 6 and store.asked == 7
+        store.hung = False
+        clock.now += 10.0
+        assert not (await dd.claim("track", "y", "a")).degraded
+        assert await dd.confirm("track", "y")  # answered: asked at once again
+        assert (await dd.claim("track", "y", "b")).outcome is Outcome.DUPLICATE
+
+    asyncio.run(main())
+
+
+def test_a_refusal_skips_nothing() -> None:
+    """Connection refused fails at once: the next call asks Redis again (a blip is over
+    as soon as it answers)."""
+    async def main() -> None:
+        store = MemoryStore(fail=True)
+        dd = Deduplicator(store, token_digest("t"))
+        assert (await dd.claim("track", "m", "a")).degraded
+        store.fail = False
+        assert not (await dd.claim("track", "m", "a")).degraded
+
+    asyncio.run(main())
+
+
+def test_one_probe_at_a_time_the_others_skip() -> None:
+    async def main() -> None:
+        clock = Clock()
+        gate = asyncio.Event()
+
+        class SlowProbe(HungStore):
+            async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+                self.asked += 1
+                if self.asked == 1:
+                    raise SharedStateUnavailable("redis claim failed: TimeoutError",
+                                                 timed_out=True)
+                await gate.wait()
+                return "claimed", 0.0
+
+        store = SlowProbe()
+        dd = Deduplicator(store, token_digest("t"), clock=clock)
+        await dd.claim("track", "a", "o")
+        clock.now += 1.0
+        probe = asyncio.ensure_future(dd.claim("track", "b", "o"))
+        await asyncio.sleep(0)
+        others = [await dd.claim("track", f"c{i}", "o") for i in range(5)]
+        assert all(r.degraded for r in others) and store.asked == 2
+        gate.set()
+        assert not (await probe).degraded
+        assert not (await dd.claim("track", "d", "o")).degraded and store.asked == 3
+
+    asyncio.run(main())

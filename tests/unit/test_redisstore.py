@@ -43,6 +43,7 @@ def test_a_silent_redis_fails_within_the_timeout(silent_port: int) -> None:
             await store.gcra("k", interval_us=1000, tolerance_us=0, lookahead_us=0,
                              idle_ttl_ms=1000)
         assert PASSWORD not in str(info.value)
+        assert info.value.timed_out, "a hung Redis is told apart from a refusing one"
         await store.close()
         return time.monotonic() - start
 
@@ -58,8 +59,9 @@ def test_a_stopped_redis_fails_at_once_with_our_error() -> None:
     store = RedisStore(f"redis://127.0.0.1:{closed}/0", timeout_s=0.2)
 
     async def main() -> None:
-        with pytest.raises(SharedStateUnavailable, match="redis claim failed"):
+        with pytest.raises(SharedStateUnavailable, match="redis claim failed") as info:
             await store.claim("k", "owner", 1000)
+        assert not info.value.timed_out
         await store.close()
 
     asyncio.run(main())
