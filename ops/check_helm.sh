@@ -77,6 +77,13 @@ userpilot: {apiKey: "test-write-token", mappings: '{"preset": "none", "events": 
 schemaRegistry: {basicAuthUserInfo: "user:secret"}
 kafka: {config: {security.protocol: SASL_SSL, sasl.mechanism: PLAIN}, existingSecret: kafka-credentials}
 EOF
+cat >"$OUT/keda-no-auth.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true}}
+kafka: {config: {security.protocol: sasl_ssl, sasl.mechanism: PLAIN}, existingSecret: kafka-credentials}
+EOF
+cat >"$OUT/keda-latest.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true, offsetResetPolicy: latest}}
+EOF
 cat >"$OUT/both-autoscalers.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true}, hpa: {enabled: true}}
 EOF
@@ -258,6 +265,8 @@ expect_fail() { # name, expected message fragment
   printf '    ok  %-20s %s\n' "$name" "$want"
 }
 expect_fail both-autoscalers "mutually exclusive"
+expect_fail keda-no-auth "kafka.config.security.protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
+expect_fail keda-latest "offsetResetPolicy"
 expect_fail keda-too-many "maxReplicaCount (7) exceeds autoscaling.partitions (6)"
 expect_fail hpa-too-many "maxReplicas (5) exceeds autoscaling.partitions (4)"
 expect_fail replicas-too-many "replicaCount (13) exceeds autoscaling.partitions (12)"

@@ -154,6 +154,13 @@ Deployment, so every render runs them.
 {{- if and $v.autoscaling.keda.enabled (gt (int $v.autoscaling.keda.maxReplicaCount) $partitions) }}
 {{- fail (printf "autoscaling.keda.maxReplicaCount (%d) exceeds autoscaling.partitions (%d): consumers beyond the partition count sit idle" (int $v.autoscaling.keda.maxReplicaCount) $partitions) }}
 {{- end }}
+{{- /* KEDA reads the lag from the brokers itself: without the worker's SASL/TLS it cannot,
+   and the replica count stays where it is with no sign from the chart. */}}
+{{- $protocol := upper (toString (index ($v.kafka.config | default dict) "security.protocol" | default "")) }}
+{{- $kedaMeta := $v.autoscaling.keda.extraMetadata | default dict }}
+{{- if and $v.autoscaling.keda.enabled (has $protocol (list "SASL_SSL" "SASL_PLAINTEXT" "SSL")) (not $v.autoscaling.keda.authenticationRef) (not (hasKey $kedaMeta "sasl")) (not (hasKey $kedaMeta "tls")) }}
+{{- fail (printf "kafka.config.security.protocol is %s but KEDA's Kafka trigger has no credentials: it could not read the lag and would never scale. Set autoscaling.keda.authenticationRef to a TriggerAuthentication (and autoscaling.keda.extraMetadata, e.g. {sasl: scram_sha512, tls: enable})" $protocol) }}
+{{- end }}
 {{- if and $v.autoscaling.keda.enabled (gt (int $v.autoscaling.keda.minReplicaCount) (int $v.autoscaling.keda.maxReplicaCount)) }}
 {{- fail "autoscaling.keda.minReplicaCount must not exceed autoscaling.keda.maxReplicaCount" }}
 {{- end }}
