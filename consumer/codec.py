@@ -507,12 +507,13 @@ class Event(Mapping[str, Any]):
     ``context.consent`` alone. Parsing may raise :class:`UndecodableEvent`.
     """
 
-    __slots__ = ("_consent", "_parsed", "_record", "replaced")
+    __slots__ = ("_consent", "_extra", "_parsed", "_record", "replaced")
 
     def __init__(self, record: Mapping[str, Any]) -> None:
         self._record = record
         self._parsed: dict[str, Any] = {}
         self._consent: Any = _UNSET
+        self._extra: Any = _UNSET  # context.extra parsed, once (its surrogates counted once)
         self.replaced = 0
         """Lone surrogates replaced by U+FFFD in the JSON text parsed so far."""
 
@@ -612,12 +613,18 @@ class Event(Mapping[str, Any]):
         text = record.get("extra")
         # A key is "page" in JSON text only as written or through escapes.
         if text is not None and ('"page"' in text or "\\u" in text):
-            extra = self._json("context.extra", text)
+            extra = self._extra_of(text)
             if isinstance(extra, dict) and "page" in extra:
                 value = extra["page"]
                 page = {**page, **value} if isinstance(value, dict) and isinstance(
                     page, dict) else value
         return page
+
+    def _extra_of(self, text: str) -> Any:
+        """``context.extra`` parsed once, for `page` and the whole context alike."""
+        if self._extra is _UNSET:
+            self._extra = self._json("context.extra", text)
+        return self._extra
 
     def _json(self, field: str, text: str) -> Any:
         try:
@@ -658,7 +665,7 @@ class Event(Mapping[str, Any]):
             context["consent"] = consent
         extra_text = record.get("extra")
         if extra_text is not None:
-            extra = self._json("context.extra", extra_text)
+            extra = self._extra_of(extra_text)
             if isinstance(extra, dict):
                 for key, value in extra.items():
                     if isinstance(value, dict) and isinstance(context.get(key), dict):

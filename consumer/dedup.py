@@ -34,12 +34,17 @@ Per (token, endpoint, messageId) one Redis key moves through
   reached the wire, so the next owner need not wait for the claim TTL.
 - Redis unreachable → `Outcome.SEND` with ``degraded=True`` (delivered as without Redis,
   at least once) and counted by the caller.
-- Redis hung (a call timed out): not asked again for `SKIP_FIRST_S`, doubling to
-  `SKIP_MAX_S` while the probes time out too; one call at a time probes, the others are
-  answered as if Redis failed. Each event makes up to four calls in turn (claim, re-claim,
-  confirm, release or progress), and at REDIS_TIMEOUT_SECONDS each one user's events ran
-  at ~1 a second while a frozen Redis (a failover, a partition) was waited out on every
-  call (review "faults26"). A refusal (connection refused) costs nothing and skips nothing.
+- Redis hung (`HUNG_AFTER` calls in a row timed out, no answer between them): not asked
+  again for `SKIP_FIRST_S`, then one call at a time probes it, the skip doubling to
+  `SKIP_MAX_S` while the probes time out too; the other calls are answered as if Redis
+  failed. Each event makes up to four calls in turn (claim, re-claim, confirm, release or
+  progress), and at REDIS_TIMEOUT_SECONDS each one user's events ran at ~1 a second while
+  a frozen Redis (a failover, a partition) was waited out on every call (review
+  "faults26"). One slow call among answers (a fork for BGSAVE) trips nothing; the calls in
+  flight when Redis froze, timing out together, are one sign, not one doubling each; a
+  claim skipped while another owner's claim of the same key was last seen live answers
+  BUSY until that claim's end, not SEND (review "diff26"). A refusal (connection refused)
+  costs nothing and skips nothing.
 
 Thread rule: event loop only (every call is a coroutine on the handler's loop).
 
@@ -78,8 +83,10 @@ log = logging.getLogger(__name__)
 log.addFilter(RateLimit(10.0))
 
 MAX_RAW_ID = 64
+HUNG_AFTER = 2
 SKIP_FIRST_S = 1.0
 SKIP_MAX_S = 10.0
+BUSY_SEEN_MAX = 10_000  # keys whose other owner's claim is remembered (in flight: far fewer)
 
 T = TypeVar("T")
 
@@ -155,33 +162,46 @@ class Deduplicator:
         self._claim_ms = max(1, round(claim_ttl_s * 1000))
         self._busy_min = busy_retry_min_s
         self._clock = clock
-        self._skip_for = 0.0  # > 0 after a call timed out: how long the calls are skipped
+        self._timeouts = 0  # calls timed out since the last answer
+        self._skip_for = 0.0  # > 0 while Redis counts as hung: the current skip's length
         self._skip_until = 0.0
         self._probing = False  # a call past the skip is asking Redis: the others skip
+        self._busy: dict[str, float] = {}  # key -> end of another owner's claim, as last seen
 
     def key(self, endpoint: str, message_id: str) -> str:
         return dedup_key(self._digest, endpoint, message_id)
 
     async def _ask(self, call: Callable[[], Awaitable[T]]) -> T:
-        """One Redis call, unless a call timed out lately (module docstring): then
-        SharedStateUnavailable at once, as a failed call."""
+        """One Redis call, unless Redis counts as hung (module docstring): then
+        SharedStateUnavailable(skipped=True) at once, as a failed call."""
         if self._probing or self._clock() < self._skip_until:
-            raise SharedStateUnavailable("redis skipped: a call timed out lately")
+            raise SharedStateUnavailable("redis skipped: its calls timed out lately",
+                                         skipped=True)
         probe = self._skip_for > 0
         self._probing = probe
         try:
             result = await call()
         except SharedStateUnavailable as exc:
             if exc.timed_out:
-                self._skip_for = (min(SKIP_MAX_S, 2 * self._skip_for) if self._skip_for
-                                  else SKIP_FIRST_S)
-                self._skip_until = self._clock() + self._skip_for
+                self._timed_out(probe)
             raise
         finally:
             if probe:
                 self._probing = False
-        self._skip_for = 0.0
+        self._timeouts = 0
+        if probe:
+            self._skip_for = 0.0  # answered: asked as usual again
         return result
+
+    def _timed_out(self, probe: bool) -> None:
+        self._timeouts += 1
+        if probe:  # still hung: the next skip twice as long
+            self._skip_for = min(SKIP_MAX_S, 2 * self._skip_for)
+        elif self._skip_for or self._timeouts < HUNG_AFTER:
+            return  # skipping already (a call begun before), or one slow call so far
+        else:
+            self._skip_for = SKIP_FIRST_S
+        self._skip_until = self._clock() + self._skip_for
 
     async def claim(self, endpoint: str, message_id: str, owner: str) -> ClaimResult:
         key = self.key(endpoint, message_id)
@@ -189,12 +209,23 @@ class Deduplicator:
             state, seconds = await self._ask(
                 lambda: self._store.claim(key, owner, self._claim_ms))
         except SharedStateUnavailable as exc:
+            held = self._busy.get(key, 0.0) - self._clock()
+            if exc.skipped and held > 0:
+                # Another owner's claim, live when last asked, is still waited out: not
+                # ours to send because another key's call timed out.
+                return ClaimResult(Outcome.BUSY, retry_after_s=max(self._busy_min, held))
+            self._busy.pop(key, None)
             log.warning("deduplication skipped (%s): delivering at least once", exc)
             return ClaimResult(Outcome.SEND, degraded=True)
+        if state == "busy":
+            if len(self._busy) >= BUSY_SEEN_MAX:
+                now = self._clock()
+                self._busy = {k: end for k, end in self._busy.items() if end > now}
+            self._busy[key] = self._clock() + seconds
+            return ClaimResult(Outcome.BUSY, retry_after_s=max(self._busy_min, seconds))
+        self._busy.pop(key, None)
         if state == "duplicate":
             return ClaimResult(Outcome.DUPLICATE)
-        if state == "busy":
-            return ClaimResult(Outcome.BUSY, retry_after_s=max(self._busy_min, seconds))
         return ClaimResult(Outcome.SEND)
 
     async def confirm(self, endpoint: str, message_id: str) -> bool:

@@ -195,6 +195,8 @@ class SharedStateUnavailable(Degrade):
     after which deduplication stops asking it for a while (`dedup.Deduplicator`).
     """
 
-    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+    def __init__(self, message: str, *, timed_out: bool = False,
+                 skipped: bool = False) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+        self.skipped = skipped  # not asked at all: Redis counts as hung (`dedup`)

@@ -568,3 +568,14 @@ def test_an_extra_page_that_is_broken_is_still_undecodable() -> None:
     event = decoded_with_extra({"url": "u"}, '{"page": {"title": ')
     with pytest.raises(UndecodableEvent):
         assert event.page is None
+
+
+def test_extra_is_parsed_once_for_the_page_and_the_whole_context() -> None:
+    """Review diff26: `page` parsed `context.extra` again after (or before) the whole
+    context did: twice the CPU, and its lone surrogates counted twice."""
+    record = codec.to_record({"type": "page", "userId": "u",
+                              "context": {"page": {"url": "u", "custom": "a\ud800b"}}})
+    event = codec.decode(codec.encode(7, record), own_schema)
+    assert event.page["custom"] == "a\ufffdb"
+    assert event["context"]["page"]["custom"] == "a\ufffdb"
+    assert event.replaced == 1

@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from consumer.dedup import Deduplicator, Outcome, dedup_key
+from consumer.dedup import HUNG_AFTER, Deduplicator, Outcome, dedup_key
 from consumer.errors import SharedStateUnavailable
 from consumer.redisstore import progress_key, token_digest
 
@@ -162,20 +162,22 @@ class Clock:
         return self.now
 
 
-def test_after_a_call_times_out_redis_is_skipped_then_probed_less_and_less_often() -> None:
+def test_once_calls_time_out_in_a_row_redis_is_skipped_then_probed_less_and_less_often(
+) -> None:
     """Review faults26: a frozen Redis cost REDIS_TIMEOUT_SECONDS on each of an event's
     calls; one user's events went out at ~1 a second for as long as it was frozen."""
     async def main() -> None:
         store, clock = HungStore(), Clock()
         dd = Deduplicator(store, token_digest("t"), clock=clock)
-        first = await dd.claim("track", "m0", "a")
-        assert (first.outcome, first.degraded) == (Outcome.SEND, True)
-        assert store.asked == 1
+        for _ in range(HUNG_AFTER):
+            first = await dd.claim("track", "m0", "a")
+            assert (first.outcome, first.degraded) == (Outcome.SEND, True)
+        assert store.asked == HUNG_AFTER
         for i in range(20):  # within the skip: answered as failed, Redis not asked
             assert (await dd.claim("track", f"m{i}", "a")).degraded
             assert not await dd.confirm("track", f"m{i}")
             assert await dd.progress_of("track", f"m{i}") is None
-        assert store.asked == 1
+        assert store.asked == HUNG_AFTER
         probes = []
         for skip in (1.0, 2.0, 4.0, 8.0, 10.0, 10.0):
             clock.now += skip - 0.01
@@ -184,12 +186,87 @@ def test_after_a_call_times_out_redis_is_skipped_then_probed_less_and_less_often
             clock.now += 0.01
             await dd.claim("track", "x", "a")  # the probe, timing out again
             probes.append(store.asked - before)
-        assert probes == [1] * 6 and store.asked == 7
+        assert probes == [1] * 6 and store.asked == HUNG_AFTER + 6
         store.hung = False
         clock.now += 10.0
         assert not (await dd.claim("track", "y", "a")).degraded
         assert await dd.confirm("track", "y")  # answered: asked at once again
         assert (await dd.claim("track", "y", "b")).outcome is Outcome.DUPLICATE
+
+    asyncio.run(main())
+
+
+class Blip(MemoryStore):
+    """A healthy Redis whose calls on keys ending in one of `slow` time out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow: set[str] = set()
+        self.asked = 0
+
+    async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+        self.asked += 1
+        if any(key.endswith(s) for s in self.slow):
+            await asyncio.sleep(0)
+            raise SharedStateUnavailable("redis claim failed: TimeoutError", timed_out=True)
+        return await super().claim(key, owner, ttl_ms)
+
+
+def test_one_slow_call_among_answers_skips_nothing() -> None:
+    """Review diff26: one slow call (a fork for BGSAVE) made every call of the next second
+    go unchecked."""
+    async def main() -> None:
+        store, clock = Blip(), Clock()
+        dd = Deduplicator(store, token_digest("t"), clock=clock)
+        for i in range(5):
+            store.slow = {":slow"}
+            assert (await dd.claim("track", "slow", "a")).degraded
+            store.slow = set()
+            assert not (await dd.claim("track", f"m{i}", "a")).degraded
+        assert store.asked == 10
+
+    asyncio.run(main())
+
+
+def test_a_busy_wait_is_not_turned_into_a_send_by_another_keys_timeout() -> None:
+    """Review diff26: owner a holds m's claim; b waits it out. Redis skipped for other
+    keys' timeouts made b's next claim SEND while a's claim was live: a duplicate."""
+    async def main() -> None:
+        store, clock = Blip(), Clock()
+        dd = Deduplicator(store, token_digest("t"), clock=clock)
+        assert (await dd.claim("track", "m", "a")).outcome is Outcome.SEND
+        busy = await dd.claim("track", "m", "b")
+        assert busy.outcome is Outcome.BUSY  # a's claim holds 12.5 s (MemoryStore)
+        store.slow = {":o1", ":o2"}
+        for other in ("o1", "o2"):
+            await dd.claim("track", other, "c")  # Redis hung: skipped from here
+        clock.now += 0.5
+        again = await dd.claim("track", "m", "b")
+        assert store.asked == 4, "skipped"
+        assert again.outcome is Outcome.BUSY and 11.5 < again.retry_after_s <= 12.0, again
+        clock.now += 13.0  # past a's claim, Redis still hung: b sends, unchecked
+        store.slow = {":m"}
+        late = await dd.claim("track", "m", "b")
+        assert (late.outcome, late.degraded) == (Outcome.SEND, True)
+
+    asyncio.run(main())
+
+
+def test_calls_in_flight_when_redis_froze_are_one_sign_not_one_doubling_each() -> None:
+    """Review diff26: eight calls timing out together doubled the skip eight times (10 s
+    at once); a late answer to a call begun before the freeze must not end it either."""
+    async def main() -> None:
+        store, clock = Blip(), Clock()
+        dd = Deduplicator(store, token_digest("t"), clock=clock)
+        store.slow = {f":m{i}" for i in range(8)}
+        await asyncio.gather(*(dd.claim("track", f"m{i}", "a") for i in range(8)))
+        store.slow = set()
+        clock.now += 0.5
+        assert (await dd.claim("track", "mid", "a")).degraded, "skipped for 1 s"
+        clock.now += 0.5
+        before = store.asked
+        result = await dd.claim("track", "fresh", "a")  # SKIP_FIRST_S on: one probe
+        assert store.asked == before + 1 and not result.degraded
 
     asyncio.run(main())
 
@@ -200,7 +277,8 @@ def test_a_refusal_skips_nothing() -> None:
     async def main() -> None:
         store = MemoryStore(fail=True)
         dd = Deduplicator(store, token_digest("t"))
-        assert (await dd.claim("track", "m", "a")).degraded
+        for _ in range(5):
+            assert (await dd.claim("track", "m", "a")).degraded
         store.fail = False
         assert not (await dd.claim("track", "m", "a")).degraded
 
@@ -215,22 +293,24 @@ def test_one_probe_at_a_time_the_others_skip() -> None:
         class SlowProbe(HungStore):
             async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
                 self.asked += 1
-                if self.asked == 1:
+                if self.asked <= HUNG_AFTER:
                     raise SharedStateUnavailable("redis claim failed: TimeoutError",
                                                  timed_out=True)
-                await gate.wait()
+                await asyncio.wait_for(gate.wait(), 5)
                 return "claimed", 0.0
 
         store = SlowProbe()
         dd = Deduplicator(store, token_digest("t"), clock=clock)
-        await dd.claim("track", "a", "o")
+        for _ in range(HUNG_AFTER):
+            await dd.claim("track", "a", "o")
         clock.now += 1.0
         probe = asyncio.ensure_future(dd.claim("track", "b", "o"))
         await asyncio.sleep(0)
         others = [await dd.claim("track", f"c{i}", "o") for i in range(5)]
-        assert all(r.degraded for r in others) and store.asked == 2
+        assert all(r.degraded for r in others) and store.asked == HUNG_AFTER + 1
         gate.set()
         assert not (await probe).degraded
-        assert not (await dd.claim("track", "d", "o")).degraded and store.asked == 3
+        assert not (await dd.claim("track", "d", "o")).degraded
+        assert store.asked == HUNG_AFTER + 2
 
     asyncio.run(main())
