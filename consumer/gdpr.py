@@ -16,6 +16,7 @@ are plain functions tested without a network.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -72,6 +73,7 @@ __all__ = [
 
 DELETE_PATH = "/v1/users"
 DELETE_INTERVAL_S = 2.0
+MAX_INTERVAL_S = 3600.0  # --interval: an hour between batches is already a misuse
 """Userpilot: "1 request every 2 seconds for delete operations" (faster → 429)."""
 DEFAULT_BATCH_SIZE = 1_000
 MAX_BATCH_SIZE = 10_000
@@ -270,8 +272,12 @@ def delete_users(
 
         def attempt(body: bytes = body) -> str:
             nonlocal tries
-            tries += 1
             pacer.wait()
+            tries += 1
+            if tries == 1:
+                # Counted once it goes out: an interrupt in the pacer's wait named a batch
+                # never sent as "may or may not have been scheduled" (review "replay26").
+                summary.batches_sent += 1
             try:
                 return send(body)
             finally:
@@ -296,7 +302,6 @@ def delete_users(
             before_sleep=waiting,
             reraise=True,
         )
-        summary.batches_sent += 1
         try:
             request_id = retrying(attempt)
         except Pause as exc:
@@ -366,7 +371,9 @@ def _read(path: str | None, stdin: IO[str]) -> list[str]:
             text = raw.read().decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError(f"cannot read user ids from stdin: {exc}") from None
-        return read_user_ids(text.splitlines(keepends=True))
+        # Lines as `open()` reads the file (universal newlines: \n, \r\n, \r only):
+        # str.splitlines also splits at U+2028, NEL, FF, VT, ..., which cut one id in two.
+        return read_user_ids(io.StringIO(text, newline=None))
     try:
         with open(path, encoding="utf-8") as stream:
             return read_user_ids(stream)
@@ -408,15 +415,17 @@ def main(
     if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
         raise ConfigError(f"--batch-size={args.batch_size}: use 1 to {MAX_BATCH_SIZE} "
                           f"(default {DEFAULT_BATCH_SIZE})")
-    if not args.interval >= 0:
-        raise ConfigError("--interval must be 0 or more seconds (Userpilot: 2)")
+    if not 0 <= args.interval <= MAX_INTERVAL_S:
+        raise ConfigError(f"--interval must be 0 to {MAX_INTERVAL_S:g} seconds (Userpilot: 2)")
     user_ids = _read(args.file, sys.stdin if stdin is None else stdin)
 
     def log(line: str) -> None:
         print(f"delete-users: {line}", file=err, flush=True)
 
     if not user_ids:
-        log("no user ids given")
+        # A GDPR script read exit 0 as done (review "replay26"): an empty list is a mistake
+        # in what was given (a wrong file, a failed export upstream), not a deletion.
+        raise ConfigError("no user ids given: the file or stdin holds no id (one per line)")
     spaced = padded(user_ids)
     if spaced:
         log(f"{spaced} ids begin or end with whitespace; sent exactly as written "

@@ -344,6 +344,7 @@ def test_reads_a_file(tmp_path: Any, streams: tuple[io.StringIO, io.StringIO]) -
 
 @pytest.mark.parametrize("argv", [("--batch-size", "0"), ("--batch-size", "10001"),
                                   ("--interval", "-1"), ("--interval", "nan"),
+                                  ("--interval", "1e300"), ("--interval", "inf"),
                                   ("--file", "/nonexistent/ids.txt")])
 def test_bad_input_is_a_config_error(argv: tuple[str, ...]) -> None:
     with pytest.raises(ConfigError):
@@ -457,3 +458,50 @@ def test_a_trickled_answer_ends_the_attempt_at_twice_the_timeout() -> None:
             assert time.monotonic() - started < 1.5
         finally:
             client.close()
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1e"])
+def test_stdin_splits_ids_only_at_line_endings_as_file_does(
+        tmp_path: Any, streams: tuple[io.StringIO, io.StringIO], sep: str) -> None:
+    """Review replay26: stdin was split with str.splitlines (U+2028, NEL, FF, VT, ...), so
+    `alice<sep>bob` became the ids `alice<sep>` and `bob`: a user never listed was deleted."""
+    from consumer import gdpr
+
+    data = f"alice{sep}bob\ncarol\n".encode()
+    path = tmp_path / "ids.txt"
+    path.write_bytes(data)
+    from_file = gdpr._read(str(path), io.StringIO())
+    stdin = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+    from_stdin = gdpr._read(None, stdin)
+    assert from_file == from_stdin == [f"alice{sep}bob", "carol"]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "  \n"])
+@pytest.mark.parametrize("dry", [True, False])
+def test_no_ids_at_all_is_a_mistake_not_a_deletion(text: str, dry: bool) -> None:
+    """Review replay26: an empty file exited 0, which a GDPR script reads as done."""
+    with pytest.raises(ConfigError, match="no user ids given"):
+        main(args(*(["--dry-run"] if dry else [])), env=ENV, stdin=io.StringIO(text),
+             out=io.StringIO(), err=io.StringIO())
+
+
+def test_a_batch_interrupted_in_the_pacers_wait_is_not_counted_as_sent() -> None:
+    """Review replay26: Ctrl-C in the 2 s wait before batch 3 printed "batches sent 3" and
+    "the batch under way may or may not have been scheduled"; only 2 had gone out."""
+    time = FakeTime()
+    send = FakeSend(time, [])
+    waits = 0
+
+    def sleep(seconds: float) -> None:
+        nonlocal waits
+        waits += 1
+        if waits == 2:
+            raise KeyboardInterrupt
+        time.sleep(seconds)
+
+    summary = Summary()
+    with pytest.raises(KeyboardInterrupt):
+        delete_users(["a", "b", "c"], send, batch_size=1,
+                     pacer=Pacer(2.0, clock=time.clock, sleep=sleep), summary=summary)
+    assert len(send.sent) == 2
+    assert summary.batches_sent == 2
