@@ -358,6 +358,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "plus a digest of the filters when any is given)")
     p.add_argument("--timeout", type=timeout_seconds, default=10.0,
                    help="seconds to wait for Kafka to answer before starting (default 10)")
+    p.add_argument("--all", action="store_true", dest="from_start",
+                   help="with --dry-run: list from the start of the DLQ, whatever earlier "
+                        "replays of this selection committed (e.g. every dead letter of a "
+                        "user before deleting them)")
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be replayed; send and commit nothing")
 
@@ -366,8 +370,13 @@ def run_replay(
     conf: dict[str, Any], dlq_topic: str, group: str, filters: Filters, *, dry_run: bool,
     report: Callable[[dict[str, Any]], None],
     stopping: Callable[[], bool] = lambda: False, secret: bytes | None = None,
+    from_start: bool = False,
 ) -> Summary:
     """Read the DLQ up to its end offsets at start; re-publish what `decide` allows.
+
+    `from_start` (dry runs only): from each partition's first record, whatever the group
+    committed, to list every dead letter (a user's, before a GDPR deletion), not only what
+    this selection has not replayed yet.
 
     Checkpointed per polled batch: what was produced is flushed (acknowledged by the
     broker), then the DLQ position past it is committed, so a run stopped at any point
@@ -405,7 +414,10 @@ def run_replay(
         if info is None or info.error is not None:
             raise ConfigError(f"dead-letter topic {dlq_topic!r} does not exist")
         parts = [TopicPartition(dlq_topic, p) for p in sorted(info.partitions)]
-        known = _committed(consumer, parts, stopping=stopping)
+        if from_start and not dry_run:
+            raise ValueError("from_start lists: a replay from the start would send again "
+                             "what earlier runs replayed")
+        known = [] if from_start else _committed(consumer, parts, stopping=stopping)
         if known is None:
             return summary  # interrupted before anything was read
         committed = {tp.partition: tp.offset for tp in known}
@@ -688,6 +700,9 @@ def _print_summary(summary: Summary, dry_run: bool, interrupted: bool) -> None:
 def main(args: argparse.Namespace) -> int:
     from consumer.config import load_settings
 
+    if args.from_start and not args.dry_run:
+        raise ConfigError("--all lists every dead letter and needs --dry-run: replayed "
+                          "from the start, what earlier runs replayed would be sent again")
     if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
         raise ConfigError("replay needs KAFKA_BOOTSTRAP_SERVERS")
     if (args.from_offset is not None and args.to_offset is not None
@@ -737,7 +752,8 @@ def main(args: argparse.Namespace) -> int:
                   "sealed as replay's, so the DLQ guard counts those that fail again (set "
                   "it to the workers' token)", file=sys.stderr)
         summary = run_replay(conf, args.dlq_topic, group, filters, dry_run=args.dry_run,
-                             report=report, stopping=stop.is_set, secret=secret)
+                             report=report, stopping=stop.is_set, secret=secret,
+                             from_start=args.from_start)
     except ReplayStuck as stuck:
         _print_summary(stuck.summary, args.dry_run, stop.is_set())
         print(f"error: replay stopped: {stuck.args[0]}; the records before it are replayed "

@@ -37,7 +37,7 @@ def _run(line: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProce
 def test_the_readme_replay_commands_work_as_written(kafka_bootstrap: str,
                                                     tmp_path: Path) -> None:
     lines = _readme_lines("replay --from delivery-userpilot")
-    assert [line.split()[-1] for line in lines] == ["--dry-run", "bad_request"]
+    assert [line.split()[-1] for line in lines] == ["--dry-run", "--all", "bad_request"]
     origin, dlq = "delivery-userpilot", "delivery-userpilot.userpilot.dlq"
     for topic in (origin, dlq):
         create_topic(kafka_bootstrap, topic, 1)
@@ -49,14 +49,25 @@ def test_the_readme_replay_commands_work_as_written(kafka_bootstrap: str,
                 ("userpilot.error.reason", reason), ("userpilot.replay.count", b"0")])
         assert producer.flush(30) == 0
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
-        listed, sent = (_run(line, env, tmp_path) for line in lines)
-        assert listed.returncode == 0, listed.stderr
-        assert json.loads(listed.stdout.splitlines()[-1])["summary"]["replayed"] == 2
+        listed, listed_all, sent = (_run(line, env, tmp_path) for line in lines)
+        for done in (listed, listed_all):
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout.splitlines()[-1])["summary"]["replayed"] == 2
         assert sent.returncode == 0, sent.stderr
         summary = json.loads(sent.stdout.splitlines()[-1])["summary"]
         assert (summary["replayed"], summary["skipped_by_filter"]) == (1, 1)
         assert [m.value() for m in read_topic(kafka_bootstrap, origin)] == [
             b"event bytes bad_request"]
+        # Review replay26: once a replay of the whole DLQ committed, the plain dry run lists
+        # nothing, and a user's dead letter another selection would still send was hidden
+        # from the GDPR check; `--all` still lists both.
+        everything = _run(f"python -m consumer replay --from {dlq}", env, tmp_path)
+        assert everything.returncode == 0, everything.stderr
+        counts = [json.loads(_run(line, env, tmp_path).stdout.splitlines()[-1])["summary"]
+                  ["replayed"] for line in lines[:2]]
+        assert counts == [0, 2]
+        refused = _run(lines[1].replace("--dry-run ", ""), env, tmp_path)
+        assert refused.returncode == 2 and "--all lists every dead letter" in refused.stderr
     finally:
         for topic in (origin, dlq):
             delete_topic(kafka_bootstrap, topic)
