@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["Barrier", "Job", "Scheduler"]
+__all__ = ["Barrier", "ChainKey", "Job", "Scheduler"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ class Scheduler(Generic[J]):
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def queued(self, key: ChainKey) -> int:
+        """Jobs of the chain `key` (topic, partition, ordering key) queued or running."""
+        queue = self._queues.get(key)
+        return len(queue) if queue is not None else 0
 
     def submit(self, job: J) -> None:
         """Queue a job behind earlier jobs of the same key, or start it now."""

@@ -69,7 +69,7 @@ from consumer.kafka import (
     is_fatal,
     topic_not_there,
 )
-from consumer.keyless import KeylessOrder
+from consumer.keyless import KeylessOrder, decided_user
 from consumer.lag import Lag
 from consumer.metrics import Children, Metrics
 from consumer.offsets import Finished
@@ -78,7 +78,7 @@ from consumer.policy import Gate, GateState, RetryPolicy
 from consumer.ratelimit import partition_share
 from consumer.registry import Registry
 from consumer.routing import Send
-from consumer.scheduling import Scheduler
+from consumer.scheduling import ChainKey, Scheduler
 from consumer.sharedlimit import SharedLimiter
 from consumer.sharedstate import SharedState, build_shared_state
 
@@ -98,7 +98,15 @@ own, so that a registry outage while a new schema version arrives holds only the
 partitions carrying it, not the replica."""
 POLL_TIMEOUT_S = 0.1
 _UNASKED = -2  # `_intake`: a partition's last offset not asked for yet in this slice
-_DEFER: Any = object()  # `_take`: not taken, the SCHEMA_WAIT window is full (`_backpressure`)
+_DEFER: Any = object()  # `_take`: not taken (SCHEMA_WAIT window full, or a chain at CHAIN_MAX)
+CHAIN_MAX = 16
+"""Events of one user (one ordering chain) taken into the window at once. A user's events
+go out one after another, so more of them only take the window from everyone else: one
+user's 600-event backlog held ~420 of the worker's 200 places and overflow, and the users
+of every other partition waited for it (45 s instead of 4, review "soak26"). At the limit
+the next event of that chain waits in the overflow with the rest of its partition, which
+pauses, until the chain is down to CHAIN_RESUME."""
+CHAIN_RESUME = CHAIN_MAX // 2
 INTAKE_TURN_SENDS = 8
 """Events to send taken per turn of the event loop. Each starts a task whose first step
 (building and writing its request, ~0.2 ms) runs in the next turn; taking a whole window at
@@ -322,6 +330,8 @@ class Worker:
         # that window was full (event loop only; see `_backpressure`).
         self._schema_window = 0
         self._schema_held: set[TP] = set()
+        # Of those, the partitions held because one chain reached CHAIN_MAX, with that chain.
+        self._hot: dict[TP, ChainKey] = {}
         self._finished = 0  # events to send that reached their outcome (event loop)
         self._consumed = Children(self.m.events_consumed)
         # Event.intake: limiter queues serve in this order, the DLQ guard reads outcomes in it
@@ -741,6 +751,15 @@ class Worker:
             if self.handler.debug:
                 self.handler.log_dropped(event.decision, event.fields)
             return event.decision
+        if event.decision is not None:
+            # Its chain, as `keyless.place` will make it: the Kafka key, else the userId.
+            user = key or (decoded.get("userId") if decoded is not None
+                           else decided_user(event.decision))
+            if user:
+                chain = (tp[0], tp[1], user.encode() if isinstance(user, str) else user)
+                if scheduler.queued(chain) >= CHAIN_MAX:
+                    self._hot[tp] = chain
+                    return _DEFER
         if event.decision is None:  # its schema is not known yet
             if self._schema_window >= self.s.max_in_flight:
                 return _DEFER
@@ -852,7 +871,12 @@ class Worker:
         pending = fullest
         self._schema_window = schema_window
         if self._schema_held and schema_window <= resume_level(limit):
-            self._schema_held.clear()  # their waiting messages are taken again
+            # Their waiting messages are taken again; the hot chains' wait for their own.
+            self._schema_held.intersection_update(self._hot)
+        for tp, chain in list(self._hot.items()):
+            if scheduler.queued(chain) <= CHAIN_RESUME:
+                del self._hot[tp]
+                self._schema_held.discard(tp)
         # Partitions whose message waits for the SCHEMA_WAIT window: paused, and kept so.
         keep = self._schema_held
         with self._parts_lock:
@@ -1144,6 +1168,8 @@ class Worker:
         async def drain() -> None:
             self.overflow.forget(parts)
             self._schema_held.difference_update(parts)
+            for tp in parts:
+                self._hot.pop(tp, None)
             try:
                 # Lost too (nothing is committed then): requests already on the wire need
                 # no Kafka. Cancelled, Userpilot had them all the same, and with Redis their

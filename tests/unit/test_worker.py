@@ -2622,3 +2622,51 @@ def test_tombstones_are_dropped_not_dead_lettered(debug: bool,
     reg = run.worker.m.registry
     assert reg.get_sample_value("userpilot_events_dropped_total",
                                 {"reason": "tombstone", "category": ""}) == 60
+
+
+def test_one_users_backlog_leaves_the_window_to_the_other_partitions() -> None:
+    """Review soak26: one user's 600 queued events took the worker's window and overflow,
+    and the users of every other partition, arriving after, waited for it (45 s instead of
+    4). A chain holds at most CHAIN_MAX events; past it its partition waits and the others
+    go on; the hot user's events all go out, in order."""
+    from consumer.scheduling import Scheduler
+
+    hot_count = 400
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, b"hot", track("hot", i))
+                        for i in range(hot_count)]}
+    later = {p: [Message(TOPIC, p, i, f"u{p}-{i}".encode(), track(f"u{p}-{i}", i))
+                 for i in range(200)] for p in (1, 2, 3)}
+    log.update({(TOPIC, p): messages for p, messages in later.items()})
+    client = SlowClient(0.01)  # the hot user alone: ~100 a second, 4 s for its backlog
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
+    longest = [0]
+    queued = Scheduler.queued
+
+    def recording(self: Scheduler[Any], key: Any) -> int:
+        out = queued(self, key)
+        longest[0] = max(longest[0], out)
+        return out
+
+    def hot_sent() -> int:
+        return sum(1 for b in client.bodies if json.loads(b)["user_id"] == "hot")
+
+    seen: dict[str, float] = {}
+
+    async def scenario(source: FakeSource) -> None:
+        start, before = time.monotonic(), hot_sent()
+        await until(lambda: all(source.committed().get((TOPIC, p)) == 200 for p in later),
+                    "the other partitions", 30)
+        seen["others_s"], seen["hot_meanwhile"] = time.monotonic() - start, hot_sent() - before
+        await until(lambda: source.committed().get((TOPIC, 0)) == hot_count, "the hot user",
+                    30)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Scheduler, "queued", recording)
+        assert drive(run, scenario) == 0
+    # Counted in the hot user's requests, not seconds: the others' 600 went out while it
+    # sent a few of its own (~10), not in the few places its backlog left them (~90).
+    assert seen["hot_meanwhile"] < 40, seen
+    assert 0 < longest[0] <= worker_module.CHAIN_MAX, longest
+    hot = [codec_seq(b) for b in client.bodies if json.loads(b)["user_id"] == "hot"]
+    assert hot == list(range(hot_count))
+    assert len(client.bodies) == hot_count + 600
