@@ -72,6 +72,11 @@ class Scheduler(Generic[J]):
         queue = self._queues.get(key)
         return len(queue) if queue is not None else 0
 
+    def finished(self, key: ChainKey) -> int:
+        """Jobs the chain's current run finished (0 when it has none): its progress."""
+        counts = self._counts.get(key)
+        return counts[1] if counts is not None else 0
+
     def submit(self, job: J) -> None:
         """Queue a job behind earlier jobs of the same key, or start it now."""
         key = (job.topic, job.partition, job.ordering_key)

@@ -107,6 +107,12 @@ of every other partition waited for it (45 s instead of 4, review "soak26"). At 
 the next event of that chain waits in the overflow with the rest of its partition, which
 pauses, until the chain is down to CHAIN_RESUME."""
 CHAIN_RESUME = CHAIN_MAX // 2
+HOT_STALL_S = 2.0
+"""A held chain none of whose events finished for this long is stuck (its first event in
+retries, or waiting for a schema the registry withholds): its partition is let go, and that
+chain holds it no more until it is down to CHAIN_RESUME. Held for as long as the chain was
+stuck, one user's failing event stopped every other user of its partition (up to the retry
+budget, 15 minutes; review "hot26"), where before the bound only that user waited."""
 INTAKE_TURN_SENDS = 8
 """Events to send taken per turn of the event loop. Each starts a task whose first step
 (building and writing its request, ~0.2 ms) runs in the next turn; taking a whole window at
@@ -332,6 +338,10 @@ class Worker:
         self._schema_held: set[TP] = set()
         # Of those, the partitions held because one chain reached CHAIN_MAX, with that chain.
         self._hot: dict[TP, ChainKey] = {}
+        # Per held partition, its chain's finished count and when it last moved; the chains
+        # found stuck, which hold nothing until they are down to CHAIN_RESUME.
+        self._hot_progress: dict[TP, tuple[int, float]] = {}
+        self._stuck: set[ChainKey] = set()
         self._finished = 0  # events to send that reached their outcome (event loop)
         self._consumed = Children(self.m.events_consumed)
         # Event.intake: limiter queues serve in this order, the DLQ guard reads outcomes in it
@@ -757,8 +767,14 @@ class Worker:
                            else decided_user(event.decision))
             if user:
                 chain = (tp[0], tp[1], user.encode() if isinstance(user, str) else user)
-                if scheduler.queued(chain) >= CHAIN_MAX:
+                if scheduler.queued(chain) >= CHAIN_MAX and chain not in self._stuck:
+                    if tp not in self._hot:
+                        log.info("%s[%d] held: one user has %d events in the window, sent one "
+                                 "after another; the other partitions go on", tp[0], tp[1],
+                                 CHAIN_MAX)
                     self._hot[tp] = chain
+                    self._hot_progress.setdefault(
+                        tp, (scheduler.finished(chain), time.monotonic()))
                     return _DEFER
         if event.decision is None:  # its schema is not known yet
             if self._schema_window >= self.s.max_in_flight:
@@ -775,6 +791,26 @@ class Worker:
         self.commits.sending(tp, offset, self._window_family(event))
         scheduler.submit(event)
         return None
+
+    def _release_hot(self, scheduler: Scheduler[Event]) -> None:
+        """Let go of the partitions held for a chain (CHAIN_MAX) once it is down to
+        CHAIN_RESUME, or once none of its events finished for HOT_STALL_S (stuck)."""
+        clock = time.monotonic()
+        for tp, chain in list(self._hot.items()):
+            done = scheduler.finished(chain)
+            seen, since = self._hot_progress.get(tp, (done, clock))
+            if done != seen:
+                seen, since = done, clock
+            self._hot_progress[tp] = (seen, since)
+            drained = scheduler.queued(chain) <= CHAIN_RESUME
+            if drained or clock - since >= HOT_STALL_S:
+                if not drained:
+                    self._stuck.add(chain)
+                del self._hot[tp]
+                del self._hot_progress[tp]
+                self._schema_held.discard(tp)
+        if self._stuck:
+            self._stuck = {c for c in self._stuck if scheduler.queued(c) > CHAIN_RESUME}
 
     def _window_family(self, event: Event) -> str:
         """The window an event to send counts against: the rate budget of its main request
@@ -873,10 +909,8 @@ class Worker:
         if self._schema_held and schema_window <= resume_level(limit):
             # Their waiting messages are taken again; the hot chains' wait for their own.
             self._schema_held.intersection_update(self._hot)
-        for tp, chain in list(self._hot.items()):
-            if scheduler.queued(chain) <= CHAIN_RESUME:
-                del self._hot[tp]
-                self._schema_held.discard(tp)
+        if self._hot:
+            self._release_hot(scheduler)
         # Partitions whose message waits for the SCHEMA_WAIT window: paused, and kept so.
         keep = self._schema_held
         with self._parts_lock:
@@ -1170,6 +1204,8 @@ class Worker:
             self._schema_held.difference_update(parts)
             for tp in parts:
                 self._hot.pop(tp, None)
+                self._hot_progress.pop(tp, None)
+            self._stuck = {c for c in self._stuck if (c[0], c[1]) not in parts}
             try:
                 # Lost too (nothing is committed then): requests already on the wire need
                 # no Kafka. Cancelled, Userpilot had them all the same, and with Redis their

@@ -1,0 +1,158 @@
+"""The bound on one user's events in the window (`worker.CHAIN_MAX`), with real stalls.
+
+Review hot26: a chain stuck at its head (a user's retries, a schema the registry withholds)
+with CHAIN_MAX of its user's later events behind it held its whole partition (every other
+user on it) for as long as the head was stuck; only that user may wait (test_worker_stuck,
+README "The notes matter here"). Held no longer than HOT_STALL_S without progress."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from consumer import codec
+from tests.unit.test_worker import (
+    SCHEMA_ID,
+    TOPIC,
+    FakeRegistry,
+    FakeSource,
+    Message,
+    codec_seq,
+    drive,
+    known_schema,
+    make,
+    track,
+    until,
+)
+from tests.unit.test_worker_stuck import HeldUser
+
+FOLLOWERS = 40  # the stuck user's later events, each followed by another user's event
+
+
+def _log(first: bytes) -> dict[tuple[str, int], list[Message]]:
+    messages = [Message(TOPIC, 0, 0, b"stuck", first)]
+    offset = 1
+    for i in range(1, FOLLOWERS + 1):
+        messages.append(Message(TOPIC, 0, offset, b"stuck", track("stuck", offset)))
+        offset += 1
+        messages.append(Message(TOPIC, 0, offset, f"u{i}".encode(), track(f"u{i}", offset)))
+        offset += 1
+    return {(TOPIC, 0): messages,
+            (TOPIC, 1): [Message(TOPIC, 1, i, f"v{i}".encode(), track(f"v{i}", 1000 + i))
+                         for i in range(20)]}
+
+
+def _others(bodies: list[bytes]) -> int:
+    return sum(1 for b in bodies if b'"user_id":"u' in b)
+
+
+def test_a_user_stuck_in_retries_with_a_backlog_does_not_stop_its_partitions_other_users(
+) -> None:
+    client = HeldUser()  # Userpilot holds "stuck…"'s request (a retry loop, up to 900 s)
+    run = make(_log(track("stuck", 0)), registry=known_schema(), client=client,
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        try:
+            await until(lambda: _others(client.bodies) == FOLLOWERS,
+                        "partition 0's other users, while one user is stuck", 5)
+        finally:
+            client.release.set()
+        await until(lambda: source.committed().get((TOPIC, 0)) == 2 * FOLLOWERS + 1,
+                    "everything", 10)
+
+    assert drive(run, scenario) == 0
+
+
+class WithheldSchema(FakeRegistry):
+    """The registry is down for schema id 8 (a new version) until `back`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.back = False
+
+    def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
+        if schema_id == 8:
+            if not self.back:
+                raise ConnectionError("registry down")
+            self._known[8] = codec.SCHEMA
+            return codec.SCHEMA
+        return super().writer_schema(schema_id)
+
+
+def test_a_schema_the_registry_withholds_does_not_stop_its_partitions_other_users() -> None:
+    registry = WithheldSchema()
+    registry.writer_schema(SCHEMA_ID)
+    first = codec.encode(8, codec.to_record({
+        "type": "track", "event": "Feature Used", "userId": "stuck", "properties": {"seq": 0},
+        "context": {"consent": {"analytics": True}}, "timestamp": "2026-11-26T10:00:00.000Z",
+        "messageId": "stuck-0"}))
+    run = make(_log(first), registry=registry, USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        try:
+            await until(lambda: _others(run.client.bodies) == FOLLOWERS,
+                        "partition 0's other users, while the registry is down", 5)
+        finally:
+            registry.back = True
+        await until(lambda: source.committed().get((TOPIC, 0)) == 2 * FOLLOWERS + 1,
+                    "everything", 15)
+
+    assert drive(run, scenario) == 0
+    stuck = [codec_seq(b) for b in run.client.bodies if b'"user_id":"stuck' in b]
+    assert stuck == sorted(stuck)
+
+
+def test_a_hot_partition_released_below_chain_resume_is_not_starved_by_the_others_backlog(
+) -> None:
+    """After its hot chain is down to CHAIN_RESUME the partition is no longer held, but it
+    stays paused until the whole window is down to `resume_level`: while the other
+    partitions' backlog keeps the window above that, nothing resumes it."""
+    others = 1500
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, b"hot", track("hot", i)) for i in range(30)]
+           + [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(30, 60)]}
+    for p in (1, 2, 3):
+        log[(TOPIC, p)] = [Message(TOPIC, p, i, f"p{p}-{i}".encode(), track(f"p{p}-{i}", i))
+                           for i in range(others)]
+    from tests.unit.test_worker import SlowClient
+
+    run = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               client=SlowClient(0.02), WORKER_MAX_IN_FLIGHT="40")
+    seen: dict[str, int] = {}
+
+    async def scenario(source: FakeSource) -> None:
+        def done0() -> bool:
+            if source.committed().get((TOPIC, 0)) == 60:
+                seen.setdefault("others_when_p0_done",
+                                sum(source.committed().get((TOPIC, p), 0) for p in (1, 2, 3)))
+                return True
+            return False
+        await until(lambda: done0() or False, "partition 0", 60)
+        await until(lambda: all(source.committed().get((TOPIC, p)) == others
+                                for p in (1, 2, 3)), "the others", 60)
+
+    assert drive(run, scenario) == 0
+    # Partition 0 (60 events) should not wait for the others' 4,500.
+    assert seen["others_when_p0_done"] < 3 * others // 2, seen
+
+
+def test_a_hot_held_partition_revoked_and_assigned_again_is_consumed_to_its_end() -> None:
+    from tests.unit.test_worker_reassign import Reassigning
+
+    tp = (TOPIC, 0)
+    messages = [Message(TOPIC, 0, i, b"stuck", track("stuck", i)) for i in range(30)]
+    messages += [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(30, 40)]
+    client = HeldUser()
+    run = make({tp: list(messages)}, registry=known_schema(), client=client,
+               source_type=Reassigning, USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: tp in source.paused, "the hot partition held and paused")
+        assert isinstance(source, Reassigning)
+        source.revoke_next = [tp]
+        await until(lambda: tp not in run.worker.assigned, "revoked", 10)
+        client.release.set()
+        source.assign_next = {tp: list(messages)}
+        await until(lambda: source.committed().get(tp) == 40, "everything after re-assign", 15)
+
+    assert drive(run, scenario) == 0
