@@ -333,14 +333,14 @@ class Worker:
                                                          OVERFLOW_POLLS * POLL_BATCH)
         # The SCHEMA_WAIT window as of the last `_backpressure`, plus what intake took since,
         # and the partitions whose next message waits (in the overflow, not taken) because
-        # that window was full (event loop only; see `_backpressure`).
+        # that window was full or one of their chains is at CHAIN_MAX (event loop only; see
+        # `_backpressure`).
         self._schema_window = 0
-        self._schema_held: set[TP] = set()
-        # Of those, the partitions held because one chain reached CHAIN_MAX, with that chain.
-        self._hot: dict[TP, ChainKey] = {}
-        # Per held partition, its chain's finished count and when it last moved; the chains
-        # found stuck, which hold nothing until they are down to CHAIN_RESUME.
-        self._hot_progress: dict[TP, tuple[int, float]] = {}
+        self._held_back: set[TP] = set()
+        # Of those, the ones held for a chain: the chain, its finished count and when that
+        # last moved (`_release_hot`); the chains found stuck, which hold nothing until
+        # they are down to CHAIN_RESUME.
+        self._hot: dict[TP, tuple[ChainKey, int, float]] = {}
         self._stuck: set[ChainKey] = set()
         self._finished = 0  # events to send that reached their outcome (event loop)
         self._consumed = Children(self.m.events_consumed)
@@ -420,7 +420,7 @@ class Worker:
             while not self._stopping.is_set():
                 room = await self._backpressure(source, scheduler, idle=not scheduled)
                 # Fewer new messages while more than the overflow's size waits: it drains.
-                wanted = room + self.overflow.cap() - self.overflow.free(self._schema_held)
+                wanted = room + self.overflow.cap() - self.overflow.free(self._held_back)
                 if wanted <= 0:
                     # Window full, overflow at its size: each poll still takes a message
                     # (to serve acknowledgements); pace it instead of spinning.
@@ -631,7 +631,7 @@ class Worker:
         """
         handler = self.handler
         screen = None if handler.debug else handler.screen
-        held = self._schema_held  # empty but while the SCHEMA_WAIT window is full
+        held = self._held_back  # empty but while the SCHEMA_WAIT window is full or a chain hot
         deferred: list[KafkaMessage] = []
         # Per partition, the last offset taken (-1: none yet; None: not assigned).
         owned: dict[TP, int | None] = {}
@@ -749,8 +749,9 @@ class Worker:
         Returns the Drop instead when the event is dropped after all (debug logging on);
         the batch records it with the others. Events whose schema must be fetched first
         are scheduled too: the fetch happens in their task, off the poll path; but not
-        while the SCHEMA_WAIT window is full: then `_DEFER`, nothing recorded, and the
-        message waits in the overflow with the rest of its partition (`_backpressure`).
+        while the SCHEMA_WAIT window is full, nor past CHAIN_MAX events of one chain: then
+        `_DEFER`, nothing recorded, and the message waits in the overflow with the rest of
+        its partition (`_backpressure`).
         """
         ts_type, ts = message.timestamp()
         key = message.key()
@@ -772,9 +773,7 @@ class Worker:
                         log.info("%s[%d] held: one user has %d events in the window, sent one "
                                  "after another; the other partitions go on", tp[0], tp[1],
                                  CHAIN_MAX)
-                    self._hot[tp] = chain
-                    self._hot_progress.setdefault(
-                        tp, (scheduler.finished(chain), time.monotonic()))
+                    self._hot[tp] = (chain, scheduler.finished(chain), time.monotonic())
                     return _DEFER
         if event.decision is None:  # its schema is not known yet
             if self._schema_window >= self.s.max_in_flight:
@@ -796,19 +795,17 @@ class Worker:
         """Let go of the partitions held for a chain (CHAIN_MAX) once it is down to
         CHAIN_RESUME, or once none of its events finished for HOT_STALL_S (stuck)."""
         clock = time.monotonic()
-        for tp, chain in list(self._hot.items()):
+        for tp, (chain, seen, since) in list(self._hot.items()):
             done = scheduler.finished(chain)
-            seen, since = self._hot_progress.get(tp, (done, clock))
             if done != seen:
-                seen, since = done, clock
-            self._hot_progress[tp] = (seen, since)
+                self._hot[tp] = (chain, done, clock)
+                since = clock
             drained = scheduler.queued(chain) <= CHAIN_RESUME
             if drained or clock - since >= HOT_STALL_S:
                 if not drained:
                     self._stuck.add(chain)
                 del self._hot[tp]
-                del self._hot_progress[tp]
-                self._schema_held.discard(tp)
+                self._held_back.discard(tp)
         if self._stuck:
             self._stuck = {c for c in self._stuck if scheduler.queued(c) > CHAIN_RESUME}
 
@@ -906,17 +903,17 @@ class Worker:
             fullest, families, schema_window = self._window_load()
         pending = fullest
         self._schema_window = schema_window
-        if self._schema_held and schema_window <= resume_level(limit):
+        if self._held_back and schema_window <= resume_level(limit):
             # Their waiting messages are taken again; the hot chains' wait for their own.
-            self._schema_held.intersection_update(self._hot)
+            self._held_back.intersection_update(self._hot)
         if self._hot:
             self._release_hot(scheduler)
-        # Partitions whose message waits for the SCHEMA_WAIT window: paused, and kept so.
-        keep = self._schema_held
+        # Partitions whose message waits (SCHEMA_WAIT window, a hot chain): paused, kept so.
+        keep = self._held_back
         with self._parts_lock:
             # Paused only once the overflow holds twice its size: with deliveries fast, a
             # full window frees within a poll or two and the overflow bridges it.
-            full = (pending >= limit and self.overflow.free(self._schema_held)
+            full = (pending >= limit and self.overflow.free(self._held_back)
                     >= 2 * self.overflow.cap())
             now = time.monotonic()
             # A dry partition stays unpaused: a pause discards what librdkafka fetched, and
@@ -973,7 +970,7 @@ class Worker:
             await scheduler.wait_change(POLL_TIMEOUT_S)
             await source.call(self._commit, source, None, False)
             return POLL_TIMEOUT_S if self.commits.outstanding() else 0.0
-        return 0.0 if room and self.overflow.free(self._schema_held) else POLL_TIMEOUT_S
+        return 0.0 if room and self.overflow.free(self._held_back) else POLL_TIMEOUT_S
 
     @staticmethod
     async def _first_steps() -> None:
@@ -988,7 +985,7 @@ class Worker:
         """What to take now (`Overflow.take`): a partition no longer ours waits for
         nothing; one that brought a message is not dry any more."""
         return self.overflow.take(messages, room, self.commits.owns, self._arrived,
-                                  self._schema_held)
+                                  self._held_back)
 
     def _arrived(self, tp: TP) -> None:
         if self._dry:
@@ -1201,10 +1198,9 @@ class Worker:
 
         async def drain() -> None:
             self.overflow.forget(parts)
-            self._schema_held.difference_update(parts)
+            self._held_back.difference_update(parts)
             for tp in parts:
                 self._hot.pop(tp, None)
-                self._hot_progress.pop(tp, None)
             self._stuck = {c for c in self._stuck if (c[0], c[1]) not in parts}
             try:
                 # Lost too (nothing is committed then): requests already on the wire need
