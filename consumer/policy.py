@@ -101,6 +101,8 @@ class Gate:
             now = self._clock()
             if not self._probing and now >= self._next_probe:
                 self._probing = True
+                log.debug("probe: one request to see whether Userpilot works again (%s)",
+                          self.state)
                 return True
             self._changed.clear()
             timeout = max(0.01, self._next_probe - now) if not self._probing else None
@@ -189,8 +191,10 @@ class Gate:
     def _failed_probe(self, probe: bool, retry_after: float | None = None) -> None:
         if probe:
             self._probing = False
-            self._next_probe = self._clock() + self._probe_wait(retry_after)
+            wait = self._probe_wait(retry_after)
+            self._next_probe = self._clock() + wait
             self._probe_delay = min(self._probe_max, self._probe_delay * 2)
+            log.debug("probe failed; the next in %.2f s", wait)
             self._changed.set()
 
     def transient_failure(self, exc: Retry, probe: bool = False) -> None:
@@ -209,6 +213,7 @@ class Gate:
     def release(self, probe: bool) -> None:
         """A probe that ended without an answer (cancelled) frees the probe slot."""
         if probe:
+            log.debug("probe ended unanswered; the next waiting request probes")
             self._probing = False
             self._changed.set()
 
