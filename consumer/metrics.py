@@ -366,6 +366,12 @@ class Metrics:
             "paused_partitions",
             "Partitions paused for back-pressure.",
         )
+        self.held_for_one_user = gauge(
+            "partitions_held_for_one_user",
+            "Partitions held (paused) because one user has CHAIN_MAX events in the window, "
+            "sent one after another: until that user is down to CHAIN_RESUME, or none of its "
+            "events finished for HOT_STALL_S.",
+        )
         self.waiting_schema = gauge(
             "events_waiting_schema",
             "Events taken whose writer schema is not known yet (the registry has not given "

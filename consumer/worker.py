@@ -951,6 +951,7 @@ class Worker:
         self.m.paused_partitions.set(paused_count)
         self.m.in_flight.set(scheduler.in_flight)
         self.m.waiting_schema.set(schema_window)
+        self.m.held_for_one_user.set(len(self._hot))
         return max(0, min(POLL_BATCH, limit - pending))
 
     async def _poll_wait(self, source: Source, scheduler: Scheduler[Event], room: int

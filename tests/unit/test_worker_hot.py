@@ -146,11 +146,16 @@ def test_a_hot_held_partition_revoked_and_assigned_again_is_consumed_to_its_end(
     run = make({tp: list(messages)}, registry=known_schema(), client=client,
                source_type=Reassigning, USERPILOT_ENSURE_USER="false")
 
+    def held() -> float | None:
+        return run.worker.m.registry.get_sample_value("userpilot_partitions_held_for_one_user")
+
     async def scenario(source: FakeSource) -> None:
         await until(lambda: tp in source.paused, "the hot partition held and paused")
+        await until(lambda: held() == 1, "the held partition counted")
         assert isinstance(source, Reassigning)
         source.revoke_next = [tp]
         await until(lambda: tp not in run.worker.assigned, "revoked", 10)
+        await until(lambda: held() == 0, "a revoked partition no longer counted")
         client.release.set()
         source.assign_next = {tp: list(messages)}
         await until(lambda: source.committed().get(tp) == 40, "everything after re-assign", 15)
