@@ -73,6 +73,9 @@ required"). We follow the help page and RudderStack's destination, which sends
 ``context.traits.company`` only when ``company.id`` is set. If Userpilot confirms
 ``company_id``, this is the one line to change (the sandbox accepts either).
 """
+# Both keys Userpilot's documents name a company by: neither travels beside the chosen id
+# (identify's `company` object, the company identify's metadata).
+_COMPANY_ID_KEYS = ("id", "company_id")
 
 TRACK_PATH = "/v1/track"
 IDENTIFY_PATH = "/v1/identify"
@@ -260,9 +263,8 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
     # Neither spelling of the id may travel beside the chosen one: Userpilot's documents
     # disagree on which key names the company (`id`, `company_id`), so a second one could
     # attach the user to another company.
-    properties.pop(COMPANY_KEY, None)
-    properties.pop("id", None)
-    properties.pop("company_id", None)
+    for key in _COMPANY_ID_KEYS:
+        properties.pop(key, None)
     # The same size rule as all metadata (a `company` of 3,000 long keys made a 332 KB
     # identify body); Userpilot allows 512 KB of properties per app.
     properties = (limit or _default_company_limit)(properties)
@@ -318,9 +320,6 @@ def company_identify_payload(
             if omitted is not None:
                 omitted.append(f"{key} (the company's id is groupId)")
     return {"company_id": company_id or "", "metadata": metadata}
-
-
-_COMPANY_ID_KEYS = ("id", "company_id")
 
 
 # ---------------------------------------------------------------------------- calls
