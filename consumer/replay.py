@@ -335,11 +335,20 @@ def _count(text: str) -> int:
     return value
 
 
+def _status(text: str) -> str:
+    """An HTTP status as the DLQ header spells it: "abc" or " 42" matched no record, and
+    the run exited 0 with every record skipped by the filter (review "replay26")."""
+    status = text.strip()
+    if not (len(status) == 3 and status.isdigit() and 100 <= int(status) <= 599):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an HTTP status (100-599)")
+    return status
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="dlq_topic", required=True, help="the dead-letter topic")
     p.add_argument("--reason", action="append", default=[],
                    help="only this userpilot.error.reason (repeatable)")
-    p.add_argument("--status", action="append", default=[],
+    p.add_argument("--status", type=_status, action="append", default=[],
                    help="only this HTTP status (repeatable)")
     p.add_argument("--call", action="append", default=[], choices=CALLS,
                    help="only events that failed at this call (repeatable): --call track "
@@ -414,6 +423,13 @@ def run_replay(
         if info is None or info.error is not None:
             raise ConfigError(f"dead-letter topic {dlq_topic!r} does not exist")
         parts = [TopicPartition(dlq_topic, p) for p in sorted(info.partitions)]
+        absent = sorted(filters.partitions - set(info.partitions))
+        if absent:
+            # Nothing could match it: a run that exits 0 with every record "skipped by the
+            # filter" reads as "nothing to replay" (review "replay26").
+            raise ConfigError(
+                f"--partition {', '.join(map(str, absent))}: dead-letter topic {dlq_topic!r} "
+                f"has partitions 0-{len(parts) - 1}")
         if from_start and not dry_run:
             raise ValueError("from_start lists: a replay from the start would send again "
                              "what earlier runs replayed")
@@ -723,7 +739,7 @@ def main(args: argparse.Namespace) -> int:
         # As the headers spell them (snake_case reasons, bare status codes): `Bad_Request`
         # or " 429" would otherwise match nothing, and name a group of their own.
         reasons=frozenset(r.strip().lower() for r in args.reason),
-        statuses=frozenset(s.strip() for s in args.status), since=args.since,
+        statuses=frozenset(args.status), since=args.since,
         until=args.until, from_offset=args.from_offset, to_offset=args.to_offset,
         partitions=frozenset(args.partition), max_replays=max_replays,
         calls=frozenset(args.call),

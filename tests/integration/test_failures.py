@@ -329,6 +329,14 @@ def test_replay_after_fix_delivers_once_and_respects_the_limit(
 
         dry, listed = _replay(dlq, kafka_bootstrap, "--dry-run", "--status", "422")
         assert dry["summary"]["replayed"] == 4 and len(listed) == 4
+        # A partition the DLQ does not have can match nothing: refused, not "0 replayed".
+        absent = subprocess.run(
+            [sys.executable, "-m", "consumer", "replay", "--from", dlq, "--dry-run",
+             "--partition", "99"],
+            env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
+            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+        assert absent.returncode == 2, absent
+        assert f"--partition 99: dead-letter topic {dlq!r} has partitions 0-" in absent.stderr
         control.clear_faults()
         assert not [r for r in control.requests("/v1/track")
                     if r["body"]["event_name"] == "plan_viewed"]
