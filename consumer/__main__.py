@@ -556,6 +556,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C where a command has no handling of its own (a start-up reach check): a
+        # plain stop, not a traceback.
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -35,6 +35,10 @@ __all__ = [
     "Unreachable", "kafka", "redis", "registry", "resolve", "services", "userpilot"]
 
 _SILENT = logging.getLogger("consumer.reach.librdkafka")
+SLICE_S = 0.5
+"""The longest single wait for the brokers' metadata: Python runs a signal's handler only
+between calls into librdkafka, so one call of the whole timeout held Ctrl-C (and a
+SIGTERM before a command's own handling) for up to `--timeout` (review "replay26")."""
 _SILENT.addHandler(logging.NullHandler())
 _SILENT.propagate = False  # connection errors are summed up in the one line we return
 
@@ -137,7 +141,7 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
     except KafkaException as exc:
         return f"Kafka client refused the configuration: {exc.args[0]}"
     try:
-        metadata = producer.list_topics(timeout=timeout)
+        metadata = _metadata(producer, timeout)
     except KafkaException as exc:
         producer.poll(0.5)  # the error callbacks say why: refused, or not there
         refusal = _refusal(errors)
@@ -165,6 +169,21 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
     else:
         problem = None
     return problem or session_timeout_problem(conf, brokers)
+
+
+def _metadata(producer: Producer, timeout: float) -> Any:
+    """The cluster's metadata within `timeout` seconds, asked in `SLICE_S` waits; raises
+    the last wait's KafkaException when none answered in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        began = time.monotonic()
+        try:
+            return producer.list_topics(timeout=max(0.001, min(SLICE_S, deadline - began)))
+        except KafkaException:
+            now = time.monotonic()
+            if now >= deadline:
+                raise
+            time.sleep(max(0.0, min(SLICE_S - (now - began), deadline - now)))
 
 
 def missing_dlq_problem(bootstrap: str, dlq_topic: str,

@@ -413,6 +413,29 @@ def test_ctrl_c_while_run_waits_for_kafka_exits_130_without_a_traceback() -> Non
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
 
 
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_replays_reach_check_stops_it_at_once(sig: int, code: int) -> None:
+    """The check asked librdkafka for the metadata in one call of the whole `--timeout`,
+    and Python runs a signal's handler only between such calls: Ctrl-C waited the timeout
+    out, then printed a KeyboardInterrupt traceback (review "replay26")."""
+    env = only({"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
+    proc = subprocess.Popen([sys.executable, "-m", "consumer", "replay", "--from", "t.dlq",
+                             "--timeout", "30"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(3.0)  # imports done, in the reach check
+        assert proc.poll() is None
+        started = time.monotonic()
+        proc.send_signal(sig)
+        got = proc.wait(timeout=25)
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert got == code, (got, err.decode()[-2000:])
+    assert time.monotonic() - started < 10  # 0.5 s here; was the rest of the 30 s
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+
+
 def test_a_sigterm_while_run_starts_stops_it() -> None:
     """As PID 1 of a container a signal without a handler is ignored: a pod deleted while
     the worker started ran on until SIGKILL (review helm19). The handler is there from the
