@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -63,6 +64,8 @@ __all__ = [
     "default_group", "failed_call", "main", "replay_headers", "run_replay", "shown_key",
     "source_event",
 ]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -451,19 +454,29 @@ def run_replay(
         consumer.assign(starts)
         sent: dict[tuple[int, int], dict[str, Any]] = {}  # produced, awaiting the answer
         answers: dict[tuple[int, int], KafkaError | None] = {}
-        counts: dict[str, int | None] = {}  # origin topic -> its partition count
+        # origin topic -> (its partition count, None when unknown; when it was asked)
+        counts: dict[str, tuple[int | None, float]] = {}
 
         def partitions_of(topic: str) -> int | None:
-            """An origin topic's partition count, asked once per run (None: unknown,
-            and the record goes where the partitioner puts it)."""
-            if topic not in counts and producer is not None:
+            """An origin topic's partition count, asked once per run; when it could not
+            be read (None: the record goes where the partitioner puts it), asked again
+            COUNT_RETRY_S later. A failed lookup was kept for the whole run: one metadata
+            timeout sent every record after it where librdkafka's partitioner put it."""
+            known = counts.get(topic)
+            if producer is not None and (known is None or (
+                    known[0] is None and time.monotonic() - known[1] >= COUNT_RETRY_S)):
                 try:
                     meta = producer.list_topics(topic, timeout=10).topics.get(topic)
                 except KafkaException:
                     meta = None
-                counts[topic] = (len(meta.partitions) if meta is not None
-                                 and meta.error is None and meta.partitions else None)
-            return counts.get(topic)
+                count = (len(meta.partitions) if meta is not None and meta.error is None
+                         and meta.partitions else None)
+                if count is None and known is None:
+                    log.warning("partition count of %r not readable: its records go where "
+                                "the partitioner puts them until it is (asked again every "
+                                "%g s)", topic, COUNT_RETRY_S)
+                known = counts[topic] = (count, time.monotonic())
+            return None if known is None else known[0]
 
         position = {tp.partition: tp.offset for tp in starts}  # past what was handled
         committed_at = dict(position)
@@ -559,6 +572,8 @@ def run_replay(
         consumer.close()
 
 
+COUNT_RETRY_S = 5.0
+"""How long an origin topic's unreadable partition count stands before it is asked again."""
 REPLAY_MAX_BYTES = 64 * 1024 * 1024
 """The replay producer's local record limit: the origin topic's own limit decides."""
 _REFUSED_FOR_GOOD = frozenset({

@@ -691,6 +691,57 @@ def test_replay_writes_each_event_back_to_the_partition_it_came_from(
     assert landed[b"gone"] in (0, 1, 2)
 
 
+def test_a_failed_partition_count_lookup_is_asked_again(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lookup that failed once (a metadata timeout) was kept for the whole run: every
+    record after it went where librdkafka's partitioner put it, not to its partition."""
+    from confluent_kafka import KafkaError, KafkaException, Producer
+
+    from consumer import replay
+
+    class FirstLookupFails:
+        def __init__(self, producer: Any) -> None:
+            self._producer = producer
+            self.failed = 0
+
+        def list_topics(self, *args: Any, **kwargs: Any) -> Any:
+            if not self.failed:
+                self.failed += 1
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+            return self._producer.list_topics(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._producer, name)
+
+    from consumer.kafka import make_producer as real_make
+    made: list[FirstLookupFails] = []
+
+    def make(*args: Any, **kwargs: Any) -> FirstLookupFails:
+        made.append(FirstLookupFails(real_make(*args, **kwargs)))
+        return made[-1]
+
+    monkeypatch.setattr(replay, "make_producer", make)
+    monkeypatch.setattr(replay, "COUNT_RETRY_S", 0.0)
+    origin = topic_factory(partitions=3)
+    dlq = topic_factory(partitions=1, suffix="-dlq")
+    plain = Producer({"bootstrap.servers": kafka_bootstrap})
+    sent = {f"user-{i}".encode(): i % 3 for i in range(12)}
+    for key, partition in sent.items():
+        plain.produce(dlq, key=key, value=key, headers=[
+            ("__connect.errors.topic", origin.encode()),
+            ("__connect.errors.partition", str(partition).encode()),
+            ("__connect.errors.offset", b"0")])
+    assert plain.flush(30) == 0
+    summary = replay.run_replay({"bootstrap.servers": kafka_bootstrap}, dlq, f"{dlq}-r",
+                                replay.Filters(), dry_run=False, report=lambda _: None)
+    assert summary.replayed == 12 and made and made[0].failed == 1
+    wait_until(lambda: len(read_topic(kafka_bootstrap, origin)) == 12, 30, "replayed")
+    landed = {m.key(): m.partition() for m in read_topic(kafka_bootstrap, origin)}
+    later = list(sent)[1:]  # the first went where the partitioner put it
+    assert {k: landed[k] for k in later} == {k: sent[k] for k in later}
+
+
 def test_a_dry_run_commits_nothing_and_records_refused_for_good_are_named(
     kafka_bootstrap: str, topic_factory: Callable[..., str],
 ) -> None:
