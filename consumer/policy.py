@@ -12,7 +12,8 @@ Two rules make an outage harmless:
   time budget runs on the gate's up-clock (time held by the gate is not spent). Failing
   alone is evidence about the event; everything failing is evidence about Userpilot, and
   the event waits however long the outage lasts.
-Backoff is exponential with full jitter (tenacity), and honours Retry-After.
+Backoff is exponential with full jitter (tenacity), and honours Retry-After; none at a
+closed gate, whose probes pace the events waiting there.
 """
 
 from __future__ import annotations
@@ -189,7 +190,12 @@ class Gate:
         return max(self._probe_delay * random.uniform(0.8, 1.2), retry_after or 0.0)
 
     def _failed_probe(self, probe: bool, retry_after: float | None = None) -> None:
-        if probe:
+        if probe and self.state == "up":
+            # Its failure came after another request reopened the gate: no outage to
+            # pace, and the next one starts probing at the base delay again.
+            self._probing = False
+            self._changed.set()
+        elif probe:
             self._probing = False
             wait = self._probe_wait(retry_after)
             self._next_probe = self._clock() + wait
@@ -313,8 +319,13 @@ class RetryPolicy:
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, Pause):
-            return 0.0  # the gate does the waiting
+        if isinstance(exc, Pause) or self._gate.state != "up":
+            # The gate does the waiting, its probes paced by its own schedule (Retry-After
+            # their floor). An event asleep in its backoff is not at the gate to probe it:
+            # with few users waiting, each failed probe sent its event to sleep up to
+            # USERPILOT_RETRY_BACKOFF_MAX_SECONDS (60 s), and delivery resumed up to ~54 s
+            # after Userpilot did (review "outage26", simulated with the defaults).
+            return 0.0
         backoff = float(self._jitter(state))
         if isinstance(exc, Retry) and exc.retry_after is not None:
             asked = exc.retry_after + random.uniform(0, 0.1 * exc.retry_after + 0.05)

@@ -668,6 +668,38 @@ def test_probes_default_to_half_a_second_doubling_to_five() -> None:
         assert 0.8 * base <= got <= 1.2 * base
 
 
+def test_an_event_at_a_closed_gate_waits_there_not_in_its_backoff() -> None:
+    """Review outage26: after a failure that found the gate closed (a failed probe, too)
+    the event slept its backoff (up to 60 s by default) before it came back to the gate,
+    so with few users waiting nobody was there when the next probe was due: delivery
+    resumed up to ~54 s after Userpilot did."""
+    gate = Gate(outage_after=1, probe_base_s=0.01, probe_max_s=0.01)
+    sleep = FakeSleep(FakeClock())
+    send = Script([ServerError("HTTP 503")] * 6 + [None])
+    retrying = RetryPolicy(gate, max_attempts=5, budget_s=60.0, backoff_multiplier_s=1.0,
+                           backoff_max_s=60.0, sleep=sleep)
+    run(retrying.run(send, Attempts()))
+    assert send.calls == 7
+    assert sleep.slept == [0.0] * 6  # every wait was the gate's
+    assert gate.state == "up"
+
+
+def test_a_probe_failing_after_the_gate_reopened_leaves_the_probes_at_their_base() -> None:
+    clock = FakeClock()
+    gate = Gate(outage_after=3, clock=clock)
+    for _ in range(3):
+        gate.transient_failure(ServerError("HTTP 503"))
+    clock.now = gate._next_probe
+    assert run(gate.admit()) is True
+    gate.success()  # a request admitted before the gate closed was delivered: it reopens
+    gate.transient_failure(ServerError("HTTP 503"), probe=True)  # the probe's late 503
+    assert gate.state == "up" and not gate._probing
+    for _ in range(2):
+        gate.transient_failure(ServerError("HTTP 503"))
+    assert gate.state == "outage"
+    assert gate._next_probe - clock.now <= 1.2 * PROBE_BASE_S  # not twice the base
+
+
 def test_a_failed_probe_waits_at_least_retry_after() -> None:
     clock = FakeClock()
     gate = Gate(outage_after=1, clock=clock)
