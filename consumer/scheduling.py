@@ -59,6 +59,7 @@ class Scheduler(Generic[J]):
         self._run_ids = itertools.count()
         self._per_partition: dict[TopicPartition, int] = {}
         self._in_flight = 0
+        self._finished_total = 0  # jobs ended, ever (`wait_change` counts from it)
         self._changed = asyncio.Event()
         self.abandoned = 0
         """Jobs that left without finishing (cancelled, halted, or behind a crash), ever."""
@@ -167,6 +168,7 @@ class Scheduler(Generic[J]):
 
     def _done(self, topic: str, partition: int, count: int) -> None:
         self._in_flight -= count
+        self._finished_total += count
         tp = (topic, partition)
         left = self._per_partition.get(tp, 0) - count
         if left > 0:
@@ -187,14 +189,17 @@ class Scheduler(Generic[J]):
             return self._in_flight
         return sum(self._per_partition.get(tp, 0) for tp in partitions)
 
-    async def wait_change(self, timeout: float) -> None:
-        """Wait until some job finishes, or `timeout` seconds."""
+    async def wait_change(self, timeout: float, jobs: int = 1) -> None:
+        """Wait until `jobs` jobs ended (at least one, at most those in flight), or
+        `timeout` seconds."""
         if timeout <= 0:
             return
-        self._changed.clear()
+        target = self._finished_total + max(1, min(jobs, self._in_flight))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):  # not wait_for: see `Gate.admit`
-                await self._changed.wait()
+                while self._finished_total < target:
+                    self._changed.clear()
+                    await self._changed.wait()
 
     async def cancel(self, partitions: Iterable[TopicPartition] | None,
                      keep: Callable[[J], bool] | None = None) -> int:

@@ -97,6 +97,8 @@ SCHEMA_WAIT = "schema"
 own, so that a registry outage while a new schema version arrives holds only the
 partitions carrying it, not the replica."""
 POLL_TIMEOUT_S = 0.1
+WAKE_SHARE = 10
+"""A full window's loop waits for 1/WAKE_SHARE of it to finish (or POLL_TIMEOUT_S)."""
 _UNASKED = -2  # `_intake`: a partition's last offset not asked for yet in this slice
 _DEFER: Any = object()  # `_take`: not taken (SCHEMA_WAIT window full, or a chain at CHAIN_MAX)
 CHAIN_MAX = 16
@@ -964,11 +966,16 @@ class Worker:
         and their offsets are committed, not as messages arrive. While a commit awaits its
         acknowledgement the poll waits, and `KafkaSource` ends that wait when the
         acknowledgement is served (within milliseconds); otherwise, with events in
-        flight, the loop waits here for some to finish, commits them and lets the poll
-        wait for that acknowledgement, or not at all when nothing was due.
+        flight, the loop waits here for a tenth of the window to finish (`WAKE_SHARE`),
+        commits them and lets the poll wait for that acknowledgement, or not at all when
+        nothing was due.
         """
         if not room and scheduler.in_flight and not self.commits.outstanding():
-            await scheduler.wait_change(POLL_TIMEOUT_S)
+            # A tenth of the window, not each event: the room a finished event frees is
+            # too little to take, and woken per event (rate-limited, ~100 a second) the
+            # loop turned, committed and polled ~77 times a second; with this, ~45, and
+            # 8 % less CPU per delivered event (review "prof26", same runs).
+            await scheduler.wait_change(POLL_TIMEOUT_S, self.s.max_in_flight // WAKE_SHARE)
             await source.call(self._commit, source, None, False)
             return POLL_TIMEOUT_S if self.commits.outstanding() else 0.0
         return 0.0 if room and self.overflow.free(self._held_back) else POLL_TIMEOUT_S

@@ -380,3 +380,36 @@ def test_a_cancelled_chain_lets_who_waits_for_it_go_on() -> None:
         await asyncio.wait_for(sched.reached(barrier), 1)
 
     run(main)
+
+
+def test_wait_change_waits_for_as_many_jobs_as_asked_or_the_timeout() -> None:
+    """The worker's loop, its window full, waits for a tenth of it (review "prof26")."""
+    async def main() -> tuple[list[int], float]:
+        rec = Recorder()
+        _, on_crash = crash_collector()
+        sched: Scheduler[Work] = Scheduler(rec, on_crash)
+        jobs = [Work("t", 0, o, f"user-{o}") for o in range(6)]
+        for job in jobs:
+            sched.submit(job)
+        await settle()
+        seen: list[int] = []
+
+        async def finish_one_by_one() -> None:
+            for job in jobs[:4]:
+                await asyncio.sleep(0.01)
+                job.release.set()
+                await settle()
+                seen.append(sched.in_flight)
+
+        finisher = asyncio.create_task(finish_one_by_one())
+        await sched.wait_change(5.0, jobs=3)
+        woke_at = sched.in_flight  # after the third, not the first
+        await finisher
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await sched.wait_change(0.05, jobs=10)  # 2 left in flight, none finishing: timeout
+        return [woke_at, *seen], loop.time() - started
+
+    counts, waited = run(main)
+    assert counts[0] == 3, counts
+    assert 0.04 <= waited < 1.0
