@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO, TypeVar
+from typing import TYPE_CHECKING, TextIO
 
 from consumer.config import timeout_seconds, wait_seconds
 from consumer.errors import ConfigError, WorkerError
@@ -189,7 +189,7 @@ def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Hea
     deadline = time.monotonic() + wait_s
     delay = first_delay_s
     while True:
-        problems = _interruptible(check, tick=health.beat)
+        problems = reach.interruptible(check, tick=health.beat)
         if not problems or any(not isinstance(p, reach.Unreachable) for p in problems):
             health.set_waiting(None)
             return problems
@@ -499,34 +499,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         command.add_argument("--version", action="version",
                              version=f"{parser.prog} {_version()}")
     return parser
-
-
-T = TypeVar("T")
-
-
-def _interruptible(check: Callable[[], T], tick: Callable[[], None] | None = None) -> T:
-    """`check()` on a thread of its own, awaited in short waits: a signal handler runs
-    between them. Inside librdkafka's or a socket's blocking call (a start-up check of an
-    unreachable Kafka takes up to --timeout) the main thread ran no handler until the call
-    returned."""
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(check())
-        except BaseException as exc:  # re-raised on the main thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=target, name="start-up-check", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        if tick is not None:
-            tick()
-        thread.join(0.1)
-    if failure:
-        raise failure[0]
-    return result[0]
 
 
 def _stopped(_signum: int, _frame: object) -> None:

@@ -208,6 +208,10 @@ class Gate:
         if self.state == "up" and self._consecutive >= self._outage_after:
             self._next_probe = self._clock() + self._probe_wait(exc.retry_after)
             self._set("outage", f"{self._consecutive} failures in a row, last: {exc}")
+        elif self.state != "up" and exc.retry_after:
+            # An answer that came after the gate closed: its event waits at the gate now,
+            # not in its own backoff, so its Retry-After holds the probes (review "diff27").
+            self._next_probe = max(self._next_probe, self._clock() + exc.retry_after)
         self._failed_probe(probe, exc.retry_after)
 
     def misconfigured(self, exc: Pause, probe: bool = False) -> None:

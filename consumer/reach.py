@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -35,10 +36,7 @@ __all__ = [
     "Unreachable", "kafka", "redis", "registry", "resolve", "services", "userpilot"]
 
 _SILENT = logging.getLogger("consumer.reach.librdkafka")
-SLICE_S = 0.5
-"""The longest single wait for the brokers' metadata: Python runs a signal's handler only
-between calls into librdkafka, so one call of the whole timeout held Ctrl-C (and a
-SIGTERM before a command's own handling) for up to `--timeout` (review "replay26")."""
+T = TypeVar("T")
 _SILENT.addHandler(logging.NullHandler())
 _SILENT.propagate = False  # connection errors are summed up in the one line we return
 
@@ -172,18 +170,38 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
 
 
 def _metadata(producer: Producer, timeout: float) -> Any:
-    """The cluster's metadata within `timeout` seconds, asked in `SLICE_S` waits; raises
-    the last wait's KafkaException when none answered in time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        began = time.monotonic()
+    """The cluster's metadata within `timeout` seconds: one request, awaited so that a
+    signal's handler runs meanwhile (`interruptible`). In one call on the main thread
+    Ctrl-C (or a SIGTERM before a command's own handling) waited the timeout out, then
+    printed a traceback (review "replay26"); asked again in 0.5 s slices, a metadata
+    answer slower than a slice (a large cluster, a slow link) was never taken (review
+    "diff27")."""
+    return interruptible(lambda: producer.list_topics(timeout=timeout))
+
+
+def interruptible(check: Callable[[], T], tick: Callable[[], None] | None = None) -> T:
+    """`check()` on a thread of its own, awaited in short waits: a signal handler runs
+    between them. Inside librdkafka's or a socket's blocking call (a start-up check of an
+    unreachable Kafka takes up to --timeout) the main thread ran no handler until the call
+    returned. `tick` runs between the waits."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
         try:
-            return producer.list_topics(timeout=max(0.001, min(SLICE_S, deadline - began)))
-        except KafkaException:
-            now = time.monotonic()
-            if now >= deadline:
-                raise
-            time.sleep(max(0.0, min(SLICE_S - (now - began), deadline - now)))
+            result.append(check())
+        except BaseException as exc:  # re-raised on the calling thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="start-up-check", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        if tick is not None:
+            tick()
+        thread.join(0.1)
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 def missing_dlq_problem(bootstrap: str, dlq_topic: str,

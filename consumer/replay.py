@@ -342,6 +342,8 @@ def _status(text: str) -> str:
     """An HTTP status as the DLQ header spells it: "abc" or " 42" matched no record, and
     the run exited 0 with every record skipped by the filter (review "replay26")."""
     status = text.strip()
+    if not status:
+        return status  # dead letters without one: timeouts, connection errors
     if not (len(status) == 3 and status.isdigit() and 100 <= int(status) <= 599):
         raise argparse.ArgumentTypeError(f"{text!r} is not an HTTP status (100-599)")
     return status
@@ -352,7 +354,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reason", action="append", default=[],
                    help="only this userpilot.error.reason (repeatable)")
     p.add_argument("--status", type=_status, action="append", default=[],
-                   help="only this HTTP status (repeatable)")
+                   help="only this HTTP status (repeatable; \"\" for dead letters without "
+                   "one: timeouts, connection errors)")
     p.add_argument("--call", action="append", default=[], choices=CALLS,
                    help="only events that failed at this call (repeatable): --call track "
                    "--call ensure_user replays Track events only, leaving out identify and "

@@ -700,6 +700,17 @@ def test_a_probe_failing_after_the_gate_reopened_leaves_the_probes_at_their_base
     assert gate._next_probe - clock.now <= 1.2 * PROBE_BASE_S  # not twice the base
 
 
+def test_a_retry_after_that_comes_after_the_gate_closed_holds_the_probes() -> None:
+    """Its event waits at the gate, not in its backoff: without this it could probe at the
+    closing failure's 0.5 s, long before the 30 s it was asked to wait (review "diff27")."""
+    clock = FakeClock()
+    gate = Gate(outage_after=1, clock=clock)
+    gate.transient_failure(ServerError("HTTP 503"))  # another request's 503 closes it
+    assert gate._next_probe - clock.now <= 1.2 * PROBE_BASE_S
+    gate.transient_failure(RateLimited("HTTP 429", retry_after=30.0))  # this one's answer
+    assert gate._next_probe - clock.now >= 30.0
+
+
 def test_a_failed_probe_waits_at_least_retry_after() -> None:
     clock = FakeClock()
     gate = Gate(outage_after=1, clock=clock)

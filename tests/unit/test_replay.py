@@ -106,7 +106,7 @@ def test_reasons_and_statuses_are_read_as_the_headers_spell_them() -> None:
     assert seen[0].reasons == {"bad_request"} and seen[0].statuses == {"422"}
 
 
-@pytest.mark.parametrize("status", ["abc", "42", "600", "4220", "", "-42"])
+@pytest.mark.parametrize("status", ["abc", "42", "600", "4220", "-42", "4 2"])
 def test_a_status_that_is_not_an_http_status_is_refused(status: str) -> None:
     """It could match no record: the run exited 0 with everything skipped by the filter."""
     from consumer import replay
@@ -116,6 +116,16 @@ def test_a_status_that_is_not_an_http_status_is_refused(status: str) -> None:
     with pytest.raises(SystemExit) as exited:
         parser.parse_args(["--from", "dlq", "--status", status])
     assert exited.value.code == 2
+
+
+def test_an_empty_status_selects_the_dead_letters_without_one() -> None:
+    """Timeouts and connection errors have an empty status header: `--status ""`."""
+    from consumer import replay
+
+    parser = argparse.ArgumentParser()
+    replay.add_arguments(parser)
+    args = parser.parse_args(["--from", "dlq", "--status", "", "--status", " 503 "])
+    assert args.status == ["", "503"]
 
 
 def test_an_original_the_source_does_not_answer_for_stops_the_run_there(
