@@ -658,6 +658,21 @@ def test_replay_finishes_when_a_dlq_partition_ends_with_a_transaction_marker(
                == [b"v0", b"v1"], 30, "both replayed once")
 
 
+def _dead_letters_from(bootstrap: str, dlq: str, origin: str,
+                       partitions: dict[bytes, int]) -> None:
+    """Dead letters in Kafka Connect's headers: each key (its value too) from its
+    partition of `origin`."""
+    from confluent_kafka import Producer
+
+    plain = Producer({"bootstrap.servers": bootstrap})
+    for key, partition in partitions.items():
+        plain.produce(dlq, key=key, value=key, headers=[
+            ("__connect.errors.topic", origin.encode()),
+            ("__connect.errors.partition", str(partition).encode()),
+            ("__connect.errors.offset", b"0")])
+    assert plain.flush(30) == 0
+
+
 def test_replay_writes_each_event_back_to_the_partition_it_came_from(
     kafka_bootstrap: str, topic_factory: Callable[..., str],
 ) -> None:
@@ -665,23 +680,12 @@ def test_replay_writes_each_event_back_to_the_partition_it_came_from(
     a Java producer wrote came back on another partition, beside other users and out of
     order with its own user's live events. A partition the topic no longer has: wherever
     the partitioner puts it."""
-    from confluent_kafka import Producer
-
     from consumer import replay
 
     origin = topic_factory(partitions=3)
     dlq = topic_factory(partitions=1, suffix="-dlq")
-    plain = Producer({"bootstrap.servers": kafka_bootstrap})
     sent = {f"user-{i}".encode(): i % 3 for i in range(12)}
-    for key, partition in sent.items():
-        plain.produce(dlq, key=key, value=key, headers=[
-            ("__connect.errors.topic", origin.encode()),
-            ("__connect.errors.partition", str(partition).encode()),
-            ("__connect.errors.offset", b"0")])
-    plain.produce(dlq, key=b"gone", value=b"gone", headers=[
-        ("__connect.errors.topic", origin.encode()),
-        ("__connect.errors.partition", b"7"), ("__connect.errors.offset", b"0")])
-    assert plain.flush(30) == 0
+    _dead_letters_from(kafka_bootstrap, dlq, origin, {**sent, b"gone": 7})
     summary = replay.run_replay({"bootstrap.servers": kafka_bootstrap}, dlq, f"{dlq}-r",
                                 replay.Filters(), dry_run=False, report=lambda _: None)
     assert summary.replayed == 13
@@ -696,7 +700,7 @@ def test_a_failed_partition_count_lookup_is_asked_again(
 ) -> None:
     """A lookup that failed once (a metadata timeout) was kept for the whole run: every
     record after it went where librdkafka's partitioner put it, not to its partition."""
-    from confluent_kafka import KafkaError, KafkaException, Producer
+    from confluent_kafka import KafkaError, KafkaException
 
     from consumer import replay
 
@@ -725,14 +729,8 @@ def test_a_failed_partition_count_lookup_is_asked_again(
     monkeypatch.setattr(replay, "COUNT_RETRY_S", 0.0)
     origin = topic_factory(partitions=3)
     dlq = topic_factory(partitions=1, suffix="-dlq")
-    plain = Producer({"bootstrap.servers": kafka_bootstrap})
     sent = {f"user-{i}".encode(): i % 3 for i in range(12)}
-    for key, partition in sent.items():
-        plain.produce(dlq, key=key, value=key, headers=[
-            ("__connect.errors.topic", origin.encode()),
-            ("__connect.errors.partition", str(partition).encode()),
-            ("__connect.errors.offset", b"0")])
-    assert plain.flush(30) == 0
+    _dead_letters_from(kafka_bootstrap, dlq, origin, sent)
     summary = replay.run_replay({"bootstrap.servers": kafka_bootstrap}, dlq, f"{dlq}-r",
                                 replay.Filters(), dry_run=False, report=lambda _: None)
     assert summary.replayed == 12 and made and made[0].failed == 1
