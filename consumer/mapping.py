@@ -116,6 +116,8 @@ _PAGE_FIELDS = ("url", "path", "title", "referrer")
 _SUMMARY_ARRAYS = ("products", "items")
 _ID_KEYS = ("product_id", "item_id", "id", "sku")
 _NAME_KEYS = ("name", "item_name", "product_name")
+_ITEM_FIELDS = frozenset({"product_id", "product_name", "price", "quantity"})
+"""A summary's fields that describe its first item (not the count, nor the currency)."""
 _MISSING: Any = object()
 
 
@@ -506,11 +508,17 @@ def _derived_metadata(
             out["name"] = name
     preset_keys = frozenset(out) if is_page else frozenset()
 
+    # The first non-empty list is summarised (an empty `products` beside a filled `items`
+    # hid the item, review "events28"); with all of them empty, the first.
     summary_key: str | None = None
     for candidate in _SUMMARY_ARRAYS:
-        if isinstance(props.get(candidate), list):
-            summary_key = candidate
-            break
+        listed = props.get(candidate)
+        if isinstance(listed, list):
+            if summary_key is None:
+                summary_key = candidate
+            if listed:
+                summary_key = candidate
+                break
 
     shadowed: list[tuple[str, Primitive]] = []  # summary values whose name was taken
     for raw_key, value in props.items():
@@ -519,9 +527,21 @@ def _derived_metadata(
             _flatten_nested(out, key, value, props, omitted)
         elif isinstance(value, list):
             if key == summary_key:
-                for s_key, s_value in _summary(props, key, value).items():
-                    top = props.get(s_key, _MISSING)
-                    if s_key not in out and (top is _MISSING or not _is_primitive(top)):
+                summary = _summary(props, key, value)
+                # The first item's fields describe one product together: when the top level
+                # (or a flattened object) names a product itself, none of them is sent, or
+                # the top-level product_id went out with another product's name and price
+                # (review "events28").
+                other = any(_owned(out, props, s_key) for s_key in _ITEM_FIELDS
+                            if s_key in summary)
+                for s_key, s_value in summary.items():
+                    if other and s_key in _ITEM_FIELDS:
+                        if not _owned(out, props, s_key):
+                            omitted.append(f"{s_key} of {_shown(key)}[0] (the top level "
+                                           "names another product)")
+                        else:
+                            shadowed.append((s_key, s_value))
+                    elif not _owned(out, props, s_key):
                         out[s_key] = s_value
                     else:
                         shadowed.append((s_key, s_value))
@@ -549,6 +569,14 @@ def _derived_metadata(
     omitted.extend(_taken(key) for key, value in shadowed
                    if out.get(key, _MISSING) != value)
     return out
+
+
+def _owned(out: Mapping[str, Primitive], props: Mapping[Any, Any], key: str) -> bool:
+    """Whether `key` of a summary is taken: already in `out`, or a top-level primitive."""
+    if key in out:
+        return True
+    top = props.get(key, _MISSING)
+    return top is not _MISSING and _is_primitive(top)
 
 
 def _flatten_nested(

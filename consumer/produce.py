@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -98,6 +98,30 @@ def encode_lines(parsed: Iterable[Parsed], schema_id: int) -> Iterator[tuple[byt
         yield item.key, codec.encode(schema_id, item.record)
 
 
+MESSAGE_MAX_BYTES = 1_000_000
+"""librdkafka's `message.max.bytes` default: the largest record the producer sends."""
+RECORD_OVERHEAD_BYTES = 256
+"""Kept free below that limit for the record's framing (librdkafka counts it too)."""
+
+
+def check_sizes(parsed: Sequence[Parsed], records: Sequence[tuple[bytes | None, bytes]],
+                limit: int, source: str = "<stdin>") -> None:
+    """ProduceError naming every line whose record Kafka's client would refuse as too
+    large: checked before the first is sent, so one large line sends nothing (it was a
+    traceback after the lines before it had gone, review "events28")."""
+    problems = [
+        f"{source}:{item.line}: the event is {len(value) + len(key or b''):,} bytes as a "
+        f"Kafka record; the producer sends at most {limit - RECORD_OVERHEAD_BYTES:,} "
+        f"(message.max.bytes {limit:,}): make its properties smaller"
+        for item, (key, value) in zip(parsed, records, strict=True)
+        if len(value) + len(key or b"") > limit - RECORD_OVERHEAD_BYTES]
+    if problems:
+        shown = problems[:20]
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ProduceError(f"{len(problems)} line(s) too large; nothing was sent:\n  "
+                           + "\n  ".join(shown) + more)
+
+
 def produce_events(
     lines: Iterable[str | bytes], *, topic: str, bootstrap: str, registry_url: str,
     source: str = "<stdin>", extra_conf: dict[str, Any] | None = None,
@@ -109,6 +133,8 @@ def produce_events(
     Returns the number of events sent. ProduceError (one line) when a line is invalid or
     Kafka/the registry does not answer within ``timeout`` seconds.
     """
+    from confluent_kafka import KafkaException
+
     from consumer import reach
     from consumer.kafka import make_producer
     from consumer.registry import Registry
@@ -136,6 +162,8 @@ def produce_events(
         # (it was an uncaught traceback quoting it, review "secrets18").
         raise ProduceError(f"nothing was sent: the schema registry refused to register the "
                            f"schema of {topic!r}: {registry.redact(str(exc))[:300]}") from None
+    records = list(encode_lines(parsed, schema_id))
+    check_sizes(parsed, records, int(conf.get("message.max.bytes", MESSAGE_MAX_BYTES)), source)
     producer = make_producer(conf)
     failures: list[str] = []
 
@@ -143,13 +171,20 @@ def produce_events(
         if err is not None:
             failures.append(str(err))
 
-    for key, value in encode_lines(parsed, schema_id):
+    for sent, (key, value) in enumerate(records):
         while True:
             try:
                 producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
                 break
             except BufferError:
                 producer.poll(0.1)
+            except KafkaException as exc:
+                # One line, not a traceback, saying what already went (review "events28").
+                producer.flush(min(timeout, 60.0))
+                raise ProduceError(
+                    f"line {parsed[sent].line}: Kafka's client refused the record "
+                    f"({exc.args[0].str() if exc.args else exc}); the {sent} event(s) before "
+                    f"it were sent, the rest not") from None
         producer.poll(0)
     left = producer.flush(60)
     if left or failures:

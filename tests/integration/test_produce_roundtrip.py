@@ -102,3 +102,25 @@ def test_produce_refuses_a_file_with_a_bad_line_and_sends_nothing(
     assert "bad.jsonl:2" in done.stderr and "bad.jsonl:3" in done.stderr
     assert "userId" in done.stderr and "nothing was sent" in done.stderr
     assert _consume_all(kafka_bootstrap, topic, 1) == []
+
+
+def test_produce_refuses_a_file_with_a_record_over_the_producer_limit_and_sends_nothing(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    """Review "events28": 3,000 good lines then one of 1.1 MB sent the 3,000, then stopped
+    with a traceback (MSG_SIZE_TOO_LARGE); a re-run after the fix duplicated them."""
+    topic = topic_factory(partitions=1)
+    fixture = tmp_path / "big.jsonl"
+    big = {**FIXTURE[0], "properties": {"s": "x" * 1_100_000}}
+    fixture.write_text(json.dumps(FIXTURE[0]) + "\n" + json.dumps(big) + "\n",
+                       encoding="utf-8")
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+           "SCHEMA_REGISTRY_URL": schema_registry_url}
+    done = subprocess.run([sys.executable, "-m", "consumer", "produce", "--topic", topic,
+                           "--file", str(fixture)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "big.jsonl:2" in done.stderr and "nothing was sent" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert _consume_all(kafka_bootstrap, topic, 1) == []

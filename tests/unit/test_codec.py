@@ -196,7 +196,6 @@ def test_decode_with_an_equal_but_separately_parsed_writer_schema() -> None:
 @pytest.mark.parametrize(("event", "names"), [
     ({"type": "track", "evnt": "E"}, ["evnt"]),
     ({"type": "track", "zzz": 1, "aaa": 2}, ["aaa", "zzz"]),
-    ({"type": " "}, ["type", "non-empty"]),
     ({"type": 7}, ["type", "7"]),
     ({}, ["type", "None"]),
     ({"type": "track", "event": 5}, ["event", "int"]),
@@ -208,8 +207,8 @@ def test_decode_with_an_equal_but_separately_parsed_writer_schema() -> None:
     ({"type": "identify", "traits": 3}, ["traits", "int"]),
     ({"type": "track", "context": "web"}, ["context", "str"]),
     ({"type": "track", "properties": {"x": float("nan")}}, ["properties", "NaN"]),
-    ({"type": "track", "properties": {"x": [float("inf")]}}, ["properties", "NaN"]),
-    ({"type": "identify", "traits": {"x": float("-inf")}}, ["traits"]),
+    ({"type": "track", "properties": {"x": [float("nan"), float("inf")]}}, ["properties", "NaN"]),
+    ({"type": "identify", "traits": {"x": float("-nan")}}, ["traits"]),
     ({"type": "track", "context": {"consent": {"a": float("nan")}}}, ["context.consent"]),
     ({"type": "track", "context": {"os": float("nan")}}, ["context"]),
 ])
@@ -579,3 +578,13 @@ def test_extra_is_parsed_once_for_the_page_and_the_whole_context() -> None:
     assert event.page["custom"] == "a\ufffdb"
     assert event["context"]["page"]["custom"] == "a\ufffdb"
     assert event.replaced == 1
+
+
+def test_an_infinite_number_is_written_as_one_too_large_for_a_double() -> None:
+    """Review "events28": JSON's `1e400` reads as infinity; the record's text says 1e999 (as
+    large, and JSON), which the worker reads back as infinity, not a refusal."""
+    record = codec.to_record({"type": "track", "properties": {
+        "a": float("inf"), "b": [float("-inf"), 1.5], "c": "@@x@@"}})
+    assert record["properties"] == '{"a":1e999,"b":[-1e999,1.5],"c":"@@x@@"}'
+    assert json.loads(record["properties"]) == {"a": float("inf"), "b": [float("-inf"), 1.5],
+                                                "c": "@@x@@"}

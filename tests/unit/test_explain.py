@@ -110,7 +110,7 @@ def test_drops_name_the_reason_and_category() -> None:
 
 
 def test_invalid_lines_are_dead_letters_with_their_line_number() -> None:
-    docs = list(explain_lines([DELIVERED, "", "{not json", "   ", line(type=""),
+    docs = list(explain_lines([DELIVERED, "", "{not json", "   ", line(type=3),
                                json.dumps([1]), line(type="track", bogus=1)], SETTINGS))
     assert docs[0]["decision"] == "deliver"
     bad = docs[1:]
@@ -120,10 +120,10 @@ def test_invalid_lines_are_dead_letters_with_their_line_number() -> None:
     assert "bogus" in bad[3]["reason"]
 
 
-@pytest.mark.parametrize("kind", ["screen", "alias", "Track"])
+@pytest.mark.parametrize("kind", ["screen", "alias", "Track", "", " track"])
 def test_a_type_the_worker_drops_is_explained_as_dropped(kind: str) -> None:
     """`run` drops a record of any other type as unsupported_type; explain called it a dead
-    letter (review "mapping22")."""
+    letter (review "mapping22"), and a blank one still (review "events28")."""
     (doc,) = explain_lines([line(type=kind, userId="u", name="Home",
                                  context={"consent": {"analytics": True}})], SETTINGS)
     assert (doc["decision"], doc["reason"]) == ("drop", "unsupported_type")
@@ -165,3 +165,15 @@ def test_a_lone_surrogate_in_an_id_is_noted_as_replaced() -> None:
     assert doc["decision"] == "deliver", doc
     assert doc["request"]["body"]["user_id"] == "abc\ufffd"
     assert doc["replaced_surrogates"] == 2
+
+
+@pytest.mark.parametrize("literal", ["1e400", "-1e400"])
+def test_a_number_too_large_for_a_double_is_left_out_as_run_leaves_it_out(literal: str) -> None:
+    """Review "events28": valid JSON, read as infinity; explain called the event a dead
+    letter while `run` delivered it without that field."""
+    text = ('{"type":"track","event":"Feature Used","userId":"k2",'
+            '"context":{"consent":{"analytics":true}},"properties":{"a":' + literal + ',"b":2}}')
+    (doc,) = explain_lines([text], SETTINGS)
+    assert doc["decision"] == "deliver"
+    assert doc["request"]["body"]["metadata"] == {"b": 2}
+    assert "a" in doc["omitted"]

@@ -368,9 +368,33 @@ def test_summary_currency(props: dict[str, Any], currency: str) -> None:
     ],
 )
 def test_top_level_beats_summary(props: dict[str, Any]) -> None:
-    result = metadata(props)
-    assert result["price"] == 10
-    assert result["product_id"] == "p"
+    """The top level's price describes a product: the first item's fields, another
+    product's, are not sent beside it (review "events28")."""
+    assert metadata(props) == {"price": 10, "products_count": 1}
+
+
+def test_a_top_level_product_id_is_never_sent_with_the_first_items_name_and_price() -> None:
+    """Review "events28": the top-level product_id went out with products[0]'s name, price
+    and quantity, another product's."""
+    from consumer.mapping import build_payload
+
+    props = {"product_id": "SKU-TOP", "products": [
+        {"product_id": "SKU-001", "name": "Headphones", "price": 79.99, "quantity": 1}]}
+    rule = DEFAULT_PRESET.lookup(track("Product Viewed"))
+    assert rule is not None
+    built = build_payload(track("Product Viewed", props), rule)
+    assert built.body["metadata"] == {"product_id": "SKU-TOP", "products_count": 1}
+    assert set(built.omitted) == {
+        "product_id (name taken)",
+        *(f"{key} of products[0] (the top level names another product)"
+          for key in ("product_name", "price", "quantity"))}
+
+
+def test_an_empty_products_list_does_not_hide_the_items() -> None:
+    """Review "events28": `products: []` was summarised and the filled `items` left out."""
+    props = {"products": [], "items": [{"product_id": "SKU-9", "name": "Cable", "price": 5}]}
+    assert metadata(props) == {"product_id": "SKU-9", "product_name": "Cable", "price": 5,
+                               "items_count": 1, "products_count": 0}
 
 
 def test_top_level_product_id_and_count_beat_summary() -> None:
@@ -804,9 +828,13 @@ def test_left_out_fields_are_reported() -> None:
     ({"product": {"id": "NESTED"}, "products": [{"product_id": "SKU-9"}]},
      {"product_id": "NESTED", "products_count": 1}, ("product_id (name taken)",)),
     ({"price": None, "products": [{"product_id": "SKU-9", "price": 3}]},
-     {"price": None, "product_id": "SKU-9", "products_count": 1}, ("price (name taken)",)),
+     {"price": None, "products_count": 1},
+     ("product_id of products[0] (the top level names another product)",
+      "price (name taken)")),
     ({"products": [{"product_id": "SKU-9", "price": 3}], "price": 4},
-     {"price": 4, "product_id": "SKU-9", "products_count": 1}, ("price (name taken)",)),
+     {"price": 4, "products_count": 1},
+     ("product_id of products[0] (the top level names another product)",
+      "price (name taken)")),
     ({"products_count": 1, "products": [{"product_id": "SKU-9"}]},
      {"products_count": 1, "product_id": "SKU-9"}, ()),
 ])

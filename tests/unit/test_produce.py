@@ -25,7 +25,7 @@ def test_good_lines_are_parsed_with_their_numbers_and_keys() -> None:
 
 def test_bad_lines_are_named_and_nothing_is_accepted() -> None:
     lines = [GOOD, "{not json", GOOD, json.dumps({"type": "track", "evnt": "x"}),
-             json.dumps({"type": ""}), json.dumps([1, 2])]
+             json.dumps({"type": 5}), json.dumps([1, 2])]
     with pytest.raises(ProduceError) as info:
         parse_lines(lines, source="events.jsonl")
     text = str(info.value)
@@ -165,3 +165,19 @@ def test_librdkafka_speaks_through_the_logging_setup_unless_the_caller_chose(
                            extra_conf=extra)
     assert isinstance(seen[0]["logger"], logging.Logger) and seen[0]["logger"] is not mine
     assert seen[1]["logger"] is mine
+
+
+def test_a_record_over_the_producers_limit_is_named_before_anything_is_sent() -> None:
+    """Review "events28": the size was not validated; the lines before a 1.1 MB one went."""
+    from consumer.produce import RECORD_OVERHEAD_BYTES, check_sizes
+
+    parsed = parse_lines([GOOD, GOOD, GOOD])
+    limit = 10_000
+    fits = limit - RECORD_OVERHEAD_BYTES - len(b"user_001")
+    records = [(b"user_001", b"v" * fits), (b"user_001", b"v" * (fits + 1)), (None, b"v")]
+    with pytest.raises(ProduceError) as info:
+        check_sizes(parsed, records, limit, "f.jsonl")
+    text = str(info.value)
+    assert text.startswith("1 line(s) too large; nothing was sent")
+    assert "f.jsonl:2:" in text and "f.jsonl:1:" not in text and "f.jsonl:3:" not in text
+    check_sizes(parsed, [records[0], records[2], records[2]], limit, "f.jsonl")
