@@ -790,15 +790,20 @@ def _kafka_together(reader: _Reader, extra: Mapping[str, str | Secret], group_id
     variables it is about; its configuration warnings become notes, except a SASL mechanism
     without a SASL protocol: the connection would be unauthenticated, the credentials unused
     (librdkafka only warns, and `run` connected in plaintext; review config19)."""
-    from consumer.librdkafka import client_problem
+    from consumer.librdkafka import ALIASES, client_problem
 
     conf = {k: v.reveal() if isinstance(v, Secret) else v for k, v in extra.items()}
     warnings: list[str] = []
     refused = client_problem({**conf, "group.id": group_id or "check-config"}, warnings)
 
+    def said(key: str, text: str) -> bool:
+        return f"`{key}`" in text or f"{key} " in text or f'"{key}"' in text
+
     def named(text: str) -> str:
+        # Also by librdkafka's name for it: its messages say compression.codec for
+        # compression.type, and the note named no setting (review "ops28").
         names = [f"KAFKA_{key.upper().replace('.', '_')}" for key in sorted(conf)
-                 if f"`{key}`" in text or f"{key} " in text or f'"{key}"' in text]
+                 if said(key, text) or (key in ALIASES and said(ALIASES[key], text))]
         return f" (set by {', '.join(names)})" if names else ""
 
     if refused is not None:

@@ -52,8 +52,27 @@ _CONSUMER_ONLY = (
     "consume.callback.max.messages", "statistics.interval.ms")
 
 
+_PRODUCER_ONLY = (
+    # librdkafka's producer-only properties (CONFIGURATION.md, "P"), aliases included: they
+    # reach the dead-letter producer, and the consumer given one logged on every start that
+    # it "will be ignored", naming the setting in effect as ignored (review "ops28").
+    "transactional.id", "transaction.timeout.ms", "enable.idempotence",
+    "enable.gapless.guarantee", "queue.buffering.max.messages", "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms", "linger.ms", "message.send.max.retries", "retries",
+    "queue.buffering.backpressure.threshold", "compression.codec", "compression.type",
+    "compression.level", "batch.num.messages", "batch.size", "delivery.report.only.error",
+    "sticky.partitioning.linger.ms", "request.required.acks", "acks", "request.timeout.ms",
+    "message.timeout.ms", "delivery.timeout.ms", "queuing.strategy", "produce.offset.report",
+    "partitioner")
+ALIASES = {"compression.type": "compression.codec", "linger.ms": "queue.buffering.max.ms",
+           "acks": "request.required.acks", "retries": "message.send.max.retries",
+           "delivery.timeout.ms": "message.timeout.ms"}
+"""librdkafka's own name for a setting, as its messages spell it."""
+
+
 def consumer_settings(conf: Mapping[str, Any]) -> dict[str, Any]:
-    """The source consumer's settings: the worker's own, then the user's (`conf`)."""
+    """The source consumer's settings: the worker's own, then the user's (`conf`), less
+    what only the dead-letter producer uses."""
     return {
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -73,7 +92,7 @@ def consumer_settings(conf: Mapping[str, Any]) -> dict[str, Any]:
         # keys undelivered meanwhile, with no lag series and readiness green.
         "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
         "session.timeout.ms": SESSION_TIMEOUT_MS,
-        **conf,
+        **{k: v for k, v in conf.items() if k not in _PRODUCER_ONLY},
     }
 
 

@@ -305,7 +305,7 @@ class Metrics:
         )
         self.delivered = counter(
             "events_delivered",
-            "Events accepted by Userpilot (HTTP 202).",
+            "Events accepted by Userpilot (any HTTP 2xx).",
             ["event_name"],
         )
         self.responses = counter(

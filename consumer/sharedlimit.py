@@ -24,7 +24,8 @@ sleeps for a local slot past a due probe.
 
 Not covered (documented): a network partition in which some replicas reach Redis and
 others do not: those on the fallback add their shares on top; Userpilot's 429 then slows
-them (`slow_down`).
+them (`slow_down`). Nor a group whose replicas differ in having REDIS_URL (a rolling upgrade
+that turns Redis on or off): the README says to scale to 0 for that change.
 """
 
 from __future__ import annotations

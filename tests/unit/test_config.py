@@ -815,6 +815,58 @@ def test_consumer_only_settings_do_not_reach_the_producer() -> None:
     assert len(warned) == 1 and "sasl.mechanism" in warned[0]  # warnings are captured
 
 
+def test_producer_only_settings_reach_the_dlq_producer_and_no_note_calls_them_ignored() -> None:
+    """Review "ops28": KAFKA_COMPRESSION_TYPE, KAFKA_LINGER_MS... reach the dead-letter
+    producer, yet each start noted librdkafka's "is a producer property and will be ignored
+    by this consumer instance", under librdkafka's own name (compression.codec) and naming
+    no variable."""
+    from consumer.librdkafka import _PRODUCER_ONLY, consumer_settings, producer_settings
+
+    settings = load(KAFKA_ACKS="all", KAFKA_COMPRESSION_TYPE="zstd", KAFKA_LINGER_MS="20",
+                    KAFKA_MESSAGE_TIMEOUT_MS="30000", KAFKA_BATCH_SIZE="100000")
+    assert [n for n in settings.notes if "librdkafka" in n] == []
+    extra = settings.kafka_extra
+    assert not set(consumer_settings(extra)) & set(_PRODUCER_ONLY)
+    produced = producer_settings(extra)
+    assert (produced["compression.type"], produced["linger.ms"], produced["batch.size"]) == (
+        "zstd", "20", "100000")
+    from consumer.librdkafka import client_problem
+
+    warned: list[str] = []
+    assert client_problem({"group.id": "g", **extra}, warned) is None
+    assert warned == []
+
+
+def test_the_producer_only_list_is_what_librdkafka_calls_producer_properties() -> None:
+    """Each listed name makes a consumer warn (so the list holds no consumer setting)."""
+    from consumer.librdkafka import _PRODUCER_ONLY, client_problem
+
+    sample = {"transactional.id": "t", "enable.idempotence": True, "linger.ms": 5,
+              "compression.type": "lz4", "acks": "all", "message.timeout.ms": 30000,
+              "batch.num.messages": 10, "partitioner": "murmur2"}
+    assert set(sample) <= set(_PRODUCER_ONLY)
+    from confluent_kafka import Consumer
+
+    for key, value in sample.items():
+        warned: list[str] = []
+        from consumer import librdkafka
+
+        with librdkafka._capture(warned):
+            consumer = Consumer({"group.id": "g", key: value, "logger": librdkafka._CHECK})
+            consumer.poll(0)
+            consumer.close()
+        assert any("producer property" in w for w in warned), key
+    assert client_problem({"group.id": "g", "compression.type": "lz4"}, []) is None
+
+
+def test_a_message_names_the_variable_by_librdkafkas_alias_too() -> None:
+    """librdkafka says message.timeout.ms for delivery.timeout.ms (compression.codec for
+    compression.type): the message named only the other variable, or none (review ops28)."""
+    message = problem(KAFKA_DELIVERY_TIMEOUT_MS="10", KAFKA_LINGER_MS="20")
+    assert "`message.timeout.ms` must be greater than `linger.ms`" in message
+    assert "(set by KAFKA_DELIVERY_TIMEOUT_MS, KAFKA_LINGER_MS)" in message
+
+
 @pytest.mark.parametrize(("name", "value", "says"), [
     ("KAFKA_ACKS", "1", "acks=all"),
     ("KAFKA_REQUEST_REQUIRED_ACKS", "0", "acks=all"),
