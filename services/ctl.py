@@ -20,7 +20,9 @@ restart Kafka mid-delivery; plain `up` always starts a fresh cluster. `kill` is 
 (a crash; the data stays), `freeze`/`thaw` are SIGSTOP/SIGCONT (a hung process).
 
 Environment: KAFKA_PORT (19092; the controller uses KAFKA_PORT+1), REGISTRY_PORT (18081),
-REDIS_PORT (16379; Debian's ``redis-server``, which `make sysdeps` installs),
+REDIS_PORT (16379; Debian's ``redis-server``, which `make sysdeps` installs); unset, a port
+is the one the run dir's last `up` of that service used, else the default in brackets;
+SERVICES_RUN_DIR (the run dir, ``<repo>/.run/services``),
 SERVICES_START_TIMEOUT (seconds, 180), KAFKA_JAVA_OPTS / REGISTRY_JAVA_OPTS (extra JVM flags).
 
 Apicurio 3.0.9 rather than 3.3.x (the only other 3.x releases on Maven Central): 3.3.x is
@@ -86,8 +88,19 @@ def _env_int(name: str, default: int) -> int:
         raise ServiceError(f"{name}={raw!r} is not an integer") from None
 
 
+def _port(name: str, service: str, default: int) -> int:
+    """The port variable if set, else the port this run dir's last `up` of the service used
+    (`<service>.port`), else the default: `env` after a `kill` printed the default port,
+    not the one the run dir's service had (review "faults28")."""
+    if os.environ.get(name, "").strip():
+        return _env_int(name, default)
+    with contextlib.suppress(OSError, ValueError):
+        return int((RUN_DIR / f"{service}.port").read_text().strip())
+    return default
+
+
 def kafka_port() -> int:
-    return _env_int("KAFKA_PORT", 19092)
+    return _port("KAFKA_PORT", "kafka", 19092)
 
 
 def controller_port() -> int:
@@ -95,11 +108,11 @@ def controller_port() -> int:
 
 
 def registry_port() -> int:
-    return _env_int("REGISTRY_PORT", 18081)
+    return _port("REGISTRY_PORT", "registry", 18081)
 
 
 def redis_port() -> int:
-    return _env_int("REDIS_PORT", 16379)
+    return _port("REDIS_PORT", "redis", 16379)
 
 
 def redis_url(port: int | None = None) -> str:
@@ -559,6 +572,7 @@ def up_one(name: str, keep_data: bool = False) -> bool:
         proc = subprocess.Popen(cmd, cwd=svc.dir, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     svc.pid_file.write_text(f"{proc.pid} {svc.wanted_port()}\n")
+    (RUN_DIR / f"{svc.name}.port").write_text(f"{svc.wanted_port()}\n")  # kept after down
     try:
         _wait_ready(svc, proc.pid, svc.wanted_port(), proc)
     except ServiceError:
