@@ -207,7 +207,10 @@ class Gate:
         self._consecutive += 1
         if self.state == "up" and self._consecutive >= self._outage_after:
             self._next_probe = self._clock() + self._probe_wait(exc.retry_after)
-            self._set("outage", f"{self._consecutive} failures in a row, last: {exc}")
+            hint = ("; Userpilot is limiting this token: another sender uses it, or "
+                    "USERPILOT_RATE_LIMIT is above its limit" if isinstance(exc, RateLimited)
+                    else "")  # a run of 429s read as an outage (review "faults28")
+            self._set("outage", f"{self._consecutive} failures in a row, last: {exc}{hint}")
         elif self.state != "up" and exc.retry_after:
             # An answer that came after the gate closed: its event waits at the gate now,
             # not in its own backoff, so its Retry-After holds the probes (review "diff27").

@@ -70,6 +70,18 @@ def test_gate_closes_after_n_consecutive_transient_failures() -> None:
     assert len(changes) == 1  # no repeat notification while already in outage
 
 
+def test_a_gate_closed_by_429s_says_the_token_is_limited_not_only_an_outage() -> None:
+    """Review "faults28": a run of 429s read "delivery paused (outage)" and nothing more."""
+    changes: list[tuple[str, str]] = []
+    gate = Gate(outage_after=2, clock=FakeClock(),
+                on_change=lambda state, detail: changes.append((state, detail)))
+    for _ in range(2):
+        gate.transient_failure(RateLimited("HTTP 429"))
+    assert changes == [("outage", "2 failures in a row, last: HTTP 429; Userpilot is limiting "
+                        "this token: another sender uses it, or USERPILOT_RATE_LIMIT is above "
+                        "its limit")]
+
+
 @pytest.mark.parametrize("reset", ["success", "answered"])
 def test_any_answer_resets_the_run_of_failures(reset: str) -> None:
     gate = Gate(outage_after=3, clock=FakeClock())
