@@ -73,8 +73,6 @@ VALUE_SHA256 = "userpilot.error.value_sha256"
 VALUE_SIZE = "userpilot.error.value_size"
 KEY_OMITTED = "userpilot.error.key_omitted"
 HEADERS_OMITTED = "userpilot.error.headers_omitted"
-_REPLAY_HEADERS = frozenset({REPLAY_COUNT, REPLAY_SEAL, ORIGINAL_TIMESTAMP})
-"""What `replay` writes beside the error headers: kept only on an event it sealed."""
 # librdkafka's message.max.bytes default; the broker's default topic limit is 1,048,588.
 PRODUCER_MAX_BYTES = 1_000_000
 # Record framing on top of key, value and headers, over-estimated (librdkafka's v2
@@ -204,22 +202,19 @@ def sealed_replay_count(headers: Sequence[Header] | None, topic: str, value: byt
 def dlq_headers(
     original: Sequence[Header] | None, *, topic: str, partition: int, offset: int,
     failure: Failure, secrets: Iterable[str] = (), timestamp_ms: int | None = None,
-    replayed: bool = False,
 ) -> list[Header]:
     """Original headers (minus stale error headers) plus the error context, and the
     original record's `timestamp_ms` (`ORIGINAL_TIMESTAMP`).
 
     `secrets` (the token) are masked in the body and message before they are truncated;
-    a fragment of one at the end of a body truncated upstream is masked too. `replayed`:
-    the event carries replay's valid seal (`sealed_replay_count`); otherwise the replay
-    headers it came with are not ours and are left out, or a source record carrying
-    `userpilot.replay.count: 999` was refused by `replay` as over its limit (review
-    "events28").
+    a fragment of one at the end of a body truncated upstream is masked too. The replay
+    count and original time stay, sealed or not: `replay` without the token, or after a
+    rotation, writes records the worker cannot verify, and their count is what bounds
+    replaying a poison event (review diff28).
     """
     kept = [
         (k, v) for k, v in (original or ())
         if not k.startswith("__connect.errors.") and not k.startswith("userpilot.error.")
-        and (replayed or k not in _REPLAY_HEADERS)
     ]
     secrets = list(secrets)
     body = redact(failure.body, secrets)[:BODY_LIMIT]
@@ -353,15 +348,13 @@ def without_originals(record: DlqRecord) -> DlqRecord:
 def dead_letter_record(
     *, key: bytes | None, value: bytes | None, headers: Sequence[Header] | None,
     timestamp_ms: int | None, topic: str, partition: int, offset: int, failure: Failure,
-    max_bytes: int = PRODUCER_MAX_BYTES, secrets: Iterable[str] = (), replayed: bool = False,
+    max_bytes: int = PRODUCER_MAX_BYTES, secrets: Iterable[str] = (),
 ) -> DlqRecord:
     """The DLQ record for one event: its bytes plus error headers, or, when that would be
-    over `max_bytes` (see `producer_limit`), the same without its value. `replayed`: as
-    for `dlq_headers`."""
+    over `max_bytes` (see `producer_limit`), the same without its value."""
     record = DlqRecord(key, value, dlq_headers(headers, topic=topic, partition=partition,
                                                offset=offset, failure=failure,
-                                               secrets=secrets, timestamp_ms=timestamp_ms,
-                                               replayed=replayed))
+                                               secrets=secrets, timestamp_ms=timestamp_ms))
     if record.size <= max_bytes:
         return record
     return without_value(record, max_bytes)

@@ -820,8 +820,7 @@ class Handler:
             key=event.key, value=event.value, headers=event.headers,
             timestamp_ms=event.timestamp_ms, topic=event.topic, partition=event.partition,
             offset=event.offset, failure=failure,
-            max_bytes=producer_limit(self.s.kafka_config()), secrets=self._secrets,
-            replayed=replayed)
+            max_bytes=producer_limit(self.s.kafka_config()), secrets=self._secrets)
         delay = 0.5
         event.on_wire = True  # from here a cancelled job could leave a DLQ record behind
         token = self.dlq_writable.started()

@@ -92,7 +92,8 @@ def consumer_settings(conf: Mapping[str, Any]) -> dict[str, Any]:
         # keys undelivered meanwhile, with no lag series and readiness green.
         "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
         "session.timeout.ms": SESSION_TIMEOUT_MS,
-        **{k: v for k, v in conf.items() if k not in _PRODUCER_ONLY},
+        # `topic.acks` is `acks` (librdkafka's topic-level spelling, review diff28).
+        **{k: v for k, v in conf.items() if k.removeprefix("topic.") not in _PRODUCER_ONLY},
     }
 
 

@@ -532,8 +532,8 @@ def _derived_metadata(
                 # (or a flattened object) names a product itself, none of them is sent, or
                 # the top-level product_id went out with another product's name and price
                 # (review "events28").
-                other = any(_owned(out, props, s_key) for s_key in _ITEM_FIELDS
-                            if s_key in summary)
+                other = any(_owned(out, props, s_key) or _nested(props, s_key)
+                            for s_key in _ITEM_FIELDS)
                 for s_key, s_value in summary.items():
                     if other and s_key in _ITEM_FIELDS:
                         if not _owned(out, props, s_key):
@@ -577,6 +577,21 @@ def _owned(out: Mapping[str, Primitive], props: Mapping[Any, Any], key: str) -> 
         return True
     top = props.get(key, _MISSING)
     return top is not _MISSING and _is_primitive(top)
+
+
+def _nested(obj: Mapping[Any, Any], key: str) -> bool:
+    """Whether flattening `obj` yields a primitive at `key` through a nested object
+    (`{"product": {"id": 1}}` yields `product_id`), wherever it comes in `obj`: a summary
+    must not take an item's name beside another product's id flattened after it."""
+    start = key.find("_")
+    while start > 0:
+        value = obj.get(key[:start])
+        if isinstance(value, dict):
+            rest = key[start + 1:]
+            if _is_primitive(value.get(rest, _MISSING)) or _nested(value, rest):
+                return True
+        start = key.find("_", start + 1)
+    return False
 
 
 def _flatten_nested(

@@ -100,8 +100,9 @@ def encode_lines(parsed: Iterable[Parsed], schema_id: int) -> Iterator[tuple[byt
 
 MESSAGE_MAX_BYTES = 1_000_000
 """librdkafka's `message.max.bytes` default: the largest record the producer sends."""
-RECORD_OVERHEAD_BYTES = 256
-"""Kept free below that limit for the record's framing (librdkafka counts it too)."""
+RECORD_OVERHEAD_BYTES = 64
+"""Kept free below that limit for the record's framing (librdkafka counts its v2 record's
+own, at most 36 bytes, in the limit too)."""
 
 
 def check_sizes(parsed: Sequence[Parsed], records: Sequence[tuple[bytes | None, bytes]],
@@ -111,8 +112,8 @@ def check_sizes(parsed: Sequence[Parsed], records: Sequence[tuple[bytes | None, 
     traceback after the lines before it had gone, review "events28")."""
     problems = [
         f"{source}:{item.line}: the event is {len(value) + len(key or b''):,} bytes as a "
-        f"Kafka record; the producer sends at most {limit - RECORD_OVERHEAD_BYTES:,} "
-        f"(message.max.bytes {limit:,}): make its properties smaller"
+        f"Kafka record, over what the producer sends (message.max.bytes {limit:,}, less "
+        f"{RECORD_OVERHEAD_BYTES} for the record's framing): make its properties smaller"
         for item, (key, value) in zip(parsed, records, strict=True)
         if len(value) + len(key or b"") > limit - RECORD_OVERHEAD_BYTES]
     if problems:
@@ -180,11 +181,12 @@ def produce_events(
                 producer.poll(0.1)
             except KafkaException as exc:
                 # One line, not a traceback, saying what already went (review "events28").
-                producer.flush(min(timeout, 60.0))
+                unacked = producer.flush(min(timeout, 60.0)) + len(failures)
                 raise ProduceError(
                     f"line {parsed[sent].line}: Kafka's client refused the record "
-                    f"({exc.args[0].str() if exc.args else exc}); the {sent} event(s) before "
-                    f"it were sent, the rest not") from None
+                    f"({exc.args[0].str() if exc.args else exc}); of the {sent} event(s) "
+                    f"before it {max(0, sent - unacked)} were acknowledged, the rest were "
+                    f"not sent") from None
         producer.poll(0)
     left = producer.flush(60)
     if left or failures:

@@ -135,24 +135,21 @@ def test_original_headers_are_kept_in_order_and_stale_error_headers_replaced() -
 def test_replay_count_is_preserved_or_initialised(
     original: list[Header] | None, count: bytes
 ) -> None:
-    out = dlq_headers(original, topic="t", partition=0, offset=1, failure=REJECTED,
-                      replayed=True)
+    out = dlq_headers(original, topic="t", partition=0, offset=1, failure=REJECTED)
     assert [v for k, v in out if k == REPLAY_COUNT] == [count]
 
 
-def test_replay_headers_on_an_event_replay_did_not_seal_are_not_kept() -> None:
-    """Review "events28": a source record carrying `userpilot.replay.count: 999` kept it in
-    its dead letter, and `replay` then refused it as over its limit."""
-    from consumer.deadletter import ORIGINAL_TIMESTAMP, REPLAY_SEAL
+def test_an_unsealed_replays_count_and_original_time_stay_in_its_dead_letter() -> None:
+    """Review diff28: `replay` without the token (or after a rotation) writes records the
+    worker cannot verify; stripped, their count went back to 0 (no --max-replays bound
+    for a poison event) and their original time became the replay's."""
+    from consumer.deadletter import ORIGINAL_TIMESTAMP
 
-    original: list[Header] = [("x", b"y"), (REPLAY_COUNT, b"999"), (REPLAY_SEAL, b"forged"),
-                              (ORIGINAL_TIMESTAMP, b"5")]
+    original: list[Header] = [(REPLAY_COUNT, b"2"), (ORIGINAL_TIMESTAMP, b"1000")]
     out = dlq_headers(original, topic="t", partition=0, offset=1, failure=REJECTED,
-                      timestamp_ms=1234)
-    assert [v for k, v in out if k == REPLAY_COUNT] == [b"0"]
-    assert header_value(out, REPLAY_SEAL) is None
-    assert [v for k, v in out if k == ORIGINAL_TIMESTAMP] == [b"1234"]
-    assert header_value(out, "x") == b"y"
+                      timestamp_ms=5000)
+    assert [v for k, v in out if k == REPLAY_COUNT] == [b"2"]
+    assert [v for k, v in out if k == ORIGINAL_TIMESTAMP] == [b"1000"]
 
 
 @pytest.mark.parametrize(("headers", "count"), [
@@ -324,11 +321,8 @@ def test_a_dead_letter_is_written_now_and_keeps_the_original_time_in_a_header() 
     assert not hasattr(record, "timestamp_ms")  # none given: the broker's time of writing
     assert header_value(record.headers, ORIGINAL_TIMESTAMP) == b"1234"
     # Dead-lettered again after a replay: the first original's time stays.
-    again = dead_letter_record(
-        key=b"user-1", value=b"v", headers=[(ORIGINAL_TIMESTAMP, b"99"),
-                                            ("userpilot.replay.count", b"1")],
-        timestamp_ms=1234, topic="src", partition=2, offset=99, failure=REJECTED,
-        replayed=True)
+    again = _record(b"v", original=[(ORIGINAL_TIMESTAMP, b"99"), ("userpilot.replay.count",
+                                                                  b"1")])
     assert [v for k, v in again.headers if k == ORIGINAL_TIMESTAMP] == [b"99"]
 
 

@@ -390,6 +390,25 @@ def test_a_top_level_product_id_is_never_sent_with_the_first_items_name_and_pric
           for key in ("product_name", "price", "quantity"))}
 
 
+@pytest.mark.parametrize(("props", "sent"), [
+    # An id key the summary does not read: the top level still names another product.
+    ({"product_id": "SKU-TOP", "products": [{"productId": "SKU-001", "name": "Headphones",
+                                             "price": 79.99, "quantity": 1}]},
+     {"product_id": "SKU-TOP", "products_count": 1}),
+    ({"price": 10, "products": [{"id": "p"}]}, {"price": 10, "products_count": 1}),
+    # A flattened object after the list names the product.
+    ({"products": [{"name": "Headphones", "price": 79.99}], "product": {"id": "SKU-TOP"}},
+     {"product_id": "SKU-TOP", "products_count": 1}),
+    ({"products": [{"name": "Headphones"}], "a": {"b": 1}, "product": {"x": {"y": 2}}},
+     {"product_name": "Headphones", "products_count": 1, "a_b": 1, "product_x_y": 2}),
+])
+def test_the_first_items_fields_never_mix_with_a_product_the_event_names(
+        props: dict[str, Any], sent: dict[str, Any]) -> None:
+    """Review diff28: whatever the summary itself holds, and wherever the event's own
+    product fields come (a flattened object after the list)."""
+    assert metadata(props) == sent
+
+
 def test_an_empty_products_list_does_not_hide_the_items() -> None:
     """Review "events28": `products: []` was summarised and the filled `items` left out."""
     props = {"products": [], "items": [{"product_id": "SKU-9", "name": "Cable", "price": 5}]}
