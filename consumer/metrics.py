@@ -179,7 +179,7 @@ REDIS_LATENCY_BUCKETS: tuple[float, ...] = (
     5.0,
 )
 REDIS_OPERATIONS: tuple[str, ...] = ("gcra", "claim", "confirm", "release", "progress",
-                                     "progress_of", "presence")
+                                     "progress_of")
 
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)

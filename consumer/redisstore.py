@@ -168,28 +168,6 @@ redis.call('DEL', KEYS[2])
 return 1
 """
 
-# A replica's partitions in its group's member record (`members_key`), and the sum over
-# the members whose record has not expired: what the shared budget's owners hold. Fields
-# are "<expiry ms on Redis's clock>:<partitions>"; expired ones are removed here.
-PRESENCE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], ARGV[1], (now + ttl) .. ':' .. ARGV[2])
-local all = redis.call('HGETALL', KEYS[1])
-local sum = 0
-for i = 1, #all, 2 do
-  local expiry, count = string.match(all[i + 1], '^(%d+):(%d+)$')
-  if expiry == nil or tonumber(expiry) < now then
-    redis.call('HDEL', KEYS[1], all[i])
-  else
-    sum = sum + tonumber(count)
-  end
-end
-redis.call('PEXPIRE', KEYS[1], 10 * ttl)
-return sum
-"""
-
 # Drop a claim only if it is still ours (a confirmed record or another's claim stays).
 RELEASE_LUA = """
 if redis.call('GET', KEYS[1]) == 'c:' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -207,15 +185,6 @@ def progress_key(key: str) -> str:
     """Where the calls an event of several calls got accepted are noted, for its claim
     ``key``: kept after the claim expires, so the next owner resumes after them."""
     return PROGRESS_PREFIX + key.removeprefix("ud:")
-
-
-def members_key(budget: str, group_id: str) -> str:
-    """The Redis key where one consumer group's replicas with Redis note their partitions
-    (`RedisStore.presence`): beside the Track budget's key (`budget`), as the check's probe
-    key is, so a Redis user whose ACL lets the worker run allows it; the group's name
-    hashed, like the token."""
-    group = hashlib.sha256(group_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{budget}:members:{group}"
 
 
 def token_digest(token: str) -> str:
@@ -277,7 +246,6 @@ class RedisStore:
         self._claim = self._client.register_script(CLAIM_LUA)
         self._release = self._client.register_script(RELEASE_LUA)
         self._confirm = self._client.register_script(CONFIRM_LUA)
-        self._presence = self._client.register_script(PRESENCE_LUA)
 
     @property
     def timeout_s(self) -> float:
@@ -320,7 +288,6 @@ class RedisStore:
         await self.confirm(claim, 1000)
         await self.gcra(budget, interval_us=1000, tolerance_us=0, lookahead_us=1000,
                         idle_ttl_ms=1000)
-        await self.presence(f"{budget}:members", "check-config", 0, 1000)
         with contextlib.suppress(RedisError, OSError, TimeoutError):  # else gone in a week
             async with asyncio.timeout(self._timeout):
                 await self._client.unlink(f"{budget}:seen")
@@ -410,13 +377,6 @@ class RedisStore:
         if raw is None:
             return None
         return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-
-    async def presence(self, key: str, member: str, partitions: int, ttl_ms: int) -> int:
-        """Record that ``member`` owns ``partitions`` of its group (for ``ttl_ms``), and
-        return how many partitions the group's live members with Redis own together."""
-        reply = await self._call("presence", lambda: self._presence(
-            keys=[key], args=[member, max(0, partitions), max(1, ttl_ms)]))
-        return int(reply)
 
     async def release(self, key: str, owner: str) -> None:
         """Drop ``owner``'s claim on ``key`` (no-op if confirmed or claimed by another)."""

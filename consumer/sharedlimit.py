@@ -22,14 +22,10 @@ answers again. Neither switch may exceed the limit:
 While on the fallback a replica probes Redis at most every `probe_every_s`, and never
 sleeps for a local slot past a due probe.
 
-A group whose replicas differ in having REDIS_URL (a rolling upgrade turning Redis on or
-off): those with Redis note their partitions in Redis every second (`RedisStore.presence`)
-and scale the budget to the share of the group's partitions they own (`set_coverage`); the
-others keep their partition share.
-
 Not covered (documented): a network partition in which some replicas reach Redis and
 others do not: those on the fallback add their shares on top; Userpilot's 429 then slows
-them (`slow_down`).
+them (`slow_down`). Nor a group whose replicas differ in having REDIS_URL (a rolling upgrade
+that turns Redis on or off): the README says to scale to 0 for that change.
 """
 
 from __future__ import annotations
@@ -71,10 +67,6 @@ class BudgetStore(Protocol):
     ) -> tuple[bool, float]: ...
 
 
-MIN_COVERAGE = 0.01
-"""The least share of its rate the shared budget is given (`set_coverage`): never 0."""
-
-
 def budget_key(token_digest: str, family: str) -> str:
     """The Redis key of one token's budget for one endpoint family (never the token)."""
     return f"userpilot:rl:{family}:{token_digest}"
@@ -107,7 +99,6 @@ class SharedLimiter:
         self._next_probe = 0.0
         self._local_sends: deque[float] = deque()
         self._lock: asyncio.Lock | None = None
-        self._coverage = 1.0
 
     @property
     def local(self) -> AdaptiveLimiter:
@@ -123,8 +114,7 @@ class SharedLimiter:
         """Requests per second this replica may use now: the whole token's, or its share."""
         if self.on_fallback:
             return self._local.rate
-        return (safe_rate(self._limit, self._period, self._burst) * self._local.factor
-                * self._coverage)
+        return safe_rate(self._limit, self._period, self._burst) * self._local.factor
 
     @property
     def share_rate(self) -> float:
@@ -139,21 +129,8 @@ class SharedLimiter:
 
     @property
     def interval_s(self) -> float:
-        rate = (safe_rate(self._limit, self._period, self._burst) * self._local.factor
-                * self._coverage)
+        rate = safe_rate(self._limit, self._period, self._burst) * self._local.factor
         return 1.0 / rate
-
-    @property
-    def coverage(self) -> float:
-        return self._coverage
-
-    def set_coverage(self, covered: float) -> None:
-        """The share of the group's partitions owned by replicas drawing from this budget
-        (`RedisStore.presence`). Replicas of the group without REDIS_URL (a rolling upgrade
-        turning Redis on or off) take their partition share of the same limit on their
-        own, so the budget's owners together take only this share of it: the group stays
-        within the limit (before, ~1.5× and 429s; review "ops28")."""
-        self._coverage = min(1.0, max(MIN_COVERAGE, covered))
 
     @property
     def lookahead_s(self) -> float:

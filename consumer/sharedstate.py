@@ -47,7 +47,6 @@ class SharedState:
     dedup: Deduplicator | None = None
     store: RedisStore | None = None
     shared_budget: bool = False
-    members: str | None = None  # where the group's replicas note their partitions
 
     def budget(self, family: str) -> str:
         """The rate budget an endpoint family draws from (one when all share a budget)."""
@@ -85,7 +84,7 @@ def build_shared_state(
                            shared_budget=settings.rate_limit_shared)
     # Imported here: the Redis client costs ~6 MB of RSS that a worker without REDIS_URL
     # (one replica, the demo) has no use for.
-    from consumer.redisstore import RedisStore, members_key, token_digest
+    from consumer.redisstore import RedisStore, token_digest
 
     redis = settings.redis
     store = RedisStore(redis.url.reveal(), timeout_s=redis.timeout_s,
@@ -109,5 +108,4 @@ def build_shared_state(
     claim = claim_ttl_s if claim_ttl_s is not None else 2 * settings.request_timeout_s + 5.0
     dedup = Deduplicator(store, digest, ttl_s=redis.dedup_ttl_s, claim_ttl_s=claim)
     return SharedState(limiters=limiters, dedup=dedup, store=store,
-                       shared_budget=settings.rate_limit_shared,
-                       members=members_key(budget_key(digest, "track"), settings.group_id))
+                       shared_budget=settings.rate_limit_shared)

@@ -40,7 +40,6 @@ import logging
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -51,7 +50,7 @@ from consumer.commits import TP, Commits
 from consumer.config import Settings, redact_userinfo
 from consumer.deadletter import DlqGuard, message_headers
 from consumer.delivery import UserpilotClient
-from consumer.errors import DlqGuardTripped, Retry, SharedStateUnavailable, Stop
+from consumer.errors import DlqGuardTripped, Retry, Stop
 from consumer.filtering import Drop
 from consumer.handler import (
     DeadLetterSink,
@@ -139,7 +138,6 @@ traffic. Draining a backlog (the window full, each poll bringing the few message
 acknowledgements freed) the turns cost 10-15 % of delivery's rate at 20 ms."""
 FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
 RATES_EVERY_S = 1.0  # the rate-share gauge follows 429 recovery and the Redis fallback
-PRESENCE_TTL_MS = 3_000  # a replica's note of its partitions (`_report_presence`, every 1 s)
 PAUSED_LAG_EVERY_S = 5.0  # a paused partition's lag, from the broker (librdkafka's stats
 # interval): its high watermark comes only with fetches, which a paused partition has none of
 PAUSED_LAG_TIMEOUT_S = 1.0  # ... all of them within this
@@ -362,8 +360,6 @@ class Worker:
         self._scheduler: Scheduler[Event] | None = None
         self._source: Source | None = None
         self._probes: set[asyncio.Task[None]] = set()  # Redis probes of idle fallbacks
-        self._member = uuid.uuid4().hex  # this replica in its group's Redis member record
-        self._presence_due = False  # a `_report_presence` under way
         # identify and group events are always sent: their series exist from the start too,
         # or rate() and increase() missed each one's first delivery after every start.
         metrics.declare_event_names(
@@ -1262,45 +1258,6 @@ class Worker:
                 probe = asyncio.get_running_loop().create_task(limiter.probe())
                 self._probes.add(probe)
                 probe.add_done_callback(self._probes.discard)
-        if self.shared.members is not None and not self._presence_due:
-            self._presence_due = True
-            task = asyncio.get_running_loop().create_task(self._report_presence())
-            self._probes.add(task)
-            task.add_done_callback(self._probes.discard)
-
-    async def _report_presence(self) -> None:
-        """Event loop: note this replica's partitions in its group's member record and set
-        the shared budgets to the share of the group's partitions that replicas with Redis
-        own (`SharedLimiter.set_coverage`). Below 1 only while replicas without REDIS_URL
-        share the group (a rolling upgrade turning Redis on or off), which take their
-        partition share of the same limit themselves."""
-        store, key = self.shared.store, self.shared.members
-        try:
-            if store is None or key is None:
-                return
-            with self._parts_lock:
-                owned = len(self.assigned)
-            total = self.partitions_total
-            try:
-                held = await store.presence(key, self._member, owned, PRESENCE_TTL_MS)
-            except SharedStateUnavailable:
-                return  # the budgets' own calls decide the fallback; the share stays
-            covered = 1.0 if total <= 0 else min(1.0, held / total)
-            limiters = [x for x in self.shared.distinct() if isinstance(x, SharedLimiter)]
-            before = limiters[0].coverage if limiters else 1.0
-            for limiter in limiters:
-                limiter.set_coverage(covered)
-            if covered < 1.0 <= before:
-                log.warning("%d of the group's %d partitions are owned by replicas without "
-                            "REDIS_URL (a rolling change of it?): the shared rate budget "
-                            "gives this group's replicas with Redis %.0f %% of the limit, the "
-                            "others take their partition share", total - held, total,
-                            100 * covered)
-            elif covered >= 1.0 > before:
-                log.info("every partition of the group is owned by a replica with Redis: "
-                         "the shared rate budget is whole again")
-        finally:
-            self._presence_due = False
 
     def _paused_lag(self, source: Source) -> None:
         """Poll thread: the lag of paused partitions, from the broker (`Lag.paused`)."""

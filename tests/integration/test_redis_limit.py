@@ -511,27 +511,3 @@ def test_after_a_frozen_redis_thaws_the_shared_budget_is_used_at_once(
     assert max_in_window(sends, PERIOD) <= LIMIT
     after = [t for t in sends if up_at <= t < up_at + PERIOD]
     assert len(after) >= 4, f"{len(after)} sends in the period after the thaw"
-
-
-def test_presence_sums_the_live_members_partitions_and_forgets_the_silent(
-        redis_url: str) -> None:
-    """A group's replicas with Redis note their partitions; one that stops noting (killed,
-    or gone) drops out of the sum after its TTL (review "ops28")."""
-    from consumer.redisstore import members_key
-
-    group = members_key(budget_key(token_digest(f"token-{uuid.uuid4()}"), "track"), "g")
-
-    async def main() -> tuple[int, int, int, int]:
-        store = RedisStore(redis_url, timeout_s=0.5)
-        try:
-            first = await store.presence(group, "a", 3, 300)
-            both = await store.presence(group, "b", 2, 10_000)
-            again = await store.presence(group, "b", 4, 10_000)  # b's count replaced
-            await asyncio.sleep(0.5)  # a's note expires
-            alone = await store.presence(group, "b", 4, 10_000)
-            return first, both, again, alone
-        finally:
-            await store.close()
-
-    assert asyncio.run(main()) == (3, 5, 7, 4)
-    assert members_key("d", "g") != members_key("d", "h")

@@ -158,54 +158,6 @@ def test_three_workers_on_one_hot_partition_use_the_whole_shared_budget(
     assert max_in_window(times, HOT_PERIOD) <= HOT_LIMIT
 
 
-# -- a group where one replica has Redis and another not ------------------------------
-
-MIX_LIMIT, MIX_PERIOD = 40, 4.0
-
-
-def test_replicas_with_and_without_redis_in_one_group_stay_within_the_limit(
-    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
-    sandbox: Sandbox, redis_url: str,
-) -> None:
-    """Review "ops28": a rolling upgrade turning REDIS_URL on leaves replicas with and
-    without it in one group. The one with Redis took the whole limit from Redis while the
-    other took its partition share on top: ~1.5x the limit, answered with 429s. Now the
-    replica with Redis scales the budget to the share of partitions replicas with Redis
-    own (here half)."""
-    server, control = sandbox
-    control.set_faults(rate_limit=MIX_LIMIT, rate_window_seconds=MIX_PERIOD)
-    topic = topic_factory(partitions=6)
-    tag = f"mix-{time.time_ns()}"
-    produce(kafka_bootstrap, schema_registry_url, topic, events(tag, 600, 120))
-    common = {"USERPILOT_RATE_LIMIT": str(MIX_LIMIT),
-              "USERPILOT_RATE_PERIOD_SECONDS": str(MIX_PERIOD), "USERPILOT_RATE_BURST": "1"}
-    base = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-g",
-                      **common)
-    with_redis, without = WorkerThread({**base, "REDIS_URL": redis_url}), WorkerThread(base)
-    try:
-        for w in (with_redis, without):
-            w.__enter__()
-        wait_until(lambda: len(with_redis.worker.assigned) == 3
-                   and len(without.worker.assigned) == 3, 60, "three partitions each")
-        limiter = with_redis.worker.shared.limiter("track")
-        wait_until(lambda: getattr(limiter, "coverage", 1.0) < 0.75, 10,
-                   "the shared budget scaled to the partitions with Redis")
-        start = time.time()
-        time.sleep(4 * MIX_PERIOD)
-        end = time.time()
-        assert getattr(limiter, "coverage", 1.0) == 0.5
-    finally:
-        with_redis.stop()
-        without.stop()
-    stats = control.stats()
-    assert stats["by_status"].get("429", 0) == 0, stats
-    times = [r["received_at"] for r in control.requests("/v1/track")]
-    assert max_in_window(times, MIX_PERIOD) <= MIX_LIMIT
-    measured = [t for t in times if start <= t < end]
-    # Both replicas deliver, together near the limit (each half of it): not starved.
-    assert len(measured) >= 0.7 * MIX_LIMIT * (end - start) / MIX_PERIOD, len(measured)
-
-
 # -- SIGKILL and rebalances: exactly once ----------------------------------------------
 
 def _stop_outside_the_window(victim: WorkerProcess, control: SandboxControl,

@@ -157,30 +157,6 @@ def test_slow_down_costs_more_budget_per_request_but_not_more_burst() -> None:
     assert full["tolerance_us"] == pytest.approx(9 * full["interval_us"], abs=10)
 
 
-def test_the_budget_yields_only_the_share_of_partitions_replicas_with_redis_own() -> None:
-    """Review "ops28": in a group where some replicas have no REDIS_URL (a rolling change
-    of it), those take their partition share on their own; the shared budget gave the
-    others the whole limit on top (~1.5x, 429s). Scaled to the covered share now, its
-    burst unchanged; never to nothing."""
-    store = ScriptedStore()
-    limiter = SharedLimiter(store, "k", 600, 60.0, 10, fallback=AdaptiveLimiter(600, 60.0, 10))
-
-    async def main() -> None:
-        await limiter.acquire()
-        limiter.set_coverage(0.5)
-        await limiter.acquire()
-
-    asyncio.run(main())
-    whole, half = store.calls
-    assert half["interval_us"] == pytest.approx(2 * whole["interval_us"], abs=1)
-    assert half["tolerance_us"] == whole["tolerance_us"]
-    assert limiter.rate == pytest.approx(safe_rate(600, 60.0, 10) / 2)
-    limiter.set_coverage(0.0)
-    assert limiter.coverage > 0
-    limiter.set_coverage(1.7)
-    assert limiter.coverage == 1.0
-
-
 def test_an_idle_family_leaves_the_fallback_once_redis_answers() -> None:
     """Review soak18: the way back was only inside `acquire`; a family with nothing to
     send stayed on the fallback (its gauge at 1) with Redis long back, and the "Redis
