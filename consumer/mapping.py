@@ -535,16 +535,13 @@ def _derived_metadata(
                 other = any(_owned(out, props, s_key) or _nested(props, s_key)
                             for s_key in _ITEM_FIELDS)
                 for s_key, s_value in summary.items():
-                    if other and s_key in _ITEM_FIELDS:
-                        if not _owned(out, props, s_key):
-                            omitted.append(f"{s_key} of {_shown(key)}[0] (the top level "
-                                           "names another product)")
-                        else:
-                            shadowed.append((s_key, s_value))
-                    elif not _owned(out, props, s_key):
-                        out[s_key] = s_value
-                    else:
+                    if _owned(out, props, s_key):
                         shadowed.append((s_key, s_value))
+                    elif other and s_key in _ITEM_FIELDS:
+                        omitted.append(f"{s_key} of {_shown(key)}[0] (the top level "
+                                       "names another product)")
+                    else:
+                        out[s_key] = s_value
                 if value and not isinstance(value[0], dict):
                     omitted.append(key)  # not line items: only their count is sent
             elif key in _SUMMARY_ARRAYS:
@@ -572,7 +569,7 @@ def _derived_metadata(
 
 
 def _owned(out: Mapping[str, Primitive], props: Mapping[Any, Any], key: str) -> bool:
-    """Whether `key` of a summary is taken: already in `out`, or a top-level primitive."""
+    """Whether `key` is taken: already in `out`, or a top-level primitive owns it."""
     if key in out:
         return True
     top = props.get(key, _MISSING)
@@ -602,8 +599,7 @@ def _flatten_nested(
     flat: dict[str, Primitive] = {}
     _flatten_into(flat, prefix, obj, 1, omitted)
     for key, value in flat.items():
-        top = props.get(key, _MISSING)
-        if key in out or (top is not _MISSING and _is_primitive(top)):
+        if _owned(out, props, key):
             omitted.append(_taken(key))
         else:
             out[key] = value

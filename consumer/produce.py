@@ -65,12 +65,16 @@ def parse_lines(lines: Iterable[str | bytes], source: str = "<stdin>") -> list[P
             continue
         parsed.append(Parsed(number, event, record))
     if problems:
-        shown = problems[:20]
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ProduceError(
-            f"{len(problems)} invalid line(s); nothing was sent:\n  " + "\n  ".join(shown) + more
-        )
+        raise _refused(problems, "{} invalid line(s)")
     return parsed
+
+
+def _refused(problems: list[str], counted: str) -> ProduceError:
+    """One error naming the first 20 lines refused (and how many more), nothing sent;
+    `counted` says what they are, `{}` standing for their number."""
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return ProduceError(f"{counted.format(len(problems))}; nothing was sent:\n  "
+                        + "\n  ".join(problems[:20]) + more)
 
 
 def notes(parsed: Iterable[Parsed]) -> list[str]:
@@ -117,10 +121,7 @@ def check_sizes(parsed: Sequence[Parsed], records: Sequence[tuple[bytes | None, 
         for item, (key, value) in zip(parsed, records, strict=True)
         if len(value) + len(key or b"") > limit - RECORD_OVERHEAD_BYTES]
     if problems:
-        shown = problems[:20]
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ProduceError(f"{len(problems)} line(s) too large; nothing was sent:\n  "
-                           + "\n  ".join(shown) + more)
+        raise _refused(problems, "{} line(s) too large")
 
 
 def produce_events(

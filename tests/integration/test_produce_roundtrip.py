@@ -60,6 +60,15 @@ def _consume_all(bootstrap: str, topic: str, count: int) -> list[tuple[bytes | N
         consumer.close()
 
 
+def _produce(bootstrap: str, registry: str, topic: str, fixture: Path
+             ) -> subprocess.CompletedProcess[str]:
+    """`python -m consumer produce --topic T --file F`, as the README shows it."""
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "SCHEMA_REGISTRY_URL": registry}
+    return subprocess.run([sys.executable, "-m", "consumer", "produce", "--topic", topic,
+                           "--file", str(fixture)], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
 def test_produce_round_trips_the_fixture_to_identical_json(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
     tmp_path: Path,
@@ -68,11 +77,7 @@ def test_produce_round_trips_the_fixture_to_identical_json(
     fixture = tmp_path / "events.jsonl"
     fixture.write_text("\n".join(json.dumps(e, ensure_ascii=False) for e in FIXTURE) + "\n",
                        encoding="utf-8")
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-           "SCHEMA_REGISTRY_URL": schema_registry_url}
-    done = subprocess.run([sys.executable, "-m", "consumer", "produce", "--topic", topic,
-                           "--file", str(fixture)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = _produce(kafka_bootstrap, schema_registry_url, topic, fixture)
     assert done.returncode == 0, done.stderr
     assert f"produced {len(FIXTURE)} events" in done.stderr
 
@@ -93,11 +98,7 @@ def test_produce_refuses_a_file_with_a_bad_line_and_sends_nothing(
     fixture = tmp_path / "bad.jsonl"
     fixture.write_text(json.dumps(FIXTURE[0]) + "\n{not json\n"
                        + json.dumps({"type": "track", "userId": 7}) + "\n", encoding="utf-8")
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-           "SCHEMA_REGISTRY_URL": schema_registry_url}
-    done = subprocess.run([sys.executable, "-m", "consumer", "produce", "--topic", topic,
-                           "--file", str(fixture)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = _produce(kafka_bootstrap, schema_registry_url, topic, fixture)
     assert done.returncode == 1
     assert "bad.jsonl:2" in done.stderr and "bad.jsonl:3" in done.stderr
     assert "userId" in done.stderr and "nothing was sent" in done.stderr
@@ -115,11 +116,7 @@ def test_produce_refuses_a_file_with_a_record_over_the_producer_limit_and_sends_
     big = {**FIXTURE[0], "properties": {"s": "x" * 1_100_000}}
     fixture.write_text(json.dumps(FIXTURE[0]) + "\n" + json.dumps(big) + "\n",
                        encoding="utf-8")
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-           "SCHEMA_REGISTRY_URL": schema_registry_url}
-    done = subprocess.run([sys.executable, "-m", "consumer", "produce", "--topic", topic,
-                           "--file", str(fixture)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = _produce(kafka_bootstrap, schema_registry_url, topic, fixture)
     assert done.returncode == 1, done.stderr
     assert "big.jsonl:2" in done.stderr and "nothing was sent" in done.stderr
     assert "Traceback" not in done.stderr
