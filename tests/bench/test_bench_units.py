@@ -214,3 +214,23 @@ def test_mixed_messages_alternate_tracks_of_few_users_and_identifies_of_new_ones
         track, identify, 8, track_users=2, id_base=5_000)]
     assert [k for k, _ in again] == [k for k, _ in decoded], "same users, same partitions"
     assert {d["messageId"] for _, d in again}.isdisjoint({d["messageId"] for _, d in decoded})
+
+
+def test_latency_legs_pair_each_end_stamp_with_the_latest_start_before_it() -> None:
+    from bench.latency_legs import _legs
+
+    # Two events, one at a time: produce (in the body) → consume … send → sandbox receipt.
+    stamps = [("c", 10.002), ("r", 10.0023), ("i", 10.0025), ("q", 10.0027), ("h", 10.0028),
+              ("s", 10.0030), ("c", 10.022), ("r", 10.0222), ("i", 10.0224), ("q", 10.0226),
+              ("h", 10.0227), ("s", 10.0229)]
+    records = [{"body": {"metadata": {"sent_ns": str(10_000_000_000)}}, "received_at": 10.004},
+               {"body": {"metadata": {"sent_ns": str(10_020_000_000)}}, "received_at": 10.0239},
+               {"body": {"metadata": {}}, "received_at": 10.5}]  # no stamp: not counted
+    legs = _legs(stamps, records)
+    assert legs["kafka"] == pytest.approx([2.0, 2.0])
+    assert legs["hop"] == pytest.approx([0.3, 0.2])
+    assert legs["batch"] == pytest.approx([0.2, 0.2])
+    assert legs["decide"] == pytest.approx([0.2, 0.2])
+    assert legs["queue"] == pytest.approx([0.1, 0.1])
+    assert legs["handle"] == pytest.approx([0.2, 0.2])
+    assert legs["client"] == pytest.approx([1.0, 1.0])
