@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -27,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from confluent_kafka import (
@@ -58,6 +59,7 @@ from consumer.deadletter import (
 from consumer.errors import ConfigError
 from consumer.kafka import make_producer
 from consumer.librdkafka import consumer_settings
+from consumer.metrics import DEAD_LETTER_REASONS
 
 __all__ = [
     "CALLS", "Filters", "SeenSources", "Source", "Summary", "add_arguments", "decide",
@@ -326,6 +328,28 @@ def _time(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _until(text: str) -> datetime:
+    """`_time`, where a bare date means the end of that day: `--until 2026-12-01` read as
+    its midnight left out the whole day it names (review "ops29")."""
+    value = _time(text)
+    if _DATE_ONLY.fullmatch(text.strip()):
+        return value + timedelta(days=1) - timedelta(milliseconds=1)  # Kafka's resolution
+    return value
+
+
+_DATE_ONLY = re.compile(r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}")
+
+
+def _reason(text: str) -> str:
+    """A dead-letter reason as the headers spell it: a misspelt one (`bad-request`)
+    matched no record and the run ended "0 replayed" without a word (review "ops29")."""
+    reason = text.strip().lower()
+    if reason not in DEAD_LETTER_REASONS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dead-letter reason: one of {', '.join(DEAD_LETTER_REASONS)}")
+    return reason
+
+
 def _count(text: str) -> int:
     """A number of at least 0 (an offset, a partition, a replay count): a negative one
     selected nothing, or named every record over the limit, without a word."""
@@ -351,8 +375,9 @@ def _status(text: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="dlq_topic", required=True, help="the dead-letter topic")
-    p.add_argument("--reason", action="append", default=[],
-                   help="only this userpilot.error.reason (repeatable)")
+    p.add_argument("--reason", type=_reason, action="append", default=[],
+                   help="only this userpilot.error.reason (repeatable): "
+                   + ", ".join(DEAD_LETTER_REASONS))
     p.add_argument("--status", type=_status, action="append", default=[],
                    help="only this HTTP status (repeatable; \"\" for dead letters without "
                    "one: timeouts, connection errors)")
@@ -361,7 +386,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--call ensure_user replays Track events only, leaving out identify and "
                    "group events whose traits a later identify may have replaced")
     p.add_argument("--since", type=_time, help="dead-lettered at or after (ISO 8601)")
-    p.add_argument("--until", type=_time, help="dead-lettered at or before (ISO 8601)")
+    p.add_argument("--until", type=_until, help="dead-lettered at or before (ISO 8601; a "
+                   "bare date: up to the end of that day, UTC)")
     p.add_argument("--partition", type=_count, action="append", default=[],
                    help="only this DLQ partition (repeatable)")
     p.add_argument("--from-offset", type=_count, help="first DLQ offset to consider")
@@ -554,7 +580,9 @@ def run_replay(
                 line = _replay_one(msg, p, off, dlq_topic, filters, conf, summary, dry_run,
                                    seen)
                 if line is not None:
-                    if producer is None:  # a dry run: what would be published
+                    if "_record" not in line:  # a copy of an event this run took
+                        report(line)
+                    elif producer is None:  # a dry run: what would be published
                         line.pop("_record")
                         summary.replayed += 1
                         report(line)
@@ -631,8 +659,9 @@ def _publish(producer: Producer, line: dict[str, Any], msg: Message, at: tuple[i
 def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters,
                 conf: dict[str, Any], summary: Summary, dry_run: bool,
                 seen: SeenSources | None = None) -> dict[str, Any] | None:
-    """One DLQ record: counted as filtered, over the limit or unrestorable (None), or the
-    report line of its replay, with the record to publish under `_record`."""
+    """One DLQ record: counted as filtered, over the limit or unrestorable (None), the
+    report line of its replay, with the record to publish under `_record`, or (without
+    `_record`) the line of a second dead letter of an event this run took (`doubled_of`)."""
     headers = message_headers(msg)
     ts_type, ts = msg.timestamp()
     verdict = decide(headers, p, off, ts if ts_type else None, filters)
@@ -649,15 +678,19 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         return None
     source = None if seen is None else source_event(headers, msg.value())
     before = None if seen is None else seen.before(source)
-    if before is not None:
-        summary.doubled += 1
-        summary.doubled_offsets.append(
-            f"{where} (the same event as {dlq_topic}[{before[0]}]@{before[1]})")
-        return None
     origin = _text(header_value(headers, "__connect.errors.topic"))  # text: `decide`
     # Read from the dead letter itself: a restored original's headers may not carry it.
     reason = _text(header_value(headers, "userpilot.error.reason"))
     call = failed_call(headers) or None
+    if before is not None:
+        summary.doubled += 1
+        first = f"{dlq_topic}[{before[0]}]@{before[1]}"
+        summary.doubled_offsets.append(f"{where} (the same event as {first})")
+        # A line of its own, key included: `--dry-run --all` is how an operator finds a
+        # deleted user's dead letters (README, GDPR), and this copy's key was on stderr
+        # only, without its key (review "replay29").
+        return {"dlq": where, "to": origin, "dry_run": dry_run, "reason": reason,
+                "call": call, "key": shown_key(msg.key()), "doubled_of": first}
     key, value = msg.key(), msg.value()
     came = source_of(headers)  # the dead letter's own: a restored original's may lack them
     if value_omitted(headers):
@@ -715,8 +748,9 @@ def _print_summary(summary: Summary, dry_run: bool, interrupted: bool) -> None:
         print(f"value-less dead letter not restorable (not replayed): {item}", file=sys.stderr)
     for item in summary.unpublishable_offsets[:50]:
         print(f"refused by its origin topic (not replayed): {item}", file=sys.stderr)
+    took = "listed above by this dry run" if dry_run else "replayed in this run"
     for item in summary.doubled_offsets[:50]:
-        print(f"second dead letter of an event replayed in this run (not replayed): {item}",
+        print(f"second dead letter of an event {took} (not replayed): {item}",
               file=sys.stderr)
     if summary.unpublishable:
         print("some records were refused by their origin topic for good (too large, the "

@@ -395,13 +395,26 @@ def test_an_event_dead_lettered_twice_is_replayed_once(
             wait_until(caught_up(kafka_bootstrap, group, topic), 60, f"{group} caught up")
     assert len(read_topic(kafka_bootstrap, dlq)) == 2
     control.clear_faults()
-    out = subprocess.run(
-        [sys.executable, "-m", "consumer", "replay", "--from", dlq],
-        env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
-        cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
-    summary = json.loads(out.stdout.strip().splitlines()[-1])["summary"]
+
+    def replay(*flags: str) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "consumer", "replay", "--from", dlq, *flags],
+            env={"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PATH": "/usr/bin:/bin"},
+            cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+        *lines, last = [json.loads(line) for line in out.stdout.strip().splitlines()]
+        return lines, last["summary"], out.stderr
+
+    # The dry run that finds a deleted user's dead letters (README, GDPR) lists both
+    # copies on stdout with their key, not the second on stderr only (review "replay29").
+    listed, summary, err = replay("--dry-run", "--all")
+    assert [(line["dlq"], line["key"], line.get("doubled_of")) for line in listed] == [
+        (f"{dlq}[0]@0", "p1", None), (f"{dlq}[0]@1", "p1", f"{dlq}[0]@0")]
+    assert "listed above by this dry run" in err
+    lines, summary, err = replay()
     assert (summary["replayed"], summary["doubled"]) == (1, 1)
-    assert f"{dlq}[0]@1 (the same event as {dlq}[0]@0)" in out.stderr
+    assert f"{dlq}[0]@1 (the same event as {dlq}[0]@0)" in err
+    # The replayed line comes with its acknowledgement, the copy's as it is read.
+    assert sorted(line.get("doubled_of") or "" for line in lines) == ["", f"{dlq}[0]@0"]
     env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, f"{topic}-a",
                      **FAST_RETRY)
     with WorkerThread(env):

@@ -249,6 +249,9 @@ def test_call_filter_selects_by_the_request_the_event_failed_at() -> None:
     (["--since", "garbage"], "not an ISO 8601 time"),
     (["--from-offset", "5", "--to-offset", "2"], "past --to-offset"),
     (["--since", "2026-12-02", "--until", "2026-12-01"], "after --until"),
+    (["--since", "2026-12-02T00:00:01Z", "--until", "2026-12-01"], "after --until"),
+    (["--reason", "bad-request"], "not a dead-letter reason: one of bad_request"),
+    (["--reason", "server_error"], "not a dead-letter reason"),
 ])
 def test_arguments_that_select_nothing_or_mean_nothing_are_refused(
         argv: list[str], says: str, monkeypatch: pytest.MonkeyPatch,
@@ -307,7 +310,11 @@ def test_a_second_dead_letter_of_the_same_source_record_is_counted_not_replayed(
 
     assert one(_DeadLetter(7), 10) is not None
     assert one(_DeadLetter(8), 11) is not None, "another record of the partition"
-    assert one(_DeadLetter(7), 12) is None
+    # The copy is not taken (no record to publish) but gets a line of its own, key
+    # included: `--dry-run --all` lists every dead letter of a user (review "replay29").
+    assert one(_DeadLetter(7), 12) == {
+        "dlq": "dlq[0]@12", "to": "events", "dry_run": True, "reason": "bad_request",
+        "call": None, "key": "u1", "doubled_of": "dlq[0]@10"}
     assert (summary.doubled, summary.doubled_offsets) == (
         1, ["dlq[0]@12 (the same event as dlq[0]@10)"])
     # Without source coordinates nothing says two dead letters are one event.
@@ -369,7 +376,8 @@ def test_another_event_at_the_same_coordinates_is_no_copy() -> None:
 
     assert one(_DeadLetter(0, value=b"alice"), 10) is not None
     assert one(_DeadLetter(0, value=b"bob"), 11) is not None
-    assert one(_DeadLetter(0, value=b"bob"), 12) is None and summary.doubled == 1
+    copy = one(_DeadLetter(0, value=b"bob"), 12)
+    assert copy is not None and "_record" not in copy and summary.doubled == 1
 
 
 def test_a_value_less_copy_is_known_by_its_originals_hash(
@@ -455,3 +463,23 @@ def test_events_over_the_limit_are_named_with_how_to_replay_them(
     assert "--from-offset" in err and "higher --max-replays" in err
     replay._print_summary(replay.Summary(), dry_run=False, interrupted=False)
     assert "--max-replays" not in capsys.readouterr().err
+
+
+def test_a_bare_date_until_reaches_the_end_of_that_day_and_reasons_are_spelt_as_written(
+) -> None:
+    """`--until 2026-12-01` read as that day's midnight left the whole day out; a reason is
+    matched as the headers spell it (review "ops29")."""
+    from consumer import replay
+
+    end = replay._until("2026-12-01")
+    assert end == datetime(2026, 12, 1, 23, 59, 59, 999_000, tzinfo=UTC)
+    assert replay._until("20261201") == end
+    assert replay._until("2026-12-01T10:00:00Z") == datetime(2026, 12, 1, 10, tzinfo=UTC)
+    assert replay._until("2026-12-01T10:00:00+01:00") == datetime(2026, 12, 1, 9, tzinfo=UTC)
+    headers = _undecodable(datetime(2026, 12, 1, 18, tzinfo=UTC))
+    assert decide(headers, 0, 7, OLD_EVENT_MS, Filters(until=end)) == "replay"
+    assert decide(headers, 0, 7, OLD_EVENT_MS,
+                  Filters(until=replay._until("2026-11-30"))) == "filtered"
+    assert replay._reason(" Bad_Request ") == "bad_request"
+    with pytest.raises(argparse.ArgumentTypeError, match="undecodable"):
+        replay._reason("nope")
