@@ -376,33 +376,35 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def _dumps(value: Any) -> str:
     """JSON text for a record's field. A number too large for a double (JSON `1e400`, read
-    as infinity) is written back as one (`1e999`), so `run` reads what `explain` and
-    `produce` read and leaves it out as it leaves out any Infinity; refused, `explain`
-    called a dead letter what `run` delivers (review "events28"). NaN, which has no JSON
-    spelling, is refused."""
+    as infinity) is written back as one (`1e999`), and a NaN as `NaN` (what Python's and
+    JavaScript's lax writers put in the text, and the worker's `loads` reads), so `run`
+    reads what `explain` and `produce` read and leaves the field out as it leaves out any
+    NaN or Infinity; refused, `explain` called a dead letter what `run` delivers (review
+    "events28" for infinities, "events29" for NaN)."""
     try:
         return _dumps_finite(value)
     except ValueError:
         marks: dict[str, str] = {}
-        marked = _mark_infinities(value, marks)
+        marked = _mark_non_finite(value, marks)
         if not marks:
             raise
-        text = _dumps_finite(marked)  # raises still for a NaN
+        text = _dumps_finite(marked)
         for mark, literal in marks.items():
             text = text.replace(f'"{mark}"', literal)
         return text
 
 
-def _mark_infinities(value: Any, marks: dict[str, str]) -> Any:
-    """`value` with each infinite float replaced by a unique string, noted in `marks`."""
-    if isinstance(value, float) and math.isinf(value):
-        mark = f"@@userpilot-infinity-{uuid.uuid4().hex}@@"
-        marks[mark] = "1e999" if value > 0 else "-1e999"
+def _mark_non_finite(value: Any, marks: dict[str, str]) -> Any:
+    """`value` with each NaN or infinite float replaced by a unique string, noted in
+    `marks` with the literal that stands for it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        mark = f"@@userpilot-non-finite-{uuid.uuid4().hex}@@"
+        marks[mark] = "NaN" if math.isnan(value) else "1e999" if value > 0 else "-1e999"
         return mark
     if isinstance(value, dict):
-        return {key: _mark_infinities(item, marks) for key, item in value.items()}
+        return {key: _mark_non_finite(item, marks) for key, item in value.items()}
     if isinstance(value, list):
-        return [_mark_infinities(item, marks) for item in value]
+        return [_mark_non_finite(item, marks) for item in value]
     return value
 
 
@@ -488,7 +490,7 @@ def _encode_json(field: str, value: Any) -> str:
     try:
         return _dumps(value)
     except ValueError as exc:
-        raise InvalidEvent(f"{field}: {exc} (NaN is not JSON)") from None
+        raise InvalidEvent(f"{field}: {exc}") from None
 
 
 def _context_to_record(context: Any) -> dict[str, Any] | None:

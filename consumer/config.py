@@ -806,7 +806,15 @@ def _kafka_together(reader: _Reader, extra: Mapping[str, str | Secret], group_id
                  if said(key, text) or (key in ALIASES and said(ALIASES[key], text))]
         return f" (set by {', '.join(names)})" if names else ""
 
-    if refused is not None:
+    if refused is not None and "No provider for SASL mechanism GSSAPI" in refused:
+        # librdkafka's default mechanism, absent from the wheel's build: its text says
+        # "recompile librdkafka", where the fix is naming the mechanism (review "ops29").
+        reader.problems.append(
+            "KAFKA_SECURITY_PROTOCOL asks for SASL but KAFKA_SASL_MECHANISM is not set "
+            "(librdkafka's default, GSSAPI/Kerberos, is not in this build): set "
+            "KAFKA_SASL_MECHANISM to PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER, "
+            "as your brokers expect")
+    elif refused is not None:
         reader.problems.append(f"the KAFKA_* settings together are refused by librdkafka "
                                f"({refused}){named(refused)}: fix or remove them")
     if refused is None:
@@ -1384,6 +1392,11 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
         hint = ("it must start with redis:// or rediss:// (TLS)" if "://" not in raw
                 or not raw.startswith(("redis://", "rediss://"))
                 else "use redis://[:password@]host[:port][/db]")
+        if "@" in raw.partition("://")[2] and hint.startswith("use"):
+            # A password's own '@', '/' or '#' splits it where the host seems to start: the
+            # generic form did not say what to change (review "ops29").
+            hint += (", and percent-encode the user name's and password's own '@' as %40, "
+                     "'/' as %2F, ':' as %3A, '#' as %23, '?' as %3F")
         reader.problems.append(f"REDIS_URL (not shown: it is a secret) is not a Redis URL: "
                                f"{hint}, e.g. redis://redis:6379/0")
         return None, shared

@@ -27,10 +27,11 @@ import logging
 import operator
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from consumer.answers import BODY_LIMIT
 from consumer.logs import RateLimit
@@ -47,6 +48,7 @@ __all__ = [
     "DlqGuard",
     "DlqRecord",
     "Failure",
+    "GuardHold",
     "Header",
     "dead_letter_record",
     "dlq_headers",
@@ -489,3 +491,58 @@ class DlqGuard:
             del self._seqs[:-self._keep]
             del self._dead[:-self._keep]
 
+
+
+T = TypeVar("T")
+
+
+class GuardHold(Generic[T]):
+    """Dead letters whose offsets wait before they are committed, while the DLQ guard could
+    still trip on them (pure; the worker's event loop owns it).
+
+    Committed at once, a bad deploy's dead letters up to the trip were behind the commit:
+    each restart of the crash loop dead-lettered ~WORKER_DLQ_MAX_CONSECUTIVE more events
+    and committed them, and a night of restarts moved the backlog into the DLQ (review
+    "ops29"). Held until the guard has read `horizon` more outcomes, or the worker is idle
+    (nothing in flight, nothing polled: no new dead letter can trip it then), or `max_s`
+    passed, or the partition is handed over orderly: a trip leaves them uncommitted, and the
+    restart trips again on the same events (their dead letters written again: `replay`
+    sends such a copy once). The commit's note names the events finished above them.
+    """
+
+    def __init__(self, horizon: int, max_s: float) -> None:
+        self._horizon = max(1, horizon)
+        self._max_s = max_s
+        self._outcomes = 0
+        self._held: deque[tuple[float, int, T]] = deque()  # (since, outcomes then, item)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, item: T, now: float) -> None:
+        self._held.append((now, self._outcomes, item))
+
+    def outcome(self) -> None:
+        """One more outcome the guard has read (a dead letter's own comes before its hold)."""
+        self._outcomes += 1
+
+    def due(self, now: float) -> list[T]:
+        """The held items the guard has moved past (oldest first), no longer held."""
+        out: list[T] = []
+        held = self._held
+        while held and (self._outcomes - held[0][1] >= self._horizon
+                        or now - held[0][0] >= self._max_s):
+            out.append(held.popleft()[2])
+        return out
+
+    def take(self, which: Callable[[T], bool] | None = None) -> list[T]:
+        """The held items (all, or those `which` selects), no longer held."""
+        taken: list[T] = []
+        rest: deque[tuple[float, int, T]] = deque()
+        for entry in self._held:
+            if which is None or which(entry[2]):
+                taken.append(entry[2])
+            else:
+                rest.append(entry)
+        self._held = rest
+        return taken

@@ -146,7 +146,7 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
         )
     if status == 408 or 500 <= status <= 599:
         return ServerError(
-            f"{where}: Userpilot error, will retry", status=status, body=snippet,
+            f"{where}: Userpilot error (transient)", status=status, body=snippet,
             retry_after=parse_retry_after(headers.get("retry-after")),
         )
     if status == 407:
@@ -178,7 +178,7 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
     # A final 1xx, or a status outside HTTP's classes: it says nothing about the payload
     # (a broken gateway or proxy answering every request so), so it is retried like a 5xx
     # (the gate holds everything after ten in a row) and never dead-letters the event.
-    return ServerError(f"{where}: unexpected status from Userpilot or a proxy, will retry",
+    return ServerError(f"{where}: unexpected status from Userpilot or a proxy (transient)",
                        status=status, body=snippet)
 
 
@@ -223,7 +223,7 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
         return classify(status, quoted, redact(text))
     except Exception as exc:  # see above
         return ServerError(f"HTTP {status}: unusable answer from Userpilot or a proxy "
-                           f"({type(exc).__name__}), will retry", status=status)
+                           f"({type(exc).__name__}; transient)", status=status)
 
 
 def request_secrets(headers: Mapping[str, str], proxy: str | None) -> list[str]:

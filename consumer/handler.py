@@ -221,6 +221,8 @@ class DeadLettered:
 
     reason: str
     error: Exception
+    counted: bool = True
+    """The DLQ guard counted it (not a sealed replay): its commit waits (`GuardHold`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -871,4 +873,4 @@ class Handler:
         # filter masks whole secrets only).
         log.warning("dead-lettered (%s): %s%s", reason, f"{exc.call}: " if exc.call else "",
                     _cut(redact(str(exc), self._secrets, edges=False)), extra=event.fields)
-        return DeadLettered(reason, exc)
+        return DeadLettered(reason, exc, counted=not replayed)

@@ -375,9 +375,10 @@ def probe_keys(settings: Settings) -> tuple[str, str]:
 
 
 REDIS_REFUSALS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError",
-                  "NoPermissionError")
-"""What Redis answers to credentials it refuses (WRONGPASS, NOAUTH) or a user its ACL
-denies: a setting to fix, not an outage."""
+                  "NoPermissionError", "ReadOnlyError")
+"""What Redis answers to credentials it refuses (WRONGPASS, NOAUTH), a user its ACL denies,
+or a read-only replica at start: a setting to fix, not an outage. (A primary demoted under a
+running worker is a failover: its connections are dropped and the name resolved again.)"""
 
 
 def redis_refusal(settings: Settings, timeout: float) -> str | None:
@@ -404,6 +405,11 @@ def redis_refusal(settings: Settings, timeout: float) -> str | None:
     try:
         asyncio.run(ping())
     except SharedStateUnavailable as exc:
+        if "ReadOnlyError" in str(exc):
+            # check-config --online said so; run took it and fell back for ever (review
+            # "faults29").
+            return (f"Redis at {conf.redacted_url} refused the worker ({exc}): it is a "
+                    "read-only replica: point REDIS_URL at the primary")
         if any(name in str(exc) for name in REDIS_REFUSALS):
             return (f"Redis at {conf.redacted_url} refused the worker ({exc}): check the user "
                     "name and password in REDIS_URL, and the user's ACL")

@@ -684,13 +684,13 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     call = failed_call(headers) or None
     if before is not None:
         summary.doubled += 1
-        first = f"{dlq_topic}[{before[0]}]@{before[1]}"
-        summary.doubled_offsets.append(f"{where} (the same event as {first})")
+        earlier = f"{dlq_topic}[{before[0]}]@{before[1]}"
+        summary.doubled_offsets.append(f"{where} (the same event as {earlier})")
         # A line of its own, key included: `--dry-run --all` is how an operator finds a
         # deleted user's dead letters (README, GDPR), and this copy's key was on stderr
         # only, without its key (review "replay29").
         return {"dlq": where, "to": origin, "dry_run": dry_run, "reason": reason,
-                "call": call, "key": shown_key(msg.key()), "doubled_of": first}
+                "call": call, "key": shown_key(msg.key()), "doubled_of": earlier}
     key, value = msg.key(), msg.value()
     came = source_of(headers)  # the dead letter's own: a restored original's may lack them
     if value_omitted(headers):

@@ -5,6 +5,7 @@ event are the handler's; the intake only routes them and keeps the batch's bookk
                             └─ Handler.decide ─▶ Scheduler (per-user order)
                                  ─▶ Handler.handle ─▶ outcome
     outcome ─▶ Commits.finish ─▶ commit (periodic, when idle, on revoke, on shutdown)
+    (a dead letter the DLQ guard counted waits in `guard_hold` until the guard moved past it)
 
 What each collaborator owns: `handler.Handler` takes one event to its outcome;
 `commits.Commits` owns offsets, the in-flight window and commit bookkeeping;
@@ -15,13 +16,15 @@ Thread rule: this class lives on the event loop. Source calls run on the source'
 thread (`Source.call`, one call at a time). The callbacks the source makes (assign,
 revoke, lost, stats, commit results) run on that poll thread and touch only what is safe
 there: `Commits` and `Lag` (each locks), `Metrics` and `Health` (thread-safe), and
-`assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh`, which both threads read and
-write only under `_parts_lock`. `_reshare` and `_note_missing`, and the state only they
-use (`_reshare_delay`, `_missing`), are the poll thread's alone.
+`assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh` (and `_no_source`, which
+readiness reads), which both threads read and write only under `_parts_lock`. `_reshare`
+and `_note_missing`, and the state only they use (`_reshare_delay`, `_missing`), are the
+poll thread's alone.
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
 the `Source.call` that raised the callback), and that coroutine also forgets the
-partitions' messages waiting in the overflow (loop-only state); `stop()` uses
+partitions' messages waiting in the overflow and lets go of their held dead letters
+(`guard_hold`; loop-only state); `stop()` uses
 `call_soon_threadsafe`.
 
 The poll loop never sleeps on behalf of a delivery: a full window pauses partitions (or,
@@ -48,11 +51,12 @@ from consumer import codec
 from consumer.calls import FAMILIES
 from consumer.commits import TP, Commits
 from consumer.config import Settings, redact_userinfo
-from consumer.deadletter import DlqGuard, message_headers
+from consumer.deadletter import DlqGuard, GuardHold, message_headers
 from consumer.delivery import UserpilotClient
 from consumer.errors import DlqGuardTripped, Retry, Stop
 from consumer.filtering import Drop
 from consumer.handler import (
+    DeadLettered,
     DeadLetterSink,
     Event,
     Handler,
@@ -115,6 +119,10 @@ retries, or waiting for a schema the registry withholds): its partition is let g
 chain holds it no more until it is down to CHAIN_RESUME. Held for as long as the chain was
 stuck, one user's failing event stopped every other user of its partition (up to the retry
 budget, 15 minutes; review "hot26"), where before the bound only that user waited."""
+GUARD_HOLD_MAX_S = 60.0
+"""The longest a dead letter's commit waits for the DLQ guard (`GuardHold`) while the worker
+is busy and fewer than WORKER_DLQ_WINDOW outcomes follow it: a trickle of events with one
+user's answers slow, say. A bad deploy trips the guard well within it."""
 INTAKE_TURN_SENDS = 8
 """Events to send taken per turn of the event loop. Each starts a task whose first step
 (building and writing its request, ~0.2 ms) runs in the next turn; taking a whole window at
@@ -312,6 +320,10 @@ class Worker:
         # Source topics the brokers do not have (or hide): when each was last logged
         # (poll thread only; see `_note_missing`).
         self._missing: dict[str, float] = {}
+        # Every source topic missing: why /readyz says not ready (under `_parts_lock`). With
+        # none there the assignment is empty, and a worker with nothing to read was ready.
+        self._no_source: str | None = None
+        health.add_check(self._source_problem)
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
@@ -345,6 +357,10 @@ class Worker:
         self._hot: dict[TP, tuple[ChainKey, int, float]] = {}
         self._stuck: set[ChainKey] = set()
         self._finished = 0  # events to send that reached their outcome (event loop)
+        # Dead letters the DLQ guard counted, committed once it moved past them (event loop).
+        self.guard_hold: GuardHold[tuple[TP, int, int]] = GuardHold(
+            min(max(settings.dlq_window, settings.dlq_max_consecutive),
+                max(1, settings.max_in_flight // 2)), GUARD_HOLD_MAX_S)
         self._consumed = Children(self.m.events_consumed)
         # Event.intake: limiter queues serve in this order, the DLQ guard reads outcomes in it
         self._intake_seq = itertools.count(1)
@@ -494,6 +510,11 @@ class Worker:
                 # committed on the interval only: at 2,000 events/s the head changes every
                 # few ms, and committing each change cost ~2 % of delivery's CPU.
                 now = time.monotonic()
+                if len(self.guard_hold):
+                    if not messages and not scheduler.in_flight and not self.overflow:
+                        self._let_go_held()  # idle: no dead letter can come to trip it
+                    else:
+                        self._finish_held(self.guard_hold.due(now))
                 if not messages or now - last_commit >= self.s.commit_interval_s:
                     noted = now - last_noted >= self.s.commit_interval_s
                     await source.call(self._commit, source, None, False, noted, whole)
@@ -521,6 +542,7 @@ class Worker:
         asked = self._stop_asked if self._stop_asked is not None else time.monotonic()
         grace = max(0.0, self.s.shutdown_grace_s - (time.monotonic() - asked))
         left = await self._settle(scheduler, None, grace)
+        self._let_go_held()
         if left:
             log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
                         "delivered after the restart", left)
@@ -834,9 +856,29 @@ class Worker:
             return None
         finally:
             self.keyless.after(event)
-        self.commits.finish((event.topic, event.partition), event.offset, event.generation)
         self._finished += 1
+        done = ((event.topic, event.partition), event.offset, event.generation)
+        self.guard_hold.outcome()
+        if isinstance(outcome, DeadLettered) and outcome.counted:
+            self.guard_hold.hold(done, time.monotonic())
+        else:
+            self.commits.finish(*done)
+        self._finish_held(self.guard_hold.due(time.monotonic()))
         return outcome
+
+    def _finish_held(self, held: Sequence[tuple[TP, int, int]]) -> None:
+        """Finish dead letters the guard hold let go (event loop)."""
+        for tp, offset, generation in held:
+            self.commits.finish(tp, offset, generation)
+
+    def _let_go_held(self, parts: Sequence[TP] | None = None) -> None:
+        """An orderly hand-over or an idle worker: no trip can come for the held dead
+        letters (of `parts`, or all) before their commit, unless the guard tripped
+        already; then they stay unfinished, so the restart meets them again."""
+        chosen = None if parts is None else set(parts)
+        held = self.guard_hold.take(None if chosen is None else lambda h: h[0] in chosen)
+        if self.handler.guard.tripped_reason is None:
+            self._finish_held(held)
 
     def _count_retry(self, exc: Exception) -> None:
         """Count a retry, and log it: at most one line per cause every RETRY_LOG_EVERY_S,
@@ -1178,6 +1220,16 @@ class Worker:
                 log.warning("source topic %r is not there (%s): nothing of it is read until "
                             "it is created; check KAFKA_TOPICS and the topic's ACLs",
                             topic, reason)
+        none_there = all(topic in missing for topic in self.s.topics)
+        with self._parts_lock:
+            self._no_source = (
+                f"no source topic is there ({', '.join(self.s.topics)}): check KAFKA_TOPICS "
+                "and the topics' ACLs" if none_there else None)
+
+    def _source_problem(self) -> str | None:
+        """A readiness check (any thread): every source topic missing."""
+        with self._parts_lock:
+            return self._no_source
 
     def _on_revoke(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("revoke").inc()
@@ -1220,6 +1272,7 @@ class Worker:
                     log.info("revoke: %d events of %s not sent yet; the next owner "
                              "delivers them", left, _fmt(parts))
             finally:
+                self._let_go_held(parts)
                 self.keyless.forget(parts)  # unresolved events abandoned before they ran
 
         settling = asyncio.run_coroutine_threadsafe(drain(), self._loop)

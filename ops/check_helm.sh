@@ -161,6 +161,21 @@ EOF
 cat >"$OUT/static-member.values.yaml" <<'EOF'
 kafka: {config: {group.instance.id: upw-static}}
 EOF
+cat >"$OUT/offset-latest.values.yaml" <<'EOF'
+kafka: {config: {auto.offset.reset: latest}}
+EOF
+cat >"$OUT/auto-commit.values.yaml" <<'EOF'
+kafka: {config: {enable.auto.commit: "true"}}
+EOF
+cat >"$OUT/acks-one.values.yaml" <<'EOF'
+kafka: {config: {topic.acks: 1}}
+EOF
+cat >"$OUT/read-uncommitted.values.yaml" <<'EOF'
+kafka: {config: {isolation.level: read_uncommitted}}
+EOF
+cat >"$OUT/kafka-url.values.yaml" <<'EOF'
+kafka: {bootstrapServers: "kafka://kafka:9092"}
+EOF
 cat >"$OUT/static-member-env.values.yaml" <<'EOF'
 kafka: {extraEnv: [{name: KAFKA_GROUP_INSTANCE_ID, value: upw-static}]}
 EOF
@@ -288,6 +303,11 @@ expect_fail consent-typo "userpilot.consentCategories has \"analytic\", not a Si
 expect_fail consent-mixed "userpilot.consentCategories mixes \"none\" with categories"
 expect_fail static-member "kafka.config.group.instance.id gives every pod the same static member id"
 expect_fail static-member-env "kafka.extraEnv sets KAFKA_GROUP_INSTANCE_ID to one value for every pod"
+expect_fail offset-latest "kafka.config.auto.offset.reset=latest would skip events"
+expect_fail auto-commit "kafka.config.enable.auto.commit is managed by the worker itself"
+expect_fail acks-one "kafka.config.topic.acks=1 would count a dead letter"
+expect_fail read-uncommitted "kafka.config.isolation.level=read_uncommitted would send Userpilot"
+expect_fail kafka-url "bootstrapServers"
 expect_fail registry-url-creds "schemaRegistry.url holds credentials"
 expect_fail rule-without-monitor "set prometheusRule.job to the job label"
 expect_fail lag-injection "kafkaLagMatchers"

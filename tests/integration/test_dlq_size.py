@@ -22,7 +22,7 @@ from consumer.deadletter import (
 )
 
 FAILURE = Failure(reason="retries_exhausted", exception_class="ServerError",
-                  message="HTTP 503: Userpilot error, will retry", status=503,
+                  message="HTTP 503: Userpilot error (transient)", status=503,
                   body='{"errors":[{"error":"down"}]}' * 30, attempts=12)
 ORIGINAL = [("traceparent", b"00-" + b"a" * 50), ("source", b"signal")]
 

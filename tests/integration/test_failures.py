@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import http.server
 import itertools
 import json
@@ -423,6 +424,10 @@ def test_an_event_dead_lettered_twice_is_replayed_once(
             if r["body"]["event_name"] == "plan_viewed"] == ["p1"]
 
 
+def stopped(worker: WorkerThread) -> bool:
+    return not worker.alive
+
+
 def test_dlq_guard_stops_the_worker_under_total_failure(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
     sandbox: Sandbox,
@@ -435,14 +440,23 @@ def test_dlq_guard_stops_the_worker_under_total_failure(
     group = f"{topic}-g"
     env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
                      WORKER_DLQ_MAX_CONSECUTIVE="5", WORKER_MAX_IN_FLIGHT="10", **FAST_RETRY)
-    w = WorkerThread(env)
-    with w:
-        wait_until(lambda: not w.alive, 60, "the guard to stop the worker")
-    assert w.exit_code == 3
-    assert w.metric("userpilot_dlq_guard_tripped") == 1
-    assert len(read_topic(kafka_bootstrap, w.settings.dlq_topic)) == 5
-    committed = committed_offsets(kafka_bootstrap, group, topic)
-    assert committed.get(0, -1) <= 5, "nothing past the dead letters is committed"
+    for restart in (1, 2):
+        w = WorkerThread(env)
+        with w:
+            wait_until(functools.partial(stopped, w), 60, "the guard to stop the worker")
+        assert w.exit_code == 3
+        assert w.metric("userpilot_dlq_guard_tripped") == 1
+        # The run that tripped it is not committed either: restarted, the worker meets the
+        # same events and trips again, writing their dead letters again (replay sends each
+        # once), instead of moving 5 more events into the DLQ at each restart.
+        assert len(read_topic(kafka_bootstrap, w.settings.dlq_topic)) == 5 * restart
+        committed = committed_offsets(kafka_bootstrap, group, topic)
+        assert committed.get(0, -1) <= 0, "nothing of the tripping run is committed"
+    control.clear_faults()  # the deploy fixed: the backlog is delivered, none of it lost
+    with WorkerThread(env):
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "the backlog delivered")
+    assert {r["body"]["metadata"]["seq"] for r in control.requests("/v1/track")} == set(
+        range(100))
 
 
 @pytest.mark.parametrize("how", ["stopped", "error"])

@@ -60,7 +60,12 @@ def test_invalid_urls_say_what_to_enter(url: str, fragment: str) -> None:
 @pytest.mark.parametrize("url", ["redis://:s3cr#et@redis:6379/0", "redis://:s3cr?et@redis/0",
                                  "redis://us#er:pw@redis/0",
                                  # Review secrets18: '[' reads as an IPv6 host's start.
-                                 "redis://:s3cr[et]@redis:6379/0"])
+                                 "redis://:s3cr[et]@redis:6379/0",
+                                 # Review ops29: these matched no URL and got the generic
+                                 # form only, which said nothing of encoding.
+                                 "redis://:s3cr/et@redis:6379/0",
+                                 "redis://:s3cr@et@redis:6379/0",
+                                 "redis://us:s3cr#et/x@redis"])
 def test_a_hash_or_question_mark_in_the_credentials_must_be_percent_encoded(url: str) -> None:
     """The Redis client reads the rest as a fragment or query: `run` crashed on it with
     part of the password in the traceback, after check-config had passed it."""

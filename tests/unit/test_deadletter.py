@@ -505,3 +505,24 @@ def test_headers_the_client_cannot_read_are_left_out_with_a_warning(
         caplog: pytest.LogCaptureFixture) -> None:
     assert message_headers(UnreadableHeaders()) == []
     assert "headers left out at partition 3 offset 7" in caplog.text
+
+
+def test_the_guard_hold_lets_a_dead_letter_go_after_its_horizon_or_its_time() -> None:
+    """`GuardHold`: held until the guard read `horizon` more outcomes or `max_s` passed;
+    `take` hands over held items of a hand-over (or all) whatever their age."""
+    from consumer.deadletter import GuardHold
+
+    hold: GuardHold[str] = GuardHold(horizon=2, max_s=10.0)
+    hold.outcome()  # a's own, read before it is held
+    hold.hold("a", now=0.0)
+    hold.outcome()
+    hold.hold("b", now=1.0)
+    assert hold.due(now=2.0) == [] and len(hold) == 2
+    hold.outcome()
+    assert hold.due(now=2.0) == ["a"], "two outcomes after a's"
+    assert hold.due(now=10.5) == [], "b's time is not up yet"
+    assert hold.due(now=11.0) == ["b"]
+    hold.hold("c", 20.0)
+    hold.hold("d", 20.0)
+    assert hold.take(lambda item: item == "d") == ["d"]
+    assert hold.take() == ["c"] and len(hold) == 0

@@ -394,3 +394,16 @@ def test_whatever_the_transport_raises_is_a_server_error(raised: Exception) -> N
     delivered, exc = call(handler)
     assert not delivered and isinstance(exc, ServerError)
     assert type(raised).__name__ in str(exc)
+
+
+@pytest.mark.parametrize("status", [408, 500, 503, 599, 600, 199])
+def test_a_transient_answer_s_text_promises_no_retry(status: int) -> None:
+    """The text ends up in the dead letter of an event whose retries ran out: "will retry"
+    there told the operator the opposite of what happened (review "ops29"). The retry log
+    line says "retrying:" itself."""
+    from consumer.delivery import classify
+    from consumer.errors import Retry
+
+    error = classify(status, {}, "")
+    assert isinstance(error, Retry)
+    assert "retry" not in str(error) and "transient" in str(error)

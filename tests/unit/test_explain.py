@@ -167,7 +167,7 @@ def test_a_lone_surrogate_in_an_id_is_noted_as_replaced() -> None:
     assert doc["replaced_surrogates"] == 2
 
 
-@pytest.mark.parametrize("literal", ["1e400", "-1e400"])
+@pytest.mark.parametrize("literal", ["1e400", "-1e400", "NaN", "Infinity"])
 def test_a_number_too_large_for_a_double_is_left_out_as_run_leaves_it_out(literal: str) -> None:
     """Review "events28": valid JSON, read as infinity; explain called the event a dead
     letter while `run` delivered it without that field."""

@@ -355,3 +355,19 @@ def test_the_schema_takes_the_hosts_the_worker_takes(endpoint: str) -> None:
     assert load_settings({"USERPILOT_API_KEY": "k" * 20, "USERPILOT_ANALYTICS_ENDPOINT": endpoint,
                           "KAFKA_BOOTSTRAP_SERVERS": "k:9092", "KAFKA_TOPICS": "t",
                           "SCHEMA_REGISTRY_URL": "http://r"}).analytics_endpoint == endpoint
+
+
+@pytest.mark.parametrize(("key", "value", "env"), [
+    ("logLevel", "info", "WORKER_LOG_LEVEL"), ("logLevel", "Debug", "WORKER_LOG_LEVEL"),
+    ("logLevel", "WARNING", "WORKER_LOG_LEVEL"), ("logFormat", "JSON", "WORKER_LOG_FORMAT"),
+])
+def test_the_schema_takes_log_settings_in_any_case_the_worker_takes(
+        key: str, value: str, env: str) -> None:
+    """The worker reads `info` as INFO; the schema took upper case only, so a values file
+    with the worker's own documented spelling failed `helm install` (review "ops29")."""
+    validate(merged(VALUES, {"worker": {key: value}}))
+    load_settings({"USERPILOT_API_KEY": "k" * 20, "USERPILOT_ANALYTICS_ENDPOINT": "a.io",
+                   "KAFKA_BOOTSTRAP_SERVERS": "k:9092", "KAFKA_TOPICS": "t",
+                   "SCHEMA_REGISTRY_URL": "http://r", env: value})
+    with pytest.raises(jsonschema.ValidationError):
+        validate(merged(VALUES, {"worker": {key: "verbose"}}))

@@ -844,6 +844,9 @@ def test_a_quiet_partition_s_new_event_does_not_wait_for_the_hot_partition_s_bac
 
 
 def test_the_dlq_guard_stops_the_worker_with_exit_code_3_and_commits_nothing_past_it() -> None:
+    """Nor the dead letters of the run that tripped it: committed, each restart of a crash
+    loop moved WORKER_DLQ_MAX_CONSECUTIVE more events into the DLQ (review "ops29"); held
+    (`GuardHold`), the restart trips again on the same events."""
     run = make(log_of(*[b"garbage"] * 10), WORKER_DLQ_MAX_CONSECUTIVE="3",
                WORKER_DLQ_WINDOW="5", WORKER_DLQ_MAX_RATIO="1")
 
@@ -852,7 +855,29 @@ def test_the_dlq_guard_stops_the_worker_with_exit_code_3_and_commits_nothing_pas
 
     assert drive(run, scenario) == 3
     assert len(run.dlq.records) == 3
-    assert run.source.committed().get((TOPIC, 0), 0) == 3
+    assert run.source.committed().get((TOPIC, 0), 0) == 0
+
+
+def test_dead_letters_are_committed_once_the_guard_moved_past_them_while_busy() -> None:
+    """Held for the guard, a dead letter's commit waits for WORKER_DLQ_WINDOW outcomes
+    after it, not for the worker to go idle: a busy partition's commits move on."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"u0", b"garbage"), *users_log(0, 40)[1:]]}
+    run, stepped = stepped_run(log, WORKER_DLQ_WINDOW="4",
+                               WORKER_DLQ_MAX_CONSECUTIVE="3", WORKER_MAX_IN_FLIGHT="20")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: stepped.waiting >= 10, "deliveries in flight")
+        assert source.committed().get((TOPIC, 0), 0) == 0, "held while outcomes are few"
+        for _ in range(6):
+            stepped.steps.release()
+        await until(lambda: source.committed().get((TOPIC, 0), 0) >= 5,
+                    "the dead letter committed with the deliveries after it")
+        assert run.worker.in_flight > 0, "while the worker is still busy"
+        for _ in range(40):
+            stepped.steps.release()
+
+    assert drive(run, scenario) == 0
+    assert len(run.dlq.records) == 1
 
 
 def test_the_dlq_guard_says_it_tripped_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -884,7 +909,7 @@ def test_after_the_dlq_guard_trips_the_same_users_later_events_are_not_sent() ->
 
     assert drive(run, scenario) == 3
     assert run.client.bodies == []
-    assert run.source.committed().get((TOPIC, 0), 0) == 2
+    assert run.source.committed().get((TOPIC, 0), 0) == 0
 
 
 def test_a_fatal_kafka_error_stops_the_worker_with_exit_code_1() -> None:
@@ -1463,10 +1488,23 @@ def test_a_missing_source_topic_is_gauged_warned_of_and_looked_for_until_it_is_t
     run.worker._reshare(cast(Any, source))
     assert len(warnings()) == 2, "repeated every MISSING_TOPIC_LOG_S while missing"
 
+    assert run.worker._source_problem() is None, "one topic is there: still ready"
+    source.missing = {TOPIC: "Broker: Unknown topic or partition",
+                      "sigal": "Broker: Unknown topic or partition"}
+    run.worker._reshare(cast(Any, source))
+    # None there: the assignment is empty, and a worker with nothing to read said ready
+    # (review "faults29").
+    assert "no source topic is there" in (run.worker._source_problem() or "")
+    run.worker.health.set_assigned(True)
+    run.worker.health.set_connected(True)
+    ready, why = run.worker.health.ready()
+    assert not ready and "no source topic is there" in why, why
+
     source.missing = {}
     run.worker._reshare_due = False
     run.worker._reshare(cast(Any, source))
     assert _missing_gauge(run, "sigal") == 0
+    assert run.worker._source_problem() is None
     assert not run.worker._reshare_due, "nothing left to look for"
     assert any("'sigal' is there now" in r.getMessage() for r in caplog.records)
 
@@ -1850,7 +1888,7 @@ def test_retries_are_logged_once_per_cause_and_interval_and_an_unusable_answer_i
         client.answers[_body_of(value)] = ServerError(
             "unusable answer from Userpilot (RemoteProtocolError)")
     client.answers[_body_of(values[0])] = ServerError(
-        "HTTP 503 (x-request-id req-7): Userpilot error, will retry", status=503)
+        "HTTP 503 (x-request-id req-7): Userpilot error (transient)", status=503)
     run = make(log_of(*values), client=client, USERPILOT_ENSURE_USER="false")
 
     async def scenario(source: FakeSource) -> None:
@@ -1859,7 +1897,7 @@ def test_retries_are_logged_once_per_cause_and_interval_and_an_unusable_answer_i
     with caplog.at_level(logging.WARNING, logger="consumer.worker"):
         assert drive(run, scenario) == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrying")]
-    assert lines == ["retrying: HTTP 503 (x-request-id req-7): Userpilot error, will retry"]
+    assert lines == ["retrying: HTTP 503 (x-request-id req-7): Userpilot error (transient)"]
     assert run.worker.m.registry.get_sample_value(
         "userpilot_responses_total", {"status": "invalid_response", "endpoint": "track"}) == 3
     assert run.worker.m.registry.get_sample_value(

@@ -209,6 +209,28 @@ Deployment, so every render runs them.
 {{- if has $name $owned }}
 {{- fail (printf "kafka.config.%s becomes %s, which the chart sets from its values (kafka.bootstrapServers, kafka.topics, kafka.groupId, kafka.dlqTopic): set that value instead, so KEDA, the alerts and the dashboard follow it" $key $name) }}
 {{- end }}
+{{- /* What the worker refuses at start (config._passthrough_problem): refused here, at
+   install, instead of every pod exiting 2 (review "ops29"). */}}
+{{- $k := trimPrefix "topic." (lower $key) }}
+{{- $val := lower (toString (index $v.kafka.config $key)) }}
+{{- if and (eq $k "auto.offset.reset") (not (has $val (list "earliest" "smallest" "beginning"))) }}
+{{- fail (printf "kafka.config.%s=%s would skip events (a new partition's first ones, a backlog whose committed offset retention removed); the worker starts where the log starts and refuses it: remove it (to skip a backlog once, reset the group's offsets with kafka-consumer-groups.sh --reset-offsets --to-latest)" $key $val) }}
+{{- end }}
+{{- if and (eq $k "isolation.level") (ne $val "read_committed") }}
+{{- fail (printf "kafka.config.%s=%s would send Userpilot the events of aborted transactions; the worker refuses it: remove it" $key $val) }}
+{{- end }}
+{{- if and (has $k (list "acks" "request.required.acks")) (not (has $val (list "all" "-1"))) }}
+{{- fail (printf "kafka.config.%s=%s would count a dead letter before every in-sync replica has it; the worker commits on the acknowledgement (acks=all) and refuses it: remove it" $key $val) }}
+{{- end }}
+{{- if has $k (list "enable.auto.commit" "enable.auto.offset.store" "partition.assignment.strategy") }}
+{{- fail (printf "kafka.config.%s is managed by the worker itself (at-least-once delivery) and refused: remove it" $key) }}
+{{- end }}
+{{- if eq $k "transactional.id" }}
+{{- fail (printf "kafka.config.%s makes the dead-letter producer transactional, and it writes outside transactions; the worker refuses it: remove it" $key) }}
+{{- end }}
+{{- if and (eq $k "group.protocol") (ne $val "classic") }}
+{{- fail (printf "kafka.config.%s=%s selects the broker-side group protocol (KIP-848), which the worker refuses: remove it" $key $val) }}
+{{- end }}
 {{- if eq (lower $key) "group.instance.id" }}
 {{- fail "kafka.config.group.instance.id gives every pod the same static member id: each new pod fences the others (\"Static consumer fenced\", exit 1, a crash loop). Give each pod its own through kafka.extraEnv: [{name: KAFKA_GROUP_INSTANCE_ID, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]" }}
 {{- end }}
