@@ -170,16 +170,22 @@ def flatten_traits(traits: Mapping[str, Any],
     return flatten_properties(traits, omitted)
 
 
-def _created_at(metadata: dict[str, Primitive]) -> None:
+def _created_at(metadata: dict[str, Primitive], omitted: list[str] | None = None,
+                prefix: str = "") -> None:
     """``createdAt`` → ``created_at`` (Userpilot's reserved key), as Segment and RudderStack.
 
-    When both are set, ``createdAt`` wins (Segment's rule: ``createdAt || created_at``).
+    When both are set, ``createdAt`` wins (Segment's rule: ``createdAt || created_at``);
+    the value left out is named in ``omitted`` (`explain` showed none, review "events29").
     """
     if "createdAt" not in metadata:
         return
     value = metadata.pop("createdAt")
     if value is not None or "created_at" not in metadata:
+        if "created_at" in metadata and omitted is not None:
+            omitted.append(f"{prefix}created_at (createdAt wins)")
         metadata["created_at"] = value
+    elif omitted is not None:
+        omitted.append(f"{prefix}createdAt (null; created_at is sent)")
 
 
 def _traits(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -222,7 +228,7 @@ def _metadata(
     omitted: list[str] | None,
 ) -> dict[str, Primitive]:
     metadata = flatten_traits(traits, omitted)
-    _created_at(metadata)
+    _created_at(metadata, omitted)
     return metadata if shape is None else shape(event, metadata)
 
 
@@ -257,14 +263,15 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
     rest = {k: v for k, v in fields.items() if k != "id"}
     left_out: list[str] = []
     properties = flatten_traits(rest, left_out)
-    if omitted is not None:
-        omitted.extend(f"company.{key}" for key in left_out)
-    _created_at(properties)
+    _created_at(properties, left_out)
     # Neither spelling of the id may travel beside the chosen one: Userpilot's documents
     # disagree on which key names the company (`id`, `company_id`), so a second one could
     # attach the user to another company.
     for key in _COMPANY_ID_KEYS:
-        properties.pop(key, None)
+        if properties.pop(key, None) is not None:
+            left_out.append(f"{key} (another spelling of the company's id)")
+    if omitted is not None:
+        omitted.extend(f"company.{key}" for key in left_out)
     # The same size rule as all metadata (a `company` of 3,000 long keys made a 332 KB
     # identify body); Userpilot allows 512 KB of properties per app.
     properties = (limit or _default_company_limit)(properties)

@@ -163,27 +163,41 @@ class ConsentPolicy:
             # explicit `false`, "denied", [] or 1 grants nothing.
             return None if consent is None and self.missing == "allow" else gating[0]
         canonical = consent.get("canonical")
-        granted_by = canonical if isinstance(canonical, dict) else consent
-        # No value in the object that decides (the nested form's `canonical` when it has
-        # one) is no consent data, in either shape: `{"canonical": {"analytics": null}}`
-        # was denied where `{"analytics": null}` took USERPILOT_CONSENT_MISSING (review
-        # "mapping22").
+        granted_by: dict[Any, Any] = consent
+        if isinstance(canonical, dict):
+            # The nested form's `canonical` decides when it has a value; one without any
+            # (`{}`, all null) beside flat keys that say `false` let the event through
+            # under USERPILOT_CONSENT_MISSING=allow (review "events29"): then the flat keys
+            # decide (not `categories`, the nested form's raw platform codes), and only
+            # with no value in either it is no consent data.
+            if any(v is not None for v in canonical.values()):
+                granted_by = canonical
+            else:
+                granted_by = {k: v for k, v in consent.items()
+                              if k not in ("canonical", "categories")}
+        # No value in the object that decides is no consent data, in either shape:
+        # `{"canonical": {"analytics": null}}` was denied where `{"analytics": null}` took
+        # USERPILOT_CONSENT_MISSING (review "mapping22").
         if all(v is None for v in granted_by.values()):
             return None if self.missing == "allow" else gating[0]
-        folded: dict[str, Any] | None = None
+        folded: dict[str, bool] | None = None
         for category in gating:
             value = granted_by.get(category, _ABSENT)
             if value is _ABSENT:
                 # Keys compared as categories are (lower-cased, stripped): a consent
                 # platform's `"Analytics": true` was dropped as no consent (review
-                # "mapping25"). The exact key wins where both spellings occur.
+                # "mapping25"). The exact key wins where both spellings occur; other
+                # spellings that disagree grant nothing (fail closed: the first one in
+                # the object's key order decided, review "events29").
                 if folded is None:
                     folded = {}
                     for key, granted in granted_by.items():
                         if isinstance(key, str):
-                            folded.setdefault(key.strip().lower(), granted)
-                value = folded.get(category)
-            if not _granted(value):
+                            name = key.strip().lower()
+                            folded[name] = folded.get(name, True) and _granted(granted)
+                if not folded.get(category, False):
+                    return category
+            elif not _granted(value):
                 return category
         return None
 

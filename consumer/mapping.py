@@ -537,7 +537,9 @@ def _derived_metadata(
                 for s_key, s_value in summary.items():
                     if _owned(out, props, s_key):
                         shadowed.append((s_key, s_value))
-                    elif other and s_key in _ITEM_FIELDS:
+                    elif other and (s_key in _ITEM_FIELDS or s_key == "currency"):
+                        # The currency too: the first item's is that other product's
+                        # (review "events29"); a top-level one is the event's own.
                         omitted.append(f"{s_key} of {_shown(key)}[0] (the top level "
                                        "names another product)")
                     else:

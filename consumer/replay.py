@@ -678,6 +678,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         return None
     source = None if seen is None else source_event(headers, msg.value())
     before = None if seen is None else seen.before(source)
+    came_headers = headers  # the dead letter's own (a restored original has none)
     origin = _text(header_value(headers, "__connect.errors.topic"))  # text: `decide`
     # Read from the dead letter itself: a restored original's headers may not carry it.
     reason = _text(header_value(headers, "userpilot.error.reason"))
@@ -690,7 +691,8 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         # deleted user's dead letters (README, GDPR), and this copy's key was on stderr
         # only, without its key (review "replay29").
         return {"dlq": where, "to": origin, "dry_run": dry_run, "reason": reason,
-                "call": call, "key": shown_key(msg.key()), "doubled_of": earlier}
+                "call": call, "key": shown_key(msg.key()), **failure_of(headers),
+                "doubled_of": earlier}
     key, value = msg.key(), msg.value()
     came = source_of(headers)  # the dead letter's own: a restored original's may lack them
     if value_omitted(headers):
@@ -717,12 +719,36 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     # The key names the event's user when its producer keyed by userId (`produce` does):
     # how an operator finds a deleted user's dead letters to leave them out (README, GDPR).
     line: dict[str, Any] = {"dlq": where, "to": origin, "dry_run": dry_run,
-                            "reason": reason, "call": call, "key": shown_key(key)}
+                            "reason": reason, "call": call, "key": shown_key(key),
+                            **failure_of(came_headers)}
     line["_record"] = (key, value, headers,
                        came[1] if came is not None and came[0] == origin else None)
     if seen is not None:
         seen.add(source, (p, off))
     return line
+
+
+_NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: int() refuses "²", isdigit() not
+MESSAGE_SHOWN = 300
+"""Characters of a dead letter's error message a report line shows (the header has more)."""
+
+
+def failure_of(headers: Sequence[Header] | None) -> dict[str, Any]:
+    """What a report line says of the failure, from the dead letter's headers: a dry run
+    listed reason and call only, and deciding what to replay meant reading the DLQ again
+    for the status, the attempts, the time and the message with its x-request-id (review
+    "ops29")."""
+    status = _text(header_value(headers, "userpilot.error.status"))
+    attempts = _text(header_value(headers, "userpilot.error.attempts"))
+    message = _text(header_value(headers, "__connect.errors.exception.message"))
+    return {
+        "status": int(status) if _NUMBER.fullmatch(status) else None,
+        "attempts": int(attempts) if _NUMBER.fullmatch(attempts) else None,
+        "dead_lettered_at": _text(header_value(headers, "userpilot.error.dead_lettered_at"))
+        or None,
+        "message": message[:MESSAGE_SHOWN] + ("…" if len(message) > MESSAGE_SHOWN else "")
+        or None,
+    }
 
 
 KEY_SHOWN = 256

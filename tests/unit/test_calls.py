@@ -552,3 +552,25 @@ def test_no_second_company_id_travels_in_a_company_identify(traits: dict[str, An
                                        omitted=omitted)
     assert payload == {"company_id": "acme", "metadata": {"name": "Acme"}}
     assert omitted and all("(the company's id is groupId)" in note for note in omitted)
+
+
+def test_what_identify_leaves_out_of_its_traits_is_named() -> None:
+    """Review "events29": `createdAt` beside `created_at`, and a second spelling of the
+    company's id, were left out without a word in `omitted` (`explain` showed nothing)."""
+    omitted: list[str] = []
+    body = identify_payload({"type": "identify", "userId": "u1", "traits": {
+        "createdAt": "2026-01-01", "created_at": "2020-01-01",
+        "company": {"id": "c1", "company_id": "c2", "createdAt": None, "created_at": "x"}}},
+        omitted=omitted)
+    assert body["metadata"] == {"created_at": "2026-01-01"}
+    assert body["company"] == {"id": "c1", "created_at": "x"}
+    assert sorted(omitted) == sorted([
+        "created_at (createdAt wins)",
+        "company.createdAt (null; created_at is sent)",
+        "company.company_id (another spelling of the company's id)"])
+    # Nothing to name when nothing is left out.
+    quiet: list[str] = []
+    identify_payload({"type": "identify", "userId": "u1",
+                      "traits": {"createdAt": "2026-01-01", "company": {"id": "c1"}}},
+                     omitted=quiet)
+    assert quiet == []

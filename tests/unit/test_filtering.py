@@ -100,6 +100,17 @@ def test_anonymous_is_checked_before_consent_and_type() -> None:
         ({"Analytics": False, "analytics": True}, ANALYTICS, None),
         ({"canonical": {"Analytics": False}, "analytics": True}, ANALYTICS,
          Drop("consent", "analytics")),
+        # ... other spellings that disagree grant nothing, in any key order (review
+        # events29: the first one decided)
+        ({"Analytics": True, "ANALYTICS": False}, ANALYTICS, Drop("consent", "analytics")),
+        ({"ANALYTICS": False, "Analytics": True}, ANALYTICS, Drop("consent", "analytics")),
+        ({"Analytics": True, " analytics": "granted"}, ANALYTICS, None),
+        # a canonical without values beside flat keys: the flat keys decide (review
+        # events29: `false` went through under USERPILOT_CONSENT_MISSING=allow)
+        ({"canonical": {}, "analytics": False}, ALLOW_MISSING, Drop("consent", "analytics")),
+        ({"canonical": {"analytics": None}, "analytics": False}, ALLOW_MISSING,
+         Drop("consent", "analytics")),
+        ({"canonical": {}, "analytics": True}, ANALYTICS, None),
         ({1: True, "analytics": True}, ANALYTICS, None),
         ({1: True}, ANALYTICS, Drop("consent", "analytics")),
     ],

@@ -401,6 +401,16 @@ def test_a_top_level_product_id_is_never_sent_with_the_first_items_name_and_pric
      {"product_id": "SKU-TOP", "products_count": 1}),
     ({"products": [{"name": "Headphones"}], "a": {"b": 1}, "product": {"x": {"y": 2}}},
      {"product_name": "Headphones", "products_count": 1, "a_b": 1, "product_x_y": 2}),
+    # The first item's currency is that other product's too (review "events29") ...
+    ({"product_id": "SKU-TOP", "price": 5,
+      "products": [{"id": "SKU-001", "price": 79.99, "currency": "EUR"}]},
+     {"product_id": "SKU-TOP", "price": 5, "products_count": 1}),
+    # ... while the event's own top-level currency is sent.
+    ({"product_id": "SKU-TOP", "currency": "USD",
+      "products": [{"id": "SKU-001", "currency": "EUR"}]},
+     {"product_id": "SKU-TOP", "currency": "USD", "products_count": 1}),
+    ({"products": [{"id": "SKU-001", "currency": "EUR"}]},
+     {"product_id": "SKU-001", "currency": "EUR", "products_count": 1}),
 ])
 def test_the_first_items_fields_never_mix_with_a_product_the_event_names(
         props: dict[str, Any], sent: dict[str, Any]) -> None:

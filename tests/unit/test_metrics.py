@@ -500,3 +500,27 @@ def test_no_exported_label_overrides_a_scrapers_target_labels() -> None:
 
     assert "pod" in TARGET_LABELS and "endpoint" not in TARGET_LABELS
     assert target_label_clashes() == set()
+
+
+@pytest.mark.parametrize("family", ["userpilot_redis_latency_seconds"])
+def test_the_readme_names_every_redis_operation_label(family: str) -> None:
+    """Review "ops29": the metrics table listed four of the six `operation` values, so a
+    dashboard query written from it missed `progress` and `progress_of`."""
+    from consumer.metrics import REDIS_OPERATIONS
+
+    row = next(line for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith(f"| `{family}`"))
+    for operation in REDIS_OPERATIONS:
+        assert f"`{operation}`" in row, operation
+
+
+def test_the_dashboard_shows_redis_and_deduplication() -> None:
+    """Review "ops29": with Redis the replicas share one budget and skip duplicates, and
+    none of its series was on the dashboard: a slow or failing Redis showed only as a
+    10-minute alert."""
+    dash = json.loads((ROOT / "helm/userpilot-worker/files/dashboard.json").read_text())
+    queries = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
+    for family in ("userpilot_redis_latency_seconds_bucket", "userpilot_redis_errors_total",
+                   "userpilot_rate_limiter_fallback", "userpilot_duplicates_skipped_total",
+                   "userpilot_dedup_unchecked_total"):
+        assert family in queries, family

@@ -314,7 +314,8 @@ def test_a_second_dead_letter_of_the_same_source_record_is_counted_not_replayed(
     # included: `--dry-run --all` lists every dead letter of a user (review "replay29").
     assert one(_DeadLetter(7), 12) == {
         "dlq": "dlq[0]@12", "to": "events", "dry_run": True, "reason": "bad_request",
-        "call": None, "key": "u1", "doubled_of": "dlq[0]@10"}
+        "call": None, "key": "u1", "doubled_of": "dlq[0]@10", "status": None,
+        "attempts": 0, "dead_lettered_at": None, "message": "x"}
     assert (summary.doubled, summary.doubled_offsets) == (
         1, ["dlq[0]@12 (the same event as dlq[0]@10)"])
     # Without source coordinates nothing says two dead letters are one event.
@@ -483,3 +484,24 @@ def test_a_bare_date_until_reaches_the_end_of_that_day_and_reasons_are_spelt_as_
     assert replay._reason(" Bad_Request ") == "bad_request"
     with pytest.raises(argparse.ArgumentTypeError, match="undecodable"):
         replay._reason("nope")
+
+
+def test_a_report_line_says_what_failed_how_often_and_when() -> None:
+    """Review "ops29": a dry run's lines named the reason and call only; deciding what to
+    replay meant reading the DLQ again for the status, attempts, time and message."""
+    from consumer import replay
+
+    failure = Failure(reason="retries_exhausted", exception_class="ServerError",
+                      message="HTTP 503 (x-request-id req-9): Userpilot error (transient)",
+                      status=503, attempts=5, at=NOW.timestamp(), call="track POST /v1/track")
+    headers = dlq_headers(None, topic="events", partition=0, offset=3, failure=failure)
+    said = replay.failure_of(headers)
+    assert said == {"status": 503, "attempts": 5,
+                    "dead_lettered_at": "2026-12-01T12:00:00.000+00:00",
+                    "message": "track POST /v1/track: HTTP 503 (x-request-id req-9): "
+                               "Userpilot error (transient)"}
+    long = dlq_headers(None, topic="events", partition=0, offset=3, failure=Failure(
+        reason="bad_request", exception_class="Rejected", message="m" * 1000, status=400))
+    cut = replay.failure_of(long)["message"]
+    assert len(cut) == replay.MESSAGE_SHOWN + 1 and cut.endswith("…")
+    assert replay.failure_of([("userpilot.error.status", "²".encode())])["status"] is None
