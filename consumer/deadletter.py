@@ -504,7 +504,7 @@ class GuardHold(Generic[T]):
     each restart of the crash loop dead-lettered ~WORKER_DLQ_MAX_CONSECUTIVE more events
     and committed them, and a night of restarts moved the backlog into the DLQ (review
     "ops29"). Held until the guard has read `horizon` more outcomes, or the worker is idle
-    (nothing in flight, nothing polled: no new dead letter can trip it then), or `max_s`
+    (nothing in flight, nothing taken to send: no outcome can come then), or `max_s`
     passed, or the partition is handed over orderly: a trip leaves them uncommitted, and the
     restart trips again on the same events (their dead letters written again: `replay`
     sends such a copy once). The commit's note names the events finished above them.

@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import email.utils
 import re
+import ssl
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -37,6 +38,7 @@ from consumer.errors import (
     Rejected,
     ServerError,
     Timeout,
+    TlsRefused,
     WorkerError,
 )
 from consumer.redaction import Redactor, url_credentials
@@ -187,6 +189,9 @@ def transport_failure(exc: BaseException, deadline_s: float) -> WorkerError:
     outcomes, the worker's and `delete-users`'; `classify` is the one for HTTP statuses)."""
     if isinstance(exc, TimeoutError):
         return Timeout(f"no whole answer from Userpilot within {deadline_s:g} s")
+    refused = _tls_refusal(exc)
+    if refused is not None:
+        return refused
     if isinstance(exc, httpx.TimeoutException):
         if _really_timed_out(exc):
             return Timeout(f"no answer from Userpilot in time ({type(exc).__name__})")
@@ -230,6 +235,38 @@ def request_secrets(headers: Mapping[str, str], proxy: str | None) -> list[str]:
     """What an echo of a Userpilot request could show: the token and the proxy's
     credentials."""
     return [*_credentials(headers), *url_credentials(proxy)]
+
+
+_PLAIN_PORT = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG",
+                         "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL"})
+"""OpenSSL's reasons for a handshake answered by something that is not TLS (an HTTP port)."""
+
+
+def _tls_refusal(exc: BaseException) -> TlsRefused | None:
+    """A TLS failure only a setting fixes, found in the exception's causes (httpx-aiohttp
+    wraps aiohttp's, which wraps the `ssl` module's), or None."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            # aiohttp's ClientConnectorCertificateError is one too, holding the ssl one.
+            cause = getattr(seen, "certificate_error", seen)
+            why = (getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+                   or "certificate verify failed")
+            return TlsRefused(
+                f"TLS: Userpilot's certificate is not trusted ({why}): set "
+                "USERPILOT_CA_BUNDLE to the CA "
+                "that signed it (a TLS-inspecting proxy's, say), or check "
+                "USERPILOT_ANALYTICS_ENDPOINT")
+        reason = getattr(seen, "reason", None)  # aiohttp's SSL errors have none: causes do
+        if isinstance(seen, ssl.SSLError) and reason in _PLAIN_PORT:
+            return TlsRefused(
+                f"TLS: the endpoint does not speak TLS ({reason}): check the port in "
+                "USERPILOT_ANALYTICS_ENDPOINT (plain HTTP is USERPILOT_INSECURE_HTTP=true, "
+                "for a local sandbox only)")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 _PROXY_REFUSAL = re.compile(r"([1-5][0-9][0-9])(?: |$)")

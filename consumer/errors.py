@@ -15,6 +15,8 @@
     │   └── ConnectionFailed         reset, refused, DNS
     ├── Pause                        the whole integration is broken: stop sending, keep
     │   └── Misconfigured            offsets, probe with backoff (401/403/404/407, 3xx)
+    │       └── TlsRefused           a TLS handshake a setting fixes (untrusted certificate,
+    │                                a port that does not speak TLS)
     ├── AlreadyDelivered             another owner delivered this messageId meanwhile:
     │                                finish the event without a request (duplicate)
     ├── Stop                         the worker must stop consuming, loudly
@@ -46,6 +48,7 @@ __all__ = [
     "SharedStateUnavailable",
     "Stop",
     "Timeout",
+    "TlsRefused",
     "UndecodableEvent",
     "WorkerError",
 ]
@@ -168,6 +171,14 @@ class Pause(WorkerError):
 class Misconfigured(Pause):
     """401/403/404/407 or a redirect: wrong token (often the read token), wrong analytics
     endpoint host, or a proxy refusing its credentials; no event can succeed."""
+
+
+class TlsRefused(Misconfigured):
+    """The TLS handshake with Userpilot (or the proxy) failed the same way for every request:
+    a certificate no configured CA signed, or a port that answers in plain HTTP. Retried as
+    an outage, it kept the pod ready with `/readyz` and `userpilot_integration_up` silent
+    (review "faults29"); paused as a setting, they name it, and probes resume delivery
+    once it is fixed."""
 
 
 class AlreadyDelivered(WorkerError):

@@ -95,8 +95,9 @@ class Health:
 
     def set_integration_up(self, up: bool, detail: str = "") -> None:
         """False while Userpilot refuses delivery outright (401/403/404, a redirect, the
-        proxy's 407); `detail` says which, for /readyz (it named the token for all of them,
-        sending an operator to rotate a token when a proxy or the endpoint was wrong)."""
+        proxy's 407, a TLS handshake a setting fixes); `detail` says which, for /readyz (it
+        named the token for all of them, sending an operator to rotate a token when a proxy
+        or the endpoint was wrong)."""
         with self._lock:
             self._integration_up = up
             self._integration_detail = detail[:300]

@@ -401,7 +401,7 @@ class Metrics:
         self.integration_up = gauge(
             "integration_up",
             "1 normally; 0 while Userpilot refuses delivery (401/403/404, a redirect, "
-            "a proxy's 407).",
+            "a proxy's 407, a TLS handshake a setting fixes).",
         )
         self.dlq_unwritable = gauge(
             "dlq_unwritable",

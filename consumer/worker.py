@@ -358,9 +358,11 @@ class Worker:
         self._stuck: set[ChainKey] = set()
         self._finished = 0  # events to send that reached their outcome (event loop)
         # Dead letters the DLQ guard counted, committed once it moved past them (event loop).
+        # Not capped by the window: a window full of held dead letters with nothing in
+        # flight lets them go (idle, below); capped at half of it, a run longer than that
+        # was half committed before the trip (review "hold30").
         self.guard_hold: GuardHold[tuple[TP, int, int]] = GuardHold(
-            min(max(settings.dlq_window, settings.dlq_max_consecutive),
-                max(1, settings.max_in_flight // 2)), GUARD_HOLD_MAX_S)
+            max(settings.dlq_window, settings.dlq_max_consecutive), GUARD_HOLD_MAX_S)
         self._consumed = Children(self.m.events_consumed)
         # Event.intake: limiter queues serve in this order, the DLQ guard reads outcomes in it
         self._intake_seq = itertools.count(1)
@@ -511,8 +513,14 @@ class Worker:
                 # few ms, and committing each change cost ~2 % of delivery's CPU.
                 now = time.monotonic()
                 if len(self.guard_hold):
-                    if not messages and not scheduler.in_flight and not self.overflow:
-                        self._let_go_held()  # idle: no dead letter can come to trip it
+                    # Idle: nothing taken to send this turn, nothing in flight, and nothing
+                    # waiting that could be taken: no outcome can come before the next poll,
+                    # so waiting on would only stall. Polls bringing drops only, or a window
+                    # full of held dead letters with the overflow filling, held commits for
+                    # GUARD_HOLD_MAX_S each (review "hold30").
+                    if not scheduled and not scheduler.in_flight and (
+                            not self.overflow or not room):
+                        self._let_go_held()
                     else:
                         self._finish_held(self.guard_hold.due(now))
                 if not messages or now - last_commit >= self.s.commit_interval_s:
@@ -867,7 +875,12 @@ class Worker:
         return outcome
 
     def _finish_held(self, held: Sequence[tuple[TP, int, int]]) -> None:
-        """Finish dead letters the guard hold let go (event loop)."""
+        """Finish dead letters the guard hold let go (event loop); none once the guard
+        tripped: requests still on the wire finish during the shutdown's drain, and each
+        outcome let held dead letters of the tripping run go, into the final commit
+        (review "hold30")."""
+        if self.handler.guard.tripped_reason is not None:
+            return
         for tp, offset, generation in held:
             self.commits.finish(tp, offset, generation)
 

@@ -30,6 +30,7 @@ from consumer.errors import (
     Rejected,
     ServerError,
     Timeout,
+    TlsRefused,
     WorkerError,
 )
 
@@ -632,9 +633,44 @@ def test_https_without_the_ca_refuses_the_server(certificate: tuple[Path, Path])
     async def main() -> None:
         async with Server(always(Send(ACCEPTED)), tls=_server_context(certificate)) as srv:
             client = up(srv.url(scheme="https"))  # certifi's CAs: self-signed is refused
-            assert await outcome(client, BODY) == "ConnectionFailed"
+            # A setting to fix, not an outage: paused, and /readyz names it (review
+            # "faults29": retried as a connection error, the pod stayed ready).
+            try:
+                await client.track(BODY)
+            except TlsRefused as exc:
+                assert "USERPILOT_CA_BUNDLE" in str(exc)
+            else:
+                raise AssertionError("delivered to an untrusted certificate")
             await client.aclose()
         assert srv.requests == []
+
+    run(main)
+
+
+def test_https_to_a_plain_http_port_is_a_setting_not_an_outage() -> None:
+    """TLS spoken to a port that answers plain HTTP (the endpoint's port wrong): OpenSSL
+    reads the HTTP answer as a broken record. Retried as a connection error, it left the
+    pod ready and `userpilot_integration_up` at 1 (review "faults29")."""
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # the ClientHello
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = up(f"https://127.0.0.1:{port}")
+        try:
+            await client.track(BODY)
+        except TlsRefused as exc:
+            assert "does not speak TLS" in str(exc) and "USERPILOT_ANALYTICS_ENDPOINT" in str(exc)
+        else:
+            raise AssertionError("no TLS refusal")
+        finally:
+            await client.aclose()
+            server.close()
+            await server.wait_closed()
 
     run(main)
 

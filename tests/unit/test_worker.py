@@ -880,6 +880,82 @@ def test_dead_letters_are_committed_once_the_guard_moved_past_them_while_busy() 
     assert len(run.dlq.records) == 1
 
 
+def test_held_dead_letters_stay_uncommitted_when_the_guard_trips_with_requests_on_the_wire(
+) -> None:
+    """Review "hold30": after the trip, deliveries on the wire finish during the shutdown's
+    drain, and each outcome let held dead letters go into the final commit. Offsets 0-2 and
+    7-9 are garbage, 3-6 deliveries held at the client, 10 trips the guard."""
+    msgs = [Message(TOPIC, 0, off, f"d{off}".encode(), track(f"d{off}", off))
+            if 3 <= off <= 6 else Message(TOPIC, 0, off, f"g{off}".encode(), b"garbage")
+            for off in range(11)]
+    run, stepped = stepped_run({(TOPIC, 0): msgs}, WORKER_DLQ_MAX_CONSECUTIVE="3",
+                               WORKER_DLQ_WINDOW="4", WORKER_DLQ_MAX_RATIO="1",
+                               WORKER_MAX_IN_FLIGHT="20")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+        for _ in range(4):
+            stepped.steps.release()
+
+    assert drive(run, scenario) == 3
+    assert run.source.committed().get((TOPIC, 0), 0) <= 2
+
+
+def test_a_window_of_one_does_not_stall_behind_a_held_dead_letter() -> None:
+    """Review "hold30": the held dead letter filled a window of one, no event could be taken
+    for an outcome, and the overflow kept the loop from counting as idle: every dead letter
+    of a backlog cost GUARD_HOLD_MAX_S (60 s)."""
+    values = ([track(f"u{i}", i) for i in range(10)] + [b"garbage"]
+              + [track(f"u{i}", i) for i in range(11, 30)])
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
+    run = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               WORKER_MAX_IN_FLIGHT="1")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0), 0) == 30, "all committed")
+
+    assert drive(run, scenario) == 0
+
+
+class DripSource(FakeSource):
+    """Every poll brings 5 new dropped (anonymous) events: a busy Signal topic."""
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        msgs = self.log[(TOPIC, 0)]
+        for _ in range(5):
+            msgs.append(Message(TOPIC, 0, len(msgs), b"x", track(None, len(msgs))))
+        return super().consume(max_messages, timeout_s)
+
+
+def test_drops_after_a_dead_letter_do_not_hold_its_commit_for_a_minute() -> None:
+    """Review "hold30": polls that bring drops only never counted as idle, and drops are no
+    outcome the hold counts: the dead letter's commit waited GUARD_HOLD_MAX_S."""
+    run = make({(TOPIC, 0): [Message(TOPIC, 0, 0, b"g", b"garbage")]},
+               registry=known_schema(), source_type=DripSource, USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(run.dlq.records) == 1, "the dead letter")
+        await until(lambda: source.committed().get((TOPIC, 0), 0) >= 1,
+                    "the dead letter committed")
+
+    assert drive(run, scenario) == 0
+
+
+def test_a_window_below_twice_the_run_limit_commits_none_of_the_tripping_run() -> None:
+    """Review "hold30": the hold's horizon was capped at half the window, so a run longer
+    than that was partly committed before the trip."""
+    garbage = [Message(TOPIC, 0, i, f"u{i}".encode(), b"garbage") for i in range(10)]
+    run = make({(TOPIC, 0): garbage}, WORKER_DLQ_MAX_CONSECUTIVE="3",
+               WORKER_DLQ_WINDOW="5", WORKER_DLQ_MAX_RATIO="1", WORKER_MAX_IN_FLIGHT="4")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+
+    assert drive(run, scenario) == 3
+    assert len(run.dlq.records) == 3
+    assert run.source.committed().get((TOPIC, 0), 0) == 0
+
+
 def test_the_dlq_guard_says_it_tripped_once(caplog: pytest.LogCaptureFixture) -> None:
     """Review kafka18: every event in flight met the tripped guard and logged the same
     CRITICAL line (a hundred of them buried the first)."""
