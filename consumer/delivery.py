@@ -184,12 +184,13 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
                        status=status, body=snippet)
 
 
-def transport_failure(exc: BaseException, deadline_s: float) -> WorkerError:
+def transport_failure(exc: BaseException, deadline_s: float,
+                      proxied: bool = False) -> WorkerError:
     """What a request that got no usable answer raises (the one place for transport
     outcomes, the worker's and `delete-users`'; `classify` is the one for HTTP statuses)."""
     if isinstance(exc, TimeoutError):
         return Timeout(f"no whole answer from Userpilot within {deadline_s:g} s")
-    refused = _tls_refusal(exc)
+    refused = _tls_refusal(exc, proxied)
     if refused is not None:
         return refused
     if isinstance(exc, httpx.TimeoutException):
@@ -242,9 +243,11 @@ _PLAIN_PORT = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_
 """OpenSSL's reasons for a handshake answered by something that is not TLS (an HTTP port)."""
 
 
-def _tls_refusal(exc: BaseException) -> TlsRefused | None:
-    """A TLS failure only a setting fixes, found in the exception's causes (httpx-aiohttp
-    wraps aiohttp's, which wraps the `ssl` module's), or None."""
+def _tls_refusal(exc: BaseException, proxied: bool = False) -> TlsRefused | None:
+    """A TLS failure only a setting fixes when it lasts, found in the exception's causes
+    (httpx-aiohttp wraps aiohttp's, which wraps the `ssl` module's), or None. Through a
+    proxy, the certificate or the plain port may be the proxy's (`HTTPS_PROXY=https://`
+    naming a plain-HTTP proxy is the usual one): the message names both."""
     seen: BaseException | None = exc
     for _ in range(6):
         if seen is None:
@@ -254,17 +257,21 @@ def _tls_refusal(exc: BaseException) -> TlsRefused | None:
             cause = getattr(seen, "certificate_error", seen)
             why = (getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
                    or "certificate verify failed")
+            whose = ("Userpilot's (or the proxy's) certificate" if proxied
+                     else "Userpilot's certificate")
             return TlsRefused(
-                f"TLS: Userpilot's certificate is not trusted ({why}): set "
-                "USERPILOT_CA_BUNDLE to the CA "
+                f"TLS: {whose} is not trusted ({why}): set USERPILOT_CA_BUNDLE to the CA "
                 "that signed it (a TLS-inspecting proxy's, say), or check "
                 "USERPILOT_ANALYTICS_ENDPOINT")
         reason = getattr(seen, "reason", None)  # aiohttp's SSL errors have none: causes do
         if isinstance(seen, ssl.SSLError) and reason in _PLAIN_PORT:
+            where = ("the port in USERPILOT_ANALYTICS_ENDPOINT, or the proxy URL's scheme "
+                     "(a plain-HTTP proxy is http://, even in HTTPS_PROXY)" if proxied
+                     else "the port in USERPILOT_ANALYTICS_ENDPOINT")
             return TlsRefused(
-                f"TLS: the endpoint does not speak TLS ({reason}): check the port in "
-                "USERPILOT_ANALYTICS_ENDPOINT (plain HTTP is USERPILOT_INSECURE_HTTP=true, "
-                "for a local sandbox only)")
+                f"TLS: the other end does not speak TLS ({reason}): check {where} (plain "
+                "HTTP to Userpilot is USERPILOT_INSECURE_HTTP=true, for a local sandbox "
+                "only)")
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -349,6 +356,7 @@ class UserpilotClient:
         # Parsed once: httpx parses a str URL on every request (~6 % of the worker's CPU
         # per delivered event at 20 ms, measured with py-spy).
         self._url = httpx.URL(url)
+        self._proxied = proxy is not None  # names the proxy in TLS refusals
         parts = urlsplit(url)
         self._base = f"{parts.scheme}://{parts.netloc}"
         self._paths: dict[str, httpx.URL] = {}
@@ -448,7 +456,7 @@ class UserpilotClient:
                 # (cut, trickled past the deadline, not the gzip it claimed). Re-sending
                 # it on a body error sent it twice.
                 return response.status_code
-            raise transport_failure(exc, self._deadline_s) from None
+            raise transport_failure(exc, self._deadline_s, self._proxied) from None
         status = response.status_code
         if accepted:  # the common case: no need to decode the body
             return status

@@ -13,10 +13,11 @@
     │   ├── ServerError              408, 5xx, a final 1xx, an unknown status, no answer
     │   ├── Timeout                  no answer in time
     │   └── ConnectionFailed         reset, refused, DNS
+    │       └── TlsRefused           a TLS handshake a setting fixes (untrusted certificate,
+    │                                a port that does not speak TLS): the gate it closes
+    │                                says "misconfigured"
     ├── Pause                        the whole integration is broken: stop sending, keep
     │   └── Misconfigured            offsets, probe with backoff (401/403/404/407, 3xx)
-    │       └── TlsRefused           a TLS handshake a setting fixes (untrusted certificate,
-    │                                a port that does not speak TLS)
     ├── AlreadyDelivered             another owner delivered this messageId meanwhile:
     │                                finish the event without a request (duplicate)
     ├── Stop                         the worker must stop consuming, loudly
@@ -159,6 +160,14 @@ class ConnectionFailed(Retry):
     cause = "connection_error"
 
 
+class TlsRefused(ConnectionFailed):
+    """The TLS handshake failed in a way a setting fixes when it lasts: a certificate no
+    configured CA signed, or a port that answers in plain HTTP. Retried like any connection
+    error (one stray failure says little, review "r30"), but a gate it closes is
+    "misconfigured", not an outage: as an outage it kept the pod ready with `/readyz` and
+    `userpilot_integration_up` silent (review "faults29")."""
+
+
 class Pause(WorkerError):
     """Nothing can be delivered until an operator acts; hold offsets and probe."""
 
@@ -171,14 +180,6 @@ class Pause(WorkerError):
 class Misconfigured(Pause):
     """401/403/404/407 or a redirect: wrong token (often the read token), wrong analytics
     endpoint host, or a proxy refusing its credentials; no event can succeed."""
-
-
-class TlsRefused(Misconfigured):
-    """The TLS handshake with Userpilot (or the proxy) failed the same way for every request:
-    a certificate no configured CA signed, or a port that answers in plain HTTP. Retried as
-    an outage, it kept the pod ready with `/readyz` and `userpilot_integration_up` silent
-    (review "faults29"); paused as a setting, they name it, and probes resume delivery
-    once it is fixed."""
 
 
 class AlreadyDelivered(WorkerError):

@@ -168,13 +168,15 @@ class ConsentPolicy:
             # The nested form's `canonical` decides when it has a value; one without any
             # (`{}`, all null) beside flat keys that say `false` let the event through
             # under USERPILOT_CONSENT_MISSING=allow (review "events29"): then the flat keys
-            # decide (not `categories`, the nested form's raw platform codes), and only
-            # with no value in either it is no consent data.
+            # that name a Signal category decide (not `categories`, the platform's raw
+            # codes, nor `version` or `updatedAt` beside them: they made a valueless
+            # nested consent "present", review "r30"), and only with no value in either it
+            # is no consent data.
             if any(v is not None for v in canonical.values()):
                 granted_by = canonical
             else:
                 granted_by = {k: v for k, v in consent.items()
-                              if k not in ("canonical", "categories")}
+                              if isinstance(k, str) and k.strip().lower() in CATEGORIES}
         # No value in the object that decides is no consent data, in either shape:
         # `{"canonical": {"analytics": null}}` was denied where `{"analytics": null}` took
         # USERPILOT_CONSENT_MISSING (review "mapping22").

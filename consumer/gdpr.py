@@ -51,6 +51,7 @@ from consumer.errors import (
     Pause,
     Retry,
     Timeout,
+    TlsRefused,
 )
 from consumer.redaction import Redactor
 
@@ -208,7 +209,8 @@ class DeleteClient:
             # The worker's rule (a proxy's 407 to the tunnel is a misconfiguration that
             # stops the run: it was retried 12 times a batch, review newcomer19).
             failure = transport_failure(exc, self.deadline_s)
-            if isinstance(failure, ConnectionFailed) and self.url.startswith("https:"):
+            if (isinstance(failure, ConnectionFailed) and not isinstance(failure, TlsRefused)
+                    and self.url.startswith("https:")):
                 failure = ConnectionFailed(f"{failure}; for TLS, check USERPILOT_CA_BUNDLE "
                                            f"(a corporate or inspecting proxy's CA)")
             raise failure from None

@@ -79,7 +79,6 @@ from consumer.errors import (
     RateLimited,
     Retry,
     Timeout,
-    TlsRefused,
     UndecodableEvent,
 )
 from consumer.filtering import DROP_TOMBSTONE, Drop, drop_reason
@@ -773,7 +772,7 @@ class Handler:
         except Timeout:
             self._responses("timeout", endpoint).inc()
             raise
-        except (ConnectionFailed, TlsRefused):
+        except ConnectionFailed:
             self._responses("connection_error", endpoint).inc()
             raise
         except (Retry, Pause, DeadLetter) as exc:

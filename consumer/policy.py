@@ -31,7 +31,7 @@ from typing import Literal, Protocol
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_random_exponential
 
-from consumer.errors import DeadLetter, Pause, RateLimited, Retry
+from consumer.errors import DeadLetter, Pause, RateLimited, Retry, TlsRefused
 
 __all__ = ["PROBE_BASE_S", "PROBE_MAX_S", "Attempts", "Gate", "Hold", "RetryPolicy"]
 
@@ -210,7 +210,11 @@ class Gate:
             hint = ("; Userpilot is limiting this token: another sender uses it, or "
                     "USERPILOT_RATE_LIMIT is above its limit" if isinstance(exc, RateLimited)
                     else "")  # a run of 429s read as an outage (review "faults28")
-            self._set("outage", f"{self._consecutive} failures in a row, last: {exc}{hint}")
+            # A TLS refusal that lasts is a setting: /readyz and integration_up say so.
+            state: GateState = "misconfigured" if isinstance(exc, TlsRefused) else "outage"
+            self._set(state, f"{self._consecutive} failures in a row, last: {exc}{hint}")
+        elif self.state == "outage" and isinstance(exc, TlsRefused):
+            self._set("misconfigured", f"{self._consecutive} failures in a row, last: {exc}")
         elif self.state != "up" and exc.retry_after:
             # An answer that came after the gate closed: its event waits at the gate now,
             # not in its own backoff, so its Retry-After holds the probes (review "diff27").

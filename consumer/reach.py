@@ -27,7 +27,14 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from consumer.config import SECRET_KAFKA_KEYS, Settings, redact_userinfo
 from consumer.delivery import UserpilotClient
-from consumer.errors import ConnectionFailed, Misconfigured, Rejected, Retry, Timeout
+from consumer.errors import (
+    ConnectionFailed,
+    Misconfigured,
+    Rejected,
+    Retry,
+    Timeout,
+    TlsRefused,
+)
 from consumer.librdkafka import DLQ_PRODUCER, SESSION_TIMEOUT_MS, producer_settings
 from consumer.redaction import Redactor, kafka_secrets
 from consumer.registry import RegistryError, RegistryUnusable, RestClient
@@ -94,6 +101,8 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
         return f"Userpilot at {host}{via}: {exc}"
     except (Timeout, TimeoutError):
         return f"Userpilot at {host}{via} did not answer within {timeout:g} s"
+    except TlsRefused as exc:  # its text names the setting already
+        return f"Userpilot at {host}{via}: {exc}"
     except ConnectionFailed as exc:
         tls = "" if settings.insecure_http else (
             "; for TLS, check USERPILOT_CA_BUNDLE (a corporate or inspecting proxy's CA)")
@@ -407,9 +416,12 @@ def redis_refusal(settings: Settings, timeout: float) -> str | None:
     except SharedStateUnavailable as exc:
         if "ReadOnlyError" in str(exc):
             # check-config --online said so; run took it and fell back for ever (review
-            # "faults29").
-            return (f"Redis at {conf.redacted_url} refused the worker ({exc}): it is a "
-                    "read-only replica: point REDIS_URL at the primary")
+            # "faults29"). Waited for, not refused: during a managed Redis's failover the
+            # name may still point at the demoted primary for a while (review "r30").
+            return Unreachable(
+                f"Redis at {conf.redacted_url} refused the worker ({exc}): it is a "
+                "read-only replica: point REDIS_URL at the primary (waiting: a failover "
+                "may be under way)")
         if any(name in str(exc) for name in REDIS_REFUSALS):
             return (f"Redis at {conf.redacted_url} refused the worker ({exc}): check the user "
                     "name and password in REDIS_URL, and the user's ACL")

@@ -334,8 +334,9 @@ def test_online_refuses_a_redis_that_answers_ping_but_not_the_workers_calls(
     assert "answers PING but refused the worker's own calls" in refused.stderr
     assert expected in refused.stderr
     assert "pw-1" not in refused.stderr
-    # And run refuses it too, before consuming: it ran on its fallback for ever (review
-    # "faults29": a read-only replica was check-config's refusal only).
+    # And run does not consume on it either: it ran on its fallback for ever (review
+    # "faults29": a read-only replica was check-config's refusal only). A read-only
+    # replica is waited for (a failover may be under way): `--wait 0` ends that at once.
     ran = cli(["run", "--wait", "0", "--timeout", "5"],
               {**online_env, "REDIS_URL": url, "WORKER_METRICS_PORT": "0"})
     assert ran.returncode == 1, ran.stderr

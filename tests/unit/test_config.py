@@ -803,6 +803,9 @@ def test_sasl_settings_without_a_sasl_protocol_are_refused() -> None:
                         "KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "pw-S3CRET"})
     assert "set KAFKA_SASL_MECHANISM to PLAIN" in said
     assert "recompile" not in said and "S3CRET" not in said
+    (gssapi,) = problems({**BASE, "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+                          "KAFKA_SASL_MECHANISM": "GSSAPI"})
+    assert "KAFKA_SASL_MECHANISM=GSSAPI (Kerberos) is not in this build" in gssapi
 
 
 def test_consumer_only_settings_do_not_reach_the_producer() -> None:

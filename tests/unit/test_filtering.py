@@ -177,6 +177,9 @@ NO_CONSENT_DATA = [
     event({"canonical": {}}),
     event({"canonical": {"analytics": None}}),
     event({"canonical": {"analytics": None}, "categories": ["C0002"]}),
+    # ... nor do keys beside it that name no category (review r30).
+    event({"canonical": {"analytics": None}, "version": 2, "updatedAt": "2026-01-01"}),
+    event({"canonical": {}, "Categories": ["C0001"], "analytics": None}),
 ]
 """Consent that is not an object (`"analytics=true"`, `["analytics"]`, `true`) is not "no
 data": it grants nothing under either policy (test_explicit_consent_that_is_not_...)."""

@@ -17,6 +17,7 @@ from consumer.errors import (
     Retry,
     ServerError,
     Timeout,
+    TlsRefused,
     UndecodableEvent,
     WorkerError,
 )
@@ -68,6 +69,31 @@ def test_gate_closes_after_n_consecutive_transient_failures() -> None:
     assert changes == [("outage", "3 failures in a row, last: HTTP 503")]
     gate.transient_failure(ServerError("HTTP 503"))
     assert len(changes) == 1  # no repeat notification while already in outage
+
+
+def test_a_lasting_tls_refusal_closes_the_gate_as_misconfigured_one_stray_does_not() -> None:
+    """Review "faults29": an untrusted certificate or a plain-HTTP port, retried as connection
+    errors, closed the gate as an outage: the pod stayed ready. Review "r30": paused at the
+    first one, a middlebox's stray bytes paused everything, and `delete-users` gave up."""
+    changes: list[tuple[str, str]] = []
+    gate = Gate(outage_after=3, clock=FakeClock(),
+                on_change=lambda state, detail: changes.append((state, detail)))
+    refused = TlsRefused("TLS: Userpilot's certificate is not trusted: set USERPILOT_CA_BUNDLE")
+    gate.transient_failure(refused)
+    gate.success()
+    assert gate.state == "up" and changes == [], "one stray refusal is retried"
+    for _ in range(3):
+        gate.transient_failure(refused)
+    assert gate.state == "misconfigured"
+    assert "USERPILOT_CA_BUNDLE" in changes[-1][1]
+    # An outage that turns out to be TLS (the last failures refusals) says so too.
+    other = Gate(outage_after=2, clock=FakeClock())
+    other.transient_failure(ServerError("HTTP 503"))
+    other.transient_failure(ServerError("HTTP 503"))
+    assert other.state == "outage"
+    other.transient_failure(refused)
+    assert other.state == "misconfigured"
+    assert isinstance(refused, ConnectionFailed) and refused.cause == "connection_error"
 
 
 def test_a_gate_closed_by_429s_says_the_token_is_limited_not_only_an_outage() -> None:

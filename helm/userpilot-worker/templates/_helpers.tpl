@@ -212,7 +212,7 @@ Deployment, so every render runs them.
 {{- /* What the worker refuses at start (config._passthrough_problem): refused here, at
    install, instead of every pod exiting 2 (review "ops29"). */}}
 {{- $k := trimPrefix "topic." (lower $key) }}
-{{- $val := lower (toString (index $v.kafka.config $key)) }}
+{{- $val := lower (trim (toString (index $v.kafka.config $key))) }}
 {{- if and (eq $k "auto.offset.reset") (not (has $val (list "earliest" "smallest" "beginning"))) }}
 {{- fail (printf "kafka.config.%s=%s would skip events (a new partition's first ones, a backlog whose committed offset retention removed); the worker starts where the log starts and refuses it: remove it (to skip a backlog once, reset the group's offsets with kafka-consumer-groups.sh --reset-offsets --to-latest)" $key $val) }}
 {{- end }}
@@ -222,7 +222,7 @@ Deployment, so every render runs them.
 {{- if and (has $k (list "acks" "request.required.acks")) (not (has $val (list "all" "-1"))) }}
 {{- fail (printf "kafka.config.%s=%s would count a dead letter before every in-sync replica has it; the worker commits on the acknowledgement (acks=all) and refuses it: remove it" $key $val) }}
 {{- end }}
-{{- if has $k (list "enable.auto.commit" "enable.auto.offset.store" "partition.assignment.strategy") }}
+{{- if has (lower $key) (list "enable.auto.commit" "enable.auto.offset.store" "partition.assignment.strategy") }}
 {{- fail (printf "kafka.config.%s is managed by the worker itself (at-least-once delivery) and refused: remove it" $key) }}
 {{- end }}
 {{- if eq $k "transactional.id" }}
