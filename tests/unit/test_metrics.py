@@ -102,10 +102,11 @@ ATTRIBUTES = {
     "build_info": "userpilot_build_info",
 }
 
-# Redis (issue 12). Label names show up only once a series exists: the contract test
-# declares none of these, so only redis_errors (pre-declared per operation) has labels.
+# Redis (issue 12). Label names show up only once a series exists: redis_errors and
+# redis_latency_seconds are pre-declared per operation (the dashboard's Redis row reads them
+# from the start), the others per budget or endpoint when the worker declares them.
 CONTRACT.update({
-    "userpilot_redis_latency_seconds": ("histogram", ()),
+    "userpilot_redis_latency_seconds": ("histogram", ("operation",)),
     "userpilot_redis_errors": ("counter", ("operation",)),
     "userpilot_rate_limiter_fallback": ("gauge", ()),
     "userpilot_rate_limiter_fallbacks": ("counter", ()),
