@@ -176,6 +176,9 @@ EOF
 cat >"$OUT/kafka-url.values.yaml" <<'EOF'
 kafka: {bootstrapServers: "kafka://kafka:9092"}
 EOF
+cat >"$OUT/topic-isolation.values.yaml" <<'EOF'
+kafka: {config: {topic.isolation.level: read_committed}}
+EOF
 cat >"$OUT/static-member-env.values.yaml" <<'EOF'
 kafka: {extraEnv: [{name: KAFKA_GROUP_INSTANCE_ID, value: upw-static}]}
 EOF
@@ -308,6 +311,7 @@ expect_fail auto-commit "kafka.config.enable.auto.commit is managed by the worke
 expect_fail acks-one "kafka.config.topic.acks=1 would count a dead letter"
 expect_fail read-uncommitted "kafka.config.isolation.level=read_uncommitted would send Userpilot"
 expect_fail kafka-url "bootstrapServers"
+expect_fail topic-isolation "kafka.config.topic.isolation.level is no setting librdkafka has"
 expect_fail registry-url-creds "schemaRegistry.url holds credentials"
 expect_fail rule-without-monitor "set prometheusRule.job to the job label"
 expect_fail lag-injection "kafkaLagMatchers"

@@ -213,6 +213,9 @@ Deployment, so every render runs them.
    install, instead of every pod exiting 2 (review "ops29"). */}}
 {{- $k := trimPrefix "topic." (lower $key) }}
 {{- $val := lower (trim (toString (index $v.kafka.config $key))) }}
+{{- if has (lower $key) (list "topic.isolation.level" "topic.group.protocol") }}
+{{- fail (printf "kafka.config.%s is no setting librdkafka has (it is a consumer setting, without topic.): every pod would refuse it; remove it" $key) }}
+{{- end }}
 {{- if and (eq $k "auto.offset.reset") (not (has $val (list "earliest" "smallest" "beginning"))) }}
 {{- fail (printf "kafka.config.%s=%s would skip events (a new partition's first ones, a backlog whose committed offset retention removed); the worker starts where the log starts and refuses it: remove it (to skip a backlog once, reset the group's offsets with kafka-consumer-groups.sh --reset-offsets --to-latest)" $key $val) }}
 {{- end }}
