@@ -806,20 +806,20 @@ def _kafka_together(reader: _Reader, extra: Mapping[str, str | Secret], group_id
                  if said(key, text) or (key in ALIASES and said(ALIASES[key], text))]
         return f" (set by {', '.join(names)})" if names else ""
 
-    named_mechanism = any(conf.get(key) for key in ("sasl.mechanism", "sasl.mechanisms"))
-    if refused is not None and "No provider for SASL mechanism GSSAPI" in refused and (
-            named_mechanism):
-        reader.problems.append(
-            "KAFKA_SASL_MECHANISM=GSSAPI (Kerberos) is not in this build of librdkafka: use "
-            "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER, as your brokers offer")
-    elif refused is not None and "No provider for SASL mechanism GSSAPI" in refused:
-        # librdkafka's default mechanism, absent from the wheel's build: its text says
-        # "recompile librdkafka", where the fix is naming the mechanism (review "ops29").
-        reader.problems.append(
-            "KAFKA_SECURITY_PROTOCOL asks for SASL but KAFKA_SASL_MECHANISM is not set "
-            "(librdkafka's default, GSSAPI/Kerberos, is not in this build): set "
-            "KAFKA_SASL_MECHANISM to PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER, "
-            "as your brokers expect")
+    if refused is not None and "No provider for SASL mechanism GSSAPI" in refused:
+        # GSSAPI (Kerberos) is not in the wheel's build, and librdkafka's text says
+        # "recompile librdkafka", where the fix is the mechanism setting (review "ops29").
+        if any(conf.get(key) for key in ("sasl.mechanism", "sasl.mechanisms")):
+            reader.problems.append(
+                "KAFKA_SASL_MECHANISM=GSSAPI (Kerberos) is not in this build of librdkafka: "
+                "use PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER, as your brokers "
+                "offer")
+        else:  # librdkafka's default mechanism
+            reader.problems.append(
+                "KAFKA_SECURITY_PROTOCOL asks for SASL but KAFKA_SASL_MECHANISM is not set "
+                "(librdkafka's default, GSSAPI/Kerberos, is not in this build): set "
+                "KAFKA_SASL_MECHANISM to PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER, "
+                "as your brokers expect")
     elif refused is not None:
         reader.problems.append(f"the KAFKA_* settings together are refused by librdkafka "
                                f"({refused}){named(refused)}: fix or remove them")

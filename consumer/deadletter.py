@@ -492,7 +492,6 @@ class DlqGuard:
             del self._dead[:-self._keep]
 
 
-
 T = TypeVar("T")
 
 

@@ -384,10 +384,10 @@ def probe_keys(settings: Settings) -> tuple[str, str]:
 
 
 REDIS_REFUSALS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError",
-                  "NoPermissionError", "ReadOnlyError")
-"""What Redis answers to credentials it refuses (WRONGPASS, NOAUTH), a user its ACL denies,
-or a read-only replica at start: a setting to fix, not an outage. (A primary demoted under a
-running worker is a failover: its connections are dropped and the name resolved again.)"""
+                  "NoPermissionError")
+"""What Redis answers to credentials it refuses (WRONGPASS, NOAUTH) or a user its ACL
+denies: a setting to fix, not an outage. (A read-only replica is waited for instead:
+`redis_refusal`.)"""
 
 
 def redis_refusal(settings: Settings, timeout: float) -> str | None:

@@ -678,11 +678,11 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         return None
     source = None if seen is None else source_event(headers, msg.value())
     before = None if seen is None else seen.before(source)
-    came_headers = headers  # the dead letter's own (a restored original has none)
     origin = _text(header_value(headers, "__connect.errors.topic"))  # text: `decide`
-    # Read from the dead letter itself: a restored original's headers may not carry it.
+    # Read from the dead letter itself: a restored original's headers may not carry them.
     reason = _text(header_value(headers, "userpilot.error.reason"))
     call = failed_call(headers) or None
+    failure = failure_of(headers)
     if before is not None:
         summary.doubled += 1
         earlier = f"{dlq_topic}[{before[0]}]@{before[1]}"
@@ -691,8 +691,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         # deleted user's dead letters (README, GDPR), and this copy's key was on stderr
         # only, without its key (review "replay29").
         return {"dlq": where, "to": origin, "dry_run": dry_run, "reason": reason,
-                "call": call, "key": shown_key(msg.key()), **failure_of(headers),
-                "doubled_of": earlier}
+                "call": call, "key": shown_key(msg.key()), **failure, "doubled_of": earlier}
     key, value = msg.key(), msg.value()
     came = source_of(headers)  # the dead letter's own: a restored original's may lack them
     if value_omitted(headers):
@@ -720,7 +719,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     # how an operator finds a deleted user's dead letters to leave them out (README, GDPR).
     line: dict[str, Any] = {"dlq": where, "to": origin, "dry_run": dry_run,
                             "reason": reason, "call": call, "key": shown_key(key),
-                            **failure_of(came_headers)}
+                            **failure}
     line["_record"] = (key, value, headers,
                        came[1] if came is not None and came[0] == origin else None)
     if seen is not None:

@@ -866,12 +866,13 @@ class Worker:
             self.keyless.after(event)
         self._finished += 1
         done = ((event.topic, event.partition), event.offset, event.generation)
+        now = time.monotonic()
         self.guard_hold.outcome()
         if isinstance(outcome, DeadLettered) and outcome.counted:
-            self.guard_hold.hold(done, time.monotonic())
+            self.guard_hold.hold(done, now)
         else:
             self.commits.finish(*done)
-        self._finish_held(self.guard_hold.due(time.monotonic()))
+        self._finish_held(self.guard_hold.due(now))
         return outcome
 
     def _finish_held(self, held: Sequence[tuple[TP, int, int]]) -> None:
@@ -889,9 +890,8 @@ class Worker:
         letters (of `parts`, or all) before their commit, unless the guard tripped
         already; then they stay unfinished, so the restart meets them again."""
         chosen = None if parts is None else set(parts)
-        held = self.guard_hold.take(None if chosen is None else lambda h: h[0] in chosen)
-        if self.handler.guard.tripped_reason is None:
-            self._finish_held(held)
+        self._finish_held(
+            self.guard_hold.take(None if chosen is None else lambda h: h[0] in chosen))
 
     def _count_retry(self, exc: Exception) -> None:
         """Count a retry, and log it: at most one line per cause every RETRY_LOG_EVERY_S,
