@@ -11,6 +11,7 @@ import pytest
 from consumer.ratelimit import safe_rate
 from consumer.sandbox import SandboxControl, SandboxThread
 from tests.integration.harness import WorkerThread, produce, track_event, wait_until, worker_env
+from tests.rolling import max_in_window
 
 Sandbox = tuple[SandboxThread, SandboxControl]
 LIMIT, PERIOD = 100, 10.0
@@ -57,8 +58,7 @@ def test_workers_sharing_a_token_use_the_limit_without_429(
     used = in_window / (designed * MEASURE)
     assert used >= 0.97, (f"{workers} worker(s) used {used:.1%} of the designed pace "
                           f"({share:.1%} of the limit)")
-    ordered = sorted(received)
-    worst = max(sum(1 for u in ordered[i:] if u < t + PERIOD) for i, t in enumerate(ordered))
+    worst = max_in_window(received, PERIOD)
     assert worst <= LIMIT, f"{worst} requests in one rolling {PERIOD:g} s window"
 
 
@@ -91,5 +91,5 @@ def test_a_slow_spell_past_what_the_pool_carries_ends_without_a_burst_of_429s(
     received = sorted(r["received_at"] for r in control.requests("/v1/track"))
     assert control.stats()["by_status"].get("429", 0) == 0, control.stats()
     assert limited == 0
-    worst = max(sum(1 for u in received[i:] if u < t + PERIOD) for i, t in enumerate(received))
+    worst = max_in_window(received, PERIOD)
     assert worst <= LIMIT, f"{worst} requests in one rolling {PERIOD:g} s window"

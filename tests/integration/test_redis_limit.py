@@ -32,20 +32,11 @@ from consumer.redisstore import RedisStore, token_digest
 from consumer.sharedlimit import SharedLimiter, budget_key
 from consumer.sharedstate import build_shared_state
 from tests.integration.redis_fixtures import SlowLink, StoppableRedis
+from tests.rolling import max_in_window
 
 LIMIT = 20
 PERIOD = 3.0
 
-
-def max_in_window(times: list[float], period: float) -> int:
-    """The most sends in any rolling window of ``period`` (closed at both ends)."""
-    times = sorted(times)
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while times[lo] < t - period:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ from tests.integration.harness import (
     worker_env,
 )
 from tests.integration.redis_fixtures import StoppableRedis
+from tests.rolling import max_in_window
 
 Sandbox = tuple[SandboxThread, SandboxControl]
 
@@ -76,15 +77,6 @@ def seqs(control: SandboxControl, since: float = 0.0) -> Counter[int]:
     return Counter(int(r["body"]["metadata"]["seq"]) for r in control.requests("/v1/track")
                    if r["received_at"] >= since)
 
-
-def max_in_window(times: list[float], period: float) -> int:
-    times = sorted(times)
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while times[lo] <= t - period:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 # -- shared budget vs partition share, one hot partition ------------------------------

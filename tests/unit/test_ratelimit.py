@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
 import random
 
@@ -15,6 +14,7 @@ from consumer.ratelimit import (
     partition_share,
     safe_rate,
 )
+from tests.rolling import max_in_window
 
 
 class FakeClock:
@@ -24,11 +24,6 @@ class FakeClock:
     def __call__(self) -> float:
         return self.now
 
-
-def max_in_window(times: list[float], period: float) -> int:
-    """Most send times in any closed window [t, t + period] (worst case: both ends count)."""
-    ordered = sorted(times)
-    return max(bisect.bisect_right(ordered, t + period) - i for i, t in enumerate(ordered))
 
 
 def simulate(limiter: AdaptiveLimiter, clock: FakeClock, count: int, *,
