@@ -27,7 +27,6 @@ import logging
 import operator
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -495,6 +494,16 @@ class DlqGuard:
 T = TypeVar("T")
 
 
+@dataclass(slots=True)
+class _Held(Generic[T]):
+    """A held dead letter: since when, its stream position, outcomes read past it."""
+
+    since: float
+    seq: int
+    item: T
+    past: int = 0
+
+
 class GuardHold(Generic[T]):
     """Dead letters whose offsets wait before they are committed, while the DLQ guard could
     still trip on them (pure; the worker's event loop owns it).
@@ -502,46 +511,51 @@ class GuardHold(Generic[T]):
     Committed at once, a bad deploy's dead letters up to the trip were behind the commit:
     each restart of the crash loop dead-lettered ~WORKER_DLQ_MAX_CONSECUTIVE more events
     and committed them, and a night of restarts moved the backlog into the DLQ (review
-    "ops29"). Held until the guard has read `horizon` more outcomes, or the worker is idle
-    (nothing in flight, nothing taken to send: no outcome can come then), or `max_s`
-    passed, or the partition is handed over orderly: a trip leaves them uncommitted, and the
-    restart trips again on the same events (their dead letters written again: `replay`
-    sends such a copy once). The commit's note names the events finished above them.
+    "ops29"). Held until the guard has read `horizon` outcomes after it in the stream, or
+    the worker is idle (nothing in flight, nothing taken to send: no outcome can come
+    then), or `max_s` passed, or the partition is handed over orderly: a trip leaves them
+    uncommitted, and the restart trips again on the same events (their dead letters
+    written again: `replay` sends such a copy once). The commit's note names the events
+    finished above them.
     """
 
     def __init__(self, horizon: int, max_s: float) -> None:
         self._horizon = max(1, horizon)
         self._max_s = max_s
-        self._outcomes = 0
-        self._held: deque[tuple[float, int, T]] = deque()  # (since, outcomes then, item)
+        self._held: list[_Held[T]] = []
 
     def __len__(self) -> int:
         return len(self._held)
 
-    def hold(self, item: T, now: float) -> None:
-        self._held.append((now, self._outcomes, item))
+    def hold(self, item: T, now: float, seq: int = 0) -> None:
+        """Hold `item`, the dead letter at stream position `seq` (the intake order)."""
+        self._held.append(_Held(now, seq, item))
 
-    def outcome(self) -> None:
-        """One more outcome the guard has read (a dead letter's own comes before its hold)."""
-        self._outcomes += 1
+    def outcome(self, seq: int = 0) -> None:
+        """One more outcome the guard read, at stream position `seq` (a dead letter's own
+        comes before its hold). It moves the guard past the held dead letters before it in
+        the stream only: the guard reads in stream order, and a slow user's chain finishing
+        late brings outcomes from before a dead letter, which never take the guard past it
+        (counted as they finished, they let it go early). 0: position unknown, past all."""
+        for entry in self._held:
+            if not seq or seq > entry.seq:
+                entry.past += 1
 
     def due(self, now: float) -> list[T]:
-        """The held items the guard has moved past (oldest first), no longer held."""
-        out: list[T] = []
+        """The held items the guard has moved past, or held `max_s` (oldest held first),
+        no longer held."""
         held = self._held
-        while held and (self._outcomes - held[0][1] >= self._horizon
-                        or now - held[0][0] >= self._max_s):
-            out.append(held.popleft()[2])
+        if not held:
+            return []
+        out = [e.item for e in held if e.past >= self._horizon or now - e.since >= self._max_s]
+        if out:
+            self._held = [e for e in held
+                          if e.past < self._horizon and now - e.since < self._max_s]
         return out
 
     def take(self, which: Callable[[T], bool] | None = None) -> list[T]:
         """The held items (all, or those `which` selects), no longer held."""
-        taken: list[T] = []
-        rest: deque[tuple[float, int, T]] = deque()
-        for entry in self._held:
-            if which is None or which(entry[2]):
-                taken.append(entry[2])
-            else:
-                rest.append(entry)
-        self._held = rest
+        taken = [e.item for e in self._held if which is None or which(e.item)]
+        if taken:
+            self._held = [e for e in self._held if which is not None and not which(e.item)]
         return taken

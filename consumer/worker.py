@@ -867,9 +867,9 @@ class Worker:
         self._finished += 1
         done = ((event.topic, event.partition), event.offset, event.generation)
         now = time.monotonic()
-        self.guard_hold.outcome()
+        self.guard_hold.outcome(event.intake)
         if isinstance(outcome, DeadLettered) and outcome.counted:
-            self.guard_hold.hold(done, now)
+            self.guard_hold.hold(done, now, event.intake)
         else:
             self.commits.finish(*done)
         self._finish_held(self.guard_hold.due(now))

@@ -528,3 +528,28 @@ def test_the_guard_hold_lets_a_dead_letter_go_after_its_horizon_or_its_time() ->
     hold.hold("d", 20.0)
     assert hold.take(lambda item: item == "d") == ["d"]
     assert hold.take() == ["c"] and len(hold) == 0
+
+
+def test_the_guard_hold_counts_only_outcomes_after_a_dead_letter_in_the_stream() -> None:
+    """The guard reads outcomes in stream order: a slow user's chain finishing after a dead
+    letter, with events from before it in the stream, never moves the guard past it, so it
+    must not let the dead letter go (counted as they finished, it did: review "hold30")."""
+    from consumer.deadletter import GuardHold
+
+    hold: GuardHold[str] = GuardHold(horizon=3, max_s=60.0)
+    hold.outcome(10)  # its own
+    hold.hold("dl@10", now=0.0, seq=10)
+    for late in (3, 4, 5, 6, 7):  # a slow user's earlier events finish now
+        hold.outcome(late)
+    assert hold.due(now=1.0) == [], "outcomes from before it in the stream"
+    hold.outcome(11)
+    hold.outcome(12)
+    hold.hold("dl@8", now=1.0, seq=8)  # held later, earlier in the stream
+    assert hold.due(now=1.0) == []
+    hold.outcome(13)
+    assert hold.due(now=1.0) == ["dl@10"], "three outcomes after it"
+    hold.outcome(9)
+    hold.outcome(2)
+    assert hold.due(now=1.0) == [] and len(hold) == 1, "two after it (13, 9), not 2"
+    hold.outcome()  # position unknown: past every held one
+    assert hold.due(now=1.0) == ["dl@8"]

@@ -880,6 +880,36 @@ def test_dead_letters_are_committed_once_the_guard_moved_past_them_while_busy() 
     assert len(run.dlq.records) == 1
 
 
+def test_a_slow_users_earlier_events_finishing_do_not_let_a_held_dead_letter_go() -> None:
+    """The guard reads outcomes in stream order: a slow user's chain taken before a dead
+    letter (partition 0) and finishing after it does not move the guard past it; only the
+    deliveries after it in the stream (partition 1) do. Counted as they finished, the chain's
+    first answer let the dead letter go one outcome early (review "hold30", round 31)."""
+    slow = [Message(TOPIC, 0, i, b"s", track("s", i)) for i in range(5)]
+    after = [Message(TOPIC, 1, 0, b"g", b"garbage"),
+             *(Message(TOPIC, 1, i, f"d{i}".encode(), track(f"d{i}", i)) for i in range(1, 5))]
+    run, stepped = stepped_run({(TOPIC, 0): slow, (TOPIC, 1): after}, WORKER_DLQ_WINDOW="4",
+                               WORKER_DLQ_MAX_CONSECUTIVE="3", WORKER_MAX_IN_FLIGHT="20")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: stepped.waiting == 5 and len(run.dlq.records) == 1,
+                    "s0 and d1-d4 at Userpilot, the dead letter written")
+        for _ in range(4):  # s0 (before the dead letter in the stream), then d1, d2, d3
+            stepped.steps.release()
+        await until(lambda: len(run.client.calls) == 4 and stepped.waiting == 2,
+                    "four answers; d4 and s1 waiting")
+        await asyncio.sleep(0.3)  # six commit intervals
+        assert source.committed().get((TOPIC, 1), 0) == 0, "three outcomes after it, of four"
+        stepped.steps.release()  # d4: the fourth after it
+        await until(lambda: source.committed().get((TOPIC, 1), 0) == 5,
+                    "the dead letter committed with the deliveries after it")
+        assert run.worker.in_flight > 0, "while s's chain is still busy"
+        for _ in range(10):
+            stepped.steps.release()
+
+    assert drive(run, scenario) == 0
+
+
 def test_held_dead_letters_stay_uncommitted_when_the_guard_trips_with_requests_on_the_wire(
 ) -> None:
     """Review "hold30": after the trip, deliveries on the wire finish during the shutdown's
