@@ -322,6 +322,11 @@ class Handler:
         self.known = (KnownUsers(settings.ensure_user_cache, settings.ensure_user_ttl_s)
                       if settings.ensure_user else None)
         """Users this replica identified (ensure-user); None when USERPILOT_ENSURE_USER=false."""
+        # Ensure-user identifies under way, by user: a user's events on several partitions
+        # or topics (keyless producers, a second topic) run side by side, and each decided
+        # "needs identify" before the first answer: one identify per event, not per user
+        # (review "events31": 2 per user with two topics, 3 with three partitions).
+        self._ensuring: dict[str, asyncio.Event] = {}
 
     def close(self) -> None:
         """At shutdown, after the events settled: no schema lookup starts any more."""
@@ -685,12 +690,25 @@ class Handler:
         # owner of the same messageId, holding the lapsed claim, sent it too.
         endpoint = self.dedup_endpoint(send)
         while (call := plan.next_call()) is not None:
+            user = call.user_id if call.purpose == "ensure_user" else None
+            if user is not None:
+                under_way = self._ensuring.get(user)
+                if under_way is not None:
+                    # Another event's identify of this user is on its way: its answer
+                    # decides (known: the Track goes; failed: this event sends its own).
+                    await under_way.wait()
+                    continue
+                self._ensuring[user] = asyncio.Event()
             try:
-                await self._send_call(event, call, endpoint)
-            except (DeadLetter, Retry) as exc:
-                exc.call = f"{call.purpose} {call.method} {call.path}"
-                raise
-            plan.succeeded(call)
+                try:
+                    await self._send_call(event, call, endpoint)
+                except (DeadLetter, Retry) as exc:
+                    exc.call = f"{call.purpose} {call.method} {call.path}"
+                    raise
+                plan.succeeded(call)  # remembered before the waiters wake
+            finally:
+                if user is not None:
+                    self._ensuring.pop(user).set()
             if not plan.done:
                 # Each call has the whole retry budget, and the attempts a DLQ record
                 # reports are those of the call that failed (first_attempt stays the

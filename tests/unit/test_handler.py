@@ -162,6 +162,60 @@ def test_ensure_user_identifies_once_before_a_users_first_track() -> None:
     assert metric(reg, "userpilot_responses_total", status="202", endpoint="track") == 3
 
 
+class SlowIdentify(Client):
+    """Userpilot holding every identify until `answer` is set; `fail` as Client's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer = asyncio.Event()
+        self.identifies = 0
+
+    async def send(self, call: Call) -> int:
+        if call.path == "/v1/identify":
+            self.identifies += 1
+            await self.answer.wait()
+        return await super().send(call)
+
+
+def _side_by_side(client: SlowIdentify, *events: Event) -> list[Any]:
+    """`events` handled at once (a user's events on several partitions or topics), the
+    identify answered once all of them had their turn to ask for it."""
+    handler, _, _, reg = handler_for(settings(), client)
+
+    async def main() -> list[Any]:
+        tasks = [asyncio.create_task(handler.handle(e)) for e in events]
+        for _ in range(50):
+            await asyncio.sleep(0)
+        client.answer.set()
+        return list(await asyncio.gather(*tasks))
+    outcomes = asyncio.run(main())
+    assert metric(reg, "userpilot_ensure_user_identify_total") == client.sent.count(
+        ("/v1/identify", {"user_id": "u1"}))
+    return outcomes
+
+
+def test_a_users_events_side_by_side_send_one_ensure_user_identify() -> None:
+    """Review "events31": a user's events on two topics (or a keyless producer's
+    partitions) ran side by side, each decided "needs identify" before the first answer,
+    and each sent one: 2-3 identifies per user. The others now wait for the one under way."""
+    client = SlowIdentify()
+    outcomes = _side_by_side(client, track(0, "u1"), track(1, "u1"), track(2, "u1"))
+    assert all(isinstance(o, Delivered) for o in outcomes)
+    assert client.identifies == 1
+    assert [p for p, _ in client.sent] == ["/v1/identify"] + ["/v1/track"] * 3
+
+
+def test_when_the_identify_under_way_fails_a_waiting_event_sends_its_own() -> None:
+    """The waiters follow its answer: refused (the event dead-lettered), the next event of
+    the user sends an identify of its own rather than a Track to a user not created."""
+    client = SlowIdentify()
+    client.fail[("/v1/identify", "u1")] = [Rejected("refused", status=400)]
+    outcomes = _side_by_side(client, track(0, "u1"), track(1, "u1"))
+    assert [type(o).__name__ for o in outcomes] == ["DeadLettered", "Delivered"]
+    assert client.identifies == 2
+    assert [p for p, _ in client.sent] == ["/v1/identify", "/v1/track"]
+
+
 EVENT_PATH_MODULES = {"consumer", "tenacity", "asyncio", "httpx", "aiohttp", "prometheus_client",
                       __name__.split(".")[0]}
 
