@@ -133,6 +133,21 @@ class Call:
         return user_id if isinstance(user_id, str) and user_id else None
 
     @property
+    def written_company(self) -> str | None:
+        """The company whose properties this call sets (a company identify, an identify
+        carrying company properties); not a bare association, which only adds a member."""
+        if self.endpoint == "company_identify":
+            company_id = self.payload.get("company_id")
+            return company_id if isinstance(company_id, str) and company_id else None
+        if self.purpose != "identify":
+            return None
+        company = self.payload.get("company")
+        if not isinstance(company, Mapping) or len(company) < 2:
+            return None
+        company_id = company.get(COMPANY_KEY)
+        return company_id if isinstance(company_id, str) and company_id else None
+
+    @property
     def track_user_id(self) -> str | None:
         """The user a Track call is attributed to (Track only)."""
         if self.path != TRACK_PATH:

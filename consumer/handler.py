@@ -55,6 +55,7 @@ from typing import Any, Protocol
 
 from consumer import codec
 from consumer.calls import FAMILIES, Call, CallPlan, KnownUsers, visible
+from consumer.company_order import CompanyOrder, Write
 from consumer.config import Settings
 from consumer.deadletter import (
     DlqGuard,
@@ -180,6 +181,8 @@ class Event:
     # queue, and the DLQ guard reads outcomes in this order
     generation: int = 0  # its partition's tracker when taken (`Commits.take`)
     waits: object = None  # its ordering waits (`keyless.UserWaits`), from intake
+    writes: tuple[Write, ...] | None = None  # its company writes in line (`CompanyOrder`);
+    # None until placed, once decided and numbered
 
     @property
     def fields(self) -> dict[str, Any]:
@@ -327,6 +330,8 @@ class Handler:
         # "needs identify" before the first answer: one identify per event, not per user
         # (review "events31": 2 per user with two topics, 3 with three partitions).
         self._ensuring: dict[str, asyncio.Event] = {}
+        # Several users' updates of one company, in intake order (event loop only).
+        self.companies = CompanyOrder()
 
     def close(self) -> None:
         """At shutdown, after the events settled: no schema lookup starts any more."""
@@ -464,6 +469,7 @@ class Handler:
         """The event's outcome; raises DlqGuardTripped when it must not be dead-lettered."""
         if event.decision is None:
             await self._fetch_schema(event)
+            self.order_writes(event)
         decision = event.decision
         if isinstance(decision, Drop):
             return self.dropped(event, decision)
@@ -498,6 +504,15 @@ class Handler:
             self.m.event_age.observe(age)
         self.guard.record_success(event.intake or None)
         return Delivered(decision.event_name, event.attempts.count)
+
+    def order_writes(self, event: Event) -> None:
+        """A decided, numbered event's company writes join their companies' lines (at
+        intake, or once its schema was fetched)."""
+        decision = event.decision
+        if event.writes is None and isinstance(decision, Send):
+            companies = [c for call in decision.calls if (c := call.written_company) is not None]
+            event.writes = (self.companies.place(event.intake, (event.topic, event.partition),
+                                                 companies) if companies else ())
 
     def _duplicate(self, event: Event, endpoint: str) -> Duplicate:
         self.m.duplicates_skipped.labels(endpoint).inc()
@@ -699,7 +714,10 @@ class Handler:
                     await under_way.wait()
                     continue
                 self._ensuring[user] = asyncio.Event()
+            company = call.written_company if event.writes else None
             try:
+                if company is not None and event.writes:
+                    await self.companies.turn(event.writes, company, event.fields)
                 try:
                     await self._send_call(event, call, endpoint)
                 except (DeadLetter, Retry) as exc:
@@ -709,6 +727,8 @@ class Handler:
             finally:
                 if user is not None:
                     self._ensuring.pop(user).set()
+                if company is not None and event.writes:
+                    self.companies.written(event.writes, company)
             if not plan.done:
                 # Each call has the whole retry budget, and the attempts a DLQ record
                 # reports are those of the call that failed (first_attempt stays the

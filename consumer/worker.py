@@ -819,6 +819,7 @@ class Worker:
         if self._dry:
             self._dry.pop(tp, None)  # it brings events to send after all
         event.intake = next(self._intake_seq)
+        self.handler.order_writes(event)
         self.commits.sending(tp, offset, self._window_family(event))
         scheduler.submit(event)
         return None
@@ -864,6 +865,8 @@ class Worker:
             return None
         finally:
             self.keyless.after(event)
+            if event.writes:
+                self.handler.companies.after(event.writes)
         self._finished += 1
         done = ((event.topic, event.partition), event.offset, event.generation)
         now = time.monotonic()
@@ -1287,6 +1290,7 @@ class Worker:
             finally:
                 self._let_go_held(parts)
                 self.keyless.forget(parts)  # unresolved events abandoned before they ran
+                self.handler.companies.forget(parts)  # and company writes, likewise
 
         settling = asyncio.run_coroutine_threadsafe(drain(), self._loop)
         try:

@@ -149,6 +149,38 @@ def test_a_user_on_two_topics_is_ensured_once_per_replica(
     assert control.attribution() == (2 * users, 0)
 
 
+def test_two_users_updates_of_one_company_reach_it_in_stream_order(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """Review "events31": ka's backlog of Tracks held its group (plan free) back while kb's
+    later group (plan enterprise) went first, and the older plan ended on the company."""
+    server, control = sandbox
+    control.set_faults(latency_ms=100)
+    topic = topic_factory(partitions=1)
+    events = [track_event("ka", i) for i in range(5)]
+    events.append(group_event("ka", "acme", 5, plan="free", seats=1))
+    events.append(group_event("kb", "acme", 6, plan="enterprise", seats=50))
+    events.append(identify_event("kc", 7, company={"id": "acme", "plan": "scale"}))
+    events.append(group_event("kd", "globex", 8, plan="free"))
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group)
+    with WorkerThread(env):
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
+    writes = [(r["body"]["company_id"], r["body"]["metadata"].get("plan"))
+              if r["path"] == "/v1/companies/identify"
+              else (r["body"]["company"]["id"], r["body"]["company"].get("plan"))
+              for r in control.requests()
+              if r["path"] == "/v1/companies/identify"
+              or (r["path"] == "/v1/identify" and len(r["body"].get("company", {})) > 1)]
+    assert [w for w in writes if w[0] == "acme"] == [
+        ("acme", "free"), ("acme", "enterprise"), ("acme", "scale")]
+    assert control.companies()["acme"]["metadata"]["plan"] == "scale"
+    assert writes.index(("globex", "free")) < writes.index(("acme", "free")), (
+        "another company's update does not wait")
+
+
 def test_without_ensure_user_first_tracks_are_unattributed(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
     sandbox: Sandbox,

@@ -52,6 +52,21 @@ def group(**over: Any) -> dict[str, Any]:
 TRACK = {"user_id": "user_001", "event_name": "feature_used", "metadata": {"f": "x"}}
 
 
+def test_the_calls_that_write_a_company_are_the_ones_carrying_its_properties() -> None:
+    """`written_company` lines up several users' updates of one company (`CompanyOrder`):
+    a group's company identify and an identify's company properties; not the association
+    (it adds a member, no property) nor a company named by its id alone."""
+    company_identify, associate = group_calls(group())
+    assert company_identify.written_company == "acme"
+    assert associate.written_company is None
+    with_props, = identify_calls(identify(traits={"company": {"id": "acme", "plan": "x"}}))
+    assert with_props.written_company == "acme"
+    id_only, = identify_calls(identify(traits={"company_id": "acme"}))
+    assert id_only.written_company is None
+    assert track_call(TRACK).written_company is None
+    assert ensure_user_call("user_001").written_company is None
+
+
 # ---------------------------------------------------------------------------- identify
 
 
