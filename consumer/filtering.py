@@ -162,7 +162,13 @@ class ConsentPolicy:
             # Only absent consent is "no consent data" (USERPILOT_CONSENT_MISSING); an
             # explicit `false`, "denied", [] or 1 grants nothing.
             return None if consent is None and self.missing == "allow" else gating[0]
-        canonical = consent.get("canonical")
+        canonical = consent.get("canonical", _ABSENT)
+        if canonical is _ABSENT:
+            # Spelled as the category keys may be (`Canonical`): the nested form was
+            # ignored, and its flat keys decided alone (review "events31").
+            canonical = next((v for k, v in consent.items()
+                              if isinstance(k, str) and k.strip().lower() == "canonical"),
+                             None)
         granted_by: dict[Any, Any] = consent
         if isinstance(canonical, dict):
             # The nested form's `canonical` decides when it has a value; one without any

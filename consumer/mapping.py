@@ -534,6 +534,12 @@ def _derived_metadata(
                 # (review "events28").
                 other = any(_owned(out, props, s_key) or _nested(props, s_key)
                             for s_key in _ITEM_FIELDS)
+                # The event's own currency wins the `currency` key; an item priced in
+                # another one would go out labelled with it (review "events31").
+                top_currency = props.get("currency", _MISSING)
+                mislabeled = (top_currency is not None and _is_primitive(top_currency)
+                              and "currency" in summary
+                              and summary["currency"] != top_currency)
                 for s_key, s_value in summary.items():
                     if _owned(out, props, s_key):
                         shadowed.append((s_key, s_value))
@@ -542,6 +548,9 @@ def _derived_metadata(
                         # (review "events29"); a top-level one is the event's own.
                         omitted.append(f"{s_key} of {_shown(key)}[0] (the top level "
                                        "names another product)")
+                    elif mislabeled and s_key == "price":
+                        omitted.append(f"price of {_shown(key)}[0] (in another currency "
+                                       "than the event's)")
                     else:
                         out[s_key] = s_value
                 if value and not isinstance(value[0], dict):

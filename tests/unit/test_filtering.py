@@ -83,6 +83,10 @@ def test_anonymous_is_checked_before_consent_and_type() -> None:
         ({"canonical": {"analytics": False}, "analytics": True}, ANALYTICS,
          Drop("consent", "analytics")),
         ({"canonical": {"analytics": True}, "analytics": False}, ANALYTICS, None),
+        # ... in any spelling of its key, as category keys (review "events31")
+        ({"Canonical": {"analytics": True}, "analytics": False}, ANALYTICS, None),
+        ({" CANONICAL ": {"Analytics": False}, "analytics": True}, ANALYTICS,
+         Drop("consent", "analytics")),
         # a canonical that is not an object is ignored: the flat keys decide
         ({"canonical": None, "analytics": True}, ANALYTICS, None),
         ({"canonical": "yes", "analytics": False}, ANALYTICS, Drop("consent", "analytics")),

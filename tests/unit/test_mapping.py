@@ -373,6 +373,25 @@ def test_top_level_beats_summary(props: dict[str, Any]) -> None:
     assert metadata(props) == {"price": 10, "products_count": 1}
 
 
+def test_an_items_price_in_another_currency_is_not_sent_under_the_events_currency() -> None:
+    """Review "events31": the event's USD won the `currency` key and the item's EUR price
+    went out beside it, as 9.5 USD. Same currency, or none on the item: the price goes."""
+    from consumer.mapping import build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Product Viewed"))
+    assert rule is not None
+    item = {"sku": "S1", "name": "N", "price": 9.5, "quantity": 2}
+    built = build_payload(track("Product Viewed", {
+        "products": [{**item, "currency": "EUR"}], "currency": "USD"}), rule)
+    assert built.body["metadata"] == {"product_id": "S1", "product_name": "N", "quantity": 2,
+                                      "currency": "USD", "products_count": 1}
+    assert "price of products[0] (in another currency than the event's)" in built.omitted
+    for same in ({**item, "currency": "USD"}, item):
+        sent = build_payload(track("Product Viewed", {"products": [same], "currency": "USD"}),
+                             rule).body["metadata"]
+        assert (sent["price"], sent["currency"]) == (9.5, "USD")
+
+
 def test_a_top_level_product_id_is_never_sent_with_the_first_items_name_and_price() -> None:
     """Review "events28": the top-level product_id went out with products[0]'s name, price
     and quantity, another product's."""
