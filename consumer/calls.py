@@ -230,11 +230,15 @@ def visible(text: str) -> bool:
 
 
 def _id(value: Any) -> str | None:
-    """A usable id: a :func:`visible` string, or an integer (sent as its decimal string)."""
+    """A usable id: a :func:`visible` string, or an integer (sent as its decimal string),
+    also written as a float (`1.0`: JSON and JavaScript have one number type, and a
+    company id 1.0 went into the user's metadata, review "events31")."""
     if isinstance(value, str):
         return value if visible(value) else None
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return None
 
 
@@ -277,6 +281,12 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
         return None
     rest = {k: v for k, v in fields.items() if k != "id"}
     left_out: list[str] = []
+    if fields.get("id") is not None and _id(fields["id"]) is None:
+        left_out.append("id (not a usable company id)")
+    flat_id = traits.get("company_id")
+    if omitted is not None and flat_id is not None and _id(flat_id) != company_id:
+        # Not sent beside the chosen id (it could name another company): said so.
+        omitted.append("company_id (another company id than the one sent)")
     properties = flatten_traits(rest, left_out)
     _created_at(properties, left_out)
     # Neither spelling of the id may travel beside the chosen one: Userpilot's documents

@@ -117,6 +117,36 @@ def test_company_object_with_id_becomes_identify_company() -> None:
     assert payload["metadata"] == {"name": "Jane"}  # the company is not a user trait too
 
 
+@pytest.mark.parametrize(("company_id", "sent"), [
+    (1.0, "1"), (1.5e20, "150000000000000000000"), (123, "123"), (0, "0")])
+def test_an_integral_number_names_a_company_whichever_way_json_wrote_it(
+        company_id: float, sent: str) -> None:
+    """Review "events31": 1.0 was no id (1 was), and the company's fields went into the
+    user's metadata; JSON and JavaScript have one number type."""
+    payload = identify_payload(identify(traits={"company": {"id": company_id, "name": "N"}}))
+    assert payload["company"] == {COMPANY_KEY: sent, "name": "N"}
+    assert payload["metadata"] == {}
+
+
+def test_ids_left_out_of_an_identifys_company_are_listed() -> None:
+    """Review "events31": a competing `traits.company_id` and an unusable `company.id`
+    were dropped without a word in `omitted`."""
+    omitted: list[str] = []
+    payload = identify_payload(identify(traits={"company": {"id": "A"}, "company_id": "B"}),
+                               omitted=omitted)
+    assert payload["company"] == {COMPANY_KEY: "A"}
+    assert omitted == ["company_id (another company id than the one sent)"]
+    omitted.clear()
+    payload = identify_payload(identify(groupId="g4", traits={"company": {"id": {"x": 1}}}),
+                               omitted=omitted)
+    assert payload["company"] == {COMPANY_KEY: "g4"}
+    assert omitted == ["company.id (not a usable company id)"]
+    omitted.clear()
+    identify_payload(identify(traits={"company": {"id": "A"}, "company_id": "A"}),
+                     omitted=omitted)
+    assert omitted == [], "the same id twice leaves nothing out"
+
+
 def test_no_second_company_id_travels_beside_the_chosen_one() -> None:
     """Userpilot's documents disagree on the key (`id`, `company_id`): a `company_id` among
     the company's properties could attach the user to another company."""
