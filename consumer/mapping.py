@@ -36,6 +36,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -377,11 +378,30 @@ def _joined(items: list[Any]) -> str | None:
             parts.append("true" if item else "false")
         elif item is None:
             continue
-        elif isinstance(item, int) or (isinstance(item, float) and math.isfinite(item)):
-            parts.append(json.dumps(item))
+        elif isinstance(item, int):
+            parts.append(str(item))
+        elif isinstance(item, float) and math.isfinite(item):
+            parts.append(_js_number(item))
         else:
             return None
     return ",".join(parts)
+
+
+def _js_number(value: float) -> str:
+    """A number in a joined array as JavaScript writes it (`String(n)`, what Userpilot's
+    own SDK sends): `1.0` → "1", `1e20` → "100000000000000000000", `-0.0` → "0",
+    `1e-6` → "0.000001", `1.5e-7` → "1.5e-7" (Python wrote "1.0", "1e+20", "-0.0",
+    "1e-06": review "events31")."""
+    if value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    text = repr(value)  # the shortest round trip, as JavaScript's
+    mantissa, _, exponent = text.partition("e")
+    if not exponent:
+        return text
+    power = int(exponent)
+    if -7 < power < 21:
+        return format(Decimal(text), "f")
+    return f"{mantissa}e{'+' if power > 0 else '-'}{abs(power)}"
 
 
 def _leaf(out: dict[str, Primitive], omitted: list[str], key: str, value: Any) -> None:

@@ -1120,3 +1120,14 @@ def test_a_decoded_page_view_is_mapped_whatever_else_its_context_extra_holds() -
     assert rule is not None
     payload = build_track_payload(event, rule)
     assert payload["metadata"] == {"url": "https://a.io/d", "title": "D", "name": "Docs"}
+
+
+@pytest.mark.parametrize(("items", "joined"), [
+    ([1.0, 2], "1,2"), ([1e20], "100000000000000000000"), ([-0.0], "0"),
+    ([1e-6, 1.5e-7], "0.000001,1.5e-7"), ([2.5, 1e21], "2.5,1e+21"), ([10**30], str(10**30)),
+])
+def test_numbers_in_a_joined_array_are_written_as_javascript_writes_them(
+        items: list[Any], joined: str) -> None:
+    """Review "events31": "1.0,2", "1e+20" and "-0.0" were Python's spellings; Userpilot's
+    own SDK (JavaScript) sends "1,2", "100000000000000000000" and "0"."""
+    assert metadata({"ids": items})["ids"] == joined
