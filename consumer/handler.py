@@ -48,7 +48,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -332,6 +332,7 @@ class Handler:
         self._ensuring: dict[str, asyncio.Event] = {}
         # Several users' updates of one company, in intake order (event loop only).
         self.companies = CompanyOrder()
+        self._undecided: dict[int, Event] = {}  # taken before their schema came, by intake
 
     def close(self) -> None:
         """At shutdown, after the events settled: no schema lookup starts any more."""
@@ -440,6 +441,7 @@ class Handler:
         finally:
             with self._schema_lock:
                 self._schema_waits -= 1
+        self.order_writes(event)  # decided now: its company writes take their place
 
     async def _wait_for_schema(self, event: Event) -> None:
         delay = 0.5
@@ -469,7 +471,6 @@ class Handler:
         """The event's outcome; raises DlqGuardTripped when it must not be dead-lettered."""
         if event.decision is None:
             await self._fetch_schema(event)
-            self.order_writes(event)
         decision = event.decision
         if isinstance(decision, Drop):
             return self.dropped(event, decision)
@@ -506,13 +507,41 @@ class Handler:
         return Delivered(decision.event_name, event.attempts.count)
 
     def order_writes(self, event: Event) -> None:
-        """A decided, numbered event's company writes join their companies' lines (at
-        intake, or once its schema was fetched)."""
+        """A numbered event's company writes join their companies' lines: at intake, or,
+        taken while its schema was being fetched, once it is decided."""
         decision = event.decision
-        if event.writes is None and isinstance(decision, Send):
-            companies = [c for call in decision.calls if (c := call.written_company) is not None]
+        if decision is None:
+            self._undecided[event.intake] = event
+        elif event.writes is None:
+            self._undecided.pop(event.intake, None)
+            companies = ([c for call in decision.calls if (c := call.written_company)]
+                         if isinstance(decision, Send) else ())
             event.writes = (self.companies.place(event.intake, (event.topic, event.partition),
                                                  companies) if companies else ())
+
+    def _decide_earlier(self, intake: int) -> None:
+        """Before a company write: the events taken before it while their schema was being
+        fetched are decided now if it came (their own tasks decide when they reach the head
+        of their users' chains, maybe long after), so their writes are in line. One still
+        waiting for another schema is not waited for."""
+        for seq, earlier in list(self._undecided.items()):
+            if seq >= intake:
+                break
+            if self.decide(earlier):
+                self.order_writes(earlier)
+
+    def writes_done(self, event: Event) -> None:
+        """The event's job ended: its company writes, if any, are not to come."""
+        self._undecided.pop(event.intake, None)
+        if event.writes:
+            self.companies.after(event.writes)
+
+    def forget_writes(self, parts: Collection[tuple[str, int]]) -> None:
+        """The partitions went: their events' writes, some never run, are not to come."""
+        gone = set(parts)
+        self._undecided = {seq: e for seq, e in self._undecided.items()
+                           if (e.topic, e.partition) not in gone}
+        self.companies.forget(parts)
 
     def _duplicate(self, event: Event, endpoint: str) -> Duplicate:
         self.m.duplicates_skipped.labels(endpoint).inc()
@@ -717,6 +746,8 @@ class Handler:
             company = call.written_company if event.writes else None
             try:
                 if company is not None and event.writes:
+                    if self._undecided:
+                        self._decide_earlier(event.intake)
                     await self.companies.turn(event.writes, company, event.fields)
                 try:
                     await self._send_call(event, call, endpoint)

@@ -865,8 +865,7 @@ class Worker:
             return None
         finally:
             self.keyless.after(event)
-            if event.writes:
-                self.handler.companies.after(event.writes)
+            self.handler.writes_done(event)
         self._finished += 1
         done = ((event.topic, event.partition), event.offset, event.generation)
         now = time.monotonic()
@@ -1290,7 +1289,7 @@ class Worker:
             finally:
                 self._let_go_held(parts)
                 self.keyless.forget(parts)  # unresolved events abandoned before they ran
-                self.handler.companies.forget(parts)  # and company writes, likewise
+                self.handler.forget_writes(parts)  # and company writes, likewise
 
         settling = asyncio.run_coroutine_threadsafe(drain(), self._loop)
         try:

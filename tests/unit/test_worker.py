@@ -910,6 +910,39 @@ def test_a_slow_users_earlier_events_finishing_do_not_let_a_held_dead_letter_go(
     assert drive(run, scenario) == 0
 
 
+def group_of(user: str, company: str, seq: int, plan: str) -> bytes:
+    event = {"type": "group", "userId": user, "groupId": company, "traits": {"plan": plan},
+             "context": {"consent": {"analytics": True}}, "messageId": f"{user}-g{seq}"}
+    return codec.encode(SCHEMA_ID, codec.to_record(event))
+
+
+@pytest.mark.parametrize("schema_known", [True, False])
+def test_two_users_updates_of_one_company_go_in_stream_order(schema_known: bool) -> None:
+    """Review "events31": ka's Tracks held its group back and kb's later group went first.
+    Decided at intake, or in their tasks once the schema was fetched (placed by intake
+    number all the same)."""
+    msgs = [Message(TOPIC, 0, i, b"ka", track("ka", i)) for i in range(3)]
+    msgs.append(Message(TOPIC, 0, 3, b"ka", group_of("ka", "acme", 3, "free")))
+    msgs.append(Message(TOPIC, 0, 4, b"kb", group_of("kb", "acme", 4, "enterprise")))
+    msgs.append(Message(TOPIC, 0, 5, b"kc", group_of("kc", "globex", 5, "free")))
+    stepped = SteppedClient()
+    run = make({(TOPIC, 0): msgs}, registry=known_schema() if schema_known else FakeRegistry(),
+               client=stepped, USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: stepped.waiting == 2, "ka's first Track and globex at Userpilot")
+        await asyncio.sleep(0.1)
+        assert stepped.waiting == 2, "kb's update of acme waits for ka's"
+        for _ in range(20):
+            stepped.steps.release()
+        await until(lambda: source.committed().get((TOPIC, 0), 0) == 6, "all committed")
+
+    assert drive(run, scenario) == 0
+    writes = [(c.payload["company_id"], c.payload["metadata"]["plan"])
+              for c in stepped.calls if c.endpoint == "company_identify"]
+    assert writes == [("globex", "free"), ("acme", "free"), ("acme", "enterprise")]
+
+
 def test_held_dead_letters_stay_uncommitted_when_the_guard_trips_with_requests_on_the_wire(
 ) -> None:
     """Review "hold30": after the trip, deliveries on the wire finish during the shutdown's
