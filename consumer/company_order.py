@@ -29,8 +29,11 @@ __all__ = ["COMPANY_WAIT_S", "CompanyOrder", "Write"]
 
 log = logging.getLogger(__name__)
 
-COMPANY_WAIT_S = 5.0
-"""The longest a company write waits for the earlier writes of the same company."""
+COMPANY_WAIT_S = 60.0
+"""The longest a company write waits for the earlier writes of the same company. Long
+enough for a user's chain ahead of its write to drain at a saturated budget (at most
+`worker.CHAIN_MAX` events of one user are taken at once), short enough that an event stuck
+in retries holds other users' updates of its company for a minute at most."""
 
 
 @dataclass(slots=True, eq=False)
