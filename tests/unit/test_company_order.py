@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from consumer.company_order import CompanyOrder, Write
 
@@ -104,3 +107,42 @@ def test_a_stuck_earlier_write_is_waited_out_once_with_a_warning(
     with caplog.at_level(logging.WARNING):
         assert 0.1 <= asyncio.run(main()) < 1.0
     assert "company 'acme': 1 earlier update(s) not answered" in caplog.text
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 0.003), st.booleans()),
+                min_size=1, max_size=12),
+       st.randoms(use_true_random=False))
+def test_each_companys_writes_go_in_intake_order_whatever_the_timing(
+        writes: list[tuple[str, float, bool]], rnd: random.Random) -> None:
+    """Writes placed in a shuffled order (decided late), started in a shuffled order after
+    random delays, some events ending without their write: each company's writes that are
+    sent go in intake order, and nothing waits for ever."""
+    async def main() -> list[tuple[str, int]]:
+        order = CompanyOrder(wait_s=5.0)
+        placed = [(intake, company, delay, sends)
+                  for intake, (company, delay, sends) in enumerate(writes, 1)]
+        rnd.shuffle(placed)
+        lines = {intake: order.place(intake, A, [company])
+                 for intake, company, _, _ in placed}
+        sent: list[tuple[str, int]] = []
+
+        async def run(intake: int, company: str, delay: float, sends: bool) -> None:
+            await asyncio.sleep(delay)
+            if not sends:
+                order.after(lines[intake])
+                return
+            await order.turn(lines[intake], company)
+            sent.append((company, intake))
+            await asyncio.sleep(0)
+            order.written(lines[intake], company)
+            order.after(lines[intake])
+
+        await asyncio.wait_for(asyncio.gather(*(run(*p) for p in placed)), 2.0)
+        assert len(order) == 0
+        return sent
+
+    sent = asyncio.run(main())
+    for company in "abc":
+        mine = [intake for c, intake in sent if c == company]
+        assert mine == sorted(mine)
