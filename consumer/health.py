@@ -135,15 +135,23 @@ class Health:
         if not self._connected:
             return False, "not connected to Kafka"
         if not self._assigned:
-            return False, "no partition assignment yet"
+            # What keeps partitions away may be a check's to name: with none of
+            # KAFKA_TOPICS there, nothing is ever assigned, and "no partition assignment"
+            # sent the operator to the group instead of the topic's name (review "ops31").
+            return False, self._problem() or "no partition assignment yet"
         if not self._integration_up:
             return False, "Userpilot refuses delivery: " + (
                 self._integration_detail or "the token or endpoint (401/403/404)")
+        problem = self._problem()
+        return (False, problem) if problem is not None else (True, "ready")
+
+    def _problem(self) -> str | None:
+        """The first registered check's problem, if any."""
         for check in self._checks:
             problem = check()
             if problem is not None:
-                return False, problem
-        return True, "ready"
+                return problem
+        return None
 
     def _publish(self) -> None:
         if self._metrics is None:

@@ -117,6 +117,17 @@ def test_added_checks_make_it_unready_with_their_reason(health: Health) -> None:
     assert health.ready() == (True, "ready")
 
 
+def test_a_check_names_why_no_partition_is_assigned(health: Health) -> None:
+    """Review "ops31": with none of KAFKA_TOPICS there nothing is ever assigned, and
+    /readyz said "no partition assignment yet" while the topic check knew the reason."""
+    health.set_connected(True)
+    problems: list[str | None] = ["no source topic is there (signal): check KAFKA_TOPICS"]
+    health.add_check(lambda: problems[0])
+    assert health.ready() == (False, problems[0])
+    problems[0] = None
+    assert health.ready() == (False, "no partition assignment yet")
+
+
 def test_gauges_mirror_state(reg: CollectorRegistry, health: Health, clock: FakeClock) -> None:
     assert reg.get_sample_value("userpilot_worker_ready") == 0
     assert reg.get_sample_value("userpilot_integration_up") == 1

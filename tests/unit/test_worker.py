@@ -1638,6 +1638,9 @@ def test_a_missing_source_topic_is_gauged_warned_of_and_looked_for_until_it_is_t
     run.worker.health.set_connected(True)
     ready, why = run.worker.health.ready()
     assert not ready and "no source topic is there" in why, why
+    run.worker.health.set_assigned(False)  # as it is: nothing to assign (review "ops31")
+    ready, why = run.worker.health.ready()
+    assert not ready and "no source topic is there" in why, why
 
     source.missing = {}
     run.worker._reshare_due = False
