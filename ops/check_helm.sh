@@ -128,6 +128,26 @@ EOF
 cat >"$OUT/redis-ca-plain.values.yaml" <<'EOF'
 redis: {url: "redis://redis:6379/0", tlsCaSecret: redis-ca}
 EOF
+cat >"$OUT/scrape-timeout-long.values.yaml" <<'EOF'
+serviceMonitor: {enabled: true, interval: 5s, scrapeTimeout: 10s}
+EOF
+cat >"$OUT/exporter-timeout-long.values.yaml" <<'EOF'
+kafkaExporter:
+  serviceMonitor: {enabled: true, selector: {app: kafka-exporter}, interval: 1m, scrapeTimeout: 1m500ms}
+EOF
+cat >"$OUT/hold-short.values.yaml" <<'EOF'
+serviceMonitor: {enabled: true, interval: 2m}
+worker: {dlqGuard: {holdSeconds: 200}}
+EOF
+cat >"$OUT/redis-twice.values.yaml" <<'EOF'
+redis: {url: "redis://:pw@redis:6379/0", existingSecret: redis-url}
+EOF
+cat >"$OUT/token-twice.values.yaml" <<'EOF'
+userpilot: {apiKey: t2, existingSecret: upw-token}
+EOF
+cat >"$OUT/redis-ca-alone.values.yaml" <<'EOF'
+redis: {tlsCaSecret: redis-ca}
+EOF
 cat >"$OUT/pdb-zero.values.yaml" <<'EOF'
 podDisruptionBudget: {maxUnavailable: 0}
 EOF
@@ -203,10 +223,15 @@ commonLabels: {team: growth}
 podLabels: {team: other}
 EOF
 
+# The placeholder token, unless the values name userpilot.existingSecret (the full values
+# do): the chart refuses both, one of them ignored.
+token_for() { [[ " $* " == *" $FULL_VALUES "* ]] || printf '%s\n' "${TOKEN[@]}"; }
+
 render() { # name, extra helm args...
   local name="$1"; shift
+  local token; mapfile -t token < <(token_for "$@")
   "$HELM" template "$RELEASE" "$CHART" --namespace delivery --kube-version "$KUBE_VERSION" \
-    "${TOKEN[@]}" "$@" \
+    "${token[@]}" "$@" \
     >"$OUT/$name.yaml" || die "helm template ($name) failed"
 }
 
@@ -261,9 +286,10 @@ data:
   notes: {{ include (print $.Template.BasePath "/NOTES.txt") . | quote }}
 EOF
 notes() { # expected fragment, helm args...
-  local want="$1" text; shift
+  local want="$1" text token; shift
+  mapfile -t token < <(token_for "$@")
   text="$("$HELM" template "$RELEASE" "$OUT/notes-chart" --kube-version "$KUBE_VERSION" \
-    --show-only templates/zz-notes.yaml "${TOKEN[@]}" "$@")" || die "NOTES.txt does not render ($*)"
+    --show-only templates/zz-notes.yaml "${token[@]}" "$@")" || die "NOTES.txt does not render ($*)"
   grep -qF -- "$want" <<<"$text" || die "NOTES.txt lacks '$want' ($*)"
 }
 notes "Scaling: KEDA on consumer lag (2..12 replicas" -f "$FULL_VALUES"
@@ -299,6 +325,12 @@ expect_fail broker-list-config "kafka.config.metadata.broker.list becomes KAFKA_
 expect_fail token-file "extraEnv sets USERPILOT_API_KEY_FILE, but the chart sets USERPILOT_API_KEY itself"
 expect_fail registry-file "but the chart sets SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO itself"
 expect_fail redis-ca-plain "redis.tlsCaSecret needs a rediss:// redis.url"
+expect_fail scrape-timeout-long "serviceMonitor.scrapeTimeout (10s) is longer than serviceMonitor.interval (5s)"
+expect_fail exporter-timeout-long "kafkaExporter.serviceMonitor.scrapeTimeout (1m500ms) is longer than"
+expect_fail hold-short "worker.dlqGuard.holdSeconds (200) is shorter than two serviceMonitor.interval (2m)"
+expect_fail redis-twice "redis.url and redis.existingSecret are both set"
+expect_fail token-twice "userpilot.apiKey and userpilot.existingSecret are both set"
+expect_fail redis-ca-alone "redis.tlsCaSecret is set but no Redis is"
 expect_fail pdb-zero "maxUnavailable"
 expect_fail request-timeout-tiny "requestTimeoutSeconds"
 expect_fail dlq-is-source "kafka.dlqTopic (more) is also a source topic"

@@ -241,6 +241,30 @@ Deployment, so every render runs them.
 {{- fail (printf "kafka.config.%s is a secret: put %s in kafka.existingSecret or kafka.extraEnv instead of a ConfigMap" $key $name) }}
 {{- end }}
 {{- end }}
+{{- range $where, $monitor := dict "serviceMonitor" $v.serviceMonitor "kafkaExporter.serviceMonitor" $v.kafkaExporter.serviceMonitor }}
+{{- if $monitor.enabled }}
+{{- $interval := include "userpilot-worker.durationMs" $monitor.interval | int64 }}
+{{- $timeout := include "userpilot-worker.durationMs" $monitor.scrapeTimeout | int64 }}
+{{- if gt $timeout $interval }}
+{{- fail (printf "%s.scrapeTimeout (%s) is longer than %s.interval (%s): prometheus-operator skips such a ServiceMonitor, so nothing is scraped and every alert is blind; set a timeout no longer than the interval" $where $monitor.scrapeTimeout $where $monitor.interval) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $v.serviceMonitor.enabled }}
+{{- $interval := include "userpilot-worker.durationMs" $v.serviceMonitor.interval | int64 }}
+{{- if lt (mul (int64 $v.worker.dlqGuard.holdSeconds) 1000) (mul 2 $interval) }}
+{{- fail (printf "worker.dlqGuard.holdSeconds (%d) is shorter than two serviceMonitor.interval (%s): a tripped DLQ guard's pod may exit before Prometheus scrapes the trip, and its alert never fires; raise holdSeconds to at least two intervals" (int64 $v.worker.dlqGuard.holdSeconds) $v.serviceMonitor.interval) }}
+{{- end }}
+{{- end }}
+{{- if and $v.redis.existingSecret $v.redis.url }}
+{{- fail "redis.url and redis.existingSecret are both set: the URL in existingSecret is used and redis.url (with any password in it) would be ignored; keep one" }}
+{{- end }}
+{{- if and $v.userpilot.existingSecret $v.userpilot.apiKey }}
+{{- fail "userpilot.apiKey and userpilot.existingSecret are both set: the token in existingSecret is used and userpilot.apiKey would be ignored; keep one" }}
+{{- end }}
+{{- if and $v.redis.tlsCaSecret (not $v.redis.url) (not $v.redis.existingSecret) }}
+{{- fail "redis.tlsCaSecret is set but no Redis is (redis.url or redis.existingSecret): set the rediss:// URL it is for, or remove it" }}
+{{- end }}
 {{- if and $v.redis.tlsCaSecret $v.redis.url (not (hasPrefix "rediss://" $v.redis.url)) }}
 {{- fail "redis.tlsCaSecret needs a rediss:// redis.url (TLS): the worker refuses a CA bundle for plain redis://" }}
 {{- end }}
@@ -350,3 +374,17 @@ written (0.5 stays 0.5, never truncated), anything else as its string.
 {{- toString . -}}
 {{- end -}}
 {{- end }}
+
+
+{{/*
+A Prometheus duration ("30s", "1m30s", "500ms") in milliseconds, for the checks above.
+*/}}
+{{- define "userpilot-worker.durationMs" -}}
+{{- $total := 0 -}}
+{{- range regexFindAll "[0-9]+(ms|s|m|h)" (toString .) -1 -}}
+{{- $n := regexFind "^[0-9]+" . | int64 -}}
+{{- $unit := regexFind "(ms|s|m|h)$" . -}}
+{{- $total = add $total (mul $n (get (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) $unit)) -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
