@@ -83,7 +83,7 @@ from consumer.errors import (
     UndecodableEvent,
 )
 from consumer.filtering import DROP_TOMBSTONE, Drop, drop_reason
-from consumer.logs import RateLimit, event_fields
+from consumer.logs import CURRENT_EVENT, RateLimit, event_fields
 from consumer.metrics import Children, Metrics
 from consumer.permits import Permit, PermitPool
 from consumer.policy import Attempts, RetryPolicy
@@ -468,7 +468,17 @@ class Handler:
             await self._fetch_schema(event)
 
     async def handle(self, event: Event) -> Outcome:
-        """The event's outcome; raises DlqGuardTripped when it must not be dead-lettered."""
+        """The event's outcome; raises DlqGuardTripped when it must not be dead-lettered.
+
+        Lines logged meanwhile name the event (`logs.CURRENT_EVENT`), also those of code
+        that does not know it (the retry log, the deduplication store)."""
+        token = CURRENT_EVENT.set(event)
+        try:
+            return await self._handle(event)
+        finally:
+            CURRENT_EVENT.reset(token)
+
+    async def _handle(self, event: Event) -> Outcome:
         if event.decision is None:
             await self._fetch_schema(event)
         decision = event.decision

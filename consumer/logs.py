@@ -18,12 +18,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from consumer.redaction import Redactor
 
-__all__ = ["LIBRDKAFKA_LOGGER", "RateLimit", "configure_command_logging", "configure_logging",
-           "event_fields", "librdkafka_logger"]
+__all__ = ["CURRENT_EVENT", "LIBRDKAFKA_LOGGER", "RateLimit", "configure_command_logging",
+           "configure_logging", "event_fields", "librdkafka_logger"]
 
 LIBRDKAFKA_LOGGER = "librdkafka"
 
@@ -42,6 +43,24 @@ def event_fields(topic: str, partition: int, offset: int, message_id: str | None
     if len(shown) > MESSAGE_ID_CHARS:
         shown = f"{shown[:MESSAGE_ID_CHARS]}…"
     return {"topic": topic, "partition": partition, "offset": offset, "message_id": shown}
+
+
+CURRENT_EVENT: ContextVar[Any] = ContextVar("userpilot_current_event", default=None)
+"""The event (anything with `.fields`) the running task handles: `Handler.handle` sets it.
+Lines logged meanwhile by code that does not know the event (the retry log, the
+deduplication store's fallbacks) carry its coordinates all the same."""
+
+
+class _EventContext(logging.Filter):
+    """Adds the current event's topic, partition, offset and message_id to a line that
+    names none itself: "delivered but not recorded: a re-read may send it again" said not
+    which event (review "ops31")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        event = CURRENT_EVENT.get()
+        if event is not None and not hasattr(record, "topic"):
+            record.__dict__.update(event.fields)
+        return True
 
 
 def _escaped(match: re.Match[str]) -> str:
@@ -112,6 +131,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text",
     )
     handler.setFormatter(_Redacting(formatter, secrets) if secrets else formatter)
     handler.addFilter(_Redact(secrets or []))
+    handler.addFilter(_EventContext())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

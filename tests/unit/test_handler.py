@@ -216,6 +216,24 @@ def test_when_the_identify_under_way_fails_a_waiting_event_sends_its_own() -> No
     assert [p for p, _ in client.sent] == ["/v1/identify", "/v1/track"]
 
 
+def test_handle_names_the_event_to_lines_logged_on_its_behalf() -> None:
+    """`logs.CURRENT_EVENT` is the event while it is handled, and reset after."""
+    from consumer.logs import CURRENT_EVENT
+
+    seen: list[Any] = []
+
+    class Peeking(Client):
+        async def send(self, call: Call) -> int:
+            seen.append(CURRENT_EVENT.get())
+            return await super().send(call)
+
+    handler, _, _, _ = handler_for(settings(USERPILOT_ENSURE_USER="false"), Peeking())
+    first, second = track(0, "u1"), track(1, "u2")
+    run(handler, first, second)
+    assert seen == [first, second]
+    assert CURRENT_EVENT.get() is None
+
+
 EVENT_PATH_MODULES = {"consumer", "tenacity", "asyncio", "httpx", "aiohttp", "prometheus_client",
                       __name__.split(".")[0]}
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from consumer.logs import configure_logging, event_fields
+from consumer.logs import CURRENT_EVENT, configure_logging, event_fields
 
 TOKEN = "wt_9f8e7d6c5b4a3210"
 log = logging.getLogger("consumer.test_logs")
@@ -45,6 +45,30 @@ def test_json_is_one_line_with_coordinates(capsys: pytest.CaptureFixture[str]) -
     assert (doc["topic"], doc["partition"], doc["offset"], doc["message_id"]) == (
         "topic-a", 2, 99, "m-7")
     assert doc["time"].endswith("Z") and "T" in doc["time"]
+
+
+class _Handled:
+    fields = event_fields("topic-b", 1, 7, "m-9")
+
+
+def test_a_line_logged_while_an_event_is_handled_names_it(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review "ops31": the deduplication store's and the retry log's lines do not know the
+    event; `Handler.handle` sets `CURRENT_EVENT`, and the line carries its coordinates. A
+    line naming its own event keeps them."""
+    configure_logging("INFO", "json")
+    token = CURRENT_EVENT.set(_Handled())
+    try:
+        log.warning("delivered but not recorded (redis down): a re-read may send it again")
+        log.warning("about another", extra=event_fields("topic-c", 0, 1, "m-1"))
+    finally:
+        CURRENT_EVENT.reset(token)
+    log.warning("no event")
+    first, second, third = (json.loads(line) for line in lines(capsys))
+    assert (first["topic"], first["partition"], first["offset"], first["message_id"]) == (
+        "topic-b", 1, 7, "m-9")
+    assert (second["topic"], second["offset"]) == ("topic-c", 1)
+    assert "topic" not in third
 
 
 def test_json_without_coordinates_has_no_coordinate_keys(
