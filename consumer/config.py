@@ -638,6 +638,13 @@ def _check_api_key(reader: _Reader) -> Secret:
             "USERPILOT_API_KEY starts with 'Token ': enter the token alone; the worker adds "
             "the 'Token' prefix to the Authorization header itself"
         )
+    elif len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'`":
+        # A YAML or --env-file quoting mistake: the quotes became part of the token, and
+        # Userpilot's 401 then said "use the write token" (review "ops31").
+        reader.problems.append(
+            "USERPILOT_API_KEY is wrapped in quotes, which would be sent as part of the "
+            "token: remove them (an --env-file or a Secret takes the value unquoted)"
+        )
     elif any(ch.isspace() for ch in value) or not value.isprintable():
         reader.problems.append(
             "USERPILOT_API_KEY contains spaces or control characters: paste the token alone"
@@ -1193,6 +1200,13 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
     name, value = found
     if found == skip:
         return Secret(value)
+    if re.match(r"(?i)^(https?|socks[45]?h?):?/", value.split("://", 1)[1]):
+        # `http//proxy:3128` read as a scheme-less host "http" (review "ops31"): every
+        # request failed on a DNS error that only `check-config --online` showed.
+        reader.problems.append(
+            f"{name}={redact_userinfo(reader.env.get(name, value))} misspells the scheme "
+            f"(the proxy for {service}): write it as http://host:port")
+        return None
     try:
         parts = urlsplit(value)
     except ValueError:  # an unclosed [ of an IPv6 address
@@ -1438,6 +1452,20 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
                          dedup_ttl_s=ttl), shared
 
 
+def _scheme_hint(shown: str) -> str:
+    """What to write instead of a URL without http:// or https://: prefixing http:// to
+    `ftp://reg:8081` or `http//reg:8081` suggested "http://ftp://reg:8081" (review
+    "ops31")."""
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):/*", shown)
+    if scheme and scheme.group(1).lower() not in ("http", "https") and "://" in shown:
+        return (f"has the scheme {scheme.group(1)}://: the registry speaks HTTP; write "
+                f"http:// or https://, e.g. http://{shown.split('://', 1)[1]}")
+    bare = re.sub(r"^https?:?/*", "", shown, flags=re.IGNORECASE)
+    if bare != shown:
+        return f"misspells the scheme: write http:// or https://, e.g. http://{bare}"
+    return f"needs a scheme: e.g. http://{shown}"
+
+
 def _lower_scheme(url: str) -> str:
     """A URL's scheme in lower case: schemes are case-insensitive (RFC 3986), and
     `HTTP://registry:8081` was refused with "needs a scheme: e.g. http://HTTP://…"."""
@@ -1567,9 +1595,7 @@ def load_settings(
             "registry instances, the URL of the load balancer or Service in front of them)"
         )
     elif registry_url and not re.match(r"^https?://", registry_url):
-        r.problems.append(
-            f"SCHEMA_REGISTRY_URL={shown!r} needs a scheme: e.g. http://{shown}"
-        )
+        r.problems.append(f"SCHEMA_REGISTRY_URL={shown!r} {_scheme_hint(shown)}")
     elif registry_url:
         problem = _url_problem(registry_url)
         if problem:

@@ -508,7 +508,17 @@ def test_invalid_pass_through_names(name: str) -> None:
     ("USERPILOT_CONSENT_CATEGORIES", "analytics,bad category", "'bad category'"),
     ("SCHEMA_REGISTRY_URL", "schema-registry:8081",
      "needs a scheme: e.g. http://schema-registry:8081"),
-    ("SCHEMA_REGISTRY_URL", "mock://registry", "needs a scheme"),
+    ("SCHEMA_REGISTRY_URL", "mock://registry",
+     "has the scheme mock://: the registry speaks HTTP; write http:// or https://, "
+     "e.g. http://registry"),
+    # Review "ops31": "http://ftp://reg:8081" and "http://http//reg:8081" were suggested.
+    ("SCHEMA_REGISTRY_URL", "ftp://reg:8081", "e.g. http://reg:8081"),
+    ("SCHEMA_REGISTRY_URL", "http//reg:8081",
+     "misspells the scheme: write http:// or https://, e.g. http://reg:8081"),
+    ("SCHEMA_REGISTRY_URL", "http:/reg:8081", "e.g. http://reg:8081"),
+    ("USERPILOT_API_KEY", '"abc123"', "is wrapped in quotes"),
+    ("USERPILOT_API_KEY", "'abc123'", "is wrapped in quotes"),
+    ("HTTPS_PROXY", "http//proxy:3128", "misspells the scheme (the proxy for Userpilot)"),
     ("SCHEMA_REGISTRY_URL", "http://reg-a:8081,http://reg-b:8081",
      "holds several URLs: give one"),
     ("SCHEMA_REGISTRY_URL", "http://u:pw@reg-a:8081,http://reg-b:8081",
