@@ -750,6 +750,10 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
         # A trailing line break, as a Secret made with `kubectl create secret --from-file`
         # carries: dropped, as from a *_FILE (a password sent with it fails SASL).
         value = reader.env[name].rstrip("\r\n")  # UTF-8 text: `_drop_undecodable`
+        if key not in SECRET_KAFKA_KEYS:
+            # Trimmed as every other setting is: librdkafka refused 'SASL_SSL ' with no
+            # word of the space (review "ops31"). A secret is taken as it is.
+            value = value.strip()
         refusal = _kafka_value_problem(key, value.strip())
         if refusal is not None:
             reader.problems.append(f"{name}={value!r} {refusal}")

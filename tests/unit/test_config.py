@@ -408,6 +408,17 @@ def test_a_trailing_line_break_is_dropped_from_kafka_settings() -> None:
     assert conf["sasl.password"] == "Pw123456" and conf["sasl.username"] == "u"
 
 
+def test_kafka_settings_are_trimmed_as_every_other_setting_but_secrets() -> None:
+    """Review "ops31": 'SASL_SSL ' went to librdkafka, which refused it with no word of
+    the space; USERPILOT_* and WORKER_* values are trimmed. A password is taken as it is."""
+    settings = load(KAFKA_SECURITY_PROTOCOL=" SASL_SSL ", KAFKA_SASL_MECHANISM="PLAIN ",
+                    KAFKA_SASL_USERNAME="u", KAFKA_SASL_PASSWORD=" pw with spaces ",
+                    KAFKA_ISOLATION_LEVEL=" read_committed ")
+    conf = settings.kafka_config(logger=False)
+    assert (conf["security.protocol"], conf["sasl.mechanism"]) == ("SASL_SSL", "PLAIN")
+    assert conf["sasl.password"] == " pw with spaces "
+
+
 def test_credentials_in_a_url_valued_kafka_setting_are_never_shown() -> None:
     """The OIDC token endpoint with `id:secret@` was printed whole by check-config and
     left unmasked in librdkafka's log lines (review config19)."""
