@@ -1252,6 +1252,12 @@ def _unknown_variables(reader: _Reader) -> None:
     for name in sorted(reader.env):
         if name in ENV_VARS or name in _BUILD_FACTS or _service_link(name, reader.env[name]):
             continue
+        if name != name.upper() and name.upper() in ENV_VARS:
+            # `userpilot_rate_burst=5` was ignored without a word (review "ops31").
+            reader.problems.append(
+                f"{name} is not a setting of this worker: names are upper case; write "
+                f"{name.upper()}")
+            continue
         shared = name.startswith(_SHARED_PREFIXES)
         if not shared and not name.startswith(_OWN_PREFIXES):
             continue

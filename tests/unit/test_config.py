@@ -528,6 +528,8 @@ def test_invalid_pass_through_names(name: str) -> None:
      "misspells the scheme: write http:// or https://, e.g. http://reg:8081"),
     ("SCHEMA_REGISTRY_URL", "http:/reg:8081", "e.g. http://reg:8081"),
     ("USERPILOT_API_KEY", '"abc123"', "is wrapped in quotes"),
+    ("userpilot_rate_burst", "5", "names are upper case; write USERPILOT_RATE_BURST"),
+    ("Worker_Log_Level", "debug", "write WORKER_LOG_LEVEL"),
     ("USERPILOT_API_KEY", "'abc123'", "is wrapped in quotes"),
     ("HTTPS_PROXY", "http//proxy:3128", "misspells the scheme (the proxy for Userpilot)"),
     ("SCHEMA_REGISTRY_URL", "http://reg-a:8081,http://reg-b:8081",
