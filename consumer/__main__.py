@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from consumer.config import timeout_seconds, wait_seconds
 from consumer.errors import ConfigError, WorkerError
+from consumer.logs import error_line
 from consumer.replay import add_arguments as add_replay_arguments
 from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
 
@@ -105,7 +106,7 @@ def hold_after_guard(health: Health, seconds: float, beat_s: float = 1.0) -> boo
 
 def _unreachable(problems: list[str]) -> int:
     for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
+        error_line(problem)
     return 1
 
 
@@ -523,10 +524,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error_line(str(exc))
         return 2
     except WorkerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error_line(str(exc))
         return 1
     except KeyboardInterrupt:
         # Ctrl-C where a command has no handling of its own (a start-up reach check): a

@@ -24,7 +24,7 @@ from typing import Any
 from consumer.redaction import Redactor
 
 __all__ = ["CURRENT_EVENT", "LIBRDKAFKA_LOGGER", "RateLimit", "configure_command_logging",
-           "configure_logging", "event_fields", "librdkafka_logger"]
+           "configure_logging", "error_line", "event_fields", "librdkafka_logger"]
 
 LIBRDKAFKA_LOGGER = "librdkafka"
 
@@ -121,9 +121,24 @@ class _Json(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
+_format = "text"  # what `configure_logging` last chose: `error_line` follows it
+
+
+def error_line(text: str) -> None:
+    """A command's last word, on stderr: `error: …`, or once logging is JSON, one JSON
+    line as every other (a plain-text line was the only record of why `run` stopped that
+    a log shipper could not parse, review "ops31"), secrets masked as in every line."""
+    if _format == "json":
+        logging.getLogger("consumer").error("%s", text)
+    else:
+        print(f"error: {text}", file=sys.stderr)
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text",
                       secrets: list[str] | None = None) -> None:
     """Route all logging to stderr, one line per record."""
+    global _format
+    _format = fmt
     handler = logging.StreamHandler(sys.stderr)
     formatter: logging.Formatter = (
         _Json() if fmt == "json"

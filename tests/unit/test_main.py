@@ -258,6 +258,18 @@ def test_unreachable_services_are_one_line_within_the_timeout(argv: list[str]) -
     assert took < 15
 
 
+def test_with_json_logs_run_says_why_it_stopped_in_json() -> None:
+    """Review "ops31": with WORKER_LOG_FORMAT=json the fatal reason was the one plain-text
+    line, which a log shipper reading JSON lines dropped or mangled."""
+    result = cli(["run", "--timeout", "1", "--wait", "0"],
+                 {**RUN_ENV, "WORKER_LOG_FORMAT": "json"}, timeout=30)
+    assert result.returncode == 1, result.stderr
+    docs = [json.loads(line) for line in result.stderr.strip().splitlines()]
+    assert any(d["level"] == "error" and "Kafka at 127.0.0.1:1 not reachable" in d["message"]
+               for d in docs), result.stderr
+    assert "wt-secret-123" not in result.stderr
+
+
 def test_help_of_run_replay_and_demo_states_the_bound() -> None:
     for command in ("replay", "demo"):
         result = cli([command, "--help"], {})
