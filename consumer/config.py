@@ -227,6 +227,21 @@ def kafka_key(name: str) -> str:
     return _KAFKA_UNDERSCORED.get(key, key)
 
 
+def _shown_number(value: float) -> str:
+    """A bound as people write it: 2592000, not 2.592e+06 (review "ops31")."""
+    return str(int(value)) if value.is_integer() and abs(value) < 1e16 else f"{value:g}"
+
+
+_COMMON_KAFKA_SETTINGS = tuple(
+    "KAFKA_" + key.upper().replace(".", "_") for key in sorted(SECRET_KAFKA_KEYS | {
+        "security.protocol", "sasl.mechanism", "sasl.username", "ssl.ca.location",
+        "ssl.certificate.location", "ssl.key.location", "ssl.endpoint.identification.algorithm",
+        "sasl.oauthbearer.method", "sasl.oauthbearer.client.id",
+        "sasl.oauthbearer.token.endpoint.url", "sasl.oauthbearer.scope", "client.id",
+        "session.timeout.ms", "max.poll.interval.ms", "group.instance.id", "debug"}))
+"""Pass-through names a typo is likely of (`KAFKA_SASL_PASWORD` got no hint)."""
+
+
 def _did_you_mean(name: str, candidates: frozenset[str] | tuple[str, ...]) -> str:
     close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.75)
     return f" (did you mean {close[0]}?)" if close else ""
@@ -551,7 +566,8 @@ class _Reader:
         too_low = value < low if inclusive_low else value <= low
         if not math.isfinite(value) or too_low or (high is not None and value > high):
             rel = ">=" if inclusive_low else ">"
-            bound = f"{rel} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            bound = f"{rel} {_shown_number(low)}" + (
+                f" and <= {_shown_number(high)}" if high is not None else "")
             self.problems.append(f"{name}={raw} is out of range: use a number {bound}")
             return default
         return value
@@ -599,7 +615,8 @@ def _check_endpoint(reader: _Reader) -> str:
             "analytex.userpilot.io (letters, digits, dots and dashes, optionally :port)"
         )
     elif match.group(1) is not None and not 0 < int(match.group(1)) < 65536:
-        reader.problems.append(f"USERPILOT_ANALYTICS_ENDPOINT={raw!r} has an invalid port")
+        reader.problems.append(f"USERPILOT_ANALYTICS_ENDPOINT={raw!r} has an invalid port: "
+                               "use 1-65535, or no port for 443")
     else:
         refused = _http_url_problem(f"https://{host}")
         if refused is not None:  # e.g. 10.0.0.256: digits and dots, yet no address
@@ -771,7 +788,7 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
 
             refused = property_problem(key, value)
             if refused is not None:
-                hint = _did_you_mean(name, ENV_VARS)
+                hint = _did_you_mean(name, (*ENV_VARS, *_COMMON_KAFKA_SETTINGS))
                 reader.problems.append(
                     f"{name} sets librdkafka setting {key!r}, which librdkafka refuses: "
                     f"{refused}{hint}"
@@ -1311,8 +1328,10 @@ def _topics(reader: _Reader) -> tuple[str, ...]:
             )
     if raw and not topics:
         reader.problems.append("KAFKA_TOPICS lists no topic: enter at least one topic name")
-    if len(set(topics)) != len(topics):
-        reader.problems.append("KAFKA_TOPICS lists a topic twice: list each topic once")
+    twice = sorted({t for t in topics if topics.count(t) > 1})
+    if twice:
+        reader.problems.append(f"KAFKA_TOPICS lists {', '.join(map(repr, twice))} twice: "
+                               "list each topic once")
     return topics
 
 

@@ -297,7 +297,7 @@ def test_api_key_with_spaces_or_control_characters(raw: str) -> None:
     (".", "'.'"),
     ("..", "'..'"),
     (" , ,", "lists no topic"),
-    ("a,b,a", "lists a topic twice"),
+    ("a,b,a", "lists 'a' twice"),
 ])
 def test_topic_names(raw: str, fragment: str) -> None:
     message = problem(KAFKA_TOPICS=raw)
@@ -528,6 +528,10 @@ def test_invalid_pass_through_names(name: str) -> None:
      "misspells the scheme: write http:// or https://, e.g. http://reg:8081"),
     ("SCHEMA_REGISTRY_URL", "http:/reg:8081", "e.g. http://reg:8081"),
     ("USERPILOT_API_KEY", '"abc123"', "is wrapped in quotes"),
+    # Review "ops31": bounds as people write them, and what to enter for a port.
+    ("REDIS_DEDUP_TTL_SECONDS", "0", "use a number >= 60 and <= 2592000"),
+    ("USERPILOT_ANALYTICS_ENDPOINT", "analytex.userpilot.io:0", "use 1-65535"),
+    ("KAFKA_SASL_PASWORD", "x", "(did you mean KAFKA_SASL_PASSWORD?)"),
     ("userpilot_rate_burst", "5", "names are upper case; write USERPILOT_RATE_BURST"),
     ("Worker_Log_Level", "debug", "write WORKER_LOG_LEVEL"),
     ("USERPILOT_API_KEY", "'abc123'", "is wrapped in quotes"),
