@@ -1467,10 +1467,9 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
     if match.group("query") and not any(
             c in (match.group("password") or "") + (match.group("user") or "") for c in "#?"):
         reader.problems.extend(_redis_query_problems(match.group("query")[1:], shown, tls))
-    db = match.group("db")
-    if db and int(db) > 15:
-        reader.problems.append(f"REDIS_URL={shown!r} selects database {db}: Redis has "
-                               "databases 0-15 by default")
+    # A database past 15 is taken: a Redis may be configured with more (`databases 32`);
+    # one that has no such database is refused at `run`'s start (`reach.redis_refusal`)
+    # and by `check-config --online` (review "ops31").
     if ca_file is not None:
         if not tls:
             reader.problems.append("REDIS_TLS_CA_FILE is set but REDIS_URL uses redis://: "

@@ -422,6 +422,9 @@ def redis_refusal(settings: Settings, timeout: float) -> str | None:
                 f"Redis at {conf.redacted_url} refused the worker ({exc}): it is a "
                 "read-only replica: point REDIS_URL at the primary (waiting: a failover "
                 "may be under way)")
+        if "DB index is out of range" in str(exc):
+            return (f"Redis at {conf.redacted_url} has no such database ({exc}): select one "
+                    "it has in REDIS_URL's /db (0-15 unless its `databases` setting says more)")
         if any(name in str(exc) for name in REDIS_REFUSALS):
             return (f"Redis at {conf.redacted_url} refused the worker ({exc}): check the user "
                     "name and password in REDIS_URL, and the user's ACL")

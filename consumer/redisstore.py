@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumer.errors import ConfigError, SharedStateUnavailable
@@ -262,6 +262,8 @@ class RedisStore:
             # which check-config checks; were one to slip through, the replica falls
             # back instead of crash-looping. Only the type: the text may quote the URL.
             error = type(exc).__name__
+            if isinstance(exc, ResponseError) and "DB index is out of range" in str(exc):
+                error += " (DB index is out of range)"  # Redis's own words: no URL in them
             if isinstance(exc, ReadOnlyError):
                 await self._reconnect()
             timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)

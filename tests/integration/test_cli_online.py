@@ -196,6 +196,24 @@ def test_online_checks_redis_when_configured(online_env: dict[str, str], redis_u
                                          online_env).stderr  # not configured: not checked
 
 
+def test_a_redis_database_the_server_lacks_is_refused_by_run_and_check_config_online(
+        online_env: dict[str, str], redis_url: str) -> None:
+    """Review "ops31": databases past 15 were refused offline, though a Redis may have
+    more; now the Redis says whether it has the database."""
+    from urllib.parse import urlsplit
+
+    lacking = urlsplit(redis_url)._replace(path="/99").geturl()
+    refused = cli(["run", "--wait", "0", "--timeout", "5"],
+                  {**online_env, "REDIS_URL": lacking, "WORKER_METRICS_PORT": "0"})
+    assert refused.returncode == 1, refused.stderr
+    assert "has no such database (redis ping failed: ResponseError (DB index is out of " \
+        "range))" in refused.stderr
+    online = cli(["check-config", "--online", "--timeout", "5"],
+                 {**online_env, "REDIS_URL": lacking})
+    assert online.returncode == 8 + 16, online.stderr
+    assert "DB index is out of range" in online.stderr
+
+
 def test_run_stops_at_start_up_when_redis_refuses_its_password_not_when_it_is_down(
         online_env: dict[str, str], stoppable_redis: StoppableRedis) -> None:
     """Review config25: a wrong Redis password was taken like an outage: every replica ran
