@@ -87,11 +87,11 @@ class _Redacting(logging.Formatter):
 
     def __init__(self, inner: logging.Formatter, secrets: list[str]) -> None:
         super().__init__()
-        self._inner = inner
+        self.inner = inner
         self._redact = Redactor(secrets)
 
     def format(self, record: logging.LogRecord) -> str:
-        return self._redact(self._inner.format(record), edges=False)
+        return self._redact(self.inner.format(record), edges=False)
 
 
 class _Text(logging.Formatter):
@@ -121,24 +121,30 @@ class _Json(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
-_format = "text"  # what `configure_logging` last chose: `error_line` follows it
-
-
 def error_line(text: str) -> None:
     """A command's last word, on stderr: `error: …`, or once logging is JSON, one JSON
     line as every other (a plain-text line was the only record of why `run` stopped that
     a log shipper could not parse, review "ops31"), secrets masked as in every line."""
-    if _format == "json":
+    if _logging_json():
         logging.getLogger("consumer").error("%s", text)
     else:
         print(f"error: {text}", file=sys.stderr)
 
 
+def _logging_json() -> bool:
+    """Whether the root logger writes JSON lines (`configure_logging(fmt="json")`)."""
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter
+        if isinstance(formatter, _Redacting):
+            formatter = formatter.inner
+        if isinstance(formatter, _Json):
+            return True
+    return False
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text",
                       secrets: list[str] | None = None) -> None:
     """Route all logging to stderr, one line per record."""
-    global _format
-    _format = fmt
     handler = logging.StreamHandler(sys.stderr)
     formatter: logging.Formatter = (
         _Json() if fmt == "json"
