@@ -526,11 +526,30 @@ def make_producer(conf: dict[str, Any], **extra: Any) -> Producer:
         raise _config_error(exc, "producer") from None
 
 
-class DeadLetterProducer:
-    """Produces DLQ records and resolves an awaitable when the broker acknowledged them."""
+DLQ_POLICY_CHECK_S = 300.0
+"""How often a running worker's DLQ producer reads its topic's cleanup.policy again (only
+while dead letters are written), and 30 s while it found the topic compacted."""
 
-    def __init__(self, conf: dict[str, Any]) -> None:
+
+class DeadLetterProducer:
+    """Produces DLQ records and resolves an awaitable when the broker acknowledged them.
+
+    `policy(topic)` names a problem with the DLQ topic's configuration (a compacted topic,
+    `reach.dlq_policy_now`), asked again every `check_s` while dead letters are written:
+    start-up refuses a compacted DLQ, but one made compacted later took keyed dead letters
+    and compaction deleted all but one per user (review "faults31"). While it names one,
+    `send` raises it: the dead letter waits, its partition's offset too, and the DLQ is
+    reported unwritable (readiness, `UserpilotDlqUnwritable`) until the topic is fixed."""
+
+    def __init__(self, conf: dict[str, Any],
+                 policy: Callable[[str], str | None] | None = None,
+                 check_s: float | None = None) -> None:
         self._producer = make_producer(conf, **DLQ_PRODUCER)
+        self._policy = policy
+        self._check_s = DLQ_POLICY_CHECK_S if check_s is None else check_s
+        self._policy_due = time.monotonic() + self._check_s  # start-up checked it (`reach`)
+        self._policy_problem: str | None = None
+        self._policy_lock = asyncio.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="dlq-poll", daemon=True)
         self._thread.start()
@@ -544,6 +563,8 @@ class DeadLetterProducer:
         headers: list[tuple[str, bytes | None]],
     ) -> None:
         """Produce and wait for the broker's acknowledgement; raises KafkaException on failure."""
+        if self._policy is not None:
+            await self._check_policy(topic)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
@@ -579,6 +600,23 @@ class DeadLetterProducer:
                                             ) from None
                 raise
         await done
+
+    async def _check_policy(self, topic: str) -> None:
+        """Raise the DLQ topic's configuration problem, read at most every `check_s` (30 s
+        while there is one, so a fixed topic is written to soon); an unreadable policy (no
+        DescribeConfigs ACL, the brokers away) is no verdict."""
+        if time.monotonic() >= self._policy_due:
+            async with self._policy_lock:
+                if time.monotonic() >= self._policy_due and self._policy is not None:
+                    try:
+                        problem = await asyncio.to_thread(self._policy, topic)
+                    except Exception:
+                        problem = None
+                    self._policy_problem = problem
+                    self._policy_due = time.monotonic() + (
+                        min(30.0, self._check_s) if problem else self._check_s)
+        if self._policy_problem is not None:
+            raise KafkaException(KafkaError(KafkaError.INVALID_CONFIG, self._policy_problem))
 
     def close(self, timeout_s: float = 10.0) -> int:
         """Flush and stop; returns the number of records still unacknowledged."""

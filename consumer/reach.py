@@ -40,7 +40,8 @@ from consumer.redaction import Redactor, kafka_secrets
 from consumer.registry import RegistryError, RegistryUnusable, RestClient
 
 __all__ = [
-    "Unreachable", "kafka", "redis", "registry", "resolve", "services", "userpilot"]
+    "Unreachable", "dlq_policy_now", "kafka", "redis", "registry", "resolve", "services",
+    "userpilot"]
 
 _SILENT = logging.getLogger("consumer.reach.librdkafka")
 T = TypeVar("T")
@@ -282,6 +283,16 @@ def dlq_policy(admin: AdminClient, dlq_topic: str, timeout: float) -> str | None
             "keyless ones. Make it cleanup.policy=delete, e.g. kafka-configs.sh "
             f"--bootstrap-server <broker> --alter --entity-type topics --entity-name "
             f"{dlq_topic} --add-config cleanup.policy=delete")
+
+
+def dlq_policy_now(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> str | None:
+    """`dlq_policy` through an admin client of its own, for a running worker's DLQ producer
+    (`kafka.DeadLetterProducer`): a topic made compacted after start-up took keyed dead
+    letters without a word, and compaction then deleted all but one per user (review
+    "faults31"). Blocking: run it off the event loop."""
+    settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _SILENT}
+    problem = dlq_policy(AdminClient(settings), dlq_topic, timeout)
+    return None if problem is None else Redactor(kafka_secrets(conf, SECRET_KAFKA_KEYS))(problem)
 
 
 def registry(url: str, user_info: str | None, timeout: float,

@@ -80,6 +80,7 @@ from consumer.offsets import Finished
 from consumer.overflow import Overflow
 from consumer.policy import Gate, GateState, RetryPolicy
 from consumer.ratelimit import partition_share
+from consumer.reach import dlq_policy_now
 from consumer.registry import Registry
 from consumer.routing import Send
 from consumer.scheduling import ChainKey, Scheduler
@@ -163,6 +164,7 @@ UNKNOWN_SHARE = 0.05
 at 1.0 (the whole limit) each replica whose count failed sent as if alone, and three of
 them drew 42 × 429 (review "redis26"). A twentieth, the floor a 429 storm leaves, keeps
 up to 20 replicas within the limit and still delivers until the count comes."""
+DLQ_POLICY_TIMEOUT_S = 5.0  # a running worker's read of the DLQ topic's cleanup.policy
 MISSING_TOPIC_CHECK_S = 60.0  # while a source topic is missing, looked for again this often
 MISSING_TOPIC_LOG_S = 600.0  # ... and its WARNING repeated this often
 DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
@@ -276,7 +278,10 @@ class Worker:
         self.m = metrics
         self.health = health
         self.client: TrackClient = client or UserpilotClient.for_settings(settings)
-        self.dlq: DeadLetterSink = dlq or DeadLetterProducer(settings.kafka_config())
+        self.dlq: DeadLetterSink = dlq or DeadLetterProducer(
+            settings.kafka_config(),
+            policy=lambda topic: dlq_policy_now(settings.kafka_config(logger=False), topic,
+                                                DLQ_POLICY_TIMEOUT_S))
         # One limiter per endpoint family (Redis-shared with REDIS_URL, else the partition
         # share), and the messageId deduplicator when Redis is configured.
         self.shared = shared or build_shared_state(settings, metrics, FAMILIES)

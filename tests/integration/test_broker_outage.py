@@ -35,6 +35,7 @@ from tests.integration.harness import (
     WorkerProcess,
     WorkerThread,
     caught_up,
+    committed_offsets,
     delivered_seqs,
     produce,
     produce_raw,
@@ -340,6 +341,45 @@ def test_an_unwritable_dlq_turns_readiness_off_and_the_metric_on_then_recovers(
     assert dead == 1
     assert len(read_topic(kafka_bootstrap, dlq)) == 1
     assert sum(delivered_seqs(control).values()) == 3
+
+
+def test_a_dlq_made_compacted_while_the_worker_runs_is_not_written_until_fixed(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review "faults31": start-up refuses a compacted DLQ, but one switched to compact
+    later took keyed dead letters with no word, and compaction then deleted all but one
+    per user. The running worker reads the policy again (`DLQ_POLICY_CHECK_S`, 1 s here):
+    the dead letter waits, readiness and userpilot_dlq_unwritable say why, and once the
+    topic is fixed it is written and the partition moves on."""
+    import consumer.kafka
+
+    monkeypatch.setattr(consumer.kafka, "DLQ_POLICY_CHECK_S", 1.0)
+    server, control = sandbox
+    control.set_faults(rules=[{"event_name": "plan_viewed", "action": "400"}])
+    topic = topic_factory(partitions=1)
+    dlq = _create_dlq(kafka_bootstrap, f"{topic}.dlq", **{"cleanup.policy": "delete"})
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     KAFKA_DLQ_TOPIC=dlq, **FAST)
+    with WorkerThread(env) as w:
+        produce(kafka_bootstrap, schema_registry_url, topic, [track_event("u1", 0)])
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "the first event delivered")
+        _topic_config(kafka_bootstrap, dlq, **{"cleanup.policy": "compact"})
+        time.sleep(1.5)
+        produce(kafka_bootstrap, schema_registry_url, topic,
+                [track_event("u-bad", 1, name="Plan Viewed"), track_event("u1", 2)])
+        wait_until(lambda: w.metric("userpilot_dlq_unwritable") == 1, 30, "the DLQ metric")
+        ready, reason = w.health.ready()
+        assert not ready and "DLQ unwritable" in reason and "compact" in reason, reason
+        assert read_topic(kafka_bootstrap, dlq, timeout=2) == []
+        assert committed_offsets(kafka_bootstrap, group, topic).get(0) == 1
+        _topic_config(kafka_bootstrap, dlq, **{"cleanup.policy": "delete"})
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "the partition moves on")
+        wait_until(lambda: w.health.ready()[0], 15, "ready again")
+        assert w.metric("userpilot_dlq_unwritable") == 0
+    assert len(read_topic(kafka_bootstrap, dlq)) == 1
+    assert sum(delivered_seqs(control).values()) == 2
 
 
 def _readyz_text(port: int) -> str:
