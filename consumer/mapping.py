@@ -368,9 +368,12 @@ def _is_primitive(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
-def _joined(items: list[Any]) -> str | None:
-    """An array of primitives as one comma-joined string; None if it holds anything else."""
+def _joined(items: list[Any]) -> tuple[str | None, bool]:
+    """An array of primitives as one comma-joined string (None if it holds anything else),
+    and whether NaN or Infinity items were left out of it: skipped as nulls are, the rest
+    sent (one such item left the whole array out, review "events31")."""
     parts: list[str] = []
+    lost = False
     for item in items:
         if isinstance(item, str):
             parts.append(item)
@@ -380,11 +383,14 @@ def _joined(items: list[Any]) -> str | None:
             continue
         elif isinstance(item, int):
             parts.append(str(item))
-        elif isinstance(item, float) and math.isfinite(item):
-            parts.append(_js_number(item))
+        elif isinstance(item, float):
+            if math.isfinite(item):
+                parts.append(_js_number(item))
+            else:
+                lost = True
         else:
-            return None
-    return ",".join(parts)
+            return None, lost
+    return ",".join(parts), lost
 
 
 def _js_number(value: float) -> str:
@@ -410,11 +416,13 @@ def _leaf(out: dict[str, Primitive], omitted: list[str], key: str, value: Any) -
         omitted.append(_taken(key))
         return
     if isinstance(value, list):
-        joined = _joined(value)
+        joined, lost = _joined(value)
         if joined is None:
             omitted.append(key)
         else:
             out[key] = joined
+            if lost:
+                omitted.append(f"{key} (its NaN/Infinity items)")
     elif _is_primitive(value):
         out[key] = value
     else:

@@ -1131,3 +1131,16 @@ def test_numbers_in_a_joined_array_are_written_as_javascript_writes_them(
     """Review "events31": "1.0,2", "1e+20" and "-0.0" were Python's spellings; Userpilot's
     own SDK (JavaScript) sends "1,2", "100000000000000000000" and "0"."""
     assert metadata({"ids": items})["ids"] == joined
+
+
+def test_nan_items_of_an_array_are_skipped_and_listed_not_the_whole_array() -> None:
+    """Review "events31": one NaN left `[1, NaN]` out whole, while nulls are skipped item by
+    item; the finite items go, the key is listed as having lost some."""
+    from consumer.mapping import build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Feature Used"))
+    assert rule is not None
+    built = build_payload(track("Feature Used", {"nan": [1, math.nan, 2.5], "inf": [math.inf],
+                                                 "ok": [1, None]}), rule)
+    assert built.body["metadata"] == {"nan": "1,2.5", "inf": "", "ok": "1"}
+    assert set(built.omitted) == {"nan (its NaN/Infinity items)", "inf (its NaN/Infinity items)"}
