@@ -666,6 +666,18 @@ def test_replay_finishes_when_a_dlq_partition_ends_with_a_transaction_marker(
     txn.begin_transaction()
     txn.produce(dlq, value=b"v1", headers=headers)
     txn.commit_transaction(30)
+    # commit_transaction returns before the coordinator wrote the partition's commit marker;
+    # until then a read_committed reader (the replay) ends at v0 (CI stop 42 counted 1 of
+    # 2). The last stable offset reaches the marker's end (3) once it is written.
+    from confluent_kafka import Consumer, TopicPartition
+
+    probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"{dlq}-probe",
+                      "isolation.level": "read_committed"})
+    try:
+        wait_until(lambda: probe.get_watermark_offsets(TopicPartition(dlq, 0), timeout=5)[1]
+                   >= 3, 30, "the transaction's commit marker written")
+    finally:
+        probe.close()
     replayed: list[int] = []
     for dry_run in (True, False, False):  # the last: nothing left, and it finishes too
         result: list[Any] = []
