@@ -44,6 +44,7 @@ class Write:
     tp: TP
     company: str
     done: asyncio.Event
+    waiting: bool = False  # its owner waits in `turn` (queued, not stuck)
 
 
 class CompanyOrder:
@@ -76,17 +77,32 @@ class CompanyOrder:
         earlier = [w for w in line if w.intake < own.intake]
         if not earlier:
             return
+        own.waiting = True
         try:
-            async with asyncio.timeout(self._wait_s):
-                for write in earlier:
-                    await write.done.wait()
-        except TimeoutError:
-            stale = [w for w in earlier if not w.done.is_set()]
-            log.warning("company %r: %d earlier update(s) not answered after %.0f s; this "
-                        "one goes first, so that company's order is not guaranteed",
-                        company, len(stale), self._wait_s, extra=dict(fields or {}))
-            for write in stale:
-                self._end(write)  # waited out once, not by every later write again
+            try:
+                async with asyncio.timeout(self._wait_s):
+                    for write in earlier:
+                        await write.done.wait()
+                return
+            except TimeoutError:
+                # Given up on: the earlier writes whose owners are not waiting their turn
+                # here (stuck in retries, in a user's backlog). Those queued in `turn`
+                # behind them were not stuck: ending them too let them go at once beside
+                # this one, after it even (review "diff31").
+                stale = [w for w in earlier if not w.done.is_set() and not w.waiting]
+                if stale:
+                    log.warning("company %r: %d earlier update(s) not answered after %.0f "
+                                "s; this one goes first, so that company's order is not "
+                                "guaranteed", company, len(stale), self._wait_s,
+                                extra=dict(fields or {}))
+                for write in stale:
+                    self._end(write)  # waited out once, not by every later write again
+            # The earlier writes still queued go first: each waits for lower intake numbers
+            # only, bounded the same way, so this ends.
+            for write in earlier:
+                await write.done.wait()
+        finally:
+            own.waiting = False
 
     def written(self, writes: Sequence[Write], company: str) -> None:
         """The request writing `company` was answered (or failed for good)."""

@@ -1269,7 +1269,8 @@ def _unknown_variables(reader: _Reader) -> None:
     for name in sorted(reader.env):
         if name in ENV_VARS or name in _BUILD_FACTS or _service_link(name, reader.env[name]):
             continue
-        if name != name.upper() and name.upper() in ENV_VARS:
+        if (name != name.upper() and name.upper() in ENV_VARS
+                and name.upper().startswith(_OWN_PREFIXES)):
             # `userpilot_rate_burst=5` was ignored without a word (review "ops31").
             reader.problems.append(
                 f"{name} is not a setting of this worker: names are upper case; write "

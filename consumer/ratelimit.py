@@ -24,6 +24,7 @@ again each period without one.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import time
@@ -287,7 +288,10 @@ class PriorityLane:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (0 if urgent else 1, order, next(self._seq), future))
         if self._pump is None or self._pump.done():
-            self._pump = asyncio.create_task(self._run())
+            # A context of its own: started from an event's task, it copied that event's
+            # `logs.CURRENT_EVENT`, and its lines named that event for as long as it ran
+            # (review "diff31").
+            self._pump = asyncio.create_task(self._run(), context=contextvars.Context())
         try:
             await future
         finally:

@@ -146,3 +146,27 @@ def test_each_companys_writes_go_in_intake_order_whatever_the_timing(
     for company in "abc":
         mine = [intake for c, intake in sent if c == company]
         assert mine == sorted(mine)
+
+
+def test_a_timeout_gives_up_on_the_stuck_write_only_not_on_those_queued_behind_it() -> None:
+    """Review "diff31": A is stuck; C times out waiting and ended every unanswered earlier
+    write, B too, which only waited its turn behind A: B went beside C, after it even,
+    and D then waited for C alone."""
+    async def main() -> list[str]:
+        order = CompanyOrder(wait_s=0.2)
+        order.place(1, A, ["c"])  # its owner is stuck: never answered
+        b, c, d = (order.place(i, A, ["c"]) for i in (2, 3, 4))
+        sent: list[str] = []
+
+        async def go(name: str, writes: tuple[Write, ...], delay: float) -> None:
+            await asyncio.sleep(delay)
+            await order.turn(writes, "c")
+            sent.append(name)
+            await asyncio.sleep(0.05)
+            order.written(writes, "c")
+
+        await asyncio.wait_for(asyncio.gather(go("C", c, 0.0), go("B", b, 0.1),
+                                              go("D", d, 0.21)), 5.0)
+        return sent
+
+    assert asyncio.run(main()) == ["B", "C", "D"]

@@ -247,3 +247,31 @@ def test_an_event_s_message_id_cannot_make_a_huge_or_forged_line() -> None:
         assert len(line) < 300
         assert "\r" not in line and "\u2028" not in line and "\n" not in line
     assert line.endswith("message_id=a\\u2028b")
+
+
+def test_the_identify_lanes_pump_does_not_carry_the_event_that_started_it() -> None:
+    """Review "diff31": the pump, started from an event's task, copied its context; every
+    line logged while it ran (Redis unreachable, say) named that one event."""
+    import asyncio
+
+    from consumer.ratelimit import PriorityLane
+
+    seen: list[object] = []
+
+    class Limiter:
+        async def acquire(self) -> float:
+            seen.append(CURRENT_EVENT.get())
+            await asyncio.sleep(0)
+            return 0.0
+
+    async def main() -> None:
+        lane = PriorityLane(Limiter())
+        token = CURRENT_EVENT.set(_Handled())
+        try:
+            await lane.acquire(False, 1)
+        finally:
+            CURRENT_EVENT.reset(token)
+        await lane.acquire(False, 2)
+
+    asyncio.run(main())
+    assert seen == [None, None]
