@@ -18,6 +18,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from datetime import UTC
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -59,6 +60,10 @@ STALE_WITHIN_S = 0.25
 """... lost this soon after it went out: the keep-alive race ends within a round trip (the
 server had closed the connection already). Later, the server may have read it and worked
 on it: that failure goes through the retry policy (backoff, an attempt, a limiter slot)."""
+STALL_S = 1.0
+"""A request's deadline that fires this much later than it was due found the event loop
+stalled (a frozen process, a paused VM, a loop blocked): the answer may have come
+meanwhile, unread. A loop under load is late by milliseconds, never by a second."""
 KEEPALIVE_S = 4.0
 """How long an idle pooled connection is kept: under the 5 s after which common servers
 (Node.js, Apache) close theirs, so the client rarely reuses one the server is closing."""
@@ -326,6 +331,42 @@ def _really_timed_out(exc: httpx.TimeoutException) -> bool:
     return exc.__cause__ is None or isinstance(exc.__cause__, TimeoutError)
 
 
+class _StallAwareDeadline:
+    """`asyncio.timeout(seconds)` that does not count time the event loop did not run.
+
+    Why: a replica frozen past the deadline (SIGSTOP, a paused VM) resumes with its answers
+    waiting in the sockets, and the overdue deadline cut the request before they were read:
+    the event was sent again, although Userpilot had accepted it (round 33: every
+    request on the wire during a freeze of 2x the request timeout). A deadline that fires
+    more than STALL_S late finds the loop stalled: it waits STALL_S more, so the answers
+    that came meanwhile are read first (the loop serves ready sockets before due timers);
+    a request with no answer still ends, that much later.
+    """
+
+    __slots__ = ("_handle", "_loop", "_timeout")
+
+    def __init__(self, seconds: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = asyncio.timeout(None)
+        self._handle = self._loop.call_at(self._loop.time() + seconds, self._due,
+                                          self._loop.time() + seconds)
+
+    def _due(self, when: float) -> None:
+        now = self._loop.time()
+        if now - when > STALL_S:
+            self._handle = self._loop.call_at(now + STALL_S, self._due, now + STALL_S)
+        else:
+            self._timeout.reschedule(now)  # expires at once: the task is cancelled
+
+    async def __aenter__(self) -> None:
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        self._handle.cancel()
+        await self._timeout.__aexit__(exc_type, exc, tb)  # raises TimeoutError once expired
+
+
 class UserpilotClient:
     """POSTs to Userpilot through httpx's transport API, on aiohttp (`httpx-aiohttp`).
 
@@ -436,7 +477,7 @@ class UserpilotClient:
     async def _exchange(self, request: httpx.Request) -> int:
         accepted = False
         try:
-            async with asyncio.timeout(self._deadline_s):
+            async with _StallAwareDeadline(self._deadline_s):
                 response = await self._send(request)
                 accepted = 200 <= response.status_code < 300
                 try:

@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,7 +24,7 @@ from typing import TypeVar
 import pytest
 
 from consumer.answers import BODY_LIMIT
-from consumer.delivery import STALE_RESENDS, UserpilotClient, ssl_context
+from consumer.delivery import STALE_RESENDS, STALL_S, UserpilotClient, ssl_context
 from consumer.errors import (
     ConnectionFailed,
     RateLimited,
@@ -796,3 +797,93 @@ def test_a_redirect_quotes_its_location_without_the_token() -> None:
 
     error = run(main)
     assert "elsewhere.test" in str(error) and TOKEN not in str(error)
+
+
+# ------------------------------------------------------------------ a stalled event loop
+
+
+class ThreadedServer:
+    """Answers every request `answer` after `delay` s, on its own thread: it goes on while
+    the test freezes the client's event loop (a SIGSTOP, a paused VM). `answer` None:
+    never answers."""
+
+    def __init__(self, answer: bytes | None, delay: float = 0.05) -> None:
+        self.answer, self.delay = answer, delay
+        self.requests = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as stream:
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = stream.readline()
+                    if not line:
+                        return
+                    head += line
+                length = next(int(v) for k, _, v in (f.partition(b":") for f in head.split(b"\r\n"))
+                              if k.lower() == b"content-length")
+                stream.read(length)
+                self.requests += 1
+                if self.answer is None:
+                    stream.read()  # until the client hangs up
+                    return
+                time.sleep(self.delay)
+                conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def test_answers_that_came_while_the_loop_was_frozen_are_read_not_timed_out() -> None:
+    """Frozen past the deadline (twice the request timeout) with requests on the wire, the
+    client resumes with their answers in its sockets: they are delivered, not timed out and
+    sent again (round 33: every request on the wire then was a duplicate)."""
+    srv = ThreadedServer(ACCEPTED)
+
+    async def main() -> list[str]:
+        client = up(f"http://127.0.0.1:{srv.port}/v1/track", timeout_s=0.2)
+        sends = [asyncio.create_task(outcome(client, BODY)) for _ in range(4)]
+        await wait_until(lambda: srv.requests == 4)
+        time.sleep(2.0)  # the loop frozen 1.6 s past the 0.4 s deadline; answers arrive
+        got = await asyncio.gather(*sends)
+        await client.aclose()
+        return got
+
+    try:
+        assert run(main) == ["ok"] * 4
+        assert srv.requests == 4, "sent once each"
+    finally:
+        srv.close()
+
+
+def test_a_request_with_no_answer_still_times_out_after_a_frozen_loop() -> None:
+    """The stall's grace is one STALL_S: a request whose answer never comes ends then."""
+    srv = ThreadedServer(None)
+
+    async def main() -> tuple[str, float]:
+        client = up(f"http://127.0.0.1:{srv.port}/v1/track", timeout_s=0.2)
+        start = time.monotonic()
+        send = asyncio.create_task(outcome(client, BODY))
+        await wait_until(lambda: srv.requests == 1)
+        time.sleep(1.5)
+        got = await send
+        await client.aclose()
+        return got, time.monotonic() - start
+
+    try:
+        got, elapsed = run(main)
+        assert got == "Timeout"
+        assert elapsed < 1.5 + STALL_S + 0.5
+    finally:
+        srv.close()
