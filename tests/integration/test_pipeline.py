@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -152,6 +153,39 @@ def test_sigterm_drains_and_commits_so_restart_sends_no_duplicates(
     seen = delivered_seqs(control)
     assert len(seen) == len(events)
     assert max(seen.values()) == 1, "SIGTERM drained in-flight work and committed it"
+
+
+def test_a_worker_frozen_past_its_request_deadline_sends_nothing_twice(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, tmp_path: Path,
+) -> None:
+    """SIGSTOP mid-backlog for 2.5x the request deadline (twice the request timeout), within
+    the session timeout: the answers that arrived during the freeze are read when it
+    resumes, not timed out, so no event is sent twice (62 of 4,000 were before
+    `delivery.STALL_S`, at 20 ms answers and a 2 s timeout)."""
+    server, control = sandbox
+    control.set_faults(latency_ms=20)
+    topic = topic_factory(partitions=3)
+    events = [track_event(f"u{i % 50}", i) for i in range(1500)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     USERPILOT_REQUEST_TIMEOUT_SECONDS="1", USERPILOT_ENSURE_USER="false")
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    try:
+        wait_until(lambda: len(control.requests("/v1/track")) >= 300, 60, "300 deliveries")
+        worker.proc.send_signal(signal.SIGSTOP)
+        time.sleep(5.0)  # deadline 2 s; session timeout 10 s
+        worker.proc.send_signal(signal.SIGCONT)
+        wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+        assert worker.terminate() == 0, worker.output()
+    seen = delivered_seqs(control)
+    assert not undelivered(control, events)
+    twice = sorted(key for key, n in seen.items() if n > 1)
+    assert not twice, f"{len(twice)} sent twice, e.g. {twice[:5]}\n{worker.output()[-2000:]}"
+    assert "no whole answer" not in worker.output()
 
 
 def test_per_user_order_holds_while_users_interleave(

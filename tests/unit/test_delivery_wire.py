@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import aiohttp
 import pytest
 
 from consumer.answers import BODY_LIMIT
@@ -887,3 +888,23 @@ def test_a_request_with_no_answer_still_times_out_after_a_frozen_loop() -> None:
         assert elapsed < 1.5 + STALL_S + 0.5
     finally:
         srv.close()
+
+
+def test_a_read_timeout_firing_late_after_a_frozen_loop_waits_one_stall_more() -> None:
+    """The connection's read timeout (aiohttp's `sock_read`): overdue by more than STALL_S
+    when the loop resumes, it gives the answer STALL_S more; on time, it fires as before."""
+    from consumer.delivery import _Protocol
+
+    async def main() -> tuple[BaseException | None, BaseException | None]:
+        proto = _Protocol(loop=asyncio.get_running_loop())
+        proto.read_timeout = 0.1
+        proto.start_timeout()
+        time.sleep(0.1 + STALL_S + 0.2)  # frozen past the read timeout by more than STALL_S
+        await asyncio.sleep(0.05)
+        first = proto.exception()
+        await asyncio.sleep(STALL_S)
+        return first, proto.exception()
+
+    first, later = run(main)
+    assert first is None, "fired for time the loop did not run"
+    assert isinstance(later, aiohttp.SocketTimeoutError)
