@@ -370,13 +370,13 @@ class _StallAwareDeadline:
     a request with no answer still ends, that much later.
     """
 
-    __slots__ = ("_handle", "_loop", "_timeout")
+    __slots__ = ("_handle", "_loop", "_seconds", "_timeout")
 
     def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
         self._loop = asyncio.get_running_loop()
         self._timeout = asyncio.timeout(None)
-        self._handle = self._loop.call_at(self._loop.time() + seconds, self._due,
-                                          self._loop.time() + seconds)
+        self._handle: asyncio.TimerHandle | None = None
 
     def _due(self, when: float) -> None:
         now = self._loop.time()
@@ -387,10 +387,13 @@ class _StallAwareDeadline:
 
     async def __aenter__(self) -> None:
         await self._timeout.__aenter__()
+        when = self._loop.time() + self._seconds
+        self._handle = self._loop.call_at(when, self._due, when)
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._handle.cancel()
+        if self._handle is not None:
+            self._handle.cancel()
         await self._timeout.__aexit__(exc_type, exc, tb)  # raises TimeoutError once expired
 
 
