@@ -902,6 +902,7 @@ class Handler:
             timestamp_ms=event.timestamp_ms, topic=event.topic, partition=event.partition,
             offset=event.offset, failure=failure,
             max_bytes=producer_limit(self.s.kafka_config()), secrets=self._secrets)
+        whole = record
         delay = 0.5
         event.on_wire = True  # from here a cancelled job could leave a DLQ record behind
         token = self.dlq_writable.started()
@@ -931,6 +932,10 @@ class Handler:
                                   "retrying in %.1f s", too_large, delay, extra=event.fields)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 30.0)
+                        # Whole again: the operator may have raised the topic's limit
+                        # meanwhile. Retried bare, the record lost its value, key and
+                        # headers for good although it fitted by then (review "dlq33").
+                        record = whole
                         continue
                     # Retrying the same bytes can never succeed: once more without the
                     # value (replay fetches it from the source topic by its coordinates).

@@ -2608,6 +2608,30 @@ def test_a_dead_letter_whose_headers_are_over_the_dlq_topics_limit_is_written_ba
     assert record.headers["userpilot.original.timestamp"] == b"1764000000000"
 
 
+def test_a_dead_letter_the_dlq_refused_even_bare_is_written_whole_once_the_topic_takes_it(
+) -> None:
+    """The DLQ topic's limit under even the bare record, then raised by the operator (the
+    UserpilotDlqUnwritable runbook): the retry writes the whole record, value, key and
+    headers, not the bare one it tried last (review "dlq33": its value and key were lost
+    for good, and with them its replay once the source topic's retention took the event)."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"user-key", b"not avro"),
+                        Message(TOPIC, 0, 1, b"u", track("u1", 1))]}
+    run = make(log, registry=known_schema())
+    run.worker.dlq = run.worker.handler.dlq = dlq = SmallTopicDlq(10)
+    run.dlq = dlq
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: dlq.refused >= 4, "the bare record refused too")
+        dlq.limit = 1_000_000
+        await until(lambda: source.committed().get((TOPIC, 0)) == 2, "the commit")
+
+    assert drive(run, scenario) == 0
+    (record,) = dlq.records
+    assert record.value == b"not avro"
+    assert "userpilot.error.value_omitted" not in record.headers
+    assert "userpilot.error.key_omitted" not in record.headers
+
+
 def test_a_revoke_drain_longer_than_the_liveness_limit_keeps_the_worker_alive() -> None:
     """Review struct18: the drain holds the poll loop (grace up to an hour is allowed), so
     only the main loop's beat told health it turned; past the liveness limit /healthz
