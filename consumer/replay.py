@@ -764,9 +764,25 @@ def shown_key(key: bytes | None) -> str | None:
     return f"{key[:KEY_SHOWN].decode('utf-8', 'ignore')}… ({len(key)} bytes)"
 
 
+def _stdout_line(text: str) -> bool:
+    """Print one line; False when nobody reads stdout any more (`| head`, `| less` quit).
+
+    stdout then goes to /dev/null (Python's own advice), so the flush at exit cannot raise
+    again. Raised through the run, it had published a batch and committed none of it: the
+    next run sent it all again (review "dlq33")."""
+    try:
+        print(text, file=sys.stdout)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return False
+    return True
+
+
 def _print_summary(summary: Summary, dry_run: bool, interrupted: bool) -> None:
-    print(json.dumps({"summary": summary.as_dict(), "dry_run": dry_run,
-                      "interrupted": interrupted}), file=sys.stdout)
+    _stdout_line(json.dumps({"summary": summary.as_dict(), "dry_run": dry_run,
+                             "interrupted": interrupted}))
     for item in summary.over_limit_offsets[:50]:
         print(f"over replay limit (not replayed): {item}", file=sys.stderr)
     for item in summary.unrestored_offsets[:50]:
@@ -830,12 +846,17 @@ def main(args: argparse.Namespace) -> int:
         return 1
     group = args.group or default_group(args.dlq_topic, filters)
 
-    def report(line: dict[str, Any]) -> None:
-        print(json.dumps(line, ensure_ascii=False))
-
     # Ctrl-C or SIGTERM: stop after the record at hand, publish and commit what was handled
-    # (a traceback and records the next run would replay again, before).
+    # (a traceback and records the next run would replay again, before). So does a closed
+    # stdout: the reader went away.
     stop = threading.Event()
+    unread: list[bool] = []
+
+    def report(line: dict[str, Any]) -> None:
+        if not unread and not _stdout_line(json.dumps(line, ensure_ascii=False)):
+            unread.append(True)
+            stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda _sig, _frame: stop.set())
     try:
@@ -854,9 +875,12 @@ def main(args: argparse.Namespace) -> int:
         return 1
     _print_summary(summary, args.dry_run, stop.is_set())
     if stop.is_set():
-        print("interrupted: a dry run commits nothing; run it again to see every record"
+        why = "stdout was closed" if unread else "interrupted"
+        print(f"{why}: a dry run commits nothing; run it again to see every record"
               if args.dry_run else
-              "interrupted: what was replayed is committed; run again to go on",
+              f"{why}: what was replayed is committed; run again to go on",
               file=sys.stderr)
         return 130
-    return 1 if summary.unpublishable else 0
+    # Not replayed and not to be read again by this selection: the caller must know (a
+    # value-less dead letter whose original is gone or changed exited 0, review "dlq33").
+    return 1 if summary.unpublishable or summary.unrestored_offsets else 0

@@ -843,3 +843,33 @@ def test_a_dead_letter_of_a_topic_deleted_since_is_unpublishable_not_recreated(
     assert (summary["replayed"], summary["unpublishable"]) == (0, 1), (done.stdout, done.stderr)
     topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=30).topics
     assert gone not in topics
+
+
+def test_a_replay_whose_output_is_closed_commits_what_it_published(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """`replay ... | head -1`: the reader goes away after one line. The run stops after the
+    record at hand, commits what it published and exits 130 without a traceback; the next
+    run publishes none of it again (review "dlq33": a BrokenPipeError traceback, nothing
+    committed, and the next run sent every record again)."""
+    origin = topic_factory(partitions=1)
+    dlq = topic_factory(partitions=1, suffix="-dlq")
+    _dead_letters_from(kafka_bootstrap, dlq, origin,
+                       {f"user-{i}-{'x' * 200}".encode(): 0 for i in range(300)})
+    group = f"{dlq}-piped"
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "PATH": "/usr/bin:/bin"}
+    piped = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {sys.executable} -m consumer replay --from {dlq} "
+                       f"--group {group} | head -1"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 130, piped.stderr
+    assert "Traceback" not in piped.stderr and "stdout was closed" in piped.stderr
+    published = len(read_topic(kafka_bootstrap, origin))
+    assert published > 0
+    assert committed_offsets(kafka_bootstrap, group, dlq)[0] >= published
+    again = subprocess.run(
+        [sys.executable, "-m", "consumer", "replay", "--from", dlq, "--group", group],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    summary = json.loads(again.stdout.strip().splitlines()[-1])["summary"]
+    assert summary["replayed"] == 300 - published
+    assert len(read_topic(kafka_bootstrap, origin)) == 300, "none published twice"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -104,6 +105,65 @@ def test_reasons_and_statuses_are_read_as_the_headers_spell_them() -> None:
         mp.setattr("consumer.reach.kafka", lambda *a, **k: None)
         assert replay.main(args) == 0
     assert seen[0].reasons == {"bad_request"} and seen[0].statuses == {"422"}
+
+
+def _main_with(fake_run: Any, argv: list[str]) -> int:
+    from consumer import replay
+
+    parser = argparse.ArgumentParser()
+    replay.add_arguments(parser)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KAFKA_BOOTSTRAP_SERVERS", "k:9092")
+        mp.setattr(replay, "run_replay", fake_run)
+        mp.setattr("consumer.reach.kafka", lambda *a, **k: None)
+        return replay.main(parser.parse_args(["--from", "dlq", *argv]))
+
+
+def test_a_closed_stdout_stops_the_run_like_an_interrupt_without_a_traceback(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """`replay ... | head -1`: the reader went away. The run stops after the record at hand
+    and commits what it published (`stopping` turns true), where a BrokenPipeError raised
+    through it had published a batch and committed none of it (review "dlq33")."""
+    from consumer import replay
+
+    stops: list[bool] = []
+
+    def fake_run(conf: Any, dlq: str, group: str, filters: Filters, *, report: Any,
+                 stopping: Any, **_: Any) -> Any:
+        report({"replayed": 1})
+        stops.append(stopping())
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("builtins.print", _broken_pipe)
+            report({"replayed": 2})
+        stops.append(stopping())
+        report({"replayed": 3})  # nothing raised: the output goes nowhere
+        return replay.Summary(replayed=3)
+
+    real_stdout = os.dup(1)
+    try:
+        assert _main_with(fake_run, []) == 130
+    finally:
+        os.dup2(real_stdout, 1)
+        os.close(real_stdout)
+    assert stops == [False, True]
+    assert "stdout was closed: what was replayed is committed" in capfd.readouterr().err
+
+
+def _broken_pipe(*args: Any, **kwargs: Any) -> None:
+    raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize(("unrestored", "code"), [([], 0), (["dlq[0]@4 (gone)"], 1)])
+def test_value_less_dead_letters_it_could_not_restore_make_the_run_exit_1(
+        unrestored: list[str], code: int) -> None:
+    """Their original gone or changed: not replayed, and the selection is past them; a cron
+    job must not read success (review "dlq33": exit 0)."""
+    from consumer import replay
+
+    def fake_run(*_: Any, **__: Any) -> Any:
+        return replay.Summary(replayed=2, unrestored_offsets=list(unrestored))
+
+    assert _main_with(fake_run, []) == code
 
 
 @pytest.mark.parametrize("status", ["abc", "42", "600", "4220", "-42", "4 2"])
