@@ -172,7 +172,8 @@ def replay_count(headers: Sequence[Header] | None) -> int:
     """How many times this event was replayed from the DLQ already."""
     raw = header_value(headers, REPLAY_COUNT)
     try:
-        return int(raw.decode()) if raw else 0
+        # Never below 0: a producer's "-5" took five more replays to reach the limit.
+        return max(0, int(raw.decode())) if raw else 0
     except ValueError:
         return 0
 

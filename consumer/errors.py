@@ -110,6 +110,14 @@ class Rejected(DeadLetter):
     reason = "bad_request"
 
 
+class RefusedAlone(DeadLetter):
+    """Userpilot (or a gateway in front of it) refused this event with 401/403/404 again
+    and again while it accepted other events with the same token in between: the answer
+    is about this event (a WAF rule, a blocked user), not the setting."""
+
+    reason = "refused"
+
+
 class DlqRecordTooLarge(DeadLetter):
     """The DLQ refused a dead letter as too large (MSG_SIZE_TOO_LARGE, local or broker).
 

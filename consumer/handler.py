@@ -774,7 +774,8 @@ class Handler:
                 # Each call has the whole retry budget, and the attempts a DLQ record
                 # reports are those of the call that failed (first_attempt stays the
                 # event's first).
-                event.attempts.answered = event.attempts.count = 0
+                event.attempts.answered = event.attempts.count = event.attempts.refused = 0
+                event.attempts.refused_at = None
                 event.requested = False
                 if call.purpose != "ensure_user":
                     await self._dedup_progress(event, endpoint, plan.progress_note())
@@ -829,7 +830,8 @@ class Handler:
                 self._check_halted(event)
 
         await self.policy.run(lambda: self._attempt(event, call, limiter, permit),
-                              event.attempts, before_send=wait_for_limiter, hold=permit)
+                              event.attempts, before_send=wait_for_limiter, hold=permit,
+                              endpoint=call.endpoint)
 
     async def _attempt(self, event: Event, call: Call, limiter: Limiter,
                        permit: Permit) -> None:

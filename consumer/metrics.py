@@ -79,6 +79,7 @@ DEAD_LETTER_REASONS: tuple[str, ...] = (
     "retries_exhausted",
     "mapping_error",
     "invalid_event",
+    "refused",
 )
 REBALANCE_KINDS: tuple[str, ...] = ("assign", "revoke", "lost")
 ENDPOINTS: tuple[str, ...] = ("track", "identify", "company_identify")

@@ -31,14 +31,18 @@ from typing import Literal, Protocol
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_random_exponential
 
-from consumer.errors import DeadLetter, Pause, RateLimited, Retry, TlsRefused
+from consumer.errors import DeadLetter, Pause, RateLimited, RefusedAlone, Retry, TlsRefused
 
-__all__ = ["PROBE_BASE_S", "PROBE_MAX_S", "Attempts", "Gate", "Hold", "RetryPolicy"]
+__all__ = ["PROBE_BASE_S", "PROBE_MAX_S", "REFUSED_ALONE", "Attempts", "Gate", "Hold",
+           "RetryPolicy"]
 
 log = logging.getLogger(__name__)
 
 PROBE_BASE_S = 0.5
 PROBE_MAX_S = 5.0
+REFUSED_ALONE = 3
+"""401/403/404 answers to one event, with other events delivered in between, after which it
+is dead-lettered (`RetryPolicy._refused_alone`)."""
 
 GateState = Literal["up", "outage", "misconfigured"]
 
@@ -80,6 +84,7 @@ class Gate:
         self.state: GateState = "up"
         self.detail = ""
         self.last_success = -1e18
+        self._succeeded: dict[str, float] = {}  # per endpoint: its last delivery
         self._consecutive = 0
         self._probe_delay = probe_base_s
         self._next_probe = 0.0
@@ -171,10 +176,22 @@ class Gate:
                 task.cancel("the outage gate closed")
         self._watches.clear()
 
-    def success(self, probe: bool = False) -> None:
-        """Delivered: Userpilot works, and this is evidence for giving up on other events."""
-        self.last_success = self._clock()
+    def success(self, probe: bool = False, endpoint: str = "") -> None:
+        """Delivered: Userpilot works, and this is evidence for giving up on other events
+        of the same endpoint (`last_success_of`)."""
+        self.last_success = self._succeeded[endpoint] = self._clock()
         self.answered(probe)
+
+    def last_success_of(self, endpoint: str | None) -> float:
+        """When a request to `endpoint` was last delivered (None: to any endpoint).
+
+        Why per endpoint: Userpilot's paths fail apart (a /v1/track answering 503 while
+        /v1/identify works). Counted on any endpoint, identifies succeeding made every Track
+        give up: its events were dead-lettered as retries_exhausted and the DLQ guard
+        stopped the worker, on every restart (review "http33")."""
+        if endpoint is None:
+            return self.last_success
+        return self._succeeded.get(endpoint, -1e18)
 
     def answered(self, probe: bool = False) -> None:
         """Userpilot answered (e.g. 400 for one payload): it is reachable and the token works."""
@@ -307,6 +324,8 @@ class Attempts:
     last_mono: float | None = None  # monotonic time of the previous attempt, any kind
     limited_up: float = 0.0  # up-clock seconds from each 429 to the next attempt: not spent
     limited_since: float | None = None  # the up-clock at the last 429, until the next attempt
+    refused: int = 0  # 401/403/404 answers with a delivery succeeding since the previous one
+    refused_at: float | None = None  # monotonic time of this event's last such answer
 
 
 class RetryPolicy:
@@ -328,26 +347,41 @@ class RetryPolicy:
         self._sleep = sleep
         self._clock = clock
 
-    def spent(self, attempts: Attempts) -> bool:
+    def _refused_alone(self, attempts: Attempts, endpoint: str | None) -> bool:
+        """After a refusal (401/403/404: `Misconfigured`): True when this event was refused
+        REFUSED_ALONE times with other events delivered in between each time, so the
+        refusal is about it, not the token. Held for ever otherwise, one event a WAF
+        blocks held its partition's commits and readiness for good, and closed the gate
+        for everyone at each of its attempts (review "dlq33"). A refused token fails every
+        request: no success comes in between, and delivery stays paused."""
+        now = self._clock()
+        if (attempts.refused_at is not None
+                and self._gate.last_success_of(endpoint) > attempts.refused_at):
+            attempts.refused += 1
+        attempts.refused_at = now
+        return attempts.refused >= REFUSED_ALONE - 1
+
+    def spent(self, attempts: Attempts, endpoint: str | None = None) -> bool:
         """True when the event may be given up after a transient failure.
 
         Its attempts made while Userpilot answered are used up, or the up-clock budget
-        since the first of them is; and a delivery succeeded since then; and the gate is
-        still up (a failure that closed it is evidence about Userpilot, not the event).
+        since the first of them is; and a delivery to its endpoint (None: any) succeeded
+        since then; and the gate is still up (a failure that closed it is evidence about
+        Userpilot, not the event).
         """
         if attempts.answered == 0 or self._gate.state != "up":
             return False
         spent_up = self._gate.up_time() - attempts.first_up - attempts.limited_up
         used = attempts.answered >= self._max_attempts or spent_up >= self._budget
-        return used and self._gate.last_success > attempts.first_mono
+        return used and self._gate.last_success_of(endpoint) > attempts.first_mono
 
-    def _stop(self, state: RetryCallState, attempts: Attempts) -> bool:
+    def _stop(self, state: RetryCallState, attempts: Attempts, endpoint: str | None) -> bool:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, (Pause, RateLimited)):
             # A 429 says the token's budget is spent (maybe by another client sharing it),
             # never that the event is bad: retried, slower, however long it lasts.
             return False
-        return self.spent(attempts)
+        return self.spent(attempts, endpoint)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -376,7 +410,7 @@ class RetryPolicy:
 
     async def run(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
                   before_send: Callable[[], Awaitable[None]] | None = None,
-                  hold: Hold | None = None) -> None:
+                  hold: Hold | None = None, endpoint: str | None = None) -> None:
         """Call `send` until it returns; re-raises the last error when the event is given up.
 
         Each attempt: the gate, then `hold` (taken), then `before_send` (the rate slot),
@@ -405,20 +439,21 @@ class RetryPolicy:
         self._gate.enter()
         try:
             try:
-                await self._once(send, attempts, before_send, hold)
+                await self._once(send, attempts, before_send, hold, endpoint)
                 return
             except (Retry, Pause) as exc:
                 first = _Replay(exc)
             retrying = AsyncRetrying(
                 retry=self._retry_on,
-                stop=lambda s: self._stop(s, attempts),
+                stop=lambda s: self._stop(s, attempts, endpoint),
                 wait=self._wait,
                 sleep=self._sleep,
                 before_sleep=self._before_sleep,
                 reraise=True,
             )
             try:
-                await retrying(first, self._once, send, attempts, before_send, hold)
+                await retrying(first, self._once, send, attempts, before_send, hold,
+                               endpoint)
             finally:
                 retrying.iter_state.reset()
         except BaseException as exc:
@@ -430,7 +465,7 @@ class RetryPolicy:
 
     async def _once(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
                     before_send: Callable[[], Awaitable[None]] | None,
-                    hold: Hold | None) -> None:
+                    hold: Hold | None, endpoint: str | None = None) -> None:
         probe = await self._gate.admit()
         counted = held = False
         try:
@@ -466,7 +501,7 @@ class RetryPolicy:
                 attempts.limited_since = None
             if not probe and self._gate.state == "up" and (
                     attempts.answered == 0 or attempts.last_mono is None
-                    or self._gate.last_success > attempts.last_mono):
+                    or self._gate.last_success_of(endpoint) > attempts.last_mono):
                 if attempts.answered == 0:
                     attempts.first_mono = now
                     attempts.first_up = self._gate.up_time()
@@ -486,6 +521,12 @@ class RetryPolicy:
             self._gate.transient_failure(exc, probe)
             raise
         except Pause as exc:
+            if self._refused_alone(attempts, endpoint):
+                self._gate.answered(probe)  # the token works: others got through
+                raise RefusedAlone(
+                    f"{exc} (refused {attempts.refused + 1} times for this event alone: "
+                    "other events were delivered with the same token in between)",
+                    status=exc.status, body=exc.body) from None
             self._gate.misconfigured(exc, probe)
             raise
         except DeadLetter:
@@ -495,7 +536,7 @@ class RetryPolicy:
             self._gate.release(probe)
             raise
         else:
-            self._gate.success(probe)
+            self._gate.success(probe, endpoint or "")
         finally:
             if hold is not None and held:
                 hold.release()

@@ -873,3 +873,39 @@ def test_a_replay_whose_output_is_closed_commits_what_it_published(
     summary = json.loads(again.stdout.strip().splitlines()[-1])["summary"]
     assert summary["replayed"] == 300 - published
     assert len(read_topic(kafka_bootstrap, origin)) == 300, "none published twice"
+
+
+def test_tracks_failing_while_identifies_are_delivered_wait_and_are_never_dead_lettered(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """/v1/track answering 503 while /v1/identify works (Userpilot's paths fail apart): the
+    identifies delivered are no evidence against the Tracks, which wait. Counted as such,
+    every Track was dead-lettered after its attempts, and the DLQ guard stopped the worker
+    on every restart (review "http33")."""
+    server, control = sandbox
+    control.set_faults(rules=[{"event_name": "feature_used", "path": "/v1/track",
+                               "action": "503"}])
+    tracks = topic_factory(partitions=1)
+    identifies = topic_factory(partitions=1, suffix="-id")
+    events = [track_event(f"u{i % 5}", i) for i in range(20)]
+    produce(kafka_bootstrap, schema_registry_url, tracks, events)
+    people = [{"type": "identify", "userId": f"p{i}", "anonymousId": f"anon-p{i}",
+               "traits": {"seq": i}, "context": {"consent": {"analytics": True}},
+               "timestamp": "2026-11-26T10:00:00.000Z", "messageId": f"p{i}"}
+              for i in range(300)]
+    group = f"{tracks}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url,
+                     f"{tracks},{identifies}", group, USERPILOT_RETRY_MAX_ATTEMPTS="2",
+                     USERPILOT_ENSURE_USER="false", **FAST_RETRY)
+    with WorkerThread(env) as w:
+        for start in range(0, 300, 20):  # identifies delivered throughout
+            produce(kafka_bootstrap, schema_registry_url, identifies, people[start:start + 20])
+            time.sleep(0.3)
+        wait_until(caught_up(kafka_bootstrap, group, identifies), 60, "identifies delivered")
+        assert w.metric("userpilot_retries_total", cause="server_error") > 20
+        assert w.alive, "the DLQ guard stopped the worker"
+        assert read_topic(kafka_bootstrap, w.settings.dlq_topic, timeout=2.0) == []
+        control.clear_faults()
+        wait_until(caught_up(kafka_bootstrap, group, tracks), 60, "tracks delivered")
+    assert not undelivered(control, events)

@@ -155,6 +155,7 @@ def test_an_unsealed_replays_count_and_original_time_stay_in_its_dead_letter() -
 @pytest.mark.parametrize(("headers", "count"), [
     (None, 0), ([], 0), ([(REPLAY_COUNT, b"3")], 3), ([(REPLAY_COUNT, b"")], 0),
     ([(REPLAY_COUNT, b"x")], 0), ([(REPLAY_COUNT, b"1"), (REPLAY_COUNT, b"4")], 4),
+    ([(REPLAY_COUNT, b"-5")], 0),
 ])
 def test_replay_count(headers: list[Header] | None, count: int) -> None:
     assert replay_count(headers) == count

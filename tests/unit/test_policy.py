@@ -13,6 +13,7 @@ from consumer.errors import (
     Misconfigured,
     Pause,
     RateLimited,
+    RefusedAlone,
     Rejected,
     Retry,
     ServerError,
@@ -22,7 +23,14 @@ from consumer.errors import (
     WorkerError,
 )
 from consumer.permits import PermitPool
-from consumer.policy import PROBE_BASE_S, PROBE_MAX_S, Attempts, Gate, RetryPolicy
+from consumer.policy import (
+    PROBE_BASE_S,
+    PROBE_MAX_S,
+    REFUSED_ALONE,
+    Attempts,
+    Gate,
+    RetryPolicy,
+)
 
 
 class FakeClock:
@@ -402,19 +410,67 @@ def test_429s_leave_the_attempts_budget_to_the_failures_that_are_evidence() -> N
     assert send.calls == 7  # the 503 was the first counted attempt; the 2nd delivered
 
 
-def test_never_gives_up_on_pause() -> None:
+def test_never_gives_up_on_pause_while_nothing_else_is_delivered() -> None:
+    """A refused token refuses every request: the event waits however long it lasts."""
     clock, sleep, gate = setup()
-    gate.success()
+    gate.success()  # before the token was refused
 
-    def later_success(call: int) -> None:
-        clock.now += 100.0  # budget long spent, and other deliveries succeeded
-        gate.last_success = clock.now
+    def time_passes(call: int) -> None:
+        clock.now += 100.0  # budget long spent
 
-    send = Script([Misconfigured("HTTP 401")] * 20 + [None], later_success)
+    send = Script([Misconfigured("HTTP 401")] * 20 + [None], time_passes)
     run(policy(gate, clock, sleep, max_attempts=1, budget_s=1.0).run(send, Attempts()))
     assert send.calls == 21
     assert set(sleep.slept) == {0.0}  # the gate does the waiting, not the backoff
     assert gate.state == "up"
+
+
+def test_an_event_refused_while_others_are_delivered_between_is_given_up() -> None:
+    """401/403/404 for this event alone, others delivered with the same token between its
+    refusals: the answer is about it (a WAF rule, a blocked user). Held, it stopped its
+    partition for good and closed the gate for everyone at each attempt (review "dlq33")."""
+    clock, sleep, gate = setup()
+
+    def others_delivered(call: int) -> None:
+        clock.now += 1.0
+        gate.success(endpoint="track")
+
+    send = Script([Misconfigured("HTTP 403: forbidden", status=403, body="waf")] * 10,
+                  others_delivered)
+    with pytest.raises(RefusedAlone) as info:
+        run(policy(gate, clock, sleep, max_attempts=12).run(send, Attempts(), endpoint="track"))
+    assert send.calls == REFUSED_ALONE
+    assert info.value.status == 403 and info.value.body == "waf"
+    assert "refused 3 times for this event alone" in str(info.value)
+    assert gate.state == "up", "the token works: the gate is not left closed"
+
+
+def test_successes_count_as_evidence_only_on_the_events_own_endpoint() -> None:
+    """/v1/track answering 503 while /v1/identify works: identifies delivered say nothing
+    about the Tracks. Counted on any endpoint, every Track was dead-lettered after its
+    attempts and the DLQ guard stopped the worker, on every restart (review "http33")."""
+    clock, sleep, gate = setup()
+
+    def identifies_delivered(call: int) -> None:
+        clock.now += 1.0
+        gate.success(endpoint="identify")
+
+    send = Script([ServerError("HTTP 503")] * 30 + [None], identifies_delivered)
+    attempts = Attempts()
+    run(policy(gate, clock, sleep, max_attempts=3).run(send, attempts, endpoint="track"))
+    assert send.calls == 31, "delivered in the end, never given up"
+    refused = Script([Misconfigured("HTTP 403")] * 10 + [None], identifies_delivered)
+    run(policy(gate, clock, sleep).run(refused, Attempts(), endpoint="company_identify"))
+    assert refused.calls == 11, "paused, not dead-lettered: no company identify went through"
+    # The same failures with Tracks delivered between them: given up.
+    def tracks_delivered(call: int) -> None:
+        clock.now += 1.0
+        gate.success(endpoint="track")
+
+    tracks = Script([ServerError("HTTP 503")] * 30, tracks_delivered)
+    with pytest.raises(ServerError):
+        run(policy(gate, clock, sleep, max_attempts=3).run(tracks, Attempts(), endpoint="track"))
+    assert tracks.calls == 3
 
 
 def test_pause_closes_the_gate_until_a_probe_succeeds() -> None:
