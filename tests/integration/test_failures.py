@@ -909,3 +909,34 @@ def test_tracks_failing_while_identifies_are_delivered_wait_and_are_never_dead_l
         control.clear_faults()
         wait_until(caught_up(kafka_bootstrap, group, tracks), 60, "tracks delivered")
     assert not undelivered(control, events)
+
+
+def test_an_event_refused_alone_while_others_are_delivered_is_dead_lettered_not_held(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """A 403 for one user's Tracks (a WAF rule) while the same token delivers everyone
+    else's: after three refusals with deliveries between, its events go to the DLQ as
+    `refused` and the partition's commits move on (review "dlq33": held for ever, the
+    committed offset stayed at 0 and /readyz at 503)."""
+    server, control = sandbox
+    control.set_faults(rules=[{"user_id": "blocked", "path": "/v1/track", "action": "403"}])
+    topic = topic_factory(partitions=1)
+    events = [track_event("blocked" if i % 25 == 3 else f"u{i % 7}", i) for i in range(150)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     USERPILOT_ENSURE_USER="false", **FAST_RETRY)
+    with WorkerThread(env) as w:
+        for start in range(150, 600, 50):  # others keep being delivered meanwhile
+            produce(kafka_bootstrap, schema_registry_url, topic,
+                    [track_event(f"u{i % 7}", i) for i in range(start, start + 50)])
+            time.sleep(0.3)
+        wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
+        refused = w.metric("userpilot_events_dead_lettered_total", reason="refused")
+        dead = read_topic(kafka_bootstrap, w.settings.dlq_topic)
+    blocked = [e for e in events if e["userId"] == "blocked"]
+    assert refused == len(blocked) == len(dead)
+    assert {headers_of(m)["userpilot.error.reason"] for m in dead} == {b"refused"}
+    assert {headers_of(m)["userpilot.error.status"] for m in dead} == {b"403"}
+    assert not undelivered(control, [e for e in events if e["userId"] != "blocked"])
