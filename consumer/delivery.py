@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import email.utils
 import functools
+import math
 import re
 import ssl
 import time
@@ -161,7 +162,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             # A date with a year, hour or zone too large for datetime raises OverflowError:
             # it crashed the worker on a 429 (no WorkerError), on every restart.
             return None
-    if seconds != seconds:  # NaN
+    if not math.isfinite(seconds):  # NaN, or "1e400": a 600 s hold, not a number
         return None
     return max(0.0, min(seconds, MAX_RETRY_AFTER_S))
 
@@ -228,15 +229,27 @@ def transport_failure(exc: BaseException, deadline_s: float,
     if isinstance(exc, httpx.TimeoutException):
         if _really_timed_out(exc):
             return Timeout(f"no answer from Userpilot in time ({type(exc).__name__})")
-        return ConnectionFailed(f"connection to Userpilot failed ({type(exc.__cause__).__name__})")
-    if isinstance(exc, httpx.ProxyError) and _proxy_status(exc) == 407:
-        # An HTTPS proxy refusing the tunnel (CONNECT) answers before Userpilot is reached:
-        # a 407 there is the proxy's credentials, as it is for plain-HTTP proxying. Any
-        # other refusal of the tunnel says nothing about the event (never a dead letter):
-        # a connection failure, below.
-        problem = classify(407, {}, "")
-        if problem is not None:
-            return problem
+        cause = exc.__cause__
+        if isinstance(cause, aiohttp.ClientConnectorDNSError):
+            # Named: "ClientConnectorDNSError" alone hid a misspelt host (review "http33").
+            return ConnectionFailed(
+                f"connection to Userpilot failed: its host {cause.host!r} does not resolve "
+                "(DNS); check USERPILOT_ANALYTICS_ENDPOINT")
+        return ConnectionFailed(f"connection to Userpilot failed ({type(cause).__name__})")
+    if isinstance(exc, httpx.ProxyError):
+        status = _proxy_status(exc)
+        if status == 407:
+            # An HTTPS proxy refusing the tunnel (CONNECT) answers before Userpilot is
+            # reached: a 407 there is the proxy's credentials, as it is for plain-HTTP
+            # proxying.
+            problem = classify(407, {}, "")
+            if problem is not None:
+                return problem
+        if status is not None:
+            # Any other refusal of the tunnel says nothing about the event (never a dead
+            # letter), but says who refused (review "http33": "ProxyError" alone).
+            return ConnectionFailed(
+                f"connection to Userpilot failed: the proxy refused the tunnel (HTTP {status})")
     if isinstance(exc, (httpx.TransportError, OSError)):
         return ConnectionFailed(f"connection to Userpilot failed ({type(exc).__name__})")
     # A broken answer: a body httpx cannot decode, or a response aiohttp's parser refused

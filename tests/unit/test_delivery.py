@@ -160,7 +160,9 @@ def test_retry_causes_label_metrics() -> None:
     ("0", 0.0),
     ("601", MAX_RETRY_AFTER_S),
     ("1e9", MAX_RETRY_AFTER_S),
-    ("inf", MAX_RETRY_AFTER_S),
+    ("inf", None),  # not a number of seconds: the backoff, not a 600 s hold (review http33)
+    ("1e400", None),
+    ("-inf", None),
     ("nan", None),
     ("soon", None),
     ("5 seconds", None),

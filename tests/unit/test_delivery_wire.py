@@ -549,16 +549,20 @@ def test_an_https_proxy_refusing_the_tunnel_otherwise_is_a_connection_failure(
         status: int) -> None:
     """Only the proxy's 407 means something to the worker: a proxy that cannot tunnel
     (400, 405) or forbids the host says nothing about the event, which must wait, never
-    be dead-lettered as a payload Userpilot rejected (it never left the proxy)."""
-    async def main() -> str:
+    be dead-lettered as a payload Userpilot rejected (it never left the proxy). Its status
+    is named: "ProxyError" alone did not say who refused (review "http33")."""
+    async def main() -> WorkerError:
         async with Server(always(Close(http(status, b"", reason="No")))) as proxy:
             client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
                                      max_connections=2, proxy=f"http://127.0.0.1:{proxy.port}")
-            got = await outcome(client, BODY)
-            await client.aclose()
-            return got
+            try:
+                with pytest.raises(ConnectionFailed) as info:
+                    await client.track(BODY)
+            finally:
+                await client.aclose()
+            return info.value
 
-    assert run(main) == "ConnectionFailed"
+    assert f"the proxy refused the tunnel (HTTP {status})" in str(run(main))
 
 
 def test_a_trickled_answer_times_out_as_a_whole() -> None:
@@ -908,3 +912,21 @@ def test_a_read_timeout_firing_late_after_a_frozen_loop_waits_one_stall_more() -
     first, later = run(main)
     assert first is None, "fired for time the loop did not run"
     assert isinstance(later, aiohttp.SocketTimeoutError)
+
+
+def test_a_host_that_does_not_resolve_is_named_in_the_failure() -> None:
+    """"ClientConnectorDNSError" alone hid a misspelt USERPILOT_ANALYTICS_ENDPOINT: the
+    failure names the host (review "http33"). Still a connection failure: DNS may be down."""
+
+    async def main() -> WorkerError:
+        client = up("http://no-such-host.invalid/v1/track")
+        try:
+            with pytest.raises(ConnectionFailed) as info:
+                await client.track(BODY)
+        finally:
+            await client.aclose()
+        return info.value
+
+    failure = run(main)
+    assert "'no-such-host.invalid' does not resolve" in str(failure)
+    assert "USERPILOT_ANALYTICS_ENDPOINT" in str(failure)
