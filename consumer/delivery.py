@@ -547,6 +547,11 @@ class UserpilotClient:
         problem = self._problem(status, response.headers, body)
         if problem is None:
             return status
+        if isinstance(problem, Misconfigured):
+            # Which path refused: one endpoint refused while the others take the same token
+            # read as a wrong token everywhere (review "http33").
+            problem = Misconfigured(f"{request.url.path}: {problem}", status=problem.status,
+                                    body=problem.body)
         try:
             raise problem
         finally:
