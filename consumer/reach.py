@@ -105,13 +105,21 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
     except TlsRefused as exc:  # its text names the setting already
         return f"Userpilot at {host}{via}: {exc}"
     except ConnectionFailed as exc:
-        tls = "" if settings.insecure_http else (
+        # A name that does not resolve or a proxy's refusal says so itself: a TLS hint
+        # beside them sent operators to the CA bundle (review "http33").
+        said = str(exc)
+        tls = "" if settings.insecure_http or "does not resolve" in said or (
+            "the proxy refused" in said) else (
             "; for TLS, check USERPILOT_CA_BUNDLE (a corporate or inspecting proxy's CA)")
         return f"Userpilot at {host}{via}: {exc}{tls}"
     except Retry as exc:  # 408, 429, 5xx: Userpilot is there, but busy or failing
         if exc.status is None:  # an answer that is not HTTP (a proxy or port mix-up?)
             return f"Userpilot at {host}{via}: {exc}"
-        return f"Userpilot at {host} answered {exc.status} to a token check: try again later"
+        if exc.status in (501, 505):  # no POST, no HTTP/1.1: not Userpilot's API
+            return (f"Userpilot at {host}{via} answered {exc.status} to a token check: this "
+                    "host does not serve Userpilot's API; check USERPILOT_ANALYTICS_ENDPOINT")
+        return (f"Userpilot at {host}{via} answered {exc.status} to a token check: try again "
+                "later")
     # A 2xx to an empty Track: Userpilot refuses it with 400, so this host takes anything
     # (a catch-all proxy or mock), and `run` would count every event delivered to it.
     return (f"Userpilot at {host} accepted an empty Track ({status}), which Userpilot "

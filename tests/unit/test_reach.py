@@ -59,6 +59,9 @@ def test_400_to_an_empty_track_means_the_token_is_good() -> None:
     (response(401, "Unauthorized"), "refused the token (401)"),
     (response(404, "Not Found"), "wrong host"),
     (response(503, "Unavailable"), "answered 503 to a token check: try again later"),
+    # A server without POST (python -m http.server): not Userpilot, not "later" (http33).
+    (response(501, "Unsupported method ('POST')"), "answered 501 to a token check: this host "
+     "does not serve Userpilot's API; check USERPILOT_ANALYTICS_ENDPOINT"),
     # Permanent answers of a host that is not Userpilot's API, and one that takes
     # anything: "try again later" and "online OK" misled (review "seed17").
     (response(405, "Method Not Allowed"), "answered 405 to a token check, which Userpilot "
@@ -245,3 +248,16 @@ def test_an_oidc_endpoint_echoing_the_client_secret_is_redacted_in_the_kafka_pro
     assert problem is not None and "Basic ***" in problem, problem
     assert base64.b64encode(f"cid:{secret}".encode()).decode() not in problem
     assert secret not in problem
+
+
+def test_a_host_that_does_not_resolve_is_named_without_a_tls_hint() -> None:
+    """The failure names the host and DNS; a CA-bundle hint beside it misled (http33)."""
+    unresolved = load_settings({
+        "USERPILOT_API_KEY": "wt_1234567890",
+        "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.invalid",
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "KAFKA_TOPICS": "events",
+        "SCHEMA_REGISTRY_URL": "http://registry:8081"}, check_clients=False)
+    problem = reach.userpilot(unresolved, 5)
+    assert problem is not None
+    assert "cannot resolve 'analytex.userpilot.invalid'" in problem
+    assert "USERPILOT_CA_BUNDLE" not in problem
