@@ -940,3 +940,42 @@ def test_an_event_refused_alone_while_others_are_delivered_is_dead_lettered_not_
     assert {headers_of(m)["userpilot.error.reason"] for m in dead} == {b"refused"}
     assert {headers_of(m)["userpilot.error.status"] for m in dead} == {b"403"}
     assert not undelivered(control, [e for e in events if e["userId"] != "blocked"])
+
+
+def test_replay_leaves_dead_letters_the_workers_will_read_again_to_them(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """A run the DLQ guard stopped commits none of its dead letters' offsets: the fixed
+    workers read and deliver those events again, so replaying their dead letters as the
+    runbook said sent each twice (review "dlq33"). Replay counts a dead letter at or past
+    the workers' committed offset `pending` and leaves it; `--include-pending` replays it."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    origin = topic_factory(partitions=1)
+    dlq = topic_factory(partitions=1, suffix="-dlq")
+    workers = f"{origin}-workers"
+    plain = Producer({"bootstrap.servers": kafka_bootstrap})
+    for offset in range(10):
+        plain.produce(dlq, key=f"user-{offset}".encode(), value=b"event", headers=[
+            ("__connect.errors.topic", origin.encode()),
+            ("__connect.errors.partition", b"0"),
+            ("__connect.errors.offset", str(offset).encode())])
+    assert plain.flush(30) == 0
+    group = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": workers})
+    group.commit(offsets=[TopicPartition(origin, 0, 6)], asynchronous=False)
+    group.close()
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "KAFKA_GROUP_ID": workers,
+           "PATH": "/usr/bin:/bin"}
+    run = subprocess.run(
+        [sys.executable, "-m", "consumer", "replay", "--from", dlq, "--group", f"{dlq}-a"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    summary = json.loads(run.stdout.strip().splitlines()[-1])["summary"]
+    assert (summary["replayed"], summary["pending"]) == (6, 4), run.stderr
+    assert f"{origin}[0]@6" in run.stderr
+    keys = {m.key() for m in read_topic(kafka_bootstrap, origin)}
+    assert keys == {f"user-{i}".encode() for i in range(6)}
+    anyway = subprocess.run(
+        [sys.executable, "-m", "consumer", "replay", "--from", dlq, "--group", f"{dlq}-b",
+         "--include-pending"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(anyway.stdout.strip().splitlines()[-1])["summary"]["replayed"] == 10
