@@ -245,9 +245,16 @@ def transport_failure(exc: BaseException, deadline_s: float,
             problem = classify(407, {}, "")
             if problem is not None:
                 return problem
+        if status == 403:
+            # The proxy's policy forbids the host: a setting (its allow-list, NO_PROXY),
+            # not an outage. As one the pod stayed ready and no alert said why (review
+            # "http33"). Delivery pauses; nothing is dead-lettered.
+            return Misconfigured(
+                "the proxy refused the tunnel to Userpilot (HTTP 403): allow the Userpilot "
+                "host in the proxy's policy, or bypass it with NO_PROXY", status=403)
         if status is not None:
-            # Any other refusal of the tunnel says nothing about the event (never a dead
-            # letter), but says who refused (review "http33": "ProxyError" alone).
+            # Any other refusal of the tunnel (a 502: it cannot reach Userpilot) says
+            # nothing about the event (never a dead letter), but says who refused.
             return ConnectionFailed(
                 f"connection to Userpilot failed: the proxy refused the tunnel (HTTP {status})")
     if isinstance(exc, (httpx.TransportError, OSError)):

@@ -28,6 +28,7 @@ from consumer.answers import BODY_LIMIT
 from consumer.delivery import STALE_RESENDS, STALL_S, UserpilotClient, ssl_context
 from consumer.errors import (
     ConnectionFailed,
+    Misconfigured,
     RateLimited,
     Rejected,
     ServerError,
@@ -544,7 +545,27 @@ def test_a_proxy_echoing_the_request_leaves_no_proxy_credential_in_the_error() -
     assert basic.decode() not in body and secret not in body and TOKEN not in body
 
 
-@pytest.mark.parametrize("status", [400, 403, 405, 502])
+def test_an_https_proxy_forbidding_the_tunnel_is_a_setting_not_an_outage() -> None:
+    """A proxy's 403 to the CONNECT is its policy: the host is not allowed. As an outage the
+    pod stayed ready and no alert said why (review "http33"); as a refused setting delivery
+    pauses, /readyz names it, and nothing is dead-lettered (`Misconfigured`)."""
+    async def main() -> WorkerError:
+        async with Server(always(Close(http(403, b"", reason="Forbidden")))) as proxy:
+            client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
+                                     max_connections=2, proxy=f"http://127.0.0.1:{proxy.port}")
+            try:
+                with pytest.raises(Misconfigured) as info:
+                    await client.track(BODY)
+            finally:
+                await client.aclose()
+            return info.value
+
+    failure = run(main)
+    assert "the proxy refused the tunnel to Userpilot (HTTP 403)" in str(failure)
+    assert "NO_PROXY" in str(failure) and "token" not in str(failure)
+
+
+@pytest.mark.parametrize("status", [400, 405, 502])
 def test_an_https_proxy_refusing_the_tunnel_otherwise_is_a_connection_failure(
         status: int) -> None:
     """Only the proxy's 407 means something to the worker: a proxy that cannot tunnel
