@@ -1158,10 +1158,12 @@ def redact_userinfo(url: str) -> str:
 
 
 def _proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
-    """(the variable's name as set, its value); the lower-case spelling wins, as in curl
-    and Python's urllib."""
+    """(the variable's name as set, its value); the lower-case spelling wins, as in curl.
+    An empty one counts as unset, as curl reads it: `https_proxy=` beside `HTTPS_PROXY=...`
+    hid the proxy, and `no_proxy=` beside `NO_PROXY=host` the bypass (Python's urllib
+    rule; review "http33")."""
     for spelled in (name.lower(), name.upper()):
-        if spelled in env:
+        if spelled in env and env[spelled].strip():
             return spelled, env[spelled].strip()
     return None
 

@@ -43,6 +43,15 @@ def test_lower_case_wins_and_a_bare_host_is_an_http_proxy() -> None:
     assert environment_proxy(TRACK, env) == ("https_proxy", "http://lower:3128")
 
 
+def test_an_empty_lower_case_variable_counts_as_unset_as_curl_reads_it() -> None:
+    """`https_proxy=` beside `HTTPS_PROXY=...` hid the proxy, and `no_proxy=` beside
+    `NO_PROXY=host` the bypass (Python's rule, not curl's; review "http33")."""
+    env = {"HTTPS_PROXY": "http://upper:3128", "https_proxy": ""}
+    assert environment_proxy(TRACK, env) == ("HTTPS_PROXY", "http://upper:3128")
+    bypass = {**env, "NO_PROXY": "userpilot.io", "no_proxy": " "}
+    assert environment_proxy(TRACK, bypass) is None
+
+
 @pytest.mark.parametrize(("no_proxy", "bypassed"), [
     ("analytex.userpilot.io", True),
     ("userpilot.io", True),  # a domain covers its subdomains
