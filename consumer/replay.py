@@ -624,7 +624,7 @@ def run_replay(
                 line = _replay_one(msg, p, off, dlq_topic, filters, conf, summary, dry_run,
                                    seen, pending)
                 if line is not None:
-                    if "_record" not in line:  # a second copy, or pending: a line only
+                    if "_record" not in line:  # a copy of an event this run took
                         report(line)
                     elif producer is None:  # a dry run: what would be published
                         line.pop("_record")
@@ -707,8 +707,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
                 ) -> dict[str, Any] | None:
     """One DLQ record: counted as filtered, over the limit or unrestorable (None), the
     report line of its replay, with the record to publish under `_record`, or (without
-    `_record`) the line of a second dead letter of an event this run took (`doubled_of`)
-    or of one the workers read again (`pending`)."""
+    `_record`) the line of a second dead letter of an event this run took (`doubled_of`)."""
     headers = message_headers(msg)
     ts_type, ts = msg.timestamp()
     verdict = decide(headers, p, off, ts if ts_type else None, filters)
@@ -724,23 +723,20 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         summary.no_origin += 1
         return None
     came = source_of(headers)  # the dead letter's own: a restored original's may lack them
+    if pending is not None and came is not None and pending(*came):
+        # The workers' group has not committed past it (a run the DLQ guard stopped, a
+        # crash before the commit): they read and deliver the event again themselves, and
+        # a replay too sent it twice (review "dlq33", the guard-trip runbook).
+        summary.pending += 1
+        summary.pending_offsets.append(f"{where} ({came[0]}[{came[1]}]@{came[2]})")
+        return None
+    source = None if seen is None else source_event(headers, msg.value())
+    before = None if seen is None else seen.before(source)
     origin = _text(header_value(headers, "__connect.errors.topic"))  # text: `decide`
     # Read from the dead letter itself: a restored original's headers may not carry them.
     reason = _text(header_value(headers, "userpilot.error.reason"))
     call = failed_call(headers) or None
     failure = failure_of(headers)
-    if pending is not None and came is not None and pending(*came):
-        # The workers' group has not committed past it (a run the DLQ guard stopped, a
-        # crash before the commit): they read and deliver the event again themselves, and
-        # a replay too sent it twice (review "dlq33", the guard-trip runbook). A line of
-        # its own, key included, as a second copy's: a dry run lists every dead letter.
-        summary.pending += 1
-        at = f"{came[0]}[{came[1]}]@{came[2]}"
-        summary.pending_offsets.append(f"{where} ({at})")
-        return {"dlq": where, "to": origin, "dry_run": dry_run, "reason": reason,
-                "call": call, "key": shown_key(msg.key()), **failure, "pending": at}
-    source = None if seen is None else source_event(headers, msg.value())
-    before = None if seen is None else seen.before(source)
     if before is not None:
         summary.doubled += 1
         earlier = f"{dlq_topic}[{before[0]}]@{before[1]}"

@@ -972,9 +972,6 @@ def test_replay_leaves_dead_letters_the_workers_will_read_again_to_them(
     summary = json.loads(run.stdout.strip().splitlines()[-1])["summary"]
     assert (summary["replayed"], summary["pending"]) == (6, 4), run.stderr
     assert f"{origin}[0]@6" in run.stderr
-    lines = [json.loads(line) for line in run.stdout.strip().splitlines()[:-1]]
-    assert sorted(line["key"] for line in lines if "pending" in line) == [
-        f"user-{i}" for i in range(6, 10)], "a line each, key included, as a copy's"
     keys = {m.key() for m in read_topic(kafka_bootstrap, origin)}
     assert keys == {f"user-{i}".encode() for i in range(6)}
     anyway = subprocess.run(
