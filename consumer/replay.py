@@ -107,19 +107,16 @@ class Summary:
     mismatch: int = 0  # ... whose original's hash differs (not replayed)
     unpublishable: int = 0  # the origin topic refuses the record itself (too large)
     doubled: int = 0  # a second dead letter of an event this run replayed (not replayed)
-    pending: int = 0  # of an event the workers' group has not committed: it reads it again
     over_limit_offsets: list[str] = field(default_factory=list)
     unrestored_offsets: list[str] = field(default_factory=list)
     unpublishable_offsets: list[str] = field(default_factory=list)
     doubled_offsets: list[str] = field(default_factory=list)
-    pending_offsets: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"replayed": self.replayed, "skipped_by_filter": self.skipped_by_filter,
                 "over_limit": self.over_limit, "no_origin": self.no_origin,
                 "restored": self.restored, "gone": self.gone, "mismatch": self.mismatch,
-                "unpublishable": self.unpublishable, "doubled": self.doubled,
-                "pending": self.pending}
+                "unpublishable": self.unpublishable, "doubled": self.doubled}
 
 
 _COORDINATOR_NOT_READY = frozenset({
@@ -384,10 +381,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--status", type=_status, action="append", default=[],
                    help="only this HTTP status (repeatable; \"\" for dead letters without "
                    "one: timeouts, connection errors)")
-    p.add_argument("--include-pending", action="store_true",
-                   help="also replay dead letters of events the workers' group "
-                   "(KAFKA_GROUP_ID) has not committed yet, which the workers read again "
-                   "(a group no longer in use, say)")
     p.add_argument("--call", action="append", default=[], choices=CALLS,
                    help="only events that failed at this call (repeatable): --call track "
                    "--call ensure_user replays Track events only, leaving out identify and "
@@ -414,54 +407,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="list what would be replayed; send and commit nothing")
 
 
-class WorkerPositions:
-    """Where the workers' consumer group stands on each source partition: a dead letter of
-    a record at or past its committed offset is read again by the workers (`pending`).
-
-    Asked once per partition and run, through a consumer of that group that never joins it
-    (an offset fetch only). A partition the group never committed, or whose offset cannot
-    be read, is not pending: a replay run with another KAFKA_GROUP_ID than the workers'
-    replays as before, rather than skipping every dead letter."""
-
-    def __init__(self, conf: dict[str, Any], group: str) -> None:
-        self._consumer = Consumer(consumer_settings({
-            **conf, "group.id": group, "enable.auto.commit": False}))
-        self._group = group
-        self._known: dict[tuple[str, int], int | None] = {}
-
-    def __call__(self, topic: str, partition: int, offset: int) -> bool:
-        tp = (topic, partition)
-        if tp not in self._known:
-            try:
-                found = _committed(self._consumer, [TopicPartition(topic, partition)], 10.0)
-            except KafkaException:
-                found = None
-            at = found[0].offset if found and found[0].error is None else None
-            if not found or found[0].error is not None:
-                log.warning("the workers' group %r: committed offset of %s[%d] not readable; "
-                            "its dead letters are replayed", self._group, topic, partition)
-            self._known[tp] = at if at is not None and at >= 0 else None
-        committed = self._known[tp]
-        return committed is not None and offset >= committed
-
-    def close(self) -> None:
-        self._consumer.close()
-
-
 def run_replay(
     conf: dict[str, Any], dlq_topic: str, group: str, filters: Filters, *, dry_run: bool,
     report: Callable[[dict[str, Any]], None],
     stopping: Callable[[], bool] = lambda: False, secret: bytes | None = None,
-    from_start: bool = False, pending: Callable[[str, int, int], bool] | None = None,
+    from_start: bool = False,
 ) -> Summary:
     """Read the DLQ up to its end offsets at start; re-publish what `decide` allows.
 
     `from_start` (dry runs only): from each partition's first record, whatever the group
     committed, to list every dead letter (a user's, before a GDPR deletion), not only what
     this selection has not replayed yet.
-
-    `pending(topic, partition, offset)`: True when the workers will read that source record
-    again (`WorkerPositions`): its dead letter is counted `pending`, not replayed.
 
     Checkpointed per polled batch: what was produced is flushed (acknowledged by the
     broker), then the DLQ position past it is committed, so a run stopped at any point
@@ -622,7 +578,7 @@ def run_replay(
                 if p is None or off is None or p not in ends or off >= ends[p]:
                     continue
                 line = _replay_one(msg, p, off, dlq_topic, filters, conf, summary, dry_run,
-                                   seen, pending)
+                                   seen)
                 if line is not None:
                     if "_record" not in line:  # a copy of an event this run took
                         report(line)
@@ -702,9 +658,7 @@ def _publish(producer: Producer, line: dict[str, Any], msg: Message, at: tuple[i
 
 def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters,
                 conf: dict[str, Any], summary: Summary, dry_run: bool,
-                seen: SeenSources | None = None,
-                pending: Callable[[str, int, int], bool] | None = None,
-                ) -> dict[str, Any] | None:
+                seen: SeenSources | None = None) -> dict[str, Any] | None:
     """One DLQ record: counted as filtered, over the limit or unrestorable (None), the
     report line of its replay, with the record to publish under `_record`, or (without
     `_record`) the line of a second dead letter of an event this run took (`doubled_of`)."""
@@ -721,14 +675,6 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         return None
     if verdict == "no_origin":
         summary.no_origin += 1
-        return None
-    came = source_of(headers)  # the dead letter's own: a restored original's may lack them
-    if pending is not None and came is not None and pending(*came):
-        # The workers' group has not committed past it (a run the DLQ guard stopped, a
-        # crash before the commit): they read and deliver the event again themselves, and
-        # a replay too sent it twice (review "dlq33", the guard-trip runbook).
-        summary.pending += 1
-        summary.pending_offsets.append(f"{where} ({came[0]}[{came[1]}]@{came[2]})")
         return None
     source = None if seen is None else source_event(headers, msg.value())
     before = None if seen is None else seen.before(source)
@@ -747,6 +693,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         return {"dlq": where, "to": origin, "dry_run": dry_run, "reason": reason,
                 "call": call, "key": shown_key(msg.key()), **failure, "doubled_of": earlier}
     key, value = msg.key(), msg.value()
+    came = source_of(headers)  # the dead letter's own: a restored original's may lack them
     if value_omitted(headers):
         # Written without its value (too large for the DLQ): the original comes
         # from the source topic by its coordinates, checked against the hash.
@@ -843,9 +790,6 @@ def _print_summary(summary: Summary, dry_run: bool, interrupted: bool) -> None:
     for item in summary.unpublishable_offsets[:50]:
         print(f"refused by its origin topic (not replayed): {item}", file=sys.stderr)
     took = "listed above by this dry run" if dry_run else "replayed in this run"
-    for item in summary.pending_offsets[:50]:
-        print(f"not committed by the workers' group yet, so they read it again (not "
-              f"replayed): {item}", file=sys.stderr)
     for item in summary.doubled_offsets[:50]:
         print(f"second dead letter of an event {took} (not replayed): {item}",
               file=sys.stderr)
@@ -921,14 +865,9 @@ def main(args: argparse.Namespace) -> int:
             print("warning: USERPILOT_API_KEY is not set: the replayed records are not "
                   "sealed as replay's, so the DLQ guard counts those that fail again (set "
                   "it to the workers' token)", file=sys.stderr)
-        workers = None if args.include_pending else WorkerPositions(conf, settings.group_id)
-        try:
-            summary = run_replay(conf, args.dlq_topic, group, filters, dry_run=args.dry_run,
-                                 report=report, stopping=stop.is_set, secret=secret,
-                                 from_start=args.from_start, pending=workers)
-        finally:
-            if workers is not None:
-                workers.close()
+        summary = run_replay(conf, args.dlq_topic, group, filters, dry_run=args.dry_run,
+                             report=report, stopping=stop.is_set, secret=secret,
+                             from_start=args.from_start)
     except ReplayStuck as stuck:
         _print_summary(stuck.summary, args.dry_run, stop.is_set())
         print(f"error: replay stopped: {stuck.args[0]}; the records before it are replayed "
