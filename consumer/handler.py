@@ -226,6 +226,8 @@ class DeadLettered:
     error: Exception
     counted: bool = True
     """The DLQ guard counted it (not a sealed replay): its commit waits (`GuardHold`)."""
+    at: float = 0.0
+    """Its `userpilot.error.dead_lettered_at` (wall clock): what `replay --until` reads."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -959,4 +961,4 @@ class Handler:
         # filter masks whole secrets only).
         log.warning("dead-lettered (%s): %s%s", reason, f"{exc.call}: " if exc.call else "",
                     _cut(redact(str(exc), self._secrets, edges=False)), extra=event.fields)
-        return DeadLettered(reason, exc, counted=not replayed)
+        return DeadLettered(reason, exc, counted=not replayed, at=failure.at or 0.0)

@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from consumer import codec
@@ -631,6 +632,22 @@ class Worker:
         finally:
             self.handler.unhalt(parts)
 
+    def _name_void_dead_letters(self) -> None:
+        """At the trip: the dead letters this run wrote and never committed (held) are of
+        events the fixed workers read and deliver again. Replayed as well (the runbook
+        said to replay what the DLQ held), each was sent twice (review "dlq33"). The time
+        they start at is what `replay --until` needs."""
+        oldest = self.guard_hold.oldest_wall()
+        if oldest is None:
+            return
+        since = datetime.fromtimestamp(oldest, UTC)
+        until = (since - timedelta(milliseconds=1)).isoformat(timespec="milliseconds")
+        log.critical("the dead letters this run wrote since %s are not committed: once the "
+                     "cause is fixed the workers read those events again and deliver them, so "
+                     "do not replay them; replay only the earlier ones: `replay --until %s` "
+                     "(the earliest such time if the worker restarted and tripped again)",
+                     since.isoformat(timespec="milliseconds"), until)
+
     def _crash(self, exc: BaseException) -> None:
         if not isinstance(self.fatal, DlqGuardTripped):
             self.fatal = exc
@@ -863,6 +880,8 @@ class Worker:
                 await self.keyless.before(event, self.handler.decided, self._scheduler.reached)
             outcome: Outcome | None = await self.handler.handle(event)
         except DlqGuardTripped as exc:
+            if not isinstance(self.fatal, DlqGuardTripped):
+                self._name_void_dead_letters()
             self._crash(exc)  # not finished: its offset stays uncommitted
             # Hold this user's chain until shutdown cancels it: the user's later events must
             # not be sent before this one, which is consumed again after the restart.
@@ -876,7 +895,7 @@ class Worker:
         now = time.monotonic()
         self.guard_hold.outcome(event.intake)
         if isinstance(outcome, DeadLettered) and outcome.counted:
-            self.guard_hold.hold(done, now, event.intake)
+            self.guard_hold.hold(done, now, event.intake, outcome.at)
         else:
             self.commits.finish(*done)
         self._finish_held(self.guard_hold.due(now))

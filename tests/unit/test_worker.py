@@ -9,6 +9,7 @@ by a later `consume`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -16,9 +17,10 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar, cast
 
 import pytest
@@ -853,9 +855,35 @@ def test_the_dlq_guard_stops_the_worker_with_exit_code_3_and_commits_nothing_pas
     async def scenario(source: FakeSource) -> None:
         await until(lambda: run.worker.fatal is not None, "the guard to trip")
 
-    assert drive(run, scenario) == 3
+    with _caught("consumer.worker") as lines:
+        assert drive(run, scenario) == 3
     assert len(run.dlq.records) == 3
     assert run.source.committed().get((TOPIC, 0), 0) == 0
+    # The fixed workers read those events again: the trip names the time replay's --until
+    # must stay below, so their dead letters are not replayed too (review "dlq33").
+    first = min(r.headers["userpilot.error.dead_lettered_at"].decode() for r in run.dlq.records)
+    (said,) = [line for line in lines if "are not committed" in line]
+    assert f"since {datetime.fromisoformat(first).isoformat(timespec='milliseconds')}" in said
+    until_at = datetime.fromisoformat(said.split("replay --until ")[1].split("`")[0])
+    assert all(datetime.fromisoformat(r.headers["userpilot.error.dead_lettered_at"].decode())
+               > until_at for r in run.dlq.records), "--until leaves every one of them out"
+
+
+@contextlib.contextmanager
+def _caught(name: str) -> Iterator[list[str]]:
+    """The messages `name`'s logger emits meanwhile (whatever the root's handlers)."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger, keep = logging.getLogger(name), Keep(logging.DEBUG)
+    logger.addHandler(keep)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(keep)
 
 
 def test_dead_letters_are_committed_once_the_guard_moved_past_them_while_busy() -> None:
