@@ -37,6 +37,7 @@ from consumer.answers import BODY_LIMIT, MAX_BODY_BYTES, body_text, charset_of
 from consumer.errors import (
     ConnectionFailed,
     Misconfigured,
+    ProxyRefused,
     RateLimited,
     Rejected,
     ServerError,
@@ -92,13 +93,14 @@ class _Protocol(ResponseHandler):
     separate task in aiohttp), the client resumes, sends the body, and the overdue read
     timeout fires in the same turn, before any answer could come: the request timed out
     and was sent again, though Userpilot took the first (round 33: 18 of 1,500 after a 5 s
-    freeze at a 1 s timeout). A read timeout firing more than STALL_S late waits STALL_S
-    more; an answer arriving meanwhile re-arms it as any data does."""
+    freeze at a 1 s timeout). A read timeout firing more than STALL_S late starts again,
+    whole: the body may have gone out only now, and Userpilot gets the request timeout to
+    answer it (review "diff33": a fixed second sent slower answers twice)."""
 
     def _on_read_timeout(self) -> None:
         handle, now = self._read_timeout_handle, self._loop.time()
         if handle is not None and now - handle.when() > STALL_S:
-            self._read_timeout_handle = self._loop.call_at(now + STALL_S, self._on_read_timeout)
+            self._reschedule_timeout()
             return
         super()._on_read_timeout()
 
@@ -232,7 +234,10 @@ def transport_failure(exc: BaseException, deadline_s: float,
         cause = exc.__cause__
         if isinstance(cause, aiohttp.ClientConnectorDNSError):
             # Named: "ClientConnectorDNSError" alone hid a misspelt host (review "http33").
+            # Through a proxy, the name looked up is the proxy's (it resolves Userpilot's).
             return ConnectionFailed(
+                f"connection to Userpilot failed: the proxy's host {cause.host!r} does not "
+                "resolve (DNS); check HTTPS_PROXY / HTTP_PROXY" if proxied else
                 f"connection to Userpilot failed: its host {cause.host!r} does not resolve "
                 "(DNS); check USERPILOT_ANALYTICS_ENDPOINT")
         return ConnectionFailed(f"connection to Userpilot failed ({type(cause).__name__})")
@@ -249,7 +254,7 @@ def transport_failure(exc: BaseException, deadline_s: float,
             # The proxy's policy forbids the host: a setting (its allow-list, NO_PROXY),
             # not an outage. As one the pod stayed ready and no alert said why (review
             # "http33"). Delivery pauses; nothing is dead-lettered.
-            return Misconfigured(
+            return ProxyRefused(
                 "the proxy refused the tunnel to Userpilot (HTTP 403): allow the Userpilot "
                 "host in the proxy's policy, or bypass it with NO_PROXY", status=403)
         if status is not None:
@@ -385,9 +390,10 @@ class _StallAwareDeadline:
     waiting in the sockets, and the overdue deadline cut the request before they were read:
     the event was sent again, although Userpilot had accepted it (round 33: every
     request on the wire during a freeze of 2x the request timeout). A deadline that fires
-    more than STALL_S late finds the loop stalled: it waits STALL_S more, so the answers
-    that came meanwhile are read first (the loop serves ready sockets before due timers);
-    a request with no answer still ends, that much later.
+    more than STALL_S late finds the loop stalled: it starts again, whole, so the answers
+    that came meanwhile are read first (the loop serves ready sockets before due timers)
+    and a request that went out only at the resume gets its time; one with no answer
+    still ends, that much later.
     """
 
     __slots__ = ("_handle", "_loop", "_seconds", "_timeout")
@@ -401,7 +407,8 @@ class _StallAwareDeadline:
     def _due(self, when: float) -> None:
         now = self._loop.time()
         if now - when > STALL_S:
-            self._handle = self._loop.call_at(now + STALL_S, self._due, now + STALL_S)
+            again = now + self._seconds
+            self._handle = self._loop.call_at(again, self._due, again)
         else:
             self._timeout.reschedule(now)  # expires at once: the task is cancelled
 

@@ -190,6 +190,11 @@ class Misconfigured(Pause):
     endpoint host, or a proxy refusing its credentials; no event can succeed."""
 
 
+class ProxyRefused(Misconfigured):
+    """The egress proxy forbids the tunnel to Userpilot (403 to CONNECT): its policy, or a
+    host NO_PROXY should bypass. Never evidence about an event."""
+
+
 class AlreadyDelivered(WorkerError):
     """The messageId was confirmed delivered (Redis) while this event waited to be sent:
     finish it without a request, counted as a duplicate."""

@@ -31,7 +31,15 @@ from typing import Literal, Protocol
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_random_exponential
 
-from consumer.errors import DeadLetter, Pause, RateLimited, RefusedAlone, Retry, TlsRefused
+from consumer.errors import (
+    DeadLetter,
+    Misconfigured,
+    Pause,
+    RateLimited,
+    RefusedAlone,
+    Retry,
+    TlsRefused,
+)
 
 __all__ = ["PROBE_BASE_S", "PROBE_MAX_S", "REFUSED_ALONE", "Attempts", "Gate", "Hold",
            "RetryPolicy"]
@@ -85,6 +93,9 @@ class Gate:
         self.detail = ""
         self.last_success = -1e18
         self._succeeded: dict[str, float] = {}  # per endpoint: its last delivery
+        self._sent_ok: dict[str, float] = {}  # per endpoint: when its latest delivered request
+        # went out (`refused_since`)
+        self._failing: dict[str, set[int]] = {}  # per endpoint: events whose last attempt failed
         self._consecutive = 0
         self._probe_delay = probe_base_s
         self._next_probe = 0.0
@@ -176,11 +187,45 @@ class Gate:
                 task.cancel("the outage gate closed")
         self._watches.clear()
 
-    def success(self, probe: bool = False, endpoint: str = "") -> None:
-        """Delivered: Userpilot works, and this is evidence for giving up on other events
-        of the same endpoint (`last_success_of`)."""
+    def success(self, probe: bool = False, endpoint: str = "",
+                sent: float | None = None) -> None:
+        """Delivered (a request that went out at `sent`): Userpilot works, and this is
+        evidence for giving up on other events of the same endpoint (`last_success_of`)."""
         self.last_success = self._succeeded[endpoint] = self._clock()
+        if sent is not None:
+            self._sent_ok[endpoint] = max(sent, self._sent_ok.get(endpoint, sent))
         self.answered(probe)
+
+    def sent_ok_since(self, endpoint: str | None, when: float) -> bool:
+        """A request to `endpoint` that went out after `when` was delivered. By send time,
+        not answer time: a request sent before a token was revoked and answered after an
+        event's refusal says nothing of the token now (review "diff33")."""
+        if endpoint is None:
+            return any(sent > when for sent in self._sent_ok.values())
+        return self._sent_ok.get(endpoint, -1e18) > when
+
+    def failing(self, endpoint: str, event: int, failed: bool) -> None:
+        """`event` (its `Attempts`' id) failed transiently on `endpoint` (True), or its
+        attempts ended or succeeded (False)."""
+        events = self._failing.setdefault(endpoint, set())
+        if failed:
+            events.add(event)
+        else:
+            events.discard(event)
+
+    def failing_alone(self, endpoint: str, event: int) -> bool:
+        """No other event's last attempt on `endpoint` failed: its failures are its own."""
+        return self._failing.get(endpoint, set()) <= {event}
+
+    def evidence(self, endpoint: str | None, event: int, since: float) -> bool:
+        """A delivery since `since` says Userpilot works for `endpoint`: one to that
+        endpoint; or, while no other event fails on it, one to any endpoint (a single
+        payload that `/v1/companies/identify` keeps answering 500 is given up, not held for
+        ever on a low-traffic endpoint; review "diff33")."""
+        if self.last_success_of(endpoint) > since:
+            return True
+        return (endpoint is not None and self.last_success > since
+                and self.failing_alone(endpoint, event))
 
     def last_success_of(self, endpoint: str | None) -> float:
         """When a request to `endpoint` was last delivered (None: to any endpoint).
@@ -356,7 +401,7 @@ class RetryPolicy:
         request: no success comes in between, and delivery stays paused."""
         now = self._clock()
         if (attempts.refused_at is not None
-                and self._gate.last_success_of(endpoint) > attempts.refused_at):
+                and self._gate.sent_ok_since(endpoint, attempts.refused_at)):
             attempts.refused += 1
         attempts.refused_at = now
         return attempts.refused >= REFUSED_ALONE - 1
@@ -373,7 +418,7 @@ class RetryPolicy:
             return False
         spent_up = self._gate.up_time() - attempts.first_up - attempts.limited_up
         used = attempts.answered >= self._max_attempts or spent_up >= self._budget
-        return used and self._gate.last_success_of(endpoint) > attempts.first_mono
+        return used and self._gate.evidence(endpoint, id(attempts), attempts.first_mono)
 
     def _stop(self, state: RetryCallState, attempts: Attempts, endpoint: str | None) -> bool:
         exc = state.outcome.exception() if state.outcome else None
@@ -461,6 +506,8 @@ class RetryPolicy:
                 traceback.clear_frames(exc.__traceback__.tb_next)
             raise
         finally:
+            if endpoint is not None:
+                self._gate.failing(endpoint, id(attempts), False)
             self._gate.leave()
 
     async def _once(self, send: Callable[[], Awaitable[None]], attempts: Attempts,
@@ -501,7 +548,7 @@ class RetryPolicy:
                 attempts.limited_since = None
             if not probe and self._gate.state == "up" and (
                     attempts.answered == 0 or attempts.last_mono is None
-                    or self._gate.last_success_of(endpoint) > attempts.last_mono):
+                    or self._gate.evidence(endpoint, id(attempts), attempts.last_mono)):
                 if attempts.answered == 0:
                     attempts.first_mono = now
                     attempts.first_up = self._gate.up_time()
@@ -518,10 +565,15 @@ class RetryPolicy:
                 if counted:
                     attempts.answered -= 1
                 attempts.limited_since = self._gate.up_time()
+            elif endpoint is not None:
+                self._gate.failing(endpoint, id(attempts), True)
             self._gate.transient_failure(exc, probe)
             raise
         except Pause as exc:
-            if self._refused_alone(attempts, endpoint):
+            # Userpilot's own 401/403/404 only: a proxy's refusal (407, a 403 to CONNECT) or
+            # a redirect is about the setting whatever else gets through (review "diff33").
+            if (type(exc) is Misconfigured and exc.status in (401, 403, 404)
+                    and self._refused_alone(attempts, endpoint)):
                 self._gate.answered(probe)  # the token works: others got through
                 raise RefusedAlone(
                     f"{exc} (refused {attempts.refused + 1} times for this event alone: "
@@ -536,7 +588,9 @@ class RetryPolicy:
             self._gate.release(probe)
             raise
         else:
-            self._gate.success(probe, endpoint or "")
+            self._gate.success(probe, endpoint or "", sent=now)
+            if endpoint is not None:
+                self._gate.failing(endpoint, id(attempts), False)
         finally:
             if hold is not None and held:
                 hold.release()

@@ -30,6 +30,7 @@ from consumer.delivery import UserpilotClient
 from consumer.errors import (
     ConnectionFailed,
     Misconfigured,
+    ProxyRefused,
     Rejected,
     Retry,
     Timeout,
@@ -92,7 +93,7 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
                 "Userpilot answers with 400: this host does not serve Userpilot's API; "
                 "check USERPILOT_ANALYTICS_ENDPOINT")
     except Misconfigured as exc:
-        if "the proxy refused" in str(exc):  # the proxy's own answer: its text says so
+        if isinstance(exc, ProxyRefused):  # the proxy's own answer: its text says so
             return f"Userpilot at {host}{via}: {exc}"
         if exc.status in (401, 403):
             return (f"Userpilot at {host} refused the token ({exc.status}): use the "

@@ -894,7 +894,8 @@ def test_answers_that_came_while_the_loop_was_frozen_are_read_not_timed_out() ->
 
 
 def test_a_request_with_no_answer_still_times_out_after_a_frozen_loop() -> None:
-    """The stall's grace is one STALL_S: a request whose answer never comes ends then."""
+    """After the stall the timeouts start again, whole: a request whose answer never comes
+    ends then."""
     srv = ThreadedServer(None)
 
     async def main() -> tuple[str, float]:
@@ -915,9 +916,10 @@ def test_a_request_with_no_answer_still_times_out_after_a_frozen_loop() -> None:
         srv.close()
 
 
-def test_a_read_timeout_firing_late_after_a_frozen_loop_waits_one_stall_more() -> None:
+def test_a_read_timeout_firing_late_after_a_frozen_loop_starts_again() -> None:
     """The connection's read timeout (aiohttp's `sock_read`): overdue by more than STALL_S
-    when the loop resumes, it gives the answer STALL_S more; on time, it fires as before."""
+    when the loop resumes, it starts again, whole (the body may have gone out only now);
+    on time, it fires as before."""
     from consumer.delivery import _Protocol
 
     async def main() -> tuple[BaseException | None, BaseException | None]:
@@ -927,7 +929,7 @@ def test_a_read_timeout_firing_late_after_a_frozen_loop_waits_one_stall_more() -
         time.sleep(0.1 + STALL_S + 0.2)  # frozen past the read timeout by more than STALL_S
         await asyncio.sleep(0.05)
         first = proto.exception()
-        await asyncio.sleep(STALL_S)
+        await asyncio.sleep(0.1)  # one read timeout more
         return first, proto.exception()
 
     first, later = run(main)
@@ -951,3 +953,22 @@ def test_a_host_that_does_not_resolve_is_named_in_the_failure() -> None:
     failure = run(main)
     assert "'no-such-host.invalid' does not resolve" in str(failure)
     assert "USERPILOT_ANALYTICS_ENDPOINT" in str(failure)
+
+
+def test_a_proxy_host_that_does_not_resolve_names_the_proxy_setting() -> None:
+    """Through a proxy the name looked up is the proxy's: the failure names HTTPS_PROXY, not
+    the Userpilot endpoint (review "diff33")."""
+
+    async def main() -> WorkerError:
+        client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
+                                 max_connections=2, proxy="http://no-such-proxy.invalid:3128")
+        try:
+            with pytest.raises(ConnectionFailed) as info:
+                await client.track(BODY)
+        finally:
+            await client.aclose()
+        return info.value
+
+    said = str(run(main))
+    assert "the proxy's host 'no-such-proxy.invalid' does not resolve" in said
+    assert "HTTPS_PROXY" in said and "USERPILOT_ANALYTICS_ENDPOINT" not in said

@@ -12,6 +12,7 @@ from consumer.errors import (
     ConnectionFailed,
     Misconfigured,
     Pause,
+    ProxyRefused,
     RateLimited,
     RefusedAlone,
     Rejected,
@@ -433,7 +434,7 @@ def test_an_event_refused_while_others_are_delivered_between_is_given_up() -> No
 
     def others_delivered(call: int) -> None:
         clock.now += 1.0
-        gate.success(endpoint="track")
+        gate.success(endpoint="track", sent=clock.now - 0.5)  # sent after the refusal
 
     send = Script([Misconfigured("HTTP 403: forbidden", status=403, body="waf")] * 10,
                   others_delivered)
@@ -447,21 +448,67 @@ def test_an_event_refused_while_others_are_delivered_between_is_given_up() -> No
 
 def test_successes_count_as_evidence_only_on_the_events_own_endpoint() -> None:
     """/v1/track answering 503 while /v1/identify works: identifies delivered say nothing
-    about the Tracks. Counted on any endpoint, every Track was dead-lettered after its
-    attempts and the DLQ guard stopped the worker, on every restart (review "http33")."""
+    about the Tracks, which other events fail on too. Counted on any endpoint, every Track
+    was dead-lettered after its attempts and the DLQ guard stopped the worker, on every
+    restart (review "http33")."""
     clock, sleep, gate = setup()
 
     def identifies_delivered(call: int) -> None:
         clock.now += 1.0
-        gate.success(endpoint="identify")
+        gate.success(endpoint="identify", sent=clock.now - 0.5)
 
+    gate.failing("track", -1, True)  # another Track event fails too
     send = Script([ServerError("HTTP 503")] * 30 + [None], identifies_delivered)
     attempts = Attempts()
     run(policy(gate, clock, sleep, max_attempts=3).run(send, attempts, endpoint="track"))
     assert send.calls == 31, "delivered in the end, never given up"
-    refused = Script([Misconfigured("HTTP 403")] * 10 + [None], identifies_delivered)
+    refused = Script([Misconfigured("HTTP 403", status=403)] * 10 + [None],
+                     identifies_delivered)
     run(policy(gate, clock, sleep).run(refused, Attempts(), endpoint="company_identify"))
     assert refused.calls == 11, "paused, not dead-lettered: no company identify went through"
+
+
+def test_an_event_failing_alone_on_its_endpoint_is_given_up_on_other_endpoints_evidence(
+) -> None:
+    """One company identify payload that Userpilot keeps answering 500, no other event on
+    that endpoint, Tracks delivered meanwhile: given up after its attempts, not held for
+    ever with its partition's commits (review "diff33")."""
+    clock, sleep, gate = setup()
+
+    def tracks_delivered(call: int) -> None:
+        clock.now += 1.0
+        gate.success(endpoint="track", sent=clock.now - 0.5)
+
+    send = Script([ServerError("HTTP 500")] * 30, tracks_delivered)
+    with pytest.raises(ServerError):
+        run(policy(gate, clock, sleep, max_attempts=3).run(send, Attempts(),
+                                                          endpoint="company_identify"))
+    assert send.calls == 3
+
+
+def test_a_refusal_counts_only_deliveries_sent_after_it() -> None:
+    """Requests sent before a token was revoked and answered after an event's refusal say
+    nothing of the token now: counted, a rotation dead-lettered a burst of good events as
+    `refused` (review "diff33"). Nor does a proxy's refusal ever count."""
+    clock, sleep, gate = setup()
+
+    def late_answers_of_earlier_requests(call: int) -> None:
+        clock.now += 1.0
+        gate.success(endpoint="track", sent=clock.now - 100.0)
+
+    send = Script([Misconfigured("HTTP 401", status=401)] * 10 + [None],
+                  late_answers_of_earlier_requests)
+    run(policy(gate, clock, sleep).run(send, Attempts(), endpoint="track"))
+    assert send.calls == 11, "paused, never dead-lettered"
+
+    def sent_after(call: int) -> None:
+        clock.now += 1.0
+        gate.success(endpoint="track", sent=clock.now - 0.5)
+
+    proxy = Script([ProxyRefused("the proxy refused the tunnel", status=403)] * 10 + [None],
+                   sent_after)
+    run(policy(gate, clock, sleep).run(proxy, Attempts(), endpoint="track"))
+    assert proxy.calls == 11, "a proxy's refusal is about the setting"
     # The same failures with Tracks delivered between them: given up.
     def tracks_delivered(call: int) -> None:
         clock.now += 1.0
