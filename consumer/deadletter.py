@@ -503,7 +503,6 @@ class _Held(Generic[T]):
     seq: int
     item: T
     past: int = 0
-    wall: float = 0.0  # its dead letter's `dead_lettered_at`
 
 
 class GuardHold(Generic[T]):
@@ -529,15 +528,9 @@ class GuardHold(Generic[T]):
     def __len__(self) -> int:
         return len(self._held)
 
-    def hold(self, item: T, now: float, seq: int = 0, wall: float = 0.0) -> None:
-        """Hold `item`, the dead letter at stream position `seq` (the intake order),
-        written at `wall` (its `dead_lettered_at`)."""
-        self._held.append(_Held(now, seq, item, wall=wall))
-
-    def oldest_wall(self) -> float | None:
-        """The earliest `dead_lettered_at` of the dead letters held now (never committed),
-        None when none is held."""
-        return min((e.wall for e in self._held), default=None)
+    def hold(self, item: T, now: float, seq: int = 0) -> None:
+        """Hold `item`, the dead letter at stream position `seq` (the intake order)."""
+        self._held.append(_Held(now, seq, item))
 
     def outcome(self, seq: int = 0) -> None:
         """One more outcome the guard read, at stream position `seq` (a dead letter's own

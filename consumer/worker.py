@@ -35,6 +35,7 @@ and polling goes on, so the group never evicts a slow worker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -121,6 +122,9 @@ retries, or waiting for a schema the registry withholds): its partition is let g
 chain holds it no more until it is down to CHAIN_RESUME. Held for as long as the chain was
 stuck, one user's failing event stopped every other user of its partition (up to the retry
 budget, 15 minutes; review "hot26"), where before the bound only that user waited."""
+DEAD_LETTERS_NAMED = 100_000
+"""This run's latest dead letters the worker remembers (~100 bytes each) to name, after a
+DLQ guard trip, the time from which they were never committed (`_name_void_dead_letters`)."""
 GUARD_HOLD_MAX_S = 60.0
 """The longest a dead letter's commit waits for the DLQ guard (`GuardHold`) while the worker
 is busy and fewer than WORKER_DLQ_WINDOW outcomes follow it: a trickle of events with one
@@ -367,6 +371,9 @@ class Worker:
         # Not capped by the window: a window full of held dead letters with nothing in
         # flight lets them go (idle, below); capped at half of it, a run longer than that
         # was half committed before the trip (review "hold30").
+        # This run's dead letters (partition, offset, dead_lettered_at): named at a trip.
+        self._dead_letters: collections.deque[tuple[TP, int, float]] = collections.deque(
+            maxlen=DEAD_LETTERS_NAMED)
         self.guard_hold: GuardHold[tuple[TP, int, int]] = GuardHold(
             max(settings.dlq_window, settings.dlq_max_consecutive), GUARD_HOLD_MAX_S)
         self._consumed = Children(self.m.events_consumed)
@@ -542,6 +549,7 @@ class Worker:
             if prefetch is not None:
                 await prefetch  # bounded by the registry's timeout; it raises nothing
         if isinstance(self.fatal, DlqGuardTripped):
+            self._name_void_dead_letters()
             return 3
         return 1 if self.fatal is not None else 0
 
@@ -633,14 +641,16 @@ class Worker:
             self.handler.unhalt(parts)
 
     def _name_void_dead_letters(self) -> None:
-        """At the trip: the dead letters this run wrote and never committed (held) are of
-        events the fixed workers read and deliver again. Replayed as well (the runbook
-        said to replay what the DLQ held), each was sent twice (review "dlq33"). The time
-        they start at is what `replay --until` needs."""
-        oldest = self.guard_hold.oldest_wall()
-        if oldest is None:
+        """After a trip's final commit: the dead letters this run wrote at or past their
+        partitions' committed offsets are of events the fixed workers read and deliver
+        again. Replayed as well (the runbook said to replay what the DLQ held), each was
+        sent twice (review "dlq33"). The time they start at is what `replay --until`
+        needs. A partition this run never committed counts whole."""
+        committed = self.commits.committed()
+        void = [at for tp, offset, at in self._dead_letters if offset >= committed.get(tp, -1)]
+        if not void:
             return
-        since = datetime.fromtimestamp(oldest, UTC)
+        since = datetime.fromtimestamp(min(void), UTC)
         until = (since - timedelta(milliseconds=1)).isoformat(timespec="milliseconds")
         log.critical("the dead letters this run wrote since %s are not committed: once the "
                      "cause is fixed the workers read those events again and deliver them, so "
@@ -880,8 +890,6 @@ class Worker:
                 await self.keyless.before(event, self.handler.decided, self._scheduler.reached)
             outcome: Outcome | None = await self.handler.handle(event)
         except DlqGuardTripped as exc:
-            if not isinstance(self.fatal, DlqGuardTripped):
-                self._name_void_dead_letters()
             self._crash(exc)  # not finished: its offset stays uncommitted
             # Hold this user's chain until shutdown cancels it: the user's later events must
             # not be sent before this one, which is consumed again after the restart.
@@ -895,7 +903,8 @@ class Worker:
         now = time.monotonic()
         self.guard_hold.outcome(event.intake)
         if isinstance(outcome, DeadLettered) and outcome.counted:
-            self.guard_hold.hold(done, now, event.intake, outcome.at)
+            self.guard_hold.hold(done, now, event.intake)
+            self._dead_letters.append((done[0], done[1], outcome.at))
         else:
             self.commits.finish(*done)
         self._finish_held(self.guard_hold.due(now))
