@@ -564,8 +564,9 @@ class UserpilotClient:
         if isinstance(problem, Misconfigured):
             # Which path refused: one endpoint refused while the others take the same token
             # read as a wrong token everywhere (review "http33").
-            problem = Misconfigured(f"{request.url.path}: {problem}", status=problem.status,
-                                    body=problem.body)
+            said = str(problem).replace(f"HTTP {status}", f"HTTP {status} from "
+                                        f"{request.url.path}", 1)
+            problem = Misconfigured(said, status=problem.status, body=problem.body)
         try:
             raise problem
         finally:
