@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -554,3 +555,65 @@ def test_demo_with_events_it_cannot_send_says_so_before_creating_anything(
     assert ("error: demo not started: 1 invalid line(s)" in result.stderr
             or "holds no events" in result.stderr), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_sigterm_whose_exit_was_swallowed_still_stops_the_worker_before_it_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start-up SIGTERM raises SystemExit from its handler; landing in a callback the
+    interpreter calls from C (a weakref's: "Exception ignored") it was lost, and the worker
+    joined its group and ran on (seen once under load). The signal is remembered: the worker
+    is stopped before it runs, and a wait for the services ends."""
+    from consumer import __main__ as entry
+    from consumer import worker as worker_module
+    from consumer.reach import Unreachable
+
+    monkeypatch.setattr(entry, "STOP_ASKED", [])
+
+    class Ref:
+        pass
+
+    import weakref
+
+    def swallowed(_ref: object) -> None:
+        entry._stopped(signal.SIGTERM, None)
+
+    obj = Ref()
+    keep = weakref.ref(obj, swallowed)
+    del obj  # the callback's SystemExit is "ignored", as a signal landing there was
+    assert keep() is None and entry.STOP_ASKED == [signal.SIGTERM]
+
+    stops: list[bool] = []
+
+    class FakeWorker:
+        signalled = False
+        kafka_abandoned = False
+
+        def __init__(self, *_: object) -> None:
+            pass
+
+        def stop(self, *, signalled: bool = False) -> None:
+            stops.append(signalled)
+
+        async def run(self) -> int:
+            return 0 if stops else 1
+
+    monkeypatch.setattr(worker_module, "Worker", FakeWorker)
+    monkeypatch.setattr(entry, "tune_collector", lambda: None)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert entry._run_worker(cast(Any, None), cast(Any, None), cast(Any, None)) == 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert stops == [True]
+    class Beating:
+        def beat(self) -> None:
+            pass
+
+        def set_waiting(self, _why: str | None) -> None:
+            pass
+
+    with pytest.raises(SystemExit) as stopped:
+        entry.wait_for_services(lambda: [Unreachable("kafka down")], 60.0,
+                                cast(Any, Beating()))
+    assert stopped.value.code == 0
