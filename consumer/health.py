@@ -200,6 +200,11 @@ def make_app(registry: CollectorRegistry, health: Health) -> WSGIApp:
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
+            if environ.get("REQUEST_METHOD") == "HEAD":
+                # prometheus_client answers HEAD with 405; a HEAD check of the endpoint
+                # (a load balancer's, an uptime probe's) gets the GET's status and headers.
+                metrics_app({**environ, "REQUEST_METHOD": "GET"}, start_response)
+                return []
             return cast("Iterable[bytes]", metrics_app(environ, start_response))
         if path == "/healthz":
             status, body = (200, "ok") if health.alive() else (503, "poll loop stalled")

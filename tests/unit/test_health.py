@@ -353,3 +353,19 @@ def test_without_ipv6_the_server_listens_on_ipv4(reg: CollectorRegistry, health:
         assert get(srv.port, "/healthz")[0] == 200
     finally:
         srv.close()
+
+
+def test_head_of_metrics_answers_as_get_without_a_body(server: HealthServer) -> None:
+    """prometheus_client answers HEAD with 405: an uptime check by HEAD saw the endpoint
+    down (review "http33"). Every path answers HEAD with its GET's status."""
+    import http.client
+
+    for path, expected in (("/metrics", 200), ("/healthz", 200), ("/readyz", 503)):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        try:
+            conn.request("HEAD", path)
+            resp = conn.getresponse()
+            assert (path, resp.status) == (path, expected)
+            assert resp.read() == b""
+        finally:
+            conn.close()

@@ -557,6 +557,7 @@ def test_demo_with_events_it_cannot_send_says_so_before_creating_anything(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_sigterm_whose_exit_was_swallowed_still_stops_the_worker_before_it_runs(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The start-up SIGTERM raises SystemExit from its handler; landing in a callback the
