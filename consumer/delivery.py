@@ -169,13 +169,18 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, min(seconds, MAX_RETRY_AFTER_S))
 
 
-def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError | None:
-    """None when delivered (202, or any 2xx); otherwise the exception that says what next."""
+def classify(status: int, headers: Mapping[str, str], body: str,
+             path: str = "") -> WorkerError | None:
+    """None when delivered (202, or any 2xx); otherwise the exception that says what next.
+    `path`, the request's, is named in a refusal: one endpoint refusing while the others
+    take the same token read as a wrong token everywhere (review "http33")."""
     if 200 <= status < 300:
         return None
     rid = headers.get("x-request-id", "")
     snippet = body[:BODY_LIMIT]
-    where = f"HTTP {status}" + (f" (x-request-id {rid})" if rid else "")
+    asked = f" (x-request-id {rid})" if rid else ""
+    where = f"HTTP {status}{asked}"
+    refused = f"HTTP {status} from {path}{asked}" if path else where
     if status == 429:
         return RateLimited(
             f"{where}: rate limited", status=status, body=snippet,
@@ -190,17 +195,17 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
         # From the egress proxy, not Userpilot: no event can pass until its credentials
         # are fixed, so pause like a refused token instead of dead-lettering every event.
         return Misconfigured(
-            f"{where}: the proxy refused its credentials; check the user and password in "
+            f"{refused}: the proxy refused its credentials; check the user and password in "
             "HTTPS_PROXY / HTTP_PROXY (percent-encoded)", status=status, body=snippet,
         )
     if status in (401, 403):
         return Misconfigured(
-            f"{where}: token refused; use the application write token, not the read/export "
+            f"{refused}: token refused; use the application write token, not the read/export "
             "token (USERPILOT_API_KEY)", status=status, body=snippet,
         )
     if status == 404:
         return Misconfigured(
-            f"{where}: not found; check USERPILOT_ANALYTICS_ENDPOINT (host only, e.g. "
+            f"{refused}: not found; check USERPILOT_ANALYTICS_ENDPOINT (host only, e.g. "
             "analytex.userpilot.io or analytex-eu.userpilot.io)", status=status, body=snippet,
         )
     if 400 <= status <= 499:
@@ -208,7 +213,7 @@ def classify(status: int, headers: Mapping[str, str], body: str) -> WorkerError 
     if 300 <= status <= 399:
         # Never followed (the token must not travel to another host); no event can succeed.
         return Misconfigured(
-            f"{where}: redirected to {headers.get('location', '?')[:200]}; check "
+            f"{refused}: redirected to {headers.get('location', '?')[:200]}; check "
             "USERPILOT_ANALYTICS_ENDPOINT (host only) and USERPILOT_INSECURE_HTTP",
             status=status, body=snippet,
         )
@@ -270,7 +275,7 @@ def transport_failure(exc: BaseException, deadline_s: float,
 
 
 def classify_answer(status: int, headers: httpx.Headers, body: bytes,
-                    redact: Callable[[str], str]) -> WorkerError | None:
+                    redact: Callable[[str], str], path: str = "") -> WorkerError | None:
     """`classify` of an answer as received, with what it quotes (body, x-request-id,
     Location) redacted: a gateway may echo the request, token and proxy credentials
     included. For the worker and `delete-users` alike (the latter quoted them raw, review
@@ -283,7 +288,7 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
             quoted["retry-after"] = headers["retry-after"]
         text = body_text(body, charset=charset_of(headers),
                          encoding=headers.get("content-encoding"))
-        return classify(status, quoted, redact(text))
+        return classify(status, quoted, redact(text), path)
     except Exception as exc:  # see above
         return ServerError(f"HTTP {status}: unusable answer from Userpilot or a proxy "
                            f"({type(exc).__name__}; transient)", status=status)
@@ -558,15 +563,9 @@ class UserpilotClient:
         status = response.status_code
         if accepted:  # the common case: no need to decode the body
             return status
-        problem = self._problem(status, response.headers, body)
+        problem = self._problem(status, response.headers, body, request.url.path)
         if problem is None:
             return status
-        if isinstance(problem, Misconfigured):
-            # Which path refused: one endpoint refused while the others take the same token
-            # read as a wrong token everywhere (review "http33").
-            said = str(problem).replace(f"HTTP {status}", f"HTTP {status} from "
-                                        f"{request.url.path}", 1)
-            problem = Misconfigured(said, status=problem.status, body=problem.body)
         try:
             raise problem
         finally:
@@ -597,8 +596,9 @@ class UserpilotClient:
             finally:
                 _ATTEMPT.reset(token)
 
-    def _problem(self, status: int, headers: httpx.Headers, body: bytes) -> WorkerError | None:
-        return classify_answer(status, headers, body, self._redact)
+    def _problem(self, status: int, headers: httpx.Headers, body: bytes,
+                 path: str) -> WorkerError | None:
+        return classify_answer(status, headers, body, self._redact, path)
 
     async def aclose(self) -> None:
         await self._transport.aclose()

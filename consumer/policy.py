@@ -94,7 +94,7 @@ class Gate:
         self.last_success = -1e18
         self._succeeded: dict[str, float] = {}  # per endpoint: its last delivery
         self._sent_ok: dict[str, float] = {}  # per endpoint: when its latest delivered request
-        # went out (`refused_since`)
+        # went out (`sent_ok_since`)
         self._failing: dict[str, set[int]] = {}  # per endpoint: events whose last attempt failed
         self._consecutive = 0
         self._probe_delay = probe_base_s

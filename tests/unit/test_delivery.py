@@ -409,3 +409,17 @@ def test_a_transient_answer_s_text_promises_no_retry(status: int) -> None:
     error = classify(status, {}, "")
     assert isinstance(error, Retry)
     assert "retry" not in str(error) and "transient" in str(error)
+
+
+def test_a_refusal_names_the_path_it_came_from() -> None:
+    """One endpoint refusing while the others take the same token read as a wrong token
+    everywhere (review "http33"): the refusal names the request's path; without one (the
+    proxy's tunnel, `delete-users`) the message is as before."""
+    exc = classify(403, h(x_request_id="rid-1"), "", "/v1/companies/identify")
+    assert isinstance(exc, Misconfigured)
+    assert str(exc).startswith(
+        "HTTP 403 from /v1/companies/identify (x-request-id rid-1): token refused")
+    assert str(classify(403, h(x_request_id="rid-1"), "")).startswith(
+        "HTTP 403 (x-request-id rid-1): token refused")
+    rejected = classify(400, h(), "", "/v1/track")
+    assert str(rejected) == "HTTP 400: payload rejected", "a payload's rejection as before"

@@ -277,6 +277,17 @@ def setup(outage_after: int = 1000) -> tuple[FakeClock, FakeSleep, Gate]:
                                          clock=clock)
 
 
+def delivered_between(clock: FakeClock, gate: Gate, endpoint: str,
+                      sent_ago: float | None = 0.5) -> Callable[[int], None]:
+    """A Script side effect: before each attempt, a second passes and another event's
+    request to `endpoint`, sent `sent_ago` seconds earlier (None: untold), is delivered."""
+    def deliver(_call: int) -> None:
+        clock.now += 1.0
+        gate.success(endpoint=endpoint,
+                     sent=None if sent_ago is None else clock.now - sent_ago)
+    return deliver
+
+
 def test_retries_transient_errors_with_growing_jittered_backoff() -> None:
     clock, sleep, gate = setup()
     errors: list[BaseException | None] = [ServerError("500"), Timeout("t"),
@@ -432,12 +443,8 @@ def test_an_event_refused_while_others_are_delivered_between_is_given_up() -> No
     partition for good and closed the gate for everyone at each attempt (review "dlq33")."""
     clock, sleep, gate = setup()
 
-    def others_delivered(call: int) -> None:
-        clock.now += 1.0
-        gate.success(endpoint="track", sent=clock.now - 0.5)  # sent after the refusal
-
     send = Script([Misconfigured("HTTP 403: forbidden", status=403, body="waf")] * 10,
-                  others_delivered)
+                  delivered_between(clock, gate, "track"))  # sent after the refusal
     with pytest.raises(RefusedAlone) as info:
         run(policy(gate, clock, sleep, max_attempts=12).run(send, Attempts(), endpoint="track"))
     assert send.calls == REFUSED_ALONE
@@ -453,10 +460,7 @@ def test_successes_count_as_evidence_only_on_the_events_own_endpoint() -> None:
     restart (review "http33")."""
     clock, sleep, gate = setup()
 
-    def identifies_delivered(call: int) -> None:
-        clock.now += 1.0
-        gate.success(endpoint="identify", sent=clock.now - 0.5)
-
+    identifies_delivered = delivered_between(clock, gate, "identify")
     gate.failing("track", -1, True)  # another Track event fails too
     send = Script([ServerError("HTTP 503")] * 30 + [None], identifies_delivered)
     attempts = Attempts()
@@ -475,11 +479,7 @@ def test_an_event_failing_alone_on_its_endpoint_is_given_up_on_other_endpoints_e
     ever with its partition's commits (review "diff33")."""
     clock, sleep, gate = setup()
 
-    def tracks_delivered(call: int) -> None:
-        clock.now += 1.0
-        gate.success(endpoint="track", sent=clock.now - 0.5)
-
-    send = Script([ServerError("HTTP 500")] * 30, tracks_delivered)
+    send = Script([ServerError("HTTP 500")] * 30, delivered_between(clock, gate, "track"))
     with pytest.raises(ServerError):
         run(policy(gate, clock, sleep, max_attempts=3).run(send, Attempts(),
                                                           endpoint="company_identify"))
@@ -492,29 +492,19 @@ def test_a_refusal_counts_only_deliveries_sent_after_it() -> None:
     `refused` (review "diff33"). Nor does a proxy's refusal ever count."""
     clock, sleep, gate = setup()
 
-    def late_answers_of_earlier_requests(call: int) -> None:
-        clock.now += 1.0
-        gate.success(endpoint="track", sent=clock.now - 100.0)
-
+    late_answers_of_earlier_requests = delivered_between(clock, gate, "track", sent_ago=100.0)
     send = Script([Misconfigured("HTTP 401", status=401)] * 10 + [None],
                   late_answers_of_earlier_requests)
     run(policy(gate, clock, sleep).run(send, Attempts(), endpoint="track"))
     assert send.calls == 11, "paused, never dead-lettered"
 
-    def sent_after(call: int) -> None:
-        clock.now += 1.0
-        gate.success(endpoint="track", sent=clock.now - 0.5)
-
     proxy = Script([ProxyRefused("the proxy refused the tunnel", status=403)] * 10 + [None],
-                   sent_after)
+                   delivered_between(clock, gate, "track"))
     run(policy(gate, clock, sleep).run(proxy, Attempts(), endpoint="track"))
     assert proxy.calls == 11, "a proxy's refusal is about the setting"
     # The same failures with Tracks delivered between them: given up.
-    def tracks_delivered(call: int) -> None:
-        clock.now += 1.0
-        gate.success(endpoint="track")
-
-    tracks = Script([ServerError("HTTP 503")] * 30, tracks_delivered)
+    tracks = Script([ServerError("HTTP 503")] * 30,
+                    delivered_between(clock, gate, "track", sent_ago=None))
     with pytest.raises(ServerError):
         run(policy(gate, clock, sleep, max_attempts=3).run(tracks, Attempts(), endpoint="track"))
     assert tracks.calls == 3
