@@ -101,10 +101,14 @@ class Failure:
     call: str = ""  # the request that failed (`ensure_user POST /v1/identify`); "" if none
 
 
+def iso_ms(ts: float) -> str:
+    """A wall time as the DLQ's time headers write it (UTC, milliseconds): the form
+    `replay --since/--until` read, and the worker's guard-trip line quotes."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
 def _iso(ts: float | None) -> bytes:
-    if ts is None:
-        return b""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").encode()
+    return b"" if ts is None else iso_ms(ts).encode()
 
 
 log = logging.getLogger(__name__)

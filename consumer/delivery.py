@@ -244,7 +244,7 @@ def transport_failure(exc: BaseException, deadline_s: float,
                 f"connection to Userpilot failed: the proxy's host {cause.host!r} does not "
                 "resolve (DNS); check HTTPS_PROXY / HTTP_PROXY" if proxied else
                 f"connection to Userpilot failed: its host {cause.host!r} does not resolve "
-                "(DNS); check USERPILOT_ANALYTICS_ENDPOINT")
+                "(DNS); check USERPILOT_ANALYTICS_ENDPOINT", before_tls=True)
         return ConnectionFailed(f"connection to Userpilot failed ({type(cause).__name__})")
     if isinstance(exc, httpx.ProxyError):
         status = _proxy_status(exc)
@@ -266,7 +266,8 @@ def transport_failure(exc: BaseException, deadline_s: float,
             # Any other refusal of the tunnel (a 502: it cannot reach Userpilot) says
             # nothing about the event (never a dead letter), but says who refused.
             return ConnectionFailed(
-                f"connection to Userpilot failed: the proxy refused the tunnel (HTTP {status})")
+                f"connection to Userpilot failed: the proxy refused the tunnel (HTTP {status})",
+                before_tls=True)
     if isinstance(exc, (httpx.TransportError, OSError)):
         return ConnectionFailed(f"connection to Userpilot failed ({type(exc).__name__})")
     # A broken answer: a body httpx cannot decode, or a response aiohttp's parser refused

@@ -163,9 +163,20 @@ class Timeout(Retry):
 
 
 class ConnectionFailed(Retry):
-    """The connection could not be made or was reset."""
+    """The connection could not be made or was reset.
+
+    `before_tls`: it failed before any TLS was spoken (a host that does not resolve, a
+    proxy refusing the tunnel): its message names the cause, and a hint at the CA bundle
+    beside it would send operators the wrong way (review "http33")."""
 
     cause = "connection_error"
+
+    def __init__(
+        self, message: str, *, status: int | None = None, body: str = "",
+        retry_after: float | None = None, before_tls: bool = False,
+    ) -> None:
+        super().__init__(message, status=status, body=body, retry_after=retry_after)
+        self.before_tls = before_tls
 
 
 class TlsRefused(ConnectionFailed):

@@ -210,7 +210,7 @@ class DeleteClient:
             # stops the run: it was retried 12 times a batch, review newcomer19).
             failure = transport_failure(exc, self.deadline_s)
             if (isinstance(failure, ConnectionFailed) and not isinstance(failure, TlsRefused)
-                    and self.url.startswith("https:")):
+                    and not failure.before_tls and self.url.startswith("https:")):
                 failure = ConnectionFailed(f"{failure}; for TLS, check USERPILOT_CA_BUNDLE "
                                            f"(a corporate or inspecting proxy's CA)")
             raise failure from None

@@ -108,11 +108,7 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
     except TlsRefused as exc:  # its text names the setting already
         return f"Userpilot at {host}{via}: {exc}"
     except ConnectionFailed as exc:
-        # A name that does not resolve or a proxy's refusal says so itself: a TLS hint
-        # beside them sent operators to the CA bundle (review "http33").
-        said = str(exc)
-        tls = "" if settings.insecure_http or "does not resolve" in said or (
-            "the proxy refused" in said) else (
+        tls = "" if settings.insecure_http or exc.before_tls else (
             "; for TLS, check USERPILOT_CA_BUNDLE (a corporate or inspecting proxy's CA)")
         return f"Userpilot at {host}{via}: {exc}{tls}"
     except Retry as exc:  # 408, 429, 5xx: Userpilot is there, but busy or failing

@@ -46,14 +46,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from consumer import codec
 from consumer.calls import FAMILIES
 from consumer.commits import TP, Commits
 from consumer.config import Settings, redact_userinfo
-from consumer.deadletter import DlqGuard, GuardHold, message_headers
+from consumer.deadletter import DlqGuard, GuardHold, iso_ms, message_headers
 from consumer.delivery import UserpilotClient
 from consumer.errors import DlqGuardTripped, Retry, Stop
 from consumer.filtering import Drop
@@ -650,13 +649,12 @@ class Worker:
         void = [at for tp, offset, at in self._dead_letters if offset >= committed.get(tp, -1)]
         if not void:
             return
-        since = datetime.fromtimestamp(min(void), UTC)
-        until = (since - timedelta(milliseconds=1)).isoformat(timespec="milliseconds")
+        since = min(void)
         log.critical("the dead letters this run wrote since %s are not committed: once the "
                      "cause is fixed the workers read those events again and deliver them, so "
                      "do not replay them; replay only the earlier ones: `replay --until %s` "
                      "(the earliest such time if the worker restarted and tripped again)",
-                     since.isoformat(timespec="milliseconds"), until)
+                     iso_ms(since), iso_ms(since - 0.001))
 
     def _crash(self, exc: BaseException) -> None:
         if not isinstance(self.fatal, DlqGuardTripped):

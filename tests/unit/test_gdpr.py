@@ -15,7 +15,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consumer.__main__ import build_parser
-from consumer.errors import ConfigError, Misconfigured, RateLimited, Rejected, ServerError
+from consumer.errors import (
+    ConfigError,
+    ConnectionFailed,
+    Misconfigured,
+    RateLimited,
+    Rejected,
+    ServerError,
+)
 from consumer.gdpr import (
     DEFAULT_BATCH_SIZE,
     DeleteClient,
@@ -302,6 +309,25 @@ def test_a_proxy_refusing_the_tunnel_stops_the_run(refusing_proxy: str) -> None:
     client.close()
     assert summary.aborted and summary.batches_sent == 1 and summary.deleted == 0
     assert now[0] < 60 and "wrong" not in " ".join(lines)
+
+
+def test_a_proxy_that_cannot_reach_userpilot_is_named_without_a_tls_hint() -> None:
+    """A proxy answering the tunnel with 502 failed before any TLS: the failure names it,
+    and a CA-bundle hint beside it would send the operator the wrong way (review "http33",
+    the worker's check-config rule, shared through `ConnectionFailed.before_tls`)."""
+    refusal = (b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n"
+               b"Connection: close\r\n\r\n")
+    with answering(refusal) as port:
+        client = DeleteClient("https://analytex.userpilot.io/v1/users",
+                              {"Authorization": "Token t"}, timeout_s=5,
+                              proxy=f"http://127.0.0.1:{port}")
+        try:
+            with pytest.raises(ConnectionFailed) as failed:
+                client.delete(b'{"users":["u"]}')
+        finally:
+            client.close()
+    assert "the proxy refused the tunnel (HTTP 502)" in str(failed.value)
+    assert "USERPILOT_CA_BUNDLE" not in str(failed.value)
 
 
 # ---------------------------------------------------------------------------- command line

@@ -261,3 +261,24 @@ def test_a_host_that_does_not_resolve_is_named_without_a_tls_hint() -> None:
     assert problem is not None
     assert "cannot resolve 'analytex.userpilot.invalid'" in problem
     assert "USERPILOT_CA_BUNDLE" not in problem
+
+
+def test_a_proxy_that_cannot_reach_userpilot_is_named_without_a_tls_hint() -> None:
+    """A proxy answering the tunnel with 502 failed before any TLS: the problem names the
+    proxy's status and gives no CA-bundle hint (http33); a connection that failed
+    otherwise over https still gets the hint (`ConnectionFailed.before_tls`)."""
+    env = {"USERPILOT_API_KEY": "wt_1234567890",
+           "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.io",
+           "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "KAFKA_TOPICS": "events",
+           "SCHEMA_REGISTRY_URL": "http://registry:8081"}
+    with answering(response(502, "Bad Gateway")) as port:
+        proxied = load_settings({**env, "HTTPS_PROXY": f"http://127.0.0.1:{port}"},
+                                check_clients=False)
+        problem = reach.userpilot(proxied, 5)
+    assert problem is not None and "the proxy refused the tunnel (HTTP 502)" in problem
+    assert "USERPILOT_CA_BUNDLE" not in problem
+    with answering(b"") as port:  # accepts, reads, closes: no TLS handshake at all
+        direct = load_settings({**env, "USERPILOT_ANALYTICS_ENDPOINT": f"127.0.0.1:{port}"},
+                               check_clients=False)
+        problem = reach.userpilot(direct, 5)
+    assert problem is not None and "USERPILOT_CA_BUNDLE" in problem, problem
