@@ -76,7 +76,7 @@ ops-check:
 	else echo "ops-check: ops/check.sh not present, nothing to check"; fi
 
 pytest: venv
-	$(BIN)/pytest tests
+	$(BIN)/pytest --durations=30 tests
 
 demo: venv
 	@$(call with-services,$(BIN)/python -m consumer demo)
