@@ -392,6 +392,24 @@ def test_an_items_price_in_another_currency_is_not_sent_under_the_events_currenc
         assert (sent["price"], sent["currency"]) == (9.5, "USD")
 
 
+@pytest.mark.parametrize(("item_currency", "event_currency"),
+                         [("usd", "USD"), ("USD", "usd"), (" eur", "EUR ")])
+def test_one_currency_in_another_case_keeps_the_items_price(
+        item_currency: str, event_currency: str) -> None:
+    """Review "seed34": Stripe writes "usd"; beside the event's "USD" it read as another
+    currency and the item's price was left out. The event's own spelling is sent."""
+    from consumer.mapping import build_payload
+
+    rule = DEFAULT_PRESET.lookup(track("Product Viewed"))
+    assert rule is not None
+    built = build_payload(track("Product Viewed", {
+        "products": [{"sku": "S1", "price": 49, "currency": item_currency}],
+        "currency": event_currency}), rule)
+    assert (built.body["metadata"]["price"], built.body["metadata"]["currency"]) == (
+        49, event_currency)
+    assert not any(o.startswith("price") for o in built.omitted), built.omitted
+
+
 def test_a_top_level_product_id_is_never_sent_with_the_first_items_name_and_price() -> None:
     """Review "events28": the top-level product_id went out with products[0]'s name, price
     and quantity, another product's."""
