@@ -838,8 +838,11 @@ def _kind(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN (not JSON: Userpilot cannot take it)"
     if isinstance(value, float) and not math.isfinite(value):
-        return "a number too large for JSON (such as 1e999)"  # "got a number" contradicted
+        # "got a number" contradicted; Python's json reads Infinity too (not JSON either)
+        return "a number too large for JSON (such as 1e999 or Infinity)"
     if isinstance(value, int | float):
         return "a number"
     if isinstance(value, str):

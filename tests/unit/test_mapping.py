@@ -1125,6 +1125,15 @@ def test_a_static_value_too_large_for_json_is_named_so() -> None:
         load_mappings({"events": {"Feature Used": {"static": {"a": float("inf")}}}})
 
 
+def test_a_static_nan_is_named_nan(tmp_path: Path) -> None:
+    """`NaN` in a mappings file was refused as "a number too large for JSON" (review
+    "seed34"): the message names what the file holds."""
+    path = tmp_path / "m.json"
+    path.write_text('{"events": {"Feature Used": {"static": {"k": NaN}}}}')
+    with pytest.raises(MappingsError, match="got NaN"):
+        load_mappings(path)
+
+
 def test_a_decoded_page_view_is_mapped_whatever_else_its_context_extra_holds() -> None:
     """Review poison26: a page view was dead-lettered for a broken ``context.extra`` a
     Track with the same text delivered; it reads ``context.page`` alone."""
