@@ -287,6 +287,11 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
     if omitted is not None and flat_id is not None and _id(flat_id) != company_id:
         # Not sent beside the chosen id (it could name another company): said so.
         omitted.append("company_id (another company id than the one sent)")
+    group_id = _id(event.get("groupId"))
+    if omitted is not None and group_id is not None and group_id != company_id:
+        # The traits' id won: the event's groupId, naming another company, is not sent
+        # either; `explain` said nothing of it (review "seed34").
+        omitted.append("groupId (another company id than the one sent)")
     properties = flatten_traits(rest, left_out)
     _created_at(properties, left_out)
     # Neither spelling of the id may travel beside the chosen one: Userpilot's documents
@@ -301,6 +306,30 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
     # identify body); Userpilot allows 512 KB of properties per app.
     properties = (limit or _default_company_limit)(properties)
     return {COMPANY_KEY: company_id, **properties}
+
+
+def _without_unusable_company_ids(traits: dict[str, Any],
+                                  omitted: list[str] | None) -> dict[str, Any]:
+    """The traits without the company ids no company could be made of (a blank, `1.5`,
+    `true`): none is attached, so each is left out and listed, not sent as the user's
+    `company_id` property, an id beside no company (review "seed34"). The company
+    object's other fields stay user properties."""
+    company = traits.get("company")
+    nested = [k for k in _COMPANY_ID_KEYS
+              if isinstance(company, dict) and company.get(k) is not None]
+    if traits.get("company_id") is None and not nested:
+        return traits
+    out = dict(traits)
+    left_out: list[str] = []
+    if out.get("company_id") is not None:
+        del out["company_id"]
+        left_out.append("company_id")
+    if nested and isinstance(company, dict):
+        out["company"] = {k: v for k, v in company.items() if k not in nested}
+        left_out.extend(f"company.{k}" for k in nested)
+    if omitted is not None:
+        omitted.extend(f"{key} (not a usable company id)" for key in left_out)
+    return out
 
 
 # ---------------------------------------------------------------------------- payloads
@@ -324,6 +353,8 @@ def identify_payload(
     if company is not None:  # the company's own keys are not user properties too
         traits = {k: v for k, v in traits.items()
                   if not (k == "company_id" or (k == "company" and isinstance(v, dict)))}
+    else:
+        traits = _without_unusable_company_ids(traits, omitted)
     user_id = event.get("userId")
     payload: dict[str, Any] = {
         "user_id": user_id if isinstance(user_id, str) else "",

@@ -147,6 +147,39 @@ def test_ids_left_out_of_an_identifys_company_are_listed() -> None:
     assert omitted == [], "the same id twice leaves nothing out"
 
 
+def test_a_group_id_the_traits_overruled_is_listed_as_left_out() -> None:
+    """Review "seed34": the traits' company id won over the event's groupId, and `explain`
+    did not say the groupId was not sent."""
+    omitted: list[str] = []
+    payload = identify_payload(identify(groupId="g-env", traits={"company": {"id": "g-t"}}),
+                               omitted=omitted)
+    assert payload["company"] == {COMPANY_KEY: "g-t"}
+    assert omitted == ["groupId (another company id than the one sent)"]
+    omitted.clear()
+    identify_payload(identify(groupId="g-t", traits={"company": {"id": "g-t"}}),
+                     omitted=omitted)
+    assert omitted == [], "the same id twice leaves nothing out"
+
+
+@pytest.mark.parametrize("bad", ["   ", 1.5, True, {"x": 1}, ["a"]])
+def test_an_unusable_company_id_with_no_company_is_not_a_user_property(bad: Any) -> None:
+    """Review "seed34": with no usable id anywhere no company is attached, and the unusable
+    id went out as the user's `company_id` property (an id beside no company). Left out and
+    listed; the company object's other fields stay user properties."""
+    omitted: list[str] = []
+    payload = identify_payload(identify(traits={"plan": "pro", "company_id": bad}),
+                               omitted=omitted)
+    assert "company" not in payload
+    assert payload["metadata"] == {"plan": "pro"}
+    assert omitted == ["company_id (not a usable company id)"]
+    omitted.clear()
+    payload = identify_payload(identify(traits={"company": {"id": bad, "name": "Acme"}}),
+                               omitted=omitted)
+    assert "company" not in payload
+    assert payload["metadata"] == {"company_name": "Acme"}
+    assert omitted == ["company.id (not a usable company id)"]
+
+
 def test_no_second_company_id_travels_beside_the_chosen_one() -> None:
     """Userpilot's documents disagree on the key (`id`, `company_id`): a `company_id` among
     the company's properties could attach the user to another company."""
