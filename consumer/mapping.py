@@ -166,8 +166,32 @@ def normalize_event_name(name: object) -> str:
 
 def _normalize(name: str) -> str:
     if _SEPARATORS.search(name) is None:
-        name = _CAMEL_2.sub(r"\1 ", _CAMEL_1.sub(r"\1 \2", name))
+        if name.isascii() or len(name) > UNICODE_CAMEL_MAX:
+            name = _CAMEL_2.sub(r"\1 ", _CAMEL_1.sub(r"\1 \2", name))
+        else:
+            name = _split_camel(name)
     return _SEPARATORS.sub("_", name).strip("_").lower()
+
+
+UNICODE_CAMEL_MAX = NAME_CACHE_MAX
+"""Longer non-ASCII names are split at ASCII case changes only: `re` has no Unicode case
+classes, and the letter-by-letter walk is kept to names the cache holds (uncached, a flood
+of long names would each cost it again; no mapped name is that long)."""
+
+
+def _split_camel(name: str) -> str:
+    """`_CAMEL_1` then `_CAMEL_2` for any script: "caféVisited" and "userÖffnet" split like
+    "cafeVisited" (review "seed34": `[a-z]`/`[A-Z]` saw no boundary at "é" → "V")."""
+    out: list[str] = []
+    last = len(name) - 1
+    for i, c in enumerate(name):
+        if i and c.isupper():
+            before = name[i - 1]
+            if before.islower() or before.isdecimal() or (
+                    before.isupper() and i < last and name[i + 1].islower()):
+                out.append(" ")
+        out.append(c)
+    return "".join(out)
 
 
 _normalize_cached = functools.lru_cache(maxsize=4096)(_normalize)

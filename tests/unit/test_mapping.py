@@ -145,14 +145,26 @@ def test_normalize_event_name(name: str, key: str) -> None:
     assert normalize_event_name(name) == key
 
 
-@given(st.text(alphabet="aAbB1 _-é", max_size=24))
+@pytest.mark.parametrize(("name", "key"), [
+    ("caféVisited", "café_visited"), ("userÖffnet", "user_öffnet"),
+    ("überFeature", "über_feature"), ("приветМир", "привет_мир"),
+    ("ÉTÉVisité", "été_visité"), ("naïveBayesRun", "naïve_bayes_run")])
+def test_camel_case_is_split_in_any_script(name: str, key: str) -> None:
+    """Review "seed34": `[a-z]`/`[A-Z]` saw no boundary between "é" and "V", so
+    "caféVisited" did not meet the mapping "Café Visited"."""
+    assert normalize_event_name(name) == key
+    assert normalize_event_name(name) == normalize_event_name(key.replace("_", " ").title())
+
+
+@given(st.text(alphabet="aAbB1 _-éÉ", max_size=24))
 def test_normalize_splits_acronyms_exactly_as_the_backtracking_pattern_did(name: str) -> None:
     """The lookahead form is the old `([A-Z]+)([A-Z][a-z])` → `\\1 \\2`, without its
-    quadratic backtracking; a name with separators is not split at its capitals."""
+    quadratic backtracking; a name with separators is not split at its capitals. "é" and
+    "É" are letters of their case like any (review "seed34")."""
     old = name
     if re.search(r"[\s_\-]", name) is None:
-        old = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2",
-                     re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name))
+        old = re.sub(r"([A-ZÉ]+)([A-ZÉ][a-zé])", r"\1 \2",
+                     re.sub(r"([a-zé0-9])([A-ZÉ])", r"\1 \2", name))
     expected = re.sub(r"[\s_\-]+", "_", old).strip("_").lower()
     assert normalize_event_name(name) == expected
 
