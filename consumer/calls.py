@@ -33,6 +33,7 @@ from consumer.mapping import (
     DEFAULT_MAX_METADATA_KEYS,
     Primitive,
     flatten_properties,
+    js_number,
     limit_metadata,
 )
 
@@ -238,7 +239,7 @@ def _id(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+        return js_number(value)  # 1e300 as "1e+300", as JavaScript writes it (seed34)
     return None
 
 

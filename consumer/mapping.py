@@ -60,6 +60,7 @@ __all__ = [
     "build_payload",
     "build_track_payload",
     "flatten_properties",
+    "js_number",
     "limit_metadata",
     "load_mappings",
     "normalize_event_name",
@@ -409,7 +410,7 @@ def _joined(items: list[Any]) -> tuple[str | None, bool]:
             parts.append(str(item))
         elif isinstance(item, float):
             if math.isfinite(item):
-                parts.append(_js_number(item))
+                parts.append(js_number(item))
             else:
                 lost = True
         else:
@@ -417,12 +418,14 @@ def _joined(items: list[Any]) -> tuple[str | None, bool]:
     return ",".join(parts), lost
 
 
-def _js_number(value: float) -> str:
+def js_number(value: float) -> str:
     """A number in a joined array as JavaScript writes it (`String(n)`, what Userpilot's
     own SDK sends): `1.0` → "1", `1e20` → "100000000000000000000", `-0.0` → "0",
     `1e-6` → "0.000001", `1.5e-7` → "1.5e-7" (Python wrote "1.0", "1e+20", "-0.0",
-    "1e-06": review "events31")."""
-    if value.is_integer() and abs(value) < 1e21:
+    "1e-06": review "events31"). From 1e16 on, where a float's binary value has more
+    digits than its shortest spelling, as JavaScript too: `12345678901234567890.0` →
+    "12345678901234567000", not its binary "12345678901234567168" (review "seed34")."""
+    if value.is_integer() and abs(value) < 1e16:  # below, repr has no exponent: exact
         return str(int(value))
     text = repr(value)  # the shortest round trip, as JavaScript's
     mantissa, _, exponent = text.partition("e")

@@ -1164,6 +1164,9 @@ def test_a_decoded_page_view_is_mapped_whatever_else_its_context_extra_holds() -
 @pytest.mark.parametrize(("items", "joined"), [
     ([1.0, 2], "1,2"), ([1e20], "100000000000000000000"), ([-0.0], "0"),
     ([1e-6, 1.5e-7], "0.000001,1.5e-7"), ([2.5, 1e21], "2.5,1e+21"), ([10**30], str(10**30)),
+    # From 1e16 the float's shortest spelling, padded, as JavaScript (review "seed34").
+    ([12345678901234567890.0], "12345678901234567000"), ([2.0**53], "9007199254740992"),
+    ([1e16, -1.7e17], "10000000000000000,-170000000000000000"),
 ])
 def test_numbers_in_a_joined_array_are_written_as_javascript_writes_them(
         items: list[Any], joined: str) -> None:
