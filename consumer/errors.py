@@ -232,7 +232,10 @@ class SharedStateUnavailable(Degrade):
     """
 
     def __init__(self, message: str, *, timed_out: bool = False,
-                 skipped: bool = False) -> None:
+                 skipped: bool = False, tls: bool = False) -> None:
         super().__init__(message)
         self.timed_out = timed_out
         self.skipped = skipped  # not asked at all: Redis counts as hung (`dedup`)
+        # The TLS handshake failed (an untrusted certificate, another host name, a port
+        # that does not speak TLS): a setting when it lasts; `run` refuses it at start-up.
+        self.tls = tls

@@ -387,18 +387,32 @@ def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[
     return [p for p in problems if p is not None]
 
 
-def probe_keys(settings: Settings) -> tuple[str, str]:
-    """Throw-away keys shaped as the worker's own for this token: a messageId's claim, and
-    a key beside the Track budget's (`<budget>:probe:<tag>`, never the budget itself)."""
+DEDUP_ENDPOINTS = ("track", "identify", "company_identify")
+"""The endpoints a messageId is recorded under (`calls.Call.endpoint`, each its own key)."""
+
+
+def probe_keys(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Throw-away keys shaped as the worker's own for this token, one of each shape `run`
+    uses: a messageId's claim per endpoint, and a key beside each budget's
+    (`<budget>:probe:<tag>`, never the budget itself). Track's alone passed an ACL that
+    allowed only the Track keys: identify then ran without the shared budget and
+    deduplication for ever (review "redis34")."""
     import uuid
 
+    from consumer.calls import FAMILIES
     from consumer.dedup import dedup_key
     from consumer.redisstore import token_digest
-    from consumer.sharedlimit import budget_key
+    from consumer.sharedlimit import ALL_FAMILIES, budget_key
 
     digest, tag = token_digest(settings.api_key.reveal()), uuid.uuid4().hex[:16]
-    return (dedup_key(digest, "track", f"probe-{tag}"),
-            f"{budget_key(digest, 'track')}:probe:{tag}")
+    families = (ALL_FAMILIES,) if settings.rate_limit_shared else FAMILIES
+    return (tuple(dedup_key(digest, endpoint, f"probe-{tag}") for endpoint in DEDUP_ENDPOINTS),
+            tuple(f"{budget_key(digest, family)}:probe:{tag}" for family in families))
+
+
+REDIS_TLS_HINT = ("set REDIS_TLS_CA_FILE to the CA that signed Redis's certificate, use "
+                  "the host name that certificate names in REDIS_URL, and rediss:// only "
+                  "for a TLS port")
 
 
 REDIS_REFUSALS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError",
@@ -432,6 +446,12 @@ def redis_refusal(settings: Settings, timeout: float) -> str | None:
     try:
         asyncio.run(ping())
     except SharedStateUnavailable as exc:
+        if exc.tls:
+            # Every call fails so, for ever: taken as an outage, each replica ran ready on
+            # its partition share without deduplication, the log saying "ConnectionError"
+            # (review "redis34"), as a refused password did (config25).
+            return (f"Redis at {conf.redacted_url}: the TLS handshake failed ({exc}): "
+                    f"{REDIS_TLS_HINT}")
         if "ReadOnlyError" in str(exc):
             # check-config --online said so; run took it and fell back for ever (review
             # "faults29"). Waited for, not refused: during a managed Redis's failover the
@@ -486,8 +506,12 @@ def redis(settings: Settings, timeout: float) -> str | None:
     try:
         took = asyncio.run(ping())
     except SharedStateUnavailable as exc:
-        return (f"Redis at {conf.redacted_url}: {exc}; check REDIS_URL (host, password, db) "
-                f"and REDIS_TLS_CA_FILE")
+        if exc.tls:
+            return (f"Redis at {conf.redacted_url}: the TLS handshake failed ({exc}): "
+                    f"{REDIS_TLS_HINT}")
+        return (f"Redis at {conf.redacted_url}: {exc}; check REDIS_URL (host, password, db; "
+                "rediss:// for a TLS port, redis:// for a plain one: the other scheme times "
+                "out or is reset) and REDIS_TLS_CA_FILE")
     try:
         asyncio.run(probe())
     except SharedStateUnavailable as exc:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
@@ -30,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumer.errors import ConfigError, SharedStateUnavailable
 
-__all__ = ["ClaimState", "RedisStore", "token_digest"]
+__all__ = ["ClaimState", "RedisStore", "tls_failure", "token_digest"]
 
 ClaimState = Literal["claimed", "duplicate", "busy"]
 CallObserver = Callable[[str, float, "str | None"], None]
@@ -192,6 +193,23 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:24]
 
 
+def tls_failure(exc: BaseException) -> str | None:
+    """Why the TLS handshake failed, when that is what `exc` (or what it came from) is:
+    OpenSSL's words ("certificate verify failed: self-signed certificate", "IP address
+    mismatch, ...", "WRONG_VERSION_NUMBER"), which hold no password, unlike the URL. A
+    bare "ConnectionError" sent operators looking for an outage (review "redis34")."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {cause.verify_message or cause.reason}"
+        if isinstance(cause, ssl.SSLError):
+            return str(cause.reason or type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 class RedisStore:
     """Bounded, atomic Redis operations for the shared budget and deduplication."""
 
@@ -266,9 +284,12 @@ class RedisStore:
                 error += " (DB index is out of range)"  # Redis's own words: no URL in them
             if isinstance(exc, ReadOnlyError):
                 await self._reconnect()
+            tls = tls_failure(exc)
+            if tls is not None:
+                error += f" (TLS: {tls})"
             timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
             raise SharedStateUnavailable(f"redis {op} failed: {error}",
-                                         timed_out=timed_out) from None
+                                         timed_out=timed_out, tls=tls is not None) from None
         finally:
             if self._observe is not None:
                 self._observe(op, time.perf_counter() - start, error)
@@ -276,23 +297,27 @@ class RedisStore:
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
 
-    async def probe(self, claim: str, budget: str) -> None:
+    async def probe(self, claims: Sequence[str], budgets: Sequence[str]) -> None:
         """What `run` does, once, on throw-away keys of the same shapes (`ud:`, `userpilot:`):
-        a claim and its release, a progress note and its read, a confirm (keys living 1 s),
-        a reservation. A PING passes where these fail: a user whose ACL allows PING but not
-        the scripts, the commands or the keys, a read-only replica. `claim` and `budget`:
-        keys shaped as the worker's own for its token (`reach.probe_keys`), so an ACL
-        narrowed to those shapes passes (review diff25b); never a live budget's key."""
-        await self.claim(claim, "check-config", 1000)
-        await self.release(claim, "check-config")
-        await self.progress(claim, "1:probe", 1000)
-        await self.progress_of(claim)
-        await self.confirm(claim, 1000)
-        await self.gcra(budget, interval_us=1000, tolerance_us=0, lookahead_us=1000,
-                        idle_ttl_ms=1000)
-        with contextlib.suppress(RedisError, OSError, TimeoutError):  # else gone in a week
-            async with asyncio.timeout(self._timeout):
-                await self._client.unlink(f"{budget}:seen")
+        per claim key a claim and its release, a progress note and its read, a confirm
+        (keys living 1 s); per budget key a reservation. A PING passes where these fail: a
+        user whose ACL allows PING but not the scripts, the commands or the keys, a
+        read-only replica. `claims` and `budgets`: keys shaped as the worker's own for its
+        token, one of each shape it uses (`reach.probe_keys`), so an ACL narrowed to those
+        shapes passes (review diff25b) and one that leaves a shape out does not (review
+        redis34); never a live budget's key."""
+        for claim in claims:
+            await self.claim(claim, "check-config", 1000)
+            await self.release(claim, "check-config")
+            await self.progress(claim, "1:probe", 1000)
+            await self.progress_of(claim)
+            await self.confirm(claim, 1000)
+        for budget in budgets:
+            await self.gcra(budget, interval_us=1000, tolerance_us=0, lookahead_us=1000,
+                            idle_ttl_ms=1000)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):  # else a week
+                async with asyncio.timeout(self._timeout):
+                    await self._client.unlink(f"{budget}:seen")
 
     async def _reconnect(self) -> None:
         """READONLY: the node behind the URL was demoted (a managed Redis's failover moves

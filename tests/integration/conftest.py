@@ -22,6 +22,7 @@ def sandbox() -> Iterator[tuple[SandboxThread, SandboxControl]]:
 from tests.integration.redis_fixtures import (  # noqa: E402  (real Redis fixtures)
     redis_url,
     stoppable_redis,
+    tls_redis,
 )
 
-__all__ = ["redis_url", "sandbox", "stoppable_redis"]
+__all__ = ["redis_url", "sandbox", "stoppable_redis", "tls_redis"]

@@ -108,6 +108,51 @@ def stoppable_redis(tmp_path: Path) -> Iterator[StoppableRedis]:
         server.stop()
 
 
+@dataclass
+class TlsRedis:
+    """A redis-server of this test's own that speaks TLS only, with a self-signed
+    certificate for `localhost` (`cert`, also the CA to trust)."""
+
+    port: int
+    cert: Path
+
+    def url(self, host: str = "localhost", scheme: str = "rediss") -> str:
+        return f"{scheme}://{host}:{self.port}/0"
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError("redis-server is not installed: run `make sysdeps` (as root)")
+    cert, key = tmp_path / "redis-ca.pem", tmp_path / "redis-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [server, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port),
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file",
+         str(cert), "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", port), timeout=0.5):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"TLS redis-server on port {port} did not listen")
+            time.sleep(0.05)
+        yield TlsRedis(port, cert)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 class SlowLink:
     """A TCP relay to a Redis that delays every reply by `delay_s` (a Redis that far away):
     its own event loop on a thread, so a subprocess (check-config) can use it too."""

@@ -18,7 +18,7 @@ import pytest
 from consumer.sandbox import SandboxControl, SandboxThread
 from tests.conftest import create_topic
 from tests.integration.harness import READ_TOKEN, REPO, worker_env
-from tests.integration.redis_fixtures import SlowLink, StoppableRedis
+from tests.integration.redis_fixtures import SlowLink, StoppableRedis, TlsRedis
 
 Sandbox = tuple[SandboxThread, SandboxControl]
 EVENT = b'{"type":"track","event":"Feature Used","userId":"u"}\n'
@@ -253,6 +253,18 @@ def test_run_stops_at_start_up_when_redis_refuses_its_password_not_when_it_is_do
     settings = load_settings({**online_env, "REDIS_URL": narrow})
     assert reach.redis_refusal(settings, 5) is None
     assert reach.redis(settings, 5) is None, "check-config --online takes it too"
+    # ... and one that allows the Track keys alone is refused: identify ran on its
+    # fallback for ever (review redis34).
+    admin.acl_setuser("trackonly", enabled=True, passwords=["+pw"],
+                      keys=["ud:track:*", "ud:n:track:*", "userpilot:rl:track:*"],
+                      commands=["+@all"])
+    track_only = load_settings({
+        **online_env, "REDIS_URL": stoppable_redis.url.replace("redis://",
+                                                               "redis://trackonly:pw@", 1)})
+    refused_now = reach.redis_refusal(track_only, 5)
+    assert refused_now is not None and "NoPermissionError" in refused_now, refused_now
+    checked_now = reach.redis(track_only, 5)
+    assert checked_now is not None and "NoPermissionError" in checked_now, checked_now
     admin.close()
     stoppable_redis.stop()  # an outage: the worker starts on its fallback
     right = stoppable_redis.url.replace("redis://", "redis://:the-right-one@", 1)
@@ -378,3 +390,31 @@ def test_run_exits_at_once_when_the_brokers_refuse_the_security_settings(
     assert "refused the connection" in ran.stderr and "KAFKA_SASL_" in ran.stderr
     assert "S3CRET" not in ran.stderr and "Traceback" not in ran.stderr
     assert time.monotonic() - started < 30
+
+
+def test_a_redis_tls_handshake_that_fails_is_a_setting_run_refuses(
+        online_env: dict[str, str], tls_redis: TlsRedis) -> None:
+    """Review redis34: a certificate no configured CA signed (or for another host name)
+    fails every Redis call for ever; taken as an outage, `run` ran ready without the shared
+    budget and deduplication, its log saying "ConnectionError". Now check-config --online
+    and run say it is TLS, why, and what to set; run exits 1. Trusted: both take it."""
+    env = {**online_env, "WORKER_METRICS_PORT": "0"}
+    for url, why in ((tls_redis.url(), "self-signed certificate"),
+                     (tls_redis.url("127.0.0.1"), "mismatch")):
+        ca = {"REDIS_TLS_CA_FILE": str(tls_redis.cert)} if "127.0.0.1" in url else {}
+        checked = cli(["check-config", "--online", "--timeout", "5"],
+                      {**env, "REDIS_URL": url, **ca})
+        assert checked.returncode == 8 + 16, checked.stderr
+        ran = cli(["run", "--wait", "0", "--timeout", "5"], {**env, "REDIS_URL": url, **ca})
+        assert ran.returncode == 1, ran.stderr
+        for said in (checked.stderr, ran.stderr):
+            assert "the TLS handshake failed" in said and why in said, said
+            assert "REDIS_TLS_CA_FILE" in said and "Traceback" not in said
+    trusted = {**env, "REDIS_URL": tls_redis.url(), "REDIS_TLS_CA_FILE": str(tls_redis.cert)}
+    checked = cli(["check-config", "--online", "--timeout", "5"], trusted)
+    assert checked.returncode == 0 and "online OK: redis" in checked.stderr, checked.stderr
+    # The plain scheme on the TLS port: reset, like an outage for run, but check-config
+    # names the scheme.
+    plain = cli(["check-config", "--online", "--timeout", "5"],
+                {**env, "REDIS_URL": tls_redis.url(scheme="redis")})
+    assert plain.returncode == 8 + 16 and "rediss:// for a TLS port" in plain.stderr

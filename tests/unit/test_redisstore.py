@@ -91,3 +91,28 @@ def test_a_url_the_redis_client_cannot_read_is_a_config_error_without_the_passwo
     with pytest.raises(ConfigError) as refused:
         RedisStore("redis://:S3CR3T[passwd]word@127.0.0.1:6379/0")
     assert "passwd" not in str(refused.value) and "S3CR3T" not in str(refused.value)
+
+
+def test_a_tls_failure_is_named_by_openssls_reason_found_under_the_clients_error() -> None:
+    """Review redis34: redis-py's ConnectionError hides the TLS cause; the store names it
+    (OpenSSL's words hold no password) and marks the failure as TLS (`run` refuses it)."""
+    import ssl
+
+    from consumer.redisstore import tls_failure
+
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    verify.verify_message = "self-signed certificate"
+    wrapped = ConnectionError("Error 1 connecting to localhost:6380.")
+    wrapped.__cause__ = verify
+    outer = RuntimeError("redis call")
+    outer.__context__ = wrapped
+    assert tls_failure(outer) == "certificate verify failed: self-signed certificate"
+    version = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    version.reason = "WRONG_VERSION_NUMBER"
+    plain = ConnectionError("x")
+    plain.__context__ = version
+    assert tls_failure(plain) == "WRONG_VERSION_NUMBER"
+    assert tls_failure(ConnectionResetError(104, "reset")) is None
+    loop = ConnectionError("a")
+    loop.__context__ = loop
+    assert tls_failure(loop) is None
