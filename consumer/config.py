@@ -136,6 +136,11 @@ ran at 5.9 events/s against 10 at 64 (RESULTS.md, "Round 20")."""
 
 HEARTBEAT_INTERVAL_MS = 3000  # librdkafka's default heartbeat.interval.ms
 
+KAFKA_INTERNAL_TOPICS = frozenset({
+    "__consumer_offsets", "__transaction_state", "__cluster_metadata", "__share_group_state",
+    "__remote_log_metadata"})
+"""The brokers' own topics (Kafka 4.1): never a source or a dead-letter topic."""
+
 _KAFKA_RESERVED = frozenset({"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPICS", "KAFKA_GROUP_ID",
                              "KAFKA_DLQ_TOPIC"})
 _PASSTHROUGH = re.compile(r"^KAFKA_[A-Z0-9]+(?:_[A-Z0-9]+)*$")
@@ -1329,6 +1334,10 @@ def _topics(reader: _Reader) -> tuple[str, ...]:
                 f"KAFKA_TOPICS has {topic!r}, which is not a legal topic name (letters, "
                 "digits, '.', '_', '-', at most 249 characters)"
             )
+        elif topic in KAFKA_INTERNAL_TOPICS:
+            reader.problems.append(
+                f"KAFKA_TOPICS has {topic!r}, one of Kafka's own internal topics (no Signal "
+                "event is there): enter the Signal delivery topic")
     if raw and not topics:
         reader.problems.append("KAFKA_TOPICS lists no topic: enter at least one topic name")
     twice = sorted({t for t in topics if topics.count(t) > 1})
@@ -1607,6 +1616,14 @@ def load_settings(
             f"the default dead-letter topic {dlq_topic!r} is longer than 249 characters: "
             "set KAFKA_DLQ_TOPIC"
         )
+    if dlq_topic in KAFKA_INTERNAL_TOPICS:
+        # Taken, it was refused online as "compacted", with the advice to set
+        # cleanup.policy=delete on it: on __consumer_offsets, every group's committed
+        # offsets deleted by retention (review "kafka34").
+        r.problems.append(
+            f"KAFKA_DLQ_TOPIC={dlq_topic!r} is one of Kafka's own internal topics: the brokers "
+            "refuse writes to it; choose another topic (the default is "
+            f"{default_dlq!r}); never change that topic's settings")
     if dlq_topic in topics:
         r.problems.append(
             f"KAFKA_DLQ_TOPIC={dlq_topic!r} is also a source topic: dead letters would be "

@@ -47,6 +47,7 @@ __all__ = [
     "Partitions",
     "is_fatal",
     "make_producer",
+    "partition_end",
     "topic_not_there",
 ]
 
@@ -510,6 +511,12 @@ def is_fatal(err: KafkaError) -> bool:
     static member's messages and commits carry with `fatal()` False (review zombie19: a
     replica whose group.instance.id another pod took ran on, unready, never restarted)."""
     return bool(err.fatal()) or err.code() == KafkaError._FATAL
+
+
+def partition_end(err: KafkaError) -> bool:
+    """The end of a partition reached (`KAFKA_ENABLE_PARTITION_EOF=true`): news, not a fault.
+    Logged as one, it was a WARNING each time a partition caught up (review "kafka34")."""
+    return bool(err.code() == KafkaError._PARTITION_EOF)
 
 
 def topic_not_there(err: KafkaError) -> bool:

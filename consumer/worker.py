@@ -72,6 +72,7 @@ from consumer.kafka import (
     KafkaSource,
     Partitions,
     is_fatal,
+    partition_end,
     topic_not_there,
 )
 from consumer.keyless import KeylessOrder, decided_user
@@ -720,6 +721,8 @@ class Worker:
                 position += 1
                 err = message.error()
                 if err is not None:
+                    if partition_end(err):
+                        continue
                     log.warning("kafka: %s", err.str())
                     if is_fatal(err):
                         raise Stop(f"fatal Kafka error: {err.str()}")

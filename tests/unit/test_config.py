@@ -321,6 +321,19 @@ def test_dlq_topic_equal_to_a_source_topic(dlq: str) -> None:
     assert f"KAFKA_DLQ_TOPIC={dlq!r} is also a source topic" in message
 
 
+@pytest.mark.parametrize("topic", ["__consumer_offsets", "__transaction_state"])
+def test_kafkas_internal_topics_are_neither_source_nor_dead_letter_topic(topic: str) -> None:
+    """Review kafka34: `KAFKA_DLQ_TOPIC=__consumer_offsets` passed check-config; online it
+    was refused as compacted, with the advice to set cleanup.policy=delete on it (every
+    group's offsets deleted by retention)."""
+    message = problem(KAFKA_DLQ_TOPIC=topic)
+    assert f"KAFKA_DLQ_TOPIC={topic!r} is one of Kafka's own internal topics" in message
+    assert "never change that topic's settings" in message
+    message = problem(KAFKA_TOPICS=f"delivery-userpilot,{topic}")
+    assert f"KAFKA_TOPICS has {topic!r}, one of Kafka's own internal topics" in message
+    assert load(KAFKA_DLQ_TOPIC="__userpilot_dlq").dlq_topic == "__userpilot_dlq"
+
+
 @pytest.mark.parametrize("dlq", ["bad dlq", "..", "x" * 250])
 def test_illegal_dlq_topic(dlq: str) -> None:
     assert "KAFKA_DLQ_TOPIC" in problem(KAFKA_DLQ_TOPIC=dlq)

@@ -1123,6 +1123,35 @@ def test_a_fenced_member_s_fatal_error_code_stops_the_worker() -> None:
     assert run.source.closed
 
 
+@dataclass
+class PartitionEndMessage(Message):
+    """What librdkafka hands with `enable.partition.eof`: an "error" at a partition's end."""
+
+    def error(self) -> Any:
+        from confluent_kafka import KafkaError
+
+        return KafkaError(KafkaError._PARTITION_EOF, "reached end of partition")
+
+
+def test_the_end_of_a_partition_is_not_logged_as_a_fault(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review kafka34: with KAFKA_ENABLE_PARTITION_EOF=true each partition catching up was
+    a WARNING ("kafka: ... reached end of partition"), after nearly every batch of a live
+    stream. It is news, not a fault: nothing is logged, delivery goes on."""
+    log = log_of(track("u1", 1))
+    log[(TOPIC, 0)].append(PartitionEndMessage(TOPIC, 0, 1, None, None))
+    log[(TOPIC, 0)].append(Message(TOPIC, 0, 2, b"u1", track("u1", 2)))
+    run = make(log)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 3, "all committed")
+
+    with caplog.at_level(logging.WARNING):
+        assert drive(run, scenario) == 0
+    assert sorted(codec_seq(b) for b in run.client.bodies) == [1, 2]
+    assert not [r for r in caplog.records if "end of partition" in r.getMessage()]
+
+
 def test_revoke_settles_its_partition_commits_it_and_the_other_partition_goes_on() -> None:
     run = make({**log_of(track("u1", 1), track("u1", 2)),
                 **log_of(track("u2", 3), partition=1, key=b"u2")})
