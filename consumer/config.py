@@ -137,8 +137,7 @@ ran at 5.9 events/s against 10 at 64 (RESULTS.md, "Round 20")."""
 HEARTBEAT_INTERVAL_MS = 3000  # librdkafka's default heartbeat.interval.ms
 
 KAFKA_INTERNAL_TOPICS = frozenset({
-    "__consumer_offsets", "__transaction_state", "__cluster_metadata", "__share_group_state",
-    "__remote_log_metadata"})
+    "__consumer_offsets", "__transaction_state", "__cluster_metadata", "__share_group_state"})
 """The brokers' own topics (Kafka 4.1): never a source or a dead-letter topic."""
 
 _KAFKA_RESERVED = frozenset({"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_TOPICS", "KAFKA_GROUP_ID",

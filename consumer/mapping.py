@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -184,12 +185,19 @@ def _split_camel(name: str) -> str:
     """`_CAMEL_1` then `_CAMEL_2` for any script: "caféVisited" and "userÖffnet" split like
     "cafeVisited" (review "seed34": `[a-z]`/`[A-Z]` saw no boundary at "é" → "V")."""
     out: list[str] = []
-    last = len(name) - 1
     for i, c in enumerate(name):
         if i and c.isupper():
-            before = name[i - 1]
+            # A combining accent belongs to the letter before it ("e" + U+0301): the case
+            # that counts is that letter's (review "diff34").
+            j = i - 1
+            while j > 0 and unicodedata.combining(name[j]):
+                j -= 1
+            k = i + 1
+            while k < len(name) and unicodedata.combining(name[k]):
+                k += 1
+            before = name[j]
             if before.islower() or before.isdecimal() or (
-                    before.isupper() and i < last and name[i + 1].islower()):
+                    before.isupper() and k < len(name) and name[k].islower()):
                 out.append(" ")
         out.append(c)
     return "".join(out)

@@ -412,7 +412,8 @@ def probe_keys(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 REDIS_TLS_HINT = ("set REDIS_TLS_CA_FILE to the CA that signed Redis's certificate, use "
                   "the host name that certificate names in REDIS_URL, and rediss:// only "
-                  "for a TLS port")
+                  "for a TLS port; the worker presents no client certificate (a Redis with "
+                  "tls-auth-clients yes needs optional or no)")
 
 
 REDIS_REFUSALS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError",

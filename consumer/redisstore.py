@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
@@ -193,6 +193,17 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:24]
 
 
+@contextlib.asynccontextmanager
+async def _naming(shape: str) -> AsyncIterator[None]:
+    """A probe's failure names the key shape it was on (never a key: they hold the token's
+    digest): "NoPermissionError" alone left the operator to guess which ACL pattern."""
+    try:
+        yield
+    except SharedStateUnavailable as exc:
+        raise SharedStateUnavailable(f"{exc} on keys {shape}", timed_out=exc.timed_out,
+                                     tls=exc.tls) from None
+
+
 def tls_failure(exc: BaseException) -> str | None:
     """Why the TLS handshake failed, when that is what `exc` (or what it came from) is:
     OpenSSL's words ("certificate verify failed: self-signed certificate", "IP address
@@ -307,14 +318,17 @@ class RedisStore:
         shapes passes (review diff25b) and one that leaves a shape out does not (review
         redis34); never a live budget's key."""
         for claim in claims:
-            await self.claim(claim, "check-config", 1000)
-            await self.release(claim, "check-config")
-            await self.progress(claim, "1:probe", 1000)
-            await self.progress_of(claim)
-            await self.confirm(claim, 1000)
+            shape = ":".join(claim.split(":")[:2]) + ":*"  # an ACL denying it is named
+            async with _naming(shape):
+                await self.claim(claim, "check-config", 1000)
+                await self.release(claim, "check-config")
+                await self.progress(claim, "1:probe", 1000)
+                await self.progress_of(claim)
+                await self.confirm(claim, 1000)
         for budget in budgets:
-            await self.gcra(budget, interval_us=1000, tolerance_us=0, lookahead_us=1000,
-                            idle_ttl_ms=1000)
+            async with _naming(":".join(budget.split(":")[:3]) + ":*"):
+                await self.gcra(budget, interval_us=1000, tolerance_us=0, lookahead_us=1000,
+                                idle_ttl_ms=1000)
             with contextlib.suppress(RedisError, OSError, TimeoutError):  # else a week
                 async with asyncio.timeout(self._timeout):
                     await self._client.unlink(f"{budget}:seen")

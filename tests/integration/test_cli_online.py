@@ -263,6 +263,7 @@ def test_run_stops_at_start_up_when_redis_refuses_its_password_not_when_it_is_do
                                                                "redis://trackonly:pw@", 1)})
     refused_now = reach.redis_refusal(track_only, 5)
     assert refused_now is not None and "NoPermissionError" in refused_now, refused_now
+    assert "on keys ud:identify:*" in refused_now, "the denied key shape is named"
     checked_now = reach.redis(track_only, 5)
     assert checked_now is not None and "NoPermissionError" in checked_now, checked_now
     admin.close()

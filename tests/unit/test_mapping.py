@@ -148,7 +148,9 @@ def test_normalize_event_name(name: str, key: str) -> None:
 @pytest.mark.parametrize(("name", "key"), [
     ("caféVisited", "café_visited"), ("userÖffnet", "user_öffnet"),
     ("überFeature", "über_feature"), ("приветМир", "привет_мир"),
-    ("ÉTÉVisité", "été_visité"), ("naïveBayesRun", "naïve_bayes_run")])
+    ("ÉTÉVisité", "été_visité"), ("naïveBayesRun", "naïve_bayes_run"),
+    # Decomposed accents (a letter, then U+0301): the letter's case counts (diff34).
+    ("cafe\u0301Visited", "cafe\u0301_visited"), ("ABE\u0301c", "ab_e\u0301c")])
 def test_camel_case_is_split_in_any_script(name: str, key: str) -> None:
     """Review "seed34": `[a-z]`/`[A-Z]` saw no boundary between "é" and "V", so
     "caféVisited" did not meet the mapping "Café Visited"."""
