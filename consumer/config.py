@@ -24,7 +24,7 @@ import ssl
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from consumer.calls import FAMILIES
 from consumer.errors import ConfigError
@@ -1267,6 +1267,16 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
         reader.problems.append(
             f"{name}={redact_userinfo(value)} is not a proxy URL the HTTP client can use "
             f"({refused}; the proxy for {service}): check its host and port")
+        return None
+    if service == "Userpilot" and not all(
+            unquote(part or "").isascii() for part in (parts.username, parts.password)):
+        # Userpilot's client (aiohttp) writes proxy credentials in Latin-1: a "€" failed
+        # every request before it left ("unusable answer", the partition stuck), and an "ä"
+        # went out as other bytes than delete-users' UTF-8 (review "secrets34").
+        reader.problems.append(
+            f"{name}={redact_userinfo(value)}: the user or password of the proxy for "
+            f"{service} holds a character outside ASCII, which HTTP clients encode "
+            "differently (Latin-1 or UTF-8): give the proxy user an ASCII password")
         return None
     return Secret(value)
 

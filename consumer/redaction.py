@@ -105,7 +105,15 @@ def url_credentials(url: str | None) -> list[str]:
         return []
     parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
     if parts.password is None:
-        return []
+        if not parts.username:
+            return []
+        # A user name alone: an API key as the user (`http://KEY@proxy`), sent as
+        # `Basic base64("KEY:")`. check-config masked it; an echo of the request in a dead
+        # letter or delete-users' output showed it (review "secrets34").
+        user = urllib.parse.unquote(parts.username)
+        pair = f"{user}:"
+        forms = [pair, base64.b64encode(pair.encode()).decode()]
+        return [user, *forms] if len(user) >= MIN_ALONE else forms
     user = urllib.parse.unquote(parts.username or "")
     password = urllib.parse.unquote(parts.password)
     pair = f"{user}:{password}"

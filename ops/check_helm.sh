@@ -169,6 +169,9 @@ EOF
 cat >"$OUT/secret-in-config.values.yaml" <<'EOF'
 kafka: {config: {sasl.password: hunter2}}
 EOF
+cat >"$OUT/url-secret-in-config.values.yaml" <<'EOF'
+kafka: {config: {sasl.oauthbearer.token.endpoint.url: "https://cid:HUNTER2pw@idp.example/token"}}
+EOF
 cat >"$OUT/bad-schema.values.yaml" <<'EOF'
 userpilot: {consentMissing: maybe}
 EOF
@@ -361,6 +364,7 @@ grep -qF "unhealthyPodEvictionPolicy: AlwaysAllow" "$OUT/pdb-127.yaml" \
 ! grep -qF "unhealthyPodEvictionPolicy" "$OUT/pdb-125.yaml" \
   || die "unhealthyPodEvictionPolicy rendered for 1.25"
 expect_fail secret-in-config "kafka.config.sasl.password is a secret"
+expect_fail url-secret-in-config "kafka.config.sasl.oauthbearer.token.endpoint.url holds credentials in its URL"
 expect_fail bad-schema "consentMissing"
 expect_fail unknown-value "replicas"
 expect_fail no-token "userpilot.existingSecret (recommended) or userpilot.apiKey is required"

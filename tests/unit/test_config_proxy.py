@@ -210,3 +210,21 @@ def test_no_proxy_names_an_ipv6_registry_with_or_without_brackets(no_proxy: str)
     env = {"HTTP_PROXY": "http://proxy.corp:3128", "NO_PROXY": no_proxy}
     assert environment_proxy("http://[::1]:8081/apis", env) is None
     assert environment_proxy("http://[::2]:8081/apis", env) is not None
+
+
+@pytest.mark.parametrize("proxy", ["http://u:%E2%82%ACuro99@proxy.corp:3128",
+                                   "http://u:€uro99@proxy.corp:3128",
+                                   "http://j%C3%BCrgen:pw@proxy.corp:3128"])
+def test_a_proxy_credential_outside_ascii_stops_start_up(proxy: str) -> None:
+    """Review secrets34: aiohttp writes proxy credentials in Latin-1. A "€" failed every
+    request before it left ("unusable answer from Userpilot", the partition stuck, the pod
+    ready); an "ä" went out as other bytes than delete-users' UTF-8. Refused, unshown."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "HTTPS_PROXY": proxy}, check_clients=False)
+    text = str(caught.value)
+    assert "outside ASCII" in text and "HTTPS_PROXY=http://***@proxy.corp:3128" in text
+    assert "uro99" not in text and "rgen" not in text
+    # Only Userpilot's client is affected: a registry-only proxy (UTF-8, httpx) is taken.
+    settings = load_settings({**BASE, "SCHEMA_REGISTRY_URL": "http://registry:8081",
+                              "HTTP_PROXY": proxy}, check_clients=False)
+    assert settings.proxy is None

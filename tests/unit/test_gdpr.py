@@ -269,6 +269,23 @@ def test_an_answer_echoing_the_request_quotes_no_token_or_proxy_credential(statu
     client.close()
 
 
+def test_a_2xx_answer_echoing_the_token_in_its_request_id_does_not_print_it() -> None:
+    """Review secrets34: the x-request-id of a 2xx went raw into the batch's success line;
+    a gateway echoing the request put the token there (error answers were redacted)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(202, headers={
+            "x-request-id": f"req-1; auth={request.headers['authorization']}"})
+
+    client = DeleteClient("https://h.test/v1/users", {"Authorization": f"Token {TOKEN}"},
+                          timeout_s=5, transport=httpx.MockTransport(handler))
+    try:
+        said = client.delete(b"{}")
+    finally:
+        client.close()
+    assert said.startswith("req-1; auth=") and TOKEN not in said
+
+
 def test_delete_client_maps_transport_failures() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused")

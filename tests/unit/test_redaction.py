@@ -69,6 +69,11 @@ def test_url_credentials_are_the_password_the_pair_and_its_basic_form() -> None:
     assert url_credentials("http://u:pw@proxy:3128") == ["u:pw", "dTpwdw=="]
     assert url_credentials("http://proxy:3128") == []
     assert url_credentials(None) == []
+    # A user name alone (an API key as the user, review "secrets34"): it, and the
+    # `KEY:` pair Basic auth sends.
+    assert url_credentials("http://PROXYapikey9999@proxy:3128") == [
+        "PROXYapikey9999", "PROXYapikey9999:", "UFJPWFlhcGlrZXk5OTk5Og=="]
+    assert url_credentials("http://bob@proxy:3128") == ["bob:", "Ym9iOg=="]
 
 
 def test_lowercase_percent_escapes_are_masked_too() -> None:

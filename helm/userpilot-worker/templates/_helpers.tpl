@@ -240,6 +240,11 @@ Deployment, so every render runs them.
 {{- if has (lower $key) (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret" "ssl.keystore.password" "ssl.key.pem" "sasl.oauthbearer.config" "sasl.oauthbearer.client.credentials.client.secret" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem") }}
 {{- fail (printf "kafka.config.%s is a secret: put %s in kafka.existingSecret or kafka.extraEnv instead of a ConfigMap" $key $name) }}
 {{- end }}
+{{- /* A URL with user info (an OIDC token endpoint's client id and secret): the worker
+   masks it as a secret, the ConfigMap would hold it in clear (review "secrets34"). */}}
+{{- if regexMatch "^[a-z][a-z0-9+.-]*://[^/?#@]*@" $val }}
+{{- fail (printf "kafka.config.%s holds credentials in its URL (user:password@), which would be stored in the ConfigMap: put %s in kafka.existingSecret or kafka.extraEnv instead" $key $name) }}
+{{- end }}
 {{- end }}
 {{- range $where, $monitor := dict "serviceMonitor" $v.serviceMonitor "kafkaExporter.serviceMonitor" $v.kafkaExporter.serviceMonitor }}
 {{- if $monitor.enabled }}
