@@ -1667,6 +1667,11 @@ def load_settings(
     auth_raw = r.text("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
     if auth_raw is not None and ":" not in auth_raw:
         r.problems.append("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO must be user:password")
+    elif auth_raw is not None and ("\n" in auth_raw or "\r" in auth_raw):
+        # A second line went into the password ("pw\nx"), and the registry refused it
+        # with a 401 that did not say why (review "secrets34").
+        r.problems.append("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO holds a line break: give "
+                          "user:password on one line (its *_FILE: the value alone)")
 
     max_in_flight = r.integer("WORKER_MAX_IN_FLIGHT", 200, 1, 100_000)
     grace = r.number("WORKER_SHUTDOWN_GRACE_SECONDS", 25.0, 0.0, 3600.0)

@@ -1392,3 +1392,15 @@ def test_an_endpoint_with_a_scheme_or_path_is_answered_with_a_host(endpoint: str
     found = problems({**BASE, "USERPILOT_ANALYTICS_ENDPOINT": endpoint})
     assert any(example in line for line in found), found
     assert not any("e.g. ''" in line for line in found), found
+
+
+def test_registry_credentials_of_two_lines_are_refused(tmp_path: Path) -> None:
+    """Review secrets34: a SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE of two lines was
+    taken, the second line in the password (a 401 that said nothing of it)."""
+    secret = tmp_path / "userinfo"
+    secret.write_text("user:pw\nx\n")
+    env = {**BASE, "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE": str(secret)}
+    message = "\n".join(problems(env))
+    assert "holds a line break" in message and "user:pw" not in message
+    secret.write_text("user:pw\n")
+    assert load_settings(env, check_clients=False) is not None
