@@ -1834,7 +1834,7 @@ def test_the_rate_share_gauge_follows_the_limiter_not_only_rebalances_and_429s()
     """Set only on a rebalance or a 429, the gauge kept a halved rate long after the
     limiter recovered, and never showed a switch to the Redis fallback."""
     run = make(log_of(track("u1", 1)))
-    limiter = run.worker.shared.limiter("track")
+    limiter = cast(Any, run.worker.shared.limiter("track"))
 
     def exported() -> float | None:
         return run.worker.m.registry.get_sample_value(
