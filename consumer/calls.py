@@ -41,12 +41,14 @@ __all__ = [
     "COMPANY_IDENTIFY_PATH",
     "COMPANY_KEY",
     "DEFAULT_KNOWN_USERS",
+    "ENDPOINTS",
     "FAMILIES",
     "IDENTIFY_PATH",
     "TRACK_PATH",
     "Call",
     "CallPlan",
     "CompanyLimit",
+    "Endpoint",
     "Family",
     "KnownUsers",
     "Purpose",
@@ -95,6 +97,10 @@ Company identify is counted as ``identify``: it is an identify call, Userpilot d
 no separate limit for it, and sharing the stricter budget cannot cause 429s.
 """
 FAMILIES: tuple[Family, ...] = get_args(Family)
+
+Endpoint: TypeAlias = Literal["track", "identify", "company_identify"]
+"""One per path: the metric label, and the key a messageId is recorded under."""
+ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
 """Every family, in order: one limiter, one connection pool, one metric label each."""
 
 Purpose: TypeAlias = Literal[
@@ -119,7 +125,7 @@ class Call:
 
     purpose: Purpose
     family: Family
-    endpoint: Literal["track", "identify", "company_identify"]
+    endpoint: Endpoint
     method: Literal["POST"]
     path: str
     payload: Mapping[str, Any]

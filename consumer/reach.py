@@ -387,10 +387,6 @@ def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[
     return [p for p in problems if p is not None]
 
 
-DEDUP_ENDPOINTS = ("track", "identify", "company_identify")
-"""The endpoints a messageId is recorded under (`calls.Call.endpoint`, each its own key)."""
-
-
 def probe_keys(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Throw-away keys shaped as the worker's own for this token, one of each shape `run`
     uses: a messageId's claim per endpoint, and a key beside each budget's
@@ -399,14 +395,14 @@ def probe_keys(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
     deduplication for ever (review "redis34")."""
     import uuid
 
-    from consumer.calls import FAMILIES
+    from consumer.calls import ENDPOINTS, FAMILIES
     from consumer.dedup import dedup_key
     from consumer.redisstore import token_digest
     from consumer.sharedlimit import ALL_FAMILIES, budget_key
 
     digest, tag = token_digest(settings.api_key.reveal()), uuid.uuid4().hex[:16]
     families = (ALL_FAMILIES,) if settings.rate_limit_shared else FAMILIES
-    return (tuple(dedup_key(digest, endpoint, f"probe-{tag}") for endpoint in DEDUP_ENDPOINTS),
+    return (tuple(dedup_key(digest, endpoint, f"probe-{tag}") for endpoint in ENDPOINTS),
             tuple(f"{budget_key(digest, family)}:probe:{tag}" for family in families))
 
 
@@ -414,6 +410,12 @@ REDIS_TLS_HINT = ("set REDIS_TLS_CA_FILE to the CA that signed Redis's certifica
                   "the host name that certificate names in REDIS_URL, and rediss:// only "
                   "for a TLS port; the worker presents no client certificate (a Redis with "
                   "tls-auth-clients yes needs optional or no)")
+
+
+def _tls_refusal(redacted_url: str, exc: Exception) -> str:
+    """The one line for a Redis TLS handshake that failed (`run`'s refusal and
+    check-config's alike): OpenSSL's reason holds no password, unlike the URL."""
+    return f"Redis at {redacted_url}: the TLS handshake failed ({exc}): {REDIS_TLS_HINT}"
 
 
 REDIS_REFUSALS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError",
@@ -451,8 +453,7 @@ def redis_refusal(settings: Settings, timeout: float) -> str | None:
             # Every call fails so, for ever: taken as an outage, each replica ran ready on
             # its partition share without deduplication, the log saying "ConnectionError"
             # (review "redis34"), as a refused password did (config25).
-            return (f"Redis at {conf.redacted_url}: the TLS handshake failed ({exc}): "
-                    f"{REDIS_TLS_HINT}")
+            return _tls_refusal(conf.redacted_url, exc)
         if "ReadOnlyError" in str(exc):
             # check-config --online said so; run took it and fell back for ever (review
             # "faults29"). Waited for, not refused: during a managed Redis's failover the
@@ -508,8 +509,7 @@ def redis(settings: Settings, timeout: float) -> str | None:
         took = asyncio.run(ping())
     except SharedStateUnavailable as exc:
         if exc.tls:
-            return (f"Redis at {conf.redacted_url}: the TLS handshake failed ({exc}): "
-                    f"{REDIS_TLS_HINT}")
+            return _tls_refusal(conf.redacted_url, exc)
         return (f"Redis at {conf.redacted_url}: {exc}; check REDIS_URL (host, password, db; "
                 "rediss:// for a TLS port, redis:// for a plain one: the other scheme times "
                 "out or is reset) and REDIS_TLS_CA_FILE")

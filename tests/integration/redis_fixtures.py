@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.certificates import self_signed
 from tests.conftest import _ctl, _ctl_env
 
 
@@ -125,12 +126,7 @@ def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
     server = shutil.which("redis-server")
     if server is None:
         raise RuntimeError("redis-server is not installed: run `make sysdeps` (as root)")
-    cert, key = tmp_path / "redis-ca.pem", tmp_path / "redis-key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost"],
-        check=True, capture_output=True)
+    cert, key = self_signed(tmp_path, "DNS:localhost", stem="redis-")
     port = _free_port()
     proc = subprocess.Popen(
         [server, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port),

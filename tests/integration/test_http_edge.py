@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from consumer.sandbox import SandboxControl, SandboxThread
+from tests.certificates import self_signed
 from tests.conftest import create_topic
 from tests.integration.harness import (
     WRITE_TOKEN,
@@ -113,15 +114,7 @@ def test_no_proxy_bypasses_the_proxy(
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed CA certificate that is also the server's, for localhost (cert, key)."""
-    where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "ca.pem", where / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, stdin=subprocess.DEVNULL,
-    )
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 @contextmanager

@@ -12,7 +12,6 @@ import gzip
 import socket
 import ssl
 import struct
-import subprocess
 import threading
 import time
 import tracemalloc
@@ -36,6 +35,7 @@ from consumer.errors import (
     TlsRefused,
     WorkerError,
 )
+from tests.certificates import self_signed
 
 T = TypeVar("T")
 
@@ -628,15 +628,7 @@ def test_malformed_responses_are_transient_failures(response: bytes) -> None:
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and localhost (cert, key)."""
-    where = tmp_path_factory.mktemp("tls")
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True, stdin=subprocess.DEVNULL,
-    )
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 def _server_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:

@@ -290,17 +290,13 @@ def test_the_redis_probe_covers_every_key_shape_run_uses(shared: str,
                                                           families: tuple[str, ...]) -> None:
     """Review redis34: the probe used Track's keys alone, so an ACL allowing only those
     passed check-config and run's start-up, and identify ran on its fallback for ever."""
-    from typing import get_args, get_type_hints
-
-    from consumer.calls import Call
-
-    assert set(reach.DEDUP_ENDPOINTS) == set(get_args(get_type_hints(Call)["endpoint"]))
+    from consumer.calls import ENDPOINTS
     conf = load_settings({
         "USERPILOT_API_KEY": "wt_1234567890", "USERPILOT_ANALYTICS_ENDPOINT": "a.io",
         "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "KAFKA_TOPICS": "events",
         "SCHEMA_REGISTRY_URL": "http://registry:8081", "REDIS_URL": "redis://r:6379/0",
         "USERPILOT_RATE_LIMIT_SHARED": shared}, check_clients=False)
     claims, budgets = reach.probe_keys(conf)
-    assert [c.split(":")[1] for c in claims] == list(reach.DEDUP_ENDPOINTS)
+    assert [c.split(":")[1] for c in claims] == list(ENDPOINTS)
     assert tuple(b.split(":")[2] for b in budgets) == families
     assert all(":probe:" in b for b in budgets) and all(":probe-" in c for c in claims)
