@@ -75,7 +75,8 @@ from typing import Literal, Protocol, TypeVar
 from consumer.errors import SharedStateUnavailable
 from consumer.logs import RateLimit
 
-__all__ = ["ClaimResult", "DedupStore", "Deduplicator", "Outcome", "dedup_key"]
+__all__ = ["USER_SHAPE", "ClaimResult", "DedupStore", "Deduplicator", "Outcome", "dedup_key",
+           "user_key"]
 
 log = logging.getLogger(__name__)
 # Redis down means every event's claim fails: one line per 10 s (with the count of the
@@ -138,6 +139,10 @@ class DedupStore(Protocol):
 
     async def release(self, key: str, owner: str) -> None: ...
 
+    async def mark(self, key: str, ttl_ms: int) -> None: ...
+
+    async def marked(self, key: str) -> bool: ...
+
 
 def dedup_key(token_digest: str, endpoint: str, message_id: str) -> str:
     """The record's key: short on purpose (memory per id grows with it); a messageId
@@ -146,6 +151,15 @@ def dedup_key(token_digest: str, endpoint: str, message_id: str) -> str:
     if len(mid.encode()) > MAX_RAW_ID:
         mid = "#" + hashlib.sha256(mid.encode()).hexdigest()[:32]
     return f"ud:{endpoint}:{token_digest[:16]}:{mid}"
+
+
+USER_SHAPE = "user"
+"""The key space of users some replica identified (`user_key`), beside the endpoints'."""
+
+
+def user_key(token_digest: str, user_id: str) -> str:
+    """The key that says a replica identified ``user_id`` (ensure-user, shared)."""
+    return dedup_key(token_digest, USER_SHAPE, user_id)
 
 
 class Deduplicator:
@@ -258,6 +272,29 @@ class Deduplicator:
             return await self._ask(lambda: self._store.progress_of(key))
         except SharedStateUnavailable:
             return None
+
+    async def user_known(self, user_id: str) -> bool:
+        """Some replica (or this one before a restart) identified ``user_id`` within the
+        ensure-user TTL (`note_user`). False when Redis failed: the identify is sent."""
+        try:
+            key = user_key(self._digest, user_id)
+            return await self._ask(lambda: self._store.marked(key))
+        except SharedStateUnavailable:
+            return False
+
+    async def note_user(self, user_id: str, ttl_s: float) -> bool:
+        """Record that Userpilot accepted an identify of ``user_id``, for ``ttl_s``
+        (USERPILOT_ENSURE_USER_TTL_SECONDS); False when Redis failed (the other replicas
+        then identify the user themselves, once each)."""
+        try:
+            key = user_key(self._digest, user_id)
+            ttl_ms = max(1, round(ttl_s * 1000))
+            await self._ask(lambda: self._store.mark(key, ttl_ms))
+        except SharedStateUnavailable as exc:
+            log.warning("identified user not recorded (%s): other replicas identify it "
+                        "again", exc)
+            return False
+        return True
 
     async def release(self, endpoint: str, message_id: str, owner: str) -> bool:
         """Drop our claim after a definite failure; False when Redis failed (it expires)."""

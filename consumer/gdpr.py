@@ -16,6 +16,7 @@ are plain functions tested without a network.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import os
@@ -254,6 +255,7 @@ def delete_users(
     budget_s: float | None = None,
     log: Log = lambda _line: None,
     summary: Summary | None = None,
+    forget: Forget | None = None,
 ) -> Summary:
     """Send every batch through ``send`` (paced, retried); never raises for a batch.
 
@@ -262,7 +264,8 @@ def delete_users(
     is retried at most ``attempts`` times and, with ``budget_s``
     (USERPILOT_RETRY_BUDGET_SECONDS), never starts an attempt past that long after its
     first; each wait is logged. ``summary``: filled as batches end (the caller prints it
-    if the run is interrupted).
+    if the run is interrupted). ``forget``: called with each batch Userpilot scheduled
+    (`_shared_users`); a failure is logged, the deletion stands.
     """
     summary = summary if summary is not None else Summary()
     summary.requested = len(user_ids)
@@ -319,6 +322,11 @@ def delete_users(
             summary.deleted += len(batch)
             rid = f" (x-request-id {request_id})" if request_id else ""
             log(f"{where}: scheduled for deletion{rid}")
+            failed = forget(batch) if forget is not None else None
+            if failed is not None:
+                log(f"{where}: the replicas' record of these users not cleared: {failed}; "
+                    "a returning id is identified again only after "
+                    "USERPILOT_ENSURE_USER_TTL_SECONDS")
     return summary
 
 
@@ -394,13 +402,63 @@ _NOT_USED_HERE = {
 }
 
 
+Forget = Callable[[Sequence[str]], str | None]
+
+
+def _shared_users(env: Mapping[str, str], settings: Settings, log: Log) -> Forget | None:
+    """With REDIS_URL and ensure-user: what clears the replicas' shared record of the
+    deleted users (`dedup.user_key`), so the identify that re-creates a returning id is
+    sent at once, not only after USERPILOT_ENSURE_USER_TTL_SECONDS. Unusable Redis
+    settings (a CA file not mounted where this runs) are one line, not a stop: the
+    deletion is what was asked for. None without Redis."""
+    if not env.get("REDIS_URL", "").strip() or not settings.ensure_user:
+        return None
+    present = {k: v for k, v in env.items() if v.strip() and k.startswith("REDIS_")}
+    try:
+        redis = load_settings({**_settings_env(env), **present, **_NOT_USED_HERE},
+                              uses_registry=False).redis
+    except ConfigError as exc:
+        log(f"Redis settings unusable ({exc}); the replicas' record of these users is not "
+            "cleared: a returning id is identified again only after "
+            "USERPILOT_ENSURE_USER_TTL_SECONDS")
+        return None
+    if redis is None:
+        return None
+    from consumer.dedup import user_key
+    from consumer.errors import SharedStateUnavailable
+    from consumer.redisstore import RedisStore, token_digest
+
+    digest = token_digest(settings.api_key.reveal())
+
+    def forget(user_ids: Sequence[str]) -> str | None:
+        async def unlink() -> None:
+            store = RedisStore(redis.url.reveal(), timeout_s=max(redis.timeout_s, 5.0),
+                               ca_file=redis.tls_ca_file)
+            try:
+                await store.forget([user_key(digest, u) for u in user_ids])
+            finally:
+                await store.close()
+
+        try:
+            asyncio.run(unlink())
+        except SharedStateUnavailable as exc:
+            return f"{exc} (Redis at {redis.redacted_url})"
+        return None
+
+    return forget
+
+
+def _settings_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment `load_settings` reads here: only what a DELETE uses."""
+    # In a pod with the worker's environment but not its mounted files, a Kafka CA or a
+    # mappings file it cannot read stopped the deletion.
+    return {k: v for k, v in env.items() if v.strip() and not k.startswith(_UNUSED_PREFIXES)
+            and k not in _UNUSED_NAMES}
+
+
 def _client_from_env(env: Mapping[str, str]) -> tuple[DeleteClient, Settings]:
     """The worker's own settings (token, host, timeouts, retries); Kafka ones not needed."""
-    # Only what a DELETE uses is read: in a pod with the worker's environment but not its
-    # mounted files, a Kafka CA or a mappings file it cannot read stopped the deletion.
-    present = {k: v for k, v in env.items() if v.strip() and not k.startswith(_UNUSED_PREFIXES)
-               and k not in _UNUSED_NAMES}
-    settings = load_settings({**present, **_NOT_USED_HERE}, uses_registry=False)
+    settings = load_settings({**_settings_env(env), **_NOT_USED_HERE}, uses_registry=False)
     url = f"{settings.base_url}{DELETE_PATH}"
     client = DeleteClient(url, settings.headers(), timeout_s=settings.request_timeout_s,
                           ca_bundle=settings.ca_bundle,
@@ -450,7 +508,7 @@ def main(
             user_ids, client.delete, batch_size=args.batch_size, pacer=Pacer(args.interval),
             attempts=settings.retry_max_attempts, backoff_s=settings.retry_backoff_s,
             backoff_max_s=settings.retry_backoff_max_s, budget_s=settings.retry_budget_s,
-            log=log, summary=summary,
+            log=log, summary=summary, forget=_shared_users(env, settings, log),
         )
         code = 0 if summary.ok else 1
     except (KeyboardInterrupt, SystemExit) as exc:

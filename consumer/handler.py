@@ -42,6 +42,7 @@ thread, under its own lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -757,6 +758,10 @@ class Handler:
                 self._ensuring[user] = asyncio.Event()
             company = call.written_company if event.writes else None
             try:
+                if user is not None and await self._identified_elsewhere(user):
+                    plan.succeeded(call)  # remembered here too; no request
+                    self.m.ensure_user_shared.inc()
+                    continue
                 if company is not None and event.writes:
                     if self._undecided:
                         self._decide_earlier(event.intake)
@@ -767,6 +772,8 @@ class Handler:
                     exc.call = f"{call.purpose} {call.method} {call.path}"
                     raise
                 plan.succeeded(call)  # remembered before the waiters wake
+                if call.user_id is not None and self.known is not None:
+                    await self._note_identified(call.user_id)
             finally:
                 if user is not None:
                     self._ensuring.pop(user).set()
@@ -783,6 +790,25 @@ class Handler:
                     await self._dedup_progress(event, endpoint, plan.progress_note())
             if call.purpose == "ensure_user":
                 self.m.ensure_user_identify.inc()
+
+    async def _identified_elsewhere(self, user_id: str) -> bool:
+        """Ensure-user across replicas and restarts (with Redis): a user some replica
+        identified within USERPILOT_ENSURE_USER_TTL_SECONDS is not identified again. Each
+        replica kept its own record alone, so a restart or a rolling deploy sent one
+        identify per active user again, each taking a slot of the identify budget (10 a
+        second) in front of that user's Tracks. Redis failing: the identify is sent."""
+        if self.dedup is None:
+            return False
+        return await self.dedup.user_known(user_id)
+
+    async def _note_identified(self, user_id: str) -> None:
+        """Userpilot accepted an identify of `user_id`: shared for the other replicas
+        (bounded like a release: a revoke or shutdown may be waiting)."""
+        if self.dedup is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                await asyncio.shield(self.dedup.note_user(user_id, self.s.ensure_user_ttl_s))
 
     def _lane(self, limiter: Limiter) -> PriorityLane:
         lane = self._lanes.get(id(limiter))

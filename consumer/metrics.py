@@ -363,6 +363,12 @@ class Metrics:
             "Bare identify calls Userpilot accepted before the first Track of a user this "
             "replica had not identified (USERPILOT_ENSURE_USER).",
         )
+        self.ensure_user_shared = counter(
+            "ensure_user_shared",
+            "Ensure-user identifies not sent because Redis says a replica (another, or this "
+            "one before a restart) identified the user within "
+            "USERPILOT_ENSURE_USER_TTL_SECONDS.",
+        )
         self.paused_partitions = gauge(
             "paused_partitions",
             "Partitions paused for back-pressure.",

@@ -389,20 +389,23 @@ def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[
 
 def probe_keys(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Throw-away keys shaped as the worker's own for this token, one of each shape `run`
-    uses: a messageId's claim per endpoint, and a key beside each budget's
+    uses: a messageId's claim per endpoint, the record of an identified user (with
+    ensure-user), and a key beside each budget's
     (`<budget>:probe:<tag>`, never the budget itself). Track's alone passed an ACL that
     allowed only the Track keys: identify then ran without the shared budget and
     deduplication for ever (review "redis34")."""
     import uuid
 
     from consumer.calls import ENDPOINTS, FAMILIES
-    from consumer.dedup import dedup_key
+    from consumer.dedup import USER_SHAPE, dedup_key
     from consumer.redisstore import token_digest
     from consumer.sharedlimit import ALL_FAMILIES, budget_key
 
     digest, tag = token_digest(settings.api_key.reveal()), uuid.uuid4().hex[:16]
     families = (ALL_FAMILIES,) if settings.rate_limit_shared else FAMILIES
-    return (tuple(dedup_key(digest, endpoint, f"probe-{tag}") for endpoint in ENDPOINTS),
+    # With ensure-user, the users some replica identified are shared too (`dedup.user_key`).
+    shapes = (*ENDPOINTS, USER_SHAPE) if settings.ensure_user else ENDPOINTS
+    return (tuple(dedup_key(digest, shape, f"probe-{tag}") for shape in shapes),
             tuple(f"{budget_key(digest, family)}:probe:{tag}" for family in families))
 
 

@@ -419,6 +419,19 @@ class RedisStore:
             return None
         return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
+    async def mark(self, key: str, ttl_ms: int) -> None:
+        """Set ``key`` for ``ttl_ms`` (a fact the replicas share, e.g. a user identified)."""
+        await self._call("mark", lambda: self._client.set(key, b"1", px=max(1, ttl_ms)))
+
+    async def marked(self, key: str) -> bool:
+        """Whether ``key`` is set (GET, a command the worker's ACL already allows)."""
+        return await self._call("marked", lambda: self._client.get(key)) is not None
+
+    async def forget(self, keys: Sequence[str]) -> None:
+        """Delete ``keys`` (UNLINK)."""
+        if keys:
+            await self._call("forget", lambda: self._client.unlink(*keys))
+
     async def release(self, key: str, owner: str) -> None:
         """Drop ``owner``'s claim on ``key`` (no-op if confirmed or claimed by another)."""
         await self._call("release", lambda: self._release(keys=[key], args=[owner]))

@@ -266,6 +266,16 @@ def test_run_stops_at_start_up_when_redis_refuses_its_password_not_when_it_is_do
     assert "on keys ud:identify:*" in refused_now, "the denied key shape is named"
     checked_now = reach.redis(track_only, 5)
     assert checked_now is not None and "NoPermissionError" in checked_now, checked_now
+    # ... and so is one without the identified users' keys (ensure-user, shared).
+    admin.acl_setuser("nousers", enabled=True, passwords=["+pw"],
+                      keys=["ud:track:*", "ud:identify:*", "ud:company_identify:*", "ud:n:*",
+                            "userpilot:rl:*"],
+                      commands=["+@all"])
+    no_users = load_settings({
+        **online_env, "REDIS_URL": stoppable_redis.url.replace("redis://",
+                                                               "redis://nousers:pw@", 1)})
+    refused_users = reach.redis_refusal(no_users, 5)
+    assert refused_users is not None and "on keys ud:user:*" in refused_users, refused_users
     admin.close()
     stoppable_redis.stop()  # an outage: the worker starts on its fallback
     right = stoppable_redis.url.replace("redis://", "redis://:the-right-one@", 1)

@@ -162,3 +162,37 @@ def test_the_readme_commands_work_as_written(
     assert outputs[1] == ("delete-users: users requested 2, batches sent 1, deleted 2, "
                           "failed 0\n")
     assert list(control.users()) == ["u3"]
+
+
+def test_deleted_users_are_forgotten_by_the_replicas_shared_record(
+    sandbox: tuple[SandboxThread, SandboxControl], tmp_path: Path, redis_url: str
+) -> None:
+    """With Redis, the replicas share who they identified (ensure-user); a deleted user's
+    record would have kept its returning Tracks from re-creating it until the TTL."""
+    import redis as sync_redis
+
+    from consumer.dedup import user_key
+    from consumer.redisstore import token_digest
+
+    server, control = sandbox
+    control.set_limits(delete_interval_seconds=0.1)
+    digest = token_digest(TOKEN)
+    client = sync_redis.Redis.from_url(redis_url)
+    gone, kept = user_key(digest, "gone"), user_key(digest, "kept")
+    client.set(gone, b"1", px=60_000)
+    client.set(kept, b"1", px=60_000)
+    try:
+        done = delete_users(server.url, "--interval", "0.1", stdin="gone\n",
+                            REDIS_URL=redis_url)
+        assert done.returncode == 0, done.stderr
+        assert client.exists(gone) == 0 and client.exists(kept) == 1
+        # Redis unreachable: the deletion stands, one line says what was not cleared.
+        client.set(gone, b"1", px=60_000)
+        down = delete_users(server.url, "--interval", "0.1", stdin="gone\n",
+                            REDIS_URL="redis://127.0.0.1:1/0")
+        assert down.returncode == 0, down.stderr
+        assert "record of these users not cleared" in down.stderr
+        assert TOKEN not in down.stderr + down.stdout
+    finally:
+        client.delete(gone, kept)
+        client.close()

@@ -17,7 +17,7 @@ import uuid
 import pytest
 import redis as sync_redis
 
-from consumer.dedup import Deduplicator, Outcome
+from consumer.dedup import Deduplicator, Outcome, user_key
 from consumer.redisstore import RedisStore, token_digest
 from tests.integration.redis_fixtures import SlowLink, StoppableRedis
 
@@ -222,3 +222,25 @@ def test_a_redis_90_ms_away_answers_the_first_call_on_a_new_connection(
             return done
 
         assert asyncio.run(main()) == ["claimed"] * 3
+
+
+def test_identified_users_are_shared_for_the_ttl_and_forgotten_on_request(redis_url: str) -> None:
+    """Ensure-user across replicas (GET/SET on `ud:user:…`), the record's TTL, and
+    delete-users' UNLINK."""
+    async def main() -> None:
+        one, store = _dedup(redis_url)
+        other, other_store = _dedup(redis_url)
+        other._digest = one._digest  # the same token
+        user = f"user-{uuid.uuid4()}"
+        assert not await other.user_known(user)
+        assert await one.note_user(user, 0.4)
+        assert await other.user_known(user)
+        await asyncio.sleep(0.6)
+        assert not await other.user_known(user), "trusted for the TTL only"
+        assert await one.note_user(user, 60.0)
+        await store.forget([user_key(one._digest, user)])
+        assert not await other.user_known(user)
+        await store.close()
+        await other_store.close()
+
+    asyncio.run(main())

@@ -8,11 +8,13 @@ from typing import Literal
 
 import pytest
 
-from consumer.dedup import HUNG_AFTER, Deduplicator, Outcome, dedup_key
+from consumer.calls import ENDPOINTS
+from consumer.dedup import HUNG_AFTER, Deduplicator, Outcome, dedup_key, user_key
 from consumer.errors import SharedStateUnavailable
 from consumer.redisstore import progress_key, token_digest
 
 State = Literal["claimed", "duplicate", "busy"]
+DIGEST_USERS = token_digest("secret-write-token")
 
 
 class MemoryStore:
@@ -51,6 +53,14 @@ class MemoryStore:
         self._check()
         if self.values.get(key) == f"c:{owner}":
             del self.values[key]
+
+    async def mark(self, key: str, ttl_ms: int) -> None:
+        self._check()
+        self.values[key] = f"1 ttl={ttl_ms}"
+
+    async def marked(self, key: str) -> bool:
+        self._check()
+        return key in self.values
 
 
 def test_key_never_holds_the_token_and_long_ids_are_hashed() -> None:
@@ -314,3 +324,23 @@ def test_one_probe_at_a_time_the_others_skip() -> None:
         assert store.asked == HUNG_AFTER + 2
 
     asyncio.run(main())
+
+
+def test_an_identified_user_is_known_to_every_replica_for_the_ttl_never_when_redis_fails() -> None:
+    store = MemoryStore()
+    one, other = Deduplicator(store, DIGEST_USERS), Deduplicator(store, DIGEST_USERS)
+
+    async def scenario() -> None:
+        assert not await other.user_known("u1")
+        assert await one.note_user("u1", 86400.0)
+        assert await other.user_known("u1")
+        assert not await other.user_known("u2")
+        assert store.values[user_key(DIGEST_USERS, "u1")] == "1 ttl=86400000"
+        # A user's key is neither a messageId's nor the token's.
+        assert user_key(DIGEST_USERS, "u1") not in {one.key(e, "u1") for e in ENDPOINTS}
+        assert "secret" not in user_key(DIGEST_USERS, "u1")
+        store.fail = True
+        assert not await other.user_known("u1")  # Redis down: the identify is sent
+        assert not await one.note_user("u3", 60.0)
+
+    asyncio.run(scenario())

@@ -6,7 +6,7 @@ import argparse
 import io
 import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -548,3 +548,39 @@ def test_a_batch_interrupted_in_the_pacers_wait_is_not_counted_as_sent() -> None
                      pacer=Pacer(2.0, clock=time.clock, sleep=sleep), summary=summary)
     assert len(send.sent) == 2
     assert summary.batches_sent == 2
+
+
+def test_only_scheduled_batches_are_forgotten_and_a_failure_to_forget_is_one_line() -> None:
+    """With Redis, the replicas' shared record of identified users is cleared for each
+    batch Userpilot scheduled (never a failed one); Redis failing leaves the deletion."""
+    time = FakeTime()
+    why = '{"errors":[{"message":"bad"}]}'
+    send = FakeSend(time, ["r1", Rejected("HTTP 400: bad", status=400, body=why), "r3"])
+    forgotten: list[list[str]] = []
+
+    def forget(batch: Sequence[str]) -> str | None:
+        forgotten.append(list(batch))
+        return "redis forget failed: ConnectionError" if batch == ["e"] else None
+
+    lines: list[str] = []
+    summary = delete_users(["a", "b", "c", "d", "e"], send, batch_size=2,
+                           pacer=Pacer(2.0, clock=time.clock, sleep=time.sleep),
+                           attempts=1, log=lines.append, forget=forget)
+    assert forgotten == [["a", "b"], ["e"]]
+    assert (summary.deleted, summary.failed) == (3, 2)
+    assert sum("not cleared" in line for line in lines) == 1
+    assert "batch 3/3" in next(line for line in lines if "not cleared" in line)
+
+
+def test_without_redis_or_ensure_user_nothing_is_forgotten() -> None:
+    from consumer.gdpr import _client_from_env, _shared_users
+    _, settings = _client_from_env(ENV)
+    assert _shared_users(ENV, settings, print) is None
+    env = {**ENV, "REDIS_URL": "redis://r:6379/0", "USERPILOT_ENSURE_USER": "false"}
+    _, settings = _client_from_env(env)
+    assert _shared_users(env, settings, print) is None
+    lines: list[str] = []
+    env = {**ENV, "REDIS_URL": "redis://r:6379/0", "REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"}
+    _, settings = _client_from_env(env)
+    assert _shared_users(env, settings, lines.append) is None
+    assert len(lines) == 1 and "Redis settings unusable" in lines[0]

@@ -533,3 +533,43 @@ def test_a_group_sent_whole_leaves_no_progress_note_and_single_calls_write_none(
         "/v1/companies/identify", "/v1/identify", "/v1/track"]
     assert writes == [("company_identify", "1")]
     assert not [k for k in store.values if k.startswith("ud:n:")]
+
+
+def test_a_user_another_replica_identified_is_not_identified_again() -> None:
+    """Ensure-user shared through Redis: a restart or a rolling deploy sent one identify per
+    active user again, each taking the identify budget's slot in front of its Tracks."""
+    store = MemoryStore()
+    first, m1, _ = make(log_of(track("u1", 1)), store, USERPILOT_ENSURE_USER="true")
+    assert drive(first, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert [c.purpose for c in first.client.calls] == ["ensure_user", "track"]
+    assert sample(m1, "userpilot_ensure_user_shared_total") == 0
+    # Another replica (or this one restarted, its own record empty): the Track goes alone.
+    second, m2, _ = make(log_of(track("u1", 2), track("u2", 3)), store,
+                         USERPILOT_ENSURE_USER="true")
+    assert drive(second, finished_to(2)) == 0  # type: ignore[arg-type]
+    assert [(c.purpose, c.user_id or json.loads(c.body)["user_id"])
+            for c in second.client.calls] == [
+        ("track", "u1"), ("ensure_user", "u2"), ("track", "u2")]
+    assert sample(m2, "userpilot_ensure_user_shared_total") == 1
+    assert sample(m2, "userpilot_ensure_user_identify_total") == 1
+
+
+def test_redis_down_sends_the_ensure_user_identify_as_without_it() -> None:
+    store = MemoryStore()
+    first, _, _ = make(log_of(track("u1", 1)), store, USERPILOT_ENSURE_USER="true")
+    assert drive(first, finished_to(1)) == 0  # type: ignore[arg-type]
+    store.fail = True
+    second, m2, _ = make(log_of(track("u1", 2)), store, USERPILOT_ENSURE_USER="true")
+    assert drive(second, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert [c.purpose for c in second.client.calls] == ["ensure_user", "track"]
+    assert sample(m2, "userpilot_ensure_user_shared_total") == 0
+
+
+def test_a_failed_identify_is_not_shared() -> None:
+    store = MemoryStore()
+    run, _, _ = make(log_of(track("u1", 1)), store, USERPILOT_ENSURE_USER="true")
+    run.client.answers[json.dumps({"user_id": "u1"}, separators=(",", ":")).encode()] = (
+        Rejected("bad", status=400))
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert run.dlq.reasons() == ["bad_request"]
+    assert not any(key.startswith("ud:user:") for key in store.values)

@@ -284,19 +284,23 @@ def test_a_proxy_that_cannot_reach_userpilot_is_named_without_a_tls_hint() -> No
     assert problem is not None and "USERPILOT_CA_BUNDLE" in problem, problem
 
 
-@pytest.mark.parametrize(("shared", "families"), [
-    ("false", ("track", "identify")), ("true", ("all",))])
-def test_the_redis_probe_covers_every_key_shape_run_uses(shared: str,
-                                                          families: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("shared", "families", "ensure_user"), [
+    ("false", ("track", "identify"), "true"), ("true", ("all",), "true"),
+    ("false", ("track", "identify"), "false")])
+def test_the_redis_probe_covers_every_key_shape_run_uses(
+        shared: str, families: tuple[str, ...], ensure_user: str) -> None:
     """Review redis34: the probe used Track's keys alone, so an ACL allowing only those
-    passed check-config and run's start-up, and identify ran on its fallback for ever."""
+    passed check-config and run's start-up, and identify ran on its fallback for ever.
+    With ensure-user, the identified users' keys are one more shape."""
     from consumer.calls import ENDPOINTS
     conf = load_settings({
         "USERPILOT_API_KEY": "wt_1234567890", "USERPILOT_ANALYTICS_ENDPOINT": "a.io",
         "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "KAFKA_TOPICS": "events",
         "SCHEMA_REGISTRY_URL": "http://registry:8081", "REDIS_URL": "redis://r:6379/0",
-        "USERPILOT_RATE_LIMIT_SHARED": shared}, check_clients=False)
+        "USERPILOT_RATE_LIMIT_SHARED": shared, "USERPILOT_ENSURE_USER": ensure_user},
+        check_clients=False)
     claims, budgets = reach.probe_keys(conf)
-    assert [c.split(":")[1] for c in claims] == list(ENDPOINTS)
+    users = ["user"] if ensure_user == "true" else []
+    assert [c.split(":")[1] for c in claims] == [*ENDPOINTS, *users]
     assert tuple(b.split(":")[2] for b in budgets) == families
     assert all(":probe:" in b for b in budgets) and all(":probe-" in c for c in claims)
