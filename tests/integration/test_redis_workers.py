@@ -344,7 +344,9 @@ def test_a_group_whose_replica_was_killed_between_its_calls_sends_its_company_on
     assert companies() == 1, first.output()[-2000:]
     assert [r["body"]["user_id"] for r in control.requests("/v1/identify")
             if r["body"].get("user_id") == user] == [user]
-    assert list(keys.values()) == ["d"], keys
+    users = [k for k in keys if k.startswith("ud:user:")]  # the user identified (ensure-user)
+    assert len(users) == 1, keys
+    assert [v for k, v in keys.items() if k not in users] == ["d"], keys
 
 
 def test_a_message_id_in_two_partitions_at_once_waits_for_the_confirm_not_the_claims_end(
@@ -420,3 +422,45 @@ def test_a_frozen_redis_is_not_waited_for_on_every_call_of_every_event(
     # 110 events × 3 calls waited 0.25 s each before; now the first ones in flight and the
     # probes (1, 2, 4, 8, 10 s apart) do.
     assert waited <= 20, f"{waited} dedup calls waited for the frozen Redis"
+
+
+def test_a_restarted_replica_does_not_identify_again_the_users_identified_before(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, redis_url: str, tmp_path: Path,
+) -> None:
+    """Ensure-user shared through Redis: after a restart (or on another replica) a user
+    identified within USERPILOT_ENSURE_USER_TTL_SECONDS is not identified again; its Tracks
+    go at once. A user no replica identified still is, once."""
+    server, control = sandbox
+    tag = f"eu-{time.time_ns()}"
+    topic = topic_factory(partitions=2)
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     REDIS_URL=redis_url)
+    known = [f"{tag}-u{i}" for i in range(5)]
+
+    def identifies(users: list[str]) -> Counter[str]:
+        return Counter(r["body"]["user_id"] for r in control.requests("/v1/identify")
+                       if r["body"].get("user_id") in users)
+
+    produce(kafka_bootstrap, schema_registry_url, topic,
+            [track_event(u, 1) for u in known])
+    first = WorkerProcess(env, tmp_path / "first.log")
+    try:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "the first run finished")
+    finally:
+        assert first.terminate() == 0
+    assert identifies(known) == Counter(known), first.output()[-2000:]
+    new = f"{tag}-new"
+    produce(kafka_bootstrap, schema_registry_url, topic,
+            [*(track_event(u, 2) for u in known), track_event(new, 2)])
+    second = WorkerProcess(env, tmp_path / "second.log")
+    try:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "the second run finished")
+    finally:
+        assert second.terminate() == 0
+    assert identifies(known) == Counter(known), "no second identify of a known user"
+    assert identifies([new]) == Counter([new])
+    tracks = Counter(r["body"]["user_id"] for r in control.requests("/v1/track")
+                     if str(r["body"]["user_id"]).startswith(tag))
+    assert tracks == Counter({**{u: 2 for u in known}, new: 1})
