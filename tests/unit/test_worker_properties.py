@@ -25,6 +25,7 @@ from tests.unit.test_worker import (
     FakeClient,
     FakeSource,
     Message,
+    Run,
     drive,
     known_schema,
     make,
@@ -107,10 +108,10 @@ def track_seq(body: bytes) -> int | None:
     return seq if isinstance(seq, int) else None
 
 
-def total(run: Any, name: str) -> float:
+def total(run: Run, name: str) -> float:
     registry = run.worker.m.registry
-    return sum(s.value for metric in registry.collect() for s in metric.samples
-               if s.name == name)
+    return float(sum(s.value for metric in registry.collect() for s in metric.samples
+                     if s.name == name))
 
 
 @settings(max_examples=60, deadline=None,
