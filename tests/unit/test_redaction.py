@@ -6,6 +6,8 @@ import json
 import urllib.parse
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from consumer.redaction import MASK, Redactor, redact, secret_forms
 
@@ -106,3 +108,45 @@ def test_a_mask_joining_what_precedes_it_into_the_secret_is_masked_again() -> No
     out = redact("x-hunter2hunter2***", ["hunter2***"])
     assert "hunter2***" not in out
     assert redact(out, ["hunter2***"]) == out
+
+
+def test_a_secret_echoed_with_some_characters_escaped_is_masked() -> None:
+    """Review replay35: PHP's json_encode writes "/" as "\\/" and .NET's encoder "+" as
+    "\\u002B"; a gateway echoing the Authorization header so put the token into a dead
+    letter's `userpilot.error.body`."""
+    token = "Sandbox/write+Token99"
+    php = '{"echo":{"authorization":"Token Sandbox\\/write+Token99"}}'
+    dotnet = '{"echo":{"authorization":"Token Sandbox\\/write\\u002BToken99"}}'
+    partly_encoded = "location: /x?t=Sandbox%2fwrite%2BToken99&y=1"
+    for text in (php, dotnet, partly_encoded):
+        assert "Token99" not in redact(text, [token]), text
+    assert redact(dotnet, [token]) == '{"echo":{"authorization":"Token ***"}}'
+    # Text with backslashes or percent signs but no secret is left as it is.
+    assert redact("C:\\dir 50% off \\u002B", [token]) == "C:\\dir 50% off \\u002B"
+
+
+_SPELLINGS = st.sampled_from(["raw", "json_u", "json_U", "percent", "percent_lower", "short"])
+
+
+def _spelled(char: str, how: str) -> str:
+    code = ord(char)
+    if how.startswith("json") and code < 0x10000:
+        escape = f"\\u{code:04x}"
+        return escape.upper().replace("\\U", "\\u") if how == "json_U" else escape
+    if how.startswith("percent"):
+        encoded = "".join(f"%{b:02X}" for b in char.encode())
+        return encoded.lower() if how == "percent_lower" else encoded
+    if how == "short" and char == "/":
+        return "\\/"
+    return char
+
+
+@given(secret=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=6,
+                      max_size=24),
+       hows=st.lists(_SPELLINGS, min_size=24, max_size=24),
+       before=st.text(max_size=8), after=st.text(max_size=8))
+def test_any_mix_of_escaped_characters_is_masked(secret: str, hows: list[str], before: str,
+                                                 after: str) -> None:
+    echoed = "".join(_spelled(c, how) for c, how in zip(secret, hows, strict=False))
+    text = f"{before}\x00{echoed}\x00{after}"
+    assert echoed not in redact(text, [secret], edges=False)
