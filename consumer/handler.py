@@ -284,6 +284,7 @@ class Handler:
         self, settings: Settings, metrics: Metrics, *, client: TrackClient,
         registry: SchemaSource, dlq: DeadLetterSink, limiters: Callable[[str], Limiter],
         policy: RetryPolicy, guard: DlqGuard, dedup: Deduplicator | None = None,
+        budget: Callable[[str], str] = lambda family: family,
     ) -> None:
         self.s = settings
         self.m = metrics
@@ -291,6 +292,8 @@ class Handler:
         self.registry = registry
         self.dlq = dlq
         self.limiters = limiters
+        self.budget = budget
+        """The rate budget a family draws from (`SharedState.budget`): the gauge's label."""
         self.policy = policy
         self.guard = guard
         self.dedup = dedup
@@ -891,7 +894,7 @@ class Handler:
                             endpoint).inc()
             if isinstance(exc, RateLimited):
                 limiter.slow_down()
-                self.m.rate_limit_rps.labels(call.family).set(limiter.share_rate)
+                self.m.rate_limit_rps.labels(self.budget(call.family)).set(limiter.share_rate)
             raise
         finally:
             event.on_wire = event.requesting = False

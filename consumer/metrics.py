@@ -441,7 +441,6 @@ class Metrics:
             self.connection_wait.labels(endpoint)
         for family in FAMILIES:
             self.limiter_wait.labels(family)
-            self.rate_limit_rps.labels(family)  # set by the worker once it owns partitions
         for cause in RETRY_CAUSES:
             self.retries.labels(cause)
         for dl_reason in DEAD_LETTER_REASONS:
@@ -490,9 +489,11 @@ class Metrics:
             self.redis_latency.labels(operation)
 
     def declare_redis_endpoints(self, budgets: Iterable[str]) -> None:
-        """Create the fallback series per rate budget (a family, or "all" when shared) and
-        the dedup series per endpoint (they count per Userpilot path), so they read 0."""
+        """Create the rate-share and fallback series per rate budget (a family, or "all"
+        when shared) and the dedup series per endpoint (they count per Userpilot path), so
+        they read 0 (the share is set by the worker once it owns partitions)."""
         for budget in budgets:
+            self.rate_limit_rps.labels(budget)
             self.rate_limiter_fallback.labels(budget).set(0)
             self.rate_limiter_fallbacks.labels(budget)
         for endpoint in ENDPOINTS:

@@ -392,16 +392,24 @@ class RetryPolicy:
         self._sleep = sleep
         self._clock = clock
 
-    def _refused_alone(self, attempts: Attempts, endpoint: str | None) -> bool:
+    def _refused_alone(self, attempts: Attempts) -> bool:
         """After a refusal (401/403/404: `Misconfigured`): True when this event was refused
         REFUSED_ALONE times with other events delivered in between each time, so the
         refusal is about it, not the token. Held for ever otherwise, one event a WAF
         blocks held its partition's commits and readiness for good, and closed the gate
         for everyone at each of its attempts (review "dlq33"). A refused token fails every
-        request: no success comes in between, and delivery stays paused."""
+        request: no success comes in between, and delivery stays paused.
+
+        Deliveries to any endpoint count: the token is one for all of them. Counted on the
+        event's own endpoint only, a blocked user's identify or one company identify a WAF
+        refuses, on an endpoint little else goes to, was held for ever, its partition's
+        commits with it, the gate flapping (Tracks at ~2 a second, the replica unready and
+        UserpilotIntegrationDown firing with the token working; review "http35"). An
+        endpoint refused for good (an account without companies) dead-letters its events
+        as `refused`, for a replay once fixed; many of them trip the DLQ guard."""
         now = self._clock()
         if (attempts.refused_at is not None
-                and self._gate.sent_ok_since(endpoint, attempts.refused_at)):
+                and self._gate.sent_ok_since(None, attempts.refused_at)):
             attempts.refused += 1
         attempts.refused_at = now
         return attempts.refused >= REFUSED_ALONE - 1
@@ -573,7 +581,7 @@ class RetryPolicy:
             # Userpilot's own 401/403/404 only: a proxy's refusal (407, a 403 to CONNECT) or
             # a redirect is about the setting whatever else gets through (review "diff33").
             if (type(exc) is Misconfigured and exc.status in (401, 403, 404)
-                    and self._refused_alone(attempts, endpoint)):
+                    and self._refused_alone(attempts)):
                 self._gate.answered(probe)  # the token works: others got through
                 raise RefusedAlone(
                     f"{exc} (refused {attempts.refused + 1} times for this event alone: "

@@ -304,7 +304,8 @@ class Worker:
         self.registry: SchemaSource = schemas
         self.handler = Handler(
             settings, metrics, client=self.client, registry=schemas,
-            dlq=self.dlq, limiters=self.shared.limiter, policy=policy,
+            dlq=self.dlq, limiters=self.shared.limiter, budget=self.shared.budget,
+            policy=policy,
             guard=DlqGuard(settings.dlq_max_ratio, settings.dlq_window,
                            settings.dlq_max_consecutive),
             dedup=self.shared.dedup,
@@ -1353,9 +1354,11 @@ class Worker:
     def _publish_rates(self) -> None:
         """Event loop (the limiters' owner): each family's rate share, for the gauge; a
         family on the Redis fallback with nothing to send asks Redis whether it is back
-        (`SharedLimiter.probe`), so its gauge and alert follow Redis, not its traffic."""
-        for family in FAMILIES:
-            self.m.rate_limit_rps.labels(family).set(self.shared.limiter(family).share_rate)
+        (`SharedLimiter.probe`), so its gauge and alert follow Redis, not its traffic.
+        One series per budget: with USERPILOT_RATE_LIMIT_SHARED the one limiter was shown
+        under `track` and `identify` both, summed twice the token's limit (review ops35)."""
+        for budget, limiter in self.shared.limiters.items():
+            self.m.rate_limit_rps.labels(budget).set(limiter.share_rate)
         for limiter in self.shared.distinct():
             if isinstance(limiter, SharedLimiter) and limiter.on_fallback:
                 probe = asyncio.get_running_loop().create_task(limiter.probe())

@@ -940,3 +940,37 @@ def test_an_event_refused_alone_while_others_are_delivered_is_dead_lettered_not_
     assert {headers_of(m)["userpilot.error.reason"] for m in dead} == {b"refused"}
     assert {headers_of(m)["userpilot.error.status"] for m in dead} == {b"403"}
     assert not undelivered(control, [e for e in events if e["userId"] != "blocked"])
+
+
+def test_a_users_identify_refused_alone_is_dead_lettered_while_tracks_go_on(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """A 403 for one user's identify (a blocked user, a WAF rule) while the same token
+    delivers everyone's Tracks: refusals on /v1/identify count the Tracks delivered in
+    between, so the group event goes to the DLQ as `refused` and the commits move on
+    (review "http35": held for ever, the gate flapping, the replica unready)."""
+    server, control = sandbox
+    control.set_faults(rules=[{"user_id": "blocked", "path": "/v1/identify", "action": "403"}])
+    topic = topic_factory(partitions=1)
+    group_event = {
+        "type": "group", "userId": "blocked", "groupId": "acme", "traits": {"name": "Acme"},
+        "context": {"consent": {"analytics": True}}, "messageId": "blocked-group",
+        "timestamp": "2026-11-26T10:00:00.000Z"}
+    produce(kafka_bootstrap, schema_registry_url, topic,
+            [group_event, *(track_event(f"u{i % 7}", i) for i in range(50))])
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     **FAST_RETRY)
+    with WorkerThread(env) as w:
+        for start in range(50, 400, 50):  # others keep being delivered meanwhile
+            produce(kafka_bootstrap, schema_registry_url, topic,
+                    [track_event(f"u{i % 7}", i) for i in range(start, start + 50)])
+            time.sleep(0.3)
+        wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
+        refused = w.metric("userpilot_events_dead_lettered_total", reason="refused")
+        dead = read_topic(kafka_bootstrap, w.settings.dlq_topic)
+    assert refused == 1 == len(dead)
+    assert headers_of(dead[0])["userpilot.error.reason"] == b"refused"
+    assert headers_of(dead[0])["userpilot.error.status"] == b"403"
+    assert not undelivered(control, [track_event(f"u{i % 7}", i) for i in range(400)])

@@ -160,6 +160,7 @@ def test_registers_exactly_the_contract(reg: CollectorRegistry, m: Metrics) -> N
     m.committed_offset.labels("t", "0").set(1)
     m.events_consumed.labels("t").inc()
     m.delivered.labels("x").inc()
+    m.rate_limit_rps.labels("track").set(1)  # per budget, once the worker knows them
     found: dict[str, tuple[str, tuple[str, ...]]] = {}
     for family in reg.collect():
         if not family.name.startswith("userpilot_"):

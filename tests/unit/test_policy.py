@@ -466,10 +466,20 @@ def test_successes_count_as_evidence_only_on_the_events_own_endpoint() -> None:
     attempts = Attempts()
     run(policy(gate, clock, sleep, max_attempts=3).run(send, attempts, endpoint="track"))
     assert send.calls == 31, "delivered in the end, never given up"
+
+
+def test_a_refusal_counts_deliveries_to_any_endpoint() -> None:
+    """One company identify (or a blocked user's identify) refused while Tracks go
+    through: the token works, the refusal is about the event. Counted on its own endpoint
+    only, it was held for ever with its partition's commits, the gate flapping and the
+    replica unready (review "http35")."""
+    clock, sleep, gate = setup()
     refused = Script([Misconfigured("HTTP 403", status=403)] * 10 + [None],
-                     identifies_delivered)
-    run(policy(gate, clock, sleep).run(refused, Attempts(), endpoint="company_identify"))
-    assert refused.calls == 11, "paused, not dead-lettered: no company identify went through"
+                     delivered_between(clock, gate, "track"))
+    with pytest.raises(RefusedAlone):
+        run(policy(gate, clock, sleep).run(refused, Attempts(), endpoint="company_identify"))
+    assert refused.calls == REFUSED_ALONE
+    assert gate.state == "up"
 
 
 def test_an_event_failing_alone_on_its_endpoint_is_given_up_on_other_endpoints_evidence(

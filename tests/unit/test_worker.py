@@ -1853,6 +1853,24 @@ def test_the_rate_share_gauge_follows_the_limiter_not_only_rebalances_and_429s()
     assert drive(run, scenario) == 0
 
 
+def test_one_shared_budget_is_one_rate_share_series() -> None:
+    """USERPILOT_RATE_LIMIT_SHARED: the one limiter was shown under `track` and `identify`
+    both, the dashboard's deployment sum twice the token's limit (review ops35)."""
+    run = make(log_of(track("u1", 1)), USERPILOT_RATE_LIMIT_SHARED="true")
+    limiter = cast(Any, run.worker.shared.limiter("track"))
+
+    def series() -> dict[str, float]:
+        return {s.labels["endpoint"]: s.value for metric in run.worker.m.registry.collect()
+                for s in metric.samples
+                if s.name == "userpilot_rate_limit_requests_per_second"}
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: limiter.share == 1.0
+                    and series() == {"all": pytest.approx(limiter.share_rate)}, "the share")
+
+    assert drive(run, scenario) == 0
+
+
 class SlowClient(FakeClient):
     """Userpilot answering after `delay` seconds; `started` counts requests sent."""
 
