@@ -788,7 +788,7 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
                 "the second is recognised). Keep it only where the brokers refuse "
                 "idempotent producers")
         if check_clients:
-            from consumer.librdkafka import property_problem
+            from consumer.librdkafka import c_integer_reading, property_problem
 
             refused = property_problem(key, value)
             if refused is not None:
@@ -797,6 +797,13 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
                     f"{name} sets librdkafka setting {key!r}, which librdkafka refuses: "
                     f"{refused}{hint}"
                 )
+                continue
+            read = c_integer_reading(key, value) if key not in SECRET_KAFKA_KEYS else None
+            if read is not None:
+                reader.problems.append(
+                    f"{name}={value.strip()!r}: write it in plain decimal digits; librdkafka "
+                    f"would read {read} (a leading 0 is octal, 0x hex, and what follows the "
+                    "digits is ignored)")
                 continue
         extra[key] = Secret(value) if key in SECRET_KAFKA_KEYS else value
     return extra

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -186,6 +187,33 @@ def property_problem(key: str, value: str) -> str | None:
     """
     problem = _consumer({key: value})
     return problem if problem is not None and f'"{key}"' in problem else None
+
+
+_C_INTEGER = re.compile(r"([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+_NOT_DECIMAL = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]*|0[0-9]+|[0-9]+[^0-9.].*)", re.DOTALL)
+
+
+def c_integer_reading(key: str, value: str) -> int | None:
+    """What librdkafka reads for ``value`` when ``key`` is an integer setting and the
+    value is not plain decimal digits (it parses C-style: a leading 0 is octal, 0x hex,
+    and what follows the digits is ignored: ``010000`` is 4096, ``45s`` 45); None when
+    the value is plain decimal, not number-like, or ``key`` takes text. The worker's own
+    checks read decimal only, so such a value passed them and broke `run` (a session
+    timeout the brokers refuse; review "config35")."""
+    text = value.strip()
+    if not _NOT_DECIMAL.fullmatch(text):
+        return None
+    consumer, producer = _consumer({key: "not-a-number"}), _producer({key: "not-a-number"})
+    if not any(p is not None and "Invalid value" in p and f'"{key}"' in p
+               for p in (consumer, producer)):
+        return None
+    match = _C_INTEGER.match(text)
+    if match is None:
+        return 0
+    sign, digits = match.groups()
+    number = (int(digits, 16) if digits[:2].lower() == "0x"
+              else int(digits, 8) if digits.startswith("0") else int(digits))
+    return -number if sign == "-" else number
 
 
 def client_problem(conf: Mapping[str, Any], warnings: list[str] | None = None) -> str | None:

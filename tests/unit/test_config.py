@@ -1404,3 +1404,24 @@ def test_registry_credentials_of_two_lines_are_refused(tmp_path: Path) -> None:
     assert "holds a line break" in message and "user:pw" not in message
     secret.write_text("user:pw\n")
     assert load_settings(env, check_clients=False) is not None
+
+
+@pytest.mark.parametrize(("name", "value", "read"), [
+    ("KAFKA_SESSION_TIMEOUT_MS", "45s", 45), ("KAFKA_SESSION_TIMEOUT_MS", "010000", 4096),
+    ("KAFKA_HEARTBEAT_INTERVAL_MS", "0x2710", 10000),
+    ("KAFKA_MESSAGE_MAX_BYTES", "0x100000", 1048576),
+    ("KAFKA_MESSAGE_MAX_BYTES", "1048576x", 1048576)])
+def test_an_integer_kafka_setting_not_in_plain_decimal_is_refused(name: str, value: str,
+                                                                  read: int) -> None:
+    """librdkafka reads integers C-style (010000 is 4096, 45s is 45) while the worker's own
+    checks read decimal only: such a session timeout passed check-config --online and run
+    never joined its group; produce and replay crashed on such a message.max.bytes
+    (review "config35")."""
+    found = problems({**BASE, name: value})
+    assert any(f"{name}={value!r}: write it in plain decimal digits" in p
+               and f"librdkafka would read {read}" in p for p in found), found
+
+
+def test_text_kafka_settings_may_look_like_numbers() -> None:
+    assert load(KAFKA_CLIENT_ID="0x12").kafka_extra["client.id"] == "0x12"
+    assert load(KAFKA_SESSION_TIMEOUT_MS="45000").kafka_extra["session.timeout.ms"] == "45000"
