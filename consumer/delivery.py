@@ -539,9 +539,10 @@ class UserpilotClient:
 
     async def _exchange(self, request: httpx.Request) -> int:
         accepted = False
+        answered: httpx.Response | None = None
         try:
             async with _StallAwareDeadline(self._deadline_s):
-                response = await self._send(request)
+                response = answered = await self._send(request)
                 accepted = 200 <= response.status_code < 300
                 try:
                     # Read, so the connection goes back to the pool (an unread body closes
@@ -560,11 +561,16 @@ class UserpilotClient:
                 # (cut, trickled past the deadline, not the gzip it claimed). Re-sending
                 # it on a body error sent it twice.
                 return response.status_code
-            raise transport_failure(exc, self._deadline_s, self._proxied) from None
-        status = response.status_code
+            if answered is None:
+                raise transport_failure(exc, self._deadline_s, self._proxied) from None
+            # The status came, then its body broke off: the status still says what it is.
+            # Taken as a timeout or reset, a 429 used up the event's attempts (its
+            # Retry-After unread) and a 401 read as an outage (review "http35").
+            body = b""
+        status = answered.status_code
         if accepted:  # the common case: no need to decode the body
             return status
-        problem = self._problem(status, response.headers, body, request.url.path)
+        problem = self._problem(status, answered.headers, body, request.url.path)
         if problem is None:
             return status
         try:

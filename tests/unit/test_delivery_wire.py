@@ -492,6 +492,45 @@ def test_a_2xx_whose_body_then_fails_is_delivered_not_sent_again(answer: Action)
     assert run(main) == ("ok", 1)
 
 
+def _cut(status: int, headers: Sequence[str]) -> bytes:
+    """A status line and headers promising a 100-byte body, then 5 bytes of it."""
+    return http(status, b"", length=False)[:-2] + b"\r\n".join(
+        [h.encode() for h in headers] + [b"Content-Length: 100", b"", b"abcde"])
+
+
+@pytest.mark.parametrize(("answer", "kind"), [
+    (Reset(_cut(429, ["Retry-After: 7"])), RateLimited),
+    (Send([_cut(429, ["Retry-After: 7"])] + [b"x"] * 40), RateLimited),  # trickled
+    (Reset(_cut(401, [])), Misconfigured),
+    (Send([_cut(401, [])] + [b"x"] * 40), Misconfigured),
+    (Reset(_cut(400, [])), Rejected),
+    (Reset(_cut(503, [])), ServerError),
+], ids=["429-reset", "429-trickled", "401-reset", "401-trickled", "400-reset", "503-reset"])
+def test_an_answer_whose_body_breaks_off_is_classified_by_its_status(
+        answer: Action, kind: type[WorkerError]) -> None:
+    """The status line and headers came, then the body broke off (reset, or trickled past
+    the deadline): taken as a timeout or reset, a 429 used up the event's attempts with
+    its Retry-After unread, and a refused token read as an outage (review "http35")."""
+    async def main() -> WorkerError:
+        async with Server(always(answer)) as srv:
+            client = up(srv.url(), timeout_s=0.2)
+            try:
+                return await error_of(client, BODY)
+            finally:
+                await client.aclose()
+
+    error = run(main)
+    assert type(error) is kind, error
+    assert getattr(error, "status", None) == int(_cut_status(answer))
+    if kind is RateLimited:
+        assert getattr(error, "retry_after", None) == 7.0
+
+
+def _cut_status(answer: Action) -> str:
+    data = answer.data[0] if isinstance(answer.data, list) else answer.data
+    return data.split(b" ")[1].decode()
+
+
 def test_an_https_proxy_refusing_its_credentials_is_a_misconfiguration() -> None:
     """A 407 to the CONNECT of an HTTPS request comes from the egress proxy: pause like a
     refused token (readiness off, the alert), not an endless run of connection errors."""
