@@ -64,7 +64,7 @@ thousands of calls a second."""
 # hold-off, for the other replicas coming back. Added ahead of now whole, the partition
 # shares' requests, which together fit the limit, were counted twice: the deployment sent
 # nothing for a whole period after every fallback (review "redis18").
-# KEYS[4], when given, records the debt one fallback episode has added so far: a call
+# KEYS[5], when given, records the debt one fallback episode has added so far: a call
 # carries all of it, and only what exceeds the record is added. Calls that timed out while
 # Redis was frozen still run when it thaws: without the record each added the debt again
 # (129 requests counted for 96 sent, the deployment idle for seconds).
@@ -74,6 +74,11 @@ thousands of calls a second."""
 # "now", which erased the unused budget the returning replicas' local requests fill first,
 # so they were owed ahead whole: 6-7 requests in the 10 s after the thaw where 70-90 fit
 # (review "rate21"). Every reply ends with Redis's time, from which callers set deadlines.
+# KEYS[4] holds the regime (interval and tolerance) the schedule was written under. Read
+# under other settings (a lower USERPILOT_RATE_BURST, a higher USERPILOT_RATE_LIMIT), the
+# old schedule held every replica back for what the old burst had allowed, silently, up to
+# a day with a day-long period (review "config35"): it is converted, the requests it holds
+# counted at the new interval and capped at the new bucket.
 GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -101,8 +106,21 @@ if tat and last and last > 1 and now < last then
   -- erasing them (review "diff18b").
   redis.call('SET', KEYS[2], string.format('%.0f', now), 'PX', 604800000)
 end
+local regime = string.format('%.0f:%.0f', interval, tolerance)
+local was = redis.call('GET', KEYS[4])
+local converted = false
+if was ~= regime then
+  local before = tonumber(string.match(was or '', '^(%d+):'))
+  if tat and before and before > 0 and tat > now then
+    local ahead = (tat - now) / before * interval
+    if ahead > tolerance + interval then ahead = tolerance + interval end
+    tat = now + ahead
+    converted = true
+  end
+  redis.call('SET', KEYS[4], regime, 'PX', 604800000)
+end
 local since = tat or (now - span)
-local changed = false
+local changed = converted
 if not tat then
   tat = now + tolerance + interval
   if redis.call('EXISTS', KEYS[2]) == 1 then tat = tat + lookahead; changed = true end
@@ -110,7 +128,7 @@ end
 if tat < now then tat = now end
 if debt > 0 then
   local applied = 0
-  if KEYS[4] then applied = tonumber(redis.call('GET', KEYS[4])) or 0 end
+  if KEYS[5] then applied = tonumber(redis.call('GET', KEYS[5])) or 0 end
   if debt > applied then
     local owed = (debt - applied) * interval
     local credit = tonumber(redis.call('GET', KEYS[3]))
@@ -123,7 +141,7 @@ if debt > 0 then
     tat = tat + owed - used; changed = true
     redis.call('SET', KEYS[3], string.format('%.0f', credit - used),
                'PX', math.max(1, math.floor((holdoff + tolerance) / 1000)))
-    if KEYS[4] then redis.call('SET', KEYS[4], debt, 'PX', ttl) end
+    if KEYS[5] then redis.call('SET', KEYS[5], debt, 'PX', ttl) end
   end
 end
 if holdoff > 0 and tat < now + holdoff + tolerance then
@@ -331,7 +349,7 @@ class RedisStore:
                                 idle_ttl_ms=1000)
             with contextlib.suppress(RedisError, OSError, TimeoutError):  # else a week
                 async with asyncio.timeout(self._timeout):
-                    await self._client.unlink(f"{budget}:seen")
+                    await self._client.unlink(f"{budget}:seen", f"{budget}:regime")
 
     async def _reconnect(self) -> None:
         """READONLY: the node behind the URL was demoted (a managed Redis's failover moves
@@ -359,7 +377,8 @@ class RedisStore:
         args = [max(1, interval_us), max(0, tolerance_us), max(0, lookahead_us),
                 max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms), max(0, span_us),
                 1 if reserve else 0, 0]
-        keys = [key, f"{key}:seen", f"{key}:credit", *([debt_key] if debt_key else [])]
+        keys = [key, f"{key}:seen", f"{key}:credit", f"{key}:regime",
+                *([debt_key] if debt_key else [])]
         for _ in range(2):
             args[-1] = self._deadline_us()
             sent = time.monotonic()

@@ -589,3 +589,31 @@ def test_after_a_frozen_redis_thaws_the_shared_budget_is_used_at_once(
     ledger.assert_within_limit(sends)
     after = [t for t in sends if up_at <= t < up_at + PERIOD]
     assert len(after) >= 4, f"{len(after)} sends in the period after the thaw"
+
+
+@pytest.mark.parametrize("change", ["lower-burst", "higher-limit"])
+def test_a_schedule_written_under_other_settings_is_converted_not_waited_out(
+        redis_url: str, key: str, change: str) -> None:
+    """Review config35: restarted with a lower USERPILOT_RATE_BURST (or a higher limit), the
+    replicas read the schedule the old burst had written as owed: every one waited ~58 s
+    without a word (a day with a day-long period). The requests it holds are counted at
+    the new interval, capped at the new bucket."""
+    interval, burst_tolerance = 100_000, 30_000_000  # 10/s, a 300-request burst
+
+    async def main() -> tuple[bool, float]:
+        store = RedisStore(redis_url, timeout_s=1.0)
+        for _ in range(3):  # the first run: 3 requests under the big burst
+            reserved, _ = await store.gcra(key, interval_us=interval,
+                                           tolerance_us=burst_tolerance,
+                                           lookahead_us=1_000_000, idle_ttl_ms=60_000)
+            assert reserved
+        new_interval, new_tolerance = ((interval, 0) if change == "lower-burst"
+                                       else (interval // 10, burst_tolerance))
+        result = await store.gcra(key, interval_us=new_interval, tolerance_us=new_tolerance,
+                                  lookahead_us=1_000_000, idle_ttl_ms=60_000)
+        await store.close()
+        return result
+
+    reserved, wait = asyncio.run(main())
+    # The new bucket holds at most one interval beyond its tolerance: at most that to wait.
+    assert reserved and wait <= 0.2, wait
