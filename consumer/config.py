@@ -1248,11 +1248,13 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
             f"{name}={redact_userinfo(value)} is not a valid URL (the proxy for {service}): "
             "give an HTTP proxy as http://host:port ([address]:port for IPv6)")
         return None
-    if "@" in parts.path:
+    if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
+        # A "#" or "?" in the password ended the address there: the message said the port
+        # was not a number (review "config35").
         reader.problems.append(
-            f"{name}={redact_userinfo(value)}: the user or password of the proxy for "
-            f"{service} holds a character that ends the address; percent-encode it (/ as "
-            "%2F, @ as %40, : as %3A)")
+            f"{name}: the user or password of the proxy for {service} holds a character "
+            "that ends the address; percent-encode it (/ as %2F, @ as %40, : as %3A, # as "
+            "%23, ? as %3F)")
         return None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         reader.problems.append(
@@ -1275,6 +1277,15 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
             f"{name}={redact_userinfo(value)} is not a proxy URL the HTTP client can use "
             f"({refused}; the proxy for {service}): check its host and port")
         return None
+    if ":" in unquote(parts.username or ""):
+        # Basic authentication joins user and password with ":", so a user holding one
+        # cannot be sent: aiohttp refused it before anything left, every request read as
+        # "unusable answer" while check-config said OK (review "http35").
+        reader.problems.append(
+            f"{name}={redact_userinfo(value)}: the user name of the proxy for {service} "
+            "holds ':' (written %3A), which Basic authentication cannot carry: only the "
+            "password may")
+        return None
     if service == "Userpilot" and not all(
             unquote(part or "").isascii() for part in (parts.username, parts.password)):
         # Userpilot's client (aiohttp) writes proxy credentials in Latin-1: a "€" failed
@@ -1292,9 +1303,14 @@ def _unknown_variables(reader: _Reader) -> None:
     for name in sorted(reader.env):
         if name in ENV_VARS or name in _BUILD_FACTS or _service_link(name, reader.env[name]):
             continue
-        if (name != name.upper() and name.upper() in ENV_VARS
-                and name.upper().startswith(_OWN_PREFIXES)):
-            # `userpilot_rate_burst=5` was ignored without a word (review "ops31").
+        upper = name.upper()
+        if name != upper and (
+                (upper in ENV_VARS and upper.startswith(_OWN_PREFIXES))
+                or upper in REDIS_ENV_VARS
+                or (name.startswith("kafka_") and _PASSTHROUGH.match(upper))):
+            # `userpilot_rate_burst=5` was ignored without a word (review "ops31"), and so
+            # were `redis_url` and `kafka_security_protocol`: the worker ran without Redis
+            # and in plaintext, check-config saying OK (review "config35").
             reader.problems.append(
                 f"{name} is not a setting of this worker: names are upper case; write "
                 f"{name.upper()}")

@@ -138,7 +138,7 @@ def test_the_schema_registry_s_proxy_is_checked_too(proxy: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings({**BASE, "HTTP_PROXY": proxy}, check_clients=False)
     text = str(caught.value)
-    assert "HTTP_PROXY=" in text and "the schema registry" in text
+    assert "HTTP_PROXY" in text and "the schema registry" in text
     assert "PROXYPASS77" not in text
 
 
@@ -228,3 +228,38 @@ def test_a_proxy_credential_outside_ascii_stops_start_up(proxy: str) -> None:
     settings = load_settings({**BASE, "SCHEMA_REGISTRY_URL": "http://registry:8081",
                               "HTTP_PROXY": proxy}, check_clients=False)
     assert settings.proxy is None
+
+
+def _refusals(**env: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings({**BASE, **env})
+    return str(info.value)
+
+
+def test_a_proxy_user_holding_a_colon_is_refused_up_front() -> None:
+    """Review http35: `us%3Aer` passed check-config; aiohttp then refused every request
+    before it left (Basic authentication cannot carry a ':' in the user)."""
+    said = _refusals(HTTPS_PROXY="http://us%3Aer:s3cr3t-pw@proxy:3128")
+    assert "holds ':' (written %3A), which Basic authentication cannot carry" in said
+    assert "s3cr3t-pw" not in said
+    # In the password it is fine.
+    load_settings({**BASE, "HTTPS_PROXY": "http://user:p%3Aw@proxy:3128"})
+
+
+@pytest.mark.parametrize("password", ["Se#Kr1t-pw", "Se?Kr1t-pw", "Se/Kr1t-pw"])
+def test_a_proxy_password_with_a_character_that_ends_the_address_is_named_not_shown(
+        password: str) -> None:
+    """Review config35: a "#" in the password was reported as a port that is not a number;
+    and the message quoted the URL, whose password the parser could not mask."""
+    said = _refusals(HTTP_PROXY=f"http://user:{password}@proxy:3128")
+    assert "percent-encode it" in said and "# as %23" in said
+    assert "Kr1t-pw" not in said
+
+
+@pytest.mark.parametrize("name", ["redis_url", "kafka_security_protocol", "kafka_dlq_topic"])
+def test_a_lower_case_setting_of_ours_is_refused(name: str) -> None:
+    """Review config35: `redis_url` and `kafka_security_protocol` were ignored without a
+    word: the worker ran without Redis and in plaintext."""
+    said = _refusals(**{name: "redis://r:6379/0" if name == "redis_url" else "x"})
+    assert f"{name} is not a setting of this worker: names are upper case; write " \
+        f"{name.upper()}" in said
