@@ -111,6 +111,7 @@ class Summary:
     unrestored_offsets: list[str] = field(default_factory=list)
     unpublishable_offsets: list[str] = field(default_factory=list)
     doubled_offsets: list[str] = field(default_factory=list)
+    no_origin_offsets: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"replayed": self.replayed, "skipped_by_filter": self.skipped_by_filter,
@@ -380,7 +381,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    + ", ".join(DEAD_LETTER_REASONS))
     p.add_argument("--status", type=_status, action="append", default=[],
                    help="only this HTTP status (repeatable; \"\" for dead letters without "
-                   "one: timeouts, connection errors)")
+                   "one: timeouts, connection errors, and undecodable or invalid events; "
+                   "add --reason to narrow it)")
     p.add_argument("--call", action="append", default=[], choices=CALLS,
                    help="only events that failed at this call (repeatable): --call track "
                    "--call ensure_user replays Track events only, leaving out identify and "
@@ -469,6 +471,15 @@ def run_replay(
         if known is None:
             return summary  # interrupted before anything was read
         committed = {tp.partition: tp.offset for tp in known}
+        if not from_start and all(offset < 0 for offset in committed.values()):
+            # Kafka keeps a group's offsets for offsets.retention.minutes (7 days by
+            # default) after its last commit: a selection run again after that starts
+            # over, and what it replayed then goes out again (review "replay35").
+            print(f"replay: no progress recorded for this selection (group {group!r}): "
+                  "reading the dead-letter topic from its first record; if this selection "
+                  "ran more than the brokers' offsets.retention.minutes ago (7 days by "
+                  "default), what it replayed then is replayed again: look with --dry-run "
+                  "first", file=sys.stderr)
         ends: dict[int, int] = {}
         starts: list[TopicPartition] = []
         for tp in parts:
@@ -669,13 +680,23 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     if verdict == "filtered":
         summary.skipped_by_filter += 1
         return None
-    if verdict == "over_limit":
-        summary.over_limit += 1
-        summary.over_limit_offsets.append(where)
-        return None
-    if verdict == "no_origin":
-        summary.no_origin += 1
-        return None
+    if verdict in ("over_limit", "no_origin"):
+        if verdict == "over_limit":
+            summary.over_limit += 1
+            summary.over_limit_offsets.append(where)
+        else:
+            summary.no_origin += 1
+            summary.no_origin_offsets.append(where)
+        if not dry_run:
+            return None
+        # Listed with its key, never replayed: `--dry-run --all` is how an operator finds
+        # a deleted user's dead letters (README, GDPR), and these were on stderr only, by
+        # their coordinates (review "replay35").
+        return {"dlq": where, "to": _text(header_value(headers, "__connect.errors.topic"))
+                or None, "dry_run": True,
+                "reason": _text(header_value(headers, "userpilot.error.reason")),
+                "call": failed_call(headers) or None, "key": shown_key(msg.key()),
+                **failure_of(headers), "not_replayable": verdict}
     source = None if seen is None else source_event(headers, msg.value())
     before = None if seen is None else seen.before(source)
     origin = _text(header_value(headers, "__connect.errors.topic"))  # text: `decide`
@@ -789,6 +810,10 @@ def _print_summary(summary: Summary, dry_run: bool, interrupted: bool) -> None:
         print(f"value-less dead letter not restorable (not replayed): {item}", file=sys.stderr)
     for item in summary.unpublishable_offsets[:50]:
         print(f"refused by its origin topic (not replayed): {item}", file=sys.stderr)
+    for item in summary.no_origin_offsets[:50]:
+        # Counted only, it was skipped without a word (review "replay35").
+        print(f"no origin topic in its headers (not a dead letter of this worker; not "
+              f"replayed): {item}", file=sys.stderr)
     took = "listed above by this dry run" if dry_run else "replayed in this run"
     for item in summary.doubled_offsets[:50]:
         print(f"second dead letter of an event {took} (not replayed): {item}",

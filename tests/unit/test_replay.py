@@ -565,3 +565,25 @@ def test_a_report_line_says_what_failed_how_often_and_when() -> None:
     cut = replay.failure_of(long)["message"]
     assert len(cut) == replay.MESSAGE_SHOWN + 1 and cut.endswith("…")
     assert replay.failure_of([("userpilot.error.status", "²".encode())])["status"] is None
+
+
+def test_a_dry_run_lists_records_over_the_limit_and_without_origin_with_their_keys(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review replay35: `--dry-run --all` is how an operator finds a deleted user's dead
+    letters (README, GDPR): those over the replay limit, and those without an origin topic,
+    were on stderr only, by their coordinates, without their key."""
+    from consumer import replay
+
+    at_limit = [*_undecodable(NOW), ("userpilot.replay.count", b"3")]
+    no_origin = [(k, v) for k, v in _undecodable(NOW) if k != "__connect.errors.topic"]
+    for headers, verdict in ((at_limit, "over_limit"), (no_origin, "no_origin")):
+        summary = replay.Summary()
+        record = DlqRecord(headers, b"v", b"u_deleted")
+        listed = replay._replay_one(record, 0, 9, "dlq", Filters(max_replays=3), {},  # type: ignore[arg-type]
+                                    summary, True)
+        assert listed is not None and "_record" not in listed, "listed, never published"
+        assert listed["key"] == "u_deleted" and listed["not_replayable"] == verdict
+        assert replay._replay_one(record, 0, 9, "dlq", Filters(max_replays=3), {},  # type: ignore[arg-type]
+                                  replay.Summary(), False) is None, "a real run: stderr only"
+        replay._print_summary(summary, dry_run=True, interrupted=False)
+        assert "dlq[0]@9" in capsys.readouterr().err, "named on stderr"
