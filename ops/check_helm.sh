@@ -157,6 +157,15 @@ EOF
 cat >"$OUT/dlq-is-source.values.yaml" <<'EOF'
 kafka: {topics: [events, more], dlqTopic: more}
 EOF
+cat >"$OUT/internal-source.values.yaml" <<'EOF'
+kafka: {topics: [events, __consumer_offsets]}
+EOF
+cat >"$OUT/internal-dlq.values.yaml" <<'EOF'
+kafka: {topics: [events], dlqTopic: __transaction_state}
+EOF
+cat >"$OUT/registry-twice.values.yaml" <<'EOF'
+schemaRegistry: {existingSecret: sr-creds, basicAuthUserInfo: "user:pw"}
+EOF
 cat >"$OUT/consent-typo.values.yaml" <<'EOF'
 userpilot: {consentCategories: [analytic]}
 EOF
@@ -337,6 +346,9 @@ expect_fail redis-ca-alone "redis.tlsCaSecret is set but no Redis is"
 expect_fail pdb-zero "maxUnavailable"
 expect_fail request-timeout-tiny "requestTimeoutSeconds"
 expect_fail dlq-is-source "kafka.dlqTopic (more) is also a source topic"
+expect_fail internal-source "kafka.topics has __consumer_offsets, one of Kafka's own internal topics"
+expect_fail internal-dlq "kafka.dlqTopic (__transaction_state) is one of Kafka's own internal topics"
+expect_fail registry-twice "schemaRegistry.basicAuthUserInfo and schemaRegistry.existingSecret are both set"
 expect_fail consent-typo "userpilot.consentCategories has \"analytic\", not a Signal consent category"
 expect_fail consent-mixed "userpilot.consentCategories mixes \"none\" with categories"
 expect_fail static-member "kafka.config.group.instance.id gives every pod the same static member id"

@@ -314,6 +314,20 @@ Deployment, so every render runs them.
 {{- fail (printf "userpilot.consentCategories has %q, not a Signal consent category: use %s, or none to disable consent gating" . (join ", " $categories)) }}
 {{- end }}
 {{- end }}
+{{- /* As the worker refuses them (config.KAFKA_INTERNAL_TOPICS): rendered, every pod exited 2
+     (review ops35). */}}
+{{- $internal := list "__consumer_offsets" "__transaction_state" "__cluster_metadata" "__share_group_state" }}
+{{- range $v.kafka.topics }}
+{{- if has . $internal }}
+{{- fail (printf "kafka.topics has %s, one of Kafka's own internal topics: name the topic Signal's events are on" .) }}
+{{- end }}
+{{- end }}
+{{- if and $v.kafka.dlqTopic (has $v.kafka.dlqTopic $internal) }}
+{{- fail (printf "kafka.dlqTopic (%s) is one of Kafka's own internal topics: name a topic of its own for dead letters" $v.kafka.dlqTopic) }}
+{{- end }}
+{{- if and $v.schemaRegistry.existingSecret $v.schemaRegistry.basicAuthUserInfo }}
+{{- fail "schemaRegistry.basicAuthUserInfo and schemaRegistry.existingSecret are both set: the credentials in existingSecret are used and basicAuthUserInfo would be ignored; keep one" }}
+{{- end }}
 {{- if and $v.kafka.dlqTopic (has $v.kafka.dlqTopic $v.kafka.topics) }}
 {{- fail (printf "kafka.dlqTopic (%s) is also a source topic: dead letters would be read back and sent again; name another topic" $v.kafka.dlqTopic) }}
 {{- end }}
