@@ -323,9 +323,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from consumer.config import load_settings
+    from consumer.config import load_settings, topic_problem
     from consumer.produce import produce_events
 
+    problem = topic_problem(args.topic)
+    if problem is not None:
+        # Refused before anything else: Kafka refused it only after the schema was
+        # registered under the bad name's subject (review "config35").
+        raise ConfigError(f"--topic {args.topic!r}, {problem}")
     bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
     registry = args.schema_registry_url or os.environ.get("SCHEMA_REGISTRY_URL", "").strip()
     if not bootstrap or not registry:

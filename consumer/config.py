@@ -1354,6 +1354,18 @@ def _consent_categories(reader: _Reader) -> tuple[str, ...]:
     return categories
 
 
+def topic_problem(topic: str) -> str | None:
+    """Why `topic` cannot hold Signal's events (an illegal name, a Kafka internal topic),
+    said after its name, or None: what KAFKA_TOPICS and `produce --topic` refuse."""
+    if not _TOPIC.match(topic):
+        return ("which is not a legal topic name (letters, digits, '.', '_', '-', at most "
+                "249 characters)")
+    if topic in KAFKA_INTERNAL_TOPICS:
+        return ("one of Kafka's own internal topics (no Signal event is there): enter the "
+                "Signal delivery topic")
+    return None
+
+
 def _topics(reader: _Reader) -> tuple[str, ...]:
     raw = reader.required(
         "KAFKA_TOPICS", "enter the Signal delivery topic(s), comma-separated, e.g. "
@@ -1361,15 +1373,9 @@ def _topics(reader: _Reader) -> tuple[str, ...]:
     )
     topics = tuple(t.strip() for t in raw.split(",") if t.strip())
     for topic in topics:
-        if not _TOPIC.match(topic):
-            reader.problems.append(
-                f"KAFKA_TOPICS has {topic!r}, which is not a legal topic name (letters, "
-                "digits, '.', '_', '-', at most 249 characters)"
-            )
-        elif topic in KAFKA_INTERNAL_TOPICS:
-            reader.problems.append(
-                f"KAFKA_TOPICS has {topic!r}, one of Kafka's own internal topics (no Signal "
-                "event is there): enter the Signal delivery topic")
+        problem = topic_problem(topic)
+        if problem is not None:
+            reader.problems.append(f"KAFKA_TOPICS has {topic!r}, {problem}")
     if raw and not topics:
         reader.problems.append("KAFKA_TOPICS lists no topic: enter at least one topic name")
     twice = sorted({t for t in topics if topics.count(t) > 1})

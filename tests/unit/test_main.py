@@ -618,3 +618,16 @@ def test_a_sigterm_whose_exit_was_swallowed_still_stops_the_worker_before_it_run
         entry.wait_for_services(lambda: [Unreachable("kafka down")], 60.0,
                                 cast(Any, Beating()))
     assert stopped.value.code == 0
+
+
+@pytest.mark.parametrize(("topic", "why"), [
+    ("", "not a legal topic name"), ("bad/topic", "not a legal topic name"),
+    ("__consumer_offsets", "one of Kafka's own internal topics")])
+def test_produce_refuses_a_topic_it_cannot_write_before_registering_anything(
+        topic: str, why: str) -> None:
+    """Review config35: Kafka refused it only after the schema was registered under the bad
+    name's subject (`-value`, `bad/topic-value`)."""
+    result = cli(["produce", "--topic", topic, "--bootstrap-servers", "127.0.0.1:1",
+                  "--schema-registry-url", "http://127.0.0.1:1"], {})
+    assert result.returncode == 2, result.stderr
+    assert f"--topic {topic!r}, " in result.stderr and why in result.stderr
