@@ -1338,6 +1338,13 @@ def _consent_categories(reader: _Reader) -> tuple[str, ...]:
         return ("analytics",)
     if len(categories) == 1 and categories[0] in CONSENT_OFF:
         return ()
+    if categories == ("essential",):
+        # Signal grants essential consent always: every event passed, while check-config
+        # said gating was on (review "config35").
+        reader.notes.append(
+            "USERPILOT_CONSENT_CATEGORIES=essential gates nothing: Signal grants essential "
+            "consent always, so every event is sent as with 'none'; list the categories "
+            "Userpilot's use needs, e.g. analytics")
     for cat in categories:
         if cat in CONSENT_OFF:
             reader.problems.append(

@@ -1425,3 +1425,10 @@ def test_an_integer_kafka_setting_not_in_plain_decimal_is_refused(name: str, val
 def test_text_kafka_settings_may_look_like_numbers() -> None:
     assert load(KAFKA_CLIENT_ID="0x12").kafka_extra["client.id"] == "0x12"
     assert load(KAFKA_SESSION_TIMEOUT_MS="45000").kafka_extra["session.timeout.ms"] == "45000"
+
+
+def test_consent_on_essential_alone_says_it_gates_nothing() -> None:
+    """Review config35: Signal grants essential consent always; check-config said gating was
+    on while every event passed."""
+    assert any("gates nothing" in note for note in load(USERPILOT_CONSENT_CATEGORIES="essential").notes)
+    assert not any("gates nothing" in note for note in load().notes)
