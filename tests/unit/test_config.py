@@ -1430,5 +1430,6 @@ def test_text_kafka_settings_may_look_like_numbers() -> None:
 def test_consent_on_essential_alone_says_it_gates_nothing() -> None:
     """Review config35: Signal grants essential consent always; check-config said gating was
     on while every event passed."""
-    assert any("gates nothing" in note for note in load(USERPILOT_CONSENT_CATEGORIES="essential").notes)
+    essential = load(USERPILOT_CONSENT_CATEGORIES="essential")
+    assert any("gates nothing" in note for note in essential.notes)
     assert not any("gates nothing" in note for note in load().notes)
