@@ -541,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
     except ConfigError as exc:
-        error_line(str(exc))
+        error_line(str(exc), os.environ)
         return 2
     except WorkerError as exc:
         error_line(str(exc))

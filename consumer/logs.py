@@ -17,7 +17,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -121,10 +121,15 @@ class _Json(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
-def error_line(text: str) -> None:
+def error_line(text: str, env: Mapping[str, str] | None = None) -> None:
     """A command's last word, on stderr: `error: …`, or once logging is JSON, one JSON
     line as every other (a plain-text line was the only record of why `run` stopped that
-    a log shipper could not parse, review "ops31"), secrets masked as in every line."""
+    a log shipper could not parse, review "ops31"), secrets masked as in every line.
+    `env`: where logging is not set up yet (the settings were refused), its
+    WORKER_LOG_FORMAT=json still asks for JSON (review "config35")."""
+    wanted = (env or {}).get("WORKER_LOG_FORMAT", "").strip().lower() == "json"
+    if wanted and not _logging_json():
+        configure_logging("WARNING", "json")
     if _logging_json():
         logging.getLogger("consumer").error("%s", text)
     else:

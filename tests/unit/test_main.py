@@ -631,3 +631,16 @@ def test_produce_refuses_a_topic_it_cannot_write_before_registering_anything(
                   "--schema-registry-url", "http://127.0.0.1:1"], {})
     assert result.returncode == 2, result.stderr
     assert f"--topic {topic!r}, " in result.stderr and why in result.stderr
+
+
+def test_a_refused_setting_is_one_json_line_when_the_logs_are_json() -> None:
+    """Review config35: with WORKER_LOG_FORMAT=json, the refusal (the only record of why the
+    pod crash-loops) was plain text a log shipper could not parse."""
+    result = cli(["run"], {"WORKER_LOG_FORMAT": "json", "USERPILOT_RATE_LIMIT": "abc"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    record = json.loads(lines[0])
+    assert record["level"] == "error" and "USERPILOT_RATE_LIMIT='abc'" in record["message"]
+    plain = cli(["run"], {"USERPILOT_RATE_LIMIT": "abc"})
+    assert plain.stderr.startswith("error: invalid configuration:")
