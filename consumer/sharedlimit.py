@@ -97,6 +97,7 @@ class SharedLimiter:
         self._fallback_since: float | None = None
         self._debt_key = ""
         self._next_probe = 0.0
+        self._asked = clock()  # when Redis was last asked (`probe` asks an idle one too)
         self._local_sends: deque[float] = deque()
         self._lock: asyncio.Lock | None = None
 
@@ -183,11 +184,21 @@ class SharedLimiter:
         family without traffic on it for good after Redis was back: its gauge said
         "unreachable", and the alert fired against a healthy Redis (review "soak18")."""
         lock = self._reserving()
-        if not self.on_fallback or self._clock() < self._next_probe or lock.locked():
+        if not self._probe_due() or lock.locked():
             return
         async with lock:
-            if self.on_fallback and self._clock() >= self._next_probe:
+            if self._probe_due():
                 await self._try_shared(reserve=False)
+
+    def _probe_due(self) -> bool:
+        """On the fallback: its next probe is due. On the shared budget: Redis was not
+        asked for `probe_every_s` (nothing to send). A replica started while Redis was down,
+        or idle when it went down, said nothing and showed no fallback for as long as it
+        had no traffic: the alert stayed silent (review "ops35")."""
+        now = self._clock()
+        if self.on_fallback:
+            return now >= self._next_probe
+        return now - self._asked >= self._probe_every
 
     def _reserving(self) -> asyncio.Lock:
         """One caller at a time reserves (made on first use, inside the event loop)."""
@@ -209,6 +220,7 @@ class SharedLimiter:
         tolerance = (self._burst - 1) / safe_rate(self._limit, self._period, self._burst)
         returning = self.on_fallback
         debt = self._recent_local_sends() if returning else 0
+        self._asked = self._clock()
         try:
             reserved, seconds = await self._store.gcra(
                 self._key,

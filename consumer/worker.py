@@ -1353,14 +1353,14 @@ class Worker:
 
     def _publish_rates(self) -> None:
         """Event loop (the limiters' owner): each family's rate share, for the gauge; a
-        family on the Redis fallback with nothing to send asks Redis whether it is back
+        family with nothing to send asks Redis whether it is back, or still there
         (`SharedLimiter.probe`), so its gauge and alert follow Redis, not its traffic.
         One series per budget: with USERPILOT_RATE_LIMIT_SHARED the one limiter was shown
         under `track` and `identify` both, summed twice the token's limit (review ops35)."""
         for budget, limiter in self.shared.limiters.items():
             self.m.rate_limit_rps.labels(budget).set(limiter.share_rate)
         for limiter in self.shared.distinct():
-            if isinstance(limiter, SharedLimiter) and limiter.on_fallback:
+            if isinstance(limiter, SharedLimiter):
                 probe = asyncio.get_running_loop().create_task(limiter.probe())
                 self._probes.add(probe)
                 probe.add_done_callback(self._probes.discard)

@@ -235,3 +235,29 @@ def test_the_worker_probes_an_idle_fallback_every_second() -> None:
 
     assert drive(Run(worker, client, dlq, registry, made), scenario) == 0
     assert probed[0] is True
+
+
+def test_an_idle_family_notices_redis_gone_without_traffic() -> None:
+    """Review ops35: a replica started while Redis was down, or idle when it went down,
+    asked Redis nothing: no warning, the fallback gauge at 0 for as long as it had nothing
+    to send, and the alert silent. Its probe asks Redis once `probe_every_s` passed."""
+    store, switches = ScriptedStore(), list[bool]()
+    limiter = _limiter(store, switches)
+
+    async def main() -> None:
+        store.up = False
+        await limiter.probe()  # just made: not due
+        assert store.calls == [] and not limiter.on_fallback
+        await asyncio.sleep(0.06)
+        await limiter.probe()
+        assert limiter.on_fallback and store.calls[-1]["reserve"] is False
+        store.up = True
+        await asyncio.sleep(0.06)
+        await limiter.probe()
+        assert not limiter.on_fallback
+        asked = len(store.calls)
+        await limiter.probe()  # asked just now: not again
+        assert len(store.calls) == asked
+
+    asyncio.run(main())
+    assert switches == [True, False]
