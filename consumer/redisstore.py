@@ -74,11 +74,14 @@ thousands of calls a second."""
 # "now", which erased the unused budget the returning replicas' local requests fill first,
 # so they were owed ahead whole: 6-7 requests in the 10 s after the thaw where 70-90 fit
 # (review "rate21"). Every reply ends with Redis's time, from which callers set deadlines.
-# KEYS[4] holds the regime (interval and tolerance) the schedule was written under. Read
-# under other settings (a lower USERPILOT_RATE_BURST, a higher USERPILOT_RATE_LIMIT), the
-# old schedule held every replica back for what the old burst had allowed, silently, up to
-# a day with a day-long period (review "config35"): it is converted, the requests it holds
-# counted at the new interval and capped at the new bucket.
+# KEYS[4] holds the regime the schedule was written under: ARGV[10], the settings' own
+# interval (never a replica's 429 slow-down, which differs between replicas: keyed on it,
+# nearly every call converted, freeing half the bucket each time, and the deployment sent
+# ~4x the limit; review "diff35"), and the tolerance. Read under other settings (a lower
+# USERPILOT_RATE_BURST, a higher USERPILOT_RATE_LIMIT), the old schedule held every replica
+# back for what the old burst had allowed, silently, up to a day with a day-long period
+# (review "config35"): it is converted, the requests it holds counted at the new pace and
+# capped at what the new settings can hold (tolerance, look-ahead and one interval).
 GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -106,14 +109,17 @@ if tat and last and last > 1 and now < last then
   -- erasing them (review "diff18b").
   redis.call('SET', KEYS[2], string.format('%.0f', now), 'PX', 604800000)
 end
-local regime = string.format('%.0f:%.0f', interval, tolerance)
+local base = tonumber(ARGV[10]) or 0
+if base <= 0 then base = interval end
+local regime = string.format('%.0f:%.0f', base, tolerance)
 local was = redis.call('GET', KEYS[4])
 local converted = false
 if was ~= regime then
   local before = tonumber(string.match(was or '', '^(%d+):'))
   if tat and before and before > 0 and tat > now then
-    local ahead = (tat - now) / before * interval
-    if ahead > tolerance + interval then ahead = tolerance + interval end
+    local ahead = (tat - now) / before * base
+    local most = tolerance + lookahead + interval
+    if ahead > most then ahead = most end
     tat = now + ahead
     converted = true
   end
@@ -363,7 +369,7 @@ class RedisStore:
     async def gcra(
         self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,
         debt: int = 0, debt_key: str | None = None, holdoff_us: int = 0, idle_ttl_ms: int,
-        span_us: int = 0, reserve: bool = True,
+        span_us: int = 0, reserve: bool = True, base_interval_us: int = 0,
     ) -> tuple[bool, float]:
         """Reserve the next slot of the budget at ``key``: ``(reserved, seconds)``.
 
@@ -372,15 +378,16 @@ class RedisStore:
         record of what this ``debt`` (a running total) already added. ``reserve=False``:
         apply the debt and hold-off only. Its own argument: passed as a look-ahead of -1,
         it also cut a lost key's look-ahead (the slots replicas hold), which were handed
-        out again (review "prop18").
+        out again (review "prop18"). ``base_interval_us``: the settings' interval, before any
+        429 slow-down (0: ``interval_us``): what the schedule's regime is recorded by.
         """
         args = [max(1, interval_us), max(0, tolerance_us), max(0, lookahead_us),
                 max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms), max(0, span_us),
-                1 if reserve else 0, 0]
+                1 if reserve else 0, 0, max(0, base_interval_us)]
         keys = [key, f"{key}:seen", f"{key}:credit", f"{key}:regime",
                 *([debt_key] if debt_key else [])]
         for _ in range(2):
-            args[-1] = self._deadline_us()
+            args[8] = self._deadline_us()
             sent = time.monotonic()
             reply = await self._call("gcra", lambda: self._gcra(keys=keys, args=args))
             self._observe_clock(int(reply[2]), sent)

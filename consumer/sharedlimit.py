@@ -63,7 +63,7 @@ class BudgetStore(Protocol):
     async def gcra(
         self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,
         debt: int = 0, debt_key: str | None = None, holdoff_us: int = 0, idle_ttl_ms: int,
-        span_us: int = 0, reserve: bool = True,
+        span_us: int = 0, reserve: bool = True, base_interval_us: int = 0,
     ) -> tuple[bool, float]: ...
 
 
@@ -231,6 +231,7 @@ class SharedLimiter:
                 span_us=round(self._debt_span_s * 1e6) if returning else 0,
                 idle_ttl_ms=round(max(self._period + 1.0, BUDGET_IDLE_TTL_S) * 1000),
                 reserve=reserve,
+                base_interval_us=round(1e6 / safe_rate(self._limit, self._period, self._burst)),
             )
         except SharedStateUnavailable as exc:
             self._enter_fallback(str(exc))
