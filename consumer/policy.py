@@ -205,8 +205,8 @@ class Gate:
         return self._sent_ok.get(endpoint, -1e18) > when
 
     def failing(self, endpoint: str, event: int, failed: bool) -> None:
-        """`event` (its `Attempts`' id) failed transiently on `endpoint` (True), or its
-        attempts ended or succeeded (False)."""
+        """`event` (its `Attempts`' id) failed on `endpoint`, transiently or refused (True),
+        or its attempts ended or succeeded (False)."""
         events = self._failing.setdefault(endpoint, set())
         if failed:
             events.add(event)
@@ -392,7 +392,7 @@ class RetryPolicy:
         self._sleep = sleep
         self._clock = clock
 
-    def _refused_alone(self, attempts: Attempts) -> bool:
+    def _refused_alone(self, attempts: Attempts, endpoint: str | None) -> bool:
         """After a refusal (401/403/404: `Misconfigured`): True when this event was refused
         REFUSED_ALONE times with other events delivered in between each time, so the
         refusal is about it, not the token. Held for ever otherwise, one event a WAF
@@ -400,16 +400,22 @@ class RetryPolicy:
         for everyone at each of its attempts (review "dlq33"). A refused token fails every
         request: no success comes in between, and delivery stays paused.
 
-        Deliveries to any endpoint count: the token is one for all of them. Counted on the
-        event's own endpoint only, a blocked user's identify or one company identify a WAF
-        refuses, on an endpoint little else goes to, was held for ever, its partition's
-        commits with it, the gate flapping (Tracks at ~2 a second, the replica unready and
-        UserpilotIntegrationDown firing with the token working; review "http35"). An
-        endpoint refused for good (an account without companies) dead-letters its events
-        as `refused`, for a replay once fixed; many of them trip the DLQ guard."""
+        What counts in between: a delivery to the event's own endpoint; or, while no other
+        event is failing on that endpoint, one to any endpoint (the token is one for all).
+        Counted on its own endpoint only, a blocked user's identify or one company identify
+        a WAF refuses, on an endpoint little else goes to, was held for ever, its
+        partition's commits with it, the gate flapping (Tracks at ~2 a second, the replica
+        unready and UserpilotIntegrationDown firing with the token working; review
+        "http35"). Counted on any endpoint whatever else failed, an endpoint refused for
+        everyone (a WAF rule on /v1/identify, an account without companies) dead-lettered
+        all its events and tripped the DLQ guard (review "diff35"): with others refused
+        beside it, the event is held, and the pause says why."""
         now = self._clock()
-        if (attempts.refused_at is not None
-                and self._gate.sent_ok_since(None, attempts.refused_at)):
+        if attempts.refused_at is not None and (
+                self._gate.sent_ok_since(endpoint, attempts.refused_at)
+                or (endpoint is not None
+                    and self._gate.sent_ok_since(None, attempts.refused_at)
+                    and self._gate.failing_alone(endpoint, id(attempts)))):
             attempts.refused += 1
         attempts.refused_at = now
         return attempts.refused >= REFUSED_ALONE - 1
@@ -580,8 +586,10 @@ class RetryPolicy:
         except Pause as exc:
             # Userpilot's own 401/403/404 only: a proxy's refusal (407, a 403 to CONNECT) or
             # a redirect is about the setting whatever else gets through (review "diff33").
-            if (type(exc) is Misconfigured and exc.status in (401, 403, 404)
-                    and self._refused_alone(attempts)):
+            refusal = type(exc) is Misconfigured and exc.status in (401, 403, 404)
+            if refusal and endpoint is not None:
+                self._gate.failing(endpoint, id(attempts), True)  # for `failing_alone`
+            if refusal and self._refused_alone(attempts, endpoint):
                 self._gate.answered(probe)  # the token works: others got through
                 raise RefusedAlone(
                     f"{exc} (refused {attempts.refused + 1} times for this event alone: "

@@ -482,6 +482,19 @@ def test_a_refusal_counts_deliveries_to_any_endpoint() -> None:
     assert gate.state == "up"
 
 
+def test_an_endpoint_refused_for_everyone_holds_its_events() -> None:
+    """Review diff35: counted on any endpoint whatever else failed, an endpoint refused for
+    everyone (a WAF rule on /v1/identify, an account without companies) dead-lettered all
+    its events and tripped the DLQ guard. With another event refused on the same endpoint,
+    Tracks delivered meanwhile say nothing of it: held, delivery paused."""
+    clock, sleep, gate = setup()
+    gate.failing("company_identify", -1, True)  # another company identify refused too
+    refused = Script([Misconfigured("HTTP 403", status=403)] * 10 + [None],
+                     delivered_between(clock, gate, "track"))
+    run(policy(gate, clock, sleep).run(refused, Attempts(), endpoint="company_identify"))
+    assert refused.calls == 11, "held until it went through, never dead-lettered"
+
+
 def test_an_event_failing_alone_on_its_endpoint_is_given_up_on_other_endpoints_evidence(
 ) -> None:
     """One company identify payload that Userpilot keeps answering 500, no other event on
