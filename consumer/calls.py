@@ -526,14 +526,15 @@ class KnownUsers:
         users.move_to_end(user_id)
         return False
 
-    def remember(self, user_id: str) -> None:
-        """Record a successful identify of ``user_id``; evicts the least recent beyond capacity."""
+    def remember(self, user_id: str, age_s: float = 0.0) -> None:
+        """Record a successful identify of ``user_id`` made ``age_s`` seconds ago (another
+        replica's, read from Redis); evicts the least recent beyond capacity."""
         if len(user_id) > LONG_ID:
             user_id = _digest(user_id)
         users = self._users
         if user_id in users:
             users.move_to_end(user_id)
-        users[user_id] = self._clock()
+        users[user_id] = self._clock() - max(0.0, age_s)
         if len(users) > self._capacity:
             users.popitem(last=False)
 

@@ -141,7 +141,7 @@ class DedupStore(Protocol):
 
     async def mark(self, key: str, ttl_ms: int) -> None: ...
 
-    async def marked(self, key: str) -> bool: ...
+    async def left_ms(self, key: str) -> int | None: ...
 
 
 def dedup_key(token_digest: str, endpoint: str, message_id: str) -> str:
@@ -273,14 +273,17 @@ class Deduplicator:
         except SharedStateUnavailable:
             return None
 
-    async def user_known(self, user_id: str) -> bool:
-        """Some replica (or this one before a restart) identified ``user_id`` within the
-        ensure-user TTL (`note_user`). False when Redis failed: the identify is sent."""
+    async def user_known(self, user_id: str) -> float | None:
+        """Seconds left of the record that some replica (or this one before a restart)
+        identified ``user_id`` (`note_user`), so the caller trusts it no longer than the
+        identify's own TTL; None when there is none, or Redis failed (the identify is
+        sent)."""
         try:
             key = user_key(self._digest, user_id)
-            return await self._ask(lambda: self._store.marked(key))
+            left = await self._ask(lambda: self._store.left_ms(key))
         except SharedStateUnavailable:
-            return False
+            return None
+        return None if left is None else left / 1000
 
     async def note_user(self, user_id: str, ttl_s: float) -> bool:
         """Record that Userpilot accepted an identify of ``user_id``, for ``ttl_s``

@@ -761,8 +761,11 @@ class Handler:
                 self._ensuring[user] = asyncio.Event()
             company = call.written_company if event.writes else None
             try:
-                if user is not None and await self._identified_elsewhere(user):
-                    plan.succeeded(call)  # remembered here too; no request
+                left = None if user is None else await self._identified_elsewhere(user)
+                if user is not None and left is not None:
+                    plan.succeeded(call)  # no request; remembered here too, for what is
+                    if self.known is not None:  # left of that identify's TTL, not a new one
+                        self.known.remember(user, age_s=self.s.ensure_user_ttl_s - left)
                     self.m.ensure_user_shared.inc()
                     continue
                 if company is not None and event.writes:
@@ -776,7 +779,7 @@ class Handler:
                     raise
                 plan.succeeded(call)  # remembered before the waiters wake
                 if call.user_id is not None and self.known is not None:
-                    await self._note_identified(call.user_id)
+                    await self._note_identified(event, call.user_id)
             finally:
                 if user is not None:
                     self._ensuring.pop(user).set()
@@ -794,24 +797,32 @@ class Handler:
             if call.purpose == "ensure_user":
                 self.m.ensure_user_identify.inc()
 
-    async def _identified_elsewhere(self, user_id: str) -> bool:
+    async def _identified_elsewhere(self, user_id: str) -> float | None:
         """Ensure-user across replicas and restarts (with Redis): a user some replica
         identified within USERPILOT_ENSURE_USER_TTL_SECONDS is not identified again. Each
         replica kept its own record alone, so a restart or a rolling deploy sent one
         identify per active user again, each taking a slot of the identify budget (10 a
-        second) in front of that user's Tracks. Redis failing: the identify is sent."""
+        second) in front of that user's Tracks. Redis failing: the identify is sent. The
+        seconds left of that identify's TTL, or None."""
         if self.dedup is None:
-            return False
+            return None
         return await self.dedup.user_known(user_id)
 
-    async def _note_identified(self, user_id: str) -> None:
+    async def _note_identified(self, event: Event, user_id: str) -> None:
         """Userpilot accepted an identify of `user_id`: shared for the other replicas
-        (bounded like a release: a revoke or shutdown may be waiting)."""
+        (bounded like a release). Counted as on the wire, as the confirm is: a drain
+        that cancelled the event here, between the identify's 2xx and its confirm, left
+        the next owner to send the identify again (review "diff35")."""
         if self.dedup is None:
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(RELEASE_TIMEOUT_S):
-                await asyncio.shield(self.dedup.note_user(user_id, self.s.ensure_user_ttl_s))
+        event.on_wire = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    await asyncio.shield(
+                        self.dedup.note_user(user_id, self.s.ensure_user_ttl_s))
+        finally:
+            event.on_wire = False
 
     def _lane(self, limiter: Limiter) -> PriorityLane:
         lane = self._lanes.get(id(limiter))

@@ -449,9 +449,10 @@ class RedisStore:
         """Set ``key`` for ``ttl_ms`` (a fact the replicas share, e.g. a user identified)."""
         await self._call("mark", lambda: self._client.set(key, b"1", px=max(1, ttl_ms)))
 
-    async def marked(self, key: str) -> bool:
-        """Whether ``key`` is set (GET, a command the worker's ACL already allows)."""
-        return await self._call("marked", lambda: self._client.get(key)) is not None
+    async def left_ms(self, key: str) -> int | None:
+        """Milliseconds ``key`` has left to live (PTTL); None when it is not set."""
+        left = int(await self._call("left_ms", lambda: self._client.pttl(key)))
+        return left if left >= 0 else None  # -2: no such key; -1: no TTL (not ours)
 
     async def forget(self, keys: Sequence[str]) -> None:
         """Delete ``keys`` (UNLINK)."""

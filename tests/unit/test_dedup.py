@@ -58,9 +58,10 @@ class MemoryStore:
         self._check()
         self.values[key] = f"1 ttl={ttl_ms}"
 
-    async def marked(self, key: str) -> bool:
+    async def left_ms(self, key: str) -> int | None:
         self._check()
-        return key in self.values
+        value = self.values.get(key)
+        return None if value is None else int(value.split("ttl=")[1]) if "ttl=" in value else 0
 
 
 def test_key_never_holds_the_token_and_long_ids_are_hashed() -> None:
@@ -331,16 +332,16 @@ def test_an_identified_user_is_known_to_every_replica_for_the_ttl_never_when_red
     one, other = Deduplicator(store, DIGEST_USERS), Deduplicator(store, DIGEST_USERS)
 
     async def scenario() -> None:
-        assert not await other.user_known("u1")
+        assert await other.user_known("u1") is None
         assert await one.note_user("u1", 86400.0)
-        assert await other.user_known("u1")
-        assert not await other.user_known("u2")
+        assert await other.user_known("u1") == 86400.0
+        assert await other.user_known("u2") is None
         assert store.values[user_key(DIGEST_USERS, "u1")] == "1 ttl=86400000"
         # A user's key is neither a messageId's nor the token's.
         assert user_key(DIGEST_USERS, "u1") not in {one.key(e, "u1") for e in ENDPOINTS}
         assert "secret" not in user_key(DIGEST_USERS, "u1")
         store.fail = True
-        assert not await other.user_known("u1")  # Redis down: the identify is sent
+        assert await other.user_known("u1") is None  # Redis down: the identify is sent
         assert not await one.note_user("u3", 60.0)
 
     asyncio.run(scenario())

@@ -573,3 +573,22 @@ def test_a_failed_identify_is_not_shared() -> None:
     assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
     assert run.dlq.reasons() == ["bad_request"]
     assert not any(key.startswith("ud:user:") for key in store.values)
+
+
+def test_a_user_known_from_redis_is_trusted_only_for_what_is_left_of_its_ttl() -> None:
+    """Review diff35: remembered as identified now, a user another replica identified up to
+    a TTL ago was trusted for up to twice USERPILOT_ENSURE_USER_TTL_SECONDS."""
+    import time
+
+    from consumer.dedup import user_key
+
+    store = MemoryStore()
+    store.values[user_key(DIGEST, "u1")] = "1 ttl=1000"  # identified 99 s ago, 1 s left
+    run, _, _ = make(log_of(track("u1", 1)), store, USERPILOT_ENSURE_USER="true",
+                           USERPILOT_ENSURE_USER_TTL_SECONDS="100")
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert [c.purpose for c in run.client.calls] == ["track"]
+    known = run.worker.handler.known
+    assert known is not None
+    age = time.monotonic() - known._users["u1"]
+    assert 98.0 <= age <= 100.0, age
