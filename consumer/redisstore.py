@@ -348,6 +348,7 @@ class RedisStore:
                 await self.release(claim, "check-config")
                 await self.progress(claim, "1:probe", 1000)
                 await self.progress_of(claim)
+                await self.left_ms(claim)  # PTTL: how a known user's record is read
                 await self.confirm(claim, 1000)
         for budget in budgets:
             async with _naming(":".join(budget.split(":")[:3]) + ":*"):
