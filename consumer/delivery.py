@@ -36,6 +36,7 @@ from httpx_aiohttp.transport import AiohttpTransport
 from consumer.answers import BODY_LIMIT, MAX_BODY_BYTES, body_text, charset_of
 from consumer.errors import (
     ConnectionFailed,
+    DeadLetter,
     Misconfigured,
     ProxyRefused,
     RateLimited,
@@ -540,6 +541,7 @@ class UserpilotClient:
     async def _exchange(self, request: httpx.Request) -> int:
         accepted = False
         answered: httpx.Response | None = None
+        broken: Exception | None = None
         try:
             async with _StallAwareDeadline(self._deadline_s):
                 response = answered = await self._send(request)
@@ -565,12 +567,17 @@ class UserpilotClient:
                 raise transport_failure(exc, self._deadline_s, self._proxied) from None
             # The status came, then its body broke off: the status still says what it is.
             # Taken as a timeout or reset, a 429 used up the event's attempts (its
-            # Retry-After unread) and a 401 read as an outage (review "http35").
-            body = b""
+            # Retry-After unread) and a 401 read as an outage (review "http35"). Except a
+            # dead letter's: an answer that cannot be read whole is retried, never the
+            # reason an event is given up (`classify_answer`; review "diff35").
+            body, broken = b"", exc
         status = answered.status_code
         if accepted:  # the common case: no need to decode the body
             return status
         problem = self._problem(status, answered.headers, body, request.url.path)
+        if broken is not None and (problem is None or isinstance(problem, DeadLetter)):
+            del problem
+            raise transport_failure(broken, self._deadline_s, self._proxied) from None
         if problem is None:
             return status
         try:
