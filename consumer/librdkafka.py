@@ -190,7 +190,10 @@ def property_problem(key: str, value: str) -> str | None:
 
 
 _C_INTEGER = re.compile(r"([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
-_NOT_DECIMAL = re.compile(r"[+-]?(?:0[xX][0-9a-fA-F]*|0[0-9]+|[0-9]+[^0-9.].*)", re.DOTALL)
+_NUMBER_LIKE = re.compile(r"[+-]?[0-9].*", re.DOTALL)
+_DECIMAL = re.compile(r"[+-]?(?:0|[1-9][0-9]*)")
+_DOUBLES = frozenset({"queue.buffering.max.ms", "linger.ms"})
+"""librdkafka's floating-point settings (strtod: `010` is 10, `1e3` 1000): not integers."""
 
 
 def c_integer_reading(key: str, value: str) -> int | None:
@@ -201,7 +204,7 @@ def c_integer_reading(key: str, value: str) -> int | None:
     checks read decimal only, so such a value passed them and broke `run` (a session
     timeout the brokers refuse; review "config35")."""
     text = value.strip()
-    if not _NOT_DECIMAL.fullmatch(text):
+    if key in _DOUBLES or not _NUMBER_LIKE.fullmatch(text) or _DECIMAL.fullmatch(text):
         return None
     consumer, producer = _consumer({key: "not-a-number"}), _producer({key: "not-a-number"})
     if not any(p is not None and "Invalid value" in p and f'"{key}"' in p

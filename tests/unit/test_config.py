@@ -1410,7 +1410,8 @@ def test_registry_credentials_of_two_lines_are_refused(tmp_path: Path) -> None:
     ("KAFKA_SESSION_TIMEOUT_MS", "45s", 45), ("KAFKA_SESSION_TIMEOUT_MS", "010000", 4096),
     ("KAFKA_HEARTBEAT_INTERVAL_MS", "0x2710", 10000),
     ("KAFKA_MESSAGE_MAX_BYTES", "0x100000", 1048576),
-    ("KAFKA_MESSAGE_MAX_BYTES", "1048576x", 1048576)])
+    ("KAFKA_MESSAGE_MAX_BYTES", "1048576x", 1048576),
+    ("KAFKA_SESSION_TIMEOUT_MS", "4.5e4", 4)])
 def test_an_integer_kafka_setting_not_in_plain_decimal_is_refused(name: str, value: str,
                                                                   read: int) -> None:
     """librdkafka reads integers C-style (010000 is 4096, 45s is 45) while the worker's own
@@ -1425,6 +1426,9 @@ def test_an_integer_kafka_setting_not_in_plain_decimal_is_refused(name: str, val
 def test_text_kafka_settings_may_look_like_numbers() -> None:
     assert load(KAFKA_CLIENT_ID="0x12").kafka_extra["client.id"] == "0x12"
     assert load(KAFKA_SESSION_TIMEOUT_MS="45000").kafka_extra["session.timeout.ms"] == "45000"
+    # librdkafka's floating-point settings read 010 as 10 and 1e3 as 1000 (review diff35).
+    assert load(KAFKA_QUEUE_BUFFERING_MAX_MS="010").kafka_extra["queue.buffering.max.ms"] == "010"
+    assert load(KAFKA_LINGER_MS="1e3").kafka_extra["linger.ms"] == "1e3"
 
 
 def test_consent_on_essential_alone_says_it_gates_nothing() -> None:
