@@ -283,7 +283,9 @@ class Deduplicator:
             left = await self._ask(lambda: self._store.left_ms(key))
         except SharedStateUnavailable:
             return None
-        return None if left is None else left / 1000
+        # A record about to end is as good as none: trusted for the few milliseconds left,
+        # the user's next call would ask again at once.
+        return None if left is None or left < 1000 else left / 1000
 
     async def note_user(self, user_id: str, ttl_s: float) -> bool:
         """Record that Userpilot accepted an identify of ``user_id``, for ``ttl_s``

@@ -336,6 +336,8 @@ def test_an_identified_user_is_known_to_every_replica_for_the_ttl_never_when_red
         assert await one.note_user("u1", 86400.0)
         assert await other.user_known("u1") == 86400.0
         assert await other.user_known("u2") is None
+        assert await one.note_user("u4", 0.5)  # about to end: as good as none
+        assert await other.user_known("u4") is None
         assert store.values[user_key(DIGEST_USERS, "u1")] == "1 ttl=86400000"
         # A user's key is neither a messageId's nor the token's.
         assert user_key(DIGEST_USERS, "u1") not in {one.key(e, "u1") for e in ENDPOINTS}
