@@ -367,9 +367,14 @@ async def _read_capped(response: httpx.Response) -> bytes:
     read, so the connection is closed rather than pooled."""
     if response.is_stream_consumed:  # a transport that read it already (httpx's mock one)
         return response.content[:MAX_BODY_BYTES]
+    stream = response.stream
+    if not isinstance(stream, httpx.AsyncByteStream):
+        raise TypeError("an async transport answered with a sync stream")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_raw():
+    # The transport's stream itself, not `aiter_raw` (which re-chunks it and counts the
+    # bytes, for nothing here): ~3 % of the client's CPU a request (round 36).
+    async for chunk in stream:
         chunks.append(chunk)
         size += len(chunk)
         if size >= MAX_BODY_BYTES:
@@ -431,6 +436,10 @@ class _StallAwareDeadline:
         await self._timeout.__aexit__(exc_type, exc, tb)  # raises TimeoutError once expired
 
 
+_Route = tuple[httpx.URL, list[tuple[bytes, bytes]]]
+"""A path's URL and its requests' headers but Content-Length (`UserpilotClient._route`)."""
+
+
 class UserpilotClient:
     """POSTs to Userpilot through httpx's transport API, on aiohttp (`httpx-aiohttp`).
 
@@ -460,17 +469,17 @@ class UserpilotClient:
     ) -> None:
         # Parsed once: httpx parses a str URL on every request (~6 % of the worker's CPU
         # per delivered event at 20 ms, measured with py-spy).
-        self._url = httpx.URL(url)
         self._proxied = proxy is not None  # names the proxy in TLS refusals
         parts = urlsplit(url)
         self._base = f"{parts.scheme}://{parts.netloc}"
-        self._paths: dict[str, httpx.URL] = {}
+        self._routes: dict[str, _Route] = {}
         # No compressed answers: Userpilot's are a few bytes, and a compressed one is a
         # bomb we would have to inflate (1 MB of gzip, 1 GB of text). aiohttp would
         # otherwise advertise gzip, br and zstd. A server that compresses anyway gets its
         # first few KB inflated (`answers.body_text`).
         self._headers = httpx.Headers({"User-Agent": USER_AGENT,
                                        "Accept-Encoding": "identity", **headers})
+        self._track = self._route(httpx.URL(url))
         self._extensions = {"timeout": httpx.Timeout(timeout_s).as_dict()}
         # The transport bounds each step (the wait for a connection, connecting, each read)
         # by `timeout_s`, not the whole: an answer trickled byte by byte would hold its
@@ -519,7 +528,7 @@ class UserpilotClient:
 
     async def track(self, body: bytes) -> int:
         """POST one Track body; returns the 2xx status, raises the classified exception."""
-        return await self._post(self._url, body)
+        return await self._post(self._track, body)
 
     async def send(self, call: Call) -> int:
         """Send one call (``consumer.calls.Call``) to its path on this client's host.
@@ -527,14 +536,28 @@ class UserpilotClient:
         Same contract as :meth:`track`: returns the status of a 2xx, raises what
         `classify` says otherwise.
         """
-        url = self._paths.get(call.path)
-        if url is None:
-            url = self._paths[call.path] = httpx.URL(self._base + call.path)
-        return await self._post(url, call.body)
+        route = self._routes.get(call.path)
+        if route is None:
+            route = self._routes[call.path] = self._route(httpx.URL(self._base + call.path))
+        return await self._post(route, call.body)
 
-    async def _post(self, url: httpx.URL, body: bytes) -> int:
-        request = httpx.Request("POST", url, headers=self._headers, content=body,
-                                extensions=self._extensions)
+    def _route(self, url: httpx.URL) -> _Route:
+        """A path's URL and the head of its requests' headers, as httpx prepares them for
+        `content=` (Host first), made once."""
+        head = list(self._headers.raw)
+        if "host" not in self._headers:
+            head.insert(0, (b"Host", url.netloc))
+        return url, head
+
+    async def _post(self, route: _Route, body: bytes) -> int:
+        # The request `httpx.Request(content=body)` makes, with its headers merged once per
+        # path (`_route`) instead of on every request: ~11 µs of CPU a request down to ~4
+        # (round 36). `read` keeps the body readable as `request.content`, as `content=`.
+        url, head = route
+        request = httpx.Request(
+            "POST", url, headers=httpx.Headers([*head, (b"Content-Length", b"%d" % len(body))]),
+            stream=httpx.ByteStream(body), extensions=self._extensions)
+        request.read()
         async with self._slots:
             return await self._exchange(request)
 
