@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
 from consumer.mapping import (
+    COMPANY_ID_KEYS,
     DEFAULT_MAX_METADATA_BYTES,
     DEFAULT_MAX_METADATA_KEYS,
     Primitive,
@@ -76,9 +77,9 @@ required"). We follow the help page and RudderStack's destination, which sends
 ``context.traits.company`` only when ``company.id`` is set. If Userpilot confirms
 ``company_id``, this is the one line to change (the sandbox accepts either).
 """
-# Both keys Userpilot's documents name a company by: neither travels beside the chosen id
-# (identify's `company` object, the company identify's metadata).
-_COMPANY_ID_KEYS = ("id", "company_id")
+# Both keys Userpilot's documents name a company by (`mapping.COMPANY_ID_KEYS`): neither
+# travels beside the chosen id (identify's `company` object, the company identify's metadata).
+_COMPANY_ID_KEYS = COMPANY_ID_KEYS
 
 TRACK_PATH = "/v1/track"
 IDENTIFY_PATH = "/v1/identify"

@@ -91,6 +91,10 @@ DEFAULT_MAX_METADATA_BYTES = 64 * 1024
 DEFAULT_MAX_METADATA_KEYS = 1000
 """More keys than this in one event's metadata are cut (largest first)."""
 
+COMPANY_ID_KEYS = ("id", "company_id")
+"""Both keys Userpilot's documents name a company by: never a company property beside the
+company's id (`calls` leaves them out; the `group` section may not write them)."""
+
 TRUNCATED_KEY = "_truncated"
 """The worker's marker on metadata it cut: how many fields it left out."""
 OWN_TRUNCATED_KEY = "_truncated_"
@@ -1041,6 +1045,18 @@ class _Loader:
                       f'"address_street"], got {_kind(exclude_value)}')
         rename = self.rename(f"{where}.rename", entry.get("rename", {}))
         static = self.static(f"{where}.static", entry.get("static", {}))
+        if where == "group":
+            # A company's id is its groupId: a property of either name is left out of the
+            # company identify (`calls.company_identify_payload`). Written here, it loaded
+            # and vanished, with it the trait renamed to it (review "users36").
+            written = {new for _, new in rename} | {key for key, _ in static}
+            for key in COMPANY_ID_KEYS:
+                if key in written:
+                    self.fail(f"{where}.{'rename' if key in dict(rename).values() else 'static'}",
+                              f"{_q(key)} cannot be a company property: the company's id is "
+                              f"the event's groupId, and {' and '.join(map(_q, COMPANY_ID_KEYS))}"
+                              f' are never sent beside it; pick another key, e.g. '
+                              f'"external_id"')
         # The section applies after createdAt became created_at: a rule naming createdAt
         # would load and do nothing (an exclude meant for privacy would send it anyway).
         named = [*(pick if isinstance(pick, tuple) else ()), *exclude, *(k for k, _ in rename)]

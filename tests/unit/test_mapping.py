@@ -1124,6 +1124,26 @@ def test_the_cut_marker_is_no_mapping_target(doc: dict[str, Any]) -> None:
         load_mappings(doc)
 
 
+@pytest.mark.parametrize(("section", "where"), [
+    ({"rename": {"name": "id"}}, "group.rename"),
+    ({"rename": {"plan": "company_id"}}, "group.rename"),
+    ({"static": {"company_id": "forced"}}, "group.static"),
+    ({"static": {"id": 7}}, "group.static")])
+def test_the_group_section_cannot_write_a_company_id_key(section: dict[str, Any],
+                                                          where: str) -> None:
+    """Both keys are left out of the company identify (the id is groupId): a rename or a
+    static of either loaded clean and the trait vanished unannounced (review users36)."""
+    with pytest.raises(MappingsError) as info:
+        load_mappings({"group": section})
+    (problem,) = info.value.problems
+    assert problem.startswith(f"mappings: {where}: ")
+    assert "cannot be a company property: the company's id is the event's groupId" in problem
+    load_mappings({"identify": section})  # a user's property may be called so
+    load_mappings({"group": {k: {"external_id" if x in ("id", "company_id") else x:
+                                 ("external_id" if y in ("id", "company_id") else y)
+                                 for x, y in v.items()} for k, v in section.items()}})
+
+
 def test_a_mappings_file_nested_past_the_parsers_depth_is_refused_with_a_message(
         tmp_path: Path) -> None:
     """A RecursionError traceback from check-config, run and explain (review config25)."""
