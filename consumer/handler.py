@@ -78,6 +78,7 @@ from consumer.errors import (
     DlqRecordTooLarge,
     MappingError,
     Pause,
+    ProxyRefused,
     RateLimited,
     Retry,
     Timeout,
@@ -900,9 +901,11 @@ class Handler:
             raise
         except (Retry, Pause, DeadLetter) as exc:
             # No status: an answer that was not HTTP (a malformed status line, a body
-            # that does not decode).
-            self._responses("invalid_response" if exc.status is None else str(exc.status),
-                            endpoint).inc()
+            # that does not decode). The proxy's 403 to CONNECT is not Userpilot's: as
+            # "403" it read as a refused token on the dashboard.
+            self._responses("invalid_response" if exc.status is None
+                            else "proxy_refused" if isinstance(exc, ProxyRefused)
+                            else str(exc.status), endpoint).inc()
             if isinstance(exc, RateLimited):
                 limiter.slow_down()
                 self.m.rate_limit_rps.labels(self.budget(call.family)).set(limiter.share_rate)

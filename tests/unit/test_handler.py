@@ -24,7 +24,7 @@ from consumer.calls import Call
 from consumer.config import Settings, load_settings
 from consumer.deadletter import DlqGuard
 from consumer.delivery import UserpilotClient
-from consumer.errors import DeadLetter, RateLimited, Rejected, ServerError
+from consumer.errors import DeadLetter, ProxyRefused, RateLimited, Rejected, ServerError
 from consumer.filtering import Drop
 from consumer.handler import DeadLettered, Delivered, Event, Handler, TrackClient
 from consumer.metrics import Metrics
@@ -354,6 +354,18 @@ def test_a_429_slows_only_the_family_that_got_it() -> None:
     assert (limiters["identify"].slowed, limiters["track"].slowed) == (1, 0)
     assert metric(reg, "userpilot_responses_total", status="429", endpoint="identify") == 1
     assert metric(reg, "userpilot_rate_limit_requests_per_second", endpoint="identify") == 5.0
+
+
+def test_the_proxys_refusal_is_not_counted_as_userpilots_403() -> None:
+    """A 403 to CONNECT came from the egress proxy, Userpilot never saw the request: counted
+    as status "403" it read as a refused token on the dashboard."""
+    handler, client, _, _, reg = make(USERPILOT_ENSURE_USER="false")
+    client.fail[("/v1/track", "u1")] = [ProxyRefused("the proxy refused", status=403)]
+    (outcome,) = run(handler, track(0, "u1"))
+    assert isinstance(outcome, Delivered)
+    assert metric(reg, "userpilot_responses_total", status="proxy_refused",
+                  endpoint="track") == 1
+    assert metric(reg, "userpilot_responses_total", status="403", endpoint="track") == 0
 
 
 def test_a_400_on_any_call_dead_letters_the_event_with_its_own_bytes() -> None:
