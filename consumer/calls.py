@@ -164,10 +164,13 @@ class Call:
         return user_id if isinstance(user_id, str) and user_id else None
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+"""Made once: `json.dumps` with options builds an encoder per call."""
+
+
 def encode_body(payload: Mapping[str, Any]) -> bytes:
     """Compact UTF-8 JSON, as ``routing.encode_payload`` (which may delegate here)."""
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False).encode("utf-8")
+    return _ENCODER.encode(payload).encode("utf-8")
 
 
 def _call(purpose: Purpose, path: str, payload: dict[str, Any]) -> Call:
