@@ -35,7 +35,7 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -1166,19 +1166,22 @@ class _Loader:
             pairs.append((old, new))
         return tuple(pairs)
 
-    def fields(self, where: str, value: Any) -> tuple[tuple[str, str], ...]:
+    def _targets(self, where: str, value: Any, what: str) -> Iterator[tuple[str, str, Any]]:
+        """`(where, key, value)` of each entry of an object of metadata keys (`fields`,
+        `static`) whose key `target_key` accepts; `what` its values, for the message when
+        `value` is not an object."""
         if not isinstance(value, dict):
-            self.fail(
-                where,
-                f'must be an object of metadata key -> dotted event path, like '
-                f'{{"utm_source": "context.campaign.source"}}, got {_kind(value)}',
-            )
-            return ()
+            self.fail(where, f"must be an object of metadata key -> {what}, got {_kind(value)}")
+            return
+        for key, item in value.items():
+            at = f"{where}.{_q(key)}"
+            if self.target_key(at, key):
+                yield at, key, item
+
+    def fields(self, where: str, value: Any) -> tuple[tuple[str, str], ...]:
         pairs: list[tuple[str, str]] = []
-        for target, path in value.items():
-            at = f"{where}.{_q(target)}"
-            if not self.target_key(at, target):
-                continue
+        for at, target, path in self._targets(
+                where, value, 'dotted event path, like {"utm_source": "context.campaign.source"}'):
             if not isinstance(path, str) or not path:
                 self.fail(
                     at,
@@ -1207,18 +1210,9 @@ class _Loader:
         return tuple(pairs)
 
     def static(self, where: str, value: Any) -> tuple[tuple[str, Primitive], ...]:
-        if not isinstance(value, dict):
-            self.fail(
-                where,
-                f'must be an object of metadata key -> constant, like {{"source": "signal"}}, '
-                f"got {_kind(value)}",
-            )
-            return ()
         pairs: list[tuple[str, Primitive]] = []
-        for key, constant in value.items():
-            at = f"{where}.{_q(key)}"
-            if not self.target_key(at, key):
-                continue
+        for at, key, constant in self._targets(where, value,
+                                               'constant, like {"source": "signal"}'):
             if not _is_primitive(constant):
                 self.fail(
                     at,
