@@ -297,7 +297,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     try:
         stream = sys.stdin.buffer if path in (None, "-") else open(path, "rb")  # noqa: SIM115
     except OSError as exc:
-        print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
+        error_line(f"{path}: cannot read the file ({exc.strerror or exc})", os.environ)
         return 1
     valid = True
     out = sys.stdout.buffer
@@ -317,7 +317,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0 if valid else 1
     except OSError as exc:  # e.g. a directory: open works, read fails
-        print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
+        error_line(f"{path}: cannot read the file ({exc.strerror or exc})", os.environ)
         return 1
     return 0 if valid else 1
 
@@ -348,7 +348,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
             with open(path, "rb") as stream:
                 lines = stream.read().splitlines()
     except OSError as exc:
-        print(f"error: {path}: cannot read the file ({exc.strerror or exc})", file=sys.stderr)
+        error_line(f"{path}: cannot read the file ({exc.strerror or exc})", os.environ)
         return 1
     from consumer.logs import configure_command_logging
 
@@ -379,8 +379,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         from consumer.redaction import Redactor
 
         text = Redactor(_settings(offline=True).log_secrets())(text)  # valid: replay ran
-        print(f"error: replay stopped: Kafka failed ({text}); what was committed stays "
-              "replayed, run it again to continue", file=sys.stderr)
+        error_line(f"replay stopped: Kafka failed ({text}); what was committed stays "
+                   "replayed, run it again to continue", os.environ)
         return 1
 
 

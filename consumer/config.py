@@ -15,6 +15,7 @@ Secrets can come from files (``<NAME>_FILE``), as mounted Kubernetes secrets are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import ipaddress
 import math
@@ -637,11 +638,39 @@ def _example_host(rest: str) -> str:
     return repr(host) if host else "analytex.userpilot.io"
 
 
+_HOST_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
 def _http_url_problem(url: str) -> str | None:
-    """The HTTP client's own verdict on `url` (`consumer.httpurl`)."""
+    """The HTTP client's own verdict on `url` (`consumer.httpurl`), and what it takes that
+    no request could ever use: a space or control character, a host no resolver can look
+    up (`schema registry`, `-bad-`). Taken, `run` waited for the service as for an outage,
+    unready for ever, while `check-config` said OK (review "ops36")."""
     from consumer.httpurl import url_problem
 
-    return url_problem(url)
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        return "it holds a space or a control character; percent-encode it (%20) if it belongs"
+    refused = url_problem(url)
+    if refused is not None:
+        return refused
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None  # the callers' own checks say why
+    if not host:
+        return None
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return None
+    try:
+        name = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        name = ""
+    labels = (name[:-1] if name.endswith(".") else name).split(".")
+    if not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        return (f"the host {host!r} is not a host name: letters, digits, dashes and dots, "
+                "e.g. schema-registry.kafka.svc")
+    return None
 
 
 def _check_api_key(reader: _Reader) -> Secret:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -180,6 +181,19 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     """One thread per request, so a slow scrape never delays a probe."""
 
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away or never finished its request (a scanner, a browser's
+        preconnect through `kubectl port-forward`, a load balancer's TCP check): one DEBUG
+        line. socketserver's default printed a traceback to stderr, 17 lines that broke the
+        one-JSON-object-per-line logs (review "ops36"). Anything else is logged, whole,
+        through the worker's logging."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # timed out, reset, broken pipe
+            log.debug("probe/metrics client %s left: %s", client_address[0],
+                      type(exc).__name__)
+            return
+        log.exception("probe/metrics server: unexpected error serving %s", client_address[0])
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -100,6 +100,7 @@ KNOWN_STATUSES: tuple[str, ...] = (
     "timeout",
     "connection_error",
     "invalid_response",
+    "proxy_refused",  # the egress proxy's 403 to the tunnel (Userpilot never saw it)
 )
 
 # One HTTP request: Userpilot usually answers in tens of ms; the request timeout defaults to
@@ -180,7 +181,9 @@ REDIS_LATENCY_BUCKETS: tuple[float, ...] = (
     5.0,
 )
 REDIS_OPERATIONS: tuple[str, ...] = ("gcra", "claim", "confirm", "release", "progress",
-                                     "progress_of")
+                                     "progress_of", "left_ms", "mark", "ping")
+"""Every Redis call the worker makes (`redisstore`), its error series made at start: a
+series born at its first error loses that error to `rate()` and `increase()`."""
 
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)
@@ -311,8 +314,8 @@ class Metrics:
         )
         self.responses = counter(
             "responses",
-            "Userpilot responses by HTTP status (or timeout / connection_error / invalid_response) "
-            "and endpoint.",
+            "Userpilot responses by HTTP status (or timeout / connection_error / invalid_response"
+            " / proxy_refused) and endpoint.",
             ["status", "endpoint"],
         )
         self.retries = counter(

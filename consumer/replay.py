@@ -849,7 +849,7 @@ def main(args: argparse.Namespace) -> int:
     # The worker's own settings: same KAFKA_* pass-through (secrets, service links) and
     # the validated WORKER_REPLAY_MAX; what replay does not use may be left unset.
     settings = load_settings(os.environ, offline=True)
-    from consumer.logs import configure_command_logging
+    from consumer.logs import configure_command_logging, error_line
 
     configure_command_logging(settings.log_format, settings.log_secrets())
     max_replays = settings.replay_max if args.max_replays is None else args.max_replays
@@ -867,7 +867,8 @@ def main(args: argparse.Namespace) -> int:
 
     problem = reach.kafka(conf, args.timeout, [args.dlq_topic])
     if problem is not None:
-        print(f"error: nothing was replayed: {problem}", file=sys.stderr)
+        # As every command's last word: one JSON line when the logs are JSON (review "ops36").
+        error_line(f"nothing was replayed: {problem}", os.environ)
         return 1
     group = args.group or default_group(args.dlq_topic, filters)
 
@@ -895,8 +896,8 @@ def main(args: argparse.Namespace) -> int:
                              from_start=args.from_start)
     except ReplayStuck as stuck:
         _print_summary(stuck.summary, args.dry_run, stop.is_set())
-        print(f"error: replay stopped: {stuck.args[0]}; the records before it are replayed "
-              "and committed, a rerun starts at it", file=sys.stderr)
+        error_line(f"replay stopped: {stuck.args[0]}; the records before it are replayed "
+                   "and committed, a rerun starts at it", os.environ)
         return 1
     _print_summary(summary, args.dry_run, stop.is_set())
     if stop.is_set():

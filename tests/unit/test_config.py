@@ -557,11 +557,26 @@ def test_invalid_pass_through_names(name: str) -> None:
     ("SCHEMA_REGISTRY_URL", "http://reg:8081/#frag", "give the registry's base URL alone"),
     ("SCHEMA_REGISTRY_URL", "http://reg:8081?", "query or fragment"),
     ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "useronly", "must be user:password"),
+    # Review "ops36": taken, `run` waited for a registry no resolver could find, unready.
+    ("SCHEMA_REGISTRY_URL", "http://schema registry:8081", "holds a space"),
+    ("SCHEMA_REGISTRY_URL", "http://reg:8081/apis ccompat", "holds a space"),
+    ("SCHEMA_REGISTRY_URL", "http://-bad-.example:8081",
+     "the host '-bad-.example' is not a host name"),
+    ("SCHEMA_REGISTRY_URL", "http://reg..example:8081", "is not a host name"),
+    ("HTTPS_PROXY", "http://my proxy:3128", "holds a space"),
 ])
 def test_each_validation_message(name: str, raw: str, fragment: str) -> None:
     message = problem(**{name: raw})
     assert message.startswith(name)
     assert fragment in message
+
+
+@pytest.mark.parametrize("url", [
+    "http://schema-registry:8081", "http://reg_1.internal:8081/apis/ccompat/v7",
+    "http://10.0.0.1:8081/", "http://[::1]:8081", "http://ü.example:8081",
+    "https://u:p%20w@reg.example.com./x"])
+def test_registry_urls_any_resolver_takes_are_accepted(url: str) -> None:
+    assert load(SCHEMA_REGISTRY_URL=url).registry_url
 
 
 def test_rate_burst_bound_follows_the_rate_limit() -> None:

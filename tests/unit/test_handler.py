@@ -360,6 +360,8 @@ def test_the_proxys_refusal_is_not_counted_as_userpilots_403() -> None:
     """A 403 to CONNECT came from the egress proxy, Userpilot never saw the request: counted
     as status "403" it read as a refused token on the dashboard."""
     handler, client, _, _, reg = make(USERPILOT_ENSURE_USER="false")
+    assert reg.get_sample_value("userpilot_responses_total", {
+        "status": "proxy_refused", "endpoint": "track"}) == 0, "made at start for rate()"
     client.fail[("/v1/track", "u1")] = [ProxyRefused("the proxy refused", status=403)]
     (outcome,) = run(handler, track(0, "u1"))
     assert isinstance(outcome, Delivered)

@@ -265,9 +265,12 @@ def test_close_releases_port(reg: CollectorRegistry, health: Health) -> None:
 
 def test_an_idle_connection_is_closed_after_the_handler_timeout(
     reg: CollectorRegistry, health: Health, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """A peer that connected and sent nothing held a thread and a descriptor for ever."""
+    """A peer that connected and sent nothing held a thread and a descriptor for ever; its
+    timeout then printed a traceback to stderr, past the JSON logs (review "ops36")."""
     import socket
+    import struct
     import time
 
     from consumer import health as health_module
@@ -287,8 +290,16 @@ def test_an_idle_connection_is_closed_after_the_handler_timeout(
             time.sleep(0.05)
         assert threading.active_count() <= before
         assert get(srv.port, "/healthz")[0] == 200  # and it still answers
+        # Half a request, then a reset (SO_LINGER 0): the read fails with ECONNRESET.
+        cut = socket.create_connection(("127.0.0.1", srv.port))
+        cut.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        cut.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        cut.close()
+        time.sleep(0.5)
+        assert get(srv.port, "/healthz")[0] == 200
     finally:
         srv.close()
+    assert capfd.readouterr().err == "", "nothing but the worker's own log lines"
 
 
 def test_readiness_ends_with_librdkafka_s_poll_interval() -> None:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from consumer.config import is_known_env_var, load_settings
+from consumer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm/userpilot-worker"
@@ -346,6 +347,56 @@ def test_the_schema_refuses_names_the_worker_refuses(path: str, value: Any) -> N
     group, key = path.split(".")
     with pytest.raises(jsonschema.ValidationError):
         validate(merged(VALUES, {group: {key: value}}))
+
+
+_BASE_ENV = {"USERPILOT_API_KEY": "k" * 20, "USERPILOT_ANALYTICS_ENDPOINT": "a.io",
+             "KAFKA_BOOTSTRAP_SERVERS": "k:9092", "KAFKA_TOPICS": "t",
+             "SCHEMA_REGISTRY_URL": "http://r"}
+_AS_ENV = {"kafka.bootstrapServers": "KAFKA_BOOTSTRAP_SERVERS", "redis.url": "REDIS_URL",
+           "schemaRegistry.url": "SCHEMA_REGISTRY_URL", "kafka.groupId": "KAFKA_GROUP_ID",
+           "userpilot.analyticsEndpoint": "USERPILOT_ANALYTICS_ENDPOINT"}
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    ("kafka.bootstrapServers", "kafka:99999"), ("kafka.bootstrapServers", "kafka:0"),
+    ("kafka.bootstrapServers", "http://kafka:9092"), ("kafka.bootstrapServers", "a:9092;b:9092"),
+    ("redis.url", "redis://r:99999"), ("redis.url", "redis://r:6379/abc"),
+    ("schemaRegistry.url", "http://a:8081,http://b:8081"),
+    ("schemaRegistry.url", "http://schema registry:8081"),
+    ("userpilot.analyticsEndpoint", "-bad-.example"),
+])
+def test_the_schema_refuses_what_every_pod_would_refuse(path: str, value: str) -> None:
+    """Rendered, each of these crash-looped every pod with exit 2 (review "ops36")."""
+    group, key = path.split(".")
+    with pytest.raises(jsonschema.ValidationError):
+        validate(merged(VALUES, {group: {key: value}}))
+    with pytest.raises(ConfigError):
+        load_settings({**_BASE_ENV, _AS_ENV[path]: value})
+
+
+@pytest.mark.parametrize("group", [" ", " my-group", "my-group\t"])
+def test_the_schema_refuses_a_group_id_with_spaces_around_it(group: str) -> None:
+    """The worker reads a blank value as unset and trims the rest, while the chart gives the
+    value as written to KEDA, the lag alert and the dashboard: they watched a group nobody
+    consumes as (review "ops36")."""
+    with pytest.raises(jsonschema.ValidationError):
+        validate(merged(VALUES, {"kafka": {"groupId": group}}))
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    ("kafka.bootstrapServers", "kafka-0:9092,kafka-1.kafka.svc:9092"),
+    ("kafka.bootstrapServers", "PLAINTEXT://broker:9093"), ("kafka.bootstrapServers", "kafka"),
+    ("kafka.bootstrapServers", "a:9092, b:9092"),
+    ("kafka.bootstrapServers", "[::1]:9092"), ("kafka.bootstrapServers", "10.0.0.5:9092,"),
+    ("redis.url", "rediss://:p%40ss@redis:6380/1?ssl_cert_reqs=required"),
+    ("redis.url", "redis://user:pw@[::1]:6379"), ("redis.url", "redis://redis"),
+    ("schemaRegistry.url", "https://u:p@reg.example.com/apis/ccompat/v7"),
+    ("kafka.groupId", "my group"),
+])
+def test_the_schema_takes_what_the_worker_takes(path: str, value: str) -> None:
+    group, key = path.split(".")
+    validate(merged(VALUES, {group: {key: value}}))
+    load_settings({**_BASE_ENV, _AS_ENV[path]: value})
 
 
 @pytest.mark.parametrize("endpoint", ["analytex.userpilot.io", "sandbox:8080", "localhost",

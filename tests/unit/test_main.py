@@ -259,11 +259,13 @@ def test_unreachable_services_are_one_line_within_the_timeout(argv: list[str]) -
     assert took < 15
 
 
-def test_with_json_logs_run_says_why_it_stopped_in_json() -> None:
+@pytest.mark.parametrize("argv", [["run", "--timeout", "1", "--wait", "0"],
+                                  ["replay", "--from", "dlq", "--timeout", "1"]])
+def test_with_json_logs_a_command_says_why_it_stopped_in_json(argv: list[str]) -> None:
     """Review "ops31": with WORKER_LOG_FORMAT=json the fatal reason was the one plain-text
-    line, which a log shipper reading JSON lines dropped or mangled."""
-    result = cli(["run", "--timeout", "1", "--wait", "0"],
-                 {**RUN_ENV, "WORKER_LOG_FORMAT": "json"}, timeout=30)
+    line, which a log shipper reading JSON lines dropped or mangled (`replay` too, review
+    "ops36")."""
+    result = cli(argv, {**RUN_ENV, "WORKER_LOG_FORMAT": "json"}, timeout=30)
     assert result.returncode == 1, result.stderr
     docs = [json.loads(line) for line in result.stderr.strip().splitlines()]
     assert any(d["level"] == "error" and "Kafka at 127.0.0.1:1 not reachable" in d["message"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -516,6 +517,17 @@ def test_the_readme_names_every_redis_operation_label(family: str) -> None:
                if line.startswith(f"| `{family}`"))
     for operation in REDIS_OPERATIONS:
         assert f"`{operation}`" in row, operation
+
+
+def test_every_redis_call_of_the_worker_has_its_series_from_the_start() -> None:
+    """Review "ops36": `left_ms` and `mark` (ensure-user) were missing: their error series
+    appeared at the first error, which `rate()` then did not count. `forget` is
+    `delete-users`' own (no metrics there)."""
+    from consumer.metrics import REDIS_OPERATIONS
+
+    source = (ROOT / "consumer/redisstore.py").read_text(encoding="utf-8")
+    called = set(re.findall(r'_call\(\s*"([a-z_]+)"', source))
+    assert called - {"forget"} == set(REDIS_OPERATIONS)
 
 
 def test_the_dashboard_shows_redis_and_deduplication() -> None:
