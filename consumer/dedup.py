@@ -127,6 +127,11 @@ class BusyWait:
 class DedupStore(Protocol):
     """What deduplication needs from Redis (`consumer.redisstore.RedisStore`)."""
 
+    @property
+    def answers(self) -> int:
+        """Calls of any kind the store got an answer to, ever (the shared budget's too)."""
+        ...
+
     async def claim(
         self, key: str, owner: str, ttl_ms: int
     ) -> tuple[Literal["claimed", "duplicate", "busy"], float]: ...
@@ -180,6 +185,7 @@ class Deduplicator:
         self._skip_for = 0.0  # > 0 while Redis counts as hung: the current skip's length
         self._skip_until = 0.0
         self._probing = False  # a call past the skip is asking Redis: the others skip
+        self._answers_at_skip = 0  # the store's `answers` when the current skip began
         self._busy: dict[str, float] = {}  # key -> end of another owner's claim, as last seen
 
     def key(self, endpoint: str, message_id: str) -> str:
@@ -188,7 +194,7 @@ class Deduplicator:
     async def _ask(self, call: Callable[[], Awaitable[T]]) -> T:
         """One Redis call, unless Redis counts as hung (module docstring): then
         SharedStateUnavailable(skipped=True) at once, as a failed call."""
-        if self._probing or self._clock() < self._skip_until:
+        if (self._probing or self._clock() < self._skip_until) and not self._back():
             raise SharedStateUnavailable("redis skipped: its calls timed out lately",
                                          skipped=True)
         probe = self._skip_for > 0
@@ -207,6 +213,18 @@ class Deduplicator:
             self._skip_for = 0.0  # answered: asked as usual again
         return result
 
+    def _back(self) -> bool:
+        """While skipping: True (and the skip ends) once Redis answered another call of this
+        replica, the shared rate budget's, since the skip began. Skipped on until its own
+        probe, events went out unchecked against a Redis that answered, for up to
+        SKIP_MAX_S after a freeze ended: delivered twice when the replica then died
+        (review "faults36")."""
+        if self._skip_for <= 0 or self._store.answers <= self._answers_at_skip:
+            return False
+        self._skip_for = self._skip_until = 0.0
+        self._timeouts = 0
+        return True
+
     def _timed_out(self, probe: bool) -> None:
         self._timeouts += 1
         if probe:  # still hung: the next skip twice as long
@@ -216,6 +234,7 @@ class Deduplicator:
         else:
             self._skip_for = SKIP_FIRST_S
         self._skip_until = self._clock() + self._skip_for
+        self._answers_at_skip = self._store.answers
 
     async def claim(self, endpoint: str, message_id: str, owner: str) -> ClaimResult:
         key = self.key(endpoint, message_id)

@@ -294,6 +294,9 @@ class RedisStore:
         self._client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self._timeout = timeout_s
         self._observe = observe
+        self.answers = 0
+        """Calls answered, ever, whatever their kind: a sign Redis is back that the
+        deduplicator, skipping a hung Redis, reads (`Deduplicator._back`)."""
         self._offset_us: float | None = None  # Redis's clock - our monotonic clock (µs)
         self._gcra = self._client.register_script(GCRA_LUA)
         self._claim = self._client.register_script(CLAIM_LUA)
@@ -309,7 +312,9 @@ class RedisStore:
         error: str | None = None
         try:
             async with asyncio.timeout(self._timeout):
-                return await make()
+                result = await make()
+            self.answers += 1
+            return result
         except (RedisError, OSError, TimeoutError, TypeError, ValueError) as exc:
             # TypeError/ValueError: redis-py refusing the URL's options at connect time,
             # which check-config checks; were one to slip through, the replica falls

@@ -23,6 +23,7 @@ class MemoryStore:
     def __init__(self, fail: bool = False) -> None:
         self.values: dict[str, str] = {}
         self.fail = fail
+        self.answers = 0  # RedisStore's count of answered calls (any kind)
 
     def _check(self) -> None:
         if self.fail:
@@ -203,6 +204,28 @@ def test_once_calls_time_out_in_a_row_redis_is_skipped_then_probed_less_and_less
         assert not (await dd.claim("track", "y", "a")).degraded
         assert await dd.confirm("track", "y")  # answered: asked at once again
         assert (await dd.claim("track", "y", "b")).outcome is Outcome.DUPLICATE
+
+    asyncio.run(main())
+
+
+def test_a_skip_ends_once_redis_answered_another_call_of_the_replica() -> None:
+    """Review faults36: a freeze over, the shared budget's calls were answered again, yet
+    claims were skipped until the deduplicator's own probe (up to SKIP_MAX_S): events
+    went out unchecked against a Redis that answered, twice when the replica then died."""
+    async def main() -> None:
+        store, clock = HungStore(), Clock()
+        dd = Deduplicator(store, token_digest("t"), clock=clock)
+        for _ in range(HUNG_AFTER):
+            await dd.claim("track", "m0", "a")
+        assert (await dd.claim("track", "m1", "a")).degraded, "skipping"
+        assert store.asked == HUNG_AFTER
+        store.hung = False
+        clock.now += 0.2  # well within the skip
+        assert (await dd.claim("track", "m2", "a")).degraded, "no answer seen: still skipped"
+        store.answers += 1  # the limiter's GCRA call was answered
+        result = await dd.claim("track", "m3", "a")
+        assert not result.degraded and store.asked == HUNG_AFTER + 1, "asked at once"
+        assert await dd.confirm("track", "m3")
 
     asyncio.run(main())
 
