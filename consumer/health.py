@@ -61,6 +61,7 @@ class Health:
         self.ready_silence_s = min(max_silence_s, max_poll_interval_s or max_silence_s)
         self._last_beat = clock()
         self._assigned = False
+        self._lost = False  # the last change of `_assigned` was a loss (`set_assigned`)
         self._connected = False
         self._integration_up = True
         self._integration_detail = ""
@@ -84,10 +85,12 @@ class Health:
         with self._lock:
             return bool(self._clock() - self._last_beat <= limit)
 
-    def set_assigned(self, assigned: bool) -> None:
-        """Group join done (an assignment arrived, possibly empty) or lost."""
+    def set_assigned(self, assigned: bool, lost: bool = False) -> None:
+        """Group join done (an assignment arrived, possibly empty) or lost (`lost`: the
+        group took the partitions away, which /readyz then says instead of "yet")."""
         with self._lock:
             self._assigned = assigned
+            self._lost = lost and not assigned
 
     def set_connected(self, connected: bool) -> None:
         """Whether the Kafka client currently reaches the brokers."""
@@ -139,7 +142,9 @@ class Health:
             # What keeps partitions away may be a check's to name: with none of
             # KAFKA_TOPICS there, nothing is ever assigned, and "no partition assignment"
             # sent the operator to the group instead of the topic's name (review "ops31").
-            return False, self._problem() or "no partition assignment yet"
+            return False, self._problem() or (
+                "partitions lost: the group's session expired (Kafka unreachable or hung, or "
+                "the worker stalled); rejoining" if self._lost else "no partition assignment yet")
         if not self._integration_up:
             return False, "Userpilot refuses delivery: " + (
                 self._integration_detail or "the token or endpoint (401/403/404)")

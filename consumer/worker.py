@@ -1295,7 +1295,7 @@ class Worker:
         with self._parts_lock:
             left = len(self.assigned)
         if not left:
-            self.health.set_assigned(False)  # not ready until the group assigns again
+            self.health.set_assigned(False, lost=True)  # not ready until assigned again
         log.warning("lost %s (no commit: another member may own them)", _fmt(parts))
 
     def _release(self, parts: list[TP], *, commit: bool) -> None:

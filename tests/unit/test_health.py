@@ -95,6 +95,14 @@ def test_each_condition_makes_it_unready(health: Health, clock: FakeClock) -> No
     health.set_connected(True)
     health.set_assigned(False)
     assert health.ready() == (False, "no partition assignment yet")
+    # Taken away by the group (a hung broker, a stall): not "yet" (review "faults36").
+    health.set_assigned(False, lost=True)
+    ok, reason = health.ready()
+    assert not ok and reason.startswith("partitions lost: the group's session expired")
+    health.set_assigned(True)
+    assert health.ready() == (True, "ready")
+    health.set_assigned(False)
+    assert health.ready() == (False, "no partition assignment yet")
     health.set_assigned(True)
     clock.now += 31
     ok, reason = health.ready()
