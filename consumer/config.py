@@ -648,15 +648,21 @@ def _http_url_problem(url: str) -> str | None:
     unready for ever, while `check-config` said OK (review "ops36")."""
     from consumer.httpurl import url_problem
 
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        return "it holds a space or a control character; percent-encode it (%20) if it belongs"
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        return "it holds a control character (a tab, a line break)"
     refused = url_problem(url)
     if refused is not None:
         return refused
     try:
-        host = urlsplit(url).hostname
+        parts = urlsplit(url)
+        host = parts.hostname
     except ValueError:
         return None  # the callers' own checks say why
+    # A space in a user name or password reaches the server as written (Basic auth); in the
+    # host or path, never usefully.
+    if any(c.isspace() for c in parts.netloc.rpartition("@")[2] + parts.path + parts.query
+           + parts.fragment):
+        return "it holds a space; percent-encode it (%20) if it belongs in the path"
     if not host:
         return None
     with contextlib.suppress(ValueError):
@@ -668,6 +674,11 @@ def _http_url_problem(url: str) -> str | None:
         name = ""
     labels = (name[:-1] if name.endswith(".") else name).split(".")
     if not name or len(name) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        if "@" in url:
+            # The "host" may be the start of a user name a '/', '?' or '#' cut short: never
+            # quoted (review "diff36b").
+            return ("its host is not a host name; a '/', '?' or '#' in the user name or "
+                    "password ends the host early: percent-encode them (%2F, %3F, %23)")
         return (f"the host {host!r} is not a host name: letters, digits, dashes and dots, "
                 "e.g. schema-registry.kafka.svc")
     return None

@@ -194,7 +194,7 @@ class Deduplicator:
     async def _ask(self, call: Callable[[], Awaitable[T]]) -> T:
         """One Redis call, unless Redis counts as hung (module docstring): then
         SharedStateUnavailable(skipped=True) at once, as a failed call."""
-        if (self._probing or self._clock() < self._skip_until) and not self._back():
+        if self._probing or (self._clock() < self._skip_until and not self._back()):
             raise SharedStateUnavailable("redis skipped: its calls timed out lately",
                                          skipped=True)
         probe = self._skip_for > 0
@@ -214,15 +214,17 @@ class Deduplicator:
         return result
 
     def _back(self) -> bool:
-        """While skipping: True (and the skip ends) once Redis answered another call of this
-        replica, the shared rate budget's, since the skip began. Skipped on until its own
-        probe, events went out unchecked against a Redis that answered, for up to
-        SKIP_MAX_S after a freeze ended: delivered twice when the replica then died
-        (review "faults36")."""
-        if self._skip_for <= 0 or self._store.answers <= self._answers_at_skip:
+        """While skipping: True once Redis answered another call of this replica (the shared
+        rate budget's) since the skip began: this call probes it now instead of at the
+        skip's end. Skipped on until then, events went out unchecked against a Redis that
+        answered, for up to SKIP_MAX_S after a freeze ended: delivered twice when the
+        replica then died (review "faults36"). Still one probe at a time, and a probe that
+        times out doubles the skip as before: a Redis that answers the budget but not the
+        claims (one shard hung) gets one call at a time, not every event's (review
+        "diff36b")."""
+        if self._store.answers <= self._answers_at_skip:
             return False
-        self._skip_for = self._skip_until = 0.0
-        self._timeouts = 0
+        self._skip_until = 0.0
         return True
 
     def _timed_out(self, probe: bool) -> None:

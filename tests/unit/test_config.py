@@ -574,9 +574,18 @@ def test_each_validation_message(name: str, raw: str, fragment: str) -> None:
 @pytest.mark.parametrize("url", [
     "http://schema-registry:8081", "http://reg_1.internal:8081/apis/ccompat/v7",
     "http://10.0.0.1:8081/", "http://[::1]:8081", "http://ü.example:8081",
-    "https://u:p%20w@reg.example.com./x"])
+    "https://u:p%20w@reg.example.com./x", "http://user:pa ss@reg:8081"])
 def test_registry_urls_any_resolver_takes_are_accepted(url: str) -> None:
+    """A space in the password goes out as written (Basic auth): it works (review diff36b)."""
     assert load(SCHEMA_REGISTRY_URL=url).registry_url
+
+
+def test_a_host_cut_short_by_the_user_info_is_never_quoted() -> None:
+    """Review diff36b: a '/' in a user name without a password made its first part the
+    "host", quoted in the refusal."""
+    message = problem(SCHEMA_REGISTRY_URL="https://Zm9v+YmFy/c2VjcmV0@registry.example.com")
+    assert "ends the host early" in message
+    assert "zm9v" not in message.lower() and "c2VjcmV0" not in message
 
 
 def test_rate_burst_bound_follows_the_rate_limit() -> None:

@@ -230,6 +230,27 @@ def test_a_skip_ends_once_redis_answered_another_call_of_the_replica() -> None:
     asyncio.run(main())
 
 
+def test_with_the_budget_answered_and_claims_hung_one_claim_at_a_time_asks_redis() -> None:
+    """Review diff36b: the budget's calls answered while the claims timed out (one shard
+    hung): ending the skip at each answer sent every waiting claim to the hung store."""
+    async def main() -> None:
+        store, clock = HungStore(), Clock()
+        dd = Deduplicator(store, token_digest("t"), clock=clock)
+        for _ in range(HUNG_AFTER):
+            await dd.claim("track", "m0", "a")
+        store.answers += 1  # the budget answered: the next claim probes, the others skip
+
+        async def claim(i: int) -> bool:
+            return (await dd.claim("track", f"c{i}", "a")).degraded
+
+        assert all(await asyncio.gather(*(claim(i) for i in range(50))))
+        assert store.asked == HUNG_AFTER + 1, "one probe, not fifty calls"
+        assert all([await claim(i) for i in range(50)]), "the probe timed out: skipping"
+        assert store.asked == HUNG_AFTER + 1
+
+    asyncio.run(main())
+
+
 class Blip(MemoryStore):
     """A healthy Redis whose calls on keys ending in one of `slow` time out."""
 
