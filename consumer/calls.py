@@ -77,9 +77,6 @@ required"). We follow the help page and RudderStack's destination, which sends
 ``context.traits.company`` only when ``company.id`` is set. If Userpilot confirms
 ``company_id``, this is the one line to change (the sandbox accepts either).
 """
-# Both keys Userpilot's documents name a company by (`mapping.COMPANY_ID_KEYS`): neither
-# travels beside the chosen id (identify's `company` object, the company identify's metadata).
-_COMPANY_ID_KEYS = COMPANY_ID_KEYS
 
 TRACK_PATH = "/v1/track"
 IDENTIFY_PATH = "/v1/identify"
@@ -308,7 +305,7 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
     # Neither spelling of the id may travel beside the chosen one: Userpilot's documents
     # disagree on which key names the company (`id`, `company_id`), so a second one could
     # attach the user to another company.
-    for key in _COMPANY_ID_KEYS:
+    for key in COMPANY_ID_KEYS:
         if properties.pop(key, None) is not None:
             left_out.append(f"{key} (another spelling of the company's id)")
     if omitted is not None:
@@ -326,7 +323,7 @@ def _without_unusable_company_ids(traits: dict[str, Any],
     `company_id` property, an id beside no company (review "seed34"). The company
     object's other fields stay user properties."""
     company = traits.get("company")
-    nested = [k for k in _COMPANY_ID_KEYS
+    nested = [k for k in COMPANY_ID_KEYS
               if isinstance(company, dict) and company.get(k) is not None]
     if traits.get("company_id") is None and not nested:
         return traits
@@ -388,7 +385,7 @@ def company_identify_payload(
     "poison26"). They are listed as left out."""
     company_id = _id(event.get("groupId"))
     metadata = _metadata(event, _traits(event), shape, omitted)
-    for key in _COMPANY_ID_KEYS:
+    for key in COMPANY_ID_KEYS:
         if key in metadata:
             del metadata[key]
             if omitted is not None:
