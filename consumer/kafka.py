@@ -11,6 +11,7 @@ calls the consumer by then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -270,8 +271,31 @@ class KafkaSource:
             self._consumer.pause([TopicPartition(t, p) for t, p in parts])
 
     def resume(self, parts: Sequence[TP]) -> None:
-        if parts:
-            self._consumer.resume([TopicPartition(t, p) for t, p in parts])
+        """Resume fetching `parts`, then seek each that has a position to that very
+        position, which wakes the fetcher at once.
+
+        Why the seek: librdkafka's broker thread sleeps up to a second while every one of
+        its partitions is paused, and a resume does not wake it (only a fetch start, which
+        a seek is, does). Each window that filled and paused the replica cost up to ~1 s of
+        no fetching: a fresh worker at 20 ms answers sent its first window, then nothing
+        for 0.9 s (bench workload 3, RESULTS.md "Round 37"). The position is where the
+        resume would fetch from anyway (the pause emptied the fetched queue), so no offset
+        is handed over twice or skipped. A partition without a position (nothing handed
+        over yet) is not sought: its fetch starts with the others of its broker, or at
+        the next wake. A still-paused partition is never sought: a seek fetches it.
+        """
+        if not parts:
+            return
+        wanted = [TopicPartition(t, p) for t, p in parts]
+        self._consumer.resume(wanted)
+        try:
+            positions = self._consumer.position(wanted)
+        except KafkaException:
+            return
+        for tp in positions or []:
+            if tp.error is None and tp.offset >= 0:
+                with contextlib.suppress(KafkaException):  # taken away meanwhile
+                    self._consumer.seek(tp)
 
     def _notes_now_refused(self, codes: Iterable[int], lengths: Iterable[int] = ()) -> bool:
         """A broker whose `offset.metadata.max.bytes` is below a note refuses the commit:

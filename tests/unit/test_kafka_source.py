@@ -219,3 +219,33 @@ def test_a_producer_that_must_not_create_topics_still_says_so() -> None:
     settings = producer_settings({"allow.auto.create.topics": "true"},
                                  **{"allow.auto.create.topics": False})
     assert settings["allow.auto.create.topics"] is False
+
+
+def test_a_resume_seeks_each_resumed_partition_with_a_position_to_it() -> None:
+    """The seek wakes librdkafka's fetcher (a resume alone does not); it goes to the very
+    position the resume fetches from, and never to a partition without one."""
+    from confluent_kafka import KafkaException
+
+    calls: list[tuple[str, list[tuple[int, int]]]] = []
+
+    class Consumer:
+        def resume(self, parts: list[TopicPartition]) -> None:
+            calls.append(("resume", [(tp.partition, tp.offset) for tp in parts]))
+
+        def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+            at = {0: 17, 1: -1001, 2: 40}  # 1: nothing handed over yet
+            return [TopicPartition(tp.topic, tp.partition, at[tp.partition]) for tp in parts]
+
+        def seek(self, tp: TopicPartition) -> None:
+            calls.append(("seek", [(tp.partition, tp.offset)]))
+            if tp.partition == 0:
+                raise KafkaException(KafkaError(KafkaError._STATE, "taken away meanwhile"))
+
+    src = source()
+    src._consumer = Consumer()  # type: ignore[assignment]
+    src.resume([("t", 0), ("t", 1), ("t", 2)])
+    assert calls == [("resume", [(0, -1001), (1, -1001), (2, -1001)]),
+                     ("seek", [(0, 17)]), ("seek", [(2, 40)])]
+    calls.clear()
+    src.resume([])
+    assert calls == []
