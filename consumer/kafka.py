@@ -130,6 +130,7 @@ class KafkaSource:
         self._commit_waiting_since: float | None = None  # oldest unanswered async commit
         self._answered = False  # a commit acknowledged offsets during this consume
         self._unanswered = 0  # asynchronous commits sent and not answered yet (poll thread)
+        self._paused: set[TP] = set()  # paused by `pause`, not resumed since (poll thread)
         self.abandoned = False  # close() gave up: exit the process without destroying it
         # The longest note commits carry: lowered (halved) each time the broker refuses
         # one as too large (offset.metadata.max.bytes), 0 once notes are off altogether.
@@ -269,33 +270,55 @@ class KafkaSource:
     def pause(self, parts: Sequence[TP]) -> None:
         if parts:
             self._consumer.pause([TopicPartition(t, p) for t, p in parts])
+            self._paused.update(parts)
 
     def resume(self, parts: Sequence[TP]) -> None:
-        """Resume fetching `parts`, then seek each that has a position to that very
-        position, which wakes the fetcher at once.
-
-        Why the seek: librdkafka's broker thread sleeps up to a second while every one of
-        its partitions is paused, and a resume does not wake it (only a fetch start, which
-        a seek is, does). Each window that filled and paused the replica cost up to ~1 s of
-        no fetching: a fresh worker at 20 ms answers sent its first window, then nothing
-        for 0.9 s (bench workload 3, RESULTS.md "Round 37"). The position is where the
-        resume would fetch from anyway (the pause emptied the fetched queue), so no offset
-        is handed over twice or skipped. A partition without a position (nothing handed
-        over yet) is not sought: its fetch starts with the others of its broker, or at
-        the next wake. A still-paused partition is never sought: a seek fetches it.
-        """
+        """Resume fetching `parts`; those this source had paused are woken (`_wake`)."""
         if not parts:
             return
-        wanted = [TopicPartition(t, p) for t, p in parts]
-        self._consumer.resume(wanted)
+        self._consumer.resume([TopicPartition(t, p) for t, p in parts])
+        paused = [tp for tp in parts if tp in self._paused]
+        self._paused.difference_update(parts)
+        if paused:
+            self._wake(paused)
+
+    def _wake(self, parts: Sequence[TP]) -> None:
+        """Seek each resumed partition with messages left to fetch to its own position:
+        that wakes librdkafka's fetcher at once.
+
+        Why: librdkafka's broker thread sleeps up to a second while every partition it
+        fetches is paused, and a resume does not wake it; a seek does (its fetch start).
+        Each window that filled and paused the replica stopped fetching for ~0.9 s after
+        the resume: a fresh worker at 20 ms answers sent its first window, then nothing for
+        0.9 s (tests/bench/RESULTS.md, "Round 37"). The position is the offset the resume
+        fetches from anyway (the pause emptied the fetched queue), so nothing is handed over
+        twice or skipped. Without the leader epoch `position` gives: with it, each seek
+        asked the leader to validate it (a request per partition per resume), and a log
+        found shorter sent the partition to its end instead of `auto.offset.reset`.
+
+        Only partitions this source paused (a seek would throw away what an unpaused one
+        prefetched) and with messages left before the high watermark last fetched: a seek
+        clears the position until the next message is handed over, and a caught-up
+        partition would lose the position the commit past transaction markers needs
+        (`positions`). A partition without a position (nothing handed over since its
+        assignment) is not sought either: it is fetched with the others its broker serves,
+        or at that thread's next wake.
+        """
         try:
-            positions = self._consumer.position(wanted)
+            positions = self._consumer.position([TopicPartition(t, p) for t, p in parts])
         except KafkaException:
             return
         for tp in positions or []:
-            if tp.error is None and tp.offset >= 0:
-                with contextlib.suppress(KafkaException):  # taken away meanwhile
-                    self._consumer.seek(tp)
+            if tp.error is not None or tp.offset < 0:
+                continue
+            try:
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            except KafkaException:
+                continue
+            if high is None or tp.offset >= high:
+                continue
+            with contextlib.suppress(KafkaException):  # taken away meanwhile
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset))
 
     def _notes_now_refused(self, codes: Iterable[int], lengths: Iterable[int] = ()) -> bool:
         """A broker whose `offset.metadata.max.bytes` is below a note refuses the commit:

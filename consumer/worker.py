@@ -693,8 +693,9 @@ class Worker:
         meanwhile (rebalance callbacks run on the poll thread inside a `Source.call`,
         and none is in progress while this synchronous method runs).
 
-        librdkafka hands each offset over once and the worker never seeks, so an offset at
-        or below one already taken means the partition's log went back (`_went_back`).
+        librdkafka hands each offset over once and the worker seeks a partition only to its
+        own position (`KafkaSource.resume`), so an offset at or below one already taken
+        means the partition's log went back (`_went_back`).
         """
         handler = self.handler
         screen = None if handler.debug else handler.screen

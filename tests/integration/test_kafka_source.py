@@ -38,6 +38,7 @@ def test_a_resume_after_every_partition_was_paused_fetches_at_once(
 
         def take(messages: Sequence[Message]) -> int:
             for message in messages:
+                assert message.error() is None, message.error()
                 seen[message.partition() or 0].append(message.offset() or 0)
             return len(messages)
 
@@ -60,5 +61,37 @@ def test_a_resume_after_every_partition_was_paused_fetches_at_once(
         # The seek is to where the resume would fetch from: nothing again, nothing skipped.
         for offsets in seen.values():
             assert offsets == list(range(len(offsets))), offsets
+    finally:
+        source.close(10)
+
+
+def test_a_caught_up_partition_keeps_its_position_across_a_pause(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """A seek clears the position until the next message: a caught-up partition is not
+    sought, so the commit past trailing transaction markers (`positions`) keeps working."""
+    topic = topic_factory(partitions=1)
+    producer = make_producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(10):
+        producer.produce(topic, key=b"%d" % i, value=b"x")
+    assert producer.flush(30) == 0
+
+    def ignore(_parts: list[tuple[str, int]]) -> None:
+        return None
+
+    source = KafkaSource({"bootstrap.servers": kafka_bootstrap, "group.id": f"{topic}-g"},
+                         [topic], on_assign=ignore, on_revoke=ignore, on_lost=ignore)
+    try:
+        source.subscribe()
+        deadline = time.monotonic() + 30
+        taken = 0
+        while taken < 10:
+            assert time.monotonic() < deadline, f"{taken} of 10 messages within 30 s"
+            taken += len(source.consume(50, 0.5))
+        part = (topic, 0)
+        assert source.positions([part]) == {part: 10}
+        source.pause([part])
+        source.resume([part])
+        assert source.positions([part]) == {part: 10}
     finally:
         source.close(10)

@@ -221,31 +221,79 @@ def test_a_producer_that_must_not_create_topics_still_says_so() -> None:
     assert settings["allow.auto.create.topics"] is False
 
 
-def test_a_resume_seeks_each_resumed_partition_with_a_position_to_it() -> None:
-    """The seek wakes librdkafka's fetcher (a resume alone does not); it goes to the very
-    position the resume fetches from, and never to a partition without one."""
+def test_a_resume_seeks_the_partitions_it_paused_with_messages_left_to_their_positions(
+) -> None:
+    """The seek wakes librdkafka's fetcher (a resume alone does not). It goes to the very
+    position the resume fetches from, without the leader epoch (no validation request); never
+    to a partition without a position, one caught up (the seek would clear the position the
+    commit past transaction markers needs) or one this source did not pause."""
     from confluent_kafka import KafkaException
 
-    calls: list[tuple[str, list[tuple[int, int]]]] = []
+    calls: list[tuple[str, list[tuple[int, int, int | None]]]] = []
+    at = {0: 17, 1: -1001, 2: 40, 3: 50, 4: 8, 5: 9, 6: 3}  # 1: nothing handed over yet
+    high = {0: 90, 2: 41, 3: 50, 4: 30, 5: 30, 6: -1001}  # 3: caught up; 6: never fetched
+
+    def listed(parts: list[TopicPartition]) -> list[tuple[int, int, int | None]]:
+        return [(tp.partition, tp.offset, tp.leader_epoch) for tp in parts]
 
     class Consumer:
+        def pause(self, parts: list[TopicPartition]) -> None:
+            calls.append(("pause", listed(parts)))
+
         def resume(self, parts: list[TopicPartition]) -> None:
-            calls.append(("resume", [(tp.partition, tp.offset) for tp in parts]))
+            calls.append(("resume", listed(parts)))
 
         def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
-            at = {0: 17, 1: -1001, 2: 40}  # 1: nothing handed over yet
-            return [TopicPartition(tp.topic, tp.partition, at[tp.partition]) for tp in parts]
+            return [TopicPartition(tp.topic, tp.partition, at[tp.partition], leader_epoch=7)
+                    for tp in parts]
+
+        def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False
+                                  ) -> tuple[int, int]:
+            assert cached  # local: no broker call on the poll thread
+            return 0, high[tp.partition]
 
         def seek(self, tp: TopicPartition) -> None:
-            calls.append(("seek", [(tp.partition, tp.offset)]))
+            calls.append(("seek", listed([tp])))
             if tp.partition == 0:
                 raise KafkaException(KafkaError(KafkaError._STATE, "taken away meanwhile"))
 
     src = source()
     src._consumer = Consumer()  # type: ignore[assignment]
-    src.resume([("t", 0), ("t", 1), ("t", 2)])
-    assert calls == [("resume", [(0, -1001), (1, -1001), (2, -1001)]),
-                     ("seek", [(0, 17)]), ("seek", [(2, 40)])]
+    paused = [("t", p) for p in (0, 1, 2, 3, 4, 6)]
+    src.pause(paused)
+    calls.clear()
+    src.resume([*paused, ("t", 5)])  # 5 was never paused: its prefetched messages stay
+    assert calls == [("resume", [(p, -1001, None) for p in (0, 1, 2, 3, 4, 6, 5)]),
+                     ("seek", [(0, 17, None)]), ("seek", [(2, 40, None)]),
+                     ("seek", [(4, 8, None)])]
+    calls.clear()
+    src.resume(paused)  # resumed already: nothing to wake
+    assert [name for name, _ in calls] == ["resume"]
     calls.clear()
     src.resume([])
     assert calls == []
+
+
+def test_a_resume_whose_positions_cannot_be_read_only_resumes() -> None:
+    from confluent_kafka import KafkaException
+
+    seeks: list[TopicPartition] = []
+
+    class Consumer:
+        def pause(self, parts: list[TopicPartition]) -> None:
+            pass
+
+        def resume(self, parts: list[TopicPartition]) -> None:
+            pass
+
+        def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+            raise KafkaException(KafkaError(KafkaError._STATE, "closing"))
+
+        def seek(self, tp: TopicPartition) -> None:
+            seeks.append(tp)
+
+    src = source()
+    src._consumer = Consumer()  # type: ignore[assignment]
+    src.pause([("t", 0)])
+    src.resume([("t", 0)])
+    assert seeks == []
