@@ -10,7 +10,6 @@ import signal
 
 from consumer.sandbox.config import DEFAULT_READ_TOKEN, DEFAULT_WRITE_TOKEN, SandboxConfig
 from consumer.sandbox.faults import FaultConfig, FaultError
-from consumer.sandbox.server import serve
 
 __all__ = ["add_arguments", "build_parser", "config_from_args", "main", "run"]
 
@@ -117,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> SandboxConfig:
 
 
 async def _run(config: SandboxConfig) -> None:
+    from consumer.sandbox.server import serve  # not for `run`'s parser (see the package)
+
     server = await serve(config)
     print(f"sandbox listening on {server.url}", flush=True)
     stop = asyncio.Event()

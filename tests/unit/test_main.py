@@ -646,3 +646,17 @@ def test_a_refused_setting_is_one_json_line_when_the_logs_are_json() -> None:
     assert record["level"] == "error" and "USERPILOT_RATE_LIMIT='abc'" in record["message"]
     plain = cli(["run"], {"USERPILOT_RATE_LIMIT": "abc"})
     assert plain.stderr.startswith("error: invalid configuration:")
+
+
+def test_the_command_line_does_not_load_the_sandbox_server() -> None:
+    """`run` builds every subcommand's options, the sandbox's included; the sandbox's server,
+    client and their imports are loaded only by the commands that use them (~0.7 MB of a
+    worker's RSS). The package's names still resolve on first use."""
+    probe = ("import json, sys, consumer.__main__ as m; m.build_parser(); "
+             "print(json.dumps([n for n in sys.modules if n.startswith('consumer.sandbox.')])); "
+             "from consumer.sandbox import SandboxThread; print(SandboxThread.__module__)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.splitlines()
+    loaded = json.loads(out[0])
+    assert "consumer.sandbox.server" not in loaded and "consumer.sandbox.client" not in loaded
+    assert out[1] == "consumer.sandbox.server"
