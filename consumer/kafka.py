@@ -294,7 +294,11 @@ class KafkaSource:
         fetches from anyway (the pause emptied the fetched queue), so nothing is handed over
         twice or skipped. Without the leader epoch `position` gives: with it, each seek
         asked the leader to validate it (a request per partition per resume), and a log
-        found shorter sent the partition to its end instead of `auto.offset.reset`.
+        found shorter sent the partition to its end instead of `auto.offset.reset`. The
+        price (accepted): should librdkafka reset a paused partition's offset after an
+        unclean leader election (its epoch check runs while paused, and leaves the
+        position as it was), the seek puts it back there, and records between the
+        truncation and that position can be skipped.
 
         Only partitions this source paused (a seek would throw away what an unpaused one
         prefetched) and with messages left before the high watermark last fetched: a seek

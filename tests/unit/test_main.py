@@ -650,8 +650,8 @@ def test_a_refused_setting_is_one_json_line_when_the_logs_are_json() -> None:
 
 def test_the_command_line_does_not_load_the_sandbox_server() -> None:
     """`run` builds every subcommand's options, the sandbox's included; the sandbox's server,
-    client and their imports are loaded only by the commands that use them (~0.7 MB of a
-    worker's RSS). The package's names still resolve on first use."""
+    client and their imports are loaded only by the commands that use them (~0.7 MB of RSS
+    at import). The package's names still resolve on first use."""
     probe = ("import json, sys, consumer.__main__ as m; m.build_parser(); "
              "print(json.dumps([n for n in sys.modules if n.startswith('consumer.sandbox.')])); "
              "from consumer.sandbox import SandboxThread; print(SandboxThread.__module__)")
