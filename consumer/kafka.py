@@ -308,21 +308,10 @@ class KafkaSource:
         assignment) is not sought either: it is fetched with the others its broker serves,
         or at that thread's next wake.
         """
-        try:
-            positions = self._consumer.position([TopicPartition(t, p) for t, p in parts])
-        except KafkaException:
-            return
-        for tp in positions or []:
-            if tp.error is not None or tp.offset < 0:
-                continue
-            try:
-                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
-            except KafkaException:
-                continue
-            if high is None or tp.offset >= high:
-                continue
-            with contextlib.suppress(KafkaException):  # taken away meanwhile
-                self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset))
+        for tp, high in self._fetched(parts):
+            if tp.offset < high:
+                with contextlib.suppress(KafkaException):  # taken away meanwhile
+                    self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset))
 
     def _notes_now_refused(self, codes: Iterable[int], lengths: Iterable[int] = ()) -> bool:
         """A broker whose `offset.metadata.max.bytes` is below a note refuses the commit:
@@ -455,11 +444,17 @@ class KafkaSource:
         Never past the log's end as last fetched (librdkafka's cached high watermark): a
         position is left out while that is unknown, and cut to it otherwise. A topic
         deleted and created again kept the old log's position (review "kafka18")."""
+        return {(tp.topic, tp.partition): min(tp.offset, high)
+                for tp, high in self._fetched(parts)}
+
+    def _fetched(self, parts: Sequence[TP]) -> list[tuple[TopicPartition, int]]:
+        """Each partition's position (with its leader epoch) and the high watermark last
+        fetched, for those that have both. Local: no broker call."""
         try:
             answer = self._consumer.position([TopicPartition(t, p) for t, p in parts])
         except KafkaException:
-            return {}
-        out: dict[TP, int] = {}
+            return []
+        out: list[tuple[TopicPartition, int]] = []
         for tp in answer or []:
             if tp.error is not None or tp.offset < 0:
                 continue
@@ -468,7 +463,7 @@ class KafkaSource:
             except KafkaException:
                 continue
             if high is not None and high >= 0:
-                out[(tp.topic, tp.partition)] = min(tp.offset, high)
+                out.append((tp, high))
         return out
 
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:

@@ -17,22 +17,31 @@ RESUMED_WITHIN_S = 0.5
 """Without the wake-up seek the first message came 0.8-1.0 s after the resume."""
 
 
+def produce(bootstrap: str, topic: str, count: int, value: bytes) -> None:
+    producer = make_producer({"bootstrap.servers": bootstrap})
+    for i in range(count):
+        producer.produce(topic, key=b"%d" % i, value=value)
+    assert producer.flush(30) == 0
+
+
+def subscribed(bootstrap: str, topic: str) -> KafkaSource:
+    """A source of its own group, subscribed to `topic`; its rebalances are ignored."""
+    def ignore(_parts: list[tuple[str, int]]) -> None:
+        return None
+
+    source = KafkaSource({"bootstrap.servers": bootstrap, "group.id": f"{topic}-g"},
+                         [topic], on_assign=ignore, on_revoke=ignore, on_lost=ignore)
+    source.subscribe()
+    return source
+
+
 def test_a_resume_after_every_partition_was_paused_fetches_at_once(
     kafka_bootstrap: str, topic_factory: Callable[..., str],
 ) -> None:
     topic = topic_factory(partitions=2)
-    producer = make_producer({"bootstrap.servers": kafka_bootstrap})
-    for i in range(2000):
-        producer.produce(topic, key=b"%d" % i, value=b"x" * 100)
-    assert producer.flush(30) == 0
-
-    def ignore(_parts: list[tuple[str, int]]) -> None:
-        return None
-
-    source = KafkaSource({"bootstrap.servers": kafka_bootstrap, "group.id": f"{topic}-g"},
-                         [topic], on_assign=ignore, on_revoke=ignore, on_lost=ignore)
+    produce(kafka_bootstrap, topic, 2000, b"x" * 100)
+    source = subscribed(kafka_bootstrap, topic)
     try:
-        source.subscribe()
         deadline = time.monotonic() + 30
         seen: dict[int, list[int]] = {0: [], 1: []}
 
@@ -71,18 +80,9 @@ def test_a_caught_up_partition_keeps_its_position_across_a_pause(
     """A seek clears the position until the next message: a caught-up partition is not
     sought, so the commit past trailing transaction markers (`positions`) keeps working."""
     topic = topic_factory(partitions=1)
-    producer = make_producer({"bootstrap.servers": kafka_bootstrap})
-    for i in range(10):
-        producer.produce(topic, key=b"%d" % i, value=b"x")
-    assert producer.flush(30) == 0
-
-    def ignore(_parts: list[tuple[str, int]]) -> None:
-        return None
-
-    source = KafkaSource({"bootstrap.servers": kafka_bootstrap, "group.id": f"{topic}-g"},
-                         [topic], on_assign=ignore, on_revoke=ignore, on_lost=ignore)
+    produce(kafka_bootstrap, topic, 10, b"x")
+    source = subscribed(kafka_bootstrap, topic)
     try:
-        source.subscribe()
         deadline = time.monotonic() + 30
         taken = 0
         while taken < 10:
