@@ -22,10 +22,13 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
 
-__all__ = ["DLQ_PRODUCER", "METADATA_REFRESH_MS", "SESSION_TIMEOUT_MS", "client_problem",
-           "consumer_settings", "producer_settings", "property_problem"]
+__all__ = ["DLQ_PRODUCER", "METADATA_REFRESH_MS", "PREFETCH_MESSAGES", "SESSION_TIMEOUT_MS",
+           "client_problem", "consumer_settings", "producer_settings", "property_problem"]
 
 METADATA_REFRESH_MS = 30_000  # how soon partitions added to a source topic are read
+PREFETCH_MESSAGES = 2_000
+"""librdkafka fetches ahead until this many messages wait (`queued.min.messages`, theirs:
+100,000); KAFKA_QUEUED_MIN_MESSAGES overrides it."""
 SESSION_TIMEOUT_MS = 10_000
 """The worker's session timeout (librdkafka's is 45 s): a SIGKILLed or lost replica held the
 whole group ~39 s, no member delivering, and a SIGTERM in that wait could neither commit nor
@@ -81,9 +84,12 @@ def consumer_settings(conf: Mapping[str, Any]) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         "enable.partition.eof": False,
         # Prefetch bounds: librdkafka's defaults (64 MiB, 100k messages) dominate the
-        # RSS of a worker draining a large backlog; 16 MiB still keeps the fetcher ahead.
+        # RSS of a worker draining a large backlog. 2,000 messages is ~30 ms of the drop
+        # path's intake (the fastest), three fetch backoffs below: the drop path and
+        # delivery at 0 and 20 ms read the same as with 10,000, and the peak RSS of a
+        # backlog into a 50 ms Userpilot ~2.5 MB lower (RESULTS.md, "Round 38").
         "queued.max.messages.kbytes": 16384,
-        "queued.min.messages": 10000,
+        "queued.min.messages": PREFETCH_MESSAGES,
         # Past those bounds librdkafka waits fetch.queue.backoff.ms (1 s by default)
         # before fetching again: with bounded queues that starved the worker (13k vs
         # 45k events/s measured on the drop path). Refill quickly instead.

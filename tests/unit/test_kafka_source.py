@@ -211,6 +211,17 @@ def test_the_session_timeout_is_the_worker_s_unless_set() -> None:
     assert consumer_settings({"session.timeout.ms": "45000"})["session.timeout.ms"] == "45000"
 
 
+def test_the_prefetch_is_bounded_by_messages_unless_set() -> None:
+    """librdkafka's 100k (and the 10,000 before round 38) held megabytes of prefetched
+    events a worker delivering at Userpilot's pace never needed (RESULTS.md, "Round 38")."""
+    from consumer.librdkafka import PREFETCH_MESSAGES, consumer_settings
+
+    assert PREFETCH_MESSAGES == 2_000
+    assert consumer_settings({})["queued.min.messages"] == PREFETCH_MESSAGES
+    assert consumer_settings({})["queued.max.messages.kbytes"] == 16384
+    assert consumer_settings({"queued.min.messages": "50000"})["queued.min.messages"] == "50000"
+
+
 def test_a_producer_that_must_not_create_topics_still_says_so() -> None:
     """Replay's producer refuses to create a deleted topic (review replay17): the user's
     setting is left out, its own is kept (the first fix of diff19 dropped both)."""
