@@ -26,9 +26,13 @@ __all__ = ["DLQ_PRODUCER", "METADATA_REFRESH_MS", "PREFETCH_MESSAGES", "SESSION_
            "client_problem", "consumer_settings", "producer_settings", "property_problem"]
 
 METADATA_REFRESH_MS = 30_000  # how soon partitions added to a source topic are read
-PREFETCH_MESSAGES = 2_000
-"""librdkafka fetches ahead until this many messages wait (`queued.min.messages`, theirs:
-100,000); KAFKA_QUEUED_MIN_MESSAGES overrides it."""
+PREFETCH_MESSAGES = 4_000
+"""librdkafka starts fetches while fewer messages wait (`queued.min.messages`; theirs
+100,000, ours 10,000 before round 38). ~60 ms of the drop path's intake (the fastest,
+~63k events/s here): a refill from a broker within ~20 ms comes before the queue runs dry.
+The drop path and delivery at 0 and 20 ms read as with 10,000, the peak RSS of a backlog
+into a 50 ms Userpilot ~1.5 MB lower (RESULTS.md, "Round 38"). KAFKA_QUEUED_MIN_MESSAGES
+overrides it: higher for a fast topic read from a distant broker."""
 SESSION_TIMEOUT_MS = 10_000
 """The worker's session timeout (librdkafka's is 45 s): a SIGKILLed or lost replica held the
 whole group ~39 s, no member delivering, and a SIGTERM in that wait could neither commit nor
@@ -83,11 +87,11 @@ def consumer_settings(conf: Mapping[str, Any]) -> dict[str, Any]:
         "partition.assignment.strategy": "cooperative-sticky",
         "auto.offset.reset": "earliest",
         "enable.partition.eof": False,
-        # Prefetch bounds: librdkafka's defaults (64 MiB, 100k messages) dominate the
-        # RSS of a worker draining a large backlog. 2,000 messages is ~30 ms of the drop
-        # path's intake (the fastest), three fetch backoffs below: the drop path and
-        # delivery at 0 and 20 ms read the same as with 10,000, and the peak RSS of a
-        # backlog into a 50 ms Userpilot ~2.5 MB lower (RESULTS.md, "Round 38").
+        # Prefetch: librdkafka's defaults (64 MiB, 100k messages) dominate the RSS of a
+        # worker draining a large backlog. Fetches start while fewer than
+        # PREFETCH_MESSAGES wait (one figure for the whole consumer: the partitions'
+        # queues forward to it), and a fetch's answer adds at most
+        # queued.max.messages.kbytes (librdkafka lowers fetch.max.bytes to it).
         "queued.max.messages.kbytes": 16384,
         "queued.min.messages": PREFETCH_MESSAGES,
         # Past those bounds librdkafka waits fetch.queue.backoff.ms (1 s by default)

@@ -211,15 +211,21 @@ def test_the_session_timeout_is_the_worker_s_unless_set() -> None:
     assert consumer_settings({"session.timeout.ms": "45000"})["session.timeout.ms"] == "45000"
 
 
-def test_the_prefetch_is_bounded_by_messages_unless_set() -> None:
+def test_fetches_start_below_the_worker_s_prefetch_unless_set() -> None:
     """librdkafka's 100k (and the 10,000 before round 38) held megabytes of prefetched
-    events a worker delivering at Userpilot's pace never needed (RESULTS.md, "Round 38")."""
+    events that a worker delivering at Userpilot's pace never needed (RESULTS.md,
+    "Round 38"); KAFKA_QUEUED_MIN_MESSAGES still reaches the consumer."""
+    from consumer.config import load_settings
     from consumer.librdkafka import PREFETCH_MESSAGES, consumer_settings
 
-    assert PREFETCH_MESSAGES == 2_000
-    assert consumer_settings({})["queued.min.messages"] == PREFETCH_MESSAGES
-    assert consumer_settings({})["queued.max.messages.kbytes"] == 16384
-    assert consumer_settings({"queued.min.messages": "50000"})["queued.min.messages"] == "50000"
+    assert consumer_settings({})["queued.min.messages"] == PREFETCH_MESSAGES == 4_000
+    env = {"USERPILOT_API_KEY": "up-token-1234",
+           "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.io",
+           "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "KAFKA_TOPICS": "delivery-userpilot",
+           "SCHEMA_REGISTRY_URL": "http://schema-registry:8081",
+           "KAFKA_QUEUED_MIN_MESSAGES": "10000"}
+    settings = load_settings(env)
+    assert consumer_settings(settings.kafka_config(logger=False))["queued.min.messages"] == "10000"
 
 
 def test_a_producer_that_must_not_create_topics_still_says_so() -> None:
