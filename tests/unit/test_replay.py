@@ -166,6 +166,43 @@ def test_value_less_dead_letters_it_could_not_restore_make_the_run_exit_1(
     assert _main_with(fake_run, []) == code
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_stuck_run_prints_its_summary_then_says_where_it_stopped(
+        fmt: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """The origin topic refused a record for a reason that may pass: the summary of what went
+    before (on stdout, JSON), then why it stopped and where a rerun starts, as the command's
+    last word: one JSON line when the logs are JSON (review "ops36"), exit 1."""
+    import json
+    import logging
+
+    from consumer import replay
+
+    def fake_run(*_: Any, **__: Any) -> Any:
+        raise replay.ReplayStuck("dlq[0]@9: the origin topic did not answer",
+                                 replay.Summary(replayed=4))
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("WORKER_LOG_FORMAT", fmt)
+            assert _main_with(fake_run, []) == 1
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out, err = capfd.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["summary"]["replayed"] == 4 and summary["interrupted"] is False
+    last = err.strip().splitlines()[-1]
+    why = "replay stopped: dlq[0]@9: the origin topic did not answer"
+    if fmt == "json":
+        line = json.loads(last)
+        assert line["level"] == "error" and line["message"].startswith(why), last
+        assert "a rerun starts at it" in line["message"]
+    else:
+        assert last.startswith(f"error: {why}") and "a rerun starts at it" in last, err
+
+
 @pytest.mark.parametrize("status", ["abc", "42", "600", "4220", "-42", "4 2"])
 def test_a_status_that_is_not_an_http_status_is_refused(status: str) -> None:
     """It could match no record: the run exited 0 with everything skipped by the filter."""
