@@ -107,16 +107,36 @@ def test_reasons_and_statuses_are_read_as_the_headers_spell_them() -> None:
     assert seen[0].reasons == {"bad_request"} and seen[0].statuses == {"422"}
 
 
-def _main_with(fake_run: Any, argv: list[str]) -> int:
+def _main_with(fake_run: Any, argv: list[str], env: dict[str, str] | None = None) -> int:
+    """`replay.main` on a fake run; what it sets for the process (signal handlers, the
+    logging it configures) is put back, so no other test inherits it."""
+    import logging
+    import signal
+
     from consumer import replay
 
     parser = argparse.ArgumentParser()
     replay.add_arguments(parser)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KAFKA_BOOTSTRAP_SERVERS", "k:9092")
-        mp.setattr(replay, "run_replay", fake_run)
-        mp.setattr("consumer.reach.kafka", lambda *a, **k: None)
-        return replay.main(parser.parse_args(["--from", "dlq", *argv]))
+    root = logging.getLogger()
+    loggers = [root, *(logging.getLogger(n) for n in ("consumer", "httpx", "httpcore",
+                                                      "httpx2", "httpcore2"))]
+    levels = [logger.level for logger in loggers]
+    handlers = list(root.handlers)
+    signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KAFKA_BOOTSTRAP_SERVERS", "k:9092")
+            for name, value in (env or {}).items():
+                mp.setenv(name, value)
+            mp.setattr(replay, "run_replay", fake_run)
+            mp.setattr("consumer.reach.kafka", lambda *a, **k: None)
+            return replay.main(parser.parse_args(["--from", "dlq", *argv]))
+    finally:
+        root.handlers[:] = handlers
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        for sig, handler in signals.items():
+            signal.signal(sig, handler)
 
 
 def test_a_closed_stdout_stops_the_run_like_an_interrupt_without_a_traceback(
@@ -170,31 +190,26 @@ def test_value_less_dead_letters_it_could_not_restore_make_the_run_exit_1(
 def test_a_stuck_run_prints_its_summary_then_says_where_it_stopped(
         fmt: str, capfd: pytest.CaptureFixture[str]) -> None:
     """The origin topic refused a record for a reason that may pass: the summary of what went
-    before (on stdout, JSON), then why it stopped and where a rerun starts, as the command's
-    last word: one JSON line when the logs are JSON (review "ops36"), exit 1."""
+    before (on stdout, JSON, and its details on stderr), then why it stopped and where a
+    rerun starts, as the command's last word: one JSON line when the logs are JSON (review
+    "ops36"), exit 1."""
     import json
-    import logging
 
     from consumer import replay
 
     def fake_run(*_: Any, **__: Any) -> Any:
-        raise replay.ReplayStuck("dlq[0]@9: the origin topic did not answer",
-                                 replay.Summary(replayed=4))
+        raise replay.ReplayStuck("dlq[0]@9: the origin topic did not answer", replay.Summary(
+            replayed=4, unpublishable=1, unpublishable_offsets=["dlq[0]@3 (too large)"]))
 
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("WORKER_LOG_FORMAT", fmt)
-            assert _main_with(fake_run, []) == 1
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+    assert _main_with(fake_run, [], {"WORKER_LOG_FORMAT": fmt}) == 1
     out, err = capfd.readouterr()
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["summary"]["replayed"] == 4 and summary["interrupted"] is False
-    last = err.strip().splitlines()[-1]
+    lines = err.strip().splitlines()
+    detail = next(i for i, line in enumerate(lines) if "dlq[0]@3 (too large)" in line)
     why = "replay stopped: dlq[0]@9: the origin topic did not answer"
+    assert detail < len(lines) - 1, "the summary's details come before the last word"
+    last = lines[-1]
     if fmt == "json":
         line = json.loads(last)
         assert line["level"] == "error" and line["message"].startswith(why), last
