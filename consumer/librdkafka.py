@@ -29,10 +29,11 @@ METADATA_REFRESH_MS = 30_000  # how soon partitions added to a source topic are 
 PREFETCH_MESSAGES = 4_000
 """librdkafka starts fetches while fewer messages wait (`queued.min.messages`; theirs
 100,000, ours 10,000 before round 38). ~60 ms of the drop path's intake (the fastest,
-~63k events/s here): a refill from a broker within ~20 ms comes before the queue runs dry.
-The drop path and delivery at 0 and 20 ms read as with 10,000, the peak RSS of a backlog
-into a 50 ms Userpilot ~1.5 MB lower (RESULTS.md, "Round 38"). KAFKA_QUEUED_MIN_MESSAGES
-overrides it: higher for a fast topic read from a distant broker."""
+~63k events/s here): by estimate, a refill from a broker up to ~20 ms away comes before the
+queue runs dry (measured against a local broker only). Measured: the drop path as with
+10,000 (and at 2,000), delivery at 0 and 20 ms as with 10,000 (at 2,000), the peak RSS of a
+backlog into a 50 ms Userpilot ~1.8 MB lower (RESULTS.md, "Round 38").
+KAFKA_QUEUED_MIN_MESSAGES overrides it: higher for a fast topic read from a distant broker."""
 SESSION_TIMEOUT_MS = 10_000
 """The worker's session timeout (librdkafka's is 45 s): a SIGKILLed or lost replica held the
 whole group ~39 s, no member delivering, and a SIGTERM in that wait could neither commit nor
