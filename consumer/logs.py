@@ -23,10 +23,13 @@ from typing import Any
 
 from consumer.redaction import Redactor
 
-__all__ = ["CURRENT_EVENT", "LIBRDKAFKA_LOGGER", "RateLimit", "configure_command_logging",
-           "configure_logging", "error_line", "event_fields", "librdkafka_logger"]
+__all__ = ["CURRENT_EVENT", "LIBRDKAFKA_LOGGER", "QUIET_LOGGERS", "RateLimit",
+           "configure_command_logging", "configure_logging", "error_line", "event_fields",
+           "librdkafka_logger"]
 
 LIBRDKAFKA_LOGGER = "librdkafka"
+QUIET_LOGGERS = ("httpx", "httpcore", "httpx2", "httpcore2")
+"""Held at WARNING by `configure_logging` (httpx2: the registry client's)."""
 
 _FIELDS = ("topic", "partition", "offset", "message_id")
 
@@ -161,7 +164,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text",
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2"):  # httpx2: the registry client
+    for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

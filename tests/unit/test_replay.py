@@ -114,12 +114,12 @@ def _main_with(fake_run: Any, argv: list[str], env: dict[str, str] | None = None
     import signal
 
     from consumer import replay
+    from consumer.logs import QUIET_LOGGERS
 
     parser = argparse.ArgumentParser()
     replay.add_arguments(parser)
     root = logging.getLogger()
-    loggers = [root, *(logging.getLogger(n) for n in ("consumer", "httpx", "httpcore",
-                                                      "httpx2", "httpcore2"))]
+    loggers = [root, *(logging.getLogger(n) for n in ("consumer", *QUIET_LOGGERS))]
     levels = [logger.level for logger in loggers]
     handlers = list(root.handlers)
     signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
