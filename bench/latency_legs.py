@@ -15,6 +15,12 @@ with wall-clock stamps (a traced `python -m consumer run`: this module with
 
 At 50 events/s one event is under way at a time, so each leg is the time between consecutive
 stamps. The stamps cost a few µs each; compare legs, not totals, with workload 8.
+
+`--tree <checkout>` runs another tree's worker the same way (e.g. `5aa140f`, whose HTTP client
+was hand-written). A step that tree does not have leaves its stamp out, and the legs around it
+are reported as one (`batch..handle`): so kafka, hop and client compare across trees. The
+client leg starts where the HTTP transport is handed the request (`handle_async_request`, of
+httpx-aiohttp here, of `consumer/transport.py` at `5aa140f`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -32,14 +39,27 @@ from pathlib import Path
 from typing import Any
 
 TRACE_ENV = "BENCH_LEGS_OUT"
-LEGS = (("kafka", "p", "c"), ("hop", "c", "r"), ("batch", "r", "i"), ("decide", "i", "q"),
-        ("queue", "q", "h"), ("handle", "h", "s"), ("client", "s", "x"))
+STAMPS = "pcriqhsx"
+"""The stamps in the order an event passes them (the module docstring says where each is)."""
+LEG_NAMES = {"pc": "kafka", "cr": "hop", "ri": "batch", "iq": "decide", "qh": "queue",
+             "hs": "handle", "sx": "client"}
 
 
 def _traced_worker(argv: list[str]) -> int:
-    """The worker, with a stamp at each leg's end (see the module docstring)."""
-    from consumer import delivery, handler, kafka, scheduling, worker
+    """The worker, with a stamp at each leg's end (see the module docstring). Run as a
+    script, so `consumer` is the PYTHONPATH's (the tree measured), not this directory's."""
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    import importlib
+
+    from consumer import kafka
     from consumer.__main__ import main
+
+    def found(module: str, name: str) -> Any:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return None  # an older (or newer) tree without that step
 
     stamps: list[tuple[str, float]] = []
     lock = threading.Lock()
@@ -65,10 +85,15 @@ def _traced_worker(argv: list[str]) -> int:
         setattr(owner, name, stamped)
 
     wrap(kafka.KafkaSource, "consume", "c", after=True)
-    wrap(worker.Worker, "_take", "i")
-    wrap(scheduling.Scheduler, "submit", "q")
-    wrap(handler.Handler, "handle", "h")
-    wrap(delivery.UserpilotClient, "_send", "s")
+    for module, name, method, kind in (
+            ("consumer.worker", "Worker", "_take", "i"),
+            ("consumer.scheduling", "Scheduler", "submit", "q"),
+            ("consumer.handler", "Handler", "handle", "h"),
+            ("consumer.transport", "StreamTransport", "handle_async_request", "s"),
+            ("httpx_aiohttp.transport", "AiohttpTransport", "handle_async_request", "s")):
+        owner = found(module, name)
+        if owner is not None and hasattr(owner, method):
+            wrap(owner, method, kind)
     call = kafka.KafkaSource.call
 
     async def resumed(self: kafka.KafkaSource, fn: Any, *args: Any) -> Any:
@@ -99,11 +124,20 @@ def _legs(stamps: list[tuple[str, float]], records: list[dict[str, Any]]) -> dic
             events.append(("x", float(record["received_at"])))
     # A produce stamp precedes its consume; a receipt follows its send: sorted by time, each
     # leg is an end stamp and the latest start stamp before it.
+    # Legs between the stamps this tree has (`STAMPS` order); one it lacks joins the legs
+    # around it into one, named after both ("batch..handle").
+    kinds = {kind for kind, _ in events}
+    present = [k for k in STAMPS if k in kinds]
+    legs = []
+    for start, end in itertools.pairwise(present):
+        steps = STAMPS[STAMPS.index(start):STAMPS.index(end) + 1]
+        names = [LEG_NAMES[a + b] for a, b in itertools.pairwise(steps)]
+        legs.append((names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}", start, end))
     events.sort(key=lambda e: e[1])
-    out: dict[str, list[float]] = {name: [] for name, _, _ in LEGS}
+    out: dict[str, list[float]] = {name: [] for name, _, _ in legs}
     last: dict[str, float] = {}
     for kind, at in events:
-        for name, start, end in LEGS:
+        for name, start, end in legs:
             if kind == end and start in last:
                 out[name].append((at - last.pop(start)) * 1000)
         last[kind] = at
@@ -118,7 +152,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--sandbox-latency-ms", type=float, default=20.0)
+    parser.add_argument("--tree", default=None,
+                        help="another checkout whose worker to trace (default: this one)")
     args = parser.parse_args()
+    tree = str(Path(args.tree or Path(__file__).resolve().parents[1]).resolve())
 
     import bench.events as ev
     from bench.kafka_io import Pacer, register_schema
@@ -138,10 +175,10 @@ def main() -> int:
                              sandbox=sandbox.host_port, topic=topic,
                              group=f"legs-{bench.run_id}", **UNLIMITED, **KNOWN_USERS,
                              KAFKA_DLQ_TOPIC=f"legs-dlq-{bench.run_id}",
-                             **{TRACE_ENV: str(trace)})
+                             **{TRACE_ENV: str(trace)}, PYTHONPATH=tree)
             work.mkdir(parents=True, exist_ok=True)
-            worker = WorkerProcess(env, work / "worker.log",
-                                   ("bench.latency_legs", "--traced-worker", "run"))
+            worker = WorkerProcess(env, work / "worker.log", script=(
+                str(Path(__file__).resolve()), "--traced-worker", "run"))
             pacer = Pacer(bench.bootstrap, topic)
             try:
                 pacer.send(*tmpl.render(ev.now_stamp(0, 0)))
@@ -156,7 +193,7 @@ def main() -> int:
                 pacer.close()
                 worker.stop()
         stamps = [(str(k), float(t)) for k, t in json.loads(trace.read_text())]
-        print(f"added latency p50 {statistics.median(_added_ms(records)):.2f} ms "
+        print(f"{tree}: added latency p50 {statistics.median(_added_ms(records)):.2f} ms "
               f"({len(records)} events at {args.rate:g}/s)")
         for name, values in _legs(stamps, records).items():
             values.sort()

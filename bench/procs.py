@@ -87,15 +87,18 @@ def worker_env(*, bootstrap: str, registry: str, sandbox: str, topic: str, group
 
 
 class WorkerProcess:
-    """`python -m consumer run` (or another `module`) with an environment, output to a log."""
+    """`python -m consumer run` (or another `module`, or a `script` with its arguments) with
+    an environment, output to a log."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path,
-                 module: tuple[str, ...] = ("consumer", "run")) -> None:
+                 module: tuple[str, ...] = ("consumer", "run"), *,
+                 script: tuple[str, ...] | None = None) -> None:
         self.log_path = log_path
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(_OUR_PREFIXES)}
         full_env.update(env)
-        self.proc = subprocess.Popen([sys.executable, "-m", *module], env=full_env,
+        argv = [sys.executable, *script] if script is not None else [sys.executable, "-m", *module]
+        self.proc = subprocess.Popen(argv, env=full_env,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
 

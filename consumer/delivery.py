@@ -556,10 +556,12 @@ class UserpilotClient:
         # ASCII, as httpx encoded them when the client was made: not found out again from
         # every request's headers (aiohttp reads them as text).
         url, head = route
-        headers = httpx.Headers([*head, (b"Content-Length", b"%d" % len(body))],
-                                encoding="ascii")
-        request = httpx.Request("POST", url, headers=headers, stream=httpx.ByteStream(body),
+        request = httpx.Request("POST", url, stream=httpx.ByteStream(body),
                                 extensions=self._extensions)
+        # Set, not passed: `Request` copies what it is given and drops the encoding, which
+        # it then found out again from every header when the transport read them.
+        request.headers = httpx.Headers([*head, (b"Content-Length", b"%d" % len(body))],
+                                        encoding="ascii")
         request.read()
         async with self._slots:
             return await self._exchange(request)

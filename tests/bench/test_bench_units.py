@@ -234,3 +234,15 @@ def test_latency_legs_pair_each_end_stamp_with_the_latest_start_before_it() -> N
     assert legs["queue"] == pytest.approx([0.1, 0.1])
     assert legs["handle"] == pytest.approx([0.2, 0.2])
     assert legs["client"] == pytest.approx([1.0, 1.0])
+
+
+def test_latency_legs_join_the_legs_around_a_step_a_tree_does_not_have() -> None:
+    from bench.latency_legs import _legs
+
+    # An older tree: no intake, scheduler or handler stamps (`--tree 5aa140f`).
+    stamps = [("c", 10.002), ("r", 10.0023), ("s", 10.0030)]
+    records = [{"body": {"metadata": {"sent_ns": str(10_000_000_000)}}, "received_at": 10.004}]
+    legs = _legs(stamps, records)
+    assert list(legs) == ["kafka", "hop", "batch..handle", "client"]
+    assert legs["batch..handle"] == pytest.approx([0.7])
+    assert legs["client"] == pytest.approx([1.0])
