@@ -10,8 +10,10 @@ with wall-clock stamps (a traced `python -m consumer run`: this module with
 - batch: → `Worker._take` (poll bookkeeping, the envelope decoded and screened);
 - decide: → `Scheduler.submit` (decided, mapped, the body built);
 - queue: → `Handler.handle` started;
-- handle: → `UserpilotClient._send` (limiter, retry policy, the request);
-- client: → the sandbox read the request.
+- handle: → the HTTP transport is handed the request (`handle_async_request`: limiter,
+  retry policy, the request built);
+- client: → the request's bytes are written to the socket (the transport's own work);
+- wire: → the sandbox read the request (the kernel, the sandbox's wake-up and read).
 
 At 50 events/s one event is under way at a time, so each leg is the time between consecutive
 stamps. The stamps cost a few µs each; compare legs, not totals, with workload 8.
@@ -39,10 +41,10 @@ from pathlib import Path
 from typing import Any
 
 TRACE_ENV = "BENCH_LEGS_OUT"
-STAMPS = "pcriqhsx"
+STAMPS = "pcriqhswx"
 """The stamps in the order an event passes them (the module docstring says where each is)."""
 LEG_NAMES = {"pc": "kafka", "cr": "hop", "ri": "batch", "iq": "decide", "qh": "queue",
-             "hs": "handle", "sx": "client"}
+             "hs": "handle", "sw": "client", "wx": "wire"}
 
 
 def _traced_worker(argv: list[str]) -> int:
@@ -50,10 +52,17 @@ def _traced_worker(argv: list[str]) -> int:
     script, so `consumer` is the PYTHONPATH's (the tree measured), not this directory's."""
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    import asyncio.selector_events
     import importlib
 
+    import consumer
     from consumer import kafka
     from consumer.__main__ import main
+
+    tree = Path(os.environ["PYTHONPATH"]).resolve()
+    if not Path(consumer.__file__ or "").resolve().is_relative_to(tree):
+        # The venv's editable install answers when the tree has no package of its own.
+        raise SystemExit(f"consumer imported from {consumer.__file__}, not {tree}")
 
     def found(module: str, name: str) -> Any:
         try:
@@ -85,6 +94,9 @@ def _traced_worker(argv: list[str]) -> int:
         setattr(owner, name, stamped)
 
     wrap(kafka.KafkaSource, "consume", "c", after=True)
+    # Every socket write of the event loop (only HTTP requests write there: Kafka is
+    # librdkafka's own threads); the last before the sandbox's receipt ends the client leg.
+    wrap(getattr(asyncio.selector_events, "_SelectorSocketTransport"), "write", "w")  # noqa: B009
     for module, name, method, kind in (
             ("consumer.worker", "Worker", "_take", "i"),
             ("consumer.scheduling", "Scheduler", "submit", "q"),
@@ -156,6 +168,8 @@ def main() -> int:
                         help="another checkout whose worker to trace (default: this one)")
     args = parser.parse_args()
     tree = str(Path(args.tree or Path(__file__).resolve().parents[1]).resolve())
+    if not (Path(tree) / "consumer" / "__init__.py").is_file():
+        parser.error(f"--tree {args.tree}: no consumer package there")
 
     import bench.events as ev
     from bench.kafka_io import Pacer, register_schema
@@ -198,7 +212,7 @@ def main() -> int:
         for name, values in _legs(stamps, records).items():
             values.sort()
             if values:
-                print(f"  {name:7s} p50 {values[len(values) // 2]:6.3f} ms   "
+                print(f"  {name:13s} p50 {values[len(values) // 2]:6.3f} ms   "
                       f"p90 {values[int(len(values) * 0.9)]:6.3f} ms   n={len(values)}")
     finally:
         bench.cleanup()

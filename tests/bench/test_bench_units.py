@@ -221,8 +221,8 @@ def test_latency_legs_pair_each_end_stamp_with_the_latest_start_before_it() -> N
 
     # Two events, one at a time: produce (in the body) → consume … send → sandbox receipt.
     stamps = [("c", 10.002), ("r", 10.0023), ("i", 10.0025), ("q", 10.0027), ("h", 10.0028),
-              ("s", 10.0030), ("c", 10.022), ("r", 10.0222), ("i", 10.0224), ("q", 10.0226),
-              ("h", 10.0227), ("s", 10.0229)]
+              ("s", 10.0030), ("w", 10.0036), ("c", 10.022), ("r", 10.0222), ("i", 10.0224),
+              ("q", 10.0226), ("h", 10.0227), ("s", 10.0229), ("w", 10.0234)]
     records = [{"body": {"metadata": {"sent_ns": str(10_000_000_000)}}, "received_at": 10.004},
                {"body": {"metadata": {"sent_ns": str(10_020_000_000)}}, "received_at": 10.0239},
                {"body": {"metadata": {}}, "received_at": 10.5}]  # no stamp: not counted
@@ -233,16 +233,17 @@ def test_latency_legs_pair_each_end_stamp_with_the_latest_start_before_it() -> N
     assert legs["decide"] == pytest.approx([0.2, 0.2])
     assert legs["queue"] == pytest.approx([0.1, 0.1])
     assert legs["handle"] == pytest.approx([0.2, 0.2])
-    assert legs["client"] == pytest.approx([1.0, 1.0])
+    assert legs["client"] == pytest.approx([0.6, 0.5])
+    assert legs["wire"] == pytest.approx([0.4, 0.5])
 
 
 def test_latency_legs_join_the_legs_around_a_step_a_tree_does_not_have() -> None:
     from bench.latency_legs import _legs
 
-    # An older tree: no intake, scheduler or handler stamps (`--tree 5aa140f`).
+    # A tree without some steps (`--tree 5aa140f` has no handler; here none but these).
     stamps = [("c", 10.002), ("r", 10.0023), ("s", 10.0030)]
     records = [{"body": {"metadata": {"sent_ns": str(10_000_000_000)}}, "received_at": 10.004}]
     legs = _legs(stamps, records)
-    assert list(legs) == ["kafka", "hop", "batch..handle", "client"]
+    assert list(legs) == ["kafka", "hop", "batch..handle", "client..wire"]
     assert legs["batch..handle"] == pytest.approx([0.7])
-    assert legs["client"] == pytest.approx([1.0])
+    assert legs["client..wire"] == pytest.approx([1.0])

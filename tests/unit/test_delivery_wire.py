@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
+import httpx
 import pytest
 
 from consumer.answers import BODY_LIMIT
@@ -272,6 +273,53 @@ def test_sequential_requests_reuse_one_connection_and_arrive_exactly() -> None:
         assert first.line == b"POST /v1/track HTTP/1.1"
         assert first.header("Authorization") == f"Token {TOKEN}".encode()
         assert first.header("Content-Length") == str(len(BODY)).encode()
+
+    run(main)
+
+
+def test_a_2xx_whose_body_comes_later_still_leaves_its_connection_to_the_next() -> None:
+    """A 2xx's body is not needed, but one not all there when the status came is read
+    (briefly): left unread, the connection would be closed instead of pooled, and every
+    request would pay a new connection (a TLS handshake with Userpilot)."""
+    head, body = ACCEPTED.split(b"\r\n\r\n", 1)
+    async def main() -> None:
+        async with Server(always(Send([head + b"\r\n\r\n", body]))) as srv:
+            client = up(srv.url())
+            assert [await outcome(client, BODY) for _ in range(3)] == ["ok"] * 3
+            await client.aclose()
+        assert srv.connections == 1
+
+    run(main)
+
+
+def test_a_2xx_that_came_whole_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading the body of an answer nothing looks at cost ~6 % of the worker's CPU per
+    delivered event (RESULTS.md, "Round 39"); an error answer is still read (classified)."""
+    import consumer.delivery as delivery
+
+    reads: list[int] = []
+    real = delivery._read_capped
+
+    async def counted(response: httpx.Response) -> bytes:
+        reads.append(1)
+        return await real(response)
+
+    monkeypatch.setattr(delivery, "_read_capped", counted)
+    head, body = ACCEPTED.split(b"\r\n\r\n", 1)
+    answers = iter([Send(ACCEPTED), Send([head + b"\r\n\r\n", body]),
+                    Send(http(400, b'{"error":"bad"}'))])
+
+    async def main() -> None:
+        async with Server(lambda _req: next(answers)) as srv:
+            client = up(srv.url())
+            assert await outcome(client, BODY) == "ok"
+            assert reads == [], "a whole 2xx is not read"
+            assert await outcome(client, BODY) == "ok"
+            assert reads == [1], "one still arriving is"
+            assert await outcome(client, BODY) == "Rejected"
+            assert reads == [1, 1], "an error answer is"
+            await client.aclose()
+        assert srv.connections == 1
 
     run(main)
 
