@@ -293,7 +293,7 @@ def test_a_2xx_whose_body_comes_later_still_leaves_its_connection_to_the_next() 
 
 
 def test_a_2xx_that_came_whole_is_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reading the body of an answer nothing looks at cost ~5 % of the worker's CPU per
+    """Reading the body of an answer nothing looks at cost ~4 % of the worker's CPU per
     delivered event (RESULTS.md, "Round 39"); an error answer is still read (classified)."""
     import consumer.delivery as delivery
 
