@@ -134,8 +134,6 @@ def _legs(stamps: list[tuple[str, float]], records: list[dict[str, Any]]) -> dic
         if sent is not None:
             events.append(("p", sent / 1e9))
             events.append(("x", float(record["received_at"])))
-    # A produce stamp precedes its consume; a receipt follows its send: sorted by time, each
-    # leg is an end stamp and the latest start stamp before it.
     # Legs between the stamps this tree has (`STAMPS` order); one it lacks joins the legs
     # around it into one, named after both ("batch..handle").
     kinds = {kind for kind, _ in events}
@@ -145,6 +143,8 @@ def _legs(stamps: list[tuple[str, float]], records: list[dict[str, Any]]) -> dic
         steps = STAMPS[STAMPS.index(start):STAMPS.index(end) + 1]
         names = [LEG_NAMES[a + b] for a, b in itertools.pairwise(steps)]
         legs.append((names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}", start, end))
+    # A produce stamp precedes its consume; a receipt follows its send: sorted by time, each
+    # leg is an end stamp and the latest start stamp before it.
     events.sort(key=lambda e: e[1])
     out: dict[str, list[float]] = {name: [] for name, _, _ in legs}
     last: dict[str, float] = {}

@@ -386,9 +386,8 @@ def _arrived_whole(response: httpx.Response) -> bool:
     """The answer's body is all there, as aiohttp tells (its payload at EOF): aiohttp then
     released the connection already (pooled, or closed when the answer said so), so reading
     the body serves nothing. Reading a 2xx's body anyway cost ~4 % of the worker's CPU per
-    delivered event at 20 ms
-    (RESULTS.md, "Round 39"). Any other transport's answer, or one still arriving, is read:
-    left unread, its connection would be closed instead of pooled."""
+    delivered event at 20 ms (RESULTS.md, "Round 39"). Any other transport's answer, or one
+    still arriving, is read: left unread, its connection would be closed instead of pooled."""
     stream = response.stream
     if not isinstance(stream, AiohttpResponseStream):
         return False
