@@ -1222,12 +1222,16 @@ def _proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str] | None
 def _bypassed(netloc: str, no_proxy: str) -> bool:
     """NO_PROXY as curl and urllib read it: `*`, or a host or domain (a leading dot
     optional) that is the URL's host or a domain above it. An entry with a port matches
-    only a URL that names that port (Userpilot's URL names none)."""
+    only a URL that names that port (Userpilot's URL names none). A URL whose host is an
+    IP address also matches that address however it is written (`::1`, `[0::1]`) and a
+    network holding it in CIDR notation (`10.0.0.0/8`, `fd00::/8`), as curl (7.86+),
+    Go and requests read NO_PROXY: Kubernetes clusters commonly list their networks so."""
     host = netloc.rsplit("@", 1)[-1].lower()
     bare = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     # An IPv6 address is written bracketed in a URL, and either way in NO_PROXY (curl
     # matches `::1` for http://[::1]:8081): compared without the brackets.
     unbracketed = bare.rsplit("]", 1)[0].lstrip("[") if bare.startswith("[") else None
+    address = _ip_address(unbracketed if unbracketed is not None else bare)
     for entry in (e.strip().lower().lstrip(".") for e in no_proxy.split(",")):
         if entry == "*":
             return True
@@ -1235,7 +1239,28 @@ def _bypassed(netloc: str, no_proxy: str) -> bool:
             return True
         if unbracketed is not None and entry.strip("[]") == unbracketed:
             return True
+        if address is not None and _holds(entry.strip("[]"), address):
+            return True
     return False
+
+
+def _ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`host` as an IP address, or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _holds(entry: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A NO_PROXY entry that is `address` or a network (CIDR) holding it."""
+    if "/" not in entry:
+        return _ip_address(entry) == address
+    try:
+        # Host bits set (`10.1.2.3/8`) name the network all the same, as curl reads them.
+        return address in ipaddress.ip_network(entry, strict=False)
+    except ValueError:  # not an address or network: a name, compared above
+        return False
 
 
 def environment_proxy(url: str, env: Mapping[str, str]) -> tuple[str, str] | None:

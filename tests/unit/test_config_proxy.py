@@ -73,6 +73,29 @@ def test_no_proxy(no_proxy: str, bypassed: bool) -> None:
     assert got == (None if bypassed else ("HTTPS_PROXY", "http://secure:3128"))
 
 
+@pytest.mark.parametrize(("url", "no_proxy", "bypassed"), [
+    ("http://10.1.2.3:8080/v1/track", "10.0.0.0/8", True),
+    ("http://10.1.2.3:8080/v1/track", "10.1.2.3/8", True),  # host bits set: the same network
+    ("http://10.1.2.3:8080/v1/track", "other.svc, 10.1.0.0/16", True),
+    ("http://10.1.2.3:8080/v1/track", "10.1.2.3/32", True),
+    ("http://10.1.2.3:8080/v1/track", "192.168.0.0/16", False),
+    ("http://10.1.2.3:8080/v1/track", "10.1.2.4", False),
+    ("http://[fd00::5]:8080/v1/track", "fd00::/8", True),
+    ("http://[fd00::5]:8080/v1/track", "[fd00::/8]", True),
+    ("http://[fd00::5]:8080/v1/track", "fd00:0:0::5", True),  # the same address, spelled out
+    ("http://[fd00::5]:8080/v1/track", "fe80::/10", False),
+    ("http://[fd00::5]:8080/v1/track", "10.0.0.0/8", False),  # another family
+    ("https://analytex.userpilot.io/v1/track", "0.0.0.0/0", False),  # a name is no address
+    ("http://10.1.2.3:8080/v1/track", "10.0.0.0/99, not/a/net", False),
+])
+def test_no_proxy_networks_hold_addresses(url: str, no_proxy: str, bypassed: bool) -> None:
+    """CIDR entries, as curl (7.86+), Go and requests read them: a cluster's NO_PROXY
+    commonly lists its networks, and a Userpilot stand-in addressed by IP sat behind the
+    proxy with them."""
+    env = {"ALL_PROXY": "http://every:3128", "NO_PROXY": no_proxy}
+    assert (environment_proxy(url, env) is None) is bypassed
+
+
 def test_no_proxy_with_a_port_matches_a_url_naming_it() -> None:
     env = {"HTTP_PROXY": "http://plain:3128", "NO_PROXY": "sandbox:8080"}
     assert environment_proxy("http://sandbox:8080/v1/track", env) is None
