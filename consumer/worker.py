@@ -747,6 +747,10 @@ class Worker:
                     continue  # a message of a partition revoked meanwhile
                 if offset <= last:
                     self._went_back(tp, last, offset, marks)
+                    # The previous owner's note named the old log's offsets: read once per
+                    # slice, it skipped the new log's at them as finished, which were then
+                    # committed and never sent (review "core40").
+                    inherited.pop(tp, None)
                 owned[tp] = offset
                 if inherited:
                     done = inherited.get(tp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from consumer.commits import TP
+from consumer.offsets import Finished
 from tests.unit.test_worker import (
     TOPIC,
     FakeSource,
@@ -106,3 +107,38 @@ def test_the_commit_reaches_past_markers_the_consumer_never_hands_over() -> None
 
     assert drive(run, scenario) == 0
     assert sorted(codec_seq(b) for b in client.bodies) == [*offsets, 50]
+
+
+@dataclass
+class NotedReplacing(Replacing):
+    """... after a previous owner whose commit (offset 0) named 2..OLD-1 finished."""
+
+    ahead: dict[TP, Finished] = field(
+        default_factory=lambda: {(TOPIC, 0): Finished([(2, OLD - 1)])})
+
+
+def test_the_old_logs_note_skips_nothing_of_the_new_log() -> None:
+    """Review core40: the previous owner's note (its finished offsets above the commit)
+    was read once per slice of a polled batch. A log that went back inside that slice
+    kept it: the new log's records at the note's offsets were skipped as finished, then
+    committed, never sent."""
+    tp = (TOPIC, 0)
+    old = [Message(TOPIC, 0, i, f"o{i}".encode(), track("stuck" if i == 0 else f"o{i}", i))
+           for i in range(OLD)]
+    new = [Message(TOPIC, 0, i, f"n{i}".encode(), track(f"n{i}", 100 + i)) for i in range(NEW)]
+    client = HeldUser()  # holds the old log's offset 0: the note is never passed
+    run = make({tp: old}, registry=known_schema(), client=client, source_type=NotedReplacing,
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        assert isinstance(source, Replacing)
+        await until(lambda: bool(client.held), "the old log's first event held")
+        await until(lambda: run.worker.commits.high(tp) == OLD - 1, "the old log read")
+        source.replace_next = {tp: list(new)}
+        await until(lambda: source.last_commit(tp) == NEW, "the new log committed")
+        client.release.set()
+
+    assert drive(run, scenario) == 0
+    sent = {codec_seq(b) for b in client.bodies}
+    assert sent >= set(range(100, 100 + NEW)), "every record of the new log delivered"
+    assert run.worker.m.log_resets.labels(TOPIC)._value.get() == 1
