@@ -17,7 +17,6 @@ import math
 import re
 import ssl
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from datetime import UTC
 from types import TracebackType
@@ -34,6 +33,7 @@ from aiohttp.tracing import Trace
 from httpx_aiohttp.transport import AiohttpResponseStream, AiohttpTransport
 
 from consumer.answers import BODY_LIMIT, MAX_BODY_BYTES, body_text, charset_of
+from consumer.codec import replace_surrogates
 from consumer.errors import (
     ConnectionFailed,
     DeadLetter,
@@ -74,12 +74,18 @@ KEEPALIVE_S = 4.0
 
 
 class _Attempt:
-    """Per request, set by `_Connector`: was it sent on a connection that served before?"""
+    """Per request, set by `_Connector`: was it sent on a connection that served before,
+    and which connection (`answered`: did any byte of an answer come on it)?"""
 
-    __slots__ = ("reused",)
+    __slots__ = ("protocol", "reused")
 
     def __init__(self) -> None:
         self.reused = False
+        self.protocol: _Protocol | None = None
+
+    def answered(self) -> bool:
+        """A byte of an answer came (or none could be told: not our protocol)."""
+        return self.protocol is None or self.protocol.heard
 
 
 _ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
@@ -88,7 +94,9 @@ _ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
 
 class _Protocol(ResponseHandler):
     """aiohttp's connection protocol, whose read timeout (`sock_read`, the request timeout)
-    does not count time the event loop did not run.
+    does not count time the event loop did not run, and which tells whether it carried a
+    request before (`served`) and whether any byte came since its request went out
+    (`heard`; `_Connector` sets both).
 
     Why: frozen (SIGSTOP, a paused VM) between writing a request's head and its body (a
     separate task in aiohttp), the client resumes, sends the body, and the overdue read
@@ -98,6 +106,15 @@ class _Protocol(ResponseHandler):
     whole: the body may have gone out only now, and Userpilot gets the request timeout to
     answer it (review "diff33": a fixed second sent slower answers twice)."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self.served = False
+        self.heard = False
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = True
+        super().data_received(data)
+
     def _on_read_timeout(self) -> None:
         handle, now = self._read_timeout_handle, self._loop.time()
         if handle is not None and now - handle.when() > STALL_S:
@@ -106,11 +123,32 @@ class _Protocol(ResponseHandler):
         super()._on_read_timeout()
 
 
+class _Response(aiohttp.ClientResponse):
+    """aiohttp's response, whose reason phrase always encodes as UTF-8. HTTP allows any
+    byte there (obs-text); aiohttp keeps one that is not UTF-8 as a lone surrogate, on
+    which httpx-aiohttp's `reason.encode()` raised once the answer had come: a 202 with a
+    Latin-1 reason ("Accepté") read as no answer, and its event was sent again, every
+    time (review "http40")."""
+
+    async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+        started = await super().start(connection)
+        if self.reason is not None and not self.reason.isascii():
+            self.reason = replace_surrogates(self.reason)
+        return started
+
+
 class _Connector(aiohttp.TCPConnector):
-    """aiohttp's connector, telling the request under way (`_ATTEMPT`) whether its
-    connection served a request before. Through `connect`, its public extension point:
-    aiohttp's trace hooks say the same for ~17 µs of CPU per request (7 % of the client).
-    Its connections speak `_Protocol` (aiohttp's protocol factory, set as aiohttp does)."""
+    """aiohttp's connector, telling the request under way (`_ATTEMPT`) which connection
+    it goes out on and whether that one served a request before. Through `connect`, its
+    public extension point: aiohttp's trace hooks say the same for ~17 µs of CPU per
+    request (7 % of the client). Its connections speak `_Protocol` (aiohttp's protocol
+    factory, set as aiohttp does).
+
+    A pooled connection on which bytes came while it was idle is closed, not used: aiohttp
+    queued them as the answer of the next request on it. An answer nobody asked for (a
+    misbehaving server or middlebox) was taken as the next request's own, which never left:
+    a stale 202 counted an unsent event delivered, a stale 400 dead-lettered it (review
+    "http40")."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -120,32 +158,38 @@ class _Connector(aiohttp.TCPConnector):
             return _Protocol(loop=loop)
 
         self._factory = functools.partial(protocol)
-        self._served: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
 
     async def connect(self, req: ClientRequest, traces: list[Trace],
                       timeout: aiohttp.ClientTimeout) -> Connection:
-        connection = await super().connect(req, traces, timeout)
-        protocol = connection.protocol
-        if protocol is not None:
-            if protocol in self._served:
-                attempt = _ATTEMPT.get()
-                if attempt is not None:
-                    attempt.reused = True
-            else:
-                self._served.add(protocol)
-        return connection
+        while True:
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            if not isinstance(protocol, _Protocol):
+                return connection
+            if protocol.served and protocol.should_close:
+                connection.close()  # bytes came while it was idle (see the class)
+                continue
+            attempt = _ATTEMPT.get()
+            if attempt is not None:
+                attempt.reused = protocol.served
+                attempt.protocol = protocol
+            protocol.served = True
+            protocol.heard = False
+            return connection
 
 
-def _lost_on_reuse(exc: BaseException) -> bool:
+def _lost_on_reuse(exc: BaseException, attempt: _Attempt) -> bool:
     """The server closed (or reset) a kept-alive connection as the request went out, before
     any of an answer came: the classic keep-alive race (aiohttp resends such a request only
-    for idempotent methods, never a POST). A disconnection after part of an answer (its
-    status line: the server had the request) is not."""
+    for idempotent methods, never a POST). A disconnection after part of an answer (even
+    a few bytes of its status line: the server had the request) is not; a reset after
+    one was resent at once (review "http40")."""
     cause = exc.__cause__
     if isinstance(cause, aiohttp.ServerDisconnectedError):
-        return not isinstance(cause.message, RawResponseMessage)
+        return not isinstance(cause.message, RawResponseMessage) and not attempt.answered()
     return (isinstance(cause, aiohttp.ClientOSError)
-            and not isinstance(cause, aiohttp.ClientConnectorError))
+            and not isinstance(cause, aiohttp.ClientConnectorError)
+            and not attempt.answered())
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -288,9 +332,17 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
                   for name in ("x-request-id", "location") if name in headers}
         if "retry-after" in headers:
             quoted["retry-after"] = headers["retry-after"]
-        text = body_text(body, charset=charset_of(headers),
-                         encoding=headers.get("content-encoding"))
-        return classify(status, quoted, redact(text), path)
+        charset, coding = charset_of(headers), headers.get("content-encoding")
+        shown = redact(body_text(body, charset=charset, encoding=coding))
+        if charset is not None:
+            # An echo quotes the token as the bytes it was sent in: a charset label that
+            # reads them as something else (cp500, utf-16, a Shift_JIS lead byte taking
+            # its first character) hid it from redaction while keeping it whole, to be
+            # encoded back from the exception or the dead letter (review "http40").
+            plain = body_text(body, encoding=coding)
+            if redact(plain) != plain:
+                shown = redact(plain)
+        return classify(status, quoted, shown, path)
     except Exception as exc:  # see above
         return ServerError(f"HTTP {status}: unusable answer from Userpilot or a proxy "
                            f"({type(exc).__name__}; transient)", status=status)
@@ -513,7 +565,7 @@ class UserpilotClient:
             def session() -> aiohttp.ClientSession:  # made on first use, inside the loop
                 connector = _Connector(limit=max_connections, ssl=context,
                                        keepalive_timeout=KEEPALIVE_S)
-                return aiohttp.ClientSession(connector=connector,
+                return aiohttp.ClientSession(connector=connector, response_class=_Response,
                                              cookie_jar=aiohttp.DummyCookieJar())
 
             transport = AiohttpTransport(verify=context, limits=limits, proxy=self.proxy,
@@ -647,7 +699,8 @@ class UserpilotClient:
                 return await self._transport.handle_async_request(request)
             except httpx.TransportError as exc:
                 if not (attempt.reused and resends < STALE_RESENDS
-                        and time.monotonic() - sent < STALE_WITHIN_S and _lost_on_reuse(exc)):
+                        and time.monotonic() - sent < STALE_WITHIN_S
+                        and _lost_on_reuse(exc, attempt)):
                     raise
                 resends += 1
             finally:

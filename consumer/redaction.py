@@ -177,6 +177,32 @@ def _mixed_spellings(secrets: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile("|".join("".join(_char_spellings(c) for c in s) for s in unique))
 
 
+def _mixed_edges(secrets: Iterable[str]) -> tuple[re.Pattern[str], re.Pattern[str]] | None:
+    """Two regexes: a piece of a secret, at least MIN_PARTIAL of its characters each in any
+    of `_char_spellings`, that ends the text (its start: the rest was cut off) and one
+    that starts it (its end). `_cut_edges` knows the whole forms only: a token echoed
+    percent-encoded or `\\u`-escaped across the cut of a body kept 17 of its 19
+    characters in the exception and the dead letter (review "http40")."""
+    ends: list[str] = []
+    starts: list[str] = []
+    for secret in sorted({s for s in secrets if len(s) > MIN_PARTIAL}, key=len, reverse=True):
+        chars = [_char_spellings(c) for c in secret]
+        # A prefix: the first MIN_PARTIAL characters, then each further one while there
+        # (never the whole: that is `_mixed`'s).
+        tail = ""
+        for spelled in reversed(chars[MIN_PARTIAL:-1]):
+            tail = f"(?:{spelled}{tail})?"
+        ends.append("".join(chars[:MIN_PARTIAL]) + tail)
+        head = ""
+        for spelled in chars[1:-MIN_PARTIAL]:
+            head = f"(?:{head}{spelled})?"
+        starts.append(head + "".join(chars[-MIN_PARTIAL:]))
+    if not ends:
+        return None
+    return (re.compile("(?:" + "|".join(ends) + r")\Z"),
+            re.compile(r"\A(?:" + "|".join(starts) + ")"))
+
+
 class Redactor:
     """`redact` with the spellings worked out once (for the logging formatter's hot path)."""
 
@@ -184,6 +210,7 @@ class Redactor:
         secrets = list(secrets)
         self.forms = secret_forms(secrets)
         self._mixed = _mixed_spellings(secrets)
+        self._mixed_edges = _mixed_edges(secrets)
 
     def __call__(self, text: str, *, edges: bool = True) -> str:
         if not text or not self.forms:
@@ -198,6 +225,11 @@ class Redactor:
         if self._mixed is not None and ("\\" in text or "%" in text):
             text = self._mixed.sub(MASK, text)
         if edges:
+            if self._mixed_edges is not None and ("\\" in text or "%" in text):
+                # First: a plain piece inside an escaped one would be masked alone.
+                end, start = self._mixed_edges
+                text = end.sub(MASK, text, count=1)
+                text = start.sub(MASK, text, count=1)
             for form in self.forms:
                 text = _cut_edges(text, form)
         return text

@@ -36,6 +36,7 @@ from consumer.errors import (
     TlsRefused,
     WorkerError,
 )
+from consumer.redaction import MASK
 from tests.certificates import self_signed
 
 T = TypeVar("T")
@@ -343,8 +344,10 @@ def test_a_request_a_kept_alive_connection_lost_is_sent_again_at_once(lost: Acti
 PARTIAL_202 = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\n"
 
 
-@pytest.mark.parametrize("lost", [Close(delay=0.5), Reset(delay=0.5), Close(PARTIAL_202)],
-                         ids=["held-then-closed", "held-then-reset", "answer-begun"])
+@pytest.mark.parametrize("lost", [Close(delay=0.5), Reset(delay=0.5), Close(PARTIAL_202),
+                                  Reset(PARTIAL_202), Reset(b"HTTP/1.1 202 Acc")],
+                         ids=["held-then-closed", "held-then-reset", "answer-begun",
+                              "answer-begun-then-reset", "status-begun-then-reset"])
 def test_a_kept_alive_request_the_server_may_have_taken_is_not_sent_again_at_once(
         lost: Action) -> None:
     """Review diff18: a request the server held for a while, or began to answer, before
@@ -357,6 +360,57 @@ def test_a_kept_alive_request_the_server_may_have_taken_is_not_sent_again_at_onc
             assert await outcome(client, BODY) == "ConnectionFailed"
             await client.aclose()
         assert len(srv.requests) == 2
+
+    run(main)
+
+
+@pytest.mark.parametrize(("stale", "real", "expected"), [
+    (http(202, b"stale"), http(400, b'{"error":"real"}'), "Rejected"),
+    (http(400, b'{"error":"stale"}'), ACCEPTED, "ok"),
+], ids=["stale-202", "stale-400"])
+def test_an_answer_that_came_on_an_idle_connection_is_nobody_s(
+        stale: bytes, real: bytes, expected: str) -> None:
+    """Review http40: a server (or middlebox) wrote a whole answer on a pooled connection
+    nobody was using. aiohttp queued it, and the next request on that connection took it
+    as its own without having reached the server: a stale 202 counted an unsent event
+    delivered (lost once committed), a stale 400 dead-lettered it. The connection is
+    closed instead, and the request goes out on a new one and gets its own answer."""
+    async def main() -> None:
+        def respond(req: Req) -> Action:
+            if req.conn == 1:
+                return Send([ACCEPTED, stale])  # the second write: after the answer, idle
+            return Send(real)
+
+        async with Server(respond) as srv:
+            client = up(srv.url(), max_connections=1)
+            assert await outcome(client, BODY) == "ok"
+            await asyncio.sleep(0.1)  # the stale answer arrives on the idle connection
+            assert await outcome(client, BODY) == expected
+            await client.aclose()
+        assert [(q.conn, q.index) for q in srv.requests] == [(1, 1), (2, 1)]
+
+    run(main)
+
+
+@pytest.mark.parametrize(("reason", "status", "expected"), [
+    (b"Accept\xe9", 202, "ok"),  # Latin-1 "Accepté"
+    (b"Acc\xffpted", 202, "ok"),
+    (b"Accept\xc3\xa9", 202, "ok"),  # UTF-8
+    (b"B\xffd", 400, "Rejected"),
+])
+def test_a_reason_phrase_of_any_bytes_is_read(reason: bytes, status: int, expected: str) -> None:
+    """Review http40: HTTP allows any byte in a reason phrase. One that is not UTF-8 made
+    httpx-aiohttp raise after the answer had come: a 202 read as no answer was sent again
+    (and again, each time), a 400 was retried instead of dead-lettered."""
+    async def main() -> None:
+        answer = b"HTTP/1.1 %d " % status + reason + b"\r\nContent-Length: 2\r\n\r\n{}"
+        async with Server(always(Send(answer))) as srv:
+            client = up(srv.url(), max_connections=1)
+            assert await outcome(client, BODY) == expected
+            assert await outcome(client, BODY) == expected
+            await client.aclose()
+        assert len(srv.requests) == 2, "each request sent once"
+        assert srv.connections == 1
 
     run(main)
 
@@ -827,6 +881,36 @@ async def error_of(client: UserpilotClient, body: bytes) -> WorkerError:
     except WorkerError as exc:
         return exc
     raise AssertionError("delivered")
+
+
+@pytest.mark.parametrize("charset", ["cp500", "utf-16-le", "utf-32", "shift_jis", "big5",
+                                     "utf-7", "utf-8"])
+def test_an_echo_of_the_token_under_any_charset_label_is_masked(charset: str) -> None:
+    """Review http40: a gateway quoting the request (the bytes it was sent) under a charset
+    label that reads ASCII as something else: decoded by that label, the token escaped
+    redaction yet stayed whole, to be encoded back from the exception and the dead letter
+    (a Shift_JIS or Big5 lead byte took its first character, leaving 18 of 19 in sight)."""
+    async def main() -> WorkerError:
+        def respond(req: Req) -> Action:
+            quoted = b" | ".join(k + b": " + v for k, v in req.headers)
+            # A Shift_JIS (Big5) lead byte right before it reads as one character with
+            # the token's first.
+            quoted = quoted.replace(b"Token ", b"Token \x81")
+            return Send(http(400, b"bad request: " + quoted,
+                             [f"Content-Type: text/plain; charset={charset}"]))
+
+        async with Server(respond) as srv:
+            client = up(srv.url())
+            got = await error_of(client, BODY)
+            await client.aclose()
+        return got
+
+    error = run(main)
+    assert isinstance(error, Rejected)
+    shown = f"{error} {error.body}"
+    assert TOKEN[1:] not in shown and TOKEN[:-1] not in shown
+    assert TOKEN.encode() not in shown.encode(charset, "replace")
+    assert MASK in error.body
 
 
 @pytest.mark.parametrize(("answer", "kind"), [
