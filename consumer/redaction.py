@@ -177,6 +177,13 @@ def _mixed_spellings(secrets: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile("|".join("".join(_char_spellings(c) for c in s) for s in unique))
 
 
+_CUT_ESCAPE = (r"(?:(?:\\u[0-9a-fA-F]{4})?\\(?:u[0-9a-fA-F]{0,3})?"
+               r"|(?:%[0-9a-fA-F]{2}){0,3}%[0-9a-fA-F]?|(?:%[0-9a-fA-F]{2}){1,3})?")
+"""The start of the next character's escape, cut off with the text (`\\`, `\\u00`, `%2`,
+`%C3` of `%C3%A9`): left after the masked piece it showed where the cut fell, and a piece
+followed by it was not masked at all (review "dlq40")."""
+
+
 def _mixed_edges(secrets: Iterable[str]) -> tuple[re.Pattern[str], re.Pattern[str]] | None:
     """Two regexes: a piece of a secret, at least MIN_PARTIAL of its characters each in any
     of `_char_spellings`, that ends the text (its start: the rest was cut off) and one
@@ -199,7 +206,7 @@ def _mixed_edges(secrets: Iterable[str]) -> tuple[re.Pattern[str], re.Pattern[st
         starts.append(head + "".join(chars[-MIN_PARTIAL:]))
     if not ends:
         return None
-    return (re.compile("(?:" + "|".join(ends) + r")\Z"),
+    return (re.compile("(?:" + "|".join(ends) + ")" + _CUT_ESCAPE + r"\Z"),
             re.compile(r"\A(?:" + "|".join(starts) + ")"))
 
 

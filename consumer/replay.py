@@ -172,7 +172,13 @@ def _when(headers: Sequence[Header] | None, timestamp_ms: int | None) -> datetim
                 continue
             return when if when.tzinfo else when.replace(tzinfo=UTC)
     if timestamp_ms:
-        return datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+        try:
+            return datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+        except (ValueError, OverflowError, OSError):
+            # Past year 9999 (a producer's clock, milliseconds taken for microseconds):
+            # no time, rather than a replay that stops on this record every run (review
+            # "dlq40").
+            return None
     return None
 
 

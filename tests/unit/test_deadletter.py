@@ -554,3 +554,16 @@ def test_the_guard_hold_counts_only_outcomes_after_a_dead_letter_in_the_stream()
     assert hold.due(now=1.0) == [] and len(hold) == 1, "two after it (13, 9), not 2"
     hold.outcome()  # position unknown: past every held one
     assert hold.due(now=1.0) == ["dl@8"]
+
+
+@pytest.mark.parametrize(("partition", "offset"), [
+    (b"2147483648", b"5"), (b"-1", b"5"), (b"0", b"-1"), (b"0", b"9223372036854775808")])
+def test_coordinates_kafka_cannot_hold_name_no_source(partition: bytes, offset: bytes) -> None:
+    """Review dlq40: an edited partition header past 32 bits reached the Kafka client,
+    which raised OverflowError: every replay run stopped at that record."""
+    headers = [("__connect.errors.topic", b"events"), ("__connect.errors.partition", partition),
+               ("__connect.errors.offset", offset)]
+    assert source_of(headers) is None
+    assert source_of([*headers[:1], ("__connect.errors.partition", b"2147483647"),
+                      ("__connect.errors.offset", b"9223372036854775807")]) == (
+        "events", 2147483647, 9223372036854775807)

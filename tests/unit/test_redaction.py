@@ -174,3 +174,19 @@ def test_a_short_piece_of_an_escaped_secret_at_an_edge_is_left_alone() -> None:
     token = "Sandbox/write+Token99"
     assert redact("x %53%61%6E", [token]) == "x %53%61%6E"  # 3 characters: ordinary text
     assert redact("x %53%61%6E%64", [token]) == "x " + MASK
+
+
+@pytest.mark.parametrize("cut", ["\\", "\\u", "\\u0", "\\u00", "\\u002", "%", "%2", "%C3",
+                                 "%C3%"])
+def test_a_piece_cut_inside_the_next_escape_is_masked(cut: str) -> None:
+    """Review dlq40: a body cut inside an escape (PHP writes "/" as "\\/", .NET "+" as
+    "\\u002B") left the escaped secret's piece in front of it unmasked: 31 of the 32
+    characters of a proxy's Basic credentials in a dead letter."""
+    token = "wt_9f8e7d6c+5b4a3210"
+    out = redact('{"authorization":"Token wt_9f8e7d6c' + cut, [token])
+    assert "9f8e" not in out
+    assert out == '{"authorization":"Token ' + MASK
+
+
+def test_a_cut_escape_alone_is_left_alone() -> None:
+    assert redact("50% off \\", ["wt_9f8e7d6c+5b4a3210"]) == "50% off \\"

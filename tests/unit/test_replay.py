@@ -639,3 +639,14 @@ def test_a_dry_run_lists_records_over_the_limit_and_without_origin_with_their_ke
                                   replay.Summary(), False) is None, "a real run: stderr only"
         replay._print_summary(summary, dry_run=True, interrupted=False)
         assert "dlq[0]@9" in capsys.readouterr().err, "named on stderr"
+
+
+@pytest.mark.parametrize("timestamp_ms", [253402300800000, 2**62])
+def test_a_record_time_past_year_9999_is_no_time_not_a_stop(timestamp_ms: int) -> None:
+    """Review dlq40: a foreign dead letter without the worker's time headers, whose
+    CreateTime is past year 9999 (accepted by brokers before Kafka 4.0), raised from
+    `datetime`: every rerun of a `--since` replay stopped on it."""
+    headers = [("__connect.errors.topic", b"events")]
+    since = Filters(since=datetime(2024, 1, 1, tzinfo=UTC))
+    assert decide(headers, 0, 0, timestamp_ms, since) == "filtered"
+    assert decide(headers, 0, 0, timestamp_ms, Filters()) == "replay"
