@@ -1369,13 +1369,14 @@ def _unknown_variables(reader: _Reader) -> None:
         if name in ENV_VARS or name in _BUILD_FACTS or _service_link(name, reader.env[name]):
             continue
         upper = name.upper()
-        if name != upper and (
-                (upper in ENV_VARS and upper.startswith(_OWN_PREFIXES))
-                or upper in REDIS_ENV_VARS
-                or (name.startswith("kafka_") and _PASSTHROUGH.match(upper))):
+        if (name != upper and not name.startswith("KAFKA_")  # the pass-through's own check
+                and upper.startswith((*_OWN_PREFIXES, *_SHARED_PREFIXES, "KAFKA_"))
+                and (is_known_env_var(upper) or upper in REDIS_ENV_VARS)):
             # `userpilot_rate_burst=5` was ignored without a word (review "ops31"), and so
             # were `redis_url` and `kafka_security_protocol`: the worker ran without Redis
-            # and in plaintext, check-config saying OK (review "config35").
+            # and in plaintext, check-config saying OK (review "config35"); and, in any
+            # other case or as a `_FILE`, `Kafka_Security_Protocol` and
+            # `userpilot_api_key_file` (review "config40").
             reader.problems.append(
                 f"{name} is not a setting of this worker: names are upper case; write "
                 f"{name.upper()}")
@@ -1739,6 +1740,17 @@ def load_settings(
             f"KAFKA_DLQ_TOPIC={dlq_topic!r} is also a source topic: dead letters would be "
             "consumed again; choose another topic"
         )
+    else:
+        # Kafka refuses a topic whose name differs from an existing one only by '.' against
+        # '_' (their metric names collide): every dead letter was retried for ever, its
+        # partition held, while check-config --online said OK (review "config40").
+        colliding = [t for t in topics if t.replace(".", "_") == dlq_topic.replace(".", "_")]
+        if colliding:
+            r.problems.append(
+                f"KAFKA_DLQ_TOPIC={dlq_topic!r} differs from the source topic "
+                f"{colliding[0]!r} only by '.' against '_', which Kafka refuses as a "
+                "colliding topic name (no dead letter could be written); choose another "
+                "topic")
     kafka_extra = _kafka_extra(r, check_clients)
 
     registry_url = r.required(

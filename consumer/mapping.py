@@ -946,6 +946,13 @@ class _Loader:
                 f'{{"preset": "default", "events": {{}}}}, got {_kind(doc)}'
             )
             raise MappingsError(self.problems)
+        for where in _lone_surrogates(doc, ""):
+            # Valid JSON (`"\\ud800"`), but no UTF-8 text holds it: every event the rule
+            # shaped was dead-lettered as a mapping error while check-config said OK
+            # (review "config40").
+            self.fail(where or "a key", "holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                      "escape without its pair), which no UTF-8 text can carry; write the "
+                      "character itself, or both halves of its surrogate pair")
         for key in doc:
             if key not in _TOP_KEYS:
                 self.problems.append(_unknown_key(self.source, str(key), _TOP_KEYS))
@@ -1222,6 +1229,29 @@ class _Loader:
                 continue
             pairs.append((key, constant))
         return tuple(pairs)
+
+
+def _lone_surrogates(node: Any, path: str) -> list[str]:
+    """Where the document holds a string (key or value) with a lone surrogate."""
+    found: list[str] = []
+    if isinstance(node, str):
+        if _SURROGATE.search(node):
+            found.append(path)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            # Named as the other problems name them (`events."Feature Used".static."a"`),
+            # the surrogate as its escape.
+            inner = f"{path}.{json.dumps(str(key))}" if path else json.dumps(str(key))[1:-1]
+            if isinstance(key, str) and _SURROGATE.search(key):
+                found.append(inner)
+            found += _lone_surrogates(value, inner)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _lone_surrogates(value, f"{path}[{index}]")
+    return found
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -321,6 +321,17 @@ def test_dlq_topic_equal_to_a_source_topic(dlq: str) -> None:
     assert f"KAFKA_DLQ_TOPIC={dlq!r} is also a source topic" in message
 
 
+@pytest.mark.parametrize(("sources", "dlq"), [("rv.col", "rv_col"), ("a,rv_col", "rv.col"),
+                                             ("x.y_z", "x_y.z")])
+def test_dlq_topic_colliding_with_a_source_topic_by_dot_and_underscore(
+        sources: str, dlq: str) -> None:
+    """Review config40: Kafka refuses `rv_col` beside `rv.col` (their metric names collide):
+    check-config --online said OK, and every dead letter was retried for ever."""
+    message = problem(KAFKA_TOPICS=sources, KAFKA_DLQ_TOPIC=dlq)
+    assert f"KAFKA_DLQ_TOPIC={dlq!r} differs from the source topic" in message
+    assert load(KAFKA_TOPICS="rv.col", KAFKA_DLQ_TOPIC="rv.col.dlq").dlq_topic == "rv.col.dlq"
+
+
 @pytest.mark.parametrize("topic", ["__consumer_offsets", "__transaction_state"])
 def test_kafkas_internal_topics_are_neither_source_nor_dead_letter_topic(topic: str) -> None:
     """Review kafka34: `KAFKA_DLQ_TOPIC=__consumer_offsets` passed check-config; online it
@@ -547,6 +558,13 @@ def test_invalid_pass_through_names(name: str) -> None:
     ("KAFKA_SASL_PASWORD", "x", "(did you mean KAFKA_SASL_PASSWORD?)"),
     ("userpilot_rate_burst", "5", "names are upper case; write USERPILOT_RATE_BURST"),
     ("Worker_Log_Level", "debug", "write WORKER_LOG_LEVEL"),
+    # Review "config40": other cases, and the `_FILE` forms, were ignored with exit 0.
+    ("Kafka_Security_Protocol", "SASL_SSL", "names are upper case; write KAFKA_SECURITY_PROTOCOL"),
+    ("Kafka_Topics", "t", "write KAFKA_TOPICS"),
+    ("userpilot_api_key_file", "/run/secrets/key", "write USERPILOT_API_KEY_FILE"),
+    ("kafka_sasl_password_file", "/run/secrets/pw", "write KAFKA_SASL_PASSWORD_FILE"),
+    ("schema_registry_basic_auth_user_info_file", "/run/secrets/reg",
+     "write SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE"),
     ("USERPILOT_API_KEY", "'abc123'", "is wrapped in quotes"),
     ("HTTPS_PROXY", "http//proxy:3128", "misspells the scheme (the proxy for Userpilot)"),
     ("SCHEMA_REGISTRY_URL", "http://reg-a:8081,http://reg-b:8081",

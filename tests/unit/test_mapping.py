@@ -824,6 +824,26 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
         load_mappings(wrong)
 
 
+def test_a_lone_surrogate_anywhere_is_refused_where_it_is(tmp_path: Path) -> None:
+    """Review config40: valid JSON (`"\\ud800"`) that no UTF-8 text holds; check-config
+    said OK, and every event the rule shaped was dead-lettered as a mapping error."""
+    path = tmp_path / "surrogate.json"
+    path.write_text('{"identify": {"static": {"k\\ud800": "v"}}, "events": {"Signed Up": '
+                    '{"static": {"a": "b\\udc80"}, "rename": {"x": "y\\ud83d"}}}}',
+                    encoding="utf-8")
+    with pytest.raises(MappingsError) as caught:
+        load_mappings(path)
+    problems = [p for p in caught.value.problems if "lone UTF-16 surrogate" in p]
+    assert len(problems) == 3
+    text = "\n".join(problems)
+    assert 'identify."static"."k\\ud800"' in text
+    assert 'events."Signed Up"."static"."a"' in text
+    text.encode("utf-8")  # the message itself is printable
+    # A whole pair is one character: loaded as it is.
+    path.write_text('{"identify": {"static": {"mood": "\\ud83d\\ude00"}}}', encoding="utf-8")
+    assert load_mappings(path) is not None
+
+
 def test_example_file_is_valid_json_and_loads() -> None:
     json.loads(EXAMPLE.read_text(encoding="utf-8"))
     assert "Order Completed" in load_mappings(EXAMPLE).names()
