@@ -295,6 +295,26 @@ def test_a_first_use_is_not_held_back(redis_url: str, key: str) -> None:
     assert asyncio.run(main()) < 2.5 / safe_rate(LIMIT, PERIOD, 1)
 
 
+@pytest.mark.parametrize(("limit", "period"), [(10_000_000, 0.1), (10_000_000, 0.01)])
+def test_a_rate_past_the_schedule_s_microsecond_still_sends(
+        redis_url: str, key: str, limit: int, period: float) -> None:
+    """Review config40: at 1e8 requests a second and more (settings check-config takes),
+    the look-ahead rounded to 0 µs under the 1 µs interval: no slot was ever reserved, and
+    a ready worker sent nothing while asking Redis in a loop."""
+    async def main() -> float:
+        store = RedisStore(redis_url, timeout_s=0.5)
+        limiter = SharedLimiter(store, key, limit, period, 1,
+                                fallback=AdaptiveLimiter(limit, period, 1), probe_every_s=0.5)
+        start = time.monotonic()
+        for _ in range(50):
+            await asyncio.wait_for(limiter.acquire(), 5)
+        assert not limiter.on_fallback
+        await store.close()
+        return time.monotonic() - start
+
+    assert asyncio.run(main()) < 5
+
+
 def test_a_fallback_episodes_debt_is_added_once_however_often_it_is_carried(
         redis_url: str, key: str) -> None:
     """A replica's probes carry its running debt (requests sent without Redis). Probes
