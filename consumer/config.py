@@ -214,6 +214,8 @@ _SHARED_PREFIXES = ("REDIS_",)
 _BUILD_FACTS = frozenset({"USERPILOT_WORKER_REVISION"})
 # librdkafka names that are not dots-for-underscores (KAFKA_LOG_LEVEL → log_level).
 _KAFKA_UNDERSCORED = {"log.level": "log_level"}
+MAX_GROUP_ID_BYTES = 32767
+"""A consumer group id is a Kafka protocol string: its length is a signed 16-bit number."""
 _TOPIC = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,249}$")  # Kafka refuses "." and ".."
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -681,6 +683,11 @@ def _http_url_problem(url: str) -> str | None:
                     "password ends the host early: percent-encode them (%2F, %3F, %23)")
         return (f"the host {host!r} is not a host name: letters, digits, dashes and dots, "
                 "e.g. schema-registry.kafka.svc")
+    if all(label.isdigit() for label in labels) and not _address_literal_ok(name):
+        # Dotted digits no resolver reads (`127.0.0.1.`, `999.1.1.1`): `run` waited for the
+        # service as for an outage (review "config40").
+        return (f"the host {host!r} is not an IPv4 address (four numbers 0-255, no "
+                "trailing dot)")
     return None
 
 
@@ -1135,11 +1142,13 @@ def _address_literal_ok(host: str) -> bool:
         except ValueError:
             return False
         return True
-    parts = host.split(".")
+    parts = host.removesuffix(".").split(".")
     if len(parts) < 2 or not all(p.isascii() and p.isdigit() for p in parts):
         # A name: letters, digits, '-', '_' and dots ("kafka:9092:9092" left a ':').
         return _BROKER_NAME.fullmatch(host) is not None
-    if len(parts) > 4:
+    if len(parts) > 4 or host.endswith("."):
+        # `127.0.0.1.`: a name's trailing dot on an address, which no resolver reads
+        # (taken, the brokers were "not reachable" for ever; review "config40").
         return False
     *leading, last = (int(p) for p in parts)
     return all(p <= 255 for p in leading) and last < 256 ** (5 - len(parts))
@@ -1715,6 +1724,13 @@ def load_settings(
         r.problems.extend(_bootstrap_problems(bootstrap))
     topics = _topics(r)
     group_id = r.text("KAFKA_GROUP_ID", "userpilot-delivery") or "userpilot-delivery"
+    if len(group_id.encode("utf-8", "surrogatepass")) > MAX_GROUP_ID_BYTES:
+        # A Kafka protocol string: longer, the broker dropped every connection, which
+        # read as all brokers down while check-config said OK (review "config40").
+        r.problems.append(
+            f"KAFKA_GROUP_ID is {len(group_id.encode('utf-8', 'surrogatepass'))} bytes long: "
+            f"Kafka takes at most {MAX_GROUP_ID_BYTES}; use a short name, e.g. "
+            "userpilot-delivery")
     default_dlq = f"{topics[0]}.userpilot.dlq" if topics else "userpilot.dlq"
     dlq_set = r.text("KAFKA_DLQ_TOPIC")
     dlq_topic = dlq_set or default_dlq

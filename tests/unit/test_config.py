@@ -332,6 +332,36 @@ def test_dlq_topic_colliding_with_a_source_topic_by_dot_and_underscore(
     assert load(KAFKA_TOPICS="rv.col", KAFKA_DLQ_TOPIC="rv.col.dlq").dlq_topic == "rv.col.dlq"
 
 
+def test_a_group_id_kafka_cannot_carry_is_refused() -> None:
+    """Review config40: 32,768 bytes and more, the broker dropped every connection (read as
+    all brokers down) while check-config said OK."""
+    message = problem(KAFKA_GROUP_ID="g" * 32768)
+    assert message.startswith("KAFKA_GROUP_ID is 32768 bytes long: Kafka takes at most 32767")
+    assert load(KAFKA_GROUP_ID="g" * 32767).group_id == "g" * 32767
+
+
+@pytest.mark.parametrize(("name", "value", "fragment"), [
+    ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1.:9092", "127.0.0.1. is not an IP address"),
+    ("SCHEMA_REGISTRY_URL", "http://127.0.0.1.:8081",
+     "the host '127.0.0.1.' is not an IPv4 address"),
+    ("SCHEMA_REGISTRY_URL", "http://999.1.1.1:8081", "Invalid IPv4 address"),
+])
+def test_an_address_no_resolver_reads_is_refused(name: str, value: str, fragment: str) -> None:
+    """Review config40: an IPv4 address with a name's trailing dot passed check-config; no
+    resolver reads it, and `run` waited for the service as for an outage."""
+    assert fragment in problem(**{name: value})
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("KAFKA_BOOTSTRAP_SERVERS", "kafka.svc.cluster.local.:9092"),
+    ("KAFKA_BOOTSTRAP_SERVERS", "127.1:9092"),
+    ("SCHEMA_REGISTRY_URL", "http://registry.svc.cluster.local.:8081"),
+    ("SCHEMA_REGISTRY_URL", "http://10.0.0.7:8081"),
+])
+def test_names_with_a_trailing_dot_and_addresses_are_taken(name: str, value: str) -> None:
+    load(**{name: value})
+
+
 @pytest.mark.parametrize("topic", ["__consumer_offsets", "__transaction_state"])
 def test_kafkas_internal_topics_are_neither_source_nor_dead_letter_topic(topic: str) -> None:
     """Review kafka34: `KAFKA_DLQ_TOPIC=__consumer_offsets` passed check-config; online it
