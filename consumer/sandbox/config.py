@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from consumer.sandbox.faults import FaultConfig
@@ -42,8 +43,8 @@ class SandboxConfig:
     record_limit: int = 1_000_000
 
     def __post_init__(self) -> None:
-        if self.rate_window_seconds <= 0:
-            raise ValueError("rate_window_seconds must be positive")
+        if not 0 < self.rate_window_seconds < math.inf:  # nan too: it lifted the limit
+            raise ValueError("rate_window_seconds must be a positive number of seconds")
         if self.delete_interval_seconds < 0:
             raise ValueError("delete_interval_seconds must be 0 (no limit) or positive")
         if not 0 <= self.port <= 65535:

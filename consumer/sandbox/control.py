@@ -25,6 +25,7 @@ No auth, same port as the fake Userpilot API, so a test needs one URL. Routes:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -96,7 +97,8 @@ def _put_faults(app: ControlledApp, request: Request) -> Response:
     retry_after = limits.get("retry_after", app.retry_after)
     if isinstance(limit, bool) or not isinstance(limit, int):
         return _bad("rate_limit must be an integer (0 or less lifts the limit)")
-    if isinstance(window, bool) or not isinstance(window, int | float) or window <= 0:
+    if isinstance(window, bool) or not isinstance(window, int | float) or not (
+            0 < window < math.inf):
         return _bad("rate_window_seconds must be a positive number")
     if not isinstance(retry_after, bool):
         return _bad("retry_after must be true or false")

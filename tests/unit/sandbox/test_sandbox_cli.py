@@ -57,6 +57,9 @@ def test_bad_flags_exit_with_usage_error(capsys: pytest.CaptureFixture[str]) -> 
     (["--latency-ms=nan"], "latency_ms must be a number of milliseconds from 0"),
     (["--latency-ms=4000000"], "latency_ms must be a number of milliseconds from 0"),
     (["--log-level=nope"], "invalid choice"),
+    # Review config40: a window of nan or inf lifted the rate limit without a word.
+    (["--rate-window=nan"], "rate_window_seconds must be a positive number of seconds"),
+    (["--rate-window=inf"], "rate_window_seconds must be a positive number of seconds"),
 ])
 def test_flags_that_would_hang_or_crash_it_are_usage_errors(
         argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,6 +69,20 @@ def test_flags_that_would_hang_or_crash_it_are_usage_errors(
         main(argv)
     assert info.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_its_own_entry_point_names_itself_and_says_its_version(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review config40: `python -m consumer.sandbox --help` said `usage: __main__.py`, and
+    `--version` was an unrecognized argument."""
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m consumer.sandbox ")
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("python -m consumer.sandbox ")
 
 
 def test_log_levels_are_taken_in_any_case() -> None:
