@@ -250,7 +250,9 @@ _COMMON_KAFKA_SETTINGS = tuple(
 
 
 def _did_you_mean(name: str, candidates: frozenset[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.75)
+    # Never the name itself: "KAFKA_X ... (did you mean KAFKA_X?)" for a refused value.
+    close = difflib.get_close_matches(name, sorted(c for c in candidates if c != name), n=1,
+                                      cutoff=0.75)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
@@ -839,7 +841,10 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
 
             refused = property_problem(key, value)
             if refused is not None:
-                hint = _did_you_mean(name, (*ENV_VARS, *_COMMON_KAFKA_SETTINGS))
+                # A name only for a name librdkafka does not know; for a refused value,
+                # another setting's name misled.
+                hint = (_did_you_mean(name, (*ENV_VARS, *_COMMON_KAFKA_SETTINGS))
+                        if "No such configuration property" in refused else "")
                 reader.problems.append(
                     f"{name} sets librdkafka setting {key!r}, which librdkafka refuses: "
                     f"{refused}{hint}"

@@ -868,6 +868,14 @@ def test_a_kafka_typo_is_refused_with_did_you_mean() -> None:
     assert message.endswith("(did you mean KAFKA_TOPICS?)")
 
 
+def test_a_refused_kafka_value_suggests_no_other_name() -> None:
+    """Review config40: a refused value got "(did you mean <the name typed>?)", and without
+    it another setting's name."""
+    message = problem(KAFKA_SASL_OAUTHBEARER_METHOD="bogus")
+    assert message.endswith('Invalid value "bogus" for configuration property '
+                            '"sasl.oauthbearer.method"')
+
+
 def test_every_refused_kafka_setting_is_listed() -> None:
     found = problems({**BASE, "KAFKA_TOPIC": "x", "KAFKA_SESSION_TIMEOUT_MS": "soon"})
     assert len(found) == 2
