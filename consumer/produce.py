@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from consumer import codec
+from consumer.calls import visible
 from consumer.errors import InvalidEvent, WorkerError
 
 __all__ = ["ProduceError", "encode_lines", "notes", "parse_lines", "produce_events"]
@@ -35,8 +36,14 @@ class Parsed:
     def key(self) -> bytes | None:
         """The user's id as the record carries it: lone surrogates already replaced (the
         input's own crashed the encode mid-file, after earlier lines were sent)."""
-        ident = self.record.get("userId") or self.record.get("anonymousId")
-        return ident.encode() if isinstance(ident, str) and ident else None
+        # A blank or invisible userId is no user (`visible`), as the worker reads it: such
+        # a visitor's events are keyed, and so partitioned, by its anonymousId (review
+        # "cli40").
+        for name in ("userId", "anonymousId"):
+            ident = self.record.get(name)
+            if isinstance(ident, str) and visible(ident):
+                return ident.encode()
+        return None
 
 
 def parse_lines(lines: Iterable[str | bytes], source: str = "<stdin>") -> list[Parsed]:

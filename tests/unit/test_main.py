@@ -141,6 +141,17 @@ def test_explain_bad_lines_are_one_line_each_and_later_lines_still_explained(
     assert second["line"] == 2 and second["decision"] == "deliver"
 
 
+def test_explain_reads_lines_as_produce_does() -> None:
+    """Review cli40: lines ended by a lone carriage return were two events to `produce`
+    and one bad line to `explain`, which gates what `produce` sends."""
+    event = ISSUE_EXAMPLE.rstrip(b"\n")
+    result = cli(["explain"], {}, event + b"\r" + event + b"\r\n\r\n" + event)
+    assert result.returncode == 0, result.stdout
+    docs = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [(d["line"], d["decision"]) for d in docs] == [
+        (1, "deliver"), (2, "deliver"), (4, "deliver")]
+
+
 def test_explain_ignores_common_envelope_fields() -> None:
     event = (b'{"type":"track","event":"Feature Used","userId":"u","channel":"server",'
              b'"integrations":{"All":true},"originalTimestamp":"2024-01-01T00:00:00Z",'

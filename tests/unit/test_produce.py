@@ -23,6 +23,15 @@ def test_good_lines_are_parsed_with_their_numbers_and_keys() -> None:
     assert parsed[0].record == codec.to_record(json.loads(GOOD))
 
 
+@pytest.mark.parametrize("blank", ["", "  ", "\u200b", "\t"])
+def test_a_blank_user_id_keys_by_the_anonymous_id(blank: str) -> None:
+    """Review cli40: a blank userId is no user (the worker drops such an event as
+    anonymous); keyed "  ", the visitor's events spread over partitions."""
+    line = json.dumps({"type": "track", "event": "E", "userId": blank, "anonymousId": "a1"})
+    (parsed,) = parse_lines([line])
+    assert parsed.key == b"a1"
+
+
 def test_bad_lines_are_named_and_nothing_is_accepted() -> None:
     lines = [GOOD, "{not json", GOOD, json.dumps({"type": "track", "evnt": "x"}),
              json.dumps({"type": 5}), json.dumps([1, 2])]
