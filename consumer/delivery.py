@@ -10,6 +10,7 @@ header we sent, so the token cannot leak through an exception.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextvars
 import email.utils
 import functools
@@ -334,7 +335,7 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
             quoted["retry-after"] = headers["retry-after"]
         charset, coding = charset_of(headers), headers.get("content-encoding")
         shown = redact(body_text(body, charset=charset, encoding=coding))
-        if charset is not None:
+        if charset is not None and not _utf8(charset):
             # An echo quotes the token as the bytes it was sent in: a charset label that
             # reads them as something else (cp500, utf-16, a Shift_JIS lead byte taking
             # its first character) hid it from redaction while keeping it whole, to be
@@ -346,6 +347,14 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
     except Exception as exc:  # see above
         return ServerError(f"HTTP {status}: unusable answer from Userpilot or a proxy "
                            f"({type(exc).__name__}; transient)", status=status)
+
+
+def _utf8(charset: str) -> bool:
+    """`charset` names UTF-8 (most JSON answers): then the body was read as UTF-8 already."""
+    try:
+        return codecs.lookup(charset.strip()).name == "utf-8"
+    except (LookupError, ValueError):
+        return False
 
 
 def request_secrets(headers: Mapping[str, str], proxy: str | None) -> list[str]:

@@ -1239,8 +1239,8 @@ def _lone_surrogates(node: Any, path: str) -> list[str]:
             found.append(path)
     elif isinstance(node, dict):
         for key, value in node.items():
-            # Named as the other problems name them (`events."Feature Used".static."a"`),
-            # the surrogate as its escape.
+            # Each key below the top quoted as JSON (`events."Feature Used"."static"."a"`),
+            # so a surrogate shows as its escape.
             inner = f"{path}.{json.dumps(str(key))}" if path else json.dumps(str(key))[1:-1]
             if isinstance(key, str) and _SURROGATE.search(key):
                 found.append(inner)

@@ -177,6 +177,8 @@ def _mixed_spellings(secrets: Iterable[str]) -> re.Pattern[str] | None:
     return re.compile("|".join("".join(_char_spellings(c) for c in s) for s in unique))
 
 
+MAX_ESCAPED_EDGE = 256
+"""The longest secret whose cut pieces are looked for in escaped spellings too."""
 _CUT_ESCAPE = (r"(?:(?:\\u[0-9a-fA-F]{4})?\\(?:u[0-9a-fA-F]{0,3})?"
                r"|(?:%[0-9a-fA-F]{2}){0,3}%[0-9a-fA-F]?|(?:%[0-9a-fA-F]{2}){1,3})?")
 """The start of the next character's escape, cut off with the text (`\\`, `\\u00`, `%2`,
@@ -192,7 +194,12 @@ def _mixed_edges(secrets: Iterable[str]) -> tuple[re.Pattern[str], re.Pattern[st
     characters in the exception and the dead letter (review "http40")."""
     ends: list[str] = []
     starts: list[str] = []
-    for secret in sorted({s for s in secrets if len(s) > MIN_PARTIAL}, key=len, reverse=True):
+    # One nested group per character: Python's regex compiler recurses through them, and a
+    # secret of ~500 characters raised RecursionError (a Kafka PEM key, review "diff40").
+    # The long ones (keys, certificates) never travel to an HTTP server that could echo
+    # them: their whole forms and `_cut_edges` cover them.
+    fitting = {s for s in secrets if MIN_PARTIAL < len(s) <= MAX_ESCAPED_EDGE}
+    for secret in sorted(fitting, key=len, reverse=True):
         chars = [_char_spellings(c) for c in secret]
         # A prefix: the first MIN_PARTIAL characters, then each further one while there
         # (never the whole: that is `_mixed`'s).

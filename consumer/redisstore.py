@@ -388,9 +388,10 @@ class RedisStore:
         429 slow-down (0: ``interval_us``): what the schedule's regime is recorded by.
         """
         interval_us = max(1, interval_us)  # the schedule's resolution: 1 µs
-        # Never shorter than one interval: above ~2e7 requests a second the look-ahead
-        # rounded to 0 µs under the 1 µs interval, no slot was ever near enough to reserve,
-        # and a ready worker sent nothing while asking Redis in a loop (review "config40").
+        # Never shorter than one interval (`SharedLimiter.lookahead_s` keeps the same floor):
+        # above ~2e7 requests a second the look-ahead rounded to 0 µs under the 1 µs
+        # interval, no slot was ever near enough to reserve, and a ready worker sent
+        # nothing while asking Redis in a loop (review "config40").
         args = [interval_us, max(0, tolerance_us), max(interval_us, lookahead_us),
                 max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms), max(0, span_us),
                 1 if reserve else 0, 0, max(0, base_interval_us)]

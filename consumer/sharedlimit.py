@@ -135,8 +135,16 @@ class SharedLimiter:
 
     @property
     def lookahead_s(self) -> float:
-        """How far ahead a Redis slot may be reserved (bounds the switch to the fallback)."""
-        return LOOKAHEAD_SLOTS * safe_rate(self._limit, self._period, self._burst) ** -1
+        """How far ahead a Redis slot may be reserved (bounds the switch to the fallback).
+
+        Never under one interval (slowed by 429s to 20 base intervals, it was over the 10 of
+        the look-ahead) nor one µs (the schedule's resolution): shorter, no slot was ever
+        near enough to reserve, and past ~2e7 requests a second a ready worker sent
+        nothing (review "config40"). The store applies the same floor; here it also sets
+        the fallback's hold and the debt span, so both sides keep one promise (review
+        "diff40")."""
+        return max(LOOKAHEAD_SLOTS * safe_rate(self._limit, self._period, self._burst) ** -1,
+                   self.interval_s, 1e-6)
 
     @property
     def holdoff_s(self) -> float:

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from consumer.redaction import MASK, MIN_PARTIAL, Redactor, redact, secret_forms
+from consumer.redaction import (
+    MASK,
+    MAX_ESCAPED_EDGE,
+    MIN_PARTIAL,
+    Redactor,
+    redact,
+    secret_forms,
+)
 
 TOKEN = "wt_9f8e7d6c5b4a3210"
 
@@ -190,3 +197,15 @@ def test_a_piece_cut_inside_the_next_escape_is_masked(cut: str) -> None:
 
 def test_a_cut_escape_alone_is_left_alone() -> None:
     assert redact("50% off \\", ["wt_9f8e7d6c+5b4a3210"]) == "50% off \\"
+
+
+def test_a_secret_of_kilobytes_is_masked_and_builds_no_runaway_pattern() -> None:
+    """Review diff40: one nested group per character for the escaped cut pieces raised
+    RecursionError at ~500 characters: a Kafka PEM key (~1.7 KB) stopped `run` as its
+    logging was set up."""
+    pem = "-----BEGIN PRIVATE KEY-----\n" + "MIIEv" * 400 + "\n-----END PRIVATE KEY-----"
+    redactor = Redactor([pem, TOKEN])
+    assert redactor(f"x {pem} y") == f"x {MASK} y"
+    assert redactor("cut: " + pem[:300]) == "cut: " + MASK  # its plain piece at the cut
+    longest = "k" * MAX_ESCAPED_EDGE  # the longest whose escaped pieces are looked for
+    assert redact("x " + "%6B" * (MAX_ESCAPED_EDGE - 2), [longest]) == "x " + MASK

@@ -261,3 +261,24 @@ def test_an_idle_family_notices_redis_gone_without_traffic() -> None:
 
     asyncio.run(main())
     assert switches == [True, False]
+
+
+def test_the_look_ahead_is_never_shorter_than_one_interval_nor_a_microsecond() -> None:
+    """Review diff40: slowed by 429s to its 5 % floor, an interval (20 base intervals) was
+    longer than the look-ahead (10): Redis reserved past what the fallback's hold assumed.
+    Review config40: past ~2e7 requests a second both rounded under a microsecond and no
+    slot was ever reserved."""
+    clock = [0.0]
+    local = AdaptiveLimiter(600, 1.0, 1, clock=lambda: clock[0])
+    limiter = SharedLimiter(ScriptedStore(), "k", 600, 1.0, 1, fallback=local)
+    base = 1 / safe_rate(600, 1.0, 1)
+    assert limiter.lookahead_s == pytest.approx(10 * base)
+    for _ in range(12):  # a 429 every recovery step, each cut after a step of growth
+        clock[0] += 10.0
+        local.slow_down()
+    assert local.factor == pytest.approx(0.05)
+    assert limiter.interval_s == pytest.approx(20 * base)
+    assert limiter.lookahead_s == pytest.approx(limiter.interval_s)
+    fast = SharedLimiter(ScriptedStore(), "k", 10_000_000, 0.01, 1,
+                         fallback=AdaptiveLimiter(10_000_000, 0.01, 1))
+    assert fast.lookahead_s >= 1e-6
