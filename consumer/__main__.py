@@ -25,10 +25,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from consumer import installed_version
 from consumer.config import timeout_seconds, wait_seconds
 from consumer.errors import ConfigError, WorkerError
 from consumer.logs import error_line
@@ -420,13 +420,6 @@ def _open(path: str | None) -> Iterator[TextIO]:
         yield stream
 
 
-def _version() -> str:
-    try:
-        return version("userpilot-delivery-worker")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
-
-
 def _prog() -> str:
     """The name the command was called by: `userpilot-worker`, or `python -m consumer`."""
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
@@ -440,7 +433,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog or _prog(), description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    release = installed_version()  # once: every subcommand shows it too
+    parser.add_argument("--version", action="version", version=f"%(prog)s {release}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "run", help="run the worker",
@@ -515,7 +509,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_delete_users)
     for command in sub.choices.values():  # `run --version` too, not only the main command
         command.add_argument("--version", action="version",
-                             version=f"{parser.prog} {_version()}")
+                             version=f"{parser.prog} {release}")
     return parser
 
 

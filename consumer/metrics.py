@@ -23,7 +23,6 @@ import functools
 import os
 import subprocess
 from collections.abc import Iterable, Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -38,6 +37,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 
+from consumer import installed_version
 from consumer.calls import FAMILIES
 
 __all__ = [
@@ -212,10 +212,7 @@ class Children(Generic[_M]):
 
 def build_version() -> str:
     """The installed package's version (from its metadata), "unknown" when not installed."""
-    try:
-        return metadata.version(DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        return UNKNOWN
+    return installed_version()
 
 
 # The project checkout when running from source (an editable install), else site-packages.

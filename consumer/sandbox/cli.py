@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from importlib.metadata import PackageNotFoundError, version
 
+from consumer import installed_version
 from consumer.sandbox.config import DEFAULT_READ_TOKEN, DEFAULT_WRITE_TOKEN, SandboxConfig
 from consumer.sandbox.faults import FaultConfig, FaultError
 
@@ -134,15 +134,10 @@ async def _run(config: SandboxConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m consumer.sandbox`: its usage named `__main__.py` (review "config40")."""
     parser = build_parser(prog="python -m consumer.sandbox")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {installed_version()}")
     return run(parser, parser.parse_args(argv))
 
-
-def _version() -> str:
-    try:
-        return version("userpilot-delivery-worker")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
