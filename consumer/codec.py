@@ -56,6 +56,7 @@ __all__ = [
     "encode",
     "envelope_surrogates",
     "free_items",
+    "has_surrogates",
     "loads",
     "plain_types",
     "replace_surrogates",
@@ -415,6 +416,11 @@ def _dumps_finite(value: Any) -> str:
     except UnicodeEncodeError:  # lone surrogates: keep them as escapes, as browsers send them
         return json.dumps(value, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
     return text
+
+
+def has_surrogates(text: str) -> bool:
+    """`text` holds a lone surrogate (which `replace_surrogates` would replace)."""
+    return _SURROGATE.search(text) is not None
 
 
 def replace_surrogates(text: str) -> str:

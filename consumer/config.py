@@ -15,7 +15,6 @@ Secrets can come from files (``<NAME>_FILE``), as mounted Kubernetes secrets are
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import ipaddress
 import math
@@ -667,10 +666,7 @@ def _http_url_problem(url: str) -> str | None:
     if any(c.isspace() for c in parts.netloc.rpartition("@")[2] + parts.path + parts.query
            + parts.fragment):
         return "it holds a space; percent-encode it (%20) if it belongs in the path"
-    if not host:
-        return None
-    with contextlib.suppress(ValueError):
-        ipaddress.ip_address(host)
+    if not host or _ip_address(host) is not None:
         return None
     try:
         name = host.encode("idna").decode("ascii")
@@ -1729,11 +1725,12 @@ def load_settings(
         r.problems.extend(_bootstrap_problems(bootstrap))
     topics = _topics(r)
     group_id = r.text("KAFKA_GROUP_ID", "userpilot-delivery") or "userpilot-delivery"
-    if len(group_id.encode("utf-8", "surrogatepass")) > MAX_GROUP_ID_BYTES:
+    group_bytes = len(group_id.encode("utf-8", "surrogatepass"))
+    if group_bytes > MAX_GROUP_ID_BYTES:
         # A Kafka protocol string: longer, the broker dropped every connection, which
         # read as all brokers down while check-config said OK (review "config40").
         r.problems.append(
-            f"KAFKA_GROUP_ID is {len(group_id.encode('utf-8', 'surrogatepass'))} bytes long: "
+            f"KAFKA_GROUP_ID is {group_bytes} bytes long: "
             f"Kafka takes at most {MAX_GROUP_ID_BYTES}; use a short name, e.g. "
             "userpilot-delivery")
     default_dlq = f"{topics[0]}.userpilot.dlq" if topics else "userpilot.dlq"

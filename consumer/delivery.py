@@ -185,12 +185,13 @@ def _lost_on_reuse(exc: BaseException, attempt: _Attempt) -> bool:
     for idempotent methods, never a POST). A disconnection after part of an answer (even
     a few bytes of its status line: the server had the request) is not; a reset after
     one was resent at once (review "http40")."""
+    if attempt.answered():
+        return False
     cause = exc.__cause__
     if isinstance(cause, aiohttp.ServerDisconnectedError):
-        return not isinstance(cause.message, RawResponseMessage) and not attempt.answered()
+        return not isinstance(cause.message, RawResponseMessage)
     return (isinstance(cause, aiohttp.ClientOSError)
-            and not isinstance(cause, aiohttp.ClientConnectorError)
-            and not attempt.answered())
+            and not isinstance(cause, aiohttp.ClientConnectorError))
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -341,8 +342,9 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
             # its first character) hid it from redaction while keeping it whole, to be
             # encoded back from the exception or the dead letter (review "http40").
             plain = body_text(body, encoding=coding)
-            if redact(plain) != plain:
-                shown = redact(plain)
+            masked = redact(plain)
+            if masked != plain:
+                shown = masked
         return classify(status, quoted, shown, path)
     except Exception as exc:  # see above
         return ServerError(f"HTTP {status}: unusable answer from Userpilot or a proxy "

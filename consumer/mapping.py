@@ -1235,23 +1235,20 @@ def _lone_surrogates(node: Any, path: str) -> list[str]:
     """Where the document holds a string (key or value) with a lone surrogate."""
     found: list[str] = []
     if isinstance(node, str):
-        if _SURROGATE.search(node):
+        if codec.has_surrogates(node):
             found.append(path)
     elif isinstance(node, dict):
         for key, value in node.items():
             # Each key below the top quoted as JSON (`events."Feature Used"."static"."a"`),
             # so a surrogate shows as its escape.
             inner = f"{path}.{json.dumps(str(key))}" if path else json.dumps(str(key))[1:-1]
-            if isinstance(key, str) and _SURROGATE.search(key):
+            if isinstance(key, str) and codec.has_surrogates(key):
                 found.append(inner)
             found += _lone_surrogates(value, inner)
     elif isinstance(node, list):
         for index, value in enumerate(node):
             found += _lone_surrogates(value, f"{path}[{index}]")
     return found
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
