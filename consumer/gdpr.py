@@ -36,6 +36,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from consumer.answers import MAX_BODY_BYTES, capped, raw_chunks
 from consumer.config import Settings, load_settings
 from consumer.cutoff import Cutoff
 from consumer.delivery import (
@@ -189,7 +190,8 @@ class DeleteClient:
         # answer included (`Cutoff`; a connection per request, one request per 2 s).
         self.deadline_s = 2 * timeout_s
         self._client = httpx.Client(
-            headers={"User-Agent": USER_AGENT, **headers}, timeout=timeout_s,
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers},
+            timeout=timeout_s,
             follow_redirects=False, transport=transport,
             verify=ssl_context(ca_bundle) if url.startswith("https:") else True,
             proxy=proxy if transport is None else None, trust_env=False,
@@ -200,8 +202,11 @@ class DeleteClient:
         """Send one batch; returns Userpilot's x-request-id on 2xx."""
         cut = Cutoff(self.deadline_s)
         try:
-            response = self._client.request("DELETE", self.url, content=body,
-                                            extensions={"trace": cut.trace})
+            # The body as sent, at most MAX_BODY_BYTES of it, as the worker reads answers:
+            # read whole and inflated, one answer could hold any amount of memory.
+            with self._client.stream("DELETE", self.url, content=body,
+                                     extensions={"trace": cut.trace}) as response:
+                raw = capped(raw_chunks(response), MAX_BODY_BYTES)
         except httpx.TimeoutException as exc:
             raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") from None
         except (httpx.HTTPError, OSError) as exc:
@@ -217,8 +222,7 @@ class DeleteClient:
             raise failure from None
         finally:
             cut.cancel()
-        problem = classify_answer(response.status_code, response.headers, response.content,
-                                  self._redact)
+        problem = classify_answer(response.status_code, response.headers, raw, self._redact)
         if problem is not None:
             raise problem
         # Quoted as error answers quote it: cut and redacted. A gateway echoing the request

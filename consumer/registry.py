@@ -33,7 +33,7 @@ from urllib.parse import quote
 import fastavro
 import httpx
 
-from consumer.answers import body_text, charset_of
+from consumer.answers import Unreadable, body_text, charset_of, raw_chunks, whole_body
 from consumer.codec import (
     SCHEMA,
     SCHEMA_TEXT,
@@ -53,6 +53,10 @@ __all__ = ["DEFAULT_TIMEOUT_S", "Registry", "RegistryError", "RegistryUnusable",
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+"""The largest registry answer read (inflated): a schema with its references, or the list of
+subjects, is far smaller; past it the registry is not usable, not a reason to run out of
+memory (review "http41")."""
 
 T = TypeVar("T")
 
@@ -196,7 +200,7 @@ class RestClient:
         self._http = httpx.Client(base_url=url.rstrip("/") + "/", auth=auth,
                                   timeout=timeout_s, trust_env=False, proxy=proxy,
                                   verify=verification(url, proxy),
-                                  headers={"Accept": _ACCEPT},
+                                  headers={"Accept": _ACCEPT, "Accept-Encoding": "identity"},
                                   limits=httpx.Limits(max_keepalive_connections=0))
 
     def get_schema(self, schema_id: int) -> SchemaDoc:
@@ -245,7 +249,13 @@ class RestClient:
                     method, path, json=body,
                     headers={"Content-Type": "application/vnd.schemaregistry.v1+json"}
                     if body else None, extensions={"trace": cut.trace}) as response:
-                content = b"".join(response.iter_bytes())
+                try:
+                    content = whole_body(raw_chunks(response),
+                                         response.headers.get("content-encoding"),
+                                         MAX_ANSWER_BYTES)
+                    unreadable: Unreadable | None = None
+                except Unreadable as exc:
+                    content, unreadable = b"", exc
         except httpx.TransportError:
             if not cut.fired:
                 raise
@@ -255,14 +265,18 @@ class RestClient:
             raise TimeoutError(f"the registry's answer took over {self.timeout_s:g} s")
         try:
             data = json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past Python's stack
             data = None
         if response.status_code >= 400:
             code = data.get("error_code") if isinstance(data, dict) else None
             message = (data.get("message") if isinstance(data, dict)
+                       else str(unreadable) if unreadable is not None
                        else body_text(content, charset=charset_of(response.headers))[:200])
             raise RegistryError(response.status_code, code if isinstance(code, int) else None,
                                 str(message))
+        if unreadable is not None:
+            raise RegistryUnusable(f"HTTP {response.status_code} from {response.url.path!s}: "
+                                   f"{unreadable}; check SCHEMA_REGISTRY_URL")
         if response.status_code >= 300 or not isinstance(data, want):
             # Not a registry answering (a URL without Apicurio's /apis/ccompat/v7, a UI, a
             # gateway's redirect): a failure for readiness, not an answer.

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.answers import BODY_LIMIT, body_text, charset_of
+from consumer.answers import BODY_LIMIT, Unreadable, body_text, capped, charset_of, whole_body
 from consumer.delivery import MAX_RETRY_AFTER_S, parse_retry_after
 
 
@@ -85,3 +86,41 @@ def test_a_charset_that_yields_lone_surrogates_gives_text_utf8_can_take(
     text = body_text(raw, charset=charset)
     text.encode("utf-8")  # raises on a surrogate
     assert "\ufffd" in text
+
+
+def test_whole_body_joins_and_inflates_within_the_limit() -> None:
+    assert whole_body([b"ab", b"", b"cd"], None, 4) == b"abcd"
+    packed = gzip.compress(b"x" * 1000)
+    assert whole_body([packed[:10], packed[10:]], "gzip", 1000) == b"x" * 1000
+    assert whole_body([zlib.compress(b"y" * 50)], " Deflate ", 50) == b"y" * 50
+
+
+@pytest.mark.parametrize("coding", [None, "identity", "gzip", "deflate"])
+def test_whole_body_refuses_past_the_limit_before_inflating_the_rest(coding: str | None) -> None:
+    data = b"z" * 100_000
+    raw = (gzip.compress(data) if coding == "gzip"
+           else zlib.compress(data) if coding == "deflate" else data)
+    with pytest.raises(Unreadable, match="over 99999 bytes"):
+        whole_body([raw], coding, 99_999)
+    assert whole_body([raw], coding, 100_000) == data
+
+
+@pytest.mark.parametrize(("coding", "raw", "said"), [
+    ("br", b"...", "Content-Encoding 'br'"),
+    ("gzip", b"not gzip", "not the gzip it claims"),
+])
+def test_whole_body_refuses_what_it_cannot_read(coding: str, raw: bytes, said: str) -> None:
+    with pytest.raises(Unreadable, match=said):
+        whole_body([raw], coding, 1000)
+
+
+def test_capped_reads_no_chunk_past_the_limit() -> None:
+    read: list[int] = []
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(10):
+            read.append(i)
+            yield b"0123456789"
+
+    assert capped(chunks(), 25) == b"0123456789" * 2 + b"01234"
+    assert read == [0, 1, 2]

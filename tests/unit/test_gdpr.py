@@ -584,3 +584,28 @@ def test_without_redis_or_ensure_user_nothing_is_forgotten() -> None:
     _, settings = _client_from_env(env)
     assert _shared_users(env, settings, lines.append) is None
     assert len(lines) == 1 and "Redis settings unusable" in lines[0]
+
+
+def test_an_answer_is_read_only_as_far_as_it_is_quoted() -> None:
+    """Review http41: `delete-users` read each answer whole and inflated (httpx asked for
+    gzip): a few KB of gzip held as many MB as it inflated to. Now, as the worker reads
+    them, at most MAX_BODY_BYTES as sent, and only what is quoted inflated."""
+    import gzip
+    import tracemalloc
+
+    bomb = gzip.compress(b"no " * 20_000_000, compresslevel=9)
+    raw = (b"HTTP/1.1 400 Bad Request\r\nContent-Encoding: gzip\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(bomb) + bomb)
+    with answering(raw) as port:
+        client = DeleteClient(f"http://127.0.0.1:{port}/v1/users",
+                              {"Authorization": f"Token {TOKEN}"}, timeout_s=5)
+        tracemalloc.start()
+        try:
+            with pytest.raises(Rejected) as refused:
+                client.delete(b'{"users":["a"]}')
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            client.close()
+    assert peak < 8 * 2**20, f"held {peak / 2**20:.0f} MiB"
+    assert refused.value.body.startswith("no no no")

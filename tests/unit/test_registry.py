@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import copy
+import gzip
 import io
 import json
 import logging
+import socket
+import threading
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from consumer.codec import SCHEMA, SCHEMA_TEXT
 from consumer.errors import UndecodableEvent
 from consumer.registry import (
     DEFAULT_TIMEOUT_S,
+    MAX_ANSWER_BYTES,
     Registry,
     RegistryError,
     RegistryUnusable,
@@ -680,3 +685,73 @@ def test_an_id_past_the_signed_range_is_unknown_without_a_request() -> None:
         registry.writer_schema(schema_id)
     assert client.calls == 0
     assert registry.healthy
+
+
+def _answer_once(raw: bytes, heads: list[bytes]) -> socket.socket:
+    """A server on 127.0.0.1 that records one request's head and answers it with `raw`."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            heads.append(head)
+            conn.sendall(raw)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+def test_a_registry_answer_is_read_only_up_to_its_limit_inflated_or_not() -> None:
+    """Review http41: the answer was read whole and inflated as it came (httpx asked for
+    gzip): 255 KB of gzip held 512 MB, the chart's memory limit, on every restart."""
+    bomb = gzip.compress(b" " * (4 * MAX_ANSWER_BYTES), compresslevel=9)
+    heads: list[bytes] = []
+    listener = _answer_once(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+                            % len(bomb) + bomb, heads)
+    client = RestClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout_s=10.0)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RegistryUnusable, match=f"over {MAX_ANSWER_BYTES} bytes"):
+            client.get_schema(1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        client.close()
+        listener.close()
+    assert peak < 3 * MAX_ANSWER_BYTES, f"held {peak / 2**20:.0f} MiB"
+    assert b"accept-encoding: identity" in heads[0].lower()
+
+
+def test_a_compressed_registry_answer_within_the_limit_is_read() -> None:
+    """A server that compresses although asked for `identity` is still understood."""
+    doc = json.dumps({"schema": SCHEMA_TEXT}).encode()
+    packed = gzip.compress(doc)
+    heads: list[bytes] = []
+    listener = _answer_once(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+                            % len(packed) + packed, heads)
+    client = RestClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout_s=10.0)
+    try:
+        assert client.get_schema(1).text == SCHEMA_TEXT
+    finally:
+        client.close()
+        listener.close()
+
+
+def test_a_registry_answer_nested_past_pythons_stack_is_not_a_registry() -> None:
+    """A nested answer raised RecursionError out of the registry client, which callers
+    do not expect (`check-config --online` printed a traceback)."""
+    doc = b"[" * 100_000 + b"]" * 100_000
+    listener = _answer_once(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(doc) + doc, [])
+    client = RestClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout_s=10.0)
+    try:
+        with pytest.raises(RegistryUnusable, match="not a Schema Registry JSON answer"):
+            client.subjects()
+    finally:
+        client.close()
+        listener.close()
