@@ -51,6 +51,7 @@ from consumer.deadletter import (
     Header,
     header_value,
     message_headers,
+    origin_topic,
     replay_count,
     replay_seal,
     source_of,
@@ -209,9 +210,8 @@ def decide(headers: Sequence[Header] | None, partition: int, offset: int,
             return "filtered"
         if filters.until is not None and when > filters.until:
             return "filtered"
-    origin = header_value(headers, "__connect.errors.topic")
-    if not origin or not _is_text(origin):
-        return "no_origin"  # none, or not a topic name: bytes that are not UTF-8
+    if origin_topic(headers) is None:
+        return "no_origin"  # none, or not a topic name (`origin_topic`)
     if replay_count(headers) >= filters.max_replays:
         return "over_limit"
     return "replay"
@@ -221,14 +221,6 @@ def _text(raw: bytes | None) -> str:
     """A header's text. A foreign record's header need not be UTF-8: a bare decode raised,
     and every rerun stopped on the same record (review replay25)."""
     return (raw or b"").decode("utf-8", "replace")
-
-
-def _is_text(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 Source = tuple[str, int, int, bytes]

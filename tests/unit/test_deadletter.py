@@ -371,6 +371,13 @@ def test_producer_limit() -> None:
     assert producer_limit({"message.max.bytes": "junk"}) == 1_000_000
 
 
+def test_source_of_names_no_topic_the_kafka_client_refuses_locally() -> None:
+    """A NUL in the topic header: fetching the original raised ValueError (review dlq41)."""
+    coordinates = [("__connect.errors.partition", b"0"), ("__connect.errors.offset", b"1")]
+    assert source_of([("__connect.errors.topic", b"t"), *coordinates]) == ("t", 0, 1)
+    assert source_of([("__connect.errors.topic", b"t\x00"), *coordinates]) is None
+
+
 def test_source_of_needs_all_three_coordinates() -> None:
     assert source_of([("__connect.errors.topic", b"t")]) is None
     assert source_of([("__connect.errors.topic", b"t"), ("__connect.errors.partition", b"x"),

@@ -557,8 +557,11 @@ def test_header_values_that_are_not_utf8_are_read_not_a_crash(name: str) -> None
         "filtered" if name == "userpilot.error.reason" else "replay")
 
 
-def test_an_origin_that_is_not_a_topic_name_is_no_origin() -> None:
-    headers = [(k, b"\xff\xfe" if k == "__connect.errors.topic" else v)
+@pytest.mark.parametrize("name", [b"\xff\xfe", b"bad\x00topic", b"\x00"])
+def test_an_origin_that_is_not_a_topic_name_is_no_origin(name: bytes) -> None:
+    """A NUL too (review "dlq41"): the Kafka client raised ValueError for it, out of the
+    metadata lookup and `produce`, and every replay run stopped at that record."""
+    headers = [(k, name if k == "__connect.errors.topic" else v)
                for k, v in _undecodable(NOW)]
     assert decide(headers, 0, 3, None, Filters()) == "no_origin"
 
