@@ -55,6 +55,7 @@ __all__ = [
     "Purpose",
     "TraitsShape",
     "company_identify_payload",
+    "drop_company_ids",
     "encode_body",
     "ensure_user",
     "ensure_user_call",
@@ -385,12 +386,20 @@ def company_identify_payload(
     "poison26"). They are listed as left out."""
     company_id = _id(event.get("groupId"))
     metadata = _metadata(event, _traits(event), shape, omitted)
+    drop_company_ids(metadata, omitted)  # a shape given by `routing` dropped them already
+    return {"company_id": company_id or "", "metadata": metadata}
+
+
+def drop_company_ids(metadata: dict[str, Primitive], omitted: list[str] | None) -> None:
+    """Leave a company's ids out of its metadata (`company_identify_payload`), listing them.
+    `routing` calls it between the mappings' rule and the size limits: removed after the
+    limits, an `id` trait that is never sent had cost real properties their place (review
+    "mapping41")."""
     for key in COMPANY_ID_KEYS:
         if key in metadata:
             del metadata[key]
             if omitted is not None:
                 omitted.append(f"{key} (the company's id is groupId)")
-    return {"company_id": company_id or "", "metadata": metadata}
 
 
 # ---------------------------------------------------------------------------- calls

@@ -1071,6 +1071,14 @@ class _Loader:
             self.fail(where, '"createdAt" is sent as "created_at" (Userpilot\'s reserved key) '
                              'before this section applies, so a pick, exclude or rename of '
                              '"createdAt" would do nothing; write "created_at"')
+        # ... and a rule writing it would send "createdAt" raw, beside (and contradicting)
+        # the created_at Userpilot reads (review "mapping41").
+        if any(new == "createdAt" for _, new in rename):
+            self.fail(f"{where}.rename", '"createdAt" as a new name would be sent as is, '
+                      'not as Userpilot\'s reserved "created_at"; write "created_at"')
+        if any(key == "createdAt" for key, _ in static):
+            self.fail(f"{where}.static", '"createdAt" would be sent as is, not as '
+                      'Userpilot\'s reserved "created_at"; write "created_at"')
         return TraitsRule(pick, tuple(exclude), rename, static)
 
     def rule(

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from consumer.calls import Call, encode_body, event_calls, track_call
+from consumer.calls import Call, drop_company_ids, encode_body, event_calls, track_call
 from consumer.errors import DeadLetter, MappingError
 from consumer.filtering import ConsentPolicy, Drop, drop_reason
 from consumer.mapping import MappingSet, Primitive, TraitsRule, build_payload, limit_metadata
@@ -76,13 +76,18 @@ def _limit(
 
 
 def _shape(
-    rule: TraitsRule, mappings: MappingSet, truncated: list[str]
+    rule: TraitsRule, mappings: MappingSet, truncated: list[str],
+    settle: Callable[[dict[str, Primitive]], None] | None = None,
 ) -> Any:
-    """The mappings file's traits section plus the Track size limits, as a TraitsShape."""
+    """The mappings file's traits section plus the Track size limits, as a TraitsShape;
+    `settle` edits the metadata between the two (what is never sent takes no room)."""
     limit = _limit(mappings, truncated)
 
     def shape(_event: Mapping[str, Any], metadata: dict[str, Primitive]) -> dict[str, Primitive]:
-        return limit(rule.apply(metadata))
+        shaped = rule.apply(metadata)
+        if settle is not None:
+            settle(shaped)
+        return limit(shaped)
     return shape
 
 
@@ -103,7 +108,8 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
             omitted: list[str] = []
             calls = event_calls(
                 event, identify_shape=_shape(mappings.identify, mappings, truncated),
-                group_shape=_shape(mappings.group, mappings, truncated),
+                group_shape=_shape(mappings.group, mappings, truncated,
+                                   lambda metadata: drop_company_ids(metadata, omitted)),
                 company_limit=_limit(mappings, truncated, "company."), omitted=omitted)
             return Send(calls, str(kind), listed(omitted), listed(truncated),
                         getattr(event, "replaced", 0))

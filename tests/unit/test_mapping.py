@@ -1119,6 +1119,24 @@ def test_traits_rules_naming_created_at_are_refused(where: str, section: dict[st
     load_mappings({where: fixed})
 
 
+@pytest.mark.parametrize(("section", "said"), [
+    ({"rename": {"signup_date": "createdAt"}}, "rename: \"createdAt\" as a new name"),
+    ({"static": {"createdAt": "2020-01-01"}}, "static: \"createdAt\" would be sent as is")])
+@pytest.mark.parametrize("where", ["identify", "group"])
+def test_traits_rules_writing_created_at_are_refused(where: str, section: dict[str, Any],
+                                                     said: str) -> None:
+    """Review mapping41: written by the section, "createdAt" went out raw, beside the
+    created_at Userpilot reads (two dates for one user)."""
+    with pytest.raises(MappingsError) as info:
+        load_mappings({where: section})
+    (problem,) = info.value.problems
+    assert problem.startswith(f"mappings: {where}.{said}") and 'write "created_at"' in problem
+    fixed = {k: {(a if a != "createdAt" else "created_at"): (b if b != "createdAt"
+                                                              else "created_at")
+                 for a, b in v.items()} for k, v in section.items()}
+    load_mappings({where: fixed})
+
+
 def test_default_preset_forwards_all_traits() -> None:
     assert DEFAULT_PRESET.identify.plain and DEFAULT_PRESET.group.plain
     assert DEFAULT_PRESET.identify.apply({"a": 1, "b": "x"}) == {"a": 1, "b": "x"}

@@ -244,3 +244,37 @@ def test_an_events_own_truncated_field_never_reads_as_the_workers_marker() -> No
     # An own `_truncated_` keeps its name; the renamed field takes the next free one.
     assert track({"_truncated_": "mine", "_truncated": 9}) == {
         "_truncated_": "mine", "_truncated__": 9}
+
+
+def _company_metadata(traits: dict[str, Any]) -> tuple[Send, dict[str, Any]]:
+    sent = route({"type": "group", "userId": "u1", "groupId": "g1", "traits": traits,
+                  "context": GRANTED}, POLICY, DEFAULT_PRESET)
+    assert isinstance(sent, Send)
+    return sent, json.loads(sent.calls[0].body)["metadata"]
+
+
+def test_a_company_id_trait_takes_no_place_under_the_key_limit() -> None:
+    """Review mapping41: the `id` a company identify never sends was counted against the
+    key limit, and two real properties of a company that fits were cut for it."""
+    traits: dict[str, Any] = {f"k{i:04d}": "v" for i in range(DEFAULT_PRESET.max_metadata_keys)}
+    sent, metadata = _company_metadata({**traits, "id": "g1"})
+    assert sent.truncated == () and metadata == traits
+    assert any(note.startswith("id (") for note in sent.omitted)
+
+
+def test_a_company_id_trait_takes_no_place_under_the_byte_limit() -> None:
+    description = "x" * (DEFAULT_PRESET.max_metadata_bytes - 40)
+    sent, metadata = _company_metadata({"description": description,
+                                        "company_id": "g1-as-well-0123456789"})
+    assert sent.truncated == () and metadata == {"description": description}
+    assert any(note.startswith("company_id (") for note in sent.omitted)
+
+
+def test_a_renamed_company_id_trait_is_still_sent() -> None:
+    """The ids are left out after the mappings' rule: a rename keeps one."""
+    mappings = load_mappings({"group": {"rename": {"id": "external_id"}}})
+    sent = route({"type": "group", "userId": "u1", "groupId": "g1",
+                  "traits": {"id": "crm-7", "plan": "pro"}, "context": GRANTED},
+                 POLICY, mappings)
+    assert isinstance(sent, Send)
+    assert json.loads(sent.calls[0].body)["metadata"] == {"external_id": "crm-7", "plan": "pro"}
