@@ -1145,8 +1145,11 @@ def _address_literal_ok(host: str) -> bool:
         return True
     parts = host.removesuffix(".").split(".")
     if len(parts) < 2 or not all(p.isascii() and p.isdigit() for p in parts):
-        # A name: letters, digits, '-', '_' and dots ("kafka:9092:9092" left a ':').
-        return _BROKER_NAME.fullmatch(host) is not None
+        # A name: letters, digits, '-', '_' and dots ("kafka:9092:9092" left a ':'), in
+        # labels a resolver looks up, as for the registry's host: `kafka..svc` was taken,
+        # and `run` waited for the brokers for ever (review "config41").
+        return _BROKER_NAME.fullmatch(host) is not None and all(
+            _HOST_LABEL.match(label.lower()) for label in host.removesuffix(".").split("."))
     if len(parts) > 4 or host.endswith("."):
         # `127.0.0.1.`: a name's trailing dot on an address, which no resolver reads
         # (taken, the brokers were "not reachable" for ever; review "config40").
@@ -1585,8 +1588,9 @@ def _redis(reader: _Reader) -> tuple[RedisSettings | None, bool]:
     shown = _redis_shown(match)
     host = match.group("host")
     if not _address_literal_ok(host):
-        reader.problems.append(f"REDIS_URL={shown!r}: {host} is not an IP address: give "
-                               "the host's name or its address, e.g. 10.0.0.5 or [::1]")
+        reader.problems.append(f"REDIS_URL={shown!r}: {host} is not an IP address or a "
+                               "host name: give the host's name or its address, e.g. "
+                               "redis.cache.svc, 10.0.0.5 or [::1]")
     port = match.group("port")
     if port is not None and not 0 < int(port) < 65536:
         reader.problems.append(f"REDIS_URL={shown!r} has an invalid port: use 1-65535")

@@ -157,6 +157,12 @@ EOF
 cat >"$OUT/dlq-is-source.values.yaml" <<'EOF'
 kafka: {topics: [events, more], dlqTopic: more}
 EOF
+cat >"$OUT/dlq-collides.values.yaml" <<'EOF'
+kafka: {topics: [events.in], dlqTopic: events_in}
+EOF
+cat >"$OUT/dlq-default-collides.values.yaml" <<'EOF'
+kafka: {topics: [events, events_userpilot_dlq]}
+EOF
 cat >"$OUT/internal-source.values.yaml" <<'EOF'
 kafka: {topics: [events, __consumer_offsets]}
 EOF
@@ -346,6 +352,8 @@ expect_fail redis-ca-alone "redis.tlsCaSecret is set but no Redis is"
 expect_fail pdb-zero "maxUnavailable"
 expect_fail request-timeout-tiny "requestTimeoutSeconds"
 expect_fail dlq-is-source "kafka.dlqTopic (more) is also a source topic"
+expect_fail dlq-collides "the dead-letter topic events_in differs from the source topic events.in only by '.' against '_'"
+expect_fail dlq-default-collides "the dead-letter topic events.userpilot.dlq differs from the source topic events_userpilot_dlq"
 expect_fail internal-source "kafka.topics has __consumer_offsets, one of Kafka's own internal topics"
 expect_fail internal-dlq "kafka.dlqTopic (__transaction_state) is one of Kafka's own internal topics"
 expect_fail registry-twice "schemaRegistry.basicAuthUserInfo and schemaRegistry.existingSecret are both set"
@@ -463,6 +471,8 @@ lacks renamed 'consumergroup="userpilot-delivery"' "no rule left on the default 
 log "KEDA gets host:port brokers; the PDB follows the most replicas there can be"
 render keda-brokers -f "$FULL_VALUES" --set 'kafka.bootstrapServers=SASL_SSL://b1:9093\, b2'
 has keda-brokers 'bootstrapServers: "b1:9093,b2:9092"' "no protocol prefix, a port on every broker"
+render keda-ipv6 -f "$FULL_VALUES" --set 'kafka.bootstrapServers=fd00::10\,[fd00::11]\,[::1]:9093'
+has keda-ipv6 'bootstrapServers: "[fd00::10]:9092,[fd00::11]:9092,[::1]:9093"' "IPv6 brokers in brackets, with a port"
 has keda-brokers 'KAFKA_BOOTSTRAP_SERVERS: "SASL_SSL://b1:9093, b2"' "the worker gets them as written"
 render consent-off --set 'userpilot.consentCategories={None}'
 has consent-off 'USERPILOT_CONSENT_CATEGORIES: "None"' "consent gating can be turned off (any case)"

@@ -1395,6 +1395,9 @@ def test_a_broker_address_that_is_no_ip_address_is_refused(servers: str) -> None
     ("kafka:9092,fe80::1:9096", "in brackets, e.g. [::1]:9092"),
     ("kafk$a:9092", "not an IP address or a host name"),
     ("kafkä:9092", "not an IP address or a host name"),
+    ("kafka..svc:9092", "not an IP address or a host name"),
+    ("kafka.-svc:9092", "not an IP address or a host name"),
+    (f"{'k' * 64}.svc:9092", "not an IP address or a host name"),
 ])
 def test_a_broker_list_librdkafka_cannot_read_is_refused(servers: str, says: str) -> None:
     """Taken by check-config, then `run` waited for ever as for an outage: librdkafka
@@ -1416,6 +1419,12 @@ def test_broker_names_and_addresses_are_taken(servers: str) -> None:
 def test_a_redis_host_in_brackets_that_is_no_ipv6_address_is_refused(url: str) -> None:
     """check-config took it, and run refused it with advice about the password."""
     assert "is not an IP address" in problem(REDIS_URL=url)
+
+
+def test_a_redis_host_with_an_empty_label_is_refused() -> None:
+    """Taken, `run` stayed on the fallback for ever (no dedup, a partition share of the
+    budget) while check-config said OK (review "config41")."""
+    assert "redis..svc" in problem(REDIS_URL="redis://redis..svc:6379/0")
 
 
 def test_url_schemes_are_case_insensitive() -> None:

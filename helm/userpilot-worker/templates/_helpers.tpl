@@ -122,7 +122,12 @@ kafka.bootstrapServers as KEDA's Kafka scaler takes it: host:port entries only. 
 {{- range (splitList "," .Values.kafka.bootstrapServers) }}
 {{- $entry := regexReplaceAll "^[A-Za-z_]+://" (trim .) "" }}
 {{- if $entry }}
-{{- if not (regexMatch ":[0-9]+$" $entry) }}
+{{- /* An IPv6 address without brackets (the worker takes it, on 9092; one with a port it
+     refuses): its last group is no port, and KEDA (Go) needs [addr]:port (review
+     config41). */}}
+{{- if and (gt (len (splitList ":" $entry)) 2) (not (hasPrefix "[" $entry)) }}
+{{- $entry = printf "[%s]:9092" $entry }}
+{{- else if not (regexMatch ":[0-9]+$" $entry) }}
 {{- $entry = printf "%s:9092" $entry }}
 {{- end }}
 {{- $out = append $out $entry }}
@@ -330,6 +335,17 @@ Deployment, so every render runs them.
 {{- end }}
 {{- if and $v.kafka.dlqTopic (has $v.kafka.dlqTopic $v.kafka.topics) }}
 {{- fail (printf "kafka.dlqTopic (%s) is also a source topic: dead letters would be read back and sent again; name another topic" $v.kafka.dlqTopic) }}
+{{- end }}
+{{- /* As the worker refuses them (config "config40"; the chart's guard, review config41):
+     the dead-letter topic the worker will use, kafka.dlqTopic or its default. */}}
+{{- $dlq := $v.kafka.dlqTopic | default (printf "%s.userpilot.dlq" (first $v.kafka.topics)) }}
+{{- if gt (len $dlq) 249 }}
+{{- fail (printf "the default dead-letter topic %s is longer than Kafka's 249 characters: set kafka.dlqTopic" $dlq) }}
+{{- end }}
+{{- range $v.kafka.topics }}
+{{- if and (ne . $dlq) (eq (replace "." "_" .) (replace "." "_" $dlq)) }}
+{{- fail (printf "the dead-letter topic %s differs from the source topic %s only by '.' against '_', which Kafka refuses as a colliding topic name (no dead letter could be written): set kafka.dlqTopic to another topic" $dlq .) }}
+{{- end }}
 {{- end }}
 {{- /* Last, so the other guards name their own mistake first. */}}
 {{- if and (not $v.userpilot.apiKey) (not $v.userpilot.existingSecret) }}
