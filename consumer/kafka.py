@@ -130,6 +130,7 @@ class KafkaSource:
         self._commit_waiting_since: float | None = None  # oldest unanswered async commit
         self._answered = False  # a commit acknowledged offsets during this consume
         self._unanswered = 0  # asynchronous commits sent and not answered yet (poll thread)
+        self._sent_async: list[TP] = []  # the last asynchronous commit's partitions (poll thread)
         self._paused: set[TP] = set()  # paused by `pause`, not resumed since (poll thread)
         self.abandoned = False  # close() gave up: exit the process without destroying it
         # The longest note commits carry: lowered (halved) each time the broker refuses
@@ -201,6 +202,12 @@ class KafkaSource:
                   if tp.error is not None or (err is not None and tp.offset >= 0)]
         if err is not None:
             done = []
+            if not parts:
+                # A failure naming no partition (librdkafka does not promise to name them):
+                # the last asynchronous commit's are requested again. Acknowledged as
+                # nothing, that commit stayed outstanding, and no commit followed it until
+                # a rebalance (review "core41", suspected).
+                failed = list(self._sent_async)
         if done:
             # Offsets acknowledged: the window may have freed (see `consume`). Not for an
             # error answer: the offsets are requested again, and returning at once would
@@ -402,6 +409,7 @@ class KafkaSource:
                     return False
             else:
                 self._consumer.commit(offsets=parts, asynchronous=True)
+                self._sent_async = list(offsets)
                 self._unanswered += 1
                 if self._commit_waiting_since is None:
                     self._commit_waiting_since = time.monotonic()

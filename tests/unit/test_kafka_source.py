@@ -314,3 +314,24 @@ def test_a_resume_whose_positions_cannot_be_read_only_resumes() -> None:
     src.pause([("t", 0)])
     src.resume([("t", 0)])
     assert seeks == []
+
+
+def test_a_failed_commit_that_names_no_partition_fails_the_last_sent() -> None:
+    """Acknowledged as nothing, the worker's pipelined commit stayed outstanding and no
+    commit followed it until a rebalance (review "core41")."""
+    answers: list[tuple[list[tuple[str, int]], list[tuple[str, int]]]] = []
+    src = KafkaSource({"bootstrap.servers": "127.0.0.1:1", "group.id": "unit"}, ["t"],
+                      on_assign=lambda _p: None, on_revoke=lambda _p: None,
+                      on_lost=lambda _p: None,
+                      on_committed=lambda done, failed: answers.append((done, failed)))
+
+    class _Committing:
+        def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+            assert asynchronous
+
+    src._consumer = _Committing()  # type: ignore[assignment]
+    assert src.commit({("t", 0): 5, ("t", 1): 7}, wait=False)
+    src._on_commit(KafkaError(KafkaError._TIMED_OUT), [])
+    assert answers == [([], [("t", 0), ("t", 1)])]
+    src._on_commit(None, [TopicPartition("t", 0, 5)])
+    assert answers[-1] == ([(("t", 0), 5)], [])
