@@ -319,7 +319,7 @@ def test_a_resume_whose_positions_cannot_be_read_only_resumes() -> None:
 def test_a_failed_commit_that_names_no_partition_fails_the_last_sent() -> None:
     """Acknowledged as nothing, the worker's pipelined commit stayed outstanding and no
     commit followed it until a rebalance (review "core41")."""
-    answers: list[tuple[list[tuple[str, int]], list[tuple[str, int]]]] = []
+    answers: list[tuple[list[tuple[tuple[str, int], int]], list[tuple[str, int]]]] = []
     src = KafkaSource({"bootstrap.servers": "127.0.0.1:1", "group.id": "unit"}, ["t"],
                       on_assign=lambda _p: None, on_revoke=lambda _p: None,
                       on_lost=lambda _p: None,
