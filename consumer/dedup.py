@@ -146,7 +146,7 @@ class DedupStore(Protocol):
 
     async def mark(self, key: str, ttl_ms: int) -> None: ...
 
-    async def left_ms(self, key: str) -> int | None: ...
+    async def mark_left(self, key: str) -> tuple[int | None, int] | None: ...
 
 
 def dedup_key(token_digest: str, endpoint: str, message_id: str) -> str:
@@ -294,19 +294,30 @@ class Deduplicator:
         except SharedStateUnavailable:
             return None
 
-    async def user_known(self, user_id: str) -> float | None:
-        """Seconds left of the record that some replica (or this one before a restart)
-        identified ``user_id`` (`note_user`), so the caller trusts it no longer than the
-        identify's own TTL; None when there is none, or Redis failed (the identify is
-        sent)."""
+    async def user_known(self, user_id: str, ttl_s: float) -> float | None:
+        """Seconds a replica may still trust that some replica (or this one before a
+        restart) identified ``user_id`` (`note_user`): what is left of that identify's
+        ``ttl_s`` (USERPILOT_ENSURE_USER_TTL_SECONDS now), or None when there is none, or
+        Redis failed (the identify is sent).
+
+        Counted from when the record was written, by the TTL it holds: a record written
+        under a longer TTL than today's was trusted for what was left of the old one, so
+        lowering the setting did nothing for up to the old value (review "users41"). A
+        record written without one (before this) is trusted for at most ``ttl_s``."""
         try:
             key = user_key(self._digest, user_id)
-            left = await self._ask(lambda: self._store.left_ms(key))
+            found = await self._ask(lambda: self._store.mark_left(key))
         except SharedStateUnavailable:
             return None
+        if found is None:
+            return None
+        written_ms, left_ms = found
+        ttl_ms = ttl_s * 1000
+        trust_ms = (min(left_ms, ttl_ms) if written_ms is None
+                    else min(left_ms, ttl_ms - (written_ms - left_ms)))
         # A record about to end is as good as none: trusted for the few milliseconds left,
         # the user's next call would ask again at once.
-        return None if left is None or left < 1000 else left / 1000
+        return None if trust_ms < 1000 else trust_ms / 1000
 
     async def note_user(self, user_id: str, ttl_s: float) -> bool:
         """Record that Userpilot accepted an identify of ``user_id``, for ``ttl_s``

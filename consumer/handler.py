@@ -241,6 +241,12 @@ class Duplicate:
 
 Outcome = Delivered | Dropped | DeadLettered | Duplicate
 
+SHARED_RECHECK_S = 60.0
+"""How long a replica trusts, on its own, a user it learned from Redis another replica had
+identified: then it asks Redis again (one read per user a minute). Trusted for the whole
+TTL, a user `delete-users` removed from the shared record got Tracks attributed to no one
+for up to a day from every replica that had learned it so (review "users41")."""
+
 RELEASE_TIMEOUT_S = 1.0
 """Bound on the release of an abandoned event's claim (a revoke or shutdown waits for it);
 past it the claim simply expires after its TTL."""
@@ -766,7 +772,11 @@ class Handler:
                 if user is not None and left is not None:
                     plan.succeeded(call)  # no request; remembered here too, for what is
                     if self.known is not None:  # left of that identify's TTL, not a new one
-                        self.known.remember(user, age_s=self.s.ensure_user_ttl_s - left)
+                        # ... and for at most SHARED_RECHECK_S: Redis is asked again after
+                        # it, so a user `delete-users` removed from the shared record is
+                        # identified again within that, not after the TTL (review "users41").
+                        self.known.remember(user, age_s=self.s.ensure_user_ttl_s
+                                            - min(left, SHARED_RECHECK_S))
                     self.m.ensure_user_shared.inc()
                     continue
                 if company is not None and event.writes:
@@ -807,7 +817,7 @@ class Handler:
         seconds left of that identify's TTL, or None."""
         if self.dedup is None:
             return None
-        return await self.dedup.user_known(user_id)
+        return await self.dedup.user_known(user_id, self.s.ensure_user_ttl_s)
 
     async def _note_identified(self, event: Event, user_id: str) -> None:
         """Userpilot accepted an identify of `user_id`: shared for the other replicas

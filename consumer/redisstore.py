@@ -353,7 +353,7 @@ class RedisStore:
                 await self.release(claim, "check-config")
                 await self.progress(claim, "1:probe", 1000)
                 await self.progress_of(claim)
-                await self.left_ms(claim)  # PTTL: how a known user's record is read
+                await self.mark_left(claim)  # GET + PTTL: how a known user's record is read
                 await self.confirm(claim, 1000)
         for budget in budgets:
             async with _naming(":".join(budget.split(":")[:3]) + ":*"):
@@ -457,13 +457,28 @@ class RedisStore:
         return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
     async def mark(self, key: str, ttl_ms: int) -> None:
-        """Set ``key`` for ``ttl_ms`` (a fact the replicas share, e.g. a user identified)."""
-        await self._call("mark", lambda: self._client.set(key, b"1", px=max(1, ttl_ms)))
+        """Set ``key`` for ``ttl_ms`` (a fact the replicas share, e.g. a user identified),
+        holding that TTL: its readers tell from it how long ago it was set (`mark_left`)."""
+        ttl_ms = max(1, ttl_ms)
+        await self._call("mark", lambda: self._client.set(key, str(ttl_ms).encode(), px=ttl_ms))
 
-    async def left_ms(self, key: str) -> int | None:
-        """Milliseconds ``key`` has left to live (PTTL); None when it is not set."""
-        left = int(await self._call("left_ms", lambda: self._client.pttl(key)))
-        return left if left >= 0 else None  # -2: no such key; -1: no TTL (not ours)
+    async def mark_left(self, key: str) -> tuple[int | None, int] | None:
+        """A `mark`'s TTL (None: written without one, `b"1"` before this) and the
+        milliseconds it has left (PTTL), in one round trip; None when it is not set."""
+
+        async def read() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(key)
+                pipe.pttl(key)
+                return list(await pipe.execute())
+
+        value, left = await self._call("mark_left", read)
+        left = int(left)
+        if left < 0:  # -2: no such key; -1: no TTL (not ours)
+            return None
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else ""
+        written = int(text) if text.isdigit() and len(text) <= 12 else None
+        return (written if written and written > 1 else None), left
 
     async def forget(self, keys: Sequence[str]) -> None:
         """Delete ``keys`` (UNLINK)."""

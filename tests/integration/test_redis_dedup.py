@@ -232,17 +232,19 @@ def test_identified_users_are_shared_for_the_ttl_and_forgotten_on_request(redis_
         other, other_store = _dedup(redis_url)
         other._digest = one._digest  # the same token
         user = f"user-{uuid.uuid4()}"
-        assert await other.user_known(user) is None
+        assert await other.user_known(user, 1.5) is None
         assert await one.note_user(user, 1.5)
-        left = await other.user_known(user)
+        left = await other.user_known(user, 1.5)
         assert left is not None and 1.0 <= left <= 1.5
         await asyncio.sleep(0.6)
-        assert await other.user_known(user) is None, "under a second left: as good as none"
+        assert await other.user_known(user, 1.5) is None, "under a second left: none"
         await asyncio.sleep(1.0)
-        assert await other.user_known(user) is None, "trusted for the TTL only"
+        assert await other.user_known(user, 1.5) is None, "trusted for the TTL only"
         assert await one.note_user(user, 60.0)
+        left = await other.user_known(user, 10.0)  # the TTL lowered since: counted from it
+        assert left is not None and 9.0 <= left <= 10.0
         await store.forget([user_key(one._digest, user)])
-        assert await other.user_known(user) is None
+        assert await other.user_known(user, 60.0) is None
         await store.close()
         await other_store.close()
 

@@ -57,12 +57,34 @@ class MemoryStore:
 
     async def mark(self, key: str, ttl_ms: int) -> None:
         self._check()
-        self.values[key] = f"1 ttl={ttl_ms}"
+        self.values[key] = f"{ttl_ms} ttl={ttl_ms}"
 
-    async def left_ms(self, key: str) -> int | None:
+    async def mark_left(self, key: str) -> tuple[int | None, int] | None:
+        """(the TTL written, ms left): a value "<written> ttl=<left>", or "1 ttl=<left>" as
+        written before the TTL was kept."""
         self._check()
         value = self.values.get(key)
-        return None if value is None else int(value.split("ttl=")[1]) if "ttl=" in value else 0
+        if value is None:
+            return None
+        written, _, left = value.partition(" ttl=")
+        return (int(written) if written != "1" else None), int(left) if left else 0
+
+
+@pytest.mark.parametrize(("record", "ttl_s", "trusted"), [
+    ("86400000 ttl=86399000", 86400.0, 86399.0),  # identified a second ago: the rest of it
+    ("86400000 ttl=86399000", 60.0, 59.0),  # a lower TTL now: counted from the identify
+    (f"86400000 ttl={22 * 3600 * 1000}", 60.0, None),  # 2 h ago: past today's 60 s
+    ("60000 ttl=50000", 86400.0, 50.0),  # a higher TTL now: the record ends first
+    ("1 ttl=5000000", 3.0, 3.0),  # written without its TTL: at most today's
+])
+def test_a_known_user_is_trusted_for_todays_ttl_from_its_identify(
+        record: str, ttl_s: float, trusted: float | None) -> None:
+    """Review users41: a record written under a longer TTL was trusted for what was left of
+    that one: lowering USERPILOT_ENSURE_USER_TTL_SECONDS did nothing for up to a day."""
+    store = MemoryStore()
+    store.values[user_key(DIGEST_USERS, "u1")] = record
+    known = asyncio.run(Deduplicator(store, DIGEST_USERS).user_known("u1", ttl_s))
+    assert known == trusted
 
 
 def test_key_never_holds_the_token_and_long_ids_are_hashed() -> None:
@@ -376,18 +398,18 @@ def test_an_identified_user_is_known_to_every_replica_for_the_ttl_never_when_red
     one, other = Deduplicator(store, DIGEST_USERS), Deduplicator(store, DIGEST_USERS)
 
     async def scenario() -> None:
-        assert await other.user_known("u1") is None
+        assert await other.user_known("u1", 86400.0) is None
         assert await one.note_user("u1", 86400.0)
-        assert await other.user_known("u1") == 86400.0
-        assert await other.user_known("u2") is None
+        assert await other.user_known("u1", 86400.0) == 86400.0
+        assert await other.user_known("u2", 86400.0) is None
         assert await one.note_user("u4", 0.5)  # about to end: as good as none
-        assert await other.user_known("u4") is None
-        assert store.values[user_key(DIGEST_USERS, "u1")] == "1 ttl=86400000"
+        assert await other.user_known("u4", 86400.0) is None
+        assert store.values[user_key(DIGEST_USERS, "u1")] == "86400000 ttl=86400000"
         # A user's key is neither a messageId's nor the token's.
         assert user_key(DIGEST_USERS, "u1") not in {one.key(e, "u1") for e in ENDPOINTS}
         assert "secret" not in user_key(DIGEST_USERS, "u1")
         store.fail = True
-        assert await other.user_known("u1") is None  # Redis down: the identify is sent
+        assert await other.user_known("u1", 86400.0) is None  # Redis down: identify sent
         assert not await one.note_user("u3", 60.0)
 
     asyncio.run(scenario())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -592,3 +593,41 @@ def test_a_user_known_from_redis_is_trusted_only_for_what_is_left_of_its_ttl() -
     assert known is not None
     age = time.monotonic() - known._users["u1"]
     assert 98.0 <= age <= 100.0, age
+
+
+def test_a_user_learned_from_redis_is_asked_again_after_a_minute() -> None:
+    """Review users41: trusted for the rest of its TTL, a user `delete-users` removed from
+    the shared record got Tracks attributed to no one for up to a day from every replica
+    that had learned it from Redis. Now asked again after SHARED_RECHECK_S."""
+    from consumer.dedup import user_key
+    from consumer.handler import SHARED_RECHECK_S
+
+    store = MemoryStore()
+    store.values[user_key(DIGEST, "u1")] = "86400000 ttl=86000000"  # another replica's
+    log = log_of(track("u1", 1))
+    run, _, _ = make(log, store, USERPILOT_ENSURE_USER="true")
+
+    async def scenario(source: Any) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "commit 1")
+        known = run.worker.handler.known
+        assert known is not None
+        known._users["u1"] -= SHARED_RECHECK_S + 1  # a minute and a second later
+        del store.values[user_key(DIGEST, "u1")]  # what delete-users does
+        log[(TOPIC, 0)].append(Message(TOPIC, 0, 1, b"user", track("u1", 2)))
+        await until(lambda: source.committed().get((TOPIC, 0)) == 2, "commit 2")
+
+    assert drive(run, scenario) == 0
+    assert [c.purpose for c in run.client.calls] == ["track", "ensure_user", "track"]
+
+
+def test_a_lowered_ensure_user_ttl_counts_from_the_shared_identify() -> None:
+    """Review users41: a user identified two hours ago under a day's TTL was trusted with
+    the setting lowered to 60 s."""
+    from consumer.dedup import user_key
+
+    store = MemoryStore()
+    store.values[user_key(DIGEST, "u1")] = f"86400000 ttl={22 * 3600 * 1000}"
+    run, _, _ = make(log_of(track("u1", 1)), store, USERPILOT_ENSURE_USER="true",
+                     USERPILOT_ENSURE_USER_TTL_SECONDS="60")
+    assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
+    assert [c.purpose for c in run.client.calls] == ["ensure_user", "track"]
