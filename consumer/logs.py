@@ -108,6 +108,14 @@ class _Text(logging.Formatter):
 
 
 class _Json(logging.Formatter):
+    """One JSON object per line, its texts masked before they are encoded: JSON escapes
+    each backslash again, and an echo spelled with escapes (PHP's `\\/`, `\\u002B`, an
+    escaped quote) was no spelling the final line's redaction knew (review "secrets41")."""
+
+    def __init__(self, secrets: list[str] | None = None) -> None:
+        super().__init__()
+        self._redact = Redactor(secrets) if secrets else None
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -121,6 +129,10 @@ class _Json(logging.Formatter):
                 doc[key] = getattr(record, key)
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
+        if self._redact is not None:
+            for key, value in doc.items():
+                if isinstance(value, str):
+                    doc[key] = self._redact(value, edges=False)
         return json.dumps(doc, ensure_ascii=False, default=str)
 
 
@@ -155,7 +167,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text",
     """Route all logging to stderr, one line per record."""
     handler = logging.StreamHandler(sys.stderr)
     formatter: logging.Formatter = (
-        _Json() if fmt == "json"
+        _Json(secrets) if fmt == "json"
         else _Text("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     handler.setFormatter(_Redacting(formatter, secrets) if secrets else formatter)

@@ -50,9 +50,10 @@ def registry_secrets(url: str | None, user_info: str | None) -> list[str]:
     the password alone when long enough, as for a URL's)."""
     forms = url_credentials(url)
     if user_info:
-        password = user_info.split(":", 1)[-1]
-        if len(password) >= MIN_ALONE:
-            forms.append(password)
+        user, _, password = user_info.partition(":")
+        alone = password or user  # `KEY:` (an API key as the user): the key is the secret
+        if len(alone) >= MIN_ALONE:
+            forms.append(alone)
         forms += [user_info, base64.b64encode(user_info.encode()).decode()]
     return forms
 
@@ -104,11 +105,12 @@ def url_credentials(url: str | None) -> list[str]:
     if not url:
         return []
     parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-    if parts.password is None:
+    if not parts.password:
         if not parts.username:
             return []
-        # A user name alone: an API key as the user (`http://KEY@proxy`), sent as
-        # `Basic base64("KEY:")`. check-config masked it; an echo of the request in a dead
+        # A user name alone: an API key as the user (`http://KEY@proxy`, or `KEY:@` as
+        # some proxy services spell it, review "secrets41"), sent as `Basic
+        # base64("KEY:")`. check-config masked it; an echo of the request in a dead
         # letter or delete-users' output showed it (review "secrets34").
         user = urllib.parse.unquote(parts.username)
         pair = f"{user}:"

@@ -178,6 +178,34 @@ def test_secret_needing_json_escapes_is_redacted_in_json(
     assert json.dumps(odd)[1:-1] not in out
 
 
+ESCAPED_SECRET = 'ab+c/d"e-zq9Xw7'
+
+
+@pytest.mark.parametrize("echo", [
+    'ab+c\\/d\\"e-zq9Xw7',  # PHP's json_encode
+    "ab\\u002Bc/d\\u0022e-zq9Xw7",  # .NET's
+    json.dumps(ESCAPED_SECRET)[1:-1],  # plain JSON escaping
+])
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_escaped_echo_of_a_secret_is_masked_in_either_format(
+        fmt: str, echo: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Review secrets41: an OIDC endpoint's echo of the client secret, quoted by librdkafka,
+    was masked in text lines; in JSON lines each backslash was escaped again first, and no
+    spelling the redaction knew was left."""
+    configure_logging("INFO", fmt, [ESCAPED_SECRET])
+    logging.getLogger("librdkafka").error("%s [%s] %s", "OIDC", "rdkafka#consumer-1",
+                                          f'Failed to retrieve OIDC token: {{"x": "{echo}"}}')
+    try:
+        raise RuntimeError(f"echo: {echo}")
+    except RuntimeError:
+        log.exception("failed")
+    err = capsys.readouterr().err
+    assert "zq9Xw7" not in err, err
+    if fmt == "json":
+        first, second = (json.loads(line) for line in err.splitlines())
+        assert "zq9Xw7" not in first["message"] + second["exception"]
+
+
 # ------------------------------------------------------------------ librdkafka lines
 
 

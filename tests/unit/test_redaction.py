@@ -83,6 +83,19 @@ def test_url_credentials_are_the_password_the_pair_and_its_basic_form() -> None:
     assert url_credentials("http://PROXYapikey9999@proxy:3128") == [
         "PROXYapikey9999", "PROXYapikey9999:", "UFJPWFlhcGlrZXk5OTk5Og=="]
     assert url_credentials("http://bob@proxy:3128") == ["bob:", "Ym9iOg=="]
+    # ... spelled with an empty password, `KEY:@` (review "secrets41"): the same.
+    assert url_credentials("http://PROXYapikey9999:@proxy:3128") == [
+        "PROXYapikey9999", "PROXYapikey9999:", "UFJPWFlhcGlrZXk5OTk5Og=="]
+
+
+def test_registry_user_info_of_a_key_alone_masks_the_key() -> None:
+    """SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO=`KEY:` (an API key as the user): the key was
+    masked only beside its colon (review "secrets41")."""
+    from consumer.redaction import registry_secrets
+
+    assert "REGkey0123456789" in registry_secrets(None, "REGkey0123456789:")
+    assert "p4ssw0rd-long" in registry_secrets(None, "user:p4ssw0rd-long")
+    assert "user" not in registry_secrets(None, "user:p4ssw0rd-long")
 
 
 def test_lowercase_percent_escapes_are_masked_too() -> None:
