@@ -23,6 +23,7 @@ when it is first read (inside ``route``): the event is dead-lettered, never a cr
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 import json
@@ -49,6 +50,7 @@ __all__ = [
     "SCHEMA_TEXT",
     "DeepSchema",
     "Event",
+    "Renamed",
     "SchemaLookup",
     "any_integer",
     "bytes_as_strings",
@@ -59,6 +61,7 @@ __all__ = [
     "has_surrogates",
     "loads",
     "plain_types",
+    "reader_for",
     "replace_surrogates",
     "self_referencing",
     "split_wire",
@@ -118,6 +121,17 @@ class DeepSchema(dict[str, Any]):
     offset. Events of these schemas are read by the pure-Python reader instead, whose
     recursion stops at Python's limit: that one event is dead-lettered as undecodable.
     """
+
+    reader: Any = SCHEMA  # or ours under the writer's record names (`reader_for`)
+
+
+class Renamed(dict[str, Any]):
+    """A parsed writer schema read with a reader of its own (`reader_for`: records of ours
+    under the writer's names)."""
+
+    def __init__(self, writer: Mapping[str, Any], reader: Any) -> None:
+        super().__init__(writer)
+        self.reader = reader
 
 
 def writer_json(text: str) -> Any:
@@ -230,6 +244,66 @@ def bytes_as_strings(writer: Any, reader: Any = None) -> Any:
 
 _NAMED_CONTAINERS = ("record", "error")
 _READER_RECORDS = _records(SCHEMA_JSON, {})
+
+
+def reader_for(writer: Any, named: Mapping[str, Any]) -> Any:
+    """The reader schema for a parsed writer schema (`named`: its named types by full
+    name): `SCHEMA`, or, when the writer calls one of our records by another name, a copy
+    of ours whose records take the writer's names as aliases.
+
+    Why: Avro matches records by their fields whatever they are called (Java's Resolver,
+    which Confluent's registry and deserialisers use, resolves a record against a record,
+    and a union's record branch by structure); fastavro compares names. Every event of a
+    producer whose root record is named per event type (TopicRecordNameStrategy:
+    `TrackEvent`) or whose context record has a name of its own was dead-lettered, and no
+    replay could deliver it (review "schemas41")."""
+    aliases: dict[str, set[str]] = {}
+
+    def record(node: Any) -> tuple[str, Any] | None:
+        if isinstance(node, str):  # a reference to a named type
+            target = named.get(node)
+            if isinstance(target, dict) and target.get("type") in _NAMED_CONTAINERS:
+                return node, target
+            return None
+        if isinstance(node, dict) and node.get("type") in _NAMED_CONTAINERS:
+            return str(node.get("name", "")), node
+        return None
+
+    def visit(node: Any, ours: dict[str, Any]) -> None:
+        found = record(node)
+        if found is None:
+            return
+        name, body = found
+        short = name.rsplit(".", 1)[-1]
+        if short != str(ours["name"]).rsplit(".", 1)[-1]:
+            aliases.setdefault(ours["name"], set()).update({name, short})
+        mine = {f["name"]: f["type"] for f in ours.get("fields", ())}
+        for field in body.get("fields", ()):
+            want = _record_of(mine.get(field.get("name"))) if isinstance(field, dict) else None
+            if want is None:
+                continue
+            # Its one record branch (a union of two records names them; none here does).
+            branches = [b for b in _branches(field.get("type")) if record(b) is not None]
+            if len(branches) == 1:
+                visit(branches[0], want)
+
+    visit(writer, SCHEMA_JSON)
+    if not aliases:
+        return SCHEMA
+    aliased = copy.deepcopy(SCHEMA_JSON)
+
+    def alias(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") in _NAMED_CONTAINERS and node.get("name") in aliases:
+                node["aliases"] = sorted(aliases[node["name"]])
+            for value in node.values():
+                alias(value)
+        elif isinstance(node, list):
+            for item in node:
+                alias(item)
+
+    alias(aliased)
+    return fastavro.parse_schema(aliased)
 
 
 def free_items(named: Mapping[str, Any], root: Any) -> str | None:
@@ -792,7 +866,7 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     stream = io.BytesIO(data)
     stream.seek(_HEADER.size)
     # Resolution costs time per call; skip it when the writer is our own schema.
-    reader = None if writer is SCHEMA else SCHEMA
+    reader = None if writer is SCHEMA else getattr(writer, "reader", SCHEMA)  # `Renamed`
     try:
         try:
             if writer.__class__ is DeepSchema:

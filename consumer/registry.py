@@ -38,7 +38,9 @@ from consumer.codec import (
     SCHEMA,
     SCHEMA_TEXT,
     DeepSchema,
+    Renamed,
     free_items,
+    reader_for,
     self_referencing,
     writer_json,
 )
@@ -494,10 +496,16 @@ class Registry:
             self._unusable_schema(
                 schema_id, f"schema id {schema_id} has an array whose items take no bytes "
                 f"({free}): a count alone could make the reader loop for ever; refused")
-        elif self_referencing(named):
-            parsed = DeepSchema(fresh)  # read without recursion in C (see DeepSchema)
         else:
-            parsed = fresh
+            reader = reader_for(fresh, named)  # ours, or ours under the writer's names
+            if self_referencing(named):
+                deep = DeepSchema(fresh)  # read without recursion in C (see DeepSchema)
+                deep.reader = reader
+                parsed = deep
+            elif reader is not SCHEMA:
+                parsed = Renamed(fresh, reader)
+            else:
+                parsed = fresh
         with self._lock:
             self._parsed[schema_id] = parsed
         return parsed

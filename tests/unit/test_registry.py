@@ -575,7 +575,7 @@ def test_a_short_name_resolves_in_no_namespace_as_java_avro_does() -> None:
                                "fields": [{"name": "x", "type": "int"}]}},
         {"name": "n", "type": ["null", "Meta"]}]}
     registry = Registry("http://unused", client=_DocClient({"schema": json.dumps(schema)}))
-    writer: Any = registry.writer_schema(9)
+    writer: Any = dict(registry.writer_schema(9))  # fastavro's writer takes a dict only
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, writer, {"m": {"x": 1}, "n": {"x": 2}})
     buf.seek(0)
@@ -755,3 +755,91 @@ def test_a_registry_answer_nested_past_pythons_stack_is_not_a_registry() -> None
     finally:
         client.close()
         listener.close()
+
+
+class _Docs:
+    """A registry answering every id with one schema (and its referenced versions)."""
+
+    def __init__(self, text: str, refs: tuple[Any, ...] = (),
+                 versions: dict[tuple[str, int], SchemaDoc] | None = None) -> None:
+        self.doc = SchemaDoc(text, refs)
+        self.versions = versions or {}
+
+    def get_schema(self, schema_id: int) -> SchemaDoc:
+        return self.doc
+
+    def get_version(self, subject: str, version: int) -> SchemaDoc:
+        return self.versions[(subject, version)]
+
+
+SIGNAL_EVENT = {"type": "track", "event": "Feature Used", "userId": "u1", "messageId": "m1",
+                "properties": {"feature": "export_csv"},
+                "context": {"consent": {"analytics": True}, "page": {"url": "https://x.test/"}}}
+
+
+def _renamed(root: str | None = None, context: str | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(SCHEMA_TEXT)
+    if root is not None:
+        schema["name"] = root
+    if context is not None:
+        field = next(f for f in schema["fields"] if f["name"] == "context")
+        field["type"][1]["name"] = context
+    return schema
+
+
+def _decoded(writer: dict[str, Any], registry: Registry) -> codec.Event:
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(copy.deepcopy(writer)),
+                               codec.to_record(SIGNAL_EVENT))
+    return codec.decode(b"\x00\x00\x00\x00\x2a" + body.getvalue(), registry.writer_schema)
+
+
+@pytest.mark.parametrize("writer", [
+    _renamed(root="TrackEvent"),  # TopicRecordNameStrategy: a record type per event type
+    _renamed(root="io.other.TrackEvent"),
+    _renamed(context="SignalContext"),
+    _renamed(root="TrackEvent", context="io.other.SignalContext"),
+], ids=["root", "root in another namespace", "context", "both"])
+def test_an_event_whose_records_have_other_names_is_read_as_ours(
+        writer: dict[str, Any]) -> None:
+    """Review schemas41: Avro (Java's Resolver, the registry's) matches records by their
+    fields whatever they are called; fastavro compares names, and every event of such a
+    producer was dead-lettered, for good."""
+    ours = codec.decode(codec.encode(1, codec.to_record(SIGNAL_EVENT)), lambda _id: SCHEMA)
+    event = _decoded(writer, Registry("http://unused", client=_Docs(json.dumps(writer))))
+    assert dict(event) == dict(ours)
+
+
+def test_a_renamed_writer_that_refers_to_itself_is_read_as_ours() -> None:
+    """The pure-Python reader's path (`DeepSchema`) takes the renamed reader too."""
+    writer = _renamed(root="TrackEvent")
+    writer["fields"].append({"name": "previous", "type": ["null", "TrackEvent"],
+                             "default": None})
+    registry = Registry("http://unused", client=_Docs(json.dumps(writer)))
+    assert isinstance(registry.writer_schema(42), codec.DeepSchema)
+    ours = codec.decode(codec.encode(1, codec.to_record(SIGNAL_EVENT)), lambda _id: SCHEMA)
+    assert dict(_decoded(writer, registry)) == dict(ours)
+
+
+def test_a_renamed_record_kept_in_a_subject_of_its_own_is_read_as_ours() -> None:
+    from consumer.registry import Reference
+
+    whole = _renamed(root="TrackEvent", context="io.other.Ctx")
+    field = next(f for f in whole["fields"] if f["name"] == "context")
+    context = {**field["type"][1], "namespace": "io.other", "name": "Ctx"}
+    main = copy.deepcopy(whole)
+    next(f for f in main["fields"] if f["name"] == "context")["type"][1] = "io.other.Ctx"
+    client = _Docs(json.dumps(main), (Reference("io.other.Ctx", "ctx-value", 1),),
+                   {("ctx-value", 1): SchemaDoc(json.dumps(context))})
+    ours = codec.decode(codec.encode(1, codec.to_record(SIGNAL_EVENT)), lambda _id: SCHEMA)
+    assert dict(_decoded(whole, Registry("http://unused", client=client))) == dict(ours)
+
+
+def test_a_record_without_our_fields_is_still_undecodable_whatever_its_name() -> None:
+    """Matched by fields, a record lacking our required `type` is not a Signal event."""
+    other = {"type": "record", "name": "Order", "fields": [{"name": "id", "type": "string"}]}
+    registry = Registry("http://unused", client=_Docs(json.dumps(other)))
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(other), {"id": "o1"})
+    with pytest.raises(UndecodableEvent, match="not a Signal event"):
+        codec.decode(b"\x00\x00\x00\x00\x2a" + body.getvalue(), registry.writer_schema)
