@@ -820,6 +820,9 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
             # Trimmed as every other setting is: librdkafka refused 'SASL_SSL ' with no
             # word of the space (review "ops31"). A secret is taken as it is.
             value = value.strip()
+        if key in _JAVA_ONLY:  # the value is not shown: a JAAS line holds a password
+            reader.problems.append(f"{name} is {_JAVA_ONLY[key]}")
+            continue
         refusal = _kafka_value_problem(key, value.strip())
         if refusal is not None:
             reader.problems.append(f"{name}={value!r} {refusal}")
@@ -870,6 +873,20 @@ def _protocol_problems(extra: Mapping[str, str | Secret], bootstrap: str) -> lis
                     f"set KAFKA_SECURITY_PROTOCOL={prefix.upper()} or write the broker without "
                     "its prefix"]
     return []
+
+
+_TRUSTSTORE = ("a Java truststore setting, which librdkafka cannot use: give the brokers' "
+               "CA certificate as a PEM file in KAFKA_SSL_CA_LOCATION instead")
+_JAVA_ONLY = {
+    "sasl.jaas.config": "Java's JAAS configuration, which librdkafka does not read: set "
+                        "KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD "
+                        "(or KAFKA_SASL_OAUTHBEARER_*) instead",
+    "ssl.truststore.location": _TRUSTSTORE,
+    "ssl.truststore.password": _TRUSTSTORE,
+    "ssl.truststore.type": _TRUSTSTORE,
+}
+"""Java clients' settings librdkafka refuses; its own text named no variable (review
+"config41")."""
 
 
 def _kafka_together(reader: _Reader, extra: Mapping[str, str | Secret], group_id: str) -> None:

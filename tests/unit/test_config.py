@@ -1526,3 +1526,20 @@ def test_consent_on_essential_alone_says_it_gates_nothing() -> None:
     essential = load(USERPILOT_CONSENT_CATEGORIES="essential")
     assert any("gates nothing" in note for note in essential.notes)
     assert not any("gates nothing" in note for note in load().notes)
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("KAFKA_SASL_JAAS_CONFIG", "Java's JAAS configuration, which librdkafka does not read: "
+                               "set KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and "
+                               "KAFKA_SASL_PASSWORD"),
+    ("KAFKA_SSL_TRUSTSTORE_LOCATION", "a Java truststore setting"),
+    ("KAFKA_SSL_TRUSTSTORE_PASSWORD", "a Java truststore setting"),
+    ("KAFKA_SSL_TRUSTSTORE_TYPE", "PEM file in KAFKA_SSL_CA_LOCATION"),
+])
+def test_java_client_settings_are_named_with_what_to_set_instead(name: str, says: str) -> None:
+    """librdkafka's refusal named no variable, and a truststore password was offered
+    KAFKA_SSL_KEYSTORE_PASSWORD (review "config41"). The value is never shown."""
+    value = 'PlainLoginModule required username="u" password="s3cr3t-jaas";'
+    text = problem(**{name: value})
+    assert f"{name} is " in text and says in text
+    assert "s3cr3t-jaas" not in text
