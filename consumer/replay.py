@@ -84,6 +84,9 @@ class Filters:
     partitions: frozenset[int] = frozenset()
     max_replays: int = 3
     calls: frozenset[str] = frozenset()  # the failed call's purpose (`CALLS`)
+    # Per source partition, the offset from which its dead letters are left out (`--skip-from`):
+    # after a DLQ guard trip, the events the workers read again.
+    skip_from: frozenset[tuple[str, int, int]] = frozenset()
 
 
 CALLS = ("track", "ensure_user", "identify", "company_identify", "associate_company")
@@ -202,6 +205,12 @@ def decide(headers: Sequence[Header] | None, partition: int, offset: int,
             return "filtered"
     if filters.calls and failed_call(headers) not in filters.calls:
         return "filtered"
+    if filters.skip_from:
+        source = source_of(headers)
+        if source is not None and any(
+                (topic, part) == source[:2] and source[2] >= start
+                for topic, part, start in filters.skip_from):
+            return "filtered"
     if filters.since is not None or filters.until is not None:
         when = _when(headers, timestamp_ms)
         if when is None:
@@ -299,7 +308,9 @@ def default_group(dlq_topic: str, filters: Filters) -> str:
         "from_offset": selection.from_offset, "to_offset": selection.to_offset,
         "partitions": sorted(selection.partitions),
         # Only when given: the groups of the selections made before --call existed stay.
-        **({"calls": sorted(selection.calls)} if selection.calls else {})}, sort_keys=True)
+        **({"calls": sorted(selection.calls)} if selection.calls else {}),
+        **({"skip_from": sorted(selection.skip_from)} if selection.skip_from else {})},
+        sort_keys=True)
     return f"{base}.{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -325,6 +336,17 @@ def _time(text: str) -> datetime:
             f"{text!r} is not an ISO 8601 time: e.g. 2026-12-01T09:30:00Z or 2026-12-01"
         ) from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _skip_from(text: str) -> tuple[str, int, int]:
+    """`TOPIC:PARTITION@OFFSET` (a topic name holds neither `:` nor `@`)."""
+    where, _, offset = text.strip().rpartition("@")
+    topic, _, partition = where.rpartition(":")
+    if not (topic and partition.isascii() and partition.isdigit() and offset.isascii()
+            and offset.isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not TOPIC:PARTITION@OFFSET, e.g. events:0@1234")
+    return topic, int(partition), int(offset)
 
 
 def _until(text: str) -> datetime:
@@ -392,6 +414,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only this DLQ partition (repeatable)")
     p.add_argument("--from-offset", type=_count, help="first DLQ offset to consider")
     p.add_argument("--to-offset", type=_count, help="last DLQ offset to consider")
+    p.add_argument("--skip-from", type=_skip_from, action="append", default=[],
+                   metavar="TOPIC:PARTITION@OFFSET",
+                   help="leave out the dead letters of that source partition's events at or "
+                   "past OFFSET (repeatable): after a DLQ guard trip, the events the fixed "
+                   "workers read again, as the worker's CRITICAL line names them")
     p.add_argument("--max-replays", type=_count, default=None,
                    help="replay limit per event (default: $WORKER_REPLAY_MAX or 3)")
     p.add_argument("--group", default=None,
@@ -858,7 +885,7 @@ def main(args: argparse.Namespace) -> int:
         statuses=frozenset(args.status), since=args.since,
         until=args.until, from_offset=args.from_offset, to_offset=args.to_offset,
         partitions=frozenset(args.partition), max_replays=max_replays,
-        calls=frozenset(args.call),
+        calls=frozenset(args.call), skip_from=frozenset(args.skip_from),
     )
     conf: dict[str, Any] = settings.kafka_config()
     from consumer import reach

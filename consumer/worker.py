@@ -651,15 +651,25 @@ class Worker:
         sent twice (review "dlq33"). The time they start at is what `replay --until`
         needs. A partition this run never committed counts whole."""
         committed = self.commits.committed()
-        void = [at for tp, offset, at in self._dead_letters if offset >= committed.get(tp, -1)]
+        void = [(tp, offset, at) for tp, offset, at in self._dead_letters
+                if offset >= committed.get(tp, -1)]
         if not void:
             return
-        since = min(void)
+        # Named by source partition and offset, not by time: another partition's dead
+        # letters committed after the earliest void one were left out by the `--until` this
+        # line gave, and never replayed (review "dlq41"). From the partition's commit (a
+        # restart's void dead letters of the same events are past it too), or, never
+        # committed by this run, from its first void dead letter.
+        starts: dict[TP, int] = {}
+        for tp, offset, _ in void:
+            starts[tp] = min(starts.get(tp, offset), offset)
+        skips = " ".join(f"--skip-from {tp[0]}:{tp[1]}@{committed.get(tp, start)}"
+                         for tp, start in sorted(starts.items()))
         log.critical("the dead letters this run wrote since %s are not committed: once the "
                      "cause is fixed the workers read those events again and deliver them, so "
-                     "do not replay them; replay only the earlier ones: `replay --until %s` "
-                     "(the earliest such time if the worker restarted and tripped again)",
-                     iso_ms(since), iso_ms(since - 0.001))
+                     "do not replay them; replay the others: `python -m consumer replay "
+                     "--from %s %s` (with each tripped replica's --skip-from)",
+                     iso_ms(min(at for _, _, at in void)), self.s.dlq_topic, skips)
 
     def _crash(self, exc: BaseException) -> None:
         if not isinstance(self.fatal, DlqGuardTripped):

@@ -653,3 +653,35 @@ def test_a_record_time_past_year_9999_is_no_time_not_a_stop(timestamp_ms: int) -
     since = Filters(since=datetime(2024, 1, 1, tzinfo=UTC))
     assert decide(headers, 0, 0, timestamp_ms, since) == "filtered"
     assert decide(headers, 0, 0, timestamp_ms, Filters()) == "replay"
+
+
+def test_skip_from_leaves_out_a_source_partitions_dead_letters_from_that_offset() -> None:
+    """`--skip-from TOPIC:PARTITION@OFFSET` (what a DLQ guard trip names, review dlq41):
+    that partition's dead letters at or past OFFSET are left out; the rest replay."""
+    from consumer.__main__ import build_parser
+
+    def headers(topic: str, partition: int, offset: int) -> list[tuple[str, bytes | None]]:
+        return [(k, (topic.encode() if k == "__connect.errors.topic"
+                     else str(partition).encode() if k == "__connect.errors.partition"
+                     else str(offset).encode() if k == "__connect.errors.offset" else v))
+                for k, v in _undecodable(NOW)]
+
+    args = build_parser().parse_args(["replay", "--from", "dlq", "--skip-from", "ev:0@5",
+                                      "--skip-from", "other.topic:12@0"])
+    filters = Filters(skip_from=frozenset(args.skip_from))
+    assert filters.skip_from == {("ev", 0, 5), ("other.topic", 12, 0)}
+    assert decide(headers("ev", 0, 4), 0, 1, None, filters) == "replay"
+    assert decide(headers("ev", 0, 5), 0, 1, None, filters) == "filtered"
+    assert decide(headers("ev", 1, 9), 0, 1, None, filters) == "replay"
+    assert decide(headers("other.topic", 12, 0), 0, 1, None, filters) == "filtered"
+    assert default_group("dlq", filters) != default_group("dlq", Filters())
+
+
+@pytest.mark.parametrize("bad", ["ev@5", "ev:x@5", "ev:0", ":0@5", "ev:0@-1"])
+def test_skip_from_refuses_what_is_not_topic_partition_offset(
+        bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from consumer.__main__ import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["replay", "--from", "dlq", "--skip-from", bad])
+    assert "TOPIC:PARTITION@OFFSET" in capsys.readouterr().err

@@ -859,14 +859,59 @@ def test_the_dlq_guard_stops_the_worker_with_exit_code_3_and_commits_nothing_pas
         assert drive(run, scenario) == 3
     assert len(run.dlq.records) == 3
     assert run.source.committed().get((TOPIC, 0), 0) == 0
-    # The fixed workers read those events again: the trip names the time replay's --until
-    # must stay below, so their dead letters are not replayed too (review "dlq33").
+    # The fixed workers read those events again: the trip names the source partitions and
+    # offsets from which replay must leave dead letters out, so theirs are not replayed too
+    # (reviews "dlq33", "dlq41").
     first = min(r.headers["userpilot.error.dead_lettered_at"].decode() for r in run.dlq.records)
     (said,) = [line for line in lines if "are not committed" in line]
     assert f"since {datetime.fromisoformat(first).isoformat(timespec='milliseconds')}" in said
-    until_at = datetime.fromisoformat(said.split("replay --until ")[1].split("`")[0])
-    assert all(datetime.fromisoformat(r.headers["userpilot.error.dead_lettered_at"].decode())
-               > until_at for r in run.dlq.records), "--until leaves every one of them out"
+    command = said.split("`")[1]
+    assert command == (f"python -m consumer replay --from {TOPIC}.userpilot.dlq "
+                       f"--skip-from {TOPIC}:0@0"), command
+    _assert_replay_skips(command, run.dlq.records, skipped=True)
+
+
+def test_a_trip_names_each_partitions_uncommitted_dead_letters_by_offset_not_by_time() -> None:
+    """Review dlq41: named by the earliest uncommitted dead letter's time, `replay --until`
+    left out another partition's dead letters committed after it (partition 0's commit held
+    back by a retrying event): never replayed, never read again."""
+    from consumer.deadletter import Failure, dead_letter_record
+
+    run = make(log_of(track("u1", 0)))
+    a, b = (TOPIC, 0), (TOPIC, 1)
+    run.worker.commits._committed.update({a: 5, b: 10})
+    # (partition, offset, dead-lettered at): a's void one early, b's committed one late.
+    run.worker._dead_letters.extend([(a, 3, 100.0), (a, 6, 101.0), (b, 7, 150.0),
+                                     (b, 12, 160.0)])
+    with _caught("consumer.worker") as lines:
+        run.worker._name_void_dead_letters()
+    (said,) = lines
+    command = said.split("`")[1]
+    assert command.endswith(f"--skip-from {TOPIC}:0@5 --skip-from {TOPIC}:1@10"), command
+
+    def letter(partition: int, offset: int) -> Any:
+        record = dead_letter_record(
+            key=b"u1", value=b"x", headers=None, timestamp_ms=None, topic=TOPIC,
+            partition=partition, offset=offset,
+            failure=Failure("bad_request", "Rejected", "no", status=400))
+        return DeadLetter(TOPIC, record.value, {k: v or b"" for k, v in record.headers})
+
+    _assert_replay_skips(command, [letter(0, 6), letter(1, 12)], skipped=True)
+    _assert_replay_skips(command, [letter(0, 3), letter(1, 7)], skipped=False)
+
+
+def _assert_replay_skips(command: str, records: Sequence[Any], *, skipped: bool) -> None:
+    """`command` (as the worker's CRITICAL line gives it) parses, and its selection leaves
+    every one of `records` out (`skipped`) or in."""
+    from consumer.__main__ import build_parser
+    from consumer.replay import Filters, decide
+
+    args = build_parser().parse_args(command.split()[3:])
+    filters = Filters(skip_from=frozenset(args.skip_from))
+    for record in records:
+        headers = list(record.headers.items())
+        verdict = decide(headers, 0, 0, None, filters)
+        assert verdict == ("filtered" if skipped else "replay"), (verdict, headers)
 
 
 @contextlib.contextmanager
