@@ -529,6 +529,13 @@ class Handler:
         self.guard.record_success(event.intake or None)
         return Delivered(decision.event_name, event.attempts.count)
 
+    def undecided(self) -> int:
+        """Events taken whose writer schema the registry has not given yet (event loop):
+        `userpilot_events_waiting_schema`. Not the SCHEMA_WAIT window, which keeps them
+        until their offsets are committed: the gauge read a full window while the registry
+        had answered and Userpilot was slow (review "metrics41")."""
+        return len(self._undecided)
+
     def order_writes(self, event: Event) -> None:
         """A numbered event's company writes join their companies' lines: at intake, or,
         taken while its schema was being fetched, once it is decided."""

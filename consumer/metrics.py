@@ -181,7 +181,7 @@ REDIS_LATENCY_BUCKETS: tuple[float, ...] = (
     5.0,
 )
 REDIS_OPERATIONS: tuple[str, ...] = ("gcra", "claim", "confirm", "release", "progress",
-                                     "progress_of", "left_ms", "mark", "ping")
+                                     "progress_of", "mark_left", "mark", "ping")
 """Every Redis call the worker makes (`redisstore`), its error series made at start: a
 series born at its first error loses that error to `rate()` and `increase()`."""
 

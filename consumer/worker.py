@@ -1062,7 +1062,7 @@ class Worker:
             await source.call(source.resume, to_resume)
         self.m.paused_partitions.set(paused_count)
         self.m.in_flight.set(scheduler.in_flight)
-        self.m.waiting_schema.set(schema_window)
+        self.m.waiting_schema.set(self.handler.undecided())
         self.m.held_for_one_user.set(len(self._hot))
         return max(0, min(POLL_BATCH, limit - pending))
 
