@@ -507,7 +507,7 @@ class KnownUsers:
     one (review "users22"). After `ttl_s` the next Track identifies the user again.
     """
 
-    __slots__ = ("_capacity", "_clock", "_ttl", "_users")
+    __slots__ = ("_capacity", "_clock", "_shared", "_ttl", "_users")
 
     def __init__(self, capacity: int = DEFAULT_KNOWN_USERS, ttl_s: float = DEFAULT_KNOWN_TTL_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -517,6 +517,9 @@ class KnownUsers:
         self._ttl = ttl_s
         self._clock = clock
         self._users: OrderedDict[str, float] = OrderedDict()  # id -> when identified
+        # id -> until when the shared record (Redis) that another replica identified it
+        # holds: `learned`, `shared_left`
+        self._shared: OrderedDict[str, float] = OrderedDict()
 
     @property
     def capacity(self) -> int:
@@ -547,6 +550,31 @@ class KnownUsers:
         users[user_id] = self._clock() - max(0.0, age_s)
         if len(users) > self._capacity:
             users.popitem(last=False)
+
+    def learned(self, user_id: str, left_s: float, recheck_s: float) -> None:
+        """Record that the shared record (Redis) holds another replica's identify of
+        ``user_id`` for ``left_s`` more seconds: trusted here for at most ``recheck_s`` of
+        them, then the record is read again (it may have been deleted: `delete-users`);
+        `shared_left` keeps the rest for when it cannot be read."""
+        self.remember(user_id, age_s=self._ttl - min(left_s, recheck_s))
+        if len(user_id) > LONG_ID:
+            user_id = _digest(user_id)
+        shared = self._shared
+        if user_id in shared:
+            shared.move_to_end(user_id)
+        shared[user_id] = self._clock() + left_s
+        if len(shared) > self._capacity:
+            shared.popitem(last=False)
+
+    def shared_left(self, user_id: str) -> float | None:
+        """Seconds left of the shared record `learned` last read for ``user_id``, or None:
+        while Redis cannot be read, a user it said another replica identified stays trusted
+        for that long, not identified again at the next re-read (review "diff41")."""
+        if len(user_id) > LONG_ID:
+            user_id = _digest(user_id)
+        until = self._shared.get(user_id)
+        left = None if until is None else until - self._clock()
+        return left if left is not None and left >= 1.0 else None
 
     def remember_succeeded(self, call: Call) -> None:
         """After ``call`` succeeded: remember its user when it was an identify."""

@@ -51,6 +51,7 @@ __all__ = [
     "DeepSchema",
     "Event",
     "Renamed",
+    "RenamedUnion",
     "SchemaLookup",
     "any_integer",
     "bytes_as_strings",
@@ -130,6 +131,14 @@ class Renamed(dict[str, Any]):
     under the writer's names)."""
 
     def __init__(self, writer: Mapping[str, Any], reader: Any) -> None:
+        super().__init__(writer)
+        self.reader = reader
+
+
+class RenamedUnion(list[Any]):
+    """`Renamed`, for a writer schema that is a union of records."""
+
+    def __init__(self, writer: list[Any], reader: Any) -> None:
         super().__init__(writer)
         self.reader = reader
 
@@ -287,7 +296,10 @@ def reader_for(writer: Any, named: Mapping[str, Any]) -> Any:
             if len(branches) == 1:
                 visit(branches[0], want)
 
-    visit(writer, SCHEMA_JSON)
+    # A union root (several event types on one topic, each a record of its own): each
+    # record branch is read as ours.
+    for root in writer if isinstance(writer, list) else [writer]:
+        visit(root, SCHEMA_JSON)
     if not aliases:
         return SCHEMA
     aliased = copy.deepcopy(SCHEMA_JSON)

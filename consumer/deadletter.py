@@ -306,7 +306,9 @@ def origin_topic(headers: Sequence[Header] | None) -> str | None:
     foreign or edited dead letter stopped every replay run at that record (review
     "dlq41"). Other names Kafka refuses it refuses per record, as refused for good."""
     raw = header_value(headers, "__connect.errors.topic")
-    if not raw or b"\x00" in raw:
+    # Nor longer than Kafka's 249 characters: past 512 bytes the client refused it with a
+    # RuntimeError of its own (review "replay41").
+    if not raw or b"\x00" in raw or len(raw) > 249:
         return None
     try:
         return raw.decode()

@@ -305,10 +305,15 @@ class Deduplicator:
         lowering the setting did nothing for up to the old value (review "users41"). A
         record written without one (before this) is trusted for at most ``ttl_s``."""
         try:
-            key = user_key(self._digest, user_id)
-            found = await self._ask(lambda: self._store.mark_left(key))
+            return await self.user_record(user_id, ttl_s)
         except SharedStateUnavailable:
             return None
+
+    async def user_record(self, user_id: str, ttl_s: float) -> float | None:
+        """`user_known`, raising SharedStateUnavailable when Redis cannot say (the caller
+        then decides: `Handler` trusts what Redis said last)."""
+        key = user_key(self._digest, user_id)
+        found = await self._ask(lambda: self._store.mark_left(key))
         if found is None:
             return None
         written_ms, left_ms = found

@@ -81,6 +81,7 @@ from consumer.errors import (
     ProxyRefused,
     RateLimited,
     Retry,
+    SharedStateUnavailable,
     Timeout,
     UndecodableEvent,
 )
@@ -782,8 +783,7 @@ class Handler:
                         # ... and for at most SHARED_RECHECK_S: Redis is asked again after
                         # it, so a user `delete-users` removed from the shared record is
                         # identified again within that, not after the TTL (review "users41").
-                        self.known.remember(user, age_s=self.s.ensure_user_ttl_s
-                                            - min(left, SHARED_RECHECK_S))
+                        self.known.learned(user, left, SHARED_RECHECK_S)
                     self.m.ensure_user_shared.inc()
                     continue
                 if company is not None and event.writes:
@@ -824,7 +824,13 @@ class Handler:
         seconds left of that identify's TTL, or None."""
         if self.dedup is None:
             return None
-        return await self.dedup.user_known(user_id, self.s.ensure_user_ttl_s)
+        try:
+            return await self.dedup.user_record(user_id, self.s.ensure_user_ttl_s)
+        except SharedStateUnavailable:
+            # Redis cannot say now: what it said last holds (a user learned from it, asked
+            # again after a minute, was identified again during every Redis outage: one
+            # identify per active user in front of its Tracks, review "diff41").
+            return None if self.known is None else self.known.shared_left(user_id)
 
     async def _note_identified(self, event: Event, user_id: str) -> None:
         """Userpilot accepted an identify of `user_id`: shared for the other replicas

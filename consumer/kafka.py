@@ -11,6 +11,7 @@ calls the consumer by then.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -130,7 +131,9 @@ class KafkaSource:
         self._commit_waiting_since: float | None = None  # oldest unanswered async commit
         self._answered = False  # a commit acknowledged offsets during this consume
         self._unanswered = 0  # asynchronous commits sent and not answered yet (poll thread)
-        self._sent_async: list[TP] = []  # the last asynchronous commit's partitions (poll thread)
+        # The partitions of each asynchronous commit not answered yet, oldest first: answers
+        # come in order, one per commit (poll thread).
+        self._sent_async: collections.deque[list[TP]] = collections.deque()
         self._paused: set[TP] = set()  # paused by `pause`, not resumed since (poll thread)
         self.abandoned = False  # close() gave up: exit the process without destroying it
         # The longest note commits carry: lowered (halved) each time the broker refuses
@@ -187,6 +190,7 @@ class KafkaSource:
     def _on_commit(self, err: KafkaError | None, parts: list[TopicPartition]) -> None:
         """Commit results, served during consume: acknowledged offsets go to the worker."""
         self._unanswered = max(0, self._unanswered - 1)  # every commit gets one result
+        sent = self._sent_async.popleft() if self._sent_async else []
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("offset commit failed (%s); the next commit covers it", err.str())
         if err is None or err.code() >= 0 or err.code() == KafkaError._NO_OFFSET:
@@ -204,10 +208,10 @@ class KafkaSource:
             done = []
             if not parts:
                 # A failure naming no partition (librdkafka does not promise to name them):
-                # the last asynchronous commit's are requested again. Acknowledged as
-                # nothing, that commit stayed outstanding, and no commit followed it until
-                # a rebalance (review "core41", suspected).
-                failed = list(self._sent_async)
+                # that commit's are requested again. Acknowledged as nothing, it stayed
+                # outstanding, and no commit followed it until a rebalance (review
+                # "core41", suspected).
+                failed = sent
         if done:
             # Offsets acknowledged: the window may have freed (see `consume`). Not for an
             # error answer: the offsets are requested again, and returning at once would
@@ -409,7 +413,7 @@ class KafkaSource:
                     return False
             else:
                 self._consumer.commit(offsets=parts, asynchronous=True)
-                self._sent_async = list(offsets)
+                self._sent_async.append(list(offsets))
                 self._unanswered += 1
                 if self._commit_waiting_since is None:
                     self._commit_waiting_since = time.monotonic()

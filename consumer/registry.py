@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 from urllib.parse import quote
 
 import fastavro
@@ -39,6 +39,7 @@ from consumer.codec import (
     SCHEMA_TEXT,
     DeepSchema,
     Renamed,
+    RenamedUnion,
     free_items,
     reader_for,
     self_referencing,
@@ -503,7 +504,9 @@ class Registry:
                 deep.reader = reader
                 parsed = deep
             elif reader is not SCHEMA:
-                parsed = Renamed(fresh, reader)
+                # A union root is a list, as `fresh` itself may be (typed as the lookup's).
+                parsed = (cast(Mapping[str, Any], RenamedUnion(fresh, reader))
+                          if isinstance(fresh, list) else Renamed(fresh, reader))
             else:
                 parsed = fresh
         with self._lock:

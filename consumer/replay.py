@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -810,14 +810,20 @@ def shown_key(key: bytes | None) -> str | None:
     return f"{key[:KEY_SHOWN].decode('utf-8', 'ignore')}… ({len(key)} bytes)"
 
 
-def _stdout_line(text: str) -> bool:
-    """Print one line; False when nobody reads stdout any more (`| head`, `| less` quit).
+def _stdout_json(doc: Mapping[str, Any]) -> bool:
+    """Print one JSON line; False when nobody reads stdout any more (`| head`, `| less`
+    quit).
 
     stdout then goes to /dev/null (Python's own advice), so the flush at exit cannot raise
     again. Raised through the run, it had published a batch and committed none of it: the
-    next run sent it all again (review "dlq33")."""
+    next run sent it all again (review "dlq33"). A stdout that cannot encode the line (an
+    ASCII or Latin-1 locale, a `josé` key) gets it with JSON's escapes: raised, it did the
+    same (review "replay41")."""
     try:
-        print(text, file=sys.stdout)
+        try:
+            print(json.dumps(doc, ensure_ascii=False), file=sys.stdout)
+        except UnicodeEncodeError:
+            print(json.dumps(doc), file=sys.stdout)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -827,8 +833,8 @@ def _stdout_line(text: str) -> bool:
 
 
 def _print_summary(summary: Summary, dry_run: bool, interrupted: bool) -> None:
-    _stdout_line(json.dumps({"summary": summary.as_dict(), "dry_run": dry_run,
-                             "interrupted": interrupted}))
+    _stdout_json({"summary": summary.as_dict(), "dry_run": dry_run,
+                  "interrupted": interrupted})
     for item in summary.over_limit_offsets[:50]:
         print(f"over replay limit (not replayed): {item}", file=sys.stderr)
     for item in summary.unrestored_offsets[:50]:
@@ -904,7 +910,7 @@ def main(args: argparse.Namespace) -> int:
     unread: list[bool] = []
 
     def report(line: dict[str, Any]) -> None:
-        if not unread and not _stdout_line(json.dumps(line, ensure_ascii=False)):
+        if not unread and not _stdout_json(line):
             unread.append(True)
             stop.set()
 
@@ -921,8 +927,11 @@ def main(args: argparse.Namespace) -> int:
                              from_start=args.from_start)
     except ReplayStuck as stuck:
         _print_summary(stuck.summary, args.dry_run, stop.is_set())
-        error_line(f"replay stopped: {stuck.args[0]}; the records before it are replayed "
-                   "and committed, a rerun starts at it", os.environ)
+        error_line(f"replay stopped: {stuck.args[0]}; " + (
+            "the listing stopped there: a dry run replays and commits nothing; run it again"
+            if args.dry_run else
+            "the records before it are replayed and committed, a rerun starts at it"),
+            os.environ)
         return 1
     _print_summary(summary, args.dry_run, stop.is_set())
     if stop.is_set():

@@ -631,3 +631,28 @@ def test_a_lowered_ensure_user_ttl_counts_from_the_shared_identify() -> None:
                      USERPILOT_ENSURE_USER_TTL_SECONDS="60")
     assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
     assert [c.purpose for c in run.client.calls] == ["ensure_user", "track"]
+
+
+def test_a_user_learned_from_redis_stays_trusted_while_redis_cannot_be_read() -> None:
+    """Review diff41: asked again after a minute, a user learned from Redis was identified
+    again whenever Redis could not answer (a failover): one identify per active user in
+    front of its Tracks. What Redis said last holds until that record would end."""
+    from consumer.dedup import user_key
+    from consumer.handler import SHARED_RECHECK_S
+
+    store = MemoryStore()
+    store.values[user_key(DIGEST, "u1")] = "86400000 ttl=86000000"
+    log = log_of(track("u1", 1))
+    run, _, _ = make(log, store, USERPILOT_ENSURE_USER="true")
+
+    async def scenario(source: Any) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "commit 1")
+        known = run.worker.handler.known
+        assert known is not None
+        known._users["u1"] -= SHARED_RECHECK_S + 1  # a minute later ...
+        store.fail = True  # ... Redis cannot be read
+        log[(TOPIC, 0)].append(Message(TOPIC, 0, 1, b"user", track("u1", 2)))
+        await until(lambda: source.committed().get((TOPIC, 0)) == 2, "commit 2")
+
+    assert drive(run, scenario) == 0
+    assert [c.purpose for c in run.client.calls] == ["track", "track"]

@@ -333,5 +333,12 @@ def test_a_failed_commit_that_names_no_partition_fails_the_last_sent() -> None:
     assert src.commit({("t", 0): 5, ("t", 1): 7}, wait=False)
     src._on_commit(KafkaError(KafkaError._TIMED_OUT), [])
     assert answers == [([], [("t", 0), ("t", 1)])]
+    # Two under way: each answer is its own commit's, oldest first (review "diff41").
+    assert src.commit({("t", 0): 6}, wait=False)
+    assert src.commit({("t", 1): 8}, wait=False)
+    src._on_commit(KafkaError(KafkaError._TIMED_OUT), [])
+    assert answers[-1] == ([], [("t", 0)])
+    src._on_commit(KafkaError(KafkaError._TIMED_OUT), [])
+    assert answers[-1] == ([], [("t", 1)])
     src._on_commit(None, [TopicPartition("t", 0, 5)])
     assert answers[-1] == ([(("t", 0), 5)], [])

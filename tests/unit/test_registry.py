@@ -810,6 +810,30 @@ def test_an_event_whose_records_have_other_names_is_read_as_ours(
     assert dict(event) == dict(ours)
 
 
+def test_a_union_of_records_per_event_type_is_read_as_ours() -> None:
+    """Several event types on one topic, the writer's root a union of records of their
+    own names (Confluent's multi-type topics): each branch is read as ours (review
+    "diff41")."""
+    track_event = _renamed(root="TrackEvent")
+    identify_event = copy.deepcopy(track_event)
+    identify_event["name"] = "IdentifyEvent"
+    # The second branch reuses the first's named records by name, as a union must.
+    for field in identify_event["fields"]:
+        if field["name"] == "context":
+            field["type"] = ["null", "io.datafly.signal.Context"]
+    writer = [track_event, identify_event]
+    registry = Registry("http://unused", client=_Docs(json.dumps(writer)))
+    ours = codec.decode(codec.encode(1, codec.to_record(SIGNAL_EVENT)), lambda _id: SCHEMA)
+    for branch in (0, 1):
+        body = io.BytesIO()
+        fastavro.schemaless_writer(body, fastavro.parse_schema(copy.deepcopy(writer)),
+                                   (f"io.datafly.signal.{writer[branch]['name']}",
+                                    codec.to_record(SIGNAL_EVENT)))
+        event = codec.decode(b"\x00\x00\x00\x00\x2a" + body.getvalue(),
+                             registry.writer_schema)
+        assert dict(event) == dict(ours), branch
+
+
 def test_a_renamed_writer_that_refers_to_itself_is_read_as_ours() -> None:
     """The pure-Python reader's path (`DeepSchema`) takes the renamed reader too."""
     writer = _renamed(root="TrackEvent")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -171,6 +172,45 @@ def test_a_closed_stdout_stops_the_run_like_an_interrupt_without_a_traceback(
 
 def _broken_pipe(*args: Any, **kwargs: Any) -> None:
     raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_stdout_that_cannot_encode_a_line_gets_it_escaped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ASCII stdout (PYTHONIOENCODING=ascii, a C locale) and a `josé` key: the line
+    raised before the batch's commit, and every rerun published the batch again (review
+    "replay41"). It is printed with JSON's escapes instead, and the run goes on."""
+    import io
+    import json
+
+    from consumer import replay
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+
+    def fake_run(*_: Any, report: Any, **__: Any) -> Any:
+        report({"key": "jos\u00e9", "message": "too long\u2026"})
+        return replay.Summary(replayed=1)
+
+    assert _main_with(fake_run, []) == 0
+    out.flush()
+    lines = out.buffer.getvalue().decode("ascii").splitlines()
+    assert json.loads(lines[0]) == {"key": "jos\u00e9", "message": "too long\u2026"}
+    assert json.loads(lines[-1])["summary"]["replayed"] == 1
+
+
+def test_a_stuck_dry_run_says_it_replayed_and_committed_nothing(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """It said "the records before it are replayed and committed" (review "replay41")."""
+    from consumer import replay
+
+    def fake_run(*_: Any, **__: Any) -> Any:
+        raise replay.ReplayStuck("dlq[0]@9: its original could not be read",
+                                 replay.Summary(replayed=4))
+
+    assert _main_with(fake_run, ["--dry-run", "--all"]) == 1
+    err = capfd.readouterr().err
+    assert "replayed and committed" not in err
+    assert "a dry run replays and commits nothing; run it again" in err
 
 
 @pytest.mark.parametrize(("unrestored", "code"), [([], 0), (["dlq[0]@4 (gone)"], 1)])
@@ -557,7 +597,8 @@ def test_header_values_that_are_not_utf8_are_read_not_a_crash(name: str) -> None
         "filtered" if name == "userpilot.error.reason" else "replay")
 
 
-@pytest.mark.parametrize("name", [b"\xff\xfe", b"bad\x00topic", b"\x00"])
+@pytest.mark.parametrize("name", [b"\xff\xfe", b"bad\x00topic", b"\x00", b"t" * 250,
+                                  b"t" * 600])
 def test_an_origin_that_is_not_a_topic_name_is_no_origin(name: bytes) -> None:
     """A NUL too (review "dlq41"): the Kafka client raised ValueError for it, out of the
     metadata lookup and `produce`, and every replay run stopped at that record."""
