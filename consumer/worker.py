@@ -367,6 +367,12 @@ class Worker:
         # they are down to CHAIN_RESUME.
         self._hot: dict[TP, tuple[ChainKey, int, float]] = {}
         self._stuck: set[ChainKey] = set()
+        # Events stuck chains may hold in the window together: taken past CHAIN_MAX so their
+        # partitions go on, they filled it, and every partition stopped behind one user
+        # whose head could not finish, for good when Userpilot refused that user's every
+        # event (its attempts wait for other deliveries to succeed; review "flow41").
+        # Past it the chain's partition is held again, as for a hot chain.
+        self._stuck_max = max(CHAIN_MAX, settings.max_in_flight // 2)
         self._finished = 0  # events to send that reached their outcome (event loop)
         # Dead letters the DLQ guard counted, committed once it moved past them (event loop).
         # Not capped by the window: a window full of held dead letters with nothing in
@@ -852,8 +858,10 @@ class Worker:
                            else decided_user(event.decision))
             if user:
                 chain = (tp[0], tp[1], user.encode() if isinstance(user, str) else user)
-                if scheduler.queued(chain) >= CHAIN_MAX and chain not in self._stuck:
-                    if tp not in self._hot:
+                stuck = chain in self._stuck
+                if (scheduler.queued(chain) >= CHAIN_MAX if not stuck
+                        else self._stuck_load(scheduler) >= self._stuck_max):
+                    if tp not in self._hot and not stuck:
                         log.info("%s[%d] held: one user has %d events in the window, sent one "
                                  "after another; the other partitions go on", tp[0], tp[1],
                                  CHAIN_MAX)
@@ -875,6 +883,10 @@ class Worker:
         self.commits.sending(tp, offset, self._window_family(event))
         scheduler.submit(event)
         return None
+
+    def _stuck_load(self, scheduler: Scheduler[Event]) -> int:
+        """Events of stuck chains in the window (see `_stuck_max`)."""
+        return sum(scheduler.queued(chain) for chain in self._stuck)
 
     def _release_hot(self, scheduler: Scheduler[Event]) -> None:
         """Let go of the partitions held for a chain (CHAIN_MAX) once it is down to
@@ -1018,7 +1030,10 @@ class Worker:
         if self._held_back and schema_window <= resume_level(limit):
             # Their waiting messages are taken again; the hot chains' wait for their own.
             self._held_back.intersection_update(self._hot)
-        if self._hot:
+        if self._hot or self._stuck:
+            # The stuck set too: a chain marked stuck is pruned once it drained, whether or
+            # not some partition is held (it kept a recovered user unbounded, review
+            # "flow41").
             self._release_hot(scheduler)
         # Partitions whose message waits (SCHEMA_WAIT window, a hot chain): paused, kept so.
         keep = self._held_back

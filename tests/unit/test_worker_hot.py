@@ -7,10 +7,12 @@ README "The notes matter here"). Held no longer than HOT_STALL_S without progres
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
 from consumer import codec
+from consumer.worker import CHAIN_MAX
 from tests.unit.test_worker import (
     SCHEMA_ID,
     TOPIC,
@@ -161,3 +163,115 @@ def test_a_hot_held_partition_revoked_and_assigned_again_is_consumed_to_its_end(
         await until(lambda: source.committed().get(tp) == 40, "everything after re-assign", 15)
 
     assert drive(run, scenario) == 0
+
+
+# ---------------------------------------------------------------- stuck chains (review flow41)
+# A stuck user's later events are taken past CHAIN_MAX so its partition goes on; stuck chains
+# together may hold at most half the window (`Worker._stuck_max`), past it their partitions
+# are held again. Unbounded, a stuck user's backlog filled the window and every partition
+# stopped behind it: for good when Userpilot refused that user's every event.
+
+WINDOW = 20
+STUCK_BACKLOG = 3 * WINDOW  # one user's events, the first held by Userpilot
+
+
+def test_a_stuck_users_backlog_larger_than_the_window_does_not_stop_the_other_partitions(
+) -> None:
+    log = {
+        (TOPIC, 0): [Message(TOPIC, 0, i, b"stuck", track("stuck", i))
+                     for i in range(STUCK_BACKLOG)],
+        (TOPIC, 1): [],
+    }
+    client = HeldUser()
+    run = make(log, registry=known_schema(), client=client,
+               WORKER_MAX_IN_FLIGHT=str(WINDOW), USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        # The stuck user's chain is marked stuck after HOT_STALL_S without progress.
+        await asyncio.sleep(3)
+        # Then other users' events arrive on partition 1.
+        source.log[(TOPIC, 1)].extend(
+            Message(TOPIC, 1, i, f"v{i}".encode(), track(f"v{i}", 1000 + i)) for i in range(60))
+        try:
+            # Partition 1's 60 users have nothing to do with the stuck user.
+            await until(lambda: source.committed().get((TOPIC, 1)) == 60,
+                        "partition 1 delivered while one user of partition 0 is stuck", 15)
+        finally:
+            client.release.set()
+
+    assert drive(run, scenario) == 0
+
+
+def test_a_registry_withholding_one_users_new_schema_holds_only_that_users_partition() -> None:
+    """The registry is down for schema id 8 only. One user's first event is on it; its later
+    events (cached schema) queue behind it in its chain, in the *track* window. Once the chain
+    is 'stuck' they fill that window, and partition 1 (cached schema, other users) stops until
+    the registry answers: the replica, not only the partition carrying the new schema
+    (worker.SCHEMA_WAIT's promise)."""
+
+    registry = WithheldSchema()
+    registry.writer_schema(7)
+    first = codec.encode(8, codec.to_record({
+        "type": "track", "event": "Feature Used", "userId": "x", "properties": {"seq": 0},
+        "context": {"consent": {"analytics": True}}, "timestamp": "2026-11-26T10:00:00.000Z",
+        "messageId": "x-0"}))
+    log = {
+        (TOPIC, 0): [Message(TOPIC, 0, 0, b"x", first)]
+        + [Message(TOPIC, 0, i, b"x", track("x", i)) for i in range(1, STUCK_BACKLOG)],
+        (TOPIC, 1): [],
+    }
+    run = make(log, registry=registry, WORKER_MAX_IN_FLIGHT=str(WINDOW),
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await asyncio.sleep(3)  # past HOT_STALL_S
+        source.log[(TOPIC, 1)].extend(
+            Message(TOPIC, 1, i, f"v{i}".encode(), track(f"v{i}", 1000 + i)) for i in range(60))
+        try:
+            await until(lambda: source.committed().get((TOPIC, 1)) == 60,
+                        "partition 1 (cached schema) delivered while the registry withholds 8",
+                        15)
+        finally:
+            registry.back = True
+
+    assert drive(run, scenario) == 0
+
+
+class HeldOnce(HeldUser):
+    """Holds user "stuck…"'s requests until `release`; after that answers at once."""
+
+
+def test_a_chain_once_stuck_is_bounded_by_chain_max_again_once_it_recovered() -> None:
+    first = 2 * CHAIN_MAX
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, b"stuck", track("stuck", i)) for i in range(first)]}
+    client = HeldOnce()
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
+    chain = (TOPIC, 0, b"stuck")
+    peak = [0]
+
+    async def watch() -> None:
+        while True:
+            if run.worker._scheduler is not None:
+                peak[0] = max(peak[0], run.worker._scheduler.queued(chain))
+            await asyncio.sleep(0.001)
+
+    async def scenario(source: FakeSource) -> None:
+        await asyncio.sleep(3)  # its head held past HOT_STALL_S: found stuck
+        assert chain in run.worker._stuck
+        client.release.set()
+        await until(lambda: source.committed().get((TOPIC, 0)) == first, "the first backlog", 10)
+        await asyncio.sleep(0.5)
+        assert not run.worker._stuck, "pruned once drained"
+        # The same user's next backlog, long after it recovered (Userpilot answers it now).
+        client.release = asyncio.Event()  # held again so the window shows what it takes
+        source.log[(TOPIC, 0)].extend(Message(TOPIC, 0, first + i, b"stuck",
+                                              track("stuck", first + i)) for i in range(150))
+        peak[0] = 0
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(1)  # under HOT_STALL_S: it is not stuck now
+        watcher.cancel()
+        client.release.set()
+        await until(lambda: source.committed().get((TOPIC, 0)) == first + 150, "the rest", 10)
+
+    assert drive(run, scenario) == 0
+    assert peak[0] <= CHAIN_MAX, f"one user's chain took {peak[0]} places of the window"
