@@ -291,6 +291,8 @@ class Worker:
         # share), and the messageId deduplicator when Redis is configured.
         self.shared = shared or build_shared_state(settings, metrics, FAMILIES)
         self.gate = Gate(on_change=self._gate_changed)  # probes: 0.5 s doubling to 5 s
+        self._window_full = False  # `_backpressure`: the fullest window at its limit
+        self.gate.window_full = lambda: self._window_full
         policy = RetryPolicy(
             self.gate, max_attempts=settings.retry_max_attempts,
             budget_s=settings.retry_budget_s, on_retry=self._count_retry,
@@ -1026,6 +1028,7 @@ class Worker:
             await source.call(self._commit, source, None, False)
             fullest, families, schema_window = self._window_load()
         pending = fullest
+        self._window_full = fullest >= limit
         self._schema_window = schema_window
         if self._held_back and schema_window <= resume_level(limit):
             # Their waiting messages are taken again; the hot chains' wait for their own.
