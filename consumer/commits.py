@@ -355,3 +355,10 @@ class Commits:
         """A copy of the acknowledged offsets (logs, the demo, tests)."""
         with self._lock:
             return dict(self._committed)
+
+    def committed_finished(self) -> dict[TP, tuple[int, Finished]]:
+        """Per partition, the acknowledged offset and the offsets above it its note names
+        finished: what the next owner will not read again."""
+        with self._lock:
+            return {tp: (offset, decode_note(self._committed_notes.get(tp), offset))
+                    for tp, offset in self._committed.items()}

@@ -100,6 +100,7 @@ class Failure:
     last_attempt: float | None = None
     at: float | None = None  # wall time it was dead-lettered (`replay --since/--until`)
     call: str = ""  # the request that failed (`ensure_user POST /v1/identify`); "" if none
+    worker: str = ""  # the worker run that wrote it (`Handler.instance`): `replay --skip-void`
 
 
 def iso_ms(ts: float) -> str:
@@ -252,6 +253,7 @@ def dlq_headers(
         ("userpilot.error.first_attempt", _iso(failure.first_attempt)),
         ("userpilot.error.last_attempt", _iso(failure.last_attempt)),
         ("userpilot.error.dead_lettered_at", _iso(failure.at)),
+        ("userpilot.error.worker", failure.worker.encode("utf-8", "replace")),
     ]
     if header_value(kept, REPLAY_COUNT) is None:
         added.append((REPLAY_COUNT, b"0"))

@@ -965,7 +965,7 @@ class Handler:
             reason=reason, exception_class=type(exc).__name__, message=str(exc),
             status=exc.status, body=exc.body, attempts=event.attempts.count,
             first_attempt=event.attempts.first_wall, last_attempt=event.attempts.last_wall,
-            at=time.time(), call=exc.call,
+            at=time.time(), call=exc.call, worker=self.instance,
         )
         record = dead_letter_record(
             key=event.key, value=event.value, headers=event.headers,

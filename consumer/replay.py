@@ -84,9 +84,9 @@ class Filters:
     partitions: frozenset[int] = frozenset()
     max_replays: int = 3
     calls: frozenset[str] = frozenset()  # the failed call's purpose (`CALLS`)
-    # Per source partition, the offset from which its dead letters are left out (`--skip-from`):
-    # after a DLQ guard trip, the events the workers read again.
-    skip_from: frozenset[tuple[str, int, int]] = frozenset()
+    # Dead letters left out (`--skip-void`): (the worker run that wrote them, source topic,
+    # partition, offset ranges); after a DLQ guard trip, the events the workers read again.
+    skip_void: frozenset[tuple[str, str, int, tuple[tuple[int, int], ...]]] = frozenset()
 
 
 CALLS = ("track", "ensure_user", "identify", "company_identify", "associate_company")
@@ -205,11 +205,13 @@ def decide(headers: Sequence[Header] | None, partition: int, offset: int,
             return "filtered"
     if filters.calls and failed_call(headers) not in filters.calls:
         return "filtered"
-    if filters.skip_from:
+    if filters.skip_void:
         source = source_of(headers)
-        if source is not None and any(
-                (topic, part) == source[:2] and source[2] >= start
-                for topic, part, start in filters.skip_from):
+        worker = _text(header_value(headers, "userpilot.error.worker"))
+        if source is not None and worker and any(
+                (run, topic, part) == (worker, *source[:2])
+                and any(low <= source[2] <= high for low, high in ranges)
+                for run, topic, part, ranges in filters.skip_void):
             return "filtered"
     if filters.since is not None or filters.until is not None:
         when = _when(headers, timestamp_ms)
@@ -309,7 +311,7 @@ def default_group(dlq_topic: str, filters: Filters) -> str:
         "partitions": sorted(selection.partitions),
         # Only when given: the groups of the selections made before --call existed stay.
         **({"calls": sorted(selection.calls)} if selection.calls else {}),
-        **({"skip_from": sorted(selection.skip_from)} if selection.skip_from else {})},
+        **({"skip_void": sorted(selection.skip_void)} if selection.skip_void else {})},
         sort_keys=True)
     return f"{base}.{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
@@ -338,15 +340,25 @@ def _time(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _skip_from(text: str) -> tuple[str, int, int]:
-    """`TOPIC:PARTITION@OFFSET` (a topic name holds neither `:` nor `@`)."""
-    where, _, offset = text.strip().rpartition("@")
-    topic, _, partition = where.rpartition(":")
-    if not (topic and partition.isascii() and partition.isdigit() and offset.isascii()
-            and offset.isdigit()):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not TOPIC:PARTITION@OFFSET, e.g. events:0@1234")
-    return topic, int(partition), int(offset)
+def _skip_void(text: str) -> tuple[str, str, int, tuple[tuple[int, int], ...]]:
+    """`WORKER/TOPIC:PARTITION@OFFSETS`, OFFSETS as `5,7-9` (a topic name holds none of
+    `/`, `:`, `@`; a worker's name, `host-pid-tag`, no `/`)."""
+    refused = argparse.ArgumentTypeError(
+        f"{text!r} is not WORKER/TOPIC:PARTITION@OFFSETS, e.g. "
+        "worker-0-12-a1b2c3/events:0@1234,1240-1250 (as a DLQ guard trip names them)")
+    where, _, offsets = text.strip().rpartition("@")
+    worker, _, place = where.partition("/")
+    topic, _, partition = place.rpartition(":")
+    if not (worker and topic and partition.isascii() and partition.isdigit() and offsets):
+        raise refused
+    ranges = []
+    for item in offsets.split(","):
+        low, dash, high = item.partition("-")
+        if not (low.isascii() and low.isdigit() and (not dash or (high.isascii()
+                                                                  and high.isdigit()))):
+            raise refused
+        ranges.append((int(low), int(high) if dash else int(low)))
+    return worker, topic, int(partition), tuple(sorted(ranges))
 
 
 def _until(text: str) -> datetime:
@@ -414,11 +426,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only this DLQ partition (repeatable)")
     p.add_argument("--from-offset", type=_count, help="first DLQ offset to consider")
     p.add_argument("--to-offset", type=_count, help="last DLQ offset to consider")
-    p.add_argument("--skip-from", type=_skip_from, action="append", default=[],
-                   metavar="TOPIC:PARTITION@OFFSET",
-                   help="leave out the dead letters of that source partition's events at or "
-                   "past OFFSET (repeatable): after a DLQ guard trip, the events the fixed "
-                   "workers read again, as the worker's CRITICAL line names them")
+    p.add_argument("--skip-void", type=_skip_void, action="append", default=[],
+                   metavar="WORKER/TOPIC:PARTITION@OFFSETS",
+                   help="leave out the dead letters WORKER wrote of those events (repeatable; "
+                   "OFFSETS like 5,7-9): after a DLQ guard trip, those the fixed workers "
+                   "read again, as the worker's CRITICAL line names them")
     p.add_argument("--max-replays", type=_count, default=None,
                    help="replay limit per event (default: $WORKER_REPLAY_MAX or 3)")
     p.add_argument("--group", default=None,
@@ -891,7 +903,7 @@ def main(args: argparse.Namespace) -> int:
         statuses=frozenset(args.status), since=args.since,
         until=args.until, from_offset=args.from_offset, to_offset=args.to_offset,
         partitions=frozenset(args.partition), max_replays=max_replays,
-        calls=frozenset(args.call), skip_from=frozenset(args.skip_from),
+        calls=frozenset(args.call), skip_void=frozenset(args.skip_void),
     )
     conf: dict[str, Any] = settings.kafka_config()
     from consumer import reach

@@ -44,7 +44,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -653,31 +653,36 @@ class Worker:
             self.handler.unhalt(parts)
 
     def _name_void_dead_letters(self) -> None:
-        """After a trip's final commit: the dead letters this run wrote at or past their
-        partitions' committed offsets are of events the fixed workers read and deliver
-        again. Replayed as well (the runbook said to replay what the DLQ held), each was
-        sent twice (review "dlq33"). The time they start at is what `replay --until`
-        needs. A partition this run never committed counts whole."""
-        committed = self.commits.committed()
-        void = [(tp, offset, at) for tp, offset, at in self._dead_letters
-                if offset >= committed.get(tp, -1)]
-        if not void:
+        """After a trip's final commit: the dead letters this run wrote of events its
+        partitions' commits do not cover (at or past the committed offset, and not named
+        finished by its note) are of events the fixed workers read and deliver again.
+        Replayed as well (the runbook said to replay what the DLQ held), each was sent twice
+        (review "dlq33").
+
+        Named by this run (`userpilot.error.worker`) and their source offsets, for `replay
+        --skip-void`: named by time (`--until`), or by source offset alone, replay left out
+        dead letters that were committed (another partition's written later; one the note
+        covers; one another replica wrote of the same event after this one lost its
+        partition), and those were never delivered (reviews "dlq41", "diff41b"). A line left
+        out makes replay send those events twice, never lose one."""
+        covered = self.commits.committed_finished()
+        void: dict[TP, list[int]] = {}
+        since: float | None = None
+        for tp, offset, at in self._dead_letters:
+            base, finished = covered.get(tp, (-1, None))
+            if offset < base or (finished is not None and finished.covers(offset)):
+                continue
+            void.setdefault(tp, []).append(offset)
+            since = at if since is None else min(since, at)
+        if since is None:
             return
-        # Named by source partition and offset, not by time: another partition's dead
-        # letters committed after the earliest void one were left out by the `--until` this
-        # line gave, and never replayed (review "dlq41"). From the partition's commit (a
-        # restart's void dead letters of the same events are past it too), or, never
-        # committed by this run, from its first void dead letter.
-        starts: dict[TP, int] = {}
-        for tp, offset, _ in void:
-            starts[tp] = min(starts.get(tp, offset), offset)
-        skips = " ".join(f"--skip-from {tp[0]}:{tp[1]}@{committed.get(tp, start)}"
-                         for tp, start in sorted(starts.items()))
-        log.critical("the dead letters this run wrote since %s are not committed: once the "
-                     "cause is fixed the workers read those events again and deliver them, so "
-                     "do not replay them; replay the others: `python -m consumer replay "
-                     "--from %s %s` (with each tripped replica's --skip-from)",
-                     iso_ms(min(at for _, _, at in void)), self.s.dlq_topic, skips)
+        skips = " ".join(f"--skip-void {self.handler.instance}/{tp[0]}:{tp[1]}@"
+                         f"{_ranges(offsets)}" for tp, offsets in sorted(void.items()))
+        log.critical("the dead letters this run wrote since %s of %d events are not committed: "
+                     "once the cause is fixed the workers read those events again and deliver "
+                     "them, so do not replay them; replay the others: `python -m consumer "
+                     "replay --from %s %s` (with every tripped run's --skip-void)",
+                     iso_ms(since), sum(len(v) for v in void.values()), self.s.dlq_topic, skips)
 
     def _crash(self, exc: BaseException) -> None:
         if not isinstance(self.fatal, DlqGuardTripped):
@@ -1419,6 +1424,22 @@ class Worker:
             assigned = set(self.assigned)
             paused = set(self.paused)
         self.lag.on_stats(stats, assigned, paused)
+
+def _ranges(offsets: Iterable[int]) -> str:
+    """Offsets as `replay --skip-void` takes them: `5,7-9`."""
+    out: list[str] = []
+    low = high = None
+    for offset in sorted(set(offsets)):
+        if high is not None and offset == high + 1:
+            high = offset
+            continue
+        if low is not None:
+            out.append(f"{low}" if low == high else f"{low}-{high}")
+        low = high = offset
+    if low is not None:
+        out.append(f"{low}" if low == high else f"{low}-{high}")
+    return ",".join(out)
+
 
 def _fmt(parts: Sequence[TP]) -> str:
     return ",".join(f"{t}[{p}]" for t, p in sorted(parts)) or "nothing"

@@ -696,33 +696,45 @@ def test_a_record_time_past_year_9999_is_no_time_not_a_stop(timestamp_ms: int) -
     assert decide(headers, 0, 0, timestamp_ms, Filters()) == "replay"
 
 
-def test_skip_from_leaves_out_a_source_partitions_dead_letters_from_that_offset() -> None:
-    """`--skip-from TOPIC:PARTITION@OFFSET` (what a DLQ guard trip names, review dlq41):
-    that partition's dead letters at or past OFFSET are left out; the rest replay."""
+def test_skip_void_leaves_out_only_the_named_runs_dead_letters_of_those_events() -> None:
+    """`--skip-void WORKER/TOPIC:PARTITION@OFFSETS` (what a DLQ guard trip names, reviews
+    dlq41, diff41b): that run's dead letters of those events are left out; another run's of
+    the same events (written after the partition moved) and the rest replay."""
     from consumer.__main__ import build_parser
 
-    def headers(topic: str, partition: int, offset: int) -> list[tuple[str, bytes | None]]:
-        return [(k, (topic.encode() if k == "__connect.errors.topic"
-                     else str(partition).encode() if k == "__connect.errors.partition"
-                     else str(offset).encode() if k == "__connect.errors.offset" else v))
-                for k, v in _undecodable(NOW)]
+    def headers(worker: str, topic: str, partition: int, offset: int
+                ) -> list[tuple[str, bytes | None]]:
+        values = {"__connect.errors.topic": topic.encode(),
+                  "__connect.errors.partition": str(partition).encode(),
+                  "__connect.errors.offset": str(offset).encode(),
+                  "userpilot.error.worker": worker.encode()}
+        return [(k, values.get(k, v)) for k, v in _undecodable(NOW)] + (
+            [] if "userpilot.error.worker" in dict(_undecodable(NOW))
+            else [("userpilot.error.worker", worker.encode())])
 
-    args = build_parser().parse_args(["replay", "--from", "dlq", "--skip-from", "ev:0@5",
-                                      "--skip-from", "other.topic:12@0"])
-    filters = Filters(skip_from=frozenset(args.skip_from))
-    assert filters.skip_from == {("ev", 0, 5), ("other.topic", 12, 0)}
-    assert decide(headers("ev", 0, 4), 0, 1, None, filters) == "replay"
-    assert decide(headers("ev", 0, 5), 0, 1, None, filters) == "filtered"
-    assert decide(headers("ev", 1, 9), 0, 1, None, filters) == "replay"
-    assert decide(headers("other.topic", 12, 0), 0, 1, None, filters) == "filtered"
+    args = build_parser().parse_args(["replay", "--from", "dlq", "--skip-void",
+                                      "pod-a-7-abc123/ev:0@5,7-9", "--skip-void",
+                                      "pod.b-8-def456/other.topic:12@0"])
+    filters = Filters(skip_void=frozenset(args.skip_void))
+    assert filters.skip_void == {("pod-a-7-abc123", "ev", 0, ((5, 5), (7, 9))),
+                                 ("pod.b-8-def456", "other.topic", 12, ((0, 0),))}
+    run = "pod-a-7-abc123"
+    for offset, verdict in ((4, "replay"), (5, "filtered"), (6, "replay"), (7, "filtered"),
+                            (9, "filtered"), (10, "replay")):
+        assert decide(headers(run, "ev", 0, offset), 0, 1, None, filters) == verdict, offset
+    assert decide(headers("pod-c-9-0a0b0c", "ev", 0, 5), 0, 1, None, filters) == "replay"
+    assert decide(headers(run, "ev", 1, 5), 0, 1, None, filters) == "replay"
+    assert decide(headers("pod.b-8-def456", "other.topic", 12, 0), 0, 1, None,
+                  filters) == "filtered"
     assert default_group("dlq", filters) != default_group("dlq", Filters())
 
 
-@pytest.mark.parametrize("bad", ["ev@5", "ev:x@5", "ev:0", ":0@5", "ev:0@-1"])
-def test_skip_from_refuses_what_is_not_topic_partition_offset(
+@pytest.mark.parametrize("bad", ["ev:0@5", "w/ev@5", "w/ev:x@5", "w/ev:0", "w/:0@5",
+                                 "w/ev:0@-1", "w/ev:0@5-", "w/ev:0@a-b", "/ev:0@5"])
+def test_skip_void_refuses_what_is_not_worker_topic_partition_offsets(
         bad: str, capsys: pytest.CaptureFixture[str]) -> None:
     from consumer.__main__ import build_parser
 
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["replay", "--from", "dlq", "--skip-from", bad])
-    assert "TOPIC:PARTITION@OFFSET" in capsys.readouterr().err
+        build_parser().parse_args(["replay", "--from", "dlq", "--skip-void", bad])
+    assert "WORKER/TOPIC:PARTITION@OFFSETS" in capsys.readouterr().err

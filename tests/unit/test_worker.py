@@ -867,37 +867,46 @@ def test_the_dlq_guard_stops_the_worker_with_exit_code_3_and_commits_nothing_pas
     assert f"since {datetime.fromisoformat(first).isoformat(timespec='milliseconds')}" in said
     command = said.split("`")[1]
     assert command == (f"python -m consumer replay --from {TOPIC}.userpilot.dlq "
-                       f"--skip-from {TOPIC}:0@0"), command
+                       f"--skip-void {run.worker.handler.instance}/{TOPIC}:0@0-2"), command
     _assert_replay_skips(command, run.dlq.records, skipped=True)
 
 
-def test_a_trip_names_each_partitions_uncommitted_dead_letters_by_offset_not_by_time() -> None:
-    """Review dlq41: named by the earliest uncommitted dead letter's time, `replay --until`
-    left out another partition's dead letters committed after it (partition 0's commit held
-    back by a retrying event): never replayed, never read again."""
+def test_a_trip_names_exactly_the_dead_letters_its_commits_do_not_cover() -> None:
+    """Reviews dlq41, diff41b: named by time (`--until`), replay left out another
+    partition's dead letters committed after it; named by source offset alone, one the
+    commit's note covers, and another run's of the same event. Now this run's own, of the
+    events at or past each commit and not in its note."""
     from consumer.deadletter import Failure, dead_letter_record
+    from consumer.offsets import encode_note
 
     run = make(log_of(track("u1", 0)))
     a, b = (TOPIC, 0), (TOPIC, 1)
-    run.worker.commits._committed.update({a: 5, b: 10})
-    # (partition, offset, dead-lettered at): a's void one early, b's committed one late.
+    commits = run.worker.commits
+    commits._committed.update({a: 5, b: 10})
+    commits._committed_notes[b] = encode_note(10, [(11, 12)])  # 11-12 finished above 10
+    # (partition, offset, dead-lettered at): a's void one early, b's committed one late,
+    # b's 12 covered by the note.
     run.worker._dead_letters.extend([(a, 3, 100.0), (a, 6, 101.0), (b, 7, 150.0),
-                                     (b, 12, 160.0)])
+                                     (b, 12, 160.0), (b, 13, 161.0), (b, 14, 162.0),
+                                     (b, 16, 163.0)])
     with _caught("consumer.worker") as lines:
         run.worker._name_void_dead_letters()
     (said,) = lines
+    me = run.worker.handler.instance
     command = said.split("`")[1]
-    assert command.endswith(f"--skip-from {TOPIC}:0@5 --skip-from {TOPIC}:1@10"), command
+    assert command.endswith(f"--skip-void {me}/{TOPIC}:0@6 --skip-void {me}/{TOPIC}:1@13-14,16"
+                            ), command
 
-    def letter(partition: int, offset: int) -> Any:
+    def letter(partition: int, offset: int, worker: str = me) -> Any:
         record = dead_letter_record(
             key=b"u1", value=b"x", headers=None, timestamp_ms=None, topic=TOPIC,
             partition=partition, offset=offset,
-            failure=Failure("bad_request", "Rejected", "no", status=400))
+            failure=Failure("bad_request", "Rejected", "no", status=400, worker=worker))
         return DeadLetter(TOPIC, record.value, {k: v or b"" for k, v in record.headers})
 
-    _assert_replay_skips(command, [letter(0, 6), letter(1, 12)], skipped=True)
-    _assert_replay_skips(command, [letter(0, 3), letter(1, 7)], skipped=False)
+    _assert_replay_skips(command, [letter(0, 6), letter(1, 13), letter(1, 16)], skipped=True)
+    _assert_replay_skips(command, [letter(0, 3), letter(1, 7), letter(1, 12), letter(1, 15),
+                                   letter(0, 6, "another-run-1-abcdef")], skipped=False)
 
 
 def _assert_replay_skips(command: str, records: Sequence[Any], *, skipped: bool) -> None:
@@ -907,7 +916,7 @@ def _assert_replay_skips(command: str, records: Sequence[Any], *, skipped: bool)
     from consumer.replay import Filters, decide
 
     args = build_parser().parse_args(command.split()[3:])
-    filters = Filters(skip_from=frozenset(args.skip_from))
+    filters = Filters(skip_void=frozenset(args.skip_void))
     for record in records:
         headers = list(record.headers.items())
         verdict = decide(headers, 0, 0, None, filters)
