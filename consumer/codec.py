@@ -49,6 +49,7 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_TEXT",
     "DeepSchema",
+    "DeepUnion",
     "Event",
     "Renamed",
     "RenamedUnion",
@@ -124,6 +125,12 @@ class DeepSchema(dict[str, Any]):
     """
 
     reader: Any = SCHEMA  # or ours under the writer's record names (`reader_for`)
+
+
+class DeepUnion(list[Any]):
+    """`DeepSchema`, for a writer schema that is a union (of records)."""
+
+    reader: Any = SCHEMA
 
 
 class Renamed(dict[str, Any]):
@@ -881,7 +888,8 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     reader = None if writer is SCHEMA else getattr(writer, "reader", SCHEMA)  # `Renamed`
     try:
         try:
-            if writer.__class__ is DeepSchema:
+            kind: type = writer.__class__  # a union root (`DeepUnion`) is a list
+            if kind is DeepSchema or kind is DeepUnion:
                 record = _read_deep(stream, writer, reader, handle_unicode_errors="replace")
             else:
                 record = _read_record(stream, writer, reader)

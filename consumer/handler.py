@@ -534,8 +534,16 @@ class Handler:
         """Events taken whose writer schema the registry has not given yet (event loop):
         `userpilot_events_waiting_schema`. Not the SCHEMA_WAIT window, which keeps them
         until their offsets are committed: the gauge read a full window while the registry
-        had answered and Userpilot was slow (review "metrics41")."""
-        return len(self._undecided)
+        had answered and Userpilot was slow (review "metrics41"); nor every event taken
+        undecided, which a user's later events stay until their turn (review "diff41b")."""
+        waiting = 0
+        for event in self._undecided.values():
+            value = event.value
+            if (value is not None and len(value) >= 5
+                    and self.registry.cached(int.from_bytes(value[1:5], "big", signed=True))
+                    is None):
+                waiting += 1
+        return waiting
 
     def order_writes(self, event: Event) -> None:
         """A numbered event's company writes join their companies' lines: at intake, or,

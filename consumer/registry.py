@@ -38,6 +38,7 @@ from consumer.codec import (
     SCHEMA,
     SCHEMA_TEXT,
     DeepSchema,
+    DeepUnion,
     Renamed,
     RenamedUnion,
     free_items,
@@ -498,11 +499,20 @@ class Registry:
                 schema_id, f"schema id {schema_id} has an array whose items take no bytes "
                 f"({free}): a count alone could make the reader loop for ever; refused")
         else:
-            reader = reader_for(fresh, named)  # ours, or ours under the writer's names
+            try:
+                reader = reader_for(fresh, named)  # ours, or ours under the writer's names
+            except Exception as exc:  # never an outage: retried, it held its partition
+                self._unusable_schema(
+                    schema_id, f"schema id {schema_id} cannot be read as a Signal event "
+                    f"({type(exc).__name__}: {str(exc)[:200]})")
             if self_referencing(named):
-                deep = DeepSchema(fresh)  # read without recursion in C (see DeepSchema)
+                # Read without recursion in C (see DeepSchema); a union root is a list, and
+                # made a dict it raised outside these checks: retried as an outage, for
+                # ever (review "diff41b").
+                deep: DeepSchema | DeepUnion = (DeepUnion(fresh) if isinstance(fresh, list)
+                                                else DeepSchema(fresh))
                 deep.reader = reader
-                parsed = deep
+                parsed = cast(Mapping[str, Any], deep)
             elif reader is not SCHEMA:
                 # A union root is a list, as `fresh` itself may be (typed as the lookup's).
                 parsed = (cast(Mapping[str, Any], RenamedUnion(fresh, reader))

@@ -845,6 +845,23 @@ def test_a_renamed_writer_that_refers_to_itself_is_read_as_ours() -> None:
     assert dict(_decoded(writer, registry)) == dict(ours)
 
 
+def test_a_union_root_whose_record_refers_to_itself_is_read_as_ours() -> None:
+    """Made a `DeepSchema` (a dict) of a list, it raised outside the schema's checks and was
+    retried as a registry outage, for ever: its partition stalled (review "diff41b")."""
+    track_event = _renamed(root="TrackEvent")
+    track_event["fields"].append({"name": "previous", "type": ["null", "TrackEvent"],
+                                  "default": None})
+    writer: list[Any] = ["null", track_event]
+    registry = Registry("http://unused", client=_Docs(json.dumps(writer)))
+    assert isinstance(registry.writer_schema(42), codec.DeepUnion)
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(copy.deepcopy(writer)),
+                               ("io.datafly.signal.TrackEvent", codec.to_record(SIGNAL_EVENT)))
+    ours = codec.decode(codec.encode(1, codec.to_record(SIGNAL_EVENT)), lambda _id: SCHEMA)
+    event = codec.decode(b"\x00\x00\x00\x00\x2a" + body.getvalue(), registry.writer_schema)
+    assert dict(event) == dict(ours)
+
+
 def test_a_renamed_record_kept_in_a_subject_of_its_own_is_read_as_ours() -> None:
     from consumer.registry import Reference
 
