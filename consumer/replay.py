@@ -357,6 +357,9 @@ def _skip_void(text: str) -> tuple[str, str, int, tuple[tuple[int, int], ...]]:
         if not (low.isascii() and low.isdigit() and (not dash or (high.isascii()
                                                                   and high.isdigit()))):
             raise refused
+        if dash and int(high) < int(low):  # matching nothing, it would skip nothing
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: the range {item} runs backwards; write it {high}-{low}")
         ranges.append((int(low), int(high) if dash else int(low)))
     return worker, topic, int(partition), tuple(sorted(ranges))
 

@@ -45,7 +45,7 @@ class SandboxConfig:
     def __post_init__(self) -> None:
         if not 0 < self.rate_window_seconds < math.inf:  # nan too: it lifted the limit
             raise ValueError("rate_window_seconds must be a positive number of seconds")
-        if self.delete_interval_seconds < 0:
+        if not 0 <= self.delete_interval_seconds < math.inf:  # nan, inf: a broken DELETE
             raise ValueError("delete_interval_seconds must be 0 (no limit) or positive")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")

@@ -730,7 +730,8 @@ def test_skip_void_leaves_out_only_the_named_runs_dead_letters_of_those_events()
 
 
 @pytest.mark.parametrize("bad", ["ev:0@5", "w/ev@5", "w/ev:x@5", "w/ev:0", "w/:0@5",
-                                 "w/ev:0@-1", "w/ev:0@5-", "w/ev:0@a-b", "/ev:0@5"])
+                                 "w/ev:0@-1", "w/ev:0@5-", "w/ev:0@a-b", "/ev:0@5",
+                                 "w/ev:0@9-7"])
 def test_skip_void_refuses_what_is_not_worker_topic_partition_offsets(
         bad: str, capsys: pytest.CaptureFixture[str]) -> None:
     from consumer.__main__ import build_parser

@@ -60,6 +60,9 @@ def test_bad_flags_exit_with_usage_error(capsys: pytest.CaptureFixture[str]) -> 
     # Review config40: a window of nan or inf lifted the rate limit without a word.
     (["--rate-window=nan"], "rate_window_seconds must be a positive number of seconds"),
     (["--rate-window=inf"], "rate_window_seconds must be a positive number of seconds"),
+    # Review cli41: inf broke the second DELETE's answer; nan read as a 1 s interval.
+    (["--delete-interval=inf"], "delete_interval_seconds must be 0 (no limit) or positive"),
+    (["--delete-interval=nan"], "delete_interval_seconds must be 0 (no limit) or positive"),
 ])
 def test_flags_that_would_hang_or_crash_it_are_usage_errors(
         argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
