@@ -53,6 +53,7 @@ class Commits:
         # `restart`; an event finishes under the generation it was taken in.
         self._generations: dict[TP, int] = {}
         self._next_generation = itertools.count(1)
+        self._latest: dict[TP, int] = {}  # per partition, its latest generation (kept)
         # Partitions whose log went back (`restart`): librdkafka's position still names
         # the old log until the new one is read up to it, so `passed` ignores it until
         # it is no further than the new log's last offset taken + 1.
@@ -68,7 +69,7 @@ class Commits:
     def _track_anew(self, tp: TP) -> None:
         """A fresh tracker and commit record for `tp`, under a new generation. Lock held."""
         self._offsets[tp] = PartitionOffsets()
-        self._generations[tp] = next(self._next_generation)
+        self._generations[tp] = self._latest[tp] = next(self._next_generation)
         for known in (self._committed, self._requested, self._notes,
                       self._committed_notes, self._unanswered):
             known.pop(tp, None)
@@ -137,6 +138,12 @@ class Commits:
                 return 0
             tracker.started(offset)
             return self._generations[tp]
+
+    def latest_generation(self, tp: TP) -> int:
+        """The generation of `tp`'s latest assignment, released since or not (0: never
+        assigned): a DLQ guard trip names only its dead letters (`Worker`)."""
+        with self._lock:
+            return self._latest.get(tp, 0)
 
     def owns(self, tp: TP) -> bool:
         """`tp` is assigned: its messages may be taken (asked once per slice of a polled

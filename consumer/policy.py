@@ -104,8 +104,6 @@ class Gate:
         self._up_total = 0.0
         self._up_since: float | None = clock()
         self._running = 0  # events in their attempts (`enter` .. `leave`)
-        # Whether the worker can take no more events (its window is full): set by the worker.
-        self.window_full: Callable[[], bool] = lambda: False
         self._watches: dict[asyncio.Task[object], _Watch] = {}  # waits a closing cuts short
 
     def up_time(self) -> float:
@@ -143,17 +141,6 @@ class Gate:
         for 15 s after a 15 s spell of 429s (31 s on one shared budget; review "rate21").
         Cut short, they give their permits back at once and reserve nothing more."""
         return _Watch(self)
-
-    def cornered(self) -> bool:
-        """One event alone in its attempts while the worker's window is full: no other event
-        can be tried, so its failures are its own, not evidence about Userpilot.
-
-        Why: the window counts the events taken and not committed; behind an event that
-        Userpilot answered 5xx for good, its partition's later events were delivered and
-        filled it. Nothing else could then succeed, so that event's attempts never counted
-        (they wait for another delivery), its failures in a row closed the gate, and it
-        alone probed it, failing: the replica stalled for good (review "flow41")."""
-        return self._running == 1 and self.window_full()
 
     def enter(self) -> None:
         """An event starts its attempts."""
@@ -279,8 +266,7 @@ class Gate:
             self._changed.set()
 
     def transient_failure(self, exc: Retry, probe: bool = False) -> None:
-        if not self.cornered():  # its own failures, not a run that says Userpilot is down
-            self._consecutive += 1
+        self._consecutive += 1
         if self.state == "up" and self._consecutive >= self._outage_after:
             self._next_probe = self._clock() + self._probe_wait(exc.retry_after)
             hint = ("; Userpilot is limiting this token: another sender uses it, or "
@@ -446,8 +432,7 @@ class RetryPolicy:
             return False
         spent_up = self._gate.up_time() - attempts.first_up - attempts.limited_up
         used = attempts.answered >= self._max_attempts or spent_up >= self._budget
-        return used and (self._gate.evidence(endpoint, id(attempts), attempts.first_mono)
-                         or self._gate.cornered())
+        return used and self._gate.evidence(endpoint, id(attempts), attempts.first_mono)
 
     def _stop(self, state: RetryCallState, attempts: Attempts, endpoint: str | None) -> bool:
         exc = state.outcome.exception() if state.outcome else None
@@ -577,8 +562,7 @@ class RetryPolicy:
                 attempts.limited_since = None
             if not probe and self._gate.state == "up" and (
                     attempts.answered == 0 or attempts.last_mono is None
-                    or self._gate.evidence(endpoint, id(attempts), attempts.last_mono)
-                    or self._gate.cornered()):
+                    or self._gate.evidence(endpoint, id(attempts), attempts.last_mono)):
                 if attempts.answered == 0:
                     attempts.first_mono = now
                     attempts.first_up = self._gate.up_time()

@@ -1019,27 +1019,3 @@ def test_a_closed_gate_stays_closed_while_an_event_waits_at_it() -> None:
     send = Script([ServerError("503")] * 3 + [None], lambda call: states.append(gate.state))
     run(policy(gate, clock, sleep, max_attempts=100).run(send, Attempts()))
     assert states == ["up", "outage", "outage", "outage"]
-
-
-def test_an_event_is_cornered_only_alone_in_its_attempts_with_the_window_full() -> None:
-    """Review flow41: its failures are then its own (nothing else can be tried), and close
-    no gate; in an outage with a full window every event waits in its attempts (never
-    alone), and at low traffic the window is not full."""
-    gate = Gate(outage_after=2)
-    full = [True]
-    gate.window_full = lambda: full[0]
-    gate.enter()
-    assert gate.cornered()
-    gate.enter()
-    assert not gate.cornered(), "another event is in its attempts"
-    gate.leave()
-    full[0] = False
-    assert not gate.cornered(), "the window is not full: new events can still be tried"
-    full[0] = True
-    for _ in range(3):
-        gate.transient_failure(ServerError("HTTP 503", status=503))
-    assert gate.state == "up", "a cornered event's failures close no gate"
-    full[0] = False
-    for _ in range(2):
-        gate.transient_failure(ServerError("HTTP 503", status=503))
-    assert gate.state == "outage"

@@ -202,36 +202,28 @@ def test_a_stuck_users_backlog_larger_than_the_window_does_not_stop_the_other_pa
     assert drive(run, scenario) == 0
 
 
-def test_a_user_whose_every_event_fails_does_not_stall_the_replica_once_the_window_is_full(
+def test_an_outage_with_one_users_backlog_filling_a_small_window_dead_letters_nothing(
 ) -> None:
-    """Userpilot answers 503 to every event of one user (others are fine). Its head waited
-    for another delivery to succeed before its attempts counted, but its partition's later
-    events filled the window, so none could: its failures in a row closed the gate, and it
-    alone probed it, failing, for good (review "flow41"). Alone in its attempts with the
-    window full, its failures are its own (`Gate.cornered`)."""
+    """Review diff41c: a rule that took an event alone in its attempts with the window full
+    as failing on its own (tried this round, withdrawn) dead-lettered every event of an
+    outage with a window of one event, or one user's backlog filling a small window. An
+    event's failures count only after deliveries since its previous attempt: it waits, and
+    the gate closes."""
     from consumer.errors import ServerError
-    from tests.unit.test_worker import FakeClient, _body_of
+    from tests.unit.test_worker import FakeClient
 
-    log = {
-        (TOPIC, 0): [Message(TOPIC, 0, i, b"bad", track("bad", i)) for i in range(STUCK_BACKLOG)],
-        (TOPIC, 1): [],
-    }
-    client = FakeClient()
-    for i in range(STUCK_BACKLOG):
-        client.answers[_body_of(track("bad", i))] = ServerError("HTTP 503", status=503)
-    run = make(log, registry=known_schema(), client=client,
-               WORKER_MAX_IN_FLIGHT=str(WINDOW), USERPILOT_ENSURE_USER="false",
-               USERPILOT_RETRY_MAX_ATTEMPTS="2")
+    class Down(FakeClient):
+        async def send(self, call: Any) -> int:
+            raise ServerError("HTTP 503", status=503)
+
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, b"u1", track("u1", i)) for i in range(40)]}
+    run = make(log, registry=known_schema(), client=Down(), WORKER_MAX_IN_FLIGHT="16",
+               USERPILOT_ENSURE_USER="false", USERPILOT_RETRY_MAX_ATTEMPTS="2")
 
     async def scenario(source: FakeSource) -> None:
-        await asyncio.sleep(3)  # past HOT_STALL_S
-        source.log[(TOPIC, 1)].extend(
-            Message(TOPIC, 1, i, f"v{i}".encode(), track(f"v{i}", 1000 + i)) for i in range(60))
-        try:
-            await until(lambda: source.committed().get((TOPIC, 1)) == 60,
-                        "partition 1 delivered (and so the bad user's attempts count)", 15)
-        finally:
-            assert run.worker.gate.state == "up", run.worker.gate.detail
+        await until(lambda: run.worker.gate.state == "outage", "the gate closed", 10)
+        await asyncio.sleep(1.5)
+        assert run.dlq.records == []
 
     assert drive(run, scenario) == 0
 
