@@ -363,9 +363,16 @@ class Commits:
         with self._lock:
             return dict(self._committed)
 
-    def committed_finished(self) -> dict[TP, tuple[int, Finished]]:
-        """Per partition, the acknowledged offset and the offsets above it its note names
-        finished: what the next owner will not read again."""
+    def committed_finished(self) -> dict[TP, list[tuple[int, Finished]]]:
+        """Per partition, the commits that may have landed, each as its offset and the
+        offsets above it its note names finished: what the next owner may not read again.
+        The acknowledged one, and one requested without an answer yet: a DLQ guard trip
+        with Kafka slow gave up waiting for the final commit's answer, and the dead letters
+        it committed were named as not committed (review "diff41d")."""
         with self._lock:
-            return {tp: (offset, decode_note(self._committed_notes.get(tp), offset))
-                    for tp, offset in self._committed.items()}
+            out: dict[TP, list[tuple[int, Finished]]] = {}
+            for known, notes in ((self._committed, self._committed_notes),
+                                 (self._requested, self._notes)):
+                for tp, offset in known.items():
+                    out.setdefault(tp, []).append((offset, decode_note(notes.get(tp), offset)))
+            return out

@@ -673,8 +673,8 @@ class Worker:
             # left out, replay may send one twice.
             if generation != self.commits.latest_generation(tp):
                 continue
-            base, finished = covered.get(tp, (-1, None))
-            if offset < base or (finished is not None and finished.covers(offset)):
+            if any(offset < base or finished.covers(offset)
+                   for base, finished in covered.get(tp, ())):
                 continue
             void.setdefault(tp, []).append(offset)
             since = at if since is None else min(since, at)

@@ -215,11 +215,15 @@ def _put_limits(app: ControlledApp, request: Request) -> Response:
         return _bad("identify_rate_limit must be an integer or null (same as rate_limit)")
     if not isinstance(shared, bool):
         return _bad("shared_rate_limit must be true or false")
-    if (isinstance(interval, bool) or not isinstance(interval, int | float)
-            or not 0 <= interval < math.inf):
+    try:  # an int past a float's range raised OverflowError (review "diff41d")
+        seconds = (float(interval) if isinstance(interval, int | float)
+                   and not isinstance(interval, bool) else math.nan)
+    except OverflowError:
+        seconds = math.inf
+    if not 0 <= seconds < math.inf:
         return _bad("delete_interval_seconds must be 0 (no limit) or a positive number")
     limiter.configure_families(identify_limit=identify, shared=shared,
-                               delete_interval=float(interval))
+                               delete_interval=seconds)
     return json_response(200, _limits_view(app))
 
 
