@@ -633,6 +633,31 @@ def test_a_sigterm_whose_exit_was_swallowed_still_stops_the_worker_before_it_run
     assert stopped.value.code == 0
 
 
+def test_a_sigterm_landing_while_the_worker_builds_its_kafka_clients_is_a_clean_stop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start-up handler's SystemExit, raised inside the Kafka client's C code, came out
+    as a TypeError of that code's own: exit 1 and a traceback for a SIGTERM (CI, round 41,
+    `test_sigterm_as_soon_as_the_probes_answer_is_a_clean_exit`)."""
+    from consumer import __main__ as entry
+    from consumer import worker as worker_module
+
+    monkeypatch.setattr(entry, "STOP_ASKED", [])
+
+    signalled = [True]
+
+    def building(*_: object) -> None:
+        if signalled:
+            entry.STOP_ASKED.append(signal.SIGTERM)  # the handler ran ...
+        raise TypeError("expected configuration property name as type unicode string")
+
+    monkeypatch.setattr(worker_module, "Worker", building)
+    assert entry._run_worker(cast(Any, None), cast(Any, None), cast(Any, None)) == 0
+    monkeypatch.setattr(entry, "STOP_ASKED", [])  # ... and without a stop asked: a crash
+    signalled.clear()
+    with pytest.raises(TypeError):
+        entry._run_worker(cast(Any, None), cast(Any, None), cast(Any, None))
+
+
 @pytest.mark.parametrize(("topic", "why"), [
     ("", "not a legal topic name"), ("bad/topic", "not a legal topic name"),
     ("__consumer_offsets", "one of Kafka's own internal topics")])
