@@ -538,10 +538,11 @@ class Handler:
         undecided, which a user's later events stay until their turn (review "diff41b")."""
         waiting = 0
         for event in self._undecided.values():
-            value = event.value
-            if (value is not None and len(value) >= 5
-                    and self.registry.cached(int.from_bytes(value[1:5], "big", signed=True))
-                    is None):
+            try:
+                schema_id, _ = codec.split_wire(event.value)
+            except UndecodableEvent:
+                continue
+            if self.registry.cached(schema_id) is None:
                 waiting += 1
         return waiting
 

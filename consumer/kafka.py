@@ -130,9 +130,8 @@ class KafkaSource:
         self._brokers_up = True
         self._commit_waiting_since: float | None = None  # oldest unanswered async commit
         self._answered = False  # a commit acknowledged offsets during this consume
-        self._unanswered = 0  # asynchronous commits sent and not answered yet (poll thread)
-        # The partitions of each asynchronous commit not answered yet, oldest first: answers
-        # come in order, one per commit (poll thread).
+        # The partitions of each asynchronous commit sent and not answered yet, oldest
+        # first: answers come in order, one per commit (poll thread).
         self._sent_async: collections.deque[list[TP]] = collections.deque()
         self._paused: set[TP] = set()  # paused by `pause`, not resumed since (poll thread)
         self.abandoned = False  # close() gave up: exit the process without destroying it
@@ -189,8 +188,7 @@ class KafkaSource:
 
     def _on_commit(self, err: KafkaError | None, parts: list[TopicPartition]) -> None:
         """Commit results, served during consume: acknowledged offsets go to the worker."""
-        self._unanswered = max(0, self._unanswered - 1)  # every commit gets one result
-        sent = self._sent_async.popleft() if self._sent_async else []
+        sent = self._sent_async.popleft() if self._sent_async else []  # one result a commit
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("offset commit failed (%s); the next commit covers it", err.str())
         if err is None or err.code() >= 0 or err.code() == KafkaError._NO_OFFSET:
@@ -272,7 +270,7 @@ class KafkaSource:
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
-            if self._unanswered <= 0:
+            if not self._sent_async:
                 return self._consumer.poll(max(0.0, left))
             message = self._consumer.poll(max(0.0, min(left, ANSWER_SLICE_S)))
             if message is not None or self._answered or left <= ANSWER_SLICE_S:
@@ -414,7 +412,6 @@ class KafkaSource:
             else:
                 self._consumer.commit(offsets=parts, asynchronous=True)
                 self._sent_async.append(list(offsets))
-                self._unanswered += 1
                 if self._commit_waiting_since is None:
                     self._commit_waiting_since = time.monotonic()
         except KafkaException as exc:

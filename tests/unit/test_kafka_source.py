@@ -103,7 +103,7 @@ def test_a_served_commit_answer_ends_the_poll_at_once() -> None:
     """It may have freed the worker's window: waiting on for a message held a full window's
     acknowledgement back a whole poll timeout."""
     src = source()
-    src._unanswered = 1  # what commit(wait=False) counts
+    src._sent_async.append([("t", 0)])  # what commit(wait=False) records
     fake = _Consumer(src, first=True)
     src._consumer = fake  # type: ignore[assignment]
     assert src.consume(10, 0.1) == []
@@ -124,7 +124,8 @@ def test_a_refused_commit_does_not_end_the_poll() -> None:
 
 def test_with_commits_overlapping_the_poll_ends_when_the_second_is_acknowledged() -> None:
     src = source()
-    src._unanswered = 2  # the first answered during the previous consume: one still out
+    # the first answered during the previous consume: one still out
+    src._sent_async.extend([[("t", 0)], [("t", 0)]])
     src._on_commit(None, [TopicPartition("t", 0, 5)])
     fake = _Consumer(src, per_poll=[None, True, None])
     src._consumer = fake  # type: ignore[assignment]
@@ -136,7 +137,7 @@ def test_an_error_answer_keeps_the_poll_waiting_for_a_message() -> None:
     """The refused offsets are requested again by the next commit: ending at each refusal
     repeated the commit at the coordinator's round trip."""
     src = source()
-    src._unanswered = 1
+    src._sent_async.append([("t", 0)])
     fake = _Consumer(src, per_poll=[None, KafkaError(KafkaError.REBALANCE_IN_PROGRESS), None])
     src._consumer = fake  # type: ignore[assignment]
     assert src.consume(10, 0.1) == []
