@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -595,10 +596,10 @@ def test_a_user_known_from_redis_is_trusted_only_for_what_is_left_of_its_ttl() -
     assert 98.0 <= age <= 100.0, age
 
 
-def test_a_user_learned_from_redis_is_asked_again_after_a_minute() -> None:
-    """Review users41: trusted for the rest of its TTL, a user `delete-users` removed from
-    the shared record got Tracks attributed to no one for up to a day from every replica
-    that had learned it from Redis. Now asked again after SHARED_RECHECK_S."""
+def _calls_for_a_track_a_minute_after_one_learned_from_redis(
+        then: Callable[[MemoryStore], None]) -> list[str]:
+    """A Track of a user another replica identified (its Redis record), `then` done to the
+    store a minute and a second later, and another Track: the calls sent."""
     from consumer.dedup import user_key
     from consumer.handler import SHARED_RECHECK_S
 
@@ -612,12 +613,25 @@ def test_a_user_learned_from_redis_is_asked_again_after_a_minute() -> None:
         known = run.worker.handler.known
         assert known is not None
         known._users["u1"] -= SHARED_RECHECK_S + 1  # a minute and a second later
-        del store.values[user_key(DIGEST, "u1")]  # what delete-users does
+        then(store)
         log[(TOPIC, 0)].append(Message(TOPIC, 0, 1, b"user", track("u1", 2)))
         await until(lambda: source.committed().get((TOPIC, 0)) == 2, "commit 2")
 
     assert drive(run, scenario) == 0
-    assert [c.purpose for c in run.client.calls] == ["track", "ensure_user", "track"]
+    return [c.purpose for c in run.client.calls]
+
+
+def test_a_user_learned_from_redis_is_asked_again_after_a_minute() -> None:
+    """Review users41: trusted for the rest of its TTL, a user `delete-users` removed from
+    the shared record got Tracks attributed to no one for up to a day from every replica
+    that had learned it from Redis. Now asked again after SHARED_RECHECK_S."""
+    from consumer.dedup import user_key
+
+    def delete_users(store: MemoryStore) -> None:
+        del store.values[user_key(DIGEST, "u1")]  # what delete-users does
+
+    assert _calls_for_a_track_a_minute_after_one_learned_from_redis(delete_users) == [
+        "track", "ensure_user", "track"]
 
 
 def test_a_lowered_ensure_user_ttl_counts_from_the_shared_identify() -> None:
@@ -637,22 +651,9 @@ def test_a_user_learned_from_redis_stays_trusted_while_redis_cannot_be_read() ->
     """Review diff41: asked again after a minute, a user learned from Redis was identified
     again whenever Redis could not answer (a failover): one identify per active user in
     front of its Tracks. What Redis said last holds until that record would end."""
-    from consumer.dedup import user_key
-    from consumer.handler import SHARED_RECHECK_S
 
-    store = MemoryStore()
-    store.values[user_key(DIGEST, "u1")] = "86400000 ttl=86000000"
-    log = log_of(track("u1", 1))
-    run, _, _ = make(log, store, USERPILOT_ENSURE_USER="true")
+    def failing(store: MemoryStore) -> None:
+        store.fail = True  # Redis cannot be read
 
-    async def scenario(source: Any) -> None:
-        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "commit 1")
-        known = run.worker.handler.known
-        assert known is not None
-        known._users["u1"] -= SHARED_RECHECK_S + 1  # a minute later ...
-        store.fail = True  # ... Redis cannot be read
-        log[(TOPIC, 0)].append(Message(TOPIC, 0, 1, b"user", track("u1", 2)))
-        await until(lambda: source.committed().get((TOPIC, 0)) == 2, "commit 2")
-
-    assert drive(run, scenario) == 0
-    assert [c.purpose for c in run.client.calls] == ["track", "track"]
+    assert _calls_for_a_track_a_minute_after_one_learned_from_redis(failing) == [
+        "track", "track"]
