@@ -184,6 +184,12 @@ EOF
 cat >"$OUT/secret-in-config.values.yaml" <<'EOF'
 kafka: {config: {sasl.password: hunter2}}
 EOF
+cat >"$OUT/jaas-in-config.values.yaml" <<'EOF'
+kafka: {config: {sasl.jaas.config: "org.apache.kafka.common.security.plain.PlainLoginModule required username=\"svc\" password=\"HUNTER2\";"}}
+EOF
+cat >"$OUT/truststore-in-config.values.yaml" <<'EOF'
+kafka: {config: {ssl.truststore.password: HUNTER2}}
+EOF
 cat >"$OUT/url-secret-in-config.values.yaml" <<'EOF'
 kafka: {config: {sasl.oauthbearer.token.endpoint.url: "https://cid:HUNTER2pw@idp.example/token"}}
 EOF
@@ -327,6 +333,8 @@ expect_fail() { # name, expected message fragment
   printf '    ok  %-20s %s\n' "$name" "$want"
 }
 expect_fail both-autoscalers "mutually exclusive"
+expect_fail jaas-in-config "kafka.config.sasl.jaas.config is Java's JAAS configuration"
+expect_fail truststore-in-config "kafka.config.ssl.truststore.password is a Java truststore setting"
 expect_fail keda-no-auth "kafka.config.security.protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
 expect_fail keda-latest "offsetResetPolicy"
 expect_fail keda-too-many "maxReplicaCount (7) exceeds autoscaling.partitions (6)"

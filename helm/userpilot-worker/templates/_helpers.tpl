@@ -245,6 +245,15 @@ Deployment, so every render runs them.
 {{- if has (lower $key) (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret" "ssl.keystore.password" "ssl.key.pem" "sasl.oauthbearer.config" "sasl.oauthbearer.client.credentials.client.secret" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem") }}
 {{- fail (printf "kafka.config.%s is a secret: put %s in kafka.existingSecret or kafka.extraEnv instead of a ConfigMap" $key $name) }}
 {{- end }}
+{{- /* Java clients' settings: librdkafka reads none of them and the worker refuses each
+   (config.py's _JAVA_ONLY); a JAAS line and a truststore password hold secrets, which
+   the ConfigMap would keep in clear for nothing (review "chart42"). */}}
+{{- if eq (lower $key) "sasl.jaas.config" }}
+{{- fail (printf "kafka.config.%s is Java's JAAS configuration, which librdkafka does not read (and its password would be stored in the ConfigMap): set kafka.config.sasl.mechanism, and KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD in kafka.existingSecret, instead" $key) }}
+{{- end }}
+{{- if has (lower $key) (list "ssl.truststore.location" "ssl.truststore.password" "ssl.truststore.type") }}
+{{- fail (printf "kafka.config.%s is a Java truststore setting, which librdkafka does not read (a truststore password would be stored in the ConfigMap): give the brokers' CA as a PEM file in kafka.config.ssl.ca.location instead" $key) }}
+{{- end }}
 {{- /* A URL with user info (an OIDC token endpoint's client id and secret): the worker
    masks it as a secret, the ConfigMap would hold it in clear (review "secrets34"). */}}
 {{- if regexMatch "^[a-z][a-z0-9+.-]*://[^/?#@]*@" $val }}
