@@ -87,10 +87,14 @@ run "$PROMTOOL_BIN" check rules helm/userpilot-worker/files/alerts.yaml
 run "$PROMTOOL_BIN" test rules ops/alerts_test.yaml
 run "$PYTHON_BIN" ops/check_metric_names.py
 # The dashboard's structure, then its queries parsed by promtool as recording rules.
+# Then evaluated over the series the worker exports: a query that parses can still fail
+# every evaluation (two series with one label set), an error panel in Grafana.
 dashboard_rules="$(mktemp --suffix=.yaml)"
-trap 'rm -f "$dashboard_rules"' EXIT
-run "$PYTHON_BIN" ops/check_dashboard.py --emit-rules "$dashboard_rules"
+dashboard_test="$(mktemp --suffix=.yaml)"
+trap 'rm -f "$dashboard_rules" "$dashboard_test"' EXIT
+run "$PYTHON_BIN" ops/check_dashboard.py --emit-rules "$dashboard_rules" --emit-test "$dashboard_test"
 run "$PROMTOOL_BIN" check rules "$dashboard_rules"
+run "$PROMTOOL_BIN" test rules "$dashboard_test"
 
 # --- Helm checks (helm lint/template + kubernetes-validate), owned by ops/check_helm.sh ---
 if [[ -f ops/check_helm.sh ]]; then

@@ -7,9 +7,12 @@ every query's datasource and its namespace/pod (and topic) filters, lag read fro
 (kafka_exporter) first with the workers' figure as fallback, process_* series limited to
 worker pods, and runbook links whose anchors exist in README.md. With ``--emit-rules``
 it writes every query, Grafana variables replaced, as recording rules so that
-``promtool check rules`` parses them.
+``promtool check rules`` parses them; with ``--emit-test`` also a ``promtool test rules``
+file that evaluates them over the series the worker exports (two pods): a query can parse
+and still fail on every evaluation (two series left with one label set), which Grafana
+shows as an error panel.
 
-Usage: check_dashboard.py [--emit-rules OUT.yaml] [DASHBOARD.json]
+Usage: check_dashboard.py [--emit-rules OUT.yaml [--emit-test TEST.yaml]] [DASHBOARD.json]
 """
 
 from __future__ import annotations
@@ -172,11 +175,57 @@ def as_rules(dash: dict[str, Any]) -> dict[str, Any]:
     return {"groups": [{"name": "dashboard-queries", "rules": rules}]}
 
 
+def exported_series(pods: tuple[str, ...] = ("w-0", "w-1")) -> list[dict[str, str]]:
+    """What consumer/metrics.py exports at start-up, on each of `pods` as prometheus-operator
+    labels it, with counters rising and gauges level; plus a broker lag series."""
+    sys.path.insert(0, str(ROOT))
+    from prometheus_client import CollectorRegistry
+
+    from consumer.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, version="1", revision="r")
+    metrics.declare_redis_endpoints(["track", "identify"])
+    metrics.declare_topics(["delivery-userpilot"])
+    metrics.declare_event_names(["feature_used", "identify", "group"])
+    metrics.declare_consent_categories(["analytics"])
+    metrics.consumer_lag.labels("delivery-userpilot", "0").set(5)
+    metrics.committed_offset.labels("delivery-userpilot", "0").set(5)
+    series = []
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            rising = sample.name.endswith(("_total", "_bucket", "_count", "_sum"))
+            for pod in pods:
+                labels = dict(sample.labels, namespace="delivery", pod=pod,
+                              instance=f"{pod}:8082", job="userpilot-worker")
+                text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+                series.append({"series": f"{sample.name}{{{text}}}",
+                               "values": "0+1x30" if rising else "1x30"})
+    series.append({"series": 'kafka_consumergroup_lag{consumergroup="userpilot-delivery",'
+                             'topic="delivery-userpilot",partition="0"}', "values": "5x30"})
+    return series
+
+
+def as_test(rules: Path) -> dict[str, Any]:
+    """A promtool unit test evaluating `rules` (every query) over `exported_series`: promtool
+    fails it when any rule's evaluation errs. It expects no alert (there is none)."""
+    return {"rule_files": [str(rules.resolve())], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": exported_series(),
+                       "alert_rule_test": [{"eval_time": "20m", "alertname": "none",
+                                            "exp_alerts": []}]}]}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dashboard", nargs="?", type=Path, default=DEFAULT)
     parser.add_argument("--emit-rules", type=Path, help="write the queries as a rules file")
+    parser.add_argument("--emit-test", type=Path,
+                        help="write a promtool test evaluating those rules (needs --emit-rules)")
     args = parser.parse_args(argv)
+    if args.emit_test and not args.emit_rules:
+        parser.error("--emit-test needs --emit-rules")
     dash = json.loads(args.dashboard.read_text(encoding="utf-8"))
     found = problems(dash)
     for line in found:
@@ -184,6 +233,8 @@ def main(argv: list[str]) -> int:
     if args.emit_rules:
         # JSON is valid YAML, so promtool reads this without a YAML library here.
         args.emit_rules.write_text(json.dumps(as_rules(dash), indent=1), encoding="utf-8")
+    if args.emit_test:
+        args.emit_test.write_text(json.dumps(as_test(args.emit_rules)), encoding="utf-8")
     if found:
         return 1
     print(f"dashboard OK: {len(_targets(dash))} queries in {len(dash['panels'])} panels")
