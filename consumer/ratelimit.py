@@ -222,12 +222,19 @@ class AdaptiveLimiter:
         return _due_in(tat, tolerance, now)
 
     def _spacing(self) -> tuple[float, float] | None:
-        """(interval, burst tolerance) in seconds at the current rate; None at rate 0."""
+        """(interval at the current rate, burst tolerance) in seconds; None at rate 0.
+
+        The tolerance is the burst's at the share's full rate, as `SharedLimiter`'s: at the
+        slowed rate a 429 doubled it, and a sender flat out had half its burst due at once,
+        the instant Userpilot said "too many" (one replica put 632-1,061 requests in a 60 s
+        window through a spell of 429s at bursts of 150-300); recovering, it shrank, and
+        the sender went silent for tens of seconds (review "rate42").
+        """
         rate = self.rate
         if rate <= 0:
             return None
-        interval = 1.0 / rate
-        return interval, interval * (effective_burst(self._limit, self._burst, self._share) - 1)
+        full = safe_rate(self._limit, self._period, self._burst, self._share)
+        return 1.0 / rate, (effective_burst(self._limit, self._burst, self._share) - 1) / full
 
     async def acquire(self) -> float:
         """Wait for a slot; returns the seconds waited (for the limiter-wait metric).

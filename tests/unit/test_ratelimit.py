@@ -481,3 +481,38 @@ def test_priority_lane_serves_same_urgency_waiters_lowest_order_first() -> None:
         return served
 
     assert asyncio.run(main()) == ["urgent-9", "first-1", "late-5", "same-5", "late-7"]
+
+
+@pytest.mark.parametrize("burst", [10, 20, 300])
+def test_a_429_releases_no_burst_at_once(burst: int) -> None:
+    """The burst's tolerance stays the full rate's: a 429 doubling the interval doubled it,
+    and a sender flat out had (burst - 1) / 2 slots due the instant Userpilot said "too
+    many" (review "rate42")."""
+    clock = FakeClock(1000.0)
+    limiter = AdaptiveLimiter(600, 60.0, burst, clock=clock)
+    while clock.now < 1010.0:  # saturated for 10 s: callers take every slot
+        clock.now += limiter.reserve()
+    limiter.slow_down()
+    at_once = 0
+    while limiter.reserve() == 0.0:
+        at_once += 1
+    assert at_once <= 1, f"{at_once} requests released at the instant of the 429"
+
+
+@pytest.mark.parametrize("burst", [150, 300])
+def test_a_spell_of_429s_keeps_every_window_within_the_limit(burst: int) -> None:
+    """Another sender on the token: a 429 every 5 s for 90 s, then recovery. Every rolling
+    60 s stays within 600, and recovery brings no silence longer than a slowed interval."""
+    clock = FakeClock(1000.0)
+    limiter = AdaptiveLimiter(600, 60.0, burst, clock=clock)
+    sends: list[float] = []
+    next_429 = 1010.0
+    while clock.now < 1300.0:
+        if next_429 <= clock.now < 1100.0:
+            limiter.slow_down()
+            next_429 += 5.0
+        clock.now += limiter.reserve()
+        sends.append(clock.now)
+    assert max_in_window(sends, 60.0) <= 600
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
+    assert max(gaps) < 5.0, f"silent for {max(gaps):.1f} s"
