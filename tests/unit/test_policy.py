@@ -392,6 +392,22 @@ def test_gives_up_when_the_time_budget_is_spent_and_another_delivery_succeeded()
     assert send.calls == 4  # ~4.2 s per wait: the 4th failure is past 10 s
 
 
+def test_a_long_retry_after_does_not_stretch_the_time_budget() -> None:
+    """A 5xx's Retry-After is a floor, but not past the budget's end by more than a
+    backoff: "503 Retry-After: 600" on one path held its event 1,233 s against the
+    documented 900 (review "rate42")."""
+    clock, sleep, gate = setup()
+    first = clock.now
+    send = Script([ServerError("503", retry_after=600.0)] * 100,
+                  delivered_between(clock, gate, "track"))
+    with pytest.raises(ServerError):
+        run(policy(gate, clock, sleep, max_attempts=1000, budget_s=900.0).run(
+            send, Attempts(), endpoint="track"))
+    assert clock.now - first <= 900 + 60 + 5  # the budget, one backoff, the 1 s steps
+    assert send.calls == 3  # 0, ~600 s (Retry-After), ~900 s (the budget's end)
+    assert 600.0 <= sleep.slept[0] <= 660.05
+
+
 def test_never_gives_up_on_429_however_long_while_other_deliveries_succeed() -> None:
     """A 429 says the token's budget is spent (another client may share it), not that the
     event is bad: it neither ends the event nor uses up its attempts or time budget."""
