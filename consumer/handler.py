@@ -127,6 +127,20 @@ def _cut(text: str) -> str:
     return f"{text[:LOG_TEXT_LIMIT]}… ({len(text) - LOG_TEXT_LIMIT} more characters)"
 
 
+async def _off_the_wire(event: Event, delay: float) -> None:
+    """Sleep between a dead letter's produce attempts, not under way meanwhile: a revoke's or
+    a shutdown's drain waits for what is under way, and waited the whole grace (25 s) for
+    a DLQ refusing every record (an ACL, a compacted topic), at each rebalance (review
+    "commits42"). Cut in its sleep, the event is dead-lettered again by the next owner (a
+    failed produce that landed after all, a timeout, is then written twice: replay's
+    duplicate, never a loss)."""
+    event.on_wire = False
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        event.on_wire = True
+
+
 URGENT: frozenset[str] = frozenset({"ensure_user", "associate_company"})
 """Call purposes another call of the same user waits for: they take their family's next
 connection permit and rate slot before queued events."""
@@ -1009,7 +1023,7 @@ class Handler:
                         self.dlq_writable.failed(str(too_large))
                         log.error("dead letter refused even without its value (%s); "
                                   "retrying in %.1f s", too_large, delay, extra=event.fields)
-                        await asyncio.sleep(delay)
+                        await _off_the_wire(event, delay)
                         delay = min(delay * 2, 30.0)
                         # Whole again: the operator may have raised the topic's limit
                         # meanwhile. Retried bare, the record lost its value, key and
@@ -1025,7 +1039,7 @@ class Handler:
                     self.dlq_writable.failed(str(produce_error))
                     log.error("dead-letter produce failed (%s); retrying in %.1f s",
                               produce_error, delay, extra=event.fields)
-                    await asyncio.sleep(delay)
+                    await _off_the_wire(event, delay)
                     delay = min(delay * 2, 30.0)
         finally:
             self.dlq_writable.finished(token)

@@ -340,3 +340,58 @@ def test_the_wait_for_a_connection_is_measured_apart_from_the_request() -> None:
     reg = run.worker.m.registry
     assert metric(reg, "userpilot_connection_wait_seconds_count", endpoint="track") == 2
     assert 0.2 < metric(reg, "userpilot_connection_wait_seconds_sum", endpoint="track") < 2.0
+
+
+class RefusingDlq(FakeDlq):
+    """The DLQ refuses every record at once (an ACL: TOPIC_AUTHORIZATION_FAILED)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes | None]]) -> None:
+        self.tries += 1
+        raise RuntimeError("TOPIC_AUTHORIZATION_FAILED: denied")
+
+
+def test_a_revoke_does_not_wait_for_a_dead_letter_between_its_produce_attempts() -> None:
+    """Asleep before its next attempt, a dead letter is not under way: the drain waited the
+    whole grace for it at each rebalance while the DLQ refused everything (review
+    "commits42")."""
+    log = {**log_of(b"\x00not avro", partition=0),
+           **log_of(track("u2", 1), partition=1, key=b"u2")}
+    run = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               WORKER_SHUTDOWN_GRACE_SECONDS="6")
+    dlq = RefusingDlq()
+    run.worker.dlq = run.worker.handler.dlq = dlq
+    took: list[float] = []
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: dlq.tries >= 1, "a refused dead letter")
+        await asyncio.sleep(0.1)  # in its back-off sleep (0.5 s, doubling)
+        started = time.monotonic()
+        source.revoke_next = [TP]
+        await until(lambda: TP not in run.worker.assigned, "the revoke", timeout=20)
+        took.append(time.monotonic() - started)
+
+    assert drive(run, scenario) == 0
+    assert took[0] < 2.0, f"the revoke waited {took[0]:.1f} s"
+    assert all(commit.get(TP, 0) == 0 for commit in run.source.commits)  # the next owner's
+
+
+def test_a_stop_does_not_wait_for_a_dead_letter_between_its_produce_attempts() -> None:
+    run = make(log_of(b"\x00not avro"), registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               WORKER_SHUTDOWN_GRACE_SECONDS="5")
+    dlq = RefusingDlq()
+    run.worker.dlq = run.worker.handler.dlq = dlq
+    stopped: list[float] = []
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: dlq.tries >= 1, "a refused dead letter")
+        await asyncio.sleep(0.1)
+        stopped.append(time.monotonic())
+
+    assert drive(run, scenario) == 0
+    took = time.monotonic() - stopped[0]
+    assert took < 2.0, f"the stop waited {took:.1f} s"
