@@ -234,14 +234,16 @@ class Commits:
             return {tp: tracker.at_risk for tp, tracker in self._offsets.items()}
 
     # -- commits (poll thread) ----------------------------------------------------------
-    def due(self, parts: Iterable[TP] | None = None, *, pipelined: bool = False) -> dict[TP, int]:
+    def due(self, parts: Iterable[TP] | None = None, *, pipelined: bool = False,
+            max_chars: int = NOTE_MAX_CHARS) -> dict[TP, int]:
         """Offsets to commit now (next offset to read per partition).
 
         `pipelined` skips offsets already requested (an asynchronous commit in flight);
-        otherwise only offsets already acknowledged are skipped.
+        otherwise only offsets already acknowledged are skipped. `max_chars`: the notes'
+        limit the commits are sent with (a note cut otherwise never matches the one sent).
         """
         return {tp: offset for tp, (offset, _) in
-                self.due_noted(parts, pipelined=pipelined).items()}
+                self.due_noted(parts, pipelined=pipelined, max_chars=max_chars).items()}
 
     def due_noted(self, parts: Iterable[TP] | None = None, *, pipelined: bool = False,
                   notes: bool = True, max_chars: int = NOTE_MAX_CHARS

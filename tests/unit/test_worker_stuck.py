@@ -6,6 +6,7 @@ what a crash would send again."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 from consumer.calls import Call
@@ -150,3 +151,29 @@ def test_a_broker_refusing_longer_notes_later_gets_shorter_ones_that_still_name_
     # depends on the machine's load (it failed 2 runs in 5 under load). Far below the 300
     # a crash re-sent before.
     assert isinstance(seen["resend"], int) and seen["resend"] <= window + 120
+
+
+def _stop_time(source_type: type[FakeSource]) -> float:
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"stuck", track("stuck", 0))]
+           + [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(1, 6)]}
+    client = HeldUser()
+    run = make(log, registry=known_schema(), client=client, source_type=source_type,
+               USERPILOT_ENSURE_USER="false", WORKER_SHUTDOWN_GRACE_SECONDS="0.2")
+    stopped: list[float] = []
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(client.bodies) == 5, "the five after the stuck one")
+        await asyncio.sleep(0.3)  # committed (offset 0, with or without a note)
+        stopped.append(time.monotonic())
+
+    assert drive(run, scenario) == 0
+    return time.monotonic() - stopped[0]
+
+
+def test_a_stop_with_notes_refused_does_not_wait_out_the_final_commit_for_nothing() -> None:
+    """The final commit's loop asked what was due with notes whole: a note the broker made
+    the worker drop never matched, and every stop with an unfinished event waited 3 s for
+    nothing (review "commits42")."""
+    normal = _stop_time(FakeSource)
+    notes_off = _stop_time(RefusingNotes)
+    assert notes_off < normal + 1.0, f"{notes_off:.1f} s against {normal:.1f} s"
