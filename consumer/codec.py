@@ -733,28 +733,40 @@ class Event(Mapping[str, Any]):
 
     @property
     def page(self) -> Any:
-        """``context.page`` as ``self["context"]`` gives it (the typed sub-record, then
-        ``context.extra``'s ``page`` over it), parsing ``context.extra`` only when its text
-        can hold a ``page`` key. A page view uses nothing else of the context: another key
-        of ``extra`` broken, BOM-led or nested too deep dead-lettered page views a Track
-        with the same ``extra`` delivered (review "poison26")."""
+        """``context.page`` (`context_key`): a page view uses nothing else of the context."""
+        return self.context_key("page")
+
+    def context_key(self, key: str, default: Any = None) -> Any:
+        """``self["context"].get(key, default)``, parsing only what that key needs: ``consent`` for
+        itself, ``context.extra`` only when its text can hold the key (spelled as written,
+        or through escapes). Another key of ``extra`` broken, BOM-led or nested too deep,
+        or consent text that is not JSON, dead-lettered page views (review "poison26") and
+        events a mapping rule picked a ``context.*`` field of (review "seed42") that the
+        same event without the rule delivered."""
         parsed = self._parsed.get("context", _UNSET)
         if parsed is not _UNSET:
-            return parsed.get("page")
+            return parsed.get(key, default)
         record = self._record.get("context")
         if record is None:
-            return None
-        sub = record.get("page")
-        page: Any = None if sub is None else {k: v for k, v in sub.items() if v is not None}
+            return default
+        value: Any = default
+        if key in _SUBRECORDS:
+            sub = record.get(key)
+            if sub is not None:
+                value = {k: v for k, v in sub.items() if v is not None}
+        elif key in _CONTEXT_STRINGS:
+            if record.get(key) is not None:
+                value = record[key]
+        elif key == "consent" and self.consent is not None:
+            value = self.consent
         text = record.get("extra")
-        # A key is "page" in JSON text only as written or through escapes.
-        if text is not None and ('"page"' in text or "\\u" in text):
+        if text is not None and (f'"{key}"' in text or "\\" in text):
             extra = self._extra_of(text)
-            if isinstance(extra, dict) and "page" in extra:
-                value = extra["page"]
-                page = {**page, **value} if isinstance(value, dict) and isinstance(
-                    page, dict) else value
-        return page
+            if isinstance(extra, dict) and key in extra:
+                over = extra[key]
+                value = {**value, **over} if isinstance(over, dict) and isinstance(
+                    value, dict) else over
+        return value
 
     def _extra_of(self, text: str) -> Any:
         """``context.extra`` parsed once, for `page` and the whole context alike."""

@@ -700,8 +700,16 @@ def _taken(key: str) -> str:
 
 
 def _pick(event: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    """Walk a dotted path through objects (and list indexes); _MISSING when absent."""
+    """Walk a dotted path through objects (and list indexes); _MISSING when absent.
+
+    A decoded event's ``context.<key>`` is read alone (`codec.Event.context_key`): its
+    other keys, unread, stop nothing (README, "Payload limits")."""
     node: Any = event
+    if len(path) > 1 and path[0] == "context" and isinstance(event, codec.Event):
+        node = event.context_key(path[1], _MISSING)
+        if node is _MISSING:
+            return _MISSING
+        path = path[2:]
     for segment in path:
         if isinstance(node, Mapping):
             node = node.get(segment, _MISSING)

@@ -12,6 +12,8 @@ from typing import Any, cast
 
 import fastavro
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from consumer import codec
 from consumer.errors import InvalidEvent, UndecodableEvent
@@ -574,6 +576,69 @@ def test_extra_is_parsed_once_for_the_page_and_the_whole_context() -> None:
     assert event.page["custom"] == "a\ufffdb"
     assert event["context"]["page"]["custom"] == "a\ufffdb"
     assert event.replaced == 1
+
+
+_KEYS = st.sampled_from(["page", "campaign", "app", "locale", "consent", "debug", "p/g",
+                         'q"t', "x"])
+_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=3))
+_JSONISH = st.recursive(_LEAF, lambda inner: st.dictionaries(_KEYS, inner, max_size=3),
+                        max_leaves=6)
+
+
+def _context_text(value: Any, escaped: bool) -> str:
+    text = json.dumps(value)
+    return text.replace("/", "\\/") if escaped else text
+
+
+@settings(max_examples=300, deadline=None)
+@given(typed=st.fixed_dictionaries({}, optional={
+           "page": st.fixed_dictionaries({}, optional={"url": st.text(max_size=3)}),
+           "campaign": st.fixed_dictionaries({}, optional={"source": st.text(max_size=3)}),
+           "locale": st.text(max_size=3),
+           "consent": st.fixed_dictionaries({}, optional={"analytics": st.booleans()})}),
+       extra=st.one_of(st.none(), st.dictionaries(_KEYS, _JSONISH, max_size=4), _JSONISH),
+       escaped=st.booleans(), key=_KEYS)
+def test_one_context_key_agrees_with_the_whole_context(typed: dict[str, Any], extra: Any,
+                                                       escaped: bool, key: str) -> None:
+    """`context_key` reads one key as the whole context gives it (review "seed42")."""
+    def event() -> codec.Event:
+        record = codec.to_record({"type": "track", "event": "E", "userId": "u",
+                                  "context": {**typed, "ip": "1.2.3.4"}})
+        record["context"]["extra"] = None if extra is None else _context_text(extra, escaped)
+        return codec.decode(codec.encode(7, record), own_schema)
+    missing = object()
+    assert event().context_key(key, missing) == event()["context"].get(key, missing)
+    whole = event()
+    _ = whole["context"]
+    assert whole.context_key(key, missing) == whole["context"].get(key, missing)
+
+
+@pytest.mark.parametrize("text", [{"consent": "not json"},
+                                  {"extra": '{"debug": ' + "[" * 300 + "]" * 300 + "}"},
+                                  {"extra": '{"app": {"x": 1}, "oops": }'}])
+def test_a_rule_picking_one_context_key_reads_no_other(text: dict[str, str]) -> None:
+    """The docs' own rule, ``"utm_source": "context.campaign.source"``, parsed the whole
+    context: consent text or another key of ``extra`` broken dead-lettered events the
+    Default preset delivered (README, "Payload limits": unused text stops nothing; review
+    "seed42")."""
+    from consumer.filtering import ConsentPolicy
+    from consumer.mapping import load_mappings
+    from consumer.routing import Send, route
+
+    rule = load_mappings({"events": {"Feature Used": {
+        "fields": {"utm_source": "context.campaign.source", "lang": "context.locale",
+                   "nothing": "context.nosuchkey.x"}}}})
+    record = codec.to_record({"type": "track", "event": "Feature Used", "userId": "u1",
+                              "context": {"campaign": {"source": "google"}, "locale": "fr"}})
+    record["context"].update(text)
+    event = codec.decode(codec.encode(7, record), own_schema)
+    decision = route(event, ConsentPolicy(categories=()), rule)
+    assert isinstance(decision, Send)
+    metadata = decision.payload["metadata"]
+    assert metadata["utm_source"] == "google" and metadata["lang"] == "fr"
+    assert "nothing" not in metadata
+    with pytest.raises(UndecodableEvent):
+        assert event["context"] is None  # the whole context still refuses it
 
 
 def test_an_infinite_number_is_written_as_one_too_large_for_a_double() -> None:
