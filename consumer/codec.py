@@ -150,11 +150,38 @@ class RenamedUnion(list[Any]):
         self.reader = reader
 
 
-def writer_json(text: str) -> Any:
+def writer_json(text: str, *, root: bool = True) -> Any:
     """A writer schema's text as this reader parses it: without logical types
     (`plain_types`) nor field defaults (`without_defaults`), bytes read as strings where
-    ours has strings (`bytes_as_strings`)."""
-    return bytes_as_strings(without_defaults(plain_types(json.loads(text))))
+    ours has strings (`bytes_as_strings`).
+
+    `root`: the event's own schema, read as our root whatever it is called (each record
+    branch of a union root too), as `reader_for` reads it; otherwise a record kept in a
+    subject of its own (a Schema Registry reference), compared with our record it shares
+    most fields with. Chosen by name, a root named like one of our inner records
+    (`com.acme.Page`), a union root and a context record named otherwise kept their
+    `bytes`, and a cut character dead-lettered the event for good (review "fuzz42")."""
+    writer = without_defaults(plain_types(json.loads(text)))
+    if not root:
+        return bytes_as_strings(writer, _ours_like(writer))
+    if isinstance(writer, list):
+        return [bytes_as_strings(branch, SCHEMA_JSON) for branch in writer]
+    return bytes_as_strings(writer, SCHEMA_JSON)
+
+
+def _ours_like(writer: Any) -> Any:
+    """Our record (the root too) sharing most field names with a writer's record; a name
+    alike breaks a tie."""
+    if not (isinstance(writer, dict) and writer.get("type") in _NAMED_CONTAINERS):
+        return None
+    names = {f.get("name") for f in writer.get("fields", ()) if isinstance(f, dict)}
+    short = str(writer.get("name", "")).rsplit(".", 1)[-1]
+
+    def score(ours: dict[str, Any]) -> tuple[int, bool]:
+        mine = {f.get("name") for f in ours.get("fields", ()) if isinstance(f, dict)}
+        return len(names & mine), str(ours.get("name", "")).rsplit(".", 1)[-1] == short
+
+    return max((SCHEMA_JSON, *_READER_RECORDS.values()), key=score)
 
 
 def without_defaults(node: Any) -> Any:
@@ -221,19 +248,14 @@ def _record_of(kind: Any) -> dict[str, Any] | None:
                  if isinstance(b, dict) and b.get("type") in _NAMED_CONTAINERS), None)
 
 
-def bytes_as_strings(writer: Any, reader: Any = None) -> Any:
-    """A writer schema's JSON with `bytes` read as `string` wherever our reader has a
-    string (the two encode alike), so invalid UTF-8 in them becomes U+FFFD.
+def bytes_as_strings(writer: Any, reader: Any) -> Any:
+    """A writer record's JSON with `bytes` read as `string` wherever `reader`, our record it
+    is read as, has a string (the two encode alike), so invalid UTF-8 in them becomes U+FFFD.
 
     Why: Avro promotes bytes to string, but fastavro's promotion decodes strictly whatever
     `handle_unicode_errors` says: a producer declaring `userId` as bytes had each event with
     a cut multi-byte character dead-lettered, and no replay could succeed.
     """
-    if reader is None:
-        # Our root, or, for a record kept in a subject of its own (a Schema Registry
-        # reference), our record of the same name.
-        name = str(writer.get("name", "")).rsplit(".", 1)[-1] if isinstance(writer, dict) else ""
-        reader = _READER_RECORDS.get(name, SCHEMA_JSON)
     if not (isinstance(writer, dict) and writer.get("type") in _NAMED_CONTAINERS
             and isinstance(reader, dict)):
         return writer

@@ -427,7 +427,7 @@ class Registry:
                                                     ref.version)))
             self._resolve(doc.references, named, seen)
             try:
-                _parse_names(writer_json(doc.text), named)
+                _parse_names(writer_json(doc.text, root=False), named)
             except Exception as exc:
                 raise _BadSchema(f"{ref.name!r} ({ref.subject} version {ref.version}), which "
                                  f"does not parse: {type(exc).__name__}: {str(exc)[:200]}"

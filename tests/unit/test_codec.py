@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import random
@@ -664,3 +665,103 @@ def test_a_nan_is_written_as_the_nan_the_worker_reads() -> None:
         "extra"] == '{"os":NaN}'
     read = codec.loads(record["properties"])
     assert math.isnan(read["x"]) and math.isnan(read["y"][0]) and read["z"] == 1
+
+
+# ------------------------------------------------------------------ bytes read as strings
+
+def _writer_with_bytes(root_name: str, field: str = "userId") -> dict[str, Any]:
+    """Our schema as a producer might declare it: its root named `root_name`
+    (TopicRecordNameStrategy), `field` as bytes (Avro promotes bytes to string)."""
+    schema: dict[str, Any] = copy.deepcopy(json.loads(codec.SCHEMA_TEXT))
+    schema["name"] = root_name
+    for each in schema["fields"]:
+        if each["name"] == "context":  # its records keep our namespace
+            each["type"][1]["namespace"] = "io.datafly.signal"
+        if each["name"] == field:
+            each["type"] = ["null", "bytes"]
+    return schema
+
+
+class _Docs:
+    """A registry serving one schema, and its references from `refs` by subject."""
+
+    def __init__(self, text: str, refs: Mapping[str, str] | None = None) -> None:
+        self.text, self.refs = text, dict(refs or {})
+
+    def get_schema(self, schema_id: int) -> Any:
+        from consumer.registry import Reference, SchemaDoc
+        return SchemaDoc(self.text, tuple(Reference(s, s, 1) for s in self.refs))
+
+    def get_version(self, subject: str, version: int) -> Any:
+        from consumer.registry import SchemaDoc
+        return SchemaDoc(self.refs[subject])
+
+
+def _decide(docs: _Docs, body: bytes) -> Any:
+    from consumer.handler import Event
+    from consumer.registry import Registry
+    from tests.unit.test_handler import Client, handler_for
+    from tests.unit.test_handler import settings as handler_settings
+
+    handler, _dlq, _limiter, _reg = handler_for(
+        handler_settings(USERPILOT_CONSENT_CATEGORIES="none"), Client())
+    handler.registry = Registry("http://unused", client=docs)
+    handler.registry.writer_schema(5)  # what the worker's fetch does
+    event = Event("t", 0, 0, b"k", b"k", struct.pack(">Bi", 0, 5) + body, [], 1)
+    assert handler.decide(event)
+    return event.decision
+
+
+CUT = "user_é".encode()[:-1]  # a producer cut it inside the character
+
+
+@pytest.mark.parametrize("root_name", ["com.acme.TrackEvent", "com.acme.Page",
+                                       "com.acme.Device", "com.acme.Context", "union"])
+def test_a_cut_character_in_bytes_is_replaced_whatever_the_root_is_called(
+        root_name: str) -> None:
+    """Our record to compare a writer's with was chosen by name: a root named like one of
+    our inner records, or a union root, kept its bytes, and fastavro's strict promotion
+    dead-lettered the event for good (review "fuzz42")."""
+    from consumer.routing import Send
+
+    track = _writer_with_bytes("com.acme.TrackEvent" if root_name == "union" else root_name)
+    schema: Any = track
+    datum: Any = {"type": "track", "event": "Feature Used", "userId": CUT,
+                  "properties": '{"a": 1}', "context": None}
+    if root_name == "union":
+        schema = [{"type": "record", "name": "com.acme.Heartbeat",
+                   "fields": [{"name": "at", "type": "long"}]}, track]
+        datum = ("com.acme.TrackEvent", datum)
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), datum)
+    decision = _decide(_Docs(json.dumps(schema)), buf.getvalue())
+    assert isinstance(decision, Send), f"{root_name}: {decision!r}"
+    assert decision.payload["user_id"] == "user_\ufffd"
+
+
+@pytest.mark.parametrize("context_name", ["com.acme.Context", "com.acme.EventContext"])
+def test_a_cut_character_in_a_referenced_records_bytes_is_replaced(context_name: str) -> None:
+    """A context record kept in a subject of its own under a name of its own was compared
+    with our root record (review "fuzz42")."""
+    from consumer.routing import Send
+
+    ours = json.loads(codec.SCHEMA_TEXT)
+    context = copy.deepcopy(next(f for f in ours["fields"]
+                                 if f["name"] == "context")["type"][1])
+    context["name"], context["namespace"] = context_name, "io.datafly.signal"
+    for each in context["fields"]:
+        if each["name"] == "locale":
+            each["type"] = ["null", "bytes"]
+    root = copy.deepcopy(ours)
+    root["name"] = "com.acme.TrackEvent"
+    for each in root["fields"]:
+        if each["name"] == "context":
+            each["type"] = ["null", context_name]
+    named: dict[str, Any] = {}
+    fastavro.parse_schema(context, named_schemas=named)
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(root, named_schemas=named), {
+        "type": "track", "event": "Feature Used", "userId": "u1", "properties": "{}",
+        "context": {"locale": "fr-é".encode()[:-1]}})
+    decision = _decide(_Docs(json.dumps(root), {"ctx": json.dumps(context)}), buf.getvalue())
+    assert isinstance(decision, Send), repr(decision)
