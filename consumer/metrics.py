@@ -334,7 +334,7 @@ class Metrics:
         self.connection_wait = histogram(
             "connection_wait_seconds",
             "Wait for one of USERPILOT_MAX_CONNECTIONS before a request to Userpilot, by "
-            "endpoint (part of delivery_latency): a pool too small shows here.",
+            "endpoint (before delivery_latency, not part of it): a pool too small shows here.",
             ["endpoint"],
             buckets=LATENCY_BUCKETS,
         )
