@@ -782,7 +782,12 @@ class Event(Mapping[str, Any]):
         elif key == "consent" and self.consent is not None:
             value = self.consent
         text = record.get("extra")
-        if text is not None and (f'"{key}"' in text or "\\" in text):
+        # A key of letters is spelled otherwise only through \u escapes; one with a quote,
+        # a backslash, a slash or a control character, through any escape (any backslash
+        # for those alone: an escaped quote or a `\/` in a value is common).
+        odd = any(c in '"\\/' or c < " " for c in key)
+        if text is not None and (f'"{key}"' in text or "\\u" in text
+                                 or (odd and "\\" in text)):
             extra = self._extra_of(text)
             if isinstance(extra, dict) and key in extra:
                 over = extra[key]

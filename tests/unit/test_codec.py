@@ -526,8 +526,13 @@ def decoded_with_extra(page: dict[str, Any] | None, extra: str | None) -> codec.
     return codec.decode(codec.encode(7, record), own_schema)
 
 
-@pytest.mark.parametrize("extra", ["{", "\ufeff{}", "[" * 300 + "]" * 300,
-                                   '{"campaign": {"source": ' + "[" * 300 + "]" * 300 + "}}"])
+@pytest.mark.parametrize("extra", [
+    "{", "\ufeff{}", "[" * 300 + "]" * 300,
+    '{"campaign": {"source": ' + "[" * 300 + "]" * 300 + "}}",
+    # Backslashes in values (review "diff42": any backslash made the text readable)
+    '{"note": "say \\"hi\\"", "deep": ' + "[" * 300 + "]" * 300 + "}",
+    '{"ref": "https:\\/\\/x.io\\/", "deep": ' + "[" * 300 + "]" * 300 + "}",
+    '\ufeff{"path": "C:\\\\tmp"}'])
 def test_a_page_reads_its_page_without_the_rest_of_a_broken_extra(extra: str) -> None:
     """Review poison26: a page view dead-lettered for context text it does not use."""
     event = decoded_with_extra({"url": "https://a.example/x", "title": "X"}, extra)
