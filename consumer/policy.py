@@ -462,10 +462,13 @@ class RetryPolicy:
             # But not past the budget's end by more than a backoff: a path answering
             # "503 Retry-After: 600" held its event 1,233 s against the documented 900
             # (review "rate42"); its last attempt now comes when the budget is spent.
+            # Once it is spent, an event still held (its endpoint failing for everyone:
+            # no evidence against it) waits the floor again (review "diff42").
             if attempts.answered:
                 left = self._budget - (self._gate.up_time() - attempts.first_up
                                        - attempts.limited_up)
-                return max(backoff, min(asked, left))
+                if left > 0:
+                    return max(backoff, min(asked, left))
             return max(asked, backoff)
         return backoff
 

@@ -408,6 +408,27 @@ def test_a_long_retry_after_does_not_stretch_the_time_budget() -> None:
     assert 600.0 <= sleep.slept[0] <= 660.05
 
 
+def test_a_held_event_past_its_budget_still_honours_retry_after() -> None:
+    """Its endpoint failing for everyone, an event past its budget is held (no evidence
+    against it), and waits the floor again: the first cap dropped it, and such an event
+    retried a path answering "503 Retry-After: 600" every few seconds (review "diff42")."""
+    clock, sleep, gate = setup()
+    gate.failing("track", 12345, True)  # another Track fails too: /v1/track is down
+
+    def side(_call: int) -> None:
+        clock.now += 1.0
+        gate.success(endpoint="identify", sent=clock.now - 0.5)  # identifies work
+
+    send = Script([ServerError("503", retry_after=600.0)] * 8 + [Stopped("end")], side)
+    with pytest.raises(Stopped):
+        run(policy(gate, clock, sleep, max_attempts=1000, budget_s=900.0).run(
+            send, Attempts(), endpoint="track"))
+    assert len(sleep.slept) == 8
+    assert sleep.slept[0] >= 600.0  # the floor, inside the budget
+    assert sleep.slept[1] < 600.0  # the budget's end: its last attempt there
+    assert all(wait >= 600.0 for wait in sleep.slept[2:]), sleep.slept
+
+
 def test_never_gives_up_on_429_however_long_while_other_deliveries_succeed() -> None:
     """A 429 says the token's budget is spent (another client may share it), not that the
     event is bad: it neither ends the event nor uses up its attempts or time budget."""
