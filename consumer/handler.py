@@ -134,11 +134,11 @@ async def _off_the_wire(event: Event, delay: float) -> None:
     "commits42"). Cut in its sleep, the event is dead-lettered again by the next owner (a
     failed produce that landed after all, a timeout, is then written twice: replay's
     duplicate, never a loss)."""
-    event.on_wire = False
+    event.on_wire, event.asleep = False, True
     try:
         await asyncio.sleep(delay)
     finally:
-        event.on_wire = True
+        event.on_wire, event.asleep = True, False
 
 
 URGENT: frozenset[str] = frozenset({"ensure_user", "associate_company"})
@@ -186,6 +186,8 @@ class Event:
     message_id: str | None = None
     event_time: str | None = None
     on_wire: bool = False  # an HTTP request or a DLQ produce of it is under way
+    asleep: bool = False  # its dead letter waits between produce attempts: nothing of it
+    # is under way then, a half-sent group's neither
     requesting: bool = False  # ... an HTTP request (Userpilot down: not waited for)
     requested: bool = False  # a request of its current call had a connection: it may have
     # reached Userpilot (its messageId claim is then kept when it is abandoned)
@@ -216,8 +218,8 @@ class Event:
     def under_way(self) -> bool:
         """Something of it may have reached Userpilot or the DLQ and the rest should follow:
         a request, DLQ record or confirm on the wire, or a half-sent event. A drain waits
-        for these."""
-        return self.on_wire or self.half_sent
+        for these, not for one asleep before its next DLQ attempt (review "diff42")."""
+        return (self.on_wire or self.half_sent) and not self.asleep
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from consumer import codec
 from consumer.calls import FAMILIES, Call
 from consumer.commits import TP as TP_
-from consumer.errors import Misconfigured
+from consumer.errors import Misconfigured, Rejected
 from consumer.health import Health
 from consumer.metrics import ENDPOINTS, Metrics
 from consumer.offsets import Finished, decode_note
@@ -393,5 +393,36 @@ def test_a_stop_does_not_wait_for_a_dead_letter_between_its_produce_attempts() -
         stopped.append(time.monotonic())
 
     assert drive(run, scenario) == 0
+    took = time.monotonic() - stopped[0]
+    assert took < 2.0, f"the stop waited {took:.1f} s"
+
+
+class RejectedAssociation(FakeClient):
+    """Company identifies accepted, the association (an identify) rejected: 400."""
+
+    async def send(self, call: Call) -> int:
+        if call.endpoint != "company_identify":
+            self.calls.append(call)
+            raise Rejected("400 bad association", status=400, body="{}")
+        return await super().send(call)
+
+
+def test_a_stop_does_not_wait_for_a_half_sent_groups_dead_letter_between_attempts() -> None:
+    """A half-sent group is under way, but not while its dead letter waits to be tried again
+    (review "diff42": the first fix cleared only `on_wire`)."""
+    client = RejectedAssociation()
+    run = make(log_of(group_event()), registry=known_schema(), client=client,
+               USERPILOT_ENSURE_USER="false", WORKER_SHUTDOWN_GRACE_SECONDS="5")
+    dlq = RefusingDlq()
+    run.worker.dlq = run.worker.handler.dlq = dlq
+    stopped: list[float] = []
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: dlq.tries >= 1, "a refused dead letter")
+        await asyncio.sleep(0.1)
+        stopped.append(time.monotonic())
+
+    assert drive(run, scenario) == 0
+    assert [call.endpoint for call in client.calls] == ["company_identify", "identify"]
     took = time.monotonic() - stopped[0]
     assert took < 2.0, f"the stop waited {took:.1f} s"
