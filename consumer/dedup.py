@@ -245,9 +245,11 @@ class Deduplicator:
                 lambda: self._store.claim(key, owner, self._claim_ms))
         except SharedStateUnavailable as exc:
             held = self._busy.get(key, 0.0) - self._clock()
-            if exc.skipped and held > 0:
+            if (exc.skipped or exc.timed_out) and held > 0:
                 # Another owner's claim, live when last asked, is still waited out: not
-                # ours to send because another key's call timed out.
+                # ours to send because Redis hangs, whether this call was skipped or timed
+                # out itself (the calls under way as it froze: they sent over the claim
+                # ~0.1 s after the freeze, review "redis42").
                 return ClaimResult(Outcome.BUSY, retry_after_s=max(self._busy_min, held))
             self._busy.pop(key, None)
             log.warning("deduplication skipped (%s): delivering at least once", exc)

@@ -329,6 +329,27 @@ def test_a_busy_wait_is_not_turned_into_a_send_by_another_keys_timeout() -> None
     asyncio.run(main())
 
 
+def test_a_busy_wait_is_not_turned_into_a_send_by_its_own_calls_timing_out() -> None:
+    """Review redis42: b waits out a's live claim; Redis freezes. b's own next calls time
+    out (not skipped: they were the ones under way), and each forgot a's claim: b sent
+    over it ~0.1 s after the freeze, a's request still on the wire."""
+    async def main() -> None:
+        store, clock = Blip(), Clock()
+        dd = Deduplicator(store, token_digest("t"), clock=clock)
+        assert (await dd.claim("track", "m", "a")).outcome is Outcome.SEND
+        assert (await dd.claim("track", "m", "b")).outcome is Outcome.BUSY  # 12.5 s left
+        store.slow = {":m"}  # Redis freezes
+        for _ in range(2):  # the busy wait's next poll, then the re-claim
+            clock.now += 0.1
+            again = await dd.claim("track", "m", "b")
+            assert again.outcome is Outcome.BUSY and 12.0 < again.retry_after_s < 12.5, again
+        clock.now += 13.0  # past a's claim, Redis still hung: b sends, unchecked
+        late = await dd.claim("track", "m", "b")
+        assert (late.outcome, late.degraded) == (Outcome.SEND, True)
+
+    asyncio.run(main())
+
+
 def test_calls_in_flight_when_redis_froze_are_one_sign_not_one_doubling_each() -> None:
     """Review diff26: eight calls timing out together doubled the skip eight times (10 s
     at once); a late answer to a call begun before the freeze must not end it either."""
