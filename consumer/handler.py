@@ -402,9 +402,13 @@ class Handler:
                 decoded = codec.decode(event.value, self._cached_schema)
             message_id = decoded.get("messageId")
             # A blank or invisible id identifies nothing: as a dedup key every such event
-            # after the first would be skipped as its duplicate.
+            # after the first would be skipped as its duplicate. Nor one holding U+FFFD:
+            # invalid UTF-8 reads as it, so `order-\xe2\x82` and `order-\xe2\x84` (two ids
+            # cut inside a character) were one, and the second was never sent (review
+            # "redis42").
             event.message_id = (message_id if isinstance(message_id, str)
-                                and visible(message_id) else None)
+                                and visible(message_id) and "\ufffd" not in message_id
+                                else None)
             event.event_time = decoded.get("timestamp")
             event.decision = route(decoded, self.s.consent, self.s.mappings)
         except SchemaNotCached:

@@ -127,6 +127,29 @@ def test_blank_message_ids_are_no_ids_not_one_shared_id() -> None:
     assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 0
 
 
+def _with_raw_id(seq: int, raw_id: bytes) -> bytes:
+    """A track whose messageId's Avro bytes are `raw_id` (invalid UTF-8 allowed)."""
+    placeholder = "Q" * len(raw_id)
+    wire = codec.encode(SCHEMA_ID, codec.to_record({
+        "type": "track", "event": "Feature Used", "userId": f"u{seq}",
+        "properties": {"seq": seq}, "context": {"consent": {"analytics": True}},
+        "timestamp": "2026-11-26T10:00:00.000Z", "messageId": placeholder}))
+    assert wire.count(placeholder.encode()) == 1
+    return wire.replace(placeholder.encode(), raw_id)
+
+
+def test_ids_cut_inside_a_character_are_no_ids_not_one_shared_id() -> None:
+    """Invalid UTF-8 reads as U+FFFD: two ids cut inside different characters were one
+    dedup key, and the second event was skipped as the first's duplicate (review
+    "redis42")."""
+    store = MemoryStore()
+    run, metrics, _ = make(log_of(_with_raw_id(1, b"order-\xe2\x82"),
+                                  _with_raw_id(2, b"order-\xe2\x84"), key=b"k"), store)
+    assert drive(run, finished_to(2)) == 0  # type: ignore[arg-type]
+    assert sorted(codec_seq(b) for b in run.client.bodies) == [1, 2]
+    assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 0
+
+
 def test_redis_down_delivers_every_event_unchecked() -> None:
     store = MemoryStore(fail=True)
     run, metrics, _ = make(log_of(track("u1", 1), track("u1", 1)), store)
