@@ -170,13 +170,18 @@ def test_header_value_returns_the_last_or_none() -> None:
     assert header_value(None, "a") is None
 
 
-def test_body_and_message_are_truncated() -> None:
-    failure = Failure(reason="bad_request", exception_class="Rejected", message="m" * 5000,
+def test_body_and_message_are_truncated_to_1_kib_of_utf8_whole_characters() -> None:
+    """Cut at 1,024 characters, a CJK body took 3 KiB (review "replay42")."""
+    failure = Failure(reason="bad_request", exception_class="Rejected", message="错" * 5000,
                       status=413, body="é" * 3000)
     h = headers_of(failure)
-    assert h["userpilot.error.body"].decode() == "é" * BODY_LIMIT
-    assert h["__connect.errors.exception.message"].decode() == "m" * BODY_LIMIT
+    assert h["userpilot.error.body"].decode() == "é" * (BODY_LIMIT // 2)
+    assert h["__connect.errors.exception.message"].decode() == "错" * (BODY_LIMIT // 3)
     assert BODY_LIMIT == 1024
+    short = headers_of(Failure(reason="bad_request", exception_class="Rejected",
+                               message="m" * 5000, status=400, body="b" * 5000))
+    assert short["userpilot.error.body"] == b"b" * BODY_LIMIT
+    assert short["__connect.errors.exception.message"] == b"m" * BODY_LIMIT
 
 
 def test_no_header_contains_the_token() -> None:
