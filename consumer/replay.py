@@ -487,6 +487,9 @@ def run_replay(
         "allow.auto.create.topics": False,
         "topic.metadata.propagation.max.ms": 5000,
         "batch.num.messages": 1,
+        # A record's answer within a minute (librdkafka's 300 s by default): the batch's
+        # commit waits for every answer (`commit_handled`).
+        "message.timeout.ms": int(conf.get("message.timeout.ms", REPLAY_ANSWER_MS)),
         "message.max.bytes": max(int(conf.get("message.max.bytes", 0)), REPLAY_MAX_BYTES)})
     summary = Summary()
     seen = SeenSources()
@@ -568,7 +571,13 @@ def run_replay(
             if producer is None:
                 return  # a dry run commits nothing: the run after it must see every record
             if sent:
+                # Until every record has its answer (`message.timeout.ms` bounds it): after
+                # a fixed 30 s a record a slow broker took later was named "no answer",
+                # and the next run published it again (review "replay42"). A stop cuts
+                # the wait short: what is still unanswered may land (README).
                 producer.flush(30)
+                while len(producer) and not stopping():
+                    producer.flush(1)
             stuck: dict[int, tuple[int, str]] = {}
             for p, off in sorted(sent):
                 # Taken out one by one: a report that raises leaves the rest to the
@@ -656,6 +665,9 @@ def run_replay(
 
 COUNT_RETRY_S = 5.0
 """How long an origin topic's unreadable partition count stands before it is asked again."""
+REPLAY_ANSWER_MS = 60_000
+"""The replay producer's `message.timeout.ms` unless KAFKA_MESSAGE_TIMEOUT_MS says otherwise:
+a record not acknowledged within it is reported failed (and the run stops at it)."""
 REPLAY_MAX_BYTES = 64 * 1024 * 1024
 """The replay producer's local record limit: the origin topic's own limit decides."""
 _REFUSED_FOR_GOOD = frozenset({

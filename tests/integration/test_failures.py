@@ -974,3 +974,50 @@ def test_a_users_identify_refused_alone_is_dead_lettered_while_tracks_go_on(
     assert headers_of(dead[0])["userpilot.error.reason"] == b"refused"
     assert headers_of(dead[0])["userpilot.error.status"] == b"403"
     assert not undelivered(control, [track_event(f"u{i % 7}", i) for i in range(400)])
+
+
+def test_replay_waits_for_an_answer_that_comes_after_its_first_flush(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broker answering after the batch's first flush (30 s): the record was named "no
+    answer", the run stopped at it, and the next run published it again (review
+    "replay42"). Now the run waits for the answer (`message.timeout.ms` bounds it)."""
+    from confluent_kafka import Producer
+
+    from consumer import replay
+    from consumer.replay import Filters, run_replay
+
+    origin = topic_factory(partitions=1)
+    dlq = topic_factory(suffix="-dlq")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer.produce(dlq, value=b"v0", headers=[("__connect.errors.topic", origin.encode())])
+    assert producer.flush(30) == 0
+
+    class SlowFirstAnswer:
+        """The first flush returns before any answer is served (its wait ran out)."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.flushes = inner, 0
+
+        def flush(self, timeout: float = -1) -> int:
+            self.flushes += 1
+            if self.flushes == 1:
+                return len(self.inner)
+            return int(self.inner.flush(timeout))
+
+        def __len__(self) -> int:
+            return len(self.inner)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+    real = getattr(replay, "make_producer")  # noqa: B009 (imported there, not exported)
+    monkeypatch.setattr(replay, "make_producer", lambda *a, **k: SlowFirstAnswer(real(*a, **k)))
+    conf = {"bootstrap.servers": kafka_bootstrap}
+    first = run_replay(conf, dlq, f"{dlq}-r", Filters(), dry_run=False, report=lambda _: None)
+    assert first.replayed == 1
+    monkeypatch.setattr(replay, "make_producer", real)
+    again = run_replay(conf, dlq, f"{dlq}-r", Filters(), dry_run=False, report=lambda _: None)
+    assert again.replayed == 0
+    wait_until(lambda: len(read_topic(kafka_bootstrap, origin)) >= 1, 30, "replayed")
+    assert [m.value() for m in read_topic(kafka_bootstrap, origin)] == [b"v0"], "once"
