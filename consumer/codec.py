@@ -665,10 +665,13 @@ class Event(Mapping[str, Any]):
     ``context.consent`` alone. Parsing may raise :class:`UndecodableEvent`.
     """
 
-    __slots__ = ("_consent", "_extra", "_parsed", "_record", "replaced")
+    __slots__ = ("_consent", "_extra", "_parsed", "_record", "lossy", "replaced")
 
-    def __init__(self, record: Mapping[str, Any]) -> None:
+    def __init__(self, record: Mapping[str, Any], *, lossy: bool = False) -> None:
         self._record = record
+        self.lossy = lossy
+        """Invalid UTF-8 in an Avro string was read as U+FFFD (`decode`): an id holding
+        that character may be two ids cut alike (`routing.route` refuses it)."""
         self._parsed: dict[str, Any] = {}
         self._consent: Any = _UNSET
         self._extra: Any = _UNSET  # context.extra parsed, once (its surrogates counted once)
@@ -925,19 +928,21 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     stream.seek(_HEADER.size)
     # Resolution costs time per call; skip it when the writer is our own schema.
     reader = None if writer is SCHEMA else getattr(writer, "reader", SCHEMA)  # `Renamed`
+    lossy = False
     try:
+        kind: type = writer.__class__  # a union root (`DeepUnion`) is a list
+        deep = kind is DeepSchema or kind is DeepUnion
         try:
-            kind: type = writer.__class__  # a union root (`DeepUnion`) is a list
-            if kind is DeepSchema or kind is DeepUnion:
-                record = _read_deep(stream, writer, reader, handle_unicode_errors="replace")
-            else:
-                record = _read_record(stream, writer, reader)
+            record = (_read_deep(stream, writer, reader) if deep
+                      else _read_record(stream, writer, reader))
         except UnicodeDecodeError:
             # A string cut inside a multi-byte character (a producer limiting bytes):
             # U+FFFD, as Java's Avro decodes it, not the whole event dead-lettered (replay
             # could never succeed). Read again only then: the hot path keeps the default.
             stream.seek(_HEADER.size)
-            record = _read_replacing(stream, writer, reader)
+            lossy = True
+            record = (_read_deep(stream, writer, reader, handle_unicode_errors="replace")
+                      if deep else _read_replacing(stream, writer, reader))
     except Exception as exc:  # fastavro raises many types on corrupt input
         raise UndecodableEvent(f"not a Signal event in Avro: {type(exc).__name__}: {exc}") from None
     if stream.tell() != len(data):
@@ -946,4 +951,4 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
         )
     if not isinstance(record, dict):
         raise UndecodableEvent("Avro body did not decode to a record")
-    return Event(record)
+    return Event(record, lossy=lossy)

@@ -402,12 +402,12 @@ class Handler:
                 decoded = codec.decode(event.value, self._cached_schema)
             message_id = decoded.get("messageId")
             # A blank or invisible id identifies nothing: as a dedup key every such event
-            # after the first would be skipped as its duplicate. Nor one holding U+FFFD:
-            # invalid UTF-8 reads as it, so `order-\xe2\x82` and `order-\xe2\x84` (two ids
-            # cut inside a character) were one, and the second was never sent (review
-            # "redis42").
+            # after the first would be skipped as its duplicate. Nor one read from invalid
+            # UTF-8 as U+FFFD: `order-\xe2\x82` and `order-\xe2\x84` (two ids cut inside a
+            # character) were one, and the second was never sent (review "redis42").
             event.message_id = (message_id if isinstance(message_id, str)
-                                and visible(message_id) and "\ufffd" not in message_id
+                                and visible(message_id)
+                                and not (decoded.lossy and "\ufffd" in message_id)
                                 else None)
             event.event_time = decoded.get("timestamp")
             event.decision = route(decoded, self.s.consent, self.s.mappings)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consumer.calls import Call, drop_company_ids, encode_body, event_calls, track_call
-from consumer.errors import DeadLetter, MappingError
+from consumer.errors import DeadLetter, InvalidEvent, MappingError
 from consumer.filtering import ConsentPolicy, Drop, drop_reason
 from consumer.mapping import MappingSet, Primitive, TraitsRule, build_payload, limit_metadata
 
@@ -91,6 +91,18 @@ def _shape(
     return shape
 
 
+def _refuse_cut_ids(event: Mapping[str, Any], kind: Any) -> None:
+    """An id read from invalid UTF-8 holds U+FFFD where its bytes were cut: two users (or
+    companies) cut alike would be one in Userpilot, one's traits and Tracks credited to
+    the other (review "users42"). Dead-lettered, to be fixed and replayed."""
+    for key in ("userId", "groupId") if kind == "group" else ("userId",):
+        value = event.get(key)
+        if isinstance(value, str) and "\ufffd" in value:
+            raise InvalidEvent(f"{key} holds invalid UTF-8 (read as U+FFFD): ids cut alike "
+                               "would name one Userpilot record; fix the producer's ids and "
+                               "replay")
+
+
 def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet) -> Drop | Send:
     """Drop with a reason, or the calls to send.
 
@@ -103,6 +115,8 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
         if drop is not None:
             return drop
         kind = event.get("type")
+        if getattr(event, "lossy", False):
+            _refuse_cut_ids(event, kind)
         if kind in ("identify", "group"):
             truncated: list[str] = []
             omitted: list[str] = []

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from consumer import codec
+from consumer.errors import InvalidEvent
 from consumer.filtering import ConsentPolicy, Drop
 from consumer.mapping import DEFAULT_PRESET, load_mappings
 from consumer.routing import Send, encode_payload, route
@@ -278,3 +280,50 @@ def test_a_renamed_company_id_trait_is_still_sent() -> None:
                  POLICY, mappings)
     assert isinstance(sent, Send)
     assert json.loads(sent.calls[0].body)["metadata"] == {"external_id": "crm-7", "plan": "pro"}
+
+
+def _cut(kind: str, raw_user: bytes, raw_group: bytes = b"acme-ab") -> codec.Event:
+    """A decoded event whose userId (and groupId) Avro bytes are the raw ones given."""
+    event: dict[str, Any] = {"type": kind, "userId": "user-ab", "messageId": "m",
+                             "context": {"consent": {"analytics": True}}}
+    if kind == "track":
+        event["event"] = "Feature Used"
+    if kind == "group":
+        event["groupId"] = "acme-ab"
+    wire = codec.encode(7, codec.to_record(event))
+    wire = wire.replace(b"user-ab", raw_user).replace(b"acme-ab", raw_group)
+    return codec.decode(wire, lambda _id: codec.SCHEMA)
+
+
+@pytest.mark.parametrize("kind", ["identify", "track", "group"])
+def test_a_user_id_cut_inside_a_character_is_dead_lettered_not_merged(kind: str) -> None:
+    """`user-\\xe2\\x82` and `user-\\xe2\\x84` both read as `user-\\ufffd`: sent, two users
+    were one in Userpilot (review "users42")."""
+    for raw in (b"user-\xe2\x82", b"user-\xe2\x84"):
+        event = _cut(kind, raw)
+        assert event.lossy
+        with pytest.raises(InvalidEvent, match="userId holds invalid UTF-8"):
+            route(event, ConsentPolicy(), DEFAULT_PRESET)
+
+
+def test_a_group_id_cut_inside_a_character_is_dead_lettered() -> None:
+    with pytest.raises(InvalidEvent, match="groupId holds invalid UTF-8"):
+        route(_cut("group", b"user-ab", b"acme-\xe2\x82"), ConsentPolicy(), DEFAULT_PRESET)
+
+
+def test_cut_text_elsewhere_and_a_real_replacement_character_still_go() -> None:
+    """Only ids read from invalid UTF-8 are refused: a U+FFFD the producer wrote is text."""
+    written = codec.decode(codec.encode(7, codec.to_record({
+        "type": "identify", "userId": "user-\ufffd", "context": {"consent": {"analytics": True}}})),
+        lambda _id: codec.SCHEMA)
+    assert not written.lossy
+    assert isinstance(route(written, ConsentPolicy(), DEFAULT_PRESET), Send)
+    elsewhere = _cut("group", b"user-ab", b"acme-ab")
+    assert not elsewhere.lossy
+    anonymous_cut = codec.decode(
+        codec.encode(7, codec.to_record({"type": "track", "event": "Feature Used",
+                                         "anonymousId": "an-ab"})).replace(b"an-ab",
+                                                                          b"an-\xe2\x82"),
+        lambda _id: codec.SCHEMA)
+    assert anonymous_cut.lossy
+    assert isinstance(route(anonymous_cut, ConsentPolicy(), DEFAULT_PRESET), Drop)
