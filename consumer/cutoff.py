@@ -34,7 +34,10 @@ class Cutoff:
 
     def trace(self, name: str, info: Mapping[str, Any]) -> None:
         """httpcore's trace hook: the socket of each connection the call opens."""
-        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+        # Any step that yields a socket: through an http:// proxy's CONNECT tunnel the
+        # TLS upgrade (`proxy.start_tls`) detaches the TCP socket kept before, and the call
+        # was never cut (review "http42").
+        if name.endswith((".connect_tcp.complete", ".start_tls.complete")):
             stream = info.get("return_value")
             sock = stream.get_extra_info("socket") if stream is not None else None
             if isinstance(sock, socket.socket):
