@@ -20,7 +20,7 @@ import asyncio
 import bisect
 import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from consumer.commits import TP
@@ -45,6 +45,8 @@ class Write:
     company: str
     done: asyncio.Event
     waiting: bool = False  # its owner waits in `turn` (queued, not stuck)
+    turned: asyncio.Event = field(default_factory=asyncio.Event)  # its owner left `turn`
+    # (its request goes), or it ended
 
 
 class CompanyOrder:
@@ -97,12 +99,16 @@ class CompanyOrder:
                                 extra=dict(fields or {}))
                 for write in stale:
                     self._end(write)  # waited out once, not by every later write again
-            # The earlier writes still queued go first: each waits for lower intake numbers
-            # only, bounded the same way, so this ends.
+            # The earlier writes still queued here go first: each is waited for until its
+            # request goes (it leaves `turn`), not until it is answered. Waited for until
+            # answered, one that then met 5xx held this one for its whole retry budget,
+            # far past COMPANY_WAIT_S (review "users42"). Each waits for lower intake
+            # numbers only, bounded the same way, so this ends.
             for write in earlier:
-                await write.done.wait()
+                await write.turned.wait()
         finally:
             own.waiting = False
+            own.turned.set()
 
     def written(self, writes: Sequence[Write], company: str) -> None:
         """The request writing `company` was answered (or failed for good)."""
@@ -124,6 +130,7 @@ class CompanyOrder:
 
     def _end(self, write: Write) -> None:
         write.done.set()
+        write.turned.set()
         line = self._lines.get(write.company)
         if line is not None and write in line:
             line.remove(write)

@@ -170,3 +170,35 @@ def test_a_timeout_gives_up_on_the_stuck_write_only_not_on_those_queued_behind_i
         return sent
 
     assert asyncio.run(main()) == ["B", "C", "D"]
+
+
+def test_a_write_queued_behind_another_in_retries_waits_for_its_request_not_its_answer() -> None:
+    """Review "users42": A stuck; C times out and gives A up; B, queued and not given up,
+    went next, and C waited for B's answer: B in retries (up to the retry budget, 900 s)
+    held C, its user's chain and its partition's commits, past COMPANY_WAIT_S. C now goes
+    once B's request has gone."""
+    async def main() -> tuple[list[str], float]:
+        order = CompanyOrder(wait_s=0.2)
+        order.place(1, A, ["c"])  # its owner is stuck: never answered
+        b, c = (order.place(i, A, ["c"]) for i in (2, 3))
+        sent: list[str] = []
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        async def go(name: str, writes: tuple[Write, ...], delay: float, answer_s: float
+                     ) -> None:
+            await asyncio.sleep(delay)
+            await order.turn(writes, "c")
+            sent.append(name)
+            await asyncio.sleep(answer_s)  # its request, answered (or given up) this late
+            order.written(writes, "c")
+
+        stuck = asyncio.create_task(go("B", b, 0.1, 30.0))
+        await asyncio.wait_for(go("C", c, 0.0, 0.0), 5.0)
+        waited = loop.time() - start
+        stuck.cancel()
+        return sent, waited
+
+    sent, waited = asyncio.run(main())
+    assert sent == ["B", "C"]  # B's request first, as its intake says
+    assert waited < 1.0, f"C waited {waited:.1f} s"
