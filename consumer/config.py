@@ -248,6 +248,12 @@ _COMMON_KAFKA_SETTINGS = tuple(
 """Pass-through names a typo is likely of (`KAFKA_SASL_PASWORD` got no hint)."""
 
 
+_FILE_NAMES = (*(f"{n}_FILE" for n in FILE_SECRETS),
+               *(f"KAFKA_{k.upper().replace('.', '_')}_FILE" for k in SECRET_KAFKA_KEYS))
+"""The `<SECRET>_FILE` variables: a typo of one was told the plain secret's name, and the
+file's path, put there, passed as the token (review "config42")."""
+
+
 def _did_you_mean(name: str, candidates: frozenset[str] | tuple[str, ...]) -> str:
     # Never the name itself: "KAFKA_X ... (did you mean KAFKA_X?)" for a refused value.
     close = difflib.get_close_matches(name, sorted(c for c in candidates if c != name), n=1,
@@ -490,11 +496,31 @@ def _ca_bundle(r: _Reader) -> str | None:
         r.problems.append(f"SSL_CERT_DIR={cert_dir!r} is not a directory: the worker's HTTPS "
                           "clients load their CA certificates from it; fix the path or "
                           "unset it")
+    elif cert_dir and not cert_file and not _hashed_certificates(cert_dir):
+        # OpenSSL looks a CA up there by its subject's hash only: a directory of `ca.pem`
+        # files (a mounted ConfigMap) trusted nothing, every request refused (review
+        # "config42").
+        r.problems.append(f"SSL_CERT_DIR={cert_dir!r} holds no certificate named by its "
+                          "subject hash (<hash>.0), the only names OpenSSL looks up there: "
+                          "run `openssl rehash` on it, or give the CA certificates as a PEM "
+                          "file in USERPILOT_CA_BUNDLE (or SSL_CERT_FILE)")
     path = r.text("USERPILOT_CA_BUNDLE")
     if path is None:
         return None
     return path if _check_pem(r, "USERPILOT_CA_BUNDLE", path,
                               "mount the bundle and give its path") else None
+
+
+_HASHED = re.compile(r"[0-9a-f]{8}\.r?[0-9]+")
+
+
+def _hashed_certificates(directory: str) -> bool:
+    """Whether `directory` has a file named as OpenSSL's CA look-up reads them (`c_rehash`);
+    True when it cannot be listed (the check would only guess)."""
+    try:
+        return any(_HASHED.fullmatch(name) for name in os.listdir(directory))
+    except OSError:
+        return True
 
 
 def _check_pem(r: _Reader, name: str, path: str, fix: str) -> bool:
@@ -626,7 +652,8 @@ def _check_endpoint(reader: _Reader) -> str:
         reader.problems.append(f"USERPILOT_ANALYTICS_ENDPOINT={raw!r} has an invalid port: "
                                "use 1-65535, or no port for 443")
     else:
-        refused = _http_url_problem(f"https://{host}")
+        refused = (_http_url_problem(f"https://{host}")
+                   or _aiohttp_host_problem(host.split(":", 1)[0]))
         if refused is not None:  # e.g. 10.0.0.256: digits and dots, yet no address
             reader.problems.append(
                 f"USERPILOT_ANALYTICS_ENDPOINT={raw!r} is not a host the HTTP client can "
@@ -642,6 +669,21 @@ def _example_host(rest: str) -> str:
 
 
 _HOST_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+def _aiohttp_host_problem(host: str) -> str | None:
+    """What Userpilot's HTTP client (aiohttp) refuses in a host that others take: digits
+    that are not a dotted quad (`127.1`, `2130706433`), which it calls "not a canonical
+    IPv4 address". Taken, every request failed as a connection error, retried for ever
+    (review "config42"); the registry, Kafka and Redis connect to such hosts."""
+    name = host.removesuffix(".")
+    if name and all(label.isascii() and label.isdigit() for label in name.split(".")):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return (f"the host {host!r} is digits but not an IPv4 address written a.b.c.d "
+                    "(four numbers 0-255), which Userpilot's HTTP client requires")
+    return None
 
 
 def _http_url_problem(url: str) -> str | None:
@@ -842,7 +884,8 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
             if refused is not None:
                 # A name only for a name librdkafka does not know; for a refused value,
                 # another setting's name misled.
-                hint = (_did_you_mean(name, (*ENV_VARS, *_COMMON_KAFKA_SETTINGS))
+                hint = (_did_you_mean(name, (*ENV_VARS, *_COMMON_KAFKA_SETTINGS,
+                                             *_FILE_NAMES))
                         if "No such configuration property" in refused else "")
                 reader.problems.append(
                     f"{name} sets librdkafka setting {key!r}, which librdkafka refuses: "
@@ -989,9 +1032,11 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str],
             continue
         if base not in FILE_SECRETS and not is_kafka_secret:
             if base.startswith("KAFKA_"):
+                hint = _did_you_mean(name, _FILE_NAMES)
                 problems.append(
-                    f"{name}: only secrets can be read from a file "
-                    f"({', '.join(sorted(SECRET_KAFKA_KEYS))}); set {base} instead"
+                    f"{name}: only secrets can be read from a file{hint} "
+                    f"({', '.join(sorted(SECRET_KAFKA_KEYS))})"
+                    + ("" if hint else f"; set {base} instead")
                 )
                 del resolved[name]
             continue
@@ -1366,7 +1411,8 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
             f"{name}={redact_userinfo(value)}: the port is not a number from 1 to 65535 "
             f"(the proxy for {service})")
         return None
-    refused = _http_url_problem(value)
+    refused = _http_url_problem(value) or (
+        _aiohttp_host_problem(parts.hostname or "") if service == "Userpilot" else None)
     if refused is not None:
         reader.problems.append(
             f"{name}={redact_userinfo(value)} is not a proxy URL the HTTP client can use "
@@ -1414,7 +1460,7 @@ def _unknown_variables(reader: _Reader) -> None:
         shared = name.startswith(_SHARED_PREFIXES)
         if not shared and not name.startswith(_OWN_PREFIXES):
             continue
-        hint = _did_you_mean(name, REDIS_ENV_VARS if shared else ENV_VARS)
+        hint = _did_you_mean(name, REDIS_ENV_VARS if shared else (*ENV_VARS, *_FILE_NAMES))
         if shared and not hint:  # another program's variable, not a typo of ours
             continue
         reader.problems.append(

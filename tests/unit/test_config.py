@@ -1322,7 +1322,39 @@ def test_a_cert_dir_that_is_no_directory_is_refused(tmp_path: Any) -> None:
     """SSL_CERT_DIR replaces certifi's bundle and was never checked (review config19)."""
     text = problem(SSL_CERT_DIR=str(tmp_path / "nope"))
     assert text.startswith("SSL_CERT_DIR=") and "not a directory" in text
+    (tmp_path / "ca.pem").write_text("a CA")
+    text = problem(SSL_CERT_DIR=str(tmp_path))
+    # OpenSSL looks CAs up there by subject hash only: `ca.pem` trusted nothing (config42)
+    assert "holds no certificate named by its subject hash" in text
+    assert "openssl rehash" in text and "USERPILOT_CA_BUNDLE" in text
+    (tmp_path / "0a1b2c3d.0").symlink_to(tmp_path / "ca.pem")
     load(SSL_CERT_DIR=str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["USERPILOT_ANALYTICS_ENDPOINT", "HTTPS_PROXY"])
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "10.1.1"])
+def test_digits_userpilots_client_reads_as_no_address_are_refused(name: str, host: str
+                                                                   ) -> None:
+    """aiohttp refuses digits that are not a dotted quad ("not a canonical IPv4 address"):
+    taken, every request failed and was retried for ever (review "config42")."""
+    value = f"{host}:8443" if name == "USERPILOT_ANALYTICS_ENDPOINT" else f"http://{host}:3128"
+    text = problem(**{name: value})
+    assert text.startswith(f"{name}=") and "a.b.c.d" in text
+    load(**{name: value.replace(host, "127.0.0.1")})
+
+
+@pytest.mark.parametrize(("typo", "meant"), [
+    ("USERPILOT_API_KEY_FLE", "USERPILOT_API_KEY_FILE"),
+    ("USERPILOT_APIKEY_FILE", "USERPILOT_API_KEY_FILE"),
+    ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FLIE", "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE"),
+    ("KAFKA_SASL_PASWORD_FILE", "KAFKA_SASL_PASSWORD_FILE"),
+])
+def test_a_misspelt_secret_file_variable_is_told_the_file_variable(typo: str, meant: str
+                                                                   ) -> None:
+    """The hint named the plain secret: the file's path, put there, passed as the token
+    (review "config42")."""
+    found = "\n".join(problems({**BASE, typo: "/run/secrets/x"}))
+    assert f"(did you mean {meant}?)" in found, found
 
 
 def test_redis_settings_without_redis_are_noted() -> None:
