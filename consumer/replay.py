@@ -474,23 +474,7 @@ def run_replay(
         **conf, "group.id": group, "enable.auto.commit": False,
         "auto.offset.reset": "earliest", "enable.partition.eof": False,
     }))
-    # One record per batch, as the DLQ producer: the origin topic's max.message.bytes is
-    # checked per batch, and large originals fetched back for value-less dead letters would
-    # be refused together, every run again. The local limit is the broker's to enforce:
-    # librdkafka's 1,000,000 refused a source record the topic holds (up to 1,048,588).
-    producer = None if dry_run else make_producer(conf, **{
-        # A dead letter of a topic deleted since was published into a topic the broker
-        # created for it, counted replayed, and read by no one (review "replay17"): a
-        # topic that does not exist is refused for good instead (unpublishable), within
-        # 5 s (librdkafka's 30 s for a new topic's metadata to propagate outlasted the
-        # batch's flush, so it read as "no answer").
-        "allow.auto.create.topics": False,
-        "topic.metadata.propagation.max.ms": 5000,
-        "batch.num.messages": 1,
-        # A record's answer within a minute (librdkafka's 300 s by default): the batch's
-        # commit waits for every answer (`commit_handled`).
-        "message.timeout.ms": int(conf.get("message.timeout.ms", REPLAY_ANSWER_MS)),
-        "message.max.bytes": max(int(conf.get("message.max.bytes", 0)), REPLAY_MAX_BYTES)})
+    producer = None if dry_run else replay_producer(conf)
     summary = Summary()
     seen = SeenSources()
     checkpoint: Callable[[], None] | None = None  # once there is a position to commit
@@ -576,7 +560,8 @@ def run_replay(
                 # and the next run published it again (review "replay42"). A stop cuts
                 # the wait short: what is still unanswered may land (README).
                 producer.flush(30)
-                while len(producer) and not stopping():
+                deadline = time.monotonic() + REPLAY_ANSWER_MS / 1000 + 10
+                while len(producer) and not stopping() and time.monotonic() < deadline:
                     producer.flush(1)
             stuck: dict[int, tuple[int, str]] = {}
             for p, off in sorted(sent):
@@ -665,9 +650,38 @@ def run_replay(
 
 COUNT_RETRY_S = 5.0
 """How long an origin topic's unreadable partition count stands before it is asked again."""
+def replay_producer(conf: Mapping[str, Any]) -> Producer:
+    """The producer replay publishes with: the worker's settings (`conf`) with replay's own.
+
+    One record per batch, as the DLQ producer: the origin topic's max.message.bytes is
+    checked per batch, and large originals fetched back for value-less dead letters would
+    be refused together, every run again. The local limit is the broker's to enforce:
+    librdkafka's 1,000,000 refused a source record the topic holds (up to 1,048,588).
+    """
+    own = {k: v for k, v in conf.items() if k not in _REPLAY_OWN}
+    return make_producer(own, **{
+        # A dead letter of a topic deleted since was published into a topic the broker
+        # created for it, counted replayed, and read by no one (review "replay17"): a
+        # topic that does not exist is refused for good instead (unpublishable), within
+        # 5 s (librdkafka's 30 s for a new topic's metadata to propagate outlasted the
+        # batch's flush, so it read as "no answer").
+        "allow.auto.create.topics": False,
+        "topic.metadata.propagation.max.ms": 5000,
+        "batch.num.messages": 1,
+        # A record's answer within a minute (librdkafka's 300 s by default): the batch's
+        # commit waits for every answer (`commit_handled`). Replay's own, whatever the
+        # KAFKA_* settings say (0, "never", stalled a run for ever; review "diff42"); and
+        # no lingering, which librdkafka refuses at or past that timeout.
+        "message.timeout.ms": REPLAY_ANSWER_MS, "linger.ms": 0,
+        "message.max.bytes": max(int(conf.get("message.max.bytes", 0)), REPLAY_MAX_BYTES)})
+
+
+_REPLAY_OWN = frozenset({"message.timeout.ms", "delivery.timeout.ms", "topic.message.timeout.ms",
+                         "linger.ms", "queue.buffering.max.ms"})
+"""Producer settings replay sets itself, under every name librdkafka takes for them."""
 REPLAY_ANSWER_MS = 60_000
-"""The replay producer's `message.timeout.ms` unless KAFKA_MESSAGE_TIMEOUT_MS says otherwise:
-a record not acknowledged within it is reported failed (and the run stops at it)."""
+"""The replay producer's `message.timeout.ms`: a record not acknowledged within it is
+reported failed (and the run stops at it)."""
 REPLAY_MAX_BYTES = 64 * 1024 * 1024
 """The replay producer's local record limit: the origin topic's own limit decides."""
 _REFUSED_FOR_GOOD = frozenset({

@@ -739,3 +739,35 @@ def test_skip_void_refuses_what_is_not_worker_topic_partition_offsets(
     with pytest.raises(SystemExit):
         build_parser().parse_args(["replay", "--from", "dlq", "--skip-void", bad])
     assert "WORKER/TOPIC:PARTITION@OFFSETS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [
+    {}, {"KAFKA_LINGER_MS": "60000"}, {"KAFKA_QUEUE_BUFFERING_MAX_MS": "120000"},
+    {"KAFKA_LINGER_MS": "70000", "KAFKA_DELIVERY_TIMEOUT_MS": "100000"},
+    {"KAFKA_MESSAGE_TIMEOUT_MS": "0"}])
+def test_replays_producer_takes_what_check_config_accepts_with_its_own_answer_bound(
+        extra: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replay waits for every answer, within its own minute: the user's 0 ("never") stalled
+    a run for ever, and a linger at or past that minute made librdkafka refuse the producer
+    check-config had built (review "diff42")."""
+    from consumer import replay
+    from consumer.config import load_settings
+    from consumer.librdkafka import producer_settings
+
+    settings = load_settings({
+        "USERPILOT_API_KEY": "wt_9f8e7d6c5b4a3210",
+        "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.io",
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "KAFKA_TOPICS": "delivery-userpilot",
+        "SCHEMA_REGISTRY_URL": "http://schema-registry:8081", **extra})
+    seen: dict[str, Any] = {}
+    real = getattr(replay, "make_producer")  # noqa: B009 (imported there, not exported)
+
+    def spy(conf: dict[str, Any], **own: Any) -> Any:
+        seen.update(producer_settings(conf, **own))
+        return real(conf, **own)
+
+    monkeypatch.setattr(replay, "make_producer", spy)
+    replay.replay_producer(settings.kafka_config())  # librdkafka builds it
+    assert seen["message.timeout.ms"] == replay.REPLAY_ANSWER_MS and seen["linger.ms"] == 0
+    for alias in ("delivery.timeout.ms", "queue.buffering.max.ms", "topic.message.timeout.ms"):
+        assert alias not in seen
