@@ -186,7 +186,8 @@ class Deduplicator:
         self._skip_until = 0.0
         self._probing = False  # a call past the skip is asking Redis: the others skip
         self._answers_at_skip = 0  # the store's `answers` when the current skip began
-        self._busy: dict[str, float] = {}  # key -> end of another owner's claim, as last seen
+        # key -> (end of another owner's claim, as last seen; the owners told it was busy)
+        self._busy: dict[str, tuple[float, frozenset[str]]] = {}
 
     def key(self, endpoint: str, message_id: str) -> str:
         return dedup_key(self._digest, endpoint, message_id)
@@ -244,23 +245,34 @@ class Deduplicator:
             state, seconds = await self._ask(
                 lambda: self._store.claim(key, owner, self._claim_ms))
         except SharedStateUnavailable as exc:
-            held = self._busy.get(key, 0.0) - self._clock()
-            if (exc.skipped or exc.timed_out) and held > 0:
+            end, told = self._busy.get(key, (0.0, frozenset()))
+            held = end - self._clock()
+            # Only an owner told the claim was another's: the holder's own re-claim timing
+            # out waited out its own claim (review "diff42").
+            if (exc.skipped or exc.timed_out) and held > 0 and owner in told:
                 # Another owner's claim, live when last asked, is still waited out: not
                 # ours to send because Redis hangs, whether this call was skipped or timed
                 # out itself (the calls under way as it froze: they sent over the claim
                 # ~0.1 s after the freeze, review "redis42").
                 return ClaimResult(Outcome.BUSY, retry_after_s=max(self._busy_min, held))
-            self._busy.pop(key, None)
+            if owner in told:
+                told = told - {owner}
+                if told:
+                    self._busy[key] = (end, told)
+                else:
+                    del self._busy[key]
             log.warning("deduplication skipped (%s): delivering at least once", exc)
             return ClaimResult(Outcome.SEND, degraded=True)
         if state == "busy":
             if len(self._busy) >= BUSY_SEEN_MAX:
                 now = self._clock()
-                self._busy = {k: end for k, end in self._busy.items() if end > now}
-            self._busy[key] = self._clock() + seconds
+                self._busy = {k: seen for k, seen in self._busy.items() if seen[0] > now}
+            _, told = self._busy.get(key, (0.0, frozenset()))
+            self._busy[key] = (self._clock() + seconds, told | {owner})
             return ClaimResult(Outcome.BUSY, retry_after_s=max(self._busy_min, seconds))
-        self._busy.pop(key, None)
+        seen = self._busy.pop(key, None)
+        if seen is not None and seen[1] - {owner}:  # others still wait for that claim
+            self._busy[key] = (seen[0], seen[1] - {owner})
         if state == "duplicate":
             return ClaimResult(Outcome.DUPLICATE)
         return ClaimResult(Outcome.SEND)

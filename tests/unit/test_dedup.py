@@ -350,6 +350,25 @@ def test_a_busy_wait_is_not_turned_into_a_send_by_its_own_calls_timing_out() -> 
     asyncio.run(main())
 
 
+def test_the_claims_holder_is_not_kept_waiting_on_its_own_claim_as_redis_freezes() -> None:
+    """Review diff42: the busy claim was kept per key, so the holder's own re-claim timing
+    out waited out its own claim; a copy told it was busy still waits."""
+    async def main() -> None:
+        store, clock = Blip(), Clock()
+        dd = Deduplicator(store, token_digest("t"), clock=clock)
+        assert (await dd.claim("track", "m", "a")).outcome is Outcome.SEND  # a holds it
+        assert (await dd.claim("track", "m", "b")).outcome is Outcome.BUSY  # a copy waits
+        assert (await dd.claim("track", "m", "a")).outcome is Outcome.SEND  # a renews
+        store.slow = {":m"}  # Redis freezes
+        clock.now += 0.1
+        mine = await dd.claim("track", "m", "a")  # a's re-claim before its request
+        assert (mine.outcome, mine.degraded) == (Outcome.SEND, True), mine
+        copy = await dd.claim("track", "m", "b")
+        assert copy.outcome is Outcome.BUSY, copy
+
+    asyncio.run(main())
+
+
 def test_calls_in_flight_when_redis_froze_are_one_sign_not_one_doubling_each() -> None:
     """Review diff26: eight calls timing out together doubled the skip eight times (10 s
     at once); a late answer to a call begun before the freeze must not end it either."""
