@@ -118,7 +118,7 @@ schema_log = logging.getLogger(f"{__name__}.schema")
 schema_log.addFilter(RateLimit(30.0))
 
 LOG_TEXT_LIMIT = 1024
-"""Characters of an error's text in one log line (the DLQ's header keeps as many)."""
+"""Characters of an error's text in one log line (the DLQ's header keeps as many bytes)."""
 
 
 def _cut(text: str) -> str:
@@ -184,6 +184,7 @@ class Event:
     timestamp_ms: int | None
     decision: Send | Drop | DeadLetter | None = None  # None: schema not fetched yet
     message_id: str | None = None
+    cut_id: bool = False  # its messageId was read from invalid UTF-8: no dedup key
     event_time: str | None = None
     on_wire: bool = False  # an HTTP request or a DLQ produce of it is under way
     asleep: bool = False  # its dead letter waits between produce attempts: nothing of it
@@ -402,13 +403,14 @@ class Handler:
                 decoded = codec.decode(event.value, self._cached_schema)
             message_id = decoded.get("messageId")
             # A blank or invisible id identifies nothing: as a dedup key every such event
-            # after the first would be skipped as its duplicate. Nor one read from invalid
-            # UTF-8 as U+FFFD: `order-\xe2\x82` and `order-\xe2\x84` (two ids cut inside a
-            # character) were one, and the second was never sent (review "redis42").
+            # after the first would be skipped as its duplicate. Nor is one read from
+            # invalid UTF-8 as U+FFFD a key (`cut_id`; its log lines still show it):
+            # `order-\xe2\x82` and `order-\xe2\x84` (two ids cut inside a character) were
+            # one, and the second was never sent (review "redis42").
             event.message_id = (message_id if isinstance(message_id, str)
-                                and visible(message_id)
-                                and not (decoded.lossy and "\ufffd" in message_id)
-                                else None)
+                                and visible(message_id) else None)
+            event.cut_id = bool(decoded.lossy and event.message_id
+                                and "\ufffd" in event.message_id)
             event.event_time = decoded.get("timestamp")
             event.decision = route(decoded, self.s.consent, self.s.mappings)
         except SchemaNotCached:
@@ -659,7 +661,7 @@ class Handler:
         confirmed (→ duplicate) or released/expired (→ ours). Redis down: delivered as
         without Redis, counted as unchecked.
         """
-        if self.dedup is None or not event.message_id:
+        if self.dedup is None or not event.message_id or event.cut_id:
             return True
         owner = f"{self.instance}/{event.topic}/{event.partition}/{event.offset}"
         busy = BusyWait()

@@ -15,6 +15,7 @@ from consumer import codec
 from consumer.calls import FAMILIES, Call
 from consumer.dedup import Deduplicator
 from consumer.errors import Rejected, SharedStateUnavailable
+from consumer.handler import Event
 from consumer.health import Health
 from consumer.metrics import Metrics
 from consumer.ratelimit import AdaptiveLimiter
@@ -148,6 +149,11 @@ def test_ids_cut_inside_a_character_are_no_ids_not_one_shared_id() -> None:
     assert drive(run, finished_to(2)) == 0  # type: ignore[arg-type]
     assert sorted(codec_seq(b) for b in run.client.bodies) == [1, 2]
     assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 0
+    assert store.values == {}  # no key for either
+    # ... and its log lines still show the id as read (review "diff42")
+    event = Event("t", 0, 0, "k", b"k", _with_raw_id(1, b"order-\xe2\x82"), None, None)
+    assert run.worker.handler.decide(event)
+    assert event.cut_id and event.fields["message_id"] == "order-\ufffd"
 
 
 def test_redis_down_delivers_every_event_unchecked() -> None:
