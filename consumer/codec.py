@@ -667,7 +667,7 @@ class Event(Mapping[str, Any]):
 
     __slots__ = ("_consent", "_extra", "_parsed", "_record", "lossy", "replaced")
 
-    def __init__(self, record: Mapping[str, Any], *, lossy: bool = False) -> None:
+    def __init__(self, record: Mapping[str, Any], lossy: bool = False) -> None:
         self._record = record
         self.lossy = lossy
         """Invalid UTF-8 in an Avro string was read as U+FFFD (`decode`): an id holding
@@ -951,4 +951,4 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
         )
     if not isinstance(record, dict):
         raise UndecodableEvent("Avro body did not decode to a record")
-    return Event(record, lossy=lossy)
+    return Event(record, lossy)
