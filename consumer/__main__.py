@@ -3,7 +3,7 @@
 run           the worker (settings from the environment; see README)
 check-config  print the effective configuration, secrets redacted; non-zero on problems
 explain       the Event Debugger: deliver/drop decision and request per JSON event line
-produce       canonical JSON event lines → Avro on a topic (fixtures, demo, benchmarks)
+produce       canonical JSON event lines -> Avro on a topic (fixtures, demo, benchmarks)
 replay        re-publish dead-lettered events to their original topic
 sandbox       a local stand-in for Userpilot's API
 demo          the embedded demo: local broker, registry, sandbox, sample events, worker
@@ -34,6 +34,7 @@ from consumer.errors import ConfigError, WorkerError
 from consumer.logs import error_line
 from consumer.replay import add_arguments as add_replay_arguments
 from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
+from consumer.stdout import stdout_gone, write_line
 
 if TYPE_CHECKING:
     from consumer.config import Settings
@@ -257,7 +258,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         text.encode(sys.stdout.encoding or "utf-8")
     except (UnicodeEncodeError, LookupError):
         text = json.dumps(settings.describe(), indent=2)
-    print(text)
+    write_line(text)  # `check-config | head`: the verdict is the exit code
     for note in settings.notes:
         print(f"note: {note}".encode(sys.stderr.encoding or "utf-8", "backslashreplace")
               .decode(sys.stderr.encoding or "utf-8"), file=sys.stderr)
@@ -330,8 +331,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 out.write(line + b"\n")
             out.flush()
     except BrokenPipeError:  # `explain ... | head`: the reader has seen enough
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        stdout_gone()
         return 0 if valid else 1
     except OSError as exc:  # e.g. a directory: open works, read fails
         error_line(f"{path}: cannot read the file ({exc.strerror or exc})", os.environ)

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
+from consumer.stdout import write_line
+
 if TYPE_CHECKING:
     from consumer.worker import Worker
 
@@ -131,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
 
     code, worker, registry, seen = deliver(ensure_user=True)
     off_code, _, _, off = deliver(ensure_user=False)
-    print(summary(topic, sent, worker, registry, seen, off))
+    write_line(summary(topic, sent, worker, registry, seen, off))  # any stdout (LANG=C)
     committed_total = sum(worker.committed.values())
     delivered, dropped = _outcomes(registry)
     ok = (code == 0 and off_code == 0 and committed_total == sent

@@ -56,6 +56,7 @@ from consumer.errors import (
     TlsRefused,
 )
 from consumer.redaction import Redactor
+from consumer.stdout import write_line
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -501,7 +502,7 @@ def main(
         for index, batch in enumerate(groups, 1):
             log(f"batch {index}/{len(groups)}: would delete {len(batch)} users")
         summary = Summary(requested=len(user_ids), dry_run=True)
-        print(f"delete-users: {summary.line()}", file=out, flush=True)
+        write_line(f"delete-users: {summary.line()}", out)
         return 0
     client, settings = _client_from_env(env)
     summary = Summary()
@@ -524,5 +525,5 @@ def main(
         code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
     finally:
         client.close()
-    print(f"delete-users: {summary.line()}", file=out, flush=True)
+    write_line(f"delete-users: {summary.line()}", out)  # done, whoever still reads
     return code

@@ -61,6 +61,7 @@ from consumer.errors import ConfigError
 from consumer.kafka import make_producer
 from consumer.librdkafka import consumer_settings
 from consumer.metrics import DEAD_LETTER_REASONS
+from consumer.stdout import stdout_gone
 
 __all__ = [
     "CALLS", "Filters", "SeenSources", "Source", "Summary", "add_arguments", "decide",
@@ -331,13 +332,20 @@ def replay_headers(headers: Sequence[Header] | None, *, secret: bytes | None = N
 
 
 def _time(text: str) -> datetime:
+    """An ISO 8601 time, in UTC: a time whose UTC instant is past year 9999 (or before 1),
+    `9999-12-31T23:59:59-23:00`, raised OverflowError in the run, after Kafka answered: a
+    traceback (review "cli42")."""
     try:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an ISO 8601 time: e.g. 2026-12-01T09:30:00Z or 2026-12-01"
         ) from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is outside the years 0001-9999 in UTC") from None
 
 
 def _skip_void(text: str) -> tuple[str, str, int, tuple[tuple[int, int], ...]]:
@@ -369,7 +377,10 @@ def _until(text: str) -> datetime:
     its midnight left out the whole day it names (review "ops29")."""
     value = _time(text)
     if _DATE_ONLY.fullmatch(text.strip()):
-        return value + timedelta(days=1) - timedelta(milliseconds=1)  # Kafka's resolution
+        try:
+            return value + timedelta(days=1) - timedelta(milliseconds=1)  # Kafka's resolution
+        except OverflowError:  # 9999-12-31: to the end of time (it raised; review "cli42")
+            return datetime.max.replace(tzinfo=UTC)
     return value
 
 
@@ -866,9 +877,7 @@ def _stdout_json(doc: Mapping[str, Any]) -> bool:
         except UnicodeEncodeError:
             print(json.dumps(doc), file=sys.stdout)
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        stdout_gone()
         return False
     return True
 

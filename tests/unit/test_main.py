@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -696,3 +698,70 @@ def test_the_command_line_does_not_load_the_sandbox_server() -> None:
     loaded = json.loads(out[0])
     assert "consumer.sandbox.server" not in loaded and "consumer.sandbox.client" not in loaded
     assert out[1] == "consumer.sandbox.server"
+
+
+def _closed_stdout(argv: list[str], env: dict[str, str], stdin: bytes = b""
+                   ) -> subprocess.CompletedProcess[str]:
+    """`python -m consumer argv` with a stdout whose reader is already gone (`| true`)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "consumer", *argv], env=only(env),
+                              stdout=write, stderr=subprocess.PIPE, input=stdin,
+                              timeout=60, check=False)
+    finally:
+        os.close(write)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "",
+                                       proc.stderr.decode("utf-8", "replace"))
+
+
+def test_a_closed_stdout_is_not_a_failure_of_check_config_or_delete_users() -> None:
+    """The work was done (a valid configuration; every user deleted): a BrokenPipeError
+    traceback and exit 1 (or 120) said otherwise (review "cli42")."""
+    checked = _closed_stdout(["check-config"], GOOD)
+    assert checked.returncode == 0 and "Traceback" not in checked.stderr, checked.stderr
+    listed = _closed_stdout(["delete-users", "--dry-run"], GOOD, stdin=b"u1\nu2\n")
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+
+
+def test_the_main_help_and_the_demo_summary_write_to_an_ascii_stdout() -> None:
+    """`python -m consumer --help` on an ASCII stdout: UnicodeEncodeError on its `→`, exit 1
+    (review "cli42"); the demo's summary (`—`) goes through the same writer."""
+    helped = cli(["--help"], {"PYTHONIOENCODING": "ascii"})
+    assert helped.returncode == 0 and "Traceback" not in helped.stderr, helped.stderr
+    from consumer.stdout import write_line
+
+    class Ascii(io.StringIO):
+        encoding = "ascii"
+
+        def write(self, text: str) -> int:
+            text.encode("ascii")  # as an ASCII stdout does
+            return super().write(text)
+
+    out = Ascii()
+    assert write_line("demo \u2014 topic", out)
+    assert out.getvalue() == "demo \\u2014 topic\n"
+
+
+@pytest.mark.parametrize(("flag", "text"), [("--since", "0001-01-01T00:00:00+14:00"),
+                                            ("--until", "9999-12-31T23:59:59-23:00")])
+def test_a_time_outside_the_calendar_in_utc_is_a_usage_error(
+        flag: str, text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """It passed parsing and raised OverflowError once Kafka had answered (review
+    "cli42")."""
+    from consumer.__main__ import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser("python -m consumer").parse_args(["replay", "--from", "d", flag, text])
+    assert exited.value.code == 2
+    assert "outside the years 0001-9999 in UTC" in capsys.readouterr().err
+
+
+def test_until_the_last_day_is_the_end_of_time() -> None:
+    from consumer.__main__ import build_parser
+    from consumer.replay import Filters, default_group
+
+    args = build_parser("python -m consumer").parse_args(
+        ["replay", "--from", "d", "--until", "9999-12-31"])
+    assert args.until == datetime.max.replace(tzinfo=UTC)
+    assert default_group("d", Filters(until=args.until)).startswith("userpilot-replay.d")
