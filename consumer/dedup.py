@@ -186,8 +186,10 @@ class Deduplicator:
         self._skip_until = 0.0
         self._probing = False  # a call past the skip is asking Redis: the others skip
         self._answers_at_skip = 0  # the store's `answers` when the current skip began
-        # key -> (end of another owner's claim, as last seen; the owners told it was busy)
-        self._busy: dict[str, tuple[float, frozenset[str]]] = {}
+        self._busy: dict[str, float] = {}  # key -> end of a claim seen busy, as last seen
+        # key -> the owner on this replica holding its claim (while Redis said so last):
+        # only it sends past a claim seen busy while Redis hangs (review "diff42")
+        self._holding: dict[str, str] = {}
 
     def key(self, endpoint: str, message_id: str) -> str:
         return dedup_key(self._digest, endpoint, message_id)
@@ -245,42 +247,40 @@ class Deduplicator:
             state, seconds = await self._ask(
                 lambda: self._store.claim(key, owner, self._claim_ms))
         except SharedStateUnavailable as exc:
-            end, told = self._busy.get(key, (0.0, frozenset()))
-            held = end - self._clock()
-            # Only an owner told the claim was another's: the holder's own re-claim timing
-            # out waited out its own claim (review "diff42").
-            if (exc.skipped or exc.timed_out) and held > 0 and owner in told:
-                # Another owner's claim, live when last asked, is still waited out: not
+            held = self._busy.get(key, 0.0) - self._clock()
+            if (exc.skipped or exc.timed_out) and held > 0 and self._holding.get(key) != owner:
+                # A claim live when last asked, not this owner's, is still waited out: not
                 # ours to send because Redis hangs, whether this call was skipped or timed
-                # out itself (the calls under way as it froze: they sent over the claim
-                # ~0.1 s after the freeze, review "redis42").
+                # out itself (the calls under way as it froze sent over it ~0.1 s after
+                # the freeze, review "redis42"), or is a copy's first ask. Its holder on
+                # this replica sends (it waited out its own claim; review "diff42").
                 return ClaimResult(Outcome.BUSY, retry_after_s=max(self._busy_min, held))
-            if owner in told:
-                told = told - {owner}
-                if told:
-                    self._busy[key] = (end, told)
-                else:
-                    del self._busy[key]
             log.warning("deduplication skipped (%s): delivering at least once", exc)
             return ClaimResult(Outcome.SEND, degraded=True)
         if state == "busy":
             if len(self._busy) >= BUSY_SEEN_MAX:
                 now = self._clock()
-                self._busy = {k: seen for k, seen in self._busy.items() if seen[0] > now}
-            _, told = self._busy.get(key, (0.0, frozenset()))
-            self._busy[key] = (self._clock() + seconds, told | {owner})
+                self._busy = {k: end for k, end in self._busy.items() if end > now}
+            self._busy[key] = self._clock() + seconds
+            if self._holding.get(key) == owner:  # its claim ended, another took the key
+                del self._holding[key]
             return ClaimResult(Outcome.BUSY, retry_after_s=max(self._busy_min, seconds))
-        seen = self._busy.pop(key, None)
-        if seen is not None and seen[1] - {owner}:  # others still wait for that claim
-            self._busy[key] = (seen[0], seen[1] - {owner})
         if state == "duplicate":
+            self._busy.pop(key, None)
+            self._holding.pop(key, None)
             return ClaimResult(Outcome.DUPLICATE)
+        if key in self._busy:  # others wait for it: this owner's claim, renewed
+            self._busy[key] = self._clock() + self._claim_ms / 1000
+        if len(self._holding) >= BUSY_SEEN_MAX:
+            self._holding = {k: o for k, o in self._holding.items() if k in self._busy}
+        self._holding[key] = owner
         return ClaimResult(Outcome.SEND)
 
     async def confirm(self, endpoint: str, message_id: str) -> bool:
         """Record the delivery; False when Redis failed (a later re-read may re-send)."""
         try:
             key = self.key(endpoint, message_id)
+            self._holding.pop(key, None)
             await self._ask(lambda: self._store.confirm(key, self._ttl_ms))
         except SharedStateUnavailable as exc:
             log.warning("delivered but not recorded (%s): a re-read may send it again", exc)
@@ -356,6 +356,8 @@ class Deduplicator:
         """Drop our claim after a definite failure; False when Redis failed (it expires)."""
         try:
             key = self.key(endpoint, message_id)
+            if self._holding.get(key) == owner:
+                del self._holding[key]
             await self._ask(lambda: self._store.release(key, owner))
         except SharedStateUnavailable:
             return False

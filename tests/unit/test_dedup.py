@@ -369,6 +369,27 @@ def test_the_claims_holder_is_not_kept_waiting_on_its_own_claim_as_redis_freezes
     asyncio.run(main())
 
 
+def test_a_copy_asking_first_as_redis_freezes_waits_out_a_claim_seen_live() -> None:
+    """Review diff42: with only the owners told busy waiting, a third copy's first claim
+    (timed out, or skipped once Redis counts as hung) sent over a live claim."""
+    async def main() -> None:
+        store, clock = Blip(), Clock()
+        dd = Deduplicator(store, token_digest("t"), clock=clock)
+        store.values[dd.key("track", "m")] = "c:other-replica/x"  # another replica holds it
+        assert (await dd.claim("track", "m", "b")).outcome is Outcome.BUSY  # 12.5 s left
+        store.slow = {":m", ":n"}  # Redis freezes
+        clock.now += 0.1
+        assert (await dd.claim("track", "m", "c")).outcome is Outcome.BUSY  # timed out
+        for i in range(HUNG_AFTER):  # other events' claims time out: Redis counts as hung
+            clock.now += 0.1
+            assert (await dd.claim("track", "n", f"o{i}")).degraded
+        asked = store.asked
+        late = await dd.claim("track", "m", "d")
+        assert store.asked == asked and late.outcome is Outcome.BUSY, late  # skipped
+
+    asyncio.run(main())
+
+
 def test_calls_in_flight_when_redis_froze_are_one_sign_not_one_doubling_each() -> None:
     """Review diff26: eight calls timing out together doubled the skip eight times (10 s
     at once); a late answer to a call begun before the freeze must not end it either."""
