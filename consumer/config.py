@@ -1032,7 +1032,14 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str],
             continue
         if base not in FILE_SECRETS and not is_kafka_secret:
             if base.startswith("KAFKA_"):
-                hint = _did_you_mean(name, _FILE_NAMES)
+                from consumer.librdkafka import property_problem
+
+                # A typo of a secret's file variable is told that one; a setting librdkafka
+                # knows is told to be set itself (the first hint sent a certificate's file
+                # to `ssl.key.pem`; review "diff42").
+                unknown = "No such configuration property" in (
+                    property_problem(kafka_key(base), "x") or "")
+                hint = _did_you_mean(name, _FILE_NAMES) if unknown else ""
                 problems.append(
                     f"{name}: only secrets can be read from a file{hint} "
                     f"({', '.join(sorted(SECRET_KAFKA_KEYS))})"

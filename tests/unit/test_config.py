@@ -1357,6 +1357,16 @@ def test_a_misspelt_secret_file_variable_is_told_the_file_variable(typo: str, me
     assert f"(did you mean {meant}?)" in found, found
 
 
+@pytest.mark.parametrize("name", ["KAFKA_SSL_CERTIFICATE_PEM_FILE",
+                                  "KAFKA_SASL_OAUTHBEARER_CLIENT_ID_FILE",
+                                  "KAFKA_SSL_KEYSTORE_LOCATION_FILE"])
+def test_a_known_setting_read_from_a_file_is_told_to_be_set_itself(name: str) -> None:
+    """Not a typo of a secret's file variable: the hint sent a certificate to ssl.key.pem
+    and a client id to the client secret (review "diff42")."""
+    found = "\n".join(problems({**BASE, name: "/run/secrets/x"}))
+    assert "did you mean" not in found and f"set {name[:-5]} instead" in found, found
+
+
 def test_redis_settings_without_redis_are_noted() -> None:
     notes = load(REDIS_TIMEOUT_SECONDS="1").notes
     assert any(n.startswith("REDIS_TIMEOUT_SECONDS ignored: REDIS_URL is not set")
