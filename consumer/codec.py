@@ -85,9 +85,10 @@ SCHEMA = cast(dict[str, Any], fastavro.parse_schema(json.loads(SCHEMA_TEXT)))
 
 _read_record: Callable[[io.BytesIO, Any, Any], Any] = fastavro.schemaless_reader
 """fastavro's reader, typed once here rather than cast on every decode (the hot path)."""
-_read_replacing: Callable[[io.BytesIO, Any, Any], Any] = functools.partial(
-    fastavro.schemaless_reader, handle_unicode_errors="replace")
-"""... and the same reader turning invalid UTF-8 into U+FFFD (read again only then)."""
+_read_escaping: Callable[[io.BytesIO, Any, Any], Any] = functools.partial(
+    fastavro.schemaless_reader, handle_unicode_errors="surrogateescape")
+"""... and the same reader keeping invalid UTF-8 as escapes (read again only then), each
+then replaced by U+FFFD where it is known which field held it (`_replaced`)."""
 _read_deep: Callable[..., Any] = fastavro_py.schemaless_reader
 """fastavro's pure-Python reader, for writer schemas whose types refer to themselves
 (:class:`DeepSchema`): its recursion ends in RecursionError, not a crash of the process."""
@@ -657,6 +658,9 @@ def _context_to_record(context: Any) -> dict[str, Any] | None:
     return record
 
 
+_NO_CUT: frozenset[str] = frozenset()  # `Event.cut` of an event read as valid UTF-8
+
+
 class Event(Mapping[str, Any]):
     """A decoded Signal event: a read-only mapping that parses JSON text on first access.
 
@@ -665,13 +669,13 @@ class Event(Mapping[str, Any]):
     ``context.consent`` alone. Parsing may raise :class:`UndecodableEvent`.
     """
 
-    __slots__ = ("_consent", "_extra", "_parsed", "_record", "lossy", "replaced")
+    __slots__ = ("_consent", "_extra", "_parsed", "_record", "cut", "replaced")
 
-    def __init__(self, record: Mapping[str, Any], lossy: bool = False) -> None:
+    def __init__(self, record: Mapping[str, Any], cut: frozenset[str] = _NO_CUT) -> None:
         self._record = record
-        self.lossy = lossy
-        """Invalid UTF-8 in an Avro string was read as U+FFFD (`decode`): an id holding
-        that character may be two ids cut alike (`routing.route` refuses it)."""
+        self.cut = cut
+        """The top-level fields whose invalid UTF-8 was read as U+FFFD (`decode`): an id
+        from one may be two ids cut alike (`routing.route` refuses it)."""
         self._parsed: dict[str, Any] = {}
         self._consent: Any = _UNSET
         self._extra: Any = _UNSET  # context.extra parsed, once (its surrogates counted once)
@@ -928,7 +932,7 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
     stream.seek(_HEADER.size)
     # Resolution costs time per call; skip it when the writer is our own schema.
     reader = None if writer is SCHEMA else getattr(writer, "reader", SCHEMA)  # `Renamed`
-    lossy = False
+    cut = _NO_CUT
     try:
         kind: type = writer.__class__  # a union root (`DeepUnion`) is a list
         deep = kind is DeepSchema or kind is DeepUnion
@@ -939,10 +943,12 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
             # A string cut inside a multi-byte character (a producer limiting bytes):
             # U+FFFD, as Java's Avro decodes it, not the whole event dead-lettered (replay
             # could never succeed). Read again only then: the hot path keeps the default.
+            # Read with escapes first, to know which fields were cut (`Event.cut`).
             stream.seek(_HEADER.size)
-            lossy = True
-            record = (_read_deep(stream, writer, reader, handle_unicode_errors="replace")
-                      if deep else _read_replacing(stream, writer, reader))
+            record = (_read_deep(stream, writer, reader, handle_unicode_errors="surrogateescape")
+                      if deep else _read_escaping(stream, writer, reader))
+            if isinstance(record, dict):
+                record, cut = _replaced(record)
     except Exception as exc:  # fastavro raises many types on corrupt input
         raise UndecodableEvent(f"not a Signal event in Avro: {type(exc).__name__}: {exc}") from None
     if stream.tell() != len(data):
@@ -951,4 +957,36 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
         )
     if not isinstance(record, dict):
         raise UndecodableEvent("Avro body did not decode to a record")
-    return Event(record, lossy)
+    return Event(record, cut)
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]")
+
+
+def _replaced(record: dict[str, Any]) -> tuple[dict[str, Any], frozenset[str]]:
+    """A record read with invalid UTF-8 as escapes: each such string as the "replace" read
+    gives it (U+FFFD), and the top-level fields that held one."""
+    def fix(value: Any) -> tuple[Any, bool]:
+        if isinstance(value, str):
+            if _ESCAPED.search(value) is None:
+                return value, False
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), True
+        if isinstance(value, dict):
+            out, any_cut = {}, False
+            for key, item in value.items():
+                new_key, key_cut = fix(key)
+                out[new_key], item_cut = fix(item)
+                any_cut = any_cut or key_cut or item_cut
+            return out, any_cut
+        if isinstance(value, list):
+            items = [fix(item) for item in value]
+            return [item for item, _ in items], any(was for _, was in items)
+        return value, False
+
+    fixed: dict[str, Any] = {}
+    cut = []
+    for key, value in record.items():
+        fixed[key], was = fix(value)
+        if was:
+            cut.append(key)
+    return fixed, frozenset(cut)

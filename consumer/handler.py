@@ -409,8 +409,7 @@ class Handler:
             # one, and the second was never sent (review "redis42").
             event.message_id = (message_id if isinstance(message_id, str)
                                 and visible(message_id) else None)
-            event.cut_id = bool(decoded.lossy and event.message_id
-                                and "\ufffd" in event.message_id)
+            event.cut_id = "messageId" in decoded.cut
             event.event_time = decoded.get("timestamp")
             event.decision = route(decoded, self.s.consent, self.s.mappings)
         except SchemaNotCached:

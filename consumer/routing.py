@@ -91,16 +91,30 @@ def _shape(
     return shape
 
 
-def _refuse_cut_ids(event: Mapping[str, Any], kind: Any) -> None:
-    """An id read from invalid UTF-8 holds U+FFFD where its bytes were cut: two users (or
-    companies) cut alike would be one in Userpilot, one's traits and Tracks credited to
-    the other (review "users42"). Dead-lettered, to be fixed and replayed."""
-    for key in ("userId", "groupId") if kind == "group" else ("userId",):
-        value = event.get(key)
-        if isinstance(value, str) and "\ufffd" in value:
-            raise InvalidEvent(f"{key} holds invalid UTF-8 (read as U+FFFD): ids cut alike "
-                               "would name one Userpilot record; fix the producer's ids and "
-                               "replay")
+_ID_SOURCES = frozenset({"userId", "groupId", "traits"})
+"""The fields a call's user or company id comes from (a company's from `traits.company`,
+`traits.company_id` or `groupId`)."""
+
+
+def _refuse_cut_ids(send: Send, cut: frozenset[str]) -> Send:
+    """`send`, unless an id it sends was read from invalid UTF-8 (one of `cut`, the fields
+    that held some): U+FFFD where its bytes were cut, two users (or companies) cut alike
+    would be one in Userpilot, one's traits and Tracks credited to the other (review
+    "users42", "diff42"). Dead-lettered, to be fixed and replayed."""
+    if not cut or not cut & _ID_SOURCES:
+        return send
+    for call in send.calls:
+        company = call.payload.get("company")
+        for name, value in (("user id", call.payload.get("user_id")),
+                            ("company id", call.payload.get("company_id")),
+                            ("company id", company.get("id")
+                             if isinstance(company, Mapping) else None)):
+            if isinstance(value, str) and "\ufffd" in value:
+                raise InvalidEvent(
+                    f"the {name} holds invalid UTF-8 (read as U+FFFD, from "
+                    f"{', '.join(sorted(cut & _ID_SOURCES))}): ids cut alike would name one "
+                    "Userpilot record; fix the producer's ids and replay")
+    return send
 
 
 def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet) -> Drop | Send:
@@ -115,8 +129,6 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
         if drop is not None:
             return drop
         kind = event.get("type")
-        if getattr(event, "lossy", False):
-            _refuse_cut_ids(event, kind)
         if kind in ("identify", "group"):
             truncated: list[str] = []
             omitted: list[str] = []
@@ -125,8 +137,9 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
                 group_shape=_shape(mappings.group, mappings, truncated,
                                    lambda metadata: drop_company_ids(metadata, omitted)),
                 company_limit=_limit(mappings, truncated, "company."), omitted=omitted)
-            return Send(calls, str(kind), listed(omitted), listed(truncated),
-                        getattr(event, "replaced", 0))
+            return _refuse_cut_ids(
+                Send(calls, str(kind), listed(omitted), listed(truncated),
+                     getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()))
         rule = mappings.lookup(event)
         if rule is None:  # drop_reason checked it; kept for the type checker
             return Drop("unmapped")
@@ -137,5 +150,6 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
         raise
     except Exception as exc:  # one event's data must never stop the worker
         raise MappingError(exc) from exc
-    return Send((call,), rule.event_name, listed(built.omitted), listed(built.truncated),
-                getattr(event, "replaced", 0))
+    return _refuse_cut_ids(
+        Send((call,), rule.event_name, listed(built.omitted), listed(built.truncated),
+             getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()))

@@ -741,7 +741,7 @@ def test_a_cut_character_in_bytes_is_replaced_whatever_the_root_is_called(
     decision = _decide(_Docs(json.dumps(schema)), buf.getvalue())
     # Read (not `undecodable`): a userId read so is then refused as an id (review "users42")
     assert isinstance(decision, InvalidEvent), f"{root_name}: {decision!r}"
-    assert "userId holds invalid UTF-8" in str(decision)
+    assert "the user id holds invalid UTF-8" in str(decision)
 
 
 @pytest.mark.parametrize("context_name", ["com.acme.Context", "com.acme.EventContext"])

@@ -301,29 +301,49 @@ def test_a_user_id_cut_inside_a_character_is_dead_lettered_not_merged(kind: str)
     were one in Userpilot (review "users42")."""
     for raw in (b"user-\xe2\x82", b"user-\xe2\x84"):
         event = _cut(kind, raw)
-        assert event.lossy
-        with pytest.raises(InvalidEvent, match="userId holds invalid UTF-8"):
+        assert event.cut == {"userId"} and event["userId"] == "user-\ufffd"
+        with pytest.raises(InvalidEvent, match="the user id holds invalid UTF-8"):
             route(event, ConsentPolicy(), DEFAULT_PRESET)
 
 
 def test_a_group_id_cut_inside_a_character_is_dead_lettered() -> None:
-    with pytest.raises(InvalidEvent, match="groupId holds invalid UTF-8"):
+    with pytest.raises(InvalidEvent, match="the company id holds invalid UTF-8"):
         route(_cut("group", b"user-ab", b"acme-\xe2\x82"), ConsentPolicy(), DEFAULT_PRESET)
 
 
+@pytest.mark.parametrize("traits", [{"company": {"id": "acme-ab", "name": "Acme"}},
+                                    {"company_id": "acme-ab", "plan": "pro"}])
+def test_an_identifys_company_id_cut_inside_a_character_is_dead_lettered(
+        traits: dict[str, Any]) -> None:
+    """Review "diff42": only the envelope's ids were looked at; an identify's company id
+    (from its traits) cut alike made two companies one."""
+    wire = codec.encode(7, codec.to_record({
+        "type": "identify", "userId": "u1", "traits": traits,
+        "context": {"consent": {"analytics": True}}}))
+    event = codec.decode(wire.replace(b"acme-ab", b"acme-\xe2\x82"), lambda _id: codec.SCHEMA)
+    assert event.cut == {"traits"}
+    with pytest.raises(InvalidEvent, match="the company id holds invalid UTF-8"):
+        route(event, ConsentPolicy(), DEFAULT_PRESET)
+
+
 def test_cut_text_elsewhere_and_a_real_replacement_character_still_go() -> None:
-    """Only ids read from invalid UTF-8 are refused: a U+FFFD the producer wrote is text."""
-    written = codec.decode(codec.encode(7, codec.to_record({
-        "type": "identify", "userId": "user-\ufffd", "context": {"consent": {"analytics": True}}})),
-        lambda _id: codec.SCHEMA)
-    assert not written.lossy
+    """Only ids read from invalid UTF-8 are refused: a U+FFFD the producer wrote is text,
+    even beside another field's cut (review "diff42": the first rule was per event)."""
+    wire = codec.encode(7, codec.to_record({
+        "type": "identify", "userId": "user-\ufffd", "messageId": "m-ab",
+        "context": {"consent": {"analytics": True}, "locale": "fr-ab"}}))
+    written = codec.decode(wire, lambda _id: codec.SCHEMA)
+    assert not written.cut
     assert isinstance(route(written, ConsentPolicy(), DEFAULT_PRESET), Send)
-    elsewhere = _cut("group", b"user-ab", b"acme-ab")
-    assert not elsewhere.lossy
+    elsewhere = codec.decode(wire.replace(b"fr-ab", b"fr-\xe2\x82").replace(b"m-ab", b"m-\xe2\x82"),
+                             lambda _id: codec.SCHEMA)
+    assert elsewhere.cut == {"context", "messageId"}
+    assert elsewhere["context"]["locale"] == "fr-\ufffd"
+    assert isinstance(route(elsewhere, ConsentPolicy(), DEFAULT_PRESET), Send)
     anonymous_cut = codec.decode(
         codec.encode(7, codec.to_record({"type": "track", "event": "Feature Used",
                                          "anonymousId": "an-ab"})).replace(b"an-ab",
                                                                           b"an-\xe2\x82"),
         lambda _id: codec.SCHEMA)
-    assert anonymous_cut.lossy
+    assert anonymous_cut.cut == {"anonymousId"}
     assert isinstance(route(anonymous_cut, ConsentPolicy(), DEFAULT_PRESET), Drop)
