@@ -895,6 +895,22 @@ class Worker:
         scheduler.submit(event)
         return None
 
+    def _draining_window(self, scheduler: Scheduler[Event]) -> dict[TP, int]:
+        """Events in the window per partition (`fair_holds`), less those of chains whose
+        current event has been in its attempts for HOT_STALL_S: they do not drain while
+        their partition is held. Counted, one event in retries (or a stuck user's chain)
+        kept its partition paused while the others got even a trickle, and every other
+        user of it waited (review "flow42")."""
+        window = self.commits.in_window_by_partition()
+        since = time.time() - HOT_STALL_S
+        for event in scheduler.current(None):
+            first = event.attempts.first_wall
+            if first is not None and first <= since:
+                tp = (event.topic, event.partition)
+                stalled = scheduler.queued((event.topic, event.partition, event.ordering_key))
+                window[tp] = max(0, window.get(tp, 0) - stalled)
+        return window
+
     def _stuck_load(self, scheduler: Scheduler[Event]) -> int:
         """Events of stuck chains in the window (see `_stuck_max`)."""
         return sum(scheduler.queued(chain) for chain in self._stuck)
@@ -1074,7 +1090,7 @@ class Worker:
                         self._dry[tp] = now + DRY_FOR_S
                 wet = {tp for tp in self.assigned if self._dry.get(tp, 0.0) <= now}
                 self._held = fair_holds(self.paused & self.assigned, wet, limit * families,
-                                        self.commits.in_window_by_partition())
+                                        self._draining_window(scheduler))
                 kept = self.paused & keep
                 to_resume = sorted((self.paused & self.assigned) - self._held - kept)
                 if to_resume:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
+
+import pytest
 
 from consumer.calls import Call
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
@@ -177,3 +180,101 @@ def test_a_stop_with_notes_refused_does_not_wait_out_the_final_commit_for_nothin
     normal = _stop_time(FakeSource)
     notes_off = _stop_time(RefusingNotes)
     assert notes_off < normal + 1.0, f"{notes_off:.1f} s against {normal:.1f} s"
+
+
+@pytest.mark.parametrize("trickle_every", [None, 0.2])
+def test_a_stuck_users_partition_is_let_go_while_another_partition_trickles(
+        trickle_every: float | None) -> None:
+    """README (Ordering): a user whose first event is stuck lets its partition go after
+    HOT_STALL_S, and only that user waits. With partition 1 trickling (never dry),
+    fair_holds kept partition 0 paused: its stuck chain's 16 events counted in its window
+    (review "flow42")."""
+    log = {
+        (TOPIC, 0): [Message(TOPIC, 0, i, b"stuck", track("stuck", i)) for i in range(20)]
+        + [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(20, 620)],
+        (TOPIC, 1): [],
+    }
+    client = HeldUser()
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
+
+    def others() -> int:
+        return sum(1 for b in client.bodies if b'"user_id":"u' in b)
+
+    async def scenario(source: FakeSource) -> None:
+        stop = asyncio.Event()
+
+        async def trickle() -> None:
+            i = 0
+            while trickle_every is not None and not stop.is_set():
+                source.log[(TOPIC, 1)].append(
+                    Message(TOPIC, 1, i, f"v{i}".encode(), track(f"v{i}", 1000 + i)))
+                i += 1
+                await asyncio.sleep(trickle_every)
+
+        task = asyncio.create_task(trickle())
+        try:
+            await until(lambda: others() == 600,
+                        "partition 0's other users while one user is stuck and partition 1 "
+                        "trickles", 10)
+        finally:
+            stop.set()
+            await task
+            client.release.set()
+
+    assert drive(run, scenario) == 0
+
+
+class SlowHeld(HeldUser):
+    """Userpilot answering every request after `delay` (a realistic latency), and holding
+    user "stuck"'s (in retries) until `release`."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def send(self, call: Any) -> int:
+        await asyncio.sleep(self.delay)
+        return await super().send(call)
+
+
+@pytest.mark.parametrize("trickle_every", [None, 0.07])
+def test_one_event_in_retries_does_not_keep_its_partition_paused_among_16(
+        trickle_every: float | None) -> None:
+    """One event held at the head of partition 0 of 16, other users behind it, a trickle
+    on the other 15: fair_margin(200, 16) is 1, so fair_holds kept partition 0 paused for
+    as long as that one event was unfinished (review "flow42")."""
+    parts = 16
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"stuck", track("stuck", 0))]
+           + [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(1, 301)]}
+    for p in range(1, parts):
+        log[(TOPIC, p)] = []
+    client = SlowHeld(0.3)
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
+
+    def others() -> int:
+        return sum(1 for b in client.bodies if b'"user_id":"u' in b)
+
+    async def scenario(source: FakeSource) -> None:
+        stop = asyncio.Event()
+
+        async def trickle() -> None:
+            i = 0
+            while trickle_every is not None and not stop.is_set():
+                # Round robin: one partition at a time (each one event every ~1 s).
+                p = 1 + i % (parts - 1)
+                n = len(source.log[(TOPIC, p)])
+                source.log[(TOPIC, p)].append(
+                    Message(TOPIC, p, n, f"v{p}.{n}".encode(), track(f"v{p}.{n}", n)))
+                i += 1
+                await asyncio.sleep(trickle_every)
+
+        task = asyncio.create_task(trickle())
+        try:
+            await until(lambda: others() == 300,
+                        "partition 0's other users while one event is in retries", 15)
+        finally:
+            stop.set()
+            await task
+            client.release.set()
+
+    assert drive(run, scenario) == 0
