@@ -550,11 +550,11 @@ class GuardHold(Generic[T]):
     each restart of the crash loop dead-lettered ~WORKER_DLQ_MAX_CONSECUTIVE more events
     and committed them, and a night of restarts moved the backlog into the DLQ (review
     "ops29"). Held until the guard has read `horizon` outcomes after it in the stream, or
-    the worker is idle (nothing in flight, nothing taken to send: no outcome can come
-    then), or `max_s` passed, or the partition is handed over orderly: a trip leaves them
-    uncommitted, and the restart trips again on the same events (their dead letters
-    written again: `replay` sends such a copy once). The commit's note names the events
-    finished above them.
+    the worker is idle (nothing taken to send) with nothing in flight taken before it (no
+    outcome that counts can come then: `after`), or `max_s` passed, or the partition is
+    handed over orderly: a trip leaves them uncommitted, and the restart trips again on
+    the same events (their dead letters written again: `replay` sends such a copy once).
+    The commit's note names the events finished above them.
     """
 
     def __init__(self, horizon: int, max_s: float) -> None:
@@ -590,6 +590,15 @@ class GuardHold(Generic[T]):
             self._held = [e for e in held
                           if e.past < self._horizon and now - e.since < self._max_s]
         return out
+
+    def after(self, seq: int) -> list[T]:
+        """The held items at stream positions past `seq`, no longer held: when nothing past
+        `seq` can be taken (the window full) and nothing up to it is to finish, no outcome
+        can move the guard past them (`outcome`), and they waited `max_s` each time."""
+        taken = [e.item for e in self._held if e.seq > seq]
+        if taken:
+            self._held = [e for e in self._held if e.seq <= seq]
+        return taken
 
     def take(self, which: Callable[[T], bool] | None = None) -> list[T]:
         """The held items (all, or those `which` selects), no longer held."""

@@ -18,7 +18,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 __all__ = ["Barrier", "ChainKey", "Job", "Scheduler"]
@@ -182,6 +182,11 @@ class Scheduler(Generic[J]):
         wanted = None if partitions is None else set(partitions)
         return [queue[0] for key, queue in self._queues.items()
                 if queue and (wanted is None or (key[0], key[1]) in wanted)]
+
+    def jobs(self) -> Iterator[J]:
+        """Every job not finished (queued or running)."""
+        for queue in self._queues.values():
+            yield from queue
 
     def pending(self, partitions: Iterable[TopicPartition] | None = None) -> int:
         """Jobs not finished, for some partitions or all."""

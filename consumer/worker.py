@@ -538,10 +538,18 @@ class Worker:
                     # so waiting on would only stall. Polls bringing drops only, or a window
                     # full of held dead letters with the overflow filling, held commits for
                     # GUARD_HOLD_MAX_S each (review "hold30").
-                    if not scheduled and not scheduler.in_flight and (
-                            not self.overflow or not room):
+                    idle = not scheduled and (not self.overflow or not room)
+                    if idle and not scheduler.in_flight:
                         self._let_go_held()
                     else:
+                        if idle:
+                            # Nothing taken, and only what is in flight can finish before
+                            # the next poll: its outcomes never take the guard past dead
+                            # letters taken after it. Held while one event was in retries
+                            # elsewhere, they filled the window and every partition waited
+                            # GUARD_HOLD_MAX_S, cycle after cycle (review "flow42").
+                            self._finish_held(self.guard_hold.after(
+                                max((e.intake for e in scheduler.jobs()), default=0)))
                         self._finish_held(self.guard_hold.due(now))
                 if not messages or now - last_commit >= self.s.commit_interval_s:
                     noted = now - last_noted >= self.s.commit_interval_s

@@ -278,3 +278,30 @@ def test_one_event_in_retries_does_not_keep_its_partition_paused_among_16(
             client.release.set()
 
     assert drive(run, scenario) == 0
+
+
+@pytest.mark.parametrize(("n", "window", "guard_window"), [(300, "20", "100"),
+                                                          (1500, "200", "1000")])
+def test_held_dead_letters_filling_the_window_go_when_nothing_can_pass_them(
+        n: int, window: str, guard_window: str) -> None:
+    """One event in three invalid (a healthy ratio), one user of another partition stuck:
+    the held dead letters filled the window (the guard's horizon larger than it), the
+    stuck event made the worker not idle, and every partition waited GUARD_HOLD_MAX_S
+    (60 s), cycle after cycle (review "flow42"). Nothing taken after them can finish while
+    the window is full: they go."""
+    msgs = [Message(TOPIC, 1, i, f"u{i}".encode(),
+                    b"not avro" if i % 3 == 0 else track(f"u{i}", i)) for i in range(n)]
+    log = {(TOPIC, 1): msgs, (TOPIC, 0): [Message(TOPIC, 0, 0, b"stuck", track("stuck", 0))]}
+    client = HeldUser()
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
+               WORKER_MAX_IN_FLIGHT=window, WORKER_DLQ_WINDOW=guard_window)
+
+    async def scenario(source: FakeSource) -> None:
+        try:
+            await until(lambda: source.committed().get((TOPIC, 1)) == n,
+                        "partition 1 while one user of partition 0 is stuck", 20)
+        finally:
+            client.release.set()
+        assert run.worker.handler.guard.tripped_reason is None
+
+    assert drive(run, scenario) == 0
