@@ -305,3 +305,31 @@ def test_held_dead_letters_filling_the_window_go_when_nothing_can_pass_them(
         assert run.worker.handler.guard.tripped_reason is None
 
     assert drive(run, scenario) == 0
+
+
+def test_a_bad_deploys_trickle_is_not_committed_before_the_guard_trips() -> None:
+    """Review "diff42": letting go of the held dead letters past everything in flight at the
+    first empty poll committed a trickling bad deploy's dead letters (every event
+    dead-lettered, 20/s) before the guard tripped, with one event in retries elsewhere;
+    only a quiet spell (HELD_IDLE_S) lets them go."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"stuck", track("stuck", 0))], (TOPIC, 1): []}
+    client = HeldUser()
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
+    seen: dict[str, object] = {}
+
+    async def scenario(source: FakeSource) -> None:
+        try:
+            await until(lambda: len(client.held) > 0, "the stuck user's request")
+            for i in range(200):
+                if run.worker.handler.guard.tripped_reason is not None:
+                    break
+                source.log[(TOPIC, 1)].append(
+                    Message(TOPIC, 1, i, f"u{i}".encode(), b"not avro"))
+                await asyncio.sleep(0.05)
+            seen["tripped"] = run.worker.handler.guard.tripped_reason
+            seen["committed"] = source.committed().get((TOPIC, 1), 0)
+        finally:
+            client.release.set()
+
+    drive(run, scenario)
+    assert seen["tripped"] is not None and seen["committed"] == 0, seen
