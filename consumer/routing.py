@@ -92,28 +92,30 @@ def _shape(
 
 
 _ID_SOURCES = frozenset({"userId", "groupId", "traits"})
-"""The fields a call's user or company id comes from (a company's from `traits.company`,
-`traits.company_id` or `groupId`)."""
+"""The fields a call's user or company id comes from (an identify's company from its
+`traits`, or `groupId`)."""
 
 
-def _refuse_cut_ids(send: Send, cut: frozenset[str]) -> Send:
-    """`send`, unless an id it sends was read from invalid UTF-8 (one of `cut`, the fields
-    that held some): U+FFFD where its bytes were cut, two users (or companies) cut alike
-    would be one in Userpilot, one's traits and Tracks credited to the other (review
-    "users42", "diff42"). Dead-lettered, to be fixed and replayed."""
+def _refuse_cut_ids(send: Send, cut: frozenset[str], kind: Any) -> Send:
+    """`send`, unless an id it sends comes from a field read from invalid UTF-8 (one of
+    `cut`): U+FFFD where its bytes were cut, two users (or companies) cut alike would be
+    one in Userpilot, one's traits and Tracks credited to the other (review "users42",
+    "diff42"). Dead-lettered, to be fixed and replayed. Each id is judged by its own source:
+    a U+FFFD the producer wrote in `userId` is text, whatever else was cut."""
     if not cut or not cut & _ID_SOURCES:
         return send
+    company_cut = "groupId" in cut or (kind == "identify" and "traits" in cut)
     for call in send.calls:
         company = call.payload.get("company")
-        for name, value in (("user id", call.payload.get("user_id")),
-                            ("company id", call.payload.get("company_id")),
-                            ("company id", company.get("id")
-                             if isinstance(company, Mapping) else None)):
-            if isinstance(value, str) and "\ufffd" in value:
+        checked = (("user id", call.payload.get("user_id"), "userId" in cut),
+                   ("company id", call.payload.get("company_id"), "groupId" in cut),
+                   ("company id", company.get("id") if isinstance(company, Mapping) else None,
+                    company_cut))
+        for name, value, from_cut in checked:
+            if from_cut and isinstance(value, str) and "\ufffd" in value:
                 raise InvalidEvent(
-                    f"the {name} holds invalid UTF-8 (read as U+FFFD, from "
-                    f"{', '.join(sorted(cut & _ID_SOURCES))}): ids cut alike would name one "
-                    "Userpilot record; fix the producer's ids and replay")
+                    f"the {name} holds invalid UTF-8 (read as U+FFFD): ids cut alike would "
+                    "name one Userpilot record; fix the producer's ids and replay")
     return send
 
 
@@ -139,7 +141,7 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
                 company_limit=_limit(mappings, truncated, "company."), omitted=omitted)
             return _refuse_cut_ids(
                 Send(calls, str(kind), listed(omitted), listed(truncated),
-                     getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()))
+                     getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()), kind)
         rule = mappings.lookup(event)
         if rule is None:  # drop_reason checked it; kept for the type checker
             return Drop("unmapped")
@@ -152,4 +154,4 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
         raise MappingError(exc) from exc
     return _refuse_cut_ids(
         Send((call,), rule.event_name, listed(built.omitted), listed(built.truncated),
-             getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()))
+             getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()), "track")

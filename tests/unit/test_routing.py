@@ -347,3 +347,18 @@ def test_cut_text_elsewhere_and_a_real_replacement_character_still_go() -> None:
         lambda _id: codec.SCHEMA)
     assert anonymous_cut.cut == {"anonymousId"}
     assert isinstance(route(anonymous_cut, ConsentPolicy(), DEFAULT_PRESET), Drop)
+
+
+@pytest.mark.parametrize(("kind", "extra"), [("track", {"event": "Feature Used"}),
+                                             ("identify", {})])
+def test_a_producers_replacement_character_in_the_user_id_goes_beside_a_cut_trait(
+        kind: str, extra: dict[str, Any]) -> None:
+    """Each id is judged by its own source: a cut in `traits` refused a U+FFFD the
+    producer wrote in `userId` (review "diff42")."""
+    event: dict[str, Any] = {"type": kind, "userId": "user-\ufffd", "messageId": "m",
+                             "traits": {"bio": "caf-ab", "plan": "pro"},
+                             "context": {"consent": {"analytics": True}}, **extra}
+    wire = codec.encode(7, codec.to_record(event))
+    decoded = codec.decode(wire.replace(b"caf-ab", b"caf-\xc3b"), lambda _id: codec.SCHEMA)
+    assert decoded.cut == {"traits"}
+    assert isinstance(route(decoded, ConsentPolicy(), DEFAULT_PRESET), Send)
