@@ -570,10 +570,10 @@ def run_replay(
                 # a fixed 30 s a record a slow broker took later was named "no answer",
                 # and the next run published it again (review "replay42"). A stop cuts
                 # the wait short: what is still unanswered may land (README).
-                producer.flush(30)
+                left = producer.flush(30)
                 deadline = time.monotonic() + REPLAY_ANSWER_MS / 1000 + 10
-                while len(producer) and not stopping() and time.monotonic() < deadline:
-                    producer.flush(1)
+                while left and not stopping() and time.monotonic() < deadline:
+                    left = producer.flush(1)
             stuck: dict[int, tuple[int, str]] = {}
             for p, off in sorted(sent):
                 # Taken out one by one: a report that raises leaves the rest to the
