@@ -550,8 +550,8 @@ class GuardHold(Generic[T]):
     each restart of the crash loop dead-lettered ~WORKER_DLQ_MAX_CONSECUTIVE more events
     and committed them, and a night of restarts moved the backlog into the DLQ (review
     "ops29"). Held until the guard has read `horizon` outcomes after it in the stream, or
-    the worker is idle (nothing taken to send) with nothing in flight taken before it (no
-    outcome that counts can come then: `after`), or `max_s` passed, or the partition is
+    the worker is idle and no outcome that counts can come (`Worker._held_idle`, `after`),
+    or `max_s` passed, or the partition is
     handed over orderly: a trip leaves them uncommitted, and the restart trips again on
     the same events (their dead letters written again: `replay` sends such a copy once).
     The commit's note names the events finished above them.

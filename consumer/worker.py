@@ -150,10 +150,6 @@ FIRST_STEP_MAX_IN_FLIGHT = INTAKE_TURN_SENDS
 """... only while at most this many events are in flight: a delivery's latency counts at low
 traffic. Draining a backlog (the window full, each poll bringing the few messages its
 acknowledgements freed) the turns cost 10-15 % of delivery's rate at 20 ms."""
-HELD_IDLE_S = 2.0
-"""Quiet (nothing taken) for this long with events in flight, the worker lets go of the held
-dead letters taken after all of them (`GuardHold.after`): longer than a trickle's gaps, far
-shorter than GUARD_HOLD_MAX_S."""
 FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
 RATES_EVERY_S = 1.0  # the rate-share gauge follows 429 recovery and the Redis fallback
 PAUSED_LAG_EVERY_S = 5.0  # a paused partition's lag, from the broker (librdkafka's stats
@@ -458,7 +454,7 @@ class Worker:
         log.info("consuming %s as group %s, delivering to %s%s", ",".join(self.s.topics),
                  self.s.group_id, self.s.track_url,
                  f" through {redact_userinfo(self.s.proxy.reveal())}" if self.s.proxy else "")
-        last_commit = last_noted = paused_lag_at = rates_at = idle_since = time.monotonic()
+        last_commit = last_noted = paused_lag_at = rates_at = time.monotonic()
         scheduled = 0
         try:
             while not self._stopping.is_set():
@@ -536,29 +532,9 @@ class Worker:
                 # committed on the interval only: at 2,000 events/s the head changes every
                 # few ms, and committing each change cost ~2 % of delivery's CPU.
                 now = time.monotonic()
-                idle = not scheduled and (not self.overflow or not room)
-                if not idle:
-                    idle_since = now
                 if len(self.guard_hold):
-                    # Idle: nothing taken to send this turn, nothing in flight, and nothing
-                    # waiting that could be taken: no outcome can come before the next poll,
-                    # so waiting on would only stall. Polls bringing drops only, or a window
-                    # full of held dead letters with the overflow filling, held commits for
-                    # GUARD_HOLD_MAX_S each (review "hold30").
-                    if idle and not scheduler.in_flight:
-                        self._let_go_held()
-                    else:
-                        if idle and now - idle_since >= HELD_IDLE_S:
-                            # Only what is in flight could finish, and its outcomes never
-                            # take the guard past dead letters taken after it. Held while
-                            # one event was in retries elsewhere, they filled the window and
-                            # every partition waited GUARD_HOLD_MAX_S, cycle after cycle
-                            # (review "flow42"). After a quiet spell only: at the first
-                            # empty poll, a bad deploy's trickle had its dead letters
-                            # committed before the guard tripped (review "diff42").
-                            self._finish_held(self.guard_hold.after(
-                                max((e.intake for e in scheduler.jobs()), default=0)))
-                        self._finish_held(self.guard_hold.due(now))
+                    self._held_idle(scheduler, not scheduled and (not self.overflow or not room))
+                    self._finish_held(self.guard_hold.due(now))
                 if not messages or now - last_commit >= self.s.commit_interval_s:
                     noted = now - last_noted >= self.s.commit_interval_s
                     await source.call(self._commit, source, None, False, noted, whole)
@@ -994,6 +970,33 @@ class Worker:
             return
         for tp, offset, generation in held:
             self.commits.finish(tp, offset, generation)
+
+    def _held_idle(self, scheduler: Scheduler[Event], idle: bool) -> None:
+        """Let go of held dead letters no outcome to come can move the guard past, when
+        nothing was taken this turn (`idle`).
+
+        With nothing in flight and no partition paused, none can come before the next poll
+        (polls bringing drops only held commits GUARD_HOLD_MAX_S each, review "hold30").
+        With the window stuck above its resume level by what is finished and held (the
+        guard's horizon larger than the window), nothing more can be taken, and what is in
+        flight never counts past the dead letters taken after it: those go. Held, every
+        partition waited GUARD_HOLD_MAX_S, cycle after cycle, while one event was in retries
+        elsewhere (review "flow42"). Not while partitions are only paused for back-pressure
+        with the window below that: a backlog is waiting behind the pause, and a bad deploy's
+        dead letters were committed before the guard tripped (review "diff42")."""
+        if not idle:
+            return
+        limit = self.s.max_in_flight
+        load = self._window_load()[0]
+        stuck = load - scheduler.in_flight > resume_level(limit)
+        if not scheduler.in_flight:
+            with self._parts_lock:
+                paused = bool(self.paused)
+            if not paused or stuck:
+                self._let_go_held()
+        elif stuck:
+            self._finish_held(self.guard_hold.after(
+                max((e.intake for e in scheduler.jobs()), default=0)))
 
     def _let_go_held(self, parts: Sequence[TP] | None = None) -> None:
         """An orderly hand-over or an idle worker: no trip can come for the held dead

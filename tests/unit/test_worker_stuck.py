@@ -296,10 +296,15 @@ def test_held_dead_letters_filling_the_window_go_when_nothing_can_pass_them(
     run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
                WORKER_MAX_IN_FLIGHT=window, WORKER_DLQ_WINDOW=guard_window)
 
+    good = sum(1 for i in range(n) if i % 3)
+
     async def scenario(source: FakeSource) -> None:
         try:
-            await until(lambda: source.committed().get((TOPIC, 1)) == n,
+            await until(lambda: len(client.bodies) == good,
                         "partition 1 while one user of partition 0 is stuck", 20)
+            # Its last few dead letters wait for the guard (fewer than its horizon follow
+            # them, the worker busy with the stuck one: GUARD_HOLD_MAX_S at most).
+            assert source.committed().get((TOPIC, 1), 0) >= n - int(guard_window)
         finally:
             client.release.set()
         assert run.worker.handler.guard.tripped_reason is None
@@ -333,3 +338,111 @@ def test_a_bad_deploys_trickle_is_not_committed_before_the_guard_trips() -> None
 
     drive(run, scenario)
     assert seen["tripped"] is not None and seen["committed"] == 0, seen
+
+
+# Reviews "diff42": the idle rule of the DLQ guard's hold must not commit a bad deploy's dead
+# letters before the guard trips (the window's tail behind slow events, a rate-limited backlog).
+
+def test_a_bad_deploy_behind_a_full_window_of_slow_events_is_not_committed() -> None:
+    """Review (b): the window (default 200) full of good events Userpilot answers slowly
+    (a 429 pause, a slow answer: here 3 s), the first 50 events of a bad deploy taken behind
+    them and held. 'Idle' for HELD_IDLE_S only because nothing FITS in the window (the bad
+    deploy's next events wait in the overflow), `GuardHold.after` lets those 50 go; when the
+    window frees the next bad event trips the guard, but the 50 are committed already, so
+    each restart of the crash loop moves another window-tail of the backlog into the DLQ."""
+    good, bad = 150, 300
+    msgs = [Message(TOPIC, 0, i, f"stuck{i}".encode(), track(f"stuck{i}", i)) for i in range(good)]
+    msgs += [Message(TOPIC, 0, i, f"u{i}".encode(), b"not avro") for i in range(good, good + bad)]
+    client = HeldUser()
+    run = make({(TOPIC, 0): msgs}, registry=known_schema(), client=client,
+               USERPILOT_ENSURE_USER="false")
+    seen: dict[str, object] = {}
+
+    async def scenario(source: FakeSource) -> None:
+        try:
+            await until(lambda: len(client.held) > 0 and len(run.worker.guard_hold) == 50,
+                        "the window full: 150 slow events, 50 held dead letters")
+            await asyncio.sleep(3)  # Userpilot answers after 3 s (well under GUARD_HOLD_MAX_S)
+            seen["held_after_pause"] = len(run.worker.guard_hold)
+        finally:
+            client.release.set()
+        await until(lambda: run.worker.handler.guard.tripped_reason is not None, "the trip")
+
+    assert drive(run, scenario) == 3
+    # the run that tripped must leave its dead letters uncommitted (README, DLQ guard)
+    committed = run.source.committed().get((TOPIC, 0))
+    assert committed is not None and committed <= good, committed
+    assert seen["held_after_pause"] == 50, seen
+
+
+def test_a_bad_deploy_in_a_rate_limited_backlog_is_not_named_finished() -> None:
+    """Review "diff42", default window and guard: a backlog drained at the rate limit (the
+    deployment's 600/min shared by two replicas: 300/min each). The window pauses at 200 and
+    resumes at 180: 20 events at 5/s is 4 s with nothing taken, 'idle' past HELD_IDLE_S, so
+    the bad deploy's dead letters taken behind the good events go (`GuardHold.after`) and the
+    commit's note names them finished; the guard trips on the next ones. The restart skips
+    what the note names: those events never meet the fixed deploy (ops29)."""
+    good, bad = 170, 300
+    msgs = [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(good)]
+    msgs += [Message(TOPIC, 0, i, f"b{i}".encode(), b"not avro") for i in range(good, good + bad)]
+    run = make({(TOPIC, 0): msgs}, registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               USERPILOT_RATE_LIMIT="300", USERPILOT_RATE_PERIOD_SECONDS="60",
+               USERPILOT_RATE_BURST="1")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.handler.guard.tripped_reason is not None, "the trip", 20)
+
+    assert drive(run, scenario) == 3
+    offset, note = run.source.stored[(TOPIC, 0)]
+    named = decode_note(note, offset)
+    assert offset <= good and not any(named.covers(o) for o in range(good, good + bad)), (
+        offset, named)
+
+
+def test_a_window_freed_during_the_poll_wait_is_not_idle() -> None:
+    """`idle` reads `room` from the top of the loop, before `_poll_wait` waited for the
+    window to change: the events in flight all finished meanwhile (Userpilot answered after
+    0.5 s, far under HELD_IDLE_S), so 'nothing in flight and no room' let go of every held
+    dead letter, though the window had just freed and the next poll takes the bad deploy's
+    next event, which trips the guard. The 50 are committed by the run that tripped."""
+    good, bad = 150, 300
+    msgs = [Message(TOPIC, 0, i, f"stuck{i}".encode(), track(f"stuck{i}", i)) for i in range(good)]
+    msgs += [Message(TOPIC, 0, i, f"u{i}".encode(), b"not avro") for i in range(good, good + bad)]
+    client = HeldUser()
+    run = make({(TOPIC, 0): msgs}, registry=known_schema(), client=client,
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        try:
+            await until(lambda: len(client.held) > 0 and len(run.worker.guard_hold) == 50,
+                        "the window full: 150 slow events, 50 held dead letters")
+            await asyncio.sleep(0.5)
+        finally:
+            client.release.set()
+        await until(lambda: run.worker.handler.guard.tripped_reason is not None, "the trip")
+
+    assert drive(run, scenario) == 3
+    committed = run.source.committed().get((TOPIC, 0))
+    assert committed is not None and committed <= good, committed
+
+
+def test_held_dead_letters_with_one_user_in_retries_do_not_cost_every_window_a_wait() -> None:
+    """Review "diff42": the window (30) under the guard's horizon (100), one event in
+    three invalid, one user of another partition in retries: a first fix let held dead
+    letters go only after 2 s idle, so every window cost 2 s (1000 events took ~36 s)."""
+    n = 600
+    msgs = [Message(TOPIC, 1, i, f"u{i}".encode(),
+                    b"not avro" if i % 3 == 0 else track(f"u{i}", i)) for i in range(n)]
+    log = {(TOPIC, 1): msgs, (TOPIC, 0): [Message(TOPIC, 0, 0, b"stuck", track("stuck", 0))]}
+    client = HeldUser()
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
+               WORKER_MAX_IN_FLIGHT="30")
+
+    async def scenario(source: FakeSource) -> None:
+        try:
+            await until(lambda: len(client.bodies) == 400,
+                        "partition 1 while one user of partition 0 is in retries", 8)
+        finally:
+            client.release.set()
+
+    assert drive(run, scenario) == 0
