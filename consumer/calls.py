@@ -269,6 +269,21 @@ def _default_company_limit(properties: dict[str, Primitive]) -> dict[str, Primit
     return limit_metadata(properties, DEFAULT_MAX_METADATA_BYTES, DEFAULT_MAX_METADATA_KEYS)[0]
 
 
+def company_id_source(event: Mapping[str, Any], traits: Mapping[str, Any]
+                      ) -> tuple[str | None, str | None]:
+    """An identify's company id and the field it comes from (``traits`` or ``groupId``):
+    ``traits.company.id``, else ``traits.company.company_id`` (the OpenAPI page's
+    spelling), else ``traits.company_id``, else the event's ``groupId``."""
+    company = traits.get("company")
+    fields = company if isinstance(company, dict) else {}
+    for value in (fields.get("id"), fields.get("company_id"), traits.get("company_id")):
+        found = _id(value)
+        if found is not None:
+            return found, "traits"
+    found = _id(event.get("groupId"))
+    return (found, "groupId") if found is not None else (None, None)
+
+
 def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
              limit: CompanyLimit | None = None,
              omitted: list[str] | None = None) -> dict[str, Primitive] | None:
@@ -279,13 +294,7 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
     """
     company = traits.get("company")
     fields = company if isinstance(company, dict) else {}
-    company_id = _id(fields.get("id"))
-    if company_id is None:  # the OpenAPI page's spelling
-        company_id = _id(fields.get("company_id"))
-    if company_id is None:
-        company_id = _id(traits.get("company_id"))
-    if company_id is None:
-        company_id = _id(event.get("groupId"))
+    company_id, _ = company_id_source(event, traits)
     if company_id is None:
         return None
     rest = {k: v for k, v in fields.items() if k != "id"}

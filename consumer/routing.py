@@ -13,7 +13,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from consumer.calls import Call, drop_company_ids, encode_body, event_calls, track_call
+from consumer.calls import (
+    Call,
+    company_id_source,
+    drop_company_ids,
+    encode_body,
+    event_calls,
+    track_call,
+)
 from consumer.errors import DeadLetter, InvalidEvent, MappingError
 from consumer.filtering import ConsentPolicy, Drop, drop_reason
 from consumer.mapping import MappingSet, Primitive, TraitsRule, build_payload, limit_metadata
@@ -96,7 +103,8 @@ _ID_SOURCES = frozenset({"userId", "groupId", "traits"})
 `traits`, or `groupId`)."""
 
 
-def _refuse_cut_ids(send: Send, cut: frozenset[str], kind: Any) -> Send:
+def _refuse_cut_ids(send: Send, cut: frozenset[str], kind: Any,
+                    event: Mapping[str, Any]) -> Send:
     """`send`, unless an id it sends comes from a field read from invalid UTF-8 (one of
     `cut`): U+FFFD where its bytes were cut, two users (or companies) cut alike would be
     one in Userpilot, one's traits and Tracks credited to the other (review "users42",
@@ -104,7 +112,12 @@ def _refuse_cut_ids(send: Send, cut: frozenset[str], kind: Any) -> Send:
     a U+FFFD the producer wrote in `userId` is text, whatever else was cut."""
     if not cut or not cut & _ID_SOURCES:
         return send
-    company_cut = "groupId" in cut or (kind == "identify" and "traits" in cut)
+    if kind == "identify":  # its company's id from its traits, else its groupId
+        traits = event.get("traits")
+        _, source = company_id_source(event, traits if isinstance(traits, dict) else {})
+        company_cut = source in cut
+    else:
+        company_cut = "groupId" in cut
     for call in send.calls:
         company = call.payload.get("company")
         checked = (("user id", call.payload.get("user_id"), "userId" in cut),
@@ -141,7 +154,8 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
                 company_limit=_limit(mappings, truncated, "company."), omitted=omitted)
             return _refuse_cut_ids(
                 Send(calls, str(kind), listed(omitted), listed(truncated),
-                     getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()), kind)
+                     getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()), kind,
+                event)
         rule = mappings.lookup(event)
         if rule is None:  # drop_reason checked it; kept for the type checker
             return Drop("unmapped")
@@ -154,4 +168,5 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
         raise MappingError(exc) from exc
     return _refuse_cut_ids(
         Send((call,), rule.event_name, listed(built.omitted), listed(built.truncated),
-             getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()), "track")
+             getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()), "track",
+        event)

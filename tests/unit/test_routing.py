@@ -362,3 +362,30 @@ def test_a_producers_replacement_character_in_the_user_id_goes_beside_a_cut_trai
     decoded = codec.decode(wire.replace(b"caf-ab", b"caf-\xc3b"), lambda _id: codec.SCHEMA)
     assert decoded.cut == {"traits"}
     assert isinstance(route(decoded, ConsentPolicy(), DEFAULT_PRESET), Send)
+
+
+def _identify_cut(traits: dict[str, Any], group_id: str | None, cut: bytes) -> codec.Event:
+    """An identify whose Avro bytes `cut` (once in the event) lose a character's end."""
+    event: dict[str, Any] = {"type": "identify", "userId": "u1", "messageId": "m",
+                             "traits": traits, "context": {"consent": {"analytics": True}}}
+    if group_id is not None:
+        event["groupId"] = group_id
+    wire = codec.encode(7, codec.to_record(event))
+    assert wire.count(cut) == 1
+    return codec.decode(wire.replace(cut, cut[:-2] + b"\xc3" + cut[-1:]),
+                        lambda _id: codec.SCHEMA)
+
+
+@pytest.mark.parametrize(("traits", "group_id", "cut", "cut_field"), [
+    # the company id from groupId; only an unrelated trait cut
+    ({"bio": "caf-ab", "plan": "pro"}, "acme-\ufffd", b"caf-ab", "traits"),
+    # the company id from traits.company.id; the groupId (not sent) cut
+    ({"company": {"id": "acme-\ufffd", "name": "Acme"}}, "grp-ab", b"grp-ab", "groupId"),
+])
+def test_an_identifys_company_id_is_judged_by_the_field_it_comes_from(
+        traits: dict[str, Any], group_id: str, cut: bytes, cut_field: str) -> None:
+    """Review "diff42": the identify's company id was refused for a cut in either field."""
+    event = _identify_cut(traits, group_id, cut)
+    assert event.cut == {cut_field}
+    sent = route(event, ConsentPolicy(), DEFAULT_PRESET)
+    assert isinstance(sent, Send) and sent.payload["company"]["id"] == "acme-\ufffd"
