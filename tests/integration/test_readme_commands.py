@@ -80,3 +80,30 @@ def test_the_readme_explain_command_works_as_written(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     events = (tmp_path / "events.jsonl").read_text("utf-8").splitlines()
     assert len(done.stdout.splitlines()) == len([e for e in events if e.strip()])
+
+
+def test_the_readme_guard_trip_replay_line_works_as_written(kafka_bootstrap: str,
+                                                             tmp_path: Path) -> None:
+    """The DLQ guard trip's example, `replay --from signal.userpilot.dlq --skip-void …`:
+    parsed only before (review "cli42"); run as written, it replays the dead letters its
+    skip does not name (here one at offset 0, of another run)."""
+    (line,) = _readme_lines("replay --from signal.userpilot.dlq")
+    assert "--skip-void" in line
+    origin, dlq = "signal", "signal.userpilot.dlq"
+    for topic in (origin, dlq):
+        create_topic(kafka_bootstrap, topic, 1)
+    try:
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        producer.produce(dlq, key=b"user_001", value=b"event bytes", headers=[
+            ("__connect.errors.topic", origin.encode()),
+            ("userpilot.error.reason", b"bad_request"), ("userpilot.replay.count", b"0"),
+            ("userpilot.error.worker", b"worker-7d9f-1-a1b2c3")])
+        assert producer.flush(30) == 0
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+        done = _run(line, env, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.splitlines()[-1])["summary"]["replayed"] == 1
+        assert [m.value() for m in read_topic(kafka_bootstrap, origin)] == [b"event bytes"]
+    finally:
+        for topic in (origin, dlq):
+            delete_topic(kafka_bootstrap, topic)
