@@ -533,7 +533,8 @@ class Worker:
                 # few ms, and committing each change cost ~2 % of delivery's CPU.
                 now = time.monotonic()
                 if len(self.guard_hold):
-                    self._held_idle(scheduler, not scheduled and (not self.overflow or not room))
+                    self._held_idle(scheduler, not scheduled and (
+                        not self.overflow.free(self._held_back) or not room))
                     self._finish_held(self.guard_hold.due(now))
                 if not messages or now - last_commit >= self.s.commit_interval_s:
                     noted = now - last_noted >= self.s.commit_interval_s
@@ -986,9 +987,15 @@ class Worker:
         dead letters were committed before the guard tripped (review "diff42")."""
         if not idle:
             return
-        limit = self.s.max_in_flight
-        load = self._window_load()[0]
-        stuck = load - scheduler.in_flight > resume_level(limit)
+        # Per window family (SCHEMA_WAIT's too): what stays in it once everything in flight
+        # of that family finished (review "diff42": one family's load less every family's
+        # events in flight, and SCHEMA_WAIT left out, kept it held).
+        level = resume_level(self.s.max_in_flight)
+        left = self.commits.in_window_by_family()
+        for event in scheduler.jobs():
+            family = self._window_family(event)
+            left[family] = left.get(family, 0) - 1
+        stuck = max(left.values(), default=0) > level
         if not scheduler.in_flight:
             with self._parts_lock:
                 paused = bool(self.paused)

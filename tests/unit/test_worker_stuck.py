@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from consumer import codec
 from consumer.calls import Call
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
 from tests.unit.test_worker import (
+    SCHEMA_ID,
     TOPIC,
     FakeClient,
     FakeSource,
@@ -444,5 +446,67 @@ def test_held_dead_letters_with_one_user_in_retries_do_not_cost_every_window_a_w
                         "partition 1 while one user of partition 0 is in retries", 8)
         finally:
             client.release.set()
+
+    assert drive(run, scenario) == 0
+
+
+def _identify(user: str, seq: int) -> bytes:
+    event = {"type": "identify", "userId": user, "traits": {"plan": "x"},
+             "context": {"consent": {"analytics": True}}, "messageId": f"{user}-i{seq}"}
+    return codec.encode(SCHEMA_ID, codec.to_record(event))
+
+
+class HeldIdentify(HeldUser):
+    """Holds the requests of users named stuck… (identify calls here)."""
+
+    async def send(self, call: Call) -> int:
+        if b'"user_id":"stuck' in call.body:
+            self.held.add(id(call))
+            await self.release.wait()
+        return await super(HeldUser, self).send(call)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_identifies_in_retries_do_not_keep_the_track_window_of_held_dead_letters_stuck(
+        k: int) -> None:
+    """Review "diff42": the window's load less every family's events in flight, so k
+    identifies in retries kept the track window, full of held dead letters, from counting
+    as stuck (30 - 4 is not above 27): every partition waited GUARD_HOLD_MAX_S."""
+    n = 600
+    msgs = [Message(TOPIC, 1, i, f"u{i}".encode(),
+                    b"not avro" if i % 3 == 0 else track(f"u{i}", i)) for i in range(n)]
+    log = {(TOPIC, 1): msgs,
+           (TOPIC, 0): [Message(TOPIC, 0, j, f"stuck{j}".encode(), _identify(f"stuck{j}", j))
+                        for j in range(k)]}
+    client = HeldIdentify()
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
+               WORKER_MAX_IN_FLIGHT="30")
+
+    async def scenario(source: FakeSource) -> None:
+        try:
+            await until(lambda: len(client.held) == k, "the identifies in retries")
+            await until(lambda: len(client.bodies) == 400, "partition 1's good events", 8)
+        finally:
+            client.release.set()
+
+    assert drive(run, scenario) == 0
+
+
+def test_held_dead_letters_of_unknown_schemas_do_not_stall_the_schema_wait_window() -> None:
+    """Review "diff42": dead letters of a schema id the registry does not know are held in
+    the SCHEMA_WAIT window, which the stuck test left out, and with their partition's next
+    message waiting in the overflow the worker never counted as idle: 30 of them filled it
+    and the partition waited GUARD_HOLD_MAX_S, cycle after cycle."""
+    n = 600
+    unknown = [codec.encode(99, codec.to_record({
+        "type": "track", "event": "X", "userId": f"u{i}", "messageId": f"m{i}",
+        "context": {}})) for i in range(n)]
+    msgs = [Message(TOPIC, 1, i, f"u{i}".encode(), unknown[i] if i % 3 == 0 else track(f"u{i}", i))
+            for i in range(n)]
+    run = make({(TOPIC, 1): msgs}, registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               WORKER_MAX_IN_FLIGHT="30")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(run.client.bodies) == 400, "partition 1's good events", 8)
 
     assert drive(run, scenario) == 0
