@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,6 +185,38 @@ def test_a_stop_with_notes_refused_does_not_wait_out_the_final_commit_for_nothin
     assert notes_off < normal + 1.0, f"{notes_off:.1f} s against {normal:.1f} s"
 
 
+def _others_while_trickling(client: HeldUser, others: int, partitions: list[int],
+                            every: float | None, what: str, timeout: float
+                            ) -> Callable[[FakeSource], Awaitable[None]]:
+    """A scenario: wait until `others` users named u… are delivered while `partitions` get
+    an event in turn every `every` seconds (None: none), then let the held user go."""
+    def delivered() -> int:
+        return sum(1 for b in client.bodies if b'"user_id":"u' in b)
+
+    async def scenario(source: FakeSource) -> None:
+        stop = asyncio.Event()
+
+        async def trickle() -> None:
+            i = 0
+            while every is not None and not stop.is_set():
+                p = partitions[i % len(partitions)]  # one partition at a time
+                n = len(source.log[(TOPIC, p)])
+                source.log[(TOPIC, p)].append(
+                    Message(TOPIC, p, n, f"v{p}.{n}".encode(), track(f"v{p}.{n}", 1000 + n)))
+                i += 1
+                await asyncio.sleep(every)
+
+        task = asyncio.create_task(trickle())
+        try:
+            await until(lambda: delivered() == others, what, timeout)
+        finally:
+            stop.set()
+            await task
+            client.release.set()
+
+    return scenario
+
+
 @pytest.mark.parametrize("trickle_every", [None, 0.2])
 def test_a_stuck_users_partition_is_let_go_while_another_partition_trickles(
         trickle_every: float | None) -> None:
@@ -199,31 +232,9 @@ def test_a_stuck_users_partition_is_let_go_while_another_partition_trickles(
     client = HeldUser()
     run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
 
-    def others() -> int:
-        return sum(1 for b in client.bodies if b'"user_id":"u' in b)
-
-    async def scenario(source: FakeSource) -> None:
-        stop = asyncio.Event()
-
-        async def trickle() -> None:
-            i = 0
-            while trickle_every is not None and not stop.is_set():
-                source.log[(TOPIC, 1)].append(
-                    Message(TOPIC, 1, i, f"v{i}".encode(), track(f"v{i}", 1000 + i)))
-                i += 1
-                await asyncio.sleep(trickle_every)
-
-        task = asyncio.create_task(trickle())
-        try:
-            await until(lambda: others() == 600,
-                        "partition 0's other users while one user is stuck and partition 1 "
-                        "trickles", 10)
-        finally:
-            stop.set()
-            await task
-            client.release.set()
-
-    assert drive(run, scenario) == 0
+    assert drive(run, _others_while_trickling(
+        client, 600, [1], trickle_every,
+        "partition 0's other users while one user is stuck and partition 1 trickles", 10)) == 0
 
 
 class SlowHeld(HeldUser):
@@ -253,33 +264,9 @@ def test_one_event_in_retries_does_not_keep_its_partition_paused_among_16(
     client = SlowHeld(0.3)
     run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
 
-    def others() -> int:
-        return sum(1 for b in client.bodies if b'"user_id":"u' in b)
-
-    async def scenario(source: FakeSource) -> None:
-        stop = asyncio.Event()
-
-        async def trickle() -> None:
-            i = 0
-            while trickle_every is not None and not stop.is_set():
-                # Round robin: one partition at a time (each one event every ~1 s).
-                p = 1 + i % (parts - 1)
-                n = len(source.log[(TOPIC, p)])
-                source.log[(TOPIC, p)].append(
-                    Message(TOPIC, p, n, f"v{p}.{n}".encode(), track(f"v{p}.{n}", n)))
-                i += 1
-                await asyncio.sleep(trickle_every)
-
-        task = asyncio.create_task(trickle())
-        try:
-            await until(lambda: others() == 300,
-                        "partition 0's other users while one event is in retries", 15)
-        finally:
-            stop.set()
-            await task
-            client.release.set()
-
-    assert drive(run, scenario) == 0
+    assert drive(run, _others_while_trickling(
+        client, 300, list(range(1, parts)), trickle_every,
+        "partition 0's other users while one event is in retries", 15)) == 0
 
 
 @pytest.mark.parametrize(("n", "window", "guard_window"), [(300, "20", "100"),
