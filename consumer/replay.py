@@ -661,6 +661,8 @@ def run_replay(
 
 COUNT_RETRY_S = 5.0
 """How long an origin topic's unreadable partition count stands before it is asked again."""
+
+
 def replay_producer(conf: Mapping[str, Any]) -> Producer:
     """The producer replay publishes with: the worker's settings (`conf`) with replay's own.
 

@@ -98,6 +98,7 @@ def _shape(
     return shape
 
 
+_NO_CUT: frozenset[str] = frozenset()  # `cut` of an event that is not a decoded one
 _ID_SOURCES = frozenset({"userId", "groupId", "traits"})
 """The fields a call's user or company id comes from (an identify's company from its
 `traits`, or `groupId`)."""
@@ -154,7 +155,7 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
                 company_limit=_limit(mappings, truncated, "company."), omitted=omitted)
             return _refuse_cut_ids(
                 Send(calls, str(kind), listed(omitted), listed(truncated),
-                     getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()), kind,
+                     getattr(event, "replaced", 0)), getattr(event, "cut", _NO_CUT), kind,
                 event)
         rule = mappings.lookup(event)
         if rule is None:  # drop_reason checked it; kept for the type checker
@@ -168,5 +169,5 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
         raise MappingError(exc) from exc
     return _refuse_cut_ids(
         Send((call,), rule.event_name, listed(built.omitted), listed(built.truncated),
-             getattr(event, "replaced", 0)), getattr(event, "cut", frozenset()), "track",
+             getattr(event, "replaced", 0)), getattr(event, "cut", _NO_CUT), "track",
         event)

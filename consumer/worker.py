@@ -992,9 +992,11 @@ class Worker:
         # events in flight, and SCHEMA_WAIT left out, kept it held).
         level = resume_level(self.s.max_in_flight)
         left = self.commits.in_window_by_family()
+        newest = 0  # the latest intake in flight
         for event in scheduler.jobs():
             family = self._window_family(event)
             left[family] = left.get(family, 0) - 1
+            newest = max(newest, event.intake)
         stuck = max(left.values(), default=0) > level
         if not scheduler.in_flight:
             with self._parts_lock:
@@ -1002,8 +1004,7 @@ class Worker:
             if not paused or stuck:
                 self._let_go_held()
         elif stuck:
-            self._finish_held(self.guard_hold.after(
-                max((e.intake for e in scheduler.jobs()), default=0)))
+            self._finish_held(self.guard_hold.after(newest))
 
     def _let_go_held(self, parts: Sequence[TP] | None = None) -> None:
         """An orderly hand-over or an idle worker: no trip can come for the held dead
