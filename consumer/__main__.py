@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import logging
@@ -24,9 +25,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from consumer import installed_version
 from consumer.config import timeout_seconds, wait_seconds
@@ -305,6 +305,14 @@ def _lines(stream: Iterable[bytes]) -> Iterator[bytes]:
         yield from raw.splitlines() or [b""]
 
 
+def _stdin() -> BinaryIO:
+    """Standard input's bytes; OSError when the shell closed it (`explain <&-`: then
+    `sys.stdin` is None, and reading it was an AttributeError's traceback)."""
+    if sys.stdin is None:
+        raise OSError(errno.EBADF, "standard input is closed")
+    return sys.stdin.buffer
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     """Exit 0 when every line is valid, 1 when any line (or the file) is not."""
     from consumer.config import load_settings
@@ -312,10 +320,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     settings = load_settings(os.environ, offline=True, check_clients=False)
     path = args.file
+    label = "stdin" if path in (None, "-") else path
     try:
-        stream = sys.stdin.buffer if path in (None, "-") else open(path, "rb")  # noqa: SIM115
+        stream = _stdin() if path in (None, "-") else open(path, "rb")  # noqa: SIM115
     except OSError as exc:
-        error_line(f"{path}: cannot read the file ({exc.strerror or exc})", os.environ)
+        error_line(f"{label}: cannot read the file ({exc.strerror or exc})", os.environ)
         return 1
     valid = True
     out = sys.stdout.buffer
@@ -334,7 +343,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         stdout_gone()
         return 0 if valid else 1
     except OSError as exc:  # e.g. a directory: open works, read fails
-        error_line(f"{path}: cannot read the file ({exc.strerror or exc})", os.environ)
+        error_line(f"{label}: cannot read the file ({exc.strerror or exc})", os.environ)
         return 1
     return 0 if valid else 1
 
@@ -360,12 +369,13 @@ def cmd_produce(args: argparse.Namespace) -> int:
     path = args.file
     try:
         if path in (None, "-"):
-            lines = sys.stdin.buffer.read().splitlines()
+            lines = _stdin().read().splitlines()
         else:
             with open(path, "rb") as stream:
                 lines = stream.read().splitlines()
     except OSError as exc:
-        error_line(f"{path}: cannot read the file ({exc.strerror or exc})", os.environ)
+        error_line(f"{'stdin' if path in (None, '-') else path}: cannot read the file "
+                   f"({exc.strerror or exc})", os.environ)
         return 1
     from consumer.logs import configure_command_logging
 
@@ -417,16 +427,6 @@ def cmd_delete_users(args: argparse.Namespace) -> int:
     from consumer.gdpr import main as delete_users_main
 
     return delete_users_main(args)
-
-
-@contextmanager
-def _open(path: str | None) -> Iterator[TextIO]:
-    """The named file, or stdin for None or "-" (left open: it is not ours)."""
-    if path is None or path == "-":
-        yield sys.stdin
-        return
-    with open(path, encoding="utf-8") as stream:
-        yield stream
 
 
 def _prog() -> str:

@@ -15,7 +15,8 @@ the consent check parses ``context.consent`` only (:attr:`Event.consent`).
 Strings are made safe once, where JSON text is parsed: a lone UTF-16 surrogate (valid JSON
 ``"\\ud83d"``, emitted when JavaScript cuts a string inside an emoji) becomes U+FFFD and is
 counted in :attr:`Event.replaced`, so no later encoder can fail on it. Invalid UTF-8 in an
-Avro string (cut inside a multi-byte character) becomes U+FFFD as well. JSON text nested
+Avro string (cut inside a multi-byte character) becomes U+FFFD as well; either way the field
+is named in :attr:`Event.cut`, and an id read from it is refused. JSON text nested
 deeper than :data:`MAX_JSON_DEPTH`, or that is not JSON, raises :class:`UndecodableEvent`
 when it is first read (inside ``route``): the event is dead-lettered, never a crash.
 """
@@ -674,8 +675,9 @@ class Event(Mapping[str, Any]):
     def __init__(self, record: Mapping[str, Any], cut: frozenset[str] = _NO_CUT) -> None:
         self._record = record
         self.cut = cut
-        """The top-level fields whose invalid UTF-8 was read as U+FFFD (`decode`): an id
-        from one may be two ids cut alike (`routing.route` refuses it)."""
+        """The top-level fields whose invalid UTF-8 (`decode`), or a lone surrogate in their
+        JSON text (on first parse), was read as U+FFFD: an id from one may be two ids cut
+        alike (`routing.route` refuses it)."""
         self._parsed: dict[str, Any] = {}
         self._consent: Any = _UNSET
         self._extra: Any = _UNSET  # context.extra parsed, once (its surrogates counted once)
@@ -819,18 +821,22 @@ class Event(Mapping[str, Any]):
             raise UndecodableEvent(f"{field} is not valid JSON text: {exc}") from None
         if isinstance(value, str):
             fixed, count = _SURROGATE.subn("\ufffd", value)
-            self.replaced += count
-            return fixed
-        if not isinstance(value, dict | list):
+        elif not isinstance(value, dict | list):
             return value
         # Cheap pre-checks: only text that could hold a lone surrogate or deep nesting is
         # walked (the Avro string itself is valid UTF-8, so a surrogate needs an escape).
-        if ("\\ud" in text or "\\uD" in text) or (
+        elif ("\\ud" in text or "\\uD" in text) or (
             text.count("[") + text.count("{") > MAX_JSON_DEPTH
         ):
-            value, replaced = _clean(field, value)
-            self.replaced += replaced
-        return value
+            fixed, count = _clean(field, value)
+        else:
+            return value
+        if count:
+            # Like a cut: `"acme-\\ud83d"` and `"acme-\\ud83e"` both read `acme-\ufffd`, so an
+            # id from this field is refused by `routing.route` (two companies would be one).
+            self.replaced += count
+            self.cut = self.cut | {field}
+        return fixed
 
     def _context(self, record: Mapping[str, Any]) -> dict[str, Any]:
         context: dict[str, Any] = {}

@@ -377,8 +377,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read and batch the ids, print the plan, send nothing")
 
 
-def _read(path: str | None, stdin: IO[str]) -> list[str]:
+def _read(path: str | None, stdin: IO[str] | None) -> list[str]:
     if path is None or path == "-":
+        if stdin is None:  # `<&-`: the shell closed it
+            raise ConfigError("cannot read user ids from stdin: it is closed")
         # Strict UTF-8 as for --file, every id checked before anything is sent: the text
         # stream's decoding let a bad byte through to a traceback after some batches went.
         raw = getattr(stdin, "buffer", None)

@@ -128,8 +128,9 @@ def _refuse_cut_ids(send: Send, cut: frozenset[str], kind: Any,
         for name, value, from_cut in checked:
             if from_cut and isinstance(value, str) and "\ufffd" in value:
                 raise InvalidEvent(
-                    f"the {name} holds invalid UTF-8 (read as U+FFFD): ids cut alike would "
-                    "name one Userpilot record; fix the producer's ids and replay")
+                    f"the {name} holds invalid UTF-8 or a lone UTF-16 surrogate (read as "
+                    "U+FFFD): ids cut alike would name one Userpilot record; fix the "
+                    "producer's ids and replay")
     return send
 
 

@@ -724,6 +724,23 @@ def test_a_closed_stdout_is_not_a_failure_of_check_config_or_delete_users() -> N
     assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
 
 
+@pytest.mark.parametrize(("argv", "says", "code"), [
+    (["explain"], "stdin: cannot read the file (standard input is closed)", 1),
+    (["produce", "--topic", "t", "--bootstrap-servers", "127.0.0.1:1",
+      "--schema-registry-url", "http://127.0.0.1:1"],
+     "stdin: cannot read the file (standard input is closed)", 1),
+    (["delete-users", "--dry-run"], "cannot read user ids from stdin: it is closed", 2)])
+def test_a_closed_stdin_is_a_clear_error(argv: list[str], says: str, code: int) -> None:
+    """`explain <&-`: `sys.stdin` is None, an AttributeError's traceback (round 42's note);
+    `delete-users` a TypeError's."""
+    proc = subprocess.run([sys.executable, "-m", "consumer", *argv], env=only(GOOD),
+                          capture_output=True, timeout=60, check=False,
+                          preexec_fn=lambda: os.close(0))
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == code and "Traceback" not in err, err
+    assert says in err, err
+
+
 def test_the_main_help_and_the_demo_summary_write_to_an_ascii_stdout() -> None:
     """`python -m consumer --help` on an ASCII stdout: UnicodeEncodeError on its `→`, exit 1
     (review "cli42"); the demo's summary (`—`) goes through the same writer."""

@@ -326,6 +326,33 @@ def test_an_identifys_company_id_cut_inside_a_character_is_dead_lettered(
         route(event, ConsentPolicy(), DEFAULT_PRESET)
 
 
+@pytest.mark.parametrize("traits", ['{"company": {"id": "acme-\\ud83d", "name": "Acme"}}',
+                                    '{"company_id": "acme-\\ud83e", "plan": "pro"}'])
+def test_an_identifys_company_id_with_a_lone_surrogate_is_dead_lettered(traits: str) -> None:
+    """`"acme-\\ud83d"` and `"acme-\\ud83e"` (JavaScript cut inside an emoji) both read
+    `acme-\ufffd`: sent, two companies were one in Userpilot (round 42's note)."""
+    record = codec.to_record({"type": "identify", "userId": "u1",
+                              "context": {"consent": {"analytics": True}}})
+    record["traits"] = traits
+    event = codec.decode(codec.encode(7, record), lambda _id: codec.SCHEMA)
+    with pytest.raises(InvalidEvent, match=r"the company id holds .* lone UTF-16 surrogate"):
+        route(event, ConsentPolicy(), DEFAULT_PRESET)
+    assert event.cut == {"traits"} and event.replaced == 1
+
+
+def test_a_lone_surrogate_beside_the_ids_still_goes() -> None:
+    """Only an id read from the replaced text is refused: the trait that held the surrogate
+    is sent with U+FFFD, as before."""
+    record = codec.to_record({"type": "identify", "userId": "u1",
+                              "context": {"consent": {"analytics": True}}})
+    record["traits"] = '{"company": {"id": "acme", "name": "Acme \\ud83d"}, "nick": "x\\udc00"}'
+    event = codec.decode(codec.encode(7, record), lambda _id: codec.SCHEMA)
+    sent = route(event, ConsentPolicy(), DEFAULT_PRESET)
+    assert isinstance(sent, Send) and sent.replaced == 2
+    bodies = [json.loads(call.body) for call in sent.calls]
+    assert any(body.get("company", {}).get("id") == "acme" for body in bodies), bodies
+
+
 def test_cut_text_elsewhere_and_a_real_replacement_character_still_go() -> None:
     """Only ids read from invalid UTF-8 are refused: a U+FFFD the producer wrote is text,
     even beside another field's cut (review "diff42": the first rule was per event)."""
