@@ -69,6 +69,7 @@ __all__ = [
     "self_referencing",
     "split_wire",
     "to_record",
+    "unread_items",
     "writer_json",
 ]
 
@@ -349,6 +350,10 @@ def reader_for(writer: Any, named: Mapping[str, Any]) -> Any:
     return fastavro.parse_schema(aliased)
 
 
+_FIXED_WIDTHS = {"null": 0, "boolean": 1, "float": 4, "double": 8}
+"""Avro's types of a fixed width (in bytes), which a reader skips without reading them."""
+
+
 def free_items(named: Mapping[str, Any], root: Any) -> str | None:
     """The first array (or map of such arrays) in a writer schema whose items can take no
     bytes at all (`null`, `fixed` of size 0, a record of only such fields), as a path; None
@@ -359,30 +364,66 @@ def free_items(named: Mapping[str, Any], root: Any) -> str | None:
     (no health answers, no SIGTERM), on every replica that took the partition. Java's Avro
     guards this with a limit on collection items; here such a schema is refused.
     """
-    free: dict[str, bool] = {}
+    return _arrays_of(named, root, lambda width: width == 0)
 
-    def takes_nothing(node: Any, open_: frozenset[str]) -> bool:
+
+def unread_items(named: Mapping[str, Any], root: Any) -> str | None:
+    """The first array in a writer schema whose items are of a fixed width read from no
+    byte of the message (`boolean`, `float`, `double`, `fixed`, records of only those), as
+    a path; None when there is none.
+
+    Why: fastavro's compiled reader skips such an array (a field our schema lacks: an
+    ordinary `coords: array<double>` added to the writer's schema) by moving its position
+    item by item, never past the end of the message: a 32-byte event declaring 2^62 items
+    spun in C with the GIL held for ever (review "big43"). Reading them, or the pure-Python
+    reader, meets the message's end at once: such schemas are read by the latter
+    (`DeepSchema`)."""
+    return _arrays_of(named, root, lambda width: width > 0)
+
+
+def _arrays_of(named: Mapping[str, Any], root: Any, chosen: Callable[[int], bool]
+               ) -> str | None:
+    """The path of the first array whose items have a byte width read from nothing that
+    `chosen` takes (`_width`), looking through maps, records and unions."""
+    widths: dict[str, int | None] = {}
+
+    def width(node: Any, open_: frozenset[str]) -> int | None:
+        """The bytes an item takes when skipping it reads none of them; None when skipping
+        it reads a byte (a length, a count, a union's branch, an enum's index)."""
         if isinstance(node, str):
-            if node == "null":
-                return True
+            fixed = _FIXED_WIDTHS.get(node)
+            if fixed is not None:
+                return fixed
             if node not in named or node in open_:
-                return False
-            if node not in free:
-                free[node] = takes_nothing(named[node], open_ | {node})
-            return free[node]
+                return None
+            if node not in widths:
+                widths[node] = width(named[node], open_ | {node})
+            return widths[node]
         if not isinstance(node, dict):
-            return False  # a union (its branch index is a byte) or a primitive
+            return None  # a union (its branch index is a byte)
         kind = node.get("type")
         if kind in _NAMED_CONTAINERS:
-            return all(takes_nothing(f.get("type"), open_) for f in node.get("fields", ())
-                       if isinstance(f, dict))
+            total = 0
+            for field in node.get("fields", ()):
+                if not isinstance(field, dict):
+                    return None
+                one = width(field.get("type"), open_)
+                if one is None:
+                    return None
+                total += one
+            return total
         if kind == "fixed":
-            return node.get("size") == 0
-        if kind == "null":
-            return True
+            size = node.get("size")
+            return size if isinstance(size, int) else None
+        if isinstance(kind, str) and kind in _FIXED_WIDTHS:
+            return _FIXED_WIDTHS[kind]
         if isinstance(kind, (dict, list)) or (isinstance(kind, str) and kind in named):
-            return takes_nothing(kind, open_)
-        return False
+            return width(kind, open_)
+        return None
+
+    def spins(items: Any) -> bool:
+        found = width(items, frozenset())
+        return found is not None and chosen(found)
 
     seen: set[int] = set()
 
@@ -398,7 +439,7 @@ def free_items(named: Mapping[str, Any], root: Any) -> str | None:
         seen.add(id(node))
         kind = node.get("type")
         if kind == "array":
-            if takes_nothing(node.get("items"), frozenset()):
+            if spins(node.get("items")):
                 return path
             return walk(node.get("items"), f"{path}[]")
         if kind == "map":

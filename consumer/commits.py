@@ -184,6 +184,15 @@ class Commits:
                                         or generation == self._generations.get(tp)):
                 tracker.finished(offset)
 
+    def hold(self, tp: TP, offset: int, generation: int | None = None) -> None:
+        """The event's dead letter is written, and its commit waits for the DLQ guard: out
+        of the window, not finished (`PartitionOffsets.held`); `finish` ends it."""
+        with self._lock:
+            tracker = self._offsets.get(tp)
+            if tracker is not None and (generation is None
+                                        or generation == self._generations.get(tp)):
+                tracker.held(offset)
+
     def settled(self) -> list[TP]:
         """Assigned partitions with every taken offset finished: where the consumer's
         position may be ahead of the last offset taken (`passed`)."""

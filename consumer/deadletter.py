@@ -27,6 +27,7 @@ import logging
 import operator
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -561,13 +562,23 @@ class GuardHold(Generic[T]):
         self._horizon = max(1, horizon)
         self._max_s = max_s
         self._held: list[_Held[T]] = []
+        # The stream positions of the latest outcomes read (0: unknown): those past a dead
+        # letter that finished before it was held count for it too (`hold`).
+        self._recent: deque[int] = deque(maxlen=self._horizon)
 
     def __len__(self) -> int:
         return len(self._held)
 
     def hold(self, item: T, now: float, seq: int = 0) -> None:
-        """Hold `item`, the dead letter at stream position `seq` (the intake order)."""
-        self._held.append(_Held(now, seq, item))
+        """Hold `item`, the dead letter at stream position `seq` (the intake order).
+
+        The events after it that finished first (its dead letter's produce took longer than
+        their requests) were read by the guard already: they count as past it. Left out,
+        the window's later events all went before it, and with the worker busy elsewhere
+        (one user in retries) the dead letter waited `max_s` for outcomes the guard had
+        read."""
+        past = sum(1 for read in self._recent if not read or read > seq) if seq else 0
+        self._held.append(_Held(now, seq, item, past))
 
     def outcome(self, seq: int = 0) -> None:
         """One more outcome the guard read, at stream position `seq` (a dead letter's own
@@ -578,6 +589,7 @@ class GuardHold(Generic[T]):
         for entry in self._held:
             if not seq or seq > entry.seq:
                 entry.past += 1
+        self._recent.append(seq)
 
     def due(self, now: float) -> list[T]:
         """The held items the guard has moved past, or held `max_s` (oldest held first),

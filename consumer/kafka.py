@@ -63,8 +63,10 @@ ANSWER_SLICE_S = 0.005  # poll slices while a commit awaits its answer (see _pol
 LEAVE_WAIT_S = 3.0  # at close, the revoke and LeaveGroup after unsubscribe wait at most this
 LEAVE_SEND_S = 0.3  # ... and, once revoked, this long for the LeaveGroup to go out
 
-# librdkafka refuses an oversized record locally and the broker with the same code.
-_TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE,)
+# librdkafka refuses an oversized record locally and the broker with the same code; a
+# topic whose segment.bytes is below the record (its max.message.bytes above) answers
+# RECORD_LIST_TOO_LARGE: retried, the same bytes were refused for ever (review "big43").
+_TOO_LARGE = (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE)
 # A source topic the brokers answer with these is not there for this consumer: a typo in
 # KAFKA_TOPICS, a topic not created yet, or an ACL that hides it.
 _NOT_THERE = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_FAILED)

@@ -170,6 +170,10 @@ class _SentLog:
     def count(self) -> int:
         return len(self.offsets) - self.head
 
+    def holds(self, offset: int) -> bool:
+        i = bisect.bisect_left(self.offsets, offset, self.head)
+        return i < len(self.offsets) and self.offsets[i] == offset
+
     def count_in(self, start: int, end: int) -> int:
         """How many offsets lie in [start, end]."""
         low = bisect.bisect_left(self.offsets, start, self.head)
@@ -179,8 +183,8 @@ class _SentLog:
 class PartitionOffsets:
     """Offsets taken from one partition, in order, and which of them are finished."""
 
-    __slots__ = ("_base", "_changes", "_freed", "_high", "_inherited", "_named", "_note",
-                 "_open", "_pending", "_sent")
+    __slots__ = ("_base", "_changes", "_freed", "_held", "_held_by_family", "_high",
+                 "_inherited", "_named", "_note", "_open", "_pending", "_sent")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()  # taken, in order, from the first unfinished
@@ -191,6 +195,9 @@ class PartitionOffsets:
         self._sent: dict[str, _SentLog] = {}
         self._named = Finished(())  # what the note held with the base names finished
         self._freed: dict[str, int] = {}  # ... and how many sent offsets of each family
+        # Dead letters the DLQ guard holds (unfinished, out of the window): offset → family
+        self._held: dict[int, str] = {}
+        self._held_by_family: dict[str, int] = {}
         self._inherited = Finished(())  # finished by the previous owner (its commit's note)
         self._changes = 0  # bumped by whatever changes the note (see `note`)
         # (changes, base, max_chars, note) last encoded
@@ -222,11 +229,28 @@ class PartitionOffsets:
         if self._base is None:
             self._base = offset
 
+    def held(self, offset: int) -> None:
+        """An unfinished offset whose dead letter the DLQ guard holds: it keeps the commit
+        back but leaves the window, as a crash now would only write its dead letter again
+        (`replay` sends such a copy once), no request. Counted, a window no larger than the
+        guard's horizon filled with held dead letters, which were let go and committed
+        before the guard could trip (round 42's note). `finished` ends the hold."""
+        if offset not in self._open or offset in self._held:
+            return
+        for family, log in self._sent.items():
+            if log.holds(offset):
+                self._held[offset] = family
+                self._held_by_family[family] = self._held_by_family.get(family, 0) + 1
+                return
+
     def finished(self, offset: int) -> None:
         """Mark an offset done; unknown offsets are ignored (partition was reassigned)."""
         if offset not in self._open:
             return
         self._open.discard(offset)
+        family = self._held.pop(offset, None)
+        if family is not None:
+            self._held_by_family[family] -= 1
         self._changes += 1
         pending = self._pending
         while pending and pending[0] not in self._open:
@@ -293,7 +317,8 @@ class PartitionOffsets:
     @property
     def at_risk(self) -> int:
         """Sent or sending events not yet committed, nor named finished by the note held
-        with the commit: what a crash now would send again.
+        with the commit, nor dead letters the guard holds (`held`): what a crash now would
+        send again.
 
         Dropped events are not counted: dropped again after a crash, they are no
         duplicate anywhere.
@@ -304,9 +329,10 @@ class PartitionOffsets:
     def at_risk_by_family(self) -> dict[str, int]:
         """`at_risk` per window family (families with none are left out)."""
         freed = self._freed
+        held = self._held_by_family
         out: dict[str, int] = {}
         for family, log in self._sent.items():
-            n = log.count() - freed.get(family, 0)
+            n = log.count() - freed.get(family, 0) - held.get(family, 0)
             if n:
                 out[family] = n
         return out

@@ -44,6 +44,7 @@ from consumer.codec import (
     free_items,
     reader_for,
     self_referencing,
+    unread_items,
     writer_json,
 )
 from consumer.cutoff import Cutoff
@@ -505,8 +506,10 @@ class Registry:
                 self._unusable_schema(
                     schema_id, f"schema id {schema_id} cannot be read as a Signal event "
                     f"({type(exc).__name__}: {str(exc)[:200]})")
-            if self_referencing(named):
-                # Read without recursion in C (see DeepSchema); a union root is a list, and
+            if self_referencing(named) or unread_items(named, fresh) is not None:
+                # Read without recursion in C (see DeepSchema), and meeting the message's
+                # end in an array the compiled reader skips item by item without reading
+                # (`unread_items`); a union root is a list, and
                 # made a dict it raised outside these checks: retried as an outage, for
                 # ever (review "diff41b").
                 deep: DeepSchema | DeepUnion = (DeepUnion(fresh) if isinstance(fresh, list)

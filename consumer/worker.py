@@ -956,6 +956,7 @@ class Worker:
         self.guard_hold.outcome(event.intake)
         if isinstance(outcome, DeadLettered) and outcome.counted:
             self.guard_hold.hold(done, now, event.intake)
+            self.commits.hold(*done)
             self._dead_letters.append((done[0], done[1], outcome.at, done[2]))
         else:
             self.commits.finish(*done)
@@ -978,8 +979,9 @@ class Worker:
 
         With nothing in flight and no partition paused, none can come before the next poll
         (polls bringing drops only held commits GUARD_HOLD_MAX_S each, review "hold30").
-        With the window stuck above its resume level by what is finished and held (the
-        guard's horizon larger than the window), nothing more can be taken, and what is in
+        With the window stuck above its resume level by what is finished and not committed
+        (held dead letters are out of it, `Commits.hold`; events finished above them that no
+        commit's note names are not), nothing more can be taken, and what is in
         flight never counts past the dead letters taken after it: those go. Held, every
         partition waited GUARD_HOLD_MAX_S, cycle after cycle, while one event was in retries
         elsewhere (review "flow42"). Not while partitions are only paused for back-pressure

@@ -6,6 +6,7 @@ or the broker refuses it, and the value-less record it falls back to must be acc
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -91,6 +92,40 @@ def test_a_dlq_topic_with_a_lower_limit_gets_the_value_less_record(
         # Knowing the topic's limit up front decides it before any produce.
         assert _record(b"v" * 200_000, dlq,
                        max_bytes=producer_limit(conf, topic_limit=50_000)).value is None
+    finally:
+        admin.delete_topics([dlq])[dlq].result(30)
+
+
+def test_a_record_over_the_dlq_topics_segment_size_is_too_large_not_retried(
+    kafka_bootstrap: str,
+) -> None:
+    """Review "big43": a DLQ topic whose `segment.bytes` is below the record (its
+    `max.message.bytes` above it) answers RECORD_LIST_TOO_LARGE, which the producer took
+    for a passing error: the same bytes were retried every 30 s for ever, the partition
+    stalled, where the value-less record fits."""
+    import asyncio
+
+    from consumer.errors import DlqRecordTooLarge
+    from consumer.kafka import DeadLetterProducer
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    dlq = f"it-dlq-segment-{int(time.time() * 1000)}"
+    futures = admin.create_topics([NewTopic(dlq, 1, 1, config={
+        "max.message.bytes": "3000000", "segment.bytes": "1048576"})])
+    futures[dlq].result(30)
+
+    async def send(value: bytes) -> None:
+        producer = DeadLetterProducer({"bootstrap.servers": kafka_bootstrap,
+                                       "message.max.bytes": 3_000_000})
+        try:
+            await asyncio.wait_for(producer.send(dlq, key=b"k", value=value, headers=[]), 60)
+        finally:
+            producer.close(5)
+
+    try:
+        with pytest.raises(DlqRecordTooLarge, match=r"(?i)segment|too large"):
+            asyncio.run(send(os.urandom(2_000_000)))  # incompressible
+        asyncio.run(send(b"v" * 1000))  # the value-less record's size goes
     finally:
         admin.delete_topics([dlq])[dlq].result(30)
 

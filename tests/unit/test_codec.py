@@ -513,6 +513,37 @@ def test_free_items_finds_arrays_whose_items_take_no_bytes() -> None:
                             json.loads(codec.SCHEMA_TEXT)) is None
 
 
+def test_unread_items_finds_arrays_skipped_without_reading_a_byte() -> None:
+    """Review "big43": fastavro's compiled reader skips fixed-width items by moving its
+    position, never meeting the message's end: 2^62 doubles declared, it spun for ever."""
+    def with_field(field_type: Any) -> dict[str, Any]:
+        return {"type": "record", "name": "E", "namespace": "t",
+                "fields": [{"name": "x", "type": field_type}]}
+
+    point = {"type": "record", "name": "P", "fields": [{"name": "a", "type": "double"},
+                                                      {"name": "b", "type": "boolean"}]}
+    for spins in ({"type": "array", "items": "boolean"},
+                  {"type": "array", "items": {"type": "float"}},
+                  ["null", {"type": "array", "items": "double"}],
+                  {"type": "map", "values": {"type": "array", "items": point}},
+                  {"type": "array", "items": {"type": "fixed", "name": "F", "size": 16}}):
+        schema = with_field(spins)
+        assert (codec.unread_items(_named(schema), schema) or "").startswith("E.x"), spins
+        assert codec.free_items(_named(schema), schema) is None, spins
+    for read in ({"type": "array", "items": "int"},
+                 {"type": "array", "items": "string"},
+                 {"type": "array", "items": ["null", "double"]},
+                 {"type": "array", "items": {"type": "record", "name": "Q", "fields": [
+                     {"name": "a", "type": "double"}, {"name": "b", "type": "long"}]}},
+                 {"type": "array", "items": "null"},  # free_items refuses it
+                 {"type": "map", "values": "double"},  # each key's length is read
+                 ["null", _NODE]):
+        schema = with_field(read)
+        assert codec.unread_items(_named(schema), schema) is None, read
+    assert codec.unread_items(_named(json.loads(codec.SCHEMA_TEXT)),
+                              json.loads(codec.SCHEMA_TEXT)) is None
+
+
 # ------------------------------------------------------------------ context.page alone
 
 def decoded_with_extra(page: dict[str, Any] | None, extra: str | None) -> codec.Event:

@@ -558,15 +558,18 @@ def test_the_guard_hold_counts_only_outcomes_after_a_dead_letter_in_the_stream()
     assert hold.due(now=1.0) == [], "outcomes from before it in the stream"
     hold.outcome(11)
     hold.outcome(12)
-    hold.hold("dl@8", now=1.0, seq=8)  # held later, earlier in the stream
     assert hold.due(now=1.0) == []
     hold.outcome(13)
     assert hold.due(now=1.0) == ["dl@10"], "three outcomes after it"
-    hold.outcome(9)
+    hold.outcome(20)
+    hold.outcome(21)
+    # Held later, earlier in the stream: of the latest three read (13, 20, 21) the guard
+    # read two past it already (its produce took longer than their requests).
+    hold.hold("dl@14", now=1.0, seq=14)
     hold.outcome(2)
-    assert hold.due(now=1.0) == [] and len(hold) == 1, "two after it (13, 9), not 2"
+    assert hold.due(now=1.0) == [] and len(hold) == 1, "two after it (20, 21), not 2"
     hold.outcome()  # position unknown: past every held one
-    assert hold.due(now=1.0) == ["dl@8"]
+    assert hold.due(now=1.0) == ["dl@14"]
 
 
 @pytest.mark.parametrize(("partition", "offset"), [

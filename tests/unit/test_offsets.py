@@ -427,3 +427,27 @@ def test_finished_offsets_behind_a_stuck_one_are_not_kept() -> None:
     assert len(t._pending) <= 2 + 256
     t.finished(0)
     assert t.committable() == 100_000
+
+
+def test_a_held_dead_letter_keeps_the_commit_back_and_leaves_the_window() -> None:
+    """Round 43: held dead letters counted in the window, so a window no larger than the
+    DLQ guard's horizon filled with them before the guard could trip."""
+    offsets = PartitionOffsets()
+    for offset, family in ((0, "track"), (1, "identify"), (2, "track")):
+        offsets.started(offset)
+        offsets.sent(offset, family)
+    offsets.held(0)
+    offsets.held(0)  # once
+    offsets.held(1)
+    offsets.held(7)  # never taken: nothing
+    assert offsets.at_risk_by_family == {"track": 1}
+    assert offsets.committable() == 0 and offsets.unfinished == 3
+    offsets.finished(2)
+    offsets.finished(0)  # let go: in the window again until committed
+    assert offsets.at_risk_by_family == {"track": 2}
+    assert offsets.committable() == 1
+    offsets.committed(1)
+    assert offsets.at_risk_by_family == {"track": 1}, "offset 2 is above the commit"
+    offsets.finished(1)
+    offsets.committed(3)
+    assert offsets.at_risk_by_family == {}

@@ -9,6 +9,9 @@ import io
 import json
 import logging
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import tracemalloc
 from collections.abc import Callable
@@ -884,3 +887,62 @@ def test_a_record_without_our_fields_is_still_undecodable_whatever_its_name() ->
     fastavro.schemaless_writer(body, fastavro.parse_schema(other), {"id": "o1"})
     with pytest.raises(UndecodableEvent, match="not a Signal event"):
         codec.decode(b"\x00\x00\x00\x00\x2a" + body.getvalue(), registry.writer_schema)
+
+
+_SPIN = textwrap.dedent(r"""
+    import io, json, sys
+    import fastavro
+    from consumer.codec import SCHEMA, SCHEMA_TEXT, DeepSchema, decode
+    from consumer.errors import UndecodableEvent
+    from consumer.registry import Registry
+
+    items = json.loads(sys.argv[1])
+    writer = json.loads(SCHEMA_TEXT)
+    writer["fields"].append({"name": "coords", "type": {"type": "array", "items": items},
+                             "default": []})
+
+    class One:  # the registry's answer for id 1
+        def get_schema(self, schema_id):
+            return json.dumps(writer)
+
+    registry = Registry("http://unused", client=One())
+    assert isinstance(registry.writer_schema(1), DeepSchema)
+    record = {f["name"]: None for f in json.loads(SCHEMA_TEXT)["fields"]}
+    record["type"] = "track"
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, SCHEMA, record)
+    n = 2**62
+    n = (n << 1) ^ (n >> 63)
+    count = bytearray()
+    while True:
+        b = n & 0x7f
+        n >>= 7
+        count.append(b | 0x80 if n else b)
+        if not n:
+            break
+    try:
+        decode(b"\x00\x00\x00\x00\x01" + body.getvalue() + bytes(count), registry.writer_schema)
+    except UndecodableEvent as exc:
+        print("dead-lettered:", exc)
+""")
+
+
+@pytest.mark.parametrize("items", ['"boolean"', '"float"', '"double"',
+                                   '{"type": "fixed", "name": "F4", "size": 4}',
+                                   '{"type": "record", "name": "P", "fields": ['
+                                   '{"name": "x", "type": "double"}, '
+                                   '{"name": "y", "type": "float"}]}'])
+def test_a_32_byte_event_declaring_2_62_fixed_width_items_is_dead_lettered_not_spun(
+        items: str) -> None:
+    """Review "big43": `coords: array<double>` added to the writer's schema (an ordinary
+    evolution) is a field ours lacks, which fastavro's compiled reader skips item by item
+    without reading a byte: 2^62 items declared by a 32-byte event spun in C with the GIL
+    held (no health answers, no SIGTERM), on every replica that took the partition. Such
+    schemas are read by the pure-Python reader, which meets the message's end at once."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _SPIN, items], timeout=60,
+                              capture_output=True, text=True, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"one 32-byte event of array<{items}> held the process for over 60 s")
+    assert done.returncode == 0, done.stderr
+    assert "dead-lettered:" in done.stdout, done.stdout

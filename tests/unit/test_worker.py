@@ -1124,6 +1124,24 @@ def test_a_window_below_twice_the_run_limit_commits_none_of_the_tripping_run() -
     assert run.source.committed().get((TOPIC, 0), 0) == 0
 
 
+@pytest.mark.parametrize("window", ["1", "4", "8"])
+def test_a_window_at_or_below_the_guards_horizon_commits_none_of_the_tripping_run(
+        window: str) -> None:
+    """Round 42's note: held dead letters counted in the window, so a window no larger than
+    the guard reads before it trips was full of them and let them go, committed before the
+    trip. They are out of the window now (a crash only writes their dead letters again)."""
+    garbage = [Message(TOPIC, 0, i, f"u{i}".encode(), b"garbage") for i in range(40)]
+    run = make({(TOPIC, 0): garbage}, WORKER_DLQ_MAX_CONSECUTIVE="8",
+               WORKER_DLQ_WINDOW="8", WORKER_DLQ_MAX_RATIO="1", WORKER_MAX_IN_FLIGHT=window)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+
+    assert drive(run, scenario) == 3
+    assert len(run.dlq.records) == 8
+    assert run.source.committed().get((TOPIC, 0), 0) == 0
+
+
 def test_the_dlq_guard_says_it_tripped_once(caplog: pytest.LogCaptureFixture) -> None:
     """Review kafka18: every event in flight met the tripped guard and logged the same
     CRITICAL line (a hundred of them buried the first)."""

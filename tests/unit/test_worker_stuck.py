@@ -292,8 +292,10 @@ def test_held_dead_letters_filling_the_window_go_when_nothing_can_pass_them(
             await until(lambda: len(client.bodies) == good,
                         "partition 1 while one user of partition 0 is stuck", 20)
             # Its last few dead letters wait for the guard (fewer than its horizon follow
-            # them, the worker busy with the stuck one: GUARD_HOLD_MAX_S at most).
-            assert source.committed().get((TOPIC, 1), 0) >= n - int(guard_window)
+            # them, the worker busy with the stuck one: GUARD_HOLD_MAX_S at most); the rest
+            # are committed at the next commit, seconds, not GUARD_HOLD_MAX_S (60 s).
+            await until(lambda: source.committed().get((TOPIC, 1), 0) >= n - int(guard_window),
+                        "the dead letters the guard read past committed", 5)
         finally:
             client.release.set()
         assert run.worker.handler.guard.tripped_reason is None
@@ -334,11 +336,13 @@ def test_a_bad_deploys_trickle_is_not_committed_before_the_guard_trips() -> None
 
 def test_a_bad_deploy_behind_a_full_window_of_slow_events_is_not_committed() -> None:
     """Review (b): the window (default 200) full of good events Userpilot answers slowly
-    (a 429 pause, a slow answer: here 3 s), the first 50 events of a bad deploy taken behind
-    them and held. 'Idle' for HELD_IDLE_S only because nothing FITS in the window (the bad
-    deploy's next events wait in the overflow), `GuardHold.after` lets those 50 go; when the
-    window frees the next bad event trips the guard, but the 50 are committed already, so
-    each restart of the crash loop moves another window-tail of the backlog into the DLQ."""
+    (a 429 pause, a slow answer), the first 50 events of a bad deploy taken behind them
+    and held. 'Idle' for HELD_IDLE_S only because nothing FITS in the window (the bad
+    deploy's next events wait in the overflow), `GuardHold.after` let those 50 go; when the
+    window freed the next bad event tripped the guard, but the 50 were committed already,
+    so each restart of the crash loop moved another window-tail of the backlog into the
+    DLQ. Held dead letters are out of the window now (round 43): the bad deploy's events
+    go on being taken, and the guard trips while the slow events are still unanswered."""
     good, bad = 150, 300
     msgs = [Message(TOPIC, 0, i, f"stuck{i}".encode(), track(f"stuck{i}", i)) for i in range(good)]
     msgs += [Message(TOPIC, 0, i, f"u{i}".encode(), b"not avro") for i in range(good, good + bad)]
@@ -349,19 +353,17 @@ def test_a_bad_deploy_behind_a_full_window_of_slow_events_is_not_committed() -> 
 
     async def scenario(source: FakeSource) -> None:
         try:
-            await until(lambda: len(client.held) > 0 and len(run.worker.guard_hold) == 50,
-                        "the window full: 150 slow events, 50 held dead letters")
-            await asyncio.sleep(3)  # Userpilot answers after 3 s (well under GUARD_HOLD_MAX_S)
-            seen["held_after_pause"] = len(run.worker.guard_hold)
+            await until(lambda: run.worker.handler.guard.tripped_reason is not None,
+                        "the trip, with the slow events unanswered", 10)
+            seen["unanswered"] = len(client.held)
         finally:
             client.release.set()
-        await until(lambda: run.worker.handler.guard.tripped_reason is not None, "the trip")
 
     assert drive(run, scenario) == 3
     # the run that tripped must leave its dead letters uncommitted (README, DLQ guard)
-    committed = run.source.committed().get((TOPIC, 0))
-    assert committed is not None and committed <= good, committed
-    assert seen["held_after_pause"] == 50, seen
+    committed = run.source.committed().get((TOPIC, 0), 0)
+    assert committed <= good, committed
+    assert seen["unanswered"], seen  # the trip came before Userpilot answered them
 
 
 def test_a_bad_deploy_in_a_rate_limited_backlog_is_not_named_finished() -> None:
