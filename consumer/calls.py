@@ -6,10 +6,11 @@ sends, rate-limits, counts and explains every request the same way:
 
 * ``identify`` → ``POST /v1/identify`` ``{"user_id", "metadata", "company"?}``;
 * ``group`` → ``POST /v1/companies/identify`` ``{"company_id", "metadata"}``, then, when the
-  event has a ``userId``, ``POST /v1/identify`` ``{"user_id", "company"}`` (a company shows
-  in Userpilot only once a user belongs to it, so the company goes first);
+  event has a ``userId``, ``POST /v1/identify`` ``{"user_id", "metadata": {}, "company"}``
+  (a company shows in Userpilot only once a user belongs to it, so the company goes first);
 * a Track of a user this replica has not identified yet is preceded by a bare
-  ``POST /v1/identify {"user_id"}`` (:class:`KnownUsers` remembers who was identified):
+  ``POST /v1/identify {"user_id", "metadata": {}}`` (:class:`KnownUsers` remembers who was
+  identified):
   Userpilot accepts a Track for an unknown user with 202 and attributes it to no one.
 
 Metadata follows the Track rules (``consumer.mapping``): primitives only, objects flattened
@@ -426,8 +427,11 @@ def group_calls(event: Mapping[str, Any], shape: TraitsShape | None = None,
                 omitted: list[str] | None = None) -> tuple[Call, ...]:
     """A ``group`` event → company identify, then (with a ``userId``) the association.
 
-    The association is an identify with only ``company``: no ``metadata`` key, so the
-    user's properties are left as they are. The filters drop a ``group`` without a
+    The association is an identify with only ``company`` and an empty ``metadata``, so the
+    user's properties are left as they are (Userpilot's API reference lists ``metadata``
+    without marking it optional, its help page calls it optional: ``{}`` suits both, where
+    an absent key was a 400 on every association under the first reading, review "api43").
+    The filters drop a ``group`` without a
     ``userId``; called with one anyway (a library caller), only the company goes.
     """
     company = company_identify_payload(event, shape, omitted)
@@ -435,7 +439,8 @@ def group_calls(event: Mapping[str, Any], shape: TraitsShape | None = None,
     user_id = event.get("userId")
     if not isinstance(user_id, str) or not visible(user_id):
         return (first,)
-    associate = {"user_id": user_id, "company": {COMPANY_KEY: company["company_id"]}}
+    associate = {"user_id": user_id, "metadata": {},
+                 "company": {COMPANY_KEY: company["company_id"]}}
     return first, _call("associate_company", IDENTIFY_PATH, associate)
 
 
@@ -484,8 +489,9 @@ def track_call(payload: Mapping[str, Any]) -> Call:
 
 
 def ensure_user_call(user_id: str) -> Call:
-    """The bare ``/v1/identify {"user_id"}`` that makes a user exist before its Track."""
-    return _call("ensure_user", IDENTIFY_PATH, {"user_id": user_id})
+    """The bare ``/v1/identify {"user_id", "metadata": {}}`` that makes a user exist before
+    its Track (an empty ``metadata``, as in `group_calls`' association)."""
+    return _call("ensure_user", IDENTIFY_PATH, {"user_id": user_id, "metadata": {}})
 
 
 # ---------------------------------------------------------------------------- ensure-user

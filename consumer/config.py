@@ -59,6 +59,9 @@ __all__ = [
     "timeout_seconds",
 ]
 
+MAX_METADATA_BYTES_CAP = 512 * 1024
+"""USERPILOT_MAX_METADATA_BYTES at most: Userpilot documents 512 KB per app in total."""
+
 API_VERSION = "2020-09-22"
 
 REDIS_ENV_VARS: frozenset[str] = frozenset({
@@ -1783,8 +1786,15 @@ def load_settings(
             f"USERPILOT_RETRY_BACKOFF_SECONDS={backoff:g}: the cap must be at least the base"
         )
     max_connections = r.integer("USERPILOT_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1, 1000)
-    max_bytes = r.integer("USERPILOT_MAX_METADATA_BYTES", DEFAULT_MAX_METADATA_BYTES, 1024,
-                          16 * 1024 * 1024)
+    max_bytes = r.integer("USERPILOT_MAX_METADATA_BYTES", DEFAULT_MAX_METADATA_BYTES, 1024)
+    if max_bytes > MAX_METADATA_BYTES_CAP:
+        # Above it nothing is cut, and a body Userpilot refuses (413) is dead-lettered where
+        # the README promises the largest fields left out (review "api43").
+        r.problems.append(
+            f"USERPILOT_MAX_METADATA_BYTES={max_bytes} is above {MAX_METADATA_BYTES_CAP} "
+            "(512 KiB, Userpilot's documented limit per app in total): use at most that; "
+            f"the default is {DEFAULT_MAX_METADATA_BYTES}")
+        max_bytes = DEFAULT_MAX_METADATA_BYTES
     max_keys = r.integer("USERPILOT_MAX_METADATA_KEYS", DEFAULT_MAX_METADATA_KEYS, 1, 1_000_000)
     if (max_bytes, max_keys) != (mappings.max_metadata_bytes, mappings.max_metadata_keys):
         mappings = replace(mappings, max_metadata_bytes=max_bytes, max_metadata_keys=max_keys)

@@ -434,7 +434,7 @@ class Registry:
                                  f"does not parse: {type(exc).__name__}: {str(exc)[:200]}"
                                  ) from None
 
-    def prefetch(self, topics: Iterable[str]) -> None:
+    def prefetch(self, topics: Iterable[str], stop: threading.Event | None = None) -> None:
         """Cache the latest schema of each topic's subject, best effort (worker start-up).
 
         Why: without it the first polled batch cannot be decided; its events wait for the
@@ -442,8 +442,11 @@ class Registry:
         every partition, and librdkafka takes up to a second to fetch again after the
         resume. Nothing here changes readiness or logs above debug: an id not cached is
         fetched on demand (`writer_schema`) as before, with its errors reported there.
+        `stop` set: no further topic is asked (the worker stops).
         """
         for topic in topics:
+            if stop is not None and stop.is_set():
+                return
             try:
                 schema_id, doc = self._client.get_latest_version(subject_for(topic))
                 self._parse(schema_id, _doc(doc))

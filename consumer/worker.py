@@ -151,6 +151,12 @@ FIRST_STEP_MAX_IN_FLIGHT = INTAKE_TURN_SENDS
 traffic. Draining a backlog (the window full, each poll bringing the few messages its
 acknowledgements freed) the turns cost 10-15 % of delivery's rate at 20 ms."""
 FINAL_COMMIT_WAIT_S = 3.0  # at shutdown, for the last commit's acknowledgement
+STOP_AFTER_DRAIN_S = 18.0
+"""After the drain (WORKER_SHUTDOWN_GRACE_SECONDS from the stop), the rest of a stop shares
+this much: the final commit, leaving the group, the DLQ's flush. The chart's
+terminationGracePeriodSeconds is that grace + 20 s, 2 s left for the process to exit. Each
+bounded alone (3 + 15 + 10 s), they added up to 28 s: killed mid-stop (review "budgets43")."""
+STOP_STEP_MIN_S = 0.2  # ... each step gets at least this much once the budget is spent
 RATES_EVERY_S = 1.0  # the rate-share gauge follows 429 recovery and the Redis fallback
 PAUSED_LAG_EVERY_S = 5.0  # a paused partition's lag, from the broker (librdkafka's stats
 # interval): its high watermark comes only with fetches, which a paused partition has none of
@@ -443,13 +449,14 @@ class Worker:
         for limiter in self.shared.distinct():
             limiter.set_share(UNKNOWN_SHARE)  # until the first partition count
         prefetch: asyncio.Future[None] | None = None
+        prefetch_stop = threading.Event()
         source = self._source = self._make_source(Callbacks(
             on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
             on_stats=self._on_stats, on_committed=self._on_committed))
         if isinstance(self.registry, Registry):
             # While the group forms, so the first batch is decided at once (see prefetch).
             prefetch = asyncio.ensure_future(
-                asyncio.to_thread(self.registry.prefetch, self.s.topics))
+                asyncio.to_thread(self.registry.prefetch, self.s.topics, prefetch_stop))
         await source.call(source.subscribe)
         log.info("consuming %s as group %s, delivering to %s%s", ",".join(self.s.topics),
                  self.s.group_id, self.s.track_url,
@@ -545,9 +552,12 @@ class Worker:
         except Stop as exc:
             self.fatal = exc
         finally:
+            # The prefetch asks no further subject (one per topic, each up to the registry's
+            # timeout): it ends during the drain, not after the stop's budget.
+            prefetch_stop.set()
             await self._shutdown(source, scheduler)
             if prefetch is not None:
-                await prefetch  # bounded by the registry's timeout; it raises nothing
+                await prefetch  # one request at most, bounded by the registry's timeout
         if isinstance(self.fatal, DlqGuardTripped):
             self._name_void_dead_letters()
             return 3
@@ -568,17 +578,25 @@ class Worker:
         if left:
             log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
                         "delivered after the restart", left)
+        end = asked + self.s.shutdown_grace_s + STOP_AFTER_DRAIN_S
+
+        def step(bound: float) -> float:
+            """`bound`, or what is left of the stop's budget (at least STOP_STEP_MIN_S)."""
+            return max(STOP_STEP_MIN_S, min(bound, end - time.monotonic()))
+
         try:
-            await source.call(self._final_commit, source)
+            await source.call(self._final_commit, source, step(FINAL_COMMIT_WAIT_S))
         except Exception:
             log.exception("final commit failed; the next owner re-delivers from the last commit")
         # Leaving the group is bounded too: with Kafka down librdkafka would wait minutes.
-        closed = await source.call(source.close,
-                                   CLOSE_TIMEOUT_S if source.connected else CLOSE_DOWN_TIMEOUT_S)
+        closed = await source.call(source.close, step(
+            CLOSE_TIMEOUT_S if source.connected else CLOSE_DOWN_TIMEOUT_S))
         self.kafka_abandoned = not closed
         source.shutdown()
-        # With Kafka down a pending dead letter cannot be acknowledged: don't wait long.
-        unacked = self.dlq.close(10.0 if source.connected else 1.0)
+        # With Kafka down a pending dead letter cannot be acknowledged: don't wait long. Its
+        # offset is not in the final commit either way: written later, the next owner
+        # writes it again (`replay` sends such a copy once).
+        unacked = self.dlq.close(step(10.0 if source.connected else 1.0))
         if unacked:
             log.error("%d dead-letter records unacknowledged at exit (offsets not committed)",
                       unacked)
@@ -1262,13 +1280,13 @@ class Worker:
                                         for start, end in ranges.ranges), _fmt(sorted(finished)))
         return unanswered
 
-    def _final_commit(self, source: Source) -> None:
+    def _final_commit(self, source: Source, wait_s: float = FINAL_COMMIT_WAIT_S) -> None:
         """The shutdown commit, bounded: sent asynchronously, its acknowledgement awaited
-        for at most FINAL_COMMIT_WAIT_S (partitions are paused: polling returns nothing).
+        for at most `wait_s` (partitions are paused: polling returns nothing).
         With Kafka down it is simply not acknowledged; the next owner re-delivers at most
         the window."""
         self._commit(source, None, False)
-        deadline = time.monotonic() + FINAL_COMMIT_WAIT_S
+        deadline = time.monotonic() + wait_s
         # Due at the limit the commits go with: a note the broker made the worker cut (or
         # drop) never matched one encoded whole, and every stop with an unfinished event
         # waited out FINAL_COMMIT_WAIT_S for nothing (review "commits42").

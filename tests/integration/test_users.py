@@ -66,7 +66,7 @@ def expected_requests(user: str, per_user: int, ensure: bool) -> list[tuple[str,
         company = f"c{int(user[1:]) % 2}"
         if kind == 0:
             if ensure and not identified:
-                out.append(("/v1/identify", {"user_id": user}))
+                out.append(("/v1/identify", {"user_id": user, "metadata": {}}))
                 identified = True
             out.append(("/v1/track", {"user_id": user, "event_name": "feature_used",
                                       "metadata": {"seq": seq, "user": user}}))
@@ -78,7 +78,8 @@ def expected_requests(user: str, per_user: int, ensure: bool) -> list[tuple[str,
             out.append(("/v1/companies/identify", {
                 "company_id": company,
                 "metadata": {"seq": seq, "name": f"Company {company[1:]}", "by": user}}))
-            out.append(("/v1/identify", {"user_id": user, "company": {"id": company}}))
+            out.append(("/v1/identify", {"user_id": user, "metadata": {},
+                                         "company": {"id": company}}))
             identified = True
     return out
 

@@ -269,8 +269,9 @@ def test_group_sends_company_then_associates_the_user_in_that_order() -> None:
     assert company.body == (b'{"company_id":"acme","metadata":{"name":"Acme",'
                             b'"plan":"enterprise","employees":120}}')
     assert (associate.path, associate.purpose) == ("/v1/identify", "associate_company")
-    assert associate.payload == {"user_id": "user_001", "company": {COMPANY_KEY: "acme"}}
-    assert "metadata" not in associate.payload  # user properties are left alone
+    assert associate.payload == {"user_id": "user_001", "metadata": {},
+                                 "company": {COMPANY_KEY: "acme"}}
+    assert associate.payload["metadata"] == {}  # user properties are left alone
     assert company.user_id is None and associate.user_id == "user_001"
 
 
@@ -303,7 +304,7 @@ def test_track_call_keeps_the_track_body() -> None:
 
 def test_ensure_user_call_is_a_bare_identify() -> None:
     call = ensure_user_call("u9")
-    assert call.body == b'{"user_id":"u9"}'
+    assert call.body == b'{"user_id":"u9","metadata":{}}'
     assert (call.path, call.family, call.purpose, call.user_id) == (
         "/v1/identify", "identify", "ensure_user", "u9")
 

@@ -1164,6 +1164,15 @@ def test_metadata_limits_reach_the_mappings() -> None:
     s = load(USERPILOT_MAX_METADATA_BYTES="2048", USERPILOT_MAX_METADATA_KEYS="10")
     assert (s.mappings.max_metadata_bytes, s.mappings.max_metadata_keys) == (2048, 10)
     assert load().mappings.max_metadata_bytes == 64 * 1024
+    assert load(USERPILOT_MAX_METADATA_BYTES="524288").mappings.max_metadata_bytes == 524288
+
+
+def test_a_metadata_limit_above_userpilots_is_refused() -> None:
+    """Review "api43": 16 MiB was accepted; above ~1 MB nothing was cut and Userpilot's 413
+    dead-lettered events the README says are sent with their largest fields left out."""
+    with pytest.raises(ConfigError, match=r"USERPILOT_MAX_METADATA_BYTES=524289 is above "
+                                          r"524288 \(512 KiB, Userpilot's documented"):
+        load(USERPILOT_MAX_METADATA_BYTES="524289")
 
 
 def test_kafka_config_routes_librdkafka_logs_through_python_logging() -> None:

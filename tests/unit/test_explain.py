@@ -34,7 +34,7 @@ def test_deliver_shows_the_exact_request_with_the_token_redacted() -> None:
         "requests": [
             {"purpose": "ensure_user", "method": "POST",
              "url": "https://analytex.userpilot.io/v1/identify", "headers": HEADERS,
-             "body": {"user_id": "user_001"}},
+             "body": {"user_id": "user_001", "metadata": {}}},
             {"purpose": "track", "method": "POST",
              "url": "https://analytex.userpilot.io/v1/track", "headers": HEADERS,
              "body": {"user_id": "user_001", "event_name": "feature_used",
@@ -74,9 +74,10 @@ def test_every_request_of_an_event_in_order_and_ensure_user_once_per_user() -> N
     assert [_requests(d) for d in docs] == [
         [("company_identify", "companies/identify",
           {"company_id": "acme", "metadata": {"plan": "pro"}}),
-         ("associate_company", "identify", {"user_id": "u1", "company": {"id": "acme"}})],
+         ("associate_company", "identify", {"user_id": "u1", "metadata": {},
+                                                 "company": {"id": "acme"}})],
         [("track", "track", {"user_id": "u1", **track})],  # u1 was identified just before
-        [("ensure_user", "identify", {"user_id": "u2"}),
+        [("ensure_user", "identify", {"user_id": "u2", "metadata": {}}),
          ("track", "track", {"user_id": "u2", **track})],
         [("track", "track", {"user_id": "u2", **track})],
         [("identify", "identify", {"user_id": "u3", "metadata": {"email": "a@b.c"}})],

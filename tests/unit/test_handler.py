@@ -153,9 +153,9 @@ def test_ensure_user_identifies_once_before_a_users_first_track() -> None:
     outcomes = run(handler, track(0, "u1"), track(1, "u1"), track(2, "u2"))
     assert all(isinstance(o, Delivered) for o in outcomes)
     assert [(p, b.get("event_name", b)) for p, b in client.sent] == [
-        ("/v1/identify", {"user_id": "u1"}), ("/v1/track", "feature_used"),
+        ("/v1/identify", {"user_id": "u1", "metadata": {}}), ("/v1/track", "feature_used"),
         ("/v1/track", "feature_used"),
-        ("/v1/identify", {"user_id": "u2"}), ("/v1/track", "feature_used")]
+        ("/v1/identify", {"user_id": "u2", "metadata": {}}), ("/v1/track", "feature_used")]
     assert metric(reg, "userpilot_ensure_user_identify_total") == 2
     assert (limiters["identify"].acquired, limiters["track"].acquired) == (2, 3)
     assert metric(reg, "userpilot_responses_total", status="202", endpoint="identify") == 2
@@ -190,7 +190,7 @@ def _side_by_side(client: SlowIdentify, *events: Event) -> list[Any]:
         return list(await asyncio.gather(*tasks))
     outcomes = asyncio.run(main())
     assert metric(reg, "userpilot_ensure_user_identify_total") == client.sent.count(
-        ("/v1/identify", {"user_id": "u1"}))
+        ("/v1/identify", {"user_id": "u1", "metadata": {}}))
     return outcomes
 
 
@@ -332,7 +332,7 @@ def test_group_calls_go_in_order_and_count_by_endpoint() -> None:
     assert outcome == Delivered("group", 1)
     assert client.sent == [
         ("/v1/companies/identify", {"company_id": "acme", "metadata": {"name": "Acme"}}),
-        ("/v1/identify", {"user_id": "u1", "company": {"id": "acme"}})]
+        ("/v1/identify", {"user_id": "u1", "metadata": {}, "company": {"id": "acme"}})]
     assert limiters["identify"].acquired == 2 and limiters["track"].acquired == 0
     assert metric(reg, "userpilot_responses_total", status="200",
                   endpoint="company_identify") == 1

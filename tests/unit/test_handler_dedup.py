@@ -599,8 +599,8 @@ def test_redis_down_sends_the_ensure_user_identify_as_without_it() -> None:
 def test_a_failed_identify_is_not_shared() -> None:
     store = MemoryStore()
     run, _, _ = make(log_of(track("u1", 1)), store, USERPILOT_ENSURE_USER="true")
-    run.client.answers[json.dumps({"user_id": "u1"}, separators=(",", ":")).encode()] = (
-        Rejected("bad", status=400))
+    bare = json.dumps({"user_id": "u1", "metadata": {}}, separators=(",", ":")).encode()
+    run.client.answers[bare] = Rejected("bad", status=400)
     assert drive(run, finished_to(1)) == 0  # type: ignore[arg-type]
     assert run.dlq.reasons() == ["bad_request"]
     assert not any(key.startswith("ud:user:") for key in store.values)

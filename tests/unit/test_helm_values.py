@@ -428,3 +428,18 @@ def test_the_schema_takes_log_settings_in_any_case_the_worker_takes(
                    "SCHEMA_REGISTRY_URL": "http://r", env: value})
     with pytest.raises(jsonschema.ValidationError):
         validate(merged(VALUES, {"worker": {key: "verbose"}}))
+
+
+def test_the_charts_grace_margin_covers_the_stop_after_the_drain() -> None:
+    """Review "budgets43": the chart's margin (terminationGracePeriodSeconds over
+    worker.shutdownGraceSeconds) must hold the worker's steps after its drain, with time
+    left for the process to exit; the two are set in different languages."""
+    from consumer.worker import STOP_AFTER_DRAIN_S, STOP_STEP_MIN_S
+
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    (margin,) = re.findall(
+        r"lt \(int \$v\.terminationGracePeriodSeconds\) \(add \(int "
+        r"\$v\.worker\.shutdownGraceSeconds\) (\d+)\)", helpers)
+    assert int(margin) >= STOP_AFTER_DRAIN_S + 3 * STOP_STEP_MIN_S + 1.0
+    default = VALUES["terminationGracePeriodSeconds"] - VALUES["worker"]["shutdownGraceSeconds"]
+    assert default >= int(margin)

@@ -222,3 +222,11 @@ def test_a_secret_of_kilobytes_is_masked_and_builds_no_runaway_pattern() -> None
     assert redactor("cut: " + pem[:300]) == "cut: " + MASK  # its plain piece at the cut
     longest = "k" * MAX_ESCAPED_EDGE  # the longest whose escaped pieces are looked for
     assert redact("x " + "%6B" * (MAX_ESCAPED_EDGE - 2), [longest]) == "x " + MASK
+
+
+def test_a_secret_ending_in_a_backslash_spelled_as_its_escape_is_masked_whole() -> None:
+    """Hypothesis, round 43: the raw `\\` was tried before its `\\u005c` spelling, so the
+    piece's mask ended inside the escape and `u005c` was left after it."""
+    secret = "00000000\\"
+    assert redact("00000000\\u005c\x00", [secret]) == f"{MASK}\x00"
+    assert redact("0000\\u005c\x00", [secret]) == f"{MASK}\x00"  # its end, the rest cut off

@@ -130,7 +130,8 @@ def test_group_is_company_identify_then_the_association() -> None:
     assert _calls(decision) == [
         ("company_identify", "/v1/companies/identify",
          {"company_id": "acme", "metadata": {"name": "Acme"}}),
-        ("associate_company", "/v1/identify", {"user_id": "u1", "company": {"id": "acme"}}),
+        ("associate_company", "/v1/identify", {"user_id": "u1", "metadata": {},
+                                                 "company": {"id": "acme"}}),
     ]
 
 
@@ -150,7 +151,7 @@ def test_traits_sections_pick_rename_exclude_and_add_static_values() -> None:
     assert _calls(group) == [("company_identify", "/v1/companies/identify",
                               {"company_id": "g", "metadata": {"name": "Acme"}}),
                              ("associate_company", "/v1/identify",
-                              {"user_id": "u1", "company": {"id": "g"}})]
+                              {"user_id": "u1", "metadata": {}, "company": {"id": "g"}})]
 
 
 def test_traits_get_the_track_size_limits() -> None:

@@ -1569,6 +1569,48 @@ def test_with_one_shared_budget_there_is_one_window() -> None:
     assert drive(run, scenario) == 0
 
 
+class SlowToLeave(FakeSource):
+    """Leaving the group takes all the time it is given (a pending join, a slow
+    coordinator: `KafkaSource.close` gives up at its timeout)."""
+
+    def close(self, timeout_s: float) -> bool:
+        self.closed = True
+        self.close_timeout = timeout_s
+        time.sleep(timeout_s)
+        return False
+
+
+class SlowDlq(FakeDlq):
+    """A dead letter the DLQ never acknowledges: the flush takes all it is given."""
+
+    def close(self, timeout_s: float = 10.0) -> int:
+        self.close_timeout = timeout_s
+        time.sleep(timeout_s)
+        return 1
+
+
+def test_the_steps_after_the_drain_share_one_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "budgets43": after the drain, the final commit (3 s), leaving the group (15 s)
+    and the DLQ's flush (10 s) were each bounded alone: 28 s against the 20 s the chart's
+    grace leaves after WORKER_SHUTDOWN_GRACE_SECONDS, and kubelet killed the pod mid-stop.
+    They share STOP_AFTER_DRAIN_S now (here 1 s)."""
+    monkeypatch.setattr(worker_module, "STOP_AFTER_DRAIN_S", 1.0, raising=False)
+    run = make(log_of(track("u1", 1)), registry=known_schema(), source_type=SlowToLeave,
+               USERPILOT_ENSURE_USER="false", WORKER_SHUTDOWN_GRACE_SECONDS="0.1")
+    dlq = run.worker.dlq = run.worker.handler.dlq = SlowDlq()
+    stopped: list[float] = []
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 1, "offset 0 committed")
+        stopped.append(time.monotonic())
+
+    assert drive(run, scenario) == 0
+    took = time.monotonic() - stopped[0]
+    leave = cast(SlowToLeave, run.source)
+    assert leave.close_timeout <= 1.1 and dlq.close_timeout <= 1.1  # the grace + 1 s
+    assert took < 0.1 + 1.0 + 3 * 0.2 + 1.0, took  # STOP_STEP_MIN_S: 0.2 s a step at least
+
+
 def test_a_stop_before_run_has_its_loop_exits_cleanly_without_sending() -> None:
     """A SIGTERM while the worker starts (`cmd_run` routes it to `stop` before the probes
     answer) is a clean stop, not a stop that is lost because no event loop ran yet."""

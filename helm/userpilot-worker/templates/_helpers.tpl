@@ -181,7 +181,7 @@ Deployment, so every render runs them.
 {{- if and (not $v.autoscaling.keda.enabled) (not $v.autoscaling.hpa.enabled) (gt (int $v.replicaCount) $partitions) }}
 {{- fail (printf "replicaCount (%d) exceeds autoscaling.partitions (%d): consumers beyond the partition count sit idle" (int $v.replicaCount) $partitions) }}
 {{- end }}
-{{- /* After the drain the worker still commits (up to 3 s) and leaves the group (up to 15 s): 20 s. */}}
+{{- /* After the drain the worker commits, leaves the group and flushes the DLQ within 18 s (STOP_AFTER_DRAIN_S), 2 s to exit: 20 s. */}}
 {{- if lt (int $v.terminationGracePeriodSeconds) (add (int $v.worker.shutdownGraceSeconds) 20) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must be longer than worker.shutdownGraceSeconds (%d) by at least 20 s (the final commit and leaving the group follow the drain), or pods are killed before their offsets are committed" (int $v.terminationGracePeriodSeconds) (int $v.worker.shutdownGraceSeconds)) }}
 {{- end }}
