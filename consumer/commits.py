@@ -363,6 +363,12 @@ class Commits:
                 return note
         return None
 
+    def unanswered(self) -> bool:
+        """A commit of an assigned partition was sent and not answered yet, whatever its
+        offset (`outstanding` misses one that only carries a new note)."""
+        with self._lock:
+            return any(self._unanswered.get(tp) for tp in self._offsets)
+
     def outstanding(self) -> bool:
         """A commit of an assigned partition was sent and is not acknowledged yet."""
         with self._lock:

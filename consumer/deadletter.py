@@ -543,6 +543,13 @@ class _Held(Generic[T]):
     past: int = 0
 
 
+RECENT_MAX = 1024
+"""The latest outcomes `GuardHold.hold` looks through: those past a dead letter that finished
+before it are among the events in flight beside it, a window's worth. Counting fewer only
+holds it longer; the whole horizon (up to a million) cost ~20 ms of event loop a dead
+letter (review "diff43")."""
+
+
 class GuardHold(Generic[T]):
     """Dead letters whose offsets wait before they are committed, while the DLQ guard could
     still trip on them (pure; the worker's event loop owns it).
@@ -564,7 +571,7 @@ class GuardHold(Generic[T]):
         self._held: list[_Held[T]] = []
         # The stream positions of the latest outcomes read (0: unknown): those past a dead
         # letter that finished before it was held count for it too (`hold`).
-        self._recent: deque[int] = deque(maxlen=self._horizon)
+        self._recent: deque[int] = deque(maxlen=min(self._horizon, RECENT_MAX))
 
     def __len__(self) -> int:
         return len(self._held)

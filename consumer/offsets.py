@@ -292,6 +292,9 @@ class PartitionOffsets:
         self._base = offset if self._base is None else max(self._base, offset)
         for log in self._sent.values():
             log.drop_below(self._base)
+        if self._held:  # out of the sent logs now: no longer taken off their counts
+            for held in [o for o in self._held if o < self._base]:
+                self._held_by_family[self._held.pop(held)] -= 1
         if named is not None:
             self._named = named
         self._count_named()

@@ -539,12 +539,13 @@ class Worker:
                 # committed on the interval only: at 2,000 events/s the head changes every
                 # few ms, and committing each change cost ~2 % of delivery's CPU.
                 now = time.monotonic()
+                note_now = False
                 if len(self.guard_hold):
-                    self._held_idle(scheduler, not scheduled and (
-                        not self.overflow.free(self._held_back) or not room))
+                    note_now = self._held_idle(scheduler, not scheduled and (
+                        not self.overflow.free(self._held_back) or not room), source)
                     self._finish_held(self.guard_hold.due(now))
-                if not messages or now - last_commit >= self.s.commit_interval_s:
-                    noted = now - last_noted >= self.s.commit_interval_s
+                if note_now or not messages or now - last_commit >= self.s.commit_interval_s:
+                    noted = note_now or now - last_noted >= self.s.commit_interval_s
                     await source.call(self._commit, source, None, False, noted, whole)
                     last_commit = time.monotonic()
                     if noted:
@@ -991,9 +992,17 @@ class Worker:
         for tp, offset, generation in held:
             self.commits.finish(tp, offset, generation)
 
-    def _held_idle(self, scheduler: Scheduler[Event], idle: bool) -> None:
+    def _held_idle(self, scheduler: Scheduler[Event], idle: bool, source: Source) -> bool:
         """Let go of held dead letters no outcome to come can move the guard past, when
-        nothing was taken this turn (`idle`).
+        nothing was taken this turn (`idle`). True: commit with notes now instead.
+
+        Not while a commit can still take finished events out of the window: one on its
+        way, or a note naming what finished above the held dead letters (sent now, not at
+        the next interval).
+        Read as stuck, the successes between a bad deploy's dead letters (one event in
+        three good, the window below the guard's horizon) let the dead letters go while
+        the commit that named the successes was on its way, and they were committed before
+        the guard tripped on the ratio (review "diff43").
 
         With nothing in flight and no partition paused, none can come before the next poll
         (polls bringing drops only held commits GUARD_HOLD_MAX_S each, review "hold30").
@@ -1006,7 +1015,7 @@ class Worker:
         with the window below that: a backlog is waiting behind the pause, and a bad deploy's
         dead letters were committed before the guard tripped (review "diff42")."""
         if not idle:
-            return
+            return False
         # Per window family (SCHEMA_WAIT's too): what stays in it once everything in flight
         # of that family finished (review "diff42": one family's load less every family's
         # events in flight, and SCHEMA_WAIT left out, kept it held).
@@ -1017,7 +1026,11 @@ class Worker:
             family = self._window_family(event)
             left[family] = left.get(family, 0) - 1
             newest = max(newest, event.intake)
-        stuck = max(left.values(), default=0) > level
+        finished = max(left.values(), default=0)  # in the window, waiting for a commit
+        if finished and (self.commits.unanswered() or self.commits.due_noted(
+                None, pipelined=True, max_chars=source.note_limit)):
+            return True
+        stuck = finished > level
         if not scheduler.in_flight:
             with self._parts_lock:
                 paused = bool(self.paused)
@@ -1025,6 +1038,7 @@ class Worker:
                 self._let_go_held()
         elif stuck:
             self._finish_held(self.guard_hold.after(newest))
+        return False
 
     def _let_go_held(self, parts: Sequence[TP] | None = None) -> None:
         """An orderly hand-over or an idle worker: no trip can come for the held dead

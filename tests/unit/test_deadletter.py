@@ -583,3 +583,19 @@ def test_coordinates_kafka_cannot_hold_name_no_source(partition: bytes, offset: 
     assert source_of([*headers[:1], ("__connect.errors.partition", b"2147483647"),
                       ("__connect.errors.offset", b"9223372036854775807")]) == (
         "events", 2147483647, 9223372036854775807)
+
+
+def test_the_guard_hold_counts_at_most_recent_max_outcomes_read_before_a_hold() -> None:
+    """Review "diff43": the whole horizon (up to a million outcomes) was looked through at
+    each hold on the event loop; fewer only hold the dead letter longer."""
+    from consumer.deadletter import RECENT_MAX, GuardHold
+
+    hold: GuardHold[str] = GuardHold(horizon=RECENT_MAX + 500, max_s=60.0)
+    for seq in range(2, RECENT_MAX + 502):  # all past the dead letter at 1
+        hold.outcome(seq)
+    hold.hold("dl@1", now=0.0, seq=1)
+    for _ in range(499):
+        hold.outcome()
+    assert hold.due(now=1.0) == [], "RECENT_MAX + 499 outcomes past it"
+    hold.outcome()
+    assert hold.due(now=1.0) == ["dl@1"]

@@ -451,3 +451,18 @@ def test_a_held_dead_letter_keeps_the_commit_back_and_leaves_the_window() -> Non
     offsets.finished(1)
     offsets.committed(3)
     assert offsets.at_risk_by_family == {}
+
+
+def test_a_held_dead_letter_below_a_commit_is_no_longer_taken_off_the_window() -> None:
+    """Review "diff43": a late answer committing past a held dead letter (the log before a
+    restart) dropped it from the sent log while the hold still took it off: -1 events in
+    the window."""
+    offsets = PartitionOffsets()
+    for offset in (0, 1):
+        offsets.started(offset)
+        offsets.sent(offset)
+    offsets.held(0)
+    offsets.committed(1)
+    assert offsets.at_risk_by_family == {"track": 1}
+    offsets.finished(0)
+    assert offsets.at_risk_by_family == {"track": 1}

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from consumer import codec
 from consumer.calls import Call
+from consumer.commits import TP
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
 from tests.unit.test_worker import (
     SCHEMA_ID,
@@ -499,3 +500,65 @@ def test_held_dead_letters_of_unknown_schemas_do_not_stall_the_schema_wait_windo
         await until(lambda: len(run.client.bodies) == 400, "partition 1's good events", 8)
 
     assert drive(run, scenario) == 0
+
+
+@dataclass
+class SlowerCoordinator(FakeSource):
+    """Answers each asynchronous commit `delay` s after it came."""
+
+    delay: float = 0.03
+    late: list[tuple[float, dict[TP, int]]] = field(default_factory=list)
+
+    def commit(self, offsets: dict[TP, int], *, wait: bool = True,
+               notes: dict[TP, str] | None = None) -> bool:
+        ok = super().commit(offsets, wait=wait, notes=notes)
+        if not wait and self._acks:
+            self.late.append((time.monotonic() + self.delay, self._acks.pop()))
+        return ok
+
+    def _answer_due(self) -> None:
+        now = time.monotonic()
+        while self.late and (self.late[0][0] <= now or self.closed):
+            self._acks.append(self.late.pop(0)[1])
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        self._answer_due()
+        return super().consume(max_messages, timeout_s)
+
+    def serve(self, timeout_s: float) -> None:
+        time.sleep(0.005)
+        self._answer_due()
+        super().serve(timeout_s)
+
+
+@pytest.mark.parametrize(("window", "guard_window"), [("4", "40"), ("10", "40"), ("20", "100"),
+                                                     ("50", "100")])
+def test_a_ratio_trip_with_a_small_window_commits_none_of_the_bad_deploy(
+        window: str, guard_window: str) -> None:
+    """Review "diff43": a bad deploy failing two events in three, the window below the
+    guard's horizon, the coordinator answering commits in 30 ms: the successes between the
+    held dead letters filled the window until a commit's answer named them, `_held_idle`
+    read that as stuck with nothing in flight and let every held dead letter go, and they
+    were committed before the guard tripped."""
+    msgs = []
+    for i in range(300):
+        value = track(f"u{i}", i) if i % 3 == 0 else b"garbage"
+        msgs.append(Message(TOPIC, 0, i, f"u{i}".encode(), value))
+    run = make({(TOPIC, 0): msgs}, registry=known_schema(), source_type=SlowerCoordinator,
+               USERPILOT_ENSURE_USER="false",
+               WORKER_DLQ_MAX_CONSECUTIVE="50", WORKER_DLQ_WINDOW=guard_window,
+               WORKER_DLQ_MAX_RATIO="0.5", WORKER_MAX_IN_FLIGHT=window,
+               WORKER_COMMIT_INTERVAL_SECONDS="2")
+    commits: list[int] = []
+
+    def tripped(source: FakeSource) -> bool:
+        commits.append(source.committed().get((TOPIC, 0), 0))
+        return run.worker.fatal is not None
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: tripped(source), "the guard to trip", 20)
+
+    assert drive(run, scenario) == 3
+    # Offset 0 is a good event before any dead letter: committing it is fine.
+    final = run.source.committed().get((TOPIC, 0), 0)
+    assert max([*commits, final]) <= 1, (max(commits), final, len(run.dlq.records))
