@@ -228,10 +228,21 @@ class KafkaSource:
     def subscribe(self) -> None:
         self._consumer.subscribe(
             self._topics,
-            on_assign=lambda _c, parts: self._on_assign([(p.topic, p.partition) for p in parts]),
+            on_assign=lambda _c, parts: self._assigned([(p.topic, p.partition) for p in parts]),
             on_revoke=lambda _c, parts: self._on_revoke([(p.topic, p.partition) for p in parts]),
             on_lost=lambda _c, parts: self._on_lost([(p.topic, p.partition) for p in parts]),
         )
+
+    def _assigned(self, parts: list[TP]) -> None:
+        """An assignment is the coordinator's answer (to the JoinGroup and SyncGroup): Kafka
+        answers. A commit that only met local errors through an outage longer than the
+        session left `connected` False after the rejoin, and its partitions' offsets were
+        released with the session, so no later commit's answer cleared it: a quiet replica
+        stayed unready, and read no commit notes before taking its partitions' messages
+        (review "probes43")."""
+        self._commit_waiting_since = None
+        self._brokers_up = True
+        self._on_assign(parts)
 
     def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
         """Up to `max_messages`, returning as soon as at least one is there.

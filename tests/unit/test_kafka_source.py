@@ -343,3 +343,25 @@ def test_a_failed_commit_that_names_no_partition_fails_the_last_sent() -> None:
     assert answers[-1] == ([], [("t", 1)])
     src._on_commit(None, [TopicPartition("t", 0, 5)])
     assert answers[-1] == ([(("t", 0), 5)], [])
+
+
+def test_an_assignment_after_an_outage_means_connected_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review "probes43": a commit answered only by a local error through an outage longer
+    than the session left `connected` False after the rejoin (its partitions' offsets were
+    released with the session, so no later commit's answer came): a quiet replica stayed
+    unready and took its partitions' messages without reading their commit notes."""
+    from consumer import kafka
+
+    now = [1000.0]
+    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
+    assigned: list[list[tuple[str, int]]] = []
+    src = source()
+    src._on_assign = assigned.append
+    src._commit_waiting_since = now[0]
+    now[0] += kafka.COMMIT_SILENCE_S + 60
+    src._on_commit(KafkaError(KafkaError._WAIT_COORD), [])  # librdkafka gives up: local
+    assert not src.connected
+    src._assigned([("t", 0)])  # the rejoin: the coordinator answered
+    assert src.connected and assigned == [[("t", 0)]]
