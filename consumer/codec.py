@@ -15,8 +15,8 @@ the consent check parses ``context.consent`` only (:attr:`Event.consent`).
 Strings are made safe once, where JSON text is parsed: a lone UTF-16 surrogate (valid JSON
 ``"\\ud83d"``, emitted when JavaScript cuts a string inside an emoji) becomes U+FFFD and is
 counted in :attr:`Event.replaced`, so no later encoder can fail on it. Invalid UTF-8 in an
-Avro string (cut inside a multi-byte character) becomes U+FFFD as well; either way the field
-is named in :attr:`Event.cut`, and an id read from it is refused. JSON text nested
+Avro string (cut inside a multi-byte character) becomes U+FFFD as well; an id read from such
+text (:attr:`Event.cut`, :attr:`Event.surrogated`) is refused. JSON text nested
 deeper than :data:`MAX_JSON_DEPTH`, or that is not JSON, raises :class:`UndecodableEvent`
 when it is first read (inside ``route``): the event is dead-lettered, never a crash.
 """
@@ -35,6 +35,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from importlib import resources
+from types import MappingProxyType
 from typing import Any, cast
 
 import fastavro
@@ -701,6 +702,7 @@ def _context_to_record(context: Any) -> dict[str, Any] | None:
 
 
 _NO_CUT: frozenset[str] = frozenset()  # `Event.cut` of an event read as valid UTF-8
+_NO_SURROGATES: Mapping[str, frozenset[str]] = MappingProxyType({})  # nor lone surrogates
 
 
 class Event(Mapping[str, Any]):
@@ -711,19 +713,21 @@ class Event(Mapping[str, Any]):
     ``context.consent`` alone. Parsing may raise :class:`UndecodableEvent`.
     """
 
-    __slots__ = ("_consent", "_extra", "_parsed", "_record", "cut", "replaced")
+    __slots__ = ("_consent", "_extra", "_parsed", "_record", "cut", "replaced", "surrogated")
 
     def __init__(self, record: Mapping[str, Any], cut: frozenset[str] = _NO_CUT) -> None:
         self._record = record
         self.cut = cut
-        """The top-level fields whose invalid UTF-8 (`decode`), or a lone surrogate in their
-        JSON text (on first parse), was read as U+FFFD: an id from one may be two ids cut
-        alike (`routing.route` refuses it)."""
+        """The top-level fields whose invalid UTF-8 was read as U+FFFD (`decode`): an id
+        from one may be two ids cut alike (`routing.route` refuses it)."""
         self._parsed: dict[str, Any] = {}
         self._consent: Any = _UNSET
         self._extra: Any = _UNSET  # context.extra parsed, once (its surrogates counted once)
         self.replaced = 0
         """Lone surrogates replaced by U+FFFD in the JSON text parsed so far."""
+        self.surrogated: Mapping[str, frozenset[str]] = _NO_SURROGATES
+        """Per JSON field parsed so far, its strings that held a lone surrogate, as replaced
+        by U+FFFD: an id that is one of them may be two ids cut alike (`routing.route`)."""
 
     def _present(self) -> Iterator[str]:
         record = self._record
@@ -860,8 +864,10 @@ class Event(Mapping[str, Any]):
             ) from None
         except ValueError as exc:
             raise UndecodableEvent(f"{field} is not valid JSON text: {exc}") from None
+        texts: set[str] = set()
         if isinstance(value, str):
             fixed, count = _SURROGATE.subn("\ufffd", value)
+            texts.add(fixed)
         elif not isinstance(value, dict | list):
             return value
         # Cheap pre-checks: only text that could hold a lone surrogate or deep nesting is
@@ -869,14 +875,15 @@ class Event(Mapping[str, Any]):
         elif ("\\ud" in text or "\\uD" in text) or (
             text.count("[") + text.count("{") > MAX_JSON_DEPTH
         ):
-            fixed, count = _clean(field, value)
+            fixed, count = _clean(field, value, texts)
         else:
             return value
         if count:
             # Like a cut: `"acme-\\ud83d"` and `"acme-\\ud83e"` both read `acme-\ufffd`, so an
-            # id from this field is refused by `routing.route` (two companies would be one).
+            # id that is one of these strings is refused by `routing.route` (two companies
+            # would be one); a U+FFFD the producer wrote elsewhere is text.
             self.replaced += count
-            self.cut = self.cut | {field}
+            self.surrogated = {**self.surrogated, field: frozenset(texts)}
         return fixed
 
     def _context(self, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -907,14 +914,18 @@ class Event(Mapping[str, Any]):
 _UNSET: Any = object()
 
 
-def _clean(field: str, root: Any) -> tuple[Any, int]:
-    """Replace lone surrogates in keys and strings (iteratively); refuse deep nesting."""
+def _clean(field: str, root: Any, texts: set[str] | None = None) -> tuple[Any, int]:
+    """Replace lone surrogates in keys and strings (iteratively); refuse deep nesting.
+    `texts` collects the strings that held one, as replaced."""
     replaced = 0
 
     def fix(text: str) -> str:
         nonlocal replaced
         fixed, count = _SURROGATE.subn("\ufffd", text)
-        replaced += count
+        if count:
+            replaced += count
+            if texts is not None:
+                texts.add(fixed)
         return fixed
 
     stack: list[tuple[Any, int]] = [(root, 1)]

@@ -111,20 +111,24 @@ def _refuse_cut_ids(send: Send, cut: frozenset[str], kind: Any,
     one in Userpilot, one's traits and Tracks credited to the other (review "users42",
     "diff42"). Dead-lettered, to be fixed and replayed. Each id is judged by its own source:
     a U+FFFD the producer wrote in `userId` is text, whatever else was cut."""
-    if not cut or not cut & _ID_SOURCES:
+    surrogated = getattr(event, "surrogated", None) or {}
+    if (not cut or not cut & _ID_SOURCES) and "traits" not in surrogated:
         return send
+    replaced: frozenset[str] = frozenset()  # the strings of the id's source that held one
     if kind == "identify":  # its company's id from its traits, else its groupId
         traits = event.get("traits")
         _, source = company_id_source(event, traits if isinstance(traits, dict) else {})
         company_cut = source in cut
+        replaced = surrogated.get(source, frozenset())
     else:
         company_cut = "groupId" in cut
     for call in send.calls:
         company = call.payload.get("company")
+        company_id = company.get("id") if isinstance(company, Mapping) else None
         checked = (("user id", call.payload.get("user_id"), "userId" in cut),
                    ("company id", call.payload.get("company_id"), "groupId" in cut),
-                   ("company id", company.get("id") if isinstance(company, Mapping) else None,
-                    company_cut))
+                   ("company id", company_id, company_cut or (
+                       isinstance(company_id, str) and company_id in replaced)))
         for name, value, from_cut in checked:
             if from_cut and isinstance(value, str) and "\ufffd" in value:
                 raise InvalidEvent(
