@@ -97,6 +97,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_BATCH = 500
+LARGE_EVENT_BYTES = 64 * 1024  # Signal's documented limit for one event
+WINDOW_BYTES_MAX = 192 * 1024 * 1024
+"""The bytes of the raw events in flight, at most (each kept for a possible dead letter),
+once one above LARGE_EVENT_BYTES was taken: WORKER_MAX_IN_FLIGHT counts events, and with
+~1 MB events (Kafka's default limit, over Signal's) three full windows peaked at 520-556 MB
+of RSS against the chart's 512 Mi limit: OOM-killed, the same backlog again at each restart
+(review "mem43"). Measured, RSS grows ~1.13 × the raw bytes in flight."""
 OVERFLOW_POLLS = 4  # the overflow holds at most this many of the largest polls
 FULL_POLL_PAUSE_S = 0.002  # between polls while window and overflow are both full
 SCHEMA_WAIT = "schema"
@@ -367,6 +374,10 @@ class Worker:
         # that window was full or one of their chains is at CHAIN_MAX (event loop only; see
         # `_backpressure`).
         self._schema_window = 0
+        # Past a large event (LARGE_EVENT_BYTES): the raw bytes that may still be taken
+        # (WINDOW_BYTES_MAX), and the largest event taken since; None, 0 while none is.
+        self._bytes_left: int | None = None
+        self._largest = 0
         self._held_back: set[TP] = set()
         # Of those, the ones held for a chain: the chain, its finished count and when that
         # last moved (`_release_hot`); the chains found stuck, which hold nothing until
@@ -868,13 +879,22 @@ class Worker:
         """
         ts_type, ts = message.timestamp()
         key = message.key()
+        value = message.value()
         event = Event(tp[0], tp[1], offset, key if key else (tp[0], tp[1], offset), key,
-                      message.value(), message_headers(message),
-                      ts if ts_type else None)
+                      value, message_headers(message), ts if ts_type else None)
         if self.handler.decide(event, decoded) and isinstance(event.decision, Drop):
             if self.handler.debug:
                 self.handler.log_dropped(event.decision, event.fields)
             return event.decision
+        size = len(value) if value is not None else 0
+        if size > LARGE_EVENT_BYTES and self._bytes_left is None:
+            self._largest = size
+            self._bytes_left = WINDOW_BYTES_MAX - self._bytes_in_flight(scheduler)[0]
+        if self._bytes_left is not None:
+            if size > self._bytes_left and scheduler.in_flight:
+                return _DEFER  # waits in the overflow with the rest of its partition
+            self._bytes_left -= size
+            self._largest = max(self._largest, size)
         if event.decision is not None:
             # Its chain, as `keyless.place` will make it: the Kafka key, else the userId.
             user = key or (decoded.get("userId") if decoded is not None
@@ -1114,6 +1134,17 @@ class Worker:
             await source.call(self._commit, source, None, False)
             fullest, families, schema_window = self._window_load()
         pending = fullest
+        byte_room: int | None = None
+        if self._bytes_left is not None:
+            held, large = self._bytes_in_flight(scheduler)
+            if large <= LARGE_EVENT_BYTES:
+                self._bytes_left = None  # none in flight is large: no longer counted
+                self._largest = 0
+            else:
+                self._bytes_left = WINDOW_BYTES_MAX - held
+                byte_room = max(0, self._bytes_left // self._largest)
+                if not byte_room:
+                    pending = max(pending, limit)  # as full as a window of `limit` events
         self._schema_window = schema_window
         if self._held_back and schema_window <= resume_level(limit):
             # Their waiting messages are taken again; the hot chains' wait for their own.
@@ -1167,7 +1198,19 @@ class Worker:
         self.m.in_flight.set(scheduler.in_flight)
         self.m.waiting_schema.set(self.handler.undecided())
         self.m.held_for_one_user.set(len(self._hot))
-        return max(0, min(POLL_BATCH, limit - pending))
+        room = max(0, min(POLL_BATCH, limit - pending))
+        return room if byte_room is None else min(room, byte_room)
+
+    @staticmethod
+    def _bytes_in_flight(scheduler: Scheduler[Event]) -> tuple[int, int]:
+        """The raw bytes of the events in flight, and the largest one's: read from the
+        scheduler's jobs, so nothing is counted twice or left over."""
+        held = large = 0
+        for event in scheduler.jobs():
+            size = len(event.value) if event.value is not None else 0
+            held += size
+            large = max(large, size)
+        return held, large
 
     async def _poll_wait(self, source: Source, scheduler: Scheduler[Event], room: int
                          ) -> float:
