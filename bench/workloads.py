@@ -550,8 +550,10 @@ class Bench:
             shares = [c / p.sat_limit for c in counts]
             out[family] = {"window_counts": counts, "window_shares": shares,
                            "min_window_share": min(shares) if shares else 0.0}
-        ensure = sum(1 for r in records
-                     if r["path"] == "/v1/identify" and set(r["body"]) == {"user_id"})
+        ensure = sum(1 for r in records  # `calls.ensure_user_call`'s bare body (older
+                     # trees sent no `metadata`)
+                     if r["path"] == "/v1/identify" and r["body"].get("metadata", {}) == {}
+                     and set(r["body"]) <= {"user_id", "metadata"})
         out["ensure_user_identifies"] = ensure
         out["responses_429"] = int(sandbox.control.stats()["by_status"].get("429", 0))
         return out

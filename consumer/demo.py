@@ -165,8 +165,9 @@ def summary(topic: str, sent: int, worker: Any, registry: CollectorRegistry,
     """What the demo prints: events, requests, users and companies, attribution."""
     delivered, dropped = _outcomes(registry)
     paths = Counter(r["path"] for r in seen["requests"])
-    ensured = sum(1 for r in seen["requests"]
-                  if r["path"] == "/v1/identify" and set(r["body"]) == {"user_id"})
+    ensured = sum(1 for r in seen["requests"]  # `calls.ensure_user_call`'s bare body
+                  if r["path"] == "/v1/identify" and r["body"].get("metadata") == {}
+                  and set(r["body"]) == {"user_id", "metadata"})
     attributed, unattributed = seen["attribution"]
     off_attributed, off_unattributed = off["attribution"]
     lines = [
