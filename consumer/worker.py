@@ -892,7 +892,12 @@ class Worker:
             self._bytes_left = WINDOW_BYTES_MAX - self._bytes_in_flight(scheduler)[0]
         if self._bytes_left is not None:
             if size > self._bytes_left and scheduler.in_flight:
-                return _DEFER  # waits in the overflow with the rest of its partition
+                # Waits in the overflow with the rest of its partition; the window counts
+                # as full until it fits (`_backpressure`). Unrecorded, the room for one
+                # event of the largest size taken brought it back every pass, deferred
+                # again, while each poll added a message to the overflow (review "diff43b").
+                self._largest = max(self._largest, size)
+                return _DEFER
             self._bytes_left -= size
             self._largest = max(self._largest, size)
         if event.decision is not None:
@@ -1137,8 +1142,9 @@ class Worker:
         byte_room: int | None = None
         if self._bytes_left is not None:
             held, large = self._bytes_in_flight(scheduler)
-            if large <= LARGE_EVENT_BYTES:
-                self._bytes_left = None  # none in flight is large: no longer counted
+            if large <= LARGE_EVENT_BYTES and held + self._largest <= WINDOW_BYTES_MAX:
+                # None in flight is large, and one deferred would fit: no longer counted.
+                self._bytes_left = None
                 self._largest = 0
             else:
                 self._bytes_left = WINDOW_BYTES_MAX - held

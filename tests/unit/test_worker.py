@@ -547,6 +547,82 @@ def test_large_events_in_flight_stay_within_the_byte_budget(
     assert max(most) <= 1_000_000 + len(values[0]), max(most)
 
 
+@pytest.mark.parametrize("big", [100_000, 250_000])
+def test_a_deferred_large_event_does_not_spin_or_fill_the_overflow(
+        monkeypatch: pytest.MonkeyPatch, big: int) -> None:
+    """Review "diff43b": an event the byte budget deferred while it still showed room for
+    one of the largest size taken came back every pass, deferred again, the partitions never
+    paused, and each poll added a raw event to the overflow (hundreds of MB a second at
+    1 MB an event) until something in flight finished."""
+    monkeypatch.setattr(worker_module, "WINDOW_BYTES_MAX", 1_000_000, raising=False)
+    pad = "x" * 100_000
+    values = [track(f"u{i}", i, traits={"pad": pad}) for i in range(8)]
+    values.append(track("u8", 8, traits={"pad": "y" * big}))  # the one that does not fit
+    values += [track(f"u{i}", i, traits={"pad": pad}) for i in range(9, 400)]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
+    run = make(log, USERPILOT_ENSURE_USER="false")
+    gate = run.client.gate = asyncio.Event()  # Userpilot holds every request (slow, retrying)
+    peak: list[int] = [0]
+    polls: list[int] = [0]
+    orig = FakeSource.consume
+
+    def counting(self: FakeSource, n: int, t: float) -> list[Message]:
+        polls[0] += 1
+        return orig(self, n, t)
+
+    monkeypatch.setattr(FakeSource, "consume", counting)
+
+    async def scenario(source: FakeSource) -> None:
+        scheduler = run.worker._scheduler
+        assert scheduler is not None
+        await until(lambda: scheduler.in_flight >= 8, "8 in flight", timeout=5)
+        await asyncio.sleep(0.2)  # settled: the budget's worth in flight
+        start = polls[0]
+        waiting = len(run.worker.overflow.waiting)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0:
+            peak[0] = max(peak[0], len(run.worker.overflow.waiting) - waiting)
+            await asyncio.sleep(0.01)
+        polls.append(polls[0] - start)
+        gate.set()
+
+    drive(run, scenario)
+    # A full budget pauses the partitions, as for a full window: the overflow stays put.
+    assert peak[0] <= 2, f"the overflow grew by {peak[0]} raw events of ~100 KB in 1 s"
+    assert polls[1] < 200, f"{polls[1]} polls in 1 s: the loop spins"
+
+
+def test_a_large_event_behind_small_ones_does_not_spin_or_fill_the_overflow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other way in: only small events (under 64 KB) in flight when the first large one
+    comes. It does not fit, is deferred; the next `_backpressure` sees no large event in
+    flight and switches the budget off, so the next pass takes it again, defers it again."""
+    monkeypatch.setattr(worker_module, "WINDOW_BYTES_MAX", 1_000_000, raising=False)
+    small = "s" * 50_000
+    values = [track(f"u{i}", i, traits={"pad": small}) for i in range(19)]
+    values.append(track("u19", 19, traits={"pad": "y" * 100_000}))
+    values += [track(f"u{i}", i, traits={"pad": small}) for i in range(20, 600)]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
+    run = make(log, USERPILOT_ENSURE_USER="false")
+    gate = run.client.gate = asyncio.Event()
+    grew: list[int] = [0]
+
+    async def scenario(source: FakeSource) -> None:
+        scheduler = run.worker._scheduler
+        assert scheduler is not None
+        await until(lambda: scheduler.in_flight >= 19, "19 in flight", timeout=5)
+        await asyncio.sleep(0.2)
+        waiting = len(run.worker.overflow.waiting)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0:
+            grew[0] = max(grew[0], len(run.worker.overflow.waiting) - waiting)
+            await asyncio.sleep(0.01)
+        gate.set()
+
+    drive(run, scenario)
+    assert grew[0] <= 2, f"the overflow grew by {grew[0]} messages in 1 s"
+
+
 def test_a_full_window_pauses_partitions_and_resumes_when_deliveries_finish() -> None:
     values = [track(f"u{i}", i) for i in range(12)]
     log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
