@@ -1142,8 +1142,11 @@ class Worker:
         byte_room: int | None = None
         if self._bytes_left is not None:
             held, large = self._bytes_in_flight(scheduler)
-            if large <= LARGE_EVENT_BYTES and held + self._largest <= WINDOW_BYTES_MAX:
-                # None in flight is large, and one deferred would fit: no longer counted.
+            if not scheduler.in_flight or (
+                    large <= LARGE_EVENT_BYTES and held + self._largest <= WINDOW_BYTES_MAX):
+                # None in flight is large, and one deferred would fit (or nothing is in
+                # flight: an event larger than the budget alone is taken, never waits for
+                # ever): no longer counted.
                 self._bytes_left = None
                 self._largest = 0
             else:

@@ -623,6 +623,25 @@ def test_a_large_event_behind_small_ones_does_not_spin_or_fill_the_overflow(
     assert grew[0] <= 2, f"the overflow grew by {grew[0]} messages in 1 s"
 
 
+def test_an_event_larger_than_the_byte_budget_is_taken_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One event over WINDOW_BYTES_MAX (a broker allowing more than the budget) could never
+    fit: deferred, the budget read the window full with nothing in flight, for ever. It is
+    taken once nothing else is in flight, and the events after it follow."""
+    monkeypatch.setattr(worker_module, "WINDOW_BYTES_MAX", 150_000, raising=False)
+    values = [track("u0", 0, traits={"pad": "x" * 100_000}),
+              track("u1", 1, traits={"pad": "y" * 200_000}),
+              track("u2", 2, traits={"pad": "z" * 100_000})]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
+    run = make(log, USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 3, "commit of offset 3")
+
+    assert drive(run, scenario) == 0
+    assert len(run.client.bodies) == 3
+
+
 def test_a_full_window_pauses_partitions_and_resumes_when_deliveries_finish() -> None:
     values = [track(f"u{i}", i) for i in range(12)]
     log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)]}
