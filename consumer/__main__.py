@@ -367,6 +367,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     settings = load_settings({**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
                               "SCHEMA_REGISTRY_URL": registry}, offline=True)
     path = args.file
+    label = "stdin" if path in (None, "-") else path
     try:
         if path in (None, "-"):
             lines = _stdin().read().splitlines()
@@ -374,8 +375,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
             with open(path, "rb") as stream:
                 lines = stream.read().splitlines()
     except OSError as exc:
-        error_line(f"{'stdin' if path in (None, '-') else path}: cannot read the file "
-                   f"({exc.strerror or exc})", os.environ)
+        error_line(f"{label}: cannot read the file ({exc.strerror or exc})", os.environ)
         return 1
     from consumer.logs import configure_command_logging
 

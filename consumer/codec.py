@@ -864,10 +864,9 @@ class Event(Mapping[str, Any]):
             ) from None
         except ValueError as exc:
             raise UndecodableEvent(f"{field} is not valid JSON text: {exc}") from None
-        texts: set[str] = set()
+        texts: set[str] | None = None  # the strings that held one (`fixed` itself: None)
         if isinstance(value, str):
             fixed, count = _SURROGATE.subn("\ufffd", value)
-            texts.add(fixed)
         elif not isinstance(value, dict | list):
             return value
         # Cheap pre-checks: only text that could hold a lone surrogate or deep nesting is
@@ -875,6 +874,7 @@ class Event(Mapping[str, Any]):
         elif ("\\ud" in text or "\\uD" in text) or (
             text.count("[") + text.count("{") > MAX_JSON_DEPTH
         ):
+            texts = set()
             fixed, count = _clean(field, value, texts)
         else:
             return value
@@ -883,7 +883,8 @@ class Event(Mapping[str, Any]):
             # id that is one of these strings is refused by `routing.route` (two companies
             # would be one); a U+FFFD the producer wrote elsewhere is text.
             self.replaced += count
-            self.surrogated = {**self.surrogated, field: frozenset(texts)}
+            self.surrogated = {**self.surrogated,
+                               field: frozenset((fixed,) if texts is None else texts)}
         return fixed
 
     def _context(self, record: Mapping[str, Any]) -> dict[str, Any]:
