@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from consumer import codec
 from consumer.calls import Call
-from consumer.commits import TP
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
 from tests.unit.test_worker import (
     SCHEMA_ID,
@@ -23,6 +22,8 @@ from tests.unit.test_worker import (
     FakeClient,
     FakeSource,
     Message,
+    Run,
+    SlowCoordinator,
     codec_seq,
     drive,
     known_schema,
@@ -335,6 +336,16 @@ def test_a_bad_deploys_trickle_is_not_committed_before_the_guard_trips() -> None
 # Reviews "diff42": the idle rule of the DLQ guard's hold must not commit a bad deploy's dead
 # letters before the guard trips (the window's tail behind slow events, a rate-limited backlog).
 
+def _slow_window_then_a_bad_deploy(good: int) -> tuple[HeldUser, Run]:
+    """`good` events of users Userpilot holds (`HeldUser`), then 300 that are not Avro."""
+    msgs = [Message(TOPIC, 0, i, f"stuck{i}".encode(), track(f"stuck{i}", i)) for i in range(good)]
+    msgs += [Message(TOPIC, 0, i, f"u{i}".encode(), b"not avro")
+             for i in range(good, good + 300)]
+    client = HeldUser()
+    return client, make({(TOPIC, 0): msgs}, registry=known_schema(), client=client,
+                        USERPILOT_ENSURE_USER="false")
+
+
 def test_a_bad_deploy_behind_a_full_window_of_slow_events_is_not_committed() -> None:
     """Review (b): the window (default 200) full of good events Userpilot answers slowly
     (a 429 pause, a slow answer), the first 50 events of a bad deploy taken behind them
@@ -344,12 +355,8 @@ def test_a_bad_deploy_behind_a_full_window_of_slow_events_is_not_committed() -> 
     so each restart of the crash loop moved another window-tail of the backlog into the
     DLQ. Held dead letters are out of the window now (round 43): the bad deploy's events
     go on being taken, and the guard trips while the slow events are still unanswered."""
-    good, bad = 150, 300
-    msgs = [Message(TOPIC, 0, i, f"stuck{i}".encode(), track(f"stuck{i}", i)) for i in range(good)]
-    msgs += [Message(TOPIC, 0, i, f"u{i}".encode(), b"not avro") for i in range(good, good + bad)]
-    client = HeldUser()
-    run = make({(TOPIC, 0): msgs}, registry=known_schema(), client=client,
-               USERPILOT_ENSURE_USER="false")
+    good = 150
+    client, run = _slow_window_then_a_bad_deploy(good)
     seen: dict[str, object] = {}
 
     async def scenario(source: FakeSource) -> None:
@@ -397,12 +404,8 @@ def test_a_window_freed_during_the_poll_wait_is_not_idle() -> None:
     0.5 s, far under HELD_IDLE_S), so 'nothing in flight and no room' let go of every held
     dead letter, though the window had just freed and the next poll takes the bad deploy's
     next event, which trips the guard. The 50 are committed by the run that tripped."""
-    good, bad = 150, 300
-    msgs = [Message(TOPIC, 0, i, f"stuck{i}".encode(), track(f"stuck{i}", i)) for i in range(good)]
-    msgs += [Message(TOPIC, 0, i, f"u{i}".encode(), b"not avro") for i in range(good, good + bad)]
-    client = HeldUser()
-    run = make({(TOPIC, 0): msgs}, registry=known_schema(), client=client,
-               USERPILOT_ENSURE_USER="false")
+    good = 150
+    client, run = _slow_window_then_a_bad_deploy(good)
 
     async def scenario(source: FakeSource) -> None:
         try:
@@ -502,35 +505,6 @@ def test_held_dead_letters_of_unknown_schemas_do_not_stall_the_schema_wait_windo
     assert drive(run, scenario) == 0
 
 
-@dataclass
-class SlowerCoordinator(FakeSource):
-    """Answers each asynchronous commit `delay` s after it came."""
-
-    delay: float = 0.03
-    late: list[tuple[float, dict[TP, int]]] = field(default_factory=list)
-
-    def commit(self, offsets: dict[TP, int], *, wait: bool = True,
-               notes: dict[TP, str] | None = None) -> bool:
-        ok = super().commit(offsets, wait=wait, notes=notes)
-        if not wait and self._acks:
-            self.late.append((time.monotonic() + self.delay, self._acks.pop()))
-        return ok
-
-    def _answer_due(self) -> None:
-        now = time.monotonic()
-        while self.late and (self.late[0][0] <= now or self.closed):
-            self._acks.append(self.late.pop(0)[1])
-
-    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
-        self._answer_due()
-        return super().consume(max_messages, timeout_s)
-
-    def serve(self, timeout_s: float) -> None:
-        time.sleep(0.005)
-        self._answer_due()
-        super().serve(timeout_s)
-
-
 @pytest.mark.parametrize(("window", "guard_window"), [("4", "40"), ("10", "40"), ("20", "100"),
                                                      ("50", "100")])
 def test_a_ratio_trip_with_a_small_window_commits_none_of_the_bad_deploy(
@@ -544,7 +518,7 @@ def test_a_ratio_trip_with_a_small_window_commits_none_of_the_bad_deploy(
     for i in range(300):
         value = track(f"u{i}", i) if i % 3 == 0 else b"garbage"
         msgs.append(Message(TOPIC, 0, i, f"u{i}".encode(), value))
-    run = make({(TOPIC, 0): msgs}, registry=known_schema(), source_type=SlowerCoordinator,
+    run = make({(TOPIC, 0): msgs}, registry=known_schema(), source_type=SlowCoordinator,
                USERPILOT_ENSURE_USER="false",
                WORKER_DLQ_MAX_CONSECUTIVE="50", WORKER_DLQ_WINDOW=guard_window,
                WORKER_DLQ_MAX_RATIO="0.5", WORKER_MAX_IN_FLIGHT=window,
