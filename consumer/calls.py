@@ -34,9 +34,11 @@ from consumer.mapping import (
     DEFAULT_MAX_METADATA_BYTES,
     DEFAULT_MAX_METADATA_KEYS,
     Primitive,
+    field_size,
     flatten_properties,
     js_number,
     limit_metadata,
+    metadata_size,
 )
 
 __all__ = [
@@ -261,13 +263,17 @@ def _metadata(
     return metadata if shape is None else shape(event, metadata)
 
 
-CompanyLimit: TypeAlias = Callable[[dict[str, Primitive]], dict[str, Primitive]]
-"""Cuts identify's company properties to the metadata size limits (`routing` passes the
-configured ones and records what was cut)."""
+CompanyLimit: TypeAlias = Callable[[dict[str, Primitive], int], dict[str, Primitive]]
+"""Cuts identify's company properties to the metadata size limits less the bytes the body
+already spends (its second argument: the user's metadata and the company's id), so one
+identify carries at most one limit's worth (`routing` passes the configured limits and
+records what was cut)."""
 
 
-def _default_company_limit(properties: dict[str, Primitive]) -> dict[str, Primitive]:
-    return limit_metadata(properties, DEFAULT_MAX_METADATA_BYTES, DEFAULT_MAX_METADATA_KEYS)[0]
+def _default_company_limit(properties: dict[str, Primitive], spent: int
+                           ) -> dict[str, Primitive]:
+    return limit_metadata(properties, max(0, DEFAULT_MAX_METADATA_BYTES - spent),
+                          DEFAULT_MAX_METADATA_KEYS)[0]
 
 
 def company_id_source(event: Mapping[str, Any], traits: Mapping[str, Any]
@@ -286,9 +292,9 @@ def company_id_source(event: Mapping[str, Any], traits: Mapping[str, Any]
 
 
 def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
-             limit: CompanyLimit | None = None,
-             omitted: list[str] | None = None) -> dict[str, Primitive] | None:
-    """identify's ``company`` object, or None when the event names no company.
+             omitted: list[str] | None = None) -> tuple[str, dict[str, Primitive]] | None:
+    """identify's company id and its properties (not yet cut to size), or None when the
+    event names no company.
 
     The id is ``traits.company.id``, else ``traits.company_id``, else the event's
     ``groupId``; the other fields of ``traits.company`` (an object) are its properties.
@@ -321,10 +327,7 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
             left_out.append(f"{key} (another spelling of the company's id)")
     if omitted is not None:
         omitted.extend(f"company.{key}" for key in left_out)
-    # The same size rule as all metadata (a `company` of 3,000 long keys made a 332 KB
-    # identify body); Userpilot allows 512 KB of properties per app.
-    properties = (limit or _default_company_limit)(properties)
-    return {COMPANY_KEY: company_id, **properties}
+    return company_id, properties
 
 
 def _without_unusable_company_ids(traits: dict[str, Any],
@@ -368,19 +371,29 @@ def identify_payload(
     ``omitted`` collects the trait fields left out (company ones as ``company.<key>``).
     """
     traits = _traits(event)
-    company = _company(event, traits, company_limit, omitted)
+    company = _company(event, traits, omitted)
     if company is not None:  # the company's own keys are not user properties too
         traits = {k: v for k, v in traits.items()
                   if not (k == "company_id" or (k == "company" and isinstance(v, dict)))}
     else:
         traits = _without_unusable_company_ids(traits, omitted)
     user_id = event.get("userId")
+    metadata = _metadata(event, traits, shape, omitted)
     payload: dict[str, Any] = {
         "user_id": user_id if isinstance(user_id, str) else "",
-        "metadata": _metadata(event, traits, shape, omitted),
+        "metadata": metadata,
     }
     if company is not None:
-        payload["company"] = company
+        # The same size rule as all metadata (a `company` of 3,000 long keys made a 332 KB
+        # identify body), over the body as a whole: the company's properties get what the
+        # user's metadata and the company's id leave of the limit. Each cut to the whole
+        # limit, an identify carried two limits' worth, past a 1 MiB body cap: a 413 and a
+        # dead letter where the README promises the largest fields left out (review "api44").
+        company_id, properties = company
+        spent = metadata_size(metadata) + field_size(COMPANY_KEY, company_id)
+        payload["company"] = {
+            COMPANY_KEY: company_id,
+            **(company_limit or _default_company_limit)(properties, spent)}
     return payload
 
 

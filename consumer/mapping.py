@@ -60,10 +60,12 @@ __all__ = [
     "TraitsRule",
     "build_payload",
     "build_track_payload",
+    "field_size",
     "flatten_properties",
     "js_number",
     "limit_metadata",
     "load_mappings",
+    "metadata_size",
     "normalize_event_name",
 ]
 
@@ -776,6 +778,15 @@ def _size(key: str, value: Primitive) -> int:
     object's size is then 1 (its ``{``) plus its fields' sizes, exactly."""
     text = _quoted(value) if isinstance(value, str) else _ENCODER.encode(value)
     return len(_quoted(key).encode("utf-8")) + len(text.encode("utf-8")) + 2
+
+
+field_size = _size
+"""The bytes one field adds to a compact JSON object as sent (see ``_size``)."""
+
+
+def metadata_size(metadata: Mapping[str, Primitive]) -> int:
+    """The exact bytes of ``metadata`` as compact JSON, as ``calls.encode_body`` sends it."""
+    return 1 + sum(_size(k, v) for k, v in metadata.items()) if metadata else 2
 
 
 def _size_bound(metadata: Mapping[str, Primitive]) -> int:

@@ -72,10 +72,11 @@ class Send:
 
 def _limit(
     mappings: MappingSet, truncated: list[str], prefix: str = ""
-) -> Callable[[dict[str, Primitive]], dict[str, Primitive]]:
-    """The configured metadata size limits, recording each cut key (with `prefix`)."""
-    def limit(metadata: dict[str, Primitive]) -> dict[str, Primitive]:
-        kept, cut = limit_metadata(metadata, mappings.max_metadata_bytes,
+) -> Callable[[dict[str, Primitive], int], dict[str, Primitive]]:
+    """The configured metadata size limits, less the bytes the body spends already (its
+    second argument), recording each cut key (with `prefix`)."""
+    def limit(metadata: dict[str, Primitive], spent: int) -> dict[str, Primitive]:
+        kept, cut = limit_metadata(metadata, max(0, mappings.max_metadata_bytes - spent),
                                    mappings.max_metadata_keys)
         truncated.extend(f"{prefix}{key}" for key in cut)
         return kept
@@ -94,7 +95,7 @@ def _shape(
         shaped = rule.apply(metadata)
         if settle is not None:
             settle(shaped)
-        return limit(shaped)
+        return limit(shaped, 0)
     return shape
 
 

@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from consumer import codec
 from consumer.errors import InvalidEvent
@@ -428,3 +430,54 @@ def test_an_identifys_company_id_is_judged_by_the_field_it_comes_from(
     assert event.cut == {cut_field}
     sent = route(event, ConsentPolicy(), DEFAULT_PRESET)
     assert isinstance(sent, Send) and sent.payload["company"]["id"] == "acme-\ufffd"
+
+
+def _identify_of(user_fields: dict[str, Any], company_fields: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "identify", "userId": "user_001",
+            "traits": {**user_fields, "company": {"id": "acme", **company_fields}},
+            "context": dict(GRANTED)}
+
+
+def _compact_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def test_an_identify_carries_one_metadata_limit_for_user_and_company_together() -> None:
+    """Each cut to the whole limit, an identify at the largest limit (512 KiB) carried
+    1 MiB of properties: a 413 and a dead letter where the largest fields should be left
+    out (review "api44"). The user's metadata goes first; the company keeps its id."""
+    from dataclasses import replace
+
+    cap = 512 * 1024
+    user = {f"u{i:03d}": "v" * 2000 for i in range(250)}  # ~505 KB: fits alone
+    company = {f"c{i:03d}": "w" * 2000 for i in range(250)}
+    sent = route(_identify_of(user, company), POLICY,
+                 replace(DEFAULT_PRESET, max_metadata_bytes=cap))
+    assert isinstance(sent, Send)
+    payload = sent.payload
+    assert len(payload["metadata"]) == 250  # the user's metadata whole
+    assert payload["company"]["id"] == "acme"
+    assert _compact_size(payload["metadata"]) + _compact_size(payload["company"]) <= cap
+    assert len(sent.body) <= cap + 64  # the body: user_id, keys and braces beside them
+    assert sent.truncated and all(key.startswith("company.") for key in sent.truncated[:20])
+
+
+@settings(max_examples=150, deadline=None)
+@given(user=st.dictionaries(st.text("ab", min_size=1, max_size=4),
+                            st.text("xé", max_size=300), max_size=12),
+       company=st.dictionaries(st.text("cd", min_size=1, max_size=4),
+                               st.text("yé", max_size=300), max_size=12),
+       limit=st.integers(64, 3000))
+def test_an_identifys_metadata_and_company_stay_within_one_limit(
+        user: dict[str, str], company: dict[str, str], limit: int) -> None:
+    from dataclasses import replace
+
+    sent = route(_identify_of(user, company), POLICY,
+                 replace(DEFAULT_PRESET, max_metadata_bytes=limit))
+    assert isinstance(sent, Send)
+    payload = sent.payload
+    assert payload["company"]["id"] == "acme"
+    # Within the limit but for the two `_truncated` markers when nearly everything is cut.
+    allowance = 2 * len('"_truncated":99,')
+    assert _compact_size(payload["metadata"]) + _compact_size(payload["company"]) \
+        <= limit + allowance
