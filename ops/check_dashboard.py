@@ -135,6 +135,12 @@ def problems(dash: dict[str, Any]) -> list[str]:
             out.append(f"panel {title!r}: query uses no userpilot_* metric: {expr}")
         if re.search(r"\b(process|python)_", expr) and WORKER_ONLY not in expr:
             out.append(f"panel {title!r}: process_/python_ series not limited by '{WORKER_ONLY}'")
+        if re.search(r"sum by \(topic, partition\) \((kafka_consumergroup_lag|userpilot_)", expr):
+            # a partition handed over shows on two pods (or two exporters) for a scrape
+            out.append(f"panel {title!r}: per-partition gauges summed; take their max")
+        if "kafka_consumergroup_lag" in expr and ">= 0" not in expr:
+            out.append(f"panel {title!r}: kafka_consumergroup_lag reads -1 when never "
+                       "committed: keep only >= 0")
         if "userpilot_consumer_lag" in expr and " or " not in expr.replace(WORKER_ONLY, ""):
             out.append(f"panel {title!r}: lag must prefer kafka_consumergroup_lag (... or ...)")
         for matchers in BROKER_LAG_RE.findall(expr):

@@ -450,7 +450,7 @@ assert var["current"]["value"] == ["delivery"], var["current"]
 PY
 has renamed 'sum by (namespace) (up{job="upw-worker",namespace="delivery"})' "the workers-down alert follows the chart name (the ServiceMonitor's jobLabel)"
 has renamed 'absent(up{job="upw-worker",namespace="delivery"})' "the workers-down alert sees its own namespace without targets while others have some"
-has renamed 'sum by (namespace, topic) (userpilot_consumer_lag{namespace="delivery"})' "every worker series of the release's namespace only (review helm24)"
+has renamed 'max by (namespace, topic, partition) (userpilot_consumer_lag{namespace="delivery"})' "every worker series of the release's namespace only (review helm24)"
 has renamed 'rate(userpilot_events_dropped_total{namespace="delivery",reason="consent"}[30m])' "a namespace beside the selector's own labels"
 lacks renamed 'userpilot_events_delivered_total[' "no worker series left without the namespace"
 for r in orders billing; do
