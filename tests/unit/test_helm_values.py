@@ -443,3 +443,39 @@ def test_the_charts_grace_margin_covers_the_stop_after_the_drain() -> None:
     assert int(margin) >= STOP_AFTER_DRAIN_S + 3 * STOP_STEP_MIN_S + 1.0
     default = VALUES["terminationGracePeriodSeconds"] - VALUES["worker"]["shutdownGraceSeconds"]
     assert default >= int(margin)
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    ("schemaRegistry.url", v) for v in (
+        "http://r:0", "http://r:99999", "http://r:65535", "http://r:8081?tenant=a",
+        "http://r:8081#x", "http://r#", "http://-bad-:8081", "http://a-.b", "http://a.-b:1",
+        "http://user-:pa-ss@r:8081", "http://-u:p@r", "HTTP://r:8081", "Https://r",
+        "http://r:8081/apis/ccompat/v7", "http://my-registry:8081/x-y/", "http://u:0@r")
+] + [
+    ("kafka.bootstrapServers", v) for v in (
+        "127.1:9092", "999.1.1.1:9092", "1.2.3.4.5:9092", "1.2.3.4.:9092", "1.2.3.256:9092",
+        "1.2.3.04:9092", "1.2.3.0300:9092", "300.kafka:9092", "kafka-300.1:9092",
+        "kafka:9092/", "kafka-0:9092;kafka-1:9092", "PLAINTEXT://1.2.3.999:9092",
+        "PLAINTEXT://b:9093,1.2.3.4:9092", "2130706433:9092", "a:9092,999.1.1.1", "1.2.3.4:9092")
+] + [
+    ("userpilot.analyticsEndpoint", v) for v in (
+        "a.io:0443", "a.io:00443", "a.io:000443", "a.io:065535", "1.2.3.4", "1.2.3.4:8443",
+        "01.2.3.4", "1.2.3.4.", "10.0.0.256", "127.1", "2130706433", "a" * 63 + ".io",
+        "a" * 64 + ".io", "analytex-eu.userpilot.io", "3com.example")
+])
+def test_the_schema_and_the_worker_agree_on_addresses(path: str, value: str) -> None:
+    """`helm lint` passed registry URLs, brokers and hosts every pod then refused with exit 2
+    (a port out of range, a query, `-bad-`, `;`, `999.1.1.1`, `10.0.0.256`, a 64-letter
+    label; review "config44"); and refused `HTTP://`, which the worker takes."""
+    group, key = path.split(".")
+    try:
+        load_settings({**_BASE_ENV, _AS_ENV[path]: value})
+        worker_takes = True
+    except ConfigError:
+        worker_takes = False
+    try:
+        validate(merged(VALUES, {group: {key: value}}))
+        schema_takes = True
+    except jsonschema.ValidationError:
+        schema_takes = False
+    assert schema_takes == worker_takes, f"schema {schema_takes}, worker {worker_takes}"
