@@ -556,6 +556,15 @@ class _Reader:
             return default
         return raw.strip()
 
+    def secret(self, name: str) -> str | None:
+        """A secret as written, but for one trailing line break (`kubectl create secret
+        --from-file` adds one): a space may belong to a password, and the registry's was
+        trimmed while the Kafka ones were not (review "config44"). Blank is unset."""
+        raw = self.env.get(name)
+        if raw is None or raw.strip() == "":
+            return None
+        return raw.removesuffix("\n").removesuffix("\r")
+
     def required(self, name: str, hint: str) -> str:
         value = self.text(name)
         if value is None:
@@ -1879,7 +1888,7 @@ def load_settings(
         registry_proxy = _proxy(
             r, registry_url, "the schema registry",
             skip=environment_proxy(userpilot_url, r.env) if userpilot_url else None)
-    auth_raw = r.text("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
+    auth_raw = r.secret("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
     if auth_raw is not None and ":" not in auth_raw:
         r.problems.append("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO must be user:password")
     elif auth_raw is not None and ("\n" in auth_raw or "\r" in auth_raw):

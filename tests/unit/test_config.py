@@ -1594,3 +1594,19 @@ def test_java_client_settings_are_named_with_what_to_set_instead(name: str, says
     text = problem(**{name: value})
     assert f"{name} is " in text and says in text
     assert "s3cr3t-jaas" not in text
+
+
+@pytest.mark.parametrize(("written", "sent"), [
+    ("user:pass ", "user:pass "), (" user:pass", " user:pass"), ("user:pass\n", "user:pass"),
+    ("user:pass\r\n", "user:pass")])
+def test_the_registrys_basic_auth_is_taken_as_written_as_kafkas_secrets_are(
+        written: str, sent: str, tmp_path: Path) -> None:
+    """Trimmed, a password ending in a space met a 401 at `run` while `check-config` said OK,
+    and the Kafka secrets were taken as written (review "config44"); one trailing line break
+    goes, as from a `*_FILE`."""
+    assert load(SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO=written).registry_auth == Secret(sent)
+    path = tmp_path / "auth"
+    path.write_text(written, encoding="utf-8")
+    assert load(SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE=str(path)).registry_auth \
+        == Secret(sent)
+    assert load(SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO=" \n").registry_auth is None
