@@ -666,3 +666,32 @@ def test_replicas_slowed_down_differently_keep_to_the_budget(redis_url: str, key
     asyncio.run(main())
     # The busiest 2 s: at most 10 a second plus the burst.
     assert max_in_window(sends, 2.0) <= 2.0 * 10 + 10, len(sends)
+
+
+def test_replicas_of_two_burst_settings_side_by_side_keep_to_the_budget(
+        redis_url: str, key: str) -> None:
+    """Review redis44: during a rolling upgrade that changes USERPILOT_RATE_BURST, each call
+    under the other settings converted the schedule and capped what it held, so the next
+    call under the large burst found it all free again: 560 requests in a 6 s window of 60
+    (12,339 in 15 s at 600/min). Either burst alone kept to the budget."""
+    base = 100_000  # 10/s
+    sends: list[float] = []
+
+    async def replica(burst: int, until: float) -> None:
+        store = RedisStore(redis_url, timeout_s=1.0)
+        while time.monotonic() < until:
+            reserved, seconds = await store.gcra(
+                key, interval_us=base, tolerance_us=(burst - 1) * base,
+                lookahead_us=10 * base, idle_ttl_ms=60_000, base_interval_us=base)
+            await asyncio.sleep(seconds)
+            if reserved:
+                sends.append(time.monotonic())
+        await store.close()
+
+    async def main() -> None:
+        until = time.monotonic() + 5.0
+        await asyncio.gather(replica(20, until), replica(20, until), replica(1, until))
+
+    asyncio.run(main())
+    # The busiest 2 s: at most 10 a second plus the larger burst.
+    assert max_in_window(sends, 2.0) <= 2.0 * 10 + 20, (max_in_window(sends, 2.0), len(sends))
