@@ -132,9 +132,10 @@ class KafkaSource:
         self._brokers_up = True
         self._commit_waiting_since: float | None = None  # oldest unanswered async commit
         self._answered = False  # a commit acknowledged offsets during this consume
-        # The partitions of each asynchronous commit sent and not answered yet, oldest
-        # first: answers come in order, one per commit (poll thread).
-        self._sent_async: collections.deque[list[TP]] = collections.deque()
+        # When each asynchronous commit not answered yet was sent, and its partitions,
+        # oldest first: answers come in order, one per commit (poll thread).
+        self._sent_async: collections.deque[tuple[float, list[TP]]] = collections.deque()
+        self._assigned_at = 0.0  # the last assignment: Kafka answered then (`_assigned`)
         self._paused: set[TP] = set()  # paused by `pause`, not resumed since (poll thread)
         self.abandoned = False  # close() gave up: exit the process without destroying it
         # The longest note commits carry: lowered (halved) each time the broker refuses
@@ -190,14 +191,20 @@ class KafkaSource:
 
     def _on_commit(self, err: KafkaError | None, parts: list[TopicPartition]) -> None:
         """Commit results, served during consume: acknowledged offsets go to the worker."""
-        sent = self._sent_async.popleft() if self._sent_async else []  # one result a commit
+        # one result a commit
+        _sent_at, sent = self._sent_async.popleft() if self._sent_async else (0.0, [])
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("offset commit failed (%s); the next commit covers it", err.str())
         if err is None or err.code() >= 0 or err.code() == KafkaError._NO_OFFSET:
             # The coordinator answered (a broker error code is an answer too); local
             # errors (waiting for the coordinator, transport, timeout) are not.
             self._brokers_up = True
-            self._commit_waiting_since = None
+            # The clock goes on from the next commit still out: cleared, a coordinator that
+            # answered one commit and then hung while another was out went unnoticed (the
+            # worker sends no commit while one is outstanding), ready for a minute or more
+            # (review "rebal44"). Not from before the last assignment, Kafka's answer too.
+            self._commit_waiting_since = (
+                max(self._sent_async[0][0], self._assigned_at) if self._sent_async else None)
         self._notes_now_refused((tp.error.code() for tp in parts or [] if tp.error is not None),
                                 (len(tp.metadata or "") for tp in parts or []))
         done = [((tp.topic, tp.partition), tp.offset) for tp in parts or []
@@ -241,6 +248,7 @@ class KafkaSource:
         stayed unready, and read no commit notes before taking its partitions' messages
         (review "probes43")."""
         self._commit_waiting_since = None
+        self._assigned_at = time.monotonic()
         self._brokers_up = True
         self._on_assign(parts)
 
@@ -424,9 +432,10 @@ class KafkaSource:
                     return False
             else:
                 self._consumer.commit(offsets=parts, asynchronous=True)
-                self._sent_async.append(list(offsets))
+                sent_at = time.monotonic()
+                self._sent_async.append((sent_at, list(offsets)))
                 if self._commit_waiting_since is None:
-                    self._commit_waiting_since = time.monotonic()
+                    self._commit_waiting_since = sent_at
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET:

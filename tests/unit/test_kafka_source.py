@@ -103,7 +103,7 @@ def test_a_served_commit_answer_ends_the_poll_at_once() -> None:
     """It may have freed the worker's window: waiting on for a message held a full window's
     acknowledgement back a whole poll timeout."""
     src = source()
-    src._sent_async.append([("t", 0)])  # what commit(wait=False) records
+    src._sent_async.append((0.0, [("t", 0)]))  # what commit(wait=False) records
     fake = _Consumer(src, first=True)
     src._consumer = fake  # type: ignore[assignment]
     assert src.consume(10, 0.1) == []
@@ -125,7 +125,7 @@ def test_a_refused_commit_does_not_end_the_poll() -> None:
 def test_with_commits_overlapping_the_poll_ends_when_the_second_is_acknowledged() -> None:
     src = source()
     # the first answered during the previous consume: one still out
-    src._sent_async.extend([[("t", 0)], [("t", 0)]])
+    src._sent_async.extend([(0.0, [("t", 0)]), (0.0, [("t", 0)])])
     src._on_commit(None, [TopicPartition("t", 0, 5)])
     fake = _Consumer(src, per_poll=[None, True, None])
     src._consumer = fake  # type: ignore[assignment]
@@ -137,7 +137,7 @@ def test_an_error_answer_keeps_the_poll_waiting_for_a_message() -> None:
     """The refused offsets are requested again by the next commit: ending at each refusal
     repeated the commit at the coordinator's round trip."""
     src = source()
-    src._sent_async.append([("t", 0)])
+    src._sent_async.append((0.0, [("t", 0)]))
     fake = _Consumer(src, per_poll=[None, KafkaError(KafkaError.REBALANCE_IN_PROGRESS), None])
     src._consumer = fake  # type: ignore[assignment]
     assert src.consume(10, 0.1) == []
@@ -365,3 +365,45 @@ def test_an_assignment_after_an_outage_means_connected_again(
     assert not src.connected
     src._assigned([("t", 0)])  # the rejoin: the coordinator answered
     assert src.connected and assigned == [[("t", 0)]]
+
+
+class _Committer:
+    """librdkafka's consumer as asynchronous commits use it: sent, answered when told."""
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+        assert asynchronous
+
+
+def test_a_commit_still_out_after_another_was_answered_keeps_the_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Commits overlap: the coordinator answered the first, then hung with the second out.
+    The answer cleared the clock and the worker sends no commit while one is outstanding,
+    so `connected` stayed True (and /readyz green) for a minute or more (review "rebal44").
+    The clock goes on from the second commit's sending, not from before an assignment."""
+    from consumer import kafka
+
+    now = [1000.0]
+    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
+    src = source()
+    src._consumer = _Committer()  # type: ignore[assignment]
+    src.commit({("t", 0): 5}, wait=False)
+    now[0] += 1
+    src.commit({("t", 0): 9}, wait=False)
+    second_sent = now[0]
+    now[0] += 1
+    src._on_commit(None, [TopicPartition("t", 0, 5)])  # the first is answered
+    assert src.connected
+    now[0] = second_sent + kafka.COMMIT_SILENCE_S + 0.5
+    assert not src.connected, "the second commit unanswered past the silence"
+    src._on_commit(None, [TopicPartition("t", 0, 9)])
+    assert src.connected
+
+    src.commit({("t", 0): 12}, wait=False)
+    src.commit({("t", 0): 15}, wait=False)
+    now[0] += kafka.COMMIT_SILENCE_S  # e.g. a rebalance: no answer meanwhile
+    src._assigned([("t", 0)])
+    src._on_commit(None, [TopicPartition("t", 0, 12)])
+    assert src.connected, "counted from the assignment, not from before it"
+    now[0] += kafka.COMMIT_SILENCE_S + 0.5
+    assert not src.connected
