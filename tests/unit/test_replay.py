@@ -399,6 +399,8 @@ def test_call_filter_selects_by_the_request_the_event_failed_at() -> None:
     (["--partition", "-2"], "negative"),
     (["--from-offset", "x"], "not a whole number"),
     (["--since", "garbage"], "not an ISO 8601 time"),
+    (["--until", "2026-W48-1"], "ISO week date"), (["--since", "2026w481"], "ISO week date"),
+    (["--until", "2026-W48"], "ISO week date"),
     (["--from-offset", "5", "--to-offset", "2"], "past --to-offset"),
     (["--since", "2026-12-02", "--until", "2026-12-01"], "after --until"),
     (["--since", "2026-12-02T00:00:01Z", "--until", "2026-12-01"], "after --until"),
