@@ -44,6 +44,7 @@ from confluent_kafka import (
 from consumer import dlqfetch
 from consumer.config import timeout_seconds
 from consumer.deadletter import (
+    KEY_OMITTED,
     ORIGINAL_TIMESTAMP,
     REPLAY_COUNT,
     REPLAY_SEAL,
@@ -780,7 +781,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         return {"dlq": where, "to": _text(header_value(headers, "__connect.errors.topic"))
                 or None, "dry_run": True,
                 "reason": _text(header_value(headers, "userpilot.error.reason")),
-                "call": failed_call(headers) or None, "key": shown_key(msg.key()),
+                "call": failed_call(headers) or None, **_key_of(msg, headers, conf),
                 **failure_of(headers), "not_replayable": verdict}
     source = None if seen is None else source_event(headers, msg.value())
     before = None if seen is None else seen.before(source)
@@ -797,7 +798,8 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         # deleted user's dead letters (README, GDPR), and this copy's key was on stderr
         # only, without its key (review "replay29").
         return {"dlq": where, "to": origin, "dry_run": dry_run, "reason": reason,
-                "call": call, "key": shown_key(msg.key()), **failure, "doubled_of": earlier}
+                "call": call, **_key_of(msg, headers, conf), **failure,
+                "doubled_of": earlier}
     key, value = msg.key(), msg.value()
     came = source_of(headers)  # the dead letter's own: a restored original's may lack them
     if value_omitted(headers):
@@ -831,6 +833,23 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     if seen is not None:
         seen.add(source, (p, off))
     return line
+
+
+def _key_of(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any]
+            ) -> dict[str, Any]:
+    """A line's key for a record not replayed: its own, or for a dead letter written without
+    it (the DLQ refused it even without its value), the source event's, read by its
+    coordinates as a replay restores it. Listed as `null`, a deleted user's dead letter
+    over the replay limit was not found by `--dry-run --all` (README, GDPR; review
+    "replay44"); one whose source is gone says `key_omitted`."""
+    if header_value(headers, KEY_OMITTED) != b"true":
+        return {"key": shown_key(msg.key())}
+    where = source_of(headers)
+    if where is not None:
+        found = dlqfetch.fetch_original(conf, *where)
+        if found.problem is None:
+            return {"key": shown_key(found.key)}
+    return {"key": None, "key_omitted": True}
 
 
 _NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: int() refuses "²", isdigit() not

@@ -773,3 +773,40 @@ def test_replays_producer_takes_what_check_config_accepts_with_its_own_answer_bo
     assert seen["message.timeout.ms"] == replay.REPLAY_ANSWER_MS and seen["linger.ms"] == 0
     for alias in ("delivery.timeout.ms", "queue.buffering.max.ms", "topic.message.timeout.ms"):
         assert alias not in seen
+
+
+def test_a_dead_letter_written_without_its_key_is_listed_with_the_source_events_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review replay44: a dead letter the DLQ refused even without its value is written
+    without its key too. Over the replay limit, `--dry-run --all` listed it with `"key":
+    null`, so a deleted user's dead letter was not found (README, GDPR); its key is read
+    from the source event by its coordinates, as a replay restores it."""
+    from consumer import dlqfetch, replay
+    from consumer.deadletter import DlqRecord as Dead
+    from consumer.deadletter import without_originals, without_value
+
+    failure = Failure(reason="bad_request", exception_class="Rejected", message="HTTP 400",
+                      status=400, at=datetime(2026, 12, 1, tzinfo=UTC).timestamp())
+    headers = dlq_headers([("userpilot.replay.count", b"3"), ("big", b"x" * 2_000_000)],
+                          topic="events", partition=0, offset=41, failure=failure)
+    dead = without_originals(without_value(Dead(b"u_deleted", b"v" * 10, headers)))
+    assert dead.key is None
+    asked: list[tuple[str, int, int]] = []
+
+    def fetch(_conf: Any, topic: str, partition: int, offset: int, **_: Any
+              ) -> dlqfetch.Fetched:
+        asked.append((topic, partition, offset))
+        return dlqfetch.Fetched(b"u_deleted", b"v" * 10)
+
+    monkeypatch.setattr(dlqfetch, "fetch_original", fetch)
+    msg = DlqRecord(list(dead.headers), dead.value, None)  # type: ignore[arg-type]
+    line = replay._replay_one(msg, 0, 9, "dlq", Filters(max_replays=3), {},  # type: ignore[arg-type]
+                              replay.Summary(), True)
+    assert line is not None and line["not_replayable"] == "over_limit"
+    assert line["key"] == "u_deleted" and asked == [("events", 0, 41)]
+
+    monkeypatch.setattr(dlqfetch, "fetch_original",
+                        lambda *_a, **_k: dlqfetch.Fetched(problem="gone"))
+    line = replay._replay_one(msg, 0, 9, "dlq", Filters(max_replays=3), {},  # type: ignore[arg-type]
+                              replay.Summary(), True)
+    assert line is not None and line["key"] is None and line["key_omitted"] is True
