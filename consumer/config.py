@@ -1912,6 +1912,14 @@ def load_settings(
                         inclusive_low=True)
     replay_max = r.integer("WORKER_REPLAY_MAX", 3, 0, 1000)
     redis, rate_limit_shared = _redis(r)
+    if redis is not None and redis.dedup_ttl_s < budget:
+        # One event retrying for the whole budget holds its partition's offset back while
+        # later ones are delivered and recorded: records gone first, a crash or rebalance
+        # sends those again, the duplicates Redis is there to stop (review "redis44").
+        r.notes.append(
+            f"REDIS_DEDUP_TTL_SECONDS={redis.dedup_ttl_s:g} is below "
+            f"USERPILOT_RETRY_BUDGET_SECONDS={budget:g}: events delivered while an earlier "
+            "one retries may be sent again after a restart; keep the TTL above the budget")
     ensure_user = r.boolean("USERPILOT_ENSURE_USER", True)
     ensure_user_cache = r.integer("USERPILOT_ENSURE_USER_CACHE", 100_000, 1, 10_000_000)
     ensure_user_ttl = r.number("USERPILOT_ENSURE_USER_TTL_SECONDS", 86_400.0, 1.0,

@@ -159,3 +159,16 @@ def test_a_database_past_15_is_taken_offline() -> None:
     """A Redis may have more than 16 (`databases 32`); one that has not is refused when
     reached (review "ops31")."""
     assert load(REDIS_URL="redis://redis:6379/16").redis is not None
+
+
+def test_a_dedup_ttl_below_the_retry_budget_is_noted() -> None:
+    """Review redis44: records expiring while an earlier event of their partition still
+    retries leave them to be sent again after a restart; said at start-up, not refused."""
+    from consumer.config import load_settings
+
+    env = {**BASE, "REDIS_URL": "redis://r:6379/0"}
+    low = load_settings({**env, "REDIS_DEDUP_TTL_SECONDS": "600"})
+    assert any("REDIS_DEDUP_TTL_SECONDS=600 is below USERPILOT_RETRY_BUDGET_SECONDS=900"
+               in note for note in low.notes)
+    default = load_settings(env)
+    assert not any("REDIS_DEDUP_TTL_SECONDS" in note for note in default.notes)
