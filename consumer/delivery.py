@@ -69,6 +69,11 @@ STALL_S = 1.0
 """A request's deadline that fires this much later than it was due found the event loop
 stalled (a frozen process, a paused VM, a loop blocked): the answer may have come
 meanwhile, unread. A loop under load is late by milliseconds, never by a second."""
+HEADER_LINE_MAX = 64 * 1024
+"""The longest header line (or status line) an answer may have; aiohttp's default, 8,190
+bytes, refused a valid 2xx with a long Content-Security-Policy or Set-Cookie."""
+HEADERS_MAX = 256
+"""The most header fields an answer may have (aiohttp's default: 128)."""
 KEEPALIVE_S = 4.0
 """How long an idle pooled connection is kept: under the 5 s after which common servers
 (Node.js, Apache) close theirs, so the client rarely reuses one the server is closing."""
@@ -333,7 +338,10 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
         quoted = {name: redact(headers[name][:200])
                   for name in ("x-request-id", "location") if name in headers}
         if "retry-after" in headers:
-            quoted["retry-after"] = headers["retry-after"]
+            # The first field: httpx joins repeated ones ("30, 30", a gateway's beside the
+            # origin's), which read as neither seconds nor a date, and the wait Userpilot
+            # asked for was lost (review "http44"); a date holds a comma of its own.
+            quoted["retry-after"] = headers.get_list("retry-after")[0]
         charset, coding = charset_of(headers), headers.get("content-encoding")
         shown = redact(body_text(body, charset=charset, encoding=coding))
         if charset is not None and not _utf8(charset):
@@ -576,8 +584,16 @@ class UserpilotClient:
             def session() -> aiohttp.ClientSession:  # made on first use, inside the loop
                 connector = _Connector(limit=max_connections, ssl=context,
                                        keepalive_timeout=KEEPALIVE_S)
+                # Header limits above aiohttp's defaults (8,190 bytes a line, 128 fields):
+                # a 2xx with a long Content-Security-Policy or many trace headers (a gateway,
+                # an inspecting proxy) is valid HTTP, but refused by the parser it read as
+                # an unusable answer, and the accepted event was sent again at every attempt
+                # (review "http44"). Bounded still: 256 fields of at most 64 KiB.
                 return aiohttp.ClientSession(connector=connector, response_class=_Response,
-                                             cookie_jar=aiohttp.DummyCookieJar())
+                                             cookie_jar=aiohttp.DummyCookieJar(),
+                                             max_line_size=HEADER_LINE_MAX,
+                                             max_field_size=HEADER_LINE_MAX,
+                                             max_headers=HEADERS_MAX)
 
             transport = AiohttpTransport(verify=context, limits=limits, proxy=self.proxy,
                                          client=session)

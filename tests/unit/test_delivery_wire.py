@@ -1149,3 +1149,44 @@ def test_a_proxy_host_that_does_not_resolve_names_the_proxy_setting() -> None:
     said = str(run(main))
     assert "the proxy's host 'no-such-proxy.invalid' does not resolve" in said
     assert "HTTPS_PROXY" in said and "USERPILOT_ANALYTICS_ENDPOINT" not in said
+
+
+_BIG_FIELD = (b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\n"
+              b"Content-Security-Policy: " + b"a" * 9000 + b"\r\nContent-Length: 2\r\n\r\n{}")
+_MANY_FIELDS = (b"HTTP/1.1 202 Accepted\r\n"
+                + b"".join(b"X-Trace-%d: v\r\n" % i for i in range(200))
+                + b"Content-Length: 2\r\n\r\n{}")
+
+
+@pytest.mark.parametrize("answer", [_BIG_FIELD, _MANY_FIELDS], ids=["9KB-field", "200-fields"])
+def test_an_accepted_answer_with_large_headers_is_delivered_once(answer: bytes) -> None:
+    """Review http44: over aiohttp's default header limits (8,190 bytes a line, 128
+    fields) a valid 202 read as an unusable answer, retried: Userpilot counted the event
+    at every attempt."""
+    async def main() -> tuple[str, int]:
+        async with Server(always(Send(answer))) as s:
+            c = up(s.url())
+            try:
+                return await outcome(c, b'{"user_id":"u1","event_name":"e"}'), len(s.requests)
+            finally:
+                await c.aclose()
+
+    assert run(main) == ("ok", 1)
+
+
+def test_a_retry_after_sent_twice_is_honoured() -> None:
+    """Review http44: httpx joins repeated fields ("30, 30"), which read as nothing, and
+    the wait Userpilot asked for was lost."""
+    async def main() -> float | None:
+        async with Server(always(Send(http(429, b"", ["Retry-After: 30",
+                                                      "Retry-After: 30"])))) as s:
+            c = up(s.url())
+            try:
+                await c.track(b"{}")
+            except RateLimited as exc:
+                return exc.retry_after
+            finally:
+                await c.aclose()
+        return None
+
+    assert run(main) == 30
