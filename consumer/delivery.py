@@ -69,6 +69,8 @@ STALL_S = 1.0
 """A request's deadline that fires this much later than it was due found the event loop
 stalled (a frozen process, a paused VM, a loop blocked): the answer may have come
 meanwhile, unread. A loop under load is late by milliseconds, never by a second."""
+_CERT_TIME_CODES = frozenset({9, 10})
+"""OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED."""
 HEADER_LINE_MAX = 64 * 1024
 """The longest header line (or status line) an answer may have; aiohttp's default, 8,190
 bytes, refused a valid 2xx with a long Content-Security-Policy or Set-Cookie."""
@@ -394,6 +396,12 @@ def _tls_refusal(exc: BaseException, proxied: bool = False) -> TlsRefused | None
                    or "certificate verify failed")
             whose = ("Userpilot's (or the proxy's) certificate" if proxied
                      else "Userpilot's certificate")
+            if getattr(cause, "verify_code", None) in _CERT_TIME_CODES:
+                # Its CA is trusted: "set USERPILOT_CA_BUNDLE" sent the operator the wrong
+                # way (review "http44").
+                return TlsRefused(
+                    f"TLS: {whose} is outside its validity dates ({why}): it has expired "
+                    "(the other end's to renew) or this host's clock is wrong")
             return TlsRefused(
                 f"TLS: {whose} is not trusted ({why}): set USERPILOT_CA_BUNDLE to the CA "
                 "that signed it (a TLS-inspecting proxy's, say), or check "

@@ -1190,3 +1190,21 @@ def test_a_retry_after_sent_twice_is_honoured() -> None:
         return None
 
     assert run(main) == 30
+
+
+@pytest.mark.parametrize(("code", "says"), [
+    (10, "outside its validity dates"), (9, "outside its validity dates"),
+    (20, "set USERPILOT_CA_BUNDLE")])
+def test_an_expired_certificate_is_not_sent_to_the_ca_bundle(code: int, says: str) -> None:
+    """Review http44: its CA is trusted; "set USERPILOT_CA_BUNDLE to the CA that signed
+    it" sent the operator the wrong way. An unknown issuer (20) still names the setting."""
+    from consumer.delivery import _tls_refusal
+
+    cause = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    cause.verify_code = code
+    cause.verify_message = {10: "certificate has expired", 9: "certificate is not yet valid",
+                            20: "unable to get local issuer certificate"}[code]
+    wrapped = aiohttp.ClientConnectorCertificateError(None, cause)  # type: ignore[arg-type]
+    refusal = _tls_refusal(wrapped)
+    assert refusal is not None and says in str(refusal)
+    assert (code == 20) == ("USERPILOT_CA_BUNDLE" in str(refusal))
