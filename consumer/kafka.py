@@ -192,7 +192,7 @@ class KafkaSource:
     def _on_commit(self, err: KafkaError | None, parts: list[TopicPartition]) -> None:
         """Commit results, served during consume: acknowledged offsets go to the worker."""
         # one result a commit
-        _sent_at, sent = self._sent_async.popleft() if self._sent_async else (0.0, [])
+        sent_at, sent = self._sent_async.popleft() if self._sent_async else (0.0, [])
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning("offset commit failed (%s); the next commit covers it", err.str())
         if err is None or err.code() >= 0 or err.code() == KafkaError._NO_OFFSET:
@@ -205,6 +205,11 @@ class KafkaSource:
             # (review "rebal44"). Not from before the last assignment, Kafka's answer too.
             self._commit_waiting_since = (
                 max(self._sent_async[0][0], self._assigned_at) if self._sent_async else None)
+        elif not self._sent_async and sent_at < self._assigned_at:
+            # The last commit out, sent before the assignment (Kafka's answer since), failed
+            # locally: kept, its clock made a quiet replica whose partitions went elsewhere
+            # unready for good, no later commit to clear it (review "probes43").
+            self._commit_waiting_since = None
         self._notes_now_refused((tp.error.code() for tp in parts or [] if tp.error is not None),
                                 (len(tp.metadata or "") for tp in parts or []))
         done = [((tp.topic, tp.partition), tp.offset) for tp in parts or []
@@ -247,8 +252,11 @@ class KafkaSource:
         released with the session, so no later commit's answer cleared it: a quiet replica
         stayed unready, and read no commit notes before taking its partitions' messages
         (review "probes43")."""
-        self._commit_waiting_since = None
         self._assigned_at = time.monotonic()
+        # A commit still out (partitions kept through a cooperative rebalance) is timed from
+        # now: cleared, no commit followed it while it was out, and a coordinator that hung
+        # then went unnoticed (review "diff44").
+        self._commit_waiting_since = self._assigned_at if self._sent_async else None
         self._brokers_up = True
         self._on_assign(parts)
 

@@ -407,3 +407,26 @@ def test_a_commit_still_out_after_another_was_answered_keeps_the_clock(
     assert src.connected, "counted from the assignment, not from before it"
     now[0] += kafka.COMMIT_SILENCE_S + 0.5
     assert not src.connected
+
+
+def test_a_commit_out_across_an_assignment_is_timed_from_the_assignment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review diff44: partitions kept through a cooperative rebalance, their commit still
+    out; the assignment cleared its clock and the worker sends no commit while one is out,
+    so a coordinator hung from then on went unnoticed. Yet a commit from before the
+    assignment that then fails locally leaves no clock behind (a quiet replica stayed
+    unready for good, review "probes43")."""
+    from consumer import kafka
+
+    now = [1000.0]
+    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
+    src = source()
+    src._consumer = _Committer()  # type: ignore[assignment]
+    src.commit({("t", 0): 5}, wait=False)
+    now[0] += 1
+    src._assigned([("t", 1)])
+    now[0] += kafka.COMMIT_SILENCE_S + 1
+    assert not src.connected, "unanswered since the assignment"
+    src._on_commit(KafkaError(KafkaError._TIMED_OUT), [])  # failed locally: no answer
+    assert src.connected, "nothing out since the assignment"
