@@ -841,15 +841,23 @@ def _key_of(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any]
     it (the DLQ refused it even without its value), the source event's, read by its
     coordinates as a replay restores it. Listed as `null`, a deleted user's dead letter
     over the replay limit was not found by `--dry-run --all` (README, GDPR; review
-    "replay44"); one whose source is gone says `key_omitted`."""
+    "replay44"). When the source cannot give it, `key_omitted` says why (`gone`,
+    `unanswered`, `mismatch`, `no_origin`). A consumer per such record: they are rare."""
     if header_value(headers, KEY_OMITTED) != b"true":
         return {"key": shown_key(msg.key())}
     where = source_of(headers)
-    if where is not None:
-        found = dlqfetch.fetch_original(conf, *where)
-        if found.problem is None:
-            return {"key": shown_key(found.key)}
-    return {"key": None, "key_omitted": True}
+    if where is None:
+        return {"key": None, "key_omitted": "no_origin"}
+    found = dlqfetch.fetch_original(conf, *where)
+    if found.problem is not None:
+        # `unanswered` too: said as such (the source may answer next time), not as gone.
+        return {"key": None, "key_omitted": found.problem}
+    digest = (header_value(headers, VALUE_SHA256) or b"").decode("utf-8", "replace")
+    if hashlib.sha256(found.value or b"").hexdigest() != digest:
+        # Another record at those coordinates (the topic re-created): its key would name
+        # another user (review "diff44").
+        return {"key": None, "key_omitted": "mismatch"}
+    return {"key": shown_key(found.key)}
 
 
 _NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: int() refuses "²", isdigit() not

@@ -805,8 +805,15 @@ def test_a_dead_letter_written_without_its_key_is_listed_with_the_source_events_
     assert line is not None and line["not_replayable"] == "over_limit"
     assert line["key"] == "u_deleted" and asked == [("events", 0, 41)]
 
-    monkeypatch.setattr(dlqfetch, "fetch_original",
-                        lambda *_a, **_k: dlqfetch.Fetched(problem="gone"))
-    line = replay._replay_one(msg, 0, 9, "dlq", Filters(max_replays=3), {},  # type: ignore[arg-type]
-                              replay.Summary(), True)
-    assert line is not None and line["key"] is None and line["key_omitted"] is True
+    def listed(found: dlqfetch.Fetched) -> dict[str, Any] | None:
+        monkeypatch.setattr(dlqfetch, "fetch_original", lambda *_a, **_k: found)
+        return replay._replay_one(msg, 0, 9, "dlq", Filters(max_replays=3),  # type: ignore[arg-type]
+                                  {}, replay.Summary(), True)
+
+    for problem in ("gone", "unanswered"):
+        line = listed(dlqfetch.Fetched(problem=problem))
+        assert line is not None and line["key"] is None and line["key_omitted"] == problem
+    # Another record at those coordinates (the topic re-created): not its key (review
+    # diff44: another user's key was listed).
+    line = listed(dlqfetch.Fetched(b"u_someone_else", b"other value"))
+    assert line is not None and line["key"] is None and line["key_omitted"] == "mismatch"
