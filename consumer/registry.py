@@ -147,6 +147,23 @@ def _parse_names(schema: Any, named: dict[str, Any]) -> Any:
     raise ValueError(f"more than {MAX_REFERENCES} names resolved in no namespace")
 
 
+def _with_references(parsed: Any, named: dict[str, Any]) -> Any:
+    """A parsed writer schema whose root, or a branch of its root union, is only the name of
+    a referenced type (`["ns.TrackEvent", "ns.IdentifyEvent"]`, Confluent's way to put
+    several event types on one topic) with that type in its place, marked parsed with its
+    names: fastavro parses a root it is handed again, and without the references it raised
+    UnknownType, retried as a registry outage for ever (review "schema44")."""
+    def named_type(branch: Any) -> Any:
+        found = named.get(branch) if isinstance(branch, str) else None
+        if not isinstance(found, dict):
+            return branch
+        return {**found, "__fastavro_parsed": True, "__named_schemas": named}
+
+    if isinstance(parsed, list):
+        return [named_type(branch) for branch in parsed]
+    return named_type(parsed)
+
+
 class _BadSchema(Exception):
     """A referenced schema the registry gave that cannot be parsed (permanent)."""
 
@@ -490,11 +507,28 @@ class Registry:
         except _BadSchema as exc:
             self._unusable_schema(schema_id, f"schema id {schema_id} references {exc}")
         try:
-            fresh: Any = _parse_names(writer_json(doc.text), named)
+            fresh: Any = _with_references(_parse_names(writer_json(doc.text), named), named)
         except Exception as exc:
             self._unusable_schema(
                 schema_id, f"schema id {schema_id} is not an Avro schema this worker can "
                 f"parse ({type(exc).__name__}: {str(exc)[:200]})")
+        try:
+            parsed = self._reader_of(schema_id, fresh, named)
+        except UndecodableEvent:
+            raise
+        except Exception as exc:
+            # Never an outage: every registry call succeeded, and retried as one, its events
+            # held their partitions for ever with the registry healthy (review "schema44").
+            self._unusable_schema(
+                schema_id, f"schema id {schema_id} cannot be read as a Signal event "
+                f"({type(exc).__name__}: {str(exc)[:200]})")
+        with self._lock:
+            self._parsed[schema_id] = parsed
+        return parsed
+
+    def _reader_of(self, schema_id: int, fresh: Any, named: dict[str, Any]) -> Mapping[str, Any]:
+        """How events of a parsed writer schema are read: ours, ours under the writer's
+        names, or through the pure-Python reader (see `_parse`)."""
         parsed: Mapping[str, Any]
         if fastavro.schema.to_parsing_canonical_form(fresh) == self._ours:
             parsed = SCHEMA
@@ -525,6 +559,4 @@ class Registry:
                           if isinstance(fresh, list) else Renamed(fresh, reader))
             else:
                 parsed = fresh
-        with self._lock:
-            self._parsed[schema_id] = parsed
         return parsed

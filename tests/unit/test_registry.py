@@ -946,3 +946,79 @@ def test_a_32_byte_event_declaring_2_62_fixed_width_items_is_dead_lettered_not_s
         pytest.fail(f"one 32-byte event of array<{items}> held the process for over 60 s")
     assert done.returncode == 0, done.stderr
     assert "dead-lettered:" in done.stdout, done.stdout
+
+
+class EventTypesClient:
+    """Confluent's several event types on one topic: schema 42 is a union of references
+    (or one bare name), each type under a subject of its own."""
+
+    def __init__(self, root: Any) -> None:
+        from consumer.registry import Reference
+
+        self.root = root
+        self.refs = (Reference("io.datafly.signal.TrackEvent", "track-value", 1),
+                     Reference("io.datafly.signal.IdentifyEvent", "identify-value", 1))
+
+    @staticmethod
+    def event_type(name: str) -> dict[str, Any]:
+        schema: dict[str, Any] = json.loads(SCHEMA_TEXT)
+        schema["name"] = name
+        return schema
+
+    def get_schema(self, schema_id: int) -> SchemaDoc:
+        return SchemaDoc(json.dumps(self.root), self.refs)
+
+    def get_version(self, subject: str, version: int) -> SchemaDoc:
+        name = "TrackEvent" if subject == "track-value" else "IdentifyEvent"
+        return SchemaDoc(json.dumps(self.event_type(name)))
+
+
+def _union_wire(branch: int, name: str, event: dict[str, Any]) -> bytes:
+    out = io.BytesIO()
+    out.write(b"\0\0\0\0\x2a" + bytes([branch * 2]))  # the union's branch, zig-zag
+    fastavro.schemaless_writer(out, fastavro.parse_schema(EventTypesClient.event_type(name)),
+                               codec.to_record(event))
+    return out.getvalue()
+
+
+def test_a_union_root_of_referenced_event_types_is_read() -> None:
+    """Review schema44: fastavro parsed the root again without the references, raised
+    UnknownType, and the handler retried it as a registry outage for ever: the partition
+    stalled with the registry healthy and readiness on."""
+    registry = Registry("http://unused", client=EventTypesClient(
+        ["io.datafly.signal.TrackEvent", "io.datafly.signal.IdentifyEvent"]))
+    track = {"type": "track", "event": "Feature Used", "userId": "u1", "messageId": "m1",
+             "properties": {"feature": "export_csv"}}
+    identify = {"type": "identify", "userId": "u2", "messageId": "m2",
+                "traits": {"plan": "pro"}}
+    got = codec.decode(_union_wire(0, "TrackEvent", track), registry.writer_schema)
+    assert (got["type"], got["userId"], got["event"]) == ("track", "u1", "Feature Used")
+    got = codec.decode(_union_wire(1, "IdentifyEvent", identify), registry.writer_schema)
+    assert (got["type"], got["userId"]) == ("identify", "u2")
+    assert registry.healthy
+
+
+def test_a_root_that_only_names_a_referenced_type_is_read() -> None:
+    registry = Registry("http://unused", client=EventTypesClient("io.datafly.signal.TrackEvent"))
+    track = {"type": "track", "event": "Feature Used", "userId": "u1", "messageId": "m1"}
+    data = _union_wire(0, "TrackEvent", track)
+    data = data[:5] + data[6:]  # no union branch: the record alone
+    assert codec.decode(data, registry.writer_schema)["userId"] == "u1"
+
+
+def test_a_surprise_while_preparing_a_writer_schemas_reader_dead_letters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever fails once the registry answered is the schema's, never an outage: retried
+    as one, its events held their partitions for ever (review "schema44")."""
+    from consumer import registry as module
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("a fastavro surprise")
+
+    monkeypatch.setattr(module, "free_items", broken)
+    registry = Registry("http://unused", client=OneSchema(_evolved({"name": "x", "type":
+                                                                     "int", "default": 0})))
+    for _ in range(2):
+        with pytest.raises(UndecodableEvent, match="a fastavro surprise"):
+            registry.writer_schema(7)
+    assert registry.healthy
