@@ -839,6 +839,10 @@ class Handler:
                 # event's first).
                 event.attempts.answered = event.attempts.count = event.attempts.refused = 0
                 event.attempts.refused_at = None
+                # The 429s waited out are the call's, not a credit for the next: kept, an
+                # ensure-user's 300 s of 429s let its Track retry 5xx for 420 s against a
+                # 100 s budget (review "order44").
+                event.attempts.limited_up, event.attempts.limited_since = 0.0, None
                 event.requested = False
                 if call.purpose != "ensure_user":
                     await self._dedup_progress(event, endpoint, plan.progress_note())
