@@ -570,8 +570,9 @@ class KnownUsers:
     def remember(self, user_id: str, age_s: float = 0.0) -> None:
         """Record a successful identify of ``user_id`` made ``age_s`` seconds ago (another
         replica's, read from Redis); evicts the least recent beyond capacity."""
-        if len(user_id) > LONG_ID:
-            user_id = _digest(user_id)
+        self._remember_key(_digest(user_id) if len(user_id) > LONG_ID else user_id, age_s)
+
+    def _remember_key(self, user_id: str, age_s: float) -> None:
         users = self._users
         if user_id in users:
             users.move_to_end(user_id)
@@ -584,9 +585,9 @@ class KnownUsers:
         ``user_id`` for ``left_s`` more seconds: trusted here for at most ``recheck_s`` of
         them, then the record is read again (it may have been deleted: `delete-users`);
         `shared_left` keeps the rest for when it cannot be read."""
-        self.remember(user_id, age_s=self._ttl - min(left_s, recheck_s))
-        if len(user_id) > LONG_ID:
+        if len(user_id) > LONG_ID:  # one digest, kept by both maps
             user_id = _digest(user_id)
+        self._remember_key(user_id, self._ttl - min(left_s, recheck_s))
         shared = self._shared
         if user_id in shared:
             shared.move_to_end(user_id)
