@@ -450,7 +450,12 @@ def test_the_charts_grace_margin_covers_the_stop_after_the_drain() -> None:
         "http://r:0", "http://r:99999", "http://r:65535", "http://r:8081?tenant=a",
         "http://r:8081#x", "http://r#", "http://-bad-:8081", "http://a-.b", "http://a.-b:1",
         "http://user-:pa-ss@r:8081", "http://-u:p@r", "HTTP://r:8081", "Https://r",
-        "http://r:8081/apis/ccompat/v7", "http://my-registry:8081/x-y/", "http://u:0@r")
+        "http://r:8081/apis/ccompat/v7", "http://my-registry:8081/x-y/", "http://u:0@r",
+        "http://999.1.1.1:8081", "http://10.0.0.256:8081", "http://127.1:8081",
+        "http://2130706433:8081", "http://1.2.3.4", "http://1.2.3.4.:8081",
+        "http://01.2.3.4:8081", "http://1.2.3.04/x", "http://1.2.3.4.5",
+        "http://" + "a" * 64 + ".svc:8081", "http://" + "a" * 63 + ".svc:8081",
+        "http://[::1]:99999", "http://[::1]:0", "http://[::1]:8081", "http://[::1]")
 ] + [
     ("kafka.bootstrapServers", v) for v in (
         "127.1:9092", "999.1.1.1:9092", "1.2.3.4.5:9092", "1.2.3.4.:9092", "1.2.3.256:9092",
