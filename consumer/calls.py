@@ -89,7 +89,7 @@ COMPANY_IDENTIFY_PATH = "/v1/companies/identify"
 DEFAULT_KNOWN_TTL_S = 86_400.0
 """How long an identify is trusted (USERPILOT_ENSURE_USER_TTL_SECONDS): a day."""
 DEFAULT_KNOWN_USERS = 100_000
-"""Default capacity of :class:`KnownUsers`: ~150 bytes an entry plus the id (an id over 64
+"""Default capacity of :class:`KnownUsers`: ~120 bytes an entry plus the id (an id over 64
 characters kept as a digest), so ~20 MB at most."""
 
 Family: TypeAlias = Literal["track", "identify"]
@@ -527,7 +527,7 @@ class KnownUsers:
     a rebalance that brings new users) costs one extra identify, never a lost event.
     Ids over `LONG_ID` characters are kept as a digest (65 characters, so never equal to a
     kept id): the cache's memory is bounded by its capacity, whatever the ids' length
-    (~150 bytes an entry plus the id). Not thread-safe: owned by the worker's event loop.
+    (~120 bytes an entry plus the id). Not thread-safe: owned by the worker's event loop.
 
     An identify is trusted for `ttl_s` seconds: a user deleted in Userpilot since (by
     `delete-users`, its UI, another integration) whose id comes back was remembered for

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 ALL_FAMILIES = "all"
 """The family name when every endpoint shares one budget (USERPILOT_RATE_LIMIT_SHARED)."""
 LOOKAHEAD_SLOTS = 10
+LOCAL_SEND_BUCKETS = 1024
+"""Buckets the debt span is counted in while on the fallback (memory: at most this many)."""
 BUDGET_IDLE_TTL_S = 3600.0
 """How long an idle budget key is kept. A missing key costs the first request up to
 `lookahead` + one interval (its history is unknown, see `redisstore.GCRA_LUA`), so the key
@@ -98,7 +100,13 @@ class SharedLimiter:
         self._debt_key = ""
         self._next_probe = 0.0
         self._asked = clock()  # when Redis was last asked (`probe` asks an idle one too)
-        self._local_sends: deque[float] = deque()
+        # Requests sent on the fallback, counted in buckets of a 1024th of the debt span
+        # ([start, count], oldest first): one float per request held a period's worth, 13 MB
+        # an hour and past the chart's memory in a day-long outage at the largest rate
+        # (review "leak44"). A bucket partly past the span counts whole: the debt is at
+        # most a bucket's requests over, never under.
+        self._local_sends: deque[list[float]] = deque()
+        self._local_count = 0
         self._lock: asyncio.Lock | None = None
 
     @property
@@ -182,7 +190,7 @@ class SharedLimiter:
                 wait = self._local.reserve()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                self._local_sends.append(self._clock())
+                self._count_local_send()
                 return self._clock() - start
 
     async def probe(self) -> None:
@@ -248,11 +256,22 @@ class SharedLimiter:
             self._leave_fallback(debt)
         return reserved, seconds
 
+    def _count_local_send(self) -> None:
+        now = self._clock()
+        sends = self._local_sends
+        if sends and now - sends[-1][0] < self._debt_span_s / LOCAL_SEND_BUCKETS:
+            sends[-1][1] += 1
+        else:
+            sends.append([now, 1])
+        self._local_count += 1
+
     def _recent_local_sends(self) -> int:
-        horizon = self._clock() - self._debt_span_s
-        while self._local_sends and self._local_sends[0] < horizon:
-            self._local_sends.popleft()
-        return len(self._local_sends)
+        span = self._debt_span_s
+        horizon = self._clock() - span
+        sends = self._local_sends
+        while sends and sends[0][0] + span / LOCAL_SEND_BUCKETS < horizon:
+            self._local_count -= int(sends.popleft()[1])
+        return self._local_count
 
     def _enter_fallback(self, detail: str) -> None:
         now = self._clock()
@@ -272,6 +291,7 @@ class SharedLimiter:
         since = self._fallback_since or self._clock()
         self._fallback_since = None
         self._local_sends.clear()
+        self._local_count = 0
         log.warning("shared rate budget back after %.1fs on the fallback (%d local requests "
                     "added to it)", self._clock() - since, debt)
         if self._on_fallback is not None:

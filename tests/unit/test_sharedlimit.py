@@ -282,3 +282,29 @@ def test_the_look_ahead_is_never_shorter_than_one_interval_nor_a_microsecond() -
     fast = SharedLimiter(ScriptedStore(), "k", 10_000_000, 0.01, 1,
                          fallback=AdaptiveLimiter(10_000_000, 0.01, 1))
     assert fast.lookahead_s >= 1e-6
+
+
+def test_requests_sent_on_the_fallback_are_counted_in_bounded_memory() -> None:
+    """Review leak44: one float per request sent on the fallback, kept for the debt span:
+    at the largest rate a day-long Redis outage held ~320 MB per family. Counted in
+    buckets: at most LOCAL_SEND_BUCKETS entries, the count never under the requests sent
+    within the span, over by at most one bucket's."""
+    from consumer.sharedlimit import LOCAL_SEND_BUCKETS
+
+    now = [1000.0]
+    local = AdaptiveLimiter(10_000_000, 86_400.0, 1, clock=lambda: now[0])
+    limiter = SharedLimiter(ScriptedStore(), "k", 10_000_000, 86_400.0, 1, fallback=local,
+                            clock=lambda: now[0])
+    span = limiter._debt_span_s
+    sent: list[float] = []
+    for _ in range(200_000):  # 200,000 requests over two spans
+        now[0] += 2 * span / 200_000
+        limiter._count_local_send()
+        sent.append(now[0])
+        if len(sent) % 20_000 == 0:
+            within = sum(1 for at in sent if at >= now[0] - span)
+            counted = limiter._recent_local_sends()
+            assert within <= counted <= within + 200_000 / 2 / LOCAL_SEND_BUCKETS + 1
+    assert len(limiter._local_sends) <= LOCAL_SEND_BUCKETS + 1
+    now[0] += 2 * span
+    assert limiter._recent_local_sends() == 0 and not limiter._local_sends
