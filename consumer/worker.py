@@ -130,7 +130,7 @@ chain holds it no more until it is down to CHAIN_RESUME. Held for as long as the
 stuck, one user's failing event stopped every other user of its partition (up to the retry
 budget, 15 minutes; review "hot26"), where before the bound only that user waited."""
 DEAD_LETTERS_NAMED = 100_000
-"""This run's latest dead letters the worker remembers (~100 bytes each) to name, after a
+"""This run's latest dead letters the worker remembers (~200 bytes each, measured) to name, after a
 DLQ guard trip, the time from which they were never committed (`_name_void_dead_letters`)."""
 GUARD_HOLD_MAX_S = 60.0
 """The longest a dead letter's commit waits for the DLQ guard (`GuardHold`) while the worker
