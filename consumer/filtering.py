@@ -97,6 +97,9 @@ def _consent_drop(category: str) -> Drop:
 
 
 _ABSENT: Any = object()
+NESTED_META = frozenset({"categories", "version", "updatedat", "updated_at"})
+"""The nested consent form's keys beside `canonical` (the platform's raw codes, the record's
+version and time): they say nothing of a Signal category, in either shape."""
 
 
 def _granted(value: Any) -> bool:
@@ -183,6 +186,12 @@ class ConsentPolicy:
             else:
                 granted_by = {k: v for k, v in consent.items()
                               if isinstance(k, str) and k.strip().lower() in CATEGORIES}
+        else:
+            # The nested form's own keys beside no `canonical` are no consent data either:
+            # `{"categories": ["C0002"]}` was dropped under USERPILOT_CONSENT_MISSING=allow
+            # while `{"canonical": {}, "categories": ["C0002"]}` went (review "seed44").
+            granted_by = {k: v for k, v in consent.items()
+                          if not (isinstance(k, str) and k.strip().lower() in NESTED_META)}
         # No value in the object that decides is no consent data, in either shape:
         # `{"canonical": {"analytics": null}}` was denied where `{"analytics": null}` took
         # USERPILOT_CONSENT_MISSING (review "mapping22").

@@ -92,8 +92,12 @@ def test_anonymous_is_checked_before_consent_and_type() -> None:
         ({"canonical": "yes", "analytics": False}, ANALYTICS, Drop("consent", "analytics")),
         ({"canonical": "yes", "analytics": False}, ALLOW_MISSING,
          Drop("consent", "analytics")),
-        # raw CMP codes only: consent data is present but grants nothing we know
-        ({"categories": ["C0001", "C0002"]}, ALLOW_MISSING, Drop("consent", "analytics")),
+        # raw CMP codes only: the nested form's metadata, no consent data in either shape
+        # (review seed44: dropped under allow where the nested form went)
+        ({"categories": ["C0001", "C0002"]}, ALLOW_MISSING, None),
+        ({"categories": ["C0001"], "analytics": False}, ALLOW_MISSING,
+         Drop("consent", "analytics")),
+        ({"categories": ["C0001"], "other": True}, ALLOW_MISSING, Drop("consent", "analytics")),
         # keys compared as categories are: lower-cased and stripped (review mapping25) ...
         ({"Analytics": True}, ANALYTICS, None),
         ({"canonical": {"ANALYTICS ": True}}, ANALYTICS, None),
@@ -184,6 +188,9 @@ NO_CONSENT_DATA = [
     # ... nor do keys beside it that name no category (review r30).
     event({"canonical": {"analytics": None}, "version": 2, "updatedAt": "2026-01-01"}),
     event({"canonical": {}, "Categories": ["C0001"], "analytics": None}),
+    # ... nor in the flat form, for the same keys without `canonical` (review seed44).
+    event({"categories": ["C0002"]}),
+    event({"version": 3, "updatedAt": "2026-01-01", "analytics": None}),
 ]
 """Consent that is not an object (`"analytics=true"`, `["analytics"]`, `true`) is not "no
 data": it grants nothing under either policy (test_explicit_consent_that_is_not_...)."""
