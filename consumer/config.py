@@ -433,8 +433,12 @@ class Settings:
                 "track_url": self.track_url,
                 "api_key": "***" if self.api_key.reveal() else "",
                 "insecure_http": self.insecure_http,
+                # Whose budget it is said: "600 per 60 s" read as the token's whole, where
+                # track and identify each have one by default (review "seed44").
                 "rate_limit": f"{self.rate_limit} per {self.rate_period_s:g} s "
-                              f"(burst {self.rate_burst})",
+                              f"(burst {self.rate_burst}) "
+                              + ("for all calls together" if self.rate_limit_shared else
+                                 "each for track and for identify (with company identify)"),
                 "request_timeout_seconds": self.request_timeout_s,
                 "retry": {"max_attempts": self.retry_max_attempts,
                           "budget_seconds": self.retry_budget_s,

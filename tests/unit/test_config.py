@@ -702,7 +702,8 @@ def test_settings_repr_and_describe_never_show_secrets() -> None:
 def test_describe_shape() -> None:
     d = load().describe()
     assert d["userpilot"]["track_url"] == "https://analytex.userpilot.io/v1/track"
-    assert d["userpilot"]["rate_limit"] == "600 per 60 s (burst 1)"
+    assert d["userpilot"]["rate_limit"] == (
+        "600 per 60 s (burst 1) each for track and for identify (with company identify)")
     assert d["userpilot"]["retry"] == {"max_attempts": 12, "budget_seconds": 900.0,
                                        "backoff_seconds": 1.0, "backoff_max_seconds": 60.0}
     assert d["consent"] == {"categories": ["analytics"], "missing": "deny", "gating": "on"}
