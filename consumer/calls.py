@@ -230,6 +230,13 @@ blank Braille pattern: characters that render as nothing, favourites for ids tha
 empty."""
 
 
+def invisible_edge(text: str) -> bool:
+    """Whether `text` begins or ends with a character that renders as nothing (a byte order
+    mark, a zero-width space): an id that is not the one it looks like."""
+    return bool(text) and (_RENDERS_AS_NOTHING.fullmatch(text[0]) is not None
+                           or _RENDERS_AS_NOTHING.fullmatch(text[-1]) is not None)
+
+
 def visible(text: str) -> bool:
     """Whether a string can identify anything: it holds a character that is neither blank
     nor invisible. ``""``, ``"  "``, ``"\u200b"``, ``"\x00"`` and ``"\u3164"`` cannot;

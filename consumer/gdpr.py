@@ -20,6 +20,7 @@ import asyncio
 import io
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +38,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from consumer.answers import MAX_BODY_BYTES, capped, raw_chunks
+from consumer.calls import invisible_edge
 from consumer.config import Settings, load_settings
 from consumer.cutoff import Cutoff
 from consumer.delivery import (
@@ -95,21 +97,23 @@ def read_user_ids(lines: Iterable[str]) -> list[str]:
 
     Not stripped: the worker sends a `userId` as the event carries it, so `"carol\u00a0"`
     is another user than `carol` (stripping deleted the wrong one, or none, and reported
-    it deleted). A UTF-8 byte order mark on the first line is ignored (spreadsheet exports
-    add one).
+    it deleted). A UTF-8 byte order mark at the start of any line is ignored (spreadsheet
+    exports add one, and `cat a.txt b.txt` puts b's first line after it: sent with it,
+    that user was not deleted and the run said it was, review "cli44").
     """
     seen: dict[str, None] = {}
-    for number, line in enumerate(lines):
-        text = line.lstrip("\ufeff") if number == 0 else line
-        user_id = text.removesuffix("\n").removesuffix("\r")
+    for line in lines:
+        user_id = line.lstrip("\ufeff").removesuffix("\n").removesuffix("\r")
         if user_id.strip():
             seen.setdefault(user_id, None)
     return list(seen)
 
 
 def padded(user_ids: Iterable[str]) -> int:
-    """How many ids begin or end with whitespace (kept as is; worth a warning)."""
-    return sum(1 for user_id in user_ids if user_id != user_id.strip())
+    """How many ids begin or end with whitespace or a character that renders as nothing
+    (kept as is; worth a warning: the id is not the one it looks like)."""
+    return sum(1 for user_id in user_ids
+               if user_id != user_id.strip() or invisible_edge(user_id))
 
 
 def batches(user_ids: Sequence[str], size: int) -> list[list[str]]:
@@ -147,6 +151,11 @@ class Pacer:
     def answered(self) -> None:
         """Call when a request was answered (or failed): the interval starts now."""
         self._next = self.clock() + self.interval
+
+    def ready_at(self) -> float:
+        """When the next request may start (now, when it may at once)."""
+        now = self.clock()
+        return now if self._next is None else max(now, self._next)
 
 
 @dataclass
@@ -186,6 +195,7 @@ class DeleteClient:
         """`ca_bundle` and `proxy` as the worker's client takes them (USERPILOT_CA_BUNDLE,
         the proxy `config.environment_proxy` names): deletions go where deliveries go."""
         self.url = url
+        self._host = httpx.URL(url).host  # named by connection failures
         self._redact = Redactor(request_secrets(headers, proxy))
         # As the worker's client: a whole attempt within twice the timeout, a trickled
         # answer included (`Cutoff`; a connection per request, one request per 2 s).
@@ -215,7 +225,7 @@ class DeleteClient:
                 raise Timeout(f"Userpilot's answer took over {self.deadline_s:g} s") from None
             # The worker's rule (a proxy's 407 to the tunnel is a misconfiguration that
             # stops the run: it was retried 12 times a batch, review newcomer19).
-            failure = transport_failure(exc, self.deadline_s)
+            failure = _before_tls(exc, self._host) or transport_failure(exc, self.deadline_s)
             if (isinstance(failure, ConnectionFailed) and not isinstance(failure, TlsRefused)
                     and not failure.before_tls and self.url.startswith("https:")):
                 failure = ConnectionFailed(f"{failure}; for TLS, check USERPILOT_CA_BUNDLE "
@@ -232,6 +242,27 @@ class DeleteClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _before_tls(exc: BaseException, host: str) -> ConnectionFailed | None:
+    """httpx's own transport (this command's) fails a host that does not resolve, or a port
+    nothing listens on, with a bare ConnectError: each was told "for TLS, check
+    USERPILOT_CA_BUNDLE" (review "cli44"). Named from the cause, as the worker names them."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return None
+        if isinstance(seen, socket.gaierror):
+            return ConnectionFailed(
+                f"connection to Userpilot failed: {host!r} does not resolve (DNS); check "
+                "USERPILOT_ANALYTICS_ENDPOINT (or the proxy's host in HTTPS_PROXY)",
+                before_tls=True)
+        if isinstance(seen, ConnectionRefusedError):
+            return ConnectionFailed(
+                f"connection to Userpilot failed: {host!r} refused it (nothing listens on "
+                "that port); check USERPILOT_ANALYTICS_ENDPOINT", before_tls=True)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # ---------------------------------------------------------------------------- the run
@@ -281,11 +312,14 @@ def delete_users(
             continue
         body = delete_body(batch)
         tries = 0
+        within = _Within(budget_s, pacer) if budget_s is not None else None
 
-        def attempt(body: bytes = body) -> str:
+        def attempt(body: bytes = body, within: _Within | None = within) -> str:
             nonlocal tries
             pacer.wait()
             tries += 1
+            if tries == 1 and within is not None:
+                within.start()  # the budget runs from the first attempt, not the pause
             if tries == 1:
                 # Counted once it goes out: an interrupt in the pacer's wait named a batch
                 # never sent as "may or may not have been scheduled" (review "replay26").
@@ -304,8 +338,8 @@ def delete_users(
                 f"next in {pause:.0f} s")
 
         stop: stop_base = stop_after_attempt(attempts)
-        if budget_s is not None:
-            stop = stop | _Within(budget_s, pacer.clock)
+        if within is not None:
+            stop = stop | within
         retrying = Retrying(
             stop=stop,
             wait=_wait(backoff_s, backoff_max_s),
@@ -337,15 +371,24 @@ def delete_users(
 
 class _Within(stop_base):
     """Stop before an attempt would start more than `budget_s` after the first (tenacity's
-    `stop_before_delay` on the pacer's clock, which tests control)."""
+    `stop_before_delay` on the pacer's clock, which tests control). From the first attempt
+    itself, and with the pacer's wait counted: started when the object was made, the pause
+    after the previous batch (or `--interval`) took its budget, and later batches were not
+    retried at all (review "cli44")."""
 
-    def __init__(self, budget_s: float, clock: Callable[[], float]) -> None:
+    def __init__(self, budget_s: float, pacer: Pacer) -> None:
         self.budget_s = budget_s
-        self.clock = clock
-        self.started = clock()
+        self.pacer = pacer
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.started = self.pacer.clock()
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        return self.clock() - self.started + retry_state.upcoming_sleep > self.budget_s
+        if self.started is None:
+            return False
+        begins = max(self.pacer.clock() + retry_state.upcoming_sleep, self.pacer.ready_at())
+        return begins - self.started > self.budget_s
 
 
 def _said(exc: BaseException | None) -> str:
@@ -497,8 +540,8 @@ def main(
         raise ConfigError("no user ids given: the file or stdin holds no id (one per line)")
     spaced = padded(user_ids)
     if spaced:
-        log(f"{spaced} ids begin or end with whitespace; sent exactly as written "
-            "(the worker sends userId as the event carries it)")
+        log(f"{spaced} ids begin or end with whitespace or an invisible character; sent "
+            "exactly as written (the worker sends userId as the event carries it)")
     groups = batches(user_ids, args.batch_size)
     if args.dry_run:
         for index, batch in enumerate(groups, 1):

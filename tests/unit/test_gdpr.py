@@ -609,3 +609,53 @@ def test_an_answer_is_read_only_as_far_as_it_is_quoted() -> None:
             client.close()
     assert peak < 8 * 2**20, f"held {peak / 2**20:.0f} MiB"
     assert refused.value.body.startswith("no no no")
+
+
+def _budgeted(script: list[Any], interval: float, budget: float) -> tuple[Summary, FakeSend]:
+    time = FakeTime()
+    send = FakeSend(time, script)
+    summary = delete_users(["a", "b"], send, batch_size=1,
+                           pacer=Pacer(interval, clock=time.clock, sleep=time.sleep),
+                           attempts=12, backoff_s=1.0, backoff_max_s=8.0, budget_s=budget)
+    return summary, send
+
+
+def test_each_batchs_budget_runs_from_its_first_attempt() -> None:
+    """Review cli44: counted from before the pacer's wait, the pause after the previous
+    batch took a later batch's budget: a 503 with Retry-After 4 under a 5 s budget was
+    retried on batch 1, not on batch 2."""
+    busy = ServerError("HTTP 503", status=503, retry_after=4.0)
+    summary, send = _budgeted([busy, "rid", busy, "rid"], interval=2.0, budget=5.0)
+    assert summary.ok and [users for _, users in send.sent] == [["a"], ["a"], ["b"], ["b"]]
+    # A retry the pacer would start past the budget is not started (nor is it later).
+    summary, send = _budgeted(["rid", busy], interval=10.0, budget=5.0)
+    assert summary.failed == 1 and len(send.sent) == 2
+
+
+@pytest.mark.parametrize("lines", [["a\n", "\ufeffbob\n"], ["\ufeffa\r\n", "\ufeffb"]])
+def test_a_byte_order_mark_starting_any_line_is_not_part_of_its_id(lines: list[str]) -> None:
+    """Review cli44: `cat a.txt b.txt` puts b's mark before its first id: sent with it,
+    that user was not deleted, and the run said it was."""
+    assert all(not user.startswith("\ufeff") for user in read_user_ids(lines))
+
+
+def test_ids_with_an_invisible_edge_are_counted_for_the_warning() -> None:
+    assert padded(["a", " b", "c\u200b", "\u2060d", "e f"]) == 3
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("https://analytex.userpilot.invalid", "does not resolve (DNS)"),
+    ("https://127.0.0.1:1", "refused it"),
+])
+def test_a_wrong_host_or_port_is_named_not_sent_to_the_ca_bundle(url: str, says: str) -> None:
+    """Review cli44: httpx's bare ConnectError was told "for TLS, check
+    USERPILOT_CA_BUNDLE", hiding a misspelt host."""
+    from consumer.errors import ConnectionFailed
+
+    client = DeleteClient(f"{url}/v1/users", {"Authorization": "Token t"}, timeout_s=2.0)
+    try:
+        with pytest.raises(ConnectionFailed) as info:
+            client.delete(b'{"users":["a"]}')
+    finally:
+        client.close()
+    assert says in str(info.value) and "USERPILOT_CA_BUNDLE" not in str(info.value)
