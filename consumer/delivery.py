@@ -29,6 +29,7 @@ import httpx
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.tracing import Trace
 from httpx_aiohttp.transport import AiohttpResponseStream, AiohttpTransport
@@ -76,6 +77,9 @@ HEADER_LINE_MAX = 64 * 1024
 bytes, refused a valid 2xx with a long Content-Security-Policy or Set-Cookie."""
 HEADERS_MAX = 256
 """The most header fields an answer may have (aiohttp's default: 128)."""
+HEADER_BLOCK_MAX = 256 * 1024
+"""The most bytes an answer's head may take, all lines together, give or take the read that
+completes it (at most 256 KiB more): past it the connection is closed."""
 KEEPALIVE_S = 4.0
 """How long an idle pooled connection is kept: under the 5 s after which common servers
 (Node.js, Apache) close theirs, so the client rarely reuses one the server is closing."""
@@ -118,10 +122,28 @@ class _Protocol(ResponseHandler):
         super().__init__(loop=loop)
         self.served = False
         self.heard = False
+        self.head_left: int | None = None  # bytes an answer's head may still take
 
     def data_received(self, data: bytes) -> None:
         self.heard = True
+        left = self.head_left
+        if left is None:
+            super().data_received(data)
+            return
+        # The answer's head as a whole is bounded (HEADER_BLOCK_MAX), each line and the
+        # count of fields by the parser: 256 fields of 64 KiB held ~31 MiB an answer, and
+        # a pool of them past the chart's memory (review "diff44").
+        before = self._payload
         super().data_received(data)
+        if self._payload is not before:
+            self.head_left = None  # the head is parsed: the body is bounded by its reader
+        else:
+            self.head_left = left - len(data)
+            if self.head_left < 0:  # an unusable answer, as a parser's refusal is
+                if self.transport is not None:
+                    self.transport.close()
+                self.set_exception(HttpProcessingError(
+                    message=f"the answer's head is over {HEADER_BLOCK_MAX} bytes"))
 
     def _on_read_timeout(self) -> None:
         handle, now = self._read_timeout_handle, self._loop.time()
@@ -183,6 +205,7 @@ class _Connector(aiohttp.TCPConnector):
                 attempt.protocol = protocol
             protocol.served = True
             protocol.heard = False
+            protocol.head_left = HEADER_BLOCK_MAX
             return connection
 
 
@@ -397,11 +420,15 @@ def _tls_refusal(exc: BaseException, proxied: bool = False) -> TlsRefused | None
             whose = ("Userpilot's (or the proxy's) certificate" if proxied
                      else "Userpilot's certificate")
             if getattr(cause, "verify_code", None) in _CERT_TIME_CODES:
-                # Its CA is trusted: "set USERPILOT_CA_BUNDLE" sent the operator the wrong
-                # way (review "http44").
+                # Any certificate of the chain: "set USERPILOT_CA_BUNDLE to the CA that
+                # signed it" sent the operator the wrong way for an expired leaf (review
+                # "http44"), and an expired CA of the bundle is the bundle's (review
+                # "diff44").
                 return TlsRefused(
-                    f"TLS: {whose} is outside its validity dates ({why}): it has expired "
-                    "(the other end's to renew) or this host's clock is wrong")
+                    f"TLS: a certificate in {whose.replace(' certificate', ' chain')} is "
+                    f"outside its validity dates ({why}): it has expired (the other end's "
+                    "to renew, or a CA in USERPILOT_CA_BUNDLE to replace) or this host's "
+                    "clock is wrong")
             return TlsRefused(
                 f"TLS: {whose} is not trusted ({why}): set USERPILOT_CA_BUNDLE to the CA "
                 "that signed it (a TLS-inspecting proxy's, say), or check "
