@@ -189,6 +189,8 @@ class Event:
     on_wire: bool = False  # an HTTP request or a DLQ produce of it is under way
     asleep: bool = False  # its dead letter waits between produce attempts: nothing of it
     # is under way then, a half-sent group's neither
+    parked: bool = False  # the DLQ guard tripped on it: nothing of it follows before the
+    # restart (a drain waited its whole grace for a half-sent group, review "stop44")
     requesting: bool = False  # ... an HTTP request (Userpilot down: not waited for)
     requested: bool = False  # a request of its current call had a connection: it may have
     # reached Userpilot (its messageId claim is then kept when it is abandoned)
@@ -220,7 +222,7 @@ class Event:
         """Something of it may have reached Userpilot or the DLQ and the rest should follow:
         a request, DLQ record or confirm on the wire, or a half-sent event. A drain waits
         for these, not for one asleep before its next DLQ attempt (review "diff42")."""
-        return (self.on_wire or self.half_sent) and not self.asleep
+        return (self.on_wire or self.half_sent) and not (self.asleep or self.parked)
 
 
 @dataclass(frozen=True, slots=True)

@@ -585,11 +585,17 @@ class Worker:
         # slow Userpilot (review "scale17").
         asked = self._stop_asked if self._stop_asked is not None else time.monotonic()
         grace = max(0.0, self.s.shutdown_grace_s - (time.monotonic() - asked))
-        left = await self._settle(scheduler, None, grace)
+        left, cut = await self._settle(scheduler, None, grace)
         self._let_go_held()
-        if left:
+        if left - cut:
             log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
-                        "delivered after the restart", left)
+                        "delivered after the restart", left - cut)
+        if cut:
+            # Said apart: "not sent yet" of requests Userpilot may have taken read as no
+            # duplicates to come (review "stop44").
+            log.warning("shutdown: %d requests cut on the wire at the end of the grace stay "
+                        "uncommitted; Userpilot may have them, and they are sent again after "
+                        "the restart", cut)
         end = asked + self.s.shutdown_grace_s + STOP_AFTER_DRAIN_S
 
         def step(bound: float) -> float:
@@ -622,8 +628,9 @@ class Worker:
                                             sorted(self.committed.items()) if (t, p) in held})
 
     async def _settle(self, scheduler: Scheduler[Event], parts: Sequence[TP] | None,
-                      grace: float) -> int:
-        """Let requests already on the wire finish (bounded), abandon the rest.
+                      grace: float) -> tuple[int, int]:
+        """Let requests already on the wire finish (bounded), abandon the rest: how many
+        were abandoned, and how many of those were cut while under way.
 
         An event waiting for the limiter, the gate or a retry has not reached Userpilot:
         abandoning it costs nothing (its offset stays uncommitted and it is consumed again),
@@ -666,10 +673,11 @@ class Worker:
                 # middle of the rebalance, cutting what the drain waited for (struct18).
                 self.health.beat()
                 await scheduler.wait_change(min(0.05, deadline - loop.time()))
+            cut = sum(1 for event in scheduler.current(parts) if waited(event))
             await scheduler.cancel(parts)
             # Counted as they left: those a halt stopped (with their users' later events)
             # left before the cancel.
-            return scheduler.abandoned - abandoned
+            return scheduler.abandoned - abandoned, cut
         finally:
             self.handler.unhalt(parts)
 
@@ -988,7 +996,9 @@ class Worker:
         except DlqGuardTripped as exc:
             self._crash(exc)  # not finished: its offset stays uncommitted
             # Hold this user's chain until shutdown cancels it: the user's later events must
-            # not be sent before this one, which is consumed again after the restart.
+            # not be sent before this one, which is consumed again after the restart. Not
+            # under way any more, half sent or not: a drain has nothing of it to wait for.
+            event.on_wire, event.parked = False, True
             await asyncio.get_running_loop().create_future()
             return None
         finally:
@@ -1494,10 +1504,14 @@ class Worker:
                 # no Kafka. Cancelled, Userpilot had them all the same, and with Redis their
                 # claims stayed unconfirmed, so this replica, given the partitions back,
                 # sent them again at once (the claim's owner is the same).
-                left = await self._settle(scheduler, parts, budget)
-                if left:
+                left, cut = await self._settle(scheduler, parts, budget)
+                if left - cut:
                     log.info("revoke: %d events of %s not sent yet; the next owner "
-                             "delivers them", left, _fmt(parts))
+                             "delivers them", left - cut, _fmt(parts))
+                if cut:
+                    log.warning("revoke: %d requests of %s cut on the wire at the end of the "
+                                "grace; Userpilot may have them, and the next owner sends "
+                                "them again", cut, _fmt(parts))
             finally:
                 self._let_go_held(parts)
                 self.keyless.forget(parts)  # unresolved events abandoned before they ran

@@ -422,3 +422,32 @@ def test_a_stop_does_not_wait_for_a_half_sent_groups_dead_letter_between_attempt
     took = _stop_with_a_dead_letter_between_attempts(run)
     assert [call.endpoint for call in client.calls] == ["company_identify", "identify"]
     assert took < 2.0, f"the stop waited {took:.1f} s"
+
+
+def _numbered_group(n: int) -> bytes:
+    event = {"type": "group", "userId": f"u{n}", "groupId": f"acme{n}",
+             "traits": {"name": "Acme"}, "context": {"consent": {"analytics": True}},
+             "messageId": f"m-{n}", "timestamp": "2026-11-26T10:00:00.000Z"}
+    return codec.encode(SCHEMA_ID, codec.to_record(event))
+
+
+def test_a_guard_trip_on_a_half_sent_group_does_not_hold_the_stop() -> None:
+    """Review stop44: the DLQ guard parks the event it tripped on, and a group whose company
+    identify was accepted stayed "half sent", under way: the stop's drain waited the whole
+    WORKER_SHUTDOWN_GRACE_SECONDS for an event nothing could follow before the restart."""
+    client = RejectedAssociation()
+    run = make(log_of(_numbered_group(1), _numbered_group(2)), registry=known_schema(),
+               client=client, USERPILOT_ENSURE_USER="false", WORKER_SHUTDOWN_GRACE_SECONDS="8",
+               WORKER_DLQ_MAX_CONSECUTIVE="1", WORKER_DLQ_GUARD_HOLD_SECONDS="0")
+
+    async def main() -> tuple[int, float]:
+        task = asyncio.create_task(run.worker.run())
+        await until(lambda: bool(run.made), "the source")
+        await until(lambda: run.worker.handler.guard.tripped_reason is not None, "the trip")
+        tripped = time.monotonic()
+        code = await asyncio.wait_for(task, 30)
+        return code, time.monotonic() - tripped
+
+    code, took = asyncio.run(main())
+    assert [c.endpoint for c in client.calls][:2] == ["company_identify", "identify"]
+    assert code == 3 and took < 3.0, (code, took)

@@ -3257,3 +3257,21 @@ def test_the_waiting_schema_gauge_counts_only_events_the_registry_has_not_answer
 
     assert drive(run, scenario) == 0
     assert seen == [0.0]
+
+
+def test_requests_cut_on_the_wire_at_the_end_of_the_grace_are_said_apart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review stop44: cut at the grace's end, requests Userpilot may have taken were logged
+    as "not sent yet", and the duplicates after the restart came unannounced."""
+    client = SlowClient(5.0)
+    run = make(log_of(track("u1", 0)), registry=known_schema(), client=client,
+               USERPILOT_ENSURE_USER="false", WORKER_SHUTDOWN_GRACE_SECONDS="0.5")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: client.started == 1, "the request on the wire")
+
+    with caplog.at_level(logging.INFO, logger="consumer.worker"):
+        assert drive(run, scenario) == 0
+    assert "1 requests cut on the wire" in caplog.text
+    assert "not sent yet" not in caplog.text
