@@ -31,6 +31,7 @@ from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import Connection
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawResponseMessage
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.tracing import Trace
 from httpx_aiohttp.transport import AiohttpResponseStream, AiohttpTransport
 
@@ -135,8 +136,12 @@ class _Protocol(ResponseHandler):
         # a pool of them past the chart's memory (review "diff44").
         before = self._payload
         super().data_received(data)
-        if self._payload is not before:
-            self.head_left = None  # the head is parsed: the body is bounded by its reader
+        if self._payload is not before and self._payload is not EMPTY_PAYLOAD:
+            # The head is parsed: the body is bounded by its reader. A 1xx (100 Continue,
+            # 103 Early Hints) is a message of its own with no body: the final head still
+            # counts (it switched the cap off, review "diff44"). A final answer without a
+            # body has nothing after its head; the next request starts the count again.
+            self.head_left = None
         else:
             self.head_left = left - len(data)
             if self.head_left < 0:  # an unusable answer, as a parser's refusal is

@@ -97,15 +97,19 @@ def read_user_ids(lines: Iterable[str]) -> list[str]:
 
     Not stripped: the worker sends a `userId` as the event carries it, so `"carol\u00a0"`
     is another user than `carol` (stripping deleted the wrong one, or none, and reported
-    it deleted). A UTF-8 byte order mark at the start of any line is ignored (spreadsheet
-    exports add one, and `cat a.txt b.txt` puts b's first line after it: sent with it,
-    that user was not deleted and the run said it was, review "cli44").
+    it deleted). A line starting with a UTF-8 byte order mark is sent both without it and as
+    written: spreadsheet exports add one, and `cat a.txt b.txt` puts b's first line after
+    it (sent with it alone, that user was not deleted and the run said it was, review
+    "cli44"), while the worker sends a `userId` starting with one as it is (sent without it
+    alone, that user could not be deleted at all, review "diff44").
     """
     seen: dict[str, None] = {}
     for line in lines:
-        user_id = line.lstrip("\ufeff").removesuffix("\n").removesuffix("\r")
-        if user_id.strip():
-            seen.setdefault(user_id, None)
+        written = line.removesuffix("\n").removesuffix("\r")
+        stripped = written.lstrip("\ufeff")
+        if stripped.strip():
+            seen.setdefault(stripped, None)
+            seen.setdefault(written, None)  # the same id, but for a byte order mark
     return list(seen)
 
 
@@ -195,7 +199,10 @@ class DeleteClient:
         """`ca_bundle` and `proxy` as the worker's client takes them (USERPILOT_CA_BUNDLE,
         the proxy `config.environment_proxy` names): deletions go where deliveries go."""
         self.url = url
-        self._host = httpx.URL(url).host  # named by connection failures
+        # Named by connection failures: the proxy's host when there is one (its host only,
+        # never the URL, which may hold credentials), whom the connection is to.
+        self._host = httpx.URL(url).host
+        self._proxy_host = httpx.URL(proxy).host if proxy else None
         self._redact = Redactor(request_secrets(headers, proxy))
         # As the worker's client: a whole attempt within twice the timeout, a trickled
         # answer included (`Cutoff`; a connection per request, one request per 2 s).
@@ -225,7 +232,8 @@ class DeleteClient:
                 raise Timeout(f"Userpilot's answer took over {self.deadline_s:g} s") from None
             # The worker's rule (a proxy's 407 to the tunnel is a misconfiguration that
             # stops the run: it was retried 12 times a batch, review newcomer19).
-            failure = _before_tls(exc, self._host) or transport_failure(exc, self.deadline_s)
+            failure = (_before_tls(exc, self._host, self._proxy_host)
+                       or transport_failure(exc, self.deadline_s))
             if (isinstance(failure, ConnectionFailed) and not isinstance(failure, TlsRefused)
                     and not failure.before_tls and self.url.startswith("https:")):
                 failure = ConnectionFailed(f"{failure}; for TLS, check USERPILOT_CA_BUNDLE "
@@ -244,7 +252,8 @@ class DeleteClient:
         self._client.close()
 
 
-def _before_tls(exc: BaseException, host: str) -> ConnectionFailed | None:
+def _before_tls(exc: BaseException, host: str, proxy_host: str | None = None
+                ) -> ConnectionFailed | None:
     """httpx's own transport (this command's) fails a host that does not resolve, or a port
     nothing listens on, with a bare ConnectError: each was told "for TLS, check
     USERPILOT_CA_BUNDLE" (review "cli44"). Named from the cause, as the worker names them."""
@@ -254,13 +263,16 @@ def _before_tls(exc: BaseException, host: str) -> ConnectionFailed | None:
             return None
         if isinstance(seen, socket.gaierror):
             return ConnectionFailed(
+                f"connection to Userpilot failed: the proxy's host {proxy_host!r} does not "
+                "resolve (DNS); check HTTPS_PROXY / HTTP_PROXY" if proxy_host else
                 f"connection to Userpilot failed: {host!r} does not resolve (DNS); check "
-                "USERPILOT_ANALYTICS_ENDPOINT (or the proxy's host in HTTPS_PROXY)",
-                before_tls=True)
+                "USERPILOT_ANALYTICS_ENDPOINT", before_tls=True)
         if isinstance(seen, ConnectionRefusedError):
             return ConnectionFailed(
-                f"connection to Userpilot failed: {host!r} refused it (nothing listens on "
-                "that port); check USERPILOT_ANALYTICS_ENDPOINT", before_tls=True)
+                f"connection to Userpilot failed: the proxy {proxy_host!r} refused it "
+                "(nothing listens on that port); check HTTPS_PROXY / HTTP_PROXY" if proxy_host
+                else f"connection to Userpilot failed: {host!r} refused it (nothing listens "
+                "on that port); check USERPILOT_ANALYTICS_ENDPOINT", before_tls=True)
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -538,7 +550,11 @@ def main(
         # A GDPR script read exit 0 as done (review "replay26"): an empty list is a mistake
         # in what was given (a wrong file, a failed export upstream), not a deletion.
         raise ConfigError("no user ids given: the file or stdin holds no id (one per line)")
-    spaced = padded(user_ids)
+    marked = sum(1 for user_id in user_ids if user_id.startswith("\ufeff"))
+    if marked:
+        log(f"{marked} lines began with a byte order mark: each id is sent both without it "
+            "and as written")
+    spaced = padded(user_id for user_id in user_ids if not user_id.startswith("\ufeff"))
     if spaced:
         log(f"{spaced} ids begin or end with whitespace or an invisible character; sent "
             "exactly as written (the worker sends userId as the event carries it)")

@@ -101,10 +101,10 @@ class SharedLimiter:
         self._next_probe = 0.0
         self._asked = clock()  # when Redis was last asked (`probe` asks an idle one too)
         # Requests sent on the fallback, counted in buckets of a 1024th of the debt span
-        # ([start, count], oldest first): one float per request held a period's worth, 13 MB
-        # an hour and past the chart's memory in a day-long outage at the largest rate
-        # (review "leak44"). A bucket partly past the span counts whole: the debt is at
-        # most a bucket's requests over, never under.
+        # ([first send, count, last send], oldest first): one float per request held a
+        # period's worth, 13 MB an hour and past the chart's memory in a day-long outage
+        # at the largest rate (review "leak44"). A bucket partly past the span counts
+        # whole: the debt is at most a bucket's requests over, never under.
         self._local_sends: deque[list[float]] = deque()
         self._local_count = 0
         self._lock: asyncio.Lock | None = None
@@ -261,15 +261,18 @@ class SharedLimiter:
         sends = self._local_sends
         if sends and now - sends[-1][0] < self._debt_span_s / LOCAL_SEND_BUCKETS:
             sends[-1][1] += 1
+            sends[-1][2] = now
         else:
-            sends.append([now, 1])
+            sends.append([now, 1, now])
         self._local_count += 1
 
     def _recent_local_sends(self) -> int:
-        span = self._debt_span_s
-        horizon = self._clock() - span
+        horizon = self._clock() - self._debt_span_s
         sends = self._local_sends
-        while sends and sends[0][0] + span / LOCAL_SEND_BUCKETS < horizon:
+        # Gone once its last send is: the span shrinks as a 429 slow-down recovers, and a
+        # bucket as wide as the older span held sends still inside the new one (review
+        # "diff44").
+        while sends and sends[0][2] < horizon:
             self._local_count -= int(sends.popleft()[1])
         return self._local_count
 

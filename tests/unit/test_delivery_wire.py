@@ -1232,3 +1232,20 @@ def test_an_answers_head_is_bounded_as_a_whole(fields: int, size: int, expected:
                 await c.aclose()
 
     assert run(main) == expected
+
+
+@pytest.mark.parametrize("interim", [
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"])
+def test_an_interim_answer_does_not_lift_the_head_cap(interim: bytes) -> None:
+    """Review diff44: a 1xx is a message of its own, with no body; read as "the head is
+    parsed", it switched the cap off for the final answer's head."""
+    async def main() -> str:
+        async with Server(always(Send([interim, _head_of(12, 60_000)]))) as s:
+            c = up(s.url())
+            try:
+                return await outcome(c, b'{"user_id":"u1","event_name":"e"}')
+            finally:
+                await c.aclose()
+
+    assert run(main) == "ServerError"

@@ -96,8 +96,8 @@ def test_read_user_ids_keeps_ids_as_written_skips_blanks_dedupes_and_drops_a_bom
     "carol\u00a0" is not carol (stripping deleted another user, or none, and reported
     it deleted; review "gdpr16")."""
     lines = ["\ufeffu1\n", "  u2  \r\n", "\n", "   \n", "u1\n", "carol\u00a0\n", "u3"]
-    assert read_user_ids(lines) == ["u1", "  u2  ", "carol\u00a0", "u3"]
-    assert padded(read_user_ids(lines)) == 2
+    assert read_user_ids(lines) == ["u1", "\ufeffu1", "  u2  ", "carol\u00a0", "u3"]
+    assert padded(read_user_ids(lines)) == 3
 
 
 def test_batches_keep_order_and_size() -> None:
@@ -632,11 +632,14 @@ def test_each_batchs_budget_runs_from_its_first_attempt() -> None:
     assert summary.failed == 1 and len(send.sent) == 2
 
 
-@pytest.mark.parametrize("lines", [["a\n", "\ufeffbob\n"], ["\ufeffa\r\n", "\ufeffb"]])
-def test_a_byte_order_mark_starting_any_line_is_not_part_of_its_id(lines: list[str]) -> None:
-    """Review cli44: `cat a.txt b.txt` puts b's mark before its first id: sent with it,
-    that user was not deleted, and the run said it was."""
-    assert all(not user.startswith("\ufeff") for user in read_user_ids(lines))
+def test_a_line_starting_with_a_byte_order_mark_is_sent_without_it_and_as_written() -> None:
+    """Review cli44: `cat a.txt b.txt` puts b's mark before its first id: sent with it
+    alone, that user was not deleted, and the run said it was. Review diff44: the worker
+    sends a userId starting with one as it comes: sent without it alone, that user could
+    not be deleted at all. A line holding only a mark is blank."""
+    assert read_user_ids(["a\n", "\ufeffbob\n", "\ufeff\n", "bob\n"]) == [
+        "a", "bob", "\ufeffbob"]
+    assert read_user_ids(["\ufeffa\r\n"]) == ["a", "\ufeffa"]
 
 
 def test_ids_with_an_invisible_edge_are_counted_for_the_warning() -> None:
@@ -659,3 +662,23 @@ def test_a_wrong_host_or_port_is_named_not_sent_to_the_ca_bundle(url: str, says:
     finally:
         client.close()
     assert says in str(info.value) and "USERPILOT_CA_BUNDLE" not in str(info.value)
+
+
+@pytest.mark.parametrize(("proxy", "says"), [
+    ("http://proxy.invalid:3128", "the proxy's host 'proxy.invalid' does not resolve"),
+    ("http://user:secret@127.0.0.1:1", "the proxy '127.0.0.1' refused it"),
+])
+def test_through_a_proxy_its_failure_is_named_not_userpilots(proxy: str, says: str) -> None:
+    """Review diff44: the connection is to the proxy; naming Userpilot's host sent the
+    operator to USERPILOT_ANALYTICS_ENDPOINT. The proxy's credentials are never shown."""
+    from consumer.errors import ConnectionFailed
+
+    client = DeleteClient("https://analytex.userpilot.io/v1/users", {"Authorization": "Token t"},
+                          timeout_s=2.0, proxy=proxy)
+    try:
+        with pytest.raises(ConnectionFailed) as info:
+            client.delete(b'{"users":["a"]}')
+    finally:
+        client.close()
+    said = str(info.value)
+    assert says in said and "HTTPS_PROXY" in said and "secret" not in said

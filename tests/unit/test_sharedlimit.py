@@ -308,3 +308,30 @@ def test_requests_sent_on_the_fallback_are_counted_in_bounded_memory() -> None:
     assert len(limiter._local_sends) <= LOCAL_SEND_BUCKETS + 1
     now[0] += 2 * span
     assert limiter._recent_local_sends() == 0 and not limiter._local_sends
+
+
+def test_a_send_within_the_span_stays_in_the_debt_when_the_span_shrinks() -> None:
+    """Review diff44: a bucket dropped by its first send and the span's width now, while it
+    was filled as wide as the span was then (a 429 slow-down recovering shrinks it), lost
+    sends still within the span: the debt carried back to Redis was under."""
+    from consumer.sharedlimit import LOCAL_SEND_BUCKETS
+
+    now = [1000.0]
+    local = AdaptiveLimiter(600, 60.0, 1, clock=lambda: now[0])
+    limiter = SharedLimiter(ScriptedStore(), "k", 600, 60.0, 1, fallback=local,
+                            clock=lambda: now[0])
+    for _ in range(20):  # 429s: the factor at its floor, the look-ahead (and span) wider
+        now[0] += 10.0
+        limiter.slow_down()
+    assert limiter._debt_span_s > 61.5
+    start = now[0]
+    sends = [start, start + 0.06]  # one bucket (narrower than the span's 1024th then)
+    assert sends[1] - start < limiter._debt_span_s / LOCAL_SEND_BUCKETS
+    for at in sends:
+        now[0] = at
+        limiter._count_local_send()
+    now[0] = start + 61.0  # the factor grew back: the span ~61 s again
+    span = limiter._debt_span_s
+    now[0] = start + span + (span / LOCAL_SEND_BUCKETS + 0.06) / 2
+    within = sum(1 for at in sends if at >= now[0] - span)
+    assert within == 1 and limiter._recent_local_sends() >= within
