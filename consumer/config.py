@@ -795,6 +795,11 @@ def _debug_contexts(value: str) -> bool:
     return bool(value.strip()) and all(item in _DEBUG_CONTEXTS for item in items)
 
 
+MIN_MESSAGE_MAX_BYTES = 16 * 1024
+"""The least KAFKA_MESSAGE_MAX_BYTES taken: a dead letter written without its value, with
+the worker's headers at their largest (error body, message, stack), fits."""
+
+
 def _kafka_value_problem(key: str, value: str) -> str | None:
     """What is wrong with a pass-through value the worker's guarantees rule out (None: fine).
 
@@ -818,6 +823,15 @@ def _kafka_value_problem(key: str, value: str) -> str | None:
         # producer rolled back would reach Userpilot.
         return ("would send Userpilot the events of aborted transactions; the worker reads "
                 "committed records only: remove it (or set read_committed)")
+    if key == "message.max.bytes" and value.strip().isascii() and value.strip().isdigit() \
+            and int(value.strip()) < MIN_MESSAGE_MAX_BYTES:
+        # The producer's limit is the dead letters' too: below the worker's own headers
+        # (up to ~5 KB, the record without its value), a dead letter is never written and
+        # its partition stops for good (review "dlqfail44").
+        return (f"is below {MIN_MESSAGE_MAX_BYTES}: a dead letter without its value still "
+                "carries up to ~5 KB of the worker's headers, and one the producer refuses "
+                f"stops its partition for good; use at least {MIN_MESSAGE_MAX_BYTES} (or "
+                "remove it: librdkafka's ~1 MB)")
     if key == "transactional.id":
         # A transactional producer refuses every produce outside a transaction: each dead
         # letter failed for ever and held its partition.

@@ -400,6 +400,10 @@ def dead_letter_record(
     return without_value(record, max_bytes)
 
 
+ERROR_SHOWN = 600
+"""Characters of the last DLQ error `/readyz` quotes (a policy problem's fix included)."""
+
+
 class DlqWritable:
     """Whether dead letters get written: a record pending longer than `after_s` (refused,
     retried, or unacknowledged) means the DLQ is unwritable. Readiness and the
@@ -422,14 +426,26 @@ class DlqWritable:
             self._pending[self._next] = self._clock()
             return self._next
 
-    def failed(self, error: str) -> None:
+    def failed(self, error: BaseException | str) -> None:
+        """Why a dead letter was not written: Kafka's own text (not the KafkaError repr,
+        which cut the fix a policy problem names, `kafka-configs.sh …`, at 200 characters;
+        review "dlqfail44")."""
+        if isinstance(error, BaseException):
+            said = getattr(error.args[0] if error.args else None, "str", None)
+            text = str(said()) if callable(said) else str(error)
+        else:
+            text = error
         with self._lock:
-            self._last_error = error[:200]
+            self._last_error = text[:ERROR_SHOWN]
 
     def finished(self, token: int) -> None:
-        """The record was acknowledged (or abandoned: a cancelled job)."""
+        """The record was acknowledged (or abandoned: a cancelled job). With none pending,
+        the last error goes too: a later dead letter merely slow to be acknowledged was
+        named by a day-old one."""
         with self._lock:
             self._pending.pop(token, None)
+            if not self._pending:
+                self._last_error = ""
 
     def stuck_for(self) -> float:
         """Seconds the oldest pending dead letter has waited (0 when none)."""

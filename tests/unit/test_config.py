@@ -1611,3 +1611,13 @@ def test_the_registrys_basic_auth_is_taken_as_written_as_kafkas_secrets_are(
     assert load(SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE=str(path)).registry_auth \
         == Secret(sent)
     assert load(SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO=" \n").registry_auth is None
+
+
+@pytest.mark.parametrize("value", ["1000", "5000", " 16383 "])
+def test_a_message_max_bytes_below_a_dead_letters_headers_is_refused(value: str) -> None:
+    """Review dlqfail44: the producer's limit is the dead letters' too; below the worker's
+    own headers (~5 KB, the record without its value) a dead letter was never written and
+    its partition stopped for good, while check-config said OK."""
+    assert any("KAFKA_MESSAGE_MAX_BYTES" in p and "16384" in p
+               for p in problems({**BASE, "KAFKA_MESSAGE_MAX_BYTES": value}))
+    assert load(KAFKA_MESSAGE_MAX_BYTES="16384").kafka_extra["message.max.bytes"] == "16384"

@@ -599,3 +599,26 @@ def test_the_guard_hold_counts_at_most_recent_max_outcomes_read_before_a_hold() 
     assert hold.due(now=1.0) == [], "RECENT_MAX + 499 outcomes past it"
     hold.outcome()
     assert hold.due(now=1.0) == ["dl@1"]
+
+
+def test_readiness_quotes_kafkas_text_whole_and_forgets_it_once_written() -> None:
+    """Review dlqfail44: the KafkaError repr cut at 200 characters lost the fix a policy
+    problem names (`kafka-configs.sh …`), and a later dead letter merely slow to be
+    acknowledged was named by a day-old error."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from consumer.deadletter import DlqWritable
+
+    now = [0.0]
+    writable = DlqWritable(10.0, clock=lambda: now[0])
+    fix = ("the DLQ topic 'dlq' has cleanup.policy=compact: " + "x" * 200
+           + " kafka-configs.sh --alter --add-config cleanup.policy=delete")
+    token = writable.started()
+    writable.failed(KafkaException(KafkaError(KafkaError.INVALID_CONFIG, fix)))
+    now[0] = 11.0
+    said = writable.problem()
+    assert said is not None and "cleanup.policy=delete" in said and "KafkaError{" not in said
+    writable.finished(token)
+    token = writable.started()
+    now[0] = 30.0
+    assert writable.problem() == "DLQ unwritable for 19 s (no acknowledgement)"
