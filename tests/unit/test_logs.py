@@ -221,8 +221,10 @@ class Clock:
 
 def _rdkafka(logger: logging.Logger, broker: str) -> None:
     # How confluent-kafka calls the `logger` setting: log(level, fmt, facility, client, text).
+    # The text begins with the thread librdkafka logs from (all on `main` here).
     logger.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1",
-               f"{broker}/bootstrap: Connect to ipv4#{broker} failed: Connection refused")
+               f"[thrd:main]: {broker}/bootstrap: Connect to ipv4#{broker} failed: "
+               "Connection refused")
 
 
 def test_repeated_broker_errors_are_one_line_per_broker_per_interval(
@@ -245,11 +247,27 @@ def test_repeated_broker_errors_are_one_line_per_broker_per_interval(
     finally:
         logger.removeFilter(limit)
     docs = [json.loads(x) for x in lines(capsys)]
+    # Keyed by the broker, not the thread (review logs44: both brokers were one line).
     assert [d["message"].split("/", 1)[0] for d in docs] == [
-        "FAIL [rdkafka#consumer-1] kafka-0:9092", "FAIL [rdkafka#consumer-1] kafka-1:9092",
-        "FAIL [rdkafka#consumer-1] kafka-0:9092"]
+        "FAIL [rdkafka#consumer-1] [thrd:main]: kafka-0:9092",
+        "FAIL [rdkafka#consumer-1] [thrd:main]: kafka-1:9092",
+        "FAIL [rdkafka#consumer-1] [thrd:main]: kafka-0:9092"]
     assert docs[2]["message"].endswith("(44 similar lines suppressed)")
     assert all(d["level"] == "error" and d["logger"] == "librdkafka-test" for d in docs)
+
+
+def test_librdkafka_debug_lines_asked_for_are_never_limited() -> None:
+    """Review logs44: KAFKA_DEBUG=cgrp's state changes, one facility from one thread,
+    came out as the first of seven."""
+    from consumer.logs import RateLimit
+
+    limit = RateLimit(10.0, Clock())
+    records = [logging.LogRecord("librdkafka", logging.DEBUG, __file__, 1, "%s [%s] %s",
+                                 ("CGRPSTATE", "rdkafka#consumer-1",
+                                  f"[thrd:main]: Group \"g\" changed state {state}"), None)
+               for state in ("init -> query-coord", "query-coord -> wait-coord",
+                             "wait-coord -> wait-broker")]
+    assert all(limit.filter(record) for record in records)
 
 
 def test_librdkafka_logger_is_one_rate_limited_logger() -> None:
