@@ -13,6 +13,7 @@ honestly; /metrics is prometheus_client's own WSGI app, so scrapers get what the
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import socket
 import sys
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
@@ -201,6 +202,31 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
         log.exception("probe/metrics server: unexpected error serving %s", client_address[0])
 
 
+class _ErrorsToLog(io.TextIOBase):
+    """wsgiref's error stream, through the worker's logging. A failure while answering
+    (a /metrics reader that stopped reading: the write timed out) was printed there as a
+    raw traceback, which broke the one-JSON-object-per-line logs (review "logs44"): a
+    client gone is one DEBUG line, anything else one ERROR record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        text, self._parts = "".join(self._parts), []
+        if not text.strip():
+            return
+        exc = sys.exc_info()[1]  # wsgiref writes while it handles the exception
+        if isinstance(exc, OSError):
+            log.debug("probe/metrics client left mid-answer: %s", type(exc).__name__)
+        else:
+            log.error("probe/metrics server: %s", text.rstrip())
+
+
 class _QuietHandler(WSGIRequestHandler):
     # A connection that sends nothing (or half a request) held a thread and a descriptor
     # for as long as its peer kept it open; now for at most this many seconds.
@@ -209,6 +235,9 @@ class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # Probes hit this every few seconds; access logs would drown the worker's own.
         pass
+
+    def get_stderr(self) -> TextIO:
+        return cast("TextIO", _ErrorsToLog())
 
 
 def make_app(registry: CollectorRegistry, health: Health) -> WSGIApp:

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import gzip
+import io
+import logging
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -388,3 +391,26 @@ def test_head_of_metrics_answers_as_get_without_a_body(server: HealthServer) -> 
             assert resp.read() == b""
         finally:
             conn.close()
+
+
+def test_a_failure_while_answering_goes_through_logging_not_stderr(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Review logs44: a /metrics reader that stopped reading timed the write out, and
+    wsgiref printed a 12-line traceback to stderr, breaking the JSON logs."""
+    from wsgiref.handlers import SimpleHandler
+
+    from consumer.health import _QuietHandler
+
+    stream = _QuietHandler.get_stderr(None)  # type: ignore[arg-type]
+    handler = SimpleHandler(io.BytesIO(), io.BytesIO(), stream, {})
+    with caplog.at_level(logging.DEBUG, logger="consumer.health"):
+        for error in (TimeoutError("timed out"), ValueError("a bug")):
+            try:
+                raise error
+            except Exception:
+                handler.log_exception(sys.exc_info())
+    assert capsys.readouterr().err == ""
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said[0] == ("DEBUG", "probe/metrics client left mid-answer: TimeoutError")
+    assert said[1][0] == "ERROR" and "ValueError: a bug" in said[1][1]
