@@ -323,3 +323,14 @@ def test_the_identify_lanes_pump_does_not_carry_the_event_that_started_it() -> N
 
     asyncio.run(main())
     assert seen == [None, None]
+
+
+def test_a_json_line_holds_no_unicode_line_break() -> None:
+    """Review logs44: U+2028, U+2029 and U+0085 are valid in JSON, but line breaks to
+    `str.splitlines` and some log shippers: a messageId holding one split its record."""
+    from consumer.logs import _Json
+
+    text = "id a\u2028b\u2029c\u0085d"
+    record = logging.LogRecord("consumer.worker", logging.WARNING, __file__, 1, text, None, None)
+    line = _Json().format(record)
+    assert len(line.splitlines()) == 1 and json.loads(line)["message"] == text
