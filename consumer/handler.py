@@ -345,7 +345,8 @@ class Handler:
         self._halted: set[tuple[str, int]] = set()  # draining partitions (see `halt`)
         self._halt_all = False
         self._schema_waits = 0
-        self._fetches = SharedFetches(lambda schema_id: self.registry.writer_schema(schema_id))
+        self._fetches = SharedFetches(lambda schema_id: self.registry.writer_schema(schema_id),
+                                      permanent=(KeyError, UndecodableEvent))
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, tuple[Any, Dropped]] = {}
         self._schemas: dict[int, Mapping[str, Any]] = {}  # writer schemas seen cached
@@ -481,8 +482,10 @@ class Handler:
         self.order_writes(event)  # decided now: its company writes take their place
 
     async def _wait_for_schema(self, event: Event) -> None:
-        delay = 0.5
+        """Until its schema is there; after a failed lookup the next is the id's, shared
+        by every event waiting for it (`SharedFetches`: 0.5 s doubling to 30 s)."""
         while not self.decide(event):
+            schema_id = None
             try:
                 schema_id, _ = codec.split_wire(event.value)
                 await self._fetches.writer_schema(schema_id)
@@ -493,10 +496,11 @@ class Handler:
                 event.decision = exc
                 return
             except Exception as exc:
+                wait = self._fetches.retry_in(schema_id) if schema_id is not None else 0.5
                 schema_log.warning("schema registry unavailable (%s); retrying in %.1f s",
-                                   _registry_failure(exc), delay, extra=event.fields)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                                   _registry_failure(exc), wait, extra=event.fields)
+                if schema_id is None:  # not from a lookup (never expected): not at once
+                    await asyncio.sleep(wait)
 
     # -- handle ---------------------------------------------------------------------------
     async def decided(self, event: Event) -> None:

@@ -161,9 +161,11 @@ def produce_events(
     for problem in reach.services(conf, timeout, registry_url=registry_url,
                                   registry_auth=registry_auth, registry_proxy=registry_proxy):
         raise ProduceError(f"nothing was sent: {problem}")
+    import httpx
+
     from consumer.registry import RegistryError, RegistryUnusable
 
-    registry = Registry(registry_url, registry_auth, proxy=registry_proxy)
+    registry = Registry(registry_url, registry_auth, proxy=registry_proxy, timeout_s=timeout)
     try:
         schema_id = registry.register(topic)
     except (RegistryError, RegistryUnusable) as exc:
@@ -171,6 +173,13 @@ def produce_events(
         # (it was an uncaught traceback quoting it, review "secrets18").
         raise ProduceError(f"nothing was sent: the schema registry refused to register the "
                            f"schema of {topic!r}: {registry.redact(str(exc))[:300]}") from None
+    except (httpx.HTTPError, OSError) as exc:
+        # The probe answered, then the registration did not (a registry restarting, a
+        # balancer resetting): one line within --timeout, not a traceback after the
+        # client's default 5 s (review "reg44").
+        raise ProduceError(f"nothing was sent: the schema registry did not answer the "
+                           f"registration of {topic!r}'s schema ({type(exc).__name__})"
+                           ) from None
     records = list(encode_lines(parsed, schema_id))
     check_sizes(parsed, records, int(conf.get("message.max.bytes", MESSAGE_MAX_BYTES)), source)
     producer = make_producer(conf)

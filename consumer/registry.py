@@ -242,7 +242,12 @@ class RestClient:
         """Register an Avro schema under `subject`; its id (the same one if known)."""
         body = self._json("POST", f"subjects/{_path(subject)}/versions",
                           {"schema": schema_text, "schemaType": "AVRO"})
-        return int(body["id"])
+        found = body.get("id")
+        if isinstance(found, bool) or not isinstance(found, int):
+            # A KeyError escaped `produce` as a traceback (review "reg44").
+            raise RegistryUnusable(f"its answer to the registration holds no schema id: "
+                                   f"{str(body)[:200]}")
+        return found
 
     def get_latest_version(self, subject: str) -> tuple[int, SchemaDoc]:
         """(id, schema) of the subject's latest version."""

@@ -9,7 +9,11 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["SharedFetches"]
+__all__ = ["FIRST_RETRY_S", "MAX_RETRY_S", "SharedFetches"]
+
+FIRST_RETRY_S = 0.5
+"""The wait after an id's first failed lookup (the registry away); doubling, up to ..."""
+MAX_RETRY_S = 30.0
 
 
 class SharedFetches:
@@ -23,13 +27,33 @@ class SharedFetches:
     stopped for schemas already cached, reported as Userpilot's outage (review "schema16").
     """
 
-    def __init__(self, lookup: Callable[[int], Mapping[str, Any]]) -> None:
+    def __init__(self, lookup: Callable[[int], Mapping[str, Any]],
+                 permanent: tuple[type[BaseException], ...] = (KeyError,)) -> None:
         self._lookup = lookup
+        self._permanent = permanent
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="schema-fetch")
         self._running: dict[int, asyncio.Future[Mapping[str, Any]]] = {}
+        # Per id whose last lookup failed (the registry away): when the next may start,
+        # and the wait it followed. The events waiting for one id share these: each on its
+        # own clock, taken from polled batches a few ms apart, a registry answering 429 got
+        # a request per waiting event per round (137 in 2.4 s for 100 events, review
+        # "reg44"), not one per id.
+        self._backoff: dict[int, tuple[float, float]] = {}
+
+    def retry_in(self, schema_id: int) -> float:
+        """Seconds until the next lookup of `schema_id` may start (0: at once)."""
+        backoff = self._backoff.get(schema_id)
+        if backoff is None:
+            return 0.0
+        return max(0.0, backoff[0] - asyncio.get_running_loop().time())
 
     async def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
-        """`lookup(schema_id)`, joining a lookup of the same id under way; raises as it."""
+        """`lookup(schema_id)`, joining a lookup of the same id under way, or waiting for
+        the id's next attempt after a failed one; raises as the lookup."""
+        if schema_id not in self._running:
+            wait = self.retry_in(schema_id)
+            if wait > 0:
+                await asyncio.sleep(wait)
         fetch = self._running.get(schema_id)
         if fetch is None:
             fetch = asyncio.get_running_loop().run_in_executor(
@@ -41,8 +65,15 @@ class SharedFetches:
 
     def _done(self, schema_id: int, fetch: asyncio.Future[Mapping[str, Any]]) -> None:
         self._running.pop(schema_id, None)
-        if not fetch.cancelled():
-            fetch.exception()  # retrieved: its waiters may all be gone
+        if fetch.cancelled():
+            return
+        failed = fetch.exception()  # retrieved: its waiters may all be gone
+        if failed is None or isinstance(failed, self._permanent):
+            self._backoff.pop(schema_id, None)
+            return
+        _, waited = self._backoff.get(schema_id, (0.0, FIRST_RETRY_S / 2))
+        wait = min(waited * 2, MAX_RETRY_S)
+        self._backoff[schema_id] = (fetch.get_loop().time() + wait, wait)
 
     def close(self) -> None:
         """Lookups not started are dropped; one under way ends within the registry's

@@ -593,3 +593,38 @@ def test_a_tracks_budget_does_not_grow_with_its_ensure_users_429s() -> None:
     alone = _track_retry_span(0, 100.0)
     after = _track_retry_span(30, 100.0)
     assert alone <= 110 and after <= 110, (alone, after)
+
+
+def test_events_waiting_for_one_schema_id_share_its_retries() -> None:
+    """Review reg44: each waiting event retried on its own clock; taken from polled batches
+    a few ms apart, 100 events of one id sent a registry answering 429 one request per
+    event per round (137 in 2.4 s), not one per id."""
+    from consumer.registry import Registry, RegistryError
+
+    class Refusing:
+        def __init__(self) -> None:
+            self.at: list[float] = []
+
+        def get_schema(self, schema_id: int) -> str:
+            self.at.append(time.monotonic())
+            raise RegistryError(429, 42901, "rate limited")
+
+    handler, _, _, _, _ = make()
+    client = Refusing()
+    handler.registry = Registry("http://unused", client=client)
+    start = time.monotonic()
+
+    async def main() -> None:
+        tasks = []
+        for i in range(100):  # 100 users' events of one schema id, taken over ~1 s
+            tasks.append(asyncio.create_task(handler.handle(track(i, f"u{i}"))))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(3.0 - (time.monotonic() - start))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    handler.close()
+    late = [at for at in client.at if at - start > 1.6]  # every event taken by then
+    assert len(late) <= 3, f"{len(late)} lookups of one schema id in 1.4 s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -190,3 +191,65 @@ def test_a_record_over_the_producers_limit_is_named_before_anything_is_sent() ->
     assert text.startswith("1 line(s) too large; nothing was sent")
     assert "f.jsonl:2:" in text and "f.jsonl:1:" not in text and "f.jsonl:3:" not in text
     check_sizes(parsed, [records[0], records[2], records[2]], limit, "f.jsonl")
+
+
+def _registry_failing_registration(mode: str) -> str:
+    """A registry that answers the start-up probe, then fails the registration itself:
+    the connection dropped, a stalled POST, or a 200 without an id."""
+    import http.server
+    import threading
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *_args: object) -> None:
+            pass
+
+        def _json(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._json(b"[]")
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if mode == "drop":
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            if mode == "stall":
+                time.sleep(4)
+            self._json(b'{"message": "ok"}')
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}"
+
+
+@pytest.mark.parametrize("mode", ["drop", "stall", "no-id"])
+def test_a_registration_that_fails_is_one_line_within_the_timeout(
+        mode: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review reg44: only the registry's refusals were caught; a dropped connection, a
+    stalled POST (after the client's default 5 s, not --timeout) and a 200 without an id
+    escaped `produce` as tracebacks."""
+    import time
+
+    from consumer import reach
+    from consumer.__main__ import main
+
+    monkeypatch.setattr(reach, "kafka", lambda *_a, **_k: None)  # Kafka answers
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    monkeypatch.setenv("SCHEMA_REGISTRY_URL", _registry_failing_registration(mode))
+    events = tmp_path / "e.jsonl"
+    events.write_text(json.dumps({"type": "track", "event": "E", "userId": "u"}) + "\n")
+    started = time.monotonic()
+    code = main(["produce", "--topic", "t", "--file", str(events), "--timeout", "1"])
+    took = time.monotonic() - started
+    assert code == 1 and took < 3.0, (code, took)
+    err = capsys.readouterr().err
+    assert "nothing was sent" in err and "Traceback" not in err
