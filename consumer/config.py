@@ -795,6 +795,15 @@ def _debug_contexts(value: str) -> bool:
     return bool(value.strip()) and all(item in _DEBUG_CONTEXTS for item in items)
 
 
+def _int_or_none(value: str) -> int | None:
+    """A whole number as librdkafka and `int()` read it (`+4000` too: a sign passed a digits
+    check, review "diff44"), or None."""
+    try:
+        return int(value.strip())
+    except ValueError:
+        return None
+
+
 MIN_MESSAGE_MAX_BYTES = 16 * 1024
 """The least KAFKA_MESSAGE_MAX_BYTES taken: a dead letter written without its value, with
 the worker's headers at their largest (error body, message, stack), fits."""
@@ -823,8 +832,8 @@ def _kafka_value_problem(key: str, value: str) -> str | None:
         # producer rolled back would reach Userpilot.
         return ("would send Userpilot the events of aborted transactions; the worker reads "
                 "committed records only: remove it (or set read_committed)")
-    if key == "message.max.bytes" and value.strip().isascii() and value.strip().isdigit() \
-            and int(value.strip()) < MIN_MESSAGE_MAX_BYTES:
+    size = _int_or_none(value) if key == "message.max.bytes" else None
+    if size is not None and size < MIN_MESSAGE_MAX_BYTES:
         # The producer's limit is the dead letters' too: below the worker's own headers
         # (up to ~5 KB, the record without its value), a dead letter is never written and
         # its partition stops for good (review "dlqfail44").

@@ -416,8 +416,8 @@ class DlqWritable:
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: dict[int, float] = {}
+        self._errors: dict[int, str] = {}  # per pending dead letter, its last failure
         self._next = 0
-        self._last_error = ""
 
     def started(self) -> int:
         """A dead letter is about to be produced; returns its token."""
@@ -426,26 +426,26 @@ class DlqWritable:
             self._pending[self._next] = self._clock()
             return self._next
 
-    def failed(self, error: BaseException | str) -> None:
-        """Why a dead letter was not written: Kafka's own text (not the KafkaError repr,
-        which cut the fix a policy problem names, `kafka-configs.sh …`, at 200 characters;
-        review "dlqfail44")."""
+    def failed(self, token: int, error: BaseException | str) -> None:
+        """Why dead letter `token` was not written: Kafka's own text (not the KafkaError
+        repr, which cut the fix a policy problem names, `kafka-configs.sh …`, at 200
+        characters; review "dlqfail44")."""
         if isinstance(error, BaseException):
             said = getattr(error.args[0] if error.args else None, "str", None)
             text = str(said()) if callable(said) else str(error)
         else:
             text = error
         with self._lock:
-            self._last_error = text[:ERROR_SHOWN]
+            if token in self._pending:
+                self._errors[token] = text[:ERROR_SHOWN]
 
     def finished(self, token: int) -> None:
-        """The record was acknowledged (or abandoned: a cancelled job). With none pending,
-        the last error goes too: a later dead letter merely slow to be acknowledged was
-        named by a day-old one."""
+        """The record was acknowledged (or abandoned: a cancelled job); its error goes
+        with it. One error for all, a later dead letter merely slow to be acknowledged was
+        named by an old one another had (review "diff44")."""
         with self._lock:
             self._pending.pop(token, None)
-            if not self._pending:
-                self._last_error = ""
+            self._errors.pop(token, None)
 
     def stuck_for(self) -> float:
         """Seconds the oldest pending dead letter has waited (0 when none)."""
@@ -460,8 +460,9 @@ class DlqWritable:
         if waited <= self.after_s:
             return None
         with self._lock:
-            error = self._last_error or "no acknowledgement"
-        return f"DLQ unwritable for {waited:.0f} s ({error})"
+            oldest = min(self._pending, key=self._pending.__getitem__, default=None)
+            error = self._errors.get(oldest, "") if oldest is not None else ""
+        return f"DLQ unwritable for {waited:.0f} s ({error or 'no acknowledgement'})"
 
 
 class DlqGuard:

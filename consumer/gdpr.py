@@ -113,6 +113,20 @@ def read_user_ids(lines: Iterable[str]) -> list[str]:
     return list(seen)
 
 
+class _Users:
+    """The ids of a run as the operator counts them: a line starting with a byte order mark
+    is one user, though sent in two forms (`read_user_ids`); counted twice, a two-line file
+    said "3 users requested" (review "diff44")."""
+
+    def __init__(self, user_ids: Sequence[str]) -> None:
+        given = set(user_ids)
+        self.marked = {user_id for user_id in user_ids
+                       if user_id.startswith("\ufeff") and user_id.lstrip("\ufeff") in given}
+
+    def count(self, user_ids: Iterable[str]) -> int:
+        return sum(1 for user_id in user_ids if user_id not in self.marked)
+
+
 def padded(user_ids: Iterable[str]) -> int:
     """How many ids begin or end with whitespace or a character that renders as nothing
     (kept as is; worth a warning: the id is not the one it looks like)."""
@@ -316,11 +330,12 @@ def delete_users(
     (`_shared_users`); a failure is logged, the deletion stands.
     """
     summary = summary if summary is not None else Summary()
-    summary.requested = len(user_ids)
+    users = _Users(user_ids)
+    summary.requested = users.count(user_ids)
     groups = batches(user_ids, batch_size)
     for index, batch in enumerate(groups, 1):
         if summary.aborted:
-            summary.failed += len(batch)
+            summary.failed += users.count(batch)
             continue
         body = delete_body(batch)
         tries = 0
@@ -363,14 +378,14 @@ def delete_users(
         try:
             request_id = retrying(attempt)
         except Pause as exc:
-            summary.failed += len(batch)
+            summary.failed += users.count(batch)
             summary.aborted = str(exc)
             log(f"{where}: {_said(exc)}; stopping, no batch can succeed")
         except (DeadLetter, Retry) as exc:
-            summary.failed += len(batch)
+            summary.failed += users.count(batch)
             log(f"{where}: gave up after {tries} attempt(s): {_said(exc)}")
         else:
-            summary.deleted += len(batch)
+            summary.deleted += users.count(batch)
             rid = f" (x-request-id {request_id})" if request_id else ""
             log(f"{where}: scheduled for deletion{rid}")
             failed = forget(batch) if forget is not None else None
@@ -550,10 +565,10 @@ def main(
         # A GDPR script read exit 0 as done (review "replay26"): an empty list is a mistake
         # in what was given (a wrong file, a failed export upstream), not a deletion.
         raise ConfigError("no user ids given: the file or stdin holds no id (one per line)")
-    marked = sum(1 for user_id in user_ids if user_id.startswith("\ufeff"))
-    if marked:
-        log(f"{marked} lines began with a byte order mark: each id is sent both without it "
-            "and as written")
+    users = _Users(user_ids)
+    if users.marked:
+        log(f"{len(users.marked)} ids began with a byte order mark: each is sent both "
+            "without it and as written (counted once)")
     spaced = padded(user_id for user_id in user_ids if not user_id.startswith("\ufeff"))
     if spaced:
         log(f"{spaced} ids begin or end with whitespace or an invisible character; sent "
@@ -561,8 +576,8 @@ def main(
     groups = batches(user_ids, args.batch_size)
     if args.dry_run:
         for index, batch in enumerate(groups, 1):
-            log(f"batch {index}/{len(groups)}: would delete {len(batch)} users")
-        summary = Summary(requested=len(user_ids), dry_run=True)
+            log(f"batch {index}/{len(groups)}: would delete {users.count(batch)} users")
+        summary = Summary(requested=users.count(user_ids), dry_run=True)
         write_line(f"delete-users: {summary.line()}", out)
         return 0
     client, settings = _client_from_env(env)

@@ -1037,7 +1037,7 @@ class Handler:
                     if record.value_omitted:
                         # Even the bare record is refused (a DLQ topic with a tiny
                         # max.message.bytes): the DLQ is unwritable until it is fixed.
-                        self.dlq_writable.failed(too_large)
+                        self.dlq_writable.failed(token, too_large)
                         log.error("dead letter refused even without its value (%s); "
                                   "retrying in %.1f s", too_large, delay, extra=event.fields)
                         await _off_the_wire(event, delay)
@@ -1053,7 +1053,7 @@ class Handler:
                                 "its value", too_large, extra=event.fields)
                     record = without_value(record, producer_limit(self.s.kafka_config()))
                 except Exception as produce_error:
-                    self.dlq_writable.failed(produce_error)
+                    self.dlq_writable.failed(token, produce_error)
                     log.error("dead-letter produce failed (%s); retrying in %.1f s",
                               produce_error, delay, extra=event.fields)
                     await _off_the_wire(event, delay)

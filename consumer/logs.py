@@ -196,7 +196,7 @@ def configure_command_logging(fmt: str, secrets: list[str]) -> None:
     configure_logging("WARNING", fmt, secrets)
 
 
-_THREAD = re.compile(r"\[thrd:[^\]]*\]:\s*")
+_THREAD = re.compile(r"^\[thrd:.*?\]:\s+")
 """The thread a librdkafka line names first (`[thrd:main]: `)."""
 
 

@@ -593,9 +593,9 @@ class Worker:
         if cut:
             # Said apart: "not sent yet" of requests Userpilot may have taken read as no
             # duplicates to come (review "stop44").
-            log.warning("shutdown: %d requests cut on the wire at the end of the grace stay "
-                        "uncommitted; Userpilot may have them, and they are sent again after "
-                        "the restart", cut)
+            log.warning("shutdown: %d requests cut on the wire (the grace ended, or "
+                        "Userpilot was failing) stay uncommitted; Userpilot may have them, and "
+                        "they are sent again after the restart", cut)
         end = asked + self.s.shutdown_grace_s + STOP_AFTER_DRAIN_S
 
         def step(bound: float) -> float:
@@ -663,6 +663,10 @@ class Worker:
         try:
             # What is not under way goes at once: events waiting for the limiter would each
             # take a slot of the budget (the shared one too) before stopping at the halt.
+            # Requests on the wire not waited for (Userpilot down) are cut here: counted
+            # as cut, not as "not sent yet" (review "diff44").
+            cut = sum(1 for event in scheduler.current(parts)
+                      if event.on_wire and not waited(event))
             await scheduler.cancel(parts, keep=waited)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace
@@ -673,7 +677,7 @@ class Worker:
                 # middle of the rebalance, cutting what the drain waited for (struct18).
                 self.health.beat()
                 await scheduler.wait_change(min(0.05, deadline - loop.time()))
-            cut = sum(1 for event in scheduler.current(parts) if waited(event))
+            cut += sum(1 for event in scheduler.current(parts) if waited(event))
             await scheduler.cancel(parts)
             # Counted as they left: those a halt stopped (with their users' later events)
             # left before the cancel.
@@ -1509,9 +1513,9 @@ class Worker:
                     log.info("revoke: %d events of %s not sent yet; the next owner "
                              "delivers them", left - cut, _fmt(parts))
                 if cut:
-                    log.warning("revoke: %d requests of %s cut on the wire at the end of the "
-                                "grace; Userpilot may have them, and the next owner sends "
-                                "them again", cut, _fmt(parts))
+                    log.warning("revoke: %d requests of %s cut on the wire (the grace "
+                                "ended, or Userpilot was failing); Userpilot may have them, "
+                                "and the next owner sends them again", cut, _fmt(parts))
             finally:
                 self._let_go_held(parts)
                 self.keyless.forget(parts)  # unresolved events abandoned before they ran

@@ -1613,7 +1613,7 @@ def test_the_registrys_basic_auth_is_taken_as_written_as_kafkas_secrets_are(
     assert load(SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO=" \n").registry_auth is None
 
 
-@pytest.mark.parametrize("value", ["1000", "5000", " 16383 "])
+@pytest.mark.parametrize("value", ["1000", "5000", " 16383 ", "+4000"])
 def test_a_message_max_bytes_below_a_dead_letters_headers_is_refused(value: str) -> None:
     """Review dlqfail44: the producer's limit is the dead letters' too; below the worker's
     own headers (~5 KB, the record without its value) a dead letter was never written and

@@ -398,7 +398,7 @@ def test_dlq_writable_flags_a_dead_letter_pending_too_long_and_clears_on_ack() -
     assert writable.problem() is None
     first = writable.started()
     now[0] += 9
-    writable.failed("Broker: Unknown topic or partition")
+    writable.failed(first, "Broker: Unknown topic or partition")
     assert writable.problem() is None  # not yet: a slow ack is not an outage
     now[0] += 2
     second = writable.started()
@@ -614,11 +614,13 @@ def test_readiness_quotes_kafkas_text_whole_and_forgets_it_once_written() -> Non
     fix = ("the DLQ topic 'dlq' has cleanup.policy=compact: " + "x" * 200
            + " kafka-configs.sh --alter --add-config cleanup.policy=delete")
     token = writable.started()
-    writable.failed(KafkaException(KafkaError(KafkaError.INVALID_CONFIG, fix)))
+    writable.failed(token, KafkaException(KafkaError(KafkaError.INVALID_CONFIG, fix)))
+    other = writable.started()  # another partition's, merely slow to be acknowledged
     now[0] = 11.0
     said = writable.problem()
     assert said is not None and "cleanup.policy=delete" in said and "KafkaError{" not in said
-    writable.finished(token)
-    token = writable.started()
+    writable.finished(token)  # the policy fixed: written
     now[0] = 30.0
-    assert writable.problem() == "DLQ unwritable for 19 s (no acknowledgement)"
+    # Review diff44: with another still pending, the fixed error was quoted for it.
+    assert writable.problem() == "DLQ unwritable for 30 s (no acknowledgement)"
+    writable.finished(other)

@@ -682,3 +682,12 @@ def test_through_a_proxy_its_failure_is_named_not_userpilots(proxy: str, says: s
         client.close()
     said = str(info.value)
     assert says in said and "HTTPS_PROXY" in said and "secret" not in said
+
+
+def test_a_user_sent_in_two_forms_is_counted_once() -> None:
+    """Review diff44: a two-line file whose first line starts with a byte order mark said
+    "3 users requested"."""
+    ids = read_user_ids(["\ufeffalice\n", "bob\n"])
+    summary, send, _, _ = run(ids, [], size=10)
+    assert [users for _, users in send.sent] == [["alice", "\ufeffalice", "bob"]]
+    assert (summary.requested, summary.deleted, summary.failed) == (2, 2, 0)

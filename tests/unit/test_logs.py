@@ -334,3 +334,18 @@ def test_a_json_line_holds_no_unicode_line_break() -> None:
     record = logging.LogRecord("consumer.worker", logging.WARNING, __file__, 1, text, None, None)
     line = _Json().format(record)
     assert len(line.splitlines()) == 1 and json.loads(line)["message"] == text
+
+
+def test_librdkafka_lines_of_ipv6_brokers_are_keyed_by_each_broker() -> None:
+    """Review diff44: the thread prefix of an IPv6 broker holds `]` (`[thrd:[::1]:4/...]: `);
+    cut at the first one, brokers on one port shared a key."""
+    from consumer.logs import RateLimit
+
+    def line(host: str) -> logging.LogRecord:
+        text = (f"[thrd:{host}:9092/bootstrap]: {host}:9092/bootstrap: Connect to "
+                f"ipv6#{host}:9092 failed: Connection refused")
+        return logging.LogRecord("librdkafka", logging.ERROR, __file__, 1, "%s [%s] %s",
+                                 ("FAIL", "rdkafka#consumer-1", text), None)
+
+    keys = {RateLimit.key(line(host)) for host in ("[2001:db8::1]", "[2001:db8::2]")}
+    assert len(keys) == 2, keys

@@ -3275,3 +3275,21 @@ def test_requests_cut_on_the_wire_at_the_end_of_the_grace_are_said_apart(
         assert drive(run, scenario) == 0
     assert "1 requests cut on the wire" in caplog.text
     assert "not sent yet" not in caplog.text
+
+
+def test_a_request_on_the_wire_cut_during_an_outage_is_said_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review diff44: with the gate not up, a request on the wire is not waited for and is
+    cut at once; it was logged as "not sent yet", though Userpilot may have it."""
+    client = SlowClient(5.0)
+    run = make(log_of(track("u1", 0)), registry=known_schema(), client=client,
+               USERPILOT_ENSURE_USER="false", WORKER_SHUTDOWN_GRACE_SECONDS="0.5")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: client.started == 1, "the request on the wire")
+        run.worker.gate._set("outage", "5 failures in a row, last: timed out")
+
+    with caplog.at_level(logging.INFO, logger="consumer.worker"):
+        drive(run, scenario)
+    assert "1 requests cut on the wire" in caplog.text and "not sent yet" not in caplog.text
