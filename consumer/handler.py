@@ -499,8 +499,8 @@ class Handler:
                 wait = self._fetches.retry_in(schema_id) if schema_id is not None else 0.5
                 schema_log.warning("schema registry unavailable (%s); retrying in %.1f s",
                                    _registry_failure(exc), wait, extra=event.fields)
-                if schema_id is None:  # not from a lookup (never expected): not at once
-                    await asyncio.sleep(wait)
+                if schema_id is None or wait <= 0:  # no backoff to wait (never expected):
+                    await asyncio.sleep(max(wait, 0.5))  # never at once, never a busy loop
 
     # -- handle ---------------------------------------------------------------------------
     async def decided(self, event: Event) -> None:

@@ -168,18 +168,22 @@ def produce_events(
     registry = Registry(registry_url, registry_auth, proxy=registry_proxy, timeout_s=timeout)
     try:
         schema_id = registry.register(topic)
-    except (RegistryError, RegistryUnusable) as exc:
+    except RegistryError as exc:
         # One line, redacted: the registry's answer may echo the request's Authorization
         # (it was an uncaught traceback quoting it, review "secrets18").
         raise ProduceError(f"nothing was sent: the schema registry refused to register the "
                            f"schema of {topic!r}: {registry.redact(str(exc))[:300]}") from None
+    except RegistryUnusable as exc:
+        raise ProduceError(f"nothing was sent: the schema registry's answer to registering "
+                           f"the schema of {topic!r} is unusable: "
+                           f"{registry.redact(str(exc))[:300]}") from None
     except (httpx.HTTPError, OSError) as exc:
         # The probe answered, then the registration did not (a registry restarting, a
         # balancer resetting): one line within --timeout, not a traceback after the
         # client's default 5 s (review "reg44").
         raise ProduceError(f"nothing was sent: the schema registry did not answer the "
-                           f"registration of {topic!r}'s schema ({type(exc).__name__})"
-                           ) from None
+                           f"registration of the schema of {topic!r} "
+                           f"({type(exc).__name__})") from None
     records = list(encode_lines(parsed, schema_id))
     check_sizes(parsed, records, int(conf.get("message.max.bytes", MESSAGE_MAX_BYTES)), source)
     producer = make_producer(conf)

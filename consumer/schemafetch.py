@@ -68,12 +68,21 @@ class SharedFetches:
         if fetch.cancelled():
             return
         failed = fetch.exception()  # retrieved: its waiters may all be gone
-        if failed is None or isinstance(failed, self._permanent):
+        if failed is None:
+            # The registry answers: no id waits out a backoff it earned while it did not
+            # (an event of another id held 30 s after the registry was back, review
+            # "diff44").
+            self._backoff.clear()
+            return
+        if isinstance(failed, self._permanent):
             self._backoff.pop(schema_id, None)
             return
-        _, waited = self._backoff.get(schema_id, (0.0, FIRST_RETRY_S / 2))
+        now = fetch.get_loop().time()
+        due, waited = self._backoff.get(schema_id, (0.0, FIRST_RETRY_S / 2))
+        if now - due > waited:  # a failure long after the last: an outage of its own
+            waited = FIRST_RETRY_S / 2
         wait = min(waited * 2, MAX_RETRY_S)
-        self._backoff[schema_id] = (fetch.get_loop().time() + wait, wait)
+        self._backoff[schema_id] = (now + wait, wait)
 
     def close(self) -> None:
         """Lookups not started are dropped; one under way ends within the registry's

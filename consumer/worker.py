@@ -666,7 +666,7 @@ class Worker:
             # Requests on the wire not waited for (Userpilot down) are cut here: counted
             # as cut, not as "not sent yet" (review "diff44").
             cut = sum(1 for event in scheduler.current(parts)
-                      if event.on_wire and not waited(event))
+                      if (event.on_wire or event.half_sent) and not waited(event))
             await scheduler.cancel(parts, keep=waited)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace

@@ -691,3 +691,11 @@ def test_a_user_sent_in_two_forms_is_counted_once() -> None:
     summary, send, _, _ = run(ids, [], size=10)
     assert [users for _, users in send.sent] == [["alice", "\ufeffalice", "bob"]]
     assert (summary.requested, summary.deleted, summary.failed) == (2, 2, 0)
+
+
+def test_a_failed_batch_of_second_forms_alone_still_fails_the_run() -> None:
+    """Review diff44: a batch holding only the byte-order-mark form of an id counted 0, and
+    when Userpilot refused it the run said "failed 0", exit 0."""
+    ids = read_user_ids(["bob\n", "\ufeffalice\n"])  # bob, alice, \ufeffalice
+    summary, _, _, _ = run(ids, ["rid", "rid", Rejected("HTTP 400", status=400)], size=1)
+    assert summary.failed == 1 and not summary.ok

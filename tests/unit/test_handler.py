@@ -628,3 +628,40 @@ def test_events_waiting_for_one_schema_id_share_its_retries() -> None:
     handler.close()
     late = [at for at in client.at if at - start > 1.6]  # every event taken by then
     assert len(late) <= 3, f"{len(late)} lookups of one schema id in 1.4 s"
+
+
+def test_a_schema_ids_backoff_ends_when_the_registry_answers_and_restarts_after_a_while(
+) -> None:
+    """Review diff44: an id's backoff outlived the outage (a new event of it waited up to
+    30 s with the registry answering again), and a failure long after the last started at
+    the longest wait."""
+    from consumer.schemafetch import FIRST_RETRY_S, MAX_RETRY_S, SharedFetches
+
+    answers: dict[int, list[BaseException | None]] = {8: [OSError("down")] * 10, 9: [None]}
+
+    def lookup(schema_id: int) -> dict[str, Any]:
+        outcome = answers[schema_id].pop(0)
+        if outcome is not None:
+            raise outcome
+        return {"type": "record"}
+
+    async def main() -> tuple[float, float, float]:
+        fetches = SharedFetches(lookup)
+        loop = asyncio.get_running_loop()
+        for _ in range(3):  # id 8 fails: 0.5, 1, 2 s
+            with pytest.raises(OSError):
+                await fetches.writer_schema(8)
+            fetches._backoff[8] = (loop.time(), fetches._backoff[8][1])  # its wait over now
+        waited = fetches._backoff[8][1]
+        await fetches.writer_schema(9)  # the registry answers (another id)
+        after_answer = fetches.retry_in(8)
+        # A failure long after the last one starts again from the first wait.
+        fetches._backoff[8] = (loop.time() - 10 * MAX_RETRY_S, MAX_RETRY_S)
+        with pytest.raises(OSError):
+            await fetches.writer_schema(8)
+        again = fetches._backoff[8][1]
+        fetches.close()
+        return waited, after_answer, again
+
+    waited, after_answer, again = asyncio.run(main())
+    assert waited == 4 * FIRST_RETRY_S and after_answer == 0.0 and again == FIRST_RETRY_S

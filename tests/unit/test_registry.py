@@ -235,11 +235,13 @@ def test_the_registrys_own_refusals_are_answers(status: int, code: int) -> None:
     assert not RegistryError(status, None, "x").answered
 
 
-def test_register_goes_through_the_same_bookkeeping() -> None:
+def test_register_is_a_tools_call_outside_the_workers_bookkeeping() -> None:
+    """`produce` registers: its failure is its own one line; through the worker's
+    bookkeeping it also logged the worker's readiness line (review diff44)."""
     registry, _, _ = make([ConnectionRefusedError("refused")])
     with pytest.raises(ConnectionRefusedError):
         registry.register("topic-a")
-    assert registry.last_error == "register: ConnectionRefusedError: refused"
+    assert registry.last_error is None and registry.healthy
     assert registry.register("topic-a") == 7
     assert registry.healthy
     assert registry.cached(7) == SCHEMA

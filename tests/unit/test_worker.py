@@ -3293,3 +3293,30 @@ def test_a_request_on_the_wire_cut_during_an_outage_is_said_cut(
     with caplog.at_level(logging.INFO, logger="consumer.worker"):
         drive(run, scenario)
     assert "1 requests cut on the wire" in caplog.text and "not sent yet" not in caplog.text
+
+
+class _SecondCallFails(FakeClient):
+    async def send(self, call: Call) -> int:
+        self.calls.append(call)
+        if len(self.calls) == 1:
+            return 202  # the group's company identify: accepted
+        raise ServerError("HTTP 503", status=503)
+
+
+def test_a_half_sent_event_cut_while_userpilot_fails_is_said_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review diff44: a group whose company identify Userpilot took, its association
+    retrying, cut while the gate was not up, was logged "not sent yet"."""
+    client = _SecondCallFails()
+    run = make(log_of(group_of("u1", "acme", 0, "free")), registry=known_schema(),
+               client=client, USERPILOT_ENSURE_USER="false",
+               WORKER_SHUTDOWN_GRACE_SECONDS="0.5")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(client.calls) >= 2, "the second call refused")
+        run.worker.gate._set("outage", "5 failures in a row, last: HTTP 503")
+
+    with caplog.at_level(logging.INFO, logger="consumer.worker"):
+        drive(run, scenario)
+    assert "1 requests cut on the wire" in caplog.text and "not sent yet" not in caplog.text
