@@ -120,6 +120,7 @@ class _Users:
 
     def __init__(self, user_ids: Sequence[str]) -> None:
         given = set(user_ids)
+        self._failed: set[str] = set()
         self.marked = {user_id for user_id in user_ids
                        if user_id.startswith("\ufeff") and user_id.lstrip("\ufeff") in given}
 
@@ -127,9 +128,13 @@ class _Users:
         return sum(1 for user_id in user_ids if user_id not in self.marked)
 
     def failed(self, batch: Sequence[str]) -> int:
-        """A failed batch's count, at least 1: one holding only second forms counted 0, and
-        the run said "failed 0", exit 0 (review "diff44")."""
-        return max(1, self.count(batch)) if batch else 0
+        """A failed batch's users not counted failed yet, each form of one user once: a
+        batch holding only a second form counted 0 and the run said "failed 0", exit 0;
+        then both forms failing counted one user twice (review "diff44")."""
+        users = {user_id.lstrip("\ufeff") for user_id in batch}
+        new = users - self._failed
+        self._failed |= users
+        return len(new)
 
 
 def padded(user_ids: Iterable[str]) -> int:

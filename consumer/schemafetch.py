@@ -4,6 +4,7 @@ event waiting for it, on a thread of their own (the registry's client is synchro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,9 @@ class SharedFetches:
         # a request per waiting event per round (137 in 2.4 s for 100 events, review
         # "reg44"), not one per id.
         self._backoff: dict[int, tuple[float, float]] = {}
+        # Set (and replaced) when a lookup succeeds: the registry answers again, and events
+        # sleeping out a backoff start at once, not up to 30 s later (review "diff44").
+        self._answered: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     def retry_in(self, schema_id: int) -> float:
         """Seconds until the next lookup of `schema_id` may start (0: at once)."""
@@ -53,17 +57,22 @@ class SharedFetches:
         if schema_id not in self._running:
             wait = self.retry_in(schema_id)
             if wait > 0:
-                await asyncio.sleep(wait)
+                loop = asyncio.get_running_loop()
+                if self._answered is None or self._answered[0] is not loop:
+                    self._answered = (loop, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._answered[1].wait(), wait)
         fetch = self._running.get(schema_id)
         if fetch is None:
-            fetch = asyncio.get_running_loop().run_in_executor(
-                self._pool, self._lookup, schema_id)
+            loop = asyncio.get_running_loop()
+            fetch = loop.run_in_executor(self._pool, self._lookup, schema_id)
             self._running[schema_id] = fetch
-            fetch.add_done_callback(functools.partial(self._done, schema_id))
+            fetch.add_done_callback(functools.partial(self._done, schema_id, loop.time()))
         # One waiter cancelled (a revoke) must not cancel the others' lookup.
         return await asyncio.shield(fetch)
 
-    def _done(self, schema_id: int, fetch: asyncio.Future[Mapping[str, Any]]) -> None:
+    def _done(self, schema_id: int, started: float,
+              fetch: asyncio.Future[Mapping[str, Any]]) -> None:
         self._running.pop(schema_id, None)
         if fetch.cancelled():
             return
@@ -73,13 +82,19 @@ class SharedFetches:
             # (an event of another id held 30 s after the registry was back, review
             # "diff44").
             self._backoff.clear()
+            if self._answered is not None:
+                self._answered[1].set()
+                self._answered = None
             return
         if isinstance(failed, self._permanent):
             self._backoff.pop(schema_id, None)
             return
         now = fetch.get_loop().time()
         due, waited = self._backoff.get(schema_id, (0.0, FIRST_RETRY_S / 2))
-        if now - due > waited:  # a failure long after the last: an outage of its own
+        if started - due > waited:
+            # Started long after the last was due: an outage of its own. From the lookup's
+            # start, not its failure: a lookup that hung its timeout restarted the wait at
+            # 0.5 s every round (review "diff44").
             waited = FIRST_RETRY_S / 2
         wait = min(waited * 2, MAX_RETRY_S)
         self._backoff[schema_id] = (now + wait, wait)

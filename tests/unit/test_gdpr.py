@@ -699,3 +699,10 @@ def test_a_failed_batch_of_second_forms_alone_still_fails_the_run() -> None:
     ids = read_user_ids(["bob\n", "\ufeffalice\n"])  # bob, alice, \ufeffalice
     summary, _, _, _ = run(ids, ["rid", "rid", Rejected("HTTP 400", status=400)], size=1)
     assert summary.failed == 1 and not summary.ok
+
+
+def test_a_user_whose_two_forms_both_fail_is_one_failure() -> None:
+    ids = read_user_ids(["\ufeffalice\n"])  # alice, \ufeffalice
+    refused = Rejected("HTTP 400", status=400)
+    summary, _, _, _ = run(ids, [refused, refused], size=1)
+    assert (summary.requested, summary.failed, summary.ok) == (1, 1, False)

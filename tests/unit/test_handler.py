@@ -665,3 +665,76 @@ def test_a_schema_ids_backoff_ends_when_the_registry_answers_and_restarts_after_
 
     waited, after_answer, again = asyncio.run(main())
     assert waited == 4 * FIRST_RETRY_S and after_answer == 0.0 and again == FIRST_RETRY_S
+
+
+def test_schema_backoff_doubles_when_lookups_take_longer_than_the_first_wait() -> None:
+    """Review diff44: the quiet spell was counted from a lookup's failure, so a lookup that
+    hung (the registry's timeout) restarted the wait at 0.5 s every round."""
+    from consumer.registry import Registry
+
+    class Hanging:
+        def __init__(self) -> None:
+            self.at: list[float] = []
+            self.ended: list[float] = []
+
+        def get_schema(self, schema_id: int) -> str:
+            self.at.append(time.monotonic())
+            time.sleep(0.6)
+            self.ended.append(time.monotonic())
+            raise OSError("timed out")
+
+    handler, _, _, _, _ = make()
+    client = Hanging()
+    handler.registry = Registry("http://unused", client=client)
+
+    async def main() -> None:
+        task = asyncio.create_task(handler.handle(track(0, "u0")))
+        await asyncio.sleep(5.6)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    handler.close()
+    gaps = [round(start - end, 1) for end, start in zip(client.ended, client.at[1:],
+                                                            strict=False)]
+    assert gaps[:3] == [0.5, 1.0, 2.0], gaps
+
+
+def test_an_event_waiting_out_a_schema_backoff_goes_once_the_registry_answers() -> None:
+    """Review diff44: a success ended the backoff for later events only; one already
+    asleep in it slept it out (up to 30 s), even after its own id was cached."""
+    from consumer.registry import Registry
+
+    class Flaky:
+        up = False
+
+        def get_schema(self, schema_id: int) -> str:
+            if not self.up:
+                raise OSError("connection refused")
+            return codec.SCHEMA_TEXT
+
+    def event_of(offset: int, user: str, schema_id: int) -> Event:
+        doc = {"context": CONSENT, "messageId": f"m{offset}", "type": "track",
+               "event": "Feature Used", "userId": user, "properties": {"seq": offset}}
+        value = codec.encode(schema_id, codec.to_record(doc))
+        return Event("t", 0, offset, user.encode(), user.encode(), value, None, 1)
+
+    handler, _, _, _, _ = make()
+    client = Flaky()
+    handler.registry = Registry("http://unused", client=client)
+    done: dict[str, float] = {}
+
+    async def handle(event: Event, name: str) -> None:
+        await handler.handle(event)
+        done[name] = time.monotonic()
+
+    async def main() -> None:
+        old = asyncio.create_task(handle(event_of(0, "u1", 8), "old"))
+        await asyncio.sleep(3.6)  # id 8 failed at ~0, 0.5, 1.5, 3.5 s: next due ~7.5 s
+        client.up = True
+        await handle(event_of(1, "u2", 9), "other id")  # the registry answers
+        await asyncio.wait_for(old, 10)
+
+    asyncio.run(main())
+    handler.close()
+    assert done["old"] - done["other id"] < 0.5, done
