@@ -18,7 +18,7 @@ import math
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -56,8 +56,9 @@ if TYPE_CHECKING:
     from consumer.calls import Call
     from consumer.config import Settings
 
-__all__ = ["BODY_LIMIT", "UserpilotClient", "classify", "classify_answer", "parse_retry_after",
-           "request_secrets", "ssl_context", "transport_failure"]
+__all__ = ["BODY_LIMIT", "UserpilotClient", "causes", "classify", "classify_answer",
+           "parse_retry_after", "request_secrets", "ssl_context", "transport_failure",
+           "unreachable"]
 
 USER_AGENT = "userpilot-delivery-worker"
 MAX_RETRY_AFTER_S = 600.0
@@ -322,11 +323,7 @@ def transport_failure(exc: BaseException, deadline_s: float,
         if isinstance(cause, aiohttp.ClientConnectorDNSError):
             # Named: "ClientConnectorDNSError" alone hid a misspelt host (review "http33").
             # Through a proxy, the name looked up is the proxy's (it resolves Userpilot's).
-            return ConnectionFailed(
-                f"connection to Userpilot failed: the proxy's host {cause.host!r} does not "
-                "resolve (DNS); check HTTPS_PROXY / HTTP_PROXY" if proxied else
-                f"connection to Userpilot failed: its host {cause.host!r} does not resolve "
-                "(DNS); check USERPILOT_ANALYTICS_ENDPOINT", before_tls=True)
+            return unreachable(cause.host, proxied)
         return ConnectionFailed(f"connection to Userpilot failed ({type(cause).__name__})")
     if isinstance(exc, httpx.ProxyError):
         status = _proxy_status(exc)
@@ -408,15 +405,37 @@ _PLAIN_PORT = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_
 """OpenSSL's reasons for a handshake answered by something that is not TLS (an HTTP port)."""
 
 
+def unreachable(host: str, proxied: bool, *, refused: bool = False) -> ConnectionFailed:
+    """A connection that failed before any TLS, named: the host does not resolve (DNS), or
+    (`refused`) nothing listens on its port. Through a proxy, the host is the proxy's."""
+    if refused:
+        what = (f"the proxy {host!r} refused it" if proxied else f"{host!r} refused it")
+        what += " (nothing listens on that port)"
+    else:
+        what = (f"the proxy's host {host!r} does not resolve (DNS)" if proxied
+                else f"its host {host!r} does not resolve (DNS)")
+    fix = "HTTPS_PROXY / HTTP_PROXY" if proxied else "USERPILOT_ANALYTICS_ENDPOINT"
+    return ConnectionFailed(f"connection to Userpilot failed: {what}; check {fix}",
+                            before_tls=True)
+
+
+def causes(exc: BaseException, depth: int = 6) -> Iterator[BaseException]:
+    """`exc` and its causes (`__cause__`, else `__context__`), at most `depth` of them:
+    httpx wraps its transport's errors, which wrap the socket's or the `ssl` module's."""
+    seen: BaseException | None = exc
+    for _ in range(depth):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
 def _tls_refusal(exc: BaseException, proxied: bool = False) -> TlsRefused | None:
     """A TLS failure only a setting fixes when it lasts, found in the exception's causes
     (httpx-aiohttp wraps aiohttp's, which wraps the `ssl` module's), or None. Through a
     proxy, the certificate or the plain port may be the proxy's (`HTTPS_PROXY=https://`
     naming a plain-HTTP proxy is the usual one): the message names both."""
-    seen: BaseException | None = exc
-    for _ in range(6):
-        if seen is None:
-            return None
+    for seen in causes(exc):
         if isinstance(seen, ssl.SSLCertVerificationError):
             # aiohttp's ClientConnectorCertificateError is one too, holding the ssl one.
             cause = getattr(seen, "certificate_error", seen)
@@ -447,7 +466,6 @@ def _tls_refusal(exc: BaseException, proxied: bool = False) -> TlsRefused | None
                 f"TLS: the other end does not speak TLS ({reason}): check {where} (plain "
                 "HTTP to Userpilot is USERPILOT_INSECURE_HTTP=true, for a local sandbox "
                 "only)")
-        seen = seen.__cause__ or seen.__context__
     return None
 
 

@@ -43,10 +43,12 @@ from consumer.config import Settings, load_settings
 from consumer.cutoff import Cutoff
 from consumer.delivery import (
     USER_AGENT,
+    causes,
     classify_answer,
     request_secrets,
     ssl_context,
     transport_failure,
+    unreachable,
 )
 from consumer.errors import (
     ConfigError,
@@ -280,24 +282,12 @@ def _before_tls(exc: BaseException, host: str, proxy_host: str | None = None
                 ) -> ConnectionFailed | None:
     """httpx's own transport (this command's) fails a host that does not resolve, or a port
     nothing listens on, with a bare ConnectError: each was told "for TLS, check
-    USERPILOT_CA_BUNDLE" (review "cli44"). Named from the cause, as the worker names them."""
-    seen: BaseException | None = exc
-    for _ in range(6):
-        if seen is None:
-            return None
-        if isinstance(seen, socket.gaierror):
-            return ConnectionFailed(
-                f"connection to Userpilot failed: the proxy's host {proxy_host!r} does not "
-                "resolve (DNS); check HTTPS_PROXY / HTTP_PROXY" if proxy_host else
-                f"connection to Userpilot failed: {host!r} does not resolve (DNS); check "
-                "USERPILOT_ANALYTICS_ENDPOINT", before_tls=True)
-        if isinstance(seen, ConnectionRefusedError):
-            return ConnectionFailed(
-                f"connection to Userpilot failed: the proxy {proxy_host!r} refused it "
-                "(nothing listens on that port); check HTTPS_PROXY / HTTP_PROXY" if proxy_host
-                else f"connection to Userpilot failed: {host!r} refused it (nothing listens "
-                "on that port); check USERPILOT_ANALYTICS_ENDPOINT", before_tls=True)
-        seen = seen.__cause__ or seen.__context__
+    USERPILOT_CA_BUNDLE" (review "cli44"). Named from the cause, as the worker names them
+    (`delivery.unreachable`); through a proxy, the connection is the proxy's."""
+    for seen in causes(exc):
+        if isinstance(seen, socket.gaierror | ConnectionRefusedError):
+            return unreachable(proxy_host or host, proxy_host is not None,
+                               refused=isinstance(seen, ConnectionRefusedError))
     return None
 
 
