@@ -8,7 +8,7 @@ import logging
 import pytest
 from confluent_kafka import KafkaError, TopicPartition
 
-from consumer.kafka import ANSWER_SLICE_S, KafkaSource
+from consumer.kafka import ANSWER_SLICE_S, COMMIT_SILENCE_S, KafkaSource
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS
 
 
@@ -53,13 +53,12 @@ def test_an_unanswered_commit_means_not_connected_until_an_answer(
 ) -> None:
     """A hung broker (SIGSTOP, a black-holed network) keeps its connections: no error comes,
     only the commit's answer does not."""
-    from consumer import kafka
 
     now = [1000.0]
     monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
     src = source()
     src._commit_waiting_since = now[0]  # what commit(wait=False) records
-    now[0] += kafka.COMMIT_SILENCE_S - 1
+    now[0] += COMMIT_SILENCE_S - 1
     assert src.connected
     now[0] += 2
     assert not src.connected
@@ -352,7 +351,6 @@ def test_an_assignment_after_an_outage_means_connected_again(
     than the session left `connected` False after the rejoin (its partitions' offsets were
     released with the session, so no later commit's answer came): a quiet replica stayed
     unready and took its partitions' messages without reading their commit notes."""
-    from consumer import kafka
 
     now = [1000.0]
     monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
@@ -360,7 +358,7 @@ def test_an_assignment_after_an_outage_means_connected_again(
     src = source()
     src._on_assign = assigned.append
     src._commit_waiting_since = now[0]
-    now[0] += kafka.COMMIT_SILENCE_S + 60
+    now[0] += COMMIT_SILENCE_S + 60
     src._on_commit(KafkaError(KafkaError._WAIT_COORD), [])  # librdkafka gives up: local
     assert not src.connected
     src._assigned([("t", 0)])  # the rejoin: the coordinator answered
@@ -374,6 +372,18 @@ class _Committer:
         assert asynchronous
 
 
+def _committing_source(monkeypatch: pytest.MonkeyPatch) -> tuple[list[float], KafkaSource]:
+    """A source on a clock the test moves (`now[0]`), one asynchronous commit sent a second
+    ago and not answered."""
+    now = [1000.0]
+    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
+    src = source()
+    src._consumer = _Committer()  # type: ignore[assignment]
+    src.commit({("t", 0): 5}, wait=False)
+    now[0] += 1
+    return now, src
+
+
 def test_a_commit_still_out_after_another_was_answered_keeps_the_clock(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -381,31 +391,24 @@ def test_a_commit_still_out_after_another_was_answered_keeps_the_clock(
     The answer cleared the clock and the worker sends no commit while one is outstanding,
     so `connected` stayed True (and /readyz green) for a minute or more (review "rebal44").
     The clock goes on from the second commit's sending, not from before an assignment."""
-    from consumer import kafka
-
-    now = [1000.0]
-    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
-    src = source()
-    src._consumer = _Committer()  # type: ignore[assignment]
-    src.commit({("t", 0): 5}, wait=False)
-    now[0] += 1
+    now, src = _committing_source(monkeypatch)
     src.commit({("t", 0): 9}, wait=False)
     second_sent = now[0]
     now[0] += 1
     src._on_commit(None, [TopicPartition("t", 0, 5)])  # the first is answered
     assert src.connected
-    now[0] = second_sent + kafka.COMMIT_SILENCE_S + 0.5
+    now[0] = second_sent + COMMIT_SILENCE_S + 0.5
     assert not src.connected, "the second commit unanswered past the silence"
     src._on_commit(None, [TopicPartition("t", 0, 9)])
     assert src.connected
 
     src.commit({("t", 0): 12}, wait=False)
     src.commit({("t", 0): 15}, wait=False)
-    now[0] += kafka.COMMIT_SILENCE_S  # e.g. a rebalance: no answer meanwhile
+    now[0] += COMMIT_SILENCE_S  # e.g. a rebalance: no answer meanwhile
     src._assigned([("t", 0)])
     src._on_commit(None, [TopicPartition("t", 0, 12)])
     assert src.connected, "counted from the assignment, not from before it"
-    now[0] += kafka.COMMIT_SILENCE_S + 0.5
+    now[0] += COMMIT_SILENCE_S + 0.5
     assert not src.connected
 
 
@@ -417,16 +420,9 @@ def test_a_commit_out_across_an_assignment_is_timed_from_the_assignment(
     so a coordinator hung from then on went unnoticed. Yet a commit from before the
     assignment that then fails locally leaves no clock behind (a quiet replica stayed
     unready for good, review "probes43")."""
-    from consumer import kafka
-
-    now = [1000.0]
-    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
-    src = source()
-    src._consumer = _Committer()  # type: ignore[assignment]
-    src.commit({("t", 0): 5}, wait=False)
-    now[0] += 1
+    now, src = _committing_source(monkeypatch)
     src._assigned([("t", 1)])
-    now[0] += kafka.COMMIT_SILENCE_S + 1
+    now[0] += COMMIT_SILENCE_S + 1
     assert not src.connected, "unanswered since the assignment"
     src._on_commit(KafkaError(KafkaError._TIMED_OUT), [])  # failed locally: no answer
     assert src.connected, "nothing out since the assignment"
