@@ -15,6 +15,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -598,6 +599,22 @@ def is_fatal(err: KafkaError) -> bool:
     return bool(err.fatal()) or err.code() == KafkaError._FATAL
 
 
+def _producer_fatal(err: KafkaError) -> bool:
+    """A producer error after which that producer refuses every record (librdkafka: the
+    instance must be replaced)."""
+    return bool(err.fatal()) or err.code() == KafkaError._FATAL
+
+
+def _retire(producer: Producer) -> None:
+    """Let a producer a fatal error stopped fail what it holds: its delivery callbacks run
+    (their dead letters are written again by the new one), then it is dropped."""
+    try:
+        producer.purge()
+        producer.flush(RETIRE_S)
+    except Exception:  # a fatal instance may refuse even that; nothing is left to save
+        log.debug("DLQ producer: the retired instance did not flush", exc_info=True)
+
+
 def partition_end(err: KafkaError) -> bool:
     """The end of a partition reached (`KAFKA_ENABLE_PARTITION_EOF=true`): news, not a fault.
     Logged as one, it was a WARNING each time a partition caught up (review "kafka34")."""
@@ -618,6 +635,11 @@ def make_producer(conf: dict[str, Any], **extra: Any) -> Producer:
         raise _config_error(exc, "producer") from None
 
 
+REBUILD_EVERY_S = 5.0
+"""The DLQ producer is built anew after a fatal error at most this often."""
+RETIRE_S = 10.0
+"""How long a DLQ producer a fatal error stopped gets to fail the records it holds."""
+
 DLQ_POLICY_CHECK_S = 300.0
 """How often a running worker's DLQ producer reads its topic's cleanup.policy again (only
 while dead letters are written), and 30 s while it found the topic compacted."""
@@ -631,12 +653,23 @@ class DeadLetterProducer:
     start-up refuses a compacted DLQ, but one made compacted later took keyed dead letters
     and compaction deleted all but one per user (review "faults31"). While it names one,
     `send` raises it: the dead letter waits, its partition's offset too, and the DLQ is
-    reported unwritable (readiness, `UserpilotDlqUnwritable`) until the topic is fixed."""
+    reported unwritable (readiness, `UserpilotDlqUnwritable`) until the topic is fixed.
+
+    A fatal error (the idempotent producer's sequence or epoch broken, e.g. after an
+    unclean leader election) leaves a librdkafka producer refusing every record for good:
+    the dead letters waited, the DLQ read unwritable and readiness stayed off until a
+    restart. librdkafka's answer is a new producer instance, so one is built at the next
+    dead letter (at most every REBUILD_EVERY_S); the records the old one held fail and
+    are written again, as after any DLQ error (review "fatal45")."""
 
     def __init__(self, conf: dict[str, Any],
                  policy: Callable[[str], str | None] | None = None,
-                 check_s: float | None = None) -> None:
-        self._producer = make_producer(conf, **DLQ_PRODUCER)
+                 check_s: float | None = None,
+                 factory: Callable[[], Producer] | None = None) -> None:
+        self._factory = factory or (lambda: make_producer(conf, **DLQ_PRODUCER))
+        self._producer = self._factory()
+        self._fatal: str | None = None  # the fatal error seen, until the next rebuild (loop)
+        self._rebuilt_at = -math.inf
         self._policy = policy
         self._check_s = DLQ_POLICY_CHECK_S if check_s is None else check_s
         self._policy_due = time.monotonic() + self._check_s  # start-up checked it (`reach`)
@@ -666,7 +699,10 @@ class DeadLetterProducer:
                     return
                 if err is None:
                     done.set_result(None)
-                elif err.code() in _TOO_LARGE:
+                    return
+                if _producer_fatal(err):
+                    self._fatal = err.str()
+                if err.code() in _TOO_LARGE:
                     done.set_exception(DlqRecordTooLarge(f"DLQ refused the record: {err.str()}"))
                 elif err.code() == KafkaError.INVALID_RECORD:
                     done.set_exception(KafkaException(KafkaError(
@@ -680,6 +716,8 @@ class DeadLetterProducer:
         kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers,
                                   "on_delivery": delivered}
         while True:
+            if self._fatal is not None:
+                self._rebuild()
             try:
                 self._producer.produce(topic, **kwargs)
                 break
@@ -690,8 +728,29 @@ class DeadLetterProducer:
                 if isinstance(err, KafkaError) and err.code() in _TOO_LARGE:
                     raise DlqRecordTooLarge(f"DLQ refused the record locally: {err.str()}"
                                             ) from None
+                if isinstance(err, KafkaError) and _producer_fatal(err):
+                    self._fatal = err.str()
+                    if self._rebuild():
+                        continue  # once more, on the new producer
                 raise
         await done
+
+    def _rebuild(self) -> bool:
+        """A new producer in place of one a fatal error stopped (event loop thread); False
+        when the last was built under REBUILD_EVERY_S ago (a fault that makes each new
+        producer fatal again is not turned into a loop of new producers)."""
+        now = time.monotonic()
+        if now - self._rebuilt_at < REBUILD_EVERY_S:
+            return False
+        self._rebuilt_at = now
+        fresh = self._factory()
+        reason, self._fatal = self._fatal, None
+        old, self._producer = self._producer, fresh
+        log.error("DLQ producer: fatal error (%s); a new producer takes its place, and the "
+                  "dead letters the old one had not written are written again", reason)
+        # Off the loop: its undelivered records fail (their sends retry) once purged.
+        threading.Thread(target=_retire, args=(old,), name="dlq-retire", daemon=True).start()
+        return True
 
     async def _check_policy(self, topic: str) -> None:
         """Raise the DLQ topic's configuration problem, read at most every `check_s` (30 s

@@ -1,0 +1,136 @@
+"""`kafka.DeadLetterProducer` after a fatal producer error: a new producer takes over."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from consumer import kafka
+from consumer.kafka import DeadLetterProducer
+
+
+class FakeProducer:
+    """A producer whose `produce` raises `refuse` (if set) or queues the record, whose
+    `poll` answers the queued records with `answer` (None: acknowledged)."""
+
+    def __init__(self, refuse: KafkaError | None = None,
+                 answer: KafkaError | None = None) -> None:
+        self.refuse = refuse
+        self.answer = answer
+        self.queued: list[Any] = []
+        self.written: list[bytes | None] = []
+        self.purged = threading.Event()
+        self._lock = threading.Lock()
+
+    def produce(self, topic: str, *, key: bytes | None, value: bytes | None,
+                headers: Any, on_delivery: Any) -> None:
+        if self.refuse is not None:
+            raise KafkaException(self.refuse)
+        with self._lock:
+            self.queued.append((value, on_delivery))
+
+    def poll(self, timeout: float) -> int:
+        with self._lock:
+            queued, self.queued = self.queued, []
+        for value, on_delivery in queued:
+            if self.answer is None:
+                self.written.append(value)
+            on_delivery(self.answer, None)
+        if not queued:
+            time.sleep(min(timeout, 0.005))
+        return len(queued)
+
+    def purge(self) -> None:
+        self.purged.set()
+
+    def flush(self, timeout: float = 0) -> int:
+        self.poll(0)
+        return 0
+
+
+def _fatal(code: int = KafkaError._FATAL) -> KafkaError:
+    return KafkaError(code, "Fatal error: Broker: Out of order sequence number", fatal=True)
+
+
+def _producer(instances: list[FakeProducer]) -> tuple[DeadLetterProducer, list[FakeProducer]]:
+    built: list[FakeProducer] = []
+
+    def factory() -> Any:
+        built.append(instances[len(built)])
+        return built[-1]
+
+    return DeadLetterProducer({}, factory=factory), built
+
+
+async def _send(producer: DeadLetterProducer, value: bytes) -> None:
+    await asyncio.wait_for(producer.send("dlq", key=None, value=value, headers=[]), 5)
+
+
+def test_a_producer_refusing_records_for_good_is_replaced_and_the_record_written() -> None:
+    stopped = FakeProducer(refuse=_fatal())
+    fresh = FakeProducer()
+    producer, built = _producer([stopped, fresh])
+    try:
+        asyncio.run(_send(producer, b"dead letter"))
+    finally:
+        producer.close(1)
+    assert built == [stopped, fresh]
+    assert fresh.written == [b"dead letter"]
+    assert stopped.purged.wait(5), "the old producer's records were not failed"
+
+
+def test_a_fatal_delivery_report_fails_that_send_and_the_next_uses_a_new_producer() -> None:
+    stopped = FakeProducer(answer=_fatal(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER))
+    fresh = FakeProducer()
+    producer, built = _producer([stopped, fresh])
+
+    async def both() -> None:
+        with pytest.raises(KafkaException):
+            await _send(producer, b"first")  # the handler writes it again later
+        await _send(producer, b"first")
+
+    try:
+        asyncio.run(both())
+    finally:
+        producer.close(1)
+    assert built == [stopped, fresh]
+    assert fresh.written == [b"first"]
+
+
+def test_a_non_fatal_error_keeps_the_producer() -> None:
+    busy = FakeProducer(answer=KafkaError(KafkaError.REQUEST_TIMED_OUT, "timed out"))
+    producer, built = _producer([busy, FakeProducer()])
+
+    async def twice() -> None:
+        for _ in range(2):
+            with pytest.raises(KafkaException):
+                await _send(producer, b"x")
+
+    try:
+        asyncio.run(twice())
+    finally:
+        producer.close(1)
+    assert built == [busy]
+
+
+def test_producers_fatal_at_once_are_not_rebuilt_in_a_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kafka, "REBUILD_EVERY_S", 60.0)
+    instances = [FakeProducer(refuse=_fatal()) for _ in range(5)]
+    producer, built = _producer(instances)
+
+    async def sends() -> None:
+        for _ in range(3):
+            with pytest.raises(KafkaException):
+                await _send(producer, b"x")
+
+    try:
+        asyncio.run(sends())
+    finally:
+        producer.close(1)
+    assert len(built) == 2  # the first, and one new one: not one per send
