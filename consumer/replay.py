@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 from confluent_kafka import (
@@ -342,8 +342,17 @@ def _time(text: str) -> datetime:
         # "replay44"): said, not guessed (a week without its day is a week, not a day).
         raise argparse.ArgumentTypeError(
             f"{text!r} is an ISO week date: write the calendar date, e.g. 2026-11-23")
+    written = text.strip()
+    period = _PERIOD.fullmatch(written)
     try:
-        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        if period is not None and period["hour"] is None and period["zone"]:
+            # A date with its zone: Python reads `2026-12-01+01:00` as 01:00 (the sign
+            # taken for the time's start) and `2026-12-01Z` as midnight read naive
+            # (review "ops45"): the day, in that zone.
+            value = datetime.combine(date.fromisoformat(period["date"]), datetime.min.time(),
+                                     _zone(period["zone"]))
+        else:
+            value = datetime.fromisoformat(written.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an ISO 8601 time: e.g. 2026-12-01T09:30:00Z or 2026-12-01"
@@ -380,18 +389,37 @@ def _skip_void(text: str) -> tuple[str, str, int, tuple[tuple[int, int], ...]]:
 
 
 def _until(text: str) -> datetime:
-    """`_time`, where a bare date means the end of that day: `--until 2026-12-01` read as
-    its midnight left out the whole day it names (review "ops29")."""
+    """`_time`, where a time written to the day, hour or minute means the end of that
+    period: `--until 2026-12-01` read as its midnight left out the whole day it names
+    (review "ops29"), and so did `2026-12-01Z` (its zone written) and `…T09` the rest of
+    that hour (review "ops45"). Written to the second or finer, it is that instant."""
     value = _time(text)
-    if _DATE_ONLY.fullmatch(text.strip()):
-        try:
-            return value + timedelta(days=1) - timedelta(milliseconds=1)  # Kafka's resolution
-        except OverflowError:  # 9999-12-31: to the end of time (it raised; review "cli42")
-            return datetime.max.replace(tzinfo=UTC)
-    return value
+    period = _PERIOD.fullmatch(text.strip())
+    if period is None or period["second"] is not None:
+        return value
+    step = (timedelta(days=1) if period["hour"] is None
+            else timedelta(hours=1) if period["minute"] is None else timedelta(minutes=1))
+    try:
+        return value + step - timedelta(milliseconds=1)  # Kafka's resolution
+    except OverflowError:  # 9999-12-31: to the end of time (it raised; review "cli42")
+        return datetime.max.replace(tzinfo=UTC)
 
 
-_DATE_ONLY = re.compile(r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}")
+_PERIOD = re.compile(
+    r"(?P<date>[0-9]{4}-?[0-9]{2}-?[0-9]{2})"
+    r"(?:[Tt ](?P<hour>[0-9]{2})(?::?(?P<minute>[0-9]{2})(?::?(?P<second>[0-9]{2}))?)?)?"
+    r"(?P<zone>[Zz]|[+-][0-9]{2}(?::?[0-9]{2})?)?")
+"""How much of a time `--until` was given: `second` (anything finer too) unmatched means
+the end of the day, hour or minute written."""
+
+
+def _zone(text: str) -> timezone:
+    """`Z` or `±HH[:MM]` as a zone (ValueError past ±24 h)."""
+    if text in ("Z", "z"):
+        return UTC
+    digits = text[1:].replace(":", "")
+    offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
+    return timezone(-offset if text[0] == "-" else offset)
 
 
 def _reason(text: str) -> str:
@@ -442,7 +470,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "group events whose traits a later identify may have replaced")
     p.add_argument("--since", type=_time, help="dead-lettered at or after (ISO 8601)")
     p.add_argument("--until", type=_until, help="dead-lettered at or before (ISO 8601; a "
-                   "bare date: up to the end of that day, UTC)")
+                   "date, hour or minute: up to the end of it; a bare date is UTC)")
     p.add_argument("--partition", type=_count, action="append", default=[],
                    help="only this DLQ partition (repeatable)")
     p.add_argument("--from-offset", type=_count, help="first DLQ offset to consider")

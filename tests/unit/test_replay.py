@@ -635,6 +635,21 @@ def test_a_bare_date_until_reaches_the_end_of_that_day_and_reasons_are_spelt_as_
     assert replay._until("20261201") == end
     assert replay._until("2026-12-01T10:00:00Z") == datetime(2026, 12, 1, 10, tzinfo=UTC)
     assert replay._until("2026-12-01T10:00:00+01:00") == datetime(2026, 12, 1, 9, tzinfo=UTC)
+    # The same day with its zone written, and a time to the hour or minute: the period's end,
+    # not its first instant (review "ops45").
+    assert replay._until("2026-12-01Z") == end
+    assert replay._until("2026-12-01+01:00") == end - timedelta(hours=1)
+    assert replay._until("2026-12-01T09") == datetime(2026, 12, 1, 9, 59, 59, 999_000,
+                                                      tzinfo=UTC)
+    assert replay._until("2026-12-01T09:30Z") == datetime(2026, 12, 1, 9, 30, 59, 999_000,
+                                                          tzinfo=UTC)
+    assert replay._until("2026-12-01T0930") == replay._until("2026-12-01T09:30")
+    assert replay._until("2026-12-01-05:30") == end + timedelta(hours=5, minutes=30)
+    assert replay._time("2026-12-01+01:00") == datetime(2026, 11, 30, 23, tzinfo=UTC)  # --since
+    with pytest.raises(argparse.ArgumentTypeError):
+        replay._time("2026-12-01+25:00")
+    assert replay._until("2026-12-01T09:30:00.5Z") == datetime(2026, 12, 1, 9, 30, 0, 500_000,
+                                                               tzinfo=UTC)
     headers = _undecodable(datetime(2026, 12, 1, 18, tzinfo=UTC))
     assert decide(headers, 0, 7, OLD_EVENT_MS, Filters(until=end)) == "replay"
     assert decide(headers, 0, 7, OLD_EVENT_MS,
