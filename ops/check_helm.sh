@@ -184,6 +184,12 @@ EOF
 cat >"$OUT/secret-in-config.values.yaml" <<'EOF'
 kafka: {config: {sasl.password: hunter2}}
 EOF
+cat >"$OUT/secret-in-extra-env.values.yaml" <<'EOF'
+kafka: {extraEnv: [{name: KAFKA_SASL_PASSWORD, value: HUNTER2}]}
+EOF
+cat >"$OUT/small-message-max.values.yaml" <<'EOF'
+kafka: {config: {topic.message.max.bytes: 1000}}
+EOF
 cat >"$OUT/jaas-in-config.values.yaml" <<'EOF'
 kafka: {config: {sasl.jaas.config: "org.apache.kafka.common.security.plain.PlainLoginModule required username=\"svc\" password=\"HUNTER2\";"}}
 EOF
@@ -334,6 +340,8 @@ expect_fail() { # name, expected message fragment
 }
 expect_fail both-autoscalers "mutually exclusive"
 expect_fail jaas-in-config "kafka.config.sasl.jaas.config is Java's JAAS configuration"
+expect_fail secret-in-extra-env "kafka.extraEnv sets KAFKA_SASL_PASSWORD as a plain value"
+expect_fail small-message-max "kafka.config.topic.message.max.bytes=1000 is below 16384"
 expect_fail truststore-in-config "kafka.config.ssl.truststore.password is a Java truststore setting"
 expect_fail keda-no-auth "kafka.config.security.protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
 expect_fail keda-latest "offsetResetPolicy"

@@ -194,8 +194,15 @@ Deployment, so every render runs them.
 {{- if or $v.schemaRegistry.existingSecret $v.schemaRegistry.basicAuthUserInfo }}
 {{- $_ := set $fromFile "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE" "schemaRegistry.existingSecret, without schemaRegistry.basicAuthUserInfo" }}
 {{- end }}
+{{- /* librdkafka's secret settings (config.SECRET_KAFKA_KEYS), and their KAFKA_ names. */}}
+{{- $secretKeys := (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret" "ssl.keystore.password" "ssl.key.pem" "sasl.oauthbearer.config" "sasl.oauthbearer.client.credentials.client.secret" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem") }}
+{{- $secretNames := list }}
+{{- range $secretKeys }}{{- $secretNames = append $secretNames (printf "KAFKA_%s" (upper (replace "." "_" .))) }}{{- end }}
 {{- range $where, $entries := dict "extraEnv" $v.extraEnv "kafka.extraEnv" $v.kafka.extraEnv }}
 {{- range $entries }}
+{{- if and (has .name $secretNames) (hasKey . "value") }}
+{{- fail (printf "%s sets %s as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}) or put it in kafka.existingSecret" $where .name) }}
+{{- end }}
 {{- if and (eq .name "KAFKA_GROUP_INSTANCE_ID") (hasKey . "value") }}
 {{- fail (printf "%s sets KAFKA_GROUP_INSTANCE_ID to one value for every pod: each new pod fences the others (a crash loop). Take it from the pod: valueFrom: {fieldRef: {fieldPath: metadata.name}}" $where) }}
 {{- end }}
@@ -242,8 +249,11 @@ Deployment, so every render runs them.
 {{- if eq (lower $key) "group.instance.id" }}
 {{- fail "kafka.config.group.instance.id gives every pod the same static member id: each new pod fences the others (\"Static consumer fenced\", exit 1, a crash loop). Give each pod its own through kafka.extraEnv: [{name: KAFKA_GROUP_INSTANCE_ID, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]" }}
 {{- end }}
-{{- if has (lower $key) (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret" "ssl.keystore.password" "ssl.key.pem" "sasl.oauthbearer.config" "sasl.oauthbearer.client.credentials.client.secret" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem") }}
-{{- fail (printf "kafka.config.%s is a secret: put %s in kafka.existingSecret or kafka.extraEnv instead of a ConfigMap" $key $name) }}
+{{- if has (lower $key) $secretKeys }}
+{{- fail (printf "kafka.config.%s is a secret: put %s in kafka.existingSecret, or in kafka.extraEnv with valueFrom.secretKeyRef, instead of a ConfigMap" $key $name) }}
+{{- end }}
+{{- if and (eq $k "message.max.bytes") (regexMatch "^[+-]?[0-9]+$" $val) (lt (atoi (trimPrefix "+" $val)) 16384) }}
+{{- fail (printf "kafka.config.%s=%s is below 16384: a dead letter without its value still carries up to ~5 KB of the worker's headers, and one the producer refuses stops its partition for good; the worker refuses it: use at least 16384 (or remove it)" $key $val) }}
 {{- end }}
 {{- /* Java clients' settings: librdkafka reads none of them and the worker refuses each
    (config.py's _JAVA_ONLY); a JAAS line and a truststore password hold secrets, which
