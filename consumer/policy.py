@@ -367,6 +367,9 @@ class Attempts:
     first_mono: float = 0.0  # monotonic time of the first answered attempt
     first_up: float = 0.0  # the gate's up-clock at the first answered attempt
     last_mono: float | None = None  # monotonic time of the previous attempt, any kind
+    # Monotonic time of the first attempt, any kind: how long the event has been in its
+    # attempts (the worker's HOT_STALL_S); `first_wall` is for the DLQ headers only.
+    first_started: float | None = None
     limited_up: float = 0.0  # up-clock seconds from each 429 to the next attempt: not spent
     limited_since: float | None = None  # the up-clock at the last 429, until the next attempt
     refused: int = 0  # 401/403/404 answers with a delivery succeeding since the previous one
@@ -579,6 +582,8 @@ class RetryPolicy:
                 attempts.answered += 1
                 counted = True
             attempts.last_mono = now
+            if attempts.first_started is None:
+                attempts.first_started = now
             attempts.count += 1
             attempts.last_wall = time.time()
             if attempts.first_wall is None:

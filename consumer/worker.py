@@ -949,11 +949,12 @@ class Worker:
         current event has been in its attempts for HOT_STALL_S: they do not drain while
         their partition is held. Counted, one event in retries (or a stuck user's chain)
         kept its partition paused while the others got even a trickle, and every other
-        user of it waited (review "flow42")."""
+        user of it waited (review "flow42"). On the monotonic clock: a wall clock stepped
+        back (NTP) made every event in retries look fresh for as long (review "clock45")."""
         window = self.commits.in_window_by_partition()
-        since = time.time() - HOT_STALL_S
+        since = time.monotonic() - HOT_STALL_S
         for event in scheduler.current(None):
-            first = event.attempts.first_wall
+            first = event.attempts.first_started
             if first is not None and first <= since:
                 tp = (event.topic, event.partition)
                 stalled = scheduler.queued((event.topic, event.partition, event.ordering_key))

@@ -258,12 +258,31 @@ def test_one_event_in_retries_does_not_keep_its_partition_paused_among_16(
     """One event held at the head of partition 0 of 16, other users behind it, a trickle
     on the other 15: fair_margin(200, 16) is 1, so fair_holds kept partition 0 paused for
     as long as that one event was unfinished (review "flow42")."""
+    _one_in_retries_among_16(trickle_every)
+
+
+def test_one_event_in_retries_lets_its_partition_go_with_the_wall_clock_stepped_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same with the wall clock stepped back 10 minutes (NTP) once the held event's
+    first attempt is stamped: read on the wall clock, it looked fresh for those 10 minutes,
+    and its partition stayed paused (review "clock45")."""
+    client: list[SlowHeld] = []
+    real = time.time
+    monkeypatch.setattr(time, "time",
+                        lambda: real() - (600.0 if client and client[0].held else 0.0))
+    _one_in_retries_among_16(0.07, client)
+
+
+def _one_in_retries_among_16(trickle_every: float | None,
+                             made: list[SlowHeld] | None = None) -> None:
     parts = 16
     log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"stuck", track("stuck", 0))]
            + [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(1, 301)]}
     for p in range(1, parts):
         log[(TOPIC, p)] = []
     client = SlowHeld(0.3)
+    if made is not None:
+        made.append(client)
     run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
 
     assert drive(run, _others_while_trickling(
