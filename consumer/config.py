@@ -804,6 +804,10 @@ def _int_or_none(value: str) -> int | None:
         return None
 
 
+REVOKE_MARGIN_S = 30.0
+"""A revoke's drain is waited for WORKER_SHUTDOWN_GRACE_SECONDS and this much more (its
+last DLQ records and Redis calls) before what it did not settle is left to the next owner."""
+
 MIN_MESSAGE_MAX_BYTES = 16 * 1024
 """The least KAFKA_MESSAGE_MAX_BYTES taken: a dead letter written without its value, with
 the worker's headers at their largest (error body, message, stack), fits."""
@@ -1947,6 +1951,18 @@ def load_settings(
             f"REDIS_DEDUP_TTL_SECONDS={redis.dedup_ttl_s:g} is below "
             f"USERPILOT_RETRY_BUDGET_SECONDS={budget:g}: events delivered while an earlier "
             "one retries may be sent again after a restart; keep the TTL above the budget")
+    poll_ms = _int_or_none(str(kafka_extra.get("max.poll.interval.ms", "300000")))
+    if poll_ms is not None and grace + REVOKE_MARGIN_S >= poll_ms / 1000:
+        # A revoke's drain runs in librdkafka's rebalance callback, where the consumer
+        # does not poll: past max.poll.interval.ms it is out of the group, its commit of
+        # what the drain finished is refused, and the next owner sends those events again
+        # (review "clock45").
+        r.notes.append(
+            f"WORKER_SHUTDOWN_GRACE_SECONDS={grace:g} (a revoke's drain may take it and "
+            f"{REVOKE_MARGIN_S:g} s more) reaches KAFKA_MAX_POLL_INTERVAL_MS={poll_ms}: "
+            "a long drain on a rebalance takes the worker out of the group, and what it "
+            "delivered meanwhile is sent again by the next owner; keep the grace "
+            f"{REVOKE_MARGIN_S:g} s below the poll interval")
     ensure_user = r.boolean("USERPILOT_ENSURE_USER", True)
     ensure_user_cache = r.integer("USERPILOT_ENSURE_USER_CACHE", 100_000, 1, 10_000_000)
     ensure_user_ttl = r.number("USERPILOT_ENSURE_USER_TTL_SECONDS", 86_400.0, 1.0,

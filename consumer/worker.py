@@ -51,7 +51,7 @@ from typing import Any, Protocol, TypeVar
 from consumer import codec
 from consumer.calls import FAMILIES
 from consumer.commits import TP, Commits
-from consumer.config import Settings, redact_userinfo
+from consumer.config import REVOKE_MARGIN_S, Settings, redact_userinfo
 from consumer.deadletter import DlqGuard, GuardHold, iso_ms, message_headers
 from consumer.delivery import UserpilotClient
 from consumer.errors import DlqGuardTripped, Retry, Stop
@@ -1524,13 +1524,13 @@ class Worker:
 
         settling = asyncio.run_coroutine_threadsafe(drain(), self._loop)
         try:
-            settling.result(budget + 30)
+            settling.result(budget + REVOKE_MARGIN_S)
         except concurrent.futures.TimeoutError:
             # Never out of a rebalance callback (it would end the worker): what is unsettled
             # stays uncommitted; the next owner delivers it.
             settling.cancel()
             log.error("revoke: %s not settled in %.0f s; committing what finished",
-                      _fmt(parts), budget + 30)
+                      _fmt(parts), budget + REVOKE_MARGIN_S)
         if commit:
             try:
                 # Synchronous only while Kafka answers: a revoke during an outage (close()

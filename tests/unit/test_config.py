@@ -1621,3 +1621,16 @@ def test_a_message_max_bytes_below_a_dead_letters_headers_is_refused(value: str)
     assert any("KAFKA_MESSAGE_MAX_BYTES" in p and "16384" in p
                for p in problems({**BASE, "KAFKA_MESSAGE_MAX_BYTES": value}))
     assert load(KAFKA_MESSAGE_MAX_BYTES="16384").kafka_extra["message.max.bytes"] == "16384"
+
+
+def test_a_grace_reaching_the_poll_interval_is_noted() -> None:
+    """A revoke's drain (the grace and 30 s more) runs in the rebalance callback: past
+    max.poll.interval.ms the worker is out of the group and its commit refused (review
+    "clock45"); said at start-up, as a drain is mostly short."""
+    long = load_settings({**BASE, "WORKER_SHUTDOWN_GRACE_SECONDS": "280"})
+    assert any("WORKER_SHUTDOWN_GRACE_SECONDS=280" in note and "300000" in note
+               for note in long.notes)
+    tight = load_settings({**BASE, "KAFKA_MAX_POLL_INTERVAL_MS": "50000"})
+    assert any("KAFKA_MAX_POLL_INTERVAL_MS=50000" in note for note in tight.notes)
+    assert not any("WORKER_SHUTDOWN_GRACE_SECONDS" in note
+                   for note in load_settings(BASE).notes)
