@@ -289,8 +289,10 @@ class TraitsRule:
         """True when the rule forwards the traits unchanged."""
         return self.pick == "all" and not (self.exclude or self.rename or self.static)
 
-    def apply(self, metadata: Mapping[str, Primitive]) -> dict[str, Primitive]:
-        """The metadata this rule keeps from flattened ``metadata`` (a new dict)."""
+    def apply(self, metadata: Mapping[str, Primitive],
+              omitted: list[str] | None = None) -> dict[str, Primitive]:
+        """The metadata this rule keeps from flattened ``metadata`` (a new dict); a kept
+        trait whose name a rename or a static takes is listed in ``omitted``."""
         if self.plain:
             return dict(metadata)
         keep = None if self.pick == "all" else frozenset(() if self.pick == "none"
@@ -298,16 +300,17 @@ class TraitsRule:
         drop = frozenset(self.exclude)
         rename = dict(self.rename)
         out: dict[str, Primitive] = {}
+        taken = _Taken(out, omitted)
         for key, value in metadata.items():
             if (keep is not None and key not in keep) or key in drop:
                 continue
             new_key = rename.get(key)
             if new_key is None:
-                out.setdefault(key, value)
+                taken.own(key, value)
             else:
-                out[new_key] = value
+                taken.put(new_key, value, f"rename of {_shown(key)}", key)
         for key, constant in self.static:
-            out[key] = constant
+            taken.put(key, constant, "static")
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -732,27 +735,66 @@ def _apply_rule(
     keep = rule._keep
     rename = rule._rename
     out: dict[str, Primitive] = {}
+    taken = _Taken(out, omitted)
     for key, value in derived.items():
         if keep is not None and key not in keep:
             continue
         new_key = rename.get(key)
         if new_key is None:
-            out.setdefault(key, value)
+            taken.own(key, value)
         else:
-            out[new_key] = value
+            taken.put(new_key, value, f"rename of {_shown(key)}", key)
     for target, path in rule._paths:
         picked = _pick(event, path)
+        flat: dict[str, Primitive] = {}
         if isinstance(picked, Mapping):
-            flat: dict[str, Primitive] = {}
             _flatten_into(flat, target, picked, 1, omitted)
-            out.update(flat)
         elif picked is not _MISSING:
-            flat = {}
             _leaf(flat, omitted, target, picked)
-            out.update(flat)
+        for key, value in flat.items():
+            taken.put(key, value, f"field {_shown(target)}")
     for key, static_value in rule.static:
-        out[key] = static_value
+        taken.put(key, static_value, "static")
     return out
+
+
+class _Taken:
+    """Writes a rule's keys into `out`, naming in `omitted` each value of the event's own
+    that a rule step (a rename, a `fields` pick, a static) replaces: the documented
+    precedence (static > fields > renamed > other keys), but without it `explain` showed a
+    mapping that threw a user's `plan_tier` away as losing nothing (review "mapfid45")."""
+
+    __slots__ = ("_from", "_omitted", "_out")
+
+    def __init__(self, out: dict[str, Primitive], omitted: list[str] | None) -> None:
+        self._out = out
+        self._omitted = omitted
+        # key in `out` -> the event's key its value came from, and the step that put it
+        self._from: dict[str, tuple[str, str]] = {}
+
+    def own(self, key: str, value: Primitive) -> None:
+        """An event's key kept under its name; a rename that took the name first wins."""
+        if key in self._out:
+            self._lost(key, key, self._from[key][1] if key in self._from else "rename")
+        else:
+            self._out[key] = value
+            self._from[key] = (key, "")
+
+    def put(self, key: str, value: Primitive, how: str, source: str | None = None) -> None:
+        """A rule step's value, winning over what `key` held (`source`: the event's key
+        it renames, None for a value the rule itself brings)."""
+        if key in self._from:
+            self._lost(self._from[key][0], key, how)
+        self._out[key] = value
+        if source is None:
+            self._from.pop(key, None)
+        else:
+            self._from[key] = (source, how)
+
+    def _lost(self, lost: str, key: str, how: str) -> None:
+        if self._omitted is not None:
+            where = "" if lost == key else f" as {_shown(key)}"
+            self._omitted.append(f"{_shown(lost)}{where} (replaced by the rule's {how})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,7 +84,7 @@ def _limit(
 
 
 def _shape(
-    rule: TraitsRule, mappings: MappingSet, truncated: list[str],
+    rule: TraitsRule, mappings: MappingSet, truncated: list[str], omitted: list[str],
     settle: Callable[[dict[str, Primitive]], None] | None = None,
 ) -> Any:
     """The mappings file's traits section plus the Track size limits, as a TraitsShape;
@@ -92,7 +92,7 @@ def _shape(
     limit = _limit(mappings, truncated)
 
     def shape(_event: Mapping[str, Any], metadata: dict[str, Primitive]) -> dict[str, Primitive]:
-        shaped = rule.apply(metadata)
+        shaped = rule.apply(metadata, omitted)
         if settle is not None:
             settle(shaped)
         return limit(shaped, 0)
@@ -155,8 +155,8 @@ def route(event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
             truncated: list[str] = []
             omitted: list[str] = []
             calls = event_calls(
-                event, identify_shape=_shape(mappings.identify, mappings, truncated),
-                group_shape=_shape(mappings.group, mappings, truncated,
+                event, identify_shape=_shape(mappings.identify, mappings, truncated, omitted),
+                group_shape=_shape(mappings.group, mappings, truncated, omitted,
                                    lambda metadata: drop_company_ids(metadata, omitted)),
                 company_limit=_limit(mappings, truncated, "company."), omitted=omitted)
             return _refuse_cut_ids(
