@@ -487,3 +487,10 @@ def test_the_schema_and_the_worker_agree_on_addresses(path: str, value: str) -> 
     except jsonschema.ValidationError:
         schema_takes = False
     assert schema_takes == worker_takes, f"schema {schema_takes}, worker {worker_takes}"
+
+
+def test_scaled_to_zero_any_event_wakes_a_replica() -> None:
+    """With keda.minReplicaCount 0, KEDA starts a replica only once the lag passes the
+    activation threshold: at 10, up to 10 events per topic waited unread with no alert
+    until more came, and could outlive the topic's retention (review "helm45")."""
+    assert VALUES["autoscaling"]["keda"]["activationLagThreshold"] == 0
