@@ -1953,15 +1953,16 @@ def load_settings(
             "one retries may be sent again after a restart; keep the TTL above the budget")
     poll_ms = _int_or_none(str(kafka_extra.get("max.poll.interval.ms", "300000")))
     if poll_ms is not None and grace + REVOKE_MARGIN_S >= poll_ms / 1000:
-        # A revoke's drain runs in librdkafka's rebalance callback, where the consumer
-        # does not poll: past max.poll.interval.ms it is out of the group, its commit of
-        # what the drain finished is refused, and the next owner sends those events again
-        # (review "clock45").
+        # The drain at shutdown, its final commit after it, happens where the consumer does
+        # not poll: past max.poll.interval.ms it is out of the group, the commit of what
+        # the drain finished is refused, and the next owner sends those events again
+        # (review "clock45"; a revoke's drain is capped at a share of the interval).
         r.notes.append(
-            f"WORKER_SHUTDOWN_GRACE_SECONDS={grace:g} (a revoke's drain may take it and "
-            f"{REVOKE_MARGIN_S:g} s more) reaches KAFKA_MAX_POLL_INTERVAL_MS={poll_ms}: "
-            "a long drain on a rebalance takes the worker out of the group, and what it "
-            "delivered meanwhile is sent again by the next owner; keep the grace "
+            f"WORKER_SHUTDOWN_GRACE_SECONDS={grace:g} (a shutdown's drain and final commit "
+            f"may take it and up to {REVOKE_MARGIN_S:g} s more) reaches "
+            f"KAFKA_MAX_POLL_INTERVAL_MS={poll_ms}: a long drain at shutdown takes the "
+            "worker out of the group before its final commit, and the next owner sends "
+            "what it delivered meanwhile again; keep the grace "
             f"{REVOKE_MARGIN_S:g} s below the poll interval")
     ensure_user = r.boolean("USERPILOT_ENSURE_USER", True)
     ensure_user_cache = r.integer("USERPILOT_ENSURE_USER_CACHE", 100_000, 1, 10_000_000)

@@ -189,6 +189,13 @@ DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing
 DRY_FOR_S = 30.0  # ... until a message of theirs arrives, or this long (then probed again)
 
 
+REVOKE_DRAIN_SHARE = 0.2
+"""A revoke's drain gets WORKER_SHUTDOWN_GRACE_SECONDS, but at most this share of
+max.poll.interval.ms (it runs where the consumer does not poll)."""
+REVOKE_WAIT_SHARE = 0.5
+"""... and the wait for it, its last DLQ records and Redis calls included, at most this."""
+
+
 def fair_holds(paused: set[TP], wet: set[TP], limit: int, window: dict[TP, int]) -> set[TP]:
     """The paused partitions to keep paused on resume: all but those whose window is within
     `fair_margin` of the emptiest partition with something to read (`wet`): water-filling.
@@ -1496,7 +1503,13 @@ class Worker:
         assert self._loop is not None and self._scheduler is not None
         assert self._source is not None
         scheduler = self._scheduler
-        budget = self.s.shutdown_grace_s
+        # The drain runs inside librdkafka's rebalance callback, where the consumer does not
+        # poll: past max.poll.interval.ms it leaves the group, its commit of what the drain
+        # finished is refused, and the next owner sends all of it again (review "topo45").
+        # So a share of the interval at most, as Quix Streams budgets it (0.2).
+        poll_s = self.s.max_poll_interval_s
+        budget = min(self.s.shutdown_grace_s, REVOKE_DRAIN_SHARE * poll_s)
+        wait = min(budget + REVOKE_MARGIN_S, REVOKE_WAIT_SHARE * poll_s)
 
         async def drain() -> None:
             self.overflow.forget(parts)
@@ -1524,13 +1537,13 @@ class Worker:
 
         settling = asyncio.run_coroutine_threadsafe(drain(), self._loop)
         try:
-            settling.result(budget + REVOKE_MARGIN_S)
+            settling.result(wait)
         except concurrent.futures.TimeoutError:
             # Never out of a rebalance callback (it would end the worker): what is unsettled
             # stays uncommitted; the next owner delivers it.
             settling.cancel()
             log.error("revoke: %s not settled in %.0f s; committing what finished",
-                      _fmt(parts), budget + REVOKE_MARGIN_S)
+                      _fmt(parts), wait)
         if commit:
             try:
                 # Synchronous only while Kafka answers: a revoke during an outage (close()

@@ -3320,3 +3320,27 @@ def test_a_half_sent_event_cut_while_userpilot_fails_is_said_cut(
     with caplog.at_level(logging.INFO, logger="consumer.worker"):
         drive(run, scenario)
     assert "1 requests cut on the wire" in caplog.text and "not sent yet" not in caplog.text
+
+
+def test_a_revoke_drain_is_held_to_a_share_of_the_poll_interval() -> None:
+    """The drain runs in the rebalance callback, where the consumer does not poll: with a
+    request hanging past max.poll.interval.ms the worker left the group, its commit was
+    refused and the next owner sent everything again (review "topo45"). Capped at
+    0.2 x the interval (2 s of 10), the 30 s grace notwithstanding."""
+    run = make({**log_of(track("u1", 1)), **log_of(track("u2", 2), partition=1, key=b"u2")},
+               registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               WORKER_SHUTDOWN_GRACE_SECONDS="30", KAFKA_MAX_POLL_INTERVAL_MS="10000")
+    run.client.gate = asyncio.Event()  # never set: both requests hang
+    took: list[float] = []
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.in_flight == 2, "two requests on the wire")
+        started = time.monotonic()
+        source.revoke_next = [(TOPIC, 0)]
+        await until(lambda: (TOPIC, 0) not in run.worker.assigned, "the revoke", 15)
+        took.append(time.monotonic() - started)
+        assert run.client.gate is not None
+        run.client.gate.set()  # the other partition's request: answered, for a quick stop
+
+    assert drive(run, scenario) == 0
+    assert 1.5 < took[0] < 5.0, f"the revoke's drain took {took[0]:.1f} s"
