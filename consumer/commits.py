@@ -105,6 +105,15 @@ class Commits:
                     tracker.inherit(ranges)
                     self._inheriting.add(tp)
 
+    def disown(self, tp: TP) -> None:
+        """Forget what `tp`'s previous owner named finished: its log is not the one the
+        note was written for (`Worker._intake`)."""
+        with self._lock:
+            tracker = self._offsets.get(tp)
+            if tracker is not None:
+                tracker.inherit(Finished(()))
+            self._inheriting.discard(tp)
+
     def inherited(self) -> dict[TP, Finished]:
         """Per partition, the previous owner's finished ranges not yet passed: the intake
         skips those offsets (asked once per slice of a polled batch; usually empty)."""

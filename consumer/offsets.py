@@ -104,18 +104,21 @@ def decode_note(note: str | None, base: int) -> Finished:
         end = start + values[i + 1]
         ranges.append((start, end))
         cursor = end + 1
-    return Finished(ranges)
+    return Finished(ranges, base)
 
 
 class Finished:
     """Offset ranges known finished (inclusive), sorted and disjoint: what a note names."""
 
-    __slots__ = ("_ends", "_starts")
+    __slots__ = ("_ends", "_starts", "floor")
 
-    def __init__(self, ranges: Iterable[tuple[int, int]]) -> None:
+    def __init__(self, ranges: Iterable[tuple[int, int]], floor: int = -1) -> None:
         pairs = list(ranges)
         self._starts = [start for start, _ in pairs]
         self._ends = [end for _, end in pairs]
+        self.floor = floor
+        """The offset committed with the note that named them: its log's reading starts
+        there, and one that starts below it is another log (`Worker._intake`)."""
 
     def __bool__(self) -> bool:
         return bool(self._starts)

@@ -820,6 +820,11 @@ class Worker:
                     # slice, it skipped the new log's at them as finished, which were then
                     # committed and never sent (review "core40").
                     inherited.pop(tp, None)
+                elif last == -1 and inherited:
+                    done = inherited.get(tp)
+                    if done is not None and offset < done.floor:
+                        del inherited[tp]
+                        self._note_of_another_log(tp, offset, done.floor)
                 owned[tp] = offset
                 if inherited:
                     done = inherited.get(tp)
@@ -862,6 +867,18 @@ class Worker:
             for topic, count in taken.items():
                 self._consumed(topic).inc(count)
         return scheduled, position
+
+    def _note_of_another_log(self, tp: TP, offset: int, floor: int) -> None:
+        """`tp`'s first offset handed over is below the offset its note was committed with
+        (`floor`): Kafka found that offset out of range (the log was replaced or truncated)
+        and reset to the log's start. The note named the old log's offsets above it: kept,
+        the new log's records at those offsets were skipped as finished, committed and
+        never sent (review "topo45")."""
+        self.commits.disown(tp)
+        log.warning("%s starts at offset %d, below its committed offset %d: its log was "
+                    "replaced or truncated. What the previous owner named finished above %d "
+                    "is not skipped; those events are delivered (some may be sent again)",
+                    _fmt([tp]), offset, floor, floor)
 
     def _went_back(self, tp: TP, last: int, offset: int, marks: dict[TP, int]) -> None:
         """`tp` handed over `offset` after `last`: its log was replaced (the topic deleted and

@@ -142,3 +142,29 @@ def test_the_old_logs_note_skips_nothing_of_the_new_log() -> None:
     sent = {codec_seq(b) for b in client.bodies}
     assert sent >= set(range(100, 100 + NEW)), "every record of the new log delivered"
     assert run.worker.m.log_resets.labels(TOPIC)._value.get() == 1
+
+
+@dataclass
+class NotedAbove(FakeSource):
+    """A previous owner's commit at offset 100 named 101..150 finished; this log starts at 0
+    (Kafka found 100 out of range: the log was replaced or truncated)."""
+
+    ahead: dict[TP, Finished] = field(
+        default_factory=lambda: {(TOPIC, 0): Finished([(101, 150)], 100)})
+
+
+def test_a_note_above_where_the_log_starts_skips_nothing_of_it() -> None:
+    """Review topo45: the note of a commit past the log's end (a topic recreated under a
+    running worker, a truncated log) was kept when Kafka reset to the log's start: the new
+    log's records at 101..150 were skipped as finished, committed and never sent."""
+    tp = (TOPIC, 0)
+    log = [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(200)]
+    run = make({tp: log}, registry=known_schema(), source_type=NotedAbove,
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get(tp) == 200, "the commit at the end")
+
+    assert drive(run, scenario) == 0
+    assert sorted(codec_seq(b) for b in run.client.bodies) == list(range(200))
+    assert run.worker.m.already_finished._value.get() == 0
