@@ -606,13 +606,13 @@ def _producer_fatal(err: KafkaError) -> bool:
 
 
 def _retire(producer: Producer) -> None:
-    """Let a producer a fatal error stopped fail what it holds: its delivery callbacks run
-    (their dead letters are written again by the new one), then it is dropped."""
+    """Drop what a producer a fatal error stopped still holds (the sends waiting on it have
+    failed already, `DeadLetterProducer._recover`), then the producer itself."""
     try:
         producer.purge()
-        producer.flush(RETIRE_S)
+        producer.poll(0)
     except Exception:  # a fatal instance may refuse even that; nothing is left to save
-        log.debug("DLQ producer: the retired instance did not flush", exc_info=True)
+        log.debug("DLQ producer: the retired instance did not purge", exc_info=True)
 
 
 def partition_end(err: KafkaError) -> bool:
@@ -637,8 +637,6 @@ def make_producer(conf: dict[str, Any], **extra: Any) -> Producer:
 
 REBUILD_EVERY_S = 5.0
 """The DLQ producer is built anew after a fatal error at most this often."""
-RETIRE_S = 10.0
-"""How long a DLQ producer a fatal error stopped gets to fail the records it holds."""
 
 DLQ_POLICY_CHECK_S = 300.0
 """How often a running worker's DLQ producer reads its topic's cleanup.policy again (only
@@ -668,8 +666,13 @@ class DeadLetterProducer:
                  factory: Callable[[], Producer] | None = None) -> None:
         self._factory = factory or (lambda: make_producer(conf, **DLQ_PRODUCER))
         self._producer = self._factory()
-        self._fatal: str | None = None  # the fatal error seen, until the next rebuild (loop)
+        # The fatal error the current producer reported, until it is replaced (set from the
+        # dlq-poll thread or the loop; acted on in the loop, `_recover`).
+        self._fatal: str | None = None
         self._rebuilt_at = -math.inf
+        self._loop: asyncio.AbstractEventLoop | None = None  # the sends' loop, once one came
+        # Sends awaiting the broker's answer, and the producer each went to (event loop).
+        self._waiting: dict[asyncio.Future[None], Producer] = {}
         self._policy = policy
         self._check_s = DLQ_POLICY_CHECK_S if check_s is None else check_s
         self._policy_due = time.monotonic() + self._check_s  # start-up checked it (`reach`)
@@ -680,8 +683,34 @@ class DeadLetterProducer:
         self._thread.start()
 
     def _poll(self) -> None:
+        """Serve delivery reports (dlq-poll thread). librdkafka raises a fatal error from
+        `poll`, with an error_cb or without: uncaught, it ended this thread, and no dead
+        letter was acknowledged again, on that producer or a new one (review "diff45")."""
         while not self._stop.is_set():
-            self._producer.poll(0.1)
+            producer = self._producer
+            try:
+                producer.poll(0.1)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if isinstance(err, KafkaError) and _producer_fatal(err):
+                    self._fatal_seen(producer, err.str())
+                else:
+                    log.warning("DLQ producer: %s", err.str() if isinstance(err, KafkaError)
+                                else exc)
+                self._stop.wait(0.1)
+            except Exception:
+                log.exception("DLQ producer: serving delivery reports failed")
+                self._stop.wait(0.1)
+
+    def _fatal_seen(self, producer: Producer, reason: str) -> None:
+        """`producer` reported a fatal error (any thread): the loop replaces it."""
+        if producer is not self._producer or self._fatal is not None:
+            return  # a retired one's, or known already
+        self._fatal = reason
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the worker stopped
+                loop.call_soon_threadsafe(self._recover)
 
     async def send(
         self, topic: str, *, key: bytes | None, value: bytes | None,
@@ -690,8 +719,9 @@ class DeadLetterProducer:
         """Produce and wait for the broker's acknowledgement; raises KafkaException on failure."""
         if self._policy is not None:
             await self._check_policy(topic)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
+        producer = self._producer
 
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             def settle() -> None:
@@ -701,7 +731,7 @@ class DeadLetterProducer:
                     done.set_result(None)
                     return
                 if _producer_fatal(err):
-                    self._fatal = err.str()
+                    self._fatal_seen(producer, err.str())
                 if err.code() in _TOO_LARGE:
                     done.set_exception(DlqRecordTooLarge(f"DLQ refused the record: {err.str()}"))
                 elif err.code() == KafkaError.INVALID_RECORD:
@@ -717,9 +747,10 @@ class DeadLetterProducer:
                                   "on_delivery": delivered}
         while True:
             if self._fatal is not None:
-                self._rebuild()
+                self._recover()
+            producer = self._producer
             try:
-                self._producer.produce(topic, **kwargs)
+                producer.produce(topic, **kwargs)
                 break
             except BufferError:
                 await asyncio.sleep(0.05)
@@ -729,11 +760,30 @@ class DeadLetterProducer:
                     raise DlqRecordTooLarge(f"DLQ refused the record locally: {err.str()}"
                                             ) from None
                 if isinstance(err, KafkaError) and _producer_fatal(err):
-                    self._fatal = err.str()
-                    if self._rebuild():
+                    self._fatal_seen(producer, err.str())
+                    if self._recover():
                         continue  # once more, on the new producer
                 raise
+        self._waiting[done] = producer
+        done.add_done_callback(self._answered)
         await done
+
+    def _answered(self, done: asyncio.Future[None]) -> None:
+        self._waiting.pop(done, None)
+
+    def _recover(self) -> bool:
+        """After a fatal error (event loop): fail the sends the stopped producer holds (it
+        never answers them; their dead letters are written again, as after any DLQ error)
+        and build a new one; False when none was built (REBUILD_EVERY_S)."""
+        reason = self._fatal
+        if reason is None:
+            return True
+        stopped = self._producer
+        for done, producer in list(self._waiting.items()):
+            if producer is stopped and not done.done():
+                done.set_exception(KafkaException(KafkaError(
+                    KafkaError._FATAL, f"the DLQ producer stopped: {reason}")))
+        return self._rebuild()
 
     def _rebuild(self) -> bool:
         """A new producer in place of one a fatal error stopped (event loop thread); False
@@ -748,7 +798,7 @@ class DeadLetterProducer:
         old, self._producer = self._producer, fresh
         log.error("DLQ producer: fatal error (%s); a new producer takes its place, and the "
                   "dead letters the old one had not written are written again", reason)
-        # Off the loop: its undelivered records fail (their sends retry) once purged.
+        # Off the loop: what it still holds is dropped (those sends have failed already).
         threading.Thread(target=_retire, args=(old,), name="dlq-retire", daemon=True).start()
         return True
 
@@ -773,4 +823,7 @@ class DeadLetterProducer:
         """Flush and stop; returns the number of records still unacknowledged."""
         self._stop.set()
         self._thread.join()
-        return int(self._producer.flush(timeout_s))
+        try:
+            return int(self._producer.flush(timeout_s))
+        except KafkaException:  # a fatal error: it writes nothing more
+            return len(self._producer)

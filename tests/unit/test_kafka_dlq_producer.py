@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import glob
+import os
 import threading
 import time
 from typing import Any
 
+import confluent_kafka
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
@@ -19,9 +23,11 @@ class FakeProducer:
     `poll` answers the queued records with `answer` (None: acknowledged)."""
 
     def __init__(self, refuse: KafkaError | None = None,
-                 answer: KafkaError | None = None) -> None:
+                 answer: KafkaError | None = None,
+                 stopped: KafkaError | None = None) -> None:
         self.refuse = refuse
         self.answer = answer
+        self.stopped = stopped  # `poll` raises it, as librdkafka raises a fatal error
         self.queued: list[Any] = []
         self.written: list[bytes | None] = []
         self.purged = threading.Event()
@@ -35,6 +41,9 @@ class FakeProducer:
             self.queued.append((value, on_delivery))
 
     def poll(self, timeout: float) -> int:
+        if self.stopped is not None:
+            time.sleep(min(timeout, 0.005))
+            raise KafkaException(self.stopped)
         with self._lock:
             queued, self.queued = self.queued, []
         for value, on_delivery in queued:
@@ -84,22 +93,71 @@ def test_a_producer_refusing_records_for_good_is_replaced_and_the_record_written
     assert stopped.purged.wait(5), "the old producer's records were not failed"
 
 
-def test_a_fatal_delivery_report_fails_that_send_and_the_next_uses_a_new_producer() -> None:
-    stopped = FakeProducer(answer=_fatal(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER))
+def test_a_fatal_error_poll_raises_fails_the_waiting_send_and_a_new_producer_writes() -> None:
+    """librdkafka raises a fatal error from `poll` (review "diff45"): it ended the dlq-poll
+    thread, and the dead letter waiting on the stopped producer, and every later one, was
+    never answered."""
+    stopped = FakeProducer(stopped=_fatal())
     fresh = FakeProducer()
     producer, built = _producer([stopped, fresh])
 
     async def both() -> None:
-        with pytest.raises(KafkaException):
+        with pytest.raises(KafkaException, match="the DLQ producer stopped"):
             await _send(producer, b"first")  # the handler writes it again later
         await _send(producer, b"first")
 
     try:
         asyncio.run(both())
+        assert producer._thread.is_alive(), "the dlq-poll thread ended"
     finally:
         producer.close(1)
     assert built == [stopped, fresh]
     assert fresh.written == [b"first"]
+
+
+_LIBS = glob.glob(os.path.join(os.path.dirname(confluent_kafka.__file__) + ".libs",
+                               "librdkafka*.so*"))
+
+
+def _make_fatal(producer: Any) -> None:
+    """librdkafka's own test hook (`rd_kafka_test_fatal_error`), reached through the
+    confluent-kafka handle's first field (`rk`, after the object header), checked by the
+    client name it answers before it is used."""
+    lib = ctypes.CDLL(_LIBS[0])
+    lib.rd_kafka_name.argtypes = [ctypes.c_void_p]
+    lib.rd_kafka_name.restype = ctypes.c_char_p
+    lib.rd_kafka_test_fatal_error.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
+    rk = ctypes.c_void_p.from_address(id(producer) + 2 * ctypes.sizeof(ctypes.c_void_p)).value
+    assert rk and lib.rd_kafka_name(rk).startswith(b"fatal-test#producer"), "not the handle"
+    assert lib.rd_kafka_test_fatal_error(rk, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+                                         b"an unclean leader election") == 0
+
+
+@pytest.mark.skipif(not _LIBS, reason="confluent-kafka without its bundled librdkafka")
+def test_a_real_fatal_error_is_survived_against_librdkafkas_mock_cluster() -> None:
+    """The same with librdkafka itself: its in-process mock cluster, the worker's producer
+    settings, a fatal error raised by librdkafka's test hook between two dead letters."""
+    producer = DeadLetterProducer({"test.mock.num.brokers": 1, "client.id": "fatal-test"})
+
+    async def scenario() -> None:
+        await asyncio.wait_for(
+            producer.send("dlq", key=b"k", value=b"before", headers=[]), 10)
+        _make_fatal(producer._producer)
+        await asyncio.sleep(0.5)  # the dlq-poll thread meets it first, as it mostly does
+        for _ in range(40):  # as the handler does: a failed dead letter is written again
+            try:
+                await asyncio.wait_for(
+                    producer.send("dlq", key=b"k", value=b"after", headers=[]), 10)
+                return
+            except KafkaException:
+                await asyncio.sleep(0.25)
+        raise AssertionError("no dead letter was written after the fatal error")
+
+    try:
+        asyncio.run(scenario())
+        assert producer._thread.is_alive(), "the dlq-poll thread ended"
+    finally:
+        producer.close(2)
 
 
 def test_a_non_fatal_error_keeps_the_producer() -> None:
