@@ -1952,7 +1952,7 @@ def load_settings(
             f"USERPILOT_RETRY_BUDGET_SECONDS={budget:g}: events delivered while an earlier "
             "one retries may be sent again after a restart; keep the TTL above the budget")
     poll_ms = _int_or_none(str(kafka_extra.get("max.poll.interval.ms", "300000")))
-    if poll_ms is not None and grace + REVOKE_MARGIN_S >= poll_ms / 1000:
+    if poll_ms is not None and grace + REVOKE_MARGIN_S > poll_ms / 1000:
         # The drain at shutdown, its final commit after it, happens where the consumer does
         # not poll: past max.poll.interval.ms it is out of the group, the commit of what
         # the drain finished is refused, and the next owner sends those events again

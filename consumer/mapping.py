@@ -752,7 +752,7 @@ def _apply_rule(
         elif picked is not _MISSING:
             _leaf(flat, omitted, target, picked)
         for key, value in flat.items():
-            taken.put(key, value, f"field {_shown(target)}")
+            taken.put(key, value, f"field {_shown(target)}", key)
     for key, static_value in rule.static:
         taken.put(key, static_value, "static")
     return out
@@ -781,10 +781,13 @@ class _Taken:
             self._from[key] = (key, "")
 
     def put(self, key: str, value: Primitive, how: str, source: str | None = None) -> None:
-        """A rule step's value, winning over what `key` held (`source`: the event's key
-        it renames, None for a value the rule itself brings)."""
+        """A rule step's value, winning over what `key` held (`source`: the event's key it
+        comes from, None for a value the rule itself brings). The very value `key` held
+        (a pick of what was derived already) loses nothing."""
         if key in self._from:
-            self._lost(self._from[key][0], key, how)
+            held = self._out[key]
+            if not (type(held) is type(value) and held == value):
+                self._lost(self._from[key][0], key, how)
         self._out[key] = value
         if source is None:
             self._from.pop(key, None)

@@ -351,8 +351,12 @@ def _time(text: str) -> datetime:
             # (review "ops45"): the day, in that zone.
             value = datetime.combine(date.fromisoformat(period["date"]), datetime.min.time(),
                                      _zone(period["zone"]))
+        elif period is None and _DATE_THEN_SIGN.match(written):
+            # A date, then a zone _PERIOD does not take (`+05:30:15`): Python would read
+            # it as a time of day (review "diff45").
+            raise ValueError(written)
         else:
-            value = datetime.fromisoformat(written.replace("Z", "+00:00"))
+            value = datetime.fromisoformat(re.sub(r"[Zz]$", "+00:00", written))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an ISO 8601 time: e.g. 2026-12-01T09:30:00Z or 2026-12-01"
@@ -413,11 +417,16 @@ _PERIOD = re.compile(
 the end of the day, hour or minute written."""
 
 
+_DATE_THEN_SIGN = re.compile(r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}[+-]")
+
+
 def _zone(text: str) -> timezone:
     """`Z` or `±HH[:MM]` as a zone (ValueError past ±24 h)."""
     if text in ("Z", "z"):
         return UTC
     digits = text[1:].replace(":", "")
+    if int(digits[2:] or 0) > 59:
+        raise ValueError(text)
     offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
     return timezone(-offset if text[0] == "-" else offset)
 

@@ -426,6 +426,11 @@ userpilot: {ratePeriodSeconds: 0.5, retry: {budgetSeconds: 1.5}}
 kafka: {config: {fetch.max.bytes: 52428800, queued.max.messages.kbytes: 1048576, enable.idempotence: true}}
 EOF2
 render numbers -f "$OUT/numbers.values.yaml"
+# A Kafka secret's name with an empty value (the worker reads it as unset) shows nothing.
+cat >"$OUT/empty-secret.values.yaml" <<'EOF2'
+kafka: {extraEnv: [{name: KAFKA_SASL_PASSWORD, value: ""}]}
+EOF2
+render empty-secret -f "$OUT/empty-secret.values.yaml"
 has numbers 'USERPILOT_RATE_PERIOD_SECONDS: "0.5"' "a fractional period is not truncated"
 has numbers 'USERPILOT_RETRY_BUDGET_SECONDS: "1.5"' "a fractional budget is not truncated"
 has numbers 'KAFKA_FETCH_MAX_BYTES: "52428800"' "large whole numbers have no exponent"

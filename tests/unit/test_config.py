@@ -1634,3 +1634,6 @@ def test_a_grace_reaching_the_poll_interval_is_noted() -> None:
     assert any("KAFKA_MAX_POLL_INTERVAL_MS=50000" in note for note in tight.notes)
     assert not any("WORKER_SHUTDOWN_GRACE_SECONDS" in note
                    for note in load_settings(BASE).notes)
+    # 30 s below, as README asks: not noted (review diff45)
+    assert not any("WORKER_SHUTDOWN_GRACE_SECONDS" in note for note in load_settings(
+        {**BASE, "WORKER_SHUTDOWN_GRACE_SECONDS": "270"}).notes)

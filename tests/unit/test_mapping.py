@@ -1246,3 +1246,36 @@ def test_nan_items_of_an_array_are_skipped_and_listed_not_the_whole_array() -> N
                                                  "ok": [1, None]}), rule)
     assert built.body["metadata"] == {"nan": "1,2.5", "inf": "", "ok": "1"}
     assert set(built.omitted) == {"nan (its NaN/Infinity items)", "inf (its NaN/Infinity items)"}
+
+
+def _built_by(rule: dict[str, Any], event: dict[str, Any]) -> Any:
+    from consumer.mapping import build_payload
+
+    mappings = load_mappings({"events": {"E": rule}})
+    raw = {"type": "track", "event": "E", "userId": "u", **event}
+    found = mappings.lookup(raw)
+    assert found is not None
+    return build_payload(raw, found)
+
+
+def test_a_picked_value_a_later_step_replaces_is_listed_and_the_same_value_is_no_loss() -> None:
+    """Review diff45: a static over a picked object's flattened key, and one field over
+    another's, lost the event's value unlisted; a field picking the very value already
+    derived was listed as a loss."""
+    built = _built_by({"event_name": "e", "fields": {"campaign": "context.campaign"},
+                       "static": {"campaign_source": "fixed"}},
+                      {"context": {"campaign": {"source": "google", "medium": "cpc"}}})
+    assert built.body["metadata"]["campaign_source"] == "fixed"
+    assert built.omitted == ("campaign_source (replaced by the rule's static)",)
+    built = _built_by({"event_name": "e", "fields": {"a_b": "properties.x", "a": "properties.y"}},
+                      {"properties": {"x": "X", "y": {"b": "Y"}}})
+    assert built.body["metadata"]["a_b"] == "Y"
+    assert built.omitted == ("a_b (replaced by the rule's field a)",)
+    built = _built_by({"event_name": "e", "fields": {"plan_tier": "properties.plan.tier"}},
+                      {"properties": {"plan": {"tier": "gold"}}})
+    assert built.body["metadata"] == {"plan_tier": "gold"}
+    assert built.omitted == ()
+    built = _built_by({"event_name": "e", "fields": {"flag": "properties.on"}},
+                      {"properties": {"flag": 1, "on": True}})
+    assert built.body["metadata"] == {"flag": True, "on": True}
+    assert built.omitted == ("flag (replaced by the rule's field flag)",)  # 1 is not True

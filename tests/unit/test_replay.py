@@ -648,6 +648,13 @@ def test_a_bare_date_until_reaches_the_end_of_that_day_and_reasons_are_spelt_as_
     assert replay._time("2026-12-01+01:00") == datetime(2026, 11, 30, 23, tzinfo=UTC)  # --since
     with pytest.raises(argparse.ArgumentTypeError):
         replay._time("2026-12-01+25:00")
+    # Review diff45: minutes past 59, a lower-case z after a time, a zone with seconds.
+    with pytest.raises(argparse.ArgumentTypeError):
+        replay._time("2026-12-01+05:99")
+    assert replay._until("2026-12-01z") == end
+    assert replay._until("2026-12-01T09z") == replay._until("2026-12-01T09Z")
+    with pytest.raises(argparse.ArgumentTypeError):
+        replay._time("2026-12-01+05:30:15")
     assert replay._until("2026-12-01T09:30:00.5Z") == datetime(2026, 12, 1, 9, 30, 0, 500_000,
                                                                tzinfo=UTC)
     headers = _undecodable(datetime(2026, 12, 1, 18, tzinfo=UTC))

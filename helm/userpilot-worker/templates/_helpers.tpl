@@ -200,7 +200,7 @@ Deployment, so every render runs them.
 {{- range $secretKeys }}{{- $secretNames = append $secretNames (printf "KAFKA_%s" (upper (replace "." "_" .))) }}{{- end }}
 {{- range $where, $entries := dict "extraEnv" $v.extraEnv "kafka.extraEnv" $v.kafka.extraEnv }}
 {{- range $entries }}
-{{- if and (has .name $secretNames) (hasKey . "value") }}
+{{- if and (has .name $secretNames) (hasKey . "value") (ne (toString .value) "") }}
 {{- fail (printf "%s sets %s as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}) or put it in kafka.existingSecret" $where .name) }}
 {{- end }}
 {{- if and (eq .name "KAFKA_GROUP_INSTANCE_ID") (hasKey . "value") }}
