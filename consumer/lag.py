@@ -15,7 +15,9 @@ worker's release of a partition (any thread) may forget it.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -36,6 +38,8 @@ class Lag:
         self._lock = threading.Lock()
         self._group: dict[TP, int] = {}  # the group's committed offsets, from the statistics
         self._low: dict[TP, int] = {}  # low watermarks, from the statistics
+        # When each paused partition's high watermark last came (the poll thread's `paused`).
+        self._asked: dict[TP, float] = {}
 
     def forget(self, parts: Collection[TP]) -> None:
         """A partition left this worker: what the statistics said of it no longer holds."""
@@ -43,6 +47,7 @@ class Lag:
             for tp in parts:
                 self._group.pop(tp, None)
                 self._low.pop(tp, None)
+                self._asked.pop(tp, None)
 
     def on_stats(self, stats: dict[str, Any], assigned: Collection[TP],
                  paused: Collection[TP]) -> None:
@@ -83,13 +88,23 @@ class Lag:
                high_watermarks: Callable[[list[TP]], dict[TP, int]],
                still_paused: Callable[[], Collection[TP]]) -> None:
         """The lag of paused partitions from the broker's high watermarks (one ListOffsets
-        each, every few seconds); set only for those still paused once it answered."""
+        each, every few seconds); set only for those still paused once it answered.
+
+        Those answered longest ago are asked first: the lookups share a time budget, and
+        asked in partition order those past it were never asked, a topic sorting last kept
+        the lag it had when paused through a whole outage (review "multi45")."""
         committed = self.bases(parts)
+        with self._lock:
+            order = sorted((tp for tp in parts if tp in committed),
+                           key=lambda tp: self._asked.get(tp, -math.inf))
         try:
-            highs = high_watermarks([tp for tp in parts if tp in committed])
+            highs = high_watermarks(order)
         except Exception:
             log.debug("paused partitions' high watermarks unavailable", exc_info=True)
             return
+        now = time.monotonic()
+        with self._lock:
+            self._asked.update((tp, now) for tp in highs)
         still = still_paused()
         for (topic, partition), high in highs.items():
             if (topic, partition) in still:

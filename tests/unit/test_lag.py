@@ -111,3 +111,31 @@ def test_a_released_partition_is_forgotten() -> None:
 
     lag.paused([P0], highs, still_paused=set)
     assert asked == [[]], "a partition without a base is not asked for"
+
+
+def test_paused_partitions_past_the_lookup_budget_are_asked_first_next_time() -> None:
+    """The lookups share a time budget (here: the first 10 asked answer): asked in partition
+    order every time, the partitions past it (a second topic's) were never asked, and
+    their lag stayed at its value from before the pause through a whole outage (review
+    "multi45")."""
+    metrics, commits = Metrics(CollectorRegistry()), Commits()
+    parts = [(topic, p) for topic in ("alpha", "zeta") for p in range(24)]
+    commits.assign(parts)
+    lag = Lag(metrics, commits)
+    lag.on_stats({"topics": {topic: {"partitions": {str(p): {"committed_offset": 0}
+                                                    for p in range(24)}}
+                             for topic in ("alpha", "zeta")}},
+                 assigned=set(parts), paused=set(parts))
+    high = 0
+
+    def budgeted(asked: list[TP]) -> dict[TP, int]:
+        return {tp: high for tp in asked[:10]}
+
+    refreshed: list[int] = []
+    for _ in range(5):
+        high += 100
+        lag.paused(parts, budgeted, still_paused=lambda: set(parts))
+        refreshed.append(sum(lag_of(metrics, tp) == high for tp in parts))
+    assert refreshed == [10] * 5
+    assert all((lag_of(metrics, tp) or 0) > 0 for tp in parts), "a partition never asked"
+    lag.forget(parts)
