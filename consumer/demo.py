@@ -34,15 +34,34 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_TOKEN = "demo-write-token"
 
 
-def _services_env() -> dict[str, str]:
+def _services_env() -> dict[str, str] | str:
+    """Kafka's and the registry's addresses: the environment's, else those of the services
+    the repository's scripts start; or why there are none (one line)."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("SCHEMA_REGISTRY_URL"):
         return {"KAFKA_BOOTSTRAP_SERVERS": os.environ["KAFKA_BOOTSTRAP_SERVERS"],
                 "SCHEMA_REGISTRY_URL": os.environ["SCHEMA_REGISTRY_URL"]}
-    ctl = [sys.executable, str(ROOT / "services" / "ctl.py")]
-    subprocess.run([*ctl, "up"], check=True)
-    out = subprocess.run([*ctl, "env"], check=True, capture_output=True, text=True).stdout
+    script = ROOT / "services" / "ctl.py"
+    if not script.is_file():
+        # Installed (a wheel, the image): the scripts that start Kafka stay in the repository;
+        # a traceback came out of the missing script (review "sandbox45").
+        return ("set KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL (only a checkout of the "
+                "repository starts Kafka and the registry itself, `make demo`)")
+    ctl = [sys.executable, str(script)]
+    try:
+        subprocess.run([*ctl, "up"], check=True)
+        out = subprocess.run([*ctl, "env"], check=True, capture_output=True, text=True).stdout
+    except subprocess.CalledProcessError as exc:
+        return (f"starting Kafka and the registry failed ({script.name} {exc.cmd[2]} exited "
+                f"{exc.returncode}); or set KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL")
     env = dict(line.split("=", 1) for line in out.split() if "=" in line)
     return {k.removeprefix("export "): v.strip("'\"") for k, v in env.items()}
+
+
+def _default_events() -> Path:
+    """The sample events: the checkout's, else the working directory's (the image's
+    /app/schemas; the wheel does not carry them)."""
+    beside = ROOT / "schemas" / "sample-events.jsonl"
+    return beside if beside.is_file() else Path.cwd() / "schemas" / "sample-events.jsonl"
 
 
 
@@ -62,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
     from consumer.worker import Worker
 
     configure_logging("WARNING")
-    events_file = Path(args.events or ROOT / "schemas" / "sample-events.jsonl")
+    events_file = Path(args.events) if args.events else _default_events()
     # Read and checked before anything is created: a traceback (or a clean error) came
     # after a new topic, left behind (reviews config25, diff25).
     try:
@@ -78,6 +97,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: demo not started: {exc}", file=sys.stderr)
         return 1
     services = _services_env()
+    if isinstance(services, str):
+        print(f"error: demo not started: {services}", file=sys.stderr)
+        return 1
     from consumer import reach
 
     problems = reach.services({"bootstrap.servers": services["KAFKA_BOOTSTRAP_SERVERS"]},
@@ -86,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"error: demo not started: {problem}", file=sys.stderr)
         return 1
-    topic = f"signal-demo-{int(time.time())}"
+    topic = f"signal-demo-{int(time.time())}-{os.getpid()}"  # two demos in one second
     admin_conf: dict[str, Any] = {"bootstrap.servers": services["KAFKA_BOOTSTRAP_SERVERS"],
                                   "logger": librdkafka_logger()}
     admin = AdminClient(admin_conf)

@@ -103,11 +103,15 @@ def _put_faults(app: ControlledApp, request: Request) -> Response:
     if not isinstance(retry_after, bool):
         return _bad("retry_after must be true or false")
     try:
+        seconds = float(window)  # an integer past a float's range (review "sandbox45")
+    except OverflowError:
+        return _bad("rate_window_seconds must be a positive number")
+    try:
         app.faults.config.merged(body)  # validate everything before changing anything
     except FaultError as exc:
         return _bad(str(exc))
     app.faults.update(body)
-    app.limiter.reconfigure(limit, float(window))
+    app.limiter.reconfigure(limit, seconds)
     app.retry_after = retry_after
     return json_response(200, _faults_view(app))
 

@@ -97,7 +97,8 @@ class SandboxServer:
             outcome = app.handle(Request.from_head(head, body))
             if outcome.delay:
                 await asyncio.sleep(outcome.delay)
-            if not await self._execute(outcome, head.keep_alive, reader, writer):
+            if not await self._execute(outcome, head.keep_alive, reader, writer,
+                                       head_only=head.method == "HEAD"):
                 return
 
     async def _execute(
@@ -106,12 +107,15 @@ class SandboxServer:
         keep_alive: bool,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        *,
+        head_only: bool = False,
     ) -> bool:
         """Carry out an outcome; False means the connection is finished."""
         if outcome.kind == "respond" and outcome.response is not None:
             writer.write(
                 render_response(
-                    outcome.response, keep_alive=keep_alive, request_id=outcome.request_id
+                    outcome.response, keep_alive=keep_alive, request_id=outcome.request_id,
+                    head_only=head_only,
                 )
             )
             await writer.drain()

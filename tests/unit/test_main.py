@@ -558,6 +558,28 @@ def test_demo_with_an_events_file_it_cannot_read_says_so_before_creating_anythin
     assert "Traceback" not in result.stderr
 
 
+def test_demo_installed_without_kafka_says_what_to_set_in_one_line(tmp_path: Path) -> None:
+    """Installed (a wheel, the image), the package has no services/ctl.py beside it: the
+    demo without KAFKA_BOOTSTRAP_SERVERS was a CalledProcessError traceback, and its default
+    events file was looked for in site-packages, not in the image's /app/schemas (review
+    "sandbox45")."""
+    import shutil
+
+    repo = Path(__file__).resolve().parents[2]
+    site = tmp_path / "site-packages"
+    shutil.copytree(repo / "consumer", site / "consumer",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "schemas").mkdir()
+    shutil.copy(repo / "schemas" / "sample-events.jsonl", tmp_path / "schemas")
+    proc = subprocess.run([sys.executable, "-m", "consumer", "demo"], cwd=tmp_path,
+                          env={**only({}), "PYTHONPATH": str(site)}, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: demo not started: set KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL (only "
+        "a checkout of the repository starts Kafka and the registry itself, `make demo`)"]
+
+
 @pytest.mark.parametrize("content", [b"\xff\xfe{}\n", b"{bad\n", b"\n\n"])
 def test_demo_with_events_it_cannot_send_says_so_before_creating_anything(
         content: bytes, tmp_path: Path) -> None:

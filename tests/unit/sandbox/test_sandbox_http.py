@@ -76,3 +76,68 @@ def test_render_response_frames_body_and_carries_request_id() -> None:
     assert "retry-after: 3" in lines
     assert "connection: close" in lines
     assert body == b'{"a":1}'
+
+
+def _raw(url: str, data: bytes, wait: float = 2.0) -> bytes:
+    """What a sandbox answers `data` on one connection, until it closes or `wait` passes."""
+    import socket
+
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(data)
+        conn.settimeout(wait)
+        out = b""
+        try:
+            while chunk := conn.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return out
+
+
+@pytest.mark.parametrize("request_bytes", [
+    # "²" is a digit to str.isdigit, not to int(): the handler raised, no answer came
+    b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\nab",
+    # urlsplit took "//[" for a host and raised "Invalid IPv6 URL"
+    b"GET //[/_sandbox/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+])
+def test_odd_request_heads_get_an_answer_not_a_dropped_connection(request_bytes: bytes) -> None:
+    """Review sandbox45."""
+    from consumer.sandbox import SandboxThread
+
+    with SandboxThread() as sandbox:
+        out = _raw(sandbox.url, request_bytes)
+    assert out.startswith((b"HTTP/1.1 400", b"HTTP/1.1 404")), out
+
+
+def test_a_path_starting_with_two_slashes_is_a_path() -> None:
+    head = parse_head(b"POST //v1/track?x=1 HTTP/1.1\r\nHost: a")
+    request = Request.from_head(head, b"")
+    assert (request.path, request.query) == ("//v1/track", {"x": ["1"]})
+
+
+def test_a_head_request_gets_no_content() -> None:
+    """RFC 9110 9.3.2; a keep-alive client read the next answer from the middle of the
+    body (review sandbox45)."""
+    from consumer.sandbox import SandboxThread
+
+    with SandboxThread() as sandbox:
+        out = _raw(sandbox.url, b"HEAD /v1/track HTTP/1.1\r\nHost: x\r\nConnection: close"
+                                b"\r\n\r\n")
+    head, _, content = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 ") and b"content-length: " in head, out
+    assert content == b""
+
+
+def test_faults_with_a_window_past_a_floats_range_are_refused_and_change_nothing() -> None:
+    """The window's check passed an integer of 400 digits, `float()` then raised after the
+    rest of the body was applied: no answer, and error_rate 1.0 stayed (review sandbox45)."""
+    from consumer.sandbox import SandboxControl, SandboxThread
+
+    body = b'{"error_rate": 1.0, "rate_window_seconds": 1' + b"0" * 400 + b"}"
+    with SandboxThread() as sandbox:
+        out = _raw(sandbox.url, b"PUT /_sandbox/faults HTTP/1.1\r\nHost: x\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+                   + body)
+        faults = SandboxControl(sandbox.url).faults()
+    assert (out[:12], faults["error_rate"]) == (b"HTTP/1.1 400", 0.0)
