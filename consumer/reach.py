@@ -470,7 +470,33 @@ def redis_refusal(settings: Settings, timeout: float) -> str | None:
                     "it has in REDIS_URL's /db (0-15 unless its `databases` setting says more)")
         if any(name in str(exc) for name in REDIS_REFUSALS):
             return (f"Redis at {conf.redacted_url} refused the worker ({exc}): check the user "
-                    "name and password in REDIS_URL, and the user's ACL")
+                    "name and password in REDIS_URL, and the user's ACL ("
+                    f"{REDIS_ACL_EXAMPLE})")
+        unusable = redis_unusable(str(exc))
+        if unusable is not None:
+            # Answered, and never otherwise: taken as an outage, every replica ran ready on
+            # its fallback for ever, without deduplication (review "redisconf45").
+            return f"Redis at {conf.redacted_url} refused the worker ({exc}): {unusable}"
+    return None
+
+
+REDIS_ACL_EXAMPLE = "e.g. +@read +@write +@scripting +time +ping"
+"""The least ACL the worker's calls need (PING is in @connection, no category above)."""
+
+REDIS_CLUSTER_ERRORS = ("ClusterCrossSlotError", "MovedError", "AskError")
+
+
+def redis_unusable(text: str) -> str | None:
+    """Why a Redis that answered can never serve the worker, from a failed call's text
+    (`SharedStateUnavailable`): cluster mode, a command renamed or disabled; else None."""
+    if any(name in text for name in REDIS_CLUSTER_ERRORS):
+        return ("it runs in cluster mode, which the worker does not support (its scripts "
+                "use several keys in one call): point REDIS_URL at a standalone Redis or a "
+                "primary with replicas")
+    if "(unknown command)" in text:
+        return ("a command the worker runs is renamed or disabled there (rename-command): "
+                "it needs PING, EVALSHA, SCRIPT, UNLINK, SET, GET, PTTL and, in its "
+                "scripts, TIME, EXISTS, PEXPIRE, DEL")
     return None
 
 
@@ -513,6 +539,9 @@ def redis(settings: Settings, timeout: float) -> str | None:
     except SharedStateUnavailable as exc:
         if exc.tls:
             return _tls_refusal(conf.redacted_url, exc)
+        if "NoPermissionError" in str(exc):
+            return (f"Redis at {conf.redacted_url}: {exc}: its user may not run PING; allow "
+                    f"the worker's commands ({REDIS_ACL_EXAMPLE})")
         return (f"Redis at {conf.redacted_url}: {exc}; check REDIS_URL (host, password, db; "
                 "rediss:// for a TLS port, redis:// for a plain one: the other scheme times "
                 "out or is reset) and REDIS_TLS_CA_FILE")
@@ -521,14 +550,16 @@ def redis(settings: Settings, timeout: float) -> str | None:
     except SharedStateUnavailable as exc:
         # PING passed: the user, the node or a key is what refuses.
         text = str(exc)
+        unusable = redis_unusable(text)
         if "ReadOnlyError" in text:
             hint = "it is a read-only replica: point REDIS_URL at the primary"
+        elif unusable is not None:
+            hint = unusable
         elif "NoPermissionError" in text or "ResponseError" in text:
             # Redis checks the commands a script calls too (review "diff18").
-            hint = ("its user may not run what the worker runs: allow EVALSHA, EVAL, "
-                    "SCRIPT, UNLINK and, called by the scripts, TIME, GET, SET, EXISTS, "
-                    "PEXPIRE, PTTL and DEL (e.g. +@read +@write +@scripting +time), on the "
-                    "keys ud:* and userpilot:*")
+            hint = ("its user may not run what the worker runs: allow EVALSHA, SCRIPT, "
+                    "UNLINK and, called by the scripts, TIME, GET, SET, EXISTS, PEXPIRE, "
+                    f"PTTL and DEL ({REDIS_ACL_EXAMPLE}), on the keys ud:* and userpilot:*")
         else:
             hint = "check its maxmemory, ACLs and role"
         return (f"Redis at {conf.redacted_url} answers PING but refused the worker's own "

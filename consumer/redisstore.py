@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import ssl
 import time
@@ -332,6 +333,9 @@ class RedisStore:
             error = type(exc).__name__
             if isinstance(exc, ResponseError) and "DB index is out of range" in str(exc):
                 error += " (DB index is out of range)"  # Redis's own words: no URL in them
+            elif isinstance(exc, ResponseError) and str(exc).lower().startswith(
+                    ("unknown command", "err unknown command")):
+                error += " (unknown command)"  # renamed or disabled (rename-command)
             if isinstance(exc, ReadOnlyError):
                 await self._reconnect()
             tls = tls_failure(exc)
@@ -355,7 +359,15 @@ class RedisStore:
         read-only replica. `claims` and `budgets`: keys shaped as the worker's own for its
         token, one of each shape it uses (`reach.probe_keys`), so an ACL narrowed to those
         shapes passes (review diff25b) and one that leaves a shape out does not (review
-        redis34); never a live budget's key."""
+        redis34); never a live budget's key.
+
+        The scripts are loaded first, as a replica loads them after a failover or a restart
+        (Redis keeps no script cache across either): a user whose ACL denies SCRIPT passed
+        while another client's load was cached, then every replica ran on its fallback
+        after the next failover (review "redisconf45")."""
+        for script in (self._claim, self._release, self._confirm, self._gcra):
+            await self._call("script load",
+                             functools.partial(self._client.script_load, script.script))
         for claim in claims:
             shape = ":".join(claim.split(":")[:2]) + ":*"  # an ACL denying it is named
             async with _naming(shape):

@@ -57,6 +57,7 @@ class StoppableRedis:
     workdir: Path
     port: int = field(default_factory=_free_port)
     proc: subprocess.Popen[bytes] | None = None
+    extra: tuple[str, ...] = ()  # more redis-server arguments (`--rename-command`, ...)
 
     @property
     def url(self) -> str:
@@ -68,7 +69,7 @@ class StoppableRedis:
             raise RuntimeError("redis-server is not installed: run `make sysdeps` (as root)")
         self.proc = subprocess.Popen(
             [server, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
