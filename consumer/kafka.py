@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 # per 10 s is enough to see it (the suppressed count is appended to the next line).
 log.addFilter(RateLimit(10.0))
 
+WATERMARK_SLICE_S = 0.25  # a high watermark lookup waits at most this long
 COMMIT_SILENCE_S = 8.0  # an unanswered commit this old means Kafka is not answering
 ANSWER_SLICE_S = 0.005  # poll slices while a commit awaits its answer (see _poll_first)
 LEAVE_WAIT_S = 3.0  # at close, the revoke and LeaveGroup after unsubscribe wait at most this
@@ -517,8 +518,10 @@ class KafkaSource:
             if left <= 0:
                 break
             try:
+                # A slice each: one partition without a leader took the whole budget.
                 marks = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), timeout=left, cached=False)
+                    TopicPartition(topic, partition), timeout=min(left, WATERMARK_SLICE_S),
+                    cached=False)
             except KafkaException:
                 continue
             if marks is not None and marks[1] >= 0:

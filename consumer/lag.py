@@ -14,10 +14,9 @@ worker's release of a partition (any thread) may forget it.
 
 from __future__ import annotations
 
+import bisect
 import logging
-import math
 import threading
-import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -38,8 +37,8 @@ class Lag:
         self._lock = threading.Lock()
         self._group: dict[TP, int] = {}  # the group's committed offsets, from the statistics
         self._low: dict[TP, int] = {}  # low watermarks, from the statistics
-        # When each paused partition's high watermark last came (the poll thread's `paused`).
-        self._asked: dict[TP, float] = {}
+        # Where the next round of paused partitions' lookups starts (`paused`).
+        self._next: TP | None = None
 
     def forget(self, parts: Collection[TP]) -> None:
         """A partition left this worker: what the statistics said of it no longer holds."""
@@ -47,7 +46,6 @@ class Lag:
             for tp in parts:
                 self._group.pop(tp, None)
                 self._low.pop(tp, None)
-                self._asked.pop(tp, None)
 
     def on_stats(self, stats: dict[str, Any], assigned: Collection[TP],
                  paused: Collection[TP]) -> None:
@@ -90,21 +88,26 @@ class Lag:
         """The lag of paused partitions from the broker's high watermarks (one ListOffsets
         each, every few seconds); set only for those still paused once it answered.
 
-        Those answered longest ago are asked first: the lookups share a time budget, and
-        asked in partition order those past it were never asked, a topic sorting last kept
-        the lag it had when paused through a whole outage (review "multi45")."""
+        Each round starts after the last partition that answered: the lookups share a time
+        budget, and asked in partition order every time those past it were never asked, a
+        topic sorting last kept the lag it had when paused through a whole outage (review
+        "multi45"). Sorted by when each last answered instead, a partition without a leader
+        (never answering) came first every round and starved all the others (review
+        "diff45b"); `KafkaSource.high_watermarks` gives each lookup a slice of the budget."""
         committed = self.bases(parts)
+        eligible = sorted(tp for tp in parts if tp in committed)
         with self._lock:
-            order = sorted((tp for tp in parts if tp in committed),
-                           key=lambda tp: self._asked.get(tp, -math.inf))
+            start = bisect.bisect_left(eligible, self._next) if self._next else 0
+        order = eligible[start:] + eligible[:start]
         try:
             highs = high_watermarks(order)
         except Exception:
             log.debug("paused partitions' high watermarks unavailable", exc_info=True)
             return
-        now = time.monotonic()
-        with self._lock:
-            self._asked.update((tp, now) for tp in highs)
+        answered = [i for i, tp in enumerate(order) if tp in highs]
+        if order:
+            with self._lock:
+                self._next = order[(answered[-1] + 1 if answered else 1) % len(order)]
         still = still_paused()
         for (topic, partition), high in highs.items():
             if (topic, partition) in still:

@@ -426,3 +426,23 @@ def test_a_commit_out_across_an_assignment_is_timed_from_the_assignment(
     assert not src.connected, "unanswered since the assignment"
     src._on_commit(KafkaError(KafkaError._TIMED_OUT), [])  # failed locally: no answer
     assert src.connected, "nothing out since the assignment"
+
+
+def test_each_high_watermark_lookup_gets_a_slice_of_the_budget() -> None:
+    """A partition without a leader waited out the whole budget, and no other paused
+    partition's lag was asked that round (review "diff45b")."""
+    from types import SimpleNamespace
+    from typing import Any
+
+    from consumer.kafka import WATERMARK_SLICE_S, KafkaSource
+
+    timeouts: list[float] = []
+
+    def lookup(tp: object, timeout: float, cached: bool) -> tuple[int, int]:
+        timeouts.append(timeout)
+        return 0, 7
+
+    source: Any = SimpleNamespace(_consumer=SimpleNamespace(get_watermark_offsets=lookup))
+    marks = KafkaSource.high_watermarks(source, [("t", 0), ("t", 1)], 5.0)
+    assert marks == {("t", 0): 7, ("t", 1): 7}
+    assert timeouts and max(timeouts) <= WATERMARK_SLICE_S

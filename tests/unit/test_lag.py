@@ -138,4 +138,23 @@ def test_paused_partitions_past_the_lookup_budget_are_asked_first_next_time() ->
         refreshed.append(sum(lag_of(metrics, tp) == high for tp in parts))
     assert refreshed == [10] * 5
     assert all((lag_of(metrics, tp) or 0) > 0 for tp in parts), "a partition never asked"
+
+    # A partition that never answers (no leader) does not start every round: review
+    # "diff45b" (sorted by when each last answered, it came first and took the budget).
+    dead = ("alpha", 3)
+
+    def leaderless(asked: list[TP]) -> dict[TP, int]:
+        out: dict[TP, int] = {}
+        for tp in asked[:10]:
+            if tp == dead:
+                break  # its lookup waits out what is left of the budget
+            out[tp] = high
+        return out
+
+    before = high
+    for _ in range(10):
+        high += 100
+        lag.paused(parts, leaderless, still_paused=lambda: set(parts))
+    stale = [tp for tp in parts if tp != dead and (lag_of(metrics, tp) or 0) <= before]
+    assert not stale, f"starved behind the partition without a leader: {stale}"
     lag.forget(parts)
