@@ -95,15 +95,25 @@ class Commits:
             tracker = self._offsets.get(tp)
             return None if tracker is None else tracker.high
 
-    def inherit(self, finished: Mapping[TP, Finished]) -> None:
+    def inherit(self, finished: Mapping[TP, Finished]) -> dict[TP, tuple[int, int]]:
         """What the previous owners' commits named finished (`decode_note`), per partition;
-        read before any of the partition's messages is taken. Unassigned ones are ignored."""
+        read before any of the partition's messages is taken, mostly. Unassigned ones are
+        ignored; so is a note read late, once the partition's first offset taken was below
+        the offset it was written with: another log's (see `Worker._intake`). Returns
+        those: partition -> (first offset taken, the note's offset) (review "diff45b")."""
+        other_log: dict[TP, tuple[int, int]] = {}
         with self._lock:
             for tp, ranges in finished.items():
                 tracker = self._offsets.get(tp)
-                if tracker is not None and ranges:
-                    tracker.inherit(ranges)
-                    self._inheriting.add(tp)
+                if tracker is None or not ranges:
+                    continue
+                first = tracker.first
+                if first is not None and first < ranges.floor:
+                    other_log[tp] = (first, ranges.floor)
+                    continue
+                tracker.inherit(ranges)
+                self._inheriting.add(tp)
+        return other_log
 
     def disown(self, tp: TP) -> None:
         """Forget what `tp`'s previous owner named finished: its log is not the one the

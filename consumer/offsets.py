@@ -186,14 +186,15 @@ class _SentLog:
 class PartitionOffsets:
     """Offsets taken from one partition, in order, and which of them are finished."""
 
-    __slots__ = ("_base", "_changes", "_freed", "_held", "_held_by_family", "_high",
-                 "_inherited", "_named", "_note", "_open", "_pending", "_sent")
+    __slots__ = ("_base", "_changes", "_first", "_freed", "_held", "_held_by_family",
+                 "_high", "_inherited", "_named", "_note", "_open", "_pending", "_sent")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()  # taken, in order, from the first unfinished
         self._open: set[int] = set()  # taken and not finished
         self._high: int | None = None
         self._base: int | None = None
+        self._first: int | None = None  # the first offset taken or skipped
         # Per window family, the offsets that reach Userpilot or the DLQ, from the base.
         self._sent: dict[str, _SentLog] = {}
         self._named = Finished(())  # what the note held with the base names finished
@@ -216,6 +217,8 @@ class PartitionOffsets:
         self._changes += 1
         if self._base is None:
             self._base = offset
+        if self._first is None:
+            self._first = offset
 
     def skipped(self, offset: int) -> None:
         """Record an offset taken and finished at once (a dropped event).
@@ -231,6 +234,8 @@ class PartitionOffsets:
         self._changes += 1
         if self._base is None:
             self._base = offset
+        if self._first is None:
+            self._first = offset
 
     def held(self, offset: int) -> None:
         """An unfinished offset whose dead letter the DLQ guard holds: it keeps the commit
@@ -342,6 +347,11 @@ class PartitionOffsets:
             if n:
                 out[family] = n
         return out
+
+    @property
+    def first(self) -> int | None:
+        """The first offset taken or skipped (None: none yet)."""
+        return self._first
 
     # -- the note -----------------------------------------------------------------------
     def inherit(self, finished: Finished) -> None:

@@ -1379,7 +1379,10 @@ class Worker:
         call nested in a callback breaks confluent-kafka's call state."""
         finished, unanswered = source.finished_ahead(parts, NOTES_TIMEOUT_S)
         if finished:
-            self.commits.inherit(finished)
+            for tp, (first, floor) in self.commits.inherit(finished).items():
+                del finished[tp]
+                self._note_of_another_log(tp, first, floor)
+        if finished:
             log.info("previous owners finished %d events above their commits on %s; they "
                      "are skipped", sum(end - start + 1 for ranges in finished.values()
                                         for start, end in ranges.ranges), _fmt(sorted(finished)))

@@ -168,3 +168,29 @@ def test_a_note_above_where_the_log_starts_skips_nothing_of_it() -> None:
     assert drive(run, scenario) == 0
     assert sorted(codec_seq(b) for b in run.client.bodies) == list(range(200))
     assert run.worker.m.already_finished._value.get() == 0
+
+
+@dataclass
+class NotedAboveLate(NotedAbove):
+    """... whose note the coordinator gives only when asked again, once the log's first
+    records were taken."""
+
+    notes_unanswered: int = 1
+
+
+def test_a_note_above_where_the_log_starts_read_late_skips_nothing_of_it() -> None:
+    """Review diff45b: the note was dropped only when it was there at the partition's first
+    offset; read on a retry, it was installed as is, and 101..150 never sent."""
+    tp = (TOPIC, 0)
+    log = [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i)) for i in range(200)]
+    run = make({tp: log[:10]}, registry=known_schema(), source_type=NotedAboveLate,
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(run.client.bodies) == 10, "the first records sent")
+        await until(lambda: len(source.ahead_asked) >= 2, "the note read again")
+        source.log[tp].extend(log[10:])
+        await until(lambda: source.committed().get(tp) == 200, "the commit at the end")
+
+    assert drive(run, scenario) == 0
+    assert sorted(codec_seq(b) for b in run.client.bodies) == list(range(200))
