@@ -333,9 +333,11 @@ class RedisStore:
             error = type(exc).__name__
             if isinstance(exc, ResponseError) and "DB index is out of range" in str(exc):
                 error += " (DB index is out of range)"  # Redis's own words: no URL in them
-            elif isinstance(exc, ResponseError) and str(exc).lower().startswith(
-                    ("unknown command", "err unknown command")):
-                error += " (unknown command)"  # renamed or disabled (rename-command)
+            elif isinstance(exc, ResponseError) and (
+                    str(exc).lower().startswith(("unknown command", "err unknown command"))
+                    or "unknown redis command called from" in str(exc).lower()):
+                # Renamed or disabled (rename-command); in a script Redis says it so.
+                error += " (unknown command)"
             if isinstance(exc, ReadOnlyError):
                 await self._reconnect()
             tls = tls_failure(exc)
@@ -372,6 +374,8 @@ class RedisStore:
             shape = ":".join(claim.split(":")[:2]) + ":*"  # an ACL denying it is named
             async with _naming(shape):
                 await self.claim(claim, "check-config", 1000)
+                await self.claim(claim, "check-config", 1000)  # its own again: PEXPIRE
+                await self.claim(claim, "check-config-other", 1000)  # another's: PTTL
                 await self.release(claim, "check-config")
                 await self.progress(claim, "1:probe", 1000)
                 await self.progress_of(claim)
