@@ -669,9 +669,10 @@ class DeadLetterProducer:
                  factory: Callable[[], Producer] | None = None) -> None:
         self._factory = factory or (lambda: make_producer(conf, **DLQ_PRODUCER))
         self._producer = self._factory()
-        # The fatal error the current producer reported, until it is replaced (set from the
-        # dlq-poll thread or the loop; acted on in the loop, `_recover`).
-        self._fatal: str | None = None
+        # The producer that reported a fatal error, and the error, until it is replaced (set
+        # from the dlq-poll thread or the loop, under `_swap`; acted on in the loop).
+        self._fatal: tuple[Producer, str] | None = None
+        self._swap = threading.Lock()  # `_fatal` and `_producer` change together
         self._rebuilt_at = -math.inf
         self._loop: asyncio.AbstractEventLoop | None = None  # the sends' loop, once one came
         # Sends awaiting the broker's answer, and the producer each went to (event loop).
@@ -706,10 +707,14 @@ class DeadLetterProducer:
                 self._stop.wait(0.1)
 
     def _fatal_seen(self, producer: Producer, reason: str) -> None:
-        """`producer` reported a fatal error (any thread): the loop replaces it."""
-        if producer is not self._producer or self._fatal is not None:
-            return  # a retired one's, or known already
-        self._fatal = reason
+        """`producer` reported a fatal error (any thread): the loop replaces it. Tied to
+        that producer: seen by the poll thread as a new one took over, an old one's error
+        failed the new one's sends (review "diff45b")."""
+        with self._swap:
+            if (self._stop.is_set() or producer is not self._producer
+                    or self._fatal is not None):
+                return  # closed, a retired one's, or known already
+            self._fatal = (producer, reason)
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the worker stopped
@@ -778,10 +783,10 @@ class DeadLetterProducer:
         """After a fatal error (event loop): fail the sends the stopped producer holds (it
         never answers them; their dead letters are written again, as after any DLQ error)
         and build a new one; False when none was built (REBUILD_EVERY_S)."""
-        reason = self._fatal
-        if reason is None:
-            return True
-        stopped = self._producer
+        fatal = self._fatal
+        if fatal is None or self._stop.is_set():
+            return True  # nothing to do, or closed: no new producer after close()
+        stopped, reason = fatal
         for done, producer in list(self._waiting.items()):
             if producer is stopped and not done.done():
                 done.set_exception(KafkaException(KafkaError(
@@ -797,8 +802,10 @@ class DeadLetterProducer:
             return False
         self._rebuilt_at = now
         fresh = self._factory()
-        reason, self._fatal = self._fatal, None
-        old, self._producer = self._producer, fresh
+        with self._swap:
+            old, self._producer = self._producer, fresh
+            fatal, self._fatal = self._fatal, None
+        reason = fatal[1] if fatal is not None else "?"
         log.error("DLQ producer: fatal error (%s); a new producer takes its place, and the "
                   "dead letters the old one had not written are written again", reason)
         # Off the loop: what it still holds is dropped (those sends have failed already).

@@ -8,7 +8,7 @@ import glob
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import confluent_kafka
 import pytest
@@ -192,3 +192,29 @@ def test_producers_fatal_at_once_are_not_rebuilt_in_a_loop(
     finally:
         producer.close(1)
     assert len(built) == 2  # the first, and one new one: not one per send
+
+
+def test_a_retired_producers_late_fatal_error_does_not_stop_its_successor() -> None:
+    """Seen by the dlq-poll thread just as the new producer took over, the old one's error
+    was pinned on the new one and failed its sends (review "diff45b")."""
+    stopped = FakeProducer(refuse=_fatal())
+    fresh = FakeProducer()
+    producer, built = _producer([stopped, fresh])
+    try:
+        asyncio.run(_send(producer, b"x"))  # rebuilt on the way
+        producer._fatal_seen(cast(Any, stopped), "the old one's error, late")
+        assert producer._fatal is None
+        asyncio.run(_send(producer, b"y"))
+    finally:
+        producer.close(1)
+    assert built == [stopped, fresh] and fresh.written == [b"x", b"y"]
+
+
+def test_no_producer_is_built_after_close() -> None:
+    """A recovery queued before close() ran after it: a producer nothing polls or closes
+    (review "diff45b")."""
+    first = FakeProducer()
+    producer, built = _producer([first, FakeProducer()])
+    producer.close(1)
+    producer._fatal_seen(cast(Any, first), "fatal after the close")
+    assert producer._recover() and built == [first]
