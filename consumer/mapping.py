@@ -775,7 +775,9 @@ class _Taken:
     def own(self, key: str, value: Primitive) -> None:
         """An event's key kept under its name; a rename that took the name first wins."""
         if key in self._out:
-            self._lost(key, key, self._from[key][1] if key in self._from else "rename")
+            held = self._out[key]
+            if not (type(held) is type(value) and held == value):  # the same: no loss
+                self._lost(key, key, self._from[key][1] if key in self._from else "rename")
         else:
             self._out[key] = value
             self._from[key] = (key, "")

@@ -356,6 +356,8 @@ def _time(text: str) -> datetime:
             # it as a time of day (review "diff45").
             raise ValueError(written)
         else:
+            if period is not None and period["zone"]:
+                _zone(period["zone"])  # Python takes +05:75 for +06:15 (review "diff45b")
             value = datetime.fromisoformat(re.sub(r"[Zz]$", "+00:00", written))
     except ValueError:
         raise argparse.ArgumentTypeError(

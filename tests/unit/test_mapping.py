@@ -1279,3 +1279,7 @@ def test_a_picked_value_a_later_step_replaces_is_listed_and_the_same_value_is_no
                       {"properties": {"flag": 1, "on": True}})
     assert built.body["metadata"] == {"flag": True, "on": True}
     assert built.omitted == ("flag (replaced by the rule's field flag)",)  # 1 is not True
+    # A rename over the very same value, whichever comes first in the event: no loss.
+    for properties in ({"b": 1, "a": 1}, {"a": 1, "b": 1}):
+        built = _built_by({"event_name": "e", "rename": {"a": "b"}}, {"properties": properties})
+        assert built.body["metadata"] == {"b": 1} and built.omitted == (), properties

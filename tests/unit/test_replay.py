@@ -649,8 +649,9 @@ def test_a_bare_date_until_reaches_the_end_of_that_day_and_reasons_are_spelt_as_
     with pytest.raises(argparse.ArgumentTypeError):
         replay._time("2026-12-01+25:00")
     # Review diff45: minutes past 59, a lower-case z after a time, a zone with seconds.
-    with pytest.raises(argparse.ArgumentTypeError):
-        replay._time("2026-12-01+05:99")
+    for minutes_past_59 in ("2026-12-01+05:99", "2026-12-01T09:30+05:75", "2026-12-01T09+0599"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            replay._time(minutes_past_59)
     assert replay._until("2026-12-01z") == end
     assert replay._until("2026-12-01T09z") == replay._until("2026-12-01T09Z")
     with pytest.raises(argparse.ArgumentTypeError):
