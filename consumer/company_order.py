@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from consumer.commits import TP
+from consumer.logs import shown_id
 
 __all__ = ["COMPANY_WAIT_S", "CompanyOrder", "Write"]
 
@@ -95,7 +96,7 @@ class CompanyOrder:
                 if stale:
                     log.warning("company %r: %d earlier update(s) not answered after %.0f "
                                 "s; this one goes first, so that company's order is not "
-                                "guaranteed", company, len(stale), self._wait_s,
+                                "guaranteed", shown_id(company), len(stale), self._wait_s,
                                 extra=dict(fields or {}))
                 for write in stale:
                     self._end(write)  # waited out once, not by every later write again

@@ -12,6 +12,7 @@ honestly; /metrics is prometheus_client's own WSGI app, so scrapers get what the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -183,10 +184,42 @@ class HealthServer:
         self._thread.join(timeout=5)
 
 
+CONNECTIONS_MAX = 64
+"""Connections the probe/metrics server serves at once; one past it is closed at once."""
+HEAD_WITHIN_S = 5.0
+"""A connection's request head must be whole within this; a slower one is cut."""
+
+
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    """One thread per request, so a slow scrape never delays a probe."""
+    """One thread per request, so a slow scrape never delays a probe; at most
+    CONNECTIONS_MAX at once. Unbounded, ~1,000 clients sending a byte every few seconds held
+    a thread and a descriptor each, the process ran out of descriptors, accept() failed in
+    a loop at a whole core, and /healthz went unanswered until the kubelet restarted the
+    pod (review "sec45")."""
 
     daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(CONNECTIONS_MAX)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("probe/metrics server: %d connections open, %s refused",
+                      CONNECTIONS_MAX, client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away or never finished its request (a scanner, a browser's
@@ -229,8 +262,31 @@ class _ErrorsToLog(io.TextIOBase):
 
 class _QuietHandler(WSGIRequestHandler):
     # A connection that sends nothing (or half a request) held a thread and a descriptor
-    # for as long as its peer kept it open; now for at most this many seconds.
+    # for as long as its peer kept it open; now for at most this many seconds a read or a
+    # write, and its whole request head within HEAD_WITHIN_S (a byte every few seconds
+    # kept each read under the timeout for ever, review "sec45").
     timeout = 10
+
+    def setup(self) -> None:
+        super().setup()
+        self._cut = threading.Timer(HEAD_WITHIN_S, self._cut_off)
+        self._cut.daemon = True
+        self._cut.start()
+
+    def _cut_off(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def parse_request(self) -> bool:
+        whole = super().parse_request()
+        self._cut.cancel()  # the head came: the answer has its own write timeout
+        return whole
+
+    def finish(self) -> None:
+        cut = getattr(self, "_cut", None)
+        if cut is not None:
+            cut.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         # Probes hit this every few seconds; access logs would drown the worker's own.

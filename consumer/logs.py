@@ -37,15 +37,21 @@ _FIELDS = ("topic", "partition", "offset", "message_id")
 MESSAGE_ID_CHARS = 128
 """A messageId longer than this is cut in log lines (a 100,000-character one made a line
 that container runtimes split at 16 KB)."""
-_CONTROL = re.compile("[\x00-\x1f\x7f\u2028\u2029]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""What a text line escapes: C0 and C1 controls (U+0085 is a line break to `splitlines` and
+log shippers, U+009B a terminal's CSI; review "sec45") and the Unicode line breaks."""
+
+
+def shown_id(text: str) -> str:
+    """An id an event brings (a messageId, a company id) as log lines show it: cut at
+    MESSAGE_ID_CHARS, as its length has no bound but the Kafka message's."""
+    return text if len(text) <= MESSAGE_ID_CHARS else f"{text[:MESSAGE_ID_CHARS]}…"
 
 
 def event_fields(topic: str, partition: int, offset: int, message_id: str | None) -> dict[str, Any]:
     """The `extra` for a log line about one event."""
-    shown = message_id or ""
-    if len(shown) > MESSAGE_ID_CHARS:
-        shown = f"{shown[:MESSAGE_ID_CHARS]}…"
-    return {"topic": topic, "partition": partition, "offset": offset, "message_id": shown}
+    return {"topic": topic, "partition": partition, "offset": offset,
+            "message_id": shown_id(message_id or "")}
 
 
 CURRENT_EVENT: ContextVar[Any] = ContextVar("userpilot_current_event", default=None)

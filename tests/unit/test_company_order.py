@@ -202,3 +202,21 @@ def test_a_write_queued_behind_another_in_retries_waits_for_its_request_not_its_
     sent, waited = asyncio.run(main())
     assert sent == ["B", "C"]  # B's request first, as its intake says
     assert waited < 1.0, f"C waited {waited:.1f} s"
+
+
+def test_the_wait_warning_quotes_a_long_company_id_cut(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A 500,000-character groupId made a 500 KB warning line, which container runtimes
+    split at 16 KB; cut as messageIds are (review "sec45")."""
+    company = "c" * 500_000
+
+    async def main() -> None:
+        order = CompanyOrder(wait_s=0.01)
+        order.place(1, A, [company])  # stuck in retries: never answered
+        second = order.place(2, A, [company])
+        await order.turn(second, company)
+
+    with caplog.at_level(logging.WARNING, logger="consumer.company_order"):
+        asyncio.run(main())
+    [record] = [r for r in caplog.records if "not answered" in r.getMessage()]
+    assert 100 < len(record.getMessage()) < 400

@@ -414,3 +414,38 @@ def test_a_failure_while_answering_goes_through_logging_not_stderr(
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert said[0] == ("DEBUG", "probe/metrics client left mid-answer: TimeoutError")
     assert said[1][0] == "ERROR" and "ValueError: a bug" in said[1][1]
+
+
+def test_slow_clients_neither_pile_up_nor_keep_the_probes_away(
+        reg: CollectorRegistry, health: Health, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review sec45: ~1,000 clients sending a byte every few seconds held a thread and a
+    descriptor each, until accept() failed and /healthz went unanswered. Connections are
+    capped (one past the cap is closed at once) and a head that does not come whole within
+    HEAD_WITHIN_S is cut."""
+    import socket
+    import time
+
+    from consumer import health as health_module
+
+    monkeypatch.setattr(health_module, "CONNECTIONS_MAX", 4)
+    monkeypatch.setattr(health_module, "HEAD_WITHIN_S", 0.5)
+    srv = serve(0, reg, health, host="127.0.0.1")
+    slow = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
+    try:
+        for conn in slow:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")  # and never the rest
+        time.sleep(0.1)
+        extra = socket.create_connection(("127.0.0.1", srv.port))
+        extra.settimeout(2)
+        assert extra.recv(1) == b"", "a connection past the cap is served"
+        extra.close()
+        started = time.monotonic()
+        for conn in slow:
+            conn.settimeout(3)
+            assert conn.recv(1) == b"", "a slow head is not cut"
+        assert time.monotonic() - started < 2.5
+        assert get(srv.port, "/healthz")[0] == 200
+    finally:
+        for conn in slow:
+            conn.close()
+        srv.close()

@@ -295,6 +295,12 @@ def test_an_event_s_message_id_cannot_make_a_huge_or_forged_line() -> None:
         assert len(line) < 300
         assert "\r" not in line and "\u2028" not in line and "\n" not in line
     assert line.endswith("message_id=a\\u2028b")
+    # C1 controls too: U+0085 breaks lines for log shippers, U+009B starts a terminal
+    # escape sequence (review "sec45").
+    record.__dict__.update(logs.event_fields("t", 0, 5, "m1\u0085forged \x9b31m"))
+    line = formatter.format(record)
+    assert "\u0085" not in line and "\x9b" not in line and len(line.splitlines()) == 1
+    assert line.endswith("message_id=m1\\x85forged \\x9b31m")
 
 
 def test_the_identify_lanes_pump_does_not_carry_the_event_that_started_it() -> None:
