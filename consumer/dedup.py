@@ -151,9 +151,11 @@ class DedupStore(Protocol):
 
 def dedup_key(token_digest: str, endpoint: str, message_id: str) -> str:
     """The record's key: short on purpose (memory per id grows with it); a messageId
-    longer than 64 bytes is hashed."""
+    longer than 64 bytes is hashed, and so is one starting with `#`, the mark of a hashed
+    one: `#` and 32 hex digits, raw, was the key of a long id, and the one event sent second
+    was skipped as the other's duplicate (review "sec45")."""
     mid = message_id
-    if len(mid.encode()) > MAX_RAW_ID:
+    if len(mid.encode()) > MAX_RAW_ID or mid.startswith("#"):
         mid = "#" + hashlib.sha256(mid.encode()).hexdigest()[:32]
     return f"ud:{endpoint}:{token_digest[:16]}:{mid}"
 

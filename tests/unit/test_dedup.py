@@ -474,3 +474,16 @@ def test_an_identified_user_is_known_to_every_replica_for_the_ttl_never_when_red
         assert not await one.note_user("u3", 60.0)
 
     asyncio.run(scenario())
+
+
+def test_a_raw_id_never_takes_the_key_of_a_hashed_one() -> None:
+    """`#` and 32 hex digits is the key of an id over 64 bytes: given raw (a user id, a
+    messageId), it took that key, and the event sent second was skipped as a duplicate
+    (review "sec45")."""
+    import hashlib
+
+    long_id = "x" * 100
+    lookalike = "#" + hashlib.sha256(long_id.encode()).hexdigest()[:32]
+    assert dedup_key("d" * 24, "track", lookalike) != dedup_key("d" * 24, "track", long_id)
+    assert user_key("d" * 24, lookalike) != user_key("d" * 24, long_id)
+    assert dedup_key("d" * 24, "track", "order-1").endswith(":order-1")  # raw ids stay raw
