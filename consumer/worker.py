@@ -811,6 +811,11 @@ class Worker:
                 last = owned.get(tp, _UNASKED)
                 if last == _UNASKED:
                     last = self.commits.high(tp)
+                    if last == -1 and inherited:  # the partition's first offset taken
+                        done = inherited.get(tp)
+                        if done is not None and offset < done.floor:
+                            del inherited[tp]
+                            self._note_of_another_log(tp, offset, done.floor)
                 if last is None:
                     owned[tp] = None
                     continue  # a message of a partition revoked meanwhile
@@ -820,11 +825,6 @@ class Worker:
                     # slice, it skipped the new log's at them as finished, which were then
                     # committed and never sent (review "core40").
                     inherited.pop(tp, None)
-                elif last == -1 and inherited:
-                    done = inherited.get(tp)
-                    if done is not None and offset < done.floor:
-                        del inherited[tp]
-                        self._note_of_another_log(tp, offset, done.floor)
                 owned[tp] = offset
                 if inherited:
                     done = inherited.get(tp)
