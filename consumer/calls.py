@@ -330,7 +330,8 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
     # disagree on which key names the company (`id`, `company_id`), so a second one could
     # attach the user to another company.
     for key in COMPANY_ID_KEYS:
-        if properties.pop(key, None) is not None:
+        spelt = properties.pop(key, None)
+        if spelt is not None and _id(spelt) != company_id:  # the id sent is not left out
             left_out.append(f"{key} (another spelling of the company's id)")
     if omitted is not None:
         omitted.extend(f"company.{key}" for key in left_out)

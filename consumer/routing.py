@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consumer.calls import (
+    COMPANY_KEY,
     Call,
     company_id_source,
     drop_company_ids,
@@ -125,7 +126,7 @@ def _refuse_cut_ids(send: Send, cut: frozenset[str], kind: Any,
         company_cut = "groupId" in cut
     for call in send.calls:
         company = call.payload.get("company")
-        company_id = company.get("id") if isinstance(company, Mapping) else None
+        company_id = company.get(COMPANY_KEY) if isinstance(company, Mapping) else None
         checked = (("user id", call.payload.get("user_id"), "userId" in cut),
                    ("company id", call.payload.get("company_id"), "groupId" in cut),
                    ("company id", company_id, company_cut or (

@@ -530,3 +530,33 @@ def test_rule_steps_that_replace_nothing_of_the_event_list_nothing() -> None:
                                "context": {"campaign": {"source": "google"}}}, mappings)
     assert metadata == {"feature_key": "export", "utm_source": "google", "tier": "fixed"}
     assert omitted == ()
+
+
+@pytest.mark.parametrize("key", ["id", "company_id"])
+def test_a_company_id_read_from_invalid_utf8_is_refused_under_either_key(
+        key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: the company's key is one constant, `calls.COMPANY_KEY`, a one-line change if
+    Userpilot says `company_id`; the refusal of an id cut from invalid UTF-8 read `"id"`
+    whatever it was, and after the change two companies cut alike became one (review
+    "users45"). Patched in both modules, as an edit of the constant would be."""
+    from consumer import calls, routing
+    from consumer.errors import InvalidEvent
+
+    monkeypatch.setattr(calls, "COMPANY_KEY", key)
+    monkeypatch.setattr(routing, "COMPANY_KEY", key)
+    wire = codec.encode(7, codec.to_record({
+        "type": "identify", "userId": "u1", "traits": {"company": {"id": "acme-ab"}},
+        "context": {"consent": {"analytics": True}}}))
+    cut = codec.decode(wire.replace(b"acme-ab", b"acme-\xe2\x82"), lambda _id: codec.SCHEMA)
+    with pytest.raises(InvalidEvent, match="company id"):
+        route(cut, ConsentPolicy(), DEFAULT_PRESET)
+
+
+def test_the_company_id_sent_is_not_listed_as_left_out() -> None:
+    """`traits.company.company_id` chosen as the id was listed as "another spelling of the
+    company's id" left out (review "users45")."""
+    decision = route(event(type="identify", event=None, properties=None, traits={
+        "company": {"company_id": "acme", "name": "Acme"}}), POLICY, DEFAULT_PRESET)
+    assert isinstance(decision, Send)
+    assert json.loads(decision.calls[0].body)["company"]["id"] == "acme"
+    assert decision.omitted == ()
