@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -149,13 +150,17 @@ class DedupStore(Protocol):
     async def mark_left(self, key: str) -> tuple[int | None, int] | None: ...
 
 
+_HASHED = re.compile(r"#[0-9a-f]{32}")
+
+
 def dedup_key(token_digest: str, endpoint: str, message_id: str) -> str:
     """The record's key: short on purpose (memory per id grows with it); a messageId
-    longer than 64 bytes is hashed, and so is one starting with `#`, the mark of a hashed
-    one: `#` and 32 hex digits, raw, was the key of a long id, and the one event sent second
-    was skipped as the other's duplicate (review "sec45")."""
+    longer than 64 bytes is hashed, and so is one spelt as a hashed one: `#` and 32 hex
+    digits, raw, was the key of a long id, and the event sent second was skipped as the
+    other's duplicate (review "sec45"). Only that spelling: any other id keeps its key, so
+    replicas of the previous release read the same records (review "diff45c")."""
     mid = message_id
-    if len(mid.encode()) > MAX_RAW_ID or mid.startswith("#"):
+    if len(mid.encode()) > MAX_RAW_ID or _HASHED.fullmatch(mid):
         mid = "#" + hashlib.sha256(mid.encode()).hexdigest()[:32]
     return f"ud:{endpoint}:{token_digest[:16]}:{mid}"
 

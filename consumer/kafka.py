@@ -783,9 +783,11 @@ class DeadLetterProducer:
         """After a fatal error (event loop): fail the sends the stopped producer holds (it
         never answers them; their dead letters are written again, as after any DLQ error)
         and build a new one; False when none was built (REBUILD_EVERY_S)."""
+        if self._stop.is_set():
+            return False  # closed: no new producer after close(), and `send` raises
         fatal = self._fatal
-        if fatal is None or self._stop.is_set():
-            return True  # nothing to do, or closed: no new producer after close()
+        if fatal is None:
+            return True
         stopped, reason = fatal
         for done, producer in list(self._waiting.items()):
             if producer is stopped and not done.done():

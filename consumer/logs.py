@@ -142,12 +142,15 @@ class _Json(logging.Formatter):
         line = json.dumps(doc, ensure_ascii=False, default=str)
         # Valid JSON either way, but U+2028, U+2029 and U+0085 are line breaks to
         # `str.splitlines` and some shippers: one in a messageId split the record in two
-        # (review "logs44"). Escaped, as the text formatter escapes them.
+        # (review "logs44"). Escaped, as the text formatter escapes them, with the other
+        # C1 controls.
         return line.translate(_LINE_BREAKS) if _BREAKS.search(line) else line
 
 
-_LINE_BREAKS = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085"}
-_BREAKS = re.compile("[\u2028\u2029\u0085]")
+_LINE_BREAKS = {code: f"\\u{code:04x}" for code in (0x2028, 0x2029, *range(0x7F, 0xA0))}
+_BREAKS = re.compile("[\u2028\u2029\x7f-\x9f]")
+"""Left raw by `json.dumps`: the Unicode line breaks and DEL and the C1 controls (U+0085 a
+line break to shippers, U+009B a terminal's CSI; review "diff45c")."""
 
 
 def error_line(text: str, env: Mapping[str, str] | None = None) -> None:

@@ -487,3 +487,7 @@ def test_a_raw_id_never_takes_the_key_of_a_hashed_one() -> None:
     assert dedup_key("d" * 24, "track", lookalike) != dedup_key("d" * 24, "track", long_id)
     assert user_key("d" * 24, lookalike) != user_key("d" * 24, long_id)
     assert dedup_key("d" * 24, "track", "order-1").endswith(":order-1")  # raw ids stay raw
+    # ... and so do other ids starting with #: replicas of the previous release read the
+    # same records during a rolling upgrade (review "diff45c").
+    assert dedup_key("d" * 24, "track", "#order-1").endswith(":#order-1")
+    assert user_key("d" * 24, "#abc").endswith(":#abc")

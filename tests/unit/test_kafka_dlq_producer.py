@@ -217,4 +217,21 @@ def test_no_producer_is_built_after_close() -> None:
     producer, built = _producer([first, FakeProducer()])
     producer.close(1)
     producer._fatal_seen(cast(Any, first), "fatal after the close")
-    assert producer._recover() and built == [first]
+    assert built == [first]
+    # A send after close() on a producer in a fatal state raises, not loops for ever on the
+    # event loop (review "diff45c").
+    first.refuse = _fatal()
+    raised: list[BaseException] = []
+
+    def late() -> None:
+        try:
+            asyncio.run(_send(producer, b"late"))
+        except BaseException as exc:  # what it raised is the point
+            raised.append(exc)
+
+    thread = threading.Thread(target=late, daemon=True)  # a spin must fail, not hang, the test
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "send() after close() spins on the event loop"
+    assert len(raised) == 1 and isinstance(raised[0], KafkaException), raised
+    assert built == [first]

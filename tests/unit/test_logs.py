@@ -301,6 +301,12 @@ def test_an_event_s_message_id_cannot_make_a_huge_or_forged_line() -> None:
     line = formatter.format(record)
     assert "\u0085" not in line and "\x9b" not in line and len(line.splitlines()) == 1
     assert line.endswith("message_id=m1\\x85forged \\x9b31m")
+    # The JSON lines (the chart's) too (review "diff45c").
+    import json
+
+    json_line = logs._Json().format(record)
+    assert "\x9b" not in json_line and "\x85" not in json_line
+    assert json.loads(json_line)["message_id"] == "m1\u0085forged \x9b31m"
 
 
 def test_the_identify_lanes_pump_does_not_carry_the_event_that_started_it() -> None:
