@@ -109,7 +109,11 @@ class Commits:
                     continue
                 first = tracker.first
                 if first is not None and first < ranges.floor:
-                    other_log[tp] = (first, ranges.floor)
+                    # Read this late, after a commit of this worker's own, it is that
+                    # commit's note (or one it overwrote): nothing to take, nothing wrong
+                    # (review "diff45c").
+                    if tp not in self._requested and tp not in self._committed:
+                        other_log[tp] = (first, ranges.floor)
                     continue
                 tracker.inherit(ranges)
                 self._inheriting.add(tp)

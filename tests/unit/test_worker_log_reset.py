@@ -7,10 +7,14 @@ an event of the new log still retrying, and its window stopped counting)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import pytest
+
 from consumer.commits import TP
-from consumer.offsets import Finished
+from consumer.offsets import Finished, decode_note
 from tests.unit.test_worker import (
     TOPIC,
     FakeSource,
@@ -194,3 +198,50 @@ def test_a_note_above_where_the_log_starts_read_late_skips_nothing_of_it() -> No
 
     assert drive(run, scenario) == 0
     assert sorted(codec_seq(b) for b in run.client.bodies) == list(range(200))
+
+
+@dataclass
+class CoordinatorNotes(FakeSource):
+    """The coordinator answers the note read only on its third try, then with what it holds
+    by then (the committed offset and its note, as `KafkaSource.finished_ahead` reads it)."""
+
+    notes_unanswered: int = 2
+
+    def finished_ahead(self, parts: Sequence[TP], timeout_s: float
+                       ) -> tuple[dict[TP, Finished], list[TP]]:
+        self._on_poll_thread()
+        self.ahead_asked.append(list(parts))
+        if self.notes_unanswered > 0:
+            self.notes_unanswered -= 1
+            return {}, list(parts)
+        out: dict[TP, Finished] = {}
+        for tp in parts:
+            offset, note = self.stored.get(tp, (0, ""))
+            finished = decode_note(note, offset) if note else Finished(())
+            if finished:
+                out[tp] = finished
+        return out, []
+
+
+def test_a_note_read_late_that_is_the_workers_own_is_not_another_logs(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Read on a retry after this worker's own commit, the note is that commit's: taken for
+    another log's, a healthy log was reported "replaced or truncated" (review "diff45c")."""
+    tp = (TOPIC, 0)
+    log = [Message(TOPIC, 0, i, f"u{i}".encode(), track("stuck" if i == 5 else f"u{i}", i))
+           for i in range(30)]
+    client = HeldUser()
+    run = make({tp: log}, registry=known_schema(), client=client,
+               source_type=CoordinatorNotes, USERPILOT_ENSURE_USER="false",
+               WORKER_COMMIT_INTERVAL_SECONDS="0.1")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.stored.get(tp, (0, ""))[0] == 5
+                    and bool(source.stored[tp][1]), "its own commit at 5, with a note")
+        await until(lambda: len(source.ahead_asked) >= 3, "the note read a third time", 6)
+        client.release.set()
+        await until(lambda: source.committed().get(tp) == 30, "the commit at the end")
+
+    with caplog.at_level(logging.WARNING, logger="consumer.worker"):
+        assert drive(run, scenario) == 0
+    assert not [r for r in caplog.records if "replaced or truncated" in r.getMessage()]
