@@ -44,6 +44,7 @@ from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_no
 __all__ = [
     "METADATA_REFRESH_MS",
     "TP",
+    "WATERMARK_SLICE_S",
     "DeadLetterProducer",
     "KafkaMessage",
     "KafkaSource",

@@ -84,7 +84,7 @@ class Lag:
 
     def paused(self, parts: Sequence[TP],
                high_watermarks: Callable[[list[TP]], dict[TP, int]],
-               still_paused: Callable[[], Collection[TP]]) -> None:
+               still_paused: Callable[[], Collection[TP]], lookups: int = 1) -> None:
         """The lag of paused partitions from the broker's high watermarks (one ListOffsets
         each, every few seconds); set only for those still paused once it answered.
 
@@ -93,7 +93,10 @@ class Lag:
         topic sorting last kept the lag it had when paused through a whole outage (review
         "multi45"). Sorted by when each last answered instead, a partition without a leader
         (never answering) came first every round and starved all the others (review
-        "diff45b"); `KafkaSource.high_watermarks` gives each lookup a slice of the budget."""
+        "diff45b"); `KafkaSource.high_watermarks` gives each lookup a slice of the budget.
+        When none answered, the next round starts `lookups` (what the budget holds) further:
+        one further, a run of partitions without a leader took a round each to pass (review
+        "diff45c")."""
         committed = self.bases(parts)
         eligible = sorted(tp for tp in parts if tp in committed)
         with self._lock:
@@ -107,7 +110,8 @@ class Lag:
         answered = [i for i, tp in enumerate(order) if tp in highs]
         if order:
             with self._lock:
-                self._next = order[(answered[-1] + 1 if answered else 1) % len(order)]
+                after = answered[-1] + 1 if answered else max(1, lookups)
+                self._next = order[after % len(order)]
         still = still_paused()
         for (topic, partition), high in highs.items():
             if (topic, partition) in still:

@@ -41,6 +41,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import signal
 import threading
 import time
@@ -67,6 +68,7 @@ from consumer.handler import (
 )
 from consumer.health import Health
 from consumer.kafka import (
+    WATERMARK_SLICE_S,
     DeadLetterProducer,
     KafkaMessage,
     KafkaSource,
@@ -1604,7 +1606,7 @@ class Worker:
                 return self.paused & self.assigned
 
         self.lag.paused(parts, lambda asked: source.high_watermarks(asked, PAUSED_LAG_TIMEOUT_S),
-                        still_paused)
+                        still_paused, math.ceil(PAUSED_LAG_TIMEOUT_S / WATERMARK_SLICE_S))
 
     def _on_stats(self, stats: dict[str, Any]) -> None:
         """Poll thread: librdkafka's statistics, for the owned partitions (`Lag.on_stats`)."""

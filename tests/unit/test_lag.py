@@ -158,3 +158,27 @@ def test_paused_partitions_past_the_lookup_budget_are_asked_first_next_time() ->
     stale = [tp for tp in parts if tp != dead and (lag_of(metrics, tp) or 0) <= before]
     assert not stale, f"starved behind the partition without a leader: {stale}"
     lag.forget(parts)
+
+
+def test_a_run_of_partitions_without_a_leader_is_passed_in_one_round() -> None:
+    """None answering, the next round started one partition further: a run of twelve
+    leaderless partitions took nine rounds to pass, and the other topic's lag was asked in
+    one round of twelve (review "diff45c")."""
+    metrics, commits = Metrics(CollectorRegistry()), Commits()
+    parts = [(topic, p) for topic in ("alpha", "beta") for p in range(12)]
+    commits.assign(parts)
+    lag = Lag(metrics, commits)
+    lag.on_stats({"topics": {topic: {"partitions": {str(p): {"committed_offset": 0}
+                                                    for p in range(12)}}
+                             for topic in ("alpha", "beta")}},
+                 assigned=set(parts), paused=set(parts))
+    asked_beta: list[bool] = []
+
+    def alpha_leaderless(asked: list[TP]) -> dict[TP, int]:
+        tried = asked[:4]  # what a 1 s budget holds at 0.25 s a lookup
+        asked_beta.append(any(tp[0] == "beta" for tp in tried))
+        return {tp: 100 for tp in tried if tp[0] == "beta"}
+
+    for _ in range(12):
+        lag.paused(parts, alpha_leaderless, still_paused=lambda: set(parts), lookups=4)
+    assert sum(asked_beta) >= 6, asked_beta
