@@ -356,8 +356,11 @@ def _time(text: str) -> datetime:
             # it as a time of day (review "diff45").
             raise ValueError(written)
         else:
-            if period is not None and period["zone"]:
-                _zone(period["zone"])  # Python takes +05:75 for +06:15 (review "diff45b")
+            zone = _ZONE_AFTER_TIME.search(written) if _TIME.search(written) else None
+            if zone is not None and (zone["second"] or int(zone["minute"] or 0) > 59):
+                # Python takes +05:75 for +06:15, and a zone's seconds as written (reviews
+                # "diff45b", "diff45c"): a zone is hours and minutes.
+                raise ValueError(written)
             value = datetime.fromisoformat(re.sub(r"[Zz]$", "+00:00", written))
     except ValueError:
         raise argparse.ArgumentTypeError(
@@ -420,6 +423,9 @@ the end of the day, hour or minute written."""
 
 
 _DATE_THEN_SIGN = re.compile(r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}[+-]")
+_TIME = re.compile(r"[0-9][Tt ][0-9]")  # a date, then a time
+_ZONE_AFTER_TIME = re.compile(
+    r"[+-][0-9]{2}(?::?(?P<minute>[0-9]{2}))?(?::?(?P<second>[0-9]{2})(?:[.,][0-9]+)?)?$")
 
 
 def _zone(text: str) -> timezone:

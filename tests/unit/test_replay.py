@@ -649,9 +649,14 @@ def test_a_bare_date_until_reaches_the_end_of_that_day_and_reasons_are_spelt_as_
     with pytest.raises(argparse.ArgumentTypeError):
         replay._time("2026-12-01+25:00")
     # Review diff45: minutes past 59, a lower-case z after a time, a zone with seconds.
-    for minutes_past_59 in ("2026-12-01+05:99", "2026-12-01T09:30+05:75", "2026-12-01T09+0599"):
+    for minutes_past_59 in ("2026-12-01+05:99", "2026-12-01T09:30+05:75", "2026-12-01T09+0599",
+                            "2026-12-01T09:30:00.5+05:75", "2026-12-01T09:30:00,250+0575",
+                            "2026-12-01T09:30:00+05:30:15"):  # review diff45c: a fraction, seconds
         with pytest.raises(argparse.ArgumentTypeError):
             replay._time(minutes_past_59)
+    assert replay._time("2026-12-01T09:30:00.5-05:30") == datetime(2026, 12, 1, 15, 0, 0,
+                                                                   500_000, tzinfo=UTC)
+    assert replay._time("20261201T0930-0500") == datetime(2026, 12, 1, 14, 30, tzinfo=UTC)
     assert replay._until("2026-12-01z") == end
     assert replay._until("2026-12-01T09z") == replay._until("2026-12-01T09Z")
     with pytest.raises(argparse.ArgumentTypeError):
