@@ -420,31 +420,38 @@ def test_slow_clients_neither_pile_up_nor_keep_the_probes_away(
         reg: CollectorRegistry, health: Health, monkeypatch: pytest.MonkeyPatch) -> None:
     """Review sec45: ~1,000 clients sending a byte every few seconds held a thread and a
     descriptor each, until accept() failed and /healthz went unanswered. Connections are
-    capped (one past the cap is closed at once) and a head that does not come whole within
-    HEAD_WITHIN_S is cut."""
+    capped, and at the cap the one that has waited longest for its head is cut for the
+    newcomer (refused instead, idle clients renewed every few seconds kept every probe
+    out, review diff45c); a head that does not come whole within HEAD_WITHIN_S is cut."""
     import socket
     import time
 
     from consumer import health as health_module
 
     monkeypatch.setattr(health_module, "CONNECTIONS_MAX", 4)
-    monkeypatch.setattr(health_module, "HEAD_WITHIN_S", 0.5)
+    monkeypatch.setattr(health_module, "HEAD_WITHIN_S", 30.0)
     srv = serve(0, reg, health, host="127.0.0.1")
-    slow = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
+    slow: list[socket.socket] = []
     try:
-        for conn in slow:
-            conn.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")  # and never the rest
-        time.sleep(0.1)
-        extra = socket.create_connection(("127.0.0.1", srv.port))
-        extra.settimeout(2)
-        assert extra.recv(1) == b"", "a connection past the cap is served"
-        extra.close()
-        started = time.monotonic()
-        for conn in slow:
-            conn.settimeout(3)
-            assert conn.recv(1) == b"", "a slow head is not cut"
-        assert time.monotonic() - started < 2.5
+        for _ in range(4):
+            slow.append(socket.create_connection(("127.0.0.1", srv.port)))
+            slow[-1].sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")  # and never the rest
+            time.sleep(0.05)
+        assert get(srv.port, "/healthz")[0] == 200  # at the cap: the oldest is cut for it
+        slow[0].settimeout(2)
+        assert slow[0].recv(1) == b"", "the oldest slow connection is not cut"
+        slow[1].settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            slow[1].recv(1)  # the next is still waited for: under the cap again
         assert get(srv.port, "/healthz")[0] == 200
+        monkeypatch.setattr(health_module, "HEAD_WITHIN_S", 0.5)
+        late = socket.create_connection(("127.0.0.1", srv.port))
+        slow.append(late)
+        late.sendall(b"GET /healthz HTTP/1.1\r\n")
+        late.settimeout(3)
+        started = time.monotonic()
+        assert late.recv(1) == b"", "a head not whole within HEAD_WITHIN_S is not cut"
+        assert time.monotonic() - started < 2.0
     finally:
         for conn in slow:
             conn.close()
