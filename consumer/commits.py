@@ -95,13 +95,16 @@ class Commits:
             tracker = self._offsets.get(tp)
             return None if tracker is None else tracker.high
 
-    def inherit(self, finished: Mapping[TP, Finished]) -> dict[TP, tuple[int, int]]:
+    def inherit(self, finished: Mapping[TP, Finished]) -> dict[TP, tuple[int, int] | None]:
         """What the previous owners' commits named finished (`decode_note`), per partition;
         read before any of the partition's messages is taken, mostly. Unassigned ones are
         ignored; so is a note read late, once the partition's first offset taken was below
-        the offset it was written with: another log's (see `Worker._intake`). Returns
-        those: partition -> (first offset taken, the note's offset) (review "diff45b")."""
-        other_log: dict[TP, tuple[int, int]] = {}
+        the offset it was written with. Returns those, partition -> (first offset taken,
+        the note's offset) when it names offsets past all this worker took, another log's
+        (see `Worker._intake`; review "diff45b"), else None: this worker's own commit's
+        note, read after it committed, or one that commit overwrote (reviews "diff45c",
+        "diff45d")."""
+        late: dict[TP, tuple[int, int] | None] = {}
         with self._lock:
             for tp, ranges in finished.items():
                 tracker = self._offsets.get(tp)
@@ -109,15 +112,12 @@ class Commits:
                     continue
                 first = tracker.first
                 if first is not None and first < ranges.floor:
-                    # Read this late, after a commit of this worker's own, it is that
-                    # commit's note (or one it overwrote): nothing to take, nothing wrong
-                    # (review "diff45c").
-                    if tp not in self._requested and tp not in self._committed:
-                        other_log[tp] = (first, ranges.floor)
+                    late[tp] = (None if ranges.floor <= tracker.high + 1
+                                else (first, ranges.floor))
                     continue
                 tracker.inherit(ranges)
                 self._inheriting.add(tp)
-        return other_log
+        return late
 
     def disown(self, tp: TP) -> None:
         """Forget what `tp`'s previous owner named finished: its log is not the one the

@@ -510,8 +510,8 @@ class KafkaSource:
 
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         """The broker's high watermark (next offset) of each partition, asked now (not
-        librdkafka's cached figure); those that did not answer within `timeout_s` in all
-        are left out."""
+        librdkafka's cached figure), in order until `timeout_s` is spent: -1 for one asked
+        that did not answer (no leader), and those not asked are left out."""
         out: dict[TP, int] = {}
         deadline = time.monotonic() + timeout_s
         for topic, partition in parts:
@@ -524,9 +524,9 @@ class KafkaSource:
                     TopicPartition(topic, partition), timeout=min(left, WATERMARK_SLICE_S),
                     cached=False)
             except KafkaException:
+                out[(topic, partition)] = -1
                 continue
-            if marks is not None and marks[1] >= 0:
-                out[(topic, partition)] = int(marks[1])
+            out[(topic, partition)] = int(marks[1]) if marks is not None and marks[1] >= 0 else -1
         return out
 
     def serve(self, timeout_s: float) -> None:

@@ -84,19 +84,17 @@ class Lag:
 
     def paused(self, parts: Sequence[TP],
                high_watermarks: Callable[[list[TP]], dict[TP, int]],
-               still_paused: Callable[[], Collection[TP]], lookups: int = 1) -> None:
+               still_paused: Callable[[], Collection[TP]]) -> None:
         """The lag of paused partitions from the broker's high watermarks (one ListOffsets
         each, every few seconds); set only for those still paused once it answered.
 
-        Each round starts after the last partition that answered: the lookups share a time
-        budget, and asked in partition order every time those past it were never asked, a
-        topic sorting last kept the lag it had when paused through a whole outage (review
-        "multi45"). Sorted by when each last answered instead, a partition without a leader
-        (never answering) came first every round and starved all the others (review
-        "diff45b"); `KafkaSource.high_watermarks` gives each lookup a slice of the budget.
-        When none answered, the next round starts `lookups` (what the budget holds) further:
-        one further, a run of partitions without a leader took a round each to pass (review
-        "diff45c")."""
+        `high_watermarks` asks in order until its budget is spent (-1: asked, no answer).
+        Each round starts after the last partition asked: asked in partition order every
+        time, those past the budget were never asked, a topic sorting last kept the lag it
+        had when paused through a whole outage (review "multi45"); sorted by when each last
+        answered, a partition without a leader came first every round and starved the
+        others (review "diff45b"); and a guess at how many the budget reached skipped some
+        for ever (reviews "diff45c", "diff45d")."""
         committed = self.bases(parts)
         eligible = sorted(tp for tp in parts if tp in committed)
         with self._lock:
@@ -107,14 +105,13 @@ class Lag:
         except Exception:
             log.debug("paused partitions' high watermarks unavailable", exc_info=True)
             return
-        answered = [i for i, tp in enumerate(order) if tp in highs]
+        asked = [i for i, tp in enumerate(order) if tp in highs]
         if order:
             with self._lock:
-                after = answered[-1] + 1 if answered else max(1, lookups)
-                self._next = order[after % len(order)]
+                self._next = order[(asked[-1] + 1 if asked else 1) % len(order)]
         still = still_paused()
         for (topic, partition), high in highs.items():
-            if (topic, partition) in still:
+            if high >= 0 and (topic, partition) in still:
                 self.m.consumer_lag.labels(topic, str(partition)).set(
                     max(0, high - committed[(topic, partition)]))
 

@@ -41,7 +41,6 @@ import contextlib
 import functools
 import itertools
 import logging
-import math
 import signal
 import threading
 import time
@@ -68,7 +67,6 @@ from consumer.handler import (
 )
 from consumer.health import Health
 from consumer.kafka import (
-    WATERMARK_SLICE_S,
     DeadLetterProducer,
     KafkaMessage,
     KafkaSource,
@@ -1381,9 +1379,10 @@ class Worker:
         call nested in a callback breaks confluent-kafka's call state."""
         finished, unanswered = source.finished_ahead(parts, NOTES_TIMEOUT_S)
         if finished:
-            for tp, (first, floor) in self.commits.inherit(finished).items():
-                del finished[tp]
-                self._note_of_another_log(tp, first, floor)
+            for tp, other in self.commits.inherit(finished).items():
+                del finished[tp]  # not taken: neither skipped nor said to be
+                if other is not None:
+                    self._note_of_another_log(tp, *other)
         if finished:
             log.info("previous owners finished %d events above their commits on %s; they "
                      "are skipped", sum(end - start + 1 for ranges in finished.values()
@@ -1606,7 +1605,7 @@ class Worker:
                 return self.paused & self.assigned
 
         self.lag.paused(parts, lambda asked: source.high_watermarks(asked, PAUSED_LAG_TIMEOUT_S),
-                        still_paused, math.ceil(PAUSED_LAG_TIMEOUT_S / WATERMARK_SLICE_S))
+                        still_paused)
 
     def _on_stats(self, stats: dict[str, Any]) -> None:
         """Poll thread: librdkafka's statistics, for the owned partitions (`Lag.on_stats`)."""

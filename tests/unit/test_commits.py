@@ -244,3 +244,22 @@ def test_a_fresh_assignment_trusts_the_position_at_once() -> None:
     commits.finish(tp, 0, commits.take(tp, 0))
     commits.passed({tp: 3})  # a commit marker at 1, an aborted record at 2
     assert commits.committable([tp]) == {tp: 3}
+
+
+def test_a_note_read_late_is_another_logs_only_past_what_this_worker_took() -> None:
+    """Read late (after the first offsets were taken), a note at or below what this worker
+    took is its own commit's (or one that commit overwrote): not taken, not reported. One
+    past all it took is another log's: reported, even after a commit of its own (reviews
+    "diff45c", "diff45d")."""
+    from consumer.offsets import Finished
+
+    tp = ("events", 0)
+    commits = Commits()
+    commits.assign([tp])
+    for offset in range(4):
+        commits.take(tp, offset)
+        commits.finish(tp, offset)
+    commits.requested({tp: 4})
+    assert commits.inherit({tp: Finished([(1005, 1010)], 1000)}) == {tp: (0, 1000)}
+    assert commits.inherit({tp: Finished([(6, 9)], 4)}) == {tp: None}
+    assert commits.inherited() == {}

@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-from confluent_kafka import KafkaError, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from consumer.kafka import ANSWER_SLICE_S, COMMIT_SILENCE_S, KafkaSource
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS
@@ -438,11 +438,13 @@ def test_each_high_watermark_lookup_gets_a_slice_of_the_budget() -> None:
 
     timeouts: list[float] = []
 
-    def lookup(tp: object, timeout: float, cached: bool) -> tuple[int, int]:
+    def lookup(tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
         timeouts.append(timeout)
+        if tp.partition == 1:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
         return 0, 7
 
     source: Any = SimpleNamespace(_consumer=SimpleNamespace(get_watermark_offsets=lookup))
-    marks = KafkaSource.high_watermarks(source, [("t", 0), ("t", 1)], 5.0)
-    assert marks == {("t", 0): 7, ("t", 1): 7}
+    marks = KafkaSource.high_watermarks(source, [("t", 0), ("t", 1), ("t", 2)], 5.0)
+    assert marks == {("t", 0): 7, ("t", 1): -1, ("t", 2): 7}  # -1: asked, no answer
     assert timeouts and max(timeouts) <= WATERMARK_SLICE_S
