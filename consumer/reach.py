@@ -468,6 +468,10 @@ def redis_refusal(settings: Settings, timeout: float) -> str | None:
         if "DB index is out of range" in str(exc):
             return (f"Redis at {conf.redacted_url} has no such database ({exc}): select one "
                     "it has in REDIS_URL's /db (0-15 unless its `databases` setting says more)")
+        if "script load failed: NoPermissionError" in str(exc):
+            return (f"Redis at {conf.redacted_url} refused the worker ({exc}): its user may not "
+                    "load the worker's scripts (SCRIPT LOAD, needed after every failover or "
+                    f"restart): allow it in the user's ACL ({REDIS_ACL_EXAMPLE})")
         if any(name in str(exc) for name in REDIS_REFUSALS):
             return (f"Redis at {conf.redacted_url} refused the worker ({exc}): check the user "
                     "name and password in REDIS_URL, and the user's ACL ("
