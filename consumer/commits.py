@@ -100,20 +100,20 @@ class Commits:
         read before any of the partition's messages is taken, mostly. Unassigned ones are
         ignored; so is a note read late, once the partition's first offset taken was below
         the offset it was written with. Returns those, partition -> (first offset taken,
-        the note's offset) when it names offsets past all this worker took, another log's
-        (see `Worker._intake`; review "diff45b"), else None: this worker's own commit's
-        note, read after it committed, or one that commit overwrote (reviews "diff45c",
-        "diff45d")."""
+        the note's offset) for another log's (see `Worker._intake`; review "diff45b"), None
+        for this worker's own commit's note, read after it committed at or below what it
+        took, or one that commit overwrote (reviews "diff45c", "diff45d", "diff45e")."""
         late: dict[TP, tuple[int, int] | None] = {}
         with self._lock:
             for tp, ranges in finished.items():
                 tracker = self._offsets.get(tp)
-                if tracker is None or not ranges:
-                    continue
+                if tracker is None or not ranges or tp in self._old_position:
+                    continue  # gone, empty, or written for the log before a `restart`
                 first = tracker.first
                 if first is not None and first < ranges.floor:
-                    late[tp] = (None if ranges.floor <= tracker.high + 1
-                                else (first, ranges.floor))
+                    own = ((tp in self._requested or tp in self._committed)
+                           and ranges.floor <= tracker.high + 1)
+                    late[tp] = None if own else (first, ranges.floor)
                     continue
                 tracker.inherit(ranges)
                 self._inheriting.add(tp)

@@ -186,8 +186,8 @@ class HealthServer:
 
 CONNECTIONS_MAX = 64
 """Connections the probe/metrics server serves at once: past it, the one waiting longest for
-its request head is cut for the newcomer (twice as many while those cut finish, then the
-newcomer is refused)."""
+its request head is cut for the newcomer; the newcomer is refused when every open one has
+sent its head already, or twice as many are open while those cut finish."""
 HEAD_WITHIN_S = 5.0
 """A connection's request head must be whole within this; a slower one is cut."""
 

@@ -263,3 +263,25 @@ def test_a_note_read_late_is_another_logs_only_past_what_this_worker_took() -> N
     assert commits.inherit({tp: Finished([(1005, 1010)], 1000)}) == {tp: (0, 1000)}
     assert commits.inherit({tp: Finished([(6, 9)], 4)}) == {tp: None}
     assert commits.inherited() == {}
+
+
+def test_a_late_note_of_another_log_is_reported_before_any_commit_of_this_workers() -> None:
+    """With no commit of its own, a late note at or below what it took cannot be this
+    worker's: another log's, reported (review "diff45e"); and after a `restart` (the log
+    went back) a note still asked for is the old log's, never taken."""
+    from consumer.offsets import Finished
+
+    tp = ("events", 0)
+    commits = Commits()
+    commits.assign([tp])
+    for offset in range(10):
+        commits.take(tp, offset)
+    assert commits.inherit({tp: Finished([(12, 14)], 10)}) == {tp: (0, 10)}
+    other = ("events", 1)
+    commits.assign([other])
+    for offset in range(1000, 1004):
+        commits.take(other, offset)
+    assert commits.restart(other)
+    commits.take(other, 1001)
+    commits.inherit({other: Finished([(1005, 1010)], 1000)})
+    assert commits.inherited() == {}
