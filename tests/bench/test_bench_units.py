@@ -247,3 +247,11 @@ def test_latency_legs_join_the_legs_around_a_step_a_tree_does_not_have() -> None
     assert list(legs) == ["kafka", "hop", "batch..handle", "client..wire"]
     assert legs["batch..handle"] == pytest.approx([0.7])
     assert legs["client..wire"] == pytest.approx([1.0])
+
+
+def test_the_client_leg_loop_runs_and_reports_a_leg_per_request(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import client_leg
+
+    assert client_leg.main(["--requests", "20", "--warmup", "5"]) == 0
+    assert "(20 requests)" in capsys.readouterr().out
