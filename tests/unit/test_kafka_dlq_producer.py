@@ -80,6 +80,19 @@ async def _send(producer: DeadLetterProducer, value: bytes) -> None:
     await asyncio.wait_for(producer.send("dlq", key=None, value=value, headers=[]), 5)
 
 
+def _failing_sends(producer: DeadLetterProducer, times: int) -> None:
+    """`times` sends, each raising KafkaException; the producer closed after."""
+    async def sends() -> None:
+        for _ in range(times):
+            with pytest.raises(KafkaException):
+                await _send(producer, b"x")
+
+    try:
+        asyncio.run(sends())
+    finally:
+        producer.close(1)
+
+
 def test_a_producer_refusing_records_for_good_is_replaced_and_the_record_written() -> None:
     stopped = FakeProducer(refuse=_fatal())
     fresh = FakeProducer()
@@ -163,16 +176,7 @@ def test_a_real_fatal_error_is_survived_against_librdkafkas_mock_cluster() -> No
 def test_a_non_fatal_error_keeps_the_producer() -> None:
     busy = FakeProducer(answer=KafkaError(KafkaError.REQUEST_TIMED_OUT, "timed out"))
     producer, built = _producer([busy, FakeProducer()])
-
-    async def twice() -> None:
-        for _ in range(2):
-            with pytest.raises(KafkaException):
-                await _send(producer, b"x")
-
-    try:
-        asyncio.run(twice())
-    finally:
-        producer.close(1)
+    _failing_sends(producer, 2)
     assert built == [busy]
 
 
@@ -181,16 +185,7 @@ def test_producers_fatal_at_once_are_not_rebuilt_in_a_loop(
     monkeypatch.setattr(kafka, "REBUILD_EVERY_S", 60.0)
     instances = [FakeProducer(refuse=_fatal()) for _ in range(5)]
     producer, built = _producer(instances)
-
-    async def sends() -> None:
-        for _ in range(3):
-            with pytest.raises(KafkaException):
-                await _send(producer, b"x")
-
-    try:
-        asyncio.run(sends())
-    finally:
-        producer.close(1)
+    _failing_sends(producer, 3)
     assert len(built) == 2  # the first, and one new one: not one per send
 
 

@@ -113,19 +113,25 @@ def test_a_released_partition_is_forgotten() -> None:
     assert asked == [[]], "a partition without a base is not asked for"
 
 
+def _all_paused(topics: tuple[str, ...], partitions: int) -> tuple[Lag, Metrics, list[TP]]:
+    """A worker owning `partitions` of each topic, all paused, each committed at 0."""
+    metrics, commits = Metrics(CollectorRegistry()), Commits()
+    parts = [(topic, p) for topic in topics for p in range(partitions)]
+    commits.assign(parts)
+    lag = Lag(metrics, commits)
+    lag.on_stats({"topics": {topic: {"partitions": {str(p): {"committed_offset": 0}
+                                                    for p in range(partitions)}}
+                             for topic in topics}},
+                 assigned=set(parts), paused=set(parts))
+    return lag, metrics, parts
+
+
 def test_paused_partitions_past_the_lookup_budget_are_asked_first_next_time() -> None:
     """The lookups share a time budget (here: the first 10 asked answer): asked in partition
     order every time, the partitions past it (a second topic's) were never asked, and
     their lag stayed at its value from before the pause through a whole outage (review
     "multi45")."""
-    metrics, commits = Metrics(CollectorRegistry()), Commits()
-    parts = [(topic, p) for topic in ("alpha", "zeta") for p in range(24)]
-    commits.assign(parts)
-    lag = Lag(metrics, commits)
-    lag.on_stats({"topics": {topic: {"partitions": {str(p): {"committed_offset": 0}
-                                                    for p in range(24)}}
-                             for topic in ("alpha", "zeta")}},
-                 assigned=set(parts), paused=set(parts))
+    lag, metrics, parts = _all_paused(("alpha", "zeta"), 24)
     high = 0
 
     def budgeted(asked: list[TP]) -> dict[TP, int]:
@@ -165,14 +171,7 @@ def test_a_run_of_partitions_without_a_leader_is_passed_in_one_round() -> None:
     """None answering, the next round started one partition further: a run of twelve
     leaderless partitions took nine rounds to pass, and the other topic's lag was asked in
     one round of twelve (review "diff45c")."""
-    metrics, commits = Metrics(CollectorRegistry()), Commits()
-    parts = [(topic, p) for topic in ("alpha", "beta") for p in range(12)]
-    commits.assign(parts)
-    lag = Lag(metrics, commits)
-    lag.on_stats({"topics": {topic: {"partitions": {str(p): {"committed_offset": 0}
-                                                    for p in range(12)}}
-                             for topic in ("alpha", "beta")}},
-                 assigned=set(parts), paused=set(parts))
+    lag, metrics, parts = _all_paused(("alpha", "beta"), 12)
     asked_beta: list[bool] = []
 
     def alpha_leaderless(asked: list[TP]) -> dict[TP, int]:

@@ -209,18 +209,9 @@ class CoordinatorNotes(FakeSource):
 
     def finished_ahead(self, parts: Sequence[TP], timeout_s: float
                        ) -> tuple[dict[TP, Finished], list[TP]]:
-        self._on_poll_thread()
-        self.ahead_asked.append(list(parts))
-        if self.notes_unanswered > 0:
-            self.notes_unanswered -= 1
-            return {}, list(parts)
-        out: dict[TP, Finished] = {}
-        for tp in parts:
-            offset, note = self.stored.get(tp, (0, ""))
-            finished = decode_note(note, offset) if note else Finished(())
-            if finished:
-                out[tp] = finished
-        return out, []
+        self.ahead = {tp: decode_note(note, offset)
+                      for tp, (offset, note) in self.stored.items() if note}
+        return super().finished_ahead(parts, timeout_s)
 
 
 def test_a_note_read_late_that_is_the_workers_own_is_not_another_logs(
