@@ -805,8 +805,10 @@ def _int_or_none(value: str) -> int | None:
 
 
 REVOKE_MARGIN_S = 30.0
-"""A revoke's drain is waited for WORKER_SHUTDOWN_GRACE_SECONDS and this much more (its
-last DLQ records and Redis calls) before what it did not settle is left to the next owner."""
+"""How much longer than WORKER_SHUTDOWN_GRACE_SECONDS a drain is waited for (its last DLQ
+records and Redis calls) before what it did not settle is left to the next owner. A
+revoke's drain and wait are capped besides, at shares of max.poll.interval.ms
+(`worker.REVOKE_DRAIN_SHARE`, `REVOKE_WAIT_SHARE`); a shutdown's are not (the start-up note)."""
 
 MIN_MESSAGE_MAX_BYTES = 16 * 1024
 """The least KAFKA_MESSAGE_MAX_BYTES taken: a dead letter written without its value, with

@@ -597,15 +597,11 @@ class KafkaSource:
 
 
 def is_fatal(err: KafkaError) -> bool:
-    """A fatal consumer error: flagged so, or librdkafka's `_FATAL` code, which a fenced
-    static member's messages and commits carry with `fatal()` False (review zombie19: a
-    replica whose group.instance.id another pod took ran on, unready, never restarted)."""
-    return bool(err.fatal()) or err.code() == KafkaError._FATAL
-
-
-def _producer_fatal(err: KafkaError) -> bool:
-    """A producer error after which that producer refuses every record (librdkafka: the
-    instance must be replaced)."""
+    """A fatal error, after which that client refuses everything: flagged so, or
+    librdkafka's `_FATAL` code, which a fenced static member's messages and commits carry
+    with `fatal()` False (review zombie19: a replica whose group.instance.id another pod
+    took ran on, unready, never restarted). A consumer's stops the worker; a DLQ
+    producer's gets a new producer (`DeadLetterProducer`)."""
     return bool(err.fatal()) or err.code() == KafkaError._FATAL
 
 
@@ -697,7 +693,7 @@ class DeadLetterProducer:
                 producer.poll(0.1)
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
-                if isinstance(err, KafkaError) and _producer_fatal(err):
+                if isinstance(err, KafkaError) and is_fatal(err):
                     self._fatal_seen(producer, err.str())
                 else:
                     log.warning("DLQ producer: %s", err.str() if isinstance(err, KafkaError)
@@ -739,7 +735,7 @@ class DeadLetterProducer:
                 if err is None:
                     done.set_result(None)
                     return
-                if _producer_fatal(err):
+                if is_fatal(err):
                     self._fatal_seen(producer, err.str())
                 if err.code() in _TOO_LARGE:
                     done.set_exception(DlqRecordTooLarge(f"DLQ refused the record: {err.str()}"))
@@ -768,7 +764,7 @@ class DeadLetterProducer:
                 if isinstance(err, KafkaError) and err.code() in _TOO_LARGE:
                     raise DlqRecordTooLarge(f"DLQ refused the record locally: {err.str()}"
                                             ) from None
-                if isinstance(err, KafkaError) and _producer_fatal(err):
+                if isinstance(err, KafkaError) and is_fatal(err):
                     self._fatal_seen(producer, err.str())
                     if self._recover():
                         continue  # once more, on the new producer
