@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from confluent_kafka import (
@@ -344,24 +344,22 @@ def _time(text: str) -> datetime:
             f"{text!r} is an ISO week date: write the calendar date, e.g. 2026-11-23")
     written = text.strip()
     period = _PERIOD.fullmatch(written)
+    if period is not None and period["hour"] is None and period["zone"]:
+        # A date with its zone: Python reads `2026-12-01+01:00` as 01:00 (the sign taken
+        # for the time's start) and `2026-12-01Z` as midnight read naive (review "ops45"):
+        # the day's midnight in that zone, written out, read as any time with a zone.
+        written = f"{period['date']}T00:00{period['zone']}"
     try:
-        if period is not None and period["hour"] is None and period["zone"]:
-            # A date with its zone: Python reads `2026-12-01+01:00` as 01:00 (the sign
-            # taken for the time's start) and `2026-12-01Z` as midnight read naive
-            # (review "ops45"): the day, in that zone.
-            value = datetime.combine(date.fromisoformat(period["date"]), datetime.min.time(),
-                                     _zone(period["zone"]))
-        elif period is None and _DATE_THEN_SIGN.match(written):
+        if period is None and _DATE_THEN_SIGN.match(written):
             # A date, then a zone _PERIOD does not take (`+05:30:15`): Python would read
             # it as a time of day (review "diff45").
             raise ValueError(written)
-        else:
-            zone = _ZONE_AFTER_TIME.search(written) if _TIME.search(written) else None
-            if zone is not None and (zone["second"] or int(zone["minute"] or 0) > 59):
-                # Python takes +05:75 for +06:15, and a zone's seconds as written (reviews
-                # "diff45b", "diff45c"): a zone is hours and minutes.
-                raise ValueError(written)
-            value = datetime.fromisoformat(re.sub(r"[Zz]$", "+00:00", written))
+        zone = _ZONE_AFTER_TIME.search(written) if _TIME.search(written) else None
+        if zone is not None and (zone["second"] or int(zone["minute"] or 0) > 59):
+            # Python takes +05:75 for +06:15, and a zone's seconds as written (reviews
+            # "diff45b", "diff45c"): a zone is hours and minutes.
+            raise ValueError(written)
+        value = datetime.fromisoformat(re.sub(r"[Zz]$", "+00:00", written))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an ISO 8601 time: e.g. 2026-12-01T09:30:00Z or 2026-12-01"
@@ -426,17 +424,6 @@ _DATE_THEN_SIGN = re.compile(r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}[+-]")
 _TIME = re.compile(r"[0-9][Tt ][0-9]")  # a date, then a time
 _ZONE_AFTER_TIME = re.compile(
     r"[+-][0-9]{2}(?::?(?P<minute>[0-9]{2}))?(?::?(?P<second>[0-9]{2})(?:[.,][0-9]+)?)?$")
-
-
-def _zone(text: str) -> timezone:
-    """`Z` or `±HH[:MM]` as a zone (ValueError past ±24 h)."""
-    if text in ("Z", "z"):
-        return UTC
-    digits = text[1:].replace(":", "")
-    if int(digits[2:] or 0) > 59:
-        raise ValueError(text)
-    offset = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
-    return timezone(-offset if text[0] == "-" else offset)
 
 
 def _reason(text: str) -> str:
