@@ -758,6 +758,11 @@ def _apply_rule(
     return out
 
 
+def _same(held: Primitive, value: Primitive) -> bool:
+    """The very value, so replacing it loses nothing (`True` is not `1`, nor `1.0`)."""
+    return type(held) is type(value) and held == value
+
+
 class _Taken:
     """Writes a rule's keys into `out`, naming in `omitted` each value of the event's own
     that a rule step (a rename, a `fields` pick, a static) replaces: the documented
@@ -775,8 +780,7 @@ class _Taken:
     def own(self, key: str, value: Primitive) -> None:
         """An event's key kept under its name; a rename that took the name first wins."""
         if key in self._out:
-            held = self._out[key]
-            if not (type(held) is type(value) and held == value):  # the same: no loss
+            if not _same(self._out[key], value):
                 self._lost(key, key, self._from[key][1] if key in self._from else "rename")
         else:
             self._out[key] = value
@@ -786,10 +790,8 @@ class _Taken:
         """A rule step's value, winning over what `key` held (`source`: the event's key it
         comes from, None for a value the rule itself brings). The very value `key` held
         (a pick of what was derived already) loses nothing."""
-        if key in self._from:
-            held = self._out[key]
-            if not (type(held) is type(value) and held == value):
-                self._lost(self._from[key][0], key, how)
+        if key in self._from and not _same(self._out[key], value):
+            self._lost(self._from[key][0], key, how)
         self._out[key] = value
         if source is None:
             self._from.pop(key, None)
