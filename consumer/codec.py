@@ -50,6 +50,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "SCHEMA",
     "SCHEMA_TEXT",
+    "SCREENED",
     "DeepSchema",
     "DeepUnion",
     "Event",
@@ -60,6 +61,7 @@ __all__ = [
     "bytes_as_strings",
     "decode",
     "encode",
+    "envelope_of",
     "envelope_surrogates",
     "free_items",
     "has_surrogates",
@@ -973,6 +975,87 @@ def split_wire(data: bytes | None) -> tuple[int, memoryview]:
     if magic != MAGIC_BYTE:
         raise UndecodableEvent(f"wrong magic byte {magic} (expected 0: Confluent wire format)")
     return schema_id, memoryview(data)[_HEADER.size:]
+
+
+SCREENED = ("type", "event", "name", "userId", "groupId")
+"""The envelope strings the drop rules before consent read (`filtering.envelope_drop`)."""
+
+
+def _head_layout(schema: Mapping[str, Any]) -> tuple[tuple[str, int | None, bool], ...]:
+    """Our schema's leading fields up to the last of :data:`SCREENED`: (name, the string
+    branch of a ``["null", "string"]`` union or None for a plain string, kept). Empty when
+    another type comes first (the schema changed): `envelope_of` then reads nothing."""
+    layout: list[tuple[str, int | None, bool]] = []
+    wanted = set(SCREENED)
+    for field in schema["fields"]:
+        if not wanted:
+            break
+        kind = field["type"]
+        if kind == "string":
+            branch = None
+        elif isinstance(kind, list) and sorted(kind) == ["null", "string"]:
+            branch = kind.index("string")
+        else:
+            return ()
+        layout.append((field["name"], branch, field["name"] in wanted))
+        wanted.discard(field["name"])
+    return tuple(layout) if not wanted else ()
+
+
+_HEAD = _head_layout(SCHEMA_JSON)
+
+
+def envelope_of(data: bytes, lookup: SchemaLookup) -> dict[str, str] | None:
+    """The :data:`SCREENED` strings of an event written with our own schema, read from the
+    head of its Avro body alone; None when that cannot be read plainly (another writer
+    schema, a long union index, invalid UTF-8, a cut body): then only :func:`decode` tells.
+
+    Why: most events on a Signal topic are dropped on these fields alone (no userId, an
+    unmapped name). fastavro reads a whole event in ~15 µs, this head in ~2 µs. The rest of
+    an event dropped so is never read, so a corrupt tail behind it is not noticed (it
+    would not be sent either way; a decoded event's tail is checked as before).
+    """
+    if len(data) < _HEADER.size or data[0] != MAGIC_BYTE or not _HEAD:
+        return None
+    if lookup(_HEADER.unpack_from(data)[1]) is not SCHEMA:
+        return None
+    pos = _HEADER.size
+    end = len(data)
+    found: dict[str, str] = {}
+    try:
+        for name, branch, kept in _HEAD:
+            if branch is not None:
+                index = data[pos]  # zig-zag: branch 0 is 0x00, branch 1 is 0x02
+                pos += 1
+                if index != branch << 1:
+                    if index == (1 - branch) << 1:
+                        continue  # null
+                    return None
+            size = data[pos]
+            pos += 1
+            if size & 0x80:  # a length of 64 or more: more bytes follow
+                size &= 0x7F
+                shift = 7
+                while True:
+                    more = data[pos]
+                    pos += 1
+                    size |= (more & 0x7F) << shift
+                    if not more & 0x80:
+                        break
+                    shift += 7
+                    if shift > 63:
+                        return None
+            if size & 1:
+                return None  # a negative length
+            size >>= 1
+            if pos + size > end:
+                return None
+            if kept:
+                found[name] = data[pos:pos + size].decode("utf-8")
+            pos += size
+    except (IndexError, UnicodeDecodeError):
+        return None
+    return found
 
 
 def decode(data: bytes | None, lookup: SchemaLookup) -> Event:

@@ -45,6 +45,7 @@ __all__ = [
     "DropReason",
     "consent_of",
     "drop_reason",
+    "envelope_drop",
 ]
 
 DropReason: TypeAlias = Literal["anonymous", "consent", "unmapped", "unsupported_type",
@@ -227,6 +228,20 @@ def consent_of(event: Mapping[str, Any]) -> Any:
     return context.get("consent") if isinstance(context, dict) else None
 
 
+def envelope_drop(envelope: Mapping[str, Any], mappings: MappingSet) -> Drop | None:
+    """:func:`drop_reason`'s checks before consent: anonymous, type, mapping. They read
+    only :data:`consumer.codec.SCREENED`, so the intake can run them on an event's head
+    (`codec.envelope_of`) before decoding the rest."""
+    kind = envelope.get("type")
+    if lacks_required_id(envelope):
+        return DROP_ANONYMOUS
+    if kind not in _DELIVERED_TYPES:
+        return DROP_UNSUPPORTED_TYPE
+    if kind in _MAPPED_TYPES and mappings.lookup(envelope) is None:
+        return DROP_UNMAPPED
+    return None
+
+
 def drop_reason(
     event: Mapping[str, Any], consent: ConsentPolicy, mappings: MappingSet
 ) -> Drop | None:
@@ -240,14 +255,9 @@ def drop_reason(
     consent, which gates every type alike.
     """
     # A decoded Event's envelope strings are read from its record directly (no parsing).
-    envelope = event.envelope if isinstance(event, Event) else event
-    kind = envelope.get("type")
-    if lacks_required_id(envelope):
-        return DROP_ANONYMOUS
-    if kind not in _DELIVERED_TYPES:
-        return DROP_UNSUPPORTED_TYPE
-    if kind in _MAPPED_TYPES and mappings.lookup(envelope) is None:
-        return DROP_UNMAPPED
+    drop = envelope_drop(event.envelope if isinstance(event, Event) else event, mappings)
+    if drop is not None:
+        return drop
     category = consent.missing_category(event)
     if category is not None:
         return _consent_drop(category)

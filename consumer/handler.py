@@ -85,7 +85,7 @@ from consumer.errors import (
     Timeout,
     UndecodableEvent,
 )
-from consumer.filtering import DROP_TOMBSTONE, Drop, drop_reason
+from consumer.filtering import DROP_TOMBSTONE, Drop, drop_reason, envelope_drop
 from consumer.logs import CURRENT_EVENT, RateLimit, event_fields
 from consumer.metrics import Children, Metrics
 from consumer.permits import Permit, PermitPool
@@ -272,6 +272,20 @@ RELEASE_TIMEOUT_S = 1.0
 past it the claim simply expires after its TTL."""
 
 
+def _note_ids(event: Event, decoded: codec.Event) -> None:
+    """The decoded event's messageId and timestamp on `event`, for dedup and log lines."""
+    message_id = decoded.get("messageId")
+    # A blank or invisible id identifies nothing: as a dedup key every such event after the
+    # first would be skipped as its duplicate. Nor is one read from invalid UTF-8 as U+FFFD
+    # a key (`cut_id`; its log lines still show it): `order-\xe2\x82` and `order-\xe2\x84`
+    # (two ids cut inside a character) were one, and the second was never sent (review
+    # "redis42").
+    event.message_id = (message_id if isinstance(message_id, str)
+                        and visible(message_id) else None)
+    event.cut_id = "messageId" in decoded.cut
+    event.event_time = decoded.get("timestamp")
+
+
 class SchemaNotCached(Exception):
     """The writer schema must be fetched from the registry (off the poll path) first."""
 
@@ -381,11 +395,15 @@ class Handler:
         that fails when read): it repeats the work and records the outcome. Why a separate
         step: a dropped event then needs no `Event`, no task and no per-event bookkeeping;
         the worker finishes its offset and counts it once per polled batch
-        (`count_drops`). The decision is `route`'s own first step, so it cannot differ.
+        (`count_drops`). The decision is `route`'s own first step, so it cannot differ
+        (`_head_drop` runs first in `decide` too).
         """
         if value is None:
             return DROP_TOMBSTONE
         try:
+            drop = self._head_drop(value)
+            if drop is not None:
+                return drop
             decoded = codec.decode(value, self._cached_schema)
             return drop_reason(decoded, self.s.consent, self.s.mappings) or decoded
         except Exception:
@@ -403,17 +421,15 @@ class Handler:
             return True
         try:
             if decoded is None:
+                drop = self._head_drop(event.value)
+                if drop is not None:
+                    event.decision = drop
+                    if self.debug:  # its debug line names the event: read it whole if it can
+                        with contextlib.suppress(Exception):
+                            _note_ids(event, codec.decode(event.value, self._cached_schema))
+                    return True
                 decoded = codec.decode(event.value, self._cached_schema)
-            message_id = decoded.get("messageId")
-            # A blank or invisible id identifies nothing: as a dedup key every such event
-            # after the first would be skipped as its duplicate. Nor is one read from
-            # invalid UTF-8 as U+FFFD a key (`cut_id`; its log lines still show it):
-            # `order-\xe2\x82` and `order-\xe2\x84` (two ids cut inside a character) were
-            # one, and the second was never sent (review "redis42").
-            event.message_id = (message_id if isinstance(message_id, str)
-                                and visible(message_id) else None)
-            event.cut_id = "messageId" in decoded.cut
-            event.event_time = decoded.get("timestamp")
+            _note_ids(event, decoded)
             event.decision = route(decoded, self.s.consent, self.s.mappings)
         except SchemaNotCached:
             return False
@@ -422,6 +438,12 @@ class Handler:
         except Exception as exc:
             event.decision = MappingError(exc)
         return True
+
+    def _head_drop(self, value: bytes) -> Drop | None:
+        """The drop an event's head decides (`codec.envelope_of`: no userId, an unmapped
+        name…), before fastavro reads the rest; None when the rest must be read."""
+        head = codec.envelope_of(value, self._cached_schema)
+        return envelope_drop(head, self.s.mappings) if head is not None else None
 
     def _cached_schema(self, schema_id: int) -> Mapping[str, Any]:
         # Raised through codec.decode untouched (it maps only KeyError): the wire header is

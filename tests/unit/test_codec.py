@@ -801,3 +801,59 @@ def test_a_cut_character_in_a_referenced_records_bytes_is_replaced(context_name:
         "context": {"locale": "fr-é".encode()[:-1]}})
     decision = _decide(_Docs(json.dumps(root), {"ctx": json.dumps(context)}), buf.getvalue())
     assert isinstance(decision, Send), repr(decision)
+
+
+# ------------------------------------------------------- envelope_of (the drop path's head)
+
+_HEAD_TEXT = st.one_of(st.none(), st.text(max_size=3), st.text(min_size=60, max_size=200),
+                       st.sampled_from(["Feature Used", "u1", " ", "é✓😀"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["track", "page", "identify", "group", "screen", "x" * 70]),
+       head=st.fixed_dictionaries({name: _HEAD_TEXT for name in (
+           "event", "name", "userId", "anonymousId", "groupId")}),
+       properties=st.one_of(st.none(),
+                            st.dictionaries(st.text(max_size=5), st.text(), max_size=30)),
+       traits=st.one_of(st.none(), st.dictionaries(st.text(max_size=5), st.integers())))
+def test_envelope_of_reads_the_head_as_decode_reads_it(
+        kind: str, head: dict[str, str | None], properties: dict[str, Any] | None,
+        traits: dict[str, Any] | None) -> None:
+    """Every screened string, of any length (a varint of several bytes), as decode gives it;
+    an absent one absent; the JSON text before userId skipped by its length."""
+    doc = {"type": kind, **head, "properties": properties, "traits": traits,
+           "context": {"consent": {"analytics": True}}, "messageId": "m"}
+    wire = codec.encode(7, codec.to_record(doc))
+    record = codec.decode(wire, own_schema).envelope
+    expected = {name: record[name] for name in codec.SCREENED if record.get(name) is not None}
+    assert codec.envelope_of(wire, own_schema) == expected
+
+
+def test_envelope_of_leaves_to_decode_what_it_cannot_read_plainly() -> None:
+    wire = codec.encode(7, codec.to_record({"type": "track", "event": "E", "userId": "u1"}))
+    assert codec.envelope_of(wire, own_schema) == {"type": "track", "event": "E", "userId": "u1"}
+    # another writer schema (resolved by fastavro), a wrong magic byte, a short message
+    other = cast(dict[str, Any], fastavro.parse_schema(json.loads(codec.SCHEMA_TEXT)))
+    assert codec.envelope_of(wire, lambda _id: other) is None
+    assert codec.envelope_of(b"\x01" + wire[1:], own_schema) is None
+    assert codec.envelope_of(wire[:4], own_schema) is None
+    # cut inside the head; a union index that is neither branch; a negative length
+    assert codec.envelope_of(wire[:9], own_schema) is None
+    bad_branch = wire[:5] + wire[5:].replace(b"\x02\x02E", b"\x04\x02E", 1)
+    assert codec.envelope_of(bad_branch, own_schema) is None
+    negative = wire[:5] + wire[5:].replace(b"\x02\x02E", b"\x02\x03E", 1)
+    assert codec.envelope_of(negative, own_schema) is None
+    # invalid UTF-8 in a screened string: decode reads it as U+FFFD (and notes the cut)
+    cut = wire.replace(b"\x04u1", b"\x04u\xe2", 1)
+    assert codec.envelope_of(cut, own_schema) is None
+    assert codec.decode(cut, own_schema).cut == frozenset({"userId"})
+    # an unknown schema id raises as decode's lookup does (the caller decides)
+    with pytest.raises(KeyError):
+        codec.envelope_of(wire, lambda _id: cast(dict[int, Any], {})[_id])
+
+
+def test_envelope_of_is_off_when_the_schema_no_longer_starts_with_strings() -> None:
+    changed = copy.deepcopy(codec.SCHEMA_JSON)
+    changed["fields"].insert(1, {"name": "version", "type": "int"})
+    assert codec._head_layout(changed) == ()
+    assert [name for name, _, kept in codec._HEAD if kept] == list(codec.SCREENED)

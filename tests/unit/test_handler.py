@@ -430,6 +430,44 @@ def test_screen_drops_exactly_what_route_drops_and_hands_the_rest_to_decide() ->
         assert (again.message_id, again.event_time) == (full.message_id, full.event_time)
 
 
+def test_a_drop_the_head_decides_reads_no_further(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Anonymous and unmapped events are dropped on the envelope strings at the head of the
+    Avro body (`codec.envelope_of`): fastavro never reads them whole, in `screen` and in
+    `decide` alike, so a tail cut behind the head drops too instead of dead-lettering by
+    the path taken. What the head cannot decide is read whole as before."""
+    handler, *_ = make()
+    anonymous = event(1, type="track", event="Feature Used", properties={"n": 1}).value
+    unmapped = event(2, type="track", event="Nobody Maps This", userId="u1").value
+    consent = event(3, type="track", event="Feature Used", userId="u1",
+                    context={"consent": {"analytics": False}}).value
+    assert anonymous is not None and unmapped is not None and consent is not None
+    read_whole: list[bytes] = []
+    decode = codec.decode
+
+    def counting(data: bytes | None, lookup: codec.SchemaLookup) -> codec.Event:
+        assert data is not None
+        read_whole.append(data)
+        return decode(data, lookup)
+
+    monkeypatch.setattr(codec, "decode", counting)
+    for value, drop in ((anonymous, Drop("anonymous")), (unmapped, Drop("unmapped")),
+                        (anonymous[:-4], Drop("anonymous"))):
+        assert handler.screen(value) == drop
+        decided = Event("t", 0, 9, None, None, value, None, None)
+        assert handler.decide(decided) and decided.decision == drop
+    assert read_whole == []
+    assert handler.screen(consent) == Drop("consent", "analytics")
+    assert read_whole == [consent]
+    # with debug logging (drops one by one) the head still decides; the whole read only
+    # names the event in its debug line, and a cut tail leaves the line without its id
+    caplog.set_level(logging.DEBUG, logger="consumer.handler")
+    for value in (anonymous, anonymous[:-4]):
+        decided = Event("t", 0, 9, None, None, value, None, None)
+        assert handler.decide(decided) and decided.decision == Drop("anonymous")
+        assert decided.message_id == ("m1" if value is anonymous else None)
+
+
 def test_counting_drops_per_batch_equals_counting_each_drop() -> None:
     rng = random.Random(4)
     reasons = [Drop("anonymous"), Drop("unmapped"), Drop("unsupported_type"),
