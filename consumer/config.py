@@ -914,6 +914,18 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
         if refusal is not None:
             reader.problems.append(f"{name}={value!r} {refusal}")
             continue
+        if key == "batch.num.messages":
+            # Shown as in effect while the producers that matter override it (review
+            # "kafkacfg46"): kept for `produce`, said plainly.
+            reader.notes.append(
+                f"{name} applies to the produce tool only: the dead-letter and replay "
+                "producers write one record per batch (a broker checks a topic's "
+                "max.message.bytes per batch)")
+        if key == "allow.auto.create.topics" and value.strip().lower() in ("false", "0"):
+            reader.notes.append(
+                f"{name}={value!r} keeps the consumer from creating source topics; the "
+                "dead-letter producer may still create the DLQ topic where the brokers "
+                "allow it (create it beforehand to choose its partitions and retention)")
         if key == "enable.idempotence" and value.strip().lower() not in ("true", "1"):
             # Taken (brokers without the IdempotentWrite permission, Azure Event Hubs):
             # acks=all still makes a dead letter durable; a retry may write it twice.

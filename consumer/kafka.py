@@ -582,7 +582,9 @@ class KafkaSource:
         cooperative rebalance), so the group waited session.timeout.ms for it, every
         other member's commits were refused meanwhile, and without Redis the next owners
         re-sent what those members had delivered (review zombie19: 56-128 duplicates in
-        rapid scaling). Messages served here are not taken: the next owner reads them."""
+        rapid scaling). Messages served here are not taken: the next owner reads them.
+        A static member (`group.instance.id`) leaves too, deliberately: a Deployment's
+        next pod has another name, and would wait out the session for the partitions."""
         self._consumer.unsubscribe()
         left_at: float | None = None
         while time.monotonic() < until:

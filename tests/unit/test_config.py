@@ -828,6 +828,21 @@ def test_a_statistics_interval_the_worker_overrides_is_not_shown_as_in_effect() 
                        "figures come from the statistics)",)
 
 
+def test_kafka_settings_the_dlq_producer_overrides_say_so() -> None:
+    """check-config showed them as in effect; the dead-letter producer writes one record
+    per batch and may create its topic whatever they say (review "kafkacfg46")."""
+    s = load(KAFKA_BATCH_NUM_MESSAGES="500", KAFKA_ALLOW_AUTO_CREATE_TOPICS="false")
+    assert s.kafka_extra == {"batch.num.messages": "500", "allow.auto.create.topics": "false"}
+    assert s.notes == (
+        "KAFKA_ALLOW_AUTO_CREATE_TOPICS='false' keeps the consumer from creating source "
+        "topics; the dead-letter producer may still create the DLQ topic where the brokers "
+        "allow it (create it beforehand to choose its partitions and retention)",
+        "KAFKA_BATCH_NUM_MESSAGES applies to the produce tool only: the dead-letter and "
+        "replay producers write one record per batch (a broker checks a topic's "
+        "max.message.bytes per batch)")
+    assert load(KAFKA_ALLOW_AUTO_CREATE_TOPICS="true").notes == ()
+
+
 def test_kafka_debug_with_librdkafka_contexts_is_librdkafka_s_debug() -> None:
     """It sat in the JVM tools' list only: librdkafka's debug could not be turned on."""
     s = load(KAFKA_DEBUG="consumer,cgrp")
