@@ -170,6 +170,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         problems = wait_for_services(check, args.wait, health)
         if problems:
             return _unreachable(problems)
+        for warning in reach.interruptible(lambda: reach.compacted_sources(
+                settings.kafka_config(logger=False), settings.topics, args.timeout),
+                tick=health.beat):
+            log.warning("start-up: %s", warning)
         return _run_worker(settings, metrics, health)
     finally:
         if server is not None:
@@ -294,6 +298,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         else:
             failed |= bit
             print(f"online FAILED: {name}: {problem}", file=sys.stderr)
+    if not failed & 2:  # what `run` warns of at start-up, once Kafka answered
+        for warning in reach.compacted_sources(settings.kafka_config(), settings.topics,
+                                               timeout):
+            print(f"online note: kafka: {warning}", file=sys.stderr)
     return 8 + failed if failed else 0
 
 

@@ -41,8 +41,8 @@ from consumer.redaction import Redactor, kafka_secrets
 from consumer.registry import RegistryError, RegistryUnusable, RestClient
 
 __all__ = [
-    "Unreachable", "dlq_policy_now", "kafka", "redis", "registry", "resolve", "services",
-    "userpilot"]
+    "Unreachable", "compacted_sources", "dlq_policy_now", "kafka", "redis", "registry",
+    "resolve", "services", "userpilot"]
 
 _SILENT = logging.getLogger("consumer.reach.librdkafka")
 T = TypeVar("T")
@@ -290,6 +290,44 @@ def dlq_policy(admin: AdminClient, dlq_topic: str, timeout: float) -> str | None
             "keyless ones. Make it cleanup.policy=delete, e.g. kafka-configs.sh "
             f"--bootstrap-server <broker> --alter --entity-type topics --entity-name "
             f"{dlq_topic} --add-config cleanup.policy=delete")
+
+
+COMPACTION_LAG_SAFE_MS = 86_400_000
+"""A compacted source topic whose `min.compaction.lag.ms` keeps at least a day uncompacted
+is not warned about: a backlog longer than that is an outage the lag alerts speak of."""
+
+
+def compacted_sources(conf: Mapping[str, Any], topics: Iterable[str],
+                      timeout: float) -> list[str]:
+    """A warning per source topic the log cleaner compacts sooner than a day after writing.
+
+    Events are keyed by user, so compaction keeps each user's latest event only: those not
+    yet delivered when the cleaner runs (a backlog behind an outage or a slow Userpilot)
+    were removed without a trace, and the commit reached the log's end as if all had been
+    sent (review "gaps46"). A warning, not a refusal: a topic compacted on purpose with
+    a long `min.compaction.lag.ms` loses nothing. Empty when the policy cannot be read."""
+    wanted = list(dict.fromkeys(topics))
+    if not wanted:
+        return []
+    settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _SILENT}
+    admin = AdminClient(settings)
+    warnings = []
+    for topic in wanted:
+        configs = _configs(admin, ConfigResource(ConfigResource.Type.TOPIC, topic), timeout)
+        policy = configs.get("cleanup.policy", "")
+        if "compact" not in policy.split(","):
+            continue
+        lag = configs.get("min.compaction.lag.ms", "0")
+        if lag.isdigit() and int(lag) >= COMPACTION_LAG_SAFE_MS:
+            continue
+        warnings.append(
+            f"the source topic {topic!r} has cleanup.policy={policy} with "
+            f"min.compaction.lag.ms={lag}: compaction keeps each key's (user's) latest "
+            "event only, so events not yet delivered when the log cleaner runs (a backlog "
+            "behind an outage) are removed unsent. Use cleanup.policy=delete, or set "
+            f"min.compaction.lag.ms to at least {COMPACTION_LAG_SAFE_MS} (a day) or the "
+            "longest backlog you plan for")
+    return warnings
 
 
 def dlq_policy_now(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> str | None:

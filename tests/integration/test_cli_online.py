@@ -312,6 +312,50 @@ def test_online_refuses_a_redis_too_slow_for_redis_timeout_seconds(
         assert "online OK: redis" in raised.stderr
 
 
+def test_a_compacted_source_topic_is_warned_of_by_check_config_and_run(
+    online_env: dict[str, str], topic_factory: Callable[..., str],
+) -> None:
+    """Review "gaps46": events are keyed by user, so compacting the source topic kept each
+    user's latest only; a backlog lost the rest unsent, and nothing said so. A warning
+    (not a refusal): with a day or more of `min.compaction.lag.ms` nothing is said."""
+    compacted = topic_factory(partitions=1, suffix="-c", config={"cleanup.policy": "compact"})
+    kept = topic_factory(partitions=1, suffix="-k", config={
+        "cleanup.policy": "compact,delete", "min.compaction.lag.ms": "172800000"})
+    env = {**online_env, "KAFKA_TOPICS": f"{online_env['KAFKA_TOPICS']},{compacted},{kept}"}
+    checked = cli(["check-config", "--online", "--timeout", "5"], env)
+    assert checked.returncode == 0, checked.stderr
+    notes = [line for line in checked.stderr.splitlines() if line.startswith("online note:")]
+    assert notes == [
+        f"online note: kafka: the source topic {compacted!r} has cleanup.policy=compact with "
+        "min.compaction.lag.ms=0: compaction keeps each key's (user's) latest event only, so "
+        "events not yet delivered when the log cleaner runs (a backlog behind an outage) are "
+        "removed unsent. Use cleanup.policy=delete, or set min.compaction.lag.ms to at least "
+        "86400000 (a day) or the longest backlog you plan for"], checked.stderr
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_",
+                                  "REDIS_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--timeout", "5"],
+                            env={**clean, **env, "WORKER_METRICS_PORT": "0"}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "start-up: the source topic" in line:
+                break
+        warned = [line for line in seen if "start-up: the source topic" in line]
+        assert len(warned) == 1 and repr(compacted) in warned[0] and "WARNING" in warned[0], seen
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode == 0
+
+
 @pytest.mark.parametrize("policy", ["compact", "compact,delete"])
 def test_a_compacted_dlq_is_refused_by_check_config_and_run(
     online_env: dict[str, str], kafka_bootstrap: str, topic_factory: Callable[..., str],
