@@ -977,8 +977,9 @@ def split_wire(data: bytes | None) -> tuple[int, memoryview]:
     return schema_id, memoryview(data)[_HEADER.size:]
 
 
-SCREENED = ("type", "event", "name", "userId", "groupId")
-"""The envelope strings the drop rules before consent read (`filtering.envelope_drop`)."""
+SCREENED = ("type", "event", "userId", "groupId")
+"""The envelope strings the drop rules before consent read (`filtering.envelope_drop`; a
+page's `name` decides nothing there)."""
 
 
 def _head_layout(schema: Mapping[str, Any]) -> tuple[tuple[str, int | None, bool], ...]:

@@ -857,3 +857,26 @@ def test_envelope_of_is_off_when_the_schema_no_longer_starts_with_strings() -> N
     changed["fields"].insert(1, {"name": "version", "type": "int"})
     assert codec._head_layout(changed) == ()
     assert [name for name, _, kept in codec._HEAD if kept] == list(codec.SCREENED)
+
+
+@pytest.mark.parametrize("size", [63, 64, 8191, 8192, 2**20 + 3])
+@pytest.mark.parametrize("where", ["properties", "anonymousId", "userId", "event"])
+def test_envelope_of_reads_past_lengths_of_three_and_four_varint_bytes(
+        size: int, where: str) -> None:
+    """Lengths of 8192 bytes and more take three varint bytes, of 2**20 four (review
+    "diff46a": the property test's strings stop short of them)."""
+    doc: dict[str, Any] = {"type": "track", "event": "Feature Used", "userId": "u1",
+                           "groupId": "g", "anonymousId": "a", "messageId": "m"}
+    doc[where] = {"k": "x" * size} if where == "properties" else "x" * size
+    wire = codec.encode(7, codec.to_record(doc))
+    record = codec.decode(wire, own_schema).envelope
+    assert codec.envelope_of(wire, own_schema) == {
+        name: record[name] for name in codec.SCREENED if record.get(name) is not None}
+
+
+def test_envelope_of_leaves_a_body_cut_inside_its_last_string_to_decode() -> None:
+    """groupId is the last string read: a body cut inside it is not read short."""
+    wire = codec.encode(7, codec.to_record({
+        "type": "track", "event": "Nobody Maps This", "userId": "u1",
+        "groupId": "acme-corporation", "messageId": "m"}))
+    assert codec.envelope_of(wire[:wire.index(b"acme") + 4], own_schema) is None
