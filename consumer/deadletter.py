@@ -484,38 +484,37 @@ class DlqGuard:
         self._max_ratio = max_ratio
         self._window = window
         self._max_consecutive = max_consecutive
-        # Known outcomes by stream position, ascending: positions, and dead or not.
-        self._seqs: list[int] = []
-        self._dead: list[bool] = []
+        # Dead letters by stream position, ascending (the window's count, by bisection),
+        # and their runs of adjacent positions both ways (first → last, last → first): a
+        # dead letter joins the run ending just before it and the one starting just after
+        # it at once. Walking the run and summing the window per dead letter grew with
+        # them: with the limits raised to drain a bad run (README), ~5 ms a dead letter at
+        # a run of 50,000 (review "scale46"). Other outcomes need no record: a position
+        # not dead (good, or not known yet) ends a run and adds nothing to the window.
+        self._dead: list[int] = []
+        self._run_last: dict[int, int] = {}
+        self._run_first: dict[int, int] = {}
         self._keep = 2 * max(window, max_consecutive) + 1024
         self._numbered = itertools.count(1)
         self.tripped_reason: str | None = None
 
     def record_success(self, seq: int | None = None) -> None:
-        self._insert(self._seq(seq), False)
+        self._seq(seq)  # numbered as it comes when no position is given
 
     def allow_dead_letter(self, seq: int | None = None) -> bool:
         """Count one more dead letter; False (and trip) if that would pass a limit."""
         if self.tripped_reason is not None:
             return False
         at = self._seq(seq)
-        seqs, dead = self._seqs, self._dead
-        index = bisect.bisect_left(seqs, at)
         # The run of dead letters through this one, over adjacent stream positions only:
         # before it, and after it (finished first). A position whose outcome is not known
         # yet (a good event still waiting for Userpilot's answer, while dead letters are
         # decided at intake) ends the run: one bad event in four, with good ones in
         # flight, read as "51 consecutive dead letters" (review "replay17"). When it ends
         # dead after all, its own count joins both sides.
-        before, position = index, at
-        while before > 0 and dead[before - 1] and seqs[before - 1] == position - 1:
-            before -= 1
-            position = seqs[before]
-        after, position = index, at
-        while after < len(dead) and dead[after] and seqs[after] == position + 1:
-            position = seqs[after]
-            after += 1
-        run = (index - before) + 1 + (after - index)
+        first = self._run_first.get(at - 1, at)
+        last = self._run_last.get(at + 1, at)
+        run = last - first + 1
         if run > self._max_consecutive:
             self.tripped_reason = (
                 f"{run} consecutive dead letters (limit {self._max_consecutive})")
@@ -524,7 +523,8 @@ class DlqGuard:
         # yet (or never counted: drops, duplicates) as not dead.
         low = at - self._window + 1
         if low >= 1:
-            count = sum(dead[bisect.bisect_left(seqs, low):index]) + 1
+            dead = self._dead
+            count = bisect.bisect_left(dead, at) - bisect.bisect_left(dead, low) + 1
             size = self._window
             if count / size > self._max_ratio:
                 self.tripped_reason = (
@@ -532,19 +532,31 @@ class DlqGuard:
                     f"{count / size:.2f} > {self._max_ratio:g}"
                 )
                 return False
-        self._insert(at, True)
+        self._record_dead(at, first, last)
         return True
 
     def _seq(self, seq: int | None) -> int:
         return next(self._numbered) if seq is None else seq
 
-    def _insert(self, seq: int, dead: bool) -> None:
-        index = bisect.bisect_right(self._seqs, seq)
-        self._seqs.insert(index, seq)
-        self._dead.insert(index, dead)
-        if len(self._seqs) > 2 * self._keep:  # amortised: the oldest positions go
-            del self._seqs[:-self._keep]
-            del self._dead[:-self._keep]
+    def _record_dead(self, at: int, first: int, last: int) -> None:
+        """`at` dead, joining the runs `first`..`at` - 1 and `at` + 1..`last` (either may
+        be `at` alone)."""
+        if first != at:
+            del self._run_last[first], self._run_first[at - 1]
+        if last != at:
+            del self._run_last[at + 1], self._run_first[last]
+        self._run_last[first] = last
+        self._run_first[last] = first
+        dead = self._dead
+        if not dead or at > dead[-1]:
+            dead.append(at)  # the common case: in stream order
+        else:
+            bisect.insort(dead, at)
+        if len(dead) > 2 * self._keep:  # amortised: the oldest positions go
+            del dead[:-self._keep]
+            oldest = dead[0]
+            for gone in [f for f, lst in self._run_last.items() if lst < oldest]:
+                del self._run_first[self._run_last.pop(gone)]
 
 
 T = TypeVar("T")

@@ -7,6 +7,8 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from consumer.deadletter import (
     BODY_LIMIT,
@@ -624,3 +626,68 @@ def test_readiness_quotes_kafkas_text_whole_and_forgets_it_once_written() -> Non
     # Review diff44: with another still pending, the fixed error was quoted for it.
     assert writable.problem() == "DLQ unwritable for 30 s (no acknowledgement)"
     writable.finished(other)
+
+
+def _reference_verdict(outcomes: dict[int, bool], at: int, ratio: float, window: int,
+                       consecutive: int) -> str | None:
+    """The guard's rules read straight off every outcome so far (`outcomes`: position →
+    dead): the run of adjacent dead positions through `at`, then the window's count."""
+    first = at
+    while outcomes.get(first - 1):
+        first -= 1
+    last = at
+    while outcomes.get(last + 1):
+        last += 1
+    if last - first + 1 > consecutive:
+        return f"{last - first + 1} consecutive dead letters (limit {consecutive})"
+    low = at - window + 1
+    if low >= 1:
+        count = sum(1 for p in range(low, at) if outcomes.get(p)) + 1
+        if count / window > ratio:
+            return (f"{count} dead letters in the last {window} events, ratio "
+                    f"{count / window:.2f} > {ratio:g}")
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), size=st.integers(1, 120), window=st.integers(1, 40),
+       consecutive=st.integers(1, 30), ratio=st.sampled_from([0.2, 0.5, 0.9, 1.0]))
+def test_the_guard_decides_as_its_rules_read_off_every_outcome(
+        data: st.DataObject, size: int, window: int, consecutive: int, ratio: float) -> None:
+    """Runs kept as intervals and the window counted by bisection (review "scale46": both
+    were walked per dead letter) decide exactly as the rules over all outcomes, whatever
+    order events finish in and whichever never finish."""
+    dead = data.draw(st.lists(st.booleans(), min_size=size, max_size=size))
+    order = data.draw(st.permutations(range(1, size + 1)))
+    finished = order[:data.draw(st.integers(0, size))]
+    guard = DlqGuard(ratio, window, consecutive)
+    outcomes: dict[int, bool] = {}
+    for at in finished:
+        if not dead[at - 1]:
+            guard.record_success(at)
+            outcomes[at] = False
+            continue
+        expected = _reference_verdict(outcomes, at, ratio, window, consecutive)
+        assert guard.allow_dead_letter(at) is (expected is None)
+        assert guard.tripped_reason == expected
+        if expected is not None:
+            return
+        outcomes[at] = True
+
+
+def test_the_guard_forgets_old_runs_without_changing_its_verdicts() -> None:
+    """Past its memory (2 × (2 × max(window, consecutive) + 1024) dead letters) the oldest
+    go, their runs with them; the newest still decide."""
+    guard = DlqGuard(1.0, 10, 5)
+    blocks = 4000
+    for block in range(blocks):  # runs of 5 dead letters, a good event between
+        for at in range(block * 6 + 1, block * 6 + 6):
+            assert guard.allow_dead_letter(at)
+        guard.record_success(block * 6 + 6)
+    assert len(guard._dead) <= 2 * guard._keep
+    assert len(guard._run_last) == len(guard._run_first) <= 2 * guard._keep // 5 + 1
+    start = blocks * 6 + 1
+    for at in range(start, start + 5):
+        assert guard.allow_dead_letter(at)
+    assert not guard.allow_dead_letter(start + 5)
+    assert guard.tripped_reason == "6 consecutive dead letters (limit 5)"
