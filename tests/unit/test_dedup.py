@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import pytest
@@ -121,6 +122,39 @@ def test_busy_waits_at_least_the_minimum() -> None:
 
     result = asyncio.run(Deduplicator(Soon(), "d", busy_retry_min_s=0.5).claim("track", "m", "a"))
     assert (result.outcome, result.retry_after_s) == (Outcome.BUSY, 0.5)
+
+
+def test_claims_seen_busy_stay_within_the_cap_and_are_pruned_a_quarter_cap_apart(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "scale46": past BUSY_SEEN_MAX live claims seen busy (a re-produced topic's
+    copies) every busy answer rebuilt the dict (~1 ms) and kept it all: it grew past the
+    cap. The newest are kept, three quarters of the cap of them."""
+    import consumer.dedup as dedup_module
+
+    class Busy(MemoryStore):
+        async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+            return "busy", 12.5  # another owner's claim, live for 12.5 s more
+
+    pruned: list[int] = []
+    real = dedup_module._pruned
+
+    def counting(entries: dict[str, float],
+                 live: Callable[[str, float], bool]) -> dict[str, float]:
+        pruned.append(len(entries))
+        return real(entries, live)
+
+    monkeypatch.setattr(dedup_module, "_pruned", counting)
+    dedup = Deduplicator(Busy(), "d")
+    cap = dedup_module.BUSY_SEEN_MAX
+
+    async def main() -> None:
+        for n in range(cap + cap // 2):
+            assert (await dedup.claim("track", f"m{n}", "a")).outcome is Outcome.BUSY
+
+    asyncio.run(main())
+    assert len(dedup._busy) <= cap
+    assert pruned == [cap, cap], "once at the cap, then a quarter of the cap later"
+    assert dedup.key("track", f"m{cap + cap // 2 - 1}") in dedup._busy, "the newest kept"
 
 
 def test_another_owners_claim_is_asked_about_at_a_growing_pace_within_its_end() -> None:
