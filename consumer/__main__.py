@@ -164,7 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy
                 else None,
                 dlq_topic=settings.dlq_topic)
-            refused = reach.redis_refusal(settings, min(args.timeout, REDIS_CHECK_S))
+            refused = reach.redis_refusal(settings, min(args.timeout, REDIS_CHECK_S),
+                                          observe=metrics.observe_redis)
             return problems + ([refused] if refused is not None else [])
 
         problems = wait_for_services(check, args.wait, health)

@@ -573,6 +573,10 @@ class Handler:
             raise
         await self._dedup_confirm(event, endpoint)
         self._delivered(decision.event_name).inc()
+        if event.unchecked:
+            # Delivered only: an event refused (400) or given up after the check was skipped
+            # was counted too, against the metric's "delivered" (review "metrics46").
+            self.m.dedup_unchecked.labels(endpoint).inc()
         age = _event_age(event.event_time)
         if age is not None:
             self.m.event_age.observe(age)
@@ -767,9 +771,8 @@ class Handler:
             if permit is not None:
                 await permit.acquire()
             return False
-        if claim.degraded and not event.unchecked:
-            event.unchecked = True  # counted once per event, whatever its calls and retries
-            self.m.dedup_unchecked.labels(endpoint).inc()
+        if claim.degraded:
+            event.unchecked = True  # counted once it is delivered (`_handle`), once an event
         return True
 
     async def _dedup_confirm(self, event: Event, endpoint: str) -> None:

@@ -466,21 +466,31 @@ denies: a setting to fix, not an outage. (A read-only replica is waited for inst
 `redis_refusal`.)"""
 
 
-def redis_refusal(settings: Settings, timeout: float) -> str | None:
+def redis_refusal(settings: Settings, timeout: float,
+                  observe: Callable[[str, float, str | None], None] | None = None) -> str | None:
     """`run`'s start-up: Redis answered and refused the credentials. Falling back like for
     an outage, a wrong password ran every replica without deduplication and on its
     partition share for ever, ready and green (review config25). None when Redis is not
-    configured, accepts, or does not answer (an outage: the worker's fallback covers it)."""
+    configured, accepts, or does not answer (an outage: the worker's fallback covers it).
+
+    `observe` (`Metrics.observe_redis`) sees the PING only, as `ping`: the probe's calls on
+    throw-away keys are not the worker's claims and budgets (its series stayed at 0 while
+    README named it, review "metrics46")."""
     conf = settings.redis
     if conf is None:
         return None
     from consumer.errors import SharedStateUnavailable
     from consumer.redisstore import RedisStore
 
+    def ping_only(operation: str, seconds: float, error: str | None) -> None:
+        if observe is not None and operation == "ping":
+            observe(operation, seconds, error)
+
     async def ping() -> None:
         """A PING, then the worker's own calls on throw-away keys (`RedisStore.probe`): an
         ACL may allow PING and deny the scripts (review diff25)."""
-        store = RedisStore(conf.url.reveal(), timeout_s=timeout, ca_file=conf.tls_ca_file)
+        store = RedisStore(conf.url.reveal(), timeout_s=timeout, ca_file=conf.tls_ca_file,
+                           observe=ping_only)
         try:
             await store.ping()
             await store.probe(*probe_keys(settings))

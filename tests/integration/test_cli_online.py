@@ -251,7 +251,17 @@ def test_run_stops_at_start_up_when_redis_refuses_its_password_not_when_it_is_do
                       commands=["+@all"])
     narrow = stoppable_redis.url.replace("redis://", "redis://narrow:pw@", 1)
     settings = load_settings({**online_env, "REDIS_URL": narrow})
-    assert reach.redis_refusal(settings, 5) is None
+    from prometheus_client import CollectorRegistry
+
+    from consumer.metrics import Metrics
+
+    registry = CollectorRegistry()
+    assert reach.redis_refusal(settings, 5, observe=Metrics(registry).observe_redis) is None
+    # `run` passes its metrics: the start-up PING is seen as `ping`, the probe's calls on
+    # throw-away keys not as the worker's own (review "metrics46": `ping` never moved)
+    counts = {op: registry.get_sample_value("userpilot_redis_latency_seconds_count",
+                                            {"operation": op}) for op in ("ping", "claim")}
+    assert counts == {"ping": 1.0, "claim": 0.0}, counts
     assert reach.redis(settings, 5) is None, "check-config --online takes it too"
     # ... and one that allows the Track keys alone is refused: identify ran on its
     # fallback for ever (review redis34).

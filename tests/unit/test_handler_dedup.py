@@ -164,6 +164,17 @@ def test_redis_down_delivers_every_event_unchecked() -> None:
     assert sample(metrics, "userpilot_dedup_unchecked_total", endpoint="track") == 2
 
 
+def test_unchecked_counts_events_delivered_not_events_refused() -> None:
+    """Review "metrics46": the count is of events delivered without the check (README,
+    the metric's help); one Userpilot then refused (400) was counted too."""
+    store = MemoryStore(fail=True)
+    run, metrics, _ = make(log_of(track("u1", 1), track("u1", 2)), store)
+    run.client.answers[track_body(1)] = Rejected("bad", status=400)
+    assert drive(run, finished_to(2)) == 0  # type: ignore[arg-type]
+    assert run.dlq.reasons() == ["bad_request"]
+    assert sample(metrics, "userpilot_dedup_unchecked_total", endpoint="track") == 1
+
+
 class Handover(MemoryStore):
     """Another owner holds the claim; it confirms (or releases) on the third look."""
 
