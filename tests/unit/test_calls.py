@@ -656,3 +656,38 @@ def test_what_identify_leaves_out_of_its_traits_is_named() -> None:
                       "traits": {"createdAt": "2026-01-01", "company": {"id": "c1"}}},
                      omitted=quiet)
     assert quiet == []
+
+
+class _Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_another_replicas_identify_is_trusted_only_until_the_recheck() -> None:
+    """Redis says another replica identified `u` and the record holds 90 s more: trusted
+    here for at most `recheck_s` (10 s), then read again (`delete-users` may have deleted
+    it; trusted for the whole 90 s, the user's Tracks went out with no identify in front
+    and were attributed to no one)."""
+    clock = _Clock()
+    known = KnownUsers(ttl_s=100.0, clock=clock)
+    known.learned("u", left_s=90.0, recheck_s=10.0)
+    assert not known.needs_identify("u")
+    clock.now += 11.0
+    assert known.needs_identify("u")
+
+
+def test_a_progress_note_naming_every_call_resumes_nothing() -> None:
+    """`resume` never skips all of an event's calls (the last one's success is the
+    confirm's to say): a note that names them all (anything with the Redis password can
+    write one) would otherwise finish the event with nothing sent."""
+    calls = group_calls({"type": "group", "userId": "u", "groupId": "g", "traits": {}})
+    assert len(calls) == 2
+    done = CallPlan(calls, None)
+    for call in calls:
+        done.succeeded(call)
+    note = done.progress_note()
+    plan = CallPlan(calls, None)
+    assert plan.resume(note) == ()
+    assert plan.next_call() == calls[0]

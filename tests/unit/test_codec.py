@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer import codec
+from consumer.calls import encode_body
 from consumer.errors import InvalidEvent, UndecodableEvent
 
 
@@ -880,3 +881,22 @@ def test_envelope_of_leaves_a_body_cut_inside_its_last_string_to_decode() -> Non
         "type": "track", "event": "Nobody Maps This", "userId": "u1",
         "groupId": "acme-corporation", "messageId": "m"}))
     assert codec.envelope_of(wire[:wire.index(b"acme") + 4], own_schema) is None
+
+
+@pytest.mark.parametrize("escape", ["\\ud83d", "\\uD83D"])
+def test_a_lone_surrogate_escape_in_either_case_is_replaced(escape: str) -> None:
+    """JSON escapes are case-insensitive: "\\uD83D" is the same lone surrogate as "\\ud83d".
+    Left in, the body cannot be encoded as UTF-8 and the event is dead-lettered instead of
+    delivered with U+FFFD (and an id holding it is not refused as ambiguous)."""
+    event = codec.Event({"type": "track", "userId": "u", "event": "Feature Used",
+                         "properties": '{"name": "x' + escape + '"}'})
+    assert event["properties"] == {"name": "x\ufffd"}
+    assert event.replaced == 1
+    encode_body(event["properties"])
+
+
+def test_a_lone_surrogate_in_a_key_is_replaced() -> None:
+    event = codec.Event({"type": "track", "userId": "u", "event": "Feature Used",
+                         "properties": '{"k\\ud83d": 1}'})
+    assert event["properties"] == {"k\ufffd": 1}
+    encode_body(event["properties"])

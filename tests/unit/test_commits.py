@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from consumer.commits import TP, Commits
-from consumer.offsets import Finished, decode_note
+from consumer.offsets import Finished, decode_note, encode_note
 
 PARTS: list[TP] = [("t", 0), ("t", 1), ("u", 0)]
 
@@ -285,3 +285,76 @@ def test_a_late_note_of_another_log_is_reported_before_any_commit_of_this_worker
     commits.take(other, 1001)
     commits.inherit({other: Finished([(1005, 1010)], 1000)})
     assert commits.inherited() == {}
+
+
+# Mutation tests' gaps (review "mutants46": each kills a mutant the suite let pass)
+_TP = ("events", 0)
+
+
+def test_a_note_read_after_the_first_message_at_its_own_offset_is_still_inherited() -> None:
+    """The common late read: the fetch handed over the committed offset itself (first ==
+    floor) before the note arrived. That is this log, so what the previous owner finished
+    above its commit must be skipped, not disowned (which would send those events again)."""
+    commits = Commits()
+    commits.assign([_TP])
+    commits.take(_TP, 10)  # the first message, at the committed offset
+    finished = decode_note(encode_note(10, [(12, 13)]), 10)
+    assert finished.floor == 10 and finished.ranges == [(12, 13)]
+    late = commits.inherit({_TP: finished})
+    assert late == {}
+    assert commits.inherited()[_TP].ranges == [(12, 13)]
+
+
+def test_the_first_acknowledged_commit_frees_the_window_of_what_its_note_names() -> None:
+    """An event stuck at offset 5, the four after it delivered: the commit at 5 carries a
+    note naming 6..9, and once acknowledged those leave the window (a crash would not send
+    them again), so intake goes on behind the stuck event."""
+    commits = Commits()
+    commits.assign([_TP])
+    for offset in range(5, 10):
+        commits.take(_TP, offset)
+        commits.sending(_TP, offset)
+    for offset in range(6, 10):
+        commits.finish(_TP, offset)
+    assert commits.in_window_by_partition() == {_TP: 5}
+    due = commits.due_noted()
+    offset, note = due[_TP]
+    assert offset == 5 and decode_note(note, 5).ranges == [(6, 9)]
+    commits.requested({_TP: offset}, {_TP: note})
+    assert commits.acknowledged([(_TP, offset)]) == [(_TP, 5)]
+    assert commits.in_window_by_partition() == {_TP: 1}
+
+
+def test_an_old_logs_event_finishing_after_a_restart_leaves_the_new_logs_offset_open(
+) -> None:
+    """The log went back (topic re-created): offset 5 of the old log is still in flight when
+    offset 5 of the new log is taken. The old one finishing must not finish the new one, or
+    the commit passes an event of the new log that was never delivered."""
+    commits = Commits()
+    commits.assign([_TP])
+    old = commits.take(_TP, 5)
+    assert commits.restart(_TP)
+    new = commits.take(_TP, 5)
+    assert new != old
+    commits.finish(_TP, 5, old)
+    assert commits.committable([_TP]) == {_TP: 5}
+    commits.finish(_TP, 5, new)
+    assert commits.committable([_TP]) == {_TP: 6}
+
+
+def test_a_disowned_note_is_not_named_again_in_this_owners_commits() -> None:
+    """The previous owner's note (floor 10, 12..13 finished) was read before the first
+    message, which came at offset 0: the log was replaced (`Worker._note_of_another_log`
+    disowns it). This owner's commits must not name 12..13 finished, or the next owner
+    skips the new log's records at those offsets."""
+    commits = Commits()
+    commits.assign([_TP])
+    finished = decode_note(encode_note(10, [(12, 13)]), 10)
+    assert commits.inherit({_TP: finished}) == {}
+    commits.take(_TP, 0)
+    commits.disown(_TP)
+    commits.take(_TP, 1)
+    commits.finish(_TP, 1)
+    offset, note = commits.due_noted()[_TP]
+    assert offset == 0
+    assert decode_note(note, 0).ranges == [(1, 1)]

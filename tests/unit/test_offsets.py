@@ -466,3 +466,20 @@ def test_a_held_dead_letter_below_a_commit_is_no_longer_taken_off_the_window() -
     assert offsets.at_risk_by_family == {"track": 1}
     offsets.finished(0)
     assert offsets.at_risk_by_family == {"track": 1}
+
+
+def test_the_last_inherited_offset_is_still_skipped_when_the_commit_reaches_it() -> None:
+    """The previous owner's note names 5..7 finished. This owner read 3 and 4, then skipped
+    5 and 6: the committable offset is 7, the note's last offset, not yet read. It is
+    still finished by the previous owner and must stay inherited (skipped at intake), or it
+    is delivered a second time."""
+    tracker = PartitionOffsets()
+    tracker.inherit(Finished([(5, 7)], 3))
+    tracker.started(3)
+    tracker.finished(3)
+    tracker.started(4)
+    tracker.finished(4)
+    tracker.skipped(6)  # the intake skips 5 and 6 as inherited (one mark per run)
+    assert tracker.committable() == 7
+    inherited = tracker.inherited
+    assert inherited is not None and inherited.covers(7)

@@ -1056,3 +1056,47 @@ def test_a_closed_gate_stays_closed_while_an_event_waits_at_it() -> None:
     send = Script([ServerError("503")] * 3 + [None], lambda call: states.append(gate.state))
     run(policy(gate, clock, sleep, max_attempts=100).run(send, Attempts()))
     assert states == ["up", "outage", "outage", "outage"]
+
+
+def test_429s_between_counted_failures_do_not_use_up_the_attempts() -> None:
+    """503, two 429s, 503, then 2xx, other events delivered between each attempt: only the
+    two 503s are evidence against the event, so with 3 attempts it is not given up."""
+    clock, sleep, gate = setup()
+    send = Script([ServerError("503"), RateLimited("429", retry_after=1.0),
+                   RateLimited("429", retry_after=1.0), ServerError("503"), None],
+                  delivered_between(clock, gate, "track"))
+    attempts = Attempts()
+    run(policy(gate, clock, sleep, max_attempts=3).run(send, attempts, endpoint="track"))
+    assert send.calls == 5
+    assert attempts.answered == 3  # the two 503s and the delivering attempt
+
+
+def test_an_event_is_never_given_up_on_a_429_even_past_its_time_budget() -> None:
+    """A 503 starts the event's budget; 20 s later (others delivered meanwhile) it gets a
+    429: that says the token's budget is spent, never that the event is bad, so it is
+    retried (and delivered), not dead-lettered."""
+    clock, sleep, gate = setup()
+
+    def side(call: int) -> None:
+        if call == 2:
+            clock.now += 20.0
+            gate.success(endpoint="track", sent=clock.now)
+
+    send = Script([ServerError("503"), RateLimited("429", retry_after=1.0), None], side)
+    run(policy(gate, clock, sleep, max_attempts=100, budget_s=10.0)
+        .run(send, Attempts(), endpoint="track"))
+    assert send.calls == 3
+
+
+def test_an_event_userpilot_answers_404_alone_is_given_up() -> None:
+    """404 is one of Userpilot's refusals (401/403/404): refused for this event alone,
+    others delivered between, it is dead-lettered after REFUSED_ALONE answers, not held
+    for ever (closing the gate for everyone at each attempt)."""
+    clock, sleep, gate = setup()
+    send = Script([Misconfigured("HTTP 404: not found", status=404, body="nf")] * 10,
+                  delivered_between(clock, gate, "identify"))
+    with pytest.raises(RefusedAlone) as info:
+        run(policy(gate, clock, sleep, max_attempts=12)
+            .run(send, Attempts(), endpoint="identify"))
+    assert send.calls == REFUSED_ALONE
+    assert info.value.status == 404
