@@ -78,7 +78,12 @@ class Lag:
                     # Nothing committed in the group yet (a new group or partition):
                     # librdkafka has no lag, and the partitions furthest behind had no
                     # series (a backlog of 75,000 reported as 42,000).
-                    lag = self._uncommitted(tp, pinfo.get("hi_offset", -1))
+                    # The last stable offset, as librdkafka's own lag counts under
+                    # read_committed: past it an open transaction's records cannot be read
+                    # yet, and the high watermark showed them as lag (review "gaps46").
+                    stable = pinfo.get("ls_offset", -1)
+                    lag = self._uncommitted(tp, stable if isinstance(stable, int)
+                                            and stable >= 0 else pinfo.get("hi_offset", -1))
                 if lag is not None:
                     self.m.consumer_lag.labels(topic, pid).set(lag)
 

@@ -67,6 +67,19 @@ def test_without_a_group_commit_the_lag_counts_from_what_is_known() -> None:
     assert lag.bases([P0]) == {P0: 31}
 
 
+def test_without_a_group_commit_the_lag_ends_at_the_last_stable_offset() -> None:
+    """Review "gaps46": an open transaction's records past the last stable offset cannot
+    be read under read_committed (the worker's isolation level), as librdkafka's own lag
+    counts; from the high watermark they read as lag with nothing to read."""
+    lag, metrics, _ = gauges()
+    lag.on_stats(stats(p0={"consumer_lag": -1, "hi_offset": 9, "ls_offset": 4,
+                           "lo_offset": 0}), assigned={P0}, paused=set())
+    assert lag_of(metrics, P0) == 4
+    lag.on_stats(stats(p0={"consumer_lag": -1, "hi_offset": 9, "ls_offset": -1,
+                           "lo_offset": 0}), assigned={P0}, paused=set())
+    assert lag_of(metrics, P0) == 9, "without a stable offset, the high watermark"
+
+
 def test_a_paused_partitions_lag_comes_from_the_broker_if_still_paused() -> None:
     lag, metrics, _ = gauges()
     lag.on_stats(stats(p0={"committed_offset": 10}, p1={"committed_offset": 20},
