@@ -92,14 +92,14 @@ BUSY_SEEN_MAX = 10_000  # keys whose other owner's claim is remembered (in fligh
 V = TypeVar("V")
 
 
-def _pruned(entries: dict[str, V], live: Callable[[str, V], bool]) -> dict[str, V]:
-    """`entries` at BUSY_SEEN_MAX: the live ones, at most three quarters of the cap of them
-    (the latest added), so the next pruning comes a quarter of the cap later. Keeping every
-    live one, 10,000 claims live at once (a re-produced topic's copies) rebuilt the dict
-    on every busy answer (~1 ms each) and it grew past the cap (review "scale46"). An entry
-    let go early costs only its wait when Redis hangs (the claim is then sent over)."""
-    kept = [(key, value) for key, value in entries.items() if live(key, value)]
-    return dict(kept[-(BUSY_SEEN_MAX * 3 // 4):])
+def _pruned(entries: dict[str, V], live: Callable[[str, V], bool]) -> tuple[dict[str, V], int]:
+    """`entries` past their cap: the live ones, and the next cap, twice as many (at least
+    BUSY_SEEN_MAX), so a dict of many live entries is rebuilt once per as many more, not
+    on every busy answer (~1 ms each at 10,000, review "scale46"). None live is let go:
+    a claim seen busy is waited out while Redis hangs (README; dropping the oldest sent
+    copies over other replicas' live claims, review "diff46b")."""
+    kept = {key: value for key, value in entries.items() if live(key, value)}
+    return kept, max(BUSY_SEEN_MAX, 2 * len(kept))
 
 T = TypeVar("T")
 
@@ -208,6 +208,7 @@ class Deduplicator:
         # key -> the owner on this replica holding its claim (while Redis said so last):
         # only it sends past a claim seen busy while Redis hangs (review "diff42")
         self._holding: dict[str, str] = {}
+        self._busy_cap = self._holding_cap = BUSY_SEEN_MAX  # their sizes that prune them
 
     def key(self, endpoint: str, message_id: str) -> str:
         return dedup_key(self._digest, endpoint, message_id)
@@ -276,9 +277,9 @@ class Deduplicator:
             log.warning("deduplication skipped (%s): delivering at least once", exc)
             return ClaimResult(Outcome.SEND, degraded=True)
         if state == "busy":
-            if len(self._busy) >= BUSY_SEEN_MAX:
+            if len(self._busy) >= self._busy_cap:
                 now = self._clock()
-                self._busy = _pruned(self._busy, lambda _key, end: end > now)
+                self._busy, self._busy_cap = _pruned(self._busy, lambda _key, end: end > now)
             self._busy[key] = self._clock() + seconds
             if self._holding.get(key) == owner:  # its claim ended, another took the key
                 del self._holding[key]
@@ -289,9 +290,10 @@ class Deduplicator:
             return ClaimResult(Outcome.DUPLICATE)
         if key in self._busy:  # others wait for it: this owner's claim, renewed
             self._busy[key] = self._clock() + self._claim_ms / 1000
-        if len(self._holding) >= BUSY_SEEN_MAX:
+        if len(self._holding) >= self._holding_cap:
             busy = self._busy
-            self._holding = _pruned(self._holding, lambda held, _owner: held in busy)
+            self._holding, self._holding_cap = _pruned(self._holding,
+                                                       lambda held, _owner: held in busy)
         self._holding[key] = owner
         return ClaimResult(Outcome.SEND)
 

@@ -124,11 +124,12 @@ def test_busy_waits_at_least_the_minimum() -> None:
     assert (result.outcome, result.retry_after_s) == (Outcome.BUSY, 0.5)
 
 
-def test_claims_seen_busy_stay_within_the_cap_and_are_pruned_a_quarter_cap_apart(
+def test_claims_seen_busy_are_pruned_once_per_as_many_more_and_none_live_is_let_go(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Review "scale46": past BUSY_SEEN_MAX live claims seen busy (a re-produced topic's
-    copies) every busy answer rebuilt the dict (~1 ms) and kept it all: it grew past the
-    cap. The newest are kept, three quarters of the cap of them."""
+    copies) every busy answer rebuilt the dict (~1 ms). Now once per as many more. None
+    live is dropped (review "diff46b": dropping the oldest sent an event over another
+    replica's live claim once Redis hung); expired ones go."""
     import consumer.dedup as dedup_module
 
     class Busy(MemoryStore):
@@ -139,22 +140,27 @@ def test_claims_seen_busy_stay_within_the_cap_and_are_pruned_a_quarter_cap_apart
     real = dedup_module._pruned
 
     def counting(entries: dict[str, float],
-                 live: Callable[[str, float], bool]) -> dict[str, float]:
+                 live: Callable[[str, float], bool]) -> tuple[dict[str, float], int]:
         pruned.append(len(entries))
         return real(entries, live)
 
     monkeypatch.setattr(dedup_module, "_pruned", counting)
-    dedup = Deduplicator(Busy(), "d")
+    clock = Clock()
+    dedup = Deduplicator(Busy(), "d", clock=clock)
     cap = dedup_module.BUSY_SEEN_MAX
 
-    async def main() -> None:
-        for n in range(cap + cap // 2):
+    async def claims(start: int, stop: int) -> None:
+        for n in range(start, stop):
             assert (await dedup.claim("track", f"m{n}", "a")).outcome is Outcome.BUSY
 
-    asyncio.run(main())
-    assert len(dedup._busy) <= cap
-    assert pruned == [cap, cap], "once at the cap, then a quarter of the cap later"
-    assert dedup.key("track", f"m{cap + cap // 2 - 1}") in dedup._busy, "the newest kept"
+    asyncio.run(claims(0, 2 * cap + 1))
+    assert pruned == [cap, 2 * cap], "at the cap, then at twice the live ones"
+    assert len(dedup._busy) == 2 * cap + 1, "every live claim kept"
+    clock.now += 13.0  # all of them ended
+    asyncio.run(claims(2 * cap + 1, 4 * cap + 2))
+    assert pruned == [cap, 2 * cap, 4 * cap]
+    assert len(dedup._busy) == 2 * cap + 1, "the ended ones went, the live ones stay"
+    assert dedup.key("track", "m0") not in dedup._busy
 
 
 def test_another_owners_claim_is_asked_about_at_a_growing_pace_within_its_end() -> None:
@@ -525,3 +531,37 @@ def test_a_raw_id_never_takes_the_key_of_a_hashed_one() -> None:
     # same records during a rolling upgrade (review "diff45c").
     assert dedup_key("d" * 24, "track", "#order-1").endswith(":#order-1")
     assert user_key("d" * 24, "#abc").endswith(":#abc")
+
+
+def test_an_event_waiting_out_a_live_claim_keeps_waiting_past_the_cap_as_redis_freezes(
+) -> None:
+    """Review "diff46b": pruning at the cap dropped the oldest live claims seen busy, and
+    once Redis froze the event waiting longest was sent over another replica's claim."""
+    from consumer.dedup import BUSY_SEEN_MAX
+
+    async def main() -> None:
+        store, clock = Blip(), Clock()
+        dd = Deduplicator(store, token_digest("t"), clock=clock)
+        store.values[dd.key("track", "m")] = "c:other-replica/x"  # live: 12.5 s left
+        assert (await dd.claim("track", "m", "b")).outcome is Outcome.BUSY
+        # copies of other events, each claimed by the other replica (a re-produced topic)
+        async def copies(start: int, stop: int) -> None:
+            for n in range(start, stop):
+                store.values[dd.key("track", f"c{n}")] = "c:other-replica/y"
+                assert (await dd.claim("track", f"c{n}", "z")).outcome is Outcome.BUSY
+
+        await copies(0, BUSY_SEEN_MAX // 2)
+        clock.now += 1.0
+        # b asks again about m: still busy, 12.5 s left; the dict keeps m's first place
+        assert (await dd.claim("track", "m", "b")).outcome is Outcome.BUSY
+        await copies(BUSY_SEEN_MAX // 2, BUSY_SEEN_MAX)  # the cap: pruned to 7,500
+        assert dd._busy[dd.key("track", f"c{BUSY_SEEN_MAX - 1}")] > clock(), "all live"
+        store.slow = {":m", ":n"}  # Redis freezes
+        for i in range(HUNG_AFTER):
+            clock.now += 0.1
+            assert (await dd.claim("track", "n", f"o{i}")).degraded
+        clock.now += 0.1
+        again = await dd.claim("track", "m", "b")
+        assert again.outcome is Outcome.BUSY, f"sent over another replica's live claim: {again}"
+
+    asyncio.run(main())
