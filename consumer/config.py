@@ -921,7 +921,7 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
                 f"{name} applies to the produce tool only: the dead-letter and replay "
                 "producers write one record per batch (a broker checks a topic's "
                 "max.message.bytes per batch)")
-        if key == "allow.auto.create.topics" and value.strip().lower() in ("false", "0"):
+        if key == "allow.auto.create.topics" and value.strip().lower() in ("false", "f", "0"):
             reader.notes.append(
                 f"{name}={value!r} keeps the consumer from creating source topics; the "
                 "dead-letter producer may still create the DLQ topic where the brokers "

@@ -490,7 +490,10 @@ class DlqGuard:
         # it at once. Walking the run and summing the window per dead letter grew with
         # them: with the limits raised to drain a bad run (README), ~5 ms a dead letter at
         # a run of 50,000 (review "scale46"). Other outcomes need no record: a position
-        # not dead (good, or not known yet) ends a run and adds nothing to the window.
+        # not dead (good, or not known yet) ends a run and adds nothing to the window. The
+        # memory is of dead letters only: one finishing late still joins the runs beside
+        # it, however many good events finished meanwhile (it once forgot them after
+        # ~2 × `_keep` outcomes of any kind).
         self._dead: list[int] = []
         self._run_last: dict[int, int] = {}
         self._run_first: dict[int, int] = {}
@@ -506,6 +509,10 @@ class DlqGuard:
         if self.tripped_reason is not None:
             return False
         at = self._seq(seq)
+        dead = self._dead
+        index = bisect.bisect_left(dead, at)
+        if index < len(dead) and dead[index] == at:
+            return True  # counted already (one outcome per event: never from the worker)
         # The run of dead letters through this one, over adjacent stream positions only:
         # before it, and after it (finished first). A position whose outcome is not known
         # yet (a good event still waiting for Userpilot's answer, while dead letters are
@@ -523,8 +530,7 @@ class DlqGuard:
         # yet (or never counted: drops, duplicates) as not dead.
         low = at - self._window + 1
         if low >= 1:
-            dead = self._dead
-            count = bisect.bisect_left(dead, at) - bisect.bisect_left(dead, low) + 1
+            count = index - bisect.bisect_left(dead, low) + 1
             size = self._window
             if count / size > self._max_ratio:
                 self.tripped_reason = (
@@ -532,26 +538,23 @@ class DlqGuard:
                     f"{count / size:.2f} > {self._max_ratio:g}"
                 )
                 return False
-        self._record_dead(at, first, last)
+        self._record_dead(at, first, last, index)
         return True
 
     def _seq(self, seq: int | None) -> int:
         return next(self._numbered) if seq is None else seq
 
-    def _record_dead(self, at: int, first: int, last: int) -> None:
-        """`at` dead, joining the runs `first`..`at` - 1 and `at` + 1..`last` (either may
-        be `at` alone)."""
+    def _record_dead(self, at: int, first: int, last: int, index: int) -> None:
+        """`at` dead (its place in `_dead`: `index`), joining the runs `first`..`at` - 1 and
+        `at` + 1..`last` (either may be `at` alone)."""
         if first != at:
             del self._run_last[first], self._run_first[at - 1]
         if last != at:
             del self._run_last[at + 1], self._run_first[last]
         self._run_last[first] = last
         self._run_first[last] = first
+        self._dead.insert(index, at)  # at the end in the common case: in stream order
         dead = self._dead
-        if not dead or at > dead[-1]:
-            dead.append(at)  # the common case: in stream order
-        else:
-            bisect.insort(dead, at)
         if len(dead) > 2 * self._keep:  # amortised: the oldest positions go
             del dead[:-self._keep]
             oldest = dead[0]

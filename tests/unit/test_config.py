@@ -832,6 +832,7 @@ def test_kafka_settings_the_dlq_producer_overrides_say_so() -> None:
     """check-config showed them as in effect; the dead-letter producer writes one record
     per batch and may create its topic whatever they say (review "kafkacfg46")."""
     s = load(KAFKA_BATCH_NUM_MESSAGES="500", KAFKA_ALLOW_AUTO_CREATE_TOPICS="false")
+    assert len(load(KAFKA_ALLOW_AUTO_CREATE_TOPICS="f").notes) == 1, "librdkafka reads f as false"
     assert s.kafka_extra == {"batch.num.messages": "500", "allow.auto.create.topics": "false"}
     assert s.notes == (
         "KAFKA_ALLOW_AUTO_CREATE_TOPICS='false' keeps the consumer from creating source "

@@ -773,3 +773,28 @@ def test_the_guard_hold_lets_go_as_its_rules_over_every_held_dead_letter(
             now += data.draw(st.sampled_from([0.5, 2.0, 6.0]))
         assert len(hold) == len(model.held)
     assert hold.due(now + 10.0) == model.due(now + 10.0)
+
+
+def test_a_late_dead_letter_joins_the_runs_beside_it_however_many_finished_meanwhile() -> None:
+    """The runs are of dead letters by stream position: 990-999 and 1001-1010 dead, 1000
+    dead-lettered after 3,000 good events finished, is the 21st in a row (the guard once
+    forgot them past ~2 × its memory of outcomes of any kind; review "diff46b")."""
+    guard = DlqGuard(1.0, 100, 20)
+    for at in [*range(990, 1000), *range(1001, 1011)]:
+        assert guard.allow_dead_letter(at)
+    for at in range(1011, 4011):
+        guard.record_success(at)
+    assert not guard.allow_dead_letter(1000)
+    assert guard.tripped_reason == "21 consecutive dead letters (limit 20)"
+
+
+def test_a_position_counted_twice_is_counted_once() -> None:
+    """One outcome per event: never from the worker, but a second count of one position
+    must neither lengthen its run nor leave the runs' two maps out of step."""
+    guard = DlqGuard(1.0, 10, 3)
+    for at in (1, 2, 2, 3):
+        assert guard.allow_dead_letter(at)
+    assert guard._dead == [1, 2, 3]
+    assert guard._run_last == {1: 3} and guard._run_first == {3: 1}
+    assert not guard.allow_dead_letter(4)
+    assert guard.tripped_reason == "4 consecutive dead letters (limit 3)"

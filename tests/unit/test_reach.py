@@ -304,3 +304,43 @@ def test_the_redis_probe_covers_every_key_shape_run_uses(
     assert [c.split(":")[1] for c in claims] == [*ENDPOINTS, *users]
     assert tuple(b.split(":")[2] for b in budgets) == families
     assert all(":probe:" in b for b in budgets) and all(":probe-" in c for c in claims)
+
+
+def test_the_source_topics_settings_are_read_in_one_request_within_one_timeout() -> None:
+    """Review "diff46b": one DescribeConfigs per topic, each waited up to --timeout, held
+    start-up for topics × timeout behind a broker slow to answer."""
+    import time
+    from typing import Any, cast
+
+    from confluent_kafka.admin import ConfigResource
+
+    class Entry:
+        def __init__(self, value: str) -> None:
+            self.value = value
+
+    class Answer:
+        def __init__(self, configs: dict[str, str] | None) -> None:
+            self.configs = configs
+
+        def result(self, timeout: float) -> dict[str, Entry]:
+            if self.configs is None:  # never answered: waits its timeout out
+                time.sleep(timeout)
+                raise TimeoutError
+            return {name: Entry(value) for name, value in self.configs.items()}
+
+    class Admin:
+        def __init__(self) -> None:
+            self.calls: list[list[str]] = []
+
+        def describe_configs(self, resources: list[ConfigResource],
+                             request_timeout: float) -> dict[Any, Answer]:
+            self.calls.append([r.name for r in resources])
+            return {r: Answer({"cleanup.policy": "compact"} if r.name == "c" else None)
+                    for r in resources}
+
+    admin = Admin()
+    started = time.monotonic()
+    found = reach._topic_configs(cast(Any, admin), ["c", "s1", "s2", "s3", "s4", "s5"], 0.3)
+    assert time.monotonic() - started < 0.9, "one timeout for all, not one each (1.5 s)"
+    assert admin.calls == [["c", "s1", "s2", "s3", "s4", "s5"]]
+    assert found == {"c": {"cleanup.policy": "compact"}}
