@@ -628,6 +628,10 @@ class Worker:
         await self.client.aclose()
         self.handler.close()
         await self.shared.close()
+        # Nothing is in flight or paused any more: the gauges kept their last values, which
+        # the DLQ guard's hold (metrics still served) showed for minutes (review "metrics46").
+        self.m.in_flight.set(0)
+        self.m.paused_partitions.set(0)
         # The partitions held at the stop only: one revoked long before kept the offset
         # this replica last committed, which its next owner has moved past since.
         held = set(assigned)

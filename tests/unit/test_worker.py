@@ -1199,6 +1199,25 @@ def test_held_dead_letters_stay_uncommitted_when_the_guard_trips_with_requests_o
     assert run.source.committed().get((TOPIC, 0), 0) <= 2
 
 
+def test_a_stopped_worker_shows_nothing_in_flight_or_paused() -> None:
+    """Review "metrics46": the gauges kept their last values after the stop, which the DLQ
+    guard's hold (metrics still served) showed for minutes."""
+    client = FakeClient()
+    client.gate = asyncio.Event()  # Userpilot never answers: the events stay in flight
+    run = make(log_of(*(track(f"u{i}", i) for i in range(5))), registry=known_schema(),
+               client=client, USERPILOT_ENSURE_USER="false")
+
+    def gauge(name: str) -> float | None:
+        return run.worker.m.registry.get_sample_value(name)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: (gauge("userpilot_in_flight_events") or 0) > 0, "events in flight")
+
+    assert drive(run, scenario) == 0
+    assert gauge("userpilot_in_flight_events") == 0
+    assert gauge("userpilot_paused_partitions") == 0
+
+
 def test_a_window_of_one_does_not_stall_behind_a_held_dead_letter() -> None:
     """Review "hold30": the held dead letter filled a window of one, no event could be taken
     for an outcome, and the overflow kept the loop from counting as idle: every dead letter
