@@ -600,11 +600,13 @@ class GuardHold(Generic[T]):
     the same events (their dead letters written again: `replay` sends such a copy once).
     The commit's note names the events finished above them.
 
-    Each outcome and each `due` costs what is due or late, not what is held: one count of
-    outcomes read for all, the held in hold order (the first are the first due) and, by
-    stream position, those an outcome from before them in the stream does not move. Walked
-    whole per finished event, 10,000 held (the guard's limits raised to drain a bad run)
-    cost ~0.7 ms an event (review "scale46").
+    Each outcome costs the held it does not move (those after it in the stream), each
+    `due` the first held that could be due (at most RECENT_MAX of them not due yet), not
+    all that is held: one count of outcomes read for all, the held in hold order (the
+    first are the first due; `now` must not go back between calls, as the worker's
+    monotonic clock does not) and by stream position. Walked whole per finished event,
+    100,000 held (the guard's limits raised to drain a bad run) cost ~8 ms an event
+    (review "scale46").
     """
 
     def __init__(self, horizon: int, max_s: float) -> None:
@@ -684,7 +686,14 @@ class GuardHold(Generic[T]):
         return [entry.item for entry in out]
 
     def _unplace(self, gone: Sequence[_Held[T]]) -> None:
-        """`gone` out of the by-position lists."""
+        """`gone` out of the by-position lists: one by one (a bisection each) for a few, in
+        one pass for many (one by one, letting 40,000 go at once took ~0.2 s of event loop,
+        each removal shifting the rest; review "diff46c")."""
+        if len(gone) > 16:
+            ids = {id(entry) for entry in gone}
+            self._placed = [entry for entry in self._placed if id(entry) not in ids]
+            self._seqs = [entry.seq for entry in self._placed]
+            return
         for entry in gone:
             if not entry.seq:
                 continue
@@ -695,9 +704,12 @@ class GuardHold(Generic[T]):
 
     def _remove(self, chosen: Callable[[_Held[T]], bool]) -> list[T]:
         """The held entries `chosen` selects, no longer held (hold order)."""
-        out = [entry for entry in self._held if chosen(entry)]
+        out: list[_Held[T]] = []
+        kept: deque[_Held[T]] = deque()
+        for entry in self._held:
+            (out if chosen(entry) else kept).append(entry)
         if out:
-            self._held = deque(entry for entry in self._held if not chosen(entry))
+            self._held = kept
             self._unplace(out)
         return [entry.item for entry in out]
 

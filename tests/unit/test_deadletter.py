@@ -798,3 +798,21 @@ def test_a_position_counted_twice_is_counted_once() -> None:
     assert guard._run_last == {1: 3} and guard._run_first == {3: 1}
     assert not guard.allow_dead_letter(4)
     assert guard.tripped_reason == "4 consecutive dead letters (limit 3)"
+
+
+def test_the_guard_hold_lets_many_go_at_once_and_counts_on_for_the_rest() -> None:
+    """Many let go at once leave the by-position lists in one pass (review "diff46c": one
+    by one, 40,000 took ~0.2 s of event loop); those still held count on as before."""
+    from consumer.deadletter import GuardHold
+
+    hold: GuardHold[int] = GuardHold(horizon=2, max_s=60.0)
+    for seq in range(1, 1001):
+        hold.hold(seq, now=0.0, seq=seq)
+    assert hold.take(lambda seq: seq % 10 != 0) == [s for s in range(1, 1001) if s % 10]
+    assert hold.after(500) == list(range(510, 1001, 10))
+    assert hold._seqs == list(range(10, 501, 10))
+    assert [entry.seq for entry in hold._placed] == hold._seqs
+    hold.outcome(495)  # moves those before it in the stream only
+    hold.outcome(0)
+    assert hold.due(now=1.0) == list(range(10, 491, 10))
+    assert hold._seqs == [500] and len(hold) == 1
