@@ -69,3 +69,29 @@ def test_make_venv_installs_through_the_constraints() -> None:
     # and the documented refresh command exists
     assert re.search(r"^constraints:$", makefile, re.M)
     assert "make constraints" in CONSTRAINTS
+
+
+def test_what_pinned_packages_need_on_the_oldest_python_allowed_is_pinned_too() -> None:
+    """Review "pkg46": redis needs async-timeout below Python 3.11.3 (Debian 12's python3.11
+    is 3.11.2); frozen on a newer Python it was installed unpinned there."""
+    from importlib import metadata
+
+    from packaging.markers import default_environment
+
+    oldest: dict[str, str] = {**{k: str(v) for k, v in default_environment().items()},
+                              "python_version": "3.11", "python_full_version": "3.11.0",
+                              "extra": ""}
+    pinned = pins()
+    missing = []
+    for name in pinned:
+        try:
+            requires = metadata.distribution(name).requires or []
+        except metadata.PackageNotFoundError:
+            continue  # pinned for another platform or Python
+        for raw in requires:
+            req = Requirement(raw)
+            if req.marker is not None and not req.marker.evaluate(oldest):
+                continue
+            if canonicalize_name(req.name) not in pinned:
+                missing.append(f"{name} needs {req} on Python 3.11.0")
+    assert missing == []
