@@ -455,13 +455,18 @@ class DlqWritable:
             return self._clock() - min(self._pending.values())
 
     def problem(self) -> str | None:
-        """A readiness check: None while dead letters get written in time."""
-        waited = self.stuck_for()
+        """A readiness check: None while dead letters get written in time. Read under one
+        hold of the lock: the probe thread read the wait, then the oldest record, and one
+        acknowledged between the two was named "no acknowledgement" without Kafka's own
+        text (review "threads46")."""
+        with self._lock:
+            if not self._pending:
+                return None
+            oldest = min(self._pending, key=self._pending.__getitem__)
+            waited = self._clock() - self._pending[oldest]
+            error = self._errors.get(oldest, "")
         if waited <= self.after_s:
             return None
-        with self._lock:
-            oldest = min(self._pending, key=self._pending.__getitem__, default=None)
-            error = self._errors.get(oldest, "") if oldest is not None else ""
         return f"DLQ unwritable for {waited:.0f} s ({error or 'no acknowledgement'})"
 
 

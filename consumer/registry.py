@@ -349,10 +349,12 @@ class Registry:
         return redact(text, self._secrets)
 
     def problem(self) -> str | None:
-        """For readiness: None while the registry answers, else what failed (no I/O)."""
-        if self.healthy:
-            return None
-        return f"schema registry does not answer ({self.last_error})"
+        """For readiness: None while the registry answers, else what failed (no I/O). Both
+        read under the lock the fetch threads write them under: read apart, an answer
+        between the two reads gave "does not answer (None)" (review "threads46")."""
+        with self._lock:
+            healthy, error = self.healthy, self.last_error
+        return None if healthy else f"schema registry does not answer ({error})"
 
     def _call(self, what: str, call: Callable[[], T],
               answer: Callable[[RegistryError], bool] = lambda exc: exc.answered) -> T:

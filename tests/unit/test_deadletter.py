@@ -816,3 +816,27 @@ def test_the_guard_hold_lets_many_go_at_once_and_counts_on_for_the_rest() -> Non
     hold.outcome(0)
     assert hold.due(now=1.0) == list(range(10, 491, 10))
     assert hold._seqs == [500] and len(hold) == 1
+
+
+def test_readiness_never_names_a_dead_letter_acknowledged_while_it_reads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "threads46": the probe thread read the wait, then (a second hold of the lock)
+    the oldest record; one acknowledged between the two was reported "no acknowledgement",
+    Kafka's own text lost. Played here by acknowledging it right after the wait is read."""
+    from consumer.deadletter import DlqWritable
+
+    now = [0.0]
+    writable = DlqWritable(10.0, clock=lambda: now[0])
+    token = writable.started()
+    writable.failed(token, "Broker: Topic authorization failed")
+    now[0] = 11.0
+    real = DlqWritable.stuck_for
+
+    def then_acknowledged(self: DlqWritable) -> float:
+        waited = real(self)
+        self.finished(token)
+        return waited
+
+    monkeypatch.setattr(DlqWritable, "stuck_for", then_acknowledged)
+    said = writable.problem()
+    assert said in (None, "DLQ unwritable for 11 s (Broker: Topic authorization failed)"), said
