@@ -84,6 +84,13 @@ EOF
 cat >"$OUT/keda-latest.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true, offsetResetPolicy: latest}}
 EOF
+cat >"$OUT/keda-sasl-meta-only.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true, extraMetadata: {sasl: plaintext, tls: enable}}}
+kafka: {config: {security.protocol: SASL_SSL, sasl.mechanism: PLAIN}, existingSecret: kafka-credentials}
+EOF
+cat >"$OUT/keda-owned-key.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true, extraMetadata: {consumerGroup: other-group}}}
+EOF
 cat >"$OUT/both-autoscalers.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true}, hpa: {enabled: true}}
 EOF
@@ -323,6 +330,15 @@ notes() { # expected fragment, helm args...
   grep -qF -- "$want" <<<"$text" || die "NOTES.txt lacks '$want' ($*)"
 }
 notes "Scaling: KEDA on consumer lag (2..12 replicas" -f "$FULL_VALUES"
+notes "WARNING: KEDA without Redis" -f "$FULL_VALUES" --set redis.existingSecret= --set redis.tlsCaSecret=
+no_notes() { # unexpected fragment, helm args...
+  local unwanted="$1" text token; shift
+  mapfile -t token < <(token_for "$@")
+  text="$("$HELM" template "$RELEASE" "$OUT/notes-chart" --kube-version "$KUBE_VERSION" \
+    --show-only templates/zz-notes.yaml "${token[@]}" "$@")" || die "NOTES.txt does not render ($*)"
+  ! grep -qF -- "$unwanted" <<<"$text" || die "NOTES.txt has '$unwanted' ($*)"
+}
+no_notes "WARNING: KEDA without Redis" -f "$FULL_VALUES"
 notes "/v1/track (INSECURE: plain http)" -f "$OUT/single.values.yaml" --set userpilot.insecureHttp=true
 notes "delivers to http://" -f "$OUT/single.values.yaml" --set userpilot.insecureHttp=true
 notes "delivers to https://" -f "$OUT/single.values.yaml"
@@ -345,6 +361,8 @@ expect_fail small-message-max "kafka.config.topic.message.max.bytes=1000 is belo
 expect_fail truststore-in-config "kafka.config.ssl.truststore.password is a Java truststore setting"
 expect_fail keda-no-auth "kafka.config.security.protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
 expect_fail keda-latest "offsetResetPolicy"
+expect_fail keda-sasl-meta-only "kafka.config.security.protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
+expect_fail keda-owned-key "autoscaling.keda.extraMetadata.consumerGroup is set by the chart"
 expect_fail keda-too-many "maxReplicaCount (7) exceeds autoscaling.partitions (6)"
 expect_fail hpa-too-many "maxReplicas (5) exceeds autoscaling.partitions (4)"
 expect_fail replicas-too-many "replicaCount (13) exceeds autoscaling.partitions (12)"
@@ -492,6 +510,7 @@ lacks renamed 'consumergroup="userpilot-delivery"' "no rule left on the default 
 log "KEDA gets host:port brokers; the PDB follows the most replicas there can be"
 render keda-brokers -f "$FULL_VALUES" --set 'kafka.bootstrapServers=SASL_SSL://b1:9093\, b2'
 has keda-brokers 'bootstrapServers: "b1:9093,b2:9092"' "no protocol prefix, a port on every broker"
+has keda-brokers 'excludePersistentLag: "true"' "lag no replica can deliver (outage, stuck commit) does not scale"
 render keda-ipv6 -f "$FULL_VALUES" --set 'kafka.bootstrapServers=fd00::10\,[fd00::11]\,[::1]:9093'
 has keda-ipv6 'bootstrapServers: "[fd00::10]:9092,[fd00::11]:9092,[::1]:9093"' "IPv6 brokers in brackets, with a port"
 has keda-brokers 'KAFKA_BOOTSTRAP_SERVERS: "SASL_SSL://b1:9093, b2"' "the worker gets them as written"
