@@ -628,10 +628,13 @@ class Worker:
         await self.client.aclose()
         self.handler.close()
         await self.shared.close()
-        # Nothing is in flight or paused any more: the gauges kept their last values, which
-        # the DLQ guard's hold (metrics still served) showed for minutes (review "metrics46").
+        # Nothing is in flight, paused, waiting or held any more: the gauges kept their last
+        # values, which the DLQ guard's hold (metrics still served) showed for minutes
+        # (reviews "metrics46", "diff46d").
         self.m.in_flight.set(0)
         self.m.paused_partitions.set(0)
+        self.m.waiting_schema.set(0)
+        self.m.held_for_one_user.set(0)
         # The partitions held at the stop only: one revoked long before kept the offset
         # this replica last committed, which its next owner has moved past since.
         held = set(assigned)

@@ -91,6 +91,17 @@ EOF
 cat >"$OUT/keda-owned-key.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true, extraMetadata: {consumerGroup: other-group}}}
 EOF
+cat >"$OUT/keda-ssl-tls-disable.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true, extraMetadata: {tls: disable}}}
+kafka: {config: {security.protocol: SSL}}
+EOF
+cat >"$OUT/keda-protocol-in-env.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true}}
+kafka: {extraEnv: [{name: KAFKA_SECURITY_PROTOCOL, value: sasl_ssl}], existingSecret: kafka-credentials}
+EOF
+cat >"$OUT/keda-group-from-env.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true, extraMetadata: {consumerGroupFromEnv: OTHER_GROUP}}}
+EOF
 cat >"$OUT/both-autoscalers.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true}, hpa: {enabled: true}}
 EOF
@@ -359,9 +370,12 @@ expect_fail jaas-in-config "kafka.config.sasl.jaas.config is Java's JAAS configu
 expect_fail secret-in-extra-env "kafka.extraEnv sets KAFKA_SASL_PASSWORD as a plain value"
 expect_fail small-message-max "kafka.config.topic.message.max.bytes=1000 is below 16384"
 expect_fail truststore-in-config "kafka.config.ssl.truststore.password is a Java truststore setting"
-expect_fail keda-no-auth "kafka.config.security.protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
+expect_fail keda-no-auth "the security protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
 expect_fail keda-latest "offsetResetPolicy"
-expect_fail keda-sasl-meta-only "kafka.config.security.protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
+expect_fail keda-sasl-meta-only "the security protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
+expect_fail keda-ssl-tls-disable "the security protocol is SSL but KEDA's Kafka trigger has no credentials"
+expect_fail keda-protocol-in-env "the security protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
+expect_fail keda-group-from-env "autoscaling.keda.extraMetadata.consumerGroupFromEnv is set by the chart"
 expect_fail keda-owned-key "autoscaling.keda.extraMetadata.consumerGroup is set by the chart"
 expect_fail keda-too-many "maxReplicaCount (7) exceeds autoscaling.partitions (6)"
 expect_fail hpa-too-many "maxReplicas (5) exceeds autoscaling.partitions (4)"
@@ -509,6 +523,12 @@ lacks renamed 'consumergroup="userpilot-delivery"' "no rule left on the default 
 
 log "KEDA gets host:port brokers; the PDB follows the most replicas there can be"
 render keda-brokers -f "$FULL_VALUES" --set 'kafka.bootstrapServers=SASL_SSL://b1:9093\, b2'
+cat >"$OUT/keda-ssl-tls.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true, extraMetadata: {tls: enable}}}
+kafka: {config: {security.protocol: ssl}}
+EOF
+render keda-ssl-tls -f "$OUT/keda-ssl-tls.values.yaml"
+has keda-ssl-tls 'tls: "enable"' "TLS alone (SSL) may be the trigger metadata's tls: enable"
 has keda-brokers 'bootstrapServers: "b1:9093,b2:9092"' "no protocol prefix, a port on every broker"
 has keda-brokers 'excludePersistentLag: "true"' "lag no replica can deliver (outage, stuck commit) does not scale"
 render keda-ipv6 -f "$FULL_VALUES" --set 'kafka.bootstrapServers=fd00::10\,[fd00::11]\,[::1]:9093'

@@ -22,12 +22,14 @@ from tests.unit.test_worker import (
     FakeClient,
     FakeSource,
     Message,
+    RegistryDownFor,
     Run,
     SlowCoordinator,
     codec_seq,
     drive,
     known_schema,
     make,
+    new_version,
     track,
     until,
 )
@@ -555,3 +557,37 @@ def test_a_ratio_trip_with_a_small_window_commits_none_of_the_bad_deploy(
     # Offset 0 is a good event before any dead letter: committing it is fine.
     final = run.source.committed().get((TOPIC, 0), 0)
     assert max([*commits, final]) <= 1, (max(commits), final, len(run.dlq.records))
+
+
+def _gauge(run: Run, name: str) -> float | None:
+    return run.worker.m.registry.get_sample_value(name)
+
+
+def test_a_stopped_worker_shows_no_partition_held_for_one_user() -> None:
+    """Review "diff46d": the stop reset in-flight and paused, and left "held (paused) for
+    one user" at 1 through the DLQ guard's hold."""
+    tp = (TOPIC, 0)
+    messages = [Message(TOPIC, 0, i, b"stuck", track("stuck", i)) for i in range(30)]
+    run = make({tp: messages}, registry=known_schema(), client=HeldUser(),
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: _gauge(run, "userpilot_partitions_held_for_one_user") == 1, "held")
+
+    assert drive(run, scenario) == 0
+    assert _gauge(run, "userpilot_partitions_held_for_one_user") == 0
+
+
+def test_a_stopped_worker_shows_no_event_waiting_for_its_schema() -> None:
+    """Review "diff46d": events taken while the registry was down stayed counted as
+    waiting for their schema after the stop."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, b"v2", new_version("v2", i)) for i in range(20)]}
+    run = make(log, registry=RegistryDownFor(60.0), WORKER_MAX_IN_FLIGHT="10",
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: (_gauge(run, "userpilot_events_waiting_schema") or 0) > 0,
+                    "waiting")
+
+    assert drive(run, scenario) == 0
+    assert _gauge(run, "userpilot_events_waiting_schema") == 0

@@ -162,18 +162,24 @@ Deployment, so every render runs them.
 {{- /* KEDA reads the lag from the brokers itself: without the worker's SASL/TLS it cannot,
    and the replica count stays where it is with no sign from the chart. */}}
 {{- $protocol := upper (toString (index ($v.kafka.config | default dict) "security.protocol" | default "")) }}
+{{- /* ... or given as a plain value in extraEnv (review "diff46e": SASL_SSL there passed) */}}
+{{- range $entry := concat ($v.extraEnv | default list) ($v.kafka.extraEnv | default list) }}
+{{- if and (not $protocol) (eq (toString $entry.name) "KAFKA_SECURITY_PROTOCOL") (hasKey $entry "value") }}
+{{- $protocol = upper (toString $entry.value) }}
+{{- end }}
+{{- end }}
 {{- $kedaMeta := $v.autoscaling.keda.extraMetadata | default dict }}
 {{- /* SASL's username and password come from a TriggerAuthentication only: `sasl` in the
    metadata alone fails in KEDA ("no username given"), `tls` alone meets a SASL listener
    without SASL (review "scaling46"). TLS alone (SSL) may be the metadata's `tls`. */}}
 {{- $saslOk := $v.autoscaling.keda.authenticationRef }}
-{{- $tlsOk := or $v.autoscaling.keda.authenticationRef (hasKey $kedaMeta "tls") }}
+{{- $tlsOk := or $v.autoscaling.keda.authenticationRef (eq (toString (index $kedaMeta "tls" | default "")) "enable") }}
 {{- if and $v.autoscaling.keda.enabled (or (and (has $protocol (list "SASL_SSL" "SASL_PLAINTEXT")) (not $saslOk)) (and (eq $protocol "SSL") (not $tlsOk))) }}
-{{- fail (printf "kafka.config.security.protocol is %s but KEDA's Kafka trigger has no credentials: it could not read the lag and would never scale. Set autoscaling.keda.authenticationRef to a TriggerAuthentication (and autoscaling.keda.extraMetadata, e.g. {sasl: scram_sha512, tls: enable})" $protocol) }}
+{{- fail (printf "the security protocol is %s but KEDA's Kafka trigger has no credentials: it could not read the lag and would never scale. Set autoscaling.keda.authenticationRef to a TriggerAuthentication (and autoscaling.keda.extraMetadata, e.g. %s)" $protocol (ternary "{tls: enable}" "{sasl: scram_sha512, tls: enable}" (eq $protocol "SSL"))) }}
 {{- end }}
 {{- /* The chart's own trigger keys: another value written after them wins in Kubernetes
    (the last of duplicate YAML keys), e.g. another consumerGroup than the workers'. */}}
-{{- range $key := list "bootstrapServers" "consumerGroup" "topic" "lagThreshold" "activationLagThreshold" "offsetResetPolicy" "allowIdleConsumers" "limitToPartitionsWithLag" "excludePersistentLag" }}
+{{- range $key := list "bootstrapServers" "consumerGroup" "topic" "bootstrapServersFromEnv" "consumerGroupFromEnv" "topicFromEnv" "lagThreshold" "activationLagThreshold" "offsetResetPolicy" "allowIdleConsumers" "limitToPartitionsWithLag" "excludePersistentLag" }}
 {{- if and $v.autoscaling.keda.enabled (hasKey $kedaMeta $key) }}
 {{- fail (printf "autoscaling.keda.extraMetadata.%s is set by the chart: use the autoscaling.keda value of that name (consumerGroup, topic and bootstrapServers follow kafka.groupId, kafka.topics and kafka.bootstrapServers)" $key) }}
 {{- end }}
