@@ -994,7 +994,7 @@ def _head_layout(schema: Mapping[str, Any]) -> tuple[tuple[str, int | None, bool
         kind = field["type"]
         if kind == "string":
             branch = None
-        elif isinstance(kind, list) and sorted(kind) == ["null", "string"]:
+        elif kind in (["null", "string"], ["string", "null"]):
             branch = kind.index("string")
         else:
             return ()
@@ -1014,7 +1014,8 @@ def envelope_of(data: bytes, lookup: SchemaLookup) -> dict[str, str] | None:
     Why: most events on a Signal topic are dropped on these fields alone (no userId, an
     unmapped name). fastavro reads a whole event in ~15 µs, this head in ~2 µs. The rest of
     an event dropped so is never read, so a corrupt tail behind it is not noticed (it
-    would not be sent either way; a decoded event's tail is checked as before).
+    would not be sent either way; a decoded event's tail is checked as before). The
+    lookup's exceptions (`SchemaNotCached`, KeyError) propagate: the caller decides.
     """
     if len(data) < _HEADER.size or data[0] != MAGIC_BYTE or not _HEAD:
         return None

@@ -863,6 +863,14 @@ def _kafka_value_problem(key: str, value: str) -> str | None:
     return None
 
 
+def _librdkafka_bool(value: str) -> bool | None:
+    """A boolean setting as librdkafka reads it (`true`/`t`/`1`, `false`/`f`/`0`, any case);
+    None for anything else (librdkafka refuses it: `check_clients` says so). Read apart, `t`
+    was true to librdkafka and "not idempotent" to a note (review "whole46")."""
+    return {"true": True, "t": True, "1": True,
+            "false": False, "f": False, "0": False}.get(value.strip().lower())
+
+
 def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret]:
     extra: dict[str, str | Secret] = {}
     for name in sorted(reader.env):
@@ -921,12 +929,12 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
                 f"{name} applies to the produce tool only: the dead-letter and replay "
                 "producers write one record per batch (a broker checks a topic's "
                 "max.message.bytes per batch)")
-        if key == "allow.auto.create.topics" and value.strip().lower() in ("false", "f", "0"):
+        if key == "allow.auto.create.topics" and _librdkafka_bool(value) is False:
             reader.notes.append(
                 f"{name}={value!r} keeps the consumer from creating source topics; the "
                 "dead-letter producer may still create the DLQ topic where the brokers "
                 "allow it (create it beforehand to choose its partitions and retention)")
-        if key == "enable.idempotence" and value.strip().lower() not in ("true", "1"):
+        if key == "enable.idempotence" and _librdkafka_bool(value) is False:
             # Taken (brokers without the IdempotentWrite permission, Azure Event Hubs):
             # acks=all still makes a dead letter durable; a retry may write it twice.
             reader.notes.append(

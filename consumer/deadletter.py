@@ -447,13 +447,6 @@ class DlqWritable:
             self._pending.pop(token, None)
             self._errors.pop(token, None)
 
-    def stuck_for(self) -> float:
-        """Seconds the oldest pending dead letter has waited (0 when none)."""
-        with self._lock:
-            if not self._pending:
-                return 0.0
-            return self._clock() - min(self._pending.values())
-
     def problem(self) -> str | None:
         """A readiness check: None while dead letters get written in time. Read under one
         hold of the lock: the probe thread read the wait, then the oldest record, and one
@@ -489,25 +482,24 @@ class DlqGuard:
         self._max_ratio = max_ratio
         self._window = window
         self._max_consecutive = max_consecutive
-        # Dead letters by stream position, ascending (the window's count, by bisection),
-        # and their runs of adjacent positions both ways (first → last, last → first): a
-        # dead letter joins the run ending just before it and the one starting just after
-        # it at once. Walking the run and summing the window per dead letter grew with
-        # them: with the limits raised to drain a bad run (README), ~5 ms a dead letter at
-        # a run of 50,000 (review "scale46"). Other outcomes need no record: a position
-        # not dead (good, or not known yet) ends a run and adds nothing to the window. The
-        # memory is of dead letters only: one finishing late still joins the runs beside
-        # it, however many good events finished meanwhile (it once forgot them after
-        # ~2 × `_keep` outcomes of any kind).
+        # Dead letters by stream position, ascending and each once: the window's count is
+        # two bisections, and so is a run's length, since positions p..q are all dead
+        # exactly where their places in the list are q - p apart (`_run`). Walking the run
+        # and summing the window per dead letter grew with them: with the limits raised to
+        # drain a bad run (README), ~5 ms a dead letter at a run of 50,000 (review
+        # "scale46"). Other outcomes need no record: a position not dead (good, or not
+        # known yet) ends a run and adds nothing to the window. The memory is of dead
+        # letters only (a late one still joins the runs beside it, however many good
+        # events finished meanwhile): ~36 bytes each, at most 2 × `_keep` of them.
         self._dead: list[int] = []
-        self._run_last: dict[int, int] = {}
-        self._run_first: dict[int, int] = {}
         self._keep = 2 * max(window, max_consecutive) + 1024
         self._numbered = itertools.count(1)
         self.tripped_reason: str | None = None
 
     def record_success(self, seq: int | None = None) -> None:
-        self._seq(seq)  # numbered as it comes when no position is given
+        """Nothing to record (a position not dead ends runs and adds nothing to the
+        window); the outcome is numbered when no position is given."""
+        self._seq(seq)
 
     def allow_dead_letter(self, seq: int | None = None) -> bool:
         """Count one more dead letter; False (and trip) if that would pass a limit."""
@@ -524,9 +516,7 @@ class DlqGuard:
         # decided at intake) ends the run: one bad event in four, with good ones in
         # flight, read as "51 consecutive dead letters" (review "replay17"). When it ends
         # dead after all, its own count joins both sides.
-        first = self._run_first.get(at - 1, at)
-        last = self._run_last.get(at + 1, at)
-        run = last - first + 1
+        run = self._run(index, at)
         if run > self._max_consecutive:
             self.tripped_reason = (
                 f"{run} consecutive dead letters (limit {self._max_consecutive})")
@@ -543,28 +533,41 @@ class DlqGuard:
                     f"{count / size:.2f} > {self._max_ratio:g}"
                 )
                 return False
-        self._record_dead(at, first, last, index)
+        dead.insert(index, at)  # at the end in the common case: in stream order
+        if len(dead) > 2 * self._keep:  # amortised: the oldest positions go
+            del dead[:-self._keep]
         return True
+
+    def _run(self, index: int, at: int) -> int:
+        """The run of adjacent dead positions `at` would make, `index` its place in `_dead`:
+        the run ending at `at` - 1 and the one starting at `at` + 1 joined through it. In a
+        sorted list of distinct positions, those from place i to place k are adjacent
+        exactly when `dead[k] - dead[i] == k - i`, and the places where it holds are a
+        block: each end is one bisection away."""
+        dead = self._dead
+        before = after = 0
+        if index and dead[index - 1] == at - 1:
+            k, low, high = index - 1, 0, index - 1
+            while low < high:  # the first place of the block ending at k
+                mid = (low + high) // 2
+                if dead[k] - dead[mid] == k - mid:
+                    high = mid
+                else:
+                    low = mid + 1
+            before = index - low
+        if index < len(dead) and dead[index] == at + 1:
+            low, high = index, len(dead) - 1
+            while low < high:  # the last place of the block starting at `index`
+                mid = (low + high + 1) // 2
+                if dead[mid] - dead[index] == mid - index:
+                    low = mid
+                else:
+                    high = mid - 1
+            after = low - index + 1
+        return before + 1 + after
 
     def _seq(self, seq: int | None) -> int:
         return next(self._numbered) if seq is None else seq
-
-    def _record_dead(self, at: int, first: int, last: int, index: int) -> None:
-        """`at` dead (its place in `_dead`: `index`), joining the runs `first`..`at` - 1 and
-        `at` + 1..`last` (either may be `at` alone)."""
-        if first != at:
-            del self._run_last[first], self._run_first[at - 1]
-        if last != at:
-            del self._run_last[at + 1], self._run_first[last]
-        self._run_last[first] = last
-        self._run_first[last] = first
-        self._dead.insert(index, at)  # at the end in the common case: in stream order
-        dead = self._dead
-        if len(dead) > 2 * self._keep:  # amortised: the oldest positions go
-            del dead[:-self._keep]
-            oldest = dead[0]
-            for gone in [f for f, lst in self._run_last.items() if lst < oldest]:
-                del self._run_first[self._run_last.pop(gone)]
 
 
 T = TypeVar("T")

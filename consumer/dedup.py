@@ -89,19 +89,19 @@ HUNG_AFTER = 2
 SKIP_FIRST_S = 1.0
 SKIP_MAX_S = 10.0
 BUSY_SEEN_MAX = 10_000  # keys whose other owner's claim is remembered (in flight: far fewer)
+
+T = TypeVar("T")
 V = TypeVar("V")
 
 
 def _pruned(entries: dict[str, V], live: Callable[[str, V], bool]) -> tuple[dict[str, V], int]:
     """`entries` past their cap: the live ones, and the next cap, twice as many (at least
     BUSY_SEEN_MAX), so a dict of many live entries is rebuilt once per as many more, not
-    on every busy answer (~1 ms each at 10,000, review "scale46"). None live is let go:
+    on every busy answer (~1 ms each at 10,000, review "scale46"). No live entry is let go:
     a claim seen busy is waited out while Redis hangs (README; dropping the oldest sent
     copies over other replicas' live claims, review "diff46b")."""
     kept = {key: value for key, value in entries.items() if live(key, value)}
     return kept, max(BUSY_SEEN_MAX, 2 * len(kept))
-
-T = TypeVar("T")
 
 
 class Outcome(Enum):

@@ -772,7 +772,7 @@ class Handler:
                 await permit.acquire()
             return False
         if claim.degraded:
-            event.unchecked = True  # counted once it is delivered (`_handle`), once an event
+            event.unchecked = True  # counted in `_handle` once delivered (once per event)
         return True
 
     async def _dedup_confirm(self, event: Event, endpoint: str) -> None:

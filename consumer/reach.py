@@ -234,6 +234,11 @@ def missing_dlq_problem(bootstrap: str, dlq_topic: str,
             "KAFKA_DLQ_TOPIC")
 
 
+def _compacts(policy: str) -> bool:
+    """A topic's `cleanup.policy` compacts it (`compact`, `compact,delete`)."""
+    return "compact" in policy.split(",")
+
+
 def _configs(admin: AdminClient, resource: ConfigResource, timeout: float) -> dict[str, str]:
     """A broker's or topic's settings (`DescribeConfigs`), empty when they cannot be read
     (no ACL for it, an old broker): the checks that use them then pass."""
@@ -242,6 +247,11 @@ def _configs(admin: AdminClient, resource: ConfigResource, timeout: float) -> di
             timeout)
     except Exception:
         return {}
+    return _values(entries)
+
+
+def _values(entries: Mapping[str, Any]) -> dict[str, str]:
+    """A DescribeConfigs answer's settings that have a value, as text."""
     return {name: str(entry.value) for name, entry in entries.items()
             if getattr(entry, "value", None) is not None}
 
@@ -262,8 +272,7 @@ def _topic_configs(admin: AdminClient, topics: Sequence[str],
             entries = futures[resource].result(max(0.0, deadline - time.monotonic()))
         except Exception:
             continue
-        found[resource.name] = {name: str(entry.value) for name, entry in entries.items()
-                                if getattr(entry, "value", None) is not None}
+        found[resource.name] = _values(entries)
     return found
 
 
@@ -304,7 +313,7 @@ def dlq_policy(admin: AdminClient, dlq_topic: str, timeout: float) -> str | None
     # Not readable: no verdict (the produce path still reports its refusals).
     value = _configs(admin, ConfigResource(ConfigResource.Type.TOPIC, dlq_topic),
                      timeout).get("cleanup.policy", "")
-    if "compact" not in value.split(","):
+    if not _compacts(value):
         return None
     return (f"the DLQ topic {dlq_topic!r} has cleanup.policy={value}: compaction keeps one "
             "dead letter per user (a dead tombstone deletes the user's others) and refuses "
@@ -335,7 +344,7 @@ def compacted_sources(conf: Mapping[str, Any], topics: Iterable[str],
     warnings = []
     for topic, configs in _topic_configs(admin, wanted, timeout).items():
         policy = configs.get("cleanup.policy", "")
-        if "compact" not in policy.split(","):
+        if not _compacts(policy):
             continue
         lag = configs.get("min.compaction.lag.ms", "0")
         if lag.isdigit() and int(lag) >= COMPACTION_LAG_SAFE_MS:

@@ -848,7 +848,7 @@ def test_envelope_of_leaves_to_decode_what_it_cannot_read_plainly() -> None:
     cut = wire.replace(b"\x04u1", b"\x04u\xe2", 1)
     assert codec.envelope_of(cut, own_schema) is None
     assert codec.decode(cut, own_schema).cut == frozenset({"userId"})
-    # an unknown schema id raises as decode's lookup does (the caller decides)
+    # the lookup's exception propagates (decode maps KeyError; the caller decides here)
     with pytest.raises(KeyError):
         codec.envelope_of(wire, lambda _id: cast(dict[int, Any], {})[_id])
 

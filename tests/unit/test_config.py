@@ -1318,6 +1318,10 @@ def test_a_producer_without_idempotence_is_taken_with_a_note() -> None:
                for note in settings.notes)
     # ... but not with acks below all: an acknowledged dead letter could be lost.
     assert "acks=all" in problem(KAFKA_ENABLE_IDEMPOTENCE="false", KAFKA_ACKS="1")
+    # librdkafka's other spellings of a boolean read alike (review "whole46": `t` is true
+    # to librdkafka and was "not idempotent" to the note)
+    assert load(KAFKA_ENABLE_IDEMPOTENCE="T").notes == ()
+    assert len(load(KAFKA_ENABLE_IDEMPOTENCE="f").notes) == 1
 
 
 def test_log_secrets_hold_the_registry_proxys_and_the_kafka_secrets() -> None:
