@@ -674,16 +674,9 @@ class GuardHold(Generic[T]):
         # Only those held `horizon` - RECENT_MAX outcomes ago or more can have read
         # `horizon` (`base` is at most the `_recent` window), or held `max_s`: the first.
         read_by = self._read - self._horizon + (self._recent.maxlen or 0)
-        candidates = 0
-        for entry in held:
-            if entry.read_at > read_by and now - entry.since < self._max_s:
-                break
-            candidates += 1
-        if not candidates:
-            return []
         out: list[_Held[T]] = []
         kept: list[_Held[T]] = []
-        for _ in range(candidates):
+        while held and (held[0].read_at <= read_by or now - held[0].since >= self._max_s):
             entry = held.popleft()
             if self._past(entry) >= self._horizon or now - entry.since >= self._max_s:
                 out.append(entry)

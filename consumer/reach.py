@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -39,6 +39,9 @@ from consumer.errors import (
 from consumer.librdkafka import DLQ_PRODUCER, SESSION_TIMEOUT_MS, producer_settings
 from consumer.redaction import Redactor, kafka_secrets
 from consumer.registry import RegistryError, RegistryUnusable, RestClient
+
+if TYPE_CHECKING:  # redis is imported only where Redis is used
+    from consumer.redisstore import CallObserver
 
 __all__ = [
     "Unreachable", "compacted_sources", "dlq_policy_now", "kafka", "redis", "registry",
@@ -242,27 +245,16 @@ def _compacts(policy: str) -> bool:
 def _configs(admin: AdminClient, resource: ConfigResource, timeout: float) -> dict[str, str]:
     """A broker's or topic's settings (`DescribeConfigs`), empty when they cannot be read
     (no ACL for it, an old broker): the checks that use them then pass."""
+    return _described(admin, [resource], timeout).get(resource.name, {})
+
+
+def _described(admin: AdminClient, resources: Sequence[ConfigResource],
+               timeout: float) -> dict[str, dict[str, str]]:
+    """Each resource's settings that have a value, as text, by name: one request, all
+    answers within `timeout` (one wait per topic held start-up for topics × timeout;
+    review "diff46b"); those not read are left out."""
     try:
-        entries = admin.describe_configs([resource], request_timeout=timeout)[resource].result(
-            timeout)
-    except Exception:
-        return {}
-    return _values(entries)
-
-
-def _values(entries: Mapping[str, Any]) -> dict[str, str]:
-    """A DescribeConfigs answer's settings that have a value, as text."""
-    return {name: str(entry.value) for name, entry in entries.items()
-            if getattr(entry, "value", None) is not None}
-
-
-def _topic_configs(admin: AdminClient, topics: Sequence[str],
-                   timeout: float) -> dict[str, dict[str, str]]:
-    """Each topic's settings in one request, all within `timeout` (one wait per topic held
-    start-up for topics × timeout; review "diff46b"); those not read are left out."""
-    resources = [ConfigResource(ConfigResource.Type.TOPIC, topic) for topic in topics]
-    try:
-        futures = admin.describe_configs(resources, request_timeout=timeout)
+        futures = admin.describe_configs(list(resources), request_timeout=timeout)
     except Exception:
         return {}
     deadline = time.monotonic() + timeout
@@ -272,7 +264,8 @@ def _topic_configs(admin: AdminClient, topics: Sequence[str],
             entries = futures[resource].result(max(0.0, deadline - time.monotonic()))
         except Exception:
             continue
-        found[resource.name] = _values(entries)
+        found[resource.name] = {name: str(entry.value) for name, entry in entries.items()
+                                if getattr(entry, "value", None) is not None}
     return found
 
 
@@ -342,7 +335,8 @@ def compacted_sources(conf: Mapping[str, Any], topics: Iterable[str],
     settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _SILENT}
     admin = AdminClient(settings)
     warnings = []
-    for topic, configs in _topic_configs(admin, wanted, timeout).items():
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, topic) for topic in wanted]
+    for topic, configs in _described(admin, resources, timeout).items():
         policy = configs.get("cleanup.policy", "")
         if not _compacts(policy):
             continue
@@ -496,7 +490,7 @@ denies: a setting to fix, not an outage. (A read-only replica is waited for inst
 
 
 def redis_refusal(settings: Settings, timeout: float,
-                  observe: Callable[[str, float, str | None], None] | None = None) -> str | None:
+                  observe: CallObserver | None = None) -> str | None:
     """`run`'s start-up: Redis answered and refused the credentials. Falling back like for
     an outage, a wrong password ran every replica without deduplication and on its
     partition share for ever, ready and green (review config25). None when Redis is not

@@ -340,7 +340,9 @@ def test_the_source_topics_settings_are_read_in_one_request_within_one_timeout()
 
     admin = Admin()
     started = time.monotonic()
-    found = reach._topic_configs(cast(Any, admin), ["c", "s1", "s2", "s3", "s4", "s5"], 0.3)
+    topics = [ConfigResource(ConfigResource.Type.TOPIC, name)
+              for name in ("c", "s1", "s2", "s3", "s4", "s5")]
+    found = reach._described(cast(Any, admin), topics, 0.3)
     assert time.monotonic() - started < 0.9, "one timeout for all, not one each (1.5 s)"
     assert admin.calls == [["c", "s1", "s2", "s3", "s4", "s5"]]
     assert found == {"c": {"cleanup.policy": "compact"}}
