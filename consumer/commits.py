@@ -58,6 +58,14 @@ class Commits:
         # the old log until the new one is read up to it, so `passed` ignores it until
         # it is no further than the new log's last offset taken + 1.
         self._old_position: set[TP] = set()
+        # The window's count, kept per partition and in total (`in_window_by_family`):
+        # summed over every partition on each ask, it cost ~0.35 ms a loop pass at 1,000
+        # partitions, on the drop path too. A method that may change a tracker's window
+        # (`sent`, `held`, `finished`, `committed`, a new or released tracker) marks its
+        # partition (`_touched`); an ask counts the marked ones again.
+        self._touched: set[TP] = set()
+        self._risk: dict[TP, dict[str, int]] = {}
+        self._risk_total: dict[str, int] = {}
 
     # -- partitions (poll thread) -------------------------------------------------------
     def assign(self, parts: Iterable[TP]) -> None:
@@ -69,6 +77,7 @@ class Commits:
     def _track_anew(self, tp: TP) -> None:
         """A fresh tracker and commit record for `tp`, under a new generation. Lock held."""
         self._offsets[tp] = PartitionOffsets()
+        self._touched.add(tp)
         self._generations[tp] = self._latest[tp] = next(self._next_generation)
         for known in (self._committed, self._requested, self._notes,
                       self._committed_notes, self._unanswered):
@@ -150,6 +159,7 @@ class Commits:
             for tp in parts:
                 self._offsets.pop(tp, None)
                 self._generations.pop(tp, None)
+                self._touched.add(tp)
 
     # -- events (event loop) ------------------------------------------------------------
     def take(self, tp: TP, offset: int) -> int:
@@ -196,6 +206,7 @@ class Commits:
             tracker = self._offsets.get(tp)
             if tracker is not None:
                 tracker.sent(offset, family)
+                self._touched.add(tp)
 
     def finish(self, tp: TP, offset: int, generation: int | None = None) -> None:
         """The event has its outcome (delivered, dropped, dead-lettered and acked);
@@ -206,6 +217,7 @@ class Commits:
             if tracker is not None and (generation is None
                                         or generation == self._generations.get(tp)):
                 tracker.finished(offset)
+                self._touched.add(tp)
 
     def hold(self, tp: TP, offset: int, generation: int | None = None) -> None:
         """The event's dead letter is written, and its commit waits for the DLQ guard: out
@@ -215,6 +227,7 @@ class Commits:
             if tracker is not None and (generation is None
                                         or generation == self._generations.get(tp)):
                 tracker.held(offset)
+                self._touched.add(tp)
 
     def settled(self) -> list[TP]:
         """Assigned partitions with every taken offset finished: where the consumer's
@@ -254,16 +267,31 @@ class Commits:
         """Events sent or sending and not committed, per window family: what a crash now
         would send again (each family is bounded by WORKER_MAX_IN_FLIGHT)."""
         with self._lock:
-            total: dict[str, int] = {}
-            for tracker in self._offsets.values():
-                for family, n in tracker.at_risk_by_family.items():
-                    total[family] = total.get(family, 0) + n
-            return total
+            self._count_touched()
+            return {family: n for family, n in self._risk_total.items() if n}
 
     def in_window_by_partition(self) -> dict[TP, int]:
         """Events in the window per assigned partition, all families (fair intake)."""
         with self._lock:
-            return {tp: tracker.at_risk for tp, tracker in self._offsets.items()}
+            self._count_touched()
+            risk = self._risk
+            return {tp: sum(risk[tp].values()) if tp in risk else 0 for tp in self._offsets}
+
+    def _count_touched(self) -> None:
+        """Count the window of the partitions touched since the last ask again. Lock held."""
+        total = self._risk_total
+        for tp in self._touched:
+            old = self._risk.pop(tp, None)
+            if old:
+                for family, n in old.items():
+                    total[family] -= n
+            tracker = self._offsets.get(tp)
+            new = tracker.at_risk_by_family if tracker is not None else None
+            if new:
+                self._risk[tp] = new
+                for family, n in new.items():
+                    total[family] = total.get(family, 0) + n
+        self._touched.clear()
 
     # -- commits (poll thread) ----------------------------------------------------------
     def due(self, parts: Iterable[TP] | None = None, *, pipelined: bool = False,
@@ -353,10 +381,12 @@ class Commits:
                         # The same offset with another note: what it names now (more, or
                         # less: a longer note the broker refused was committed without).
                         tracker.committed(offset, decode_note(note, offset))
+                        self._touched.add(tp)
                     continue
                 self._committed[tp] = offset
                 if tracker is not None:
                     tracker.committed(offset, decode_note(note or "", offset))
+                    self._touched.add(tp)
                     fresh.append((tp, offset))
         return fresh
 

@@ -358,3 +358,76 @@ def test_a_disowned_note_is_not_named_again_in_this_owners_commits() -> None:
     offset, note = commits.due_noted()[_TP]
     assert offset == 0
     assert decode_note(note, 0).ranges == [(1, 1)]
+
+
+def _window_recounted(commits: Commits) -> dict[str, int]:
+    """The window summed over every tracker, as `in_window_by_family` did before it kept
+    its count per partition."""
+    total: dict[str, int] = {}
+    for tracker in commits._offsets.values():
+        for family, n in tracker.at_risk_by_family.items():
+            total[family] = total.get(family, 0) + n
+    return total
+
+
+def test_the_kept_window_count_matches_a_recount_after_any_steps() -> None:
+    """`in_window_by_family` counts again only the partitions a step touched since it was
+    last asked. Whatever the steps (assign, take, send, drop, hold, finish, restart,
+    release, notes inherited and disowned, commits requested, acknowledged and failed,
+    positions passed), and however often it is asked between them, it equals the window
+    summed over every partition, and `in_window_by_partition` each partition's part."""
+    rng = random.Random(47)
+    families = ["track", "identify", "company"]
+    parts: list[TP] = [("t", p) for p in range(6)]
+    for _ in range(150):
+        commits = Commits()
+        commits.assign(parts[:4])
+        next_offset = dict.fromkeys(parts, 0)
+        taken: list[tuple[TP, int, int]] = []
+        for _step in range(rng.randrange(20, 160)):
+            tp = rng.choice(parts)
+            roll = rng.random()
+            if roll < 0.3:
+                offset = next_offset[tp]
+                next_offset[tp] += 1
+                generation = commits.take(tp, offset)
+                if rng.random() < 0.5:  # a take alone leaves the window as it was
+                    assert commits.in_window_by_family() == _window_recounted(commits)
+                if generation:
+                    commits.sending(tp, offset, rng.choice(families))
+                    taken.append((tp, offset, generation))
+            elif roll < 0.4:
+                next_offset[tp] += rng.randrange(1, 4)
+                commits.dropped({tp: next_offset[tp] - 1})
+            elif roll < 0.55 and taken:
+                tp, offset, generation = taken.pop(rng.randrange(len(taken)))
+                commits.finish(tp, offset, generation)
+            elif roll < 0.6 and taken:
+                tp, offset, generation = rng.choice(taken)
+                commits.hold(tp, offset, generation)
+            elif roll < 0.72:
+                due = commits.due_noted(None, pipelined=True)
+                commits.requested({t: o for t, (o, _) in due.items()},
+                                  {t: n for t, (_, n) in due.items()})
+                if rng.random() < 0.8:
+                    commits.acknowledged([(t, o) for t, (o, _) in due.items()])
+                else:
+                    commits.acknowledged([], list(due))
+            elif roll < 0.76:
+                commits.passed({tp: next_offset[tp] + rng.randrange(0, 3)})
+            elif roll < 0.8:
+                commits.restart(tp)
+            elif roll < 0.84:
+                commits.release([tp])
+            elif roll < 0.88:
+                commits.assign([tp])
+            elif roll < 0.92:
+                base = next_offset[tp]
+                commits.inherit({tp: Finished([(base + 2, base + 4)], base)})
+            elif roll < 0.94:
+                commits.disown(tp)
+            if rng.random() < 0.5:
+                assert commits.in_window_by_family() == _window_recounted(commits)
+                assert commits.in_window_by_partition() == {
+                    t: tracker.at_risk for t, tracker in commits._offsets.items()}
+        assert commits.in_window_by_family() == _window_recounted(commits)
