@@ -34,7 +34,7 @@ from consumer.errors import ConfigError, WorkerError
 from consumer.logs import error_line
 from consumer.replay import add_arguments as add_replay_arguments
 from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
-from consumer.stdout import stdout_gone, write_line
+from consumer.stdout import json_line, stdout_gone, write_line
 
 if TYPE_CHECKING:
     from consumer.config import Settings
@@ -341,7 +341,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         with stream:
             for doc in explain_lines(_lines(stream), settings):
                 valid = valid and is_valid(doc)
-                text = json.dumps(doc, ensure_ascii=False)
+                text = json_line(doc)  # one line whatever an id holds (review "ids47")
                 try:
                     line = text.encode("utf-8")
                 except UnicodeEncodeError:  # a lone surrogate in a refused key: escape it

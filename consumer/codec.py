@@ -509,6 +509,8 @@ _ENVELOPE_STRINGS = (
     "event", "name", "userId", "anonymousId", "groupId",
     "timestamp", "messageId", "receivedAt", "sentAt",
 )
+_REFUSED_SURROGATES = frozenset(("userId", "groupId", "messageId"))
+"""Ids a lone surrogate is refused in (`to_record`), not replaced: each names one record."""
 _JSON_FIELDS = ("properties", "traits")
 _JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 _SUBRECORDS: dict[str, tuple[str, ...]] = {
@@ -643,6 +645,12 @@ def to_record(event: Mapping[str, Any]) -> dict[str, Any]:
         value = event.get(key)
         if value is not None and not isinstance(value, str):
             raise InvalidEvent(f"{key} must be a string or null, not {type(value).__name__}")
+        if key in _REFUSED_SURROGATES and value is not None and has_surrogates(value):
+            # Replaced, "alice\ud83d" and "alice\ud83e" became one user (one company, one
+            # messageId), which the worker refuses for an id it can see was cut (README,
+            # Strings; review "ids47").
+            raise InvalidEvent(f"{key} holds a lone UTF-16 surrogate (an emoji cut in half): "
+                               "ids cut alike would name one Userpilot record; fix the id")
         record[key] = value if value is None else replace_surrogates(value)
     for key in _JSON_FIELDS:
         value = event.get(key)

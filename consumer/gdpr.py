@@ -115,6 +115,31 @@ def read_user_ids(lines: Iterable[str]) -> list[str]:
     return list(seen)
 
 
+def read_json_ids(lines: Iterable[str]) -> list[str]:
+    """One JSON string a line (`--json`), the id exactly as it decodes: blank lines ignored,
+    duplicates sent once.
+
+    The worker sends a `userId` holding a line break or a carriage return as it is, and
+    one id a line cannot name it: `"a\nb"` was read as the users `a` and `b` (two others,
+    deleted instead), `"c\r"` as `c` (review "ids47"). A line that is not a JSON string
+    is refused, with its number, before anything is sent."""
+    seen: dict[str, None] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:  # a byte order mark before the string is the file's, never the id's
+            value = json.loads(line.lstrip("\ufeff"))
+        except ValueError as exc:
+            raise ConfigError(f"line {number}: not JSON ({exc}); with --json each line is "
+                              'one id as a JSON string, e.g. "user\\n2"') from None
+        if not isinstance(value, str):
+            raise ConfigError(f"line {number}: a JSON {type(value).__name__}, not a string; "
+                              "with --json each line is one id as a JSON string")
+        if value:
+            seen.setdefault(value, None)
+    return list(seen)
+
+
 class _Users:
     """The ids of a run as the operator counts them: a line starting with a byte order mark
     is one user, though sent in two forms (`read_user_ids`); counted twice, a two-line file
@@ -434,6 +459,9 @@ def _said(exc: BaseException | None) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--file", help="user ids, one a line (default or '-': stdin)")
+    parser.add_argument("--json", action="store_true",
+                        help="each line is one id as a JSON string (ids holding a line "
+                        "break or other control character)")
     parser.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
         help=f"ids per request, 1-{MAX_BATCH_SIZE} (default {DEFAULT_BATCH_SIZE})",
@@ -447,7 +475,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read and batch the ids, print the plan, send nothing")
 
 
-def _read(path: str | None, stdin: IO[str] | None) -> list[str]:
+def _read(path: str | None, stdin: IO[str] | None, *, as_json: bool = False) -> list[str]:
+    read = read_json_ids if as_json else read_user_ids
     if path is None or path == "-":
         if stdin is None:  # `<&-`: the shell closed it
             raise ConfigError("cannot read user ids from stdin: it is closed")
@@ -455,17 +484,17 @@ def _read(path: str | None, stdin: IO[str] | None) -> list[str]:
         # stream's decoding let a bad byte through to a traceback after some batches went.
         raw = getattr(stdin, "buffer", None)
         if raw is None:
-            return read_user_ids(stdin)
+            return read(stdin)
         try:
             text = raw.read().decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError(f"cannot read user ids from stdin: {exc}") from None
         # Lines as `open()` reads the file (universal newlines: \n, \r\n, \r only):
         # str.splitlines also splits at U+2028, NEL, FF, VT, ..., which cut one id in two.
-        return read_user_ids(io.StringIO(text, newline=None))
+        return read(io.StringIO(text, newline=None))
     try:
         with open(path, encoding="utf-8") as stream:
-            return read_user_ids(stream)
+            return read(stream)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read user ids from {path!r}: {exc}") from None
 
@@ -556,7 +585,8 @@ def main(
                           f"(default {DEFAULT_BATCH_SIZE})")
     if not 0 <= args.interval <= MAX_INTERVAL_S:
         raise ConfigError(f"--interval must be 0 to {MAX_INTERVAL_S:g} seconds (Userpilot: 2)")
-    user_ids = _read(args.file, sys.stdin if stdin is None else stdin)
+    user_ids = _read(args.file, sys.stdin if stdin is None else stdin,
+                     as_json=args.json)
 
     def log(line: str) -> None:
         print(f"delete-users: {line}", file=err, flush=True)

@@ -11,7 +11,6 @@ a broker that is down from writing ~45 lines a second: one line per broker and k
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -22,6 +21,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from consumer.redaction import Redactor
+from consumer.stdout import json_line
 
 __all__ = ["CURRENT_EVENT", "LIBRDKAFKA_LOGGER", "QUIET_LOGGERS", "RateLimit",
            "configure_command_logging", "configure_logging", "error_line", "event_fields",
@@ -37,9 +37,12 @@ _FIELDS = ("topic", "partition", "offset", "message_id")
 MESSAGE_ID_CHARS = 128
 """A messageId longer than this is cut in log lines (a 100,000-character one made a line
 that container runtimes split at 16 KB)."""
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e"
+                      "\u2066-\u2069]")
 """What a text line escapes: C0 and C1 controls (U+0085 is a line break to `splitlines` and
-log shippers, U+009B a terminal's CSI; review "sec45") and the Unicode line breaks."""
+log shippers, U+009B a terminal's CSI; review "sec45"), the Unicode line breaks, and the
+bidirectional controls (U+202E in a messageId showed the rest of the line reversed; review
+"ids47"): `stdout.ESCAPES` and the C0 controls."""
 
 
 def shown_id(text: str) -> str:
@@ -139,18 +142,11 @@ class _Json(logging.Formatter):
             for key, value in doc.items():
                 if isinstance(value, str):
                     doc[key] = self._redact(value, edges=False)
-        line = json.dumps(doc, ensure_ascii=False, default=str)
         # Valid JSON either way, but U+2028, U+2029 and U+0085 are line breaks to
         # `str.splitlines` and some shippers: one in a messageId split the record in two
         # (review "logs44"). Escaped, as the text formatter escapes them, with the other
-        # C1 controls.
-        return line.translate(_LINE_BREAKS) if _BREAKS.search(line) else line
-
-
-_LINE_BREAKS = {code: f"\\u{code:04x}" for code in (0x2028, 0x2029, *range(0x7F, 0xA0))}
-_BREAKS = re.compile("[\u2028\u2029\x7f-\x9f]")
-"""Left raw by `json.dumps`: the Unicode line breaks and DEL and the C1 controls (U+0085 a
-line break to shippers, U+009B a terminal's CSI; review "diff45c")."""
+        # C1 controls (review "diff45c") and the bidirectional ones (`stdout.json_line`).
+        return json_line(doc, default=str)
 
 
 def error_line(text: str, env: Mapping[str, str] | None = None) -> None:

@@ -62,7 +62,7 @@ from consumer.errors import ConfigError
 from consumer.kafka import make_producer
 from consumer.librdkafka import consumer_settings
 from consumer.metrics import DEAD_LETTER_REASONS
-from consumer.stdout import stdout_gone
+from consumer.stdout import json_line, stdout_gone
 
 __all__ = [
     "CALLS", "Filters", "SeenSources", "Source", "Summary", "add_arguments", "decide",
@@ -940,7 +940,7 @@ def _stdout_json(doc: Mapping[str, Any]) -> bool:
     same (review "replay41")."""
     try:
         try:
-            print(json.dumps(doc, ensure_ascii=False), file=sys.stdout)
+            print(json_line(doc), file=sys.stdout)  # one line whatever a key holds
         except UnicodeEncodeError:
             print(json.dumps(doc), file=sys.stdout)
     except BrokenPipeError:

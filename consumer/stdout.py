@@ -5,11 +5,30 @@ Thread rule: the command-line tools' main thread only.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
-from typing import IO
+from collections.abc import Callable
+from typing import IO, Any
 
-__all__ = ["stdout_gone", "write_line"]
+__all__ = ["json_line", "stdout_gone", "write_line"]
+
+_UNSAFE = (0x2028, 0x2029, *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F,
+           *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+ESCAPES = {code: f"\\u{code:04x}" for code in _UNSAFE}
+"""What `json.dumps(ensure_ascii=False)` leaves raw and a reader must not get raw: the
+Unicode line breaks and U+0085 (line breaks to `str.splitlines` and log shippers: one in an
+id split a record in two, reviews "logs44", "ids47"), DEL and the C1 controls (U+009B is a
+terminal's CSI), and the bidirectional controls (U+202E shows the rest of a line reversed:
+an id could disguise what follows it, review "ids47")."""
+_RAW = re.compile("[" + "".join(chr(code) for code in _UNSAFE) + "]")
+
+
+def json_line(doc: Any, default: Callable[[Any], Any] | None = None) -> str:
+    """`doc` as one line of JSON, non-ASCII text kept readable but for `ESCAPES`."""
+    line = json.dumps(doc, ensure_ascii=False, default=default)
+    return line.translate(ESCAPES) if _RAW.search(line) else line
 
 
 def stdout_gone() -> None:

@@ -157,15 +157,28 @@ def test_a_huge_integer_is_left_out_and_named_as_the_worker_does() -> None:
     assert any("huge" in str(field) for field in doc["omitted"]), doc
 
 
-def test_a_lone_surrogate_in_an_id_is_noted_as_replaced() -> None:
+def test_a_lone_surrogate_in_the_envelope_is_noted_as_replaced() -> None:
     """The envelope's strings are replaced in the record, before the worker parses any
-    JSON text: explain showed the changed user_id with no note (review "seed23")."""
-    text = ('{"type": "track", "event": "Feature Used", "userId": "abc\\ud83d", '
-            '"context": {"consent": {"analytics": true}}, "properties": {"a": "x\\udc00"}}')
+    JSON text: explain showed the changed string with no note (review "seed23")."""
+    text = ('{"type": "track", "event": "Feature Used", "userId": "abc", '
+            '"anonymousId": "a\\ud83d", "context": {"consent": {"analytics": true}}, '
+            '"properties": {"a": "x\\udc00"}}')
     (doc,) = explain_lines([text], SETTINGS)
     assert doc["decision"] == "deliver", doc
-    assert doc["request"]["body"]["user_id"] == "abc\ufffd"
+    assert doc["request"]["body"]["metadata"] == {"a": "x\ufffd"}
     assert doc["replaced_surrogates"] == 2
+
+
+@pytest.mark.parametrize("field", ["userId", "groupId", "messageId"])
+def test_a_lone_surrogate_in_an_id_is_refused_as_produce_refuses_it(field: str) -> None:
+    """Review "ids47": replaced, "alice\\ud83d" and "alice\\ud83e" were one user in
+    Userpilot (one company, one messageId), which the worker refuses for an id it sees cut."""
+    text = ('{"type": "group", "userId": "u1", "groupId": "g1", "messageId": "m1", '
+            '"context": {"consent": {"analytics": true}}}').replace(
+                f'"{field}": "', f'"{field}": "\\ud83d')
+    (doc,) = explain_lines([text], SETTINGS)
+    assert doc["decision"] == "dead_letter", doc
+    assert doc["reason"].startswith(f"invalid event: {field} holds a lone UTF-16 surrogate")
 
 
 @pytest.mark.parametrize("literal", ["1e400", "-1e400", "NaN", "Infinity"])

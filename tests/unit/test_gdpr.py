@@ -34,6 +34,7 @@ from consumer.gdpr import (
     delete_users,
     main,
     padded,
+    read_json_ids,
     read_user_ids,
 )
 from tests.unit.test_reach import answering
@@ -706,3 +707,33 @@ def test_a_user_whose_two_forms_both_fail_is_one_failure() -> None:
     refused = Rejected("HTTP 400", status=400)
     summary, _, _, _ = run(ids, [refused, refused], size=1)
     assert (summary.requested, summary.failed, summary.ok) == (1, 1, False)
+
+
+def test_json_lines_name_ids_holding_line_breaks_exactly(
+    streams: tuple[io.StringIO, io.StringIO]
+) -> None:
+    """Review "ids47": the worker sends a userId holding a line break or a carriage return
+    as it is; one id a line read "a\\nb" as the users a and b, and "c\\r" as c, deleted
+    others instead and said it had deleted them. With --json each line is a JSON string."""
+    out, err = streams
+    stdin = io.StringIO('\ufeff"user\\nwith-newline"\n"crlf-user\\r"\n\n'
+                        '"crlf-user\\r"\n"\\u2028x"\n')
+    code = main(args("--json", "--dry-run", "--batch-size", "10"), env={}, stdin=stdin,
+                out=out, err=err)
+    assert code == 0
+    assert "users requested 3," in out.getvalue()
+    assert read_json_ids(['"user\\nwith-newline"', '"crlf-user\\r"']) == [
+        "user\nwith-newline", "crlf-user\r"]
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ("plain-id", "line 2: not JSON"), ("42", "line 2: a JSON int, not a string"),
+    ('["a"]', "line 2: a JSON list, not a string")])
+def test_json_lines_refuse_a_line_that_is_not_a_json_string_before_sending(
+    line: str, problem: str, streams: tuple[io.StringIO, io.StringIO]
+) -> None:
+    out, err = streams
+    with pytest.raises(ConfigError) as refused:
+        main(args("--json"), env=ENV, stdin=io.StringIO(f'"ok"\n{line}\n'), out=out, err=err)
+    assert problem in str(refused.value)
+    assert out.getvalue() == ""

@@ -361,3 +361,21 @@ def test_librdkafka_lines_of_ipv6_brokers_are_keyed_by_each_broker() -> None:
 
     keys = {RateLimit.key(line(host)) for host in ("[2001:db8::1]", "[2001:db8::2]")}
     assert len(keys) == 2, keys
+
+
+def test_bidirectional_controls_are_escaped_in_text_and_json_lines() -> None:
+    """Review "ids47": a messageId holding U+202E was written raw, and a terminal or viewer
+    showed the rest of the line reversed (an id could disguise what follows it)."""
+    from consumer import logs
+
+    record = logging.LogRecord("consumer.worker", logging.WARNING, __file__, 1,
+                               "dead-lettered", None, None)
+    controls = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+    record.__dict__.update(logs.event_fields("t", 0, 5, f"m{controls}x"))
+    text = logs._Text("%(message)s").format(record)
+    assert not set(controls) & set(text)
+    assert text.endswith("message_id=m\\u202a\\u202b\\u202c\\u202d\\u202e\\u2066\\u2067"
+                         "\\u2068\\u2069\\u200e\\u200f\\u061cx")
+    line = logs._Json().format(record)
+    assert not set(controls) & set(line)
+    assert json.loads(line)["message_id"] == f"m{controls}x"

@@ -804,3 +804,15 @@ def test_until_the_last_day_is_the_end_of_time() -> None:
         ["replay", "--from", "d", "--until", "9999-12-31"])
     assert args.until == datetime.max.replace(tzinfo=UTC)
     assert default_group("d", Filters(until=args.until)).startswith("userpilot-replay.d")
+
+
+def test_explain_writes_one_line_an_event_whatever_its_ids_hold() -> None:
+    """Review "ids47": U+2028, U+2029 and U+0085 were written raw in explain's JSON lines,
+    which `str.splitlines` and log shippers split (one event read as five lines)."""
+    line = ('{"type":"track","event":"Feature Used","userId":"u\\u2028a\\u2029b\\u0085c'
+            '\\u202ed","messageId":"m\\u2028","context":{"consent":{"analytics":true}}}\n')
+    result = cli(["explain"], {}, line.encode())
+    assert result.returncode == 0, result.stderr
+    (doc,) = [json.loads(x) for x in result.stdout.splitlines()]
+    assert doc["request"]["body"]["user_id"] == "u\u2028a\u2029b\u0085c\u202ed"
+    assert "\u202e" not in result.stdout

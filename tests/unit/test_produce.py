@@ -127,18 +127,27 @@ def test_a_refused_registration_is_one_redacted_line(monkeypatch: pytest.MonkeyP
     assert basic not in str(refused.value) and "S3CR3T-REG-pw" not in str(refused.value)
 
 
-def test_a_lone_surrogate_in_the_user_id_is_keyed_as_the_record_carries_it() -> None:
-    """The key was the input's own userId, encoded only while producing: a lone surrogate
+def test_a_lone_surrogate_in_the_anonymous_id_is_keyed_as_the_record_carries_it() -> None:
+    """The key was the input's own id, encoded only while producing: a lone surrogate
     (what a browser sends for an emoji cut in half) crashed the command with a traceback
-    after every earlier line was sent (review "seed23"). explain and run deliver it."""
-    line = ('{"type": "track", "event": "Feature Used", "userId": "abc\\ud83d", '
-            '"anonymousId": "a"}')
+    after every earlier line was sent (review "seed23")."""
+    line = '{"type": "track", "event": "Feature Used", "anonymousId": "abc\\ud83d"}'
     (parsed,) = parse_lines([line])
     assert parsed.key == "abc\ufffd".encode()
     ((key, value),) = list(encode_lines([parsed], 7))
     assert key == parsed.key
     decoded = codec.decode(value, lambda _id: codec.SCHEMA)
-    assert decoded["userId"] == "abc\ufffd"
+    assert decoded["anonymousId"] == "abc\ufffd"
+
+
+def test_a_lone_surrogate_in_a_user_id_refuses_the_file() -> None:
+    """Review "ids47": replaced, two users cut alike became one (README, Strings)."""
+    lines = ['{"type": "track", "event": "Feature Used", "userId": "alice\\ud83d"}',
+             '{"type": "track", "event": "Feature Used", "userId": "alice\\ud83e"}']
+    with pytest.raises(ProduceError) as refused:
+        parse_lines(lines)
+    assert "<stdin>:1: userId holds a lone UTF-16 surrogate" in str(refused.value)
+    assert "<stdin>:2: userId holds a lone UTF-16 surrogate" in str(refused.value)
 
 
 def test_an_integer_past_4300_digits_is_sent_as_explain_and_run_take_it() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -845,3 +846,15 @@ def test_a_dead_letter_written_without_its_key_is_listed_with_the_source_events_
     # diff44: another user's key was listed).
     line = listed(dlqfetch.Fetched(b"u_someone_else", b"other value"))
     assert line is not None and line["key"] is None and line["key_omitted"] == "mismatch"
+
+
+def test_a_dry_run_line_is_one_line_whatever_its_key_holds(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review "ids47": a dead letter keyed "dl-user\\u2028line2" made two lines of one in
+    `replay --dry-run`, README's way to find a user's dead letters."""
+    from consumer.replay import _stdout_json
+
+    assert _stdout_json({"key": "dl-user\u2028line2\u0085x\u202e"})
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1
+    assert json.loads(out)["key"] == "dl-user\u2028line2\u0085x\u202e"
