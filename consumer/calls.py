@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal, TypeAlias, get_args
 
 from consumer.mapping import (
@@ -257,7 +258,11 @@ def _id(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, float) and value.is_integer():
-        return js_number(value)  # 1e300 as "1e+300", as JavaScript writes it (seed34)
+        # Its shortest spelling's digits, as JavaScript writes them below 1e21 (seed34), and
+        # from there on too: "1e+21" and the integer 1000000000000000000000 (the same JSON
+        # number) were two companies (reviews "ids47", "spec47").
+        text = js_number(value)
+        return format(Decimal(repr(value)), "f") if "e" in text else text
     return None
 
 

@@ -120,8 +120,11 @@ def test_company_object_with_id_becomes_identify_company() -> None:
 @pytest.mark.parametrize(("company_id", "sent"), [
     (1.0, "1"), (1.5e20, "150000000000000000000"), (123, "123"), (0, "0"),
     # As JavaScript writes them, not their binary digits (review "seed34").
-    (12345678901234567890.0, "12345678901234567000"), (1e300, "1e+300"),
-    (12345678901234567890, "12345678901234567890")])
+    (12345678901234567890.0, "12345678901234567000"), (1e300, "1" + "0" * 300),
+    (12345678901234567890, "12345678901234567890"),
+    # One JSON number, spelled either way, is one company (reviews "ids47", "spec47").
+    (1e21, "1000000000000000000000"), (10**21, "1000000000000000000000"),
+    (-2.5e22, "-25000000000000000000000")])
 def test_an_integral_number_names_a_company_whichever_way_json_wrote_it(
         company_id: float, sent: str) -> None:
     """Review "events31": 1.0 was no id (1 was), and the company's fields went into the

@@ -453,3 +453,18 @@ def test_the_drop_rules_before_consent_read_only_what_the_head_holds(
 
     mappings = load_mappings({"events": {"Feature Used": "feature_used"}})
     assert envelope_drop(_Screened(doc), mappings) == envelope_drop(doc, mappings)
+
+
+@pytest.mark.parametrize(("consent", "expected"), [
+    ({"canonical": None}, None),  # null: as if absent, no consent data
+    ({"canonical": "granted"}, Drop("consent", "analytics")),
+    ({"canonical": False}, Drop("consent", "analytics")),
+    ({"canonical": []}, Drop("consent", "analytics")),
+    ({"canonical": "granted", "analytics": True}, None),  # the flat keys beside it decide
+])
+def test_a_canonical_that_is_not_an_object_grants_nothing_as_the_docs_say(
+        consent: Any, expected: Drop | None) -> None:
+    """Review "spec47": docs/mappings.md said such a `canonical` is ignored, which under
+    USERPILOT_CONSENT_MISSING=allow would deliver `{"canonical": false}`; it counts as a
+    value that grants no category, and the docs now say so."""
+    assert drop(event(consent), ALLOW_MISSING) == expected
