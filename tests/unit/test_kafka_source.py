@@ -448,3 +448,62 @@ def test_each_high_watermark_lookup_gets_a_slice_of_the_budget() -> None:
     marks = KafkaSource.high_watermarks(source, [("t", 0), ("t", 1), ("t", 2)], 5.0)
     assert marks == {("t", 0): 7, ("t", 1): -1, ("t", 2): 7}  # -1: asked, no answer
     assert timeouts and max(timeouts) <= WATERMARK_SLICE_S
+
+
+class _HungCoordinator:
+    """librdkafka's consumer with a coordinator that stopped answering: a synchronous
+    commit waits until `answer` is set (librdkafka's own wait has no bound)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.answer = threading.Event()
+        self.calls = 0
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
+        assert not asynchronous
+        self.calls += 1
+        self.answer.wait(30)
+        return offsets
+
+
+def test_a_synchronous_commit_is_given_up_after_its_bound(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "lifecycle47": a revoke's synchronous commit to a coordinator that stopped
+    answering held the rebalance callback, so the poll thread, for the whole outage (3 min
+    45 s measured; SIGTERM not served, the pod killed). It is waited for `sync_commit_s`."""
+    import time
+
+    src = source()
+    assert src.sync_commit_s == 10.0  # min(10 s, 0.2 × the default 300 s)
+    hung = _HungCoordinator()
+    src._consumer = hung  # type: ignore[assignment]
+    src.sync_commit_s = 0.2
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="consumer.kafka"):
+        assert not src.commit({("t", 0): 5}, wait=True)
+    assert time.monotonic() - started < 5
+    assert hung.calls == 1
+    assert "offset commit not answered in 0.2 s" in caplog.text
+    hung.answer.set()  # answered in time: done, as before
+    assert src.commit({("t", 0): 6}, wait=True)
+
+
+def test_the_synchronous_commit_bound_is_a_share_of_the_poll_interval() -> None:
+    """A revoke's drain already takes up to half of max.poll.interval.ms; its commit past
+    the rest would make the member leave the group mid-callback."""
+    src = KafkaSource({"bootstrap.servers": "127.0.0.1:1", "group.id": "unit",
+                       "max.poll.interval.ms": "20000"}, ["t"],
+                      on_assign=lambda _p: None, on_revoke=lambda _p: None,
+                      on_lost=lambda _p: None)
+    assert src.sync_commit_s == pytest.approx(4.0)
+
+
+def test_a_synchronous_commit_s_error_reaches_the_caller_s_thread() -> None:
+    class _Refusing:
+        def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> None:
+            raise KafkaException(KafkaError(KafkaError._NO_OFFSET))
+
+    src = source()
+    src._consumer = _Refusing()  # type: ignore[assignment]
+    assert src.commit({("t", 0): 5}, wait=True)  # nothing to commit: done, as before
