@@ -116,6 +116,11 @@ log = logging.getLogger(__name__)
 # full windows, review "faults23"). The registry client logs the outage and its end.
 schema_log = logging.getLogger(f"{__name__}.schema")
 schema_log.addFilter(RateLimit(30.0))
+# Likewise each dead letter a DLQ refuses retries on its own: one line per cause per 30 s,
+# not ~120 an hour for each event (a window of them: half a million lines a day while an
+# ACL refused the topic, review "longrun47"). Readiness and userpilot_dlq_unwritable say it.
+dlq_log = logging.getLogger(f"{__name__}.dlq")
+dlq_log.addFilter(RateLimit(30.0))
 
 LOG_TEXT_LIMIT = 1024
 """Characters of an error's text in one log line (the DLQ's header keeps as many bytes)."""
@@ -1063,8 +1068,9 @@ class Handler:
                         # Even the bare record is refused (a DLQ topic with a tiny
                         # max.message.bytes): the DLQ is unwritable until it is fixed.
                         self.dlq_writable.failed(token, too_large)
-                        log.error("dead letter refused even without its value (%s); "
-                                  "retrying in %.1f s", too_large, delay, extra=event.fields)
+                        dlq_log.error("dead letter refused even without its value (%s); "
+                                      "retrying in %.1f s", too_large, delay,
+                                      extra=event.fields)
                         await _off_the_wire(event, delay)
                         delay = min(delay * 2, 30.0)
                         # Whole again: the operator may have raised the topic's limit
@@ -1079,8 +1085,8 @@ class Handler:
                     record = without_value(record, producer_limit(self.s.kafka_config()))
                 except Exception as produce_error:
                     self.dlq_writable.failed(token, produce_error)
-                    log.error("dead-letter produce failed (%s); retrying in %.1f s",
-                              produce_error, delay, extra=event.fields)
+                    dlq_log.error("dead-letter produce failed (%s); retrying in %.1f s",
+                                  produce_error, delay, extra=event.fields)
                     await _off_the_wire(event, delay)
                     delay = min(delay * 2, 30.0)
         finally:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer import codec
@@ -451,3 +453,26 @@ def test_a_guard_trip_on_a_half_sent_group_does_not_hold_the_stop() -> None:
     code, took = asyncio.run(main())
     assert [c.endpoint for c in client.calls][:2] == ["company_identify", "identify"]
     assert code == 3 and took < 3.0, (code, took)
+
+
+def test_dead_letters_a_refusing_dlq_retries_log_one_line_per_cause_not_one_each(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "longrun47": each dead letter the DLQ refused logged every retry, ~120 lines an
+    hour per event (half a million a day for a window of them while an ACL refused the
+    topic); readiness and userpilot_dlq_unwritable already say it."""
+    from consumer import handler
+    from consumer.logs import RateLimit
+
+    monkeypatch.setattr(handler.dlq_log, "filters", [RateLimit(30.0)])  # a fresh window
+    log = {TP: [Message(TOPIC, 0, i, f"u{i}".encode(), b"\x00not avro") for i in range(20)]}
+    run = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false")
+    dlq = RefusingDlq()
+    run.worker.dlq = run.worker.handler.dlq = dlq
+    caplog.set_level(logging.WARNING)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: dlq.tries >= 40, "each dead letter refused twice", timeout=20)
+
+    assert drive(run, scenario) == 0
+    lines = [r for r in caplog.records if "dead-letter produce failed" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
