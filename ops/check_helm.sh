@@ -102,6 +102,12 @@ EOF
 cat >"$OUT/keda-group-from-env.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true, extraMetadata: {consumerGroupFromEnv: OTHER_GROUP}}}
 EOF
+cat >"$OUT/keda-idle-key.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true, extraMetadata: {allowIdleConsumers: "true"}}}
+EOF
+cat >"$OUT/keda-valued-key.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true, extraMetadata: {lagThreshold: "10"}}}
+EOF
 cat >"$OUT/both-autoscalers.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true}, hpa: {enabled: true}}
 EOF
@@ -376,7 +382,9 @@ expect_fail keda-sasl-meta-only "the security protocol is SASL_SSL but KEDA's Ka
 expect_fail keda-ssl-tls-disable "the security protocol is SSL but KEDA's Kafka trigger has no credentials"
 expect_fail keda-protocol-in-env "the security protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
 expect_fail keda-group-from-env "autoscaling.keda.extraMetadata.consumerGroupFromEnv is set by the chart"
-expect_fail keda-owned-key "autoscaling.keda.extraMetadata.consumerGroup is set by the chart"
+expect_fail keda-owned-key "autoscaling.keda.extraMetadata.consumerGroup is set by the chart: it follows kafka.bootstrapServers"
+expect_fail keda-idle-key "autoscaling.keda.extraMetadata.allowIdleConsumers is set by the chart: the chart keeps it false"
+expect_fail keda-valued-key "autoscaling.keda.extraMetadata.lagThreshold is set by the chart: use autoscaling.keda.lagThreshold"
 expect_fail keda-too-many "maxReplicaCount (7) exceeds autoscaling.partitions (6)"
 expect_fail hpa-too-many "maxReplicas (5) exceeds autoscaling.partitions (4)"
 expect_fail replicas-too-many "replicaCount (13) exceeds autoscaling.partitions (12)"

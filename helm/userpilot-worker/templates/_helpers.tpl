@@ -181,7 +181,16 @@ Deployment, so every render runs them.
    (the last of duplicate YAML keys), e.g. another consumerGroup than the workers'. */}}
 {{- range $key := list "bootstrapServers" "consumerGroup" "topic" "bootstrapServersFromEnv" "consumerGroupFromEnv" "topicFromEnv" "lagThreshold" "activationLagThreshold" "offsetResetPolicy" "allowIdleConsumers" "limitToPartitionsWithLag" "excludePersistentLag" }}
 {{- if and $v.autoscaling.keda.enabled (hasKey $kedaMeta $key) }}
-{{- fail (printf "autoscaling.keda.extraMetadata.%s is set by the chart: use the autoscaling.keda value of that name (consumerGroup, topic and bootstrapServers follow kafka.groupId, kafka.topics and kafka.bootstrapServers)" $key) }}
+{{- $how := "" }}
+{{- /* Named after a value only where one exists (review "upgrade47"). */}}
+{{- if hasKey $v.autoscaling.keda $key }}
+{{- $how = printf "use autoscaling.keda.%s" $key }}
+{{- else if eq $key "allowIdleConsumers" }}
+{{- $how = "the chart keeps it false: a replica beyond the partitions has nothing to read" }}
+{{- else }}
+{{- $how = "it follows kafka.bootstrapServers, kafka.groupId and kafka.topics" }}
+{{- end }}
+{{- fail (printf "autoscaling.keda.extraMetadata.%s is set by the chart: %s" $key $how) }}
 {{- end }}
 {{- end }}
 {{- if and $v.autoscaling.keda.enabled (gt (int $v.autoscaling.keda.minReplicaCount) (int $v.autoscaling.keda.maxReplicaCount)) }}
