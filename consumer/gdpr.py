@@ -20,6 +20,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -86,6 +87,7 @@ MAX_INTERVAL_S = 3600.0  # --interval: an hour between batches is already a misu
 DEFAULT_BATCH_SIZE = 1_000
 MAX_BATCH_SIZE = 10_000
 """Userpilot documents no maximum; 10,000 is the row limit of its bulk identify endpoint."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Log = Callable[[str], None]
 
@@ -122,19 +124,25 @@ def read_json_ids(lines: Iterable[str]) -> list[str]:
     The worker sends a `userId` holding a line break or a carriage return as it is, and
     one id a line cannot name it: `"a\nb"` was read as the users `a` and `b` (two others,
     deleted instead), `"c\r"` as `c` (review "ids47"). A line that is not a JSON string
-    is refused, with its number, before anything is sent."""
+    is refused, with its number, before anything is sent, and so is an id holding a lone
+    surrogate (no user has one: the worker and `produce` refuse such ids; it failed its
+    batch's encoding after earlier batches went, review "diff47a")."""
     seen: dict[str, None] = {}
     for number, line in enumerate(lines, 1):
-        if not line.strip():
+        text = line.lstrip("\ufeff")  # a byte order mark before the string is the file's
+        if not text.strip():
             continue
-        try:  # a byte order mark before the string is the file's, never the id's
-            value = json.loads(line.lstrip("\ufeff"))
+        try:
+            value = json.loads(text)
         except ValueError as exc:
             raise ConfigError(f"line {number}: not JSON ({exc}); with --json each line is "
                               'one id as a JSON string, e.g. "user\\n2"') from None
         if not isinstance(value, str):
             raise ConfigError(f"line {number}: a JSON {type(value).__name__}, not a string; "
                               "with --json each line is one id as a JSON string")
+        if _SURROGATE.search(value):
+            raise ConfigError(f"line {number}: the id holds a lone UTF-16 surrogate, which no "
+                              "user id can (the worker refuses such ids)")
         if value:
             seen.setdefault(value, None)
     return list(seen)
@@ -145,11 +153,13 @@ class _Users:
     is one user, though sent in two forms (`read_user_ids`); counted twice, a two-line file
     said "3 users requested" (review "diff44")."""
 
-    def __init__(self, user_ids: Sequence[str]) -> None:
+    def __init__(self, user_ids: Sequence[str], *, exact: bool = False) -> None:
         given = set(user_ids)
         self._failed: set[str] = set()
-        self.marked = {user_id for user_id in user_ids
-                       if user_id.startswith("\ufeff") and user_id.lstrip("\ufeff") in given}
+        self._exact = exact  # `--json`: each id is one user, as written, a mark included
+        self.marked = set() if exact else {
+            user_id for user_id in user_ids
+            if user_id.startswith("\ufeff") and user_id.lstrip("\ufeff") in given}
 
     def count(self, user_ids: Iterable[str]) -> int:
         return sum(1 for user_id in user_ids if user_id not in self.marked)
@@ -158,7 +168,7 @@ class _Users:
         """A failed batch's users not counted failed yet, each form of one user once: a
         batch holding only a second form counted 0 and the run said "failed 0", exit 0;
         then both forms failing counted one user twice (review "diff44")."""
-        users = {user_id.lstrip("\ufeff") for user_id in batch}
+        users = set(batch) if self._exact else {user_id.lstrip("\ufeff") for user_id in batch}
         new = users - self._failed
         self._failed |= users
         return len(new)
@@ -595,11 +605,12 @@ def main(
         # A GDPR script read exit 0 as done (review "replay26"): an empty list is a mistake
         # in what was given (a wrong file, a failed export upstream), not a deletion.
         raise ConfigError("no user ids given: the file or stdin holds no id (one per line)")
-    users = _Users(user_ids)
+    users = _Users(user_ids, exact=args.json)
     if users.marked:
         log(f"{len(users.marked)} ids began with a byte order mark: each is sent both "
             "without it and as written (counted once)")
-    spaced = padded(user_id for user_id in user_ids if not user_id.startswith("\ufeff"))
+    spaced = padded(user_id for user_id in user_ids
+                    if args.json or not user_id.startswith("\ufeff"))
     if spaced:
         log(f"{spaced} ids begin or end with whitespace or an invisible character; sent "
             "exactly as written (the worker sends userId as the event carries it)")

@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from consumer.redaction import Redactor
-from consumer.stdout import json_line
+from consumer.stdout import ESCAPES, json_line
 
 __all__ = ["CURRENT_EVENT", "LIBRDKAFKA_LOGGER", "QUIET_LOGGERS", "RateLimit",
            "configure_command_logging", "configure_logging", "error_line", "event_fields",
@@ -37,8 +37,7 @@ _FIELDS = ("topic", "partition", "offset", "message_id")
 MESSAGE_ID_CHARS = 128
 """A messageId longer than this is cut in log lines (a 100,000-character one made a line
 that container runtimes split at 16 KB)."""
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e"
-                      "\u2066-\u2069]")
+_CONTROL = re.compile("[\x00-\x1f" + "".join(map(chr, ESCAPES)) + "]")
 """What a text line escapes: C0 and C1 controls (U+0085 is a line break to `splitlines` and
 log shippers, U+009B a terminal's CSI; review "sec45"), the Unicode line breaks, and the
 bidirectional controls (U+202E in a messageId showed the rest of the line reversed; review

@@ -1,6 +1,7 @@
 """Lines on the commands' standard output, whoever reads it (or stops reading it).
 
-Thread rule: the command-line tools' main thread only.
+Thread rule: `write_line` and `stdout_gone` on the command-line tools' main thread only;
+`json_line` is pure (the JSON log formatter calls it from every thread).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import IO, Any
 
-__all__ = ["json_line", "stdout_gone", "write_line"]
+__all__ = ["ESCAPES", "json_line", "stdout_gone", "write_line"]
 
 _UNSAFE = (0x2028, 0x2029, *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F,
            *range(0x202A, 0x202F), *range(0x2066, 0x206A))

@@ -737,3 +737,31 @@ def test_json_lines_refuse_a_line_that_is_not_a_json_string_before_sending(
         main(args("--json"), env=ENV, stdin=io.StringIO(f'"ok"\n{line}\n'), out=out, err=err)
     assert problem in str(refused.value)
     assert out.getvalue() == ""
+
+
+def test_json_lines_refuse_a_lone_surrogate_before_sending(
+    streams: tuple[io.StringIO, io.StringIO]
+) -> None:
+    """Review "diff47a": `"carol\\ud83d"` is a JSON string, and failed its batch's encoding
+    with a traceback after earlier batches were sent."""
+    out, err = streams
+    with pytest.raises(ConfigError) as refused:
+        main(args("--json", "--batch-size", "1"), env=ENV,
+             stdin=io.StringIO('"alice"\n"carol\\ud83d"\n'), out=out, err=err)
+    assert "line 2: the id holds a lone UTF-16 surrogate" in str(refused.value)
+    assert out.getvalue() == "" and "batch" not in err.getvalue()
+
+
+def test_json_lines_count_each_id_as_written_a_byte_order_mark_included(
+    streams: tuple[io.StringIO, io.StringIO]
+) -> None:
+    """Review "diff47a": with --json nothing is sent twice, yet "\\ufeffbob" and "bob" were
+    counted as one user and the run said each went in two forms; a line holding only a
+    byte order mark was refused as not JSON, where one id a line reads it as blank."""
+    out, err = streams
+    code = main(args("--json", "--dry-run"), env={},
+                stdin=io.StringIO('"\\ufeffbob"\n"bob"\n\ufeff\n'), out=out, err=err)
+    assert code == 0
+    assert "users requested 2," in out.getvalue()
+    assert "byte order mark" not in err.getvalue()
+    assert "1 ids begin or end with whitespace or an invisible character" in err.getvalue()
