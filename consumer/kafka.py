@@ -62,10 +62,6 @@ log.addFilter(RateLimit(10.0))
 
 WATERMARK_SLICE_S = 0.25  # a high watermark lookup waits at most this long
 COMMIT_SILENCE_S = 8.0  # an unanswered commit this old means Kafka is not answering
-SYNC_COMMIT_MAX_S = 10.0
-SYNC_COMMIT_SHARE = 0.2
-"""A synchronous commit (a revoke's) is waited for at most SYNC_COMMIT_MAX_S, and at most
-this share of max.poll.interval.ms: librdkafka's own has no bound (`KafkaSource.commit`)."""
 ANSWER_SLICE_S = 0.005  # poll slices while a commit awaits its answer (see _poll_first)
 LEAVE_WAIT_S = 3.0  # at close, the revoke and LeaveGroup after unsubscribe wait at most this
 LEAVE_SEND_S = 0.3  # ... and, once revoked, this long for the LeaveGroup to go out
@@ -150,12 +146,6 @@ class KafkaSource:
         self.note_limit = NOTE_MAX_CHARS
         self.fatal: KafkaError | None = None
         self._stats_cb = on_stats
-        try:
-            poll_s = int(str(settings.get("max.poll.interval.ms", 300_000))) / 1000
-        except ValueError:  # librdkafka refuses it below
-            poll_s = 300.0
-        self.sync_commit_s = min(SYNC_COMMIT_MAX_S, SYNC_COMMIT_SHARE * poll_s)
-        """How long a synchronous commit is waited for (`commit`)."""
         try:
             self._consumer = Consumer(settings)
         except KafkaException as exc:
@@ -424,8 +414,8 @@ class KafkaSource:
 
         `wait=False` sends the commit and returns: the poll loop never stalls on the
         coordinator's round trip; its result arrives through `on_committed`. `wait=True`
-        blocks until the coordinator answers, or `sync_commit_s` (`_commit_sync`): only the
-        rebalance callbacks use it, and only while the source is connected. A commit
+        blocks until the coordinator answers, which is unbounded while Kafka is down: only
+        the rebalance callbacks use it, and only while the source is connected. A commit
         refused during a rebalance (illegal generation, rebalance in progress, coordinator
         moving) is not an error of the worker: the offsets stay uncommitted and the next
         commit, or the revoke, covers them.
@@ -440,12 +430,7 @@ class KafkaSource:
                  else TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
             if wait:
-                answer = self._commit_sync(parts)
-                if answer is None:
-                    log.warning("offset commit not answered in %g s (the group coordinator "
-                                "does not answer); the partitions' next owner reads from "
-                                "their last commit", self.sync_commit_s)
-                    return False
+                answer = self._consumer.commit(offsets=parts, asynchronous=False)
                 failed = [tp for tp in answer or [] if tp.error is not None]
                 if failed:
                     if notes and self._notes_now_refused(
@@ -476,32 +461,6 @@ class KafkaSource:
                         err.str() if isinstance(err, KafkaError) else exc)
             return False
         return True
-
-    def _commit_sync(self, parts: list[TopicPartition]) -> list[TopicPartition] | None:
-        """librdkafka's synchronous commit, waited for at most `sync_commit_s` (None: no
-        answer by then). Its own wait has no bound: a coordinator that stopped answering
-        during a revoke's drain (its connection open, nothing answered) held the rebalance
-        callback, and with it the poll thread, for the whole outage: readiness and liveness
-        went on green for a minute, and SIGTERM was not served (review "lifecycle47"). The
-        call runs on a thread of its own, left to librdkafka when the bound passes: it
-        returns once the coordinator answers or the consumer is closed."""
-        done = threading.Event()
-        outcome: list[Any] = []
-
-        def call() -> None:
-            try:
-                outcome.append(self._consumer.commit(offsets=parts, asynchronous=False))
-            except BaseException as exc:  # handed to the caller's thread
-                outcome.append(exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=call, name="kafka-commit", daemon=True).start()
-        if not done.wait(self.sync_commit_s):
-            return None
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        return list(outcome[0] or [])
 
     def partitions(self, timeout_s: float = 10.0) -> Partitions:
         """Total partitions of the source topics (for this replica's rate share), and the
