@@ -261,3 +261,38 @@ def test_a_worker_stopped_right_after_joining_leaves_the_group_at_once(
             assert took < 15, f"the group waited {took:.1f} s (session timeout 30 s)"
     finally:
         assert first.terminate() == 0, first.output()[-3000:]
+
+
+def test_a_revoke_with_work_in_flight_commits_at_once_and_hands_over(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, caplog: Any,
+) -> None:
+    """Review "order47": a bound put on the revoke's synchronous commit (a thread of its
+    own, waited for 10 s) was never answered while the rebalance callback waited: every
+    revoke with work in flight froze its replica 10 s, its commit was lost (refused late as
+    another generation's), and the moved partitions had no owner for ~13 s. On the
+    callback's own thread the commit takes milliseconds."""
+    import logging
+
+    server, control = sandbox
+    control.set_faults(latency_ms=1200, jitter_ms=200)
+    topic = topic_factory(partitions=4)
+    events = [track_event(f"user-{i % 12}", i) for i in range(96)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group)
+    caplog.set_level(logging.INFO)
+    with WorkerThread(env) as first:
+        # Some finished (a commit is due on revoke), more on the wire.
+        wait_until(lambda: len(control.requests("/v1/track")) >= 12
+                   and first.worker.in_flight > 0, 30, "the first worker delivering")
+        with WorkerThread(env) as second:
+            joined = time.monotonic()
+            wait_until(lambda: bool(second.worker.assigned), 30, "the second worker assigned")
+            handover = time.monotonic() - joined
+            control.set_faults(latency_ms=1, jitter_ms=0)
+            wait_until(caught_up(kafka_bootstrap, group, topic), 90, "offsets at the end")
+    assert "not answered" not in caplog.text
+    assert "revoked" in caplog.text
+    assert handover < 8.0, f"the moved partitions waited {handover:.1f} s for an owner"
+    assert not undelivered(control, events)
