@@ -62,6 +62,10 @@ log.addFilter(RateLimit(10.0))
 
 WATERMARK_SLICE_S = 0.25  # a high watermark lookup waits at most this long
 COMMIT_SILENCE_S = 8.0  # an unanswered commit this old means Kafka is not answering
+SYNC_PROBE_S = 2.0
+"""Before a synchronous commit (a revoke's), the group coordinator must answer a committed
+offsets request within this: librdkafka's synchronous commit has no bound of its own
+(`KafkaSource.commit`)."""
 ANSWER_SLICE_S = 0.005  # poll slices while a commit awaits its answer (see _poll_first)
 LEAVE_WAIT_S = 3.0  # at close, the revoke and LeaveGroup after unsubscribe wait at most this
 LEAVE_SEND_S = 0.3  # ... and, once revoked, this long for the LeaveGroup to go out
@@ -415,7 +419,9 @@ class KafkaSource:
         `wait=False` sends the commit and returns: the poll loop never stalls on the
         coordinator's round trip; its result arrives through `on_committed`. `wait=True`
         blocks until the coordinator answers, which is unbounded while Kafka is down: only
-        the rebalance callbacks use it, and only while the source is connected. A commit
+        the rebalance callbacks use it, only while the source is connected, and only once
+        the coordinator answered within SYNC_PROBE_S (`_answering`); otherwise the commit is
+        sent without waiting and False returned. A commit
         refused during a rebalance (illegal generation, rebalance in progress, coordinator
         moving) is not an error of the worker: the offsets stay uncommitted and the next
         commit, or the revoke, covers them.
@@ -428,6 +434,12 @@ class KafkaSource:
                  if note and len(note) <= self.note_limit}
         parts = [TopicPartition(t, p, o, metadata=notes[(t, p)]) if notes.get((t, p))
                  else TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        if wait and not self._answering(parts[0]):
+            log.warning("Kafka did not answer within %g s: the revoke's commit is sent "
+                        "without waiting for its answer (the partitions' next owner may "
+                        "read from the commit before)", SYNC_PROBE_S)
+            self.commit(offsets, wait=False, notes=notes)
+            return False
         try:
             if wait:
                 answer = self._consumer.commit(offsets=parts, asynchronous=False)
@@ -459,6 +471,25 @@ class KafkaSource:
                 return self.commit(offsets, wait=True, notes=notes)
             log.warning("offset commit not done (%s); the next commit covers it",
                         err.str() if isinstance(err, KafkaError) else exc)
+            return False
+        return True
+
+    def _answering(self, part: TopicPartition) -> bool:
+        """The group coordinator answers a request for `part`'s committed offset within
+        SYNC_PROBE_S. `connected` is only as fresh as the last served callback, and a
+        revoke's drain serves none for up to WORKER_SHUTDOWN_GRACE_SECONDS: a cluster that
+        stopped answering meanwhile (connections open, nothing answered) held the
+        synchronous commit, so the rebalance callback and the poll thread, for the whole
+        outage (3 min 45 s measured; readiness green for a minute, SIGTERM not served,
+        review "lifecycle47"). Asked on the callback's own thread: a commit made from
+        another thread while the callback waits is not answered at all (review "order47").
+        Not a metadata request: `list_topics` inside a callback clears confluent-kafka's
+        record of the poll it runs in, and the next callback of that poll aborted the
+        process (`CallState_get: Assertion cs != NULL`); `committed` does not touch it."""
+        try:
+            self._consumer.committed([TopicPartition(part.topic, part.partition)],
+                                     timeout=SYNC_PROBE_S)
+        except KafkaException:
             return False
         return True
 

@@ -448,3 +448,43 @@ def test_each_high_watermark_lookup_gets_a_slice_of_the_budget() -> None:
     marks = KafkaSource.high_watermarks(source, [("t", 0), ("t", 1), ("t", 2)], 5.0)
     assert marks == {("t", 0): 7, ("t", 1): -1, ("t", 2): 7}  # -1: asked, no answer
     assert timeouts and max(timeouts) <= WATERMARK_SLICE_S
+
+
+class _Cluster:
+    """librdkafka's consumer for a revoke's commit: metadata answered or not (a cluster
+    that stopped answering, connections open), commits recorded."""
+
+    def __init__(self, answering: bool) -> None:
+        self.answering = answering
+        self.commits: list[bool] = []  # asynchronous?
+
+    def committed(self, parts: list[TopicPartition], timeout: float = -1
+                  ) -> list[TopicPartition]:
+        assert timeout > 0 and [(p.topic, p.partition) for p in parts] == [("t", 0)]
+        if not self.answering:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return parts
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
+        self.commits.append(asynchronous)
+        return offsets
+
+
+def test_a_synchronous_commit_waits_only_once_kafka_answered_a_probe(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "lifecycle47": `connected` is as old as the last served callback, and a
+    revoke's drain serves none: a cluster that stopped answering during it held the
+    synchronous commit, the rebalance callback and the poll thread for the whole outage
+    (3 min 45 s). The coordinator not answering a committed-offsets request, the commit goes
+    without waiting."""
+    src = source()
+    silent = _Cluster(answering=False)
+    src._consumer = silent  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING, logger="consumer.kafka"):
+        assert not src.commit({("t", 0): 5}, wait=True)
+    assert silent.commits == [True]  # sent, not waited for
+    assert "Kafka did not answer within 2 s" in caplog.text
+    healthy = _Cluster(answering=True)
+    src._consumer = healthy  # type: ignore[assignment]
+    assert src.commit({("t", 0): 6}, wait=True)
+    assert healthy.commits == [False]  # synchronous, as before
