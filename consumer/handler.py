@@ -118,7 +118,9 @@ schema_log = logging.getLogger(f"{__name__}.schema")
 schema_log.addFilter(RateLimit(30.0))
 # Likewise each dead letter a DLQ refuses retries on its own: one line per cause per 30 s,
 # not ~120 an hour for each event (a window of them: half a million lines a day while an
-# ACL refused the topic, review "longrun47"). Readiness and userpilot_dlq_unwritable say it.
+# ACL refused the topic, review "longrun47"), and a DLQ too small even for the bare record
+# went through all three forms again on each retry (review "whole47"). Readiness and
+# userpilot_dlq_unwritable say it.
 dlq_log = logging.getLogger(f"{__name__}.dlq")
 dlq_log.addFilter(RateLimit(30.0))
 
@@ -1059,9 +1061,9 @@ class Handler:
                         # over the DLQ topic's limit (lower than the producer's, which
                         # the first cut used). Written without them as well; they
                         # stalled the partition for ever (review "replay17").
-                        log.warning("dead letter too large for the DLQ without its value "
-                                    "(%s); writing it without its key and headers too",
-                                    too_large, extra=event.fields)
+                        dlq_log.warning("dead letter too large for the DLQ without its "
+                                        "value (%s); writing it without its key and "
+                                        "headers too", too_large, extra=event.fields)
                         record = bare
                         continue
                     if record.value_omitted:
@@ -1080,8 +1082,8 @@ class Handler:
                         continue
                     # Retrying the same bytes can never succeed: once more without the
                     # value (replay fetches it from the source topic by its coordinates).
-                    log.warning("dead letter too large for the DLQ (%s); writing it without "
-                                "its value", too_large, extra=event.fields)
+                    dlq_log.warning("dead letter too large for the DLQ (%s); writing it "
+                                    "without its value", too_large, extra=event.fields)
                     record = without_value(record, producer_limit(self.s.kafka_config()))
                 except Exception as produce_error:
                     self.dlq_writable.failed(token, produce_error)

@@ -420,8 +420,8 @@ class KafkaSource:
         coordinator's round trip; its result arrives through `on_committed`. `wait=True`
         blocks until the coordinator answers, which is unbounded while Kafka is down: only
         the rebalance callbacks use it, only while the source is connected, and only once
-        the coordinator answered within SYNC_PROBE_S (`_answering`); otherwise the commit is
-        sent without waiting and False returned. A commit
+        the coordinator answered within SYNC_PROBE_S (the worker asks `answering` first). A
+        commit
         refused during a rebalance (illegal generation, rebalance in progress, coordinator
         moving) is not an error of the worker: the offsets stay uncommitted and the next
         commit, or the revoke, covers them.
@@ -434,12 +434,6 @@ class KafkaSource:
                  if note and len(note) <= self.note_limit}
         parts = [TopicPartition(t, p, o, metadata=notes[(t, p)]) if notes.get((t, p))
                  else TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        if wait and not self._answering(parts[0]):
-            log.warning("Kafka did not answer within %g s: the revoke's commit is sent "
-                        "without waiting for its answer (the partitions' next owner may "
-                        "read from the commit before)", SYNC_PROBE_S)
-            self.commit(offsets, wait=False, notes=notes)
-            return False
         try:
             if wait:
                 answer = self._consumer.commit(offsets=parts, asynchronous=False)
@@ -474,9 +468,9 @@ class KafkaSource:
             return False
         return True
 
-    def _answering(self, part: TopicPartition) -> bool:
-        """The group coordinator answers a request for `part`'s committed offset within
-        SYNC_PROBE_S. `connected` is only as fresh as the last served callback, and a
+    def answering(self, parts: Sequence[TP]) -> bool:
+        """The group coordinator answers a request for the first of `parts`' committed
+        offset within SYNC_PROBE_S. `connected` is only as fresh as the last served callback, and a
         revoke's drain serves none for up to WORKER_SHUTDOWN_GRACE_SECONDS: a cluster that
         stopped answering meanwhile (connections open, nothing answered) held the
         synchronous commit, so the rebalance callback and the poll thread, for the whole
@@ -486,10 +480,15 @@ class KafkaSource:
         Not a metadata request: `list_topics` inside a callback clears confluent-kafka's
         record of the poll it runs in, and the next callback of that poll aborted the
         process (`CallState_get: Assertion cs != NULL`); `committed` does not touch it."""
+        if not parts:
+            return True
+        topic, partition = parts[0]
         try:
-            self._consumer.committed([TopicPartition(part.topic, part.partition)],
-                                     timeout=SYNC_PROBE_S)
+            self._consumer.committed([TopicPartition(topic, partition)], timeout=SYNC_PROBE_S)
         except KafkaException:
+            log.warning("Kafka did not answer within %g s: the revoke's commit is sent "
+                        "without waiting for its answer (the partitions' next owner may "
+                        "read from the commit before)", SYNC_PROBE_S)
             return False
         return True
 

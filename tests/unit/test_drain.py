@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from consumer import codec
 from consumer.calls import FAMILIES, Call
 from consumer.commits import TP as TP_
-from consumer.errors import Misconfigured, Rejected
+from consumer.errors import DlqRecordTooLarge, Misconfigured, Rejected
 from consumer.health import Health
 from consumer.metrics import ENDPOINTS, Metrics
 from consumer.offsets import Finished, decode_note
@@ -476,3 +476,41 @@ def test_dead_letters_a_refusing_dlq_retries_log_one_line_per_cause_not_one_each
     assert drive(run, scenario) == 0
     lines = [r for r in caplog.records if "dead-letter produce failed" in r.getMessage()]
     assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
+class TinyDlq(FakeDlq):
+    """A DLQ topic whose max.message.bytes refuses even the bare record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes | None]]) -> None:
+        self.tries += 1
+        raise DlqRecordTooLarge("Broker: Message size too large")
+
+
+def test_dead_letters_a_too_small_dlq_refuses_log_one_line_per_cause_not_one_each(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "whole47": each retry tries the whole record, then without its value, then
+    bare; the first two steps' warnings were not rate-limited (~240 lines an hour per
+    event)."""
+    from consumer import handler
+    from consumer.logs import RateLimit
+
+    monkeypatch.setattr(handler.dlq_log, "filters", [RateLimit(30.0)])
+    log = {TP: [Message(TOPIC, 0, i, f"u{i}".encode(), b"\x00not avro") for i in range(20)]}
+    run = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false")
+    dlq = TinyDlq()
+    run.worker.dlq = run.worker.handler.dlq = dlq
+    caplog.set_level(logging.WARNING)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: dlq.tries >= 20 * 6, "each dead letter retried", timeout=20)
+
+    assert drive(run, scenario) == 0
+    for text in ("too large for the DLQ (", "too large for the DLQ without its value",
+                 "refused even without its value"):
+        lines = [r for r in caplog.records if text in r.getMessage()]
+        assert len(lines) == 1, (text, len(lines))

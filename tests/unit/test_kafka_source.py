@@ -470,21 +470,19 @@ class _Cluster:
         return offsets
 
 
-def test_a_synchronous_commit_waits_only_once_kafka_answered_a_probe(
+def test_the_coordinator_is_asked_before_a_revoke_waits_on_its_commit(
         caplog: pytest.LogCaptureFixture) -> None:
     """Review "lifecycle47": `connected` is as old as the last served callback, and a
     revoke's drain serves none: a cluster that stopped answering during it held the
     synchronous commit, the rebalance callback and the poll thread for the whole outage
-    (3 min 45 s). The coordinator not answering a committed-offsets request, the commit goes
-    without waiting."""
+    (3 min 45 s). The worker asks `answering` first: a committed-offsets request of the
+    coordinator, within SYNC_PROBE_S."""
     src = source()
     silent = _Cluster(answering=False)
     src._consumer = silent  # type: ignore[assignment]
     with caplog.at_level(logging.WARNING, logger="consumer.kafka"):
-        assert not src.commit({("t", 0): 5}, wait=True)
-    assert silent.commits == [True]  # sent, not waited for
+        assert not src.answering([("t", 0), ("t", 1)])
     assert "Kafka did not answer within 2 s" in caplog.text
-    healthy = _Cluster(answering=True)
-    src._consumer = healthy  # type: ignore[assignment]
-    assert src.commit({("t", 0): 6}, wait=True)
-    assert healthy.commits == [False]  # synchronous, as before
+    src._consumer = _Cluster(answering=True)  # type: ignore[assignment]
+    assert src.answering([("t", 0)])
+    assert src.answering([])

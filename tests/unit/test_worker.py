@@ -113,6 +113,8 @@ class FakeSource:
     revoke_next: list[TP] = field(default_factory=list)
     lose_next: list[TP] = field(default_factory=list)
     down: bool = False  # Kafka unreachable: no acknowledgement; a synchronous commit hangs
+    silent: bool = False  # the coordinator stopped answering since the last callback
+    probes: int = 0
     sync_commits: int = 0
     _acks: list[dict[TP, int]] = field(default_factory=list)
     _thread: ThreadPoolExecutor = field(
@@ -187,6 +189,12 @@ class FakeSource:
     def resume(self, parts: Sequence[TP]) -> None:
         self._on_poll_thread()
         self.paused.difference_update(parts)
+
+    def answering(self, parts: Sequence[TP]) -> bool:
+        """The coordinator answers (`KafkaSource.answering`): not while `silent`."""
+        self._on_poll_thread()
+        self.probes += 1
+        return not self.silent
 
     def commit(self, offsets: dict[TP, int], *, wait: bool = True,
                notes: dict[TP, str] | None = None) -> bool:
@@ -3363,3 +3371,31 @@ def test_a_revoke_drain_is_held_to_a_share_of_the_poll_interval() -> None:
 
     assert drive(run, scenario) == 0
     assert 1.5 < took[0] < 5.0, f"the revoke's drain took {took[0]:.1f} s"
+
+
+def test_a_revoke_whose_coordinator_went_silent_commits_without_waiting_and_records_it(
+) -> None:
+    """Reviews "lifecycle47", "whole47": `connected` is as old as the last served callback,
+    and a revoke's drain serves none; a coordinator that stopped answering meanwhile held
+    the synchronous commit (and the poll thread) for the whole outage. Not answering
+    `answering`, the revoke's commit goes without waiting, and is recorded as requested:
+    unrecorded, a DLQ guard trip named its dead letters not committed."""
+    values = [track(f"u{i}", i) for i in range(6)]
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)],
+           (TOPIC, 1): [Message(TOPIC, 1, 0, b"v", track("v", 9))]}
+    run = make(log, registry=known_schema())
+    requested: list[dict[TP, list[tuple[int, Finished]]]] = []
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(run.client.bodies) == 7, "everything delivered")
+        source.silent = True
+        source.down = True  # no acknowledgement: the async commit stays unanswered
+        source.revoke_next = [(TOPIC, 0)]
+        await until(lambda: (TOPIC, 0) not in run.worker.assigned, "the revoke")
+        requested.append(run.worker.commits.committed_finished())
+
+    assert drive(run, scenario) == 0
+    assert run.source.probes >= 1
+    assert run.source.sync_commits == 0
+    assert any(offset == 6 for offset, _ in requested[0].get((TOPIC, 0), [])), requested
+
