@@ -3373,29 +3373,46 @@ def test_a_revoke_drain_is_held_to_a_share_of_the_poll_interval() -> None:
     assert 1.5 < took[0] < 5.0, f"the revoke's drain took {took[0]:.1f} s"
 
 
+class _CountingClient(FakeClient):
+    """Counts the requests put on the wire (the gate holds their answers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = 0
+
+    async def send(self, call: Call) -> int:
+        self.entered += 1
+        return await super().send(call)
+
+
 def test_a_revoke_whose_coordinator_went_silent_commits_without_waiting_and_records_it(
 ) -> None:
-    """Reviews "lifecycle47", "whole47": `connected` is as old as the last served callback,
-    and a revoke's drain serves none; a coordinator that stopped answering meanwhile held
-    the synchronous commit (and the poll thread) for the whole outage. Not answering
-    `answering`, the revoke's commit goes without waiting, and is recorded as requested:
-    unrecorded, a DLQ guard trip named its dead letters not committed."""
-    values = [track(f"u{i}", i) for i in range(6)]
-    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), v) for i, v in enumerate(values)],
+    """Reviews "lifecycle47", "whole47", "diff47c": `connected` is as old as the last served
+    callback, and a revoke's drain serves none; a coordinator that stopped answering
+    meanwhile held the synchronous commit (and the poll thread) for the whole outage. Not
+    answering `answering`, the revoke's commit goes without waiting, and is recorded as
+    requested: unrecorded, a DLQ guard trip named its dead letters not committed. The
+    drain finishes the one event on the wire, so only the revoke's commit carries it."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"u0", track("u0", 0))],
            (TOPIC, 1): [Message(TOPIC, 1, 0, b"v", track("v", 9))]}
-    run = make(log, registry=known_schema())
+    client = _CountingClient()
+    client.gate = asyncio.Event()
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
     requested: list[dict[TP, list[tuple[int, Finished]]]] = []
 
     async def scenario(source: FakeSource) -> None:
-        await until(lambda: len(run.client.bodies) == 7, "everything delivered")
+        assert client.gate is not None
+        await until(lambda: client.entered == 2, "both on the wire")
         source.silent = True
-        source.down = True  # no acknowledgement: the async commit stays unanswered
+        source.down = True  # no acknowledgement: the commit stays unanswered
         source.revoke_next = [(TOPIC, 0)]
+        revokes = run.worker.m.rebalances.labels("revoke")
+        await until(lambda: revokes._value.get() >= 1, "the revoke started")
+        client.gate.set()  # the drain finishes the event
         await until(lambda: (TOPIC, 0) not in run.worker.assigned, "the revoke")
         requested.append(run.worker.commits.committed_finished())
 
     assert drive(run, scenario) == 0
     assert run.source.probes >= 1
     assert run.source.sync_commits == 0
-    assert any(offset == 6 for offset, _ in requested[0].get((TOPIC, 0), [])), requested
-
+    assert any(offset == 1 for offset, _ in requested[0].get((TOPIC, 0), [])), requested
