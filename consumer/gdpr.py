@@ -20,7 +20,6 @@ import asyncio
 import io
 import json
 import os
-import re
 import socket
 import sys
 import time
@@ -40,6 +39,7 @@ from tenacity.stop import stop_base
 
 from consumer.answers import MAX_BODY_BYTES, capped, raw_chunks
 from consumer.calls import invisible_edge
+from consumer.codec import has_surrogates
 from consumer.config import Settings, load_settings
 from consumer.cutoff import Cutoff
 from consumer.delivery import (
@@ -87,7 +87,6 @@ MAX_INTERVAL_S = 3600.0  # --interval: an hour between batches is already a misu
 DEFAULT_BATCH_SIZE = 1_000
 MAX_BATCH_SIZE = 10_000
 """Userpilot documents no maximum; 10,000 is the row limit of its bulk identify endpoint."""
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 Log = Callable[[str], None]
 
@@ -140,7 +139,7 @@ def read_json_ids(lines: Iterable[str]) -> list[str]:
         if not isinstance(value, str):
             raise ConfigError(f"line {number}: a JSON {type(value).__name__}, not a string; "
                               "with --json each line is one id as a JSON string")
-        if _SURROGATE.search(value):
+        if has_surrogates(value):
             raise ConfigError(f"line {number}: the id holds a lone UTF-16 surrogate, which no "
                               "user id can (the worker refuses such ids)")
         if value:

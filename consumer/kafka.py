@@ -420,9 +420,8 @@ class KafkaSource:
         coordinator's round trip; its result arrives through `on_committed`. `wait=True`
         blocks until the coordinator answers, which is unbounded while Kafka is down: only
         the rebalance callbacks use it, only while the source is connected, and only once
-        the coordinator answered within SYNC_PROBE_S (the worker asks `answering` first). A
-        commit
-        refused during a rebalance (illegal generation, rebalance in progress, coordinator
+        the coordinator answered within SYNC_PROBE_S (the worker asks `answering` first).
+        A commit refused during a rebalance (illegal generation, rebalance in progress, coordinator
         moving) is not an error of the worker: the offsets stay uncommitted and the next
         commit, or the revoke, covers them.
         """
@@ -470,11 +469,11 @@ class KafkaSource:
 
     def answering(self, parts: Sequence[TP]) -> bool:
         """The group coordinator answers a request for the first of `parts`' committed
-        offset within SYNC_PROBE_S. `connected` is only as fresh as the last served callback, and a
-        revoke's drain serves none for up to WORKER_SHUTDOWN_GRACE_SECONDS: a cluster that
-        stopped answering meanwhile (connections open, nothing answered) held the
-        synchronous commit, so the rebalance callback and the poll thread, for the whole
-        outage (3 min 45 s measured; readiness green for a minute, SIGTERM not served,
+        offset within SYNC_PROBE_S. `connected` is only as fresh as the last served
+        callback, and a revoke's drain serves none for up to WORKER_SHUTDOWN_GRACE_SECONDS:
+        a cluster that stopped answering meanwhile (connections open, nothing answered)
+        held the synchronous commit, so the rebalance callback and the poll thread, for the
+        whole outage (3 min 45 s measured; readiness green for a minute, SIGTERM not served,
         review "lifecycle47"). Asked on the callback's own thread: a commit made from
         another thread while the callback waits is not answered at all (review "order47").
         Not a metadata request: `list_topics` inside a callback clears confluent-kafka's

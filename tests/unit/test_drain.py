@@ -345,16 +345,18 @@ def test_the_wait_for_a_connection_is_measured_apart_from_the_request() -> None:
 
 
 class RefusingDlq(FakeDlq):
-    """The DLQ refuses every record at once (an ACL: TOPIC_AUTHORIZATION_FAILED)."""
+    """The DLQ refuses every record at once: by default as an ACL does
+    (TOPIC_AUTHORIZATION_FAILED), or with `error` (e.g. a topic too small for any record)."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: Exception | None = None) -> None:
         super().__init__()
         self.tries = 0
+        self.error = error or RuntimeError("TOPIC_AUTHORIZATION_FAILED: denied")
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
                    headers: list[tuple[str, bytes | None]]) -> None:
         self.tries += 1
-        raise RuntimeError("TOPIC_AUTHORIZATION_FAILED: denied")
+        raise self.error
 
 
 def test_a_revoke_does_not_wait_for_a_dead_letter_between_its_produce_attempts() -> None:
@@ -460,35 +462,32 @@ def test_dead_letters_a_refusing_dlq_retries_log_one_line_per_cause_not_one_each
     """Review "longrun47": each dead letter the DLQ refused logged every retry, ~120 lines an
     hour per event (half a million a day for a window of them while an ACL refused the
     topic); readiness and userpilot_dlq_unwritable already say it."""
+    records = _refused_dead_letters_logged(RefusingDlq(), 2, caplog, monkeypatch)
+    lines = [r for r in records if "dead-letter produce failed" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
+def _refused_dead_letters_logged(dlq: RefusingDlq, tries_each: int,
+                                 caplog: pytest.LogCaptureFixture,
+                                 monkeypatch: pytest.MonkeyPatch) -> list[logging.LogRecord]:
+    """The WARNING+ records of 20 undecodable events (20 users) whose dead letters `dlq`
+    refuses, once it was tried `tries_each` times per event, the DLQ log's rate limit
+    starting a fresh window."""
     from consumer import handler
     from consumer.logs import RateLimit
 
-    monkeypatch.setattr(handler.dlq_log, "filters", [RateLimit(30.0)])  # a fresh window
+    monkeypatch.setattr(handler.dlq_log, "filters", [RateLimit(30.0)])
     log = {TP: [Message(TOPIC, 0, i, f"u{i}".encode(), b"\x00not avro") for i in range(20)]}
     run = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false")
-    dlq = RefusingDlq()
     run.worker.dlq = run.worker.handler.dlq = dlq
     caplog.set_level(logging.WARNING)
 
     async def scenario(source: FakeSource) -> None:
-        await until(lambda: dlq.tries >= 40, "each dead letter refused twice", timeout=20)
+        await until(lambda: dlq.tries >= 20 * tries_each, "each dead letter refused",
+                    timeout=20)
 
     assert drive(run, scenario) == 0
-    lines = [r for r in caplog.records if "dead-letter produce failed" in r.getMessage()]
-    assert len(lines) == 1, [r.getMessage() for r in lines]
-
-
-class TinyDlq(FakeDlq):
-    """A DLQ topic whose max.message.bytes refuses even the bare record."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tries = 0
-
-    async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]]) -> None:
-        self.tries += 1
-        raise DlqRecordTooLarge("Broker: Message size too large")
+    return list(caplog.records)
 
 
 def test_dead_letters_a_too_small_dlq_refuses_log_one_line_per_cause_not_one_each(
@@ -496,21 +495,9 @@ def test_dead_letters_a_too_small_dlq_refuses_log_one_line_per_cause_not_one_eac
     """Review "whole47": each retry tries the whole record, then without its value, then
     bare; the first two steps' warnings were not rate-limited (~240 lines an hour per
     event)."""
-    from consumer import handler
-    from consumer.logs import RateLimit
-
-    monkeypatch.setattr(handler.dlq_log, "filters", [RateLimit(30.0)])
-    log = {TP: [Message(TOPIC, 0, i, f"u{i}".encode(), b"\x00not avro") for i in range(20)]}
-    run = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false")
-    dlq = TinyDlq()
-    run.worker.dlq = run.worker.handler.dlq = dlq
-    caplog.set_level(logging.WARNING)
-
-    async def scenario(source: FakeSource) -> None:
-        await until(lambda: dlq.tries >= 20 * 6, "each dead letter retried", timeout=20)
-
-    assert drive(run, scenario) == 0
+    tiny = RefusingDlq(DlqRecordTooLarge("Broker: Message size too large"))
+    records = _refused_dead_letters_logged(tiny, 6, caplog, monkeypatch)
     for text in ("too large for the DLQ (", "too large for the DLQ without its value",
                  "refused even without its value"):
-        lines = [r for r in caplog.records if text in r.getMessage()]
+        lines = [r for r in records if text in r.getMessage()]
         assert len(lines) == 1, (text, len(lines))
