@@ -77,6 +77,7 @@ from consumer.kafka import (
 )
 from consumer.keyless import KeylessOrder, decided_user
 from consumer.lag import Lag
+from consumer.logs import RateLimit
 from consumer.metrics import Children, Metrics
 from consumer.offsets import Finished
 from consumer.overflow import Overflow
@@ -93,6 +94,12 @@ __all__ = ["Callbacks", "Source", "SourceFactory", "Worker", "fair_holds", "fair
            "fair_share", "resume_level"]
 
 log = logging.getLogger(__name__)
+# A partition held for one hot user is let go once its chain is down to CHAIN_RESUME and held
+# again at CHAIN_MAX: with one busy user (a bot, a load test) that is several times a second,
+# and each logged a line. One per topic per 30 s (the count of the rest appended); the gauge
+# userpilot_partitions_held_for_one_user says it as it happens.
+hold_log = logging.getLogger(f"{__name__}.hold")
+hold_log.addFilter(RateLimit(30.0))
 
 T = TypeVar("T")
 
@@ -957,7 +964,7 @@ class Worker:
                 if (scheduler.queued(chain) >= CHAIN_MAX if not stuck
                         else self._stuck_load(scheduler) >= self._stuck_max):
                     if tp not in self._hot and not stuck:
-                        log.info("%s[%d] held: one user has %d events in the window, sent one "
+                        hold_log.info("%s[%d] held: one user has %d events in the window, sent one "
                                  "after another; the other partitions go on", tp[0], tp[1],
                                  CHAIN_MAX)
                     self._hot[tp] = (chain, scheduler.finished(chain), time.monotonic())

@@ -301,3 +301,23 @@ def test_a_chain_once_stuck_is_bounded_by_chain_max_again_once_it_recovered() ->
 
     assert drive(run, scenario) == 0
     assert peak[0] <= CHAIN_MAX, f"one user's chain took {peak[0]} places of the window"
+
+
+def test_a_busy_user_held_again_and_again_logs_it_once(caplog: Any) -> None:
+    """Each hold of a partition for one user logged a line: a busy user's partition is let
+    go at CHAIN_RESUME and held again at CHAIN_MAX several times a second (review of the
+    shutdown run, round 48: five lines in 3.6 s for one user with 16 events in the window)."""
+    from tests.unit.test_worker import SlowClient
+
+    events = 12 * CHAIN_MAX
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, b"busy", track("busy", i)) for i in range(events)]}
+    run = make(log, registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               client=SlowClient(0.002))
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == events, "all", 30)
+
+    with caplog.at_level("INFO", logger="consumer.worker"):
+        assert drive(run, scenario) == 0
+    held = [r for r in caplog.records if "held: one user has" in r.getMessage()]
+    assert len(held) == 1, [r.getMessage() for r in held]
