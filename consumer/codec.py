@@ -45,6 +45,7 @@ from consumer.errors import InvalidEvent, UndecodableEvent
 
 __all__ = [
     "DELIVERED_TYPES",
+    "FANOUT_LIMIT",
     "IGNORED_ENVELOPE",
     "MAGIC_BYTE",
     "MAX_JSON_DEPTH",
@@ -63,6 +64,7 @@ __all__ = [
     "encode",
     "envelope_of",
     "envelope_surrogates",
+    "fanout",
     "free_items",
     "has_surrogates",
     "loads",
@@ -459,6 +461,103 @@ def _arrays_of(named: Mapping[str, Any], root: Any, chosen: Callable[[int], bool
         return None
 
     top = str(root.get("name", "")) if isinstance(root, dict) else ""
+    for name, definition in [(top, root), *named.items()]:
+        found = walk(definition, name)
+        if found:
+            return found
+    return None
+
+
+FANOUT_LIMIT = 1000
+"""Parts of a value (records, fields of a fixed width, nulls) a reader may visit between two
+bytes it must read (a length, a count, a union's branch, an enum's index): `fanout`."""
+
+
+def fanout(named: Mapping[str, Any], root: Any) -> str | None:
+    """The first part of a writer schema whose reading visits more than FANOUT_LIMIT parts
+    without reading a byte of the message, as a path; None when there is none.
+
+    Why: a record is read (or skipped, for a field our schema lacks) part by part, and a
+    null or a field of a fixed width skipped takes no byte of it. A schema of a few KB whose
+    extra field is a binary tree of named records, each level defined once, made one 38-byte
+    event cost 2^depth visits in C with the GIL held: 5.5 s at depth 22, for ever at 40 (no
+    health answers, no SIGTERM; review "registry48"). Past FANOUT_LIMIT a byte, one event of
+    up to a MB is bounded to a billion visits; an honest schema has nowhere near so many
+    fields of only nulls, booleans, floats and fixed without a string, number, union or
+    array among them.
+    """
+    cap = FANOUT_LIMIT + 1
+    runs: dict[str, int] = {}
+
+    def run(node: Any, open_: frozenset[str]) -> int:
+        """Parts of `node` visited without reading a byte, capped at `cap` (an upper bound:
+        a record adds up its fields, however many bytes lie between them)."""
+        if isinstance(node, list):
+            return 0  # a union: its branch's index is read first
+        if isinstance(node, str):
+            if node in _FIXED_WIDTHS:
+                return 1
+            if node not in named or node in open_:
+                return 0  # a primitive read from bytes; a type within itself: `DeepSchema`
+            if node not in runs:
+                runs[node] = run(named[node], open_ | {node})
+            return runs[node]
+        if not isinstance(node, dict):
+            return 0
+        kind = node.get("type")
+        if kind in _NAMED_CONTAINERS:
+            total = 1
+            for field in node.get("fields", ()):
+                if isinstance(field, dict):
+                    total = min(cap, total + run(field.get("type"), open_))
+            return total
+        if isinstance(kind, (dict, list)) or (isinstance(kind, str) and kind in named):
+            return run(kind, open_)
+        if kind in _FIXED_WIDTHS or kind == "fixed":
+            return 1
+        return 0  # an array's or a map's count, an enum's index, a string's length
+
+    seen: set[int] = set()
+
+    def walk(node: Any, path: str) -> str | None:
+        """Each place a byte has just been read (the root, a union's branch, an array's
+        items, a map's values) starts a run of its own."""
+        if isinstance(node, list):
+            for branch in node:
+                if run(branch, frozenset()) > FANOUT_LIMIT:
+                    return path
+                found = walk(branch, path)
+                if found:
+                    return found
+            return None
+        if not isinstance(node, dict) or id(node) in seen:
+            return None
+        seen.add(id(node))
+        kind = node.get("type")
+        if kind in ("array", "map"):
+            inner = node.get("items" if kind == "array" else "values")
+            mark = "[]" if kind == "array" else "{}"
+            if run(inner, frozenset()) > FANOUT_LIMIT:
+                return f"{path}{mark}"
+            return walk(inner, f"{path}{mark}")
+        if kind in _NAMED_CONTAINERS:
+            for field in node.get("fields", ()):
+                if isinstance(field, dict):
+                    found = walk(field.get("type"), f"{path}.{field.get('name')}")
+                    if found:
+                        return found
+            return None
+        if isinstance(kind, (dict, list)):
+            return walk(kind, path)
+        return None
+
+    top = str(root.get("name", "")) if isinstance(root, dict) else ""
+    if run(root, frozenset()) > FANOUT_LIMIT:
+        fields = [f for f in root.get("fields", ()) if isinstance(f, dict)] if top else []
+        if not fields:
+            return top
+        widest = max(fields, key=lambda f: run(f.get("type"), frozenset()))
+        return f"{top}.{widest.get('name')}"
     for name, definition in [(top, root), *named.items()]:
         found = walk(definition, name)
         if found:

@@ -35,12 +35,14 @@ import httpx
 
 from consumer.answers import Unreadable, body_text, charset_of, raw_chunks, whole_body
 from consumer.codec import (
+    FANOUT_LIMIT,
     SCHEMA,
     SCHEMA_TEXT,
     DeepSchema,
     DeepUnion,
     Renamed,
     RenamedUnion,
+    fanout,
     free_items,
     reader_for,
     self_referencing,
@@ -544,6 +546,11 @@ class Registry:
             self._unusable_schema(
                 schema_id, f"schema id {schema_id} has an array whose items take no bytes "
                 f"({free}): a count alone could make the reader loop for ever; refused")
+        elif (wide := fanout(named, fresh)) is not None:
+            self._unusable_schema(
+                schema_id, f"schema id {schema_id} has a part ({wide}) whose reading visits "
+                f"more than {FANOUT_LIMIT} records, nulls or fixed-width fields without "
+                f"reading a byte: one small event could hold the process for hours; refused")
         else:
             try:
                 reader = reader_for(fresh, named)  # ours, or ours under the writer's names

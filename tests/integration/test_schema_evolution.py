@@ -110,3 +110,50 @@ def test_an_array_of_items_that_take_no_bytes_cannot_hang_the_worker(
     assert [m.value() for m in dlq] == [poison]
     assert b"items take no bytes" in dict(dlq[0].headers() or [])[
         "__connect.errors.exception.message"]
+
+
+def _tree(depth: int) -> dict[str, Any]:
+    """A binary tree of named records with null leaves, each level defined once: ~7 KB of
+    schema at depth 40, and no byte of an event for the whole tree."""
+    node: dict[str, Any] = {"type": "record", "name": f"L{depth}",
+                            "fields": [{"name": "x", "type": "null"}]}
+    for d in range(depth - 1, -1, -1):
+        node = {"type": "record", "name": f"L{d}", "fields": [
+            {"name": "a", "type": node}, {"name": "b", "type": f"L{d + 1}"}]}
+    return node
+
+
+def test_a_schema_whose_records_fan_out_without_bytes_cannot_hang_the_worker(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """Review "registry48": a compatible writer adding `["null", tree]` where the tree is
+    40 levels of records defined once each; one 40-byte event of its tree branch made
+    fastavro visit 2^40 records in C, GIL held: no /healthz, no SIGTERM, on every replica
+    taking the partition. Such a schema is refused (`codec.fanout`): its events are
+    dead-lettered, the others delivered."""
+    from consumer.registry import Registry
+
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    ours = Registry(schema_registry_url).register(topic)
+    writer: dict[str, Any] = json.loads(codec.SCHEMA_TEXT)
+    writer["fields"].append({"name": "x", "type": ["null", _tree(40)], "default": None})
+    theirs = _register(schema_registry_url, f"{topic}-value", writer)
+    parsed = cast(dict[str, Any], fastavro.parse_schema(json.loads(json.dumps(writer))))
+    first, last = track_event("u1", 0), track_event("u1", 2)
+    poison = codec.encode(theirs, {**codec.to_record(track_event("u1", 1)), "x": None}, parsed)
+    assert poison[-1:] == b"\x00"
+    poison = poison[:-1] + b"\x02"  # the union's tree branch, whose 2^40 records take no byte
+    for wire in (codec.encode(ours, codec.to_record(first)), poison,
+                 codec.encode(ours, codec.to_record(last))):
+        produce_raw(kafka_bootstrap, topic, b"u1", wire)
+    group = f"{topic}-g"
+    with WorkerThread(worker_env(kafka_bootstrap, schema_registry_url, server.url, topic,
+                                 group)) as w:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "offsets at the end")
+        dlq = read_topic(kafka_bootstrap, w.settings.dlq_topic)
+    assert delivered_seqs(control) == {("u1", 0): 1, ("u1", 2): 1}
+    assert [m.value() for m in dlq] == [poison]
+    assert b"without reading a byte" in dict(dlq[0].headers() or [])[
+        "__connect.errors.exception.message"]
