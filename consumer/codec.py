@@ -468,6 +468,8 @@ def _arrays_of(named: Mapping[str, Any], root: Any, chosen: Callable[[int], bool
     return None
 
 
+REASON_DETAIL = 300
+"""Characters of a decoder's own message kept in an undecodable event's reason."""
 FANOUT_LIMIT = 1000
 """Parts of a value (records, fields of a fixed width, nulls) a reader may visit between two
 bytes it must read (a length, a count, a union's branch, an enum's index): `fanout`."""
@@ -1200,8 +1202,15 @@ def decode(data: bytes | None, lookup: SchemaLookup) -> Event:
                       if deep else _read_escaping(stream, writer, reader))
             if isinstance(record, dict):
                 record, cut = _replaced(record)
+    except EOFError:
+        # fastavro's own says nothing ("EOFError: "), review "registry48".
+        raise UndecodableEvent("not a Signal event in Avro: truncated (the body ends before "
+                               "the record does)") from None
     except Exception as exc:  # fastavro raises many types on corrupt input
-        raise UndecodableEvent(f"not a Signal event in Avro: {type(exc).__name__}: {exc}") from None
+        # Cut: a root the reader cannot resolve quoted our whole parsed schema (~11 KB,
+        # review "registry48"), where the DLQ header and the log keep a KB.
+        raise UndecodableEvent(f"not a Signal event in Avro: {type(exc).__name__}: "
+                               f"{str(exc)[:REASON_DETAIL]}") from None
     if stream.tell() != len(data):
         raise UndecodableEvent(
             f"{len(data) - stream.tell()} trailing bytes after the Avro record (corrupt message)"

@@ -453,6 +453,15 @@ class Registry:
             doc = _doc(self._call(f"get schema {ref.subject} version {ref.version}",
                                   functools.partial(self._client.get_version, ref.subject,
                                                     ref.version)))
+            if doc.missing:
+                # As for the schema itself (`_parse`): the registry misbehaved this once;
+                # remembered as "does not parse", every event of the id was dead-lettered
+                # until a restart (review "registry48").
+                raise ValueError(f"the registry's answer for {ref.subject} version "
+                                 f"{ref.version} (referenced as {ref.name!r}) holds no schema")
+            if doc.kind != "AVRO":
+                raise _BadSchema(f"{ref.name!r} ({ref.subject} version {ref.version}), a "
+                                 f"{doc.kind} schema (the registry's schemaType), not Avro")
             self._resolve(doc.references, named, seen)
             try:
                 _parse_names(writer_json(doc.text, root=False), named)

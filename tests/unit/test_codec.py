@@ -244,9 +244,9 @@ def missing_schema(schema_id: int) -> Mapping[str, Any]:
     (b"\xff" + GOOD[1:], own_schema, "magic byte 255"),
     (b"{" + GOOD[1:], own_schema, "magic byte 123"),
     (GOOD, missing_schema, "unknown schema id 1"),
-    (GOOD[:5], own_schema, "Avro"),
-    (GOOD[:-1], own_schema, "Avro"),
-    (GOOD[: len(GOOD) // 2], own_schema, "Avro"),
+    (GOOD[:5], own_schema, "Avro: truncated"),
+    (GOOD[:-1], own_schema, "Avro: truncated"),
+    (GOOD[: len(GOOD) // 2], own_schema, "Avro: truncated"),
     (GOOD + b"\x00", own_schema, "1 trailing bytes"),
     (GOOD + b"garbage", own_schema, "7 trailing bytes"),
     (b"\x00\x00\x00\x00\x01" + b"\x02\xff", own_schema, "Avro"),  # invalid UTF-8 in type
@@ -944,3 +944,18 @@ def test_fanout_finds_parts_read_without_a_byte_past_the_limit() -> None:
         schema = with_field(fine)
         assert _fanout(schema) is None, fine
     assert _fanout(json.loads(codec.SCHEMA_TEXT)) is None
+
+
+def test_a_root_the_reader_cannot_resolve_is_named_without_our_whole_schema() -> None:
+    """Review "registry48": a writer whose root is a string was dead-lettered with our
+    parsed reader schema quoted whole (~11 KB), where the DLQ header keeps a KB."""
+    from consumer.registry import Registry, SchemaDoc
+
+    class StringRoot:
+        def get_schema(self, schema_id: int) -> SchemaDoc:
+            return SchemaDoc.of({"schema": '"string"'})
+
+    registry = Registry("http://unused", client=StringRoot())
+    with pytest.raises(UndecodableEvent) as info:
+        codec.decode(b"\x00\x00\x00\x00\x05" + b"\x02a", registry.writer_schema)
+    assert len(str(info.value)) < codec.REASON_DETAIL + 100, len(str(info.value))

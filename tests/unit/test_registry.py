@@ -28,6 +28,7 @@ from consumer.errors import UndecodableEvent
 from consumer.registry import (
     DEFAULT_TIMEOUT_S,
     MAX_ANSWER_BYTES,
+    Reference,
     Registry,
     RegistryError,
     RegistryUnusable,
@@ -556,6 +557,46 @@ def test_a_schema_answer_of_null_is_retried_not_remembered() -> None:
     with pytest.raises(ValueError, match="holds no schema"):
         registry.writer_schema(5)
     assert registry.writer_schema(5) == SCHEMA
+
+
+class _RefClient:
+    """The root schema names the context record, which a reference holds; each answer for
+    the reference is the next body."""
+
+    def __init__(self, *bodies: dict[str, Any]) -> None:
+        self.bodies = list(bodies)
+        root = json.loads(SCHEMA_TEXT)
+        self.context = root["fields"][8]["type"][1]
+        assert self.context["name"] == "Context", self.context
+        root["fields"][8]["type"][1] = "io.datafly.signal.Context"
+        self.root = json.dumps(root)
+
+    def get_schema(self, schema_id: int) -> SchemaDoc:
+        return SchemaDoc(self.root, (Reference("io.datafly.signal.Context", "ctx-value", 1),))
+
+    def get_version(self, subject: str, version: int) -> SchemaDoc:
+        body = self.bodies.pop(0)
+        if body.get("schema") == "context":
+            body = {**body, "schema": json.dumps(self.context)}
+        return SchemaDoc.of(body)
+
+
+def test_a_reference_answered_without_its_schema_is_retried_not_remembered() -> None:
+    """Review "registry48": a reference's `{"schema": null}` was parsed as "", which does not
+    parse: the id was refused, every event of it dead-lettered until a restart. The root's
+    same answer was retried."""
+    registry = Registry("http://unused", client=_RefClient({"schema": None},
+                                                           {"schema": "context"}))
+    with pytest.raises(ValueError, match=r"ctx-value version 1 .* holds no schema"):
+        registry.writer_schema(9)
+    assert registry.writer_schema(9) is not None
+
+
+def test_a_reference_of_another_schema_type_is_refused_by_its_type() -> None:
+    registry = Registry("http://unused", client=_RefClient(
+        {"schema": "context", "schemaType": "PROTOBUF"}))
+    with pytest.raises(UndecodableEvent, match=r"a PROTOBUF schema .*not Avro"):
+        registry.writer_schema(9)
 
 
 @pytest.mark.parametrize("body", [{"schema": "", "schemaType": "PROTOBUF"}, {"schema": ""},
