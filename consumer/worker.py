@@ -643,6 +643,12 @@ class Worker:
         self.m.paused_partitions.set(0)
         self.m.waiting_schema.set(0)
         self.m.held_for_one_user.set(0)
+        # Nor does it send any more: its rate share, kept through the hold, added up with
+        # the share of the replica that took its partitions to more than the token's limit
+        # on the dashboard (review "ops48"); a fallback it was on is no longer in use.
+        for budget in self.shared.limiters:
+            self.m.rate_limit_rps.labels(budget).set(0)
+            self.m.rate_limiter_fallback.labels(budget).set(0)
         # The partitions held at the stop only: one revoked long before kept the offset
         # this replica last committed, which its next owner has moved past since.
         held = set(assigned)

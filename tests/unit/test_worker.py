@@ -1207,6 +1207,10 @@ def test_held_dead_letters_stay_uncommitted_when_the_guard_trips_with_requests_o
     assert run.source.committed().get((TOPIC, 0), 0) <= 2
 
 
+def gauge_of(run: Any, name: str, **labels: str) -> float | None:
+    return cast(float | None, run.worker.m.registry.get_sample_value(name, labels))
+
+
 def test_a_stopped_worker_shows_nothing_in_flight_or_paused() -> None:
     """Review "metrics46": the gauges kept their last values after the stop, which the DLQ
     guard's hold (metrics still served) showed for minutes."""
@@ -1218,12 +1222,19 @@ def test_a_stopped_worker_shows_nothing_in_flight_or_paused() -> None:
     def gauge(name: str) -> float | None:
         return run.worker.m.registry.get_sample_value(name)
 
+    def share() -> float | None:
+        return gauge_of(run, "userpilot_rate_limit_requests_per_second", endpoint="track")
+
     async def scenario(source: FakeSource) -> None:
         await until(lambda: (gauge("userpilot_in_flight_events") or 0) > 0, "events in flight")
+        await until(lambda: (share() or 0) > 0, "a rate share")
 
     assert drive(run, scenario) == 0
     assert gauge("userpilot_in_flight_events") == 0
     assert gauge("userpilot_paused_partitions") == 0
+    # Review "ops48": kept through the DLQ guard's hold, the share added up with the next
+    # owner's to more than the token's limit.
+    assert share() == 0
 
 
 def test_a_window_of_one_does_not_stall_behind_a_held_dead_letter() -> None:
