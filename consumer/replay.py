@@ -949,9 +949,16 @@ def _stdout_json(doc: Mapping[str, Any]) -> bool:
     return True
 
 
-def _print_summary(summary: Summary, dry_run: bool, interrupted: bool) -> None:
-    _stdout_json({"summary": summary.as_dict(), "dry_run": dry_run,
-                  "interrupted": interrupted})
+def _print_summary(summary: Summary, dry_run: bool, interrupted: bool,
+                   stdout_gone: bool = False) -> None:
+    """The summary line on stdout; on stderr when nobody reads stdout any more: after
+    `| head` a run had replayed and committed a whole batch (up to 500 records) while the
+    reader saw two lines, and its counts went to /dev/null (review "dlq48")."""
+    doc = {"summary": summary.as_dict(), "dry_run": dry_run, "interrupted": interrupted}
+    if stdout_gone:
+        print(json_line(doc), file=sys.stderr)
+    else:
+        _stdout_json(doc)
     for item in summary.over_limit_offsets[:50]:
         print(f"over replay limit (not replayed): {item}", file=sys.stderr)
     for item in summary.unrestored_offsets[:50]:
@@ -1043,14 +1050,14 @@ def main(args: argparse.Namespace) -> int:
                              report=report, stopping=stop.is_set, secret=secret,
                              from_start=args.from_start)
     except ReplayStuck as stuck:
-        _print_summary(stuck.summary, args.dry_run, stop.is_set())
+        _print_summary(stuck.summary, args.dry_run, stop.is_set(), bool(unread))
         error_line(f"replay stopped: {stuck.args[0]}; " + (
             "the listing stopped there: a dry run replays and commits nothing; run it again"
             if args.dry_run else
             "the records before it are replayed and committed, a rerun starts at it"),
             os.environ)
         return 1
-    _print_summary(summary, args.dry_run, stop.is_set())
+    _print_summary(summary, args.dry_run, stop.is_set(), bool(unread))
     if stop.is_set():
         why = "stdout was closed" if unread else "interrupted"
         print(f"{why}: a dry run commits nothing; run it again to see every record"

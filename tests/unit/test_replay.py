@@ -168,7 +168,11 @@ def test_a_closed_stdout_stops_the_run_like_an_interrupt_without_a_traceback(
         os.dup2(real_stdout, 1)
         os.close(real_stdout)
     assert stops == [False, True]
-    assert "stdout was closed: what was replayed is committed" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "stdout was closed: what was replayed is committed" in err
+    # Review "dlq48": the counts went to /dev/null with stdout; stderr has them.
+    summary = json.loads(next(line for line in err.splitlines() if line.startswith("{")))
+    assert summary["summary"]["replayed"] == 3 and summary["interrupted"] is True
 
 
 def _broken_pipe(*args: Any, **kwargs: Any) -> None:
