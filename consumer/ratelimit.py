@@ -236,8 +236,9 @@ class AdaptiveLimiter:
         full = safe_rate(self._limit, self._period, self._burst, self._share)
         return 1.0 / rate, (effective_burst(self._limit, self._burst, self._share) - 1) / full
 
-    async def acquire(self) -> float:
-        """Wait for a slot; returns the seconds waited (for the limiter-wait metric).
+    async def acquire(self, want: int = 1) -> float:
+        """Wait for a slot; returns the seconds waited (for the limiter-wait metric). `want`
+        (the caller's waiters) matters only to the shared budget (`SharedLimiter`).
 
         Callers queue on a lock and only the head reserves, so at most one slot is ever
         booked ahead: a new share or a 429 slow-down applies from the very next request.
@@ -256,7 +257,7 @@ class AdaptiveLimiter:
 
 
 class _Acquires(Protocol):
-    def acquire(self) -> Awaitable[float]: ...
+    def acquire(self, want: int = 1) -> Awaitable[float]: ...
 
 
 class PriorityLane:
@@ -309,7 +310,8 @@ class PriorityLane:
     async def _run(self) -> None:
         while any(not f.done() for *_, f in self._waiters):
             try:
-                await self._limiter.acquire()
+                # How many wait: a far Redis reserves that many slots in one call.
+                await self._limiter.acquire(sum(1 for *_, f in self._waiters if not f.done()))
             except Exception as exc:  # hand the failure to one waiter, keep serving others
                 self._grant(exc)
                 continue

@@ -175,10 +175,17 @@ if not reserve or wait > lookahead then
   if again < 0 then again = 0 end
   return {0, string.format('%.0f', again), clock}
 end
-tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', keep + math.floor(interval / 1000))
+-- Up to ARGV[11] slots in a row (a far Redis: one call per slot capped a replica at one
+-- request per round trip), each within the look-ahead.
+local n = tonumber(ARGV[11]) or 1
+local room = math.floor((lookahead - wait) / interval) + 1
+if n > room then n = room end
+if n < 1 then n = 1 end
+tat = tat + n * interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX',
+           keep + math.floor(n * interval / 1000))
 redis.call('SET', KEYS[2], string.format('%.0f', now), 'PX', 604800000)
-return {1, string.format('%.0f', wait), clock}
+return {n, string.format('%.0f', wait), clock}
 """
 
 # Claim a messageId for one delivery attempt. Values: "d" = delivered (confirmed),
@@ -401,11 +408,12 @@ class RedisStore:
     async def gcra(
         self, key: str, *, interval_us: int, tolerance_us: int, lookahead_us: int,
         debt: int = 0, debt_key: str | None = None, holdoff_us: int = 0, idle_ttl_ms: int,
-        span_us: int = 0, reserve: bool = True, base_interval_us: int = 0,
-    ) -> tuple[bool, float]:
-        """Reserve the next slot of the budget at ``key``: ``(reserved, seconds)``.
+        span_us: int = 0, reserve: bool = True, base_interval_us: int = 0, count: int = 1,
+    ) -> tuple[int, float]:
+        """Reserve the next slots of the budget at ``key``: ``(reserved, seconds)``.
 
-        Reserved: send after ``seconds``. Not reserved: ask again after ``seconds``.
+        Reserved (1 to ``count`` slots, one interval apart, each within the look-ahead):
+        send the first after ``seconds``. None reserved (0): ask again after ``seconds``.
         ``debt``: requests sent without Redis over the last ``span_us``; ``debt_key``: the
         record of what this ``debt`` (a running total) already added. ``reserve=False``:
         apply the debt and hold-off only. Its own argument: passed as a look-ahead of -1,
@@ -420,7 +428,7 @@ class RedisStore:
         # nothing while asking Redis in a loop (review "config40").
         args = [interval_us, max(0, tolerance_us), max(interval_us, lookahead_us),
                 max(0, debt), max(0, holdoff_us), max(1, idle_ttl_ms), max(0, span_us),
-                1 if reserve else 0, 0, max(0, base_interval_us)]
+                1 if reserve else 0, 0, max(0, base_interval_us), max(1, count)]
         keys = [key, f"{key}:seen", f"{key}:credit", f"{key}:regime",
                 *([debt_key] if debt_key else [])]
         for _ in range(2):
@@ -429,7 +437,7 @@ class RedisStore:
             reply = await self._call("gcra", lambda: self._gcra(keys=keys, args=args))
             self._observe_clock(int(reply[2]), sent)
             if int(reply[0]) >= 0:
-                return bool(int(reply[0])), int(reply[1]) / 1e6
+                return int(reply[0]), int(reply[1]) / 1e6
             # Refused as late while this still waited: Redis's clock stepped forward since
             # the deadline was set. Once more, on the clock it now reports.
         raise SharedStateUnavailable("redis gcra ran past its deadline twice")

@@ -98,7 +98,7 @@ class CountingLimiter(AdaptiveLimiter):
     halted_at: float | None = None
     after_halt = 0
 
-    async def acquire(self) -> float:
+    async def acquire(self, want: int = 1) -> float:
         waited = await super().acquire()
         if CountingLimiter.halted_at is not None:
             CountingLimiter.after_halt += 1

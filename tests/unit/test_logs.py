@@ -319,7 +319,7 @@ def test_the_identify_lanes_pump_does_not_carry_the_event_that_started_it() -> N
     seen: list[object] = []
 
     class Limiter:
-        async def acquire(self) -> float:
+        async def acquire(self, want: int = 1) -> float:
             seen.append(CURRENT_EVENT.get())
             await asyncio.sleep(0)
             return 0.0

@@ -416,7 +416,7 @@ def test_priority_lane_serves_urgent_callers_first_then_in_arrival_order() -> No
             self.free: asyncio.Queue[None] = asyncio.Queue()
             self.granted = 0
 
-        async def acquire(self) -> float:
+        async def acquire(self, want: int = 1) -> float:
             await self.free.get()
             self.granted += 1
             return 0.0
@@ -456,7 +456,7 @@ def test_priority_lane_serves_same_urgency_waiters_lowest_order_first() -> None:
         def __init__(self) -> None:
             self.free: asyncio.Queue[None] = asyncio.Queue()
 
-        async def acquire(self) -> float:
+        async def acquire(self, want: int = 1) -> float:
             await self.free.get()
             return 0.0
 
