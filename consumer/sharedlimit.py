@@ -193,6 +193,12 @@ class SharedLimiter:
     async def _acquire(self, start: float, want: int) -> float:
         async with self._reserving():
             while True:
+                # A slot passed by more than a reply's delay: spent in Redis's schedule at its
+                # time, sent now it would fall beside the next fresh slot (no caller came
+                # for it: an idle spell).
+                stale = self._clock() - self._round_trip
+                while self._held and self._held[0] < stale:
+                    self._held.popleft()
                 if self._held:
                     wait = self._held.popleft() - self._clock()
                     if wait > 0:
@@ -317,6 +323,9 @@ class SharedLimiter:
         if self._fallback_since is not None:
             return
         self._fallback_since = now
+        # Held slots lie within the look-ahead and could be used; let go, the switch's
+        # proof above needs nothing new.
+        self._held.clear()
         # One record per episode of this replica: its probes carry the running total.
         self._debt_key = f"{self._key}:debt:{uuid.uuid4().hex[:16]}"
         self._local.hold(self.lookahead_s)

@@ -26,7 +26,7 @@ class ScriptedStore:
         self.up = True
         self.calls: list[dict[str, Any]] = []
 
-    async def gcra(self, key: str, **kwargs: Any) -> tuple[bool, float]:
+    async def gcra(self, key: str, **kwargs: Any) -> tuple[int, float]:
         self.calls.append({"key": key, **kwargs})
         if not self.up:
             raise SharedStateUnavailable("redis gcra failed: ConnectionError")
@@ -335,3 +335,50 @@ def test_a_send_within_the_span_stays_in_the_debt_when_the_span_shrinks() -> Non
     now[0] = start + span + (span / LOCAL_SEND_BUCKETS + 0.06) / 2
     within = sum(1 for at in sends if at >= now[0] - span)
     assert within == 1 and limiter._recent_local_sends() >= within
+
+
+class FarStore(ScriptedStore):
+    """Answers after `round_trip` seconds with up to `count` slots, the first at once."""
+
+    round_trip = 0.05
+
+    async def gcra(self, key: str, **kwargs: Any) -> tuple[int, float]:
+        self.calls.append({"key": key, **kwargs})
+        await asyncio.sleep(self.round_trip)
+        return kwargs.get("count", 1), 0.0
+
+
+def test_a_far_redis_reserves_slots_in_a_row_and_lets_stale_ones_go() -> None:
+    """Review "redis48": one call per slot held a replica to one request per round trip.
+    A call far longer than an interval reserves what the caller wants (up to the
+    look-ahead's 10); the next calls take them without Redis. A slot no caller came for
+    until it was past is let go: spent at its time in Redis's schedule, sent late it would
+    fall beside the next fresh one. So are the held slots on a 429."""
+    store = FarStore()
+    limiter = SharedLimiter(store, "k", 600, 1.0, 1, probe_every_s=0.05)  # ~1.7 ms apart
+
+    async def main() -> list[int]:
+        calls = []
+        await limiter.acquire()  # learns the round trip: one slot
+        calls.append(len(store.calls))
+        await limiter.acquire(want=50)
+        calls.append(len(store.calls))
+        for _ in range(9):
+            await limiter.acquire()
+        calls.append(len(store.calls))
+        await limiter.acquire(want=3)
+        calls.append(len(store.calls))
+        await asyncio.sleep(0.2)  # both held slots pass unclaimed
+        await limiter.acquire()
+        calls.append(len(store.calls))
+        await limiter.acquire(want=3)
+        limiter.slow_down()
+        await limiter.acquire()
+        calls.append(len(store.calls))
+        return calls
+
+    calls = asyncio.run(main())
+    assert [c["count"] for c in store.calls] == [1, 10, 3, 1, 3, 1]
+    # The nine after the ten took held slots; the one after the idle spell asked Redis, as
+    # did the one after the 429.
+    assert calls == [1, 2, 2, 3, 4, 6], calls
