@@ -30,7 +30,7 @@ class ScriptedStore:
         self.calls.append({"key": key, **kwargs})
         if not self.up:
             raise SharedStateUnavailable("redis gcra failed: ConnectionError")
-        return True, 0.0
+        return 1, 0.0
 
 
 def _limiter(store: ScriptedStore, switches: list[bool]) -> SharedLimiter:
