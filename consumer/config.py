@@ -24,7 +24,7 @@ import ssl
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
 
 from consumer.calls import FAMILIES
 from consumer.errors import ConfigError
@@ -1649,9 +1649,19 @@ def _redis_shown(match: re.Match[str]) -> str:
     query = match.group("query")
     if query:
         keys = [key for key, _ in parse_qsl(query[1:], keep_blank_values=True)]
-        query = "?" + "&".join(f"{key}=***" for key in keys) if keys else "?***"
+        # A part without `=` is not named: `?pw-secret` is a password pasted after the `?`
+        # (review "config48").
+        query = "?" + "&".join(f"{key}=***" if named else "***"
+                               for key, named in _query_keys(query[1:])) if keys else "?***"
     return (f"{match.group('scheme')}://{userinfo}{host}{':' + port if port else ''}"
             f"{'/' + db if db is not None else ''}{query or ''}")
+
+
+def _query_keys(query: str) -> list[tuple[str, bool]]:
+    """Each query part's key, and whether it came as `key=value` (a part without `=` may
+    be a secret itself, never shown)."""
+    return [(unquote_plus(part.split("=", 1)[0]), "=" in part)
+            for part in query.split("&") if part]
 
 
 _REDIS_CERT_REQS = ("none", "optional", "required")
@@ -1667,8 +1677,13 @@ def _redis_query_problems(query: str, shown: str, tls: bool) -> list[str]:
     params = parse_qsl(query, keep_blank_values=True)
     refused = sorted({k for k, _ in params} - _REDIS_QUERY_KEYS)
     if refused or not params:
+        named = {key for key, has_value in _query_keys(query) if has_value}
+        listed = [key for key in refused if key in named]
+        bare = len(refused) - len(listed)
+        if bare:
+            listed.append(f"{bare} without a value, not shown: it may be a secret")
         return [f"REDIS_URL={shown!r} has query parameters the worker does not take "
-                f"({', '.join(refused) or 'none readable'}): the timeout is "
+                f"({', '.join(listed) or 'none readable'}): the timeout is "
                 "REDIS_TIMEOUT_SECONDS, the database the /db path, TLS the rediss:// scheme; "
                 f"allowed: {', '.join(sorted(_REDIS_QUERY_KEYS))}"]
     problems: list[str] = []

@@ -13,6 +13,7 @@ import asyncio
 import codecs
 import contextvars
 import email.utils
+import errno
 import functools
 import math
 import re
@@ -324,6 +325,11 @@ def transport_failure(exc: BaseException, deadline_s: float,
             # Named: "ClientConnectorDNSError" alone hid a misspelt host (review "http33").
             # Through a proxy, the name looked up is the proxy's (it resolves Userpilot's).
             return unreachable(cause.host, proxied)
+        if isinstance(cause, aiohttp.ClientConnectorError) and _refused(cause.os_error):
+            # Nothing listens on the port (the proxy's, through one): said so, as
+            # `delete-users` says it, not "for TLS, check USERPILOT_CA_BUNDLE" (review
+            # "config48"). httpx-aiohttp maps it to a ConnectTimeout.
+            return unreachable(cause.host, proxied, refused=True)
         return ConnectionFailed(f"connection to Userpilot failed ({type(cause).__name__})")
     if isinstance(exc, httpx.ProxyError):
         status = _proxy_status(exc)
@@ -417,6 +423,17 @@ def unreachable(host: str, proxied: bool, *, refused: bool = False) -> Connectio
     fix = "HTTPS_PROXY / HTTP_PROXY" if proxied else "USERPILOT_ANALYTICS_ENDPOINT"
     return ConnectionFailed(f"connection to Userpilot failed: {what}; check {fix}",
                             before_tls=True)
+
+
+def _refused(error: OSError) -> bool:
+    """A connection refused, also as asyncio reports it for a host of several addresses
+    ("Multiple exceptions: [Errno 111] Connect call failed ..." for each)."""
+    if isinstance(error, ConnectionRefusedError) or error.errno == errno.ECONNREFUSED:
+        return True
+    text = str(error)
+    return (text.startswith("Multiple exceptions: ")
+            and text.count("Connect call failed") == text.count("[Errno")
+            and text.count(f"[Errno {errno.ECONNREFUSED}]") == text.count("[Errno"))
 
 
 def causes(exc: BaseException, depth: int = 6) -> Iterator[BaseException]:

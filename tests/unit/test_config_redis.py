@@ -82,6 +82,16 @@ def test_query_parameters_that_override_settings_are_refused(query: str) -> None
         REDIS_URL=f"redis://redis:6379/0{query}")
 
 
+@pytest.mark.parametrize("query", ["?pw-SECRET48", "?hunter2&ssl_cert_reqs=none",
+                                   "?password=hunter2"])
+def test_an_unknown_query_parameter_is_counted_not_named(query: str) -> None:
+    """Review "config48": a password pasted after the `?` is a key without a value, which
+    the refusal named twice (in the URL shown and in the list of unknown parameters)."""
+    found = problem(REDIS_URL=f"redis://u:pw@redis:6379/0{query}")
+    assert "query parameters the worker does not take" in found
+    assert "SECRET48" not in found and "hunter2" not in found, found
+
+
 @pytest.mark.parametrize("query", ["?ssl_cert_reqs=none",
                                    "?ssl_check_hostname=false&client_name=w",
                                    "?ssl_check_hostname=F", "?ssl_check_hostname="])

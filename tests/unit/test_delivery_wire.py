@@ -1249,3 +1249,35 @@ def test_an_interim_answer_does_not_lift_the_head_cap(interim: bytes) -> None:
                 await c.aclose()
 
     assert run(main) == "ServerError"
+
+
+@pytest.mark.parametrize("proxied", [False, True])
+def test_a_port_nothing_listens_on_is_named_not_blamed_on_tls(proxied: bool) -> None:
+    """Review "config48": a refused connection said "connection to Userpilot failed
+    (ClientConnectorError)", and check-config added "for TLS, check USERPILOT_CA_BUNDLE";
+    through a dead proxy, "(ClientProxyConnectionError)". Named as delete-users names it."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def main() -> ConnectionFailed:
+        if proxied:
+            client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
+                                     max_connections=2, proxy=f"http://127.0.0.1:{port}")
+        else:
+            client = up(f"https://127.0.0.1:{port}/v1/track")
+        try:
+            with pytest.raises(ConnectionFailed) as info:
+                await client.track(BODY)
+        finally:
+            await client.aclose()
+        return info.value
+
+    failure = run(main)
+    said = str(failure)
+    assert failure.before_tls, said
+    if proxied:
+        assert "the proxy '127.0.0.1' refused it" in said and "HTTPS_PROXY" in said, said
+    else:
+        assert "'127.0.0.1' refused it (nothing listens" in said, said
+        assert "USERPILOT_ANALYTICS_ENDPOINT" in said, said
