@@ -554,7 +554,17 @@ def _terminated(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _closed_streams_to_devnull() -> None:
+    """A command started with stdout or stderr closed (`>&-`) has None there: check-config
+    and explain failed with a traceback (`'NoneType' object has no attribute 'encoding'`)
+    after their work was done (review "config48"). What nobody can read goes nowhere."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _closed_streams_to_devnull()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:

@@ -816,3 +816,19 @@ def test_explain_writes_one_line_an_event_whatever_its_ids_hold() -> None:
     (doc,) = [json.loads(x) for x in result.stdout.splitlines()]
     assert doc["request"]["body"]["user_id"] == "u\u2028a\u2029b\u0085c\u202ed"
     assert "\u202e" not in result.stdout
+
+
+@pytest.mark.parametrize("argv", [["check-config"], ["explain"]])
+def test_a_command_started_with_stdout_closed_does_its_work_without_a_traceback(
+        argv: list[str]) -> None:
+    """Review "config48": `check-config >&-` and `explain >&-` found sys.stdout None and
+    failed with a traceback and exit 1 after their work was done."""
+    script = ("import os, subprocess, sys; os.close(1); "
+              "sys.exit(subprocess.run([sys.executable, '-m', 'consumer', *sys.argv[1:]], "
+              "input=b'{\"type\":\"track\",\"event\":\"x\",\"userId\":\"u\"}\\n').returncode)")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], env=only(GOOD),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60,
+                          check=False)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err, err
+    assert proc.returncode == 0, err
