@@ -366,8 +366,19 @@ def cmd_produce(args: argparse.Namespace) -> int:
         # Refused before anything else: Kafka refused it only after the schema was
         # registered under the bad name's subject (review "config35").
         raise ConfigError(f"--topic {args.topic!r}, {problem}")
-    bootstrap = args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
-    registry = args.schema_registry_url or os.environ.get("SCHEMA_REGISTRY_URL", "").strip()
+    # A flag given blank is refused, not passed over: blank, it fell through to the offline
+    # placeholders (`unused:9092`, review "config48").
+    for flag, given, variable in (("--bootstrap-servers", args.bootstrap_servers,
+                                   "KAFKA_BOOTSTRAP_SERVERS"),
+                                  ("--schema-registry-url", args.schema_registry_url,
+                                   "SCHEMA_REGISTRY_URL")):
+        if given is not None and not given.strip():
+            raise ConfigError(f"{flag} is blank: give a value, or leave the flag out to use "
+                              f"{variable}")
+    bootstrap = (args.bootstrap_servers or "").strip() or os.environ.get(
+        "KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    registry = (args.schema_registry_url or "").strip() or os.environ.get(
+        "SCHEMA_REGISTRY_URL", "").strip()
     if not bootstrap or not registry:
         raise ConfigError("produce needs KAFKA_BOOTSTRAP_SERVERS and SCHEMA_REGISTRY_URL "
                           "(or --bootstrap-servers and --schema-registry-url)")

@@ -550,6 +550,17 @@ def test_produce_uses_the_flags_it_validated(monkeypatch: pytest.MonkeyPatch,
     assert (got["bootstrap"], got["registry_url"]) == ("kafka:9092", "http://registry:8081")
 
 
+@pytest.mark.parametrize("flag", ["--bootstrap-servers", "--schema-registry-url"])
+def test_produce_refuses_a_blank_flag_instead_of_a_placeholder(flag: str) -> None:
+    """Review "config48": a blank flag passed the "needs" check and fell through to the
+    offline placeholders: "Kafka at unused:9092 not reachable"."""
+    result = cli(["produce", "--topic", "t", "--file", "-", flag, " "],
+                 {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+                  "SCHEMA_REGISTRY_URL": "http://127.0.0.1:1"}, stdin=b"")
+    assert result.returncode == 2, result.stderr
+    assert f"{flag} is blank" in result.stderr and "unused" not in result.stderr
+
+
 def test_demo_with_an_events_file_it_cannot_read_says_so_before_creating_anything() -> None:
     """A traceback after it had created a topic (review config25)."""
     result = cli(["demo", "--events", "/nonexistent/events.jsonl"], {})
