@@ -497,13 +497,18 @@ def _ca_bundle(r: _Reader) -> str | None:
         _check_pem(r, "SSL_CERT_FILE", cert_file,
                    "the worker's HTTP clients load it; fix the path or unset it")
     cert_dir = r.env.get("SSL_CERT_DIR")
-    if cert_dir and not cert_file and not os.path.isdir(cert_dir):
+    # A list, as OpenSSL reads it (`a:b`, entries that are no directory passed over):
+    # refused whole as "not a directory" (review "config48").
+    dirs = [d for d in (cert_dir or "").split(os.pathsep) if d]
+    if cert_dir and not cert_file and not any(os.path.isdir(d) for d in dirs):
         # Read in place of certifi's bundle (`tls.ssl_context`): every HTTPS peer would
         # then be untrusted (review config19).
-        r.problems.append(f"SSL_CERT_DIR={cert_dir!r} is not a directory: the worker's HTTPS "
+        r.problems.append(f"SSL_CERT_DIR={cert_dir!r} is not a directory (nor a "
+                          f"{os.pathsep!r}-separated list holding one): the worker's HTTPS "
                           "clients load their CA certificates from it; fix the path or "
                           "unset it")
-    elif cert_dir and not cert_file and not _hashed_certificates(cert_dir):
+    elif cert_dir and not cert_file and not any(_hashed_certificates(d) for d in dirs
+                                                if os.path.isdir(d)):
         # OpenSSL looks a CA up there by its subject's hash only: a directory of `ca.pem`
         # files (a mounted ConfigMap) trusted nothing, every request refused (review
         # "config42").

@@ -1359,6 +1359,12 @@ def test_a_cert_dir_that_is_no_directory_is_refused(tmp_path: Any) -> None:
     assert "openssl rehash" in text and "USERPILOT_CA_BUNDLE" in text
     (tmp_path / "0a1b2c3d.0").symlink_to(tmp_path / "ca.pem")
     load(SSL_CERT_DIR=str(tmp_path))
+    # A list, as OpenSSL reads it, a missing entry passed over (review "config48").
+    load(SSL_CERT_DIR=f"{tmp_path / 'nope'}:{tmp_path}")
+    assert "not a directory" in problem(SSL_CERT_DIR=f"{tmp_path / 'nope'}:{tmp_path / 'no'}")
+    (tmp_path / "empty").mkdir()
+    assert "holds no certificate" in problem(SSL_CERT_DIR=f"{tmp_path / 'nope'}:"
+                                             f"{tmp_path / 'empty'}")
 
 
 @pytest.mark.parametrize("name", ["USERPILOT_ANALYTICS_ENDPOINT", "HTTPS_PROXY"])
