@@ -211,6 +211,15 @@ EOF
 cat >"$OUT/secret-in-extra-env.values.yaml" <<'EOF'
 kafka: {extraEnv: [{name: KAFKA_SASL_PASSWORD, value: HUNTER2}]}
 EOF
+cat >"$OUT/secret-mixed-case.values.yaml" <<'EOF'
+extraEnv: [{name: Kafka_Sasl_Password, value: HUNTER2}]
+EOF
+cat >"$OUT/proxy-password.values.yaml" <<'EOF'
+extraEnv: [{name: https_proxy, value: "http://u:HUNTER2@proxy:3128"}]
+EOF
+cat >"$OUT/proxy-no-password.values.yaml" <<'EOF'
+extraEnv: [{name: HTTPS_PROXY, value: "http://proxy.corp:3128"}, {name: NO_PROXY, value: "kafka,registry"}]
+EOF
 cat >"$OUT/small-message-max.values.yaml" <<'EOF'
 kafka: {config: {topic.message.max.bytes: 1000}}
 EOF
@@ -374,6 +383,8 @@ expect_fail() { # name, expected message fragment
 expect_fail both-autoscalers "mutually exclusive"
 expect_fail jaas-in-config "kafka.config.sasl.jaas.config is Java's JAAS configuration"
 expect_fail secret-in-extra-env "kafka.extraEnv sets KAFKA_SASL_PASSWORD as a plain value"
+expect_fail secret-mixed-case "extraEnv sets Kafka_Sasl_Password as a plain value"
+expect_fail proxy-password "extraEnv sets https_proxy with a password in its URL as a plain value"
 expect_fail small-message-max "kafka.config.topic.message.max.bytes=1000 is below 16384"
 expect_fail truststore-in-config "kafka.config.ssl.truststore.password is a Java truststore setting"
 expect_fail keda-no-auth "the security protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
@@ -489,6 +500,8 @@ render lag-matchers --set prometheusRule.enabled=true --set serviceMonitor.enabl
   --set-string 'prometheusRule.kafkaLagMatchers=cluster="eu-1"'
 has lag-matchers 'kafka_consumergroup_lag{consumergroup="userpilot-delivery",cluster="eu-1"}' "prometheusRule.kafkaLagMatchers"
 has lag-matchers 'kafka_consumergroup_lag{consumergroup=~\"$consumergroup\",cluster=\"eu-1\"' "the dashboard's lag panels select the same exporter (review diff24c)"
+render proxy-no-password -f "$OUT/proxy-no-password.values.yaml"
+has proxy-no-password 'value: http://proxy.corp:3128' "a proxy URL without a password renders (review config48)"
 render lag-regex -f "$OUT/lag-regex.values.yaml"
 render shared-dash --set dashboard.namespace=monitoring
 grep -qE '^  name: upw-userpilot-worker-[0-9a-f]{10}-dashboard$' "$OUT/shared-dash.yaml" \

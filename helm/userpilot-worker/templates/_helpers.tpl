@@ -227,8 +227,14 @@ Deployment, so every render runs them.
 {{- range $secretKeys }}{{- $secretNames = append $secretNames (printf "KAFKA_%s" (upper (replace "." "_" .))) }}{{- end }}
 {{- range $where, $entries := dict "extraEnv" $v.extraEnv "kafka.extraEnv" $v.kafka.extraEnv }}
 {{- range $entries }}
-{{- if and (has .name $secretNames) (hasKey . "value") (ne (toString .value) "") }}
+{{- /* Any case: `Kafka_Sasl_Password` rendered the password, then every pod refused the name
+   (review "config48"). */}}
+{{- if and (has (upper .name) $secretNames) (hasKey . "value") (ne (toString .value) "") }}
 {{- fail (printf "%s sets %s as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}) or put it in kafka.existingSecret" $where .name) }}
+{{- end }}
+{{- /* A proxy URL with a password in it (`http://user:password@proxy:3128`), likewise. */}}
+{{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@" (toString .value)) }}
+{{- fail (printf "%s sets %s with a password in its URL as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}})" $where .name) }}
 {{- end }}
 {{- if and (eq .name "KAFKA_GROUP_INSTANCE_ID") (hasKey . "value") }}
 {{- fail (printf "%s sets KAFKA_GROUP_INSTANCE_ID to one value for every pod: each new pod fences the others (a crash loop). Take it from the pod: valueFrom: {fieldRef: {fieldPath: metadata.name}}" $where) }}
