@@ -597,14 +597,16 @@ class _Reader:
         raw = self.text(name)
         if raw is None:
             return default
-        try:
-            value = int(raw)
-        except ValueError:
+        # ASCII digits only: Python's int() also reads "1_0" and "١٢", which no other
+        # reader of the same values (Helm, KEDA, a shell) takes as numbers (review
+        # "config48").
+        if not _INTEGER.fullmatch(raw):
             self.problems.append(f"{name}={raw!r} is not a whole number: use e.g. {default}")
             return default
+        value = int(raw)
         if value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-            self.problems.append(f"{name}={value} is out of range: use a number {bound}")
+            self.problems.append(f"{name}={raw} is out of range: use a number {bound}")
             return default
         return value
 
@@ -613,11 +615,10 @@ class _Reader:
         raw = self.text(name)
         if raw is None:
             return default
-        try:
-            value = float(raw)
-        except ValueError:
+        if not _DECIMAL.fullmatch(raw):  # as `integer`: no "1_0", "١٢", "nan" or "inf"
             self.problems.append(f"{name}={raw!r} is not a number: use e.g. {default:g}")
             return default
+        value = float(raw)
         too_low = value < low if inclusive_low else value <= low
         if not math.isfinite(value) or too_low or (high is not None and value > high):
             rel = ">=" if inclusive_low else ">"
@@ -634,6 +635,10 @@ class _Reader:
             self.problems.append(f"{name}={raw!r} is not allowed: use one of {', '.join(allowed)}")
             return default
         return raw.lower()
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 
 
 def _check_endpoint(reader: _Reader) -> str:
