@@ -25,12 +25,16 @@ from dataclasses import dataclass
 from consumer.codec import Event as Decoded
 from consumer.commits import TP
 from consumer.handler import Event
+from consumer.logs import RateLimit
 from consumer.routing import Send
 from consumer.scheduling import Barrier
 
 __all__ = ["KeylessOrder", "UserWaits", "decided_user"]
 
 log = logging.getLogger(__name__)
+# One line per topic per 30 s (the count of the rest appended): each unresolved event warns
+# once, and a registry outage leaves a whole window of them (review "registry48").
+log.addFilter(RateLimit(30.0))
 
 UNRESOLVED_WAIT_S = 5.0
 """How long a partition's later events wait to learn the user of a keyless event whose
