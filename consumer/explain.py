@@ -118,6 +118,18 @@ def _explain_one(
     except ValueError as exc:
         yield _invalid(number, f"invalid event: not JSON ({exc})")
         return
+    dlq = None
+    if isinstance(raw, dict) and "dlq" in raw and "dry_run" in raw:
+        # A line of `replay --dry-run --show-event`: its event is explained, named by its
+        # dead letter (review "dlq48"); the replay's summary line is passed over.
+        dlq = raw["dlq"]
+        if not isinstance(raw.get("event"), dict):
+            why = raw.get("event_unreadable") or "run replay with --show-event"
+            yield {**_invalid(number, f"a replay line without its event ({why})"), "dlq": dlq}
+            return
+        raw = raw["event"]
+    elif isinstance(raw, dict) and "summary" in raw and "dry_run" in raw:
+        return
     ignored: list[str] = []
     if isinstance(raw, dict):
         ignored = sorted(k for k in raw if k in IGNORED_ENVELOPE)
@@ -129,10 +141,13 @@ def _explain_one(
             record = codec.to_record(event_in)
         event = codec.decode(codec.encode(0, record), lambda _id: codec.SCHEMA)
     except (InvalidEvent, ValueError, RecursionError) as exc:
-        yield _invalid(number, f"invalid event: {exc}", raw)
+        yield {**_invalid(number, f"invalid event: {exc}", raw),
+               **({"dlq": dlq} if dlq is not None else {})}
         return
     doc: dict[str, Any] = {"line": number, "event": _name(event),
                            "messageId": event.get("messageId")}
+    if dlq is not None:
+        doc["dlq"] = dlq
     try:
         decision = route(event, settings.consent, settings.mappings)
     except DeadLetter as exc:

@@ -41,8 +41,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from consumer import dlqfetch
-from consumer.config import timeout_seconds
+from consumer import codec, dlqfetch
+from consumer.config import Settings, timeout_seconds
 from consumer.deadletter import (
     KEY_OMITTED,
     ORIGINAL_TIMESTAMP,
@@ -497,19 +497,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "user before deleting them)")
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be replayed; send and commit nothing")
+    p.add_argument("--show-event", action="store_true",
+                   help="with --dry-run: each line carries its event as canonical JSON "
+                        "(`event`, decoded through SCHEMA_REGISTRY_URL); `explain` reads "
+                        "such lines")
 
 
 def run_replay(
     conf: dict[str, Any], dlq_topic: str, group: str, filters: Filters, *, dry_run: bool,
     report: Callable[[dict[str, Any]], None],
     stopping: Callable[[], bool] = lambda: False, secret: bytes | None = None,
-    from_start: bool = False,
+    from_start: bool = False, event_of: Callable[[bytes | None], dict[str, Any]] | None = None,
 ) -> Summary:
     """Read the DLQ up to its end offsets at start; re-publish what `decide` allows.
 
     `from_start` (dry runs only): from each partition's first record, whatever the group
     committed, to list every dead letter (a user's, before a GDPR deletion), not only what
     this selection has not replayed yet.
+
+    `event_of` (dry runs, `--show-event`): each listed record's event as canonical JSON,
+    under `event`, the form `explain` reads.
 
     Checkpointed per polled batch: what was produced is flushed (acknowledged by the
     broker), then the DLQ position past it is committed, so a run stopped at any point
@@ -673,7 +680,7 @@ def run_replay(
                 if p is None or off is None or p not in ends or off >= ends[p]:
                     continue
                 line = _replay_one(msg, p, off, dlq_topic, filters, conf, summary, dry_run,
-                                   seen)
+                                   seen, event_of)
                 if line is not None:
                     if "_record" not in line:  # a copy of an event this run took
                         report(line)
@@ -787,7 +794,9 @@ def _publish(producer: Producer, line: dict[str, Any], msg: Message, at: tuple[i
 
 def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters,
                 conf: dict[str, Any], summary: Summary, dry_run: bool,
-                seen: SeenSources | None = None) -> dict[str, Any] | None:
+                seen: SeenSources | None = None,
+                event_of: Callable[[bytes | None], dict[str, Any]] | None = None,
+                ) -> dict[str, Any] | None:
     """One DLQ record: counted as filtered, over the limit or unrestorable (None), the
     report line of its replay, with the record to publish under `_record`, or (without
     `_record`) the line of a second dead letter of an event this run took (`doubled_of`)."""
@@ -814,7 +823,8 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
                 or None, "dry_run": True,
                 "reason": _text(header_value(headers, "userpilot.error.reason")),
                 "call": failed_call(headers) or None, **_key_of(msg, headers, conf),
-                **failure_of(headers), "not_replayable": verdict}
+                **failure_of(headers), "not_replayable": verdict,
+                **_shown_event(event_of, headers, msg.value())}
     source = None if seen is None else source_event(headers, msg.value())
     before = None if seen is None else seen.before(source)
     origin = _text(header_value(headers, "__connect.errors.topic"))  # text: `decide`
@@ -831,7 +841,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         # only, without its key (review "replay29").
         return {"dlq": where, "to": origin, "dry_run": dry_run, "reason": reason,
                 "call": call, **_key_of(msg, headers, conf), **failure,
-                "doubled_of": earlier}
+                "doubled_of": earlier, **_shown_event(event_of, headers, msg.value())}
     key, value = msg.key(), msg.value()
     came = source_of(headers)  # the dead letter's own: a restored original's may lack them
     if value_omitted(headers):
@@ -859,12 +869,27 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     # how an operator finds a deleted user's dead letters to leave them out (README, GDPR).
     line: dict[str, Any] = {"dlq": where, "to": origin, "dry_run": dry_run,
                             "reason": reason, "call": call, "key": shown_key(key),
-                            **failure}
+                            **failure, **_shown_event(event_of, headers, value)}
     line["_record"] = (key, value, headers,
                        came[1] if came is not None and came[0] == origin else None)
     if seen is not None:
         seen.add(source, (p, off))
     return line
+
+
+def _shown_event(event_of: Callable[[bytes | None], dict[str, Any]] | None,
+                 headers: Sequence[Header], value: bytes | None) -> dict[str, Any]:
+    """`--show-event`: the record's event as canonical JSON (`event`), or why not
+    (`event_unreadable`): the runbook's "explain the events" had no way to get a dead
+    letter's event out of its Avro bytes (review "dlq48")."""
+    if event_of is None:
+        return {}
+    if value_omitted(headers) and not value:
+        return {"event_unreadable": "written without its value (too large for the DLQ)"}
+    try:
+        return {"event": event_of(value)}
+    except Exception as exc:  # an undecodable dead letter is listed all the same
+        return {"event_unreadable": f"{type(exc).__name__}: {exc}"[:MESSAGE_SHOWN]}
 
 
 def _key_of(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any]
@@ -949,6 +974,23 @@ def _stdout_json(doc: Mapping[str, Any]) -> bool:
     return True
 
 
+def _event_reader(settings: Settings) -> Callable[[bytes | None], dict[str, Any]]:
+    """A dead letter's value → its event as canonical JSON (what `explain` reads), through
+    the worker's registry client (its settings, auth and proxy)."""
+    from consumer.registry import Registry
+
+    registry = Registry(
+        settings.registry_url,
+        settings.registry_auth.reveal() if settings.registry_auth else None,
+        proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None)
+
+    def event_of(value: bytes | None) -> dict[str, Any]:
+        event = codec.decode(value, registry.writer_schema)
+        return {key: item for key, item in event.items() if item is not None}
+
+    return event_of
+
+
 def _print_summary(summary: Summary, dry_run: bool, interrupted: bool,
                    stdout_gone: bool = False) -> None:
     """The summary line on stdout; on stderr when nobody reads stdout any more: after
@@ -992,6 +1034,11 @@ def main(args: argparse.Namespace) -> int:
     if args.from_start and not args.dry_run:
         raise ConfigError("--all lists every dead letter and needs --dry-run: replayed "
                           "from the start, what earlier runs replayed would be sent again")
+    if args.show_event and not args.dry_run:
+        raise ConfigError("--show-event lists events and needs --dry-run")
+    if args.show_event and not os.environ.get("SCHEMA_REGISTRY_URL", "").strip():
+        raise ConfigError("--show-event needs SCHEMA_REGISTRY_URL: the events are Avro, "
+                          "decoded by the schema their producer registered")
     if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
         raise ConfigError("replay needs KAFKA_BOOTSTRAP_SERVERS")
     if (args.from_offset is not None and args.to_offset is not None
@@ -1048,7 +1095,8 @@ def main(args: argparse.Namespace) -> int:
                   "it to the workers' token)", file=sys.stderr)
         summary = run_replay(conf, args.dlq_topic, group, filters, dry_run=args.dry_run,
                              report=report, stopping=stop.is_set, secret=secret,
-                             from_start=args.from_start)
+                             from_start=args.from_start,
+                             event_of=_event_reader(settings) if args.show_event else None)
     except ReplayStuck as stuck:
         _print_summary(stuck.summary, args.dry_run, stop.is_set(), bool(unread))
         error_line(f"replay stopped: {stuck.args[0]}; " + (

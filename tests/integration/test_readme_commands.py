@@ -27,16 +27,25 @@ def _readme_lines(pattern: str) -> list[str]:
 
 
 def _run(line: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The line as a shell runs it: `> file` writes stdout there (in `cwd`)."""
     argv = shlex.split(line, comments=True)
     assert argv[:3] == ["python", "-m", "consumer"]
-    return subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True,
+    target = None
+    if ">" in argv:
+        at = argv.index(">")
+        argv, target = argv[:at], argv[at + 1]
+    done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True,
                           env={**env, "PYTHONPATH": str(REPO)}, cwd=cwd, timeout=120,
                           check=False)
+    if target is not None:
+        (cwd / target).write_text(done.stdout, "utf-8")
+    return done
 
 
 def test_the_readme_replay_commands_work_as_written(kafka_bootstrap: str,
                                                     tmp_path: Path) -> None:
-    lines = _readme_lines("replay --from delivery-userpilot")
+    lines = [line for line in _readme_lines("replay --from delivery-userpilot")
+             if "--show-event" not in line]
     assert [line.split()[-1] for line in lines] == ["--dry-run", "--all", "bad_request"]
     origin, dlq = "delivery-userpilot", "delivery-userpilot.userpilot.dlq"
     for topic in (origin, dlq):
@@ -74,7 +83,7 @@ def test_the_readme_replay_commands_work_as_written(kafka_bootstrap: str,
 
 
 def test_the_readme_explain_command_works_as_written(tmp_path: Path) -> None:
-    (line,) = set(_readme_lines("explain"))
+    (line,) = set(_readme_lines("explain --file events.jsonl"))
     shutil.copy(REPO / "schemas" / "sample-events.jsonl", tmp_path / "events.jsonl")
     done = _run(line, dict(os.environ), tmp_path)
     assert done.returncode == 0, done.stderr
@@ -104,6 +113,52 @@ def test_the_readme_guard_trip_replay_line_works_as_written(kafka_bootstrap: str
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout.splitlines()[-1])["summary"]["replayed"] == 1
         assert [m.value() for m in read_topic(kafka_bootstrap, origin)] == [b"event bytes"]
+    finally:
+        for topic in (origin, dlq):
+            delete_topic(kafka_bootstrap, topic)
+
+
+def test_the_readme_show_event_lines_work_as_written(kafka_bootstrap: str,
+                                                     schema_registry_url: str,
+                                                     tmp_path: Path) -> None:
+    """Review "dlq48": the runbook said "explain the events", and no command got a dead
+    letter's event out of its Avro bytes. `replay --dry-run --show-event` lists each with
+    its event (an undecodable one with why not), and `explain` reads those lines."""
+    from consumer import codec
+    from consumer.registry import Registry
+    from tests.integration.harness import track_event
+
+    lines = [line for line in _readme_lines("replay --from delivery-userpilot")
+             if "--show-event" in line]
+    (explain,) = _readme_lines("explain --file dead.jsonl")
+    assert len(lines) == 1 and lines[0].endswith("> dead.jsonl")
+    origin, dlq = "delivery-userpilot", "delivery-userpilot.userpilot.dlq"
+    for topic in (origin, dlq):
+        create_topic(kafka_bootstrap, topic, 1)
+    try:
+        schema_id = Registry(schema_registry_url).register(origin)
+        event = track_event("user_001", 1)
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        for value in (codec.encode(schema_id, codec.to_record(event)), b"garbage"):
+            producer.produce(dlq, key=b"user_001", value=value, headers=[
+                ("__connect.errors.topic", origin.encode()),
+                ("userpilot.error.reason", b"bad_request"), ("userpilot.replay.count", b"0")])
+        assert producer.flush(30) == 0
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+               "SCHEMA_REGISTRY_URL": schema_registry_url}
+        listed = _run(lines[0], env, tmp_path)
+        assert listed.returncode == 0, listed.stderr
+        first, second, summary = (json.loads(line) for line in
+                                  (tmp_path / "dead.jsonl").read_text("utf-8").splitlines())
+        assert first["event"] == event
+        assert "event" not in second and "magic byte" in second["event_unreadable"]
+        assert summary["summary"]["replayed"] == 2
+        explained = _run(explain, env, tmp_path)
+        assert explained.returncode == 1, explained.stderr  # the undecodable one
+        docs = [json.loads(line) for line in explained.stdout.splitlines()]
+        assert [(d["dlq"], d["decision"]) for d in docs] == [
+            (f"{dlq}[0]@0", "deliver"), (f"{dlq}[0]@1", "dead_letter")]
+        assert docs[0]["request"]["body"]["event_name"] == "feature_used"
     finally:
         for topic in (origin, dlq):
             delete_topic(kafka_bootstrap, topic)

@@ -56,8 +56,11 @@ def _readme_lines(prefix: str) -> list[str]:
 
 
 def _args(line: str, prefix: str) -> list[str]:
-    # Placeholders such as <dlq> stand for any value.
-    return [re.sub(r"^<[^>]+>$", "x", part) for part in shlex.split(line[len(prefix):])]
+    # Placeholders such as <dlq> stand for any value; `> file` is the shell's.
+    parts = shlex.split(line[len(prefix):])
+    if ">" in parts:
+        parts = parts[:parts.index(">")]
+    return [re.sub(r"^<[^>]+>$", "x", part) for part in parts]
 
 
 COMPOSE = _compose_commands()

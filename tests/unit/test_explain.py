@@ -191,3 +191,21 @@ def test_a_number_too_large_for_a_double_is_left_out_as_run_leaves_it_out(litera
     assert doc["decision"] == "deliver"
     assert doc["request"]["body"]["metadata"] == {"b": 2}
     assert "a" in doc["omitted"]
+
+
+def test_replay_dry_run_lines_are_explained_by_their_event() -> None:
+    """`replay --dry-run --show-event` lines (review "dlq48"): each explained by its event
+    and named by its dead letter; one without its event says why; the summary is passed
+    over."""
+    event = json.loads(DELIVERED)
+    lines = [json.dumps({"dlq": "t.dlq[0]@4", "to": "t", "dry_run": True, "event": event}),
+             json.dumps({"dlq": "t.dlq[0]@5", "to": "t", "dry_run": True,
+                         "event_unreadable": "UndecodableEvent: magic byte 103"}),
+             json.dumps({"dlq": "t.dlq[0]@6", "to": "t", "dry_run": True}),
+             json.dumps({"summary": {"replayed": 3}, "dry_run": True, "interrupted": False})]
+    docs = list(explain_lines(lines, SETTINGS))
+    assert [(d["dlq"], d["decision"]) for d in docs] == [
+        ("t.dlq[0]@4", "deliver"), ("t.dlq[0]@5", "dead_letter"), ("t.dlq[0]@6", "dead_letter")]
+    assert "magic byte 103" in docs[1]["reason"]
+    assert "--show-event" in docs[2]["reason"]
+    assert docs[0]["requests"] == next(explain_lines([DELIVERED], SETTINGS))["requests"]

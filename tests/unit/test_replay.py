@@ -411,6 +411,8 @@ def test_call_filter_selects_by_the_request_the_event_failed_at() -> None:
     (["--since", "2026-12-02T00:00:01Z", "--until", "2026-12-01"], "after --until"),
     (["--reason", "bad-request"], "not a dead-letter reason: one of bad_request"),
     (["--reason", "server_error"], "not a dead-letter reason"),
+    (["--show-event"], "--show-event lists events and needs --dry-run"),
+    (["--show-event", "--dry-run"], "--show-event needs SCHEMA_REGISTRY_URL"),
 ])
 def test_arguments_that_select_nothing_or_mean_nothing_are_refused(
         argv: list[str], says: str, monkeypatch: pytest.MonkeyPatch,
@@ -421,6 +423,7 @@ def test_arguments_that_select_nothing_or_mean_nothing_are_refused(
     from consumer.__main__ import main
 
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    monkeypatch.delenv("SCHEMA_REGISTRY_URL", raising=False)
     try:
         code: object = main(["replay", "--from", "dlq", *argv])
     except SystemExit as exc:  # argparse's own refusal
