@@ -173,12 +173,19 @@ def normalize_event_name(name: object) -> str:
 
 
 def _normalize(name: str) -> str:
+    # One spelling per name (NFC: "é" typed as "e" + U+0301, as macOS input and some
+    # browsers send it), and case folded as Unicode folds it ("GRÖSSE" meets "Größe"):
+    # lower-cased only, such names were dropped as unmapped (review "mappings48").
+    ascii_ = name.isascii()
+    if not ascii_:
+        name = unicodedata.normalize("NFC", name)
     if _SEPARATORS.search(name) is None:
-        if name.isascii() or len(name) > UNICODE_CAMEL_MAX:
+        if ascii_ or len(name) > UNICODE_CAMEL_MAX:
             name = _CAMEL_2.sub(r"\1 ", _CAMEL_1.sub(r"\1 \2", name))
         else:
             name = _split_camel(name)
-    return _SEPARATORS.sub("_", name).strip("_").lower()
+    name = _SEPARATORS.sub("_", name).strip("_")
+    return name.lower() if ascii_ else name.casefold()
 
 
 UNICODE_CAMEL_MAX = NAME_CACHE_MAX

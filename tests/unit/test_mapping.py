@@ -139,7 +139,12 @@ def test_name_variants_match_the_same_rule(name: str) -> None:
      ("2FA Enabled", "2fa_enabled"), ("iOS App Opened", "ios_app_opened"),
      ("OAuth Connected", "oauth_connected"), ("SaaS Plan Viewed", "saas_plan_viewed"),
      ("PDFs Exported", "pdfs_exported"), ("B2B Lead", "b2b_lead"),
-     ("oauth-Connected", "oauth_connected"), ("iOS_app", "ios_app")],
+     ("oauth-Connected", "oauth_connected"), ("iOS_app", "ios_app"),
+     # One spelling, Unicode's case folding (review "mappings48"): "e" + U+0301 met no rule
+     # written "é", "GRÖSSE" none written "Größe".
+     ("Cafe\u0301 Visited", "caf\u00e9_visited"), ("cafe\u0301Visited", "caf\u00e9_visited"),
+     ("GR\u00d6SSE GEW\u00c4HLT", "gr\u00f6sse_gew\u00e4hlt"),
+     ("Gr\u00f6\u00dfe Gew\u00e4hlt", "gr\u00f6sse_gew\u00e4hlt")],
 )
 def test_normalize_event_name(name: str, key: str) -> None:
     assert normalize_event_name(name) == key
@@ -149,8 +154,10 @@ def test_normalize_event_name(name: str, key: str) -> None:
     ("caféVisited", "café_visited"), ("userÖffnet", "user_öffnet"),
     ("überFeature", "über_feature"), ("приветМир", "привет_мир"),
     ("ÉTÉVisité", "été_visité"), ("naïveBayesRun", "naïve_bayes_run"),
-    # Decomposed accents (a letter, then U+0301): the letter's case counts (diff34).
-    ("cafe\u0301Visited", "cafe\u0301_visited"), ("ABE\u0301c", "ab_e\u0301c")])
+    # Decomposed accents (a letter, then U+0301): the letter's case counts (diff34), and
+    # the key is the composed letter's (NFC, review "mappings48").
+    ("cafe\u0301Visited", "caf\u00e9_visited"), ("ABE\u0301c", "ab_\u00e9c"),
+    ("ABQ\u0301c", "ab_q\u0301c")])
 def test_camel_case_is_split_in_any_script(name: str, key: str) -> None:
     """Review "seed34": `[a-z]`/`[A-Z]` saw no boundary between "é" and "V", so
     "caféVisited" did not meet the mapping "Café Visited"."""
