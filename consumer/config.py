@@ -641,6 +641,24 @@ _INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 
 
+def _dotted_keys(mappings: MappingSet) -> list[str]:
+    """A note per `properties` or `rename` key with a dot: they name flattened keys
+    (`plan_tier`), where `fields` takes dotted paths (`properties.plan.tier`); the easy
+    mistake selected nothing, without a word (review "mappings48"). A property literally
+    named with a dot is matched as written, so not refused."""
+    notes: list[str] = []
+    for rule in mappings.rules:
+        keys = [] if isinstance(rule.properties, str) else list(rule.properties)
+        for key in dict.fromkeys([*keys, *(old for old, _ in rule.rename)]):
+            if "." in key:
+                notes.append(
+                    f"USERPILOT_MAPPINGS_FILE: events.{rule.source_name}: {key!r} has a dot: "
+                    f"properties and rename name flattened keys (a nested plan.tier is "
+                    f"{key.replace('.', '_')!r}); only a property named {key!r} itself "
+                    "matches it")
+    return notes
+
+
 def _check_endpoint(reader: _Reader) -> str:
     raw = reader.required(
         "USERPILOT_ANALYTICS_ENDPOINT",
@@ -1846,6 +1864,7 @@ def load_settings(
     if mappings_file:
         try:
             mappings = load_mappings(mappings_file)
+            r.notes.extend(_dotted_keys(mappings))
         except MappingsError as exc:
             r.problems.append(f"USERPILOT_MAPPINGS_FILE: {exc}")
         except OSError as exc:

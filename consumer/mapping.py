@@ -725,7 +725,9 @@ def _pick(event: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     for segment in path:
         if isinstance(node, Mapping):
             node = node.get(segment, _MISSING)
-        elif isinstance(node, list) and segment.isascii() and segment.isdigit():
+        elif (isinstance(node, list) and segment.isascii() and segment.isdigit()
+              and len(segment) <= 18):  # longer is past any list: int() of 4,301 digits
+            # raised, and every mapped event was dead-lettered (review "mappings48")
             index = int(segment)
             node = node[index] if index < len(node) else _MISSING
         else:
@@ -1363,7 +1365,10 @@ def load_mappings(source: str | os.PathLike[str] | Mapping[str, Any]) -> Mapping
             raise MappingsError([f"{path}: the mappings file holds over "
                                  f"{MAX_MAPPINGS_FILE_BYTES // (1024 * 1024)} MB; check the "
                                  "path (a mappings file is a few KB)"])
-        text = raw.decode("utf-8")
+        # A byte order mark (editors on Windows write one) is read past, as a JSON reader
+        # may (RFC 8259): refused, the message told the operator to change how the worker
+        # decodes the file (review "mappings48").
+        text = raw.decode("utf-8-sig")
     except OSError as exc:
         raise MappingsError(
             [f"{path}: cannot read the mappings file ({exc.strerror or exc}); check the path"]

@@ -1669,3 +1669,16 @@ def test_a_grace_reaching_the_poll_interval_is_noted() -> None:
     # 30 s below, as README asks: not noted (review diff45)
     assert not any("WORKER_SHUTDOWN_GRACE_SECONDS" in note for note in load_settings(
         {**BASE, "WORKER_SHUTDOWN_GRACE_SECONDS": "270"}).notes)
+
+
+def test_a_dotted_key_in_properties_or_rename_gets_a_note(tmp_path: Any) -> None:
+    """Review "mappings48": `properties` and `rename` name flattened keys (`plan_tier`),
+    `fields` dotted paths; "plan.tier" there selected nothing without a word. A property
+    literally named so is matched, so a note, not a refusal."""
+    path = tmp_path / "mappings.json"
+    path.write_text(json.dumps({"events": {"Feature Used": {
+        "properties": ["feature", "plan.tier"], "rename": {"plan.tier": "tier"}}}}))
+    notes = [n for n in load(USERPILOT_MAPPINGS_FILE=str(path)).notes if "plan.tier" in n]
+    assert len(notes) == 1 and "'plan_tier'" in notes[0], notes
+    path.write_text(json.dumps({"events": {"Feature Used": {"properties": ["plan_tier"]}}}))
+    assert not [n for n in load(USERPILOT_MAPPINGS_FILE=str(path)).notes if "dot" in n]

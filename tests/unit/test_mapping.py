@@ -641,7 +641,10 @@ def test_fields_pick_list_index_and_drop_arrays() -> None:
         {"event_name": "order_completed", "properties": "none",
          "fields": {"second": "properties.products.1.id", "arr": "properties.products",
                     "tags": "properties.products.1.tags", "oob": "properties.products.9.id",
-                    "neg": "properties.products.-1.id"}},
+                    "neg": "properties.products.-1.id",
+                    # Past any list; int() of it raised (review "mappings48").
+                    "huge": "properties.products." + "1" * 4301 + ".id",
+                    "big": "properties.products.9999999999999999999.id"}},
         name="Order Completed",
     )
     assert build_track_payload(event, rule)["metadata"] == {"second": "b", "tags": "x"}
@@ -824,6 +827,11 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     dup.write_text('{"events": {"X": "x", "X": "y"}}', encoding="utf-8")
     with pytest.raises(MappingsError, match=r'dup\.json: duplicate key "X"'):
         load_mappings(str(dup))
+
+    # A byte order mark (a Windows editor's) is read past (review "mappings48").
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"events": {"X": {"event_name": "x"}}}')
+    assert load_mappings(bom).lookup(track("X")) is not None
 
     wrong = tmp_path / "wrong.json"
     wrong.write_text('{"events": {"Feature Used": {"static": {"a": {}}}}}', encoding="utf-8")
