@@ -1046,15 +1046,22 @@ def _clean(field: str, root: Any, texts: set[str] | None = None) -> tuple[Any, i
         if depth > MAX_JSON_DEPTH:
             raise UndecodableEvent(f"{field} is JSON nested deeper than {MAX_JSON_DEPTH} levels")
         if isinstance(node, dict):
+            renamed = False
             for key in list(node):
                 value = node[key]
                 if isinstance(value, str):
                     value = node[key] = fix(value)
                 elif isinstance(value, dict | list):
                     stack.append((value, depth + 1))
-                if _SURROGATE.search(key):
-                    del node[key]
-                    node[fix(key)] = value
+                renamed = renamed or _SURROGATE.search(key) is not None
+            if renamed:
+                # Rebuilt in order, the first of keys that become one kept: moved to the end
+                # one by one, a fixed key changed which key won a clash when flattened, and
+                # the later of two such keys overwrote the earlier (review "explain48").
+                items = list(node.items())
+                node.clear()
+                for key, value in items:
+                    node.setdefault(fix(key) if _SURROGATE.search(key) else key, value)
         else:
             for index, value in enumerate(node):
                 if isinstance(value, str):
