@@ -34,6 +34,7 @@ import struct
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
 from typing import Any, cast
@@ -475,9 +476,45 @@ FANOUT_LIMIT = 1000
 bytes it must read (a length, a count, a union's branch, an enum's index): `fanout`."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """How one value of a type is read, in parts visited without reading a byte (`fanout`):
+    `reads` whether it reads any byte at all; if not, `total` parts; if so, `head` parts
+    before its first byte, `tail` after its last, `inner` the most between two of its own.
+    All capped at FANOUT_LIMIT + 1."""
+
+    reads: bool
+    total: int = 0
+    head: int = 0
+    tail: int = 0
+    inner: int = 0
+
+    @property
+    def longest(self) -> int:
+        return max(self.head, self.tail, self.inner) if self.reads else self.total
+
+    def then(self, after: _Run) -> _Run:
+        """This value, then `after` (a record's fields in order)."""
+        cap = FANOUT_LIMIT + 1
+        if not self.reads and not after.reads:
+            return _Run(False, total=min(cap, self.total + after.total))
+        if not self.reads:
+            return _Run(True, head=min(cap, self.total + after.head), tail=after.tail,
+                        inner=after.inner)
+        if not after.reads:
+            return _Run(True, head=self.head, tail=min(cap, self.tail + after.total),
+                        inner=self.inner)
+        return _Run(True, head=self.head, tail=after.tail,
+                    inner=max(self.inner, after.inner, min(cap, self.tail + after.head)))
+
+
+_READS = _Run(True)  # a primitive read from bytes: a length, a number, an index
+_ONE = _Run(False, total=1)  # a part that takes no byte: a null, a fixed-width value
+
+
 def fanout(named: Mapping[str, Any], root: Any) -> str | None:
     """The first part of a writer schema whose reading visits more than FANOUT_LIMIT parts
-    without reading a byte of the message, as a path; None when there is none.
+    in a row without reading a byte of the message, as a path; None when there is none.
 
     Why: a record is read (or skipped, for a field our schema lacks) part by part, and a
     null or a field of a fixed width skipped takes no byte of it. A schema of a few KB whose
@@ -485,86 +522,62 @@ def fanout(named: Mapping[str, Any], root: Any) -> str | None:
     event cost 2^depth visits in C with the GIL held: 5.5 s at depth 22, for ever at 40 (no
     health answers, no SIGTERM; review "registry48"). Past FANOUT_LIMIT a byte, one event of
     up to a MB is bounded to a billion visits; an honest schema has nowhere near so many
-    fields of only nulls, booleans, floats and fixed without a string, number, union or
-    array among them.
+    nulls, booleans, floats and fixed in a row without a string, number, union or array.
+    Counted run by run: a record of 1,001 `{amount: long, currency: string}` fields reads a
+    byte every part or two, and adding up its parts refused it (review "diff48a").
     """
-    cap = FANOUT_LIMIT + 1
-    runs: dict[str, int] = {}
+    runs: dict[str, _Run] = {}
 
-    def run(node: Any, open_: frozenset[str]) -> int:
-        """Parts of `node` visited without reading a byte, capped at `cap` (an upper bound:
-        a record adds up its fields, however many bytes lie between them)."""
-        if isinstance(node, list):
-            return 0  # a union: its branch's index is read first
+    def of(node: Any, open_: frozenset[str]) -> _Run:
+        if isinstance(node, list):  # a union: its branch's index first
+            branches = [of(branch, open_) for branch in node]
+            return _Run(True, head=0, tail=max((b.tail if b.reads else b.total)
+                                               for b in branches) if branches else 0,
+                        inner=max((b.longest for b in branches), default=0))
         if isinstance(node, str):
             if node in _FIXED_WIDTHS:
-                return 1
+                return _ONE
             if node not in named or node in open_:
-                return 0  # a primitive read from bytes; a type within itself: `DeepSchema`
+                return _READS  # a primitive; a type within itself (`DeepSchema`) reads
             if node not in runs:
-                runs[node] = run(named[node], open_ | {node})
+                runs[node] = of(named[node], open_ | {node})
             return runs[node]
         if not isinstance(node, dict):
-            return 0
+            return _READS
         kind = node.get("type")
         if kind in _NAMED_CONTAINERS:
-            total = 1
+            run = _ONE  # the record itself
             for field in node.get("fields", ()):
                 if isinstance(field, dict):
-                    total = min(cap, total + run(field.get("type"), open_))
-            return total
-        if isinstance(kind, (dict, list)) or (isinstance(kind, str) and kind in named):
-            return run(kind, open_)
-        if kind in _FIXED_WIDTHS or kind == "fixed":
-            return 1
-        return 0  # an array's or a map's count, an enum's index, a string's length
-
-    seen: set[int] = set()
-
-    def walk(node: Any, path: str) -> str | None:
-        """Each place a byte has just been read (the root, a union's branch, an array's
-        items, a map's values) starts a run of its own."""
-        if isinstance(node, list):
-            for branch in node:
-                if run(branch, frozenset()) > FANOUT_LIMIT:
-                    return path
-                found = walk(branch, path)
-                if found:
-                    return found
-            return None
-        if not isinstance(node, dict) or id(node) in seen:
-            return None
-        seen.add(id(node))
-        kind = node.get("type")
+                    run = run.then(of(field.get("type"), open_))
+            return run
         if kind in ("array", "map"):
-            inner = node.get("items" if kind == "array" else "values")
-            mark = "[]" if kind == "array" else "{}"
-            if run(inner, frozenset()) > FANOUT_LIMIT:
-                return f"{path}{mark}"
-            return walk(inner, f"{path}{mark}")
-        if kind in _NAMED_CONTAINERS:
-            for field in node.get("fields", ()):
-                if isinstance(field, dict):
-                    found = walk(field.get("type"), f"{path}.{field.get('name')}")
-                    if found:
-                        return found
-            return None
-        if isinstance(kind, (dict, list)):
-            return walk(kind, path)
-        return None
+            # Its counts are read; each item after the last one's tail. Items of no byte at
+            # all are `free_items` (refused) or fixed-width ones the pure-Python reader
+            # reads from the message (`unread_items`): one item's parts in a row.
+            items = of(node.get("items" if kind == "array" else "values"), open_)
+            inner = (max(items.inner, items.head, items.tail, min(FANOUT_LIMIT + 1,
+                                                                 items.tail + items.head))
+                     if items.reads else items.total)
+            return _Run(True, inner=inner)
+        if isinstance(kind, (dict, list)) or (isinstance(kind, str) and kind in named):
+            return of(kind, open_)
+        if kind in _FIXED_WIDTHS or kind == "fixed":
+            return _ONE
+        return _READS  # an enum's index, a string's length, a logical type's number
 
-    top = str(root.get("name", "")) if isinstance(root, dict) else ""
-    if run(root, frozenset()) > FANOUT_LIMIT:
-        fields = [f for f in root.get("fields", ()) if isinstance(f, dict)] if top else []
-        if not fields:
-            return top
-        widest = max(fields, key=lambda f: run(f.get("type"), frozenset()))
-        return f"{top}.{widest.get('name')}"
-    for name, definition in [(top, root), *named.items()]:
-        found = walk(definition, name)
-        if found:
-            return found
-    return None
+    if of(root, frozenset()).longest <= FANOUT_LIMIT:
+        return None
+    # Where: the widest of the root's fields (or of its union's branches) by itself, else
+    # the root (a run across several of its fields).
+    top = str(root.get("name", "")) if isinstance(root, dict) else "(the root union)"
+    parts = ([(f"{top}.{f.get('name')}", f.get("type")) for f in root.get("fields", ())
+              if isinstance(f, dict)] if isinstance(root, dict) else
+             [(f"{top}[{i}]", b) for i, b in enumerate(root)] if isinstance(root, list) else [])
+    for where, kind in parts:
+        if of(kind, frozenset()).longest > FANOUT_LIMIT:
+            return where
+    return top
 
 
 def self_referencing(named: Mapping[str, Any]) -> bool:
