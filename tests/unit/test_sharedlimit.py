@@ -382,3 +382,24 @@ def test_a_far_redis_reserves_slots_in_a_row_and_lets_stale_ones_go() -> None:
     # The nine after the ten took held slots; the one after the idle spell asked Redis, as
     # did the one after the 429.
     assert calls == [1, 2, 2, 3, 4, 6], calls
+
+
+def test_a_held_slot_is_not_sent_late() -> None:
+    """Review "diff48a": held slots were handed out up to a round trip after their time,
+    next to the other replicas' fresh slots (21 in a window of 20 through a 0.3 s link)."""
+    from consumer.sharedlimit import HELD_SLACK_S
+
+    store = FarStore()
+    store.round_trip = 0.2
+    limiter = SharedLimiter(store, "k", 6, 1.0, 1, probe_every_s=0.05)  # 0.26 s apart
+
+    async def main() -> int:
+        await limiter.acquire()  # learns the round trip
+        await limiter.acquire(want=3)  # and holds two slots 0.26 and 0.52 s ahead
+        await asyncio.sleep(0.26 + 4 * HELD_SLACK_S)  # the first held one is past
+        before = len(store.calls)
+        await limiter.acquire()  # the second, still ahead
+        return len(store.calls) - before
+
+    assert asyncio.run(main()) == 0
+    assert len(limiter._held) == 0
