@@ -997,10 +997,8 @@ def _print_summary(summary: Summary, dry_run: bool, interrupted: bool,
     `| head` a run had replayed and committed a whole batch (up to 500 records) while the
     reader saw two lines, and its counts went to /dev/null (review "dlq48")."""
     doc = {"summary": summary.as_dict(), "dry_run": dry_run, "interrupted": interrupted}
-    if stdout_gone:
+    if stdout_gone or not _stdout_json(doc):  # or gone just now, at this very line
         print(json_line(doc), file=sys.stderr)
-    else:
-        _stdout_json(doc)
     for item in summary.over_limit_offsets[:50]:
         print(f"over replay limit (not replayed): {item}", file=sys.stderr)
     for item in summary.unrestored_offsets[:50]:

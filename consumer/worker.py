@@ -635,6 +635,12 @@ class Worker:
                       unacked)
         await self.client.aclose()
         self.handler.close()
+        # A Redis probe still running could fail after the close and set the fallback
+        # gauge zeroed below back to 1 for the guard's hold (review "diff48a").
+        probes = list(self._probes)
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
         await self.shared.close()
         # Nothing is in flight, paused, waiting or held any more: the gauges kept their last
         # values, which the DLQ guard's hold (metrics still served) showed for minutes

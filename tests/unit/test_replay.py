@@ -175,6 +175,22 @@ def test_a_closed_stdout_stops_the_run_like_an_interrupt_without_a_traceback(
     assert summary["summary"]["replayed"] == 3 and summary["interrupted"] is True
 
 
+def test_a_pipe_closed_at_the_summary_line_puts_the_summary_on_stderr(
+        capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader went away at the summary line itself: its counts went nowhere (review
+    "diff48a")."""
+    from consumer import replay
+
+    def fake_run(*_: Any, **__: Any) -> Any:
+        return replay.Summary(replayed=4)
+
+    monkeypatch.setattr(replay, "_stdout_json", lambda doc: False)
+    assert _main_with(fake_run, []) == 0
+    err = capfd.readouterr().err
+    summary = json.loads(next(line for line in err.splitlines() if line.startswith("{")))
+    assert summary["summary"]["replayed"] == 4
+
+
 def _broken_pipe(*args: Any, **kwargs: Any) -> None:
     raise BrokenPipeError(32, "Broken pipe")
 
