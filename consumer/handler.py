@@ -372,6 +372,7 @@ class Handler:
         self._drops: dict[Drop, tuple[Any, Dropped]] = {}
         self._schemas: dict[int, Mapping[str, Any]] = {}  # writer schemas seen cached
         self._delivered = Children(self.m.delivered)
+        self._cut = Children(self.m.metadata_cut)
         self._responses = Children(self.m.responses)
         self._limiter_wait = Children(self.m.limiter_wait)
         self._latency = Children(self.m.delivery_latency)
@@ -580,6 +581,12 @@ class Handler:
             raise
         await self._dedup_confirm(event, endpoint)
         self._delivered(decision.event_name).inc()
+        # Only `explain` said so: a payload cut at the limits showed nowhere in operation
+        # but in the payload itself (review "mappings48").
+        if decision.truncated:
+            self._cut("truncated").inc()
+        if decision.omitted:
+            self._cut("omitted").inc()
         if event.unchecked:
             # Delivered only: an event refused (400) or given up after the check was skipped
             # was counted too, against the metric's "delivered" (review "metrics46").

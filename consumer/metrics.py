@@ -47,6 +47,7 @@ __all__ = [
     "ENDPOINTS",
     "FAMILIES",
     "KNOWN_STATUSES",
+    "METADATA_CUTS",
     "REBALANCE_KINDS",
     "RETRY_CAUSES",
     "REVISION_ENV",
@@ -189,6 +190,10 @@ series born at its first error loses that error to `rate()` and `increase()`."""
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 
 
+METADATA_CUTS = ("truncated", "omitted")
+"""`userpilot_events_metadata_cut_total`'s kinds."""
+
+
 class Children(Generic[_M]):
     """A metric's labelled children, looked up once per label set.
 
@@ -308,6 +313,14 @@ class Metrics:
             "events_delivered",
             "Events accepted by Userpilot (any HTTP 2xx).",
             ["event_name"],
+        )
+        self.metadata_cut = counter(
+            "events_metadata_cut",
+            "Delivered events whose metadata lost keys: `truncated` past "
+            "USERPILOT_MAX_METADATA_BYTES / _KEYS (the payload carries `_truncated`), "
+            "`omitted` values Userpilot's flat metadata cannot hold (objects in arrays, "
+            "nesting past 16 levels, NaN); `explain` names them.",
+            ["kind"],
         )
         self.responses = counter(
             "responses",
@@ -447,6 +460,8 @@ class Metrics:
             self.dead_lettered.labels(dl_reason)
         for kind in REBALANCE_KINDS:
             self.rebalances.labels(kind)
+        for cut in METADATA_CUTS:
+            self.metadata_cut.labels(cut)
         self.integration_up.set(1)
 
         # -- Redis: shared rate budget and messageId dedup (issue 12) ------------------

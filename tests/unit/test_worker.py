@@ -3427,3 +3427,21 @@ def test_a_revoke_whose_coordinator_went_silent_commits_without_waiting_and_reco
     assert run.source.probes >= 1
     assert run.source.sync_commits == 0
     assert any(offset == 1 for offset, _ in requested[0].get((TOPIC, 0), [])), requested
+
+
+def test_delivered_events_whose_metadata_lost_keys_are_counted() -> None:
+    """Review "mappings48": a payload cut at the limits, or values flat metadata cannot
+    hold, showed only in `explain` and the payload itself; in operation, nowhere."""
+    values = [track("u1", 0, properties={f"k{i}": i for i in range(5)}),
+              track("u2", 1, properties={"tags": [{"id": 1}], "plan": "pro"}),
+              track("u3", 2)]
+    run = make(log_of(*values), registry=known_schema(), USERPILOT_ENSURE_USER="false",
+               USERPILOT_MAX_METADATA_KEYS="3")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 3, "all three")
+
+    assert drive(run, scenario) == 0
+    cut = {kind: gauge_of(run, "userpilot_events_metadata_cut_total", kind=kind)
+           for kind in ("truncated", "omitted")}
+    assert cut == {"truncated": 1.0, "omitted": 1.0}, cut
