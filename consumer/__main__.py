@@ -464,7 +464,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     release = installed_version()  # once: every subcommand shows it too
     parser.add_argument("--version", action="version", version=f"%(prog)s {release}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # Not `required`: argparse names a missing command before an unknown option, and
+    # `--bogus` said "the following arguments are required: command" (review "config48");
+    # `main` asks for the command.
+    sub = parser.add_subparsers(dest="command")
     p = sub.add_parser(
         "run", help="run the worker",
         description="Run the worker (settings from the environment; see README). It first "
@@ -579,7 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.error("a command is required (one of those above; --help says each)")
         return int(args.func(args))
     except ConfigError as exc:
         error_line(str(exc), os.environ)

@@ -843,3 +843,11 @@ def test_a_command_started_with_stdout_closed_does_its_work_without_a_traceback(
     err = proc.stderr.decode("utf-8", "replace")
     assert "Traceback" not in err, err
     assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize(("argv", "says"), [(["--bogus"], "unrecognized arguments: --bogus"),
+                                            ([], "a command is required")])
+def test_an_unknown_option_before_the_command_is_named(argv: list[str], says: str) -> None:
+    """Review "config48": `--bogus` said "the following arguments are required: command"."""
+    result = cli(argv, {})
+    assert result.returncode == 2 and says in result.stderr, result.stderr
