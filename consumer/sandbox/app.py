@@ -219,7 +219,13 @@ class SandboxApp:
         if action.kind == "hang":
             return Outcome("hang", request_id, delay=delay)
         if action.status == 429:
-            return _respond(request_id, self._rate_limited("1"), delay)
+            # Not the track budget's words: an injected 429 said "more than 0 track
+            # requests" on /v1/identify too (review "sandbox48").
+            headers = {"retry-after": "1"} if self.retry_after else {}
+            return _respond(request_id, Problem(
+                429, "rate_limited", "Too Many Requests",
+                "rate limited (injected by the sandbox's faults)", headers=headers,
+            ).to_response(), delay)
         return _respond(request_id, problem_for_status(action.status).to_response(), delay)
 
     def _record(

@@ -93,7 +93,8 @@ class SandboxControl:
         return faults
 
     def clear_faults(self) -> dict[str, Any]:
-        """Back to the start-up faults and rate-limit settings."""
+        """Back to the start-up faults, rate limit and window (the per-family settings
+        have `clear_limits`)."""
         faults: dict[str, Any] = self._call("DELETE", "faults")
         return faults
 

@@ -17,7 +17,8 @@ No auth, same port as the fake Userpilot API, so a test needs one URL. Routes:
     PUT    /_sandbox/faults              partial update (only the keys given change);
                                          "phases" (timed outages, flaky phases) start
                                          their timeline now; "echo_errors" echoes requests
-    DELETE /_sandbox/faults              back to the start-up faults and limits
+    DELETE /_sandbox/faults              back to the start-up faults, rate limit and window
+                                         (per-family settings: DELETE /_sandbox/limits)
     GET    /_sandbox/tokens              fingerprints of the configured tokens
     PUT    /_sandbox/tokens              {"write_tokens": [...], "read_tokens": [...]}
 """
@@ -71,6 +72,8 @@ def _bad(message: str) -> Response:
 def _json_object(request: Request) -> dict[str, Any] | Response:
     try:
         body = json.loads(request.body or b"{}")
+    except RecursionError:
+        return _bad("body is not valid JSON: nested too deeply")
     except ValueError as exc:
         return _bad(f"body is not valid JSON: {exc}")
     if not isinstance(body, dict):

@@ -6,7 +6,7 @@ body exactly as received. Authorization values are replaced by the token fingerp
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,9 @@ class Recorder:
     """Accepted records (bounded by ``limit``, oldest dropped) and outcome counters."""
 
     limit: int = 1_000_000
-    records: list[dict[str, Any]] = field(default_factory=list)
+    # A deque: at the limit, a list shifted every record on each accept (52 µs a request
+    # against 18.5, review "sandbox48"). About 1.9 KB a record.
+    records: deque[dict[str, Any]] = field(default_factory=deque)
     outcomes: Counter[str] = field(default_factory=Counter)
     accepted_total: int = 0
     dropped: int = 0
@@ -35,10 +37,9 @@ class Recorder:
         self.accepted_total += 1
         record["seq"] = self.accepted_total
         self.records.append(record)
-        if len(self.records) > self.limit:
-            overflow = len(self.records) - self.limit
-            del self.records[:overflow]
-            self.dropped += overflow
+        while len(self.records) > self.limit:
+            self.records.popleft()
+            self.dropped += 1
 
     def refuse(self, family: str, at: float) -> None:
         """Remember one rate-limit refusal (the first few only: enough to see when)."""

@@ -30,6 +30,9 @@ __all__ = ["SandboxServer", "SandboxThread", "serve"]
 
 log = logging.getLogger(__name__)
 
+IDLE_TIMEOUT_S = 120.0
+"""How long a connection may wait for (the rest of) a request before it is closed."""
+
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -67,6 +70,13 @@ class SandboxServer:
             await self._connection_loop(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except TimeoutError:
+            log.debug("closing a connection idle (or part-sent) for %g s", IDLE_TIMEOUT_S)
+        except Exception:
+            # Answered, not dropped without a word (review "sandbox48").
+            log.exception("sandbox: a request failed")
+            with contextlib.suppress(Exception):
+                await self._refuse(writer, HttpError(500, "the sandbox failed on this request"))
         finally:
             self._writers.discard(writer)
             writer.close()
@@ -77,7 +87,11 @@ class SandboxServer:
         app = self.app
         while True:
             try:
-                raw_head = await reader.readuntil(b"\r\n\r\n")
+                # Bounded, as Userpilot's front ends close idle connections: held for ever,
+                # part-sent heads took every descriptor and health stopped answering (review
+                # "sandbox48"); a pooled connection closed while idle is the client's to handle.
+                raw_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
+                                                  IDLE_TIMEOUT_S)
             except asyncio.IncompleteReadError as exc:
                 if exc.partial:
                     log.debug("client closed mid-request")
@@ -93,7 +107,8 @@ class SandboxServer:
             except HttpError as exc:
                 await self._refuse(writer, exc)
                 return
-            body = await reader.readexactly(length) if length else b""
+            body = (await asyncio.wait_for(reader.readexactly(length), IDLE_TIMEOUT_S)
+                    if length else b"")
             outcome = app.handle(Request.from_head(head, body))
             if outcome.delay:
                 await asyncio.sleep(outcome.delay)

@@ -381,3 +381,19 @@ def test_thread_stop_closes_hung_connections() -> None:
                 track(http)
             stopper.join()
             assert time.perf_counter() - started < 4
+
+
+def test_a_part_sent_request_is_closed_after_the_idle_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "sandbox48": part-sent heads were held for ever; at the descriptor limit the
+    sandbox stopped answering even its health check."""
+    from consumer.sandbox import server
+
+    monkeypatch.setattr(server, "IDLE_TIMEOUT_S", 0.5)
+    with SandboxThread(SandboxConfig(port=0, seed=1)) as running:
+        host, port = running.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /v1/track HTTP/1.1\r\nContent-Le")
+            started = time.monotonic()
+            assert sock.recv(1024) == b"", "closed without an answer"
+            assert time.monotonic() - started < 4

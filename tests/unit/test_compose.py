@@ -305,3 +305,13 @@ def test_workers_share_redis(services: dict[str, dict[str, Any]]) -> None:
     worker = services["worker"]
     assert env_of(worker)["REDIS_URL"] == "redis://redis:6379/0"
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_host_ports_are_published_on_the_loopback_only(compose: dict[str, Any]) -> None:
+    """Review "sandbox48": the sandbox's unauthenticated control API (tokens, faults),
+    Grafana and the broker were published on every interface of the host."""
+    services = compose["services"]
+    published = [(name, port) for name, service in services.items()
+                 for port in service.get("ports", [])]
+    assert published
+    assert all(str(port).startswith("127.0.0.1:") for _, port in published), published

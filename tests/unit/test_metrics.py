@@ -36,6 +36,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "userpilot_events_dropped": ("counter", ("reason", "category")),
     "userpilot_events_already_finished": ("counter", ()),
     "userpilot_events_delivered": ("counter", ("event_name",)),
+    "userpilot_events_metadata_cut": ("counter", ("kind",)),
     "userpilot_responses": ("counter", ("endpoint", "status")),
     "userpilot_retries": ("counter", ("cause",)),
     "userpilot_events_dead_lettered": ("counter", ("reason",)),

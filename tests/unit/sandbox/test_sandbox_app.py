@@ -282,3 +282,39 @@ def test_record_limit_drops_oldest() -> None:
         post(app, body={**TRACK, "user_id": f"u{i}"})
     assert [r["body"]["user_id"] for r in app.recorder.select()] == ["u1", "u2"]
     assert app.recorder.stats()["records_dropped"] == 1
+
+
+def test_an_injected_429_does_not_quote_the_track_budget() -> None:
+    """Review "sandbox48": on /v1/identify, with limiting off, it said "more than 0 track
+    requests per 60 s"."""
+    app, _ = make_app(faults=FaultConfig().merged({"script": ["429"]}))
+    limited = post(app, "/v1/identify", {"user_id": "u1", "metadata": {}})
+    assert (status(limited), error_code(limited)) == (429, "rate_limited")
+    assert outcome_message(limited) == "rate limited (injected by the sandbox's faults)"
+
+
+def outcome_message(outcome: Outcome) -> str:
+    assert outcome.response is not None
+    message: str = json.loads(outcome.response.body)["errors"][0]["message"]
+    return message
+
+
+def test_a_body_nested_too_deeply_or_out_of_range_is_answered_400() -> None:
+    """Review "sandbox48": 100,000 `[` raised RecursionError and the connection was dropped
+    without an answer (on /v1 and the control API); `1e999` was stored as inf and the
+    control API answered `Infinity`."""
+    app, _ = make_app()
+    assert status(post(app, body=b"[" * 100_000)) == 400
+    assert status(post(app, body=b'{"user_id": "u1", "event_name": "x", "metadata": '
+                                 b'{"x": 1e999}}')) == 400
+    assert control(app, "PUT", "faults", None)[0] == 200  # an empty body: nothing changes
+    outcome = app.handle(Request("PUT", "/_sandbox/faults", {}, {}, b"[" * 100_000))
+    assert outcome.response is not None and outcome.response.status == 400
+
+
+def test_the_request_log_keeps_the_newest_at_its_limit() -> None:
+    app, _ = make_app(record_limit=3)
+    for i in range(5):
+        assert status(post(app, body={**TRACK, "user_id": f"u{i}"})) == 202
+    users = [r["body"]["user_id"] for r in app.recorder.select()]
+    assert users == ["u2", "u3", "u4"] and app.recorder.stats()["records_dropped"] == 2

@@ -141,3 +141,11 @@ def test_faults_with_a_window_past_a_floats_range_are_refused_and_change_nothing
                    + body)
         faults = SandboxControl(sandbox.url).faults()
     assert (out[:12], faults["error_rate"]) == (b"HTTP/1.1 400", 0.0)
+
+
+def test_a_content_length_of_thousands_of_digits_is_400() -> None:
+    """Review "sandbox48": int() of 5,000 digits raised, and the connection was dropped
+    without an answer."""
+    with pytest.raises(HttpError) as info:
+        parse_head(b"POST / HTTP/1.1\r\nContent-Length: " + b"9" * 5000).content_length()
+    assert info.value.status == 400
