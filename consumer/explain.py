@@ -119,6 +119,8 @@ def _explain_one(
         yield _invalid(number, f"invalid event: not JSON ({exc})")
         return
     dlq = None
+    cut: frozenset[str] = frozenset()
+    surrogated: dict[str, frozenset[str]] = {}
     if isinstance(raw, dict) and "dlq" in raw and "dry_run" in raw:
         # A line of `replay --dry-run --show-event`: its event is explained, named by its
         # dead letter (review "dlq48"); the replay's summary line is passed over.
@@ -127,6 +129,13 @@ def _explain_one(
             why = raw.get("event_unreadable") or "run replay with --show-event"
             yield {**_invalid(number, f"a replay line without its event ({why})"), "dlq": dlq}
             return
+        # Fields `run` read as U+FFFD, which canonical JSON cannot say: an id read so is
+        # refused there, and here (review "diff48b").
+        cut = frozenset(str(f) for f in raw.get("event_cut") or () if isinstance(f, str))
+        marked = raw.get("event_surrogated")
+        if isinstance(marked, dict):
+            surrogated = {str(k): frozenset(str(t) for t in v) for k, v in marked.items()
+                          if isinstance(v, list)}
         raw = raw["event"]
     elif isinstance(raw, dict) and "summary" in raw and "dry_run" in raw:
         return
@@ -140,6 +149,10 @@ def _explain_one(
         with codec.any_integer():
             record = codec.to_record(event_in)
         event = codec.decode(codec.encode(0, record), lambda _id: codec.SCHEMA)
+        if cut:
+            event.cut = cut
+        if surrogated:
+            event.surrogated = surrogated
     except (InvalidEvent, ValueError, RecursionError) as exc:
         yield {**_invalid(number, f"invalid event: {exc}", raw),
                **({"dlq": dlq} if dlq is not None else {})}

@@ -58,10 +58,11 @@ from consumer.deadletter import (
     source_of,
     value_omitted,
 )
-from consumer.errors import ConfigError
+from consumer.errors import ConfigError, DeadLetter
 from consumer.kafka import make_producer
 from consumer.librdkafka import consumer_settings
 from consumer.metrics import DEAD_LETTER_REASONS
+from consumer.registry import Registry
 from consumer.stdout import json_line, stdout_gone
 
 __all__ = [
@@ -824,7 +825,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
                 "reason": _text(header_value(headers, "userpilot.error.reason")),
                 "call": failed_call(headers) or None, **_key_of(msg, headers, conf),
                 **failure_of(headers), "not_replayable": verdict,
-                **_shown_event(event_of, headers, msg.value())}
+                **_shown_event(event_of, headers, msg.value(), where, summary)}
     source = None if seen is None else source_event(headers, msg.value())
     before = None if seen is None else seen.before(source)
     origin = _text(header_value(headers, "__connect.errors.topic"))  # text: `decide`
@@ -841,7 +842,8 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
         # only, without its key (review "replay29").
         return {"dlq": where, "to": origin, "dry_run": dry_run, "reason": reason,
                 "call": call, **_key_of(msg, headers, conf), **failure,
-                "doubled_of": earlier, **_shown_event(event_of, headers, msg.value())}
+                "doubled_of": earlier,
+                **_shown_event(event_of, headers, msg.value(), where, summary)}
     key, value = msg.key(), msg.value()
     came = source_of(headers)  # the dead letter's own: a restored original's may lack them
     if value_omitted(headers):
@@ -869,7 +871,8 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     # how an operator finds a deleted user's dead letters to leave them out (README, GDPR).
     line: dict[str, Any] = {"dlq": where, "to": origin, "dry_run": dry_run,
                             "reason": reason, "call": call, "key": shown_key(key),
-                            **failure, **_shown_event(event_of, headers, value)}
+                            **failure,
+                            **_shown_event(event_of, headers, value, where, summary)}
     line["_record"] = (key, value, headers,
                        came[1] if came is not None and came[0] == origin else None)
     if seen is not None:
@@ -878,18 +881,24 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
 
 
 def _shown_event(event_of: Callable[[bytes | None], dict[str, Any]] | None,
-                 headers: Sequence[Header], value: bytes | None) -> dict[str, Any]:
-    """`--show-event`: the record's event as canonical JSON (`event`), or why not
+                 headers: Sequence[Header], value: bytes | None, where: str,
+                 summary: Summary) -> dict[str, Any]:
+    """`--show-event`: the record's event as canonical JSON (`event`, with the fields read
+    from invalid UTF-8 or lone surrogates: `event_cut`, `event_surrogated`), or why not
     (`event_unreadable`): the runbook's "explain the events" had no way to get a dead
-    letter's event out of its Avro bytes (review "dlq48")."""
+    letter's event out of its Avro bytes (review "dlq48"). A registry that does not answer
+    stops the listing (each record waited out its timeout, and the outage read as
+    undecodable records, exit 0; review "diff48b")."""
     if event_of is None:
         return {}
     if value_omitted(headers) and not value:
         return {"event_unreadable": "written without its value (too large for the DLQ)"}
     try:
-        return {"event": event_of(value)}
-    except Exception as exc:  # an undecodable dead letter is listed all the same
-        return {"event_unreadable": f"{type(exc).__name__}: {exc}"[:MESSAGE_SHOWN]}
+        return event_of(value)
+    except Unreadable as exc:  # an undecodable dead letter is listed all the same
+        return {"event_unreadable": str(exc)[:MESSAGE_SHOWN]}
+    except Exception as exc:
+        raise ReplayStuck(f"{where}: its event could not be read: {exc}", summary) from None
 
 
 def _key_of(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any]
@@ -974,21 +983,42 @@ def _stdout_json(doc: Mapping[str, Any]) -> bool:
     return True
 
 
-def _event_reader(settings: Settings) -> Callable[[bytes | None], dict[str, Any]]:
+def _event_reader(settings: Settings, registry: Registry | None = None
+                  ) -> Callable[[bytes | None], dict[str, Any]]:
     """A dead letter's value → its event as canonical JSON (what `explain` reads), through
     the worker's registry client (its settings, auth and proxy)."""
-    from consumer.registry import Registry
-
-    registry = Registry(
-        settings.registry_url,
-        settings.registry_auth.reveal() if settings.registry_auth else None,
-        proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None)
+    if registry is None:
+        registry = Registry(
+            settings.registry_url,
+            settings.registry_auth.reveal() if settings.registry_auth else None,
+            proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None)
 
     def event_of(value: bytes | None) -> dict[str, Any]:
-        event = codec.decode(value, registry.writer_schema)
-        return {key: item for key, item in event.items() if item is not None}
+        try:
+            event = codec.decode(value, registry.writer_schema)
+            shown = {key: item for key, item in event.items() if item is not None}
+        except DeadLetter as exc:  # the record's own fault (its bytes, its schema)
+            raise Unreadable(registry.redact(f"{type(exc).__name__}: {exc}")) from None
+        except Exception as exc:  # the registry's (an outage), never the record's
+            # Redacted: a gateway's error page may echo the request's Authorization.
+            raise RuntimeError(registry.redact(
+                f"the schema registry did not answer ({type(exc).__name__}: {exc})"[:500])
+            ) from None
+        line: dict[str, Any] = {"event": shown}
+        # What `run` knows and canonical JSON cannot carry: ids read as U+FFFD are refused
+        # (`routing`), and `explain` refuses them too when told (review "diff48b").
+        if event.cut:
+            line["event_cut"] = sorted(event.cut)
+        if event.surrogated:
+            line["event_surrogated"] = {field: sorted(texts)
+                                        for field, texts in event.surrogated.items()}
+        return line
 
     return event_of
+
+
+class Unreadable(Exception):
+    """`--show-event`: a dead letter whose event cannot be read from its own bytes."""
 
 
 def _print_summary(summary: Summary, dry_run: bool, interrupted: bool,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -881,3 +882,69 @@ def test_a_dry_run_line_is_one_line_whatever_its_key_holds(
     out = capsys.readouterr().out
     assert len(out.splitlines()) == 1
     assert json.loads(out)["key"] == "dl-user\u2028line2\u0085x\u202e"
+
+
+class _OneSchema:
+    """The registry's answer for every id: our schema, or an error quoting the request."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    def get_schema(self, schema_id: int) -> Any:
+        from consumer.codec import SCHEMA_TEXT
+        from consumer.registry import SchemaDoc
+
+        if self.error is not None:
+            raise self.error
+        return SchemaDoc(SCHEMA_TEXT)
+
+
+def _show_settings() -> Any:
+    from consumer.config import load_settings
+
+    return load_settings({"USERPILOT_API_KEY": "x" * 12, "SCHEMA_REGISTRY_URL": "http://r"},
+                         offline=True)
+
+
+def test_show_event_marks_ids_read_from_invalid_utf8_and_explain_refuses_them() -> None:
+    """Review "diff48b": `run` dead-letters an event whose userId holds invalid UTF-8 (two
+    users cut alike would be one); its --show-event line showed U+FFFD, which `explain`
+    took for a clean id and called `deliver`."""
+    from consumer import codec, replay
+    from consumer.explain import explain_lines
+    from consumer.registry import Registry
+
+    event = {"type": "identify", "userId": "user_\u00e9", "messageId": "m1",
+             "traits": {"email": "a@b.c"}, "context": {"consent": {"analytics": True}}}
+    bad = codec.encode(1, codec.to_record(event)).replace("user_\u00e9".encode(),
+                                                          b"user_\xff\xfe")
+    reader = replay._event_reader(_show_settings(), Registry("http://r", client=_OneSchema()))
+    shown = reader(bad)
+    assert shown["event_cut"] == ["userId"] and "\ufffd" in shown["event"]["userId"]
+    line = json.dumps({"dlq": "t.dlq[0]@0", "to": "t", "dry_run": True, **shown})
+    (doc,) = explain_lines([line], _show_settings())
+    assert doc["decision"] == "dead_letter" and "invalid UTF-8" in doc["reason"], doc
+    good = reader(codec.encode(1, codec.to_record(event)))
+    assert "event_cut" not in good
+    (doc,) = explain_lines([json.dumps({"dlq": "t.dlq[0]@1", "dry_run": True, **good})],
+                           _show_settings())
+    assert doc["decision"] == "deliver", doc
+
+
+def test_show_event_stops_on_a_registry_outage_and_masks_what_it_echoes() -> None:
+    """Review "diff48b": each record waited out the registry's timeout and was listed as
+    unreadable (exit 0), and a gateway's page echoing the request printed the registry's
+    basic-auth credentials."""
+    from consumer import codec, replay
+    from consumer.registry import Registry, RegistryError
+
+    secret = base64.b64encode(b"svc:S3cretPw").decode()
+    echo = RegistryError(500, None, f"upstream failed; request was: Authorization: Basic {secret}")
+    reader = replay._event_reader(_show_settings(), Registry(
+        "http://r", "svc:S3cretPw", client=_OneSchema(echo)))
+    value = codec.encode(1, codec.to_record({"type": "track", "event": "x", "userId": "u"}))
+    with pytest.raises(replay.ReplayStuck) as stuck:
+        replay._shown_event(reader, [], value, "t.dlq[0]@0", replay.Summary())
+    assert "did not answer" in str(stuck.value) and secret not in str(stuck.value)
+    unreadable = replay._shown_event(reader, [], b"garbage", "t.dlq[0]@1", replay.Summary())
+    assert "magic byte" in unreadable["event_unreadable"]
