@@ -637,25 +637,37 @@ class _Reader:
         return raw.lower()
 
 
-_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+# At most 30 digits: int() refuses past 4,300 (a traceback where check-config named the
+# setting, review "diff48b"), and no setting's range comes near 30.
+_INTEGER = re.compile(r"[+-]?[0-9]{1,30}", re.ASCII)
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
 
 
 def _dotted_keys(mappings: MappingSet) -> list[str]:
-    """A note per `properties` or `rename` key with a dot: they name flattened keys
+    """A note per `properties`, `pick`, `exclude` or `rename` key with a dot: they name
+    flattened keys
     (`plan_tier`), where `fields` takes dotted paths (`properties.plan.tier`); the easy
     mistake selected nothing, without a word (review "mappings48"). A property literally
     named with a dot is matched as written, so not refused."""
-    notes: list[str] = []
+    named: list[tuple[str, list[str]]] = []
     for rule in mappings.rules:
         keys = [] if isinstance(rule.properties, str) else list(rule.properties)
-        for key in dict.fromkeys([*keys, *(old for old, _ in rule.rename)]):
+        named.append((f"events.{rule.source_name}",
+                      [*keys, *(old for old, _ in rule.rename)]))
+    # identify and group too: an `exclude` of "address.street" hid nothing (review
+    # "diff48b"), and it is the privacy control.
+    for section, traits in (("identify", mappings.identify), ("group", mappings.group)):
+        picked = [] if isinstance(traits.pick, str) else list(traits.pick)
+        named.append((section, [*picked, *traits.exclude,
+                                *(old for old, _ in traits.rename)]))
+    notes: list[str] = []
+    for where, keys in named:
+        for key in dict.fromkeys(keys):
             if "." in key:
                 notes.append(
-                    f"USERPILOT_MAPPINGS_FILE: events.{rule.source_name}: {key!r} has a dot: "
-                    f"properties and rename name flattened keys (a nested plan.tier is "
-                    f"{key.replace('.', '_')!r}); only a property named {key!r} itself "
-                    "matches it")
+                    f"USERPILOT_MAPPINGS_FILE: {where}: {key!r} has a dot: properties, "
+                    f"pick, exclude and rename name flattened keys (a nested plan.tier is "
+                    f"{key.replace('.', '_')!r}); only a key named {key!r} itself matches it")
     return notes
 
 
@@ -1677,17 +1689,17 @@ def _redis_shown(match: re.Match[str]) -> str:
     query = match.group("query")
     if query:
         keys = [key for key, _ in parse_qsl(query[1:], keep_blank_values=True)]
-        # A part without `=` is not named: `?pw-secret` is a password pasted after the `?`
-        # (review "config48").
-        query = "?" + "&".join(f"{key}=***" if named else "***"
-                               for key, named in _query_keys(query[1:])) if keys else "?***"
+        # Only the parameters the worker takes are named: `?pw-secret` is a password pasted
+        # after the `?` (review "config48"), and so is `?c2VjcmV0=` (base64's padding,
+        # review "diff48b").
+        query = "?" + "&".join(f"{key}=***" if key in _REDIS_QUERY_KEYS else "***"
+                               for key, _ in _query_keys(query[1:])) if keys else "?***"
     return (f"{match.group('scheme')}://{userinfo}{host}{':' + port if port else ''}"
             f"{'/' + db if db is not None else ''}{query or ''}")
 
 
 def _query_keys(query: str) -> list[tuple[str, bool]]:
-    """Each query part's key, and whether it came as `key=value` (a part without `=` may
-    be a secret itself, never shown)."""
+    """Each query part's key, and whether it came as `key=value`."""
     return [(unquote_plus(part.split("=", 1)[0]), "=" in part)
             for part in query.split("&") if part]
 
@@ -1705,13 +1717,11 @@ def _redis_query_problems(query: str, shown: str, tls: bool) -> list[str]:
     params = parse_qsl(query, keep_blank_values=True)
     refused = sorted({k for k, _ in params} - _REDIS_QUERY_KEYS)
     if refused or not params:
-        named = {key for key, has_value in _query_keys(query) if has_value}
-        listed = [key for key in refused if key in named]
-        bare = len(refused) - len(listed)
-        if bare:
-            listed.append(f"{bare} without a value, not shown: it may be a secret")
+        # Counted, not named: any of them may be a password (see `_redis_shown`).
+        unknown = (f"{len(refused)} unknown, not shown: one may be a secret" if refused
+                   else "none readable")
         return [f"REDIS_URL={shown!r} has query parameters the worker does not take "
-                f"({', '.join(listed) or 'none readable'}): the timeout is "
+                f"({unknown}): the timeout is "
                 "REDIS_TIMEOUT_SECONDS, the database the /db path, TLS the rediss:// scheme; "
                 f"allowed: {', '.join(sorted(_REDIS_QUERY_KEYS))}"]
     problems: list[str] = []

@@ -540,6 +540,7 @@ def test_invalid_pass_through_names(name: str) -> None:
     ("USERPILOT_RATE_PERIOD_SECONDS", "6_0", "is not a number"),
     ("USERPILOT_RATE_PERIOD_SECONDS", "\uff16\uff10", "is not a number"),
     ("USERPILOT_MAX_METADATA_BYTES", "+0010", "USERPILOT_MAX_METADATA_BYTES=+0010 is out"),
+    ("WORKER_MAX_IN_FLIGHT", "9" * 5000, "is not a whole number"),  # int() raised (diff48b)
     ("USERPILOT_RATE_PERIOD_SECONDS", "a minute", "is not a number: use e.g. 60"),
     ("USERPILOT_RATE_BURST", "0", "between 1 and 600"),
     ("USERPILOT_RATE_BURST", "601", "between 1 and 600"),
@@ -1682,3 +1683,9 @@ def test_a_dotted_key_in_properties_or_rename_gets_a_note(tmp_path: Any) -> None
     assert len(notes) == 1 and "'plan_tier'" in notes[0], notes
     path.write_text(json.dumps({"events": {"Feature Used": {"properties": ["plan_tier"]}}}))
     assert not [n for n in load(USERPILOT_MAPPINGS_FILE=str(path)).notes if "dot" in n]
+    # identify's exclude, the privacy control, above all (review "diff48b").
+    path.write_text(json.dumps({"identify": {"exclude": ["address.street"]},
+                                "group": {"pick": ["hq.city"]}}))
+    notes = [n for n in load(USERPILOT_MAPPINGS_FILE=str(path)).notes if "has a dot" in n]
+    assert [n.split(":")[1].strip() for n in notes] == ["identify", "group"], notes
+    assert "'address_street'" in notes[0]

@@ -232,8 +232,9 @@ Deployment, so every render runs them.
 {{- if and (has (upper .name) $secretNames) (hasKey . "value") (ne (toString .value) "") }}
 {{- fail (printf "%s sets %s as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}) or put it in kafka.existingSecret" $where .name) }}
 {{- end }}
-{{- /* A proxy URL with a password in it (`http://user:password@proxy:3128`), likewise. */}}
-{{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/@]*:[^/@]*@" (toString .value)) }}
+{{- /* A proxy URL with a password in it (`http://user:password@proxy:3128`, or without the
+   scheme, which the worker reads as http://; review "diff48b"), likewise. */}}
+{{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@]*:[^/@]*@" (toString .value)) }}
 {{- fail (printf "%s sets %s with a password in its URL as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}})" $where .name) }}
 {{- end }}
 {{- if and (eq .name "KAFKA_GROUP_INSTANCE_ID") (hasKey . "value") }}
