@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 
 import httpx
@@ -228,10 +228,17 @@ class Summary:
 
     requested: int = 0
     batches_sent: int = 0
+    batches_done: int = field(default=0, compare=False)  # sent and answered, or given up
     deleted: int = 0
     failed: int = 0
     dry_run: bool = False
     aborted: str = ""
+
+    @property
+    def unsent(self) -> int:
+        """Users in batches never sent: an interrupt read "failed 0" of them (review
+        "gdpr48")."""
+        return max(0, self.requested - self.deleted - self.failed)
 
     @property
     def ok(self) -> bool:
@@ -240,6 +247,8 @@ class Summary:
     def line(self) -> str:
         text = (f"users requested {self.requested}, batches sent {self.batches_sent}, "
                 f"deleted {self.deleted}, failed {self.failed}")
+        if self.unsent and not self.dry_run:
+            text += f", unsent {self.unsent}"
         if self.dry_run:
             text += " (dry run: nothing sent)"
         return text
@@ -277,7 +286,9 @@ class DeleteClient:
         )
 
     def delete(self, body: bytes) -> str:
-        """Send one batch; returns Userpilot's x-request-id on 2xx."""
+        """Send one batch; returns what Userpilot said on 2xx: its x-request-id and its
+        message (how many users it scheduled: the only sign that an id named nobody,
+        review "gdpr48")."""
         cut = Cutoff(self.deadline_s)
         try:
             # The body as sent, at most MAX_BODY_BYTES of it, as the worker reads answers:
@@ -306,10 +317,29 @@ class DeleteClient:
             raise problem
         # Quoted as error answers quote it: cut and redacted. A gateway echoing the request
         # into it printed the token in the batch's success line (review "secrets34").
-        return self._redact(str(response.headers.get("x-request-id", ""))[:200])
+        said = []
+        request_id = self._redact(str(response.headers.get("x-request-id", ""))[:200])
+        if request_id:
+            said.append(f"x-request-id {request_id}")
+        message = _answer_message(raw)
+        if message:
+            said.append(f"Userpilot: {self._redact(message)}")
+        return "; ".join(said)
 
     def close(self) -> None:
         self._client.close()
+
+
+def _answer_message(raw: bytes) -> str:
+    """The `message` of a JSON answer, on one line and cut at 200 characters; "" if none."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return ""
+    message = doc.get("message") if isinstance(doc, dict) else None
+    if not isinstance(message, str):
+        return ""
+    return " ".join(message.split())[:200]
 
 
 def _before_tls(exc: BaseException, host: str, proxy_host: str | None = None
@@ -352,6 +382,7 @@ def delete_users(
     log: Log = lambda _line: None,
     summary: Summary | None = None,
     forget: Forget | None = None,
+    exact: bool = False,
 ) -> Summary:
     """Send every batch through ``send`` (paced, retried); never raises for a batch.
 
@@ -361,10 +392,16 @@ def delete_users(
     (USERPILOT_RETRY_BUDGET_SECONDS), never starts an attempt past that long after its
     first; each wait is logged. ``summary``: filled as batches end (the caller prints it
     if the run is interrupted). ``forget``: called with each batch Userpilot scheduled
-    (`_shared_users`); a failure is logged, the deletion stands.
+    (`_shared_users`); a failure is logged, the deletion stands. ``exact``: ids counted as
+    given (`--json`), as `main` counts them: a byte order mark's variants were counted as
+    one user here and two in the dry run (review "gdpr48").
+
+    A batch given up on a failure before Userpilot was reached (its certificate not
+    trusted, its host not resolving or refusing) stops the run: retried in full for every
+    batch, 50 batches took five hours (review "gdpr48").
     """
     summary = summary if summary is not None else Summary()
-    users = _Users(user_ids)
+    users = _Users(user_ids, exact=exact)
     summary.requested = users.count(user_ids)
     groups = batches(user_ids, batch_size)
     for index, batch in enumerate(groups, 1):
@@ -395,8 +432,11 @@ def delete_users(
         def waiting(state: RetryCallState, where: str = where) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
             pause = state.next_action.sleep if state.next_action is not None else 0.0
+            # The pacer's interval from the answer too: "next in 1 s" went out 2 s later,
+            # and a sub-second wait read "next in 0 s" (review "gdpr48").
+            pause = max(pause, pacer.ready_at() - pacer.clock())
             log(f"{where}: attempt {state.attempt_number}/{attempts}: {_said(exc)}; "
-                f"next in {pause:.0f} s")
+                f"next in {pause:.1f} s")
 
         stop: stop_base = stop_after_attempt(attempts)
         if within is not None:
@@ -412,16 +452,25 @@ def delete_users(
         try:
             request_id = retrying(attempt)
         except Pause as exc:
+            summary.batches_done += 1
             summary.failed += users.failed(batch)
             summary.aborted = str(exc)
             log(f"{where}: {_said(exc)}; stopping, no batch can succeed")
         except (DeadLetter, Retry) as exc:
+            summary.batches_done += 1
             summary.failed += users.failed(batch)
             log(f"{where}: gave up after {tries} attempt(s): {_said(exc)}")
+            if isinstance(exc, TlsRefused) or (isinstance(exc, ConnectionFailed)
+                                                and exc.before_tls):
+                summary.aborted = str(exc)
+                log(f"{where}: stopping: Userpilot was not reached in {tries} attempt(s), "
+                    "nor would the next batch be; fix the setting named, then run the same "
+                    "list again")
         else:
+            summary.batches_done += 1
             summary.deleted += users.count(batch)
-            rid = f" (x-request-id {request_id})" if request_id else ""
-            log(f"{where}: scheduled for deletion{rid}")
+            said = f" ({request_id})" if request_id else ""
+            log(f"{where}: scheduled for deletion{said}")
             failed = forget(batch) if forget is not None else None
             if failed is not None:
                 log(f"{where}: the replicas' record of these users not cleared: {failed}; "
@@ -630,14 +679,18 @@ def main(
             attempts=settings.retry_max_attempts, backoff_s=settings.retry_backoff_s,
             backoff_max_s=settings.retry_backoff_max_s, budget_s=settings.retry_budget_s,
             log=log, summary=summary, forget=_shared_users(env, settings, log),
+            exact=args.json,
         )
         code = 0 if summary.ok else 1
     except (KeyboardInterrupt, SystemExit) as exc:
         # Ctrl-C, or a SIGTERM (`__main__` raises SystemExit(143) for it): what was done so
         # far, not a traceback; the batches after it were not sent.
         summary.aborted = "interrupted"
-        log(f"interrupted after {summary.batches_sent} of {len(groups)} batches; the "
-            "batch under way may or may not have been scheduled")
+        under_way = summary.batches_sent > summary.batches_done
+        log(f"interrupted after {summary.batches_sent} of {len(groups)} batches"
+            + ("; the batch under way may or may not have been scheduled" if under_way
+               else "") + "; run the same list again to finish: deleting a user again is "
+            "harmless (Userpilot answers 202)")
         code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
     finally:
         client.close()

@@ -22,6 +22,7 @@ from consumer.errors import (
     RateLimited,
     Rejected,
     ServerError,
+    TlsRefused,
 )
 from consumer.gdpr import (
     DEFAULT_BATCH_SIZE,
@@ -71,7 +72,7 @@ class FakeSend:
     def __call__(self, body: bytes) -> str:
         self.sent.append((self.time.now, json.loads(body)["users"]))
         self.time.now += self.latency
-        outcome = self.script.pop(0) if self.script else "rid"
+        outcome = self.script.pop(0) if self.script else "x-request-id rid"
         if isinstance(outcome, Exception):
             raise outcome
         return str(outcome)
@@ -194,7 +195,7 @@ def test_retries_keep_to_the_budget_and_each_wait_is_logged() -> None:
     assert summary.failed == 1
     assert 1 < len(send.sent) < 12
     assert send.sent[-1][0] <= 12.0, "no attempt starts past the budget"
-    waits = [line for line in lines if "next in 5 s" in line]
+    waits = [line for line in lines if "next in 5.0 s" in line]
     assert len(waits) == len(send.sent) - 1
     assert "attempt 1/12: HTTP 503" in waits[0]
     assert "gave up after" in lines[-1]
@@ -232,7 +233,7 @@ def test_delete_client_sends_delete_with_headers_and_classifies() -> None:
                           {"Authorization": f"Token {TOKEN}", "X-API-Version": "2020-09-22",
                            "Content-Type": "application/json"},
                           timeout_s=5, transport=httpx.MockTransport(handler))
-    assert client.delete(b'{"users":["a"]}') == "r1"
+    assert client.delete(b'{"users":["a"]}') == "x-request-id r1"
     assert seen[0].method == "DELETE" and seen[0].url.path == "/v1/users"
     assert seen[0].content == b'{"users":["a"]}'
     assert seen[0].headers["authorization"] == f"Token {TOKEN}"
@@ -284,7 +285,7 @@ def test_a_2xx_answer_echoing_the_token_in_its_request_id_does_not_print_it() ->
         said = client.delete(b"{}")
     finally:
         client.close()
-    assert said.startswith("req-1; auth=") and TOKEN not in said
+    assert said.startswith("x-request-id req-1; auth=") and TOKEN not in said
 
 
 def test_delete_client_maps_transport_failures() -> None:
@@ -459,6 +460,7 @@ def test_an_interrupted_run_prints_what_it_did(
     def interrupted(user_ids: Any, send: Any, **kw: Any) -> Summary:
         summary: Summary = kw["summary"]
         summary.requested, summary.batches_sent, summary.deleted = len(user_ids), 1, 1
+        summary.batches_done = 1  # answered: no batch under way at the interrupt
         raise stop
 
     monkeypatch.setattr(gdpr, "delete_users", interrupted)
@@ -467,8 +469,11 @@ def test_an_interrupted_run_prints_what_it_did(
                 err=err)
     assert code == exit_code
     assert "interrupted after 1 of 2 batches" in err.getvalue()
+    # Review "gdpr48": the batch never sent was in no count ("failed 0"), and the line
+    # spoke of a batch under way when none was; it says how to finish.
+    assert "under way" not in err.getvalue() and "run the same list again" in err.getvalue()
     assert out.getvalue() == ("delete-users: users requested 2, batches sent 1, deleted 1, "
-                              "failed 0\n")
+                              "failed 0, unsent 1\n")
 
 
 def test_settings_the_deletion_does_not_use_are_not_read() -> None:
@@ -765,3 +770,73 @@ def test_json_lines_count_each_id_as_written_a_byte_order_mark_included(
     assert "users requested 2," in out.getvalue()
     assert "byte order mark" not in err.getvalue()
     assert "1 ids begin or end with whitespace or an invisible character" in err.getvalue()
+
+
+@pytest.mark.parametrize("failure", [
+    ConnectionFailed("connection to Userpilot failed: its host 'x.invalid' does not resolve "
+                     "(DNS); check USERPILOT_ANALYTICS_ENDPOINT", before_tls=True),
+    TlsRefused("TLS: Userpilot's certificate is not trusted; check USERPILOT_CA_BUNDLE"),
+])
+def test_a_batch_given_up_before_userpilot_was_reached_stops_the_run(failure: Exception) -> None:
+    """Review "gdpr48": each batch was retried in full (~6 min each with the defaults), 50
+    batches five hours of the same lines, for a setting only a person can fix."""
+    summary, send, _, lines = run(["a", "b", "c", "d", "e", "f"], [failure] * 20, attempts=3)
+    assert len(send.sent) == 3  # the first batch's attempts only
+    assert summary.failed == 6 and summary.aborted and not summary.ok
+    assert any("stopping: Userpilot was not reached" in line for line in lines), lines
+
+
+def test_a_transient_failure_does_not_stop_the_run() -> None:
+    busy = ConnectionFailed("connection to Userpilot failed (ConnectionResetError)")
+    summary, _, _, _ = run(["a", "b", "c", "d"], [busy] * 3, attempts=3)
+    assert (summary.failed, summary.deleted) == (2, 2) and not summary.aborted
+
+
+def test_json_ids_are_counted_exactly_as_the_dry_run_counts_them(
+        streams: tuple[io.StringIO, io.StringIO], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "gdpr48": with --json, ids differing by a leading byte order mark were two in
+    the dry run and one in the run."""
+    import consumer.gdpr as gdpr
+
+    seen: list[bool] = []
+    real = gdpr.delete_users
+
+    def counted(user_ids: Any, send: Any, **kw: Any) -> Summary:
+        seen.append(kw.get("exact", False))
+        kw["pacer"] = Pacer(0.0)
+        return real(user_ids, lambda body: "x-request-id r", **{
+            k: v for k, v in kw.items() if k != "forget"})
+
+    monkeypatch.setattr(gdpr, "delete_users", counted)
+    out, err = streams
+    assert main(args("--json"), env=ENV, stdin=io.StringIO('"\\ufeffa"\n"a"\n'), out=out,
+                err=err) == 0
+    assert seen == [True]
+    assert "users requested 2" in out.getvalue() and "deleted 2" in out.getvalue()
+
+
+def test_a_2xx_answer_s_message_is_logged() -> None:
+    """Review "gdpr48": Userpilot's 202 says how many users it scheduled, the only sign
+    that an id named nobody; it was discarded."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(202, json={"message": "0 users\nscheduled for deletion"},
+                              headers={"x-request-id": "r1"})
+
+    client = DeleteClient("https://up.test/v1/users", {"Authorization": f"Token {TOKEN}"},
+                          timeout_s=2.0, transport=httpx.MockTransport(handler))
+    try:
+        # On one line: the message's line break would split the log line.
+        assert client.delete(b'{"users":["nobody"]}') == (
+            "x-request-id r1; Userpilot: 0 users scheduled for deletion")
+    finally:
+        client.close()
+
+
+def test_a_retry_line_says_when_the_next_attempt_really_goes() -> None:
+    """Review "gdpr48": "next in 1 s" went out 2 s later (the pacer's interval from the
+    answer), and a sub-second wait read "next in 0 s"."""
+    busy = ServerError("HTTP 503", status=503)
+    _, send, _, lines = run(["a"], [busy], size=1, interval=2.0)
+    (line,) = [line for line in lines if "next in" in line]
+    assert "next in 2.0 s" in line, line
+    assert send.sent[1][0] - send.sent[0][0] == pytest.approx(2.1)
