@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -542,11 +542,11 @@ def redis_refusal(settings: Settings, timeout: float,
         if "script load failed: NoPermissionError" in str(exc):
             return (f"Redis at {conf.redacted_url} refused the worker ({exc}): its user may not "
                     "load the worker's scripts (SCRIPT LOAD, needed after every failover or "
-                    f"restart): allow it in the user's ACL ({REDIS_ACL_EXAMPLE})")
+                    f"restart): allow it in the user's ACL ({redis_acl(conf.url.reveal())})")
         if any(name in str(exc) for name in REDIS_REFUSALS):
             return (f"Redis at {conf.redacted_url} refused the worker ({exc}): check the user "
                     "name and password in REDIS_URL, and the user's ACL ("
-                    f"{REDIS_ACL_EXAMPLE})")
+                    f"{redis_acl(conf.url.reveal())})")
         unusable = redis_unusable(str(exc))
         if unusable is not None:
             # Answered, and never otherwise: taken as an outage, every replica ran ready on
@@ -557,6 +557,20 @@ def redis_refusal(settings: Settings, timeout: float,
 
 REDIS_ACL_EXAMPLE = "e.g. +@read +@write +@scripting +time +ping"
 """The least ACL the worker's calls need (PING is in @connection, no category above)."""
+
+
+def redis_acl(url: str) -> str:
+    """REDIS_ACL_EXAMPLE for this REDIS_URL: the client also sends SELECT at connect for a
+    /db other than 0, and CLIENT SETNAME for `client_name` (both in @connection): a user
+    set up as the README said was refused, with the same ACL named as the fix (review
+    "readme48")."""
+    parts = urlsplit(url)
+    extra = ""
+    if parts.path.strip("/") not in ("", "0"):
+        extra += " +select"
+    if any(key == "client_name" for key, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        extra += " +client|setname"
+    return REDIS_ACL_EXAMPLE + extra
 
 REDIS_CLUSTER_ERRORS = ("ClusterCrossSlotError", "MovedError", "AskError")
 
@@ -615,8 +629,10 @@ def redis(settings: Settings, timeout: float) -> str | None:
         if exc.tls:
             return _tls_refusal(conf.redacted_url, exc)
         if "NoPermissionError" in str(exc):
-            return (f"Redis at {conf.redacted_url}: {exc}: its user may not run PING; allow "
-                    f"the worker's commands ({REDIS_ACL_EXAMPLE})")
+            return (f"Redis at {conf.redacted_url}: {exc}: its user may not run PING (nor, "
+                    "connecting, SELECT for a /db other than 0 or CLIENT SETNAME for "
+                    "client_name); allow the worker's commands "
+                    f"({redis_acl(conf.url.reveal())})")
         return (f"Redis at {conf.redacted_url}: {exc}; check REDIS_URL (host, password, db; "
                 "rediss:// for a TLS port, redis:// for a plain one: the other scheme times "
                 "out or is reset) and REDIS_TLS_CA_FILE")
@@ -634,7 +650,8 @@ def redis(settings: Settings, timeout: float) -> str | None:
             # Redis checks the commands a script calls too (review "diff18").
             hint = ("its user may not run what the worker runs: allow EVALSHA, SCRIPT, "
                     "UNLINK and, called by the scripts, TIME, GET, SET, EXISTS, PEXPIRE, "
-                    f"PTTL and DEL ({REDIS_ACL_EXAMPLE}), on the keys ud:* and userpilot:*")
+                    f"PTTL and DEL ({redis_acl(conf.url.reveal())}), on the keys ud:* and "
+                    "userpilot:*")
         else:
             hint = "check its maxmemory, ACLs and role"
         return (f"Redis at {conf.redacted_url} answers PING but refused the worker's own "

@@ -306,6 +306,41 @@ def test_run_stops_at_start_up_when_redis_refuses_its_password_not_when_it_is_do
     assert b"consuming" in err
 
 
+def test_the_documented_least_acl_is_named_with_what_a_db_or_client_name_adds(
+        online_env: dict[str, str], stoppable_redis: StoppableRedis) -> None:
+    """Review "readme48": the README's least ACL (`+@read +@write +@scripting +time +ping`
+    on `ud:*` and `userpilot:*`) was refused with a /db other than 0 (SELECT) or a
+    `client_name` (CLIENT SETNAME), both in @connection, and the refusal named the same ACL
+    as the fix."""
+    import redis as sync_redis
+
+    from consumer import reach
+    from consumer.config import load_settings
+
+    admin = sync_redis.Redis.from_url(stoppable_redis.url)
+    admin.acl_setuser("documented", enabled=True, passwords=["+pw"],
+                      keys=["ud:*", "userpilot:*"],
+                      commands=["+@read", "+@write", "+@scripting", "+time", "+ping"])
+    base = stoppable_redis.url.replace("redis://", "redis://documented:pw@", 1)
+
+    def refusal(url: str) -> str | None:
+        return reach.redis_refusal(load_settings({**online_env, "REDIS_URL": url}), 5)
+
+    assert refusal(base) is None
+    on_db = base.rsplit("/", 1)[0] + "/1"
+    named = refusal(on_db)
+    assert named is not None and "+select" in named, named
+    online = reach.redis(load_settings({**online_env, "REDIS_URL": on_db}), 5)
+    assert online is not None and "+select" in online, online
+    admin.acl_setuser("documented", enabled=True, commands=["+select"])
+    assert refusal(on_db) is None
+    named = refusal(base + "?client_name=up-worker")
+    assert named is not None and "+client|setname" in named, named
+    admin.acl_setuser("documented", enabled=True, commands=["+client|setname"])
+    assert refusal(base + "?client_name=up-worker") is None
+    admin.close()
+
+
 def test_online_refuses_a_redis_too_slow_for_redis_timeout_seconds(
         online_env: dict[str, str], stoppable_redis: StoppableRedis) -> None:
     """A Redis that answers, but not within REDIS_TIMEOUT_SECONDS on a new connection, was
