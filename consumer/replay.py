@@ -90,6 +90,8 @@ class Filters:
     # Dead letters left out (`--skip-void`): (the worker run that wrote them, source topic,
     # partition, offset ranges); after a DLQ guard trip, the events the workers read again.
     skip_void: frozenset[tuple[str, str, int, tuple[tuple[int, int], ...]]] = frozenset()
+    # Dead letters left out by their record key (`--skip-keys`): a deleted user's (GDPR).
+    skip_keys: frozenset[bytes] = frozenset()
 
 
 CALLS = ("track", "ensure_user", "identify", "company_identify", "associate_company")
@@ -314,7 +316,10 @@ def default_group(dlq_topic: str, filters: Filters) -> str:
         "partitions": sorted(selection.partitions),
         # Only when given: the groups of the selections made before --call existed stay.
         **({"calls": sorted(selection.calls)} if selection.calls else {}),
-        **({"skip_void": sorted(selection.skip_void)} if selection.skip_void else {})},
+        **({"skip_void": sorted(selection.skip_void)} if selection.skip_void else {}),
+        # A digest: the group's name must not carry the ids.
+        **({"skip_keys": hashlib.sha256(b"\n".join(sorted(selection.skip_keys))).hexdigest()}
+           if selection.skip_keys else {})},
         sort_keys=True)
     return f"{base}.{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
@@ -480,6 +485,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only this DLQ partition (repeatable)")
     p.add_argument("--from-offset", type=_count, help="first DLQ offset to consider")
     p.add_argument("--to-offset", type=_count, help="last DLQ offset to consider")
+    p.add_argument("--skip-keys", metavar="FILE", default=None,
+                   help="leave out the dead letters keyed by the ids in FILE (one a line, "
+                        "read as delete-users reads them): a deleted user's (GDPR)")
     p.add_argument("--skip-void", type=_skip_void, action="append", default=[],
                    metavar="WORKER/TOPIC:PARTITION@OFFSETS",
                    help="leave out the dead letters WORKER wrote of those events (repeatable; "
@@ -805,6 +813,9 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     ts_type, ts = msg.timestamp()
     verdict = decide(headers, p, off, ts if ts_type else None, filters)
     where = f"{dlq_topic}[{p}]@{off}"
+    if (verdict != "filtered" and filters.skip_keys
+            and _record_key(msg, headers, conf) in filters.skip_keys):
+        verdict = "filtered"
     if verdict == "filtered":
         summary.skipped_by_filter += 1
         return None
@@ -901,6 +912,22 @@ def _shown_event(event_of: Callable[[bytes | None], dict[str, Any]] | None,
         raise ReplayStuck(f"{where}: its event could not be read: {exc}", summary) from None
 
 
+def _record_key(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any]
+                ) -> bytes | None:
+    """The dead letter's record key: its own, or for one written without it, the source
+    event's (read by its coordinates, checked against the value's hash)."""
+    if header_value(headers, KEY_OMITTED) != b"true":
+        return msg.key()
+    where = source_of(headers)
+    if where is None:
+        return None
+    found = dlqfetch.fetch_original(conf, *where)
+    if found.problem is not None:
+        return None
+    digest = (header_value(headers, VALUE_SHA256) or b"").decode("utf-8", "replace")
+    return found.key if hashlib.sha256(found.value or b"").hexdigest() == digest else None
+
+
 def _key_of(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any]
             ) -> dict[str, Any]:
     """A line's key for a record not replayed: its own, or for a dead letter written without
@@ -981,6 +1008,23 @@ def _stdout_json(doc: Mapping[str, Any]) -> bool:
         stdout_gone()
         return False
     return True
+
+
+def _skip_keys(path: str | None) -> frozenset[bytes]:
+    """`--skip-keys FILE`: the ids, as `delete-users` reads them (one a line, exactly as
+    written, a byte order mark's both forms), as the record keys `produce` writes."""
+    if path is None:
+        return frozenset()
+    from consumer.gdpr import read_user_ids
+
+    try:
+        with open(path, encoding="utf-8") as stream:  # as delete-users opens it
+            ids = read_user_ids(stream)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--skip-keys {path!r}: cannot read it ({exc})") from None
+    if not ids:
+        raise ConfigError(f"--skip-keys {path!r} holds no id (one a line)")
+    return frozenset(user_id.encode("utf-8", "surrogatepass") for user_id in ids)
 
 
 def _event_reader(settings: Settings, registry: Registry | None = None
@@ -1091,6 +1135,7 @@ def main(args: argparse.Namespace) -> int:
         until=args.until, from_offset=args.from_offset, to_offset=args.to_offset,
         partitions=frozenset(args.partition), max_replays=max_replays,
         calls=frozenset(args.call), skip_void=frozenset(args.skip_void),
+        skip_keys=_skip_keys(args.skip_keys),
     )
     conf: dict[str, Any] = settings.kafka_config()
     from consumer import reach

@@ -45,7 +45,7 @@ def _run(line: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProce
 def test_the_readme_replay_commands_work_as_written(kafka_bootstrap: str,
                                                     tmp_path: Path) -> None:
     lines = [line for line in _readme_lines("replay --from delivery-userpilot")
-             if "--show-event" not in line]
+             if "--show-event" not in line and "--skip-keys" not in line]
     assert [line.split()[-1] for line in lines] == ["--dry-run", "--all", "bad_request"]
     origin, dlq = "delivery-userpilot", "delivery-userpilot.userpilot.dlq"
     for topic in (origin, dlq):
@@ -159,6 +159,36 @@ def test_the_readme_show_event_lines_work_as_written(kafka_bootstrap: str,
         assert [(d["dlq"], d["decision"]) for d in docs] == [
             (f"{dlq}[0]@0", "deliver"), (f"{dlq}[0]@1", "dead_letter")]
         assert docs[0]["request"]["body"]["event_name"] == "feature_used"
+    finally:
+        for topic in (origin, dlq):
+            delete_topic(kafka_bootstrap, topic)
+
+
+def test_the_readme_gdpr_replay_line_leaves_the_deleted_users_out(kafka_bootstrap: str,
+                                                                  tmp_path: Path) -> None:
+    """Review "gdpr48": step 3 ("leave them out of any replay") had no tool: a routine
+    replay re-created the deleted user, traits included. `--skip-keys` with the file given
+    to delete-users leaves out the dead letters keyed by those ids."""
+    (line,) = [line for line in _readme_lines("replay --from delivery-userpilot")
+               if "--skip-keys" in line]
+    origin, dlq = "delivery-userpilot", "delivery-userpilot.userpilot.dlq"
+    for topic in (origin, dlq):
+        create_topic(kafka_bootstrap, topic, 1)
+    try:
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        for key in (b"user_001", b"user_002", b"\xef\xbb\xbfuser_003"):
+            producer.produce(dlq, key=key, value=b"event of " + key, headers=[
+                ("__connect.errors.topic", origin.encode()),
+                ("userpilot.error.reason", b"bad_request"), ("userpilot.replay.count", b"0")])
+        assert producer.flush(30) == 0
+        (tmp_path / "user-ids.txt").write_text("user_001\r\n\ufeffuser_003\n", "utf-8")
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+        done = _run(line, env, tmp_path)
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout.splitlines()[-1])["summary"]
+        assert (summary["replayed"], summary["skipped_by_filter"]) == (1, 2), summary
+        assert [m.value() for m in read_topic(kafka_bootstrap, origin)] == [
+            b"event of user_002"]
     finally:
         for topic in (origin, dlq):
             delete_topic(kafka_bootstrap, topic)

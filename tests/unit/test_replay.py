@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from consumer.deadletter import Failure, dlq_headers
+from consumer.errors import ConfigError
 from consumer.replay import Filters, decide, default_group
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -948,3 +949,20 @@ def test_show_event_stops_on_a_registry_outage_and_masks_what_it_echoes() -> Non
     assert "did not answer" in str(stuck.value) and secret not in str(stuck.value)
     unreadable = replay._shown_event(reader, [], b"garbage", "t.dlq[0]@1", replay.Summary())
     assert "magic byte" in unreadable["event_unreadable"]
+
+
+def test_skip_keys_is_a_selection_of_its_own_named_by_a_digest(tmp_path: Any) -> None:
+    """`--skip-keys` (review "gdpr48"): read as delete-users reads ids; its own progress,
+    and the group's name carries a digest, never the ids."""
+    from consumer import replay
+
+    ids = tmp_path / "ids.txt"
+    ids.write_text("alice\r\n\ufeffbob\n\n", "utf-8")
+    keys = replay._skip_keys(str(ids))
+    assert keys == {b"alice", b"bob", "\ufeffbob".encode()}
+    group = replay.default_group("d", replay.Filters(skip_keys=keys))
+    assert group != replay.default_group("d", replay.Filters()) and "alice" not in group
+    (tmp_path / "empty.txt").write_text("\n", "utf-8")
+    for path in (tmp_path / "empty.txt", tmp_path / "missing.txt"):
+        with pytest.raises(ConfigError):
+            replay._skip_keys(str(path))
