@@ -131,11 +131,13 @@ def _explain_one(
             return
         # Fields `run` read as U+FFFD, which canonical JSON cannot say: an id read so is
         # refused there, and here (review "diff48b").
-        cut = frozenset(str(f) for f in raw.get("event_cut") or () if isinstance(f, str))
+        marked_cut = raw.get("event_cut")
+        if isinstance(marked_cut, list):  # replay writes lists; anything else is ignored
+            cut = frozenset(f for f in marked_cut if isinstance(f, str))
         marked = raw.get("event_surrogated")
         if isinstance(marked, dict):
-            surrogated = {str(k): frozenset(str(t) for t in v) for k, v in marked.items()
-                          if isinstance(v, list)}
+            surrogated = {str(k): frozenset(t for t in v if isinstance(t, str))
+                          for k, v in marked.items() if isinstance(v, list)}
         raw = raw["event"]
     elif isinstance(raw, dict) and "summary" in raw and "dry_run" in raw:
         return

@@ -334,7 +334,7 @@ def _answer_message(raw: bytes) -> str:
     """The `message` of a JSON answer, on one line and cut at 200 characters; "" if none."""
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser: a traceback (diff48c)
         return ""
     message = doc.get("message") if isinstance(doc, dict) else None
     if not isinstance(message, str):

@@ -190,7 +190,7 @@ series born at its first error loses that error to `rate()` and `increase()`."""
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 
 
-METADATA_CUTS = ("truncated", "omitted")
+METADATA_CUTS = ("truncated",)
 """`userpilot_events_metadata_cut_total`'s kinds."""
 
 
@@ -316,10 +316,9 @@ class Metrics:
         )
         self.metadata_cut = counter(
             "events_metadata_cut",
-            "Delivered events whose metadata lost keys: `truncated` past "
-            "USERPILOT_MAX_METADATA_BYTES / _KEYS (the payload carries `_truncated`), "
-            "`omitted` values Userpilot's flat metadata cannot hold (objects in arrays, "
-            "nesting past 16 levels, NaN); `explain` names them.",
+            "Delivered events whose metadata was cut: `truncated` past "
+            "USERPILOT_MAX_METADATA_BYTES / _KEYS (the payload carries `_truncated`); "
+            "`explain` names the keys.",
             ["kind"],
         )
         self.responses = counter(

@@ -209,3 +209,13 @@ def test_replay_dry_run_lines_are_explained_by_their_event() -> None:
     assert "magic byte 103" in docs[1]["reason"]
     assert "--show-event" in docs[2]["reason"]
     assert docs[0]["requests"] == next(explain_lines([DELIVERED], SETTINGS))["requests"]
+
+
+def test_a_replay_line_s_marks_of_another_shape_are_ignored_not_a_crash() -> None:
+    """Review "diff48c": `"event_cut": 5` raised inside the line's reading, reported as a
+    mapping error dead letter without its `dlq`."""
+    event = json.loads(DELIVERED)
+    line = json.dumps({"dlq": "t.dlq[0]@4", "dry_run": True, "event": event,
+                       "event_cut": 5, "event_surrogated": {"traits": 3}})
+    (doc,) = explain_lines([line], SETTINGS)
+    assert (doc["dlq"], doc["decision"]) == ("t.dlq[0]@4", "deliver"), doc

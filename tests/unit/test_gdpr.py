@@ -840,3 +840,17 @@ def test_a_retry_line_says_when_the_next_attempt_really_goes() -> None:
     (line,) = [line for line in lines if "next in" in line]
     assert "next in 2.0 s" in line, line
     assert send.sent[1][0] - send.sent[0][0] == pytest.approx(2.1)
+
+
+def test_a_2xx_answer_nested_past_the_parser_is_no_traceback() -> None:
+    """Review "diff48c": its message was parsed, RecursionError escaped, the scheduled
+    batch went uncounted and the run ended in a traceback."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(202, content=b"[" * 100_000, headers={"x-request-id": "r1"})
+
+    client = DeleteClient("https://up.test/v1/users", {"Authorization": f"Token {TOKEN}"},
+                          timeout_s=2.0, transport=httpx.MockTransport(handler))
+    try:
+        assert client.delete(b'{"users":["a"]}') == "x-request-id r1"
+    finally:
+        client.close()

