@@ -304,7 +304,10 @@ def default_group(dlq_topic: str, filters: Filters) -> str:
     twice, and another selection still sees every record. Unfiltered: `userpilot-replay.<dlq>`.
     """
     base = f"userpilot-replay.{dlq_topic}"
-    selection = replace(filters, max_replays=0)
+    # `--skip-keys` only leaves records out, and those it skips are meant to be passed for
+    # good: part of the selection, each new list started it over from the DLQ's start,
+    # sending again what the routine replay had sent (review "diff48c").
+    selection = replace(filters, max_replays=0, skip_keys=frozenset())
     if selection == Filters(max_replays=0):
         return base
     text = json.dumps({
@@ -316,10 +319,7 @@ def default_group(dlq_topic: str, filters: Filters) -> str:
         "partitions": sorted(selection.partitions),
         # Only when given: the groups of the selections made before --call existed stay.
         **({"calls": sorted(selection.calls)} if selection.calls else {}),
-        **({"skip_void": sorted(selection.skip_void)} if selection.skip_void else {}),
-        # A digest: the group's name must not carry the ids.
-        **({"skip_keys": hashlib.sha256(b"\n".join(sorted(selection.skip_keys))).hexdigest()}
-           if selection.skip_keys else {})},
+        **({"skip_void": sorted(selection.skip_void)} if selection.skip_void else {})},
         sort_keys=True)
     return f"{base}.{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
@@ -517,6 +517,7 @@ def run_replay(
     report: Callable[[dict[str, Any]], None],
     stopping: Callable[[], bool] = lambda: False, secret: bytes | None = None,
     from_start: bool = False, event_of: Callable[[bytes | None], dict[str, Any]] | None = None,
+    user_of: Callable[[bytes | None], str | None] | None = None,
 ) -> Summary:
     """Read the DLQ up to its end offsets at start; re-publish what `decide` allows.
 
@@ -689,7 +690,7 @@ def run_replay(
                 if p is None or off is None or p not in ends or off >= ends[p]:
                     continue
                 line = _replay_one(msg, p, off, dlq_topic, filters, conf, summary, dry_run,
-                                   seen, event_of)
+                                   seen, event_of, user_of)
                 if line is not None:
                     if "_record" not in line:  # a copy of an event this run took
                         report(line)
@@ -805,6 +806,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
                 conf: dict[str, Any], summary: Summary, dry_run: bool,
                 seen: SeenSources | None = None,
                 event_of: Callable[[bytes | None], dict[str, Any]] | None = None,
+                user_of: Callable[[bytes | None], str | None] | None = None,
                 ) -> dict[str, Any] | None:
     """One DLQ record: counted as filtered, over the limit or unrestorable (None), the
     report line of its replay, with the record to publish under `_record`, or (without
@@ -814,7 +816,7 @@ def _replay_one(msg: Message, p: int, off: int, dlq_topic: str, filters: Filters
     verdict = decide(headers, p, off, ts if ts_type else None, filters)
     where = f"{dlq_topic}[{p}]@{off}"
     if (verdict != "filtered" and filters.skip_keys
-            and _record_key(msg, headers, conf) in filters.skip_keys):
+            and _skipped(msg, headers, conf, filters.skip_keys, user_of, where, summary)):
         verdict = "filtered"
     if verdict == "filtered":
         summary.skipped_by_filter += 1
@@ -912,20 +914,34 @@ def _shown_event(event_of: Callable[[bytes | None], dict[str, Any]] | None,
         raise ReplayStuck(f"{where}: its event could not be read: {exc}", summary) from None
 
 
-def _record_key(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any]
-                ) -> bytes | None:
-    """The dead letter's record key: its own, or for one written without it, the source
-    event's (read by its coordinates, checked against the value's hash)."""
-    if header_value(headers, KEY_OMITTED) != b"true":
-        return msg.key()
-    where = source_of(headers)
-    if where is None:
-        return None
-    found = dlqfetch.fetch_original(conf, *where)
-    if found.problem is not None:
-        return None
-    digest = (header_value(headers, VALUE_SHA256) or b"").decode("utf-8", "replace")
-    return found.key if hashlib.sha256(found.value or b"").hexdigest() == digest else None
+def _skipped(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any],
+             skip: frozenset[bytes], user_of: Callable[[bytes | None], str | None] | None,
+             where: str, summary: Summary) -> bool:
+    """`--skip-keys`: the dead letter's record key, or its event's `userId` (a keyless
+    producer's: matched by key alone, its identify was replayed, review "diff48c"), is one
+    of `skip`. For a dead letter written without its key or value, the source event's,
+    read by its coordinates; one that cannot be read now stops the run (left in, a later
+    restore could replay it)."""
+    key, value = msg.key(), msg.value()
+    key_gone = header_value(headers, KEY_OMITTED) == b"true"
+    if key_gone or value_omitted(headers):
+        came = source_of(headers)
+        found = dlqfetch.fetch_original(conf, *came) if came is not None else None
+        if found is not None and found.problem == "unanswered":
+            raise ReplayStuck(f"{where}: its original could not be read from the source "
+                              "topic (no answer), which --skip-keys needs", summary)
+        digest = (header_value(headers, VALUE_SHA256) or b"").decode("utf-8", "replace")
+        if (found is not None and found.problem is None
+                and hashlib.sha256(found.value or b"").hexdigest() == digest):
+            key = found.key if key_gone else key
+            value = found.value if value_omitted(headers) else value
+    if key is not None and key in skip:
+        return True
+    try:
+        user = user_of(value) if user_of is not None and value else None
+    except Exception as exc:  # the registry's (`_user_reader`): the run stops there
+        raise ReplayStuck(f"{where}: its event could not be read: {exc}", summary) from None
+    return user is not None and user.encode("utf-8", "surrogatepass") in skip
 
 
 def _key_of(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any]
@@ -1008,6 +1024,22 @@ def _stdout_json(doc: Mapping[str, Any]) -> bool:
         stdout_gone()
         return False
     return True
+
+
+def _user_reader(settings: Settings, registry: Registry | None = None
+                 ) -> Callable[[bytes | None], str | None]:
+    """A dead letter's value → its event's `userId` (None when its bytes cannot be read);
+    a registry that does not answer raises (`_shown_event`'s rule: the run stops)."""
+    event_of = _event_reader(settings, registry)
+
+    def user_of(value: bytes | None) -> str | None:
+        try:
+            user = event_of(value)["event"].get("userId")
+        except Unreadable:
+            return None
+        return user if isinstance(user, str) else None
+
+    return user_of
 
 
 def _skip_keys(path: str | None) -> frozenset[bytes]:
@@ -1111,6 +1143,9 @@ def main(args: argparse.Namespace) -> int:
     if args.show_event and not os.environ.get("SCHEMA_REGISTRY_URL", "").strip():
         raise ConfigError("--show-event needs SCHEMA_REGISTRY_URL: the events are Avro, "
                           "decoded by the schema their producer registered")
+    if args.skip_keys is not None and not os.environ.get("SCHEMA_REGISTRY_URL", "").strip():
+        raise ConfigError("--skip-keys needs SCHEMA_REGISTRY_URL: a dead letter without a key "
+                          "(a keyless producer's) is matched by its event's userId")
     if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
         raise ConfigError("replay needs KAFKA_BOOTSTRAP_SERVERS")
     if (args.from_offset is not None and args.to_offset is not None
@@ -1169,7 +1204,8 @@ def main(args: argparse.Namespace) -> int:
         summary = run_replay(conf, args.dlq_topic, group, filters, dry_run=args.dry_run,
                              report=report, stopping=stop.is_set, secret=secret,
                              from_start=args.from_start,
-                             event_of=_event_reader(settings) if args.show_event else None)
+                             event_of=_event_reader(settings) if args.show_event else None,
+                             user_of=_user_reader(settings) if filters.skip_keys else None)
     except ReplayStuck as stuck:
         _print_summary(stuck.summary, args.dry_run, stop.is_set(), bool(unread))
         error_line(f"replay stopped: {stuck.args[0]}; " + (

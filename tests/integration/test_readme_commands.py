@@ -164,29 +164,39 @@ def test_the_readme_show_event_lines_work_as_written(kafka_bootstrap: str,
             delete_topic(kafka_bootstrap, topic)
 
 
-def test_the_readme_gdpr_replay_line_leaves_the_deleted_users_out(kafka_bootstrap: str,
-                                                                  tmp_path: Path) -> None:
+def test_the_readme_gdpr_replay_line_leaves_the_deleted_users_out(
+        kafka_bootstrap: str, schema_registry_url: str, tmp_path: Path) -> None:
     """Review "gdpr48": step 3 ("leave them out of any replay") had no tool: a routine
     replay re-created the deleted user, traits included. `--skip-keys` with the file given
-    to delete-users leaves out the dead letters keyed by those ids."""
+    to delete-users leaves out the dead letters keyed by those ids, and a keyless one whose
+    event's userId is one of them (review "diff48c")."""
+    from consumer import codec
+    from consumer.registry import Registry
+    from tests.integration.harness import track_event
+
     (line,) = [line for line in _readme_lines("replay --from delivery-userpilot")
                if "--skip-keys" in line]
     origin, dlq = "delivery-userpilot", "delivery-userpilot.userpilot.dlq"
     for topic in (origin, dlq):
         create_topic(kafka_bootstrap, topic, 1)
     try:
+        schema_id = Registry(schema_registry_url).register(origin)
+        keyless = codec.encode(schema_id, codec.to_record(track_event("user_001", 7)))
         producer = Producer({"bootstrap.servers": kafka_bootstrap})
-        for key in (b"user_001", b"user_002", b"\xef\xbb\xbfuser_003"):
-            producer.produce(dlq, key=key, value=b"event of " + key, headers=[
+        for key, value in ((b"user_001", b"event of user_001"),
+                           (b"user_002", b"event of user_002"),
+                           (b"\xef\xbb\xbfuser_003", b"event of user_003"), (None, keyless)):
+            producer.produce(dlq, key=key, value=value, headers=[
                 ("__connect.errors.topic", origin.encode()),
                 ("userpilot.error.reason", b"bad_request"), ("userpilot.replay.count", b"0")])
         assert producer.flush(30) == 0
         (tmp_path / "user-ids.txt").write_text("user_001\r\n\ufeffuser_003\n", "utf-8")
-        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+               "SCHEMA_REGISTRY_URL": schema_registry_url}
         done = _run(line, env, tmp_path)
         assert done.returncode == 0, done.stderr
         summary = json.loads(done.stdout.splitlines()[-1])["summary"]
-        assert (summary["replayed"], summary["skipped_by_filter"]) == (1, 2), summary
+        assert (summary["replayed"], summary["skipped_by_filter"]) == (1, 3), summary
         assert [m.value() for m in read_topic(kafka_bootstrap, origin)] == [
             b"event of user_002"]
     finally:
