@@ -487,7 +487,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to-offset", type=_count, help="last DLQ offset to consider")
     p.add_argument("--skip-keys", metavar="FILE", default=None,
                    help="leave out the dead letters keyed by the ids in FILE (one a line, "
-                        "read as delete-users reads them): a deleted user's (GDPR)")
+                        "read as delete-users reads them), or whose event's userId is one "
+                        "(needs SCHEMA_REGISTRY_URL): a deleted user's (GDPR)")
+    p.add_argument("--skip-keys-json", metavar="FILE", default=None,
+                   help="as --skip-keys, the ids one JSON string a line (the file given "
+                        "to delete-users --json)")
     p.add_argument("--skip-void", type=_skip_void, action="append", default=[],
                    metavar="WORKER/TOPIC:PARTITION@OFFSETS",
                    help="leave out the dead letters WORKER wrote of those events (repeatable; "
@@ -497,7 +501,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replay limit per event (default: $WORKER_REPLAY_MAX or 3)")
     p.add_argument("--group", default=None,
                    help="replayer consumer group (default: userpilot-replay.<dlq topic>, "
-                        "plus a digest of the filters when any is given)")
+                        "plus a digest of the selecting filters when any is given: not "
+                        "--skip-keys, --skip-keys-json or --max-replays)")
     p.add_argument("--timeout", type=timeout_seconds, default=10.0,
                    help="seconds to wait for Kafka to answer before starting (default 10)")
     p.add_argument("--all", action="store_true", dest="from_start",
@@ -923,6 +928,8 @@ def _skipped(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any],
     read by its coordinates; one that cannot be read now stops the run (left in, a later
     restore could replay it)."""
     key, value = msg.key(), msg.value()
+    if key is not None and key in skip:  # decided: no fetch of the original
+        return True
     key_gone = header_value(headers, KEY_OMITTED) == b"true"
     if key_gone or value_omitted(headers):
         came = source_of(headers)
@@ -1042,20 +1049,25 @@ def _user_reader(settings: Settings, registry: Registry | None = None
     return user_of
 
 
-def _skip_keys(path: str | None) -> frozenset[bytes]:
+def _skip_keys(path: str | None, *, as_json: bool = False) -> frozenset[bytes]:
     """`--skip-keys FILE`: the ids, as `delete-users` reads them (one a line, exactly as
-    written, a byte order mark's both forms), as the record keys `produce` writes."""
+    written, a byte order mark's both forms; `--skip-keys-json`: one JSON string a line, as
+    `delete-users --json` reads them: read one a line, `"carol"` kept its quotes and matched
+    nothing, review "whole48"), as the record keys `produce` writes."""
     if path is None:
         return frozenset()
-    from consumer.gdpr import read_user_ids
+    from consumer.gdpr import read_json_ids, read_user_ids
 
+    option = "--skip-keys-json" if as_json else "--skip-keys"
     try:
         with open(path, encoding="utf-8") as stream:  # as delete-users opens it
-            ids = read_user_ids(stream)
+            ids = (read_json_ids if as_json else read_user_ids)(stream)
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--skip-keys {path!r}: cannot read it ({exc})") from None
+        raise ConfigError(f"{option} {path!r}: cannot read it ({exc})") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{option} {path!r}: {exc}") from None
     if not ids:
-        raise ConfigError(f"--skip-keys {path!r} holds no id (one a line)")
+        raise ConfigError(f"{option} {path!r} holds no id (one a line)")
     return frozenset(user_id.encode("utf-8", "surrogatepass") for user_id in ids)
 
 
@@ -1143,7 +1155,8 @@ def main(args: argparse.Namespace) -> int:
     if args.show_event and not os.environ.get("SCHEMA_REGISTRY_URL", "").strip():
         raise ConfigError("--show-event needs SCHEMA_REGISTRY_URL: the events are Avro, "
                           "decoded by the schema their producer registered")
-    if args.skip_keys is not None and not os.environ.get("SCHEMA_REGISTRY_URL", "").strip():
+    skipping = args.skip_keys is not None or args.skip_keys_json is not None
+    if skipping and not os.environ.get("SCHEMA_REGISTRY_URL", "").strip():
         raise ConfigError("--skip-keys needs SCHEMA_REGISTRY_URL: a dead letter without a key "
                           "(a keyless producer's) is matched by its event's userId")
     if not os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip():
@@ -1170,7 +1183,8 @@ def main(args: argparse.Namespace) -> int:
         until=args.until, from_offset=args.from_offset, to_offset=args.to_offset,
         partitions=frozenset(args.partition), max_replays=max_replays,
         calls=frozenset(args.call), skip_void=frozenset(args.skip_void),
-        skip_keys=_skip_keys(args.skip_keys),
+        skip_keys=(_skip_keys(args.skip_keys)
+                   | _skip_keys(args.skip_keys_json, as_json=True)),
     )
     conf: dict[str, Any] = settings.kafka_config()
     from consumer import reach

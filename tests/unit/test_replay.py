@@ -968,3 +968,10 @@ def test_skip_keys_reads_ids_as_delete_users_and_keeps_the_selection_s_progress(
     for path in (tmp_path / "empty.txt", tmp_path / "missing.txt"):
         with pytest.raises(ConfigError):
             replay._skip_keys(str(path))
+    # `delete-users --json`'s file (review "whole48": read one a line, `"carol"` kept its
+    # quotes and matched nothing; an id with a line break could not be named at all).
+    (tmp_path / "ids.jsonl").write_text('"carol"\n"user\\nwith-newline"\n', "utf-8")
+    assert replay._skip_keys(str(tmp_path / "ids.jsonl"), as_json=True) == {
+        b"carol", b"user\nwith-newline"}
+    with pytest.raises(ConfigError, match="--skip-keys-json"):
+        replay._skip_keys(str(ids), as_json=True)  # not JSON strings

@@ -3432,15 +3432,23 @@ def test_a_revoke_whose_coordinator_went_silent_commits_without_waiting_and_reco
 def test_delivered_events_whose_metadata_lost_keys_are_counted() -> None:
     """Review "mappings48": a payload cut at the limits, or values flat metadata cannot
     hold, showed only in `explain` and the payload itself; in operation, nowhere."""
+    group = codec.encode(SCHEMA_ID, codec.to_record({
+        "type": "group", "userId": "u4", "groupId": "acme", "messageId": "g-1",
+        "traits": {"id": "acme", "name": "Acme"},  # its `id` trait left out by design
+        "context": {"consent": {"analytics": True}}}))
     values = [track("u1", 0, properties={f"k{i}": i for i in range(5)}),
               track("u2", 1, properties={"tags": [{"id": 1}], "plan": "pro"}),
-              track("u3", 2)]
+              track("u3", 2), group]
     run = make(log_of(*values), registry=known_schema(), USERPILOT_ENSURE_USER="false",
                USERPILOT_MAX_METADATA_KEYS="3")
 
     async def scenario(source: FakeSource) -> None:
-        await until(lambda: source.committed().get((TOPIC, 0)) == 3, "all three")
+        await until(lambda: source.committed().get((TOPIC, 0)) == 4, "all four")
 
     assert drive(run, scenario) == 0
-    # Only the cut: what flat metadata cannot hold (u2's `tags`) is left out by design.
+    # Only the cut: what flat metadata cannot hold (u2's `tags`) and a group's `id` trait
+    # are left out by design (review "diff48c"), and no other kind is counted (whole48).
     assert gauge_of(run, "userpilot_events_metadata_cut_total", kind="truncated") == 1.0
+    kinds = {sample.labels["kind"] for metric in run.worker.m.registry.collect()
+             if metric.name == "userpilot_events_metadata_cut" for sample in metric.samples}
+    assert kinds == {"truncated"}, kinds
