@@ -243,6 +243,19 @@ def up(url: str, *, timeout_s: float = 2.0, max_connections: int = 4,
                            ca_bundle=ca_bundle)
 
 
+E = TypeVar("E", bound=WorkerError)
+
+
+async def failure_of(client: UserpilotClient, kind: type[E]) -> E:
+    """What a Track through `client` raises, which must be a `kind`; the client closed."""
+    try:
+        with pytest.raises(kind) as info:
+            await client.track(BODY)
+    finally:
+        await client.aclose()
+    return info.value
+
+
 async def outcome(client: UserpilotClient, body: bytes) -> str:
     """'ok', or the name of the classified exception."""
     try:
@@ -708,12 +721,7 @@ def test_an_https_proxy_forbidding_the_tunnel_is_a_setting_not_an_outage() -> No
         async with Server(always(Close(http(403, b"", reason="Forbidden")))) as proxy:
             client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
                                      max_connections=2, proxy=f"http://127.0.0.1:{proxy.port}")
-            try:
-                with pytest.raises(Misconfigured) as info:
-                    await client.track(BODY)
-            finally:
-                await client.aclose()
-            return info.value
+            return await failure_of(client, Misconfigured)
 
     failure = run(main)
     assert "the proxy refused the tunnel to Userpilot (HTTP 403)" in str(failure)
@@ -731,12 +739,7 @@ def test_an_https_proxy_refusing_the_tunnel_otherwise_is_a_connection_failure(
         async with Server(always(Close(http(status, b"", reason="No")))) as proxy:
             client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
                                      max_connections=2, proxy=f"http://127.0.0.1:{proxy.port}")
-            try:
-                with pytest.raises(ConnectionFailed) as info:
-                    await client.track(BODY)
-            finally:
-                await client.aclose()
-            return info.value
+            return await failure_of(client, ConnectionFailed)
 
     assert f"the proxy refused the tunnel (HTTP {status})" in str(run(main))
 
@@ -1120,12 +1123,7 @@ def test_a_host_that_does_not_resolve_is_named_in_the_failure() -> None:
 
     async def main() -> WorkerError:
         client = up("http://no-such-host.invalid/v1/track")
-        try:
-            with pytest.raises(ConnectionFailed) as info:
-                await client.track(BODY)
-        finally:
-            await client.aclose()
-        return info.value
+        return await failure_of(client, ConnectionFailed)
 
     failure = run(main)
     assert "'no-such-host.invalid' does not resolve" in str(failure)
@@ -1139,12 +1137,7 @@ def test_a_proxy_host_that_does_not_resolve_names_the_proxy_setting() -> None:
     async def main() -> WorkerError:
         client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
                                  max_connections=2, proxy="http://no-such-proxy.invalid:3128")
-        try:
-            with pytest.raises(ConnectionFailed) as info:
-                await client.track(BODY)
-        finally:
-            await client.aclose()
-        return info.value
+        return await failure_of(client, ConnectionFailed)
 
     said = str(run(main))
     assert "the proxy's host 'no-such-proxy.invalid' does not resolve" in said
@@ -1266,12 +1259,7 @@ def test_a_port_nothing_listens_on_is_named_not_blamed_on_tls(proxied: bool) -> 
                                      max_connections=2, proxy=f"http://127.0.0.1:{port}")
         else:
             client = up(f"https://127.0.0.1:{port}/v1/track")
-        try:
-            with pytest.raises(ConnectionFailed) as info:
-                await client.track(BODY)
-        finally:
-            await client.aclose()
-        return info.value
+        return await failure_of(client, ConnectionFailed)
 
     failure = run(main)
     said = str(failure)
