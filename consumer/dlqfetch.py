@@ -31,7 +31,7 @@ from consumer.deadletter import (
 )
 from consumer.librdkafka import consumer_settings
 
-__all__ = ["Fetched", "Original", "fetch_original", "restore"]
+__all__ = ["Fetched", "Original", "fetch_original", "restore", "verified_original"]
 
 Problem = Literal["no_origin", "gone", "mismatch", "unanswered"]
 """Why there is no original: `unanswered` may pass (the run stops, the next one retries)."""
@@ -96,6 +96,23 @@ def fetch_original(conf: Mapping[str, Any], topic: str, partition: int, offset: 
         consumer.close()
 
 
+def verified_original(conf: Mapping[str, Any], headers: Sequence[Header] | None, *,
+                      timeout_s: float = 10.0) -> Fetched | Problem:
+    """The source event a dead letter written without its value (or key) stands in for,
+    read by its coordinates and checked against the recorded SHA-256 ('mismatch': another
+    record at those coordinates, the topic re-created), or why it cannot be had."""
+    where = source_of(headers)
+    if where is None:
+        return "no_origin"
+    found = fetch_original(conf, *where, timeout_s=timeout_s)
+    if found.problem is not None:
+        return found.problem
+    digest = (header_value(headers, VALUE_SHA256) or b"").decode("utf-8", "replace")
+    if hashlib.sha256(found.value or b"").hexdigest() != digest:
+        return "mismatch"
+    return found
+
+
 def restore(conf: Mapping[str, Any], key: bytes | None, value: bytes | None,
             headers: Sequence[Header] | None, *, timeout_s: float = 10.0,
             ) -> Original | Problem:
@@ -107,15 +124,9 @@ def restore(conf: Mapping[str, Any], key: bytes | None, value: bytes | None,
     """
     if not value_omitted(headers):
         return Original(key, value, list(headers or ()))
-    where = source_of(headers)
-    if where is None:
-        return "no_origin"
-    found = fetch_original(conf, *where, timeout_s=timeout_s)
-    if found.problem is not None:
-        return found.problem
-    digest = (header_value(headers, VALUE_SHA256) or b"").decode("utf-8", "replace")
-    if hashlib.sha256(found.value or b"").hexdigest() != digest:
-        return "mismatch"
+    found = verified_original(conf, headers, timeout_s=timeout_s)
+    if not isinstance(found, Fetched):
+        return found
     kept = list(headers or ())
     if header_value(headers, HEADERS_OMITTED) == b"true":
         count = header_value(headers, REPLAY_COUNT)

@@ -932,14 +932,11 @@ def _skipped(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any],
         return True
     key_gone = header_value(headers, KEY_OMITTED) == b"true"
     if key_gone or value_omitted(headers):
-        came = source_of(headers)
-        found = dlqfetch.fetch_original(conf, *came) if came is not None else None
-        if found is not None and found.problem == "unanswered":
+        found = dlqfetch.verified_original(conf, headers)
+        if found == "unanswered":
             raise ReplayStuck(f"{where}: its original could not be read from the source "
                               "topic (no answer), which --skip-keys needs", summary)
-        digest = (header_value(headers, VALUE_SHA256) or b"").decode("utf-8", "replace")
-        if (found is not None and found.problem is None
-                and hashlib.sha256(found.value or b"").hexdigest() == digest):
+        if isinstance(found, dlqfetch.Fetched):
             key = found.key if key_gone else key
             value = found.value if value_omitted(headers) else value
     if key is not None and key in skip:
@@ -961,18 +958,12 @@ def _key_of(msg: Message, headers: Sequence[Header], conf: Mapping[str, Any]
     `unanswered`, `mismatch`, `no_origin`). A consumer per such record: they are rare."""
     if header_value(headers, KEY_OMITTED) != b"true":
         return {"key": shown_key(msg.key())}
-    where = source_of(headers)
-    if where is None:
-        return {"key": None, "key_omitted": "no_origin"}
-    found = dlqfetch.fetch_original(conf, *where)
-    if found.problem is not None:
-        # `unanswered` too: said as such (the source may answer next time), not as gone.
-        return {"key": None, "key_omitted": found.problem}
-    digest = (header_value(headers, VALUE_SHA256) or b"").decode("utf-8", "replace")
-    if hashlib.sha256(found.value or b"").hexdigest() != digest:
-        # Another record at those coordinates (the topic re-created): its key would name
-        # another user (review "diff44").
-        return {"key": None, "key_omitted": "mismatch"}
+    found = dlqfetch.verified_original(conf, headers)
+    if not isinstance(found, dlqfetch.Fetched):
+        # `unanswered` too: said as such (the source may answer next time), not as gone;
+        # `mismatch`: another record at those coordinates, whose key would name another
+        # user (review "diff44").
+        return {"key": None, "key_omitted": found}
     return {"key": shown_key(found.key)}
 
 
@@ -1071,15 +1062,20 @@ def _skip_keys(path: str | None, *, as_json: bool = False) -> frozenset[bytes]:
     return frozenset(user_id.encode("utf-8", "surrogatepass") for user_id in ids)
 
 
+def _registry(settings: Settings) -> Registry:
+    """The worker's registry client, from its settings (auth, proxy)."""
+    return Registry(
+        settings.registry_url,
+        settings.registry_auth.reveal() if settings.registry_auth else None,
+        proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None)
+
+
 def _event_reader(settings: Settings, registry: Registry | None = None
                   ) -> Callable[[bytes | None], dict[str, Any]]:
     """A dead letter's value → its event as canonical JSON (what `explain` reads), through
     the worker's registry client (its settings, auth and proxy)."""
     if registry is None:
-        registry = Registry(
-            settings.registry_url,
-            settings.registry_auth.reveal() if settings.registry_auth else None,
-            proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None)
+        registry = _registry(settings)
 
     def event_of(value: bytes | None) -> dict[str, Any]:
         try:
@@ -1215,11 +1211,15 @@ def main(args: argparse.Namespace) -> int:
             print("warning: USERPILOT_API_KEY is not set: the replayed records are not "
                   "sealed as replay's, so the DLQ guard counts those that fail again (set "
                   "it to the workers' token)", file=sys.stderr)
+        # One registry client for both (its schema cache, one fetch per schema id).
+        schemas = (_registry(settings) if args.show_event or filters.skip_keys else None)
         summary = run_replay(conf, args.dlq_topic, group, filters, dry_run=args.dry_run,
                              report=report, stopping=stop.is_set, secret=secret,
                              from_start=args.from_start,
-                             event_of=_event_reader(settings) if args.show_event else None,
-                             user_of=_user_reader(settings) if filters.skip_keys else None)
+                             event_of=_event_reader(settings, schemas) if args.show_event
+                             else None,
+                             user_of=_user_reader(settings, schemas) if filters.skip_keys
+                             else None)
     except ReplayStuck as stuck:
         _print_summary(stuck.summary, args.dry_run, stop.is_set(), bool(unread))
         error_line(f"replay stopped: {stuck.args[0]}; " + (
