@@ -24,7 +24,7 @@ import ssl
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
-from urllib.parse import parse_qsl, unquote, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from consumer.calls import FAMILIES
 from consumer.errors import ConfigError
@@ -1693,15 +1693,9 @@ def _redis_shown(match: re.Match[str]) -> str:
         # after the `?` (review "config48"), and so is `?c2VjcmV0=` (base64's padding,
         # review "diff48b").
         query = "?" + "&".join(f"{key}=***" if key in _REDIS_QUERY_KEYS else "***"
-                               for key, _ in _query_keys(query[1:])) if keys else "?***"
+                               for key in keys) if keys else "?***"
     return (f"{match.group('scheme')}://{userinfo}{host}{':' + port if port else ''}"
             f"{'/' + db if db is not None else ''}{query or ''}")
-
-
-def _query_keys(query: str) -> list[tuple[str, bool]]:
-    """Each query part's key, and whether it came as `key=value`."""
-    return [(unquote_plus(part.split("=", 1)[0]), "=" in part)
-            for part in query.split("&") if part]
 
 
 _REDIS_CERT_REQS = ("none", "optional", "required")
