@@ -75,6 +75,8 @@ stalled (a frozen process, a paused VM, a loop blocked): the answer may have com
 meanwhile, unread. A loop under load is late by milliseconds, never by a second."""
 _CERT_TIME_CODES = frozenset({9, 10})
 """OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED."""
+_CERT_HOST_CODES = frozenset({62, 64})
+"""OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
 HEADER_LINE_MAX = 64 * 1024
 """The longest header line (or status line) an answer may have; aiohttp's default, 8,190
 bytes, refused a valid 2xx with a long Content-Security-Policy or Set-Cookie."""
@@ -126,13 +128,34 @@ class _Protocol(ResponseHandler):
         self.served = False
         self.heard = False
         self.head_left: int | None = None  # bytes an answer's head may still take
+        self._head_tail = b""  # the last bytes of a head not ended yet (its end may span reads)
 
     def data_received(self, data: bytes) -> None:
         self.heard = True
+        while self.head_left is not None:
+            # A head is fed to the parser alone, what follows it in a second call: aiohttp
+            # drops every message it parsed from a read when a later byte of the read is
+            # refused, so a 2xx followed in the same read by bytes it cannot parse (a 204
+            # with a body, a stray byte, a bad chunk size) read as no answer, and its
+            # accepted event was sent again (review "http49").
+            end = _head_end(self._head_tail, data)
+            if end < 0:
+                self._head_tail = (self._head_tail + data)[-2:]
+                self._feed_head(data)
+                return
+            self._head_tail = b""
+            if end == len(data):
+                self._feed_head(data)
+                return
+            if not self._feed_head(data[:end]):
+                return
+            data = data[end:]
+        super().data_received(data)
+
+    def _feed_head(self, data: bytes) -> bool:
+        """Feed bytes of an answer's head (and maybe its end); False once refused."""
         left = self.head_left
-        if left is None:
-            super().data_received(data)
-            return
+        assert left is not None
         # The answer's head as a whole is bounded (HEADER_BLOCK_MAX), each line and the
         # count of fields by the parser: 256 fields of 64 KiB held ~31 MiB an answer, and
         # a pool of them past the chart's memory (review "diff44").
@@ -144,13 +167,20 @@ class _Protocol(ResponseHandler):
             # counts (it switched the cap off, review "diff44"). A final answer without a
             # body has nothing after its head; the next request starts the count again.
             self.head_left = None
-        else:
-            self.head_left = left - len(data)
-            if self.head_left < 0:  # an unusable answer, as a parser's refusal is
-                if self.transport is not None:
-                    self.transport.close()
-                self.set_exception(HttpProcessingError(
-                    message=f"the answer's head is over {HEADER_BLOCK_MAX} bytes"))
+            return True
+        self.head_left = left - len(data)
+        if self.head_left < 0:  # an unusable answer, as a parser's refusal is
+            if self.transport is not None:
+                self.transport.close()
+            self.set_exception(HttpProcessingError(
+                message=f"the answer's head is over {HEADER_BLOCK_MAX} bytes"))
+            self.head_left = None
+            return False
+        return self.exception() is None  # the parser refused none of it
+
+    def reset_head(self) -> None:
+        """A request goes out: its answer's head starts afresh."""
+        self._head_tail = b""
 
     def _on_read_timeout(self) -> None:
         handle, now = self._read_timeout_handle, self._loop.time()
@@ -158,6 +188,16 @@ class _Protocol(ResponseHandler):
             self._reschedule_timeout()
             return
         super()._on_read_timeout()
+
+
+def _head_end(tail: bytes, data: bytes) -> int:
+    """Where in `data` the first head ends (past its empty line, CRLF or bare LF, as the
+    parser reads one, which may have begun in `tail`, the last bytes before), or -1."""
+    if b"\n" not in data:
+        return -1
+    both = tail + data
+    ends = [i + len(mark) for mark in (b"\n\r\n", b"\n\n") if (i := both.find(mark)) >= 0]
+    return max(min(ends) - len(tail), 1) if ends else -1
 
 
 class _Response(aiohttp.ClientResponse):
@@ -213,6 +253,7 @@ class _Connector(aiohttp.TCPConnector):
             protocol.served = True
             protocol.heard = False
             protocol.head_left = HEADER_BLOCK_MAX
+            protocol.reset_head()
             return connection
 
 
@@ -374,7 +415,9 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
             # The first field: httpx joins repeated ones ("30, 30", a gateway's beside the
             # origin's), which read as neither seconds nor a date, and the wait Userpilot
             # asked for was lost (review "http44"); a date holds a comma of its own.
-            quoted["retry-after"] = headers.get_list("retry-after")[0]
+            # The first one not blank: a blank one beside a valid one hid it (review "http49").
+            fields = headers.get_list("retry-after")
+            quoted["retry-after"] = next((f for f in fields if f.strip()), fields[0])
         charset, coding = charset_of(headers), headers.get("content-encoding")
         shown = redact(body_text(body, charset=charset, encoding=coding))
         if charset is not None and not _utf8(charset):
@@ -467,9 +510,16 @@ def _tls_refusal(exc: BaseException, proxied: bool = False) -> TlsRefused | None
                 # "diff44").
                 return TlsRefused(
                     f"TLS: a certificate in {whose.replace(' certificate', ' chain')} is "
-                    f"outside its validity dates ({why}): it has expired (the other end's "
-                    "to renew, or a CA in USERPILOT_CA_BUNDLE to replace) or this host's "
-                    "clock is wrong")
+                    f"outside its validity dates ({why}): it has expired or is not valid "
+                    "yet (the other end's to renew, or a CA in USERPILOT_CA_BUNDLE to "
+                    "replace) or this host's clock is wrong")
+            if getattr(cause, "verify_code", None) in _CERT_HOST_CODES:
+                # Trusted, but issued for another name: the CA bundle is not the fix
+                # (review "http49").
+                return TlsRefused(
+                    f"TLS: {whose} is issued for another host ({why}): check the host in "
+                    "USERPILOT_ANALYTICS_ENDPOINT" + (
+                        ", and that the proxy tunnels to it" if proxied else ""))
             return TlsRefused(
                 f"TLS: {whose} is not trusted ({why}): set USERPILOT_CA_BUNDLE to the CA "
                 "that signed it (a TLS-inspecting proxy's, say), or check "
