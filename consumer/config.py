@@ -1266,7 +1266,7 @@ def _bootstrap_problems(raw: str) -> list[str]:
                 continue
             except ValueError:
                 pass
-        host, port = address, ""
+        host, port = address, None  # None: no port written (librdkafka's 9092)
         if address.startswith("["):  # [IPv6]:port
             host, closed, tail = address.partition("]")
             host = host + "]" if closed else ""
@@ -1281,9 +1281,13 @@ def _bootstrap_problems(raw: str) -> list[str]:
                             "(e.g. kafka:9092)" + (": credentials go in KAFKA_SASL_USERNAME "
                                                    "and KAFKA_SASL_PASSWORD"
                                                    if "@" in address else ""))
-        elif port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        elif port is not None and not (port.isascii() and port.isdigit()
+                                       and 0 < int(port) < 65536):
+            # An empty one (`kafka:`, an unset ${PORT}) too: librdkafka dialled port 0 and
+            # `run` waited for ever (review "helm49").
             problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: the port must be "
-                            "1-65535")
+                            "1-65535" + (", or leave out the ':' for 9092" if not port
+                                         else ""))
         elif not _address_literal_ok(host):
             # librdkafka only fails to resolve it: `run` waited for ever, as for an outage.
             problems.append(f"KAFKA_BOOTSTRAP_SERVERS has {shown!r}: {host} is not an IP "

@@ -144,7 +144,7 @@ def problems(dash: dict[str, Any]) -> list[str]:
         if "userpilot_consumer_lag" in expr and " or " not in expr.replace(WORKER_ONLY, ""):
             out.append(f"panel {title!r}: lag must prefer kafka_consumergroup_lag (... or ...)")
         for matchers in BROKER_LAG_RE.findall(expr):
-            for m in ('consumergroup=~"$consumergroup"', 'topic=~"$topic"'):
+            for m in ('consumergroup="$consumergroup"', 'topic=~"$topic"'):
                 if m not in matchers:
                     out.append(f"panel {title!r}: kafka_consumergroup_lag lacks {m}")
         for name, matchers in selectors:

@@ -503,7 +503,7 @@ has renamed 'kafka_consumergroup_lag{consumergroup="orders-to-userpilot",namespa
 render lag-matchers --set prometheusRule.enabled=true --set serviceMonitor.enabled=true \
   --set-string 'prometheusRule.kafkaLagMatchers=cluster="eu-1"'
 has lag-matchers 'kafka_consumergroup_lag{consumergroup="userpilot-delivery",cluster="eu-1"}' "prometheusRule.kafkaLagMatchers"
-has lag-matchers 'kafka_consumergroup_lag{consumergroup=~\"$consumergroup\",cluster=\"eu-1\"' "the dashboard's lag panels select the same exporter (review diff24c)"
+has lag-matchers 'kafka_consumergroup_lag{consumergroup=\"$consumergroup\",cluster=\"eu-1\"' "the dashboard's lag panels select the same exporter (review diff24c)"
 render proxy-no-password -f "$OUT/proxy-no-password.values.yaml"
 has proxy-no-password 'value: http://proxy.corp:3128' "a proxy URL without a password renders (review config48)"
 render lag-regex -f "$OUT/lag-regex.values.yaml"

@@ -1236,6 +1236,9 @@ def test_oauthbearer_secrets_are_held_as_secrets_and_never_described(key: str) -
     ("http://127.0.0.1:19092", "not a URL"),
     ("127.0.0.1:99999", "the port must be 1-65535"),
     ("kafka:0", "the port must be 1-65535"),
+    ("kafka:", "leave out the ':' for 9092"),  # review "helm49": librdkafka dialled port 0
+    ("a:1,kafka:", "the port must be 1-65535"),
+    ("[::1]:", "the port must be 1-65535"),
     ("[::1", "not host:port"),
     ("user@kafka:9092", "not host:port"),
 ])

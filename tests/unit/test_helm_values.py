@@ -470,6 +470,25 @@ def test_the_charts_grace_margin_covers_the_stop_after_the_drain() -> None:
         "a.io:0443", "a.io:00443", "a.io:000443", "a.io:065535", "1.2.3.4", "1.2.3.4:8443",
         "01.2.3.4", "1.2.3.4.", "10.0.0.256", "127.1", "2130706433", "a" * 63 + ".io",
         "a" * 64 + ".io", "analytex-eu.userpilot.io", "3com.example")
+] + [
+    # Review "helm49": the schema took each of these, and every pod exited 2 (or, for an
+    # empty port, waited for ever on port 0).
+    ("kafka.bootstrapServers", v) for v in (
+        "kafka:", "a:9092,kafka:", "kafka: ,b:1", "[::1]:", "kafka..svc:9092", "-kafka:9092",
+        "kafka-:9092", "a" * 64 + ".svc:9092", "a" * 63 + ".svc:9092", "kafka_0:9092",
+        "k.-a:9092", "2001:db8::5", "[2001:db8::5]:9093")
+] + [
+    ("schemaRegistry.url", v) for v in (
+        "http://sr:8081/a b", "http://sr..svc:8081", "http://sr:8081/a\tb",
+        "http://u:p..q@sr:8081", "http://u:p q@sr..svc", "http://u:p q@sr/a b")
+] + [
+    ("redis.url", v) for v in (
+        "redis://redis..svc", "redis://-redis", "redis://redis-", "redis://r/100",
+        "redis://r/15", "redis://r/99", "redis://r/015", "redis://r/", "redis://r?protocol=3",
+        "redis://r?client_name=x", "redis://r?", "redis://u:p@ss@r", "redis://:a-b..c@r",
+        "redis://" + "a" * 64 + ".svc", "redis://" + "a" * 63 + ".svc", "redis://r.",
+        "redis://r_x", "redis://1.2.3.4:6379/3",
+        "rediss://r?ssl_cert_reqs=none&ssl_check_hostname=false")
 ])
 def test_the_schema_and_the_worker_agree_on_addresses(path: str, value: str) -> None:
     """`helm lint` passed registry URLs, brokers and hosts every pod then refused with exit 2

@@ -434,7 +434,7 @@ Call with (dict "file" "files/alerts.yaml" "ctx" $).
 {{- $text = replace "\"text\": \"userpilot-delivery\"" (printf "\"text\": %s" (toJson $group)) $text -}}
 {{- $text = replace "\"value\": \"userpilot-delivery\"" (printf "\"value\": %s" (toJson $group)) $text -}}
 {{- /* Inside a JSON string: the matchers JSON-escaped, without toJson's outer quotes. */ -}}
-{{- $text = replace "kafka_consumergroup_lag{consumergroup=~\\\"$consumergroup\\\"" (printf "kafka_consumergroup_lag{consumergroup=~\\\"$consumergroup\\\"%s" (toJson $extra | trimPrefix "\"" | trimSuffix "\"")) $text -}}
+{{- $text = replace "kafka_consumergroup_lag{consumergroup=\\\"$consumergroup\\\"" (printf "kafka_consumergroup_lag{consumergroup=\\\"$consumergroup\\\"%s" (toJson $extra | trimPrefix "\"" | trimSuffix "\"")) $text -}}
 {{- else -}}
 {{- $text = replace "consumergroup=\"userpilot-delivery\"" (printf "consumergroup=%s%s" (toJson $group) $extra) $text -}}
 {{- /* Every worker series of this release's namespace only: a central Prometheus loading
