@@ -1139,6 +1139,13 @@ def _read_secret_files(env: Mapping[str, str], problems: list[str],
             if base.startswith("KAFKA_"):
                 from consumer.librdkafka import property_problem
 
+                own = property_problem(kafka_key(name), "x")
+                if own is None or "No such configuration property" not in own:
+                    # librdkafka's own `….file` settings (sasl.oauthbearer.assertion.file,
+                    # …private.key.file, …jwt.template.file): a setting, not a secret's
+                    # file form; refused, the jwt-bearer grant could not be set up (review
+                    # "secrets49").
+                    continue
                 # A typo of a secret's file variable is told that one; a setting librdkafka
                 # knows is told to be set itself (the first hint sent a certificate's file
                 # to `ssl.key.pem`; review "diff42").
@@ -1392,11 +1399,18 @@ def wait_seconds(text: str) -> float:
 def redact_userinfo(url: str) -> str:
     """`url` with everything between the scheme and the last `@` replaced by `***` (for
     logs and check-config): a password may hold `@` or `/` itself, and a malformed URL
-    without a scheme is redacted too."""
-    if "@" not in url:
-        return url
-    scheme, sep, _ = url.partition("://")
-    return f"{scheme}{sep}***@{url.rsplit('@', 1)[1]}" if sep else f"***@{url.rsplit('@', 1)[1]}"
+    without a scheme is redacted too. A query or fragment is masked too: a token pasted
+    there was echoed by the refusal that named it (review "secrets49"), as REDIS_URL's
+    are not."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    if cut >= 0:
+        rest = rest[:cut + 1] + "***"
+    return f"{scheme}{sep}{rest}"
 
 
 def _proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str] | None:

@@ -73,11 +73,19 @@ def kafka_secrets(conf: Mapping[str, str], secret_keys: Iterable[str]) -> list[s
             # Its parts are mostly not secret (principal, scope, lifeSeconds, extensions:
             # masking `scope=openid`'s value masked "openid" everywhere, review "diff18b"):
             # only those whose name says secret.
-            for part in value.split():
+            parts = value.split()
+            for part in parts:
                 name, _, given = part.partition("=")
                 if (given and len(given) >= MIN_ALONE
                         and any(w in name.lower() for w in _SECRET_WORDS)):
                     secrets.append(given)
+            # librdkafka quotes the rest of a value it cannot parse ("Unrecognized
+            # sasl.oauthbearer.config beginning at: ..."): a bare word or a `name:value`
+            # part after the first, shown as written (review "secrets49").
+            for word in list(re.finditer(r"\S+", value))[1:]:
+                rest = value[word.start():].rstrip()
+                if len(rest) >= MIN_ALONE:
+                    secrets.append(rest)
     # librdkafka takes the OIDC client under two spellings (the newer
     # `…client.credentials.client.id/secret`); the Basic form of either pair is masked
     # (review "diff23": the newer one's was not).

@@ -220,6 +220,9 @@ EOF
 cat >"$OUT/proxy-password-no-scheme.values.yaml" <<'EOF'
 extraEnv: [{name: HTTP_PROXY, value: "u:HUNTER2@proxy:3128"}]
 EOF
+cat >"$OUT/proxy-key-as-user.values.yaml" <<'EOF'
+extraEnv: [{name: ALL_PROXY, value: "http://PROXYKEY-HUNTER2@proxy.corp:3128"}]
+EOF
 cat >"$OUT/proxy-no-password.values.yaml" <<'EOF'
 extraEnv: [{name: HTTPS_PROXY, value: "http://proxy.corp:3128"}, {name: NO_PROXY, value: "kafka,registry"}]
 EOF
@@ -387,8 +390,9 @@ expect_fail both-autoscalers "mutually exclusive"
 expect_fail jaas-in-config "kafka.config.sasl.jaas.config is Java's JAAS configuration"
 expect_fail secret-in-extra-env "kafka.extraEnv sets KAFKA_SASL_PASSWORD as a plain value"
 expect_fail secret-mixed-case "extraEnv sets Kafka_Sasl_Password as a plain value"
-expect_fail proxy-password "extraEnv sets https_proxy with a password in its URL as a plain value"
-expect_fail proxy-password-no-scheme "extraEnv sets HTTP_PROXY with a password in its URL as a plain value"
+expect_fail proxy-password "extraEnv sets https_proxy with credentials in its URL as a plain value"
+expect_fail proxy-password-no-scheme "extraEnv sets HTTP_PROXY with credentials in its URL as a plain value"
+expect_fail proxy-key-as-user "extraEnv sets ALL_PROXY with credentials in its URL as a plain value"
 expect_fail small-message-max "kafka.config.topic.message.max.bytes=1000 is below 16384"
 expect_fail truststore-in-config "kafka.config.ssl.truststore.password is a Java truststore setting"
 expect_fail keda-no-auth "the security protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"

@@ -19,6 +19,10 @@ class SandboxControl:
     def __init__(self, url: str, timeout: float = 10.0) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        # Never through HTTP_PROXY: the sandbox is local, and a shell's corporate proxy
+        # turned `demo` into a traceback (407) after its events were delivered (review
+        # "secrets49").
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def _call(self, method: str, route: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -28,7 +32,7 @@ class SandboxControl:
             method=method,
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+        with self._opener.open(request, timeout=self.timeout) as response:
             return json.loads(response.read())
 
     def health(self) -> bool:

@@ -1184,6 +1184,17 @@ def test_secret_file_mistakes(tmp_path: Path) -> None:
         KAFKA_SSL_CA_LOCATION_FILE="/etc/ca.pem")
 
 
+@pytest.mark.parametrize("name", [
+    "KAFKA_SASL_OAUTHBEARER_ASSERTION_FILE", "KAFKA_SASL_OAUTHBEARER_ASSERTION_PRIVATE_KEY_FILE",
+    "KAFKA_SASL_OAUTHBEARER_ASSERTION_JWT_TEMPLATE_FILE"])
+def test_librdkafka_s_own_file_settings_are_settings_not_secret_files(name: str) -> None:
+    """Review "secrets49": any KAFKA_*_FILE was read as a secret's file form, and
+    librdkafka's own `….file` settings (the jwt-bearer grant's) were refused."""
+    key = name.removeprefix("KAFKA_").lower().replace("_", ".")
+    assert load(**{name: "/etc/kafka/assertion.jwt"}).kafka_config(logger=False)[key] == (
+        "/etc/kafka/assertion.jwt")
+
+
 def test_metadata_limits_reach_the_mappings() -> None:
     s = load(USERPILOT_MAX_METADATA_BYTES="2048", USERPILOT_MAX_METADATA_KEYS="10")
     assert (s.mappings.max_metadata_bytes, s.mappings.max_metadata_keys) == (2048, 10)

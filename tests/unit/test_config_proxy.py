@@ -109,6 +109,10 @@ def test_no_proxy_with_a_port_matches_a_url_naming_it() -> None:
     ("http://proxy.corp:3128", "http://proxy.corp:3128"),
     ("proxy.corp:3128", "proxy.corp:3128"),
     ("alice:pw@proxy.corp:3128", "***@proxy.corp:3128"),  # no scheme: still redacted
+    # Review "secrets49": a query or fragment (where a token may be pasted) was echoed.
+    ("http://u:p@reg:8081?k=RG-q", "http://***@reg:8081?***"),
+    ("http://reg:8081/x#RG-frag", "http://reg:8081/x#***"),
+    ("http://u:p?x@h/a?b#c", "http://***@h/a?***"),
 ])
 def test_redact_userinfo_hides_everything_up_to_the_last_at(url: str, shown: str) -> None:
     assert redact_userinfo(url) == shown

@@ -233,9 +233,10 @@ Deployment, so every render runs them.
 {{- fail (printf "%s sets %s as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}) or put it in kafka.existingSecret" $where .name) }}
 {{- end }}
 {{- /* A proxy URL with a password in it (`http://user:password@proxy:3128`, or without the
-   scheme, which the worker reads as http://; review "diff48b"), likewise. */}}
-{{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@]*:[^/@]*@" (toString .value)) }}
-{{- fail (printf "%s sets %s with a password in its URL as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}})" $where .name) }}
+   scheme, which the worker reads as http://; review "diff48b"), or a user name only (an API
+   key as the user, which the worker masks as a secret; review "secrets49"), likewise. */}}
+{{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@]*@" (toString .value)) }}
+{{- fail (printf "%s sets %s with credentials in its URL as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}})" $where .name) }}
 {{- end }}
 {{- if and (eq .name "KAFKA_GROUP_INSTANCE_ID") (hasKey . "value") }}
 {{- fail (printf "%s sets KAFKA_GROUP_INSTANCE_ID to one value for every pod: each new pod fences the others (a crash loop). Take it from the pod: valueFrom: {fieldRef: {fieldPath: metadata.name}}" $where) }}

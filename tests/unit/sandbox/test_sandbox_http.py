@@ -149,3 +149,17 @@ def test_a_content_length_of_thousands_of_digits_is_400() -> None:
     with pytest.raises(HttpError) as info:
         parse_head(b"POST / HTTP/1.1\r\nContent-Length: " + b"9" * 5000).content_length()
     assert info.value.status == 400
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+def test_the_control_client_never_goes_through_a_proxy(
+        variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "secrets49": urllib read HTTP_PROXY from the shell and sent the local
+    sandbox's queries to a corporate proxy: `demo` ended in a traceback (407)."""
+    from consumer.sandbox import SandboxControl, SandboxThread
+
+    monkeypatch.setenv(variable, "http://127.0.0.1:9")  # the discard port: nothing answers
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with SandboxThread() as sandbox:
+        assert SandboxControl(sandbox.url, timeout=5).health()
