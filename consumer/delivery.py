@@ -272,14 +272,20 @@ def _lost_on_reuse(exc: BaseException, attempt: _Attempt) -> bool:
             and not isinstance(cause, aiohttp.ClientConnectorError))
 
 
+_DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+"""Retry-After's delta-seconds: ASCII digits (a fraction, which some servers send, taken)."""
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or HTTP date), capped; else None."""
     if not value:
         return None
     value = value.strip()
-    try:
+    if _DELTA_SECONDS.fullmatch(value):
         seconds = float(value)
-    except ValueError:
+    else:
+        # Not float(): it took `1_000`, `1e3`, `+30` and non-ASCII digits, which HTTP does
+        # not, and held a family for the 600 s cap on a garbled header (review "outage49").
         try:
             when = email.utils.parsedate_to_datetime(value)
             if when.tzinfo is None:  # HTTP dates are always GMT, whatever the local zone

@@ -60,6 +60,17 @@ def test_parse_retry_after_never_raises(value: str) -> None:
     assert result is None or 0.0 <= result <= MAX_RETRY_AFTER_S
 
 
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("30", 30.0), (" 7 ", 7.0), ("1.5", 1.5), ("0", 0.0), ("99999", MAX_RETRY_AFTER_S),
+    ("1_000", None), ("1e3", None), ("+30", None), ("-5", None), ("\u0663\u0660", None),
+    ("30s", None), ("inf", None), ("", None)])
+def test_parse_retry_after_takes_http_s_delta_seconds_only(
+        value: str, seconds: float | None) -> None:
+    """Review "outage49": float() took `1_000`, `1e3`, `+30` and Arabic-Indic digits, and a
+    garbled header held a family for the 600 s cap instead of its own backoff."""
+    assert parse_retry_after(value, now=0.0) == seconds
+
+
 @pytest.mark.parametrize("value", [
     "Mon, 01 Jan 2026 00:00:00 +99999999999999999999",
     "Mon, 01 Jan 99999999999 00:00:00 GMT",
