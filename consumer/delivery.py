@@ -132,25 +132,31 @@ class _Protocol(ResponseHandler):
 
     def data_received(self, data: bytes) -> None:
         self.heard = True
+        if self.head_left is None:
+            super().data_received(data)
+            return
+        # A head is fed to the parser alone, what follows it in a second call: aiohttp
+        # drops every message it parsed from a read when a later byte of the read is
+        # refused, so a 2xx followed in the same read by bytes it cannot parse (a 204 with
+        # a body, a stray byte, a bad chunk size) read as no answer, and its accepted event
+        # was sent again (review "http49"). By offsets into the one read, each byte copied
+        # once: a slice per head found cost the square of a read of many (review "diff49a").
+        pos, size = 0, len(data)
         while self.head_left is not None:
-            # A head is fed to the parser alone, what follows it in a second call: aiohttp
-            # drops every message it parsed from a read when a later byte of the read is
-            # refused, so a 2xx followed in the same read by bytes it cannot parse (a 204
-            # with a body, a stray byte, a bad chunk size) read as no answer, and its
-            # accepted event was sent again (review "http49").
-            end = _head_end(self._head_tail, data)
+            end = _head_end(self._head_tail if pos == 0 else b"", data, pos)
+            piece = data if pos == 0 and end in (-1, size) else data[pos:end if end > 0 else size]
             if end < 0:
-                self._head_tail = (self._head_tail + data)[-2:]
-                self._feed_head(data)
+                # A head not ended yet: its last bytes, as its end may span the next read
+                # (blank lines before a head are no start of one).
+                if self._head_tail or piece.strip(b"\r\n"):
+                    self._head_tail = (self._head_tail + piece[-2:])[-2:]
+                self._feed_head(piece)
                 return
             self._head_tail = b""
-            if end == len(data):
-                self._feed_head(data)
+            if not self._feed_head(piece) or end == size:
                 return
-            if not self._feed_head(data[:end]):
-                return
-            data = data[end:]
-        super().data_received(data)
+            pos = end
+        super().data_received(data[pos:])
 
     def _feed_head(self, data: bytes) -> bool:
         """Feed bytes of an answer's head (and maybe its end); False once refused."""
@@ -190,14 +196,27 @@ class _Protocol(ResponseHandler):
         super()._on_read_timeout()
 
 
-def _head_end(tail: bytes, data: bytes) -> int:
-    """Where in `data` the first head ends (past its empty line, CRLF or bare LF, as the
-    parser reads one, which may have begun in `tail`, the last bytes before), or -1."""
-    if b"\n" not in data:
-        return -1
-    both = tail + data
-    ends = [i + len(mark) for mark in (b"\n\r\n", b"\n\n") if (i := both.find(mark)) >= 0]
-    return max(min(ends) - len(tail), 1) if ends else -1
+_HEAD_END = re.compile(rb"\n\r?\n")
+"""The empty line that ends a head, CRLF or bare LF, as the parser reads one. One pattern,
+searched from the head on: two `find`s each scanned the rest of the read when one kind of
+line end was absent (10,000 interim answers in a read cost a second, review "diff49a")."""
+_BLANK_LINES = re.compile(rb"[\r\n]*")
+
+
+def _head_end(tail: bytes, data: bytes, start: int) -> int:
+    """Where in `data` the head from `start` ends (past its empty line), or -1. `tail`: the
+    last bytes of that head before this read, its end may span the two. Blank lines before
+    a head are skipped, as the parser skips them (each one an "end", 200 KB of them cost
+    seconds, review "diff49a")."""
+    if tail:
+        found = _HEAD_END.search(tail + data[:2])
+        if found is not None and found.end() > len(tail):
+            return found.end() - len(tail)
+    else:
+        match = _BLANK_LINES.match(data, start)
+        start = match.end() if match is not None else start
+    found = _HEAD_END.search(data, start)
+    return found.end() if found is not None else -1
 
 
 class _Response(aiohttp.ClientResponse):
@@ -525,7 +544,8 @@ def _tls_refusal(exc: BaseException, proxied: bool = False) -> TlsRefused | None
                 return TlsRefused(
                     f"TLS: {whose} is issued for another host ({why}): check the host in "
                     "USERPILOT_ANALYTICS_ENDPOINT" + (
-                        ", and that the proxy tunnels to it" if proxied else ""))
+                        ", and for an https:// proxy the host in its URL (HTTPS_PROXY)"
+                        if proxied else ""))
             return TlsRefused(
                 f"TLS: {whose} is not trusted ({why}): set USERPILOT_CA_BUNDLE to the CA "
                 "that signed it (a TLS-inspecting proxy's, say), or check "

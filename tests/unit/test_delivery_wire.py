@@ -1315,3 +1315,60 @@ def test_a_port_nothing_listens_on_is_named_not_blamed_on_tls(proxied: bool) -> 
     else:
         assert "'127.0.0.1' refused it (nothing listens" in said, said
         assert "USERPILOT_ANALYTICS_ENDPOINT" in said, said
+
+
+class _Quiet(asyncio.Transport):
+    """A transport that takes nothing and closes nothing: the protocol alone is tested."""
+
+    def close(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("interim", "count"), [
+    (b"HTTP/1.1 103 Early Hints\r\n\r\n" + b"\n" * 200_000, 1),
+    (b"HTTP/1.1 100 Continue\r\n\r\n" * 10_000, 10_000),
+    (b"HTTP/1.1 100 Continue\n\n" * 10_000, 10_000)])
+def test_an_answer_s_heads_are_fed_once_each_not_per_blank_line(
+        interim: bytes, count: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff49a": each empty line after an interim answer was an "end of head", and
+    each one copied the rest of the read and called the parser: 200 KB of them held the
+    event loop for 8 s. Each head is fed once; the bytes are fed once in all."""
+    from aiohttp.client_proto import ResponseHandler
+
+    from consumer.delivery import HEADER_BLOCK_MAX, _Protocol
+
+    fed: list[int] = []
+    feed = ResponseHandler.data_received
+
+    def counted(self: ResponseHandler, data: bytes) -> None:
+        fed.append(len(data))
+        feed(self, data)
+
+    monkeypatch.setattr(ResponseHandler, "data_received", counted)
+    final = b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\n{}"
+
+    async def main() -> list[int]:
+        protocol = _Protocol(asyncio.get_running_loop())
+        protocol.connection_made(_Quiet())
+        protocol.set_response_params(read_timeout=5.0)
+        protocol.head_left = HEADER_BLOCK_MAX
+        protocol.reset_head()
+        protocol.data_received(interim + final)
+        assert protocol.exception() is None
+        return [entry[0][0].code for entry in protocol._buffer]
+
+    codes = asyncio.run(main())
+    assert codes[-1] == 202 and len(codes) == count + 1
+    assert sum(fed) == len(interim + final) and len(fed) == count + 2  # + head, + body
