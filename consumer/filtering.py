@@ -103,6 +103,22 @@ NESTED_META = frozenset({"categories", "version", "updatedat", "updated_at"})
 version and time): they say nothing of a Signal category, in either shape."""
 
 
+def _flat_keys(consent: Mapping[Any, Any]) -> dict[Any, Any]:
+    """A consent object's keys but the nested form's own (NESTED_META, and a `canonical`
+    without a value: null, or an object of nulls): what decides when no `canonical` has a
+    value. A key naming no Signal category, or a `canonical` that is not an object, is
+    consent data that grants nothing."""
+    return {k: v for k, v in consent.items()
+            if not (isinstance(k, str) and (
+                (name := k.strip().lower()) in NESTED_META
+                or (name == "canonical" and _valueless(v))))}
+
+
+def _valueless(value: Any) -> bool:
+    return value is None or (isinstance(value, dict)
+                             and all(v is None for v in value.values()))
+
+
 def _granted(value: Any) -> bool:
     if value is True:
         return True
@@ -166,13 +182,15 @@ class ConsentPolicy:
             # Only absent consent is "no consent data" (USERPILOT_CONSENT_MISSING); an
             # explicit `false`, "denied", [] or 1 grants nothing.
             return None if consent is None and self.missing == "allow" else gating[0]
-        canonical = consent.get("canonical", _ABSENT)
-        if canonical is _ABSENT:
+        canonical = consent.get("canonical")
+        if canonical is None:
             # Spelled as the category keys may be (`Canonical`): the nested form was
-            # ignored, and its flat keys decided alone (review "events31").
+            # ignored, and its flat keys decided alone (review "events31"). Also beside a
+            # null `canonical`, which is as if absent: `{"canonical": null, "Canonical":
+            # {"analytics": false}, "analytics": true}` went (review "consent49").
             canonical = next((v for k, v in consent.items()
-                              if isinstance(k, str) and k.strip().lower() == "canonical"),
-                             None)
+                              if isinstance(k, str) and k.strip().lower() == "canonical"
+                              and v is not None), None)
         granted_by: dict[Any, Any] = consent
         if isinstance(canonical, dict):
             # The nested form's `canonical` decides when it has a value; one without any
@@ -185,14 +203,16 @@ class ConsentPolicy:
             if any(v is not None for v in canonical.values()):
                 granted_by = canonical
             else:
-                granted_by = {k: v for k, v in consent.items()
-                              if isinstance(k, str) and k.strip().lower() in CATEGORIES}
+                # The flat keys decide as they do with no `canonical` at all: only the
+                # Signal categories counted here, and `{"canonical": {},
+                # "analytics_storage": "denied"}` went where the same keys without it
+                # were dropped (review "consent49").
+                granted_by = _flat_keys(consent)
         else:
             # The nested form's own keys beside no `canonical` are no consent data either:
             # `{"categories": ["C0002"]}` was dropped under USERPILOT_CONSENT_MISSING=allow
             # while `{"canonical": {}, "categories": ["C0002"]}` went (review "seed44").
-            granted_by = {k: v for k, v in consent.items()
-                          if not (isinstance(k, str) and k.strip().lower() in NESTED_META)}
+            granted_by = _flat_keys(consent)
         # No value in the object that decides is no consent data, in either shape:
         # `{"canonical": {"analytics": null}}` was denied where `{"analytics": null}` took
         # USERPILOT_CONSENT_MISSING (review "mapping22").

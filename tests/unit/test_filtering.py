@@ -121,6 +121,20 @@ def test_anonymous_is_checked_before_consent_and_type() -> None:
         ({"canonical": {}, "analytics": True}, ANALYTICS, None),
         ({1: True, "analytics": True}, ANALYTICS, None),
         ({1: True}, ANALYTICS, Drop("consent", "analytics")),
+        # Review "consent49": beside a valueless `canonical` the flat keys decide as they do
+        # with none (only category names counted, and Consent Mode's keys went) ...
+        ({"canonical": {}, "analytics_storage": "denied"}, ALLOW_MISSING,
+         Drop("consent", "analytics")),
+        ({"canonical": {"analytics": None}, "analytics_storage": "denied"}, ALLOW_MISSING,
+         Drop("consent", "analytics")),
+        ({"analytics_storage": "denied"}, ALLOW_MISSING, Drop("consent", "analytics")),
+        # ... a null `canonical` is as if absent: another spelling of it decides ...
+        ({"canonical": None, "Canonical": {"analytics": False}, "analytics": True},
+         ALLOW_MISSING, Drop("consent", "analytics")),
+        ({"Canonical": {"analytics": False}, "analytics": True}, ALLOW_MISSING,
+         Drop("consent", "analytics")),
+        # ... and a `canonical` that is not an object is data that grants nothing
+        ({"canonical": "granted"}, ALLOW_MISSING, Drop("consent", "analytics")),
     ],
 )
 def test_consent_shapes(consent: Any, policy: ConsentPolicy, expected: Drop | None) -> None:
