@@ -56,6 +56,7 @@ from typing import Any, Protocol
 
 from consumer import codec
 from consumer.calls import FAMILIES, Call, CallPlan, KnownUsers, visible
+from consumer.codec import SCHEMA_CACHE_MAX
 from consumer.company_order import CompanyOrder, Write
 from consumer.config import Settings
 from consumer.deadletter import (
@@ -456,12 +457,14 @@ class Handler:
     def _cached_schema(self, schema_id: int) -> Mapping[str, Any]:
         # Raised through codec.decode untouched (it maps only KeyError): the wire header is
         # parsed once per decode, and the fetch happens in `handle`, off the poll path.
-        # Kept here too (the registry never forgets a schema): one call less per event.
+        # Kept here too: one call less per event.
         cached = self._schemas.get(schema_id)
         if cached is None:
             cached = self.registry.cached(schema_id)
             if cached is None:
                 raise SchemaNotCached(schema_id)
+            if len(self._schemas) >= SCHEMA_CACHE_MAX:
+                self._schemas.clear()  # bounded as the registry's (review "bounds49")
             self._schemas[schema_id] = cached
         return cached
 

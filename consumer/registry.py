@@ -25,6 +25,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar, cast
@@ -37,6 +38,7 @@ from consumer.answers import Unreadable, body_text, charset_of, raw_chunks, whol
 from consumer.codec import (
     FANOUT_LIMIT,
     SCHEMA,
+    SCHEMA_CACHE_MAX,
     SCHEMA_TEXT,
     DeepSchema,
     DeepUnion,
@@ -329,8 +331,10 @@ class Registry:
                  proxy: str | None = None) -> None:
         self._client = client if client is not None else RestClient(
             url, basic_auth_user_info, timeout_s=timeout_s, proxy=proxy)
-        self._parsed: dict[int, Mapping[str, Any]] = {}
-        self._unusable: dict[int, str] = {}  # ids whose schema is not Avro (ids never change)
+        # Both least recently used first, at most SCHEMA_CACHE_MAX each; written under
+        # `_lock` (the fetch thread and the event loop both read them).
+        self._parsed: OrderedDict[int, Mapping[str, Any]] = OrderedDict()
+        self._unusable: OrderedDict[int, str] = OrderedDict()  # ids whose schema is not Avro
         self._ours = fastavro.schema.to_parsing_canonical_form(SCHEMA)
         self._lock = threading.Lock()
         self._fetching = threading.Lock()
@@ -406,13 +410,26 @@ class Registry:
         call (`produce`): its failure is the caller's one line, not the worker's readiness
         line beside it (review "diff44")."""
         schema_id: int = self._client.register_schema(subject_for(topic), SCHEMA_TEXT)
-        with self._lock:
-            self._parsed[schema_id] = SCHEMA
+        self._keep(self._parsed, schema_id, SCHEMA)
         return schema_id
 
+    def _keep(self, cache: OrderedDict[int, T], schema_id: int, value: T) -> None:
+        """Remember `value` for the id, letting the least recently used go past the cap."""
+        with self._lock:
+            cache[schema_id] = value
+            cache.move_to_end(schema_id)
+            while len(cache) > SCHEMA_CACHE_MAX:
+                cache.popitem(last=False)
+
     def cached(self, schema_id: int) -> Mapping[str, Any] | None:
-        """The parsed writer schema if already fetched: the hot path never blocks on I/O."""
-        return self._parsed.get(schema_id)
+        """The parsed writer schema if already fetched: the hot path never blocks on I/O.
+        (The handler keeps its own copy per id: this is asked on its misses only.)"""
+        cached = self._parsed.get(schema_id)
+        if cached is not None:
+            with self._lock:
+                if schema_id in self._parsed:
+                    self._parsed.move_to_end(schema_id)
+        return cached
 
     def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
         """Parsed writer schema for an id; KeyError when the registry does not know it,
@@ -435,8 +452,7 @@ class Registry:
 
     def _unusable_schema(self, schema_id: int, problem: str) -> NoReturn:
         """Remember an id whose schema cannot be used (ids never change) and refuse it."""
-        with self._lock:
-            self._unusable[schema_id] = problem
+        self._keep(self._unusable, schema_id, problem)
         raise UndecodableEvent(problem) from None
 
     def _resolve(self, refs: Iterable[Reference], named: dict[str, Any],
@@ -541,8 +557,7 @@ class Registry:
             self._unusable_schema(
                 schema_id, f"schema id {schema_id} cannot be read as a Signal event "
                 f"({type(exc).__name__}: {str(exc)[:200]})")
-        with self._lock:
-            self._parsed[schema_id] = parsed
+        self._keep(self._parsed, schema_id, parsed)
         return parsed
 
     def _reader_of(self, schema_id: int, fresh: Any, named: dict[str, Any]) -> Mapping[str, Any]:

@@ -1065,3 +1065,37 @@ def test_a_surprise_while_preparing_a_writer_schemas_reader_dead_letters(
         with pytest.raises(UndecodableEvent, match="a fastavro surprise"):
             registry.writer_schema(7)
     assert registry.healthy
+
+
+def test_writer_schemas_kept_are_bounded_least_recently_used_first() -> None:
+    """Review "bounds49": every schema id read was kept parsed for the life of the process
+    (~64 KB for a 10 KB schema), and ids producers register at will grew a worker to its
+    memory limit. Past SCHEMA_CACHE_MAX the least recently used goes, and is fetched again
+    when it comes back."""
+    from consumer.codec import SCHEMA_CACHE_MAX
+
+    registry, client, _ = make([])
+    for schema_id in range(1, SCHEMA_CACHE_MAX + 1):
+        registry.writer_schema(schema_id)
+    assert registry.cached(1) is not None  # used: the least recently used is now 2
+    registry.writer_schema(SCHEMA_CACHE_MAX + 1)
+    assert registry.cached(2) is None and registry.cached(1) is not None
+    assert len(registry._parsed) == SCHEMA_CACHE_MAX
+    calls = client.calls
+    registry.writer_schema(2)
+    assert client.calls == calls + 1 and registry.cached(2) is not None
+
+
+def test_ids_refused_are_bounded_too() -> None:
+    from consumer.codec import SCHEMA_CACHE_MAX
+
+    class NotAvro(FakeClient):
+        def get_schema(self, schema_id: int) -> str:
+            self.calls += 1
+            return "{not json"
+
+    registry = Registry("http://unused", client=NotAvro([]))
+    for schema_id in range(1, SCHEMA_CACHE_MAX + 50):
+        with pytest.raises(UndecodableEvent):
+            registry.writer_schema(schema_id)
+    assert len(registry._unusable) == SCHEMA_CACHE_MAX
