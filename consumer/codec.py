@@ -51,7 +51,6 @@ __all__ = [
     "MAGIC_BYTE",
     "MAX_JSON_DEPTH",
     "SCHEMA",
-    "SCHEMA_CACHE_MAX",
     "SCHEMA_TEXT",
     "SCREENED",
     "DeepSchema",
@@ -824,14 +823,6 @@ def _context_to_record(context: Any) -> dict[str, Any] | None:
             extra[key] = value
     record["extra"] = _encode_json("context", extra) if extra else None
     return record
-
-
-SCHEMA_CACHE_MAX = 256
-"""Writer schemas kept parsed (and ids refused), the least recently used let go past it:
-each id was kept for the life of the process, ~64 KB parsed for a 10 KB schema, and ids
-producers register at will (one per subject under Apicurio's ccompat API) grew a worker to
-its memory limit (review "bounds49"). A topic carries a handful; one let go is fetched and
-parsed again when it comes back."""
 
 
 _NO_CUT: frozenset[str] = frozenset()  # `Event.cut` of an event read as valid UTF-8

@@ -56,7 +56,6 @@ from typing import Any, Protocol
 
 from consumer import codec
 from consumer.calls import FAMILIES, Call, CallPlan, KnownUsers, visible
-from consumer.codec import SCHEMA_CACHE_MAX
 from consumer.company_order import CompanyOrder, Write
 from consumer.config import Settings
 from consumer.deadletter import (
@@ -164,6 +163,8 @@ class TrackClient(Protocol):
 
 class SchemaSource(Protocol):
     """Writer schemas by id (`registry.Registry`); `writer_schema` may block on I/O."""
+
+    evictions: int  # schemas let go so far (copies of them are stale)
 
     def cached(self, schema_id: int) -> Mapping[str, Any] | None: ...
     def writer_schema(self, schema_id: int) -> Mapping[str, Any]: ...
@@ -372,6 +373,7 @@ class Handler:
         # Label lookups cost more than the increments: cache the children on the hot path.
         self._drops: dict[Drop, tuple[Any, Dropped]] = {}
         self._schemas: dict[int, Mapping[str, Any]] = {}  # writer schemas seen cached
+        self._evictions_seen = 0
         self._delivered = Children(self.m.delivered)
         self._cut = Children(self.m.metadata_cut)
         self._responses = Children(self.m.responses)
@@ -463,10 +465,17 @@ class Handler:
             cached = self.registry.cached(schema_id)
             if cached is None:
                 raise SchemaNotCached(schema_id)
-            if len(self._schemas) >= SCHEMA_CACHE_MAX:
-                self._schemas.clear()  # bounded as the registry's (review "bounds49")
-            self._schemas[schema_id] = cached
+            self._keep_schema(schema_id, cached)
         return cached
+
+    def _keep_schema(self, schema_id: int, schema: Mapping[str, Any]) -> None:
+        """Keep a copy; all dropped once the registry let any schema go, so this never
+        holds more than the registry's bounds (review "bounds49")."""
+        evictions = self.registry.evictions
+        if evictions != self._evictions_seen:
+            self._schemas.clear()
+            self._evictions_seen = evictions
+        self._schemas[schema_id] = schema
 
     def halt(self, parts: Iterable[tuple[str, int]] | None) -> None:
         """No new request for events of these partitions (None: all) until `unhalt`: a
@@ -521,7 +530,9 @@ class Handler:
             schema_id = None
             try:
                 schema_id, _ = codec.split_wire(event.value)
-                await self._fetches.writer_schema(schema_id)
+                # Kept at once: read again from the registry's cache, a schema let go while
+                # this waited for its turn was fetched again, and again (review "diff49b").
+                self._keep_schema(schema_id, await self._fetches.writer_schema(schema_id))
             except KeyError as exc:
                 event.decision = UndecodableEvent(f"unknown schema id ({exc})")
                 return

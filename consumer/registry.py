@@ -38,7 +38,6 @@ from consumer.answers import Unreadable, body_text, charset_of, raw_chunks, whol
 from consumer.codec import (
     FANOUT_LIMIT,
     SCHEMA,
-    SCHEMA_CACHE_MAX,
     SCHEMA_TEXT,
     DeepSchema,
     DeepUnion,
@@ -80,6 +79,15 @@ class RegistryUnusable(Exception):
 
 
 MAX_REFERENCES = 64  # schemas one writer schema may reference, transitively
+SCHEMA_CACHE_MAX = 4096
+SCHEMA_CACHE_CHARS = 8 * 1024 * 1024
+"""Writer schemas kept parsed: at most SCHEMA_CACHE_MAX ids and SCHEMA_CACHE_CHARS of schema
+JSON (parsed, ~6 times that in memory), the least recently used let go past either, and
+fetched again when its events come back. Every id read was kept for the life of the process
+(~64 KB for a 10 KB schema), and ids producers register at will grew a worker to its memory
+limit (review "bounds49"); bound by count alone (256), 257 ids in use fetched every event
+again (review "diff49b"). Our own schema, shared by every id that has it, weighs nothing.
+The ids refused are kept the same way, by count."""
 
 
 @dataclass(frozen=True)
@@ -331,10 +339,13 @@ class Registry:
                  proxy: str | None = None) -> None:
         self._client = client if client is not None else RestClient(
             url, basic_auth_user_info, timeout_s=timeout_s, proxy=proxy)
-        # Both least recently used first, at most SCHEMA_CACHE_MAX each; written under
-        # `_lock` (the fetch thread and the event loop both read them).
+        # Both least recently used first, bounded (SCHEMA_CACHE_MAX, SCHEMA_CACHE_CHARS);
+        # written under `_lock` (the fetch thread and the event loop both read them).
         self._parsed: OrderedDict[int, Mapping[str, Any]] = OrderedDict()
+        self._weights: dict[int, int] = {}  # a parsed schema's JSON length (ours: 0)
+        self._weight = 0
         self._unusable: OrderedDict[int, str] = OrderedDict()  # ids whose schema is not Avro
+        self.evictions = 0  # parsed schemas let go so far: copies of them go stale
         self._ours = fastavro.schema.to_parsing_canonical_form(SCHEMA)
         self._lock = threading.Lock()
         self._fetching = threading.Lock()
@@ -410,16 +421,21 @@ class Registry:
         call (`produce`): its failure is the caller's one line, not the worker's readiness
         line beside it (review "diff44")."""
         schema_id: int = self._client.register_schema(subject_for(topic), SCHEMA_TEXT)
-        self._keep(self._parsed, schema_id, SCHEMA)
+        self._keep_parsed(schema_id, SCHEMA, 0)
         return schema_id
 
-    def _keep(self, cache: OrderedDict[int, T], schema_id: int, value: T) -> None:
-        """Remember `value` for the id, letting the least recently used go past the cap."""
+    def _keep_parsed(self, schema_id: int, parsed: Mapping[str, Any], weight: int) -> None:
+        """Remember a parsed schema, letting the least recently used go past the bounds."""
         with self._lock:
-            cache[schema_id] = value
-            cache.move_to_end(schema_id)
-            while len(cache) > SCHEMA_CACHE_MAX:
-                cache.popitem(last=False)
+            self._weight += weight - self._weights.get(schema_id, 0)
+            self._weights[schema_id] = weight
+            self._parsed[schema_id] = parsed
+            self._parsed.move_to_end(schema_id)
+            while len(self._parsed) > 1 and (len(self._parsed) > SCHEMA_CACHE_MAX
+                                             or self._weight > SCHEMA_CACHE_CHARS):
+                gone, _ = self._parsed.popitem(last=False)
+                self._weight -= self._weights.pop(gone, 0)
+                self.evictions += 1
 
     def cached(self, schema_id: int) -> Mapping[str, Any] | None:
         """The parsed writer schema if already fetched: the hot path never blocks on I/O.
@@ -452,7 +468,11 @@ class Registry:
 
     def _unusable_schema(self, schema_id: int, problem: str) -> NoReturn:
         """Remember an id whose schema cannot be used (ids never change) and refuse it."""
-        self._keep(self._unusable, schema_id, problem)
+        with self._lock:
+            self._unusable[schema_id] = problem
+            self._unusable.move_to_end(schema_id)
+            while len(self._unusable) > SCHEMA_CACHE_MAX:
+                self._unusable.popitem(last=False)
         raise UndecodableEvent(problem) from None
 
     def _resolve(self, refs: Iterable[Reference], named: dict[str, Any],
@@ -557,7 +577,8 @@ class Registry:
             self._unusable_schema(
                 schema_id, f"schema id {schema_id} cannot be read as a Signal event "
                 f"({type(exc).__name__}: {str(exc)[:200]})")
-        self._keep(self._parsed, schema_id, parsed)
+        weight = 0 if parsed is SCHEMA else len(json.dumps(fresh, default=str))
+        self._keep_parsed(schema_id, parsed, weight)
         return parsed
 
     def _reader_of(self, schema_id: int, fresh: Any, named: dict[str, Any]) -> Mapping[str, Any]:

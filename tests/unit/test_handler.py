@@ -63,6 +63,8 @@ class Client:
 
 
 class Registry:
+    evictions = 0
+
     def cached(self, schema_id: int) -> Mapping[str, Any] | None:
         return codec.SCHEMA
 
@@ -545,6 +547,8 @@ def test_an_answer_without_a_schema_is_retried_not_remembered() -> None:
 class _HungRegistry:
     """A registry that hangs on a new schema id until `release` (then knows it)."""
 
+    evictions = 0
+
     def __init__(self) -> None:
         self.release = threading.Event()
         self.calls = 0
@@ -582,6 +586,50 @@ def test_events_waiting_for_a_hung_registry_leave_asyncios_default_pool_free() -
     outcomes = asyncio.run(main())
     assert all(isinstance(o, Delivered) for o in outcomes)
     handler.close()
+
+
+class _ForgetfulRegistry:
+    """A registry that lets every schema go at once (as one past its bounds whose other
+    ids keep it busy): `cached` never has it, each fetch is counted."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.evictions = 0
+
+    def cached(self, schema_id: int) -> Mapping[str, Any] | None:
+        return None
+
+    def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
+        self.calls += 1
+        self.evictions += 1
+        return codec.SCHEMA
+
+
+def test_an_event_waiting_for_its_schema_uses_the_one_fetched() -> None:
+    """Review "diff49b": the schema a fetch returned was thrown away and read again from
+    the registry's cache, which may have let it go meanwhile: the event was fetched for
+    again, and again, and never decided."""
+    handler, _, _, _, _ = make()
+    registry = _ForgetfulRegistry()
+    handler.registry = registry
+
+    async def main() -> Any:
+        return await asyncio.wait_for(handler.handle(track(0, "u1")), 10)
+
+    assert isinstance(asyncio.run(main()), Delivered)
+    assert registry.calls == 1
+    handler.close()
+
+
+def test_the_handler_s_schema_copies_follow_the_registry_s_bounds() -> None:
+    """Review "bounds49": the handler kept its own copy of every schema the registry ever
+    gave; once the registry lets any go, the copies are dropped at the next miss."""
+    handler, _, _, _, _ = make()
+    handler._keep_schema(1, codec.SCHEMA)
+    handler._keep_schema(2, codec.SCHEMA)
+    handler.registry.evictions = 1
+    handler._keep_schema(3, codec.SCHEMA)
+    assert list(handler._schemas) == [3]
 
 
 def _track_retry_span(identify_429s: int, budget: float) -> float:

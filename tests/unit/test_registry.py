@@ -1072,7 +1072,7 @@ def test_writer_schemas_kept_are_bounded_least_recently_used_first() -> None:
     (~64 KB for a 10 KB schema), and ids producers register at will grew a worker to its
     memory limit. Past SCHEMA_CACHE_MAX the least recently used goes, and is fetched again
     when it comes back."""
-    from consumer.codec import SCHEMA_CACHE_MAX
+    from consumer.registry import SCHEMA_CACHE_MAX
 
     registry, client, _ = make([])
     for schema_id in range(1, SCHEMA_CACHE_MAX + 1):
@@ -1087,7 +1087,7 @@ def test_writer_schemas_kept_are_bounded_least_recently_used_first() -> None:
 
 
 def test_ids_refused_are_bounded_too() -> None:
-    from consumer.codec import SCHEMA_CACHE_MAX
+    from consumer.registry import SCHEMA_CACHE_MAX
 
     class NotAvro(FakeClient):
         def get_schema(self, schema_id: int) -> str:
@@ -1099,3 +1099,35 @@ def test_ids_refused_are_bounded_too() -> None:
         with pytest.raises(UndecodableEvent):
             registry.writer_schema(schema_id)
     assert len(registry._unusable) == SCHEMA_CACHE_MAX
+
+
+def test_writer_schemas_kept_are_bounded_by_their_size_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff49b": a count alone either let large schemas through or, set low enough
+    for them, thrashed at 257 ids in use. Schemas of another shape than ours weigh their
+    JSON; ours, shared by every id that has it, nothing."""
+    import consumer.registry as registry_module
+
+    def variant(i: int) -> str:
+        schema = json.loads(SCHEMA_TEXT)
+        schema["fields"].append({"name": f"extra_{i}", "type": ["null", "string"],
+                                 "default": None})
+        return json.dumps(schema)
+
+    class Variants(FakeClient):
+        def get_schema(self, schema_id: int) -> str:
+            self.calls += 1
+            return variant(schema_id) if schema_id < 1000 else SCHEMA_TEXT
+
+    registry = Registry("http://unused", client=Variants([]))
+    registry.writer_schema(1)
+    weight = registry._weight
+    assert weight >= len(variant(1)) // 2
+    monkeypatch.setattr(registry_module, "SCHEMA_CACHE_CHARS", 5 * weight + weight // 2)
+    for schema_id in range(2, 21):
+        registry.writer_schema(schema_id)
+    kept = [i for i in range(1, 21) if registry.cached(i) is not None]
+    assert kept == [16, 17, 18, 19, 20] and registry.evictions == 15
+    for schema_id in range(1000, 1100):  # ours: weightless, nothing let go
+        registry.writer_schema(schema_id)
+    assert registry.evictions == 15 and registry.cached(20) is not None

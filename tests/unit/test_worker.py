@@ -303,6 +303,8 @@ class FakeClient:
 
 
 class FakeRegistry:
+    evictions = 0
+
     def __init__(self, fetch_delay: float = 0.0) -> None:
         self.fetched: list[int] = []
         self._known: dict[int, Mapping[str, Any]] = {}
