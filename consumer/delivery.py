@@ -301,7 +301,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return None
     value = value.strip()
     if _DELTA_SECONDS.fullmatch(value):
-        seconds = float(value)
+        seconds = min(float(value), MAX_RETRY_AFTER_S)  # 400 digits: the cap, not `inf`
     else:
         # Not float(): it took `1_000`, `1e3`, `+30` and non-ASCII digits, which HTTP does
         # not, and held a family for the 600 s cap on a garbled header (review "outage49").

@@ -183,14 +183,16 @@ class ConsentPolicy:
             # explicit `false`, "denied", [] or 1 grants nothing.
             return None if consent is None and self.missing == "allow" else gating[0]
         canonical = consent.get("canonical")
-        if canonical is None:
+        if _valueless(canonical):
             # Spelled as the category keys may be (`Canonical`): the nested form was
             # ignored, and its flat keys decided alone (review "events31"). Also beside a
-            # null `canonical`, which is as if absent: `{"canonical": null, "Canonical":
-            # {"analytics": false}, "analytics": true}` went (review "consent49").
+            # `canonical` without a value, which is as if absent: `{"canonical": null,
+            # "Canonical": {"analytics": false}, "analytics": true}` went (review
+            # "consent49"), `{"canonical": {}, "Canonical": {"analytics": true}}` was
+            # dropped (review "diff49b").
             canonical = next((v for k, v in consent.items()
                               if isinstance(k, str) and k.strip().lower() == "canonical"
-                              and v is not None), None)
+                              and not _valueless(v)), canonical)
         granted_by: dict[Any, Any] = consent
         if isinstance(canonical, dict):
             # The nested form's `canonical` decides when it has a value; one without any

@@ -69,6 +69,10 @@ offsets request within this: librdkafka's synchronous commit has no bound of its
 ANSWER_SLICE_S = 0.005  # poll slices while a commit awaits its answer (see _poll_first)
 LEAVE_WAIT_S = 3.0  # at close, the revoke and LeaveGroup after unsubscribe wait at most this
 LEAVE_SEND_S = 0.3  # ... and, once revoked, this long for the LeaveGroup to go out
+FETCHLESS_S = 12.0
+"""How long an assigned partition of a steady group may show librdkafka's fetch_state "none"
+(no fetcher ever started) before it is assigned again: two statistics reports at least, and
+a healthy partition, paused or idle, is "active" from its first second."""
 
 # librdkafka refuses an oversized record locally and the broker with the same code; a
 # topic whose segment.bytes is below the record (its max.message.bytes above) answers
@@ -121,6 +125,7 @@ class KafkaSource:
         on_lost: Callable[[list[TP]], None],
         on_stats: Callable[[dict[str, Any]], None] | None = None,
         on_committed: Callable[[list[tuple[TP, int]], list[TP]], None] | None = None,
+        on_refetch: Callable[[list[TP]], None] | None = None,
         stats_interval_ms: int = 5000,
     ) -> None:
         settings: dict[str, Any] = consumer_settings(conf)
@@ -150,6 +155,11 @@ class KafkaSource:
         self.note_limit = NOTE_MAX_CHARS
         self.fatal: KafkaError | None = None
         self._stats_cb = on_stats
+        self._on_refetch = on_refetch
+        # Assigned partitions librdkafka never started a fetcher for, since when, and those
+        # to assign again at the next consume (`_watch_fetchers`; poll thread).
+        self._fetchless_since: dict[TP, float] = {}
+        self._refetch: list[TP] = []
         try:
             self._consumer = Consumer(settings)
         except KafkaException as exc:
@@ -193,8 +203,69 @@ class KafkaSource:
         if brokers:
             # librdkafka's own view: a reachable cluster has a broker in state UP.
             self._brokers_up = any(b.get("state") == "UP" for b in brokers)
+        self._watch_fetchers(stats)
         if self._stats_cb is not None:
             self._stats_cb(stats)
+
+    def _watch_fetchers(self, stats: dict[str, Any]) -> None:
+        """Queue for a new assignment the partitions of a steady group that librdkafka never
+        started fetching: no fetcher (fetch_state "none"), no fetch answer and nothing
+        handed over since the assignment, for FETCHLESS_S.
+
+        Why: librdkafka asks for the committed offsets of a new assignment before it fetches;
+        answered NOT_COORDINATOR for the whole request (the coordinator moving, a broker
+        fenced for an instant), it never asks again and never fetches (librdkafka#5586): the
+        partitions stalled for good behind a ready replica, with no lag series for any alert
+        (review "broker49", reproduced through a proxy answering so in "stuck49"). Assigned
+        again, their committed offsets are asked for anew."""
+        cgrp = stats.get("cgrp") or {}
+        if cgrp.get("state") != "up" or cgrp.get("join_state") != "steady":
+            self._fetchless_since.clear()
+            return
+        now = time.monotonic()
+        seen: set[TP] = set()
+        for topic, info in (stats.get("topics") or {}).items():
+            for pid, part in (info.get("partitions") or {}).items():
+                if (pid == "-1" or part.get("fetch_state") != "none"
+                        or part.get("hi_offset", -1) >= 0 or part.get("app_offset", -1) >= 0):
+                    continue
+                tp = (topic, int(pid))
+                seen.add(tp)
+                since = self._fetchless_since.setdefault(tp, now)
+                if now - since >= FETCHLESS_S and tp not in self._refetch:
+                    self._refetch.append(tp)
+        for tp in [tp for tp in self._fetchless_since if tp not in seen]:
+            del self._fetchless_since[tp]
+
+    def _assign_again(self) -> None:
+        """Assign again the partitions `_watch_fetchers` queued and still assigned, without
+        an offset (the committed one is asked for anew); paused ones stay paused. Outside
+        the rebalance callbacks: the worker's own state is the partitions' as before."""
+        queued, self._refetch = self._refetch, []
+        try:
+            owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        except KafkaException:
+            return
+        parts = [tp for tp in queued if tp in owned]
+        if not parts:
+            return
+        try:
+            self._consumer.incremental_unassign([TopicPartition(t, p) for t, p in parts])
+            self._consumer.incremental_assign([TopicPartition(t, p) for t, p in parts])
+            paused = [TopicPartition(t, p) for t, p in parts if (t, p) in self._paused]
+            if paused:
+                self._consumer.pause(paused)
+        except KafkaException as exc:
+            log.warning("assigning %s again failed (%s); asking again",
+                        ", ".join(f"{t}[{p}]" for t, p in parts), exc)
+            return
+        for tp in parts:
+            self._fetchless_since.pop(tp, None)
+        log.warning("librdkafka never started fetching %s (its committed offsets were refused "
+                    "when it was assigned, librdkafka#5586): assigned again",
+                    ", ".join(f"{t}[{p}]" for t, p in parts))
+        if self._on_refetch is not None:
+            self._on_refetch(parts)
 
     def _on_commit(self, err: KafkaError | None, parts: list[TopicPartition]) -> None:
         """Commit results, served during consume: acknowledged offsets go to the worker."""
@@ -277,6 +348,8 @@ class KafkaSource:
         window (waiting on for a message held a full window's acknowledgement back 0.1 s).
         """
         self._answered = False
+        if self._refetch:
+            self._assign_again()
         messages = self._consumer.consume(max_messages, 0)
         if not messages:
             if self._answered:

@@ -82,7 +82,7 @@ DEAD_LETTER_REASONS: tuple[str, ...] = (
     "invalid_event",
     "refused",
 )
-REBALANCE_KINDS: tuple[str, ...] = ("assign", "revoke", "lost")
+REBALANCE_KINDS: tuple[str, ...] = ("assign", "revoke", "lost", "refetch")
 ENDPOINTS: tuple[str, ...] = ("track", "identify", "company_identify")
 """The ``endpoint`` label of responses and latency: one per Userpilot path (consumer.calls)."""
 # Statuses the dashboard and alerts look at; any other code still gets its own series.

@@ -254,6 +254,7 @@ class Callbacks:
     on_lost: Callable[[list[TP]], None]
     on_stats: Callable[[dict[str, Any]], None]
     on_committed: Callable[[list[tuple[TP, int]], list[TP]], None]
+    on_refetch: Callable[[list[TP]], None] | None = None
 
 
 class Source(Protocol):
@@ -292,7 +293,7 @@ def kafka_source(settings: Settings) -> SourceFactory:
         conf = {**settings.kafka_config(), "group.id": settings.group_id}
         return KafkaSource(conf, settings.topics, on_assign=cb.on_assign,
                            on_revoke=cb.on_revoke, on_lost=cb.on_lost, on_stats=cb.on_stats,
-                           on_committed=cb.on_committed)
+                           on_committed=cb.on_committed, on_refetch=cb.on_refetch)
     return make
 
 
@@ -478,7 +479,8 @@ class Worker:
         prefetch_stop = threading.Event()
         source = self._source = self._make_source(Callbacks(
             on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
-            on_stats=self._on_stats, on_committed=self._on_committed))
+            on_stats=self._on_stats, on_committed=self._on_committed,
+            on_refetch=self._on_refetch))
         if isinstance(self.registry, Registry):
             # While the group forms, so the first batch is decided at once (see prefetch).
             prefetch = asyncio.ensure_future(
@@ -1447,6 +1449,11 @@ class Worker:
             self.m.committed_offset.labels(topic, str(partition)).set(offset)
 
     # -- rebalance callbacks (poll thread) ----------------------------------------------
+    def _on_refetch(self, parts: list[TP]) -> None:
+        """The source assigned these again (librdkafka never fetched them): counted only;
+        nothing of theirs was taken, so the worker's state of them stands."""
+        self.m.rebalances.labels("refetch").inc(len(parts))
+
     def _on_assign(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("assign").inc()
         self.commits.assign(parts)

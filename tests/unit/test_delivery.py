@@ -160,6 +160,7 @@ def test_retry_causes_label_metrics() -> None:
     ("0", 0.0),
     ("601", MAX_RETRY_AFTER_S),
     ("1e9", None),
+    ("9" * 400, MAX_RETRY_AFTER_S),  # float() is inf: saturated, not ignored (diff49b)
     ("inf", None),  # not a number of seconds: the backoff, not a 600 s hold (review http33)
     ("1e400", None),
     ("-inf", None),

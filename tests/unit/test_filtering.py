@@ -135,6 +135,10 @@ def test_anonymous_is_checked_before_consent_and_type() -> None:
          Drop("consent", "analytics")),
         # ... and a `canonical` that is not an object is data that grants nothing
         ({"canonical": "granted"}, ALLOW_MISSING, Drop("consent", "analytics")),
+        # ... and an empty one as if absent too (review "diff49b": it was dropped)
+        ({"canonical": {}, "Canonical": {"analytics": True}}, ALLOW_MISSING, None),
+        ({"canonical": {"analytics": None}, "Canonical": {"analytics": False}},
+         ALLOW_MISSING, Drop("consent", "analytics")),
     ],
 )
 def test_consent_shapes(consent: Any, policy: ConsentPolicy, expected: Drop | None) -> None:

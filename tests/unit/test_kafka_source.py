@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -486,3 +487,78 @@ def test_the_coordinator_is_asked_before_a_revoke_waits_on_its_commit(
     src._consumer = _Cluster(answering=True)  # type: ignore[assignment]
     assert src.answering([("t", 0)])
     assert src.answering([])
+
+
+def _stats(parts: dict[int, dict[str, object]], *, steady: bool = True) -> str:
+    return json.dumps({
+        "brokers": {}, "cgrp": {"state": "up" if steady else "wait-coord",
+                                "join_state": "steady" if steady else "wait-join"},
+        "topics": {"t": {"partitions": {
+            "-1": {"fetch_state": "none"},
+            **{str(p): {"hi_offset": -1001, "app_offset": -1001, **info}
+               for p, info in parts.items()}}}}})
+
+
+class _Assigner:
+    """A consumer that records the source's assignment calls."""
+
+    def __init__(self, owned: list[int]) -> None:
+        self.owned = owned
+        self.calls: list[tuple[str, list[int]]] = []
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition("t", p) for p in self.owned]
+
+    def incremental_unassign(self, parts: list[TopicPartition]) -> None:
+        self.calls.append(("unassign", [tp.partition for tp in parts]))
+
+    def incremental_assign(self, parts: list[TopicPartition]) -> None:
+        assert all(tp.offset < 0 for tp in parts), "no offset: the committed one is asked"
+        self.calls.append(("assign", [tp.partition for tp in parts]))
+
+    def pause(self, parts: list[TopicPartition]) -> None:
+        self.calls.append(("pause", [tp.partition for tp in parts]))
+
+    def consume(self, num_messages: int, timeout: float) -> list[object]:
+        return []
+
+    def poll(self, timeout: float) -> None:
+        return None
+
+
+def test_partitions_librdkafka_never_fetched_are_assigned_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "broker49"/"stuck49": answered NOT_COORDINATOR for a new assignment's committed
+    offsets, librdkafka never asks again and never fetches (librdkafka#5586): the partitions
+    stalled for good behind a ready replica. Fetchless for FETCHLESS_S in a steady group
+    (no fetcher, no fetch answer, nothing handed over), they are assigned again, without an
+    offset, paused ones paused again; healthy ones (fetching, idle, empty) are left alone."""
+
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    refetched: list[list[tuple[str, int]]] = []
+    src = KafkaSource({"bootstrap.servers": "127.0.0.1:1", "group.id": "unit"}, ["t"],
+                      on_assign=lambda _p: None, on_revoke=lambda _p: None,
+                      on_lost=lambda _p: None, on_refetch=refetched.append)
+    fake = _Assigner(owned=[0, 1, 2, 3, 4])
+    src._consumer = fake  # type: ignore[assignment]
+    src._paused = {("t", 1)}
+    parts: dict[int, dict[str, object]] = {
+        0: {"fetch_state": "none"}, 1: {"fetch_state": "none"},
+        2: {"fetch_state": "active", "hi_offset": 0},  # empty, fetching
+        3: {"fetch_state": "none", "hi_offset": 30},  # answered once: not this
+        4: {"fetch_state": "active"},
+        9: {"fetch_state": "none"}}  # not (any longer) assigned
+    for _ in range(4):  # 0, 5, 10, 15 s: not yet, then once
+        src._on_stats_raw(_stats(parts))
+        src.consume(10, 0)
+        now[0] += 5.0
+    assert fake.calls == [("unassign", [0, 1]), ("assign", [0, 1]), ("pause", [1])]
+    assert refetched == [[("t", 0), ("t", 1)]]
+    # A group that is not steady (a rebalance under way) starts the count again.
+    fake.calls.clear()
+    for step in range(4):
+        src._on_stats_raw(_stats({0: {"fetch_state": "none"}}, steady=step % 2 == 0))
+        src.consume(10, 0)
+        now[0] += 5.0
+    assert fake.calls == []
