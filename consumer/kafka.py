@@ -70,9 +70,11 @@ ANSWER_SLICE_S = 0.005  # poll slices while a commit awaits its answer (see _pol
 LEAVE_WAIT_S = 3.0  # at close, the revoke and LeaveGroup after unsubscribe wait at most this
 LEAVE_SEND_S = 0.3  # ... and, once revoked, this long for the LeaveGroup to go out
 FETCHLESS_S = 12.0
-"""How long an assigned partition of a steady group may show librdkafka's fetch_state "none"
-(no fetcher ever started) before it is assigned again: two statistics reports at least, and
-a healthy partition, paused or idle, is "active" from its first second."""
+"""How long after its assignment a partition of a steady group may show librdkafka's
+fetch_state "none" or "stopped" (no fetcher started) before it is assigned again: two
+statistics reports at least, and a healthy partition, paused or idle, is "active" within
+its first second."""
+_NOT_FETCHING = frozenset({"none", "stopped"})
 
 # librdkafka refuses an oversized record locally and the broker with the same code; a
 # topic whose segment.bytes is below the record (its max.message.bytes above) answers
@@ -156,9 +158,9 @@ class KafkaSource:
         self.fatal: KafkaError | None = None
         self._stats_cb = on_stats
         self._on_refetch = on_refetch
-        # Assigned partitions librdkafka never started a fetcher for, since when, and those
+        # Partitions assigned and not seen fetching since (statistics), since when, and those
         # to assign again at the next consume (`_watch_fetchers`; poll thread).
-        self._fetchless_since: dict[TP, float] = {}
+        self._unstarted: dict[TP, float] = {}
         self._refetch: list[TP] = []
         try:
             self._consumer = Consumer(settings)
@@ -208,34 +210,34 @@ class KafkaSource:
             self._stats_cb(stats)
 
     def _watch_fetchers(self, stats: dict[str, Any]) -> None:
-        """Queue for a new assignment the partitions of a steady group that librdkafka never
-        started fetching: no fetcher (fetch_state "none"), no fetch answer and nothing
-        handed over since the assignment, for FETCHLESS_S.
+        """Queue for a new assignment the partitions librdkafka has not fetched since they
+        were assigned here: their fetch_state still "none" (a partition new to the process)
+        or "stopped" (one owned before, revoked, given back) FETCHLESS_S after the
+        assignment, in a steady group. Any other state once seen (fetching, asking for an
+        offset) clears the partition for this assignment.
 
         Why: librdkafka asks for the committed offsets of a new assignment before it fetches;
         answered NOT_COORDINATOR for the whole request (the coordinator moving, a broker
         fenced for an instant), it never asks again and never fetches (librdkafka#5586): the
         partitions stalled for good behind a ready replica, with no lag series for any alert
-        (review "broker49", reproduced through a proxy answering so in "stuck49"). Assigned
-        again, their committed offsets are asked for anew."""
-        cgrp = stats.get("cgrp") or {}
-        if cgrp.get("state") != "up" or cgrp.get("join_state") != "steady":
-            self._fetchless_since.clear()
+        (review "broker49", reproduced through a proxy answering so in "stuck49"). Counted
+        per assignment, not from offsets the statistics carry over from an earlier one: a
+        partition given back was missed (review "diff49c"). Assigned again, their committed
+        offsets are asked for anew."""
+        if not self._unstarted:
             return
+        cgrp = stats.get("cgrp") or {}
+        steady = cgrp.get("state") == "up" and cgrp.get("join_state") == "steady"
+        topics = stats.get("topics") or {}
         now = time.monotonic()
-        seen: set[TP] = set()
-        for topic, info in (stats.get("topics") or {}).items():
-            for pid, part in (info.get("partitions") or {}).items():
-                if (pid == "-1" or part.get("fetch_state") != "none"
-                        or part.get("hi_offset", -1) >= 0 or part.get("app_offset", -1) >= 0):
-                    continue
-                tp = (topic, int(pid))
-                seen.add(tp)
-                since = self._fetchless_since.setdefault(tp, now)
-                if now - since >= FETCHLESS_S and tp not in self._refetch:
-                    self._refetch.append(tp)
-        for tp in [tp for tp in self._fetchless_since if tp not in seen]:
-            del self._fetchless_since[tp]
+        for tp, since in list(self._unstarted.items()):
+            part = ((topics.get(tp[0]) or {}).get("partitions") or {}).get(str(tp[1]))
+            if part is None:
+                continue
+            if part.get("fetch_state") not in _NOT_FETCHING:
+                del self._unstarted[tp]
+            elif steady and now - since >= FETCHLESS_S and tp not in self._refetch:
+                self._refetch.append(tp)
 
     def _assign_again(self) -> None:
         """Assign again the partitions `_watch_fetchers` queued and still assigned, without
@@ -259,8 +261,9 @@ class KafkaSource:
             log.warning("assigning %s again failed (%s); asking again",
                         ", ".join(f"{t}[{p}]" for t, p in parts), exc)
             return
+        now = time.monotonic()
         for tp in parts:
-            self._fetchless_since.pop(tp, None)
+            self._unstarted[tp] = now  # a new assignment: watched again
         log.warning("librdkafka never started fetching %s (its committed offsets were refused "
                     "when it was assigned, librdkafka#5586): assigned again",
                     ", ".join(f"{t}[{p}]" for t, p in parts))
@@ -319,9 +322,16 @@ class KafkaSource:
         self._consumer.subscribe(
             self._topics,
             on_assign=lambda _c, parts: self._assigned([(p.topic, p.partition) for p in parts]),
-            on_revoke=lambda _c, parts: self._on_revoke([(p.topic, p.partition) for p in parts]),
-            on_lost=lambda _c, parts: self._on_lost([(p.topic, p.partition) for p in parts]),
+            on_revoke=lambda _c, parts: self._taken(parts, self._on_revoke),
+            on_lost=lambda _c, parts: self._taken(parts, self._on_lost),
         )
+
+    def _taken(self, parts: list[TopicPartition], then: Callable[[list[TP]], None]) -> None:
+        """Partitions revoked or lost: no longer watched for a fetch (`_watch_fetchers`)."""
+        taken = [(p.topic, p.partition) for p in parts]
+        for tp in taken:
+            self._unstarted.pop(tp, None)
+        then(taken)
 
     def _assigned(self, parts: list[TP]) -> None:
         """An assignment is the coordinator's answer (to the JoinGroup and SyncGroup): Kafka
@@ -331,6 +341,8 @@ class KafkaSource:
         stayed unready, and read no commit notes before taking its partitions' messages
         (review "probes43")."""
         self._assigned_at = time.monotonic()
+        for tp in parts:
+            self._unstarted[tp] = self._assigned_at
         # A commit still out (partitions kept through a cooperative rebalance) is timed from
         # now: cleared, no commit followed it while it was out, and a coordinator that hung
         # then went unnoticed (review "diff44").

@@ -431,11 +431,22 @@ class Registry:
             self._weights[schema_id] = weight
             self._parsed[schema_id] = parsed
             self._parsed.move_to_end(schema_id)
-            while len(self._parsed) > 1 and (len(self._parsed) > SCHEMA_CACHE_MAX
-                                             or self._weight > SCHEMA_CACHE_CHARS):
-                gone, _ = self._parsed.popitem(last=False)
-                self._weight -= self._weights.pop(gone, 0)
-                self.evictions += 1
+            while len(self._parsed) > SCHEMA_CACHE_MAX:
+                self._let_go(next(iter(self._parsed)))
+            while self._weight > SCHEMA_CACHE_CHARS:
+                # The least recently used that weighs: letting ours go freed nothing, and
+                # was fetched again (review "diff49c"). The one just kept stays, alone.
+                heavy = next((i for i in self._parsed
+                              if self._weights.get(i, 0) > 0 and i != schema_id), None)
+                if heavy is None:
+                    break
+                self._let_go(heavy)
+
+    def _let_go(self, schema_id: int) -> None:
+        """Forget a parsed schema (under `_lock`): copies of it are stale from now."""
+        del self._parsed[schema_id]
+        self._weight -= self._weights.pop(schema_id, 0)
+        self.evictions += 1
 
     def cached(self, schema_id: int) -> Mapping[str, Any] | None:
         """The parsed writer schema if already fetched: the hot path never blocks on I/O.

@@ -530,35 +530,55 @@ def test_partitions_librdkafka_never_fetched_are_assigned_again(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Review "broker49"/"stuck49": answered NOT_COORDINATOR for a new assignment's committed
     offsets, librdkafka never asks again and never fetches (librdkafka#5586): the partitions
-    stalled for good behind a ready replica. Fetchless for FETCHLESS_S in a steady group
-    (no fetcher, no fetch answer, nothing handed over), they are assigned again, without an
-    offset, paused ones paused again; healthy ones (fetching, idle, empty) are left alone."""
-
+    stalled for good behind a ready replica. Not fetching (fetch_state "none", or "stopped"
+    for one owned before, review "diff49c") FETCHLESS_S after their assignment in a steady
+    group, they are assigned again, without an offset, paused ones paused again; those seen
+    fetching once, revoked, or never assigned here are left alone."""
     now = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
     refetched: list[list[tuple[str, int]]] = []
     src = KafkaSource({"bootstrap.servers": "127.0.0.1:1", "group.id": "unit"}, ["t"],
                       on_assign=lambda _p: None, on_revoke=lambda _p: None,
                       on_lost=lambda _p: None, on_refetch=refetched.append)
-    fake = _Assigner(owned=[0, 1, 2, 3, 4])
+    fake = _Assigner(owned=[0, 1, 2, 3, 4, 5, 9])
     src._consumer = fake  # type: ignore[assignment]
     src._paused = {("t", 1)}
+    src._assigned([("t", p) for p in range(6)])
+    src._taken([TopicPartition("t", 5)], lambda _p: None)  # revoked: not watched
     parts: dict[int, dict[str, object]] = {
         0: {"fetch_state": "none"}, 1: {"fetch_state": "none"},
-        2: {"fetch_state": "active", "hi_offset": 0},  # empty, fetching
-        3: {"fetch_state": "none", "hi_offset": 30},  # answered once: not this
-        4: {"fetch_state": "active"},
-        9: {"fetch_state": "none"}}  # not (any longer) assigned
-    for _ in range(4):  # 0, 5, 10, 15 s: not yet, then once
+        2: {"fetch_state": "active"},
+        3: {"fetch_state": "stopped", "hi_offset": 30, "app_offset": 30},  # given back
+        4: {"fetch_state": "offset-query"},
+        5: {"fetch_state": "none"},
+        9: {"fetch_state": "none"}}  # never assigned here
+    for _ in range(4):  # 0, 5, 10, 15 s after the assignment: not yet, then once
         src._on_stats_raw(_stats(parts))
         src.consume(10, 0)
         now[0] += 5.0
-    assert fake.calls == [("unassign", [0, 1]), ("assign", [0, 1]), ("pause", [1])]
-    assert refetched == [[("t", 0), ("t", 1)]]
-    # A group that is not steady (a rebalance under way) starts the count again.
+    assert fake.calls == [("unassign", [0, 1, 3]), ("assign", [0, 1, 3]), ("pause", [1])]
+    assert refetched == [[("t", 0), ("t", 1), ("t", 3)]]
+    # Partition 2, seen fetching once, is not flagged when it shows "stopped" later.
     fake.calls.clear()
-    for step in range(4):
-        src._on_stats_raw(_stats({0: {"fetch_state": "none"}}, steady=step % 2 == 0))
+    parts[2] = {"fetch_state": "stopped"}
+    for _ in range(4):
+        src._on_stats_raw(_stats({2: parts[2]}))
         src.consume(10, 0)
         now[0] += 5.0
     assert fake.calls == []
+
+
+def test_a_group_not_steady_holds_the_refetch_back() -> None:
+    """A rebalance under way (the coordinator not settled) may hold an assignment's first
+    fetch: nothing is assigned again until the group is steady."""
+    src = source()
+    fake = _Assigner(owned=[0])
+    src._consumer = fake  # type: ignore[assignment]
+    src._assigned([("t", 0)])
+    src._unstarted[("t", 0)] -= 60.0  # assigned a minute ago
+    src._on_stats_raw(_stats({0: {"fetch_state": "none"}}, steady=False))
+    src.consume(10, 0)
+    assert fake.calls == []
+    src._on_stats_raw(_stats({0: {"fetch_state": "none"}}))
+    src.consume(10, 0)
+    assert fake.calls[:2] == [("unassign", [0]), ("assign", [0])]

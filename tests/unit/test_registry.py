@@ -1131,3 +1131,11 @@ def test_writer_schemas_kept_are_bounded_by_their_size_too(
     for schema_id in range(1000, 1100):  # ours: weightless, nothing let go
         registry.writer_schema(schema_id)
     assert registry.evictions == 15 and registry.cached(20) is not None
+    # ... nor for the size bound, least recently used as they may be (review "diff49c":
+    # ours went first, freeing nothing, and were fetched again)
+    again = Registry("http://unused", client=Variants([]))
+    for schema_id in [*range(1000, 1100), *range(1, 21)]:
+        again.writer_schema(schema_id)
+    assert all(again.cached(i) is not None for i in range(1000, 1100))
+    assert [i for i in range(1, 21) if again.cached(i) is not None] == [16, 17, 18, 19, 20]
+    assert again.evictions == 15
