@@ -331,6 +331,7 @@ class KafkaSource:
         taken = [(p.topic, p.partition) for p in parts]
         for tp in taken:
             self._unstarted.pop(tp, None)
+        self._refetch.clear()  # a rebalance under way: asked again at the next report
         then(taken)
 
     def _assigned(self, parts: list[TP]) -> None:
@@ -343,6 +344,7 @@ class KafkaSource:
         self._assigned_at = time.monotonic()
         for tp in parts:
             self._unstarted[tp] = self._assigned_at
+        self._refetch.clear()  # a rebalance under way: asked again at the next report
         # A commit still out (partitions kept through a cooperative rebalance) is timed from
         # now: cleared, no commit followed it while it was out, and a coordinator that hung
         # then went unnoticed (review "diff44").
@@ -360,8 +362,16 @@ class KafkaSource:
         window (waiting on for a message held a full window's acknowledgement back 0.1 s).
         """
         self._answered = False
+        messages = self._consume(max_messages, timeout_s)
         if self._refetch:
+            # After the poll, which served any rebalance callback pending (a revoke clears
+            # the queue, `_taken`): an unassign made while the group awaits the revoke's
+            # answer is taken as that answer, and the partition went to another member
+            # while this one still drained it (review "whole49").
             self._assign_again()
+        return messages
+
+    def _consume(self, max_messages: int, timeout_s: float) -> list[Message]:
         messages = self._consumer.consume(max_messages, 0)
         if not messages:
             if self._answered:

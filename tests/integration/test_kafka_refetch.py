@@ -79,7 +79,7 @@ def test_assignment_whose_offset_fetch_was_refused_is_assigned_again_and_deliver
     try:
         wait_until(lambda: len(kafka_proxy.refused) >= 2, 30,
                    "the assignment's OffsetFetch refused")
-        refused_at = time.monotonic()
+        refused_at = kafka_proxy.refused[0].at  # just after the assignment
         assert {r.group for r in kafka_proxy.refused} == {group}
         # Detection: FETCHLESS_S of steady "none" states, seen in whole statistics reports.
         wait_until(lambda: not undelivered(control, events), FETCHLESS_S + 2 * STATS_S + 10,

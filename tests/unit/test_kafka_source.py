@@ -582,3 +582,27 @@ def test_a_group_not_steady_holds_the_refetch_back() -> None:
     src._on_stats_raw(_stats({0: {"fetch_state": "none"}}))
     src.consume(10, 0)
     assert fake.calls[:2] == [("unassign", [0]), ("assign", [0])]
+
+
+def test_a_revoke_served_by_the_poll_drops_the_queued_refetch() -> None:
+    """Review "whole49": run before the poll, an unassign made while the group awaited the
+    answer to a revoke not served yet was taken as that answer, and another member got the
+    partition while this one still drained it. The refetch runs after the poll, and a
+    rebalance callback it served drops the queue (the next report asks again)."""
+    src = source()
+
+    class Revoking(_Assigner):
+        def consume(self, num_messages: int, timeout: float) -> list[object]:
+            src._taken([TopicPartition("t", 1)], lambda _p: None)  # the revoke, served
+            self.owned = [0]
+            return []
+
+    fake = Revoking(owned=[0, 1])
+    src._consumer = fake  # type: ignore[assignment]
+    src._refetch = [("t", 0)]
+    src.consume(10, 0)
+    assert fake.calls == []
+    src._refetch = [("t", 0)]
+    fake.consume = lambda num_messages, timeout: []  # type: ignore[method-assign]
+    src.consume(10, 0)
+    assert fake.calls == [("unassign", [0]), ("assign", [0])]
