@@ -7,10 +7,13 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.config import load_settings
 from consumer.health import Health
@@ -29,6 +33,43 @@ from consumer.worker import Worker
 REPO = Path(__file__).resolve().parents[2]
 WRITE_TOKEN = "it-write-token-7f3a9c"
 READ_TOKEN = "it-read-token-51be02"
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (bind to 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+"""A /metrics scrape's samples keyed by (sample name, labels)."""
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of a GET on the worker's probe server; (0, error) when not listening."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+def scrape(port: int) -> tuple[str, Samples]:
+    """The /metrics text and its samples keyed by (sample name, labels)."""
+    status, text = get(port, "/metrics")
+    assert status == 200, f"/metrics answered {status}: {text}"
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return text, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str,

@@ -74,6 +74,16 @@ def _skip_string(buf: bytes | bytearray, pos: int, flexible: bool) -> int:
     return pos + 2 + max(size, 0)
 
 
+def _array_len(buf: bytes | bytearray, pos: int, flexible: bool) -> tuple[int, int]:
+    """An array's length (0 for null) and where its items start: compact (length + 1) in
+    flexible versions, int32 otherwise."""
+    if flexible:
+        count, pos = _uvarint(buf, pos)
+        return max(count - 1, 0), pos
+    (count,) = struct.unpack_from(">i", buf, pos)
+    return max(int(count), 0), pos + 4
+
+
 def _flexible(api: int, version: int) -> bool:
     """Whether `version` of `api` uses the flexible (compact, tagged) encoding."""
     first = {METADATA: 9, OFFSET_FETCH: 6, FIND_COORDINATOR: 3}.get(api)
@@ -283,13 +293,8 @@ class KafkaProxy:
         pos = _skip_tags(buf, 4) if flexible else 4
         if version >= 3:
             pos += 4  # throttle_time_ms
-        if flexible:
-            brokers, pos = _uvarint(buf, pos)
-            brokers -= 1
-        else:
-            (brokers,) = struct.unpack_from(">i", buf, pos)
-            pos += 4
-        for _ in range(max(brokers, 0)):
+        brokers, pos = _array_len(buf, pos, flexible)
+        for _ in range(brokers):
             pos = _skip_string(buf, pos + 4, flexible)  # node_id, host
             self._advertise(buf, pos)
             pos += 4
@@ -307,8 +312,8 @@ class KafkaProxy:
         if version >= 1:
             pos += 4  # throttle_time_ms
         if version >= 4:  # coordinators[]: key, node_id, host, port, error, message, tags
-            count, pos = _uvarint(buf, pos)
-            for _ in range(max(count - 1, 0)):
+            count, pos = _array_len(buf, pos, flexible)
+            for _ in range(count):
                 pos = _skip_string(buf, pos, flexible)  # key
                 pos = _skip_string(buf, pos + 4, flexible)  # node_id, host
                 self._advertise(buf, pos)

@@ -27,6 +27,7 @@ import pytest
 
 from tests.certificates import self_signed
 from tests.conftest import _ctl, _ctl_env
+from tests.integration.harness import free_port
 
 
 @pytest.fixture(scope="session")
@@ -43,19 +44,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _ctl("down", "--from", str(record))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class StoppableRedis:
     """One redis-server process of this test's own; ``stop`` kills it, ``start`` restarts it
     on the same port (empty: no persistence, like a Redis restart that lost its data)."""
 
     workdir: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     extra: tuple[str, ...] = ()  # more redis-server arguments (`--rename-command`, ...)
 
@@ -128,7 +123,7 @@ def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
     if server is None:
         raise RuntimeError("redis-server is not installed: run `make sysdeps` (as root)")
     cert, key = self_signed(tmp_path, "DNS:localhost", stem="redis-")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [server, "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port),
          "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file",

@@ -37,6 +37,7 @@ from tests.integration.harness import (
     caught_up,
     committed_offsets,
     delivered_seqs,
+    free_port,
     produce,
     produce_raw,
     read_topic,
@@ -63,12 +64,6 @@ OWN = OwnServices("broker-outage-services-", kafka_port=os.environ.get("OUTAGE2_
 def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A broker this module may kill and restart: never the shared one."""
     yield from OWN.kafka(tmp_path_factory.mktemp("own-kafka") / "started")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _readyz(port: int) -> int:
@@ -113,7 +108,7 @@ def test_sigterm_during_a_broker_outage_with_a_full_window_exits_within_the_grac
     group = f"{topic}-g"
     window, grace = 100, 5
     control.set_faults(latency_ms=150)  # slower than intake: the window stays full
-    port = _free_port()
+    port = free_port()
     env = worker_env(own_kafka, schema_registry_url, server.url, topic, group,
                      WORKER_MAX_IN_FLIGHT=str(window), WORKER_METRICS_PORT=str(port),
                      WORKER_SHUTDOWN_GRACE_SECONDS=str(grace), **FAST)
@@ -406,7 +401,7 @@ def test_a_worker_started_during_a_broker_outage_waits_unready_and_delivers_afte
     events = [track_event(f"u{i % 10}", i) for i in range(60)]
     produce(own_kafka, schema_registry_url, topic, events)
     group = f"{topic}-g"
-    port = _free_port()
+    port = free_port()
     env = worker_env(own_kafka, schema_registry_url, server.url, topic, group,
                      WORKER_METRICS_PORT=str(port), **FAST)
     OWN.ctl("kill", "kafka")
@@ -453,7 +448,7 @@ def test_probes_answer_while_the_first_check_waits_for_a_silent_kafka(
                 return
 
     threading.Thread(target=accept, daemon=True).start()
-    port = _free_port()
+    port = free_port()
     env = worker_env(f"127.0.0.1:{silent.getsockname()[1]}", schema_registry_url, server.url,
                      "it-silent-kafka", "it-silent-kafka-g", WORKER_METRICS_PORT=str(port))
     started = time.monotonic()

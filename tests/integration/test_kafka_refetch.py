@@ -8,14 +8,11 @@ group's first OffsetFetch requests itself, as a broker does while the coordinato
 
 from __future__ import annotations
 
-import socket
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.kafka import FETCHLESS_S
 from consumer.sandbox import SandboxControl, SandboxThread
@@ -23,9 +20,12 @@ from tests.integration.harness import (
     WorkerProcess,
     caught_up,
     delivered_seqs,
+    free_port,
     produce,
+    scrape,
     track_event,
     undelivered,
+    value,
     wait_until,
     worker_env,
 )
@@ -42,23 +42,6 @@ def kafka_proxy(kafka_bootstrap: str) -> Iterator[KafkaProxy]:
         yield proxy
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _metric(port: int, name: str, **labels: str) -> float:
-    """One sample of the worker's /metrics; 0 when absent."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
-
-
 def test_assignment_whose_offset_fetch_was_refused_is_assigned_again_and_delivered_once(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
     sandbox: Sandbox, kafka_proxy: KafkaProxy, tmp_path: Path,
@@ -72,7 +55,7 @@ def test_assignment_whose_offset_fetch_was_refused_is_assigned_again_and_deliver
     # assignment both follow the assignment at once; both are refused (the notes are asked
     # for again after 1 s, past the window, and then answered).
     kafka_proxy.fail_offset_fetch(group, count=2, window_s=0.5)
-    port = _free_port()
+    port = free_port()
     env = worker_env(kafka_proxy.bootstrap, schema_registry_url, server.url, topic, group,
                      WORKER_METRICS_PORT=str(port))
     worker = WorkerProcess(env, tmp_path / "worker.log")
@@ -88,7 +71,8 @@ def test_assignment_whose_offset_fetch_was_refused_is_assigned_again_and_deliver
         assert took >= FETCHLESS_S - 1, (
             f"delivered {took:.1f} s after the refusal: the trigger did not stall the fetch")
         wait_until(caught_up(kafka_bootstrap, group, topic), 20, "offsets committed at the end")
-        assert _metric(port, "userpilot_rebalances_total", kind="refetch") >= 1
+        refetched = value(scrape(port)[1], "userpilot_rebalances_total", kind="refetch")
+        assert refetched is not None and refetched >= 1
     finally:
         code = worker.terminate(60)
     assert code == 0, worker.output()[-3000:]

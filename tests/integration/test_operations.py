@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -32,61 +31,32 @@ from tests.integration.harness import (
     READ_TOKEN,
     REPO,
     WRITE_TOKEN,
+    Samples,
     WorkerProcess,
     WorkerThread,
     caught_up,
     committed_offsets,
     end_offsets,
+    free_port,
+    get,
     produce,
     produce_raw,
     read_topic,
+    scrape,
     track_event,
+    value,
     wait_until,
     worker_env,
 )
 
 SAMPLES = REPO / "schemas" / "sample-events.jsonl"
 Sandbox = tuple[SandboxThread, SandboxControl]
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 NOT_READY_REASON = "Userpilot refuses delivery: HTTP "
 # librdkafka's "no offset committed" sentinel, as returned by Consumer.committed().
 OFFSET_INVALID = -1001
 
 
 # -- helpers ------------------------------------------------------------------------------
-def free_port() -> int:
-    """A port nothing listens on right now (bind to 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    """(status, body) of a GET on the worker's probe server; (0, error) when not listening."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
-
-
-def scrape(port: int) -> tuple[str, Samples]:
-    """The /metrics text and its samples keyed by (sample name, labels)."""
-    status, text = get(port, "/metrics")
-    assert status == 200, f"/metrics answered {status}: {text}"
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return text, samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
 def total(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
 

@@ -15,7 +15,8 @@ import redis as sync_redis
 from consumer import reach
 from consumer.config import Settings, load_settings
 from consumer.redisstore import CLAIM_LUA, CONFIRM_LUA, GCRA_LUA, RELEASE_LUA
-from tests.integration.redis_fixtures import StoppableRedis, _free_port
+from tests.integration.harness import free_port
+from tests.integration.redis_fixtures import StoppableRedis
 
 
 def _settings(url: str) -> Settings:
@@ -84,7 +85,7 @@ def test_a_redis_with_a_command_renamed_away_is_refused_at_start_up(
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[StoppableRedis]:
     for server in _server(tmp_path, "--cluster-enabled", "yes",
-                          "--cluster-port", str(_free_port()),  # port + 10000 may not exist
+                          "--cluster-port", str(free_port()),  # port + 10000 may not exist
                           "--cluster-config-file", str(tmp_path / "nodes.conf")):
         admin = sync_redis.Redis.from_url(server.url)
         command: Callable[..., Any] = admin.execute_command
