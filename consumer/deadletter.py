@@ -28,7 +28,7 @@ import operator
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
@@ -585,6 +585,7 @@ class _Held(Generic[T]):
     base: int
     read_at: int
     late: int = 0
+    chain: Hashable = None  # its user's chain (`overtaken`); None: not tracked
 
 
 RECENT_MAX = 1024
@@ -604,7 +605,8 @@ class GuardHold(Generic[T]):
     "ops29"). Held until the guard has read `horizon` outcomes after it in the stream, or
     the worker is idle and no outcome that counts can come (`Worker._held_idle`, `after`),
     or `max_s` passed, or the partition is
-    handed over orderly: a trip leaves them uncommitted, and the restart trips again on
+    handed over orderly, or a later event of the same user reached Userpilot (`overtaken`):
+    a trip leaves the others uncommitted, and the restart trips again on
     the same events (their dead letters written again: `replay` sends such a copy once).
     The commit's note names the events finished above them.
 
@@ -629,12 +631,14 @@ class GuardHold(Generic[T]):
         # The stream positions of the latest outcomes read (0: unknown): those past a dead
         # letter that finished before it was held count for it too (`hold`).
         self._recent: deque[int] = deque(maxlen=min(self._horizon, RECENT_MAX))
+        self._chains: dict[Hashable, list[_Held[T]]] = {}  # the held, by chain (`overtaken`)
 
     def __len__(self) -> int:
         return len(self._held)
 
-    def hold(self, item: T, now: float, seq: int = 0) -> None:
-        """Hold `item`, the dead letter at stream position `seq` (the intake order).
+    def hold(self, item: T, now: float, seq: int = 0, chain: Hashable = None) -> None:
+        """Hold `item`, the dead letter at stream position `seq` (the intake order), of
+        `chain` (its user's events, in stream order: `overtaken`).
 
         The events after it that finished first (its dead letter's produce took longer than
         their requests) were read by the guard already: they count as past it. Left out,
@@ -642,8 +646,10 @@ class GuardHold(Generic[T]):
         (one user in retries) the dead letter waited `max_s` for outcomes the guard had
         read."""
         base = sum(1 for read in self._recent if not read or read > seq) if seq else 0
-        entry = _Held(now, seq, item, base, self._read)
+        entry = _Held(now, seq, item, base, self._read, chain=chain)
         self._held.append(entry)
+        if chain is not None:
+            self._chains.setdefault(chain, []).append(entry)
         if seq:
             index = bisect.bisect_right(self._seqs, seq)
             self._seqs.insert(index, seq)
@@ -686,10 +692,29 @@ class GuardHold(Generic[T]):
         self._unplace(out)
         return [entry.item for entry in out]
 
+    def overtaken(self, chain: Hashable, seq: int) -> list[T]:
+        """The held items of `chain` before stream position `seq`, whose event that chain
+        delivered: no longer held.
+
+        Held, such a dead letter was read again after a crash or a trip and, accepted then,
+        reached Userpilot after its user's later events: the user kept the older traits
+        (review "order50"). Let go, it is committed; its dead letter holds it (replay)."""
+        entries = self._chains.get(chain)
+        if not entries:
+            return []
+        before = {id(entry) for entry in entries if entry.seq < seq}
+        return self._remove(lambda entry: id(entry) in before) if before else []
+
     def _unplace(self, gone: Sequence[_Held[T]]) -> None:
         """`gone` out of the by-position lists: one by one (a bisection each) for a few, in
         one pass for many (one by one, letting 40,000 go at once took ~0.2 s of event loop,
-        each removal shifting the rest; review "diff46c")."""
+        each removal shifting the rest; review "diff46c"); and out of their chains'."""
+        for entry in gone:
+            if entry.chain is not None:
+                same = self._chains[entry.chain]
+                same.remove(entry)
+                if not same:
+                    del self._chains[entry.chain]
         if len(gone) > 16:
             ids = {id(entry) for entry in gone}
             self._placed = [entry for entry in self._placed if id(entry) not in ids]

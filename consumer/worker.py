@@ -59,6 +59,8 @@ from consumer.filtering import Drop
 from consumer.handler import (
     DeadLettered,
     DeadLetterSink,
+    Delivered,
+    Duplicate,
     Event,
     Handler,
     Outcome,
@@ -1069,12 +1071,18 @@ class Worker:
         done = ((event.topic, event.partition), event.offset, event.generation)
         now = time.monotonic()
         self.guard_hold.outcome(event.intake)
+        chain = (event.topic, event.partition, event.ordering_key)
         if isinstance(outcome, DeadLettered) and outcome.counted:
-            self.guard_hold.hold(done, now, event.intake)
+            self.guard_hold.hold(done, now, event.intake, chain)
             self.commits.hold(*done)
             self._dead_letters.append((done[0], done[1], outcome.at, done[2]))
         else:
             self.commits.finish(*done)
+            if isinstance(outcome, Delivered | Duplicate):
+                # The user's earlier dead letters held for the guard are behind this event
+                # at Userpilot: read again after a crash or a trip, they would follow it.
+                for item in self.guard_hold.overtaken(chain, event.intake):
+                    self.commits.finish(*item)
         self._finish_held(self.guard_hold.due(now))
         return outcome
 

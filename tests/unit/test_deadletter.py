@@ -577,6 +577,28 @@ def test_the_guard_hold_counts_only_outcomes_after_a_dead_letter_in_the_stream()
     assert hold.due(now=1.0) == ["dl@14"]
 
 
+def test_the_guard_hold_lets_go_a_users_dead_letters_its_later_delivered_event_overtook(
+) -> None:
+    """Review "order50": a dead letter held for the guard was read again after a crash or a
+    trip and, accepted then, reached Userpilot after the same user's later events. Those of
+    the same chain before the delivered one go; another chain's, or a later one, stay."""
+    from consumer.deadletter import GuardHold
+
+    hold: GuardHold[str] = GuardHold(horizon=100, max_s=60.0)
+    hold.hold("u1@1", now=0.0, seq=1, chain="u1")
+    hold.hold("u2@2", now=0.0, seq=2, chain="u2")
+    hold.hold("u1@3", now=0.0, seq=3, chain="u1")
+    hold.hold("u1@6", now=0.0, seq=6, chain="u1")
+    hold.hold("untracked@4", now=0.0, seq=4)
+    assert hold.overtaken("u3", 9) == [], "a chain with nothing held"
+    assert hold.overtaken("u1", 5) == ["u1@1", "u1@3"]
+    assert hold.overtaken("u1", 5) == [], "gone already"
+    assert len(hold) == 3
+    assert hold.due(now=61.0) == ["u2@2", "u1@6", "untracked@4"]
+    assert hold.overtaken("u1", 9) == [], "let go by `due`: forgotten by its chain too"
+    assert hold._chains == {}
+
+
 @pytest.mark.parametrize(("partition", "offset"), [
     (b"2147483648", b"5"), (b"-1", b"5"), (b"0", b"-1"), (b"0", b"9223372036854775808")])
 def test_coordinates_kafka_cannot_hold_name_no_source(partition: bytes, offset: bytes) -> None:

@@ -1209,6 +1209,30 @@ def test_held_dead_letters_stay_uncommitted_when_the_guard_trips_with_requests_o
     assert run.source.committed().get((TOPIC, 0), 0) <= 2
 
 
+def test_a_held_dead_letter_its_users_later_event_overtook_is_committed_at_a_trip() -> None:
+    """Review "order50": u1's first event refused and held for the guard, its second
+    delivered, then the guard trips on garbage. Left uncommitted, the restart read the
+    first again and, accepted then, sent it after the second (the user kept older traits);
+    the note named the second as finished. Now both are committed: the first's dead letter
+    holds it."""
+    first, second = track("u1", 0), track("u1", 1)
+    msgs = [Message(TOPIC, 0, 0, b"u1", first), Message(TOPIC, 0, 1, b"u1", second)]
+    run = make({(TOPIC, 0): msgs}, WORKER_DLQ_MAX_CONSECUTIVE="3", WORKER_DLQ_WINDOW="10",
+               WORKER_DLQ_MAX_RATIO="1", WORKER_COMMIT_INTERVAL_SECONDS="60")
+    run.client.answers[_body_of(first)] = Rejected("HTTP 409: conflict", status=409)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: _body_of(second) in run.client.bodies, "u1's second sent")
+        source.log[(TOPIC, 0)].extend(Message(TOPIC, 0, off, f"g{off}".encode(), b"garbage")
+                                      for off in (2, 3, 4, 5))
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+
+    assert drive(run, scenario) == 3
+    assert run.client.bodies == [_body_of(first), _body_of(second)]
+    assert len(run.dlq.records) == 4
+    assert run.source.committed().get((TOPIC, 0), 0) == 2, "u1's two events, not the garbage"
+
+
 def gauge_of(run: Any, name: str, **labels: str) -> float | None:
     return cast(float | None, run.worker.m.registry.get_sample_value(name, labels))
 
