@@ -1,4 +1,5 @@
-"""The consumer-lag and committed-offset gauges of the partitions this worker owns.
+"""The consumer-lag, committed-offset and held-back gauges of the partitions this worker
+owns.
 
 Two sources: librdkafka's statistics (a fetched partition's `consumer_lag`, the group's
 committed offset, the low watermark) and, for a paused partition, the broker's high
@@ -6,6 +7,12 @@ watermark asked directly: statistics learn high watermarks from fetch
 responses, and a paused partition is not fetched, so its lag froze at the pause while the
 backlog grew (an outage, exactly when lag matters: the lag alert never fired without
 kafka_exporter). `Lag.paused` asks for those.
+
+Under read_committed every lag figure ends at the last stable offset: a transaction left
+open (a producer crashed mid-transaction, up to the broker's transaction.max.timeout.ms)
+holds its records and all later ones back while the lag reads 0, the worker stays ready and
+reads nothing (review "tx50"). `unstable_records` and `stable_offset_stalled_seconds` show
+it, from the same statistics.
 
 Thread rule: called on the Kafka poll thread (the stats callback, the paused partitions'
 watermarks); what the statistics taught is kept under this object's own lock, so the
@@ -17,6 +24,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -31,10 +39,15 @@ log = logging.getLogger(__name__)
 class Lag:
     """Sets `consumer_lag` and `committed_offset` per owned partition."""
 
-    def __init__(self, metrics: Metrics, commits: Commits) -> None:
+    def __init__(self, metrics: Metrics, commits: Commits,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.m = metrics
         self.commits = commits
+        self._clock = clock
         self._lock = threading.Lock()
+        # Per partition with records held back: its last stable offset, and since when
+        # (the poll thread's statistics only).
+        self._stable: dict[TP, tuple[int, float]] = {}
         self._group: dict[TP, int] = {}  # the group's committed offsets, from the statistics
         self._low: dict[TP, int] = {}  # low watermarks, from the statistics
         # Where the next round of paused partitions' lookups starts (`paused`).
@@ -46,6 +59,7 @@ class Lag:
             for tp in parts:
                 self._group.pop(tp, None)
                 self._low.pop(tp, None)
+                self._stable.pop(tp, None)
 
     def on_stats(self, stats: dict[str, Any], assigned: Collection[TP],
                  paused: Collection[TP]) -> None:
@@ -71,6 +85,7 @@ class Lag:
                         self._low[tp] = low
                 if tp in paused:
                     continue  # stale without fetches: `Lag.paused` sets it
+                self._held_back(tp, pinfo)
                 # Offsets are committed explicitly, never stored: consumer_lag_stored is
                 # always -1 here, consumer_lag (high watermark - committed) is the figure.
                 lag = pinfo.get("consumer_lag", -1)
@@ -86,6 +101,25 @@ class Lag:
                                             and stable >= 0 else pinfo.get("hi_offset", -1))
                 if lag is not None:
                     self.m.consumer_lag.labels(topic, pid).set(lag)
+
+    def _held_back(self, tp: TP, pinfo: dict[str, Any]) -> None:
+        """The records past the last stable offset of a fetched partition, and how long
+        that offset has not moved while some are."""
+        high, stable = pinfo.get("hi_offset", -1), pinfo.get("ls_offset", -1)
+        if not (isinstance(high, int) and isinstance(stable, int) and 0 <= stable <= high):
+            return
+        labels = (tp[0], str(tp[1]))
+        now = self._clock()
+        with self._lock:
+            if stable == high:
+                self._stable.pop(tp, None)
+                since = now
+            else:
+                last = self._stable.get(tp)
+                since = last[1] if last is not None and last[0] == stable else now
+                self._stable[tp] = (stable, since)
+        self.m.unstable_records.labels(*labels).set(high - stable)
+        self.m.stable_offset_stalled.labels(*labels).set(now - since)
 
     def paused(self, parts: Sequence[TP],
                high_watermarks: Callable[[list[TP]], dict[TP, int]],

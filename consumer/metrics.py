@@ -406,6 +406,20 @@ class Metrics:
             "Last committed offset, per assigned partition.",
             ["topic", "partition"],
         )
+        self.unstable_records = gauge(
+            "unstable_records",
+            "High watermark minus last stable offset, per fetched assigned partition: "
+            "records an open transaction holds back (its own and every later one), which "
+            "read_committed cannot read yet and the lag does not count.",
+            ["topic", "partition"],
+        )
+        self.stable_offset_stalled = gauge(
+            "stable_offset_stalled_seconds",
+            "How long the last stable offset has stayed below the high watermark without "
+            "moving, per fetched assigned partition (0: nothing held): a transaction left "
+            "open holds every later record.",
+            ["topic", "partition"],
+        )
         self.rebalances = counter(
             "rebalances",
             "Consumer-group rebalance callbacks, by kind.",
@@ -541,6 +555,7 @@ class Metrics:
     def forget_partition(self, topic: str, partition: int | str) -> None:
         """Remove a revoked partition's lag/offset series so stale values don't linger."""
         labels = (topic, str(partition))
-        for gauge in (self.consumer_lag, self.committed_offset):
+        for gauge in (self.consumer_lag, self.committed_offset, self.unstable_records,
+                      self.stable_offset_stalled):
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)

@@ -36,6 +36,7 @@ TOPIC_METRICS = {
     "userpilot_events_consumed_total",
     "userpilot_consumer_lag",
     "userpilot_committed_offset",
+    "userpilot_unstable_records",
 }
 SELECTOR_RE = re.compile(r"\b((?:userpilot|process|python)_[a-zA-Z0-9_]+)(\{[^}]*\})?")
 BROKER_LAG_RE = re.compile(r"\bkafka_consumergroup_lag(\{[^}]*\})?")
@@ -197,6 +198,7 @@ def exported_series(pods: tuple[str, ...] = ("w-0", "w-1")) -> list[dict[str, st
     metrics.declare_consent_categories(["analytics"])
     metrics.consumer_lag.labels("delivery-userpilot", "0").set(5)
     metrics.committed_offset.labels("delivery-userpilot", "0").set(5)
+    metrics.unstable_records.labels("delivery-userpilot", "0").set(0)
     series = []
     for family in registry.collect():
         for sample in family.samples:

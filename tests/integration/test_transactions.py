@@ -87,3 +87,52 @@ def test_aborted_events_are_never_sent_and_commits_reach_past_the_markers(
     got = delivered_seqs(control)
     assert sorted(got) == sorted((e["userId"], e["properties"]["seq"]) for e in kept + kept2)
     assert set(got.values()) == {1}
+
+
+def test_records_an_open_transaction_holds_back_show_while_the_lag_reads_0(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """Review "tx50": a transaction left open holds its records and every later one (here
+    another producer's committed events) back; read_committed, the worker's lag reads 0 and
+    it reads nothing. `userpilot_unstable_records` counts them and
+    `userpilot_stable_offset_stalled_seconds` rises; once the transaction commits, all are
+    delivered and both read 0."""
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    schema_id = Registry(schema_registry_url).register(topic)
+
+    def value(event: dict[str, Any]) -> bytes:
+        return codec.encode(schema_id, codec.to_record(event))
+
+    open_tx = Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": f"{topic}-tx",
+                        "transaction.timeout.ms": 60000})
+    open_tx.init_transactions(30)
+    open_tx.begin_transaction()
+    for i in range(5):
+        open_tx.produce(topic, key=b"u", value=value(track_event(f"a{i}", i)))
+    open_tx.flush(30)
+    plain = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+    for i in range(10):
+        plain.produce(topic, key=b"u", value=value(track_event(f"b{i}", 100 + i)))
+    plain.flush(30)
+    labels = {"topic": topic, "partition": "0"}
+    with WorkerThread(worker_env(kafka_bootstrap, schema_registry_url, server.url, topic,
+                                 f"{topic}-g", KAFKA_STATISTICS_INTERVAL_MS="1000")) as w:
+
+        def sample(name: str) -> float | None:
+            return w.registry.get_sample_value(name, labels)
+
+        wait_until(lambda: (sample("userpilot_unstable_records") or 0) >= 15, 30,
+                   "the 15 held records counted")
+        first = sample("userpilot_stable_offset_stalled_seconds") or 0.0
+        wait_until(lambda: (sample("userpilot_stable_offset_stalled_seconds") or 0) >= first + 2,
+                   20, "the stalled time rising")
+        assert sample("userpilot_consumer_lag") == 0, "the lag does not count them"
+        assert sum(delivered_seqs(control).values()) == 0
+        open_tx.commit_transaction(30)
+        wait_until(lambda: sum(delivered_seqs(control).values()) == 15, 60, "all delivered")
+        wait_until(lambda: sample("userpilot_unstable_records") == 0
+                   and sample("userpilot_stable_offset_stalled_seconds") == 0, 30,
+                   "nothing held any more")
+        assert w.error is None and w.exit_code is None

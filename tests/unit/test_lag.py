@@ -208,3 +208,49 @@ def test_a_run_of_partitions_without_a_leader_is_passed_in_one_round() -> None:
     assert seen == set(parts)
     # An unanswered lookup (-1) sets no lag: not a lag of 0 for a partition without a leader.
     assert all(lag_of(metrics, ("alpha", p)) is None for p in range(12))
+
+
+def test_records_an_open_transaction_holds_back_and_for_how_long_are_shown() -> None:
+    """Review "tx50": under read_committed the lag ends at the last stable offset, so a
+    transaction left open held every later record back while the lag read 0. The records
+    past it, and how long it has not moved while some are, per fetched partition."""
+    metrics, commits = Metrics(CollectorRegistry()), Commits()
+    commits.assign([P0, P1])
+    now = [100.0]
+    lag = Lag(metrics, commits, clock=lambda: now[0])
+
+    def held(tp: TP) -> tuple[float | None, float | None]:
+        labels = {"topic": tp[0], "partition": str(tp[1])}
+        return (metrics.registry.get_sample_value("userpilot_unstable_records", labels),
+                metrics.registry.get_sample_value(
+                    "userpilot_stable_offset_stalled_seconds", labels))
+
+    def report(p0: dict[str, int], p1: dict[str, int] | None = None,
+               paused: frozenset[TP] = frozenset()) -> None:
+        lag.on_stats(stats(p0={"consumer_lag": 0, **p0}, p1={"consumer_lag": 0, **(p1 or {})}),
+                     assigned={P0, P1}, paused=paused)
+
+    report({"hi_offset": 20, "ls_offset": 20}, {"hi_offset": 7, "ls_offset": 7})
+    assert held(P0) == (0, 0) and held(P1) == (0, 0)
+    report({"hi_offset": 35, "ls_offset": 20})
+    now[0] = 130.0
+    report({"hi_offset": 40, "ls_offset": 20})
+    assert held(P0) == (20, 30), "the stable offset stuck for 30 s, 20 records behind it"
+    now[0] = 140.0
+    report({"hi_offset": 44, "ls_offset": 41})
+    assert held(P0) == (3, 0), "it moved: another transaction, not the stuck one"
+    now[0] = 150.0
+    report({"hi_offset": 44, "ls_offset": 41}, paused=frozenset({P0}))
+    assert held(P0) == (3, 0), "a paused partition's statistics are stale: not taken"
+    report({"hi_offset": 44, "ls_offset": 41})
+    assert held(P0) == (3, 10)
+    report({"hi_offset": 44, "ls_offset": 44})
+    assert held(P0) == (0, 0)
+    report({"hi_offset": 50, "ls_offset": 45})
+    assert held(P0) == (5, 0), "held again: counted from now"
+    report({"hi_offset": -1, "ls_offset": -1})
+    assert held(P0) == (5, 0), "no fetch answer: nothing learnt"
+    lag.forget([P0])
+    now[0] = 200.0
+    report({"hi_offset": 50, "ls_offset": 45})
+    assert held(P0) == (5, 0), "taken again: counted anew"

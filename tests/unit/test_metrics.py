@@ -53,6 +53,8 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "userpilot_partitions_held_for_one_user": ("gauge", ()),
     "userpilot_consumer_lag": ("gauge", ("topic", "partition")),
     "userpilot_committed_offset": ("gauge", ("topic", "partition")),
+    "userpilot_unstable_records": ("gauge", ("topic", "partition")),
+    "userpilot_stable_offset_stalled_seconds": ("gauge", ("topic", "partition")),
     "userpilot_rebalances": ("counter", ("kind",)),
     "userpilot_log_resets": ("counter", ()),
     "userpilot_integration_up": ("gauge", ()),
@@ -96,6 +98,8 @@ ATTRIBUTES = {
     "held_for_one_user": "userpilot_partitions_held_for_one_user",
     "consumer_lag": "userpilot_consumer_lag",
     "committed_offset": "userpilot_committed_offset",
+    "unstable_records": "userpilot_unstable_records",
+    "stable_offset_stalled": "userpilot_stable_offset_stalled_seconds",
     "rebalances": "userpilot_rebalances",
     "log_resets": "userpilot_log_resets",
     "integration_up": "userpilot_integration_up",
@@ -160,6 +164,8 @@ def value(reg: CollectorRegistry, name: str, **labels: str) -> float | None:
 def test_registers_exactly_the_contract(reg: CollectorRegistry, m: Metrics) -> None:
     m.consumer_lag.labels("t", "0").set(1)
     m.committed_offset.labels("t", "0").set(1)
+    m.unstable_records.labels("t", "0").set(1)
+    m.stable_offset_stalled.labels("t", "0").set(1)
     m.events_consumed.labels("t").inc()
     m.delivered.labels("x").inc()
     m.rate_limit_rps.labels("track").set(1)  # per budget, once the worker knows them
@@ -297,9 +303,12 @@ def test_forget_partition_removes_only_that_partition(reg: CollectorRegistry, m:
     m.consumer_lag.labels("t", "1").set(20)
     m.committed_offset.labels("t", "0").set(100)
     m.committed_offset.labels("t", "1").set(200)
+    m.unstable_records.labels("t", "0").set(3)
+    m.stable_offset_stalled.labels("t", "0").set(4)
     m.forget_partition("t", 0)
-    assert value(reg, "userpilot_consumer_lag", topic="t", partition="0") is None
-    assert value(reg, "userpilot_committed_offset", topic="t", partition="0") is None
+    for name in ("userpilot_consumer_lag", "userpilot_committed_offset",
+                 "userpilot_unstable_records", "userpilot_stable_offset_stalled_seconds"):
+        assert value(reg, name, topic="t", partition="0") is None, name
     assert value(reg, "userpilot_consumer_lag", topic="t", partition="1") == 20
     assert value(reg, "userpilot_committed_offset", topic="t", partition="1") == 200
     # Forgetting an unknown or already forgotten partition is harmless.
