@@ -510,7 +510,7 @@ def lacks_required_id(event: Mapping[str, Any]) -> bool:
 
 
 def track_call(payload: Mapping[str, Any]) -> Call:
-    """A Track payload (``mapping.build_track_payload``) as a call."""
+    """A Track payload (``mapping.build_payload``'s body) as a call."""
     return _call("track", TRACK_PATH, dict(payload))
 
 

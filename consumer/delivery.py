@@ -2,7 +2,10 @@
 HTTP outcomes are classified.
 
 `classify` turns a status into what happens next (see consumer.errors); `UserpilotClient`
-maps transport failures the same way. Nothing else in the package looks at a status code.
+maps transport failures the same way. A new rule for a status belongs here. Two readers
+look at the status of what `classify` made, never at an answer: `policy.RetryPolicy` (a
+Misconfigured 401/403/404 that other events get past becomes `RefusedAlone`) and
+`reach`/`gdpr`, which word their one-line messages per status.
 Error messages carry the status, Userpilot's x-request-id and a truncated body, never a
 header we sent, so the token cannot leak through an exception.
 """

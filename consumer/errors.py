@@ -7,8 +7,15 @@
     │   ├── InvalidEvent             a canonical JSON event that does not fit the schema
     │   ├── MappingError             decoding, routing or mapping this one event raised
     │   ├── Rejected                 Userpilot refused the payload (400, 413, 422, other 4xx)
+    │   ├── RefusedAlone             401/403/404 for this event again and again while other
+    │   │                            events got through with the token (`policy`, not
+    │   │                            `classify`: it takes the answers of others)
     │   └── DlqRecordTooLarge        the DLQ refused the record's size: write it value-less
-    ├── Retry                        transient: try the same event again after a backoff
+    ├── Retry                        transient: try the same event again after a backoff;
+    │                                evidence about Userpilot too: a run of them with no
+    │                                success between closes the outage gate for every event
+    │                                (`policy.Gate`); a refusal about one event alone is a
+    │                                DeadLetter, not a Retry
     │   ├── RateLimited              429; carries Retry-After when Userpilot sent one
     │   ├── ServerError              408, 5xx, a final 1xx, an unknown status, no answer
     │   ├── Timeout                  no answer in time
@@ -18,6 +25,7 @@
     │                                says "misconfigured"
     ├── Pause                        the whole integration is broken: stop sending, keep
     │   └── Misconfigured            offsets, probe with backoff (401/403/404/407, 3xx)
+    │       └── ProxyRefused         the egress proxy forbids the tunnel (403 to CONNECT)
     ├── AlreadyDelivered             another owner delivered this messageId meanwhile:
     │                                finish the event without a request (duplicate)
     ├── Stop                         the worker must stop consuming, loudly
@@ -42,7 +50,9 @@ __all__ = [
     "MappingError",
     "Misconfigured",
     "Pause",
+    "ProxyRefused",
     "RateLimited",
+    "RefusedAlone",
     "Rejected",
     "Retry",
     "ServerError",

@@ -8,8 +8,10 @@ everything here exists to turn free-form Signal properties into a flat, primitiv
 * :class:`EventRule` / :class:`MappingSet` hold the event table; :data:`DEFAULT_PRESET` is
   the seed integration page's table; :func:`load_mappings` builds one from a mappings file
   (format in ``docs/mappings.md``) and refuses mistakes with :class:`MappingsError`.
-* :func:`build_track_payload` runs per event, so rule options are pre-computed at load
-  time and the hot path does no regex work and no copies beyond the output dict.
+* :func:`build_payload` runs per event (through ``routing.route``, with the configured
+  limits), so rule options are pre-computed at load time and the hot path does no regex
+  work and no copies beyond the output dict. :func:`build_track_payload` is its body alone
+  with the default limits, for tests and tools; the worker never calls it.
 
 Arrays: an array of primitives becomes one comma-joined string (``["a", "b"]`` → ``"a,b"``,
 as Userpilot's own examples send multi-valued traits); ``products``/``items`` become a

@@ -545,3 +545,18 @@ def test_scaled_to_zero_any_event_wakes_a_replica() -> None:
     activation threshold: at 10, up to 10 events per topic waited unread with no alert
     until more came, and could outlive the topic's retention (review "helm45")."""
     assert VALUES["autoscaling"]["keda"]["activationLagThreshold"] == 0
+
+
+def test_every_variable_the_chart_sets_is_refused_in_extra_env() -> None:
+    """Review "newcomer50": the helpers' `$owned` list is a hand copy of what the configmap
+    and the Deployment's env set; a name missing from it let an `extraEnv` entry win over
+    the chart's value unseen (env beats envFrom)."""
+    helpers = (CHART / "templates/_helpers.tpl").read_text(encoding="utf-8")
+    (owned_text,) = re.findall(r"\$owned := list ((?:\"[A-Z0-9_]+\" ?)+)", helpers)
+    owned = set(re.findall(r'"([A-Z0-9_]+)"', owned_text))
+    configmap = (CHART / "templates/configmap.yaml").read_text(encoding="utf-8")
+    deployment = (CHART / "templates/deployment.yaml").read_text(encoding="utf-8")
+    set_by_chart = (set(re.findall(r"^  ([A-Z][A-Z0-9_]+):", configmap, re.M))
+                    | set(re.findall(r"^\s+- name: ([A-Z][A-Z0-9_]+)$", deployment, re.M)))
+    assert "KAFKA_TOPICS" in set_by_chart and "USERPILOT_API_KEY" in set_by_chart
+    assert set_by_chart - owned == set()

@@ -551,3 +551,19 @@ def test_the_dashboard_shows_redis_and_deduplication() -> None:
                    "userpilot_rate_limiter_fallback", "userpilot_duplicates_skipped_total",
                    "userpilot_dedup_unchecked_total"):
         assert family in queries, family
+
+
+def test_every_retry_cause_has_its_series() -> None:
+    """Review "newcomer50": a Retry subclass with a cause of its own and no `RETRY_CAUSES`
+    entry got no series from the start (a rate() over it was empty until the first), and no
+    test said so."""
+    from consumer import errors
+    from consumer.metrics import RETRY_CAUSES
+
+    def below(cls: type[errors.Retry]) -> list[type[errors.Retry]]:
+        children: list[type[errors.Retry]] = cls.__subclasses__()
+        return [cls, *(sub for child in children for sub in below(child))]
+
+    causes = {cls.cause for cls in below(errors.Retry) if cls is not errors.Retry}
+    assert causes <= set(RETRY_CAUSES), causes - set(RETRY_CAUSES)
+    assert "misconfigured" in RETRY_CAUSES, "a Pause's label (worker._count_retry)"
