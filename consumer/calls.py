@@ -25,7 +25,7 @@ import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, TypeAlias, get_args
@@ -69,6 +69,7 @@ __all__ = [
     "identify_calls",
     "identify_payload",
     "lacks_required_id",
+    "state_written",
     "track_call",
     "visible",
 ]
@@ -507,6 +508,22 @@ def lacks_required_id(event: Mapping[str, Any]) -> bool:
         return True
     user_id = event.get("userId")
     return not isinstance(user_id, str) or not visible(user_id)
+
+
+def state_written(calls: Sequence[Call]) -> tuple[str, str] | None:
+    """What an event's calls set in Userpilot that a later event's would set again, so
+    that the later one reaching Userpilot first leaves the earlier one stale: a user's
+    traits (an identify), a company's properties (a company identify). None for a Track,
+    which is history, not state, and for the bare identifies that only make a user exist
+    or join a company (`ensure_user`, `associate_company`)."""
+    for call in calls:
+        if call.purpose == "identify":
+            user = call.payload.get("user_id")
+            return ("user", user) if isinstance(user, str) else None
+        if call.purpose == "company_identify":
+            company = call.written_company
+            return None if company is None else ("company", company)
+    return None
 
 
 def track_call(payload: Mapping[str, Any]) -> Call:

@@ -2,10 +2,11 @@
 HTTP outcomes are classified.
 
 `classify` turns a status into what happens next (see consumer.errors); `UserpilotClient`
-maps transport failures the same way. A new rule for a status belongs here. Two readers
-look at the status of what `classify` made, never at an answer: `policy.RetryPolicy` (a
-Misconfigured 401/403/404 that other events get past becomes `RefusedAlone`) and
-`reach`/`gdpr`, which word their one-line messages per status.
+maps transport failures the same way. A new rule for a status belongs here. Others read
+the status `classify` put on its exception, never an answer's: `policy.RetryPolicy` (a
+Misconfigured 401/403/404 that other events get past becomes `RefusedAlone`), `reach`
+(its one-line messages per status), the handler's `responses` counter and the dead
+letter's `userpilot.error.status` header (which `replay` selects on).
 Error messages carry the status, Userpilot's x-request-id and a truncated body, never a
 header we sent, so the token cannot leak through an exception.
 """

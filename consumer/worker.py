@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from consumer import codec
-from consumer.calls import FAMILIES
+from consumer.calls import FAMILIES, state_written
 from consumer.commits import TP, Commits
 from consumer.config import REVOKE_MARGIN_S, Settings, redact_userinfo
 from consumer.deadletter import DlqGuard, GuardHold, iso_ms, message_headers
@@ -1071,16 +1071,20 @@ class Worker:
         done = ((event.topic, event.partition), event.offset, event.generation)
         now = time.monotonic()
         self.guard_hold.outcome(event.intake)
-        chain = (event.topic, event.partition, event.ordering_key)
+        # The state the event writes in its partition (a user's traits, a company's):
+        # the dead letters held for the guard that a later write of it overtook are let go.
+        decision = event.decision
+        state = state_written(decision.calls) if isinstance(decision, Send) else None
+        chain = None if state is None else (done[0], state)
         if isinstance(outcome, DeadLettered) and outcome.counted:
             self.guard_hold.hold(done, now, event.intake, chain)
             self.commits.hold(*done)
             self._dead_letters.append((done[0], done[1], outcome.at, done[2]))
         else:
             self.commits.finish(*done)
-            if isinstance(outcome, Delivered | Duplicate):
-                # The user's earlier dead letters held for the guard are behind this event
-                # at Userpilot: read again after a crash or a trip, they would follow it.
+            if chain is not None and isinstance(outcome, Delivered | Duplicate):
+                # Read again after a crash or a trip, they would reach Userpilot after this
+                # event and undo what it set (review "order50").
                 for item in self.guard_hold.overtaken(chain, event.intake):
                     self.commits.finish(*item)
         self._finish_held(self.guard_hold.due(now))

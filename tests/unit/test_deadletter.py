@@ -596,7 +596,17 @@ def test_the_guard_hold_lets_go_a_users_dead_letters_its_later_delivered_event_o
     assert len(hold) == 3
     assert hold.due(now=61.0) == ["u2@2", "u1@6", "untracked@4"]
     assert hold.overtaken("u1", 9) == [], "let go by `due`: forgotten by its chain too"
-    assert hold._chains == {}
+    assert hold._chains == {} and len(hold) == 0 and not hold._held
+    # Let go by `overtaken`, never handed out again: by `take`, `after` or `due`.
+    for seq in range(1, 6):
+        hold.hold(f"u1@{seq}", now=100.0, seq=seq, chain="u1")
+    hold.hold("u2@6", now=100.0, seq=6, chain="u2")
+    assert hold.overtaken("u1", 3) == ["u1@1", "u1@2"]
+    assert len(hold) == 4
+    assert hold.after(3) == ["u1@4", "u1@5", "u2@6"]
+    assert hold.overtaken("u1", 9) == ["u1@3"] and len(hold) == 0
+    hold.hold("u3@7", now=100.0, seq=7, chain="u3")
+    assert hold.due(now=161.0) == ["u3@7"] and len(hold) == 0 and not hold._held
 
 
 @pytest.mark.parametrize(("partition", "offset"), [

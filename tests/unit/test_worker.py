@@ -1209,28 +1209,48 @@ def test_held_dead_letters_stay_uncommitted_when_the_guard_trips_with_requests_o
     assert run.source.committed().get((TOPIC, 0), 0) <= 2
 
 
-def test_a_held_dead_letter_its_users_later_event_overtook_is_committed_at_a_trip() -> None:
-    """Review "order50": u1's first event refused and held for the guard, its second
-    delivered, then the guard trips on garbage. Left uncommitted, the restart read the
-    first again and, accepted then, sent it after the second (the user kept older traits);
-    the note named the second as finished. Now both are committed: the first's dead letter
-    holds it."""
-    first, second = track("u1", 0), track("u1", 1)
-    msgs = [Message(TOPIC, 0, 0, b"u1", first), Message(TOPIC, 0, 1, b"u1", second)]
-    run = make({(TOPIC, 0): msgs}, WORKER_DLQ_MAX_CONSECUTIVE="3", WORKER_DLQ_WINDOW="10",
+def _identify_plan(user: str, seq: int, plan: str) -> bytes:
+    event: dict[str, Any] = {
+        "type": "identify", "userId": user, "traits": {"plan": plan},
+        "context": {"consent": {"analytics": True}}, "messageId": f"{user}-{seq}"}
+    return codec.encode(SCHEMA_ID, codec.to_record(event))
+
+
+@pytest.mark.parametrize(("later", "key", "schema_known", "committed"), [
+    ("identify", b"u1", True, 2),
+    ("identify", None, True, 2),
+    ("identify", None, False, 2),  # keyless, its user known only once the schema came
+    ("track", b"u1", True, 0),
+])
+def test_a_held_dead_letter_whose_state_a_later_event_set_again_is_committed_at_a_trip(
+        later: str, key: bytes | None, schema_known: bool, committed: int) -> None:
+    """Review "order50": u1's identify refused (a 409 that does not repeat) and held for the
+    guard, its later identify delivered, then the guard trips on garbage. Left uncommitted,
+    the restart read the first again and, accepted then, sent it after the second: the user
+    kept the older traits. Now both are committed; the first's dead letter holds it. A later
+    Track does not set traits (review "diff50a"): a bad deploy refusing every identify while
+    Tracks go through still meets the same identifies after each restart."""
+    first = _identify_plan("u1", 0, "A-old")
+    second = _identify_plan("u1", 1, "B-new") if later == "identify" else track("u1", 1)
+    msgs = [Message(TOPIC, 0, 0, key, first), Message(TOPIC, 0, 1, key, second)]
+    run = make({(TOPIC, 0): msgs},
+               registry=known_schema() if schema_known else FakeRegistry(fetch_delay=0.2),
+               WORKER_DLQ_MAX_CONSECUTIVE="3", WORKER_DLQ_WINDOW="10",
                WORKER_DLQ_MAX_RATIO="1", WORKER_COMMIT_INTERVAL_SECONDS="60")
     run.client.answers[_body_of(first)] = Rejected("HTTP 409: conflict", status=409)
 
     async def scenario(source: FakeSource) -> None:
-        await until(lambda: _body_of(second) in run.client.bodies, "u1's second sent")
+        await until(lambda: any(c.body == _body_of(second) for c in run.client.calls),
+                    "u1's second sent")
         source.log[(TOPIC, 0)].extend(Message(TOPIC, 0, off, f"g{off}".encode(), b"garbage")
                                       for off in (2, 3, 4, 5))
         await until(lambda: run.worker.fatal is not None, "the guard to trip")
 
     assert drive(run, scenario) == 3
-    assert run.client.bodies == [_body_of(first), _body_of(second)]
+    sent = [c.body for c in run.client.calls if c.body in (_body_of(first), _body_of(second))]
+    assert sent == [_body_of(first), _body_of(second)]
     assert len(run.dlq.records) == 4
-    assert run.source.committed().get((TOPIC, 0), 0) == 2, "u1's two events, not the garbage"
+    assert run.source.committed().get((TOPIC, 0), 0) == committed
 
 
 def gauge_of(run: Any, name: str, **labels: str) -> float | None:
