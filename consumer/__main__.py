@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, cast
 
 from consumer import installed_version
 from consumer.config import timeout_seconds, wait_seconds
@@ -34,7 +34,8 @@ from consumer.errors import ConfigError, WorkerError
 from consumer.logs import error_line
 from consumer.replay import add_arguments as add_replay_arguments
 from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
-from consumer.stdout import json_line, stdout_gone, write_line
+from consumer.signals import stop_signals
+from consumer.stdout import QuietStream, json_line, stdout_gone, write_line
 
 if TYPE_CHECKING:
     from consumer.config import Settings
@@ -92,7 +93,7 @@ def hold_after_guard(health: Health, seconds: float, beat_s: float = 1.0) -> boo
         return True
     health.set_stopping("stopped by the DLQ guard (too many dead letters); see the logs")
     done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         signal.signal(sig, lambda _sig, _frame: done.set())
     log.critical("DLQ guard tripped: holding %gs before exit code %d so monitoring sees it "
                  "(userpilot_dlq_guard_tripped=1, /readyz unready); SIGTERM ends it now",
@@ -144,6 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # once the worker runs: nothing was taken yet. Kubernetes may stop a pod the moment
         # its probes answer.
         signal.signal(signal.SIGTERM, _stopped)
+        if signal.SIGHUP in stop_signals():
+            signal.signal(signal.SIGHUP, _stopped)
     try:
         health.set_waiting("checking Kafka and the schema registry")
         # The probes and /metrics before the first check of the services (live, not ready).
@@ -232,7 +235,7 @@ def _run_worker(settings: Settings, metrics: Metrics, health: Health) -> int:
         raise
     # Before the worker runs: a SIGTERM from then on (Kubernetes stopping a pod that has
     # just started) is a clean stop, not death by the default signal action (exit -15).
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         signal.signal(sig, lambda _sig, _frame: worker.stop(signalled=True))
     if STOP_ASKED:  # a SIGTERM whose SystemExit was swallowed on the way here
         worker.stop(signalled=True)
@@ -322,6 +325,11 @@ def _stdin() -> BinaryIO:
     return sys.stdin.buffer
 
 
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EPIPE})
+"""What a write of standard output raises on a full disk or a dead device: explain named
+its input file as unreadable for them (review "cli50")."""
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     """Exit 0 when every line is valid, 1 when any line (or the file) is not."""
     from consumer.config import load_settings
@@ -352,7 +360,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         stdout_gone()
         return 0 if valid else 1
     except OSError as exc:  # e.g. a directory: open works, read fails
-        error_line(f"{label}: cannot read the file ({exc.strerror or exc})", os.environ)
+        if exc.errno in _WRITE_ERRNOS:  # `> file` on a full disk: not the input's fault
+            stdout_gone()
+            error_line(f"cannot write the output ({exc.strerror or exc})", os.environ)
+        else:
+            error_line(f"{label}: cannot read the file ({exc.strerror or exc})", os.environ)
         return 1
     return 0 if valid else 1
 
@@ -401,16 +413,26 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     configure_command_logging(settings.log_format, settings.log_secrets())
     conf = settings.kafka_config()
-    # The validated values: a flag given with a stray space was checked stripped and used
-    # as given (review config25).
-    produce_events(lines, topic=args.topic, bootstrap=settings.bootstrap_servers,
-                   registry_url=settings.registry_url,
-                   source=path or "<stdin>", extra_conf=conf, timeout=args.timeout,
-                   registry_auth=settings.registry_auth.reveal() if settings.registry_auth
-                   else None,
-                   registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy
-                   else None)
-    return 0
+    # A signal stops the sending between records: what went is waited for and counted.
+    signalled: list[int] = []
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in stop_signals():
+            previous[sig] = signal.signal(sig, lambda signum, _frame: signalled.append(signum))
+    try:
+        # The validated values: a flag given with a stray space was checked stripped and
+        # used as given (review config25).
+        produce_events(lines, topic=args.topic, bootstrap=settings.bootstrap_servers,
+                       registry_url=settings.registry_url,
+                       source=path or "<stdin>", extra_conf=conf, timeout=args.timeout,
+                       registry_auth=settings.registry_auth.reveal()
+                       if settings.registry_auth else None,
+                       registry_proxy=settings.registry_proxy.reveal()
+                       if settings.registry_proxy else None, stopping=lambda: bool(signalled))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 + signalled[0] if signalled else 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -571,16 +593,22 @@ def _terminated(signum: int, _frame: object) -> None:
 def _closed_streams_to_devnull() -> None:
     """A command started with stdout or stderr closed (`>&-`) has None there: check-config
     and explain failed with a traceback (`'NoneType' object has no attribute 'encoding'`)
-    after their work was done (review "config48"). What nobody can read goes nowhere."""
+    after their work was done (review "config48"). What nobody can read goes nowhere, and
+    so does what stderr's reader left unread (`QuietStream`; kept to the end: Python's
+    own flush at exit turned a broken stderr into exit 120)."""
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
+    if not isinstance(sys.stderr, QuietStream):
+        sys.stderr = cast(TextIO, QuietStream(sys.stderr))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     _closed_streams_to_devnull()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
+    hangup = in_main_thread and signal.SIGHUP in stop_signals()
+    previous_hangup = signal.signal(signal.SIGHUP, _terminated) if hangup else None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -601,6 +629,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if hangup:
+            signal.signal(signal.SIGHUP,
+                          signal.SIG_DFL if previous_hangup is None else previous_hangup)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -647,7 +648,10 @@ def main(
                      as_json=args.json)
 
     def log(line: str) -> None:
-        print(f"delete-users: {line}", file=err, flush=True)
+        # A reader of stderr that went away stopped the deletions mid-list, without a
+        # summary, exit 1 (review "cli50"): progress is for a reader, not the work's.
+        with contextlib.suppress(OSError):
+            print(f"delete-users: {line}", file=err, flush=True)
 
     if not user_ids:
         # A GDPR script read exit 0 as done (review "replay26"): an empty list is a mistake

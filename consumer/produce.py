@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -135,12 +136,15 @@ def produce_events(
     lines: Iterable[str | bytes], *, topic: str, bootstrap: str, registry_url: str,
     source: str = "<stdin>", extra_conf: dict[str, Any] | None = None,
     out: TextIO = sys.stderr, registry_auth: str | None = None, timeout: float = 10.0,
-    registry_proxy: str | None = None,
+    registry_proxy: str | None = None, stopping: Callable[[], bool] | None = None,
 ) -> int:
     """Validate, probe the services, register the schema, produce, wait for every ack.
 
     Returns the number of events sent. ProduceError (one line) when a line is invalid or
-    Kafka/the registry does not answer within ``timeout`` seconds.
+    Kafka/the registry does not answer within ``timeout`` seconds. Once ``stopping()`` (a
+    signal), no further record is produced: those on their way are waited for and the
+    count acknowledged is printed (interrupted, it said nothing of the tens of thousands
+    already on the topic, or raised out of the Kafka client's poll; review "cli50").
     """
     from confluent_kafka import KafkaException
 
@@ -188,12 +192,21 @@ def produce_events(
     check_sizes(parsed, records, int(conf.get("message.max.bytes", MESSAGE_MAX_BYTES)), source)
     producer = make_producer(conf)
     failures: list[str] = []
+    acked = [0]
 
     def on_delivery(err: Any, msg: Any) -> None:
         if err is not None:
             failures.append(str(err))
+        else:
+            acked[0] += 1
 
     for sent, (key, value) in enumerate(records):
+        if stopping is not None and stopping():
+            left = producer.flush(min(timeout, 10.0))
+            print(f"interrupted: {acked[0]} of the {len(records)} events were sent and "
+                  f"acknowledged, {len(failures)} failed, {left} unacknowledged; the other "
+                  f"{len(records) - sent} were not sent", file=out)
+            return acked[0]
         while True:
             try:
                 producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
@@ -209,7 +222,10 @@ def produce_events(
                     f"before it {max(0, sent - unacked)} were acknowledged, the rest were "
                     f"not sent") from None
         producer.poll(0)
-    left = producer.flush(60)
+    deadline = time.monotonic() + 60
+    left = producer.flush(0)
+    while left and time.monotonic() < deadline and not (stopping is not None and stopping()):
+        left = producer.flush(0.5)
     if left or failures:
         raise ProduceError(
             f"{left} unacknowledged and {len(failures)} failed record(s) on {topic}: "

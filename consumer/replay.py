@@ -63,6 +63,7 @@ from consumer.kafka import make_producer
 from consumer.librdkafka import consumer_settings
 from consumer.metrics import DEAD_LETTER_REASONS
 from consumer.registry import Registry
+from consumer.signals import stop_signals
 from consumer.stdout import json_line, stdout_gone
 
 __all__ = [
@@ -1018,7 +1019,9 @@ def _stdout_json(doc: Mapping[str, Any]) -> bool:
             print(json_line(doc), file=sys.stdout)  # one line whatever a key holds
         except UnicodeEncodeError:
             print(json.dumps(doc), file=sys.stdout)
-    except BrokenPipeError:
+    except OSError:
+        # Or a full disk under `> replay.log` (ENOSPC, EIO): raised, the batch published
+        # was committed by none, and the next run sent it again (review "cli50").
         stdout_gone()
         return False
     return True
@@ -1203,7 +1206,7 @@ def main(args: argparse.Namespace) -> int:
             unread.append(True)
             stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in stop_signals():
         signal.signal(sig, lambda _sig, _frame: stop.set())
     try:
         secret = settings.replay_secret()

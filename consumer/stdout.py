@@ -6,6 +6,7 @@ Thread rule: `write_line` and `stdout_gone` on the command-line tools' main thre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import IO, Any
 
-__all__ = ["ESCAPES", "json_line", "stdout_gone", "write_line"]
+__all__ = ["ESCAPES", "QuietStream", "json_line", "stdout_gone", "write_line"]
 
 _UNSAFE = (0x2028, 0x2029, *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F,
            *range(0x202A, 0x202F), *range(0x2066, 0x206A))
@@ -55,8 +56,36 @@ def write_line(text: str, out: IO[str] | None = None) -> bool:
             encoding = getattr(stream, "encoding", None) or "utf-8"
             print(text.encode(encoding, "backslashreplace").decode(encoding), file=stream,
                   flush=True)
-    except BrokenPipeError:
+    except OSError:
+        # A closed pipe, or a full disk or a dead device under `> file` (ENOSPC, EIO): the
+        # line is lost either way, and the callers' answer is the same (review "cli50").
         if stream is sys.stdout:
             stdout_gone()
         return False
     return True
+
+
+class QuietStream:
+    """Standard error that nobody may read any more: what cannot be written is dropped.
+
+    Notes, progress and summaries on stderr are for a reader; one that went away (`2>&1 |
+    head`, a log shipper that died) raised BrokenPipeError out of the command's next line:
+    `check-config` exited 1 on a valid configuration, and `delete-users` stopped mid-list
+    without a word (review "cli50"). What the command does must not depend on it. Anything
+    but writing is the stream's own (`encoding`, `fileno`, `isatty`, `buffer`)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError:
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)

@@ -41,7 +41,6 @@ import contextlib
 import functools
 import itertools
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -91,6 +90,7 @@ from consumer.routing import Send
 from consumer.scheduling import ChainKey, Scheduler
 from consumer.sharedlimit import SharedLimiter
 from consumer.sharedstate import SharedState, build_shared_state
+from consumer.signals import stop_signals
 
 __all__ = ["Callbacks", "Source", "SourceFactory", "Worker", "fair_holds", "fair_margin",
            "fair_share", "resume_level"]
@@ -470,7 +470,7 @@ class Worker:
         self._stopping = asyncio.Event()
         if self._stop_before_run:
             self._stopping.set()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stop_signals():
             # Outside the main thread (tests) there are no signal handlers: stop() is used.
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 self._loop.add_signal_handler(sig, functools.partial(self.stop, signalled=True))

@@ -264,8 +264,8 @@ class WorkerProcess:
         self.proc.wait(30)
         self._log.close()
 
-    def terminate(self, timeout: float = 60.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+    def terminate(self, timeout: float = 60.0, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
         self._log.close()
         return code

@@ -5,6 +5,7 @@ user's event waits out retries below delivered ones re-sends only that event."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,14 +86,17 @@ def test_a_broker_refusing_the_note_gets_the_commit_without_it(
     assert KafkaError.OFFSET_METADATA_TOO_LARGE  # the code this is about
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_with_one_event_retrying_below_delivered_ones_resends_only_it(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
-    sandbox: Sandbox, tmp_path: Path,
+    sandbox: Sandbox, tmp_path: Path, stop: signal.Signals,
 ) -> None:
     """One user's event waits out 503s at offset 0 while 150 events of other users after it
     are delivered. A SIGTERM abandons it (it is not on the wire) and commits offset 0 with
     a note naming the 150; the next owner sends the one abandoned event and nothing else.
-    Without the note the next owner sent all 150 again."""
+    Without the note the next owner sent all 150 again. A hang-up (a closed terminal) is the
+    same clean stop: without a handler it killed the worker before its final commit (review
+    "cli50")."""
     server, control = sandbox
     topic = topic_factory(partitions=1)
     events: list[dict[str, Any]] = [track_event("stuck", 0)]
@@ -106,7 +110,7 @@ def test_sigterm_with_one_event_retrying_below_delivered_ones_resends_only_it(
     first = WorkerProcess(env, tmp_path / "first.log")
     wait_until(lambda: len(control.requests("/v1/track")) >= 150, 60,
                "the 150 events after the stuck one")
-    assert first.terminate() == 0, first.output()
+    assert first.terminate(sig=stop) == 0, first.output()
     assert committed_offsets(kafka_bootstrap, group, topic) == {0: 0}
     control.set_faults(rules=[])
     second = WorkerProcess(env, tmp_path / "second.log")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,3 +124,43 @@ def test_produce_refuses_a_file_with_a_record_over_the_producer_limit_and_sends_
     assert "big.jsonl:2" in done.stderr and "nothing was sent" in done.stderr
     assert "Traceback" not in done.stderr
     assert _consume_all(kafka_bootstrap, topic, 1) == []
+
+
+def test_produce_stopped_by_a_signal_says_how_many_were_sent_and_acknowledged(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    """Review "cli50": interrupted mid-send, `produce` said nothing of the tens of thousands
+    of events already on the topic (SIGTERM: exit 143, no line; SIGINT inside the Kafka
+    client's poll: a SystemError traceback). A stop signal now ends the sending between
+    records; what went is waited for and counted, and the count is what the topic holds."""
+    topic = topic_factory(partitions=1)
+    fixture = tmp_path / "many.jsonl"
+    line = json.dumps({"type": "track", "event": "x", "userId": "u", "properties": {}})
+    fixture.write_text((line + "\n") * 400_000, encoding="utf-8")
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+           "SCHEMA_REGISTRY_URL": schema_registry_url}
+    proc = subprocess.Popen([sys.executable, "-m", "consumer", "produce", "--topic", topic,
+                             "--file", str(fixture)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"{topic}-w"})
+        try:
+            for _ in range(600):  # until records reach the topic
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), 5)
+                if high > 0 or proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=120)
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), 5)
+        finally:
+            consumer.close()
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    said = re.search(r"interrupted: (\d+) of the 400000 events were sent and acknowledged, "
+                     r"0 failed, 0 unacknowledged; the other (\d+) were not sent", err)
+    assert said is not None, err
+    assert int(said[1]) == high and 0 < high < 400_000

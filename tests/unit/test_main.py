@@ -851,3 +851,81 @@ def test_an_unknown_option_before_the_command_is_named(argv: list[str], says: st
     """Review "config48": `--bogus` said "the following arguments are required: command"."""
     result = cli(argv, {})
     assert result.returncode == 2 and says in result.stderr, result.stderr
+
+
+def _closed_stderr(argv: list[str], env: dict[str, str], stdin: bytes = b"",
+                   stdout: int | None = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
+    """`python -m consumer argv` with a stderr whose reader is already gone."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "consumer", *argv], env=only(env),
+                              stdout=stdout, stderr=write, input=stdin, timeout=60,
+                              check=False)
+    finally:
+        os.close(write)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", "")
+
+
+@pytest.mark.parametrize(("argv", "stdin"), [
+    (["check-config"], b""), (["delete-users", "--dry-run"], b"u1\nu2\n"),
+    (["explain"], b'{"type":"track","event":"x","userId":"u"}\n')])
+def test_a_closed_stderr_is_not_a_failure_of_the_command(argv: list[str], stdin: bytes) -> None:
+    """Review "cli50": notes and progress go to stderr; a reader of it that went away
+    (`2>&1 | head`) raised BrokenPipeError out of the command's next line: `check-config`
+    exited 1 on a valid configuration, `delete-users` stopped mid-list."""
+    assert _closed_stderr(argv, GOOD, stdin).returncode == 0
+
+
+def test_explain_names_the_output_not_the_input_when_stdout_cannot_be_written(
+        tmp_path: Path) -> None:
+    """Review "cli50": `explain --file events.jsonl > /dev/full` said the input file could
+    not be read."""
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"type":"track","event":"x","userId":"u"}\n' * 5000)
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "consumer", "explain", "--file",
+                               str(events)], env=only(GOOD), stdout=full,
+                              stderr=subprocess.PIPE, timeout=60, check=False, text=True)
+    assert proc.returncode == 1
+    assert "cannot write the output (No space left on device)" in proc.stderr, proc.stderr
+    assert "cannot read" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_hang_up_is_a_stop_signal_unless_the_process_ignores_it() -> None:
+    """Review "cli50": a closed terminal's SIGHUP killed `replay` with a published batch
+    uncommitted, `delete-users` without its summary and `run` without its final commit;
+    started under `nohup` (SIGHUP ignored), the process is asked to outlive the terminal."""
+    from consumer.signals import stop_signals
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        assert stop_signals() == (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        assert stop_signals() == (signal.SIGTERM, signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_delete_users_reports_a_hang_up_like_a_sigterm(tmp_path: Path) -> None:
+    """Review "cli50": SIGHUP mid-run printed nothing and exited -1; now the summary and
+    exit 129, as SIGTERM gives 143."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"u{i}\n" for i in range(50)))
+    env = {**GOOD, "USERPILOT_ANALYTICS_ENDPOINT": "127.0.0.1:9", "USERPILOT_INSECURE_HTTP": "true"}
+    proc = subprocess.Popen([sys.executable, "-m", "consumer", "delete-users", "--file",
+                             str(ids), "--batch-size", "1", "--interval", "5"], env=only(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        assert proc.stderr is not None
+        while "users in" not in proc.stderr.readline():  # the first progress line
+            assert time.monotonic() < deadline and proc.poll() is None
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGHUP, err
+    assert "interrupted after" in err and "delete-users:" in out, (out, err)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import json
 import os
 import sys
@@ -143,11 +144,17 @@ def _main_with(fake_run: Any, argv: list[str], env: dict[str, str] | None = None
             signal.signal(sig, handler)
 
 
+def _no_space(*args: Any, **kwargs: Any) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("write_error", ["broken pipe", "no space"])
 def test_a_closed_stdout_stops_the_run_like_an_interrupt_without_a_traceback(
-        capfd: pytest.CaptureFixture[str]) -> None:
+        capfd: pytest.CaptureFixture[str], write_error: str) -> None:
     """`replay ... | head -1`: the reader went away. The run stops after the record at hand
     and commits what it published (`stopping` turns true), where a BrokenPipeError raised
-    through it had published a batch and committed none of it (review "dlq33")."""
+    through it had published a batch and committed none of it (review "dlq33"); and so
+    does `> replay.log` on a full disk (review "cli50")."""
     from consumer import replay
 
     stops: list[bool] = []
@@ -157,7 +164,8 @@ def test_a_closed_stdout_stops_the_run_like_an_interrupt_without_a_traceback(
         report({"replayed": 1})
         stops.append(stopping())
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr("builtins.print", _broken_pipe)
+            mp.setattr("builtins.print",
+                       _broken_pipe if write_error == "broken pipe" else _no_space)
             report({"replayed": 2})
         stops.append(stopping())
         report({"replayed": 3})  # nothing raised: the output goes nowhere
