@@ -510,20 +510,21 @@ def lacks_required_id(event: Mapping[str, Any]) -> bool:
     return not isinstance(user_id, str) or not visible(user_id)
 
 
-def state_written(calls: Sequence[Call]) -> tuple[str, str] | None:
+def state_written(calls: Sequence[Call]) -> tuple[tuple[str, str], ...]:
     """What an event's calls set in Userpilot that a later event's would set again, so
     that the later one reaching Userpilot first leaves the earlier one stale: a user's
-    traits (an identify), a company's properties (a company identify). None for a Track,
-    which is history, not state, and for the bare identifies that only make a user exist
-    or join a company (`ensure_user`, `associate_company`)."""
+    traits (an identify), a company's properties (a group's company identify, an identify
+    carrying them: `written_company`). None for a Track, which is history, not state, and
+    for the bare identifies that only make a user exist or join a company (`ensure_user`,
+    `associate_company`)."""
+    states: list[tuple[str, str]] = []
     for call in calls:
-        if call.purpose == "identify":
-            user = call.payload.get("user_id")
-            return ("user", user) if isinstance(user, str) else None
-        if call.purpose == "company_identify":
-            company = call.written_company
-            return None if company is None else ("company", company)
-    return None
+        user = call.payload.get("user_id") if call.purpose == "identify" else None
+        if isinstance(user, str):
+            states.append(("user", user))
+        if call.written_company is not None:
+            states.append(("company", call.written_company))
+    return tuple(dict.fromkeys(states))
 
 
 def track_call(payload: Mapping[str, Any]) -> Call:

@@ -585,7 +585,7 @@ class _Held(Generic[T]):
     base: int
     read_at: int
     late: int = 0
-    chain: Hashable = None  # the state it writes (`overtaken`); None: not tracked
+    chains: tuple[Hashable, ...] = ()  # the states it writes (`overtaken`)
     gone: bool = False  # let go by `overtaken`, still in the hold order (skipped there)
 
 
@@ -638,9 +638,10 @@ class GuardHold(Generic[T]):
     def __len__(self) -> int:
         return len(self._held) - self._gone
 
-    def hold(self, item: T, now: float, seq: int = 0, chain: Hashable = None) -> None:
+    def hold(self, item: T, now: float, seq: int = 0,
+             chains: Sequence[Hashable] = ()) -> None:
         """Hold `item`, the dead letter at stream position `seq` (the intake order), of an
-        event writing `chain` (a user's traits, a company's properties: `overtaken`).
+        event writing `chains` (a user's traits, a company's properties: `overtaken`).
 
         The events after it that finished first (its dead letter's produce took longer than
         their requests) were read by the guard already: they count as past it. Left out,
@@ -648,9 +649,9 @@ class GuardHold(Generic[T]):
         (one user in retries) the dead letter waited `max_s` for outcomes the guard had
         read."""
         base = sum(1 for read in self._recent if not read or read > seq) if seq else 0
-        entry = _Held(now, seq, item, base, self._read, chain=chain)
+        entry = _Held(now, seq, item, base, self._read, chains=tuple(chains))
         self._held.append(entry)
-        if chain is not None:
+        for chain in entry.chains:
             self._chains.setdefault(chain, []).append(entry)
         if seq:
             index = bisect.bisect_right(self._seqs, seq)
@@ -727,8 +728,8 @@ class GuardHold(Generic[T]):
         pass each (one removal at a time, 40,000 of one chain took 0.2 s)."""
         by_chain: dict[Hashable, set[int]] = {}
         for entry in gone:
-            if entry.chain is not None:
-                by_chain.setdefault(entry.chain, set()).add(id(entry))
+            for chain in entry.chains:
+                by_chain.setdefault(chain, set()).add(id(entry))
         for chain, ids in by_chain.items():
             rest = [entry for entry in self._chains[chain] if id(entry) not in ids]
             if rest:

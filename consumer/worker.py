@@ -573,7 +573,7 @@ class Worker:
                 if len(self.guard_hold):
                     note_now = self._held_idle(scheduler, not scheduled and (
                         not self.overflow.free(self._held_back) or not room), source)
-                    self._finish_held(self.guard_hold.due(now))
+                    self._finish_held(functools.partial(self.guard_hold.due, now))
                 if note_now or not messages or now - last_commit >= self.s.commit_interval_s:
                     noted = note_now or now - last_noted >= self.s.commit_interval_s
                     await source.call(self._commit, source, None, False, noted, whole)
@@ -1071,33 +1071,38 @@ class Worker:
         done = ((event.topic, event.partition), event.offset, event.generation)
         now = time.monotonic()
         self.guard_hold.outcome(event.intake)
-        # The state the event writes in its partition (a user's traits, a company's):
-        # the dead letters held for the guard that a later write of it overtook are let go.
+        # The state the event writes (a user's traits, in its partition; a company's,
+        # ordered across this replica's partitions as `CompanyOrder` orders them): the dead
+        # letters held for the guard that a later write of it overtook are let go.
         decision = event.decision
-        state = state_written(decision.calls) if isinstance(decision, Send) else None
-        chain = None if state is None else (done[0], state)
+        chains = tuple(state if state[0] == "company" else (done[0], state)
+                       for state in state_written(decision.calls)
+                       ) if isinstance(decision, Send) else ()
         if isinstance(outcome, DeadLettered) and outcome.counted:
-            self.guard_hold.hold(done, now, event.intake, chain)
+            self.guard_hold.hold(done, now, event.intake, chains)
             self.commits.hold(*done)
             self._dead_letters.append((done[0], done[1], outcome.at, done[2]))
         else:
             self.commits.finish(*done)
-            if chain is not None and isinstance(outcome, Delivered | Duplicate):
+            if chains and isinstance(outcome, Delivered | Duplicate):
                 # Read again after a crash or a trip, they would reach Userpilot after this
-                # event and undo what it set (review "order50").
-                for item in self.guard_hold.overtaken(chain, event.intake):
-                    self.commits.finish(*item)
-        self._finish_held(self.guard_hold.due(now))
+                # event and undo what it set (review "order50"); after a trip too.
+                for chain in chains:
+                    for item in self.guard_hold.overtaken(chain, event.intake):
+                        self.commits.finish(*item)
+        self._finish_held(functools.partial(self.guard_hold.due, now))
         return outcome
 
-    def _finish_held(self, held: Sequence[tuple[TP, int, int]]) -> None:
-        """Finish dead letters the guard hold let go (event loop); none once the guard
-        tripped: requests still on the wire finish during the shutdown's drain, and each
-        outcome let held dead letters of the tripping run go, into the final commit
-        (review "hold30")."""
+    def _finish_held(self, release: Callable[[], Sequence[tuple[TP, int, int]]]) -> None:
+        """Finish the dead letters `release` lets go of the guard hold (event loop); none
+        once the guard tripped, nor is it asked: requests still on the wire finish during
+        the shutdown's drain, and each outcome let held dead letters of the tripping run go,
+        into the final commit (review "hold30"); taken out of the hold unfinished, a later
+        write of the same state in the drain no longer found them (`overtaken`), and the
+        restart sent them after it (review "diff50b")."""
         if self.handler.guard.tripped_reason is not None:
             return
-        for tp, offset, generation in held:
+        for tp, offset, generation in release():
             self.commits.finish(tp, offset, generation)
 
     def _held_idle(self, scheduler: Scheduler[Event], idle: bool, source: Source) -> bool:
@@ -1145,7 +1150,7 @@ class Worker:
             if not paused or stuck:
                 self._let_go_held()
         elif stuck:
-            self._finish_held(self.guard_hold.after(newest))
+            self._finish_held(functools.partial(self.guard_hold.after, newest))
         return False
 
     def _let_go_held(self, parts: Sequence[TP] | None = None) -> None:
@@ -1153,8 +1158,8 @@ class Worker:
         letters (of `parts`, or all) before their commit, unless the guard tripped
         already; then they stay unfinished, so the restart meets them again."""
         chosen = None if parts is None else set(parts)
-        self._finish_held(
-            self.guard_hold.take(None if chosen is None else lambda h: h[0] in chosen))
+        self._finish_held(functools.partial(
+            self.guard_hold.take, None if chosen is None else lambda h: h[0] in chosen))
 
     def _count_retry(self, exc: Exception) -> None:
         """Count a retry, and log it: at most one line per cause every RETRY_LOG_EVERY_S,

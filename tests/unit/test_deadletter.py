@@ -6,11 +6,12 @@ import hashlib
 import json
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer.deadletter import (
@@ -18,6 +19,7 @@ from consumer.deadletter import (
     CONNECTOR_NAME,
     HEADERS_OMITTED,
     KEY_OMITTED,
+    RECENT_MAX,
     RECORD_OVERHEAD,
     REPLAY_COUNT,
     VALUE_OMITTED,
@@ -26,6 +28,7 @@ from consumer.deadletter import (
     DlqGuard,
     DlqRecord,
     Failure,
+    GuardHold,
     Header,
     dead_letter_record,
     dlq_headers,
@@ -585,10 +588,10 @@ def test_the_guard_hold_lets_go_a_users_dead_letters_its_later_delivered_event_o
     from consumer.deadletter import GuardHold
 
     hold: GuardHold[str] = GuardHold(horizon=100, max_s=60.0)
-    hold.hold("u1@1", now=0.0, seq=1, chain="u1")
-    hold.hold("u2@2", now=0.0, seq=2, chain="u2")
-    hold.hold("u1@3", now=0.0, seq=3, chain="u1")
-    hold.hold("u1@6", now=0.0, seq=6, chain="u1")
+    hold.hold("u1@1", now=0.0, seq=1, chains=("u1",))
+    hold.hold("u2@2", now=0.0, seq=2, chains=("u2",))
+    hold.hold("u1@3", now=0.0, seq=3, chains=("u1",))
+    hold.hold("u1@6", now=0.0, seq=6, chains=("u1",))
     hold.hold("untracked@4", now=0.0, seq=4)
     assert hold.overtaken("u3", 9) == [], "a chain with nothing held"
     assert hold.overtaken("u1", 5) == ["u1@1", "u1@3"]
@@ -599,13 +602,13 @@ def test_the_guard_hold_lets_go_a_users_dead_letters_its_later_delivered_event_o
     assert hold._chains == {} and len(hold) == 0 and not hold._held
     # Let go by `overtaken`, never handed out again: by `take`, `after` or `due`.
     for seq in range(1, 6):
-        hold.hold(f"u1@{seq}", now=100.0, seq=seq, chain="u1")
-    hold.hold("u2@6", now=100.0, seq=6, chain="u2")
+        hold.hold(f"u1@{seq}", now=100.0, seq=seq, chains=("u1",))
+    hold.hold("u2@6", now=100.0, seq=6, chains=("u2",))
     assert hold.overtaken("u1", 3) == ["u1@1", "u1@2"]
     assert len(hold) == 4
     assert hold.after(3) == ["u1@4", "u1@5", "u2@6"]
     assert hold.overtaken("u1", 9) == ["u1@3"] and len(hold) == 0
-    hold.hold("u3@7", now=100.0, seq=7, chain="u3")
+    hold.hold("u3@7", now=100.0, seq=7, chains=("u3",))
     assert hold.due(now=161.0) == ["u3@7"] and len(hold) == 0 and not hold._held
 
 
@@ -876,3 +879,109 @@ def test_readiness_reads_a_stuck_dead_letter_in_one_hold_of_the_lock() -> None:
     cast(Any, writable)._lock = counting
     assert writable.problem() == "DLQ unwritable for 11 s (Broker: Topic authorization failed)"
     assert counting.holds == 1
+
+
+# ------------------------------------------------- the guard hold against a plain model
+
+
+@dataclass
+class _E:
+    item: Any
+    seq: int
+    since: float
+    base: int
+    read_at: int
+    chains: tuple[Any, ...]
+    late: int = 0
+
+
+class _Model:
+    def __init__(self, horizon: int, max_s: float) -> None:
+        self.h, self.max_s = max(1, horizon), max_s
+        self.held: list[_E] = []
+        self.read = 0
+        self.recent: deque[int] = deque(maxlen=min(self.h, RECENT_MAX))
+
+    def hold(self, item: Any, now: float, seq: int, chains: tuple[Any, ...]) -> None:
+        base = sum(1 for r in self.recent if not r or r > seq) if seq else 0
+        self.held.append(_E(item, seq, now, base, self.read, chains))
+
+    def outcome(self, seq: int) -> None:
+        self.read += 1
+        if seq:
+            for e in self.held:
+                if e.seq and e.seq >= seq:
+                    e.late += 1
+        self.recent.append(seq)
+
+    def _take(self, f: Any) -> list[Any]:
+        out = [e for e in self.held if f(e)]
+        self.held = [e for e in self.held if not f(e)]
+        return [e.item for e in out]
+
+    def due(self, now: float) -> list[Any]:
+        return self._take(lambda e: e.base + self.read - e.read_at - e.late >= self.h
+                          or now - e.since >= self.max_s)
+
+    def overtaken(self, chain: Any, seq: int) -> list[Any]:
+        return self._take(lambda e: chain in e.chains and e.seq < seq)
+
+    def after(self, seq: int) -> list[Any]:
+        return self._take(lambda e: e.seq > seq)
+
+    def take(self, which: Any) -> list[Any]:
+        return self._take(lambda e: which is None or which(e.item))
+
+
+_OPS = st.one_of(
+    st.tuples(st.just("hold"), st.integers(0, 40),
+              st.sampled_from([(), ("a",), ("b",), ("c",), ("a", "c"), ("b", "c")])),
+    st.tuples(st.just("outcome"), st.integers(0, 40)),
+    st.tuples(st.just("due"), st.floats(0, 3)),
+    st.tuples(st.just("overtaken"), st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 45)),
+    st.tuples(st.just("after"), st.integers(0, 45)),
+    st.tuples(st.just("take"), st.sampled_from([None, 0, 1])),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(1, 6), st.floats(0.5, 4), st.lists(_OPS, max_size=80))
+def test_the_guard_hold_matches_a_plain_model(horizon: int, max_s: float, ops: list[Any]
+                                             ) -> None:
+    """Review "diff50b": `GuardHold` (positions bisected, heads only looked at, entries
+    `overtaken` marked and skipped) hands out what a model filtering every held entry on
+    each call hands out, in the same order, and its indexes stay consistent."""
+    real: GuardHold[Any] = GuardHold(horizon, max_s)
+    model = _Model(horizon, max_s)
+    now = 0.0
+    n = 0
+    for o in ops:
+        kind = o[0]
+        if kind == "hold":
+            n += 1
+            item = (n, o[1], o[2])
+            real.hold(item, now, o[1], o[2])
+            model.hold(item, now, o[1], o[2])
+        elif kind == "outcome":
+            real.outcome(o[1])
+            model.outcome(o[1])
+        elif kind == "due":
+            now += o[1]
+            assert real.due(now) == model.due(now), ops
+        elif kind == "overtaken":
+            assert sorted(real.overtaken(o[1], o[2])) == sorted(model.overtaken(o[1], o[2]))
+        elif kind == "after":
+            assert real.after(o[1]) == model.after(o[1])
+        else:
+            which = None if o[1] is None else (lambda it, p=o[1]: it[0] % 2 == p)
+            assert real.take(which) == model.take(which)
+        assert len(real) == len(model.held)
+        assert real._gone >= 0
+        assert real._gone == sum(1 for e in real._held if e.gone)
+        live = [e for e in real._held if not e.gone]
+        assert [e.item for e in live] == [e.item for e in model.held]
+        assert sorted(id(e) for e in real._placed) == sorted(id(e) for e in live if e.seq)
+        assert real._seqs == [e.seq for e in real._placed]
+        chained = sorted(id(e) for es in real._chains.values() for e in es)
+        assert chained == sorted(id(e) for e in live for _ in e.chains)
+        assert all(es for es in real._chains.values())

@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -3498,3 +3498,137 @@ def test_delivered_events_whose_metadata_lost_keys_are_counted() -> None:
     kinds = {sample.labels["kind"] for metric in run.worker.m.registry.collect()
              if metric.name == "userpilot_events_metadata_cut" for sample in metric.samples}
     assert kinds == {"truncated"}, kinds
+
+
+def _event_of(event: dict[str, Any]) -> bytes:
+    return codec.encode(SCHEMA_ID, codec.to_record(
+        {"context": {"consent": {"analytics": True}}, **event}))
+
+
+def _group_plan(user: str, company: str, plan: str, seq: int) -> bytes:
+    return _event_of({"type": "group", "userId": user, "groupId": company,
+                      "traits": {"plan": plan}, "messageId": f"g-{user}-{seq}"})
+
+
+def _identify_company(user: str, company: str, plan: str, seq: int) -> bytes:
+    return _event_of({"type": "identify", "userId": user,
+                      "traits": {"name": user, "company": {"id": company, "plan": plan}},
+                      "messageId": f"i-{user}-{seq}"})
+
+
+def _calls_of(value: bytes) -> tuple[Call, ...]:
+    decision = routing.route(codec.decode(value, lambda _i: codec.SCHEMA),
+                             settings().consent, settings().mappings)
+    assert isinstance(decision, routing.Send)
+    return decision.calls
+
+
+def _garbage(partition: int, offsets: Iterable[int]) -> list[Message]:
+    return [Message(TOPIC, partition, off, f"g{off}".encode(), b"garbage") for off in offsets]
+
+
+
+
+@pytest.mark.parametrize("case", ["group, then identify with company",
+                                  "identify with company, then group", "group, then group"])
+def test_a_held_dead_letter_whose_company_a_later_event_set_again_is_committed_at_a_trip(
+        case: str) -> None:
+    """Review "diff50b": an identify carrying a company's properties writes that company
+    as a group does (`written_company`); counted as writing its user only, a held group
+    was read again after the trip and its older properties sent after the newer ones."""
+    first, second = {
+        "group, then identify with company": (
+            _group_plan("u1", "acme", "A-old", 0), _identify_company("u1", "acme", "B-new", 1)),
+        "identify with company, then group": (
+            _identify_company("u1", "acme", "A-old", 0), _group_plan("u1", "acme", "B-new", 1)),
+        "group, then group": (
+            _group_plan("u1", "acme", "A-old", 0), _group_plan("u1", "acme", "B-new", 1)),
+    }[case]
+    first_calls, second_calls = _calls_of(first), _calls_of(second)
+    run = make({(TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", first),
+                             Message(TOPIC, 0, 1, b"u1", second)]},
+               registry=known_schema(), WORKER_DLQ_MAX_CONSECUTIVE="3", WORKER_DLQ_WINDOW="10",
+               WORKER_DLQ_MAX_RATIO="1", WORKER_COMMIT_INTERVAL_SECONDS="60")
+    run.client.answers[first_calls[0].body] = Rejected("HTTP 409: conflict", status=409)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: any(c.body == second_calls[-1].body for c in run.client.calls),
+                    "the second delivered")
+        source.log[(TOPIC, 0)].extend(_garbage(0, (2, 3, 4, 5)))
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+
+    assert drive(run, scenario) == 3
+    assert run.source.committed().get((TOPIC, 0), 0) == 2
+
+
+def test_a_held_group_is_committed_once_a_later_group_of_its_company_came_from_elsewhere(
+) -> None:
+    """Review "diff50b": company writes are ordered across this replica's partitions
+    (`CompanyOrder`); a held group on partition 0 kept out of reach of a later group of the
+    same company from partition 1 was read again after the trip, after it."""
+    first, second = _group_plan("u1", "acme", "A-old", 0), _group_plan("u2", "acme", "B-new", 1)
+    first_calls, second_calls = _calls_of(first), _calls_of(second)
+    slow = track("u9", 9)
+
+    class SlowClient(FakeClient):
+        async def send(self, call: Call) -> int:
+            if call.body == _body_of(slow):
+                await asyncio.sleep(1.5)  # keeps the worker busy: nothing is let go as idle
+            return await super().send(call)
+
+    run = make({(TOPIC, 2): [Message(TOPIC, 2, 0, b"u9", slow)],
+                (TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", first)], (TOPIC, 1): []},
+               registry=known_schema(), client=SlowClient(), WORKER_DLQ_MAX_CONSECUTIVE="3",
+               WORKER_DLQ_WINDOW="10", WORKER_DLQ_MAX_RATIO="1",
+               WORKER_COMMIT_INTERVAL_SECONDS="60")
+    run.client.answers[first_calls[0].body] = Rejected("HTTP 409: conflict", status=409)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: any(c.body == first_calls[0].body for c in run.client.calls),
+                    "the first sent")
+        source.log[(TOPIC, 1)].append(Message(TOPIC, 1, 0, b"u2", second))
+        await until(lambda: any(c.body == second_calls[-1].body for c in run.client.calls),
+                    "the second delivered")
+        source.log[(TOPIC, 0)].extend(_garbage(0, (1, 2, 3, 4)))
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+
+    assert drive(run, scenario) == 3
+    assert run.source.committed().get((TOPIC, 0), 0) == 1
+
+
+def test_a_held_dead_letter_due_in_the_drain_after_a_trip_is_still_let_go_by_its_later_write(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff50b": after a trip the hold still let go of what fell due (held
+    GUARD_HOLD_MAX_S, or past the horizon), unfinished; the user's later identify delivered
+    in the drain then found nothing to let go, and the restart sent the older identify
+    after it. After a trip nothing leaves the hold but what a later write overtook."""
+    monkeypatch.setattr(worker_module, "GUARD_HOLD_MAX_S", 0.3)  # held long when it trips
+    first = _identify_plan("u1", 0, "A-old")
+    second = _identify_plan("u1", 1, "B-new")
+    other = track("u5", 5)
+    first_body, second_body = _calls_of(first)[0].body, _calls_of(second)[0].body
+    delays = {second_body: 1.5, _body_of(other): 0.8}
+
+    class SlowClient(FakeClient):
+        async def send(self, call: Call) -> int:
+            if call.body in delays:
+                await asyncio.sleep(delays[call.body])
+            return await super().send(call)
+
+    run = make({(TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", first),
+                             Message(TOPIC, 0, 1, b"u1", second)],
+                (TOPIC, 1): [Message(TOPIC, 1, 0, b"u5", other)], (TOPIC, 2): []},
+               registry=known_schema(), client=SlowClient(), WORKER_DLQ_MAX_CONSECUTIVE="3",
+               WORKER_DLQ_WINDOW="10", WORKER_DLQ_MAX_RATIO="1",
+               WORKER_COMMIT_INTERVAL_SECONDS="60")
+    run.client.answers[first_body] = Rejected("HTTP 409: conflict", status=409)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(run.dlq.records) == 1, "the first dead-lettered")
+        source.log[(TOPIC, 2)].extend(_garbage(2, range(4)))
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+        await until(lambda: any(c.body == second_body for c in run.client.calls),
+                    "the second delivered")
+
+    assert drive(run, scenario) == 3
+    assert run.source.committed().get((TOPIC, 0), 0) == 2
