@@ -325,11 +325,6 @@ def _stdin() -> BinaryIO:
     return sys.stdin.buffer
 
 
-_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EPIPE})
-"""What a write of standard output raises on a full disk or a dead device: explain named
-its input file as unreadable for them (review "cli50")."""
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
     """Exit 0 when every line is valid, 1 when any line (or the file) is not."""
     from consumer.config import load_settings
@@ -345,6 +340,25 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 1
     valid = True
     out = sys.stdout.buffer
+
+    unwritten: list[OSError] = []
+
+    def write(data: bytes | None) -> bool:
+        """One line (None: flush); False when the output failed, which is never the
+        input's failure: explain named its input file unreadable on a full disk (review
+        "cli50"). A closed pipe is raised: the reader has seen enough."""
+        try:
+            if data is None:
+                out.flush()
+            else:
+                out.write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            unwritten.append(exc)
+            return False
+        return True
+
     try:
         with stream:
             for doc in explain_lines(_lines(stream), settings):
@@ -354,17 +368,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
                     line = text.encode("utf-8")
                 except UnicodeEncodeError:  # a lone surrogate in a refused key: escape it
                     line = json.dumps(doc).encode("ascii")
-                out.write(line + b"\n")
-            out.flush()
+                if not write(line + b"\n"):
+                    break
+            else:
+                write(None)
+        if unwritten:  # `> file` on a full disk
+            stdout_gone()
+            error_line(f"cannot write the output ({unwritten[0].strerror or unwritten[0]})",
+                       os.environ)
+            return 1
     except BrokenPipeError:  # `explain ... | head`: the reader has seen enough
         stdout_gone()
         return 0 if valid else 1
     except OSError as exc:  # e.g. a directory: open works, read fails
-        if exc.errno in _WRITE_ERRNOS:  # `> file` on a full disk: not the input's fault
-            stdout_gone()
-            error_line(f"cannot write the output ({exc.strerror or exc})", os.environ)
-        else:
-            error_line(f"{label}: cannot read the file ({exc.strerror or exc})", os.environ)
+        error_line(f"{label}: cannot read the file ({exc.strerror or exc})", os.environ)
         return 1
     return 0 if valid else 1
 

@@ -27,7 +27,7 @@ import logging
 import operator
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -596,6 +596,12 @@ holds it longer; the whole horizon (up to a million) cost ~20 ms of event loop a
 letter (review "diff43")."""
 
 
+WRITES_KNOWN = 16384
+"""States whose latest write `GuardHold` remembers (~2 MB): a dead letter of an earlier
+write comes while the events beside it are in flight, a window's worth, or after its own
+retries; one forgotten is held as before this rule."""
+
+
 class GuardHold(Generic[T]):
     """Dead letters whose offsets wait before they are committed, while the DLQ guard could
     still trip on them (pure; the worker's event loop owns it).
@@ -634,20 +640,28 @@ class GuardHold(Generic[T]):
         self._recent: deque[int] = deque(maxlen=min(self._horizon, RECENT_MAX))
         self._chains: dict[Hashable, list[_Held[T]]] = {}  # the held, by chain (`overtaken`)
         self._gone = 0  # entries of `_held` let go by `overtaken`: dropped when met
+        # The latest stream position of a write of each state that reached Userpilot, the
+        # WRITES_KNOWN latest states' (`hold`, `overtaken`).
+        self._written: OrderedDict[Hashable, int] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._held) - self._gone
 
     def hold(self, item: T, now: float, seq: int = 0,
-             chains: Sequence[Hashable] = ()) -> None:
+             chains: Sequence[Hashable] = ()) -> bool:
         """Hold `item`, the dead letter at stream position `seq` (the intake order), of an
         event writing `chains` (a user's traits, a company's properties: `overtaken`).
+        False, not held, when a later write of one of them reached Userpilot already (a
+        company's next update waits for this event's company call, not for the event:
+        held, it was read again after a trip and undid that update; review "diff50c").
 
         The events after it that finished first (its dead letter's produce took longer than
         their requests) were read by the guard already: they count as past it. Left out,
         the window's later events all went before it, and with the worker busy elsewhere
         (one user in retries) the dead letter waited `max_s` for outcomes the guard had
         read."""
+        if seq and any(self._written.get(chain, 0) > seq for chain in chains):
+            return False
         base = sum(1 for read in self._recent if not read or read > seq) if seq else 0
         entry = _Held(now, seq, item, base, self._read, chains=tuple(chains))
         self._held.append(entry)
@@ -657,6 +671,7 @@ class GuardHold(Generic[T]):
             index = bisect.bisect_right(self._seqs, seq)
             self._seqs.insert(index, seq)
             self._placed.insert(index, entry)
+        return True
 
     def outcome(self, seq: int = 0) -> None:
         """One more outcome the guard read, at stream position `seq` (a dead letter's own
@@ -708,7 +723,13 @@ class GuardHold(Generic[T]):
         written again: a bad deploy refusing every identify while Tracks go through still
         meets the same identifies after each restart of its crash loop (review "diff50a").
         Marked, not taken out of the hold order: a scan of it per delivered event cost
-        ~7 ms with 100,000 held (review "diff50a")."""
+        ~7 ms with 100,000 held (review "diff50a"). The write is remembered for a dead
+        letter of an earlier write still to come (`hold`)."""
+        if seq > self._written.get(chain, 0):
+            self._written[chain] = seq
+            self._written.move_to_end(chain)
+            if len(self._written) > WRITES_KNOWN:
+                self._written.popitem(last=False)
         entries = self._chains.get(chain)
         if not entries:
             return []

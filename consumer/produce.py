@@ -200,18 +200,29 @@ def produce_events(
         else:
             acked[0] += 1
 
+    def stopped() -> bool:
+        return stopping is not None and stopping()
+
+    def interrupted(unsent: int) -> int:
+        """What went is waited for (10 s at most) and counted."""
+        left = producer.flush(min(timeout, 10.0))
+        print(f"interrupted: {acked[0]} of the {len(records)} events were sent and "
+              f"acknowledged, {len(failures)} failed, {left} unacknowledged; the other "
+              f"{unsent} were not sent", file=out)
+        return acked[0]
+
     for sent, (key, value) in enumerate(records):
-        if stopping is not None and stopping():
-            left = producer.flush(min(timeout, 10.0))
-            print(f"interrupted: {acked[0]} of the {len(records)} events were sent and "
-                  f"acknowledged, {len(failures)} failed, {left} unacknowledged; the other "
-                  f"{len(records) - sent} were not sent", file=out)
-            return acked[0]
+        if stopped():
+            return interrupted(len(records) - sent)
         while True:
             try:
                 producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
                 break
             except BufferError:
+                # The queue is full (a broker gone away): a signal still stops it, not the
+                # client's 300 s message timeout (review "diff50c").
+                if stopped():
+                    return interrupted(len(records) - sent)
                 producer.poll(0.1)
             except KafkaException as exc:
                 # One line, not a traceback, saying what already went (review "events28").
@@ -224,7 +235,9 @@ def produce_events(
         producer.poll(0)
     deadline = time.monotonic() + 60
     left = producer.flush(0)
-    while left and time.monotonic() < deadline and not (stopping is not None and stopping()):
+    while left and time.monotonic() < deadline:
+        if stopped():  # every record is on its way: counted as any interruption is
+            return interrupted(0)
         left = producer.flush(0.5)
     if left or failures:
         raise ProduceError(

@@ -1016,9 +1016,11 @@ def _stdout_json(doc: Mapping[str, Any]) -> bool:
     same (review "replay41")."""
     try:
         try:
-            print(json_line(doc), file=sys.stdout)  # one line whatever a key holds
+            # Flushed: buffered (no PYTHONUNBUFFERED), a full disk or a closed pipe showed
+            # only at exit, after the whole selection, as exit 120 (review "diff50c").
+            print(json_line(doc), file=sys.stdout, flush=True)  # one line whatever a key holds
         except UnicodeEncodeError:
-            print(json.dumps(doc), file=sys.stdout)
+            print(json.dumps(doc), file=sys.stdout, flush=True)
     except OSError:
         # Or a full disk under `> replay.log` (ENOSPC, EIO): raised, the batch published
         # was committed by none, and the next run sent it again (review "cli50").

@@ -1079,8 +1079,10 @@ class Worker:
                        for state in state_written(decision.calls)
                        ) if isinstance(decision, Send) else ()
         if isinstance(outcome, DeadLettered) and outcome.counted:
-            self.guard_hold.hold(done, now, event.intake, chains)
-            self.commits.hold(*done)
+            if self.guard_hold.hold(done, now, event.intake, chains):
+                self.commits.hold(*done)
+            else:  # a later write of its state reached Userpilot already
+                self.commits.finish(*done)
             self._dead_letters.append((done[0], done[1], outcome.at, done[2]))
         else:
             self.commits.finish(*done)

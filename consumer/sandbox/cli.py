@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 
 from consumer import installed_version
 from consumer.sandbox.config import DEFAULT_READ_TOKEN, DEFAULT_WRITE_TOKEN, SandboxConfig
 from consumer.sandbox.faults import FaultConfig, FaultError
+from consumer.signals import stop_signals
 
 __all__ = ["add_arguments", "build_parser", "config_from_args", "main", "run"]
 
@@ -123,7 +123,7 @@ async def _run(config: SandboxConfig) -> None:
     print(f"sandbox listening on {server.url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in stop_signals():
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
     await stop.wait()

@@ -11,7 +11,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from consumer import codec
@@ -164,3 +166,49 @@ def test_produce_stopped_by_a_signal_says_how_many_were_sent_and_acknowledged(
                      r"0 failed, 0 unacknowledged; the other (\d+) were not sent", err)
     assert said is not None, err
     assert int(said[1]) == high and 0 < high < 400_000
+
+
+@pytest.mark.parametrize("when", ["the queue is full", "the final flush waits"])
+def test_produce_stops_on_a_signal_however_it_waits(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    monkeypatch: pytest.MonkeyPatch, when: str,
+) -> None:
+    """Review "diff50c": with the producer's queue full (a broker gone away) `produce` looped
+    on BufferError until the client's 300 s message timeout, signals and all; a signal
+    during the final wait for acknowledgements gave exit 1 and no count. Both now end as any
+    interruption does: what went is counted (the real Kafka and registry are probed and the
+    schema registered; the producer is a stand-in that never acknowledges)."""
+    import io
+
+    import consumer.kafka
+    from consumer.produce import produce_events
+
+    signalled: list[int] = []
+
+    class NeverAcks:
+        def produce(self, *_a: Any, **_k: Any) -> None:
+            if when == "the queue is full":
+                signalled.append(2)  # Ctrl-C while the queue is full
+                raise BufferError("Local: Queue full")
+
+        def poll(self, timeout: float = 0) -> int:
+            time.sleep(timeout)
+            return 0
+
+        def flush(self, timeout: float = 0) -> int:
+            signalled.append(15)  # a SIGTERM while it waits
+            time.sleep(min(timeout, 0.2))
+            return 0 if when == "the queue is full" else 20
+
+    monkeypatch.setattr(consumer.kafka, "make_producer", lambda conf: NeverAcks())
+    line = json.dumps({"type": "track", "event": "x", "userId": "u", "properties": {}})
+    out = io.StringIO()
+    started = time.monotonic()
+    sent = produce_events([line] * 20, topic=topic_factory(partitions=1),
+                          bootstrap=kafka_bootstrap, registry_url=schema_registry_url, out=out,
+                          timeout=5, stopping=lambda: bool(signalled))
+    assert sent == 0 and time.monotonic() - started < 15
+    expected = ("0 unacknowledged; the other 20 were not sent" if when == "the queue is full"
+                else "20 unacknowledged; the other 0 were not sent")
+    assert "interrupted: 0 of the 20 events were sent and acknowledged" in out.getvalue()
+    assert expected in out.getvalue(), out.getvalue()

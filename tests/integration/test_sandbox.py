@@ -339,7 +339,10 @@ def test_malformed_http_is_refused_and_closed(
     assert b"connection: close" in raw
 
 
-def test_runs_as_a_separate_process() -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_runs_as_a_separate_process(stop: signal.Signals) -> None:
+    """Stopped cleanly (exit 0) by SIGTERM, and by a hang-up as every command is (review
+    "diff50c": SIGHUP killed it, exit -1)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "consumer.sandbox", "--port=0", "--write-token=proc-token"],
@@ -359,7 +362,7 @@ def test_runs_as_a_separate_process() -> None:
         )
         assert response.status_code == 202
     finally:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         assert process.wait(timeout=10) == 0
     assert process.stderr is not None
     assert "proc-token" not in process.stderr.read()

@@ -601,15 +601,21 @@ def test_the_guard_hold_lets_go_a_users_dead_letters_its_later_delivered_event_o
     assert hold.overtaken("u1", 9) == [], "let go by `due`: forgotten by its chain too"
     assert hold._chains == {} and len(hold) == 0 and not hold._held
     # Let go by `overtaken`, never handed out again: by `take`, `after` or `due`.
-    for seq in range(1, 6):
-        hold.hold(f"u1@{seq}", now=100.0, seq=seq, chains=("u1",))
-    hold.hold("u2@6", now=100.0, seq=6, chains=("u2",))
-    assert hold.overtaken("u1", 3) == ["u1@1", "u1@2"]
+    for seq in range(11, 16):
+        assert hold.hold(f"u1@{seq}", now=100.0, seq=seq, chains=("u1",))
+    assert hold.hold("u2@16", now=100.0, seq=16, chains=("u2",))
+    assert hold.overtaken("u1", 13) == ["u1@11", "u1@12"]
     assert len(hold) == 4
-    assert hold.after(3) == ["u1@4", "u1@5", "u2@6"]
-    assert hold.overtaken("u1", 9) == ["u1@3"] and len(hold) == 0
-    hold.hold("u3@7", now=100.0, seq=7, chains=("u3",))
-    assert hold.due(now=161.0) == ["u3@7"] and len(hold) == 0 and not hold._held
+    assert hold.after(13) == ["u1@14", "u1@15", "u2@16"]
+    assert hold.overtaken("u1", 19) == ["u1@13"] and len(hold) == 0
+    assert hold.hold("u3@17", now=100.0, seq=17, chains=("u3",))
+    assert hold.due(now=161.0) == ["u3@17"] and len(hold) == 0 and not hold._held
+    # Review "diff50c": a later write that reached Userpilot before the dead letter of an
+    # earlier one was written (a company's next update waits for the call, not the event):
+    # not held at all.
+    assert not hold.hold("u1@18", now=200.0, seq=18, chains=("u3", "u1"))
+    assert hold.hold("u1@20", now=200.0, seq=20, chains=("u1",)), "after the write: held"
+    assert len(hold) == 1
 
 
 @pytest.mark.parametrize(("partition", "offset"), [
@@ -901,10 +907,14 @@ class _Model:
         self.held: list[_E] = []
         self.read = 0
         self.recent: deque[int] = deque(maxlen=min(self.h, RECENT_MAX))
+        self.written: dict[Any, int] = {}
 
-    def hold(self, item: Any, now: float, seq: int, chains: tuple[Any, ...]) -> None:
+    def hold(self, item: Any, now: float, seq: int, chains: tuple[Any, ...]) -> bool:
+        if seq and any(self.written.get(chain, 0) > seq for chain in chains):
+            return False
         base = sum(1 for r in self.recent if not r or r > seq) if seq else 0
         self.held.append(_E(item, seq, now, base, self.read, chains))
+        return True
 
     def outcome(self, seq: int) -> None:
         self.read += 1
@@ -924,6 +934,7 @@ class _Model:
                           or now - e.since >= self.max_s)
 
     def overtaken(self, chain: Any, seq: int) -> list[Any]:
+        self.written[chain] = max(self.written.get(chain, 0), seq)
         return self._take(lambda e: chain in e.chains and e.seq < seq)
 
     def after(self, seq: int) -> list[Any]:
@@ -960,8 +971,7 @@ def test_the_guard_hold_matches_a_plain_model(horizon: int, max_s: float, ops: l
         if kind == "hold":
             n += 1
             item = (n, o[1], o[2])
-            real.hold(item, now, o[1], o[2])
-            model.hold(item, now, o[1], o[2])
+            assert real.hold(item, now, o[1], o[2]) == model.hold(item, now, o[1], o[2])
         elif kind == "outcome":
             real.outcome(o[1])
             model.outcome(o[1])

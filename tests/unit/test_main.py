@@ -929,3 +929,17 @@ def test_delete_users_reports_a_hang_up_like_a_sigterm(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGHUP, err
     assert "interrupted after" in err and "delete-users:" in out, (out, err)
+
+
+def test_explain_names_the_input_when_reading_it_fails_with_an_io_error() -> None:
+    """Review "diff50c": an input that fails to read with EIO (a failing disk; here
+    /proc/self/mem, whose first page is not mapped) was reported as the output's failure,
+    by its errno."""
+    if not Path("/proc/self/mem").exists():
+        pytest.skip("no /proc here")
+    proc = subprocess.run([sys.executable, "-m", "consumer", "explain", "--file",
+                           "/proc/self/mem"], env=only(GOOD), capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 1
+    assert "/proc/self/mem: cannot read the file (Input/output error)" in proc.stderr, \
+        proc.stderr

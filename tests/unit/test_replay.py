@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
+import io
 import json
 import os
 import sys
@@ -983,3 +984,19 @@ def test_skip_keys_reads_ids_as_delete_users_and_keeps_the_selection_s_progress(
         b"carol", b"user\nwith-newline"}
     with pytest.raises(ConfigError, match="--skip-keys-json"):
         replay._skip_keys(str(ids), as_json=True)  # not JSON strings
+
+
+def test_a_line_that_cannot_reach_a_buffered_stdout_stops_the_run_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff50c": without PYTHONUNBUFFERED stdout to a file or a pipe is buffered; a
+    full disk showed only at exit, after the whole selection was replayed, as exit 120. Each
+    line is flushed, so the run stops after the record at hand."""
+    from consumer import replay
+
+    class Buffered(io.StringIO):
+        def flush(self) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys, "stdout", Buffered())
+    monkeypatch.setattr(replay, "stdout_gone", lambda: None)
+    assert replay._stdout_json({"replayed": 1}) is False

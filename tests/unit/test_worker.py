@@ -3632,3 +3632,43 @@ def test_a_held_dead_letter_due_in_the_drain_after_a_trip_is_still_let_go_by_its
 
     assert drive(run, scenario) == 3
     assert run.source.committed().get((TOPIC, 0), 0) == 2
+
+
+def test_a_group_dead_lettered_after_a_later_update_of_its_company_is_not_held() -> None:
+    """Review "diff50c": a company's next update waits for the earlier group's company
+    call, not for the whole event; group A's association refused after group B (same
+    company, another partition) was delivered: B found nothing held then, A was held, and
+    after the trip A's older properties were sent after B's. A is committed at once."""
+    first, second = _group_plan("u1", "acme", "A-old", 0), _group_plan("u2", "acme", "B-new", 1)
+    first_calls, second_calls = _calls_of(first), _calls_of(second)
+    associate = first_calls[1].body  # A's second call: slow, then refused
+    slow = track("u9", 9)
+
+    class SlowClient(FakeClient):
+        async def send(self, call: Call) -> int:
+            if call.body == associate:
+                await asyncio.sleep(1.0)
+            if call.body == _body_of(slow):
+                await asyncio.sleep(3.0)  # keeps the worker busy: nothing is let go as idle
+            return await super().send(call)
+
+    run = make({(TOPIC, 2): [Message(TOPIC, 2, 0, b"u9", slow)],
+                (TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", first)], (TOPIC, 1): []},
+               registry=known_schema(), client=SlowClient(), WORKER_DLQ_MAX_CONSECUTIVE="3",
+               WORKER_DLQ_WINDOW="10", WORKER_DLQ_MAX_RATIO="1",
+               WORKER_COMMIT_INTERVAL_SECONDS="60")
+    run.client.answers[associate] = Rejected("HTTP 409: conflict", status=409)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: any(c.body == first_calls[0].body for c in run.client.calls),
+                    "A's company write sent")
+        source.log[(TOPIC, 1)].append(Message(TOPIC, 1, 0, b"u2", second))
+        await until(lambda: any(c.body == second_calls[-1].body for c in run.client.calls),
+                    "B delivered")
+        assert not run.dlq.records, "B reached Userpilot before A's dead letter"
+        await until(lambda: len(run.dlq.records) == 1, "A dead-lettered")
+        source.log[(TOPIC, 0)].extend(_garbage(0, (1, 2, 3, 4)))
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+
+    assert drive(run, scenario) == 3
+    assert run.source.committed().get((TOPIC, 0), 0) == 1
