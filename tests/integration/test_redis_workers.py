@@ -464,3 +464,49 @@ def test_a_restarted_replica_does_not_identify_again_the_users_identified_before
     tracks = Counter(r["body"]["user_id"] for r in control.requests("/v1/track")
                      if str(r["body"]["user_id"]).startswith(tag))
     assert tracks == Counter({**{u: 2 for u in known}, new: 1})
+
+
+def test_a_held_identify_whose_user_was_identified_again_is_recorded_done_first(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, redis_url: str,
+) -> None:
+    """Review "soak50": u's identify v1 refused once (409) and held for the DLQ guard, its
+    identify v2 delivered. The hold let v1 go, but in memory only until the next commit;
+    with Redis, a SIGKILL then read v1 again, sent it (the 409 did not repeat) and skipped
+    v2 as delivered: u kept v1's traits. v1's messageId is now recorded done before v2's,
+    so a copy of v1 read again (here: produced again) is skipped as a duplicate."""
+    server, control = sandbox
+    tag = f"sup-{time.time_ns()}"
+    user = f"{tag}-u"
+
+    def identify(plan: str, seq: int) -> dict[str, Any]:
+        return {"type": "identify", "userId": user, "traits": {"plan": plan},
+                "context": {"consent": {"analytics": True}}, "messageId": f"{tag}-{seq}",
+                "timestamp": "2026-11-26T10:00:00.000Z"}
+
+    topic = topic_factory(partitions=1)
+    # A slow other user keeps the worker busy: held dead letters are let go when idle.
+    control.set_faults(rules=[
+        {"user_id": user, "path": "/v1/identify", "action": "409", "times": 1},
+        {"user_id": f"{tag}-slow", "action": "503", "times": 8}])
+    produce(kafka_bootstrap, schema_registry_url, topic,
+            [track_event(f"{tag}-slow", 0), identify("v1", 1), identify("v2", 2)])
+    group = f"{topic}-g"
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     REDIS_URL=redis_url, USERPILOT_RETRY_MAX_ATTEMPTS="1000",
+                     USERPILOT_RETRY_BACKOFF_SECONDS="0.1",
+                     USERPILOT_RETRY_BACKOFF_MAX_SECONDS="0.1")
+
+    def plans() -> list[str]:
+        return [r["body"]["metadata"].get("plan") for r in control.requests("/v1/identify")
+                if r["body"].get("user_id") == user]  # accepted ones
+
+    with WorkerThread(env) as w:
+        wait_until(lambda: "v2" in plans(), 60, "v2 delivered")
+        produce(kafka_bootstrap, schema_registry_url, topic, [identify("v1", 1)])
+        wait_until(lambda: (w.registry.get_sample_value(
+            "userpilot_duplicates_skipped_total", {"endpoint": "identify"}) or 0) >= 1, 60,
+            "v1's copy skipped as a duplicate")
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "all committed")
+        assert w.error is None
+    assert plans() == ["v2"], control.requests("/v1/identify")
