@@ -49,7 +49,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -347,10 +347,6 @@ class Handler:
         self.policy = policy
         self.guard = guard
         self.dedup = dedup
-        # Called once every call of an event was accepted, before its delivery is recorded
-        # with Redis: the worker lets go of the dead letters that event overtook, and
-        # records theirs first (`Worker._overtake`, review "soak50").
-        self.before_confirm: Callable[[Event], Awaitable[None]] | None = None
         # USERPILOT_MAX_CONNECTIONS per endpoint family, taken before the family's rate
         # slot (`permits` says why). A request is under way once it has both, not while it
         # waits: with more events in flight than connections, a drain waited for the
@@ -597,12 +593,6 @@ class Handler:
             if not event.requested:
                 await self._dedup_release(event, endpoint)
             raise
-        if self.before_confirm is not None:
-            event.on_wire = True  # like the confirm: a drain waits for it (Redis-bounded)
-            try:
-                await self.before_confirm(event)
-            finally:
-                event.on_wire = False
         await self._dedup_confirm(event, endpoint)
         self._delivered(decision.event_name).inc()
         # Only `explain` said so: a payload cut at the limits showed nowhere in operation

@@ -43,7 +43,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -418,9 +418,6 @@ class Worker:
             maxlen=DEAD_LETTERS_NAMED)
         self.guard_hold: GuardHold[tuple[TP, int, int]] = GuardHold(
             max(settings.dlq_window, settings.dlq_max_consecutive), GUARD_HOLD_MAX_S)
-        # Held dead letters' deduplication records (`_superseded`): endpoint, messageId.
-        self._held_ids: dict[tuple[TP, int, int], tuple[str, str]] = {}
-        self.handler.before_confirm = self._overtake
         self._consumed = Children(self.m.events_consumed)
         # Event.intake: limiter queues serve in this order, the DLQ guard reads outcomes in it
         self._intake_seq = itertools.count(1)
@@ -1074,70 +1071,29 @@ class Worker:
         done = ((event.topic, event.partition), event.offset, event.generation)
         now = time.monotonic()
         self.guard_hold.outcome(event.intake)
+        # The state the event writes (a user's traits, in its partition; a company's,
+        # ordered across this replica's partitions as `CompanyOrder` orders them): the dead
+        # letters held for the guard that a later write of it overtook are let go.
+        decision = event.decision
+        chains = tuple(state if state[0] == "company" else (done[0], state)
+                       for state in state_written(decision.calls)
+                       ) if isinstance(decision, Send) else ()
         if isinstance(outcome, DeadLettered) and outcome.counted:
-            self._dead_letters.append((done[0], done[1], outcome.at, done[2]))
-            claim = self._claim_of(event)
-            if self.guard_hold.hold(done, now, event.intake, self._chains_of(event)):
+            if self.guard_hold.hold(done, now, event.intake, chains):
                 self.commits.hold(*done)
-                if claim is not None:
-                    self._held_ids[done] = claim
             else:  # a later write of its state reached Userpilot already
                 self.commits.finish(*done)
-                await self._superseded(claim)
+            self._dead_letters.append((done[0], done[1], outcome.at, done[2]))
         else:
             self.commits.finish(*done)
-            if isinstance(outcome, Delivered | Duplicate):
-                await self._overtake(event)  # a Duplicate's; a delivery's went before its
-                # confirm (`Handler.before_confirm`)
+            if chains and isinstance(outcome, Delivered | Duplicate):
+                # Read again after a crash or a trip, they would reach Userpilot after this
+                # event and undo what it set (review "order50"); after a trip too.
+                for chain in chains:
+                    for item in self.guard_hold.overtaken(chain, event.intake):
+                        self.commits.finish(*item)
         self._finish_held(functools.partial(self.guard_hold.due, now))
         return outcome
-
-    def _chains_of(self, event: Event) -> tuple[Hashable, ...]:
-        """The states the event writes (`calls.state_written`): a user's traits, in its
-        partition; a company's, ordered across this replica's partitions as `CompanyOrder`
-        orders its writes."""
-        decision = event.decision
-        if not isinstance(decision, Send):
-            return ()
-        tp = (event.topic, event.partition)
-        return tuple(state if state[0] == "company" else (tp, state)
-                     for state in state_written(decision.calls))
-
-    def _claim_of(self, event: Event) -> tuple[str, str] | None:
-        """Where the deduplication store records the event (endpoint, messageId); None
-        without Redis, or without a usable id."""
-        decision = event.decision
-        if (self.handler.dedup is None or not isinstance(decision, Send)
-                or not event.message_id or event.cut_id):
-            return None
-        return self.handler.dedup_endpoint(decision), event.message_id
-
-    async def _overtake(self, event: Event) -> None:
-        """The held dead letters of the states `event` wrote again, reached Userpilot or
-        found there (delivered, before its own delivery is recorded; a duplicate): let go,
-        and recorded as done with Redis.
-
-        Read again after a crash or a trip, they would reach Userpilot after this event and
-        undo what it set (review "order50"), after a trip too. With Redis that lasted: the
-        later event was skipped as delivered while the older one, its refusal not repeated,
-        was sent (review "soak50", a SIGKILL before the commit); recorded first, the older
-        one is the one skipped, and a crash between the two sends the later one again."""
-        for chain in self._chains_of(event):
-            for item in self.guard_hold.overtaken(chain, event.intake):
-                await self._superseded(self._held_ids.pop(item, None))
-                self.commits.finish(*item)
-
-    async def _superseded(self, claim: tuple[str, str] | None) -> None:
-        """Record a dead letter whose state a later write set again as done in Redis, so a
-        re-read of it is skipped (as is its replay, within REDIS_DEDUP_TTL_SECONDS); Redis
-        failing, as without it."""
-        dedup = self.handler.dedup
-        if claim is None or dedup is None:
-            return
-        try:
-            await asyncio.shield(dedup.confirm(*claim))
-        except Exception:  # never the event's failure: the store logs it
-            log.debug("a superseded dead letter's messageId not recorded", exc_info=True)
 
     def _finish_held(self, release: Callable[[], Sequence[tuple[TP, int, int]]]) -> None:
         """Finish the dead letters `release` lets go of the guard hold (event loop); none
@@ -1148,9 +1104,8 @@ class Worker:
         restart sent them after it (review "diff50b")."""
         if self.handler.guard.tripped_reason is not None:
             return
-        for item in release():
-            self._held_ids.pop(item, None)
-            self.commits.finish(*item)
+        for tp, offset, generation in release():
+            self.commits.finish(tp, offset, generation)
 
     def _held_idle(self, scheduler: Scheduler[Event], idle: bool, source: Source) -> bool:
         """Let go of held dead letters no outcome to come can move the guard past, when
