@@ -111,12 +111,15 @@ def _explain_one(
     try:
         with codec.any_integer():
             raw = json.loads(text)
+        deep = codec.too_deep(raw, codec.MAX_JSON_DEPTH + 1)  # a field's levels, as `run`'s
     except RecursionError:
-        yield _invalid(number, f"invalid event: JSON nested deeper than {codec.MAX_JSON_DEPTH} "
-                               "levels")
-        return
+        deep = True
     except ValueError as exc:
         yield _invalid(number, f"invalid event: not JSON ({exc})")
+        return
+    if deep:
+        yield _invalid(number, f"invalid event: JSON nested deeper than {codec.MAX_JSON_DEPTH} "
+                               "levels")
         return
     dlq = None
     cut: frozenset[str] = frozenset()

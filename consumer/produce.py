@@ -62,8 +62,15 @@ def parse_lines(lines: Iterable[str | bytes], source: str = "<stdin>") -> list[P
         try:
             with codec.any_integer():
                 event = json.loads(text)
-        except (ValueError, RecursionError) as exc:
+            deep = codec.too_deep(event, codec.MAX_JSON_DEPTH + 1)  # a field's, as the worker's
+        except RecursionError:
+            deep = True
+        except ValueError as exc:
             problems.append(f"{source}:{number}: not JSON ({exc})")
+            continue
+        if deep:  # however deep the interpreter's parser goes (review "py312")
+            problems.append(f"{source}:{number}: JSON nested deeper than "
+                            f"{codec.MAX_JSON_DEPTH} levels")
             continue
         try:
             with codec.any_integer():

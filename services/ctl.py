@@ -218,6 +218,23 @@ def kafka_libs() -> Path:
     return _cached(f"kafka-{_kafka_version()}", stamp, fill) / "libs"
 
 
+def extract(archive: Path, into: Path) -> None:
+    """Unpack a tar archive under `into`, refusing members that would land outside it or
+    are links. `filter="data"` does that from Python 3.11.4; Debian 12's python3 is 3.11.2,
+    where the argument raised TypeError at the first registry download (review "py312")."""
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(into, filter="data")
+            return
+        root = into.resolve()
+        for member in tar.getmembers():
+            target = (into / member.name).resolve()
+            if (member.issym() or member.islnk() or member.isdev()
+                    or (target != root and root not in target.parents)):
+                raise ServiceError(f"{archive.name}: refusing the member {member.name!r}")
+        tar.extractall(into)  # every member checked above
+
+
 def registry_jar() -> Path:
     """The Apicurio Registry runner jar (Quarkus legacy-jar layout), downloaded on first use."""
 
@@ -227,8 +244,7 @@ def registry_jar() -> Path:
         archives = list(tmp.glob("*.tar.gz"))
         if len(archives) != 1:
             raise ServiceError(f"expected one registry archive in {tmp}, found {archives}")
-        with tarfile.open(archives[0]) as tar:
-            tar.extractall(tmp, filter="data")
+        extract(archives[0], tmp)
         archives[0].unlink()
 
     home = _cached(f"apicurio-registry-{REGISTRY_VERSION}", REGISTRY_ARTIFACT, fill)

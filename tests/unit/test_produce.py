@@ -100,7 +100,31 @@ def test_parse_lines_reports_bad_bytes_and_deep_nesting_by_line() -> None:
         parse_lines([good, b"\xff\xfe", b"[" * 100000 + b"]" * 100000, good], "f.jsonl")
     text = str(info.value)
     assert "2 invalid line(s); nothing was sent" in text
-    assert "f.jsonl:2: not UTF-8 text" in text and "f.jsonl:3: not JSON" in text
+    assert "f.jsonl:2: not UTF-8 text" in text
+    assert "f.jsonl:3: JSON nested deeper than 200 levels" in text
+
+
+@pytest.mark.parametrize("depth", [201, 900, 5000])
+def test_deep_json_is_refused_the_same_whatever_the_interpreter_parses(depth: int) -> None:
+    """Review "py312": 3.13's JSON decoder parses 5,000 levels where 3.11's raised
+    RecursionError: the message depended on the interpreter. The depth is checked on the
+    value (201 and 900 levels parse everywhere)."""
+    from consumer.config import load_settings
+    from consumer.explain import explain_lines
+    from consumer.produce import ProduceError, parse_lines
+
+    line = ('{"type":"track","event":"E","userId":"u","properties":{"a":'
+            + "[" * depth + "]" * depth + "}}").encode()
+    with pytest.raises(ProduceError, match=r"f\.jsonl:1: JSON nested deeper than 200 levels"):
+        parse_lines([line], "f.jsonl")
+    (doc,) = explain_lines([line], load_settings({}, offline=True, check_clients=False))
+    assert doc["reason"] == "invalid event: JSON nested deeper than 200 levels", doc
+    # A field of 200 levels (the properties object and 199 lists) is one the worker takes.
+    fits = ('{"type":"track","event":"E","userId":"u","properties":{"a":'
+            + "[" * 199 + "]" * 199 + "}}").encode()
+    assert len(parse_lines([fits], "f.jsonl")) == 1
+    (doc,) = explain_lines([fits], load_settings({}, offline=True, check_clients=False))
+    assert doc["decision"] != "dead_letter", doc
 
 
 def test_a_refused_registration_is_one_redacted_line(monkeypatch: pytest.MonkeyPatch) -> None:
