@@ -510,20 +510,24 @@ def lacks_required_id(event: Mapping[str, Any]) -> bool:
     return not isinstance(user_id, str) or not visible(user_id)
 
 
-def state_written(calls: Sequence[Call]) -> tuple[tuple[str, str], ...]:
+def state_written(calls: Sequence[Call]) -> tuple[tuple[str, ...], ...]:
     """What an event's calls set in Userpilot that a later event's would set again, so
     that the later one reaching Userpilot first leaves the earlier one stale: a user's
     traits (an identify), a company's properties (a group's company identify, an identify
-    carrying them: `written_company`). None for a Track, which is history, not state, and
-    for the bare identifies that only make a user exist or join a company (`ensure_user`,
-    `associate_company`)."""
-    states: list[tuple[str, str]] = []
+    carrying them: `written_company`), a user's membership of a company (a group's
+    association, an identify naming a company). None for a Track, which is history, not
+    state, and for the bare identify that only makes a user exist (`ensure_user`)."""
+    states: list[tuple[str, ...]] = []
     for call in calls:
-        user = call.payload.get("user_id") if call.purpose == "identify" else None
-        if isinstance(user, str):
+        user = call.payload.get("user_id")
+        if call.purpose == "identify" and isinstance(user, str):
             states.append(("user", user))
         if call.written_company is not None:
             states.append(("company", call.written_company))
+        company = call.payload.get("company")
+        if (isinstance(user, str) and isinstance(company, Mapping)
+                and isinstance(company.get(COMPANY_KEY), str)):
+            states.append(("member", user, company[COMPANY_KEY]))
     return tuple(dict.fromkeys(states))
 
 

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -586,6 +586,7 @@ class _Held(Generic[T]):
     read_at: int
     late: int = 0
     chains: tuple[Hashable, ...] = ()  # the states it writes (`overtaken`)
+    pending: set[Hashable] = field(default_factory=set)  # those not written again yet
     gone: bool = False  # let go by `overtaken`, still in the hold order (skipped there)
 
 
@@ -660,10 +661,12 @@ class GuardHold(Generic[T]):
         the window's later events all went before it, and with the worker busy elsewhere
         (one user in retries) the dead letter waited `max_s` for outcomes the guard had
         read."""
-        if seq and any(self._written.get(chain, 0) > seq for chain in chains):
+        pending = {chain for chain in chains if self._written.get(chain, 0) <= seq}
+        if seq and chains and not pending:
             return False
         base = sum(1 for read in self._recent if not read or read > seq) if seq else 0
-        entry = _Held(now, seq, item, base, self._read, chains=tuple(chains))
+        entry = _Held(now, seq, item, base, self._read, chains=tuple(chains),
+                      pending=pending)
         self._held.append(entry)
         for chain in entry.chains:
             self._chains.setdefault(chain, []).append(entry)
@@ -715,7 +718,9 @@ class GuardHold(Generic[T]):
 
     def overtaken(self, chain: Hashable, seq: int) -> list[T]:
         """The held items writing `chain` before stream position `seq`, whose event that
-        writes it again reached Userpilot: no longer held.
+        writes it again reached Userpilot, and whose every other state was written again
+        too: no longer held (a group's company properties set again by another member's
+        group leave its own membership to be sent: review "diff50d").
 
         Held, such a dead letter was read again after a crash or a trip and, accepted then,
         reached Userpilot after the later write: the user kept the older traits (review
@@ -733,7 +738,12 @@ class GuardHold(Generic[T]):
         entries = self._chains.get(chain)
         if not entries:
             return []
-        out = [entry for entry in entries if entry.seq < seq]
+        out = []
+        for entry in entries:
+            if entry.seq < seq:
+                entry.pending.discard(chain)
+                if not entry.pending:
+                    out.append(entry)
         if not out:
             return []
         for entry in out:

@@ -1072,10 +1072,11 @@ class Worker:
         now = time.monotonic()
         self.guard_hold.outcome(event.intake)
         # The state the event writes (a user's traits, in its partition; a company's,
-        # ordered across this replica's partitions as `CompanyOrder` orders them): the dead
-        # letters held for the guard that a later write of it overtook are let go.
+        # ordered across this replica's partitions as `CompanyOrder` orders them, and a
+        # membership, wherever the later one came from): the dead letters held for the
+        # guard whose every state a later write overtook are let go.
         decision = event.decision
-        chains = tuple(state if state[0] == "company" else (done[0], state)
+        chains = tuple(state if state[0] != "user" else (done[0], state)
                        for state in state_written(decision.calls)
                        ) if isinstance(decision, Send) else ()
         if isinstance(outcome, DeadLettered) and outcome.counted:

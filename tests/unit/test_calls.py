@@ -70,13 +70,16 @@ def test_the_calls_that_write_a_company_are_the_ones_carrying_its_properties() -
 
 def test_the_state_an_events_calls_set_again_is_a_users_traits_or_a_companys() -> None:
     """`state_written`: what a later event setting it again makes stale (review "order50");
-    a Track is history, and the bare identifies set nothing (review "diff50a")."""
+    a Track is history, and the bare identify that makes a user exist sets nothing (review
+    "diff50a"); a membership is a state of its own (review "diff50d")."""
     assert state_written(identify_calls(identify())) == (("user", "user_001"),)
-    assert state_written(group_calls(group())) == (("company", "acme"),)
+    assert state_written(group_calls(group())) == (("company", "acme"),
+                                                    ("member", "user_001", "acme"))
     with_company = identify_calls(identify(traits={"company": {"id": "acme", "plan": "x"}}))
-    assert state_written(with_company) == (("user", "user_001"), ("company", "acme"))
+    assert state_written(with_company) == (("user", "user_001"), ("company", "acme"),
+                                           ("member", "user_001", "acme"))
     assert state_written((ensure_user_call("user_001"), track_call(TRACK))) == ()
-    assert state_written(group_calls(group())[1:]) == (), "the association alone"
+    assert state_written(group_calls(group())[1:]) == (("member", "user_001", "acme"),)
     assert state_written(()) == ()
 
 

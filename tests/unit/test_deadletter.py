@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -613,9 +613,16 @@ def test_the_guard_hold_lets_go_a_users_dead_letters_its_later_delivered_event_o
     # Review "diff50c": a later write that reached Userpilot before the dead letter of an
     # earlier one was written (a company's next update waits for the call, not the event):
     # not held at all.
-    assert not hold.hold("u1@18", now=200.0, seq=18, chains=("u3", "u1"))
+    assert not hold.hold("u1@18", now=200.0, seq=18, chains=("u1",))
     assert hold.hold("u1@20", now=200.0, seq=20, chains=("u1",)), "after the write: held"
     assert len(hold) == 1
+    # Review "diff50d": let go only once every state it writes was written again (a group's
+    # company properties by another member's group leave its own membership to be sent).
+    assert hold.hold("g@21", now=200.0, seq=21, chains=("acme", "u1-acme"))
+    assert hold.overtaken("acme", 25) == [] and len(hold) == 2
+    assert hold.overtaken("u1-acme", 26) == ["g@21"]
+    assert hold.hold("g@22", now=200.0, seq=22, chains=("acme", "u2-acme")), \
+        "one of its states written again later, not the other: held"
 
 
 @pytest.mark.parametrize(("partition", "offset"), [
@@ -899,6 +906,7 @@ class _E:
     read_at: int
     chains: tuple[Any, ...]
     late: int = 0
+    pending: set[Any] = field(default_factory=set)
 
 
 class _Model:
@@ -910,10 +918,11 @@ class _Model:
         self.written: dict[Any, int] = {}
 
     def hold(self, item: Any, now: float, seq: int, chains: tuple[Any, ...]) -> bool:
-        if seq and any(self.written.get(chain, 0) > seq for chain in chains):
+        pending = {chain for chain in chains if self.written.get(chain, 0) <= seq}
+        if seq and chains and not pending:
             return False
         base = sum(1 for r in self.recent if not r or r > seq) if seq else 0
-        self.held.append(_E(item, seq, now, base, self.read, chains))
+        self.held.append(_E(item, seq, now, base, self.read, chains, pending=pending))
         return True
 
     def outcome(self, seq: int) -> None:
@@ -935,7 +944,10 @@ class _Model:
 
     def overtaken(self, chain: Any, seq: int) -> list[Any]:
         self.written[chain] = max(self.written.get(chain, 0), seq)
-        return self._take(lambda e: chain in e.chains and e.seq < seq)
+        for e in self.held:
+            if chain in e.chains and e.seq < seq:
+                e.pending.discard(chain)
+        return self._take(lambda e: bool(e.chains) and not e.pending)
 
     def after(self, seq: int) -> list[Any]:
         return self._take(lambda e: e.seq > seq)
