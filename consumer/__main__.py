@@ -592,15 +592,16 @@ worker then ran on, SIGTERM and all (seen once under load in
 
 
 def _stopped(signum: int, _frame: object) -> None:
-    """SIGTERM while `run` starts (checks Kafka and the registry, or waits for them): a
-    clean stop, exit 0; the probes already answer, so this is how Kubernetes stops a pod
-    that has not reached its Kafka yet."""
+    """SIGTERM (or a hang-up) while `run` starts (checks Kafka and the registry, or waits
+    for them): a clean stop, exit 0; the probes already answer, so this is how Kubernetes
+    stops a pod that has not reached its Kafka yet."""
     STOP_ASKED.append(signum)
     raise SystemExit(0)
 
 
 def _terminated(signum: int, _frame: object) -> None:
-    """SIGTERM before a command installs its own handling: stop now (exit 143). As PID 1 of
+    """SIGTERM or a hang-up before a command installs its own handling: stop now (exit
+    128 + the signal: 143, 129). As PID 1 of
     a container (the image's exec-form ENTRYPOINT, no init) a signal without a handler is
     ignored: a pod deleted while the worker started ran on, joined the group and delivered
     until kubelet's SIGKILL (review helm19)."""

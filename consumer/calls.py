@@ -515,8 +515,8 @@ def state_written(calls: Sequence[Call]) -> tuple[tuple[str, ...], ...]:
     that the later one reaching Userpilot first leaves the earlier one stale: a user's
     traits (an identify), a company's properties (a group's company identify, an identify
     carrying them: `written_company`), a user's membership of a company (a group's
-    association, an identify naming a company). None for a Track, which is history, not
-    state, and for the bare identify that only makes a user exist (`ensure_user`)."""
+    association, an identify naming a company). Nothing for a Track, which is history, not
+    state, nor for the bare identify that only makes a user exist (`ensure_user`)."""
     states: list[tuple[str, ...]] = []
     for call in calls:
         user = call.payload.get("user_id")

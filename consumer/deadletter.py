@@ -597,8 +597,9 @@ holds it longer; the whole horizon (up to a million) cost ~20 ms of event loop a
 letter (review "diff43")."""
 
 
-WRITES_KNOWN = 16384
-"""States whose latest write `GuardHold` remembers (~2 MB): a dead letter of an earlier
+WRITES_KNOWN = 4096
+"""States whose latest write `GuardHold` remembers (~1.8 MB; 16,384 were ~7 MB, review
+"whole50"): minutes of writes at the token's 10 requests a second. A dead letter of an earlier
 write comes while the events beside it are in flight, a window's worth, or after its own
 retries; one forgotten is held as before this rule."""
 
@@ -613,7 +614,8 @@ class GuardHold(Generic[T]):
     "ops29"). Held until the guard has read `horizon` outcomes after it in the stream, or
     the worker is idle and no outcome that counts can come (`Worker._held_idle`, `after`),
     or `max_s` passed, or the partition is
-    handed over orderly, or a later event of the same user reached Userpilot (`overtaken`):
+    handed over orderly, or every state it sets was set again by later events that reached
+    Userpilot (`overtaken`):
     a trip leaves the others uncommitted, and the restart trips again on
     the same events (their dead letters written again: `replay` sends such a copy once).
     The commit's note names the events finished above them.
@@ -651,7 +653,8 @@ class GuardHold(Generic[T]):
     def hold(self, item: T, now: float, seq: int = 0,
              chains: Sequence[Hashable] = ()) -> bool:
         """Hold `item`, the dead letter at stream position `seq` (the intake order), of an
-        event writing `chains` (a user's traits, a company's properties: `overtaken`).
+        event writing `chains` (a user's traits, a company's properties, a membership:
+        `overtaken`).
         False, not held, when a later write of one of them reached Userpilot already (a
         company's next update waits for this event's company call, not for the event:
         held, it was read again after a trip and undid that update; review "diff50c").

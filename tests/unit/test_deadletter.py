@@ -947,7 +947,7 @@ class _Model:
         for e in self.held:
             if chain in e.chains and e.seq < seq:
                 e.pending.discard(chain)
-        return self._take(lambda e: bool(e.chains) and not e.pending)
+        return self._take(lambda e: chain in e.chains and e.seq < seq and not e.pending)
 
     def after(self, seq: int) -> list[Any]:
         return self._take(lambda e: e.seq > seq)

@@ -3523,6 +3523,27 @@ def _calls_of(value: bytes) -> tuple[Call, ...]:
     return decision.calls
 
 
+class _SlowClient(FakeClient):
+    """Userpilot taking the given time to answer the requests with the given bodies; each
+    body in `refuse_once` refused (409) the first time only."""
+
+    def __init__(self, delays: Mapping[bytes, float],
+                 refuse_once: Iterable[bytes] = ()) -> None:
+        super().__init__()
+        self.delays = dict(delays)
+        self.refuse_once = set(refuse_once)
+
+    async def send(self, call: Call) -> int:
+        delay = self.delays.get(call.body)
+        if delay:
+            await asyncio.sleep(delay)
+        if call.body in self.refuse_once:
+            self.refuse_once.discard(call.body)
+            self.calls.append(call)
+            raise Rejected("HTTP 409: conflict", status=409)
+        return await super().send(call)
+
+
 def _garbage(partition: int, offsets: Iterable[int]) -> list[Message]:
     return [Message(TOPIC, partition, off, f"g{off}".encode(), b"garbage") for off in offsets]
 
@@ -3575,16 +3596,11 @@ def test_a_held_group_is_committed_once_a_later_group_of_its_company_came_from_e
     second = _group_plan(member, "acme", "B-new", 1)
     first_calls, second_calls = _calls_of(first), _calls_of(second)
     slow = track("u9", 9)
-
-    class SlowClient(FakeClient):
-        async def send(self, call: Call) -> int:
-            if call.body == _body_of(slow):
-                await asyncio.sleep(1.5)  # keeps the worker busy: nothing is let go as idle
-            return await super().send(call)
-
+    # u9's Track keeps the worker busy: nothing is let go as idle
     run = make({(TOPIC, 2): [Message(TOPIC, 2, 0, b"u9", slow)],
                 (TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", first)], (TOPIC, 1): []},
-               registry=known_schema(), client=SlowClient(), WORKER_DLQ_MAX_CONSECUTIVE="3",
+               registry=known_schema(), client=_SlowClient({_body_of(slow): 1.5}),
+               WORKER_DLQ_MAX_CONSECUTIVE="3",
                WORKER_DLQ_WINDOW="10", WORKER_DLQ_MAX_RATIO="1",
                WORKER_COMMIT_INTERVAL_SECONDS="60")
     run.client.answers[first_calls[0].body] = Rejected("HTTP 409: conflict", status=409)
@@ -3613,18 +3629,12 @@ def test_a_held_dead_letter_due_in_the_drain_after_a_trip_is_still_let_go_by_its
     second = _identify_plan("u1", 1, "B-new")
     other = track("u5", 5)
     first_body, second_body = _calls_of(first)[0].body, _calls_of(second)[0].body
-    delays = {second_body: 1.5, _body_of(other): 0.8}
-
-    class SlowClient(FakeClient):
-        async def send(self, call: Call) -> int:
-            if call.body in delays:
-                await asyncio.sleep(delays[call.body])
-            return await super().send(call)
-
     run = make({(TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", first),
                              Message(TOPIC, 0, 1, b"u1", second)],
                 (TOPIC, 1): [Message(TOPIC, 1, 0, b"u5", other)], (TOPIC, 2): []},
-               registry=known_schema(), client=SlowClient(), WORKER_DLQ_MAX_CONSECUTIVE="3",
+               registry=known_schema(),
+               client=_SlowClient({second_body: 1.5, _body_of(other): 0.8}),
+               WORKER_DLQ_MAX_CONSECUTIVE="3",
                WORKER_DLQ_WINDOW="10", WORKER_DLQ_MAX_RATIO="1",
                WORKER_COMMIT_INTERVAL_SECONDS="60")
     run.client.answers[first_body] = Rejected("HTTP 409: conflict", status=409)
@@ -3653,19 +3663,12 @@ def test_a_group_dead_lettered_after_a_later_update_of_its_company_is_not_held(
     second = _group_plan(member, "acme", "B-new", 1)
     first_calls, second_calls = _calls_of(first), _calls_of(second)
     associate = first_calls[1].body  # A's second call: slow, then refused
-    slow = track("u9", 9)
-
-    class SlowClient(FakeClient):
-        async def send(self, call: Call) -> int:
-            if call.body == associate:
-                await asyncio.sleep(1.0)
-            if call.body == _body_of(slow):
-                await asyncio.sleep(3.0)  # keeps the worker busy: nothing is let go as idle
-            return await super().send(call)
-
+    slow = track("u9", 9)  # keeps the worker busy: nothing is let go as idle
     run = make({(TOPIC, 2): [Message(TOPIC, 2, 0, b"u9", slow)],
                 (TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", first)], (TOPIC, 1): []},
-               registry=known_schema(), client=SlowClient(), WORKER_DLQ_MAX_CONSECUTIVE="3",
+               registry=known_schema(),
+               client=_SlowClient({associate: 1.0, _body_of(slow): 3.0}),
+               WORKER_DLQ_MAX_CONSECUTIVE="3",
                WORKER_DLQ_WINDOW="10", WORKER_DLQ_MAX_RATIO="1",
                WORKER_COMMIT_INTERVAL_SECONDS="60")
     run.client.answers[associate] = Rejected("HTTP 409: conflict", status=409)
@@ -3683,3 +3686,43 @@ def test_a_group_dead_lettered_after_a_later_update_of_its_company_is_not_held(
 
     assert drive(run, scenario) == 3
     assert run.source.committed().get((TOPIC, 0), 0) == committed
+
+
+def test_a_group_whose_every_state_was_set_again_before_its_dead_letter_is_not_held() -> None:
+    """Review "whole50": u1's group A (partition 0) refused at its association; while its
+    dead letter is written (a slow DLQ), u1's group B of the same company (partition 1) is
+    delivered, setting every state A sets. A is not held: committed at once, not read
+    again after the trip (the worker's not-held branch had no test)."""
+    first = _group_plan("u1", "acme", "A-old", 0)
+    second = _group_plan("u1", "acme", "B-new", 1)
+    first_calls, second_calls = _calls_of(first), _calls_of(second)
+    slow = track("u9", 9)  # keeps the worker busy: nothing is let go as idle
+    run = make({(TOPIC, 2): [Message(TOPIC, 2, 0, b"u9", slow)],
+                (TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", first)], (TOPIC, 1): []},
+               registry=known_schema(),
+               client=_SlowClient({_body_of(slow): 4.0}, refuse_once=[first_calls[1].body]),
+               WORKER_DLQ_MAX_CONSECUTIVE="3", WORKER_DLQ_WINDOW="10",
+               WORKER_DLQ_MAX_RATIO="1", WORKER_COMMIT_INTERVAL_SECONDS="60")
+    plain_send = run.dlq.send
+
+    async def slow_send(topic: str, *, key: bytes | None, value: bytes | None,
+                        headers: Any) -> None:
+        await asyncio.sleep(1.0)
+        await plain_send(topic, key=key, value=value, headers=headers)
+
+    run.dlq.send = slow_send  # type: ignore[method-assign]
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: any(c.body == first_calls[1].body for c in run.client.calls),
+                    "A's association refused")
+        source.log[(TOPIC, 1)].append(Message(TOPIC, 1, 0, b"u1", second))
+        await until(lambda: sum(c.body == second_calls[-1].body
+                                for c in run.client.calls) == 2, "B delivered")
+        assert not run.dlq.records, "B reached Userpilot before A's dead letter"
+        await until(lambda: len(run.dlq.records) == 1, "A dead-lettered")
+        assert len(run.worker.guard_hold) == 0, "A not held"
+        source.log[(TOPIC, 0)].extend(_garbage(0, (1, 2, 3, 4)))
+        await until(lambda: run.worker.fatal is not None, "the guard to trip")
+
+    assert drive(run, scenario) == 3
+    assert run.source.committed().get((TOPIC, 0), 0) == 1
