@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, cast
+from typing import TYPE_CHECKING, BinaryIO, TextIO, cast
 
 from consumer import installed_version
 from consumer.config import timeout_seconds, wait_seconds
@@ -34,7 +34,7 @@ from consumer.errors import ConfigError, WorkerError
 from consumer.logs import error_line
 from consumer.replay import add_arguments as add_replay_arguments
 from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
-from consumer.signals import stop_signals
+from consumer.signals import handled, stop_signals
 from consumer.stdout import QuietStream, json_line, stdout_gone, write_line
 
 if TYPE_CHECKING:
@@ -432,11 +432,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     conf = settings.kafka_config()
     # A signal stops the sending between records: what went is waited for and counted.
     signalled: list[int] = []
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in stop_signals():
-            previous[sig] = signal.signal(sig, lambda signum, _frame: signalled.append(signum))
-    try:
+    with handled(lambda signum, _frame: signalled.append(signum), stop_signals()):
         # The validated values: a flag given with a stray space was checked stripped and
         # used as given (review config25).
         produce_events(lines, topic=args.topic, bootstrap=settings.bootstrap_servers,
@@ -446,9 +442,6 @@ def cmd_produce(args: argparse.Namespace) -> int:
                        if settings.registry_auth else None,
                        registry_proxy=settings.registry_proxy.reveal()
                        if settings.registry_proxy else None, stopping=lambda: bool(signalled))
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 128 + signalled[0] if signalled else 0
 
 
@@ -623,10 +616,13 @@ def _closed_streams_to_devnull() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _closed_streams_to_devnull()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
-    hangup = in_main_thread and signal.SIGHUP in stop_signals()
-    previous_hangup = signal.signal(signal.SIGHUP, _terminated) if hangup else None
+    # Ctrl-C is Python's KeyboardInterrupt (below); the others stop now, exit 128+signal.
+    stopping = [signum for signum in stop_signals() if signum != signal.SIGINT]
+    with handled(_terminated, stopping):
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -644,12 +640,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # plain stop, not a traceback.
         print("interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        if hangup:
-            signal.signal(signal.SIGHUP,
-                          signal.SIG_DFL if previous_hangup is None else previous_hangup)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ backlog grew (an outage, exactly when lag matters: the lag alert never fired wit
 kafka_exporter). `Lag.paused` asks for those.
 
 Under read_committed every lag figure ends at the last stable offset: a transaction left
-open (a producer crashed mid-transaction, up to the broker's transaction.max.timeout.ms)
-holds its records and all later ones back while the lag reads 0, the worker stays ready and
-reads nothing (review "tx50"). `unstable_records` and `stable_offset_stalled_seconds` show
-it, from the same statistics.
+open (until the broker aborts it at its producer's transaction.timeout.ms, or for good when
+it hangs) holds its records and all later ones back while the lag reads 0, the worker
+stays ready and reads nothing (review "tx50"). `unstable_records` and
+`stable_offset_stalled_seconds` show it, from the same statistics.
 
 Thread rule: called on the Kafka poll thread (the stats callback, the paused partitions'
 watermarks); what the statistics taught is kept under this object's own lock, so the

@@ -943,3 +943,32 @@ def test_explain_names_the_input_when_reading_it_fails_with_an_io_error() -> Non
     assert proc.returncode == 1
     assert "/proc/self/mem: cannot read the file (Input/output error)" in proc.stderr, \
         proc.stderr
+
+
+def test_signal_handlers_are_put_back_after_the_block_and_left_alone_off_the_main_thread(
+) -> None:
+    """`signals.handled`, which `main` and `produce` use: the handler inside the block, the
+    one before it after (none of Python's own: the default action); outside the main
+    thread, where Python refuses handlers, nothing is installed."""
+    from consumer.signals import handled
+
+    def mine(_signum: int, _frame: Any) -> None:
+        return None
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        with handled(mine, [signal.SIGUSR1]):
+            assert signal.getsignal(signal.SIGUSR1) is mine
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+        seen: list[object] = []
+
+        def in_thread() -> None:
+            with handled(mine, [signal.SIGUSR1]):
+                seen.append(signal.getsignal(signal.SIGUSR1))
+
+        thread = threading.Thread(target=in_thread)
+        thread.start()
+        thread.join()
+        assert seen == [signal.SIG_IGN]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
