@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +99,15 @@ def produce(bootstrap: str, registry: str, topic: str, events: Iterable[Mapping[
 
 
 def produce_raw(bootstrap: str, topic: str, key: bytes | None, value: bytes | None) -> None:
+    produce_records(bootstrap, topic, [(key, value)])
+
+
+def produce_records(bootstrap: str, topic: str,
+                    records: Sequence[tuple[bytes | None, bytes | None]]) -> None:
+    """Raw records in order through one producer (a producer per record costs ~0.5 s)."""
     producer = make_producer({"bootstrap.servers": bootstrap})
-    producer.produce(topic, key=key, value=value)
+    for key, value in records:
+        producer.produce(topic, key=key, value=value)
     assert producer.flush(30) == 0
 
 
