@@ -25,7 +25,12 @@ import httpx
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from consumer.config import SECRET_KAFKA_KEYS, Settings, redact_userinfo
+from consumer.config import (
+    MIN_MESSAGE_MAX_BYTES,
+    SECRET_KAFKA_KEYS,
+    Settings,
+    redact_userinfo,
+)
 from consumer.delivery import UserpilotClient
 from consumer.errors import (
     ConnectionFailed,
@@ -132,7 +137,8 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
 def kafka(conf: Mapping[str, Any], timeout: float,
           topics: Iterable[str] = (), dlq_topic: str | None = None) -> str | None:
     """Reach the brokers with the worker's own librdkafka settings; check topics exist, and
-    that the DLQ topic (when it exists) is not compacted (`dlq_policy`).
+    that the DLQ topic takes dead letters: not compacted, records of the worker's size
+    (`dlq_policy`, `missing_dlq_problem`).
 
     The answer is printed by `run`, `check-config --online` and `replay`, not logged, so it
     is redacted here: an OIDC token endpoint's refusal, which librdkafka quotes, echoes
@@ -228,13 +234,38 @@ def missing_dlq_problem(bootstrap: str, dlq_topic: str,
                         brokers: Mapping[str, str]) -> str | None:
     """A DLQ topic that does not exist is created by the first dead letter, unless the
     brokers create no topics: then that dead letter is retried for ever, its partition
-    held, while the worker reports ready (review config19)."""
+    held, while the worker reports ready (review config19). Created, it takes the brokers'
+    `message.max.bytes` (`_size_problem`)."""
     if brokers.get("auto.create.topics.enable") != "false":
-        return None
+        small = _size_problem(brokers.get("message.max.bytes", ""))
+        if small is None:
+            return None
+        return (f"Kafka at {bootstrap} has no DLQ topic {dlq_topic!r}, and its brokers would "
+                f"create it with message.max.bytes={small}{_SIZE_WHY}: create it with a "
+                "larger limit, e.g. kafka-topics.sh --bootstrap-server <broker> --create "
+                f"--topic {dlq_topic} --config max.message.bytes={DLQ_MESSAGE_MAX_BYTES}")
     return (f"Kafka at {bootstrap} has no DLQ topic {dlq_topic!r} and its brokers create "
             "no topics (auto.create.topics.enable=false): create it, e.g. kafka-topics.sh "
             f"--bootstrap-server <broker> --create --topic {dlq_topic}, or fix "
             "KAFKA_DLQ_TOPIC")
+
+
+DLQ_MESSAGE_MAX_BYTES = 1_048_588
+"""Kafka's default `max.message.bytes`: what the fix for a too small DLQ topic suggests."""
+
+_SIZE_WHY = (f", below {MIN_MESSAGE_MAX_BYTES}: a dead letter without its value still carries "
+             "up to ~5 KB of the worker's headers, and one the topic refuses holds its "
+             "partition for good")
+
+
+def _size_problem(limit: str) -> int | None:
+    """A topic's record limit too small for a dead letter without its value (the same floor
+    as KAFKA_MESSAGE_MAX_BYTES, `config.MIN_MESSAGE_MAX_BYTES`), else None (fine, unread).
+
+    The producer's own limit is checked offline; the topic's is the broker's to enforce:
+    a DLQ topic of 512 bytes refused even the value-less record, retried every 0.5 s for
+    ever, while `check-config --online` said OK (review "readme51")."""
+    return int(limit) if limit.isdigit() and int(limit) < MIN_MESSAGE_MAX_BYTES else None
 
 
 def _compacts(policy: str) -> bool:
@@ -302,12 +333,20 @@ def dlq_policy(admin: AdminClient, dlq_topic: str, timeout: float) -> str | None
     """A compacted DLQ topic loses dead letters: they are keyed by user, so compaction keeps
     one per user, a dead tombstone's (no value) deletes the user's others, and a keyless
     one is refused (INVALID_RECORD), retried for ever while its partition stalls (review
-    "kafka18"). None when the policy is fine or cannot be read (no DescribeConfigs ACL)."""
+    "kafka18"). A topic whose `max.message.bytes` is below the worker's floor refuses a
+    dead letter even without its value (`_size_problem`). None when both are fine or
+    cannot be read (no DescribeConfigs ACL)."""
     # Not readable: no verdict (the produce path still reports its refusals).
-    value = _configs(admin, ConfigResource(ConfigResource.Type.TOPIC, dlq_topic),
-                     timeout).get("cleanup.policy", "")
+    configs = _configs(admin, ConfigResource(ConfigResource.Type.TOPIC, dlq_topic), timeout)
+    value = configs.get("cleanup.policy", "")
     if not _compacts(value):
-        return None
+        small = _size_problem(configs.get("max.message.bytes", ""))
+        if small is None:
+            return None
+        return (f"the DLQ topic {dlq_topic!r} has max.message.bytes={small}{_SIZE_WHY}. "
+                "Raise it, e.g. kafka-configs.sh --bootstrap-server <broker> --alter "
+                f"--entity-type topics --entity-name {dlq_topic} --add-config "
+                f"max.message.bytes={DLQ_MESSAGE_MAX_BYTES}")
     return (f"the DLQ topic {dlq_topic!r} has cleanup.policy={value}: compaction keeps one "
             "dead letter per user (a dead tombstone deletes the user's others) and refuses "
             "keyless ones. Make it cleanup.policy=delete, e.g. kafka-configs.sh "

@@ -420,6 +420,24 @@ def test_a_compacted_dlq_is_refused_by_check_config_and_run(
     assert f"has cleanup.policy={policy}" in ran.stderr
 
 
+def test_a_dlq_topic_too_small_for_a_dead_letter_is_refused_by_check_config_and_run(
+    online_env: dict[str, str], topic_factory: Callable[..., str],
+) -> None:
+    """Review "readme51": a DLQ topic with max.message.bytes=512 refused even the value-less
+    dead letter; its partition stalled for ever (commit at 0, the record retried every
+    0.5 s) while check-config --online said OK."""
+    dlq = topic_factory(partitions=1, suffix="-dlq", config={"max.message.bytes": "512"})
+    env = {**online_env, "KAFKA_DLQ_TOPIC": dlq}
+    checked = cli(["check-config", "--online", "--timeout", "5"], env)
+    assert checked.returncode == 10, checked.stderr
+    said = f"the DLQ topic {dlq!r} has max.message.bytes=512, below 16384"
+    assert said in checked.stderr
+    assert "--add-config max.message.bytes=1048588" in checked.stderr
+    ran = cli(["run", "--timeout", "5"], env)
+    assert ran.returncode == 1, ran.stderr
+    assert said in ran.stderr
+
+
 # Below the brokers' group.min.session.timeout.ms (6 s) yet three heartbeats (1 s here)
 # long: a session shorter than the heartbeat is refused offline, before any broker.
 @pytest.mark.parametrize("timeout_ms", ["3000", "1800001"])

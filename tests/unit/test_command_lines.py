@@ -1,4 +1,5 @@
-"""Every command line the README and docker-compose.yml show goes through the real parser.
+"""Every command line the README, docker-compose.yml and the alerts show goes through the real
+parser.
 
 Parsing is the floor; the lines are also run as written: the replay and explain lines in
 tests/integration/test_readme_commands.py, the GDPR ones in test_delete_users, `make demo`'s
@@ -63,9 +64,26 @@ def _args(line: str, prefix: str) -> list[str]:
     return [re.sub(r"^<[^>]+>$", "x", part) for part in parts]
 
 
+def _alert_lines(prefix: str) -> list[str]:
+    """`prefix ...` command lines in the alerts' texts, which page the on-call engineer: two
+    replay lines there lacked `--from` and exited 2 as written (review "readme51").
+    A Prometheus template stands for a value its label takes (`{{ $labels.reason }}`: a
+    dead-letter reason)."""
+    doc = yaml.safe_load((ROOT / "helm/userpilot-worker/files/alerts.yaml").read_text("utf-8"))
+    found = []
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            for text in rule.get("annotations", {}).values():
+                for raw in re.findall(rf"`({re.escape(prefix)}\b[^`]*)`", text):
+                    line = " ".join(raw.split()).replace("{{ $labels.reason }}", "bad_request")
+                    found.append(re.sub(r"\{\{[^}]*\}\}", "<label>", line))
+    return found
+
+
 COMPOSE = _compose_commands()
 README = _readme_lines("python -m consumer")
 README_BENCH = _readme_lines("python -m bench")
+ALERTS = _alert_lines("userpilot-worker")
 
 
 def test_the_compose_file_and_readme_have_command_lines() -> None:
@@ -91,6 +109,16 @@ def test_the_compose_sandbox_command_sets_host_and_port() -> None:
 def test_readme_command_lines_parse(line: str) -> None:
     args = build_parser("python -m consumer").parse_args(_args(line, "python -m consumer"))
     assert args.func is not None
+
+
+@pytest.mark.parametrize("line", ALERTS)
+def test_alert_command_lines_parse(line: str) -> None:
+    args = build_parser("userpilot-worker").parse_args(_args(line, "userpilot-worker"))
+    assert args.func is not None
+
+
+def test_the_alerts_have_command_lines() -> None:
+    assert any(" replay --from " in line for line in ALERTS), ALERTS
 
 
 @pytest.mark.parametrize("line", README_BENCH)

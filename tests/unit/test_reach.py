@@ -178,6 +178,53 @@ def test_a_missing_dlq_topic_is_refused_only_where_nothing_creates_it() -> None:
     assert reach.missing_dlq_problem("k:9092", "t.dlq", {}) is None  # not readable: pass
 
 
+def test_brokers_that_would_create_a_dlq_topic_too_small_for_a_dead_letter_are_named() -> None:
+    """Review "readme51": created by the first dead letter, the DLQ topic takes the brokers'
+    message.max.bytes; below the worker's floor even a value-less dead letter is refused."""
+    small = {"auto.create.topics.enable": "true", "message.max.bytes": "16383"}
+    problem = reach.missing_dlq_problem("k:9092", "t.dlq", small)
+    assert problem is not None and "message.max.bytes=16383, below 16384" in problem
+    assert "--create --topic t.dlq --config max.message.bytes=1048588" in problem
+    assert reach.missing_dlq_problem(
+        "k:9092", "t.dlq", {**small, "message.max.bytes": "16384"}) is None
+
+
+@pytest.mark.parametrize(("configs", "said"), [
+    ({"cleanup.policy": "delete", "max.message.bytes": "1048588"}, None),
+    ({"cleanup.policy": "delete", "max.message.bytes": "16384"}, None),
+    ({"cleanup.policy": "delete", "max.message.bytes": "512"},
+     "has max.message.bytes=512, below 16384"),
+    ({"cleanup.policy": "compact", "max.message.bytes": "512"}, "has cleanup.policy=compact"),
+    ({}, None),  # not readable (no DescribeConfigs ACL): no verdict
+], ids=["default", "floor", "small", "compacted-first", "unread"])
+def test_a_dlq_topic_that_refuses_a_dead_letter_without_its_value_is_named(
+        configs: dict[str, str], said: str | None) -> None:
+    """Review "readme51": a DLQ topic of 512 bytes refused the value-less dead letter, retried
+    every 0.5 s for ever while its partition held, and check-config --online said OK."""
+    from typing import Any, cast
+
+    class Entry:
+        def __init__(self, value: str) -> None:
+            self.value = value
+
+    class Answer:
+        def result(self, timeout: float) -> dict[str, Entry]:
+            return {name: Entry(value) for name, value in configs.items()}
+
+    class Admin:
+        def describe_configs(self, resources: list[Any], request_timeout: float
+                             ) -> dict[Any, Answer]:
+            return {r: Answer() for r in resources}
+
+    problem = reach.dlq_policy(cast(Any, Admin()), "t.dlq", 1.0)
+    if said is None:
+        assert problem is None
+    else:
+        assert problem is not None and said in problem
+    if problem is not None and said is not None and "max.message.bytes" in said:
+        assert "--entity-name t.dlq --add-config max.message.bytes=1048588" in problem
+
+
 def test_only_the_brokers_latest_error_says_whether_they_refuse_the_settings() -> None:
     """A refusal exits `run` at once, an outage is waited for. A login refused or an
     untrusted certificate on the latest try is a setting; a broker restarting, a TLS load
