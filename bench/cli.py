@@ -42,7 +42,8 @@ WORKLOADS: dict[int, tuple[str, str]] = {
     12: ("mixed_saturation", "mixed_saturation"),
 }
 DEFAULT_WORKLOADS = [1, 2, 3, 4, 5, 6, 7, 8, 12]
-"""Without --workloads: 1-8; the Redis workloads 9-11 are asked for explicitly."""
+"""Without --workloads: 1-8 and 12 (mixed saturation); the Redis workloads 9-11 are asked for
+explicitly."""
 
 
 def _workload_list(text: str) -> list[int]:
