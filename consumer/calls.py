@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -246,8 +247,17 @@ def visible(text: str) -> bool:
     """
     if text.isascii() and text.isprintable():  # the common id: two C calls
         return not text.isspace() and text != ""
-    return any(c.isprintable() and not c.isspace()
+    return any(not c.isspace() and (c.isprintable() or _shown(c))
                for c in _RENDERS_AS_NOTHING.sub("", text))
+
+
+def _shown(c: str) -> bool:
+    """A character `str.isprintable` refuses that still shows: a format character outside
+    `_RENDERS_AS_NOTHING` (U+0600 ARABIC NUMBER SIGN), private use (a company's own
+    glyphs), or one this Python's Unicode tables predate (🩵 U+1FA75 on 3.11): ids made of
+    them were dropped as anonymous, silently, and which ones depended on the Python version
+    (review "mapping51"). Blank: controls (NUL), separators and lone surrogates."""
+    return unicodedata.category(c) not in ("Cc", "Cs", "Zl", "Zp", "Zs")
 
 
 def _id(value: Any) -> str | None:

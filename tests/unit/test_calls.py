@@ -591,7 +591,13 @@ def test_plan_after_eviction_identifies_again() -> None:
     ("\u3164a", False), ("가", False),
     # the rest of Default_Ignorable_Code_Point (review diff19)
     ("\ufe0f", True), ("\u034f\u180b", True), ("\U000e0100", True), ("\u00ad", True),
-    ("e\u0301", False), ("😀\ufe0f", False)])
+    ("e\u0301", False), ("😀\ufe0f", False),
+    # shown, though Python's isprintable says no (review "mapping51"): newer than this
+    # Python's Unicode tables (U+1FA75 on 3.11; U+0378 is unassigned on every one), private
+    # use, a format character outside Default_Ignorable; blank: C0/C1 controls, separators
+    ("\U0001fa75", False), ("\u0378", False), ("\ue000", False), ("\U000f0000", False),
+    ("\u0600", False), ("\u0600\u200b", False), ("\x01\x7f\x9f", True),
+    ("\u2028\u2029", True), ("\ud800", True)])
 def test_an_id_of_invisible_characters_only_is_anonymous(user_id: str, anonymous: bool) -> None:
     """A zero-width space or a NUL was sent as a user id: no stable identity."""
     assert lacks_required_id({"type": "track", "userId": user_id}) is anonymous
