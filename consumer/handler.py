@@ -270,6 +270,11 @@ class Duplicate:
 
 Outcome = Delivered | Dropped | DeadLettered | Duplicate
 
+EARLIER_SCHEMA_WAIT_S = 5.0
+"""How long after an event was taken with its schema still to fetch a later company write
+waits for it to be decided, so that its own company write keeps its place (the registry's
+own bound on a call, as `keyless.UNRESOLVED_WAIT_S`)."""
+
 SHARED_RECHECK_S = 60.0
 """How long a replica trusts, on its own, a user it learned from Redis another replica had
 identified: then it asks Redis again (one read per user a minute). Trusted for the whole
@@ -392,6 +397,9 @@ class Handler:
         # Several users' updates of one company, in intake order (event loop only).
         self.companies = CompanyOrder()
         self._undecided: dict[int, Event] = {}  # taken before their schema came, by intake
+        # ... and by when (monotonic) a later company write stops waiting for each to be
+        # decided (`_decide_earlier`)
+        self._undecided_by: dict[int, float] = {}
 
     def close(self) -> None:
         """At shutdown, after the events settled: no schema lookup starts any more."""
@@ -633,27 +641,55 @@ class Handler:
         decision = event.decision
         if decision is None:
             self._undecided[event.intake] = event
+            self._undecided_by.setdefault(event.intake, time.monotonic() + EARLIER_SCHEMA_WAIT_S)
         elif event.writes is None:
             self._undecided.pop(event.intake, None)
+            self._undecided_by.pop(event.intake, None)
             companies = ([c for call in decision.calls if (c := call.written_company)]
                          if isinstance(decision, Send) else ())
             event.writes = (self.companies.place(event.intake, (event.topic, event.partition),
                                                  companies) if companies else ())
 
-    def _decide_earlier(self, intake: int) -> None:
+    async def _decide_earlier(self, intake: int) -> None:
         """Before a company write: the events taken before it while their schema was being
-        fetched are decided now if it came (their own tasks decide when they reach the head
-        of their users' chains, maybe long after), so their writes are in line. One still
-        waiting for another schema is not waited for."""
+        fetched are decided (their own tasks decide when they reach the head of their users'
+        chains, maybe long after), so their writes are in line. One whose schema is still
+        being fetched is waited for, until EARLIER_SCHEMA_WAIT_S after it was taken: not
+        waited for, a collector's first event of a new schema version, another user's group
+        of the company, was overtaken by a later group of the canonical schema, and the
+        company kept the older traits (review "evolve51"). Past that (the registry away),
+        later writes go on, and that company's order is not guaranteed."""
         for seq, earlier in list(self._undecided.items()):
             if seq >= intake:
                 break
+            if self._undecided.get(seq) is not earlier:
+                continue  # decided by its own task, or its partition went, while this waited
             if self.decide(earlier):
                 self.order_writes(earlier)
+                continue
+            left = self._undecided_by.get(seq, 0.0) - time.monotonic()
+            if left > 0:
+                # Failures are its own task's to report (an unknown id, the registry away).
+                with contextlib.suppress(Exception):
+                    schema_id, _ = codec.split_wire(earlier.value)
+                    self._keep_schema(schema_id, await asyncio.wait_for(
+                        self._fetches.writer_schema(schema_id), left))
+                if self._undecided.get(seq) is not earlier:
+                    continue
+                if self.decide(earlier):
+                    self.order_writes(earlier)
+                    continue
+            if earlier.decision is None:
+                schema_log.warning(
+                    "a company write goes before an earlier event whose schema is not fetched "
+                    "yet (%s[%d]@%d): that company's order is not guaranteed while the "
+                    "registry does not answer", earlier.topic, earlier.partition,
+                    earlier.offset)
 
     def writes_done(self, event: Event) -> None:
         """The event's job ended: its company writes, if any, are not to come."""
         self._undecided.pop(event.intake, None)
+        self._undecided_by.pop(event.intake, None)
         if event.writes:
             self.companies.after(event.writes)
 
@@ -662,6 +698,8 @@ class Handler:
         gone = set(parts)
         self._undecided = {seq: e for seq, e in self._undecided.items()
                            if (e.topic, e.partition) not in gone}
+        self._undecided_by = {seq: by for seq, by in self._undecided_by.items()
+                              if seq in self._undecided}
         self.companies.forget(parts)
 
     def _duplicate(self, event: Event, endpoint: str) -> Duplicate:
@@ -877,7 +915,7 @@ class Handler:
                     continue
                 if company is not None and event.writes:
                     if self._undecided:
-                        self._decide_earlier(event.intake)
+                        await self._decide_earlier(event.intake)
                     await self.companies.turn(event.writes, company, event.fields)
                 try:
                     await self._send_call(event, call, endpoint)
