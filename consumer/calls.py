@@ -256,7 +256,15 @@ def _shown(c: str) -> bool:
     `_RENDERS_AS_NOTHING` (U+0600 ARABIC NUMBER SIGN), private use (a company's own
     glyphs), or one this Python's Unicode tables predate (🩵 U+1FA75 on 3.11): ids made of
     them were dropped as anonymous, silently, and which ones depended on the Python version
-    (review "mapping51"). Blank: controls (NUL), separators and lone surrogates."""
+    (review "mapping51"). Blank: controls (NUL), separators, lone surrogates, the
+    noncharacters (never assigned: U+FFFE, U+FFFF, U+FDD0-FDEF, each plane's last two) and
+    the format controls that show nothing alone (interlinear annotation U+FFF9-FFFB,
+    Egyptian hieroglyph joiners U+13430-1343F; review "diff51a")."""
+    code = ord(c)
+    if code & 0xFFFE == 0xFFFE or 0xFDD0 <= code <= 0xFDEF:
+        return False
+    if 0xFFF9 <= code <= 0xFFFB or 0x13430 <= code <= 0x1343F:
+        return False
     return unicodedata.category(c) not in ("Cc", "Cs", "Zl", "Zp", "Zs")
 
 

@@ -667,24 +667,42 @@ class Handler:
             if self.decide(earlier):
                 self.order_writes(earlier)
                 continue
-            left = self._undecided_by.get(seq, 0.0) - time.monotonic()
-            if left > 0:
-                # Failures are its own task's to report (an unknown id, the registry away).
-                with contextlib.suppress(Exception):
-                    schema_id, _ = codec.split_wire(earlier.value)
-                    self._keep_schema(schema_id, await asyncio.wait_for(
-                        self._fetches.writer_schema(schema_id), left))
-                if self._undecided.get(seq) is not earlier:
-                    continue
-                if self.decide(earlier):
+            if await self._schema_of(seq, earlier):
+                if self._undecided.get(seq) is earlier and self.decide(earlier):
                     self.order_writes(earlier)
-                    continue
-            if earlier.decision is None:
-                schema_log.warning(
-                    "a company write goes before an earlier event whose schema is not fetched "
-                    "yet (%s[%d]@%d): that company's order is not guaranteed while the "
-                    "registry does not answer", earlier.topic, earlier.partition,
-                    earlier.offset)
+                continue  # else refused for good: dead-lettered by its task, no company
+            schema_log.warning(
+                "a company write goes before an earlier event whose schema is not fetched "
+                "yet (%s[%d]@%d): that company's order is not guaranteed while the registry "
+                "does not answer", earlier.topic, earlier.partition, earlier.offset)
+
+    async def _schema_of(self, seq: int, earlier: Event) -> bool:
+        """Fetch `earlier`'s writer schema until its wait runs out; True when there is
+        nothing more to wait for: the schema came, the registry refused the id for good (the
+        event is dead-lettered, writing no company), or the event was decided or taken
+        away meanwhile. Asked again after a failed lookup (one registry blip let the later
+        write go first, review "diff51a"); failures are the event's own task's to report."""
+        left = self._undecided_by.get(seq, 0.0) - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            schema_id, _ = codec.split_wire(earlier.value)
+        except UndecodableEvent:
+            return True
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can drop a revoke's cancellation
+        # that lands as the wait ends, and the event went on for a partition gone (diff51a).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(left):
+                while self._undecided.get(seq) is earlier:
+                    try:
+                        self._keep_schema(schema_id, await self._fetches.writer_schema(schema_id))
+                        return True
+                    except (KeyError, UndecodableEvent):
+                        return True
+                    except Exception:
+                        # `writer_schema` waits out the id's backoff itself; never a busy loop
+                        await asyncio.sleep(0.05)
+        return self._undecided.get(seq) is not earlier
 
     def writes_done(self, event: Event) -> None:
         """The event's job ended: its company writes, if any, are not to come."""

@@ -25,12 +25,7 @@ import httpx
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
-from consumer.config import (
-    MIN_MESSAGE_MAX_BYTES,
-    SECRET_KAFKA_KEYS,
-    Settings,
-    redact_userinfo,
-)
+from consumer.config import SECRET_KAFKA_KEYS, Settings, redact_userinfo
 from consumer.delivery import UserpilotClient
 from consumer.errors import (
     ConnectionFailed,
@@ -253,19 +248,27 @@ def missing_dlq_problem(bootstrap: str, dlq_topic: str,
 DLQ_MESSAGE_MAX_BYTES = 1_048_588
 """Kafka's default `max.message.bytes`: what the fix for a too small DLQ topic suggests."""
 
-_SIZE_WHY = (f", below {MIN_MESSAGE_MAX_BYTES}: a dead letter without its value still carries "
-             "up to ~5 KB of the worker's headers, and one the topic refuses holds its "
-             "partition for good")
+DLQ_TOPIC_MIN_BYTES = 8192
+"""The least DLQ topic `max.message.bytes` taken at start-up: the smallest record the worker
+writes for a dead letter (without its value, key and original headers; its own headers at
+their largest: error body, message, stack) is ~6.4 KB, plus the batch's framing."""
+
+_SIZE_WHY = (f", below {DLQ_TOPIC_MIN_BYTES}: a dead letter written without its value, key "
+             "and original headers still carries up to ~6.4 KB of the worker's own headers, "
+             "and one the topic refuses holds its partition for good")
 
 
 def _size_problem(limit: str) -> int | None:
-    """A topic's record limit too small for a dead letter without its value (the same floor
-    as KAFKA_MESSAGE_MAX_BYTES, `config.MIN_MESSAGE_MAX_BYTES`), else None (fine, unread).
+    """A topic's record limit too small for the smallest dead letter the worker writes
+    (`DLQ_TOPIC_MIN_BYTES`), else None (fine, or unread).
 
     The producer's own limit is checked offline; the topic's is the broker's to enforce:
     a DLQ topic of 512 bytes refused even the value-less record, retried every 0.5 s for
-    ever, while `check-config --online` said OK (review "readme51")."""
-    return int(limit) if limit.isdigit() and int(limit) < MIN_MESSAGE_MAX_BYTES else None
+    ever, while `check-config --online` said OK (review "readme51"). Only at start-up
+    (`dlq_policy`'s `size`): in a running worker a topic between ~6.4 KB and the floor
+    still takes every dead letter, and one it refuses is reported as unwritable (the
+    periodic check blocked them all, review "diff51a")."""
+    return int(limit) if limit.isdigit() and int(limit) < DLQ_TOPIC_MIN_BYTES else None
 
 
 def _compacts(policy: str) -> bool:
@@ -329,18 +332,19 @@ def session_timeout_problem(conf: Mapping[str, Any], brokers: Mapping[str, str])
             f"or remove it (the worker's default {SESSION_TIMEOUT_MS})")
 
 
-def dlq_policy(admin: AdminClient, dlq_topic: str, timeout: float) -> str | None:
+def dlq_policy(admin: AdminClient, dlq_topic: str, timeout: float,
+               size: bool = True) -> str | None:
     """A compacted DLQ topic loses dead letters: they are keyed by user, so compaction keeps
     one per user, a dead tombstone's (no value) deletes the user's others, and a keyless
     one is refused (INVALID_RECORD), retried for ever while its partition stalls (review
-    "kafka18"). A topic whose `max.message.bytes` is below the worker's floor refuses a
-    dead letter even without its value (`_size_problem`). None when both are fine or
-    cannot be read (no DescribeConfigs ACL)."""
+    "kafka18"). With `size`, a topic whose `max.message.bytes` is below the worker's floor
+    refuses a dead letter even without its value (`_size_problem`). None when both are
+    fine or cannot be read (no DescribeConfigs ACL)."""
     # Not readable: no verdict (the produce path still reports its refusals).
     configs = _configs(admin, ConfigResource(ConfigResource.Type.TOPIC, dlq_topic), timeout)
     value = configs.get("cleanup.policy", "")
     if not _compacts(value):
-        small = _size_problem(configs.get("max.message.bytes", ""))
+        small = _size_problem(configs.get("max.message.bytes", "")) if size else None
         if small is None:
             return None
         return (f"the DLQ topic {dlq_topic!r} has max.message.bytes={small}{_SIZE_WHY}. "
@@ -398,7 +402,7 @@ def dlq_policy_now(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> s
     letters without a word, and compaction then deleted all but one per user (review
     "faults31"). Blocking: run it off the event loop."""
     settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _SILENT}
-    problem = dlq_policy(AdminClient(settings), dlq_topic, timeout)
+    problem = dlq_policy(AdminClient(settings), dlq_topic, timeout, size=False)
     return None if problem is None else Redactor(kafka_secrets(conf, SECRET_KAFKA_KEYS))(problem)
 
 

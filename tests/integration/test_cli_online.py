@@ -430,12 +430,52 @@ def test_a_dlq_topic_too_small_for_a_dead_letter_is_refused_by_check_config_and_
     env = {**online_env, "KAFKA_DLQ_TOPIC": dlq}
     checked = cli(["check-config", "--online", "--timeout", "5"], env)
     assert checked.returncode == 10, checked.stderr
-    said = f"the DLQ topic {dlq!r} has max.message.bytes=512, below 16384"
+    said = f"the DLQ topic {dlq!r} has max.message.bytes=512, below 8192"
     assert said in checked.stderr
     assert "--add-config max.message.bytes=1048588" in checked.stderr
     ran = cli(["run", "--timeout", "5"], env)
     assert ran.returncode == 1, ran.stderr
     assert said in ran.stderr
+
+
+def test_a_dlq_topic_at_the_floor_takes_the_largest_dead_letter_the_worker_can_write_there(
+    online_env: dict[str, str], kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """The floor is the worker's own worst case, not KAFKA_MESSAGE_MAX_BYTES's 16384: a dead
+    letter the topic refuses is written without its value, key and original headers, which
+    leaves the worker's headers at their largest (~6.4 KB). A topic at the floor takes it,
+    and check-config --online passes it (review "diff51a": 8-16 KB topics were refused)."""
+    import asyncio
+
+    from consumer.deadletter import Failure, dead_letter_record, without_originals, without_value
+    from consumer.kafka import DeadLetterProducer
+    from consumer.reach import DLQ_TOPIC_MIN_BYTES
+
+    dlq = topic_factory(partitions=1, suffix="-dlq",
+                        config={"max.message.bytes": str(DLQ_TOPIC_MIN_BYTES)})
+    checked = cli(["check-config", "--online", "--timeout", "5"],
+                  {**online_env, "KAFKA_DLQ_TOPIC": dlq})
+    assert checked.returncode == 0, checked.stderr
+    huge = "\u00e9" * 200_000
+    failure = Failure(reason="bad_request", exception_class="Rejected" * 50, message=huge,
+                      status=400, body=huge,
+                      call="company_identify POST /v1/companies/identify" * 20)
+    record = dead_letter_record(key=b"k" * 100_000, value=b"v" * 2_000_000,
+                                headers=[("trace", b"x" * 50_000)], timestamp_ms=1,
+                                topic="t" * 249, partition=2**31 - 1, offset=2**63 - 1,
+                                failure=failure, max_bytes=1_000_000)
+    bare = without_originals(without_value(record))
+    assert 6000 < bare.size < DLQ_TOPIC_MIN_BYTES - 1024
+
+    async def send() -> None:
+        producer = DeadLetterProducer({"bootstrap.servers": kafka_bootstrap})
+        try:
+            await asyncio.wait_for(producer.send(dlq, key=bare.key, value=bare.value,
+                                                 headers=bare.headers), 30)
+        finally:
+            producer.close(5)
+
+    asyncio.run(send())  # raises if the broker refused it
 
 
 # Below the brokers' group.min.session.timeout.ms (6 s) yet three heartbeats (1 s here)

@@ -597,7 +597,10 @@ def test_plan_after_eviction_identifies_again() -> None:
     # use, a format character outside Default_Ignorable; blank: C0/C1 controls, separators
     ("\U0001fa75", False), ("\u0378", False), ("\ue000", False), ("\U000f0000", False),
     ("\u0600", False), ("\u0600\u200b", False), ("\x01\x7f\x9f", True),
-    ("\u2028\u2029", True), ("\ud800", True)])
+    ("\u2028\u2029", True), ("\ud800", True),
+    # never shown (review "diff51a"): noncharacters, annotation and hieroglyph format controls
+    ("\uffff", True), ("\ufffe", True), ("\U0010ffff", True), ("\ufdd0", True),
+    ("\ufff9\ufffb", True), ("\U00013430", True), ("\U0001ffff\ufdef", True)])
 def test_an_id_of_invisible_characters_only_is_anonymous(user_id: str, anonymous: bool) -> None:
     """A zero-width space or a NUL was sent as a user id: no stable identity."""
     assert lacks_required_id({"type": "track", "userId": user_id}) is anonymous

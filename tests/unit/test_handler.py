@@ -824,3 +824,51 @@ def test_an_event_waiting_out_a_schema_backoff_goes_once_the_registry_answers() 
     asyncio.run(main())
     handler.close()
     assert done["old"] - done["other id"] < 0.5, done
+
+
+def test_a_cancel_landing_as_an_earlier_event_s_schema_comes_is_not_swallowed() -> None:
+    """Review "diff51a": `_decide_earlier` waited with `asyncio.wait_for`, which on Python
+    3.11 can drop a cancellation that lands as the wait ends: a revoke's drain cancelled the
+    event's task as the registry answered, and the task went on to send for a partition
+    gone. Cancelled at each loop step after the answer, it ends cancelled (or finished)."""
+
+    class Unknown(Registry):
+        def cached(self, schema_id: int) -> Mapping[str, Any] | None:
+            return None
+
+    class Fetches:
+        def __init__(self) -> None:
+            self.answer: asyncio.Future[Any] | None = None
+
+        async def writer_schema(self, schema_id: int) -> Any:
+            self.answer = asyncio.get_running_loop().create_future()
+            return await asyncio.shield(self.answer)
+
+    async def attempt(steps: int) -> str:
+        handler, *_ = make()
+        fetches = Fetches()
+        handler._fetches = fetches  # type: ignore[assignment]
+        handler.registry = Unknown()
+        earlier = Event("t", 0, 0, b"k", b"k", b"\x00\x00\x00\x00\x2a" + b"x", None, None,
+                        intake=1)
+        handler._undecided = {1: earlier}
+        handler._undecided_by = {1: time.monotonic() + 5}
+        task = asyncio.create_task(handler._decide_earlier(2))
+        while fetches.answer is None:
+            assert not task.done(), "the earlier event's schema was not asked for"
+            await asyncio.sleep(0)
+        fetches.answer.set_result(codec.SCHEMA)
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        if task.done():
+            return "finished"
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "swallowed"
+
+    outcomes = {steps: asyncio.run(attempt(steps)) for steps in range(6)}
+    assert "swallowed" not in outcomes.values(), outcomes
+    assert "cancelled" in outcomes.values(), outcomes

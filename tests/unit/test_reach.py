@@ -181,19 +181,19 @@ def test_a_missing_dlq_topic_is_refused_only_where_nothing_creates_it() -> None:
 def test_brokers_that_would_create_a_dlq_topic_too_small_for_a_dead_letter_are_named() -> None:
     """Review "readme51": created by the first dead letter, the DLQ topic takes the brokers'
     message.max.bytes; below the worker's floor even a value-less dead letter is refused."""
-    small = {"auto.create.topics.enable": "true", "message.max.bytes": "16383"}
+    small = {"auto.create.topics.enable": "true", "message.max.bytes": "8191"}
     problem = reach.missing_dlq_problem("k:9092", "t.dlq", small)
-    assert problem is not None and "message.max.bytes=16383, below 16384" in problem
+    assert problem is not None and "message.max.bytes=8191, below 8192" in problem
     assert "--create --topic t.dlq --config max.message.bytes=1048588" in problem
     assert reach.missing_dlq_problem(
-        "k:9092", "t.dlq", {**small, "message.max.bytes": "16384"}) is None
+        "k:9092", "t.dlq", {**small, "message.max.bytes": "8192"}) is None
 
 
 @pytest.mark.parametrize(("configs", "said"), [
     ({"cleanup.policy": "delete", "max.message.bytes": "1048588"}, None),
-    ({"cleanup.policy": "delete", "max.message.bytes": "16384"}, None),
+    ({"cleanup.policy": "delete", "max.message.bytes": "8192"}, None),
     ({"cleanup.policy": "delete", "max.message.bytes": "512"},
-     "has max.message.bytes=512, below 16384"),
+     "has max.message.bytes=512, below 8192"),
     ({"cleanup.policy": "compact", "max.message.bytes": "512"}, "has cleanup.policy=compact"),
     ({}, None),  # not readable (no DescribeConfigs ACL): no verdict
 ], ids=["default", "floor", "small", "compacted-first", "unread"])
@@ -223,6 +223,11 @@ def test_a_dlq_topic_that_refuses_a_dead_letter_without_its_value_is_named(
         assert problem is not None and said in problem
     if problem is not None and said is not None and "max.message.bytes" in said:
         assert "--entity-name t.dlq --add-config max.message.bytes=1048588" in problem
+    # A running worker's periodic check names compaction only: a topic between the smallest
+    # dead letter (~6.4 KB) and the floor takes them all, and blocking every dead letter
+    # stalled every partition at its first (review "diff51a").
+    running = reach.dlq_policy(cast(Any, Admin()), "t.dlq", 1.0, size=False)
+    assert running == (problem if said is not None and "compact" in said else None)
 
 
 def test_only_the_brokers_latest_error_says_whether_they_refuse_the_settings() -> None:

@@ -1190,13 +1190,14 @@ def test_two_users_updates_of_one_company_go_in_stream_order(schema_known: bool)
 
 class _NewVersionRegistry(FakeRegistry):
     """Knows SCHEMA_ID; NEW_SCHEMA_ID (a collector's new version, the same fields) answers
-    after `new_delay` seconds."""
+    after `new_delay` seconds, its first `failures` lookups failing (a registry blip)."""
 
     NEW_SCHEMA_ID = SCHEMA_ID + 1
 
-    def __init__(self, new_delay: float) -> None:
+    def __init__(self, new_delay: float, failures: int = 0) -> None:
         super().__init__()
         self.new_delay = new_delay
+        self.failures = failures
         self.writer_schema(SCHEMA_ID)
 
     def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
@@ -1204,22 +1205,30 @@ class _NewVersionRegistry(FakeRegistry):
             return super().writer_schema(schema_id)
         time.sleep(self.new_delay)
         self.fetched.append(schema_id)
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("registry: 503 Service Unavailable")
         self._known[schema_id] = codec.SCHEMA
         return codec.SCHEMA
 
 
-@pytest.mark.parametrize("in_time", [True, False])
+@pytest.mark.parametrize(("wait_s", "new_delay", "failures", "in_time"), [
+    (0.3, 0.1, 0, True), (0.3, 1.0, 0, False),
+    # one lookup failed: asked again after its backoff (0.5 s), within the wait (diff51a)
+    (2.0, 0.05, 1, True)], ids=["in-time", "too-late", "blip"])
 def test_an_earlier_company_update_of_a_schema_being_fetched_keeps_its_place(
-        in_time: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        wait_s: float, new_delay: float, failures: int, in_time: bool,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Review "evolve51": ka's group, the first event of a new schema version, was not waited
     for (still being fetched) and kb's later group of acme went first: acme kept ka's older
-    plan. Waited for up to EARLIER_SCHEMA_WAIT_S after it was taken; past it, later writes
-    go, and a line says that company's order is not guaranteed."""
+    plan. Waited for up to EARLIER_SCHEMA_WAIT_S after it was taken, through failed lookups
+    (review "diff51a": one registry blip let kb's go first); past it, later writes go, and a
+    line says that company's order is not guaranteed."""
     from consumer import handler as handler_module
 
-    monkeypatch.setattr(handler_module, "EARLIER_SCHEMA_WAIT_S", 0.3)
-    new = _NewVersionRegistry(new_delay=0.1 if in_time else 1.0)
+    monkeypatch.setattr(handler_module, "EARLIER_SCHEMA_WAIT_S", wait_s)
+    new = _NewVersionRegistry(new_delay=new_delay, failures=failures)
     first = group_of("ka", "acme", 0, "free")
     first = first[:1] + new.NEW_SCHEMA_ID.to_bytes(4, "big") + first[5:]
     msgs = [Message(TOPIC, 0, 0, b"ka", first),
