@@ -178,6 +178,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 settings.kafka_config(logger=False), settings.topics, args.timeout),
                 tick=health.beat):
             log.warning("start-up: %s", warning)
+        for warning in reach.redis_notes(settings, min(args.timeout, REDIS_CHECK_S)):
+            log.warning("start-up: %s", warning)
         return _run_worker(settings, metrics, health)
     finally:
         if server is not None:
@@ -306,6 +308,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for warning in reach.compacted_sources(settings.kafka_config(), settings.topics,
                                                timeout):
             print(f"online note: kafka: {warning}", file=sys.stderr)
+    if settings.redis is not None and not failed & 16:
+        for warning in reach.redis_notes(settings, timeout):
+            print(f"online note: redis: {warning}", file=sys.stderr)
     return 8 + failed if failed else 0
 
 

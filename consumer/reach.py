@@ -44,7 +44,8 @@ if TYPE_CHECKING:  # redis is imported only where Redis is used
     from consumer.redisstore import CallObserver
 
 __all__ = [
-    "Unreachable", "compacted_sources", "dlq_policy_now", "kafka", "redis", "registry",
+    "Unreachable", "compacted_sources", "dlq_policy_now", "kafka", "redis", "redis_notes",
+    "registry",
     "resolve", "services", "userpilot"]
 
 _SILENT = logging.getLogger("consumer.reach.librdkafka")
@@ -630,6 +631,49 @@ def redis_unusable(text: str) -> str | None:
                 "it needs PING, EVALSHA, SCRIPT, UNLINK, SET, GET, PTTL and, in its "
                 "scripts, TIME, EXISTS, PEXPIRE, DEL")
     return None
+
+
+EVICTING_BADLY = ("allkeys-random", "volatile-random", "volatile-ttl")
+"""Eviction policies that take the budget key or claims in flight before old delivered-id
+records (every key of the worker has a TTL, so `volatile-lru` evicts those first)."""
+
+
+def redis_notes(settings: Settings, timeout: float) -> list[str]:
+    """Warnings about Redis's memory policy (review "redisfail51"): `check-config --online`
+    said OK for a Redis that refuses writes when full (`noeviction` with a cap: every
+    replica then ran on its fallback, without deduplication) or evicts the keys in use.
+    Empty when it is fine, or CONFIG GET is denied or fails."""
+    conf = settings.redis
+    if conf is None:
+        return []
+    from consumer.redisstore import RedisStore
+
+    async def read() -> tuple[str, int] | None:
+        store = RedisStore(conf.url.reveal(), timeout_s=max(timeout, conf.timeout_s),
+                           ca_file=conf.tls_ca_file)
+        try:
+            return await store.eviction()
+        finally:
+            await store.close()
+
+    try:
+        found = asyncio.run(read())
+    except Exception:
+        return []
+    if found is None:
+        return []
+    policy, cap = found
+    advice = ("set maxmemory-policy volatile-lru (every key of the worker has a TTL: old "
+              "delivered-id records go first) and maxmemory with headroom (README: Redis)")
+    if policy == "noeviction" and cap > 0:
+        return [f"Redis at {conf.redacted_url} has maxmemory {cap} with "
+                "maxmemory-policy=noeviction: once full it refuses the worker's writes, and "
+                f"replicas run without the shared budget and deduplication; {advice}"]
+    if policy in EVICTING_BADLY:
+        return [f"Redis at {conf.redacted_url} has maxmemory-policy={policy}: at maxmemory it "
+                "may evict the shared budget or a claim in flight (an event sent twice, a "
+                f"burst over the budget) before old delivered-id records; {advice}"]
+    return []
 
 
 def redis(settings: Settings, timeout: float) -> str | None:

@@ -360,6 +360,19 @@ class RedisStore:
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
 
+    async def eviction(self) -> tuple[str, int] | None:
+        """Redis's `maxmemory-policy` and `maxmemory` (bytes, 0: no cap), or None where its
+        user may not run CONFIG GET (a managed Redis often denies it): what `reach.redis_notes`
+        reads, for `check-config --online` and `run` to warn of."""
+        try:
+            found = await self._client.config_get("maxmemory*")
+        except RedisError:
+            return None
+        policy, cap = found.get("maxmemory-policy"), str(found.get("maxmemory"))
+        if not isinstance(policy, str) or not cap.isdigit():
+            return None
+        return policy, int(cap)
+
     async def probe(self, claims: Sequence[str], budgets: Sequence[str]) -> None:
         """What `run` does, once, on throw-away keys of the same shapes (`ud:`, `userpilot:`):
         per claim key a claim and its release, a progress note and its read, a confirm

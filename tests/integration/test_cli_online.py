@@ -497,6 +497,32 @@ def test_a_session_timeout_the_brokers_refuse_stops_check_config_and_run(
     assert said in ran.stderr
 
 
+@pytest.mark.parametrize(("policy", "cap", "noted"), [
+    ("volatile-lru", "64mb", False), ("noeviction", "0", False),
+    ("noeviction", "64mb", True), ("allkeys-random", "64mb", True), ("volatile-ttl", "0", True),
+])
+def test_online_notes_a_redis_memory_policy_that_loses_the_workers_keys(
+        online_env: dict[str, str], stoppable_redis: StoppableRedis, policy: str, cap: str,
+        noted: bool) -> None:
+    """Review "redisfail51": `online OK: redis` for a Redis that, once full, refuses the
+    worker's writes (noeviction with a cap: every replica on its fallback, no
+    deduplication) or evicts the budget key and claims in flight first. A note, not a
+    refusal: the check still passes; the README's volatile-lru is not noted."""
+    import redis as sync_redis
+
+    admin = sync_redis.Redis.from_url(stoppable_redis.url)
+    admin.config_set("maxmemory-policy", policy)
+    admin.config_set("maxmemory", cap)
+    checked = cli(["check-config", "--online", "--timeout", "5"],
+                  {**online_env, "REDIS_URL": stoppable_redis.url})
+    assert checked.returncode == 0, checked.stderr
+    notes = [line for line in checked.stderr.splitlines()
+             if line.startswith("online note: redis:")]
+    assert bool(notes) is noted, checked.stderr
+    if noted:
+        assert f"maxmemory-policy={policy}" in notes[0] and "volatile-lru" in notes[0]
+
+
 @pytest.mark.parametrize("refusal", ["ping-only user", "read-only replica"])
 def test_online_refuses_a_redis_that_answers_ping_but_not_the_workers_calls(
         online_env: dict[str, str], stoppable_redis: StoppableRedis, refusal: str) -> None:
