@@ -521,6 +521,34 @@ def test_online_notes_a_redis_memory_policy_that_loses_the_workers_keys(
     assert bool(notes) is noted, checked.stderr
     if noted:
         assert f"maxmemory-policy={policy}" in notes[0] and "volatile-lru" in notes[0]
+    if policy != "allkeys-random":
+        return
+    # `run` warns of it at start-up too, and goes on.
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_",
+                                  "REDIS_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--timeout", "5"],
+                            env={**clean, **online_env, "REDIS_URL": stoppable_redis.url,
+                                 "WORKER_METRICS_PORT": "0"}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "start-up: Redis at" in line:
+                break
+        warned = [line for line in seen if "start-up: Redis at" in line]
+        assert len(warned) == 1 and "maxmemory-policy=allkeys-random" in warned[0], seen
+        assert "WARNING" in warned[0], seen
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode == 0
 
 
 @pytest.mark.parametrize("refusal", ["ping-only user", "read-only replica"])
