@@ -1872,9 +1872,10 @@ def load_settings(
     insecure = r.boolean("USERPILOT_INSECURE_HTTP", False)
     host = endpoint.rsplit(":", 1)[0].lower().rstrip(".") if endpoint else ""
     if insecure and (host == "userpilot.io" or host.endswith(".userpilot.io")):
-        r.notes.append(
-            f"USERPILOT_INSECURE_HTTP=true sends the write token to {endpoint} in clear text: "
-            "Userpilot's API is HTTPS; the setting is for the local sandbox, unset it")
+        # Refused, not noted: a note let `run` send the token in clear text (review "seed51").
+        r.problems.append(
+            f"USERPILOT_INSECURE_HTTP=true would send the write token to {endpoint} in clear "
+            "text: Userpilot's API is HTTPS; the setting is for the local sandbox, unset it")
 
     categories = _consent_categories(r)
     missing = r.choice("USERPILOT_CONSENT_MISSING", "deny", ("deny", "allow"))

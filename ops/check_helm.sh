@@ -108,6 +108,9 @@ EOF
 cat >"$OUT/keda-valued-key.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true, extraMetadata: {lagThreshold: "10"}}}
 EOF
+cat >"$OUT/insecure-userpilot.values.yaml" <<'EOF'
+userpilot: {apiKey: "test-write-token", insecureHttp: true, analyticsEndpoint: " Analytex-EU.userpilot.io:80 "}
+EOF
 cat >"$OUT/both-autoscalers.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true}, hpa: {enabled: true}}
 EOF
@@ -371,8 +374,10 @@ no_notes() { # unexpected fragment, helm args...
   ! grep -qF -- "$unwanted" <<<"$text" || die "NOTES.txt has '$unwanted' ($*)"
 }
 no_notes "WARNING: KEDA without Redis" -f "$FULL_VALUES"
-notes "/v1/track (INSECURE: plain http)" -f "$OUT/single.values.yaml" --set userpilot.insecureHttp=true
-notes "delivers to http://" -f "$OUT/single.values.yaml" --set userpilot.insecureHttp=true
+notes "/v1/track (INSECURE: plain http)" -f "$OUT/single.values.yaml" --set userpilot.insecureHttp=true \
+  --set userpilot.analyticsEndpoint=sandbox:8080
+notes "delivers to http://" -f "$OUT/single.values.yaml" --set userpilot.insecureHttp=true \
+  --set userpilot.analyticsEndpoint=sandbox:8080
 notes "delivers to https://" -f "$OUT/single.values.yaml"
 notes "Scaling: HPA (2..6 replicas)" -f "$OUT/hpa.values.yaml"
 
@@ -403,6 +408,7 @@ expect_secret_unquoted redis-no-at 'redis: {url: "redis://:HUNTER2/host"}' HUNTE
 expect_secret_unquoted registry-no-scheme 'schemaRegistry: {url: "user:HUNTER2@sr:8081"}' HUNTER2
 expect_secret_unquoted registry-comma 'schemaRegistry: {url: "http://user:HUNTER2,x@sr:8081"}' HUNTER2
 expect_fail both-autoscalers "mutually exclusive"
+expect_fail insecure-userpilot "userpilot.insecureHttp=true would send the write token to Analytex-EU.userpilot.io:80 in clear text"
 expect_fail jaas-in-config "kafka.config.sasl.jaas.config is Java's JAAS configuration"
 expect_fail secret-in-extra-env "kafka.extraEnv sets KAFKA_SASL_PASSWORD as a plain value"
 expect_fail secret-mixed-case "extraEnv sets Kafka_Sasl_Password as a plain value"

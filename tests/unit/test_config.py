@@ -89,6 +89,7 @@ def test_defaults() -> None:
 
 SET_ALL = {
     "USERPILOT_INSECURE_HTTP": "true",
+    "USERPILOT_ANALYTICS_ENDPOINT": "sandbox:8080",  # clear text only to a local host
     "USERPILOT_CONSENT_CATEGORIES": " Analytics, functional ,,",
     "USERPILOT_CONSENT_MISSING": "ALLOW",
     "USERPILOT_RATE_LIMIT": "1200",
@@ -187,7 +188,8 @@ def test_invalid_mappings_file_is_reported(tmp_path: Path) -> None:
     ("0", False), ("false", False), ("No", False), ("off", False), ("  ", False),
 ])
 def test_booleans(raw: str, expected: bool) -> None:
-    assert load(USERPILOT_INSECURE_HTTP=raw).insecure_http is expected
+    assert load(USERPILOT_INSECURE_HTTP=raw,
+                USERPILOT_ANALYTICS_ENDPOINT="sandbox:8080").insecure_http is expected
 
 
 def test_blank_values_count_as_unset() -> None:
@@ -732,12 +734,13 @@ def test_headers() -> None:
     assert API_VERSION == "2020-09-22"
 
 
-@pytest.mark.parametrize(("insecure", "url"), [
-    ("false", "https://analytex.userpilot.io/v1/track"),
-    ("true", "http://analytex.userpilot.io/v1/track"),
+@pytest.mark.parametrize(("insecure", "endpoint", "url"), [
+    ("false", "analytex.userpilot.io", "https://analytex.userpilot.io/v1/track"),
+    ("true", "sandbox:8080", "http://sandbox:8080/v1/track"),
 ])
-def test_track_url(insecure: str, url: str) -> None:
-    assert load(USERPILOT_INSECURE_HTTP=insecure).track_url == url
+def test_track_url(insecure: str, endpoint: str, url: str) -> None:
+    assert load(USERPILOT_INSECURE_HTTP=insecure,
+                USERPILOT_ANALYTICS_ENDPOINT=endpoint).track_url == url
 
 
 def test_ensure_user_is_on_by_default_with_a_bounded_cache() -> None:
@@ -874,13 +877,15 @@ def test_an_empty_secret_file_variable_or_kafka_setting_is_unset() -> None:
     assert s.api_key.reveal() == BASE["USERPILOT_API_KEY"]
 
 
-def test_clear_text_to_userpilot_itself_is_noted() -> None:
+@pytest.mark.parametrize("endpoint", ["analytex.userpilot.io", "Analytex-EU.Userpilot.IO:80",
+                                      "userpilot.io"])
+def test_clear_text_to_userpilot_itself_is_refused(endpoint: str) -> None:
     """Only the Helm NOTES warned: check-config and run said nothing while the write token
-    travelled in clear text."""
-    s = load(USERPILOT_INSECURE_HTTP="true", USERPILOT_ANALYTICS_ENDPOINT="analytex.userpilot.io")
-    assert s.notes == ("USERPILOT_INSECURE_HTTP=true sends the write token to "
-                       "analytex.userpilot.io in clear text: Userpilot's API is HTTPS; the "
-                       "setting is for the local sandbox, unset it",)
+    travelled in clear text; then a note, and `run` still sent it (review "seed51")."""
+    message = problem(USERPILOT_INSECURE_HTTP="true", USERPILOT_ANALYTICS_ENDPOINT=endpoint)
+    assert message == (f"USERPILOT_INSECURE_HTTP=true would send the write token to {endpoint} "
+                       "in clear text: Userpilot's API is HTTPS; the setting is for the local "
+                       "sandbox, unset it")
     assert load(USERPILOT_INSECURE_HTTP="true",
                 USERPILOT_ANALYTICS_ENDPOINT="sandbox:8080").notes == ()
 
