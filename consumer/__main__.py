@@ -178,7 +178,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 settings.kafka_config(logger=False), settings.topics, args.timeout),
                 tick=health.beat):
             log.warning("start-up: %s", warning)
-        for warning in reach.redis_notes(settings, min(args.timeout, REDIS_CHECK_S)):
+        for warning in reach.interruptible(lambda: reach.redis_notes(
+                settings, min(args.timeout, REDIS_CHECK_S)), tick=health.beat):
             log.warning("start-up: %s", warning)
         return _run_worker(settings, metrics, health)
     finally:

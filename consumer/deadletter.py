@@ -380,7 +380,21 @@ def without_originals(record: DlqRecord) -> DlqRecord:
     stay); `replay` fetches them back from the source coordinates with the value."""
     if header_value(record.headers, KEY_OMITTED) == b"true":
         return record
-    headers = [(k, v) for k, v in record.headers if _ours(k)]
+    headers: list[Header] = []
+    carried: set[str] = set()
+    for k, v in record.headers:
+        if k in (REPLAY_COUNT, ORIGINAL_TIMESTAMP):
+            # The event's own copies of these (a replayed event's) travel as they came: of
+            # any size or number they kept this last form over any DLQ topic's limit, the
+            # dead letter retried for ever (review "diff51b"). The first, as `replay` reads
+            # it, and a number only (what is not, `replay` reads as 0 anyway).
+            first = k not in carried
+            carried.add(k)
+            if not (first and v and len(v) <= 20 and v.isdigit()):
+                continue
+        elif not _ours(k):
+            continue
+        headers.append((k, v))
     headers += [(KEY_OMITTED, b"true"), (HEADERS_OMITTED, b"true")]
     return replace(record, key=None, headers=headers)
 

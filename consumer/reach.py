@@ -252,10 +252,11 @@ DLQ_MESSAGE_MAX_BYTES = 1_048_588
 DLQ_TOPIC_MIN_BYTES = 8192
 """The least DLQ topic `max.message.bytes` taken at start-up: the smallest record the worker
 writes for a dead letter (without its value, key and original headers; its own headers at
-their largest: error body, message, stack) is ~6.4 KB, plus the batch's framing."""
+their largest: error body, message, stack, each cut to 1 KiB) is under ~5 KB, plus the
+batch's framing: the floor leaves room."""
 
 _SIZE_WHY = (f", below {DLQ_TOPIC_MIN_BYTES}: a dead letter written without its value, key "
-             "and original headers still carries up to ~6.4 KB of the worker's own headers, "
+             "and original headers still carries up to ~5 KB of the worker's own headers, "
              "and one the topic refuses holds its partition for good")
 
 
@@ -266,7 +267,7 @@ def _size_problem(limit: str) -> int | None:
     The producer's own limit is checked offline; the topic's is the broker's to enforce:
     a DLQ topic of 512 bytes refused even the value-less record, retried every 0.5 s for
     ever, while `check-config --online` said OK (review "readme51"). Only at start-up
-    (`dlq_policy`'s `size`): in a running worker a topic between ~6.4 KB and the floor
+    (`dlq_policy`'s `size`): in a running worker a topic between ~5 KB and the floor
     still takes every dead letter, and one it refuses is reported as unwritable (the
     periodic check blocked them all, review "diff51a")."""
     return int(limit) if limit.isdigit() and int(limit) < DLQ_TOPIC_MIN_BYTES else None

@@ -364,9 +364,11 @@ class RedisStore:
         """Redis's `maxmemory-policy` and `maxmemory` (bytes, 0: no cap), or None where its
         user may not run CONFIG GET (a managed Redis often denies it): what `reach.redis_notes`
         reads, for `check-config --online` and `run` to warn of."""
-        try:
-            found = await self._client.config_get("maxmemory*")
-        except RedisError:
+        try:  # through `_call`: its timeout (a Redis that accepts and never answers held
+            # `run`'s start-up for good, review "diff51b")
+            found = await self._call("config get",
+                                     functools.partial(self._client.config_get, "maxmemory*"))
+        except SharedStateUnavailable:
             return None
         policy, cap = found.get("maxmemory-policy"), str(found.get("maxmemory"))
         if not isinstance(policy, str) or not cap.isdigit():

@@ -60,8 +60,12 @@ class SharedFetches:
                 loop = asyncio.get_running_loop()
                 if self._answered is None or self._answered[0] is not loop:
                     self._answered = (loop, asyncio.Event())
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can drop a cancellation
+                # (a revoke's, or a caller's own deadline) landing as the registry answers
+                # again, and the task went on (review "diff51b").
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._answered[1].wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._answered[1].wait()
         fetch = self._running.get(schema_id)
         if fetch is None:
             loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ from consumer.deadletter import (
     CONNECTOR_NAME,
     HEADERS_OMITTED,
     KEY_OMITTED,
+    ORIGINAL_TIMESTAMP,
     RECENT_MAX,
     RECORD_OVERHEAD,
     REPLAY_COUNT,
@@ -39,6 +40,7 @@ from consumer.deadletter import (
     record_size,
     replay_count,
     source_of,
+    without_originals,
     without_value,
 )
 
@@ -369,6 +371,27 @@ def test_huge_key_or_headers_go_too_when_the_value_alone_is_not_enough() -> None
     assert h[KEY_OMITTED] == b"true" and h[HEADERS_OMITTED] == b"true"
     assert source_of(record.headers) == ("src", 2, 99)
     assert record.size <= 10_000
+
+
+def test_the_last_form_carries_an_event_s_own_replay_headers_only_as_one_short_number() -> None:
+    """Review "diff51b": an event's own `userpilot.replay.count` or original-time headers
+    were kept in the form without value, key and original headers at any size and number:
+    a 9 KB one kept it over a DLQ topic at the 8192 floor, retried for ever."""
+    import os
+
+    big = os.urandom(9000)
+    original: list[Header] = [(REPLAY_COUNT, big), (REPLAY_COUNT, b"7"),
+                              (ORIGINAL_TIMESTAMP, b"1764000000000"),
+                              (ORIGINAL_TIMESTAMP, b"1" * 5000), ("trace", b"x" * 100)]
+    bare = without_originals(without_value(_record(b"v" * 100, original=original)))
+    assert bare.size < 4096, bare.size
+    assert [v for k, v in bare.headers if k == ORIGINAL_TIMESTAMP] == [b"1764000000000"]
+    # the first replay count was no number: none of the event's; the worker's own not added
+    # (the event carried one): replay reads it as 0
+    assert [v for k, v in bare.headers if k == REPLAY_COUNT] == []
+    assert header_value(bare.headers, KEY_OMITTED) == b"true" and bare.key is None
+    plain = without_originals(without_value(_record(b"v" * 100)))
+    assert header_value(plain.headers, REPLAY_COUNT) == b"0"
 
 
 def test_without_value_for_a_record_the_broker_refused() -> None:

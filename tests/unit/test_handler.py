@@ -872,3 +872,50 @@ def test_a_cancel_landing_as_an_earlier_event_s_schema_comes_is_not_swallowed() 
     outcomes = {steps: asyncio.run(attempt(steps)) for steps in range(6)}
     assert "swallowed" not in outcomes.values(), outcomes
     assert "cancelled" in outcomes.values(), outcomes
+
+
+def test_a_cancel_landing_as_the_registry_answers_during_an_id_s_backoff_is_not_swallowed(
+) -> None:
+    """Review "diff51b": `SharedFetches.writer_schema` waited out an id's backoff with
+    `asyncio.wait_for`, which on 3.11 dropped a cancellation landing as the registry answered
+    again (another id's lookup succeeded): the event's task went on after a revoke."""
+
+    class Unknown(Registry):
+        def cached(self, schema_id: int) -> Mapping[str, Any] | None:
+            return None
+
+    async def attempt(steps: int) -> str:
+        handler, *_ = make()
+        handler.registry = Unknown()
+        fetches = handler._fetches
+        loop = asyncio.get_running_loop()
+        fetches._backoff[42] = (loop.time() + 10.0, 10.0)  # the id's last lookup failed
+        earlier = Event("t", 0, 0, b"k", b"k", b"\x00\x00\x00\x00\x2a" + b"x", None, None,
+                        intake=1)
+        handler._undecided = {1: earlier}
+        handler._undecided_by = {1: time.monotonic() + 5}
+        task = asyncio.create_task(handler._decide_earlier(2))
+        try:
+            while fetches._answered is None:  # waiting out the backoff
+                assert not task.done()
+                await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            fetches._backoff.clear()  # another id's lookup succeeded: the registry answers
+            answered, fetches._answered = fetches._answered, None
+            answered[1].set()
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            if task.done():
+                return "finished"
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return "cancelled"
+            return "swallowed"
+        finally:
+            handler.close()
+
+    outcomes = {steps: asyncio.run(attempt(steps)) for steps in range(6)}
+    assert "swallowed" not in outcomes.values(), outcomes
+    assert "cancelled" in outcomes.values(), outcomes

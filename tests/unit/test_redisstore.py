@@ -52,6 +52,23 @@ def test_a_silent_redis_fails_within_the_timeout(silent_port: int) -> None:
     assert [(op, err is not None) for op, _, err in seen] == [("gcra", True)]
 
 
+def test_the_memory_policy_of_a_silent_redis_is_not_waited_for(silent_port: int) -> None:
+    """Review "diff51b": CONFIG GET went past `_call`, without its timeout: a Redis that
+    accepts and never answers held `run`'s start-up for good (liveness failed at 60 s), where
+    before it ran on its fallback."""
+    store = RedisStore(f"redis://127.0.0.1:{silent_port}/0", timeout_s=0.2)
+
+    async def main() -> tuple[str, int] | None:
+        try:
+            return await asyncio.wait_for(store.eviction(), 5)
+        finally:
+            await store.close()
+
+    start = time.monotonic()
+    assert asyncio.run(main()) is None
+    assert time.monotonic() - start < 2.0
+
+
 def test_a_stopped_redis_fails_at_once_with_our_error() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
