@@ -347,11 +347,9 @@ def source_of(headers: Sequence[Header] | None) -> tuple[str, int, int] | None:
 
 
 def _ours(name: str) -> bool:
-    """A header the worker writes, kept when the originals are left out (the original's
-    time too: the source record does not carry it, and replay wrote the dead-lettering
-    time in its place, review "diff17b")."""
-    return (name.startswith(("__connect.errors.", "userpilot.error."))
-            or name in (REPLAY_COUNT, ORIGINAL_TIMESTAMP))
+    """A header the worker writes about the failure, kept when the originals are left out
+    (`without_originals` carries the replay count and the original's time itself)."""
+    return name.startswith(("__connect.errors.", "userpilot.error."))
 
 
 def without_value(record: DlqRecord, max_bytes: int | None = None) -> DlqRecord:
@@ -377,24 +375,22 @@ def without_value(record: DlqRecord, max_bytes: int | None = None) -> DlqRecord:
 
 def without_originals(record: DlqRecord) -> DlqRecord:
     """A value-less record with the original key and headers left out too (only ours
-    stay); `replay` fetches them back from the source coordinates with the value."""
+    stay); `replay` fetches them back from the source coordinates with the value.
+
+    The replay count and the original's time stay as `replay` reads them (the original's
+    time: the source record does not carry it, and replay wrote the dead-lettering time in
+    its place, review "diff17b"), one header each: an event's own copies travelled at any
+    size and number and kept this last form over any DLQ topic's limit, retried for ever
+    (review "diff51b"), and carrying another copy than the one read reset the count that
+    bounds replaying a poison event (review "whole51")."""
     if header_value(record.headers, KEY_OMITTED) == b"true":
         return record
-    headers: list[Header] = []
-    carried: set[str] = set()
-    for k, v in record.headers:
-        if k in (REPLAY_COUNT, ORIGINAL_TIMESTAMP):
-            # The event's own copies of these (a replayed event's) travel as they came: of
-            # any size or number they kept this last form over any DLQ topic's limit, the
-            # dead letter retried for ever (review "diff51b"). The first, as `replay` reads
-            # it, and a number only (what is not, `replay` reads as 0 anyway).
-            first = k not in carried
-            carried.add(k)
-            if not (first and v and len(v) <= 20 and v.isdigit()):
-                continue
-        elif not _ours(k):
-            continue
-        headers.append((k, v))
+    headers: list[Header] = [(k, v) for k, v in record.headers if _ours(k)]
+    # Bounded: a count of thousands of digits is over any --max-replays anyway.
+    headers.append((REPLAY_COUNT, str(min(replay_count(record.headers), 2**31)).encode()))
+    when = header_value(record.headers, ORIGINAL_TIMESTAMP)
+    if when and len(when) <= 20 and when.isdigit():
+        headers.append((ORIGINAL_TIMESTAMP, when))
     headers += [(KEY_OMITTED, b"true"), (HEADERS_OMITTED, b"true")]
     return replace(record, key=None, headers=headers)
 

@@ -47,6 +47,33 @@ def online_env(kafka_bootstrap: str, schema_registry_url: str,
     return env
 
 
+def _run_until_warning(env: dict[str, str], marker: str) -> list[str]:
+    """`run` started with `env` until a line holding `marker` (60 s at most), then stopped
+    with SIGTERM (exit 0: it went on after the warning); the lines holding `marker`."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_",
+                                  "REDIS_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--timeout", "5"],
+                            env={**clean, **env, "WORKER_METRICS_PORT": "0"}, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if marker in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode == 0, seen
+    return [line for line in seen if marker in line]
+
+
 def test_online_all_good(online_env: dict[str, str]) -> None:
     result = cli(["check-config", "--online", "--timeout", "5"], online_env)
     assert result.returncode == 0, result.stderr
@@ -376,29 +403,8 @@ def test_a_compacted_source_topic_is_warned_of_by_check_config_and_run(
         "events not yet delivered when the log cleaner runs (a backlog behind an outage) are "
         "removed unsent. Use cleanup.policy=delete, or set min.compaction.lag.ms to at least "
         "86400000 (a day) or the longest backlog you plan for"], checked.stderr
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_",
-                                  "REDIS_"))}
-    proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--timeout", "5"],
-                            env={**clean, **env, "WORKER_METRICS_PORT": "0"}, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout is not None
-        seen: list[str] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if "start-up: the source topic" in line:
-                break
-        warned = [line for line in seen if "start-up: the source topic" in line]
-        assert len(warned) == 1 and repr(compacted) in warned[0] and "WARNING" in warned[0], seen
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    assert proc.returncode == 0
+    warned = _run_until_warning(env, "start-up: the source topic")
+    assert len(warned) == 1 and repr(compacted) in warned[0] and "WARNING" in warned[0]
 
 
 @pytest.mark.parametrize("policy", ["compact", "compact,delete"])
@@ -525,31 +531,10 @@ def test_online_notes_a_redis_memory_policy_that_loses_the_workers_keys(
     if policy != "allkeys-random":
         return
     # `run` warns of it at start-up too, and goes on.
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_",
-                                  "REDIS_"))}
-    proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--timeout", "5"],
-                            env={**clean, **online_env, "REDIS_URL": stoppable_redis.url,
-                                 "WORKER_METRICS_PORT": "0"}, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout is not None
-        seen: list[str] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            if "start-up: Redis at" in line:
-                break
-        warned = [line for line in seen if "start-up: Redis at" in line]
-        assert len(warned) == 1 and "maxmemory-policy=allkeys-random" in warned[0], seen
-        assert "WARNING" in warned[0], seen
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    assert proc.returncode == 0
+    warned = _run_until_warning({**online_env, "REDIS_URL": stoppable_redis.url},
+                                "start-up: Redis at")
+    assert len(warned) == 1 and "maxmemory-policy=allkeys-random" in warned[0]
+    assert "WARNING" in warned[0]
 
 
 @pytest.mark.parametrize("refusal", ["ping-only user", "read-only replica"])

@@ -888,6 +888,9 @@ def test_clear_text_to_userpilot_itself_is_refused(endpoint: str) -> None:
                        "sandbox, unset it")
     assert load(USERPILOT_INSECURE_HTTP="true",
                 USERPILOT_ANALYTICS_ENDPOINT="sandbox:8080").notes == ()
+    # `explain` (offline: nothing is sent; an unset endpoint is a placeholder) is not refused
+    offline = load_settings({"USERPILOT_INSECURE_HTTP": "true"}, offline=True)
+    assert offline.insecure_http is True
 
 
 def test_a_kafka_typo_is_refused_with_did_you_mean() -> None:

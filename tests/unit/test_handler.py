@@ -826,15 +826,25 @@ def test_an_event_waiting_out_a_schema_backoff_goes_once_the_registry_answers() 
     assert done["old"] - done["other id"] < 0.5, done
 
 
+class _Unknown(Registry):
+    """A registry whose cache knows no schema: each is fetched."""
+
+    def cached(self, schema_id: int) -> Mapping[str, Any] | None:
+        return None
+
+
+def _undecided_earlier(handler: Handler) -> None:
+    """An event taken before (intake 1) with its schema (id 42) still to fetch."""
+    earlier = Event("t", 0, 0, b"k", b"k", b"\x00\x00\x00\x00\x2a" + b"x", None, None, intake=1)
+    handler._undecided = {1: earlier}
+    handler._undecided_by = {1: time.monotonic() + 5}
+
+
 def test_a_cancel_landing_as_an_earlier_event_s_schema_comes_is_not_swallowed() -> None:
     """Review "diff51a": `_decide_earlier` waited with `asyncio.wait_for`, which on Python
     3.11 can drop a cancellation that lands as the wait ends: a revoke's drain cancelled the
     event's task as the registry answered, and the task went on to send for a partition
     gone. Cancelled at each loop step after the answer, it ends cancelled (or finished)."""
-
-    class Unknown(Registry):
-        def cached(self, schema_id: int) -> Mapping[str, Any] | None:
-            return None
 
     class Fetches:
         def __init__(self) -> None:
@@ -848,11 +858,8 @@ def test_a_cancel_landing_as_an_earlier_event_s_schema_comes_is_not_swallowed() 
         handler, *_ = make()
         fetches = Fetches()
         handler._fetches = fetches  # type: ignore[assignment]
-        handler.registry = Unknown()
-        earlier = Event("t", 0, 0, b"k", b"k", b"\x00\x00\x00\x00\x2a" + b"x", None, None,
-                        intake=1)
-        handler._undecided = {1: earlier}
-        handler._undecided_by = {1: time.monotonic() + 5}
+        handler.registry = _Unknown()
+        _undecided_earlier(handler)
         task = asyncio.create_task(handler._decide_earlier(2))
         while fetches.answer is None:
             assert not task.done(), "the earlier event's schema was not asked for"
@@ -880,20 +887,13 @@ def test_a_cancel_landing_as_the_registry_answers_during_an_id_s_backoff_is_not_
     `asyncio.wait_for`, which on 3.11 dropped a cancellation landing as the registry answered
     again (another id's lookup succeeded): the event's task went on after a revoke."""
 
-    class Unknown(Registry):
-        def cached(self, schema_id: int) -> Mapping[str, Any] | None:
-            return None
-
     async def attempt(steps: int) -> str:
         handler, *_ = make()
-        handler.registry = Unknown()
+        handler.registry = _Unknown()
         fetches = handler._fetches
         loop = asyncio.get_running_loop()
         fetches._backoff[42] = (loop.time() + 10.0, 10.0)  # the id's last lookup failed
-        earlier = Event("t", 0, 0, b"k", b"k", b"\x00\x00\x00\x00\x2a" + b"x", None, None,
-                        intake=1)
-        handler._undecided = {1: earlier}
-        handler._undecided_by = {1: time.monotonic() + 5}
+        _undecided_earlier(handler)
         task = asyncio.create_task(handler._decide_earlier(2))
         try:
             while fetches._answered is None:  # waiting out the backoff

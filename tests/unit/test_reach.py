@@ -224,7 +224,7 @@ def test_a_dlq_topic_that_refuses_a_dead_letter_without_its_value_is_named(
     if problem is not None and said is not None and "max.message.bytes" in said:
         assert "--entity-name t.dlq --add-config max.message.bytes=1048588" in problem
     # A running worker's periodic check names compaction only: a topic between the smallest
-    # dead letter (~6.4 KB) and the floor takes them all, and blocking every dead letter
+    # dead letter (up to ~5 KB) and the floor takes them all, and blocking every dead letter
     # stalled every partition at its first (review "diff51a").
     running = reach.dlq_policy(cast(Any, Admin()), "t.dlq", 1.0, size=False)
     assert running == (problem if said is not None and "compact" in said else None)
