@@ -672,9 +672,10 @@ class Handler:
                     self.order_writes(earlier)
                 continue  # else refused for good: dead-lettered by its task, no company
             schema_log.warning(
-                "a company write goes before an earlier event whose schema is not fetched "
-                "yet (%s[%d]@%d): that company's order is not guaranteed while the registry "
-                "does not answer", earlier.topic, earlier.partition, earlier.offset)
+                "a company write goes before an earlier event whose schema was not fetched "
+                "within %.0f s of its intake (%s[%d]@%d): that company's order is not "
+                "guaranteed while the registry does not give it", EARLIER_SCHEMA_WAIT_S,
+                earlier.topic, earlier.partition, earlier.offset)
 
     async def _schema_of(self, seq: int, earlier: Event) -> bool:
         """Fetch `earlier`'s writer schema until its wait runs out; True when there is

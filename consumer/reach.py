@@ -670,7 +670,7 @@ def redis_notes(settings: Settings, timeout: float) -> list[str]:
         return [f"Redis at {conf.redacted_url} has maxmemory {cap} with "
                 "maxmemory-policy=noeviction: once full it refuses the worker's writes, and "
                 f"replicas run without the shared budget and deduplication; {advice}"]
-    if policy in EVICTING_BADLY:
+    if policy in EVICTING_BADLY and cap > 0:  # no cap: nothing is ever evicted
         return [f"Redis at {conf.redacted_url} has maxmemory-policy={policy}: at maxmemory it "
                 "may evict the shared budget or a claim in flight (an event sent twice, a "
                 f"burst over the budget) before old delivered-id records; {advice}"]

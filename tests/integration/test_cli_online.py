@@ -506,7 +506,8 @@ def test_a_session_timeout_the_brokers_refuse_stops_check_config_and_run(
 
 @pytest.mark.parametrize(("policy", "cap", "noted"), [
     ("volatile-lru", "64mb", False), ("noeviction", "0", False),
-    ("noeviction", "64mb", True), ("allkeys-random", "64mb", True), ("volatile-ttl", "0", True),
+    ("noeviction", "64mb", True), ("allkeys-random", "64mb", True), ("volatile-ttl", "64mb", True),
+    ("volatile-ttl", "0", False),  # no maxmemory: nothing is ever evicted (review "diff51b")
 ])
 def test_online_notes_a_redis_memory_policy_that_loses_the_workers_keys(
         online_env: dict[str, str], stoppable_redis: StoppableRedis, policy: str, cap: str,

@@ -650,6 +650,9 @@ def test_a_line_starting_with_a_byte_order_mark_is_sent_without_it_and_as_writte
 
 def test_ids_with_an_invisible_edge_are_counted_for_the_warning() -> None:
     assert padded(["a", " b", "c\u200b", "\u2060d", "e f"]) == 3
+    # what `visible` counts as blank, at an edge (review "diff51b"): a NUL, a noncharacter,
+    # an annotation control; a private-use or newer character shows
+    assert padded(["g\x00", "\uffffh", "i\ufff9", "\ue000j", "k\U0001fa75", "ü"]) == 3
 
 
 @pytest.mark.parametrize(("url", "says"), [
