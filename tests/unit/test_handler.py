@@ -840,6 +840,21 @@ def _undecided_earlier(handler: Handler) -> None:
     handler._undecided_by = {1: time.monotonic() + 5}
 
 
+async def _cancelled_after(task: asyncio.Task[None], steps: int) -> str:
+    """Cancel `task` after `steps` loop steps: "finished" (done before), "cancelled", or
+    "swallowed" (it returned normally: the cancel was dropped)."""
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    if task.done():
+        return "finished"
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return "cancelled"
+    return "swallowed"
+
+
 def test_a_cancel_landing_as_an_earlier_event_s_schema_comes_is_not_swallowed() -> None:
     """Review "diff51a": `_decide_earlier` waited with `asyncio.wait_for`, which on Python
     3.11 can drop a cancellation that lands as the wait ends: a revoke's drain cancelled the
@@ -865,16 +880,7 @@ def test_a_cancel_landing_as_an_earlier_event_s_schema_comes_is_not_swallowed() 
             assert not task.done(), "the earlier event's schema was not asked for"
             await asyncio.sleep(0)
         fetches.answer.set_result(codec.SCHEMA)
-        for _ in range(steps):
-            await asyncio.sleep(0)
-        if task.done():
-            return "finished"
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            return "cancelled"
-        return "swallowed"
+        return await _cancelled_after(task, steps)
 
     outcomes = {steps: asyncio.run(attempt(steps)) for steps in range(6)}
     assert "swallowed" not in outcomes.values(), outcomes
@@ -903,16 +909,7 @@ def test_a_cancel_landing_as_the_registry_answers_during_an_id_s_backoff_is_not_
             fetches._backoff.clear()  # another id's lookup succeeded: the registry answers
             answered, fetches._answered = fetches._answered, None
             answered[1].set()
-            for _ in range(steps):
-                await asyncio.sleep(0)
-            if task.done():
-                return "finished"
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                return "cancelled"
-            return "swallowed"
+            return await _cancelled_after(task, steps)
         finally:
             handler.close()
 
