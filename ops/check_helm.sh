@@ -64,7 +64,12 @@ OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 RELEASE=upw
 # The chart refuses to render without a token (checked below); renders get a placeholder.
-TOKEN=(--set userpilot.apiKey=test-write-token)
+TOKEN=(--set userpilot.apiKey=test-write-token --set userpilot.analyticsEndpoint=analytex.userpilot.io)
+# The endpoint has no default (an EU account's events would go to the US host): the
+# refusals below render over a base naming one, each variant's values on top of it.
+cat >"$OUT/base.values.yaml" <<'EOF'
+userpilot: {analyticsEndpoint: analytex.userpilot.io}
+EOF
 
 # Variant values used below, each as a small file so the intent is readable.
 cat >"$OUT/hpa.values.yaml" <<'EOF'
@@ -110,6 +115,9 @@ autoscaling: {keda: {enabled: true, extraMetadata: {lagThreshold: "10"}}}
 EOF
 cat >"$OUT/insecure-userpilot.values.yaml" <<'EOF'
 userpilot: {apiKey: "test-write-token", insecureHttp: true, analyticsEndpoint: " Analytex-EU.userpilot.io:80 "}
+EOF
+cat >"$OUT/no-endpoint.values.yaml" <<'EOF'
+userpilot: {apiKey: "test-write-token", analyticsEndpoint: ""}
 EOF
 cat >"$OUT/both-autoscalers.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true}, hpa: {enabled: true}}
@@ -385,7 +393,7 @@ log "invalid combinations must fail"
 expect_fail() { # name, expected message fragment
   local name="$1" want="$2" err
   if err="$("$HELM" template "$RELEASE" "$CHART" --kube-version "$KUBE_VERSION" \
-      -f "$OUT/$name.values.yaml" 2>&1 >/dev/null)"; then
+      -f "$OUT/base.values.yaml" -f "$OUT/$name.values.yaml" 2>&1 >/dev/null)"; then
     die "$name: rendering succeeded but must fail"
   fi
   grep -qF -- "$want" <<<"$err" || die "$name: failed for another reason: $err"
@@ -397,7 +405,7 @@ expect_secret_unquoted() { # name, values (YAML), secret
   local name="$1" err
   printf '%s\n' "$2" >"$OUT/$name.values.yaml"
   if err="$("$HELM" template "$RELEASE" "$CHART" --kube-version "$KUBE_VERSION" \
-      -f "$OUT/$name.values.yaml" 2>&1 >/dev/null)"; then
+      -f "$OUT/base.values.yaml" -f "$OUT/$name.values.yaml" 2>&1 >/dev/null)"; then
     die "$name: rendering succeeded but must fail"
   fi
   if grep -qF -- "$3" <<<"$err"; then die "$name: the refusal quotes the secret: $err"; fi
@@ -407,6 +415,7 @@ expect_secret_unquoted redis-query-secret 'redis: {url: "redis://r:6379/0?passwo
 expect_secret_unquoted redis-no-at 'redis: {url: "redis://:HUNTER2/host"}' HUNTER2
 expect_secret_unquoted registry-no-scheme 'schemaRegistry: {url: "user:HUNTER2@sr:8081"}' HUNTER2
 expect_secret_unquoted registry-comma 'schemaRegistry: {url: "http://user:HUNTER2,x@sr:8081"}' HUNTER2
+expect_fail no-endpoint "userpilot.analyticsEndpoint is required: your Userpilot account's host"
 expect_fail both-autoscalers "mutually exclusive"
 expect_fail insecure-userpilot "userpilot.insecureHttp=true would send the write token to Analytex-EU.userpilot.io:80 in clear text"
 expect_fail jaas-in-config "kafka.config.sasl.jaas.config is Java's JAAS configuration"

@@ -190,12 +190,25 @@ def test_contract_defaults() -> None:
     assert security["seccompProfile"] == {"type": "RuntimeDefault"}
 
 
+def test_the_analytics_endpoint_has_no_default() -> None:
+    """An EU (or dedicated-host) install that forgot the endpoint sent its users' events to
+    the US host: the chart refuses to render without one (`ops/check_helm.sh`,
+    "no-endpoint"), as the worker refuses to start without USERPILOT_ANALYTICS_ENDPOINT.
+    The schema lets the empty default through, so helm's message is the chart's own."""
+    assert VALUES["userpilot"]["analyticsEndpoint"] == ""
+    validate(VALUES)
+    with pytest.raises(ConfigError, match="USERPILOT_ANALYTICS_ENDPOINT"):
+        load_settings({"USERPILOT_API_KEY": "token", "KAFKA_BOOTSTRAP_SERVERS": "k:9092",
+                       "KAFKA_TOPICS": "t", "SCHEMA_REGISTRY_URL": "http://sr:8081",
+                       "USERPILOT_ANALYTICS_ENDPOINT": ""})
+
+
 def test_defaults_are_the_workers_own() -> None:
     """The chart's defaults must not silently change the worker's behaviour."""
     settings = load_settings(
         {
             "USERPILOT_API_KEY": "token",
-            "USERPILOT_ANALYTICS_ENDPOINT": VALUES["userpilot"]["analyticsEndpoint"],
+            "USERPILOT_ANALYTICS_ENDPOINT": "analytex.userpilot.io",  # no default: below
             "KAFKA_BOOTSTRAP_SERVERS": VALUES["kafka"]["bootstrapServers"],
             "KAFKA_TOPICS": ",".join(VALUES["kafka"]["topics"]),
             "SCHEMA_REGISTRY_URL": VALUES["schemaRegistry"]["url"],
