@@ -365,17 +365,17 @@ def _company(event: Mapping[str, Any], traits: Mapping[str, Any],
 def _without_unusable_company_ids(traits: dict[str, Any],
                                   omitted: list[str] | None) -> dict[str, Any]:
     """The traits without the company ids no company could be made of (a blank, `1.5`,
-    `true`): none is attached, so each is left out and listed, not sent as the user's
-    `company_id` property, an id beside no company (review "seed34"). The company
-    object's other fields stay user properties."""
+    `true`, null): none is attached, so each is left out and listed, not sent as the user's
+    `company_id` property, an id beside no company (review "seed34"; a null one went out as
+    `company_id: null`, review "mapping51"). The company object's other fields stay user
+    properties."""
     company = traits.get("company")
-    nested = [k for k in COMPANY_ID_KEYS
-              if isinstance(company, dict) and company.get(k) is not None]
-    if traits.get("company_id") is None and not nested:
+    nested = [k for k in COMPANY_ID_KEYS if isinstance(company, dict) and k in company]
+    if "company_id" not in traits and not nested:
         return traits
     out = dict(traits)
     left_out: list[str] = []
-    if out.get("company_id") is not None:
+    if "company_id" in out:
         del out["company_id"]
         left_out.append("company_id")
     if nested and isinstance(company, dict):

@@ -183,7 +183,7 @@ def test_a_group_id_the_traits_overruled_is_listed_as_left_out() -> None:
     assert omitted == [], "the same id twice leaves nothing out"
 
 
-@pytest.mark.parametrize("bad", ["   ", 1.5, True, {"x": 1}, ["a"]])
+@pytest.mark.parametrize("bad", ["   ", 1.5, True, {"x": 1}, ["a"], None])
 def test_an_unusable_company_id_with_no_company_is_not_a_user_property(bad: Any) -> None:
     """Review "seed34": with no usable id anywhere no company is attached, and the unusable
     id went out as the user's `company_id` property (an id beside no company). Left out and
