@@ -129,6 +129,8 @@ CONSENT_OFF = ("none", "off")
 """``USERPILOT_CONSENT_CATEGORIES=none`` (or ``off``) disables consent gating."""
 
 DEFAULT_MAX_CONNECTIONS = 64
+USERPILOT_RATE_PER_S = 10.0
+"""Userpilot's documented limit, 600 requests per minute per token (its cloud hosts)."""
 """Per endpoint family (Track; identify with company identify), a ceiling, not sockets
 held: at Userpilot's 10 requests a second per family the pool opens what rate x latency
 needs (2 connections at 100 ms answers, review "fairbench20"), and 64 carry a family's 10
@@ -1903,6 +1905,15 @@ def load_settings(
     rate_limit = r.integer("USERPILOT_RATE_LIMIT", 600, 1, 10_000_000)
     rate_period = r.number("USERPILOT_RATE_PERIOD_SECONDS", 60.0, 0.0, 86_400.0)
     rate_burst = r.integer("USERPILOT_RATE_BURST", 1, 1, max(1, rate_limit))
+    userpilot_host = host == "userpilot.io" or host.endswith(".userpilot.io")
+    if userpilot_host and rate_period > 0 and rate_limit / rate_period > USERPILOT_RATE_PER_S:
+        # Userpilot's cloud answers 429 past it: every request over it is sent twice or
+        # more, and the retries slow delivery below the documented rate (seed51 leftover).
+        r.notes.append(
+            f"USERPILOT_RATE_LIMIT={rate_limit} per USERPILOT_RATE_PERIOD_SECONDS="
+            f"{rate_period:g} is {rate_limit / rate_period:g} requests/s, above Userpilot's "
+            f"{USERPILOT_RATE_PER_S * 60:g} per minute per token: expect 429 answers (retried) "
+            "unless Userpilot raised your token's limit; the default is 600 per 60 s")
     # At least 0.1 s: below, no answer ever arrives in time and every request times out
     # for ever, unflagged (1e-300 was accepted; review "ops22").
     timeout = r.number("USERPILOT_REQUEST_TIMEOUT_SECONDS", 10.0, 0.1, 300.0,

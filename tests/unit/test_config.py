@@ -1694,6 +1694,25 @@ def test_a_grace_reaching_the_poll_interval_is_noted() -> None:
         {**BASE, "WORKER_SHUTDOWN_GRACE_SECONDS": "270"}).notes)
 
 
+def test_a_rate_above_userpilots_limit_is_noted_for_its_hosts() -> None:
+    """Userpilot's cloud allows 600 requests a minute per token: above it every extra request
+    meets a 429 and is sent again (seed51 leftover). Not for another host (the sandbox, a
+    benchmark), nor at or below the limit, however the period is written."""
+    def rate_notes(**over: str) -> list[str]:
+        return [n for n in load(**over).notes if "USERPILOT_RATE_LIMIT=" in n]
+
+    (note,) = rate_notes(USERPILOT_RATE_LIMIT="1200")
+    assert "20 requests/s" in note and "600 per minute" in note
+    assert rate_notes(USERPILOT_RATE_LIMIT="11", USERPILOT_RATE_PERIOD_SECONDS="1")
+    assert rate_notes(USERPILOT_ANALYTICS_ENDPOINT="analytex-eu.userpilot.io:443",
+                      USERPILOT_RATE_LIMIT="601")
+    assert not rate_notes()
+    assert not rate_notes(USERPILOT_RATE_LIMIT="10", USERPILOT_RATE_PERIOD_SECONDS="1")
+    assert not rate_notes(USERPILOT_RATE_LIMIT="5", USERPILOT_RATE_PERIOD_SECONDS="0.5")
+    assert not rate_notes(USERPILOT_ANALYTICS_ENDPOINT="sandbox:8080",
+                          USERPILOT_RATE_LIMIT="100000")
+
+
 def test_a_dotted_key_in_properties_or_rename_gets_a_note(tmp_path: Any) -> None:
     """Review "mappings48": `properties` and `rename` name flattened keys (`plan_tier`),
     `fields` dotted paths; "plan.tier" there selected nothing without a word. A property
