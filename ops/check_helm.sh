@@ -119,6 +119,26 @@ EOF
 cat >"$OUT/no-endpoint.values.yaml" <<'EOF'
 userpilot: {apiKey: "test-write-token", analyticsEndpoint: ""}
 EOF
+cat >"$OUT/bootstrap-prefix.values.yaml" <<'EOF'
+kafka: {bootstrapServers: "b1:9093, SASL_SSL://b2:9096"}
+EOF
+cat >"$OUT/keda-mtls.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true, extraMetadata: {tls: enable}}}
+kafka: {config: {security.protocol: SSL, ssl.certificate.location: /etc/kafka/tls/client.crt, ssl.key.location: /etc/kafka/tls/client.key}}
+EOF
+cat >"$OUT/keda-private-ca.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true, extraMetadata: {tls: enable}}}
+kafka: {config: {security.protocol: SSL, ssl.ca.location: /etc/kafka/tls/ca.crt}}
+EOF
+cat >"$OUT/redis-url-ref.values.yaml" <<'EOF'
+redis: {url: "redis://:$(REDIS_PASSWORD)@redis:6379/0"}
+EOF
+cat >"$OUT/registry-no-colon.values.yaml" <<'EOF'
+schemaRegistry: {basicAuthUserInfo: "HUNTER2"}
+EOF
+cat >"$OUT/proxy-socks.values.yaml" <<'EOF'
+extraEnv: [{name: HTTPS_PROXY, value: "SOCKS5h://proxy.corp:1080"}]
+EOF
 cat >"$OUT/both-autoscalers.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true}, hpa: {enabled: true}}
 EOF
@@ -324,6 +344,7 @@ render default
 render full -f "$FULL_VALUES"
 render hpa -f "$OUT/hpa.values.yaml"
 render single -f "$OUT/single.values.yaml"
+render keda-topics -f "$FULL_VALUES" --set 'kafka.topics={signal.web,signal.ios,signal.android}'
 
 log "the README's helm install line, exactly as written (as helm template)"
 readme_args="$("$PYTHON" - "$ROOT/README.md" <<'PY'
@@ -417,6 +438,12 @@ expect_secret_unquoted registry-no-scheme 'schemaRegistry: {url: "user:HUNTER2@s
 expect_secret_unquoted registry-comma 'schemaRegistry: {url: "http://user:HUNTER2,x@sr:8081"}' HUNTER2
 expect_fail no-endpoint "userpilot.analyticsEndpoint is required: your Userpilot account's host"
 expect_fail both-autoscalers "mutually exclusive"
+expect_fail bootstrap-prefix "kafka.bootstrapServers has SASL_SSL://b2:9096, whose protocol is not the security protocol (PLAINTEXT)"
+expect_fail keda-mtls "kafka.config.ssl.certificate.location is set but KEDA's Kafka trigger has no TriggerAuthentication"
+expect_fail keda-private-ca "kafka.config.ssl.ca.location is set but KEDA's Kafka trigger has no TriggerAuthentication"
+expect_fail redis-url-ref "redis.url holds a \$(...) reference: the chart keeps redis.url in a Secret"
+expect_fail registry-no-colon "schemaRegistry.basicAuthUserInfo must be user:password"
+expect_fail proxy-socks "extraEnv sets HTTPS_PROXY to a SOCKS5h proxy: the worker takes an HTTP proxy only"
 expect_fail insecure-userpilot "userpilot.insecureHttp=true would send the write token to Analytex-EU.userpilot.io:80 in clear text"
 expect_fail jaas-in-config "kafka.config.sasl.jaas.config is Java's JAAS configuration"
 expect_fail secret-in-extra-env "kafka.extraEnv sets KAFKA_SASL_PASSWORD as a plain value"
@@ -540,6 +567,13 @@ render lag-matchers --set prometheusRule.enabled=true --set serviceMonitor.enabl
 has lag-matchers 'kafka_consumergroup_lag{consumergroup="userpilot-delivery",cluster="eu-1"}' "prometheusRule.kafkaLagMatchers"
 has lag-matchers 'kafka_consumergroup_lag{consumergroup=\"$consumergroup\",cluster=\"eu-1\"' "the dashboard's lag panels select the same exporter (review diff24c)"
 render proxy-no-password -f "$OUT/proxy-no-password.values.yaml"
+cat >"$OUT/proxy-ref.values.yaml" <<'EOF'
+extraEnv:
+  - {name: PROXY_PASSWORD, valueFrom: {secretKeyRef: {name: egress-proxy, key: password}}}
+  - {name: HTTPS_PROXY, value: "http://svc-userpilot:$(PROXY_PASSWORD)@proxy.corp:3128"}
+EOF
+render proxy-ref -f "$OUT/proxy-ref.values.yaml"
+has proxy-ref 'value: http://svc-userpilot:$(PROXY_PASSWORD)@proxy.corp:3128' "a proxy password given as \$(VAR) of a variable from a Secret renders (review helm52)"
 has proxy-no-password 'value: http://proxy.corp:3128' "a proxy URL without a password renders (review config48)"
 render lag-regex -f "$OUT/lag-regex.values.yaml"
 render shared-dash --set dashboard.namespace=monitoring
@@ -606,6 +640,7 @@ log "validating rendered manifests (kubernetes-validate: $SCHEMA_VERSIONS)"
 "$PYTHON" - "$ROOT" "$SCHEMA_VERSIONS" \
   "$OUT/default.yaml=ConfigMap,ConfigMap,Deployment,PodDisruptionBudget,Secret,Service,ServiceAccount" \
   "$OUT/full.yaml=ConfigMap,ConfigMap,ConfigMap,Deployment,PodDisruptionBudget,PrometheusRule,ScaledObject,Service,ServiceAccount,ServiceMonitor,ServiceMonitor" \
+  "$OUT/keda-topics.yaml=ConfigMap,ConfigMap,ConfigMap,Deployment,PodDisruptionBudget,PrometheusRule,ScaledObject,Service,ServiceAccount,ServiceMonitor,ServiceMonitor" \
   "$OUT/hpa.yaml=ConfigMap,ConfigMap,Deployment,HorizontalPodAutoscaler,PodDisruptionBudget,Secret,Service,ServiceAccount" \
   "$OUT/single.yaml=ConfigMap,ConfigMap,ConfigMap,Deployment,Secret,Service,ServiceAccount" \
   "$OUT/readme.yaml=ConfigMap,ConfigMap,Deployment,PodDisruptionBudget,Service,ServiceAccount" \
@@ -747,8 +782,19 @@ def crd(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str, Any]]
         for t in triggers:
             md = t.get("metadata") or {}
             check(t.get("type") == "kafka", where, "trigger type must be kafka")
-            for key in ("bootstrapServers", "consumerGroup", "topic", "lagThreshold"):
+            for key in ("bootstrapServers", "consumerGroup", "lagThreshold"):
                 check(isinstance(md.get(key), str) and bool(md[key]), where, f"metadata.{key}")
+            # One trigger for the group: naming its topic when it reads one, none (every
+            # topic the group commits, capped at all their partitions) for several
+            # (review "helm52": a trigger per topic capped each at its own partitions).
+            check(len(triggers) == 1, where, "one trigger for the whole group")
+            named = [c["data"]["KAFKA_TOPICS"] for c in by_kind.get("ConfigMap", [])
+                     if "KAFKA_TOPICS" in (c.get("data") or {})]
+            check(len(named) == 1, where, "one ConfigMap names the topics")
+            if named:
+                own = named[0].split(",")
+                check(md.get("topic") == (own[0] if len(own) == 1 else None), where,
+                      "metadata.topic is the only topic, or absent with several")
             check(
                 all(isinstance(v, str) for v in md.values()),
                 where,

@@ -168,6 +168,22 @@ Deployment, so every render runs them.
 {{- $protocol = upper (toString $entry.value) }}
 {{- end }}
 {{- end }}
+{{- /* A broker written SASL_SSL://host whose prefix is not the security protocol: the
+   worker refuses it (librdkafka drops such a broker; exit 2 in every pod), and KEDA's guard
+   below read the protocol without it (review "helm52"). */}}
+{{- $protocolOf := $protocol | default "PLAINTEXT" }}
+{{- $protocolKnown := true }}
+{{- range $entry := concat ($v.extraEnv | default list) ($v.kafka.extraEnv | default list) }}
+{{- if and (eq (toString $entry.name) "KAFKA_SECURITY_PROTOCOL") (not (hasKey $entry "value")) }}
+{{- $protocolKnown = false }}{{- /* from a Secret or ConfigMap: the worker checks it */}}
+{{- end }}
+{{- end }}
+{{- range $entry := ternary (splitList "," (toString $v.kafka.bootstrapServers)) list $protocolKnown }}
+{{- $parts := splitList "://" (trim $entry) }}
+{{- if and (gt (len $parts) 1) (has (upper (first $parts)) (list "PLAINTEXT" "SSL" "SASL_PLAINTEXT" "SASL_SSL")) (ne (upper (first $parts)) $protocolOf) }}
+{{- fail (printf "kafka.bootstrapServers has %s, whose protocol is not the security protocol (%s): librdkafka drops such a broker and the worker refuses it. Set kafka.config.security.protocol: %s or write the broker without its prefix" (trim $entry) $protocolOf (upper (first $parts))) }}
+{{- end }}
+{{- end }}
 {{- $kedaMeta := $v.autoscaling.keda.extraMetadata | default dict }}
 {{- /* SASL's username and password come from a TriggerAuthentication only: `sasl` in the
    metadata alone fails in KEDA ("no username given"), `tls` alone meets a SASL listener
@@ -176,6 +192,18 @@ Deployment, so every render runs them.
 {{- $tlsOk := or $v.autoscaling.keda.authenticationRef (eq (toString (index $kedaMeta "tls" | default "")) "enable") }}
 {{- if and $v.autoscaling.keda.enabled (or (and (has $protocol (list "SASL_SSL" "SASL_PLAINTEXT")) (not $saslOk)) (and (eq $protocol "SSL") (not $tlsOk))) }}
 {{- fail (printf "the security protocol is %s but KEDA's Kafka trigger has no credentials: it could not read the lag and would never scale. Set autoscaling.keda.authenticationRef to a TriggerAuthentication (and autoscaling.keda.extraMetadata, e.g. %s)" $protocol (ternary "{tls: enable}" "{sasl: scram_sha512, tls: enable}" (eq $protocol "SSL"))) }}
+{{- end }}
+{{- /* A client certificate (mutual TLS) or a CA of the workers' own: KEDA takes them from a
+   TriggerAuthentication only (`cert`, `key`, `ca`). With `tls: enable` alone it met the
+   brokers with neither, never read the lag and never scaled (review "helm52"); a private
+   CA may instead be skipped with KEDA's own `unsafeSsl`. */}}
+{{- if and $v.autoscaling.keda.enabled (has $protocol (list "SSL" "SASL_SSL")) (not $v.autoscaling.keda.authenticationRef) }}
+{{- $config := $v.kafka.config | default dict }}
+{{- range $key := list "ssl.certificate.location" "ssl.key.location" "ssl.certificate.pem" "ssl.keystore.location" "ssl.ca.location" "ssl.ca.pem" }}
+{{- if and (hasKey $config $key) (or (not (hasPrefix "ssl.ca." $key)) (ne (toString (index $kedaMeta "unsafeSsl" | default "")) "true")) }}
+{{- fail (printf "kafka.config.%s is set but KEDA's Kafka trigger has no TriggerAuthentication: KEDA takes a client certificate and a CA from one only (cert, key, ca), so it could not read the lag and would never scale. Set autoscaling.keda.authenticationRef" $key) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- /* The chart's own trigger keys: another value written after them wins in Kubernetes
    (the last of duplicate YAML keys), e.g. another consumerGroup than the workers'. */}}
@@ -235,8 +263,15 @@ Deployment, so every render runs them.
 {{- /* A proxy URL with a password in it (`http://user:password@proxy:3128`, or without the
    scheme, which the worker reads as http://; review "diff48b"), or a user name only (an API
    key as the user, which the worker masks as a secret; review "secrets49"), likewise. */}}
-{{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@]*@" (toString .value)) }}
-{{- fail (printf "%s sets %s with credentials in its URL as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}})" $where .name) }}
+{{- /* A password that is exactly a $(VAR) reference to another variable (from a Secret)
+   shows nothing: Kubernetes expands it into the env var, not the Deployment (review
+   "helm52"). */}}
+{{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@]*@" (toString .value)) (not (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@:]*:\\$\\([A-Za-z_][A-Za-z0-9_]*\\)@" (toString .value))) }}
+{{- fail (printf "%s sets %s with credentials in its URL as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}), or write the password as $(VAR) of a variable taken from one" $where .name) }}
+{{- end }}
+{{- /* The worker takes HTTP proxies only (exit 2 in every pod, review "helm52"). */}}
+{{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://" (toString .value)) (not (regexMatch "^(?i:https?)://" (toString .value))) }}
+{{- fail (printf "%s sets %s to a %s proxy: the worker takes an HTTP proxy only (http://host:port, or https:// for TLS to the proxy; SOCKS is not supported)" $where .name (first (splitList "://" (toString .value)))) }}
 {{- end }}
 {{- if and (eq .name "KAFKA_GROUP_INSTANCE_ID") (hasKey . "value") }}
 {{- fail (printf "%s sets KAFKA_GROUP_INSTANCE_ID to one value for every pod: each new pod fences the others (a crash loop). Take it from the pod: valueFrom: {fieldRef: {fieldPath: metadata.name}}" $where) }}
@@ -386,6 +421,19 @@ Deployment, so every render runs them.
 {{- end }}
 {{- if and $v.schemaRegistry.existingSecret $v.schemaRegistry.basicAuthUserInfo }}
 {{- fail "schemaRegistry.basicAuthUserInfo and schemaRegistry.existingSecret are both set: the credentials in existingSecret are used and basicAuthUserInfo would be ignored; keep one" }}
+{{- end }}
+{{- /* Not quoted: a secret. The worker refuses one without a colon (exit 2 in every pod,
+   review "helm52"). */}}
+{{- if and $v.schemaRegistry.basicAuthUserInfo (not (contains ":" (toString $v.schemaRegistry.basicAuthUserInfo))) }}
+{{- fail "schemaRegistry.basicAuthUserInfo must be user:password (the worker refuses it without the colon)" }}
+{{- end }}
+{{- /* A $(VAR) reference in a value the chart keeps in its Secret is never expanded:
+   Kubernetes expands them in an env var's `value` only. The worker got the text itself, and
+   Redis refused its password: a crash loop (review "helm52"). Not quoted: secrets. */}}
+{{- range $name, $value := dict "redis.url" $v.redis.url "userpilot.apiKey" $v.userpilot.apiKey "schemaRegistry.basicAuthUserInfo" $v.schemaRegistry.basicAuthUserInfo }}
+{{- if contains "$(" (toString $value) }}
+{{- fail (printf "%s holds a $(...) reference: the chart keeps %s in a Secret, where Kubernetes expands no variable, so the worker would get the text itself. Put the whole value in a Secret of your own and name it with %s.existingSecret" $name $name (first (splitList "." $name))) }}
+{{- end }}
 {{- end }}
 {{- if and $v.kafka.dlqTopic (has $v.kafka.dlqTopic $v.kafka.topics) }}
 {{- fail (printf "kafka.dlqTopic (%s) is also a source topic: dead letters would be read back and sent again; name another topic" $v.kafka.dlqTopic) }}
