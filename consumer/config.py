@@ -1572,6 +1572,41 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
     return Secret(value)
 
 
+_K8S_REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+_REFERENCE_REFUSED = ("REDIS_URL", "SCHEMA_REGISTRY_URL", "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+                      "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+_REFERENCE_NOTED = ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD")
+
+
+def _unexpanded_references(reader: _Reader, env: Mapping[str, str], offline: bool) -> None:
+    """A `$(VAR)` left in a secret-bearing setting: a Kubernetes reference to another
+    variable that was not expanded. Kubernetes expands one only in an env var's `value`, and
+    only when VAR is defined earlier in the container's env; a Secret's data never. The
+    worker got the text itself, and Redis refused the password: exit 1 in every pod, with a
+    message to check the password (review "helm52"). Refused where the value is a URL (a
+    `$` that is meant writes %24) or a token; only noted for Kafka's SASL user and password,
+    which have no escape. Only the referenced name is quoted, never the value."""
+    names = (*_REFERENCE_REFUSED, *(() if offline else ("USERPILOT_API_KEY",)))
+    for name, value in env.items():
+        upper = name.upper()
+        refused = upper in names
+        if not (refused or upper in _REFERENCE_NOTED):
+            continue
+        found = _K8S_REFERENCE.search(value)
+        if found is None:
+            continue
+        what = (f"{name} holds $({found[1]}), a Kubernetes reference to another variable that "
+                "was not expanded: Kubernetes expands $(VAR) only in an env var's value, and "
+                f"only when VAR is defined earlier in the container's env (never in a "
+                f"Secret's data). Define {found[1]} before {name}, or give the whole value "
+                "from a Secret")
+        if refused:
+            reader.problems.append(what + ("; a URL whose password really holds it writes $ "
+                                           "as %24" if upper != "USERPILOT_API_KEY" else ""))
+        else:
+            reader.notes.append(what + " (if the value really holds it, ignore this note)")
+
+
 def _unknown_variables(reader: _Reader) -> None:
     for name in sorted(reader.env):
         if name in ENV_VARS or name in _BUILD_FACTS or _service_link(name, reader.env[name]):
@@ -1862,6 +1897,7 @@ def load_settings(
     """
     file_problems: list[str] = []
     unread: set[str] = set()
+    given = env
     env = _read_secret_files(env, file_problems, unread)
     env = _drop_undecodable(env, file_problems, unread)
     if offline:
@@ -1869,6 +1905,7 @@ def load_settings(
     r = _Reader(env, unread)
     r.problems.extend(file_problems)
     _unknown_variables(r)
+    _unexpanded_references(r, given, offline)
     api_key = _check_api_key(r)
     endpoint = _check_endpoint(r)
     insecure = r.boolean("USERPILOT_INSECURE_HTTP", False)

@@ -1694,6 +1694,32 @@ def test_a_grace_reaching_the_poll_interval_is_noted() -> None:
         {**BASE, "WORKER_SHUTDOWN_GRACE_SECONDS": "270"}).notes)
 
 
+@pytest.mark.parametrize("name, value", [
+    ("REDIS_URL", "redis://:$(REDIS_PASSWORD)@redis:6379/0"),
+    ("REDIS_URL", "redis://HUNTER2:$(REDIS_PASSWORD)@redis:6379/0"),
+    ("USERPILOT_API_KEY", "$(USERPILOT_TOKEN)"),
+    ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "HUNTER2:$(REGISTRY_PASSWORD)"),
+    ("https_proxy", "http://HUNTER2:$(PROXY_PASSWORD)@proxy:3128"),
+])
+def test_an_unexpanded_kubernetes_reference_is_refused(name: str, value: str) -> None:
+    """Review "helm52": `$(REDIS_PASSWORD)` in a value Kubernetes did not expand (a Secret's
+    data, or a variable defined after it) reached Redis as the password: every pod exited 1
+    with a message to check the password. Refused naming the reference, not the value."""
+    (problem,) = problems({**BASE, name: value})
+    assert problem.startswith(f"{name} holds $(") and "not expanded" in problem
+    assert "HUNTER2" not in problem
+
+
+def test_a_meant_dollar_and_kafkas_sasl_settings_are_not_refused() -> None:
+    """A URL's `$` written %24 is no reference; Kafka's SASL password has no escape, so a
+    reference there is a note; `explain` (offline) sends no token."""
+    load(REDIS_URL="redis://:a%24(B)c@redis:6379/0")
+    settings = load(KAFKA_SECURITY_PROTOCOL="sasl_ssl", KAFKA_SASL_MECHANISM="PLAIN",
+                    KAFKA_SASL_USERNAME="u", KAFKA_SASL_PASSWORD="$(KAFKA_PASSWORD)")
+    assert any(n.startswith("KAFKA_SASL_PASSWORD holds $(KAFKA_PASSWORD)") for n in settings.notes)
+    load_settings({**BASE, "USERPILOT_API_KEY": "$(TOKEN)"}, offline=True)
+
+
 def test_a_rate_above_userpilots_limit_is_noted_for_its_hosts() -> None:
     """Userpilot's cloud allows 600 requests a minute per token: above it every extra request
     meets a 429 and is sent again (seed51 leftover). Not for another host (the sandbox, a
