@@ -128,8 +128,20 @@ class AdaptiveLimiter:
         return safe_rate(self._limit, self._period, self._burst, self._share) * self._factor
 
     def set_share(self, share: float) -> None:
-        """Take a new share of the deployment-wide limit (after a rebalance)."""
-        self._share = max(0.0, min(1.0, share))
+        """Take a new share of the deployment-wide limit (after a rebalance).
+
+        A changed share starts with its burst spent: it comes back only as the replica
+        idles. `safe_rate`'s sum holds for bursts spent under one set of shares; across a
+        rebalance a replica's burst spent at its old share was still in the window when the
+        newcomers spent theirs, full at start: 59 requests in a 5 s window of 50 (three
+        replicas, burst 25, review "budget52"). Nothing changes at the default burst of 1."""
+        share = max(0.0, min(1.0, share))
+        if share == self._share:
+            return
+        self._share = share
+        spacing = self._spacing()
+        if spacing is not None:
+            self._tat = max(self._tat, self._clock() + spacing[1])
 
     def slow_down(self) -> None:
         """Userpilot said 429: halve the rate, at most once per recovery period

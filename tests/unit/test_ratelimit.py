@@ -170,9 +170,58 @@ def test_burst_is_scaled_by_the_share() -> None:
     clock = FakeClock()
     limiter = AdaptiveLimiter(600, 60.0, 20, clock=clock)
     limiter.set_share(0.25)
+    clock.now += 60  # a new share's burst comes back as the replica idles (below)
     waits = [limiter.reserve() for _ in range(6)]
     assert waits[:5] == [0.0] * 5
     assert waits[5] > 0
+
+
+@pytest.mark.parametrize("burst", [10, 25, 50])
+def test_a_rebalance_after_a_burst_stays_within_the_limit(burst: int) -> None:
+    """Review "budget52": without Redis, the first replica (all partitions) spent its burst;
+    at the rebalance two newcomers started with theirs full while the first's was still in
+    the window: 59 requests in a 5 s window of 50. A changed share starts with its burst
+    spent, so every window spanning the rebalance holds the limit; the same holds when a
+    replica leaves and the others' shares (and bursts) grow."""
+    limit, period = 50, 5.0
+    clock = FakeClock()
+    first = AdaptiveLimiter(limit, period, burst, clock=clock)
+    first.set_share(0.05)  # the worker's share until the first partition count
+    first.set_share(1.0)
+    clock.now += period  # idle: its whole burst is back
+    sends: list[float] = []
+    while first.peek() == 0.0:  # it spends all of it (a slot is booked only when due)
+        sends.append(clock.now + first.reserve())
+    assert len(sends) > 1
+    clock.now += 0.5
+    joined = [AdaptiveLimiter(limit, period, burst, clock=clock) for _ in range(2)]
+    replicas = [first, *joined]
+    for limiter in joined:
+        limiter.set_share(0.05)
+    for limiter in replicas:
+        limiter.set_share(1 / 3)
+    for step in range(400):  # each replica sends as fast as its limiter lets it
+        clock.now += 0.05
+        if step == 200:  # one leaves: the others' shares grow
+            replicas.pop()
+            for limiter in replicas:
+                limiter.set_share(1 / 2)
+        for limiter in replicas:
+            while limiter.peek() == 0.0:
+                sends.append(clock.now + limiter.reserve())
+    assert max_in_window(sends, period) <= limit
+    assert len(sends) > 2 * limit, "they went on sending"
+
+
+def test_setting_the_same_share_again_keeps_the_burst() -> None:
+    """The worker sets the share again at every partition count: an unchanged one must not
+    spend the burst each time."""
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(600, 60.0, 20, clock=clock)
+    limiter.set_share(0.5)
+    clock.now += 60
+    limiter.set_share(0.5)
+    assert [limiter.reserve() for _ in range(10)] == [0.0] * 10
 
 
 def test_share_zero_sends_nothing_and_consumes_nothing() -> None:
