@@ -35,7 +35,7 @@ from consumer.logs import error_line
 from consumer.replay import add_arguments as add_replay_arguments
 from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
 from consumer.signals import handled, stop_signals
-from consumer.stdout import QuietStream, json_line, stdout_gone, write_line
+from consumer.stdout import QuietStream, json_line, printable, stdout_gone, write_line
 
 if TYPE_CHECKING:
     from consumer.config import Settings
@@ -108,7 +108,7 @@ def hold_after_guard(health: Health, seconds: float, beat_s: float = 1.0) -> boo
 
 def _unreachable(problems: list[str]) -> int:
     for problem in problems:
-        error_line(problem)
+        error_line(printable(problem))  # one line each: it may quote another party's text
     return 1
 
 
@@ -304,7 +304,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             print(f"online OK: {name}", file=sys.stderr)
         else:
             failed |= bit
-            print(f"online FAILED: {name}: {problem}", file=sys.stderr)
+            print(f"online FAILED: {name}: {printable(problem)}", file=sys.stderr)
     if not failed & 2:  # what `run` warns of at start-up, once Kafka answered
         for warning in reach.compacted_sources(settings.kafka_config(), settings.topics,
                                                timeout):

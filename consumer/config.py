@@ -37,7 +37,7 @@ from consumer.mapping import (
     MappingSet,
     load_mappings,
 )
-from consumer.redaction import url_credentials
+from consumer.redaction import url_credentials, url_valued
 
 __all__ = [
     "CONSENT_OFF",
@@ -465,7 +465,7 @@ class Settings:
                 "group_id": self.group_id,
                 "dlq_topic": self.dlq_topic,
                 "extra": {k: ("***" if isinstance(v, Secret) else redact_userinfo(v)
-                              if "://" in v else v)
+                              if url_valued(k, v) else v)
                           for k, v in self.kafka_extra.items()},
             },
             "schema_registry": {"url": redact_userinfo(self.registry_url),

@@ -55,6 +55,7 @@ from consumer.errors import (
     WorkerError,
 )
 from consumer.redaction import Redactor, url_credentials
+from consumer.stdout import printable
 from consumer.tls import ssl_context, verification
 
 if TYPE_CHECKING:
@@ -438,7 +439,9 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
     "secrets18"). An answer that cannot even be read is a server error (retried, never a
     dead letter), not an exception that stops the worker."""
     try:
-        quoted = {name: redact(headers[name][:200])
+        # Escaped too: `check-config --online` and `delete-users` print them as they are
+        # (a terminal's escapes in an x-request-id, review "logsec52").
+        quoted = {name: printable(redact(headers[name][:200]))
                   for name in ("x-request-id", "location") if name in headers}
         if "retry-after" in headers:
             # The first field: httpx joins repeated ones ("30, 30", a gateway's beside the

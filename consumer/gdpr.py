@@ -62,7 +62,7 @@ from consumer.errors import (
     TlsRefused,
 )
 from consumer.redaction import Redactor
-from consumer.stdout import write_line
+from consumer.stdout import printable, write_line
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -319,7 +319,7 @@ class DeleteClient:
         # Quoted as error answers quote it: cut and redacted. A gateway echoing the request
         # into it printed the token in the batch's success line (review "secrets34").
         said = []
-        request_id = self._redact(str(response.headers.get("x-request-id", ""))[:200])
+        request_id = printable(self._redact(str(response.headers.get("x-request-id", ""))[:200]))
         if request_id:
             said.append(f"x-request-id {request_id}")
         message = _answer_message(raw)

@@ -87,7 +87,7 @@ from consumer.errors import (
 )
 from consumer.filtering import DROP_TOMBSTONE, Drop, drop_reason, envelope_drop
 from consumer.logs import CURRENT_EVENT, RateLimit, event_fields
-from consumer.metrics import Children, Metrics
+from consumer.metrics import Children, Metrics, status_label
 from consumer.permits import Permit, PermitPool
 from consumer.policy import Attempts, RetryPolicy
 from consumer.ratelimit import PriorityLane
@@ -1065,7 +1065,7 @@ class Handler:
                 status = await self.client.send(call)
             finally:
                 permit.sent()
-            self._responses(str(status), endpoint).inc()
+            self._responses(status_label(status), endpoint).inc()
         except Timeout:
             self._responses("timeout", endpoint).inc()
             raise
@@ -1078,7 +1078,7 @@ class Handler:
             # "403" it read as a refused token on the dashboard.
             self._responses("invalid_response" if exc.status is None
                             else "proxy_refused" if isinstance(exc, ProxyRefused)
-                            else str(exc.status), endpoint).inc()
+                            else status_label(exc.status), endpoint).inc()
             if isinstance(exc, RateLimited):
                 limiter.slow_down()
                 self.m.rate_limit_rps.labels(self.budget(call.family)).set(limiter.share_rate)

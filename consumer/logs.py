@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from consumer.redaction import Redactor
-from consumer.stdout import ESCAPES, json_line
+from consumer.stdout import json_line, printable
 
 __all__ = ["CURRENT_EVENT", "LIBRDKAFKA_LOGGER", "QUIET_LOGGERS", "RateLimit",
            "configure_command_logging", "configure_logging", "error_line", "event_fields",
@@ -37,11 +37,7 @@ _FIELDS = ("topic", "partition", "offset", "message_id")
 MESSAGE_ID_CHARS = 128
 """A messageId longer than this is cut in log lines (a 100,000-character one made a line
 that container runtimes split at 16 KB)."""
-_CONTROL = re.compile("[\x00-\x1f" + "".join(map(chr, ESCAPES)) + "]")
-"""What a text line escapes: C0 and C1 controls (U+0085 is a line break to `splitlines` and
-log shippers, U+009B a terminal's CSI; review "sec45"), the Unicode line breaks, and the
-bidirectional controls (U+202E in a messageId showed the rest of the line reversed; review
-"ids47"): `stdout.ESCAPES` and the C0 controls."""
+
 
 
 def shown_id(text: str) -> str:
@@ -74,11 +70,6 @@ class _EventContext(logging.Filter):
         return True
 
 
-def _escaped(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return "\\n" if code == 10 else f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
-
-
 class _Redact(logging.Filter):
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
@@ -104,6 +95,10 @@ class _Redacting(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return self._redact(self.inner.format(record), edges=False)
 
+    def redact(self, text: str) -> str:
+        """`text` masked as a line of this formatter is."""
+        return self._redact(text, edges=False)
+
 
 class _Text(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -112,7 +107,10 @@ class _Text(logging.Formatter):
         line = base + (" " + " ".join(coords) if coords else "")
         # One event, one line: a carriage return or a Unicode line break in an event's
         # messageId or a log message forged a line of its own in viewers that break there.
-        return _CONTROL.sub(_escaped, line)
+        # C0 and C1 controls (U+0085 is a line break to `splitlines` and log shippers,
+        # U+009B a terminal's CSI; review "sec45"), the Unicode line breaks and the
+        # bidirectional controls (U+202E showed the rest of the line reversed; "ids47").
+        return printable(line)
 
 
 class _Json(logging.Formatter):
@@ -160,7 +158,19 @@ def error_line(text: str, env: Mapping[str, str] | None = None) -> None:
     if _logging_json():
         logging.getLogger("consumer").error("%s", text)
     else:
-        print(f"error: {text}", file=sys.stderr)
+        # Masked and escaped as a log line is (it skipped the formatter: an OIDC
+        # endpoint's error body wrote a forged line and terminal escapes, review
+        # "logsec52"); its own line breaks kept (a list of problems), any other quoted
+        # party's escaped where it is quoted.
+        print(f"error: {printable(_masked(text), newlines=True)}", file=sys.stderr)
+
+
+def _masked(text: str) -> str:
+    """`text` with the secrets the logging setup masks masked (none before it is set up)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, _Redacting):
+            return handler.formatter.redact(text)
+    return text
 
 
 def _logging_json() -> bool:

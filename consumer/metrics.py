@@ -102,7 +102,15 @@ KNOWN_STATUSES: tuple[str, ...] = (
     "connection_error",
     "invalid_response",
     "proxy_refused",  # the egress proxy's 403 to the tunnel (Userpilot never saw it)
+    "other",  # a status outside HTTP's classes (`status_label`)
 )
+
+
+def status_label(status: int) -> str:
+    """The ``status`` label of an answer: its code, or "other" outside 100-599. A broken
+    gateway answering random three-digit codes made a series of each (~900 per endpoint,
+    review "logsec52"); within HTTP's classes the codes are few and each means something."""
+    return str(status) if 100 <= status <= 599 else "other"
 
 # One HTTP request: Userpilot usually answers in tens of ms; the request timeout defaults to
 # 10 s and may be raised, so the top buckets reach 30 s.

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from consumer import codec
 from consumer.calls import visible
 from consumer.errors import InvalidEvent, WorkerError
+from consumer.stdout import printable
 
 __all__ = ["ProduceError", "encode_lines", "notes", "parse_lines", "produce_events"]
 
@@ -76,7 +77,7 @@ def parse_lines(lines: Iterable[str | bytes], source: str = "<stdin>") -> list[P
             with codec.any_integer():
                 record = codec.to_record(event)
         except (InvalidEvent, ValueError, RecursionError) as exc:
-            problems.append(f"{source}:{number}: {exc}")
+            problems.append(f"{source}:{number}: {printable(str(exc))}")  # its field names
             continue
         parsed.append(Parsed(number, event, record))
     if problems:
@@ -182,12 +183,13 @@ def produce_events(
     except RegistryError as exc:
         # One line, redacted: the registry's answer may echo the request's Authorization
         # (it was an uncaught traceback quoting it, review "secrets18").
+        said = printable(registry.redact(str(exc))[:300])
         raise ProduceError(f"nothing was sent: the schema registry refused to register the "
-                           f"schema of {topic!r}: {registry.redact(str(exc))[:300]}") from None
+                           f"schema of {topic!r}: {said}") from None
     except RegistryUnusable as exc:
         raise ProduceError(f"nothing was sent: the schema registry's answer to registering "
                            f"the schema of {topic!r} is unusable: "
-                           f"{registry.redact(str(exc))[:300]}") from None
+                           f"{printable(registry.redact(str(exc))[:300])}") from None
     except (httpx.HTTPError, OSError) as exc:
         # The probe answered, then the registration did not (a registry restarting, a
         # balancer resetting): one line within --timeout, not a traceback after the

@@ -98,12 +98,19 @@ def kafka_secrets(conf: Mapping[str, str], secret_keys: Iterable[str]) -> list[s
         if user and secret:
             pair = f"{user}:{secret}"
             secrets += [pair, base64.b64encode(pair.encode()).decode()]
-    for value in conf.values():
+    for key, value in conf.items():
         # Credentials written into a URL-valued setting (an OIDC token endpoint's
         # `https://id:secret@idp/...`, review config19).
-        if isinstance(value, str) and "://" in value:
+        if isinstance(value, str) and url_valued(key, value):
             secrets += url_credentials(value)
     return secrets
+
+
+def url_valued(key: str, value: str) -> bool:
+    """Whether a librdkafka setting's value is a URL that may hold credentials: one with a
+    scheme, or a `*.url` setting written without one (`user:password@idp:8443/token`,
+    which libcurl takes as http://; its password was shown, review "logsec52")."""
+    return "://" in value or (key.endswith(".url") and "@" in value)
 
 
 def url_credentials(url: str | None) -> list[str]:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import IO, Any
 
-__all__ = ["ESCAPES", "QuietStream", "json_line", "stdout_gone", "write_line"]
+__all__ = ["ESCAPES", "QuietStream", "json_line", "printable", "stdout_gone", "write_line"]
 
 _UNSAFE = (0x2028, 0x2029, *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F,
            *range(0x202A, 0x202F), *range(0x2066, 0x206A))
@@ -25,6 +25,23 @@ id split a record in two, reviews "logs44", "ids47"), DEL and the C1 controls (U
 terminal's CSI), and the bidirectional controls (U+202E shows the rest of a line reversed:
 an id could disguise what follows it, review "ids47")."""
 _RAW = re.compile("[" + "".join(chr(code) for code in _UNSAFE) + "]")
+_CONTROL = re.compile("[\x00-\x1f" + "".join(chr(code) for code in _UNSAFE) + "]")
+_CONTROL_BUT_NEWLINE = re.compile("[\x00-\x09\x0b-\x1f" + "".join(chr(code) for code in _UNSAFE)
+                                  + "]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return "\\n" if code == 10 else f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}"
+
+
+def printable(text: str, *, newlines: bool = False) -> str:
+    """`text` safe for a terminal and a log line: the C0 controls and `ESCAPES` written as
+    backslash escapes. Text from another party (an HTTP answer's header or body, a
+    registry's refusal, an event's field names) wrote terminal escapes and forged lines in
+    the commands' output (review "logsec52"). `newlines`: keep line feeds (a message of
+    several lines of the worker's own, whose quoted parts were escaped where quoted)."""
+    return (_CONTROL_BUT_NEWLINE if newlines else _CONTROL).sub(_escaped, text)
 
 
 def json_line(doc: Any, default: Callable[[Any], Any] | None = None) -> str:

@@ -1720,6 +1720,20 @@ def test_a_meant_dollar_and_kafkas_sasl_settings_are_not_refused() -> None:
     load_settings({**BASE, "USERPILOT_API_KEY": "$(TOKEN)"}, offline=True)
 
 
+def test_a_kafka_url_setting_without_a_scheme_is_masked() -> None:
+    """Review "logsec52": libcurl takes `user:password@idp:8443/token` as http://, and
+    `check-config` showed its password (only a value with `://` was masked)."""
+    settings = load(KAFKA_SECURITY_PROTOCOL="sasl_ssl", KAFKA_SASL_MECHANISM="OAUTHBEARER",
+                    KAFKA_SASL_OAUTHBEARER_METHOD="oidc",
+                    KAFKA_SASL_OAUTHBEARER_CLIENT_ID="cid",
+                    KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET="client-s3cret-value",
+                    KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL="user:Zq9SecretPw77@idp:8443/t")
+    shown = json.dumps(settings.describe())
+    assert "Zq9SecretPw77" not in shown
+    assert "***@idp:8443/t" in shown
+    assert "Zq9SecretPw77" in settings.log_secrets()
+
+
 def test_a_rate_above_userpilots_limit_is_noted_for_its_hosts() -> None:
     """Userpilot's cloud allows 600 requests a minute per token: above it every extra request
     meets a 429 and is sent again (seed51 leftover). Not for another host (the sandbox, a

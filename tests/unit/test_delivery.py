@@ -424,3 +424,18 @@ def test_a_refusal_names_the_path_it_came_from() -> None:
         "HTTP 403 (x-request-id rid-1): token refused")
     rejected = classify(400, h(), "", "/v1/track")
     assert str(rejected) == "HTTP 400: payload rejected", "a payload's rejection as before"
+
+
+def test_quoted_headers_are_escaped_for_the_commands_that_print_them() -> None:
+    """Review "logsec52": `check-config --online` and `delete-users` print the refusal as it
+    is; an x-request-id or a Location holding a terminal's escapes or a line break wrote
+    them to the operator's terminal."""
+    from consumer.delivery import classify_answer
+
+    headers = httpx.Headers([(b"x-request-id", "rid\x1b[31mRED\x1b[0m\u202e".encode()),
+                             (b"location", b"http://evil/\x1b]0;PWNED\x07")])
+    exc = classify_answer(302, headers, b"", lambda text: text, "/v1/track")
+    assert exc is not None
+    text = str(exc)
+    assert "\x1b" not in text and "\u202e" not in text and "\x07" not in text
+    assert "rid\\x1b[31mRED\\x1b[0m\\u202e" in text

@@ -916,3 +916,19 @@ def test_a_cancel_landing_as_the_registry_answers_during_an_id_s_backoff_is_not_
     outcomes = {steps: asyncio.run(attempt(steps)) for steps in range(6)}
     assert "swallowed" not in outcomes.values(), outcomes
     assert "cancelled" in outcomes.values(), outcomes
+
+
+def test_a_status_outside_https_classes_is_counted_as_other() -> None:
+    """Review "logsec52": a broken gateway answering random three-digit codes made a series
+    of each (~900 per endpoint)."""
+    from consumer.metrics import status_label
+
+    assert [status_label(s) for s in (100, 202, 599, 600, 835, 99, 0)] == [
+        "100", "202", "599", "other", "other", "other", "other"]
+    handler, client, _, _, reg = make(USERPILOT_ENSURE_USER="false")
+    client.fail[("/v1/track", "u1")] = [ServerError("HTTP 835", status=835)]
+    (outcome,) = run(handler, track(0, "u1"))
+    assert isinstance(outcome, Delivered)
+    assert metric(reg, "userpilot_responses_total", status="other", endpoint="track") == 1
+    assert reg.get_sample_value("userpilot_responses_total",
+                                {"status": "835", "endpoint": "track"}) is None

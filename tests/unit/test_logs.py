@@ -379,3 +379,17 @@ def test_bidirectional_controls_are_escaped_in_text_and_json_lines() -> None:
     line = logs._Json().format(record)
     assert not set(controls) & set(line)
     assert json.loads(line)["message_id"] == f"m{controls}x"
+
+
+def test_a_commands_error_line_is_escaped_and_masked_in_text(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review "logsec52": `run`'s last line in text format skipped the formatter: an OIDC
+    endpoint's error body quoted in it wrote a forged line, a screen clear and a terminal
+    title, and secrets were not masked. Its own line breaks (a list of problems) stay."""
+    from consumer.logs import error_line
+
+    configure_logging("INFO", "text", secrets=[TOKEN])
+    error_line(f"refused: denied\rERROR forged\x1b[2J\x1b]0;PWNED\x07\u202e {TOKEN}\n  - next")
+    err = capsys.readouterr().err
+    assert err == ("error: refused: denied\\x0dERROR forged\\x1b[2J\\x1b]0;PWNED\\x07\\u202e "
+                   "***\n  - next\n")

@@ -287,3 +287,13 @@ def test_a_registration_that_fails_is_one_line_within_the_timeout(
     err = capsys.readouterr().err
     # One line (review diff44: the worker's readiness line came beside it).
     assert "nothing was sent" in err and "Traceback" not in err and "readiness" not in err
+
+
+def test_a_bad_lines_field_names_are_escaped_in_the_refusal() -> None:
+    """Review "logsec52": an unknown key holding a line break or a terminal's escape was
+    printed as it is (`explain` shows the same line escaped)."""
+    with pytest.raises(ProduceError) as info:
+        parse_lines([json.dumps({"type": "track", "FORGED\n\x1b[2J\u202ekey": 1})])
+    text = str(info.value)
+    assert "\x1b" not in text and "\u202e" not in text
+    assert "FORGED\\n\\x1b[2J\\u202ekey" in text
