@@ -1573,9 +1573,9 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
 
 
 _K8S_REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
-_REFERENCE_REFUSED = ("REDIS_URL", "SCHEMA_REGISTRY_URL", "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
-                      "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
-_REFERENCE_NOTED = ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD")
+_REFERENCE_REFUSED = ("REDIS_URL", "SCHEMA_REGISTRY_URL", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+_REFERENCE_NOTED = ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
+                    "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
 
 
 def _unexpanded_references(reader: _Reader, env: Mapping[str, str], offline: bool) -> None:
@@ -1584,8 +1584,10 @@ def _unexpanded_references(reader: _Reader, env: Mapping[str, str], offline: boo
     only when VAR is defined earlier in the container's env; a Secret's data never. The
     worker got the text itself, and Redis refused the password: exit 1 in every pod, with a
     message to check the password (review "helm52"). Refused where the value is a URL (a
-    `$` that is meant writes %24) or a token; only noted for Kafka's SASL user and password,
-    which have no escape. Only the referenced name is quoted, never the value."""
+    `$` that is meant writes %24) or a token; only noted for Kafka's SASL user and password
+    and the registry's credentials, which have no escape. The referenced name is quoted
+    only when the environment has that variable (defined after it): otherwise the "name" may
+    be a piece of a password that really holds `$(` (review "diff52a")."""
     names = (*_REFERENCE_REFUSED, *(() if offline else ("USERPILOT_API_KEY",)))
     for name, value in env.items():
         upper = name.upper()
@@ -1595,16 +1597,18 @@ def _unexpanded_references(reader: _Reader, env: Mapping[str, str], offline: boo
         found = _K8S_REFERENCE.search(value)
         if found is None:
             continue
-        what = (f"{name} holds $({found[1]}), a Kubernetes reference to another variable that "
-                "was not expanded: Kubernetes expands $(VAR) only in an env var's value, and "
-                f"only when VAR is defined earlier in the container's env (never in a "
-                f"Secret's data). Define {found[1]} before {name}, or give the whole value "
-                "from a Secret")
+        ref = f"$({found[1]})" if found[1] in env else "a $(...)"
+        var = found[1] if found[1] in env else "that variable"
+        what = (f"{name} holds {ref}, a Kubernetes reference to another variable that was not "
+                "expanded: Kubernetes expands $(VAR) only in an env var's value, and only when "
+                "VAR is defined earlier in the container's env (never in a Secret's data). "
+                f"Define {var} before {name}, or give the whole value from a Secret")
         if refused:
             reader.problems.append(what + ("; a URL whose password really holds it writes $ "
                                            "as %24" if upper != "USERPILOT_API_KEY" else ""))
         else:
-            reader.notes.append(what + " (if the value really holds it, ignore this note)")
+            also = f", or give it in {upper}_FILE" if f"{upper}_FILE" in _FILE_NAMES else ""
+            reader.notes.append(what + f" (if the value really holds it, ignore this note{also})")
 
 
 def _unknown_variables(reader: _Reader) -> None:

@@ -324,7 +324,7 @@ class DeleteClient:
             said.append(f"x-request-id {request_id}")
         message = _answer_message(raw)
         if message:
-            said.append(f"Userpilot: {self._redact(message)}")
+            said.append(f"Userpilot: {printable(self._redact(message))}")  # diff52a
         return "; ".join(said)
 
     def close(self) -> None:

@@ -345,6 +345,9 @@ render full -f "$FULL_VALUES"
 render hpa -f "$OUT/hpa.values.yaml"
 render single -f "$OUT/single.values.yaml"
 render keda-topics -f "$FULL_VALUES" --set 'kafka.topics={signal.web,signal.ios,signal.android}'
+# The protocol of a prefixed broker may come from kafka.existingSecret: the worker checks it.
+render prefix-secret --set 'kafka.bootstrapServers=SASL_SSL://b1:9096' \
+  --set kafka.existingSecret=kafka-credentials
 
 log "the README's helm install line, exactly as written (as helm template)"
 readme_args="$("$PYTHON" - "$ROOT/README.md" <<'PY'
@@ -409,6 +412,13 @@ notes "delivers to http://" -f "$OUT/single.values.yaml" --set userpilot.insecur
   --set userpilot.analyticsEndpoint=sandbox:8080
 notes "delivers to https://" -f "$OUT/single.values.yaml"
 notes "Scaling: HPA (2..6 replicas)" -f "$OUT/hpa.values.yaml"
+# A CA of the workers' own: KEDA checks the brokers against the system's (review diff52a).
+notes "WARNING: kafka.config names the brokers' CA" -f "$OUT/base.values.yaml" \
+  -f "$OUT/keda-private-ca.values.yaml"
+no_notes "WARNING: kafka.config names the brokers' CA" -f "$OUT/base.values.yaml" \
+  -f "$OUT/keda-private-ca.values.yaml" --set kafka.config.ssl\\.ca\\.location=probe
+no_notes "WARNING: kafka.config names the brokers' CA" -f "$OUT/base.values.yaml" \
+  -f "$OUT/keda-private-ca.values.yaml" --set autoscaling.keda.authenticationRef=kafka-auth
 
 log "invalid combinations must fail"
 expect_fail() { # name, expected message fragment
@@ -439,8 +449,7 @@ expect_secret_unquoted registry-comma 'schemaRegistry: {url: "http://user:HUNTER
 expect_fail no-endpoint "userpilot.analyticsEndpoint is required: your Userpilot account's host"
 expect_fail both-autoscalers "mutually exclusive"
 expect_fail bootstrap-prefix "kafka.bootstrapServers has SASL_SSL://b2:9096, whose protocol is not the security protocol (PLAINTEXT)"
-expect_fail keda-mtls "kafka.config.ssl.certificate.location is set but KEDA's Kafka trigger has no TriggerAuthentication"
-expect_fail keda-private-ca "kafka.config.ssl.ca.location is set but KEDA's Kafka trigger has no TriggerAuthentication"
+expect_fail keda-mtls "kafka.config.ssl.certificate.location is set (a client certificate) but KEDA's Kafka trigger has no TriggerAuthentication"
 expect_fail redis-url-ref "redis.url holds a \$(...) reference: the chart keeps redis.url in a Secret"
 expect_fail registry-no-colon "schemaRegistry.basicAuthUserInfo must be user:password"
 expect_fail proxy-socks "extraEnv sets HTTPS_PROXY to a SOCKS5h proxy: the worker takes an HTTP proxy only"
@@ -784,17 +793,19 @@ def crd(doc: dict[str, Any], where: str, by_kind: dict[str, list[dict[str, Any]]
             check(t.get("type") == "kafka", where, "trigger type must be kafka")
             for key in ("bootstrapServers", "consumerGroup", "lagThreshold"):
                 check(isinstance(md.get(key), str) and bool(md[key]), where, f"metadata.{key}")
-            # One trigger for the group: naming its topic when it reads one, none (every
-            # topic the group commits, capped at all their partitions) for several
-            # (review "helm52": a trigger per topic capped each at its own partitions).
-            check(len(triggers) == 1, where, "one trigger for the whole group")
-            named = [c["data"]["KAFKA_TOPICS"] for c in by_kind.get("ConfigMap", [])
-                     if "KAFKA_TOPICS" in (c.get("data") or {})]
-            check(len(named) == 1, where, "one ConfigMap names the topics")
-            if named:
-                own = named[0].split(",")
-                check(md.get("topic") == (own[0] if len(own) == 1 else None), where,
-                      "metadata.topic is the only topic, or absent with several")
+        # A trigger per topic, naming it (its lag counts before the group's first commit
+        # there, review "diff52a"), and with several topics one naming none (every topic the
+        # group commits on, capped at all their partitions; review "helm52": the per-topic
+        # triggers alone capped each at its own topic's partitions).
+        named = [c["data"]["KAFKA_TOPICS"] for c in by_kind.get("ConfigMap", [])
+                 if "KAFKA_TOPICS" in (c.get("data") or {})]
+        check(len(named) == 1, where, "one ConfigMap names the topics")
+        if named:
+            own = named[0].split(",")
+            wanted = own + ([None] if len(own) > 1 else [])
+            found = [(t.get("metadata") or {}).get("topic") for t in triggers]
+            check(sorted(found, key=str) == sorted(wanted, key=str), where,
+                  f"triggers for {wanted}, found {found}")
             check(
                 all(isinstance(v, str) for v in md.values()),
                 where,

@@ -1697,8 +1697,7 @@ def test_a_grace_reaching_the_poll_interval_is_noted() -> None:
 @pytest.mark.parametrize("name, value", [
     ("REDIS_URL", "redis://:$(REDIS_PASSWORD)@redis:6379/0"),
     ("REDIS_URL", "redis://HUNTER2:$(REDIS_PASSWORD)@redis:6379/0"),
-    ("USERPILOT_API_KEY", "$(USERPILOT_TOKEN)"),
-    ("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", "HUNTER2:$(REGISTRY_PASSWORD)"),
+    ("USERPILOT_API_KEY", "$(API_TOKEN)"),
     ("https_proxy", "http://HUNTER2:$(PROXY_PASSWORD)@proxy:3128"),
 ])
 def test_an_unexpanded_kubernetes_reference_is_refused(name: str, value: str) -> None:
@@ -1706,17 +1705,28 @@ def test_an_unexpanded_kubernetes_reference_is_refused(name: str, value: str) ->
     data, or a variable defined after it) reached Redis as the password: every pod exited 1
     with a message to check the password. Refused naming the reference, not the value."""
     (problem,) = problems({**BASE, name: value})
-    assert problem.startswith(f"{name} holds $(") and "not expanded" in problem
-    assert "HUNTER2" not in problem
+    assert problem.startswith(f"{name} holds a $(...), a Kubernetes reference")
+    assert "not expanded" in problem
+    assert "HUNTER2" not in problem and "PASSWORD" not in problem and "TOKEN" not in problem
+    # Named when the environment has that variable (defined after it): no secret then.
+    reference = value.split("$(")[1].split(")")[0]
+    (problem,) = problems({**BASE, reference: "x", name: value})
+    assert problem.startswith(f"{name} holds $({reference}), a Kubernetes reference")
 
 
 def test_a_meant_dollar_and_kafkas_sasl_settings_are_not_refused() -> None:
-    """A URL's `$` written %24 is no reference; Kafka's SASL password has no escape, so a
-    reference there is a note; `explain` (offline) sends no token."""
+    """A URL's `$` written %24 is no reference; Kafka's SASL password and the registry's
+    credentials have no escape, so a reference there is a note, naming no piece of the
+    password (review "diff52a"); `explain` (offline) sends no token."""
     load(REDIS_URL="redis://:a%24(B)c@redis:6379/0")
     settings = load(KAFKA_SECURITY_PROTOCOL="sasl_ssl", KAFKA_SASL_MECHANISM="PLAIN",
-                    KAFKA_SASL_USERNAME="u", KAFKA_SASL_PASSWORD="$(KAFKA_PASSWORD)")
-    assert any(n.startswith("KAFKA_SASL_PASSWORD holds $(KAFKA_PASSWORD)") for n in settings.notes)
+                    KAFKA_SASL_USERNAME="u", KAFKA_SASL_PASSWORD="Xk$(Zq9Secret)q",
+                    SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO="user:$(Reg9Secret)")
+    notes = [n for n in settings.notes if "not expanded" in n]
+    assert [n.split(" ")[0] for n in notes] == ["KAFKA_SASL_PASSWORD",
+                                               "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"]
+    assert not any("Zq9Secret" in n or "Reg9Secret" in n or "%24" in n for n in notes)
+    assert "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO_FILE" in notes[1]
     load_settings({**BASE, "USERPILOT_API_KEY": "$(TOKEN)"}, offline=True)
 
 

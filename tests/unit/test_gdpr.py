@@ -245,6 +245,21 @@ def test_delete_client_sends_delete_with_headers_and_classifies() -> None:
     client.close()
 
 
+def test_a_2xx_answers_request_id_and_message_are_escaped() -> None:
+    """Reviews "logsec52", "diff52a": the success line quoted the x-request-id and
+    Userpilot's `message` with a terminal's escapes and bidirectional controls as they were."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(202, json={"message": "queued\x1b]0;PWNED\x07\x1b[2J\u202eevil"},
+                              headers=[(b"x-request-id", b"rid\x1b[31m")])
+
+    client = DeleteClient("https://h.test/v1/users", {"Authorization": f"Token {TOKEN}"},
+                          timeout_s=5, transport=httpx.MockTransport(handler))
+    said = client.delete(b'{"users":["a"]}')
+    assert said == ("x-request-id rid\\x1b[31m; Userpilot: queued\\x1b]0;PWNED\\x07\\x1b[2J"
+                    "\\u202eevil")
+    client.close()
+
+
 @pytest.mark.parametrize("status", [401, 302, 407])
 def test_an_answer_echoing_the_request_quotes_no_token_or_proxy_credential(status: int) -> None:
     """Review secrets18: delete-users printed an echoed request's Authorization, a

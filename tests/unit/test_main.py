@@ -360,6 +360,27 @@ def test_run_with_its_metrics_port_taken_says_so_in_one_line(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", [["run"], ["replay", "--from", "dlq", "--all", "--dry-run"]])
+def test_kafkas_refusal_quoting_another_party_is_one_escaped_line(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Reviews "logsec52", "diff52a": librdkafka quotes an OIDC endpoint's error body in
+    its refusal, and `run` and `replay` printed its line breaks and a terminal's escapes as
+    they were: a forged `error:` line."""
+    from consumer import reach
+
+    said = "Kafka refused: token: denied\nerror: FORGED\x1b[2J\x1b]0;PWNED\x07"
+    monkeypatch.setattr(reach, "services", lambda *a, **k: [said])
+    monkeypatch.setattr(reach, "kafka", lambda *a, **k: said)
+    _env(monkeypatch, GOOD)
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "denied" in line]
+    assert "\x1b" not in err and "\x07" not in err
+    assert line.endswith("denied\\nerror: FORGED\\x1b[2J\\x1b]0;PWNED\\x07")
+    assert not any(line.startswith("error: FORGED") for line in err.splitlines())
+
+
 def test_the_guard_hold_keeps_the_process_alive_unready_then_ends() -> None:
     """Exiting at once left the guard's gauge at 1 for ~0.2 s: no scrape saw it."""
     from consumer.__main__ import hold_after_guard

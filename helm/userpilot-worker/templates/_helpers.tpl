@@ -172,7 +172,9 @@ Deployment, so every render runs them.
    worker refuses it (librdkafka drops such a broker; exit 2 in every pod), and KEDA's guard
    below read the protocol without it (review "helm52"). */}}
 {{- $protocolOf := $protocol | default "PLAINTEXT" }}
-{{- $protocolKnown := true }}
+{{- /* Unknown when the protocol may come from a Secret or ConfigMap (kafka.existingSecret's
+   KAFKA_* keys, extraEnvFrom, a valueFrom): the worker checks it (review "diff52a"). */}}
+{{- $protocolKnown := not (or $v.kafka.existingSecret $v.extraEnvFrom) }}
 {{- range $entry := concat ($v.extraEnv | default list) ($v.kafka.extraEnv | default list) }}
 {{- if and (eq (toString $entry.name) "KAFKA_SECURITY_PROTOCOL") (not (hasKey $entry "value")) }}
 {{- $protocolKnown = false }}{{- /* from a Secret or ConfigMap: the worker checks it */}}
@@ -193,15 +195,15 @@ Deployment, so every render runs them.
 {{- if and $v.autoscaling.keda.enabled (or (and (has $protocol (list "SASL_SSL" "SASL_PLAINTEXT")) (not $saslOk)) (and (eq $protocol "SSL") (not $tlsOk))) }}
 {{- fail (printf "the security protocol is %s but KEDA's Kafka trigger has no credentials: it could not read the lag and would never scale. Set autoscaling.keda.authenticationRef to a TriggerAuthentication (and autoscaling.keda.extraMetadata, e.g. %s)" $protocol (ternary "{tls: enable}" "{sasl: scram_sha512, tls: enable}" (eq $protocol "SSL"))) }}
 {{- end }}
-{{- /* A client certificate (mutual TLS) or a CA of the workers' own: KEDA takes them from a
-   TriggerAuthentication only (`cert`, `key`, `ca`). With `tls: enable` alone it met the
-   brokers with neither, never read the lag and never scaled (review "helm52"); a private
-   CA may instead be skipped with KEDA's own `unsafeSsl`. */}}
+{{- /* A client certificate (mutual TLS): KEDA takes one from a TriggerAuthentication only
+   (`cert`, `key`). With `tls: enable` alone it met the brokers without one, never read the
+   lag and never scaled (review "helm52"). A CA of the workers' own may be a public bundle
+   (`probe`, the system's): NOTES.txt warns of it instead (review "diff52a"). */}}
 {{- if and $v.autoscaling.keda.enabled (has $protocol (list "SSL" "SASL_SSL")) (not $v.autoscaling.keda.authenticationRef) }}
 {{- $config := $v.kafka.config | default dict }}
-{{- range $key := list "ssl.certificate.location" "ssl.key.location" "ssl.certificate.pem" "ssl.keystore.location" "ssl.ca.location" "ssl.ca.pem" }}
-{{- if and (hasKey $config $key) (or (not (hasPrefix "ssl.ca." $key)) (ne (toString (index $kedaMeta "unsafeSsl" | default "")) "true")) }}
-{{- fail (printf "kafka.config.%s is set but KEDA's Kafka trigger has no TriggerAuthentication: KEDA takes a client certificate and a CA from one only (cert, key, ca), so it could not read the lag and would never scale. Set autoscaling.keda.authenticationRef" $key) }}
+{{- range $key := list "ssl.certificate.location" "ssl.key.location" "ssl.certificate.pem" "ssl.key.pem" "ssl.keystore.location" }}
+{{- if hasKey $config $key }}
+{{- fail (printf "kafka.config.%s is set (a client certificate) but KEDA's Kafka trigger has no TriggerAuthentication: KEDA takes a client certificate from one only (cert, key), so it could not read the lag and would never scale. Set autoscaling.keda.authenticationRef" $key) }}
 {{- end }}
 {{- end }}
 {{- end }}
