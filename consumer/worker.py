@@ -426,6 +426,9 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_before_run = False  # stop() came before run() had its event loop
+        # stop()'s check and run()'s start as one step each: a stop from another thread
+        # landing between them was lost (review "threads52", suspected).
+        self._stop_lock = threading.Lock()
         self._stop_asked: float | None = None  # monotonic time of the first stop()
         # A SIGTERM/SIGINT arrived (any time, the shutdown included): the process must end
         # as soon as it has drained, so no DLQ-guard hold follows (Kubernetes signals once).
@@ -459,17 +462,19 @@ class Worker:
             self.signalled = True
         if self._stop_asked is None:
             self._stop_asked = time.monotonic()
-        if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        else:
-            self._stop_before_run = True
+        with self._stop_lock:
+            if self._loop is not None and self._stopping is not None:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+            else:
+                self._stop_before_run = True
 
     async def run(self) -> int:
         """Consume until stopped; returns the process exit code."""
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        if self._stop_before_run:
-            self._stopping.set()
+        with self._stop_lock:
+            self._loop = asyncio.get_running_loop()
+            self._stopping = asyncio.Event()
+            if self._stop_before_run:
+                self._stopping.set()
         for sig in stop_signals():
             # Outside the main thread (tests) there are no signal handlers: stop() is used.
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
