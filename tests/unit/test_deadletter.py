@@ -192,6 +192,12 @@ def test_body_and_message_are_truncated_to_1_kib_of_utf8_whole_characters() -> N
                                message="m" * 5000, status=400, body="b" * 5000))
     assert short["userpilot.error.body"] == b"b" * BODY_LIMIT
     assert short["__connect.errors.exception.message"] == b"m" * BODY_LIMIT
+    # Under 1,024 characters but over 1 KiB of UTF-8 (review "mutate52": a cut counted in
+    # characters kept 3,000 bytes of a 1,000-character CJK text).
+    cjk = headers_of(Failure(reason="bad_request", exception_class="Rejected",
+                             message="错" * 1000, status=400, body="错" * 1000))
+    assert cjk["userpilot.error.body"].decode() == "错" * (BODY_LIMIT // 3)
+    assert cjk["__connect.errors.exception.message"].decode() == "错" * (BODY_LIMIT // 3)
 
 
 def test_no_header_contains_the_token() -> None:

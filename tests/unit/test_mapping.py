@@ -1298,3 +1298,14 @@ def test_a_picked_value_a_later_step_replaces_is_listed_and_the_same_value_is_no
     for properties in ({"b": 1, "a": 1}, {"a": 1, "b": 1}):
         built = _built_by({"event_name": "e", "rename": {"a": "b"}}, {"properties": properties})
         assert built.body["metadata"] == {"b": 1} and built.omitted == (), properties
+
+
+@pytest.mark.parametrize("metadata", [{}, {"a": 1}, {"plan": "pro", "n": 1.5, "ok": True,
+                                                     "none": None, "é": "错"}])
+def test_metadata_size_is_the_bytes_sent(metadata: dict[str, Any]) -> None:
+    """The size rule's own count must be the body's (review "mutate52": `{}` counted 1 byte
+    went unnoticed, and an identify's company got one byte too many)."""
+    from consumer.calls import encode_body
+    from consumer.mapping import metadata_size
+
+    assert metadata_size(metadata) == len(encode_body(metadata))

@@ -48,6 +48,14 @@ def test_safe_rate() -> None:
     assert safe_rate(600, 60.0, 1, 0.0) == 0.0
 
 
+def test_a_tiny_share_still_sends() -> None:
+    """Owning 1 of 1,000 partitions leaves under one request of budget after the burst: the
+    replica sends at half its budget rather than never (review "mutate52": only a drain test
+    caught its loss, indirectly)."""
+    assert safe_rate(600, 60.0, 10, 0.001) > 0
+    assert safe_rate(600, 60.0, 10, 0.001) <= 0.001 * 600 / 60
+
+
 @pytest.mark.parametrize(("period", "slack"), [(60.0, 0.3), (600.0, 3.0), (5.0, 0.3),
                                                (1.0, 0.3)])
 def test_jitter_slack_is_a_share_of_the_period_but_never_under_a_floor(

@@ -560,3 +560,12 @@ def test_the_company_id_sent_is_not_listed_as_left_out() -> None:
     assert isinstance(decision, Send)
     assert json.loads(decision.calls[0].body)["company"]["id"] == "acme"
     assert decision.omitted == ()
+
+
+def test_exactly_max_listed_names_are_kept_as_they_are() -> None:
+    """Review "mutate52": at exactly MAX_LISTED names no "… 0 more" follows them."""
+    from consumer.routing import MAX_LISTED, listed
+
+    names = [f"k{i}" for i in range(MAX_LISTED + 1)]
+    assert listed(names[:MAX_LISTED]) == tuple(names[:MAX_LISTED])
+    assert listed(names) == (*names[:MAX_LISTED], "… 1 more")
