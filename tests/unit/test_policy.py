@@ -1050,6 +1050,60 @@ def test_an_event_cancelled_while_it_waits_at_a_closed_gate_reopens_it() -> None
     assert gate.state == "up"
 
 
+def test_a_probe_cancelled_while_others_wait_at_the_gate_lets_the_next_one_probe() -> None:
+    """Review "mutate52": the probe's request cancelled (its partition revoked mid-probe)
+    while another event waits at the closed gate must hand the probe on; kept, no probe was
+    ever sent again and delivery stayed paused for good. (With no other event waiting the
+    gate reopens through `leave`: the test above.)"""
+    clock, sleep, gate = setup(outage_after=1)
+    gate.transient_failure(ServerError("HTTP 503"))
+    assert gate.state == "outage"
+    started: list[bool] = []
+    after = Script([None])
+
+    async def main() -> None:
+        never = asyncio.Event()
+
+        async def hanging() -> None:  # the probe: Userpilot never answers it
+            started.append(True)
+            await never.wait()
+
+        probe = asyncio.ensure_future(policy(gate, clock, sleep).run(hanging, Attempts()))
+        while not started:
+            await asyncio.sleep(0)
+        other = asyncio.ensure_future(policy(gate, clock, sleep).run(after, Attempts()))
+        await asyncio.sleep(0.05)
+        assert after.calls == 0, "it waits at the gate behind the probe"
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        await asyncio.wait_for(other, 2.0)
+
+    run(main())
+    assert after.calls == 1
+    assert gate.state == "up"
+
+
+def test_a_probe_is_not_counted_against_its_event_when_the_gate_reopened_meanwhile() -> None:
+    """A probe never counts against its event's attempts (`Attempts`), even when the gate
+    reopened while the probe waited for its rate slot (another request in flight came back
+    delivered): counted then, an event that only probed an outage lost an attempt (review
+    "mutate52")."""
+    clock, sleep, gate = setup(outage_after=1)
+    gate.transient_failure(ServerError("HTTP 503"))
+    assert gate.state == "outage"
+
+    async def slot() -> None:  # meanwhile another event's request is delivered
+        gate.success(endpoint="track", sent=clock.now - 0.5)
+        assert gate.state == "up"
+
+    attempts = Attempts()
+    run(policy(gate, clock, sleep).run(Script([None]), attempts, before_send=slot,
+                                       endpoint="track"))
+    assert attempts.count == 1
+    assert attempts.answered == 0
+
+
 def test_a_closed_gate_stays_closed_while_an_event_waits_at_it() -> None:
     clock, sleep, gate = setup(outage_after=1)
     states: list[str] = []

@@ -504,6 +504,42 @@ def test_priority_lane_serves_urgent_callers_first_then_in_arrival_order() -> No
     assert granted == 4, "one limiter slot per caller served: the budget is the limiter's"
 
 
+def test_a_waiter_that_left_the_head_of_the_lane_does_not_stop_its_pump() -> None:
+    """Review "mutate52": a waiter that gives up (a gate cut, a revoke, a shutdown) leaves
+    its cancelled future in the queue; the next slot granted to it raised in the pump, which
+    died, and every other waiter hung until a new caller started one."""
+    from consumer.ratelimit import PriorityLane
+
+    class Slots:
+        def __init__(self) -> None:
+            self.free: asyncio.Queue[None] = asyncio.Queue()
+
+        async def acquire(self, want: int = 1) -> float:
+            await self.free.get()
+            return 0.0
+
+    async def main() -> list[str]:
+        slots = Slots()
+        lane = PriorityLane(slots)
+        served: list[str] = []
+
+        async def caller(name: str, order: int) -> None:
+            await lane.acquire(False, order)
+            served.append(name)
+
+        first = asyncio.create_task(caller("first", 1))
+        rest = [asyncio.create_task(caller(n, o)) for n, o in (("second", 2), ("third", 3))]
+        await asyncio.sleep(0.01)  # all three queued, the pump waiting for a slot
+        first.cancel()
+        await asyncio.sleep(0.01)
+        for _ in range(2):
+            slots.free.put_nowait(None)
+        await asyncio.wait_for(asyncio.gather(*rest), 2)
+        return served
+
+    assert asyncio.run(main()) == ["second", "third"]
+
+
 def test_priority_lane_serves_same_urgency_waiters_lowest_order_first() -> None:
     # The committable offset is the lowest unfinished one: an event that reached the lane
     # late (a schema fetch, a retry) but was taken first is served first.
