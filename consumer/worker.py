@@ -427,8 +427,10 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_before_run = False  # stop() came before run() had its event loop
         # stop()'s check and run()'s start as one step each: a stop from another thread
-        # landing between them was lost (review "threads52", suspected).
-        self._stop_lock = threading.Lock()
+        # landing between them was lost (review "threads52", suspected). Re-entrant: a
+        # SIGTERM's handler (`cmd_run` routes it to `stop` on the main thread) may run
+        # inside run()'s step; a plain lock hung the pod there (review "diff52b").
+        self._stop_lock = threading.RLock()
         self._stop_asked: float | None = None  # monotonic time of the first stop()
         # A SIGTERM/SIGINT arrived (any time, the shutdown included): the process must end
         # as soon as it has drained, so no DLQ-guard hold follows (Kubernetes signals once).

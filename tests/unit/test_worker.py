@@ -1902,6 +1902,34 @@ def test_a_stop_before_run_has_its_loop_exits_cleanly_without_sending() -> None:
     assert run.source.committed() == {}
 
 
+def test_a_stop_signalled_inside_runs_first_step_is_neither_lost_nor_a_hang(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff52b": `cmd_run` routes SIGTERM to `stop` on the main thread, whose handler
+    runs between any two bytecodes, also inside run()'s locked first step: a plain lock
+    hung the pod there until SIGKILL. Signalled there, the stop is taken."""
+    import threading
+
+    run = make(log_of(track("u1", 1)))
+    made = asyncio.Event
+    signalled: list[bool] = []
+
+    def event_then_signal() -> asyncio.Event:
+        if not signalled:  # the first Event: run()'s `_stopping`, inside its locked step
+            signalled.append(True)
+            run.worker.stop(signalled=True)
+        return made()
+
+    monkeypatch.setattr(asyncio, "Event", event_then_signal)  # the module worker uses
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(asyncio.run(run.worker.run())),
+                              daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "hung in stop() inside run()'s step"
+    assert codes == [0] and signalled and run.worker.signalled
+    assert run.client.bodies == []
+
+
 class _Window:
     """The scheduler as `_poll_wait` sees it: events in flight, and a finish to wait for."""
 
