@@ -406,6 +406,8 @@ no_notes() { # unexpected fragment, helm args...
   ! grep -qF -- "$unwanted" <<<"$text" || die "NOTES.txt has '$unwanted' ($*)"
 }
 no_notes "WARNING: KEDA without Redis" -f "$FULL_VALUES"
+notes "NOTE: 2 topics: KEDA scales on each topic's lag" -f "$FULL_VALUES" --set 'kafka.topics={a,b}'
+no_notes "topics: KEDA scales on each topic's lag" -f "$FULL_VALUES" --set 'kafka.topics={a}'
 notes "/v1/track (INSECURE: plain http)" -f "$OUT/single.values.yaml" --set userpilot.insecureHttp=true \
   --set userpilot.analyticsEndpoint=sandbox:8080
 notes "delivers to http://" -f "$OUT/single.values.yaml" --set userpilot.insecureHttp=true \
