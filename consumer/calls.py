@@ -534,19 +534,31 @@ def state_written(calls: Sequence[Call]) -> tuple[tuple[str, ...], ...]:
     traits (an identify), a company's properties (a group's company identify, an identify
     carrying them: `written_company`), a user's membership of a company (a group's
     association, an identify naming a company). Nothing for a Track, which is history, not
-    state, nor for the bare identify that only makes a user exist (`ensure_user`)."""
+    state, nor for the bare identify that only makes a user exist (`ensure_user`).
+
+    An id over `LONG_ID` characters is named by its digest, as `KnownUsers` keeps it: the
+    DLQ guard's hold remembers the latest 4,096 states written, and 60 KB user ids held
+    ~250 MB there (review "growth52")."""
     states: list[tuple[str, ...]] = []
     for call in calls:
         user = call.payload.get("user_id")
+        if isinstance(user, str):
+            user = _short(user)
         if call.purpose == "identify" and isinstance(user, str):
             states.append(("user", user))
         if call.written_company is not None:
-            states.append(("company", call.written_company))
+            states.append(("company", _short(call.written_company)))
         company = call.payload.get("company")
         if (isinstance(user, str) and isinstance(company, Mapping)
                 and isinstance(company.get(COMPANY_KEY), str)):
-            states.append(("member", user, company[COMPANY_KEY]))
+            states.append(("member", user, _short(company[COMPANY_KEY])))
     return tuple(dict.fromkeys(states))
+
+
+def _short(an_id: str) -> str:
+    """`an_id`, or its digest (65 characters, never equal to an id kept as it is) when it
+    is over `LONG_ID` characters."""
+    return _digest(an_id) if len(an_id) > LONG_ID else an_id
 
 
 def track_call(payload: Mapping[str, Any]) -> Call:

@@ -608,10 +608,11 @@ letter (review "diff43")."""
 
 
 WRITES_KNOWN = 4096
-"""States whose latest write `GuardHold` remembers (~1.8 MB; 16,384 were ~7 MB, review
-"whole50"): minutes of writes at the token's 10 requests a second. A dead letter of an earlier
-write comes while the events beside it are in flight, a window's worth, or after its own
-retries; one forgotten is held as before this rule."""
+"""States whose latest write `GuardHold` remembers (~1.8 MB, whatever the ids' length:
+`calls.state_written` names a long id by its digest, review "growth52"; 16,384 were ~7 MB,
+review "whole50"): minutes of writes at the token's 10 requests a second. A dead letter of
+an earlier write comes while the events beside it are in flight, a window's worth, or after
+its own retries; one forgotten is held as before this rule."""
 
 
 class GuardHold(Generic[T]):

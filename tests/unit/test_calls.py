@@ -719,3 +719,25 @@ def test_a_progress_note_naming_every_call_resumes_nothing() -> None:
     plan = CallPlan(calls, None)
     assert plan.resume(note) == ()
     assert plan.next_call() == calls[0]
+
+
+def test_the_states_an_event_writes_name_long_ids_by_their_digest() -> None:
+    """Review "growth52": the DLQ guard's hold remembers the latest 4,096 states written;
+    60 KB user ids kept ~250 MB there. Over LONG_ID characters an id is its digest, as
+    KnownUsers keeps it: one id, one name; two ids, two names; a short id as it is."""
+    from consumer.calls import LONG_ID, state_written
+
+    def states(user: str, company: str) -> tuple[tuple[str, ...], ...]:
+        (call,) = identify_calls({"type": "identify", "userId": user,
+                                  "traits": {"company": {"id": company, "name": "Acme"}}})
+        return state_written([call])
+
+    long_user, long_company = "u" * 60_000, "c" * (LONG_ID + 1)
+    written = states(long_user, long_company)
+    assert [s[0] for s in written] == ["user", "company", "member"]
+    assert all(len(part) <= LONG_ID + 1 for state in written for part in state)
+    assert written == states(long_user, long_company)
+    assert written != states("u" * 59_999 + "v", long_company)
+    assert states("u1", "c" * LONG_ID) == (("user", "u1"), ("company", "c" * LONG_ID),
+                                           ("member", "u1", "c" * LONG_ID))
+
