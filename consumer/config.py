@@ -129,8 +129,6 @@ CONSENT_OFF = ("none", "off")
 """``USERPILOT_CONSENT_CATEGORIES=none`` (or ``off``) disables consent gating."""
 
 DEFAULT_MAX_CONNECTIONS = 64
-USERPILOT_RATE_PER_S = 10.0
-"""Userpilot's documented limit, 600 requests per minute per token (its cloud hosts)."""
 """Per endpoint family (Track; identify with company identify), a ceiling, not sockets
 held: at Userpilot's 10 requests a second per family the pool opens what rate x latency
 needs (2 connections at 100 ms answers, review "fairbench20"), and 64 carry a family's 10
@@ -138,6 +136,8 @@ requests a second up to 6.4 s an answer. Round 20 tried 16 (one pool for both fa
 where the benchmark's delivery ratio passes (both loops then wait on the sandbox, not on
 the CPU); reviews measured it worse for users: a catch-up with ensure-user at 1.2 s answers
 ran at 5.9 events/s against 10 at 64 (RESULTS.md, "Round 20")."""
+USERPILOT_RATE_PER_S = 10.0
+"""Userpilot's documented limit, 600 requests per minute per token (its cloud hosts)."""
 
 HEARTBEAT_INTERVAL_MS = 3000  # librdkafka's default heartbeat.interval.ms
 

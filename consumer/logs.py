@@ -39,7 +39,6 @@ MESSAGE_ID_CHARS = 128
 that container runtimes split at 16 KB)."""
 
 
-
 def shown_id(text: str) -> str:
     """An id an event brings (a messageId, a company id) as log lines show it: cut at
     MESSAGE_ID_CHARS, as its length has no bound but the Kafka message's."""

@@ -64,12 +64,13 @@ OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 RELEASE=upw
 # The chart refuses to render without a token (checked below); renders get a placeholder.
-TOKEN=(--set userpilot.apiKey=test-write-token --set userpilot.analyticsEndpoint=analytex.userpilot.io)
-# The endpoint has no default (an EU account's events would go to the US host): the
-# refusals below render over a base naming one, each variant's values on top of it.
+# The endpoint has no default (an EU account's events would go to the US host): renders
+# start from a base naming one, each variant's values on top of it (a file, not --set, which
+# would beat a variant's own endpoint; review "whole52").
 cat >"$OUT/base.values.yaml" <<'EOF'
 userpilot: {analyticsEndpoint: analytex.userpilot.io}
 EOF
+TOKEN=(-f "$OUT/base.values.yaml" --set userpilot.apiKey=test-write-token)
 
 # Variant values used below, each as a small file so the intent is readable.
 cat >"$OUT/hpa.values.yaml" <<'EOF'
@@ -125,6 +126,12 @@ EOF
 cat >"$OUT/keda-mtls.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true, extraMetadata: {tls: enable}}}
 kafka: {config: {security.protocol: SSL, ssl.certificate.location: /etc/kafka/tls/client.crt, ssl.key.location: /etc/kafka/tls/client.key}}
+EOF
+cat >"$OUT/keda-mtls-env.values.yaml" <<'EOF'
+autoscaling: {keda: {enabled: true, extraMetadata: {tls: enable}}}
+extraEnv:
+  - {name: KAFKA_SECURITY_PROTOCOL, value: SSL}
+  - {name: KAFKA_SSL_CERTIFICATE_LOCATION, value: /etc/kafka/tls/client.crt}
 EOF
 cat >"$OUT/keda-private-ca.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true, extraMetadata: {tls: enable}}}
@@ -423,6 +430,13 @@ no_notes "WARNING: kafka.config names the brokers' CA" -f "$OUT/base.values.yaml
   -f "$OUT/keda-private-ca.values.yaml" --set autoscaling.keda.authenticationRef=kafka-auth
 no_notes "WARNING: kafka.config names the brokers' CA" -f "$OUT/base.values.yaml" \
   -f "$OUT/keda-private-ca.values.yaml" --set kafka.config.security\\.protocol=PLAINTEXT
+# The protocol given in extraEnv counts as the KEDA guards read it (review "whole52").
+notes "WARNING: kafka.config names the brokers' CA" -f "$OUT/base.values.yaml" \
+  -f "$OUT/keda-private-ca.values.yaml" --set kafka.config.security\\.protocol= \
+  --set-json 'extraEnv=[{"name":"KAFKA_SECURITY_PROTOCOL","value":"SSL"}]'
+# A registry password may hold "$(": noted, not refused (the worker notes it too).
+notes "NOTE: schemaRegistry.basicAuthUserInfo holds" -f "$OUT/single.values.yaml" \
+  --set-string 'schemaRegistry.basicAuthUserInfo=svc:Xk$(Zq9)w'
 
 log "invalid combinations must fail"
 expect_fail() { # name, expected message fragment
@@ -454,6 +468,7 @@ expect_fail no-endpoint "userpilot.analyticsEndpoint is required: your Userpilot
 expect_fail both-autoscalers "mutually exclusive"
 expect_fail bootstrap-prefix "kafka.bootstrapServers has SASL_SSL://b2:9096, whose protocol is not the security protocol (PLAINTEXT)"
 expect_fail keda-mtls "kafka.config.ssl.certificate.location is set (a client certificate) but KEDA's Kafka trigger has no TriggerAuthentication"
+expect_fail keda-mtls-env "extraEnv's KAFKA_SSL_CERTIFICATE_LOCATION is set (a client certificate) but KEDA's Kafka trigger has no TriggerAuthentication"
 expect_fail redis-url-ref "redis.url holds a \$(...) reference: the chart keeps redis.url in a Secret"
 expect_fail registry-no-colon "schemaRegistry.basicAuthUserInfo must be user:password"
 expect_fail proxy-socks "extraEnv sets HTTPS_PROXY to a SOCKS5h proxy: the worker takes an HTTP proxy only"

@@ -504,22 +504,25 @@ def test_priority_lane_serves_urgent_callers_first_then_in_arrival_order() -> No
     assert granted == 4, "one limiter slot per caller served: the budget is the limiter's"
 
 
+class _Slots:
+    """A limiter whose slots the test hands out one at a time (`free`)."""
+
+    def __init__(self) -> None:
+        self.free: asyncio.Queue[None] = asyncio.Queue()
+
+    async def acquire(self, want: int = 1) -> float:
+        await self.free.get()
+        return 0.0
+
+
 def test_a_waiter_that_left_the_head_of_the_lane_does_not_stop_its_pump() -> None:
     """Review "mutate52": a waiter that gives up (a gate cut, a revoke, a shutdown) leaves
     its cancelled future in the queue; the next slot granted to it raised in the pump, which
     died, and every other waiter hung until a new caller started one."""
     from consumer.ratelimit import PriorityLane
 
-    class Slots:
-        def __init__(self) -> None:
-            self.free: asyncio.Queue[None] = asyncio.Queue()
-
-        async def acquire(self, want: int = 1) -> float:
-            await self.free.get()
-            return 0.0
-
     async def main() -> list[str]:
-        slots = Slots()
+        slots = _Slots()
         lane = PriorityLane(slots)
         served: list[str] = []
 
@@ -545,16 +548,8 @@ def test_priority_lane_serves_same_urgency_waiters_lowest_order_first() -> None:
     # late (a schema fetch, a retry) but was taken first is served first.
     from consumer.ratelimit import PriorityLane
 
-    class Slots:
-        def __init__(self) -> None:
-            self.free: asyncio.Queue[None] = asyncio.Queue()
-
-        async def acquire(self, want: int = 1) -> float:
-            await self.free.get()
-            return 0.0
-
     async def main() -> list[str]:
-        slots = Slots()
+        slots = _Slots()
         lane = PriorityLane(slots)
         served: list[str] = []
 

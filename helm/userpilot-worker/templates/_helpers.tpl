@@ -147,6 +147,22 @@ kafka.bootstrapServers as KEDA's Kafka scaler takes it: host:port entries only. 
 {{- end }}
 
 {{/*
+The Kafka security protocol the chart can see, upper case ("" when not set): kafka.config's,
+or a plain value in extraEnv (review "diff46e": SASL_SSL there passed). For the KEDA guards
+and NOTES.txt alike (review "whole52").
+*/}}
+{{- define "userpilot-worker.kafkaProtocol" -}}
+{{- $v := .Values }}
+{{- $protocol := upper (toString (index ($v.kafka.config | default dict) "security.protocol" | default "")) }}
+{{- range $entry := concat ($v.extraEnv | default list) ($v.kafka.extraEnv | default list) }}
+{{- if and (not $protocol) (eq (toString $entry.name) "KAFKA_SECURITY_PROTOCOL") (hasKey $entry "value") }}
+{{- $protocol = upper (toString $entry.value) }}
+{{- end }}
+{{- end }}
+{{- $protocol }}
+{{- end }}
+
+{{/*
 Rendering-time guards for combinations the schema cannot express. Included by the
 Deployment, so every render runs them.
 */}}
@@ -161,13 +177,7 @@ Deployment, so every render runs them.
 {{- end }}
 {{- /* KEDA reads the lag from the brokers itself: without the worker's SASL/TLS it cannot,
    and the replica count stays where it is with no sign from the chart. */}}
-{{- $protocol := upper (toString (index ($v.kafka.config | default dict) "security.protocol" | default "")) }}
-{{- /* ... or given as a plain value in extraEnv (review "diff46e": SASL_SSL there passed) */}}
-{{- range $entry := concat ($v.extraEnv | default list) ($v.kafka.extraEnv | default list) }}
-{{- if and (not $protocol) (eq (toString $entry.name) "KAFKA_SECURITY_PROTOCOL") (hasKey $entry "value") }}
-{{- $protocol = upper (toString $entry.value) }}
-{{- end }}
-{{- end }}
+{{- $protocol := include "userpilot-worker.kafkaProtocol" . }}
 {{- /* A broker written SASL_SSL://host whose prefix is not the security protocol: the
    worker refuses it (librdkafka drops such a broker; exit 2 in every pod), and KEDA's guard
    below read the protocol without it (review "helm52"). */}}
@@ -202,8 +212,16 @@ Deployment, so every render runs them.
 {{- if and $v.autoscaling.keda.enabled (has $protocol (list "SSL" "SASL_SSL")) (not $v.autoscaling.keda.authenticationRef) }}
 {{- $config := $v.kafka.config | default dict }}
 {{- range $key := list "ssl.certificate.location" "ssl.key.location" "ssl.certificate.pem" "ssl.key.pem" "ssl.keystore.location" }}
-{{- if hasKey $config $key }}
-{{- fail (printf "kafka.config.%s is set (a client certificate) but KEDA's Kafka trigger has no TriggerAuthentication: KEDA takes a client certificate from one only (cert, key), so it could not read the lag and would never scale. Set autoscaling.keda.authenticationRef" $key) }}
+{{- $name := printf "KAFKA_%s" (upper (replace "." "_" $key)) }}
+{{- $where := ternary (printf "kafka.config.%s" $key) "" (hasKey $config $key) }}
+{{- /* ... or in extraEnv, where the protocol is read too (review "whole52") */}}
+{{- range $entry := concat ($v.extraEnv | default list) ($v.kafka.extraEnv | default list) }}
+{{- if and (not $where) (eq (upper (toString $entry.name)) $name) }}
+{{- $where = printf "extraEnv's %s" $entry.name }}
+{{- end }}
+{{- end }}
+{{- if $where }}
+{{- fail (printf "%s is set (a client certificate) but KEDA's Kafka trigger has no TriggerAuthentication: KEDA takes a client certificate from one only (cert, key), so it could not read the lag and would never scale. Set autoscaling.keda.authenticationRef" $where) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -269,7 +287,7 @@ Deployment, so every render runs them.
    shows nothing: Kubernetes expands it into the env var, not the Deployment (review
    "helm52"). */}}
 {{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@]*@" (toString .value)) (not (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@:]*:\\$\\([A-Za-z_][A-Za-z0-9_]*\\)@" (toString .value))) }}
-{{- fail (printf "%s sets %s with credentials in its URL as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}), or write the password as $(VAR) of a variable taken from one" $where .name) }}
+{{- fail (printf "%s sets %s with credentials in its URL as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}), or write the password as $(VAR) of a variable taken from one (its value percent-encoded: @ as %40, : as %3A)" $where .name) }}
 {{- end }}
 {{- /* The worker takes HTTP proxies only (exit 2 in every pod, review "helm52"). */}}
 {{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://" (toString .value)) (not (regexMatch "^(?i:https?)://" (toString .value))) }}
@@ -432,7 +450,9 @@ Deployment, so every render runs them.
 {{- /* A $(VAR) reference in a value the chart keeps in its Secret is never expanded:
    Kubernetes expands them in an env var's `value` only. The worker got the text itself, and
    Redis refused its password: a crash loop (review "helm52"). Not quoted: secrets. */}}
-{{- range $name, $value := dict "redis.url" $v.redis.url "userpilot.apiKey" $v.userpilot.apiKey "schemaRegistry.basicAuthUserInfo" $v.schemaRegistry.basicAuthUserInfo }}
+{{- /* Not the registry's credentials, which have no escape: a password may hold "$(" (the
+   worker and NOTES.txt note it; review "whole52"). */}}
+{{- range $name, $value := dict "redis.url" $v.redis.url "userpilot.apiKey" $v.userpilot.apiKey }}
 {{- if contains "$(" (toString $value) }}
 {{- fail (printf "%s holds a $(...) reference: the chart keeps %s in a Secret, where Kubernetes expands no variable, so the worker would get the text itself. Put the whole value in a Secret of your own and name it with %s.existingSecret" $name $name (first (splitList "." $name))) }}
 {{- end }}
