@@ -143,8 +143,13 @@ EOF
 cat >"$OUT/registry-no-colon.values.yaml" <<'EOF'
 schemaRegistry: {basicAuthUserInfo: "HUNTER2"}
 EOF
-cat >"$OUT/proxy-socks.values.yaml" <<'EOF'
-extraEnv: [{name: HTTPS_PROXY, value: "SOCKS5h://proxy.corp:1080"}]
+cat >"$OUT/proxy-ref-after.values.yaml" <<'EOF'
+extraEnv:
+  - {name: HTTPS_PROXY, value: "http://svc:$(PROXY_PASSWORD)@proxy.corp:3128"}
+  - {name: PROXY_PASSWORD, valueFrom: {secretKeyRef: {name: egress-proxy, key: password}}}
+EOF
+cat >"$OUT/listener-prefix.values.yaml" <<'EOF'
+kafka: {bootstrapServers: "INTERNAL://kafka:9092"}
 EOF
 cat >"$OUT/both-autoscalers.values.yaml" <<'EOF'
 autoscaling: {keda: {enabled: true}, hpa: {enabled: true}}
@@ -471,7 +476,8 @@ expect_fail keda-mtls "kafka.config.ssl.certificate.location is set (a client ce
 expect_fail keda-mtls-env "extraEnv's KAFKA_SSL_CERTIFICATE_LOCATION is set (a client certificate) but KEDA's Kafka trigger has no TriggerAuthentication"
 expect_fail redis-url-ref "redis.url holds a \$(...) reference: the chart keeps redis.url in a Secret"
 expect_fail registry-no-colon "schemaRegistry.basicAuthUserInfo must be user:password"
-expect_fail proxy-socks "extraEnv sets HTTPS_PROXY to a SOCKS5h proxy: the worker takes an HTTP proxy only"
+expect_fail proxy-ref-after "HTTPS_PROXY's password is \$(PROXY_PASSWORD), but PROXY_PASSWORD is not defined before it"
+expect_fail listener-prefix "kafka.bootstrapServers has INTERNAL://kafka:9092: a broker is host:port"
 expect_fail insecure-userpilot "userpilot.insecureHttp=true would send the write token to Analytex-EU.userpilot.io:80 in clear text"
 expect_fail jaas-in-config "kafka.config.sasl.jaas.config is Java's JAAS configuration"
 expect_fail secret-in-extra-env "kafka.extraEnv sets KAFKA_SASL_PASSWORD as a plain value"
@@ -602,6 +608,11 @@ extraEnv:
 EOF
 render proxy-ref -f "$OUT/proxy-ref.values.yaml"
 has proxy-ref 'value: http://svc-userpilot:$(PROXY_PASSWORD)@proxy.corp:3128' "a proxy password given as \$(VAR) of a variable from a Secret renders (review helm52)"
+# As the worker takes them (review "compat52"): a SOCKS proxy for other tools beside the
+# HTTP one it uses (the worker refuses one it would use itself), a Redis password holding
+# "$(" that is no variable reference.
+render socks-beside --set-json 'extraEnv=[{"name":"HTTPS_PROXY","value":"http://proxy.corp:3128"},{"name":"ALL_PROXY","value":"socks5://proxy.corp:1080"}]'
+render redis-dollar --set-string 'redis.url=redis://:k3$(Qz!@redis:6379/0'
 has proxy-no-password 'value: http://proxy.corp:3128' "a proxy URL without a password renders (review config48)"
 render lag-regex -f "$OUT/lag-regex.values.yaml"
 render shared-dash --set dashboard.namespace=monitoring

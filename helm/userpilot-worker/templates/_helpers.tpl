@@ -147,15 +147,17 @@ kafka.bootstrapServers as KEDA's Kafka scaler takes it: host:port entries only. 
 {{- end }}
 
 {{/*
-The Kafka security protocol the chart can see, upper case ("" when not set): kafka.config's,
-or a plain value in extraEnv (review "diff46e": SASL_SSL there passed). For the KEDA guards
-and NOTES.txt alike (review "whole52").
+The Kafka security protocol the chart can see, upper case ("" when not set): the last plain
+value in kafka.extraEnv or extraEnv, which the pod's env takes over the ConfigMap's, else
+kafka.config's (review "diff46e": SASL_SSL in extraEnv passed; "compat52": kafka.config's
+won here while the pod took extraEnv's). For the KEDA guards and NOTES.txt alike (review
+"whole52").
 */}}
 {{- define "userpilot-worker.kafkaProtocol" -}}
 {{- $v := .Values }}
 {{- $protocol := upper (toString (index ($v.kafka.config | default dict) "security.protocol" | default "")) }}
-{{- range $entry := concat ($v.extraEnv | default list) ($v.kafka.extraEnv | default list) }}
-{{- if and (not $protocol) (eq (toString $entry.name) "KAFKA_SECURITY_PROTOCOL") (hasKey $entry "value") }}
+{{- range $entry := concat ($v.kafka.extraEnv | default list) ($v.extraEnv | default list) }}
+{{- if and (eq (toString $entry.name) "KAFKA_SECURITY_PROTOCOL") (hasKey $entry "value") }}
 {{- $protocol = upper (toString $entry.value) }}
 {{- end }}
 {{- end }}
@@ -188,6 +190,14 @@ Deployment, so every render runs them.
 {{- range $entry := concat ($v.extraEnv | default list) ($v.kafka.extraEnv | default list) }}
 {{- if and (eq (toString $entry.name) "KAFKA_SECURITY_PROTOCOL") (not (hasKey $entry "value")) }}
 {{- $protocolKnown = false }}{{- /* from a Secret or ConfigMap: the worker checks it */}}
+{{- end }}
+{{- end }}
+{{- /* A listener's name (INTERNAL://) is no protocol: the worker refuses it (review
+   "compat52"). */}}
+{{- range $entry := splitList "," (toString $v.kafka.bootstrapServers) }}
+{{- $parts := splitList "://" (trim $entry) }}
+{{- if and (gt (len $parts) 1) (not (has (upper (first $parts)) (list "PLAINTEXT" "SSL" "SASL_PLAINTEXT" "SASL_SSL"))) }}
+{{- fail (printf "kafka.bootstrapServers has %s: a broker is host:port, and %s:// is not a Kafka security protocol (a listener's name is not one either); write the broker as host:port" (trim $entry) (first $parts)) }}
 {{- end }}
 {{- end }}
 {{- range $entry := ternary (splitList "," (toString $v.kafka.bootstrapServers)) list $protocolKnown }}
@@ -273,6 +283,22 @@ Deployment, so every render runs them.
 {{- $secretKeys := (list "sasl.password" "ssl.key.password" "sasl.oauthbearer.client.secret" "ssl.keystore.password" "ssl.key.pem" "sasl.oauthbearer.config" "sasl.oauthbearer.client.credentials.client.secret" "sasl.oauthbearer.assertion.private.key.passphrase" "sasl.oauthbearer.assertion.private.key.pem") }}
 {{- $secretNames := list }}
 {{- range $secretKeys }}{{- $secretNames = append $secretNames (printf "KAFKA_%s" (upper (replace "." "_" .))) }}{{- end }}
+{{- /* A proxy password written $(VAR): Kubernetes expands it only when VAR comes before the
+   proxy variable (in the env list as rendered, kafka.extraEnv then extraEnv, or from an
+   envFrom source); otherwise the worker gets the text and refuses it in every pod (review
+   "compat52"). */}}
+{{- $seen := list }}
+{{- $fromEnvFrom := or $v.kafka.existingSecret $v.extraEnvFrom }}
+{{- range $entry := concat ($v.kafka.extraEnv | default list) ($v.extraEnv | default list) }}
+{{- $ref := regexFind "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@:]*:\\$\\([A-Za-z_][A-Za-z0-9_]*\\)@" (toString ($entry.value | default "")) }}
+{{- if and $ref (has (upper (toString $entry.name)) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (not $fromEnvFrom) }}
+{{- $var := regexReplaceAll "^.*\\$\\(([A-Za-z_][A-Za-z0-9_]*)\\)@$" $ref "${1}" }}
+{{- if not (has $var $seen) }}
+{{- fail (printf "%s's password is $(%s), but %s is not defined before it: Kubernetes leaves the reference as it is and the worker refuses it. Define %s (valueFrom a Secret) before %s in kafka.extraEnv or extraEnv" $entry.name $var $var $var $entry.name) }}
+{{- end }}
+{{- end }}
+{{- $seen = append $seen (toString $entry.name) }}
+{{- end }}
 {{- range $where, $entries := dict "extraEnv" $v.extraEnv "kafka.extraEnv" $v.kafka.extraEnv }}
 {{- range $entries }}
 {{- /* Any case: `Kafka_Sasl_Password` rendered the password, then every pod refused the name
@@ -288,10 +314,6 @@ Deployment, so every render runs them.
    "helm52"). */}}
 {{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@]*@" (toString .value)) (not (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@:]*:\\$\\([A-Za-z_][A-Za-z0-9_]*\\)@" (toString .value))) }}
 {{- fail (printf "%s sets %s with credentials in its URL as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}), or write the password as $(VAR) of a variable taken from one (its value percent-encoded: @ as %40, : as %3A)" $where .name) }}
-{{- end }}
-{{- /* The worker takes HTTP proxies only (exit 2 in every pod, review "helm52"). */}}
-{{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://" (toString .value)) (not (regexMatch "^(?i:https?)://" (toString .value))) }}
-{{- fail (printf "%s sets %s to a %s proxy: the worker takes an HTTP proxy only (http://host:port, or https:// for TLS to the proxy; SOCKS is not supported)" $where .name (first (splitList "://" (toString .value)))) }}
 {{- end }}
 {{- if and (eq .name "KAFKA_GROUP_INSTANCE_ID") (hasKey . "value") }}
 {{- fail (printf "%s sets KAFKA_GROUP_INSTANCE_ID to one value for every pod: each new pod fences the others (a crash loop). Take it from the pod: valueFrom: {fieldRef: {fieldPath: metadata.name}}" $where) }}
@@ -453,8 +475,10 @@ Deployment, so every render runs them.
 {{- /* Not the registry's credentials, which have no escape: a password may hold "$(" (the
    worker and NOTES.txt note it; review "whole52"). */}}
 {{- range $name, $value := dict "redis.url" $v.redis.url "userpilot.apiKey" $v.userpilot.apiKey }}
-{{- if contains "$(" (toString $value) }}
-{{- fail (printf "%s holds a $(...) reference: the chart keeps %s in a Secret, where Kubernetes expands no variable, so the worker would get the text itself. Put the whole value in a Secret of your own and name it with %s.existingSecret" $name $name (first (splitList "." $name))) }}
+{{- /* As the worker reads a reference: `$(` then a variable's name then `)` (a password
+   holding `k3$(Qz!` is no reference; review "compat52"). */}}
+{{- if regexMatch "\\$\\([A-Za-z_][A-Za-z0-9_]*\\)" (toString $value) }}
+{{- fail (printf "%s holds a $(...) reference: the chart keeps %s in a Secret, where Kubernetes expands no variable, and the worker refuses the text. Give the value itself%s" $name $name (ternary " (a $ that the password really holds written %24)" "" (eq $name "redis.url"))) }}
 {{- end }}
 {{- end }}
 {{- if and $v.kafka.dlqTopic (has $v.kafka.dlqTopic $v.kafka.topics) }}
