@@ -555,12 +555,6 @@ def state_written(calls: Sequence[Call]) -> tuple[tuple[str, ...], ...]:
     return tuple(dict.fromkeys(states))
 
 
-def _short(an_id: str) -> str:
-    """`an_id`, or its digest (65 characters, never equal to an id kept as it is) when it
-    is over `LONG_ID` characters."""
-    return _digest(an_id) if len(an_id) > LONG_ID else an_id
-
-
 def track_call(payload: Mapping[str, Any]) -> Call:
     """A Track payload (``mapping.build_payload``'s body) as a call."""
     return _call("track", TRACK_PATH, dict(payload))
@@ -580,6 +574,12 @@ LONG_ID = 64
 
 def _digest(user_id: str) -> str:
     return "#" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _short(an_id: str) -> str:
+    """`an_id`, or its digest (65 characters, never equal to an id kept as it is) when it
+    is over `LONG_ID` characters: `KnownUsers`' keys and `state_written`'s ids."""
+    return _digest(an_id) if len(an_id) > LONG_ID else an_id
 
 
 class KnownUsers:
@@ -620,8 +620,7 @@ class KnownUsers:
 
     def needs_identify(self, user_id: str) -> bool:
         """True when ``user_id`` was not identified here (recently enough to be kept)."""
-        if len(user_id) > LONG_ID:
-            user_id = _digest(user_id)
+        user_id = _short(user_id)
         users = self._users
         at = users.get(user_id)
         if at is None:
@@ -635,7 +634,7 @@ class KnownUsers:
     def remember(self, user_id: str, age_s: float = 0.0) -> None:
         """Record a successful identify of ``user_id`` made ``age_s`` seconds ago (another
         replica's, read from Redis); evicts the least recent beyond capacity."""
-        self._remember_key(_digest(user_id) if len(user_id) > LONG_ID else user_id, age_s)
+        self._remember_key(_short(user_id), age_s)
 
     def _remember_key(self, user_id: str, age_s: float) -> None:
         users = self._users
@@ -650,8 +649,7 @@ class KnownUsers:
         ``user_id`` for ``left_s`` more seconds: trusted here for at most ``recheck_s`` of
         them, then the record is read again (it may have been deleted: `delete-users`);
         `shared_left` keeps the rest for when it cannot be read."""
-        if len(user_id) > LONG_ID:  # one digest, kept by both maps
-            user_id = _digest(user_id)
+        user_id = _short(user_id)  # one digest, kept by both maps
         self._remember_key(user_id, self._ttl - min(left_s, recheck_s))
         shared = self._shared
         if user_id in shared:
@@ -664,9 +662,7 @@ class KnownUsers:
         """Seconds left of the shared record `learned` last read for ``user_id``, or None:
         while Redis cannot be read, a user it said another replica identified stays trusted
         for that long, not identified again at the next re-read (review "diff41")."""
-        if len(user_id) > LONG_ID:
-            user_id = _digest(user_id)
-        until = self._shared.get(user_id)
+        until = self._shared.get(_short(user_id))
         left = None if until is None else until - self._clock()
         return left if left is not None and left >= 1.0 else None
 

@@ -1914,7 +1914,8 @@ def load_settings(
     endpoint = _check_endpoint(r)
     insecure = r.boolean("USERPILOT_INSECURE_HTTP", False)
     host = endpoint.rsplit(":", 1)[0].lower().rstrip(".") if endpoint else ""
-    if not offline and insecure and (host == "userpilot.io" or host.endswith(".userpilot.io")):
+    userpilot_host = host == "userpilot.io" or host.endswith(".userpilot.io")
+    if not offline and insecure and userpilot_host:
         # Refused, not noted: a note let `run` send the token in clear text (review "seed51").
         # Not offline: `explain`, `produce` and `replay` send nothing to Userpilot, and an
         # unset endpoint is a placeholder there (review "whole51").
@@ -1946,7 +1947,6 @@ def load_settings(
     rate_limit = r.integer("USERPILOT_RATE_LIMIT", 600, 1, 10_000_000)
     rate_period = r.number("USERPILOT_RATE_PERIOD_SECONDS", 60.0, 0.0, 86_400.0)
     rate_burst = r.integer("USERPILOT_RATE_BURST", 1, 1, max(1, rate_limit))
-    userpilot_host = host == "userpilot.io" or host.endswith(".userpilot.io")
     if userpilot_host and rate_period > 0 and rate_limit / rate_period > USERPILOT_RATE_PER_S:
         # Userpilot's cloud answers 429 past it: every request over it is sent twice or
         # more, and the retries slow delivery below the documented rate (seed51 leftover).

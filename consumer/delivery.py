@@ -63,8 +63,8 @@ if TYPE_CHECKING:
     from consumer.config import Settings
 
 __all__ = ["BODY_LIMIT", "UserpilotClient", "causes", "classify", "classify_answer",
-           "parse_retry_after", "request_secrets", "ssl_context", "transport_failure",
-           "unreachable"]
+           "parse_retry_after", "quoted_header", "request_secrets", "ssl_context",
+           "transport_failure", "unreachable"]
 
 USER_AGENT = "userpilot-delivery-worker"
 MAX_RETRY_AFTER_S = 600.0
@@ -431,6 +431,14 @@ def transport_failure(exc: BaseException, deadline_s: float,
     return ServerError(f"unusable answer from Userpilot ({type(exc).__name__})")
 
 
+def quoted_header(value: str, redact: Callable[[str], str]) -> str:
+    """An answer's header (x-request-id, Location) as a refusal or a success line quotes it:
+    cut at 200 characters, redacted (a gateway may echo the request, token included) and
+    escaped (`check-config --online` and `delete-users` print it as it is: a terminal's
+    escapes in an x-request-id, review "logsec52"). For the worker and `delete-users` alike."""
+    return printable(redact(value[:200]))
+
+
 def classify_answer(status: int, headers: httpx.Headers, body: bytes,
                     redact: Callable[[str], str], path: str = "") -> WorkerError | None:
     """`classify` of an answer as received, with what it quotes (body, x-request-id,
@@ -439,9 +447,7 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
     "secrets18"). An answer that cannot even be read is a server error (retried, never a
     dead letter), not an exception that stops the worker."""
     try:
-        # Escaped too: `check-config --online` and `delete-users` print them as they are
-        # (a terminal's escapes in an x-request-id, review "logsec52").
-        quoted = {name: printable(redact(headers[name][:200]))
+        quoted = {name: quoted_header(headers[name], redact)
                   for name in ("x-request-id", "location") if name in headers}
         if "retry-after" in headers:
             # The first field: httpx joins repeated ones ("30, 30", a gateway's beside the

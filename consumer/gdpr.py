@@ -47,6 +47,7 @@ from consumer.delivery import (
     USER_AGENT,
     causes,
     classify_answer,
+    quoted_header,
     request_secrets,
     ssl_context,
     transport_failure,
@@ -319,7 +320,7 @@ class DeleteClient:
         # Quoted as error answers quote it: cut and redacted. A gateway echoing the request
         # into it printed the token in the batch's success line (review "secrets34").
         said = []
-        request_id = printable(self._redact(str(response.headers.get("x-request-id", ""))[:200]))
+        request_id = quoted_header(str(response.headers.get("x-request-id", "")), self._redact)
         if request_id:
             said.append(f"x-request-id {request_id}")
         message = _answer_message(raw)
