@@ -266,8 +266,11 @@ def dlq_headers(
     ]
     if header_value(kept, REPLAY_COUNT) is None:
         added.append((REPLAY_COUNT, b"0"))
-    if timestamp_ms and header_value(kept, ORIGINAL_TIMESTAMP) is None:
+    if (timestamp_ms is not None and timestamp_ms >= 0
+            and header_value(kept, ORIGINAL_TIMESTAMP) is None):
         # A replayed record carries its first original's time already: kept, not replaced.
+        # 0 is a time (replay stamped the dead-lettering time for it); a negative one is
+        # none: it was written as "-1" (review "clock53").
         added.append((ORIGINAL_TIMESTAMP, str(timestamp_ms).encode()))
     return kept + added
 

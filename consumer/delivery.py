@@ -300,8 +300,14 @@ _DELTA_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 """Retry-After's delta-seconds: ASCII digits (a fraction, which some servers send, taken)."""
 
 
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date), capped; else None."""
+def parse_retry_after(value: str | None, now: float | None = None,
+                      date: str | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), capped; else None.
+
+    An HTTP date is on the server's clock: counted from the answer's own `Date` header
+    when it has a valid one, not from this machine's clock. A worker 5 minutes behind
+    Userpilot waited 5 minutes more on every 429, and one ahead retried at once into more
+    429s (review "clock53"). `now`, for tests, stands for the local clock."""
     if not value:
         return None
     value = value.strip()
@@ -314,7 +320,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             when = email.utils.parsedate_to_datetime(value)
             if when.tzinfo is None:  # HTTP dates are always GMT, whatever the local zone
                 when = when.replace(tzinfo=UTC)
-            seconds = when.timestamp() - (time.time() if now is None else now)
+            seconds = when.timestamp() - _server_now(date, now)
         except (TypeError, ValueError, OverflowError, IndexError):
             # A date with a year, hour or zone too large for datetime raises OverflowError:
             # it crashed the worker on a 429 (no WorkerError), on every restart.
@@ -322,6 +328,22 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not math.isfinite(seconds):  # NaN, or "1e400": a 600 s hold, not a number
         return None
     return max(0.0, min(seconds, MAX_RETRY_AFTER_S))
+
+
+def _server_now(date: str | None, now: float | None) -> float:
+    """The server's time by its `Date` header; the local clock when it has none usable."""
+    if date:
+        try:
+            sent = email.utils.parsedate_to_datetime(date.strip())
+            if sent.tzinfo is None:
+                sent = sent.replace(tzinfo=UTC)
+            stamp = sent.timestamp()
+        except (TypeError, ValueError, OverflowError, IndexError):
+            pass
+        else:
+            if math.isfinite(stamp):
+                return stamp
+    return time.time() if now is None else now
 
 
 def classify(status: int, headers: Mapping[str, str], body: str,
@@ -339,12 +361,14 @@ def classify(status: int, headers: Mapping[str, str], body: str,
     if status == 429:
         return RateLimited(
             f"{where}: rate limited", status=status, body=snippet,
-            retry_after=parse_retry_after(headers.get("retry-after")),
+            retry_after=parse_retry_after(headers.get("retry-after"),
+                                          date=headers.get("date")),
         )
     if status == 408 or 500 <= status <= 599:
         return ServerError(
             f"{where}: Userpilot error (transient)", status=status, body=snippet,
-            retry_after=parse_retry_after(headers.get("retry-after")),
+            retry_after=parse_retry_after(headers.get("retry-after"),
+                                          date=headers.get("date")),
         )
     if status == 407:
         # From the egress proxy, not Userpilot: no event can pass until its credentials

@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -315,16 +316,25 @@ def _registry_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}, HTTP {status}" if status else type(exc).__name__
 
 
+_UTC_SUFFIX = re.compile(r"[Zz]$")
+MAX_EVENT_AGE_S = 10 * 365 * 86400
+"""Older "timestamps" are a device clock at 1970 or a placeholder (`0001-01-01`), not an
+age: one such event put 6.4e10 s into the histogram's `_sum` (review "clock53")."""
+
+
 def _event_age(timestamp: str | None) -> float | None:
+    """Seconds since an RFC 3339 timestamp (`Z` or `z`, as `replay --since` takes); None
+    without a zone, unreadable, or older than `MAX_EVENT_AGE_S`."""
     if not timestamp:
         return None
     try:
-        when = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+        when = datetime.fromisoformat(_UTC_SUFFIX.sub("+00:00", timestamp))
     except ValueError:
         return None
     if when.tzinfo is None:
         return None
-    return max(0.0, time.time() - when.timestamp())
+    age = time.time() - when.timestamp()
+    return None if age > MAX_EVENT_AGE_S else max(0.0, age)
 
 
 # A dead letter not acknowledged for this long makes the worker unready (and alerts): its

@@ -163,6 +163,20 @@ def test_an_unsealed_replays_count_and_original_time_stay_in_its_dead_letter() -
     assert [v for k, v in out if k == ORIGINAL_TIMESTAMP] == [b"1000"]
 
 
+@pytest.mark.parametrize(("timestamp_ms", "written"), [
+    (0, [b"0"]), (-1, []), (None, []), (1234, [b"1234"]),
+])
+def test_the_original_time_is_written_when_the_record_has_one(
+        timestamp_ms: int | None, written: list[bytes]) -> None:
+    """Review "clock53": a record at time 0 had no header (replay then stamped the
+    dead-lettering time as its original), one at -1 (none) got "-1"."""
+    from consumer.deadletter import ORIGINAL_TIMESTAMP
+
+    out = dlq_headers([], topic="t", partition=0, offset=1, failure=REJECTED,
+                      timestamp_ms=timestamp_ms)
+    assert [v for k, v in out if k == ORIGINAL_TIMESTAMP] == written
+
+
 @pytest.mark.parametrize(("headers", "count"), [
     (None, 0), ([], 0), ([(REPLAY_COUNT, b"3")], 3), ([(REPLAY_COUNT, b"")], 0),
     ([(REPLAY_COUNT, b"x")], 0), ([(REPLAY_COUNT, b"1"), (REPLAY_COUNT, b"4")], 4),

@@ -202,6 +202,29 @@ def test_parse_retry_after_uses_the_wall_clock_by_default() -> None:
     assert 0.0 <= result <= 1.0
 
 
+@pytest.mark.parametrize("skew", [-900.0, -300.0, 0.0, 30.0])
+def test_a_retry_after_date_counts_from_the_answers_date_not_this_clock(
+        skew: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "clock53": the date is on the server's clock. A worker behind Userpilot's
+    clock added the skew to each 429's wait (up to the 600 s cap); one ahead retried at
+    once."""
+    server_now = NOW
+    headers = {"retry-after": email.utils.formatdate(server_now + 10, usegmt=True),
+               "date": email.utils.formatdate(server_now, usegmt=True)}
+    monkeypatch.setattr(time, "time", lambda: server_now + skew)
+    for status in (429, 503):
+        error = classify(status, headers, "")
+        assert error is not None
+        assert getattr(error, "retry_after", None) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("date", [None, "", "yesterday", "Wed, 01 May 99999 10:40:00 GMT"])
+def test_a_retry_after_date_counts_from_this_clock_without_a_usable_date(
+        date: str | None) -> None:
+    value = email.utils.formatdate(NOW + 120, usegmt=True)
+    assert parse_retry_after(value, now=NOW, date=date) == pytest.approx(120.0)
+
+
 # ------------------------------------------------------------------ UserpilotClient
 
 Handler = Callable[[httpx.Request], httpx.Response]

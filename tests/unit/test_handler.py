@@ -26,7 +26,15 @@ from consumer.deadletter import DlqGuard
 from consumer.delivery import UserpilotClient
 from consumer.errors import DeadLetter, ProxyRefused, RateLimited, Rejected, ServerError
 from consumer.filtering import Drop
-from consumer.handler import DeadLettered, Delivered, Event, Handler, TrackClient
+from consumer.handler import (
+    MAX_EVENT_AGE_S,
+    DeadLettered,
+    Delivered,
+    Event,
+    Handler,
+    TrackClient,
+    _event_age,
+)
 from consumer.metrics import Metrics
 from consumer.policy import Gate, RetryPolicy
 from consumer.routing import Send
@@ -932,3 +940,21 @@ def test_a_status_outside_https_classes_is_counted_as_other() -> None:
     assert metric(reg, "userpilot_responses_total", status="other", endpoint="track") == 1
     assert reg.get_sample_value("userpilot_responses_total",
                                 {"status": "835", "endpoint": "track"}) is None
+
+
+@pytest.mark.parametrize(("stamp", "age"), [
+    ("2026-02-25T14:30:00.000Z", 3600.0),
+    ("2026-02-25T14:30:00.000z", 3600.0),  # RFC 3339 allows it; it was not observed
+    ("2026-02-25T15:30:00+01:00", 3600.0),
+    ("2026-02-25T16:30:00Z", 0.0),  # in the future: no negative age
+    ("2026-02-25T14:30:00", None),  # no zone: no instant
+    ("0001-01-01T00:00:00Z", None),  # a placeholder, not an age (review "clock53")
+    ("1970-01-01T00:00:00Z", None),  # a device clock at zero
+    ("Z", None),
+])
+def test_event_age_reads_rfc3339_and_leaves_out_what_is_no_age(
+        stamp: str, age: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = datetime.fromisoformat("2026-02-25T15:30:00+00:00").timestamp()
+    monkeypatch.setattr(time, "time", lambda: now)
+    assert _event_age(stamp) == (None if age is None else pytest.approx(age))
+    assert MAX_EVENT_AGE_S > 5 * 365 * 86400  # a replay of a year-old backlog still counts
