@@ -413,6 +413,17 @@ class Settings:
             *url_credentials(registry_proxy),
             *kafka_secrets(self.kafka_config(logger=False), SECRET_KAFKA_KEYS)]
 
+    @property
+    def session_timeout_s(self) -> float:
+        """The group's session timeout: how long a frozen replica keeps its partitions."""
+        from consumer.librdkafka import SESSION_TIMEOUT_MS
+
+        raw = self.kafka_extra.get("session.timeout.ms", str(SESSION_TIMEOUT_MS))
+        try:
+            return int(str(raw)) / 1000
+        except ValueError:  # librdkafka refused it at start-up already
+            return SESSION_TIMEOUT_MS / 1000
+
     def kafka_config(self, *, logger: bool = True) -> dict[str, Any]:
         """librdkafka settings with secrets revealed, for the Kafka edge only.
 

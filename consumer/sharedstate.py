@@ -102,10 +102,15 @@ def build_shared_state(
             store, budget_key(digest, budget), settings.rate_limit, settings.rate_period_s,
             settings.rate_burst, fallback=local(), on_fallback=switched,
         )
-    # A claim is renewed (re-claimed, atomically) right before each request, so it only
-    # has to outlive one request and its confirm; longer only delays, after a crash, the
-    # replica that re-reads the event.
-    claim = claim_ttl_s if claim_ttl_s is not None else 2 * settings.request_timeout_s + 5.0
+    # A claim is renewed (re-claimed, atomically) right before each request, so it has to
+    # outlive one request and its confirm; longer only delays, after a crash, the replica
+    # that re-reads the event. And a replica frozen (SIGSTOP, a paused VM) after Userpilot
+    # took its request keeps its partitions for the session timeout: its claim must last
+    # that long too, or another replica holding the same messageId (another partition or
+    # topic) sent it again meanwhile (review "once53": 24 of 600 sent twice in an 8.5 s
+    # freeze with a 7 s claim and a 10 s session).
+    claim = claim_ttl_s if claim_ttl_s is not None else (
+        max(2 * settings.request_timeout_s, settings.session_timeout_s) + 5.0)
     dedup = Deduplicator(store, digest, ttl_s=redis.dedup_ttl_s, claim_ttl_s=claim)
     return SharedState(limiters=limiters, dedup=dedup, store=store,
                        shared_budget=settings.rate_limit_shared)

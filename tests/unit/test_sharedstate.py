@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer.metrics import Metrics
@@ -35,4 +36,22 @@ def test_with_redis_shared_limiters_per_family_and_dedup() -> None:
     assert track is not identify
     assert state.dedup is not None
     assert reg.get_sample_value("userpilot_rate_limiter_fallback", {"endpoint": "track"}) == 0
+    asyncio.run(state.close())
+
+
+@pytest.mark.parametrize(("env", "claim_s"), [
+    ({}, 25.0),  # 2 x the 10 s request timeout, + 5
+    ({"USERPILOT_REQUEST_TIMEOUT_SECONDS": "1"}, 15.0),  # the 10 s session, + 5
+    ({"KAFKA_SESSION_TIMEOUT_MS": "45000"}, 50.0),
+    ({"KAFKA_SESSION_TIMEOUT_MS": "6000", "USERPILOT_REQUEST_TIMEOUT_SECONDS": "2"}, 11.0),
+])
+def test_a_claim_outlives_the_session_of_a_frozen_replica(
+        env: dict[str, str], claim_s: float) -> None:
+    """Review "once53": a replica frozen after Userpilot took its request keeps its
+    partitions for the session timeout; a claim that expired sooner let another replica
+    holding the same messageId send it again."""
+    settings = load(REDIS_URL="redis://127.0.0.1:1/0", **env)
+    state = build_shared_state(settings, Metrics(CollectorRegistry()), ("track",))
+    assert state.dedup is not None
+    assert state.dedup._claim_ms == claim_s * 1000
     asyncio.run(state.close())
