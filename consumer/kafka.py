@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -87,6 +88,39 @@ _NOT_THERE = (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.TOPIC_AUTHORIZATION_F
 T = TypeVar("T")
 TP = tuple[str, int]
 
+_OFFSET_RESET = re.compile(
+    r"\]: ([A-Za-z0-9._-]+) \[([0-9]+)\]: offset reset \(at offset ([0-9]+)[ ,)]")
+"""librdkafka's WARNING when a fetch position was out of range and `auto.offset.reset`
+moved it (`rdkafka_offset.c`): "[thrd:main]: <topic> [<partition>]: offset reset (at
+offset 20 (leader epoch -1), broker 1) to offset BEGINNING ...". Its only trace: the
+consumer hands over no error for it."""
+
+
+class _ResetWatch:
+    """The consumer's `logger`: notes each offset reset librdkafka logs, then logs it.
+
+    Why: a partition whose position fell out of its log (retention or delete-records
+    removed the backlog of a partition paused through an outage, or the committed offset
+    of one not read for days) goes on from the log's start, and the offsets between were
+    never handed over: events lost unseen, with nothing but this line to tell, and that
+    line rate-limited with the topic's others (review "topo53"). Seen here, before the
+    logger's filters; called on the thread that polls (confluent-kafka serves librdkafka's
+    log queue in `consume`/`poll`).
+    """
+
+    __slots__ = ("_logger", "_seen")
+
+    def __init__(self, logger: Any, seen: Callable[[TP, int], None]) -> None:
+        self._logger = logger
+        self._seen = seen
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        if len(args) == 3 and args[0] == "OFFSET" and isinstance(args[2], str):
+            found = _OFFSET_RESET.search(args[2])
+            if found is not None:
+                self._seen((found[1], int(found[2])), int(found[3]))
+        self._logger.log(level, msg, *args)
+
 
 class Partitions(NamedTuple):
     """What the brokers say of the source topics (`KafkaSource.partitions`)."""
@@ -128,9 +162,12 @@ class KafkaSource:
         on_stats: Callable[[dict[str, Any]], None] | None = None,
         on_committed: Callable[[list[tuple[TP, int]], list[TP]], None] | None = None,
         on_refetch: Callable[[list[TP]], None] | None = None,
+        on_reset: Callable[[TP, int, int], None] | None = None,
         stats_interval_ms: int = 5000,
     ) -> None:
         settings: dict[str, Any] = consumer_settings(conf)
+        if settings.get("logger") is not None:
+            settings["logger"] = _ResetWatch(settings["logger"], self._reset_seen)
         # Statistics are always on: their broker states clear "not connected" on recovery
         # even when no message and no commit comes back (an idle topic).
         settings["statistics.interval.ms"] = stats_interval_ms
@@ -158,6 +195,10 @@ class KafkaSource:
         self.fatal: KafkaError | None = None
         self._stats_cb = on_stats
         self._on_refetch = on_refetch
+        self._on_reset = on_reset
+        # Partitions librdkafka moved out of range (`_ResetWatch`), by the offset it found
+        # out of range, until their next message is handed over (`_settle_resets`).
+        self._resets: dict[TP, int] = {}
         # Partitions assigned and not seen fetching since (statistics), since when, and those
         # to assign again at the next consume (`_watch_fetchers`; poll thread).
         self._unstarted: dict[TP, float] = {}
@@ -331,6 +372,7 @@ class KafkaSource:
         taken = [(p.topic, p.partition) for p in parts]
         for tp in taken:
             self._unstarted.pop(tp, None)
+            self._resets.pop(tp, None)
         self._refetch.clear()  # a rebalance under way: asked again at the next report
         then(taken)
 
@@ -344,6 +386,7 @@ class KafkaSource:
         self._assigned_at = time.monotonic()
         for tp in parts:
             self._unstarted[tp] = self._assigned_at
+            self._resets.pop(tp, None)
         self._refetch.clear()  # a rebalance under way: asked again at the next report
         # A commit still out (partitions kept through a cooperative rebalance) is timed from
         # now: cleared, no commit followed it while it was out, and a coordinator that hung
@@ -363,6 +406,8 @@ class KafkaSource:
         """
         self._answered = False
         messages = self._consume(max_messages, timeout_s)
+        if self._resets:
+            self._settle_resets(messages)
         if self._refetch:
             # After the poll, which served any rebalance callback pending (a revoke clears
             # the queue, `_taken`): an unassign made while the group awaits the revoke's
@@ -370,6 +415,25 @@ class KafkaSource:
             # while this one still drained it (review "whole49").
             self._assign_again()
         return messages
+
+    def _reset_seen(self, tp: TP, at: int) -> None:
+        self._resets[tp] = at
+
+    def _settle_resets(self, messages: Sequence[Message]) -> None:
+        """Each partition librdkafka moved out of range, with the first offset it handed
+        over since: `on_reset(tp, at, first)`. Above `at`, the offsets between were
+        skipped unseen; below, the log went back (replaced or truncated)."""
+        for message in messages:
+            if message.error() is not None:
+                continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            if topic is None or partition is None or offset is None:
+                continue
+            at = self._resets.pop((topic, partition), None)
+            if at is not None and self._on_reset is not None:
+                self._on_reset((topic, partition), at, offset)
+            if not self._resets:
+                return
 
     def _consume(self, max_messages: int, timeout_s: float) -> list[Message]:
         messages = self._consumer.consume(max_messages, 0)

@@ -439,6 +439,14 @@ class Metrics:
             "again, or its log truncated): tracked anew from the lower offset, by topic.",
             ["topic"],
         )
+        self.skipped_offsets = counter(
+            "skipped_offsets",
+            "Offsets of a source partition removed from its log (retention, delete-records) "
+            "before the worker read them: Kafka's client went on from the log's first "
+            "offset (auto.offset.reset), so their events were neither delivered nor "
+            "dead-lettered, by topic.",
+            ["topic"],
+        )
         self.integration_up = gauge(
             "integration_up",
             "1 normally; 0 while Userpilot refuses delivery (401/403/404, a redirect, "
@@ -548,6 +556,7 @@ class Metrics:
         for topic in topics:
             self.events_consumed.labels(topic)
             self.log_resets.labels(topic)
+            self.skipped_offsets.labels(topic)
             self.source_topic_missing.labels(topic).set(0)
 
     def declare_event_names(self, names: Iterable[str]) -> None:

@@ -14,8 +14,8 @@ so the loop runs against an in-memory source in unit tests.
 
 Thread rule: this class lives on the event loop. Source calls run on the source's poll
 thread (`Source.call`, one call at a time). The callbacks the source makes (assign,
-revoke, lost, stats, commit results) run on that poll thread and touch only what is safe
-there: `Commits` and `Lag` (each locks), `Metrics` and `Health` (thread-safe), and
+revoke, lost, stats, commit results, offset resets) run on that poll thread and touch only
+what is safe there: `Commits` and `Lag` (each locks), `Metrics` and `Health` (thread-safe), and
 `assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh` (and `_no_source`, which
 readiness reads), which both threads read and write only under `_parts_lock`. `_reshare`
 and `_note_missing`, and the state only they use (`_reshare_delay`, `_missing`), are the
@@ -257,6 +257,7 @@ class Callbacks:
     on_stats: Callable[[dict[str, Any]], None]
     on_committed: Callable[[list[tuple[TP, int]], list[TP]], None]
     on_refetch: Callable[[list[TP]], None] | None = None
+    on_reset: Callable[[TP, int, int], None] | None = None
 
 
 class Source(Protocol):
@@ -295,7 +296,8 @@ def kafka_source(settings: Settings) -> SourceFactory:
         conf = {**settings.kafka_config(), "group.id": settings.group_id}
         return KafkaSource(conf, settings.topics, on_assign=cb.on_assign,
                            on_revoke=cb.on_revoke, on_lost=cb.on_lost, on_stats=cb.on_stats,
-                           on_committed=cb.on_committed, on_refetch=cb.on_refetch)
+                           on_committed=cb.on_committed, on_refetch=cb.on_refetch,
+                           on_reset=cb.on_reset)
     return make
 
 
@@ -489,7 +491,7 @@ class Worker:
         source = self._source = self._make_source(Callbacks(
             on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost,
             on_stats=self._on_stats, on_committed=self._on_committed,
-            on_refetch=self._on_refetch))
+            on_refetch=self._on_refetch, on_reset=self._on_reset))
         if isinstance(self.registry, Registry):
             # While the group forms, so the first batch is decided at once (see prefetch).
             prefetch = asyncio.ensure_future(
@@ -1480,6 +1482,33 @@ class Worker:
         """The source assigned these again (librdkafka never fetched them): counted only;
         nothing of theirs was taken, so the worker's state of them stands."""
         self.m.rebalances.labels("refetch").inc(len(parts))
+
+    def _on_reset(self, tp: TP, at: int, first: int) -> None:
+        """Kafka's client found `tp`'s position `at` out of its log and went on from the
+        log's start, whose first offset handed over is `first` (`auto.offset.reset`).
+
+        Above `at`: the log lost its offsets between before they were read (retention or
+        delete-records overtook a backlog, paused through an outage or a days-old
+        commit): their events are gone unseen, neither delivered nor dead-lettered, and
+        without this nothing said so (review "topo53": 4,980 of 6,000 events, no metric, no
+        line of the worker's). Below, with nothing taken from `tp` since its assignment:
+        its commit lies past the end of a log replaced meanwhile, which is read again
+        whole. A log going back under events already taken is `_went_back`'s."""
+        topic = tp[0]
+        if first > at:
+            self.m.skipped_offsets.labels(topic).inc(first - at)
+            log.error("%s lost offsets %d to %d before this worker read them: its log no "
+                      "longer had them (retention or delete-records), so Kafka's client went "
+                      "on from %d. Their %d events were neither delivered nor dead-lettered, "
+                      "and are not in Kafka any more. Keep the topic's retention above the "
+                      "longest backlog the workers may hold (a Userpilot outage, the lag "
+                      "alerts)", _fmt([tp]), at, first - 1, first, first - at)
+        elif first < at and self.commits.high(tp) == -1:
+            self.m.log_resets.labels(topic).inc()
+            log.warning("%s: its committed offset %d is past the end of its log, which now "
+                        "starts at %d: the log was replaced (the topic deleted and created "
+                        "again). It is read from there, so events sent before may be sent "
+                        "again", _fmt([tp]), at, first)
 
     def _on_assign(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("assign").inc()

@@ -9,10 +9,12 @@ that offset meanwhile were skipped, never delivered and never reported.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Producer
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from consumer import codec
@@ -85,3 +87,41 @@ def test_a_topic_created_again_shorter_is_committed_at_its_own_end_and_loses_not
         wait_until(caught_up(kafka_bootstrap, group, topic), 60, "the later events committed")
     lost = {p: len(undelivered(control, events)) for p, events in later.items()}
     assert lost == dict.fromkeys(range(PARTITIONS), 0), f"never delivered, per partition: {lost}"
+
+
+def test_offsets_removed_before_they_were_read_are_counted_and_a_commit_past_the_end_told(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review "topo53": a committed offset below the log's start (retention removed the
+    backlog's head; the same reset follows a resume past a backlog retention removed) is
+    restarted at the log's start by librdkafka, whose only trace was a WARNING rate-limited
+    with the topic's others; a commit past the log's end (a log replaced while the workers
+    were stopped) left no trace at all. Partition 0: committed at 2, records below 17
+    deleted: 15 offsets skipped. Partition 1: committed at 120, its log ends at 20."""
+    server, control = sandbox
+    topic = topic_factory(partitions=2)
+    group = f"{topic}-g"
+    events = {p: [track_event(f"u{p}-{i}", 100 * p + i) for i in range(20)] for p in (0, 1)}
+    for p, batch in events.items():
+        _produce(kafka_bootstrap, schema_registry_url, topic, batch, partition=p)
+    committer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+    committer.commit(offsets=[TopicPartition(topic, 0, 2), TopicPartition(topic, 1, 120)],
+                     asynchronous=False)
+    committer.close()
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for future in admin.delete_records([TopicPartition(topic, 0, 17)]).values():
+        future.result(30)
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     USERPILOT_ENSURE_USER="false")
+    with caplog.at_level(logging.WARNING), WorkerThread(env) as w:
+        wait_until(lambda: committed_offsets(kafka_bootstrap, group, topic) == {0: 20, 1: 20},
+                   60, "both partitions committed at their ends")
+        assert w.metric("userpilot_skipped_offsets_total", topic=topic) == 15
+        assert w.metric("userpilot_log_resets_total", topic=topic) == 1
+    assert undelivered(control, events[0][17:] + events[1]) == []
+    assert len(undelivered(control, events[0][:17])) == 17
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(f"{topic}[0] lost offsets 2 to 16" in line for line in lines), lines
+    assert any(f"{topic}[1]: its committed offset 120 is past the end" in line
+               for line in lines), lines

@@ -57,6 +57,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "userpilot_stable_offset_stalled_seconds": ("gauge", ("topic", "partition")),
     "userpilot_rebalances": ("counter", ("kind",)),
     "userpilot_log_resets": ("counter", ()),
+    "userpilot_skipped_offsets": ("counter", ()),
     "userpilot_integration_up": ("gauge", ()),
     "userpilot_dlq_guard_tripped": ("gauge", ()),
     "userpilot_dlq_unwritable": ("gauge", ()),
@@ -102,6 +103,7 @@ ATTRIBUTES = {
     "stable_offset_stalled": "userpilot_stable_offset_stalled_seconds",
     "rebalances": "userpilot_rebalances",
     "log_resets": "userpilot_log_resets",
+    "skipped_offsets": "userpilot_skipped_offsets",
     "integration_up": "userpilot_integration_up",
     "dlq_guard_tripped": "userpilot_dlq_guard_tripped",
     "dlq_unwritable": "userpilot_dlq_unwritable",
@@ -276,6 +278,7 @@ def test_declare_creates_zero_series(reg: CollectorRegistry, m: Metrics) -> None
         assert value(reg, "userpilot_events_dropped_total", reason="consent", category=cat) == 0
     assert value(reg, "userpilot_events_consumed_total", topic="signal.events") == 0
     assert value(reg, "userpilot_log_resets_total", topic="signal.events") == 0
+    assert value(reg, "userpilot_skipped_offsets_total", topic="signal.events") == 0
     assert value(reg, "userpilot_source_topic_missing", topic="signal.events") == 0
 
 
