@@ -213,7 +213,10 @@ def wait_for_services(check: Callable[[], list[str]], wait_s: float, health: Hea
         for problem in problems:
             log.error("start-up: %s; trying again in %.3g s (run --wait bounds this)",
                       problem, pause)
-        health.set_waiting("waiting for " + "; ".join(problems))
+        # "waiting: <problem>": each problem is a sentence of its own ("Kafka at b:9092 not
+        # reachable within 2 s (...): check ..."), which "waiting for" garbled (review
+        # "docs53").
+        health.set_waiting("waiting: " + "; ".join(problems))
         until = time.monotonic() + pause
         while (rest := until - time.monotonic()) > 0:  # a SIGTERM ends it (`_stopped`)
             if STOP_ASKED:  # ... even one whose SystemExit was swallowed

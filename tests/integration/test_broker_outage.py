@@ -407,7 +407,7 @@ def test_a_worker_started_during_a_broker_outage_waits_unready_and_delivers_afte
     OWN.ctl("kill", "kafka")
     worker = WorkerProcess(env, tmp_path / "worker.log", args=("--timeout", "2"))
     try:
-        wait_until(lambda: "waiting for Kafka at" in _readyz_text(port), 30,
+        wait_until(lambda: "waiting: Kafka at" in _readyz_text(port), 30,
                    "/readyz naming the wait")
         assert _readyz(port) == 503
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:

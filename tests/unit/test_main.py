@@ -528,7 +528,7 @@ def test_start_up_waits_while_services_are_unreachable_and_says_so_unready() -> 
 
     assert wait_for_services(check, math.inf, health, first_delay_s=0.01) == []
     assert [ready for ready, _ in said] == [True, False, False]
-    assert said[1][1] == "waiting for Kafka at k:9092 not reachable"
+    assert said[1][1] == "waiting: Kafka at k:9092 not reachable"
     assert health.ready() == (True, "ready")
 
     setting = ["Kafka at k:9092 has no topic 'x'"]
