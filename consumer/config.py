@@ -800,6 +800,12 @@ def _http_url_problem(url: str) -> str | None:
     return None
 
 
+MAX_API_KEY_CHARS = 1024
+"""A Userpilot write token is a few dozen characters; a value this long is a file or
+variable holding more than the token. Sent in every request's head, a 70,000-character one
+was refused (431, or a front end's 400) and every event dead-lettered (review "config53")."""
+
+
 def _check_api_key(reader: _Reader) -> Secret:
     raw = reader.env.get("USERPILOT_API_KEY", "")
     value = raw.strip()
@@ -831,6 +837,12 @@ def _check_api_key(reader: _Reader) -> Secret:
             "USERPILOT_API_KEY contains non-ASCII characters, which cannot be sent in an HTTP "
             "header (often a smart quote or a non-breaking space pasted with it): paste the "
             "token alone"
+        )
+    elif len(value) > MAX_API_KEY_CHARS:
+        reader.problems.append(
+            f"USERPILOT_API_KEY is {len(value)} characters long, more than any token "
+            f"(at most {MAX_API_KEY_CHARS} taken): the variable or USERPILOT_API_KEY_FILE "
+            "holds more than the token; paste the token alone"
         )
     return Secret(value)
 

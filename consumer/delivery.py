@@ -387,6 +387,14 @@ def classify(status: int, headers: Mapping[str, str], body: str,
             f"{refused}: not found; check USERPILOT_ANALYTICS_ENDPOINT (host only, e.g. "
             "analytex.userpilot.io or analytex-eu.userpilot.io)", status=status, body=snippet,
         )
+    if status == 431:
+        # The request's head is the worker's own, the same for every event (the token, the
+        # content type, the API version): no event can pass, so pause, not dead-letter
+        # each one (review "config53").
+        return Misconfigured(
+            f"{refused}: request headers too large; check USERPILOT_API_KEY (the token "
+            "alone)", status=status, body=snippet,
+        )
     if 400 <= status <= 499:
         return Rejected(f"{where}: payload rejected", status=status, body=snippet)
     if 300 <= status <= 399:

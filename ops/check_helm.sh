@@ -224,6 +224,9 @@ EOF
 cat >"$OUT/dlq-is-source.values.yaml" <<'EOF'
 kafka: {topics: [events, more], dlqTopic: more}
 EOF
+cat >"$OUT/dlq-default-is-source.values.yaml" <<'EOF'
+kafka: {topics: [events, events.userpilot.dlq]}
+EOF
 cat >"$OUT/dlq-collides.values.yaml" <<'EOF'
 kafka: {topics: [events.in], dlqTopic: events_in}
 EOF
@@ -465,6 +468,23 @@ expect_secret_unquoted() { # name, values (YAML), secret
   if grep -qF -- "$3" <<<"$err"; then die "$name: the refusal quotes the secret: $err"; fi
   printf '    ok  %-20s %s\n' "$name" "refused without quoting it"
 }
+# Values the worker refuses at start (every pod exit 2), refused at render (review "config53").
+expect_refused() { # name, values (YAML), expected message fragment
+  printf '%s\n' "$2" >"$OUT/$1.values.yaml"
+  expect_fail "$1" "$3"
+}
+expect_refused token-prefix 'userpilot: {apiKey: "Token abc123"}' "userpilot.apiKey starts with 'Token '"
+expect_refused token-quoted "userpilot: {apiKey: \"'abc123'\"}" "userpilot.apiKey is wrapped in quotes"
+expect_refused token-space 'userpilot: {apiKey: "abc 123"}' "userpilot.apiKey contains spaces"
+expect_refused token-non-ascii 'userpilot: {apiKey: "abc\u00a0123"}' "userpilot.apiKey contains non-ASCII"
+expect_refused token-long "userpilot: {apiKey: $(printf 'a%.0s' $(seq 1 1025))}" "userpilot.apiKey is longer than any token"
+expect_refused broker-char 'kafka: {bootstrapServers: "kaf!ka:9092"}' "bootstrapServers"
+expect_refused broker-userinfo 'kafka: {bootstrapServers: "user@kafka:9092"}' "bootstrapServers"
+expect_refused broker-commas 'kafka: {bootstrapServers: " , "}' "bootstrapServers"
+expect_refused registry-no-host 'schemaRegistry: {url: "http://:8081"}' "schemaRegistry"
+expect_refused endpoint-long "userpilot: {analyticsEndpoint: $(printf 'a%.0s' $(seq 1 254)).io}" "analyticsEndpoint"
+expect_refused config-empty-part 'kafka: {config: {"socket..timeout.ms": "1000"}}' "socket..timeout.ms"
+expect_secret_unquoted token-secret 'userpilot: {apiKey: "Token HUNTER2"}' HUNTER2
 expect_secret_unquoted redis-query-secret 'redis: {url: "redis://r:6379/0?password=HUNTER2#x"}' HUNTER2
 expect_secret_unquoted redis-no-at 'redis: {url: "redis://:HUNTER2/host"}' HUNTER2
 expect_secret_unquoted registry-no-scheme 'schemaRegistry: {url: "user:HUNTER2@sr:8081"}' HUNTER2
@@ -519,6 +539,7 @@ expect_fail redis-ca-alone "redis.tlsCaSecret is set but no Redis is"
 expect_fail pdb-zero "maxUnavailable"
 expect_fail request-timeout-tiny "requestTimeoutSeconds"
 expect_fail dlq-is-source "kafka.dlqTopic (more) is also a source topic"
+expect_fail dlq-default-is-source "the default dead-letter topic events.userpilot.dlq (the first topic's name + .userpilot.dlq) is also a source topic"
 expect_fail dlq-collides "the dead-letter topic events_in differs from the source topic events.in only by '.' against '_'"
 expect_fail dlq-default-collides "the dead-letter topic events.userpilot.dlq differs from the source topic events_userpilot_dlq"
 expect_fail internal-source "kafka.topics has __consumer_offsets, one of Kafka's own internal topics"

@@ -289,6 +289,16 @@ def test_api_key_with_spaces_or_control_characters(raw: str) -> None:
     assert TOKEN[5:] not in message
 
 
+def test_a_token_longer_than_any_token_is_refused_and_not_quoted() -> None:
+    """Review "config53": a 70,000-character value (a file holding more than the token)
+    passed, and every request's head was refused: each event dead-lettered."""
+    long_value = "a" * 70_000
+    message = problem(USERPILOT_API_KEY=long_value)
+    assert "70000 characters long" in message and "paste the token alone" in message
+    assert "a" * 100 not in message
+    assert load(USERPILOT_API_KEY="a" * 1024).api_key.reveal() == "a" * 1024
+
+
 # ------------------------------------------------------------------ topics
 
 

@@ -68,6 +68,7 @@ def test_payload_problems_are_rejected(status: int) -> None:
 
 @pytest.mark.parametrize(("status", "hint"), [
     (401, "write token"), (403, "write token"), (404, "USERPILOT_ANALYTICS_ENDPOINT"),
+    (431, "USERPILOT_API_KEY"),  # the head is the worker's own, every event's (config53)
 ])
 def test_configuration_problems_pause(status: int, hint: str) -> None:
     exc = classify(status, h(), "nope")

@@ -481,12 +481,31 @@ Deployment, so every render runs them.
 {{- fail (printf "%s holds a $(...) reference: the chart keeps %s in a Secret, where Kubernetes expands no variable, and the worker refuses the text. Give the value itself%s" $name $name (ternary " (a $ that the password really holds written %24)" "" (eq $name "redis.url"))) }}
 {{- end }}
 {{- end }}
-{{- if and $v.kafka.dlqTopic (has $v.kafka.dlqTopic $v.kafka.topics) }}
-{{- fail (printf "kafka.dlqTopic (%s) is also a source topic: dead letters would be read back and sent again; name another topic" $v.kafka.dlqTopic) }}
+{{- /* The token as the worker refuses it (`config._check_api_key`): rendered, every pod
+   exited 2 (review "config53"). Never quoted: a secret. */}}
+{{- with $v.userpilot.apiKey }}
+{{- $key := trim (toString .) }}
+{{- if regexMatch "(?i)^token\\s" $key }}
+{{- fail "userpilot.apiKey starts with 'Token ': enter the token alone; the worker adds the 'Token' prefix to the Authorization header itself" }}
+{{- else if regexMatch "^(\"[\\s\\S]*\"|'[\\s\\S]*'|`[\\s\\S]*`)$" $key }}
+{{- fail "userpilot.apiKey is wrapped in quotes, which would be sent as part of the token: remove them" }}
+{{- else if regexMatch "[\\s\\x00-\\x1f\\x7f]" $key }}
+{{- fail "userpilot.apiKey contains spaces or control characters: paste the token alone" }}
+{{- else if regexMatch "[^\\x00-\\x7f]" $key }}
+{{- fail "userpilot.apiKey contains non-ASCII characters, which cannot be sent in an HTTP header (often a smart quote or a non-breaking space pasted with it): paste the token alone" }}
+{{- else if gt (len $key) 1024 }}
+{{- fail "userpilot.apiKey is longer than any token (at most 1024 characters): paste the token alone" }}
+{{- end }}
 {{- end }}
 {{- /* As the worker refuses them (config "config40"; the chart's guard, review config41):
      the dead-letter topic the worker will use, kafka.dlqTopic or its default. */}}
 {{- $dlq := $v.kafka.dlqTopic | default (printf "%s.userpilot.dlq" (first $v.kafka.topics)) }}
+{{- if and $v.kafka.dlqTopic (has $v.kafka.dlqTopic $v.kafka.topics) }}
+{{- fail (printf "kafka.dlqTopic (%s) is also a source topic: dead letters would be read back and sent again; name another topic" $v.kafka.dlqTopic) }}
+{{- else if has $dlq $v.kafka.topics }}
+{{- /* The default's too: it rendered, and every pod exited 2 (review "config53"). */}}
+{{- fail (printf "the default dead-letter topic %s (the first topic's name + .userpilot.dlq) is also a source topic: dead letters would be read back and sent again; set kafka.dlqTopic to another topic" $dlq) }}
+{{- end }}
 {{- if gt (len $dlq) 249 }}
 {{- fail (printf "the default dead-letter topic %s is longer than Kafka's 249 characters: set kafka.dlqTopic" $dlq) }}
 {{- end }}
