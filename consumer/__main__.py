@@ -528,11 +528,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "check-config", help="validate and print the configuration",
         description="Validate the configuration exactly as `run` does at start-up and print "
         "it, secrets redacted. Exit 0 when valid, 2 when a setting is wrong. With --online, "
-        "also resolve the Userpilot host and prove the token (an empty Track: Userpilot "
-        "answers 400 and records nothing), reach Kafka (topics included), the schema "
-        "registry and Redis (when REDIS_URL is set), each within --timeout seconds; exit "
-        "8 + 1 (Userpilot) + 2 (Kafka) + 4 (registry) + 16 (Redis) for the ones that "
-        "failed, e.g. 10 = Kafka only.")
+        "also resolve the Userpilot host and check the token (an empty Track: Userpilot "
+        "answers 400 and records nothing, 401/403 to a wrong token), reach Kafka (topics "
+        "included), the schema registry and Redis (when REDIS_URL is set), each within "
+        "--timeout seconds; exit 8 + 1 (Userpilot) + 2 (Kafka) + 4 (registry) + 16 (Redis) "
+        "for the ones that failed, e.g. 10 = Kafka only.")
     p.add_argument("--online", action="store_true",
                    help="also check that Userpilot, Kafka, the registry and Redis answer")
     p.add_argument("--timeout", type=timeout_seconds, default=10.0,

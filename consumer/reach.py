@@ -5,9 +5,12 @@ before they start, so an unreachable broker, registry or Userpilot host is one c
 within ``timeout`` seconds, never a traceback or a hang. Each probe returns ``None`` when
 the service answered as expected, or the problem as one line.
 
-The Userpilot probe proves the token without recording anything: a Track with an empty
-body. Userpilot checks the token before the body, so 400 means the token is good, 401/403
-a wrong token (often the read token), 404 a wrong host or path.
+The Userpilot probe checks the token without recording anything: a Track with an empty
+body. 401/403 mean a wrong token (often the read token), 404 a wrong host or path, and 400
+the empty body refused. A 400 proves the token only where the token is checked before the
+body, as the sandbox does; Userpilot's documentation does not say which comes first (review
+"sandbox53"), so a token this passed may still be refused by `run`, which then pauses
+delivery (nothing is lost).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
         status = asyncio.run(probe())
     except Rejected as exc:
         if exc.status == 400:
-            return None  # the token passed; the empty body was refused, as intended
+            return None  # the token not refused; the empty body was, as intended
         # 405, 410, 422...: an answer no retry changes, from a host that does not serve
         # Userpilot's Track (a static site, a CDN, another API); "try again later" misled.
         return (f"Userpilot at {host} answered {exc.status} to a token check, which "
