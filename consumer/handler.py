@@ -124,6 +124,12 @@ schema_log.addFilter(RateLimit(30.0))
 # userpilot_dlq_unwritable say it.
 dlq_log = logging.getLogger(f"{__name__}.dlq")
 dlq_log.addFilter(RateLimit(30.0))
+# One WARNING per dead letter came in floods: 50 lines in 49 ms after the guard's CRITICAL
+# line, which they buried, and a bad stream under the guard's ratio wrote one per event
+# for ever (review "night53"). One line per reason per 10 s, the count of the rest
+# appended; each dead letter's details are in its DLQ record and the metrics count all.
+dead_log = logging.getLogger(f"{__name__}.dead")
+dead_log.addFilter(RateLimit(10.0))
 
 LOG_TEXT_LIMIT = 1024
 """Characters of an error's text in one log line (the DLQ's header keeps as many bytes)."""
@@ -1186,6 +1192,8 @@ class Handler:
         # line, for every event of that schema, review "poison21").
         # Masked before the cut: a secret across it would be left half shown (the log
         # filter masks whole secrets only).
-        log.warning("dead-lettered (%s): %s%s", reason, f"{exc.call}: " if exc.call else "",
-                    _cut(redact(str(exc), self._secrets, edges=False)), extra=event.fields)
+        dead_log.warning("dead-lettered (%s): %s%s", reason,
+                         f"{exc.call}: " if exc.call else "",
+                         _cut(redact(str(exc), self._secrets, edges=False)),
+                         extra=event.fields)
         return DeadLettered(reason, exc, counted=not replayed, at=failure.at or 0.0)

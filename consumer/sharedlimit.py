@@ -88,9 +88,13 @@ class SharedLimiter:
         probe_every_s: float = 1.0,
         on_fallback: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        name: str = "",
     ) -> None:
         self._store = store
         self._key = key
+        # Named in its lines: the track and identify budgets switched together, and two
+        # identical lines said nothing of which was which (review "night53").
+        self._named = f" ({name})" if name else ""
         self._limit = limit
         self._period = period_s
         self._burst = effective_burst(limit, burst, 1.0)
@@ -332,8 +336,9 @@ class SharedLimiter:
         # One record per episode of this replica: its probes carry the running total.
         self._debt_key = f"{self._key}:debt:{uuid.uuid4().hex[:16]}"
         self._local.hold(self.lookahead_s)
-        log.warning("shared rate budget unavailable (%s): using this replica's partition "
-                    "share (%.2f req/s) until Redis answers again", detail, self._local.rate)
+        log.warning("shared rate budget%s unavailable (%s): using this replica's partition "
+                    "share (%.2f req/s) until Redis answers again", self._named, detail,
+                    self._local.rate)
         if self._on_fallback is not None:
             self._on_fallback(True)
 
@@ -342,7 +347,7 @@ class SharedLimiter:
         self._fallback_since = None
         self._local_sends.clear()
         self._local_count = 0
-        log.warning("shared rate budget back after %.1fs on the fallback (%d local requests "
-                    "added to it)", self._clock() - since, debt)
+        log.warning("shared rate budget%s back after %.1fs on the fallback (%d local "
+                    "requests added to it)", self._named, self._clock() - since, debt)
         if self._on_fallback is not None:
             self._on_fallback(False)

@@ -100,7 +100,7 @@ def build_shared_state(
 
         limiters[budget] = SharedLimiter(
             store, budget_key(digest, budget), settings.rate_limit, settings.rate_period_s,
-            settings.rate_burst, fallback=local(), on_fallback=switched,
+            settings.rate_burst, fallback=local(), on_fallback=switched, name=budget,
         )
     # A claim is renewed (re-claimed, atomically) right before each request, so it has to
     # outlive one request and its confirm; longer only delays, after a crash, the replica

@@ -8,6 +8,7 @@ the way back (debt, hold-off), and that the local limiter takes over full.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -403,3 +404,25 @@ def test_a_held_slot_is_not_sent_late() -> None:
 
     assert asyncio.run(main()) == 0
     assert len(limiter._held) == 0
+
+
+def test_the_fallback_lines_name_their_budget(caplog: pytest.LogCaptureFixture) -> None:
+    """Review "night53": the track and identify budgets fell back and came back together,
+    in two identical lines that said nothing of which was which."""
+    store = ScriptedStore()
+    local = AdaptiveLimiter(600, 1.0, 1)
+    limiter = SharedLimiter(store, "k", 600, 1.0, 1, fallback=local, probe_every_s=0.01,
+                            name="identify")
+
+    async def main() -> None:
+        store.up = False
+        await limiter.acquire()
+        store.up = True
+        await asyncio.sleep(0.02)
+        await limiter.probe()
+
+    with caplog.at_level(logging.WARNING, logger="consumer.sharedlimit"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" (", 1)[0] for line in lines] == ["shared rate budget"] * 2, lines
+    assert all(line.startswith("shared rate budget (identify) ") for line in lines), lines

@@ -3294,6 +3294,43 @@ def test_a_message_whose_headers_cannot_be_read_is_delivered_without_them() -> N
     assert sorted(codec_seq(body) for body in run.client.bodies) == [1, 2, 3]
 
 
+@pytest.fixture
+def fresh_dead_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dead-letter line's rate limit, with no memory of earlier tests' lines."""
+    monkeypatch.setattr(handler.dead_log, "filters", [RateLimit(10.0)])
+
+
+@pytest.mark.usefixtures("fresh_dead_log")
+def test_dead_letters_log_one_line_per_reason_per_interval(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "night53": one WARNING per dead letter, 50 in 49 ms, buried the guard's
+    CRITICAL line, and a bad stream under the guard's ratio logged one per event for
+    ever. One line per reason per 10 s; the metric counts every one."""
+    bad = [b"not avro %d" % i for i in range(30)]
+    run = make(log_of(*bad, track("u1", 1)), registry=known_schema(),
+               USERPILOT_ENSURE_USER="false", WORKER_DLQ_MAX_CONSECUTIVE="100")
+
+    class Refusing(FakeClient):
+        async def send(self, call: Call) -> int:
+            raise Rejected("HTTP 400: no", status=400)
+
+    run.worker.client = run.worker.handler.client = Refusing()
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 0)) == 31, "all dead-lettered")
+
+    with caplog.at_level(logging.WARNING):
+        assert drive(run, scenario) == 0
+    lines = [r.getMessage() for r in caplog.records if "dead-lettered (" in r.getMessage()]
+    assert [line.split(")")[0] for line in lines] == [
+        "dead-lettered (undecodable", "dead-lettered (bad_request"], lines
+    assert len(run.dlq.records) == 31
+    dead = run.worker.m.dead_lettered
+    assert dead.labels("undecodable")._value.get() == 30
+    assert dead.labels("bad_request")._value.get() == 1
+
+
+@pytest.mark.usefixtures("fresh_dead_log")
 def test_a_dead_letters_log_line_is_cut_like_its_dlq_header(
         caplog: pytest.LogCaptureFixture) -> None:
     """A schema resolution error quotes both schemas: ~15 KB a log line for every event
@@ -3316,6 +3353,7 @@ def test_a_dead_letters_log_line_is_cut_like_its_dlq_header(
     assert len(line) < 1300 and "more characters" in line
 
 
+@pytest.mark.usefixtures("fresh_dead_log")
 def test_a_secret_across_the_cut_of_a_dead_letters_log_line_is_masked(
         caplog: pytest.LogCaptureFixture) -> None:
     """Cut first, a token straddling the 1,024th character was logged half: the log filter
