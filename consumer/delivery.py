@@ -488,6 +488,8 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
             # The first one not blank: a blank one beside a valid one hid it (review "http49").
             fields = headers.get_list("retry-after")
             quoted["retry-after"] = next((f for f in fields if f.strip()), fields[0])
+            if "date" in headers:  # a Retry-After date counts from it (review "clock53")
+                quoted["date"] = headers.get_list("date")[0]
         charset, coding = charset_of(headers), headers.get("content-encoding")
         shown = redact(body_text(body, charset=charset, encoding=coding))
         if charset is not None and not _utf8(charset):

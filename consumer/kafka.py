@@ -89,11 +89,18 @@ T = TypeVar("T")
 TP = tuple[str, int]
 
 _OFFSET_RESET = re.compile(
-    r"\]: ([A-Za-z0-9._-]+) \[([0-9]+)\]: offset reset \(at offset ([0-9]+)[ ,)]")
+    r"(?:^|\]: )([A-Za-z0-9._-]+) \[([0-9]+)\]: offset reset \(at offset ([0-9]+)[ ,)]")
 """librdkafka's WARNING when a fetch position was out of range and `auto.offset.reset`
 moved it (`rdkafka_offset.c`): "[thrd:main]: <topic> [<partition>]: offset reset (at
-offset 20 (leader epoch -1), broker 1) to offset BEGINNING ...". Its only trace: the
-consumer hands over no error for it."""
+offset 20 (leader epoch -1), broker 1) to offset BEGINNING ..." (the thread's name left out
+with `log.thread.name=false`). Its only trace: the consumer hands over no error for it."""
+
+WATCHED_LOG_LEVEL = 4
+"""librdkafka logs the offset reset at syslog level 4 (warning): the source consumer logs at
+least that much, whatever `log_level` says; `_ResetWatch` passes on only what was asked."""
+_PYTHON_LEVEL = (logging.CRITICAL,) * 3 + (logging.ERROR, logging.WARNING, logging.INFO,
+                                           logging.INFO, logging.DEBUG)
+"""confluent-kafka's mapping of librdkafka's syslog levels 0-7 to Python's."""
 
 
 class _ResetWatch:
@@ -105,21 +112,40 @@ class _ResetWatch:
     never handed over: events lost unseen, with nothing but this line to tell, and that
     line rate-limited with the topic's others (review "topo53"). Seen here, before the
     logger's filters; called on the thread that polls (confluent-kafka serves librdkafka's
-    log queue in `consume`/`poll`).
+    log queue in `consume`/`poll`). Records below `floor` (a `log_level` under 4 that the
+    watch raised) are not passed on.
     """
 
-    __slots__ = ("_logger", "_seen")
+    __slots__ = ("_floor", "_logger", "_seen")
 
-    def __init__(self, logger: Any, seen: Callable[[TP, int], None]) -> None:
+    def __init__(self, logger: Any, seen: Callable[[TP, int], None],
+                 floor: int = logging.NOTSET) -> None:
         self._logger = logger
         self._seen = seen
+        self._floor = floor
 
     def log(self, level: int, msg: str, *args: Any) -> None:
         if len(args) == 3 and args[0] == "OFFSET" and isinstance(args[2], str):
             found = _OFFSET_RESET.search(args[2])
             if found is not None:
                 self._seen((found[1], int(found[2])), int(found[3]))
-        self._logger.log(level, msg, *args)
+        if level >= self._floor:
+            self._logger.log(level, msg, *args)
+
+
+def _watched(settings: dict[str, Any], seen: Callable[[TP, int], None]) -> None:
+    """Wrap the consumer's logger in a `_ResetWatch`, raising `log_level` to the reset's."""
+    if settings.get("logger") is None:
+        return
+    floor = logging.NOTSET
+    try:
+        asked = int(str(settings.get("log_level", 6)).strip())
+    except ValueError:
+        asked = 6  # librdkafka refuses it: the consumer is never made
+    if 0 <= asked < WATCHED_LOG_LEVEL:
+        settings["log_level"] = WATCHED_LOG_LEVEL
+        floor = _PYTHON_LEVEL[asked]
+    settings["logger"] = _ResetWatch(settings["logger"], seen, floor)
 
 
 class Partitions(NamedTuple):
@@ -162,12 +188,11 @@ class KafkaSource:
         on_stats: Callable[[dict[str, Any]], None] | None = None,
         on_committed: Callable[[list[tuple[TP, int]], list[TP]], None] | None = None,
         on_refetch: Callable[[list[TP]], None] | None = None,
-        on_reset: Callable[[TP, int, int], None] | None = None,
+        on_reset: Callable[[TP, int], None] | None = None,
         stats_interval_ms: int = 5000,
     ) -> None:
         settings: dict[str, Any] = consumer_settings(conf)
-        if settings.get("logger") is not None:
-            settings["logger"] = _ResetWatch(settings["logger"], self._reset_seen)
+        _watched(settings, self._reset_seen)
         # Statistics are always on: their broker states clear "not connected" on recovery
         # even when no message and no commit comes back (an idle topic).
         settings["statistics.interval.ms"] = stats_interval_ms
@@ -196,9 +221,6 @@ class KafkaSource:
         self._stats_cb = on_stats
         self._on_refetch = on_refetch
         self._on_reset = on_reset
-        # Partitions librdkafka moved out of range (`_ResetWatch`), by the offset it found
-        # out of range, until their next message is handed over (`_settle_resets`).
-        self._resets: dict[TP, int] = {}
         # Partitions assigned and not seen fetching since (statistics), since when, and those
         # to assign again at the next consume (`_watch_fetchers`; poll thread).
         self._unstarted: dict[TP, float] = {}
@@ -372,7 +394,6 @@ class KafkaSource:
         taken = [(p.topic, p.partition) for p in parts]
         for tp in taken:
             self._unstarted.pop(tp, None)
-            self._resets.pop(tp, None)
         self._refetch.clear()  # a rebalance under way: asked again at the next report
         then(taken)
 
@@ -386,7 +407,6 @@ class KafkaSource:
         self._assigned_at = time.monotonic()
         for tp in parts:
             self._unstarted[tp] = self._assigned_at
-            self._resets.pop(tp, None)
         self._refetch.clear()  # a rebalance under way: asked again at the next report
         # A commit still out (partitions kept through a cooperative rebalance) is timed from
         # now: cleared, no commit followed it while it was out, and a coordinator that hung
@@ -406,8 +426,6 @@ class KafkaSource:
         """
         self._answered = False
         messages = self._consume(max_messages, timeout_s)
-        if self._resets:
-            self._settle_resets(messages)
         if self._refetch:
             # After the poll, which served any rebalance callback pending (a revoke clears
             # the queue, `_taken`): an unassign made while the group awaits the revoke's
@@ -417,23 +435,11 @@ class KafkaSource:
         return messages
 
     def _reset_seen(self, tp: TP, at: int) -> None:
-        self._resets[tp] = at
-
-    def _settle_resets(self, messages: Sequence[Message]) -> None:
-        """Each partition librdkafka moved out of range, with the first offset it handed
-        over since: `on_reset(tp, at, first)`. Above `at`, the offsets between were
-        skipped unseen; below, the log went back (replaced or truncated)."""
-        for message in messages:
-            if message.error() is not None:
-                continue
-            topic, partition, offset = message.topic(), message.partition(), message.offset()
-            if topic is None or partition is None or offset is None:
-                continue
-            at = self._resets.pop((topic, partition), None)
-            if at is not None and self._on_reset is not None:
-                self._on_reset((topic, partition), at, offset)
-            if not self._resets:
-                return
+        """librdkafka found `tp`'s position `at` out of range and restarts it at the log's
+        start: `on_reset(tp, at)`, on the poll thread, before any message fetched from
+        there is handed over (messages fetched before it may still be)."""
+        if self._on_reset is not None:
+            self._on_reset(tp, at)
 
     def _consume(self, max_messages: int, timeout_s: float) -> list[Message]:
         messages = self._consumer.consume(max_messages, 0)

@@ -449,8 +449,8 @@ class Metrics:
         )
         self.integration_up = gauge(
             "integration_up",
-            "1 normally; 0 while Userpilot refuses delivery (401/403/404, a redirect, "
-            "a proxy's 407, a TLS handshake a setting fixes).",
+            "1 normally; 0 while Userpilot refuses delivery (401/403/404, a 431, a "
+            "redirect, a proxy's 407, a TLS handshake a setting fixes).",
         )
         self.dlq_unwritable = gauge(
             "dlq_unwritable",

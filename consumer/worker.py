@@ -16,8 +16,9 @@ Thread rule: this class lives on the event loop. Source calls run on the source'
 thread (`Source.call`, one call at a time). The callbacks the source makes (assign,
 revoke, lost, stats, commit results, offset resets) run on that poll thread and touch only
 what is safe there: `Commits` and `Lag` (each locks), `Metrics` and `Health` (thread-safe), and
-`assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh` (and `_no_source`, which
-readiness reads), which both threads read and write only under `_parts_lock`. `_reshare`
+`assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh`, `_resets_in` (and
+`_no_source`, which readiness reads), which both threads read and write only under
+`_parts_lock`. `_reshare`
 and `_note_missing`, and the state only they use (`_reshare_delay`, `_missing`), are the
 poll thread's alone.
 Anything involving in-flight events hops to the loop: a revoke hands its settling
@@ -257,7 +258,7 @@ class Callbacks:
     on_stats: Callable[[dict[str, Any]], None]
     on_committed: Callable[[list[tuple[TP, int]], list[TP]], None]
     on_refetch: Callable[[list[TP]], None] | None = None
-    on_reset: Callable[[TP, int, int], None] | None = None
+    on_reset: Callable[[TP, int], None] | None = None
 
 
 class Source(Protocol):
@@ -371,6 +372,11 @@ class Worker:
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
+        # Offset resets librdkafka reported (`_on_reset`, poll thread, under `_parts_lock`),
+        # handed to `_reset_at` (event loop only) after each consume: per partition, the
+        # position it found out of range and whether a commit past the log's end was told.
+        self._resets_in: dict[TP, int] = {}
+        self._reset_at: dict[TP, tuple[int, bool]] = {}
         # New partitions whose commit notes are not read yet: the reads each has failed and
         # when to try again (event loop only; see `_read_notes`).
         self._inherit_due: dict[TP, tuple[int, float]] = {}
@@ -518,6 +524,10 @@ class Worker:
                 if source.fatal_error is not None:
                     raise Stop(f"fatal Kafka error: {source.fatal_error}")
                 with self._parts_lock:
+                    if self._resets_in:  # before this batch's intake: its messages may follow
+                        for tp, at in self._resets_in.items():
+                            self._reset_at.setdefault(tp, (at, False))
+                        self._resets_in.clear()
                     # The partition count needs the broker: not while it is unreachable
                     # (a metadata wait on the poll thread is what max.poll.interval.ms
                     # counts); the previous share holds until Kafka answers again.
@@ -808,6 +818,7 @@ class Worker:
         """
         handler = self.handler
         screen = None if handler.debug else handler.screen
+        resets = self._reset_at  # empty but after librdkafka reset a partition's offset
         held = self._held_back  # empty but while the SCHEMA_WAIT window is full or a chain hot
         deferred: list[KafkaMessage] = []
         # Per partition, the last offset taken (-1: none yet; None: not assigned).
@@ -859,6 +870,8 @@ class Worker:
                 if last is None:
                     owned[tp] = None
                     continue  # a message of a partition revoked meanwhile
+                if resets and tp in resets:
+                    self._after_reset(tp, last, offset)
                 if offset <= last:
                     self._went_back(tp, last, offset, marks)
                     # The previous owner's note named the old log's offsets: read once per
@@ -1483,37 +1496,58 @@ class Worker:
         nothing of theirs was taken, so the worker's state of them stands."""
         self.m.rebalances.labels("refetch").inc(len(parts))
 
-    def _on_reset(self, tp: TP, at: int, first: int) -> None:
-        """Kafka's client found `tp`'s position `at` out of its log and went on from the
-        log's start, whose first offset handed over is `first` (`auto.offset.reset`).
+    def _on_reset(self, tp: TP, at: int) -> None:
+        """Poll thread: librdkafka found `tp`'s position `at` out of its log and goes on
+        from the log's start (`auto.offset.reset`); told by `_after_reset` once the
+        messages fetched from there come. A second reset before them keeps the first `at`:
+        the offsets lost run from there."""
+        with self._parts_lock:
+            self._resets_in.setdefault(tp, at)
 
-        Above `at`: the log lost its offsets between before they were read (retention or
-        delete-records overtook a backlog, paused through an outage or a days-old
-        commit): their events are gone unseen, neither delivered nor dead-lettered, and
-        without this nothing said so (review "topo53": 4,980 of 6,000 events, no metric, no
-        line of the worker's). Below, with nothing taken from `tp` since its assignment:
-        its commit lies past the end of a log replaced meanwhile, which is read again
-        whole. A log going back under events already taken is `_went_back`'s."""
+    def _after_reset(self, tp: TP, last: int, offset: int) -> None:
+        """`tp` had an offset reset at `at` (`_reset_at`); `offset` is its next message and
+        `last` the highest offset taken before it (-1: none since its assignment).
+
+        Messages fetched before the reset still come first (librdkafka prefetches): below
+        `at` and above `last`, they continue the partition. The first at or above `at` is
+        the log's new start: the offsets between were removed (retention or delete-records
+        overtook a backlog paused through an outage, or a days-old commit) before they
+        were read, their events gone unseen, neither delivered nor dead-lettered; without
+        this nothing said so (review "topo53": 4,980 of 6,000 events, no metric, no line of
+        the worker's; "diff53a": the first version took a prefetched message for the
+        reset's). Nothing taken since the assignment and below `at`: the commit lies past
+        the end of a log replaced meanwhile, read again whole (told once; the reset stays
+        noted, in case those were prefetched after all). At or below `last`: the log went
+        back under taken events, which `_went_back` tells."""
+        at, told = self._reset_at[tp]
         topic = tp[0]
-        if first > at:
-            self.m.skipped_offsets.labels(topic).inc(first - at)
-            log.error("%s lost offsets %d to %d before this worker read them: its log no "
-                      "longer had them (retention or delete-records), so Kafka's client went "
-                      "on from %d. Their %d events were neither delivered nor dead-lettered, "
-                      "and are not in Kafka any more. Keep the topic's retention above the "
-                      "longest backlog the workers may hold (a Userpilot outage, the lag "
-                      "alerts)", _fmt([tp]), at, first - 1, first, first - at)
-        elif first < at and self.commits.high(tp) == -1:
+        if offset >= at:
+            del self._reset_at[tp]
+            if offset > at:
+                self.m.skipped_offsets.labels(topic).inc(offset - at)
+                log.error("%s lost offsets %d to %d before this worker read them: its log "
+                          "no longer had them (retention or delete-records), so Kafka's "
+                          "client went on from %d. Their events (up to %d; transaction "
+                          "markers count too) were neither delivered nor dead-lettered, and "
+                          "are not in Kafka any more. Keep the topic's retention above the "
+                          "longest backlog the workers may hold (a Userpilot outage, the lag "
+                          "alerts)", _fmt([tp]), at, offset - 1, offset, offset - at)
+        elif last == -1 and not told:
+            self._reset_at[tp] = (at, True)
             self.m.log_resets.labels(topic).inc()
             log.warning("%s: its committed offset %d is past the end of its log, which now "
                         "starts at %d: the log was replaced (the topic deleted and created "
                         "again). It is read from there, so events sent before may be sent "
-                        "again", _fmt([tp]), at, first)
+                        "again", _fmt([tp]), at, offset)
+        elif offset <= last:
+            del self._reset_at[tp]  # `_went_back` tells it
 
     def _on_assign(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("assign").inc()
         self.commits.assign(parts)
         with self._parts_lock:
+            for tp in parts:
+                self._resets_in.pop(tp, None)
             self.assigned.update(parts)
             self._fresh.extend(parts)
             self._reshare_due = True
@@ -1633,9 +1667,15 @@ class Worker:
         budget = min(self.s.shutdown_grace_s, REVOKE_DRAIN_SHARE * poll_s)
         wait = min(budget + REVOKE_MARGIN_S, REVOKE_WAIT_SHARE * poll_s)
 
+        with self._parts_lock:
+            for tp in parts:
+                self._resets_in.pop(tp, None)
+
         async def drain() -> None:
             self.overflow.forget(parts)
             self._held_back.difference_update(parts)
+            for tp in parts:
+                self._reset_at.pop(tp, None)
             for tp in parts:
                 self._hot.pop(tp, None)
             self._stuck = {c for c in self._stuck if (c[0], c[1]) not in parts}

@@ -482,7 +482,8 @@ expect_refused broker-char 'kafka: {bootstrapServers: "kaf!ka:9092"}' "bootstrap
 expect_refused broker-userinfo 'kafka: {bootstrapServers: "user@kafka:9092"}' "bootstrapServers"
 expect_refused broker-commas 'kafka: {bootstrapServers: " , "}' "bootstrapServers"
 expect_refused registry-no-host 'schemaRegistry: {url: "http://:8081"}' "schemaRegistry"
-expect_refused endpoint-long "userpilot: {analyticsEndpoint: $(printf 'a%.0s' $(seq 1 254)).io}" "analyticsEndpoint"
+label63=$(printf 'a%.0s' $(seq 1 63))  # four labels the label rule takes, 255 characters in all
+expect_refused endpoint-long "userpilot: {analyticsEndpoint: $label63.$label63.$label63.$label63.io}" "analyticsEndpoint"
 expect_refused config-empty-part 'kafka: {config: {"socket..timeout.ms": "1000"}}' "socket..timeout.ms"
 expect_secret_unquoted token-secret 'userpilot: {apiKey: "Token HUNTER2"}' HUNTER2
 expect_secret_unquoted redis-query-secret 'redis: {url: "redis://r:6379/0?password=HUNTER2#x"}' HUNTER2

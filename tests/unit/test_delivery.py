@@ -219,6 +219,21 @@ def test_a_retry_after_date_counts_from_the_answers_date_not_this_clock(
         assert getattr(error, "retry_after", None) == pytest.approx(10.0)
 
 
+def test_the_client_counts_a_retry_after_date_from_the_answers_date() -> None:
+    """Review "diff53a": the client passed `classify` the quoted headers without `Date`,
+    so the fix above never ran in the worker."""
+    server_now = time.time() + 300  # Userpilot's clock 5 minutes ahead of this one
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, headers={
+            "retry-after": email.utils.formatdate(server_now + 10, usegmt=True),
+            "date": email.utils.formatdate(server_now, usegmt=True)})
+
+    delivered, exc = call(handler)
+    assert not delivered and isinstance(exc, RateLimited)
+    assert exc.retry_after == pytest.approx(10.0, abs=1.5)
+
+
 @pytest.mark.parametrize("date", [None, "", "yesterday", "Wed, 01 May 99999 10:40:00 GMT"])
 def test_a_retry_after_date_counts_from_this_clock_without_a_usable_date(
         date: str | None) -> None:

@@ -637,58 +637,37 @@ def test_the_consumer_s_logger_notes_each_offset_reset_and_logs_it(
         f"OFFSET [rdkafka#consumer-1] {text}", f"FETCH [rdkafka#consumer-1] {_RESET_LINE}"]
 
 
-class _Handed:
-    """A message `consume` hands over."""
+def test_a_log_level_under_the_reset_s_still_sees_it_and_logs_only_what_was_asked(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "diff53a": `KAFKA_LOG_LEVEL=3` hid librdkafka's reset line from the watch
+    (nothing counted); `log.thread.name=false` left out the "[thrd:main]: " it matched."""
+    from consumer.kafka import _ResetWatch, _watched
 
-    def __init__(self, topic: str, partition: int, offset: int) -> None:
-        self._where = (topic, partition, offset)
-
-    def error(self) -> None:
-        return None
-
-    def topic(self) -> str:
-        return self._where[0]
-
-    def partition(self) -> int:
-        return self._where[1]
-
-    def offset(self) -> int:
-        return self._where[2]
-
-
-class _Handing:
-    def __init__(self) -> None:
-        self.next: list[_Handed] = []
-
-    def consume(self, num_messages: int, timeout: float) -> list[_Handed]:
-        out, self.next = self.next, []
-        return out
-
-    def poll(self, timeout: float) -> None:
-        return None
+    seen: list[tuple[tuple[str, int], int]] = []
+    settings: dict[str, object] = {"logger": logging.getLogger("test.librdkafka"),
+                                   "log_level": "3"}
+    _watched(settings, lambda tp, at: seen.append((tp, at)))
+    assert settings["log_level"] == 4
+    watch = settings["logger"]
+    assert isinstance(watch, _ResetWatch)
+    with caplog.at_level(logging.DEBUG, "test.librdkafka"):
+        watch.log(logging.WARNING, "%s [%s] %s", "OFFSET", "rdkafka#consumer-1",
+                  "t [2]: offset reset (at offset 9, broker 1) to offset BEGINNING: x")
+        watch.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", "broken")
+    assert seen == [(("t", 2), 9)]
+    assert [r.getMessage() for r in caplog.records] == ["FAIL [rdkafka#consumer-1] broken"]
+    kept: dict[str, object] = {"logger": logging.getLogger("test.librdkafka"),
+                               "log_level": 7}
+    _watched(kept, lambda tp, at: None)
+    assert kept["log_level"] == 7
 
 
-def test_an_offset_reset_is_told_with_the_first_offset_handed_over_after_it() -> None:
-    """Review "topo53": the offsets between the position found out of range and the first
-    one handed over were never seen; a partition revoked or assigned anew meanwhile is
-    not told (its next message is a new owner's position, not the reset's)."""
-    told: list[tuple[tuple[str, int], int, int]] = []
+def test_an_offset_reset_is_told_on_the_poll_thread_as_librdkafka_logs_it() -> None:
+    told: list[tuple[tuple[str, int], int]] = []
     src = KafkaSource({"bootstrap.servers": "127.0.0.1:1", "group.id": "unit",
                        "logger": logging.getLogger("test.librdkafka")}, ["t"],
                       on_assign=lambda _p: None, on_revoke=lambda _p: None,
                       on_lost=lambda _p: None,
-                      on_reset=lambda tp, at, first: told.append((tp, at, first)))
-    fake = _Handing()
-    src._consumer = fake  # type: ignore[assignment]
+                      on_reset=lambda tp, at: told.append((tp, at)))
     src._reset_seen(("t", 0), 20)
-    src._reset_seen(("t", 1), 3)
-    src._reset_seen(("t", 2), 9)
-    src._taken([TopicPartition("t", 1)], lambda _p: None)  # revoked
-    src._assigned([("t", 2)])  # assigned anew
-    fake.next = [_Handed("t", 3, 1), _Handed("t", 0, 5000), _Handed("t", 0, 5001),
-                 _Handed("t", 1, 40), _Handed("t", 2, 50)]
-    src.consume(10, 0)
-    assert told == [(("t", 0), 20, 5000)]
-    fake.next = [_Handed("t", 0, 5002)]
-    src.consume(10, 0)
-    assert told == [(("t", 0), 20, 5000)]
+    assert told == [(("t", 0), 20)]
