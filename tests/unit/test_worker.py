@@ -3844,3 +3844,14 @@ def test_a_group_whose_every_state_was_set_again_before_its_dead_letter_is_not_h
 
     assert drive(run, scenario) == 3
     assert run.source.committed().get((TOPIC, 0), 0) == 1
+
+
+def test_partitions_in_a_log_line_are_ranges_per_topic() -> None:
+    """Review "scale53": one entry per partition made an assignment of 500 partitions a
+    line of 7-13 KB, split by the container runtime past 16 KiB."""
+    fmt = worker_module._fmt
+    assert fmt([("t", 0)]) == "t[0]"
+    assert fmt([("u", 1), ("t", 5), ("t", 3), ("t", 4), ("t", 0)]) == "t[0,3-5],u[1]"
+    assert fmt([]) == "nothing"
+    many = fmt([("prod.signal.events.v1", p) for p in range(500)])
+    assert many == "prod.signal.events.v1[0-499]"
