@@ -2043,6 +2043,14 @@ def load_settings(
             f"KAFKA_DLQ_TOPIC={dlq_topic!r} is one of Kafka's own internal topics: the brokers "
             "refuse writes to it; choose another topic (the default is "
             f"{default_dlq!r}); never change that topic's settings")
+    if dlq_set is None and len(topics) > 1:
+        # Named after the first topic: a topic added at the front of the list, or the list
+        # reordered, moved the dead letters to another (auto-created) topic with no word,
+        # old and new pods writing to both during the rollout (review "multi53").
+        r.notes.append(
+            f"the dead-letter topic is {dlq_topic!r}, named after the first of "
+            "KAFKA_TOPICS: reordering them, or adding one in front, moves it; set "
+            "KAFKA_DLQ_TOPIC to keep it")
     if dlq_topic in topics:
         r.problems.append(
             f"KAFKA_DLQ_TOPIC={dlq_topic!r} is also a source topic: dead letters would be "

@@ -37,7 +37,13 @@ TOPIC_METRICS = {
     "userpilot_consumer_lag",
     "userpilot_committed_offset",
     "userpilot_unstable_records",
+    "userpilot_stable_offset_stalled_seconds",
+    "userpilot_log_resets_total",
+    "userpilot_skipped_offsets_total",
+    "userpilot_source_topic_missing",
 }
+"""Every series labelled by topic: a panel follows the $topic variable (review "multi53":
+three per-topic series showed every topic whatever was selected)."""
 SELECTOR_RE = re.compile(r"\b((?:userpilot|process|python)_[a-zA-Z0-9_]+)(\{[^}]*\})?")
 BROKER_LAG_RE = re.compile(r"\bkafka_consumergroup_lag(\{[^}]*\})?")
 # process_*/python_* come from every Python service in a namespace: keep the worker's pods.

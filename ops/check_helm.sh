@@ -423,6 +423,12 @@ no_notes() { # unexpected fragment, helm args...
 no_notes "WARNING: KEDA without Redis" -f "$FULL_VALUES"
 notes "NOTE: 2 topics: KEDA scales on each topic's lag" -f "$FULL_VALUES" --set 'kafka.topics={a,b}'
 no_notes "topics: KEDA scales on each topic's lag" -f "$FULL_VALUES" --set 'kafka.topics={a}'
+# The default dead-letter topic follows the first topic (review "multi53").
+notes "NOTE: the dead-letter topic is a.userpilot.dlq" -f "$OUT/single.values.yaml" \
+  --set 'kafka.topics={a,b}'
+no_notes "NOTE: the dead-letter topic is" -f "$OUT/single.values.yaml" --set 'kafka.topics={a,b}' \
+  --set kafka.dlqTopic=d
+no_notes "NOTE: the dead-letter topic is" -f "$OUT/single.values.yaml" --set 'kafka.topics={a}'
 notes "/v1/track (INSECURE: plain http)" -f "$OUT/single.values.yaml" --set userpilot.insecureHttp=true \
   --set userpilot.analyticsEndpoint=sandbox:8080
 notes "delivers to http://" -f "$OUT/single.values.yaml" --set userpilot.insecureHttp=true \

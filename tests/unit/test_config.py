@@ -1347,6 +1347,16 @@ def test_log_secrets_hold_the_registry_credentials_of_the_url_and_of_the_setting
     assert {"UrlS3cretPw", "SettingS3cret", s.api_key.reveal()} <= set(secrets)
 
 
+def test_several_topics_without_a_dlq_topic_are_noted() -> None:
+    """Review "multi53": the default dead-letter topic is the first topic's: a topic added
+    in front moved it, with no word."""
+    noted = [n for n in load(KAFKA_TOPICS="t0,t1").notes if "dead-letter topic" in n]
+    assert noted and "'t0.userpilot.dlq'" in noted[0] and "KAFKA_DLQ_TOPIC" in noted[0]
+    assert not [n for n in load(KAFKA_TOPICS="t1").notes if "dead-letter topic" in n]
+    assert not [n for n in load(KAFKA_TOPICS="t0,t1", KAFKA_DLQ_TOPIC="d").notes
+                if "dead-letter topic" in n]
+
+
 def test_a_producer_without_idempotence_is_taken_with_a_note() -> None:
     """Brokers that refuse idempotent producers (no IdempotentWrite permission, Azure
     Event Hubs) need it; the previous release took it, and refusing it crash-looped every
