@@ -88,6 +88,7 @@ class Filters:
     partitions: frozenset[int] = frozenset()
     max_replays: int = 3
     calls: frozenset[str] = frozenset()  # the failed call's purpose (`CALLS`)
+    topics: frozenset[str] = frozenset()  # the source topic the dead letter came from
     # Dead letters left out (`--skip-void`): (the worker run that wrote them, source topic,
     # partition, offset ranges); after a DLQ guard trip, the events the workers read again.
     skip_void: frozenset[tuple[str, str, int, tuple[tuple[int, int], ...]]] = frozenset()
@@ -211,6 +212,8 @@ def decide(headers: Sequence[Header] | None, partition: int, offset: int,
             return "filtered"
     if filters.calls and failed_call(headers) not in filters.calls:
         return "filtered"
+    if filters.topics and origin_topic(headers) not in filters.topics:
+        return "filtered"
     if filters.skip_void:
         source = source_of(headers)
         worker = _text(header_value(headers, "userpilot.error.worker"))
@@ -320,7 +323,8 @@ def default_group(dlq_topic: str, filters: Filters) -> str:
         "from_offset": selection.from_offset, "to_offset": selection.to_offset,
         "partitions": sorted(selection.partitions),
         # Only when given: the groups of the selections made before --call existed stay.
-        **({"calls": sorted(selection.calls)} if selection.calls else {})},
+        **({"calls": sorted(selection.calls)} if selection.calls else {}),
+        **({"topics": sorted(selection.topics)} if selection.topics else {})},
         sort_keys=True)
     return f"{base}.{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
@@ -337,6 +341,14 @@ def replay_headers(headers: Sequence[Header] | None, *, secret: bytes | None = N
     if secret is not None:
         out.append((REPLAY_SEAL, replay_seal(secret, topic, value, count)))
     return out
+
+
+def _topic(text: str) -> str:
+    """A source topic as `KAFKA_TOPICS` names one (blanks around it dropped)."""
+    name = text.strip()
+    if not name:
+        raise argparse.ArgumentTypeError("name a source topic, e.g. --topic signal.events")
+    return name
 
 
 def _time(text: str) -> datetime:
@@ -479,6 +491,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only events that failed at this call (repeatable): --call track "
                    "--call ensure_user replays Track events only, leaving out identify and "
                    "group events whose traits a later identify may have replaced")
+    p.add_argument("--topic", action="append", default=[], type=_topic,
+                   help="only dead letters of this source topic (repeatable): with one DLQ "
+                   "for several topics, the one whose cause was fixed")
     p.add_argument("--since", type=_time, help="dead-lettered at or after (ISO 8601)")
     p.add_argument("--until", type=_until, help="dead-lettered at or before (ISO 8601; a "
                    "date, hour or minute: up to the end of it; a bare date is UTC)")
@@ -1187,7 +1202,8 @@ def main(args: argparse.Namespace) -> int:
         statuses=frozenset(args.status), since=args.since,
         until=args.until, from_offset=args.from_offset, to_offset=args.to_offset,
         partitions=frozenset(args.partition), max_replays=max_replays,
-        calls=frozenset(args.call), skip_void=frozenset(args.skip_void),
+        calls=frozenset(args.call), topics=frozenset(args.topic),
+        skip_void=frozenset(args.skip_void),
         skip_keys=(_skip_keys(args.skip_keys)
                    | _skip_keys(args.skip_keys_json, as_json=True)),
     )

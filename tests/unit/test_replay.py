@@ -445,7 +445,28 @@ def test_call_filter_selects_by_the_request_the_event_failed_at() -> None:
         ).hexdigest()[:12])
 
 
+def test_topic_filter_selects_by_the_source_topic() -> None:
+    """Review "multi53": with one DLQ for several topics, the dead letters of the topic
+    whose cause was fixed could not be replayed alone."""
+    def dead(topic: bytes) -> list[tuple[str, bytes]]:
+        return [("__connect.errors.topic", topic)]
+
+    one = Filters(topics=frozenset({"t1"}))
+    assert decide(dead(b"t1"), 0, 1, None, one) == "replay"
+    assert decide(dead(b"t2"), 0, 1, None, one) == "filtered"
+    assert decide([], 0, 1, None, one) == "filtered"
+    assert decide(dead(b"t2"), 0, 1, None, Filters()) == "replay"
+    assert default_group("dlq", one) != default_group("dlq", Filters(topics=frozenset({"t2"})))
+    # A selection without --topic keeps the group it had before the option existed.
+    assert default_group("dlq", Filters(calls=frozenset({"track"}))) == (
+        "userpilot-replay.dlq." + __import__("hashlib").sha256(
+            b'{"calls": ["track"], "from_offset": null, "partitions": [], "reasons": [], '
+            b'"since": null, "statuses": [], "to_offset": null, "until": null}'
+        ).hexdigest()[:12])
+
+
 @pytest.mark.parametrize(("argv", "says"), [
+    (["--topic", " "], "name a source topic"),
     (["--max-replays", "-1"], "negative"),
     (["--partition", "-2"], "negative"),
     (["--from-offset", "x"], "not a whole number"),
