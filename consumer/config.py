@@ -1597,8 +1597,10 @@ def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
 
 _K8S_REFERENCE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 _REFERENCE_REFUSED = ("REDIS_URL", "SCHEMA_REGISTRY_URL", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
-_REFERENCE_NOTED = ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
-                    "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
+_REFERENCE_NOTED = ("KAFKA_SASL_USERNAME", "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+                    # every Kafka secret: the OAuth client secret too (review "config53")
+                    *sorted("KAFKA_" + key.upper().replace(".", "_")
+                            for key in SECRET_KAFKA_KEYS))
 
 
 def _unexpanded_references(reader: _Reader, env: Mapping[str, str], offline: bool) -> None:

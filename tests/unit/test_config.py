@@ -1750,6 +1750,17 @@ def test_a_meant_dollar_and_kafkas_sasl_settings_are_not_refused() -> None:
     load_settings({**BASE, "USERPILOT_API_KEY": "$(TOKEN)"}, offline=True)
 
 
+def test_a_reference_in_any_kafka_secret_is_a_note() -> None:
+    """Review "config53": the OAuth client secret got neither a refusal nor a note."""
+    settings = load(KAFKA_SECURITY_PROTOCOL="sasl_ssl", KAFKA_SASL_MECHANISM="OAUTHBEARER",
+                    KAFKA_SASL_OAUTHBEARER_METHOD="oidc",
+                    KAFKA_SASL_OAUTHBEARER_CLIENT_ID="cid",
+                    KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET="$(OIDC_SECRET)",
+                    KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL="https://idp:8443/t")
+    notes = [n for n in settings.notes if "not expanded" in n]
+    assert [n.split(" ")[0] for n in notes] == ["KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET"]
+
+
 def test_a_kafka_url_setting_without_a_scheme_is_masked() -> None:
     """Review "logsec52": libcurl takes `user:password@idp:8443/token` as http://, and
     `check-config` showed its password (only a value with `://` was masked)."""
