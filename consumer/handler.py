@@ -1192,8 +1192,10 @@ class Handler:
         # line, for every event of that schema, review "poison21").
         # Masked before the cut: a secret across it would be left half shown (the log
         # filter masks whole secrets only).
-        dead_log.warning("dead-lettered (%s): %s%s", reason,
-                         f"{exc.call}: " if exc.call else "",
-                         _cut(redact(str(exc), self._secrets, edges=False)),
-                         extra=event.fields)
+        # Two arguments: the rate limit keys on the template and the first (the reason);
+        # a third text argument read as a librdkafka line's, keyed by its first word too
+        # (review "diff53b").
+        said = _cut(redact(str(exc), self._secrets, edges=False))
+        dead_log.warning("dead-lettered (%s): %s", reason,
+                         f"{exc.call}: {said}" if exc.call else said, extra=event.fields)
         return DeadLettered(reason, exc, counted=not replayed, at=failure.at or 0.0)

@@ -258,7 +258,7 @@ class Callbacks:
     on_stats: Callable[[dict[str, Any]], None]
     on_committed: Callable[[list[tuple[TP, int]], list[TP]], None]
     on_refetch: Callable[[list[TP]], None] | None = None
-    on_reset: Callable[[TP, int], None] | None = None
+    on_reset: Callable[[TP, int, bool | None], None] | None = None
 
 
 class Source(Protocol):
@@ -372,11 +372,11 @@ class Worker:
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
-        # Offset resets librdkafka reported (`_on_reset`, poll thread, under `_parts_lock`),
-        # handed to `_reset_at` (event loop only) after each consume: per partition, the
-        # position it found out of range and whether a commit past the log's end was told.
+        # Offset resets before a log's start librdkafka reported (`_on_reset`, poll thread,
+        # under `_parts_lock`), handed to `_reset_at` (event loop only) after each consume:
+        # per partition, the position it found out of range.
         self._resets_in: dict[TP, int] = {}
-        self._reset_at: dict[TP, tuple[int, bool]] = {}
+        self._reset_at: dict[TP, int] = {}
         # New partitions whose commit notes are not read yet: the reads each has failed and
         # when to try again (event loop only; see `_read_notes`).
         self._inherit_due: dict[TP, tuple[int, float]] = {}
@@ -526,7 +526,7 @@ class Worker:
                 with self._parts_lock:
                     if self._resets_in:  # before this batch's intake: its messages may follow
                         for tp, at in self._resets_in.items():
-                            self._reset_at.setdefault(tp, (at, False))
+                            self._reset_at.setdefault(tp, at)
                         self._resets_in.clear()
                     # The partition count needs the broker: not while it is unreachable
                     # (a metadata wait on the poll thread is what max.poll.interval.ms
@@ -1496,17 +1496,31 @@ class Worker:
         nothing of theirs was taken, so the worker's state of them stands."""
         self.m.rebalances.labels("refetch").inc(len(parts))
 
-    def _on_reset(self, tp: TP, at: int) -> None:
+    def _on_reset(self, tp: TP, at: int, beyond_end: bool | None) -> None:
         """Poll thread: librdkafka found `tp`'s position `at` out of its log and goes on
-        from the log's start (`auto.offset.reset`); told by `_after_reset` once the
-        messages fetched from there come. A second reset before them keeps the first `at`:
-        the offsets lost run from there."""
+        from the log's start (`auto.offset.reset`).
+
+        Past the log's end (a log replaced by a shorter one): with nothing taken since the
+        assignment, the commit lay past the end of a log replaced while the workers were
+        stopped, and the new log is read whole (told here, as a log reset); under taken
+        events the log goes back, which `_went_back` tells. Before its start (or unknown):
+        told by `_after_reset` once the messages fetched from there come. A second reset
+        before them keeps the first `at`: the offsets lost run from there."""
+        if beyond_end:
+            if self.commits.high(tp) == -1:
+                self.m.log_resets.labels(tp[0]).inc()
+                log.warning("%s: its committed offset %d is past the end of its log: the log "
+                            "was replaced (the topic deleted and created again). It is read "
+                            "from its start, so events sent before may be sent again",
+                            _fmt([tp]), at)
+            return
         with self._parts_lock:
             self._resets_in.setdefault(tp, at)
 
     def _after_reset(self, tp: TP, last: int, offset: int) -> None:
-        """`tp` had an offset reset at `at` (`_reset_at`); `offset` is its next message and
-        `last` the highest offset taken before it (-1: none since its assignment).
+        """`tp` had an offset reset before its log's start at `at` (`_reset_at`); `offset`
+        is its next message and `last` the highest offset taken before it (-1: none since
+        its assignment).
 
         Messages fetched before the reset still come first (librdkafka prefetches): below
         `at` and above `last`, they continue the partition. The first at or above `at` is
@@ -1515,16 +1529,12 @@ class Worker:
         were read, their events gone unseen, neither delivered nor dead-lettered; without
         this nothing said so (review "topo53": 4,980 of 6,000 events, no metric, no line of
         the worker's; "diff53a": the first version took a prefetched message for the
-        reset's). Nothing taken since the assignment and below `at`: the commit lies past
-        the end of a log replaced meanwhile, read again whole (told once; the reset stays
-        noted, in case those were prefetched after all). At or below `last`: the log went
-        back under taken events, which `_went_back` tells."""
-        at, told = self._reset_at[tp]
-        topic = tp[0]
+        reset's). At or below `last`: the log went back, which `_went_back` tells."""
+        at = self._reset_at[tp]
         if offset >= at:
             del self._reset_at[tp]
             if offset > at:
-                self.m.skipped_offsets.labels(topic).inc(offset - at)
+                self.m.skipped_offsets.labels(tp[0]).inc(offset - at)
                 log.error("%s lost offsets %d to %d before this worker read them: its log "
                           "no longer had them (retention or delete-records), so Kafka's "
                           "client went on from %d. Their events (up to %d; transaction "
@@ -1532,13 +1542,6 @@ class Worker:
                           "are not in Kafka any more. Keep the topic's retention above the "
                           "longest backlog the workers may hold (a Userpilot outage, the lag "
                           "alerts)", _fmt([tp]), at, offset - 1, offset, offset - at)
-        elif last == -1 and not told:
-            self._reset_at[tp] = (at, True)
-            self.m.log_resets.labels(topic).inc()
-            log.warning("%s: its committed offset %d is past the end of its log, which now "
-                        "starts at %d: the log was replaced (the topic deleted and created "
-                        "again). It is read from there, so events sent before may be sent "
-                        "again", _fmt([tp]), at, offset)
         elif offset <= last:
             del self._reset_at[tp]  # `_went_back` tells it
 

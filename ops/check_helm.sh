@@ -492,6 +492,18 @@ label63=$(printf 'a%.0s' $(seq 1 63))  # four labels the label rule takes, 255 c
 expect_refused endpoint-long "userpilot: {analyticsEndpoint: $label63.$label63.$label63.$label63.io}" "analyticsEndpoint"
 expect_refused config-empty-part 'kafka: {config: {"socket..timeout.ms": "1000"}}' "socket..timeout.ms"
 expect_secret_unquoted token-secret 'userpilot: {apiKey: "Token HUNTER2"}' HUNTER2
+# A registry URL with credentials and no user still gets the chart's own message, not the
+# schema's bare "not failed" (review "compat53").
+expect_refused registry-blank-user 'schemaRegistry: {url: "https://:tok3n@registry:8443"}' "schemaRegistry.url holds credentials"
+# A Kafka secret that is exactly $(VAR) of a variable from a Secret defined before it
+# renders (Kubernetes expands it; the Deployment shows the reference only); before it, not.
+expect_refused kafka-secret-ref-late 'extraEnv: [{name: KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET, value: "$(IDP_SECRET)"}, {name: IDP_SECRET, valueFrom: {secretKeyRef: {name: idp, key: secret}}}]' "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET is \$(IDP_SECRET), but IDP_SECRET is not defined before it"
+printf '%s\n' 'extraEnv: [{name: IDP_SECRET, valueFrom: {secretKeyRef: {name: idp, key: secret}}}, {name: KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET, value: "$(IDP_SECRET)"}]' \
+  >"$OUT/kafka-secret-ref.values.yaml"
+"$HELM" template "$RELEASE" "$CHART" --kube-version "$KUBE_VERSION" "${TOKEN[@]}" \
+  -f "$OUT/kafka-secret-ref.values.yaml" >/dev/null \
+  || die "a Kafka secret written \$(VAR) of a Secret's variable defined before it must render"
+printf '    ok  %-20s %s\n' kafka-secret-ref "renders"
 expect_secret_unquoted redis-query-secret 'redis: {url: "redis://r:6379/0?password=HUNTER2#x"}' HUNTER2
 expect_secret_unquoted redis-no-at 'redis: {url: "redis://:HUNTER2/host"}' HUNTER2
 expect_secret_unquoted registry-no-scheme 'schemaRegistry: {url: "user:HUNTER2@sr:8081"}' HUNTER2

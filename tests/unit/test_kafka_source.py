@@ -662,12 +662,41 @@ def test_a_log_level_under_the_reset_s_still_sees_it_and_logs_only_what_was_aske
     assert kept["log_level"] == 7
 
 
-def test_an_offset_reset_is_told_on_the_poll_thread_as_librdkafka_logs_it() -> None:
-    told: list[tuple[tuple[str, int], int]] = []
+class _Marks:
+    """The consumer as `_tell_resets` uses it: the broker's high watermark per partition."""
+
+    def __init__(self, ends: dict[int, int]) -> None:
+        self.ends = ends
+
+    def consume(self, num_messages: int, timeout: float) -> list[object]:
+        return []
+
+    def poll(self, timeout: float) -> None:
+        return None
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float,
+                              cached: bool) -> tuple[int, int]:
+        if tp.partition not in self.ends:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return 0, self.ends[tp.partition]
+
+
+def test_an_offset_reset_is_told_after_the_call_with_where_it_lay() -> None:
+    """Told once the call that logged it returns (no client call inside librdkafka's log
+    callback), before its batch is taken, with whether the position lay past the log's
+    end (a log replaced) or before its start (offsets removed), asked of the broker."""
+    told: list[tuple[tuple[str, int], int, bool | None]] = []
     src = KafkaSource({"bootstrap.servers": "127.0.0.1:1", "group.id": "unit",
                        "logger": logging.getLogger("test.librdkafka")}, ["t"],
                       on_assign=lambda _p: None, on_revoke=lambda _p: None,
                       on_lost=lambda _p: None,
-                      on_reset=lambda tp, at: told.append((tp, at)))
-    src._reset_seen(("t", 0), 20)
-    assert told == [(("t", 0), 20)]
+                      on_reset=lambda tp, at, beyond: told.append((tp, at, beyond)))
+    src._consumer = _Marks({0: 6000, 1: 20})  # type: ignore[assignment]
+    src._reset_seen(("t", 0), 20)  # retention removed 20.. : before the log's start
+    src._reset_seen(("t", 1), 120)  # past the end of a shorter log
+    src._reset_seen(("t", 2), 7)  # the broker does not say
+    assert told == []
+    src.consume(10, 0)
+    assert told == [(("t", 0), 20, False), (("t", 1), 120, True), (("t", 2), 7, None)]
+    src.consume(10, 0)
+    assert len(told) == 3

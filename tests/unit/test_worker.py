@@ -3306,7 +3306,10 @@ def test_dead_letters_log_one_line_per_reason_per_interval(
     """Review "night53": one WARNING per dead letter, 50 in 49 ms, buried the guard's
     CRITICAL line, and a bad stream under the guard's ratio logged one per event for
     ever. One line per reason per 10 s; the metric counts every one."""
-    bad = [b"not avro %d" % i for i in range(30)]
+    # Undecodable for several causes, each its own text (review "diff53b": the limit keyed
+    # on the text's first word too, one line per cause)
+    bad = [[b"not avro %d" % i, b"\x00\x00", b"\x00\x00\x00\x00\x01"][i % 3]
+           for i in range(30)]
     run = make(log_of(*bad, track("u1", 1)), registry=known_schema(),
                USERPILOT_ENSURE_USER="false", WORKER_DLQ_MAX_CONSECUTIVE="100")
 

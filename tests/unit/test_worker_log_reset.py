@@ -257,7 +257,7 @@ class Trimmed(FakeSource):
                 self.log[tp] = [m for m in self.log[tp] if m._offset >= first]
                 del self.trim[tp]
                 assert self.cb.on_reset is not None
-                self.cb.on_reset(tp, at)
+                self.cb.on_reset(tp, at, False)
         return super().consume(max_messages, timeout_s)
 
 
@@ -293,30 +293,36 @@ def test_offsets_retention_removed_before_they_were_read_are_counted_and_told(
 def test_a_commit_past_a_replaced_log_s_end_is_told_once_nothing_was_taken() -> None:
     """A commit above the end of a log replaced while the workers were stopped: the log is
     read again whole (documented); now with a line and `log_resets`, as a log going back
-    under a running worker. Below `at` once offsets were taken is `_went_back`'s."""
+    under a running worker. Past the end under taken events is `_went_back`'s."""
     tp = (TOPIC, 0)
     run = make({tp: []}, registry=known_schema())
     worker = run.worker
     worker.commits.assign([tp])
-    worker._reset_at[tp] = (120, False)
-    worker._after_reset(tp, -1, 0)  # nothing taken since the assignment
-    worker._after_reset(tp, 0, 1)  # the new log goes on: told once
+    worker._on_reset(tp, 120, True)
     assert worker.m.log_resets.labels(TOPIC)._value.get() == 1
-    worker._after_reset(tp, 119, 120)  # reaching the old position skips nothing
-    assert tp not in worker._reset_at
+    assert tp not in worker._resets_in, "nothing left to judge: no stale entry"
+    worker.commits.take(tp, 0)
+    worker._on_reset(tp, 120, True)  # under a taken event: `_went_back` tells it
+    assert worker.m.log_resets.labels(TOPIC)._value.get() == 1
     assert worker.m.skipped_offsets.labels(TOPIC)._value.get() == 0
 
 
-def test_messages_fetched_before_a_reset_are_not_taken_for_it() -> None:
+@pytest.mark.parametrize("beyond_end", [False, None])
+def test_messages_fetched_before_a_reset_are_not_taken_for_it(beyond_end: bool | None) -> None:
     """Review "diff53a": librdkafka had fetched ahead when retention overtook the
     position; the reset's line came before those messages, the first of them was taken
-    for the log's new start, and the 13,832 offsets skipped after them went uncounted."""
+    for the log's new start, and the 13,832 offsets skipped after them went uncounted.
+    Review "diff53b": right after an assignment (nothing taken yet) too, where the first
+    version called them a log replaced."""
     tp = (TOPIC, 0)
     run = make({tp: []}, registry=known_schema())
     worker = run.worker
     worker.commits.assign([tp])
-    worker._reset_at[tp] = (6168, False)
-    for offset in (2220, 2221, 6167):  # prefetched: they continue the partition
+    worker._on_reset(tp, 6168, beyond_end)
+    worker._on_reset(tp, 7000, beyond_end)  # a second before any message: the first holds
+    worker._reset_at.update(worker._resets_in)
+    worker._after_reset(tp, -1, 2220)  # prefetched, nothing taken yet
+    for offset in (2221, 6167):  # prefetched: they continue the partition
         worker._after_reset(tp, offset - 1, offset)
     assert worker.m.log_resets.labels(TOPIC)._value.get() == 0
     worker._after_reset(tp, 6167, 20000)
@@ -329,7 +335,7 @@ def test_a_log_that_went_back_after_a_reset_is_left_to_went_back() -> None:
     run = make({tp: []}, registry=known_schema())
     worker = run.worker
     worker.commits.assign([tp])
-    worker._reset_at[tp] = (50, False)
+    worker._reset_at[tp] = 50
     worker._after_reset(tp, 49, 0)
     assert tp not in worker._reset_at
     assert worker.m.log_resets.labels(TOPIC)._value.get() == 0  # `_went_back` counts it

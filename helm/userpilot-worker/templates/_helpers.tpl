@@ -297,13 +297,23 @@ Deployment, so every render runs them.
 {{- fail (printf "%s's password is $(%s), but %s is not defined before it: Kubernetes leaves the reference as it is and the worker refuses it. Define %s (valueFrom a Secret) before %s in kafka.extraEnv or extraEnv" $entry.name $var $var $var $entry.name) }}
 {{- end }}
 {{- end }}
+{{- /* A Kafka secret written as exactly $(VAR) of a variable taken from a Secret shows
+   nothing in the Deployment, as the proxy passwords above (review "compat53"), when VAR
+   comes before it. */}}
+{{- $whole := regexFind "^\\$\\(([A-Za-z_][A-Za-z0-9_]*)\\)$" (toString ($entry.value | default "")) }}
+{{- if and $whole (has (upper (toString $entry.name)) $secretNames) (not $fromEnvFrom) }}
+{{- $var := trimSuffix ")" (trimPrefix "$(" $whole) }}
+{{- if not (has $var $seen) }}
+{{- fail (printf "%s is $(%s), but %s is not defined before it: Kubernetes leaves the reference as it is and librdkafka gets the text. Define %s (valueFrom a Secret) before %s in kafka.extraEnv or extraEnv" $entry.name $var $var $var $entry.name) }}
+{{- end }}
+{{- end }}
 {{- $seen = append $seen (toString $entry.name) }}
 {{- end }}
 {{- range $where, $entries := dict "extraEnv" $v.extraEnv "kafka.extraEnv" $v.kafka.extraEnv }}
 {{- range $entries }}
 {{- /* Any case: `Kafka_Sasl_Password` rendered the password, then every pod refused the name
    (review "config48"). */}}
-{{- if and (has (upper .name) $secretNames) (hasKey . "value") (ne (toString .value) "") }}
+{{- if and (has (upper .name) $secretNames) (hasKey . "value") (ne (toString .value) "") (not (regexMatch "^\\$\\([A-Za-z_][A-Za-z0-9_]*\\)$" (toString .value))) }}
 {{- fail (printf "%s sets %s as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}) or put it in kafka.existingSecret" $where .name) }}
 {{- end }}
 {{- /* A proxy URL with a password in it (`http://user:password@proxy:3128`, or without the
