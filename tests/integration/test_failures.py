@@ -1025,3 +1025,29 @@ def test_replay_waits_for_an_answer_that_comes_after_its_first_flush(
     assert again.replayed == 0
     wait_until(lambda: len(read_topic(kafka_bootstrap, origin)) >= 1, 30, "replayed")
     assert [m.value() for m in read_topic(kafka_bootstrap, origin)] == [b"v0"], "once"
+
+
+def test_replay_topic_selects_the_dead_letters_of_one_source_topic(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """Review "multi53": with one DLQ for several topics, the dead letters of the topic
+    whose cause was fixed could not be replayed alone. `--topic` replays those, and a run
+    without it (another selection) still sees every record."""
+    from confluent_kafka import Producer
+
+    fixed, other = topic_factory(suffix="-fixed"), topic_factory(suffix="-other")
+    dlq = topic_factory(suffix="-dlq")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i, origin in enumerate([fixed, other, fixed, other, other]):
+        producer.produce(dlq, value=b"v%d" % i, headers=[
+            ("__connect.errors.topic", origin.encode()),
+            ("__connect.errors.partition", b"0"), ("__connect.errors.offset", b"%d" % i)])
+    assert producer.flush(30) == 0
+    done, _ = _replay(dlq, kafka_bootstrap, "--topic", fixed)
+    assert (done["summary"]["replayed"], done["summary"]["skipped_by_filter"]) == (2, 3), done
+    wait_until(lambda: len(read_topic(kafka_bootstrap, fixed)) == 2, 30, "replayed")
+    assert sorted(m.value() for m in read_topic(kafka_bootstrap, fixed)) == [b"v0", b"v2"]
+    assert read_topic(kafka_bootstrap, other) == []
+    _, lines = _replay(dlq, kafka_bootstrap, "--dry-run")
+    assert sorted(json.loads(line)["to"] for line in lines) == sorted(
+        [fixed, other, fixed, other, other])
