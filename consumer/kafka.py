@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 log.addFilter(RateLimit(10.0))
 
 WATERMARK_SLICE_S = 0.25  # a high watermark lookup waits at most this long
+RESET_ASK_S = 1.0  # the lookups after offset resets (`_tell_resets`), all together
 COMMIT_SILENCE_S = 8.0  # an unanswered commit this old means Kafka is not answering
 SYNC_PROBE_S = 2.0
 """Before a synchronous commit (a revoke's), the group coordinator must answer a committed
@@ -456,7 +457,10 @@ class KafkaSource:
         noted, self._noted_resets = self._noted_resets, []
         if self._on_reset is None:
             return
-        ends = self.high_watermarks([tp for tp, _ in noted], WATERMARK_SLICE_S * len(noted))
+        # At most a second of the poll thread however many reset together (hundreds of
+        # partitions of a topic retention overtook): those not asked count as unknown.
+        ends = self.high_watermarks([tp for tp, _ in noted],
+                                    min(RESET_ASK_S, WATERMARK_SLICE_S * len(noted)))
         for tp, at in noted:
             end = ends.get(tp, -1)
             self._on_reset(tp, at, at > end if end >= 0 else None)
