@@ -16,7 +16,8 @@ Per (token, endpoint, messageId) one Redis key moves through
   later events, 25 s behind a confirm that came 50 ms later (review "redis25"). Claim once
   before the limiter (a duplicate costs no budget) and again right before each request:
   re-claiming one's own claim extends it, and an expired claim is simply taken again, so
-  the claim TTL only has to cover one request (default 2 × request timeout + 5 s).
+  the claim TTL only has to cover one request and a frozen replica's session (default
+  the longer of 2 × request timeout and the group's session timeout, + 5 s).
 - ``owner`` must be unique per process and record (e.g. ``<instance>/<topic>/<partition>/
   <offset>``): after a crash the re-reading replica then waits for the claim TTL instead of
   racing a zombie's request.
@@ -54,7 +55,8 @@ requests it had on the wire that Userpilot had taken: its answer time plus one R
 trip, so about rate × answer time requests per death) and the event is consumed
 again after the claim TTL; (b) a request times out after Userpilot accepted it and the
 retry is accepted too (no idempotency key can tell them apart); (c) a request outlives its
-claim TTL (claim TTL > request timeout prevents it unless the process stalls); (d) Redis is
+claim TTL (claim TTL > request timeout and > the session timeout prevents it unless the
+process stalls past the session, when the group takes its partitions); (d) Redis is
 unreachable, lost its data (no persistence) or the record's TTL passed before the re-read.
 
 Memory: a confirmed record is one string key (62 bytes for a UUID messageId) with a TTL:

@@ -39,7 +39,7 @@ from consumer.librdkafka import (
     consumer_settings,
     producer_settings,
 )
-from consumer.logs import RateLimit
+from consumer.logs import RateLimit, partitions_text
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
 
 __all__ = [
@@ -113,8 +113,9 @@ class _ResetWatch:
     never handed over: events lost unseen, with nothing but this line to tell, and that
     line rate-limited with the topic's others (review "topo53"). Seen here, before the
     logger's filters; called on the thread that polls (confluent-kafka serves librdkafka's
-    log queue in `consume`/`poll`). Records below `floor` (a `log_level` under 4 that the
-    watch raised) are not passed on.
+    log queue in `consume`/`poll`). With a `log_level` under 4 raised for the watch, the
+    warning-and-above levels the raise let in (below `floor`) are not passed on; DEBUG and
+    INFO lines (`KAFKA_DEBUG`) are.
     """
 
     __slots__ = ("_floor", "_logger", "_seen")
@@ -329,15 +330,14 @@ class KafkaSource:
             if paused:
                 self._consumer.pause(paused)
         except KafkaException as exc:
-            log.warning("assigning %s again failed (%s); asking again",
-                        ", ".join(f"{t}[{p}]" for t, p in parts), exc)
+            log.warning("assigning %s again failed (%s); asking again", partitions_text(parts), exc)
             return
         now = time.monotonic()
         for tp in parts:
             self._unstarted[tp] = now  # a new assignment: watched again
         log.warning("librdkafka never started fetching %s (its committed offsets were refused "
                     "when it was assigned, librdkafka#5586): assigned again",
-                    ", ".join(f"{t}[{p}]" for t, p in parts))
+                    partitions_text(parts))
         if self._on_refetch is not None:
             self._on_refetch(parts)
 

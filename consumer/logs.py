@@ -16,7 +16,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any
 
@@ -275,3 +275,30 @@ def librdkafka_logger(interval: float = 10.0) -> logging.Logger:
     if not any(isinstance(f, RateLimit) for f in logger.filters):
         logger.addFilter(RateLimit(interval))
     return logger
+
+
+def offset_ranges(offsets: Iterable[int]) -> str:
+    """Offsets as `replay --skip-void` takes them: `5,7-9`."""
+    out: list[str] = []
+    low = high = None
+    for offset in sorted(set(offsets)):
+        if high is not None and offset == high + 1:
+            high = offset
+            continue
+        if low is not None:
+            out.append(f"{low}" if low == high else f"{low}-{high}")
+        low = high = offset
+    if low is not None:
+        out.append(f"{low}" if low == high else f"{low}-{high}")
+    return ",".join(out)
+
+
+def partitions_text(parts: Iterable[tuple[str, int]]) -> str:
+    """Partitions for a log line, each topic's as ranges: `t[0-299]`, `t[0,3-5],u[1]`.
+    One entry each made an assignment of 500 partitions a line of 7-13 KB, which the
+    container runtime splits past 16 KiB (review "scale53")."""
+    by_topic: dict[str, list[int]] = {}
+    for topic, partition in parts:
+        by_topic.setdefault(topic, []).append(partition)
+    return ",".join(f"{t}[{offset_ranges(ps)}]"
+                    for t, ps in sorted(by_topic.items())) or "nothing"

@@ -44,7 +44,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -79,7 +79,7 @@ from consumer.kafka import (
 )
 from consumer.keyless import KeylessOrder, decided_user
 from consumer.lag import Lag
-from consumer.logs import RateLimit
+from consumer.logs import RateLimit, offset_ranges, partitions_text
 from consumer.metrics import Children, Metrics
 from consumer.offsets import Finished
 from consumer.overflow import Overflow
@@ -681,8 +681,15 @@ class Worker:
         # The partitions held at the stop only: one revoked long before kept the offset
         # this replica last committed, which its next owner has moved past since.
         held = set(assigned)
-        log.info("stopped; committed %s", {f"{t}[{p}]": o for (t, p), o in
-                                            sorted(self.committed.items()) if (t, p) in held})
+        # Per topic, offsets by partition: one entry each was a line over 16 KiB with
+        # hundreds of partitions, which container runtimes split (review "whole53").
+        by_topic: dict[str, dict[int, int]] = {}
+        for (t, p), o in sorted(self.committed.items()):
+            if (t, p) in held:
+                by_topic.setdefault(t, {})[p] = o
+        log.info("stopped; committed %s", "; ".join(
+            f"{t}: " + ",".join(f"{p}@{o}" for p, o in parts.items())
+            for t, parts in by_topic.items()) or "nothing")
 
     async def _settle(self, scheduler: Scheduler[Event], parts: Sequence[TP] | None,
                       grace: float) -> tuple[int, int]:
@@ -773,7 +780,7 @@ class Worker:
         if since is None:
             return
         skips = " ".join(f"--skip-void {self.handler.instance}/{tp[0]}:{tp[1]}@"
-                         f"{_ranges(offsets)}" for tp, offsets in sorted(void.items()))
+                         f"{offset_ranges(offsets)}" for tp, offsets in sorted(void.items()))
         log.critical("the dead letters this run wrote since %s of %d events are not committed: "
                      "once the cause is fixed the workers read those events again and deliver "
                      "them, so do not replay them; replay the others: `python -m consumer "
@@ -931,7 +938,7 @@ class Worker:
         log.warning("%s starts at offset %d, below its committed offset %d: its log was "
                     "replaced or truncated. What the previous owner named finished above %d "
                     "is not skipped; those events are delivered (some may be sent again)",
-                    _fmt([tp]), offset, floor, floor)
+                    partitions_text([tp]), offset, floor, floor)
 
     def _went_back(self, tp: TP, last: int, offset: int, marks: dict[TP, int]) -> None:
         """`tp` handed over `offset` after `last`: its log was replaced (the topic deleted and
@@ -955,7 +962,7 @@ class Worker:
                   "old log still in flight are delivered but no longer hold its commits. "
                   "Stop the workers before recreating a source topic: when the new log is "
                   "already longer, Kafka's client goes on from offset %d and skips the "
-                  "records before it unseen", _fmt([tp]), last, offset, offset, last + 1)
+                  "records before it unseen", partitions_text([tp]), last, offset, offset, last + 1)
 
     def _take(self, message: KafkaMessage, tp: TP, offset: int, decoded: codec.Event | None,
               marks: dict[TP, int], scheduler: Scheduler[Event]) -> Any:
@@ -1468,7 +1475,8 @@ class Worker:
         if finished:
             log.info("previous owners finished %d events above their commits on %s; they "
                      "are skipped", sum(end - start + 1 for ranges in finished.values()
-                                        for start, end in ranges.ranges), _fmt(sorted(finished)))
+                                        for start, end in ranges.ranges),
+                     partitions_text(sorted(finished)))
         return unanswered
 
     def _final_commit(self, source: Source, wait_s: float = FINAL_COMMIT_WAIT_S) -> None:
@@ -1512,7 +1520,9 @@ class Worker:
                 log.warning("%s: its committed offset %d is past the end of its log: the log "
                             "was replaced (the topic deleted and created again). It is read "
                             "from its start, so events sent before may be sent again",
-                            _fmt([tp]), at)
+                            partitions_text([tp]), at)
+                # (Replaced under messages fetched from the old log in this same call, `at`
+                # was their next offset and `_went_back` counts it again: left, rare.)
             return
         with self._parts_lock:
             self._resets_in.setdefault(tp, at)
@@ -1541,7 +1551,7 @@ class Worker:
                           "markers count too) were neither delivered nor dead-lettered, and "
                           "are not in Kafka any more. Keep the topic's retention above the "
                           "longest backlog the workers may hold (a Userpilot outage, the lag "
-                          "alerts)", _fmt([tp]), at, offset - 1, offset, offset - at)
+                          "alerts)", partitions_text([tp]), at, offset - 1, offset, offset - at)
         elif offset <= last:
             del self._reset_at[tp]  # `_went_back` tells it
 
@@ -1557,7 +1567,7 @@ class Worker:
             self._reshare_at = 0.0  # a new assignment is counted at once, not after a backoff
             count = len(self.assigned)
         self.health.set_assigned(True)
-        log.info("assigned %s (now %d partitions)", _fmt(parts), count)
+        log.info("assigned %s (now %d partitions)", partitions_text(parts), count)
 
     def _reshare(self, source: Source) -> float | None:
         """Poll thread: this replica's share of the token's limit, owned ÷ all partitions
@@ -1642,7 +1652,7 @@ class Worker:
     def _on_revoke(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("revoke").inc()
         self._release(parts, commit=True)
-        log.info("revoked %s", _fmt(parts))
+        log.info("revoked %s", partitions_text(parts))
 
     def _on_lost(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("lost").inc()
@@ -1651,7 +1661,7 @@ class Worker:
             left = len(self.assigned)
         if not left:
             self.health.set_assigned(False, lost=True)  # not ready until assigned again
-        log.warning("lost %s (no commit: another member may own them)", _fmt(parts))
+        log.warning("lost %s (no commit: another member may own them)", partitions_text(parts))
 
     def _release(self, parts: list[TP], *, commit: bool) -> None:
         """Settle the partitions' in-flight events on the loop, commit, forget them.
@@ -1690,11 +1700,11 @@ class Worker:
                 left, cut = await self._settle(scheduler, parts, budget)
                 if left - cut:
                     log.info("revoke: %d events of %s not sent yet; the next owner "
-                             "delivers them", left - cut, _fmt(parts))
+                             "delivers them", left - cut, partitions_text(parts))
                 if cut:
                     log.warning("revoke: %d requests of %s cut on the wire (the grace "
                                 "ended, or Userpilot was failing); Userpilot may have them, "
-                                "and the next owner sends them again", cut, _fmt(parts))
+                                "and the next owner sends them again", cut, partitions_text(parts))
             finally:
                 self._let_go_held(parts)
                 self.keyless.forget(parts)  # unresolved events abandoned before they ran
@@ -1708,7 +1718,7 @@ class Worker:
             # stays uncommitted; the next owner delivers it.
             settling.cancel()
             log.error("revoke: %s not settled in %.0f s; committing what finished",
-                      _fmt(parts), wait)
+                      partitions_text(parts), wait)
         if commit:
             try:
                 # Synchronous only while Kafka answers: a revoke during an outage (close()
@@ -1757,28 +1767,3 @@ class Worker:
             assigned = set(self.assigned)
             paused = set(self.paused)
         self.lag.on_stats(stats, assigned, paused)
-
-def _ranges(offsets: Iterable[int]) -> str:
-    """Offsets as `replay --skip-void` takes them: `5,7-9`."""
-    out: list[str] = []
-    low = high = None
-    for offset in sorted(set(offsets)):
-        if high is not None and offset == high + 1:
-            high = offset
-            continue
-        if low is not None:
-            out.append(f"{low}" if low == high else f"{low}-{high}")
-        low = high = offset
-    if low is not None:
-        out.append(f"{low}" if low == high else f"{low}-{high}")
-    return ",".join(out)
-
-
-def _fmt(parts: Iterable[TP]) -> str:
-    """Partitions for a log line, each topic's as ranges: `t[0-299]`, `t[0,3-5],u[1]`.
-    One entry each made an assignment of 500 partitions a line of 7-13 KB, which the
-    container runtime splits past 16 KiB (review "scale53")."""
-    by_topic: dict[str, list[int]] = {}
-    for topic, partition in parts:
-        by_topic.setdefault(topic, []).append(partition)
-    return ",".join(f"{t}[{_ranges(ps)}]" for t, ps in sorted(by_topic.items())) or "nothing"

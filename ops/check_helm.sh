@@ -497,7 +497,8 @@ expect_secret_unquoted token-secret 'userpilot: {apiKey: "Token HUNTER2"}' HUNTE
 expect_refused registry-blank-user 'schemaRegistry: {url: "https://:tok3n@registry:8443"}' "schemaRegistry.url holds credentials"
 # A Kafka secret that is exactly $(VAR) of a variable from a Secret defined before it
 # renders (Kubernetes expands it; the Deployment shows the reference only); before it, not.
-expect_refused kafka-secret-ref-late 'extraEnv: [{name: KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET, value: "$(IDP_SECRET)"}, {name: IDP_SECRET, valueFrom: {secretKeyRef: {name: idp, key: secret}}}]' "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET is \$(IDP_SECRET), but IDP_SECRET is not defined before it"
+expect_refused kafka-secret-ref-late 'extraEnv: [{name: KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET, value: "$(IDP_SECRET)"}, {name: IDP_SECRET, valueFrom: {secretKeyRef: {name: idp, key: secret}}}]' "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET is \$(IDP_SECRET), but IDP_SECRET is not taken from a Secret before it"
+expect_refused kafka-secret-ref-plain 'extraEnv: [{name: IDP_SECRET, value: hunter2-plain}, {name: KAFKA_SASL_PASSWORD, value: "$(IDP_SECRET)"}]' "KAFKA_SASL_PASSWORD is \$(IDP_SECRET), but IDP_SECRET is not taken from a Secret before it"
 printf '%s\n' 'extraEnv: [{name: IDP_SECRET, valueFrom: {secretKeyRef: {name: idp, key: secret}}}, {name: KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET, value: "$(IDP_SECRET)"}]' \
   >"$OUT/kafka-secret-ref.values.yaml"
 "$HELM" template "$RELEASE" "$CHART" --kube-version "$KUBE_VERSION" "${TOKEN[@]}" \

@@ -37,7 +37,7 @@ from consumer.deadletter import replay_seal
 from consumer.errors import DlqRecordTooLarge, RateLimited, Rejected, ServerError
 from consumer.health import Health
 from consumer.kafka import Partitions
-from consumer.logs import RateLimit
+from consumer.logs import RateLimit, partitions_text
 from consumer.metrics import Metrics
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
 from consumer.registry import Registry
@@ -3852,7 +3852,7 @@ def test_a_group_whose_every_state_was_set_again_before_its_dead_letter_is_not_h
 def test_partitions_in_a_log_line_are_ranges_per_topic() -> None:
     """Review "scale53": one entry per partition made an assignment of 500 partitions a
     line of 7-13 KB, split by the container runtime past 16 KiB."""
-    fmt = worker_module._fmt
+    fmt = partitions_text
     assert fmt([("t", 0)]) == "t[0]"
     assert fmt([("u", 1), ("t", 5), ("t", 3), ("t", 4), ("t", 0)]) == "t[0,3-5],u[1]"
     assert fmt([]) == "nothing"

@@ -244,9 +244,9 @@ def test_a_note_read_late_that_is_the_workers_own_is_not_another_logs(
 @dataclass
 class Trimmed(FakeSource):
     """Before its first message is handed over, a partition's log is found to start at
-    `trim[tp]` (retention removed the offsets below, or the log was replaced by a shorter
-    one): Kafka's client goes on from there and says so, as `KafkaSource` does, with
-    `on_reset(tp, where it was, the first offset handed over)`."""
+    `trim[tp]` (retention removed the offsets below): Kafka's client goes on from there and
+    says so, as `KafkaSource` does, with `on_reset(tp, where it was, False)` (not past the
+    log's end) before handing over the messages fetched since."""
 
     # tp: (where the client was, the log's first offset now)
     trim: dict[TP, tuple[int, int]] = field(default_factory=lambda: {(TOPIC, 0): (2, 17)})

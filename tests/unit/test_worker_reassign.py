@@ -133,4 +133,4 @@ def test_the_stop_line_names_only_the_partitions_held_at_the_stop(
     with caplog.at_level(logging.INFO, logger="consumer.worker"):
         assert drive(run, scenario) == 0
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped;")]
-    assert line == f"stopped; committed {{'{TOPIC}[1]': 1}}"
+    assert line == f"stopped; committed {TOPIC}: 1@1"

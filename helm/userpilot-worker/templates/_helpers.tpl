@@ -288,6 +288,7 @@ Deployment, so every render runs them.
    envFrom source); otherwise the worker gets the text and refuses it in every pod (review
    "compat52"). */}}
 {{- $seen := list }}
+{{- $secretRefs := list }}
 {{- $fromEnvFrom := or $v.kafka.existingSecret $v.extraEnvFrom }}
 {{- range $entry := concat ($v.kafka.extraEnv | default list) ($v.extraEnv | default list) }}
 {{- $ref := regexFind "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@:]*:\\$\\([A-Za-z_][A-Za-z0-9_]*\\)@" (toString ($entry.value | default "")) }}
@@ -303,11 +304,14 @@ Deployment, so every render runs them.
 {{- $whole := regexFind "^\\$\\(([A-Za-z_][A-Za-z0-9_]*)\\)$" (toString ($entry.value | default "")) }}
 {{- if and $whole (has (upper (toString $entry.name)) $secretNames) (not $fromEnvFrom) }}
 {{- $var := trimSuffix ")" (trimPrefix "$(" $whole) }}
-{{- if not (has $var $seen) }}
-{{- fail (printf "%s is $(%s), but %s is not defined before it: Kubernetes leaves the reference as it is and librdkafka gets the text. Define %s (valueFrom a Secret) before %s in kafka.extraEnv or extraEnv" $entry.name $var $var $var $entry.name) }}
+{{- if not (has $var $secretRefs) }}
+{{- fail (printf "%s is $(%s), but %s is not taken from a Secret before it: Kubernetes leaves the reference as it is (or expands a plain value the Deployment shows). Define %s (valueFrom a Secret) before %s in kafka.extraEnv or extraEnv" $entry.name $var $var $var $entry.name) }}
 {{- end }}
 {{- end }}
 {{- $seen = append $seen (toString $entry.name) }}
+{{- if hasKey $entry "valueFrom" }}
+{{- $secretRefs = append $secretRefs (toString $entry.name) }}
+{{- end }}
 {{- end }}
 {{- range $where, $entries := dict "extraEnv" $v.extraEnv "kafka.extraEnv" $v.kafka.extraEnv }}
 {{- range $entries }}
