@@ -108,7 +108,7 @@ def hold_after_guard(health: Health, seconds: float, beat_s: float = 1.0) -> boo
 
 def _unreachable(problems: list[str]) -> int:
     for problem in problems:
-        error_line(printable(problem))  # one line each: it may quote another party's text
+        error_line(problem, quoted=True)  # one line each: it may quote another party's
     return 1
 
 

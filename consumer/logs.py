@@ -145,12 +145,15 @@ class _Json(logging.Formatter):
         return json_line(doc, default=str)
 
 
-def error_line(text: str, env: Mapping[str, str] | None = None) -> None:
+def error_line(text: str, env: Mapping[str, str] | None = None, *,
+               quoted: bool = False) -> None:
     """A command's last word, on stderr: `error: …`, or once logging is JSON, one JSON
     line as every other (a plain-text line was the only record of why `run` stopped that
     a log shipper could not parse, review "ops31"), secrets masked as in every line.
     `env`: where logging is not set up yet (the settings were refused), its
-    WORKER_LOG_FORMAT=json still asks for JSON (review "config35")."""
+    WORKER_LOG_FORMAT=json still asks for JSON (review "config35"). `quoted`: the text is
+    another party's (a service's refusal): its line breaks escaped too, in text format only
+    (the JSON line escapes it itself; escaped before, it read `\\x1b`, review "diff52a")."""
     wanted = (env or {}).get("WORKER_LOG_FORMAT", "").strip().lower() == "json"
     if wanted and not _logging_json():
         configure_logging("WARNING", "json")
@@ -161,7 +164,7 @@ def error_line(text: str, env: Mapping[str, str] | None = None) -> None:
         # endpoint's error body wrote a forged line and terminal escapes, review
         # "logsec52"); its own line breaks kept (a list of problems), any other quoted
         # party's escaped where it is quoted.
-        print(f"error: {printable(_masked(text), newlines=True)}", file=sys.stderr)
+        print(f"error: {printable(_masked(text), newlines=not quoted)}", file=sys.stderr)
 
 
 def _masked(text: str) -> str:

@@ -393,3 +393,18 @@ def test_a_commands_error_line_is_escaped_and_masked_in_text(
     err = capsys.readouterr().err
     assert err == ("error: refused: denied\\x0dERROR forged\\x1b[2J\\x1b]0;PWNED\\x07\\u202e "
                    "***\n  - next\n")
+
+
+def test_a_quoted_error_line_is_escaped_in_text_and_left_to_the_json_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Review "diff52a": an unreachable service's text was escaped before the JSON line
+    escaped it again: a JSON reader saw `\\x1b` spelled out."""
+    from consumer.logs import error_line
+
+    said = "Kafka at k:9092 said \x1b[2J\nforged"
+    configure_logging("INFO", "text")
+    error_line(said, quoted=True)
+    assert capsys.readouterr().err == "error: Kafka at k:9092 said \\x1b[2J\\nforged\n"
+    configure_logging("INFO", "json")
+    error_line(said, quoted=True)
+    assert json.loads(capsys.readouterr().err)["message"] == said
