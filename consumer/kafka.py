@@ -402,6 +402,7 @@ class KafkaSource:
         taken = [(p.topic, p.partition) for p in parts]
         for tp in taken:
             self._unstarted.pop(tp, None)
+        self._forget_resets(taken)
         self._refetch.clear()  # a rebalance under way: asked again at the next report
         then(taken)
 
@@ -415,6 +416,7 @@ class KafkaSource:
         self._assigned_at = time.monotonic()
         for tp in parts:
             self._unstarted[tp] = self._assigned_at
+        self._forget_resets(parts)
         self._refetch.clear()  # a rebalance under way: asked again at the next report
         # A commit still out (partitions kept through a cooperative rebalance) is timed from
         # now: cleared, no commit followed it while it was out, and a coordinator that hung
@@ -446,6 +448,15 @@ class KafkaSource:
 
     def _reset_seen(self, tp: TP, at: int) -> None:
         self._noted_resets.append((tp, at))
+
+    def _forget_resets(self, parts: Sequence[TP]) -> None:
+        """Resets noted before a revoke, loss or new assignment served in the same call are
+        of a previous ownership: told after it, one named a position another owner had
+        moved past, and the worker counted the offsets between as lost (review
+        "mutate53")."""
+        if self._noted_resets:
+            gone = set(parts)
+            self._noted_resets = [(tp, at) for tp, at in self._noted_resets if tp not in gone]
 
     def _tell_resets(self) -> None:
         """Each offset reset librdkafka logged: `on_reset(tp, at, beyond_end)`, on the poll

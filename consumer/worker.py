@@ -1525,7 +1525,8 @@ class Worker:
                 # was their next offset and `_went_back` counts it again: left, rare.)
             return
         with self._parts_lock:
-            self._resets_in.setdefault(tp, at)
+            if tp in self.assigned:  # not one taken away meanwhile (review "mutate53")
+                self._resets_in.setdefault(tp, at)
 
     def _after_reset(self, tp: TP, last: int, offset: int) -> None:
         """`tp` had an offset reset before its log's start at `at` (`_reset_at`); `offset`
@@ -1559,8 +1560,6 @@ class Worker:
         self.m.rebalances.labels("assign").inc()
         self.commits.assign(parts)
         with self._parts_lock:
-            for tp in parts:
-                self._resets_in.pop(tp, None)
             self.assigned.update(parts)
             self._fresh.extend(parts)
             self._reshare_due = True
@@ -1679,10 +1678,6 @@ class Worker:
         poll_s = self.s.max_poll_interval_s
         budget = min(self.s.shutdown_grace_s, REVOKE_DRAIN_SHARE * poll_s)
         wait = min(budget + REVOKE_MARGIN_S, REVOKE_WAIT_SHARE * poll_s)
-
-        with self._parts_lock:
-            for tp in parts:
-                self._resets_in.pop(tp, None)
 
         async def drain() -> None:
             self.overflow.forget(parts)

@@ -297,6 +297,7 @@ def test_a_token_longer_than_any_token_is_refused_and_not_quoted() -> None:
     assert "70000 characters long" in message and "paste the token alone" in message
     assert "a" * 100 not in message
     assert load(USERPILOT_API_KEY="a" * 1024).api_key.reveal() == "a" * 1024
+    assert "1025 characters long" in problem(USERPILOT_API_KEY="a" * 1025)
 
 
 # ------------------------------------------------------------------ topics

@@ -234,7 +234,8 @@ def test_the_client_counts_a_retry_after_date_from_the_answers_date() -> None:
     assert exc.retry_after == pytest.approx(10.0, abs=1.5)
 
 
-@pytest.mark.parametrize("date", [None, "", "yesterday", "Wed, 01 May 99999 10:40:00 GMT"])
+@pytest.mark.parametrize("date", [None, "", "yesterday", "Wed, 01 May 99999 10:40:00 GMT",
+                                  "Wed, 21 Oct 9999999999999999999999 07:28:00 GMT"])
 def test_a_retry_after_date_counts_from_this_clock_without_a_usable_date(
         date: str | None) -> None:
     value = email.utils.formatdate(NOW + 120, usegmt=True)

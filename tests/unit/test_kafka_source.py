@@ -615,6 +615,8 @@ _RESET_LINE = ("[thrd:main]: t.x-1 [3]: offset reset (at offset 20 (leader epoch
 
 @pytest.mark.parametrize(("text", "seen"), [
     (_RESET_LINE, [(("t.x-1", 3), 20)]),
+    ("[thrd:main]: t [12]: offset reset (at offset 9, broker 1) to offset BEGINNING: x",
+     [(("t", 12), 9)]),
     ("[thrd:main]: t [0]: offset reset (at offset 7, broker 1) to offset END: x: y",
      [(("t", 0), 7)]),  # librdkafka before leader epochs
     ("[thrd:main]: t [0]: offset reset (at offset INVALID, broker -1) to BEGINNING: x",
@@ -663,10 +665,12 @@ def test_a_log_level_under_the_reset_s_still_sees_it_and_logs_only_what_was_aske
 
 
 class _Marks:
-    """The consumer as `_tell_resets` uses it: the broker's high watermark per partition."""
+    """The consumer as `_tell_resets` uses it: the broker's high watermark per partition,
+    each answer after `delay` seconds (at most the lookup's timeout)."""
 
-    def __init__(self, ends: dict[int, int]) -> None:
+    def __init__(self, ends: dict[int, int], delay: float = 0.0) -> None:
         self.ends = ends
+        self.delay = delay
 
     def consume(self, num_messages: int, timeout: float) -> list[object]:
         return []
@@ -676,6 +680,7 @@ class _Marks:
 
     def get_watermark_offsets(self, tp: TopicPartition, timeout: float,
                               cached: bool) -> tuple[int, int]:
+        time.sleep(min(self.delay, timeout))
         if tp.partition not in self.ends:
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
         return 0, self.ends[tp.partition]
@@ -691,12 +696,68 @@ def test_an_offset_reset_is_told_after_the_call_with_where_it_lay() -> None:
                       on_assign=lambda _p: None, on_revoke=lambda _p: None,
                       on_lost=lambda _p: None,
                       on_reset=lambda tp, at, beyond: told.append((tp, at, beyond)))
-    src._consumer = _Marks({0: 6000, 1: 20})  # type: ignore[assignment]
+    src._consumer = _Marks({0: 6000, 1: 20, 3: 0})  # type: ignore[assignment]
     src._reset_seen(("t", 0), 20)  # retention removed 20.. : before the log's start
     src._reset_seen(("t", 1), 120)  # past the end of a shorter log
     src._reset_seen(("t", 2), 7)  # the broker does not say
+    src._reset_seen(("t", 3), 120)  # past the end of an empty one
     assert told == []
     src.consume(10, 0)
-    assert told == [(("t", 0), 20, False), (("t", 1), 120, True), (("t", 2), 7, None)]
+    assert told == [(("t", 0), 20, False), (("t", 1), 120, True), (("t", 2), 7, None),
+                    (("t", 3), 120, True)]
     src.consume(10, 0)
-    assert len(told) == 3
+    assert len(told) == 4
+
+
+def _told_source(told: list[tuple[tuple[str, int], int, bool | None]]) -> KafkaSource:
+    return KafkaSource({"bootstrap.servers": "127.0.0.1:1", "group.id": "unit",
+                        "logger": logging.getLogger("test.librdkafka")}, ["t"],
+                       on_assign=lambda _p: None, on_revoke=lambda _p: None,
+                       on_lost=lambda _p: None,
+                       on_reset=lambda tp, at, beyond: told.append((tp, at, beyond)))
+
+
+def test_the_lookups_after_many_resets_take_about_a_second_and_the_rest_are_unknown(
+) -> None:
+    """20 partitions reset at once behind a broker that does not answer: the poll thread
+    is held about a second (not 0.25 s each), and those not asked are told as unknown (not
+    past the end: that would count a log reset)."""
+    told: list[tuple[tuple[str, int], int, bool | None]] = []
+    src = _told_source(told)
+    src._consumer = _Marks({p: 10 for p in range(20)}, delay=10)  # type: ignore[assignment]
+    for partition in range(20):
+        src._reset_seen(("t", partition), 5)
+    started = time.monotonic()
+    src.consume(10, 0)
+    assert 0.9 <= time.monotonic() - started < 1.5
+    assert len(told) == 20 and all(beyond is None for *_, beyond in told[4:]), told
+
+
+def test_a_reset_noted_before_a_revoke_or_an_assignment_in_the_same_call_is_not_told(
+) -> None:
+    """Review "mutate53": told after the call, it named a position of the previous
+    ownership, which the next owner had moved past."""
+    told: list[tuple[tuple[str, int], int, bool | None]] = []
+    src = _told_source(told)
+    src._consumer = _Marks({0: 6000, 1: 6000, 2: 6000})  # type: ignore[assignment]
+    src._reset_seen(("t", 0), 3)
+    src._reset_seen(("t", 1), 3)
+    src._reset_seen(("t", 2), 3)
+    src._taken([TopicPartition("t", 0)], lambda _p: None)
+    src._assigned([("t", 1)])
+    src.consume(10, 0)
+    assert told == [(("t", 2), 3, False)]
+
+
+def test_the_source_consumer_s_logger_is_watched(monkeypatch: pytest.MonkeyPatch) -> None:
+    from consumer import kafka
+
+    made: dict[str, object] = {}
+
+    class Made:
+        def __init__(self, conf: dict[str, object]) -> None:
+            made.update(conf)
+
+    monkeypatch.setattr(kafka, "Consumer", Made)
+    _told_source([])
+    assert isinstance(made["logger"], kafka._ResetWatch)

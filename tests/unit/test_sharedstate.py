@@ -55,3 +55,13 @@ def test_a_claim_outlives_the_session_of_a_frozen_replica(
     assert state.dedup is not None
     assert state.dedup._claim_ms == claim_s * 1000
     asyncio.run(state.close())
+
+
+def test_each_shared_budget_is_named_in_its_lines() -> None:
+    """Review "night53": the track and identify budgets' fallback lines were identical."""
+    settings = load(REDIS_URL="redis://127.0.0.1:1/0")
+    state = build_shared_state(settings, Metrics(CollectorRegistry()), ("track", "identify"))
+    named = {family: getattr(state.limiter(family), "_named", None)
+             for family in ("track", "identify")}
+    assert named == {"track": " (track)", "identify": " (identify)"}
+    asyncio.run(state.close())

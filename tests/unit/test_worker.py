@@ -3296,8 +3296,11 @@ def test_a_message_whose_headers_cannot_be_read_is_delivered_without_them() -> N
 
 @pytest.fixture
 def fresh_dead_log(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The dead-letter line's rate limit, with no memory of earlier tests' lines."""
-    monkeypatch.setattr(handler.dead_log, "filters", [RateLimit(10.0)])
+    """The dead-letter line's rate limit, with no memory of earlier tests' lines: the
+    module's own filter (one `RateLimit` of 10 s), its memory emptied."""
+    (limit,) = [f for f in handler.dead_log.filters if isinstance(f, RateLimit)]
+    assert limit.interval == 10.0
+    monkeypatch.setattr(handler.dead_log, "filters", [RateLimit(limit.interval)])
 
 
 @pytest.mark.usefixtures("fresh_dead_log")

@@ -121,16 +121,16 @@ def test_the_stop_line_names_only_the_partitions_held_at_the_stop(
     """A partition revoked long before was still listed with the offset this replica last
     committed, which the next owner had since moved past (review "ops36")."""
     log = {**log_of(track("u1", 1), track("u2", 2), partition=0),
-           **log_of(track("u3", 3), partition=1)}
+           **log_of(track("u3", 3), track("u4", 4), partition=1)}
     run = make(log)
 
     async def scenario(source: FakeSource) -> None:
         await until(lambda: source.committed().get((TOPIC, 0)) == 2
-                    and source.committed().get((TOPIC, 1)) == 1, "both partitions committed")
+                    and source.committed().get((TOPIC, 1)) == 2, "both partitions committed")
         source.revoke_next = [(TOPIC, 0)]
         await until(lambda: (TOPIC, 0) not in run.worker.assigned, "the revoke")
 
     with caplog.at_level(logging.INFO, logger="consumer.worker"):
         assert drive(run, scenario) == 0
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped;")]
-    assert line == f"stopped; committed {TOPIC}: 1@1"
+    assert line == f"stopped; committed {TOPIC}: 1@2"  # partition@offset
