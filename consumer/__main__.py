@@ -467,8 +467,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         from consumer.redaction import Redactor
 
         text = Redactor(_settings(offline=True).log_secrets())(text)  # valid: replay ran
-        error_line(f"replay stopped: Kafka failed ({printable(text)}); what was committed stays "
-                   "replayed, run it again to continue", os.environ)
+        error_line(f"replay stopped: Kafka failed ({text}); what was committed stays "
+                   "replayed, run it again to continue", os.environ, quoted=True)
         return 1
 
 

@@ -64,7 +64,7 @@ from consumer.librdkafka import consumer_settings
 from consumer.metrics import DEAD_LETTER_REASONS
 from consumer.registry import Registry
 from consumer.signals import stop_signals
-from consumer.stdout import json_line, printable, stdout_gone
+from consumer.stdout import json_line, stdout_gone
 
 __all__ = [
     "CALLS", "Filters", "SeenSources", "Source", "Summary", "add_arguments", "decide",
@@ -1213,8 +1213,9 @@ def main(args: argparse.Namespace) -> int:
     problem = reach.kafka(conf, args.timeout, [args.dlq_topic])
     if problem is not None:
         # As every command's last word: one JSON line when the logs are JSON (review "ops36").
-        # Escaped: it may quote another party (an OIDC endpoint's body; review "diff52a").
-        error_line(f"nothing was replayed: {printable(problem)}", os.environ)
+        # Escaped: it may quote another party (an OIDC endpoint's body; review "diff52a"),
+        # in text format only (the JSON line escapes it itself, review "diff53c").
+        error_line(f"nothing was replayed: {problem}", os.environ, quoted=True)
         return 1
     group = args.group or default_group(args.dlq_topic, filters)
 

@@ -516,7 +516,10 @@ expect_fail keda-mtls "kafka.config.ssl.certificate.location is set (a client ce
 expect_fail keda-mtls-env "extraEnv's KAFKA_SSL_CERTIFICATE_LOCATION is set (a client certificate) but KEDA's Kafka trigger has no TriggerAuthentication"
 expect_fail redis-url-ref "redis.url holds a \$(...) reference: the chart keeps redis.url in a Secret"
 expect_fail registry-no-colon "schemaRegistry.basicAuthUserInfo must be user:password"
-expect_fail proxy-ref-after "HTTPS_PROXY's password is \$(PROXY_PASSWORD), but PROXY_PASSWORD is not defined before it"
+expect_fail proxy-ref-after "HTTPS_PROXY's password is \$(PROXY_PASSWORD), but PROXY_PASSWORD is not taken from a Secret before it"
+# Nor from a plain value before it: expanded, the Deployment showed the password (review
+# "diff53c").
+expect_refused proxy-ref-plain 'extraEnv: [{name: PROXY_PW, value: hunter2-plain}, {name: HTTPS_PROXY, value: "http://u:$(PROXY_PW)@proxy:3128"}]' "HTTPS_PROXY's password is \$(PROXY_PW), but PROXY_PW is not taken from a Secret before it"
 expect_fail listener-prefix "kafka.bootstrapServers has INTERNAL://kafka:9092: a broker is host:port"
 expect_fail insecure-userpilot "userpilot.insecureHttp=true would send the write token to Analytex-EU.userpilot.io:80 in clear text"
 expect_fail jaas-in-config "kafka.config.sasl.jaas.config is Java's JAAS configuration"

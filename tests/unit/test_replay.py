@@ -1046,3 +1046,39 @@ def test_a_line_that_cannot_reach_a_buffered_stdout_stops_the_run_at_once(
     monkeypatch.setattr(sys, "stdout", Buffered())
     monkeypatch.setattr(replay, "stdout_gone", lambda: None)
     assert replay._stdout_json({"replayed": 1}) is False
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_an_unreachable_kafka_s_text_is_escaped_once(
+        fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Review "diff53c": the refusal quoted in "nothing was replayed" was escaped before the
+    JSON line escaped it again: a JSON reader saw `\\x1b` spelled out. In text, escaped."""
+    import json
+    import logging
+
+    from consumer import replay
+    from consumer.logs import QUIET_LOGGERS
+
+    said = "kafka: OIDC endpoint said \x1b[31mno\x1b[0m"
+    parser = argparse.ArgumentParser()
+    replay.add_arguments(parser)
+    root = logging.getLogger()
+    loggers = [root, *(logging.getLogger(n) for n in ("consumer", *QUIET_LOGGERS))]
+    levels = [logger.level for logger in loggers]
+    handlers = list(root.handlers)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KAFKA_BOOTSTRAP_SERVERS", "k:9092")
+            mp.setenv("WORKER_LOG_FORMAT", fmt)
+            mp.setattr("consumer.reach.kafka", lambda *a, **k: said)
+            assert replay.main(parser.parse_args(["--from", "dlq"])) == 1
+    finally:
+        root.handlers[:] = handlers
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    if fmt == "json":
+        assert json.loads(err)["message"] == f"nothing was replayed: {said}"
+    else:
+        assert err == "error: nothing was replayed: kafka: OIDC endpoint said " \
+                      "\\x1b[31mno\\x1b[0m"

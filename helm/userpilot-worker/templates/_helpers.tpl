@@ -287,15 +287,14 @@ Deployment, so every render runs them.
    proxy variable (in the env list as rendered, kafka.extraEnv then extraEnv, or from an
    envFrom source); otherwise the worker gets the text and refuses it in every pod (review
    "compat52"). */}}
-{{- $seen := list }}
 {{- $secretRefs := list }}
 {{- $fromEnvFrom := or $v.kafka.existingSecret $v.extraEnvFrom }}
 {{- range $entry := concat ($v.kafka.extraEnv | default list) ($v.extraEnv | default list) }}
 {{- $ref := regexFind "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@:]*:\\$\\([A-Za-z_][A-Za-z0-9_]*\\)@" (toString ($entry.value | default "")) }}
 {{- if and $ref (has (upper (toString $entry.name)) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (not $fromEnvFrom) }}
 {{- $var := regexReplaceAll "^.*\\$\\(([A-Za-z_][A-Za-z0-9_]*)\\)@$" $ref "${1}" }}
-{{- if not (has $var $seen) }}
-{{- fail (printf "%s's password is $(%s), but %s is not defined before it: Kubernetes leaves the reference as it is and the worker refuses it. Define %s (valueFrom a Secret) before %s in kafka.extraEnv or extraEnv" $entry.name $var $var $var $entry.name) }}
+{{- if not (has $var $secretRefs) }}
+{{- fail (printf "%s's password is $(%s), but %s is not taken from a Secret before it: Kubernetes leaves the reference as it is and the worker refuses it (or expands a plain value the Deployment shows). Define %s (valueFrom a Secret) before %s in kafka.extraEnv or extraEnv" $entry.name $var $var $var $entry.name) }}
 {{- end }}
 {{- end }}
 {{- /* A Kafka secret written as exactly $(VAR) of a variable taken from a Secret shows
@@ -308,8 +307,7 @@ Deployment, so every render runs them.
 {{- fail (printf "%s is $(%s), but %s is not taken from a Secret before it: Kubernetes leaves the reference as it is (or expands a plain value the Deployment shows). Define %s (valueFrom a Secret) before %s in kafka.extraEnv or extraEnv" $entry.name $var $var $var $entry.name) }}
 {{- end }}
 {{- end }}
-{{- $seen = append $seen (toString $entry.name) }}
-{{- if hasKey $entry "valueFrom" }}
+{{- if and (hasKey $entry "valueFrom") (hasKey ($entry.valueFrom | default dict) "secretKeyRef") }}
 {{- $secretRefs = append $secretRefs (toString $entry.name) }}
 {{- end }}
 {{- end }}
