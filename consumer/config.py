@@ -347,15 +347,19 @@ class Settings:
     own reading of the environment (`trust_env`) parsed every proxy and NO_PROXY entry,
     used or not, and crashed `run` on one it could not parse (review "cmds17")."""
 
+    def _kafka_ms_as_s(self, key: str, default_ms: int) -> float:
+        """A librdkafka duration in ms (`default_ms` unless KAFKA_* sets it), in seconds."""
+        raw = self.kafka_extra.get(key, str(default_ms))
+        try:
+            return int(str(raw)) / 1000
+        except ValueError:  # librdkafka refused it at start-up already
+            return default_ms / 1000
+
     @property
     def max_poll_interval_s(self) -> float:
         """librdkafka's max.poll.interval.ms (its default 300 s unless KAFKA_* sets it):
         past it the consumer leaves the group on its own."""
-        raw = self.kafka_extra.get("max.poll.interval.ms", "300000")
-        try:
-            return int(str(raw)) / 1000
-        except ValueError:  # librdkafka refused it at start-up already
-            return 300.0
+        return self._kafka_ms_as_s("max.poll.interval.ms", 300_000)
 
     @property
     def base_url(self) -> str:
@@ -418,11 +422,7 @@ class Settings:
         """The group's session timeout: how long a frozen replica keeps its partitions."""
         from consumer.librdkafka import SESSION_TIMEOUT_MS
 
-        raw = self.kafka_extra.get("session.timeout.ms", str(SESSION_TIMEOUT_MS))
-        try:
-            return int(str(raw)) / 1000
-        except ValueError:  # librdkafka refused it at start-up already
-            return SESSION_TIMEOUT_MS / 1000
+        return self._kafka_ms_as_s("session.timeout.ms", SESSION_TIMEOUT_MS)
 
     def kafka_config(self, *, logger: bool = True) -> dict[str, Any]:
         """librdkafka settings with secrets revealed, for the Kafka edge only.

@@ -316,34 +316,30 @@ def parse_retry_after(value: str | None, now: float | None = None,
     else:
         # Not float(): it took `1_000`, `1e3`, `+30` and non-ASCII digits, which HTTP does
         # not, and held a family for the 600 s cap on a garbled header (review "outage49").
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-            if when.tzinfo is None:  # HTTP dates are always GMT, whatever the local zone
-                when = when.replace(tzinfo=UTC)
-            seconds = when.timestamp() - _server_now(date, now)
-        except (TypeError, ValueError, OverflowError, IndexError):
-            # A date with a year, hour or zone too large for datetime raises OverflowError:
-            # it crashed the worker on a 429 (no WorkerError), on every restart.
+        when = _http_date(value)
+        if when is None:
             return None
+        sent = _http_date(date) if date else None
+        if sent is None:  # no usable Date: this machine's clock
+            sent = time.time() if now is None else now
+        seconds = when - sent
     if not math.isfinite(seconds):  # NaN, or "1e400": a 600 s hold, not a number
         return None
     return max(0.0, min(seconds, MAX_RETRY_AFTER_S))
 
 
-def _server_now(date: str | None, now: float | None) -> float:
-    """The server's time by its `Date` header; the local clock when it has none usable."""
-    if date:
-        try:
-            sent = email.utils.parsedate_to_datetime(date.strip())
-            if sent.tzinfo is None:
-                sent = sent.replace(tzinfo=UTC)
-            stamp = sent.timestamp()
-        except (TypeError, ValueError, OverflowError, IndexError):
-            pass
-        else:
-            if math.isfinite(stamp):
-                return stamp
-    return time.time() if now is None else now
+def _http_date(text: str) -> float | None:
+    """An HTTP date (Retry-After's, Date's) as a POSIX time; None when unreadable."""
+    try:
+        when = email.utils.parsedate_to_datetime(text.strip())
+        if when.tzinfo is None:  # HTTP dates are always GMT, whatever the local zone
+            when = when.replace(tzinfo=UTC)
+        stamp = when.timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
+        # A date with a year, hour or zone too large for datetime raises OverflowError:
+        # it crashed the worker on a 429 (no WorkerError), on every restart.
+        return None
+    return stamp if math.isfinite(stamp) else None
 
 
 def classify(status: int, headers: Mapping[str, str], body: str,

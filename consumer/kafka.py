@@ -464,7 +464,7 @@ class KafkaSource:
         fetched before it may be in it too, below `at`). `beyond_end`: `at` lies past the
         log's end, asked now (the log was replaced by a shorter one), rather than before
         its start (retention or delete-records removed offsets from `at` on); None when the
-        broker did not say within `WATERMARK_SLICE_S`."""
+        broker did not say within its share of `RESET_ASK_S`."""
         noted, self._noted_resets = self._noted_resets, []
         if self._on_reset is None:
             return

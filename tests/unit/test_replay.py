@@ -113,9 +113,11 @@ def test_reasons_and_statuses_are_read_as_the_headers_spell_them() -> None:
     assert seen[0].reasons == {"bad_request"} and seen[0].statuses == {"422"}
 
 
-def _main_with(fake_run: Any, argv: list[str], env: dict[str, str] | None = None) -> int:
+def _main_with(fake_run: Any, argv: list[str], env: dict[str, str] | None = None,
+               kafka_problem: str | None = None) -> int:
     """`replay.main` on a fake run; what it sets for the process (signal handlers, the
-    logging it configures) is put back, so no other test inherits it."""
+    logging it configures) is put back, so no other test inherits it. `kafka_problem`:
+    what the reachability check of Kafka says (None: it answers)."""
     import logging
     import signal
 
@@ -135,7 +137,7 @@ def _main_with(fake_run: Any, argv: list[str], env: dict[str, str] | None = None
             for name, value in (env or {}).items():
                 mp.setenv(name, value)
             mp.setattr(replay, "run_replay", fake_run)
-            mp.setattr("consumer.reach.kafka", lambda *a, **k: None)
+            mp.setattr("consumer.reach.kafka", lambda *a, **k: kafka_problem)
             return replay.main(parser.parse_args(["--from", "dlq", *argv]))
     finally:
         root.handlers[:] = handlers
@@ -1054,28 +1056,9 @@ def test_an_unreachable_kafka_s_text_is_escaped_once(
     """Review "diff53c": the refusal quoted in "nothing was replayed" was escaped before the
     JSON line escaped it again: a JSON reader saw `\\x1b` spelled out. In text, escaped."""
     import json
-    import logging
-
-    from consumer import replay
-    from consumer.logs import QUIET_LOGGERS
 
     said = "kafka: OIDC endpoint said \x1b[31mno\x1b[0m"
-    parser = argparse.ArgumentParser()
-    replay.add_arguments(parser)
-    root = logging.getLogger()
-    loggers = [root, *(logging.getLogger(n) for n in ("consumer", *QUIET_LOGGERS))]
-    levels = [logger.level for logger in loggers]
-    handlers = list(root.handlers)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("KAFKA_BOOTSTRAP_SERVERS", "k:9092")
-            mp.setenv("WORKER_LOG_FORMAT", fmt)
-            mp.setattr("consumer.reach.kafka", lambda *a, **k: said)
-            assert replay.main(parser.parse_args(["--from", "dlq"])) == 1
-    finally:
-        root.handlers[:] = handlers
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    assert _main_with(None, [], {"WORKER_LOG_FORMAT": fmt}, kafka_problem=said) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     if fmt == "json":
         assert json.loads(err)["message"] == f"nothing was replayed: {said}"
