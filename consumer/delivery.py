@@ -19,6 +19,7 @@ import contextvars
 import email.utils
 import errno
 import functools
+import logging
 import math
 import re
 import ssl
@@ -54,6 +55,7 @@ from consumer.errors import (
     TlsRefused,
     WorkerError,
 )
+from consumer.logs import RateLimit
 from consumer.redaction import Redactor, url_credentials
 from consumer.stdout import printable
 from consumer.tls import ssl_context, verification
@@ -395,10 +397,13 @@ def classify(status: int, headers: Mapping[str, str], body: str,
         return Rejected(f"{where}: payload rejected", status=status, body=snippet)
     if 300 <= status <= 399:
         # Never followed (the token must not travel to another host); no event can succeed.
+        # A 3xx without a Location (a 304 says "not modified") named "redirected to ?".
+        location = headers.get("location")
+        said = (f"redirected to {location[:200]}" if location
+                else f"HTTP {status} with no Location")
         return Misconfigured(
-            f"{refused}: redirected to {headers.get('location', '?')[:200]}; check "
-            "USERPILOT_ANALYTICS_ENDPOINT (host only) and USERPILOT_INSECURE_HTTP",
-            status=status, body=snippet,
+            f"{refused}: {said}; check USERPILOT_ANALYTICS_ENDPOINT (host only) and "
+            "USERPILOT_INSECURE_HTTP", status=status, body=snippet,
         )
     # A final 1xx, or a status outside HTTP's classes: it says nothing about the payload
     # (a broken gateway or proxy answering every request so), so it is retried like a 5xx
@@ -714,8 +719,12 @@ class _StallAwareDeadline:
         await self._timeout.__aexit__(exc_type, exc, tb)  # raises TimeoutError once expired
 
 
-_Route = tuple[httpx.URL, list[tuple[bytes, bytes]]]
-"""A path's URL and its requests' headers but Content-Length (`UserpilotClient._route`)."""
+_Route = tuple[httpx.URL, list[tuple[bytes, bytes]], str]
+"""A path's URL, its requests' headers but Content-Length, and its endpoint label
+(`UserpilotClient._route`)."""
+
+resend_log = logging.getLogger(f"{__name__}.resend")
+resend_log.addFilter(RateLimit(10.0))
 
 
 class UserpilotClient:
@@ -744,7 +753,11 @@ class UserpilotClient:
         self, url: str, headers: Mapping[str, str], *, timeout_s: float,
         max_connections: int, ca_bundle: str | None = None, proxy: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        on_resend: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_resend(endpoint)` is told of each request sent again at once (`_send`): the
+        worker counts them, as Userpilot may have taken the first (review "http54")."""
+        self._on_resend = on_resend
         # Parsed once: httpx parses a str URL on every request (~6 % of the worker's CPU
         # per delivered event at 20 ms, measured with py-spy).
         self._proxied = proxy is not None  # names the proxy in TLS refusals
@@ -757,7 +770,7 @@ class UserpilotClient:
         # first few KB inflated (`answers.body_text`).
         self._headers = httpx.Headers({"User-Agent": USER_AGENT,
                                        "Accept-Encoding": "identity", **headers})
-        self._track = self._route(httpx.URL(url))
+        self._track = self._route(httpx.URL(url), "track")
         self._extensions = {"timeout": httpx.Timeout(timeout_s).as_dict()}
         # The transport bounds each step (the wait for a connection, connecting, each read)
         # by `timeout_s`, not the whole: an answer trickled byte by byte would hold its
@@ -800,7 +813,8 @@ class UserpilotClient:
 
     @classmethod
     def for_settings(cls, settings: Settings, *, timeout_s: float | None = None,
-                     max_connections: int | None = None) -> UserpilotClient:
+                     max_connections: int | None = None,
+                     on_resend: Callable[[str], None] | None = None) -> UserpilotClient:
         """The client `run` uses: the settings' endpoint, token, CA bundle and proxy
         (`check-config --online` narrows the timeout and the pool)."""
         return cls(
@@ -810,6 +824,7 @@ class UserpilotClient:
                              else max_connections),
             ca_bundle=settings.ca_bundle,
             proxy=settings.proxy.reveal() if settings.proxy is not None else None,
+            on_resend=on_resend,
         )
 
     async def track(self, body: bytes) -> int:
@@ -824,16 +839,17 @@ class UserpilotClient:
         """
         route = self._routes.get(call.path)
         if route is None:
-            route = self._routes[call.path] = self._route(httpx.URL(self._base + call.path))
+            route = self._routes[call.path] = self._route(httpx.URL(self._base + call.path),
+                                                          call.endpoint)
         return await self._post(route, call.body)
 
-    def _route(self, url: httpx.URL) -> _Route:
+    def _route(self, url: httpx.URL, endpoint: str) -> _Route:
         """A path's URL and the head of its requests' headers, as httpx prepares them for
         `content=` (Host first), made once."""
         head = list(self._headers.raw)
         if "host" not in self._headers:
             head.insert(0, (b"Host", url.netloc))
-        return url, head
+        return url, head, endpoint
 
     async def _post(self, route: _Route, body: bytes) -> int:
         # The request `httpx.Request(content=body)` makes, with its headers merged once per
@@ -841,7 +857,7 @@ class UserpilotClient:
         # (round 36). `read` keeps the body readable as `request.content`, as `content=`.
         # ASCII, as httpx encoded them when the client was made: not found out again from
         # every request's headers (aiohttp reads them as text).
-        url, head = route
+        url, head, endpoint = route
         request = httpx.Request("POST", url, stream=httpx.ByteStream(body),
                                 extensions=self._extensions)
         # Set, not passed: `Request` copies what it is given and drops the encoding, which
@@ -850,15 +866,15 @@ class UserpilotClient:
                                         encoding="ascii")
         request.read()
         async with self._slots:
-            return await self._exchange(request)
+            return await self._exchange(request, endpoint)
 
-    async def _exchange(self, request: httpx.Request) -> int:
+    async def _exchange(self, request: httpx.Request, endpoint: str) -> int:
         accepted = False
         answered: httpx.Response | None = None
         broken: Exception | None = None
         try:
             async with _StallAwareDeadline(self._deadline_s):
-                response = answered = await self._send(request)
+                response = answered = await self._send(request, endpoint)
                 accepted = 200 <= response.status_code < 300
                 try:
                     # Read, so the connection goes back to the pool (an unread body closes
@@ -903,14 +919,16 @@ class UserpilotClient:
             # (with the response and its connection's buffers) would form a cycle.
             del problem
 
-    async def _send(self, request: httpx.Request) -> httpx.Response:
+    async def _send(self, request: httpx.Request, endpoint: str) -> httpx.Response:
         """The transport's answer; a request a pooled connection lost as it went out (the
         server closed it idle, `_lost_on_reuse`, within STALE_WITHIN_S) is sent again at
         once, up to STALE_RESENDS times. Counted as a failure it cost the event an
         attempt, a backoff and a slot of the rate limit, and a burst after a quiet spell
         paused delivery as an outage (review "idle18"; the hand-written transport resent
         it too). Never once part of an answer came, nor after the server held it longer
-        (review "diff18")."""
+        (review "diff18"). Told (`on_resend`, a rate-limited line): a server that took the
+        request and then lost the connection has it twice, unseen until then (review
+        "http54")."""
         resends = 0
         while True:
             attempt = _Attempt()
@@ -924,6 +942,12 @@ class UserpilotClient:
                         and _lost_on_reuse(exc, attempt)):
                     raise
                 resends += 1
+                resend_log.info(
+                    "a %s request that a kept-alive connection lost as it went out (%s) was "
+                    "sent again at once; had Userpilot taken it, it has it twice", endpoint,
+                    type(exc.__cause__ or exc).__name__)
+                if self._on_resend is not None:
+                    self._on_resend(endpoint)
             finally:
                 _ATTEMPT.reset(token)
 

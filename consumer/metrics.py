@@ -335,6 +335,13 @@ class Metrics:
             " / proxy_refused) and endpoint.",
             ["status", "endpoint"],
         )
+        self.requests_resent = counter(
+            "requests_resent",
+            "Requests sent again at once, not as a retry, after a kept-alive connection lost "
+            "them as they went out (the server closed it idle, or took the request and then "
+            "lost the connection: then Userpilot has it twice), by endpoint.",
+            ["endpoint"],
+        )
         self.retries = counter(
             "retries",
             "Delivery attempts that will be retried, by cause.",
@@ -479,6 +486,7 @@ class Metrics:
             for endpoint in ENDPOINTS:
                 self.responses.labels(status, endpoint)
         for endpoint in ENDPOINTS:
+            self.requests_resent.labels(endpoint)
             self.delivery_latency.labels(endpoint)
             self.connection_wait.labels(endpoint)
         for family in FAMILIES:

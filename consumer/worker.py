@@ -316,7 +316,8 @@ class Worker:
         self.s = settings
         self.m = metrics
         self.health = health
-        self.client: TrackClient = client or UserpilotClient.for_settings(settings)
+        self.client: TrackClient = client or UserpilotClient.for_settings(
+            settings, on_resend=lambda endpoint: metrics.requests_resent.labels(endpoint).inc())
         self.dlq: DeadLetterSink = dlq or DeadLetterProducer(
             settings.kafka_config(),
             policy=lambda topic: dlq_policy_now(settings.kafka_config(logger=False), topic,

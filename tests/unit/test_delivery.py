@@ -86,6 +86,15 @@ def test_redirects_pause_instead_of_dead_lettering_every_event(status: int) -> N
     exc = classify(status, h(location="https://elsewhere.example/v1/track"), "")
     assert isinstance(exc, Misconfigured)
     assert "USERPILOT_ANALYTICS_ENDPOINT" in str(exc)
+    assert "redirected to https://elsewhere.example/v1/track;" in str(exc)
+
+
+def test_a_3xx_without_a_location_is_not_called_a_redirect_to_nowhere() -> None:
+    """Review http54: a 304 (no Location) read "redirected to ?"."""
+    exc = classify(304, h(), "")
+    assert isinstance(exc, Misconfigured)
+    assert "HTTP 304 with no Location; check USERPILOT_ANALYTICS_ENDPOINT" in str(exc)
+    assert "redirected" not in str(exc)
 
 
 @pytest.mark.parametrize("status", [408, 500, 502, 503, 504, 599])

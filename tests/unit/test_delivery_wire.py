@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import socket
 import ssl
 import struct
@@ -464,6 +465,33 @@ def test_resends_of_lost_kept_alive_requests_are_bounded() -> None:
         assert len(srv.requests) - before == 1 + STALE_RESENDS
 
     run(main)
+
+
+def test_a_resend_is_told_with_its_endpoint_and_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review http54: a server that took the request and then lost the connection has it
+    twice; the resend was invisible (no metric, no line). It is told to `on_resend` with
+    the call's endpoint, and logged."""
+    told: list[str] = []
+
+    async def main() -> None:
+        async with Server(lambda req: Close() if req.index == 2 else Send(ACCEPTED)) as srv:
+            client = UserpilotClient(srv.url(), HEADERS, timeout_s=2.0, max_connections=1,
+                                     on_resend=told.append)
+            assert await outcome(client, BODY) == "ok"
+            assert told == []
+            assert await outcome(client, BODY) == "ok"
+            await client.aclose()
+        assert len(srv.requests) == 3
+
+    with caplog.at_level(logging.INFO, logger="consumer.delivery.resend"):
+        run(main)
+    assert told == ["track"]
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "consumer.delivery.resend"] == [
+        "a track request that a kept-alive connection lost as it went out "
+        "(ServerDisconnectedError) was sent again at once; had Userpilot taken it, it has it "
+        "twice"]
 
 
 def test_at_most_max_connections_under_fifty_concurrent_requests() -> None:

@@ -34,6 +34,7 @@ from consumer.calls import Call
 from consumer.commits import TP
 from consumer.config import Settings, load_settings
 from consumer.deadletter import replay_seal
+from consumer.delivery import UserpilotClient
 from consumer.errors import DlqRecordTooLarge, RateLimited, Rejected, ServerError
 from consumer.health import Health
 from consumer.kafka import Partitions
@@ -3861,3 +3862,19 @@ def test_partitions_in_a_log_line_are_ranges_per_topic() -> None:
     assert fmt([]) == "nothing"
     many = fmt([("prod.signal.events.v1", p) for p in range(500)])
     assert many == "prod.signal.events.v1[0-499]"
+
+
+def test_the_clients_resends_are_counted_by_endpoint() -> None:
+    """Review http54: a request sent again at once after a kept-alive connection lost it
+    was in no metric, though Userpilot may have taken the first."""
+    metrics = Metrics(CollectorRegistry())
+    worker = Worker(settings(), metrics, Health(metrics), dlq=FakeDlq(),
+                    source=lambda cb: FakeSource(cb, {}))
+    client = cast(UserpilotClient, worker.client)
+    assert client._on_resend is not None
+    client._on_resend("identify")
+    client._on_resend("identify")
+    resent = metrics.requests_resent
+    assert resent.labels("identify")._value.get() == 2
+    assert resent.labels("track")._value.get() == 0
+    asyncio.run(client.aclose())
