@@ -413,7 +413,8 @@ class Metrics:
         )
         self.consumer_lag = gauge(
             "consumer_lag",
-            "High watermark minus position, per assigned partition.",
+            "High watermark (last stable offset) minus the committed offset, per assigned "
+            "partition.",
             ["topic", "partition"],
         )
         self.committed_offset = gauge(
