@@ -389,6 +389,9 @@ class Handler:
         self._halted: set[tuple[str, int]] = set()  # draining partitions (see `halt`)
         self._halt_all = False
         self._schema_waits = 0
+        # Per schema id: the waiting event tasks whose last lookup of it failed, and how
+        # (`schema_failing`, for readiness; under `_schema_lock`).
+        self._schema_failing: dict[int, tuple[int, str]] = {}
         self._fetches = SharedFetches(lambda schema_id: self.registry.writer_schema(schema_id),
                                       permanent=(KeyError, UndecodableEvent))
         # Label lookups cost more than the increments: cache the children on the hot path.
@@ -547,28 +550,67 @@ class Handler:
                 self._schema_waits -= 1
         self.order_writes(event)  # decided now: its company writes take their place
 
+    def schema_failing(self) -> str | None:
+        """For readiness (the probe thread): None unless events wait for a schema id whose
+        last lookup failed. Per id, not the registry's last answer: one id answered 500 for
+        ever, or without its schema, stalled its partition while readiness followed the
+        registry's answers to other ids (review "registry54")."""
+        with self._schema_lock:
+            if not self._schema_failing:
+                return None
+            schema_id, (waits, why) = next(iter(self._schema_failing.items()))
+            ids = len(self._schema_failing)
+        more = f" (and {ids - 1} other ids)" if ids > 1 else ""
+        return (f"schema registry gives no schema id {schema_id}{more} ({why}); "
+                f"{waits} event{' waits' if waits == 1 else 's wait'} for it")
+
+    def _note_schema_failure(self, schema_id: int, why: str, *, counted: bool) -> None:
+        """An event's lookup of `schema_id` failed; `counted`: the event was already."""
+        with self._schema_lock:
+            waits, _ = self._schema_failing.get(schema_id, (0, ""))
+            self._schema_failing[schema_id] = (waits + (0 if counted else 1), why)
+
+    def _forget_schema_failure(self, schema_id: int) -> None:
+        """An event counted failing under `schema_id` stopped waiting (decided, or gone)."""
+        with self._schema_lock:
+            waits, why = self._schema_failing.pop(schema_id, (1, ""))
+            if waits > 1:
+                self._schema_failing[schema_id] = (waits - 1, why)
+
     async def _wait_for_schema(self, event: Event) -> None:
         """Until its schema is there; after a failed lookup the next is the id's, shared
-        by every event waiting for it (`SharedFetches`: 0.5 s doubling to 30 s)."""
-        while not self.decide(event):
-            schema_id = None
-            try:
-                schema_id, _ = codec.split_wire(event.value)
-                # Kept at once: read again from the registry's cache, a schema let go while
-                # this waited for its turn was fetched again, and again (review "diff49b").
-                self._keep_schema(schema_id, await self._fetches.writer_schema(schema_id))
-            except KeyError as exc:
-                event.decision = UndecodableEvent(f"unknown schema id ({exc})")
-                return
-            except UndecodableEvent as exc:  # not a Confluent frame, or not an Avro schema
-                event.decision = exc
-                return
-            except Exception as exc:
-                wait = self._fetches.retry_in(schema_id) if schema_id is not None else 0.5
-                schema_log.warning("schema registry unavailable (%s); retrying in %.1f s",
-                                   _registry_failure(exc), wait, extra=event.fields)
-                if schema_id is None or wait <= 0:  # no backoff to wait (never expected):
-                    await asyncio.sleep(max(wait, 0.5))  # never at once, never a busy loop
+        by every event waiting for it (`SharedFetches`: 0.5 s doubling to 30 s). Counted
+        failing (`schema_failing`) from its first failed lookup until it stops waiting."""
+        failing: int | None = None  # the schema id it is counted failing under
+        try:
+            while not self.decide(event):
+                schema_id = None
+                try:
+                    schema_id, _ = codec.split_wire(event.value)
+                    # Kept at once: read again from the registry's cache, a schema let go
+                    # while this waited for its turn was fetched again, and again (review
+                    # "diff49b").
+                    self._keep_schema(schema_id,
+                                      await self._fetches.writer_schema(schema_id))
+                except KeyError as exc:
+                    event.decision = UndecodableEvent(f"unknown schema id ({exc})")
+                    return
+                except UndecodableEvent as exc:  # not a Confluent frame, or not Avro
+                    event.decision = exc
+                    return
+                except Exception as exc:
+                    wait = self._fetches.retry_in(schema_id) if schema_id is not None else 0.5
+                    why = _registry_failure(exc)
+                    if schema_id is not None:
+                        self._note_schema_failure(schema_id, why, counted=failing is not None)
+                        failing = schema_id
+                    schema_log.warning("schema registry unavailable (%s); retrying in %.1f s",
+                                       why, wait, extra=event.fields)
+                    if schema_id is None or wait <= 0:  # no backoff to wait (never expected):
+                        await asyncio.sleep(max(wait, 0.5))  # never at once, never busy
+        finally:
+            if failing is not None:
+                self._forget_schema_failure(failing)
 
     # -- handle ---------------------------------------------------------------------------
     async def decided(self, event: Event) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -427,6 +428,13 @@ def registry(url: str, user_info: str | None, timeout: float,
         if exc.http_status_code in (401, 403):
             return (f"schema registry at {shown} refused the credentials "
                     f"({exc.http_status_code}): check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO")
+        if exc.http_status_code == 407 and proxy:
+            # Its proxy's refusal, not the registry's: "check SCHEMA_REGISTRY_URL" sent users
+            # after a right URL (review "registry54").
+            return (f"schema registry at {shown}: the proxy {redact_userinfo(proxy)} refused "
+                    "its credentials (407): check the user:password in the proxy's URL "
+                    "(HTTPS_PROXY / HTTP_PROXY), or add the registry's host to NO_PROXY if "
+                    "it is reached directly")
         if exc.http_status_code >= 500 or exc.http_status_code == 429:
             return Unreachable(f"schema registry at {shown} answered {exc.http_status_code} "
                                "to GET /subjects: not serving yet, or overloaded")
@@ -436,6 +444,14 @@ def registry(url: str, user_info: str | None, timeout: float,
         return f"schema registry at {shown}: {exc}"
     except (httpx.HTTPError, OSError) as exc:  # TimeoutError included: the deadline
         waited = time.monotonic() - started
+        untrusted = _certificate_refused(exc)
+        if untrusted is not None:
+            # A setting, as Kafka's and Redis' untrusted certificates are: reported as "not
+            # reachable", `run` waited for ever for a registry that was up (review
+            # "registry54"). Not USERPILOT_CA_BUNDLE: that is Userpilot's alone.
+            return (f"schema registry at {shown}: its TLS certificate is not trusted "
+                    f"({untrusted}): give the CA that signed it in SSL_CERT_FILE (or "
+                    "SSL_CERT_DIR); the registry's client trusts those, else certifi's bundle")
         via = proxy  # the one the client used (Settings resolved the environment's)
         if via:
             # The proxy may be what failed: "check SCHEMA_REGISTRY_URL" sent users after a
@@ -449,6 +465,19 @@ def registry(url: str, user_info: str | None, timeout: float,
                            f"after {waited:.1f} s): check SCHEMA_REGISTRY_URL")
     finally:
         client.close()
+    return None
+
+
+def _certificate_refused(exc: BaseException) -> str | None:
+    """OpenSSL's reason when `exc` (or what it came from) is a certificate that failed
+    verification; else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return str(cause.verify_message or cause.reason or "certificate verify failed")
+        cause = cause.__cause__ or cause.__context__
     return None
 
 

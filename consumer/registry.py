@@ -55,8 +55,8 @@ from consumer.errors import UndecodableEvent
 from consumer.redaction import redact, registry_secrets, url_credentials
 from consumer.tls import verification
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Registry", "RegistryError", "RegistryUnusable", "RestClient",
-           "subject_for"]
+__all__ = ["DEFAULT_TIMEOUT_S", "NoSchemaInAnswer", "Registry", "RegistryError",
+           "RegistryUnusable", "RestClient", "subject_for"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,12 @@ def subject_for(topic: str) -> str:
 
 class RegistryUnusable(Exception):
     """A reply that is no registry's: a redirect, or a 2xx that is not a JSON object."""
+
+
+class NoSchemaInAnswer(ValueError):
+    """The registry answered for an id (or a reference) without its schema text: it
+    misbehaved this once, so the lookup is retried like an outage (its name, not only
+    "ValueError", is what the worker's line shows: review "registry54")."""
 
 
 MAX_REFERENCES = 64  # schemas one writer schema may reference, transitively
@@ -504,7 +510,7 @@ class Registry:
                 # As for the schema itself (`_parse`): the registry misbehaved this once;
                 # remembered as "does not parse", every event of the id was dead-lettered
                 # until a restart (review "registry48").
-                raise ValueError(f"the registry's answer for {ref.subject} version "
+                raise NoSchemaInAnswer(f"the registry's answer for {ref.subject} version "
                                  f"{ref.version} (referenced as {ref.name!r}) holds no schema")
             if doc.kind != "AVRO":
                 raise _BadSchema(f"{ref.name!r} ({ref.subject} version {ref.version}), a "
@@ -553,7 +559,8 @@ class Registry:
         if doc.missing:
             # An answer without the schema: the registry misbehaved this once; not
             # remembered (retried like an outage), unlike a schema that cannot be parsed.
-            raise ValueError(f"the registry's answer for schema id {schema_id} holds no schema")
+            raise NoSchemaInAnswer(
+                f"the registry's answer for schema id {schema_id} holds no schema")
         if doc.kind != "AVRO":
             self._unusable_schema(schema_id, f"schema id {schema_id} is a {doc.kind} schema "
                                   "(the registry's schemaType), not Avro: this worker reads "

@@ -1,9 +1,10 @@
 """Which certificate authorities the worker's HTTPS clients trust.
 
 One rule for every client (Userpilot's, the registry's, `delete-users`'): a configured
-bundle, else what the environment names (`SSL_CERT_FILE` / `SSL_CERT_DIR`, as httpx reads
-them), else certifi's. The clients are built with `trust_env=False` (their proxy is given
-explicitly), so the environment's CA variables are read here.
+bundle (USERPILOT_CA_BUNDLE, Userpilot's clients only), else what the environment
+names (`SSL_CERT_FILE` / `SSL_CERT_DIR`, as httpx reads them), else certifi's. The
+clients are built with `trust_env=False` (their proxy is given explicitly), so the
+environment's CA variables are read here.
 """
 
 from __future__ import annotations

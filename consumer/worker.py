@@ -349,6 +349,9 @@ class Worker:
             # A frozen registry turns readiness off while events wait for it.
             waiting = self.handler.waiting_for_schemas
             health.add_check(lambda: schemas.problem() if waiting() else None)
+        # And one id whose lookups fail while the registry answers others (review
+        # "registry54": readiness followed the registry's last answer).
+        health.add_check(self.handler.schema_failing)
         # A DLQ that stays unwritable stalls a partition: readiness off, gauge for the alert.
         writable = self.handler.dlq_writable
         health.add_check(writable.problem)

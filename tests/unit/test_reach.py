@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
 from consumer import reach
 from consumer.config import Settings, load_settings
+from tests.certificates import self_signed
 
 
 @contextmanager
@@ -398,3 +401,63 @@ def test_the_source_topics_settings_are_read_in_one_request_within_one_timeout()
     assert time.monotonic() - started < 0.9, "one timeout for all, not one each (1.5 s)"
     assert admin.calls == [["c", "s1", "s2", "s3", "s4", "s5"]]
     assert found == {"c": {"cleanup.policy": "compact"}}
+
+
+def test_a_registry_proxy_refusing_its_credentials_names_the_proxy() -> None:
+    """Review "registry54": a 407 from the registry's proxy said "check SCHEMA_REGISTRY_URL
+    (include the API path)". It is the proxy's credentials; its password is not shown."""
+    refusal = _answer("407 Proxy Authentication Required", "text/plain", b"no")
+    with answering(refusal) as port:
+        said = reach.registry("http://registry.example:8081", None, 5,
+                              proxy=f"http://bob:pw-S3CRET@127.0.0.1:{port}")
+    assert said is not None and not isinstance(said, reach.Unreachable)
+    assert f"the proxy http://***@127.0.0.1:{port} refused its credentials (407)" in said
+    assert "SCHEMA_REGISTRY_URL" not in said and "S3CRET" not in said
+
+
+@contextmanager
+def tls_answering(raw: bytes, cert: str, key: str) -> Iterator[int]:
+    """`answering` over TLS with `cert`; a handshake the client breaks off is let go."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(65536)
+                    tls.sendall(raw)
+            except OSError:
+                continue
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield port
+    finally:
+        listener.close()
+
+
+def test_a_registry_certificate_not_trusted_is_a_setting_not_an_outage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "registry54": an untrusted certificate read "not reachable (ConnectError):
+    check SCHEMA_REGISTRY_URL", and `run` waited for ever for a registry that was up. It is
+    a setting (run exits, as for Kafka's and Redis' certificates) naming SSL_CERT_FILE;
+    with the CA there, the same registry passes."""
+    cert, key = self_signed(tmp_path)
+    ok = _answer("200 OK", "application/vnd.schemaregistry.v1+json", b'["a-value"]')
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with tls_answering(ok, str(cert), str(key)) as port:
+        said = reach.registry(f"https://127.0.0.1:{port}", None, 5)
+        assert said is not None and not isinstance(said, reach.Unreachable)
+        assert said.startswith(f"schema registry at https://127.0.0.1:{port}: its TLS "
+                               "certificate is not trusted (")
+        assert "give the CA that signed it in SSL_CERT_FILE" in said
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert reach.registry(f"https://127.0.0.1:{port}", None, 5) is None

@@ -367,13 +367,13 @@ def settings(**extra: str) -> Settings:
     return load_settings(env)
 
 
-def track(user: str | None, seq: int, **extra: Any) -> bytes:
+def track(user: str | None, seq: int, *, schema_id: int = SCHEMA_ID, **extra: Any) -> bytes:
     event: dict[str, Any] = {
         "type": "track", "event": "Feature Used", "userId": user, "anonymousId": "anon-1",
         "properties": {"seq": seq}, "context": {"consent": {"analytics": True}},
         "timestamp": "2026-11-26T10:00:00.000Z", "messageId": f"{user}-{seq}", **extra,
     }
-    return codec.encode(SCHEMA_ID, codec.to_record(event))
+    return codec.encode(schema_id, codec.to_record(event))
 
 
 def log_of(*values: bytes | None, partition: int = 0,
@@ -3878,3 +3878,56 @@ def test_the_clients_resends_are_counted_by_endpoint() -> None:
     assert resent.labels("identify")._value.get() == 2
     assert resent.labels("track")._value.get() == 0
     asyncio.run(client.aclose())
+
+
+class _OneIdFailingRegistry(FakeRegistry):
+    """Id 9's lookups fail (an HTTP 500 for that id alone) until `fixed`; 11 is unknown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fixed = threading.Event()
+
+    def writer_schema(self, schema_id: int) -> Mapping[str, Any]:
+        if schema_id == 9 and not self.fixed.is_set():
+            self.fetched.append(schema_id)
+            raise RuntimeError("HTTP 500")
+        if schema_id == 9:
+            self._known[9] = codec.SCHEMA
+            return codec.SCHEMA
+        return super().writer_schema(schema_id)
+
+
+def test_readiness_is_off_while_events_wait_for_an_id_whose_lookups_fail() -> None:
+    """Review "registry54": readiness followed the registry's last answer. One id answering
+    500 for ever stalled its partition while answers for other ids (a poison event's
+    40403, a good event's schema) kept the replica ready: no page."""
+    metrics = Metrics(CollectorRegistry())
+    health = Health(metrics)
+    stuck = track("u9", 1, schema_id=9)
+    unknown = track("u11", 1, schema_id=11)
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"u9", stuck)],
+           (TOPIC, 1): [Message(TOPIC, 1, i, f"u{i}".encode(), value)
+                        for i, value in enumerate([unknown, track("u7", 1), unknown])]}
+    registry = _OneIdFailingRegistry()
+    client = FakeClient()
+    dlq = FakeDlq()
+    worker = Worker(settings(), metrics, health, client=client, registry=registry,
+                    dlq=dlq, source=lambda cb: FakeSource(cb, log))
+
+    async def main() -> None:
+        task = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: len(dlq.records) == 2 and len(client.bodies) == 1,
+                        "the other partition's events finished")
+            await until(lambda: not health.ready()[0], "readiness off")
+            why = health.ready()[1]
+            assert why.startswith("schema registry gives no schema id 9 (RuntimeError); "
+                                  "1 event waits for it"), why
+            registry.fixed.set()
+            await until(lambda: len(client.bodies) == 2, "the stuck event delivered", 40)
+            await until(lambda: health.ready()[0], "readiness back")
+        finally:
+            worker.stop()
+        assert await asyncio.wait_for(task, 10) == 0
+
+    asyncio.run(main())
