@@ -422,6 +422,13 @@ class Metrics:
             "Last committed offset, per assigned partition.",
             ["topic", "partition"],
         )
+        self.commit_failures = counter(
+            "commit_failures",
+            "Partitions' offset commits that Kafka refused or did not answer (the next commit "
+            "asks again): rising while no committed offset moves, the window fills and "
+            "delivery stops. By topic.",
+            ["topic"],
+        )
         self.unstable_records = gauge(
             "unstable_records",
             "High watermark minus last stable offset, per fetched assigned partition: "
@@ -566,6 +573,7 @@ class Metrics:
             self.events_consumed.labels(topic)
             self.log_resets.labels(topic)
             self.skipped_offsets.labels(topic)
+            self.commit_failures.labels(topic)
             self.source_topic_missing.labels(topic).set(0)
 
     def declare_event_names(self, names: Iterable[str]) -> None:

@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from consumer import codec
 from consumer.calls import FAMILIES, state_written
@@ -289,6 +289,16 @@ class Source(Protocol):
 
 
 SourceFactory = Callable[[Callbacks], Source]
+
+
+class Settled(NamedTuple):
+    """What a drain (`Worker._settle`) abandoned: in all, and of those the requests cut on
+    the wire (Userpilot may have them) and the dead letters cut on their way to the DLQ
+    (written again by whoever reads them next; Userpilot never had them)."""
+
+    abandoned: int
+    cut: int
+    cut_dead_letters: int
 
 
 def kafka_source(settings: Settings) -> SourceFactory:
@@ -627,17 +637,24 @@ class Worker:
         # slow Userpilot (review "scale17").
         asked = self._stop_asked if self._stop_asked is not None else time.monotonic()
         grace = max(0.0, self.s.shutdown_grace_s - (time.monotonic() - asked))
-        left, cut = await self._settle(scheduler, None, grace)
+        left, cut, cut_dead = await self._settle(scheduler, None, grace)
         self._let_go_held()
-        if left - cut:
+        if left - cut - cut_dead:
             log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
-                        "delivered after the restart", left - cut)
+                        "delivered after the restart", left - cut - cut_dead)
         if cut:
             # Said apart: "not sent yet" of requests Userpilot may have taken read as no
             # duplicates to come (review "stop44").
             log.warning("shutdown: %d requests cut on the wire (the grace ended, or "
                         "Userpilot was failing) stay uncommitted; Userpilot may have them, and "
                         "they are sent again after the restart", cut)
+        if cut_dead:
+            # Not Userpilot's: counted as its requests, they sent on-call after duplicates
+            # that cannot happen (review "broker54").
+            log.warning("shutdown: %d dead letters cut on their way to the DLQ (Kafka "
+                        "unreachable, or the grace ended) stay uncommitted; they are "
+                        "dead-lettered after the restart (the DLQ may hold them twice)",
+                        cut_dead)
         end = asked + self.s.shutdown_grace_s + STOP_AFTER_DRAIN_S
 
         def step(bound: float) -> float:
@@ -696,9 +713,10 @@ class Worker:
             for t, parts in by_topic.items()) or "nothing")
 
     async def _settle(self, scheduler: Scheduler[Event], parts: Sequence[TP] | None,
-                      grace: float) -> tuple[int, int]:
+                      grace: float) -> Settled:
         """Let requests already on the wire finish (bounded), abandon the rest: how many
-        were abandoned, and how many of those were cut while under way.
+        were abandoned, and how many of those were cut while under way (requests to
+        Userpilot, and dead letters on their way to the DLQ, apart).
 
         An event waiting for the limiter, the gate or a retry has not reached Userpilot:
         abandoning it costs nothing (its offset stays uncommitted and it is consumed again),
@@ -716,15 +734,23 @@ class Worker:
         # While Userpilot is down or refusing us its requests cannot finish: not waited for
         # (DLQ records and Redis confirms still are). Nor DLQ records while Kafka is
         # unreachable (a loss comes from an outage): the drain held the poll thread for
-        # the whole grace, and then cut them anyway.
+        # the whole grace, and then cut them anyway. Asked at every turn: a broker that
+        # hangs after the drain began is told only once a commit went 8 s unanswered, and
+        # read once, the drain waited the whole grace for its dead letters (broker54).
         userpilot_up = self.gate.state == "up"
-        kafka_up = self._source is None or self._source.connected
+        source = self._source
 
         def waited(event: Event) -> bool:
             dead_letter = event.on_wire and not event.requesting
-            if dead_letter and not kafka_up:
+            if dead_letter and source is not None and not source.connected:
                 return False
             return event.under_way if userpilot_up else dead_letter
+
+        def cut_now(event: Event, *, dead_letters: bool) -> bool:
+            """On the wire, not waited for, and a dead letter's record or not."""
+            on_the_wire = event.on_wire or event.half_sent
+            dead_letter = event.on_wire and not event.requesting
+            return on_the_wire and dead_letter is dead_letters and not waited(event)
 
         self.handler.halt(parts)
         abandoned = scheduler.abandoned
@@ -733,8 +759,9 @@ class Worker:
             # take a slot of the budget (the shared one too) before stopping at the halt.
             # Requests on the wire not waited for (Userpilot down) are cut here: counted
             # as cut, not as "not sent yet" (review "diff44").
-            cut = sum(1 for event in scheduler.current(parts)
-                      if (event.on_wire or event.half_sent) and not waited(event))
+            current = list(scheduler.current(parts))
+            cut = sum(1 for event in current if cut_now(event, dead_letters=False))
+            cut_dead = sum(1 for event in current if cut_now(event, dead_letters=True))
             await scheduler.cancel(parts, keep=waited)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace
@@ -745,11 +772,15 @@ class Worker:
                 # middle of the rebalance, cutting what the drain waited for (struct18).
                 self.health.beat()
                 await scheduler.wait_change(min(0.05, deadline - loop.time()))
-            cut += sum(1 for event in scheduler.current(parts) if waited(event))
+            for event in scheduler.current(parts):
+                if event.on_wire and not event.requesting:
+                    cut_dead += 1
+                elif waited(event):
+                    cut += 1
             await scheduler.cancel(parts)
             # Counted as they left: those a halt stopped (with their users' later events)
             # left before the cancel.
-            return scheduler.abandoned - abandoned, cut
+            return Settled(scheduler.abandoned - abandoned, cut, cut_dead)
         finally:
             self.handler.unhalt(parts)
 
@@ -1501,6 +1532,11 @@ class Worker:
     def _on_committed(self, done: list[tuple[TP, int]], failed: list[TP]) -> None:
         for (topic, partition), offset in self.commits.acknowledged(done, failed):
             self.m.committed_offset.labels(topic, str(partition)).set(offset)
+        # Counted: refused for minutes (the coordinator unavailable, a rebalance that never
+        # ends), delivery stopped at a full window with the pod ready, one WARNING every
+        # 10 s and no series to page on (review "broker54").
+        for topic, _ in failed:
+            self.m.commit_failures.labels(topic).inc()
 
     # -- rebalance callbacks (poll thread) ----------------------------------------------
     def _on_refetch(self, parts: list[TP]) -> None:
@@ -1696,14 +1732,19 @@ class Worker:
                 # no Kafka. Cancelled, Userpilot had them all the same, and with Redis their
                 # claims stayed unconfirmed, so this replica, given the partitions back,
                 # sent them again at once (the claim's owner is the same).
-                left, cut = await self._settle(scheduler, parts, budget)
-                if left - cut:
+                left, cut, cut_dead = await self._settle(scheduler, parts, budget)
+                if left - cut - cut_dead:
                     log.info("revoke: %d events of %s not sent yet; the next owner "
-                             "delivers them", left - cut, partitions_text(parts))
+                             "delivers them", left - cut - cut_dead, partitions_text(parts))
                 if cut:
                     log.warning("revoke: %d requests of %s cut on the wire (the grace "
                                 "ended, or Userpilot was failing); Userpilot may have them, "
                                 "and the next owner sends them again", cut, partitions_text(parts))
+                if cut_dead:
+                    log.warning("revoke: %d dead letters of %s cut on their way to the DLQ "
+                                "(Kafka unreachable, or the grace ended); the next owner "
+                                "dead-letters them again (the DLQ may hold them twice)",
+                                cut_dead, partitions_text(parts))
             finally:
                 self._let_go_held(parts)
                 self.keyless.forget(parts)  # unresolved events abandoned before they ran

@@ -39,6 +39,7 @@ CONTRACT: dict[str, tuple[str, tuple[str, ...]]] = {
     "userpilot_events_metadata_cut": ("counter", ("kind",)),
     "userpilot_responses": ("counter", ("endpoint", "status")),
     "userpilot_requests_resent": ("counter", ("endpoint",)),
+    "userpilot_commit_failures": ("counter", ()),
     "userpilot_retries": ("counter", ("cause",)),
     "userpilot_events_dead_lettered": ("counter", ("reason",)),
     "userpilot_delivery_latency_seconds": ("histogram", ("endpoint",)),
@@ -86,6 +87,7 @@ ATTRIBUTES = {
     "delivered": "userpilot_events_delivered",
     "responses": "userpilot_responses",
     "requests_resent": "userpilot_requests_resent",
+    "commit_failures": "userpilot_commit_failures",
     "retries": "userpilot_retries",
     "dead_lettered": "userpilot_events_dead_lettered",
     "delivery_latency": "userpilot_delivery_latency_seconds",
@@ -281,6 +283,7 @@ def test_declare_creates_zero_series(reg: CollectorRegistry, m: Metrics) -> None
     assert value(reg, "userpilot_events_consumed_total", topic="signal.events") == 0
     assert value(reg, "userpilot_log_resets_total", topic="signal.events") == 0
     assert value(reg, "userpilot_skipped_offsets_total", topic="signal.events") == 0
+    assert value(reg, "userpilot_commit_failures_total", topic="signal.events") == 0
     assert value(reg, "userpilot_source_topic_missing", topic="signal.events") == 0
 
 

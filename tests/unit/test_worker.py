@@ -131,6 +131,7 @@ class FakeSource:
     note_limit: int = NOTE_MAX_CHARS
     stored: dict[TP, tuple[int, str]] = field(default_factory=dict)  # the coordinator's
     _refused: list[list[TP]] = field(default_factory=list)
+    refuse_commits: int = 0  # asynchronous commits the coordinator answers with an error
     # Per partition, the offset past its log's end when markers follow the last message.
     ends: dict[TP, int] = field(default_factory=dict)
     # Source topics the brokers do not have (topic: their reason), for `partitions`.
@@ -207,6 +208,10 @@ class FakeSource:
                 return False
         if self.down:
             return True  # sent; never acknowledged
+        if not wait and self.refuse_commits > 0:
+            self.refuse_commits -= 1
+            self._refused.append(list(offsets))
+            return True
         notes = {tp: n for tp, n in (notes or {}).items() if n and len(n) <= self.note_limit}
         if any(len(n) > self.broker_note_max for n in notes.values()):
             # OFFSET_METADATA_TOO_LARGE, as KafkaSource handles it: the limit halves (0
@@ -3931,3 +3936,49 @@ def test_readiness_is_off_while_events_wait_for_an_id_whose_lookups_fail() -> No
         assert await asyncio.wait_for(task, 10) == 0
 
     asyncio.run(main())
+
+
+def test_a_shutdown_stops_waiting_for_a_dead_letter_once_kafka_is_seen_down(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "broker54": the drain asked once, at its start, whether Kafka was reachable. A
+    broker hung just before the stop is seen only after a commit went 8 s unanswered: the
+    drain waited the whole grace (25 s) for a dead letter Kafka could not take, then said
+    it was a request "Userpilot may have". Asked at every turn, and said apart."""
+    run = make(log_of(b"\x00not avro", track("u1", 1)), registry=known_schema(),
+               USERPILOT_ENSURE_USER="false", WORKER_SHUTDOWN_GRACE_SECONDS="20")
+    dlq = HangingDlq()
+    run.worker.handler.dlq = dlq
+
+    async def main() -> float:
+        task = asyncio.create_task(run.worker.run())
+        await until(lambda: bool(run.made), "the source")
+        await until(lambda: dlq.started == 1, "the dead letter on the wire")
+        run.worker.stop()
+        await asyncio.sleep(0.3)  # the drain waits for it: Kafka looks up
+        assert not task.done()
+        run.source.down, run.source.connected = True, False
+        started = time.monotonic()
+        assert await asyncio.wait_for(task, 30) == 0
+        return time.monotonic() - started
+
+    with caplog.at_level(logging.INFO, logger="consumer.worker"):
+        took = asyncio.run(main())
+    assert took < 5.0, f"the drain waited {took:.1f} s for a record Kafka cannot take"
+    assert ("shutdown: 1 dead letters cut on their way to the DLQ (Kafka unreachable, or the "
+            "grace ended) stay uncommitted") in caplog.text
+    assert "requests cut on the wire" not in caplog.text
+
+
+def test_refused_commits_are_counted_by_topic() -> None:
+    """Review "broker54": commits refused for minutes stopped delivery at a full window with
+    the pod ready, one WARNING every 10 s and no series to page on."""
+    run = make(log_of(track("u1", 0), track("u1", 1)), registry=known_schema(),
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        source.refuse_commits = 3
+        await until(lambda: source.committed().get((TOPIC, 0)) == 2, "the commit taken at last")
+
+    assert drive(run, scenario) == 0
+    failures = run.worker.m.commit_failures.labels(TOPIC)._value.get()
+    assert failures == 3
