@@ -121,7 +121,7 @@ class Commits:
                 first = tracker.first
                 if first is not None and first < ranges.floor:
                     own = ((tp in self._requested or tp in self._committed)
-                           and ranges.floor <= tracker.high + 1)
+                           and tracker.could_commit(ranges.floor))
                     late[tp] = None if own else (first, ranges.floor)
                     continue
                 tracker.inherit(ranges)

@@ -142,6 +142,14 @@ class Finished:
         i = bisect.bisect_right(self._starts, offset) - 1
         return i >= 0 and offset <= self._ends[i]
 
+    def past(self, offset: int) -> int:
+        """`offset`, or the first offset after the ranges that run on from it."""
+        while True:
+            i = bisect.bisect_right(self._starts, offset) - 1
+            if i < 0 or offset > self._ends[i]:
+                return offset
+            offset = self._ends[i] + 1
+
     def above(self, offset: int) -> list[tuple[int, int]]:
         """The ranges clipped to offsets above `offset`."""
         i = bisect.bisect_right(self._ends, offset)
@@ -276,15 +284,21 @@ class PartitionOffsets:
 
     def could_commit(self, offset: int) -> bool:
         """`offset` is one this tracker could have had committed: at most one past what it
-        took. Anything else answers a commit of another log (the partition's log was
-        replaced while that commit was on its way)."""
-        return self._high is not None and offset <= self._high + 1
+        took (and the previous owner's finished offsets that follow). Anything else
+        answers a commit of another log (the partition's log was replaced while that
+        commit was on its way)."""
+        return self._high is not None and offset <= self._inherited.past(self._high + 1)
 
     def committable(self) -> int | None:
-        """The offset to commit (next to read), or None when nothing was taken yet."""
+        """The offset to commit (next to read), or None when nothing was taken yet.
+
+        Past the previous owner's finished offsets that follow what was taken: a note
+        names only offsets above its commit, so committed at the first of them (not read
+        yet: a full window, a drain), the note left it out and the next owner sent that
+        event again (review "rebal54")."""
         if self._pending:
             return self._pending[0]
-        return None if self._high is None else self._high + 1
+        return None if self._high is None else self._inherited.past(self._high + 1)
 
     @property
     def unfinished(self) -> int:
@@ -362,11 +376,12 @@ class PartitionOffsets:
 
     @property
     def inherited(self) -> Finished | None:
-        """The previous owner's finished ranges still ahead of the committable offset."""
+        """The previous owner's finished ranges not read yet: passed only once taken past
+        (a commit may go past some before they are read, `committable`, and they are still
+        skipped when they come)."""
         if not self._inherited:
             return None
-        committable = self.committable()
-        if committable is not None and committable > self._inherited.last:
+        if self._high is not None and self._high >= self._inherited.last:
             self._inherited = Finished(())  # passed: nothing of it is read again
             self._changes += 1
             return None

@@ -481,9 +481,35 @@ def test_the_last_inherited_offset_is_still_skipped_when_the_commit_reaches_it()
     tracker.started(4)
     tracker.finished(4)
     tracker.skipped(6)  # the intake skips 5 and 6 as inherited (one mark per run)
-    assert tracker.committable() == 7
+    assert tracker.committable() == 8  # past 7, which the note cannot name (review "rebal54")
     inherited = tracker.inherited
     assert inherited is not None and inherited.covers(7)
+    tracker.skipped(7)
+    assert tracker.inherited is None and tracker.committable() == 8
+
+
+@pytest.mark.parametrize("taken", [41, 40])
+def test_the_previous_owners_finished_offset_at_the_commit_is_not_sent_again(taken: int) -> None:
+    """Review "rebal54": the previous owner's note named 38, 42-43 and 45 finished. This
+    owner finished 35..41 and had not read 42 yet (a full window, a drain): it committed 42
+    with a note naming 43 and 45 only (a note names offsets above its commit), and the next
+    owner sent 42 again. The commit goes past the run the note named."""
+    tracker = PartitionOffsets()
+    tracker.inherit(Finished([(38, 38), (42, 43), (45, 45)], 35))
+    for offset in range(35, taken + 1):
+        if offset != 38:
+            tracker.started(offset)
+            tracker.finished(offset)
+        else:
+            tracker.skipped(offset)
+    base = tracker.committable()
+    assert base is not None
+    nxt = decode_note(tracker.note(base), base)
+    finished_by_someone = {38, 42, 43, 45, *range(35, taken + 1)}
+    for offset in finished_by_someone:
+        assert offset < base or nxt.covers(offset), (offset, base, nxt)
+    assert base == (44 if taken == 41 else 41)
+    assert tracker.could_commit(base) and not tracker.could_commit(base + 1)
 
 
 @pytest.mark.parametrize("max_chars", [100, 400, NOTE_MAX_CHARS])
@@ -496,3 +522,41 @@ def test_a_note_of_many_ranges_keeps_to_its_bound(max_chars: int) -> None:
     assert 0 < len(note) <= max_chars
     decoded = decode_note(note, 999)
     assert decoded is not None and decoded.ranges == ranges[:len(decoded.ranges)]
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=60), st.lists(st.booleans(), max_size=60),
+       st.lists(st.booleans(), max_size=60))
+def test_a_handover_leaves_nothing_finished_to_be_sent_again(
+        named: list[bool], finish: list[bool], read: list[bool]) -> None:
+    """Three owners: the first committed at 0 naming `named` finished; the second reads a
+    prefix of the log (`read`), skips what the note names, finishes some (`finish`), and
+    commits. Every offset either of them finished is below its commit or named by its note:
+    the third sends none of them again (review "rebal54")."""
+    finished = {i for i, done in enumerate(named) if done and i > 0}
+    runs: list[tuple[int, int]] = []
+    for offset in sorted(finished):
+        if runs and runs[-1][1] == offset - 1:
+            runs[-1] = (runs[-1][0], offset)
+        else:
+            runs.append((offset, offset))
+    tracker = PartitionOffsets()
+    tracker.inherit(Finished(runs, 0))
+    for offset in range(len(read)):
+        if not read[offset]:
+            break
+        inherited = tracker.inherited
+        if inherited is not None and inherited.covers(offset):
+            tracker.skipped(offset)
+            continue
+        tracker.started(offset)
+        if offset < len(finish) and finish[offset]:
+            tracker.finished(offset)
+            finished.add(offset)
+    base = tracker.committable()
+    if base is None:
+        return
+    nxt = decode_note(tracker.note(base, NOTE_MAX_CHARS), base)
+    for offset in finished:
+        assert offset < base or nxt.covers(offset), (offset, base, nxt)
+    for offset in range(base):
+        assert offset in finished, (offset, base)  # nothing unfinished is committed past
