@@ -119,8 +119,10 @@ def producer_settings(conf: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
         "compression.type": "lz4",
         **{k: v for k, v in conf.items() if not k.startswith("group.")},
     }
-    for key in _CONSUMER_ONLY:
-        settings.pop(key, None)
+    for key in [k for k in settings if k.removeprefix("topic.") in _CONSUMER_ONLY]:
+        # Written `topic.auto.commit.interval.ms` too (librdkafka's topic-level alias):
+        # a CONFWARN at every start (review "rebal54").
+        del settings[key]
     return {**settings, **extra}  # a producer's own (`extra`) win over the user's
 
 

@@ -987,6 +987,20 @@ def test_consumer_only_settings_do_not_reach_the_producer() -> None:
     assert len(warned) == 1 and "sasl.mechanism" in warned[0]  # warnings are captured
 
 
+def test_consumer_only_settings_written_topic_dot_do_not_reach_the_producer() -> None:
+    """Review "rebal54": the `topic.` form of a consumer-only setting reached the DLQ
+    producer, and every start logged librdkafka's "is a consumer property" twice."""
+    from consumer.librdkafka import client_problem, producer_settings
+
+    settings = load(KAFKA_TOPIC_AUTO_COMMIT_INTERVAL_MS="5000")
+    key = "topic.auto.commit.interval.ms"
+    assert key in settings.kafka_extra
+    assert key not in producer_settings(settings.kafka_extra)
+    warned: list[str] = []
+    assert client_problem({"group.id": "g", **settings.kafka_extra}, warned) is None
+    assert warned == []
+
+
 def test_producer_only_settings_reach_the_dlq_producer_and_no_note_calls_them_ignored() -> None:
     """Review "ops28": KAFKA_COMPRESSION_TYPE, KAFKA_LINGER_MS... reach the dead-letter
     producer, yet each start noted librdkafka's "is a producer property and will be ignored
