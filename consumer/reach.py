@@ -235,8 +235,16 @@ def missing_dlq_problem(bootstrap: str, dlq_topic: str,
     """A DLQ topic that does not exist is created by the first dead letter, unless the
     brokers create no topics: then that dead letter is retried for ever, its partition
     held, while the worker reports ready (review config19). Created, it takes the brokers'
-    `message.max.bytes` (`_size_problem`)."""
+    `message.max.bytes` (`_size_problem`) and `log.cleanup.policy`: compacted, it keeps
+    one dead letter per user (review "dlq54": started, and its dead letters compacted)."""
     if brokers.get("auto.create.topics.enable") != "false":
+        policy = brokers.get("log.cleanup.policy", "")
+        if _compacts(policy):
+            return (f"Kafka at {bootstrap} has no DLQ topic {dlq_topic!r}, and its brokers "
+                    f"would create it compacted (log.cleanup.policy={policy}): compaction "
+                    "keeps one dead letter per user and refuses keyless ones. Create it with "
+                    "cleanup.policy=delete, e.g. kafka-topics.sh --bootstrap-server <broker> "
+                    f"--create --topic {dlq_topic} --config cleanup.policy=delete")
         small = _size_problem(brokers.get("message.max.bytes", ""))
         if small is None:
             return None
@@ -348,6 +356,11 @@ def dlq_policy(admin: AdminClient, dlq_topic: str, timeout: float,
     fine or cannot be read (no DescribeConfigs ACL)."""
     # Not readable: no verdict (the produce path still reports its refusals).
     configs = _configs(admin, ConfigResource(ConfigResource.Type.TOPIC, dlq_topic), timeout)
+    return _dlq_config_problem(dlq_topic, configs, size)
+
+
+def _dlq_config_problem(dlq_topic: str, configs: Mapping[str, str], size: bool) -> str | None:
+    """`dlq_policy`'s verdict on the DLQ topic's settings as read."""
     value = configs.get("cleanup.policy", "")
     if not _compacts(value):
         small = _size_problem(configs.get("max.message.bytes", "")) if size else None
@@ -408,8 +421,19 @@ def dlq_policy_now(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> s
     letters without a word, and compaction then deleted all but one per user (review
     "faults31"). Blocking: run it off the event loop."""
     settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _SILENT}
-    problem = dlq_policy(AdminClient(settings), dlq_topic, timeout, size=False)
+    configs = _configs(AdminClient(settings),
+                       ConfigResource(ConfigResource.Type.TOPIC, dlq_topic), timeout)
+    if not configs:
+        # No verdict, said so: taken as "fine", a blip while the topic was known compacted
+        # let keyed dead letters into it, and compaction removed them (review "dlq54").
+        raise PolicyUnread(f"the DLQ topic {dlq_topic!r}'s settings could not be read")
+    problem = _dlq_config_problem(dlq_topic, configs, size=False)
     return None if problem is None else Redactor(kafka_secrets(conf, SECRET_KAFKA_KEYS))(problem)
+
+
+class PolicyUnread(Exception):
+    """The DLQ topic's settings could not be read (the brokers away, no DescribeConfigs
+    ACL, the topic not created yet): no verdict."""
 
 
 def registry(url: str, user_info: str | None, timeout: float,

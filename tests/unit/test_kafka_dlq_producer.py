@@ -230,3 +230,40 @@ def test_no_producer_is_built_after_close() -> None:
     assert not thread.is_alive(), "send() after close() spins on the event loop"
     assert len(raised) == 1 and isinstance(raised[0], KafkaException), raised
     assert built == [first]
+
+
+def test_an_unread_policy_leaves_the_last_verdict_standing() -> None:
+    """Review "dlq54": a check that could not read the DLQ's settings (a broker restarting)
+    was taken as "fine" while the topic was known compacted: keyed dead letters went in
+    until the next check, 5 minutes later, and compaction removed them."""
+    from consumer.reach import PolicyUnread
+
+    answers: list[str | Exception | None] = [
+        "the DLQ topic 'dlq' has cleanup.policy=compact", PolicyUnread("unread"), None]
+
+    def policy(topic: str) -> str | None:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    fresh = FakeProducer()
+    producer = DeadLetterProducer({}, policy=policy, check_s=0.0,
+                                  factory=lambda: cast(Any, fresh))
+    producer._policy_due = 0.0  # as if start-up's check were long ago
+
+    async def sends() -> list[str]:
+        out = []
+        for _ in range(3):
+            try:
+                await _send(producer, b"x")
+                out.append("written")
+            except KafkaException as exc:
+                out.append(exc.args[0].name())
+        return out
+
+    try:
+        assert asyncio.run(sends()) == ["INVALID_CONFIG", "INVALID_CONFIG", "written"]
+    finally:
+        producer.close(1)
+    assert fresh.written == [b"x"]

@@ -181,6 +181,17 @@ def test_a_missing_dlq_topic_is_refused_only_where_nothing_creates_it() -> None:
     assert reach.missing_dlq_problem("k:9092", "t.dlq", {}) is None  # not readable: pass
 
 
+@pytest.mark.parametrize("policy", ["compact", "compact,delete", "delete,compact"])
+def test_brokers_that_would_create_a_compacted_dlq_topic_are_named(policy: str) -> None:
+    """Review "dlq54": brokers whose log.cleanup.policy compacts created the missing DLQ
+    topic compacted at the first dead letter; start-up and check-config --online said OK."""
+    problem = reach.missing_dlq_problem("k:9092", "t.dlq", {"log.cleanup.policy": policy})
+    assert problem is not None and f"would create it compacted (log.cleanup.policy={policy})" \
+        in problem
+    assert "--create --topic t.dlq --config cleanup.policy=delete" in problem
+    assert reach.missing_dlq_problem("k:9092", "t.dlq", {"log.cleanup.policy": "delete"}) is None
+
+
 def test_brokers_that_would_create_a_dlq_topic_too_small_for_a_dead_letter_are_named() -> None:
     """Review "readme51": created by the first dead letter, the DLQ topic takes the brokers'
     message.max.bytes; below the worker's floor even a value-less dead letter is refused."""
