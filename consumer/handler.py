@@ -182,7 +182,8 @@ class DeadLetterSink(Protocol):
     (`kafka.DeadLetterProducer`)."""
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]]) -> None: ...
+                   headers: list[tuple[str, bytes | None]],
+                   placement: bytes | None = None) -> None: ...
     def close(self, timeout_s: float = 10.0) -> int: ...
 
 
@@ -1181,6 +1182,10 @@ class Handler:
             offset=event.offset, failure=failure,
             max_bytes=producer_limit(self.s.kafka_config()), secrets=self._secrets)
         whole = record
+        # Where a record without a key goes: beside the user's other dead letters (a
+        # keyless event's user; a record cut bare, its original key's partition).
+        ordering = event.ordering_key
+        placement = event.key or (ordering if isinstance(ordering, bytes) else None)
         delay = 0.5
         event.on_wire = True  # from here a cancelled job could leave a DLQ record behind
         token = self.dlq_writable.started()
@@ -1188,7 +1193,7 @@ class Handler:
             while True:
                 try:
                     await self.dlq.send(self.s.dlq_topic, key=record.key, value=record.value,
-                                        headers=record.headers)
+                                        headers=record.headers, placement=placement)
                     break
                 except DlqRecordTooLarge as too_large:
                     bare = without_originals(record) if record.value_omitted else record

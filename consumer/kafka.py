@@ -19,6 +19,7 @@ import math
 import re
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -874,8 +875,19 @@ DLQ_POLICY_CHECK_S = 300.0
 while dead letters are written), and 30 s while it found the topic compacted."""
 
 
+DLQ_PARTITIONS_ASK_S = 5.0
+"""The longest a dead letter waits for the DLQ topic's partition count (`_placed`)."""
+
+
 class DeadLetterProducer:
     """Produces DLQ records and resolves an awaitable when the broker acknowledged them.
+
+    A record without a key is placed by `placement` (its user): librdkafka spreads keyless
+    records at random, so one user's dead letters of a keyless topic (or cut to the bare
+    form) landed on several DLQ partitions, and `replay`, reading them partition by
+    partition, wrote an older identify after a newer one (review "dlq54"). The partition is
+    librdkafka's own for that key (CRC32 modulo the count, `consistent_random`), so a cut
+    record lands beside its whole siblings.
 
     `policy(topic)` names a problem with the DLQ topic's configuration (a compacted topic,
     `reach.dlq_policy_now`), asked again every `check_s` while dead letters are written:
@@ -910,6 +922,8 @@ class DeadLetterProducer:
         self._policy_due = time.monotonic() + self._check_s  # start-up checked it (`reach`)
         self._policy_problem: str | None = None
         self._policy_lock = asyncio.Lock()
+        # Per DLQ topic: its partition count (0: unknown) and when to ask again.
+        self._partitions: dict[str, tuple[int, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="dlq-poll", daemon=True)
         self._thread.start()
@@ -948,13 +962,34 @@ class DeadLetterProducer:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the worker stopped
                 loop.call_soon_threadsafe(self._recover)
 
+    async def _placed(self, topic: str, placement: bytes) -> int | None:
+        """The partition of `topic` librdkafka would give a record keyed `placement`; None
+        while its partition count is unknown (then librdkafka places it)."""
+        count, due = self._partitions.get(topic, (0, 0.0))
+        if time.monotonic() >= due:
+            producer = self._producer
+            try:
+                metadata = await asyncio.to_thread(producer.list_topics, topic,
+                                                   DLQ_PARTITIONS_ASK_S)
+                found = metadata.topics.get(topic)
+                count = (len(found.partitions) if found is not None and found.error is None
+                         else 0)
+            except Exception:
+                count = 0
+            self._partitions[topic] = (count, time.monotonic() + (
+                DLQ_POLICY_CHECK_S if count else min(30.0, DLQ_POLICY_CHECK_S)))
+        return zlib.crc32(placement) % count if count else None
+
     async def send(
         self, topic: str, *, key: bytes | None, value: bytes | None,
-        headers: list[tuple[str, bytes | None]],
+        headers: list[tuple[str, bytes | None]], placement: bytes | None = None,
     ) -> None:
-        """Produce and wait for the broker's acknowledgement; raises KafkaException on failure."""
+        """Produce and wait for the broker's acknowledgement; raises KafkaException on
+        failure. `placement`: for a record without a key, the key whose partition it takes."""
         if self._policy is not None:
             await self._check_policy(topic)
+        partition = (await self._placed(topic, placement)
+                     if key is None and placement else None)
         loop = self._loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         producer = self._producer
@@ -970,6 +1005,9 @@ class DeadLetterProducer:
                     self._fatal_seen(producer, err.str())
                 if err.code() in _TOO_LARGE:
                     done.set_exception(DlqRecordTooLarge(f"DLQ refused the record: {err.str()}"))
+                elif err.code() == KafkaError._UNKNOWN_PARTITION:
+                    self._partitions.pop(topic, None)  # fewer now: asked again
+                    done.set_exception(KafkaException(err))
                 elif err.code() == KafkaError.INVALID_RECORD:
                     done.set_exception(KafkaException(KafkaError(
                         err.code(), f"{err.str()}: is the DLQ topic compacted? A compacted "
@@ -981,6 +1019,8 @@ class DeadLetterProducer:
         # No timestamp: the broker's time of writing (see consumer.deadletter).
         kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers,
                                   "on_delivery": delivered}
+        if partition is not None:
+            kwargs["partition"] = partition
         while True:
             if self._fatal is not None:
                 self._recover()
@@ -999,6 +1039,8 @@ class DeadLetterProducer:
                     self._fatal_seen(producer, err.str())
                     if self._recover():
                         continue  # once more, on the new producer
+                if isinstance(err, KafkaError) and err.code() == KafkaError._UNKNOWN_PARTITION:
+                    self._partitions.pop(topic, None)  # the topic was made anew: asked again
                 raise
         self._waiting[done] = producer
         done.add_done_callback(self._answered)

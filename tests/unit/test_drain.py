@@ -147,7 +147,8 @@ class SlowAckDlq(FakeDlq):
         self.handed: list[object] = shared_records
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]]) -> None:
+                   headers: list[tuple[str, bytes | None]],
+                   placement: bytes | None = None) -> None:
         self.handed.append(value)
         await asyncio.sleep(1.0)
         await super().send(topic, key=key, value=value, headers=headers)
@@ -354,7 +355,8 @@ class RefusingDlq(FakeDlq):
         self.error = error or RuntimeError("TOPIC_AUTHORIZATION_FAILED: denied")
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]]) -> None:
+                   headers: list[tuple[str, bytes | None]],
+                   placement: bytes | None = None) -> None:
         self.tries += 1
         raise self.error
 

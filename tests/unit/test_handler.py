@@ -85,7 +85,8 @@ class Dlq:
         self.sent: list[dict[str, Any]] = []
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]]) -> None:
+                   headers: list[tuple[str, bytes | None]],
+                   placement: bytes | None = None) -> None:
         self.sent.append({"key": key, "value": value, "headers": dict(headers)})
 
     def close(self, timeout_s: float = 10.0) -> int:

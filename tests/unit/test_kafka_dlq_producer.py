@@ -8,6 +8,8 @@ import glob
 import os
 import threading
 import time
+import zlib
+from types import SimpleNamespace
 from typing import Any, cast
 
 import confluent_kafka
@@ -32,9 +34,19 @@ class FakeProducer:
         self.written: list[bytes | None] = []
         self.purged = threading.Event()
         self._lock = threading.Lock()
+        self.partitions: list[int | None] = []  # each record's, as given to `produce`
+        self.topic_partitions = 0  # what `list_topics` says (0: it fails)
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        if not self.topic_partitions:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+        found = SimpleNamespace(error=None, partitions=dict.fromkeys(
+            range(self.topic_partitions)))
+        return SimpleNamespace(topics={topic: found})
 
     def produce(self, topic: str, *, key: bytes | None, value: bytes | None,
-                headers: Any, on_delivery: Any) -> None:
+                headers: Any, on_delivery: Any, partition: int | None = None) -> None:
+        self.partitions.append(partition)
         if self.refuse is not None:
             raise KafkaException(self.refuse)
         with self._lock:
@@ -267,3 +279,40 @@ def test_an_unread_policy_leaves_the_last_verdict_standing() -> None:
     finally:
         producer.close(1)
     assert fresh.written == [b"x"]
+
+
+def test_a_record_without_a_key_goes_to_its_users_partition() -> None:
+    """Review "dlq54": librdkafka spreads keyless records at random, so one user's dead
+    letters of a keyless topic landed on several DLQ partitions and `replay` wrote an older
+    identify after a newer one. Placed by the user, as librdkafka places a key (CRC32);
+    a keyed record is left to librdkafka; with the count unknown, so is a keyless one."""
+    fresh = FakeProducer()
+    fresh.topic_partitions = 8
+    producer = DeadLetterProducer({}, factory=lambda: cast(Any, fresh))
+
+    async def sends() -> None:
+        for user in (b"u0", b"u1", b"u0"):
+            await asyncio.wait_for(producer.send("dlq", key=None, value=b"x", headers=[],
+                                                 placement=user), 5)
+        await asyncio.wait_for(producer.send("dlq", key=b"k", value=b"x", headers=[],
+                                             placement=b"k"), 5)
+        await asyncio.wait_for(producer.send("dlq", key=None, value=b"x", headers=[]), 5)
+
+    try:
+        asyncio.run(sends())
+    finally:
+        producer.close(1)
+    u0, u1 = zlib.crc32(b"u0") % 8, zlib.crc32(b"u1") % 8
+    assert u0 != u1
+    assert fresh.partitions == [u0, u1, u0, None, None]
+
+
+def test_a_keyless_record_is_left_to_librdkafka_while_the_count_is_unknown() -> None:
+    fresh = FakeProducer()  # list_topics fails
+    producer = DeadLetterProducer({}, factory=lambda: cast(Any, fresh))
+    try:
+        asyncio.run(asyncio.wait_for(producer.send("dlq", key=None, value=b"x", headers=[],
+                                                   placement=b"u0"), 5))
+    finally:
+        producer.close(1)
+    assert fresh.partitions == [None] and fresh.written == [b"x"]

@@ -333,6 +333,7 @@ class DeadLetter:
     topic: str
     value: bytes | None
     headers: dict[str, bytes]
+    placement: bytes | None = None
 
 
 class FakeDlq:
@@ -342,11 +343,13 @@ class FakeDlq:
         self.refused = 0
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]]) -> None:
+                   headers: list[tuple[str, bytes | None]],
+                   placement: bytes | None = None) -> None:
         if self.max_bytes is not None and len(value or b"") > self.max_bytes:
             self.refused += 1
             raise DlqRecordTooLarge("Broker: Message size too large")
-        self.records.append(DeadLetter(topic, value, {k: v or b"" for k, v in headers}))
+        self.records.append(DeadLetter(topic, value, {k: v or b"" for k, v in headers},
+                                       placement))
 
     def close(self, timeout_s: float = 10.0) -> int:
         return 0
@@ -1626,7 +1629,8 @@ class HangingDlq(FakeDlq):
         self.started = 0
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]]) -> None:
+                   headers: list[tuple[str, bytes | None]],
+                   placement: bytes | None = None) -> None:
         self.started += 1
         await asyncio.Event().wait()
 
@@ -3102,7 +3106,8 @@ class SmallTopicDlq(FakeDlq):
         self.limit = limit
 
     async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes | None]]) -> None:
+                   headers: list[tuple[str, bytes | None]],
+                   placement: bytes | None = None) -> None:
         from consumer.deadletter import record_size
 
         if record_size(key, value, headers) > self.limit:
@@ -3837,9 +3842,9 @@ def test_a_group_whose_every_state_was_set_again_before_its_dead_letter_is_not_h
     plain_send = run.dlq.send
 
     async def slow_send(topic: str, *, key: bytes | None, value: bytes | None,
-                        headers: Any) -> None:
+                        headers: Any, placement: bytes | None = None) -> None:
         await asyncio.sleep(1.0)
-        await plain_send(topic, key=key, value=value, headers=headers)
+        await plain_send(topic, key=key, value=value, headers=headers, placement=placement)
 
     run.dlq.send = slow_send  # type: ignore[method-assign]
 
@@ -3982,3 +3987,23 @@ def test_refused_commits_are_counted_by_topic() -> None:
     assert drive(run, scenario) == 0
     failures = run.worker.m.commit_failures.labels(TOPIC)._value.get()
     assert failures == 3
+
+
+def test_a_dead_letter_is_placed_by_its_user_or_its_key() -> None:
+    """Review "dlq54": a keyless event's dead letter went to a random DLQ partition, so
+    `replay` could write a user's older identify after a newer one. Placed by its user (a
+    keyed one by its key)."""
+    keyless = {(TOPIC, 0): [Message(TOPIC, 0, 0, None, track("u1", 1)),
+                            Message(TOPIC, 0, 1, None, b"\x00not avro")],
+               (TOPIC, 1): [Message(TOPIC, 1, 0, b"k9", track("u9", 2))]}
+    run = make(keyless, registry=known_schema(), USERPILOT_ENSURE_USER="false")
+    for value in (track("u1", 1), track("u9", 2)):
+        run.client.answers[_body_of(value)] = Rejected("HTTP 400: payload rejected", status=400)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(run.dlq.records) == 3, "three dead letters")
+
+    assert drive(run, scenario) == 0
+    placed = sorted((r.placement or b"") for r in run.dlq.records)
+    # the undecodable keyless one has no user: left to librdkafka
+    assert placed == [b"", b"k9", b"u1"]
