@@ -473,7 +473,16 @@ class DlqWritable:
             error = self._errors.get(oldest, "")
         if waited <= self.after_s:
             return None
-        return f"DLQ unwritable for {waited:.0f} s ({error or 'no acknowledgement'})"
+        # Without an error yet: librdkafka retries a retriable refusal (no leader, fewer
+        # in-sync replicas than min.insync.replicas) until message.timeout.ms, silently;
+        # "no acknowledgement" alone named no cause (review "dlq54").
+        return f"DLQ unwritable for {waited:.0f} s ({error or NO_ACK})"
+
+
+NO_ACK = ("no acknowledgement from the brokers: the DLQ topic's partition has no leader, or "
+          "fewer in-sync replicas than its min.insync.replicas; see kafka-topics.sh "
+          "--describe --topic <KAFKA_DLQ_TOPIC>")
+"""Readiness's cause while a dead letter waits with no error told yet."""
 
 
 class DlqGuard:

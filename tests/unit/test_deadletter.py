@@ -724,7 +724,10 @@ def test_readiness_quotes_kafkas_text_whole_and_forgets_it_once_written() -> Non
     writable.finished(token)  # the policy fixed: written
     now[0] = 30.0
     # Review diff44: with another still pending, the fixed error was quoted for it.
-    assert writable.problem() == "DLQ unwritable for 30 s (no acknowledgement)"
+    assert writable.problem() == (
+        "DLQ unwritable for 30 s (no acknowledgement from the brokers: the DLQ topic's "
+        "partition has no leader, or fewer in-sync replicas than its min.insync.replicas; see "
+        "kafka-topics.sh --describe --topic <KAFKA_DLQ_TOPIC>)")
     writable.finished(other)
 
 
