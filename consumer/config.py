@@ -2103,6 +2103,12 @@ def load_settings(
         # with a 401 that did not say why (review "secrets34").
         r.problems.append("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO holds a line break: give "
                           "user:password on one line (its *_FILE: the value alone)")
+    elif auth_raw is not None and registry_ok and "@" in urlsplit(registry_url).netloc:
+        # Both: the setting's were sent, the URL's silently dropped (review "registry54";
+        # Confluent's client refuses the pair).
+        r.notes.append("SCHEMA_REGISTRY_URL holds credentials and "
+                       "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO is set too: the worker sends "
+                       "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO's and ignores the URL's; keep one")
 
     max_in_flight = r.integer("WORKER_MAX_IN_FLIGHT", 200, 1, 100_000)
     grace = r.number("WORKER_SHUTDOWN_GRACE_SECONDS", 25.0, 0.0, 3600.0)

@@ -1826,3 +1826,15 @@ def test_a_dotted_key_in_properties_or_rename_gets_a_note(tmp_path: Any) -> None
     notes = [n for n in load(USERPILOT_MAPPINGS_FILE=str(path)).notes if "has a dot" in n]
     assert [n.split(":")[1].strip() for n in notes] == ["identify", "group"], notes
     assert "'address_street'" in notes[0]
+
+
+def test_registry_credentials_in_the_url_and_the_setting_are_a_note() -> None:
+    """Review "registry54": with both, the URL's pair was dropped without a word."""
+    both = load(SCHEMA_REGISTRY_URL="https://u:RegPw12345@registry.example",
+                SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO="v:Other6789")
+    said = [n for n in both.notes if "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO is set too" in n]
+    assert len(said) == 1 and "RegPw12345" not in said[0] and "Other6789" not in said[0]
+    for env in ({"SCHEMA_REGISTRY_URL": "https://u:RegPw12345@registry.example"},
+                {"SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO": "v:Other6789"}):
+        one = load(**env)
+        assert not [n for n in one.notes if "is set too" in n]
