@@ -175,6 +175,22 @@ class _Users:
         return len(new)
 
 
+def _quoted(user_id: str) -> bool:
+    return len(user_id) >= 2 and user_id[0] == user_id[-1] == '"'
+
+
+def quoted_ids(user_ids: Sequence[str], json_option: str) -> tuple[int, str]:
+    """How many ids are written in double quotes (`jq .key` output, a `--json` file read
+    one a line), and what to say: sent with their quotes they name nobody, and the run
+    said "deleted N", exit 0 (review "gdpr54"). Every id quoted is refused by the caller
+    (exit 2, nothing sent); some, a warning."""
+    count = sum(1 for user_id in user_ids if _quoted(user_id))
+    return count, (f"{count} of {len(user_ids)} ids are written in double quotes, as JSON "
+                   "strings (`jq .key` output?): read one a line, the quotes are part of "
+                   f"the id and it names no user. Give the file with {json_option}, or "
+                   "write it with `jq -r`")
+
+
 def padded(user_ids: Iterable[str]) -> int:
     """How many ids begin or end with whitespace or a character that renders as nothing
     (kept as is; worth a warning: the id is not the one it looks like)."""
@@ -440,7 +456,9 @@ def delete_users(
             finally:
                 pacer.answered()
 
-        where = f"batch {index}/{len(groups)} ({len(batch)} users)"
+        # Users as the summary counts them (a byte order mark's two forms are one user):
+        # the start line said 5 users, the summary 3 (review "gdpr54").
+        where = f"batch {index}/{len(groups)} ({users.count(batch)} users)"
 
         def waiting(state: RetryCallState, where: str = where) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
@@ -669,6 +687,12 @@ def main(
         # A GDPR script read exit 0 as done (review "replay26"): an empty list is a mistake
         # in what was given (a wrong file, a failed export upstream), not a deletion.
         raise ConfigError("no user ids given: the file or stdin holds no id (one per line)")
+    if not args.json:
+        count, said = quoted_ids(user_ids, "--json")
+        if count == len(user_ids):
+            raise ConfigError(said)
+        if count:
+            log(said)
     users = _Users(user_ids, exact=args.json)
     if users.marked:
         log(f"{len(users.marked)} ids began with a byte order mark: each is sent both "
@@ -680,6 +704,14 @@ def main(
             "exactly as written (the worker sends userId as the event carries it)")
     groups = batches(user_ids, args.batch_size)
     if args.dry_run:
+        # The real run's settings, read: a rehearsal that said OK for a token written
+        # `Token …` or an endpoint with a scheme proved nothing (review "gdpr54").
+        client, settings = _client_from_env(env)
+        client.close()
+        clears = (" and clear the replicas' record of them in Redis"
+                  if env.get("REDIS_URL", "").strip() and settings.ensure_user else "")
+        log(f"would DELETE {client.url}{clears}: {users.count(user_ids)} users in "
+            f"{len(groups)} batches, one request per {args.interval:g} s")
         for index, batch in enumerate(groups, 1):
             log(f"batch {index}/{len(groups)}: would delete {users.count(batch)} users")
         summary = Summary(requested=users.count(user_ids), dry_run=True)
@@ -688,7 +720,7 @@ def main(
     client, settings = _client_from_env(env)
     summary = Summary()
     try:
-        log(f"DELETE {client.url}: {len(user_ids)} users in {len(groups)} batches, "
+        log(f"DELETE {client.url}: {users.count(user_ids)} users in {len(groups)} batches, "
             f"one request per {args.interval:g} s")
         delete_users(
             user_ids, client.delete, batch_size=args.batch_size, pacer=Pacer(args.interval),

@@ -1071,7 +1071,7 @@ def _skip_keys(path: str | None, *, as_json: bool = False) -> frozenset[bytes]:
     nothing, review "whole48"), as the record keys `produce` writes."""
     if path is None:
         return frozenset()
-    from consumer.gdpr import read_json_ids, read_user_ids
+    from consumer.gdpr import quoted_ids, read_json_ids, read_user_ids
 
     option = "--skip-keys-json" if as_json else "--skip-keys"
     try:
@@ -1083,6 +1083,10 @@ def _skip_keys(path: str | None, *, as_json: bool = False) -> frozenset[bytes]:
         raise ConfigError(f"{option} {path!r}: {exc}") from None
     if not ids:
         raise ConfigError(f"{option} {path!r} holds no id (one a line)")
+    if not as_json:
+        count, said = quoted_ids(ids, "--skip-keys-json")
+        if count:  # a key in quotes skips nothing: the events it names would be replayed
+            raise ConfigError(f"{option} {path!r}: {said}")
     return frozenset(user_id.encode("utf-8", "surrogatepass") for user_id in ids)
 
 

@@ -380,7 +380,7 @@ def test_dry_run_reads_stdin_batches_and_sends_nothing(
     streams: tuple[io.StringIO, io.StringIO]
 ) -> None:
     out, err = streams
-    code = main(args("--dry-run", "--batch-size", "2"), env={},
+    code = main(args("--dry-run", "--batch-size", "2"), env=ENV,
                 stdin=io.StringIO("a\nb\nc\n"), out=out, err=err)
     assert code == 0
     assert out.getvalue() == ("delete-users: users requested 3, batches sent 0, deleted 0, "
@@ -390,7 +390,7 @@ def test_dry_run_reads_stdin_batches_and_sends_nothing(
 
 def test_file_dash_means_stdin(streams: tuple[io.StringIO, io.StringIO]) -> None:
     out, err = streams
-    main(args("--file", "-", "--dry-run"), env={}, stdin=io.StringIO("x\n"), out=out, err=err)
+    main(args("--file", "-", "--dry-run"), env=ENV, stdin=io.StringIO("x\n"), out=out, err=err)
     assert "users requested 1," in out.getvalue()
 
 
@@ -398,7 +398,7 @@ def test_reads_a_file(tmp_path: Any, streams: tuple[io.StringIO, io.StringIO]) -
     path = tmp_path / "ids.txt"
     path.write_text("u1\nu2\n", encoding="utf-8")
     out, err = streams
-    main(args("--file", str(path), "--dry-run"), env={}, out=out, err=err)
+    main(args("--file", str(path), "--dry-run"), env=ENV, out=out, err=err)
     assert "users requested 2," in out.getvalue()
 
 
@@ -770,7 +770,7 @@ def test_json_lines_name_ids_holding_line_breaks_exactly(
     out, err = streams
     stdin = io.StringIO('\ufeff"user\\nwith-newline"\n"crlf-user\\r"\n\n'
                         '"crlf-user\\r"\n"\\u2028x"\n')
-    code = main(args("--json", "--dry-run", "--batch-size", "10"), env={}, stdin=stdin,
+    code = main(args("--json", "--dry-run", "--batch-size", "10"), env=ENV, stdin=stdin,
                 out=out, err=err)
     assert code == 0
     assert "users requested 3," in out.getvalue()
@@ -811,7 +811,7 @@ def test_json_lines_count_each_id_as_written_a_byte_order_mark_included(
     counted as one user and the run said each went in two forms; a line holding only a
     byte order mark was refused as not JSON, where one id a line reads it as blank."""
     out, err = streams
-    code = main(args("--json", "--dry-run"), env={},
+    code = main(args("--json", "--dry-run"), env=ENV,
                 stdin=io.StringIO('"\\ufeffbob"\n"bob"\n\ufeff\n'), out=out, err=err)
     assert code == 0
     assert "users requested 2," in out.getvalue()
@@ -901,3 +901,47 @@ def test_a_2xx_answer_nested_past_the_parser_is_no_traceback() -> None:
         assert client.delete(b'{"users":["a"]}') == "x-request-id r1"
     finally:
         client.close()
+
+
+def test_ids_written_in_quotes_are_refused_or_named() -> None:
+    """Review "gdpr54": `jq .key` output (or a --json file without --json) deleted nobody,
+    each id sent with its quotes, and the run said "deleted 2", exit 0. All quoted: refused
+    before anything is sent; some: a line naming them."""
+    with pytest.raises(ConfigError, match=r'2 of 2 ids are written in double quotes.*'
+                                          r'with --json, or write it with `jq -r`'):
+        main(args(), env=ENV, stdin=io.StringIO('"alice"\n"bob"\n'), out=io.StringIO(),
+             err=io.StringIO())
+    err = io.StringIO()
+    main(args("--dry-run"), env=ENV, stdin=io.StringIO('"alice"\nbob\n'), out=io.StringIO(),
+         err=err)
+    assert "1 of 2 ids are written in double quotes" in err.getvalue()
+    err = io.StringIO()
+    main(args("--dry-run", "--json"), env=ENV, stdin=io.StringIO('"alice"\n"bob"\n'),
+         out=io.StringIO(), err=err)
+    assert "double quotes" not in err.getvalue()
+
+
+def test_a_dry_run_reads_the_real_runs_settings_and_names_where_it_would_send() -> None:
+    """Review "gdpr54": the dry run read no setting: a token written `Token …` or an
+    endpoint with a scheme rehearsed fine and the real run then exited 2; nor did it say
+    which host (US or EU) it would send to."""
+    err = io.StringIO()
+    assert main(args("--dry-run"), env=ENV, stdin=io.StringIO("a\nb\n"), out=io.StringIO(),
+                err=err) == 0
+    assert "would DELETE https://sandbox.test/v1/users: 2 users in 1 batches" in err.getvalue()
+    for wrong in ({**ENV, "USERPILOT_API_KEY": f"Token {TOKEN}"},
+                  {**ENV, "USERPILOT_ANALYTICS_ENDPOINT": "https://analytex.userpilot.io/v1"},
+                  {}):
+        with pytest.raises(ConfigError):
+            main(args("--dry-run"), env=wrong, stdin=io.StringIO("a\n"), out=io.StringIO(),
+                 err=io.StringIO())
+
+
+def test_a_batch_line_counts_users_as_the_summary_does() -> None:
+    """Review "gdpr54": `cat a.txt b.txt` (b's first id after a byte order mark) said "batch
+    1/2 (2 users)" for one user in its two forms, and the summary "requested 2"."""
+    ids = read_user_ids(["\ufeffa\n", "b\n"])  # a, \ufeffa, b
+    summary, _, _, lines = run(ids, [], size=2)
+    assert summary.requested == 2
+    assert lines[0].startswith("batch 1/2 (1 users): scheduled")
+    assert lines[1].startswith("batch 2/2 (1 users): scheduled")

@@ -1032,6 +1032,11 @@ def test_skip_keys_reads_ids_as_delete_users_and_keeps_the_selection_s_progress(
         b"carol", b"user\nwith-newline"}
     with pytest.raises(ConfigError, match="--skip-keys-json"):
         replay._skip_keys(str(ids), as_json=True)  # not JSON strings
+    # ... and that file given to --skip-keys: each key kept its quotes and skipped nothing,
+    # the deleted users' events replayed (review "gdpr54")
+    with pytest.raises(ConfigError, match=r"ids\.jsonl'?: 2 of 2 ids are written in double "
+                       r"quotes.* Give the file with --skip-keys-json"):
+        replay._skip_keys(str(tmp_path / "ids.jsonl"))
 
 
 def test_a_line_that_cannot_reach_a_buffered_stdout_stops_the_run_at_once(
