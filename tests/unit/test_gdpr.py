@@ -945,3 +945,25 @@ def test_a_batch_line_counts_users_as_the_summary_does() -> None:
     assert summary.requested == 2
     assert lines[0].startswith("batch 1/2 (1 users): scheduled")
     assert lines[1].startswith("batch 2/2 (1 users): scheduled")
+
+
+def test_redis_is_not_asked_again_after_it_failed_and_the_summary_counts_the_rest() -> None:
+    """Review "gdpr54": a hung Redis cost its timeout on every batch (5 s each, 83 minutes
+    over 1,000 batches), one line each, and the summary said nothing of it."""
+    time = FakeTime()
+    send = FakeSend(time, [])
+    asked: list[list[str]] = []
+
+    def forget(batch: Sequence[str]) -> str | None:
+        asked.append(list(batch))
+        return "TimeoutError (Redis at redis://r:6379/0)" if batch == ["c", "d"] else None
+
+    lines: list[str] = []
+    summary = delete_users(["a", "b", "c", "d", "e", "f", "g"], send, batch_size=2,
+                           pacer=Pacer(2.0, clock=time.clock, sleep=time.sleep),
+                           attempts=1, log=lines.append, forget=forget)
+    assert asked == [["a", "b"], ["c", "d"]]
+    assert summary.uncleared == 5 and summary.deleted == 7 and summary.ok
+    assert summary.line() == ("users requested 7, batches sent 4, deleted 7, failed 0, "
+                              "not cleared from Redis 5")
+    assert sum("not cleared" in line for line in lines) == 1
