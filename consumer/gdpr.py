@@ -252,6 +252,7 @@ class Summary:
     dry_run: bool = False
     aborted: str = ""
     uncleared: int = field(default=0, compare=False)  # deleted, the replicas' record kept
+    scheduled: set[int] = field(default_factory=set, compare=False)  # batches (from 1)
 
     @property
     def unsent(self) -> int:
@@ -502,6 +503,7 @@ def delete_users(
                     "list again")
         else:
             summary.batches_done += 1
+            summary.scheduled.add(index)
             summary.deleted += users.count(batch)
             said = f" ({request_id})" if request_id else ""
             log(f"{where}: scheduled for deletion{said}")
@@ -571,6 +573,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dry-run", action="store_true",
                         help="read and batch the ids, print the plan, send nothing")
+    parser.add_argument("--left-file", metavar="PATH",
+                        help="write the ids of every batch Userpilot did not schedule "
+                        "(failed, not sent, or cut by an interrupt) to PATH, as read (one a "
+                        "line; JSON strings with --json), to run again with --file PATH")
 
 
 def _read(path: str | None, stdin: IO[str] | None, *, as_json: bool = False) -> list[str]:
@@ -751,5 +757,28 @@ def main(
         code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 130
     finally:
         client.close()
+    if args.left_file is not None:
+        # The failed batches' ids were never named: a list re-run whole met the same 400
+        # again, and a failed batch could not be cut out of it (review "gdpr54").
+        left = [user_id for index, batch in enumerate(groups, 1)
+                if index not in summary.scheduled for user_id in batch]
+        _write_left(args.left_file, left, as_json=args.json, log=log)
     write_line(f"delete-users: {summary.line()}", out)  # done, whoever still reads
     return code
+
+
+def _write_left(path: str, user_ids: Sequence[str], *, as_json: bool, log: Log) -> None:
+    """The ids not scheduled, as `--file` reads them back (`--json`: one JSON string a
+    line); an empty file when none is left. A failure to write is one line."""
+    try:
+        with open(path, "w", encoding="utf-8", newline="\n") as stream:
+            for user_id in user_ids:
+                stream.write((json.dumps(user_id, ensure_ascii=False) if as_json
+                              else user_id) + "\n")
+    except OSError as exc:
+        log(f"--left-file {path!r}: cannot write it ({exc.strerror or exc}); "
+            f"{len(user_ids)} ids were left")
+        return
+    if user_ids:
+        log(f"{len(user_ids)} ids not scheduled written to {path}: run again with "
+            f"--file {path}{' --json' if as_json else ''}")

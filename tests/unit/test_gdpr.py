@@ -967,3 +967,36 @@ def test_redis_is_not_asked_again_after_it_failed_and_the_summary_counts_the_res
     assert summary.line() == ("users requested 7, batches sent 4, deleted 7, failed 0, "
                               "not cleared from Redis 5")
     assert sum("not cleared" in line for line in lines) == 1
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_the_ids_userpilot_did_not_schedule_are_written_to_the_left_file(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, as_json: bool) -> None:
+    """Review "gdpr54": a failed batch's ids were never named: the list re-run whole met the
+    same 400 again, and the batch could not be cut out of it. `--left-file` holds what was
+    not scheduled (here the failed batch), as `--file` reads it back."""
+    import consumer.gdpr as gdpr
+
+    real = gdpr.delete_users
+    time = FakeTime()
+    send = FakeSend(time, ["r1", Rejected("HTTP 400: bad", status=400), "r3"])
+
+    def scripted(user_ids: Any, _send: Any, **kw: Any) -> Summary:
+        kw["pacer"] = Pacer(2.0, clock=time.clock, sleep=time.sleep)
+        return real(user_ids, send, **kw)
+
+    monkeypatch.setattr(gdpr, "delete_users", scripted)
+    left = tmp_path / "left.txt"
+    ids = ["a", "b", "c\nd", "e", "f"] if as_json else ["a", "b", "c", "e", "f"]
+    text = "".join((json.dumps(i) if as_json else i) + "\n" for i in ids)
+    err = io.StringIO()
+    code = main(args("--batch-size", "2", "--left-file", str(left),
+                     *(["--json"] if as_json else [])),
+                env=ENV, stdin=io.StringIO(text), out=io.StringIO(), err=err)
+    assert code == 1
+    written = left.read_text("utf-8")
+    assert written == "".join((json.dumps(i) if as_json else i) + "\n" for i in ids[2:4])
+    assert f"2 ids not scheduled written to {left}: run again with --file {left}" \
+        in err.getvalue()
+    again = gdpr._read(str(left), None, as_json=as_json)
+    assert again == ids[2:4]
