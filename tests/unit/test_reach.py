@@ -18,8 +18,9 @@ from tests.certificates import self_signed
 
 
 @contextmanager
-def answering(raw: bytes) -> Iterator[int]:
-    """A server on 127.0.0.1 that answers every connection's first request with `raw`."""
+def answering(raw: bytes, tls: ssl.SSLContext | None = None) -> Iterator[int]:
+    """A server on 127.0.0.1 that answers every connection's first request with `raw`
+    (over TLS with `tls`: a handshake the client breaks off is let go)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
@@ -29,9 +30,12 @@ def answering(raw: bytes) -> Iterator[int]:
                 conn, _ = listener.accept()
             except OSError:
                 return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(raw)
+            try:
+                with tls.wrap_socket(conn, server_side=True) if tls else conn as peer:
+                    peer.recv(65536)
+                    peer.sendall(raw)
+            except OSError:
+                continue
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -426,34 +430,6 @@ def test_a_registry_proxy_refusing_its_credentials_names_the_proxy() -> None:
     assert "SCHEMA_REGISTRY_URL" not in said and "S3CRET" not in said
 
 
-@contextmanager
-def tls_answering(raw: bytes, cert: str, key: str) -> Iterator[int]:
-    """`answering` over TLS with `cert`; a handshake the client breaks off is let go."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                with context.wrap_socket(conn, server_side=True) as tls:
-                    tls.recv(65536)
-                    tls.sendall(raw)
-            except OSError:
-                continue
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield port
-    finally:
-        listener.close()
-
-
 def test_a_registry_certificate_not_trusted_is_a_setting_not_an_outage(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Review "registry54": an untrusted certificate read "not reachable (ConnectError):
@@ -464,7 +440,9 @@ def test_a_registry_certificate_not_trusted_is_a_setting_not_an_outage(
     ok = _answer("200 OK", "application/vnd.schemaregistry.v1+json", b'["a-value"]')
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
-    with tls_answering(ok, str(cert), str(key)) as port:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    with answering(ok, context) as port:
         said = reach.registry(f"https://127.0.0.1:{port}", None, 5)
         assert said is not None and not isinstance(said, reach.Unreachable)
         assert said.startswith(f"schema registry at https://127.0.0.1:{port}: its TLS "
