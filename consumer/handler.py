@@ -209,6 +209,7 @@ class Event:
     parked: bool = False  # the DLQ guard tripped on it: nothing of it follows before the
     # restart (a drain waited its whole grace for a half-sent group, review "stop44")
     requesting: bool = False  # ... an HTTP request (Userpilot down: not waited for)
+    dlq_since: float | None = None  # monotonic: its current DLQ produce went out then
     requested: bool = False  # a request of its current call had a connection: it may have
     # reached Userpilot (its messageId claim is then kept when it is abandoned)
     dedup_owner: str | None = None  # set while this event holds its messageId's claim
@@ -1192,6 +1193,7 @@ class Handler:
         try:
             while True:
                 try:
+                    event.dlq_since = time.monotonic()
                     await self.dlq.send(self.s.dlq_topic, key=record.key, value=record.value,
                                         headers=record.headers, placement=placement)
                     break

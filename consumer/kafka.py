@@ -887,7 +887,11 @@ class DeadLetterProducer:
     form) landed on several DLQ partitions, and `replay`, reading them partition by
     partition, wrote an older identify after a newer one (review "dlq54"). The partition is
     librdkafka's own for that key (CRC32 modulo the count, `consistent_random`), so a cut
-    record lands beside its whole siblings.
+    record lands beside its whole siblings; with another `partitioner` (KAFKA_PARTITIONER)
+    records are left to it (keyless ones spread again, diff54a). The count is asked on a
+    thread of this producer's, one lookup at a time: on asyncio's default pool a burst of
+    dead letters, each waiting for the count, held the threads aiohttp resolves Userpilot's
+    host on (diff54a; review "schema16").
 
     `policy(topic)` names a problem with the DLQ topic's configuration (a compacted topic,
     `reach.dlq_policy_now`), asked again every `check_s` while dead letters are written:
@@ -922,8 +926,14 @@ class DeadLetterProducer:
         self._policy_due = time.monotonic() + self._check_s  # start-up checked it (`reach`)
         self._policy_problem: str | None = None
         self._policy_lock = asyncio.Lock()
-        # Per DLQ topic: its partition count (0: unknown) and when to ask again.
+        # Per DLQ topic: its partition count (0: unknown) and when to ask again; asked by
+        # one lookup at a time (`_placed`), on a thread of its own.
         self._partitions: dict[str, tuple[int, float]] = {}
+        self._places = conf.get("partitioner", conf.get("topic.partitioner",
+                                                        "consistent_random")) in (
+            "consistent", "consistent_random")
+        self._counting = asyncio.Lock()
+        self._counter = ThreadPoolExecutor(1, thread_name_prefix="dlq-partitions")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="dlq-poll", daemon=True)
         self._thread.start()
@@ -965,20 +975,27 @@ class DeadLetterProducer:
     async def _placed(self, topic: str, placement: bytes) -> int | None:
         """The partition of `topic` librdkafka would give a record keyed `placement`; None
         while its partition count is unknown (then librdkafka places it)."""
+        if not self._places:
+            return None
         count, due = self._partitions.get(topic, (0, 0.0))
         if time.monotonic() >= due:
-            producer = self._producer
-            try:
-                metadata = await asyncio.to_thread(producer.list_topics, topic,
-                                                   DLQ_PARTITIONS_ASK_S)
-                found = metadata.topics.get(topic)
-                count = (len(found.partitions) if found is not None and found.error is None
-                         else 0)
-            except Exception:
-                count = 0
-            self._partitions[topic] = (count, time.monotonic() + (
-                DLQ_POLICY_CHECK_S if count else min(30.0, DLQ_POLICY_CHECK_S)))
+            async with self._counting:
+                count, due = self._partitions.get(topic, (0, 0.0))
+                if time.monotonic() >= due:  # not asked meanwhile by another dead letter
+                    count = await asyncio.get_running_loop().run_in_executor(
+                        self._counter, self._count, topic)
+                    self._partitions[topic] = (count, time.monotonic() + (
+                        DLQ_POLICY_CHECK_S if count else min(30.0, DLQ_POLICY_CHECK_S)))
         return zlib.crc32(placement) % count if count else None
+
+    def _count(self, topic: str) -> int:
+        """`topic`'s partition count from the brokers' metadata (0: not known); blocking."""
+        try:
+            metadata = self._producer.list_topics(topic, DLQ_PARTITIONS_ASK_S)
+        except Exception:
+            return 0
+        found = metadata.topics.get(topic)
+        return len(found.partitions) if found is not None and found.error is None else 0
 
     async def send(
         self, topic: str, *, key: bytes | None, value: bytes | None,
@@ -1109,6 +1126,7 @@ class DeadLetterProducer:
         """Flush and stop; returns the number of records still unacknowledged."""
         self._stop.set()
         self._thread.join()
+        self._counter.shutdown(wait=False, cancel_futures=True)
         try:
             return int(self._producer.flush(timeout_s))
         except KafkaException:  # a fatal error: it writes nothing more

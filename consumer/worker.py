@@ -69,6 +69,7 @@ from consumer.handler import (
 )
 from consumer.health import Health
 from consumer.kafka import (
+    COMMIT_SILENCE_S,
     DeadLetterProducer,
     KafkaMessage,
     KafkaSource,
@@ -736,13 +737,17 @@ class Worker:
         # unreachable (a loss comes from an outage): the drain held the poll thread for
         # the whole grace, and then cut them anyway. Asked at every turn: a broker that
         # hangs after the drain began is told only once a commit went 8 s unanswered, and
-        # read once, the drain waited the whole grace for its dead letters (broker54).
+        # read once, the drain waited the whole grace for its dead letters (broker54). And
+        # a dead letter unanswered as long is Kafka not answering too: with no commit due
+        # (the dead letter holds the offset) nothing else tells a hung broker (diff54a).
         userpilot_up = self.gate.state == "up"
         source = self._source
 
         def waited(event: Event) -> bool:
             dead_letter = event.on_wire and not event.requesting
-            if dead_letter and source is not None and not source.connected:
+            if dead_letter and ((source is not None and not source.connected) or (
+                    event.dlq_since is not None
+                    and time.monotonic() - event.dlq_since > COMMIT_SILENCE_S)):
                 return False
             return event.under_way if userpilot_up else dead_letter
 

@@ -316,3 +316,52 @@ def test_a_keyless_record_is_left_to_librdkafka_while_the_count_is_unknown() -> 
     finally:
         producer.close(1)
     assert fresh.partitions == [None] and fresh.written == [b"x"]
+
+
+def test_a_burst_of_keyless_dead_letters_asks_the_count_once_off_the_default_pool() -> None:
+    """Review "diff54a": 30 dead letters at once made 30 lookups (5 s each with Kafka away)
+    on asyncio's default pool, where aiohttp resolves Userpilot's host: a lookup there
+    waited 24.8 s. One lookup, on the producer's own thread."""
+    fresh = FakeProducer()
+    fresh.topic_partitions = 8
+    threads: list[str] = []
+    lookups = 0
+    listed = fresh.list_topics
+
+    def slow_list(topic: str, timeout: float) -> Any:
+        nonlocal lookups
+        lookups += 1
+        threads.append(threading.current_thread().name)
+        time.sleep(0.2)
+        return listed(topic, timeout)
+
+    fresh.list_topics = slow_list  # type: ignore[method-assign]
+    producer = DeadLetterProducer({}, factory=lambda: cast(Any, fresh))
+
+    async def burst() -> None:
+        await asyncio.gather(*(
+            asyncio.wait_for(producer.send("dlq", key=None, value=b"x", headers=[],
+                                           placement=f"u{i}".encode()), 5)
+            for i in range(30)))
+
+    try:
+        asyncio.run(burst())
+    finally:
+        producer.close(1)
+    assert lookups == 1 and threads[0].startswith("dlq-partitions")
+    assert None not in fresh.partitions and len(fresh.written) == 30
+
+
+def test_with_another_partitioner_a_keyless_record_is_left_to_it() -> None:
+    """Review "diff54a": KAFKA_PARTITIONER=murmur2_random reaches the DLQ producer; placed
+    by CRC32 beside records librdkafka placed by murmur2, a user's records split."""
+    fresh = FakeProducer()
+    fresh.topic_partitions = 8
+    producer = DeadLetterProducer({"partitioner": "murmur2_random"},
+                                  factory=lambda: cast(Any, fresh))
+    try:
+        asyncio.run(asyncio.wait_for(producer.send("dlq", key=None, value=b"x", headers=[],
+                                                   placement=b"u0"), 5))
+    finally:
+        producer.close(1)
+    assert fresh.partitions == [None]

@@ -4007,3 +4007,30 @@ def test_a_dead_letter_is_placed_by_its_user_or_its_key() -> None:
     placed = sorted((r.placement or b"") for r in run.dlq.records)
     # the undecodable keyless one has no user: left to librdkafka
     assert placed == [b"", b"k9", b"u1"]
+
+
+def test_a_shutdown_stops_waiting_for_a_dead_letter_kafka_leaves_unanswered(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Review "diff54a": with the dead letter holding the offset no commit is due, so
+    nothing told a hung broker (its connections stay up) and the drain waited the whole
+    grace. A dead letter unanswered for COMMIT_SILENCE_S is Kafka not answering too."""
+    monkeypatch.setattr(worker_module, "COMMIT_SILENCE_S", 0.5, raising=False)
+    run = make(log_of(b"\x00not avro", track("u1", 1)), registry=known_schema(),
+               USERPILOT_ENSURE_USER="false", WORKER_SHUTDOWN_GRACE_SECONDS="20")
+    dlq = HangingDlq()
+    run.worker.handler.dlq = dlq
+
+    async def main() -> float:
+        task = asyncio.create_task(run.worker.run())
+        await until(lambda: bool(run.made), "the source")
+        await until(lambda: dlq.started == 1, "the dead letter on the wire")
+        started = time.monotonic()
+        run.worker.stop()
+        assert await asyncio.wait_for(task, 30) == 0
+        return time.monotonic() - started
+
+    with caplog.at_level(logging.INFO, logger="consumer.worker"):
+        took = asyncio.run(main())
+    assert run.source.connected  # nothing told the source Kafka was away
+    assert took < 5.0, f"the drain waited {took:.1f} s for a record Kafka left unanswered"
+    assert "shutdown: 1 dead letters cut on their way to the DLQ" in caplog.text
