@@ -2003,7 +2003,9 @@ def load_settings(
             "(512 KiB, Userpilot's documented limit per app in total): use at most that; "
             f"the default is {DEFAULT_MAX_METADATA_BYTES}")
         max_bytes = DEFAULT_MAX_METADATA_BYTES
-    max_keys = r.integer("USERPILOT_MAX_METADATA_KEYS", DEFAULT_MAX_METADATA_KEYS, 1, 1_000_000)
+    # At least 2: the cut marker takes a key, and at 1 every event of two keys or more was
+    # sent as `{"_truncated": N}` alone (review "extremes54").
+    max_keys = r.integer("USERPILOT_MAX_METADATA_KEYS", DEFAULT_MAX_METADATA_KEYS, 2, 1_000_000)
     if (max_bytes, max_keys) != (mappings.max_metadata_bytes, mappings.max_metadata_keys):
         mappings = replace(mappings, max_metadata_bytes=max_bytes, max_metadata_keys=max_keys)
     ca_bundle = _ca_bundle(r)
@@ -2124,7 +2126,25 @@ def load_settings(
     dlq_hold = r.number("WORKER_DLQ_GUARD_HOLD_SECONDS", 120.0, 0.0, 3600.0,
                         inclusive_low=True)
     replay_max = r.integer("WORKER_REPLAY_MAX", 3, 0, 1000)
+    if 0 < dlq_ratio * dlq_window < 1:  # (a ratio of 0 is refused above)
+        # One dead letter in the window is over the ratio: the guard stops the worker at
+        # the first one, and again after each restart (it is never committed): a crash
+        # loop on one bad event (review "extremes54").
+        r.notes.append(
+            f"WORKER_DLQ_MAX_RATIO={dlq_ratio:g} × WORKER_DLQ_WINDOW={dlq_window} is below "
+            "1: a single dead letter trips the DLQ guard, which stops the worker at the "
+            "first bad event and after every restart; raise the window to at least "
+            f"{math.ceil(1 / dlq_ratio)}")
     redis, rate_limit_shared = _redis(r)
+    if redis is not None and redis.dedup_ttl_s <= 2 * commit_interval:
+        # Events finished above one still retrying are named only by the commit's note,
+        # written once a commit interval: their records expired first, and a crash sent
+        # them again (23 of 57, review "extremes54").
+        r.notes.append(
+            f"REDIS_DEDUP_TTL_SECONDS={redis.dedup_ttl_s:g} is not above twice "
+            f"WORKER_COMMIT_INTERVAL_SECONDS={commit_interval:g}: events delivered while an "
+            "earlier one retries may expire from Redis before a commit names them, and "
+            "be sent again after a crash; keep the TTL well above the interval")
     if redis is not None and redis.dedup_ttl_s < budget:
         # One event retrying for the whole budget holds its partition's offset back while
         # later ones are delivered and recorded: records gone first, a crash or rebalance

@@ -180,15 +180,16 @@ def _quoted(user_id: str) -> bool:
 
 
 def quoted_ids(user_ids: Sequence[str], json_option: str) -> tuple[int, str]:
-    """How many ids are written in double quotes (`jq .key` output, a `--json` file read
-    one a line), and what to say: sent with their quotes they name nobody, and the run
-    said "deleted N", exit 0 (review "gdpr54"). Every id quoted is refused by the caller
-    (exit 2, nothing sent); some, a warning."""
+    """How many ids are written in double quotes, and the warning: `jq .key` output (or a
+    `--json` file read one a line) deleted nobody, and the run said "deleted N", exit 0
+    (review "gdpr54"). A warning, never a refusal: a userId may hold quotes (the worker
+    sends it as the event carries it), and `--json` would then name other users (review
+    "compat54")."""
     count = sum(1 for user_id in user_ids if _quoted(user_id))
-    return count, (f"{count} of {len(user_ids)} ids are written in double quotes, as JSON "
-                   "strings (`jq .key` output?): read one a line, the quotes are part of "
-                   f"the id and it names no user. Give the file with {json_option}, or "
-                   "write it with `jq -r`")
+    return count, (f"{count} of {len(user_ids)} ids are written in double quotes: read one a "
+                   "line, the quotes are part of the id, as they are sent. If they came from "
+                   f"JSON (`jq .key` output), stop and give the file with {json_option} (it "
+                   "reads them without the quotes), or write it with `jq -r`")
 
 
 def padded(user_ids: Iterable[str]) -> int:
@@ -704,8 +705,6 @@ def main(
         raise ConfigError("no user ids given: the file or stdin holds no id (one per line)")
     if not args.json:
         count, said = quoted_ids(user_ids, "--json")
-        if count == len(user_ids):
-            raise ConfigError(said)
         if count:
             log(said)
     users = _Users(user_ids, exact=args.json)

@@ -455,6 +455,12 @@ class RetryPolicy:
             # after Userpilot did (review "outage26", simulated with the defaults).
             return 0.0
         backoff = float(self._jitter(state))
+        # The budget left, once it runs: the last attempt comes at its end, not a backoff
+        # past it (a 60 s backoff against a 2 s budget held its event 58 s, review
+        # "extremes54"). Once it is spent, an event still held (its endpoint failing for
+        # everyone: no evidence against it) waits its backoff again (review "diff42").
+        left = (self._budget - (self._gate.up_time() - attempts.first_up
+                                - attempts.limited_up) if attempts.answered else 0.0)
         if isinstance(exc, Retry) and exc.retry_after is not None:
             asked = exc.retry_after + random.uniform(0, 0.1 * exc.retry_after + 0.05)
             if isinstance(exc, RateLimited) and exc.retry_after > 0:
@@ -462,18 +468,10 @@ class RetryPolicy:
             # Otherwise a floor (RFC 9110: the minimum to wait), never a shortcut: a
             # brown-out answering 503 with "Retry-After: 0" (or a date already past, with
             # clock skew) used up an event's attempts in 10 s and dead-lettered it.
-            # But not past the budget's end by more than a backoff: a path answering
-            # "503 Retry-After: 600" held its event 1,233 s against the documented 900
-            # (review "rate42"); its last attempt now comes when the budget is spent.
-            # Once it is spent, an event still held (its endpoint failing for everyone:
-            # no evidence against it) waits the floor again (review "diff42").
-            if attempts.answered:
-                left = self._budget - (self._gate.up_time() - attempts.first_up
-                                       - attempts.limited_up)
-                if left > 0:
-                    return max(backoff, min(asked, left))
-            return max(asked, backoff)
-        return backoff
+            # But not past the budget's end: a path answering "503 Retry-After: 600" held
+            # its event 1,233 s against the documented 900 (review "rate42").
+            return min(max(backoff, asked), left) if left > 0 else max(asked, backoff)
+        return min(backoff, left) if left > 0 else backoff
 
     def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

@@ -455,10 +455,7 @@ def registry(url: str, user_info: str | None, timeout: float,
         if exc.http_status_code == 407 and proxy:
             # Its proxy's refusal, not the registry's: "check SCHEMA_REGISTRY_URL" sent users
             # after a right URL (review "registry54").
-            return (f"schema registry at {shown}: the proxy {redact_userinfo(proxy)} refused "
-                    "its credentials (407): check the user:password in the proxy's URL "
-                    "(HTTPS_PROXY / HTTP_PROXY), or add the registry's host to NO_PROXY if "
-                    "it is reached directly")
+            return _registry_proxy_refused(shown, proxy)
         if exc.http_status_code >= 500 or exc.http_status_code == 429:
             return Unreachable(f"schema registry at {shown} answered {exc.http_status_code} "
                                "to GET /subjects: not serving yet, or overloaded")
@@ -468,6 +465,10 @@ def registry(url: str, user_info: str | None, timeout: float,
         return f"schema registry at {shown}: {exc}"
     except (httpx.HTTPError, OSError) as exc:  # TimeoutError included: the deadline
         waited = time.monotonic() - started
+        if proxy and isinstance(exc, httpx.ProxyError) and str(exc).startswith("407"):
+            # The same refusal to an https registry's tunnel (CONNECT): it read as "not
+            # reachable through the proxy", and `run` waited for ever (review "compat54").
+            return _registry_proxy_refused(shown, proxy)
         untrusted = _certificate_refused(exc)
         if untrusted is not None:
             # A setting, as Kafka's and Redis' untrusted certificates are: reported as "not
@@ -490,6 +491,12 @@ def registry(url: str, user_info: str | None, timeout: float,
     finally:
         client.close()
     return None
+
+
+def _registry_proxy_refused(shown: str, proxy: str) -> str:
+    return (f"schema registry at {shown}: the proxy {redact_userinfo(proxy)} refused its "
+            "credentials (407): check the user:password in the proxy's URL (HTTPS_PROXY / "
+            "HTTP_PROXY), or add the registry's host to NO_PROXY if it is reached directly")
 
 
 def _certificate_refused(exc: BaseException) -> str | None:

@@ -1085,8 +1085,8 @@ def _skip_keys(path: str | None, *, as_json: bool = False) -> frozenset[bytes]:
         raise ConfigError(f"{option} {path!r} holds no id (one a line)")
     if not as_json:
         count, said = quoted_ids(ids, "--skip-keys-json")
-        if count:  # a key in quotes skips nothing: the events it names would be replayed
-            raise ConfigError(f"{option} {path!r}: {said}")
+        if count:  # a key in quotes skips only a key holding them (review "gdpr54")
+            log.warning("%s %r: %s", option, path, said)
     return frozenset(user_id.encode("utf-8", "surrogatepass") for user_id in ids)
 
 

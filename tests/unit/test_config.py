@@ -1838,3 +1838,35 @@ def test_registry_credentials_in_the_url_and_the_setting_are_a_note() -> None:
                 {"SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO": "v:Other6789"}):
         one = load(**env)
         assert not [n for n in one.notes if "is set too" in n]
+
+
+def test_a_dlq_guard_one_dead_letter_trips_is_a_note() -> None:
+    """Review "extremes54": WORKER_DLQ_MAX_RATIO=0.05 with WORKER_DLQ_WINDOW=10 stopped the
+    worker at the first dead letter, and again after every restart."""
+    tight = load(WORKER_DLQ_MAX_RATIO="0.05", WORKER_DLQ_WINDOW="10")
+    assert [n for n in tight.notes if "trips the DLQ guard" in n] == [
+        "WORKER_DLQ_MAX_RATIO=0.05 × WORKER_DLQ_WINDOW=10 is below 1: a single dead letter "
+        "trips the DLQ guard, which stops the worker at the first bad event and after every "
+        "restart; raise the window to at least 20"]
+    for fine in ({}, {"WORKER_DLQ_MAX_RATIO": "0.05", "WORKER_DLQ_WINDOW": "20"}):
+        assert not [n for n in load(**fine).notes if "trips the DLQ guard" in n]
+
+
+def test_a_dedup_ttl_within_two_commit_intervals_is_a_note() -> None:
+    """Review "extremes54": with the TTL (60 s) under the commit interval (300 s), events
+    finished above one still retrying expired from Redis before a commit named them: 23 of
+    57 sent twice after a SIGKILL."""
+    redis = {"REDIS_URL": "redis://r:6379/0", "REDIS_DEDUP_TTL_SECONDS": "60",
+             "USERPILOT_RETRY_BUDGET_SECONDS": "55"}
+    said = [n for n in load(**redis, WORKER_COMMIT_INTERVAL_SECONDS="300").notes
+            if "WORKER_COMMIT_INTERVAL_SECONDS" in n]
+    assert len(said) == 1 and said[0].startswith(
+        "REDIS_DEDUP_TTL_SECONDS=60 is not above twice WORKER_COMMIT_INTERVAL_SECONDS=300")
+    assert not [n for n in load(**redis).notes if "WORKER_COMMIT_INTERVAL_SECONDS" in n]
+
+
+def test_one_metadata_key_is_refused() -> None:
+    """Review "extremes54": at 1 the cut marker took the only key: every event of two keys
+    or more was sent as `{"_truncated": N}` alone."""
+    assert "USERPILOT_MAX_METADATA_KEYS" in problem(USERPILOT_MAX_METADATA_KEYS="1")
+    assert load(USERPILOT_MAX_METADATA_KEYS="2").mappings.max_metadata_keys == 2

@@ -1154,3 +1154,18 @@ def test_an_event_userpilot_answers_404_alone_is_given_up() -> None:
             .run(send, Attempts(), endpoint="identify"))
     assert send.calls == REFUSED_ALONE
     assert info.value.status == 404
+
+
+def test_a_backoff_longer_than_the_budget_left_ends_at_the_budget() -> None:
+    """Review "extremes54": with a 2 s budget and backoffs up to 60 s, an event answered
+    503 for ever was dead-lettered after 58 s (33 s in another run). The last attempt
+    comes when the budget is spent."""
+    clock, sleep, gate = setup()
+    first = clock.now
+    send = Script([ServerError("503")] * 100, delivered_between(clock, gate, "track"))
+    pol = RetryPolicy(gate, max_attempts=1000, budget_s=2.0, backoff_multiplier_s=30.0,
+                      backoff_max_s=60.0, sleep=sleep, clock=clock)
+    with pytest.raises(ServerError):
+        run(pol.run(send, Attempts(), endpoint="track"))
+    assert clock.now - first <= 2.0 + 1.5  # the budget, and the 1 s steps of the fake sleep
+    assert all(s <= 2.0 for s in sleep.slept)

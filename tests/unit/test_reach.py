@@ -418,12 +418,15 @@ def test_the_source_topics_settings_are_read_in_one_request_within_one_timeout()
     assert found == {"c": {"cleanup.policy": "compact"}}
 
 
-def test_a_registry_proxy_refusing_its_credentials_names_the_proxy() -> None:
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_registry_proxy_refusing_its_credentials_names_the_proxy(scheme: str) -> None:
     """Review "registry54": a 407 from the registry's proxy said "check SCHEMA_REGISTRY_URL
-    (include the API path)". It is the proxy's credentials; its password is not shown."""
+    (include the API path)"; to an https registry's tunnel (review "compat54") "not
+    reachable through the proxy", and `run` waited for ever. It is the proxy's
+    credentials; its password is not shown."""
     refusal = _answer("407 Proxy Authentication Required", "text/plain", b"no")
     with answering(refusal) as port:
-        said = reach.registry("http://registry.example:8081", None, 5,
+        said = reach.registry(f"{scheme}://registry.example:8081", None, 5,
                               proxy=f"http://bob:pw-S3CRET@127.0.0.1:{port}")
     assert said is not None and not isinstance(said, reach.Unreachable)
     assert f"the proxy http://***@127.0.0.1:{port} refused its credentials (407)" in said
