@@ -1114,6 +1114,7 @@ class Handler:
         start = time.perf_counter()
         endpoint = call.endpoint
         sent = False
+        requested_before = event.requested
         try:
             # A partition halted while this waited for a connection or its slot: unsent,
             # it stops.
@@ -1139,6 +1140,13 @@ class Handler:
             self._responses("invalid_response" if exc.status is None
                             else "proxy_refused" if isinstance(exc, ProxyRefused)
                             else status_label(exc.status), endpoint).inc()
+            if exc.status is not None and 400 <= exc.status <= 499:
+                # A 4xx (a 429 too, a proxy's refusal of the tunnel) says the request was
+                # not taken: as it was before this attempt. Kept, an event abandoned at a
+                # stop during a 429 spell held its claim, and the next owner waited the
+                # claim's lifetime for it (10 minutes at the longest timeout, review
+                # "extremes54").
+                event.requested = requested_before
             if isinstance(exc, RateLimited):
                 limiter.slow_down()
                 self.m.rate_limit_rps.labels(self.budget(call.family)).set(limiter.share_rate)

@@ -9,12 +9,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer import codec
 from consumer.calls import FAMILIES, Call
 from consumer.dedup import Deduplicator
-from consumer.errors import Rejected, SharedStateUnavailable
+from consumer.errors import RateLimited, Rejected, ServerError, SharedStateUnavailable
 from consumer.handler import Event
 from consumer.health import Health
 from consumer.metrics import Metrics
@@ -697,3 +698,26 @@ def test_a_user_learned_from_redis_stays_trusted_while_redis_cannot_be_read() ->
 
     assert _calls_for_a_track_a_minute_after_one_learned_from_redis(failing) == [
         "track", "track"]
+
+
+@pytest.mark.parametrize(("answer", "kept"), [
+    (RateLimited("HTTP 429", status=429, retry_after=30.0), False),
+    (ServerError("HTTP 503", status=503, retry_after=30.0), True),
+])
+def test_a_claim_is_kept_at_a_stop_only_if_userpilot_may_have_taken_a_request(
+        answer: Exception, kept: bool) -> None:
+    """Review "extremes54": an event answered 429 (Userpilot did not take it) and abandoned
+    at a stop kept its claim, and the next owner waited out the claim's lifetime (10
+    minutes at the longest request timeout) with no line. A 4xx says the request was not
+    taken; a 5xx may come after Userpilot took it (a gateway's), so that claim is kept."""
+    store = MemoryStore()
+    log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", track("u1", 1))]}
+    run, _, dedup = make(log, store)
+    run.client.answers[track_body(1)] = answer
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(run.client.bodies) >= 1, "the refused request")
+        await asyncio.sleep(0.05)
+
+    assert drive(run, scenario) == 0
+    assert (dedup.key("track", "u1-1") in store.values) is kept
