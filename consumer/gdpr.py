@@ -573,7 +573,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "one delete request per 2 s; lower only against the sandbox)",
     )
     parser.add_argument("--dry-run", action="store_true",
-                        help="read and batch the ids, print the plan, send nothing")
+                        help="read and batch the ids, check the settings, print the plan, "
+                        "send nothing (and write no --left-file)")
     parser.add_argument("--left-file", metavar="PATH",
                         help="write the ids of every batch Userpilot did not schedule "
                         "(failed, not sent, or cut by an interrupt) to PATH, as read (one a "
@@ -616,6 +617,11 @@ _NOT_USED_HERE = {
 Forget = Callable[[Sequence[str]], str | None]
 
 
+def _unusable(_user_ids: Sequence[str]) -> str:
+    """The clean-up of a run whose Redis settings are unusable: it fails for each batch."""
+    return "its settings are unusable (above)"
+
+
 def _shared_users(env: Mapping[str, str], settings: Settings, log: Log) -> Forget | None:
     """With REDIS_URL and ensure-user: what clears the replicas' shared record of the
     deleted users (`dedup.user_key`), so the identify that re-creates a returning id is
@@ -632,7 +638,8 @@ def _shared_users(env: Mapping[str, str], settings: Settings, log: Log) -> Forge
         log(f"Redis settings unusable ({exc}); the replicas' record of these users is not "
             "cleared: a returning id is identified again only after "
             "USERPILOT_ENSURE_USER_TTL_SECONDS")
-        return None
+        # Still a clean-up that failed: the summary counts what stays (review "diff54b").
+        return _unusable
     if redis is None:
         return None
     from consumer.dedup import user_key
@@ -717,13 +724,19 @@ def main(
         log(f"{spaced} ids begin or end with whitespace or an invisible character; sent "
             "exactly as written (the worker sends userId as the event carries it)")
     groups = batches(user_ids, args.batch_size)
+    if args.left_file is not None:
+        problem = _left_file_problem(args.left_file)
+        if problem is not None:
+            raise ConfigError(problem)
     if args.dry_run:
         # The real run's settings, read: a rehearsal that said OK for a token written
         # `Token …` or an endpoint with a scheme proved nothing (review "gdpr54").
         client, settings = _client_from_env(env)
         client.close()
+        # As the real run reads Redis' settings: unusable ones are its line here too.
+        forget = _shared_users(env, settings, log)
         clears = (" and clear the replicas' record of them in Redis"
-                  if env.get("REDIS_URL", "").strip() and settings.ensure_user else "")
+                  if forget is not None and forget is not _unusable else "")
         log(f"would DELETE {client.url}{clears}: {users.count(user_ids)} users in "
             f"{len(groups)} batches, one request per {args.interval:g} s")
         for index, batch in enumerate(groups, 1):
@@ -761,23 +774,48 @@ def main(
         # again, and a failed batch could not be cut out of it (review "gdpr54").
         left = [user_id for index, batch in enumerate(groups, 1)
                 if index not in summary.scheduled for user_id in batch]
-        _write_left(args.left_file, left, as_json=args.json, log=log)
+        _write_left(args.left_file, left, as_json=args.json, log=log,
+                    unsure=summary.batches_sent > summary.batches_done)
     write_line(f"delete-users: {summary.line()}", out)  # done, whoever still reads
     return code
 
 
-def _write_left(path: str, user_ids: Sequence[str], *, as_json: bool, log: Log) -> None:
+def _left_file_problem(path: str) -> str | None:
+    """Why `--left-file` cannot be written, checked before the first batch (after the
+    whole run, a wrong path lost the list, review "diff54b"); None when it can."""
+    if path == "-":
+        return "--left-file -: give a file (`--file -` reads stdin, not this)"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        return f"--left-file {path!r}: its folder {folder!r} does not exist or is not writable"
+    if os.path.isdir(path):
+        return f"--left-file {path!r} is a folder"
+    return None
+
+
+def _write_left(path: str, user_ids: Sequence[str], *, as_json: bool, log: Log,
+                unsure: bool = False) -> None:
     """The ids not scheduled, as `--file` reads them back (`--json`: one JSON string a
-    line); an empty file when none is left. A failure to write is one line."""
+    line); an empty file when none is left. Written whole or not at all (a temporary file
+    renamed: the path may be the list it was read from). A failure to write it names the
+    ids on stderr."""
+    lines = [(json.dumps(user_id, ensure_ascii=False) if as_json else user_id) + "\n"
+             for user_id in user_ids]
+    temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(path, "w", encoding="utf-8", newline="\n") as stream:
-            for user_id in user_ids:
-                stream.write((json.dumps(user_id, ensure_ascii=False) if as_json
-                              else user_id) + "\n")
+        with open(temporary, "w", encoding="utf-8", newline="\n") as stream:
+            stream.writelines(lines)
+        os.replace(temporary, path)
     except OSError as exc:
-        log(f"--left-file {path!r}: cannot write it ({exc.strerror or exc}); "
-            f"{len(user_ids)} ids were left")
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        log(f"--left-file {path!r}: cannot write it ({exc.strerror or exc}); the "
+            f"{len(user_ids)} ids left follow, one a line{' (JSON)' if as_json else ''}")
+        for line in lines:
+            log(line.rstrip("\n"))
         return
     if user_ids:
-        log(f"{len(user_ids)} ids not scheduled written to {path}: run again with "
-            f"--file {path}{' --json' if as_json else ''}")
+        log(f"{len(user_ids)} ids not scheduled"
+            + (" (the batch under way included: it may have been)" if unsure else "")
+            + f" written to {path}: run again with --file {path}"
+            + (" --json" if as_json else ""))

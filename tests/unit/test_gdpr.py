@@ -632,8 +632,10 @@ def test_without_redis_or_ensure_user_nothing_is_forgotten() -> None:
     lines: list[str] = []
     env = {**ENV, "REDIS_URL": "redis://r:6379/0", "REDIS_TLS_CA_FILE": "/nonexistent/ca.pem"}
     _, settings = _client_from_env(env)
-    assert _shared_users(env, settings, lines.append) is None
+    forget = _shared_users(env, settings, lines.append)
     assert len(lines) == 1 and "Redis settings unusable" in lines[0]
+    # A clean-up that fails for each batch, so the summary counts it (review "diff54b")
+    assert forget is not None and forget(["a"]) == "its settings are unusable (above)"
 
 
 def test_an_answer_is_read_only_as_far_as_it_is_quoted() -> None:
@@ -1003,3 +1005,37 @@ def test_the_ids_userpilot_did_not_schedule_are_written_to_the_left_file(
         in err.getvalue()
     again = gdpr._read(str(left), None, as_json=as_json)
     assert again == ids[2:4]
+
+
+@pytest.mark.parametrize(("path", "says"), [
+    ("-", "--left-file -: give a file"),
+    ("/nonexistent/left.txt", "does not exist or is not writable"),
+])
+def test_a_left_file_that_cannot_be_written_is_refused_before_any_batch(
+        path: str, says: str) -> None:
+    """Review "diff54b": `--left-file` was tried only after the whole run; a wrong path
+    lost which ids were left, and `-` wrote a file named `-`."""
+    with pytest.raises(ConfigError, match=says):
+        main(args("--left-file", path), env=ENV, stdin=io.StringIO("a\n"),
+             out=io.StringIO(), err=io.StringIO())
+
+
+def test_a_left_file_that_fails_at_the_end_names_the_ids(tmp_path: Any) -> None:
+    from consumer.gdpr import _write_left
+
+    lines: list[str] = []
+    target = tmp_path / "gone" / "left.txt"  # its folder removed during the run
+    _write_left(str(target), ["a", "b"], as_json=False, log=lines.append)
+    assert lines[0].startswith(f"--left-file {str(target)!r}: cannot write it")
+    assert lines[1:] == ["a", "b"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_unusable_redis_settings_are_counted_and_the_dry_run_says_so() -> None:
+    """Review "diff54b": unusable Redis settings left the summary silent, and the dry run
+    promised a Redis clean-up the real run would not do."""
+    env = {**ENV, "REDIS_URL": "ftp://nowhere"}
+    err = io.StringIO()
+    main(args("--dry-run"), env=env, stdin=io.StringIO("a\n"), out=io.StringIO(), err=err)
+    assert "Redis settings unusable" in err.getvalue()
+    assert "and clear the replicas' record" not in err.getvalue()
