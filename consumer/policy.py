@@ -459,8 +459,11 @@ class RetryPolicy:
         # past it (a 60 s backoff against a 2 s budget held its event 58 s, review
         # "extremes54"). Once it is spent, an event still held (its endpoint failing for
         # everyone: no evidence against it) waits its backoff again (review "diff42").
+        # Not a 429's: its waits use none of the budget (`limited_up`), and capped by it a
+        # spell of 429s near the budget's end was retried every few seconds (diff54c).
         left = (self._budget - (self._gate.up_time() - attempts.first_up
-                                - attempts.limited_up) if attempts.answered else 0.0)
+                                - attempts.limited_up)
+                if attempts.answered and not isinstance(exc, RateLimited) else 0.0)
         if isinstance(exc, Retry) and exc.retry_after is not None:
             asked = exc.retry_after + random.uniform(0, 0.1 * exc.retry_after + 0.05)
             if isinstance(exc, RateLimited) and exc.retry_after > 0:
