@@ -4,7 +4,7 @@ HTTP outcomes are classified.
 `classify` turns a status into what happens next (see consumer.errors); `UserpilotClient`
 maps transport failures the same way. A new rule for a status belongs here. Others read
 the status `classify` put on its exception, never an answer's: `policy.RetryPolicy` (a
-Misconfigured 401/403/404 that other events get past becomes `RefusedAlone`), `reach`
+`Refused` that other events get past becomes `RefusedAlone`), `reach`
 (its one-line messages per status), the handler's `responses` counter and the dead
 letter's `userpilot.error.status` header (which `replay` selects on).
 Error messages carry the status, Userpilot's x-request-id and a truncated body, never a
@@ -49,6 +49,7 @@ from consumer.errors import (
     Misconfigured,
     ProxyRefused,
     RateLimited,
+    Refused,
     Rejected,
     ServerError,
     Timeout,
@@ -344,6 +345,14 @@ def _http_date(text: str) -> float | None:
     return stamp if math.isfinite(stamp) else None
 
 
+RESENT = "userpilot_worker.resent"
+"""The request extension `_send` sets on a request it sent again (`WorkerError.resent`)."""
+
+REQUEST_REFUSED = frozenset({405, 410, 411, 414, 415, 426})
+"""4xx statuses about the request itself (method, path, length, URI, content type,
+protocol), which the worker makes alike for every event: never a payload problem."""
+
+
 def classify(status: int, headers: Mapping[str, str], body: str,
              path: str = "") -> WorkerError | None:
     """None when delivered (202, or any 2xx); otherwise the exception that says what next.
@@ -376,15 +385,34 @@ def classify(status: int, headers: Mapping[str, str], body: str,
             "HTTPS_PROXY / HTTP_PROXY (percent-encoded)", status=status, body=snippet,
         )
     if status in (401, 403):
-        return Misconfigured(
+        return Refused(
             f"{refused}: token refused; use the application write token, not the read/export "
             "token (USERPILOT_API_KEY)", status=status, body=snippet,
         )
     if status == 404:
-        return Misconfigured(
+        return Refused(
             f"{refused}: not found; check USERPILOT_ANALYTICS_ENDPOINT (host only, e.g. "
             "analytex.userpilot.io or analytex-eu.userpilot.io)", status=status, body=snippet,
         )
+    if status == 402:
+        return Refused(
+            f"{refused}: payment required, for every event alike; check the Userpilot "
+            "account's plan and billing", status=status, body=snippet,
+        )
+    if status in REQUEST_REFUSED:
+        # The method, path, length, URI, content type or protocol: the worker's own, the
+        # same for every event. Dead-lettered as a payload problem, every event went to
+        # the DLQ until its guard stopped the worker (review "r54").
+        return Refused(
+            f"{refused}: the request refused, not this event's payload; this host does not "
+            "serve Userpilot's API as the worker calls it: check USERPILOT_ANALYTICS_ENDPOINT "
+            "(host only) and any proxy or gateway in between", status=status, body=snippet,
+        )
+    if status == 421:
+        # Misdirected: the connection reached a server that does not serve this host (a
+        # reused connection after a DNS or routing change); another connection may not.
+        return ServerError(f"{where}: misdirected request (transient)", status=status,
+                           body=snippet)
     if status == 431:
         # The request's head is the worker's own, the same for every event (the token, the
         # content type, the API version): no event can pass, so pause, not dead-letter
@@ -912,6 +940,7 @@ class UserpilotClient:
             raise transport_failure(broken, self._deadline_s, self._proxied) from None
         if problem is None:
             return status
+        problem.resent = RESENT in request.extensions
         try:
             raise problem
         finally:
@@ -942,6 +971,7 @@ class UserpilotClient:
                         and _lost_on_reuse(exc, attempt)):
                     raise
                 resends += 1
+                request.extensions[RESENT] = True
                 resend_log.info(
                     "a %s request that a kept-alive connection lost as it went out (%s) was "
                     "sent again at once; had Userpilot taken it, it has it twice", endpoint,

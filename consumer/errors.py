@@ -7,7 +7,7 @@
     │   ├── InvalidEvent             a canonical JSON event that does not fit the schema
     │   ├── MappingError             decoding, routing or mapping this one event raised
     │   ├── Rejected                 Userpilot refused the payload (400, 413, 422, other 4xx)
-    │   ├── RefusedAlone             401/403/404 for this event again and again while other
+    │   ├── RefusedAlone             a `Refused` for this event again and again while other
     │   │                            events got through with the token (`policy`, not
     │   │                            `classify`: it takes the answers of others)
     │   └── DlqRecordTooLarge        the DLQ refused the record's size: write it value-less
@@ -24,7 +24,10 @@
     │                                a port that does not speak TLS): the gate it closes
     │                                says "misconfigured"
     ├── Pause                        the whole integration is broken: stop sending, keep
-    │   └── Misconfigured            offsets, probe with backoff (401/403/404/407, 3xx)
+    │   └── Misconfigured            offsets, probe with backoff (407, 431, 3xx)
+    │       ├── Refused              401/403/404, or a status about the request itself
+    │       │                        (402/405/410/411/414/415/426); `policy` makes it a
+    │       │                        RefusedAlone when other events get past
     │       └── ProxyRefused         the egress proxy forbids the tunnel (403 to CONNECT)
     ├── AlreadyDelivered             another owner delivered this messageId meanwhile:
     │                                finish the event without a request (duplicate)
@@ -52,6 +55,7 @@ __all__ = [
     "Pause",
     "ProxyRefused",
     "RateLimited",
+    "Refused",
     "RefusedAlone",
     "Rejected",
     "Retry",
@@ -72,6 +76,11 @@ class WorkerError(Exception):
     """Which of the event's requests failed (`ensure_user POST /v1/identify`), set as the
     error leaves it: a Track dead-lettered for its ensure-user identify's 400 named no
     request, and the runbook sent operators to a Track mapping that was fine."""
+
+    resent = False
+    """The request was sent twice before this answer (a kept-alive connection lost it as
+    it went out, `delivery.UserpilotClient`): the first may have reached Userpilot,
+    whatever this answer says of the second."""
 
 
 class ConfigError(WorkerError):
@@ -121,9 +130,9 @@ class Rejected(DeadLetter):
 
 
 class RefusedAlone(DeadLetter):
-    """Userpilot (or a gateway in front of it) refused this event with 401/403/404 again
-    and again while it accepted other events with the same token in between: the answer
-    is about this event (a WAF rule, a blocked user), not the setting."""
+    """Userpilot (or a gateway in front of it) refused this event (a `Refused`) again and
+    again while it accepted other events with the same token in between: the answer is
+    about this event (a WAF rule, a blocked user), not the setting."""
 
     reason = "refused"
 
@@ -207,8 +216,17 @@ class Pause(WorkerError):
 
 
 class Misconfigured(Pause):
-    """401/403/404/407 or a redirect: wrong token (often the read token), wrong analytics
-    endpoint host, or a proxy refusing its credentials; no event can succeed."""
+    """A refusal no event can pass: wrong token (often the read token), wrong analytics
+    endpoint host, a request Userpilot does not serve (`Refused`), a proxy refusing its
+    credentials (407), a 431 or a redirect."""
+
+
+class Refused(Misconfigured):
+    """Userpilot or a gateway in front of it refused the request, not its payload: the
+    token (401/403), the host (404), or a status that says the same of every request the
+    worker makes (402 the account, 405/410/411/414/415/426 how it is called). Dead-lettering
+    each event for it dead-lettered them all until the DLQ guard stopped the worker; it is
+    paused instead, and dead-letters an event only when others get past (`RefusedAlone`)."""
 
 
 class ProxyRefused(Misconfigured):

@@ -236,6 +236,12 @@ class Event:
         return plan is not None and plan.started and not plan.done
 
     @property
+    def dead_letter_on_wire(self) -> bool:
+        """Its DLQ record (or Redis confirm) is on the wire, not an HTTP request: a drain
+        waits for it while Kafka answers, whatever Userpilot does."""
+        return self.on_wire and not self.requesting
+
+    @property
     def under_way(self) -> bool:
         """Something of it may have reached Userpilot or the DLQ and the rest should follow:
         a request, DLQ record or confirm on the wire, or a half-sent event. A drain waits
@@ -1140,12 +1146,13 @@ class Handler:
             self._responses("invalid_response" if exc.status is None
                             else "proxy_refused" if isinstance(exc, ProxyRefused)
                             else status_label(exc.status), endpoint).inc()
-            if exc.status is not None and 400 <= exc.status <= 499:
+            if exc.status is not None and 400 <= exc.status <= 499 and not exc.resent:
                 # A 4xx (a 429 too, a proxy's refusal of the tunnel) says the request was
                 # not taken: as it was before this attempt. Kept, an event abandoned at a
                 # stop during a 429 spell held its claim, and the next owner waited the
                 # claim's lifetime for it (10 minutes at the longest timeout, review
-                # "extremes54").
+                # "extremes54"). Not when the 4xx answered a resend: the request the
+                # connection lost may have been taken (review "r54").
                 event.requested = requested_before
             if isinstance(exc, RateLimited):
                 limiter.slow_down()

@@ -872,7 +872,11 @@ REBUILD_EVERY_S = 5.0
 
 DLQ_POLICY_CHECK_S = 300.0
 """How often a running worker's DLQ producer reads its topic's cleanup.policy again (only
-while dead letters are written), and 30 s while it found the topic compacted."""
+while dead letters are written), and its partition count."""
+
+DLQ_RECHECK_S = 30.0
+"""How soon both are read again while wrong or unknown (a topic found compacted, an
+unreadable policy, no partition count yet): a fixed topic is written to soon."""
 
 
 DLQ_PARTITIONS_ASK_S = 5.0
@@ -985,7 +989,7 @@ class DeadLetterProducer:
                     count = await asyncio.get_running_loop().run_in_executor(
                         self._counter, self._count, topic)
                     self._partitions[topic] = (count, time.monotonic() + (
-                        DLQ_POLICY_CHECK_S if count else min(30.0, DLQ_POLICY_CHECK_S)))
+                        DLQ_POLICY_CHECK_S if count else min(DLQ_RECHECK_S, DLQ_POLICY_CHECK_S)))
         return zlib.crc32(placement) % count if count else None
 
     def _count(self, topic: str) -> int:
@@ -1114,11 +1118,11 @@ class DeadLetterProducer:
                         # No verdict: the last one stands (a blip read as "fine" let keyed
                         # dead letters into a topic known compacted: review "dlq54"), and
                         # it is asked again soon (a topic the first dead letter creates).
-                        self._policy_due = time.monotonic() + min(30.0, self._check_s)
+                        self._policy_due = time.monotonic() + min(DLQ_RECHECK_S, self._check_s)
                     else:
                         self._policy_problem = problem
                         self._policy_due = time.monotonic() + (
-                            min(30.0, self._check_s) if problem else self._check_s)
+                            min(DLQ_RECHECK_S, self._check_s) if problem else self._check_s)
         if self._policy_problem is not None:
             raise KafkaException(KafkaError(KafkaError.INVALID_CONFIG, self._policy_problem))
 

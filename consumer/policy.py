@@ -33,9 +33,9 @@ from tenacity.wait import wait_random_exponential
 
 from consumer.errors import (
     DeadLetter,
-    Misconfigured,
     Pause,
     RateLimited,
+    Refused,
     RefusedAlone,
     Retry,
     TlsRefused,
@@ -396,7 +396,7 @@ class RetryPolicy:
         self._clock = clock
 
     def _refused_alone(self, attempts: Attempts, endpoint: str | None) -> bool:
-        """After a refusal (401/403/404: `Misconfigured`): True when this event was refused
+        """After a refusal (`Refused`: 401/403/404...): True when this event was refused
         REFUSED_ALONE times with other events delivered in between each time, so the
         refusal is about it, not the token. Held for ever otherwise, one event a WAF
         blocks held its partition's commits and readiness for good, and closed the gate
@@ -600,9 +600,9 @@ class RetryPolicy:
             self._gate.transient_failure(exc, probe)
             raise
         except Pause as exc:
-            # Userpilot's own 401/403/404 only: a proxy's refusal (407, a 403 to CONNECT) or
-            # a redirect is about the setting whatever else gets through (review "diff33").
-            refusal = type(exc) is Misconfigured and exc.status in (401, 403, 404)
+            # Userpilot's own refusals only: a proxy's (407, a 403 to CONNECT) or a redirect
+            # is about the setting whatever else gets through (review "diff33").
+            refusal = isinstance(exc, Refused)
             if refusal and endpoint is not None:
                 self._gate.failing(endpoint, id(attempts), True)  # for `failing_alone`
             if refusal and self._refused_alone(attempts, endpoint):

@@ -30,7 +30,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from consumer.config import SECRET_KAFKA_KEYS, Settings, redact_userinfo
-from consumer.delivery import UserpilotClient
+from consumer.delivery import REQUEST_REFUSED, UserpilotClient
 from consumer.errors import (
     ConnectionFailed,
     Misconfigured,
@@ -95,14 +95,12 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
     except Rejected as exc:
         if exc.status == 400:
             return None  # the token not refused; the empty body was, as intended
-        # 405, 410, 422...: an answer no retry changes, from a host that does not serve
-        # Userpilot's Track (a static site, a CDN, another API); "try again later" misled.
-        return (f"Userpilot at {host} answered {exc.status} to a token check, which "
-                "Userpilot answers with 400: this host does not serve Userpilot's API; "
-                "check USERPILOT_ANALYTICS_ENDPOINT")
+        return _not_userpilot(host, exc.status)
     except Misconfigured as exc:
         if isinstance(exc, ProxyRefused):  # the proxy's own answer: its text says so
             return f"Userpilot at {host}{via}: {exc}"
+        if exc.status in REQUEST_REFUSED:
+            return _not_userpilot(host, exc.status)
         if exc.status in (401, 403):
             return (f"Userpilot at {host} refused the token ({exc.status}): use the "
                     "application write token from the Environment page (not the "
@@ -131,6 +129,14 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
     # (a catch-all proxy or mock), and `run` would count every event delivered to it.
     return (f"Userpilot at {host} accepted an empty Track ({status}), which Userpilot "
             "refuses with 400: this host is not Userpilot's analytics API; check "
+            "USERPILOT_ANALYTICS_ENDPOINT")
+
+
+def _not_userpilot(host: str, status: int | None) -> str:
+    """405, 410, 422...: an answer no retry changes, from a host that does not serve
+    Userpilot's Track (a static site, a CDN, another API); "try again later" misled."""
+    return (f"Userpilot at {host} answered {status} to a token check, which Userpilot "
+            "answers with 400: this host does not serve Userpilot's API; check "
             "USERPILOT_ANALYTICS_ENDPOINT")
 
 

@@ -744,7 +744,7 @@ class Worker:
         source = self._source
 
         def waited(event: Event) -> bool:
-            dead_letter = event.on_wire and not event.requesting
+            dead_letter = event.dead_letter_on_wire
             if dead_letter and ((source is not None and not source.connected) or (
                     event.dlq_since is not None
                     and time.monotonic() - event.dlq_since > COMMIT_SILENCE_S)):
@@ -754,8 +754,8 @@ class Worker:
         def cut_now(event: Event, *, dead_letters: bool) -> bool:
             """On the wire, not waited for, and a dead letter's record or not."""
             on_the_wire = event.on_wire or event.half_sent
-            dead_letter = event.on_wire and not event.requesting
-            return on_the_wire and dead_letter is dead_letters and not waited(event)
+            return (on_the_wire and event.dead_letter_on_wire is dead_letters
+                    and not waited(event))
 
         self.handler.halt(parts)
         abandoned = scheduler.abandoned
@@ -778,7 +778,7 @@ class Worker:
                 self.health.beat()
                 await scheduler.wait_change(min(0.05, deadline - loop.time()))
             for event in scheduler.current(parts):
-                if event.on_wire and not event.requesting:
+                if event.dead_letter_on_wire:
                     cut_dead += 1
                 elif waited(event):
                     cut += 1

@@ -16,6 +16,7 @@ from httpx_aiohttp import AiohttpTransport
 from consumer.delivery import (
     BODY_LIMIT,
     MAX_RETRY_AFTER_S,
+    REQUEST_REFUSED,
     UserpilotClient,
     classify,
     parse_retry_after,
@@ -26,6 +27,7 @@ from consumer.errors import (
     Misconfigured,
     Pause,
     RateLimited,
+    Refused,
     Rejected,
     Retry,
     ServerError,
@@ -56,7 +58,7 @@ def test_2xx_is_delivered(status: int) -> None:
     assert classify(status, h(), "") is None
 
 
-@pytest.mark.parametrize("status", [400, 409, 413, 415, 422, 451, 499])
+@pytest.mark.parametrize("status", [400, 409, 412, 413, 418, 422, 451, 499])
 def test_payload_problems_are_rejected(status: int) -> None:
     exc = classify(status, h(x_request_id="rid-1"), '{"error":"bad"}')
     assert isinstance(exc, Rejected)
@@ -78,6 +80,40 @@ def test_configuration_problems_pause(status: int, hint: str) -> None:
     assert hint in str(exc)
     assert TOKEN not in str(exc)
     assert "x-request-id" not in str(exc)  # only when Userpilot sent one
+
+
+@pytest.mark.parametrize("status", sorted(REQUEST_REFUSED | {402}))
+def test_a_status_about_the_request_itself_pauses_instead_of_dead_lettering(
+        status: int) -> None:
+    """Review "r54": 405, 410, 411, 414, 415, 426 (the method, path, length, URI, content
+    type, protocol: the worker's own, every event's) and 402 (the account) were payload
+    rejections: every event was dead-lettered until the DLQ guard stopped the worker. A
+    refusal: delivery pauses, and `policy` dead-letters an event only when others pass."""
+    exc = classify(status, h(), "nope", path="/v1/track")
+    assert isinstance(exc, Refused) and isinstance(exc, Pause)
+    assert not isinstance(exc, DeadLetter)
+    assert exc.status == status and exc.body == "nope"
+    assert f"HTTP {status} from /v1/track" in str(exc)
+    hint = "plan and billing" if status == 402 else "USERPILOT_ANALYTICS_ENDPOINT"
+    assert hint in str(exc)
+
+
+def test_a_misdirected_request_is_retried() -> None:
+    """421: the connection reached a server that does not serve the host; another
+    connection may. Nothing about the payload, nothing an operator sets."""
+    exc = classify(421, h(), "")
+    assert isinstance(exc, ServerError)
+    assert "misdirected" in str(exc)
+
+
+def test_only_userpilots_refusals_may_be_about_one_event() -> None:
+    """A proxy's 407, a 431 and a redirect are about settings whatever else passes: not
+    `Refused`, which `policy` may turn into a dead letter when other events pass."""
+    for status in (407, 431, 302):
+        exc = classify(status, h(location="https://x.example/"), "")
+        assert isinstance(exc, Misconfigured) and not isinstance(exc, Refused)
+    for status in (401, 403, 404):
+        assert isinstance(classify(status, h(), ""), Refused)
 
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
@@ -298,7 +334,7 @@ def test_sends_exactly_the_headers_and_body() -> None:
 
 
 @pytest.mark.parametrize(("status", "expected"), [
-    (400, Rejected), (413, Rejected), (401, Misconfigured), (404, Misconfigured),
+    (400, Rejected), (413, Rejected), (401, Refused), (404, Refused), (405, Refused),
     (429, RateLimited), (500, ServerError), (503, ServerError), (302, Misconfigured),
     (407, Misconfigured),
 ])

@@ -31,6 +31,7 @@ from consumer.errors import (
     ConnectionFailed,
     Misconfigured,
     RateLimited,
+    Refused,
     Rejected,
     ServerError,
     Timeout,
@@ -494,6 +495,26 @@ def test_a_resend_is_told_with_its_endpoint_and_logged(
         "twice"]
 
 
+def test_an_answer_to_a_resent_request_says_so() -> None:
+    """Review "r54": a 4xx says the request was not taken, and the handler hands the
+    event's claim on at a stop; but a 429 answering a resend says nothing of the request
+    the lost connection carried, which the server may have taken. The answer carries it."""
+    async def main() -> list[WorkerError]:
+        answers: dict[tuple[int, int], Action] = {(1, 1): Send(ACCEPTED), (1, 2): Close()}
+        async with Server(lambda req: answers.get((req.conn, req.index),
+                                                  Send(http(429, b"")))) as srv:
+            client = up(srv.url())
+            assert await outcome(client, BODY) == "ok"
+            resent = await error_of(client, BODY)  # lost on the kept-alive connection
+            again = await error_of(client, BODY)  # the new connection, not lost
+            await client.aclose()
+        return [resent, again]
+
+    resent, again = run(main)
+    assert isinstance(resent, RateLimited) and resent.resent
+    assert isinstance(again, RateLimited) and not again.resent
+
+
 def test_at_most_max_connections_under_fifty_concurrent_requests() -> None:
     async def main() -> None:
         async with Server(always(Send(ACCEPTED, delay=0.01))) as srv:
@@ -668,8 +689,8 @@ def _cut(status: int, headers: Sequence[str]) -> bytes:
 @pytest.mark.parametrize(("answer", "kind"), [
     (Reset(_cut(429, ["Retry-After: 7"])), RateLimited),
     (Send([_cut(429, ["Retry-After: 7"])] + [b"x"] * 40), RateLimited),  # trickled
-    (Reset(_cut(401, [])), Misconfigured),
-    (Send([_cut(401, [])] + [b"x"] * 40), Misconfigured),
+    (Reset(_cut(401, [])), Refused),
+    (Send([_cut(401, [])] + [b"x"] * 40), Refused),
     (Reset(_cut(503, [])), ServerError),
 ], ids=["429-reset", "429-trickled", "401-reset", "401-trickled", "503-reset"])
 def test_an_answer_whose_body_breaks_off_is_classified_by_its_status(

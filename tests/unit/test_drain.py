@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from consumer import codec
 from consumer.calls import FAMILIES, Call
 from consumer.commits import TP as TP_
-from consumer.errors import DlqRecordTooLarge, Misconfigured, Rejected
+from consumer.errors import DlqRecordTooLarge, Refused, Rejected
 from consumer.health import Health
 from consumer.metrics import ENDPOINTS, Metrics
 from consumer.offsets import Finished, decode_note
@@ -156,7 +156,7 @@ class SlowAckDlq(FakeDlq):
 
 class RefusedToken(FakeClient):
     async def send(self, call: Call) -> int:
-        raise Misconfigured("HTTP 401: token refused", status=401)
+        raise Refused("HTTP 401: token refused", status=401)
 
 
 def test_with_userpilot_refusing_the_drain_still_waits_for_a_dlq_record_under_way() -> None:

@@ -20,6 +20,7 @@ from consumer.errors import (
     ConnectionFailed,
     Misconfigured,
     RateLimited,
+    Refused,
     Rejected,
     ServerError,
     TlsRefused,
@@ -208,7 +209,7 @@ def test_retries_are_bounded() -> None:
 
 
 def test_a_refused_token_stops_the_run() -> None:
-    script = [Misconfigured("HTTP 401: token refused", status=401)]
+    script = [Refused("HTTP 401: token refused", status=401)]
     summary, send, _, lines = run(["a", "b", "c", "d", "e"], script)
     assert len(send.sent) == 1
     assert (summary.deleted, summary.failed, summary.batches_sent) == (0, 5, 1)

@@ -700,16 +700,24 @@ def test_a_user_learned_from_redis_stays_trusted_while_redis_cannot_be_read() ->
         "track", "track"]
 
 
+def _resent(exc: RateLimited) -> RateLimited:
+    exc.resent = True
+    return exc
+
+
 @pytest.mark.parametrize(("answer", "kept"), [
     (RateLimited("HTTP 429", status=429, retry_after=30.0), False),
     (ServerError("HTTP 503", status=503, retry_after=30.0), True),
-])
+    (_resent(RateLimited("HTTP 429", status=429, retry_after=30.0)), True),
+], ids=["429", "503", "429-to-a-resend"])
 def test_a_claim_is_kept_at_a_stop_only_if_userpilot_may_have_taken_a_request(
         answer: Exception, kept: bool) -> None:
     """Review "extremes54": an event answered 429 (Userpilot did not take it) and abandoned
     at a stop kept its claim, and the next owner waited out the claim's lifetime (10
     minutes at the longest request timeout) with no line. A 4xx says the request was not
-    taken; a 5xx may come after Userpilot took it (a gateway's), so that claim is kept."""
+    taken; a 5xx may come after Userpilot took it (a gateway's), so that claim is kept; so
+    is one whose 429 answered a resend: the request the lost connection carried may have
+    been taken (review "r54")."""
     store = MemoryStore()
     log = {(TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", track("u1", 1))]}
     run, _, dedup = make(log, store)

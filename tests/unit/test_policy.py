@@ -8,12 +8,13 @@ from collections.abc import Awaitable, Callable, Iterable
 import pytest
 from tenacity.wait import wait_random_exponential
 
+from consumer.delivery import classify
 from consumer.errors import (
     ConnectionFailed,
-    Misconfigured,
     Pause,
     ProxyRefused,
     RateLimited,
+    Refused,
     RefusedAlone,
     Rejected,
     Retry,
@@ -214,7 +215,7 @@ def test_misconfigured_state_holds_everything_until_an_answer() -> None:
     changes: list[str] = []
     clock = FakeClock()
     gate = Gate(probe_base_s=0.02, clock=clock, on_change=lambda s, d: changes.append(s))
-    gate.misconfigured(Misconfigured("HTTP 401: token refused"))
+    gate.misconfigured(Refused("HTTP 401: token refused"))
     assert (gate.state, gate.detail) == ("misconfigured", "HTTP 401: token refused")
 
     async def main() -> bool:
@@ -223,7 +224,7 @@ def test_misconfigured_state_holds_everything_until_an_answer() -> None:
         assert not task.done()
         clock.now += 0.03  # due: 0.02 s, jittered by up to 20 %
         probe = await task
-        gate.misconfigured(Misconfigured("HTTP 401: token refused"), probe=probe)
+        gate.misconfigured(Refused("HTTP 401: token refused"), probe=probe)
         assert gate.state == "misconfigured"
         clock.now += 100.0
         probe = await gate.admit()
@@ -238,7 +239,7 @@ def test_misconfigured_state_holds_everything_until_an_answer() -> None:
 def test_misconfigured_during_an_outage_switches_state() -> None:
     gate = Gate(outage_after=1, clock=FakeClock())
     gate.transient_failure(Timeout("t"))
-    gate.misconfigured(Misconfigured("HTTP 404"))
+    gate.misconfigured(Refused("HTTP 404"))
     assert (gate.state, gate.detail) == ("misconfigured", "HTTP 404")
 
 
@@ -467,7 +468,7 @@ def test_never_gives_up_on_pause_while_nothing_else_is_delivered() -> None:
     def time_passes(call: int) -> None:
         clock.now += 100.0  # budget long spent
 
-    send = Script([Misconfigured("HTTP 401")] * 20 + [None], time_passes)
+    send = Script([Refused("HTTP 401")] * 20 + [None], time_passes)
     run(policy(gate, clock, sleep, max_attempts=1, budget_s=1.0).run(send, Attempts()))
     assert send.calls == 21
     assert set(sleep.slept) == {0.0}  # the gate does the waiting, not the backoff
@@ -480,7 +481,7 @@ def test_an_event_refused_while_others_are_delivered_between_is_given_up() -> No
     partition for good and closed the gate for everyone at each attempt (review "dlq33")."""
     clock, sleep, gate = setup()
 
-    send = Script([Misconfigured("HTTP 403: forbidden", status=403, body="waf")] * 10,
+    send = Script([Refused("HTTP 403: forbidden", status=403, body="waf")] * 10,
                   delivered_between(clock, gate, "track"))  # sent after the refusal
     with pytest.raises(RefusedAlone) as info:
         run(policy(gate, clock, sleep, max_attempts=12).run(send, Attempts(), endpoint="track"))
@@ -511,7 +512,7 @@ def test_a_refusal_counts_deliveries_to_any_endpoint() -> None:
     only, it was held for ever with its partition's commits, the gate flapping and the
     replica unready (review "http35")."""
     clock, sleep, gate = setup()
-    refused = Script([Misconfigured("HTTP 403", status=403)] * 10 + [None],
+    refused = Script([Refused("HTTP 403", status=403)] * 10 + [None],
                      delivered_between(clock, gate, "track"))
     with pytest.raises(RefusedAlone):
         run(policy(gate, clock, sleep).run(refused, Attempts(), endpoint="company_identify"))
@@ -526,7 +527,7 @@ def test_an_endpoint_refused_for_everyone_holds_its_events() -> None:
     Tracks delivered meanwhile say nothing of it: held, delivery paused."""
     clock, sleep, gate = setup()
     gate.failing("company_identify", -1, True)  # another company identify refused too
-    refused = Script([Misconfigured("HTTP 403", status=403)] * 10 + [None],
+    refused = Script([Refused("HTTP 403", status=403)] * 10 + [None],
                      delivered_between(clock, gate, "track"))
     run(policy(gate, clock, sleep).run(refused, Attempts(), endpoint="company_identify"))
     assert refused.calls == 11, "held until it went through, never dead-lettered"
@@ -553,7 +554,7 @@ def test_a_refusal_counts_only_deliveries_sent_after_it() -> None:
     clock, sleep, gate = setup()
 
     late_answers_of_earlier_requests = delivered_between(clock, gate, "track", sent_ago=100.0)
-    send = Script([Misconfigured("HTTP 401", status=401)] * 10 + [None],
+    send = Script([Refused("HTTP 401", status=401)] * 10 + [None],
                   late_answers_of_earlier_requests)
     run(policy(gate, clock, sleep).run(send, Attempts(), endpoint="track"))
     assert send.calls == 11, "paused, never dead-lettered"
@@ -573,7 +574,7 @@ def test_a_refusal_counts_only_deliveries_sent_after_it() -> None:
 def test_pause_closes_the_gate_until_a_probe_succeeds() -> None:
     clock, sleep, gate = setup()
     states: list[str] = []
-    send = Script([Pause("integration broken"), Misconfigured("HTTP 403"), None],
+    send = Script([Pause("integration broken"), Refused("HTTP 403"), None],
                   lambda call: states.append(gate.state))
     run(policy(gate, clock, sleep).run(send, Attempts()))
     assert states == ["up", "misconfigured", "misconfigured"]
@@ -928,7 +929,7 @@ def test_up_time_runs_only_while_the_gate_is_up() -> None:
     gate.success()
     clock.now = 1005.0
     assert gate.up_time() == 15.0
-    gate.misconfigured(Misconfigured("HTTP 401"))
+    gate.misconfigured(Refused("HTTP 401"))
     clock.now = 2000.0
     gate.answered()
     clock.now = 2001.0
@@ -1025,7 +1026,7 @@ def test_a_closed_gate_nobody_waits_at_any_more_reopens() -> None:
     gate = Gate(probe_base_s=0.02, clock=clock, on_change=lambda s, d: changes.append(s))
     gate.enter()
     gate.enter()
-    gate.misconfigured(Misconfigured("HTTP 401: token refused"))
+    gate.misconfigured(Refused("HTTP 401: token refused"))
     gate.leave()
     assert gate.state == "misconfigured"  # one event still waits: its probe tells
     gate.leave()
@@ -1034,7 +1035,7 @@ def test_a_closed_gate_nobody_waits_at_any_more_reopens() -> None:
 
 def test_an_event_cancelled_while_it_waits_at_a_closed_gate_reopens_it() -> None:
     clock, sleep, gate = setup()
-    send = Script([Misconfigured("HTTP 401")] * 1000)
+    send = Script([Refused("HTTP 401")] * 1000)
 
     async def main() -> None:
         task = asyncio.ensure_future(policy(gate, clock, sleep).run(send, Attempts()))
@@ -1147,13 +1148,35 @@ def test_an_event_userpilot_answers_404_alone_is_given_up() -> None:
     others delivered between, it is dead-lettered after REFUSED_ALONE answers, not held
     for ever (closing the gate for everyone at each attempt)."""
     clock, sleep, gate = setup()
-    send = Script([Misconfigured("HTTP 404: not found", status=404, body="nf")] * 10,
+    send = Script([Refused("HTTP 404: not found", status=404, body="nf")] * 10,
                   delivered_between(clock, gate, "identify"))
     with pytest.raises(RefusedAlone) as info:
         run(policy(gate, clock, sleep, max_attempts=12)
             .run(send, Attempts(), endpoint="identify"))
     assert send.calls == REFUSED_ALONE
     assert info.value.status == 404
+
+
+@pytest.mark.parametrize("status", [402, 405, 415])
+def test_a_request_refused_for_everyone_pauses_for_one_event_alone_is_given_up(
+        status: int) -> None:
+    """Review "r54": a status about the request itself (`classify` makes it a `Refused`)
+    was a dead letter per event: a gateway answering 405 to everything filled the DLQ until
+    its guard stopped the worker. Refused with nothing delivered between, the event waits
+    and delivery pauses; refused while others pass, it alone is dead-lettered."""
+    refusal = classify(status, {}, "no", path="/v1/track")
+    clock, sleep, gate = setup()
+    gate.success()
+    held = Script([refusal] * 20 + [None])
+    run(policy(gate, clock, sleep, max_attempts=1, budget_s=1.0)
+        .run(held, Attempts(), endpoint="track"))
+    assert held.calls == 21, "held until it went through, never dead-lettered"
+
+    clock, sleep, gate = setup()
+    alone = Script([refusal] * 10, delivered_between(clock, gate, "track"))
+    with pytest.raises(RefusedAlone) as info:
+        run(policy(gate, clock, sleep, max_attempts=12).run(alone, Attempts(), endpoint="track"))
+    assert alone.calls == REFUSED_ALONE and info.value.status == status
 
 
 def test_a_backoff_longer_than_the_budget_left_ends_at_the_budget() -> None:
