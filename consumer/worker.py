@@ -104,6 +104,10 @@ log = logging.getLogger(__name__)
 # userpilot_partitions_held_for_one_user says it as it happens.
 hold_log = logging.getLogger(f"{__name__}.hold")
 hold_log.addFilter(RateLimit(30.0))
+# A message error librdkafka hands over again and again (a batch it cannot decompress is
+# fetched anew every fetch backoff): one line per error text every 30 s, not 2 a second.
+kafka_log = logging.getLogger(f"{__name__}.kafka")
+kafka_log.addFilter(RateLimit(30.0))
 
 T = TypeVar("T")
 
@@ -196,6 +200,8 @@ up to 20 replicas within the limit and still delivers until the count comes."""
 DLQ_POLICY_TIMEOUT_S = 5.0  # a running worker's read of the DLQ topic's cleanup.policy
 MISSING_TOPIC_CHECK_S = 60.0  # while a source topic is missing, looked for again this often
 MISSING_TOPIC_LOG_S = 600.0  # ... and its WARNING repeated this often
+RESET_LOOP_S = 300.0  # a partition's log going back to the same offset again within this
+# is a loop (a batch the client cannot read), not a new log: the worker stops
 DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
 DRY_FOR_S = 30.0  # ... until a message of theirs arrives, or this long (then probed again)
 
@@ -392,6 +398,9 @@ class Worker:
         # per partition, the position it found out of range.
         self._resets_in: dict[TP, int] = {}
         self._reset_at: dict[TP, int] = {}
+        # Per partition, the offset its log last went back to and when (event loop only;
+        # `_went_back`): a partition going back there again soon is a loop, not a new log.
+        self._went_back_to: dict[TP, tuple[int, float]] = {}
         # New partitions whose commit notes are not read yet: the reads each has failed and
         # when to try again (event loop only; see `_read_notes`).
         self._inherit_due: dict[TP, tuple[int, float]] = {}
@@ -895,7 +904,7 @@ class Worker:
                 if err is not None:
                     if partition_end(err):
                         continue
-                    log.warning("kafka: %s", err.str())
+                    kafka_log.warning("kafka: %s", err.str())
                     if is_fatal(err):
                         raise Stop(f"fatal Kafka error: {err.str()}")
                     self._topic_error(err)
@@ -988,7 +997,24 @@ class Worker:
         name other events now), and the window and the commits count the new log's own.
         Left as it was, the old tracker ignored every offset up to `last`: the worker
         committed past an unfinished event of the new log and its window stopped counting
-        (review "offsets16")."""
+        (review "offsets16").
+
+        Going back again to the same offset or below within RESET_LOOP_S is not another
+        new log but a client that cannot read past a record and starts over (a batch
+        that fails its CRC check reads as an offset out of range, and librdkafka resets to
+        the log's start): tracked anew each time, the same events were delivered about 9
+        times a second, for good (review "escape55"). The worker stops instead, loudly."""
+        now = time.monotonic()
+        before = self._went_back_to.get(tp)
+        if before is not None and offset <= before[0] and now - before[1] < RESET_LOOP_S:
+            raise Stop(
+                f"{partitions_text([tp])} went back from offset {last} to {offset} again, "
+                f"{now - before[1]:.0f} s after it went back to {before[0]}: Kafka's client "
+                f"cannot read past offset {last + 1} (a corrupt record batch?) and starts "
+                "over; stopped rather than deliver the same events again and again. Move "
+                "the consumer group past the unreadable batch (kafka-consumer-groups "
+                "--reset-offsets --to-offset, README: UserpilotSourceLogReset)")
+        self._went_back_to[tp] = (offset, now)
         mark = marks.pop(tp, None)
         if mark is not None:
             self.commits.dropped({tp: mark})

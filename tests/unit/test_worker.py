@@ -1537,6 +1537,35 @@ def test_the_end_of_a_partition_is_not_logged_as_a_fault(
     assert not [r for r in caplog.records if "end of partition" in r.getMessage()]
 
 
+@dataclass
+class UndecompressedMessage(Message):
+    """What librdkafka hands for a batch it cannot decompress, at every fetch of it."""
+
+    def error(self) -> Any:
+        from confluent_kafka import KafkaError
+
+        return KafkaError(KafkaError._BAD_COMPRESSION,
+                          "Decompression (codec 0x1) of message at 1 of 10 bytes failed")
+
+
+def test_a_message_error_handed_over_again_and_again_is_logged_once_a_while(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "escape55": a batch librdkafka cannot decompress is fetched anew every fetch
+    backoff, and each time its error was a WARNING: 89 lines in 45 s."""
+    log = log_of(track("u1", 1))
+    log[(TOPIC, 0)].extend(UndecompressedMessage(TOPIC, 0, 1, None, None) for _ in range(50))
+    log[(TOPIC, 0)].append(Message(TOPIC, 0, 2, b"u1", track("u1", 2)))
+    run = make(log)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(run.client.bodies) == 2, "both delivered")
+
+    with caplog.at_level(logging.WARNING):
+        assert drive(run, scenario) == 0
+    lines = [r for r in caplog.records if "Decompression" in r.getMessage()]
+    assert len(lines) == 1, len(lines)
+
+
 def test_revoke_settles_its_partition_commits_it_and_the_other_partition_goes_on() -> None:
     run = make({**log_of(track("u1", 1), track("u1", 2)),
                 **log_of(track("u2", 3), partition=1, key=b"u2")})
