@@ -301,20 +301,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
           if settings.redis is not None else ()),
     )
     failed = 0
+    # Every line masked as `run`'s logs are: a Kafka problem quoting an OIDC endpoint's
+    # echo through a proxy showed the proxy's password (review "secrets55").
+    from consumer.redaction import Redactor
+
+    masked = Redactor(settings.log_secrets())
     for bit, name, check in checks:
         problem = check()
         if problem is None:
             print(f"online OK: {name}", file=sys.stderr)
         else:
             failed |= bit
-            print(f"online FAILED: {name}: {printable(problem)}", file=sys.stderr)
+            print(f"online FAILED: {name}: {printable(masked(problem))}", file=sys.stderr)
     if not failed & 2:  # what `run` warns of at start-up, once Kafka answered
         for warning in reach.compacted_sources(settings.kafka_config(), settings.topics,
                                                timeout):
-            print(f"online note: kafka: {warning}", file=sys.stderr)
+            print(f"online note: kafka: {masked(warning)}", file=sys.stderr)
     if settings.redis is not None and not failed & 16:
         for warning in reach.redis_notes(settings, timeout):
-            print(f"online note: redis: {warning}", file=sys.stderr)
+            print(f"online note: redis: {masked(warning)}", file=sys.stderr)
     return 8 + failed if failed else 0
 
 

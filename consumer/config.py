@@ -346,6 +346,11 @@ class Settings:
     ALL_PROXY, less NO_PROXY, as for Userpilot), given to its client explicitly: httpx's
     own reading of the environment (`trust_env`) parsed every proxy and NO_PROXY entry,
     used or not, and crashed `run` on one it could not parse (review "cmds17")."""
+    env_proxies: tuple[Secret, ...] = ()
+    """Every proxy variable set (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, either case), used by
+    this worker or not: librdkafka's own HTTP requests (an OIDC token endpoint) take
+    whichever applies, and a proxy echoing one showed its credentials in `run`'s and
+    `check-config`'s lines (review "secrets55"). For `log_secrets` only."""
 
     def _kafka_ms_as_s(self, key: str, default_ms: int) -> float:
         """A librdkafka duration in ms (`default_ms` unless KAFKA_* sets it), in seconds."""
@@ -415,6 +420,7 @@ class Settings:
         return [*self.http_secrets(), *registry_secrets(
             self.registry_url, self.registry_auth.reveal() if self.registry_auth else None),
             *url_credentials(registry_proxy),
+            *(form for proxy in self.env_proxies for form in url_credentials(proxy.reveal())),
             *kafka_secrets(self.kafka_config(logger=False), SECRET_KAFKA_KEYS)]
 
     @property
@@ -2200,4 +2206,7 @@ def load_settings(
         ensure_user=ensure_user, ensure_user_cache=ensure_user_cache,
         ensure_user_ttl_s=ensure_user_ttl, proxy=proxy,
         registry_proxy=registry_proxy,
+        env_proxies=tuple(Secret(value) for name, value in sorted(r.env.items())
+                          if name.lower() in ("http_proxy", "https_proxy", "all_proxy")
+                          and value.strip()),
     )

@@ -3,7 +3,8 @@
 Userpilot's error bodies enter the DLQ and the logs; a gateway that echoes the request
 would echo `Authorization: Token …`. Every stored or logged response text goes through
 `redact`, which masks each secret in the spellings an echo may use (raw, JSON-escaped,
-URL-encoded) and also a secret cut off at either end of the text by a truncation.
+URL-encoded, HTML-escaped, in another case) and also a secret cut off at either end of the
+text by a truncation.
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ _SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "/": "\\/", "\b": "\\b", "\f": "\\f"
                   "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
+_HTML_ESCAPES = {"&": "amp;", "<": "lt;", ">": "gt;", '"': "quot;", "'": "apos;"}
+
+
 def _hex(digits: str) -> str:
     """`digits` matched in either case (JSON and URL escapes allow both)."""
     return "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d for d in digits)
@@ -181,6 +185,10 @@ def _char_spellings(char: str) -> str:
                              for b in char.encode("utf-8", "surrogatepass")))
     if char == " ":
         spellings.append(r"\+")
+    if char in _HTML_ESCAPES:
+        # An HTML error page echoing the request (`&amp;` for `&`): the token was kept in
+        # a dead letter's error body so (review "secrets55").
+        spellings.append(f"&(?:{_HTML_ESCAPES[char]}|#0*{code};|#[xX]0*{_hex(f'{code:x}')};)")
     spellings.append(re.escape(char))
     return "(?:" + "|".join(spellings) + ")"
 
@@ -194,7 +202,9 @@ def _mixed_spellings(secrets: Iterable[str]) -> re.Pattern[str] | None:
     unique = sorted({s for s in secrets if s}, key=len, reverse=True)
     if not unique:
         return None
-    return re.compile("|".join("".join(_char_spellings(c) for c in s) for s in unique))
+    # Long ones in any case too (`Redactor._folded`): an echo both escaped and case-changed.
+    return re.compile("|".join(("(?i:{})" if len(s) >= MIN_ALONE else "{}").format(
+        "".join(_char_spellings(c) for c in s)) for s in unique))
 
 
 MAX_ESCAPED_EDGE = 256
@@ -245,11 +255,17 @@ class Redactor:
         self.forms = secret_forms(secrets)
         self._mixed = _mixed_spellings(secrets)
         self._mixed_edges = _mixed_edges(secrets)
+        # An echo that changed the case (a gateway lower-casing header values): only the
+        # forms long enough not to be ordinary text in another case (review "secrets55").
+        folded = [form for form in self.forms if len(form) >= MIN_ALONE]
+        self._folded_forms = [form.lower() for form in folded]
+        self._folded = (re.compile("|".join(re.escape(form) for form in folded), re.IGNORECASE)
+                        if folded else None)
 
     def __call__(self, text: str, *, edges: bool = True) -> str:
         if not text or not self.forms:
             return text
-        if self._mixed is not None and ("\\" in text or "%" in text):
+        if self._mixed is not None and ("\\" in text or "%" in text or "&" in text):
             # Before the whole forms: the plain form of a secret ending in `\\` masked the
             # `\\` of its escape `\\u005c` and left `u005c` after the mask (round 43).
             text = self._mixed.sub(MASK, text)
@@ -260,8 +276,12 @@ class Redactor:
                     text = text.replace(form, MASK)
             if text == before:
                 break
+        if self._folded is not None:
+            lowered = text.lower()
+            if any(form in lowered for form in self._folded_forms):
+                text = self._folded.sub(MASK, text)
         if edges:
-            if self._mixed_edges is not None and ("\\" in text or "%" in text):
+            if self._mixed_edges is not None and ("\\" in text or "%" in text or "&" in text):
                 # First: a plain piece inside an escaped one would be masked alone.
                 end, start = self._mixed_edges
                 text = end.sub(MASK, text, count=1)

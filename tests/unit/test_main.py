@@ -434,6 +434,31 @@ def test_a_timeout_must_be_seconds_above_zero(command: list[str], value: str, fr
     assert fragment in capsys.readouterr().err
 
 
+def test_online_lines_mask_the_credentials_of_every_proxy_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Review "secrets55": librdkafka's OIDC request went through `http_proxy` (a proxy the
+    worker itself uses for nothing: Userpilot and the registry bypass it), which answered
+    407 echoing the request; `check-config --online` printed its Basic credentials, and
+    `run`'s lines did too. Every proxy variable's credentials are masked, in every line."""
+    import base64
+
+    from consumer import reach
+
+    basic = base64.b64encode(b"puser:PROXYPASS-SECRET-a6d7").decode()
+    _env(monkeypatch, {**GOOD, "SCHEMA_REGISTRY_URL": "https://registry:8081",
+                       "http_proxy": "http://puser:PROXYPASS-SECRET-a6d7@proxy:3128"})
+    monkeypatch.setattr(reach, "userpilot", lambda settings, timeout: None)
+    monkeypatch.setattr(reach, "registry", lambda *args: None)
+    monkeypatch.setattr(reach, "kafka", lambda *args: (
+        f"OIDC token endpoint said: Proxy-Authorization: Basic {basic} (password "
+        "PROXYPASS-SECRET-a6d7)"))
+    assert main(["check-config", "--online"]) == 10
+    err = capsys.readouterr().err
+    assert "online FAILED: kafka: OIDC token endpoint said" in err
+    assert basic not in err and "PROXYPASS-SECRET-a6d7" not in err
+
+
 def test_check_config_writes_to_an_ascii_stdout() -> None:
     """A non-ASCII value on a stdout that cannot encode it: a traceback and exit 1
     (review config19); `run` started with the same settings."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import urllib.parse
 
@@ -249,3 +250,24 @@ def test_a_secret_ending_in_a_backslash_spelled_as_its_escape_is_masked_whole() 
     secret = "00000000\\"
     assert redact("00000000\\u005c\x00", [secret]) == f"{MASK}\x00"
     assert redact("0000\\u005c\x00", [secret]) == f"{MASK}\x00"  # its end, the rest cut off
+
+
+def test_a_secret_echoed_html_escaped_or_in_another_case_is_masked() -> None:
+    """Review "secrets55": an HTML 400 page echoing the request kept `Token
+    TOKEN&amp;SECRET&lt;7a9f&gt;` in the dead letter's error body and delete-users' output,
+    and a gateway lower-casing it `token token&secret<7a9f>`."""
+    token = "TOKEN&SECRET<7a9f>'\""
+    masked = Redactor([token])
+    for echo in (html.escape(token), html.escape(token, quote=False), token.lower(),
+                 token.upper(), "TOKEN&#38;SECRET&#x3C;7a9f&#62;'\""):
+        assert masked(f"<p>Token {echo} refused</p>") == "<p>Token *** refused</p>", echo
+    assert masked("fish &amp; chips") == "fish &amp; chips"
+    assert Redactor(["abc"])("ABC abc") == "ABC ***", "a short one is not case-folded"
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=6,
+               max_size=40))
+def test_any_ascii_secret_html_escaped_or_case_changed_leaves_nothing(secret: str) -> None:
+    masked = Redactor([secret])
+    for echo in (html.escape(secret), secret.swapcase(), html.escape(secret.upper())):
+        assert masked(f"said: {echo}.") == "said: ***.", echo
