@@ -408,11 +408,6 @@ def classify(status: int, headers: Mapping[str, str], body: str,
             "serve Userpilot's API as the worker calls it: check USERPILOT_ANALYTICS_ENDPOINT "
             "(host only) and any proxy or gateway in between", status=status, body=snippet,
         )
-    if status == 421:
-        # Misdirected: the connection reached a server that does not serve this host (a
-        # reused connection after a DNS or routing change); another connection may not.
-        return ServerError(f"{where}: misdirected request (transient)", status=status,
-                           body=snippet)
     if status == 431:
         # The request's head is the worker's own, the same for every event (the token, the
         # content type, the API version): no event can pass, so pause, not dead-letter

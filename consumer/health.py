@@ -149,7 +149,7 @@ class Health:
                 "the worker stalled); rejoining" if self._lost else "no partition assignment yet")
         if not self._integration_up:
             return False, "Userpilot refuses delivery: " + (
-                self._integration_detail or "the token or endpoint (401/403/404)")
+                self._integration_detail or "the token or endpoint (401/403/404...)")
         problem = self._problem()
         return (False, problem) if problem is not None else (True, "ready")
 

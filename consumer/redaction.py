@@ -120,7 +120,18 @@ def url_credentials(url: str | None) -> list[str]:
     would show them."""
     if not url:
         return []
-    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    try:
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        parts.port  # noqa: B018  (raises ValueError too, as `password` may)
+        parts.password  # noqa: B018
+    except ValueError:
+        # Not a URL (`http://[bad:3128`): a proxy variable the worker does not use is not
+        # refused at start-up, and raising here crashed `run` (review "diff55"). What
+        # may be credentials is masked whole.
+        if "@" not in url:
+            return []
+        info = url.split("://", 1)[-1].rsplit("@", 1)[0]
+        return [url, info] if len(info) >= MIN_ALONE else [url]
     if not parts.password:
         if not parts.username:
             return []
@@ -203,7 +214,7 @@ def _mixed_spellings(secrets: Iterable[str]) -> re.Pattern[str] | None:
     if not unique:
         return None
     # Long ones in any case too (`Redactor._folded`): an echo both escaped and case-changed.
-    return re.compile("|".join(("(?i:{})" if len(s) >= MIN_ALONE else "{}").format(
+    return re.compile("|".join(("(?i:{})" if _token_like(s) else "{}").format(
         "".join(_char_spellings(c) for c in s)) for s in unique))
 
 
@@ -247,6 +258,21 @@ def _mixed_edges(secrets: Iterable[str]) -> tuple[re.Pattern[str], re.Pattern[st
             re.compile(r"\A(?:" + "|".join(starts) + ")"))
 
 
+_ENTITY = re.compile(r"&(?:#|amp;|lt;|gt;|quot;|apos;)", re.IGNORECASE)
+
+
+def _entity(text: str) -> bool:
+    """Whether `text` holds an HTML character reference `_char_spellings` knows: a bare
+    `&` (a query string) need not run the escaped spellings' regex."""
+    return "&" in text and _ENTITY.search(text) is not None
+
+
+def _token_like(secret: str) -> bool:
+    """Long, or holding a digit: no word of a log line in another case."""
+    return len(secret) >= 12 or (len(secret) >= MIN_ALONE
+                                 and any(c.isdigit() for c in secret))
+
+
 class Redactor:
     """`redact` with the spellings worked out once (for the logging formatter's hot path)."""
 
@@ -255,9 +281,10 @@ class Redactor:
         self.forms = secret_forms(secrets)
         self._mixed = _mixed_spellings(secrets)
         self._mixed_edges = _mixed_edges(secrets)
-        # An echo that changed the case (a gateway lower-casing header values): only the
-        # forms long enough not to be ordinary text in another case (review "secrets55").
-        folded = [form for form in self.forms if len(form) >= MIN_ALONE]
+        # An echo that changed the case (a gateway lower-casing header values): only forms
+        # that look like tokens, never ordinary text in another case (a proxy user named
+        # `worker` masked "Worker" in every line, review "diff55").
+        folded = [form for form in self.forms if _token_like(form)]
         self._folded_forms = [form.lower() for form in folded]
         self._folded = (re.compile("|".join(re.escape(form) for form in folded), re.IGNORECASE)
                         if folded else None)
@@ -265,7 +292,7 @@ class Redactor:
     def __call__(self, text: str, *, edges: bool = True) -> str:
         if not text or not self.forms:
             return text
-        if self._mixed is not None and ("\\" in text or "%" in text or "&" in text):
+        if self._mixed is not None and ("\\" in text or "%" in text or _entity(text)):
             # Before the whole forms: the plain form of a secret ending in `\\` masked the
             # `\\` of its escape `\\u005c` and left `u005c` after the mask (round 43).
             text = self._mixed.sub(MASK, text)
@@ -281,7 +308,8 @@ class Redactor:
             if any(form in lowered for form in self._folded_forms):
                 text = self._folded.sub(MASK, text)
         if edges:
-            if self._mixed_edges is not None and ("\\" in text or "%" in text or "&" in text):
+            if self._mixed_edges is not None and ("\\" in text or "%" in text
+                                                  or _entity(text)):
                 # First: a plain piece inside an escaped one would be masked alone.
                 end, start = self._mixed_edges
                 text = end.sub(MASK, text, count=1)

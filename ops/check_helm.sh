@@ -284,6 +284,15 @@ EOF
 cat >"$OUT/url-secret-in-config.values.yaml" <<'EOF'
 kafka: {config: {sasl.oauthbearer.token.endpoint.url: "https://cid:HUNTER2pw@idp.example/token"}}
 EOF
+cat >"$OUT/url-secret-no-scheme-in-config.values.yaml" <<'EOF'
+kafka: {config: {sasl.oauthbearer.token.endpoint.url: "cid:HUNTER2pw@idp.example:8443/token"}}
+EOF
+cat >"$OUT/url-secret-in-kafka-env.values.yaml" <<'EOF'
+kafka: {extraEnv: [{name: KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL, value: "https://cid:HUNTER2pw@idp.example/token"}]}
+EOF
+cat >"$OUT/url-secret-no-scheme-in-env.values.yaml" <<'EOF'
+extraEnv: [{name: KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL, value: "cid:HUNTER2pw@idp.example/token"}]
+EOF
 cat >"$OUT/bad-schema.values.yaml" <<'EOF'
 userpilot: {consentMissing: maybe}
 EOF
@@ -596,6 +605,9 @@ grep -qF "unhealthyPodEvictionPolicy: AlwaysAllow" "$OUT/pdb-127.yaml" \
   || die "unhealthyPodEvictionPolicy rendered for 1.25"
 expect_fail secret-in-config "kafka.config.sasl.password is a secret"
 expect_fail url-secret-in-config "kafka.config.sasl.oauthbearer.token.endpoint.url holds credentials in its URL"
+expect_fail url-secret-no-scheme-in-config "kafka.config.sasl.oauthbearer.token.endpoint.url holds credentials in its URL"
+expect_fail url-secret-in-kafka-env "kafka.extraEnv sets KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL with credentials in its URL as a plain value"
+expect_fail url-secret-no-scheme-in-env "extraEnv sets KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL with credentials in its URL as a plain value"
 expect_fail bad-schema "consentMissing"
 expect_fail unknown-value "replicas"
 expect_fail no-token "userpilot.existingSecret (recommended) or userpilot.apiKey is required"

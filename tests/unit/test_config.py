@@ -1412,6 +1412,20 @@ def test_log_secrets_hold_the_registry_proxys_and_the_kafka_secrets() -> None:
     assert "S3CR3T-REG-proxy" in proxied.log_secrets()
 
 
+def test_log_secrets_hold_every_proxy_variables_even_one_no_url_can_read() -> None:
+    """Review "secrets55": librdkafka's OIDC request went through `http_proxy`, used by
+    nothing else, and its echo showed the credentials. Review "diff55": one that is no URL
+    (`http://[bad:3128`, not refused: the worker does not use it) crashed `run` there."""
+    settings = load(SCHEMA_REGISTRY_URL="https://registry.test:8081",
+                    http_proxy="http://pu:S3CR3T-UNUSED-px@proxy.test:3128")
+    assert settings.proxy is None and settings.registry_proxy is None
+    assert "S3CR3T-UNUSED-px" in settings.log_secrets()
+    for broken in ("http://[bad:3128", "http://u:S3CR3T[x@proxy.test:3128"):
+        secrets = load(SCHEMA_REGISTRY_URL="https://registry.test:8081",
+                       http_proxy=broken).log_secrets()
+        assert ("u:S3CR3T[x" in secrets) is ("@" in broken)
+
+
 def test_a_cert_dir_that_is_no_directory_is_refused(tmp_path: Any) -> None:
     """SSL_CERT_DIR replaces certifi's bundle and was never checked (review config19)."""
     text = problem(SSL_CERT_DIR=str(tmp_path / "nope"))

@@ -98,14 +98,6 @@ def test_a_status_about_the_request_itself_pauses_instead_of_dead_lettering(
     assert hint in str(exc)
 
 
-def test_a_misdirected_request_is_retried() -> None:
-    """421: the connection reached a server that does not serve the host; another
-    connection may. Nothing about the payload, nothing an operator sets."""
-    exc = classify(421, h(), "")
-    assert isinstance(exc, ServerError)
-    assert "misdirected" in str(exc)
-
-
 def test_only_userpilots_refusals_may_be_about_one_event() -> None:
     """A proxy's 407, a 431 and a redirect are about settings whatever else passes: not
     `Refused`, which `policy` may turn into a dead letter when other events pass."""

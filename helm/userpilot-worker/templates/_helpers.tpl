@@ -327,6 +327,11 @@ Deployment, so every render runs them.
 {{- if and (has (upper .name) (list "HTTPS_PROXY" "HTTP_PROXY" "ALL_PROXY")) (hasKey . "value") (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@]*@" (toString .value)) (not (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@:]*:\\$\\([A-Za-z_][A-Za-z0-9_]*\\)@" (toString .value))) }}
 {{- fail (printf "%s sets %s with credentials in its URL as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}), or write the password as $(VAR) of a variable taken from one (its value percent-encoded: @ as %40, : as %3A)" $where .name) }}
 {{- end }}
+{{- /* A Kafka setting's URL with credentials (an OIDC token endpoint's client id and
+   secret), with or without its scheme, likewise (review "secrets55"). */}}
+{{- if and (hasPrefix "KAFKA_" (upper .name)) (hasKey . "value") (or (regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*@" (toString .value)) (and (hasSuffix "_URL" (upper .name)) (regexMatch "^[^/?#@]*@" (toString .value)))) (not (regexMatch "^([A-Za-z][A-Za-z0-9+.-]*://)?[^/@:]*:\\$\\([A-Za-z_][A-Za-z0-9_]*\\)@" (toString .value))) }}
+{{- fail (printf "%s sets %s with credentials in its URL as a plain value, which the Deployment shows to anyone who may read it: take it from a Secret (valueFrom: {secretKeyRef: {name: ..., key: ...}}) or put it in kafka.existingSecret" $where .name) }}
+{{- end }}
 {{- if and (eq .name "KAFKA_GROUP_INSTANCE_ID") (hasKey . "value") }}
 {{- fail (printf "%s sets KAFKA_GROUP_INSTANCE_ID to one value for every pod: each new pod fences the others (a crash loop). Take it from the pod: valueFrom: {fieldRef: {fieldPath: metadata.name}}" $where) }}
 {{- end }}
@@ -390,7 +395,9 @@ Deployment, so every render runs them.
 {{- end }}
 {{- /* A URL with user info (an OIDC token endpoint's client id and secret): the worker
    masks it as a secret, the ConfigMap would hold it in clear (review "secrets34"). */}}
-{{- if regexMatch "^[a-z][a-z0-9+.-]*://[^/?#@]*@" $val }}
+{{- /* Also a `*.url` setting written without a scheme (`cid:secret@idp/token`, which the
+   worker reads as http:// and masks as a secret; review "secrets55"). */}}
+{{- if or (regexMatch "^[a-z][a-z0-9+.-]*://[^/?#@]*@" $val) (and (hasSuffix ".url" (lower $key)) (regexMatch "^[^/?#@]*@" $val)) }}
 {{- fail (printf "kafka.config.%s holds credentials in its URL (user:password@), which would be stored in the ConfigMap: put %s in kafka.existingSecret or kafka.extraEnv instead" $key $name) }}
 {{- end }}
 {{- end }}
