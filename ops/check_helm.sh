@@ -651,10 +651,10 @@ for key in ssl.keystore.password ssl.key.pem sasl.oauthbearer.config \
     --set "kafka.config.${key//./\\.}=x" 2>&1 >/dev/null)" && die "kafka.config.$key: rendered into the ConfigMap"
   grep -qF -- "kafka.config.$key is a secret" <<<"$err" || die "kafka.config.$key: failed for another reason: $err"
 done
-has renamed 'kafka_consumergroup_lag{consumergroup="orders-to-userpilot",namespace="kafka"}' "the lag alert follows kafka.groupId, on the exporter's namespace (review diff24b)"
+has renamed 'kafka_consumergroup_lag{consumergroup="orders-to-userpilot",namespace="kafka",topic=~"delivery-userpilot|delivery-userpilot-backfill"}' "the lag alert follows kafka.groupId, on the exporter's namespace (review diff24b), for the release's own topics (review dash55)"
 render lag-matchers --set prometheusRule.enabled=true --set serviceMonitor.enabled=true \
   --set-string 'prometheusRule.kafkaLagMatchers=cluster="eu-1"'
-has lag-matchers 'kafka_consumergroup_lag{consumergroup="userpilot-delivery",cluster="eu-1"}' "prometheusRule.kafkaLagMatchers"
+has lag-matchers 'kafka_consumergroup_lag{consumergroup="userpilot-delivery",cluster="eu-1",topic=~"' "prometheusRule.kafkaLagMatchers"
 has lag-matchers 'kafka_consumergroup_lag{consumergroup=\"$consumergroup\",cluster=\"eu-1\"' "the dashboard's lag panels select the same exporter (review diff24c)"
 render proxy-no-password -f "$OUT/proxy-no-password.values.yaml"
 cat >"$OUT/proxy-ref.values.yaml" <<'EOF'
@@ -684,7 +684,7 @@ assert var["current"]["value"] == ["delivery"], var["current"]
 PY
 has renamed 'sum by (namespace) (up{job="upw-worker",namespace="delivery"})' "the workers-down alert follows the chart name (the ServiceMonitor's jobLabel)"
 has renamed 'absent(up{job="upw-worker",namespace="delivery"})' "the workers-down alert sees its own namespace without targets while others have some"
-has renamed 'max by (namespace, topic, partition) (userpilot_consumer_lag{namespace="delivery"})' "every worker series of the release's namespace only (review helm24)"
+has renamed 'max by (namespace, topic, partition) (last_over_time(userpilot_consumer_lag{namespace="delivery"}[1m]))' "every worker series of the release's namespace only (review helm24)"
 has renamed 'rate(userpilot_events_dropped_total{namespace="delivery",reason="consent"}[30m])' "a namespace beside the selector's own labels"
 lacks renamed 'userpilot_events_delivered_total[' "no worker series left without the namespace"
 for r in orders billing; do
@@ -1126,6 +1126,7 @@ PY
   "$HELM" template upw "$CHART" --namespace delivery --kube-version "$KUBE_VERSION" "${TOKEN[@]}" \
     --set prometheusRule.enabled=true --set serviceMonitor.enabled=true \
     --set kafka.groupId=group-a --set-string 'prometheusRule.kafkaLagMatchers=cluster="a"' \
+    --set 'kafka.topics={delivery-userpilot,signal.events}' \
     --show-only templates/prometheusrule.yaml >"$OUT/rules/rule.yaml" \
     || die "helm template (rules) failed"
   rules_of "$OUT/rules/rule.yaml" "$OUT/rules/rendered-alerts.yaml"

@@ -575,3 +575,38 @@ def test_every_retry_cause_has_its_series() -> None:
     causes = {cls.cause for cls in below(errors.Retry) if cls is not errors.Retry}
     assert causes <= set(RETRY_CAUSES), causes - set(RETRY_CAUSES)
     assert "misconfigured" in RETRY_CAUSES, "a Pause's label (worker._count_retry)"
+
+
+def _quantile(reg: CollectorRegistry, name: str, q: float, labels: dict[str, str]) -> float:
+    """Prometheus' histogram_quantile over one series' cumulative buckets (linear
+    interpolation inside the bucket the rank falls in; the highest finite bound above)."""
+    buckets: list[tuple[float, float]] = []
+    for family in reg.collect():
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket" and all(
+                    sample.labels.get(k) == v for k, v in labels.items()):
+                buckets.append((float(sample.labels["le"]), sample.value))
+    buckets.sort()
+    total = buckets[-1][1]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower
+
+
+def test_the_quantiles_the_dashboard_draws_say_what_happened(m: Metrics,
+                                                             reg: CollectorRegistry) -> None:
+    """Review "dash55": requests that never waited for a connection drew a p95 wait of
+    4.75 ms (the first bucket's bound, interpolated), which the panel says means a pool too
+    small; events ten days old drew exactly 7 days (the top bucket)."""
+    for _ in range(100):
+        m.connection_wait.labels("track").observe(0.0)
+        m.event_age.observe(10 * 86400.0)
+    assert _quantile(reg, "userpilot_connection_wait_seconds", 0.95,
+                     {"endpoint": "track"}) <= 0.0001
+    assert _quantile(reg, "userpilot_event_age_seconds", 0.5, {}) > 7 * 86400.0

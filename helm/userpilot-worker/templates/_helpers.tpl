@@ -569,6 +569,17 @@ Call with (dict "file" "files/alerts.yaml" "ctx" $).
 {{- /* Inside a JSON string: the matchers JSON-escaped, without toJson's outer quotes. */ -}}
 {{- $text = replace "kafka_consumergroup_lag{consumergroup=\\\"$consumergroup\\\"" (printf "kafka_consumergroup_lag{consumergroup=\\\"$consumergroup\\\"%s" (toJson $extra | trimPrefix "\"" | trimSuffix "\"")) $text -}}
 {{- else -}}
+{{- /* The alert: the release's own topics only. The group's commits on a topic it no longer
+     reads stay for the brokers' offsets retention (7 days), and kafka_exporter reports them:
+     the old topic's growing lag paged while the workers' only topic was at 0 (review
+     "dash55"). Not the dashboard: its topic variable reads the workers' series. */ -}}
+{{- $topics := list -}}
+{{- range $ctx.Values.kafka.topics -}}
+{{- $topics = append $topics (regexQuoteMeta (toString .)) -}}
+{{- end -}}
+{{- if $topics -}}
+{{- $extra = printf "%s,topic=~%s" $extra (toJson (join "|" $topics)) -}}
+{{- end -}}
 {{- $text = replace "consumergroup=\"userpilot-delivery\"" (printf "consumergroup=%s%s" (toJson $group) $extra) $text -}}
 {{- /* Every worker series of this release's namespace only: a central Prometheus loading
      the rules of releases in several namespaces evaluated each release's rules on all of
