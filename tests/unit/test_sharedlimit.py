@@ -426,3 +426,39 @@ def test_the_fallback_lines_name_their_budget(caplog: pytest.LogCaptureFixture) 
     lines = [r.getMessage() for r in caplog.records]
     assert [line.split(" (", 1)[0] for line in lines] == ["shared rate budget"] * 2, lines
     assert all(line.startswith("shared rate budget (identify) ") for line in lines), lines
+
+
+class StallingStore(ScriptedStore):
+    """Times out (Redis busy past REDIS_TIMEOUT_SECONDS) the calls numbered in `stalls`."""
+
+    def __init__(self, stalls: set[int]) -> None:
+        super().__init__()
+        self.stalls = stalls
+
+    async def gcra(self, key: str, **kwargs: Any) -> tuple[int, float]:
+        self.calls.append({"key": key, **kwargs})
+        if len(self.calls) in self.stalls:
+            raise SharedStateUnavailable("redis gcra failed: TimeoutError", timed_out=True)
+        return 1, 0.0
+
+
+def test_one_timed_out_call_among_answers_is_asked_again_two_in_a_row_fall_back() -> None:
+    """Review "slow55": one gcra call timing out switched to the fallback, and the return
+    held every replica off the shared budget for 2.5 s: a Redis stalling 0.35 s every 5 s
+    made delivery 2.7 times slower than a Redis that is down. Asked again at once, one
+    stall costs one call; two in a row are a Redis away: the fallback, as before."""
+    store, switches = StallingStore({2}), list[bool]()
+    limiter = _limiter(store, switches)
+
+    async def main(acquires: int) -> None:
+        for _ in range(acquires):
+            await limiter.acquire()
+
+    asyncio.run(main(3))
+    assert switches == [] and not limiter.on_fallback
+    assert len(store.calls) == 4  # the stalled one asked again
+
+    store, switches = StallingStore({2, 3}), list[bool]()
+    limiter = _limiter(store, switches)
+    asyncio.run(main(2))
+    assert switches == [True] and limiter.on_fallback

@@ -589,7 +589,7 @@ Call with (dict "file" "files/alerts.yaml" "ctx" $).
 {{- $job := toJson ($ctx.Values.prometheusRule.job | default (include "userpilot-worker.name" $ctx)) -}}
 {{- $text = replace "up{job=\"userpilot-worker\"}" (printf "up{job=%s,namespace=%s}" $job $ns) $text -}}
 {{- $text = regexReplaceAll "(userpilot_[a-z_]+)\\{" $text (printf "${1}{namespace=%s," $ns) -}}
-{{- $text = regexReplaceAll "(userpilot_[a-z_]+)(\\[|\\)| ==)" $text (printf "${1}{namespace=%s}${2}" $ns) -}}
+{{- $text = regexReplaceAll "(userpilot_[a-z_]+)(\\[|\\)| ==| offset )" $text (printf "${1}{namespace=%s}${2}" $ns) -}}
 {{- end -}}
 {{- $text -}}
 {{- end }}
