@@ -148,7 +148,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if signal.SIGHUP in stop_signals():
             signal.signal(signal.SIGHUP, _stopped)
     try:
-        health.set_waiting("checking Kafka and the schema registry")
+        health.set_waiting("checking Kafka, the schema registry and Redis"
+                           if settings.redis is not None
+                           else "checking Kafka and the schema registry")
         # The probes and /metrics before the first check of the services (live, not ready).
         # Started after it, a Kafka and a registry that accept connections but never answer
         # (2 × --timeout) left /healthz down for ~24 s of a liveness probe's ~30 s (review

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -453,3 +455,26 @@ def test_a_registry_certificate_not_trusted_is_a_setting_not_an_outage(
         assert "give the CA that signed it in SSL_CERT_FILE" in said
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
         assert reach.registry(f"https://127.0.0.1:{port}", None, 5) is None
+
+
+def test_a_redis_too_slow_to_finish_the_start_up_probe_is_the_fallbacks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "slow55": a Redis answering each call in 2.6 s held `run` unready for 110 s
+    (the probe's ~40 calls, each within its own timeout). The whole probe has a budget:
+    past it, Redis answered (a refusal shows at the first call) and is the fallback's."""
+    from consumer.redisstore import RedisStore
+
+    async def slow(self: RedisStore, *args: object) -> None:
+        await asyncio.sleep(0.3)
+
+    monkeypatch.setattr(RedisStore, "ping", slow)
+    monkeypatch.setattr(RedisStore, "probe", slow)
+    monkeypatch.setattr(reach, "REDIS_REFUSAL_BUDGET_S", 0.5)
+    conf = load_settings({
+        "USERPILOT_API_KEY": "wt_1234567890", "USERPILOT_ANALYTICS_ENDPOINT": "up.test",
+        "KAFKA_BOOTSTRAP_SERVERS": "kafka:9092", "KAFKA_TOPICS": "events",
+        "SCHEMA_REGISTRY_URL": "http://registry:8081",
+        "REDIS_URL": "redis://127.0.0.1:1/0"}, check_clients=False)
+    started = time.monotonic()
+    assert reach.redis_refusal(conf, 5.0) is None
+    assert time.monotonic() - started < 2.0
