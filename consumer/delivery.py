@@ -345,6 +345,9 @@ def _http_date(text: str) -> float | None:
     return stamp if math.isfinite(stamp) else None
 
 
+ACCEPTED_BODY_S = 1.0
+"""How long the rest of a 2xx's body is waited for (its event is delivered already)."""
+
 RESENT = "userpilot_worker.resent"
 """The request extension `_send` sets on a request it sent again (`WorkerError.resent`)."""
 
@@ -904,8 +907,18 @@ class UserpilotClient:
                     # it); but never more than MAX_BODY_BYTES: an answer of hundreds of MB
                     # was held whole (an OOM kill under the chart's limit). Not a 2xx's that
                     # came whole: nothing reads it, and its connection is back already.
-                    body = (b"" if accepted and _arrived_whole(response)
-                            else await _read_capped(response))
+                    if not accepted:
+                        body = await _read_capped(response)
+                    elif _arrived_whole(response):
+                        body = b""
+                    else:
+                        # A 2xx whose body is still coming: the event is delivered. Read
+                        # for the connection's reuse a moment only: a body trickled byte by
+                        # byte held the event, and its user's next ones, for the whole
+                        # deadline, twice the request timeout (review "slow55"). Past the
+                        # moment, the connection is closed instead of pooled.
+                        body = await asyncio.wait_for(_read_capped(response),
+                                                      ACCEPTED_BODY_S)
                 finally:
                     await response.aclose()
         except Exception as exc:

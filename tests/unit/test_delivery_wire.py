@@ -837,6 +837,29 @@ def test_a_trickled_answer_times_out_as_a_whole() -> None:
     assert elapsed < 0.9
 
 
+def test_a_2xx_whose_body_trickles_delivers_its_event_at_once() -> None:
+    """Review "slow55": the 2xx's head came at once, its body a byte at a time: the event
+    (and its user's next ones) waited for the whole body, up to twice the request timeout
+    (20 s at the defaults). The event is delivered at the head; the rest of the body is
+    waited for a moment only, then the connection is closed instead of pooled."""
+    body = b"x" * 150  # one byte every 20 ms: 3 s in all
+    head = http(202, b"", length=False)[:-2] + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    trickle = [head] + [bytes([b]) for b in body]
+
+    async def main() -> tuple[str, float]:
+        async with Server(always(Send(trickle))) as srv:
+            client = up(srv.url(), timeout_s=5.0)
+            start = time.monotonic()
+            got = await outcome(client, BODY)
+            elapsed = time.monotonic() - start
+            await client.aclose()
+        return got, elapsed
+
+    got, elapsed = run(main)
+    assert got == "ok"
+    assert elapsed < 2.0  # ACCEPTED_BODY_S (1 s) and the head
+
+
 @pytest.mark.parametrize("response", [
     b"HTTX/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n",
     b"<html>hello</html>\r\n\r\n",
