@@ -48,9 +48,18 @@ if TYPE_CHECKING:  # redis is imported only where Redis is used
     from consumer.redisstore import CallObserver
 
 __all__ = [
-    "Unreachable", "compacted_sources", "dlq_policy_now", "kafka", "redis", "redis_notes",
+    "Unreachable",
+    "compacted_sources",
+    "dlq_policy_now",
+    "kafka",
+    "redis",
+    "redis_notes",
     "registry",
-    "resolve", "services", "userpilot"]
+    "resolve",
+    "services",
+    "unread_dlq_settings",
+    "userpilot",
+]
 
 _SILENT = logging.getLogger("consumer.reach.librdkafka")
 T = TypeVar("T")
@@ -419,6 +428,34 @@ def compacted_sources(conf: Mapping[str, Any], topics: Iterable[str],
             f"min.compaction.lag.ms to at least {COMPACTION_LAG_SAFE_MS} (a day) or the "
             "longest backlog you plan for")
     return warnings
+
+
+def unread_dlq_settings(conf: Mapping[str, Any], dlq_topic: str, timeout: float,
+                        admin: Any = None) -> list[str]:
+    """A warning when the DLQ topic exists and its settings cannot be read (no
+    DescribeConfigs ACL): the compacted-DLQ and size checks then pass unseen, and a
+    compacted DLQ kept one dead letter per user, the others removed by the log cleaner,
+    while `check-config --online` said OK and `run` started without a word (review
+    "sasl55"). Empty when they were read, or the topic is not there (checked elsewhere)."""
+    if admin is None:
+        settings: dict[str, Any] = {**producer_settings(conf, **DLQ_PRODUCER),
+                                    "logger": _SILENT}
+        admin = AdminClient(settings)
+    resource = ConfigResource(ConfigResource.Type.TOPIC, dlq_topic)
+    if _described(admin, [resource], timeout):
+        return []
+    try:
+        found = admin.list_topics(dlq_topic, timeout).topics.get(dlq_topic)
+    except Exception:
+        return []
+    if found is None or found.error is not None:
+        return []
+    return [f"the DLQ topic {dlq_topic!r}'s settings could not be read (DescribeConfigs "
+            "denied?), so whether it is compacted is not checked: compaction would keep one "
+            "dead letter per user and remove the others. Allow the worker's principal "
+            "DescribeConfigs on it (kafka-acls.sh --add --allow-principal <principal> "
+            f"--operation DescribeConfigs --topic {dlq_topic}), or make sure its "
+            "cleanup.policy is delete"]
 
 
 def dlq_policy_now(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> str | None:

@@ -478,3 +478,49 @@ def test_a_redis_too_slow_to_finish_the_start_up_probe_is_the_fallbacks(
     started = time.monotonic()
     assert reach.redis_refusal(conf, 5.0) is None
     assert time.monotonic() - started < 2.0
+
+
+def test_a_dlq_topic_whose_settings_cannot_be_read_is_named() -> None:
+    """Review "sasl55": a principal without DescribeConfigs passed every DLQ check (a
+    compacted DLQ among them): `check-config --online` said OK, `run` started without a
+    word, and compaction removed all but one dead letter per user. The gap is named."""
+    from typing import Any, cast
+
+    from confluent_kafka.admin import ConfigResource
+
+    class Denied:
+        def result(self, timeout: float) -> dict[str, Any]:
+            raise RuntimeError("TOPIC_AUTHORIZATION_FAILED")
+
+    class Topic:
+        error = None
+
+    class Metadata:
+        def __init__(self, topics: dict[str, Topic]) -> None:
+            self.topics = topics
+
+    class Admin:
+        def __init__(self, readable: bool, present: bool) -> None:
+            self.readable, self.present = readable, present
+
+        def describe_configs(self, resources: list[ConfigResource],
+                             request_timeout: float) -> dict[Any, Any]:
+            if self.readable:
+                class Read:
+                    def result(self, timeout: float) -> dict[str, Any]:
+                        return {}
+                return {r: Read() for r in resources}
+            return {r: Denied() for r in resources}
+
+        def list_topics(self, topic: str, timeout: float) -> Metadata:
+            return Metadata({topic: Topic()} if self.present else {})
+
+    def notes(readable: bool, present: bool) -> list[str]:
+        return reach.unread_dlq_settings({}, "signal.dlq", 1.0,
+                                         admin=cast(Any, Admin(readable, present)))
+
+    [note] = notes(readable=False, present=True)
+    assert "the DLQ topic 'signal.dlq''s settings could not be read" in note
+    assert "--operation DescribeConfigs --topic signal.dlq" in note
+    assert notes(readable=True, present=True) == []
+    assert notes(readable=False, present=False) == [], "a missing DLQ is checked elsewhere"
