@@ -161,6 +161,11 @@ def _committed(consumer: Consumer, parts: list[TopicPartition], within_s: float 
                 time.sleep(0.1)
 
 
+_REFUSED_READS = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                            KafkaError.GROUP_AUTHORIZATION_FAILED})
+"""Message errors that end a replay: no read of the DLQ comes while they last."""
+
+
 class ReplayStuck(KafkaException):
     """Records the origin topic did not take for a reason that may pass (the broker down,
     a timeout): the run stops there, named, so the next run starts at them. Carries the
@@ -705,7 +710,15 @@ def run_replay(
             for msg in messages:
                 if stopping():
                     break
-                if msg.error() is not None:
+                err = msg.error()
+                if err is not None:
+                    if err.fatal() or err.code() in _REFUSED_READS:
+                        # librdkafka says it once: passed over, the run waited for records
+                        # that never came, for ever (review "sasl55").
+                        raise ReplayStuck(
+                            f"Kafka refused to read the DLQ topic {dlq_topic!r} "
+                            f"({err.str()}): allow the principal Read on the topic and on "
+                            f"the group {group!r}", summary)
                     continue
                 p, off = msg.partition(), msg.offset()
                 if p is None or off is None or p not in ends or off >= ends[p]:

@@ -1074,3 +1074,69 @@ def test_an_unreachable_kafka_s_text_is_escaped_once(
     else:
         assert err == "error: nothing was replayed: kafka: OIDC endpoint said " \
                       "\\x1b[31mno\\x1b[0m"
+
+
+def test_a_dlq_the_principal_may_not_read_stops_the_run_instead_of_waiting_for_ever(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "sasl55": with Describe but no Read on the DLQ, librdkafka hands over one
+    TOPIC_AUTHORIZATION_FAILED; passed over, the run waited for records that never came,
+    for ever. It stops, naming the ACL."""
+    from confluent_kafka import KafkaError, TopicPartition
+
+    from consumer import replay
+
+    class Refusal:
+        def error(self) -> KafkaError:
+            return KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                              "Not authorized to access topics: [dlq]")
+
+    class Info:
+        error = None
+        partitions = {0: None}
+
+    class Meta:
+        topics = {"dlq": Info()}
+
+    class Refused:
+        def __init__(self, conf: dict[str, Any]) -> None:
+            self.handed = False
+
+        def list_topics(self, topic: str, timeout: float) -> Meta:
+            return Meta()
+
+        def committed(self, parts: list[TopicPartition], timeout: float
+                      ) -> list[TopicPartition]:
+            return [TopicPartition(p.topic, p.partition, 5) for p in parts]
+
+        def get_watermark_offsets(self, tp: TopicPartition, timeout: float
+                                  ) -> tuple[int, int]:
+            return 0, 10
+
+        def assign(self, parts: list[TopicPartition]) -> None: ...
+
+        def position(self, parts: list[TopicPartition]) -> list[TopicPartition]:
+            return [TopicPartition(p.topic, p.partition, 5) for p in parts]
+
+        def consume(self, count: int, timeout: float) -> list[Refusal]:
+            if self.handed:  # said once, as librdkafka does
+                time.sleep(min(timeout, 0.01))
+                return []
+            self.handed = True
+            return [Refusal()]
+
+        def commit(self, *args: Any, **kwargs: Any) -> None: ...
+
+        def close(self) -> None: ...
+
+    monkeypatch.setattr(replay, "Consumer", Refused)
+    calls = iter(range(1000))
+
+    def stopping() -> bool:  # a bound on the test, never reached with the fix
+        return next(calls) >= 999
+
+    with pytest.raises(replay.ReplayStuck) as stuck:
+        replay.run_replay({"bootstrap.servers": "k:9092"}, "dlq", "dlq-replay",
+                          replay.Filters(), dry_run=True, report=lambda line: None,
+                          stopping=stopping)
+    assert "Kafka refused to read the DLQ topic 'dlq'" in str(stuck.value)
+    assert "Read on the topic and on the group 'dlq-replay'" in str(stuck.value)
