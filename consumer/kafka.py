@@ -55,6 +55,7 @@ __all__ = [
     "make_producer",
     "partition_end",
     "topic_not_there",
+    "topic_refused",
 ]
 
 log = logging.getLogger(__name__)
@@ -856,6 +857,11 @@ def partition_end(err: KafkaError) -> bool:
 def topic_not_there(err: KafkaError) -> bool:
     """A consume error saying a subscribed topic does not exist (or is hidden by an ACL)."""
     return err.code() in _NOT_THERE
+
+
+def topic_refused(err: KafkaError) -> bool:
+    """A consume error saying the worker may not read a topic (no Read ACL)."""
+    return err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
 
 
 def make_producer(conf: dict[str, Any], **extra: Any) -> Producer:

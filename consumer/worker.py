@@ -44,7 +44,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -77,6 +77,7 @@ from consumer.kafka import (
     is_fatal,
     partition_end,
     topic_not_there,
+    topic_refused,
 )
 from consumer.keyless import KeylessOrder, decided_user
 from consumer.lag import Lag
@@ -386,6 +387,10 @@ class Worker:
         # Source topics the brokers do not have (or hide): when each was last logged
         # (poll thread only; see `_note_missing`).
         self._missing: dict[str, float] = {}
+        # Source topics Kafka refused to let the worker read (a fetch answered
+        # TOPIC_AUTHORIZATION_FAILED, the topic's metadata visible), until one of their
+        # messages comes: either thread, under `_parts_lock`.
+        self._unreadable: set[str] = set()
         # Every source topic missing: why /readyz says not ready (under `_parts_lock`). With
         # none there the assignment is empty, and a worker with nothing to read was ready.
         self._no_source: str | None = None
@@ -907,7 +912,7 @@ class Worker:
                     kafka_log.warning("kafka: %s", err.str())
                     if is_fatal(err):
                         raise Stop(f"fatal Kafka error: {err.str()}")
-                    self._topic_error(err)
+                    self._topic_error(err, message.topic())
                     continue
                 topic, partition, offset = message.topic(), message.partition(), message.offset()
                 assert topic is not None and partition is not None and offset is not None
@@ -975,6 +980,8 @@ class Worker:
                 self.m.already_finished.inc(already)
             for topic, count in taken.items():
                 self._consumed(topic).inc(count)
+            if self._unreadable and taken:
+                self._read_from(taken)
         return scheduled, position
 
     def _note_of_another_log(self, tp: TP, offset: int, floor: int) -> None:
@@ -1680,9 +1687,24 @@ class Worker:
             self._reshare_due = True
             self._reshare_at = time.monotonic() + seconds
 
-    def _topic_error(self, err: Any) -> None:
-        """A subscribed topic reported gone: asked about on the next turn (`_note_missing`)."""
+    def _topic_error(self, err: Any, topic: str | None = None) -> None:
+        """A subscribed topic reported gone: asked about on the next turn (`_note_missing`).
+        Refused to the worker while its metadata is visible (Describe allowed, Read not),
+        it is counted missing until one of its messages comes: the brokers' metadata said
+        it was there, and the worker stayed ready and silent with one WARNING, its lag 0
+        (review "sasl55")."""
         if topic_not_there(err):
+            if topic_refused(err) and topic in self.s.topics:
+                with self._parts_lock:
+                    self._unreadable.add(topic)
+            self._reshare_in(0.0)
+
+    def _read_from(self, topics: Iterable[str]) -> None:
+        """Messages of `topics` came: those refused before are readable now."""
+        with self._parts_lock:
+            read = self._unreadable.intersection(topics)
+            self._unreadable -= read
+        if read:
             self._reshare_in(0.0)
 
     def _note_missing(self, missing: dict[str, str]) -> None:
@@ -1694,6 +1716,10 @@ class Worker:
         WARNING repeats every `MISSING_TOPIC_LOG_S` and the gauge feeds an alert.
         """
         now = time.monotonic()
+        with self._parts_lock:
+            refused = {topic: "Kafka refuses the worker Read on it: TOPIC_AUTHORIZATION_FAILED"
+                       for topic in self._unreadable}
+        missing = {**refused, **missing}
         for topic in self.s.topics:
             reason = missing.get(topic)
             if reason is None:

@@ -4045,3 +4045,30 @@ def test_a_dead_letter_is_placed_by_its_user_or_its_key() -> None:
     placed = sorted((r.placement or b"") for r in run.dlq.records)
     # the undecodable keyless one has no user: left to librdkafka
     assert placed == [b"", b"k9", b"u1"]
+
+
+class _TopicRefused:
+    def code(self) -> int:
+        return KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+
+def test_a_source_topic_the_worker_may_not_read_counts_missing_until_its_messages_come(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "sasl55": with Describe but no Read on a source topic, its metadata says it
+    is there; the worker stayed ready and silent (lag 0, the gauge 0, one WARNING) while
+    the broker's lag grew. Refused, it counts as missing (gauge, WARNING, readiness when
+    it is the only one) until one of its messages comes."""
+    run = make(log_of(track("u1", 1)), KAFKA_TOPICS=f"{TOPIC},locked")
+    source = FakeSource(cast(Any, None), log_of(track("u1", 1)))
+    caplog.set_level(logging.WARNING, logger="consumer.worker")
+    run.worker._topic_error(cast(Any, _TopicRefused()), "locked")
+    run.worker._reshare(cast(Any, source))
+    assert _missing_gauge(run, "locked") == 1 and _missing_gauge(run, TOPIC) == 0
+    assert any("'locked'" in r.getMessage() and "Read" in r.getMessage()
+               for r in caplog.records)
+    run.worker._topic_error(cast(Any, _TopicRefused()), TOPIC)
+    run.worker._reshare(cast(Any, source))
+    assert "no source topic is there" in (run.worker._source_problem() or "")
+    run.worker._read_from({"locked": 1, TOPIC: 2})
+    run.worker._reshare(cast(Any, source))
+    assert _missing_gauge(run, "locked") == 0 and run.worker._source_problem() is None
