@@ -191,8 +191,13 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
                     "KAFKA_SASL_*, KAFKA_SSL_*)")
         err = exc.args[0] if exc.args else exc
         text = err.str() if hasattr(err, "str") else str(err)
+        # The brokers' own last word: a client certificate they refused, TLS spoken to a
+        # plain listener. Only "Broker transport failure" reached the user, and `run`
+        # waited for ever on what reads as an outage (review "sasl55").
+        latest = [e.str() for e in errors if e.code() != KafkaError._ALL_BROKERS_DOWN][-1:]
+        said = f"; the brokers' last error: {latest[0]}" if latest and latest[0] != text else ""
         return Unreachable(
-            f"Kafka at {bootstrap} not reachable within {timeout:g} s ({text}): check "
+            f"Kafka at {bootstrap} not reachable within {timeout:g} s ({text}{said}): check "
             "KAFKA_BOOTSTRAP_SERVERS and the KAFKA_* security settings")
     finally:
         producer.flush(0)

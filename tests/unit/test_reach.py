@@ -524,3 +524,13 @@ def test_a_dlq_topic_whose_settings_cannot_be_read_is_named() -> None:
     assert "--operation DescribeConfigs --topic signal.dlq" in note
     assert notes(readable=True, present=True) == []
     assert notes(readable=False, present=False) == [], "a missing DLQ is checked elsewhere"
+
+
+def test_kafka_not_reachable_quotes_the_brokers_last_error() -> None:
+    """Review "sasl55": a client certificate the brokers refused read "Broker transport
+    failure" only (an outage, waited for for ever); librdkafka's error callback had the
+    reason ("alert bad certificate"). The brokers' last error is quoted."""
+    problem = reach.kafka({"bootstrap.servers": "127.0.0.1:1"}, 1.5, [], None)
+    assert isinstance(problem, reach.Unreachable)
+    assert "the brokers' last error: 127.0.0.1:1/bootstrap: Connect to" in problem
+    assert "Connection refused" in problem
