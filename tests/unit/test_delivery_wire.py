@@ -817,22 +817,26 @@ def test_an_https_proxy_refusing_the_tunnel_otherwise_is_a_connection_failure(
     assert f"the proxy refused the tunnel (HTTP {status})" in str(run(main))
 
 
-def test_a_trickled_answer_times_out_as_a_whole() -> None:
-    """Each byte arrives well within the read timeout, the whole answer does not: the
-    attempt ends at twice the request timeout instead of holding its event."""
-    trickle = [bytes([b]) for b in ACCEPTED]  # one byte every 20 ms: ~1.4 s in all
-
-    async def main() -> tuple[str, float, int]:
-        async with Server(always(Send(trickle))) as srv:
-            client = up(srv.url(), timeout_s=0.2)
+def timed_outcome(segments: list[bytes], timeout_s: float) -> tuple[str, float]:
+    """The outcome of one request answered in `segments` (20 ms apart), and its seconds."""
+    async def main() -> tuple[str, float]:
+        async with Server(always(Send(segments))) as srv:
+            client = up(srv.url(), timeout_s=timeout_s)
             start = time.monotonic()
             got = await outcome(client, BODY)
             elapsed = time.monotonic() - start
             await client.aclose()
-        return got, elapsed, len(trickle)
+        return got, elapsed
 
-    got, elapsed, segments = run(main)
-    assert segments * 0.02 > 1.0  # the whole answer would take longer than the deadline
+    return run(main)
+
+
+def test_a_trickled_answer_times_out_as_a_whole() -> None:
+    """Each byte arrives well within the read timeout, the whole answer does not: the
+    attempt ends at twice the request timeout instead of holding its event."""
+    trickle = [bytes([b]) for b in ACCEPTED]  # one byte every 20 ms: ~1.4 s in all
+    assert len(trickle) * 0.02 > 1.0  # the whole answer would take longer than the deadline
+    got, elapsed = timed_outcome(trickle, 0.2)
     assert got == "Timeout"
     assert elapsed < 0.9
 
@@ -844,18 +848,7 @@ def test_a_2xx_whose_body_trickles_delivers_its_event_at_once() -> None:
     waited for a moment only, then the connection is closed instead of pooled."""
     body = b"x" * 150  # one byte every 20 ms: 3 s in all
     head = http(202, b"", length=False)[:-2] + f"Content-Length: {len(body)}\r\n\r\n".encode()
-    trickle = [head] + [bytes([b]) for b in body]
-
-    async def main() -> tuple[str, float]:
-        async with Server(always(Send(trickle))) as srv:
-            client = up(srv.url(), timeout_s=5.0)
-            start = time.monotonic()
-            got = await outcome(client, BODY)
-            elapsed = time.monotonic() - start
-            await client.aclose()
-        return got, elapsed
-
-    got, elapsed = run(main)
+    got, elapsed = timed_outcome([head] + [bytes([b]) for b in body], 5.0)
     assert got == "ok"
     assert elapsed < 2.0  # ACCEPTED_BODY_S (1 s) and the head
 
