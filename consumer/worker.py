@@ -389,7 +389,9 @@ class Worker:
         self._missing: dict[str, float] = {}
         # Source topics Kafka refused to let the worker read (a fetch answered
         # TOPIC_AUTHORIZATION_FAILED, the topic's metadata visible), until one of their
-        # messages comes: either thread, under `_parts_lock`.
+        # messages comes or this pod owns none of their partitions (librdkafka says it
+        # once, and nothing says an idle topic readable again): either thread, under
+        # `_parts_lock`.
         self._unreadable: set[str] = set()
         # Every source topic missing: why /readyz says not ready (under `_parts_lock`). With
         # none there the assignment is empty, and a worker with nothing to read was ready.
@@ -1699,6 +1701,13 @@ class Worker:
                     self._unreadable.add(topic)
             self._reshare_in(0.0)
 
+    def _forget_refusals(self) -> None:
+        """Under `_parts_lock`: a refused topic none of whose partitions is this pod's any
+        more is its new owner's to tell (by its own fetch). Kept, it read missing here for
+        good (review "diff55b")."""
+        if self._unreadable:
+            self._unreadable &= {topic for topic, _ in self.assigned}
+
     def _read_from(self, topics: Iterable[str]) -> None:
         """Messages of `topics` came: those refused before are readable now."""
         with self._parts_lock:
@@ -1831,6 +1840,7 @@ class Worker:
             self.assigned.difference_update(parts)
             self.paused.difference_update(parts)
             self._reshare_due = True
+            self._forget_refusals()
 
     def _publish_rates(self) -> None:
         """Event loop (the limiters' owner): each family's rate share, for the gauge; a

@@ -4072,3 +4072,15 @@ def test_a_source_topic_the_worker_may_not_read_counts_missing_until_its_message
     run.worker._read_from({"locked": 1, TOPIC: 2})
     run.worker._reshare(cast(Any, source))
     assert _missing_gauge(run, "locked") == 0 and run.worker._source_problem() is None
+
+    # Refused again, then its partitions go to another pod (review "diff55b": the mark
+    # stayed, and the topic read missing here for good, the alert firing).
+    run.worker._topic_error(cast(Any, _TopicRefused()), "locked")
+    with run.worker._parts_lock:
+        run.worker.assigned = {(TOPIC, 0), ("locked", 0)}
+        run.worker._forget_refusals()
+        assert run.worker._unreadable == {"locked"}, "still this pod's"
+        run.worker.assigned = {(TOPIC, 0)}
+        run.worker._forget_refusals()
+    run.worker._reshare(cast(Any, source))
+    assert _missing_gauge(run, "locked") == 0
