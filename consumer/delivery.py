@@ -981,7 +981,9 @@ class UserpilotClient:
                         and _lost_on_reuse(exc, attempt)):
                     raise
                 resends += 1
-                request.extensions[RESENT] = True
+                # A new dict: httpx before 0.28 keeps the one it was given, the client's
+                # own for every request, and the mark went on every later one.
+                request.extensions = {**request.extensions, RESENT: True}
                 resend_log.info(
                     "a %s request that a kept-alive connection lost as it went out (%s) was "
                     "sent again at once; had Userpilot taken it, it has it twice", endpoint,
