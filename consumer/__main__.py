@@ -176,11 +176,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         problems = wait_for_services(check, args.wait, health)
         if problems:
             return _unreachable(problems)
-        for warning in reach.interruptible(lambda: reach.compacted_sources(
-                settings.kafka_config(logger=False), settings.topics, args.timeout)
-                + reach.unread_dlq_settings(settings.kafka_config(logger=False),
-                                            settings.dlq_topic, args.timeout),
-                tick=health.beat):
+        for warning in reach.interruptible(lambda: reach.topic_notes(
+                settings.kafka_config(logger=False), settings.topics, settings.dlq_topic,
+                args.timeout), tick=health.beat):
             log.warning("start-up: %s", warning)
         for warning in reach.interruptible(lambda: reach.redis_notes(
                 settings, min(args.timeout, REDIS_CHECK_S)), tick=health.beat):
@@ -318,9 +316,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             failed |= bit
             print(f"online FAILED: {name}: {printable(masked(problem))}", file=sys.stderr)
     if not failed & 2:  # what `run` warns of at start-up, once Kafka answered
-        for warning in reach.compacted_sources(settings.kafka_config(), settings.topics,
-                                               timeout) + reach.unread_dlq_settings(
-                settings.kafka_config(), settings.dlq_topic, timeout):
+        for warning in reach.topic_notes(settings.kafka_config(), settings.topics,
+                                         settings.dlq_topic, timeout):
             print(f"online note: kafka: {masked(warning)}", file=sys.stderr)
     if settings.redis is not None and not failed & 16:
         for warning in reach.redis_notes(settings, timeout):

@@ -995,7 +995,7 @@ class DeadLetterProducer:
                     count = await asyncio.get_running_loop().run_in_executor(
                         self._counter, self._count, topic)
                     self._partitions[topic] = (count, time.monotonic() + (
-                        DLQ_POLICY_CHECK_S if count else min(DLQ_RECHECK_S, DLQ_POLICY_CHECK_S)))
+                        DLQ_POLICY_CHECK_S if count else DLQ_RECHECK_S))
         return zlib.crc32(placement) % count if count else None
 
     def _count(self, topic: str) -> int:

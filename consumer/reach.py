@@ -49,7 +49,6 @@ if TYPE_CHECKING:  # redis is imported only where Redis is used
 
 __all__ = [
     "Unreachable",
-    "compacted_sources",
     "dlq_policy_now",
     "kafka",
     "redis",
@@ -57,7 +56,7 @@ __all__ = [
     "registry",
     "resolve",
     "services",
-    "unread_dlq_settings",
+    "topic_notes",
     "userpilot",
 ]
 
@@ -402,27 +401,39 @@ COMPACTION_LAG_SAFE_MS = 86_400_000
 is not warned about: a backlog longer than that is an outage the lag alerts speak of."""
 
 
-def compacted_sources(conf: Mapping[str, Any], topics: Iterable[str],
-                      timeout: float) -> list[str]:
-    """A warning per source topic the log cleaner compacts sooner than a day after writing.
+def topic_notes(conf: Mapping[str, Any], topics: Iterable[str], dlq_topic: str,
+                timeout: float, admin: Any = None) -> list[str]:
+    """Start-up warnings from the topics' settings, read in one request: one per source
+    topic the log cleaner compacts sooner than a day after writing, and one when the DLQ
+    topic is there but its settings cannot be read.
 
     Events are keyed by user, so compaction keeps each user's latest event only: those not
     yet delivered when the cleaner runs (a backlog behind an outage or a slow Userpilot)
     were removed without a trace, and the commit reached the log's end as if all had been
     sent (review "gaps46"). A warning, not a refusal: a topic compacted on purpose with
-    a long `min.compaction.lag.ms` loses nothing. Empty when the policy cannot be read."""
-    wanted = list(dict.fromkeys(topics))
-    if not wanted:
-        return []
-    settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _SILENT}
-    admin = AdminClient(settings)
+    a long `min.compaction.lag.ms` loses nothing. A source whose policy cannot be read is
+    not warned of.
+
+    A DLQ topic whose settings cannot be read (no DescribeConfigs ACL) passes the
+    compacted-DLQ and size checks unseen: a compacted DLQ kept one dead letter per user,
+    the others removed by the log cleaner, while `check-config --online` said OK and
+    `run` started without a word (review "sasl55"). A DLQ topic not there is checked
+    elsewhere."""
+    sources = list(dict.fromkeys(topics))
+    if admin is None:
+        settings: dict[str, Any] = {**producer_settings(conf, **DLQ_PRODUCER),
+                                    "logger": _SILENT}
+        admin = AdminClient(settings)
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, topic)
+                 for topic in dict.fromkeys([*sources, dlq_topic])]
+    described = _described(admin, resources, timeout)
     warnings = []
-    resources = [ConfigResource(ConfigResource.Type.TOPIC, topic) for topic in wanted]
-    for topic, configs in _described(admin, resources, timeout).items():
-        policy = configs.get("cleanup.policy", "")
+    for topic in sources:
+        configs = described.get(topic)
+        policy = configs.get("cleanup.policy", "") if configs is not None else ""
         if not _compacts(policy):
             continue
-        lag = configs.get("min.compaction.lag.ms", "0")
+        lag = configs.get("min.compaction.lag.ms", "0") if configs is not None else "0"
         if lag.isdigit() and int(lag) >= COMPACTION_LAG_SAFE_MS:
             continue
         warnings.append(
@@ -432,35 +443,24 @@ def compacted_sources(conf: Mapping[str, Any], topics: Iterable[str],
             "behind an outage) are removed unsent. Use cleanup.policy=delete, or set "
             f"min.compaction.lag.ms to at least {COMPACTION_LAG_SAFE_MS} (a day) or the "
             "longest backlog you plan for")
-    return warnings
-
-
-def unread_dlq_settings(conf: Mapping[str, Any], dlq_topic: str, timeout: float,
-                        admin: Any = None) -> list[str]:
-    """A warning when the DLQ topic exists and its settings cannot be read (no
-    DescribeConfigs ACL): the compacted-DLQ and size checks then pass unseen, and a
-    compacted DLQ kept one dead letter per user, the others removed by the log cleaner,
-    while `check-config --online` said OK and `run` started without a word (review
-    "sasl55"). Empty when they were read, or the topic is not there (checked elsewhere)."""
-    if admin is None:
-        settings: dict[str, Any] = {**producer_settings(conf, **DLQ_PRODUCER),
-                                    "logger": _SILENT}
-        admin = AdminClient(settings)
-    resource = ConfigResource(ConfigResource.Type.TOPIC, dlq_topic)
-    if _described(admin, [resource], timeout):
-        return []
-    try:
-        found = admin.list_topics(dlq_topic, timeout).topics.get(dlq_topic)
-    except Exception:
-        return []
-    if found is None or found.error is not None:
-        return []
-    return [f"the DLQ topic {dlq_topic!r}'s settings could not be read (DescribeConfigs "
+    if dlq_topic not in described and _exists(admin, dlq_topic, timeout):
+        warnings.append(
+            f"the DLQ topic {dlq_topic!r}'s settings could not be read (DescribeConfigs "
             "denied?), so whether it is compacted is not checked: compaction would keep one "
             "dead letter per user and remove the others. Allow the worker's principal "
             "DescribeConfigs on it (kafka-acls.sh --add --allow-principal <principal> "
             f"--operation DescribeConfigs --topic {dlq_topic}), or make sure its "
-            "cleanup.policy is delete"]
+            "cleanup.policy is delete")
+    return warnings
+
+
+def _exists(admin: Any, topic: str, timeout: float) -> bool:
+    """Whether the brokers' metadata shows `topic` (False when it cannot be read)."""
+    try:
+        found = admin.list_topics(topic, timeout).topics.get(topic)
+    except Exception:
+        return False
+    return found is not None and found.error is None
 
 
 def dlq_policy_now(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> str | None:

@@ -516,8 +516,8 @@ def test_a_dlq_topic_whose_settings_cannot_be_read_is_named() -> None:
             return Metadata({topic: Topic()} if self.present else {})
 
     def notes(readable: bool, present: bool) -> list[str]:
-        return reach.unread_dlq_settings({}, "signal.dlq", 1.0,
-                                         admin=cast(Any, Admin(readable, present)))
+        return reach.topic_notes({}, [], "signal.dlq", 1.0,
+                                 admin=cast(Any, Admin(readable, present)))
 
     [note] = notes(readable=False, present=True)
     assert "the DLQ topic 'signal.dlq''s settings could not be read" in note
