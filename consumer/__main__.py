@@ -126,7 +126,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from consumer.metrics import Metrics
 
     settings = _settings()
-    configure_logging(settings.log_level, settings.log_format, settings.log_secrets())
+    configure_logging(settings.log_level, settings.log_format, settings.log_secrets(),
+                      kafka_debug="debug" in settings.kafka_extra)
     for note in settings.notes:  # what check-config prints as notes: variables ignored
         log.warning("%s", note)
     from consumer import reach
@@ -168,7 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 else None,
                 registry_proxy=settings.registry_proxy.reveal() if settings.registry_proxy
                 else None,
-                dlq_topic=settings.dlq_topic)
+                dlq_topic=settings.dlq_topic, group=settings.group_id)
             refused = reach.redis_refusal(settings, min(args.timeout, REDIS_CHECK_S),
                                           observe=metrics.observe_redis)
             return problems + ([refused] if refused is not None else [])
@@ -294,7 +295,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         # that creates it (review newcomer24: refused where the first dead letter
         # creates it, without that advice where it does not).
         (2, "kafka", lambda: reach.kafka(settings.kafka_config(), timeout, settings.topics,
-                                         settings.dlq_topic)),
+                                         settings.dlq_topic, settings.group_id)),
         (4, "schema registry", lambda: reach.registry(
             settings.registry_url,
             settings.registry_auth.reveal() if settings.registry_auth else None, timeout,

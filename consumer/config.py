@@ -885,6 +885,10 @@ MIN_MESSAGE_MAX_BYTES = 16 * 1024
 """The least KAFKA_MESSAGE_MAX_BYTES taken: a dead letter written without its value, with
 the worker's headers at their largest (error body, message, stack), fits."""
 
+MIN_QUEUE_KBYTES = MIN_MESSAGE_MAX_BYTES // 1024
+"""The least KAFKA_QUEUE_BUFFERING_MAX_KBYTES taken: the dead-letter producer's queue holds
+a dead letter whose value is as large as the smallest `message.max.bytes` taken."""
+
 
 def _kafka_value_problem(key: str, value: str) -> str | None:
     """What is wrong with a pass-through value the worker's guarantees rule out (None: fine).
@@ -918,6 +922,13 @@ def _kafka_value_problem(key: str, value: str) -> str | None:
                 "carries up to ~5 KB of the worker's headers, and one the producer refuses "
                 f"stops its partition for good; use at least {MIN_MESSAGE_MAX_BYTES} (or "
                 "remove it: librdkafka's ~1 MB)")
+    kbytes = _int_or_none(value) if key == "queue.buffering.max.kbytes" else None
+    if kbytes is not None and kbytes < MIN_QUEUE_KBYTES:
+        # A record whose value is larger than the producer's whole queue is refused
+        # locally ("Queue full") however long it waits (review "pass56").
+        return (f"is below {MIN_QUEUE_KBYTES}: the dead-letter producer's queue must hold "
+                f"a dead letter of {MIN_MESSAGE_MAX_BYTES} bytes; use at least "
+                f"{MIN_QUEUE_KBYTES} (or remove it: librdkafka's 1 GB)")
     if key == "transactional.id":
         # A transactional producer refuses every produce outside a transaction: each dead
         # letter failed for ever and held its partition.

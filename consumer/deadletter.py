@@ -300,13 +300,23 @@ def record_size(key: bytes | None, value: bytes | None, headers: Sequence[Header
 
 def producer_limit(conf: Mapping[str, Any], topic_limit: int | None = None) -> int:
     """The largest record the DLQ accepts: the producer's `message.max.bytes` (librdkafka
-    refuses bigger ones locally) and, when known, the DLQ topic's `max.message.bytes`."""
-    raw = conf.get("message.max.bytes", PRODUCER_MAX_BYTES)
-    try:
-        limit = int(raw)
-    except (TypeError, ValueError):
-        limit = PRODUCER_MAX_BYTES
+    refuses bigger ones locally), its whole queue (`queue.buffering.max.kbytes`: a value
+    larger is refused "Queue full" however long it waits, and the dead letter held its
+    partition for good while `/readyz` blamed the brokers, review "pass56") and, when
+    known, the DLQ topic's `max.message.bytes`."""
+    limit = _setting(conf, "message.max.bytes", PRODUCER_MAX_BYTES)
+    queue = _setting(conf, "queue.buffering.max.kbytes", 0)
+    if queue > 0:
+        limit = min(limit, queue * 1024)
     return min(limit, topic_limit) if topic_limit else limit
+
+
+def _setting(conf: Mapping[str, Any], key: str, default: int) -> int:
+    """A whole-number librdkafka setting from `conf` (`default` when unset or not one)."""
+    try:
+        return int(conf.get(key, default))
+    except (TypeError, ValueError):
+        return default
 
 
 def value_omitted(headers: Sequence[Header] | None) -> bool:

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
-from confluent_kafka import KafkaError, KafkaException, Producer
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicCollection
+from confluent_kafka.admin import AclOperation, AdminClient, ConfigResource
 
 from consumer.config import SECRET_KAFKA_KEYS, Settings, redact_userinfo
 from consumer.delivery import REQUEST_REFUSED, UserpilotClient
@@ -149,16 +149,18 @@ def _not_userpilot(host: str, status: int | None) -> str:
 
 
 def kafka(conf: Mapping[str, Any], timeout: float,
-          topics: Iterable[str] = (), dlq_topic: str | None = None) -> str | None:
+          topics: Iterable[str] = (), dlq_topic: str | None = None,
+          group: str | None = None) -> str | None:
     """Reach the brokers with the worker's own librdkafka settings; check topics exist, and
     that the DLQ topic takes dead letters: not compacted, records of the worker's size
-    (`dlq_policy`, `missing_dlq_problem`).
+    (`dlq_policy`, `missing_dlq_problem`); and that the brokers let the worker's principal
+    read `topics`, write the DLQ topic and join `group` (`acl_problem`).
 
     The answer is printed by `run`, `check-config --online` and `replay`, not logged, so it
     is redacted here: an OIDC token endpoint's refusal, which librdkafka quotes, echoes
     the request's `Authorization: Basic base64(client.id:client.secret)` (review "ops23").
     """
-    problem = _kafka(conf, timeout, topics, dlq_topic)
+    problem = _kafka(conf, timeout, topics, dlq_topic, group)
     if problem is None:
         return None
     clean = Redactor(kafka_secrets(conf, SECRET_KAFKA_KEYS))(problem)
@@ -166,7 +168,7 @@ def kafka(conf: Mapping[str, Any], timeout: float,
 
 
 def _kafka(conf: Mapping[str, Any], timeout: float,
-           topics: Iterable[str], dlq_topic: str | None) -> str | None:
+           topics: Iterable[str], dlq_topic: str | None, group: str | None) -> str | None:
     # The dead-letter producer's own shape (the one `check-config` validates): built from
     # the raw settings, `enable.gapless.guarantee` without the idempotence the worker adds
     # was refused here while `run` itself would accept it (review config25).
@@ -200,6 +202,7 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
             "KAFKA_BOOTSTRAP_SERVERS and the KAFKA_* security settings")
     finally:
         producer.flush(0)
+    topics = list(topics)
     missing = [t for t in topics if t not in metadata.topics]
     if missing:
         return f"Kafka at {bootstrap} has no topic {', '.join(repr(t) for t in missing)}"
@@ -211,7 +214,77 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
         problem = dlq_policy(admin, dlq_topic, timeout)
     else:
         problem = None
-    return problem or session_timeout_problem(conf, brokers)
+    dlq_there = dlq_topic if dlq_topic in metadata.topics else None
+    return (problem or session_timeout_problem(conf, brokers)
+            or acl_problem(admin, conf, topics, dlq_there, group, timeout))
+
+
+def _principal(conf: Mapping[str, Any]) -> str:
+    """The worker's principal as `kafka-acls.sh` takes it, where the settings tell it."""
+    user = conf.get("sasl.username")
+    return f"User:{user}" if isinstance(user, str) and user.strip() else "<principal>"
+
+
+def _allowed(ops: Any, op: Any) -> bool | None:
+    """Whether `ops` (a resource's authorized operations) holds `op`; None when they say
+    nothing: not asked for or not given (brokers before 2.3), or without DESCRIBE, which
+    every resource the brokers described to the worker allows it (a broker or proxy that
+    answers an empty set was taken at its word, and every start refused)."""
+    if not ops or AclOperation.DESCRIBE not in ops:
+        return None
+    return op in ops or AclOperation.ALL in ops
+
+
+def acl_problem(admin: Any, conf: Mapping[str, Any], topics: Sequence[str],
+                dlq_topic: str | None, group: str | None, timeout: float) -> str | None:
+    """The operations the brokers' ACLs deny the worker's principal and the worker needs:
+    Read on each source topic and on its consumer group, Write on the DLQ topic.
+
+    Why before start-up: a group without Read never joins (`/readyz` said "no partition
+    assignment yet" for ever), a topic with Describe but not Read looked there, and a DLQ
+    without Write passed `check-config --online` and stopped delivery at the first dead
+    letter (review "sasl55"). A resource whose operations cannot be read is not judged."""
+    wanted: dict[str, Any] = {topic: AclOperation.READ for topic in topics}
+    if dlq_topic is not None:
+        wanted.setdefault(dlq_topic, AclOperation.WRITE)
+    denied: list[tuple[str, str, str]] = []  # (operation, kind, name)
+    if wanted:
+        try:
+            found = admin.describe_topics(TopicCollection(list(wanted)),
+                                          request_timeout=timeout,
+                                          include_authorized_operations=True)
+        except (KafkaException, ValueError):
+            found = {}
+        for topic, future in found.items():
+            try:
+                ops = future.result().authorized_operations
+            except KafkaException:
+                continue
+            if _allowed(ops, wanted[topic]) is False:
+                denied.append((wanted[topic].name.capitalize(), "topic", topic))
+    if group:
+        try:
+            ops = admin.describe_consumer_groups(
+                [group], request_timeout=timeout,
+                include_authorized_operations=True)[group].result().authorized_operations
+        except KafkaException as exc:
+            refused = (exc.args and isinstance(exc.args[0], KafkaError)
+                       and exc.args[0].code() == KafkaError.GROUP_AUTHORIZATION_FAILED)
+            ops = [AclOperation.DESCRIBE] if refused else None  # not even Describe
+        except ValueError:
+            ops = None
+        if _allowed(ops, AclOperation.READ) is False:
+            denied.append(("Read", "group", group))
+    if not denied:
+        return None
+    bootstrap = conf.get("bootstrap.servers", "")
+    grants = "; ".join(
+        f"kafka-acls.sh --bootstrap-server {bootstrap} --add --allow-principal "
+        f"{_principal(conf)} "
+        f"--operation {op} --{kind} {name}" for op, kind, name in denied)
+    return ("Kafka refuses the worker's principal "
+            + ", ".join(f"{op} on {kind} {name!r}" for op, kind, name in denied)
+            + f": grant it ({grants})")
 
 
 def _metadata(producer: Producer, timeout: float) -> Any:
@@ -448,7 +521,7 @@ def topic_notes(conf: Mapping[str, Any], topics: Iterable[str], dlq_topic: str,
             f"the DLQ topic {dlq_topic!r}'s settings could not be read (DescribeConfigs "
             "denied?), so whether it is compacted is not checked: compaction would keep one "
             "dead letter per user and remove the others. Allow the worker's principal "
-            "DescribeConfigs on it (kafka-acls.sh --add --allow-principal <principal> "
+            f"DescribeConfigs on it (kafka-acls.sh --add --allow-principal {_principal(conf)} "
             f"--operation DescribeConfigs --topic {dlq_topic}), or make sure its "
             "cleanup.policy is delete")
     return warnings
@@ -592,13 +665,14 @@ class Unreachable(str):
 
 def services(kafka_conf: Mapping[str, Any], timeout: float, *, topics: Iterable[str] = (),
              registry_url: str | None = None, registry_auth: str | None = None,
-             registry_proxy: str | None = None, dlq_topic: str | None = None) -> list[str]:
+             registry_proxy: str | None = None, dlq_topic: str | None = None,
+             group: str | None = None) -> list[str]:
     """Start-up check of a command: Kafka (and topics), then the registry if given.
 
     Empty when everything answered within ``timeout`` seconds each; otherwise one line per
     unreachable service. ``produce`` uses it; ``replay`` and ``demo`` should too.
     """
-    problems = [kafka(kafka_conf, timeout, topics, dlq_topic)]
+    problems = [kafka(kafka_conf, timeout, topics, dlq_topic, group)]
     if registry_url is not None:
         problems.append(registry(registry_url, registry_auth, timeout, registry_proxy))
     return [p for p in problems if p is not None]

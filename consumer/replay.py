@@ -833,6 +833,10 @@ def _publish(producer: Producer, line: dict[str, Any], msg: Message, at: tuple[i
         err = exc.args[0] if exc.args else None
         answers[at] = err if isinstance(err, KafkaError) else KafkaError(
             KafkaError._FAIL, str(exc))
+    except BufferError as exc:  # still full, the queue emptied: larger than all of it
+        # A traceback ended the run here (review "pass56").
+        answers[at] = KafkaError(KafkaError._QUEUE_FULL, f"{exc}: the record is larger than "
+                                 "the producer's queue (KAFKA_QUEUE_BUFFERING_MAX_KBYTES)")
     producer.poll(0)
 
 

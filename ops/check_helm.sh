@@ -272,6 +272,9 @@ EOF
 cat >"$OUT/proxy-no-password.values.yaml" <<'EOF'
 extraEnv: [{name: HTTPS_PROXY, value: "http://proxy.corp:3128"}, {name: NO_PROXY, value: "kafka,registry"}]
 EOF
+cat >"$OUT/small-queue.values.yaml" <<'EOF'
+kafka: {config: {queue.buffering.max.kbytes: "4"}}
+EOF
 cat >"$OUT/small-message-max.values.yaml" <<'EOF'
 kafka: {config: {topic.message.max.bytes: 1000}}
 EOF
@@ -538,6 +541,7 @@ expect_fail proxy-password "extraEnv sets https_proxy with credentials in its UR
 expect_fail proxy-password-no-scheme "extraEnv sets HTTP_PROXY with credentials in its URL as a plain value"
 expect_fail proxy-key-as-user "extraEnv sets ALL_PROXY with credentials in its URL as a plain value"
 expect_fail small-message-max "kafka.config.topic.message.max.bytes=1000 is below 16384"
+expect_fail small-queue "kafka.config.queue.buffering.max.kbytes=4 is below 16"
 expect_fail truststore-in-config "kafka.config.ssl.truststore.password is a Java truststore setting"
 expect_fail keda-no-auth "the security protocol is SASL_SSL but KEDA's Kafka trigger has no credentials"
 expect_fail keda-latest "offsetResetPolicy"

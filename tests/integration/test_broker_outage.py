@@ -306,6 +306,44 @@ def test_a_dead_letter_too_large_for_the_dlq_is_written_value_less_and_replay_re
     assert values.count(big) == 2  # the original and its replay, byte for byte
 
 
+def test_a_dead_letter_larger_than_the_producers_queue_is_written_value_less(
+    kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
+    sandbox: Sandbox,
+) -> None:
+    """Review "pass56": with KAFKA_QUEUE_BUFFERING_MAX_KBYTES=64, a 100 kB poison event was
+    refused locally ("Queue full") for good: its partition held, `/readyz` blaming the
+    brokers. It is written without its value; `replay` under the same queue says the
+    restored record did not fit, one line, no traceback."""
+    server, control = sandbox
+    topic = topic_factory(partitions=1)
+    dlq = _create_dlq(kafka_bootstrap, f"{topic}.dlq")
+    big = b"\x00not avro" + b"y" * 100_000
+    produce_raw(kafka_bootstrap, topic, b"user", big)
+    events = [track_event("u1", i) for i in range(3)]
+    produce(kafka_bootstrap, schema_registry_url, topic, events)
+    group = f"{topic}-g"
+    small = {"KAFKA_QUEUE_BUFFERING_MAX_KBYTES": "64"}
+    env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
+                     KAFKA_DLQ_TOPIC=dlq, **FAST, **small)
+    with WorkerThread(env) as w:
+        wait_until(caught_up(kafka_bootstrap, group, topic), 60, "the partition moves on")
+        assert w.health.ready()[0], w.health.ready()
+    assert sum(delivered_seqs(control).values()) == 3
+    [record] = read_topic(kafka_bootstrap, dlq)
+    assert record.value() is None
+    assert dict(record.headers() or [])["userpilot.error.value_omitted"] == b"true"
+    env_replay = {k: v for k, v in os.environ.items()
+                  if not k.startswith(("KAFKA_", "USERPILOT_", "WORKER_", "SCHEMA_REGISTRY"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", "replay", "--from", dlq, "--group", f"{dlq}-r"],
+        env={**env_replay, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, **small},
+        capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "KAFKA_QUEUE_BUFFERING_MAX_KBYTES" in result.stdout + result.stderr, result
+    assert result.returncode != 0, result
+    assert [m.value() for m in read_topic(kafka_bootstrap, topic)].count(big) == 1
+
+
 def test_an_unwritable_dlq_turns_readiness_off_and_the_metric_on_then_recovers(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
     sandbox: Sandbox,

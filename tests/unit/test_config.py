@@ -1727,6 +1727,16 @@ def test_a_message_max_bytes_below_a_dead_letters_headers_is_refused(value: str)
     assert load(KAFKA_MESSAGE_MAX_BYTES="16384").kafka_extra["message.max.bytes"] == "16384"
 
 
+@pytest.mark.parametrize("value", ["1", "4", " 15 ", "+8"])
+def test_a_producer_queue_smaller_than_a_dead_letter_is_refused(value: str) -> None:
+    """Review "pass56": a dead letter larger than the producer's whole queue was refused
+    locally ("Queue full") for good and held its partition, while check-config said OK."""
+    assert any("KAFKA_QUEUE_BUFFERING_MAX_KBYTES" in p and "at least 16" in p
+               for p in problems({**BASE, "KAFKA_QUEUE_BUFFERING_MAX_KBYTES": value}))
+    assert load(KAFKA_QUEUE_BUFFERING_MAX_KBYTES="16").kafka_extra[
+        "queue.buffering.max.kbytes"] == "16"
+
+
 def test_a_grace_reaching_the_poll_interval_is_noted() -> None:
     """A revoke's drain (the grace and 30 s more) runs in the rebalance callback: past
     max.poll.interval.ms the worker is out of the group and its commit refused (review

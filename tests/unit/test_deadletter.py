@@ -432,6 +432,12 @@ def test_producer_limit() -> None:
     assert producer_limit({"message.max.bytes": "2000000"}) == 2_000_000
     assert producer_limit({"message.max.bytes": 2_000_000}, topic_limit=1_048_588) == 1_048_588
     assert producer_limit({"message.max.bytes": "junk"}) == 1_000_000
+    # The producer's whole queue: a larger value is refused locally for good (pass56).
+    assert producer_limit({"queue.buffering.max.kbytes": "512"}) == 512 * 1024
+    assert producer_limit({"queue.buffering.max.kbytes": 2048,
+                           "message.max.bytes": "1500000"}) == 1_500_000
+    assert producer_limit({"queue.buffering.max.kbytes": "512"}, topic_limit=100_000) == 100_000
+    assert producer_limit({"queue.buffering.max.kbytes": "junk"}) == 1_000_000
 
 
 def test_source_of_names_no_topic_the_kafka_client_refuses_locally() -> None:

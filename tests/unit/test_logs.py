@@ -115,6 +115,23 @@ def test_level_filters(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(out) == 1 and "shown" in out[0]
 
 
+@pytest.mark.parametrize("asked", [False, True])
+def test_kafka_debug_lines_pass_at_info_only_when_asked(
+        capsys: pytest.CaptureFixture[str], asked: bool) -> None:
+    """`KAFKA_DEBUG` at `WORKER_LOG_LEVEL=info` showed nothing (review "sasl55")."""
+    try:
+        configure_logging("INFO", "text", kafka_debug=asked)
+        logging.getLogger("librdkafka").debug("%s [%s] %s", "CGRPOP", "rdkafka#consumer-1",
+                                              "[thrd:main]: Group joined")
+        log.debug("the worker's own debug line")
+        out = lines(capsys)
+        assert len(out) == (1 if asked else 0)
+        assert all("Group joined" in line for line in out)
+    finally:
+        configure_logging("INFO", "text")
+    assert logging.getLogger("librdkafka").level == logging.NOTSET
+
+
 def test_httpx_chatter_is_quiet(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("DEBUG", "text")
     logging.getLogger("httpx").info("HTTP Request: POST ...")

@@ -11,8 +11,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AclOperation
 
 from consumer import reach
 from consumer.config import Settings, load_settings
@@ -534,3 +538,73 @@ def test_kafka_not_reachable_quotes_the_brokers_last_error() -> None:
     assert isinstance(problem, reach.Unreachable)
     assert "the brokers' last error: 127.0.0.1:1/bootstrap: Connect to" in problem
     assert "Connection refused" in problem
+
+
+class _AuthorizedOps:
+    """An admin client answering `describe_topics` / `describe_consumer_groups` with the
+    authorized operations given (an exception instance: that error instead)."""
+
+    def __init__(self, topics: dict[str, Any], group: Any) -> None:
+        self.topics = topics
+        self.group = group
+
+    @staticmethod
+    def _future(result: Any) -> Any:
+        from concurrent.futures import Future
+
+        future: Future[Any] = Future()
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(SimpleNamespace(authorized_operations=result))
+        return future
+
+    def describe_topics(self, topics: Any, **_: Any) -> dict[str, Any]:
+        return {name: self._future(self.topics[name]) for name in topics.topic_names}
+
+    def describe_consumer_groups(self, groups: list[str], **_: Any) -> dict[str, Any]:
+        return {group: self._future(self.group) for group in groups}
+
+
+_RD = [AclOperation.READ, AclOperation.DESCRIBE]
+_CONF = {"bootstrap.servers": "b:9092", "sasl.username": "svc"}
+
+
+@pytest.mark.parametrize(("topic", "dlq", "group", "denied"), [
+    (_RD, [AclOperation.WRITE, AclOperation.DESCRIBE], _RD, None),
+    ([AclOperation.ALL, AclOperation.DESCRIBE], [AclOperation.ALL, AclOperation.DESCRIBE],
+     [AclOperation.ALL, AclOperation.DESCRIBE], None),
+    ([AclOperation.DESCRIBE], [AclOperation.WRITE, AclOperation.DESCRIBE], _RD,
+     "Read on topic 's'"),
+    (_RD, _RD, _RD, "Write on topic 'd'"),
+    (_RD, [AclOperation.WRITE, AclOperation.DESCRIBE], [AclOperation.DESCRIBE],
+     "Read on group 'g'"),
+    (_RD, [AclOperation.WRITE, AclOperation.DESCRIBE],
+     KafkaException(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED)), "Read on group 'g'"),
+    # No verdict: the operations not given (None), or a set without the DESCRIBE every
+    # resource described to the worker allows it (a broker or proxy answering nothing).
+    (None, [], [AclOperation.READ], None),
+    (_RD, [AclOperation.DESCRIBE_CONFIGS], None, None),
+    (KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)), None,
+     KafkaException(KafkaError(KafkaError._TIMED_OUT)), None),
+])
+def test_acl_problem_names_what_the_brokers_deny(topic: Any, dlq: Any, group: Any,
+                                                 denied: str | None) -> None:
+    admin = _AuthorizedOps({"s": topic, "d": dlq}, group)
+    problem = reach.acl_problem(admin, _CONF, ["s"], "d", "g", 1.0)
+    if denied is None:
+        assert problem is None
+        return
+    assert problem is not None
+    assert problem.startswith(f"Kafka refuses the worker's principal {denied}: grant it ")
+    assert "--bootstrap-server b:9092 --add --allow-principal User:svc --operation " in problem
+
+
+def test_acl_problem_lists_every_denial_and_skips_what_is_not_asked() -> None:
+    admin = _AuthorizedOps({"s": [AclOperation.DESCRIBE], "d": [AclOperation.DESCRIBE]},
+                           [AclOperation.DESCRIBE])
+    problem = reach.acl_problem(admin, {"bootstrap.servers": "b"}, ["s"], "d", "g", 1.0)
+    assert problem is not None
+    assert "Read on topic 's', Write on topic 'd', Read on group 'g'" in problem
+    assert "--allow-principal <principal> --operation Write --topic d" in problem
+    assert reach.acl_problem(admin, {}, [], None, None, 1.0) is None

@@ -381,6 +381,9 @@ Deployment, so every render runs them.
 {{- if has (lower $key) $secretKeys }}
 {{- fail (printf "kafka.config.%s is a secret: put %s in kafka.existingSecret, or in kafka.extraEnv with valueFrom.secretKeyRef, instead of a ConfigMap" $key $name) }}
 {{- end }}
+{{- if and (eq $k "queue.buffering.max.kbytes") (regexMatch "^[+-]?[0-9]+$" $val) (lt (atoi (trimPrefix "+" $val)) 16) }}
+{{- fail (printf "kafka.config.%s=%s is below 16: the dead-letter producer's queue must hold a dead letter of 16384 bytes; the worker refuses it: use at least 16 (or remove it)" $key $val) }}
+{{- end }}
 {{- if and (eq $k "message.max.bytes") (regexMatch "^[+-]?[0-9]+$" $val) (lt (atoi (trimPrefix "+" $val)) 16384) }}
 {{- fail (printf "kafka.config.%s=%s is below 16384: a dead letter without its value still carries up to ~5 KB of the worker's headers, and one the producer refuses stops its partition for good; the worker refuses it: use at least 16384 (or remove it)" $key $val) }}
 {{- end }}

@@ -1,0 +1,167 @@
+"""A second real broker with ACLs (KRaft, StandardAuthorizer) and a SASL/PLAIN listener.
+
+The shared broker has no authorizer: what a least-privilege principal meets (a group it may
+not join, a DLQ it may not write) cannot be seen there. This one has two client listeners:
+SASL_PLAINTEXT for the principals the tests log in as, and PLAINTEXT, whose ANONYMOUS
+principal is a super user, for the tests' own admin work (topics, ACLs). Started once per
+test module that asks for it, from the jars `services/ctl.py` already fetched.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from confluent_kafka.admin import (
+    AclBinding,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    ResourcePatternType,
+    ResourceType,
+)
+
+from tests.integration.harness import REPO
+
+HOST = "127.0.0.1"
+USER, PASSWORD = "limited", "limited-secret"
+
+
+def _ctl() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("userpilot_services_ctl",
+                                                  REPO / "services" / "ctl.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class SecuredKafka:
+    sasl_port: int
+    admin_port: int
+
+    @property
+    def admin_bootstrap(self) -> str:
+        return f"{HOST}:{self.admin_port}"
+
+    def client_env(self) -> dict[str, str]:
+        """The worker's KAFKA_* settings to log in as the limited principal."""
+        return {"KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{self.sasl_port}",
+                "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SASL_MECHANISM": "PLAIN",
+                "KAFKA_SASL_USERNAME": USER, "KAFKA_SASL_PASSWORD": PASSWORD}
+
+    def admin(self) -> AdminClient:
+        return AdminClient({"bootstrap.servers": self.admin_bootstrap})
+
+    def create_topics(self, *names: str) -> None:
+        from confluent_kafka.admin import NewTopic
+
+        admin = self.admin()  # kept: a client dropped ends its requests
+        for future in admin.create_topics([NewTopic(name, 1, 1) for name in names]).values():
+            future.result(30)
+
+    def allow(self, kind: str, name: str, *operations: str) -> None:
+        """Allow the limited principal `operations` (`READ`, `WRITE`, `DESCRIBE`) on the
+        topic or group `name` (literal)."""
+        rtype = {"topic": ResourceType.TOPIC, "group": ResourceType.GROUP}[kind]
+        bindings = [AclBinding(rtype, name, ResourcePatternType.LITERAL, f"User:{USER}", "*",
+                               getattr(AclOperation, op), AclPermissionType.ALLOW)
+                    for op in operations]
+        admin = self.admin()
+        for future in admin.create_acls(bindings).values():
+            future.result(30)
+
+
+def _properties(root: Path, ports: tuple[int, int, int]) -> str:
+    sasl, plain, controller = ports
+    jaas = ("org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{USER}="{PASSWORD}";')
+    return "\n".join([
+        "process.roles=broker,controller",
+        "node.id=1",
+        f"listeners=SASL_PLAINTEXT://{HOST}:{sasl},PLAINTEXT://{HOST}:{plain},"
+        f"CONTROLLER://{HOST}:{controller}",
+        f"advertised.listeners=SASL_PLAINTEXT://{HOST}:{sasl},PLAINTEXT://{HOST}:{plain}",
+        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,"
+        "SASL_PLAINTEXT:SASL_PLAINTEXT",
+        "inter.broker.listener.name=PLAINTEXT",
+        "controller.listener.names=CONTROLLER",
+        f"controller.quorum.bootstrap.servers={HOST}:{controller}",
+        f"log.dirs={root / 'data'}",
+        "num.partitions=1",
+        "auto.create.topics.enable=false",
+        "offsets.topic.replication.factor=1",
+        "offsets.topic.num.partitions=1",
+        "transaction.state.log.replication.factor=1",
+        "transaction.state.log.min.isr=1",
+        "share.coordinator.state.topic.replication.factor=1",
+        "share.coordinator.state.topic.min.isr=1",
+        "group.initial.rebalance.delay.ms=0",
+        "sasl.enabled.mechanisms=PLAIN",
+        f"listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}",
+        "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users=User:ANONYMOUS",
+        "",
+    ])
+
+
+def _ready(port: int) -> bool:
+    try:
+        metadata = AdminClient({"bootstrap.servers": f"{HOST}:{port}",
+                                "log_level": 0}).list_topics(timeout=2)
+    except Exception:
+        return False
+    return bool(metadata.brokers)
+
+
+@pytest.fixture(scope="module")
+def secured_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredKafka]:
+    root = tmp_path_factory.mktemp("secured-kafka")
+    ports = (_free_port(), _free_port(), _free_port())
+    props = root / "server.properties"
+    props.write_text(_properties(root, ports))
+    java = shutil.which("java")
+    assert java is not None, "java is needed for the broker"
+    command = [java, "-Xmx384m", "-Xms64m", "-Djava.awt.headless=true",
+               f"-Dkafka.logs.dir={root}", "-cp", f"{_ctl().kafka_libs()}/*"]
+    cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    log = (root / "console.log").open("w")
+    subprocess.run([*command, "kafka.tools.StorageTool", "format", "--standalone", "-t",
+                    cluster.replace("-", "A"), "-c", str(props)],
+                   stdout=log, stderr=subprocess.STDOUT, check=True)
+    proc = subprocess.Popen([*command, "kafka.Kafka", str(props)], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not _ready(ports[1]):
+            assert proc.poll() is None, f"the secured broker exited; see {root / 'console.log'}"
+            assert time.monotonic() < deadline, "the secured broker did not start in 120 s"
+            time.sleep(0.5)
+        yield SecuredKafka(sasl_port=ports[0], admin_port=ports[1])
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

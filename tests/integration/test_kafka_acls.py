@@ -1,0 +1,107 @@
+"""A least-privilege principal on a broker with ACLs: `check-config --online` and `run` name
+the operation the brokers deny and the command that grants it (review "sasl55": a group
+without Read never joined, `/readyz` saying "no partition assignment yet" for ever; a DLQ
+without Write passed the check and stopped delivery at the first dead letter)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.harness import REPO, worker_env
+from tests.integration.secured_kafka import USER, SecuredKafka, secured_kafka
+from tests.integration.test_cli_online import Sandbox, cli
+
+__all__ = ["secured_kafka"]
+
+_names = itertools.count()
+
+
+def _env(secured: SecuredKafka, schema_registry_url: str, sandbox: Sandbox,
+         grants: dict[str, tuple[str, ...]]) -> tuple[dict[str, str], str, str, str]:
+    """A fresh topic, DLQ topic and group, the limited principal allowed `grants` on them
+    (keys "topic", "dlq", "group"); the worker's settings, topic, DLQ topic and group."""
+    n = next(_names)
+    topic, dlq, group = f"acl-{n}", f"acl-{n}.dlq", f"acl-{n}-g"
+    secured.create_topics(topic, dlq)
+    for key, kind, name in (("topic", "topic", topic), ("dlq", "topic", dlq),
+                            ("group", "group", group)):
+        if grants.get(key):
+            secured.allow(kind, name, *grants[key])
+    server, _ = sandbox
+    env = worker_env("unused:1", schema_registry_url, server.url, topic, group,
+                     KAFKA_DLQ_TOPIC=dlq, **secured.client_env())
+    return env, topic, dlq, group
+
+
+ALL = {"topic": ("READ",), "dlq": ("WRITE", "DESCRIBE_CONFIGS"), "group": ("READ",)}
+
+
+def _kafka_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines()
+             if line.startswith(("online OK: kafka", "online FAILED: kafka"))]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_online_ok_with_the_grants_the_worker_needs(
+        secured_kafka: SecuredKafka, schema_registry_url: str, sandbox: Sandbox) -> None:
+    env, *_ = _env(secured_kafka, schema_registry_url, sandbox, ALL)
+    result = cli(["check-config", "--online", "--timeout", "10"], env)
+    assert _kafka_line(result.stderr) == "online OK: kafka", result.stderr
+    assert "online note" not in result.stderr
+    assert result.returncode == 0, result.stderr
+
+
+def test_online_notes_a_dlq_whose_settings_it_may_not_read(
+        secured_kafka: SecuredKafka, schema_registry_url: str, sandbox: Sandbox) -> None:
+    env, _, dlq, _ = _env(secured_kafka, schema_registry_url, sandbox,
+                          {**ALL, "dlq": ("WRITE",)})
+    result = cli(["check-config", "--online", "--timeout", "10"], env)
+    assert _kafka_line(result.stderr) == "online OK: kafka", result.stderr
+    notes = [line for line in result.stderr.splitlines() if line.startswith("online note")]
+    assert len(notes) == 1 and "settings could not be read" in notes[0], result.stderr
+    assert (f"--allow-principal User:{USER} --operation DescribeConfigs --topic {dlq}"
+            in notes[0])
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(("missing", "said"), [
+    ("group", "Read on group '{group}'"),
+    ("dlq", "Write on topic '{dlq}'"),
+    ("topic", "Read on topic '{topic}'"),
+])
+def test_online_names_the_operation_denied(
+        secured_kafka: SecuredKafka, schema_registry_url: str, sandbox: Sandbox,
+        missing: str, said: str) -> None:
+    # Describe alone: the resource is seen, not usable (a group not even described too).
+    grants = {**ALL, missing: ("DESCRIBE",) if missing != "group" else ()}
+    env, topic, dlq, group = _env(secured_kafka, schema_registry_url, sandbox, grants)
+    result = cli(["check-config", "--online", "--timeout", "10"], env)
+    line = _kafka_line(result.stderr)
+    assert line.startswith("online FAILED: kafka: Kafka refuses the worker's principal "), line
+    assert said.format(topic=topic, dlq=dlq, group=group) in line
+    kind, name = {"group": ("group", group), "dlq": ("topic", dlq),
+                  "topic": ("topic", topic)}[missing]
+    operation = "Read" if missing != "dlq" else "Write"
+    assert (f"--allow-principal User:{USER} --operation {operation} --{kind} {name}"
+            in line), line
+    assert result.returncode == 8 + 2, result.stderr
+
+
+def test_run_stops_at_start_up_on_a_group_it_may_not_join(
+        secured_kafka: SecuredKafka, schema_registry_url: str, sandbox: Sandbox) -> None:
+    env, _, _, group = _env(secured_kafka, schema_registry_url, sandbox,
+                            {**ALL, "group": ("DESCRIBE",)})
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("USERPILOT_", "KAFKA_", "SCHEMA_REGISTRY", "WORKER_",
+                                  "REDIS_"))}
+    proc = subprocess.run([sys.executable, "-m", "consumer", "run", "--timeout", "10"],
+                          env={**clean, **env}, cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert f"Read on group '{group}'" in proc.stderr, proc.stderr
