@@ -51,6 +51,7 @@ __all__ = [
     "KafkaMessage",
     "KafkaSource",
     "Partitions",
+    "group_refused",
     "is_fatal",
     "make_producer",
     "partition_end",
@@ -862,6 +863,11 @@ def topic_not_there(err: KafkaError) -> bool:
 def topic_refused(err: KafkaError) -> bool:
     """A consume error saying the worker may not read a topic (no Read ACL)."""
     return err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+
+
+def group_refused(err: KafkaError) -> bool:
+    """A consume error saying the worker may not join its group (no Read ACL on it)."""
+    return err.code() == KafkaError.GROUP_AUTHORIZATION_FAILED
 
 
 def make_producer(conf: dict[str, Any], **extra: Any) -> Producer:

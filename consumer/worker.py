@@ -17,10 +17,10 @@ thread (`Source.call`, one call at a time). The callbacks the source makes (assi
 revoke, lost, stats, commit results, offset resets) run on that poll thread and touch only
 what is safe there: `Commits` and `Lag` (each locks), `Metrics` and `Health` (thread-safe), and
 `assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh`, `_resets_in` (and
-`_no_source`, which readiness reads), which both threads read and write only under
-`_parts_lock`. `_reshare`
-and `_note_missing`, and the state only they use (`_reshare_delay`, `_missing`), are the
-poll thread's alone.
+`_no_source` and `_group_refusal`, which readiness reads), which both threads read and
+write only under `_parts_lock`. `_reshare` and `_note_missing`, and the state only they use
+(`_reshare_delay`, `_missing`), are the poll thread's alone, and so is `_commit_refused_at`
+(`_commit`, `_on_committed`).
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
 the `Source.call` that raised the callback), and that coroutine also forgets the
@@ -74,6 +74,7 @@ from consumer.kafka import (
     KafkaMessage,
     KafkaSource,
     Partitions,
+    group_refused,
     is_fatal,
     partition_end,
     topic_not_there,
@@ -396,6 +397,9 @@ class Worker:
         # Every source topic missing: why /readyz says not ready (under `_parts_lock`). With
         # none there the assignment is empty, and a worker with nothing to read was ready.
         self._no_source: str | None = None
+        # The brokers refused the worker's group (GROUP_AUTHORIZATION_FAILED), until
+        # partitions are assigned again: why /readyz says not ready (under `_parts_lock`).
+        self._group_refusal: str | None = None
         health.add_check(self._source_problem)
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
@@ -411,6 +415,10 @@ class Worker:
         # New partitions whose commit notes are not read yet: the reads each has failed and
         # when to try again (event loop only; see `_read_notes`).
         self._inherit_due: dict[TP, tuple[int, float]] = {}
+        # When the coordinator last refused a commit, while its refusals last (poll thread
+        # only: `_on_committed`, `_commit`): the next asynchronous commit waits the commit
+        # interval from then.
+        self._commit_refused_at: float | None = None
         # Per retry cause: when its last line was logged and how many went unlogged since
         # (event loop only; see `_count_retry`).
         self._retry_log: dict[str, tuple[float, int]] = {}
@@ -915,6 +923,7 @@ class Worker:
                     if is_fatal(err):
                         raise Stop(f"fatal Kafka error: {err.str()}")
                     self._topic_error(err, message.topic())
+                    self._group_error(err)
                     continue
                 topic, partition, offset = message.topic(), message.partition(), message.offset()
                 assert topic is not None and partition is not None and offset is not None
@@ -1482,6 +1491,12 @@ class Worker:
             settled = self.commits.settled()
             if settled:
                 self.commits.passed(source.positions(settled))
+        if not wait and self._commit_refused_at is not None and (
+                time.monotonic() - self._commit_refused_at < self.s.commit_interval_s):
+            # Refused (a group ACL revoked, the coordinator moving): asked again on the
+            # interval. On every idle poll, it went ~10 times a second per pod for as long
+            # as the refusal lasted (review "sasl55").
+            return
         if not wait and self.commits.outstanding():
             # One asynchronous commit at a time; its answer lets the next carry everything
             # finished meanwhile. Catching up, the offset moved on every loop pass: ~170
@@ -1570,6 +1585,10 @@ class Worker:
             self._commit(source, None, False)  # sent once the one in flight is answered
 
     def _on_committed(self, done: list[tuple[TP, int]], failed: list[TP]) -> None:
+        if failed:
+            self._commit_refused_at = time.monotonic()
+        elif done:
+            self._commit_refused_at = None
         for (topic, partition), offset in self.commits.acknowledged(done, failed):
             self.m.committed_offset.labels(topic, str(partition)).set(offset)
         # Counted: refused for minutes (the coordinator unavailable, a rebalance that never
@@ -1644,6 +1663,7 @@ class Worker:
             self._fresh.extend(parts)
             self._reshare_due = True
             self._reshare_at = 0.0  # a new assignment is counted at once, not after a backoff
+            self._group_refusal = None  # the group took the worker again
             count = len(self.assigned)
         self.health.set_assigned(True)
         log.info("assigned %s (now %d partitions)", partitions_text(parts), count)
@@ -1701,6 +1721,17 @@ class Worker:
                     self._unreadable.add(topic)
             self._reshare_in(0.0)
 
+    def _group_error(self, err: Any) -> None:
+        """The brokers refused the worker's group (its Read ACL revoked): readiness names it
+        until partitions are assigned again. It read "partitions lost: the group's session
+        expired (Kafka unreachable or hung...)" while only the log said why (review
+        "sasl55")."""
+        if group_refused(err):
+            with self._parts_lock:
+                self._group_refusal = (
+                    f"Kafka refuses the consumer group {self.s.group_id!r} "
+                    "(GROUP_AUTHORIZATION_FAILED): allow the worker's principal Read on it")
+
     def _forget_refusals(self) -> None:
         """Under `_parts_lock`: a refused topic none of whose partitions is this pod's any
         more is its new owner's to tell (by its own fetch). Kept, it read missing here for
@@ -1750,9 +1781,9 @@ class Worker:
                 "and the topics' ACLs" if none_there else None)
 
     def _source_problem(self) -> str | None:
-        """A readiness check (any thread): every source topic missing."""
+        """A readiness check (any thread): the group refused, or every source topic missing."""
         with self._parts_lock:
-            return self._no_source
+            return self._group_refusal or self._no_source
 
     def _on_revoke(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("revoke").inc()

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.integration.harness import REPO, worker_env
+from tests.integration.harness import REPO, WorkerThread, wait_until, worker_env
 from tests.integration.secured_kafka import USER, SecuredKafka, secured_kafka
 from tests.integration.test_cli_online import Sandbox, cli
 
@@ -105,3 +105,18 @@ def test_run_stops_at_start_up_on_a_group_it_may_not_join(
                           timeout=120, check=False)
     assert proc.returncode == 1, proc.stderr
     assert f"Read on group '{group}'" in proc.stderr, proc.stderr
+
+
+def test_readiness_names_a_group_the_brokers_refuse_until_it_is_allowed(
+        secured_kafka: SecuredKafka, schema_registry_url: str, sandbox: Sandbox) -> None:
+    """The worker itself (past `run`'s start-up check: an ACL revoked later reads the same):
+    `/readyz` said "no partition assignment yet" or "partitions lost: the group's session
+    expired (Kafka unreachable or hung...)" while only the log said why (review "sasl55")."""
+    env, _, _, group = _env(secured_kafka, schema_registry_url, sandbox,
+                            {**ALL, "group": ("DESCRIBE",)})
+    with WorkerThread(env) as w:
+        wait_until(lambda: "GROUP_AUTHORIZATION_FAILED" in w.health.ready()[1], 60,
+                   "readiness naming the refusal")
+        assert f"Kafka refuses the consumer group {group!r}" in w.health.ready()[1]
+        secured_kafka.allow("group", group, "READ")
+        wait_until(lambda: w.health.ready()[0], 90, "ready once allowed")

@@ -132,6 +132,7 @@ class FakeSource:
     stored: dict[TP, tuple[int, str]] = field(default_factory=dict)  # the coordinator's
     _refused: list[list[TP]] = field(default_factory=list)
     refuse_commits: int = 0  # asynchronous commits the coordinator answers with an error
+    refused_total: int = 0  # those answered so
     # Per partition, the offset past its log's end when markers follow the last message.
     ends: dict[TP, int] = field(default_factory=dict)
     # Source topics the brokers do not have (topic: their reason), for `partitions`.
@@ -210,6 +211,7 @@ class FakeSource:
             return True  # sent; never acknowledged
         if not wait and self.refuse_commits > 0:
             self.refuse_commits -= 1
+            self.refused_total += 1
             self._refused.append(list(offsets))
             return True
         notes = {tp: n for tp, n in (notes or {}).items() if n and len(n) <= self.note_limit}
@@ -4025,6 +4027,26 @@ def test_refused_commits_are_counted_by_topic() -> None:
     assert drive(run, scenario) == 0
     failures = run.worker.m.commit_failures.labels(TOPIC)._value.get()
     assert failures == 3
+
+
+def test_a_refused_commit_is_asked_again_on_the_interval_not_each_poll() -> None:
+    """Review "sasl55": a commit the coordinator refused (a group ACL revoked) was sent
+    again on every idle poll, ~10 a second per pod, for as long as the refusal lasted."""
+    run = make(log_of(track("u1", 0), track("u1", 1)), registry=known_schema(),
+               USERPILOT_ENSURE_USER="false", WORKER_COMMIT_INTERVAL_SECONDS="0.5")
+
+    async def scenario(source: FakeSource) -> None:
+        source.refuse_commits = 10**6
+        await until(lambda: source.refused_total > 0, "a commit refused")
+        first = source.refused_total
+        await asyncio.sleep(2.0)
+        # One each interval (4 in 2 s), with room for a noisy machine's timing; each idle
+        # poll (every ~10 ms here) would have sent ~200.
+        assert source.refused_total - first <= 6, source.refused_total - first
+        source.refuse_commits = 0
+        await until(lambda: source.committed().get((TOPIC, 0)) == 2, "the commit taken at last")
+
+    assert drive(run, scenario) == 0
 
 
 def test_a_dead_letter_is_placed_by_its_user_or_its_key() -> None:
