@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import http.client
 import io
 import logging
 import socket
@@ -190,6 +191,37 @@ its request head is cut for the newcomer; the newcomer is refused when every ope
 sent its head already, or twice as many are open while those cut finish."""
 HEAD_WITHIN_S = 5.0
 """A connection's request head must be whole within this; a slower one is cut."""
+HEAD_MAX_BYTES = 32 * 1024
+"""The longest request head (request line and headers) served: a longer one is answered 431.
+http.server's own limits (64 KiB a line, 100 lines) let one request hold ~6.4 MB of headers,
+~49 MB once parsed: 16 such connections, or ~60 one after another, took the worker past the
+chart's 512 Mi and the kubelet killed it (review "sec56")."""
+
+
+class _HeadLimit:
+    """The connection's reader, counting the request head's bytes: past HEAD_MAX_BYTES a
+    line read raises http.client.LineTooLong, which http.server answers 431. What follows
+    the head (a body) is not counted (`done`)."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self._left = HEAD_MAX_BYTES
+        self.done = False
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self.done:
+            return cast("bytes", self._raw.readline(limit))
+        if self._left <= 0:
+            raise http.client.LineTooLong("request head")
+        want = self._left + 1 if limit < 0 else min(limit, self._left + 1)
+        line = cast("bytes", self._raw.readline(want))
+        self._left -= len(line)
+        if self._left < 0:
+            raise http.client.LineTooLong("request head")
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -302,6 +334,8 @@ class _QuietHandler(WSGIRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self._head = _HeadLimit(self.rfile)
+        self.rfile = cast("Any", self._head)
         self._cut = threading.Timer(HEAD_WITHIN_S, self._cut_off)
         self._cut.daemon = True
         self._cut.start()
@@ -310,8 +344,16 @@ class _QuietHandler(WSGIRequestHandler):
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except http.client.LineTooLong:  # the request line alone was too long
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Request head too long")
+
     def parse_request(self) -> bool:
         whole = super().parse_request()
+        self._head.done = True
         self._cut.cancel()  # the head came: the answer has its own write timeout
         server = self.server
         if isinstance(server, _ThreadingWSGIServer):
