@@ -22,16 +22,19 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from confluent_kafka import (
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Message,
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from consumer.errors import ConfigError, DlqRecordTooLarge
 from consumer.librdkafka import (
@@ -46,7 +49,6 @@ from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_no
 __all__ = [
     "METADATA_REFRESH_MS",
     "TP",
-    "WATERMARK_SLICE_S",
     "DeadLetterProducer",
     "KafkaMessage",
     "KafkaSource",
@@ -64,7 +66,7 @@ log = logging.getLogger(__name__)
 # per 10 s is enough to see it (the suppressed count is appended to the next line).
 log.addFilter(RateLimit(10.0))
 
-WATERMARK_SLICE_S = 0.25  # a high watermark lookup waits at most this long
+_LATEST: Callable[[], Any] = OffsetSpec.latest  # untyped upstream
 RESET_ASK_S = 1.0  # the lookups after offset resets (`_tell_resets`), all together
 COMMIT_SILENCE_S = 8.0  # an unanswered commit this old means Kafka is not answering
 SYNC_PROBE_S = 2.0
@@ -200,6 +202,10 @@ class KafkaSource:
         stats_interval_ms: int = 5000,
     ) -> None:
         settings: dict[str, Any] = consumer_settings(conf)
+        # The high watermarks' client (`high_watermarks`), made on first use: the
+        # consumer's own settings in a producer's shape, as `reach` makes its admin clients.
+        self._marks_settings = producer_settings(conf, **DLQ_PRODUCER)
+        self._marks: AdminClient | None = None
         _watched(settings, self._reset_seen)
         # Statistics are always on: their broker states clear "not connected" on recovery
         # even when no message and no commit comes back (an idle topic).
@@ -472,9 +478,8 @@ class KafkaSource:
         if self._on_reset is None:
             return
         # At most a second of the poll thread however many reset together (hundreds of
-        # partitions of a topic retention overtook): those not asked count as unknown.
-        ends = self.high_watermarks([tp for tp, _ in noted],
-                                    min(RESET_ASK_S, WATERMARK_SLICE_S * len(noted)))
+        # partitions of a topic retention overtook): those not answered count as unknown.
+        ends = self.high_watermarks([tp for tp, _ in noted], RESET_ASK_S)
         for tp, at in noted:
             end = ends.get(tp, -1)
             self._on_reset(tp, at, at > end if end >= 0 else None)
@@ -741,24 +746,35 @@ class KafkaSource:
         return out
 
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
-        """The broker's high watermark (next offset) of each partition, asked now (not
-        librdkafka's cached figure), in order until `timeout_s` is spent: -1 for one asked
-        that did not answer (no leader), and those not asked are left out."""
-        out: dict[TP, int] = {}
-        deadline = time.monotonic() + timeout_s
-        for topic, partition in parts:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                # A slice each: one partition without a leader took the whole budget.
-                marks = self._consumer.get_watermark_offsets(
-                    TopicPartition(topic, partition), timeout=min(left, WATERMARK_SLICE_S),
-                    cached=False)
-            except KafkaException:
-                out[(topic, partition)] = -1
-                continue
-            out[(topic, partition)] = int(marks[1]) if marks is not None and marks[1] >= 0 else -1
+        """The brokers' high watermark (next offset; the last stable one, the worker reading
+        committed records only) of each partition, asked now (not librdkafka's cached
+        figure), all at once within `timeout_s`: -1 for one that did not answer (no
+        leader, not there).
+
+        Through a client of its own (an admin client: one ListOffsets per leader, each
+        partition's answer apart): asked through the consumer, the request waited behind
+        the consumer's own fetch, which a broker holds up to fetch.wait.max.ms while its
+        partitions have nothing new; three lookups in four timed out, the paused
+        partitions' lag went stale and librdkafka logged a WARNING about timed-out requests
+        on a healthy cluster (review "logs56")."""
+        if not parts:
+            return {}
+        out = {tp: -1 for tp in parts}
+        try:
+            if self._marks is None:
+                self._marks = AdminClient(dict(self._marks_settings))
+            asked = self._marks.list_offsets(
+                {TopicPartition(topic, partition): _LATEST()
+                 for topic, partition in out},
+                isolation_level=IsolationLevel.READ_COMMITTED,
+                request_timeout=max(timeout_s, 0.001))
+        except (KafkaException, ValueError, TypeError):
+            return out
+        wait_futures(list(asked.values()), timeout=timeout_s)
+        for tp, future in asked.items():
+            if future.done() and future.exception() is None:
+                offset = int(future.result().offset)
+                out[(tp.topic, tp.partition)] = offset if offset >= 0 else -1
         return out
 
     def serve(self, timeout_s: float) -> None:
@@ -794,6 +810,7 @@ class KafkaSource:
                     except Exception as exc:
                         log.warning("leaving the group before close failed (%s)", exc)
                 self._consumer.close()
+                self._marks = None
             except Exception as exc:
                 log.warning("consumer close failed (%s)", exc)
             finally:

@@ -95,3 +95,31 @@ def test_a_caught_up_partition_keeps_its_position_across_a_pause(
         assert source.positions([part]) == {part: 10}
     finally:
         source.close(10)
+
+
+def test_paused_partitions_high_watermarks_answer_while_the_consumer_fetches(
+    kafka_bootstrap: str, topic_factory: Callable[..., str],
+) -> None:
+    """Review "logs56": asked through the consumer, a paused partition's high watermark
+    waited behind the consumer's own fetch of an idle partition (the broker holds it up to
+    fetch.wait.max.ms): three lookups in four timed out, the lag went stale and librdkafka
+    logged a WARNING about timed-out requests on a healthy cluster."""
+    topic = topic_factory(partitions=2)
+    produce(kafka_bootstrap, topic, 50, b"x")
+    source = subscribed(kafka_bootstrap, topic)
+    try:
+        deadline = time.monotonic() + 30
+        while not source.consume(50, 0.5):
+            assert time.monotonic() < deadline, "no message within 30 s"
+        source.pause([(topic, 0)])  # the other partition, idle, is fetched (long-polled)
+        answers = []
+        for _ in range(10):
+            source.consume(50, 0.05)
+            answers.append(source.high_watermarks([(topic, 0), (topic, 1)], 1.0))
+        ends = {(topic, 0): 0, (topic, 1): 0}
+        for tp in ends:
+            ends[tp] = max(a[tp] for a in answers)
+        assert sum(ends.values()) == 50, ends  # every message counted, on one or the other
+        assert all(a == ends for a in answers), answers  # each lookup answered
+    finally:
+        source.close(10)

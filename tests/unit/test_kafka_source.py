@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -429,26 +432,39 @@ def test_a_commit_out_across_an_assignment_is_timed_from_the_assignment(
     assert src.connected, "nothing out since the assignment"
 
 
-def test_each_high_watermark_lookup_gets_a_slice_of_the_budget() -> None:
+def test_a_partition_without_a_leader_keeps_no_other_high_watermark_waiting() -> None:
     """A partition without a leader waited out the whole budget, and no other paused
-    partition's lag was asked that round (review "diff45b")."""
+    partition's lag was asked that round (review "diff45b"): all are asked at once, each
+    answered apart, within the budget; one not answered in time, or refused, reads -1."""
+    import time
+    from concurrent.futures import Future
     from types import SimpleNamespace
     from typing import Any
 
-    from consumer.kafka import WATERMARK_SLICE_S, KafkaSource
+    from consumer.kafka import KafkaSource
 
-    timeouts: list[float] = []
+    asked: list[tuple[list[tuple[str, int]], float]] = []
 
-    def lookup(tp: Any, timeout: float, cached: bool) -> tuple[int, int]:
-        timeouts.append(timeout)
-        if tp.partition == 1:
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
-        return 0, 7
+    def list_offsets(wanted: dict[Any, Any], isolation_level: Any,
+                     request_timeout: float) -> dict[Any, Future[Any]]:
+        asked.append(([(tp.topic, tp.partition) for tp in wanted], request_timeout))
+        out: dict[Any, Future[Any]] = {}
+        for tp in wanted:
+            future: Future[Any] = Future()
+            if tp.partition == 2:
+                future.set_exception(KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION)))
+            elif tp.partition != 1:  # 1 has no leader: never answered
+                future.set_result(SimpleNamespace(offset=7 + tp.partition))
+            out[tp] = future
+        return out
 
-    source: Any = SimpleNamespace(_consumer=SimpleNamespace(get_watermark_offsets=lookup))
-    marks = KafkaSource.high_watermarks(source, [("t", 0), ("t", 1), ("t", 2)], 5.0)
-    assert marks == {("t", 0): 7, ("t", 1): -1, ("t", 2): 7}  # -1: asked, no answer
-    assert timeouts and max(timeouts) <= WATERMARK_SLICE_S
+    source: Any = SimpleNamespace(_marks=SimpleNamespace(list_offsets=list_offsets))
+    started = time.monotonic()
+    marks = KafkaSource.high_watermarks(source, [("t", 0), ("t", 1), ("t", 2), ("t", 3)], 0.3)
+    assert time.monotonic() - started < 2.0
+    assert marks == {("t", 0): 7, ("t", 1): -1, ("t", 2): -1, ("t", 3): 10}
+    assert asked == [([("t", 0), ("t", 1), ("t", 2), ("t", 3)], 0.3)]  # one request
+    assert KafkaSource.high_watermarks(source, [], 0.3) == {}
 
 
 class _Cluster:
@@ -665,8 +681,8 @@ def test_a_log_level_under_the_reset_s_still_sees_it_and_logs_only_what_was_aske
 
 
 class _Marks:
-    """The consumer as `_tell_resets` uses it: the broker's high watermark per partition,
-    each answer after `delay` seconds (at most the lookup's timeout)."""
+    """The consumer and the admin client as `_tell_resets` uses them: the broker's high
+    watermark per partition, each answer after `delay` seconds."""
 
     def __init__(self, ends: dict[int, int], delay: float = 0.0) -> None:
         self.ends = ends
@@ -678,12 +694,21 @@ class _Marks:
     def poll(self, timeout: float) -> None:
         return None
 
-    def get_watermark_offsets(self, tp: TopicPartition, timeout: float,
-                              cached: bool) -> tuple[int, int]:
-        time.sleep(min(self.delay, timeout))
-        if tp.partition not in self.ends:
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
-        return 0, self.ends[tp.partition]
+    def list_offsets(self, wanted: dict[TopicPartition, object], isolation_level: object,
+                     request_timeout: float) -> dict[TopicPartition, Future[object]]:
+        """As the admin client `high_watermarks` asks: each answer a future of its own."""
+        out: dict[TopicPartition, Future[object]] = {}
+        for tp in wanted:
+            future: Future[object] = Future()
+            if tp.partition not in self.ends:
+                future.set_exception(KafkaException(KafkaError(KafkaError._TIMED_OUT)))
+            else:
+                answer = SimpleNamespace(offset=self.ends[tp.partition])
+                timer = threading.Timer(self.delay, future.set_result, [answer])
+                timer.daemon = True
+                timer.start()
+            out[tp] = future
+        return out
 
 
 def test_an_offset_reset_is_told_after_the_call_with_where_it_lay() -> None:
@@ -696,7 +721,7 @@ def test_an_offset_reset_is_told_after_the_call_with_where_it_lay() -> None:
                       on_assign=lambda _p: None, on_revoke=lambda _p: None,
                       on_lost=lambda _p: None,
                       on_reset=lambda tp, at, beyond: told.append((tp, at, beyond)))
-    src._consumer = _Marks({0: 6000, 1: 20, 3: 0})  # type: ignore[assignment]
+    src._consumer = src._marks = _Marks({0: 6000, 1: 20, 3: 0})  # type: ignore[assignment]
     src._reset_seen(("t", 0), 20)  # retention removed 20.. : before the log's start
     src._reset_seen(("t", 1), 120)  # past the end of a shorter log
     src._reset_seen(("t", 2), 7)  # the broker does not say
@@ -724,7 +749,7 @@ def test_the_lookups_after_many_resets_take_about_a_second_and_the_rest_are_unkn
     past the end: that would count a log reset)."""
     told: list[tuple[tuple[str, int], int, bool | None]] = []
     src = _told_source(told)
-    src._consumer = _Marks({p: 10 for p in range(20)}, delay=10)  # type: ignore[assignment]
+    src._consumer = src._marks = _Marks({p: 10 for p in range(20)}, delay=10)  # type: ignore[assignment]
     for partition in range(20):
         src._reset_seen(("t", partition), 5)
     started = time.monotonic()
@@ -739,7 +764,7 @@ def test_a_reset_noted_before_a_revoke_or_an_assignment_in_the_same_call_is_not_
     ownership, which the next owner had moved past."""
     told: list[tuple[tuple[str, int], int, bool | None]] = []
     src = _told_source(told)
-    src._consumer = _Marks({0: 6000, 1: 6000, 2: 6000})  # type: ignore[assignment]
+    src._consumer = src._marks = _Marks({0: 6000, 1: 6000, 2: 6000})  # type: ignore[assignment]
     src._reset_seen(("t", 0), 3)
     src._reset_seen(("t", 1), 3)
     src._reset_seen(("t", 2), 3)
