@@ -1205,12 +1205,20 @@ class Handler:
         delay = 0.5
         event.on_wire = True  # from here a cancelled job could leave a DLQ record behind
         token = self.dlq_writable.started()
+        refused: BaseException | None = None  # the DLQ's last refusal of this dead letter
+        first_try = time.monotonic()
         try:
             while True:
                 try:
                     event.dlq_since = time.monotonic()
                     await self.dlq.send(self.s.dlq_topic, key=record.key, value=record.value,
                                         headers=record.headers, placement=placement)
+                    if refused is not None:
+                        # The end of the refusal, said: the last line of a DLQ outage was
+                        # its ERROR (review "logs56"). Keyed by the refusal, as its lines.
+                        dlq_log.warning("dead letter written after the DLQ refused it (%s) "
+                                        "for %.0f s; its partition goes on", refused,
+                                        time.monotonic() - first_try, extra=event.fields)
                     break
                 except DlqRecordTooLarge as too_large:
                     bare = without_originals(record) if record.value_omitted else record
@@ -1228,6 +1236,7 @@ class Handler:
                         # Even the bare record is refused (a DLQ topic with a tiny
                         # max.message.bytes): the DLQ is unwritable until it is fixed.
                         self.dlq_writable.failed(token, too_large)
+                        refused = too_large
                         dlq_log.error("dead letter refused even without its value (%s); "
                                       "retrying in %.1f s", too_large, delay,
                                       extra=event.fields)
@@ -1245,6 +1254,7 @@ class Handler:
                     record = without_value(record, producer_limit(self.s.kafka_config()))
                 except Exception as produce_error:
                     self.dlq_writable.failed(token, produce_error)
+                    refused = produce_error
                     dlq_log.error("dead-letter produce failed (%s); retrying in %.1f s",
                                   produce_error, delay, extra=event.fields)
                     await _off_the_wire(event, delay)

@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 log.addFilter(RateLimit(10.0))
 
 _LATEST: Callable[[], Any] = OffsetSpec.latest  # untyped upstream
+DOWN_TOLD_AFTER_S = 5.0
+"""The shortest time without brokers whose end is logged (`KafkaSource._brokers_seen`)."""
 RESET_ASK_S = 1.0  # the lookups after offset resets (`_tell_resets`), all together
 COMMIT_SILENCE_S = 8.0  # an unanswered commit this old means Kafka is not answering
 SYNC_PROBE_S = 2.0
@@ -220,6 +222,7 @@ class KafkaSource:
         self._on_lost = on_lost
         self._on_committed = on_committed
         self._brokers_up = True
+        self._down_since: float | None = None  # when the brokers were last found down
         self._commit_waiting_since: float | None = None  # oldest unanswered async commit
         self._answered = False  # a commit acknowledged offsets during this consume
         # When each asynchronous commit not answered yet was sent, and its partitions,
@@ -267,9 +270,23 @@ class KafkaSource:
             return False
         return self._brokers_up
 
+    def _brokers_seen(self, up: bool) -> None:
+        """Poll thread: whether Kafka answers, as a callback or a fetch just told; the end
+        of an outage is logged with how long it lasted. Every other dependency said it
+        answered again; Kafka's last line stayed "1/1 brokers are down" (review "logs56")."""
+        if up and self._down_since is not None:
+            lasted = time.monotonic() - self._down_since
+            if lasted >= DOWN_TOLD_AFTER_S:  # not a start-up's first statistics
+                log.warning("kafka: the brokers answer again (after %.0f s); reading and "
+                            "committing go on", lasted)
+            self._down_since = None
+        elif not up and self._down_since is None:
+            self._down_since = time.monotonic()
+        self._brokers_up = up
+
     def _on_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            self._brokers_up = False
+            self._brokers_seen(False)
         if is_fatal(err):
             self.fatal = err
         # Keyed by the broker the line names ("host:port/id: Connect to ... failed (after
@@ -285,7 +302,7 @@ class KafkaSource:
         brokers = [b for b in stats.get("brokers", {}).values() if b.get("nodeid", -1) >= 0]
         if brokers:
             # librdkafka's own view: a reachable cluster has a broker in state UP.
-            self._brokers_up = any(b.get("state") == "UP" for b in brokers)
+            self._brokers_seen(any(b.get("state") == "UP" for b in brokers))
         self._watch_fetchers(stats)
         if self._stats_cb is not None:
             self._stats_cb(stats)
@@ -355,11 +372,11 @@ class KafkaSource:
         # one result a commit
         sent_at, sent = self._sent_async.popleft() if self._sent_async else (0.0, [])
         if err is not None and err.code() != KafkaError._NO_OFFSET:
-            log.warning("offset commit failed (%s); the next commit covers it", err.str())
+            log.warning("offset commit failed (%s); the next commit covers it", named(err))
         if err is None or err.code() >= 0 or err.code() == KafkaError._NO_OFFSET:
             # The coordinator answered (a broker error code is an answer too); local
             # errors (waiting for the coordinator, transport, timeout) are not.
-            self._brokers_up = True
+            self._brokers_seen(True)
             # The clock goes on from the next commit still out: cleared, a coordinator that
             # answered one commit and then hung while another was out went unnoticed (the
             # worker sends no commit while one is outstanding), ready for a minute or more
@@ -431,7 +448,7 @@ class KafkaSource:
         # now: cleared, no commit followed it while it was out, and a coordinator that hung
         # then went unnoticed (review "diff44").
         self._commit_waiting_since = self._assigned_at if self._sent_async else None
-        self._brokers_up = True
+        self._brokers_seen(True)
         self._on_assign(parts)
 
     def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
@@ -496,7 +513,7 @@ class KafkaSource:
             if max_messages > 1:
                 messages.extend(self._consumer.consume(max_messages - 1, 0))
         if messages:
-            self._brokers_up = True
+            self._brokers_seen(True)
         return messages
 
     def _poll_first(self, timeout_s: float) -> Message | None:
@@ -651,7 +668,7 @@ class KafkaSource:
                             (len(note) for note in notes.values())):
                         return self.commit(offsets, wait=True, notes=notes)
                     log.warning("offset commit refused for %s; the next commit covers it",
-                                ", ".join(f"{tp.topic}[{tp.partition}]: {tp.error.str()}"
+                                ", ".join(f"{tp.topic}[{tp.partition}]: {named(tp.error)}"
                                           for tp in failed if tp.error is not None))
                     return False
             else:
@@ -671,7 +688,7 @@ class KafkaSource:
                                                 (len(note) for note in notes.values()))):
                 return self.commit(offsets, wait=True, notes=notes)
             log.warning("offset commit not done (%s); the next commit covers it",
-                        err.str() if isinstance(err, KafkaError) else exc)
+                        named(err) if isinstance(err, KafkaError) else exc)
             return False
         return True
 
@@ -870,6 +887,13 @@ def partition_end(err: KafkaError) -> bool:
     """The end of a partition reached (`KAFKA_ENABLE_PARTITION_EOF=true`): news, not a fault.
     Logged as one, it was a WARNING each time a partition caught up (review "kafka34")."""
     return bool(err.code() == KafkaError._PARTITION_EOF)
+
+
+def named(err: KafkaError) -> str:
+    """Kafka's error as the runbooks name it, with its text: `GROUP_AUTHORIZATION_FAILED:
+    Broker: Group authorization failed` (the text alone matched no name the README's
+    UserpilotCommitsFailing section gives, review "logs56")."""
+    return f"{err.name()}: {err.str()}"
 
 
 def topic_not_there(err: KafkaError) -> bool:

@@ -274,6 +274,28 @@ class RateLimit(logging.Filter):
         return True
 
 
+_RIDDEN = re.compile(r"Connect to .* failed|Disconnected|Receive failed|Send failed|"
+                     r"Connection (?:refused|reset)|timed out", re.IGNORECASE)
+"""librdkafka's FAIL lines of a broker connection lost or not made: what an outage the
+worker waits out logs."""
+
+
+class Ridden(logging.Filter):
+    """librdkafka's connection failures at WARNING, not ERROR: the worker waits an outage
+    out (readiness, `userpilot_*` series and alerts say it), and its error callback's
+    WARNING says the same; at ERROR, a log alert on errors paged for every broker restart
+    (review "logs56"). Other FAIL lines (a refused login or TLS handshake) stay ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if (record.levelno == logging.ERROR and len(args) == 3 and args[0] == "FAIL"
+                and isinstance(args[2], str) and _RIDDEN.search(args[2])):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            # At WORKER_LOG_LEVEL=error the logger let the ERROR in: the WARNING is not.
+            return logging.getLogger(record.name).isEnabledFor(logging.WARNING)
+        return True
+
+
 def librdkafka_logger(interval: float = 10.0) -> logging.Logger:
     """The logger to give librdkafka as its ``logger`` setting (one per process).
 
@@ -281,6 +303,8 @@ def librdkafka_logger(interval: float = 10.0) -> logging.Logger:
     take the worker's format; repeated lines are rate-limited per broker.
     """
     logger = logging.getLogger(LIBRDKAFKA_LOGGER)
+    if not any(isinstance(f, Ridden) for f in logger.filters):
+        logger.addFilter(Ridden())
     if not any(isinstance(f, RateLimit) for f in logger.filters):
         logger.addFilter(RateLimit(interval))
     return logger

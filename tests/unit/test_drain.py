@@ -492,6 +492,37 @@ def _refused_dead_letters_logged(dlq: RefusingDlq, tries_each: int,
     return list(caplog.records)
 
 
+def test_a_dead_letter_written_after_refusals_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "logs56": the last line of a DLQ outage was its ERROR; nothing said the stuck
+    dead letter was written at last and its partition went on."""
+
+    class RefusingTwice(RefusingDlq):
+        async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
+                       headers: list[tuple[str, bytes | None]],
+                       placement: bytes | None = None) -> None:
+            if self.tries < 2:
+                await super().send(topic, key=key, value=value, headers=headers,
+                                   placement=placement)
+            await FakeDlq.send(self, topic, key=key, value=value, headers=headers,
+                               placement=placement)
+
+    dlq = RefusingTwice()
+    run = make(log_of(b"\x00not avro"), registry=known_schema(), USERPILOT_ENSURE_USER="false")
+    run.worker.dlq = run.worker.handler.dlq = dlq
+    caplog.set_level(logging.WARNING)
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(dlq.records) == 1, "the dead letter written", timeout=20)
+
+    assert drive(run, scenario) == 0
+    written = [r.getMessage() for r in caplog.records if "dead letter written" in r.getMessage()]
+    assert len(written) == 1, written
+    assert written[0].startswith("dead letter written after the DLQ refused it "
+                                 "(TOPIC_AUTHORIZATION_FAILED: denied) for ")
+    assert written[0].endswith("; its partition goes on")
+
+
 def test_dead_letters_a_too_small_dlq_refuses_log_one_line_per_cause_not_one_each(
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Review "whole47": each retry tries the whole record, then without its value, then

@@ -52,6 +52,33 @@ def test_connectivity_follows_all_brokers_down_and_the_broker_states_in_stats() 
     assert not src.connected
 
 
+def test_the_end_of_a_kafka_outage_is_logged_with_its_length(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review "logs56": every other dependency said it answered again; Kafka's last line
+    stayed "1/1 brokers are down". A start-up's first statistics (before the first
+    connection) are no outage."""
+    now = [1000.0]
+    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
+    up = json.dumps({"brokers": {"b:9092/1": {"nodeid": 1, "state": "UP"}}})
+    down = json.dumps({"brokers": {"b:9092/1": {"nodeid": 1, "state": "CONNECT"}}})
+    src = source()
+    caplog.set_level(logging.WARNING, logger="consumer.kafka")
+    src._on_stats_raw(down)
+    now[0] += 1
+    src._on_stats_raw(up)
+    assert "answer again" not in caplog.text
+    src._on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+    now[0] += 40
+    src._on_stats_raw(down)  # still down: its start is kept
+    now[0] += 2
+    src._on_commit(None, [])  # the coordinator answered
+    assert "kafka: the brokers answer again (after 42 s); reading and committing go on" \
+        in caplog.text
+    src._on_stats_raw(up)
+    assert caplog.text.count("answer again") == 1
+
+
 def test_an_unanswered_commit_means_not_connected_until_an_answer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -786,3 +813,16 @@ def test_the_source_consumer_s_logger_is_watched(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(kafka, "Consumer", Made)
     _told_source([])
     assert isinstance(made["logger"], kafka._ResetWatch)
+
+
+def test_a_failed_commit_names_kafka_s_error_as_the_runbook_does(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "logs56": the README's UserpilotCommitsFailing section names
+    GROUP_AUTHORIZATION_FAILED, REBALANCE_IN_PROGRESS...; the lines said only librdkafka's
+    text ("Broker: Group authorization failed")."""
+    src = _told_source([])
+    src._sent_async.append((time.monotonic(), [("t", 0)]))
+    with caplog.at_level(logging.WARNING, logger="consumer.kafka"):
+        src._on_commit(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED),
+                       [TopicPartition("t", 0, 5)])
+    assert "offset commit failed (GROUP_AUTHORIZATION_FAILED: " in caplog.text

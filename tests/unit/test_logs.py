@@ -295,6 +295,35 @@ def test_librdkafka_logger_is_one_rate_limited_logger() -> None:
     assert sum(isinstance(f, RateLimit) for f in first.filters) == 1
 
 
+@pytest.mark.parametrize(("text", "level"), [
+    ("[thrd:kafka:9092/1]: kafka:9092/1: Connect to ipv4#10.0.0.1:9092 failed: Connection "
+     "refused (after 0ms in state CONNECT)", "WARNING"),
+    ("[thrd:kafka:9092/1]: kafka:9092/1: Disconnected (after 5012ms in state UP)", "WARNING"),
+    ("[thrd:kafka:9092/1]: kafka:9092/1: SASL authentication error: Authentication failed "
+     "during authentication due to invalid credentials", "ERROR"),
+    ("[thrd:kafka:9092/1]: kafka:9092/1: SSL handshake failed: certificate verify failed",
+     "ERROR"),
+])
+def test_librdkafka_connection_failures_are_warnings_other_failures_errors(
+        capsys: pytest.CaptureFixture[str], text: str, level: str) -> None:
+    """Review "logs56": every broker restart logged ERROR lines (and the error callback's
+    WARNING), paging a log alert on errors for an outage the worker waits out."""
+    from consumer.logs import librdkafka_logger
+
+    for root in ("INFO", "ERROR"):
+        configure_logging(root, "text")
+        # A broker of its own each time: the logger's rate limit keys on it.
+        broker = f"b{root}{len(text)}:9092/1"
+        librdkafka_logger().log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1",
+                                text.replace("kafka:9092/1", broker))
+        out = lines(capsys)
+        if root == "ERROR" and level == "WARNING":
+            assert out == []  # not let in at WORKER_LOG_LEVEL=error
+        else:
+            assert len(out) == 1 and f" {level} librdkafka: FAIL " in out[0], out
+    configure_logging("INFO", "text")
+
+
 def test_an_event_s_message_id_cannot_make_a_huge_or_forged_line() -> None:
     """A 100,000-character messageId made a 100 KB line (split by container runtimes at
     16 KB); a carriage return in one forged a CRITICAL line in viewers breaking on it."""
