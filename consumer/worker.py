@@ -666,20 +666,21 @@ class Worker:
         self._let_go_held()
         if left - cut - cut_dead:
             log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
-                        "delivered after the restart", left - cut - cut_dead)
+                        "delivered by their partition's next reader (this pod restarted, or "
+                        "another replica)", left - cut - cut_dead)
         if cut:
             # Said apart: "not sent yet" of requests Userpilot may have taken read as no
             # duplicates to come (review "stop44").
             log.warning("shutdown: %d requests cut on the wire (the grace ended, or "
                         "Userpilot was failing) stay uncommitted; Userpilot may have them, and "
-                        "they are sent again after the restart", cut)
+                        "they are sent again by their partition's next reader", cut)
         if cut_dead:
             # Not Userpilot's: counted as its requests, they sent on-call after duplicates
             # that cannot happen (review "broker54").
             log.warning("shutdown: %d dead letters cut on their way to the DLQ (Kafka "
                         "unreachable, or the grace ended) stay uncommitted; they are "
-                        "dead-lettered after the restart (the DLQ may hold them twice)",
-                        cut_dead)
+                        "dead-lettered by their partition's next reader (the DLQ may hold "
+                        "them twice)", cut_dead)
         end = asked + self.s.shutdown_grace_s + STOP_AFTER_DRAIN_S
 
         def step(bound: float) -> float:
