@@ -56,18 +56,35 @@ class CompanyOrder:
     def __init__(self, wait_s: float = COMPANY_WAIT_S) -> None:
         self._wait_s = wait_s
         self._lines: dict[str, list[Write]] = {}
+        # Per partition and company, the events placed whose job has not ended (answered or
+        # not): their offsets by intake number (`open_before`).
+        self._jobs: dict[tuple[TP, str], dict[int, int]] = {}
 
     def __len__(self) -> int:
         return sum(len(line) for line in self._lines.values())
 
-    def place(self, intake: int, tp: TP, companies: Iterable[str]) -> tuple[Write, ...]:
+    def place(self, intake: int, tp: TP, companies: Iterable[str],
+              offset: int = -1) -> tuple[Write, ...]:
         """Once an event is decided and has its intake number: its company writes join
         their companies' lines (a later-decided event joins at its intake position). The
         event keeps what this returns for `turn`, `written` and `after`."""
         writes = tuple(Write(intake, tp, company, asyncio.Event()) for company in companies)
         for write in writes:
             bisect.insort(self._lines.setdefault(write.company, []), write, key=_intake)
+            self._jobs.setdefault((tp, write.company), {})[intake] = offset
         return writes
+
+    def open_before(self, writes: Sequence[Write]) -> set[int]:
+        """The offsets of the events of the same partition, taken before this one, that
+        write one of its companies and whose job has not ended: their company call may have
+        been answered while the rest of their job goes on (a user's association retried).
+        This event is not to be named finished above them: read again after a crash, they
+        would write their older properties after this one's (`worker`)."""
+        out: set[int] = set()
+        for write in writes:
+            jobs = self._jobs.get((write.tp, write.company), {})
+            out.update(offset for intake, offset in jobs.items() if intake < write.intake)
+        return out
 
     async def turn(self, writes: Sequence[Write], company: str,
                    fields: Mapping[str, Any] | None = None) -> None:
@@ -121,6 +138,15 @@ class CompanyOrder:
         """The event's job ended (whatever its outcome): none of its writes is to come."""
         for write in writes:
             self._end(write)
+            self._job_ended(write)
+
+    def _job_ended(self, write: Write) -> None:
+        key = (write.tp, write.company)
+        jobs = self._jobs.get(key)
+        if jobs is not None:
+            jobs.pop(write.intake, None)
+            if not jobs:
+                del self._jobs[key]
 
     def forget(self, parts: Collection[TP]) -> None:
         """The partitions went: their events' writes were abandoned, some before they ran."""
@@ -128,6 +154,8 @@ class CompanyOrder:
         for line in list(self._lines.values()):
             for write in [w for w in line if w.tp in gone]:
                 self._end(write)
+        for key in [key for key in self._jobs if key[0] in gone]:
+            del self._jobs[key]
 
     def _end(self, write: Write) -> None:
         write.done.set()

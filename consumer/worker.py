@@ -44,7 +44,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -424,6 +424,12 @@ class Worker:
         self._retry_log: dict[str, tuple[float, int]] = {}
         # Keyless events' order by user (event loop only): see `consumer.keyless`.
         self.keyless = KeylessOrder()
+        # A company's order across a crash (event loop only; `_finish_after_company`): per
+        # unfinished event (partition, offset), the later events of its partition writing
+        # one of its companies whose outcome came first, and per such event how many it
+        # waits for. Finished only after them, so no commit note names them above it.
+        self._company_dependents: dict[tuple[TP, int], list[tuple[TP, int, int]]] = {}
+        self._company_waits: dict[tuple[TP, int, int], int] = {}
         # Fair intake (event loop only; may name revoked partitions, always intersected with
         # `assigned`): partitions kept paused because they hold their share of the window,
         # and partitions seen with nothing to read.
@@ -1197,16 +1203,16 @@ class Worker:
             if self.guard_hold.hold(done, now, event.intake, chains):
                 self.commits.hold(*done)
             else:  # a later write of its state reached Userpilot already
-                self.commits.finish(*done)
+                self._finish_after_company(event, done)
             self._dead_letters.append((done[0], done[1], outcome.at, done[2]))
         else:
-            self.commits.finish(*done)
+            self._finish_after_company(event, done)
             if chains and isinstance(outcome, Delivered | Duplicate):
                 # Read again after a crash or a trip, they would reach Userpilot after this
                 # event and undo what it set (review "order50"); after a trip too.
                 for chain in chains:
                     for item in self.guard_hold.overtaken(chain, event.intake):
-                        self.commits.finish(*item)
+                        self._finish(*item)
         self._finish_held(functools.partial(self.guard_hold.due, now))
         return outcome
 
@@ -1220,7 +1226,47 @@ class Worker:
         if self.handler.guard.tripped_reason is not None:
             return
         for tp, offset, generation in release():
-            self.commits.finish(tp, offset, generation)
+            self._finish(tp, offset, generation)
+
+    def _finish(self, tp: TP, offset: int, generation: int) -> None:
+        """Event loop: the event is finished (`Commits.finish`), and so are the later events
+        of its partition that waited for it alone (`_finish_after_company`)."""
+        self.commits.finish(tp, offset, generation)
+        for later in self._company_dependents.pop((tp, offset), ()):
+            waits = self._company_waits.pop(later, 1) - 1
+            if waits > 0:
+                self._company_waits[later] = waits
+            else:
+                self._finish(*later)
+
+    def _finish_after_company(self, event: Event, done: tuple[TP, int, int]) -> None:
+        """Finish `event` now, or, while earlier events of its partition that write one of
+        its companies are unfinished with their job under way, once they are finished.
+
+        Why: a group whose company call was answered while its user's association was
+        retried let a later user's group of the same company go (`CompanyOrder`); that one
+        finished, the commit's note named it finished above the earlier, and after a crash
+        or a stop the next owner sent the earlier group alone: its older properties ended
+        on the company (review "crash56"). Not named finished, the later one is sent again
+        after it. Its partition's offset waits for the earlier event anyway; this holds its
+        place in the window a little longer. An earlier event abandoned (a revoke, a stop,
+        the DLQ guard's trip) leaves it unfinished, uncommitted with it (`_release`)."""
+        earlier = self.handler.companies.open_before(event.writes) if event.writes else ()
+        if not earlier:
+            self._finish(*done)
+            return
+        self._company_waits[done] = len(earlier)
+        for offset in earlier:
+            self._company_dependents.setdefault((done[0], offset), []).append(done)
+
+    def _forget_company_waits(self, parts: Collection[TP]) -> None:
+        """Event loop: the partitions went; their events waiting on earlier ones of theirs
+        stay unfinished (`_finish_after_company`)."""
+        gone = set(parts)
+        for later in [d for d in self._company_waits if d[0] in gone]:
+            del self._company_waits[later]
+        for key in [k for k in self._company_dependents if k[0] in gone]:
+            del self._company_dependents[key]
 
     def _held_idle(self, scheduler: Scheduler[Event], idle: bool, source: Source) -> bool:
         """Let go of held dead letters no outcome to come can move the guard past, when
@@ -1845,6 +1891,7 @@ class Worker:
                                 cut_dead, partitions_text(parts))
             finally:
                 self._let_go_held(parts)
+                self._forget_company_waits(parts)
                 self.keyless.forget(parts)  # unresolved events abandoned before they ran
                 self.handler.forget_writes(parts)  # and company writes, likewise
 

@@ -1199,6 +1199,60 @@ def test_two_users_updates_of_one_company_go_in_stream_order(schema_known: bool)
     assert writes == [("globex", "free"), ("acme", "free"), ("acme", "enterprise")]
 
 
+class _AssociationRetried(FakeClient):
+    """Userpilot fails ka's association (its identify) with 503 while `failing`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = True
+
+    async def send(self, call: Call) -> int:
+        status = await super().send(call)
+        if self.failing and call.endpoint == "identify" and call.user_id == "ka":
+            raise ServerError("HTTP 503", status=503)
+        return status
+
+
+@pytest.mark.parametrize("with_ka_recovering", [False, True])
+def test_a_later_update_of_a_company_is_not_named_finished_above_an_earlier_one_under_way(
+        with_ka_recovering: bool) -> None:
+    """Review "crash56": ka's group (offset 0) had its company call answered and its
+    association retried; kb's later group of acme (offset 1) went and finished, the commit
+    note named offset 1 finished, and after a stop the next owner sent ka's group alone: its
+    older plan ended on acme. kb's is finished only after ka's outcome."""
+    msgs = [Message(TOPIC, 0, 0, b"ka", group_of("ka", "acme", 0, "old")),
+            Message(TOPIC, 0, 1, b"kb", group_of("kb", "acme", 1, "new"))]
+    client = _AssociationRetried()
+    run = make({(TOPIC, 0): msgs}, registry=known_schema(), client=client,
+               USERPILOT_ENSURE_USER="false", WORKER_COMMIT_INTERVAL_SECONDS="0.2",
+               WORKER_SHUTDOWN_GRACE_SECONDS="1", USERPILOT_RETRY_MAX_ATTEMPTS="1000",
+               USERPILOT_RETRY_BACKOFF_SECONDS="0.05",
+               USERPILOT_RETRY_BACKOFF_MAX_SECONDS="0.05")
+
+    async def scenario(source: FakeSource) -> None:
+        def kb_identified() -> bool:
+            return any(c.endpoint == "identify" and c.user_id == "kb" for c in client.calls)
+
+        await until(kb_identified, "kb's group delivered")
+        await asyncio.sleep(0.6)  # commits with notes go on meanwhile
+        if with_ka_recovering:
+            client.failing = False
+            await until(lambda: source.committed().get((TOPIC, 0)) == 2, "both finished", 20)
+
+    assert drive(run, scenario) == 0
+    source = run.source
+    # No commit named kb's group finished above ka's unfinished one.
+    for offsets, notes in zip(source.commits, source.notes, strict=True):
+        at = offsets.get((TOPIC, 0))
+        if at == 0:
+            assert not decode_note(notes.get((TOPIC, 0)), 0).covers(1), notes
+    final, note = source.stored[(TOPIC, 0)]
+    assert final == (2 if with_ka_recovering else 0), final
+    assert not decode_note(note, final).covers(1), note
+    # ka's association went out (retried) and so did kb's group, whole
+    assert any(c.endpoint == "identify" and c.user_id == "kb" for c in client.calls)
+
+
 class _NewVersionRegistry(FakeRegistry):
     """Knows SCHEMA_ID; NEW_SCHEMA_ID (a collector's new version, the same fields) answers
     after `new_delay` seconds, its first `failures` lookups failing (a registry blip)."""
