@@ -21,8 +21,10 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +65,7 @@ from consumer.errors import (
     TlsRefused,
 )
 from consumer.redaction import Redactor
+from consumer.signals import handled, stop_signals
 from consumer.stdout import printable, write_line
 
 __all__ = [
@@ -216,15 +219,25 @@ class Pacer:
 
     def __init__(
         self, interval: float, *, clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] = time.sleep,
+        interrupted: Callable[[], None] = lambda: None,
     ) -> None:
         self.interval = interval
         self.clock = clock
-        self.sleep = sleep
+        self._sleep = sleep
+        # Raises (SystemExit) once a stop was asked: checked before each request and after
+        # each wait, where nothing is half done.
+        self.interrupted = interrupted
         self._next: float | None = None
+
+    def sleep(self, seconds: float) -> None:
+        """Wait `seconds` (a retry's backoff too), unless a stop is asked meanwhile."""
+        self._sleep(seconds)
+        self.interrupted()
 
     def wait(self) -> None:
         """Block until the next request may start."""
+        self.interrupted()
         if self._next is None:
             return
         delay = self._next - self.clock()
@@ -746,16 +759,34 @@ def main(
         return 0
     client, settings = _client_from_env(env)
     summary = Summary()
+    # SIGTERM and SIGHUP set a flag the pacer reads between requests (and wake its waits):
+    # raised from the handler, their SystemExit was swallowed where it landed in a
+    # generator's finalizer (the run went on to its end, exit 1) or left a lock of the HTTP
+    # client taken and the close in `finally` hung for good (review "deps56").
+    signalled: list[int] = []
+    woken = threading.Event()
+
+    def stop_asked(signum: int, _frame: object) -> None:
+        signalled.append(signum)
+        woken.set()
+
+    def interrupted() -> None:
+        if signalled:
+            raise SystemExit(128 + signalled[0])
+
     try:
-        log(f"DELETE {client.url}: {users.count(user_ids)} users in {len(groups)} batches, "
-            f"one request per {args.interval:g} s")
-        delete_users(
-            user_ids, client.delete, batch_size=args.batch_size, pacer=Pacer(args.interval),
-            attempts=settings.retry_max_attempts, backoff_s=settings.retry_backoff_s,
-            backoff_max_s=settings.retry_backoff_max_s, budget_s=settings.retry_budget_s,
-            log=log, summary=summary, forget=_shared_users(env, settings, log),
-            exact=args.json,
-        )
+        with handled(stop_asked, [s for s in stop_signals() if s != signal.SIGINT]):
+            log(f"DELETE {client.url}: {users.count(user_ids)} users in {len(groups)} "
+                f"batches, one request per {args.interval:g} s")
+            delete_users(
+                user_ids, client.delete, batch_size=args.batch_size,
+                pacer=Pacer(args.interval, sleep=woken.wait, interrupted=interrupted),
+                attempts=settings.retry_max_attempts, backoff_s=settings.retry_backoff_s,
+                backoff_max_s=settings.retry_backoff_max_s, budget_s=settings.retry_budget_s,
+                log=log, summary=summary, forget=_shared_users(env, settings, log),
+                exact=args.json,
+            )
+            interrupted()  # asked during the last batch: said so, as after any other
         code = 0 if summary.ok else 1
     except (KeyboardInterrupt, SystemExit) as exc:
         # Ctrl-C, or a SIGTERM (`__main__` raises SystemExit(143) for it): what was done so

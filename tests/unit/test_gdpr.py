@@ -492,6 +492,52 @@ def test_an_interrupted_run_prints_what_it_did(
                               "failed 0, unsent 1\n")
 
 
+def test_a_sigterm_during_a_request_stops_the_run_after_it_not_inside_it(
+        monkeypatch: pytest.MonkeyPatch, streams: tuple[io.StringIO, io.StringIO]) -> None:
+    """Review "deps56": `__main__`'s handler raised SystemExit wherever the signal landed;
+    in a generator's finalizer it was swallowed (the run went on to its end), in the HTTP
+    client's lock the close in `finally` hung for good. The run's own handler sets a flag:
+    the request under way ends, then the run stops, and says so."""
+    import os
+    import signal
+
+    import consumer.gdpr as gdpr
+    from consumer.__main__ import _terminated
+    from consumer.signals import handled
+
+    real = gdpr._client_from_env
+    sent: list[bytes] = []
+
+    class Signalled:
+        url = "https://up.test/v1/users"
+
+        def delete(self, body: bytes) -> str:
+            sent.append(body)
+            os.kill(os.getpid(), signal.SIGTERM)  # while the request is under way
+            return "req-1"
+
+        def close(self) -> None:
+            return None
+
+    def client_from_env(env: Any) -> tuple[Any, Any]:
+        client, settings = real(env)
+        client.close()
+        return Signalled(), settings
+
+    monkeypatch.setattr(gdpr, "_client_from_env", client_from_env)
+    out, err = streams
+    with handled(_terminated, [signal.SIGTERM]):  # as `__main__.main` runs every command
+        code = main(args("--batch-size", "1", "--interval", "0"), env=ENV,
+                    stdin=io.StringIO("a\nb\nc\n"), out=out, err=err)
+    assert code == 128 + signal.SIGTERM
+    assert len(sent) == 1
+    assert "batch 1/3 (1 users): scheduled for deletion (req-1)" in err.getvalue()
+    assert "interrupted after 1 of 3 batches" in err.getvalue()
+    assert "under way" not in err.getvalue()
+    assert out.getvalue() == ("delete-users: users requested 3, batches sent 1, deleted 1, "
+                              "failed 0, unsent 2\n")
+
+
 def test_settings_the_deletion_does_not_use_are_not_read() -> None:
     """The worker's environment without its mounted files: a Kafka CA or a mappings file
     it cannot read stopped the deletion (review "gdpr16")."""
