@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,14 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def hang_up_as_default() -> None:
+    """A child's `preexec_fn`: SIGHUP's default action, as outside `nohup`. Under `nohup`
+    (SIGHUP ignored, inherited by children) the commands rightly keep running at a hang-up,
+    and the tests that send one failed and left their child running (review "deps56")."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 CTL = REPO / "services" / "ctl.py"
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 

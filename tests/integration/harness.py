@@ -29,6 +29,7 @@ from consumer.kafka import make_producer
 from consumer.metrics import Metrics
 from consumer.produce import produce_events
 from consumer.worker import Worker
+from tests.conftest import hang_up_as_default
 
 REPO = Path(__file__).resolve().parents[2]
 WRITE_TOKEN = "it-write-token-7f3a9c"
@@ -264,6 +265,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "consumer", "run", *args], env=full_env, cwd=REPO,
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=hang_up_as_default,
         )
 
     def kill(self) -> None:

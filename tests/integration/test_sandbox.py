@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from consumer.sandbox import SandboxConfig, SandboxControl, SandboxThread, fingerprint
+from tests.conftest import hang_up_as_default
 
 pytestmark = pytest.mark.integration
 
@@ -350,6 +351,7 @@ def test_runs_as_a_separate_process(stop: signal.Signals) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=hang_up_as_default,
     )
     try:
         assert process.stdout is not None

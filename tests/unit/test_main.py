@@ -18,6 +18,7 @@ from typing import Any, cast
 import pytest
 
 from consumer.__main__ import main
+from tests.conftest import hang_up_as_default
 
 
 def only(env: dict[str, str]) -> dict[str, str]:
@@ -963,7 +964,8 @@ def test_delete_users_reports_a_hang_up_like_a_sigterm(tmp_path: Path) -> None:
     env = {**GOOD, "USERPILOT_ANALYTICS_ENDPOINT": "127.0.0.1:9", "USERPILOT_INSECURE_HTTP": "true"}
     proc = subprocess.Popen([sys.executable, "-m", "consumer", "delete-users", "--file",
                              str(ids), "--batch-size", "1", "--interval", "5"], env=only(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=hang_up_as_default)
     try:
         deadline = time.monotonic() + 30
         assert proc.stderr is not None
