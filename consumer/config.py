@@ -1098,7 +1098,15 @@ def _kafka_together(reader: _Reader, extra: Mapping[str, str | Secret], group_id
         # compression.type, and the note named no setting (review "ops28").
         names = [f"KAFKA_{key.upper().replace('.', '_')}" for key in sorted(conf)
                  if said(key, text) or (key in ALIASES and said(ALIASES[key], text))]
-        return f" (set by {', '.join(names)})" if names else ""
+        hint = ""
+        if said("ssl.key.location", text) and "ssl.key.password" not in text:
+            # librdkafka names the key file for a wrong or missing password of an
+            # encrypted key as for a bad file (review "sasl55").
+            if "ssl.key.password" in conf:
+                names.append("KAFKA_SSL_KEY_PASSWORD")
+            else:
+                hint = "; an encrypted key also needs KAFKA_SSL_KEY_PASSWORD"
+        return (f" (set by {', '.join(names)}{hint})" if names else "")
 
     if refused is not None and "No provider for SASL mechanism GSSAPI" in refused:
         # GSSAPI (Kerberos) is not in the wheel's build, and librdkafka's text says

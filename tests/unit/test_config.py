@@ -1727,6 +1727,36 @@ def test_a_message_max_bytes_below_a_dead_letters_headers_is_refused(value: str)
     assert load(KAFKA_MESSAGE_MAX_BYTES="16384").kafka_extra["message.max.bytes"] == "16384"
 
 
+@pytest.mark.parametrize("password", [None, "wrong", "right"])
+def test_an_encrypted_key_s_password_is_named_with_its_file(tmp_path: Path,
+                                                            password: str | None) -> None:
+    """Review "sasl55": librdkafka names the key file for a wrong (or missing) password of an
+    encrypted key, and so did the problem: KAFKA_SSL_KEY_LOCATION alone."""
+    import subprocess
+
+    from tests.certificates import self_signed
+
+    cert, key = self_signed(tmp_path)
+    encrypted = tmp_path / "encrypted.pem"
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:right",
+                    "-out", str(encrypted)], check=True, capture_output=True)
+    env = {**BASE, "KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CERTIFICATE_LOCATION": str(cert),
+           "KAFKA_SSL_KEY_LOCATION": str(encrypted)}
+    if password is not None:
+        env["KAFKA_SSL_KEY_PASSWORD"] = password
+    if password == "right":
+        load_settings(env)  # taken
+        return
+    found = [p for p in problems(env) if "KAFKA_SSL_KEY_LOCATION" in p]
+    if password is None:
+        assert len(found) == 1 and ("(set by KAFKA_SSL_KEY_LOCATION; an encrypted key also "
+                                    "needs KAFKA_SSL_KEY_PASSWORD)") in found[0], found
+    else:
+        assert len(found) == 1 and (
+            "(set by KAFKA_SSL_KEY_LOCATION, KAFKA_SSL_KEY_PASSWORD)" in found[0]), found
+        assert "wrong" not in found[0]
+
+
 @pytest.mark.parametrize("value", ["1", "4", " 15 ", "+8"])
 def test_a_producer_queue_smaller_than_a_dead_letter_is_refused(value: str) -> None:
     """Review "pass56": a dead letter larger than the producer's whole queue was refused
