@@ -837,8 +837,11 @@ class KafkaSource:
         if done.wait(timeout_s):
             return True
         self.abandoned = True
+        # Not always an outage: a rebalance waiting out a dead member's session holds the
+        # leave as long (review "crash56": "Kafka unreachable" with Kafka up).
         log.warning("leaving the consumer group did not finish within %.0f s (Kafka "
-                    "unreachable); exiting anyway: the group reassigns the partitions after "
+                    "unreachable, or a rebalance waiting for a member that left without a "
+                    "word); exiting anyway: the group reassigns the partitions after "
                     "session.timeout.ms", timeout_s)
         return False
 
