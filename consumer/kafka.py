@@ -788,6 +788,9 @@ class KafkaSource:
         except (KafkaException, ValueError, TypeError):
             return out
         wait_futures(list(asked.values()), timeout=timeout_s)
+        # Its log lines (KAFKA_DEBUG's, a broker's failures) wait in its queue until polled:
+        # never polled, none was logged and the queue grew (review "diff56").
+        self._marks.poll(0)
         for tp, future in asked.items():
             if future.done() and future.exception() is None:
                 offset = int(future.result().offset)

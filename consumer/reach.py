@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import socket
 import ssl
 import threading
@@ -203,13 +204,22 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
     finally:
         producer.flush(0)
     topics = list(topics)
+    admin = AdminClient(dict(settings))  # the settings passed: the producer took them
     missing = [t for t in topics if t not in metadata.topics]
     if missing:
+        # Hidden by the ACLs (no Describe, so no Read either): said so, not "no topic".
+        hidden = _refused_topics(admin, missing, timeout)
+        if hidden:
+            return _denied(conf, [("Read", "topic", topic) for topic in hidden])
         return f"Kafka at {bootstrap} has no topic {', '.join(repr(t) for t in missing)}"
-    admin = AdminClient(dict(settings))  # the settings passed: the producer took them
     brokers = broker_config(admin, [*metadata.brokers], timeout)
     if dlq_topic is not None and dlq_topic not in metadata.topics:
-        problem = missing_dlq_problem(bootstrap, dlq_topic, brokers)
+        # Not in the metadata: not there, or hidden from the principal (no Describe, so no
+        # Write): a DLQ without any ACL passed, and one hidden was to be created though it
+        # was there (review "acl56").
+        problem = (_denied(conf, [("Write", "topic", dlq_topic)])
+                   if _refused_topics(admin, [dlq_topic], timeout)
+                   else missing_dlq_problem(bootstrap, dlq_topic, brokers))
     elif dlq_topic is not None:
         problem = dlq_policy(admin, dlq_topic, timeout)
     else:
@@ -220,9 +230,50 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
 
 
 def _principal(conf: Mapping[str, Any]) -> str:
-    """The worker's principal as `kafka-acls.sh` takes it, where the settings tell it."""
+    """The worker's principal as `kafka-acls.sh` takes it, quoted for a shell, where the
+    settings tell it (a SASL user name; not an OAuth token's or a certificate's)."""
     user = conf.get("sasl.username")
-    return f"User:{user}" if isinstance(user, str) and user.strip() else "<principal>"
+    mechanism = str(conf.get("sasl.mechanism", conf.get("sasl.mechanisms", "GSSAPI"))).upper()
+    known = (isinstance(user, str) and user.strip()
+             and mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+    return shlex.quote(f"User:{user}" if known else "<principal>")
+
+
+def _acl_command(conf: Mapping[str, Any], operation: str, kind: str, name: str) -> str:
+    """The `kafka-acls.sh` line that grants `operation` on `name`, as an admin runs it."""
+    bootstrap = shlex.quote(str(conf.get("bootstrap.servers", "")))
+    return (f"kafka-acls.sh --bootstrap-server {bootstrap} --command-config admin.properties "
+            f"--add --allow-principal {_principal(conf)} --operation {operation} "
+            f"--{kind} {shlex.quote(name)}")
+
+
+def _denied(conf: Mapping[str, Any], denied: Sequence[tuple[str, str, str]]) -> str:
+    """The line naming what the brokers deny the worker's principal, (operation, kind, name)
+    each, and how to grant it."""
+    grants = "; ".join(_acl_command(conf, *item) for item in denied)
+    return ("Kafka refuses the worker's principal "
+            + ", ".join(f"{op} on {kind} {name!r}" for op, kind, name in denied)
+            + f": grant it, as an admin (admin.properties: an admin's client settings): "
+            f"{grants}; or remove a DENY ACL that overrides a grant")
+
+
+def _refused_topics(admin: Any, topics: Sequence[str], timeout: float) -> list[str]:
+    """Those of `topics` the brokers refuse to describe to the worker's principal
+    (TOPIC_AUTHORIZATION_FAILED: it may not even see them); those not there, or whose
+    answer did not come, are not."""
+    try:
+        found = admin.describe_topics(TopicCollection(list(topics)), request_timeout=timeout)
+    except (KafkaException, ValueError):
+        return []
+    refused = []
+    for topic, future in found.items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                refused.append(topic)
+    return refused
 
 
 def _allowed(ops: Any, op: Any) -> bool | None:
@@ -275,16 +326,7 @@ def acl_problem(admin: Any, conf: Mapping[str, Any], topics: Sequence[str],
             ops = None
         if _allowed(ops, AclOperation.READ) is False:
             denied.append(("Read", "group", group))
-    if not denied:
-        return None
-    bootstrap = conf.get("bootstrap.servers", "")
-    grants = "; ".join(
-        f"kafka-acls.sh --bootstrap-server {bootstrap} --add --allow-principal "
-        f"{_principal(conf)} "
-        f"--operation {op} --{kind} {name}" for op, kind, name in denied)
-    return ("Kafka refuses the worker's principal "
-            + ", ".join(f"{op} on {kind} {name!r}" for op, kind, name in denied)
-            + f": grant it ({grants})")
+    return _denied(conf, denied) if denied else None
 
 
 def _metadata(producer: Producer, timeout: float) -> Any:
@@ -521,9 +563,9 @@ def topic_notes(conf: Mapping[str, Any], topics: Iterable[str], dlq_topic: str,
             f"the DLQ topic {dlq_topic!r}'s settings could not be read (DescribeConfigs "
             "denied?), so whether it is compacted is not checked: compaction would keep one "
             "dead letter per user and remove the others. Allow the worker's principal "
-            f"DescribeConfigs on it (kafka-acls.sh --add --allow-principal {_principal(conf)} "
-            f"--operation DescribeConfigs --topic {dlq_topic}), or make sure its "
-            "cleanup.policy is delete")
+            f"DescribeConfigs on it ({_acl_command(conf, 'DescribeConfigs', 'topic', dlq_topic)}"
+            "; admin.properties: an admin's client settings), or make sure its cleanup.policy "
+            "is delete")
     return warnings
 
 

@@ -44,7 +44,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -424,12 +424,6 @@ class Worker:
         self._retry_log: dict[str, tuple[float, int]] = {}
         # Keyless events' order by user (event loop only): see `consumer.keyless`.
         self.keyless = KeylessOrder()
-        # A company's order across a crash (event loop only; `_finish_after_company`): per
-        # unfinished event (partition, offset), the later events of its partition writing
-        # one of its companies whose outcome came first, and per such event how many it
-        # waits for. Finished only after them, so no commit note names them above it.
-        self._company_dependents: dict[tuple[TP, int], list[tuple[TP, int, int]]] = {}
-        self._company_waits: dict[tuple[TP, int, int], int] = {}
         # Fair intake (event loop only; may name revoked partitions, always intersected with
         # `assigned`): partitions kept paused because they hold their share of the window,
         # and partitions seen with nothing to read.
@@ -670,6 +664,12 @@ class Worker:
         grace = max(0.0, self.s.shutdown_grace_s - (time.monotonic() - asked))
         left, cut, cut_dead = await self._settle(scheduler, None, grace)
         self._let_go_held()
+        behind = self.handler.companies.held_back()
+        if behind:
+            # Delivered and not committed: said, as the duplicates to come (review "diff56").
+            log.warning("shutdown: %d events delivered behind an earlier update of their "
+                        "company still unfinished stay uncommitted; their partition's next "
+                        "reader sends them again, after it", behind)
         if left - cut - cut_dead:
             log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
                         "delivered by their partition's next reader (this pod restarted, or "
@@ -1230,43 +1230,36 @@ class Worker:
 
     def _finish(self, tp: TP, offset: int, generation: int) -> None:
         """Event loop: the event is finished (`Commits.finish`), and so are the later events
-        of its partition that waited for it alone (`_finish_after_company`)."""
-        self.commits.finish(tp, offset, generation)
-        for later in self._company_dependents.pop((tp, offset), ()):
-            waits = self._company_waits.pop(later, 1) - 1
-            if waits > 0:
-                self._company_waits[later] = waits
-            else:
-                self._finish(*later)
+        of its partition it was the last to hold back (`CompanyOrder.finished`), one after
+        another: a chain of a thousand waiting groups was a thousand nested calls and a
+        RecursionError (review "order56")."""
+        todo = [(tp, offset, generation)]
+        while todo:
+            done = todo.pop()
+            self.commits.finish(*done)
+            todo.extend(self.handler.companies.finished(done))
 
     def _finish_after_company(self, event: Event, done: tuple[TP, int, int]) -> None:
-        """Finish `event` now, or, while earlier events of its partition that write one of
-        its companies are unfinished with their job under way, once they are finished.
+        """Finish `event` now, or, while an earlier event of its partition writing one of
+        its companies is unfinished (under way, a dead letter held for the DLQ guard, or
+        abandoned by a stop or the guard's trip), once none is (`CompanyOrder.due`).
 
         Why: a group whose company call was answered while its user's association was
-        retried let a later user's group of the same company go (`CompanyOrder`); that one
-        finished, the commit's note named it finished above the earlier, and after a crash
-        or a stop the next owner sent the earlier group alone: its older properties ended
-        on the company (review "crash56"). Not named finished, the later one is sent again
+        retried let a later user's group of the same company go; that one finished, the
+        commit's note named it finished above the earlier, and after a crash or a stop the
+        next owner sent the earlier group alone: its older properties ended on the company
+        (reviews "crash56", "order56"). Not named finished, the later one is sent again
         after it. Its partition's offset waits for the earlier event anyway; this holds its
-        place in the window a little longer. An earlier event abandoned (a revoke, a stop,
-        the DLQ guard's trip) leaves it unfinished, uncommitted with it (`_release`)."""
-        earlier = self.handler.companies.open_before(event.writes) if event.writes else ()
-        if not earlier:
-            self._finish(*done)
-            return
-        self._company_waits[done] = len(earlier)
-        for offset in earlier:
-            self._company_dependents.setdefault((done[0], offset), []).append(done)
+        place in the window a little longer.
 
-    def _forget_company_waits(self, parts: Collection[TP]) -> None:
-        """Event loop: the partitions went; their events waiting on earlier ones of theirs
-        stay unfinished (`_finish_after_company`)."""
-        gone = set(parts)
-        for later in [d for d in self._company_waits if d[0] in gone]:
-            del self._company_waits[later]
-        for key in [k for k in self._company_dependents if k[0] in gone]:
-            del self._company_dependents[key]
+        Held back, it leaves the window (`Commits.hold`, as a dead letter held for the DLQ
+        guard): counted, 200 groups of one company behind one user's retried association
+        filled it, every partition paused, and with nothing else delivered the retries
+        stopped counting: the replica stalled for good (review "diff56")."""
+        if not event.writes or self.handler.companies.due(done):
+            self._finish(*done)
+        else:
+            self.commits.hold(*done)
 
     def _held_idle(self, scheduler: Scheduler[Event], idle: bool, source: Source) -> bool:
         """Let go of held dead letters no outcome to come can move the guard past, when
@@ -1877,6 +1870,11 @@ class Worker:
                 # claims stayed unconfirmed, so this replica, given the partitions back,
                 # sent them again at once (the claim's owner is the same).
                 left, cut, cut_dead = await self._settle(scheduler, parts, budget)
+                behind = self.handler.companies.held_back(parts)
+                if behind:
+                    log.info("revoke: %d events of %s delivered behind an earlier update of "
+                             "their company still unfinished; the next owner sends them "
+                             "again, after it", behind, partitions_text(parts))
                 if left - cut - cut_dead:
                     log.info("revoke: %d events of %s not sent yet; the next owner "
                              "delivers them", left - cut - cut_dead, partitions_text(parts))
@@ -1891,7 +1889,6 @@ class Worker:
                                 cut_dead, partitions_text(parts))
             finally:
                 self._let_go_held(parts)
-                self._forget_company_waits(parts)
                 self.keyless.forget(parts)  # unresolved events abandoned before they ran
                 self.handler.forget_writes(parts)  # and company writes, likewise
 

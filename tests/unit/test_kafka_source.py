@@ -485,12 +485,15 @@ def test_a_partition_without_a_leader_keeps_no_other_high_watermark_waiting() ->
             out[tp] = future
         return out
 
-    source: Any = SimpleNamespace(_marks=SimpleNamespace(list_offsets=list_offsets))
+    polled: list[float] = []
+    source: Any = SimpleNamespace(_marks=SimpleNamespace(list_offsets=list_offsets,
+                                                         poll=polled.append))
     started = time.monotonic()
     marks = KafkaSource.high_watermarks(source, [("t", 0), ("t", 1), ("t", 2), ("t", 3)], 0.3)
     assert time.monotonic() - started < 2.0
     assert marks == {("t", 0): 7, ("t", 1): -1, ("t", 2): -1, ("t", 3): 10}
     assert asked == [([("t", 0), ("t", 1), ("t", 2), ("t", 3)], 0.3)]  # one request
+    assert polled == [0]  # its log lines served (review "diff56": never, they piled up)
     assert KafkaSource.high_watermarks(source, [], 0.3) == {}
 
 

@@ -567,7 +567,7 @@ class _AuthorizedOps:
 
 
 _RD = [AclOperation.READ, AclOperation.DESCRIBE]
-_CONF = {"bootstrap.servers": "b:9092", "sasl.username": "svc"}
+_CONF = {"bootstrap.servers": "b:9092", "sasl.mechanism": "PLAIN", "sasl.username": "svc"}
 
 
 @pytest.mark.parametrize(("topic", "dlq", "group", "denied"), [
@@ -596,8 +596,27 @@ def test_acl_problem_names_what_the_brokers_deny(topic: Any, dlq: Any, group: An
         assert problem is None
         return
     assert problem is not None
-    assert problem.startswith(f"Kafka refuses the worker's principal {denied}: grant it ")
-    assert "--bootstrap-server b:9092 --add --allow-principal User:svc --operation " in problem
+    assert problem.startswith(f"Kafka refuses the worker's principal {denied}: grant it, ")
+    assert ("kafka-acls.sh --bootstrap-server b:9092 --command-config admin.properties --add "
+            "--allow-principal User:svc --operation ") in problem
+    assert problem.endswith("; or remove a DENY ACL that overrides a grant")
+
+
+@pytest.mark.parametrize(("conf", "principal"), [
+    ({"sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "we ird;user"}, "'User:we ird;user'"),
+    ({"sasl.mechanisms": "PLAIN", "sasl.username": "svc"}, "User:svc"),
+    # A user name left from another mechanism is not the principal (OAuth, Kerberos).
+    ({"sasl.mechanism": "OAUTHBEARER", "sasl.username": "svc"}, "'<principal>'"),
+    ({"sasl.username": "svc"}, "'<principal>'"),
+    ({}, "'<principal>'"),
+])
+def test_the_grant_command_quotes_its_principal_for_a_shell(conf: dict[str, str],
+                                                            principal: str) -> None:
+    """Review "acl56": a user `we ird;user` ran `user` as a second command; `<principal>`
+    was read as a redirection."""
+    admin = _AuthorizedOps({}, [AclOperation.DESCRIBE])
+    problem = reach.acl_problem(admin, {"bootstrap.servers": "b", **conf}, [], None, "g", 1.0)
+    assert problem is not None and f"--allow-principal {principal} --operation Read" in problem
 
 
 def test_acl_problem_lists_every_denial_and_skips_what_is_not_asked() -> None:
@@ -606,5 +625,5 @@ def test_acl_problem_lists_every_denial_and_skips_what_is_not_asked() -> None:
     problem = reach.acl_problem(admin, {"bootstrap.servers": "b"}, ["s"], "d", "g", 1.0)
     assert problem is not None
     assert "Read on topic 's', Write on topic 'd', Read on group 'g'" in problem
-    assert "--allow-principal <principal> --operation Write --topic d" in problem
+    assert "--allow-principal '<principal>' --operation Write --topic d;" in problem
     assert reach.acl_problem(admin, {}, [], None, None, 1.0) is None

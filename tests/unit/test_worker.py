@@ -1215,7 +1215,7 @@ class _AssociationRetried(FakeClient):
 
 @pytest.mark.parametrize("with_ka_recovering", [False, True])
 def test_a_later_update_of_a_company_is_not_named_finished_above_an_earlier_one_under_way(
-        with_ka_recovering: bool) -> None:
+        with_ka_recovering: bool, caplog: pytest.LogCaptureFixture) -> None:
     """Review "crash56": ka's group (offset 0) had its company call answered and its
     association retried; kb's later group of acme (offset 1) went and finished, the commit
     note named offset 1 finished, and after a stop the next owner sent ka's group alone: its
@@ -1239,7 +1239,12 @@ def test_a_later_update_of_a_company_is_not_named_finished_above_an_earlier_one_
             client.failing = False
             await until(lambda: source.committed().get((TOPIC, 0)) == 2, "both finished", 20)
 
-    assert drive(run, scenario) == 0
+    with caplog.at_level(logging.WARNING, logger="consumer.worker"):
+        assert drive(run, scenario) == 0
+    # The stop says what will be sent again (review "diff56").
+    said = ("shutdown: 1 events delivered behind an earlier update of their company still "
+            "unfinished stay uncommitted")
+    assert (said in caplog.text) is not with_ka_recovering, caplog.text
     source = run.source
     # No commit named kb's group finished above ka's unfinished one.
     for offsets, notes in zip(source.commits, source.notes, strict=True):
@@ -1251,6 +1256,193 @@ def test_a_later_update_of_a_company_is_not_named_finished_above_an_earlier_one_
     assert not decode_note(note, final).covers(1), note
     # ka's association went out (retried) and so did kb's group, whole
     assert any(c.endpoint == "identify" and c.user_id == "kb" for c in client.calls)
+
+
+class _HeldAndSlowKc(FakeClient):
+    """acme's "old" company call refused (400: ka's group dead-lettered); kc's association
+    held until `release_kc`; any Track kept on the wire (the worker is never idle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release_kc = asyncio.Event()
+
+    async def send(self, call: Call) -> int:
+        if call.endpoint == "track":
+            await asyncio.Event().wait()
+        if call.purpose == "associate_company" and call.user_id == "kc":
+            await self.release_kc.wait()
+        status = await super().send(call)
+        if call.endpoint == "company_identify" and call.payload["metadata"]["plan"] == "old":
+            raise Rejected("HTTP 400: bad company", status=400)
+        return status
+
+
+class _GatedDlq(FakeDlq):
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes | None]],
+                   placement: bytes | None = None) -> None:
+        await self.release.wait()
+        await super().send(topic, key=key, value=value, headers=headers, placement=placement)
+
+
+def test_a_later_update_waits_for_an_earlier_one_held_for_the_dlq_guard() -> None:
+    """Review "order56": kb's group waited for ka's (dead-lettered, then held for the DLQ
+    guard), but kc's, answered once ka's job had ended, was finished and named above kb's;
+    after the guard's trip the next owner sent kb's older plan after kc's."""
+    msgs = [Message(TOPIC, 0, 0, b"ka", group_of("ka", "acme", 0, "old")),
+            Message(TOPIC, 0, 1, b"kb", group_of("kb", "acme", 1, "mid")),
+            Message(TOPIC, 0, 2, b"kc", group_of("kc", "acme", 2, "new")),
+            Message(TOPIC, 0, 3, b"kd", track("kd", 3))]
+    client = _HeldAndSlowKc()
+    run = make({(TOPIC, 0): msgs}, registry=known_schema(), client=client,
+               USERPILOT_ENSURE_USER="false", WORKER_DLQ_MAX_CONSECUTIVE="3",
+               WORKER_DLQ_WINDOW="10", WORKER_DLQ_MAX_RATIO="1",
+               WORKER_COMMIT_INTERVAL_SECONDS="60")
+    dlq = _GatedDlq()
+    run.worker.dlq = run.worker.handler.dlq = dlq
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: any(c.user_id == "kb" for c in client.calls), "kb's group sent")
+        await asyncio.sleep(0.2)  # kb's outcome comes while ka's dead letter is on its way
+        dlq.release.set()
+        await until(lambda: len(dlq.records) == 1, "ka dead-lettered (held)")
+        client.release_kc.set()
+        await until(lambda: any(c.user_id == "kc" for c in client.calls), "kc's group sent")
+        await asyncio.sleep(0.2)
+        source.log[(TOPIC, 0)].extend(Message(TOPIC, 0, offset, b"g%d" % offset, b"garbage")
+                                      for offset in (4, 5, 6, 7))
+        await until(lambda: run.worker.fatal is not None, "the guard's trip")
+
+    assert drive(run, scenario) == 3
+    final, note = run.source.stored.get((TOPIC, 0), (0, ""))
+    finished = decode_note(note, final)
+    assert final == 0 and not finished.covers(1) and not finished.covers(2), (final, note)
+
+
+class _KbOnTheWire(FakeClient):
+    """ka's association refused for good (400); kb's held on the wire until `release`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.kb_on_wire = False
+
+    async def send(self, call: Call) -> int:
+        if call.purpose == "associate_company" and call.user_id == "kb":
+            self.kb_on_wire = True
+            await self.release.wait()
+        status = await super().send(call)
+        if call.purpose == "associate_company" and call.user_id == "ka":
+            raise Rejected("HTTP 400: bad association", status=400)
+        return status
+
+
+class _RefusingOnce(FakeDlq):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+
+    async def send(self, topic: str, *, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes | None]],
+                   placement: bytes | None = None) -> None:
+        self.tries += 1
+        raise RuntimeError("KafkaError: _MSG_TIMED_OUT")
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "revoke", "trip"])
+def test_a_later_update_answered_in_a_drain_waits_for_the_earlier_one_it_abandoned(
+        stop: str) -> None:
+    """Review "order56": ka's group (its association refused; its dead letter asleep between
+    DLQ retries, or the DLQ guard tripped on it) was cancelled by the stop's or revoke's
+    drain, which ended its job; kb's group, answered during the drain, was then finished
+    and named above ka's: the next owner sent ka's older plan alone."""
+    lead = [Message(TOPIC, 0, 0, b"g", b"garbage")] if stop == "trip" else []
+    base = len(lead)
+    msgs = [*lead, Message(TOPIC, 0, base, b"ka", group_of("ka", "acme", 0, "old")),
+            Message(TOPIC, 0, base + 1, b"kb", group_of("kb", "acme", 1, "new"))]
+    client = _KbOnTheWire()
+    consecutive = "1" if stop == "trip" else "3"  # the guard trips on the first, or not
+    run = make({(TOPIC, 0): msgs}, registry=known_schema(), client=client,
+               USERPILOT_ENSURE_USER="false", WORKER_COMMIT_INTERVAL_SECONDS="0.2",
+               WORKER_SHUTDOWN_GRACE_SECONDS="3", WORKER_DLQ_MAX_CONSECUTIVE=consecutive,
+               WORKER_DLQ_WINDOW="10", WORKER_DLQ_MAX_RATIO="1")
+    dlq = _RefusingOnce()
+    if stop != "trip":
+        run.worker.dlq = run.worker.handler.dlq = dlq
+
+    async def scenario(source: FakeSource) -> None:
+        if stop == "trip":
+            await until(lambda: client.kb_on_wire and run.worker.fatal is not None,
+                        "kb's association on the wire, the guard tripped on ka's")
+        else:
+            await until(lambda: client.kb_on_wire and dlq.tries >= 1,
+                        "kb's association on the wire, ka's dead letter refused once")
+            await asyncio.sleep(0.05)
+            if stop == "sigterm":
+                run.worker.stop()
+            else:
+                source.revoke_next = [(TOPIC, 0)]
+        await asyncio.sleep(0.3)
+        client.release.set()  # kb's association answered during the drain
+        await asyncio.sleep(1.0)
+
+    drive(run, scenario)
+    final, note = run.source.stored.get((TOPIC, 0), (0, ""))
+    assert final <= base, (final, note)
+    assert not decode_note(note, final).covers(base + 1), note
+
+
+def test_updates_held_back_behind_a_retried_one_leave_the_window() -> None:
+    """Review "diff56": 30 groups of acme delivered behind ka's group (its association
+    retried) were held back inside the window; it filled, every partition paused, and the
+    other companies' groups on partition 1 waited for good. Held back out of the window,
+    they all go, and partition 1 is committed to its end."""
+    acme = [Message(TOPIC, 0, 0, b"ka", group_of("ka", "acme", 0, "old"))]
+    acme += [Message(TOPIC, 0, i, b"k%d" % i, group_of(f"k{i}", "acme", i, "p"))
+             for i in range(1, 31)]
+    other = [Message(TOPIC, 1, i, b"o%d" % i, group_of(f"o{i}", f"co{i}", i, "p"))
+             for i in range(30)]
+    client = _AssociationRetried()
+    run = make({(TOPIC, 0): acme, (TOPIC, 1): other}, registry=known_schema(), client=client,
+               USERPILOT_ENSURE_USER="false", WORKER_MAX_IN_FLIGHT="10",
+               USERPILOT_RETRY_MAX_ATTEMPTS="1000", USERPILOT_RETRY_BACKOFF_SECONDS="0.05",
+               USERPILOT_RETRY_BACKOFF_MAX_SECONDS="0.05", WORKER_SHUTDOWN_GRACE_SECONDS="1")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: source.committed().get((TOPIC, 1)) == 30, "partition 1 whole", 20)
+        def identified() -> set[str | None]:
+            return {c.user_id for c in client.calls if c.endpoint == "identify"}
+
+        await until(lambda: all(f"k{i}" in identified() for i in range(1, 31)),
+                    "acme's 30 groups")
+        assert source.committed().get((TOPIC, 0), 0) == 0  # ka's still retried
+
+    assert drive(run, scenario) == 0
+
+
+def test_a_long_chain_of_waiting_updates_finishes_without_recursion() -> None:
+    """Review "order56": each waiting event finished the next from inside its own finish; a
+    thousand groups of one company answered in reverse order ended in a RecursionError."""
+    run = make({(TOPIC, 0): []})
+    worker, tp, count = run.worker, (TOPIC, 0), 3000
+    worker.commits.assign([tp])
+    companies = worker.handler.companies
+    dones: list[tuple[TP, int, int]] = []
+    for offset in range(count):
+        generation = worker.commits.take(tp, offset)
+        worker.commits.sending(tp, offset, "identify")
+        companies.place(offset + 1, tp, ["acme"], (offset, generation))
+        dones.append((tp, offset, generation))
+    for done in reversed(dones[1:]):
+        assert not companies.due(done)  # each waits for the first
+    assert companies.due(dones[0])
+    worker._finish(*dones[0])
+    assert worker.commits.committable([tp]) == {tp: count}
+    assert not companies._open and not companies._events and not companies._held
 
 
 class _NewVersionRegistry(FakeRegistry):
@@ -3810,8 +4002,13 @@ def test_a_held_dead_letter_whose_company_a_later_event_set_again_is_committed_a
             _group_plan("u1", "acme", "A-old", 0), _group_plan("u1", "acme", "B-new", 1)),
     }[case]
     first_calls, second_calls = _calls_of(first), _calls_of(second)
+    slow = track("u9", 9)
+    # u9's Track keeps the worker busy: nothing is let go as idle before the trip (the
+    # second event, held back behind the first, is out of the window: review "diff56")
     run = _trip_run({(TOPIC, 0): [Message(TOPIC, 0, 0, b"u1", first),
-                                  Message(TOPIC, 0, 1, b"u1", second)]})
+                                  Message(TOPIC, 0, 1, b"u1", second)],
+                     (TOPIC, 2): [Message(TOPIC, 2, 0, b"u9", slow)]},
+                    client=_SlowClient({_body_of(slow): 1.5}))
     run.client.answers[first_calls[0].body] = Rejected("HTTP 409: conflict", status=409)
 
     async def scenario(source: FakeSource) -> None:
