@@ -11,14 +11,6 @@ company updates no longer than that, and that company's order is then not guaran
 warning says so). Events on other replicas' partitions have no order to keep: Kafka orders
 a partition only.
 
-The same order holds across a stop or a crash (`due`, `finished`): an event writing a
-company is finished (its offset may be committed, or named in a commit's note) only once
-every earlier event of its partition writing that company is finished. Named finished above
-an earlier one still under way (its company call answered, its user's association retried),
-a dead letter held for the DLQ guard or one abandoned by a stop, it was not sent again by
-the partition's next owner, who sent the earlier one alone: its older properties ended on
-the company (reviews "crash56", "order56").
-
 Thread rule: event loop only (the worker's intake and the events' tasks).
 """
 
@@ -34,10 +26,7 @@ from typing import Any
 from consumer.commits import TP
 from consumer.logs import shown_id
 
-__all__ = ["COMPANY_WAIT_S", "CompanyOrder", "Done", "Write"]
-
-Done = tuple[TP, int, int]
-"""An event as `Commits` finishes it: its partition, offset and assignment generation."""
+__all__ = ["COMPANY_WAIT_S", "CompanyOrder", "Write"]
 
 log = logging.getLogger(__name__)
 
@@ -67,73 +56,18 @@ class CompanyOrder:
     def __init__(self, wait_s: float = COMPANY_WAIT_S) -> None:
         self._wait_s = wait_s
         self._lines: dict[str, list[Write]] = {}
-        # Finish order (`due`, `finished`): per partition and company, the offsets of the
-        # events writing it not finished yet, in order; per such event, its generation and
-        # companies; the events whose outcome came while an earlier one was unfinished.
-        self._open: dict[tuple[TP, str], list[int]] = {}
-        self._events: dict[tuple[TP, int], tuple[int, tuple[str, ...]]] = {}
-        self._held: dict[tuple[TP, int], Done] = {}
 
     def __len__(self) -> int:
         return sum(len(line) for line in self._lines.values())
 
-    def place(self, intake: int, tp: TP, companies: Iterable[str],
-              at: tuple[int, int] | None = None) -> tuple[Write, ...]:
+    def place(self, intake: int, tp: TP, companies: Iterable[str]) -> tuple[Write, ...]:
         """Once an event is decided and has its intake number: its company writes join
         their companies' lines (a later-decided event joins at its intake position). The
-        event keeps what this returns for `turn`, `written` and `after`. `at`, its offset
-        and generation: it joins the finish order too (`due`)."""
+        event keeps what this returns for `turn`, `written` and `after`."""
         writes = tuple(Write(intake, tp, company, asyncio.Event()) for company in companies)
         for write in writes:
             bisect.insort(self._lines.setdefault(write.company, []), write, key=_intake)
-        if at is not None and writes and (tp, at[0]) not in self._events:
-            names = tuple(dict.fromkeys(write.company for write in writes))
-            self._events[(tp, at[0])] = (at[1], names)
-            for company in names:
-                bisect.insort(self._open.setdefault((tp, company), []), at[0])
         return writes
-
-    def due(self, done: Done) -> bool:
-        """The event `done` reached its outcome: True when it may be finished now; False
-        while an earlier event of its partition writing one of its companies is unfinished
-        (`finished` hands it back once none is)."""
-        tp, offset, generation = done
-        event = self._events.get((tp, offset))
-        if event is None or event[0] != generation:
-            return True
-        if all(self._open[(tp, company)][0] == offset for company in event[1]):
-            return True
-        self._held[(tp, offset)] = done
-        return False
-
-    def held_back(self, parts: Collection[TP] | None = None) -> int:
-        """How many events (of `parts`; all: None) `due` holds back: delivered, not
-        finished, so their partition's next reader sends them again."""
-        return sum(1 for tp, _ in self._held if parts is None or tp in parts)
-
-    def finished(self, done: Done) -> list[Done]:
-        """`done` was finished: the events held back by `due` that it was the last to hold
-        (each to finish, and to pass here in turn)."""
-        tp, offset, generation = done
-        event = self._events.get((tp, offset))
-        if event is None or event[0] != generation:
-            return []
-        del self._events[(tp, offset)]
-        self._held.pop((tp, offset), None)
-        out: list[Done] = []
-        for company in event[1]:
-            line = self._open[(tp, company)]
-            line.pop(bisect.bisect_left(line, offset))
-            if not line:
-                del self._open[(tp, company)]
-                continue
-            head = line[0]
-            later = self._held.get((tp, head))
-            if later is not None and all(self._open[(tp, c)][0] == head
-                                         for c in self._events[(tp, head)][1]):
-                del self._held[(tp, head)]
-                out.append(later)
-        return out
 
     async def turn(self, writes: Sequence[Write], company: str,
                    fields: Mapping[str, Any] | None = None) -> None:
@@ -194,9 +128,6 @@ class CompanyOrder:
         for line in list(self._lines.values()):
             for write in [w for w in line if w.tp in gone]:
                 self._end(write)
-        self._open = {key: line for key, line in self._open.items() if key[0] not in gone}
-        self._events = {key: e for key, e in self._events.items() if key[0] not in gone}
-        self._held = {key: done for key, done in self._held.items() if key[0] not in gone}
 
     def _end(self, write: Write) -> None:
         write.done.set()

@@ -713,9 +713,8 @@ class Handler:
             self._undecided_by.pop(event.intake, None)
             companies = ([c for call in decision.calls if (c := call.written_company)]
                          if isinstance(decision, Send) else ())
-            event.writes = (self.companies.place(
-                event.intake, (event.topic, event.partition), companies,
-                (event.offset, event.generation)) if companies else ())
+            event.writes = (self.companies.place(event.intake, (event.topic, event.partition),
+                                                 companies) if companies else ())
 
     async def _decide_earlier(self, intake: int) -> None:
         """Before a company write: the events taken before it while their schema was being

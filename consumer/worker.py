@@ -664,12 +664,6 @@ class Worker:
         grace = max(0.0, self.s.shutdown_grace_s - (time.monotonic() - asked))
         left, cut, cut_dead = await self._settle(scheduler, None, grace)
         self._let_go_held()
-        behind = self.handler.companies.held_back()
-        if behind:
-            # Delivered and not committed: said, as the duplicates to come (review "diff56").
-            log.warning("shutdown: %d events delivered behind an earlier update of their "
-                        "company still unfinished stay uncommitted; their partition's next "
-                        "reader sends them again, after it", behind)
         if left - cut - cut_dead:
             log.warning("shutdown: %d events not sent yet stay uncommitted; they are "
                         "delivered by their partition's next reader (this pod restarted, or "
@@ -1203,16 +1197,16 @@ class Worker:
             if self.guard_hold.hold(done, now, event.intake, chains):
                 self.commits.hold(*done)
             else:  # a later write of its state reached Userpilot already
-                self._finish_after_company(event, done)
+                self.commits.finish(*done)
             self._dead_letters.append((done[0], done[1], outcome.at, done[2]))
         else:
-            self._finish_after_company(event, done)
+            self.commits.finish(*done)
             if chains and isinstance(outcome, Delivered | Duplicate):
                 # Read again after a crash or a trip, they would reach Userpilot after this
                 # event and undo what it set (review "order50"); after a trip too.
                 for chain in chains:
                     for item in self.guard_hold.overtaken(chain, event.intake):
-                        self._finish(*item)
+                        self.commits.finish(*item)
         self._finish_held(functools.partial(self.guard_hold.due, now))
         return outcome
 
@@ -1226,40 +1220,7 @@ class Worker:
         if self.handler.guard.tripped_reason is not None:
             return
         for tp, offset, generation in release():
-            self._finish(tp, offset, generation)
-
-    def _finish(self, tp: TP, offset: int, generation: int) -> None:
-        """Event loop: the event is finished (`Commits.finish`), and so are the later events
-        of its partition it was the last to hold back (`CompanyOrder.finished`), one after
-        another: a chain of a thousand waiting groups was a thousand nested calls and a
-        RecursionError (review "order56")."""
-        todo = [(tp, offset, generation)]
-        while todo:
-            done = todo.pop()
-            self.commits.finish(*done)
-            todo.extend(self.handler.companies.finished(done))
-
-    def _finish_after_company(self, event: Event, done: tuple[TP, int, int]) -> None:
-        """Finish `event` now, or, while an earlier event of its partition writing one of
-        its companies is unfinished (under way, a dead letter held for the DLQ guard, or
-        abandoned by a stop or the guard's trip), once none is (`CompanyOrder.due`).
-
-        Why: a group whose company call was answered while its user's association was
-        retried let a later user's group of the same company go; that one finished, the
-        commit's note named it finished above the earlier, and after a crash or a stop the
-        next owner sent the earlier group alone: its older properties ended on the company
-        (reviews "crash56", "order56"). Not named finished, the later one is sent again
-        after it. Its partition's offset waits for the earlier event anyway; this holds its
-        place in the window a little longer.
-
-        Held back, it leaves the window (`Commits.hold`, as a dead letter held for the DLQ
-        guard): counted, 200 groups of one company behind one user's retried association
-        filled it, every partition paused, and with nothing else delivered the retries
-        stopped counting: the replica stalled for good (review "diff56")."""
-        if not event.writes or self.handler.companies.due(done):
-            self._finish(*done)
-        else:
-            self.commits.hold(*done)
+            self.commits.finish(tp, offset, generation)
 
     def _held_idle(self, scheduler: Scheduler[Event], idle: bool, source: Source) -> bool:
         """Let go of held dead letters no outcome to come can move the guard past, when
@@ -1870,11 +1831,6 @@ class Worker:
                 # claims stayed unconfirmed, so this replica, given the partitions back,
                 # sent them again at once (the claim's owner is the same).
                 left, cut, cut_dead = await self._settle(scheduler, parts, budget)
-                behind = self.handler.companies.held_back(parts)
-                if behind:
-                    log.info("revoke: %d events of %s delivered behind an earlier update of "
-                             "their company still unfinished; the next owner sends them "
-                             "again, after it", behind, partitions_text(parts))
                 if left - cut - cut_dead:
                     log.info("revoke: %d events of %s not sent yet; the next owner "
                              "delivers them", left - cut - cut_dead, partitions_text(parts))
