@@ -9,14 +9,10 @@ test module that asks for it, from the jars `services/ctl.py` already fetched.
 
 from __future__ import annotations
 
-import base64
 import importlib.util
-import shutil
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +28,7 @@ from confluent_kafka.admin import (
     ResourceType,
 )
 
-from tests.integration.harness import REPO
+from tests.integration.harness import REPO, free_port
 
 HOST = "127.0.0.1"
 USER, PASSWORD = "limited", "limited-secret"
@@ -46,12 +42,6 @@ def _ctl() -> ModuleType:
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -124,35 +114,24 @@ def _properties(root: Path, ports: tuple[int, int, int]) -> str:
     ])
 
 
-def _ready(port: int) -> bool:
-    try:
-        metadata = AdminClient({"bootstrap.servers": f"{HOST}:{port}",
-                                "log_level": 0}).list_topics(timeout=2)
-    except Exception:
-        return False
-    return bool(metadata.brokers)
-
-
 @pytest.fixture(scope="module")
 def secured_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredKafka]:
     root = tmp_path_factory.mktemp("secured-kafka")
-    ports = (_free_port(), _free_port(), _free_port())
+    ports = (free_port(), free_port(), free_port())
     props = root / "server.properties"
     props.write_text(_properties(root, ports))
-    java = shutil.which("java")
-    assert java is not None, "java is needed for the broker"
-    command = [java, "-Xmx384m", "-Xms64m", "-Djava.awt.headless=true",
-               f"-Dkafka.logs.dir={root}", "-cp", f"{_ctl().kafka_libs()}/*"]
-    cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    ctl = _ctl()  # the shared broker's java command, cluster id and readiness probe
+    command = [*ctl._java("KAFKA_JAVA_OPTS", "384m"), f"-Dkafka.logs.dir={root}",
+               "-cp", f"{ctl.kafka_libs()}/*"]
     log = (root / "console.log").open("w")
     subprocess.run([*command, "kafka.tools.StorageTool", "format", "--standalone", "-t",
-                    cluster.replace("-", "A"), "-c", str(props)],
+                    ctl._random_cluster_id(), "-c", str(props)],
                    stdout=log, stderr=subprocess.STDOUT, check=True)
     proc = subprocess.Popen([*command, "kafka.Kafka", str(props)], stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not _ready(ports[1]):
+        while not ctl._kafka_metadata(ports[1]):
             assert proc.poll() is None, f"the secured broker exited; see {root / 'console.log'}"
             assert time.monotonic() < deadline, "the secured broker did not start in 120 s"
             time.sleep(0.5)
