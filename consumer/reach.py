@@ -257,23 +257,36 @@ def _denied(conf: Mapping[str, Any], denied: Sequence[tuple[str, str, str]]) -> 
             f"{grants}; or remove a DENY ACL that overrides a grant")
 
 
-def _refused_topics(admin: Any, topics: Sequence[str], timeout: float) -> list[str]:
-    """Those of `topics` the brokers refuse to describe to the worker's principal
-    (TOPIC_AUTHORIZATION_FAILED: it may not even see them); those not there, or whose
-    answer did not come, are not."""
+_HIDDEN = object()
+"""`_described_topics`' answer for a topic the brokers refuse to describe to the principal."""
+
+
+def _described_topics(admin: Any, topics: Sequence[str], timeout: float,
+                      operations: bool = False) -> dict[str, Any]:
+    """Each of `topics` the brokers answered for: its authorized operations (with
+    `operations`; else None), or `_HIDDEN` when they refuse to describe it to the worker's
+    principal (TOPIC_AUTHORIZATION_FAILED: it may not even see it). Those not there, or
+    whose answer did not come, are left out."""
     try:
-        found = admin.describe_topics(TopicCollection(list(topics)), request_timeout=timeout)
+        found = admin.describe_topics(TopicCollection(list(topics)), request_timeout=timeout,
+                                      include_authorized_operations=operations)
     except (KafkaException, ValueError):
-        return []
-    refused = []
+        return {}
+    out: dict[str, Any] = {}
     for topic, future in found.items():
         try:
-            future.result()
+            out[topic] = future.result().authorized_operations
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
-                refused.append(topic)
-    return refused
+                out[topic] = _HIDDEN
+    return out
+
+
+def _refused_topics(admin: Any, topics: Sequence[str], timeout: float) -> list[str]:
+    """Those of `topics` the brokers hide from the worker's principal."""
+    return [topic for topic, answer in _described_topics(admin, topics, timeout).items()
+            if answer is _HIDDEN]
 
 
 def _allowed(ops: Any, op: Any) -> bool | None:
@@ -300,18 +313,9 @@ def acl_problem(admin: Any, conf: Mapping[str, Any], topics: Sequence[str],
         wanted.setdefault(dlq_topic, AclOperation.WRITE)
     denied: list[tuple[str, str, str]] = []  # (operation, kind, name)
     if wanted:
-        try:
-            found = admin.describe_topics(TopicCollection(list(wanted)),
-                                          request_timeout=timeout,
-                                          include_authorized_operations=True)
-        except (KafkaException, ValueError):
-            found = {}
-        for topic, future in found.items():
-            try:
-                ops = future.result().authorized_operations
-            except KafkaException:
-                continue
-            if _allowed(ops, wanted[topic]) is False:
+        answers = _described_topics(admin, list(wanted), timeout, operations=True)
+        for topic, ops in answers.items():
+            if ops is not _HIDDEN and _allowed(ops, wanted[topic]) is False:
                 denied.append((wanted[topic].name.capitalize(), "topic", topic))
     if group:
         try:
