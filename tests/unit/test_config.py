@@ -521,6 +521,8 @@ def test_reserved_kafka_names_are_not_passed_through() -> None:
     ("KAFKA_PARTITION_ASSIGNMENT_STRATEGY", "partition.assignment.strategy"),
     # librdkafka's other name for bootstrap.servers replaced it unseen (review diff22b)
     ("KAFKA_METADATA_BROKER_LIST", "metadata.broker.list"),
+    # no delivery report for a written dead letter: its partition held for good (pass56)
+    ("KAFKA_DELIVERY_REPORT_ONLY_ERROR", "delivery.report.only.error"),
 ])
 def test_owned_kafka_keys_are_refused(name: str, key: str) -> None:
     message = problem(**{name: "x"})
@@ -1059,6 +1061,7 @@ def test_a_message_names_the_variable_by_librdkafkas_alias_too() -> None:
     ("KAFKA_REQUEST_REQUIRED_ACKS", "0", "acks=all"),
     ("KAFKA_TRANSACTIONAL_ID", "dlq-tx", "transactional"),
     ("KAFKA_GROUP_PROTOCOL", "consumer", "KIP-848"),
+    ("KAFKA_GROUP_PROTOCOL_TYPE", "connect", "consumer-group protocol type"),
     # The topic-level spellings are the same setting (review "diff17").
     ("KAFKA_TOPIC_ACKS", "1", "acks=all"),
     ("KAFKA_TOPIC_REQUEST_REQUIRED_ACKS", "0", "acks=all"),
@@ -1074,7 +1077,7 @@ def test_pass_through_values_that_break_a_guarantee_are_refused(
 
 @pytest.mark.parametrize(("name", "value"), [
     ("KAFKA_ACKS", "all"), ("KAFKA_ACKS", "-1"), ("KAFKA_ENABLE_IDEMPOTENCE", "true"),
-    ("KAFKA_GROUP_PROTOCOL", "classic"),
+    ("KAFKA_GROUP_PROTOCOL", "classic"), ("KAFKA_GROUP_PROTOCOL_TYPE", "consumer"),
 ])
 def test_the_values_the_worker_uses_anyway_are_taken(name: str, value: str) -> None:
     assert load(**{name: value}).kafka_extra[name.removeprefix("KAFKA_").lower()

@@ -366,7 +366,7 @@ Deployment, so every render runs them.
 {{- if and (has $k (list "acks" "request.required.acks")) (not (has $val (list "all" "-1"))) }}
 {{- fail (printf "kafka.config.%s=%s would count a dead letter before every in-sync replica has it; the worker commits on the acknowledgement (acks=all) and refuses it: remove it" $key $val) }}
 {{- end }}
-{{- if has (lower $key) (list "enable.auto.commit" "enable.auto.offset.store" "partition.assignment.strategy") }}
+{{- if has (lower $key) (list "enable.auto.commit" "enable.auto.offset.store" "partition.assignment.strategy" "delivery.report.only.error") }}
 {{- fail (printf "kafka.config.%s is managed by the worker itself (at-least-once delivery) and refused: remove it" $key) }}
 {{- end }}
 {{- if eq $k "transactional.id" }}
@@ -374,6 +374,9 @@ Deployment, so every render runs them.
 {{- end }}
 {{- if and (eq $k "group.protocol") (ne $val "classic") }}
 {{- fail (printf "kafka.config.%s=%s selects the broker-side group protocol (KIP-848), which the worker refuses: remove it" $key $val) }}
+{{- end }}
+{{- if and (eq (lower $key) "group.protocol.type") (ne $val "consumer") }}
+{{- fail (printf "kafka.config.%s=%s is not the consumer-group protocol type the worker reads with (Kafka Connect's workers use connect), which the worker refuses: remove it" $key $val) }}
 {{- end }}
 {{- if eq (lower $key) "group.instance.id" }}
 {{- fail "kafka.config.group.instance.id gives every pod the same static member id: each new pod fences the others (\"Static consumer fenced\", exit 1, a crash loop). Give each pod its own through kafka.extraEnv: [{name: KAFKA_GROUP_INSTANCE_ID, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]" }}
