@@ -20,7 +20,7 @@ what is safe there: `Commits` and `Lag` (each locks), `Metrics` and `Health` (th
 `_no_source` and `_group_refusal`, which readiness reads), which both threads read and
 write only under `_parts_lock`. `_reshare` and `_note_missing`, and the state only they use
 (`_reshare_delay`, `_missing`), are the poll thread's alone, and so is `_commit_refused_at`
-(`_commit`, `_on_committed`).
+(`_commit`, `_on_committed`, `_on_assign`).
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
 the `Source.call` that raised the callback), and that coroutine also forgets the
@@ -416,8 +416,8 @@ class Worker:
         # when to try again (event loop only; see `_read_notes`).
         self._inherit_due: dict[TP, tuple[int, float]] = {}
         # When the coordinator last refused a commit, while its refusals last (poll thread
-        # only: `_on_committed`, `_commit`): the next asynchronous commit waits the commit
-        # interval from then.
+        # only: `_on_committed`, `_commit`, `_on_assign`): the next asynchronous commit
+        # waits the commit interval from then, unless partitions were assigned since.
         self._commit_refused_at: float | None = None
         # Per retry cause: when its last line was logged and how many went unlogged since
         # (event loop only; see `_count_retry`).
@@ -1666,6 +1666,9 @@ class Worker:
             self._reshare_at = 0.0  # a new assignment is counted at once, not after a backoff
             self._group_refusal = None  # the group took the worker again
             count = len(self.assigned)
+        # A commit refused as the generation changed (ILLEGAL_GENERATION) does not hold the
+        # new generation's commits for the interval: the group took the worker again.
+        self._commit_refused_at = None
         self.health.set_assigned(True)
         log.info("assigned %s (now %d partitions)", partitions_text(parts), count)
 

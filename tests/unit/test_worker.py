@@ -4049,6 +4049,29 @@ def test_a_refused_commit_is_asked_again_on_the_interval_not_each_poll() -> None
     assert drive(run, scenario) == 0
 
 
+def test_a_commit_refused_before_a_rebalance_does_not_delay_the_next_assignments() -> None:
+    """Review "sasl55"'s backoff also spaced the commits after a rebalance: a commit
+    refused as the generation changed (ILLEGAL_GENERATION) held the new assignment's first
+    commit for the whole interval. The group took the worker again: no wait."""
+    from tests.unit.test_worker_reassign import Reassigning
+
+    run = make(log_of(track("u1", 0)), registry=known_schema(), source_type=Reassigning,
+               USERPILOT_ENSURE_USER="false", WORKER_COMMIT_INTERVAL_SECONDS="30")
+
+    async def scenario(source: FakeSource) -> None:
+        assert isinstance(source, Reassigning)
+        source.refuse_commits = 1
+        await until(lambda: run.worker._commit_refused_at is not None,
+                    "a commit refused by the rebalance")
+        source.assign_next = {(TOPIC, 1): [Message(TOPIC, 1, 0, b"u2", track("u2", 5))]}
+        # Without the wait the interval imposes (30 s), both partitions commit at once.
+        await until(lambda: source.committed().get((TOPIC, 1)) == 1
+                    and source.committed().get((TOPIC, 0)) == 1,
+                    "the new assignment committed", timeout=10)
+
+    assert drive(run, scenario) == 0
+
+
 def test_a_dead_letter_is_placed_by_its_user_or_its_key() -> None:
     """Review "dlq54": a keyless event's dead letter went to a random DLQ partition, so
     `replay` could write a user's older identify after a newer one. Placed by its user (a
