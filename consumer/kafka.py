@@ -32,14 +32,17 @@ from confluent_kafka import (
     KafkaException,
     Message,
     Producer,
+    TopicCollection,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka.admin import AclOperation, AdminClient, OffsetSpec
 
 from consumer.errors import ConfigError, DlqRecordTooLarge
 from consumer.librdkafka import (
     DLQ_PRODUCER,
     METADATA_REFRESH_MS,
+    admin_settings,
+    allowed,
     consumer_settings,
     producer_settings,
 )
@@ -206,7 +209,7 @@ class KafkaSource:
         settings: dict[str, Any] = consumer_settings(conf)
         # The high watermarks' client (`high_watermarks`), made on first use: the
         # consumer's own settings in a producer's shape, as `reach` makes its admin clients.
-        self._marks_settings = producer_settings(conf, **DLQ_PRODUCER)
+        self._marks_settings = admin_settings(conf)
         self._marks: AdminClient | None = None
         _watched(settings, self._reset_seen)
         # Statistics are always on: their broker states clear "not connected" on recovery
@@ -778,24 +781,51 @@ class KafkaSource:
             return {}
         out = {tp: -1 for tp in parts}
         try:
-            if self._marks is None:
-                self._marks = AdminClient(dict(self._marks_settings))
-            asked = self._marks.list_offsets(
+            asked = self._admin().list_offsets(
                 {TopicPartition(topic, partition): _LATEST()
                  for topic, partition in out},
                 isolation_level=IsolationLevel.READ_COMMITTED,
                 request_timeout=max(timeout_s, 0.001))
         except (KafkaException, ValueError, TypeError):
             return out
-        wait_futures(list(asked.values()), timeout=timeout_s)
-        # Its log lines (KAFKA_DEBUG's, a broker's failures) wait in its queue until polled:
-        # never polled, none was logged and the queue grew (review "diff56").
-        self._marks.poll(0)
+        self._answers(list(asked.values()), timeout_s)
         for tp, future in asked.items():
             if future.done() and future.exception() is None:
                 offset = int(future.result().offset)
                 out[(tp.topic, tp.partition)] = offset if offset >= 0 else -1
         return out
+
+    def readable(self, topics: Sequence[str], timeout_s: float) -> set[str]:
+        """Those of `topics` the brokers' ACLs let the worker's principal read now, by the
+        authorized operations they report within `timeout_s` (a topic whose operations say
+        nothing, or that did not answer, is left out). A topic refused (Describe without
+        Read) and then granted while idle brought no message to tell it: it stayed counted
+        missing, the alert firing (review "sasl55")."""
+        if not topics:
+            return set()
+        try:
+            asked = self._admin().describe_topics(
+                TopicCollection(list(topics)), request_timeout=max(timeout_s, 0.001),
+                include_authorized_operations=True)
+        except (KafkaException, ValueError, TypeError):
+            return set()
+        self._answers(list(asked.values()), timeout_s)
+        return {topic for topic, future in asked.items()
+                if future.done() and future.exception() is None
+                and allowed(future.result().authorized_operations, AclOperation.READ)}
+
+    def _admin(self) -> AdminClient:
+        """The lookups' admin client (`high_watermarks`, `readable`), made on first use."""
+        if self._marks is None:
+            self._marks = AdminClient(dict(self._marks_settings))
+        return self._marks
+
+    def _answers(self, futures: list[Any], timeout_s: float) -> None:
+        """Wait up to `timeout_s` for the admin client's answers, then serve its log lines
+        (KAFKA_DEBUG's, a broker's failures): they wait in its queue until polled; never
+        polled, none was logged and the queue grew (review "diff56")."""
+        wait_futures(futures, timeout=timeout_s)
+        self._admin().poll(0)
 
     def serve(self, timeout_s: float) -> None:
         """Serve callbacks (commit results, rebalances, errors) for up to `timeout_s`.

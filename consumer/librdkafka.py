@@ -21,9 +21,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka.admin import AclOperation
 
 __all__ = ["DLQ_PRODUCER", "METADATA_REFRESH_MS", "PREFETCH_MESSAGES", "SESSION_TIMEOUT_MS",
-           "client_problem", "consumer_settings", "producer_settings", "property_problem"]
+           "admin_settings", "allowed", "client_problem", "consumer_settings", "producer_settings",
+           "property_problem"]
 
 METADATA_REFRESH_MS = 30_000  # how soon partitions added to a source topic are read
 PREFETCH_MESSAGES = 4_000
@@ -124,6 +126,29 @@ def producer_settings(conf: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
         # a CONFWARN at every start (review "rebal54").
         del settings[key]
     return {**settings, **extra}  # a producer's own (`extra`) win over the user's
+
+
+def admin_settings(conf: Mapping[str, Any]) -> dict[str, Any]:
+    """An admin client's settings: the dead-letter producer's (the user's security
+    settings, the consumer's own left out) without idempotence. An admin client sends no
+    record; made idempotent, it asked the brokers for a producer id, which they refuse a
+    principal with Write on no topic (nor IdempotentWrite): a fatal error that failed every
+    later request of the client."""
+    settings = producer_settings(conf, **DLQ_PRODUCER)
+    settings["enable.idempotence"] = False
+    settings.pop("enable.gapless.guarantee", None)  # refused without idempotence
+    return settings
+
+
+def allowed(ops: Any, op: AclOperation) -> bool | None:
+    """Whether `ops` (a resource's authorized operations, as the brokers report them) holds
+    `op`; None when they say nothing: not asked for or not given (brokers before 2.3), or
+    without DESCRIBE, which every resource the brokers described to the worker allows it (a
+    broker or proxy that answers an empty set was taken at its word, and every start
+    refused)."""
+    if not ops or AclOperation.DESCRIBE not in ops:
+        return None
+    return op in ops or AclOperation.ALL in ops
 
 
 class _Warnings(logging.Handler):

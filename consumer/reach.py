@@ -41,7 +41,13 @@ from consumer.errors import (
     Timeout,
     TlsRefused,
 )
-from consumer.librdkafka import DLQ_PRODUCER, SESSION_TIMEOUT_MS, producer_settings
+from consumer.librdkafka import (
+    DLQ_PRODUCER,
+    SESSION_TIMEOUT_MS,
+    admin_settings,
+    allowed,
+    producer_settings,
+)
 from consumer.redaction import Redactor, kafka_secrets
 from consumer.registry import RegistryError, RegistryUnusable, RestClient
 
@@ -204,7 +210,7 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
     finally:
         producer.flush(0)
     topics = list(topics)
-    admin = AdminClient(dict(settings))  # the settings passed: the producer took them
+    admin = _admin(conf)
     missing = [t for t in topics if t not in metadata.topics]
     if missing:
         # Hidden by the ACLs (no Describe, so no Read either): said so, not "no topic".
@@ -227,6 +233,13 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
     dlq_there = dlq_topic if dlq_topic in metadata.topics else None
     return (problem or session_timeout_problem(conf, brokers)
             or acl_problem(admin, conf, topics, dlq_there, group, timeout))
+
+
+def _admin(conf: Mapping[str, Any]) -> AdminClient:
+    """An admin client of the worker's principal, its log lines silenced (a check says
+    what it found itself)."""
+    settings: dict[str, Any] = {**admin_settings(conf), "logger": _SILENT}
+    return AdminClient(settings)
 
 
 def _principal(conf: Mapping[str, Any]) -> str:
@@ -289,16 +302,6 @@ def _refused_topics(admin: Any, topics: Sequence[str], timeout: float) -> list[s
             if answer is _HIDDEN]
 
 
-def _allowed(ops: Any, op: Any) -> bool | None:
-    """Whether `ops` (a resource's authorized operations) holds `op`; None when they say
-    nothing: not asked for or not given (brokers before 2.3), or without DESCRIBE, which
-    every resource the brokers described to the worker allows it (a broker or proxy that
-    answers an empty set was taken at its word, and every start refused)."""
-    if not ops or AclOperation.DESCRIBE not in ops:
-        return None
-    return op in ops or AclOperation.ALL in ops
-
-
 def acl_problem(admin: Any, conf: Mapping[str, Any], topics: Sequence[str],
                 dlq_topic: str | None, group: str | None, timeout: float) -> str | None:
     """The operations the brokers' ACLs deny the worker's principal and the worker needs:
@@ -315,7 +318,7 @@ def acl_problem(admin: Any, conf: Mapping[str, Any], topics: Sequence[str],
     if wanted:
         answers = _described_topics(admin, list(wanted), timeout, operations=True)
         for topic, ops in answers.items():
-            if ops is not _HIDDEN and _allowed(ops, wanted[topic]) is False:
+            if ops is not _HIDDEN and allowed(ops, wanted[topic]) is False:
                 denied.append((wanted[topic].name.capitalize(), "topic", topic))
     if group:
         try:
@@ -328,7 +331,7 @@ def acl_problem(admin: Any, conf: Mapping[str, Any], topics: Sequence[str],
             ops = [AclOperation.DESCRIBE] if refused else None  # not even Describe
         except ValueError:
             ops = None
-        if _allowed(ops, AclOperation.READ) is False:
+        if allowed(ops, AclOperation.READ) is False:
             denied.append(("Read", "group", group))
     return _denied(conf, denied) if denied else None
 
@@ -540,9 +543,7 @@ def topic_notes(conf: Mapping[str, Any], topics: Iterable[str], dlq_topic: str,
     elsewhere."""
     sources = list(dict.fromkeys(topics))
     if admin is None:
-        settings: dict[str, Any] = {**producer_settings(conf, **DLQ_PRODUCER),
-                                    "logger": _SILENT}
-        admin = AdminClient(settings)
+        admin = _admin(conf)
     resources = [ConfigResource(ConfigResource.Type.TOPIC, topic)
                  for topic in dict.fromkeys([*sources, dlq_topic])]
     described = _described(admin, resources, timeout)
@@ -587,8 +588,7 @@ def dlq_policy_now(conf: Mapping[str, Any], dlq_topic: str, timeout: float) -> s
     (`kafka.DeadLetterProducer`): a topic made compacted after start-up took keyed dead
     letters without a word, and compaction then deleted all but one per user (review
     "faults31"). Blocking: run it off the event loop."""
-    settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _SILENT}
-    configs = _configs(AdminClient(settings),
+    configs = _configs(_admin(conf),
                        ConfigResource(ConfigResource.Type.TOPIC, dlq_topic), timeout)
     if not configs:
         # No verdict, said so: taken as "fine", a blip while the topic was known compacted

@@ -120,3 +120,25 @@ def test_readiness_names_a_group_the_brokers_refuse_until_it_is_allowed(
         assert f"Kafka refuses the consumer group {group!r}" in w.health.ready()[1]
         secured_kafka.allow("group", group, "READ")
         wait_until(lambda: w.health.ready()[0], 90, "ready once allowed")
+
+
+def test_the_source_reads_which_refused_topics_its_principal_may_read_now(
+        secured_kafka: SecuredKafka, schema_registry_url: str, sandbox: Sandbox) -> None:
+    """`KafkaSource.readable`, the worker's look at a refused topic: granted Read while
+    idle, no message told it, and the topic stayed counted missing on its owner (round
+    56's "noticed"). Describe alone is not Read; a topic it may not see is not readable."""
+    from consumer.kafka import KafkaSource
+
+    _, topic, dlq, group = _env(secured_kafka, schema_registry_url, sandbox,
+                                {"topic": ("DESCRIBE",), "group": ("READ",)})
+    conf = {key.removeprefix("KAFKA_").lower().replace("_", "."): value
+            for key, value in secured_kafka.client_env().items()}
+    source = KafkaSource({**conf, "group.id": group}, [topic], on_assign=lambda _: None,
+                         on_revoke=lambda _: None, on_lost=lambda _: None)
+    try:
+        assert source.readable([topic, dlq], 15) == set()
+        secured_kafka.allow("topic", topic, "READ")
+        wait_until(lambda: source.readable([topic, dlq], 15) == {topic}, 30,
+                   "the granted topic readable")
+    finally:
+        source.close(5)

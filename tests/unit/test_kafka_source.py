@@ -488,6 +488,8 @@ def test_a_partition_without_a_leader_keeps_no_other_high_watermark_waiting() ->
     polled: list[float] = []
     source: Any = SimpleNamespace(_marks=SimpleNamespace(list_offsets=list_offsets,
                                                          poll=polled.append))
+    source._admin = lambda: source._marks
+    source._answers = lambda futures, timeout_s: KafkaSource._answers(source, futures, timeout_s)
     started = time.monotonic()
     marks = KafkaSource.high_watermarks(source, [("t", 0), ("t", 1), ("t", 2), ("t", 3)], 0.3)
     assert time.monotonic() - started < 2.0
@@ -829,3 +831,21 @@ def test_a_failed_commit_names_kafka_s_error_as_the_runbook_does(
         src._on_commit(KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED),
                        [TopicPartition("t", 0, 5)])
     assert "offset commit failed (GROUP_AUTHORIZATION_FAILED: " in caplog.text
+
+
+def test_the_lookups_admin_client_asks_for_no_producer_id() -> None:
+    """Made from the dead-letter producer's settings, the admin client of the lag and ACL
+    lookups was idempotent: it asked for a producer id, which the brokers refuse a
+    principal with Write on no topic, and the fatal error failed its every later request.
+    A client built from them must also be accepted with a user's gapless guarantee."""
+    from confluent_kafka.admin import AdminClient
+
+    from consumer.librdkafka import admin_settings
+
+    conf = {"bootstrap.servers": "127.0.0.1:1", "enable.gapless.guarantee": "true",
+            "sasl.mechanism": "PLAIN", "session.timeout.ms": "6000"}
+    settings = admin_settings(conf)
+    assert settings["enable.idempotence"] is False
+    assert "enable.gapless.guarantee" not in settings and "session.timeout.ms" not in settings
+    assert settings["sasl.mechanism"] == "PLAIN"
+    AdminClient(settings)  # librdkafka takes them together

@@ -137,6 +137,8 @@ class FakeSource:
     ends: dict[TP, int] = field(default_factory=dict)
     # Source topics the brokers do not have (topic: their reason), for `partitions`.
     missing: dict[str, str] = field(default_factory=dict)
+    # Topics whose Read the brokers' ACLs allow now, as they report it (`readable`).
+    granted: set[str] = field(default_factory=set)
 
     @property
     def fatal_error(self) -> str | None:
@@ -248,6 +250,10 @@ class FakeSource:
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         self._on_poll_thread()
         return {tp: self.ends.get(tp, len(self.log[tp])) for tp in parts if tp in self.log}
+
+    def readable(self, topics: Sequence[str], timeout_s: float) -> set[str]:
+        self._on_poll_thread()
+        return self.granted.intersection(topics)
 
     def positions(self, parts: Sequence[TP]) -> dict[TP, int]:
         """Past the last message handed over; past `ends` once the log is read to its end
@@ -4129,3 +4135,19 @@ def test_a_source_topic_the_worker_may_not_read_counts_missing_until_its_message
         run.worker._forget_refusals()
     run.worker._reshare(cast(Any, source))
     assert _missing_gauge(run, "locked") == 0
+
+
+def test_a_refused_topic_granted_while_idle_is_read_again_without_a_message() -> None:
+    """Told only by a message of its own, a refused topic its Read granted while nothing
+    was produced to it stayed missing on its owner for good (gauge 1, alert firing; round
+    56's "noticed"). The brokers' ACLs, read on each look, clear it."""
+    run = make(log_of(track("u1", 1)), KAFKA_TOPICS=f"{TOPIC},locked")
+    source = FakeSource(cast(Any, None), log_of(track("u1", 1)))
+    with run.worker._parts_lock:
+        run.worker.assigned = {(TOPIC, 0), ("locked", 0)}
+    run.worker._topic_error(cast(Any, _TopicRefused()), "locked")
+    run.worker._reshare(cast(Any, source))
+    assert _missing_gauge(run, "locked") == 1, "still refused: no grant reported"
+    source.granted = {"locked"}
+    run.worker._reshare(cast(Any, source))
+    assert _missing_gauge(run, "locked") == 0 and run.worker._unreadable == set()
