@@ -42,6 +42,7 @@ Secrets never enter a message: callers pass statuses and truncated bodies, never
 from __future__ import annotations
 
 __all__ = [
+    "REDIS_REFUSALS",
     "AlreadyDelivered",
     "ConfigError",
     "ConnectionFailed",
@@ -249,6 +250,13 @@ class DlqGuardTripped(Stop):
 
 class Degrade(WorkerError):
     """Something optional failed; the worker keeps delivering as it would without it."""
+
+
+REDIS_REFUSALS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError",
+                  "NoPermissionError")
+"""What Redis answers to credentials it refuses (WRONGPASS, NOAUTH) or a user its ACL
+denies: a setting to fix, not an outage. (A read-only replica is waited for instead:
+`reach.redis_refusal`.)"""
 
 
 class SharedStateUnavailable(Degrade):

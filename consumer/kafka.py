@@ -58,6 +58,7 @@ __all__ = [
     "Partitions",
     "group_refused",
     "is_fatal",
+    "login_refused",
     "make_producer",
     "partition_end",
     "topic_not_there",
@@ -74,6 +75,15 @@ DOWN_TOLD_AFTER_S = 5.0
 """The shortest time without brokers whose end is logged (`KafkaSource._brokers_seen`)."""
 RESET_ASK_S = 1.0  # the lookups after offset resets (`_tell_resets`), all together
 COMMIT_SILENCE_S = 8.0  # an unanswered commit this old means Kafka is not answering
+LOGIN_REFUSED_STOP_S = 60.0
+"""A login the brokers refuse this long after start-up stops the worker (exit 1): its
+credentials and certificates are read once, at start-up, so a rotated Secret (a new
+KAFKA_SASL_PASSWORD_FILE, client certificate or CA) took a restart nobody made. The pod
+stayed live, unready ("not connected to Kafka") and delivered nothing (review "rotate57").
+Long enough for a rotation done in two steps (the brokers first, then the Secret)."""
+_NETWORK = (KafkaError._TRANSPORT, KafkaError._RESOLVE)
+_NOT_A_REFUSAL = ("Broker transport failure", "Timed out", "timed out")
+"""librdkafka reports a SASL handshake cut by the network as an authentication error too."""
 SYNC_PROBE_S = 2.0
 """Before a synchronous commit (a revoke's), the group coordinator must answer a committed
 offsets request within this: librdkafka's synchronous commit has no bound of its own
@@ -238,6 +248,9 @@ class KafkaSource:
         # one as too large (offset.metadata.max.bytes), 0 once notes are off altogether.
         self.note_limit = NOTE_MAX_CHARS
         self.fatal: KafkaError | None = None
+        # The brokers' refusal of the worker's login, and since when, until a broker is up
+        # again or the network fails instead (`_on_error`; poll thread).
+        self._refused: tuple[float, str] | None = None
         self._stats_cb = on_stats
         self._on_refetch = on_refetch
         self._on_reset = on_reset
@@ -256,8 +269,19 @@ class KafkaSource:
 
     @property
     def fatal_error(self) -> str | None:
-        """librdkafka's fatal error, if one happened: the worker must stop."""
-        return self.fatal.str() if self.fatal is not None else None
+        """librdkafka's fatal error, if one happened, or a login the brokers have refused
+        for LOGIN_REFUSED_STOP_S: the worker must stop."""
+        if self.fatal is not None:
+            return self.fatal.str()
+        refused = self._refused
+        if refused is not None and time.monotonic() - refused[0] >= LOGIN_REFUSED_STOP_S:
+            return (f"the brokers have refused the worker's login for "
+                    f"{LOGIN_REFUSED_STOP_S:.0f} s ({refused[1]}); credentials and "
+                    "certificates are read at start-up, so the worker exits for its restart "
+                    "to read the current ones (a rotated KAFKA_SASL_PASSWORD_FILE, "
+                    "KAFKA_SSL_* file or Secret); if they are wrong, fix the KAFKA_SASL_* or "
+                    "KAFKA_SSL_* settings")
+        return None
 
     @property
     def connected(self) -> bool:
@@ -283,6 +307,8 @@ class KafkaSource:
                 log.warning("kafka: the brokers answer again (after %.0f s); reading and "
                             "committing go on", lasted)
             self._down_since = None
+        if up:
+            self._refused = None
         elif not up and self._down_since is None:
             self._down_since = time.monotonic()
         self._brokers_up = up
@@ -298,6 +324,15 @@ class KafkaSource:
         where, sep, rest = text.partition(": ")
         if not sep or "/" not in where:
             where, rest = err.name(), text
+        if login_refused(err):
+            if self._refused is None:
+                self._refused = (time.monotonic(), text)
+            log.error("kafka %s: the brokers refuse the worker's login: %s (the worker stops "
+                      "if this lasts %.0f s, for its restart to read its credentials anew)",
+                      where, rest, LOGIN_REFUSED_STOP_S)
+            return
+        if err.code() in _NETWORK or err.code() == KafkaError._AUTHENTICATION:
+            self._refused = None  # the network, not a refusal: an outage waits
         log.warning("kafka %s: %s", where, rest)
 
     def _on_stats_raw(self, raw: str) -> None:
@@ -930,6 +965,18 @@ def named(err: KafkaError) -> str:
     Broker: Group authorization failed` (the text alone matched no name the README's
     UserpilotCommitsFailing section gives, review "logs56")."""
     return f"{err.name()}: {err.str()}"
+
+
+def login_refused(err: KafkaError) -> bool:
+    """An error meaning the brokers refuse the client's settings, which no wait makes pass:
+    a SASL login or mechanism refused, a broker certificate not trusted. A TLS handshake the
+    other side merely ended is not: librdkafka words every such disconnect "connecting to a
+    PLAINTEXT broker listener?", a TLS load balancer without a backend included (review
+    final22)."""
+    text = err.str()
+    if err.code() == KafkaError._AUTHENTICATION:
+        return not any(mark in text for mark in _NOT_A_REFUSAL)
+    return err.code() == KafkaError._SSL or "certificate verify failed" in text
 
 
 def topic_not_there(err: KafkaError) -> bool:

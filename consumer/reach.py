@@ -33,6 +33,7 @@ from confluent_kafka.admin import AclOperation, AdminClient, ConfigResource
 from consumer.config import SECRET_KAFKA_KEYS, Settings, redact_userinfo
 from consumer.delivery import REQUEST_REFUSED, UserpilotClient
 from consumer.errors import (
+    REDIS_REFUSALS,
     ConnectionFailed,
     Misconfigured,
     ProxyRefused,
@@ -41,6 +42,7 @@ from consumer.errors import (
     Timeout,
     TlsRefused,
 )
+from consumer.kafka import login_refused
 from consumer.librdkafka import (
     DLQ_PRODUCER,
     SESSION_TIMEOUT_MS,
@@ -679,10 +681,6 @@ def _certificate_refused(exc: BaseException) -> str | None:
     return None
 
 
-_NOT_A_REFUSAL = ("Broker transport failure", "Timed out", "timed out")
-"""librdkafka reports a SASL handshake cut by the network as an authentication error too."""
-
-
 def _refusal(errors: list[KafkaError]) -> KafkaError | None:
     """The brokers' latest error when it means they refuse these settings, which no wait
     makes pass: a SASL login or mechanism refused, a broker certificate not trusted. The
@@ -691,15 +689,7 @@ def _refusal(errors: list[KafkaError]) -> KafkaError | None:
     such disconnect "connecting to a PLAINTEXT broker listener?", a TLS load balancer
     without a backend included (review final22); the hint shows in the wait's log."""
     latest = [err for err in errors if err.code() != KafkaError._ALL_BROKERS_DOWN][-1:]
-    if not latest:
-        return None
-    err = latest[0]
-    text = err.str()
-    if err.code() == KafkaError._AUTHENTICATION:
-        return None if any(mark in text for mark in _NOT_A_REFUSAL) else err
-    if err.code() == KafkaError._SSL or "certificate verify failed" in text:
-        return err
-    return None
+    return latest[0] if latest and login_refused(latest[0]) else None
 
 
 class Unreachable(str):
@@ -756,13 +746,6 @@ def _tls_refusal(redacted_url: str, exc: Exception) -> str:
     """The one line for a Redis TLS handshake that failed (`run`'s refusal and
     check-config's alike): OpenSSL's reason holds no password, unlike the URL."""
     return f"Redis at {redacted_url}: the TLS handshake failed ({exc}): {REDIS_TLS_HINT}"
-
-
-REDIS_REFUSALS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError",
-                  "NoPermissionError")
-"""What Redis answers to credentials it refuses (WRONGPASS, NOAUTH) or a user its ACL
-denies: a setting to fix, not an outage. (A read-only replica is waited for instead:
-`redis_refusal`.)"""
 
 
 REDIS_REFUSAL_BUDGET_S = 30.0

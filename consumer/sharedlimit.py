@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from consumer.errors import SharedStateUnavailable
+from consumer.errors import REDIS_REFUSALS, SharedStateUnavailable
 from consumer.ratelimit import AdaptiveLimiter, effective_burst, safe_rate
 
 __all__ = ["ALL_FAMILIES", "BudgetStore", "SharedLimiter", "budget_key"]
@@ -346,9 +346,12 @@ class SharedLimiter:
         # One record per episode of this replica: its probes carry the running total.
         self._debt_key = f"{self._key}:debt:{uuid.uuid4().hex[:16]}"
         self._local.hold(self.lookahead_s)
+        until = ("until Redis takes the worker's credentials again (REDIS_URL is read at "
+                 "start-up: after rotating its password or user, restart the pods)"
+                 if any(name in detail for name in REDIS_REFUSALS)
+                 else "until Redis answers again")
         log.warning("shared rate budget%s unavailable (%s): using this replica's partition "
-                    "share (%.2f req/s) until Redis answers again", self._named, detail,
-                    self._local.rate)
+                    "share (%.2f req/s) %s", self._named, detail, self._local.rate, until)
         if self._on_fallback is not None:
             self._on_fallback(True)
 

@@ -1,9 +1,12 @@
-"""A second real broker with ACLs (KRaft, StandardAuthorizer) and a SASL/PLAIN listener.
+"""A second real broker with ACLs (KRaft, StandardAuthorizer) and a SASL/PLAIN and SCRAM
+listener.
 
 The shared broker has no authorizer: what a least-privilege principal meets (a group it may
 not join, a DLQ it may not write) cannot be seen there. This one has two client listeners:
 SASL_PLAINTEXT for the principals the tests log in as, and PLAINTEXT, whose ANONYMOUS
-principal is a super user, for the tests' own admin work (topics, ACLs). Started once per
+principal is a super user, for the tests' own admin work (topics, ACLs). SCRAM users, whose
+passwords the tests change, are super users too; every login is checked again each
+REAUTH_MS (KIP-368), so a changed password is refused within seconds. Started once per
 test module that asks for it, from the jars `services/ctl.py` already fetched.
 """
 
@@ -32,6 +35,8 @@ from tests.integration.harness import REPO, free_port
 
 HOST = "127.0.0.1"
 USER, PASSWORD = "limited", "limited-secret"
+SCRAM_USER = "rotor"  # a super user logging in with SCRAM-SHA-256 (`SecuredKafka.set_scram`)
+REAUTH_MS = 4000
 
 
 def _ctl() -> ModuleType:
@@ -67,6 +72,30 @@ class SecuredKafka:
 
         admin = self.admin()  # kept: a client dropped ends its requests
         for future in admin.create_topics([NewTopic(name, 1, 1) for name in names]).values():
+            future.result(30)
+
+    def scram_env(self, password_file: str) -> dict[str, str]:
+        """The worker's KAFKA_* settings to log in as the SCRAM user, its password read
+        from `password_file`."""
+        return {"KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{self.sasl_port}",
+                "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256", "KAFKA_SASL_USERNAME": SCRAM_USER,
+                "KAFKA_SASL_PASSWORD_FILE": password_file}
+
+    def set_scram(self, password: str) -> None:
+        """Create the SCRAM user, or change its password (the brokers refuse the old one
+        from their next check of each login)."""
+        from confluent_kafka.admin import (
+            ScramCredentialInfo,
+            ScramMechanism,
+            UserScramCredentialUpsertion,
+        )
+
+        upsert = UserScramCredentialUpsertion(
+            SCRAM_USER, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_256, 4096),
+            password.encode())
+        admin = self.admin()
+        for future in admin.alter_user_scram_credentials([upsert]).values():
             future.result(30)
 
     def allow(self, kind: str, name: str, *operations: str) -> None:
@@ -106,10 +135,13 @@ def _properties(root: Path, ports: tuple[int, int, int]) -> str:
         "share.coordinator.state.topic.replication.factor=1",
         "share.coordinator.state.topic.min.isr=1",
         "group.initial.rebalance.delay.ms=0",
-        "sasl.enabled.mechanisms=PLAIN",
+        "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256",
         f"listener.name.sasl_plaintext.plain.sasl.jaas.config={jaas}",
+        "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config="
+        "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        f"connections.max.reauth.ms={REAUTH_MS}",
         "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
-        "super.users=User:ANONYMOUS",
+        f"super.users=User:ANONYMOUS;User:{SCRAM_USER}",
         "",
     ])
 

@@ -6,10 +6,18 @@ without Write passed the check and stopped delivery at the first dead letter).""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import WorkerThread, wait_until, worker_env
+from tests.integration.harness import (
+    WorkerThread,
+    produce,
+    track_event,
+    undelivered,
+    wait_until,
+    worker_env,
+)
 from tests.integration.secured_kafka import USER, SecuredKafka, secured_kafka
 from tests.integration.test_cli_online import Sandbox, cli
 
@@ -142,3 +150,38 @@ def test_the_source_reads_which_refused_topics_its_principal_may_read_now(
                    "the granted topic readable")
     finally:
         source.close(5)
+
+
+def test_a_kafka_password_rotated_while_running_restarts_the_worker_onto_the_new_one(
+        secured_kafka: SecuredKafka, schema_registry_url: str, sandbox: Sandbox,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "rotate57": the brokers changed the worker's SCRAM password and the mounted
+    file followed; the worker, which reads it at start-up, was refused from the brokers'
+    next check of its login and waited for ever (live, unready, nothing delivered). Now it
+    stops (exit 1) once refused for LOGIN_REFUSED_STOP_S (shortened here), and the restart
+    reads the new password and delivers what came meanwhile."""
+    import consumer.kafka as kafka
+
+    monkeypatch.setattr(kafka, "LOGIN_REFUSED_STOP_S", 3.0, raising=False)
+    n = next(_names)
+    topic, dlq, group = f"rot-{n}", f"rot-{n}.dlq", f"rot-{n}-g"
+    secured_kafka.create_topics(topic, dlq)
+    secured_kafka.set_scram("first-password")
+    password = tmp_path / "kafka-password"
+    password.write_text("first-password\n")
+    server, control = sandbox
+    env = worker_env("unused:1", schema_registry_url, server.url, topic, group,
+                     KAFKA_DLQ_TOPIC=dlq, USERPILOT_ENSURE_USER="false",
+                     **secured_kafka.scram_env(str(password)))
+    admin_bootstrap = secured_kafka.admin_bootstrap
+    first, second = track_event("rot-u", 1), track_event("rot-u", 2)
+    produce(admin_bootstrap, schema_registry_url, topic, [first])
+    with WorkerThread(env) as w:
+        wait_until(lambda: not undelivered(control, [first]), 60, "delivered before")
+        secured_kafka.set_scram("second-password")
+        password.write_text("second-password\n")
+        wait_until(lambda: not w.alive, 60, "the worker stopping on the refused login")
+        assert w.exit_code == 1
+    produce(admin_bootstrap, schema_registry_url, topic, [second])
+    with WorkerThread(env):
+        wait_until(lambda: not undelivered(control, [second]), 60, "delivered after restart")

@@ -849,3 +849,59 @@ def test_the_lookups_admin_client_asks_for_no_producer_id() -> None:
     assert "enable.gapless.guarantee" not in settings and "session.timeout.ms" not in settings
     assert settings["sasl.mechanism"] == "PLAIN"
     AdminClient(settings)  # librdkafka takes them together
+
+
+_REFUSED = "SASL authentication error: Authentication failed during re-authentication due to invalid credentials with SASL mechanism SCRAM-SHA-256"  # noqa: E501
+
+
+def test_a_login_refused_for_a_minute_stops_the_worker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "rotate57": a Kafka password rotated (the brokers first, then the mounted
+    file) is read at start-up only; the worker waited for ever, live and unready, with no
+    restart to read the new one. A refusal that lasts LOGIN_REFUSED_STOP_S stops it."""
+    import consumer.kafka as kafka
+
+    now = [1000.0]
+    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
+    src = source()
+    try:
+        src._on_error(KafkaError(KafkaError._AUTHENTICATION, _REFUSED))
+        src._on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+        now[0] += kafka.LOGIN_REFUSED_STOP_S - 1
+        assert src.fatal_error is None, "not yet"
+        now[0] += 1
+        stop = src.fatal_error
+        assert stop is not None and "refused the worker's login for 60 s" in stop
+        assert "invalid credentials" in stop and "KAFKA_SASL_PASSWORD_FILE" in stop
+
+        src._brokers_seen(True)  # a broker up: the login passed (fixed in time)
+        assert src.fatal_error is None
+    finally:
+        src.close(1)
+
+
+@pytest.mark.parametrize("then", [
+    KafkaError(KafkaError._TRANSPORT, "127.0.0.1:9092/1: Connect to ipv4#127.0.0.1:9092 "
+               "failed: Connection refused (after 0ms in state CONNECT)"),
+    KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: Timed out"),
+    None,
+])
+def test_an_outage_or_a_cut_handshake_is_waited_out_not_a_refusal(
+        monkeypatch: pytest.MonkeyPatch, then: KafkaError | None) -> None:
+    """Brokers down (restarting, the network gone) are an outage: the worker waits, however
+    long. A refusal followed by an outage does not stop it either. Without any refusal
+    (None), an hour of other errors does not."""
+
+    now = [1000.0]
+    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
+    src = source()
+    try:
+        if then is not None:
+            src._on_error(KafkaError(KafkaError._AUTHENTICATION, _REFUSED))
+            src._on_error(then)
+        else:
+            src._on_error(KafkaError(KafkaError._TIMED_OUT, "Metadata request timed out"))
+        now[0] += 3600
+        assert src.fatal_error is None
+    finally:
+        src.close(1)

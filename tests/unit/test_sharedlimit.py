@@ -23,14 +23,15 @@ class ScriptedStore:
 
     timeout_s = 0.01
 
-    def __init__(self) -> None:
+    def __init__(self, failure: str = "ConnectionError") -> None:
         self.up = True
+        self.failure = failure
         self.calls: list[dict[str, Any]] = []
 
     async def gcra(self, key: str, **kwargs: Any) -> tuple[int, float]:
         self.calls.append({"key": key, **kwargs})
         if not self.up:
-            raise SharedStateUnavailable("redis gcra failed: ConnectionError")
+            raise SharedStateUnavailable(f"redis gcra failed: {self.failure}")
         return 1, 0.0
 
 
@@ -426,6 +427,25 @@ def test_the_fallback_lines_name_their_budget(caplog: pytest.LogCaptureFixture) 
     lines = [r.getMessage() for r in caplog.records]
     assert [line.split(" (", 1)[0] for line in lines] == ["shared rate budget"] * 2, lines
     assert all(line.startswith("shared rate budget (identify) ") for line in lines), lines
+
+
+@pytest.mark.parametrize(("failure", "says"), [
+    ("ConnectionError", "until Redis answers again"),
+    ("AuthenticationError", "REDIS_URL is read at start-up: after rotating its password or "
+                            "user, restart the pods"),
+])
+def test_the_fallback_line_says_what_ends_it(
+        caplog: pytest.LogCaptureFixture, failure: str, says: str) -> None:
+    """Review "rotate57": a REDIS_URL password rotated at Redis was refused from then on,
+    while the line (and the runbook) said the replica returns once Redis answers: it
+    answered, refusing, until a restart read the new password."""
+    store = ScriptedStore(failure)
+    store.up = False
+    limiter = SharedLimiter(store, "k", 600, 1.0, 1, fallback=AdaptiveLimiter(600, 1.0, 1))
+    with caplog.at_level(logging.WARNING, logger="consumer.sharedlimit"):
+        asyncio.run(limiter.acquire())
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert says in line, line
 
 
 class StallingStore(ScriptedStore):
