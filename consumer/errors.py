@@ -42,7 +42,6 @@ Secrets never enter a message: callers pass statuses and truncated bodies, never
 from __future__ import annotations
 
 __all__ = [
-    "REDIS_REFUSALS",
     "AlreadyDelivered",
     "ConfigError",
     "ConnectionFailed",
@@ -252,13 +251,6 @@ class Degrade(WorkerError):
     """Something optional failed; the worker keeps delivering as it would without it."""
 
 
-REDIS_REFUSALS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError",
-                  "NoPermissionError")
-"""What Redis answers to credentials it refuses (WRONGPASS, NOAUTH) or a user its ACL
-denies: a setting to fix, not an outage. (A read-only replica is waited for instead:
-`reach.redis_refusal`.)"""
-
-
 class SharedStateUnavailable(Degrade):
     """Redis did not answer in time or refused: use the local limiter share, skip dedup.
 
@@ -275,3 +267,14 @@ class SharedStateUnavailable(Degrade):
         # The TLS handshake failed (an untrusted certificate, another host name, a port
         # that does not speak TLS): a setting when it lasts; `run` refuses it at start-up.
         self.tls = tls
+
+    @property
+    def refused(self) -> bool:
+        """Redis refused the worker's credentials (WRONGPASS, NOAUTH) or its user's ACL
+        denies a call: a setting to fix, which no wait mends (`run` refuses it at start-up;
+        a read-only replica is waited for instead: `reach.redis_refusal`)."""
+        return any(name in str(self) for name in _REDIS_REFUSALS)
+
+
+_REDIS_REFUSALS = ("AuthenticationError", "AuthenticationWrongNumberOfArgsError",
+                   "NoPermissionError")

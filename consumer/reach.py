@@ -33,7 +33,6 @@ from confluent_kafka.admin import AclOperation, AdminClient, ConfigResource
 from consumer.config import SECRET_KAFKA_KEYS, Settings, redact_userinfo
 from consumer.delivery import REQUEST_REFUSED, UserpilotClient
 from consumer.errors import (
-    REDIS_REFUSALS,
     ConnectionFailed,
     Misconfigured,
     ProxyRefused,
@@ -816,7 +815,7 @@ def redis_refusal(settings: Settings, timeout: float,
             return (f"Redis at {conf.redacted_url} refused the worker ({exc}): its user may not "
                     "load the worker's scripts (SCRIPT LOAD, needed after every failover or "
                     f"restart): allow it in the user's ACL ({redis_acl(conf.url.reveal())})")
-        if any(name in str(exc) for name in REDIS_REFUSALS):
+        if exc.refused:
             return (f"Redis at {conf.redacted_url} refused the worker ({exc}): check the user "
                     "name and password in REDIS_URL, and the user's ACL ("
                     f"{redis_acl(conf.url.reveal())})")

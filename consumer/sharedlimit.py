@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from consumer.errors import REDIS_REFUSALS, SharedStateUnavailable
+from consumer.errors import SharedStateUnavailable
 from consumer.ratelimit import AdaptiveLimiter, effective_burst, safe_rate
 
 __all__ = ["ALL_FAMILIES", "BudgetStore", "SharedLimiter", "budget_key"]
@@ -307,7 +307,7 @@ class SharedLimiter:
                 # was applied late: spent, never exceeded. A refusal switches at once.
                 if tries == 1 and exc.timed_out and not returning:
                     continue
-                self._enter_fallback(str(exc))
+                self._enter_fallback(str(exc), refused=exc.refused)
                 return None
         self._round_trip = self._clock() - asked
         if returning:
@@ -334,7 +334,7 @@ class SharedLimiter:
             self._local_count -= int(sends.popleft()[1])
         return self._local_count
 
-    def _enter_fallback(self, detail: str) -> None:
+    def _enter_fallback(self, detail: str, refused: bool = False) -> None:
         now = self._clock()
         self._next_probe = now + self._probe_every
         if self._fallback_since is not None:
@@ -348,8 +348,7 @@ class SharedLimiter:
         self._local.hold(self.lookahead_s)
         until = ("until Redis takes the worker's credentials again (REDIS_URL is read at "
                  "start-up: after rotating its password or user, restart the pods)"
-                 if any(name in detail for name in REDIS_REFUSALS)
-                 else "until Redis answers again")
+                 if refused else "until Redis answers again")
         log.warning("shared rate budget%s unavailable (%s): using this replica's partition "
                     "share (%.2f req/s) %s", self._named, detail, self._local.rate, until)
         if self._on_fallback is not None:
