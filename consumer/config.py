@@ -435,6 +435,11 @@ class Settings:
 
         return self._kafka_ms_as_s("session.timeout.ms", SESSION_TIMEOUT_MS)
 
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """How often the consumer tells the group it is alive (librdkafka's 3 s by default)."""
+        return self._kafka_ms_as_s("heartbeat.interval.ms", HEARTBEAT_INTERVAL_MS)
+
     def kafka_config(self, *, logger: bool = True) -> dict[str, Any]:
         """librdkafka settings with secrets revealed, for the Kafka edge only.
 

@@ -26,7 +26,6 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -58,6 +57,7 @@ from consumer.errors import (
 )
 from consumer.logs import RateLimit
 from consumer.redaction import Redactor, url_credentials
+from consumer.stalls import STALL_S, StallAwareDeadline
 from consumer.stdout import printable
 from consumer.tls import ssl_context, verification
 
@@ -77,10 +77,6 @@ STALE_WITHIN_S = 0.25
 """... lost this soon after it went out: the keep-alive race ends within a round trip (the
 server had closed the connection already). Later, the server may have read it and worked
 on it: that failure goes through the retry policy (backoff, an attempt, a limiter slot)."""
-STALL_S = 1.0
-"""A request's deadline that fires this much later than it was due found the event loop
-stalled (a frozen process, a paused VM, a loop blocked): the answer may have come
-meanwhile, unread. A loop under load is late by milliseconds, never by a second."""
 _CERT_TIME_CODES = frozenset({9, 10})
 """OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED."""
 _CERT_HOST_CODES = frozenset({62, 64})
@@ -704,45 +700,6 @@ def _really_timed_out(exc: httpx.TimeoutException) -> bool:
     return exc.__cause__ is None or isinstance(exc.__cause__, TimeoutError)
 
 
-class _StallAwareDeadline:
-    """`asyncio.timeout(seconds)` that does not count time the event loop did not run.
-
-    Why: a replica frozen past the deadline (SIGSTOP, a paused VM) resumes with its answers
-    waiting in the sockets, and the overdue deadline cut the request before they were read:
-    the event was sent again, although Userpilot had accepted it (round 33: every
-    request on the wire during a freeze of 2x the request timeout). A deadline that fires
-    more than STALL_S late finds the loop stalled: it starts again, whole, so the answers
-    that came meanwhile are read first (the loop serves ready sockets before due timers)
-    and a request that went out only at the resume gets its time; one with no answer
-    still ends, that much later.
-    """
-
-    __slots__ = ("_handle", "_loop", "_seconds", "_timeout")
-
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._loop = asyncio.get_running_loop()
-        self._timeout = asyncio.timeout(None)
-        self._handle: asyncio.TimerHandle | None = None
-
-    def _due(self, when: float) -> None:
-        now = self._loop.time()
-        if now - when > STALL_S:
-            again = now + self._seconds
-            self._handle = self._loop.call_at(again, self._due, again)
-        else:
-            self._timeout.reschedule(now)  # expires at once: the task is cancelled
-
-    async def __aenter__(self) -> None:
-        await self._timeout.__aenter__()
-        when = self._loop.time() + self._seconds
-        self._handle = self._loop.call_at(when, self._due, when)
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        await self._timeout.__aexit__(exc_type, exc, tb)  # raises TimeoutError once expired
 
 
 _Route = tuple[httpx.URL, list[tuple[bytes, bytes]], str]
@@ -899,7 +856,7 @@ class UserpilotClient:
         answered: httpx.Response | None = None
         broken: Exception | None = None
         try:
-            async with _StallAwareDeadline(self._deadline_s):
+            async with StallAwareDeadline(self._deadline_s):
                 response = answered = await self._send(request, endpoint)
                 accepted = 200 <= response.status_code < 300
                 try:

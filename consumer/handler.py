@@ -96,6 +96,7 @@ from consumer.redaction import redact
 from consumer.routing import Send, route
 from consumer.schemafetch import SharedFetches
 from consumer.sharedstate import Limiter
+from consumer.stalls import StallWatch
 
 __all__ = [
     "DeadLetterSink",
@@ -364,8 +365,11 @@ class Handler:
         registry: SchemaSource, dlq: DeadLetterSink, limiters: Callable[[str], Limiter],
         policy: RetryPolicy, guard: DlqGuard, dedup: Deduplicator | None = None,
         budget: Callable[[str], str] = lambda family: family,
+        stalls: StallWatch | None = None,
     ) -> None:
         self.s = settings
+        # Requests wait out a stall that may have cost this member its partitions.
+        self.stalls = stalls or StallWatch(float("inf"), 0.0)
         self.m = metrics
         self.client = client
         self.registry = registry
@@ -1122,8 +1126,10 @@ class Handler:
         sent = False
         requested_before = event.requested
         try:
-            # A partition halted while this waited for a connection or its slot: unsent,
-            # it stops.
+            # After a stall the group may have given this partition to another replica:
+            # asked first (`StallWatch`). A partition halted while this waited for a
+            # connection, its slot or the stall's end: unsent, it stops.
+            await self.stalls.passable()
             self._check_halted(event)
             event.on_wire = event.requesting = event.requested = sent = True
             self._connection_wait(endpoint).observe(permit.for_pool)

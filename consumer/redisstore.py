@@ -31,6 +31,7 @@ from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumer.errors import ConfigError, SharedStateUnavailable
+from consumer.stalls import StallAwareDeadline
 
 __all__ = ["ClaimState", "RedisStore", "tls_failure", "token_digest"]
 
@@ -329,7 +330,10 @@ class RedisStore:
         start = time.perf_counter()
         error: str | None = None
         try:
-            async with asyncio.timeout(self._timeout):
+            # Not counting a stalled loop: frozen while a call was out, it resumed with the
+            # answer waiting unread and the overdue timeout failed the call, so a claim
+            # went unchecked and its event out twice (review "freeze57").
+            async with StallAwareDeadline(self._timeout):
                 result = await make()
             self.answers += 1
             return result

@@ -95,6 +95,7 @@ from consumer.scheduling import ChainKey, Scheduler
 from consumer.sharedlimit import SharedLimiter
 from consumer.sharedstate import SharedState, build_shared_state
 from consumer.signals import stop_signals
+from consumer.stalls import STALL_S, StallWatch
 
 __all__ = ["Callbacks", "Source", "SourceFactory", "Worker", "fair_holds", "fair_margin",
            "fair_share", "resume_level"]
@@ -357,13 +358,18 @@ class Worker:
             settings.registry_auth.reveal() if settings.registry_auth else None,
             proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None)
         self.registry: SchemaSource = schemas
+        # A stall this long may have let the group's session expire (its last heartbeat up
+        # to an interval before it); librdkafka tells within a heartbeat of the resume.
+        beat = settings.heartbeat_interval_s
+        self.stalls = StallWatch(max(settings.session_timeout_s - beat, 2 * STALL_S),
+                                 beat + STALL_S)
         self.handler = Handler(
             settings, metrics, client=self.client, registry=schemas,
             dlq=self.dlq, limiters=self.shared.limiter, budget=self.shared.budget,
             policy=policy,
             guard=DlqGuard(settings.dlq_max_ratio, settings.dlq_window,
                            settings.dlq_max_consecutive),
-            dedup=self.shared.dedup,
+            dedup=self.shared.dedup, stalls=self.stalls,
         )
         if isinstance(schemas, Registry):
             # A frozen registry turns readiness off while events wait for it.
@@ -548,6 +554,7 @@ class Worker:
                  f" through {redact_userinfo(self.s.proxy.reveal())}" if self.s.proxy else "")
         last_commit = last_noted = paused_lag_at = rates_at = time.monotonic()
         scheduled = 0
+        stall_ticks = asyncio.ensure_future(self.stalls.run())
         try:
             while not self._stopping.is_set():
                 room = await self._backpressure(source, scheduler, idle=not scheduled)
@@ -558,7 +565,9 @@ class Worker:
                     # (to serve acknowledgements); pace it instead of spinning.
                     await asyncio.sleep(FULL_POLL_PAUSE_S)
                 timeout = await self._poll_wait(source, scheduler, room)
+                asked = time.monotonic()
                 messages = await source.call(source.consume, max(1, wanted), timeout)
+                self.stalls.polled(asked)
                 self.health.beat()
                 self.health.set_connected(source.connected)
                 if source.fatal_error is not None:
@@ -646,6 +655,7 @@ class Worker:
             # timeout): it ends during the drain, not after the stop's budget.
             prefetch_stop.set()
             await self._shutdown(source, scheduler)
+            stall_ticks.cancel()  # after the drain: its requests ask the watch too
             if prefetch is not None:
                 await prefetch  # one request at most, bounded by the registry's timeout
         if isinstance(self.fatal, DlqGuardTripped):

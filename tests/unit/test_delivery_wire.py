@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from consumer.answers import BODY_LIMIT
-from consumer.delivery import STALE_RESENDS, STALL_S, UserpilotClient, ssl_context
+from consumer.delivery import STALE_RESENDS, UserpilotClient, ssl_context
 from consumer.errors import (
     ConnectionFailed,
     Misconfigured,
@@ -39,6 +39,7 @@ from consumer.errors import (
     WorkerError,
 )
 from consumer.redaction import MASK
+from consumer.stalls import STALL_S
 from tests.certificates import self_signed
 
 T = TypeVar("T")

@@ -133,3 +133,30 @@ def test_a_tls_failure_is_named_by_openssls_reason_found_under_the_clients_error
     loop = ConnectionError("a")
     loop.__context__ = loop
     assert tls_failure(loop) is None
+
+
+def test_a_call_answered_while_the_loop_was_frozen_is_not_timed_out() -> None:
+    """Review "freeze57": frozen (SIGSTOP) while a claim was out, the worker resumed with
+    Redis's answer waiting and the overdue timeout fired first: "redis claim failed:
+    TimeoutError", the event went out unchecked and, its partition another replica's by
+    then, twice. The answer that came meanwhile is read; a call with none still ends."""
+    import concurrent.futures
+    import threading
+
+    async def main() -> tuple[object, float]:
+        store = RedisStore("redis://127.0.0.1:1/0", timeout_s=0.2)
+        answer: concurrent.futures.Future[str] = concurrent.futures.Future()
+        threading.Timer(0.05, answer.set_result, ("claimed",)).start()  # Redis answers
+        call = asyncio.ensure_future(store._call("claim", lambda: asyncio.wrap_future(answer)))
+        await asyncio.sleep(0)  # the call is out
+        time.sleep(0.2 + 1.5)  # the loop frozen past the deadline by more than a second
+        result = await call
+        unanswered = asyncio.get_running_loop().create_future()
+        started = time.monotonic()
+        with pytest.raises(SharedStateUnavailable):
+            await store._call("claim", lambda: unanswered)
+        return result, time.monotonic() - started
+
+    result, waited = asyncio.run(main())
+    assert result == "claimed"
+    assert waited < 1.0, "an unanswered call still ends at its timeout"
