@@ -1267,6 +1267,7 @@ class Handler:
                     delay = min(delay * 2, 30.0)
         finally:
             self.dlq_writable.finished(token)
+            event.dlq_since = None  # off the wire: a later Redis call is no dead letter
         self.m.dead_lettered.labels(reason).inc()
         # Cut as the DLQ header is: a schema resolution error quotes both schemas (~15 KB a
         # line, for every event of that schema, review "poison21").

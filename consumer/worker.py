@@ -162,6 +162,12 @@ of the 64 requests in flight was read: connections were held 34 ms for the sandb
 delivery at 20 ms ran at 1,330-1,620 events/s. With 8 per turn, turns over 5 ms fell from 56 %
 to 6 % of the loop's time and the same backlog went at 1,700-1,800 events/s (README,
 "Performance")."""
+INTAKE_TURN_S = 0.02
+"""... or taken in this long (events to send only): one turn of large events (~880 KB, a
+third of a CPU-second each to map) froze the loop for 2-4 s at the chart's CPU limit and
+13 s at half of it, so answers waiting in the sockets went unread, Redis's among them
+("redis claim failed: TimeoutError" against a Redis answering in 14 ms: events sent
+unchecked, some twice; review "limits57"). Typical events take ~0.2 ms: 8 fit many times."""
 INTAKE_TURN_MESSAGES = 128  # ... and messages (drops: ~20 µs each) while any is in flight
 FIRST_STEP_TURNS = 4
 """Turns of the event loop a batch's new events get before the main loop's bookkeeping and
@@ -787,11 +793,16 @@ class Worker:
                 return False
             return event.under_way if userpilot_up else dead_letter
 
+        def dlq_out(event: Event) -> bool:
+            """Its DLQ record on the wire; not a Redis call, which `dead_letter_on_wire`
+            counts too: such a call read "dead letters cut" at a shutdown that had none
+            (review "limits57")."""
+            return event.dead_letter_on_wire and event.dlq_since is not None
+
         def cut_now(event: Event, *, dead_letters: bool) -> bool:
             """On the wire, not waited for, and a dead letter's record or not."""
             on_the_wire = event.on_wire or event.half_sent
-            return (on_the_wire and event.dead_letter_on_wire is dead_letters
-                    and not waited(event))
+            return on_the_wire and dlq_out(event) is dead_letters and not waited(event)
 
         self.handler.halt(parts)
         abandoned = scheduler.abandoned
@@ -814,7 +825,7 @@ class Worker:
                 self.health.beat()
                 await scheduler.wait_change(min(0.05, deadline - loop.time()))
             for event in scheduler.current(parts):
-                if event.dead_letter_on_wire:
+                if dlq_out(event):
                     cut_dead += 1
                 elif waited(event):
                     cut += 1
@@ -877,8 +888,9 @@ class Worker:
         brings nothing to the window) and where the next slice starts (`len(messages)`
         when done).
 
-        A slice ends after INTAKE_TURN_SENDS events to send, or INTAKE_TURN_MESSAGES
-        messages while events are in flight, so the event loop turns between slices:
+        A slice ends after INTAKE_TURN_SENDS events to send (or INTAKE_TURN_S spent taking
+        them), or INTAKE_TURN_MESSAGES messages while events are in flight, so the event
+        loop turns between slices:
         the answers of requests in flight are read between them instead of behind a
         whole window of intake and first steps (see INTAKE_TURN_SENDS). With nothing in
         flight (a backlog of drops) the batch is one slice.
@@ -923,6 +935,7 @@ class Worker:
         end = len(messages)
         if scheduler.in_flight:
             end = min(end, start + INTAKE_TURN_MESSAGES)
+        turn_ends = time.perf_counter() + INTAKE_TURN_S
         try:
             while position < end:
                 message = messages[position]
@@ -987,7 +1000,7 @@ class Worker:
                     drops[key] = count + 1
                 else:
                     scheduled += 1
-                    if scheduled >= INTAKE_TURN_SENDS:
+                    if scheduled >= INTAKE_TURN_SENDS or time.perf_counter() >= turn_ends:
                         end = position
                     elif scheduled == 1:
                         end = min(end, start + INTAKE_TURN_MESSAGES)

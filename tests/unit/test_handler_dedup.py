@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -331,10 +332,11 @@ class SlowConfirm(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.confirming = False
+        self.confirm_s = 0.3
 
     async def confirm(self, key: str, ttl_ms: int) -> None:
         self.confirming = True
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(self.confirm_s)
         await super().confirm(key, ttl_ms)
 
 
@@ -348,6 +350,25 @@ def test_shutdown_during_the_confirm_waits_for_it_and_finishes_the_event() -> No
     assert drive(run, scenario) == 0  # stop() arrives while the confirm runs
     assert store.values[dedup.key("track", "u1-1")] == "d"
     assert run.worker.committed == {(TOPIC, 0): 1}
+
+
+def test_a_confirm_cut_by_the_grace_is_not_called_a_dead_letter(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "limits57": a Redis call still out when the grace ended was counted as a dead
+    letter "cut on its way to the DLQ (... the DLQ may hold them twice)" at a shutdown that
+    had no dead letter at all."""
+    store = SlowConfirm()
+    store.confirm_s = 10.0
+    run, _, _ = make(log_of(track("u1", 1)), store, WORKER_SHUTDOWN_GRACE_SECONDS="0.5")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: store.confirming, "the confirm under way")
+
+    with caplog.at_level(logging.WARNING, logger="consumer.worker"):
+        assert drive(run, scenario) == 0
+    assert not run.dlq.records
+    assert "dead letters cut" not in caplog.text
+    assert "shutdown: 1 requests cut on the wire" in caplog.text
 
 
 def test_a_group_is_recorded_under_company_identify_not_its_associations_identify() -> None:

@@ -819,6 +819,34 @@ def test_a_polled_batch_starts_at_most_intake_turn_sends_events_per_turn_of_the_
     assert len(per_turn) >= count // INTAKE_TURN_SENDS
 
 
+def test_a_slice_of_events_to_send_ends_when_its_time_is_spent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "limits57": eight large events a turn (~880 KB, a third of a CPU-second each
+    to map) froze the loop 2-4 s at the chart's CPU limit, and answers waiting in the
+    sockets (Redis's) timed out unread. A slice also ends once INTAKE_TURN_S is spent
+    (none here: one event a turn)."""
+    import consumer.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "INTAKE_TURN_S", 0.0, raising=False)
+    client = TurnClient()
+    count = 3 * INTAKE_TURN_SENDS
+    run = make(log_of(*(track(f"u{i}", i) for i in range(count))), registry=known_schema(),
+               client=client, USERPILOT_ENSURE_USER="false")
+
+    async def main() -> int:
+        counter = asyncio.create_task(client.count_turns())
+        task = asyncio.create_task(run.worker.run())
+        await until(lambda: bool(run.made) and run.source.committed().get((TOPIC, 0)) == count,
+                    "all committed")
+        run.worker.stop()
+        code = await asyncio.wait_for(task, 10)
+        counter.cancel()
+        return code
+
+    assert asyncio.run(main()) == 0
+    assert max(Counter(client.started_at).values()) == 1
+
+
 class StoppingClient(FakeClient):
     """Asks the worker to stop at its first request (as SIGTERM would)."""
 
