@@ -140,8 +140,12 @@ def test_three_workers_on_one_hot_partition_use_the_whole_shared_budget(
     # The whole shared pace (the token's limit minus its burst over the period plus the
     # jitter slack, `safe_rate`), whatever the key skew.
     designed = safe_rate(HOT_LIMIT, HOT_PERIOD, 1) * HOT_PERIOD / HOT_LIMIT
-    assert shared_share >= 0.98 * designed, \
+    # 0.93: three workers and the sandbox share one process on a busy machine, and a slot
+    # a ~0.2 s stall loses at burst 1 is never made up (review "flaky57": 91.5 % against
+    # 93.9 % once); a per-partition cap is a third of it.
+    assert shared_share >= 0.93 * designed, \
         f"shared budget used {shared_share:.1%} of the limit ({designed:.1%} designed)"
+    assert shared_share >= 2 * local_share
     # Today's partition share: the hot partition's owner holds 2 of 6 partitions.
     assert local_share <= 0.40, f"partition share used {local_share:.1%}"
     assert all(w.metric("userpilot_rate_limiter_fallback", endpoint="track") == 0

@@ -313,6 +313,7 @@ class Worker:
 class Server:
     def close(self): pass
 consumer.reach.services = lambda *args, **kwargs: []
+consumer.reach.topic_notes = lambda *args, **kwargs: []  # no Kafka here: 20 s of tries
 consumer.health.serve = lambda *args, **kwargs: Server()
 consumer.worker.Worker = Worker
 from consumer.__main__ import main
@@ -470,6 +471,24 @@ def test_check_config_writes_to_an_ascii_stdout() -> None:
     assert json.loads(result.stdout)["kafka"]["extra"]["client.id"] == "cfg19-ü"
 
 
+def _started(proc: subprocess.Popen[bytes], settle_s: float) -> None:
+    """Wait until the child's `main` has begun (its SIGTERM handler is installed by its
+    first line), then `settle_s` more. A fixed 3 s sleep missed it on a loaded machine,
+    where imports alone took longer (review "flaky57": 143 and a KeyboardInterrupt
+    traceback, 1 run in 10)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except OSError:
+            break
+        caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+        if int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+            break
+        time.sleep(0.05)
+    time.sleep(settle_s)
+
+
 def test_ctrl_c_while_run_waits_for_kafka_exits_130_without_a_traceback() -> None:
     """Review diff22b: `run` now waits for an unreachable Kafka (for ever by default), and
     Ctrl-C there printed a KeyboardInterrupt traceback."""
@@ -477,7 +496,7 @@ def test_ctrl_c_while_run_waits_for_kafka_exits_130_without_a_traceback() -> Non
     proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--timeout", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(4.0)  # past the first check, in the wait or the next check
+        _started(proc, 3.0)  # past the first check, in the wait or the next check
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=15)
@@ -498,7 +517,7 @@ def test_a_signal_during_replays_reach_check_stops_it_at_once(sig: int, code: in
                              "--timeout", "30"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(3.0)  # imports done, in the reach check
+        _started(proc, 1.0)  # imports done, in the reach check
         assert proc.poll() is None
         started = time.monotonic()
         proc.send_signal(sig)
@@ -519,7 +538,7 @@ def test_a_sigterm_while_run_starts_stops_it() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--timeout", "20"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(3.0)  # imports done, in the reach check
+        _started(proc, 1.0)  # imports done, in the reach check
         assert proc.poll() is None
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
