@@ -18,6 +18,7 @@ Thread rule: event loop only, except `StallWatch.polled`'s argument, a clock rea
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable
@@ -53,19 +54,22 @@ class StallAwareDeadline:
     one with no answer still ends, that much later.
     """
 
-    __slots__ = ("_graced", "_handle", "_loop", "_seconds", "_timeout")
+    __slots__ = ("_graced", "_handle", "_loop", "_restarted", "_seconds", "_timeout")
 
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
         self._loop = asyncio.get_running_loop()
         self._timeout = asyncio.timeout(None)
         self._handle: asyncio.TimerHandle | None = None
-        self._graced = False
+        self._restarted = self._graced = False
 
     def _due(self, when: float) -> None:
         now = self._loop.time()
         late = now - when
-        if late > STALL_S:
+        if late > STALL_S and not self._restarted:
+            # Once: a loop whose every turn is that long (a quarter of a core mapping large
+            # events) restarted a hung Redis's call for ever (review "diff57b").
+            self._restarted = True
             again = now + self._seconds
         elif late > LATE_S and not self._graced:
             self._graced = True  # once: a loop busy for good still ends the call
@@ -114,9 +118,12 @@ class StallWatch:
         self._ran = now
         if stopped >= self._long:
             if self._noticed is None:
-                log.warning("the worker did not run for %.1f s (frozen, paused or starved of "
-                            "CPU): requests wait until Kafka says which partitions are "
-                            "still this replica's", stopped)
+                # Outside the event's context whose request noticed it: the whole process
+                # stalled, not that event (its fields were on the line, review "diff57b").
+                contextvars.Context().run(
+                    log.warning, "the worker did not run for %.1f s (frozen, paused or "
+                    "starved of CPU): requests wait until Kafka says which partitions are "
+                    "still this replica's", stopped)
             self._noticed = now
             if self._open is not None:
                 self._open.clear()
@@ -137,6 +144,17 @@ class StallWatch:
             self._noticed = None
             if self._open is not None:
                 self._open.set()
+
+    def release(self) -> None:
+        """Kafka told, or nothing more will be asked of it: a rebalance callback runs (the
+        group's verdict on this member after the stall: its partitions lost, or some
+        revoked and the rest kept), or the worker stops. Requests go: a drain waits for a
+        half-sent event's next call, and held here it waited out the whole grace, then
+        called the unsent call cut on the wire (review "diff57b")."""
+        self._noticed = None
+        self._ran = self._clock()  # the stall is dealt with: not noticed again at the tick
+        if self._open is not None:
+            self._open.set()
 
     async def passable(self) -> None:
         """Return when a request may go out (at once, unless a stall is being waited out)."""

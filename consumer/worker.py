@@ -805,6 +805,12 @@ class Worker:
             return on_the_wire and dlq_out(event) is dead_letters and not waited(event)
 
         self.handler.halt(parts)
+        # Halted first: after a stall, only what the drain waits for goes (a half-sent
+        # event's next call). Held for a consume that cannot come while the drain runs (in
+        # the rebalance callback, or at shutdown), it waited out the whole grace and was
+        # then called cut on the wire (review "diff57b"). A rebalance callback is the
+        # group's word after the stall; a stop asks Kafka nothing more.
+        self.stalls.release()
         abandoned = scheduler.abandoned
         try:
             # What is not under way goes at once: events waiting for the limiter would each
