@@ -952,7 +952,7 @@ def _kafka_value_problem(key: str, value: str) -> str | None:
         return ("selects the broker-side consumer-group protocol (KIP-848); the worker "
                 "runs the classic protocol with cooperative-sticky assignment, whose "
                 "rebalance callbacks it is tested with: remove it (or set classic)")
-    if key == "group.protocol.type" and lowered != "consumer":
+    if key == "group.protocol.type" and value != "consumer":  # librdkafka: this case only
         # `connect` is Kafka Connect's protocol: librdkafka then refused the worker's
         # assignor in words that named neither this setting nor the fix (review "pass56").
         return ("is not the consumer-group protocol type the worker reads with (Kafka "

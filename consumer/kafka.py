@@ -81,9 +81,13 @@ credentials and certificates are read once, at start-up, so a rotated Secret (a 
 KAFKA_SASL_PASSWORD_FILE, client certificate or CA) took a restart nobody made. The pod
 stayed live, unready ("not connected to Kafka") and delivered nothing (review "rotate57").
 Long enough for a rotation done in two steps (the brokers first, then the Secret)."""
-_NETWORK = (KafkaError._TRANSPORT, KafkaError._RESOLVE)
 _NOT_A_REFUSAL = ("Broker transport failure", "Timed out", "timed out")
 """librdkafka reports a SASL handshake cut by the network as an authentication error too."""
+_CERTIFICATE_REFUSED = ("alert bad certificate", "alert unknown ca", "certificate required",
+                        "certificate expired", "certificate revoked", "certificate unknown")
+"""TLS alerts by which brokers refuse the client's certificate: under TLS 1.3 librdkafka
+reports them as a transport failure ("Receive failed: ... alert bad certificate"), and a
+refused certificate was waited for as an outage (review "diff57")."""
 SYNC_PROBE_S = 2.0
 """Before a synchronous commit (a revoke's), the group coordinator must answer a committed
 offsets request within this: librdkafka's synchronous commit has no bound of its own
@@ -249,8 +253,13 @@ class KafkaSource:
         self.note_limit = NOTE_MAX_CHARS
         self.fatal: KafkaError | None = None
         # The brokers' refusal of the worker's login, and since when, until a broker is up
-        # again or the network fails instead (`_on_error`; poll thread).
+        # again (`_on_error`; poll thread). Not with OAUTHBEARER: librdkafka fetches its
+        # tokens anew itself, and an identity provider's outage (its token refused once
+        # expired) stopped every replica, a crash loop (review "diff57").
         self._refused: tuple[float, str] | None = None
+        self._stops_on_refusal = (
+            str(conf.get("sasl.mechanism", conf.get("sasl.mechanisms", ""))).upper()
+            != "OAUTHBEARER")
         self._stats_cb = on_stats
         self._on_refetch = on_refetch
         self._on_reset = on_reset
@@ -324,15 +333,16 @@ class KafkaSource:
         where, sep, rest = text.partition(": ")
         if not sep or "/" not in where:
             where, rest = err.name(), text
-        if login_refused(err):
+        if login_refused(err) and self._stops_on_refusal:
+            # Until a broker is up: a network error of another broker (one bootstrap
+            # address gone) restarted the clock, and the worker never stopped (review
+            # "diff57"). An outage after the refusal still stops it; its restart waits.
             if self._refused is None:
                 self._refused = (time.monotonic(), text)
             log.error("kafka %s: the brokers refuse the worker's login: %s (the worker stops "
-                      "if this lasts %.0f s, for its restart to read its credentials anew)",
-                      where, rest, LOGIN_REFUSED_STOP_S)
+                      "if no broker takes it for %.0f s, for its restart to read its "
+                      "credentials anew)", where, rest, LOGIN_REFUSED_STOP_S)
             return
-        if err.code() in _NETWORK or err.code() == KafkaError._AUTHENTICATION:
-            self._refused = None  # the network, not a refusal: an outage waits
         log.warning("kafka %s: %s", where, rest)
 
     def _on_stats_raw(self, raw: str) -> None:
@@ -976,7 +986,8 @@ def login_refused(err: KafkaError) -> bool:
     text = err.str()
     if err.code() == KafkaError._AUTHENTICATION:
         return not any(mark in text for mark in _NOT_A_REFUSAL)
-    return err.code() == KafkaError._SSL or "certificate verify failed" in text
+    return (err.code() == KafkaError._SSL or "certificate verify failed" in text
+            or any(alert in text for alert in _CERTIFICATE_REFUSED))
 
 
 def topic_not_there(err: KafkaError) -> bool:

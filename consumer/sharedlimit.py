@@ -103,6 +103,7 @@ class SharedLimiter:
         self._on_fallback = on_fallback
         self._clock = clock
         self._fallback_since: float | None = None
+        self._refusal_told = False  # this fallback episode's line named Redis's refusal
         self._debt_key = ""
         self._next_probe = 0.0
         self._asked = clock()  # when Redis was last asked (`probe` asks an idle one too)
@@ -338,7 +339,16 @@ class SharedLimiter:
         now = self._clock()
         self._next_probe = now + self._probe_every
         if self._fallback_since is not None:
+            if refused and not self._refusal_told:
+                # A refusal in an episode that began as an outage (Redis restarted with
+                # the rotated password): told once, or the only line said "until Redis
+                # answers again" (review "diff57").
+                self._refusal_told = True
+                log.warning("shared rate budget%s: Redis refuses the worker's credentials "
+                            "now (%s): REDIS_URL is read at start-up: after rotating its "
+                            "password or user, restart the pods", self._named, detail)
             return
+        self._refusal_told = refused
         self._fallback_since = now
         # Held slots lie within the look-ahead and could be used; let go, the switch's
         # proof above needs nothing new.

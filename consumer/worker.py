@@ -576,8 +576,9 @@ class Worker:
                 self.stalls.polled(asked)
                 self.health.beat()
                 self.health.set_connected(source.connected)
-                if source.fatal_error is not None:
-                    raise Stop(f"fatal Kafka error: {source.fatal_error}")
+                fatal = source.fatal_error  # read once: a property that may change
+                if fatal is not None:
+                    raise Stop(f"fatal Kafka error: {fatal}")
                 with self._parts_lock:
                     if self._resets_in:  # before this batch's intake: its messages may follow
                         for tp, at in self._resets_in.items():
@@ -655,6 +656,9 @@ class Worker:
                     if noted:
                         last_noted = last_commit
         except Stop as exc:
+            # Said: the reason (a login refused for a minute, a fenced member) was on no
+            # line; the last one read "stopped; committed nothing" (review "diff57").
+            log.error("stopping: %s", exc)
             self.fatal = exc
         finally:
             # The prefetch asks no further subject (one per topic, each up to the registry's

@@ -498,6 +498,7 @@ expect_refused token-non-ascii 'userpilot: {apiKey: "abc\u00a0123"}' "userpilot.
 expect_refused token-long "userpilot: {apiKey: $(printf 'a%.0s' $(seq 1 1025))}" "userpilot.apiKey is longer than any token"
 expect_refused report-only-error 'kafka: {config: {delivery.report.only.error: true}}' "kafka.config.delivery.report.only.error is managed by the worker itself"
 expect_refused protocol-type 'kafka: {config: {group.protocol.type: connect}}' "kafka.config.group.protocol.type=connect is not the consumer-group protocol type"
+expect_refused protocol-type-case 'kafka: {config: {group.protocol.type: Consumer}}' "kafka.config.group.protocol.type=Consumer is not the consumer-group protocol type"
 expect_refused broker-char 'kafka: {bootstrapServers: "kaf!ka:9092"}' "bootstrapServers"
 expect_refused broker-userinfo 'kafka: {bootstrapServers: "user@kafka:9092"}' "bootstrapServers"
 expect_refused broker-commas 'kafka: {bootstrapServers: " , "}' "bootstrapServers"

@@ -1062,6 +1062,8 @@ def test_a_message_names_the_variable_by_librdkafkas_alias_too() -> None:
     ("KAFKA_TRANSACTIONAL_ID", "dlq-tx", "transactional"),
     ("KAFKA_GROUP_PROTOCOL", "consumer", "KIP-848"),
     ("KAFKA_GROUP_PROTOCOL_TYPE", "connect", "consumer-group protocol type"),
+    # librdkafka reads this one in lower case only (review "diff57")
+    ("KAFKA_GROUP_PROTOCOL_TYPE", "Consumer", "consumer-group protocol type"),
     # The topic-level spellings are the same setting (review "diff17").
     ("KAFKA_TOPIC_ACKS", "1", "acks=all"),
     ("KAFKA_TOPIC_REQUEST_REQUIRED_ACKS", "0", "acks=all"),

@@ -880,27 +880,66 @@ def test_a_login_refused_for_a_minute_stops_the_worker(
         src.close(1)
 
 
-@pytest.mark.parametrize("then", [
-    KafkaError(KafkaError._TRANSPORT, "127.0.0.1:9092/1: Connect to ipv4#127.0.0.1:9092 "
-               "failed: Connection refused (after 0ms in state CONNECT)"),
-    KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: Timed out"),
-    None,
+@pytest.mark.parametrize("errors", [
+    [KafkaError(KafkaError._TRANSPORT, "127.0.0.1:9092/1: Connect to ipv4#127.0.0.1:9092 "
+                "failed: Connection refused (after 0ms in state CONNECT)")],
+    [KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: Timed out")],
+    [KafkaError(KafkaError._TIMED_OUT, "Metadata request timed out")],
 ])
 def test_an_outage_or_a_cut_handshake_is_waited_out_not_a_refusal(
-        monkeypatch: pytest.MonkeyPatch, then: KafkaError | None) -> None:
-    """Brokers down (restarting, the network gone) are an outage: the worker waits, however
-    long. A refusal followed by an outage does not stop it either. Without any refusal
-    (None), an hour of other errors does not."""
-
+        monkeypatch: pytest.MonkeyPatch, errors: list[KafkaError]) -> None:
+    """Brokers down (restarting, the network gone), a SASL handshake cut by the network:
+    an outage, which the worker waits out however long."""
     now = [1000.0]
     monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
     src = source()
     try:
-        if then is not None:
-            src._on_error(KafkaError(KafkaError._AUTHENTICATION, _REFUSED))
-            src._on_error(then)
-        else:
-            src._on_error(KafkaError(KafkaError._TIMED_OUT, "Metadata request timed out"))
+        for err in errors:
+            src._on_error(err)
+        now[0] += 3600
+        assert src.fatal_error is None
+    finally:
+        src.close(1)
+
+
+def test_a_refusal_stops_whatever_other_brokers_say_until_one_takes_the_login(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff57": a network error of another broker (one bootstrap address gone)
+    restarted the minute, and a rotated password never stopped the worker. A client
+    certificate refused under TLS 1.3 comes as a transport failure: a refusal too."""
+    now = [1000.0]
+    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
+    src = source()
+    try:
+        src._on_error(KafkaError(KafkaError._TRANSPORT, "ssl://b1:9093/1: Receive failed: "
+                                 "ssl/record/rec_layer_s3.c:1605: error:0A000412:SSL "
+                                 "routines::sslv3 alert bad certificate"))
+        for _ in range(10):
+            now[0] += 10
+            src._on_error(KafkaError(KafkaError._TRANSPORT, "127.0.0.1:1/bootstrap: Connect "
+                                     "to ipv4#127.0.0.1:1 failed: Connection refused"))
+        assert src.fatal_error is not None and "alert bad certificate" in src.fatal_error
+    finally:
+        src.close(1)
+
+
+def test_oauthbearer_logins_refused_do_not_stop_the_worker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff57": an identity provider down for a minute (its last token expired,
+    refused by the brokers) stopped every replica, and each restart too: a crash loop.
+    librdkafka fetches OAUTHBEARER tokens anew itself: the worker waits."""
+    from consumer.kafka import KafkaSource
+
+    now = [1000.0]
+    monkeypatch.setattr("consumer.kafka.time.monotonic", lambda: now[0])
+    src = KafkaSource({"bootstrap.servers": "127.0.0.1:1", "group.id": "unit",
+                       "security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "OAUTHBEARER",
+                       "enable.sasl.oauthbearer.unsecure.jwt": "true"}, ["t"],
+                      on_assign=lambda _p: None, on_revoke=lambda _p: None,
+                      on_lost=lambda _p: None)
+    try:
+        src._on_error(KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: "
+                                 "Authentication failed: invalid_token"))
         now[0] += 3600
         assert src.fatal_error is None
     finally:

@@ -448,6 +448,28 @@ def test_the_fallback_line_says_what_ends_it(
     assert says in line, line
 
 
+def test_a_refusal_within_an_outage_says_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Review "diff57": Redis first not answering, then refusing the rotated password (a
+    restart): the episode's only line said "until Redis answers again"."""
+    store = ScriptedStore("TimeoutError")
+    store.up = False
+    limiter = SharedLimiter(store, "k", 600, 1.0, 1, fallback=AdaptiveLimiter(600, 1.0, 1),
+                            probe_every_s=0.0)
+
+    async def main() -> None:
+        await limiter.acquire()
+        store.failure = "AuthenticationError"
+        for _ in range(3):
+            await limiter.probe()
+
+    with caplog.at_level(logging.WARNING, logger="consumer.sharedlimit"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "until Redis answers again" in lines[0]
+    assert "refuses the worker's credentials" in lines[1] and "restart the pods" in lines[1]
+
+
 class StallingStore(ScriptedStore):
     """Times out (Redis busy past REDIS_TIMEOUT_SECONDS) the calls numbered in `stalls`."""
 

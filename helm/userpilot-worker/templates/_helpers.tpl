@@ -375,8 +375,9 @@ Deployment, so every render runs them.
 {{- if and (eq $k "group.protocol") (ne $val "classic") }}
 {{- fail (printf "kafka.config.%s=%s selects the broker-side group protocol (KIP-848), which the worker refuses: remove it" $key $val) }}
 {{- end }}
-{{- if and (eq (lower $key) "group.protocol.type") (ne $val "consumer") }}
-{{- fail (printf "kafka.config.%s=%s is not the consumer-group protocol type the worker reads with (Kafka Connect's workers use connect), which the worker refuses: remove it" $key $val) }}
+{{- $raw := trim (toString (index $v.kafka.config $key)) }}
+{{- if and (eq (lower $key) "group.protocol.type") (ne $raw "consumer") }}
+{{- fail (printf "kafka.config.%s=%s is not the consumer-group protocol type the worker reads with (librdkafka takes consumer, in lower case; Kafka Connect's workers use connect), which the worker refuses: remove it" $key $raw) }}
 {{- end }}
 {{- if eq (lower $key) "group.instance.id" }}
 {{- fail "kafka.config.group.instance.id gives every pod the same static member id: each new pod fences the others (\"Static consumer fenced\", exit 1, a crash loop). Give each pod its own through kafka.extraEnv: [{name: KAFKA_GROUP_INSTANCE_ID, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]" }}
