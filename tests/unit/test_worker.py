@@ -794,14 +794,8 @@ class TurnClient(FakeClient):
         return await super().send(call)
 
 
-def test_a_polled_batch_starts_at_most_intake_turn_sends_events_per_turn_of_the_loop() -> None:
-    # Starting a whole window in one turn held every answer in flight behind it (turns of
-    # 10-50 ms): the intake hands the loop back after INTAKE_TURN_SENDS events to send.
-    client = TurnClient()
-    count = 5 * INTAKE_TURN_SENDS + 3
-    log = log_of(*(track(f"u{i}", i) for i in range(count)))
-    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
-
+def _run_counting_turns(run: Run, client: TurnClient, count: int) -> int:
+    """Run the worker until `count` events are committed, the loop's turns counted."""
     async def main() -> int:
         counter = asyncio.create_task(client.count_turns())
         task = asyncio.create_task(run.worker.run())
@@ -812,7 +806,18 @@ def test_a_polled_batch_starts_at_most_intake_turn_sends_events_per_turn_of_the_
         counter.cancel()
         return code
 
-    assert asyncio.run(main()) == 0
+    return asyncio.run(main())
+
+
+def test_a_polled_batch_starts_at_most_intake_turn_sends_events_per_turn_of_the_loop() -> None:
+    # Starting a whole window in one turn held every answer in flight behind it (turns of
+    # 10-50 ms): the intake hands the loop back after INTAKE_TURN_SENDS events to send.
+    client = TurnClient()
+    count = 5 * INTAKE_TURN_SENDS + 3
+    log = log_of(*(track(f"u{i}", i) for i in range(count)))
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false")
+
+    assert _run_counting_turns(run, client, count) == 0
     assert sorted(codec_seq(b) for b in client.bodies) == list(range(count))
     per_turn = Counter(client.started_at)
     assert max(per_turn.values()) <= INTAKE_TURN_SENDS, per_turn
@@ -833,17 +838,7 @@ def test_a_slice_of_events_to_send_ends_when_its_time_is_spent(
     run = make(log_of(*(track(f"u{i}", i) for i in range(count))), registry=known_schema(),
                client=client, USERPILOT_ENSURE_USER="false")
 
-    async def main() -> int:
-        counter = asyncio.create_task(client.count_turns())
-        task = asyncio.create_task(run.worker.run())
-        await until(lambda: bool(run.made) and run.source.committed().get((TOPIC, 0)) == count,
-                    "all committed")
-        run.worker.stop()
-        code = await asyncio.wait_for(task, 10)
-        counter.cancel()
-        return code
-
-    assert asyncio.run(main()) == 0
+    assert _run_counting_turns(run, client, count) == 0
     assert max(Counter(client.started_at).values()) == 1
 
 
