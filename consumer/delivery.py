@@ -700,8 +700,6 @@ def _really_timed_out(exc: httpx.TimeoutException) -> bool:
     return exc.__cause__ is None or isinstance(exc.__cause__, TimeoutError)
 
 
-
-
 _Route = tuple[httpx.URL, list[tuple[bytes, bytes]], str]
 """A path's URL, its requests' headers but Content-Length, and its endpoint label
 (`UserpilotClient._route`)."""

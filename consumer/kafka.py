@@ -45,6 +45,7 @@ from consumer.librdkafka import (
     allowed,
     consumer_settings,
     producer_settings,
+    sasl_mechanism,
 )
 from consumer.logs import RateLimit, partitions_text
 from consumer.offsets import NOTE_MAX_CHARS, NOTE_MIN_CHARS, Finished, decode_note
@@ -257,9 +258,7 @@ class KafkaSource:
         # tokens anew itself, and an identity provider's outage (its token refused once
         # expired) stopped every replica, a crash loop (review "diff57").
         self._refused: tuple[float, str] | None = None
-        self._stops_on_refusal = (
-            str(conf.get("sasl.mechanism", conf.get("sasl.mechanisms", ""))).upper()
-            != "OAUTHBEARER")
+        self._stops_on_refusal = sasl_mechanism(conf) != "OAUTHBEARER"
         self._stats_cb = on_stats
         self._on_refetch = on_refetch
         self._on_reset = on_reset

@@ -25,7 +25,7 @@ from confluent_kafka.admin import AclOperation
 
 __all__ = ["DLQ_PRODUCER", "METADATA_REFRESH_MS", "PREFETCH_MESSAGES", "SESSION_TIMEOUT_MS",
            "admin_settings", "allowed", "client_problem", "consumer_settings", "producer_settings",
-           "property_problem"]
+           "property_problem", "sasl_mechanism"]
 
 METADATA_REFRESH_MS = 30_000  # how soon partitions added to a source topic are read
 PREFETCH_MESSAGES = 4_000
@@ -138,6 +138,12 @@ def admin_settings(conf: Mapping[str, Any]) -> dict[str, Any]:
     settings["enable.idempotence"] = False
     settings.pop("enable.gapless.guarantee", None)  # refused without idempotence
     return settings
+
+
+def sasl_mechanism(conf: Mapping[str, Any]) -> str:
+    """The SASL mechanism the clients log in with, upper case (librdkafka's `sasl.mechanism`,
+    or its alias `sasl.mechanisms`; GSSAPI by default)."""
+    return str(conf.get("sasl.mechanism", conf.get("sasl.mechanisms", "GSSAPI"))).upper()
 
 
 def allowed(ops: Any, op: AclOperation) -> bool | None:

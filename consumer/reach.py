@@ -48,6 +48,7 @@ from consumer.librdkafka import (
     admin_settings,
     allowed,
     producer_settings,
+    sasl_mechanism,
 )
 from consumer.redaction import Redactor, kafka_secrets
 from consumer.registry import RegistryError, RegistryUnusable, RestClient
@@ -247,9 +248,8 @@ def _principal(conf: Mapping[str, Any]) -> str:
     """The worker's principal as `kafka-acls.sh` takes it, quoted for a shell, where the
     settings tell it (a SASL user name; not an OAuth token's or a certificate's)."""
     user = conf.get("sasl.username")
-    mechanism = str(conf.get("sasl.mechanism", conf.get("sasl.mechanisms", "GSSAPI"))).upper()
     known = (isinstance(user, str) and user.strip()
-             and mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+             and sasl_mechanism(conf) in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
     return shlex.quote(f"User:{user}" if known else "<principal>")
 
 

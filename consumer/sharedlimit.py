@@ -44,6 +44,8 @@ from consumer.ratelimit import AdaptiveLimiter, effective_burst, safe_rate
 __all__ = ["ALL_FAMILIES", "BudgetStore", "SharedLimiter", "budget_key"]
 
 log = logging.getLogger(__name__)
+_RESTART_TO_REREAD = ("REDIS_URL is read at start-up: after rotating its password or user, "
+                      "restart the pods")
 
 ALL_FAMILIES = "all"
 """The family name when every endpoint shares one budget (USERPILOT_RATE_LIMIT_SHARED)."""
@@ -345,8 +347,7 @@ class SharedLimiter:
                 # answers again" (review "diff57").
                 self._refusal_told = True
                 log.warning("shared rate budget%s: Redis refuses the worker's credentials "
-                            "now (%s): REDIS_URL is read at start-up: after rotating its "
-                            "password or user, restart the pods", self._named, detail)
+                            "now (%s): %s", self._named, detail, _RESTART_TO_REREAD)
             return
         self._refusal_told = refused
         self._fallback_since = now
@@ -356,8 +357,7 @@ class SharedLimiter:
         # One record per episode of this replica: its probes carry the running total.
         self._debt_key = f"{self._key}:debt:{uuid.uuid4().hex[:16]}"
         self._local.hold(self.lookahead_s)
-        until = ("until Redis takes the worker's credentials again (REDIS_URL is read at "
-                 "start-up: after rotating its password or user, restart the pods)"
+        until = (f"until Redis takes the worker's credentials again ({_RESTART_TO_REREAD})"
                  if refused else "until Redis answers again")
         log.warning("shared rate budget%s unavailable (%s): using this replica's partition "
                     "share (%.2f req/s) %s", self._named, detail, self._local.rate, until)
