@@ -130,7 +130,7 @@ class Params:
                    http_seconds=1.0, naive_max_events=200, naive_seconds=1.5, sat_limit=30,
                    sat_window_s=3.0, sat_windows=2, sat_parallel=True,
                    memory_events=20_000, memory_min_s=3.0, memory_max_s=3.0,
-                   latency_seconds=3.0, drain_timeout_s=120.0, skew_limit=60,
+                   latency_seconds=1.5, drain_timeout_s=120.0, skew_limit=60,
                    skew_window_s=3.0, skew_warmup_s=2.0, skew_measure_s=6.0,
                    kill_events=300, kill_limit=300, kill_events_fast=3_000,
                    cpu_events=1_000)
@@ -488,26 +488,37 @@ class Bench:
                                                              ("3_workers", 3, {})]
         if self.redis_url:
             scenarios.append(("3_workers_redis", 3, {"REDIS_URL": self.redis_url}))
-        for label, n, extra in scenarios:
-            sandbox = SandboxProcess(rate_limit=p.sat_limit, rate_window_s=p.sat_window_s)
-            workers: list[WorkerProcess] = []
+        # The smoke run (sat_parallel) runs the scenarios side by side, as `saturation` does:
+        # one sandbox and consumer group each, so their figures stay their own.
+        batches = [scenarios] if p.sat_parallel else [[one] for one in scenarios]
+        for batch in batches:
+            started: list[tuple[str, bool, SandboxProcess, list[WorkerProcess]]] = []
             try:
-                workers = [self.worker(sandbox, topic, f"mixed-{label}", {
-                    "USERPILOT_RATE_LIMIT": str(p.sat_limit),
-                    "USERPILOT_RATE_PERIOD_SECONDS": f"{p.sat_window_s:g}", **extra})
-                    for _ in range(n)]
-                _wait(_answered_any(sandbox), 120, *workers)
+                for label, n, extra in batch:
+                    sandbox = SandboxProcess(rate_limit=p.sat_limit,
+                                             rate_window_s=p.sat_window_s)
+                    workers: list[WorkerProcess] = []
+                    started.append((label, bool(extra), sandbox, workers))
+                    workers.extend(self.worker(sandbox, topic, f"mixed-{label}", {
+                        "USERPILOT_RATE_LIMIT": str(p.sat_limit),
+                        "USERPILOT_RATE_PERIOD_SECONDS": f"{p.sat_window_s:g}", **extra})
+                        for _ in range(n))
+                for _, _, sandbox, workers in started:
+                    _wait(_answered_any(sandbox), 120, *workers)
                 time.sleep(p.sat_windows * p.sat_window_s + 0.5)
                 finished = time.time()
-                for worker in workers:
-                    if not worker.alive():
-                        raise RuntimeError(f"mixed worker exited:\n{worker.tail()}")
-                out[label] = self._mixed_figures(sandbox, n, finished)
-                out[label]["budget"] = "redis" if extra else "partition share"
+                for label, shared, sandbox, workers in started:
+                    for worker in workers:
+                        if not worker.alive():
+                            raise RuntimeError(f"mixed worker exited:\n{worker.tail()}")
+                    out[label] = self._mixed_figures(sandbox, len(workers), finished)
+                    out[label]["budget"] = "redis" if shared else "partition share"
             finally:
-                for worker in workers:
-                    worker.kill()
-                sandbox.stop()
+                for _, _, sandbox, workers in started:
+                    for worker in workers:
+                        worker.kill()
+                    sandbox.stop()
+        for label, _, _ in scenarios:
             for family in ("track", "identify"):
                 fam = out[label][family]
                 self.note(f"12 mixed {family}, {label.replace('_', ' ')}",

@@ -9,7 +9,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -123,20 +123,27 @@ def test_the_registry_probe_accepts_what_the_worker_can_use(raw: bytes,
 
 
 def test_the_registry_probe_has_the_clients_deadline() -> None:
-    """An answer trickled without end is cut at the timeout (the client's `Cutoff`)."""
+    """An answer trickled without end is cut at the timeout (the client's `Cutoff`): a byte
+    every 50 ms, so no single read waits out the timeout, even on a loaded machine (one
+    partial answer and then silence was cut by the read timeout under `pytest -n 4`)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     held: list[socket.socket] = []
+    done = threading.Event()
 
     def serve() -> None:
         conn, _ = listener.accept()
         held.append(conn)
         conn.recv(65536)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n[")
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n[")
+        with suppress(OSError):
+            while not done.wait(0.05):
+                conn.sendall(b" ")
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    said = reach.registry(f"http://127.0.0.1:{port}", None, 0.5)
+    said = reach.registry(f"http://127.0.0.1:{port}", None, 1.0)
+    done.set()
     listener.close()
     for conn in held:
         conn.close()
