@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shlex
 import socket
 import ssl
@@ -181,7 +182,8 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
     # The dead-letter producer's own shape (the one `check-config` validates): built from
     # the raw settings, `enable.gapless.guarantee` without the idempotence the worker adds
     # was refused here while `run` itself would accept it (review config25).
-    settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": _SILENT}
+    oidc = _OidcAnswers()
+    settings = {**producer_settings(conf, **DLQ_PRODUCER), "logger": oidc.logger}
     bootstrap = settings.get("bootstrap.servers", "")
     errors: list[KafkaError] = []  # the brokers' errors, latest last (`_refusal`)
     settings["error_cb"] = errors.append
@@ -194,6 +196,14 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
     except KafkaException as exc:
         producer.poll(0.5)  # the error callbacks say why: refused, or not there
         refusal = _refusal(errors)
+        if refusal is not None and oidc.outage(refusal):
+            # The identity provider down or overloaded: no setting to fix. Refused, `run`
+            # exited 1 at every start during its outage, a crash loop whose back-off outlived
+            # it, where the running worker waits one out (review "round57").
+            return Unreachable(
+                f"Kafka at {bootstrap} not reachable within {timeout:g} s: the OAUTHBEARER "
+                f"token endpoint gave no token ({refusal.str()}; {oidc.said()}): check that "
+                "the identity provider is up and KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")
         if refusal is not None:
             # A setting to fix, not an outage: `run` would wait for ever (review diff22b).
             return (f"Kafka at {bootstrap} refused the connection: {refusal.str()}; "
@@ -678,6 +688,40 @@ def _certificate_refused(exc: BaseException) -> str | None:
             return str(cause.verify_message or cause.reason or "certificate verify failed")
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+_OIDC_ANSWER = re.compile(r'Failed to retrieve OIDC token from ".*\((-?\d+)\)\s*$', re.DOTALL)
+_OIDC_OUTAGE = frozenset({408, 429})  # and 5xx, and -1: no HTTP answer at all
+
+
+class _OidcAnswers(logging.Handler):
+    """The status of the latest OIDC token request, from librdkafka's log line about it:
+    its error (`Failed to acquire SASL OAUTHBEARER token: <body>`) carries only the body, so
+    a 503 page read as a refused client secret. The log line ends in the status, -1 when no
+    answer came (the endpoint down, not resolving, timing out). The rest of librdkafka's
+    lines are dropped: a check says what it found itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status: int | None = None
+        self.logger = logging.Logger("consumer.reach.librdkafka")  # no parent: not shown
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = _OIDC_ANSWER.search(record.getMessage())
+        if found:
+            self.status = int(found.group(1))
+
+    def outage(self, refusal: KafkaError) -> bool:
+        """`refusal` is a token the identity provider failed to give for want of an answer
+        (or with a 5xx, 408, 429): an outage, not a setting to fix."""
+        status = self.status
+        return (status is not None and "OAUTHBEARER token" in refusal.str()
+                and (status < 0 or status >= 500 or status in _OIDC_OUTAGE))
+
+    def said(self) -> str:
+        return "no answer" if self.status is not None and self.status < 0 else (
+            f"HTTP {self.status}")
 
 
 def _refusal(errors: list[KafkaError]) -> KafkaError | None:

@@ -333,6 +333,47 @@ def test_an_oidc_endpoint_echoing_the_client_secret_is_redacted_in_the_kafka_pro
     assert secret not in problem
 
 
+def _oidc_conf(endpoint: str) -> dict[str, str]:
+    return {"bootstrap.servers": "127.0.0.1:1", "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "OAUTHBEARER", "sasl.oauthbearer.method": "oidc",
+            "sasl.oauthbearer.client.id": "cid", "sasl.oauthbearer.client.secret": "s3cret",
+            "sasl.oauthbearer.token.endpoint.url": endpoint}
+
+
+def test_an_identity_provider_that_does_not_answer_is_waited_for_not_refused() -> None:
+    """A token endpoint down at start-up is an outage `run` waits out (`Unreachable`), as
+    the running worker does: read as a refusal, every start during it exited 1, a crash
+    loop whose back-off outlived the outage (round 57's note). No broker is needed."""
+    problem = reach.kafka(_oidc_conf(f"http://127.0.0.1:{_closed_port()}/token"), 3)
+    assert isinstance(problem, reach.Unreachable), problem
+    assert "token endpoint gave no token" in problem and "no answer" in problem
+    assert "s3cret" not in problem
+
+
+def test_a_client_secret_the_identity_provider_refuses_is_still_a_refusal() -> None:
+    import http.server
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = b'{"error":"invalid_client"}'
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        problem = reach.kafka(_oidc_conf(f"http://127.0.0.1:{server.server_port}/token"), 3)
+    finally:
+        server.shutdown()
+    assert problem is not None and not isinstance(problem, reach.Unreachable), problem
+    assert "refused the connection" in problem and "invalid_client" in problem
+
+
 def test_a_host_that_does_not_resolve_is_named_without_a_tls_hint() -> None:
     """The failure names the host and DNS; a CA-bundle hint beside it misled (http33)."""
     unresolved = load_settings({
