@@ -82,6 +82,7 @@ from consumer.errors import (
     ProxyRefused,
     RateLimited,
     Retry,
+    SchemaNotKnownYet,
     SharedStateUnavailable,
     Timeout,
     UndecodableEvent,
@@ -610,6 +611,16 @@ class Handler:
                 except UndecodableEvent as exc:  # not a Confluent frame, or not Avro
                     event.decision = exc
                     return
+                except SchemaNotKnownYet as exc:
+                    # The registry answers: readiness stays on (a stream of unknown ids
+                    # would hold it off), and the line says what it said.
+                    wait = self._fetches.retry_in(exc.schema_id)
+                    schema_log.warning("%s; asking again in %.1f s, dead-lettered if it "
+                                       "still says so %g s after it first did (a registry "
+                                       "replica behind its leader?)", exc, wait, exc.grace_s,
+                                       extra=event.fields)
+                    if wait <= 0:
+                        await asyncio.sleep(0.5)  # never at once, never busy
                 except Exception as exc:
                     wait = self._fetches.retry_in(schema_id) if schema_id is not None else 0.5
                     why = _registry_failure(exc)

@@ -51,12 +51,12 @@ from consumer.codec import (
     writer_json,
 )
 from consumer.cutoff import Cutoff
-from consumer.errors import UndecodableEvent
+from consumer.errors import SchemaNotKnownYet, UndecodableEvent
 from consumer.redaction import redact, registry_secrets, url_credentials
 from consumer.tls import verification
 
-__all__ = ["DEFAULT_TIMEOUT_S", "NoSchemaInAnswer", "Registry", "RegistryError",
-           "RegistryUnusable", "RestClient", "subject_for"]
+__all__ = ["DEFAULT_TIMEOUT_S", "UNKNOWN_GRACE_S", "NoSchemaInAnswer", "Registry",
+           "RegistryError", "RegistryUnusable", "RestClient", "subject_for"]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,18 @@ class RegistryError(Exception):
         return self.http_status_code == 404 and self.error_code == UNKNOWN_SCHEMA_CODE
 
 
+UNKNOWN_GRACE_S = 30.0
+"""How long the worker asks again for a schema id the registry says it does not have (40403,
+or a reference of it 40401/40402) before its events are dead-lettered. Believed at once, a
+registry replica behind its leader, or one loading its store (Karapace: 6 s for 40,000
+schemas), had every event of a new schema dead-lettered, and a missing reference was
+remembered for the process's life, so a replay of them failed again (review "registry58")."""
+UNKNOWN_GRACE_IDS = 16
+"""At most this many ids in their grace at once: a stream of ids no registry has (events
+framed against another registry) is dead-lettered at once past them, not held 30 s each."""
+_UNKNOWN_KEPT = 4 * UNKNOWN_GRACE_IDS  # ids remembered, in grace or past it (LRU)
+
+
 _ACCEPT = "application/vnd.schemaregistry.v1+json, application/vnd.schemaregistry+json, " \
     "application/json"
 
@@ -342,7 +354,7 @@ class Registry:
     def __init__(self, url: str, basic_auth_user_info: str | None = None, *,
                  timeout_s: float = DEFAULT_TIMEOUT_S, client: Any = None,
                  clock: Callable[[], float] = time.monotonic,
-                 proxy: str | None = None) -> None:
+                 proxy: str | None = None, unknown_grace_s: float = 0.0) -> None:
         self._client = client if client is not None else RestClient(
             url, basic_auth_user_info, timeout_s=timeout_s, proxy=proxy)
         # Both least recently used first, bounded (SCHEMA_CACHE_MAX, SCHEMA_CACHE_CHARS);
@@ -351,6 +363,10 @@ class Registry:
         self._weights: dict[int, int] = {}  # a parsed schema's JSON length (ours: 0)
         self._weight = 0
         self._unusable: OrderedDict[int, str] = OrderedDict()  # ids whose schema is not Avro
+        # Ids the registry said it does not have, and when it first said so (`_believed`):
+        # the worker's alone (`unknown_grace_s`); a tool (replay, produce) believes at once.
+        self._unknown_grace_s = unknown_grace_s
+        self._unknown_since: OrderedDict[int, float] = OrderedDict()
         self.evictions = 0  # parsed schemas let go so far: copies of them go stale
         self._ours = fastavro.schema.to_parsing_canonical_form(SCHEMA)
         self._lock = threading.Lock()
@@ -549,9 +565,38 @@ class Registry:
                              lambda exc: exc.unknown_schema)
         except RegistryError as exc:
             if exc.unknown_schema:
+                self._believed(schema_id, exc)
                 raise KeyError(schema_id) from None
             raise
-        return self._parse(schema_id, _doc(doc))
+        parsed = self._parse(schema_id, _doc(doc))
+        if self._unknown_since:
+            with self._lock:
+                self._unknown_since.pop(schema_id, None)
+        return parsed
+
+    def _believed(self, schema_id: int, exc: RegistryError) -> None:
+        """Return when the registry's "no such schema" for `schema_id` is to be believed:
+        past the id's grace, or with UNKNOWN_GRACE_IDS others in theirs; else raise
+        SchemaNotKnownYet (the events wait and ask again)."""
+        if self._unknown_grace_s <= 0:
+            return
+        now = self._clock()
+        with self._lock:
+            since = self._unknown_since.get(schema_id)
+            if since is None:
+                waiting = sum(1 for t in self._unknown_since.values()
+                              if now - t < self._unknown_grace_s)
+                # Past the bound it is believed now, and on its later events too.
+                since = now if waiting < UNKNOWN_GRACE_IDS else now - self._unknown_grace_s
+                self._unknown_since[schema_id] = since
+                while len(self._unknown_since) > _UNKNOWN_KEPT:
+                    self._unknown_since.popitem(last=False)
+            self._unknown_since.move_to_end(schema_id)
+        if now - since < self._unknown_grace_s:
+            raise SchemaNotKnownYet(
+                f"schema id {schema_id} not known to the registry yet ({now - since:.1f} s "
+                f"since it first said so: {self.redact(str(exc))[:200]})",
+                schema_id=schema_id, grace_s=self._unknown_grace_s) from None
 
     def _parse(self, schema_id: int, doc: SchemaDoc) -> Mapping[str, Any]:
         """Parse and cache a writer schema, its references first; our own schema is cached
@@ -575,8 +620,11 @@ class Registry:
         except RegistryError as exc:
             if not exc.answered:
                 raise  # an outage: the events wait, as for the schema itself
-            self._unusable_schema(schema_id, f"schema id {schema_id} references a schema the "
-                                  f"registry does not have ({exc})")
+            self._believed(schema_id, exc)
+            # Not remembered: a replica behind its leader said it, and a replay of these
+            # events after it caught up failed again until a restart (review "registry58").
+            raise UndecodableEvent(f"schema id {schema_id} references a schema the "
+                                   f"registry does not have ({exc})") from None
         except _BadSchema as exc:
             self._unusable_schema(schema_id, f"schema id {schema_id} references {exc}")
         try:

@@ -16,10 +16,10 @@ Thread rule: this class lives on the event loop. Source calls run on the source'
 thread (`Source.call`, one call at a time). The callbacks the source makes (assign,
 revoke, lost, stats, commit results, offset resets) run on that poll thread and touch only
 what is safe there: `Commits` and `Lag` (each locks), `Metrics` and `Health` (thread-safe), and
-`assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh`, `_resets_in` (and
-`_no_source` and `_group_refusal`, which readiness reads), which both threads read and
-write only under `_parts_lock`. `_reshare` and `_note_missing`, and the state only they use
-(`_reshare_delay`, `_missing`), are the poll thread's alone, and so is `_commit_refused_at`
+`SourceTopics` (locks; its rule is in `topicwatch`), and
+`assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh`, `_resets_in`, which both
+threads read and write only under `_parts_lock`. `_reshare`, and the state only it uses
+(`_reshare_delay`), are the poll thread's alone, and so is `_commit_refused_at`
 (`_commit`, `_on_committed`, `_on_assign`).
 Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
@@ -44,7 +44,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -74,11 +74,8 @@ from consumer.kafka import (
     KafkaMessage,
     KafkaSource,
     Partitions,
-    group_refused,
     is_fatal,
     partition_end,
-    topic_not_there,
-    topic_refused,
 )
 from consumer.keyless import KeylessOrder, decided_user
 from consumer.lag import Lag
@@ -89,13 +86,14 @@ from consumer.overflow import Overflow
 from consumer.policy import Gate, GateState, RetryPolicy
 from consumer.ratelimit import partition_share
 from consumer.reach import dlq_policy_now
-from consumer.registry import Registry
+from consumer.registry import UNKNOWN_GRACE_S, Registry
 from consumer.routing import Send
 from consumer.scheduling import ChainKey, Scheduler
 from consumer.sharedlimit import SharedLimiter
 from consumer.sharedstate import SharedState, build_shared_state
 from consumer.signals import stop_signals
 from consumer.stalls import STALL_S, StallWatch
+from consumer.topicwatch import MISSING_TOPIC_CHECK_S, SourceTopics
 
 __all__ = ["Callbacks", "Source", "SourceFactory", "Worker", "fair_holds", "fair_margin",
            "fair_share", "resume_level"]
@@ -207,8 +205,6 @@ at 1.0 (the whole limit) each replica whose count failed sent as if alone, and t
 them drew 42 × 429 (review "redis26"). A twentieth, the floor a 429 storm leaves, keeps
 up to 20 replicas within the limit and still delivers until the count comes."""
 DLQ_POLICY_TIMEOUT_S = 5.0  # a running worker's read of the DLQ topic's cleanup.policy
-MISSING_TOPIC_CHECK_S = 60.0  # while a source topic is missing, looked for again this often
-MISSING_TOPIC_LOG_S = 600.0  # ... and its WARNING repeated this often
 RESET_LOOP_S = 300.0  # a partition's log going back to the same offset again within this
 # is a loop (a batch the client cannot read), not a new log: the worker stops
 DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
@@ -362,7 +358,8 @@ class Worker:
         schemas = registry or Registry(
             settings.registry_url,
             settings.registry_auth.reveal() if settings.registry_auth else None,
-            proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None)
+            proxy=settings.registry_proxy.reveal() if settings.registry_proxy else None,
+            unknown_grace_s=UNKNOWN_GRACE_S)
         self.registry: SchemaSource = schemas
         # A stall this long may have let the group's session expire (its last heartbeat up
         # to an interval before it); librdkafka tells within a heartbeat of the resume.
@@ -398,22 +395,9 @@ class Worker:
         self._reshare_due = False
         self._reshare_at = 0.0  # monotonic: not before (a failed count is retried later)
         self._reshare_delay = RESHARE_RETRY_S  # poll thread only
-        # Source topics the brokers do not have (or hide): when each was last logged
-        # (poll thread only; see `_note_missing`).
-        self._missing: dict[str, float] = {}
-        # Source topics Kafka refused to let the worker read (a fetch answered
-        # TOPIC_AUTHORIZATION_FAILED, the topic's metadata visible), until one of their
-        # messages comes or this pod owns none of their partitions (librdkafka says it
-        # once, and nothing says an idle topic readable again): either thread, under
-        # `_parts_lock`.
-        self._unreadable: set[str] = set()
-        # Every source topic missing: why /readyz says not ready (under `_parts_lock`). With
-        # none there the assignment is empty, and a worker with nothing to read was ready.
-        self._no_source: str | None = None
-        # The brokers refused the worker's group (GROUP_AUTHORIZATION_FAILED), until
-        # partitions are assigned again: why /readyz says not ready (under `_parts_lock`).
-        self._group_refusal: str | None = None
-        health.add_check(self._source_problem)
+        # Source topics missing or refused, the group refused: gauge, WARNING, readiness.
+        self.topics = SourceTopics(settings.topics, settings.group_id, metrics)
+        health.add_check(self.topics.problem)
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
@@ -957,8 +941,9 @@ class Worker:
                     kafka_log.warning("kafka: %s", err.str())
                     if is_fatal(err):
                         raise Stop(f"fatal Kafka error: {err.str()}")
-                    self._topic_error(err, message.topic())
-                    self._group_error(err)
+                    if self.topics.error(err, message.topic()):
+                        self._reshare_in(0.0)  # the gauge follows without a rebalance
+                    self.topics.group_error(err)
                     continue
                 topic, partition, offset = message.topic(), message.partition(), message.offset()
                 assert topic is not None and partition is not None and offset is not None
@@ -1026,8 +1011,8 @@ class Worker:
                 self.m.already_finished.inc(already)
             for topic, count in taken.items():
                 self._consumed(topic).inc(count)
-            if self._unreadable and taken:
-                self._read_from(taken)
+            if taken and self.topics.refused and self.topics.read_from(taken):
+                self._reshare_in(0.0)
         return scheduled, position
 
     def _note_of_another_log(self, tp: TP, offset: int, floor: int) -> None:
@@ -1698,8 +1683,8 @@ class Worker:
             self._fresh.extend(parts)
             self._reshare_due = True
             self._reshare_at = 0.0  # a new assignment is counted at once, not after a backoff
-            self._group_refusal = None  # the group took the worker again
             count = len(self.assigned)
+        self.topics.group_taken()
         # A commit refused as the generation changed (ILLEGAL_GENERATION) does not hold the
         # new generation's commits for the interval: the group took the worker again.
         self._commit_refused_at = None
@@ -1726,11 +1711,12 @@ class Worker:
                         exc, kept, self._reshare_delay)
         else:
             total = counted.total
-            self._note_missing(counted.missing, self._granted(source))
+            self.topics.note(counted.missing, self.topics.granted(
+                lambda topics: source.readable(topics, RESHARE_TIMEOUT_S)))
         if total > 0:
             self.partitions_total = total
             self._reshare_delay = RESHARE_RETRY_S
-            if self._missing:  # looked for again: it may be created any time
+            if self.topics.missing:  # looked for again: it may be created any time
                 self._reshare_in(MISSING_TOPIC_CHECK_S)
         else:
             self._reshare_in(self._reshare_delay)
@@ -1746,95 +1732,6 @@ class Worker:
         with self._parts_lock:
             self._reshare_due = True
             self._reshare_at = time.monotonic() + seconds
-
-    def _topic_error(self, err: Any, topic: str | None = None) -> None:
-        """A subscribed topic reported gone: asked about on the next turn (`_note_missing`).
-        Refused to the worker while its metadata is visible (Describe allowed, Read not),
-        it is counted missing until one of its messages comes: the brokers' metadata said
-        it was there, and the worker stayed ready and silent with one WARNING, its lag 0
-        (review "sasl55")."""
-        if topic_not_there(err):
-            if topic_refused(err) and topic in self.s.topics:
-                with self._parts_lock:
-                    self._unreadable.add(topic)
-            self._reshare_in(0.0)
-
-    def _group_error(self, err: Any) -> None:
-        """The brokers refused the worker's group (its Read ACL revoked): readiness names it
-        until partitions are assigned again. It read "partitions lost: the group's session
-        expired (Kafka unreachable or hung...)" while only the log said why (review
-        "sasl55")."""
-        if group_refused(err):
-            with self._parts_lock:
-                self._group_refusal = (
-                    f"Kafka refuses the consumer group {self.s.group_id!r} "
-                    "(GROUP_AUTHORIZATION_FAILED): allow the worker's principal Read on it")
-
-    def _forget_refusals(self) -> None:
-        """Under `_parts_lock`: a refused topic none of whose partitions is this pod's any
-        more is its new owner's to tell (by its own fetch). Kept, it read missing here for
-        good (review "diff55b")."""
-        if self._unreadable:
-            self._unreadable &= {topic for topic, _ in self.assigned}
-
-    def _read_from(self, topics: Iterable[str]) -> None:
-        """Messages of `topics` came: those refused before are readable now."""
-        with self._parts_lock:
-            read = self._unreadable.intersection(topics)
-            self._unreadable -= read
-        if read:
-            self._reshare_in(0.0)
-
-    def _granted(self, source: Source) -> set[str]:
-        """Poll thread: the refused topics the brokers' ACLs let the worker read now. Told
-        only by a message of theirs, one granted while idle stayed missing (review
-        "sasl55")."""
-        with self._parts_lock:
-            unreadable = sorted(self._unreadable)
-        try:
-            return source.readable(unreadable, RESHARE_TIMEOUT_S) if unreadable else set()
-        except Exception:  # the next look, MISSING_TOPIC_CHECK_S later, asks again
-            log.debug("could not read the refused topics' ACLs", exc_info=True)
-            return set()
-
-    def _note_missing(self, missing: dict[str, str], granted: Iterable[str] = ()) -> None:
-        """Poll thread: gauge and log the source topics the brokers do not have.
-
-        Not a reason to stop: a topic may be created after its consumer (the worker reads
-        it once it exists). But a typo in KAFKA_TOPICS would otherwise leave a ready
-        worker silent for ever, its only trace one librdkafka line at start-up: the
-        WARNING repeats every `MISSING_TOPIC_LOG_S` and the gauge feeds an alert.
-        """
-        now = time.monotonic()
-        with self._parts_lock:
-            self._unreadable.difference_update(granted)
-            refused = {topic: "Kafka refuses the worker Read on it: TOPIC_AUTHORIZATION_FAILED"
-                       for topic in self._unreadable}
-        missing = {**refused, **missing}
-        for topic in self.s.topics:
-            reason = missing.get(topic)
-            if reason is None:
-                if self._missing.pop(topic, None) is not None:
-                    log.info("source topic %r is there now; reading it", topic)
-                self.m.source_topic_missing.labels(topic).set(0)
-                continue
-            self.m.source_topic_missing.labels(topic).set(1)
-            last = self._missing.get(topic)
-            if last is None or now - last >= MISSING_TOPIC_LOG_S:
-                self._missing[topic] = now
-                log.warning("source topic %r is not there (%s): nothing of it is read until "
-                            "it is created; check KAFKA_TOPICS and the topic's ACLs",
-                            topic, reason)
-        none_there = all(topic in missing for topic in self.s.topics)
-        with self._parts_lock:
-            self._no_source = (
-                f"no source topic is there ({', '.join(self.s.topics)}): check KAFKA_TOPICS "
-                "and the topics' ACLs" if none_there else None)
-
-    def _source_problem(self) -> str | None:
-        """A readiness check (any thread): the group refused, or every source topic missing."""
-        with self._parts_lock:
-            return self._group_refusal or self._no_source
 
     def _on_revoke(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("revoke").inc()
@@ -1922,7 +1819,8 @@ class Worker:
             self.assigned.difference_update(parts)
             self.paused.difference_update(parts)
             self._reshare_due = True
-            self._forget_refusals()
+            owned = {topic for topic, _ in self.assigned}
+        self.topics.forget(owned)
 
     def _publish_rates(self) -> None:
         """Event loop (the limiters' owner): each family's rate share, for the gauge; a

@@ -24,7 +24,7 @@ import pytest
 
 from consumer import codec
 from consumer.codec import SCHEMA, SCHEMA_TEXT
-from consumer.errors import UndecodableEvent
+from consumer.errors import SchemaNotKnownYet, UndecodableEvent
 from consumer.registry import (
     DEFAULT_TIMEOUT_S,
     MAX_ANSWER_BYTES,
@@ -353,15 +353,89 @@ def test_a_writer_schema_with_references_is_parsed_with_them() -> None:
     assert registry.writer_schema(5) is parsed and len(client.asked) == 2  # cached
 
 
-def test_a_reference_the_registry_does_not_have_is_permanent_and_named() -> None:
+def test_a_reference_the_registry_does_not_have_is_undecodable_named_and_asked_again() -> None:
+    """Not remembered (review "registry58"): a registry replica behind its leader says so of
+    a reference it has a moment later, and remembered, the id's events, replayed after it
+    caught up, were dead-lettered again until a restart."""
     client = ReferencingClient({("ctx-value", 1): RegistryError(404, 40402, "Version not found")})
     registry = Registry("http://unused", client=client)
     for _ in range(2):
         with pytest.raises(UndecodableEvent, match=r"references a schema the registry does "
                                                    r"not have .*40402"):
             registry.writer_schema(5)
-    assert client.asked == [("ctx-value", 1)]  # remembered: ids never change
+    assert client.asked == [("ctx-value", 1)] * 2
     assert registry.healthy
+    client.versions[("ctx-value", 1)] = SchemaDoc(json.dumps(CONTEXT))
+    assert registry.writer_schema(5)["name"] == "io.test.Ev"
+
+
+def _unknown() -> RegistryError:
+    return RegistryError(404, 40403, "Schema 9 not found")
+
+
+def test_an_id_the_registry_does_not_know_yet_is_asked_again_within_its_grace() -> None:
+    """Review "registry58": a registry replica behind its leader (or loading its store,
+    Karapace: 6 s) answers 40403 for ids it serves seconds later, and every event of them
+    was dead-lettered at once. Within the grace the events wait (`SchemaNotKnownYet`, the
+    registry healthy: readiness stays on); past it the answer is believed."""
+    client, clock = FakeClient([_unknown(), _unknown()]), Clock()
+    registry = Registry("http://unused", client=client, clock=clock, unknown_grace_s=30.0)
+    with pytest.raises(SchemaNotKnownYet, match="schema id 9 not known to the registry yet"):
+        registry.writer_schema(9)
+    clock.now += 10
+    with pytest.raises(SchemaNotKnownYet) as waited:
+        registry.writer_schema(9)
+    assert waited.value.schema_id == 9 and waited.value.grace_s == 30.0
+    assert registry.healthy
+    assert registry.writer_schema(9) is not None  # the replica caught up
+    assert client.calls == 3
+
+    client.errors = [_unknown(), _unknown(), _unknown()]
+    with pytest.raises(SchemaNotKnownYet):
+        registry.writer_schema(10)
+    clock.now += 30
+    with pytest.raises(KeyError):
+        registry.writer_schema(10)  # past its grace: believed
+    with pytest.raises(KeyError):
+        registry.writer_schema(10)  # ... and for its later events, at once
+
+
+def test_a_reference_the_registry_does_not_have_yet_is_asked_again_within_the_grace() -> None:
+    client = ReferencingClient({("ctx-value", 1): RegistryError(404, 40401, "Subject not found")})
+    clock = Clock()
+    registry = Registry("http://unused", client=client, clock=clock, unknown_grace_s=30.0)
+    with pytest.raises(SchemaNotKnownYet, match="40401"):
+        registry.writer_schema(5)
+    clock.now += 31
+    with pytest.raises(UndecodableEvent, match="references a schema the registry does not have"):
+        registry.writer_schema(5)
+
+
+def test_a_stream_of_unknown_ids_is_not_held_past_the_ids_in_grace() -> None:
+    """Events framed against another registry: every id unknown. Past UNKNOWN_GRACE_IDS in
+    their grace at once, an id is believed at once, not held 30 s per event."""
+    from consumer.registry import UNKNOWN_GRACE_IDS
+    client, clock = FakeClient([]), Clock()
+    registry = Registry("http://unused", client=client, clock=clock, unknown_grace_s=30.0)
+    for schema_id in range(100, 100 + UNKNOWN_GRACE_IDS):
+        client.errors = [_unknown()]
+        with pytest.raises(SchemaNotKnownYet):
+            registry.writer_schema(schema_id)
+    client.errors = [_unknown()]
+    with pytest.raises(KeyError):
+        registry.writer_schema(999)
+    clock.now += 30  # the graces ended: a new id gets its own
+    client.errors = [_unknown()]
+    with pytest.raises(SchemaNotKnownYet):
+        registry.writer_schema(1000)
+
+
+def test_tools_believe_an_unknown_id_at_once() -> None:
+    """`replay` and `produce` build a Registry without a grace: an unknown id is the
+    record's problem at once, not a registry that does not answer."""
+    registry, _, _ = make([_unknown()])
+    with pytest.raises(KeyError):
+        registry.writer_schema(9)
 
 
 def test_a_reference_the_registry_cannot_serve_now_is_an_outage() -> None:

@@ -21,13 +21,14 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any, TypeVar, cast
 
 import pytest
 from confluent_kafka import KafkaError
 from prometheus_client import CollectorRegistry
 
-from consumer import codec, handler, routing
+from consumer import codec, handler, routing, topicwatch
 from consumer import keyless as keyless_module
 from consumer import worker as worker_module
 from consumer.calls import Call
@@ -2182,7 +2183,7 @@ def test_a_missing_source_topic_is_gauged_warned_of_and_looked_for_until_it_is_t
     assert _missing_gauge(run, "sigal") == 0  # declared at start: the alert sees 0, not none
     source = FakeSource(cast(Any, None), log_of(track("u1", 1)))
     source.missing = {"sigal": "Broker: Unknown topic or partition"}
-    caplog.set_level(logging.INFO, logger="consumer.worker")
+    caplog.set_level(logging.INFO, logger="consumer.topicwatch")
 
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records
@@ -2192,22 +2193,22 @@ def test_a_missing_source_topic_is_gauged_warned_of_and_looked_for_until_it_is_t
     assert _missing_gauge(run, "sigal") == 1 and _missing_gauge(run, TOPIC) == 0
     assert len(warnings()) == 1 and "KAFKA_TOPICS" in warnings()[0]
     assert run.worker._reshare_due
-    assert run.worker._reshare_at == clock[0] + worker_module.MISSING_TOPIC_CHECK_S
+    assert run.worker._reshare_at == clock[0] + topicwatch.MISSING_TOPIC_CHECK_S
 
-    clock[0] += worker_module.MISSING_TOPIC_CHECK_S
+    clock[0] += topicwatch.MISSING_TOPIC_CHECK_S
     run.worker._reshare(cast(Any, source))
     assert len(warnings()) == 1, "not repeated every minute"
-    clock[0] += worker_module.MISSING_TOPIC_LOG_S
+    clock[0] += topicwatch.MISSING_TOPIC_LOG_S
     run.worker._reshare(cast(Any, source))
     assert len(warnings()) == 2, "repeated every MISSING_TOPIC_LOG_S while missing"
 
-    assert run.worker._source_problem() is None, "one topic is there: still ready"
+    assert run.worker.topics.problem() is None, "one topic is there: still ready"
     source.missing = {TOPIC: "Broker: Unknown topic or partition",
                       "sigal": "Broker: Unknown topic or partition"}
     run.worker._reshare(cast(Any, source))
     # None there: the assignment is empty, and a worker with nothing to read said ready
     # (review "faults29").
-    assert "no source topic is there" in (run.worker._source_problem() or "")
+    assert "no source topic is there" in (run.worker.topics.problem() or "")
     run.worker.health.set_assigned(True)
     run.worker.health.set_connected(True)
     ready, why = run.worker.health.ready()
@@ -2220,7 +2221,7 @@ def test_a_missing_source_topic_is_gauged_warned_of_and_looked_for_until_it_is_t
     run.worker._reshare_due = False
     run.worker._reshare(cast(Any, source))
     assert _missing_gauge(run, "sigal") == 0
-    assert run.worker._source_problem() is None
+    assert run.worker.topics.problem() is None
     assert not run.worker._reshare_due, "nothing left to look for"
     assert any("'sigal' is there now" in r.getMessage() for r in caplog.records)
 
@@ -2231,13 +2232,17 @@ def test_a_source_topic_deleted_under_the_worker_is_looked_for_at_once() -> None
     run = make(log_of(track("u1", 1)))
     run.worker._reshare_due = False
     run.worker._reshare_at = time.monotonic() + 3600
-    run.worker._topic_error(cast(Any, _TopicGone()))
+    gone = TopicGoneMessage(TOPIC, 0, 1, None, None)
+    run.worker._intake([gone], 0, cast(Any, SimpleNamespace(in_flight=0)))
     assert run.worker._reshare_due and run.worker._reshare_at <= time.monotonic()
 
 
-class _TopicGone:
-    def code(self) -> int:
-        return KafkaError.UNKNOWN_TOPIC_OR_PART
+@dataclass
+class TopicGoneMessage(Message):
+    """The consume error librdkafka hands for a subscribed topic that went away."""
+
+    def error(self) -> Any:
+        return KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "Subscribed topic not available")
 
 
 class _RefusingRegistryClient:
@@ -2282,6 +2287,64 @@ def test_a_registry_fault_holds_readiness_only_while_an_event_waits_for_it() -> 
         assert await asyncio.wait_for(task, 10) == 0
 
     asyncio.run(main())
+
+
+class _LaggingRegistryClient:
+    """A registry replica behind its leader: "no such schema" (40403) for its first
+    `unknown` lookups, then the schema."""
+
+    def __init__(self, unknown: int) -> None:
+        self.unknown = unknown
+        self.calls = 0
+
+    def get_schema(self, schema_id: int) -> str:
+        from consumer.registry import RegistryError
+
+        self.calls += 1
+        if self.calls <= self.unknown:
+            raise RegistryError(404, 40403, f"Schema {schema_id} not found")
+        return codec.SCHEMA_TEXT
+
+
+def test_events_of_an_id_a_lagging_registry_does_not_know_yet_wait_and_are_delivered() -> None:
+    """Review "registry58": a registry replica behind its leader, or loading its store,
+    answered 40403 for an id it served seconds later, and every event of it was
+    dead-lettered at once (the DLQ guard tripped on 120 of them). They wait within the
+    id's grace, readiness on (the registry answers), and are delivered."""
+    from consumer.registry import UNKNOWN_GRACE_S
+
+    metrics = Metrics(CollectorRegistry())
+    health = Health(metrics)
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i))
+                        for i in range(5)]}
+    lagging = _LaggingRegistryClient(unknown=2)
+    registry = Registry("http://unused", client=lagging, unknown_grace_s=UNKNOWN_GRACE_S)
+    client, dlq = FakeClient(), FakeDlq()
+    worker = Worker(settings(), metrics, health, client=client, registry=registry, dlq=dlq,
+                    source=lambda cb: FakeSource(cb, log))
+
+    async def main() -> None:
+        task = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: lagging.calls >= 1, "the first lookup")
+            assert worker.handler.schema_failing() is None  # answered: readiness stays on
+            await until(lambda: len(client.bodies) == 5, "every event delivered", 10)
+        finally:
+            worker.stop()
+        assert await asyncio.wait_for(task, 10) == 0
+
+    asyncio.run(main())
+    assert dlq.records == [] and lagging.calls == 3
+
+
+def test_the_workers_own_registry_gives_unknown_ids_their_grace() -> None:
+    from consumer.registry import UNKNOWN_GRACE_S
+
+    metrics = Metrics(CollectorRegistry())
+    worker = Worker(settings(), metrics, Health(metrics), client=FakeClient(), dlq=FakeDlq(),
+                    source=lambda cb: FakeSource(cb, {}))
+    assert isinstance(worker.registry, Registry)
+    assert worker.registry._unknown_grace_s == UNKNOWN_GRACE_S > 0
 
 
 def test_events_waiting_for_a_down_registry_log_one_line_per_cause_not_one_each(
@@ -4134,28 +4197,25 @@ def test_a_source_topic_the_worker_may_not_read_counts_missing_until_its_message
     it is the only one) until one of its messages comes."""
     run = make(log_of(track("u1", 1)), KAFKA_TOPICS=f"{TOPIC},locked")
     source = FakeSource(cast(Any, None), log_of(track("u1", 1)))
-    caplog.set_level(logging.WARNING, logger="consumer.worker")
-    run.worker._topic_error(cast(Any, _TopicRefused()), "locked")
+    caplog.set_level(logging.WARNING, logger="consumer.topicwatch")
+    run.worker.topics.error(cast(Any, _TopicRefused()), "locked")
     run.worker._reshare(cast(Any, source))
     assert _missing_gauge(run, "locked") == 1 and _missing_gauge(run, TOPIC) == 0
     assert any("'locked'" in r.getMessage() and "Read" in r.getMessage()
                for r in caplog.records)
-    run.worker._topic_error(cast(Any, _TopicRefused()), TOPIC)
+    run.worker.topics.error(cast(Any, _TopicRefused()), TOPIC)
     run.worker._reshare(cast(Any, source))
-    assert "no source topic is there" in (run.worker._source_problem() or "")
-    run.worker._read_from({"locked": 1, TOPIC: 2})
+    assert "no source topic is there" in (run.worker.topics.problem() or "")
+    assert run.worker.topics.read_from({"locked": 1, TOPIC: 2})
     run.worker._reshare(cast(Any, source))
-    assert _missing_gauge(run, "locked") == 0 and run.worker._source_problem() is None
+    assert _missing_gauge(run, "locked") == 0 and run.worker.topics.problem() is None
 
     # Refused again, then its partitions go to another pod (review "diff55b": the mark
     # stayed, and the topic read missing here for good, the alert firing).
-    run.worker._topic_error(cast(Any, _TopicRefused()), "locked")
-    with run.worker._parts_lock:
-        run.worker.assigned = {(TOPIC, 0), ("locked", 0)}
-        run.worker._forget_refusals()
-        assert run.worker._unreadable == {"locked"}, "still this pod's"
-        run.worker.assigned = {(TOPIC, 0)}
-        run.worker._forget_refusals()
+    run.worker.topics.error(cast(Any, _TopicRefused()), "locked")
+    run.worker.topics.forget({TOPIC, "locked"})
+    assert run.worker.topics.refused, "still this pod's"
+    run.worker.topics.forget({TOPIC})
     run.worker._reshare(cast(Any, source))
     assert _missing_gauge(run, "locked") == 0
 
@@ -4168,9 +4228,9 @@ def test_a_refused_topic_granted_while_idle_is_read_again_without_a_message() ->
     source = FakeSource(cast(Any, None), log_of(track("u1", 1)))
     with run.worker._parts_lock:
         run.worker.assigned = {(TOPIC, 0), ("locked", 0)}
-    run.worker._topic_error(cast(Any, _TopicRefused()), "locked")
+    run.worker.topics.error(cast(Any, _TopicRefused()), "locked")
     run.worker._reshare(cast(Any, source))
     assert _missing_gauge(run, "locked") == 1, "still refused: no grant reported"
     source.granted = {"locked"}
     run.worker._reshare(cast(Any, source))
-    assert _missing_gauge(run, "locked") == 0 and run.worker._unreadable == set()
+    assert _missing_gauge(run, "locked") == 0 and not run.worker.topics.refused
