@@ -1693,6 +1693,15 @@ def _unknown_variables(reader: _Reader) -> None:
                 f"{name} is not a setting of this worker: names are upper case; write "
                 f"{name.upper()}")
             continue
+        if upper.startswith("SCHEMA_REGISTRY_BEARER_AUTH"):
+            # Confluent clients' OAuth settings: "did you mean ..._BASIC_AUTH_USER_INFO?"
+            # did not say a bearer token cannot be used at all (review "registry58").
+            reader.problems.append(
+                f"{name} is not a setting of this worker: its registry client authenticates "
+                "with basic auth only (SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO, or user:password "
+                "in SCHEMA_REGISTRY_URL); a registry that takes only bearer tokens (OAuth) "
+                "is not supported")
+            continue
         shared = name.startswith(_SHARED_PREFIXES)
         if not shared and not name.startswith(_OWN_PREFIXES):
             continue

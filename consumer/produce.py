@@ -184,6 +184,12 @@ def produce_events(
         # One line, redacted: the registry's answer may echo the request's Authorization
         # (it was an uncaught traceback quoting it, review "secrets18").
         said = printable(registry.redact(str(exc))[:300])
+        if exc.http_status_code >= 500 or exc.http_status_code == 429:
+            # Its failure, not its refusal (a registry electing its primary answers 50003
+            # for seconds): "refused" sent users to their schema (review "registry58").
+            raise ProduceError(f"nothing was sent: the schema registry failed to register "
+                               f"the schema of {topic!r} ({said}); try again once it "
+                               "serves") from None
         raise ProduceError(f"nothing was sent: the schema registry refused to register the "
                            f"schema of {topic!r}: {said}") from None
     except RegistryUnusable as exc:

@@ -1130,6 +1130,17 @@ def test_unknown_own_variables_are_refused(name: str, hint: str) -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["SCHEMA_REGISTRY_BEARER_AUTH_TOKEN",
+                                  "SCHEMA_REGISTRY_BEARER_AUTH_CREDENTIALS_SOURCE"])
+def test_a_registry_bearer_token_is_told_unsupported_not_a_typo(name: str) -> None:
+    """Review "registry58": Confluent clients' OAuth setting got "did you mean
+    SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO?", as if it were a misspelling of it."""
+    message = problem(**{name: "tok"})
+    assert message.startswith(f"{name} is not a setting of this worker: ")
+    assert "basic auth only" in message and "not supported" in message
+    assert "did you mean" not in message
+
+
 def test_kubernetes_service_links_are_not_unknown_variables() -> None:
     s = load(WORKER_PORT="tcp://10.0.0.1:8082", WORKER_SERVICE_HOST="10.0.0.1",
              WORKER_PORT_8082_TCP_ADDR="10.0.0.1")

@@ -151,6 +151,27 @@ def test_a_refused_registration_is_one_redacted_line(monkeypatch: pytest.MonkeyP
     assert basic not in str(refused.value) and "S3CR3T-REG-pw" not in str(refused.value)
 
 
+def test_a_registry_failing_to_register_is_not_said_to_refuse(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "registry58": a registry electing its primary (Karapace: 500, error 50003)
+    read "refused to register the schema", sending users to their schema."""
+    from consumer import reach
+    from consumer.produce import produce_events
+    from consumer.registry import Registry, RegistryError
+
+    def fail(self: Registry, topic: str) -> int:
+        raise RegistryError(500, 50003, "Error while forwarding the request to the master")
+
+    monkeypatch.setattr(reach, "services", lambda *a, **k: [])
+    monkeypatch.setattr(Registry, "register", fail)
+    line = json.dumps({"type": "track", "event": "E", "userId": "u"})
+    with pytest.raises(ProduceError) as failed:
+        produce_events([line], topic="t", bootstrap="k:9092", registry_url="http://r.test")
+    text = str(failed.value)
+    assert "failed to register the schema of 't'" in text and "try again" in text, text
+    assert "refused" not in text and "50003" in text
+
+
 def test_a_lone_surrogate_in_the_anonymous_id_is_keyed_as_the_record_carries_it() -> None:
     """The key was the input's own id, encoded only while producing: a lone surrogate
     (what a browser sends for an emoji cut in half) crashed the command with a traceback
