@@ -53,6 +53,7 @@ from consumer.codec import (
 from consumer.cutoff import Cutoff
 from consumer.errors import SchemaNotKnownYet, UndecodableEvent
 from consumer.redaction import redact, registry_secrets, url_credentials
+from consumer.stdout import printable
 from consumer.tls import verification
 
 __all__ = ["DEFAULT_TIMEOUT_S", "UNKNOWN_GRACE_S", "NoSchemaInAnswer", "Registry",
@@ -334,6 +335,15 @@ class RestClient:
         if unreadable is not None:
             raise RegistryUnusable(f"HTTP {response.status_code} from {response.url.path!s}: "
                                    f"{unreadable}; check SCHEMA_REGISTRY_URL")
+        location = response.headers.get("location")
+        if 300 <= response.status_code < 400 and location:
+            # Where it sends the worker is the fix (http → https, a moved host): "not a
+            # Schema Registry answer" alone left users guessing (review "registry58").
+            target = str(response.url.join(location).copy_with(userinfo=b""))[:300]
+            raise RegistryUnusable(
+                f"HTTP {response.status_code} from {response.url.path!s} redirects to "
+                f"{printable(target)}: the worker does not follow redirects; set "
+                "SCHEMA_REGISTRY_URL to where the registry is")
         if response.status_code >= 300 or not isinstance(data, want):
             # Not a registry answering (a URL without Apicurio's /apis/ccompat/v7, a UI, a
             # gateway's redirect): a failure for readiness, not an answer.

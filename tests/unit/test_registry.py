@@ -846,6 +846,24 @@ def test_a_registry_answer_is_read_only_up_to_its_limit_inflated_or_not() -> Non
     assert b"accept-encoding: identity" in heads[0].lower()
 
 
+def test_a_registry_redirect_names_where_it_points_without_its_credentials() -> None:
+    """Review "registry58": a registry answering 308 (http → https) read "not a Schema
+    Registry JSON answer", without the one thing that fixes it: where it points."""
+    listener = _answer_once(b"HTTP/1.1 308 Permanent Redirect\r\nContent-Length: 0\r\n"
+                            b"Location: https://u:S3CRET@registry.example:8443/subjects\r\n"
+                            b"\r\n", [])
+    client = RestClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout_s=10.0)
+    try:
+        with pytest.raises(RegistryUnusable) as unusable:
+            client.subjects()
+    finally:
+        client.close()
+        listener.close()
+    text = str(unusable.value)
+    assert "redirects to https://registry.example:8443/subjects" in text, text
+    assert "SCHEMA_REGISTRY_URL" in text and "S3CRET" not in text
+
+
 def test_a_compressed_registry_answer_within_the_limit_is_read() -> None:
     """A server that compresses although asked for `identity` is still understood."""
     doc = json.dumps({"schema": SCHEMA_TEXT}).encode()
