@@ -82,7 +82,6 @@ from consumer.errors import (
     ProxyRefused,
     RateLimited,
     Retry,
-    SchemaNotKnownYet,
     SharedStateUnavailable,
     Timeout,
     UndecodableEvent,
@@ -94,6 +93,7 @@ from consumer.permits import Permit, PermitPool
 from consumer.policy import Attempts, RetryPolicy
 from consumer.ratelimit import PriorityLane
 from consumer.redaction import redact
+from consumer.registry import SchemaNotKnownYet
 from consumer.routing import Send, route
 from consumer.schemafetch import SharedFetches
 from consumer.sharedstate import Limiter

@@ -51,13 +51,14 @@ from consumer.codec import (
     writer_json,
 )
 from consumer.cutoff import Cutoff
-from consumer.errors import SchemaNotKnownYet, UndecodableEvent
+from consumer.errors import UndecodableEvent
 from consumer.redaction import redact, registry_secrets, url_credentials
 from consumer.stdout import printable
 from consumer.tls import verification
 
 __all__ = ["DEFAULT_TIMEOUT_S", "UNKNOWN_GRACE_S", "NoSchemaInAnswer", "Registry",
-           "RegistryError", "RegistryUnusable", "RestClient", "subject_for"]
+           "RegistryError", "RegistryUnusable", "RestClient", "SchemaNotKnownYet",
+           "subject_for"]
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,23 @@ class RegistryError(Exception):
         return self.http_status_code == 404 and self.error_code == UNKNOWN_SCHEMA_CODE
 
 
+class SchemaNotKnownYet(RegistryError):
+    """The registry says it has no schema with an event's id (or none that schema
+    references), within the id's grace (`UNKNOWN_GRACE_S`): a registry replica behind its
+    leader, or one still loading its store, says so of schemas it serves seconds later.
+    The event waits and asks again, as in an outage (readiness stays on: the registry
+    answers), and is dead-lettered if the registry still says so after the grace. A
+    registry failure, as the others: outside `errors`' tree, whose retries are Userpilot's."""
+
+    def __init__(self, exc: RegistryError, *, schema_id: int, since_s: float, grace_s: float,
+                 said: str) -> None:
+        super().__init__(exc.http_status_code, exc.error_code, said)
+        self.args = (f"schema id {schema_id} not known to the registry yet ({since_s:.1f} s "
+                     f"since it first said so: {said})",)
+        self.schema_id = schema_id
+        self.grace_s = grace_s
+
+
 UNKNOWN_GRACE_S = 30.0
 """How long the worker asks again for a schema id the registry says it does not have (40403,
 or a reference of it 40401/40402) before its events are dead-lettered. Believed at once, a
@@ -342,8 +360,8 @@ class RestClient:
             target = str(response.url.join(location).copy_with(userinfo=b""))[:300]
             raise RegistryUnusable(
                 f"HTTP {response.status_code} from {response.url.path!s} redirects to "
-                f"{printable(target)}: the worker does not follow redirects; set "
-                "SCHEMA_REGISTRY_URL to where the registry is")
+                f"{printable(target)}, and the worker does not follow redirects: check "
+                "SCHEMA_REGISTRY_URL (the registry's own address and API base path)")
         if response.status_code >= 300 or not isinstance(data, want):
             # Not a registry answering (a URL without Apicurio's /apis/ccompat/v7, a UI, a
             # gateway's redirect): a failure for readiness, not an answer.
@@ -603,10 +621,9 @@ class Registry:
                     self._unknown_since.popitem(last=False)
             self._unknown_since.move_to_end(schema_id)
         if now - since < self._unknown_grace_s:
-            raise SchemaNotKnownYet(
-                f"schema id {schema_id} not known to the registry yet ({now - since:.1f} s "
-                f"since it first said so: {self.redact(str(exc))[:200]})",
-                schema_id=schema_id, grace_s=self._unknown_grace_s) from None
+            raise SchemaNotKnownYet(exc, schema_id=schema_id, since_s=now - since,
+                                    grace_s=self._unknown_grace_s,
+                                    said=self.redact(str(exc))[:200]) from None
 
     def _parse(self, schema_id: int, doc: SchemaDoc) -> Mapping[str, Any]:
         """Parse and cache a writer schema, its references first; our own schema is cached
