@@ -16,6 +16,8 @@ delivery (nothing is lost).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import re
 import shlex
@@ -187,14 +189,20 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
     bootstrap = settings.get("bootstrap.servers", "")
     errors: list[KafkaError] = []  # the brokers' errors, latest last (`_refusal`)
     settings["error_cb"] = errors.append
+    pid = _ProducerId(settings)
     try:
         producer = Producer(settings)
     except KafkaException as exc:
         return f"Kafka client refused the configuration: {exc.args[0]}"
+    started = time.monotonic()
     try:
         metadata = _metadata(producer, timeout)
+        pid_problem = pid.refused(producer, errors, conf, started + timeout)
     except KafkaException as exc:
         producer.poll(0.5)  # the error callbacks say why: refused, or not there
+        pid_refused = pid.said(errors, conf)
+        if pid_refused is not None:
+            return pid_refused
         refusal = _refusal(errors)
         if refusal is not None and oidc.outage(refusal):
             # The identity provider down or overloaded: no setting to fix. Refused, `run`
@@ -244,7 +252,59 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
         problem = None
     dlq_there = dlq_topic if dlq_topic in metadata.topics else None
     return (problem or session_timeout_problem(conf, brokers)
-            or acl_problem(admin, conf, topics, dlq_there, group, timeout))
+            or acl_problem(admin, conf, topics, dlq_there, group, timeout) or pid_problem)
+
+
+class _ProducerId:
+    """Whether the brokers give the dead-letter producer its idempotent producer id, from
+    the probe producer's statistics (`eos.idemp_state`). Brokers before Kafka 2.8 give one
+    only with IdempotentWrite on the cluster, which no topic ACL implies: a principal
+    granted exactly Write on the DLQ topic passed every check, and the first dead letter
+    stopped its partition for good, the DLQ producer failed fatally (review "brokers58").
+    Later brokers give one with Write on any topic, which the DLQ's own check covers."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.state = ""
+        self.wanted = str(settings.get("enable.idempotence", "")).lower() in ("true", "1")
+        if self.wanted:
+            settings["statistics.interval.ms"] = 50
+            settings["stats_cb"] = self._stats
+
+    def _stats(self, raw: str) -> None:
+        with contextlib.suppress(ValueError, AttributeError):
+            self.state = str(json.loads(raw).get("eos", {}).get("idemp_state", ""))
+
+    def refused(self, producer: Producer, errors: list[KafkaError], conf: Mapping[str, Any],
+                deadline: float) -> str | None:
+        """The line naming the refusal once the brokers refused the id; None once they gave
+        it, or when they said neither by `deadline` (not judged)."""
+        while self.wanted and time.monotonic() < deadline:
+            said = self.said(errors, conf)
+            if said is not None or self.state == "Assigned":
+                return said
+            try:
+                producer.poll(0.02)
+            except KafkaException as exc:  # a fatal error is raised here, not called back
+                if exc.args and isinstance(exc.args[0], KafkaError):
+                    errors.append(exc.args[0])
+                else:
+                    raise
+        return None
+
+    def said(self, errors: list[KafkaError], conf: Mapping[str, Any]) -> str | None:
+        """The refusal's line if `errors` hold it (a producer failed by it fails its
+        metadata requests too: not an outage to wait out)."""
+        if not any(err.code() == KafkaError.CLUSTER_AUTHORIZATION_FAILED
+                   or (err.fatal() and "idempotence PID" in err.str()) for err in errors):
+            return None
+        bootstrap = shlex.quote(str(conf.get("bootstrap.servers", "")))
+        return ("Kafka refuses the dead-letter producer its idempotent producer id "
+                "(CLUSTER_AUTHORIZATION_FAILED): brokers before Kafka 2.8 give one only with "
+                "IdempotentWrite on the cluster; grant it, as an admin: kafka-acls.sh "
+                f"--bootstrap-server {bootstrap} --command-config admin.properties --add "
+                f"--allow-principal {_principal(conf)} --operation IdempotentWrite --cluster; "
+                "or set KAFKA_ENABLE_IDEMPOTENCE=false (a retried dead letter may then be "
+                "written twice)")
 
 
 def _admin(conf: Mapping[str, Any]) -> AdminClient:

@@ -35,6 +35,7 @@ from tests.integration.harness import REPO, free_port
 
 HOST = "127.0.0.1"
 USER, PASSWORD = "limited", "limited-secret"
+NO_WRITE_USER, NO_WRITE_PASSWORD = "nowrite", "nowrite-secret"  # granted nothing, ever
 SCRAM_USER = "rotor"  # a super user logging in with SCRAM-SHA-256 (`SecuredKafka.set_scram`)
 REAUTH_MS = 4000
 
@@ -113,7 +114,7 @@ class SecuredKafka:
 def _properties(root: Path, ports: tuple[int, int, int]) -> str:
     sasl, plain, controller = ports
     jaas = ("org.apache.kafka.common.security.plain.PlainLoginModule required "
-            f'user_{USER}="{PASSWORD}";')
+            f'user_{USER}="{PASSWORD}" user_{NO_WRITE_USER}="{NO_WRITE_PASSWORD}";')
     return "\n".join([
         "process.roles=broker,controller",
         "node.id=1",

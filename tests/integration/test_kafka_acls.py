@@ -18,7 +18,14 @@ from tests.integration.harness import (
     wait_until,
     worker_env,
 )
-from tests.integration.secured_kafka import USER, SecuredKafka, secured_kafka
+from tests.integration.secured_kafka import (
+    HOST,
+    NO_WRITE_PASSWORD,
+    NO_WRITE_USER,
+    USER,
+    SecuredKafka,
+    secured_kafka,
+)
 from tests.integration.test_cli_online import Sandbox, cli
 
 __all__ = ["secured_kafka"]
@@ -101,6 +108,58 @@ def test_online_names_the_operation_denied(
     assert (f"--command-config admin.properties --add --allow-principal User:{USER} "
             f"--operation {operation} --{kind} {name}") in line, line
     assert result.returncode == 8 + 2, result.stderr
+
+
+def test_a_producer_id_the_brokers_refuse_is_named_with_the_grant_that_fixes_it(
+        secured_kafka: SecuredKafka) -> None:
+    """Review "brokers58": brokers before Kafka 2.8 give the idempotent dead-letter producer
+    its id only with IdempotentWrite on the cluster; a principal granted exactly what the
+    README listed passed every check, and the first dead letter stopped its partition.
+    This broker (4.1) refuses the id alike to a principal with Write on no topic."""
+    import contextlib
+    import time
+
+    from confluent_kafka import KafkaError, KafkaException, Producer
+
+    from consumer import reach
+    from consumer.librdkafka import DLQ_PRODUCER, producer_settings
+
+    conf = {"bootstrap.servers": f"{HOST}:{secured_kafka.sasl_port}",
+            "security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "PLAIN",
+            "sasl.username": NO_WRITE_USER, "sasl.password": NO_WRITE_PASSWORD}
+
+    def probe(**extra: object) -> str | None:
+        settings = {**producer_settings({**conf, **extra}, **DLQ_PRODUCER)}
+        errors: list[KafkaError] = []
+        settings["error_cb"] = errors.append
+        pid = reach._ProducerId(settings)
+        producer = Producer(settings)
+        with contextlib.suppress(KafkaException):  # the refused id fails it fatally
+            producer.list_topics(timeout=10)
+        return pid.refused(producer, errors, conf, time.monotonic() + 10)
+
+    said = probe()
+    assert said is not None and "CLUSTER_AUTHORIZATION_FAILED" in said, said
+    assert (f"--allow-principal User:{NO_WRITE_USER} --operation IdempotentWrite --cluster"
+            in said and "KAFKA_ENABLE_IDEMPOTENCE=false" in said), said
+    assert probe(**{"enable.idempotence": False}) is None  # not asked for: not judged
+    # The whole check, as `run` and `check-config --online` make it: the refusal (a setting
+    # to fix, not an outage to wait out), whichever request of the probe it failed first.
+    checked = reach.kafka(conf, 10)
+    assert checked is not None and not isinstance(checked, reach.Unreachable), checked
+    assert "IdempotentWrite --cluster" in checked, checked
+
+
+def test_a_producer_id_refusal_is_what_the_kafka_check_says_when_all_else_passes(
+        kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run`'s and `check-config --online`'s Kafka check ends with the producer id's verdict
+    (after the ACL lines, which name a DLQ without Write more precisely)."""
+    from consumer import reach
+
+    monkeypatch.setattr(reach._ProducerId, "refused", lambda *args: "no producer id")
+    assert reach.kafka({"bootstrap.servers": kafka_bootstrap}, 10) == "no producer id"
+    monkeypatch.undo()
+    assert reach.kafka({"bootstrap.servers": kafka_bootstrap}, 10) is None
 
 
 @pytest.mark.parametrize("missing", ["group", "dlq"])
