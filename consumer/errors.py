@@ -59,7 +59,6 @@ __all__ = [
     "RefusedAlone",
     "Rejected",
     "Retry",
-    "SchemaNotKnownYet",
     "ServerError",
     "SharedStateUnavailable",
     "Stop",
@@ -146,19 +145,6 @@ class DlqRecordTooLarge(DeadLetter):
     """
 
     reason = "dlq_too_large"
-
-
-class SchemaNotKnownYet(WorkerError):
-    """The registry says it has no schema with an event's id (or none that schema
-    references), within the id's grace (`registry.UNKNOWN_GRACE_S`): a registry replica
-    behind its leader, or one still loading its store, says so of schemas it serves seconds
-    later. The event waits and asks again, as in an outage (readiness stays on: the
-    registry answers), and is dead-lettered if the registry still says so after the grace."""
-
-    def __init__(self, message: str, *, schema_id: int, grace_s: float) -> None:
-        super().__init__(message)
-        self.schema_id = schema_id
-        self.grace_s = grace_s
 
 
 class Retry(WorkerError):
