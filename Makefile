@@ -83,8 +83,10 @@ ops-check:
 # judge rates and deadlines against real services and share one broker, which a second test
 # running beside them would load.
 pytest: venv
-	$(BIN)/pytest -n 2 --durations=15 tests/unit tests/bench
-	$(BIN)/pytest --durations=30 tests/integration
+	rc=0; \
+	$(BIN)/pytest -n 2 --durations=15 tests/unit tests/bench || rc=1; \
+	$(BIN)/pytest --durations=30 tests/integration || rc=1; \
+	exit $$rc
 
 # Each runtime dependency at the lowest version pyproject.toml allows (users do not install
 # through constraints.txt): a throw-away venv, the unit tests that use those libraries.

@@ -449,6 +449,15 @@ class Settings:
         conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
         for key, value in self.kafka_extra.items():
             conf[key] = value.reveal() if isinstance(value, Secret) else value
+        if (str(conf.get("sasl.oauthbearer.method", "")).lower() == "oidc"
+                and "https.ca.location" not in conf and "https.ca.pem" not in conf):
+            # librdkafka's wheel looks for its CA bundle where CentOS keeps it
+            # (/etc/pki/tls/certs/ca-bundle.crt): on Debian, the image's, every https token
+            # endpoint failed "error adding trust anchors" (review "diff58"). The rule of
+            # the worker's other HTTPS clients instead (`tls`).
+            from consumer.tls import ca_location
+
+            conf["https.ca.location"] = ca_location()
         if logger:
             from consumer.logs import librdkafka_logger
 

@@ -612,13 +612,19 @@ class Handler:
                     event.decision = exc
                     return
                 except SchemaNotKnownYet as exc:
-                    # The registry answers: readiness stays on (a stream of unknown ids
-                    # would hold it off), and the line says what it said.
+                    # The registry answers: readiness is on (a stream of unknown ids would
+                    # hold it off), also after an outage this event waited through before
+                    # (its failure named the outage while the registry answered; diff58).
+                    if failing is not None:
+                        self._forget_schema_failure(failing)
+                        failing = None
                     wait = self._fetches.retry_in(exc.schema_id)
-                    schema_log.warning("%s; asking again in %.1f s, dead-lettered if it "
-                                       "still says so %g s after it first did (a registry "
-                                       "replica behind its leader?)", exc, wait, exc.grace_s,
-                                       extra=event.fields)
+                    # The id first: one line per id per 30 s (`RateLimit` keys on it).
+                    schema_log.warning("schema id %d not known to the registry yet (%s); "
+                                       "asking again in %.1f s, dead-lettered if it still says "
+                                       "so %g s after it first did (a registry replica behind "
+                                       "its leader?)", exc.schema_id, exc.said, wait,
+                                       exc.grace_s, extra=event.fields)
                     if wait <= 0:
                         await asyncio.sleep(0.5)  # never at once, never busy
                 except Exception as exc:

@@ -750,34 +750,47 @@ def _certificate_refused(exc: BaseException) -> str | None:
     return None
 
 
-_OIDC_ANSWER = re.compile(r'Failed to retrieve OIDC token from ".*\((-?\d+)\)\s*$', re.DOTALL)
-_OIDC_OUTAGE = frozenset({408, 429})  # and 5xx, and -1: no HTTP answer at all
+_OIDC_ANSWER = re.compile(r'Failed to retrieve OIDC token from "[^"]*": (.*)\((-?\d+)\)\s*$',
+                          re.DOTALL)  # the reason after the URL (which may say "tls"), status
+_OIDC_OUTAGE = frozenset({408, 429})  # and 5xx; and -1 when the endpoint did not answer:
+_OIDC_UNANSWERED = re.compile(  # curl's words for that ("Could not connect to server")
+    r"(could ?n[o']t|failed to) (connect|resolve)|resolv\w* timed out|timed out|timeout was "
+    r"reached|connection (refused|reset)|empty reply|server returned nothing|recv failure",
+    re.IGNORECASE)
+_OIDC_TLS = re.compile(r"ssl|tls|certificate|trust anchor", re.IGNORECASE)
 
 
 class _OidcAnswers(logging.Handler):
     """The status of the latest OIDC token request, from librdkafka's log line about it:
     its error (`Failed to acquire SASL OAUTHBEARER token: <body>`) carries only the body, so
-    a 503 page read as a refused client secret. The log line ends in the status, -1 when no
-    answer came (the endpoint down, not resolving, timing out). The rest of librdkafka's
-    lines are dropped: a check says what it found itself."""
+    a 503 page read as a refused client secret. The log line ends in the status; -1 is any
+    failure of curl's, an endpoint down (an outage) as well as a certificate not trusted or
+    https spoken to a plain port (a setting: waited out, `run` waited for ever; review
+    "diff58"), told apart by curl's words. The rest of librdkafka's lines are dropped: a
+    check says what it found itself."""
 
     def __init__(self) -> None:
         super().__init__()
         self.status: int | None = None
+        self.text = ""
         self.logger = logging.Logger("consumer.reach.librdkafka")  # no parent: not shown
         self.logger.addHandler(self)
 
     def emit(self, record: logging.LogRecord) -> None:
-        found = _OIDC_ANSWER.search(record.getMessage())
+        text = record.getMessage()
+        found = _OIDC_ANSWER.search(text)
         if found:
-            self.status = int(found.group(1))
+            self.status, self.text = int(found.group(2)), found.group(1)
 
     def outage(self, refusal: KafkaError) -> bool:
         """`refusal` is a token the identity provider failed to give for want of an answer
         (or with a 5xx, 408, 429): an outage, not a setting to fix."""
         status = self.status
-        return (status is not None and "OAUTHBEARER token" in refusal.str()
-                and (status < 0 or status >= 500 or status in _OIDC_OUTAGE))
+        if status is None or "OAUTHBEARER token" not in refusal.str():
+            return False
+        if status < 0:
+            return bool(_OIDC_UNANSWERED.search(self.text)) and not _OIDC_TLS.search(self.text)
+        return status >= 500 or status in _OIDC_OUTAGE
 
     def said(self) -> str:
         return "no answer" if self.status is not None and self.status < 0 else (

@@ -232,6 +232,7 @@ class SchemaNotKnownYet(RegistryError):
                      f"since it first said so: {said})",)
         self.schema_id = schema_id
         self.grace_s = grace_s
+        self.said = said
 
 
 UNKNOWN_GRACE_S = 30.0
@@ -617,8 +618,13 @@ class Registry:
                 # Past the bound it is believed now, and on its later events too.
                 since = now if waiting < UNKNOWN_GRACE_IDS else now - self._unknown_grace_s
                 self._unknown_since[schema_id] = since
-                while len(self._unknown_since) > _UNKNOWN_KEPT:
-                    self._unknown_since.popitem(last=False)
+                if len(self._unknown_since) > _UNKNOWN_KEPT:
+                    # The least recently asked past its grace, never one in it: evicted, an
+                    # id in its grace started a new one (dead-lettered at 15 s, or held 60 s
+                    # and more; review "diff58"). At most UNKNOWN_GRACE_IDS are in it.
+                    gone = next(i for i, t in self._unknown_since.items()
+                                if now - t >= self._unknown_grace_s)
+                    del self._unknown_since[gone]
             self._unknown_since.move_to_end(schema_id)
         if now - since < self._unknown_grace_s:
             raise SchemaNotKnownYet(exc, schema_id=schema_id, since_s=now - since,

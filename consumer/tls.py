@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import certifi
 
-__all__ = ["ssl_context", "verification"]
+__all__ = ["ca_location", "ssl_context", "verification"]
 
 
 def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
@@ -26,6 +26,13 @@ def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
     if cafile is None and capath is None:
         cafile = certifi.where()
     return ssl.create_default_context(cafile=cafile, capath=capath)
+
+
+def ca_location() -> str:
+    """The same rule as a path, for librdkafka's `https.ca.location` (the OIDC token
+    endpoint's CAs): $SSL_CERT_FILE, else $SSL_CERT_DIR, else certifi's bundle."""
+    return (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")
+            or certifi.where())
 
 
 def verification(*urls: str | None, ca_bundle: str | None = None) -> ssl.SSLContext:

@@ -1141,6 +1141,27 @@ def test_a_registry_bearer_token_is_told_unsupported_not_a_typo(name: str) -> No
     assert "did you mean" not in message
 
 
+def test_an_oidc_token_endpoints_cas_follow_the_workers_rule_unless_given(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """librdkafka's wheel looked for CentOS's CA bundle (review "diff58"): the worker names
+    its own rule's (SSL_CERT_FILE, else SSL_CERT_DIR, else certifi's), for OIDC only, and
+    a KAFKA_HTTPS_CA_LOCATION or KAFKA_HTTPS_CA_PEM given wins."""
+    import certifi
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    oidc = {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "OAUTHBEARER",
+            "KAFKA_SASL_OAUTHBEARER_METHOD": "oidc", "KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "c",
+            "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s",
+            "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "https://idp.example/token"}
+    assert load(**oidc).kafka_config(logger=False)["https.ca.location"] == certifi.where()
+    monkeypatch.setenv("SSL_CERT_DIR", "/etc/ssl/certs")
+    assert load(**oidc).kafka_config(logger=False)["https.ca.location"] == "/etc/ssl/certs"
+    given = load(**oidc, KAFKA_HTTPS_CA_LOCATION=certifi.where()).kafka_config(logger=False)
+    assert given["https.ca.location"] == certifi.where()
+    assert "https.ca.location" not in load().kafka_config(logger=False)
+
+
 def test_kubernetes_service_links_are_not_unknown_variables() -> None:
     s = load(WORKER_PORT="tcp://10.0.0.1:8082", WORKER_SERVICE_HOST="10.0.0.1",
              WORKER_PORT_8082_TCP_ADDR="10.0.0.1")

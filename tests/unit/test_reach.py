@@ -350,6 +350,88 @@ def test_an_identity_provider_that_does_not_answer_is_waited_for_not_refused() -
     assert "s3cret" not in problem
 
 
+@pytest.mark.parametrize(("reason", "outage"), [
+    ("Failed to connect to idp.test port 443 after 3 ms: Could not connect to server", True),
+    ("Could not resolve host: idp.test", True),
+    ("Connection timed out after 10001 milliseconds", True),
+    ("SSL certificate problem: self-signed certificate", False),
+    ("SSL certificate OpenSSL verify result: self-signed certificate (18)", False),
+    ("error adding trust anchors from file: /etc/pki/tls/certs/ca-bundle.crt", False),
+    ("OpenSSL/3.0: error:0A00010B:SSL routines::wrong version number", False),
+    ("Unsupported protocol", False),
+])
+def test_only_an_identity_provider_that_did_not_answer_is_an_outage(
+        reason: str, outage: bool) -> None:
+    """Review "diff58": librdkafka's status -1 is any failure of curl's; a certificate not
+    trusted (or https spoken to a plain port) read as "no answer", and `run` waited for ever
+    on a setting. The URL may say "tls" itself: only the reason after it is read."""
+    from confluent_kafka import KafkaError
+
+    answers = reach._OidcAnswers()
+    answers.logger.error("%s", f'[thrd:background]: Failed to retrieve OIDC token from '
+                               f'"https://tls.idp.test/token": {reason} (-1)')
+    refusal = KafkaError(KafkaError._AUTHENTICATION,
+                         f"Failed to acquire SASL OAUTHBEARER token: {reason}")
+    assert answers.status == -1 and answers.outage(refusal) is outage
+
+
+def test_https_spoken_to_a_plain_token_endpoint_stops_run_not_waited_for() -> None:
+    import http.server
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        problem = reach.kafka(_oidc_conf(f"https://127.0.0.1:{server.server_port}/token"), 3)
+    finally:
+        server.shutdown()
+    assert problem is not None and not isinstance(problem, reach.Unreachable), problem
+
+
+def test_an_https_token_endpoint_is_trusted_by_the_workers_ca_rule(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff58": librdkafka's wheel looks for its CA bundle at CentOS's path, so on
+    Debian (the image) every https token endpoint failed "error adding trust anchors"
+    unless KAFKA_HTTPS_CA_LOCATION was set. The worker gives it the rule of its other HTTPS
+    clients: SSL_CERT_FILE here (a private CA), else certifi's bundle."""
+    import http.server
+
+    from tests.certificates import self_signed
+
+    cert, key = self_signed(tmp_path)
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = b'{"error":"invalid_client"}'
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    settings = load_settings({
+        "USERPILOT_API_KEY": "wt_1234567890", "USERPILOT_ANALYTICS_ENDPOINT": "a.example",
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "KAFKA_TOPICS": "events",
+        "SCHEMA_REGISTRY_URL": "http://registry:8081", "SSL_CERT_FILE": str(cert),
+        **{f"KAFKA_{key.upper().replace('.', '_')}": value
+           for key, value in _oidc_conf(f"https://localhost:{server.server_port}/t").items()
+           if key != "bootstrap.servers"}}, check_clients=False)
+    conf = settings.kafka_config(logger=False)
+    assert conf["https.ca.location"] == str(cert)
+    try:
+        problem = reach.kafka(conf, 3)
+    finally:
+        server.shutdown()
+    assert problem is not None and "invalid_client" in problem, problem  # TLS passed
+
+
 def test_a_client_secret_the_identity_provider_refuses_is_still_a_refusal() -> None:
     import http.server
 

@@ -431,6 +431,31 @@ def test_a_stream_of_unknown_ids_is_not_held_past_the_ids_in_grace() -> None:
         registry.writer_schema(1000)
 
 
+def test_an_id_in_its_grace_keeps_it_however_many_foreign_ids_come_after() -> None:
+    """Review "diff58": the ids remembered were evicted least recently used first, those in
+    their grace too: a stream of foreign ids cut an id's grace short (dead-lettered at
+    15 s) or restarted it (held 60 s and more)."""
+    client, clock = FakeClient([]), Clock()
+    registry = Registry("http://unused", client=client, clock=clock, unknown_grace_s=30.0)
+    client.errors = [_unknown()]
+    with pytest.raises(SchemaNotKnownYet):
+        registry.writer_schema(7)
+    clock.now += 1
+    for schema_id in range(1000, 1300):  # foreign: believed past the bound, remembered
+        client.errors = [_unknown()]
+        with pytest.raises((KeyError, SchemaNotKnownYet)):
+            registry.writer_schema(schema_id)
+    clock.now += 14
+    client.errors = [_unknown()]
+    with pytest.raises(SchemaNotKnownYet) as waited:
+        registry.writer_schema(7)
+    assert "15.0 s since it first said so" in str(waited.value)
+    clock.now += 16
+    client.errors = [_unknown()]
+    with pytest.raises(KeyError):
+        registry.writer_schema(7)
+
+
 def test_tools_believe_an_unknown_id_at_once() -> None:
     """`replay` and `produce` build a Registry without a grace: an unknown id is the
     record's problem at once, not a registry that does not answer."""

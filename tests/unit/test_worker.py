@@ -2337,6 +2337,58 @@ def test_events_of_an_id_a_lagging_registry_does_not_know_yet_wait_and_are_deliv
     assert dlq.records == [] and lagging.calls == 3
 
 
+class _RestartingRegistryClient(_LaggingRegistryClient):
+    """A registry restarting: refused connections, then "no such schema" while it loads its
+    store (Karapace), then the schema."""
+
+    def __init__(self, down: int, unknown: int) -> None:
+        super().__init__(unknown + down)
+        self.down = down
+
+    def get_schema(self, schema_id: int) -> str:
+        if self.calls < self.down:
+            self.calls += 1
+            raise ConnectionError("connection refused")
+        return super().get_schema(schema_id)
+
+
+def test_after_an_outage_an_id_not_known_yet_leaves_readiness_on_with_one_line_per_id(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff58": once the registry answered "no such schema" after an outage, the
+    outage's failure stayed readiness's reason until the schema came; and each wait logged
+    a line of its own (6 per grace): the line's first argument changed every time."""
+    from consumer.registry import UNKNOWN_GRACE_S
+
+    monkeypatch.setattr(handler.schema_log, "filters", [RateLimit(30.0)])
+    metrics = Metrics(CollectorRegistry())
+    health = Health(metrics)
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i))
+                        for i in range(3)]}
+    restarting = _RestartingRegistryClient(down=1, unknown=3)
+    registry = Registry("http://unused", client=restarting, unknown_grace_s=UNKNOWN_GRACE_S)
+    client, dlq = FakeClient(), FakeDlq()
+    worker = Worker(settings(), metrics, health, client=client, registry=registry, dlq=dlq,
+                    source=lambda cb: FakeSource(cb, log))
+    caplog.set_level(logging.WARNING)
+
+    async def main() -> None:
+        task = asyncio.create_task(worker.run())
+        try:
+            await until(lambda: worker.handler.schema_failing() is not None, "the outage")
+            await until(lambda: restarting.calls >= 2, "a 'no such schema' answer", 10)
+            await until(lambda: worker.handler.schema_failing() is None,
+                        "readiness to forget the outage", 2)
+            await until(lambda: len(client.bodies) == 3, "every event delivered", 20)
+        finally:
+            worker.stop()
+        assert await asyncio.wait_for(task, 10) == 0
+
+    asyncio.run(main())
+    lines = [r for r in caplog.records if "not known to the registry yet" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert dlq.records == []
+
+
 def test_the_workers_own_registry_gives_unknown_ids_their_grace() -> None:
     from consumer.registry import UNKNOWN_GRACE_S
 

@@ -1,0 +1,27 @@
+"""The Makefile's `pytest` target, run with a stand-in pytest: one CI run reports every
+problem, so a failing unit test must not keep the integration tests from running."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_failing_unit_run_still_runs_the_integration_tests_and_fails_the_target(
+        tmp_path: Path) -> None:
+    """Review "diff58": the target's two pytest lines were two recipe lines, and make stops
+    a recipe at its first failing line (under `-k` too): the integration tests never ran."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "pytest"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexit 1\n')
+    fake.chmod(0o755)
+    done = subprocess.run(["make", "--no-print-directory", "-o", "venv", "pytest",
+                           f"BIN={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode != 0, done.stdout + done.stderr
+    ran = calls.read_text().splitlines()
+    assert len(ran) == 2, ran
+    assert "tests/unit" in ran[0] and "-n 2" in ran[0]
+    assert ran[1].endswith("tests/integration")
