@@ -83,9 +83,9 @@ ops-check:
 # judge rates and deadlines against real services and share one broker, which a second test
 # running beside them would load.
 pytest: venv
-	rc=0; \
-	$(BIN)/pytest -n 2 --durations=15 tests/unit tests/bench || rc=1; \
-	$(BIN)/pytest --durations=30 tests/integration || rc=1; \
+	rc=0; trap 'exit 130' INT TERM; \
+	$(BIN)/pytest -n 2 --durations=15 tests/unit tests/bench || rc=$$?; \
+	$(BIN)/pytest --durations=30 tests/integration || rc=$$?; \
 	exit $$rc
 
 # Each runtime dependency at the lowest version pyproject.toml allows (users do not install

@@ -453,11 +453,13 @@ class Settings:
                 and "https.ca.location" not in conf and "https.ca.pem" not in conf):
             # librdkafka's wheel looks for its CA bundle where CentOS keeps it
             # (/etc/pki/tls/certs/ca-bundle.crt): on Debian, the image's, every https token
-            # endpoint failed "error adding trust anchors" (review "diff58"). The rule of
-            # the worker's other HTTPS clients instead (`tls`).
+            # endpoint failed "error adding trust anchors" (review "diff58"). SSL_CERT_FILE,
+            # else certifi's bundle where that file is missing (`tls.ca_location`).
             from consumer.tls import ca_location
 
-            conf["https.ca.location"] = ca_location()
+            location = ca_location()
+            if location is not None:
+                conf["https.ca.location"] = location
         if logger:
             from consumer.logs import librdkafka_logger
 
@@ -969,7 +971,7 @@ def _kafka_value_problem(key: str, value: str) -> str | None:
     return None
 
 
-def _librdkafka_bool(value: str) -> bool | None:
+def librdkafka_bool(value: str) -> bool | None:
     """A boolean setting as librdkafka reads it (`true`/`t`/`1`, `false`/`f`/`0`, any case);
     None for anything else (librdkafka refuses it: `check_clients` says so). Read apart, `t`
     was true to librdkafka and "not idempotent" to a note (review "whole46")."""
@@ -1035,12 +1037,12 @@ def _kafka_extra(reader: _Reader, check_clients: bool) -> dict[str, str | Secret
                 f"{name} applies to the produce tool only: the dead-letter and replay "
                 "producers write one record per batch (a broker checks a topic's "
                 "max.message.bytes per batch)")
-        if key == "allow.auto.create.topics" and _librdkafka_bool(value) is False:
+        if key == "allow.auto.create.topics" and librdkafka_bool(value) is False:
             reader.notes.append(
                 f"{name}={value!r} keeps the consumer from creating source topics; the "
                 "dead-letter producer may still create the DLQ topic where the brokers "
                 "allow it (create it beforehand to choose its partitions and retention)")
-        if key == "enable.idempotence" and _librdkafka_bool(value) is False:
+        if key == "enable.idempotence" and librdkafka_bool(value) is False:
             # Taken (brokers without the IdempotentWrite permission, Azure Event Hubs):
             # acks=all still makes a dead letter durable; a retry may write it twice.
             reader.notes.append(

@@ -33,7 +33,7 @@ import httpx
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicCollection
 from confluent_kafka.admin import AclOperation, AdminClient, ConfigResource
 
-from consumer.config import SECRET_KAFKA_KEYS, Settings, redact_userinfo
+from consumer.config import SECRET_KAFKA_KEYS, Settings, librdkafka_bool, redact_userinfo
 from consumer.delivery import REQUEST_REFUSED, UserpilotClient
 from consumer.errors import (
     ConnectionFailed,
@@ -162,7 +162,7 @@ def _not_userpilot(host: str, status: int | None) -> str:
 
 def kafka(conf: Mapping[str, Any], timeout: float,
           topics: Iterable[str] = (), dlq_topic: str | None = None,
-          group: str | None = None) -> str | None:
+          group: str | None = None, *, producer_id: bool = True) -> str | None:
     """Reach the brokers with the worker's own librdkafka settings; check topics exist, and
     that the DLQ topic takes dead letters: not compacted, records of the worker's size
     (`dlq_policy`, `missing_dlq_problem`); and that the brokers let the worker's principal
@@ -172,15 +172,15 @@ def kafka(conf: Mapping[str, Any], timeout: float,
     is redacted here: an OIDC token endpoint's refusal, which librdkafka quotes, echoes
     the request's `Authorization: Basic base64(client.id:client.secret)` (review "ops23").
     """
-    problem = _kafka(conf, timeout, topics, dlq_topic, group)
+    problem = _kafka(conf, timeout, topics, dlq_topic, group, producer_id)
     if problem is None:
         return None
     clean = Redactor(kafka_secrets(conf, SECRET_KAFKA_KEYS))(problem)
     return Unreachable(clean) if isinstance(problem, Unreachable) else clean
 
 
-def _kafka(conf: Mapping[str, Any], timeout: float,
-           topics: Iterable[str], dlq_topic: str | None, group: str | None) -> str | None:
+def _kafka(conf: Mapping[str, Any], timeout: float, topics: Iterable[str],
+           dlq_topic: str | None, group: str | None, producer_id: bool) -> str | None:
     # The dead-letter producer's own shape (the one `check-config` validates): built from
     # the raw settings, `enable.gapless.guarantee` without the idempotence the worker adds
     # was refused here while `run` itself would accept it (review config25).
@@ -189,7 +189,7 @@ def _kafka(conf: Mapping[str, Any], timeout: float,
     bootstrap = settings.get("bootstrap.servers", "")
     errors: list[KafkaError] = []  # the brokers' errors, latest last (`_refusal`)
     settings["error_cb"] = errors.append
-    pid = _ProducerId(settings)
+    pid = _ProducerId(settings, producer_id)
     try:
         producer = Producer(settings)
     except KafkaException as exc:
@@ -263,9 +263,10 @@ class _ProducerId:
     stopped its partition for good, the DLQ producer failed fatally (review "brokers58").
     Later brokers give one with Write on any topic, which the DLQ's own check covers."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], wanted: bool = True) -> None:
         self.state = ""
-        self.wanted = str(settings.get("enable.idempotence", "")).lower() in ("true", "1")
+        self.wanted = wanted and bool(librdkafka_bool(str(settings.get("enable.idempotence",
+                                                                        ""))))
         if self.wanted:
             settings["statistics.interval.ms"] = 50
             settings["stats_cb"] = self._stats
@@ -298,8 +299,9 @@ class _ProducerId:
                    or (err.fatal() and "idempotence PID" in err.str()) for err in errors):
             return None
         bootstrap = shlex.quote(str(conf.get("bootstrap.servers", "")))
-        return ("Kafka refuses the dead-letter producer its idempotent producer id "
-                "(CLUSTER_AUTHORIZATION_FAILED): brokers before Kafka 2.8 give one only with "
+        return ("Kafka refuses the worker's principal an idempotent producer id (its "
+                "dead-letter producer's, replay's; CLUSTER_AUTHORIZATION_FAILED): brokers "
+                "before Kafka 2.8 give one only with "
                 "IdempotentWrite on the cluster; grant it, as an admin: kafka-acls.sh "
                 f"--bootstrap-server {bootstrap} --command-config admin.properties --add "
                 f"--allow-principal {_principal(conf)} --operation IdempotentWrite --cluster; "
@@ -753,11 +755,13 @@ def _certificate_refused(exc: BaseException) -> str | None:
 _OIDC_ANSWER = re.compile(r'Failed to retrieve OIDC token from "[^"]*": (.*)\((-?\d+)\)\s*$',
                           re.DOTALL)  # the reason after the URL (which may say "tls"), status
 _OIDC_OUTAGE = frozenset({408, 429})  # and 5xx; and -1 when the endpoint did not answer:
-_OIDC_UNANSWERED = re.compile(  # curl's words for that ("Could not connect to server")
+_OIDC_UNANSWERED = re.compile(  # curl's words for that ("Could not connect to server"), a
+    # load balancer or proxy without a backend included (an EOF in the TLS handshake, a 5xx
+    # to CONNECT): read first, since they may name a host ("idp-tls...") or TLS as well
     r"(could ?n[o']t|failed to) (connect|resolve)|resolv\w* timed out|timed out|timeout was "
-    r"reached|connection (refused|reset)|empty reply|server returned nothing|recv failure",
+    r"reached|connection (refused|reset)|empty reply|server returned nothing|recv failure|"
+    r"unexpected eof|ssl_error_syscall|connect tunnel failed, response 5\d\d",
     re.IGNORECASE)
-_OIDC_TLS = re.compile(r"ssl|tls|certificate|trust anchor", re.IGNORECASE)
 
 
 class _OidcAnswers(logging.Handler):
@@ -766,7 +770,8 @@ class _OidcAnswers(logging.Handler):
     a 503 page read as a refused client secret. The log line ends in the status; -1 is any
     failure of curl's, an endpoint down (an outage) as well as a certificate not trusted or
     https spoken to a plain port (a setting: waited out, `run` waited for ever; review
-    "diff58"), told apart by curl's words. The rest of librdkafka's lines are dropped: a
+    "diff58"), told apart by curl's words for an endpoint that did not answer (which win:
+    a host name may say "tls", review "diff58b"). The rest of librdkafka's lines are dropped: a
     check says what it found itself."""
 
     def __init__(self) -> None:
@@ -788,8 +793,8 @@ class _OidcAnswers(logging.Handler):
         status = self.status
         if status is None or "OAUTHBEARER token" not in refusal.str():
             return False
-        if status < 0:
-            return bool(_OIDC_UNANSWERED.search(self.text)) and not _OIDC_TLS.search(self.text)
+        if status < 0:  # a certificate, TLS spoken to a plain port...: a setting
+            return bool(_OIDC_UNANSWERED.search(self.text))
         return status >= 500 or status in _OIDC_OUTAGE
 
     def said(self) -> str:

@@ -1231,7 +1231,8 @@ def main(args: argparse.Namespace) -> int:
     conf: dict[str, Any] = settings.kafka_config()
     from consumer import reach
 
-    problem = reach.kafka(conf, args.timeout, [args.dlq_topic])
+    # A dry run builds no producer: a read-only principal needs no producer id (diff58b).
+    problem = reach.kafka(conf, args.timeout, [args.dlq_topic], producer_id=not args.dry_run)
     if problem is not None:
         # As every command's last word: one JSON line when the logs are JSON (review "ops36").
         # Escaped: it may quote another party (an OIDC endpoint's body; review "diff52a"),

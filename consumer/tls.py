@@ -28,11 +28,20 @@ def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cafile, capath=capath)
 
 
-def ca_location() -> str:
-    """The same rule as a path, for librdkafka's `https.ca.location` (the OIDC token
-    endpoint's CAs): $SSL_CERT_FILE, else $SSL_CERT_DIR, else certifi's bundle."""
-    return (os.environ.get("SSL_CERT_FILE") or os.environ.get("SSL_CERT_DIR")
-            or certifi.where())
+LIBRDKAFKA_CA_DEFAULT = "/etc/pki/tls/certs/ca-bundle.crt"
+"""Where librdkafka's wheel looks for CAs for HTTPS (its OIDC token requests): CentOS's
+place, which Debian (the image's) does not have."""
+
+
+def ca_location() -> str | None:
+    """For librdkafka's `https.ca.location` (the OIDC token endpoint's CAs): $SSL_CERT_FILE,
+    else None where librdkafka's own default is there (a RHEL-like system's bundle, with its
+    own CAs), else certifi's bundle. Not $SSL_CERT_DIR: librdkafka 2.16 takes no directory
+    there ("error adding trust anchors", review "diff58b")."""
+    cafile = os.environ.get("SSL_CERT_FILE")
+    if cafile:
+        return cafile
+    return None if os.path.exists(LIBRDKAFKA_CA_DEFAULT) else certifi.where()
 
 
 def verification(*urls: str | None, ca_bundle: str | None = None) -> ssl.SSLContext:

@@ -150,6 +150,44 @@ def test_a_producer_id_the_brokers_refuse_is_named_with_the_grant_that_fixes_it(
     assert "IdempotentWrite --cluster" in checked, checked
 
 
+def test_a_replay_dry_run_needs_no_producer_id(secured_kafka: SecuredKafka) -> None:
+    """Review "diff58b": a dry run builds no producer, yet the producer id's check refused
+    a read-only principal (Read on the DLQ and its groups, Write on nothing): the GDPR
+    runbook's look at the DLQ failed. A replay that writes still needs one."""
+    from confluent_kafka.admin import (
+        AclBinding,
+        AclOperation,
+        AclPermissionType,
+        ResourcePatternType,
+        ResourceType,
+    )
+
+    n = next(_names)
+    source, dlq = f"ro-{n}", f"ro-{n}.dlq"
+    secured_kafka.create_topics(source, dlq)
+    bindings = [AclBinding(kind, name, pattern, f"User:{NO_WRITE_USER}", "*", op,
+                           AclPermissionType.ALLOW)
+                for kind, name, pattern, op in (
+                    (ResourceType.TOPIC, dlq, ResourcePatternType.LITERAL, AclOperation.READ),
+                    (ResourceType.TOPIC, dlq, ResourcePatternType.LITERAL,
+                     AclOperation.DESCRIBE_CONFIGS),
+                    (ResourceType.GROUP, "userpilot-replay", ResourcePatternType.PREFIXED,
+                     AclOperation.READ))]
+    admin = secured_kafka.admin()  # kept: a client dropped ends its requests
+    for future in admin.create_acls(bindings).values():
+        future.result(30)
+    env = {"USERPILOT_API_KEY": "wt_1234567890", "KAFKA_TOPICS": source,
+           "SCHEMA_REGISTRY_URL": "http://127.0.0.1:9",
+           "KAFKA_BOOTSTRAP_SERVERS": f"{HOST}:{secured_kafka.sasl_port}",
+           "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SASL_MECHANISM": "PLAIN",
+           "KAFKA_SASL_USERNAME": NO_WRITE_USER, "KAFKA_SASL_PASSWORD": NO_WRITE_PASSWORD}
+    looked = cli(["replay", "--from", dlq, "--dry-run", "--all", "--timeout", "10"], env)
+    assert looked.returncode == 0, looked.stdout + looked.stderr
+    replayed = cli(["replay", "--from", dlq, "--timeout", "10"], env)
+    assert replayed.returncode != 0 and "IdempotentWrite --cluster" in replayed.stderr, (
+        replayed.stdout + replayed.stderr)
+
+
 def test_a_producer_id_refusal_is_what_the_kafka_check_says_when_all_else_passes(
         kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`run`'s and `check-config --online`'s Kafka check ends with the producer id's verdict

@@ -1142,21 +1142,30 @@ def test_a_registry_bearer_token_is_told_unsupported_not_a_typo(name: str) -> No
 
 
 def test_an_oidc_token_endpoints_cas_follow_the_workers_rule_unless_given(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """librdkafka's wheel looked for CentOS's CA bundle (review "diff58"): the worker names
-    its own rule's (SSL_CERT_FILE, else SSL_CERT_DIR, else certifi's), for OIDC only, and
-    a KAFKA_HTTPS_CA_LOCATION or KAFKA_HTTPS_CA_PEM given wins."""
+    SSL_CERT_FILE, else certifi's bundle where that file is missing (not SSL_CERT_DIR:
+    librdkafka 2.16 takes no directory there, review "diff58b"), for OIDC only; a
+    KAFKA_HTTPS_CA_LOCATION or KAFKA_HTTPS_CA_PEM given wins."""
     import certifi
+
+    from consumer import tls
 
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    monkeypatch.setattr(tls, "LIBRDKAFKA_CA_DEFAULT", str(tmp_path / "absent.crt"))
     oidc = {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "OAUTHBEARER",
             "KAFKA_SASL_OAUTHBEARER_METHOD": "oidc", "KAFKA_SASL_OAUTHBEARER_CLIENT_ID": "c",
             "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET": "s",
             "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "https://idp.example/token"}
     assert load(**oidc).kafka_config(logger=False)["https.ca.location"] == certifi.where()
-    monkeypatch.setenv("SSL_CERT_DIR", "/etc/ssl/certs")
-    assert load(**oidc).kafka_config(logger=False)["https.ca.location"] == "/etc/ssl/certs"
+    monkeypatch.setenv("SSL_CERT_DIR", "/etc/ssl/certs")  # not a place librdkafka reads
+    assert load(**oidc).kafka_config(logger=False)["https.ca.location"] == certifi.where()
+    monkeypatch.setenv("SSL_CERT_FILE", certifi.where())
+    assert load(**oidc).kafka_config(logger=False)["https.ca.location"] == certifi.where()
+    monkeypatch.delenv("SSL_CERT_FILE")
+    (tmp_path / "absent.crt").write_text("")  # a RHEL-like system: librdkafka's own default
+    assert "https.ca.location" not in load(**oidc).kafka_config(logger=False)
     given = load(**oidc, KAFKA_HTTPS_CA_LOCATION=certifi.where()).kafka_config(logger=False)
     assert given["https.ca.location"] == certifi.where()
     assert "https.ca.location" not in load().kafka_config(logger=False)

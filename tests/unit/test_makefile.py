@@ -25,3 +25,18 @@ def test_a_failing_unit_run_still_runs_the_integration_tests_and_fails_the_targe
     assert len(ran) == 2, ran
     assert "tests/unit" in ran[0] and "-n 2" in ran[0]
     assert ran[1].endswith("tests/integration")
+
+
+def test_an_interrupted_unit_run_does_not_start_the_integration_tests(tmp_path: Path) -> None:
+    """Review "diff58b": Ctrl-C during the unit tests went on to the integration suite
+    (minutes), make waiting for it. The stand-in interrupts its recipe's shell, as a
+    terminal's Ctrl-C reaches the whole process group, and exits 2 as pytest does."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "pytest"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nkill -INT $PPID\nexit 2\n')
+    fake.chmod(0o755)
+    done = subprocess.run(["make", "--no-print-directory", "-o", "venv", "pytest",
+                           f"BIN={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert len(calls.read_text().splitlines()) == 1

@@ -359,6 +359,12 @@ def test_an_identity_provider_that_does_not_answer_is_waited_for_not_refused() -
     ("error adding trust anchors from file: /etc/pki/tls/certs/ca-bundle.crt", False),
     ("OpenSSL/3.0: error:0A00010B:SSL routines::wrong version number", False),
     ("Unsupported protocol", False),
+    # diff58b: a host name saying "tls", a load balancer without a backend, a proxy's 503
+    ("Could not resolve host: idp-tls.example.invalid", True),
+    ("Could not resolve host: sso.ssl-corp.invalid", True),
+    ("TLS connect error: error:0A000126:SSL routines::unexpected eof while reading", True),
+    ("CONNECT tunnel failed, response 503", True),
+    ("CONNECT tunnel failed, response 407", False),
 ])
 def test_only_an_identity_provider_that_did_not_answer_is_an_outage(
         reason: str, outage: bool) -> None:
@@ -757,3 +763,15 @@ def test_acl_problem_lists_every_denial_and_skips_what_is_not_asked() -> None:
     assert "Read on topic 's', Write on topic 'd', Read on group 'g'" in problem
     assert "--allow-principal '<principal>' --operation Write --topic d;" in problem
     assert reach.acl_problem(admin, {}, [], None, None, 1.0) is None
+
+
+@pytest.mark.parametrize(("value", "judged"), [
+    (True, True), ("true", True), ("T", True), ("1", True), ("t", True),
+    (False, False), ("false", False), ("f", False), ("0", False)])
+def test_the_producer_id_is_judged_for_idempotence_as_librdkafka_reads_it(
+        value: object, judged: bool) -> None:
+    """Review "diff58b": `t` is true to librdkafka, and was "not idempotent" here."""
+    settings: dict[str, object] = {"enable.idempotence": value}
+    assert reach._ProducerId(settings).wanted is judged
+    assert reach._ProducerId(settings, wanted=False).wanted is False  # a dry run's
+    assert ("stats_cb" in settings) is judged
