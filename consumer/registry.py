@@ -609,8 +609,8 @@ class Registry:
         SchemaNotKnownYet (the events wait and ask again)."""
         if self._unknown_grace_s <= 0:
             return
-        now = self._clock()
         with self._lock:
+            now = self._clock()
             since = self._unknown_since.get(schema_id)
             if since is None:
                 waiting = sum(1 for t in self._unknown_since.values()
@@ -622,8 +622,9 @@ class Registry:
                     # The least recently asked past its grace, never one in it: evicted, an
                     # id in its grace started a new one (dead-lettered at 15 s, or held 60 s
                     # and more; review "diff58"). At most UNKNOWN_GRACE_IDS are in it.
-                    gone = next(i for i, t in self._unknown_since.items()
-                                if now - t >= self._unknown_grace_s)
+                    gone = next((i for i, t in self._unknown_since.items()
+                                 if now - t >= self._unknown_grace_s),
+                                next(iter(self._unknown_since)))
                     del self._unknown_since[gone]
             self._unknown_since.move_to_end(schema_id)
         if now - since < self._unknown_grace_s:
