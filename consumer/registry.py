@@ -245,6 +245,11 @@ UNKNOWN_GRACE_IDS = 16
 """At most this many ids in their grace at once: a stream of ids no registry has (events
 framed against another registry) is dead-lettered at once past them, not held 30 s each."""
 _UNKNOWN_KEPT = 4 * UNKNOWN_GRACE_IDS  # ids remembered, in grace or past it (LRU)
+MISSING_REFERENCE_KEPT_S = 60.0
+"""How long a schema whose reference the registry does not have is refused without asking
+again, after its grace: asked for each event, a stream of them cost two registry requests
+each on the one fetch thread (review "diff58"); remembered for good, a replay after the
+registry had it failed again until a restart (review "registry58")."""
 
 
 _ACCEPT = "application/vnd.schemaregistry.v1+json, application/vnd.schemaregistry+json, " \
@@ -396,6 +401,9 @@ class Registry:
         # the worker's alone (`unknown_grace_s`); a tool (replay, produce) believes at once.
         self._unknown_grace_s = unknown_grace_s
         self._unknown_since: OrderedDict[int, float] = OrderedDict()
+        # Ids whose reference is missing: the dead letter's reason, and until when it is
+        # given without asking (MISSING_REFERENCE_KEPT_S; bounded as `_unusable`).
+        self._missing_reference: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self.evictions = 0  # parsed schemas let go so far: copies of them go stale
         self._ours = fastavro.schema.to_parsing_canonical_form(SCHEMA)
         self._lock = threading.Lock()
@@ -526,6 +534,11 @@ class Registry:
             problem = self._unusable.get(schema_id)
             if problem is not None:
                 raise UndecodableEvent(problem)
+            missing = self._missing_reference.get(schema_id)
+            if missing is not None:
+                if self._clock() < missing[1]:
+                    raise UndecodableEvent(missing[0])
+                del self._missing_reference[schema_id]
             return self._fetch(schema_id)
 
     def _unusable_schema(self, schema_id: int, problem: str) -> NoReturn:
@@ -655,10 +668,17 @@ class Registry:
             if not exc.answered:
                 raise  # an outage: the events wait, as for the schema itself
             self._believed(schema_id, exc)
-            # Not remembered: a replica behind its leader said it, and a replay of these
-            # events after it caught up failed again until a restart (review "registry58").
-            raise UndecodableEvent(f"schema id {schema_id} references a schema the "
-                                   f"registry does not have ({exc})") from None
+            # Remembered a while, not for good: a replica behind its leader said it, and a
+            # replay of these events after it caught up failed again until a restart
+            # (review "registry58").
+            problem = (f"schema id {schema_id} references a schema the registry does not "
+                       f"have ({exc})")
+            with self._lock:
+                self._missing_reference[schema_id] = (problem,
+                                                      self._clock() + MISSING_REFERENCE_KEPT_S)
+                while len(self._missing_reference) > SCHEMA_CACHE_MAX:
+                    self._missing_reference.popitem(last=False)
+            raise UndecodableEvent(problem) from None
         except _BadSchema as exc:
             self._unusable_schema(schema_id, f"schema id {schema_id} references {exc}")
         try:
