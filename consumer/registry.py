@@ -538,7 +538,8 @@ class Registry:
             if missing is not None:
                 if self._clock() < missing[1]:
                     raise UndecodableEvent(missing[0])
-                del self._missing_reference[schema_id]
+                with self._lock:  # prefetch (another thread) writes it too
+                    self._missing_reference.pop(schema_id, None)
             return self._fetch(schema_id)
 
     def _unusable_schema(self, schema_id: int, problem: str) -> NoReturn:
