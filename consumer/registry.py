@@ -245,6 +245,11 @@ UNKNOWN_GRACE_IDS = 16
 """At most this many ids in their grace at once: a stream of ids no registry has (events
 framed against another registry) is dead-lettered at once past them, not held 30 s each."""
 _UNKNOWN_KEPT = 4 * UNKNOWN_GRACE_IDS  # ids remembered, in grace or past it (LRU)
+UNKNOWN_ID_SPAN = 100_000
+"""... and only for an id at most this far above the highest this registry has given: Schema
+Registry ids (Confluent's, Karapace's, Apicurio's) are issued in sequence, so a replica
+behind its leader lacks the newest; an id far beyond them is garbage after a zero byte (a
+poison event), believed at once as before the grace, not held 30 s."""
 MISSING_REFERENCE_KEPT_S = 60.0
 """How long a schema whose reference the registry does not have is refused without asking
 again, after its grace: asked for each event, a stream of them cost two registry requests
@@ -401,6 +406,7 @@ class Registry:
         # the worker's alone (`unknown_grace_s`); a tool (replay, produce) believes at once.
         self._unknown_grace_s = unknown_grace_s
         self._unknown_since: OrderedDict[int, float] = OrderedDict()
+        self.highest_known = 0  # the highest id this registry gave a schema for (0: none yet)
         # Ids whose reference is missing: the dead letter's reason, and until when it is
         # given without asking (MISSING_REFERENCE_KEPT_S; bounded as `_unusable`).
         self._missing_reference: OrderedDict[int, tuple[str, float]] = OrderedDict()
@@ -486,6 +492,7 @@ class Registry:
     def _keep_parsed(self, schema_id: int, parsed: Mapping[str, Any], weight: int) -> None:
         """Remember a parsed schema, letting the least recently used go past the bounds."""
         with self._lock:
+            self.highest_known = max(self.highest_known, schema_id)
             self._weight += weight - self._weights.get(schema_id, 0)
             self._weights[schema_id] = weight
             self._parsed[schema_id] = parsed
@@ -619,9 +626,11 @@ class Registry:
 
     def _believed(self, schema_id: int, exc: RegistryError) -> None:
         """Return when the registry's "no such schema" for `schema_id` is to be believed:
-        past the id's grace, or with UNKNOWN_GRACE_IDS others in theirs; else raise
+        past the id's grace, with UNKNOWN_GRACE_IDS others in theirs, or far beyond the ids
+        the registry gave (UNKNOWN_ID_SPAN); else raise
         SchemaNotKnownYet (the events wait and ask again)."""
-        if self._unknown_grace_s <= 0:
+        if self._unknown_grace_s <= 0 or (
+                self.highest_known and schema_id > self.highest_known + UNKNOWN_ID_SPAN):
             return
         with self._lock:
             now = self._clock()

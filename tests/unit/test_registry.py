@@ -461,6 +461,27 @@ def test_an_id_in_its_grace_keeps_it_however_many_foreign_ids_come_after() -> No
         registry.writer_schema(7)
 
 
+def test_an_id_far_beyond_those_the_registry_gave_is_believed_at_once() -> None:
+    """Garbage after a zero byte (b"\\x00not avro": id 1,852,797,984) is a poison event, not
+    a schema a lagging replica lacks: ids are issued in sequence. Held 30 s, every such
+    event waited; believed at once, as before the grace. With no id known yet (a registry
+    loading its store at the worker's start) every unknown id gets its grace."""
+    from consumer.registry import UNKNOWN_ID_SPAN
+
+    client, clock = FakeClient([_unknown()]), Clock()
+    registry = Registry("http://unused", client=client, clock=clock, unknown_grace_s=30.0)
+    with pytest.raises(SchemaNotKnownYet):
+        registry.writer_schema(1_852_797_984)  # nothing known: maybe so
+    assert registry.writer_schema(100_057) is not None
+    assert registry.highest_known == 100_057
+    client.errors = [_unknown()]
+    with pytest.raises(KeyError):
+        registry.writer_schema(100_057 + UNKNOWN_ID_SPAN + 1)
+    client.errors = [_unknown()]
+    with pytest.raises(SchemaNotKnownYet):
+        registry.writer_schema(100_058)  # the next one: a replica may lack it
+
+
 def test_tools_believe_an_unknown_id_at_once() -> None:
     """`replay` and `produce` build a Registry without a grace: an unknown id is the
     record's problem at once, not a registry that does not answer."""
