@@ -250,11 +250,13 @@ UNKNOWN_ID_SPAN = 100_000
 Registry ids (Confluent's, Karapace's, Apicurio's) are issued in sequence, so a replica
 behind its leader lacks the newest; an id far beyond them is garbage after a zero byte (a
 poison event), believed at once as before the grace, not held 30 s."""
-MISSING_REFERENCE_KEPT_S = 60.0
+MISSING_REFERENCE_KEPT_S = 10.0
 """How long a schema whose reference the registry does not have is refused without asking
 again, after its grace: asked for each event, a stream of them cost two registry requests
 each on the one fetch thread (review "diff58"); remembered for good, a replay after the
-registry had it failed again until a restart (review "registry58")."""
+registry had it failed again until a restart (review "registry58"); kept a minute, a replay
+soon after it caught up failed again, spending one of the event's replays
+(review "registry58b")."""
 
 
 _ACCEPT = "application/vnd.schemaregistry.v1+json, application/vnd.schemaregistry+json, " \

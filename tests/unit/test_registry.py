@@ -355,7 +355,7 @@ def test_a_writer_schema_with_references_is_parsed_with_them() -> None:
 
 
 def test_a_reference_the_registry_does_not_have_is_undecodable_named_and_asked_again() -> None:
-    """Remembered a minute, not for good (review "registry58"): a registry replica behind
+    """Remembered 10 s, not for good (review "registry58"): a registry replica behind
     its leader says so of a reference it has a moment later, and remembered, the id's
     events, replayed after it caught up, were dead-lettered again until a restart; asked
     for each event, a stream of them cost two registry requests each (review "diff58")."""
