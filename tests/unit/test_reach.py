@@ -340,6 +340,28 @@ def _oidc_conf(endpoint: str) -> dict[str, str]:
             "sasl.oauthbearer.token.endpoint.url": endpoint}
 
 
+def _refusing_identity_provider(tls: ssl.SSLContext | None = None) -> Any:
+    """A token endpoint on 127.0.0.1 refusing the client (401 `invalid_client`), served."""
+    import http.server
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = b'{"error":"invalid_client"}'
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 def test_an_identity_provider_that_does_not_answer_is_waited_for_not_refused() -> None:
     """A token endpoint down at start-up is an outage `run` waits out (`Unreachable`), as
     the running worker does: read as a refusal, every start during it exited 1, a crash
@@ -399,28 +421,12 @@ def test_an_https_token_endpoint_is_trusted_by_the_workers_ca_rule(
     Debian (the image) every https token endpoint failed "error adding trust anchors"
     unless KAFKA_HTTPS_CA_LOCATION was set. The worker gives it the rule of its other HTTPS
     clients: SSL_CERT_FILE here (a private CA), else certifi's bundle."""
-    import http.server
-
     from tests.certificates import self_signed
 
     cert, key = self_signed(tmp_path)
-
-    class Refuse(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = b'{"error":"invalid_client"}'
-            self.send_response(401)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _refusing_identity_provider(context)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     settings = load_settings({
         "USERPILOT_API_KEY": "wt_1234567890", "USERPILOT_ANALYTICS_ENDPOINT": "a.example",
@@ -439,21 +445,7 @@ def test_an_https_token_endpoint_is_trusted_by_the_workers_ca_rule(
 
 
 def test_a_client_secret_the_identity_provider_refuses_is_still_a_refusal() -> None:
-    import http.server
-
-    class Refuse(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = b'{"error":"invalid_client"}'
-            self.send_response(401)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _refusing_identity_provider()
     try:
         problem = reach.kafka(_oidc_conf(f"http://127.0.0.1:{server.server_port}/token"), 3)
     finally:
