@@ -212,6 +212,13 @@ def _kafka(conf: Mapping[str, Any], timeout: float, topics: Iterable[str],
                 f"Kafka at {bootstrap} not reachable within {timeout:g} s: the OAUTHBEARER "
                 f"token endpoint gave no token ({refusal.str()}; {oidc.said()}): check that "
                 "the identity provider is up and KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")
+        if refusal is not None and oidc.tls_failed(refusal):
+            # Its CA is not the brokers' (KAFKA_SSL_*), which the line below names (ops58).
+            return (f"Kafka at {bootstrap}: the OAUTHBEARER token endpoint's TLS failed "
+                    f"({refusal.str()}): if its certificate is not trusted, give its CA as a "
+                    "PEM file in KAFKA_HTTPS_CA_LOCATION (or SSL_CERT_FILE, which the worker's "
+                    "other HTTPS clients read too); check "
+                    "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")
         if refusal is not None:
             # A setting to fix, not an outage: `run` would wait for ever (review diff22b).
             return (f"Kafka at {bootstrap} refused the connection: {refusal.str()}; "
@@ -796,6 +803,12 @@ class _OidcAnswers(logging.Handler):
         if status < 0:  # a certificate, TLS spoken to a plain port...: a setting
             return bool(_OIDC_UNANSWERED.search(self.text))
         return status >= 500 or status in _OIDC_OUTAGE
+
+    def tls_failed(self, refusal: KafkaError) -> bool:
+        """`refusal` is curl's failure other than no answer: a certificate, TLS itself."""
+        return (self.status is not None and self.status < 0
+                and "OAUTHBEARER token" in refusal.str()
+                and not _OIDC_UNANSWERED.search(self.text))
 
     def said(self) -> str:
         return "no answer" if self.status is not None and self.status < 0 else (

@@ -413,6 +413,8 @@ def test_https_spoken_to_a_plain_token_endpoint_stops_run_not_waited_for() -> No
     finally:
         server.shutdown()
     assert problem is not None and not isinstance(problem, reach.Unreachable), problem
+    # The endpoint's own CA setting, not the brokers' KAFKA_SSL_* (review "ops58").
+    assert "token endpoint's TLS failed" in problem and "KAFKA_HTTPS_CA_LOCATION" in problem
 
 
 def test_an_https_token_endpoint_is_trusted_by_the_workers_ca_rule(
