@@ -9,7 +9,7 @@ silent, its only trace one librdkafka line (reviews "sasl55", "diff55b").
 Thread rule: `error`, `group_error`, `group_taken`, `read_from`, `forget` and `problem` run
 on either thread (the loop's intake, the poll thread's callbacks, readiness's checks) and
 touch the shared state only under `_lock`; `granted` and `note`, and the log times only they
-use (`_logged`), are the poll thread's alone (`Worker._reshare`). `refused` is read without
+use (`_logged`), are the poll thread's alone (`Worker._reshare`). `refused` reads without
 the lock: a hint the intake checks per batch, made exact under the lock by `read_from`.
 """
 
@@ -47,13 +47,17 @@ class SourceTopics:
         # messages comes or this pod owns none of their partitions (librdkafka says it
         # once, and nothing says an idle topic readable again).
         self._unreadable: set[str] = set()
-        self.refused = False  # `_unreadable` is not empty (read without the lock)
         # Every source topic missing: why /readyz says not ready. With none there the
         # assignment is empty, and a worker with nothing to read was ready.
         self._no_source: str | None = None
         # The brokers refused the worker's group (GROUP_AUTHORIZATION_FAILED), until
         # partitions are assigned again: why /readyz says not ready.
         self._group_refusal: str | None = None
+
+    @property
+    def refused(self) -> bool:
+        """Some source topic is refused to the worker (read without the lock: a hint)."""
+        return bool(self._unreadable)
 
     @property
     def missing(self) -> bool:
@@ -71,7 +75,6 @@ class SourceTopics:
         if topic_refused(err) and topic in self._topics:
             with self._lock:
                 self._unreadable.add(topic)
-                self.refused = True
         return True
 
     def group_error(self, err: Any) -> None:
@@ -97,7 +100,6 @@ class SourceTopics:
         with self._lock:
             if self._unreadable:
                 self._unreadable.intersection_update(owned)
-                self.refused = bool(self._unreadable)
 
     def read_from(self, topics: Iterable[str]) -> bool:
         """Messages of `topics` came: those refused before are readable now. True when one
@@ -105,7 +107,6 @@ class SourceTopics:
         with self._lock:
             read = self._unreadable.intersection(topics)
             self._unreadable -= read
-            self.refused = bool(self._unreadable)
         return bool(read)
 
     def granted(self, readable: Callable[[Sequence[str]], set[str]]) -> set[str]:
@@ -127,7 +128,6 @@ class SourceTopics:
         now = time.monotonic()
         with self._lock:
             self._unreadable.difference_update(granted)
-            self.refused = bool(self._unreadable)
             refused = {topic: "Kafka refuses the worker Read on it: TOPIC_AUTHORIZATION_FAILED"
                        for topic in self._unreadable}
         missing = {**refused, **missing}

@@ -302,22 +302,8 @@ def test_an_oidc_endpoint_echoing_the_client_secret_is_redacted_in_the_kafka_pro
     `Authorization: Basic base64(client.id:client.secret)`: `run`, `check-config --online`
     and `replay` printed it (review "ops23"). No broker is needed: the token comes first."""
     import base64
-    import http.server
 
-    class Echo(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.dumps({"error": "invalid_client", "echo": dict(self.headers)}).encode()
-            self.send_response(401)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Echo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _refusing_identity_provider(echo=True)
     secret = "OIDCSECRET_s3cret"
     conf = {"bootstrap.servers": "127.0.0.1:1", "security.protocol": "SASL_PLAINTEXT",
             "sasl.mechanism": "OAUTHBEARER", "sasl.oauthbearer.method": "oidc",
@@ -340,14 +326,18 @@ def _oidc_conf(endpoint: str) -> dict[str, str]:
             "sasl.oauthbearer.token.endpoint.url": endpoint}
 
 
-def _refusing_identity_provider(tls: ssl.SSLContext | None = None) -> Any:
-    """A token endpoint on 127.0.0.1 refusing the client (401 `invalid_client`), served."""
+def _refusing_identity_provider(tls: ssl.SSLContext | None = None, *,
+                                echo: bool = False) -> Any:
+    """A token endpoint on 127.0.0.1 refusing the client (401 `invalid_client`), served;
+    with `echo`, its answer quotes the request's headers (as some do)."""
     import http.server
 
     class Refuse(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            body = b'{"error":"invalid_client"}'
+            said = {"error": "invalid_client", **({"echo": dict(self.headers)} if echo else {})}
+            body = json.dumps(said).encode()
             self.send_response(401)
+            self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -404,10 +394,7 @@ def test_only_an_identity_provider_that_did_not_answer_is_an_outage(
 
 
 def test_https_spoken_to_a_plain_token_endpoint_stops_run_not_waited_for() -> None:
-    import http.server
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = _refusing_identity_provider()  # plain HTTP: the TLS handshake fails first
     try:
         problem = reach.kafka(_oidc_conf(f"https://127.0.0.1:{server.server_port}/token"), 3)
     finally:
