@@ -505,6 +505,11 @@ class Settings:
                 "extra": {k: ("***" if isinstance(v, Secret) else redact_userinfo(v)
                               if url_valued(k, v) else v)
                           for k, v in self.kafka_extra.items()},
+                # What the worker sets beyond the KAFKA_* given (the OIDC token endpoint's
+                # CA bundle): an operator chasing a TLS failure sees which file is read
+                # (review "ops58"). None of these is a secret.
+                "added": {k: v for k, v in self.kafka_config(logger=False).items()
+                          if k != "bootstrap.servers" and k not in self.kafka_extra},
             },
             "schema_registry": {"url": redact_userinfo(self.registry_url),
                                 "basic_auth": "***" if self.registry_auth else None},

@@ -1169,6 +1169,13 @@ def test_an_oidc_token_endpoints_cas_follow_the_workers_rule_unless_given(
     given = load(**oidc, KAFKA_HTTPS_CA_LOCATION=certifi.where()).kafka_config(logger=False)
     assert given["https.ca.location"] == certifi.where()
     assert "https.ca.location" not in load().kafka_config(logger=False)
+    # check-config shows the file it added, and nothing when it added none (review "ops58").
+    assert load(**oidc).describe()["kafka"]["added"] == {}
+    (tmp_path / "absent.crt").unlink()
+    assert load(**oidc).describe()["kafka"]["added"] == {"https.ca.location": certifi.where()}
+    assert load().describe()["kafka"]["added"] == {}
+    assert "https.ca.location" not in load(
+        **oidc, KAFKA_HTTPS_CA_LOCATION=certifi.where()).describe()["kafka"]["added"]
 
 
 def test_kubernetes_service_links_are_not_unknown_variables() -> None:
