@@ -17,7 +17,8 @@ thread (`Source.call`, one call at a time). The callbacks the source makes (assi
 revoke, lost, stats, commit results, offset resets) run on that poll thread and touch only
 what is safe there: `Commits` and `Lag` (each locks), `Metrics` and `Health` (thread-safe), and
 `SourceTopics` (locks; its rule is in `topicwatch`), and
-`assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh`, `_resets_in`, which both
+`LogResets` (locks; its rule is in `logresets`), and
+`assigned`, `paused`, `_reshare_due`, `_reshare_at`, `_fresh`, which both
 threads read and write only under `_parts_lock`. `_reshare`, and the state only it uses
 (`_reshare_delay`), are the poll thread's alone, and so is `_commit_refused_at`
 (`_commit`, `_on_committed`, `_on_assign`).
@@ -79,6 +80,7 @@ from consumer.kafka import (
 )
 from consumer.keyless import KeylessOrder, decided_user
 from consumer.lag import Lag
+from consumer.logresets import LogResets
 from consumer.logs import RateLimit, offset_ranges, partitions_text
 from consumer.metrics import Children, Metrics
 from consumer.offsets import Finished
@@ -205,8 +207,6 @@ at 1.0 (the whole limit) each replica whose count failed sent as if alone, and t
 them drew 42 × 429 (review "redis26"). A twentieth, the floor a 429 storm leaves, keeps
 up to 20 replicas within the limit and still delivers until the count comes."""
 DLQ_POLICY_TIMEOUT_S = 5.0  # a running worker's read of the DLQ topic's cleanup.policy
-RESET_LOOP_S = 300.0  # a partition's log going back to the same offset again within this
-# is a loop (a batch the client cannot read), not a new log: the worker stops
 DRY_AFTER_S = 1.0  # partitions let in past a held one and still silent: nothing to read
 DRY_FOR_S = 30.0  # ... until a message of theirs arrives, or this long (then probed again)
 
@@ -401,14 +401,8 @@ class Worker:
         # Newly assigned, to resume on the loop: librdkafka keeps a partition's pause across
         # a revoke or loss and a later re-assignment (librdkafka#1849).
         self._fresh: list[TP] = []
-        # Offset resets before a log's start librdkafka reported (`_on_reset`, poll thread,
-        # under `_parts_lock`), handed to `_reset_at` (event loop only) after each consume:
-        # per partition, the position it found out of range.
-        self._resets_in: dict[TP, int] = {}
-        self._reset_at: dict[TP, int] = {}
-        # Per partition, the offset its log last went back to and when (event loop only;
-        # `_went_back`): a partition going back there again soon is a loop, not a new log.
-        self._went_back_to: dict[TP, tuple[int, float]] = {}
+        # Logs replaced, truncated or cut under the worker (`_on_reset`, the intake).
+        self.resets = LogResets(self.commits, metrics)
         # New partitions whose commit notes are not read yet: the reads each has failed and
         # when to try again (event loop only; see `_read_notes`).
         self._inherit_due: dict[TP, tuple[int, float]] = {}
@@ -563,11 +557,8 @@ class Worker:
                 fatal = source.fatal_error  # read once: a property that may change
                 if fatal is not None:
                     raise Stop(f"fatal Kafka error: {fatal}")
+                self.resets.collect()  # before this batch's intake: its messages may follow
                 with self._parts_lock:
-                    if self._resets_in:  # before this batch's intake: its messages may follow
-                        for tp, at in self._resets_in.items():
-                            self._reset_at.setdefault(tp, at)
-                        self._resets_in.clear()
                     # The partition count needs the broker: not while it is unreachable
                     # (a metadata wait on the poll thread is what max.poll.interval.ms
                     # counts); the previous share holds until Kafka answers again.
@@ -903,11 +894,11 @@ class Worker:
 
         librdkafka hands each offset over once and the worker seeks a partition only to its
         own position (`KafkaSource.resume`), so an offset at or below one already taken
-        means the partition's log went back (`_went_back`).
+        means the partition's log went back (`LogResets.went_back`).
         """
         handler = self.handler
         screen = None if handler.debug else handler.screen
-        resets = self._reset_at  # empty but after librdkafka reset a partition's offset
+        resets = self.resets.pending  # empty but after librdkafka reset a partition's offset
         held = self._held_back  # empty but while the SCHEMA_WAIT window is full or a chain hot
         deferred: list[KafkaMessage] = []
         # Per partition, the last offset taken (-1: none yet; None: not assigned).
@@ -958,14 +949,18 @@ class Worker:
                         done = inherited.get(tp)
                         if done is not None and offset < done.floor:
                             del inherited[tp]
-                            self._note_of_another_log(tp, offset, done.floor)
+                            self.resets.another_log(tp, offset, done.floor)
                 if last is None:
                     owned[tp] = None
                     continue  # a message of a partition revoked meanwhile
                 if resets and tp in resets:
-                    self._after_reset(tp, last, offset)
+                    self.resets.after_reset(tp, last, offset)
                 if offset <= last:
-                    self._went_back(tp, last, offset, marks)
+                    # A note still being asked for is the old log's: read later, it was
+                    # taken for the new log's and skipped its records at those offsets
+                    # (review "diff45e").
+                    self._inherit_due.pop(tp, None)
+                    self.resets.went_back(tp, last, offset, marks.pop(tp, None))
                     # The previous owner's note named the old log's offsets: read once per
                     # slice, it skipped the new log's at them as finished, which were then
                     # committed and never sent (review "core40").
@@ -1014,59 +1009,6 @@ class Worker:
             if taken and self.topics.refused and self.topics.read_from(taken):
                 self._reshare_in(0.0)
         return scheduled, position
-
-    def _note_of_another_log(self, tp: TP, offset: int, floor: int) -> None:
-        """`tp`'s first offset handed over is below the offset its note was committed with
-        (`floor`): Kafka found that offset out of range (the log was replaced or truncated)
-        and reset to the log's start. The note named the old log's offsets above it: kept,
-        the new log's records at those offsets were skipped as finished, committed and
-        never sent (review "topo45")."""
-        self.commits.disown(tp)
-        log.warning("%s starts at offset %d, below its committed offset %d: its log was "
-                    "replaced or truncated. What the previous owner named finished above %d "
-                    "is not skipped; those events are delivered (some may be sent again)",
-                    partitions_text([tp]), offset, floor, floor)
-
-    def _went_back(self, tp: TP, last: int, offset: int, marks: dict[TP, int]) -> None:
-        """`tp` handed over `offset` after `last`: its log was replaced (the topic deleted and
-        created again) or truncated (an unclean leader election), and librdkafka reset its
-        position. Track the partition anew from `offset`, as a fresh assignment: the old
-        log's events still in flight finish without a say in its commits (their offsets
-        name other events now), and the window and the commits count the new log's own.
-        Left as it was, the old tracker ignored every offset up to `last`: the worker
-        committed past an unfinished event of the new log and its window stopped counting
-        (review "offsets16").
-
-        Going back again to the same offset or below within RESET_LOOP_S is not another
-        new log but a client that cannot read past a record and starts over (a batch
-        that fails its CRC check reads as an offset out of range, and librdkafka resets to
-        the log's start): tracked anew each time, the same events were delivered about 9
-        times a second, for good (review "escape55"). The worker stops instead, loudly."""
-        now = time.monotonic()
-        before = self._went_back_to.get(tp)
-        if before is not None and offset <= before[0] and now - before[1] < RESET_LOOP_S:
-            raise Stop(
-                f"{partitions_text([tp])} went back from offset {last} to {offset} again, "
-                f"{now - before[1]:.0f} s after it went back to {before[0]}: Kafka's client "
-                f"cannot read past offset {last + 1} (a corrupt record batch?) and starts "
-                "over; stopped rather than deliver the same events again and again. Move "
-                "the consumer group past the unreadable batch (kafka-consumer-groups "
-                "--reset-offsets --to-offset, README: UserpilotSourceLogReset)")
-        self._went_back_to[tp] = (offset, now)
-        mark = marks.pop(tp, None)
-        if mark is not None:
-            self.commits.dropped({tp: mark})
-        # A note still being asked for is the old log's: read later, it was taken for the
-        # new log's and skipped its records at those offsets (review "diff45e").
-        self._inherit_due.pop(tp, None)
-        self.commits.restart(tp)
-        self.m.log_resets.labels(tp[0]).inc()
-        log.error("%s went back from offset %d to %d: its log was replaced (topic deleted "
-                  "and created again) or truncated. Tracking it anew from %d; events of the "
-                  "old log still in flight are delivered but no longer hold its commits. "
-                  "Stop the workers before recreating a source topic: when the new log is "
-                  "already longer, Kafka's client goes on from offset %d and skips the "
-                  "records before it unseen", partitions_text([tp]), last, offset, offset, last + 1)
 
     def _take(self, message: KafkaMessage, tp: TP, offset: int, decoded: codec.Event | None,
               marks: dict[TP, int], scheduler: Scheduler[Event]) -> Any:
@@ -1581,7 +1523,7 @@ class Worker:
             for tp, other in self.commits.inherit(finished).items():
                 del finished[tp]  # not taken: neither skipped nor said to be
                 if other is not None:
-                    self._note_of_another_log(tp, *other)
+                    self.resets.another_log(tp, *other)
         if finished:
             log.info("previous owners finished %d events above their commits on %s; they "
                      "are skipped", sum(end - start + 1 for ranges in finished.values()
@@ -1624,56 +1566,11 @@ class Worker:
         self.m.rebalances.labels("refetch").inc(len(parts))
 
     def _on_reset(self, tp: TP, at: int, beyond_end: bool | None) -> None:
-        """Poll thread: librdkafka found `tp`'s position `at` out of its log and goes on
-        from the log's start (`auto.offset.reset`).
-
-        Past the log's end (a log replaced by a shorter one): with nothing taken since the
-        assignment, the commit lay past the end of a log replaced while the workers were
-        stopped, and the new log is read whole (told here, as a log reset); under taken
-        events the log goes back, which `_went_back` tells. Before its start (or unknown):
-        told by `_after_reset` once the messages fetched from there come. A second reset
-        before them keeps the first `at`: the offsets lost run from there."""
-        if beyond_end:
-            if self.commits.high(tp) == -1:
-                self.m.log_resets.labels(tp[0]).inc()
-                log.warning("%s: its committed offset %d is past the end of its log: the log "
-                            "was replaced (the topic deleted and created again). It is read "
-                            "from its start, so events sent before may be sent again",
-                            partitions_text([tp]), at)
-                # (Replaced under messages fetched from the old log in this same call, `at`
-                # was their next offset and `_went_back` counts it again: left, rare.)
-            return
+        """Poll thread: librdkafka reset `tp`'s position `at` (see `LogResets.reported`)."""
         with self._parts_lock:
-            if tp in self.assigned:  # not one taken away meanwhile (review "mutate53")
-                self._resets_in.setdefault(tp, at)
-
-    def _after_reset(self, tp: TP, last: int, offset: int) -> None:
-        """`tp` had an offset reset before its log's start at `at` (`_reset_at`); `offset`
-        is its next message and `last` the highest offset taken before it (-1: none since
-        its assignment).
-
-        Messages fetched before the reset still come first (librdkafka prefetches): below
-        `at` and above `last`, they continue the partition. The first at or above `at` is
-        the log's new start: the offsets between were removed (retention or delete-records
-        overtook a backlog paused through an outage, or a days-old commit) before they
-        were read, their events gone unseen, neither delivered nor dead-lettered; without
-        this nothing said so (review "topo53": 4,980 of 6,000 events, no metric, no line of
-        the worker's; "diff53a": the first version took a prefetched message for the
-        reset's). At or below `last`: the log went back, which `_went_back` tells."""
-        at = self._reset_at[tp]
-        if offset >= at:
-            del self._reset_at[tp]
-            if offset > at:
-                self.m.skipped_offsets.labels(tp[0]).inc(offset - at)
-                log.error("%s lost offsets %d to %d before this worker read them: its log "
-                          "no longer had them (retention or delete-records), so Kafka's "
-                          "client went on from %d. Their events (up to %d; transaction "
-                          "markers count too) were neither delivered nor dead-lettered, and "
-                          "are not in Kafka any more. Keep the topic's retention above the "
-                          "longest backlog the workers may hold (a Userpilot outage, the lag "
-                          "alerts)", partitions_text([tp]), at, offset - 1, offset, offset - at)
-        elif offset <= last:
-            del self._reset_at[tp]  # `_went_back` tells it
+            owned = tp in self.assigned  # not one taken away meanwhile (review "mutate53")
+        if owned:
+            self.resets.reported(tp, at, beyond_end)
 
     def _on_assign(self, parts: list[TP]) -> None:
         self.m.rebalances.labels("assign").inc()
@@ -1767,8 +1664,7 @@ class Worker:
         async def drain() -> None:
             self.overflow.forget(parts)
             self._held_back.difference_update(parts)
-            for tp in parts:
-                self._reset_at.pop(tp, None)
+            self.resets.forget(parts)
             for tp in parts:
                 self._hot.pop(tp, None)
             self._stuck = {c for c in self._stuck if (c[0], c[1]) not in parts}

@@ -1,0 +1,172 @@
+"""A partition's log that changes under the worker: replaced (its topic deleted and created
+again), truncated (an unclean leader election), or cut at its start (retention or
+delete-records overtaking a backlog), and librdkafka's position reset to go on reading.
+
+Each of these loses or repeats events unless the worker notices: its commits must follow
+the new log's own offsets, and offsets removed unread must be said (a metric and a line),
+since nothing else says them. `LogResets` judges what each message after such a reset
+means and tells it; the worker's intake asks it only for a partition it names (`pending`,
+empty but after a reset) or whose offset went back.
+
+Thread rule: `reported` runs on the poll thread (librdkafka's offset-reset callback, inside
+a `Source.call`) and touches only `_incoming`, under `_lock`; `collect` hands those to
+`pending` on the event loop after each consume. Everything else is the event loop's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+
+from consumer.commits import TP, Commits
+from consumer.errors import Stop
+from consumer.logs import partitions_text
+from consumer.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+RESET_LOOP_S = 300.0
+"""A partition's log going back to the same offset or below again within this is a loop
+(a record batch the client cannot read, so it starts over), not another new log: the
+worker stops rather than deliver the same events about 9 times a second (review
+"escape55")."""
+
+__all__ = ["RESET_LOOP_S", "LogResets"]
+
+
+class LogResets:
+    """Judges a partition's offsets after librdkafka reset its position (see the module)."""
+
+    def __init__(self, commits: Commits, metrics: Metrics) -> None:
+        self._commits = commits
+        self._m = metrics
+        self._lock = threading.Lock()
+        # Resets before a log's start librdkafka reported (poll thread, under `_lock`), per
+        # partition the position it found out of range ...
+        self._incoming: dict[TP, int] = {}
+        # ... handed over after each consume (event loop only): judged by the partition's
+        # next message (`after_reset`). Empty but after a reset: the intake's cheap check.
+        self.pending: dict[TP, int] = {}
+        # Per partition, the offset its log last went back to and when (event loop only):
+        # going back there again soon is a loop, not a new log.
+        self._went_back_to: dict[TP, tuple[int, float]] = {}
+
+    def reported(self, tp: TP, at: int, beyond_end: bool | None) -> None:
+        """Poll thread: librdkafka found assigned `tp`'s position `at` out of its log and
+        goes on from the log's start (`auto.offset.reset`).
+
+        Past the log's end (a log replaced by a shorter one): with nothing taken since the
+        assignment, the commit lay past the end of a log replaced while the workers were
+        stopped, and the new log is read whole (told here, as a log reset); under taken
+        events the log goes back, which `went_back` tells. Before its start (or unknown):
+        told by `after_reset` once the messages fetched from there come. A second reset
+        before them keeps the first `at`: the offsets lost run from there."""
+        if beyond_end:
+            if self._commits.high(tp) == -1:
+                self._m.log_resets.labels(tp[0]).inc()
+                log.warning("%s: its committed offset %d is past the end of its log: the log "
+                            "was replaced (the topic deleted and created again). It is read "
+                            "from its start, so events sent before may be sent again",
+                            partitions_text([tp]), at)
+                # (Replaced under messages fetched from the old log in this same call, `at`
+                # was their next offset and `went_back` counts it again: left, rare.)
+            return
+        with self._lock:
+            self._incoming.setdefault(tp, at)
+
+    def collect(self) -> None:
+        """Event loop, after each consume and before its messages' intake (they may follow
+        a reset reported during it): the resets reported become `pending`."""
+        if self._incoming:  # read without the lock: a reset missed now is collected next time
+            with self._lock:
+                for tp, at in self._incoming.items():
+                    self.pending.setdefault(tp, at)
+                self._incoming.clear()
+
+    def forget(self, parts: Iterable[TP]) -> None:
+        """Partitions taken away: a reset not judged yet was their old owner's position.
+        Kept, a partition given back later took its first message for the log's new start
+        and said offsets were lost that were only read elsewhere (review "design59")."""
+        with self._lock:
+            for tp in parts:
+                self._incoming.pop(tp, None)
+                self.pending.pop(tp, None)
+
+    def after_reset(self, tp: TP, last: int, offset: int) -> None:
+        """`tp` (in `pending`) had an offset reset before its log's start at `at`; `offset`
+        is its next message and `last` the highest offset taken before it (-1: none since
+        its assignment).
+
+        Messages fetched before the reset still come first (librdkafka prefetches): below
+        `at` and above `last`, they continue the partition. The first at or above `at` is
+        the log's new start: the offsets between were removed (retention or delete-records
+        overtook a backlog paused through an outage, or a days-old commit) before they
+        were read, their events gone unseen, neither delivered nor dead-lettered; without
+        this nothing said so (review "topo53": 4,980 of 6,000 events, no metric, no line of
+        the worker's; "diff53a": the first version took a prefetched message for the
+        reset's). At or below `last`: the log went back, which `went_back` tells."""
+        at = self.pending[tp]
+        if offset >= at:
+            del self.pending[tp]
+            if offset > at:
+                self._m.skipped_offsets.labels(tp[0]).inc(offset - at)
+                log.error("%s lost offsets %d to %d before this worker read them: its log "
+                          "no longer had them (retention or delete-records), so Kafka's "
+                          "client went on from %d. Their events (up to %d; transaction "
+                          "markers count too) were neither delivered nor dead-lettered, and "
+                          "are not in Kafka any more. Keep the topic's retention above the "
+                          "longest backlog the workers may hold (a Userpilot outage, the lag "
+                          "alerts)", partitions_text([tp]), at, offset - 1, offset, offset - at)
+        elif offset <= last:
+            del self.pending[tp]  # `went_back` tells it
+
+    def went_back(self, tp: TP, last: int, offset: int, mark: int | None) -> None:
+        """`tp` handed over `offset` after `last`: its log was replaced (the topic deleted and
+        created again) or truncated (an unclean leader election), and librdkafka reset its
+        position. Track the partition anew from `offset`, as a fresh assignment: the old
+        log's events still in flight finish without a say in its commits (their offsets
+        name other events now), and the window and the commits count the new log's own.
+        Left as it was, the old tracker ignored every offset up to `last`: the worker
+        committed past an unfinished event of the new log and its window stopped counting
+        (review "offsets16"). `mark`: the old log's last drop not recorded yet.
+
+        Going back again to the same offset or below within RESET_LOOP_S is not another
+        new log but a client that cannot read past a record and starts over (a batch
+        that fails its CRC check reads as an offset out of range, and librdkafka resets to
+        the log's start): tracked anew each time, the same events were delivered about 9
+        times a second, for good (review "escape55"). `Stop` instead, loudly."""
+        now = time.monotonic()
+        before = self._went_back_to.get(tp)
+        if before is not None and offset <= before[0] and now - before[1] < RESET_LOOP_S:
+            raise Stop(
+                f"{partitions_text([tp])} went back from offset {last} to {offset} again, "
+                f"{now - before[1]:.0f} s after it went back to {before[0]}: Kafka's client "
+                f"cannot read past offset {last + 1} (a corrupt record batch?) and starts "
+                "over; stopped rather than deliver the same events again and again. Move "
+                "the consumer group past the unreadable batch (kafka-consumer-groups "
+                "--reset-offsets --to-offset, README: UserpilotSourceLogReset)")
+        self._went_back_to[tp] = (offset, now)
+        if mark is not None:
+            self._commits.dropped({tp: mark})
+        self._commits.restart(tp)
+        self._m.log_resets.labels(tp[0]).inc()
+        log.error("%s went back from offset %d to %d: its log was replaced (topic deleted "
+                  "and created again) or truncated. Tracking it anew from %d; events of the "
+                  "old log still in flight are delivered but no longer hold its commits. "
+                  "Stop the workers before recreating a source topic: when the new log is "
+                  "already longer, Kafka's client goes on from offset %d and skips the "
+                  "records before it unseen", partitions_text([tp]), last, offset, offset, last + 1)
+
+    def another_log(self, tp: TP, offset: int, floor: int) -> None:
+        """`tp`'s first offset handed over is below the offset its note was committed with
+        (`floor`): Kafka found that offset out of range (the log was replaced or truncated)
+        and reset to the log's start. The note named the old log's offsets above it: kept,
+        the new log's records at those offsets were skipped as finished, committed and
+        never sent (review "topo45")."""
+        self._commits.disown(tp)
+        log.warning("%s starts at offset %d, below its committed offset %d: its log was "
+                    "replaced or truncated. What the previous owner named finished above %d "
+                    "is not skipped; those events are delivered (some may be sent again)",
+                    partitions_text([tp]), offset, floor, floor)

@@ -1,0 +1,68 @@
+"""`LogResets` on its own: what a reset reported from the poll thread means once the
+partition's next messages come (the worker's part is in test_worker_log_reset)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from consumer.commits import Commits
+from consumer.errors import Stop
+from consumer.logresets import RESET_LOOP_S, LogResets
+from consumer.metrics import Metrics
+
+TP = ("signal", 0)
+
+
+def _resets() -> tuple[LogResets, Commits, Metrics]:
+    commits = Commits()
+    commits.assign([TP])
+    metrics = Metrics(CollectorRegistry())
+    return LogResets(commits, metrics), commits, metrics
+
+
+def test_a_reset_is_judged_only_once_collected_and_the_first_position_holds() -> None:
+    resets, _, metrics = _resets()
+    resets.reported(TP, 100, False)
+    assert resets.pending == {}, "the intake sees a reset only after its consume returned"
+    resets.reported(TP, 150, None)  # a second before any message: the first position holds
+    resets.collect()
+    assert resets.pending == {TP: 100}
+    resets.collect()  # nothing new: nothing changes
+    assert resets.pending == {TP: 100}
+    resets.after_reset(TP, -1, 130)
+    assert resets.pending == {}
+    assert metrics.skipped_offsets.labels(TP[0])._value.get() == 30
+
+
+def test_forget_drops_both_a_reported_and_a_collected_reset() -> None:
+    resets, _, _ = _resets()
+    resets.reported(TP, 100, False)
+    resets.collect()
+    resets.reported(("signal", 1), 7, False)
+    resets.forget([TP, ("signal", 1)])
+    resets.collect()
+    assert resets.pending == {}
+
+
+def test_going_back_again_soon_stops_and_later_is_another_new_log(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    resets, commits, metrics = _resets()
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    for offset in range(4):
+        commits.take(TP, offset)
+    with caplog.at_level(logging.ERROR, logger="consumer.logresets"):
+        resets.went_back(TP, 3, 0, mark=None)
+    assert commits.high(TP) == -1, "tracked anew"
+    assert metrics.log_resets.labels(TP[0])._value.get() == 1
+    assert "went back from offset 3 to 0" in caplog.text
+    now[0] += RESET_LOOP_S - 1
+    with pytest.raises(Stop, match="cannot read past offset 4"):
+        resets.went_back(TP, 3, 0, mark=None)
+    now[0] += RESET_LOOP_S  # long after: another new log, tracked anew again
+    resets.went_back(TP, 3, 0, mark=None)
+    assert metrics.log_resets.labels(TP[0])._value.get() == 2
