@@ -58,6 +58,12 @@ class Commits:
         # the old log until the new one is read up to it, so `passed` ignores it until
         # it is no further than the new log's last offset taken + 1.
         self._old_position: set[TP] = set()
+        # ... and the offsets of its old log's commits still unanswered then, oldest first:
+        # their answers come before any of the new log's and are not the new log's
+        # commits. Credited by offset alone, the old log's late answer at 70 read as the
+        # new log committed at 70 while an event at 2 was unfinished: the committed gauge
+        # and the window wrong until the new log passed 70 (review "design59").
+        self._stale: dict[TP, deque[int]] = {}
         # The window's count, kept per partition and in total (`in_window_by_family`):
         # summed over every partition on each ask, it cost ~0.35 ms a loop pass at 1,000
         # partitions, on the drop path too. A method that may change a tracker's window
@@ -84,6 +90,7 @@ class Commits:
             known.pop(tp, None)
         self._inheriting.discard(tp)
         self._old_position.discard(tp)
+        self._stale.pop(tp, None)
 
     def restart(self, tp: TP) -> bool:
         """`tp`'s log went back (an offset at or below one already taken): track it anew,
@@ -93,8 +100,11 @@ class Commits:
         with self._lock:
             if tp not in self._offsets:
                 return False
+            stale = deque(sent for sent, _ in self._unanswered.get(tp, ()))
             self._track_anew(tp)
             self._old_position.add(tp)
+            if stale:
+                self._stale[tp] = stale
             return True
 
     def high(self, tp: TP) -> int | None:
@@ -159,6 +169,7 @@ class Commits:
             for tp in parts:
                 self._offsets.pop(tp, None)
                 self._generations.pop(tp, None)
+                self._stale.pop(tp, None)
                 self._touched.add(tp)
 
     # -- events (event loop) ------------------------------------------------------------
@@ -362,11 +373,15 @@ class Commits:
         fresh: list[tuple[TP, int]] = []
         with self._lock:
             for tp in failed:
+                if self._old_answer(tp, None):
+                    continue
                 self._requested.pop(tp, None)
                 unanswered = self._unanswered.get(tp)
                 if unanswered:
                     unanswered.popleft()
             for tp, offset in done:
+                if self._old_answer(tp, offset):
+                    continue
                 tracker = self._offsets.get(tp)
                 if tracker is not None and not tracker.could_commit(offset):
                     continue  # a commit of the log before a `restart`: not this log's
@@ -389,6 +404,26 @@ class Commits:
                     self._touched.add(tp)
                     fresh.append((tp, offset))
         return fresh
+
+    def _old_answer(self, tp: TP, offset: int | None) -> bool:
+        """The answer (committing `offset`; None: a failure) is to a commit of `tp`'s log
+        before its `restart`: forget that commit and ignore the answer. Answers come in
+        order, so a success naming no such commit means the old log's are over (lost:
+        the rest are forgotten). Lock held."""
+        stale = self._stale.get(tp)
+        if stale is None:
+            return False
+        if offset is None:
+            stale.popleft()
+        elif offset in stale:
+            while stale.popleft() != offset:
+                pass
+        else:
+            del self._stale[tp]
+            return False
+        if not stale:
+            del self._stale[tp]
+        return True
 
     def _forget(self, tp: TP, offset: int) -> None:
         """Drop the record of a commit whose answer no longer matters. Lock held."""

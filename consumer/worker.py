@@ -22,7 +22,10 @@ what is safe there: `Commits` and `Lag` (each locks), `Metrics` and `Health` (th
 threads read and write only under `_parts_lock`. `_reshare`, and the state only it uses
 (`_reshare_delay`), are the poll thread's alone, and so is `_commit_refused_at`
 (`_commit`, `_on_committed`, `_on_assign`).
-Anything involving in-flight events hops to the loop: a revoke hands its settling
+At exit, `KafkaSource.close` runs librdkafka's `close()` on a "kafka-close" thread, so
+the final revoke's callbacks run there, while the poll thread is idle and the loop only
+waits for it (a close that outlasts its timeout leaves them running there as the process
+ends). Anything involving in-flight events hops to the loop: a revoke hands its settling
 coroutine to the loop with `run_coroutine_threadsafe` (the loop is free: it is awaiting
 the `Source.call` that raised the callback), and that coroutine also forgets the
 partitions' messages waiting in the overflow and lets go of their held dead letters

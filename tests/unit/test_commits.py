@@ -216,6 +216,62 @@ def test_a_restarted_partition_ignores_the_old_logs_finishes_and_commit_answers(
     assert not commits.restart(("t", 9)), "not assigned"
 
 
+def test_an_old_logs_late_answer_within_the_new_logs_offsets_is_not_its_commit() -> None:
+    """Review "design59": the old log's commit at 70, answered after the new log was taken
+    past 70, was credited as the new log's (its offset alone could be): committed read 70
+    while the new log's event at 2 was unfinished, and its window stopped counting it.
+    Answers come in order: the old log's come first, whatever their offsets."""
+    tp = ("t", 0)
+    commits = Commits()
+    commits.assign([tp])
+    old = [commits.take(tp, offset) for offset in range(70)]
+    for offset in range(70):
+        commits.finish(tp, offset, old[offset])
+    commits.requested({tp: 50})
+    commits.requested({tp: 70})
+    commits.requested({tp: 70})  # the same offset with another note: answered in turn
+    assert commits.restart(tp)
+    new = [commits.take(tp, offset) for offset in range(80)]
+    for offset in range(80):
+        commits.sending(tp, offset)
+        if offset != 2:
+            commits.finish(tp, offset, new[offset])
+    assert commits.in_window_by_partition() == {tp: 80}
+    commits.requested({tp: 2})
+    assert commits.acknowledged([], [tp]) == [], "the old commit at 50 failed"
+    assert commits.acknowledged([(tp, 70)]) == [], "the old log's"
+    assert commits.acknowledged([(tp, 70)]) == [], "the old log's, again"
+    assert commits.committed() == {}
+    assert commits.acknowledged([(tp, 2)]) == [(tp, 2)], "the new log's own answer"
+    assert commits.committed() == {tp: 2}
+    assert commits.in_window_by_partition() == {tp: 78}, "2 still unfinished: counted"
+    # Past the old log's answers, an answer of the same offset is the new log's again.
+    commits.finish(tp, 2, new[2])
+    commits.requested({tp: 80})
+    assert commits.acknowledged([(tp, 80)]) == [(tp, 80)]
+
+
+def test_an_old_logs_lost_answers_do_not_hide_the_new_logs() -> None:
+    """The old log's commits never answered (a rebalance, a coordinator moving): the new
+    log's first answer of another offset ends the wait for them."""
+    tp = ("t", 0)
+    commits = Commits()
+    commits.assign([tp])
+    old = [commits.take(tp, offset) for offset in range(10)]
+    for offset in range(10):
+        commits.finish(tp, offset, old[offset])
+    commits.requested({tp: 10})
+    assert commits.restart(tp)
+    new = [commits.take(tp, offset) for offset in range(4)]
+    for offset in range(4):
+        commits.finish(tp, offset, new[offset])
+    commits.requested({tp: 4})
+    assert commits.acknowledged([(tp, 4)]) == [(tp, 4)]
+    commits.requested({tp: 4})
+    assert commits.acknowledged([], [tp]) == [], "a failure of the new log's own commit"
+    assert commits.committed() == {tp: 4}
+
+
 def test_after_a_restart_the_old_logs_position_finishes_nothing_of_the_new_log() -> None:
     """Review kafka18: librdkafka keeps the old log's position (here 20) after the topic is
     created again; trusted, it named offsets 3-19 of the new, shorter log finished, the

@@ -7,6 +7,7 @@ an event of the new log still retrying, and its window stopped counting)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -516,3 +517,59 @@ def test_a_partition_going_back_to_the_same_offset_again_stops_the_worker() -> N
     seqs = [codec_seq(b) for b in run.client.bodies]
     assert set(seqs) == {0, 1, 2, 3}
     assert all(seqs.count(seq) <= 2 for seq in range(4)), seqs
+
+
+@dataclass
+class SlowAnswers(Replacing):
+    """Holds the coordinator's commit answers while `hold` (served in order after)."""
+
+    hold: bool = False
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        if not self.hold:
+            return super().consume(max_messages, timeout_s)
+        stash, self._acks = self._acks, []
+        try:
+            return super().consume(max_messages, timeout_s)
+        finally:
+            self._acks = stash + self._acks
+
+
+def test_the_old_logs_late_commit_answer_is_not_the_new_logs_commit() -> None:
+    """Review "design59": the old log's commit at 70, answered after the new log was read
+    past 70 while its event at 2 was held, was taken for the new log's: the worker (and
+    `userpilot_committed_offset`) said 70 while the coordinator held 2, and the window
+    stopped counting the unfinished event."""
+    tp: TP = (TOPIC, 0)
+
+    def tracks(prefix: str, offsets: range, held: int = -1) -> list[Message]:
+        return [Message(TOPIC, 0, i, f"{prefix}{i}".encode(),
+                        track("stuck" if i == held else f"{prefix}{i}", 1000 + i))
+                for i in offsets]
+
+    client = HeldUser()
+    run = make({tp: tracks("o", range(50))}, registry=known_schema(), client=client,
+               source_type=SlowAnswers, USERPILOT_ENSURE_USER="false")
+    seen: dict[str, Any] = {}
+
+    async def scenario(source: FakeSource) -> None:
+        assert isinstance(source, SlowAnswers)
+        await until(lambda: run.worker.committed.get(tp) == 50, "the old log committed at 50")
+        source.hold = True
+        source.log[tp].extend(tracks("o", range(50, 70)))
+        await until(lambda: source.last_commit(tp) == 70, "a commit at 70 sent, unanswered")
+        source.replace_next = {tp: tracks("n", range(80), held=STUCK)}
+        await until(lambda: run.worker.commits.high(tp) == 79, "the new log taken")
+        await until(lambda: len(client.bodies) >= 70 + 79, "the new log delivered but 2")
+        source.hold = False
+        await until(lambda: not source._acks, "answers served")
+        await asyncio.sleep(0.2)
+        seen["committed"] = run.worker.committed.get(tp)
+        seen["coordinator"] = source.stored[tp][0]
+        seen["gauge"] = run.worker.m.committed_offset.labels(TOPIC, "0")._value.get()
+        seen["window"] = run.worker.commits.in_window_by_partition().get(tp)
+        client.release.set()
+        await until(lambda: source.last_commit(tp) == 80, "the new log committed")
+
+    assert drive(run, scenario) == 0
+    assert seen == {"committed": STUCK, "coordinator": STUCK, "gauge": STUCK, "window": 1}
