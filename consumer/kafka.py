@@ -963,6 +963,17 @@ def _retire(producer: Producer) -> None:
         log.debug("DLQ producer: the retired instance did not purge", exc_info=True)
 
 
+_UNREADABLE = (KafkaError._BAD_MSG, KafkaError._NOT_IMPLEMENTED, KafkaError._BAD_COMPRESSION)
+
+
+def unreadable(err: KafkaError) -> bool:
+    """A message error saying the client could not read a record batch: a CRC check
+    failed, a magic byte it does not know, a codec that failed. With a corrupt batch,
+    librdkafka then took a garbage offset for its next position, found it out of range
+    and started the partition over from its start (review "design59", a real broker)."""
+    return bool(err.code() in _UNREADABLE)
+
+
 def partition_end(err: KafkaError) -> bool:
     """The end of a partition reached (`KAFKA_ENABLE_PARTITION_EOF=true`): news, not a fault.
     Logged as one, it was a WARNING each time a partition caught up (review "kafka34")."""

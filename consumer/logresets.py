@@ -43,12 +43,16 @@ class LogResets:
         self._commits = commits
         self._m = metrics
         self._lock = threading.Lock()
-        # Resets before a log's start librdkafka reported (poll thread, under `_lock`), per
-        # partition the position it found out of range ...
-        self._incoming: dict[TP, int] = {}
+        # Resets librdkafka reported (poll thread, under `_lock`), per partition the
+        # position it found out of range and whether that lay past the log's end with
+        # nothing taken yet (a log replaced while the workers were stopped) ...
+        self._incoming: dict[TP, tuple[int, bool]] = {}
         # ... handed over after each consume (event loop only): judged by the partition's
         # next message (`after_reset`). Empty but after a reset: the intake's cheap check.
-        self.pending: dict[TP, int] = {}
+        self.pending: dict[TP, tuple[int, bool]] = {}
+        # Per partition, the last record batch the client said it could not read, and when
+        # (event loop only): going back soon after is that batch, not a new log.
+        self._unreadable: dict[TP, tuple[str, float]] = {}
         # Per partition, the offset its log last went back to and when (event loop only):
         # going back there again soon is a loop, not a new log.
         self._went_back_to: dict[TP, tuple[int, float]] = {}
@@ -59,22 +63,15 @@ class LogResets:
 
         Past the log's end (a log replaced by a shorter one): with nothing taken since the
         assignment, the commit lay past the end of a log replaced while the workers were
-        stopped, and the new log is read whole (told here, as a log reset); under taken
+        stopped, and the new log is read whole (told by `after_reset`, as a log reset,
+        unless the client just failed to read a batch: then it is no new log); under taken
         events the log goes back, which `went_back` tells. Before its start (or unknown):
         told by `after_reset` once the messages fetched from there come. A second reset
         before them keeps the first `at`: the offsets lost run from there."""
-        if beyond_end:
-            if self._commits.high(tp) == -1:
-                self._m.log_resets.labels(tp[0]).inc()
-                log.warning("%s: its committed offset %d is past the end of its log: the log "
-                            "was replaced (the topic deleted and created again). It is read "
-                            "from its start, so events sent before may be sent again",
-                            partitions_text([tp]), at)
-                # (Replaced under messages fetched from the old log in this same call, `at`
-                # was their next offset and `went_back` counts it again: left, rare.)
-            return
+        if beyond_end and self._commits.high(tp) != -1:
+            return  # under taken events: `went_back` tells it
         with self._lock:
-            self._incoming.setdefault(tp, at)
+            self._incoming.setdefault(tp, (at, bool(beyond_end)))
 
     def collect(self) -> None:
         """Event loop, after each consume and before its messages' intake (they may follow
@@ -94,10 +91,37 @@ class LogResets:
                 self._incoming.pop(tp, None)
                 self.pending.pop(tp, None)
 
+    def unreadable(self, tp: TP, text: str) -> None:
+        """The client could not read a record batch of `tp` (`text`, its error): a corrupt
+        batch. librdkafka then took a garbage offset (8680820740569200761, measured) for its
+        next position, found it past the log's end and started the partition over from its
+        start: that going back is this batch, not a new log (`went_back`)."""
+        self._unreadable[tp] = (text, time.monotonic())
+
+    def _stop_if_unreadable(self, tp: TP, offset: int) -> None:
+        """`tp` went back to `offset` soon after the client failed to read one of its
+        batches: `Stop`, before any event is delivered again. Tracked anew, the whole log
+        up to the batch was delivered again, and once more at each restart of the pod
+        (review "design59")."""
+        seen = self._unreadable.get(tp)
+        if seen is None or time.monotonic() - seen[1] >= RESET_LOOP_S:
+            return
+        raise Stop(
+            f"{partitions_text([tp])}: Kafka's client cannot read a record batch ({seen[0]}) "
+            f"and starts the partition over from offset {offset}; stopped rather than "
+            "deliver the same events again and again. Move the consumer group past the "
+            "unreadable batch (kafka-consumer-groups --reset-offsets --to-offset, README: "
+            "UserpilotSourceLogReset)")
+
     def after_reset(self, tp: TP, last: int, offset: int) -> None:
-        """`tp` (in `pending`) had an offset reset before its log's start at `at`; `offset`
-        is its next message and `last` the highest offset taken before it (-1: none since
-        its assignment).
+        """`tp` (in `pending`) had an offset reset at `at`; `offset` is its next message and
+        `last` the highest offset taken before it (-1: none since its assignment).
+
+        Past the log's end with nothing taken: the commit lay past the end of a log
+        replaced while the workers were stopped, and the new log is read whole (told
+        here, as a log reset), unless the client just failed to read a batch of it
+        (`Stop`). (Replaced under messages fetched from the old log in the same call, `at`
+        was their next offset and `went_back` counts it again: left, rare.)
 
         Messages fetched before the reset still come first (librdkafka prefetches): below
         `at` and above `last`, they continue the partition. The first at or above `at` is
@@ -107,7 +131,16 @@ class LogResets:
         this nothing said so (review "topo53": 4,980 of 6,000 events, no metric, no line of
         the worker's; "diff53a": the first version took a prefetched message for the
         reset's). At or below `last`: the log went back, which `went_back` tells."""
-        at = self.pending[tp]
+        at, past_end = self.pending[tp]
+        if past_end:
+            del self.pending[tp]
+            self._stop_if_unreadable(tp, offset)
+            self._m.log_resets.labels(tp[0]).inc()
+            log.warning("%s: its committed offset %d is past the end of its log: the log "
+                        "was replaced (the topic deleted and created again). It is read "
+                        "from its start, so events sent before may be sent again",
+                        partitions_text([tp]), at)
+            return
         if offset >= at:
             del self.pending[tp]
             if offset > at:
@@ -136,7 +169,9 @@ class LogResets:
         new log but a client that cannot read past a record and starts over (a batch
         that fails its CRC check reads as an offset out of range, and librdkafka resets to
         the log's start): tracked anew each time, the same events were delivered about 9
-        times a second, for good (review "escape55"). `Stop` instead, loudly."""
+        times a second, for good (review "escape55"). `Stop` instead, loudly; at once when
+        the client said it could not read a batch just before (`unreadable`)."""
+        self._stop_if_unreadable(tp, offset)
         now = time.monotonic()
         before = self._went_back_to.get(tp)
         if before is not None and offset <= before[0] and now - before[1] < RESET_LOOP_S:

@@ -80,6 +80,7 @@ from consumer.kafka import (
     Partitions,
     is_fatal,
     partition_end,
+    unreadable,
 )
 from consumer.keyless import KeylessOrder, decided_user
 from consumer.lag import Lag
@@ -935,6 +936,9 @@ class Worker:
                     kafka_log.warning("kafka: %s", err.str())
                     if is_fatal(err):
                         raise Stop(f"fatal Kafka error: {err.str()}")
+                    part = message.partition()
+                    if part is not None and unreadable(err):
+                        self.resets.unreadable((message.topic() or "", part), err.str())
                     if self.topics.error(err, message.topic()):
                         self._reshare_in(0.0)  # the gauge follows without a rebalance
                     self.topics.group_error(err)

@@ -30,9 +30,9 @@ def test_a_reset_is_judged_only_once_collected_and_the_first_position_holds() ->
     assert resets.pending == {}, "the intake sees a reset only after its consume returned"
     resets.reported(TP, 150, None)  # a second before any message: the first position holds
     resets.collect()
-    assert resets.pending == {TP: 100}
+    assert resets.pending == {TP: (100, False)}
     resets.collect()  # nothing new: nothing changes
-    assert resets.pending == {TP: 100}
+    assert resets.pending == {TP: (100, False)}
     resets.after_reset(TP, -1, 130)
     assert resets.pending == {}
     assert metrics.skipped_offsets.labels(TP[0])._value.get() == 30
@@ -66,3 +66,42 @@ def test_going_back_again_soon_stops_and_later_is_another_new_log(
     now[0] += RESET_LOOP_S  # long after: another new log, tracked anew again
     resets.went_back(TP, 3, 0, mark=None)
     assert metrics.log_resets.labels(TP[0])._value.get() == 2
+
+
+def test_going_back_right_after_an_unreadable_batch_stops_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "design59": the first going back after the client said it could not read a
+    batch is that batch, not a new log; long after, a going back is a new log again."""
+    resets, commits, metrics = _resets()
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    for offset in range(4):
+        commits.take(TP, offset)
+    resets.unreadable(TP, "MessageSet at offset 4 (270 bytes) failed CRC32C check")
+    with pytest.raises(Stop, match=r"cannot read a record batch \(MessageSet at offset 4"):
+        resets.went_back(TP, 3, 0, mark=None)
+    assert commits.high(TP) == 3, "not tracked anew"
+    now[0] += RESET_LOOP_S
+    resets.went_back(TP, 3, 0, mark=None)
+    assert metrics.log_resets.labels(TP[0])._value.get() == 1
+
+
+def test_a_reset_past_the_end_with_nothing_taken_is_told_by_the_first_message(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A commit past the end of a log replaced while the workers were stopped is read from
+    the start (told so) unless the client just failed to read a batch: then it stops (a
+    restarted pod sent the whole log up to the batch again, review "design59")."""
+    resets, _, metrics = _resets()
+    resets.reported(TP, 120, True)
+    resets.collect()
+    with caplog.at_level(logging.WARNING, logger="consumer.logresets"):
+        resets.after_reset(TP, -1, 0)
+    assert metrics.log_resets.labels(TP[0])._value.get() == 1
+    assert "its committed offset 120 is past the end of its log" in caplog.text
+    assert resets.pending == {}
+    resets.reported(TP, 8680820740569200761, True)
+    resets.collect()
+    resets.unreadable(TP, "MessageSet at offset 4 (270 bytes) failed CRC32C check")
+    with pytest.raises(Stop, match="starts the partition over from offset 0"):
+        resets.after_reset(TP, -1, 0)
+    assert metrics.log_resets.labels(TP[0])._value.get() == 1

@@ -302,11 +302,14 @@ def test_a_commit_past_a_replaced_log_s_end_is_told_once_nothing_was_taken() -> 
     worker.commits.assign([tp])
     worker.assigned.add(tp)
     worker._on_reset(tp, 120, True)
-    assert worker.m.log_resets.labels(TOPIC)._value.get() == 1
     worker.resets.collect()
+    worker.resets.after_reset(tp, -1, 0)  # told by the new log's first message
+    assert worker.m.log_resets.labels(TOPIC)._value.get() == 1
     assert tp not in worker.resets.pending, "nothing left to judge: no stale entry"
     worker.commits.take(tp, 0)
     worker._on_reset(tp, 120, True)  # under a taken event: `went_back` tells it
+    worker.resets.collect()
+    assert worker.resets.pending == {}
     assert worker.m.log_resets.labels(TOPIC)._value.get() == 1
     assert worker.m.skipped_offsets.labels(TOPIC)._value.get() == 0
 
@@ -340,7 +343,7 @@ def test_a_log_that_went_back_after_a_reset_is_left_to_went_back() -> None:
     run = make({tp: []}, registry=known_schema())
     worker = run.worker
     worker.commits.assign([tp])
-    worker.resets.pending[tp] = 50
+    worker.resets.pending[tp] = (50, False)
     worker.resets.after_reset(tp, 49, 0)
     assert tp not in worker.resets.pending
     assert worker.m.log_resets.labels(TOPIC)._value.get() == 0  # `went_back` counts it
@@ -427,13 +430,13 @@ def test_a_message_at_the_reset_position_skips_nothing_and_one_again_is_went_bac
     tp = (TOPIC, 0)
     worker = make({tp: []}, registry=known_schema()).worker
     worker.commits.assign([tp])
-    worker.resets.pending[tp] = 120
+    worker.resets.pending[tp] = (120, False)
     with caplog.at_level(logging.ERROR):
         worker.resets.after_reset(tp, 119, 120)
     assert tp not in worker.resets.pending
     assert worker.m.skipped_offsets.labels(TOPIC)._value.get() == 0
     assert not [r for r in caplog.records if "lost offsets" in r.getMessage()]
-    worker.resets.pending[tp] = 50
+    worker.resets.pending[tp] = (50, False)
     worker.resets.after_reset(tp, 30, 30)
     assert tp not in worker.resets.pending
 
@@ -517,6 +520,75 @@ def test_a_partition_going_back_to_the_same_offset_again_stops_the_worker() -> N
     seqs = [codec_seq(b) for b in run.client.bodies]
     assert set(seqs) == {0, 1, 2, 3}
     assert all(seqs.count(seq) <= 2 for seq in range(4)), seqs
+
+
+GARBAGE_OFFSET = 8680820740569200761  # measured: what librdkafka took for its next position
+
+
+@dataclass
+class BadBatch(Message):
+    """The error librdkafka hands for a record batch failing its CRC check."""
+
+    def error(self) -> Any:
+        from confluent_kafka import KafkaError
+
+        return KafkaError(KafkaError._BAD_MSG, f"MessageSet at offset {self._offset} "
+                          "(270 bytes) failed CRC32C check (original 0xfb3431e5 != "
+                          "calculated 0x90706a3b)")
+
+
+@dataclass
+class CorruptBatch(FakeSource):
+    """A real broker's partition with a corrupt batch at `bad` (check.crcs=true), as
+    librdkafka 2.x read it (review "design59"): the CRC error handed over, a garbage next
+    position found past the log's end (an offset reset, told to the worker as past the
+    end) and the partition started over from offset 0. `start`: the committed offset the
+    group reads from."""
+
+    bad: int = 4
+    start: int = 0
+
+    def subscribe(self) -> None:
+        super().subscribe()
+        self.position[(TOPIC, 0)] = self.start
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        tp = (TOPIC, 0)
+        if self.position.get(tp, 0) >= self.bad:
+            self.position[tp] = 0
+            assert self.cb.on_reset is not None
+            self.cb.on_reset(tp, GARBAGE_OFFSET, True)
+            return [BadBatch(TOPIC, 0, self.bad, None, None)]
+        return super().consume(min(max_messages, self.bad - self.position.get(tp, 0)),
+                               timeout_s)
+
+
+@pytest.mark.parametrize("start", [0, 4], ids=["running", "restarted"])
+def test_a_batch_the_client_cannot_read_stops_before_anything_is_sent_again(start: int) -> None:
+    """Review "design59", on a real broker: a corrupt batch is handed over as an error,
+    then librdkafka starts the partition over from its start. Taken for a new log, the
+    events before the batch were all delivered again before the second pass stopped the
+    worker, and after each restart of the pod (its commit at the batch) all of them once
+    more: the whole log up to the batch, again and again. Now the worker stops at once."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i))
+                        for i in range(8)]}
+
+    def source(cb: Any, messages: dict[TP, list[Message]]) -> CorruptBatch:
+        return CorruptBatch(cb, messages, start=start)
+
+    run = make(log, registry=known_schema(), source_type=source,  # type: ignore[arg-type]
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the stop", timeout=10)
+
+    assert drive(run, scenario) == 1
+    fatal = str(run.worker.fatal)
+    assert "cannot read a record batch (MessageSet at offset 4" in fatal, fatal
+    assert "starts the partition over from offset 0" in fatal
+    seqs = sorted(codec_seq(b) for b in run.client.bodies)
+    assert seqs == ([] if start else [0, 1, 2, 3]), "nothing sent twice"
+    assert run.worker.m.log_resets.labels(TOPIC)._value.get() == 0
 
 
 @dataclass
