@@ -216,6 +216,13 @@ def test_a_restarted_partition_ignores_the_old_logs_finishes_and_commit_answers(
     assert not commits.restart(("t", 9)), "not assigned"
 
 
+def _finished_through(commits: Commits, tp: TP, end: int) -> None:
+    """Offsets 0..end-1 of `tp` taken and finished."""
+    generations = [commits.take(tp, offset) for offset in range(end)]
+    for offset, generation in enumerate(generations):
+        commits.finish(tp, offset, generation)
+
+
 def test_an_old_logs_late_answer_within_the_new_logs_offsets_is_not_its_commit() -> None:
     """Review "design59": the old log's commit at 70, answered after the new log was taken
     past 70, was credited as the new log's (its offset alone could be): committed read 70
@@ -224,9 +231,7 @@ def test_an_old_logs_late_answer_within_the_new_logs_offsets_is_not_its_commit()
     tp = ("t", 0)
     commits = Commits()
     commits.assign([tp])
-    old = [commits.take(tp, offset) for offset in range(70)]
-    for offset in range(70):
-        commits.finish(tp, offset, old[offset])
+    _finished_through(commits, tp, 70)
     commits.requested({tp: 50})
     commits.requested({tp: 70})
     commits.requested({tp: 70})  # the same offset with another note: answered in turn
@@ -257,14 +262,10 @@ def test_an_old_logs_lost_answers_do_not_hide_the_new_logs() -> None:
     tp = ("t", 0)
     commits = Commits()
     commits.assign([tp])
-    old = [commits.take(tp, offset) for offset in range(10)]
-    for offset in range(10):
-        commits.finish(tp, offset, old[offset])
+    _finished_through(commits, tp, 10)
     commits.requested({tp: 10})
     assert commits.restart(tp)
-    new = [commits.take(tp, offset) for offset in range(4)]
-    for offset in range(4):
-        commits.finish(tp, offset, new[offset])
+    _finished_through(commits, tp, 4)
     commits.requested({tp: 4})
     assert commits.acknowledged([(tp, 4)]) == [(tp, 4)]
     commits.requested({tp: 4})
