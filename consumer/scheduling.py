@@ -206,6 +206,15 @@ class Scheduler(Generic[J]):
                     self._changed.clear()
                     await self._changed.wait()
 
+    def cancel_soon(self, partitions: Iterable[TopicPartition] | None) -> None:
+        """Cancel the chains of these partitions (or all) without waiting for them: for a
+        drain cancelled itself, which cannot await `cancel`. Each chain stops at its next
+        step; the jobs behind its current one never start (`_chain`)."""
+        wanted = None if partitions is None else set(partitions)
+        for key, task in self._tasks.items():
+            if wanted is None or (key[0], key[1]) in wanted:
+                task.cancel()
+
     async def cancel(self, partitions: Iterable[TopicPartition] | None,
                      keep: Callable[[J], bool] | None = None) -> int:
         """Abandon the jobs of these partitions (or all); returns how many were abandoned.

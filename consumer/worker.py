@@ -795,6 +795,7 @@ class Worker:
         # group's word after the stall; a stop asks Kafka nothing more.
         self.stalls.release()
         abandoned = scheduler.abandoned
+        settled = False
         try:
             # What is not under way goes at once: events waiting for the limiter would each
             # take a slot of the budget (the shared one too) before stopping at the halt.
@@ -819,10 +820,17 @@ class Worker:
                 elif waited(event):
                     cut += 1
             await scheduler.cancel(parts)
+            settled = True
             # Counted as they left: those a halt stopped (with their users' later events)
             # left before the cancel.
             return Settled(scheduler.abandoned - abandoned, cut, cut_dead)
         finally:
+            if not settled:
+                # Cancelled itself (a revoke's wait ran out): the chains kept for their
+                # request under way, with their users' later events behind it, went on once
+                # the halt was lifted, sending after the hand-over what the next owner
+                # sends too (review "design59").
+                scheduler.cancel_soon(parts)
             self.handler.unhalt(parts)
 
     def _name_void_dead_letters(self) -> None:

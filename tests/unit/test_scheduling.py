@@ -413,3 +413,23 @@ def test_wait_change_waits_for_as_many_jobs_as_asked_or_the_timeout() -> None:
     counts, waited = run(main)
     assert counts[0] == 3, counts
     assert 0.04 <= waited < 1.0
+
+
+def test_cancel_soon_stops_the_partitions_chains_before_their_next_job() -> None:
+    """For a drain cancelled itself (review "design59"): no await, and no later job of a
+    cancelled chain starts; other partitions' chains go on."""
+    async def main() -> Recorder:
+        rec = Recorder()
+        sched: Scheduler[Work] = Scheduler(rec, crash_collector()[1])
+        jobs = [Work("t", 0, o, "user-1") for o in range(3)] + [Work("t", 1, 9, "user-2")]
+        for job in jobs:
+            sched.submit(job)
+        await settle()
+        sched.cancel_soon([("t", 0)])
+        for job in jobs:
+            job.release.set()
+        await drained(sched)
+        return rec
+
+    rec = run(main)
+    assert rec.events == [("start", 0), ("start", 9), ("end", 9)]

@@ -591,3 +591,32 @@ def test_a_stopped_worker_shows_no_event_waiting_for_its_schema() -> None:
 
     assert drive(run, scenario) == 0
     assert _gauge(run, "userpilot_events_waiting_schema") == 0
+
+
+def test_a_revoke_whose_drain_outlasted_its_wait_sends_nothing_of_the_partition_after(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "design59": the revoke's drain cancelled at its wait (a loop too slow to end
+    it in time) lifted its partitions' halt in its `finally` while the chains it kept
+    (an event under way, with the user's later events behind it) were still alive: once
+    the held request ended, those later events went to Userpilot after the partition
+    was handed over, and its next owner sent them too."""
+    from consumer import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "REVOKE_WAIT_SHARE", 0.002)  # a 0.6 s wait
+    tp = (TOPIC, 0)
+    log = {tp: [Message(TOPIC, 0, i, b"stuck", track("stuck", i)) for i in range(3)]}
+    client = HeldUser()
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
+               WORKER_SHUTDOWN_GRACE_SECONDS="5")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: client.held == {0}, "the first request held")
+        source.revoke_next = [tp]
+        await until(lambda: tp not in run.worker.assigned, "the revoke")
+        client.release.set()
+        await asyncio.sleep(0.5)
+
+    assert drive(run, scenario) == 0
+    # The held request is cut (the next owner sends it again); the user's later events
+    # are not sent at all.
+    assert [codec_seq(b) for b in client.bodies if codec_seq(b) != 0] == []
