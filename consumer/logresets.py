@@ -10,7 +10,9 @@ empty but after a reset) or whose offset went back.
 
 Thread rule: `reported` runs on the poll thread (librdkafka's offset-reset callback, inside
 a `Source.call`) and touches only `_incoming`, under `_lock`; `collect` hands those to
-`pending` on the event loop after each consume. Everything else is the event loop's.
+`pending` on the event loop after each consume. `another_log` runs on either (the intake,
+and the read of the commit notes on the poll thread): it only calls `Commits` (which locks)
+and logs. Everything else is the event loop's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from consumer.commits import TP, Commits
 from consumer.errors import Stop
@@ -36,6 +39,22 @@ worker stops rather than deliver the same events about 9 times a second (review
 __all__ = ["RESET_LOOP_S", "LogResets"]
 
 
+class _Reset(NamedTuple):
+    """A reset librdkafka reported, waiting for the partition's next message."""
+
+    at: int  # the position it found out of range
+    past_end: bool  # past the log's end with nothing taken: a log replaced while stopped
+    collects: int  # consumes since (a reset past the end is told after the next one's)
+
+
+class _Unreadable(NamedTuple):
+    """A record batch the client said it could not read."""
+
+    offset: int  # the batch's, as the error names it
+    text: str
+    since: float
+
+
 class LogResets:
     """Judges a partition's offsets after librdkafka reset its position (see the module)."""
 
@@ -45,14 +64,15 @@ class LogResets:
         self._lock = threading.Lock()
         # Resets librdkafka reported (poll thread, under `_lock`), per partition the
         # position it found out of range and whether that lay past the log's end with
-        # nothing taken yet (a log replaced while the workers were stopped) ...
+        # nothing taken yet ...
         self._incoming: dict[TP, tuple[int, bool]] = {}
         # ... handed over after each consume (event loop only): judged by the partition's
         # next message (`after_reset`). Empty but after a reset: the intake's cheap check.
-        self.pending: dict[TP, tuple[int, bool]] = {}
-        # Per partition, the last record batch the client said it could not read, and when
-        # (event loop only): going back soon after is that batch, not a new log.
-        self._unreadable: dict[TP, tuple[str, float]] = {}
+        self.pending: dict[TP, _Reset] = {}
+        # Per partition, the first record batch the client said it could not read (event
+        # loop only): going back before it was read is that batch, not a new log. Empty but
+        # after such an error: the intake's cheap check (`read_past`).
+        self.unread: dict[TP, _Unreadable] = {}
         # Per partition, the offset its log last went back to and when (event loop only):
         # going back there again soon is a loop, not a new log.
         self._went_back_to: dict[TP, tuple[int, float]] = {}
@@ -63,8 +83,8 @@ class LogResets:
 
         Past the log's end (a log replaced by a shorter one): with nothing taken since the
         assignment, the commit lay past the end of a log replaced while the workers were
-        stopped, and the new log is read whole (told by `after_reset`, as a log reset,
-        unless the client just failed to read a batch: then it is no new log); under taken
+        stopped, and the new log is read whole (told by `collect`, as a log reset, unless
+        the client failed to read a batch meanwhile: then it is no new log); under taken
         events the log goes back, which `went_back` tells. Before its start (or unknown):
         told by `after_reset` once the messages fetched from there come. A second reset
         before them keeps the first `at`: the offsets lost run from there."""
@@ -75,39 +95,74 @@ class LogResets:
 
     def collect(self) -> None:
         """Event loop, after each consume and before its messages' intake (they may follow
-        a reset reported during it): the resets reported become `pending`."""
+        a reset reported during it): the resets reported become `pending`.
+
+        A reset past the end is told here once two batches were taken after it and the
+        client said no batch of the partition unreadable: the new log may be empty (no
+        message would tell it), and the CRC error that makes it no new log comes before
+        the messages from the log's start, by then (the error is handed over before the
+        reset is logged; a full batch may hold it back one more) (review "diff59")."""
+        if self.pending:
+            for tp, reset in list(self.pending.items()):
+                if not reset.past_end:
+                    continue
+                if reset.collects and tp not in self.unread:
+                    del self.pending[tp]
+                    self._tell_replaced(tp, reset.at)
+                else:
+                    self.pending[tp] = reset._replace(collects=reset.collects + 1)
         if self._incoming:  # read without the lock: a reset missed now is collected next time
             with self._lock:
-                for tp, at in self._incoming.items():
-                    self.pending.setdefault(tp, at)
+                for tp, (at, past_end) in self._incoming.items():
+                    self.pending.setdefault(tp, _Reset(at, past_end, 0))
                 self._incoming.clear()
 
+    def _tell_replaced(self, tp: TP, at: int) -> None:
+        self._m.log_resets.labels(tp[0]).inc()
+        log.warning("%s: its committed offset %d is past the end of its log: the log "
+                    "was replaced (the topic deleted and created again). It is read "
+                    "from its start, so events sent before may be sent again",
+                    partitions_text([tp]), at)
+
     def forget(self, parts: Iterable[TP]) -> None:
-        """Partitions taken away: a reset not judged yet was their old owner's position.
-        Kept, a partition given back later took its first message for the log's new start
-        and said offsets were lost that were only read elsewhere (review "design59")."""
+        """Event loop: partitions taken away. A reset not judged yet was their old owner's
+        position: kept, a partition given back later took its first message for the log's
+        new start and said offsets were lost that were only read elsewhere (review
+        "design59"). A reset past the end is left for the next owner to tell."""
         with self._lock:
             for tp in parts:
                 self._incoming.pop(tp, None)
                 self.pending.pop(tp, None)
+                self.unread.pop(tp, None)
 
-    def unreadable(self, tp: TP, text: str) -> None:
-        """The client could not read a record batch of `tp` (`text`, its error): a corrupt
-        batch. librdkafka then took a garbage offset (8680820740569200761, measured) for its
-        next position, found it past the log's end and started the partition over from its
-        start: that going back is this batch, not a new log (`went_back`)."""
-        self._unreadable[tp] = (text, time.monotonic())
+    def unreadable(self, tp: TP, offset: int, text: str) -> None:
+        """The client could not read `tp`'s record batch at `offset` (`text`, its error): a
+        corrupt batch. librdkafka may then read on into its bytes, take a garbage offset
+        (8680820740569200760, measured) for its next position, find it past the log's end
+        and start the partition over from its start: that going back is this batch, not a
+        new log. The first error is kept (the one naming the batch; the garbage offset's
+        comes next, review "diff59") until a message at or past it is taken."""
+        seen = self.unread.get(tp)
+        if seen is None or time.monotonic() - seen.since >= RESET_LOOP_S:
+            self.unread[tp] = _Unreadable(offset, text, time.monotonic())
+
+    def read_past(self, tp: TP, offset: int) -> None:
+        """A message of `tp` (in `unread`) at `offset` is taken: at or past the batch it
+        could not read, the client read it after all (a passing fault); a later going back
+        is not that batch's (review "diff59")."""
+        if offset >= self.unread[tp].offset:
+            del self.unread[tp]
 
     def _stop_if_unreadable(self, tp: TP, offset: int) -> None:
         """`tp` went back to `offset` soon after the client failed to read one of its
         batches: `Stop`, before any event is delivered again. Tracked anew, the whole log
         up to the batch was delivered again, and once more at each restart of the pod
         (review "design59")."""
-        seen = self._unreadable.get(tp)
-        if seen is None or time.monotonic() - seen[1] >= RESET_LOOP_S:
+        seen = self.unread.get(tp)
+        if seen is None or time.monotonic() - seen.since >= RESET_LOOP_S:
             return
         raise Stop(
-            f"{partitions_text([tp])}: Kafka's client cannot read a record batch ({seen[0]}) "
+            f"{partitions_text([tp])}: Kafka's client cannot read a record batch ({seen.text}) "
             f"and starts the partition over from offset {offset}; stopped rather than "
             "deliver the same events again and again. Move the consumer group past the "
             "unreadable batch (kafka-consumer-groups --reset-offsets --to-offset, README: "
@@ -118,10 +173,10 @@ class LogResets:
         `last` the highest offset taken before it (-1: none since its assignment).
 
         Past the log's end with nothing taken: the commit lay past the end of a log
-        replaced while the workers were stopped, and the new log is read whole (told
-        here, as a log reset), unless the client just failed to read a batch of it
-        (`Stop`). (Replaced under messages fetched from the old log in the same call, `at`
-        was their next offset and `went_back` counts it again: left, rare.)
+        replaced while the workers were stopped, and the new log is read whole (told by
+        `collect`), unless the client failed to read a batch of it (`Stop`). (Replaced
+        under messages fetched from the old log in the same call, `at` was their next
+        offset and `went_back` counts it again: left, rare.)
 
         Messages fetched before the reset still come first (librdkafka prefetches): below
         `at` and above `last`, they continue the partition. The first at or above `at` is
@@ -130,16 +185,13 @@ class LogResets:
         were read, their events gone unseen, neither delivered nor dead-lettered; without
         this nothing said so (review "topo53": 4,980 of 6,000 events, no metric, no line of
         the worker's; "diff53a": the first version took a prefetched message for the
-        reset's). At or below `last`: the log went back, which `went_back` tells."""
-        at, past_end = self.pending[tp]
+        reset's). At or below `last`: the log went back, which `went_back` tells. Below
+        `at` with nothing taken after a batch the client could not read: the log's start
+        again, not a prefetched message (those come before the error): `Stop` (its end
+        unknown, the reset could not say past the end, review "diff59")."""
+        at, past_end, _ = self.pending[tp]
         if past_end:
-            del self.pending[tp]
             self._stop_if_unreadable(tp, offset)
-            self._m.log_resets.labels(tp[0]).inc()
-            log.warning("%s: its committed offset %d is past the end of its log: the log "
-                        "was replaced (the topic deleted and created again). It is read "
-                        "from its start, so events sent before may be sent again",
-                        partitions_text([tp]), at)
             return
         if offset >= at:
             del self.pending[tp]
@@ -154,6 +206,8 @@ class LogResets:
                           "alerts)", partitions_text([tp]), at, offset - 1, offset, offset - at)
         elif offset <= last:
             del self.pending[tp]  # `went_back` tells it
+        elif last == -1:
+            self._stop_if_unreadable(tp, offset)
 
     def went_back(self, tp: TP, last: int, offset: int, mark: int | None) -> None:
         """`tp` handed over `offset` after `last`: its log was replaced (the topic deleted and

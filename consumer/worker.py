@@ -911,6 +911,7 @@ class Worker:
         handler = self.handler
         screen = None if handler.debug else handler.screen
         resets = self.resets.pending  # empty but after librdkafka reset a partition's offset
+        unread = self.resets.unread  # empty but after the client could not read a batch
         held = self._held_back  # empty but while the SCHEMA_WAIT window is full or a chain hot
         deferred: list[KafkaMessage] = []
         # Per partition, the last offset taken (-1: none yet; None: not assigned).
@@ -944,9 +945,9 @@ class Worker:
                     kafka_log.warning("kafka: %s", err.str())
                     if is_fatal(err):
                         raise Stop(f"fatal Kafka error: {err.str()}")
-                    part = message.partition()
-                    if part is not None and unreadable(err):
-                        self.resets.unreadable((message.topic() or "", part), err.str())
+                    part, at = message.partition(), message.offset()
+                    if part is not None and at is not None and unreadable(err):
+                        self.resets.unreadable((message.topic() or "", part), at, err.str())
                     if self.topics.error(err, message.topic()):
                         self._reshare_in(0.0)  # the gauge follows without a rebalance
                     self.topics.group_error(err)
@@ -968,6 +969,8 @@ class Worker:
                 if last is None:
                     owned[tp] = None
                     continue  # a message of a partition revoked meanwhile
+                if unread and tp in unread:
+                    self.resets.read_past(tp, offset)
                 if resets and tp in resets:
                     self.resets.after_reset(tp, last, offset)
                 if offset <= last:
@@ -975,7 +978,10 @@ class Worker:
                     # taken for the new log's and skipped its records at those offsets
                     # (review "diff45e").
                     self._inherit_due.pop(tp, None)
-                    self.resets.went_back(tp, last, offset, marks.pop(tp, None))
+                    # The mark is dropped only once recorded: at a `Stop` the batch's
+                    # `finally` records it (review "diff59").
+                    self.resets.went_back(tp, last, offset, marks.get(tp))
+                    marks.pop(tp, None)
                     # The previous owner's note named the old log's offsets: read once per
                     # slice, it skipped the new log's at them as finished, which were then
                     # committed and never sent (review "core40").

@@ -30,9 +30,9 @@ def test_a_reset_is_judged_only_once_collected_and_the_first_position_holds() ->
     assert resets.pending == {}, "the intake sees a reset only after its consume returned"
     resets.reported(TP, 150, None)  # a second before any message: the first position holds
     resets.collect()
-    assert resets.pending == {TP: (100, False)}
+    assert resets.pending == {TP: (100, False, 0)}
     resets.collect()  # nothing new: nothing changes
-    assert resets.pending == {TP: (100, False)}
+    assert resets.pending == {TP: (100, False, 0)}
     resets.after_reset(TP, -1, 130)
     assert resets.pending == {}
     assert metrics.skipped_offsets.labels(TP[0])._value.get() == 30
@@ -77,7 +77,8 @@ def test_going_back_right_after_an_unreadable_batch_stops_at_once(
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
     for offset in range(4):
         commits.take(TP, offset)
-    resets.unreadable(TP, "MessageSet at offset 4 (270 bytes) failed CRC32C check")
+    resets.unreadable(TP, 4, "MessageSet at offset 4 (270 bytes) failed CRC32C check")
+    resets.unreadable(TP, 8680820740569200760, "Unsupported Message(Set) MagicByte 120")
     with pytest.raises(Stop, match=r"cannot read a record batch \(MessageSet at offset 4"):
         resets.went_back(TP, 3, 0, mark=None)
     assert commits.high(TP) == 3, "not tracked anew"
@@ -86,22 +87,44 @@ def test_going_back_right_after_an_unreadable_batch_stops_at_once(
     assert metrics.log_resets.labels(TP[0])._value.get() == 1
 
 
-def test_a_reset_past_the_end_with_nothing_taken_is_told_by_the_first_message(
+def test_a_reset_past_the_end_with_nothing_taken_is_told_after_two_batches(
         caplog: pytest.LogCaptureFixture) -> None:
     """A commit past the end of a log replaced while the workers were stopped is read from
-    the start (told so) unless the client just failed to read a batch: then it stops (a
-    restarted pod sent the whole log up to the batch again, review "design59")."""
+    the start, told so once a batch was taken after it (the new log may be empty: review
+    "diff59"), unless the client failed to read a batch meanwhile: then its first message
+    stops the worker (a restarted pod sent the whole log up to the batch again, review
+    "design59")."""
     resets, _, metrics = _resets()
     resets.reported(TP, 120, True)
     resets.collect()
+    resets.after_reset(TP, -1, 0)  # the new log's first message: told after two batches
+    resets.collect()
+    assert metrics.log_resets.labels(TP[0])._value.get() == 0
     with caplog.at_level(logging.WARNING, logger="consumer.logresets"):
-        resets.after_reset(TP, -1, 0)
+        resets.collect()
     assert metrics.log_resets.labels(TP[0])._value.get() == 1
     assert "its committed offset 120 is past the end of its log" in caplog.text
     assert resets.pending == {}
     resets.reported(TP, 8680820740569200761, True)
     resets.collect()
-    resets.unreadable(TP, "MessageSet at offset 4 (270 bytes) failed CRC32C check")
+    resets.unreadable(TP, 4, "MessageSet at offset 4 (270 bytes) failed CRC32C check")
+    resets.collect()
+    resets.collect()  # not told: the batch could not be read
     with pytest.raises(Stop, match="starts the partition over from offset 0"):
         resets.after_reset(TP, -1, 0)
+    assert metrics.log_resets.labels(TP[0])._value.get() == 1
+
+
+def test_a_batch_read_after_all_is_no_reason_to_stop() -> None:
+    """Review "diff59": a batch that failed once (a passing decompression fault) and was
+    then read: a later going back is a new log, not that batch."""
+    resets, commits, metrics = _resets()
+    resets.unreadable(TP, 4, "Decompression (codec 0x4) of message at 4 failed")
+    resets.read_past(TP, 3)
+    assert TP in resets.unread, "a message before the batch says nothing"
+    resets.read_past(TP, 4)
+    assert resets.unread == {}
+    for offset in range(6):
+        commits.take(TP, offset)
+    resets.went_back(TP, 5, 0, mark=None)
     assert metrics.log_resets.labels(TP[0])._value.get() == 1

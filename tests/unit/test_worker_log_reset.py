@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from consumer.commits import TP
+from consumer.logresets import _Reset
 from consumer.offsets import Finished, decode_note
 from tests.unit.test_worker import (
     TOPIC,
@@ -302,8 +303,8 @@ def test_a_commit_past_a_replaced_log_s_end_is_told_once_nothing_was_taken() -> 
     worker.commits.assign([tp])
     worker.assigned.add(tp)
     worker._on_reset(tp, 120, True)
-    worker.resets.collect()
-    worker.resets.after_reset(tp, -1, 0)  # told by the new log's first message
+    for _ in range(3):  # told once two batches were taken after it
+        worker.resets.collect()
     assert worker.m.log_resets.labels(TOPIC)._value.get() == 1
     assert tp not in worker.resets.pending, "nothing left to judge: no stale entry"
     worker.commits.take(tp, 0)
@@ -343,7 +344,7 @@ def test_a_log_that_went_back_after_a_reset_is_left_to_went_back() -> None:
     run = make({tp: []}, registry=known_schema())
     worker = run.worker
     worker.commits.assign([tp])
-    worker.resets.pending[tp] = (50, False)
+    worker.resets.pending[tp] = _Reset(50, False, 0)
     worker.resets.after_reset(tp, 49, 0)
     assert tp not in worker.resets.pending
     assert worker.m.log_resets.labels(TOPIC)._value.get() == 0  # `went_back` counts it
@@ -430,13 +431,13 @@ def test_a_message_at_the_reset_position_skips_nothing_and_one_again_is_went_bac
     tp = (TOPIC, 0)
     worker = make({tp: []}, registry=known_schema()).worker
     worker.commits.assign([tp])
-    worker.resets.pending[tp] = (120, False)
+    worker.resets.pending[tp] = _Reset(120, False, 0)
     with caplog.at_level(logging.ERROR):
         worker.resets.after_reset(tp, 119, 120)
     assert tp not in worker.resets.pending
     assert worker.m.skipped_offsets.labels(TOPIC)._value.get() == 0
     assert not [r for r in caplog.records if "lost offsets" in r.getMessage()]
-    worker.resets.pending[tp] = (50, False)
+    worker.resets.pending[tp] = _Reset(50, False, 0)
     worker.resets.after_reset(tp, 30, 30)
     assert tp not in worker.resets.pending
 
@@ -589,6 +590,160 @@ def test_a_batch_the_client_cannot_read_stops_before_anything_is_sent_again(star
     seqs = sorted(codec_seq(b) for b in run.client.bodies)
     assert seqs == ([] if start else [0, 1, 2, 3]), "nothing sent twice"
     assert run.worker.m.log_resets.labels(TOPIC)._value.get() == 0
+
+
+@dataclass
+class CorruptBatchUnknownEnd(CorruptBatch):
+    """As CorruptBatch, but the brokers did not give the log's end within RESET_ASK_S:
+    the reset is reported with its end unknown."""
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        tp = (TOPIC, 0)
+        if self.position.get(tp, 0) >= self.bad:
+            self.position[tp] = 0
+            assert self.cb.on_reset is not None
+            self.cb.on_reset(tp, GARBAGE_OFFSET, None)
+            return [BadBatch(TOPIC, 0, self.bad, None, None)]
+        return FakeSource.consume(self, min(max_messages, self.bad - self.position.get(tp, 0)),
+                                  timeout_s)
+
+
+def test_a_restarted_worker_whose_reset_end_is_unknown_sends_nothing_again() -> None:
+    """Review "diff59": the reset's end unknown (the lookup unanswered within its second),
+    the restarted pod took the log's start for prefetched messages and sent all of it."""
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, f"u{i}".encode(), track(f"u{i}", i))
+                        for i in range(8)]}
+
+    def source(cb: Any, messages: dict[TP, list[Message]]) -> CorruptBatchUnknownEnd:
+        return CorruptBatchUnknownEnd(cb, messages, start=4)
+
+    run = make(log, registry=known_schema(), source_type=source,  # type: ignore[arg-type]
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the stop", timeout=10)
+
+    assert drive(run, scenario) == 1
+    assert run.client.bodies == []
+    assert "cannot read a record batch (MessageSet at offset 4" in str(run.worker.fatal)
+
+
+@dataclass
+class Batches(FakeSource):
+    """Hands the scripted batches in turn (each a list of messages, with `reset` told
+    first when set), then nothing."""
+
+    batches: list[list[Message]] = field(default_factory=list)
+    reset_with: dict[int, tuple[int, bool | None]] = field(default_factory=dict)
+    served: int = 0
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        if self.served < len(self.batches):
+            self.served += 1
+            reset = self.reset_with.get(self.served)
+            if reset is not None:
+                assert self.cb.on_reset is not None
+                self.cb.on_reset((TOPIC, 0), *reset)
+            return self.batches[self.served - 1]
+        return FakeSource.consume(self, 0, timeout_s)  # serves the commit answers
+
+
+def _four(anonymous: tuple[int, ...] = ()) -> list[Message]:
+    return [Message(TOPIC, 0, i, f"u{i}".encode(), track(None if i in anonymous else f"u{i}", i))
+            for i in range(4)]
+
+
+@pytest.mark.parametrize("error", [True, False], ids=["unreadable batch", "loop"])
+def test_a_stop_at_a_going_back_keeps_the_old_logs_drops_recorded(error: bool) -> None:
+    """Review "diff59": the going back's mark was taken out of the batch's drops before
+    `went_back` raised, so the stop committed 2, not 4, and the drops were read again."""
+    m = _four(anonymous=(2, 3))
+    bad = [BadBatch(TOPIC, 0, 4, None, None)] if error else []
+    batches = [[m[0], m[1]], [m[2], m[3], *bad, m[0], m[1]], [m[2], m[3], m[0]]]
+
+    def source(cb: Any, messages: dict[TP, list[Message]]) -> Batches:
+        return Batches(cb, messages, batches=batches,
+                       reset_with={2: (GARBAGE_OFFSET, True)} if error else {})
+
+    run = make({(TOPIC, 0): m}, registry=known_schema(), source_type=source,  # type: ignore[arg-type]
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the stop", timeout=10)
+
+    assert drive(run, scenario) == 1
+    assert run.source.commits[-1].get((TOPIC, 0)) == 4, run.source.commits
+
+
+def test_a_restart_below_the_batch_is_not_told_as_a_replaced_log(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "diff59": restarted with its commit below the corrupt batch, the messages
+    before it came with the reset in one consume and the first was taken for the new
+    log's: "log replaced" was said (and counted, paging) before the stop."""
+    m = _four()
+
+    def source(cb: Any, messages: dict[TP, list[Message]]) -> Batches:
+        return Batches(cb, messages, batches=[[m[2], m[3], BadBatch(TOPIC, 0, 4, None, None),
+                                               m[0]]],
+                       reset_with={1: (GARBAGE_OFFSET, True)})
+
+    run = make({(TOPIC, 0): m}, registry=known_schema(), source_type=source,  # type: ignore[arg-type]
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.fatal is not None, "the stop", timeout=10)
+
+    with caplog.at_level(logging.WARNING):
+        assert drive(run, scenario) == 1
+    assert run.worker.m.log_resets.labels(TOPIC)._value.get() == 0
+    assert not [r for r in caplog.records if "past the end" in r.getMessage()]
+    assert sorted(codec_seq(b) for b in run.client.bodies) == [2, 3]
+
+
+def test_a_commit_past_the_end_of_an_empty_new_log_is_told() -> None:
+    """Review "diff59": told at the new log's first message only, a new log still empty
+    never said the commit lay past its end (the README: either way the worker says so)."""
+    def source(cb: Any, messages: dict[TP, list[Message]]) -> Batches:
+        return Batches(cb, messages, batches=[[]], reset_with={1: (120, True)})
+
+    run = make({(TOPIC, 0): []}, registry=known_schema(), source_type=source)  # type: ignore[arg-type]
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: run.worker.m.log_resets.labels(TOPIC)._value.get() == 1,
+                    "the reset told")
+
+    assert drive(run, scenario) == 0
+
+
+def test_a_batch_that_failed_once_then_a_topic_recreated_is_a_new_log() -> None:
+    """Review "diff59": a batch that failed to decompress once and was then read; minutes
+    later (within RESET_LOOP_S) the topic was recreated: the worker stopped, calling it
+    that batch. A message at or past the batch clears it."""
+    old = [Message(TOPIC, 0, i, f"o{i}".encode(), track(f"o{i}", i)) for i in range(8)]
+    new = [Message(TOPIC, 0, i, f"n{i}".encode(), track(f"n{i}", 100 + i)) for i in range(3)]
+    once = UndecompressedOnce(TOPIC, 0, 4, None, None)
+    batches: list[list[Message]] = [old[:4], [once], old[4:], new]
+
+    def source(cb: Any, messages: dict[TP, list[Message]]) -> Batches:
+        return Batches(cb, messages, batches=batches)
+
+    run = make({(TOPIC, 0): old}, registry=known_schema(), source_type=source,  # type: ignore[arg-type]
+               USERPILOT_ENSURE_USER="false")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(run.client.bodies) == 11, "both logs delivered")
+
+    assert drive(run, scenario) == 0
+    assert run.worker.m.log_resets.labels(TOPIC)._value.get() == 1
+
+
+@dataclass
+class UndecompressedOnce(Message):
+    def error(self) -> Any:
+        from confluent_kafka import KafkaError
+
+        return KafkaError(KafkaError._BAD_COMPRESSION,
+                          "Decompression (codec 0x4) of message at 4 of 270 bytes failed")
 
 
 @dataclass
