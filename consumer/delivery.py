@@ -81,6 +81,10 @@ _CERT_TIME_CODES = frozenset({9, 10})
 """OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED."""
 _CERT_HOST_CODES = frozenset({62, 64})
 """OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH."""
+_CERT_WEAK_CODES = frozenset({66, 67, 68})
+"""OpenSSL's X509_V_ERR_EE_KEY_TOO_SMALL, X509_V_ERR_CA_KEY_TOO_SMALL and
+X509_V_ERR_CA_MD_TOO_WEAK: a chain this host's OpenSSL refuses at its security level,
+however trusted its CA."""
 HEADER_LINE_MAX = 64 * 1024
 """The longest header line (or status line) an answer may have; aiohttp's default, 8,190
 bytes, refused a valid 2xx with a long Content-Security-Policy or Set-Cookie."""
@@ -456,7 +460,7 @@ def transport_failure(exc: BaseException, deadline_s: float,
             # `delete-users` says it, not "for TLS, check USERPILOT_CA_BUNDLE" (review
             # "config48"). httpx-aiohttp maps it to a ConnectTimeout.
             return unreachable(cause.host, proxied, refused=True)
-        return ConnectionFailed(f"connection to Userpilot failed ({type(cause).__name__})")
+        return ConnectionFailed(f"connection to Userpilot failed ({_named(cause or exc)})")
     if isinstance(exc, httpx.ProxyError):
         status = _proxy_status(exc)
         if status == 407:
@@ -473,6 +477,13 @@ def transport_failure(exc: BaseException, deadline_s: float,
             return ProxyRefused(
                 "the proxy refused the tunnel to Userpilot (HTTP 403): allow the Userpilot "
                 "host in the proxy's policy, or bypass it with NO_PROXY", status=403)
+        if status in _NO_TUNNELS:
+            # A proxy for plain HTTP only: a setting, as a 405/501 from Userpilot is; as an
+            # outage the pod stayed ready and no alert fired (review "egress59").
+            return ProxyRefused(
+                f"the proxy does not open tunnels (HTTP {status} to CONNECT): it proxies "
+                "plain HTTP only; name one that tunnels HTTPS in HTTPS_PROXY, or bypass it "
+                "with NO_PROXY", status=status)
         if status is not None:
             # Any other refusal of the tunnel (a 502: it cannot reach Userpilot) says
             # nothing about the event (never a dead letter), but says who refused.
@@ -480,10 +491,22 @@ def transport_failure(exc: BaseException, deadline_s: float,
                 f"connection to Userpilot failed: the proxy refused the tunnel (HTTP {status})",
                 before_tls=True)
     if isinstance(exc, (httpx.TransportError, OSError)):
-        return ConnectionFailed(f"connection to Userpilot failed ({type(exc).__name__})")
+        return ConnectionFailed(f"connection to Userpilot failed ({_named(exc)})")
     # A broken answer: a body httpx cannot decode, or a response aiohttp's parser refused
     # (httpx-aiohttp passes those through unmapped).
     return ServerError(f"unusable answer from Userpilot ({type(exc).__name__})")
+
+
+_NO_TUNNELS = frozenset({400, 405, 501})
+"""A proxy's answers to CONNECT that say it does not tunnel (a plain-HTTP proxy)."""
+
+
+def _named(exc: BaseException) -> str:
+    """The exception's class, with OpenSSL's reason when a TLS error is among its causes:
+    "ClientConnectorSSLError" alone hid which handshake failed (review "egress59")."""
+    reason = next((getattr(seen, "reason", None) for seen in causes(exc)
+                   if isinstance(seen, ssl.SSLError) and getattr(seen, "reason", None)), None)
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 def quoted_header(value: str, redact: Callable[[str], str]) -> str:
@@ -547,6 +570,22 @@ def request_secrets(headers: Mapping[str, str], proxy: str | None) -> list[str]:
 _PLAIN_PORT = frozenset({"WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG",
                          "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL"})
 """OpenSSL's reasons for a handshake answered by something that is not TLS (an HTTP port)."""
+_NO_COMMON_GROUND = {
+    **dict.fromkeys(("TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL",
+                     "NO_PROTOCOLS_AVAILABLE"),
+                    "no TLS version both ends accept (the worker speaks TLS 1.2 and 1.3)"),
+    **dict.fromkeys(("SSLV3_ALERT_HANDSHAKE_FAILURE", "NO_SHARED_CIPHER",
+                     "NO_CIPHERS_AVAILABLE", "TLSV1_ALERT_INSUFFICIENT_SECURITY"),
+                    "no cipher suite or key exchange both ends accept"),
+    **dict.fromkeys(("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE"),
+                    "the other end asks for a client certificate (mutual TLS), which the "
+                    "worker does not send"),
+}
+"""OpenSSL's reasons for a handshake refused for a lasting lack of common ground, and what
+each means: retried as an outage with only "ClientConnectorSSLError" to show, the pod stayed
+ready and no alert said why (review "egress59"). Userpilot's own endpoint accepts TLS 1.2
+and 1.3 without a client certificate: such a refusal is a wrong endpoint, or a proxy or
+gateway in front of it."""
 
 
 def unreachable(host: str, proxied: bool, *, refused: bool = False) -> ConnectionFailed:
@@ -608,6 +647,14 @@ def _tls_refusal(exc: BaseException, proxied: bool = False) -> TlsRefused | None
                     f"outside its validity dates ({why}): it has expired or is not valid "
                     "yet (the other end's to renew, or a CA in USERPILOT_CA_BUNDLE to "
                     "replace) or this host's clock is wrong")
+            if getattr(cause, "verify_code", None) in _CERT_WEAK_CODES:
+                # Trusted, but too weak for this host's OpenSSL: another CA bundle cannot fix
+                # it (review "egress59").
+                return TlsRefused(
+                    f"TLS: {whose.replace(' certificate', ' chain')} uses a key or signature "
+                    f"this host's OpenSSL refuses as too weak ({why}): the other end's to "
+                    "replace (a TLS-inspecting proxy's CA, say); check "
+                    "USERPILOT_ANALYTICS_ENDPOINT")
             if getattr(cause, "verify_code", None) in _CERT_HOST_CODES:
                 # Trusted, but issued for another name: the CA bundle is not the fix
                 # (review "http49").
@@ -621,6 +668,13 @@ def _tls_refusal(exc: BaseException, proxied: bool = False) -> TlsRefused | None
                 "that signed it (a TLS-inspecting proxy's, say), or check "
                 "USERPILOT_ANALYTICS_ENDPOINT")
         reason = getattr(seen, "reason", None)  # aiohttp's SSL errors have none: causes do
+        if isinstance(seen, ssl.SSLError) and reason in _NO_COMMON_GROUND:
+            where = ("USERPILOT_ANALYTICS_ENDPOINT, and the proxy in HTTPS_PROXY (an https:// "
+                     "proxy's own TLS, or one inspecting TLS; NO_PROXY bypasses it)" if proxied
+                     else "USERPILOT_ANALYTICS_ENDPOINT (a gateway or proxy in front of it?)")
+            return TlsRefused(
+                f"TLS: the handshake was refused ({reason}): {_NO_COMMON_GROUND[reason]}; "
+                f"Userpilot's own endpoint accepts TLS 1.2 and 1.3 without one: check {where}")
         if isinstance(seen, ssl.SSLError) and reason in _PLAIN_PORT:
             where = ("the port in USERPILOT_ANALYTICS_ENDPOINT, or the proxy URL's scheme "
                      "(a plain-HTTP proxy is http://, even in HTTPS_PROXY)" if proxied

@@ -230,8 +230,9 @@ class Refused(Misconfigured):
 
 
 class ProxyRefused(Misconfigured):
-    """The egress proxy forbids the tunnel to Userpilot (403 to CONNECT): its policy, or a
-    host NO_PROXY should bypass. Never evidence about an event."""
+    """The egress proxy forbids the tunnel to Userpilot (403 to CONNECT: its policy, or a
+    host NO_PROXY should bypass) or opens no tunnels at all (400, 405 or 501: a proxy for
+    plain HTTP only). Never evidence about an event."""
 
 
 class AlreadyDelivered(WorkerError):

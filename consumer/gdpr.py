@@ -349,7 +349,8 @@ class DeleteClient:
             # The worker's rule (a proxy's 407 to the tunnel is a misconfiguration that
             # stops the run: it was retried 12 times a batch, review newcomer19).
             failure = (_before_tls(exc, self._host, self._proxy_host)
-                       or transport_failure(exc, self.deadline_s))
+                       or transport_failure(exc, self.deadline_s,
+                                            proxied=self._proxy_host is not None))
             if (isinstance(failure, ConnectionFailed) and not isinstance(failure, TlsRefused)
                     and not failure.before_tls and self.url.startswith("https:")):
                 failure = ConnectionFailed(f"{failure}; for TLS, check USERPILOT_CA_BUNDLE "

@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 import time
 import tracemalloc
@@ -26,10 +27,11 @@ import httpx
 import pytest
 
 from consumer.answers import BODY_LIMIT
-from consumer.delivery import STALE_RESENDS, UserpilotClient, ssl_context
+from consumer.delivery import STALE_RESENDS, UserpilotClient, ssl_context, transport_failure
 from consumer.errors import (
     ConnectionFailed,
     Misconfigured,
+    ProxyRefused,
     RateLimited,
     Refused,
     Rejected,
@@ -802,20 +804,38 @@ def test_an_https_proxy_forbidding_the_tunnel_is_a_setting_not_an_outage() -> No
     assert "NO_PROXY" in str(failure) and "token" not in str(failure)
 
 
-@pytest.mark.parametrize("status", [400, 405, 502])
+@pytest.mark.parametrize("status", [502, 503])
 def test_an_https_proxy_refusing_the_tunnel_otherwise_is_a_connection_failure(
         status: int) -> None:
-    """Only the proxy's 407 means something to the worker: a proxy that cannot tunnel
-    (400, 405) or forbids the host says nothing about the event, which must wait, never
-    be dead-lettered as a payload Userpilot rejected (it never left the proxy). Its status
-    is named: "ProxyError" alone did not say who refused (review "http33")."""
+    """A proxy that cannot reach Userpilot says nothing about the event, which must wait,
+    never be dead-lettered as a payload Userpilot rejected (it never left the proxy). Its
+    status is named: "ProxyError" alone did not say who refused (review "http33")."""
     async def main() -> WorkerError:
         async with Server(always(Close(http(status, b"", reason="No")))) as proxy:
             client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
                                      max_connections=2, proxy=f"http://127.0.0.1:{proxy.port}")
             return await failure_of(client, ConnectionFailed)
 
-    assert f"the proxy refused the tunnel (HTTP {status})" in str(run(main))
+    failure = run(main)
+    assert f"the proxy refused the tunnel (HTTP {status})" in str(failure)
+    assert not isinstance(failure, Misconfigured)
+
+
+@pytest.mark.parametrize("status", [400, 405, 501])
+def test_a_proxy_that_opens_no_tunnels_is_a_setting_not_an_outage(status: int) -> None:
+    """A proxy for plain HTTP only answers CONNECT 400, 405 or 501: nothing is delivered
+    until the setting changes. As an outage the pod stayed ready and no alert fired
+    (review "egress59"); the events wait (a pause), never dead-lettered."""
+    async def main() -> WorkerError:
+        async with Server(always(Close(http(status, b"", reason="No")))) as proxy:
+            client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
+                                     max_connections=2, proxy=f"http://127.0.0.1:{proxy.port}")
+            return await failure_of(client, Misconfigured)
+
+    failure = run(main)
+    assert isinstance(failure, ProxyRefused) and failure.status == status
+    assert f"the proxy does not open tunnels (HTTP {status} to CONNECT)" in str(failure)
+    assert "HTTPS_PROXY" in str(failure) and "NO_PROXY" in str(failure)
 
 
 def timed_outcome(segments: list[bytes], timeout_s: float) -> tuple[str, float]:
@@ -1301,6 +1321,103 @@ def test_an_expired_certificate_is_not_sent_to_the_ca_bundle(code: int, says: st
     assert (code in (9, 10)) == ("clock is wrong" in str(refusal))
     # Review "http49": a certificate for another name is not the CA bundle's to fix.
     assert (code in (62, 64)) == ("USERPILOT_CA_BUNDLE" not in str(refusal))
+
+
+@pytest.mark.parametrize(("code", "why"), [
+    (66, "EE certificate key too weak"), (67, "CA certificate key too weak"),
+    (68, "CA signature digest algorithm too weak")])
+def test_a_chain_too_weak_for_openssl_is_not_sent_to_the_ca_bundle(code: int, why: str) -> None:
+    """Review "egress59": a 1024-bit key or a SHA-1 signature from a trusted CA read "set
+    USERPILOT_CA_BUNDLE to the CA that signed it", which cannot fix it."""
+    from consumer.delivery import _tls_refusal
+
+    cause = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    cause.verify_code = code
+    cause.verify_message = why
+    wrapped = aiohttp.ClientConnectorCertificateError(None, cause)  # type: ignore[arg-type]
+    refusal = _tls_refusal(wrapped)
+    assert refusal is not None and "too weak" in str(refusal) and why in str(refusal)
+    assert "USERPILOT_CA_BUNDLE" not in str(refusal)
+
+
+@pytest.mark.parametrize(("reason", "says"), [
+    ("TLSV1_ALERT_PROTOCOL_VERSION", "no TLS version both ends accept"),
+    ("UNSUPPORTED_PROTOCOL", "no TLS version both ends accept"),
+    ("SSLV3_ALERT_HANDSHAKE_FAILURE", "no cipher suite or key exchange"),
+    ("NO_SHARED_CIPHER", "no cipher suite or key exchange"),
+    ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "asks for a client certificate")])
+@pytest.mark.parametrize("proxied", [False, True])
+def test_a_handshake_refused_for_lack_of_common_ground_is_a_setting(
+        reason: str, says: str, proxied: bool) -> None:
+    """Review "egress59": TLS 1.1 only, a client certificate required, no shared cipher:
+    retried as an outage with only "ClientConnectorSSLError" to show, the pod stayed ready
+    and `check-config --online` sent the operator to the CA bundle."""
+    cause = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower()}")
+    cause.reason = reason
+    try:
+        try:
+            raise cause
+        except ssl.SSLError as exc:
+            raise aiohttp.ClientConnectorSSLError(None, exc) from exc
+    except aiohttp.ClientConnectorSSLError as wrapped:
+        failure = transport_failure(wrapped, 5.0, proxied=proxied)
+    assert isinstance(failure, TlsRefused), failure
+    assert reason in str(failure) and says in str(failure)
+    assert "USERPILOT_ANALYTICS_ENDPOINT" in str(failure)
+    assert ("HTTPS_PROXY" in str(failure)) is proxied
+
+
+def test_another_tls_failure_names_openssls_reason() -> None:
+    """Review "egress59": a TLS failure that is no setting's is retried, but its line says
+    which (OpenSSL's reason), not "ClientConnectorSSLError" alone."""
+    cause = ssl.SSLError(1, "[SSL: TLSV1_ALERT_INTERNAL_ERROR] internal error")
+    cause.reason = "TLSV1_ALERT_INTERNAL_ERROR"
+    try:
+        try:
+            raise cause
+        except ssl.SSLError as exc:
+            raise aiohttp.ClientConnectorSSLError(None, exc) from exc
+    except aiohttp.ClientConnectorSSLError as wrapped:
+        failure = transport_failure(wrapped, 5.0)
+    assert type(failure) is ConnectionFailed
+    assert "(ClientConnectorSSLError: TLSV1_ALERT_INTERNAL_ERROR)" in str(failure)
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (["-Verify", "1", "-CAfile", "{cert}"], "(TLSV13_ALERT_CERTIFICATE_REQUIRED)"),
+    (["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"], "no TLS version both ends accept"),
+    (["-tls1_2", "-cipher", "aNULL:eNULL"], "no cipher suite or key exchange")],
+    ids=["client certificate", "TLS 1.1", "no shared cipher"])
+def test_a_real_handshake_refused_for_lack_of_common_ground_is_a_setting(
+        certificate: tuple[Path, Path], options: list[str], says: str) -> None:
+    """The real handshakes (review "egress59"), against OpenSSL's own server: a gateway
+    demanding mutual TLS, one speaking TLS 1.1 only, one with no cipher in common."""
+    cert, key = certificate
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", str(port), "-cert", str(cert), "-key", str(key),
+         "-www", "-quiet", *(o.format(cert=cert) for o in options)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline and server.poll() is None, "s_server started"
+            time.sleep(0.05)
+
+        async def main() -> WorkerError:
+            client = up(f"https://localhost:{port}/v1/track", ca_bundle=str(cert))
+            return await failure_of(client, TlsRefused)
+
+        failure = run(main)
+    finally:
+        server.kill()
+        server.wait()
+    assert says in str(failure), failure
 
 
 def _head_of(fields: int, size: int) -> bytes:

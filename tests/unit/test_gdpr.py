@@ -365,6 +365,23 @@ def test_a_proxy_that_cannot_reach_userpilot_is_named_without_a_tls_hint() -> No
     assert "USERPILOT_CA_BUNDLE" not in str(failed.value)
 
 
+def test_an_https_proxy_url_naming_a_plain_http_proxy_names_its_scheme() -> None:
+    """Review "egress59": `HTTPS_PROXY=https://` naming a plain-HTTP proxy; check-config
+    said to check the proxy URL's scheme, `delete-users` only the endpoint's port (its
+    failures were classified as if there were no proxy)."""
+    answer = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    with answering(answer) as port:
+        client = DeleteClient("https://analytex.userpilot.io/v1/users",
+                              {"Authorization": "Token t"}, timeout_s=5,
+                              proxy=f"https://127.0.0.1:{port}")
+        try:
+            with pytest.raises(TlsRefused) as failed:
+                client.delete(b'{"users":["u"]}')
+        finally:
+            client.close()
+    assert "the proxy URL's scheme" in str(failed.value)
+
+
 # ---------------------------------------------------------------------------- command line
 
 
