@@ -16,9 +16,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from consumer.codec import replace_surrogates
+from consumer.stdout import printable
 
 __all__ = ["BODY_LIMIT", "MAX_BODY_BYTES", "Unreadable", "body_text", "capped", "charset_of",
-           "raw_chunks", "whole_body"]
+           "excerpt", "html_page", "raw_chunks", "whole_body"]
 
 BODY_LIMIT = 1024
 """Characters of an error body kept in exceptions, logs and dead letters."""
@@ -149,3 +150,18 @@ def _decode(raw: bytes, charset: str | None) -> str:
     # UTF-8 encoding of the text takes: a 400 answered in utf-7 crashed the worker as its
     # dead letter's headers were written, on every restart (review "poison21").
     return replace_surrogates(text)
+
+
+def excerpt(body: str, limit: int = 160) -> str:
+    """An answer's body (redacted already) as a pause or outage line quotes it: whitespace
+    collapsed, cut at `limit` characters, printable. A proxy's block page said why in it
+    while the line said only "token refused" (review "egress59")."""
+    text = " ".join(body.split())
+    return printable(text[:limit] + ("…" if len(text) > limit else ""))
+
+
+def html_page(body: str) -> bool:
+    """The answer is an HTML page: Userpilot's API answers JSON, so it is a block page of
+    something in between (a proxy, firewall or TLS-inspecting gateway)."""
+    head = body[:512].lstrip().lower()
+    return head.startswith(("<!doctype html", "<html")) or "<html" in head

@@ -40,7 +40,7 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.tracing import Trace
 from httpx_aiohttp.transport import AiohttpResponseStream, AiohttpTransport
 
-from consumer.answers import BODY_LIMIT, MAX_BODY_BYTES, body_text, charset_of
+from consumer.answers import BODY_LIMIT, MAX_BODY_BYTES, body_text, charset_of, html_page
 from consumer.codec import replace_surrogates
 from consumer.errors import (
     ConnectionFailed,
@@ -386,6 +386,15 @@ def classify(status: int, headers: Mapping[str, str], body: str,
         return Misconfigured(
             f"{refused}: the proxy refused its credentials; check the user and password in "
             "HTTPS_PROXY / HTTP_PROXY (percent-encoded)", status=status, body=snippet,
+        )
+    if status in (401, 403) and html_page(snippet):
+        # Userpilot's API answers JSON: an HTML page is a block page of something in
+        # between. Read as "token refused", on-call chased the token (review "egress59").
+        return Refused(
+            f"{refused}: refused with an HTML page, which Userpilot's API does not send: an "
+            "egress proxy, firewall or TLS-inspecting gateway in between answered (its page "
+            "says why: see the answer quoted); else check USERPILOT_API_KEY",
+            status=status, body=snippet,
         )
     if status in (401, 403):
         return Refused(

@@ -31,6 +31,7 @@ from typing import Literal, Protocol
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_random_exponential
 
+from consumer.answers import excerpt
 from consumer.errors import (
     DeadLetter,
     Pause,
@@ -39,6 +40,7 @@ from consumer.errors import (
     RefusedAlone,
     Retry,
     TlsRefused,
+    WorkerError,
 )
 
 __all__ = ["PROBE_BASE_S", "PROBE_MAX_S", "REFUSED_ALONE", "Attempts", "Gate", "Hold",
@@ -63,6 +65,14 @@ class Hold(Protocol):
 
     async def acquire(self) -> None: ...
     def release(self) -> None: ...
+
+
+def quoting(exc: WorkerError) -> str:
+    """A failure as `/readyz` and the pause line say it: its text, and the answer that
+    caused it, when there was one (a proxy's block page says why; review "egress59")."""
+    body = getattr(exc, "body", "") or ""
+    shown = excerpt(body) if body.strip() else ""
+    return f"{exc} (answer: {shown})" if shown else str(exc)
 
 
 class Gate:
@@ -274,9 +284,11 @@ class Gate:
                     else "")  # a run of 429s read as an outage (review "faults28")
             # A TLS refusal that lasts is a setting: /readyz and integration_up say so.
             state: GateState = "misconfigured" if isinstance(exc, TlsRefused) else "outage"
-            self._set(state, f"{self._consecutive} failures in a row, last: {exc}{hint}")
+            self._set(state, f"{self._consecutive} failures in a row, last: "
+                             f"{quoting(exc)}{hint}")
         elif self.state == "outage" and isinstance(exc, TlsRefused):
-            self._set("misconfigured", f"{self._consecutive} failures in a row, last: {exc}")
+            self._set("misconfigured",
+                      f"{self._consecutive} failures in a row, last: {quoting(exc)}")
         elif self.state != "up" and exc.retry_after:
             # An answer that came after the gate closed: its event waits at the gate now,
             # not in its own backoff, so its Retry-After holds the probes (review "diff27").
@@ -286,7 +298,7 @@ class Gate:
     def misconfigured(self, exc: Pause, probe: bool = False) -> None:
         if self.state != "misconfigured":
             self._next_probe = self._clock() + self._probe_wait(None)
-            self._set("misconfigured", str(exc))
+            self._set("misconfigured", quoting(exc))
         self._failed_probe(probe)
 
     def release(self, probe: bool) -> None:

@@ -33,6 +33,7 @@ import httpx
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicCollection
 from confluent_kafka.admin import AclOperation, AdminClient, ConfigResource
 
+from consumer.answers import excerpt, html_page
 from consumer.config import SECRET_KAFKA_KEYS, Settings, librdkafka_bool, redact_userinfo
 from consumer.delivery import REQUEST_REFUSED, UserpilotClient
 from consumer.errors import (
@@ -113,6 +114,12 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
     try:
         status = asyncio.run(probe())
     except Rejected as exc:
+        if exc.status == 400 and html_page(exc.body):
+            # Userpilot answers JSON: a proxy or firewall in between answered, and would
+            # answer every event so (each dead-lettered; review "egress59").
+            return (f"Userpilot at {host}{via} answered 400 with an HTML page, which "
+                    "Userpilot's API does not send: an egress proxy, firewall or "
+                    f"TLS-inspecting gateway in between answered (answer: {excerpt(exc.body)})")
         if exc.status == 400:
             return None  # the token not refused; the empty body was, as intended
         return _not_userpilot(host, exc.status)
@@ -121,6 +128,10 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
             return f"Userpilot at {host}{via}: {exc}"
         if exc.status in REQUEST_REFUSED:
             return _not_userpilot(host, exc.status)
+        if exc.status in (401, 403) and html_page(exc.body):
+            # A block page of something in between, not a verdict on the token (review
+            # "egress59"): the page says why.
+            return f"Userpilot at {host}{via}: {exc} (answer: {excerpt(exc.body)})"
         if exc.status in (401, 403):
             return (f"Userpilot at {host} refused the token ({exc.status}): use the "
                     "application write token from the Environment page (not the "

@@ -211,6 +211,24 @@ def test_a_released_probe_frees_the_slot() -> None:
     assert gate.state == "outage"
 
 
+def test_a_pause_or_an_outage_quotes_the_answer_that_caused_it() -> None:
+    """Review "egress59": a TLS-inspecting proxy's block page said why (an expired upstream
+    certificate) while `/readyz` and the pause line said only "token refused"."""
+    gate = Gate(outage_after=2, clock=FakeClock())
+    page = "<html><body>\n  <h1>Blocked</h1>   upstream certificate expired</body></html>"
+    gate.misconfigured(Refused("HTTP 403: refused with an HTML page", status=403, body=page))
+    assert gate.detail == ("HTTP 403: refused with an HTML page (answer: <html><body> "
+                           "<h1>Blocked</h1> upstream certificate expired</body></html>)")
+    outage = Gate(outage_after=2, clock=FakeClock())
+    for _ in range(2):
+        outage.transient_failure(ServerError("HTTP 503: Userpilot error (transient)",
+                                             status=503, body="x" * 500))
+    assert outage.detail.endswith("(answer: " + "x" * 160 + "…)")
+    quiet = Gate(outage_after=2, clock=FakeClock())
+    quiet.misconfigured(Refused("HTTP 401: token refused", status=401, body="  "))
+    assert quiet.detail == "HTTP 401: token refused"
+
+
 def test_misconfigured_state_holds_everything_until_an_answer() -> None:
     changes: list[str] = []
     clock = FakeClock()

@@ -63,6 +63,13 @@ def response(status: int, reason: str) -> bytes:
     return f"HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\n\r\n".encode()
 
 
+def page(status: int, says: str) -> bytes:
+    """A proxy's block page (HTML) answering with `status`."""
+    body = f"<html><body><h1>{says}</h1>\n<p>Contact IT.</p></body></html>".encode()
+    return (f"HTTP/1.1 {status} Blocked\r\nContent-Type: text/html\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
 def test_400_to_an_empty_track_means_the_token_is_good() -> None:
     with answering(response(400, "Bad Request")) as port:
         assert reach.userpilot(settings(port), 5) is None
@@ -83,6 +90,13 @@ def test_400_to_an_empty_track_means_the_token_is_good() -> None:
     (response(200, "OK"), "accepted an empty Track (200)"),
     (response(202, "Accepted"), "is not Userpilot's analytics API"),
     (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "unusable answer from Userpilot"),
+    # A proxy's or firewall's block page (review "egress59"): "refused the token" and
+    # "online OK" sent on-call the wrong way; its page says why.
+    (page(403, "Website blocked: upstream certificate expired"),
+     "refused with an HTML page, which Userpilot's API does not send"),
+    (page(403, "Website blocked: upstream certificate expired"),
+     "(answer: <html><body><h1>Website blocked: upstream certificate expired"),
+    (page(400, "Request blocked by policy"), "answered 400 with an HTML page"),
 ])
 def test_problems_are_one_line_that_names_them(raw: bytes, expected: str) -> None:
     with answering(raw) as port:
