@@ -614,11 +614,24 @@ COMPACTION_LAG_SAFE_MS = 86_400_000
 is not warned about: a backlog longer than that is an outage the lag alerts speak of."""
 
 
+RECEIVE_MAX_DEFAULT = 100_000_000
+"""librdkafka's `receive.message.max.bytes`: the largest answer the consumer takes."""
+FETCH_ANSWER_OVERHEAD = 1024
+"""Bytes of a fetch answer beside its record batches (librdkafka wants
+`receive.message.max.bytes` at least `fetch.max.bytes` + 512)."""
+
+
 def topic_notes(conf: Mapping[str, Any], topics: Iterable[str], dlq_topic: str,
                 timeout: float, admin: Any = None) -> list[str]:
     """Start-up warnings from the topics' settings, read in one request: one per source
-    topic the log cleaner compacts sooner than a day after writing, and one when the DLQ
-    topic is there but its settings cannot be read.
+    topic the log cleaner compacts sooner than a day after writing, one per source topic
+    whose largest record batch the consumer could not receive, and one when the DLQ topic
+    is there but its settings cannot be read.
+
+    A batch larger than `receive.message.max.bytes` (with its answer's framing) makes the
+    consumer drop its connection to that broker at every fetch: every partition behind it
+    stalls, read as a Kafka outage ("not connected to Kafka"), while `check-config` took
+    the settings (review "sizes59").
 
     Events are keyed by user, so compaction keeps each user's latest event only: those not
     yet delivered when the cleaner runs (a backlog behind an outage or a slow Userpilot)
@@ -639,8 +652,20 @@ def topic_notes(conf: Mapping[str, Any], topics: Iterable[str], dlq_topic: str,
                  for topic in dict.fromkeys([*sources, dlq_topic])]
     described = _described(admin, resources, timeout)
     warnings = []
+    receive = str(conf.get("receive.message.max.bytes", RECEIVE_MAX_DEFAULT))
     for topic in sources:
         configs = described.get(topic)
+        largest = configs.get("max.message.bytes", "") if configs is not None else ""
+        if (largest.isdigit() and receive.isdigit()
+                and int(largest) + FETCH_ANSWER_OVERHEAD > int(receive)):
+            warnings.append(
+                f"the source topic {topic!r} takes record batches of up to {int(largest):,} "
+                f"bytes (max.message.bytes), more than the consumer takes in one answer "
+                f"(receive.message.max.bytes {int(receive):,}): a fetch holding such a batch "
+                "is refused and the connection to its broker dropped, again at every try, "
+                "every partition behind it stalled as in a Kafka outage. Raise "
+                f"KAFKA_RECEIVE_MESSAGE_MAX_BYTES to at least "
+                f"{int(largest) + FETCH_ANSWER_OVERHEAD:,}")
         policy = configs.get("cleanup.policy", "") if configs is not None else ""
         if not _compacts(policy):
             continue

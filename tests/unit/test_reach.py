@@ -661,6 +661,43 @@ def test_a_dlq_topic_whose_settings_cannot_be_read_is_named() -> None:
     assert notes(readable=False, present=False) == [], "a missing DLQ is checked elsewhere"
 
 
+@pytest.mark.parametrize(("receive", "largest", "noted"), [
+    ("20000", "1048588", True), (None, "1048588", False), (None, "99999000", True),
+    ("200000000", "99999000", False), ("20000", "", False)])
+def test_a_source_topic_whose_largest_batch_the_consumer_cannot_receive_is_named(
+        receive: str | None, largest: str, noted: bool) -> None:
+    """Review "sizes59": with KAFKA_RECEIVE_MESSAGE_MAX_BYTES below a record batch the
+    source topic takes, the consumer dropped its connection at every fetch of it and the
+    worker read as in a Kafka outage; `check-config --online` had said OK."""
+    from typing import Any, cast
+
+    from confluent_kafka.admin import ConfigResource
+
+    class Entry:
+        def __init__(self, value: str) -> None:
+            self.value = value
+
+    class Admin:
+        def describe_configs(self, resources: list[ConfigResource],
+                             request_timeout: float) -> dict[Any, Any]:
+            class Read:
+                def __init__(self, name: str) -> None:
+                    self.name = name
+
+                def result(self, timeout: float) -> dict[str, Any]:
+                    if self.name != "events" or not largest:
+                        return {}
+                    return {"max.message.bytes": Entry(largest)}
+            return {r: Read(r.name) for r in resources}
+
+    conf = {} if receive is None else {"receive.message.max.bytes": receive}
+    notes = reach.topic_notes(conf, ["events"], "signal.dlq", 1.0, admin=cast(Any, Admin()))
+    assert bool(notes) is noted, notes
+    if noted:
+        assert "Raise KAFKA_RECEIVE_MESSAGE_MAX_BYTES to at least" in notes[0]
+        assert "the source topic 'events' takes record batches of up to" in notes[0]
+
+
 def test_kafka_not_reachable_quotes_the_brokers_last_error() -> None:
     """Review "sasl55": a client certificate the brokers refused read "Broker transport
     failure" only (an outage, waited for for ever); librdkafka's error callback had the
