@@ -70,6 +70,11 @@ log = logging.getLogger(__name__)
 # A down broker makes librdkafka call error_cb several times a second: one line per broker
 # per 10 s is enough to see it (the suppressed count is appended to the next line).
 log.addFilter(RateLimit(10.0))
+# A throttled client is throttled on every request: one line per broker a minute.
+throttle_log = logging.getLogger(f"{__name__}.throttle")
+throttle_log.addFilter(RateLimit(60.0))
+THROTTLE_TOLD_S = 0.5
+"""The shortest throttle a broker imposes that is logged (`KafkaSource._on_throttle`)."""
 
 _LATEST: Callable[[], Any] = OffsetSpec.latest  # untyped upstream
 DOWN_TOLD_AFTER_S = 5.0
@@ -232,6 +237,7 @@ class KafkaSource:
         settings["statistics.interval.ms"] = stats_interval_ms
         settings["stats_cb"] = self._on_stats_raw
         settings["error_cb"] = self._on_error
+        settings["throttle_cb"] = self._on_throttle
         settings["on_commit"] = self._on_commit
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-poll")
         self._topics = list(topics)
@@ -343,6 +349,20 @@ class KafkaSource:
                       "credentials anew)", where, rest, LOGIN_REFUSED_STOP_S)
             return
         log.warning("kafka %s: %s", where, rest)
+
+    @staticmethod
+    def _on_throttle(event: Any) -> None:
+        """A broker throttled the consumer (a client quota on its client id or principal).
+        A quota below what the worker needs starved its fetches: nothing consumed for
+        minutes, readiness green and no line at all, a fetch answered empty every second
+        (review "sizes59"). Said, once a minute per broker."""
+        if event.throttle_time >= THROTTLE_TOLD_S:
+            throttle_log.warning(
+                "kafka %s/%s: the broker throttles this worker for %.1f s at a time: a client "
+                "quota (consumer_byte_rate, producer_byte_rate or request_percentage, on its "
+                "client.id or principal) limits its fetches and commits; raise the quota, or "
+                "expect delivery no faster than it allows", event.broker_name,
+                event.broker_id, event.throttle_time)
 
     def _on_stats_raw(self, raw: str) -> None:
         stats = json.loads(raw)

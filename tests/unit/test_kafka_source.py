@@ -944,3 +944,25 @@ def test_oauthbearer_logins_refused_do_not_stop_the_worker(
         assert src.fatal_error is None
     finally:
         src.close(1)
+
+
+def test_a_broker_throttling_the_worker_is_said_once_a_minute_per_broker(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "sizes59": a client quota starving the worker's fetches left no line at all
+    (nothing consumed, readiness green); librdkafka tells each throttle."""
+    from types import SimpleNamespace
+
+    src = source()
+    caplog.set_level(logging.WARNING, logger="consumer.kafka.throttle")
+    try:
+        for broker in ("kafka-0:9092", "kafka-0:9092", "kafka-1:9092"):
+            src._on_throttle(SimpleNamespace(broker_name=broker, broker_id=1,
+                                             throttle_time=0.98))
+        src._on_throttle(SimpleNamespace(broker_name="kafka-2:9092", broker_id=2,
+                                         throttle_time=0.01))  # too short to say
+    finally:
+        src.close(1.0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "consumer.kafka.throttle"]
+    assert len(lines) == 2, lines
+    assert "kafka kafka-0:9092/1: the broker throttles this worker for 1.0 s" in lines[0]
+    assert "client quota" in lines[0]
