@@ -1506,7 +1506,8 @@ def _proxy_variable(env: Mapping[str, str], name: str) -> tuple[str, str] | None
 
 
 def _bypassed(netloc: str, no_proxy: str) -> bool:
-    """NO_PROXY as curl and urllib read it: `*`, or a host or domain (a leading dot
+    """NO_PROXY as curl reads it (entries apart by commas or blanks): `*`, or a host or
+    domain (a leading dot
     optional) that is the URL's host or a domain above it. An entry with a port matches
     only a URL that names that port (Userpilot's URL names none). A URL whose host is an
     IP address also matches that address however it is written (`::1`, `[0::1]`) and a
@@ -1518,7 +1519,9 @@ def _bypassed(netloc: str, no_proxy: str) -> bool:
     # matches `::1` for http://[::1]:8081): compared without the brackets.
     unbracketed = bare.rsplit("]", 1)[0].lstrip("[") if bare.startswith("[") else None
     address = _ip_address(unbracketed if unbracketed is not None else bare)
-    for entry in (e.strip().lower().lstrip(".") for e in no_proxy.split(",")):
+    # Entries apart by commas or blanks, as curl reads them (review "egress59": a
+    # space-separated list bypassed nothing here while curl honoured it).
+    for entry in (e.lower().lstrip(".") for e in re.split(r"[,\s]+", no_proxy)):
         if entry == "*":
             return True
         if entry and any(h == entry or h.endswith("." + entry) for h in (host, bare)):

@@ -58,6 +58,8 @@ def test_an_empty_lower_case_variable_counts_as_unset_as_curl_reads_it() -> None
     (".userpilot.io", True),
     ("other.com, userpilot.io", True),
     (" , userpilot.io ,", True),
+    ("other.com userpilot.io", True),  # blanks part entries, as curl reads them
+    ("other.com\tanalytex.userpilot.io", True),
     ("*", True),
     ("ANALYTEX.userpilot.io", True),
     ("pilot.io", False),  # a suffix of the name, not a domain above it
