@@ -583,8 +583,13 @@ _NO_COMMON_GROUND = {
     **dict.fromkeys(("TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL",
                      "NO_PROTOCOLS_AVAILABLE"),
                     "no TLS version both ends accept (the worker speaks TLS 1.2 and 1.3)"),
-    **dict.fromkeys(("SSLV3_ALERT_HANDSHAKE_FAILURE", "NO_SHARED_CIPHER",
-                     "NO_CIPHERS_AVAILABLE", "TLSV1_ALERT_INSUFFICIENT_SECURITY"),
+    # OpenSSL refuses a missing client certificate over TLS 1.2 with this alert too
+    # (review "diff59b").
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "no cipher suite or key exchange both ends accept, or "
+                                     "(TLS 1.2) the other end asks for a client certificate "
+                                     "(mutual TLS), which the worker does not send",
+    **dict.fromkeys(("NO_SHARED_CIPHER", "NO_CIPHERS_AVAILABLE",
+                     "TLSV1_ALERT_INSUFFICIENT_SECURITY"),
                     "no cipher suite or key exchange both ends accept"),
     **dict.fromkeys(("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE"),
                     "the other end asks for a client certificate (mutual TLS), which the "

@@ -106,7 +106,7 @@ class LogResets:
             for tp, reset in list(self.pending.items()):
                 if not reset.past_end:
                     continue
-                if reset.collects and tp not in self.unread:
+                if reset.collects and self._unreadable_now(tp) is None:
                     del self.pending[tp]
                     self._tell_replaced(tp, reset.at)
                 else:
@@ -142,8 +142,7 @@ class LogResets:
         and start the partition over from its start: that going back is this batch, not a
         new log. The first error is kept (the one naming the batch; the garbage offset's
         comes next, review "diff59") until a message at or past it is taken."""
-        seen = self.unread.get(tp)
-        if seen is None or time.monotonic() - seen.since >= RESET_LOOP_S:
+        if self._unreadable_now(tp) is None:
             self.unread[tp] = _Unreadable(offset, text, time.monotonic())
 
     def read_past(self, tp: TP, offset: int) -> None:
@@ -153,13 +152,22 @@ class LogResets:
         if offset >= self.unread[tp].offset:
             del self.unread[tp]
 
+    def _unreadable_now(self, tp: TP) -> _Unreadable | None:
+        """`tp`'s batch the client could not read, within RESET_LOOP_S: an older one says
+        nothing of a reset now (review "diff59b": kept, a log replaced under a partition
+        held at a batch was never told)."""
+        seen = self.unread.get(tp)
+        if seen is None or time.monotonic() - seen.since >= RESET_LOOP_S:
+            return None
+        return seen
+
     def _stop_if_unreadable(self, tp: TP, offset: int) -> None:
         """`tp` went back to `offset` soon after the client failed to read one of its
         batches: `Stop`, before any event is delivered again. Tracked anew, the whole log
         up to the batch was delivered again, and once more at each restart of the pod
         (review "design59")."""
-        seen = self.unread.get(tp)
-        if seen is None or time.monotonic() - seen.since >= RESET_LOOP_S:
+        seen = self._unreadable_now(tp)
+        if seen is None:
             return
         raise Stop(
             f"{partitions_text([tp])}: Kafka's client cannot read a record batch ({seen.text}) "

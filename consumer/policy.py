@@ -107,6 +107,9 @@ class Gate:
         # went out (`sent_ok_since`)
         self._failing: dict[str, set[int]] = {}  # per endpoint: events whose last attempt failed
         self._consecutive = 0
+        # Of those, the TLS refusals at the end of the run: only a run of them as long as an
+        # outage's is a setting (`transient_failure`; review "diff59b").
+        self._tls_run = 0
         self._probe_delay = probe_base_s
         self._next_probe = 0.0
         self._probing = False
@@ -161,6 +164,7 @@ class Gate:
         self._running -= 1
         if self._running == 0 and self.state != "up":
             self._consecutive = 0
+            self._tls_run = 0
             self._probe_delay = self._probe_base
             self._probing = False
             self._set("up", "", reopened=True)
@@ -251,6 +255,7 @@ class Gate:
     def answered(self, probe: bool = False) -> None:
         """Userpilot answered (e.g. 400 for one payload): it is reachable and the token works."""
         self._consecutive = 0
+        self._tls_run = 0
         self._probe_delay = self._probe_base
         if probe:
             self._probing = False
@@ -277,16 +282,20 @@ class Gate:
 
     def transient_failure(self, exc: Retry, probe: bool = False) -> None:
         self._consecutive += 1
+        self._tls_run = self._tls_run + 1 if isinstance(exc, TlsRefused) else 0
+        # A TLS refusal that lasts is a setting: /readyz and integration_up say so. One
+        # among other failures is not: a struggling node's handshake alert turned a plain
+        # 5xx outage "misconfigured" until it ended, paging as a wrong token (diff59b).
+        lasting_tls = self._tls_run >= self._outage_after
         if self.state == "up" and self._consecutive >= self._outage_after:
             self._next_probe = self._clock() + self._probe_wait(exc.retry_after)
             hint = ("; Userpilot is limiting this token: another sender uses it, or "
                     "USERPILOT_RATE_LIMIT is above its limit" if isinstance(exc, RateLimited)
                     else "")  # a run of 429s read as an outage (review "faults28")
-            # A TLS refusal that lasts is a setting: /readyz and integration_up say so.
-            state: GateState = "misconfigured" if isinstance(exc, TlsRefused) else "outage"
+            state: GateState = "misconfigured" if lasting_tls else "outage"
             self._set(state, f"{self._consecutive} failures in a row, last: "
                              f"{quoting(exc)}{hint}")
-        elif self.state == "outage" and isinstance(exc, TlsRefused):
+        elif self.state == "outage" and lasting_tls:
             self._set("misconfigured",
                       f"{self._consecutive} failures in a row, last: {quoting(exc)}")
         elif self.state != "up" and exc.retry_after:

@@ -652,7 +652,10 @@ def topic_notes(conf: Mapping[str, Any], topics: Iterable[str], dlq_topic: str,
                  for topic in dict.fromkeys([*sources, dlq_topic])]
     described = _described(admin, resources, timeout)
     warnings = []
-    receive = str(conf.get("receive.message.max.bytes", RECEIVE_MAX_DEFAULT))
+    fetch = str(conf.get("fetch.max.bytes", "0"))
+    fetch_floor = int(fetch) + 512 if fetch.isdigit() else 0  # librdkafka's own rule
+    # Not given, librdkafka raises it to fetch.max.bytes + 512 itself (review "diff59b").
+    receive = str(conf.get("receive.message.max.bytes", max(RECEIVE_MAX_DEFAULT, fetch_floor)))
     for topic in sources:
         configs = described.get(topic)
         largest = configs.get("max.message.bytes", "") if configs is not None else ""
@@ -665,7 +668,7 @@ def topic_notes(conf: Mapping[str, Any], topics: Iterable[str], dlq_topic: str,
                 "is refused and the connection to its broker dropped, again at every try, "
                 "every partition behind it stalled as in a Kafka outage. Raise "
                 f"KAFKA_RECEIVE_MESSAGE_MAX_BYTES to at least "
-                f"{int(largest) + FETCH_ANSWER_OVERHEAD:,}")
+                f"{max(int(largest) + FETCH_ANSWER_OVERHEAD, fetch_floor):,}")
         policy = configs.get("cleanup.policy", "") if configs is not None else ""
         if not _compacts(policy):
             continue

@@ -1385,9 +1385,11 @@ def test_another_tls_failure_names_openssls_reason() -> None:
 
 @pytest.mark.parametrize(("options", "says"), [
     (["-Verify", "1", "-CAfile", "{cert}"], "(TLSV13_ALERT_CERTIFICATE_REQUIRED)"),
+    (["-Verify", "1", "-CAfile", "{cert}", "-tls1_2"], "(TLS 1.2) the other end asks for a "
+     "client certificate"),
     (["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"], "no TLS version both ends accept"),
     (["-tls1_2", "-cipher", "aNULL:eNULL"], "no cipher suite or key exchange")],
-    ids=["client certificate", "TLS 1.1", "no shared cipher"])
+    ids=["client certificate", "client certificate, TLS 1.2", "TLS 1.1", "no shared cipher"])
 def test_a_real_handshake_refused_for_lack_of_common_ground_is_a_setting(
         certificate: tuple[Path, Path], options: list[str], says: str) -> None:
     """The real handshakes (review "egress59"), against OpenSSL's own server: a gateway

@@ -128,3 +128,19 @@ def test_a_batch_read_after_all_is_no_reason_to_stop() -> None:
         commits.take(TP, offset)
     resets.went_back(TP, 5, 0, mark=None)
     assert metrics.log_resets.labels(TP[0])._value.get() == 1
+
+
+def test_an_old_unreadable_batch_does_not_hold_back_a_reset_past_the_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff59b": a partition held at a batch it could not read (its error older
+    than RESET_LOOP_S), then its topic recreated: the reset past the end was never told."""
+    resets, _, metrics = _resets()
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    resets.unreadable(TP, 500, "Decompression (codec 0x4) of message at 500 failed")
+    now[0] += RESET_LOOP_S + 1
+    resets.reported(TP, 500, True)
+    for _ in range(3):
+        resets.collect()
+    assert metrics.log_resets.labels(TP[0])._value.get() == 1
+    assert resets.pending == {}

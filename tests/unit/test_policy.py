@@ -96,13 +96,25 @@ def test_a_lasting_tls_refusal_closes_the_gate_as_misconfigured_one_stray_does_n
         gate.transient_failure(refused)
     assert gate.state == "misconfigured"
     assert "USERPILOT_CA_BUNDLE" in changes[-1][1]
-    # An outage that turns out to be TLS (the last failures refusals) says so too.
+    # An outage that turns out to be TLS (the last failures refusals, as many as close the
+    # gate) says so too; one refusal among 5xx does not (review "diff59b": a struggling
+    # node's handshake alert made a plain outage "misconfigured" until it ended).
     other = Gate(outage_after=2, clock=FakeClock())
     other.transient_failure(ServerError("HTTP 503"))
     other.transient_failure(ServerError("HTTP 503"))
     assert other.state == "outage"
     other.transient_failure(refused)
+    assert other.state == "outage"
+    for _ in range(5):
+        other.transient_failure(ServerError("HTTP 503"))
+    other.transient_failure(refused)
+    assert other.state == "outage"
+    other.transient_failure(refused)
     assert other.state == "misconfigured"
+    mixed = Gate(outage_after=3, clock=FakeClock())
+    for failure in (ServerError("HTTP 503"), ServerError("HTTP 503"), refused):
+        mixed.transient_failure(failure)
+    assert mixed.state == "outage", "closed by a run of mostly 5xx: an outage"
     assert isinstance(refused, ConnectionFailed) and refused.cause == "connection_error"
 
 
