@@ -248,6 +248,12 @@ class DlqGuardTripped(Stop):
     """Dead letters passed the configured ratio or run length."""
 
 
+class UnreadableBatch(Stop):
+    """A record batch Kafka's client cannot read, and starts its partition over rather
+    than pass: the worker stops, and stays up unready a while before its exit so that
+    monitoring sees it (each restart stops again within seconds: review "ops59")."""
+
+
 class Degrade(WorkerError):
     """Something optional failed; the worker keeps delivering as it would without it."""
 

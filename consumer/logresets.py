@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from consumer.commits import TP, Commits
-from consumer.errors import Stop
+from consumer.errors import Stop, UnreadableBatch
 from consumer.logs import partitions_text
 from consumer.metrics import Metrics
 
@@ -169,7 +169,10 @@ class LogResets:
         seen = self._unreadable_now(tp)
         if seen is None:
             return
-        raise Stop(
+        # Counted as the log resets are, so UserpilotSourceLogReset (whose runbook has the
+        # fix) pages: uncounted, only "workers down" did, pointing at settings (ops59).
+        self._m.log_resets.labels(tp[0]).inc()
+        raise UnreadableBatch(
             f"{partitions_text([tp])}: Kafka's client cannot read a record batch ({seen.text}) "
             f"and starts the partition over from offset {offset}; stopped rather than "
             "deliver the same events again and again. Move the consumer group past the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
@@ -20,10 +21,12 @@ from consumer.sandbox import SandboxControl, SandboxThread
 from tests.integration.harness import (
     WorkerThread,
     delivered_seqs,
+    get,
     track_event,
     wait_until,
     worker_env,
 )
+from tests.integration.test_operations import start_worker
 
 Sandbox = tuple[SandboxThread, SandboxControl]
 BAD = 4  # the offset whose batch is corrupted
@@ -54,7 +57,7 @@ def _corrupt(bootstrap: str, topic: str, marker: bytes) -> None:
 
 def test_a_corrupt_batch_stops_the_worker_without_sending_anything_twice(
     kafka_bootstrap: str, schema_registry_url: str, topic_factory: Callable[..., str],
-    sandbox: Sandbox,
+    sandbox: Sandbox, tmp_path: Path,
 ) -> None:
     server, control = sandbox
     topic = topic_factory()
@@ -77,13 +80,36 @@ def test_a_corrupt_batch_stops_the_worker_without_sending_anything_twice(
     env = worker_env(kafka_bootstrap, schema_registry_url, server.url, topic, group,
                      USERPILOT_ENSURE_USER="false", KAFKA_CHECK_CRCS="true")
     before = {(f"crc-user-{i}", i): 1 for i in range(BAD)}
-    for run in ("first", "restarted"):
-        with WorkerThread(env) as w:
-            wait_until(lambda: not w.alive, 60, f"the {run} worker stopped")
-            assert dict(delivered_seqs(control)) == before, run
-            assert w.exit_code == 1, (run, w.exit_code)
-            # The batch's offset, for the runbook's --to-offset: not the garbage offset of
-            # the error that follows it (review "diff59").
-            assert f"cannot read a record batch (MessageSet at offset {BAD} " in str(
-                w.worker.fatal), w.worker.fatal
-            assert w.metric("userpilot_log_resets_total", topic=topic) == 0
+    with WorkerThread(env) as w:
+        wait_until(lambda: not w.alive, 60, "the worker stopped")
+        assert dict(delivered_seqs(control)) == before
+        assert w.exit_code == 1, w.exit_code
+        # The batch's offset, for the runbook's --to-offset: not the garbage offset of the
+        # error that follows it (review "diff59").
+        assert f"cannot read a record batch (MessageSet at offset {BAD} " in str(
+            w.worker.fatal), w.worker.fatal
+        # Counted, so UserpilotSourceLogReset (its runbook) pages (review "ops59").
+        assert w.metric("userpilot_log_resets_total", topic=topic) == 1
+    # Restarted, as `run` in a pod: it stops again at once, sending nothing, and stays up
+    # unready (metrics served) before its exit, so a scrape sees it (review "ops59": each
+    # life lasted 1.5 s, and only "workers down" paged).
+    worker, port = start_worker({**env, "WORKER_DLQ_GUARD_HOLD_SECONDS": "3"},
+                                tmp_path / "worker.log")
+    try:
+        def counted() -> bool:
+            status, text = get(port, "/metrics")
+            return status == 200 and "userpilot_log_resets_total{" in text and (
+                f'topic="{topic}"}} 1.0' in text)
+        wait_until(counted, 60, "the stop counted on a scrape")
+        wait_until(lambda: "cannot read a record batch" in get(port, "/readyz")[1], 30,
+                   "the hold, /readyz naming it")
+        assert get(port, "/readyz")[0] == 503
+        assert counted(), "still scraped during the hold"
+        assert worker.proc.poll() is None, "held, not gone"
+        code = worker.wait(30)
+    except BaseException:
+        worker.kill()
+        raise
+    assert code == 1, worker.output()[-3000:]
+    assert "holding 3s before exit code 1" in worker.output()
+    assert dict(delivered_seqs(control)) == before, "the restarted worker sent nothing"

@@ -23,6 +23,7 @@ from consumer.errors import (
     Stop,
     Timeout,
     UndecodableEvent,
+    UnreadableBatch,
     WorkerError,
 )
 
@@ -32,7 +33,7 @@ from consumer.errors import (
     (Pause, WorkerError), (Stop, WorkerError),
     (UndecodableEvent, DeadLetter), (InvalidEvent, DeadLetter), (Rejected, DeadLetter),
     (RateLimited, Retry), (ServerError, Retry), (Timeout, Retry), (ConnectionFailed, Retry),
-    (Misconfigured, Pause), (DlqGuardTripped, Stop),
+    (Misconfigured, Pause), (DlqGuardTripped, Stop), (UnreadableBatch, Stop),
     (Degrade, WorkerError), (SharedStateUnavailable, Degrade), (AlreadyDelivered, WorkerError),
 ])
 def test_tree(cls: type[Exception], parent: type[Exception]) -> None:

@@ -305,6 +305,7 @@ import consumer.health, consumer.reach, consumer.worker
 seen = {}
 class Worker:
     kafka_abandoned = False
+    fatal = None
     def __init__(self, *args, **kwargs): pass
     def stop(self): pass
     async def run(self):
@@ -401,6 +402,24 @@ def test_the_guard_hold_keeps_the_process_alive_unready_then_ends() -> None:
     assert health.ready() == (False, "stopped by the DLQ guard (too many dead letters); "
                                      "see the logs")
     assert hold_after_guard(health, 0)
+
+
+def test_an_unreadable_batch_holds_too_and_says_so() -> None:
+    """Review "ops59": a stop on a batch Kafka's client cannot read lasted 1.5 s a life, so
+    no scrape saw its count and only "workers down" paged, pointing at settings."""
+    from consumer.__main__ import hold_after_guard
+    from consumer.health import Health
+
+    health = Health(max_silence_s=0.2)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert hold_after_guard(health, 0.2, beat_s=0.05, unreadable=True)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    ready, why = health.ready()
+    assert not ready and "cannot read a record batch" in why
+    assert "UserpilotSourceLogReset" in why
 
 
 def test_a_sigterm_ends_the_guard_hold_at_once() -> None:
@@ -702,6 +721,7 @@ def test_a_sigterm_whose_exit_was_swallowed_still_stops_the_worker_before_it_run
     class FakeWorker:
         signalled = False
         kafka_abandoned = False
+        fatal = None
 
         def __init__(self, *_: object) -> None:
             pass

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from consumer.commits import TP
+from consumer.errors import UnreadableBatch
 from consumer.logresets import _Reset
 from consumer.offsets import Finished, decode_note
 from tests.unit.test_worker import (
@@ -589,7 +590,8 @@ def test_a_batch_the_client_cannot_read_stops_before_anything_is_sent_again(star
     assert "starts the partition over from offset 0" in fatal
     seqs = sorted(codec_seq(b) for b in run.client.bodies)
     assert seqs == ([] if start else [0, 1, 2, 3]), "nothing sent twice"
-    assert run.worker.m.log_resets.labels(TOPIC)._value.get() == 0
+    assert run.worker.m.log_resets.labels(TOPIC)._value.get() == 1, "the stop, counted"
+    assert isinstance(run.worker.fatal, UnreadableBatch)
 
 
 @dataclass
@@ -695,7 +697,7 @@ def test_a_restart_below_the_batch_is_not_told_as_a_replaced_log(
 
     with caplog.at_level(logging.WARNING):
         assert drive(run, scenario) == 1
-    assert run.worker.m.log_resets.labels(TOPIC)._value.get() == 0
+    assert run.worker.m.log_resets.labels(TOPIC)._value.get() == 1, "the stop alone"
     assert not [r for r in caplog.records if "past the end" in r.getMessage()]
     assert sorted(codec_seq(b) for b in run.client.bodies) == [2, 3]
 
