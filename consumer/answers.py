@@ -11,6 +11,7 @@ stop a replica (it did: the 503 that carried it crashed the worker on every rest
 from __future__ import annotations
 
 import codecs
+import re
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
@@ -152,10 +153,24 @@ def _decode(raw: bytes, charset: str | None) -> str:
     return replace_surrogates(text)
 
 
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.I | re.S)
+_UNSEEN = re.compile(r"<(head|script|style)\b.*?</\1\s*>|<!--.*?-->", re.I | re.S)
+_TAG = re.compile(r"<[^>]*>")
+
+
 def excerpt(body: str, limit: int = 160) -> str:
     """An answer's body (redacted already) as a pause or outage line quotes it: whitespace
     collapsed, cut at `limit` characters, printable. A proxy's block page said why in it
-    while the line said only "token refused" (review "egress59")."""
+    while the line said only "token refused" (review "egress59"); of an HTML page, its
+    title and text, not its markup (Squid's page quoted its doctype and head, review
+    "ops59")."""
+    if html_page(body):
+        # Tags become blanks, never nothing, and entities stay as they are: the body was
+        # redacted as received, and a secret split by a tag or written as entities must
+        # not come out whole here.
+        title = _TITLE.search(body)
+        text = _TAG.sub(" ", _UNSEEN.sub(" ", body))
+        body = f"{title.group(1)}: {text}" if title else text
     text = " ".join(body.split())
     return printable(text[:limit] + ("…" if len(text) > limit else ""))
 

@@ -135,3 +135,29 @@ def test_capped_reads_no_chunk_past_the_limit() -> None:
 
     assert capped(chunks(), 25) == b"0123456789" * 2 + b"01234"
     assert read == [0, 1, 2]
+
+
+SQUID_DENIED = """<!DOCTYPE html PUBLIC "-//W3C//DTD HTML 4.01//EN" "http://www.w3.org/TR/html4/strict.dtd">
+<html><head>
+<meta http-equiv="Content-Type" content="text/html; charset=utf-8">
+<title>ERROR: The requested URL could not be retrieved</title>
+<style type="text/css"><!--
+ body { font-family: verdana, sans-serif; }
+--></style>
+</head><body id="ERR_ACCESS_DENIED">
+<div id="titles"><h1>ERROR</h1><h2>The requested URL could not be retrieved</h2></div>
+<div id="content"><p>Access control configuration prevents your request from being allowed
+at this time.</p></div></body></html>"""
+
+
+def test_an_html_block_page_is_quoted_by_its_title_and_text() -> None:
+    """Review "ops59": Squid's page quoted its doctype and head; its reason never showed."""
+    from consumer.answers import excerpt
+
+    quoted = excerpt(SQUID_DENIED)
+    assert quoted.startswith("ERROR: The requested URL could not be retrieved: ERROR The")
+    assert "Access control configuration prevents" in excerpt(SQUID_DENIED, 400)
+    assert "<" not in quoted and "font-family" not in quoted
+    # Tags become blanks: a secret split by one is not joined by the excerpt.
+    assert "wt_1234" not in excerpt("<html><body>wt_12<b>34</b></body></html>")
+    assert excerpt('{"error": "bad"}') == '{"error": "bad"}'

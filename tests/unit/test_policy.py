@@ -229,8 +229,8 @@ def test_a_pause_or_an_outage_quotes_the_answer_that_caused_it() -> None:
     gate = Gate(outage_after=2, clock=FakeClock())
     page = "<html><body>\n  <h1>Blocked</h1>   upstream certificate expired</body></html>"
     gate.misconfigured(Refused("HTTP 403: refused with an HTML page", status=403, body=page))
-    assert gate.detail == ("HTTP 403: refused with an HTML page (answer: <html><body> "
-                           "<h1>Blocked</h1> upstream certificate expired</body></html>)")
+    assert gate.detail == ("HTTP 403: refused with an HTML page (answer: Blocked upstream "
+                           "certificate expired)")
     outage = Gate(outage_after=2, clock=FakeClock())
     for _ in range(2):
         outage.transient_failure(ServerError("HTTP 503: Userpilot error (transient)",

@@ -95,7 +95,7 @@ def test_400_to_an_empty_track_means_the_token_is_good() -> None:
     (page(403, "Website blocked: upstream certificate expired"),
      "refused with an HTML page, which Userpilot's API does not send"),
     (page(403, "Website blocked: upstream certificate expired"),
-     "(answer: <html><body><h1>Website blocked: upstream certificate expired"),
+     "(answer: Website blocked: upstream certificate expired Contact IT.)"),
     (page(400, "Request blocked by policy"), "answered 400 with an HTML page"),
 ])
 def test_problems_are_one_line_that_names_them(raw: bytes, expected: str) -> None:
