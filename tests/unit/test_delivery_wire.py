@@ -804,19 +804,24 @@ def test_an_https_proxy_forbidding_the_tunnel_is_a_setting_not_an_outage() -> No
     assert "NO_PROXY" in str(failure) and "token" not in str(failure)
 
 
+def _tunnel_refused(status: int, kind: type[E]) -> E:
+    """What a Track through a proxy answering CONNECT with `status` raises (a `kind`)."""
+    async def main() -> E:
+        async with Server(always(Close(http(status, b"", reason="No")))) as proxy:
+            client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
+                                     max_connections=2, proxy=f"http://127.0.0.1:{proxy.port}")
+            return await failure_of(client, kind)
+
+    return run(main)
+
+
 @pytest.mark.parametrize("status", [502, 503])
 def test_an_https_proxy_refusing_the_tunnel_otherwise_is_a_connection_failure(
         status: int) -> None:
     """A proxy that cannot reach Userpilot says nothing about the event, which must wait,
     never be dead-lettered as a payload Userpilot rejected (it never left the proxy). Its
     status is named: "ProxyError" alone did not say who refused (review "http33")."""
-    async def main() -> WorkerError:
-        async with Server(always(Close(http(status, b"", reason="No")))) as proxy:
-            client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
-                                     max_connections=2, proxy=f"http://127.0.0.1:{proxy.port}")
-            return await failure_of(client, ConnectionFailed)
-
-    failure = run(main)
+    failure = _tunnel_refused(status, ConnectionFailed)
     assert f"the proxy refused the tunnel (HTTP {status})" in str(failure)
     assert not isinstance(failure, Misconfigured)
 
@@ -826,13 +831,7 @@ def test_a_proxy_that_opens_no_tunnels_is_a_setting_not_an_outage(status: int) -
     """A proxy for plain HTTP only answers CONNECT 400, 405 or 501: nothing is delivered
     until the setting changes. As an outage the pod stayed ready and no alert fired
     (review "egress59"); the events wait (a pause), never dead-lettered."""
-    async def main() -> WorkerError:
-        async with Server(always(Close(http(status, b"", reason="No")))) as proxy:
-            client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
-                                     max_connections=2, proxy=f"http://127.0.0.1:{proxy.port}")
-            return await failure_of(client, Misconfigured)
-
-    failure = run(main)
+    failure = _tunnel_refused(status, Misconfigured)
     assert isinstance(failure, ProxyRefused) and failure.status == status
     assert f"the proxy does not open tunnels (HTTP {status} to CONNECT)" in str(failure)
     assert "HTTPS_PROXY" in str(failure) and "NO_PROXY" in str(failure)
