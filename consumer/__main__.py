@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, BinaryIO, TextIO, cast
 
 from consumer import installed_version
 from consumer.config import timeout_seconds, wait_seconds
-from consumer.errors import ConfigError, UnreadableBatch, WorkerError
+from consumer.errors import ConfigError, WorkerError
 from consumer.logs import error_line
 from consumer.replay import add_arguments as add_replay_arguments
 from consumer.sandbox.cli import add_arguments as add_sandbox_arguments
@@ -80,35 +80,28 @@ def tune_collector() -> None:
 GUARD_EXIT_CODE = 3
 
 
-def hold_after_guard(health: Health, seconds: float, beat_s: float = 1.0,
-                     unreadable: bool = False) -> bool:
-    """Stay up after the DLQ guard (or a record batch Kafka's client cannot read,
-    `unreadable`) stopped the worker, so a scrape sees it (True if held to the end, False
-    when a SIGTERM/SIGINT ended it).
+def hold_after_guard(health: Health, seconds: float, beat_s: float = 1.0) -> bool:
+    """Stay up after the DLQ guard stopped the worker, so a scrape sees it (True if held
+    to the end, False when a SIGTERM/SIGINT ended it).
 
     The guard's gauge lives in this process: exiting at once left it at 1 for ~0.2 s, so a
     30 s scrape interval almost never saw the trip, its alert never fired and the pod only
-    crash-looped. So with the unreadable batch's count (review "ops59": each restart
-    stopped again within 1.5 s). Meanwhile the consumer is closed (its partitions go to
-    other members), /readyz says why and liveness keeps beating; a signal ends the hold at
-    once.
+    crash-looped. Meanwhile the consumer is closed (its partitions go to other members),
+    /readyz says why and liveness keeps beating; a signal ends the hold at once.
+
+    Not after a stop on a record batch Kafka's client cannot read: held, the pod answered
+    scrapes for two minutes of each restart, and the steady critical UserpilotWorkersDown
+    (whose runbook names that stop's line) fired only now and then (review "diff59c").
     """
     if seconds <= 0:
         return True
+    health.set_stopping("stopped by the DLQ guard (too many dead letters); see the logs")
     done = threading.Event()
     for sig in stop_signals():
         signal.signal(sig, lambda _sig, _frame: done.set())
-    if unreadable:
-        health.set_stopping("stopped: Kafka's client cannot read a record batch; see the "
-                            "logs and the UserpilotSourceLogReset runbook")
-        log.critical("holding %gs before exit code 1 so monitoring sees the unreadable "
-                     "batch (userpilot_log_resets_total, /readyz unready); SIGTERM ends it "
-                     "now", seconds)
-    else:
-        health.set_stopping("stopped by the DLQ guard (too many dead letters); see the logs")
-        log.critical("DLQ guard tripped: holding %gs before exit code %d so monitoring sees "
-                     "it (userpilot_dlq_guard_tripped=1, /readyz unready); SIGTERM ends it "
-                     "now", seconds, GUARD_EXIT_CODE)
+    log.critical("DLQ guard tripped: holding %gs before exit code %d so monitoring sees it "
+                 "(userpilot_dlq_guard_tripped=1, /readyz unready); SIGTERM ends it now",
+                 seconds, GUARD_EXIT_CODE)
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
         health.beat()
@@ -264,8 +257,6 @@ def _run_worker(settings: Settings, metrics: Metrics, health: Health) -> int:
     if code == GUARD_EXIT_CODE and not worker.signalled:
         # Not after a SIGTERM (Kubernetes sends one): the pod is going away anyway.
         hold_after_guard(health, settings.dlq_guard_hold_s)
-    elif isinstance(worker.fatal, UnreadableBatch) and not worker.signalled:
-        hold_after_guard(health, settings.dlq_guard_hold_s, unreadable=True)
     if worker.kafka_abandoned:
         # The consumer is still inside librdkafka's close (Kafka unreachable): destroying
         # it at interpreter exit would wait for the broker again. Everything else is done.

@@ -250,8 +250,7 @@ class DlqGuardTripped(Stop):
 
 class UnreadableBatch(Stop):
     """A record batch Kafka's client cannot read, and starts its partition over rather
-    than pass: the worker stops, and stays up unready a while before its exit so that
-    monitoring sees it (each restart stops again within seconds: review "ops59")."""
+    than pass: the worker stops (exit 1; counted in `userpilot_log_resets_total` first)."""
 
 
 class Degrade(WorkerError):

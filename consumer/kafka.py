@@ -358,8 +358,8 @@ class KafkaSource:
         (review "sizes59"). Said, once a minute per broker."""
         if event.throttle_time >= THROTTLE_TOLD_S:
             throttle_log.warning(
-                "kafka %s/%s: the broker throttles this worker for %.1f s at a time: a client "
-                "quota (consumer_byte_rate, producer_byte_rate or request_percentage, on its "
+                "kafka %s/%s: the broker throttles this worker's consumer for %.1f s at a "
+                "time: a client quota (consumer_byte_rate or request_percentage, on its "
                 "client.id or principal) limits its fetches and commits; raise the quota, or "
                 "expect delivery no faster than it allows", event.broker_name,
                 event.broker_id, event.throttle_time)

@@ -107,8 +107,8 @@ class Gate:
         # went out (`sent_ok_since`)
         self._failing: dict[str, set[int]] = {}  # per endpoint: events whose last attempt failed
         self._consecutive = 0
-        # Of those, the TLS refusals at the end of the run: only a run of them as long as an
-        # outage's is a setting (`transient_failure`; review "diff59b").
+        # Of those, the TLS refusals: only as many as close the gate, and most of the run,
+        # are a setting (`transient_failure`; reviews "diff59b", "diff59c").
         self._tls_run = 0
         self._probe_delay = probe_base_s
         self._next_probe = 0.0
@@ -282,11 +282,14 @@ class Gate:
 
     def transient_failure(self, exc: Retry, probe: bool = False) -> None:
         self._consecutive += 1
-        self._tls_run = self._tls_run + 1 if isinstance(exc, TlsRefused) else 0
+        self._tls_run += isinstance(exc, TlsRefused)
         # A TLS refusal that lasts is a setting: /readyz and integration_up say so. One
         # among other failures is not: a struggling node's handshake alert turned a plain
-        # 5xx outage "misconfigured" until it ended, paging as a wrong token (diff59b).
-        lasting_tls = self._tls_run >= self._outage_after
+        # 5xx outage "misconfigured" until it ended, paging as a wrong token (diff59b). Nor
+        # need they be unbroken: an untrusted CA with a timeout every few tries stayed an
+        # outage for hours, the pod ready (diff59c).
+        lasting_tls = (self._tls_run >= self._outage_after
+                       and 2 * self._tls_run > self._consecutive)
         if self.state == "up" and self._consecutive >= self._outage_after:
             self._next_probe = self._clock() + self._probe_wait(exc.retry_after)
             hint = ("; Userpilot is limiting this token: another sender uses it, or "

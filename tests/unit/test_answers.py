@@ -161,3 +161,9 @@ def test_an_html_block_page_is_quoted_by_its_title_and_text() -> None:
     # Tags become blanks: a secret split by one is not joined by the excerpt.
     assert "wt_1234" not in excerpt("<html><body>wt_12<b>34</b></body></html>")
     assert excerpt('{"error": "bad"}') == '{"error": "bad"}'
+    # Cut inside its stylesheet (the 1,024 characters kept), the page is quoted by its
+    # title alone, not its CSS, and the title once (review "diff59c").
+    cut = SQUID_DENIED.replace("body { font-family", "/* Copyright */ body { font-family")
+    cut = cut[:cut.index("font-family")]
+    assert excerpt(cut) == "ERROR: The requested URL could not be retrieved:"
+    assert quoted.count("could not be retrieved") == 2  # the title, then the page's h2

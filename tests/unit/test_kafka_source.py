@@ -964,5 +964,5 @@ def test_a_broker_throttling_the_worker_is_said_once_a_minute_per_broker(
         src.close(1.0)
     lines = [r.getMessage() for r in caplog.records if r.name == "consumer.kafka.throttle"]
     assert len(lines) == 2, lines
-    assert "kafka kafka-0:9092/1: the broker throttles this worker for 1.0 s" in lines[0]
+    assert "kafka kafka-0:9092/1: the broker throttles this worker's consumer for 1.0 s" in lines[0]
     assert "client quota" in lines[0]

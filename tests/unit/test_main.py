@@ -404,24 +404,6 @@ def test_the_guard_hold_keeps_the_process_alive_unready_then_ends() -> None:
     assert hold_after_guard(health, 0)
 
 
-def test_an_unreadable_batch_holds_too_and_says_so() -> None:
-    """Review "ops59": a stop on a batch Kafka's client cannot read lasted 1.5 s a life, so
-    no scrape saw its count and only "workers down" paged, pointing at settings."""
-    from consumer.__main__ import hold_after_guard
-    from consumer.health import Health
-
-    health = Health(max_silence_s=0.2)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        assert hold_after_guard(health, 0.2, beat_s=0.05, unreadable=True)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    ready, why = health.ready()
-    assert not ready and "cannot read a record batch" in why
-    assert "UserpilotSourceLogReset" in why
-
-
 def test_a_sigterm_ends_the_guard_hold_at_once() -> None:
     from consumer.__main__ import hold_after_guard
     from consumer.health import Health
