@@ -814,3 +814,27 @@ def test_the_producer_id_is_judged_for_idempotence_as_librdkafka_reads_it(
     assert reach._ProducerId(settings).wanted is judged
     assert reach._ProducerId(settings, wanted=False).wanted is False  # a dry run's
     assert ("stats_cb" in settings) is judged
+
+
+@pytest.mark.parametrize("producer_id", [True, False])
+def test_a_dry_runs_probe_asks_for_no_producer_id(
+        monkeypatch: pytest.MonkeyPatch, producer_id: bool) -> None:
+    """CI, round 59: `replay --dry-run` of a read-only principal failed now and then with
+    "Kafka failed (Failed to acquire idempotence PID ...)": its probe producer, idempotent,
+    asked for a producer id the brokers refuse, a fatal error its flush then raised. The
+    probe of a run that makes no producer is not idempotent; `run`'s and check-config's are
+    (they judge the producer id)."""
+    from confluent_kafka import KafkaException
+
+    built: list[dict[str, object]] = []
+
+    class Probe:
+        def __init__(self, settings: dict[str, object]) -> None:
+            built.append(settings)
+            raise KafkaException("stop here")
+
+    monkeypatch.setattr(reach, "Producer", Probe)
+    conf = {"bootstrap.servers": "127.0.0.1:1", "enable.gapless.guarantee": "true"}
+    reach.kafka(conf, 0.5, [], None, producer_id=producer_id)
+    assert built and built[0]["enable.idempotence"] is producer_id
+    assert ("enable.gapless.guarantee" in built[0]) is producer_id
