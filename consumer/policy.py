@@ -44,7 +44,7 @@ from consumer.errors import (
 )
 
 __all__ = ["PROBE_BASE_S", "PROBE_MAX_S", "REFUSED_ALONE", "Attempts", "Gate", "Hold",
-           "RetryPolicy"]
+           "RetryPolicy", "quoting"]
 
 log = logging.getLogger(__name__)
 

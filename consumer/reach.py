@@ -54,6 +54,7 @@ from consumer.librdkafka import (
     producer_settings,
     sasl_mechanism,
 )
+from consumer.policy import quoting
 from consumer.redaction import Redactor, kafka_secrets
 from consumer.registry import RegistryError, RegistryUnusable, RestClient
 
@@ -131,7 +132,7 @@ def userpilot(settings: Settings, timeout: float) -> str | None:
         if exc.status in (401, 403) and html_page(exc.body):
             # A block page of something in between, not a verdict on the token (review
             # "egress59"): the page says why.
-            return f"Userpilot at {host}{via}: {exc} (answer: {excerpt(exc.body)})"
+            return f"Userpilot at {host}{via}: {quoting(exc)}"
         if exc.status in (401, 403):
             return (f"Userpilot at {host} refused the token ({exc.status}): use the "
                     "application write token from the Environment page (not the "

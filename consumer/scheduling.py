@@ -210,20 +210,24 @@ class Scheduler(Generic[J]):
         """Cancel the chains of these partitions (or all) without waiting for them: for a
         drain cancelled itself, which cannot await `cancel`. Each chain stops at its next
         step; the jobs behind its current one never start (`_chain`)."""
+        for task in self._chains(partitions).values():
+            task.cancel()
+
+    def _chains(self, partitions: Iterable[TopicPartition] | None,
+                keep: Callable[[J], bool] | None = None) -> dict[ChainKey, asyncio.Task[None]]:
+        """The chains of these partitions (or all), less those whose current job `keep`
+        accepts."""
         wanted = None if partitions is None else set(partitions)
-        for key, task in self._tasks.items():
-            if wanted is None or (key[0], key[1]) in wanted:
-                task.cancel()
+        return {key: task for key, task in self._tasks.items()
+                if (wanted is None or (key[0], key[1]) in wanted)
+                and not (keep is not None and self._queues.get(key)
+                         and keep(self._queues[key][0]))}
 
     async def cancel(self, partitions: Iterable[TopicPartition] | None,
                      keep: Callable[[J], bool] | None = None) -> int:
         """Abandon the jobs of these partitions (or all); returns how many were abandoned.
         `keep`: spare the chains whose current job it accepts (with the jobs behind it)."""
-        wanted = None if partitions is None else set(partitions)
-        victims = {key: task for key, task in self._tasks.items()
-                   if (wanted is None or (key[0], key[1]) in wanted)
-                   and not (keep is not None and self._queues.get(key)
-                            and keep(self._queues[key][0]))}
+        victims = self._chains(partitions, keep)
         abandoned = sum(len(self._queues.get(key, ())) for key in victims)
         for task in victims.values():
             task.cancel()

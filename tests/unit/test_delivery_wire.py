@@ -1339,6 +1339,20 @@ def test_a_chain_too_weak_for_openssl_is_not_sent_to_the_ca_bundle(code: int, wh
     assert "USERPILOT_CA_BUNDLE" not in str(refusal)
 
 
+def _ssl_failure(reason: str) -> aiohttp.ClientConnectorSSLError:
+    """aiohttp's handshake failure as raised, its cause the `ssl` error of OpenSSL's
+    `reason`."""
+    cause = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower()}")
+    cause.reason = reason
+    try:
+        try:
+            raise cause
+        except ssl.SSLError as exc:
+            raise aiohttp.ClientConnectorSSLError(None, exc) from exc
+    except aiohttp.ClientConnectorSSLError as wrapped:
+        return wrapped
+
+
 @pytest.mark.parametrize(("reason", "says"), [
     ("TLSV1_ALERT_PROTOCOL_VERSION", "no TLS version both ends accept"),
     ("UNSUPPORTED_PROTOCOL", "no TLS version both ends accept"),
@@ -1351,15 +1365,7 @@ def test_a_handshake_refused_for_lack_of_common_ground_is_a_setting(
     """Review "egress59": TLS 1.1 only, a client certificate required, no shared cipher:
     retried as an outage with only "ClientConnectorSSLError" to show, the pod stayed ready
     and `check-config --online` sent the operator to the CA bundle."""
-    cause = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower()}")
-    cause.reason = reason
-    try:
-        try:
-            raise cause
-        except ssl.SSLError as exc:
-            raise aiohttp.ClientConnectorSSLError(None, exc) from exc
-    except aiohttp.ClientConnectorSSLError as wrapped:
-        failure = transport_failure(wrapped, 5.0, proxied=proxied)
+    failure = transport_failure(_ssl_failure(reason), 5.0, proxied=proxied)
     assert isinstance(failure, TlsRefused), failure
     assert reason in str(failure) and says in str(failure)
     assert "USERPILOT_ANALYTICS_ENDPOINT" in str(failure)
@@ -1369,15 +1375,7 @@ def test_a_handshake_refused_for_lack_of_common_ground_is_a_setting(
 def test_another_tls_failure_names_openssls_reason() -> None:
     """Review "egress59": a TLS failure that is no setting's is retried, but its line says
     which (OpenSSL's reason), not "ClientConnectorSSLError" alone."""
-    cause = ssl.SSLError(1, "[SSL: TLSV1_ALERT_INTERNAL_ERROR] internal error")
-    cause.reason = "TLSV1_ALERT_INTERNAL_ERROR"
-    try:
-        try:
-            raise cause
-        except ssl.SSLError as exc:
-            raise aiohttp.ClientConnectorSSLError(None, exc) from exc
-    except aiohttp.ClientConnectorSSLError as wrapped:
-        failure = transport_failure(wrapped, 5.0)
+    failure = transport_failure(_ssl_failure("TLSV1_ALERT_INTERNAL_ERROR"), 5.0)
     assert type(failure) is ConnectionFailed
     assert "(ClientConnectorSSLError: TLSV1_ALERT_INTERNAL_ERROR)" in str(failure)
 
