@@ -356,13 +356,9 @@ class KafkaSource:
         A quota below what the worker needs starved its fetches: nothing consumed for
         minutes, readiness green and no line at all, a fetch answered empty every second
         (review "sizes59"). Said, once a minute per broker."""
-        if event.throttle_time >= THROTTLE_TOLD_S:
-            throttle_log.warning(
-                "kafka %s/%s: the broker throttles this worker's consumer for %.1f s at a "
-                "time: a client quota (consumer_byte_rate or request_percentage, on its "
-                "client.id or principal) limits its fetches and commits; raise the quota, or "
-                "expect delivery no faster than it allows", event.broker_name,
-                event.broker_id, event.throttle_time)
+        _told_throttle(event, "consumer", "consumer_byte_rate",
+                       "limits its fetches and commits; raise the quota, or expect delivery "
+                       "no faster than it allows")
 
     def _on_stats_raw(self, raw: str) -> None:
         stats = json.loads(raw)
@@ -1035,6 +1031,27 @@ def group_refused(err: KafkaError) -> bool:
     return err.code() == KafkaError.GROUP_AUTHORIZATION_FAILED
 
 
+def _told_throttle(event: Any, client: str, byte_rate: str, effect: str) -> None:
+    """A broker's throttle of one of the worker's clients, said once a minute per broker
+    and client (`throttle_log`) when it is long enough to matter."""
+    if event.throttle_time >= THROTTLE_TOLD_S:
+        # The client in the template, not an argument: `RateLimit` keys a line by its
+        # template and broker, so the consumer's throttle does not hide the producer's.
+        throttle_log.warning(
+            f"kafka %s/%s: the broker throttles this worker's {client} for %.1f s at a "
+            f"time: a client quota ({byte_rate} or request_percentage, on its client.id or "
+            f"principal) {effect}", event.broker_name, event.broker_id, event.throttle_time)
+
+
+def _dlq_throttled(event: Any) -> None:
+    """A broker throttled the dead-letter producer (a client quota): dead letters were
+    acknowledged late, their partitions held behind them and the DLQ read as slow, with no
+    line saying why (round 59's "noticed")."""
+    _told_throttle(event, "dead-letter producer", "producer_byte_rate",
+                   "delays its dead letters, and their partitions' commits wait for them; "
+                   "raise the quota")
+
+
 def make_producer(conf: dict[str, Any], **extra: Any) -> Producer:
     """A producer with acks=all and idempotence: a DLQ record is durable once acked."""
     settings = producer_settings(conf, **extra)
@@ -1092,7 +1109,8 @@ class DeadLetterProducer:
                  policy: Callable[[str], str | None] | None = None,
                  check_s: float | None = None,
                  factory: Callable[[], Producer] | None = None) -> None:
-        self._factory = factory or (lambda: make_producer(conf, **DLQ_PRODUCER))
+        self._factory = factory or (lambda: make_producer(conf, **DLQ_PRODUCER,
+                                                          throttle_cb=_dlq_throttled))
         self._producer = self._factory()
         # The producer that reported a fatal error, and the error, until it is replaced (set
         # from the dlq-poll thread or the loop, under `_swap`; acted on in the loop).

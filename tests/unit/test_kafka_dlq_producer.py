@@ -365,3 +365,38 @@ def test_with_another_partitioner_a_keyless_record_is_left_to_it() -> None:
     finally:
         producer.close(1)
     assert fresh.partitions == [None]
+
+
+def test_a_broker_throttling_the_dead_letter_producer_is_said_apart_from_the_consumer(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Round 59's "noticed": a producer quota (producer_byte_rate) slowed every dead letter,
+    their partitions' commits behind them, with no line saying why. The worker's DLQ producer
+    is built with a throttle callback whose line names it, limited once a minute per broker
+    apart from the consumer's line about the same broker."""
+    import logging
+
+    seen: list[dict[str, Any]] = []
+    real = confluent_kafka.Producer
+
+    def capture(settings: dict[str, Any]) -> Any:
+        seen.append(dict(settings))
+        return real(settings)
+
+    monkeypatch.setattr(kafka, "Producer", capture)
+    producer = DeadLetterProducer({"test.mock.num.brokers": 1, "client.id": "throttle-test"})
+    try:
+        callback = seen[0]["throttle_cb"]
+        caplog.set_level(logging.WARNING, logger="consumer.kafka.throttle")
+        throttled = SimpleNamespace(broker_name="kafka-0:9092", broker_id=0, throttle_time=2.0)
+        kafka.KafkaSource._on_throttle(throttled)  # the consumer's, same broker
+        for _ in range(3):
+            callback(throttled)
+        callback(SimpleNamespace(broker_name="kafka-1:9092", broker_id=1, throttle_time=0.1))
+    finally:
+        producer.close(1.0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "consumer.kafka.throttle"]
+    assert len(lines) == 2, lines
+    assert "throttles this worker's consumer for 2.0 s" in lines[0]
+    assert lines[1].startswith("kafka kafka-0:9092/0: the broker throttles this worker's "
+                               "dead-letter producer for 2.0 s"), lines[1]
+    assert "producer_byte_rate" in lines[1] and "dead letters" in lines[1]
