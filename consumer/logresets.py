@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from consumer.commits import TP, Commits
-from consumer.errors import Stop, UnreadableBatch
+from consumer.errors import UnreadableBatch
 from consumer.logs import partitions_text
 from consumer.metrics import Metrics
 
@@ -240,7 +240,10 @@ class LogResets:
         now = time.monotonic()
         before = self._went_back_to.get(tp)
         if before is not None and offset <= before[0] and now - before[1] < RESET_LOOP_S:
-            raise Stop(
+            # An unreadable batch too, counted as the other form is (round 59's "noticed":
+            # a plain Stop, the loop's second going back went uncounted).
+            self._m.log_resets.labels(tp[0]).inc()
+            raise UnreadableBatch(
                 f"{partitions_text([tp])} went back from offset {last} to {offset} again, "
                 f"{now - before[1]:.0f} s after it went back to {before[0]}: Kafka's client "
                 f"cannot read past offset {last + 1} (a corrupt record batch?) and starts "

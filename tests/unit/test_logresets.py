@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumer.commits import Commits
-from consumer.errors import Stop
+from consumer.errors import Stop, UnreadableBatch
 from consumer.logresets import RESET_LOOP_S, LogResets
 from consumer.metrics import Metrics
 
@@ -61,11 +61,12 @@ def test_going_back_again_soon_stops_and_later_is_another_new_log(
     assert metrics.log_resets.labels(TP[0])._value.get() == 1
     assert "went back from offset 3 to 0" in caplog.text
     now[0] += RESET_LOOP_S - 1
-    with pytest.raises(Stop, match="cannot read past offset 4"):
+    with pytest.raises(UnreadableBatch, match="cannot read past offset 4"):
         resets.went_back(TP, 3, 0, mark=None)
+    assert metrics.log_resets.labels(TP[0])._value.get() == 2  # the stop is counted
     now[0] += RESET_LOOP_S  # long after: another new log, tracked anew again
     resets.went_back(TP, 3, 0, mark=None)
-    assert metrics.log_resets.labels(TP[0])._value.get() == 2
+    assert metrics.log_resets.labels(TP[0])._value.get() == 3
 
 
 def test_going_back_right_after_an_unreadable_batch_stops_at_once(

@@ -515,6 +515,8 @@ def test_a_partition_going_back_to_the_same_offset_again_stops_the_worker() -> N
         await until(lambda: run.worker.fatal is not None, "the stop", timeout=10)
 
     assert drive(run, scenario) == 1
+    assert isinstance(run.worker.fatal, UnreadableBatch)  # counted as the other form
+    assert run.worker.m.log_resets.labels(TOPIC)._value.get() == 2  # went back, stopped
     assert "went back from offset 3 to 0 again" in str(run.worker.fatal)
     assert "cannot read past offset 4" in str(run.worker.fatal)
     # The first round, and the second (a replaced log looks so at first) as far as it
