@@ -1576,6 +1576,23 @@ def environment_proxy(url: str, env: Mapping[str, str]) -> tuple[str, str] | Non
     return spelled, value if "://" in value else f"http://{value}"
 
 
+def _http_proxy_only(url: str, env: Mapping[str, str]) -> list[str]:
+    """A note when HTTP_PROXY alone is set and Userpilot's URL is https://: HTTP clients
+    (curl, httpx, aiohttp) send https:// requests through HTTPS_PROXY or ALL_PROXY only, so
+    Userpilot is reached directly. Behind an egress proxy every request failed on a
+    connection error while HTTP_PROXY seemed to name the way out (round 59's "noticed")."""
+    found = _proxy_variable(env, "http_proxy")
+    if found is None or not url.startswith("https://"):
+        return []
+    no_proxy = _proxy_variable(env, "no_proxy")
+    if no_proxy is not None and _bypassed(urlsplit(url).netloc, no_proxy[1]):
+        return []
+    return [f"{found[0]} is set and HTTPS_PROXY is not: Userpilot ({url}) is reached "
+            "directly, not through that proxy (HTTP_PROXY is for http:// URLs only, as "
+            "curl and httpx read it); set HTTPS_PROXY to the same proxy if the way out "
+            "goes through it, or unset HTTP_PROXY"]
+
+
 def _proxy(reader: _Reader, url: str, service: str = "Userpilot",
            skip: tuple[str, str] | None = None) -> Secret | None:
     """The proxy for `service` at `url`, refused at start-up when the HTTP client cannot
@@ -2079,6 +2096,8 @@ def load_settings(
     ca_bundle = _ca_bundle(r)
     userpilot_url = userpilot_base_url(endpoint, insecure) if endpoint else None
     proxy = _proxy(r, userpilot_url) if userpilot_url else None
+    if userpilot_url and proxy is None:
+        r.notes.extend(_http_proxy_only(userpilot_url, r.env))
 
     bootstrap = r.required(
         "KAFKA_BOOTSTRAP_SERVERS", "enter host:port[,host:port], e.g. kafka:9092"

@@ -292,3 +292,35 @@ def test_a_lower_case_setting_of_ours_is_refused(name: str) -> None:
     said = _refusals(**{name: "redis://r:6379/0" if name == "redis_url" else "x"})
     assert f"{name} is not a setting of this worker: names are upper case; write " \
         f"{name.upper()}" in said
+
+
+@pytest.mark.parametrize(("extra", "noted"), [
+    ({"HTTP_PROXY": "http://alice:s3cret@proxy.corp:3128"}, True),
+    ({"http_proxy": "proxy.corp:3128"}, True),
+    ({"HTTP_PROXY": "http://proxy.corp:3128", "HTTPS_PROXY": "http://proxy.corp:3128"}, False),
+    ({"HTTP_PROXY": "http://proxy.corp:3128", "ALL_PROXY": "http://proxy.corp:3128"}, False),
+    ({"HTTP_PROXY": "http://proxy.corp:3128", "NO_PROXY": ".userpilot.io"}, False),
+    ({"HTTP_PROXY": "  "}, False),
+    ({}, False),
+])
+def test_an_http_proxy_alone_is_noted_as_not_serving_userpilot(
+        extra: dict[str, str], noted: bool) -> None:
+    """Round 59's "noticed": HTTP_PROXY alone serves http:// URLs only, so an https://
+    Userpilot was reached directly; behind an egress proxy every request failed on a
+    connection error while the variable seemed to name the way out. A note (check-config
+    prints it, `run` logs it), without the proxy's credentials."""
+    settings = load_settings({**BASE, **extra}, check_clients=False)
+    notes = [n for n in settings.notes if "HTTPS_PROXY is not" in n]
+    assert bool(notes) is noted, settings.notes
+    if noted:
+        assert "reached directly" in notes[0] and "https://analytex.userpilot.io" in notes[0]
+        assert "s3cret" not in notes[0]
+
+
+def test_an_http_proxy_alone_is_not_noted_for_a_plain_http_endpoint() -> None:
+    """`USERPILOT_INSECURE_HTTP=true` (the sandbox): HTTP_PROXY does serve an http:// URL."""
+    settings = load_settings({**BASE, "USERPILOT_ANALYTICS_ENDPOINT": "localhost:8080",
+                              "USERPILOT_INSECURE_HTTP": "true",
+                              "HTTP_PROXY": "http://proxy.corp:3128"}, check_clients=False)
+    assert not [n for n in settings.notes if "HTTPS_PROXY is not" in n]
+    assert settings.proxy is not None
