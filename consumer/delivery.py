@@ -458,6 +458,14 @@ def transport_failure(exc: BaseException, deadline_s: float,
         return refused
     if isinstance(exc, httpx.TimeoutException):
         if _really_timed_out(exc):
+            if proxied and isinstance(exc, httpx.ConnectTimeout):
+                # Through a proxy the connection is the proxy's and its tunnel: one that
+                # takes the connection and never answers CONNECT read as Userpilot's
+                # silence, the proxy unnamed (round 59's "noticed").
+                return Timeout(
+                    "no connection to Userpilot in time through the proxy (ConnectTimeout): "
+                    "the proxy (HTTPS_PROXY) did not connect or open the tunnel, or the TLS "
+                    "handshake through it did not finish")
             return Timeout(f"no answer from Userpilot in time ({type(exc).__name__})")
         cause = exc.__cause__
         if isinstance(cause, aiohttp.ClientConnectorDNSError):

@@ -804,6 +804,24 @@ def test_an_https_proxy_forbidding_the_tunnel_is_a_setting_not_an_outage() -> No
     assert "NO_PROXY" in str(failure) and "token" not in str(failure)
 
 
+def test_a_proxy_that_never_answers_connect_is_named_in_the_timeout() -> None:
+    """Round 59's "noticed": a proxy that takes the connection and never answers CONNECT
+    read as Userpilot's silence ("no answer from Userpilot in time"), the proxy unnamed. A
+    server that never answers, reached directly, still reads as Userpilot's."""
+    async def main() -> tuple[Timeout, Timeout]:
+        async with Server(always(Hang())) as proxy:
+            client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=0.3,
+                                     max_connections=2, proxy=f"http://127.0.0.1:{proxy.port}")
+            through = await failure_of(client, Timeout)
+        async with Server(always(Hang())) as srv:
+            direct = await failure_of(up(srv.url(), timeout_s=0.3), Timeout)
+        return through, direct
+
+    through, direct = run(main)
+    assert "through the proxy" in str(through) and "HTTPS_PROXY" in str(through), through
+    assert "proxy" not in str(direct) and "no answer from Userpilot" in str(direct), direct
+
+
 def _tunnel_refused(status: int, kind: type[E]) -> E:
     """What a Track through a proxy answering CONNECT with `status` raises (a `kind`)."""
     async def main() -> E:

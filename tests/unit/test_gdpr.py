@@ -365,6 +365,25 @@ def test_a_proxy_that_cannot_reach_userpilot_is_named_without_a_tls_hint() -> No
     assert "USERPILOT_CA_BUNDLE" not in str(failed.value)
 
 
+def test_a_proxy_that_never_answers_connect_is_named_in_the_timeout() -> None:
+    """Round 59's "noticed": a proxy taking the connection and never answering CONNECT
+    read as "no answer from Userpilot in time", the proxy unnamed."""
+    import socket
+
+    from consumer.errors import Timeout
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel takes connections
+        client = DeleteClient("https://analytex.userpilot.io/v1/users",
+                              {"Authorization": "Token t"}, timeout_s=0.3,
+                              proxy=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        try:
+            with pytest.raises(Timeout) as failed:
+                client.delete(b'{"users":["u"]}')
+        finally:
+            client.close()
+    assert "the proxy (HTTPS_PROXY)" in str(failed.value), failed.value
+
+
 def test_an_https_proxy_url_naming_a_plain_http_proxy_names_its_scheme() -> None:
     """Review "egress59": `HTTPS_PROXY=https://` naming a plain-HTTP proxy; check-config
     said to check the proxy URL's scheme, `delete-users` only the endpoint's port (its
