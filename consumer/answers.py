@@ -19,8 +19,8 @@ from typing import Any, Protocol
 from consumer.codec import replace_surrogates
 from consumer.stdout import printable
 
-__all__ = ["BODY_LIMIT", "MAX_BODY_BYTES", "Unreadable", "body_text", "capped", "charset_of",
-           "excerpt", "html_page", "raw_chunks", "whole_body"]
+__all__ = ["BODY_LIMIT", "MAX_BODY_BYTES", "PAGE_LIMIT", "Unreadable", "body_text", "capped",
+           "charset_of", "excerpt", "html_page", "page_kept", "raw_chunks", "whole_body"]
 
 BODY_LIMIT = 1024
 """Characters of an error body kept in exceptions, logs and dead letters."""
@@ -29,15 +29,17 @@ MAX_BODY_BYTES = 64 * 1024
 """Bytes of any answer read from the wire; the rest is left unread (the connection is closed
 instead of pooled). Userpilot's answers are a few bytes."""
 
-_DECODED_BYTES = 4 * BODY_LIMIT  # enough for BODY_LIMIT characters in any UTF-8
+PAGE_LIMIT = 16 * BODY_LIMIT
+"""Characters of an HTML page read to find its text (`page_kept`) before the cut."""
 
 
-def body_text(raw: bytes, *, charset: str | None = None, encoding: str | None = None) -> str:
-    """At most `BODY_LIMIT` characters of `raw` (a body as it came off the wire):
-    `encoding` is its Content-Encoding, `charset` the Content-Type's."""
+def body_text(raw: bytes, *, charset: str | None = None, encoding: str | None = None,
+              limit: int = BODY_LIMIT) -> str:
+    """At most `limit` characters of `raw` (a body as it came off the wire): `encoding` is
+    its Content-Encoding, `charset` the Content-Type's."""
     coding = (encoding or "").strip().lower()
     if coding in ("gzip", "x-gzip", "deflate"):
-        inflated = _inflate(raw, coding)
+        inflated = _inflate(raw, coding, 4 * limit)
         if inflated is None:
             return f"(a body of {len(raw)} bytes that is not the {coding} it claims)"
         raw = inflated
@@ -45,7 +47,7 @@ def body_text(raw: bytes, *, charset: str | None = None, encoding: str | None = 
         # Not quoted: lower-cased, an echoed token no longer matched its redaction
         # (review "secrets18"), and the coding's name says nothing an operator needs.
         return f"(a body of {len(raw)} bytes in a Content-Encoding not decoded here)"
-    return _decode(raw[:_DECODED_BYTES], charset)[:BODY_LIMIT]
+    return _decode(raw[:4 * limit], charset)[:limit]  # enough bytes for `limit` in UTF-8
 
 
 class Streamed(Protocol):
@@ -118,14 +120,14 @@ def charset_of(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def _inflate(raw: bytes, coding: str) -> bytes | None:
-    """The first `_DECODED_BYTES` of the inflated body; the rest is never inflated (a 1 MB
+def _inflate(raw: bytes, coding: str, limit: int) -> bytes | None:
+    """The first `limit` bytes of the inflated body; the rest is never inflated (a 1 MB
     gzip body can hold 1 GB). Deflate as zlib data, else raw deflate (servers send both)."""
     tries = ((16 + zlib.MAX_WBITS,) if coding != "deflate"
              else (zlib.MAX_WBITS, -zlib.MAX_WBITS))
     for wbits in tries:
         try:
-            return zlib.decompressobj(wbits).decompress(raw, _DECODED_BYTES)
+            return zlib.decompressobj(wbits).decompress(raw, limit)
         except zlib.error:
             continue
     return None
@@ -159,6 +161,24 @@ _TITLE = re.compile(r"<title[^>]*>(.*?)</title", re.I | re.S)
 _UNSEEN = re.compile(r"<(head|script|style|title)\b.*?(?:</\1\s*>|\Z)|<!--.*?(?:-->|\Z)",
                      re.I | re.S)
 _TAG = re.compile(r"<[^>]*>")
+_HEAD = re.compile(r"<head\b", re.I)
+
+
+def page_kept(body: str) -> str:
+    """An HTML page with what no reader sees blanked (its head but for the title, scripts,
+    styles, comments), before the cut at `BODY_LIMIT`: Squid's block page spends its first
+    1,024 characters on its stylesheet, and the reason it gives came after the cut (round
+    59's "noticed"). Other bodies as they are. Blanks, never nothing, as in `excerpt`."""
+    if not html_page(body):
+        return body
+    title = _TITLE.search(body)
+    if title is None:
+        return _UNSEEN.sub(" ", body)
+    # The title where the head was: the page's doctype and <html> stay first (`html_page`).
+    head = _HEAD.search(body, 0, title.start())
+    at = title.start() if head is None else head.start()
+    return (_UNSEEN.sub(" ", body[:at]) + f"<title>{title.group(1)}</title>"
+            + _UNSEEN.sub(" ", body[at:]))
 
 
 def excerpt(body: str, limit: int = 160) -> str:

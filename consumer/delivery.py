@@ -40,7 +40,15 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.tracing import Trace
 from httpx_aiohttp.transport import AiohttpResponseStream, AiohttpTransport
 
-from consumer.answers import BODY_LIMIT, MAX_BODY_BYTES, body_text, charset_of, html_page
+from consumer.answers import (
+    BODY_LIMIT,
+    MAX_BODY_BYTES,
+    PAGE_LIMIT,
+    body_text,
+    charset_of,
+    html_page,
+    page_kept,
+)
 from consumer.codec import replace_surrogates
 from consumer.errors import (
     ConnectionFailed,
@@ -554,17 +562,23 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
             if "date" in headers:  # a Retry-After date counts from it (review "clock53")
                 quoted["date"] = headers.get_list("date")[0]
         charset, coding = charset_of(headers), headers.get("content-encoding")
+        limit = BODY_LIMIT
         shown = redact(body_text(body, charset=charset, encoding=coding))
+        if html_page(shown):
+            # A page's text may come after its head and stylesheet: read further, then
+            # blank what no reader sees (`page_kept`) before `classify` cuts it.
+            limit = PAGE_LIMIT
+            shown = redact(body_text(body, charset=charset, encoding=coding, limit=limit))
         if charset is not None and not _utf8(charset):
             # An echo quotes the token as the bytes it was sent in: a charset label that
             # reads them as something else (cp500, utf-16, a Shift_JIS lead byte taking
             # its first character) hid it from redaction while keeping it whole, to be
             # encoded back from the exception or the dead letter (review "http40").
-            plain = body_text(body, encoding=coding)
+            plain = body_text(body, encoding=coding, limit=limit)
             masked = redact(plain)
             if masked != plain:
                 shown = masked
-        return classify(status, quoted, shown, path)
+        return classify(status, quoted, page_kept(shown), path)
     except Exception as exc:  # see above
         return ServerError(f"HTTP {status}: unusable answer from Userpilot or a proxy "
                            f"({type(exc).__name__}; transient)", status=status)

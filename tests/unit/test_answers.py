@@ -167,3 +167,31 @@ def test_an_html_block_page_is_quoted_by_its_title_and_text() -> None:
     cut = cut[:cut.index("font-family")]
     assert excerpt(cut) == "ERROR: The requested URL could not be retrieved:"
     assert quoted.count("could not be retrieved") == 2  # the title, then the page's h2
+
+
+def _long_styled(page: str, css_chars: int = 3000) -> str:
+    """`page` with a stylesheet long enough to fill the 1,024 characters kept (Squid's own
+    runs to about 2,000)."""
+    rules = "".join(f" #e{i} {{ margin: {i}px; }}" for i in range(css_chars // 20))
+    return page.replace("body { font-family", rules + " body { font-family")
+
+
+def test_a_page_keeps_its_title_and_text_past_a_long_head() -> None:
+    """Round 59's "noticed": a block page whose head outlasted the 1,024 characters kept
+    lost its reason; its head (but the title), styles, scripts and comments are blanked
+    before the cut, and it is still an HTML page quoted by title and text."""
+    from consumer.answers import BODY_LIMIT, excerpt, html_page, page_kept
+
+    page = _long_styled(SQUID_DENIED).replace(
+        "</body>", "<script>var t = 'x';</script><!-- c --></body>")
+    assert page.index("Access control") > BODY_LIMIT
+    kept = page_kept(page)
+    assert html_page(kept) and kept.startswith("<!DOCTYPE html")
+    assert "margin" not in kept and "var t" not in kept and "<!-- c" not in kept
+    assert "<title>ERROR: The requested URL could not be retrieved</title>" in kept
+    quoted = excerpt(kept[:BODY_LIMIT], 400)
+    assert quoted.startswith("ERROR: The requested URL could not be retrieved: ERROR")
+    assert "Access control configuration prevents" in quoted
+    assert page_kept('{"error": "<head>x</head>"}') == '{"error": "<head>x</head>"}'
+    untitled = "<html><head><style>p {}</style></head><body>Denied</body></html>"
+    assert page_kept(untitled).split() == ["<html>", "<body>Denied</body></html>"]

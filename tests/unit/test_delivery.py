@@ -516,3 +516,33 @@ def test_quoted_headers_are_escaped_for_the_commands_that_print_them() -> None:
     text = str(exc)
     assert "\x1b" not in text and "\u202e" not in text and "\x07" not in text
     assert "rid\\x1b[31mRED\\x1b[0m\\u202e" in text
+
+
+def test_a_block_page_past_a_long_head_is_quoted_by_its_reason_and_redacted() -> None:
+    """Round 59's "noticed": an answer keeps 1,024 characters, which a block page's head and
+    stylesheet filled (Squid's), so its reason never reached `/readyz` or the pause line.
+    A page is read further and its unseen parts blanked before the cut; an echoed token
+    past the first 1,024 characters is masked all the same. JSON is cut as before."""
+    from consumer.answers import BODY_LIMIT
+    from consumer.delivery import classify_answer
+    from consumer.policy import quoting
+    from consumer.redaction import MASK
+
+    rules = "".join(f" #e{i} {{ margin: {i}px; }}" for i in range(200))
+    page = ("<!DOCTYPE html><html><head><title>Blocked</title><style>" + rules
+            + "</style></head><body><p>Policy forbids api.userpilot.io for this client; "
+            + f"request Authorization: Token {TOKEN}</p></body></html>")
+    assert page.index("Policy forbids") > BODY_LIMIT
+    headers = httpx.Headers({"content-type": "text/html; charset=utf-8"})
+    exc = classify_answer(403, headers, page.encode(), lambda t: t.replace(TOKEN, MASK),
+                          "/v1/track")
+    assert exc is not None
+    said = quoting(exc)
+    assert "refused with an HTML page" in str(exc), exc
+    assert "Blocked: Policy forbids api.userpilot.io" in said, said
+    assert TOKEN not in said and TOKEN not in (getattr(exc, "body", "") or "")
+    assert len(getattr(exc, "body", "") or "") <= BODY_LIMIT
+    json_body = ('{"error": "' + "x" * 2000 + '"}').encode()
+    cut = classify_answer(400, httpx.Headers({"content-type": "application/json"}),
+                          json_body, lambda t: t, "/v1/track")
+    assert cut is not None and getattr(cut, "body", "") == json_body.decode()[:BODY_LIMIT]
