@@ -6,7 +6,8 @@ committed offset, the low watermark) and, for a paused partition, the broker's h
 watermark asked directly: statistics learn high watermarks from fetch
 responses, and a paused partition is not fetched, so its lag froze at the pause while the
 backlog grew (an outage, exactly when lag matters: the lag alert never fired without
-kafka_exporter). `Lag.paused` asks for those.
+kafka_exporter). `Lag.paused` asks for those, and for partitions no fetch answered for
+(`Lag.unfetched`: a broker quota starving them).
 
 Under read_committed every lag figure ends at the last stable offset: a transaction left
 open (until the broker aborts it at its producer's transaction.timeout.ms, or for good when
@@ -35,6 +36,10 @@ __all__ = ["Lag"]
 
 log = logging.getLogger(__name__)
 
+UNFETCHED_AFTER = 2
+"""Statistics in a row without a partition's high watermark after which it is looked up
+(`Lag.unfetched`): the first may come before the first fetch of a new assignment."""
+
 
 class Lag:
     """Sets `consumer_lag` and `committed_offset` per owned partition."""
@@ -52,6 +57,9 @@ class Lag:
         self._low: dict[TP, int] = {}  # low watermarks, from the statistics
         # Where the next round of paused partitions' lookups starts (`paused`).
         self._next: TP | None = None
+        # Per fetched (not paused) partition the statistics knew no high watermark of: how
+        # many statistics in a row (`unfetched`).
+        self._unseen: dict[TP, int] = {}
 
     def forget(self, parts: Collection[TP]) -> None:
         """A partition left this worker: what the statistics said of it no longer holds."""
@@ -60,6 +68,7 @@ class Lag:
                 self._group.pop(tp, None)
                 self._low.pop(tp, None)
                 self._stable.pop(tp, None)
+                self._unseen.pop(tp, None)
 
     def on_stats(self, stats: dict[str, Any], assigned: Collection[TP],
                  paused: Collection[TP]) -> None:
@@ -84,7 +93,10 @@ class Lag:
                     with self._lock:
                         self._low[tp] = low
                 if tp in paused:
+                    with self._lock:
+                        self._unseen.pop(tp, None)
                     continue  # stale without fetches: `Lag.paused` sets it
+                self._note_fetched(tp, pinfo.get("hi_offset", -1))
                 self._held_back(tp, pinfo)
                 # Offsets are committed explicitly, never stored: consumer_lag_stored is
                 # always -1 here, consumer_lag (high watermark - committed) is the figure.
@@ -101,6 +113,26 @@ class Lag:
                                             and stable >= 0 else pinfo.get("hi_offset", -1))
                 if lag is not None:
                     self.m.consumer_lag.labels(topic, pid).set(lag)
+
+    def _note_fetched(self, tp: TP, high: object) -> None:
+        """Whether the statistics know `tp`'s high watermark (from a fetch answer)."""
+        with self._lock:
+            if isinstance(high, int) and high >= 0:
+                self._unseen.pop(tp, None)
+            else:
+                self._unseen[tp] = self._unseen.get(tp, 0) + 1
+
+    def unfetched(self) -> set[TP]:
+        """Partitions the statistics have known no high watermark of twice in a row (a
+        statistics interval at least): no fetch answered for them, so no lag series. A
+        broker quota starving every fetch (an empty answer each second), a batch larger
+        than the fetch takes, left the whole backlog without a figure and the lag alerts
+        silent (round 59's "noticed", review "sizes59"). `paused` asks the broker for them
+        as for paused partitions."""
+        if not self._unseen:  # read without the lock: the common case, nothing to ask
+            return set()
+        with self._lock:
+            return {tp for tp, times in self._unseen.items() if times >= UNFETCHED_AFTER}
 
     def _held_back(self, tp: TP, pinfo: dict[str, Any]) -> None:
         """The records past the last stable offset of a fetched partition, and how long

@@ -195,6 +195,7 @@ STOP_STEP_MIN_S = 0.2  # ... each step gets at least this much once the budget i
 RATES_EVERY_S = 1.0  # the rate-share gauge follows 429 recovery and the Redis fallback
 PAUSED_LAG_EVERY_S = 5.0  # a paused partition's lag, from the broker (librdkafka's stats
 # interval): its high watermark comes only with fetches, which a paused partition has none of
+# (nor one whose fetches no broker answers: `Lag.unfetched`)
 PAUSED_LAG_TIMEOUT_S = 1.0  # ... all of them within this
 CLOSE_TIMEOUT_S = 15.0  # leaving the group while Kafka answers (revoke settles first)
 CLOSE_DOWN_TIMEOUT_S = 2.0  # ... while it does not
@@ -594,7 +595,7 @@ class Worker:
                     self._publish_rates()
                 with self._parts_lock:
                     any_paused = bool(self.paused)
-                if any_paused and source.connected and (
+                if (any_paused or self.lag.unfetched()) and source.connected and (
                         time.monotonic() - paused_lag_at >= PAUSED_LAG_EVERY_S):
                     paused_lag_at = time.monotonic()
                     await source.call(self._paused_lag, source)
@@ -1754,13 +1755,14 @@ class Worker:
                 probe.add_done_callback(self._probes.discard)
 
     def _paused_lag(self, source: Source) -> None:
-        """Poll thread: the lag of paused partitions, from the broker (`Lag.paused`)."""
+        """Poll thread: the lag of paused partitions, and of those no fetch answered for
+        (`Lag.unfetched`), from the broker (`Lag.paused`)."""
         with self._parts_lock:
-            parts = sorted(self.paused & self.assigned)
+            parts = sorted((self.paused | self.lag.unfetched()) & self.assigned)
 
         def still_paused() -> set[TP]:
             with self._parts_lock:
-                return self.paused & self.assigned
+                return (self.paused | self.lag.unfetched()) & self.assigned
 
         self.lag.paused(parts, lambda asked: source.high_watermarks(asked, PAUSED_LAG_TIMEOUT_S),
                         still_paused)

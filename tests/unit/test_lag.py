@@ -254,3 +254,32 @@ def test_records_an_open_transaction_holds_back_and_for_how_long_are_shown() -> 
     now[0] = 200.0
     report({"hi_offset": 50, "ls_offset": 45})
     assert held(P0) == (5, 0), "taken again: counted anew"
+
+
+def test_a_partition_no_fetch_answers_for_is_looked_up_after_two_statistics() -> None:
+    """Round 59's "noticed" (review "sizes59"): a broker quota starving every fetch left
+    the whole backlog without a lag series (the statistics learn high watermarks from fetch
+    answers) and the lag alerts silent. Twice without one (a new assignment's first
+    statistics may come before its first fetch), the partition is looked up as a paused one
+    is; a fetch answer ends that; a paused or released partition is not counted."""
+    lag, metrics, _ = gauges()
+    blind = {"consumer_lag": -1, "hi_offset": -1, "lo_offset": 0}
+    lag.on_stats(stats(p0={"consumer_lag": 3, "hi_offset": 10}, p1=blind, p2=blind),
+                 assigned={P0, P1, P2}, paused=set())
+    assert lag.unfetched() == set(), "once may be before the first fetch"
+    lag.on_stats(stats(p0={"consumer_lag": 3, "hi_offset": 10}, p1=blind, p2=blind),
+                 assigned={P0, P1, P2}, paused={P2})
+    assert lag.unfetched() == {P1}
+    assert lag_of(metrics, P1) is None
+    lag.paused(sorted(lag.unfetched()), lambda asked: dict.fromkeys(asked, 500),
+               lambda: lag.unfetched())
+    assert lag_of(metrics, P1) == 500
+    lag.on_stats(stats(p1=blind), assigned={P0, P1, P2}, paused=set())
+    lag.forget([P1])
+    assert lag.unfetched() == set(), "released: forgotten"
+    lag.on_stats(stats(p1=blind), assigned={P0, P1, P2}, paused=set())
+    lag.on_stats(stats(p1=blind), assigned={P0, P1, P2}, paused=set())
+    assert lag.unfetched() == {P1}
+    lag.on_stats(stats(p1={"consumer_lag": 7, "hi_offset": 507}), assigned={P0, P1, P2},
+                 paused=set())
+    assert lag.unfetched() == set() and lag_of(metrics, P1) == 7

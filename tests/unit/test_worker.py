@@ -2462,6 +2462,49 @@ def test_a_paused_partitions_lag_follows_the_broker_not_the_frozen_statistics(
     assert drive(run, scenario) == 0
 
 
+@dataclass
+class Starved(FakeSource):
+    """A broker quota starving partition 1's fetches: nothing of it is ever handed over."""
+
+    def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
+        held = (TOPIC, 1) in self.paused
+        self.paused.add((TOPIC, 1))  # never fetched, its position unmoved
+        try:
+            return super().consume(max_messages, timeout_s)
+        finally:
+            if not held:
+                self.paused.discard((TOPIC, 1))
+
+
+def test_a_partition_whose_fetches_no_broker_answers_gets_its_lag_from_the_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Round 59's "noticed": a quota starving a partition's fetches left its backlog without
+    a lag series (librdkafka's statistics had no high watermark for it), so no lag alert
+    could fire. Unfetched over two statistics, it is looked up as a paused partition is."""
+    monkeypatch.setattr(worker_module, "PAUSED_LAG_EVERY_S", 0.05)
+    log = {(TOPIC, 0): [Message(TOPIC, 0, i, b"k", track("u", i)) for i in range(2)],
+           (TOPIC, 1): [Message(TOPIC, 1, i, b"k", track("u", i)) for i in range(40)]}
+    run = make(log, registry=known_schema(), source_type=Starved,
+               USERPILOT_ENSURE_USER="false")
+
+    def exported(partition: int) -> float | None:
+        return run.worker.m.registry.get_sample_value(
+            "userpilot_consumer_lag", {"topic": TOPIC, "partition": str(partition)})
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: len(run.client.bodies) == 2, "partition 0 delivered")
+        blind = {"consumer_lag": -1, "hi_offset": -1, "lo_offset": 0}
+        fetched = {"consumer_lag": 0, "hi_offset": 2}
+        for _ in range(2):
+            run.worker._on_stats({"topics": {TOPIC: {"partitions": {"0": fetched,
+                                                                    "1": blind}}}})
+        await until(lambda: exported(1) == 40, "the starved partition's lag")
+        assert exported(0) == 0
+
+    assert drive(run, scenario) == 0
+
+
 def test_the_rate_share_gauge_follows_the_limiter_not_only_rebalances_and_429s() -> None:
     """Set only on a rebalance or a 429, the gauge kept a halved rate long after the
     limiter recovered, and never showed a switch to the Redis fallback."""
