@@ -77,6 +77,7 @@ THROTTLE_TOLD_S = 0.5
 """The shortest throttle a broker imposes that is logged (`KafkaSource._on_throttle`)."""
 
 _LATEST: Callable[[], Any] = OffsetSpec.latest  # untyped upstream
+_EARLIEST: Callable[[], Any] = OffsetSpec.earliest
 DOWN_TOLD_AFTER_S = 5.0
 """The shortest time without brokers whose end is logged (`KafkaSource._brokers_seen`)."""
 RESET_ASK_S = 1.0  # the lookups after offset resets (`_tell_resets`), all together
@@ -837,12 +838,22 @@ class KafkaSource:
         partitions have nothing new; three lookups in four timed out, the paused
         partitions' lag went stale and librdkafka logged a WARNING about timed-out requests
         on a healthy cluster (review "logs56")."""
+        return self._offsets(parts, timeout_s, _LATEST)
+
+    def low_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
+        """The brokers' low watermark (the log's first offset) of each partition, as
+        `high_watermarks` asks: where a partition nothing was committed for is read from."""
+        return self._offsets(parts, timeout_s, _EARLIEST)
+
+    def _offsets(self, parts: Sequence[TP], timeout_s: float,
+                 spec: Callable[[], Any]) -> dict[TP, int]:
+        """One ListOffsets of `spec` per leader for `parts`; -1 for one not answered."""
         if not parts:
             return {}
         out = {tp: -1 for tp in parts}
         try:
             asked = self._admin().list_offsets(
-                {TopicPartition(topic, partition): _LATEST()
+                {TopicPartition(topic, partition): spec()
                  for topic, partition in out},
                 isolation_level=IsolationLevel.READ_COMMITTED,
                 request_timeout=max(timeout_s, 0.001))

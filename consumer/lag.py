@@ -155,7 +155,8 @@ class Lag:
 
     def paused(self, parts: Sequence[TP],
                high_watermarks: Callable[[list[TP]], dict[TP, int]],
-               still_paused: Callable[[], Collection[TP]]) -> None:
+               still_paused: Callable[[], Collection[TP]],
+               low_watermarks: Callable[[list[TP]], dict[TP, int]] | None = None) -> None:
         """The lag of paused partitions from the broker's high watermarks (one ListOffsets
         each, every few seconds); set only for those still paused once it answered.
 
@@ -165,8 +166,24 @@ class Lag:
         had when paused through a whole outage (review "multi45"); sorted by when each last
         answered, a partition without a leader came first every round and starved the
         others (review "diff45b"); and a guess at how many the budget reached skipped some
-        for ever (reviews "diff45c", "diff45d")."""
+        for ever (reviews "diff45c", "diff45d").
+
+        A partition without a base (nothing committed, never fetched: a new group whose
+        fetches a quota starves) counts from its low watermark, asked by `low_watermarks`
+        each round until it has another."""
         committed = self.bases(parts)
+        baseless = [tp for tp in parts if tp not in committed]
+        if baseless and low_watermarks is not None:
+            try:
+                lows = low_watermarks(baseless)
+            except Exception:
+                log.debug("low watermarks unavailable", exc_info=True)
+                lows = {}
+            owned = still_paused()  # not kept for a partition released meanwhile
+            with self._lock:
+                self._low.update((tp, low) for tp, low in lows.items()
+                                 if low >= 0 and tp in owned)
+            committed = self.bases(parts)
         eligible = sorted(tp for tp in parts if tp in committed)
         with self._lock:
             start = bisect.bisect_left(eligible, self._next) if self._next else 0

@@ -490,6 +490,8 @@ def test_a_partition_without_a_leader_keeps_no_other_high_watermark_waiting() ->
                                                          poll=polled.append))
     source._admin = lambda: source._marks
     source._answers = lambda futures, timeout_s: KafkaSource._answers(source, futures, timeout_s)
+    source._offsets = lambda parts, timeout_s, spec: KafkaSource._offsets(
+        source, parts, timeout_s, spec)
     started = time.monotonic()
     marks = KafkaSource.high_watermarks(source, [("t", 0), ("t", 1), ("t", 2), ("t", 3)], 0.3)
     assert time.monotonic() - started < 2.0
@@ -497,6 +499,15 @@ def test_a_partition_without_a_leader_keeps_no_other_high_watermark_waiting() ->
     assert asked == [([("t", 0), ("t", 1), ("t", 2), ("t", 3)], 0.3)]  # one request
     assert polled == [0]  # its log lines served (review "diff56": never, they piled up)
     assert KafkaSource.high_watermarks(source, [], 0.3) == {}
+    specs: list[str] = []
+
+    def earliest(wanted: dict[Any, Any], **kw: Any) -> dict[Any, Future[Any]]:
+        specs.extend(type(v).__name__ for v in wanted.values())
+        return list_offsets(wanted, **kw)
+
+    source._marks.list_offsets = earliest
+    assert KafkaSource.low_watermarks(source, [("t", 0)], 0.3) == {("t", 0): 7}
+    assert specs == ["EarliestSpec"]
 
 
 class _Cluster:

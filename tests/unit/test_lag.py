@@ -283,3 +283,24 @@ def test_a_partition_no_fetch_answers_for_is_looked_up_after_two_statistics() ->
     lag.on_stats(stats(p1={"consumer_lag": 7, "hi_offset": 507}), assigned={P0, P1, P2},
                  paused=set())
     assert lag.unfetched() == set() and lag_of(metrics, P1) == 7
+
+
+def test_a_partition_without_a_base_counts_from_the_low_watermark_the_broker_gives() -> None:
+    """A new group whose fetches a quota starves: nothing committed, no statistics of the
+    log's start, so no base and no lag series even when looked up. The broker's low
+    watermark is asked for such partitions only, and kept only while they are owned."""
+    lag, metrics, commits = gauges()
+    asked: list[list[TP]] = []
+
+    def lows(parts: list[TP]) -> dict[TP, int]:
+        asked.append(parts)
+        return {P0: 100, P1: 5, P2: -1}
+
+    commits.take(P2, 7)
+    commits.finish(P2, 7)  # P2 has a base (what this worker would commit)
+    lag.paused([P0, P1, P2], lambda parts: dict.fromkeys(parts, 150), lambda: {P0, P2}, lows)
+    assert asked == [[P0, P1]], "only the partitions without a base"
+    assert lag_of(metrics, P0) == 50
+    assert lag_of(metrics, P1) is None, "released meanwhile: neither kept nor set"
+    assert lag.bases([P1]) == {}
+    assert lag_of(metrics, P2) == 142

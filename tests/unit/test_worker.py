@@ -140,6 +140,8 @@ class FakeSource:
     missing: dict[str, str] = field(default_factory=dict)
     # Topics whose Read the brokers' ACLs allow now, as they report it (`readable`).
     granted: set[str] = field(default_factory=set)
+    # Per partition, its log's first offset when not 0 (`low_watermarks`).
+    starts: dict[TP, int] = field(default_factory=dict)
 
     @property
     def fatal_error(self) -> str | None:
@@ -251,6 +253,10 @@ class FakeSource:
     def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         self._on_poll_thread()
         return {tp: self.ends.get(tp, len(self.log[tp])) for tp in parts if tp in self.log}
+
+    def low_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
+        self._on_poll_thread()
+        return {tp: self.starts.get(tp, 0) for tp in parts if tp in self.log}
 
     def readable(self, topics: Sequence[str], timeout_s: float) -> set[str]:
         self._on_poll_thread()
@@ -2494,12 +2500,15 @@ def test_a_partition_whose_fetches_no_broker_answers_gets_its_lag_from_the_broke
 
     async def scenario(source: FakeSource) -> None:
         await until(lambda: len(run.client.bodies) == 2, "partition 0 delivered")
-        blind = {"consumer_lag": -1, "hi_offset": -1, "lo_offset": 0}
+        # Nothing known of partition 1, not even its log's start (a new group): its
+        # lag counts from the low watermark the broker gives.
+        source.starts[(TOPIC, 1)] = 10
+        blind = {"consumer_lag": -1, "hi_offset": -1001, "lo_offset": -1001}
         fetched = {"consumer_lag": 0, "hi_offset": 2}
         for _ in range(2):
             run.worker._on_stats({"topics": {TOPIC: {"partitions": {"0": fetched,
                                                                     "1": blind}}}})
-        await until(lambda: exported(1) == 40, "the starved partition's lag")
+        await until(lambda: exported(1) == 30, "the starved partition's lag")
         assert exported(0) == 0
 
     assert drive(run, scenario) == 0
