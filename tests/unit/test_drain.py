@@ -534,3 +534,68 @@ def test_dead_letters_a_too_small_dlq_refuses_log_one_line_per_cause_not_one_eac
                  "refused even without its value"):
         lines = [r for r in records if text in r.getMessage()]
         assert len(lines) == 1, (text, len(lines))
+
+
+class OneHangs(FakeClient):
+    """u1's seq 1 request hangs until `release` is set; the others are answered at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.hung = 0
+
+    async def send(self, call: Call) -> int:
+        if b'"u1"' in call.body and b'"seq":1' in call.body.replace(b" ", b""):
+            self.hung += 1
+            await self.release.wait()
+        return await super().send(call)
+
+
+def test_a_revokes_grace_ending_with_a_request_on_the_wire_commits_below_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "coverage60" (a branch no test ran): the revoke's grace ends while u1's request
+    is on the wire and later events are finished. The revoke commits the cut event's offset
+    (it stays unfinished) with a note naming the later ones finished, and says so."""
+    log = {TP: [Message(TOPIC, 0, 0, b"u1", track("u1", 1)),
+                Message(TOPIC, 0, 1, b"u2", track("u2", 2)),
+                Message(TOPIC, 0, 2, b"u3", track("u3", 3))],
+           **log_of(track("u9", 9), partition=1, key=b"u9")}
+    client = OneHangs()
+    run = make(log, registry=known_schema(), client=client, USERPILOT_ENSURE_USER="false",
+               WORKER_SHUTDOWN_GRACE_SECONDS="0.3")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: client.hung == 1 and len(client.bodies) >= 3, "u1 hangs, rest done")
+        source.revoke_next = [TP]
+        await until(lambda: TP not in run.worker.assigned, "the revoke")
+        client.release.set()
+
+    with caplog.at_level(logging.WARNING):
+        assert drive(run, scenario) == 0
+    offset, note = run.source.stored[TP]
+    assert offset == 0, "u1's event was cut on the wire: its offset stays uncommitted"
+    finished = decode_note(note, 0)
+    assert finished.covers(1) and finished.covers(2), note
+    assert any("requests of signal[0] cut on the wire" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_losing_one_of_two_partitions_keeps_the_worker_ready_and_commits_none_of_it() -> None:
+    """Review "coverage60": a lost partition (no revoke) is given up without a commit;
+    the other goes on and the worker stays ready."""
+    log = {**log_of(track("u1", 1)), **log_of(track("u2", 2), partition=1, key=b"u2")}
+    run = make(log, registry=known_schema())
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: sum(source.committed().values()) == 2, "both committed")
+        before = len(source.commits)
+        source.lose_next = [TP]
+        await until(lambda: TP not in run.worker.assigned, "the loss")
+        assert run.worker.health.ready()[0], run.worker.health.ready()
+        source.log[TP].append(Message(TOPIC, 0, 1, b"u1", track("u1", 3)))
+        source.log[(TOPIC, 1)].append(Message(TOPIC, 1, 1, b"u2", track("u2", 4)))
+        await until(lambda: source.committed().get((TOPIC, 1)) == 2, "partition 1 goes on")
+        assert all(TP not in c for c in source.commits[before:]), source.commits[before:]
+
+    assert drive(run, scenario) == 0
+    assert sorted(codec_seq(b) for b in run.client.bodies) == [1, 2, 4]

@@ -750,3 +750,55 @@ def test_a_claim_is_kept_at_a_stop_only_if_userpilot_may_have_taken_a_request(
 
     assert drive(run, scenario) == 0
     assert (dedup.key("track", "u1-1") in store.values) is kept
+
+
+class LapsedThenOther(MemoryStore):
+    """The owner's claim lapses before its request (another owner took the key at its
+    renewal); on the `looks`-th look that owner confirms (`then` "d") or releases (None)."""
+
+    def __init__(self, then: str | None, looks: int = 3) -> None:
+        super().__init__()
+        self.then, self.looks_needed = then, looks
+        self.claims: dict[str, int] = {}
+        self.looks = 0
+
+    async def claim(self, key: str, owner: str, ttl_ms: int) -> tuple[State, float]:
+        n = self.claims[key] = self.claims.get(key, 0) + 1
+        if n == 2:  # the renewal before the request: lapsed, another owner took it
+            self.values[key] = "c:other"
+        if self.values.get(key) == "c:other":
+            self.looks += 1
+            if self.looks >= self.looks_needed:
+                if self.then is None:
+                    del self.values[key]
+                else:
+                    self.values[key] = self.then
+        state, _ = await super().claim(key, owner, ttl_ms)
+        return state, 0.02
+
+
+@pytest.mark.parametrize("connections", ["64", "1"])
+def test_a_claim_lost_before_the_request_and_then_released_is_sent_once(
+        connections: str) -> None:
+    """Review "coverage60" (a branch no test ran): another owner takes the messageId between
+    intake and the request, then lets it go. Each event is sent once and confirmed, no
+    connection permit is given back twice, and one connection does not deadlock."""
+    store = LapsedThenOther(None)
+    run, _, dedup = make(log_of(track("u1", 1), track("u2", 2), track("u3", 3)), store,
+                         USERPILOT_MAX_CONNECTIONS=connections)
+    assert drive(run, finished_to(3)) == 0  # type: ignore[arg-type]
+    assert sorted(codec_seq(b) for b in run.client.bodies) == [1, 2, 3]
+    for user, seq in (("u1", 1), ("u2", 2), ("u3", 3)):
+        assert store.values[dedup.key("track", f"{user}-{seq}")] == "d"
+
+
+@pytest.mark.parametrize("connections", ["64", "1"])
+def test_a_claim_lost_before_the_request_and_then_confirmed_is_a_duplicate(
+        connections: str) -> None:
+    """The same, the other owner delivering it: nothing is sent, both count duplicates."""
+    store = LapsedThenOther("d")
+    run, metrics, _ = make(log_of(track("u1", 1), track("u1", 2)), store,
+                           USERPILOT_MAX_CONNECTIONS=connections)
+    assert drive(run, finished_to(2)) == 0  # type: ignore[arg-type]
+    assert run.client.bodies == []
+    assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 2
