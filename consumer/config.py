@@ -1587,10 +1587,13 @@ def _http_proxy_only(url: str, env: Mapping[str, str]) -> list[str]:
     no_proxy = _proxy_variable(env, "no_proxy")
     if no_proxy is not None and _bypassed(urlsplit(url).netloc, no_proxy[1]):
         return []
+    # No advice to unset it: an http:// schema registry may be reached through it (review
+    # "diff60": following that advice cut the registry off).
     return [f"{found[0]} is set and HTTPS_PROXY is not: Userpilot ({url}) is reached "
             "directly, not through that proxy (HTTP_PROXY is for http:// URLs only, as "
             "curl and httpx read it); set HTTPS_PROXY to the same proxy if the way out "
-            "goes through it, or unset HTTP_PROXY"]
+            f"goes through it, or add {urlsplit(url).hostname} to NO_PROXY if reaching it "
+            "directly is meant (this note then goes)"]
 
 
 def _proxy(reader: _Reader, url: str, service: str = "Userpilot",

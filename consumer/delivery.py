@@ -472,8 +472,8 @@ def transport_failure(exc: BaseException, deadline_s: float,
                 # silence, the proxy unnamed (round 59's "noticed").
                 return Timeout(
                     "no connection to Userpilot in time through the proxy (ConnectTimeout): "
-                    "the proxy (HTTPS_PROXY) did not connect or open the tunnel, or the TLS "
-                    "handshake through it did not finish")
+                    "the proxy (HTTPS_PROXY or ALL_PROXY) did not connect or open the tunnel, "
+                    "or the TLS handshake through it did not finish")
             return Timeout(f"no answer from Userpilot in time ({type(exc).__name__})")
         cause = exc.__cause__
         if isinstance(cause, aiohttp.ClientConnectorDNSError):
@@ -564,7 +564,10 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
         charset, coding = charset_of(headers), headers.get("content-encoding")
         limit = BODY_LIMIT
         shown = redact(body_text(body, charset=charset, encoding=coding))
-        if html_page(shown):
+        # Not a JSON answer, which may quote `<html` and `<!--` (an event's value echoed):
+        # blanked as a page, its error code was lost (review "diff60").
+        page = "json" not in headers.get("content-type", "").lower() and html_page(shown)
+        if page:
             # A page's text may come after its head and stylesheet: read further, then
             # blank what no reader sees (`page_kept`) before `classify` cuts it.
             limit = PAGE_LIMIT
@@ -578,7 +581,7 @@ def classify_answer(status: int, headers: httpx.Headers, body: bytes,
             masked = redact(plain)
             if masked != plain:
                 shown = masked
-        return classify(status, quoted, page_kept(shown), path)
+        return classify(status, quoted, page_kept(shown) if page else shown, path)
     except Exception as exc:  # see above
         return ServerError(f"HTTP {status}: unusable answer from Userpilot or a proxy "
                            f"({type(exc).__name__}; transient)", status=status)

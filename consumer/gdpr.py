@@ -346,7 +346,8 @@ class DeleteClient:
                 # httpx's own transport reads the proxy's answer to CONNECT as any answer:
                 # a proxy that never gives one is a ReadTimeout, like Userpilot's silence
                 # (round 59's "noticed": the proxy went unnamed).
-                raise Timeout(f"no answer in time from Userpilot or the proxy (HTTPS_PROXY) "
+                raise Timeout(f"no answer in time from Userpilot or the proxy (HTTPS_PROXY "
+                              f"or ALL_PROXY) "
                               f"({type(exc).__name__}; a proxy that never answers CONNECT "
                               "reads so too)") from None
             raise Timeout(f"no answer from Userpilot in time ({type(exc).__name__})") from None

@@ -60,6 +60,9 @@ class Lag:
         # Per fetched (not paused) partition the statistics knew no high watermark of: how
         # many statistics in a row (`unfetched`).
         self._unseen: dict[TP, int] = {}
+        # Partitions whose low watermark was asked of the broker (`paused`), not learnt from
+        # the statistics: asked again every round, retention moving the log's start.
+        self._asked_low: set[TP] = set()
 
     def forget(self, parts: Collection[TP]) -> None:
         """A partition left this worker: what the statistics said of it no longer holds."""
@@ -69,6 +72,7 @@ class Lag:
                 self._low.pop(tp, None)
                 self._stable.pop(tp, None)
                 self._unseen.pop(tp, None)
+                self._asked_low.discard(tp)
 
     def on_stats(self, stats: dict[str, Any], assigned: Collection[TP],
                  paused: Collection[TP]) -> None:
@@ -92,6 +96,7 @@ class Lag:
                 if isinstance(low, int) and low >= 0:
                     with self._lock:
                         self._low[tp] = low
+                        self._asked_low.discard(tp)
                 if tp in paused:
                     with self._lock:
                         self._unseen.pop(tp, None)
@@ -170,9 +175,11 @@ class Lag:
 
         A partition without a base (nothing committed, never fetched: a new group whose
         fetches a quota starves) counts from its low watermark, asked by `low_watermarks`
-        each round until it has another."""
+        each round while it has no other base (retention moves it)."""
         committed = self.bases(parts)
-        baseless = [tp for tp in parts if tp not in committed]
+        with self._lock:
+            baseless = [tp for tp in parts if tp not in committed or (
+                tp in self._asked_low and committed[tp] == self._low.get(tp))]
         if baseless and low_watermarks is not None:
             try:
                 lows = low_watermarks(baseless)
@@ -181,8 +188,10 @@ class Lag:
                 lows = {}
             owned = still_paused()  # not kept for a partition released meanwhile
             with self._lock:
-                self._low.update((tp, low) for tp, low in lows.items()
-                                 if low >= 0 and tp in owned)
+                for tp, low in lows.items():
+                    if low >= 0 and tp in owned:
+                        self._low[tp] = low
+                        self._asked_low.add(tp)
             committed = self.bases(parts)
         eligible = sorted(tp for tp in parts if tp in committed)
         with self._lock:

@@ -195,3 +195,21 @@ def test_a_page_keeps_its_title_and_text_past_a_long_head() -> None:
     assert page_kept('{"error": "<head>x</head>"}') == '{"error": "<head>x</head>"}'
     untitled = "<html><head><style>p {}</style></head><body>Denied</body></html>"
     assert page_kept(untitled).split() == ["<html>", "<body>Denied</body></html>"]
+
+
+def test_a_page_of_unclosed_titles_is_read_in_linear_time() -> None:
+    """Review "diff60": the title pattern scanned to the end from every unclosed <title>
+    (quadratic): a 16 KiB answer of them held the event loop 164 ms a request, 10 s for 64.
+    A complexity guard, not a speed goal: 200,000 characters take milliseconds linear and
+    ~25 s quadratic, so the bound is generous."""
+    import time
+
+    from consumer.answers import excerpt, page_kept
+
+    hostile = "<!DOCTYPE html><html>" + "<title>" * 28_000
+    started = time.process_time()
+    kept = page_kept(hostile)
+    excerpt(kept[:1024])
+    assert time.process_time() - started < 3.0
+    titled = "<html><head><title>Blocked &amp; logged</title></head><body>x</body></html>"
+    assert excerpt(page_kept(titled)).startswith("Blocked &amp; logged:")

@@ -314,6 +314,9 @@ def test_an_http_proxy_alone_is_noted_as_not_serving_userpilot(
     assert bool(notes) is noted, settings.notes
     if noted:
         assert "reached directly" in notes[0] and "https://analytex.userpilot.io" in notes[0]
+        assert "add analytex.userpilot.io to NO_PROXY" in notes[0]
+        # Not "unset HTTP_PROXY": BASE's http:// registry is reached through it (diff60).
+        assert "unset" not in notes[0]
         assert "s3cret" not in notes[0]
 
 

@@ -546,3 +546,16 @@ def test_a_block_page_past_a_long_head_is_quoted_by_its_reason_and_redacted() ->
     cut = classify_answer(400, httpx.Headers({"content-type": "application/json"}),
                           json_body, lambda t: t, "/v1/track")
     assert cut is not None and getattr(cut, "body", "") == json_body.decode()[:BODY_LIMIT]
+
+
+def test_a_json_answer_quoting_html_is_kept_as_it_is() -> None:
+    """Review "diff60": a JSON 400 whose details quote an event's `<html><!-- ...` value was
+    taken for a page and blanked from the comment on: its error code and message were lost
+    from the dead letter."""
+    from consumer.delivery import classify_answer
+
+    body = ('{"errors": [{"details": "metadata.template: \'<html><!-- header\'", '
+            '"error_code": "INVALID_METADATA", "message": "bad value"}]}')
+    exc = classify_answer(400, httpx.Headers({"content-type": "application/json"}),
+                          body.encode(), lambda t: t, "/v1/track")
+    assert exc is not None and getattr(exc, "body", "") == body

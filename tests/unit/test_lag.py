@@ -304,3 +304,29 @@ def test_a_partition_without_a_base_counts_from_the_low_watermark_the_broker_giv
     assert lag_of(metrics, P1) is None, "released meanwhile: neither kept nor set"
     assert lag.bases([P1]) == {}
     assert lag_of(metrics, P2) == 142
+
+
+def test_a_low_watermark_asked_of_the_broker_is_asked_again_each_round() -> None:
+    """Review "diff60": read once, a looked-up log start was never refreshed, so retention
+    moving it overstated the lag for good. Asked again while it is the base; not once
+    something else is (the statistics' own, or a commit)."""
+    lag, metrics, commits = gauges()
+    starts = {P0: 5}
+    asked: list[list[TP]] = []
+
+    def lows(parts: list[TP]) -> dict[TP, int]:
+        asked.append(parts)
+        return {tp: starts[tp] for tp in parts}
+
+    def look() -> None:
+        lag.paused([P0], lambda parts: dict.fromkeys(parts, 100), lambda: {P0}, lows)
+
+    look()
+    assert lag_of(metrics, P0) == 95
+    starts[P0] = 40  # retention removed the log's start
+    look()
+    assert lag_of(metrics, P0) == 60 and asked == [[P0], [P0]]
+    commits.take(P0, 70)
+    commits.finish(P0, 70)  # now the worker's own commit is the base
+    look()
+    assert lag_of(metrics, P0) == 29 and len(asked) == 2

@@ -2472,6 +2472,16 @@ def test_a_paused_partitions_lag_follows_the_broker_not_the_frozen_statistics(
 class Starved(FakeSource):
     """A broker quota starving partition 1's fetches: nothing of it is ever handed over."""
 
+    budgets: list[tuple[str, float]] = field(default_factory=list)
+
+    def high_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
+        self.budgets.append(("high", timeout_s))
+        return super().high_watermarks(parts, timeout_s)
+
+    def low_watermarks(self, parts: Sequence[TP], timeout_s: float) -> dict[TP, int]:
+        self.budgets.append(("low", timeout_s))
+        return super().low_watermarks(parts, timeout_s)
+
     def consume(self, max_messages: int, timeout_s: float) -> list[Message]:
         held = (TOPIC, 1) in self.paused
         self.paused.add((TOPIC, 1))  # never fetched, its position unmoved
@@ -2510,6 +2520,13 @@ def test_a_partition_whose_fetches_no_broker_answers_gets_its_lag_from_the_broke
                                                                     "1": blind}}}})
         await until(lambda: exported(1) == 30, "the starved partition's lag")
         assert exported(0) == 0
+        # Both lookups within the one budget the poll thread gives them (review "diff60":
+        # each had its own): the low ones half of it, the high ones what is left of it.
+        starved = cast(Starved, source)
+        low = next(t for kind, t in starved.budgets if kind == "low")
+        high = next(t for kind, t in starved.budgets if kind == "high")
+        budget = worker_module.PAUSED_LAG_TIMEOUT_S
+        assert low == budget / 2 and budget / 2 <= high <= budget, starved.budgets
 
     assert drive(run, scenario) == 0
 
