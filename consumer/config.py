@@ -15,12 +15,15 @@ Secrets can come from files (``<NAME>_FILE``), as mounted Kubernetes secrets are
 from __future__ import annotations
 
 import argparse
+import codecs
 import difflib
 import ipaddress
 import math
 import os
 import re
 import ssl
+import sys
+import unicodedata
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
@@ -1272,6 +1275,47 @@ def _drop_undecodable(env: Mapping[str, str], problems: list[str],
     return {name: value for name, value in env.items() if name not in bad}
 
 
+def _as_utf8(env: Mapping[str, str]) -> Mapping[str, str]:
+    """The environment's values as UTF-8 text, whatever the locale: Python decodes them in
+    the locale's encoding, so under a Latin-1 one `KAFKA_GROUP_ID=grüppe` read as
+    `grÃ¼ppe`, another consumer group on the brokers (the topic read again from its
+    start), and under a bare ASCII one valid UTF-8 was refused as not UTF-8 (review
+    "env60"). Undecodable bytes stay lone surrogates, which `_drop_undecodable` refuses."""
+    codec = sys.getfilesystemencoding()
+    if codecs.lookup(codec).name == "utf-8":
+        return env
+    return {name: value.encode(codec, "surrogateescape").decode("utf-8", "surrogateescape")
+            for name, value in env.items()}
+
+
+_INVISIBLE_NAMES = {"\ufeff": "a byte order mark, which Windows editors write at a file's start",
+                    "\u200b": "a zero-width space, which copying from a web page or chat may add"}
+
+
+def _drop_invisible(env: Mapping[str, str], problems: list[str],
+                    unread: set[str]) -> Mapping[str, str]:
+    """Refuse the values of this worker's variables holding an invisible (format)
+    character: a byte order mark from a Windows file made into a Secret, a zero-width space
+    pasted with a value. Shown, they look like the intended value; a group id with one
+    was another consumer group, and the whole topic was sent again (review "env60"). Said
+    by code point and place, never the value (it may be a secret); then unset."""
+    bad: dict[str, tuple[int, str]] = {}
+    for name, value in env.items():
+        if not _ours(name):
+            continue
+        at = next((i for i, c in enumerate(value) if unicodedata.category(c) == "Cf"), None)
+        if at is not None:
+            bad[name] = (at, value[at])
+    if not bad:
+        return env
+    for name, (at, char) in sorted(bad.items()):
+        said = _INVISIBLE_NAMES.get(char, unicodedata.name(char, "a format character"))
+        problems.append(f"{name} holds an invisible character, U+{ord(char):04X} ({said}), "
+                        f"at character {at + 1}: re-enter the value without it")
+        unread.add(name)
+    return {name: value for name, value in env.items() if name not in bad}
+
+
 def _ours(name: str) -> bool:
     """A variable this worker reads (or refuses as unknown): its value must be text."""
     return (name in ENV_VARS or name in STANDARD_ENV_VARS
@@ -1293,10 +1337,17 @@ def _secret_file(path: str) -> tuple[str, str | None]:
     try:
         with open(path, "rb") as file:  # a bounded read
             raw = file.read(MAX_SECRET_FILE_BYTES + 1)
-        content = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
         return "", f"cannot be read ({reason}): check the mounted secret's path and permissions"
+    try:
+        # A leading byte order mark is the file's encoding, not the secret's (Notepad).
+        content = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        # Not a path or permission problem (the advice it got, review "env60").
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        return "", ("is not UTF-8 text" + (" (UTF-16, as PowerShell's > writes)" if utf16
+                                           else "") + ": save the value as UTF-8")
     if len(raw) > MAX_SECRET_FILE_BYTES:
         return "", (f"holds over {MAX_SECRET_FILE_BYTES // 1024} KB: a secret file holds the "
                     "value alone; check the path")
@@ -2015,8 +2066,9 @@ def load_settings(
     file_problems: list[str] = []
     unread: set[str] = set()
     given = env
-    env = _read_secret_files(env, file_problems, unread)
+    env = _read_secret_files(_as_utf8(env), file_problems, unread)
     env = _drop_undecodable(env, file_problems, unread)
+    env = _drop_invisible(env, file_problems, unread)
     if offline:
         env = {**_OFFLINE_DEFAULTS, **{k: v for k, v in env.items() if v.strip()}}
     r = _Reader(env, unread)

@@ -1977,3 +1977,48 @@ def test_one_metadata_key_is_refused() -> None:
     or more was sent as `{"_truncated": N}` alone."""
     assert "USERPILOT_MAX_METADATA_KEYS" in problem(USERPILOT_MAX_METADATA_KEYS="1")
     assert load(USERPILOT_MAX_METADATA_KEYS="2").mappings.max_metadata_keys == 2
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ("\ufeffuserpilot-delivery", "U+FEFF (a byte order mark"),
+    ("userpilot\u200b-delivery", "U+200B (a zero-width space"),
+    ("userpilot-delivery\u2060", "U+2060 (WORD JOINER)"),
+])
+def test_an_invisible_character_in_a_setting_is_refused_by_code_point(value: str,
+                                                                      said: str) -> None:
+    """Review "env60": a group id with a byte order mark (a Windows file made into a Secret)
+    or a pasted zero-width space looked the same in check-config and the logs, and was
+    another consumer group: the whole topic was sent again. Refused, the value unshown."""
+    found = problem(KAFKA_GROUP_ID=value)
+    assert found.startswith("KAFKA_GROUP_ID holds an invisible character, " + said), found
+    assert "userpilot" not in found
+    secret = problems({**BASE, "KAFKA_SASL_PASSWORD": "\ufeffs3cret-pw",
+                       "KAFKA_SASL_MECHANISM": "PLAIN", "KAFKA_SASL_USERNAME": "u",
+                       "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"})
+    assert secret[0].startswith("KAFKA_SASL_PASSWORD holds an invisible character"), secret
+    assert "s3cret" not in "\n".join(secret)
+
+
+def test_a_secret_files_byte_order_mark_is_dropped_and_utf16_is_named(tmp_path: Path) -> None:
+    """Review "env60": a leading byte order mark is the file's encoding (Notepad's UTF-8),
+    not the token's; a UTF-16 file (PowerShell's `>`) was told to check its path and
+    permissions."""
+    token = tmp_path / "token"
+    token.write_bytes(b"\xef\xbb\xbf" + TOKEN.encode() + b"\r\n")
+    env = {k: v for k, v in BASE.items() if k != "USERPILOT_API_KEY"}
+    s = load_settings({**env, "USERPILOT_API_KEY_FILE": str(token)})
+    assert s.api_key == Secret(TOKEN)
+    token.write_bytes(TOKEN.encode("utf-16"))
+    found = problems({**env, "USERPILOT_API_KEY_FILE": str(token)})
+    assert found == [f"USERPILOT_API_KEY_FILE={str(token)!r} is not UTF-8 text (UTF-16, as "
+                     "PowerShell's > writes): save the value as UTF-8"], found
+
+
+def test_settings_are_utf8_whatever_the_locale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "env60": under a Latin-1 locale Python decoded `KAFKA_GROUP_ID=grüppe` as
+    `grÃ¼ppe` (another consumer group); the values are read as the UTF-8 bytes they are."""
+    import sys
+
+    monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "latin-1")
+    as_latin1 = "grüppe".encode().decode("latin-1")  # what os.environ holds then
+    assert load(KAFKA_GROUP_ID=as_latin1).group_id == "grüppe"
