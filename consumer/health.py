@@ -18,6 +18,7 @@ import http.client
 import io
 import logging
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -234,6 +235,16 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     every probe out (review "diff45c"); a probe sends its head at once."""
 
     daemon_threads = True
+
+    def server_bind(self) -> None:
+        """Bind without http.server's `socket.getfqdn` (WSGI's SERVER_NAME, unused here): it
+        raised UnicodeError for a 64-character hostname (Linux allows 64, a DNS label 63),
+        `run` crash-looping on a traceback, and waited 20 s for a DNS that did not answer
+        before the probes came up (review "env60")."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = socket.gethostname()
+        self.server_port = self.server_address[1]
+        self.setup_environ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._lock = threading.Lock()

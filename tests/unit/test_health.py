@@ -489,3 +489,20 @@ def test_slow_clients_neither_pile_up_nor_keep_the_probes_away(
         for conn in slow:
             conn.close()
         srv.close()
+
+
+def test_the_server_starts_without_looking_its_host_name_up(
+        reg: CollectorRegistry, health: Health, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "env60": http.server's bind called socket.getfqdn, which raised UnicodeError
+    for a 64-character hostname (`run` crash-looped) and waited 20 s for a DNS that did not
+    answer. The server starts on every address without it, and answers."""
+    def refused(name: str = "") -> str:
+        raise UnicodeError("encoding with 'idna' codec failed (label too long)")
+
+    monkeypatch.setattr(socket, "getfqdn", refused)
+    srv = serve(0, reg, health)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/healthz", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        srv.close()
