@@ -531,7 +531,16 @@ def _named(exc: BaseException) -> str:
     "ClientConnectorSSLError" alone hid which handshake failed (review "egress59")."""
     reason = next((getattr(seen, "reason", None) for seen in causes(exc)
                    if isinstance(seen, ssl.SSLError) and getattr(seen, "reason", None)), None)
+    if reason is None and any(isinstance(seen, OSError) and seen.errno in _OUT_OF_FILES
+                              for seen in causes(exc)):
+        # The process's own limit, not Userpilot: said, it was an outage of Userpilot's
+        # with nothing naming the descriptors (review "env60").
+        reason = ("too many open files: the process reached its open-file limit (ulimit "
+                  "-n, the container's nofile); raise it")
     return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
+_OUT_OF_FILES = (errno.EMFILE, errno.ENFILE)
 
 
 def quoted_header(value: str, redact: Callable[[str], str]) -> str:

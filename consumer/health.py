@@ -17,6 +17,7 @@ import errno
 import http.client
 import io
 import logging
+import math
 import socket
 import socketserver
 import sys
@@ -190,6 +191,8 @@ CONNECTIONS_MAX = 64
 """Connections the probe/metrics server serves at once: past it, the one waiting longest for
 its request head is cut for the newcomer; the newcomer is refused when every open one has
 sent its head already, or twice as many are open while those cut finish."""
+ACCEPT_PAUSE_S = 0.1
+"""How long the server waits before accepting again when the process is out of descriptors."""
 HEAD_WITHIN_S = 5.0
 """A connection's request head must be whole within this; a slower one is cut."""
 HEAD_MAX_BYTES = 32 * 1024
@@ -235,6 +238,7 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     every probe out (review "diff45c"); a probe sends its head at once."""
 
     daemon_threads = True
+    _out_of_files_told: float  # when "too many open files" was last said (`get_request`)
 
     def server_bind(self) -> None:
         """Bind without http.server's `socket.getfqdn` (WSGI's SERVER_NAME, unused here): it
@@ -246,7 +250,26 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
         self.server_port = self.server_address[1]
         self.setup_environ()
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """accept(), pausing ACCEPT_PAUSE_S when the process is out of descriptors: the
+        connection stays queued, the listening socket readable, and serve_forever called
+        accept() again at once, a whole core spent while /healthz went unanswered, with no
+        line (review "env60"). Said once a minute."""
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                now = time.monotonic()
+                if now - self._out_of_files_told >= 60.0:
+                    self._out_of_files_told = now
+                    log.error("the probe and metrics server cannot take a connection: too "
+                              "many open files (the process reached its open-file limit, "
+                              "ulimit -n or the container's nofile; raise it)")
+                time.sleep(ACCEPT_PAUSE_S)
+            raise
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._out_of_files_told = -math.inf
         self._lock = threading.Lock()
         self._open = 0
         # Connections whose request head has not come yet, oldest first.

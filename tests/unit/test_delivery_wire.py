@@ -1371,6 +1371,27 @@ def _ssl_failure(reason: str) -> aiohttp.ClientConnectorSSLError:
         return wrapped
 
 
+def test_running_out_of_file_descriptors_is_named_not_taken_for_userpilot() -> None:
+    """Review "env60": at the process's open-file limit every connection failed as
+    "connection to Userpilot failed (ClientConnectorError)", an outage of Userpilot's with
+    nothing naming the descriptors."""
+    import errno
+    from types import SimpleNamespace
+
+    key = SimpleNamespace(host="up.test", port=443, ssl=True)
+    cause = aiohttp.ClientConnectorError(
+        key, OSError(errno.EMFILE, "Too many open files"))  # type: ignore[arg-type]
+    wrapped = httpx.ConnectTimeout("")
+    wrapped.__cause__ = cause
+    failure = transport_failure(wrapped, 5.0)
+    assert type(failure) is ConnectionFailed
+    assert "too many open files" in str(failure) and "ulimit" in str(failure), failure
+    other = aiohttp.ClientConnectorError(
+        key, OSError(errno.EHOSTUNREACH, "No route to host"))  # type: ignore[arg-type]
+    wrapped.__cause__ = other
+    assert "open files" not in str(transport_failure(wrapped, 5.0))
+
+
 @pytest.mark.parametrize(("reason", "says"), [
     ("TLSV1_ALERT_PROTOCOL_VERSION", "no TLS version both ends accept"),
     ("UNSUPPORTED_PROTOCOL", "no TLS version both ends accept"),

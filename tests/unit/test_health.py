@@ -6,6 +6,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -506,3 +507,44 @@ def test_the_server_starts_without_looking_its_host_name_up(
             assert r.status == 200
     finally:
         srv.close()
+
+
+def test_out_of_descriptors_the_server_pauses_and_says_so_once(
+        reg: CollectorRegistry, health: Health, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review "env60": at the open-file limit accept() failed, the connection stayed queued
+    and serve_forever called accept() again at once, a whole core, /healthz unanswered and
+    no line. It pauses between tries and says why once."""
+    import errno
+
+    from consumer import health as health_module
+
+    monkeypatch.setattr(health_module, "ACCEPT_PAUSE_S", 0.1, raising=False)
+    srv = serve(0, reg, health, host="127.0.0.1")
+    tries = [0]
+
+    class OutOfFiles:
+        """The listening socket, whose accept() fails as at the open-file limit."""
+
+        def __init__(self, real: socket.socket) -> None:
+            self.real = real
+
+        def fileno(self) -> int:
+            return self.real.fileno()
+
+        def accept(self) -> tuple[socket.socket, object]:
+            tries[0] += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="consumer.health"):
+            monkeypatch.setattr(srv._httpd, "socket", OutOfFiles(srv._httpd.socket))
+            client = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            time.sleep(1.0)
+            monkeypatch.undo()
+            client.close()
+    finally:
+        srv.close()
+    assert 2 <= tries[0] <= 15, tries[0]  # spinning, it was tens of thousands
+    told = [r for r in caplog.records if "too many open files" in r.getMessage()]
+    assert len(told) == 1, [r.getMessage() for r in caplog.records]
