@@ -14,6 +14,7 @@ header we sent, so the token cannot leak through an exception.
 from __future__ import annotations
 
 import asyncio
+import base64
 import codecs
 import contextvars
 import email.utils
@@ -661,6 +662,22 @@ def _refused(error: OSError) -> bool:
             and text.count(f"[Errno {errno.ECONNREFUSED}]") == text.count("[Errno"))
 
 
+def _proxy(url: str) -> httpx.Proxy:
+    """The proxy at `url`, its credentials (if any) given as a header of the proxy's own:
+    as credentials, httpx-aiohttp passes them in aiohttp's deprecated `proxy_auth`, whose
+    DeprecationWarning failed every request under `PYTHONWARNINGS=error` as "unusable
+    answer from Userpilot" while the pod read ready (review "env60"). aiohttp takes the
+    proxy headers' `Authorization` as it takes `proxy_auth`'s: sent as Proxy-Authorization
+    on the CONNECT (https) or the request (http). Basic, the credentials ASCII (`config`
+    refuses others), as aiohttp encoded them."""
+    given = httpx.Proxy(url)
+    if given.auth is None:
+        return given
+    user, password = given.auth
+    basic = base64.b64encode(f"{user}:{password}".encode("latin-1")).decode("ascii")
+    return httpx.Proxy(given.url, headers={"Authorization": f"Basic {basic}"})
+
+
 def causes(exc: BaseException, depth: int = 6) -> Iterator[BaseException]:
     """`exc` and its causes (`__cause__`, else `__context__`), at most `depth` of them:
     httpx wraps its transport's errors, which wrap the socket's or the `ssl` module's."""
@@ -863,7 +880,7 @@ class UserpilotClient:
         # The token (and the whole credential header) as Userpilot might echo it back: a
         # gateway that quotes the request must not put it into an exception, log or DLQ.
         self._redact = Redactor(request_secrets(headers, proxy))
-        self.proxy = httpx.Proxy(proxy) if proxy else None
+        self.proxy = _proxy(proxy) if proxy else None
         """The proxy in use (its URL without credentials: `proxy.url`), or None."""
         if transport is None:
             context = verification(url, str(self.proxy.url) if self.proxy else None,

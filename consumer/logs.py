@@ -208,6 +208,10 @@ def configure_logging(level: str = "INFO", fmt: str = "text",
     for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger(LIBRDKAFKA_LOGGER).setLevel(logging.DEBUG if kafka_debug else logging.NOTSET)
+    # Python's warnings (shown under PYTHONWARNINGS=default or -X dev) as log records, the
+    # same format and redaction: printed raw, they broke WORKER_LOG_FORMAT=json's one object
+    # per line (review "env60").
+    logging.captureWarnings(True)
 
 
 def configure_command_logging(fmt: str, secrets: list[str]) -> None:

@@ -755,6 +755,34 @@ def test_an_https_proxy_refusing_its_credentials_is_a_misconfiguration() -> None
     assert got == "Misconfigured"
 
 
+def test_proxy_credentials_go_out_with_warnings_as_errors() -> None:
+    """Review "env60": given as credentials, httpx-aiohttp passed them in aiohttp's
+    deprecated `proxy_auth`; under PYTHONWARNINGS=error every request failed as "unusable
+    answer" and nothing was delivered while the pod read ready. The CONNECT carries them,
+    and nothing else does."""
+    import base64
+    import warnings
+
+    async def main() -> tuple[str, bytes | None, bytes | None]:
+        refuse = Close(http(407, b"", ["Proxy-Authenticate: Basic realm=\"egress\""],
+                            reason="Proxy Authentication Required"))
+        async with Server(always(refuse)) as proxy:
+            client = UserpilotClient("https://up.test/v1/track", HEADERS, timeout_s=2.0,
+                                     max_connections=2,
+                                     proxy=f"http://user:p%40ss@127.0.0.1:{proxy.port}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = await outcome(client, BODY)
+            await client.aclose()
+            request = proxy.requests[0]
+            return got, request.header("Proxy-Authorization"), request.header("Authorization")
+
+    got, sent, plain = run(main)
+    assert got == "Misconfigured"  # the proxy's 407, not "unusable answer"
+    assert sent == b"Basic " + base64.b64encode(b"user:p@ss")
+    assert plain is None
+
+
 def test_a_proxy_echoing_the_request_leaves_no_proxy_credential_in_the_error() -> None:
     """A plain-HTTP proxy answering 400 with the request quoted: the token was masked in
     the body the DLQ stores, `Proxy-Authorization: Basic …` was not."""

@@ -21,6 +21,7 @@ def restore_root_logger() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
@@ -454,3 +455,19 @@ def test_a_quoted_error_line_is_escaped_in_text_and_left_to_the_json_line(
     configure_logging("INFO", "json")
     error_line(said, quoted=True)
     assert json.loads(capsys.readouterr().err)["message"] == said
+
+
+def test_a_python_warning_is_a_json_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Review "env60": under PYTHONWARNINGS=default (or -X dev) Python's warnings were
+    printed raw, four lines amid WORKER_LOG_FORMAT=json's one object per line."""
+    import warnings
+
+    configure_logging("INFO", "json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("a library's deprecation", DeprecationWarning, stacklevel=1)
+    out = lines(capsys)
+    assert out, "the warning went nowhere"
+    for line in out:
+        record = json.loads(line)
+    assert "a library's deprecation" in record["message"] and record["level"] == "warning"
