@@ -260,6 +260,7 @@ class KafkaSource:
         # one as too large (offset.metadata.max.bytes), 0 once notes are off altogether.
         self.note_limit = NOTE_MAX_CHARS
         self.fatal: KafkaError | None = None
+        self._out_of_resources: str | None = None  # librdkafka's _CRIT_SYS_RESOURCE text
         # The brokers' refusal of the worker's login, and since when, until a broker is up
         # again (`_on_error`; poll thread). Not with OAUTHBEARER: librdkafka fetches its
         # tokens anew itself, and an identity provider's outage (its token refused once
@@ -288,6 +289,11 @@ class KafkaSource:
         for LOGIN_REFUSED_STOP_S: the worker must stop."""
         if self.fatal is not None:
             return self.fatal.str()
+        if self._out_of_resources is not None:
+            return (f"Kafka's client could not make a thread or socket it needs "
+                    f"({self._out_of_resources}): the process is at a system limit (threads: "
+                    "ulimit -u or the container's pids limit; descriptors: ulimit -n); "
+                    "raise it")
         refused = self._refused
         if refused is not None and time.monotonic() - refused[0] >= LOGIN_REFUSED_STOP_S:
             return (f"the brokers have refused the worker's login for "
@@ -333,6 +339,10 @@ class KafkaSource:
             self._brokers_seen(False)
         if is_fatal(err):
             self.fatal = err
+        if err.code() == KafkaError._CRIT_SYS_RESOURCE and self._out_of_resources is None:
+            # A thread or socket the client could not make: it never recovers alone (no
+            # assignment, a WARNING every 10 s for good, review "env60"). A stop names it.
+            self._out_of_resources = err.str()
         # Keyed by the broker the line names ("host:port/id: Connect to ... failed (after
         # 3ms ...)"), so the rate limit holds however the details vary.
         text = err.str()
@@ -937,7 +947,13 @@ class KafkaSource:
             finally:
                 done.set()
 
-        threading.Thread(target=close, name="kafka-close", daemon=True).start()
+        try:
+            threading.Thread(target=close, name="kafka-close", daemon=True).start()
+        except RuntimeError as exc:  # "can't start new thread": at the process's limit
+            log.warning("consumer close skipped (%s): the group reassigns the partitions "
+                        "after session.timeout.ms", exc)
+            self.abandoned = True
+            return False
         if done.wait(timeout_s):
             return True
         self.abandoned = True

@@ -977,3 +977,35 @@ def test_a_broker_throttling_the_worker_is_said_once_a_minute_per_broker(
     assert len(lines) == 2, lines
     assert "kafka kafka-0:9092/1: the broker throttles this worker's consumer for 1.0 s" in lines[0]
     assert "client quota" in lines[0]
+
+
+def test_a_client_out_of_threads_or_sockets_stops_the_worker_naming_the_limit() -> None:
+    """Review "env60": at `ulimit -u 11` librdkafka could not make its broker threads; the
+    worker never got partitions and logged a WARNING every 10 s for good. It stops (exit 1)
+    with a line naming the system limit."""
+    src = source()
+    try:
+        assert src.fatal_error is None
+        src._on_error(KafkaError(KafkaError._CRIT_SYS_RESOURCE,
+                                 "Unable to create broker thread"))
+        said = src.fatal_error
+        assert said is not None and "Unable to create broker thread" in said, said
+        assert "ulimit -u" in said and "pids limit" in said
+    finally:
+        src.close(1.0)
+
+
+def test_close_at_the_thread_limit_is_abandoned_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "env60": SIGTERM at the thread limit raised "can't start new thread" out of
+    close(); the process exits without destroying the client instead."""
+    src = source()
+
+    def cannot(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, "start", cannot)
+        assert src.close(1.0) is False
+    assert src.abandoned
+    src._consumer.close()
