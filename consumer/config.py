@@ -649,7 +649,15 @@ class _Reader:
         # reader of the same values (Helm, KEDA, a shell) takes as numbers (review
         # "config48").
         if not _INTEGER.fullmatch(raw):
-            self.problems.append(f"{name}={raw!r} is not a whole number: use e.g. {default}")
+            link = ""
+            if re.fullmatch(r"(tcp|udp)://[^\s]+:\d+", raw) and name.endswith("_PORT"):
+                # What Kubernetes sets for a Service named after the variable (a
+                # `worker-metrics` Service gives WORKER_METRICS_PORT=tcp://…, review "env60").
+                link = (" (it looks like a Kubernetes service link of a Service named "
+                        f"{name.removesuffix('_PORT').lower().replace('_', '-')}: set the "
+                        "pod's enableServiceLinks: false, or give the port explicitly)")
+            self.problems.append(f"{name}={raw!r} is not a whole number: use e.g. "
+                                 f"{default}{link}")
             return default
         value = int(raw)
         if value < low or (high is not None and value > high):

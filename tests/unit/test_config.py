@@ -2022,3 +2022,12 @@ def test_settings_are_utf8_whatever_the_locale(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(sys, "getfilesystemencoding", lambda: "latin-1")
     as_latin1 = "grüppe".encode().decode("latin-1")  # what os.environ holds then
     assert load(KAFKA_GROUP_ID=as_latin1).group_id == "grüppe"
+
+
+def test_a_service_link_in_the_metrics_port_is_named_so() -> None:
+    """Review "env60": a Service named `worker-metrics` gives WORKER_METRICS_PORT=tcp://…,
+    refused as "not a whole number" with nothing saying where it came from."""
+    said = problem(WORKER_METRICS_PORT="tcp://10.96.0.9:8082")
+    assert "service link of a Service named worker-metrics" in said, said
+    assert "enableServiceLinks: false" in said
+    assert "service link" not in problem(WORKER_METRICS_PORT="80a")
