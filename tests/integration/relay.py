@@ -65,7 +65,10 @@ class Proxy:
                 head, body = message
                 request_line, _, rest = head.partition(b"\r\n")
                 method, target, version = request_line.decode("latin-1").split(" ", 2)
-                self._log(f"{method} {target}")
+                auth = next((line.split(b":", 1)[1].strip().decode("latin-1")
+                             for line in rest.split(b"\r\n")
+                             if line.lower().startswith(b"proxy-authorization:")), None)
+                self._log(f"{method} {target}" + (f" auth={auth}" if auth else ""))
                 if method == "CONNECT":
                     host, _, port = target.rpartition(":")
                     upstream = await asyncio.open_connection(host, int(port))

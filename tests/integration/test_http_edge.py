@@ -6,6 +6,7 @@ The proxy and the TLS terminator are real processes (`relay.py`) started by the 
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -201,8 +202,10 @@ def test_check_config_online_goes_through_the_proxy(
     assert "online OK: userpilot" in result.stderr
     assert f'"proxy": "http://***@127.0.0.1:{port}"' in result.stdout
     assert "pw" not in result.stdout + result.stderr
-    assert [line.split()[:2] for line in log.read_text().splitlines()] == [
-        ["POST", f"{endpoint}/v1/track"]]
+    # The proxy's credentials reach it (as the proxy's own header, review "env60").
+    assert [line.split() for line in log.read_text().splitlines()] == [
+        ["POST", f"{endpoint}/v1/track", "auth=Basic",
+         base64.b64encode(b"someone:pw").decode()]]
 
 
 def test_check_config_online_trusts_the_ca_bundle_and_says_so_without_it(
