@@ -1292,10 +1292,30 @@ def _as_utf8(env: Mapping[str, str]) -> Mapping[str, str]:
     codec = sys.getfilesystemencoding()
     if codecs.lookup(codec).name == "utf-8":
         return env
-    return {name: value.encode(codec, "surrogateescape").decode("utf-8", "surrogateescape")
+    return {name: value if _opened_here(name) else
+            value.encode(codec, "surrogateescape").decode("utf-8", "surrogateescape")
             for name, value in env.items()}
 
 
+def _opened_here(name: str) -> bool:
+    """A path this process opens itself (a secret's or the mappings' file, a CA bundle):
+    kept as the locale gave it, which is what `open` encodes it back with. Decoded as UTF-8,
+    a path under a Latin-1 locale named another file and one outside Latin-1 raised out of
+    start-up (review "diff60b"). Kafka's own paths go to librdkafka as UTF-8: decoded."""
+    if name in ("USERPILOT_CA_BUNDLE", "SSL_CERT_DIR"):
+        return True
+    if not name.endswith("_FILE"):
+        return False
+    return not name.startswith("KAFKA_") or kafka_key(name[:-5]) in SECRET_KAFKA_KEYS
+
+
+_INVISIBLE = frozenset("\ufeff\u200b\u2060\u180e\u202a\u202b\u202c\u202d\u202e"
+                       "\u2066\u2067\u2068\u2069")
+"""Characters no setting holds on purpose: a byte order mark, zero-width space, word
+joiner, Mongolian vowel separator, and the bidirectional embeddings, overrides and
+isolates that reorder what is shown. Not every format character: a zero-width joiner is
+part of emoji and a zero-width non-joiner of Persian words, in passwords and ids alike
+(review "diff60b": an emoji password was refused)."""
 _INVISIBLE_NAMES = {"\ufeff": "a byte order mark, which Windows editors write at a file's start",
                     "\u200b": "a zero-width space, which copying from a web page or chat may add"}
 
@@ -1311,15 +1331,19 @@ def _drop_invisible(env: Mapping[str, str], problems: list[str],
     for name, value in env.items():
         if not _ours(name):
             continue
-        at = next((i for i, c in enumerate(value) if unicodedata.category(c) == "Cf"), None)
+        at = next((i for i, c in enumerate(value) if c in _INVISIBLE), None)
         if at is not None:
             bad[name] = (at, value[at])
     if not bad:
         return env
     for name, (at, char) in sorted(bad.items()):
         said = _INVISIBLE_NAMES.get(char, unicodedata.name(char, "a format character"))
+        group = ("; a worker that ran with it committed under that group name: give the new "
+                 "name the old group's offsets first (kafka-consumer-groups.sh "
+                 "--reset-offsets --from-file, README), or the topic is read again from its "
+                 "start" if name == "KAFKA_GROUP_ID" else "")
         problems.append(f"{name} holds an invisible character, U+{ord(char):04X} ({said}), "
-                        f"at character {at + 1}: re-enter the value without it")
+                        f"at character {at + 1}: re-enter the value without it{group}")
         unread.add(name)
     return {name: value for name, value in env.items() if name not in bad}
 
@@ -1345,8 +1369,8 @@ def _secret_file(path: str) -> tuple[str, str | None]:
     try:
         with open(path, "rb") as file:  # a bounded read
             raw = file.read(MAX_SECRET_FILE_BYTES + 1)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a path the locale cannot encode
+        reason = getattr(exc, "strerror", None) or str(exc)
         return "", f"cannot be read ({reason}): check the mounted secret's path and permissions"
     try:
         # A leading byte order mark is the file's encoding, not the secret's (Notepad).

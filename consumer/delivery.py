@@ -22,6 +22,7 @@ import errno
 import functools
 import logging
 import math
+import os
 import re
 import ssl
 import time
@@ -478,6 +479,10 @@ def transport_failure(exc: BaseException, deadline_s: float,
             return Timeout(f"no answer from Userpilot in time ({type(exc).__name__})")
         cause = exc.__cause__
         if isinstance(cause, aiohttp.ClientConnectorDNSError):
+            if _out_of_files():
+                # glibc's lookup fails "Name or service not known" at the descriptor limit:
+                # it read as a misspelt USERPILOT_ANALYTICS_ENDPOINT (review "diff60b").
+                return ConnectionFailed(f"connection to Userpilot failed ({_OUT_OF_FILES_SAID})")
             # Named: "ClientConnectorDNSError" alone hid a misspelt host (review "http33").
             # Through a proxy, the name looked up is the proxy's (it resolves Userpilot's).
             return unreachable(cause.host, proxied)
@@ -536,12 +541,22 @@ def _named(exc: BaseException) -> str:
                               for seen in causes(exc)):
         # The process's own limit, not Userpilot: said, it was an outage of Userpilot's
         # with nothing naming the descriptors (review "env60").
-        reason = ("too many open files: the process reached its open-file limit (ulimit "
-                  "-n, the container's nofile); raise it")
+        reason = _OUT_OF_FILES_SAID
     return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
 
 
 _OUT_OF_FILES = (errno.EMFILE, errno.ENFILE)
+_OUT_OF_FILES_SAID = ("too many open files: the process reached its open-file limit (ulimit "
+                      "-n, the container's nofile); raise it")
+
+
+def _out_of_files() -> bool:
+    """The process is at its open-file limit now (a descriptor cannot be had)."""
+    try:
+        os.close(os.dup(2))
+    except OSError as exc:
+        return exc.errno in _OUT_OF_FILES
+    return False
 
 
 def quoted_header(value: str, redact: Callable[[str], str]) -> str:
@@ -675,7 +690,15 @@ def _proxy(url: str) -> httpx.Proxy:
         return given
     user, password = given.auth
     basic = base64.b64encode(f"{user}:{password}".encode("latin-1")).decode("ascii")
-    return httpx.Proxy(given.url, headers={"Authorization": f"Basic {basic}"})
+    return _CredentialedProxy(given.url, headers={"Authorization": f"Basic {basic}"})
+
+
+class _CredentialedProxy(httpx.Proxy):
+    """A proxy whose credentials are a header, which its repr does not show (httpx's
+    shows headers; it masked only credentials in the URL, review "diff60b")."""
+
+    def __repr__(self) -> str:
+        return f"Proxy({str(self.url)!r}, headers=***)"
 
 
 def causes(exc: BaseException, depth: int = 6) -> Iterator[BaseException]:

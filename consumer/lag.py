@@ -175,24 +175,14 @@ class Lag:
 
         A partition without a base (nothing committed, never fetched: a new group whose
         fetches a quota starves) counts from its low watermark, asked by `low_watermarks`
-        each round while it has no other base (retention moves it)."""
+        after the high ones (with what their budget left: asked first, lows that never
+        answered starved every paused partition's lag, review "diff60b") and each round
+        while it has no other base (retention moves it): its lag is set from the next
+        round on."""
         committed = self.bases(parts)
         with self._lock:
             baseless = [tp for tp in parts if tp not in committed or (
                 tp in self._asked_low and committed[tp] == self._low.get(tp))]
-        if baseless and low_watermarks is not None:
-            try:
-                lows = low_watermarks(baseless)
-            except Exception:
-                log.debug("low watermarks unavailable", exc_info=True)
-                lows = {}
-            owned = still_paused()  # not kept for a partition released meanwhile
-            with self._lock:
-                for tp, low in lows.items():
-                    if low >= 0 and tp in owned:
-                        self._low[tp] = low
-                        self._asked_low.add(tp)
-            committed = self.bases(parts)
         eligible = sorted(tp for tp in parts if tp in committed)
         with self._lock:
             start = bisect.bisect_left(eligible, self._next) if self._next else 0
@@ -201,7 +191,7 @@ class Lag:
             highs = high_watermarks(order)
         except Exception:
             log.debug("paused partitions' high watermarks unavailable", exc_info=True)
-            return
+            highs = {}
         asked = [i for i, tp in enumerate(order) if tp in highs]
         if order:
             with self._lock:
@@ -211,6 +201,23 @@ class Lag:
             if high >= 0 and (topic, partition) in still:
                 self.m.consumer_lag.labels(topic, str(partition)).set(
                     max(0, high - committed[(topic, partition)]))
+        if baseless and low_watermarks is not None:
+            self._ask_lows(baseless, low_watermarks, still_paused)
+
+    def _ask_lows(self, parts: list[TP], low_watermarks: Callable[[list[TP]], dict[TP, int]],
+                  still_paused: Callable[[], Collection[TP]]) -> None:
+        """Keep the low watermarks the broker gives for `parts` (`paused`)."""
+        try:
+            lows = low_watermarks(parts)
+        except Exception:
+            log.debug("low watermarks unavailable", exc_info=True)
+            return
+        owned = still_paused()  # not kept for a partition released meanwhile
+        with self._lock:
+            for tp, low in lows.items():
+                if low >= 0 and tp in owned:
+                    self._low[tp] = low
+                    self._asked_low.add(tp)
 
     def bases(self, parts: Sequence[TP]) -> dict[TP, int]:
         """Where each partition's lag counts from: the offset this worker had acknowledged,

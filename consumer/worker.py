@@ -1765,17 +1765,19 @@ class Worker:
             with self._parts_lock:
                 return (self.paused | self.lag.unfetched()) & self.assigned
 
-        # One budget for both lookups (the poll thread waits for them): the low watermarks
-        # (partitions without a base only) at most half of it, the rest for the high ones.
-        # Each its own, they held the poll thread 2 s every 5 (review "diff60").
+        # One budget for both lookups (the poll thread waits for them; each its own, they
+        # held it 2 s every 5, review "diff60"): the high watermarks first, the low ones
+        # (partitions without a base only) with what is left, none when too little is.
         started = time.monotonic()
 
-        def highs(asked: list[TP]) -> dict[TP, int]:
+        def lows(asked: list[TP]) -> dict[TP, int]:
             left = PAUSED_LAG_TIMEOUT_S - (time.monotonic() - started)
-            return source.high_watermarks(asked, max(PAUSED_LAG_TIMEOUT_S / 2, left))
+            if left < PAUSED_LAG_TIMEOUT_S / 10:
+                return {}
+            return source.low_watermarks(asked, left)
 
-        self.lag.paused(parts, highs, still_paused,
-                        lambda asked: source.low_watermarks(asked, PAUSED_LAG_TIMEOUT_S / 2))
+        self.lag.paused(parts, lambda asked: source.high_watermarks(asked, PAUSED_LAG_TIMEOUT_S),
+                        still_paused, lows)
 
     def _on_stats(self, stats: dict[str, Any]) -> None:
         """Poll thread: librdkafka's statistics, for the owned partitions (`Lag.on_stats`)."""

@@ -2031,3 +2031,17 @@ def test_a_service_link_in_the_metrics_port_is_named_so() -> None:
     assert "service link of a Service named worker-metrics" in said, said
     assert "enableServiceLinks: false" in said
     assert "service link" not in problem(WORKER_METRICS_PORT="80a")
+
+
+def test_joiners_in_emoji_and_words_are_not_refused_as_invisible() -> None:
+    """Review "diff60b": refusing every format character refused an emoji password (its
+    zero-width joiners), which Kafka's SASL takes as any UTF-8; a zero-width non-joiner is
+    part of Persian words. Only characters no value holds on purpose are refused, and the
+    group id's refusal says to carry its offsets over first."""
+    s = load(KAFKA_SASL_PASSWORD="pw-\U0001f469\u200d\U0001f4bb", KAFKA_SASL_MECHANISM="PLAIN",
+             KAFKA_SASL_USERNAME="u", KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+             KAFKA_CLIENT_ID="worker-\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645")
+    assert s.kafka_config()["client.id"].endswith("\u200c\u062e\u0648\u0627\u0647\u0645")
+    said = problem(KAFKA_GROUP_ID="\ufeffuserpilot-delivery")
+    assert "give the new name the old group's offsets first" in said, said
+    assert "\u202e" not in problem(KAFKA_CLIENT_ID="worker\u202eevil")  # a bidi override

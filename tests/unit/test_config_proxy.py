@@ -192,6 +192,7 @@ def test_the_client_reports_its_proxy_without_credentials() -> None:
     assert client.proxy is not None
     assert str(client.proxy.url) == "http://proxy.corp:3128"
     assert client.proxy.auth is None  # sent as a header, not aiohttp's deprecated proxy_auth
+    assert "s3cret" not in repr(client.proxy) and "YWxpY2U6czNjcmV0" not in repr(client.proxy)
     assert client.proxy.headers["Authorization"] == "Basic YWxpY2U6czNjcmV0"
 
 

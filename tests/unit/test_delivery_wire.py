@@ -1420,6 +1420,32 @@ def test_running_out_of_file_descriptors_is_named_not_taken_for_userpilot() -> N
     assert "open files" not in str(transport_failure(wrapped, 5.0))
 
 
+def test_a_lookup_failing_at_the_descriptor_limit_is_not_called_a_wrong_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff60b": at the open-file limit glibc's lookup fails "Name or service not
+    known", so a hostname endpoint (production's) read "its host does not resolve; check
+    USERPILOT_ANALYTICS_ENDPOINT". The limit is named instead; a real DNS failure still
+    names the host."""
+    import errno
+    import os
+    import socket as socket_module
+    from types import SimpleNamespace
+
+    key = SimpleNamespace(host="analytex.userpilot.io", port=443, ssl=True)
+    dns = aiohttp.ClientConnectorDNSError(
+        key, socket_module.gaierror(-2, "Name or service not known"))  # type: ignore[arg-type]
+    wrapped = httpx.ConnectTimeout("")
+    wrapped.__cause__ = dns
+    assert "does not resolve" in str(transport_failure(wrapped, 5.0))
+
+    def out(fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "dup", out)
+    said = str(transport_failure(wrapped, 5.0))
+    assert "too many open files" in said and "USERPILOT_ANALYTICS_ENDPOINT" not in said, said
+
+
 @pytest.mark.parametrize(("reason", "says"), [
     ("TLSV1_ALERT_PROTOCOL_VERSION", "no TLS version both ends accept"),
     ("UNSUPPORTED_PROTOCOL", "no TLS version both ends accept"),

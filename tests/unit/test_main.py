@@ -1041,3 +1041,27 @@ def test_signal_handlers_are_put_back_after_the_block_and_left_alone_off_the_mai
         assert seen == [signal.SIG_IGN]
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_check_config_under_an_ascii_locale_reads_values_as_utf8_and_paths_as_given(
+        tmp_path: Path) -> None:
+    """Reviews "env60" and "diff60b": under a locale that is not UTF-8 (here bare ASCII,
+    Python's coercion off) a group id holding "ü" was refused as not UTF-8 (under Latin-1
+    it became another consumer group); decoding every value as UTF-8 then broke the paths
+    the process opens itself (a traceback for the token's file). Values are UTF-8; a path
+    is opened as the locale gives it."""
+    folder = tmp_path / "sécret"
+    folder.mkdir()
+    (folder / "token").write_text("wt-file-token-1\n")
+    env = {k: v for k, v in GOOD.items() if k != "USERPILOT_API_KEY"}
+    raw = {**only(env), "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
+           "PYTHONCOERCECLOCALE": "0"}
+    environ = {k.encode(): v.encode() for k, v in raw.items()}
+    environ[b"KAFKA_GROUP_ID"] = "grüppe".encode()
+    environ[b"USERPILOT_API_KEY_FILE"] = str(folder / "token").encode()
+    proc = subprocess.run([sys.executable, "-m", "consumer", "check-config"],
+                          env=environ, capture_output=True, timeout=60, check=False)
+    out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert '"group_id": "gr\\u00fcppe"' in out or '"group_id": "grüppe"' in out, out
