@@ -1277,8 +1277,15 @@ def _drop_undecodable(env: Mapping[str, str], problems: list[str],
            if _ours(name) and not _utf8(value)]
     if not bad:
         return env
+    codec = codecs.lookup(sys.getfilesystemencoding()).name
     for name in sorted(bad):
-        problems.append(f"{name} holds bytes that are not UTF-8 text: re-enter it")
+        if _opened_here(name) and codec != "utf-8":
+            # A path whose bytes the locale cannot read: the locale's fault, not the path's
+            # (review "diff60c": "re-enter it" for a right path under LANG=C).
+            problems.append(f"{name} names a path the locale ({codec}) cannot read: run with "
+                            "a UTF-8 locale (LANG=C.UTF-8, the image's) or use an ASCII path")
+        else:
+            problems.append(f"{name} holds bytes that are not UTF-8 text: re-enter it")
         unread.add(name)
     return {name: value for name, value in env.items() if name not in bad}
 
@@ -1309,13 +1316,17 @@ def _opened_here(name: str) -> bool:
     return not name.startswith("KAFKA_") or kafka_key(name[:-5]) in SECRET_KAFKA_KEYS
 
 
-_INVISIBLE = frozenset("\ufeff\u200b\u2060\u180e\u202a\u202b\u202c\u202d\u202e"
-                       "\u2066\u2067\u2068\u2069")
-"""Characters no setting holds on purpose: a byte order mark, zero-width space, word
-joiner, Mongolian vowel separator, and the bidirectional embeddings, overrides and
-isolates that reorder what is shown. Not every format character: a zero-width joiner is
-part of emoji and a zero-width non-joiner of Persian words, in passwords and ids alike
-(review "diff60b": an emoji password was refused)."""
+def _invisible(char: str, name: str) -> bool:
+    """A format character no value holds on purpose. Not the zero-width joiner and
+    non-joiner (emoji, Persian words) nor tag characters (subdivision flags), in passwords
+    and ids alike (review "diff60b": an emoji password was refused), but in the group id,
+    where a pasted one is another consumer group (review "diff60c")."""
+    if unicodedata.category(char) != "Cf":
+        return False
+    return name == "KAFKA_GROUP_ID" or not (
+        char in "\u200c\u200d" or "\U000e0020" <= char <= "\U000e007f")
+
+
 _INVISIBLE_NAMES = {"\ufeff": "a byte order mark, which Windows editors write at a file's start",
                     "\u200b": "a zero-width space, which copying from a web page or chat may add"}
 
@@ -1331,7 +1342,7 @@ def _drop_invisible(env: Mapping[str, str], problems: list[str],
     for name, value in env.items():
         if not _ours(name):
             continue
-        at = next((i for i, c in enumerate(value) if c in _INVISIBLE), None)
+        at = next((i for i, c in enumerate(value) if _invisible(c, name)), None)
         if at is not None:
             bad[name] = (at, value[at])
     if not bad:

@@ -40,7 +40,10 @@ def ca_location() -> str | None:
     there ("error adding trust anchors", review "diff58b")."""
     cafile = os.environ.get("SSL_CERT_FILE")
     if cafile:
-        return cafile
+        # librdkafka opens it from the UTF-8 bytes confluent-kafka encodes: the path's own
+        # bytes, not the locale's reading of them (a Latin-1 locale named another file,
+        # review "diff60c").
+        return os.fsencode(cafile).decode("utf-8", "surrogateescape")
     return None if os.path.exists(LIBRDKAFKA_CA_DEFAULT) else certifi.where()
 
 

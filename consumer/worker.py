@@ -1766,18 +1766,19 @@ class Worker:
                 return (self.paused | self.lag.unfetched()) & self.assigned
 
         # One budget for both lookups (the poll thread waits for them; each its own, they
-        # held it 2 s every 5, review "diff60"): the high watermarks first, the low ones
-        # (partitions without a base only) with what is left, none when too little is.
+        # held it 2 s every 5, review "diff60"): the high watermarks first, with three
+        # quarters of it, the low ones (partitions without a base only) with what is left,
+        # a quarter at least. Neither starves the other when its broker does not answer
+        # (reviews "diff60b", "diff60c").
         started = time.monotonic()
 
         def lows(asked: list[TP]) -> dict[TP, int]:
             left = PAUSED_LAG_TIMEOUT_S - (time.monotonic() - started)
-            if left < PAUSED_LAG_TIMEOUT_S / 10:
-                return {}
-            return source.low_watermarks(asked, left)
+            return source.low_watermarks(asked, max(PAUSED_LAG_TIMEOUT_S / 4, left))
 
-        self.lag.paused(parts, lambda asked: source.high_watermarks(asked, PAUSED_LAG_TIMEOUT_S),
-                        still_paused, lows)
+        self.lag.paused(
+            parts, lambda asked: source.high_watermarks(asked, 3 * PAUSED_LAG_TIMEOUT_S / 4),
+            still_paused, lows)
 
     def _on_stats(self, stats: dict[str, Any]) -> None:
         """Poll thread: librdkafka's statistics, for the owned partitions (`Lag.on_stats`)."""

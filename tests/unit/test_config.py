@@ -2045,3 +2045,23 @@ def test_joiners_in_emoji_and_words_are_not_refused_as_invisible() -> None:
     said = problem(KAFKA_GROUP_ID="\ufeffuserpilot-delivery")
     assert "give the new name the old group's offsets first" in said, said
     assert "\u202e" not in problem(KAFKA_CLIENT_ID="worker\u202eevil")  # a bidi override
+    # Review "diff60c": every other format character is refused (a soft hyphen, a direction
+    # mark), and in the group id the joiners too: a pasted one is another group.
+    for char in ("\u00ad", "\u200e", "\u2063", "\ufff9"):
+        assert f"U+{ord(char):04X}" in problem(KAFKA_CLIENT_ID=f"worker{char}x")
+    assert "U+200D" in problem(KAFKA_GROUP_ID="user\u200dpilot")
+
+
+def test_the_oidc_ca_file_goes_to_librdkafka_as_its_own_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review "diff60c": under a Latin-1 locale $SSL_CERT_FILE reached librdkafka as the
+    UTF-8 encoding of the locale's reading of its bytes, another file: `run` exited 1 where
+    `check-config` passed. It goes as the path's own bytes."""
+    import os
+
+    from consumer import tls
+
+    utf8_bytes = "/etc/sécret/ca.pem".encode()
+    monkeypatch.setenv("SSL_CERT_FILE", utf8_bytes.decode("latin-1"))  # the locale's reading
+    monkeypatch.setattr(os, "fsencode", lambda path: path.encode("latin-1"))
+    assert tls.ca_location() == "/etc/sécret/ca.pem"

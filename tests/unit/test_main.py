@@ -1065,3 +1065,12 @@ def test_check_config_under_an_ascii_locale_reads_values_as_utf8_and_paths_as_gi
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert '"group_id": "gr\\u00fcppe"' in out or '"group_id": "grüppe"' in out, out
+    # A path Python opens whose bytes the ASCII locale cannot read: the locale is named,
+    # not "re-enter it" (review "diff60c").
+    (folder / "mappings.json").write_text("{}")
+    environ[b"USERPILOT_MAPPINGS_FILE"] = str(folder / "mappings.json").encode()
+    proc = subprocess.run([sys.executable, "-m", "consumer", "check-config"],
+                          env=environ, capture_output=True, timeout=60, check=False)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert "USERPILOT_MAPPINGS_FILE names a path the locale (ascii) cannot read" in err, err

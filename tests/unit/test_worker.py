@@ -2527,7 +2527,10 @@ def test_a_partition_whose_fetches_no_broker_answers_gets_its_lag_from_the_broke
         budget = worker_module.PAUSED_LAG_TIMEOUT_S
         kinds = [kind for kind, _ in starved.budgets]
         assert kinds[:2] == ["high", "low"], starved.budgets
-        assert starved.budgets[0][1] == budget and starved.budgets[1][1] < budget
+        # Three quarters for the high ones, what is left for the low ones but a quarter at
+        # least: high ones that never answer do not starve them (review "diff60c").
+        assert starved.budgets[0][1] == 3 * budget / 4, starved.budgets
+        assert budget / 4 <= starved.budgets[1][1] <= budget, starved.budgets
 
     assert drive(run, scenario) == 0
 
