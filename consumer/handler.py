@@ -1148,7 +1148,12 @@ class Handler:
             # connection, its slot or the stall's end: unsent, it stops.
             await self.stalls.passable()
             self._check_halted(event)
-            event.on_wire = event.requesting = event.requested = sent = True
+            event.on_wire = event.requesting = sent = True
+            if call.purpose != "ensure_user":
+                # Not a Track's ensure-user identify: no request of the messageId's own has
+                # gone out, so its claim, kept, only made the next owner wait out its TTL
+                # (review "cancel60", as "extremes54" for a 429).
+                event.requested = True
             self._connection_wait(endpoint).observe(permit.for_pool)
             permit.sending()
             try:

@@ -770,19 +770,23 @@ class Worker:
         userpilot_up = self.gate.state == "up"
         source = self._source
 
-        def waited(event: Event) -> bool:
-            dead_letter = event.dead_letter_on_wire
-            if dead_letter and ((source is not None and not source.connected) or (
-                    event.dlq_since is not None
-                    and time.monotonic() - event.dlq_since > COMMIT_SILENCE_S)):
-                return False
-            return event.under_way if userpilot_up else dead_letter
-
         def dlq_out(event: Event) -> bool:
             """Its DLQ record on the wire; not a Redis call, which `dead_letter_on_wire`
             counts too: such a call read "dead letters cut" at a shutdown that had none
             (review "limits57")."""
             return event.dead_letter_on_wire and event.dlq_since is not None
+
+        def waited(event: Event) -> bool:
+            # Not waited for with Kafka unreachable: a DLQ record (`dlq_out`) alone. A
+            # Redis call (a half-sent group's progress note, a confirm) was cut at once
+            # too, though the grace was unused and its event would have finished (review
+            # "cancel60").
+            since = event.dlq_since
+            if event.dead_letter_on_wire and since is not None and (
+                    (source is not None and not source.connected)
+                    or time.monotonic() - since > COMMIT_SILENCE_S):
+                return False
+            return event.under_way if userpilot_up else event.dead_letter_on_wire
 
         def cut_now(event: Event, *, dead_letters: bool) -> bool:
             """On the wire, not waited for, and a dead letter's record or not."""

@@ -599,3 +599,35 @@ def test_losing_one_of_two_partitions_keeps_the_worker_ready_and_commits_none_of
 
     assert drive(run, scenario) == 0
     assert sorted(codec_seq(b) for b in run.client.bodies) == [1, 2, 4]
+
+
+class SlowProgress(MemoryStore):
+    """A progress note that takes 0.3 s in Redis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.noting = False
+
+    async def progress(self, key: str, note: str, ttl_ms: int) -> None:
+        self.noting = True
+        await asyncio.sleep(0.3)
+        await super().progress(key, note, ttl_ms)
+
+
+def test_a_half_sent_group_is_waited_for_with_kafka_unreachable_while_its_note_is_written(
+) -> None:
+    """Review "cancel60": a drain waits for a half-sent group's next call; with Kafka
+    unreachable, one whose progress note was in Redis was cut at once (a Redis call taken
+    for a DLQ record, the only thing not waited for then), the grace unused: its
+    association was never sent and its claim released."""
+    store = SlowProgress()
+    run, _, dedup = make_deduplicated(log_of(group_event()), store,
+                                      WORKER_SHUTDOWN_GRACE_SECONDS="5")
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: store.noting, "the progress note under way")
+        source.connected = False  # a broker outage
+
+    assert drive(run, scenario) == 0
+    assert [c.path for c in run.client.calls] == ["/v1/companies/identify", "/v1/identify"]
+    assert store.values.get(dedup.key("company_identify", "m-1")) == "d"

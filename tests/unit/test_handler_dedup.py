@@ -802,3 +802,36 @@ def test_a_claim_lost_before_the_request_and_then_confirmed_is_a_duplicate(
     assert drive(run, finished_to(2)) == 0  # type: ignore[arg-type]
     assert run.client.bodies == []
     assert sample(metrics, "userpilot_duplicates_skipped_total", endpoint="track") == 2
+
+
+class SlowIdentify(FakeClient):
+    """Identify requests take `delay` s; the rest are answered at once."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.started: list[str] = []
+
+    async def send(self, call: Call) -> int:
+        self.started.append(call.path)
+        if call.endpoint == "identify":
+            await asyncio.sleep(self.delay)
+        return await super().send(call)
+
+
+def test_a_stop_during_a_tracks_ensure_user_identify_hands_its_claim_on() -> None:
+    """Review "cancel60": cut while its ensure-user identify was on the wire (the Track
+    itself never sent), the Track kept its messageId claim, and the next owner waited out
+    its TTL for a Track nobody had sent. Only a request of the messageId's own keeps it."""
+    store = MemoryStore()
+    run, _, dedup = make(log_of(track("u1", 1)), store, USERPILOT_ENSURE_USER="true",
+                         WORKER_SHUTDOWN_GRACE_SECONDS="0.2")
+    client = SlowIdentify(2.0)
+    run.worker.handler.client = client
+
+    async def scenario(source: FakeSource) -> None:
+        await until(lambda: client.started == ["/v1/identify"], "the identify on the wire")
+
+    assert drive(run, scenario) == 0
+    assert client.bodies == []  # no Track went out
+    assert dedup.key("track", "u1-1") not in store.values, store.values
