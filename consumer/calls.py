@@ -70,6 +70,7 @@ __all__ = [
     "identify_calls",
     "identify_payload",
     "lacks_required_id",
+    "renders_as_nothing",
     "state_written",
     "track_call",
     "visible",
@@ -231,6 +232,11 @@ _RENDERS_AS_NOTHING = re.compile(
 Hangul fillers, variation selectors, the combining grapheme joiner, review diff19), and the
 blank Braille pattern: characters that render as nothing, favourites for ids that look
 empty."""
+
+
+def renders_as_nothing(char: str) -> bool:
+    """`char` is one of `_RENDERS_AS_NOTHING` (Default_Ignorable_Code_Point, blank Braille)."""
+    return _RENDERS_AS_NOTHING.match(char) is not None
 
 
 def invisible_edge(text: str) -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from consumer.calls import FAMILIES
+from consumer.calls import FAMILIES, renders_as_nothing
 from consumer.errors import ConfigError
 from consumer.filtering import CATEGORIES, ConsentPolicy
 from consumer.mapping import (
@@ -533,6 +533,15 @@ class Settings:
         }
 
 
+def _utf8_path(path: str) -> bool:
+    """The path's bytes (as the locale gives them) are UTF-8: Kafka's client can open it."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _ca_bundle(r: _Reader) -> str | None:
     """USERPILOT_CA_BUNDLE: a readable PEM file of CA certificates (a corporate CA).
 
@@ -544,6 +553,16 @@ def _ca_bundle(r: _Reader) -> str | None:
     if cert_file:  # as httpx reads it: set and not empty
         _check_pem(r, "SSL_CERT_FILE", cert_file,
                    "the worker's HTTP clients load it; fix the path or unset it")
+        oidc = r.env.get("KAFKA_SASL_OAUTHBEARER_METHOD", "").strip().lower() == "oidc"
+        given = any(r.env.get(f"KAFKA_HTTPS_CA_{kind}", "").strip()
+                    for kind in ("LOCATION", "PEM"))
+        if oidc and not given and not _utf8_path(cert_file):
+            # Kafka's client takes it as UTF-8 (the OIDC endpoint's CAs, `tls.ca_location`):
+            # passed, `run` died on a traceback after check-config said OK (review "diff60d").
+            r.problems.append(
+                "SSL_CERT_FILE names a path whose bytes are not UTF-8, which Kafka's client "
+                "(the OIDC token endpoint's CAs) cannot be given: use an ASCII path, or set "
+                "KAFKA_HTTPS_CA_LOCATION")
     cert_dir = r.env.get("SSL_CERT_DIR")
     # A list, as OpenSSL reads it (`a:b`, entries that are no directory passed over):
     # refused whole as "not a directory" (review "config48").
@@ -1317,14 +1336,17 @@ def _opened_here(name: str) -> bool:
 
 
 def _invisible(char: str, name: str) -> bool:
-    """A format character no value holds on purpose. Not the zero-width joiner and
-    non-joiner (emoji, Persian words) nor tag characters (subdivision flags), in passwords
-    and ids alike (review "diff60b": an emoji password was refused), but in the group id,
-    where a pasted one is another consumer group (review "diff60c")."""
-    if unicodedata.category(char) != "Cf":
+    """A character that renders as nothing (`calls.renders_as_nothing`: a byte order mark,
+    a zero-width space, a soft hyphen, a Hangul filler, a direction mark) and that no value
+    holds on purpose. Not the zero-width joiner and non-joiner (emoji, Persian words),
+    variation selectors (emoji) and tag characters (subdivision flags), in passwords and
+    ids alike (review "diff60b": an emoji password was refused), but in the group id, where
+    a pasted one is another consumer group (reviews "diff60c", "diff60d")."""
+    if not renders_as_nothing(char):
         return False
     return name == "KAFKA_GROUP_ID" or not (
-        char in "\u200c\u200d" or "\U000e0020" <= char <= "\U000e007f")
+        char in "\u200c\u200d" or "\ufe00" <= char <= "\ufe0f"
+        or "\U000e0020" <= char <= "\U000e007f" or "\U000e0100" <= char <= "\U000e01ef")
 
 
 _INVISIBLE_NAMES = {"\ufeff": "a byte order mark, which Windows editors write at a file's start",

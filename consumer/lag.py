@@ -175,8 +175,10 @@ class Lag:
 
         A partition without a base (nothing committed, never fetched: a new group whose
         fetches a quota starves) counts from its low watermark, asked by `low_watermarks`
-        after the high ones (with what their budget left: asked first, lows that never
-        answered starved every paused partition's lag, review "diff60b") and each round
+        after the high ones (the worker gives them what the high ones left of the budget,
+        a quarter at least: asked first, lows that never answered starved every paused
+        partition's lag, review "diff60b"; last with nothing left, the reverse, "diff60c")
+        and each round
         while it has no other base (retention moves it): its lag is set from the next
         round on."""
         committed = self.bases(parts)

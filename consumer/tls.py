@@ -43,7 +43,10 @@ def ca_location() -> str | None:
         # librdkafka opens it from the UTF-8 bytes confluent-kafka encodes: the path's own
         # bytes, not the locale's reading of them (a Latin-1 locale named another file,
         # review "diff60c").
-        return os.fsencode(cafile).decode("utf-8", "surrogateescape")
+        try:
+            return os.fsencode(cafile).decode("utf-8")
+        except UnicodeDecodeError:  # refused by `config` (surrogates crashed the client)
+            return cafile
     return None if os.path.exists(LIBRDKAFKA_CA_DEFAULT) else certifi.where()
 
 
