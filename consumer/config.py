@@ -41,6 +41,7 @@ from consumer.mapping import (
     load_mappings,
 )
 from consumer.redaction import url_credentials, url_valued
+from consumer.tls import ca_location, librdkafka_path
 
 __all__ = [
     "CONSENT_OFF",
@@ -458,8 +459,6 @@ class Settings:
             # (/etc/pki/tls/certs/ca-bundle.crt): on Debian, the image's, every https token
             # endpoint failed "error adding trust anchors" (review "diff58"). SSL_CERT_FILE,
             # else certifi's bundle where that file is missing (`tls.ca_location`).
-            from consumer.tls import ca_location
-
             location = ca_location()
             if location is not None:
                 conf["https.ca.location"] = location
@@ -533,15 +532,6 @@ class Settings:
         }
 
 
-def _utf8_path(path: str) -> bool:
-    """The path's bytes (as the locale gives them) are UTF-8: Kafka's client can open it."""
-    try:
-        os.fsencode(path).decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _ca_bundle(r: _Reader) -> str | None:
     """USERPILOT_CA_BUNDLE: a readable PEM file of CA certificates (a corporate CA).
 
@@ -556,7 +546,7 @@ def _ca_bundle(r: _Reader) -> str | None:
         oidc = r.env.get("KAFKA_SASL_OAUTHBEARER_METHOD", "").strip().lower() == "oidc"
         given = any(r.env.get(f"KAFKA_HTTPS_CA_{kind}", "").strip()
                     for kind in ("LOCATION", "PEM"))
-        if oidc and not given and not _utf8_path(cert_file):
+        if oidc and not given and librdkafka_path(cert_file) is None:
             # Kafka's client takes it as UTF-8 (the OIDC endpoint's CAs, `tls.ca_location`):
             # passed, `run` died on a traceback after check-config said OK (review "diff60d").
             r.problems.append(

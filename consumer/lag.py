@@ -178,9 +178,8 @@ class Lag:
         after the high ones (the worker gives them what the high ones left of the budget,
         a quarter at least: asked first, lows that never answered starved every paused
         partition's lag, review "diff60b"; last with nothing left, the reverse, "diff60c")
-        and each round
-        while it has no other base (retention moves it): its lag is set from the next
-        round on."""
+        and each round while it has no other base (retention moves it): its lag is set from
+        the next round on."""
         committed = self.bases(parts)
         with self._lock:
             baseless = [tp for tp in parts if tp not in committed or (

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import certifi
 
-__all__ = ["ca_location", "ssl_context", "verification"]
+__all__ = ["ca_location", "librdkafka_path", "ssl_context", "verification"]
 
 
 def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
@@ -33,6 +33,15 @@ LIBRDKAFKA_CA_DEFAULT = "/etc/pki/tls/certs/ca-bundle.crt"
 place, which Debian (the image's) does not have."""
 
 
+def librdkafka_path(path: str) -> str | None:
+    """`path` (as the locale gave it) as librdkafka opens it, from the UTF-8 that
+    confluent-kafka encodes: the path's own bytes read as UTF-8; None when they are not."""
+    try:
+        return os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def ca_location() -> str | None:
     """For librdkafka's `https.ca.location` (the OIDC token endpoint's CAs): $SSL_CERT_FILE,
     else None where librdkafka's own default is there (a RHEL-like system's bundle, with its
@@ -43,10 +52,8 @@ def ca_location() -> str | None:
         # librdkafka opens it from the UTF-8 bytes confluent-kafka encodes: the path's own
         # bytes, not the locale's reading of them (a Latin-1 locale named another file,
         # review "diff60c").
-        try:
-            return os.fsencode(cafile).decode("utf-8")
-        except UnicodeDecodeError:  # refused by `config` (surrogates crashed the client)
-            return cafile
+        # Not UTF-8: refused by `config` (surrogates crashed the client).
+        return librdkafka_path(cafile) or cafile
     return None if os.path.exists(LIBRDKAFKA_CA_DEFAULT) else certifi.where()
 
 
